@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models and a tokenizer built locally, saved, and loaded back from disk."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from alignkit.models.loading import load_model, load_tokenizer  # noqa: E402
+from alignkit.models.tiny import ARCHITECTURES, save_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Factory: folder of a saved tiny model of `arch` (cached per session)."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", classifier: bool = False, **kw):
+        key = (arch, classifier, tuple(sorted(kw.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{arch}{'-cls' if classifier else ''}")
+            cache[key] = save_tiny(folder, arch, classifier=classifier, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    return load_tokenizer(tiny_dir("llama"))
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_lm(tiny_dir):
+    """Factory: a freshly loaded tiny causal LM (from_pretrained on a saved folder), in eval mode."""
+
+    def make(arch: str = "llama", **kw):
+        torch.manual_seed(0)
+        return load_model(tiny_dir(arch, **kw)).eval()
+
+    return make
+
+
+@pytest.fixture
+def tiny_classifier(tiny_dir):
+    def make(arch: str = "llama", num_labels: int = 2):
+        return load_model(tiny_dir(arch, classifier=True, num_labels=num_labels), task="classifier",
+                          num_labels=num_labels).eval()
+
+    return make
