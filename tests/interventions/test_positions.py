@@ -1,0 +1,116 @@
+"""Position selection: parsing and the (B, K, P) location tensor, checked against tensors written by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.data.positions import Positions, locations_from_mask, locations_from_spans, prompt_spans_from_mask
+
+
+@pytest.mark.parametrize("spec,first,last", [("l1", 0, 1), ("f1", 1, 0), ("f3+l3", 3, 3), ("f5+l5", 5, 5),
+                                             ("l2+f1", 1, 2), (" F2 + L4 ", 2, 4)])
+def test_parse(spec, first, last):
+    p = Positions.parse(spec)
+    assert (p.first_n, p.last_n) == (first, last)
+    assert Positions.parse(str(p)) == p
+
+
+@pytest.mark.parametrize("bad", ["", "x1", "l", "f1+f2", "f0", "l1+", "first3"])
+def test_parse_rejects(bad):
+    with pytest.raises(ValueError):
+        Positions.parse(bad)
+
+
+def test_width():
+    assert Positions(3, 3).width(True) == 6
+    assert Positions(3, 2).width(False) == 3
+    assert Positions(0, 2).width(False) == 2
+
+
+# Batch of 3 rows padded to T = 8; prompt lengths 5, 2, 3.
+# Right padding: prompts start at 0. Left padding of the full sequence: the rows' real tokens are
+# (8, 4, 6) long, so they start at 0, 4, 2 (the prompt is the start of the real tokens).
+LENGTH = torch.tensor([5, 2, 3])
+RIGHT = torch.tensor([0, 0, 0])
+LEFT = torch.tensor([0, 4, 2])
+
+
+def test_last1_both_padding_sides():
+    got = locations_from_spans("l1", RIGHT, LENGTH, num_interventions=2)
+    assert got.dtype == torch.long and got.shape == (3, 2, 1)
+    assert got.tolist() == [[[4], [4]], [[1], [1]], [[2], [2]]]
+    got = locations_from_spans("l1", LEFT, LENGTH, num_interventions=1)
+    assert got.tolist() == [[[4]], [[5]], [[4]]]
+
+
+def test_first1_last1_shared():
+    # row 0: first 0, last 4; row 1: first 0, last 1; row 2: first 0, last 2 (right padding)
+    got = locations_from_spans("f1+l1", RIGHT, LENGTH, num_interventions=1)
+    assert got.tolist() == [[[0, 4]], [[0, 1]], [[0, 2]]]
+    got = locations_from_spans("f1+l1", LEFT, LENGTH, num_interventions=1)
+    assert got.tolist() == [[[0, 4]], [[4, 5]], [[2, 4]]]
+
+
+def test_f2_l2_shared_dedups_short_prompts():
+    # row 0 (L=5): first 0,1 last 3,4. row 1 (L=2): first 0,1; last would be 0,1 again -> -1,-1.
+    # row 2 (L=3): first 0,1; last 1,2 -> 1 is a duplicate -> -1, 2.
+    want_right = [[0, 1, 3, 4], [0, 1, -1, -1], [0, 1, -1, 2]]
+    got = locations_from_spans("f2+l2", RIGHT, LENGTH, num_interventions=3)
+    assert got.shape == (3, 3, 4)
+    assert all(got[:, k].tolist() == want_right for k in range(3))
+    want_left = [[0, 1, 3, 4], [4, 5, -1, -1], [2, 3, -1, 4]]
+    assert locations_from_spans("f2+l2", LEFT, LENGTH, num_interventions=1)[:, 0].tolist() == want_left
+
+
+def test_f5_l5_prompt_shorter_than_spec_never_out_of_range():
+    got = locations_from_spans("f5+l5", torch.tensor([3]), torch.tensor([3]), num_interventions=1)
+    # first slots: 3,4,5 then past the prompt end -> -1,-1; every last slot is a duplicate or before start
+    assert got.tolist() == [[[3, 4, 5, -1, -1, -1, -1, -1, -1, -1]]]
+    got = locations_from_spans("l5", torch.tensor([3]), torch.tensor([3]), num_interventions=1)
+    assert got.tolist() == [[[-1, -1, 3, 4, 5]]]
+
+
+def test_split_weights_layout():
+    # K = 4: interventions 0,1 on the first 2 tokens, 2,3 on the last 3 tokens; P = 3.
+    got = locations_from_spans("f2+l3", LEFT, LENGTH, num_interventions=4, share_weights=False)
+    assert got.shape == (3, 4, 3)
+    first = [[0, 1, -1], [4, 5, -1], [2, 3, -1]]
+    last = [[2, 3, 4], [-1, 4, 5], [2, 3, 4]]  # row 1 has 2 prompt tokens: slot 0 (L-3 = -1) is none
+    for k in (0, 1):
+        assert got[:, k].tolist() == first
+    for k in (2, 3):
+        assert got[:, k].tolist() == last
+
+
+def test_split_needs_even_interventions():
+    with pytest.raises(ValueError, match="even"):
+        locations_from_spans("f1+l1", RIGHT, LENGTH, num_interventions=3, share_weights=False)
+
+
+def test_empty_prompt_all_none():
+    got = locations_from_spans("f2+l2", torch.tensor([0]), torch.tensor([0]), num_interventions=2)
+    assert (got == -1).all()
+
+
+def test_from_mask_left_and_right():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert [t.tolist() for t in prompt_spans_from_mask(right)] == [[0, 0], [3, 5]]
+    assert [t.tolist() for t in prompt_spans_from_mask(left)] == [[2, 0], [3, 5]]
+    assert locations_from_mask("l1", right, 1).tolist() == [[[2]], [[4]]]
+    assert locations_from_mask("l1", left, 1).tolist() == [[[4]], [[4]]]
+    assert locations_from_mask("f1+l2", left, 1).tolist() == [[[2, 3, 4]], [[0, 3, 4]]]
+
+
+def test_indices_point_inside_prompt_randomised():
+    # Independent naive reference: a Python loop over rows builds the same sets of positions.
+    g = torch.Generator().manual_seed(0)
+    length = torch.randint(0, 9, (50,), generator=g)
+    start = torch.randint(0, 6, (50,), generator=g)
+    got = locations_from_spans("f3+l4", start, length, num_interventions=1)[:, 0]
+    for b in range(50):
+        s, n = int(start[b]), int(length[b])
+        want = set(range(s, s + min(3, n))) | set(range(s + max(0, n - 4), s + n))
+        row = [p for p in got[b].tolist() if p >= 0]
+        assert len(row) == len(set(row)) and set(row) == want
