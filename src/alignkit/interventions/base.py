@@ -1,13 +1,21 @@
-"""The intervention contract and its registry.
+"""The intervention contract, its registry, and the pieces every ReFT type shares.
 
 An intervention is an `nn.Module` that maps hidden states `h: (N, d) -> (N, d)`, where N counts the
 selected (row, position) pairs gathered from a batch. Its constructor takes typed arguments only (no
 `**kwargs`), and `spec()` returns every one of them as JSON-able values so that
 `build_intervention(spec)` rebuilds it exactly. Dropout acts on the edit, never on `h` itself, and is
-off in `eval()` mode.
+off in `eval()` mode: every type returns `h + dropout(edit)`.
+
+Dtypes: parameters are created in the `dtype` argument ("float32", "bfloat16", "float16", "float64";
+None = torch's default dtype, recorded in `spec()` by name). The edit is computed in that dtype and cast
+to `h.dtype` before it is added, so the output always has the input's dtype. One exception, on purpose:
+an orthonormal projection R is stored and parametrized in float32 (float64 if asked), because the QR /
+Householder kernels behind `torch.nn.utils.parametrizations.orthogonal` have no half-precision
+implementation, and a bfloat16 R would be orthonormal only to ~1e-2. R is cast to the compute dtype
+once per forward call. Do not call `.to(torch.bfloat16)` on an intervention; pass `dtype=` instead.
 
 Adding a type: one file with a subclass decorated by `@register_intervention("name")`, plus one row in
-the generic test table (tests/interventions).
+the generic test table (tests/interventions/test_interventions.py).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
 
 INTERVENTIONS: dict[str, type["Intervention"]] = {}
 
@@ -29,6 +38,13 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
 }
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
 
 def get_activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
     if name is None:
@@ -39,10 +55,63 @@ def get_activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
         raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}") from None
 
 
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """"bfloat16" / torch.bfloat16 / None (torch's default dtype) -> torch.dtype."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported intervention dtype {dtype}; valid: {sorted(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown intervention dtype {dtype!r}; valid: {sorted(DTYPES)} or None")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_sizes(kind: str, embed_dim: int, low_rank_dimension: int, dropout: float) -> None:
+    if not (isinstance(embed_dim, int) and embed_dim > 0):
+        raise ValueError(f"{kind}: embed_dim must be a positive int, got {embed_dim!r}")
+    if not (isinstance(low_rank_dimension, int) and 0 < low_rank_dimension <= embed_dim):
+        raise ValueError(f"{kind}: low_rank_dimension must be an int in [1, embed_dim={embed_dim}], "
+                         f"got {low_rank_dimension!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{kind}: dropout must be in [0, 1), got {dropout!r}")
+
+
+class LowRankRotation(nn.Module):
+    """An orthonormal projection stored the pyreft way: `weight` is (d, r) with orthonormal columns, so
+    R = weight.T (r, d) has orthonormal rows (R Rᵀ = I_r) and `Rh = h @ weight`.
+
+    `weight` is a `torch.nn.utils.parametrizations.orthogonal` parametrization (Householder map, no
+    dynamic trivialization): the trainable tensor is `parametrizations.weight.original` (d, r), the
+    Householder reflectors, so the state dict holds d*r numbers and no (d, d) `base` buffer (pyreft's
+    default keeps one per intervention: 64 MiB at d=4096). Every read of `weight` recomputes the
+    product, so a forward pass reads it once into a local.
+    """
+
+    def __init__(self, embed_dim: int, rank: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.float64):
+            dtype = torch.float32  # see the module docstring: no half-precision QR kernels
+        self.weight = nn.Parameter(torch.empty(embed_dim, rank, dtype=dtype))  # (d, r)
+        nn.init.orthogonal_(self.weight)
+        orthogonal(self, "weight", orthogonal_map="householder", use_trivialization=False)
+
+    @torch.no_grad()
+    def assign(self, weight: torch.Tensor) -> None:
+        """Set R so that `self.weight` equals `weight` (d, r, orthonormal columns) to float rounding."""
+        self.weight = weight.to(self.parametrizations.weight.original.dtype)
+
+
 class Intervention(nn.Module):
     """Base class. Subclasses set `kind` (via the registry decorator) and implement `forward(h)`."""
 
     kind: ClassVar[str] = ""
+    dropout: nn.Dropout
 
     def spec(self) -> dict[str, Any]:
         """Every constructor argument, JSON-able, plus `type`. Subclasses must override."""
@@ -50,6 +119,13 @@ class Intervention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         raise NotImplementedError
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def add_edit(self, h: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        """h + dropout(edit): dropout never touches h; the sum is taken in h's dtype."""
+        return h + self.dropout(edit).to(h.dtype)  # (N, d)
 
 
 def register_intervention(name: str) -> Callable[[type[Intervention]], type[Intervention]]:
@@ -68,5 +144,9 @@ def build_intervention(spec: dict[str, Any]) -> Intervention:
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind not in INTERVENTIONS:
-        raise ValueError(f"unknown intervention type {kind!r}; valid: {sorted(INTERVENTIONS)}")
-    return INTERVENTIONS[kind](**spec)
+        raise ValueError(f"unknown intervention type {kind!r}; valid: {sorted(INTERVENTIONS)}. "
+                         "Use one of those names in the spec's 'type' field (or register a new type).")
+    try:
+        return INTERVENTIONS[kind](**spec)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for intervention type {kind!r}: {e}") from None

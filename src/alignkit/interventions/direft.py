@@ -1,0 +1,57 @@
+"""DiReFT: the paper's "direct" ReFT (Wu, Arora et al. 2024, "ReFT: Representation Finetuning for
+Language Models", eq. 3): no orthogonality and no difference term, a LoRA-like low-rank edit of h.
+
+Naming versus pyreft: the paper's DiReFT is pyreft's `NodireftIntervention` (plain projections), which is
+what this type is. pyreft's `DireftIntervention` keeps an orthonormal R; alignkit calls that one
+"direft_orth" (direft_orth.py). See PYREFT_TYPE_MAPPING in pyreft_compat.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.interventions.base import (
+    Intervention, check_sizes, dtype_name, get_activation, register_intervention, resolve_dtype,
+)
+
+
+@register_intervention("direft")
+class DiReFT(Intervention):
+    """Φ(h) = h + W₂ᵀ act(W₁h + b)
+
+    W₂ ∈ R^{r×d} is the weight of `proj_layer` (a bias-free Linear(d, r); pyreft's optional bias there
+    never enters the output, so we do not create it). W₁ ∈ R^{r×d}, b ∈ R^r form `learned_source`
+    (b only if `add_bias`). act = `act_fn` (None = identity, the paper's form).
+    Trainable parameters: 2·d·r + r.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        low_rank_dimension: int,
+        dropout: float = 0.0,
+        act_fn: str | None = None,
+        add_bias: bool = True,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_sizes(self.kind, embed_dim, low_rank_dimension, dropout)
+        dt = resolve_dtype(dtype)
+        self.embed_dim, self.low_rank_dimension = embed_dim, low_rank_dimension
+        self.act_fn, self.add_bias, self.dtype_name = act_fn, add_bias, dtype_name(dt)
+        self.act = get_activation(act_fn)
+        self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=False, dtype=dt)         # W₂
+        self.learned_source = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias, dtype=dt)  # W₁, b
+        self.dropout = nn.Dropout(dropout)
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.kind, "embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
+                "dropout": self.dropout.p, "act_fn": self.act_fn, "add_bias": self.add_bias, "dtype": self.dtype_name}
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
+        x = h.to(self.learned_source.weight.dtype)                            # (N, d)
+        z = self.act(self.learned_source(x))                                  # (N, r): act(W₁h + b)
+        return self.add_edit(h, z @ self.proj_layer.weight)                   # h + dropout(W₂ᵀ z)

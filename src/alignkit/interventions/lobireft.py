@@ -1,0 +1,48 @@
+"""LobiReFT: a learned bias in an orthonormal low-rank subspace (pyreft's `LobireftIntervention`; one of
+the ReFT variants of Wu, Arora et al. 2024, "ReFT: Representation Finetuning for Language Models")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.interventions.base import (
+    Intervention, LowRankRotation, check_sizes, dtype_name, register_intervention, resolve_dtype,
+)
+
+
+@register_intervention("lobireft")
+class LobiReFT(Intervention):
+    """Φ(h) = h + Rᵀb
+
+    R ∈ R^{r×d} with orthonormal rows (stored as `rotate_layer.weight` = Rᵀ, (d, r)); b ∈ R^r is
+    `learned_source`, initialised U[0, 1) like pyreft. The edit does not depend on h: a steering
+    vector constrained to an r-dimensional subspace. Trainable parameters: d·r + r.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        low_rank_dimension: int,
+        dropout: float = 0.0,
+        dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_sizes(self.kind, embed_dim, low_rank_dimension, dropout)
+        dt = resolve_dtype(dtype)
+        self.embed_dim, self.low_rank_dimension, self.dtype_name = embed_dim, low_rank_dimension, dtype_name(dt)
+        self.rotate_layer = LowRankRotation(embed_dim, low_rank_dimension, dt)  # weight: (d, r) = Rᵀ
+        self.learned_source = nn.Parameter(torch.rand(low_rank_dimension, dtype=dt))  # b: (r,)
+        self.dropout = nn.Dropout(dropout)
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": self.kind, "embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
+                "dropout": self.dropout.p, "dtype": self.dtype_name}
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
+        b = self.learned_source                                       # (r,)
+        rt = self.rotate_layer.weight.to(b.dtype)                     # (d, r) = Rᵀ, evaluated once
+        edit = (rt @ b).expand(h.shape)                               # (N, d): Rᵀb for every row
+        return self.add_edit(h, edit)
