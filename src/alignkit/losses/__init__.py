@@ -1,0 +1,29 @@
+"""Losses: pure tensor functions, no model or trainer state.
+
+Every loss returns `LossOutput(losses (B,), metrics, num_tokens)`; the trainer base reduces once with
+`reduce_loss`. Registries by name (for configs and `alignkit ls`) are in `REGISTRIES`.
+"""
+
+from __future__ import annotations
+
+from .logprobs import (IGNORE_INDEX, TokenLogprobs, chunked_lm_logprobs, entropy_from_logits,
+                       selective_log_softmax, sequence_logps)
+from .policy import (AdaptiveKLController, FixedKLController, clip_rewards, clipped_policy_loss, gae,
+                     group_advantages, kl_k1, kl_k2, kl_k3, masked_whiten, per_token_rewards,
+                     rloo_advantages, value_loss)
+from .preference import PreferenceBatch, PreferenceParams, preference_loss
+from .registry import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REGISTRIES,
+                       REWARD_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES, LossOutput, Registry, reduce_loss)
+from .reward import bradley_terry_loss, kendall_tau, ranking_loss
+from .sft import sft_loss
+from .unpaired import apo_zero_unpaired_loss, kto_kl_estimate, kto_loss
+
+__all__ = [
+    "IGNORE_INDEX", "TokenLogprobs", "chunked_lm_logprobs", "entropy_from_logits", "selective_log_softmax",
+    "sequence_logps", "AdaptiveKLController", "FixedKLController", "clip_rewards", "clipped_policy_loss", "gae",
+    "group_advantages", "kl_k1", "kl_k2", "kl_k3", "masked_whiten", "per_token_rewards", "rloo_advantages",
+    "value_loss", "PreferenceBatch", "PreferenceParams", "preference_loss", "ADVANTAGES", "KL_ESTIMATORS",
+    "POLICY_LOSSES", "PREFERENCE_LOSSES", "REGISTRIES", "REWARD_LOSSES", "SFT_LOSSES", "UNPAIRED_LOSSES",
+    "LossOutput", "Registry", "reduce_loss", "bradley_terry_loss", "kendall_tau", "ranking_loss", "sft_loss",
+    "apo_zero_unpaired_loss", "kto_kl_estimate", "kto_loss",
+]

@@ -1,0 +1,342 @@
+"""Offline pairwise preference objectives: the DPO family, SimPO, ORPO, SLiC, combined losses.
+
+Inputs are per-pair sequence log-probs (sums over completion tokens, from `sequence_logps`):
+policy pi_theta and reference pi_ref for the chosen y_w and rejected y_l completions, `(B,)` each.
+Notation, as in TRL's DPOTrainer (names of `loss_type` are TRL's, so results compare):
+
+    rho_w = log pi_theta(y_w|x) - log pi_ref(y_w|x)        (chosen log-ratio)
+    rho_l = log pi_theta(y_l|x) - log pi_ref(y_l|x)        (rejected log-ratio)
+    d     = rho_w - rho_l
+
+A missing reference (None) means a uniform reference: rho = log pi_theta (TRL's `reference_free`).
+Metrics (TRL's definitions, per pair, detached): rewards/chosen = beta * rho_w, rewards/rejected =
+beta * rho_l, rewards/accuracies = [rewards/chosen > rewards/rejected], rewards/margins = their
+difference, logps/chosen and logps/rejected = the policy log-probs as passed in.
+
+Every loss here has the signature `fn(batch: PreferenceBatch, params: PreferenceParams) ->
+LossOutput`; `preference_loss(batch, params, loss_type, loss_weights)` sums several of them.
+Hyper-parameters live in one dataclass so a trainer builds it once from its config. Running state
+(e.g. BCO's reward mean) lives in the trainer and comes in through `params`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import PREFERENCE_LOSSES, LossOutput
+
+
+@dataclass
+class PreferenceBatch:
+    """Per-pair sequence log-probs `(B,)`; lengths are completion token counts `(B,)`."""
+
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor
+    reference_chosen_logps: Tensor | None = None
+    reference_rejected_logps: Tensor | None = None
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        shape = self.policy_chosen_logps.shape
+        for name in ("policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
+                     "chosen_lengths", "rejected_lengths"):
+            t = getattr(self, name)
+            if t is not None and t.shape != shape:
+                raise ValueError(f"PreferenceBatch.{name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
+                                 "like policy_chosen_logps (one value per pair)")
+        if len(shape) != 1:
+            raise ValueError(f"PreferenceBatch: log-probs must be (B,), got {tuple(shape)}; sum over tokens "
+                             "first (losses.logprobs.sequence_logps)")
+        if (self.reference_chosen_logps is None) != (self.reference_rejected_logps is None):
+            raise ValueError("PreferenceBatch: give both reference_chosen_logps and reference_rejected_logps, "
+                             "or neither (reference-free)")
+
+    def logratios(self) -> tuple[Tensor, Tensor]:
+        """(rho_w, rho_l); the policy log-probs themselves when there is no reference."""
+        if self.reference_chosen_logps is None:
+            return self.policy_chosen_logps, self.policy_rejected_logps
+        return (self.policy_chosen_logps - self.reference_chosen_logps,
+                self.policy_rejected_logps - self.reference_rejected_logps)
+
+    def lengths(self, loss: str) -> tuple[Tensor, Tensor]:
+        if self.chosen_lengths is None or self.rejected_lengths is None:
+            raise ValueError(f"preference loss {loss!r} normalises by completion length: pass chosen_lengths "
+                             "and rejected_lengths (number of completion tokens per pair) in PreferenceBatch")
+        dt = self.policy_chosen_logps.dtype
+        return self.chosen_lengths.to(dt).clamp(min=1.0), self.rejected_lengths.to(dt).clamp(min=1.0)
+
+
+@dataclass
+class PreferenceParams:
+    """Hyper-parameters of all pairwise losses (each loss reads only its own)."""
+
+    beta: float = 0.1  # DPO beta; IPO tau; SimPO beta; hinge 1/delta
+    label_smoothing: float = 0.0  # cDPO / robust epsilon; exo_pair epsilon (1e-3 when 0)
+    bco_delta: float | Tensor = 0.0  # BCO running mean of the rewards (trainer state)
+    simpo_gamma_beta_ratio: float = 0.5  # SimPO gamma / beta
+    orpo_lambda: float = 0.1  # ORPO lambda (TRL's ORPOConfig.beta)
+    slic_delta: float = 1.0  # SLiC margin delta
+    slic_lambda: float = 0.1  # SLiC regularisation weight on -log pi(y_w|x)
+
+
+def _output(batch: PreferenceBatch, params: PreferenceParams, losses: Tensor,
+            rewards: tuple[Tensor, Tensor] | None = None, **extra: Tensor) -> LossOutput:
+    rc, rr = rewards if rewards is not None else tuple(params.beta * r for r in batch.logratios())
+    rc, rr = rc.detach(), rr.detach()
+    metrics = {
+        "rewards/chosen": rc,
+        "rewards/rejected": rr,
+        "rewards/accuracies": (rc > rr).to(rc.dtype),
+        "rewards/margins": rc - rr,
+        "logps/chosen": batch.policy_chosen_logps.detach(),
+        "logps/rejected": batch.policy_rejected_logps.detach(),
+    }
+    metrics.update({k: v.detach() for k, v in extra.items()})
+    return LossOutput(losses=losses, metrics=metrics)
+
+
+def _smoothed_sigmoid(logits: Tensor, eps: float) -> Tensor:
+    """-(1 - eps) log sigma(z) - eps log sigma(-z): the label-smoothed logistic loss."""
+    out = -F.logsigmoid(logits)
+    if eps:
+        out = out * (1 - eps) - eps * F.logsigmoid(-logits)
+    return out
+
+
+@PREFERENCE_LOSSES.register("sigmoid")
+def dpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """DPO (Rafailov et al. 2023, "Direct Preference Optimization"), with cDPO label smoothing.
+
+        L = -(1 - eps) log sigma(beta d) - eps log sigma(-beta d)
+
+    eps = `label_smoothing` (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's older
+    `sigmoid` + label_smoothing; eps = 0 is plain DPO).
+    """
+    rw, rl = batch.logratios()
+    return _output(batch, params, _smoothed_sigmoid(params.beta * (rw - rl), params.label_smoothing))
+
+
+@PREFERENCE_LOSSES.register("hinge")
+def hinge_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """Hinge loss on the DPO logit (SLiC-style, Zhao et al. 2023): L = max(0, 1 - beta d)."""
+    rw, rl = batch.logratios()
+    return _output(batch, params, torch.relu(1 - params.beta * (rw - rl)))
+
+
+@PREFERENCE_LOSSES.register("ipo")
+def ipo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm...", Eq. 17), length-normalised.
+
+        L = (rho_w / |y_w| - rho_l / |y_l| - 1 / (2 tau))^2,   tau = beta
+
+    As TRL: log-ratios are divided by the completion token counts (the IPO authors' convention;
+    the paper writes sequence-level log-ratios). Needs chosen_lengths / rejected_lengths.
+    """
+    rw, rl = batch.logratios()
+    lw, ll = batch.lengths("ipo")
+    return _output(batch, params, (rw / lw - rl / ll - 1 / (2 * params.beta)) ** 2)
+
+
+@PREFERENCE_LOSSES.register("sigmoid_norm")
+def sigmoid_norm_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """Length-normalised DPO (TRL's `sigmoid_norm`): L = -log sigma(beta (rho_w/|y_w| - rho_l/|y_l|)).
+
+    TRL divides each reference-relative log-ratio by its completion token count (min 1); unlike
+    SimPO it keeps the reference model. Needs chosen_lengths / rejected_lengths.
+    """
+    rw, rl = batch.logratios()
+    lw, ll = batch.lengths("sigmoid_norm")
+    return _output(batch, params, -F.logsigmoid(params.beta * (rw / lw - rl / ll)))
+
+
+@PREFERENCE_LOSSES.register("robust")
+def robust_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"), unbiased under flip rate eps.
+
+        L = [-(1 - eps) log sigma(beta d) + eps log sigma(-beta d)] / (1 - 2 eps)
+    """
+    eps = params.label_smoothing
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {eps}")
+    rw, rl = batch.logratios()
+    z = params.beta * (rw - rl)
+    return _output(batch, params, (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps))
+
+
+@PREFERENCE_LOSSES.register("exo_pair")
+def exo_pair_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """EXO (Ji et al. 2024, "Towards Efficient Exact Optimization...", Eq. 16), K = 2.
+
+        L = sigma(beta d) (log sigma(beta d) - log(1 - eps)) + sigma(-beta d) (log sigma(-beta d) - log eps)
+
+    i.e. KL(p_theta || p_label) with p_label = (1 - eps, eps). eps = label_smoothing, and 1e-3 when
+    label_smoothing is 0 (as TRL's older code; the current one requires eps > 0).
+    """
+    eps = params.label_smoothing or 1e-3
+    rw, rl = batch.logratios()
+    z = params.beta * (rw - rl)
+    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    return _output(batch, params, losses)
+
+
+@PREFERENCE_LOSSES.register("nca_pair")
+def nca_pair_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """NCA (Chen et al. 2024, "Noise Contrastive Alignment..."), pairwise form.
+
+        L = -log sigma(beta rho_w) - 0.5 log sigma(-beta rho_w) - 0.5 log sigma(-beta rho_l)
+    """
+    rw, rl = batch.logratios()
+    zw, zl = params.beta * rw, params.beta * rl
+    return _output(batch, params, -F.logsigmoid(zw) - 0.5 * F.logsigmoid(-zw) - 0.5 * F.logsigmoid(-zl))
+
+
+@PREFERENCE_LOSSES.register("bco_pair")
+def bco_pair_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """BCO, pairwise (Jung et al. 2024, "Binary Classifier Optimization...").
+
+        L = -log sigma(beta rho_w - delta) - log sigma(-(beta rho_l - delta))
+
+    delta = `bco_delta`, the running mean of the (detached) rewards beta*rho over chosen and
+    rejected, kept by the trainer (TRL's older DPOTrainer updated it before each loss; TRL's current
+    `bco_pair` drops it, i.e. delta = 0, the default here).
+    """
+    rw, rl = batch.logratios()
+    delta = params.bco_delta
+    return _output(batch, params, -F.logsigmoid(params.beta * rw - delta) - F.logsigmoid(-(params.beta * rl - delta)))
+
+
+@PREFERENCE_LOSSES.register("sppo_hard")
+def sppo_hard_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """SPPO with hard labels (Wu et al. 2024, "Self-Play Preference Optimization", Eq. 4.7, P = 1/0).
+
+        L = (rho_w - 1 / (2 beta))^2 + (rho_l + 1 / (2 beta))^2
+    """
+    rw, rl = batch.logratios()
+    return _output(batch, params, (rw - 0.5 / params.beta) ** 2 + (rl + 0.5 / params.beta) ** 2)
+
+
+@PREFERENCE_LOSSES.register("apo_zero")
+def apo_zero_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization", Eq. 7).
+
+        L = 1 - sigma(beta rho_w) + sigma(beta rho_l)     (chosen better than the model's outputs)
+    """
+    rw, rl = batch.logratios()
+    return _output(batch, params, 1 - torch.sigmoid(params.beta * rw) + torch.sigmoid(params.beta * rl))
+
+
+@PREFERENCE_LOSSES.register("apo_down")
+def apo_down_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8).
+
+        L = sigma(beta rho_w) + 1 - sigma(beta (rho_w - rho_l))   (chosen worse than the model's outputs)
+    """
+    rw, rl = batch.logratios()
+    return _output(batch, params, torch.sigmoid(params.beta * rw) + 1 - torch.sigmoid(params.beta * (rw - rl)))
+
+
+@PREFERENCE_LOSSES.register("sft")
+def sft_term(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """NLL on the chosen completions, token-averaged over the batch (TRL's `sft` loss_type, MPO).
+
+        L_i = -B * log pi_theta(y_w,i|x_i) / sum_j |y_w,j|
+
+    so that the MEAN over pairs is TRL's batch-level cross-entropy (total chosen NLL / total chosen
+    tokens). Needs chosen_lengths. Use it inside a combination, e.g. ["sigmoid", "sft"].
+    """
+    lw, _ = batch.lengths("sft")
+    B = batch.policy_chosen_logps.shape[0]
+    return _output(batch, params, -batch.policy_chosen_logps * B / lw.sum())
+
+
+@PREFERENCE_LOSSES.register("simpo")
+def simpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """SimPO (Meng et al. 2024, "Simple Preference Optimization with a Reference-Free Reward"), Eq. 6.
+
+        L = -log sigma(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma),  gamma = ratio * beta
+
+    Reference-free (reference log-probs are ignored); `label_smoothing` smooths as in cDPO.
+    ratio = `simpo_gamma_beta_ratio` (the SimPO repo's gamma_beta_ratio). TRL's CPOTrainer takes
+    `simpo_gamma` = gamma instead, so TRL (beta=b, simpo_gamma=g) is ours with ratio = g / b (and
+    cpo_alpha = 0). Rewards (metrics) are beta * length-averaged policy log-probs, as TRL's CPO.
+    """
+    lw, ll = batch.lengths("simpo")
+    aw, al = batch.policy_chosen_logps / lw, batch.policy_rejected_logps / ll
+    z = params.beta * (aw - al - params.simpo_gamma_beta_ratio)
+    return _output(batch, params, _smoothed_sigmoid(z, params.label_smoothing),
+                   rewards=(params.beta * aw, params.beta * al))
+
+
+@PREFERENCE_LOSSES.register("orpo")
+def orpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model").
+
+        a = log P(y|x) / |y| (length-averaged),   odds(y) = P / (1 - P)
+        log OR = (a_w - a_l) - (log(1 - e^{a_w}) - log(1 - e^{a_l}))
+        L_i = NLL_i - lambda * log sigma(log OR),   NLL_i = -B log P(y_w,i|x_i) / sum_j |y_w,j|
+
+    Reference-free. As TRL's ORPOTrainer, the NLL is the chosen cross-entropy averaged over all
+    chosen tokens of the batch (spread over pairs so that the mean over pairs equals it; the paper
+    averages per sequence, identical when lengths are equal). Needs lengths. Metrics as TRL:
+    `log_odds_ratio`, `log_odds_chosen`, `nll_loss`; rewards = lambda * a.
+    """
+    lw, ll = batch.lengths("orpo")
+    aw, al = batch.policy_chosen_logps / lw, batch.policy_rejected_logps / ll
+    # log(1 - e^a) for a < 0, computed stably as log(-expm1(a)); a is clamped away from 0
+    log1m = lambda a: torch.log(-torch.expm1(a.clamp(max=-1e-6)))  # noqa: E731
+    log_odds = (aw - al) - (log1m(aw) - log1m(al))
+    ratio = F.logsigmoid(log_odds)
+    nll = -batch.policy_chosen_logps * aw.shape[0] / lw.sum()
+    lam = params.orpo_lambda
+    return _output(batch, params, nll - lam * ratio, rewards=(lam * aw, lam * al),
+                   log_odds_ratio=ratio, log_odds_chosen=log_odds, nll_loss=nll)
+
+
+@PREFERENCE_LOSSES.register("slic")
+def slic_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """SLiC-HF (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback").
+
+        L = max(0, delta - log pi(y_w|x) + log pi(y_l|x)) - lambda * log pi(y_w|x)
+
+    Reference-free calibration hinge plus the regularisation term, here the NLL of the chosen
+    completion (the paper's target sequence). Sequence log-probs as passed (sums).
+    """
+    pw, pl = batch.policy_chosen_logps, batch.policy_rejected_logps
+    hinge = torch.relu(params.slic_delta - pw + pl)
+    return _output(batch, params, hinge - params.slic_lambda * pw, hinge=hinge)
+
+
+def preference_loss(batch: PreferenceBatch, params: PreferenceParams,
+                    loss_type: str | Sequence[str] = "sigmoid",
+                    loss_weights: Sequence[float] | None = None) -> LossOutput:
+    """Weighted sum of one or more registered preference losses (TRL's list `loss_type` style).
+
+        L_i = sum_k w_k * L_k,i        e.g. loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]
+
+    Metrics: those of the first loss plus `loss/<name>` (per pair, unweighted) for each component
+    when there are several.
+    """
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not names:
+        raise ValueError("preference_loss: loss_type is empty; give at least one name, e.g. 'sigmoid'")
+    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(names):
+        raise ValueError(f"preference_loss: {len(names)} loss types {names} but {len(weights)} loss_weights; "
+                         "give one weight per loss type")
+    total, metrics = None, {}
+    for name, w in zip(names, weights):
+        out = PREFERENCE_LOSSES[name](batch, params)
+        total = w * out.losses if total is None else total + w * out.losses
+        for k, v in out.metrics.items():
+            metrics.setdefault(k, v)
+        if len(names) > 1:
+            metrics[f"loss/{name}"] = out.losses.detach()
+    return LossOutput(losses=total, metrics=metrics)
