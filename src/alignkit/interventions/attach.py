@@ -1,0 +1,541 @@
+"""Attach ReFT interventions to any Hugging Face model with forward hooks (Wu, Arora et al. 2024, "ReFT").
+
+`get_reft_model(model, config)` freezes the base model, builds one intervention per representation of
+the config, and registers its hooks once. `ReftModel.forward(..., intervention_locations=...)` then runs
+the base model; inside each hook the selected (row, position) pairs are gathered with index tensors,
+edited by the intervention `h: (N, d) -> (N, d)` and scattered back out of place. Positions that are
+not selected keep the base model's values bitwise.
+
+Location layout: `intervention_locations` is a LongTensor `(batch, num_interventions, positions)`,
+or `(batch, positions)` meaning the same positions for every intervention. Interventions are numbered
+over all adapters: adapters in the order they were added, and within an adapter its representations in
+config order (`ReftModel.slots` lists them; `adapter_slice(name)` gives an adapter's range). `-1` (any
+negative value) means "no position"; a row whose entries for intervention i are all negative is not
+touched by i. Positions count from the start of the (padded) `input_ids`; positions beyond the
+sequence are ignored. With a KV cache, positions are absolute (prompt tokens keep their index), so the
+decode steps of `generate` never re-edit the prompt.
+
+No per-architecture table: the decoder-layer list is found as the `nn.ModuleList` whose length is the
+config's layer count; attention / MLP submodules by their usual names. Works under `peft` (LoRA + ReFT
+trained together) and with non-reentrant gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from alignkit.interventions.base import Intervention, build_intervention
+from alignkit.interventions.config import COMPONENTS, ReftConfig, RepresentationConfig
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding layers and components, generically
+# ----------------------------------------------------------------------------------------------------
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a `peft` wrapper (or `model` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def num_layers(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    raise ValueError("cannot infer the model width from its config (no hidden_size / n_embd / d_model); "
+                     "set embed_dim in each representation")
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, ModuleList) of the decoder layers: the ModuleList whose length is the config's layer count
+    (Llama/Qwen2 `model.layers`, GPT-2 `transformer.h`, GPT-NeoX `gpt_neox.layers`, ...)."""
+    n = num_layers(model)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    found = [(name, m) for name, m in lists if n is None or len(m) == n]
+    if not found:
+        raise ValueError(f"no nn.ModuleList of length {n} (the config's layer count) in {type(model).__name__}; "
+                         f"lists found: {[(name, len(m)) for name, m in lists][:10]}. "
+                         "Use explicit module paths as components.")
+    if n is None:
+        found = [max(found, key=lambda item: len(item[1]))]
+    # prefer the usual names, then the shortest path
+    found.sort(key=lambda item: (not re.search(r"(^|\.)(layers|h|blocks|layer)$", item[0]), item[0].count(".")))
+    return found[0]
+
+
+def _child(layer: nn.Module, names: Sequence[str], word: str, where: str) -> tuple[str, nn.Module]:
+    children = dict(layer.named_children())
+    for name in names:
+        if name in children:
+            return name, children[name]
+    for name, child in children.items():
+        if word in name.lower():
+            return name, child
+    raise ValueError(f"{where}: no {word} submodule among the layer's children {sorted(children)}; "
+                     "give an explicit module path as the component, e.g. 'model.layers[3].mlp'")
+
+
+def _module_path(path: str) -> str:
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+
+
+@dataclass
+class Slot:
+    """One attached intervention: its global index in `intervention_locations` and where it sits."""
+
+    adapter: str
+    index: int  # within its adapter
+    pos: int  # global index (dim 1 of intervention_locations)
+    layer: int
+    component: str
+    path: str  # module path inside the transformers model
+    hook_input: bool  # edit the module's input (pre-hook) rather than its output
+    intervention: Intervention
+
+
+def resolve_component(model: nn.Module, rep: RepresentationConfig) -> tuple[str, nn.Module, bool]:
+    """(module path, module, is_input) for a representation of `model` (a transformers model)."""
+    layers_path, layers = find_decoder_layers(model)
+    if rep.layer >= len(layers):
+        raise ValueError(f"representation layer {rep.layer} is out of range: the model has {len(layers)} layers")
+    comp = rep.component
+    if comp not in COMPONENTS:
+        is_input = comp.startswith("input:")
+        path = _module_path(comp.removeprefix("input:"))
+        try:
+            return path, model.get_submodule(path), is_input
+        except AttributeError as e:
+            raise ValueError(f"component {comp!r}: no module {path!r} in {type(model).__name__} ({e})") from None
+    where, is_input = comp.rsplit("_", 1)[0], comp.endswith("_input")
+    layer_path = f"{layers_path}.{rep.layer}"
+    if where == "block":
+        return layer_path, layers[rep.layer], is_input
+    names, word = (ATTENTION_NAMES, "attn") if where == "attention" else (MLP_NAMES, "mlp")
+    name, child = _child(layers[rep.layer], names, word if word == "mlp" else "att", f"component {comp!r}")
+    return f"{layer_path}.{name}", child, is_input
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-call state seen by the hooks
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Run:
+    locations: torch.Tensor | None  # (B, I, P) long, on the model's device; None = no edits
+    active: frozenset  # global slot indices that are switched on
+    generated_from: int | None = None  # also edit every position >= this (generation)
+    row_active: torch.Tensor | None = None  # (B, I) bool: rows routed to each intervention
+
+
+@dataclass(frozen=True)
+class _Step:
+    run: _Run
+    offset: int  # absolute position of the first token of this forward (KV-cache length)
+
+
+def _cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuples
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    h = args[0] if args else kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def edit_positions(h: torch.Tensor, slot: Slot, step: _Step) -> torch.Tensor:
+    """Apply `slot.intervention` at the positions selected for it; everything else is copied bitwise."""
+    run = step.run
+    if run.locations is None or slot.pos not in run.active:
+        return h
+    if h.dim() != 3:
+        raise ValueError(f"intervention at {slot.path!r} expects hidden states (batch, seq, dim), got {tuple(h.shape)}")
+    B, T, d = h.shape  # (B, T, d)
+    loc = run.locations[:, slot.pos, :]  # (B0, P)
+    row_active = run.row_active[:, slot.pos] if run.row_active is not None else None
+    if loc.shape[0] != B:  # generate expanded rows (beams / num_return_sequences)
+        if B % loc.shape[0]:
+            raise ValueError(f"batch of {B} rows at {slot.path!r} but intervention_locations has {loc.shape[0]}")
+        loc = loc.repeat_interleave(B // loc.shape[0], dim=0)
+        row_active = None if row_active is None else row_active.repeat_interleave(B // row_active.shape[0], 0)
+    rel = loc - step.offset  # (B, P) positions inside this forward
+    valid = (loc >= 0) & (rel >= 0) & (rel < T)
+    if run.generated_from is not None and step.offset + T > run.generated_from:
+        t = torch.arange(T, device=h.device)  # (T,)
+        new_tok = (step.offset + t >= run.generated_from)[None, :] & row_active[:, None]  # (B, T)
+        rel = torch.cat([rel, t.expand(B, T)], dim=1)
+        valid = torch.cat([valid, new_tok], dim=1)
+    rows = torch.arange(B, device=h.device)[:, None]  # (B, 1)
+    flat = rows * T + rel  # (B, P') index into (B*T)
+    h2 = h.reshape(B * T, d)
+    picked = h2[torch.where(valid, flat, 0).reshape(-1)]  # (N, d), N = B*P'
+    edited = slot.intervention(picked).to(h.dtype)  # (N, d)
+    dummy = torch.where(valid, flat, B * T).reshape(-1)  # unselected pairs land on a dummy row
+    buf = torch.cat([h2, h2.new_zeros(1, d)], dim=0)  # (B*T + 1, d) copy of h
+    buf = buf.index_put((dummy,), edited)
+    return buf[: B * T].view(B, T, d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The wrapper
+# ----------------------------------------------------------------------------------------------------
+
+class ReftModel(nn.Module):
+    """A base model with ReFT adapters attached by hooks. Build it with `get_reft_model`."""
+
+    def __init__(self, model: nn.Module, config: ReftConfig | None = None, adapter_name: str = "default"):
+        super().__init__()
+        self.model = model
+        self.interventions = nn.ModuleDict()  # adapter name -> ModuleList of Intervention
+        self.adapter_configs: dict[str, ReftConfig] = {}
+        self.slots: list[Slot] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._slot_handles: dict[str, list] = {}
+        self._state_handles: dict[int, list] = {}  # layer index -> handles of its state hooks
+        self._active: set[str] | None = None  # None = every adapter
+        self._run: _Run | None = None
+        self._step: _Step | None = None
+        self._layer_step: dict[int, _Step | None] = {}
+        self._recompute = WeakIdKeyDictionary()  # layer input tensor -> _Step (checkpoint replay)
+        self._freeze_base()
+        self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
+        self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
+                                                                       prepend=True))
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def _freeze_base(self) -> None:
+        if is_peft_model(self.model):  # peft already froze the base and left its adapters trainable
+            return
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def _layer_index(self, module: nn.Module) -> int | None:
+        _, layers = find_decoder_layers(hf_model(self.model))
+        for i, layer in enumerate(layers):
+            if module is layer or any(module is m for m in layer.modules()):
+                return i
+        return None
+
+    def add_adapter(self, name: str, config: ReftConfig, interventions: Sequence[Intervention] | None = None) -> None:
+        """Build and attach the interventions of `config` under `name` (after the existing adapters).
+
+        `interventions` (one per representation, already built and loaded) are attached as given
+        instead of built from the config; the loaders use this."""
+        if not isinstance(config, ReftConfig):
+            raise TypeError(f"config must be a ReftConfig, got {type(config).__name__}")
+        if not name or "." in name or name in self.interventions:
+            raise ValueError(f"adapter name {name!r} is empty, contains '.', or exists already "
+                             f"(adapters: {list(self.interventions)})")
+        if interventions is not None and len(interventions) != len(config.representations):
+            raise ValueError(f"{len(interventions)} interventions for {len(config.representations)} representations")
+        base = hf_model(self.model)
+        _, layers = find_decoder_layers(base)
+        ref = next((p for p in layers.parameters() if p.is_floating_point()), None)
+        dtype = ref.dtype if ref is not None else torch.float32
+        device = ref.device if ref is not None else torch.device("cpu")
+        targets = [resolve_component(base, rep) for rep in config.representations]  # fail before attaching
+        modules = nn.ModuleList()
+        for i, rep in enumerate(config.representations):
+            if interventions is not None:
+                iv = interventions[i].to(device=device)
+            else:
+                kwargs = rep.intervention_kwargs(hidden_size(base), str(dtype).removeprefix("torch."))
+                iv = build_intervention({"type": rep.intervention, **kwargs}).to(device=device)
+                if "dtype" not in kwargs:  # a type without a dtype argument follows the model's
+                    iv = iv.to(dtype=dtype)
+            modules.append(iv)
+        modules.train(self.training)
+        self.interventions[name] = modules
+        self.adapter_configs[name] = config
+        for i, ((path, module, is_input), rep) in enumerate(zip(targets, config.representations)):
+            slot = Slot(name, i, len(self.slots), rep.layer, rep.component, path, is_input, modules[i])
+            self.slots.append(slot)
+            self._slot_handles.setdefault(name, []).append(self._register(slot, module))
+
+    def _register(self, slot: Slot, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        layer = self._layer_index(module)
+        if layer is not None and layer not in self._state_handles:
+            self._register_state_hooks(layer)
+        read = (lambda: self._layer_step.get(layer)) if layer is not None else (lambda: self._step)
+        if slot.hook_input:
+            def pre_hook(mod, args, kwargs):
+                step = read()
+                h = _first_tensor(args, kwargs)
+                if step is None or h is None:
+                    return None
+                new = edit_positions(h, slot, step)
+                return ((new,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(mod, args, output):
+            step = read()
+            if step is None:
+                return None
+            if isinstance(output, torch.Tensor):
+                return edit_positions(output, slot, step)
+            if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+                return type(output)([edit_positions(output[0], slot, step), *output[1:]])
+            raise TypeError(f"cannot intervene on the output of {slot.path!r}: {type(output).__name__}")
+        return module.register_forward_hook(hook)
+
+    def _register_state_hooks(self, layer: int) -> None:
+        """Per decoder layer, once: resolve which call's state this layer runs under. Under gradient
+        checkpointing the layer is replayed during backward, after our forward returned (maybe after
+        another forward); the replay gets the same input tensor, so the state is looked up by it."""
+        _, layers = find_decoder_layers(hf_model(self.model))
+        block = layers[layer]
+
+        def on_layer(mod, args, kwargs):
+            h = _first_tensor(args, kwargs)
+            if self._run is None:  # a replay (or a plain call of the base model)
+                step = self._recompute.get(h) if h is not None else None
+            else:
+                step = self._step
+                if (h is not None and torch.is_grad_enabled() and mod.training
+                        and getattr(mod, "gradient_checkpointing", False)):
+                    self._recompute[h] = step
+            self._layer_step[layer] = step
+
+        def on_child(mod, args, kwargs):  # replays of `forward` alone skip the layer's own hooks
+            h = _first_tensor(args, kwargs)
+            if self._run is None and h is not None and h in self._recompute:
+                self._layer_step[layer] = self._recompute[h]
+
+        handles = [block.register_forward_pre_hook(on_layer, with_kwargs=True, prepend=True)]
+        handles += [c.register_forward_pre_hook(on_child, with_kwargs=True, prepend=True) for c in block.children()]
+        self._state_handles[layer] = handles
+
+    def _top_pre_hook(self, mod, args, kwargs):
+        past = kwargs.get("past_key_values")
+        self._step = None if self._run is None else _Step(self._run, _cache_length(past))
+        return None
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this wrapper registered (and only those). The wrapper is unusable after."""
+        for h in self._handles + [h for hs in self._slot_handles.values() for h in hs] + \
+                [h for hs in self._state_handles.values() for h in hs]:
+            h.remove()
+        self._handles, self._slot_handles, self._state_handles = [], {}, {}
+        self._recompute = WeakIdKeyDictionary()
+
+    def unwrap(self) -> nn.Module:
+        """Remove our hooks and return the base model (its parameters stay frozen)."""
+        self.remove_hooks()
+        return self.model
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_adapter(name)
+        for h in self._slot_handles.pop(name):
+            h.remove()
+        del self.interventions[name]
+        del self.adapter_configs[name]
+        self.slots = [s for s in self.slots if s.adapter != name]
+        for i, s in enumerate(self.slots):
+            s.pos = i
+        if self._active is not None:
+            self._active.discard(name)
+
+    # -- adapters and locations ------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.interventions)
+
+    @property
+    def num_interventions(self) -> int:
+        return len(self.slots)
+
+    def _check_adapter(self, name: str) -> None:
+        if name not in self.interventions:
+            raise KeyError(f"unknown ReFT adapter {name!r}; adapters: {list(self.interventions)}")
+
+    def set_active_adapters(self, names: str | Sequence[str] | None) -> None:
+        """Switch adapters on (`None` = all). Locations keep covering every adapter."""
+        names = [names] if isinstance(names, str) else names
+        for n in names or []:
+            self._check_adapter(n)
+        self._active = None if names is None else set(names)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base model alone inside this block (e.g. a DPO reference pass)."""
+        saved, self._active = self._active, set()
+        try:
+            yield
+        finally:
+            self._active = saved
+
+    def adapter_slice(self, name: str) -> slice:
+        """The range of `name`'s interventions in dim 1 of `intervention_locations`."""
+        self._check_adapter(name)
+        pos = [s.pos for s in self.slots if s.adapter == name]
+        return slice(pos[0], pos[-1] + 1)
+
+    def locations_for(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+        """Full `(B, I, P)` locations that route every row to adapter `name` only.
+
+        `positions`: `(B, P)` (the same for each of the adapter's interventions) or `(B, K, P)` with
+        K = the adapter's intervention count."""
+        return self.route_locations([name] * positions.shape[0], positions)
+
+    def route_locations(self, adapters: Sequence[str | None], positions: torch.Tensor) -> torch.Tensor:
+        """Per-row routing: row b is edited only by adapter `adapters[b]` (None = no edit).
+
+        `positions` is `(B, P)` or `(B, K, P)` (K = each named adapter's intervention count).
+        Returns `(B, I, P)` long with -1 everywhere else."""
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        B, I = positions.shape[0], self.num_interventions
+        if len(adapters) != B:
+            raise ValueError(f"{len(adapters)} adapter names for {B} rows of positions")
+        out = torch.full((B, I, positions.shape[-1]), -1, dtype=torch.long, device=positions.device)
+        for b, name in enumerate(adapters):
+            if name is None:
+                continue
+            sl = self.adapter_slice(name)
+            k = sl.stop - sl.start
+            if positions.dim() == 3 and positions.shape[1] != k:
+                raise ValueError(f"row {b}: positions give {positions.shape[1]} interventions but adapter "
+                                 f"{name!r} has {k}")
+            out[b, sl] = positions[b] if positions.dim() == 3 else positions[b].expand(k, -1)
+        return out
+
+    def _prepare_locations(self, locations: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if locations is None:
+            return None
+        locations = torch.as_tensor(locations)
+        if locations.dim() == 2:
+            locations = locations[:, None, :].expand(-1, self.num_interventions, -1)
+        if locations.dim() != 3 or locations.shape[0] != batch or locations.shape[1] != self.num_interventions:
+            raise ValueError(f"intervention_locations must be (batch={batch}, num_interventions="
+                             f"{self.num_interventions}, positions) (or (batch, positions)), got "
+                             f"{tuple(locations.shape)}; order: {[(s.adapter, s.index) for s in self.slots]}")
+        if locations.is_floating_point():
+            raise ValueError("intervention_locations must be an integer tensor (use -1 for no position)")
+        device = next(self.model.parameters()).device
+        return locations.to(device=device, dtype=torch.long, non_blocking=True)
+
+    def _active_slots(self) -> frozenset:
+        return frozenset(s.pos for s in self.slots if self._active is None or s.adapter in self._active)
+
+    @contextlib.contextmanager
+    def _running(self, run: _Run) -> Iterator[None]:
+        if not self._handles:
+            raise RuntimeError("this ReftModel's hooks were removed; build a new one with get_reft_model")
+        saved = self._run
+        self._run = run
+        try:
+            yield
+        finally:
+            self._run, self._step = saved, None
+            self._layer_step.clear()
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                intervention_locations: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        """The base model's forward (loss included when `labels` are given) with the interventions
+        applied at `intervention_locations` `(B, I, P)` (-1 = none; None = no intervention)."""
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        locations = self._prepare_locations(intervention_locations, ref.shape[0])
+        if labels is not None:
+            kwargs["labels"] = labels
+        with self._running(_Run(locations, self._active_slots())):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 intervention_locations: torch.Tensor | None = None, intervene_on_generated: bool = False,
+                 **generate_kwargs: Any) -> Any:
+        """`model.generate` with the prompt edited in the prefill pass (kept through the KV cache);
+        with `intervene_on_generated`, every generated token's position is edited too (for the rows
+        and interventions that have at least one prompt location)."""
+        locations = self._prepare_locations(intervention_locations, input_ids.shape[0])
+        run = _Run(locations, self._active_slots())
+        if intervene_on_generated and locations is not None:
+            run = _Run(locations, run.active, input_ids.shape[1], (locations >= 0).any(-1))
+        with self._running(run):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Enable checkpointing on the base (non-reentrant by default: the inputs of a frozen base do not
+        require grad, so reentrant checkpointing would cut the interventions' gradients)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- parameters ------------------------------------------------------------------------------------
+
+    def count_parameters(self) -> int:
+        """Trainable intervention parameters."""
+        return sum(p.numel() for p in self.interventions.parameters() if p.requires_grad)
+
+    def print_trainable_parameters(self) -> str:
+        model_params = sum(p.numel() for p in self.model.parameters())
+        trainable_model = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        iv = self.count_parameters()
+        text = (f"trainable intervention params: {iv:,} || trainable model params: {trainable_model:,} || "
+                f"model params: {model_params:,} || trainable%: {100 * (iv + trainable_model) / model_params:.4f}")
+        logger.info(text)
+        return text
+
+    def save_pretrained(self, folder: str, adapter_name: str | None = None) -> None:
+        """Write one adapter (`adapter_name`, or the only one) to `folder`; see `alignkit.interventions.io`."""
+        from alignkit.interventions.io import save_reft
+
+        save_reft(self, folder, adapter_name=adapter_name)
+
+    def load_adapter(self, folder: str, adapter_name: str = "default") -> None:
+        """Attach the adapter saved in `folder` under `adapter_name`."""
+        from alignkit.interventions.io import load_adapter_into
+
+        load_adapter_into(self, folder, adapter_name)
+
+
+def get_reft_model(model: nn.Module, config: ReftConfig, adapter_name: str = "default") -> ReftModel:
+    """Freeze `model` (a transformers model, or a peft one: its LoRA weights stay trainable), attach the
+    interventions of `config` under `adapter_name` and return the wrapper."""
+    return ReftModel(model, config, adapter_name)

@@ -1,0 +1,209 @@
+"""Save and load ReFT adapters: a folder with `reft_config.json` + `interventions.safetensors`.
+
+`reft_config.json` holds everything needed to rebuild the adapter exactly:
+    format / version           "alignkit-reft", 1
+    adapter_name               the name it was saved under
+    base_model                 model_type, hidden_size, num_layers, dtype (checked on load)
+    reft_config                the ReftConfig (`ReftConfig.to_dict()`)
+    interventions              per representation: layer, component, module path, and `spec`
+                               (every constructor argument of the intervention, `Intervention.spec()`)
+    weights_sha256             checksum of interventions.safetensors (a stale or corrupt pair fails)
+`interventions.safetensors` holds only intervention weights, keyed `"<i>.<parameter name>"` with i the
+representation's index. Each file is written to a temporary name and renamed, so a crash never leaves
+a half-written file. Nothing is ever pickled; `load_pyreft` reads pyreft checkpoints through
+`pyreft_compat` (torch.load with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.interventions.attach import ReftModel, find_decoder_layers, hf_model, hidden_size
+from alignkit.interventions.base import Intervention, build_intervention
+from alignkit.interventions.config import ReftConfig, RepresentationConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "reft_config.json"
+WEIGHTS_NAME = "interventions.safetensors"
+FORMAT = "alignkit-reft"
+VERSION = 1
+
+
+def base_identity(model: nn.Module) -> dict[str, Any]:
+    """What a ReFT checkpoint records about the model it was trained on."""
+    base = hf_model(model)
+    _, layers = find_decoder_layers(base)
+    ref = next((p for p in layers.parameters() if p.is_floating_point()), None)
+    cfg = getattr(base, "config", None)
+    return {"model_type": getattr(cfg, "model_type", type(base).__name__), "hidden_size": hidden_size(base),
+            "num_layers": len(layers), "dtype": str(ref.dtype if ref is not None else torch.float32).removeprefix("torch."),
+            "name_or_path": str(getattr(cfg, "_name_or_path", "") or "")}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_reft(reft_model: ReftModel, folder: str | Path, adapter_name: str | None = None) -> Path:
+    """Write adapter `adapter_name` (default: the only one) of `reft_model` to `folder`."""
+    from safetensors.torch import save
+
+    names = reft_model.adapter_names
+    if adapter_name is None:
+        if len(names) != 1:
+            raise ValueError(f"the model has adapters {names}; pass adapter_name to say which one to save")
+        adapter_name = names[0]
+    if adapter_name not in names:
+        raise KeyError(f"unknown ReFT adapter {adapter_name!r}; adapters: {names}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    slots = [s for s in reft_model.slots if s.adapter == adapter_name]
+    tensors = {f"{s.index}.{k}": v.detach().to("cpu").contiguous()
+               for s in slots for k, v in s.intervention.state_dict().items()}
+    blob = save(tensors, metadata={"format": FORMAT, "adapter_name": adapter_name})
+    meta = {"format": FORMAT, "version": VERSION, "adapter_name": adapter_name,
+            "base_model": base_identity(reft_model.model),
+            "reft_config": reft_model.adapter_configs[adapter_name].to_dict(),
+            "interventions": [{"layer": s.layer, "component": s.component, "path": s.path,
+                               "hook_input": s.hook_input, "spec": s.intervention.spec()} for s in slots],
+            "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    _atomic_write(folder / WEIGHTS_NAME, blob)
+    _atomic_write(folder / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    logger.info("saved ReFT adapter %r (%d interventions) to %s", adapter_name, len(slots), folder)
+    return folder
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"ReFT checkpoint folder {folder} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a ReFT checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                "(written by ReftModel.save_pretrained)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt, save the adapter again") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an alignkit ReFT config (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {FORMAT!r}); for a pyreft checkpoint use load_pyreft")
+    missing = [k for k in ("base_model", "reft_config", "interventions") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    return meta
+
+
+def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
+    saved, here = meta["base_model"], base_identity(model)
+    for key in ("hidden_size", "num_layers"):
+        if saved.get(key) != here[key]:
+            raise ValueError(f"{path}: the adapter was trained on a model with {key}={saved.get(key)}, "
+                             f"this model has {key}={here[key]}; load it onto a {saved.get('model_type')} "
+                             f"model of the same shape ({saved.get('name_or_path') or 'see base_model'})")
+    if saved.get("model_type") != here["model_type"]:
+        logger.warning("%s: adapter trained on model_type %r, loading onto %r", path, saved.get("model_type"),
+                       here["model_type"])
+
+
+def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the checkpoint's intervention weights are not there")
+    blob = path.read_bytes()
+    want = meta.get("weights_sha256")
+    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+        raise ValueError(f"{path}: checksum does not match {CONFIG_NAME} (truncated, corrupt, or from another "
+                         "save); save the adapter again")
+    try:
+        return load(blob)
+    except Exception as e:  # safetensors raises its own error type for malformed headers / sizes
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); save the adapter again") from e
+
+
+def _build(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, dtype: str) -> list[Intervention]:
+    modules, expected = [], set()
+    for i, item in enumerate(meta["interventions"]):
+        spec = dict(item["spec"])
+        if "dtype" in spec and spec["dtype"] != dtype:
+            logger.info("%s: intervention %d saved in %s, the model is %s: building it in %s", path, i,
+                        spec["dtype"], dtype, dtype)
+            spec["dtype"] = dtype
+        iv = build_intervention(spec)
+        names = {f"{i}.{k}": k for k in iv.state_dict()}
+        expected |= set(names)
+        have = {k: tensors[full] for full, k in names.items() if full in tensors}
+        missing = sorted(set(names) - set(tensors))
+        if missing:
+            raise ValueError(f"{path}: missing tensor(s) {missing} for intervention {i} ({spec.get('type')})")
+        iv.load_state_dict(have, strict=True)
+        modules.append(iv)
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ValueError(f"{path}: unexpected tensor(s) {extra}; the weights do not match {CONFIG_NAME}")
+    return modules
+
+
+def load_adapter_into(reft_model: ReftModel, folder: str | Path, adapter_name: str = "default") -> None:
+    """Attach the adapter saved in `folder` to `reft_model` under `adapter_name`."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    cfg_path = folder / CONFIG_NAME
+    _check_base(meta, reft_model.model, cfg_path)
+    config = ReftConfig.from_dict(meta["reft_config"], where=f"{cfg_path}: reft_config")
+    if len(config.representations) != len(meta["interventions"]):
+        raise ValueError(f"{cfg_path}: {len(config.representations)} representations but "
+                         f"{len(meta['interventions'])} interventions")
+    tensors = _read_weights(folder / WEIGHTS_NAME, meta)
+    modules = _build(meta, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
+    reft_model.add_adapter(adapter_name, config, modules)
+
+
+def load_reft(model: nn.Module, folder: str | Path, adapter_name: str = "default") -> ReftModel:
+    """Wrap `model` (freezing it) and attach the adapter saved in `folder`."""
+    reft = ReftModel(model)
+    load_adapter_into(reft, folder, adapter_name)
+    return reft
+
+
+def load_pyreft(model: nn.Module, folder: str | Path, act_fn: str | None = None,
+                adapter_name: str = "default") -> ReftModel:
+    """Wrap `model` with the interventions of a pyreft checkpoint folder (`pyreft_compat`)."""
+    from alignkit.interventions.pyreft_compat import read_pyreft_folder
+
+    items = read_pyreft_folder(folder, act_fn=act_fn)
+    width = hidden_size(hf_model(model))
+    reps, modules = [], []
+    for i, item in enumerate(items):
+        spec = dict(item.spec)
+        if spec.get("embed_dim") not in (None, width):
+            raise ValueError(f"{folder}/{item.weight_file.name}: intervention {i} has embed_dim={spec['embed_dim']} "
+                             f"but the model's hidden size is {width}; load it onto the model it was trained on")
+        kind = spec.pop("type")
+        spec.pop("dtype", None)
+        named = {k: spec.pop(k) for k in ("low_rank_dimension", "dropout", "act_fn", "add_bias", "embed_dim") if k in spec}
+        reps.append(RepresentationConfig(layer=item.layer, component=item.component, intervention=kind,
+                                         extra=spec, **named))
+        modules.append(item.build())
+    reft = ReftModel(model)
+    reft.add_adapter(adapter_name, ReftConfig(reps), modules)
+    return reft
