@@ -1,0 +1,106 @@
+"""Chat formatting: prompt (+ completion) -> the text the model reads, through a formatter registry.
+
+A formatter returns `Formatted(prompt, full, add_special_tokens, ends_turn)`: `prompt` is the text up to
+where the completion starts (for chat formats: including the generation prompt that opens the
+assistant turn), `full` is prompt + completion (None for prompt-only records), `add_special_tokens` is
+what to pass to the tokenizer (False when the format already writes BOS or its own markers), and
+`ends_turn` says whether the format already ends the completion with an end-of-turn marker (the
+tokenizer then does not append EOS by default; see `tokenize.TokenizeConfig.add_eos`).
+
+| name            | for                      | text                                                         |
+|-----------------|--------------------------|--------------------------------------------------------------|
+| "chat-template" | conversations (or text, wrapped as one user turn) | `tokenizer.apply_chat_template`     |
+| "oasst"         | both                     | `<|prompter|>q<eos><|assistant|>a<eos>` (Open-Assistant)    |
+| "plain"         | plain-text records       | prompt + completion, verbatim                                |
+| "auto"          | -                        | "chat-template" for conversations, "plain" for text          |
+
+The string `prompt` need not be a string prefix of `full`; the tokenizer checks the boundary in token
+space (the prompt's token ids must be a prefix of the full sequence's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from alignkit.data.records import Completion, DataError, Message, Prompt
+
+
+@dataclass(frozen=True)
+class Formatted:
+    prompt: str
+    full: str | None
+    add_special_tokens: bool
+    ends_turn: bool
+
+
+Formatter = Callable[[Prompt, "Completion | None", Any], Formatted]
+FORMATTERS: dict[str, Formatter] = {}
+
+
+def register_formatter(name: str) -> Callable[[Formatter], Formatter]:
+    def deco(fn: Formatter) -> Formatter:
+        FORMATTERS[name] = fn
+        return fn
+    return deco
+
+
+def as_messages(prompt: Prompt, completion: Completion | None) -> tuple[list[Message], list[Message]]:
+    """Prompt and completion as message lists (plain text -> one user / one assistant message)."""
+    p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if completion is None:
+        return p, []
+    c = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    return p, c
+
+
+@register_formatter("chat-template")
+def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Formatted:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"formatter 'chat-template': {type(tokenizer).__name__} has no chat_template; set "
+                        f"tokenizer.chat_template, or use formatter='oasst' or plain-text records")
+    p, c = as_messages(prompt, completion)
+    prompt_text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(p + c, tokenize=False) if c else None
+    return Formatted(prompt_text, full, add_special_tokens=False, ends_turn=True)
+
+
+OASST_ROLES = {"user": "<|prompter|>", "assistant": "<|assistant|>", "system": "<|system|>"}
+
+
+@register_formatter("oasst")
+def oasst(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Formatted:
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in OASST_ROLES.values() if t not in vocab]
+    if missing or tokenizer.eos_token is None:
+        raise DataError(f"formatter 'oasst': the tokenizer lacks {missing or 'an eos token'}; add them with "
+                        f"tokenizer.add_special_tokens(...) and resize the model's embeddings")
+    p, c = as_messages(prompt, completion)
+
+    def turn(m: Message) -> str:
+        if m["role"] not in OASST_ROLES:
+            raise DataError(f"formatter 'oasst': unknown role {m['role']!r}; valid: {', '.join(OASST_ROLES)}")
+        return OASST_ROLES[m["role"]] + m["content"] + tokenizer.eos_token
+
+    head = "".join(turn(m) for m in p)
+    prompt_text = head + OASST_ROLES["assistant"]
+    full = head + "".join(turn(m) for m in c) if c else None
+    return Formatted(prompt_text, full, add_special_tokens=False, ends_turn=True)
+
+
+@register_formatter("plain")
+def plain(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Formatted:
+    if not isinstance(prompt, str) or not (completion is None or isinstance(completion, str)):
+        raise DataError("formatter 'plain' takes plain-text records; use 'chat-template' or 'oasst' for conversations")
+    return Formatted(prompt, None if completion is None else prompt + completion, add_special_tokens=True,
+                     ends_turn=False)
+
+
+def format_record(prompt: Prompt, completion: Completion | None, tokenizer: Any,
+                  formatter: str = "auto") -> Formatted:
+    """Format with the named formatter ("auto": chat-template for conversations, plain for text)."""
+    if formatter == "auto":
+        formatter = "chat-template" if isinstance(prompt, list) else "plain"
+    if formatter not in FORMATTERS:
+        raise DataError(f"unknown formatter {formatter!r}; valid: auto, {', '.join(FORMATTERS)}")
+    return FORMATTERS[formatter](prompt, completion, tokenizer)

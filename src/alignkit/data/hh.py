@@ -1,0 +1,72 @@
+"""Anthropic HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> preference records.
+
+Each row has `chosen` and `rejected`, two whole dialogues that differ only in the final assistant turn.
+The prompt is their shared prefix up to and including the **last** "\\n\\nAssistant:" (both texts must
+agree on it, else the row is an error); the completions are what follows it.
+
+`conversational=True` (default): the prompt becomes a list of messages ("Human" -> "user", "Assistant"
+-> "assistant", multi-turn kept, the final empty assistant marker dropped) and each completion one
+assistant message, all stripped of surrounding whitespace; the tokenizer's chat template formats them.
+`conversational=False`: plain text, kept byte for byte: the prompt ends with "Assistant:" and each
+completion starts with its leading space, as in the original data.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from alignkit.data.readers.registry import register_reader
+from alignkit.data.readers.rows import collect, get_field, iter_rows
+from alignkit.data.records import DataError, Message, PreferenceRecord
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def parse_dialogue(text: str, where: str) -> list[Message]:
+    """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    parts = _TURN.split(text)
+    if parts[0].strip():
+        raise DataError(f"{where}: HH text must start with {HUMAN!r}, found {parts[0][:40]!r} before the first turn")
+    return [{"role": _ROLES[role], "content": body.strip()} for role, body in zip(parts[1::2], parts[2::2])]
+
+
+def split_hh(text: str, where: str, key: str) -> tuple[str, str]:
+    """(prompt text ending with "\\n\\nAssistant:", completion text) of one HH dialogue."""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise DataError(f"{where}: {key!r} has no {ASSISTANT!r} turn; every HH dialogue ends with an assistant reply")
+    cut += len(ASSISTANT)
+    if not text[cut:].strip():
+        raise DataError(f"{where}: {key!r} has an empty final assistant reply; drop the row or pass on_invalid='skip'")
+    return text[:cut], text[cut:]
+
+
+def hh_to_preference(row: dict, where: str, conversational: bool = True) -> PreferenceRecord:
+    chosen = get_field(row, "chosen", where, str, "an HH dialogue string")
+    rejected = get_field(row, "rejected", where, str, "an HH dialogue string")
+    prompt, chosen_rest = split_hh(chosen, where, "chosen")
+    prompt_r, rejected_rest = split_hh(rejected, where, "rejected")
+    if prompt != prompt_r:
+        raise DataError(f"{where}: 'chosen' and 'rejected' differ before their last {ASSISTANT!r}; HH pairs must share "
+                        f"the dialogue and differ only in the final reply")
+    weight = {"weight": row["weight"]} if row.get("weight") is not None else {}
+    if not conversational:
+        return PreferenceRecord(prompt, chosen_rest, rejected_rest, id=where, **weight)
+    messages = parse_dialogue(prompt, where)[:-1]  # drop the final, empty assistant marker
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{where}: the HH prompt must end with a Human turn before the final Assistant reply")
+    return PreferenceRecord(messages, chosen_rest.strip(), rejected_rest.strip(), id=where, **weight)
+
+
+@register_reader("hh-rlhf", kinds=("preference",), priority=20,
+                 detect=lambda r: "prompt" not in r and isinstance(r.get("chosen"), str)
+                 and r["chosen"].lstrip(" ").startswith(HUMAN) and ASSISTANT in r["chosen"],
+                 description="Anthropic HH-RLHF text: chosen, rejected dialogues -> preference")
+def read_hh(source: Any, *, kind: str = "preference", conversational: bool = True, on_invalid: str = "raise",
+            split: str | None = None) -> list[PreferenceRecord]:
+    """Preference records from HH-RLHF rows (see the module docstring)."""
+    return collect(iter_rows(source, split), lambda row, where: hh_to_preference(row, where, conversational),
+                   on_invalid, name=str(source))

@@ -1,0 +1,240 @@
+"""Open-Assistant message-tree exports (JSONL, one tree per line) -> SFT threads, ranked replies, prompts.
+
+A line is `{"message_tree_id", "tree_state", "prompt": <message>}`, a message being `{"message_id",
+"text", "role": "prompter"|"assistant", "lang", "deleted", "synthetic", "review_result", "rank",
+"replies": [<message>, ...]}`. Roles become "user" / "assistant" messages.
+
+Filters (applied first): trees whose `tree_state` is not in `tree_states` (default: only
+"ready_for_export"; None keeps all) are skipped; a message that is deleted (`drop_deleted`), synthetic
+(`drop_synthetic`), not reviewed positively (`review_result` False or missing/None, `drop_unreviewed`)
+or not in `langs` (None keeps every language) is removed **with its whole subtree**, since its replies
+answer it. A summary of what each filter removed is logged.
+
+SFT (`kind="sft"`, `mode`):
+- "leaves" (default): one thread per distinct conversation end. Every leaf gives the path from the root
+  to it; a path ending on a prompter turn (a follow-up nobody answered) is cut back to the assistant
+  turn before it; paths ending on the same assistant message count once. This takes every branch.
+- "best": one thread per tree, following the best-ranked branch: at a prompter turn the assistant reply
+  with the lowest rank (unranked replies come after ranked ones, in listed order); at an assistant turn
+  the first prompter reply that has an answer. Stops at the last assistant turn reached.
+- "every_turn": one record per assistant message (prompt = the whole path before it).
+The record's completion is the final assistant turn; earlier turns are in the prompt (not trained on).
+
+Ranked (`kind="ranked"`, for reward modeling): for every prompter turn with at least two *ranked*
+assistant replies (after filtering), the conversation up to that turn and those replies ordered by rank
+(0 = best). Replies without a rank were never compared and are left out (a turn with fewer than two
+ranked replies gives no record). Equal ranks are kept as ties (`RankedRecord.ranks`), so pair views skip
+them. Ranks are OASST's, computed before filtering, so they may have gaps; only their order matters.
+
+Prompts (`kind="prompt"`, for online training): `prompts="roots"` (default) gives each tree's initial
+prompt; `prompts="all"` every prompter turn with the conversation before it.
+
+Records carry `meta = {"tree_id", "message_id", "lang"}`; split train/validation by tree with
+`alignkit.data.splits.split_records(records, "95,5", group_by="tree_id")`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from alignkit.data.readers.registry import register_reader
+from alignkit.data.readers.rows import collect, get_field, iter_rows
+from alignkit.data.records import DataError, PromptRecord, RankedRecord, SFTRecord
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+@dataclass
+class Node:
+    id: str
+    role: str  # "user" | "assistant"
+    text: str
+    rank: int | None
+    lang: str | None
+    replies: list["Node"] = field(default_factory=list)
+
+    def message(self) -> dict:
+        return {"role": self.role, "content": self.text}
+
+
+@dataclass
+class Filters:
+    langs: Sequence[str] | None = None
+    drop_deleted: bool = True
+    drop_synthetic: bool = True
+    drop_unreviewed: bool = True
+
+    def reason(self, msg: dict) -> str | None:
+        """Why `msg` is filtered out, or None to keep it."""
+        if self.drop_deleted and msg.get("deleted"):
+            return "deleted"
+        if self.drop_synthetic and msg.get("synthetic"):
+            return "synthetic"
+        if self.drop_unreviewed and not msg.get("review_result"):
+            return "unreviewed"
+        if self.langs is not None and msg.get("lang") not in self.langs:
+            return "lang"
+        return None
+
+
+def _size(msg: dict) -> int:
+    return 1 + sum(_size(r) for r in msg.get("replies") or [])
+
+
+def build_tree(msg: dict, filters: Filters, where: str, removed: Counter, parent_role: str | None = None) -> Node | None:
+    """The filtered tree under `msg` as Nodes (None if `msg` itself is filtered out)."""
+    mid = msg.get("message_id", "?")
+    for key, typ in (("text", str), ("role", str)):
+        if not isinstance(msg.get(key), typ):
+            raise DataError(f"{where}: message {mid} has no string {key!r}; is this an Open-Assistant tree export?")
+    if msg["role"] not in ROLES:
+        raise DataError(f"{where}: message {mid} has role {msg['role']!r}; expected 'prompter' or 'assistant'")
+    if parent_role is not None and ROLES[msg["role"]] == parent_role:
+        raise DataError(f"{where}: message {mid} ({msg['role']}) replies to a message of the same role; roles must "
+                        f"alternate prompter/assistant in an Open-Assistant tree")
+    why = filters.reason(msg)
+    if why is not None:
+        removed[why] += 1
+        removed["removed with their parent"] += _size(msg) - 1
+        return None
+    rank = msg.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise DataError(f"{where}: message {mid} has rank {rank!r}; ranks must be integers or null")
+    node = Node(mid, ROLES[msg["role"]], msg["text"], rank, msg.get("lang"))
+    replies = msg.get("replies") or []
+    if not isinstance(replies, list):
+        raise DataError(f"{where}: message {mid} has 'replies' of type {type(replies).__name__}; expected a list")
+    for r in replies:
+        child = build_tree(r, filters, where, removed, node.role)
+        if child is not None:
+            node.replies.append(child)
+    return node
+
+
+def _by_rank(replies: list[Node]) -> list[Node]:
+    """Replies ordered best first: ranked by rank (stable for ties), then unranked in listed order."""
+    return sorted(replies, key=lambda n: (n.rank is None, n.rank if n.rank is not None else 0))
+
+
+def sft_threads(root: Node, mode: str = "leaves") -> list[list[Node]]:
+    """Paths from the root ending on an assistant turn, chosen by `mode` (see the module docstring)."""
+    threads: dict[str, list[Node]] = {}
+
+    def walk(node: Node, path: list[Node]) -> None:
+        path = path + [node]
+        if mode == "every_turn" and node.role == "assistant":
+            threads.setdefault(node.id, path)
+        if not node.replies and mode == "leaves":
+            end = path if node.role == "assistant" else path[:-1]
+            if end:
+                threads.setdefault(end[-1].id, end)
+        for r in node.replies:
+            walk(r, path)
+
+    if mode in ("leaves", "every_turn"):
+        walk(root, [])
+        return list(threads.values())
+    if mode != "best":
+        raise DataError(f"unknown OASST SFT mode {mode!r}; valid: leaves, best, every_turn")
+    path, node, last_assistant = [root], root, 0
+    while True:
+        if node.role == "user":
+            options = _by_rank([r for r in node.replies if r.role == "assistant"])
+        else:
+            options = [r for r in node.replies if any(a.role == "assistant" for a in r.replies)]
+        if not options:
+            break
+        node = options[0]
+        path.append(node)
+        if node.role == "assistant":
+            last_assistant = len(path)
+    return [path[:last_assistant]] if last_assistant else []
+
+
+def ranked_groups(root: Node) -> list[tuple[list[Node], list[Node]]]:
+    """(path ending on a prompter turn, its ranked assistant replies best first) with >= 2 replies."""
+    out = []
+
+    def walk(node: Node, path: list[Node]) -> None:
+        path = path + [node]
+        if node.role == "user":
+            ranked = _by_rank([r for r in node.replies if r.role == "assistant" and r.rank is not None])
+            if len(ranked) >= 2:
+                out.append((path, ranked))
+        for r in node.replies:
+            walk(r, path)
+
+    walk(root, [])
+    return out
+
+
+def prompter_paths(root: Node, which: str = "roots") -> list[list[Node]]:
+    if which == "roots":
+        return [[root]]
+    if which != "all":
+        raise DataError(f"unknown OASST prompts option {which!r}; valid: roots, all")
+    out = []
+
+    def walk(node: Node, path: list[Node]) -> None:
+        path = path + [node]
+        if node.role == "user":
+            out.append(path)
+        for r in node.replies:
+            walk(r, path)
+
+    walk(root, [])
+    return out
+
+
+@register_reader("oasst", kinds=("sft", "ranked", "prompt"), priority=20,
+                 detect=lambda r: "message_tree_id" in r and isinstance(r.get("prompt"), dict),
+                 description="Open-Assistant message trees (message_tree_id, prompt{replies}) -> sft | ranked | prompt")
+def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts: str = "roots",
+               langs: str | Sequence[str] | None = None, drop_deleted: bool = True, drop_synthetic: bool = True,
+               drop_unreviewed: bool = True, tree_states: Sequence[str] | None = ("ready_for_export",),
+               on_invalid: str = "raise", split: str | None = None) -> list:
+    """Records of `kind` ("sft", "ranked" or "prompt") from an Open-Assistant tree export."""
+    if kind not in ("sft", "ranked", "prompt"):
+        raise DataError(f"the OASST reader gives 'sft', 'ranked' or 'prompt' records, not {kind!r} "
+                        f"(use load_records(..., kind={kind!r}) to convert)")
+    filters = Filters([langs] if isinstance(langs, str) else langs, drop_deleted, drop_synthetic, drop_unreviewed)
+    removed: Counter = Counter()
+
+    def convert(row: dict, where: str) -> list:
+        tree_id = get_field(row, "message_tree_id", where, str, "the tree's id")
+        root_msg = get_field(row, "prompt", where, dict, "the tree's root message")
+        if tree_states is not None and row.get("tree_state") not in tree_states:
+            removed[f"tree_state={row.get('tree_state')}"] += 1
+            return []
+        if root_msg.get("role") != "prompter":
+            raise DataError(f"{where}: tree {tree_id} starts with role {root_msg.get('role')!r}; a tree's root "
+                            f"must be a 'prompter' message")
+        root = build_tree(root_msg, filters, where, removed)
+        if root is None:
+            return []
+
+        def rid(n: Node) -> str:
+            return f"{where} tree={tree_id} message={n.id}"
+
+        def meta(n: Node) -> dict:
+            return {"tree_id": tree_id, "message_id": n.id, "lang": n.lang}
+
+        if kind == "sft":
+            return [SFTRecord([n.message() for n in p[:-1]], [p[-1].message()], id=rid(p[-1]), meta=meta(p[-1]))
+                    for p in sft_threads(root, mode)]
+        if kind == "ranked":
+            return [RankedRecord([n.message() for n in p], [[r.message()] for r in replies],
+                                 ranks=[r.rank for r in replies], id=rid(p[-1]), meta=meta(p[-1]))
+                    for p, replies in ranked_groups(root)]
+        return [PromptRecord([n.message() for n in p], id=rid(p[-1]), meta=meta(p[-1]))
+                for p in prompter_paths(root, prompts)]
+
+    records = collect(iter_rows(source, split), convert, on_invalid, name=str(source))
+    if removed:
+        logger.info("%s: OASST filters removed %s", source, dict(removed))
+    return records

@@ -1,0 +1,55 @@
+"""Read records from files and datasets: `load_records(source, kind=...)` and the `READERS` registry.
+
+`load_records` looks at the first row, picks the registered reader that recognises it (or the one you
+name with `reader=`), reads every row, and converts the records to `kind` with the views of
+`alignkit.data.records` (ranked -> pairs, preference -> SFT on chosen, ...). Readers for TRL-style
+columns live in `columns.py`; Open-Assistant trees and HH-RLHF text register themselves from
+`alignkit.data.oasst` and `alignkit.data.hh` (imported by `alignkit.data`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from alignkit.data.readers import columns  # noqa: F401  (registers the column readers)
+from alignkit.data.readers.registry import READERS, ReaderInfo, detect_reader, register_reader
+from alignkit.data.readers.rows import collect, first_row, get_field, iter_rows, source_name
+from alignkit.data.records import KINDS, DataError, Record, can_convert, convert
+
+logger = logging.getLogger(__name__)
+
+
+def load_records(source: Any, kind: str | None = None, *, reader: str | None = None, on_invalid: str = "raise",
+                 split: str | None = None, **options: Any) -> list[Record]:
+    """Records of `kind` (None: the reader's own kind) from a path, `datasets.Dataset` or list of dicts.
+
+    `reader` forces a registered reader (see `READERS`); `on_invalid="skip"` drops bad rows with a logged
+    count instead of raising; `split` picks a split of a DatasetDict; other `options` go to the reader
+    (e.g. `mode="best"` for OASST SFT threads).
+    """
+    if kind is not None and kind not in KINDS:
+        raise DataError(f"unknown record kind {kind!r}; valid: {', '.join(KINDS)}")
+    if reader is not None:
+        if reader not in READERS:
+            raise DataError(f"unknown reader {reader!r}; registered: {', '.join(READERS)}")
+        info = READERS[reader]
+    else:
+        info = detect_reader(*first_row(source, split))
+    if kind is None or kind in info.kinds:
+        native = kind or info.kinds[0]
+    else:
+        native = next((k for k in info.kinds if can_convert(k, kind)), None)
+        if native is None:
+            raise DataError(f"{source_name(source)}: reader {info.name!r} gives {'/'.join(info.kinds)} records, and "
+                            f"none of them converts to {kind!r}; pick another kind or convert the data yourself")
+    records = info.fn(source, kind=native, on_invalid=on_invalid, split=split, **options)
+    logger.info("%s: read %d %s record(s) with reader %r", source_name(source), len(records), native, info.name)
+    if kind is not None and kind != native:
+        records = convert(records, kind)
+        logger.info("%s: converted to %d %s record(s)", source_name(source), len(records), kind)
+    return records
+
+
+__all__ = ["READERS", "ReaderInfo", "register_reader", "detect_reader", "load_records", "iter_rows", "first_row",
+           "collect", "get_field", "source_name"]

@@ -1,0 +1,148 @@
+"""Readers for the column conventions people use with TRL (plus `responses` for ranked data).
+
+| reader               | columns                                   | record            |
+|----------------------|-------------------------------------------|-------------------|
+| `messages`           | messages (last message = assistant turn)  | SFTRecord         |
+| `prompt-completion`  | prompt, completion                        | SFTRecord         |
+| `preference`         | prompt, chosen, rejected                  | PreferenceRecord  |
+| `preference-implicit`| chosen, rejected (prompt = shared prefix) | PreferenceRecord  |
+| `unpaired`           | prompt, completion, label                 | UnpairedRecord    |
+| `ranked`             | prompt, responses (best first) [, ranks]  | RankedRecord      |
+| `prompt`             | prompt                                    | PromptRecord      |
+
+Every value may be plain text or a conversation (a list of {"role", "content"} messages). Optional
+columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
+are ignored.
+
+Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
+longest run of equal leading messages; for text, the longest common character prefix, moved back to the
+start of the word where chosen and rejected differ and before the whitespace in front of it, so the
+completions start with that whitespace (" 4" / " 5" after "The answer is") and BPE does not merge
+across the boundary. No shared prefix, or one response being a prefix of the other, is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignkit.data.readers.registry import register_reader
+from alignkit.data.readers.rows import collect, get_field, iter_rows
+from alignkit.data.records import (DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord,
+                                   UnpairedRecord)
+
+_RESPONSE_COLS = ("completion", "chosen", "rejected", "responses", "messages")
+
+
+def _opt(row: dict) -> dict:
+    return {"weight": row["weight"]} if row.get("weight") is not None else {}
+
+
+def _is_value(v: Any) -> bool:
+    return isinstance(v, (str, list))
+
+
+def split_shared_prefix(chosen: Any, rejected: Any, where: str) -> tuple[Any, Any, Any]:
+    """(prompt, chosen_rest, rejected_rest) from two full texts or conversations sharing a prompt."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        if k == 0:
+            raise DataError(f"{where}: 'chosen' and 'rejected' share no leading message, so there is no implicit "
+                            f"prompt; add a 'prompt' column")
+        if k == len(chosen) or k == len(rejected):
+            raise DataError(f"{where}: one of 'chosen'/'rejected' is a prefix of the other (empty response); "
+                            f"fix the pair or drop it")
+        return chosen[:k], chosen[k:], rejected[k:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        k = 0
+        while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+            k += 1
+        if k == len(chosen) or k == len(rejected):
+            raise DataError(f"{where}: one of 'chosen'/'rejected' is a prefix of the other (empty response); "
+                            f"fix the pair or drop it")
+        while k > 0 and not chosen[k - 1].isspace() and not chosen[k].isspace():
+            k -= 1  # back to the start of the differing word
+        while k > 0 and chosen[k - 1].isspace():
+            k -= 1  # and before the whitespace in front of it
+        if k == 0:
+            raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt text; add a 'prompt' column")
+        return chosen[:k], chosen[k:], rejected[k:]
+    raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both conversations, got "
+                    f"{type(chosen).__name__} and {type(rejected).__name__}")
+
+
+def _messages(row: dict, where: str) -> SFTRecord:
+    msgs = get_field(row, "messages", where, list, "a list of {'role', 'content'} messages")
+    last = msgs[-1] if msgs else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        raise DataError(f"{where}: the last message of 'messages' must be the assistant turn to train on, got "
+                        f"{str(last)[:60]!r}; end each conversation with an assistant message")
+    if len(msgs) < 2:
+        raise DataError(f"{where}: 'messages' needs at least one message before the final assistant turn")
+    return SFTRecord(msgs[:-1], [last], id=where, **_opt(row))
+
+
+def _prompt_completion(row: dict, where: str) -> SFTRecord:
+    return SFTRecord(row["prompt"], row["completion"], id=where, **_opt(row))
+
+
+def _preference(row: dict, where: str) -> PreferenceRecord:
+    return PreferenceRecord(row["prompt"], row["chosen"], row["rejected"], margin=row.get("margin"), id=where,
+                            **_opt(row))
+
+
+def _preference_implicit(row: dict, where: str) -> PreferenceRecord:
+    prompt, chosen, rejected = split_shared_prefix(row["chosen"], row["rejected"], where)
+    return PreferenceRecord(prompt, chosen, rejected, margin=row.get("margin"), id=where, **_opt(row))
+
+
+def _unpaired(row: dict, where: str) -> UnpairedRecord:
+    label = row["label"]
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    return UnpairedRecord(row["prompt"], row["completion"], label, id=where, **_opt(row))
+
+
+def _ranked(row: dict, where: str) -> RankedRecord:
+    responses = get_field(row, "responses", where, list, "a list of responses, best first")
+    return RankedRecord(row["prompt"], responses, ranks=row.get("ranks"), id=where, **_opt(row))
+
+
+def _prompt(row: dict, where: str) -> PromptRecord:
+    return PromptRecord(row["prompt"], id=where, **_opt(row))
+
+
+def _reader(convert):
+    def read(source: Any, *, kind: str | None = None, on_invalid: str = "raise", split: str | None = None) -> list:
+        return collect(iter_rows(source, split), convert, on_invalid, name=str(source)[:80])
+    read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."
+    return read
+
+
+read_messages = register_reader(
+    "messages", kinds=("sft",), priority=10, detect=lambda r: "messages" in r and "prompt" not in r,
+    description="messages (conversation ending on the assistant turn) -> sft")(_reader(_messages))
+read_prompt_completion = register_reader(
+    "prompt-completion", kinds=("sft",), priority=10,
+    detect=lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" not in r,
+    description="prompt, completion -> sft")(_reader(_prompt_completion))
+read_preference = register_reader(
+    "preference", kinds=("preference",), priority=10,
+    detect=lambda r: _is_value(r.get("prompt")) and "chosen" in r and "rejected" in r,
+    description="prompt, chosen, rejected [, margin] -> preference")(_reader(_preference))
+read_preference_implicit = register_reader(
+    "preference-implicit", kinds=("preference",), priority=10,
+    detect=lambda r: "chosen" in r and "rejected" in r and "prompt" not in r,
+    description="chosen, rejected (prompt = their shared prefix) -> preference")(_reader(_preference_implicit))
+read_unpaired = register_reader(
+    "unpaired", kinds=("unpaired",), priority=10,
+    detect=lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" in r,
+    description="prompt, completion, label -> unpaired")(_reader(_unpaired))
+read_ranked = register_reader(
+    "ranked", kinds=("ranked",), priority=10, detect=lambda r: _is_value(r.get("prompt")) and "responses" in r,
+    description="prompt, responses (best first) [, ranks] -> ranked")(_reader(_ranked))
+read_prompts = register_reader(
+    "prompt", kinds=("prompt",), priority=0,
+    detect=lambda r: _is_value(r.get("prompt")) and not any(c in r for c in _RESPONSE_COLS),
+    description="prompt only (a JSONL of strings too) -> prompt")(_reader(_prompt))

@@ -1,0 +1,60 @@
+"""The reader registry: name -> how to recognise a source and turn its rows into records.
+
+A reader is a function `fn(source, *, kind, on_invalid="raise", split=None, **options) -> list[Record]`
+registered with `@register_reader(name, kinds=..., detect=..., priority=..., description=...)`.
+`kinds` lists the record kinds it produces natively (first = default); `detect(first_row) -> bool`
+says whether a row looks like its format, and among matching readers the highest `priority` wins
+(e.g. HH-RLHF text beats plain chosen/rejected columns). The CLI's `alignkit ls` prints `READERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from alignkit.data.records import DataError
+
+
+@dataclass(frozen=True)
+class ReaderInfo:
+    name: str
+    fn: Callable
+    kinds: tuple[str, ...]
+    detect: Callable[[dict], bool]
+    priority: int
+    description: str
+
+
+READERS: dict[str, ReaderInfo] = {}
+
+
+def register_reader(name: str, *, kinds: tuple[str, ...], detect: Callable[[dict], bool], priority: int = 0,
+                    description: str = "") -> Callable:
+    def deco(fn: Callable) -> Callable:
+        if name in READERS:
+            raise ValueError(f"reader {name!r} is already registered (by {READERS[name].fn.__module__})")
+        READERS[name] = ReaderInfo(name, fn, tuple(kinds), detect, priority, description)
+        return fn
+    return deco
+
+
+def detect_reader(row: dict, where: str) -> ReaderInfo:
+    """The registered reader that recognises `row`, or a DataError listing the known formats."""
+    matches = [r for r in READERS.values() if _safe(r.detect, row)]
+    if not matches:
+        known = "; ".join(f"{r.name}: {r.description}" for r in READERS.values())
+        raise DataError(f"{where}: unknown combination of columns {sorted(row)}; no reader recognises it. "
+                        f"Rename the columns to one of the known formats ({known}) or pass reader=<name>")
+    best = max(r.priority for r in matches)
+    top = [r for r in matches if r.priority == best]
+    if len(top) > 1:
+        raise DataError(f"{where}: columns {sorted(row)} match several readers {[r.name for r in top]}; "
+                        f"pass reader=<name>")
+    return top[0]
+
+
+def _safe(detect: Callable[[dict], bool], row: dict) -> bool:
+    try:
+        return bool(detect(row))
+    except Exception:  # a detector must never break detection of other formats
+        return False

@@ -1,0 +1,162 @@
+"""Rows from a file or a dataset, each with the place it came from (for error messages).
+
+Sources: a `.jsonl` file (one JSON value per line; blank lines skipped; a line holding a bare JSON
+string is read as `{"prompt": <string>}`, so a file of prompts is a prompt dataset), a `.json` file
+holding a list of objects, a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a
+`datasets.Dataset`, or an in-memory list of dicts. Places are "path:LINE" (1-based) for JSON lines and
+"path row N" (0-based) for tables.
+
+`collect` runs a row -> record(s) conversion with one policy for bad rows: `on_invalid="raise"` (the
+default) stops at the first bad row with its place; `"skip"` drops it, counts it and logs a warning
+with the first places, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from alignkit.data.records import DataError
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[dict, str]  # (row, where)
+
+
+def source_name(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def _iter_jsonl(path: Path) -> Iterator[Row]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: broken JSON line ({e.msg} at column {e.colno}); each line must hold one "
+                                f"complete JSON object: fix or delete this line") from None
+            if isinstance(value, str):
+                value = {"prompt": value}
+            if not isinstance(value, dict):
+                raise DataError(f"{where}: expected a JSON object per line, got {type(value).__name__}; "
+                                f"write one {{...}} object per line")
+            yield value, where
+
+
+def _iter_table(table: Any, name: str) -> Iterator[Row]:
+    for i, row in enumerate(table):
+        yield dict(row), f"{name} row {i}"
+
+
+def _load_dataset_dir(path: Path, split: str | None):
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split is None or split not in ds:
+            raise DataError(f"{path}: is a DatasetDict with splits {list(ds)}; pass split=<one of them>")
+        ds = ds[split]
+    return ds
+
+
+def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
+    """Yield (row dict, where) from any supported source (see the module docstring)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+        if path.is_dir():
+            if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+                raise DataError(f"{path}: a folder but not one written by datasets' save_to_disk "
+                                f"(no dataset_info.json / dataset_dict.json); point to a .jsonl/.parquet file instead")
+            yield from _iter_table(_load_dataset_dir(path, split), str(path))
+        elif path.suffix == ".jsonl":
+            yield from _iter_jsonl(path)
+        elif path.suffix == ".json":
+            try:
+                value = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}); fix the file "
+                                f"(or write one object per line as .jsonl)") from None
+            if not isinstance(value, list):
+                raise DataError(f"{path}: a .json file must hold a list of objects; use .jsonl for one per line")
+            for i, row in enumerate(value):
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} item {i}: expected an object, got {type(row).__name__}")
+                yield row, f"{path} item {i}"
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            yield from _iter_table(pq.read_table(path).to_pylist(), str(path))
+        else:
+            raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or a "
+                            f"save_to_disk folder")
+        return
+    try:
+        from datasets import Dataset, DatasetDict
+    except ImportError:  # pragma: no cover
+        Dataset = DatasetDict = ()  # type: ignore[assignment]
+    if isinstance(source, DatasetDict):
+        if split is None or split not in source:
+            raise DataError(f"<DatasetDict>: has splits {list(source)}; pass split=<one of them>")
+        source = source[split]
+    if isinstance(source, Dataset):
+        yield from _iter_table(source, "<Dataset>")
+        return
+    if isinstance(source, (list, tuple)):
+        for i, row in enumerate(source):
+            if not isinstance(row, dict):
+                raise DataError(f"<list>[{i}]: expected a dict, got {type(row).__name__}")
+            yield row, f"<list>[{i}]"
+        return
+    raise DataError(f"cannot read records from a {type(source).__name__}; pass a path (.jsonl/.json/.parquet/"
+                    f"save_to_disk folder), a datasets.Dataset or a list of dicts")
+
+
+def first_row(source: Any, split: str | None = None) -> Row:
+    for row in iter_rows(source, split):
+        return row
+    raise DataError(f"{source_name(source)}: no rows; the source is empty")
+
+
+def collect(rows: Iterable[Row], convert: Callable[[dict, str], Any], on_invalid: str = "raise",
+            name: str = "") -> list:
+    """Apply `convert(row, where)` (returning a record, a list of records or None) to every row."""
+    if on_invalid not in ("raise", "skip"):
+        raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
+    out: list = []
+    skipped: list[str] = []
+    for row, where in rows:
+        try:
+            res = convert(row, where)
+        except DataError as e:
+            if on_invalid == "raise":
+                raise
+            skipped.append(str(e))
+            continue
+        if isinstance(res, list):
+            out.extend(res)
+        elif res is not None:
+            out.append(res)
+    if skipped:
+        logger.warning("%s: skipped %d invalid row(s) (on_invalid='skip'); first: %s", name, len(skipped),
+                       " | ".join(skipped[:3]))
+    return out
+
+
+def get_field(row: dict, key: str, where: str, types: type | tuple[type, ...], expected: str) -> Any:
+    """row[key], checked: a missing key or wrong type is a DataError naming place, key and fix."""
+    if key not in row or row[key] is None:
+        raise DataError(f"{where}: missing field {key!r} (found {sorted(row)}); add {key!r} ({expected})")
+    value = row[key]
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
+                                                                                 else (types,)):
+        raise DataError(f"{where}: field {key!r} must be {expected}, got {type(value).__name__} {str(value)[:60]!r}")
+    return value

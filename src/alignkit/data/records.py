@@ -1,0 +1,276 @@
+"""One record model for every objective, and the views that turn one kind into another.
+
+A record is what a reader produces and what the tokenizer consumes. Every kind carries the prompt
+(plain text, or a conversation: a list of {"role", "content"} messages), one or more responses, and a
+per-sample `weight` (>= 0; reduction with weights happens once, in the trainer base). `id` says where
+the record came from ("file.jsonl:12", "trees.jsonl:3 tree=... message=...") and is quoted by every
+error about it; `meta` holds source facts (e.g. `tree_id` for OASST, used to split by tree).
+
+| kind         | class              | responses                               | used by                       |
+|--------------|--------------------|-----------------------------------------|-------------------------------|
+| "sft"        | `SFTRecord`        | `completion`                            | SFT                           |
+| "preference" | `PreferenceRecord` | `chosen`, `rejected` (+ `margin`)       | pairwise RM, DPO family, ORPO |
+| "ranked"     | `RankedRecord`     | `responses`, best first (+ `ranks`)     | K-wise RM                     |
+| "unpaired"   | `UnpairedRecord`   | `completion` + `label` (desirable?)     | KTO, BCO                      |
+| "prompt"     | `PromptRecord`     | none                                    | online training, generation   |
+
+Conversational records are normalised at construction: if the prompt is a conversation, a plain-text
+response becomes `[{"role": "assistant", "content": text}]`. A response is never empty.
+
+Views (`convert(records, kind)`): ranked -> all pairs (tied ranks skipped), preference -> SFT on the
+chosen response, preference -> unpaired (chosen desirable, rejected not), preference -> ranked (K=2),
+ranked -> SFT on the best response, anything -> prompt. A conversion that would have to drop or invent
+data (e.g. SFT -> preference) is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+Message = dict[str, str]
+Prompt = Union[str, list[Message]]
+Completion = Union[str, list[Message]]
+
+KINDS = ("sft", "preference", "ranked", "unpaired", "prompt")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names where (file:line, record id, key) and how to fix it."""
+
+
+def _where(rid: str) -> str:
+    return rid if rid else "record"
+
+
+def check_messages(value: Any, rid: str, key: str) -> list[Message]:
+    """Validate a conversation: a non-empty list of {"role": str, "content": str} dicts."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{_where(rid)}: {key!r} must be a string or a non-empty list of "
+                        f"{{'role', 'content'}} messages, got {type(value).__name__} {str(value)[:60]!r}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{_where(rid)}: {key}[{i}] must be a dict with string 'role' and 'content', got "
+                            f"{str(m)[:80]!r}; fix the message or convert it to {{'role': ..., 'content': ...}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_prompt(prompt: Any, rid: str) -> Prompt:
+    if isinstance(prompt, str):
+        return prompt
+    return check_messages(prompt, rid, "prompt")
+
+
+def _check_response(resp: Any, prompt: Prompt, rid: str, key: str) -> Completion:
+    if isinstance(resp, str):
+        if not resp.strip():
+            raise DataError(f"{_where(rid)}: {key!r} is empty; every response needs text to train on "
+                            f"(remove the record or fill in the response)")
+        return [{"role": "assistant", "content": resp}] if isinstance(prompt, list) else resp
+    msgs = check_messages(resp, rid, key)
+    if not any(m["content"].strip() for m in msgs):
+        raise DataError(f"{_where(rid)}: {key!r} has only empty messages; fill in the response or drop the record")
+    if isinstance(prompt, str):
+        raise DataError(f"{_where(rid)}: {key!r} is a conversation but the prompt is plain text; make both "
+                        f"conversations (prompt=[{{'role': 'user', 'content': ...}}]) or both strings")
+    return msgs
+
+
+def _check_weight(weight: Any, rid: str) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise DataError(f"{_where(rid)}: 'weight' must be a finite number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def is_conversational(prompt: Prompt) -> bool:
+    return isinstance(prompt, list)
+
+
+@dataclass
+class SFTRecord:
+    prompt: Prompt
+    completion: Completion
+    weight: float = 1.0
+    id: str = ""
+    meta: dict = field(default_factory=dict, compare=False)
+    kind = "sft"
+
+    def __post_init__(self):
+        self.prompt = _check_prompt(self.prompt, self.id)
+        self.completion = _check_response(self.completion, self.prompt, self.id, "completion")
+        self.weight = _check_weight(self.weight, self.id)
+
+
+@dataclass
+class PreferenceRecord:
+    prompt: Prompt
+    chosen: Completion
+    rejected: Completion
+    weight: float = 1.0
+    margin: float | None = None
+    id: str = ""
+    meta: dict = field(default_factory=dict, compare=False)
+    kind = "preference"
+
+    def __post_init__(self):
+        self.prompt = _check_prompt(self.prompt, self.id)
+        self.chosen = _check_response(self.chosen, self.prompt, self.id, "chosen")
+        self.rejected = _check_response(self.rejected, self.prompt, self.id, "rejected")
+        self.weight = _check_weight(self.weight, self.id)
+        if self.margin is not None:
+            if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not math.isfinite(self.margin):
+                raise DataError(f"{_where(self.id)}: 'margin' must be a finite number or null, got {self.margin!r}")
+            self.margin = float(self.margin)
+
+
+@dataclass
+class RankedRecord:
+    """`responses` ordered best first. `ranks` (same length, non-decreasing, 0 = best) marks ties:
+    equal ranks are equally good; None means strictly ordered (ranks 0, 1, 2, ...)."""
+    prompt: Prompt
+    responses: list[Completion]
+    ranks: list[int] | None = None
+    weight: float = 1.0
+    id: str = ""
+    meta: dict = field(default_factory=dict, compare=False)
+    kind = "ranked"
+
+    def __post_init__(self):
+        self.prompt = _check_prompt(self.prompt, self.id)
+        if not isinstance(self.responses, list) or len(self.responses) < 2:
+            raise DataError(f"{_where(self.id)}: 'responses' must be a list of at least 2 responses (best first), "
+                            f"got {str(self.responses)[:60]!r}")
+        self.responses = [_check_response(r, self.prompt, self.id, f"responses[{i}]")
+                          for i, r in enumerate(self.responses)]
+        if self.ranks is None:
+            self.ranks = list(range(len(self.responses)))
+        ok = (isinstance(self.ranks, list) and len(self.ranks) == len(self.responses)
+              and all(isinstance(r, int) and not isinstance(r, bool) for r in self.ranks)
+              and all(a <= b for a, b in zip(self.ranks, self.ranks[1:])))
+        if not ok:
+            raise DataError(f"{_where(self.id)}: 'ranks' must be {len(self.responses)} non-decreasing integers "
+                            f"(responses are ordered best first), got {self.ranks!r}")
+        self.weight = _check_weight(self.weight, self.id)
+
+
+@dataclass
+class UnpairedRecord:
+    prompt: Prompt
+    completion: Completion
+    label: bool
+    weight: float = 1.0
+    id: str = ""
+    meta: dict = field(default_factory=dict, compare=False)
+    kind = "unpaired"
+
+    def __post_init__(self):
+        self.prompt = _check_prompt(self.prompt, self.id)
+        self.completion = _check_response(self.completion, self.prompt, self.id, "completion")
+        if not isinstance(self.label, bool):
+            raise DataError(f"{_where(self.id)}: 'label' must be true/false (desirable completion or not), "
+                            f"got {self.label!r}")
+        self.weight = _check_weight(self.weight, self.id)
+
+
+@dataclass
+class PromptRecord:
+    prompt: Prompt
+    weight: float = 1.0
+    id: str = ""
+    meta: dict = field(default_factory=dict, compare=False)
+    kind = "prompt"
+
+    def __post_init__(self):
+        self.prompt = _check_prompt(self.prompt, self.id)
+        if isinstance(self.prompt, str) and not self.prompt.strip():
+            raise DataError(f"{_where(self.id)}: 'prompt' is empty; remove the record or fill in the prompt")
+        self.weight = _check_weight(self.weight, self.id)
+
+
+Record = Union[SFTRecord, PreferenceRecord, RankedRecord, UnpairedRecord, PromptRecord]
+RECORD_CLASSES = {"sft": SFTRecord, "preference": PreferenceRecord, "ranked": RankedRecord,
+                  "unpaired": UnpairedRecord, "prompt": PromptRecord}
+
+
+# ----------------------------------------------------------------------------- views
+
+def ranked_to_pairs(r: RankedRecord) -> list[PreferenceRecord]:
+    """All pairs (i, j), i before j, with rank[i] < rank[j]; tied pairs are skipped. Each pair keeps the
+    record's weight (InstructGPT-style K-choose-2 expansion; divide weights yourself to count a prompt once)."""
+    out = []
+    for i in range(len(r.responses)):
+        for j in range(i + 1, len(r.responses)):
+            if r.ranks[i] < r.ranks[j]:
+                out.append(PreferenceRecord(r.prompt, r.responses[i], r.responses[j], weight=r.weight,
+                                            id=f"{r.id} pair({i},{j})", meta=dict(r.meta)))
+    return out
+
+
+def preference_to_sft(r: PreferenceRecord) -> SFTRecord:
+    return SFTRecord(r.prompt, r.chosen, weight=r.weight, id=r.id, meta=dict(r.meta))
+
+
+def preference_to_unpaired(r: PreferenceRecord) -> list[UnpairedRecord]:
+    return [UnpairedRecord(r.prompt, r.chosen, True, weight=r.weight, id=f"{r.id} chosen", meta=dict(r.meta)),
+            UnpairedRecord(r.prompt, r.rejected, False, weight=r.weight, id=f"{r.id} rejected", meta=dict(r.meta))]
+
+
+def preference_to_ranked(r: PreferenceRecord) -> RankedRecord:
+    return RankedRecord(r.prompt, [r.chosen, r.rejected], weight=r.weight, id=r.id, meta=dict(r.meta))
+
+
+def ranked_to_sft(r: RankedRecord) -> SFTRecord:
+    return SFTRecord(r.prompt, r.responses[0], weight=r.weight, id=r.id, meta=dict(r.meta))
+
+
+def to_prompt(r: Record) -> PromptRecord:
+    return PromptRecord(r.prompt, weight=r.weight, id=r.id, meta=dict(r.meta))
+
+
+def to_conversational(r: Record, role: str = "user") -> Record:
+    """A plain-text record as a conversation: the prompt becomes one `role` message, responses
+    become assistant messages. Conversational records are returned unchanged."""
+    if is_conversational(r.prompt):
+        return r
+    wrap = (lambda c: [{"role": "assistant", "content": c}])
+    prompt = [{"role": role, "content": r.prompt}]
+    if isinstance(r, SFTRecord) or isinstance(r, UnpairedRecord):
+        return replace(r, prompt=prompt, completion=wrap(r.completion))
+    if isinstance(r, PreferenceRecord):
+        return replace(r, prompt=prompt, chosen=wrap(r.chosen), rejected=wrap(r.rejected))
+    if isinstance(r, RankedRecord):
+        return replace(r, prompt=prompt, responses=[wrap(c) for c in r.responses])
+    return replace(r, prompt=prompt)
+
+
+_VIEWS = {
+    ("ranked", "preference"): ranked_to_pairs,
+    ("ranked", "sft"): ranked_to_sft,
+    ("preference", "sft"): preference_to_sft,
+    ("preference", "unpaired"): preference_to_unpaired,
+    ("preference", "ranked"): preference_to_ranked,
+}
+
+
+def can_convert(src: str, dst: str) -> bool:
+    return src == dst or dst == "prompt" or (src, dst) in _VIEWS
+
+
+def convert(records: list[Record], kind: str) -> list[Record]:
+    """Turn every record into `kind` (see the module docstring for the allowed views)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown record kind {kind!r}; valid: {', '.join(KINDS)}")
+    out: list[Record] = []
+    for r in records:
+        if r.kind == kind:
+            out.append(r)
+            continue
+        fn = to_prompt if kind == "prompt" else _VIEWS.get((r.kind, kind))
+        if fn is None:
+            possible = sorted(k for (src, k) in _VIEWS if src == r.kind) + ["prompt"]
+            raise DataError(f"{_where(r.id)}: cannot turn a {r.kind!r} record into {kind!r} records without "
+                            f"inventing or dropping data; from {r.kind!r} you can get: {', '.join(possible)}")
+        res = fn(r)
+        out.extend(res if isinstance(res, list) else [res])
+    return out

@@ -1,0 +1,90 @@
+"""Deterministic, disjoint splits: DeepSpeed-Chat phase splits ("2,4,4" -> SFT / RM / RLHF) and
+train/validation splits by group (e.g. by Open-Assistant tree, so no tree spans two parts).
+
+Items with equal keys (a group) always land in the same part. Two methods:
+- "permutation" (default): the distinct keys, in first-appearance order, are shuffled with
+  `random.Random(seed)`; the first round(f_0 * G) groups go to part 0, and so on (largest-remainder
+  rounding, so part sizes sum to the number of groups G and match the fractions as closely as integers
+  can). Same items in the same order + same seed -> same split, on every machine.
+- "hash": group key k goes to the part whose cumulative-fraction interval holds
+  sha256(f"{seed}:{k}") / 2**256. Independent of order and of which other items exist (adding data
+  never moves an old item), proportions only approximate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Hashable, Sequence
+
+from alignkit.data.records import DataError, Record
+
+
+def parse_fractions(spec: str | Sequence[float]) -> list[float]:
+    """"2,4,4" -> [0.2, 0.4, 0.4]: weights normalised to sum to 1."""
+    try:
+        parts = [float(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+    except ValueError:
+        raise DataError(f"split {spec!r}: expected comma-separated numbers like '2,4,4' or '95,5'") from None
+    if not parts or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise DataError(f"split {spec!r}: weights must be >= 0 with a positive sum")
+    total = sum(parts)
+    return [p / total for p in parts]
+
+
+def part_sizes(n: int, fractions: Sequence[float]) -> list[int]:
+    """Integer sizes summing to n, closest to n * fractions (largest remainder)."""
+    exact = [n * f for f in fractions]
+    sizes = [int(x) for x in exact]
+    order = sorted(range(len(fractions)), key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in order[: n - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def _hash_unit(seed: int, key: Hashable) -> float:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest, "big") / 2 ** 256
+
+
+def split_indices(keys: int | Sequence[Hashable], fractions: str | Sequence[float], seed: int = 0,
+                  method: str = "permutation") -> list[list[int]]:
+    """Indices of the items in each part (ascending). `keys`: one group key per item, or a count n
+    (every item its own group)."""
+    fr = parse_fractions(fractions)
+    keys = list(range(keys)) if isinstance(keys, int) else list(keys)
+    groups: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    if method == "permutation":
+        order = list(groups)
+        random.Random(seed).shuffle(order)
+        part_of: dict[Hashable, int] = {}
+        start = 0
+        for p, size in enumerate(part_sizes(len(order), fr)):
+            for k in order[start:start + size]:
+                part_of[k] = p
+            start += size
+    elif method == "hash":
+        bounds = [sum(fr[:p + 1]) for p in range(len(fr))]
+        part_of = {k: next((p for p, b in enumerate(bounds) if _hash_unit(seed, k) < b), len(fr) - 1) for k in groups}
+    else:
+        raise DataError(f"unknown split method {method!r}; valid: permutation, hash")
+    parts: list[list[int]] = [[] for _ in fr]
+    for k, idx in groups.items():
+        parts[part_of[k]].extend(idx)
+    return [sorted(p) for p in parts]
+
+
+def split_records(records: Sequence[Record], fractions: str | Sequence[float], seed: int = 0,
+                  group_by: str | None = None, method: str = "permutation") -> list[list[Record]]:
+    """Split records into parts; `group_by` names a `meta` key (e.g. "tree_id") whose equal values stay together."""
+    if group_by is None:
+        keys: list[Hashable] = list(range(len(records)))
+    else:
+        missing = [r.id for r in records if group_by not in r.meta]
+        if missing:
+            raise DataError(f"{missing[0]}: record has no meta[{group_by!r}] to group by ({len(missing)} such "
+                            f"record(s)); group by a key the reader sets (OASST: 'tree_id') or pass group_by=None")
+        keys = [r.meta[group_by] for r in records]
+    return [[records[i] for i in part] for part in split_indices(keys, fractions, seed, method)]
