@@ -1,0 +1,225 @@
+"""DPO family, SimPO, ORPO, SLiC, KTO: hand-derived numbers and a plain-float reference per loss."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from alignkit.losses import (PREFERENCE_LOSSES, UNPAIRED_LOSSES, PreferenceBatch, PreferenceParams,
+                             kto_kl_estimate, kto_loss, preference_loss, reduce_loss)
+
+TRL_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected"}
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def ls(x: float) -> float:  # log sigmoid
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+def naive(name, pc, pr, rc, rl, lc, lr, p: PreferenceParams, B, sum_lc):
+    """One pair, plain floats, written from the papers / TRL's formulas."""
+    b, eps = p.beta, p.label_smoothing
+    rw, rj = pc - rc, pr - rl
+    d = rw - rj
+    if name == "sigmoid":
+        return -(1 - eps) * ls(b * d) - eps * ls(-b * d)
+    if name == "hinge":
+        return max(0.0, 1 - b * d)
+    if name == "ipo":
+        return (rw / lc - rj / lr - 1 / (2 * b)) ** 2
+    if name == "sigmoid_norm":
+        return -ls(b * (rw / lc - rj / lr))
+    if name == "robust":
+        return (-(1 - eps) * ls(b * d) + eps * ls(-b * d)) / (1 - 2 * eps)
+    if name == "exo_pair":
+        e = eps or 1e-3
+        return sig(b * d) * (ls(b * d) - math.log(1 - e)) + sig(-b * d) * (ls(-b * d) - math.log(e))
+    if name == "nca_pair":
+        return -ls(b * rw) - 0.5 * ls(-b * rw) - 0.5 * ls(-b * rj)
+    if name == "bco_pair":
+        return -ls(b * rw - p.bco_delta) - ls(-(b * rj - p.bco_delta))
+    if name == "sppo_hard":
+        return (rw - 1 / (2 * b)) ** 2 + (rj + 1 / (2 * b)) ** 2
+    if name == "apo_zero":
+        return 1 - sig(b * rw) + sig(b * rj)
+    if name == "apo_down":
+        return sig(b * rw) + 1 - sig(b * d)
+    if name == "sft":
+        return -pc * B / sum_lc
+    if name == "simpo":
+        z = b * (pc / lc - pr / lr) - p.simpo_gamma_beta_ratio * b
+        return -(1 - eps) * ls(z) - eps * ls(-z)
+    if name == "orpo":
+        aw, al = pc / lc, pr / lr
+        log_odds = (aw - al) - (math.log(1 - math.exp(aw)) - math.log(1 - math.exp(al)))
+        return -pc * B / sum_lc - p.orpo_lambda * ls(log_odds)
+    if name == "slic":
+        return max(0.0, p.slic_delta - pc + pr) - p.slic_lambda * pc
+    raise KeyError(name)
+
+
+def random_batch(B=16, seed=0, ref=True):
+    rng = random.Random(seed)
+    lc = [float(rng.randint(1, 30)) for _ in range(B)]
+    lr = [float(rng.randint(1, 30)) for _ in range(B)]
+    pc = [-l * rng.uniform(0.2, 3) for l in lc]
+    pr = [-l * rng.uniform(0.2, 3) for l in lr]
+    rc = [x + rng.gauss(0, 2) for x in pc]
+    rl = [x + rng.gauss(0, 2) for x in pr]
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    batch = PreferenceBatch(t(pc), t(pr), t(rc) if ref else None, t(rl) if ref else None, t(lc), t(lr))
+    return batch, (pc, pr, rc if ref else [0.0] * B, rl if ref else [0.0] * B, lc, lr)
+
+
+def test_every_registered_loss_has_a_reference_here():
+    names = {"sigmoid", "hinge", "ipo", "sigmoid_norm", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+             "apo_zero", "apo_down", "sft", "simpo", "orpo", "slic"}
+    assert set(PREFERENCE_LOSSES) == names
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
+@pytest.mark.parametrize("params", [PreferenceParams(), PreferenceParams(beta=0.5, label_smoothing=0.2, bco_delta=0.3,
+                                                                         simpo_gamma_beta_ratio=1.5, orpo_lambda=0.3,
+                                                                         slic_delta=2.0, slic_lambda=0.05)])
+def test_random_against_plain_floats(name, params):
+    batch, (pc, pr, rc, rl, lc, lr) = random_batch()
+    out = PREFERENCE_LOSSES[name](batch, params)
+    B = len(pc)
+    want = [naive(name, pc[i], pr[i], rc[i], rl[i], lc[i], lr[i], params, B, sum(lc)) for i in range(B)]
+    assert out.losses.shape == (B,)
+    assert torch.allclose(out.losses, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    assert TRL_METRICS <= set(out.metrics)
+    assert all(not v.requires_grad for v in out.metrics.values())
+
+
+def test_dpo_metrics_are_trls_definitions():
+    batch, (pc, pr, rc, rl, _, _) = random_batch(B=6, seed=3)
+    out = PREFERENCE_LOSSES["sigmoid"](batch, PreferenceParams(beta=0.2))
+    for i in range(6):
+        ch, rj = 0.2 * (pc[i] - rc[i]), 0.2 * (pr[i] - rl[i])
+        assert out.metrics["rewards/chosen"][i].item() == pytest.approx(ch)
+        assert out.metrics["rewards/rejected"][i].item() == pytest.approx(rj)
+        assert out.metrics["rewards/margins"][i].item() == pytest.approx(ch - rj)
+        assert out.metrics["rewards/accuracies"][i].item() == float(ch > rj)
+        assert out.metrics["logps/chosen"][i].item() == pc[i]
+
+
+def one(pc, pr, rc=None, rl=None, lc=None, lr=None):
+    t = lambda x: None if x is None else torch.tensor([float(x)], dtype=torch.float64)  # noqa: E731
+    return PreferenceBatch(t(pc), t(pr), t(rc), t(rl), t(lc), t(lr))
+
+
+def test_hand_values():
+    p = PreferenceParams(beta=0.1)
+    # equal log-ratios: DPO = log 2, hinge = 1, IPO = (1/(2 beta))^2 = 25, APO-zero = 1 - 1/2 + 1/2 = 1
+    b = one(-5, -7, -5, -7, 2, 2)
+    assert PREFERENCE_LOSSES["sigmoid"](b, p).losses.item() == pytest.approx(math.log(2))
+    assert PREFERENCE_LOSSES["hinge"](b, p).losses.item() == pytest.approx(1.0)
+    assert PREFERENCE_LOSSES["ipo"](b, p).losses.item() == pytest.approx(25.0)
+    assert PREFERENCE_LOSSES["apo_zero"](b, p).losses.item() == pytest.approx(1.0)
+    assert PREFERENCE_LOSSES["apo_down"](b, p).losses.item() == pytest.approx(1.0)
+    assert PREFERENCE_LOSSES["sppo_hard"](b, p).losses.item() == pytest.approx(2 * 25.0)
+    assert PREFERENCE_LOSSES["nca_pair"](b, p).losses.item() == pytest.approx(2 * math.log(2))
+    assert PREFERENCE_LOSSES["bco_pair"](b, p).losses.item() == pytest.approx(2 * math.log(2))
+    # DPO with d = 10 / beta=0.1 -> -log sigma(1) = log(1 + e^-1); cDPO eps = 0.5 -> symmetric
+    b = one(0, -10, 0, 0)
+    assert PREFERENCE_LOSSES["sigmoid"](b, p).losses.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    half = PreferenceParams(beta=0.1, label_smoothing=0.5)
+    assert PREFERENCE_LOSSES["sigmoid"](b, half).losses.item() == pytest.approx(
+        0.5 * math.log(1 + math.exp(-1)) + 0.5 * math.log(1 + math.e))
+    # IPO length normalisation: rho_w = 4 over 2 tokens, rho_l = 0 -> (2 - 5)^2 = 9
+    assert PREFERENCE_LOSSES["ipo"](one(4, 0, 0, 0, 2, 3), p).losses.item() == pytest.approx(9.0)
+    # SimPO: avg logps -1 and -3, beta 2, ratio 0.5 -> -log sigma(2 * (2 - 0.5)) = log(1 + e^-3)
+    b = one(-2, -9, lc=2, lr=3)
+    s = PREFERENCE_LOSSES["simpo"](b, PreferenceParams(beta=2.0, simpo_gamma_beta_ratio=0.5))
+    assert s.losses.item() == pytest.approx(math.log(1 + math.exp(-3)))
+    assert s.metrics["rewards/chosen"].item() == pytest.approx(-2.0)  # beta * mean logp
+    # ORPO with P(y_w) = P(y_l) = 1/2 per token: log OR = 0 -> NLL + lambda log 2
+    b = one(2 * math.log(0.5), 3 * math.log(0.5), lc=2, lr=3)
+    o = PREFERENCE_LOSSES["orpo"](b, PreferenceParams(orpo_lambda=0.1))
+    assert o.losses.item() == pytest.approx(math.log(2) + 0.1 * math.log(2))
+    assert o.metrics["log_odds_chosen"].item() == pytest.approx(0.0, abs=1e-12)
+    # SLiC: logp_w - logp_l = 0.25 < delta 1 -> 0.75 - lambda * logp_w
+    b = one(-1.0, -1.25)
+    assert PREFERENCE_LOSSES["slic"](b, PreferenceParams(slic_lambda=0.1)).losses.item() == pytest.approx(0.85)
+
+
+def test_reference_free_uses_policy_logps():
+    b = one(-1.0, -3.0)
+    out = PREFERENCE_LOSSES["sigmoid"](b, PreferenceParams(beta=0.5))
+    assert out.losses.item() == pytest.approx(math.log(1 + math.exp(-1.0)))
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(-0.5)
+
+
+def test_combined_losses_and_gradients():
+    batch, _ = random_batch(B=5, seed=7)
+    batch.policy_chosen_logps.requires_grad_()
+    p = PreferenceParams()
+    out = preference_loss(batch, p, ["sigmoid", "sft"], [1.0, 0.5])
+    want = PREFERENCE_LOSSES["sigmoid"](batch, p).losses + 0.5 * PREFERENCE_LOSSES["sft"](batch, p).losses
+    assert torch.allclose(out.losses, want)
+    assert {"loss/sigmoid", "loss/sft"} | TRL_METRICS <= set(out.metrics)
+    # TRL's sft term: the mean over pairs is the batch token-mean NLL of the chosen completions
+    sft_mean = PREFERENCE_LOSSES["sft"](batch, p).losses.mean()
+    assert sft_mean.item() == pytest.approx(-(batch.policy_chosen_logps.sum() / batch.chosen_lengths.sum()).item())
+    reduce_loss(out.losses).backward()
+    assert batch.policy_chosen_logps.grad is not None and torch.isfinite(batch.policy_chosen_logps.grad).all()
+    with pytest.raises(ValueError, match="one weight per loss type"):
+        preference_loss(batch, p, ["sigmoid", "sft"], [1.0])
+    with pytest.raises(KeyError, match="valid names"):
+        preference_loss(batch, p, "dpo")
+
+
+def test_missing_lengths_and_shapes_are_explained():
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        PREFERENCE_LOSSES["ipo"](one(-1, -2, -1, -2), PreferenceParams())
+    with pytest.raises(ValueError, match="reference"):
+        PreferenceBatch(torch.zeros(2), torch.zeros(2), torch.zeros(2), None)
+    with pytest.raises(ValueError, match="shape"):
+        PreferenceBatch(torch.zeros(2), torch.zeros(3))
+
+
+# -- KTO -------------------------------------------------------------------------------------------
+
+def test_kto_hand_and_loop():
+    # rho = 0 and z_ref = 0: 1 - sigma(0) = 1/2, weighted
+    out = kto_loss(torch.tensor([-3.0, -4.0]), torch.tensor([-3.0, -4.0]), torch.tensor([True, False]), kl=0.0,
+                   beta=0.1, desirable_weight=2.0, undesirable_weight=0.5)
+    assert out.losses.tolist() == pytest.approx([1.0, 0.25])
+
+    rng = random.Random(5)
+    B = 12
+    pl = [rng.uniform(-40, -5) for _ in range(B)]
+    rl = [x + rng.gauss(0, 1) for x in pl]
+    des = [rng.random() < 0.5 for _ in range(B)]
+    pk = torch.tensor([rng.uniform(-40, -5) for _ in range(B)], dtype=torch.float64)
+    rk = pk - torch.tensor([rng.gauss(0.3, 1) for _ in range(B)], dtype=torch.float64)
+    z = max(0.0, sum((pk - rk).tolist()) / B)
+    kl = kto_kl_estimate(pk, rk)
+    assert kl.item() == pytest.approx(z)
+    out = UNPAIRED_LOSSES["kto"](torch.tensor(pl, dtype=torch.float64), torch.tensor(rl, dtype=torch.float64),
+                                 torch.tensor(des), kl, beta=0.2, desirable_weight=1.0, undesirable_weight=1.33)
+    for i in range(B):
+        rho = pl[i] - rl[i]
+        want = (1 - sig(0.2 * (rho - z))) if des[i] else 1.33 * (1 - sig(0.2 * (z - rho)))
+        assert out.losses[i].item() == pytest.approx(want)
+    nc = sum(des)
+    assert out.metrics["count/chosen"].item() == nc and out.metrics["count/rejected"].item() == B - nc
+    want_sum = sum(0.2 * (pl[i] - rl[i]) for i in range(B) if des[i])
+    assert out.metrics["rewards/chosen_sum"].item() == pytest.approx(want_sum)
+    assert out.metrics["kl"].item() == pytest.approx(z)
+    # the KL estimate is clamped at 0
+    assert kto_kl_estimate(torch.tensor([-5.0]), torch.tensor([-1.0])).item() == 0.0
+
+
+def test_apo_zero_unpaired_hand():
+    out = UNPAIRED_LOSSES["apo_zero_unpaired"](torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]),
+                                               torch.tensor([True, False]))
+    assert out.losses.tolist() == pytest.approx([0.5, 0.5])
