@@ -125,6 +125,13 @@ def test_saved_tensors_never_hold_n_by_v():
     # hidden, weight, targets, logsumexp (+ the ignore_index mask of the output masked_fill)
     assert sorted(saved) == sorted([(N, d), (V, d), (N,), (N,), (N,)]), saved
 
+    # selective_log_softmax keeps only the logits it was given (no float32 copy), index and lse
+    logits = torch.randn(N, V, dtype=torch.bfloat16, requires_grad=True)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_log_softmax(logits, y, chunk_size=8)
+    assert sorted(saved) == sorted([(N, V), (N,), (N,), (N,)]), saved
+
     # the naive path does keep an (N, V) tensor: the check above can fail
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -158,8 +165,14 @@ def test_selective_log_softmax_and_entropy(dtype):
     assert torch.allclose(got.double(), want, atol=tol)
     ent = entropy_from_logits(logits, chunk_size=4)
     assert torch.allclose(ent.double(), -(ref_all.exp() * ref_all).sum(-1), atol=tol)
-    got.sum().backward()
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    (got.double() * w).sum().backward()
     assert torch.all(logits.grad[0, 0] == 0)
+    lg = logits.detach().double().requires_grad_()
+    want_all = torch.log_softmax(lg, -1).gather(-1, idx.clamp(min=0)[..., None]).squeeze(-1)
+    ((want_all * w)[idx != -100]).sum().backward()
+    assert logits.grad.dtype == dtype
+    assert torch.allclose(logits.grad.double(), lg.grad, atol=1e-12 if dtype == torch.float64 else 1e-2)
 
 
 def test_sequence_logps_sum_and_mean():

@@ -33,36 +33,65 @@ def _float(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log p(index) from (N, V) logits; backward recomputes softmax per chunk from the saved lse."""
+
+    @staticmethod
+    def forward(ctx, flat, idx, chunk_size):
+        acc = _float(flat[:0]).dtype
+        logp = flat.new_empty(flat.shape[0], dtype=acc)
+        lse = flat.new_empty(flat.shape[0], dtype=acc)
+        for s in range(0, flat.shape[0], chunk_size):
+            z = _float(flat[s:s + chunk_size])  # (c, V) float32 only for this chunk
+            lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk_size] = z.gather(-1, idx[s:s + chunk_size, None]).squeeze(-1) - lse[s:s + chunk_size]
+        ctx.save_for_backward(flat, idx, lse)  # the logits the caller already holds, no copy
+        ctx.chunk_size = chunk_size
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        flat, idx, lse = ctx.saved_tensors
+        grad = torch.empty_like(flat)
+        for s in range(0, flat.shape[0], ctx.chunk_size):
+            e = s + ctx.chunk_size
+            gz = -g[s:e, None] * torch.exp(_float(flat[s:e]) - lse[s:e, None])  # -g * softmax
+            gz.scatter_add_(-1, idx[s:e, None], g[s:e, None])  # + g * onehot
+            grad[s:e] = gz.to(flat.dtype)
+        return grad, None, None
+
+
 def selective_log_softmax(logits: Tensor, index: Tensor, chunk_size: int = 1024,
                           ignore_index: int | None = IGNORE_INDEX) -> Tensor:
     """log softmax(logits)[index] for `logits (..., V)`, `index (...)` -> `(...)`.
 
-    Rows are handled `chunk_size` at a time (logsumexp in float32 for bf16/fp16 input), so no
-    full-size float32 copy of the logits is made in the forward pass. The result is float32 for
+    Rows are handled `chunk_size` at a time (logsumexp in float32 for bf16/fp16 input) and the
+    backward pass recomputes softmax per chunk from the saved logsumexp, so apart from the logits
+    themselves (and their gradient) no `(N, V)` tensor is made. The result is float32 for
     bf16/fp16 input (sums of log-probs are too coarse in bf16), otherwise the input dtype.
     Positions where `index == ignore_index` get 0 (and no gradient).
     """
     if logits.shape[:-1] != index.shape:
         raise ValueError(f"selective_log_softmax: logits {tuple(logits.shape)} and index {tuple(index.shape)} "
                          "must agree on all but the last (vocabulary) dimension")
-    V = logits.shape[-1]
-    flat = logits.reshape(-1, V)  # (N, V)
+    if chunk_size < 1:
+        raise ValueError(f"selective_log_softmax: chunk_size must be >= 1, got {chunk_size}")
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
     idx = index.reshape(-1)  # (N,)
     ignore = (idx == ignore_index) if ignore_index is not None else None
     safe_idx = idx.masked_fill(ignore, 0) if ignore is not None else idx
-    out = []
-    for s in range(0, flat.shape[0], chunk_size):
-        z = _float(flat[s:s + chunk_size])  # (c, V) float32 only for this chunk
-        tgt = z.gather(-1, safe_idx[s:s + chunk_size, None]).squeeze(-1)  # (c,)
-        out.append(tgt - torch.logsumexp(z, dim=-1))
-    logp = torch.cat(out) if out else flat.new_zeros(0, dtype=_float(flat).dtype)
+    logp = _SelectiveLogSoftmax.apply(flat, safe_idx.long(), chunk_size)
     if ignore is not None:
         logp = logp.masked_fill(ignore, 0.0)
     return logp.reshape(index.shape)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 1024) -> Tensor:
-    """Entropy H = lse(z) - sum_j softmax(z)_j z_j of `logits (..., V)` -> `(...)`, row-chunked."""
+    """Entropy H = lse(z) - sum_j softmax(z)_j z_j of `logits (..., V)` -> `(...)`, row-chunked.
+
+    Meant for logging (call under no_grad); for a differentiable entropy bonus without (N, V) memory use
+    `chunked_lm_logprobs(..., return_stats=True).entropy`.
+    """
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     out = []

@@ -123,7 +123,3 @@ REGISTRIES: dict[str, Registry] = {
     "kl": KL_ESTIMATORS,
 }
 
-
-def detach_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detach every metric (metrics never carry gradients)."""
-    return {k: v.detach() if isinstance(v, Tensor) else torch.as_tensor(v) for k, v in metrics.items()}
