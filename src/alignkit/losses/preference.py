@@ -114,6 +114,8 @@ def _smoothed_sigmoid(logits: Tensor, eps: float) -> Tensor:
 def dpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     """DPO (Rafailov et al. 2023, "Direct Preference Optimization"), with cDPO label smoothing.
 
+    (TRL's current `sigmoid` has no label smoothing; with label_smoothing = 0 the two are identical.)
+
         L = -(1 - eps) log sigma(beta d) - eps log sigma(-beta d)
 
     eps = `label_smoothing` (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's older
