@@ -8,11 +8,13 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.utils.parametrizations import orthogonal
 
 from alignkit.interventions import (
     INTERVENTIONS, ConsReFT, DiReFT, DiReFTOrth, LobiReFT, LoReFT, NoReFT, build_intervention, register_intervention,
 )
-from alignkit.interventions.base import Intervention
+from alignkit.interventions.base import Intervention, LowRankRotation
 
 D, R_ = 8, 3  # embed_dim, low_rank_dimension for the generic rows
 
@@ -156,6 +158,16 @@ def test_spec_round_trip_is_bitwise(kind, kw):
 
 
 @pytest.mark.parametrize("kind,kw", ROWS, ids=IDS)
+def test_state_dict_round_trips_through_safetensors(kind, kw, tmp_path):
+    m = make(kind, kw).eval()
+    save_file(m.state_dict(), tmp_path / "w.safetensors")  # refuses non-contiguous tensors
+    rebuilt = build_intervention(m.spec()).eval()
+    rebuilt.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    h = torch.randn(3, D)
+    assert torch.equal(rebuilt(h), m(h))
+
+
+@pytest.mark.parametrize("kind,kw", ROWS, ids=IDS)
 def test_dropout_acts_on_the_edit_only(kind, kw):
     m = make(kind, kw, dropout=0.5)
     h = torch.randn(64, D)
@@ -203,12 +215,36 @@ def test_rotation_stays_orthonormal_through_an_optimizer_step(kind, kw):
     eye = torch.eye(R_)
     before = m.rotate_layer.weight.detach().clone()  # (d, r) = Rᵀ
     torch.testing.assert_close(before.T @ before, eye, atol=1e-6, rtol=0)  # R Rᵀ = I
-    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1)  # decay also shrinks R's sign diagonal
     m(torch.randn(7, D)).pow(2).sum().backward()
     opt.step()
     after = m.rotate_layer.weight.detach()
     assert (after - before).abs().max() > 1e-3, "the step moved R"
     torch.testing.assert_close(after.T @ after, eye, atol=1e-6, rtol=0)
+
+
+def test_householder_map_matches_torch_orthogonal_values_and_gradients():
+    """Our parametrization is torch's orthogonal(householder, no trivialization) map: same stored tensor,
+    same R, same gradients (we only compute it without torch's (d, d) backward)."""
+    torch.manual_seed(0)
+    ours = LowRankRotation(D, R_)
+    theirs = torch.nn.Module()
+    theirs.weight = torch.nn.Parameter(torch.empty(D, R_))
+    orthogonal(theirs, orthogonal_map="householder", use_trivialization=False)
+    with torch.no_grad():  # random reflectors, random diagonal signs
+        x = torch.randn(D, R_).tril(-1)
+        x[range(R_), range(R_)] = torch.tensor([1.0, -1.0, -1.0])
+        ours.parametrizations.weight.original.copy_(x)
+        theirs.parametrizations.weight.original.copy_(x)
+    torch.testing.assert_close(ours.weight, theirs.weight, atol=1e-6, rtol=0)
+    probe = torch.randn(D, R_)
+    (ours.weight * probe).sum().backward()
+    (theirs.weight * probe).sum().backward()
+    torch.testing.assert_close(ours.parametrizations.weight.original.grad,
+                               theirs.parametrizations.weight.original.grad, atol=1e-5, rtol=1e-5)
+    q, _ = torch.linalg.qr(torch.randn(D, R_))
+    ours.assign(q)  # right_inverse: R comes back as given
+    torch.testing.assert_close(ours.weight.detach(), q, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kind,kw", [r for r in ROWS if r[0] in ORTHOGONAL][:1], ids=["loreft"])

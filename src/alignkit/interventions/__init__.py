@@ -22,9 +22,11 @@ from alignkit.interventions.direft_orth import DiReFTOrth
 from alignkit.interventions.lobireft import LobiReFT
 from alignkit.interventions.loreft import LoReFT
 from alignkit.interventions.noreft import NoReFT
+from alignkit.interventions.pyreft_compat import PYREFT_TYPE_MAPPING, PyreftIntervention, read_pyreft_folder
 
 __all__ = [
     "ACTIVATIONS", "DTYPES", "INTERVENTIONS", "Intervention", "LowRankRotation", "build_intervention",
     "get_activation", "register_intervention", "resolve_dtype",
     "LoReFT", "NoReFT", "DiReFT", "DiReFTOrth", "ConsReFT", "LobiReFT",
+    "PYREFT_TYPE_MAPPING", "PyreftIntervention", "read_pyreft_folder",
 ]
