@@ -92,7 +92,7 @@ class SFTRecord:
     prompt: Prompt
     completion: Completion
     weight: float = 1.0
-    id: str = ""
+    id: str = field(default="", compare=False)
     meta: dict = field(default_factory=dict, compare=False)
     kind = "sft"
 
@@ -109,7 +109,7 @@ class PreferenceRecord:
     rejected: Completion
     weight: float = 1.0
     margin: float | None = None
-    id: str = ""
+    id: str = field(default="", compare=False)
     meta: dict = field(default_factory=dict, compare=False)
     kind = "preference"
 
@@ -132,7 +132,7 @@ class RankedRecord:
     responses: list[Completion]
     ranks: list[int] | None = None
     weight: float = 1.0
-    id: str = ""
+    id: str = field(default="", compare=False)
     meta: dict = field(default_factory=dict, compare=False)
     kind = "ranked"
 
@@ -160,7 +160,7 @@ class UnpairedRecord:
     completion: Completion
     label: bool
     weight: float = 1.0
-    id: str = ""
+    id: str = field(default="", compare=False)
     meta: dict = field(default_factory=dict, compare=False)
     kind = "unpaired"
 
@@ -177,7 +177,7 @@ class UnpairedRecord:
 class PromptRecord:
     prompt: Prompt
     weight: float = 1.0
-    id: str = ""
+    id: str = field(default="", compare=False)
     meta: dict = field(default_factory=dict, compare=False)
     kind = "prompt"
 

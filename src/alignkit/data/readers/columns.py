@@ -27,7 +27,7 @@ from typing import Any
 
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
-from alignkit.data.records import (DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord,
+from alignkit.data.records import (DataError, check_messages, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord,
                                    UnpairedRecord)
 
 _RESPONSE_COLS = ("completion", "chosen", "rejected", "responses", "messages")
@@ -73,7 +73,8 @@ def split_shared_prefix(chosen: Any, rejected: Any, where: str) -> tuple[Any, An
 
 
 def _messages(row: dict, where: str) -> SFTRecord:
-    msgs = get_field(row, "messages", where, list, "a list of {'role', 'content'} messages")
+    msgs = check_messages(get_field(row, "messages", where, list, "a list of {'role', 'content'} messages"),
+                          where, "messages")
     last = msgs[-1] if msgs else None
     if not isinstance(last, dict) or last.get("role") != "assistant":
         raise DataError(f"{where}: the last message of 'messages' must be the assistant turn to train on, got "

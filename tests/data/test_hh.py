@@ -1,0 +1,49 @@
+"""HH-RLHF text reader on hand-written rows (bundled in alignkit/resources/data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import alignkit
+from alignkit.data import DataError, PreferenceRecord, load_records, read_hh
+
+HH = Path(alignkit.__file__).parent / "resources" / "data" / "hh_rlhf_sample.jsonl"
+
+
+def test_bundled_sample_is_detected_and_split():
+    recs = load_records(HH)
+    assert len(recs) == 6 and all(isinstance(r, PreferenceRecord) for r in recs)
+    r = recs[1]  # two human turns
+    assert r.prompt == [
+        {"role": "user", "content": "Can you help me write a birthday message for my sister?"},
+        {"role": "assistant", "content": "Of course! How old is she turning, and is there anything special you'd like "
+                                         "to mention?"},
+        {"role": "user", "content": "She's turning 30 and just moved to Lisbon."}]
+    assert r.rejected == [{"role": "assistant", "content": "Happy birthday. Have a nice day."}]
+    assert [len(x.prompt) for x in recs] == [1, 3, 1, 3, 1, 5]
+
+
+def test_text_mode_keeps_bytes():
+    row = json.loads(HH.read_text().splitlines()[4])
+    (r,) = read_hh([row], conversational=False)
+    assert r.prompt == "\n\nHuman: What is 17 times 6?\n\nAssistant:"
+    assert (r.chosen, r.rejected) == (" 17 times 6 is 102.", " 17 times 6 is 112.")
+    assert r.prompt + r.chosen == row["chosen"]
+
+
+def test_errors(tmp_path):
+    p = "\n\nHuman: hi\n\nAssistant:"
+    rows = [{"chosen": p + " hello", "rejected": p + " hey"},
+            {"chosen": p + " hello", "rejected": p + " "},
+            {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}]
+    f = tmp_path / "hh.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: 'rejected' has an empty final assistant reply"):
+        load_records(f)
+    f.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], rows[2])))
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: 'chosen' and 'rejected' differ before"):
+        load_records(f)
+    assert len(load_records(f, on_invalid="skip")) == 1

@@ -1,0 +1,171 @@
+"""Open-Assistant tree reader on the real sample, with counts derived by a separate naive walk."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from alignkit.data import DataError, load_records, read_oasst, split_records
+
+OASST = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "oasst"
+TREES = OASST / "oasst_en_trees_sample.jsonl"
+PROMPTS = OASST / "oasst_en_prompts_sample.jsonl"
+pytestmark = pytest.mark.skipif(not TREES.exists(), reason=f"OASST samples not found at {OASST} "
+                                "(CI puts shared/ beside the repo clone)")
+
+
+def trees() -> list[dict]:
+    return [json.loads(line) for line in TREES.read_text().splitlines() if line.strip()]
+
+
+def keep(msg, langs=None):  # the default filters, written out again
+    return (not msg.get("deleted") and not msg.get("synthetic") and msg.get("review_result") is True
+            and (langs is None or msg.get("lang") in langs))
+
+
+def filtered(msg, langs=None):
+    """A copy of the tree with filtered messages (and their subtrees) removed, or None."""
+    if not keep(msg, langs):
+        return None
+    kids = [filtered(r, langs) for r in msg.get("replies", [])]
+    return {**msg, "replies": [k for k in kids if k is not None]}
+
+
+def nodes(msg):
+    yield msg
+    for r in msg["replies"]:
+        yield from nodes(r)
+
+
+def kept_roots(rows, langs=None):
+    out = [filtered(t["prompt"], langs) for t in rows if t["tree_state"] == "ready_for_export"]
+    return [r for r in out if r is not None]
+
+
+def test_sft_leaves_count():
+    # a conversation end = an assistant leaf, or an assistant whose reply is an unanswered prompter leaf
+    expected = sum(1 for root in kept_roots(trees()) for n in nodes(root) if n["role"] == "assistant" and (
+        not n["replies"] or any(not p["replies"] for p in n["replies"])))
+    recs = load_records(TREES, kind="sft")
+    assert len(recs) == expected > 100
+    assert all(r.completion[0]["role"] == "assistant" and r.prompt[-1]["role"] == "user" for r in recs)
+    assert len({r.meta["message_id"] for r in recs}) == len(recs)
+
+
+def test_sft_every_turn_and_best_counts():
+    roots = kept_roots(trees())
+    assert len(load_records(TREES, kind="sft", mode="every_turn")) == sum(
+        1 for root in roots for n in nodes(root) if n["role"] == "assistant")
+    best = load_records(TREES, kind="sft", mode="best")
+    assert len(best) == sum(1 for root in roots if root["replies"])
+    # the first turn of every best thread is the rank-0 reply when the root's replies are ranked
+    for rec in best:
+        root = next(r for r in roots if r["message_id"] == rec.meta["tree_id"])
+        ranked = [r for r in root["replies"] if r.get("rank") is not None]
+        first = rec.completion[0]["content"] if len(rec.prompt) == 1 else rec.prompt[1]["content"]
+        if ranked:
+            assert first == min(ranked, key=lambda r: r["rank"])["text"]
+
+
+def test_ranked_count_and_order():
+    groups = [n for root in kept_roots(trees()) for n in nodes(root)
+              if n["role"] == "prompter" and sum(r.get("rank") is not None for r in n["replies"]) >= 2]
+    recs = load_records(TREES, kind="ranked")
+    assert len(recs) == len(groups) > 20
+    for rec, g in zip(recs, groups):
+        ranked = sorted((r for r in g["replies"] if r.get("rank") is not None), key=lambda r: r["rank"])
+        assert [resp[0]["content"] for resp in rec.responses] == [r["text"] for r in ranked]
+        assert rec.prompt[-1]["content"] == g["text"]
+    n_pairs = sum(sum(1 for i in range(len(r.ranks)) for j in range(i + 1, len(r.ranks)) if r.ranks[i] < r.ranks[j])
+                  for r in recs)
+    assert len(load_records(TREES, kind="preference")) == n_pairs
+
+
+def test_synthetic_tree_by_hand():
+    # line 1 is a synthetic tree: one prompt and three assistant replies ranked 0, 1, 2
+    assert [r for r in load_records(TREES, kind="ranked") if r.id.startswith(f"{TREES}:1 ")] == []
+    recs = [r for r in load_records(TREES, kind="ranked", drop_synthetic=False) if r.id.startswith(f"{TREES}:1 ")]
+    assert len(recs) == 1 and recs[0].ranks == [0, 1, 2]
+    assert recs[0].prompt == [{"role": "user", "content": "How can I find the best 401k plan for my needs?"}]
+    assert recs[0].responses[0][0]["content"].startswith("The first step is to research")
+    assert recs[0].responses[2][0]["content"].startswith("The best way to find")
+
+
+def test_prompts():
+    roots = kept_roots(trees())
+    recs = load_records(TREES, kind="prompt")
+    assert [r.prompt[0]["content"] for r in recs] == [r["text"] for r in roots]
+    all_p = load_records(TREES, kind="prompt", prompts="all")
+    assert len(all_p) == sum(1 for root in roots for n in nodes(root) if n["role"] == "prompter")
+    lines = [json.loads(x) for x in PROMPTS.read_text().splitlines() if x.strip()]
+    plain = load_records(PROMPTS)
+    assert [r.prompt for r in plain] == lines and len(plain) == 100
+
+
+def test_filters_remove_subtrees(tmp_path):
+    rows = trees()[1:4]
+    rows[0]["prompt"]["replies"][0]["deleted"] = True
+    rows[1]["prompt"]["replies"][0]["review_result"] = None
+    rows[2]["prompt"]["replies"][-1]["lang"] = "de"
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+
+    def n_assistant(roots):
+        return sum(1 for root in roots for n in nodes(root) if n["role"] == "assistant")
+
+    everything = n_assistant([t["prompt"] for t in rows])
+    expected = n_assistant(kept_roots(rows, langs=["en"]))
+    assert len(read_oasst(f, kind="sft", mode="every_turn", langs="en")) == expected < everything
+    # each filter alone removes exactly the flagged message's subtree
+    dele = sum(1 for n in nodes(rows[0]["prompt"]["replies"][0]) if n["role"] == "assistant")
+    unrev = sum(1 for n in nodes(rows[1]["prompt"]["replies"][0]) if n["role"] == "assistant")
+    de = sum(1 for n in nodes(rows[2]["prompt"]["replies"][-1]) if n["role"] == "assistant")
+    assert dele > 0 and unrev > 0 and de > 0
+    assert len(read_oasst(f, kind="sft", mode="every_turn", drop_unreviewed=False)) == everything - dele
+    assert len(read_oasst(f, kind="sft", mode="every_turn", drop_deleted=False)) == everything - unrev
+    assert len(read_oasst(f, kind="sft", mode="every_turn", drop_deleted=False, drop_unreviewed=False,
+                          langs="en")) == everything - de
+    assert read_oasst(f, kind="sft", langs=["fr"]) == []  # every root is English
+
+
+def test_ties_and_missing_ranks(tmp_path):
+    tree = {"message_tree_id": "t1", "tree_state": "ready_for_export", "prompt": {
+        "message_id": "p", "text": "Q?", "role": "prompter", "review_result": True, "replies": [
+            {"message_id": "a", "text": "A", "role": "assistant", "review_result": True, "rank": 1, "replies": []},
+            {"message_id": "b", "text": "B", "role": "assistant", "review_result": True, "rank": 0, "replies": []},
+            {"message_id": "c", "text": "C", "role": "assistant", "review_result": True, "rank": 1, "replies": []},
+            {"message_id": "d", "text": "D", "role": "assistant", "review_result": True, "replies": []}]}}
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(tree) + "\n")
+    (rec,) = read_oasst(f, kind="ranked")
+    assert [r[0]["content"] for r in rec.responses] == ["B", "A", "C"] and rec.ranks == [0, 1, 1]  # D unranked
+    pairs = load_records(f, kind="preference")
+    assert [(p.chosen[0]["content"], p.rejected[0]["content"]) for p in pairs] == [("B", "A"), ("B", "C")]
+    (best,) = read_oasst(f, kind="sft", mode="best")
+    assert best.completion[0]["content"] == "B"
+
+
+def test_split_by_tree_is_disjoint():
+    recs = load_records(TREES, kind="sft")
+    train, val = split_records(recs, "80,20", seed=3, group_by="tree_id")
+    t_trees, v_trees = {r.meta["tree_id"] for r in train}, {r.meta["tree_id"] for r in val}
+    assert not t_trees & v_trees and len(train) + len(val) == len(recs)
+    assert len(v_trees) == round(0.2 * len(t_trees | v_trees))
+
+
+def test_errors_name_the_line(tmp_path):
+    row = trees()[1]
+    bad = copy.deepcopy(row)
+    bad["prompt"]["replies"][0]["role"] = "bot"
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:2: message .* role 'bot'"):
+        read_oasst(f)
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(row) + "\n")
+    assert len(read_oasst(f, on_invalid="skip")) == len(read_oasst(good)) > 0
+    with pytest.raises(DataError, match="gives sft/ranked/prompt"):
+        load_records(TREES, kind="unpaired")

@@ -1,0 +1,116 @@
+"""TRL-style column readers, source formats (JSONL, JSON, Parquet, Dataset, save_to_disk) and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.data import (READERS, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord,
+                           UnpairedRecord, load_records)
+
+CONV_P = [{"role": "user", "content": "Hi"}]
+ROWS = {
+    "messages": ({"messages": CONV_P + [{"role": "assistant", "content": "Hello"}]},
+                 SFTRecord(CONV_P, "Hello")),
+    "prompt-completion": ({"prompt": "2+2=", "completion": " 4", "weight": 0.5}, SFTRecord("2+2=", " 4", weight=0.5)),
+    "preference": ({"prompt": CONV_P, "chosen": [{"role": "assistant", "content": "Hello"}],
+                    "rejected": [{"role": "assistant", "content": "Go away"}], "margin": 2},
+                   PreferenceRecord(CONV_P, "Hello", "Go away", margin=2.0)),
+    "preference-implicit": ({"chosen": "The answer is 4", "rejected": "The answer is 5"},
+                            PreferenceRecord("The answer is", " 4", " 5")),
+    "unpaired": ({"prompt": "Q", "completion": " A", "label": 0}, UnpairedRecord("Q", " A", False)),
+    "ranked": ({"prompt": "Q", "responses": [" a", " b", " c"], "ranks": [0, 0, 2]},
+               RankedRecord("Q", [" a", " b", " c"], ranks=[0, 0, 2])),
+    "prompt": ({"prompt": "Tell me a joke"}, PromptRecord("Tell me a joke")),
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_column_conventions_detected(tmp_path, name):
+    row, expected = ROWS[name]
+    f = write_jsonl(tmp_path / "d.jsonl", [row, row])
+    recs = load_records(f)
+    assert recs == [expected, expected]
+    assert recs[1].id == f"{f}:2"
+    assert READERS[name].detect(row)
+
+
+def test_implicit_conversational_prompt():
+    chosen = CONV_P + [{"role": "assistant", "content": "Hello"}]
+    rejected = CONV_P + [{"role": "assistant", "content": "Bye"}]
+    (r,) = load_records([{"chosen": chosen, "rejected": rejected}])
+    assert r.prompt == CONV_P and r.chosen == chosen[1:] and r.rejected == rejected[1:]
+    (r,) = load_records([{"chosen": "Q: yes", "rejected": "Q: no"}])
+    assert (r.prompt, r.chosen, r.rejected) == ("Q:", " yes", " no")
+
+
+def test_sources_agree(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"p{i}", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(5)]
+    want = [PreferenceRecord(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for src in (write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "d.parquet", tmp_path / "d.json",
+                tmp_path / "saved", ds, rows):
+        assert load_records(src) == want, src
+    assert load_records(tmp_path / "d.parquet")[3].id == f"{tmp_path / 'd.parquet'} row 3"
+
+
+def test_kind_conversion():
+    row = {"prompt": "Q", "responses": [" a", " b", " c"]}
+    pairs = load_records([row], kind="preference")
+    assert [(p.chosen, p.rejected) for p in pairs] == [(" a", " b"), (" a", " c"), (" b", " c")]
+    assert load_records([row], kind="sft") == [SFTRecord("Q", " a")]
+    with pytest.raises(DataError, match="gives sft records, and none of them converts to 'preference'"):
+        load_records([{"prompt": "Q", "completion": " a"}], kind="preference")
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a", "completion": " b"}', '{"prompt": "a", "completion": '],
+     r"d\.jsonl:2: broken JSON line .* fix or delete this line"),
+    (['{"prompt": "a", "completion": " b"}', '', '{"prompt": "a", "completion": ""}'],
+     r"d\.jsonl:3: 'completion' is empty"),
+    (['{"prompt": "a", "chosen": " b", "rejected": 7}'],
+     r"d\.jsonl:1: 'rejected' must be a string or a non-empty list of"),
+    (['{"prompt": 3, "completion": " b"}'], r"d\.jsonl:1: unknown combination of columns \['completion', 'prompt'\]"),
+    (['{"question": "a", "answer": " b"}'], r"d\.jsonl:1: unknown combination of columns \['answer', 'question'\]"),
+    (['{"messages": [{"role": "user", "content": "hi"}]}'], r"d\.jsonl:1: the last message of 'messages' must be"),
+    (['{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}'],
+     r"d\.jsonl:1: messages\[0\] must be a dict with string 'role' and 'content'"),
+    (['{"prompt": "a", "completion": " b", "label": "yes"}'], r"d\.jsonl:1: 'label' must be true/false"),
+    (['{"prompt": "a", "completion": " b", "weight": -1}'], r"d\.jsonl:1: 'weight' must be a finite number >= 0"),
+    (['{"prompt": "a", "responses": [" x"]}'], r"d\.jsonl:1: 'responses' must be a list of at least 2"),
+    (['{"chosen": "same", "rejected": "same more"}'], r"d\.jsonl:1: one of 'chosen'/'rejected' is a prefix"),
+    (['[1, 2]'], r"d\.jsonl:1: expected a JSON object per line"),
+])
+def test_bad_input_names_file_and_line(tmp_path, lines, message):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_records(f)
+
+
+def test_missing_field_and_skip(tmp_path, caplog):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": None},
+                                           {"prompt": "c", "completion": " d"}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: .*'completion'"):
+        load_records(f)
+    with caplog.at_level("WARNING"):
+        recs = load_records(f, on_invalid="skip")
+    assert [r.prompt for r in recs] == ["a", "c"]
+    assert "skipped 1 invalid row" in caplog.text and "d.jsonl:2" in caplog.text
+    with pytest.raises(DataError, match=r"missing field 'responses'"):
+        load_records([{"prompt": "a", "responses": None}], reader="ranked")
+    with pytest.raises(DataError, match="no such file"):
+        load_records(tmp_path / "nope.jsonl")

@@ -1,0 +1,52 @@
+"""Record model: validation with ids in errors, conversational normalisation, views."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.data import (DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord,
+                           convert, ranked_to_pairs, to_conversational)
+
+CONV = [{"role": "user", "content": "Hi"}]
+
+
+def test_conversational_normalisation():
+    r = SFTRecord(CONV, "Hello")
+    assert r.completion == [{"role": "assistant", "content": "Hello"}]
+    with pytest.raises(DataError, match="x.jsonl:4: 'completion' is a conversation but the prompt is plain text"):
+        SFTRecord("Hi", [{"role": "assistant", "content": "Hello"}], id="x.jsonl:4")
+    c = to_conversational(PreferenceRecord("Q", " a", " b"))
+    assert c.prompt == [{"role": "user", "content": "Q"}] and c.rejected == [{"role": "assistant", "content": " b"}]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SFTRecord("p", "  ", id="f:1"), "f:1: 'completion' is empty"),
+    (lambda: PreferenceRecord("p", "a", "b", margin="big", id="f:2"), "f:2: 'margin' must be a finite number"),
+    (lambda: RankedRecord("p", ["a", "b"], ranks=[1, 0], id="f:3"), "f:3: 'ranks' must be 2 non-decreasing"),
+    (lambda: UnpairedRecord("p", "a", label=1, id="f:4"), "f:4: 'label' must be true/false"),
+    (lambda: PromptRecord("", id="f:5"), "f:5: 'prompt' is empty"),
+    (lambda: SFTRecord([], "a", id="f:6"), "f:6: 'prompt' must be a string or a non-empty list"),
+    (lambda: SFTRecord("p", "a", weight=float("nan"), id="f:7"), "f:7: 'weight' must be a finite number >= 0"),
+])
+def test_validation_errors(make, message):
+    with pytest.raises(DataError, match=message):
+        make()
+
+
+def test_ranked_to_pairs_skips_ties():
+    r = RankedRecord("Q", ["a", "b", "c", "d"], ranks=[0, 1, 1, 3], weight=2.0, id="r")
+    pairs = ranked_to_pairs(r)
+    # C(4,2) = 6 pairs minus the tied (b, c)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")]
+    assert all(p.weight == 2.0 for p in pairs) and pairs[0].id == "r pair(0,1)"
+
+
+def test_convert_views():
+    pref = PreferenceRecord("Q", " a", " b", weight=0.5, id="p")
+    assert convert([pref], "sft") == [SFTRecord("Q", " a", weight=0.5)]
+    assert convert([pref], "unpaired") == [UnpairedRecord("Q", " a", True, 0.5), UnpairedRecord("Q", " b", False, 0.5)]
+    assert convert([pref], "ranked") == [RankedRecord("Q", [" a", " b"], weight=0.5)]
+    assert convert([pref], "prompt") == [PromptRecord("Q", weight=0.5)]
+    assert convert([RankedRecord("Q", ["x", "y"])], "sft") == [SFTRecord("Q", "x")]
+    with pytest.raises(DataError, match="p: cannot turn a 'sft' record into 'preference'"):
+        convert([SFTRecord("Q", "x", id="p")], "preference")

@@ -1,0 +1,109 @@
+"""Tokenization: token-space prompt/completion boundary, EOS switch, truncation policy, counted drops."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from alignkit.data import (DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord,
+                           tokenize_records)
+
+CONV = [{"role": "user", "content": "Hi"}]
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_plain_text_sft_appends_eos(tokenizer):
+    (f,), stats = tokenize_records([SFTRecord("2+2=", " 4", weight=0.5, id="r1")], tokenizer)
+    p = ids(tokenizer, "2+2=")
+    assert f["input_ids"] == ids(tokenizer, "2+2= 4") + [tokenizer.eos_token_id]
+    assert f["completion_mask"] == [0] * len(p) + [1] * (len(f["input_ids"]) - len(p))
+    assert (f["prompt_length"], f["length"], f["weight"], f["id"]) == (len(p), len(f["input_ids"]), 0.5, "r1")
+    assert stats.kept == stats.total == 1
+    (g,), _ = tokenize_records([SFTRecord("2+2=", " 4")], tokenizer, add_eos=False)
+    assert g["input_ids"] == ids(tokenizer, "2+2= 4")
+
+
+def test_chat_template_boundary_and_eos_switch(tokenizer):
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    full = prompt + "Hello<|im_end|>\n"
+    (f,), _ = tokenize_records([SFTRecord(CONV, "Hello")], tokenizer)
+    assert f["input_ids"] == ids(tokenizer, full)  # the template ends the turn: no EOS added
+    assert f["prompt_length"] == len(ids(tokenizer, prompt))
+    assert sum(f["completion_mask"]) == len(ids(tokenizer, full)) - len(ids(tokenizer, prompt))
+    (g,), _ = tokenize_records([SFTRecord(CONV, "Hello")], tokenizer, add_eos=True)
+    assert g["input_ids"] == ids(tokenizer, full) + [tokenizer.eos_token_id]
+
+
+def test_oasst_format(tokenizer):
+    eos = tokenizer.eos_token
+    (f,), _ = tokenize_records([SFTRecord(CONV, "Hello")], tokenizer, formatter="oasst")
+    assert f["input_ids"] == ids(tokenizer, f"<|prompter|>Hi{eos}<|assistant|>Hello{eos}")
+    assert f["prompt_length"] == len(ids(tokenizer, f"<|prompter|>Hi{eos}<|assistant|>"))
+
+
+def test_prompt_not_a_token_prefix_is_an_error(tokenizer):
+    # "3 " + "4": alone the prompt ends with a lone-space token, joined " 4" is one token
+    with pytest.raises(DataError, match=r"bad-1: the tokenized prompt is not a prefix .* differ at token 4"):
+        tokenize_records([SFTRecord("0 1 2 3 ", "4", id="bad-1")], tokenizer)
+
+
+def test_truncation_policy(tokenizer):
+    prompt, completion = "0 1 2 3 4 5 6 7 8 9", " 10 11 12 13 14 15 16 17 18 19 20"
+    p = ids(tokenizer, prompt)
+    c = ids(tokenizer, prompt + completion)[len(p):] + [tokenizer.eos_token_id]
+    assert len(p) == 10 and len(c) == 12
+    (f,), stats = tokenize_records([SFTRecord(prompt, completion)], tokenizer, max_prompt_length=4, max_length=9)
+    assert f["input_ids"] == p[-4:] + c[:5]  # prompt keeps its end, completion its start
+    assert f["completion_mask"] == [0] * 4 + [1] * 5
+    assert (stats.prompt_truncated, stats.completion_truncated) == (1, 1)
+    (g,), stats = tokenize_records([SFTRecord(prompt, completion)], tokenizer, max_prompt_length=None, max_length=100)
+    assert g["input_ids"] == p + c and stats.prompt_truncated == stats.completion_truncated == 0
+
+
+def test_unfit_records_are_counted_and_logged(tokenizer, caplog):
+    recs = [SFTRecord("0 1 2 3 4 5 6 7 8 9", " 10", id="long"), SFTRecord("2+2=", " 4", id="ok"),
+            PreferenceRecord("0 1 2 3 4 5 6 7 8 9", " 10", " 11", id="long-pair")]
+    with caplog.at_level(logging.WARNING):
+        out, stats = tokenize_records(recs, tokenizer, max_prompt_length=None, max_length=8)
+    assert [f["id"] for f in out] == ["ok"]
+    assert stats.dropped == {"prompt_too_long": 2} and stats.dropped_ids["prompt_too_long"] == ["long", "long-pair"]
+    assert "dropped 2 (prompt_too_long)" in caplog.text and "long-pair" in caplog.text
+
+
+def test_preference_shares_the_prompt(tokenizer):
+    (f,), _ = tokenize_records([PreferenceRecord(CONV, "Hello", "Hi there", margin=1.5)], tokenizer)
+    n = f["prompt_length"]
+    assert f["chosen_input_ids"][:n] == f["rejected_input_ids"][:n] == ids(
+        tokenizer, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert f["rejected_input_ids"] == ids(tokenizer, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+                                                     "Hi there<|im_end|>\n")
+    assert f["chosen_completion_mask"] == [0] * n + [1] * (len(f["chosen_input_ids"]) - n)
+    assert f["length"] == max(len(f["chosen_input_ids"]), len(f["rejected_input_ids"])) and f["margin"] == 1.5
+
+
+def test_ranked_unpaired_prompt_outputs(tokenizer):
+    (r,), _ = tokenize_records([RankedRecord("2+2=", [" 4", " 5", " 22"], ranks=[0, 1, 1])], tokenizer)
+    assert len(r["input_ids"]) == 3 and r["ranks"] == [0, 1, 1]
+    assert r["input_ids"][2] == ids(tokenizer, "2+2= 22") + [tokenizer.eos_token_id]
+    assert r["length"] == sum(len(x) for x in r["input_ids"])
+    (u,), _ = tokenize_records([UnpairedRecord("2+2=", " 5", False)], tokenizer)
+    assert u["label"] is False and u["input_ids"] == ids(tokenizer, "2+2= 5") + [tokenizer.eos_token_id]
+    (q,), stats = tokenize_records([PromptRecord("0 1 2 3 4 5 6 7 8 9")], tokenizer, max_prompt_length=3)
+    assert q["prompt_input_ids"] == ids(tokenizer, "0 1 2 3 4 5 6 7 8 9")[-3:] and stats.prompt_truncated == 1
+    assert q["prompt"] == "0 1 2 3 4 5 6 7 8 9"
+
+
+def test_oasst_sample_tokenizes_with_chat_template(tokenizer):
+    trees = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "oasst" / "oasst_en_trees_sample.jsonl"
+    if not trees.exists():
+        pytest.skip(f"OASST samples not found at {trees} (CI puts shared/ beside the repo clone)")
+    from alignkit.data import load_records
+    recs = load_records(trees, kind="preference")
+    out, stats = tokenize_records(recs, tokenizer, max_length=512, max_prompt_length=256)
+    assert stats.total == len(recs) and stats.kept + sum(stats.dropped.values()) == len(recs)
+    assert all(len(f["chosen_input_ids"]) <= 512 and len(f["rejected_input_ids"]) <= 512 for f in out)
