@@ -1,0 +1,231 @@
+"""`AlignTrainer`: the one `transformers.Trainer` subclass every objective builds on.
+
+A subclass overrides ONE method, `objective(model, inputs) -> LossOutput` (per-example losses `(B,)` +
+metrics). The base does everything else, once:
+
+Reduction. With w_i the batch's `weight` (1 when absent) and n_i the items behind example i (1 per
+example for pairwise / ranked / unpaired objectives; its completion tokens for SFT, whose losses are
+per-example sums of token NLL):
+
+    loss = sum_{i in step} w_i * L_i / N,   N = sum_{i in step} n_i          (weight_normalization="count")
+                                            N = sum_{i in step} w_i * n_i    (weight_normalization="weighted")
+
+"count" (default) is the mean over examples (or tokens) of w * loss: weights scale each example's
+contribution and a weight-0 example contributes nothing but is still counted. "weighted" is the
+self-normalised weighted mean: weight-0 examples are exactly as if dropped.
+
+Gradient accumulation. N is counted over ALL micro-batches of the optimizer step
+(`_get_num_items_in_batch`, called by `Trainer.get_batch_samples` before the step) and summed across
+processes; each micro-batch's loss is its partial sum divided by that global N, multiplied by the
+number of processes (DDP averages gradients), and `loss_is_scaled_for_ga = True` stops the Trainer from
+dividing by the accumulation steps again. So batch 8 x accumulation 1 and batch 1 x accumulation 8
+give the same update. Evaluation normalises each batch by its own N.
+
+Metrics. Each step's metrics are accumulated as (sum, count) per name (`metric_totals`), summed across
+processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`.
+
+Saving. Only the trainable state (`alignkit.models.adapters.save_adapter`): peft files for LoRA,
+ReFT safetensors + json for ReFT, the full model (safetensors) for full finetuning, plus the
+tokenizer and `training_args.json`. Never a pickle of the arguments.
+
+Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
+not name); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
+mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainingArguments
+
+from alignkit.losses import LossOutput, reduce_loss
+from alignkit.models.adapters import (ADAPTER_CONFIG_NAME, AdapterConfig, adapter_kind, enable_gradient_checkpointing,
+                                      load_adapter_weights, save_adapter)
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+def turn_off_dropout(model: nn.Module) -> None:
+    """Set p = 0 in every `nn.Dropout` of `model` (TRL's `disable_dropout` for preference objectives: the
+    policy and its reference then see the same network)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+class AlignTrainer(Trainer):
+    """Base trainer; see the module docstring. Subclasses implement `objective`."""
+
+    normalizer: Literal["examples", "tokens"] = "examples"
+    rows_per_example: int = 1  # 2 for the chosen/rejected layout (used only when a batch has no `weight`)
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model: nn.Module, args: TrainingArguments, *,
+                 weight_normalization: Literal["count", "weighted"] = "count", disable_dropout: bool = False,
+                 **kwargs: Any) -> None:
+        if weight_normalization not in ("count", "weighted"):
+            raise ValueError(f"weight_normalization must be 'count' or 'weighted', got {weight_normalization!r}")
+        self.weight_normalization = weight_normalization
+        changes: dict[str, Any] = {}
+        if args.remove_unused_columns:
+            changes["remove_unused_columns"] = False
+        gc_kwargs = None
+        if args.activation_checkpointing:
+            gc_kwargs = dict(args.activation_checkpointing_kwargs or {})
+            changes.update(activation_checkpointing=False, gradient_checkpointing=False)
+        if changes:
+            args = dataclasses.replace(args, **changes)
+        if disable_dropout:
+            turn_off_dropout(model)
+        super().__init__(model=model, args=args, **kwargs)
+        if gc_kwargs is not None:
+            enable_gradient_checkpointing(self.model, gc_kwargs)
+            logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})
+        self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": {}, "eval": {}}
+
+    # -- the one method a subclass writes -------------------------------------------------------------
+
+    def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement objective(model, inputs) -> LossOutput")
+
+    # -- normalisation ---------------------------------------------------------------------------------
+
+    def items_per_example(self, batch: dict[str, Any]) -> Tensor:
+        """n_i `(B,)`: 1 per example, or completion tokens per example when `normalizer == "tokens"`."""
+        if self.normalizer == "tokens":
+            mask = batch["completion_mask"][:, 1:].bool()
+            if batch.get("attention_mask") is not None:
+                mask = mask & batch["attention_mask"][:, 1:].bool()
+            return mask.sum(-1).float()
+        w = batch.get("weight")
+        if w is not None:
+            B = w.shape[0]
+        elif batch.get("num_responses") is not None:
+            B = batch["num_responses"].shape[0]
+        else:
+            B = batch["input_ids"].shape[0] // self.rows_per_example
+        return torch.ones(B, device=batch["input_ids"].device)
+
+    def count_items(self, batch: dict[str, Any]) -> Tensor:
+        """N of one micro-batch (see the module docstring), a float scalar."""
+        n = self.items_per_example(batch)
+        w = batch.get("weight")
+        if self.weight_normalization == "weighted" and w is not None:
+            n = n * w.to(n.device, n.dtype)
+        return n.sum()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
+        if not batch_samples:
+            return None
+        total = sum(self.count_items(b).to(device) for b in batch_samples)
+        if self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    # -- loss ------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, LossOutput]:
+        out = self.objective(model, inputs)
+        w = inputs.get("weight")
+        if w is not None:
+            w = w.to(out.losses.device, out.losses.dtype)
+        if num_items_in_batch is None:  # evaluation, or a direct call: this batch alone
+            loss = reduce_loss(out.losses, w, normalizer=self.count_items(inputs))
+        else:  # training: the global count of the optimizer step; DDP averages, so scale by processes
+            loss = reduce_loss(out.losses, w, normalizer=num_items_in_batch) * self.args.world_size
+        self._record(out.metrics, "train" if model.training else "eval")
+        return (loss, out) if return_outputs else loss
+
+    def compute_loss_context_manager(self):
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())  # bf16/fp16 per TrainingArguments; else a no-op
+        return stack
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -- metrics ---------------------------------------------------------------------------------------
+
+    def metric_totals(self, metrics: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """name -> (sum, count) of one step's metrics; logged as sum / count. Override for metrics that
+        come as sums with separate counts (KTO)."""
+        out = {}
+        for k, v in metrics.items():
+            v = torch.as_tensor(v).detach().float()
+            out[k] = (v.sum(), torch.tensor(float(v.numel()), device=v.device))
+        return out
+
+    def _record(self, metrics: dict[str, Tensor], mode: str) -> None:
+        store = self._metrics[mode]
+        for k, (s, n) in self.metric_totals(metrics).items():
+            if k in store:
+                store[k][0] += s
+                store[k][1] += n
+            else:
+                store[k] = [s.clone(), n.clone()]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        store = self._metrics[mode]
+        if store:
+            names = sorted(store)
+            dev = store[names[0]][0].device
+            totals = torch.stack([torch.stack([store[k][0].to(dev), store[k][1].to(dev)]) for k in names])  # (M, 2)
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            prefix = "eval_" if mode == "eval" else ""
+            for k, (s, n) in zip(names, totals.tolist()):
+                if n > 0:
+                    logs[prefix + k] = s / n
+            store.clear()
+        super().log(logs, start_time)
+
+    # -- saving ----------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        if adapter_kind(model) == "full":
+            model.save_pretrained(output_dir, state_dict=state_dict)
+            cfg = getattr(model, "alignkit_adapter_config", None) or AdapterConfig(kind="full")
+            Path(output_dir, ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        else:
+            save_adapter(model, output_dir, tokenizer=self.processing_class)
+        Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+        logger.info("saved trainable state (%s) to %s", adapter_kind(model), output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if adapter_kind(model) == "full":
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("loading adapter weights from %s", resume_from_checkpoint)
+        load_adapter_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if adapter_kind(model) == "full":
+            return super()._load_best_model()
+        load_adapter_weights(model, self.state.best_model_checkpoint)
+
+
+__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "turn_off_dropout"]

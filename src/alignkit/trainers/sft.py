@@ -1,0 +1,38 @@
+"""Supervised finetuning: masked next-token NLL on completion tokens, normalised by the step's tokens.
+
+    L = -(1 / N_tokens) * sum_i w_i * sum_{t in completion(i)} log p_theta(y_{i,t} | x_i, y_{i,<t})
+
+N_tokens counts the completion tokens of the whole optimizer step (all micro-batches, all processes);
+see `alignkit.trainers.base`. Token log-probs come from `completion_token_logps` (LM head applied only
+at completion positions), the loss from the `SFT_LOSSES` registry (default "nll").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from alignkit.losses import SFT_LOSSES, LossOutput
+from alignkit.trainers.base import AlignTrainer
+from alignkit.trainers.logps import completion_token_logps
+
+
+class SFTTrainer(AlignTrainer):
+    """SFT for any adapter kind. Batches from `alignkit.data.SFTCollator` (input_ids, attention_mask,
+    position_ids, completion_mask, weight)."""
+
+    normalizer = "tokens"
+
+    def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "nll", chunk_size: int = 1024,
+                 **kwargs: Any) -> None:
+        SFT_LOSSES[loss_type]  # unknown names fail here, listing the valid ones
+        self.loss_type, self.chunk_size = loss_type, chunk_size
+        super().__init__(model, args, **kwargs)
+
+    def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
+        token_logps, mask = completion_token_logps(model, inputs, self.chunk_size)  # (B, T-1) each
+        return SFT_LOSSES[self.loss_type](token_logps, mask)
+
+
+__all__ = ["SFTTrainer"]
