@@ -102,9 +102,9 @@ def test_bad_input_names_file_and_line(tmp_path, lines, message):
 
 
 def test_missing_field_and_skip(tmp_path, caplog):
-    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": None},
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": " b"}, {"prompt": "a"},
                                            {"prompt": "c", "completion": " d"}])
-    with pytest.raises(DataError, match=r"d\.jsonl:2: .*'completion'"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'completion' \(row has \['prompt'\]\)"):
         load_records(f)
     with caplog.at_level("WARNING"):
         recs = load_records(f, on_invalid="skip")

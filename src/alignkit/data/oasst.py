@@ -86,7 +86,8 @@ def _size(msg: dict) -> int:
     return 1 + sum(_size(r) for r in msg.get("replies") or [])
 
 
-def build_tree(msg: dict, filters: Filters, where: str, removed: Counter, parent_role: str | None = None) -> Node | None:
+def build_tree(msg: dict, filters: Filters, where: str, removed: Counter,
+               parent_role: str | None = None) -> Node | None:
     """The filtered tree under `msg` as Nodes (None if `msg` itself is filtered out)."""
     mid = msg.get("message_id", "?")
     for key, typ in (("text", str), ("role", str)):

@@ -119,7 +119,8 @@ class PreferenceRecord:
         self.rejected = _check_response(self.rejected, self.prompt, self.id, "rejected")
         self.weight = _check_weight(self.weight, self.id)
         if self.margin is not None:
-            if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not math.isfinite(self.margin):
+            m = self.margin
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
                 raise DataError(f"{_where(self.id)}: 'margin' must be a finite number or null, got {self.margin!r}")
             self.margin = float(self.margin)
 

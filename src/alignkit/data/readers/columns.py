@@ -37,6 +37,15 @@ def _opt(row: dict) -> dict:
     return {"weight": row["weight"]} if row.get("weight") is not None else {}
 
 
+def _req(row: dict, key: str, where: str) -> Any:
+    """A required column's value; missing or null is an error naming the row and the fix (types are checked
+    by the record classes)."""
+    if row.get(key) is None:
+        raise DataError(f"{where}: missing field {key!r} (row has {sorted(row)}); every row of this file needs "
+                        f"{key!r} like the first row, or remove the row")
+    return row[key]
+
+
 def _is_value(v: Any) -> bool:
     return isinstance(v, (str, list))
 
@@ -85,33 +94,35 @@ def _messages(row: dict, where: str) -> SFTRecord:
 
 
 def _prompt_completion(row: dict, where: str) -> SFTRecord:
-    return SFTRecord(row["prompt"], row["completion"], id=where, **_opt(row))
+    return SFTRecord(_req(row, "prompt", where), _req(row, "completion", where), id=where, **_opt(row))
 
 
 def _preference(row: dict, where: str) -> PreferenceRecord:
-    return PreferenceRecord(row["prompt"], row["chosen"], row["rejected"], margin=row.get("margin"), id=where,
-                            **_opt(row))
+    return PreferenceRecord(_req(row, "prompt", where), _req(row, "chosen", where), _req(row, "rejected", where),
+                            margin=row.get("margin"), id=where, **_opt(row))
 
 
 def _preference_implicit(row: dict, where: str) -> PreferenceRecord:
-    prompt, chosen, rejected = split_shared_prefix(row["chosen"], row["rejected"], where)
+    chosen, rejected = _req(row, "chosen", where), _req(row, "rejected", where)
+    prompt, chosen, rejected = split_shared_prefix(chosen, rejected, where)
     return PreferenceRecord(prompt, chosen, rejected, margin=row.get("margin"), id=where, **_opt(row))
 
 
 def _unpaired(row: dict, where: str) -> UnpairedRecord:
-    label = row["label"]
+    label = _req(row, "label", where)
     if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
         label = bool(label)
-    return UnpairedRecord(row["prompt"], row["completion"], label, id=where, **_opt(row))
+    return UnpairedRecord(_req(row, "prompt", where), _req(row, "completion", where), label, id=where,
+                          **_opt(row))
 
 
 def _ranked(row: dict, where: str) -> RankedRecord:
     responses = get_field(row, "responses", where, list, "a list of responses, best first")
-    return RankedRecord(row["prompt"], responses, ranks=row.get("ranks"), id=where, **_opt(row))
+    return RankedRecord(_req(row, "prompt", where), responses, ranks=row.get("ranks"), id=where, **_opt(row))
 
 
 def _prompt(row: dict, where: str) -> PromptRecord:
-    return PromptRecord(row["prompt"], id=where, **_opt(row))
+    return PromptRecord(_req(row, "prompt", where), id=where, **_opt(row))
 
 
 def _reader(convert):

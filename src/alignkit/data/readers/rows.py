@@ -156,7 +156,7 @@ def get_field(row: dict, key: str, where: str, types: type | tuple[type, ...], e
     if key not in row or row[key] is None:
         raise DataError(f"{where}: missing field {key!r} (found {sorted(row)}); add {key!r} ({expected})")
     value = row[key]
-    if not isinstance(value, types) or isinstance(value, bool) and bool not in (types if isinstance(types, tuple)
-                                                                                 else (types,)):
+    allowed = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         raise DataError(f"{where}: field {key!r} must be {expected}, got {type(value).__name__} {str(value)[:60]!r}")
     return value
