@@ -1,0 +1,218 @@
+"""Saving and loading ReFT adapters: bitwise round trips for every type, and clear errors for a wrong base
+model or a damaged folder. Also pyreft checkpoints through `load_pyreft`."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignkit.interventions import INTERVENTIONS
+from alignkit.interventions.attach import get_reft_model
+from alignkit.interventions.config import ReftConfig, RepresentationConfig
+from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME, load_pyreft, load_reft, save_reft
+from alignkit.models.loading import load_model
+
+ROWS = [  # (type, extra arguments): every registered type, some with non-default arguments
+    ("loreft", dict(act_fn="relu", add_bias=False, dropout=0.1)),
+    ("noreft", dict(extra={"proj_bias": True})),
+    ("direft", dict(act_fn="silu")),
+    ("direft_orth", dict(act_fn="gelu")),
+    ("consreft", {}),
+    ("lobireft", dict(dropout=0.2)),
+]
+
+
+def test_rows_cover_every_registered_type():
+    assert sorted({kind for kind, _ in ROWS}) == sorted(INTERVENTIONS)
+
+
+def randomize(reft, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in reft.interventions.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def ids_and_locations(num: int):
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    loc = torch.full((2, num, 2), -1, dtype=torch.long)
+    loc[0, :, 0], loc[1, :, 0], loc[1, :, 1] = 2, 0, 5
+    return ids, loc
+
+
+def saved(tiny_lm, tmp_path, kind="loreft", extra=None, arch="llama"):
+    reps = [RepresentationConfig(layer=0, intervention=kind, low_rank_dimension=3, **(extra or {})),
+            RepresentationConfig(layer=1, component="mlp_output", intervention=kind, low_rank_dimension=2, **(extra or {}))]
+    reft = get_reft_model(tiny_lm(arch), ReftConfig(reps))
+    randomize(reft)
+    reft.save_pretrained(tmp_path / "ckpt")
+    return reft, tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("kind,extra", ROWS, ids=[k for k, _ in ROWS])
+def test_round_trip_bitwise_for_every_type(kind, extra, tiny_lm, tmp_path):
+    reft, folder = saved(tiny_lm, tmp_path, kind, extra)
+    ids, loc = ids_and_locations(2)
+    with torch.no_grad():
+        want = reft(input_ids=ids, intervention_locations=loc).logits
+    again = load_reft(tiny_lm("llama"), folder)
+    with torch.no_grad():
+        got = again(input_ids=ids, intervention_locations=loc).logits
+    assert torch.equal(got, want)
+    assert not torch.equal(got, tiny_lm("llama")(input_ids=ids).logits)  # the adapter does something
+    assert again.adapter_configs["default"] == reft.adapter_configs["default"]
+    for a, b in zip(reft.interventions["default"], again.interventions["default"]):
+        assert a.spec() == b.spec()
+        for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert na == nb and torch.equal(ta, tb)
+
+
+def test_config_json_records_every_argument_and_the_base(tiny_lm, tmp_path):
+    reft, folder = saved(tiny_lm, tmp_path, "loreft", dict(act_fn="relu", dropout=0.1))
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    assert meta["base_model"] == {"model_type": "llama", "hidden_size": 64, "num_layers": 2, "dtype": "float32",
+                                  "name_or_path": meta["base_model"]["name_or_path"]}
+    params = set(inspect.signature(INTERVENTIONS["loreft"].__init__).parameters) - {"self"}
+    first = meta["interventions"][0]
+    assert set(first["spec"]) == params | {"type"}  # every constructor argument
+    assert first["spec"]["act_fn"] == "relu" and first["spec"]["dropout"] == 0.1 and first["spec"]["embed_dim"] == 64
+    assert [(i["layer"], i["path"]) for i in meta["interventions"]] == [(0, "model.layers.0"), (1, "model.layers.1.mlp")]
+    assert meta["weights_sha256"] == hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    keys = set(load_file(folder / WEIGHTS_NAME))
+    assert keys == {f"{i}.{k}" for i, iv in enumerate(reft.interventions["default"]) for k in iv.state_dict()}
+    assert sorted(p.name for p in folder.iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]  # no temp files left
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(hidden_size=32), "hidden_size=64, this model has hidden_size=32"),
+    (dict(num_layers=3), "num_layers=2, this model has num_layers=3"),
+])
+def test_wrong_base_shape_fails(change, message, tiny_lm, tiny_dir, tmp_path):
+    _, folder = saved(tiny_lm, tmp_path)
+    kwargs = {"hidden_size": change.get("hidden_size", 64), "num_layers": change.get("num_layers", 2)}
+    other = load_model(tiny_dir("llama", **kwargs))
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME}.*{message}"):
+        load_reft(other, folder)
+
+
+def rewrite_weights(folder, tensors):
+    """Replace the safetensors file and fix the checksum, so only the key check can catch the change."""
+    save_file(tensors, folder / WEIGHTS_NAME)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def test_damaged_folders_fail_with_the_file_and_the_reason(tiny_lm, tmp_path):
+    _, folder = saved(tiny_lm, tmp_path)
+    tensors = load_file(folder / WEIGHTS_NAME)
+    blob, meta_text = (folder / WEIGHTS_NAME).read_bytes(), (folder / CONFIG_NAME).read_text()
+
+    def fresh():
+        (folder / WEIGHTS_NAME).write_bytes(blob)
+        (folder / CONFIG_NAME).write_text(meta_text)
+
+    (folder / CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{CONFIG_NAME}: missing"):
+        load_reft(tiny_lm(), folder)
+    fresh()
+    (folder / CONFIG_NAME).write_text(meta_text[:40])
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME}: not valid JSON"):
+        load_reft(tiny_lm(), folder)
+    fresh()
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{WEIGHTS_NAME}: missing"):
+        load_reft(tiny_lm(), folder)
+    fresh()
+    (folder / WEIGHTS_NAME).write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.raises(ValueError, match=f"{WEIGHTS_NAME}: checksum does not match"):
+        load_reft(tiny_lm(), folder)
+    meta = json.loads(meta_text)
+    del meta["weights_sha256"]  # without a checksum the safetensors reader itself must refuse it
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{WEIGHTS_NAME}: not a readable safetensors file"):
+        load_reft(tiny_lm(), folder)
+    fresh()
+    missing = dict(tensors)
+    gone = sorted(missing)[0]
+    del missing[gone]
+    rewrite_weights(folder, missing)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: missing tensor\(s\) \['{gone}'\]"):
+        load_reft(tiny_lm(), folder)
+    rewrite_weights(folder, {**tensors, "7.extra": torch.zeros(2)})
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: unexpected tensor\(s\) \['7.extra'\]"):
+        load_reft(tiny_lm(), folder)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_reft(tiny_lm(), tmp_path / "nowhere")
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny_lm, tmp_path, monkeypatch):
+    reft, folder = saved(tiny_lm, tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    randomize(reft, seed=7)
+    import alignkit.interventions.io as io
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_reft(reft, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # old files intact, no temp left
+    load_reft(tiny_lm(), folder)
+
+
+def test_several_adapters_save_and_load_by_name(tiny_lm, tmp_path):
+    reft = get_reft_model(tiny_lm(), ReftConfig.uniform([0], "loreft", low_rank_dimension=2), adapter_name="a")
+    reft.add_adapter("b", ReftConfig.uniform([1], "noreft", low_rank_dimension=2))
+    randomize(reft)
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\]; pass adapter_name"):
+        reft.save_pretrained(tmp_path / "x")
+    reft.save_pretrained(tmp_path / "a", adapter_name="a")
+    reft.save_pretrained(tmp_path / "b", adapter_name="b")
+    served = load_reft(tiny_lm(), tmp_path / "a", adapter_name="a")
+    served.load_adapter(tmp_path / "b", adapter_name="b")
+    ids, _ = ids_and_locations(1)
+    loc = reft.route_locations(["b", "a"], torch.tensor([[1, 4], [2, 3]]))
+    with torch.no_grad():
+        assert torch.equal(served(input_ids=ids, intervention_locations=loc).logits,
+                           reft(input_ids=ids, intervention_locations=loc).logits)
+
+
+def test_load_pyreft_loreft_matches_hand_written_hook(tiny_lm, tiny_dir, tmp_path):
+    """A pyreft folder written by hand (pyvene's layout); the loaded model must equal the base model with
+    h + Rᵀ(Wh + b − Rh) applied at the chosen position by a hook written here."""
+    d, r = 64, 2
+    g = torch.Generator().manual_seed(0)
+    rot, _ = torch.linalg.qr(torch.randn(d, r, generator=g))  # (d, r) orthonormal columns = Rᵀ
+    W, b = torch.randn(r, d, generator=g), torch.randn(r, generator=g)
+    folder = tmp_path / "pyreft"
+    folder.mkdir()
+    key = "layer_1_comp_block_output_unit_pos_nunit_1#0"
+    torch.save({"weight": W, "bias": b, "rotate_layer": rot.contiguous()}, folder / f"intkey_{key}.bin")
+    (folder / "config.json").write_text(json.dumps({
+        "representations": [[1, "block_output", "pos", 1, r, None, None, None, None, None, None, None, None]],
+        "intervention_types": ["<class 'pyreft.interventions.LoreftIntervention'>"], "sorted_keys": [key]}))
+    reft = load_pyreft(tiny_lm(), folder)
+    assert reft.adapter_configs["default"].representations[0].intervention == "loreft"
+    ids = torch.randint(3, 200, (1, 6), generator=g)
+    with torch.no_grad():
+        got = reft(input_ids=ids, intervention_locations=torch.tensor([[[3]]])).logits
+        base = tiny_lm()
+
+        def hook(module, args, out):  # (1, T, d)
+            h = out.clone()
+            x = h[0, 3]
+            h[0, 3] = x + (x @ W.T + b - x @ rot) @ rot.T
+            return h
+
+        base.model.layers[1].register_forward_hook(hook)
+        want = base(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="embed_dim=64 but the model's hidden size is 32"):
+        load_pyreft(load_model(tiny_dir("llama", hidden_size=32)), folder)
