@@ -1,0 +1,104 @@
+"""KTO and other unpaired objectives (`UNPAIRED_LOSSES`: "kto", "apo_zero_unpaired") on labelled completions.
+
+Batches come from `alignkit.data.SFTCollator` over unpaired features (`label` (B,) bool: desirable).
+The KL reference point z_ref is estimated, as in TRL's KTOTrainer, from MISMATCHED pairs: row i's
+prompt with the completion of row i-1 (a rotation of the batch), scored by the policy without gradient
+and by the reference:
+
+    rho_i  = log pi(y_i|x_i) - log pi_ref(y_i|x_i)
+    z_ref  = max(0, mean_i [log pi(y_{i-1}|x_i) - log pi_ref(y_{i-1}|x_i)])     (mean across processes)
+    losses = kto_loss(pi, pi_ref, desirable, z_ref, beta, lambda_D, lambda_U)      (B,)
+
+The reference is the adapter switched off or a frozen copy (precomputed log-probs are not offered:
+the mismatched pairs depend on how batches are drawn). Needs batches of at least 2 examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.losses import UNPAIRED_LOSSES, LossOutput
+from alignkit.trainers.base import AlignTrainer, turn_off_dropout
+from alignkit.trainers.logps import completion_logps, prompt_spans
+from alignkit.trainers.reference import frozen_copy, reference_logps, resolve_mode
+
+
+def mismatched_batch(batch: dict[str, Any]) -> dict[str, Tensor]:
+    """Row i = prompt of row i + completion of row i-1 (mod B), right padded. Vectorised gathers only."""
+    ids = batch["input_ids"]  # (B, T)
+    att = batch.get("attention_mask")
+    att = torch.ones_like(ids) if att is None else att
+    comp = batch["completion_mask"].long() * att.long()
+    B, T = ids.shape
+    start, plen = prompt_spans(att, comp)  # (B,), (B,)
+    cstart, clen = start + plen, comp.sum(1)  # (B,), (B,)
+    j = (torch.arange(B, device=ids.device) - 1) % B  # partner row
+    new_len = plen + clen[j]  # (B,)
+    t = torch.arange(int(new_len.max()), device=ids.device)[None, :]  # (1, L)
+    in_prompt = t < plen[:, None]  # (B, L)
+    in_comp = (t >= plen[:, None]) & (t < new_len[:, None])  # (B, L)
+    rows = torch.where(in_prompt, torch.arange(B, device=ids.device)[:, None], j[:, None])  # (B, L)
+    cols = torch.where(in_prompt, start[:, None] + t, cstart[j][:, None] + t - plen[:, None]).clamp(0, T - 1)
+    new_att = (in_prompt | in_comp).long()
+    new_ids = torch.where(new_att.bool(), ids[rows, cols], ids[0, 0].expand_as(rows))
+    return {"input_ids": new_ids, "attention_mask": new_att, "completion_mask": in_comp.long(),
+            "position_ids": (new_att.cumsum(-1) - 1).clamp(min=0)}
+
+
+class KTOTrainer(AlignTrainer):
+    """Unpaired preference trainer for any adapter kind (KTO by default)."""
+
+    def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "kto", beta: float = 0.1,
+                 desirable_weight: float = 1.0, undesirable_weight: float = 1.0, reference: str = "auto",
+                 ref_model: nn.Module | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
+                 **kwargs: Any) -> None:
+        UNPAIRED_LOSSES[loss_type]
+        self.loss_type, self.beta, self.chunk_size = loss_type, beta, chunk_size
+        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        self.reference_mode = resolve_mode(reference, model, reference_free=False)
+        if self.reference_mode not in ("adapter_off", "copy"):
+            raise ValueError(f"KTOTrainer supports reference 'adapter_off' or 'copy', not {self.reference_mode!r} "
+                             "(its KL pairs depend on the batches, so they cannot be precomputed)")
+        if self.reference_mode == "copy" and ref_model is None:
+            ref_model = frozen_copy(model)
+        super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
+        self.ref_model = ref_model.to(self.args.device).eval() if ref_model is not None else None
+        if self.ref_model is not None and disable_dropout:
+            turn_off_dropout(self.ref_model)
+
+    def metric_totals(self, metrics: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """KTO's metrics come as sums with counts: log rewards/chosen = rewards/chosen_sum / count/chosen etc."""
+        out = {}
+        for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            side = name.split("/")[1]
+            out[name] = (metrics[f"{name}_sum"].float(), metrics[f"count/{side}"].float())
+        kl = metrics["kl"].float()
+        out["kl"] = (kl, torch.ones_like(kl))
+        return out
+
+    def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
+        if "label" not in inputs:
+            raise ValueError("KTOTrainer needs a boolean `label` per example (desirable or not): tokenize "
+                             "UnpairedRecord data and collate with SFTCollator")
+        if inputs["input_ids"].shape[0] < 2:
+            raise ValueError("KTOTrainer needs at least 2 examples per batch to form mismatched KL pairs")
+        policy, _ = completion_logps(model, inputs, self.chunk_size)  # (B,)
+        kl_batch = mismatched_batch(inputs)
+        with torch.no_grad():
+            policy_kl, _ = completion_logps(model, kl_batch, self.chunk_size)  # (B,)
+        unwrapped = self.accelerator.unwrap_model(model)
+        ref, _ = reference_logps(unwrapped, inputs, self.reference_mode, self.ref_model, self.chunk_size)
+        ref_kl, _ = reference_logps(unwrapped, kl_batch, self.reference_mode, self.ref_model, self.chunk_size)
+        kl = (policy_kl - ref_kl).mean().detach()
+        if self.args.world_size > 1:
+            kl = self.accelerator.gather(kl.reshape(1)).mean()
+        kl = kl.clamp(min=0)
+        return UNPAIRED_LOSSES[self.loss_type](policy, ref, inputs["label"].bool(), kl, beta=self.beta,
+                                               desirable_weight=self.desirable_weight,
+                                               undesirable_weight=self.undesirable_weight)
+
+
+__all__ = ["KTOTrainer", "mismatched_batch"]

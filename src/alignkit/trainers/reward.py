@@ -1,0 +1,71 @@
+"""Reward modelling: a sequence classifier with one output, trained pairwise (Bradley-Terry) or K-wise.
+
+    r = model(sequence).logits[:, 0]                                  (rows,)
+    pairwise (PreferenceCollator, 2B rows):  L_i = -log sigma(r_w - r_l - m_i) + c (r_w + r_l)^2
+    ranked   (RankedCollator, N rows):       L_p = mean_{i<j} -log sigma(r_i - r_j)   (best first)
+
+Losses from `alignkit.losses.reward` (margin m_i from the records when `use_margin`; centering c =
+`center_rewards_coefficient`). Metrics: accuracy, rewards/chosen, rewards/rejected, margin (pairwise);
+accuracy, kendall_tau, rewards/best, rewards/worst (ranked). The reduction is the mean over pairs (or
+prompts) of w * loss (`alignkit.trainers.base`).
+
+ReFT on a classifier intervenes on positions of the WHOLE sequence (the score is read at its last
+token), chosen by the adapter's position spec (e.g. "f1+l1": first and last token). A LoRA or ReFT
+reward model also trains the classifier head (peft's SEQ_CLS `modules_to_save`; ReFT unfreezes it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
+from alignkit.models.adapters import is_classifier
+from alignkit.trainers.base import AlignTrainer
+from alignkit.trainers.logps import prompt_locations
+
+
+def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """(rows,) scalar reward of each row of `batch` (input_ids, attention_mask[, position_ids])."""
+    kw: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    loc = batch.get("intervention_locations")
+    if loc is None and kw["attention_mask"] is not None:
+        loc = prompt_locations(model, kw["attention_mask"])  # whole sequence = the "prompt" of a classifier
+    if loc is not None:
+        kw["intervention_locations"] = loc
+    logits = model(**kw).logits  # (rows, 1)
+    if logits.dim() != 2 or logits.shape[-1] != 1:
+        raise ValueError(f"a reward model must output one score per sequence (num_labels=1), got logits of shape "
+                         f"{tuple(logits.shape)}; load the classifier with num_labels=1")
+    return logits[:, 0].float()
+
+
+class RewardTrainer(AlignTrainer):
+    """Pairwise (PreferenceCollator batches) or K-wise (RankedCollator batches) reward model training."""
+
+    def __init__(self, model: nn.Module, args: Any, *, center_rewards_coefficient: float | None = None,
+                 use_margin: bool = True, l2_coefficient: float = 0.0, **kwargs: Any) -> None:
+        if not is_classifier(model):
+            raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
+                             f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
+        self.center_rewards_coefficient, self.use_margin = center_rewards_coefficient, use_margin
+        self.l2_coefficient = l2_coefficient
+        super().__init__(model, args, **kwargs)
+
+    def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
+        r = sequence_rewards(model, inputs)  # (rows,)
+        if "group_index" in inputs:  # ranked: scatter to a (B, K_max) table, best first
+            B = inputs["num_responses"].shape[0]
+            K = int(inputs["num_responses"].max())
+            table = r.new_zeros(B, K).index_put((inputs["group_index"], inputs["position_in_group"]), r)
+            mask = torch.zeros(B, K, dtype=torch.bool, device=r.device)
+            mask[inputs["group_index"], inputs["position_in_group"]] = True
+            return ranking_loss(table, mask, self.l2_coefficient)
+        B = r.shape[0] // 2
+        margin = inputs.get("margin") if self.use_margin else None
+        return bradley_terry_loss(r[:B], r[B:], margin=margin, center_rewards_coefficient=self.center_rewards_coefficient)
+
+
+__all__ = ["RewardTrainer", "sequence_rewards"]

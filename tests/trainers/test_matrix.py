@@ -1,0 +1,60 @@
+"""Every trainer x every adapter kind, a few steps each: finite losses, every trainable parameter moves,
+frozen parameters and the reference do not, metrics are logged, only trainable state is saved."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
+
+from .conftest import ADAPTER_KINDS, fast_args, snapshot
+
+# trainer name -> (class, data kind, classifier?, extra kwargs, a metric it must log)
+TRAINERS = {
+    "sft": (SFTTrainer, "sft", False, {}, "nll/token"),
+    "dpo": (PreferenceTrainer, "preference", False, {"loss_type": "sigmoid"}, "rewards/margins"),
+    "simpo+sft": (PreferenceTrainer, "preference", False, {"loss_type": ["simpo", "sft"], "loss_weights": [1.0, 0.5]},
+                  "loss/simpo"),
+    "kto": (KTOTrainer, "unpaired", False, {}, "kl"),
+    "reward": (RewardTrainer, "preference", True, {}, "accuracy"),
+    "reward_ranked": (RewardTrainer, "ranked", True, {}, "kendall_tau"),
+}
+
+
+@pytest.mark.parametrize("kind", ADAPTER_KINDS)
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_trainer_adapter(name, kind, make_model, features, collators, tokenizer, tmp_path):
+    cls, data, classifier, extra, metric = TRAINERS[name]
+    model = make_model(kind, classifier=classifier)
+    before = snapshot(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and (kind == "full") == (len(trainable) == len(before))
+    trainer = cls(model, fast_args(tmp_path, max_steps=2), train_dataset=features[data],
+                  data_collator=collators[data], processing_class=tokenizer, **extra)
+    ref = getattr(trainer, "ref_model", None)
+    ref_before = snapshot(ref) if ref is not None else None
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert all(metric in h for h in logs), logs[0]
+    after = dict(model.named_parameters())
+    unchanged = [n for n in trainable if torch.equal(after[n].detach(), before[n])]
+    assert not unchanged, f"trainable parameters that did not move: {unchanged[:5]}"
+    moved = [n for n in set(before) - trainable if not torch.equal(after[n].detach(), before[n])]
+    assert not moved, f"frozen parameters that moved: {moved[:5]}"
+    if ref is not None:  # a frozen copy (full finetuning) stays the initial model
+        assert kind == "full"
+        assert all(torch.equal(p, ref_before[n]) for n, p in ref.named_parameters())
+
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    files = {p.name for p in out.iterdir()}
+    assert "alignkit_adapter.json" in files and "training_args.json" in files
+    assert ("model.safetensors" in files) == (kind == "full")
+    assert ("adapter_model.safetensors" in files) == ("lora" in kind)
+    assert ("interventions.safetensors" in files) == ("reft" in kind)
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
