@@ -216,3 +216,21 @@ def test_load_pyreft_loreft_matches_hand_written_hook(tiny_lm, tiny_dir, tmp_pat
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="embed_dim=64 but the model's hidden size is 32"):
         load_pyreft(load_model(tiny_dir("llama", hidden_size=32)), folder)
+
+
+def test_read_reft_weights_copies_in_place(tiny_lm, tmp_path):
+    from alignkit.interventions.io import read_reft_weights
+
+    reft, folder = saved(tiny_lm, tmp_path)
+    ids, loc = ids_and_locations(2)
+    with torch.no_grad():
+        want = reft(input_ids=ids, intervention_locations=loc).logits
+    params = list(reft.interventions.parameters())
+    randomize(reft, seed=5)
+    read_reft_weights(reft, folder)
+    assert all(a is b for a, b in zip(params, reft.interventions.parameters()))  # same objects (optimizer state)
+    with torch.no_grad():
+        assert torch.equal(reft(input_ids=ids, intervention_locations=loc).logits, want)
+    other = get_reft_model(tiny_lm(), ReftConfig.uniform([0], "noreft", low_rank_dimension=2))
+    with pytest.raises(ValueError, match="differ from adapter 'default'"):
+        read_reft_weights(other, folder)

@@ -499,13 +499,30 @@ class ReftModel(nn.Module):
         with self._running(run):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Enable checkpointing on the base (non-reentrant by default: the inputs of a frozen base do not
-        require grad, so reentrant checkpointing would cut the interventions' gradients)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if kwargs["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint the base's layers, non-reentrant by default (the frozen base's inputs need no grad,
+        so reentrant checkpointing would cut the interventions' gradients). Hooks keep working: a
+        layer replayed during backward runs under the state of the forward that recorded it."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        base = hf_model(self.model)
+        if kwargs["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers,
+                                                 offload=offload)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Alias of `activation_checkpointing_enable` (the name transformers < 5.x and Trainer use)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        base = hf_model(self.model)
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     # -- parameters ------------------------------------------------------------------------------------
 

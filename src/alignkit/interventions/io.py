@@ -178,6 +178,30 @@ def load_adapter_into(reft_model: ReftModel, folder: str | Path, adapter_name: s
     reft_model.add_adapter(adapter_name, config, modules)
 
 
+def read_reft_weights(reft_model: ReftModel, folder: str | Path, adapter_name: str | None = None) -> None:
+    """Copy the weights saved in `folder` into the live interventions of adapter `adapter_name` (default:
+    the name saved in the folder if the model has it, else the model's only adapter), in place: the
+    parameter objects stay the same, so an optimizer holding them lines up (resume, best model)."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    names = reft_model.adapter_names
+    if adapter_name is None:
+        adapter_name = meta.get("adapter_name") if meta.get("adapter_name") in names else (names[0] if len(names) == 1 else None)
+    if adapter_name not in names:
+        raise KeyError(f"{folder / CONFIG_NAME}: cannot tell which adapter of {names} to load into; pass adapter_name")
+    live = reft_model.interventions[adapter_name]
+    saved = meta["interventions"]
+    if len(saved) != len(live) or any({**a["spec"], "dtype": None} != {**b.spec(), "dtype": None}
+                                      for a, b in zip(saved, live)):
+        raise ValueError(f"{folder / CONFIG_NAME}: the saved interventions {[a['spec'] for a in saved]} differ from "
+                         f"adapter {adapter_name!r}'s {[b.spec() for b in live]}; use load_reft for another layout")
+    tensors = _read_weights(folder / WEIGHTS_NAME, meta)
+    fresh = _build(meta, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
+    with torch.no_grad():
+        for iv, new in zip(live, fresh):
+            iv.load_state_dict(new.state_dict(), strict=True)  # copies into the existing tensors
+
+
 def load_reft(model: nn.Module, folder: str | Path, adapter_name: str = "default") -> ReftModel:
     """Wrap `model` (freezing it) and attach the adapter saved in `folder`."""
     reft = ReftModel(model)
