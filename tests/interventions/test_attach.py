@@ -300,3 +300,17 @@ def test_bad_locations_and_layers_fail_clearly(tiny_lm):
         a = reft(input_ids=ids_batch(), intervention_locations=torch.tensor([[2], [3], [-1]])).logits
         b = reft(input_ids=ids_batch(), intervention_locations=torch.tensor([[[2], [2]], [[3], [3]], [[-1], [-1]]])).logits
     assert torch.equal(a, b)
+
+
+def test_interventions_follow_the_model_dtype(tiny_dir):
+    from alignkit.models.loading import load_model
+
+    base = load_model(tiny_dir("llama"), dtype="bfloat16").eval()
+    reft = get_reft_model(base, ReftConfig.uniform([0], "noreft", low_rank_dimension=2))
+    iv = reft.interventions["default"][0]
+    assert iv.spec()["dtype"] == "bfloat16" and all(p.dtype == torch.bfloat16 for p in iv.parameters())
+    ids = ids_batch()
+    loc = torch.tensor([[[2]], [[-1]], [[-1]]])
+    with torch.no_grad():
+        out, want = reft(input_ids=ids, intervention_locations=loc).logits, base(input_ids=ids).logits
+    assert out.dtype == torch.bfloat16 and torch.equal(out[1:], want[1:]) and torch.equal(out[0, :2], want[0, :2])
