@@ -1,0 +1,104 @@
+"""Adapter layer: switched off = base model, save/load round trip of the trainable state only, resume in place,
+activation checkpointing through LoRA and ReFT, and no silent dtype change under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.models.adapters import (adapter_kind, load_adapter, load_adapter_weights, reference_off, save_adapter,
+                                      trainable_state_dict, unwrap_lm)
+from alignkit.models.loading import load_model
+from alignkit.trainers import SFTTrainer, completion_logps
+
+from .conftest import adapter_config, fast_args
+
+ADAPTERS = ["lora", "reft", "reft+lora"]
+
+
+def _perturb(model, scale=0.1):
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_reference_off_is_the_base_model(kind, make_model, features, collators, tiny_dir):
+    model = make_model(kind)
+    _perturb(model)
+    batch = collators["sft"](features["sft"][:4])
+    base = load_model(tiny_dir("llama"))
+    with torch.no_grad():
+        want, _ = completion_logps(base, batch)
+        on, _ = completion_logps(model, batch)
+        with reference_off(model):
+            off, _ = completion_logps(model, batch)
+    torch.testing.assert_close(off, want, rtol=0, atol=1e-5)
+    assert (on - want).abs().max() > 1e-3
+
+
+def test_reference_off_refuses_full(make_model):
+    with pytest.raises(ValueError, match="frozen"):
+        with reference_off(make_model("full")):
+            pass
+
+
+@pytest.mark.parametrize("kind", ADAPTERS)
+def test_save_load_round_trip(kind, make_model, features, collators, tiny_dir, tmp_path):
+    model = make_model(kind)
+    _perturb(model)
+    save_adapter(model, tmp_path / "a")
+    loaded = load_adapter(load_model(tiny_dir("llama")), tmp_path / "a")
+    assert adapter_kind(loaded) == kind
+    batch = collators["sft"](features["sft"][:4])
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logps(loaded, batch)[0], completion_logps(model, batch)[0])
+    size = sum(f.stat().st_size for f in (tmp_path / "a").glob("*.safetensors"))
+    n_trainable = sum(v.numel() for v in trainable_state_dict(model).values())
+    assert size < 4 * n_trainable + 20_000  # only the trainable state (float32) plus headers
+
+    fresh = make_model(kind, seed=3)  # resume: copy the saved weights into a live wrapper, in place
+    params = {n: p for n, p in fresh.named_parameters()}
+    load_adapter_weights(fresh, tmp_path / "a")
+    assert all(params[n] is p for n, p in fresh.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logps(fresh, batch)[0], completion_logps(model, batch)[0])
+
+
+def test_reft_classifier_head_is_trained_and_saved(make_model, tiny_dir, tmp_path):
+    model = make_model("reft", classifier=True)
+    assert any(n.startswith("model.score") for n, p in model.named_parameters() if p.requires_grad)
+    _perturb(model)
+    save_adapter(model, tmp_path / "rm")
+    base = load_model(tiny_dir("llama", classifier=True, num_labels=1), task="classifier", num_labels=1)
+    loaded = load_adapter(base, tmp_path / "rm")
+    torch.testing.assert_close(loaded.model.score.weight, model.model.score.weight)
+
+
+@pytest.mark.parametrize("kind", ["lora", "reft"])
+def test_gradient_checkpointing_same_gradients(kind, make_model, features, collators, tmp_path):
+    batch = collators["sft"](features["sft"][:4])
+    grads = []
+    for ckpt in (False, True):
+        model = make_model(kind)
+        trainer = SFTTrainer(model, fast_args(tmp_path, activation_checkpointing=ckpt), train_dataset=features["sft"],
+                             data_collator=collators["sft"])
+        model.train()
+        layers_ckpt = [m.gradient_checkpointing for m in unwrap_lm(model).modules() if hasattr(m, "gradient_checkpointing")]
+        assert layers_ckpt and any(layers_ckpt) == ckpt
+        trainer.compute_loss(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert grads[1][n].abs().sum() > 0 or grads[0][n].abs().sum() == 0, n
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_bf16_autocast_keeps_weight_dtype(make_model, features, collators, tmp_path):
+    model = make_model("lora")
+    trainer = SFTTrainer(model, fast_args(tmp_path, bf16=True, max_steps=1), train_dataset=features["sft"],
+                         data_collator=collators["sft"])
+    trainer.train()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
