@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,19 @@ def _base_model(reft_model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(base, torch.nn.Module):
             return base
     raise AttributeError(f"{type(reft_model).__name__} exposes no base model as .model or .base_model")
+
+
+class StopAtLoss(TrainerCallback):
+    """Stop training once a logged training loss is below `target` (log every step to check every step)."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and float(logs["loss"]) < self.target:
+            logger.info("loss %.4f < %.4f at step %d: stopping", float(logs["loss"]), self.target, state.global_step)
+            control.should_training_stop = True
+        return control
 
 
 class ReftTrainer(Trainer):
@@ -143,4 +156,4 @@ class ReftTrainer(Trainer):
         load_intervention_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
 
-__all__ = ["ReftTrainer", "intervention_state_dict", "save_intervention_weights", "load_intervention_weights"]
+__all__ = ["ReftTrainer", "StopAtLoss", "intervention_state_dict", "save_intervention_weights", "load_intervention_weights"]

@@ -1,0 +1,1 @@
+"""Demos that run on a laptop CPU in seconds: `alignkit demo`."""
