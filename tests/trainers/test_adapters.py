@@ -102,3 +102,36 @@ def test_bf16_autocast_keeps_weight_dtype(make_model, features, collators, tmp_p
     trainer.train()
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+@pytest.mark.parametrize("kind", ["reft+lora", "full"])
+def test_resume_reproduces_losses(kind, make_model, features, collators, tmp_path):
+    """Stop after a checkpoint, resume from it: the later losses equal those of an uninterrupted run."""
+    common = dict(max_steps=3, save_strategy="steps", save_steps=2, learning_rate=1e-2)
+    full = SFTTrainer(make_model(kind), fast_args(tmp_path / "a", **common), train_dataset=features["sft"],
+                      data_collator=collators["sft"])
+    full.train()
+    want = [h["loss"] for h in full.state.log_history if "loss" in h]
+    files = {p.name for p in (tmp_path / "a" / "out" / "checkpoint-2").iterdir()}
+    assert ("interventions.safetensors" in files) == (kind != "full")
+    resumed = SFTTrainer(make_model(kind, seed=7), fast_args(tmp_path / "a", **common), train_dataset=features["sft"],
+                         data_collator=collators["sft"])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+    got = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    assert got[-1] == pytest.approx(want[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_reft_pairs_share_prompt_positions(side, make_model, features, tokenizer):
+    """Chosen and rejected rows of a pair are edited at the same prompt positions ("f1+l1": first and last)."""
+    from alignkit.data import PreferenceCollator
+    from alignkit.trainers.logps import batch_locations
+
+    feats = features["preference"][:3]
+    batch = PreferenceCollator(tokenizer.pad_token_id, padding_side=side)(feats)
+    loc = batch_locations(make_model("reft"), batch)  # (2B, I, P)
+    start = batch["attention_mask"].argmax(1)  # (2B,) first real token
+    for i, f in enumerate(feats):
+        want = [0, f["prompt_length"] - 1]
+        for row in (i, i + 3):
+            assert (loc[row] - start[row]).tolist() == [want, want]
