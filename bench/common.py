@@ -1,0 +1,319 @@
+"""Shared spec of the side-by-side CPU benchmark: model, data, settings, measurement.
+
+Imported by bench/run_cpu.py (alignkit venv) AND by the peer scripts in bench/peers/ (their own
+venvs: TRL on transformers 5.x, pyreft on transformers 4.45), where alignkit is NOT installed. So
+this file needs only the standard library at import time, and `transformers` + `tokenizers` +
+`torch` inside the functions that build things.
+
+- A *scenario* is a plain JSON-able dict: a tiny Llama config and a data recipe (SCENARIOS).
+- `prepare_scenario` builds the model folder once (config + safetensors + tokenizer) and writes the
+  synthetic JSONL data; every library then loads the same folder with `from_pretrained`.
+- The tokenizer is word-level ("t17" is one token), so token counts are exact and identical in
+  every library and every tokenizers version, and a 32k vocabulary is a real 32k vocabulary.
+- `Meter` times the steps after warmup and counts the non-pad tokens the trained model sees;
+  `finish` writes the result JSON with peak RSS (`ru_maxrss` of this process: every run is a fresh
+  subprocess, started by run_cpu.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]  # ids 0..3
+TASKS = ("sft", "rm", "dpo", "reft")
+
+_LLAMA = dict(model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+              max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+              eos_token_id=2)
+
+SCENARIOS: dict[str, dict] = {
+    # Short, ragged sequences (padding matters): the everyday case on a small model.
+    "small": {
+        "name": "small",
+        "model": dict(_LLAMA, vocab_size=1024),
+        "data": {"seed": 1234, "n": 256, "prompt_len": [8, 48], "completion_len": [8, 48]},
+        "max_length": 128,
+    },
+    # DPO memory: 32k vocabulary, ~512-token sequences (256 prompt + 256 response): the logits
+    # (B, 2, T, 32000) dominate memory, so this is where fused / chunked log-probs show.
+    "dpo_memory": {
+        "name": "dpo_memory",
+        "model": dict(_LLAMA, vocab_size=32000),
+        "data": {"seed": 4321, "n": 64, "prompt_len": [240, 256], "completion_len": [240, 256]},
+        "max_length": 512,
+    },
+}
+
+
+# ----------------------------------------------------------------------------- paths
+def scenario_dir(run_dir: str | Path, spec: dict) -> Path:
+    return Path(run_dir) / spec["name"]
+
+
+def model_dir(run_dir: str | Path, spec: dict) -> Path:
+    return scenario_dir(run_dir, spec) / "model"
+
+
+def data_file(run_dir: str | Path, spec: dict, kind: str) -> Path:
+    """kind: 'sft' (prompt, completion), 'pref' (prompt, chosen, rejected), 'reft' (prompt, completion)."""
+    return scenario_dir(run_dir, spec) / f"{kind}.jsonl"
+
+
+def load_spec(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- model + tokenizer
+def build_tokenizer(vocab_size: int):
+    """Word-level tokenizer: 4 specials + words t0..t{V-5}; whitespace split; no BOS added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({f"t{i}": len(SPECIALS) + i for i in range(vocab_size - len(SPECIALS))})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                  eos_token="<|eos|>", unk_token="<|unk|>", model_max_length=4096,
+                                  model_input_names=["input_ids", "attention_mask"])
+
+
+def load_tokenizer(folder: str | Path, padding_side: str = "right"):
+    """Load the saved tokenizer as a plain fast tokenizer (works on transformers 4.x and 5.x)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tok.padding_side = padding_side
+    return tok
+
+
+def save_model_folder(spec: dict, folder: str | Path) -> Path:
+    """Build the tiny Llama of `spec` (seeded) and its tokenizer; save both to `folder`.
+
+    config.json is rewritten from the spec afterwards with only keys that transformers 4.45 and 5.x
+    both read, so the pyreft env (4.45) loads the identical model.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(spec["model"])
+    cfg.pop("model_type")
+    torch.manual_seed(spec["data"]["seed"])
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).float()
+    model.save_pretrained(folder, safe_serialization=True)
+    build_tokenizer(cfg["vocab_size"]).save_pretrained(folder)
+    neutral = dict(spec["model"], architectures=["LlamaForCausalLM"], torch_dtype="float32",
+                   hidden_act="silu", attention_bias=False, mlp_bias=False, initializer_range=0.02,
+                   use_cache=False)
+    (folder / "config.json").write_text(json.dumps(neutral, indent=2))
+    # transformers 5 writes tokenizer_class "TokenizersBackend", unknown to 4.x: declare the common name.
+    tc = folder / "tokenizer_config.json"
+    tc.write_text(json.dumps(dict(json.loads(tc.read_text()), tokenizer_class="PreTrainedTokenizerFast"), indent=2))
+    return folder
+
+
+# ----------------------------------------------------------------------------- data
+def _words(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(vocab_size - len(SPECIALS)) for _ in range(n)]
+
+
+def _text(ids: list[int], lead_space: bool = False) -> str:
+    return (" " if lead_space else "") + " ".join(f"t{i}" for i in ids)
+
+
+def make_data(spec: dict) -> dict[str, list[dict]]:
+    """Deterministic synthetic records. The completion is a learnable function of the prompt
+    (its tokens shifted by one and reversed) so losses go down; 'rejected' is random.
+    Completions start with a space so prompt + completion tokenizes as the concatenation."""
+    d, v = spec["data"], spec["model"]["vocab_size"]
+    rng = random.Random(d["seed"])
+    sft, pref = [], []
+    for _ in range(d["n"]):
+        p = _words(rng, rng.randint(*d["prompt_len"]), v)
+        n_c = rng.randint(*d["completion_len"])
+        good = [(t + 1) % (v - len(SPECIALS)) for t in reversed(p)]
+        good = (good * (n_c // len(good) + 1))[:n_c]
+        bad = _words(rng, rng.randint(*d["completion_len"]), v)
+        sft.append({"prompt": _text(p), "completion": _text(good, True)})
+        pref.append({"prompt": _text(p), "chosen": _text(good, True), "rejected": _text(bad, True)})
+    return {"sft": sft, "pref": pref, "reft": sft}
+
+
+def prepare_scenario(spec: dict, run_dir: str | Path) -> Path:
+    """Write spec.json, the model folder and the JSONL data of one scenario; returns the spec path."""
+    sdir = scenario_dir(run_dir, spec)
+    sdir.mkdir(parents=True, exist_ok=True)
+    save_model_folder(spec, model_dir(run_dir, spec))
+    for kind, rows in make_data(spec).items():
+        with open(data_file(run_dir, spec, kind), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    spec_path = sdir / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    return spec_path
+
+
+# ----------------------------------------------------------------------------- settings (CLI of every side script)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The one interface of bench/peers/*.py and bench/alignkit_side.py."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", required=True, help="scenario spec.json written by prepare_scenario")
+    ap.add_argument("--run-dir", required=True, help="run folder holding <scenario>/model and the JSONL data")
+    ap.add_argument("--task", required=True, choices=TASKS)
+    ap.add_argument("--out", required=True, help="where to write the result JSON")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before timing starts")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--grad-ckpt", choices=["default", "on", "off"], default="default")
+    ap.add_argument("--precision", choices=["default", "fp32", "bf16"], default="default")
+    ap.add_argument("--padding-free", action="store_true", help="flatten the batch (where the library supports it)")
+    ap.add_argument("--max-length", type=int, default=None, help="defaults to the spec's max_length")
+    ap.add_argument("--position", default="l1", help="ReFT positions, e.g. l1 or f1+l1")
+    ap.add_argument("--layer", type=int, default=None, help="ReFT layer (default: middle layer)")
+    ap.add_argument("--rank", type=int, default=4, help="LoReFT rank")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    spec = load_spec(args.spec)
+    if args.max_length is None:
+        args.max_length = spec["max_length"]
+    if args.layer is None:
+        args.layer = spec["model"]["num_hidden_layers"] // 2
+    args.spec_dict = spec
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("spec_dict",)}
+
+
+def setup_torch(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+
+# ----------------------------------------------------------------------------- measurement
+def rss_mb() -> float:
+    """Peak resident set size of this process so far, MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Meter:
+    """Times steps warmup+1 .. warmup+steps and counts non-pad tokens fed to `module` meanwhile.
+
+    `module` is the model whose forward sees the training batches (the policy, not a reference
+    model); a forward pre-hook counts attention_mask.sum() (or input_ids.numel() when no mask is
+    given, as in padding-free batches) for forwards run with grad enabled, so reference passes
+    under no_grad (a frozen copy, or the same model with its adapter off) are not counted.
+    Call `step_end(n)` after each optimizer step n (1-based), e.g. from a TrainerCallback.
+    """
+
+    def __init__(self, module, warmup: int, steps: int, batch_size: int):
+        self.warmup, self.steps, self.batch_size = warmup, steps, batch_size
+        self.tokens = 0
+        self.t0 = self.t1 = None
+        self.tokens0 = self.tokens1 = 0
+        self.losses: list[float] = []
+        self.rss_before_train = rss_mb()
+        module.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        import torch
+
+        if not torch.is_grad_enabled():
+            return None
+        # pyvene-style wrappers take the batch as a dict in the first argument: forward(base, ...)
+        batch = args[0] if args and isinstance(args[0], dict) else kwargs
+        mask = batch.get("attention_mask")
+        ids = batch.get("input_ids", args[0] if args and not isinstance(args[0], dict) else None)
+        if mask is not None and mask.dim() == 2:
+            self.tokens += int(mask.sum())
+        elif ids is not None:
+            self.tokens += int(ids.numel())
+        return None
+
+    def step_end(self, step: int) -> None:
+        if step == self.warmup:
+            self.t0, self.tokens0 = time.perf_counter(), self.tokens
+        elif step == self.warmup + self.steps:
+            self.t1, self.tokens1 = time.perf_counter(), self.tokens
+
+    def result(self) -> dict:
+        if self.t0 is None or self.t1 is None:
+            raise RuntimeError(f"timing incomplete: saw step {self.warmup} -> {self.t0}, "
+                               f"step {self.warmup + self.steps} -> {self.t1}; did training stop early?")
+        dt = self.t1 - self.t0
+        tok = self.tokens1 - self.tokens0
+        return {"seconds": dt, "samples_per_s": self.steps * self.batch_size / dt,
+                "tokens_per_s": tok / dt, "timed_tokens": tok,
+                "final_loss": self.losses[-1] if self.losses else None,
+                "rss_before_train_mb": self.rss_before_train}
+
+
+def trainer_callback(meter: Meter):
+    """A transformers TrainerCallback feeding `meter` (step ends and logged losses)."""
+    from transformers import TrainerCallback
+
+    class _MeterCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            meter.step_end(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                meter.losses.append(float(logs["loss"]))
+
+    return _MeterCallback()
+
+
+def versions(*names: str) -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for n in ("torch", "transformers", *names):
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def finish(args: argparse.Namespace, library: str, meter: Meter, extra: dict | None = None,
+           libs: tuple[str, ...] = ()) -> dict:
+    """Write and print the result JSON of one run."""
+    res = {"library": library, "task": args.task, "scenario": args.spec_dict["name"], "status": "ok",
+           **meter.result(), "peak_rss_mb": rss_mb(), "steps": args.steps, "warmup": args.warmup,
+           "settings": settings_of(args), "versions": versions(*libs), **(extra or {})}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: res[k] for k in ("library", "task", "samples_per_s", "tokens_per_s", "peak_rss_mb",
+                                          "final_loss")}))
+    return res
+
+
+def skip(args: argparse.Namespace, library: str, reason: str) -> None:
+    """Write a 'skipped' result (e.g. alignkit trainer not available yet) and exit 0."""
+    res = {"library": library, "task": args.task, "scenario": args.spec_dict["name"], "status": "skipped",
+           "reason": reason, "settings": settings_of(args)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res))
+    sys.exit(0)
