@@ -1,0 +1,147 @@
+"""alignkit's side of the CPU benchmark: same interface, model, data and settings as bench/peers/*.py.
+
+    .venv/bin/python bench/alignkit_side.py --spec RUN/small/spec.json --run-dir RUN --task sft --out r.json [...]
+
+One function per task (TASK_RUNNERS), each: load the benchmark model folder, tokenize the JSONL with
+alignkit.data, build the alignkit trainer, attach `common.Meter`, train warmup + steps, write the result
+with `common.finish(args, "alignkit", meter, ...)`. The alignkit imports are lazy: when a name the task
+needs cannot be imported (the trainers are being written), the task writes a "skipped" result saying
+so, and run_cpu.py shows the row as missing. See bench/README.md ("alignkit_side.py interface").
+
+alignkit's speed knobs: precision "default" = float32 (alignkit never turns bf16 on by itself),
+grad-ckpt "default" = off, --padding-free = `PackedSFTCollator` (SFT only).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for common.py
+
+import common  # noqa: E402
+
+
+def _import(args, module: str, *names: str) -> list[Any]:
+    """`from module import names`, or write a skipped result ("not available yet") and exit."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+        return [getattr(mod, n) for n in names]
+    except (ImportError, AttributeError) as e:
+        common.skip(args, "alignkit", f"not available yet: {module}.{{{', '.join(names)}}} ({e})")
+
+
+def _training_args(args, name: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(Path(args.run_dir) / "trainer_out" / name), per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps, learning_rate=args.lr, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=args.seed,
+        activation_checkpointing=args.grad_ckpt == "on", bf16=args.precision == "bf16")
+
+
+def _tokenized(args, kind: str, tok) -> list[dict]:
+    """The JSONL of `kind` ('sft' | 'pref' | 'reft') as alignkit records, tokenized (EOS appended)."""
+    SFTRecord, PreferenceRecord, tokenize_records = _import(
+        args, "alignkit.data", "SFTRecord", "PreferenceRecord", "tokenize_records")
+    rows = common.read_jsonl(common.data_file(args.run_dir, args.spec_dict, kind))
+    if kind == "pref":
+        recs = [PreferenceRecord(r["prompt"], r["chosen"], r["rejected"], id=str(i)) for i, r in enumerate(rows)]
+    else:
+        recs = [SFTRecord(r["prompt"], r["completion"], id=str(i)) for i, r in enumerate(rows)]
+    feats, _ = tokenize_records(recs, tok, max_length=args.max_length, max_prompt_length=None)
+    return feats
+
+
+def _model(args, task: str = "causal_lm"):
+    import torch
+
+    (load_model,) = _import(args, "alignkit.models.loading", "load_model")
+    torch.manual_seed(args.seed)  # a classifier's score head is initialised at load
+    return load_model(common.model_dir(args.run_dir, args.spec_dict), task=task, dtype="float32",
+                      num_labels=1 if task == "classifier" else None)
+
+
+def _train(args, trainer, meter_module, extra: dict | None = None) -> dict:
+    meter = common.Meter(meter_module, args.warmup, args.steps, args.batch_size)
+    trainer.add_callback(common.trainer_callback(meter))
+    trainer.train()
+    eff = {"effective": {"gradient_checkpointing": args.grad_ckpt == "on", "bf16": args.precision == "bf16",
+                         "padding_free": bool(args.padding_free), "max_length": args.max_length}}
+    return common.finish(args, "alignkit", meter, {**eff, **(extra or {})}, libs=("alignkit", "accelerate"))
+
+
+def run_sft(args, tok) -> dict:
+    (SFTTrainer,) = _import(args, "alignkit.trainers", "SFTTrainer")
+    SFTCollator, PackedSFTCollator = _import(args, "alignkit.data", "SFTCollator", "PackedSFTCollator")
+    model = _model(args)
+    collator = PackedSFTCollator() if args.padding_free else SFTCollator(tok.pad_token_id)
+    trainer = SFTTrainer(model, _training_args(args, "alignkit_sft"), train_dataset=_tokenized(args, "sft", tok),
+                         data_collator=collator, processing_class=tok)
+    return _train(args, trainer, model)
+
+
+def run_rm(args, tok) -> dict:
+    if args.padding_free:
+        common.skip(args, "alignkit", "padding-free reward modeling is not offered")
+    (RewardTrainer,) = _import(args, "alignkit.trainers", "RewardTrainer")
+    (PreferenceCollator,) = _import(args, "alignkit.data", "PreferenceCollator")
+    model = _model(args, task="classifier")
+    trainer = RewardTrainer(model, _training_args(args, "alignkit_rm"), train_dataset=_tokenized(args, "pref", tok),
+                            data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok)
+    return _train(args, trainer, model)
+
+
+def run_dpo(args, tok) -> dict:
+    if args.padding_free:
+        common.skip(args, "alignkit", "padding-free DPO is not offered")
+    (PreferenceTrainer,) = _import(args, "alignkit.trainers", "PreferenceTrainer")
+    (PreferenceCollator,) = _import(args, "alignkit.data", "PreferenceCollator")
+    model = _model(args)
+    # Full finetuning: the reference is a frozen copy, as in TRL (reference="auto" picks it).
+    trainer = PreferenceTrainer(model, _training_args(args, "alignkit_dpo"), loss_type="sigmoid", beta=0.1,
+                                train_dataset=_tokenized(args, "pref", tok),
+                                data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok)
+    return _train(args, trainer, model, {"reference": trainer.reference_mode})
+
+
+def run_reft(args, tok) -> dict:
+    """LoReFT at one layer (block output), rank --rank, positions --position; SFT loss on the answer."""
+    if args.padding_free:
+        common.skip(args, "alignkit", "padding-free ReFT is not offered")
+    (SFTTrainer,) = _import(args, "alignkit.trainers", "SFTTrainer")
+    (SFTCollator,) = _import(args, "alignkit.data", "SFTCollator")
+    AdapterConfig, ReftSettings, apply_adapter = _import(
+        args, "alignkit.models.adapters", "AdapterConfig", "ReftSettings", "apply_adapter")
+    import torch
+
+    base = _model(args)
+    torch.manual_seed(args.seed)
+    reft = ReftSettings(config={"representations": [{"layer": args.layer, "component": "block_output",
+                                                     "intervention": "loreft", "low_rank_dimension": args.rank}]},
+                        positions=args.position, share_weights=True)
+    model = apply_adapter(base, AdapterConfig(kind="reft", reft=reft))
+    trainer = SFTTrainer(model, _training_args(args, "alignkit_reft"), train_dataset=_tokenized(args, "reft", tok),
+                         data_collator=SFTCollator(tok.pad_token_id), processing_class=tok)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _train(args, trainer, model, {"trainable_params": n_train, "intervention": "LoReFT",
+                                         "layer": args.layer, "position": args.position})
+
+
+TASK_RUNNERS: dict[str, Callable] = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "reft": run_reft}
+
+
+def main() -> None:
+    args = common.parse_args()
+    _import(args, "alignkit", "__name__")  # alignkit itself must import (this runs in the alignkit venv)
+    common.setup_torch(args)
+    tok = common.load_tokenizer(common.model_dir(args.run_dir, args.spec_dict))
+    TASK_RUNNERS[args.task](args, tok)
+
+
+if __name__ == "__main__":
+    main()
