@@ -1,0 +1,421 @@
+"""Annotators: feedback on (prompt, response) pairs from a reward model, a Python function or an LLM judge.
+
+One interface, `Annotator.annotate(prompts, responses, metas=None) -> Scores`:
+
+    scores.values   FloatTensor (N,)  the score of each item; NaN = no score (failed, policy "skip")
+    scores.failed   BoolTensor  (N,)  the annotator could not score the item (unparseable judge answer,
+                                      out-of-range score, function returned None)
+    scores.meta     list of N dicts   per-item facts (e.g. the judge's raw answer)
+    scores.metrics  dict[str, float]  e.g. judge/parse_failures (a count)
+
+Failure policy (`on_failure`): "skip" leaves NaN (feedback builders drop the item), "default" puts
+`default_score` (in the annotator's output scale) in its place; `failed` is set either way.
+
+Pairwise judgement, `prefer_batch(prompts, a, b) -> list[0 | 1 | None]` (0: a is better, 1: b is better,
+None: cannot tell) and `prefer(prompt, a, b)`: pointwise annotators compare their two scores (ties: None);
+the LLM judge asks its pairwise template. Callers randomise the A/B order first (see `feedback.judge_pairs`).
+
+| name           | class                  | scores                                                        |
+|----------------|------------------------|---------------------------------------------------------------|
+| "reward_model" | RewardModelAnnotator   | the logit of a 1-label sequence classifier, batched           |
+| "function"     | FunctionAnnotator      | a Python function "module:function", per item or batched     |
+| "judge"        | JudgeAnnotator         | a local causal LM's answer to a rubric, parsed with a regex  |
+
+`ANNOTATORS` (a name -> class registry, listed by `alignkit ls`) and `build_annotator({"type": ..., ...})`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from alignkit.data.chat import format_record
+from alignkit.data.collators import pad
+from alignkit.data.records import Completion, Prompt
+from alignkit.losses.registry import Registry
+from alignkit.online.generation import SamplingConfig, generate_responses, model_device
+
+logger = logging.getLogger(__name__)
+
+ANNOTATORS = Registry("annotator")
+FAILURE_POLICIES = ("skip", "default")
+
+
+class AnnotatorError(RuntimeError):
+    """An annotator could not run (bad function, bad return value, bad model). The message names which item."""
+
+
+@dataclass
+class Scores:
+    values: torch.Tensor  # (N,) float32, NaN = no score
+    failed: torch.Tensor  # (N,) bool
+    meta: list[dict] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(N,) bool: items with a usable score."""
+        return ~torch.isnan(self.values)
+
+    def __len__(self) -> int:
+        return self.values.numel()
+
+
+def finalize_scores(raw: Sequence[float | None], on_failure: str, default_score: float | None,
+                    meta: list[dict] | None = None, metrics: dict[str, float] | None = None) -> Scores:
+    """Raw per-item scores (None = failed) -> `Scores`, applying the failure policy."""
+    failed = torch.tensor([r is None for r in raw], dtype=torch.bool)
+    fill = float("nan") if on_failure == "skip" else float(default_score)
+    values = torch.tensor([fill if r is None else float(r) for r in raw], dtype=torch.float32)
+    return Scores(values, failed, meta if meta is not None else [{} for _ in raw], dict(metrics or {}))
+
+
+def _check_policy(on_failure: str, default_score: float | None, who: str) -> None:
+    if on_failure not in FAILURE_POLICIES:
+        raise ValueError(f"{who}: on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
+    if on_failure == "default" and (default_score is None or not math.isfinite(default_score)):
+        raise ValueError(f"{who}: on_failure='default' needs a finite default_score")
+
+
+def _check_lengths(prompts: Sequence, responses: Sequence, who: str) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{who}: {len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
+
+
+def response_text(response: Completion) -> str:
+    """A response as text (a conversation's message contents joined)."""
+    return response if isinstance(response, str) else "\n".join(m["content"] for m in response)
+
+
+class Annotator:
+    """Base class: subclasses implement `annotate`; pairwise judges also override `prefer_batch`."""
+
+    name = "annotator"
+
+    def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
+                 metas: Sequence[dict] | None = None) -> Scores:
+        raise NotImplementedError
+
+    def prefer_batch(self, prompts: Sequence[Prompt], a: Sequence[Completion],
+                     b: Sequence[Completion]) -> list[int | None]:
+        """0 where `a` scores higher, 1 where `b` does, None on a tie or a missing score."""
+        n = len(prompts)
+        s = self.annotate(list(prompts) * 2, list(a) + list(b)).values
+        out: list[int | None] = []
+        for sa, sb in zip(s[:n].tolist(), s[n:].tolist()):
+            out.append(None if math.isnan(sa) or math.isnan(sb) or sa == sb else (0 if sa > sb else 1))
+        return out
+
+    def prefer(self, prompt: Prompt, a: Completion, b: Completion) -> int | None:
+        return self.prefer_batch([prompt], [a], [b])[0]
+
+    def describe(self) -> dict[str, Any]:
+        """What this annotator is, for a round's manifest."""
+        return {"type": self.name}
+
+
+# ---------------------------------------------------------------------------------------------- reward model
+
+@ANNOTATORS.register("reward_model")
+class RewardModelAnnotator(Annotator):
+    """A trained reward model (sequence classifier with one label) scores each (prompt, response).
+
+    Text is built as the reward trainer builds it (`alignkit.data.tokenize`): `format_record(prompt, response)`'s
+    full text, tokenized with the format's `add_special_tokens`, plus EOS when the format does not end the turn
+    itself (`add_eos=None`; force with True/False). A sequence over `max_length` keeps its last tokens. Batches
+    are right-padded; the score is the model's own pooled logit (transformers pools at the rightmost non-pad
+    token). `device` may differ from the policy's.
+    """
+
+    name = "reward_model"
+
+    def __init__(self, model: str | Path | torch.nn.Module, tokenizer: Any = None, *, device: str | None = None,
+                 batch_size: int = 8, formatter: str = "auto", max_length: int | None = 1024,
+                 add_eos: bool | None = None, dtype: str = "float32"):
+        from alignkit.models.loading import load_model, load_tokenizer
+
+        self.path = str(model) if isinstance(model, (str, Path)) else None
+        if self.path is not None:
+            model = load_model(self.path, task="classifier", dtype=dtype)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.path)
+        if tokenizer is None:
+            raise ValueError("RewardModelAnnotator: pass the reward model's tokenizer along with a model object")
+        labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if labels != 1:
+            raise ValueError(f"RewardModelAnnotator: the reward model {self.path or type(model).__name__} has "
+                             f"num_labels={labels}; a reward model has one output (train it with the reward "
+                             f"trainer, or load a sequence classifier with num_labels=1)")
+        self.model = model.to(device) if device is not None else model
+        self.model.eval()
+        self.tokenizer, self.batch_size, self.formatter = tokenizer, batch_size, formatter
+        self.max_length, self.add_eos = max_length, add_eos
+
+    def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], bool]:
+        """(token ids, truncated?) of one item."""
+        f = format_record(prompt, response, self.tokenizer, self.formatter)
+        ids = list(self.tokenizer(f.full, add_special_tokens=f.add_special_tokens)["input_ids"])
+        eos = self.tokenizer.eos_token_id
+        add_eos = self.add_eos if self.add_eos is not None else not f.ends_turn
+        if add_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        if self.max_length is not None and len(ids) > self.max_length:
+            return ids[len(ids) - self.max_length:], True
+        return ids, False
+
+    @torch.no_grad()
+    def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
+                 metas: Sequence[dict] | None = None) -> Scores:
+        _check_lengths(prompts, responses, "RewardModelAnnotator")
+        encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        device = model_device(self.model)
+        values: list[float] = []
+        for s in range(0, len(encoded), self.batch_size):
+            ids = [e[0] for e in encoded[s:s + self.batch_size]]
+            input_ids = pad(ids, self.tokenizer.pad_token_id, side="right").to(device)  # (B, T)
+            mask = pad([[1] * len(x) for x in ids], 0, side="right").to(device)  # (B, T)
+            logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, 1)
+            values.extend(logits[:, 0].float().cpu().tolist())
+        truncated = sum(e[1] for e in encoded)
+        return finalize_scores(values, "skip", None, metrics={"reward_model/truncated": float(truncated)})
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "path": self.path, "formatter": self.formatter, "max_length": self.max_length}
+
+
+# ---------------------------------------------------------------------------------------------- function
+
+def load_function(spec: str) -> Callable:
+    """Import "package.module:function" (or "package.module:Class.method")."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise ValueError(f"reward function {spec!r} must be written 'module:function', e.g. 'my_rewards:exact_match'")
+    module_name, attr = spec.split(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({e}); is it on "
+                         f"PYTHONPATH / installed?") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward function {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"reward function {spec!r} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _as_score(value: Any, who: str, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise AnnotatorError(f"{who} returned {value!r} for {where}; return a finite number (or None when the "
+                             f"response cannot be scored)")
+    return float(value)
+
+
+@ANNOTATORS.register("function")
+class FunctionAnnotator(Annotator):
+    """A Python function ("module:function") scores each response: verifiable rewards (format, exact answer).
+
+    Per item (default): `fn(prompt, response, **kwargs) -> float | bool | None`; `batched=True`:
+    `fn(prompts, responses, **kwargs) -> sequence of N such values`. A function with a `meta` (or `metas`)
+    parameter also gets each prompt record's meta (e.g. the reference answer). None = cannot score
+    (the failure policy applies); an exception or a non-number is an `AnnotatorError` naming the function
+    and the item.
+    """
+
+    name = "function"
+
+    def __init__(self, fn: str | Callable, *, batched: bool = False, kwargs: dict | None = None,
+                 on_failure: str = "skip", default_score: float | None = None):
+        self.spec = fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+        self.fn = load_function(fn) if isinstance(fn, str) else fn
+        _check_policy(on_failure, default_score, f"function annotator {self.spec}")
+        self.batched, self.kwargs = batched, dict(kwargs or {})
+        self.on_failure, self.default_score = on_failure, default_score
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self.meta_arg = next((k for k in ("metas", "meta") if k in params), None)
+
+    def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
+                 metas: Sequence[dict] | None = None) -> Scores:
+        _check_lengths(prompts, responses, f"reward function {self.spec}")
+        metas = list(metas) if metas is not None else [{} for _ in prompts]
+        texts = [response_text(r) for r in responses]
+        who = f"reward function {self.spec}"
+        if self.batched:
+            extra = {self.meta_arg: metas} if self.meta_arg else {}
+            try:
+                out = list(self.fn(list(prompts), texts, **extra, **self.kwargs))
+            except Exception as e:
+                raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
+            if len(out) != len(texts):
+                raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
+            raw = [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+        else:
+            raw = []
+            for i, (p, t, m) in enumerate(zip(prompts, texts, metas)):
+                extra = {self.meta_arg: m} if self.meta_arg else {}
+                where = f"item {i} (prompt {str(p)[:60]!r}, response {t[:60]!r})"
+                try:
+                    v = self.fn(p, t, **extra, **self.kwargs)
+                except Exception as e:
+                    raise AnnotatorError(f"{who} failed on {where}: {e!r}") from e
+                raw.append(_as_score(v, who, where))
+        n_failed = sum(r is None for r in raw)
+        return finalize_scores(raw, self.on_failure, self.default_score,
+                               metrics={"function/failures": float(n_failed)})
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure}
+
+
+# ---------------------------------------------------------------------------------------------- LLM judge
+
+DEFAULT_TEMPLATE = ("Rate how helpful and correct the response is, from 1 (useless) to 10 (excellent).\n"
+                    "Question: {prompt}\nResponse: {response}\nEnd your answer with 'Score: <1-10>'.")
+DEFAULT_PAIR_TEMPLATE = ("Which response answers the question better?\nQuestion: {prompt}\n"
+                         "Response A: {response_a}\nResponse B: {response_b}\nAnswer 'Winner: A' or 'Winner: B'.")
+
+
+def render(template: str, **values: str) -> str:
+    """Replace each {name} of `template` (plain replacement: other braces in the text are left alone)."""
+    for k, v in values.items():
+        template = template.replace("{" + k + "}", v)
+    return template
+
+
+def prompt_text(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+@ANNOTATORS.register("judge")
+class JudgeAnnotator(Annotator):
+    """A local causal LM judges each response with a rubric template; the score is parsed with a regex.
+
+    `template` holds {prompt} and {response}; with `chat=True` (and a tokenizer chat template) it is sent as
+    one user message. Greedy answers of up to `max_new_tokens`; `pattern`'s first group is the score
+    (first match). A score outside `score_range` counts as a failure; with `normalize`, s -> (s - lo) / (hi - lo)
+    in [0, 1]. Metrics: judge/parse_failures (no match), judge/out_of_range, judge/failure_rate.
+    Pairwise: `pair_template` ({prompt}, {response_a}, {response_b}) and `pair_pattern` capturing "A" or "B".
+    """
+
+    name = "judge"
+
+    def __init__(self, model: str | Path | torch.nn.Module, tokenizer: Any = None, *, template: str = DEFAULT_TEMPLATE,
+                 pattern: str = r"Score:\s*(-?\d+(?:\.\d+)?)", score_range: tuple[float, float] = (1.0, 10.0),
+                 normalize: bool = True, on_failure: str = "skip", default_score: float | None = None,
+                 max_new_tokens: int = 16, batch_size: int = 8, chat: bool = True,
+                 pair_template: str = DEFAULT_PAIR_TEMPLATE, pair_pattern: str = r"Winner:\s*([AB])",
+                 device: str | None = None, dtype: str = "float32"):
+        from alignkit.models.loading import load_model, load_tokenizer
+
+        self.path = str(model) if isinstance(model, (str, Path)) else None
+        if self.path is not None:
+            model = load_model(self.path, dtype=dtype)
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.path, padding_side="left")
+        if tokenizer is None:
+            raise ValueError("JudgeAnnotator: pass the judge's tokenizer along with a model object")
+        for key, tpl, names in (("template", template, ("prompt", "response")),
+                                ("pair_template", pair_template, ("prompt", "response_a", "response_b"))):
+            missing = [n for n in names if "{" + n + "}" not in tpl]
+            if missing:
+                raise ValueError(f"JudgeAnnotator: {key} lacks placeholder(s) {['{' + n + '}' for n in missing]}")
+        self.regex, self.pair_regex = re.compile(pattern), re.compile(pair_pattern)
+        if self.regex.groups < 1 or self.pair_regex.groups < 1:
+            raise ValueError("JudgeAnnotator: pattern and pair_pattern need one capture group, e.g. 'Score: (\\d+)'")
+        lo, hi = float(score_range[0]), float(score_range[1])
+        if not lo < hi:
+            raise ValueError(f"JudgeAnnotator: score_range must be (low, high) with low < high, got {score_range}")
+        _check_policy(on_failure, default_score, "JudgeAnnotator")
+        self.model = model.to(device) if device is not None else model
+        self.tokenizer, self.template, self.pair_template = tokenizer, template, pair_template
+        self.pattern, self.pair_pattern, self.range, self.normalize = pattern, pair_pattern, (lo, hi), normalize
+        self.on_failure, self.default_score = on_failure, default_score
+        self.batch_size, self.chat = batch_size, chat and getattr(tokenizer, "chat_template", None) is not None
+        self.sampling = SamplingConfig(do_sample=False, max_new_tokens=max_new_tokens)
+        self.last_pair_metrics: dict[str, float] = {}
+
+    def _ask(self, texts: list[str]) -> list[str]:
+        prompts = [[{"role": "user", "content": t}] if self.chat else t for t in texts]
+        samples = generate_responses(self.model, self.tokenizer, prompts, self.sampling, batch_size=self.batch_size)
+        return [s.response for s in samples]
+
+    def parse(self, answer: str) -> tuple[float | None, str | None]:
+        """(score in output scale, None) or (None, "unparseable" | "out_of_range")."""
+        m = self.regex.search(answer)
+        if m is None:
+            return None, "unparseable"
+        try:
+            s = float(m.group(1))
+        except ValueError:
+            return None, "unparseable"
+        lo, hi = self.range
+        if not lo <= s <= hi:
+            return None, "out_of_range"
+        return ((s - lo) / (hi - lo) if self.normalize else s), None
+
+    def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
+                 metas: Sequence[dict] | None = None) -> Scores:
+        _check_lengths(prompts, responses, "JudgeAnnotator")
+        asks = [render(self.template, prompt=prompt_text(p), response=response_text(r))
+                for p, r in zip(prompts, responses)]
+        answers = self._ask(asks)
+        parsed = [self.parse(a) for a in answers]
+        meta = [{"judge_output": a, **({"judge_error": err} if err else {})} for a, (_, err) in zip(answers, parsed)]
+        n_parse = sum(err == "unparseable" for _, err in parsed)
+        n_range = sum(err == "out_of_range" for _, err in parsed)
+        if n_parse or n_range:
+            logger.warning("judge: %d/%d answer(s) unparseable (pattern %r), %d out of range %s; policy %r; e.g. %r",
+                           n_parse, len(answers), self.pattern, n_range, self.range, self.on_failure,
+                           next(m["judge_output"] for m in meta if "judge_error" in m)[:80])
+        metrics = {"judge/parse_failures": float(n_parse), "judge/out_of_range": float(n_range),
+                   "judge/failure_rate": (n_parse + n_range) / max(len(answers), 1)}
+        return finalize_scores([s for s, _ in parsed], self.on_failure, self.default_score, meta, metrics)
+
+    def prefer_batch(self, prompts: Sequence[Prompt], a: Sequence[Completion],
+                     b: Sequence[Completion]) -> list[int | None]:
+        asks = [render(self.pair_template, prompt=prompt_text(p), response_a=response_text(x),
+                       response_b=response_text(y)) for p, x, y in zip(prompts, a, b)]
+        out: list[int | None] = []
+        for ans in self._ask(asks):
+            m = self.pair_regex.search(ans)
+            out.append(None if m is None or m.group(1) not in ("A", "B") else (0 if m.group(1) == "A" else 1))
+        self.last_pair_metrics = {"judge/pair_parse_failures": float(sum(o is None for o in out))}
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": self.name, "path": self.path, "pattern": self.pattern, "score_range": list(self.range),
+                "normalize": self.normalize, "on_failure": self.on_failure, "default_score": self.default_score,
+                "max_new_tokens": self.sampling.max_new_tokens}
+
+
+def build_annotator(spec: dict[str, Any] | Annotator) -> Annotator:
+    """An annotator from a config mapping: {"type": "reward_model", "model": "path", ...} (see ANNOTATORS)."""
+    if isinstance(spec, Annotator):
+        return spec
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"annotator spec must be a mapping with a 'type' (one of {sorted(ANNOTATORS)}), got {spec!r}")
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    cls = ANNOTATORS[spec["type"]]
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"annotator {spec['type']!r}: bad arguments {sorted(kwargs)} ({e}); see "
+                         f"{cls.__name__}'s docstring") from e
+
+
+__all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "Scores", "finalize_scores", "RewardModelAnnotator",
+           "FunctionAnnotator", "JudgeAnnotator", "load_function", "build_annotator", "render", "prompt_text",
+           "response_text", "DEFAULT_TEMPLATE", "DEFAULT_PAIR_TEMPLATE"]

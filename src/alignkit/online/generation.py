@@ -1,0 +1,284 @@
+"""Generation from the current policy, inside training: prompts -> `Sample`s.
+
+    samples = generate_responses(model, tokenizer, prompts, SamplingConfig(num_samples=4, max_new_tokens=64))
+
+Prompts are `PromptRecord`s (or any record: its prompt is used), plain strings, or conversations (lists of
+{"role", "content"} messages). Each is formatted with `alignkit.data.chat.format_record` (formatter "auto":
+the tokenizer's chat template for conversations, verbatim text for strings), tokenized on its own, and, if
+longer than `max_prompt_length`, keeps its LAST tokens (as `alignkit.data.tokenize` does for prompts).
+
+Batches are left-padded and generated with Hugging Face `generate` (KV cache on). The same call works for a
+plain transformers model, a `peft` model, and a `ReftModel`: for a ReftModel the prompt tokens named by
+`positions` ("l1", "f3+l3", ... see `alignkit.data.positions`) are intervened on, exactly as in training
+(locations built from each row's non-pad span); `intervene_on_generated=True` also edits generated tokens.
+The model is put in eval mode during generation and given back in the mode it had.
+
+Ordering: `num_samples` responses per prompt, prompt-major and contiguous: sample j of prompt i is at
+index `i * num_samples + j` (`Sample.group == i`, `Sample.index == j`), the layout the group advantages of
+`alignkit.losses.policy` expect.
+
+Finish reasons (`Sample.finish_reason`):
+- "eos":    the model emitted an end token (the generation config's / tokenizer's EOS, or one of
+            `SamplingConfig.stop_token_ids`). `response_ids` end WITH that token (the policy chose it;
+            it is part of the action sequence to score); `response` text never contains it.
+- "stop":   a stop string appeared first. `response_ids` are cut after the token that completed the
+            stop string (the shortest prefix whose decoding contains it); `response` is cut just before
+            the stop string (or after it, with `include_stop_str_in_output`).
+- "length": `max_new_tokens` reached with neither.
+
+Sampling distribution: temperature, top_p and top_k are passed explicitly (top_k=None disables top-k rather
+than taking transformers' default of 50; repetition penalty is pinned to 1.0), so what is sampled is the
+policy's distribution at `temperature`, what an on-policy trainer must score. `seed` makes a call
+reproducible without touching the global RNG (its state is forked and restored); vary it per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from alignkit.data.chat import format_record
+from alignkit.data.collators import pad
+from alignkit.data.positions import Positions, locations_from_mask
+from alignkit.data.records import DataError, Prompt, PromptRecord
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample responses. `top_k=None` and `top_p=1.0` disable those filters."""
+
+    max_new_tokens: int = 64
+    num_samples: int = 1
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"SamplingConfig.num_samples must be >= 1, got {self.num_samples}")
+        if self.do_sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"SamplingConfig.temperature must be > 0 when sampling, got {self.temperature} "
+                             f"(use do_sample=False for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0 or None, got {self.top_k}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingConfig.stop must be a list of non-empty strings, got {self.stop!r}")
+        if not self.do_sample and self.num_samples > 1:
+            logger.warning("greedy decoding (do_sample=False) with num_samples=%d gives identical samples",
+                           self.num_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    """One generated response. Token ids are plain lists (prompt unpadded, response without padding).
+    `group`/`index`: prompt index and sample number; `prompt_id`, `weight`, `meta`: from the prompt record
+    (e.g. a reference answer in `meta` for a verifiable-reward function)."""
+
+    prompt: Prompt
+    response: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    finish_reason: str
+    group: int = 0
+    index: int = 0
+    prompt_id: str = ""
+    weight: float = 1.0
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "sample") -> "Sample":
+        missing = [k for k in ("prompt", "response", "prompt_ids", "response_ids", "finish_reason") if k not in d]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {missing}; a sample needs prompt, response, prompt_ids, "
+                            f"response_ids and finish_reason (write samples with Sample.to_dict)")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def as_prompt_records(prompts: Sequence[Any]) -> list[PromptRecord]:
+    """Records (their prompt and weight are used), strings or conversations -> `PromptRecord`s."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, PromptRecord):
+            out.append(p)
+        elif hasattr(p, "prompt") and hasattr(p, "kind"):
+            out.append(PromptRecord(p.prompt, weight=p.weight, id=p.id, meta=dict(p.meta)))
+        elif isinstance(p, (str, list)):
+            out.append(PromptRecord(p, id=f"prompt[{i}]"))
+        else:
+            raise DataError(f"prompt[{i}]: expected a record, a string or a list of messages, got {type(p).__name__}")
+    return out
+
+
+def encode_prompt(prompt: Prompt, tokenizer: Any, formatter: str = "auto",
+                  max_prompt_length: int | None = None) -> list[int]:
+    """Token ids of the formatted prompt (with the generation prompt), left-truncated to `max_prompt_length`."""
+    f = format_record(prompt, None, tokenizer, formatter)
+    ids = list(tokenizer(f.prompt, add_special_tokens=f.add_special_tokens)["input_ids"])
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        ids = ids[len(ids) - max_prompt_length:]
+    return ids
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    if p is None:
+        p = next(iter(model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig) -> list[int]:
+    """EOS ids of the model's generation config and the tokenizer, plus `cfg.stop_token_ids`."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, list(cfg.stop_token_ids)):
+        for i in ([v] if isinstance(v, int) else (v or [])):
+            if i not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("no end-of-sequence token: neither the model's generation_config nor the tokenizer has "
+                         "an eos_token_id; set one or pass SamplingConfig(stop_token_ids=[...])")
+    return ids
+
+
+def _generation_kwargs(cfg: SamplingConfig, tokenizer: Any, eos: list[int]) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
+    kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, use_cache=True,
+                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
+                              num_beams=1)
+    if cfg.do_sample:
+        kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0)
+    if cfg.stop:
+        kw["stop_strings"] = list(cfg.stop)  # stops each row early; the cut itself is ours (finish_response)
+    out: dict[str, Any] = {"generation_config": GenerationConfig(**kw)}
+    if cfg.stop:
+        out["tokenizer"] = tokenizer
+    return out
+
+
+def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: SamplingConfig) -> tuple[list[int], str, str]:
+    """Generated ids of one row -> (response ids, response text, finish reason); rules in the module docstring."""
+    cut = next((i for i, t in enumerate(ids) if t in eos), None)
+    body = ids if cut is None else ids[:cut]
+
+    def decode(x: list[int]) -> str:
+        return tokenizer.decode(x, skip_special_tokens=True)
+
+    text = decode(body)
+    if cfg.stop:
+        hits = [(text.find(s), s) for s in cfg.stop if s in text]
+        if hits:
+            start, stop = min(hits)
+            lo, hi = 1, len(body)  # smallest k with a stop string in decode(body[:k]); monotone in k
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if any(s in decode(body[:mid]) for s in cfg.stop):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            end = start + len(stop) if cfg.include_stop_str_in_output else start
+            return body[:lo], text[:end], "stop"
+    if cut is not None:
+        return ids[:cut + 1], text, "eos"
+    return list(ids), text, "length"
+
+
+@torch.no_grad()
+def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
+                       batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
+                       intervene_on_generated: bool = False, formatter: str = "auto",
+                       max_prompt_length: int | None = None) -> list[Sample]:
+    """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
+
+    `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` (required for a
+    `ReftModel`) is the training position spec; `share_weights` its layout (`alignkit.data.positions`).
+    """
+    from alignkit.interventions.attach import ReftModel
+
+    cfg = cfg if cfg is not None else SamplingConfig()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+    is_reft = isinstance(model, ReftModel)
+    if is_reft and positions is None:
+        raise ValueError("generating with a ReftModel needs positions: pass the spec it was trained with, "
+                         "e.g. positions='l1' or 'f3+l3' (see alignkit.data.positions)")
+    records = as_prompt_records(prompts)
+    encoded = [encode_prompt(r.prompt, tokenizer, formatter, max_prompt_length) for r in records]
+    for r, ids in zip(records, encoded):
+        if not ids:
+            raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
+    eos = end_token_ids(model, tokenizer, cfg)
+    gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
+    rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
+    device = model_device(model)
+    samples: list[Sample] = []
+    was_training = model.training
+    model.eval()
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=cfg.seed is not None)
+    try:
+        with rng:
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
+            for s in range(0, len(rows), batch_size):
+                chunk = rows[s:s + batch_size]
+                ids = [encoded[g] for g, _ in chunk]
+                input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)
+                attention_mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)  # (B, T)
+                extra: dict[str, Any] = {}
+                if is_reft:
+                    extra["intervention_locations"] = locations_from_mask(
+                        positions, attention_mask, model.num_interventions, share_weights)  # (B, I, P)
+                    extra["intervene_on_generated"] = intervene_on_generated
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
+                new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+                for (g, k), row in zip(chunk, new):
+                    resp_ids, text, reason = finish_response(row, tokenizer, eos, cfg)
+                    r = records[g]
+                    samples.append(Sample(r.prompt, text, list(encoded[g]), resp_ids, reason, group=g, index=k,
+                                          prompt_id=r.id, weight=r.weight, meta=dict(r.meta)))
+    finally:
+        model.train(was_training)
+    reasons = {k: sum(x.finish_reason == k for x in samples) for k in FINISH_REASONS}
+    logger.info("generated %d response(s) for %d prompt(s); finish reasons %s", len(samples), len(records), reasons)
+    return samples
+
+
+def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
+    """Mean response length (tokens) and the fraction of each finish reason."""
+    n = max(len(samples), 1)
+    out = {"generation/response_length": sum(len(s.response_ids) for s in samples) / n}
+    for k in FINISH_REASONS:
+        out[f"generation/finish_{k}"] = sum(s.finish_reason == k for s in samples) / n
+    return out
+
+
+__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt",
+           "finish_response", "end_token_ids", "model_device", "generation_metrics"]

@@ -1,0 +1,234 @@
+"""Offline rounds: sample -> annotate -> write a dataset -> train with an offline trainer, round after round.
+
+Each stage reads and writes files, so annotation can run as a separate job (another machine, another GPU):
+
+    round-000/
+      samples.jsonl    one `Sample.to_dict()` per line                         (sample_round)
+      records.jsonl    training records as TRL-style columns + weight/margin/   (annotate_round)
+                       label/id/meta: `alignkit.data.load_records(path)` reads them back
+      manifest.json    {"round", "samples": {sampling config, count, generation metrics},
+                        "annotation": {annotator, feedback, reweighters, counts, score stats, metrics}}
+
+Crash safety: every file is written to a temporary name in the same folder, flushed, fsynced and renamed
+over the target (`os.replace` is atomic), data file first, manifest entry last. A stage is complete when
+its data file AND its manifest entry exist; a complete stage is not redone (resume), an incomplete one is
+redone from scratch (`overwrite=True` forces it).
+
+Metrics per round (in the manifest and returned): reward/mean, reward/std, reward/min, reward/max,
+reward/valid, reward/failed, generation/response_length, generation/finish_*, the annotator's own
+(e.g. judge/parse_failures), records/count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from alignkit.data.records import DataError, Record
+from alignkit.online.annotators import Annotator, Scores, build_annotator
+from alignkit.online.feedback import build_records
+from alignkit.online.generation import Sample, SamplingConfig, generate_responses, generation_metrics
+from alignkit.online.reweighting import build_reweighter, reweight
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_FILE, RECORDS_FILE, MANIFEST_FILE = "samples.jsonl", "records.jsonl", "manifest.json"
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file + rename: a reader sees the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: broken JSON line ({e.msg}); delete the file to redo the stage") from None
+    return rows
+
+
+def read_manifest(round_dir: str | Path) -> dict[str, Any]:
+    path = Path(round_dir) / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); delete it to redo the round") from e
+
+
+def _update_manifest(round_dir: Path, key: str, entry: dict[str, Any]) -> None:
+    manifest = read_manifest(round_dir)
+    manifest[key] = entry
+    atomic_write_text(round_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def _complete(round_dir: Path, key: str, file: str) -> bool:
+    return (round_dir / file).is_file() and key in read_manifest(round_dir)
+
+
+def record_to_row(r: Record) -> dict[str, Any]:
+    """A record as the columns `alignkit.data` readers recognise (plus id and meta)."""
+    row: dict[str, Any] = {"prompt": r.prompt}
+    if r.kind == "sft":
+        row["completion"] = r.completion
+    elif r.kind == "unpaired":
+        row.update(completion=r.completion, label=r.label)
+    elif r.kind == "preference":
+        row.update(chosen=r.chosen, rejected=r.rejected, margin=r.margin)
+    else:
+        raise DataError(f"{r.id or 'record'}: rounds write sft, unpaired or preference records, not {r.kind!r}")
+    row.update(weight=r.weight, id=r.id, meta=r.meta)
+    return row
+
+
+def read_samples(path: str | Path) -> list[Sample]:
+    return [Sample.from_dict(d, where=f"{path}:{i + 1}") for i, d in enumerate(read_jsonl(path))]
+
+
+def round_dir(out_dir: str | Path, round_index: int) -> Path:
+    return Path(out_dir) / f"round-{round_index:03d}"
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str | Path, cfg: SamplingConfig, *,
+                 batch_size: int = 8, overwrite: bool = False, **generate_kwargs: Any) -> Path:
+    """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete). Returns its path.
+
+    `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length)."""
+    folder = Path(folder)
+    path = folder / SAMPLES_FILE
+    if not overwrite and _complete(folder, "samples", SAMPLES_FILE):
+        logger.info("%s: complete, not sampled again", path)
+        return path
+    samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
+    atomic_write_jsonl(path, (s.to_dict() for s in samples))
+    _update_manifest(folder, "samples", {"file": SAMPLES_FILE, "count": len(samples), "prompts": len(prompts),
+                                         "sampling": cfg.to_dict(), "metrics": generation_metrics(samples)})
+    return path
+
+
+def score_stats(scores: Scores) -> dict[str, float]:
+    v = scores.values[scores.valid].to(torch.float64)  # (n_valid,)
+    n = v.numel()
+    return {"reward/mean": float(v.mean()) if n else math.nan,
+            "reward/std": float(v.std(unbiased=False)) if n else math.nan,
+            "reward/min": float(v.min()) if n else math.nan, "reward/max": float(v.max()) if n else math.nan,
+            "reward/valid": float(n), "reward/failed": float(scores.failed.sum())}
+
+
+def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
+                   feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
+                   overwrite: bool = False) -> Path:
+    """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
+    write `folder/records.jsonl` (skipped when complete). Returns its path."""
+    folder = Path(folder)
+    path = folder / RECORDS_FILE
+    if not overwrite and _complete(folder, "annotation", RECORDS_FILE):
+        logger.info("%s: complete, not annotated again", path)
+        return path
+    if not _complete(folder, "samples", SAMPLES_FILE):
+        raise FileNotFoundError(f"{folder}: no complete {SAMPLES_FILE} (with its manifest entry); run sample_round "
+                                f"first")
+    annotator = build_annotator(annotator)
+    samples = read_samples(folder / SAMPLES_FILE)
+    scores = None
+    metrics: dict[str, float] = dict(generation_metrics(samples))
+    if feedback != "judge_pairs":
+        scores = annotator.annotate([s.prompt for s in samples], [s.response for s in samples],
+                                    [s.meta for s in samples])
+        metrics.update(score_stats(scores))
+        metrics.update(scores.metrics)
+    records = build_records(feedback, samples, scores, annotator, **(feedback_kwargs or {}))
+    reweighters = [build_reweighter(r) for r in reweighters]
+    if records and reweighters:
+        records = reweight(records, reweighters)
+    metrics["records/count"] = float(len(records))
+    atomic_write_jsonl(path, (record_to_row(r) for r in records))
+    _update_manifest(folder, "annotation", {
+        "file": RECORDS_FILE, "annotator": annotator.describe(), "feedback": feedback,
+        "feedback_kwargs": feedback_kwargs or {}, "reweighters": [r.describe() for r in reweighters],
+        "kinds": sorted({r.kind for r in records}), "metrics": metrics,
+        "scores": None if scores is None else [None if math.isnan(x) else x for x in scores.values.tolist()]})
+    logger.info("%s: %d record(s) from %d sample(s); %s", path, len(records), len(samples),
+                {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")})
+    return path
+
+
+def train_round(records_path: str | Path, trainer_factory: Callable[[list[Record], int], Any],
+                round_index: int = 0) -> Any:
+    """Read the round's records back with `alignkit.data.load_records` and train on them:
+    `trainer = trainer_factory(records, round_index); trainer.train()`. Returns what `train()` returns."""
+    from alignkit.data import load_records
+
+    records = load_records(str(records_path))
+    if not records:
+        logger.warning("%s: no records (no usable feedback this round); skipping training", records_path)
+        return None
+    trainer = trainer_factory(records, round_index)
+    return trainer.train()
+
+
+def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_dir: str | Path, *, num_rounds: int,
+                       sampling: SamplingConfig, annotator: Annotator | dict[str, Any], feedback: str = "best_worst",
+                       trainer_factory: Callable[[list[Record], int], Any] | None = None,
+                       feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
+                       batch_size: int = 8, **generate_kwargs: Any) -> list[dict[str, Any]]:
+    """`num_rounds` of sample -> annotate -> train (resumable: complete stages are skipped). The sampling seed
+    of round k is `sampling.seed + k` (when set). The trainer factory should keep training `model` in place
+    (so the next round samples from the updated policy) and save it: a resumed run skips rounds marked
+    "trained" in their manifest, so load the latest trained weights into `model` before resuming.
+    Returns each round's manifest."""
+    from dataclasses import replace
+
+    annotator = build_annotator(annotator)
+    manifests = []
+    for k in range(num_rounds):
+        folder = round_dir(out_dir, k)
+        cfg = replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
+        sample_round(model, tokenizer, prompts, folder, cfg, batch_size=batch_size, **generate_kwargs)
+        records_path = annotate_round(folder, annotator, feedback, feedback_kwargs=feedback_kwargs,
+                                      reweighters=reweighters)
+        manifest = read_manifest(folder)
+        if trainer_factory is not None and "trained" not in manifest:
+            train_round(records_path, trainer_factory, k)
+            _update_manifest(folder, "trained", True)
+        manifests.append(read_manifest(folder))
+    return manifests
+
+
+__all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
+           "read_manifest", "record_to_row", "read_samples", "round_dir", "sample_round", "score_stats",
+           "annotate_round", "train_round", "run_offline_rounds"]
