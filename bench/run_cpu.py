@@ -1,0 +1,247 @@
+"""The side-by-side CPU suite: alignkit vs TRL (SFT, reward modeling, DPO) and vs pyreft (ReFT).
+
+    .venv/bin/python bench/run_cpu.py                 # full suite (~6-10 min on 2 busy cores)
+    .venv/bin/python bench/run_cpu.py --quick         # fewer steps, smoke check
+    .venv/bin/python bench/run_cpu.py --tasks dpo --threads 2
+
+Every run is a fresh subprocess (its own venv: alignkit's .venv, bench/.envs/trl, bench/.envs/pyreft;
+make the peer envs with bench/setup_peers.sh, absent envs are skipped with a message) on the same
+saved tiny Llama, the same JSONL data, batch size, steps and learning rate. Each library runs at its
+defaults AND at its fastest settings (VARIANTS). Prints one table, writes
+bench/results/cpu-<timestamp>.json and a PNG chart of the alignkit/peer ratios beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import common  # noqa: E402
+
+ENVS = BENCH / ".envs"
+SCRIPTS = {("trl", "sft"): "peers/trl_sft.py", ("trl", "rm"): "peers/trl_rm.py", ("trl", "dpo"): "peers/trl_dpo.py",
+           ("pyreft", "reft"): "peers/pyreft_train.py"}
+
+# The settings each library runs at. "default": speed knobs left alone (TRL 1.16's own defaults are
+# gradient checkpointing ON and bf16 autocast ON, even on CPU). "fastest": checkpointing off, float32
+# (bf16 autocast on a CPU this small costs casts and buys nothing), padding-free where it exists
+# (TRL SFT; alignkit SFT). pyreft has no knobs: one run serves both. alignkit's defaults are already
+# checkpointing off + float32, so only SFT has a separate alignkit "fastest" (padding-free).
+FAST = ["--grad-ckpt", "off", "--precision", "fp32"]
+VARIANTS = {
+    "sft": {"trl": {"default": [], "fastest": FAST + ["--padding-free"]},
+            "alignkit": {"default": [], "fastest": ["--padding-free"]}},
+    "rm": {"trl": {"default": [], "fastest": FAST}, "alignkit": {"default": []}},
+    "dpo": {"trl": {"default": [], "fastest": FAST}, "alignkit": {"default": []}},
+    "reft": {"pyreft": {"default": []}, "alignkit": {"default": []}},
+}
+
+
+@dataclass
+class Case:
+    """One comparison: a task on a scenario, run by alignkit and one peer with shared settings."""
+    task: str
+    scenario: str
+    peer: str
+    shared: list[str]          # batch size, steps, warmup, lr, positions ...
+    label: str = ""
+    runs: dict = field(default_factory=dict)  # (library, variant) -> result dict
+
+
+def cases(quick: bool) -> list[Case]:
+    s = ["--steps", "5", "--warmup", "1"] if quick else ["--steps", "20", "--warmup", "3"]
+    mem = ["--batch-size", "4", "--steps", "1" if quick else "2", "--warmup", "1"]
+    return [
+        Case("sft", "small", "trl", ["--batch-size", "8", *s]),
+        Case("rm", "small", "trl", ["--batch-size", "8", *s]),
+        Case("dpo", "small", "trl", ["--batch-size", "8", *s]),
+        Case("dpo", "dpo_memory", "trl", mem, label="32k vocab, 512 tok"),
+        Case("reft", "small", "pyreft", ["--batch-size", "8", *s, "--lr", "4e-3", "--position", "l1"], label="l1"),
+        Case("reft", "small", "pyreft", ["--batch-size", "8", *s, "--lr", "4e-3", "--position", "f1+l1"],
+             label="f1+l1"),
+    ]
+
+
+def python_of(library: str) -> Path | None:
+    if library == "alignkit":
+        return Path(sys.executable)
+    py = ENVS / library / "bin" / "python"
+    return py if py.exists() else None
+
+
+def run_one(library: str, task: str, variant_args: list[str], case: Case, spec_path: Path, run_dir: Path,
+            threads: int, timeout: int, tag: str) -> dict:
+    py = python_of(library)
+    if py is None:
+        return {"library": library, "status": "skipped",
+                "reason": f"no env at {ENVS / library}: run bench/setup_peers.sh"}
+    script = BENCH / ("alignkit_side.py" if library == "alignkit" else SCRIPTS[(library, task)])
+    out = run_dir / "results" / f"{tag}.json"
+    cmd = [str(py), str(script), "--spec", str(spec_path), "--run-dir", str(run_dir), "--task", task,
+           "--out", str(out), "--threads", str(threads), *case.shared, *variant_args]
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads),
+               HF_HUB_OFFLINE="1", WANDB_DISABLED="true")
+    log = run_dir / "logs" / f"{tag}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t
+    if rc == 0 and out.exists():
+        res = json.loads(out.read_text())
+    else:
+        tail = log.read_text().strip().splitlines()[-3:]
+        res = {"library": library, "status": "error", "reason": f"exit {rc}: " + " | ".join(tail)[-300:]}
+    res.update(command=" ".join(cmd), wall_s=wall, log=str(log))
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+def _ok(r: dict | None) -> bool:
+    return bool(r) and r.get("status") == "ok"
+
+
+def comparisons(all_cases: list[Case]) -> list[dict]:
+    rows = []
+    for c in all_cases:
+        for variant in ("default", "fastest"):
+            a = c.runs.get(("alignkit", variant)) or c.runs.get(("alignkit", "default"))
+            p = c.runs.get((c.peer, variant)) or c.runs.get((c.peer, "default"))
+            if variant == "fastest" and (c.peer, "fastest") not in c.runs and ("alignkit", "fastest") not in c.runs:
+                continue  # both sides have one setting: the default row says it all
+            row = {"task": c.task, "scenario": c.scenario, "label": c.label, "setting": variant, "peer": c.peer,
+                   "alignkit": a, "peer_result": p}
+            if _ok(a) and _ok(p):
+                row["speed_ratio"] = a["samples_per_s"] / p["samples_per_s"]
+                row["tokens_ratio"] = a["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None
+                row["memory_ratio"] = a["peak_rss_mb"] / p["peak_rss_mb"]
+            rows.append(row)
+    return rows
+
+
+def _cell(r: dict | None, key: str, fmt: str) -> str:
+    if not _ok(r):
+        return "—"
+    return format(r[key], fmt)
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'task':<5} {'scenario':<22} {'setting':<8} {'peer':<7} | {'samples/s ak':>12} {'peer':>8} {'x':>6} | "
+            f"{'tokens/s ak':>11} {'peer':>8} {'x':>6} | {'peak MB ak':>10} {'peer':>7} {'x':>6}")
+    lines = [head, "-" * len(head)]
+    notes = []
+    for r in rows:
+        a, p = r["alignkit"], r["peer_result"]
+        sc = r["scenario"] + (f" {r['label']}" if r["label"] else "")
+        fx = lambda k: format(r[k], ".2f") if r.get(k) is not None else "—"  # noqa: E731
+        lines.append(f"{r['task']:<5} {sc[:22]:<22} {r['setting']:<8} {r['peer']:<7} | "
+                     f"{_cell(a, 'samples_per_s', '.1f'):>12} {_cell(p, 'samples_per_s', '.1f'):>8} "
+                     f"{fx('speed_ratio'):>6} | {_cell(a, 'tokens_per_s', '.0f'):>11} {_cell(p, 'tokens_per_s', '.0f'):>8} "
+                     f"{fx('tokens_ratio'):>6} | {_cell(a, 'peak_rss_mb', '.0f'):>10} {_cell(p, 'peak_rss_mb', '.0f'):>7} "
+                     f"{fx('memory_ratio'):>6}")
+        for side in (a, p):
+            if side and not _ok(side):
+                notes.append(f"  {r['task']}/{sc}/{r['setting']}: {side['library']} {side['status']}: {side['reason']}")
+    lines.append("x = alignkit / peer (speed: > 1 is alignkit faster; memory: < 1 is alignkit leaner). "
+                 "ak = alignkit. Peak MB = ru_maxrss of the run's process.")
+    return "\n".join(lines + sorted(set(notes)))
+
+
+def chart(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return None
+    names = [f"{r['task']} {r['label'] or r['scenario']}\n{r['setting']} vs {r['peer']}" for r in rows]
+    series = [("samples/s (alignkit ÷ peer)", "speed_ratio"), ("tokens/s (alignkit ÷ peer)", "tokens_ratio"),
+              ("leaner: peak RSS (peer ÷ alignkit)", "memory_ratio")]
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.8))
+    w = 0.27
+    for k, (lab, key) in enumerate(series):
+        vals = [(1 / r[key] if key == "memory_ratio" else r[key]) if r.get(key) else 0.0 for r in rows]
+        ax.bar([i + (k - 1) * w for i in range(len(rows))], vals, w, label=lab)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), names, fontsize=7)
+    ax.set_ylabel("ratio (> 1: alignkit better)")
+    if not any(r.get("speed_ratio") for r in rows):
+        ax.text(0.5, 0.5, "no alignkit/peer pairs completed", transform=ax.transAxes, ha="center")
+    ax.set_title("alignkit vs TRL / pyreft on CPU, same tiny Llama, data, batch and steps")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few steps: a smoke check, not a measurement")
+    ap.add_argument("--tasks", nargs="*", choices=common.TASKS, default=list(common.TASKS))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per run (default 1: stable on a shared machine; 2 on a quiet one)")
+    ap.add_argument("--skip-alignkit", action="store_true")
+    ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
+    ap.add_argument("--results", default=str(BENCH / "results"))
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.results)
+    run_dir = out_dir / f"cpu-{stamp}"
+    todo = [c for c in cases(args.quick) if c.task in args.tasks]
+    specs = {}
+    for name in sorted({c.scenario for c in todo}):
+        specs[name] = common.prepare_scenario(common.SCENARIOS[name], run_dir)
+    print(f"[run_cpu] run folder {run_dir}; threads {args.threads}; {len(todo)} comparisons")
+    for c in todo:
+        libs = ([] if args.skip_alignkit else ["alignkit"]) + [c.peer]
+        # interleave the libraries variant by variant so machine noise hits both sides alike
+        for variant in ("default", "fastest"):
+            for lib in libs:
+                extra = VARIANTS[c.task][lib].get(variant)
+                if extra is None:
+                    continue
+                tag = f"{c.task}-{c.scenario}-{c.label or 'base'}-{lib}-{variant}".replace("+", "_")
+                res = run_one(lib, c.task, extra, c, specs[c.scenario], run_dir, args.threads, args.timeout, tag)
+                c.runs[(lib, variant)] = res
+                got = (f"{res['samples_per_s']:.1f} samples/s, {res['tokens_per_s']:.0f} tok/s, "
+                       f"{res['peak_rss_mb']:.0f} MB" if _ok(res) else f"{res['status']}: {res.get('reason', '')}")
+                print(f"[run_cpu] {tag}: {got} ({res.get('wall_s', 0):.0f} s)", flush=True)
+
+    rows = comparisons(todo)
+    report = table(rows)
+    print("\n" + report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dur = time.perf_counter() - t_start
+    payload = {"timestamp": stamp, "threads": args.threads, "quick": args.quick, "duration_s": dur,
+               "cpu_count": os.cpu_count(), "load_avg_end": os.getloadavg(), "run_dir": str(run_dir),
+               "scenarios": {n: common.SCENARIOS[n] for n in specs},
+               "runs": [{"task": c.task, "scenario": c.scenario, "label": c.label, "variant": v, **r}
+                        for c in todo for (lib, v), r in c.runs.items()],
+               "comparisons": [{k: v for k, v in r.items() if k not in ("alignkit", "peer_result")} for r in rows],
+               "table": report}
+    jpath = out_dir / f"cpu-{stamp}.json"
+    jpath.write_text(json.dumps(payload, indent=2, default=str))
+    png = chart(rows, out_dir / f"cpu-{stamp}.png")
+    print(f"\n[run_cpu] wrote {jpath}" + (f" and {png}" if png else "") + f"; suite took {dur:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

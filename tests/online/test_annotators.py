@@ -1,0 +1,167 @@
+"""Annotators: reward model vs a direct forward on hand-built text, Python functions (import, errors, failure
+policy, meta), LLM judge parsing with a scripted judge and with a real tiny LM (all answers unparseable)."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+
+from alignkit.online.annotators import (ANNOTATORS, AnnotatorError, FunctionAnnotator, JudgeAnnotator,
+                                        RewardModelAnnotator, build_annotator)
+from .scripted import ScriptedJudge
+
+CHAT = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+# ---------------------------------------------------------------------------------------------- reward model
+
+def test_reward_model_matches_direct_forward(tiny_dir, tokenizer):
+    folder = tiny_dir("llama", classifier=True, num_labels=1)
+    rm = RewardModelAnnotator(str(folder), batch_size=2, device="cpu")
+    prompts = [CHAT, "The quick brown fox", CHAT]
+    responses = ["4", " jumps over the lazy dog.", "It is four, I think."]
+    scores = rm.annotate(prompts, responses)
+    texts = [("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n", False),
+             ("The quick brown fox jumps over the lazy dog.", True),
+             ("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\nIt is four, I think.<|im_end|>\n",
+              False)]
+    for i, (text, plain) in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=plain)["input_ids"] + ([tokenizer.eos_token_id] if plain else [])
+        with torch.no_grad():
+            want = rm.model(input_ids=torch.tensor([ids])).logits[0, 0]
+        assert torch.allclose(scores.values[i], want, atol=1e-5), i
+    assert not scores.failed.any() and scores.valid.all()
+    assert scores.values.dtype == torch.float32
+
+
+def test_reward_model_truncation_and_label_check(tiny_dir):
+    rm = RewardModelAnnotator(str(tiny_dir("llama", classifier=True, num_labels=1)), max_length=4)
+    s = rm.annotate(["a long prompt with many words in it"], [" and a long answer too"])
+    assert s.metrics["reward_model/truncated"] == 1.0
+    assert len(rm.encode("a long prompt with many words in it", " and a long answer too")[0]) == 4
+    with pytest.raises(ValueError, match="num_labels=2"):
+        RewardModelAnnotator(str(tiny_dir("llama", classifier=True, num_labels=2)))
+
+
+# ---------------------------------------------------------------------------------------------- function
+
+REWARDS = textwrap.dedent('''
+    def exact(prompt, response, meta):
+        return float(response.strip() == meta["answer"])
+
+    def lengths(prompts, responses):
+        return [len(r) for r in responses]
+
+    def maybe(prompt, response):
+        return None if "?" in response else 1.0
+
+    def boom(prompt, response):
+        raise ZeroDivisionError("no")
+
+    def wordy(prompt, response):
+        return "high"
+''')
+
+
+@pytest.fixture
+def rewards_module(tmp_path, monkeypatch):
+    (tmp_path / "ak_test_rewards.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "ak_test_rewards"
+
+
+def test_function_per_item_with_meta_and_batched(rewards_module):
+    ann = FunctionAnnotator(f"{rewards_module}:exact")
+    s = ann.annotate(["2+2?", "3+3?", "1+1?"], [" 4", "7", "2 "], [{"answer": "4"}, {"answer": "6"}, {"answer": "2"}])
+    assert s.values.tolist() == [1.0, 0.0, 1.0]
+    b = FunctionAnnotator(f"{rewards_module}:lengths", batched=True).annotate(["p", "q"], ["abc", "de"])
+    assert b.values.tolist() == [3.0, 2.0]
+    # conversational responses are scored on their text
+    c = FunctionAnnotator(f"{rewards_module}:lengths", batched=True).annotate(
+        [CHAT], [[{"role": "assistant", "content": "four"}]])
+    assert c.values.tolist() == [4.0]
+
+
+def test_function_failure_policy(rewards_module):
+    skip = FunctionAnnotator(f"{rewards_module}:maybe").annotate(["p"] * 3, ["ok", "what?", "fine"])
+    assert skip.failed.tolist() == [False, True, False]
+    assert skip.values[0] == 1.0 and math.isnan(skip.values[1]) and skip.valid.tolist() == [True, False, True]
+    assert skip.metrics["function/failures"] == 1.0
+    dflt = FunctionAnnotator(f"{rewards_module}:maybe", on_failure="default", default_score=-1.0)
+    assert dflt.annotate(["p"] * 2, ["what?", "ok"]).values.tolist() == [-1.0, 1.0]
+    with pytest.raises(ValueError, match="default_score"):
+        FunctionAnnotator(f"{rewards_module}:maybe", on_failure="default")
+
+
+def test_function_errors_name_function_and_item(rewards_module):
+    with pytest.raises(AnnotatorError, match=r"ak_test_rewards:boom failed on item 0 \(prompt 'p', response 'a'\)"
+                                             r".*ZeroDivisionError"):
+        FunctionAnnotator(f"{rewards_module}:boom").annotate(["p"], ["a"])
+    with pytest.raises(AnnotatorError, match=r"wordy returned 'high' for item 0"):
+        FunctionAnnotator(f"{rewards_module}:wordy").annotate(["p"], ["a"])
+    with pytest.raises(ValueError, match="'module:function'"):
+        FunctionAnnotator("no_colon_here")
+    with pytest.raises(ValueError, match="cannot import module"):
+        FunctionAnnotator("ak_no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        FunctionAnnotator(f"{rewards_module}:missing")
+
+
+def test_pointwise_prefer_and_registry(rewards_module):
+    ann = build_annotator({"type": "function", "fn": f"{rewards_module}:lengths", "batched": True})
+    assert ann.prefer("p", "long answer", "short") == 0
+    assert ann.prefer("p", "ab", "abcd") == 1
+    assert ann.prefer("p", "ab", "cd") is None  # tie
+    assert set(ANNOTATORS) >= {"reward_model", "function", "judge"}
+    with pytest.raises(KeyError, match="valid names"):
+        build_annotator({"type": "oracle"})
+
+
+# ---------------------------------------------------------------------------------------------- judge
+
+def judge_script(text: str) -> str:
+    if "Response A:" in text:  # pairwise: the better is the one saying "good"
+        return "Winner: A" if text.index("good") < text.index("bad") else "Winner: B"
+    for key, reply in (("good", "Thoughts... Score: 9"), ("bad", "Score: 2"), ("huge", "Score: 42")):
+        if f"Response: {key}" in text:
+            return reply
+    return "I cannot rate this."
+
+
+def test_judge_parses_normalises_and_counts_failures(tokenizer):
+    model = ScriptedJudge(tokenizer, judge_script)
+    judge = JudgeAnnotator(model, tokenizer, batch_size=3)
+    s = judge.annotate(["q1", CHAT, "q3", "q4"], ["good", "bad", "meh", "huge"])
+    assert s.values[0].item() == pytest.approx((9 - 1) / 9)
+    assert s.values[1].item() == pytest.approx((2 - 1) / 9)
+    assert math.isnan(s.values[2]) and math.isnan(s.values[3])
+    assert s.failed.tolist() == [False, False, True, True]
+    assert s.metrics["judge/parse_failures"] == 1.0 and s.metrics["judge/out_of_range"] == 1.0
+    assert s.metrics["judge/failure_rate"] == 0.5
+    assert s.meta[2] == {"judge_output": "I cannot rate this.", "judge_error": "unparseable"}
+    # the rubric went in as a chat turn with the prompt and response filled in
+    assert model.seen[1].startswith("<|im_start|>user\nRate how helpful")
+    assert "Question: user: What is 2 + 2?\nResponse: bad" in model.seen[1]
+    raw = JudgeAnnotator(model, tokenizer, normalize=False, on_failure="default", default_score=5.0)
+    assert raw.annotate(["q"] * 3, ["good", "meh", "bad"]).values.tolist() == [9.0, 5.0, 2.0]
+
+
+def test_judge_pairwise(tokenizer):
+    judge = JudgeAnnotator(ScriptedJudge(tokenizer, judge_script), tokenizer)
+    assert judge.prefer_batch(["q", "q"], ["good", "bad"], ["bad", "good"]) == [0, 1]
+
+
+def test_judge_template_checked(tokenizer):
+    with pytest.raises(ValueError, match=r"\{response\}"):
+        JudgeAnnotator(ScriptedJudge(tokenizer, judge_script), tokenizer, template="Rate {prompt}")
+
+
+def test_real_tiny_judge_all_unparseable(tiny_dir):
+    judge = JudgeAnnotator(str(tiny_dir("llama")), max_new_tokens=4)
+    s = judge.annotate(["q1", "q2"], ["a", "b"])
+    assert s.failed.all() and torch.isnan(s.values).all()
+    assert s.metrics["judge/parse_failures"] == 2.0
+    assert all("judge_output" in m for m in s.meta)

@@ -1,0 +1,145 @@
+"""generate_responses: batched == one prompt at a time == a naive no-cache greedy loop; stop strings; EOS;
+n samples per prompt; seeds; eval mode; ReftModel (prompt positions) and peft models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.interventions.attach import get_reft_model
+from alignkit.interventions.config import ReftConfig
+from alignkit.online.generation import SamplingConfig, encode_prompt, generate_responses
+
+PROMPTS = ["Hello!", "The quick brown fox jumps over", [{"role": "user", "content": "What is 2 + 2?"}]]
+GREEDY = SamplingConfig(do_sample=False, max_new_tokens=6)
+
+
+def naive_greedy(model, ids: list[int], steps: int, locations=None) -> list[int]:
+    """Greedy decoding by re-running the full sequence each step (no cache, no padding)."""
+    seq = list(ids)
+    for _ in range(steps):
+        kw = {} if locations is None else {"intervention_locations": locations}
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq]), **kw).logits  # (1, T, V)
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def cut_at_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_equals_single_and_naive(tiny_lm, tokenizer, arch):
+    model = tiny_lm(arch)
+    batched = generate_responses(model, tokenizer, PROMPTS, GREEDY, batch_size=3)
+    single = [generate_responses(model, tokenizer, [p], GREEDY)[0] for p in PROMPTS]
+    for b, s, p in zip(batched, single, PROMPTS):
+        assert b.response_ids == s.response_ids and b.response == s.response
+        assert b.prompt_ids == encode_prompt(p, tokenizer)
+        want = cut_at_eos(naive_greedy(model, b.prompt_ids, GREEDY.max_new_tokens), tokenizer.eos_token_id)
+        assert b.response_ids == want
+        assert b.finish_reason == ("eos" if want[-1] == tokenizer.eos_token_id else "length")
+    # the chat prompt was formatted with the template (generation prompt opens the assistant turn)
+    assert tokenizer.decode(batched[2].prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_stop_string_truncates_text_and_tokens(tiny_lm, tokenizer):
+    model = tiny_lm("llama")
+    long = SamplingConfig(do_sample=False, max_new_tokens=8)
+    free = generate_responses(model, tokenizer, [PROMPTS[1]], long)[0]
+    assert free.finish_reason == "length", "the test needs a response without EOS"
+    ids = free.response_ids
+    # a stop string: the decoded text of token 3 (clean text, first seen there)
+    stop = tokenizer.decode(ids[3:4]).strip()
+    assert stop and "\ufffd" not in stop and stop not in tokenizer.decode(ids[:3])
+    k = next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]))  # naive linear search
+    full = tokenizer.decode(ids[:k])
+    got = generate_responses(model, tokenizer, [PROMPTS[1]], SamplingConfig(do_sample=False, max_new_tokens=8,
+                                                                            stop=[stop]))[0]
+    assert got.finish_reason == "stop"
+    assert got.response_ids == ids[:k]
+    assert got.response == full[:full.index(stop)]
+    inc = generate_responses(model, tokenizer, [PROMPTS[1]], SamplingConfig(
+        do_sample=False, max_new_tokens=8, stop=[stop], include_stop_str_in_output=True))[0]
+    assert inc.response == full[:full.index(stop) + len(stop)]
+
+
+def test_end_token_ids_end_the_response(tiny_lm, tokenizer):
+    model = tiny_lm("llama")
+    free = generate_responses(model, tokenizer, [PROMPTS[1]], SamplingConfig(do_sample=False, max_new_tokens=8))[0]
+    end = free.response_ids[2]
+    assert end not in free.response_ids[:2]
+    got = generate_responses(model, tokenizer, [PROMPTS[1]], SamplingConfig(
+        do_sample=False, max_new_tokens=8, stop_token_ids=[end]))[0]
+    assert got.finish_reason == "eos"
+    assert got.response_ids == free.response_ids[:3]  # ends WITH the end token
+    assert got.response == tokenizer.decode(free.response_ids[:2], skip_special_tokens=True)
+
+
+def test_num_samples_grouping_and_seed(tiny_lm, tokenizer):
+    model = tiny_lm("llama")
+    cfg = SamplingConfig(num_samples=3, max_new_tokens=5, seed=7)
+    state = torch.get_rng_state()
+    a = generate_responses(model, tokenizer, PROMPTS[:2], cfg, batch_size=4)  # batches cut across groups
+    assert torch.equal(state, torch.get_rng_state()), "a seeded call must not move the global RNG"
+    assert [(s.group, s.index) for s in a] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert [s.prompt for s in a] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert all(s.prompt_id == f"prompt[{s.group}]" for s in a)
+    assert len({tuple(s.response_ids) for s in a}) > 1, "sampling at temperature 1 should vary"
+    b = generate_responses(model, tokenizer, PROMPTS[:2], cfg, batch_size=4)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    c = generate_responses(model, tokenizer, PROMPTS[:2], SamplingConfig(num_samples=3, max_new_tokens=5, seed=8),
+                           batch_size=4)
+    assert [s.response_ids for s in a] != [s.response_ids for s in c]
+
+
+def test_eval_mode_during_generation_and_restored(tiny_lm, tokenizer):
+    model = tiny_lm("llama").train()
+    modes = []
+    h = model.register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    generate_responses(model, tokenizer, PROMPTS[:1], SamplingConfig(max_new_tokens=3))
+    h.remove()
+    assert modes and not any(modes)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_reft_model_intervenes_on_prompt_positions(tiny_lm, tokenizer):
+    torch.manual_seed(0)
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0, 1], intervention="loreft", low_rank_dimension=4))
+    with torch.no_grad():  # make the edit large enough to change greedy tokens
+        for p in reft.interventions.parameters():
+            p.mul_(20.0)
+    with pytest.raises(ValueError, match="positions"):
+        generate_responses(reft, tokenizer, PROMPTS, GREEDY)
+    got = generate_responses(reft, tokenizer, PROMPTS, GREEDY, batch_size=3, positions="l1")
+    plain = generate_responses(reft.model, tokenizer, PROMPTS, GREEDY, batch_size=3)
+    changed = 0
+    for s, base in zip(got, plain):
+        last = len(s.prompt_ids) - 1  # "l1": the last prompt token, unpadded position
+        loc = torch.full((1, reft.num_interventions, 1), last)
+        want = cut_at_eos(naive_greedy(reft, s.prompt_ids, GREEDY.max_new_tokens, loc), tokenizer.eos_token_id)
+        assert s.response_ids == want
+        changed += s.response_ids != base.response_ids
+    assert changed > 0, "the interventions should change at least one greedy response"
+
+
+def test_peft_model(tiny_lm, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_lm("llama")
+    plain = generate_responses(base, tokenizer, PROMPTS, GREEDY, batch_size=3)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    got = generate_responses(peft_model, tokenizer, PROMPTS, GREEDY, batch_size=3)
+    assert [s.response_ids for s in got] == [s.response_ids for s in plain]  # LoRA B = 0 at init
+
+
+def test_prompt_truncation_and_bad_config(tiny_lm, tokenizer):
+    model = tiny_lm("llama")
+    full = encode_prompt(PROMPTS[1], tokenizer)
+    s = generate_responses(model, tokenizer, [PROMPTS[1]], GREEDY, max_prompt_length=3)[0]
+    assert s.prompt_ids == full[-3:]
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        SamplingConfig(num_samples=0)
