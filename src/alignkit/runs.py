@@ -1,0 +1,221 @@
+"""The output folder of a command-line run, and what goes in it.
+
+    <output_dir>/
+      config.yaml         the resolved config (re-loads to the same settings)
+      metrics.jsonl       one JSON row per Trainer log event: {"step", "epoch", "loss", "rewards/margins", ...}
+      tensorboard/        TensorBoard event files (when tensorboard is installed)
+      plots/*.png         loss, rewards and accuracy curves, drawn at the end from metrics.jsonl
+      README.md           a model card: base model, adapter, objective, data, hyper-parameters, final metrics
+      model/              the trained adapter (or full model) + tokenizer; its own copy of README.md
+      checkpoints/        TrainingArguments' output_dir (intermediate checkpoints, if saving is on)
+
+Only the main process writes (under `accelerate launch`, `is_main_process()`), and matplotlib is
+imported only when plots are drawn (Agg canvas, no pyplot state), so the library never needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+# plot file -> metric names drawn on it (train names; "eval_<name>" is drawn too, dashed)
+PLOTS: dict[str, tuple[str, ...]] = {
+    "loss": ("loss",),
+    "rewards": ("rewards/chosen", "rewards/rejected", "rewards/margins"),
+    "accuracy": ("rewards/accuracies", "accuracy"),
+}
+
+
+def is_main_process() -> bool:
+    """True on the process that writes files: rank 0 under torchrun / accelerate launch, else always."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class RunFolder:
+    root: Path
+    main: bool = field(default_factory=is_main_process)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if self.main:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+    config = property(lambda self: self.root / "config.yaml")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    tensorboard = property(lambda self: self.root / "tensorboard")
+    plots = property(lambda self: self.root / "plots")
+    card = property(lambda self: self.root / "README.md")
+    model = property(lambda self: self.root / "model")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalar: tensors and numpy numbers -> float; non-finite floats -> None."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append each `on_log` event to a JSONL file (main process only), with step and epoch."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001  (Trainer's signature)
+        if not logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, **{k: _clean(v) for k, v in logs.items()}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+    return rows
+
+
+def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Draw one PNG per `PLOTS` entry that has data (train solid, eval dashed). Returns the files."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    written = []
+    for name, keys in PLOTS.items():
+        series = []
+        for key in keys:
+            for prefix, style in (("", "-"), ("eval_", "--")):
+                pts = [(r["step"], r[prefix + key]) for r in rows
+                       if isinstance(r.get(prefix + key), (int, float)) and not isinstance(r.get(prefix + key), bool)]
+                if pts:
+                    series.append((prefix + key, style, pts))
+        if not series:
+            continue
+        fig = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label, style, pts in series:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, style, marker="o" if len(pts) < 20 else None, markersize=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        written.append(path)
+    logger.info("wrote %d plot(s) to %s", len(written), out_dir)
+    return written
+
+
+def final_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of every metric (train and eval), without bookkeeping keys."""
+    skip = {"step", "epoch", "learning_rate", "grad_norm", "total_flos", "train_runtime", "train_samples_per_second",
+            "train_steps_per_second", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+    out: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = v
+    return out
+
+
+@dataclass
+class ModelCard:
+    """What a model card says. `sections` are extra (title, mapping) tables, e.g. data statistics."""
+
+    title: str
+    base_model: str
+    adapter: dict[str, Any]
+    objective: dict[str, Any]
+    data: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    metrics: dict[str, float]
+    command_line: str
+    versions: dict[str, str]
+    how_to_load: str = ""
+
+    def render(self) -> str:
+        def table(d: dict[str, Any]) -> str:
+            if not d:
+                return "_none_\n"
+            rows = "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in d.items())
+            return "| key | value |\n|---|---|\n" + rows + "\n"
+
+        parts = [
+            f"# {self.title}\n",
+            f"Made with alignkit {self.versions.get('alignkit', '?')}: **{self.objective.get('objective', '?')}** "
+            f"on base model `{self.base_model}` with a **{self.adapter.get('kind', '?')}** adapter.\n",
+            "## Base model\n", f"`{self.base_model}`\n",
+            "## Adapter\n", table(self.adapter),
+            "## Objective\n", table(self.objective),
+            "## Data\n", table(self.data),
+            "## Hyper-parameters\n", table(self.hyperparameters),
+            "## Final metrics\n", table({k: v for k, v in self.metrics.items()}),
+            "## How it was made\n", f"```\n{self.command_line}\n```\n",
+            "The resolved config is `config.yaml` in the run folder; per-step metrics are in `metrics.jsonl`.\n",
+        ]
+        if self.how_to_load:
+            parts += ["## Loading\n", f"```python\n{self.how_to_load}\n```\n"]
+        parts += ["## Versions\n", table(self.versions)]
+        return "\n".join(parts)
+
+    def write(self, *paths: str | Path) -> None:
+        text = self.render()
+        for p in paths:
+            Path(p).parent.mkdir(parents=True, exist_ok=True)
+            Path(p).write_text(text)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, dict)):
+        return f"`{json.dumps(v)}`"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import alignkit
+
+    out = {"alignkit": alignkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import peft
+
+        out["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return out
+
+
+__all__ = ["MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "final_metrics", "is_main_process", "plot_metrics",
+           "read_metrics", "versions"]

@@ -1,0 +1,33 @@
+"""Run configs: typed sections, read from YAML plus dotted command-line overrides.
+
+    cfg = load_config("configs/dpo.yaml", ["method.beta=0.05", "train.learning_rate=1e-4"], command="dpo")
+    cfg.method.beta                          # 0.05 (a float: override values are parsed as YAML scalars)
+    save_config(cfg, "run/config.yaml")      # the resolved config; load_config(that file) gives cfg again
+
+A config is one dataclass per command (`CONFIG_CLASSES`) made of sections:
+- `model`    (`ModelSettings`): path (a folder, a hub id, or `tiny:<arch>` for a random tiny model built
+             locally), dtype, attention implementation, trust_remote_code (off by default);
+- `data`     (`DataSettings`): files, reader and formatter names, length limits, evaluation split;
+- `adapter`  (`alignkit.models.adapters.AdapterConfig`): full / lora / reft / reft+lora;
+- `method`   (one per objective: `SFTMethod`, `RewardMethod`, `DPOMethod`, `KTOMethod`, `EvalMethod`);
+- `train`    a mapping passed straight to `transformers.TrainingArguments` (keys checked against its fields);
+- `generation` (`alignkit.online.SamplingConfig`) for `generate`.
+
+Every key is checked: an unknown key or a value of the wrong type is a `ConfigError` naming the dotted
+key, the valid keys and the closest match. YAML floats may be written `1e-4` (PyYAML alone reads that
+as a string).
+"""
+
+
+from alignkit.settings.load import (check_training_args, command_of, config_from_dict, config_to_dict, dump_config,
+                                    load_config, save_config)
+from alignkit.settings.sections import (CONFIG_CLASSES, TRAIN_COMMANDS, DataSettings, DPOConfig, DPOMethod, EvalConfig,
+                                        EvalMethod, GenerateConfig, KTOConfig, KTOMethod, ModelSettings, RewardConfig,
+                                        RewardMethod, SFTConfig, SFTMethod, TrainConfig)
+from alignkit.settings.typed import ConfigError, build, coerce, merge, parse_overrides, parse_value, read_yaml
+
+__all__ = ["CONFIG_CLASSES", "TRAIN_COMMANDS", "ConfigError", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig",
+           "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod",
+           "SFTConfig", "SFTMethod", "TrainConfig", "build", "check_training_args", "coerce", "command_of",
+           "config_from_dict", "config_to_dict", "dump_config", "load_config", "merge", "parse_overrides",
+           "parse_value", "read_yaml", "save_config"]

@@ -1,0 +1,126 @@
+"""Entry points: `load_config(path, overrides, command=...)`, `save_config`, `config_to_dict`.
+
+Besides types, loading checks the names that refer to registries (reader, formatter, loss types),
+the ReFT config of a ReFT adapter, and `train` against `transformers.TrainingArguments`' fields, so
+a typo fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignkit.settings.sections import (CONFIG_CLASSES, DPOMethod, KTOMethod, SFTMethod, TrainConfig)
+from alignkit.settings.typed import (ConfigError, build, coerce, merge, parse_overrides, read_yaml,
+                                     unknown_key_error, _join)
+
+
+def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str, Any]:
+    """Keys and simple value types of `train` against `transformers.TrainingArguments`' fields."""
+    from transformers import TrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    try:
+        hints = typing.get_type_hints(TrainingArguments)
+    except Exception:  # an annotation that does not resolve: check keys only
+        hints = {}
+    for key, value in train.items():
+        if key not in fields:
+            raise unknown_key_error(where, str(key), list(fields))
+        if key == "output_dir":
+            raise ConfigError(f"{where}.output_dir: set by alignkit (<output_dir>/checkpoints); set the top-level "
+                              "output_dir instead")
+        coerce(value, hints.get(key, Any), _join(where, key))  # validation only: TrainingArguments converts
+    return train
+
+
+def _check_names(cfg: Any) -> None:
+    """Registry names (readers, formatters, losses) and the ReFT config, checked before any work starts."""
+    from alignkit.data import FORMATTERS, READERS
+    from alignkit.losses import PREFERENCE_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES
+
+    def check(name: str | None, valid: Any, where: str, extra: tuple[str, ...] = ()) -> None:
+        if name is not None and name not in valid and name not in extra:
+            names = [*extra, *sorted(valid)]
+            raise ConfigError(f"{where}: {name!r} is not registered{_suggest(name, names)}; valid: {', '.join(names)}")
+
+    check(cfg.data.reader, READERS, "data.reader")
+    check(cfg.data.formatter, FORMATTERS, "data.formatter", ("auto",))
+    method = getattr(cfg, "method", None)
+    registry = {SFTMethod: SFT_LOSSES, DPOMethod: PREFERENCE_LOSSES, KTOMethod: UNPAIRED_LOSSES}.get(type(method))
+    if registry is not None:
+        names = [method.loss_type] if isinstance(method.loss_type, str) else method.loss_type
+        for i, name in enumerate(names):
+            check(name, registry, "method.loss_type" + ("" if isinstance(method.loss_type, str) else f"[{i}]"))
+    adapter = getattr(cfg, "adapter", None)
+    if adapter is not None and "reft" in adapter.kind:
+        from alignkit.interventions.config import ReftConfig
+
+        try:
+            ReftConfig.from_dict(adapter.reft.config, where="adapter.reft.config")
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(str(e).strip("'\"")) from None
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def config_from_dict(data: dict[str, Any], command: str) -> Any:
+    """The typed config of `command` from a plain mapping (a YAML file's content after overrides)."""
+    if command not in CONFIG_CLASSES:
+        raise ConfigError(f"unknown command {command!r}; valid: {', '.join(CONFIG_CLASSES)}")
+    data = dict(data)
+    declared = data.pop("command", command)
+    if declared != command:
+        raise ConfigError(f"command: this config is for `alignkit {declared}`, not `alignkit {command}`")
+    cfg = build(CONFIG_CLASSES[command], data)
+    if isinstance(cfg, TrainConfig):
+        check_training_args(cfg.train)
+    _check_names(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, command: str | None = None) -> Any:
+    """Read the YAML at `path` (None: empty), apply dotted `overrides`, build the typed config.
+
+    `command` defaults to the file's `command:` key. Errors are `ConfigError`s prefixed with the file."""
+    data = read_yaml(path) if path is not None else {}
+    command = command or data.get("command")
+    if command is None:
+        raise ConfigError(f"{path}: no `command:` key; pass the command (alignkit <command> --config {path})")
+    data = merge(data, parse_overrides(list(overrides or [])))
+    try:
+        return config_from_dict(data, command)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def command_of(cfg: Any) -> str:
+    return next(name for name, cls in CONFIG_CLASSES.items() if type(cfg) is cls)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain mapping (command first) that `config_from_dict` turns back into an equal config."""
+    return {"command": command_of(cfg), **dataclasses.asdict(cfg)}
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg))
+    return path
+
+
+__all__ = ["check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config", "load_config",
+           "save_config"]

@@ -1,0 +1,151 @@
+"""The typed sections of a run config, and one config class per command (`CONFIG_CLASSES`).
+
+`adapter` reuses `alignkit.models.adapters.AdapterConfig` and `generation` reuses
+`alignkit.online.SamplingConfig`; `method` fields mirror the trainers' constructor arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from alignkit.models.adapters import AdapterConfig
+from alignkit.online.generation import SamplingConfig
+
+
+@dataclass
+class ModelSettings:
+    path: str  # a local folder, a hub id, or "tiny:<arch>" (llama, qwen2, gpt2, gpt_neox): a random tiny model
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    tokenizer: str | None = None  # default: the model's folder
+    adapter_path: str | None = None  # eval / generate: a folder written by a training run (its model/ folder)
+
+
+@dataclass
+class DataSettings:
+    path: str | list[str] | None = None  # file(s) (JSONL, JSON, Parquet) or a saved `datasets` folder
+    eval_path: str | list[str] | None = None  # held-out data; else `eval_fraction` of `path`
+    eval_fraction: float = 0.0
+    split_seed: int = 0
+    reader: str | None = None  # a name in alignkit.data.READERS; None: detected from the columns
+    reader_options: dict[str, Any] = field(default_factory=dict)
+    formatter: str = "auto"  # "auto" or a name in alignkit.data.FORMATTERS
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    add_eos: bool | None = None
+    split: str | None = None  # the split of a DatasetDict source
+    eval_split: str | None = None
+    max_records: int | None = None  # keep only the first N training records
+    on_invalid: Literal["raise", "skip"] = "raise"
+
+
+@dataclass
+class SFTMethod:
+    loss_type: str = "nll"  # alignkit.losses.SFT_LOSSES
+    chunk_size: int = 1024
+    weight_normalization: Literal["count", "weighted"] = "count"
+
+
+@dataclass
+class RewardMethod:
+    ranked: bool = False  # K-wise ranking loss on ranked records instead of Bradley-Terry pairs
+    use_margin: bool = True
+    center_rewards_coefficient: float | None = None
+    l2_coefficient: float = 0.0
+    weight_normalization: Literal["count", "weighted"] = "count"
+
+
+@dataclass
+class DPOMethod:
+    loss_type: str | list[str] = "sigmoid"  # alignkit.losses.PREFERENCE_LOSSES (a list combines them)
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma_beta_ratio: float = 0.5
+    orpo_lambda: float = 0.1
+    slic_delta: float = 1.0
+    slic_lambda: float = 0.1
+    reference: Literal["auto", "adapter_off", "copy", "precomputed", "none"] = "auto"
+    reference_cache_dir: str | None = None
+    chunk_size: int = 1024
+    disable_dropout: bool = True
+    weight_normalization: Literal["count", "weighted"] = "count"
+
+
+@dataclass
+class KTOMethod:
+    loss_type: str = "kto"  # alignkit.losses.UNPAIRED_LOSSES
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reference: Literal["auto", "adapter_off", "copy"] = "auto"
+    chunk_size: int = 1024
+    disable_dropout: bool = True
+    weight_normalization: Literal["count", "weighted"] = "count"
+
+
+@dataclass
+class EvalMethod:
+    kind: Literal["reward", "dpo"] = "reward"  # reward-model accuracy, or DPO implicit-reward accuracy
+    beta: float = 0.1  # dpo: rewards are beta * (log pi - log pi_ref)
+    reference_path: str | None = None  # dpo with a fully finetuned policy: the reference (default: model.path)
+    batch_size: int = 8
+    chunk_size: int = 1024
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSettings
+    data: DataSettings = field(default_factory=DataSettings)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments keyword arguments
+    output_dir: str = "runs/run"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    method: SFTMethod = field(default_factory=SFTMethod)
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    method: RewardMethod = field(default_factory=RewardMethod)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    method: DPOMethod = field(default_factory=DPOMethod)
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    method: KTOMethod = field(default_factory=KTOMethod)
+
+
+@dataclass
+class EvalConfig:
+    model: ModelSettings
+    data: DataSettings = field(default_factory=DataSettings)
+    method: EvalMethod = field(default_factory=EvalMethod)
+    output_dir: str = "runs/eval"
+
+
+@dataclass
+class GenerateConfig:
+    model: ModelSettings
+    data: DataSettings = field(default_factory=DataSettings)  # prompts: any records (their prompts are used)
+    generation: SamplingConfig = field(default_factory=lambda: SamplingConfig(do_sample=False))
+    batch_size: int = 8
+    output_dir: str = "runs/generate"
+
+
+CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig,
+                                   "eval": EvalConfig, "generate": GenerateConfig}
+TRAIN_COMMANDS = ("sft", "rm", "dpo", "kto")
+
+
+__all__ = ["CONFIG_CLASSES", "TRAIN_COMMANDS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+           "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
+           "SFTMethod", "TrainConfig"]
