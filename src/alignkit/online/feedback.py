@@ -19,8 +19,9 @@ empty response (records hold no empty responses) are left out and counted in the
 
 Every record keeps the prompt record's `weight` (reweighting comes after: `alignkit.online.reweighting`).
 `PreferenceRecord.margin` = chosen score - rejected score; `meta` holds the scores (`score`,
-`chosen_score`/`rejected_score`), the prompt index `group`, the `prompt_id`, and for unpaired records
-`margin` = |s - t|.
+`chosen_score`/`rejected_score`), the prompt index `group`, the `prompt_id`, for pairs the sample numbers
+`chosen_index`/`rejected_index` (`Sample.index`: the online trainers find the sampled token ids by them),
+and for unpaired records `margin` = |s - t|.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def _pair(c: tuple[Sample, float], r: tuple[Sample, float], tag: str, **extra) -
     (sc, vc), (sr, vr) = c, r
     return PreferenceRecord(sc.prompt, sc.response, sr.response, weight=sc.weight, margin=vc - vr,
                             id=f"{sc.prompt_id or 'prompt'} {tag}({sc.index},{sr.index})",
-                            meta=_meta(sc, chosen_score=vc, rejected_score=vr, **extra))
+                            meta=_meta(sc, chosen_score=vc, rejected_score=vr, chosen_index=sc.index,
+                                       rejected_index=sr.index, **extra))
 
 
 def pointwise(samples: Sequence[Sample], scores: Scores | torch.Tensor | Sequence[float],
@@ -159,7 +161,7 @@ def judge_pairs(samples: Sequence[Sample], annotator: Annotator, pairs_per_promp
         win, lose = (a[0], b[0]) if v == 0 else (b[0], a[0])
         out.append(PreferenceRecord(win.prompt, win.response, lose.response, weight=win.weight,
                                     id=f"{win.prompt_id or 'prompt'} judge({win.index},{lose.index})",
-                                    meta=_meta(win, swapped=sw)))
+                                    meta=_meta(win, swapped=sw, chosen_index=win.index, rejected_index=lose.index)))
     logger.info("judge pairs: %d comparison(s), %d decided", len(jobs), len(out))
     return out
 

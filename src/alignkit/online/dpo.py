@@ -1,0 +1,111 @@
+"""Online DPO: every step, pairs are built from samples of the CURRENT policy and trained on with any loss of
+the preference family (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback";
+Calandriello et al. 2024, "Human Alignment of LLMs through Online Preference Optimisation").
+
+    samples  (K per prompt) --annotate--> rewards --feedback--> pairs (y_w, y_l) per prompt
+    rho_w = log pi_theta(y_w|x) - log pi_ref(y_w|x),  rho_l likewise
+    loss  = sum_i w_i L(rho_w,i, rho_l,i) / sum_i w_i           (L = any PREFERENCE_LOSSES entry, e.g. DPO:
+                                                                  -log sigmoid(beta (rho_w - rho_l)))
+
+Pairs come from `alignkit.online.feedback` ("best_worst": best vs worst of each prompt; "random_pairs":
+random pairs above a margin; "judge_pairs": the annotator's own A/B verdicts, order randomised), so online
+and offline DPO read the same `PreferenceRecord`s; the reweighters of `alignkit.online.reweighting` then
+set each pair's weight. The pair's token ids are the sampled ones (found by `meta["chosen_index"]` /
+`meta["rejected_index"]`), and its reference log-probs were computed once in the rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from alignkit.losses import PREFERENCE_LOSSES, PreferenceBatch, PreferenceParams, preference_loss, reduce_loss
+from alignkit.online.feedback import build_records
+from alignkit.online.reweighting import reweight
+from alignkit.online.rollout import select, sequence_sums
+from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
+from alignkit.trainers.preference import REFERENCE_FREE
+
+PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
+
+
+@dataclass
+class OnlineDPOConfig(OnlineConfig):
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    params: PreferenceParams | None = None  # all preference hyper-parameters; `beta` alone is a shortcut
+    feedback: str = "best_worst"
+    feedback_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"min_margin": 0.1}
+    reweighters: list[Any] = field(default_factory=list)  # e.g. ["margin_sigmoid"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type:
+            PREFERENCE_LOSSES[name]
+        if self.feedback not in PAIR_MODES:
+            raise ValueError(f"online DPO feedback must be one of {PAIR_MODES}, got {self.feedback!r}")
+        if isinstance(self.params, dict):
+            self.params = PreferenceParams(**self.params)
+
+
+@dataclass
+class PairBatch:
+    rollout: Rollout
+    chosen: Tensor  # (P,) row of each pair's chosen sample in rollout.batch
+    rejected: Tensor  # (P,)
+    weights: Tensor  # (P,)
+    ref_chosen: Tensor | None  # (P,) sum log pi_ref
+    ref_rejected: Tensor | None
+
+
+class OnlineDPOTrainer(OnlineTrainer):
+    """Online DPO (any preference loss) for every adapter kind; see the module docstring."""
+
+    config_class = OnlineDPOConfig
+
+    def build_batch(self, rollout: Rollout) -> PairBatch:
+        c: OnlineDPOConfig = self.config
+        samples = rollout.samples
+        scores = torch.where(torch.isnan(rollout.scores), rollout.scores, rollout.rewards).tolist()  # NaN: failed
+        records = build_records(c.feedback, samples, None if c.feedback == "judge_pairs" else scores,
+                                self.annotator, **c.feedback_kwargs)
+        if records and c.reweighters:
+            records = reweight(records, c.reweighters)
+        row = {(s.group, s.index): i for i, s in enumerate(samples)}
+        chosen = [row[(r.meta["group"], r.meta["chosen_index"])] for r in records]
+        rejected = [row[(r.meta["group"], r.meta["rejected_index"])] for r in records]
+        dev = rollout.rewards.device
+        ch, rj = torch.tensor(chosen, dtype=torch.long, device=dev), torch.tensor(rejected, dtype=torch.long, device=dev)
+        names = [c.loss_type] if isinstance(c.loss_type, str) else c.loss_type
+        ref_seq = None if all(n in REFERENCE_FREE for n in names) else sequence_sums(rollout.ref_logps, rollout.mask)
+        return PairBatch(rollout, ch, rj, torch.tensor([r.weight for r in records], dtype=torch.float32, device=dev),
+                         None if ref_seq is None else ref_seq[ch], None if ref_seq is None else ref_seq[rj])
+
+    def pair_loss(self, pairs: PairBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Weighted preference loss of pairs `idx (M,)`: one forward over their 2M rows (chosen first)."""
+        c: OnlineDPOConfig = self.config
+        rows = torch.cat([pairs.chosen[idx], pairs.rejected[idx]])  # (2M,)
+        stats = self.token_stats(select(pairs.rollout.batch, rows))
+        logps, lengths = sequence_sums(stats.logps, stats.mask), stats.mask.sum(-1)  # (2M,), (2M,)
+        M = idx.numel()
+        batch = PreferenceBatch(logps[:M], logps[M:],
+                                None if pairs.ref_chosen is None else pairs.ref_chosen[idx],
+                                None if pairs.ref_rejected is None else pairs.ref_rejected[idx], lengths[:M], lengths[M:])
+        params = c.params if c.params is not None else PreferenceParams(beta=c.beta)
+        out = preference_loss(batch, params, c.loss_type, c.loss_weights)
+        loss = reduce_loss(out.losses, pairs.weights[idx])
+        return loss, {k: float(v.float().mean()) for k, v in out.metrics.items()}
+
+    def optimise(self, pairs: PairBatch) -> dict[str, float]:
+        n = pairs.chosen.numel()
+        if n == 0:  # every group tied: nothing to learn from this step
+            return {"pairs": 0.0}
+        metrics = self.run_minibatches(n, lambda idx: self.pair_loss(pairs, idx))
+        return {"pairs": float(n), **metrics}
+
+
+__all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "PAIR_MODES", "PairBatch"]

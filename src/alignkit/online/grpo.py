@@ -1,0 +1,104 @@
+"""GRPO and RLOO: group-relative advantages, a clipped policy-gradient loss, KL to the reference.
+
+Shao et al. 2024 ("DeepSeekMath", GRPO) and Ahmadian et al. 2024 ("Back to Basics", RLOO). For each prompt,
+K samples y_1..y_K with rewards r_1..r_K (normalised / clipped by the base loop):
+
+    GRPO:  A_i = (r_i - mean_j r_j) / (std_j r_j + eps)          (`scale_by_std=False`: Dr. GRPO)
+    RLOO:  A_i = r_i - 1/(K-1) sum_{j != i} r_j
+
+Every token of y_i gets A_i. With ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) (pi_old: the policy that
+sampled, frozen for the step's `epochs_per_step` passes over it):
+
+    loss_t = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps_high) A) + beta KL_t(pi_theta || pi_ref)
+             - entropy_coef H_t
+    loss_i = mean_t loss_t over y_i's tokens ("sequence_mean", GRPO), then sum_i w_i loss_i / sum_i w_i
+
+KL_t is the k1, k2 or k3 estimator (`config.kl_estimator`, k3 by default as in GRPO); beta is the KL
+controller's value (fixed, or adaptive towards `kl_target`). The maths lives in
+`alignkit.losses.policy` (`group_advantages`, `rloo_advantages`, `clipped_policy_loss`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from alignkit.losses import ADVANTAGES, clipped_policy_loss, reduce_loss
+from alignkit.online.rollout import select
+from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
+
+
+@dataclass
+class GRPOConfig(OnlineConfig):
+    advantage: str = "grpo"  # "grpo" | "rloo"
+    scale_by_std: bool = True  # GRPO only
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    entropy_coef: float = 0.0
+    aggregation: str = "sequence_mean"  # or "token_sum" (per-sequence sums, normalised by the minibatch's tokens)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.advantage not in ("grpo", "rloo"):
+            raise ValueError(f"GRPO advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
+        if self.advantage == "rloo" and self.sampling.num_samples < 2:
+            raise ValueError("RLOO needs sampling.num_samples >= 2 (a leave-one-out baseline per prompt)")
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    advantage: str = "rloo"
+
+
+@dataclass
+class PolicyBatch:
+    rollout: Rollout
+    advantages: Tensor  # (B,) or (B, T-1)
+
+
+class GRPOTrainer(OnlineTrainer):
+    """GRPO / RLOO for every adapter kind; see the module docstring."""
+
+    config_class = GRPOConfig
+
+    def advantages(self, rollout: Rollout) -> Tensor:
+        c: GRPOConfig = self.config
+        k = c.sampling.num_samples
+        if c.advantage == "grpo":
+            return ADVANTAGES["grpo"](rollout.rewards, k, scale_by_std=c.scale_by_std)
+        return ADVANTAGES["rloo"](rollout.rewards, k)
+
+    def build_batch(self, rollout: Rollout) -> PolicyBatch:
+        return PolicyBatch(rollout, self.advantages(rollout))
+
+    def policy_loss(self, pb: PolicyBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Clipped policy-gradient loss of samples `idx (M,)`, reduced with their weights."""
+        c: GRPOConfig = self.config
+        r = pb.rollout
+        stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0)
+        w = stats.logps.shape[1]  # the selected rows' width (T'-1)
+        out = clipped_policy_loss(stats.logps, r.old_logps[idx, :w], pb.advantages[idx], stats.mask,
+                                  clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
+                                  ref_logps=r.ref_logps[idx, :w], kl_coef=self.kl_ctl.value,
+                                  kl_estimator=c.kl_estimator, entropy=stats.entropy, entropy_coef=c.entropy_coef,
+                                  aggregation=c.aggregation)
+        weights = r.weights[idx]
+        normalizer = (out.num_tokens * (weights > 0)).sum() if out.num_tokens is not None else None
+        loss = reduce_loss(out.losses, weights, normalizer)
+        metrics = {k: float(v.float().mean()) for k, v in out.metrics.items() if k not in ("kl", "entropy")}
+        metrics["kl/token"] = float(out.metrics["kl"])
+        return loss, metrics
+
+    def optimise(self, pb: PolicyBatch) -> dict[str, float]:
+        return self.run_minibatches(len(pb.rollout.samples), lambda idx: self.policy_loss(pb, idx))
+
+
+class RLOOTrainer(GRPOTrainer):
+    """GRPO's loop with the RLOO leave-one-out advantage (`RLOOConfig`)."""
+
+    config_class = RLOOConfig
+
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "PolicyBatch", "RLOOConfig", "RLOOTrainer"]

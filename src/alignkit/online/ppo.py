@@ -1,0 +1,127 @@
+"""PPO with a value head and GAE: the classic RLHF step 3 (Ziegler et al. 2019; Stiennon et al. 2020;
+Ouyang et al. 2022), on the shared online loop.
+
+Rollout (no gradient), per sample with response tokens t = 0..L-1:
+
+    r_t    = -beta KL_t(pi_old || pi_ref) + [t = L-1] score     (`per_token_rewards`, k1 by default: the
+                                                                 log-ratio log pi_old - log pi_ref)
+    V_t    = value_head(h_t)                                     (old values)
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1}  (V_L = 0)   (`gae`)
+    R_t    = A_t + V_t                                           (value targets)
+    A      <- whiten(A) over the batch's response tokens         (`whiten_advantages`)
+
+Update (`epochs_per_step` passes, minibatches of samples):
+
+    loss_i = mean_t [ -min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps) A_t) - entropy_coef H_t ]
+             + vf_coef * mean_t 0.5 max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t, -c, c) - R_t)^2)
+    loss   = sum_i w_i loss_i / sum_i w_i
+
+The KL enters through the rewards (not the loss), with the controller's beta (fixed or adaptive).
+Metrics: clip_fraction, value_loss, vf_clip_fraction, explained_variance, returns/mean, advantages/std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.losses import clipped_policy_loss, gae, masked_whiten, per_token_rewards, reduce_loss, value_loss
+from alignkit.models.adapters import unwrap_lm
+from alignkit.online.rollout import select
+from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
+from alignkit.online.value_head import ValueHead
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    cliprange_value: float | None = 0.2
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+    epochs_per_step: int = 4
+
+
+@dataclass
+class PPOBatch:
+    rollout: Rollout
+    advantages: Tensor  # (B, T-1), 0 off the response
+    returns: Tensor  # (B, T-1)
+    old_values: Tensor  # (B, T-1)
+
+
+def ppo_advantages(scores: Tensor, old_logps: Tensor, ref_logps: Tensor, values: Tensor, mask: Tensor, *,
+                   kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
+                   whiten: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(advantages, returns, token rewards), all (B, T), from scores (B,) and per-token tensors (B, T)."""
+    rewards, _ = per_token_rewards(scores, old_logps, ref_logps, mask, kl_coef, kl_estimator)
+    adv, returns = gae(rewards, values, mask, gamma, lam)
+    if whiten:
+        adv = masked_whiten(adv, mask) * mask
+    return adv, returns, rewards
+
+
+class PPOTrainer(OnlineTrainer):
+    """PPO with a value head (`value_head.ValueHead`) for every adapter kind; see the module docstring."""
+
+    config_class = PPOConfig
+    needs_hidden = True
+
+    def build_extra_modules(self) -> list[nn.Module]:
+        cfg = unwrap_lm(self.model).config
+        hidden = cfg.get_text_config().hidden_size if hasattr(cfg, "get_text_config") else cfg.hidden_size
+        return [ValueHead(hidden).to(self.accelerator.device)]
+
+    @property
+    def value_head(self) -> nn.Module:
+        """The value head as prepared by the accelerator (DDP-wrapped when distributed)."""
+        return self.extra_modules[0]
+
+    @torch.no_grad()
+    def build_batch(self, r: Rollout) -> PPOBatch:
+        c: PPOConfig = self.config
+        m = r.mask.float()
+        old_values = self.value_head(r.hidden) * m  # (B, T-1)
+        adv, returns, _ = ppo_advantages(r.rewards, r.old_logps, r.ref_logps, old_values, m,
+                                         kl_coef=self.kl_ctl.value, kl_estimator=c.kl_estimator, gamma=c.gamma,
+                                         lam=c.lam, whiten=c.whiten_advantages)
+        r.hidden = None  # not needed any more
+        return PPOBatch(r, adv, returns, old_values)
+
+    def ppo_loss(self, pb: PPOBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+        c: PPOConfig = self.config
+        r = pb.rollout
+        stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0, hidden=True)
+        w = stats.logps.shape[1]
+        values = self.value_head(stats.hidden)  # (M, w)
+        pg = clipped_policy_loss(stats.logps, r.old_logps[idx, :w], pb.advantages[idx, :w], stats.mask,
+                                 clip_eps=c.clip_eps, entropy=stats.entropy, entropy_coef=c.entropy_coef)
+        vl = value_loss(values, pb.old_values[idx, :w], pb.returns[idx, :w], stats.mask, clip_range=c.cliprange_value)
+        loss = reduce_loss(pg.losses + c.vf_coef * vl.losses, r.weights[idx])
+        metrics = {k: float(v.float().mean()) for k, v in {**pg.metrics, **vl.metrics}.items() if k != "entropy"}
+        metrics["policy_loss"] = float(reduce_loss(pg.losses.detach(), r.weights[idx]))
+        metrics["value_loss"] = float(reduce_loss(vl.losses.detach(), r.weights[idx]))
+        return loss, metrics
+
+    def optimise(self, pb: PPOBatch) -> dict[str, float]:
+        m = pb.rollout.mask.float()
+        n = m.sum().clamp(min=1)
+        out = self.run_minibatches(len(pb.rollout.samples), lambda idx: self.ppo_loss(pb, idx))
+        out["returns/mean"] = float((pb.returns * m).sum() / n)
+        out["advantages/std"] = float(((pb.advantages * m) ** 2).sum().div(n).sqrt())
+        return out
+
+    def save(self, folder: str | Path) -> Path:
+        folder = super().save(folder)
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.value_head).save(folder)
+        return folder
+
+
+__all__ = ["PPOBatch", "PPOConfig", "PPOTrainer", "ppo_advantages"]

@@ -1,0 +1,312 @@
+"""`OnlineTrainer`: the loop every online optimizer shares. One step is
+
+    prompts  = next_prompts(step)                   a slice of the prompt set (reshuffled every pass)
+    samples  = generate(prompts, step)              num_samples per prompt, from the CURRENT policy
+    rollout  = annotate + score(samples)            rewards (raw, normalised, clipped), and, without gradient,
+                                                    the policy's and the reference's per-token log-probs
+    batch    = build_batch(rollout)                 subclass: pairs (online DPO), group advantages (GRPO/RLOO),
+                                                    GAE (PPO)
+    metrics  = optimise(batch)                      subclass loss, run by `run_minibatches` (epochs x minibatches)
+
+and its metrics (reward mean/std, KL to the reference, response length, entropy, the annotator's failure
+counts, the subclass's loss metrics) are logged with `logging` and appended to `<output_dir>/metrics.jsonl`.
+At the end the trainable state is saved (`alignkit.models.adapters.save_adapter`).
+
+Why a plain torch loop with `accelerate.Accelerator` and not a `transformers.Trainer` subclass: the Trainer
+is built around a fixed dataset, a dataloader and one `compute_loss` per micro-batch; an online step
+generates its own data, runs no-grad passes (old and reference log-probs, values), then several epochs of
+minibatch updates on that data. TRL's online trainers subclass Trainer and then replace its training loop
+wholesale, keeping little but the name. Here the loop is ~60 readable lines; `Accelerator` still gives device
+placement, DDP gradient averaging (`prepare`), `backward`, gradient clipping and mixed precision, so the
+distribution story is unchanged (`accelerate launch`). Per-sample weights reach every loss through the one
+reduction `alignkit.losses.reduce_loss` (weighted mean over a minibatch).
+
+Reference: the policy with its adapter switched off (lora, reft, reft+lora; no second copy), or a frozen
+copy of the initial model for full finetuning (`reference="auto"`), or a `ref_model` you pass.
+
+Failed annotations (NaN scores) get weight 0 (they do not train) and, for group statistics, the mean of
+their group's valid rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
+from alignkit.models.adapters import adapter_kind, reft_settings, save_adapter
+from alignkit.online.annotators import Annotator, build_annotator
+from alignkit.online.generation import Sample, SamplingConfig, as_prompt_records, generate_responses, generation_metrics
+from alignkit.online.normalize import RunningMoments, normalize_rewards
+from alignkit.online.rollout import reference_token_logps, samples_batch, sequence_sums, token_stats
+from alignkit.trainers.base import turn_off_dropout
+from alignkit.trainers.reference import frozen_copy
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class OnlineConfig:
+    """Settings shared by every online optimizer (subclasses add their own)."""
+
+    steps: int = 100
+    prompts_per_step: int = 8
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    epochs_per_step: int = 1  # optimisation passes over each step's batch (PPO epochs)
+    mini_batch_size: int | None = None  # items (samples or pairs) per optimizer step; None: the whole batch
+    kl_coef: float = 0.05  # beta of the KL to the reference (initial value when adaptive)
+    kl_target: float | None = None  # set: adaptive KL control (Ziegler et al. 2019) towards this sequence KL
+    kl_horizon: int = 10000
+    kl_estimator: str = "k3"
+    reward_normalization: str = "none"  # "none" | "running" | "group" (alignkit.online.normalize)
+    reward_clip: float | None = None
+    reference: str = "auto"  # "auto" | "adapter_off" | "copy"
+    generation_batch_size: int = 64
+    chunk_size: int = 1024
+    seed: int = 0
+    save_at_end: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        if self.steps < 0 or self.prompts_per_step < 1 or self.epochs_per_step < 1:
+            raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
+                             f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"online config: mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        if self.reference not in ("auto", "adapter_off", "copy"):
+            raise ValueError(f"online config: reference must be 'auto', 'adapter_off' or 'copy', got {self.reference!r}")
+        KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Rollout:
+    """One step's samples and what was computed on them without gradient (B samples, T-1 token positions)."""
+
+    samples: list[Sample]
+    batch: dict[str, Tensor]  # input_ids, attention_mask, completion_mask (B, T)
+    scores: Tensor  # (B,) raw annotator scores, NaN = failed
+    rewards: Tensor  # (B,) normalised + clipped; failed ones filled with their group's mean
+    weights: Tensor  # (B,) the prompt records' weights, 0 for failed annotations
+    old_logps: Tensor  # (B, T-1) log pi_old of the sampled tokens
+    ref_logps: Tensor  # (B, T-1) log pi_ref
+    mask: Tensor  # (B, T-1) bool
+    entropy: Tensor  # (B, T-1)
+    hidden: Tensor | None = None  # (B, T-1, d), when the trainer asks (PPO's value head)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class OnlineTrainer:
+    """Base of the online optimizers. Subclasses implement `build_batch` and `optimise`.
+
+    Args:
+        model: the policy, wrapped by `alignkit.models.adapters.apply_adapter` (any adapter kind).
+        tokenizer: its tokenizer (with a pad token).
+        prompts: prompt records, strings or conversations (`generation.as_prompt_records`).
+        annotator: an `Annotator` or a spec for `build_annotator` ({"type": "function", "fn": "mod:fn"}, ...).
+        config: an `OnlineConfig` (or a subclass's).
+        ref_model: a frozen reference (default: adapter off, or a frozen copy for full finetuning).
+        output_dir: where metrics.jsonl and the final adapter go (nothing is written when None).
+    """
+
+    config_class = OnlineConfig
+    needs_hidden = False  # PPO: keep the final hidden states of the rollout for the value head
+
+    def __init__(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Any], annotator: Annotator | dict,
+                 config: OnlineConfig | None = None, *, ref_model: nn.Module | None = None,
+                 output_dir: str | Path | None = None) -> None:
+        from accelerate import Accelerator
+
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got "
+                            f"{type(self.config).__name__}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+        self.tokenizer, self.annotator = tokenizer, build_annotator(annotator)
+        self.prompts = as_prompt_records(prompts)
+        if not self.prompts:
+            raise ValueError("online training needs at least one prompt")
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.accelerator = Accelerator()
+        turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
+        kind = adapter_kind(model)
+        mode = self.config.reference
+        if mode == "auto":
+            mode = "copy" if kind == "full" or ref_model is not None else "adapter_off"
+        if mode == "adapter_off" and kind == "full":
+            raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned "
+                             "model has none: use reference='copy' (a frozen copy) or pass ref_model")
+        if mode == "copy" and ref_model is None:
+            ref_model = frozen_copy(model)
+        self.ref_model = ref_model.to(self.accelerator.device).eval() if ref_model is not None else None
+        self.reference_mode = mode
+        self.model = self.accelerator.prepare(model)
+        self.extra_modules = self.build_extra_modules()  # e.g. PPO's value head
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        params += [p for m in self.extra_modules for p in m.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameters; wrap it with apply_adapter first")
+        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(
+            params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay))
+        self.extra_modules = [self.accelerator.prepare(m) for m in self.extra_modules]
+        c = self.config
+        self.kl_ctl = (AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.kl_target is not None
+                       else FixedKLController(c.kl_coef))
+        self.moments = RunningMoments()
+        self.rng = torch.Generator().manual_seed(c.seed)
+        self._order: list[int] = []
+        self._py_rng = random.Random(c.seed)
+        self.history: list[dict[str, float]] = []
+
+    # -- hooks for subclasses -----------------------------------------------------------------------
+
+    def build_extra_modules(self) -> list[nn.Module]:
+        return []
+
+    def build_batch(self, rollout: Rollout) -> Any:
+        raise NotImplementedError
+
+    def optimise(self, batch: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def train(self) -> list[dict[str, float]]:
+        """Run `config.steps` steps; returns each step's metrics (also in `history`)."""
+        for step in range(self.config.steps):
+            t0 = time.perf_counter()
+            samples = self.generate(self.next_prompts(), step)
+            rollout = self.score(samples)
+            batch = self.build_batch(rollout)
+            metrics = {"step": float(step), **rollout.metrics, **self.optimise(batch)}
+            self.kl_ctl.update(metrics["kl"], len(samples))
+            metrics["time/step_s"] = time.perf_counter() - t0
+            self.log(metrics)
+        if self.output_dir is not None and self.config.save_at_end:
+            self.save(self.output_dir)
+        return self.history
+
+    def next_prompts(self) -> list:
+        """The next `prompts_per_step` prompts of a seeded shuffle, reshuffled after each pass."""
+        out = []
+        while len(out) < min(self.config.prompts_per_step, len(self.prompts)):
+            if not self._order:
+                self._order = list(range(len(self.prompts)))
+                self._py_rng.shuffle(self._order)
+            out.append(self.prompts[self._order.pop()])
+        return out
+
+    def generate(self, prompts: list, step: int) -> list[Sample]:
+        s = self.config.sampling
+        cfg = replace(s, seed=(s.seed if s.seed is not None else self.config.seed) * 100_003 + step)
+        policy = self.policy
+        settings = reft_settings(policy)
+        extra = {} if settings is None else {"positions": settings.positions, "share_weights": settings.share_weights}
+        return generate_responses(policy, self.tokenizer, prompts, cfg, batch_size=self.config.generation_batch_size,
+                                  **extra)
+
+    def token_stats(self, batch: dict[str, Tensor], **kw: Any):
+        return token_stats(self.model, batch, temperature=self.config.sampling.temperature,
+                           chunk_size=self.config.chunk_size, **kw)
+
+    @torch.no_grad()
+    def score(self, samples: list[Sample]) -> Rollout:
+        """Annotate, normalise rewards, and compute old / reference log-probs and entropy."""
+        c = self.config
+        scores = self.annotator.annotate([s.prompt for s in samples], [s.response for s in samples],
+                                         [s.meta for s in samples])
+        raw = scores.values.to(torch.float32)  # (B,)
+        k = c.sampling.num_samples
+        rewards = normalize_rewards(raw.clone(), c.reward_normalization, group_size=k, moments=self.moments,
+                                    clip=c.reward_clip)
+        g = rewards.view(-1, k)  # (G, K): fill failures with their group's valid mean (0 if none)
+        fill = torch.nan_to_num(torch.nanmean(g, dim=-1, keepdim=True), nan=0.0).expand_as(g)
+        rewards = torch.where(torch.isnan(g), fill, g).reshape(-1)
+        valid = ~torch.isnan(raw)
+        weights = torch.tensor([s.weight for s in samples], dtype=torch.float32) * valid
+        batch = samples_batch(samples, self.tokenizer.pad_token_id, self.accelerator.device)
+        stats = self.token_stats(batch, entropy=True, hidden=self.needs_hidden)
+        ref = reference_token_logps(self.policy, batch, self.ref_model, temperature=c.sampling.temperature,
+                                    chunk_size=c.chunk_size)
+        kl = sequence_sums(KL_ESTIMATORS[c.kl_estimator](stats.logps, ref), stats.mask)  # (B,)
+        v = raw[valid].double()
+        m = stats.mask.float()
+        metrics = {"reward/mean": float(v.mean()) if v.numel() else float("nan"),
+                   "reward/std": float(v.std(unbiased=False)) if v.numel() else float("nan"),
+                   "reward/failed": float((~valid).sum()),
+                   "reward/normalized_mean": float(rewards.mean()),
+                   "kl": float(kl.mean()), "kl_coef": float(self.kl_ctl.value),
+                   "entropy": float((stats.entropy * m).sum() / m.sum().clamp(min=1)),
+                   **generation_metrics(samples), **{k_: float(v_) for k_, v_ in scores.metrics.items()}}
+        metrics["response_length"] = metrics.pop("generation/response_length")
+        dev = self.accelerator.device
+        return Rollout(samples, batch, raw.to(dev), rewards.to(dev), weights.to(dev), stats.logps, ref, stats.mask,
+                       stats.entropy, stats.hidden, metrics)
+
+    def run_minibatches(self, n_items: int, loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]]
+                        ) -> dict[str, float]:
+        """`epochs_per_step` passes over `n_items` items in shuffled minibatches; one optimizer step each.
+        `loss_fn(idx (M,)) -> (scalar loss, metrics)`. Returns the metrics averaged over the updates."""
+        c = self.config
+        size = c.mini_batch_size or max(n_items, 1)
+        totals: dict[str, float] = {}
+        updates = 0
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.model.train()
+        for _ in range(c.epochs_per_step):
+            for idx in torch.randperm(n_items, generator=self.rng).split(size):
+                loss, metrics = loss_fn(idx.to(self.accelerator.device))
+                self.accelerator.backward(loss)
+                if c.max_grad_norm is not None:
+                    metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, c.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics["loss"] = float(loss.detach())
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                updates += 1
+        return {k: v / max(updates, 1) for k, v in totals.items()}
+
+    # -- output -------------------------------------------------------------------------------------------
+
+    def log(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "reward/mean", "kl", "loss",
+                                                                      "response_length", "entropy")}
+        logger.info("online step %s", shown)
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def save(self, folder: str | Path) -> Path:
+        """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""
+        folder = Path(folder)
+        if self.accelerator.is_main_process:
+            save_adapter(self.policy, folder, tokenizer=self.tokenizer)
+            (folder / "online_config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n")
+        return folder
+
+
+__all__ = ["METRICS_FILE", "OnlineConfig", "OnlineTrainer", "Rollout"]
