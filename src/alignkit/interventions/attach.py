@@ -3,8 +3,9 @@
 `get_reft_model(model, config)` freezes the base model, builds one intervention per representation of
 the config, and registers its hooks once. `ReftModel.forward(..., intervention_locations=...)` then runs
 the base model; inside each hook the selected (row, position) pairs are gathered with index tensors,
-edited by the intervention `h: (N, d) -> (N, d)` and scattered back out of place. Positions that are
-not selected keep the base model's values bitwise.
+edited by the intervention `h: (N, d) -> (N, d)` and scattered back out of place (`editing.py`).
+Positions that are not selected keep the base model's values bitwise. Where each representation lives
+in the model is found generically (`locate.py`).
 
 Location layout: `intervention_locations` is a LongTensor `(batch, num_interventions, positions)`,
 or `(batch, positions)` meaning the same positions for every intervention. Interventions are numbered
@@ -13,199 +14,36 @@ config order (`ReftModel.slots` lists them; `adapter_slice(name)` gives an adapt
 negative value) means "no position"; a row whose entries for intervention i are all negative is not
 touched by i. Positions count from the start of the (padded) `input_ids`; positions beyond the
 sequence are ignored. With a KV cache, positions are absolute (prompt tokens keep their index), so the
-decode steps of `generate` never re-edit the prompt.
+decode steps of `generate` never re-edit the prompt; they skip the hooks' work entirely unless
+`intervene_on_generated` is set. Within one `generate` call every orthonormal R is evaluated once
+(`torch.nn.utils.parametrize.cached`), not once per decode step.
 
-No per-architecture table: the decoder-layer list is found as the `nn.ModuleList` whose length is the
-config's layer count; attention / MLP submodules by their usual names. Works under `peft` (LoRA + ReFT
-trained together) and with non-reentrant gradient checkpointing.
+Works under `peft` (LoRA + ReFT trained together) and with non-reentrant gradient checkpointing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.weak import WeakIdKeyDictionary
 
 from alignkit.interventions.base import Intervention, build_intervention
-from alignkit.interventions.config import COMPONENTS, ReftConfig, RepresentationConfig
+from alignkit.interventions.config import ReftConfig
+from alignkit.interventions.editing import Run, Slot, Step, cache_length, edit_positions, first_tensor, largest_location
+from alignkit.interventions.locate import (  # noqa: F401  (re-exported: io.py and users import them from here)
+    ATTENTION_NAMES, MLP_NAMES, find_decoder_layers, hf_model, hidden_size, is_peft_model, layer_index, num_layers,
+    resolve_component,
+)
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Finding layers and components, generically
-# ----------------------------------------------------------------------------------------------------
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a `peft` wrapper (or `model` itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def num_layers(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    return None
-
-
-def hidden_size(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    raise ValueError("cannot infer the model width from its config (no hidden_size / n_embd / d_model); "
-                     "set embed_dim in each representation")
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(path, ModuleList) of the decoder layers: the ModuleList whose length is the config's layer count
-    (Llama/Qwen2 `model.layers`, GPT-2 `transformer.h`, GPT-NeoX `gpt_neox.layers`, ...)."""
-    n = num_layers(model)
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    found = [(name, m) for name, m in lists if n is None or len(m) == n]
-    if not found:
-        raise ValueError(f"no nn.ModuleList of length {n} (the config's layer count) in {type(model).__name__}; "
-                         f"lists found: {[(name, len(m)) for name, m in lists][:10]}. "
-                         "Use explicit module paths as components.")
-    if n is None:
-        found = [max(found, key=lambda item: len(item[1]))]
-    # prefer the usual names, then the shortest path
-    found.sort(key=lambda item: (not re.search(r"(^|\.)(layers|h|blocks|layer)$", item[0]), item[0].count(".")))
-    return found[0]
-
-
-def _child(layer: nn.Module, names: Sequence[str], word: str, where: str) -> tuple[str, nn.Module]:
-    children = dict(layer.named_children())
-    for name in names:
-        if name in children:
-            return name, children[name]
-    for name, child in children.items():
-        if word in name.lower():
-            return name, child
-    raise ValueError(f"{where}: no {word} submodule among the layer's children {sorted(children)}; "
-                     "give an explicit module path as the component, e.g. 'model.layers[3].mlp'")
-
-
-def _module_path(path: str) -> str:
-    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
-
-
-@dataclass
-class Slot:
-    """One attached intervention: its global index in `intervention_locations` and where it sits."""
-
-    adapter: str
-    index: int  # within its adapter
-    pos: int  # global index (dim 1 of intervention_locations)
-    layer: int
-    component: str
-    path: str  # module path inside the transformers model
-    hook_input: bool  # edit the module's input (pre-hook) rather than its output
-    intervention: Intervention
-
-
-def resolve_component(model: nn.Module, rep: RepresentationConfig) -> tuple[str, nn.Module, bool]:
-    """(module path, module, is_input) for a representation of `model` (a transformers model)."""
-    layers_path, layers = find_decoder_layers(model)
-    if rep.layer >= len(layers):
-        raise ValueError(f"representation layer {rep.layer} is out of range: the model has {len(layers)} layers")
-    comp = rep.component
-    if comp not in COMPONENTS:
-        is_input = comp.startswith("input:")
-        path = _module_path(comp.removeprefix("input:"))
-        try:
-            return path, model.get_submodule(path), is_input
-        except AttributeError as e:
-            raise ValueError(f"component {comp!r}: no module {path!r} in {type(model).__name__} ({e})") from None
-    where, is_input = comp.rsplit("_", 1)[0], comp.endswith("_input")
-    layer_path = f"{layers_path}.{rep.layer}"
-    if where == "block":
-        return layer_path, layers[rep.layer], is_input
-    names, word = (ATTENTION_NAMES, "attn") if where == "attention" else (MLP_NAMES, "mlp")
-    name, child = _child(layers[rep.layer], names, word if word == "mlp" else "att", f"component {comp!r}")
-    return f"{layer_path}.{name}", child, is_input
-
-
-# ----------------------------------------------------------------------------------------------------
-# Per-call state seen by the hooks
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Run:
-    locations: torch.Tensor | None  # (B, I, P) long, on the model's device; None = no edits
-    active: frozenset  # global slot indices that are switched on
-    generated_from: int | None = None  # also edit every position >= this (generation)
-    row_active: torch.Tensor | None = None  # (B, I) bool: rows routed to each intervention
-
-
-@dataclass(frozen=True)
-class _Step:
-    run: _Run
-    offset: int  # absolute position of the first token of this forward (KV-cache length)
-
-
-def _cache_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuples
-        return int(past[0][0].shape[-2])
-    return 0
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    h = args[0] if args else kwargs.get("hidden_states")
-    return h if isinstance(h, torch.Tensor) else None
-
-
-def edit_positions(h: torch.Tensor, slot: Slot, step: _Step) -> torch.Tensor:
-    """Apply `slot.intervention` at the positions selected for it; everything else is copied bitwise."""
-    run = step.run
-    if run.locations is None or slot.pos not in run.active:
-        return h
-    if h.dim() != 3:
-        raise ValueError(f"intervention at {slot.path!r} expects hidden states (batch, seq, dim), got {tuple(h.shape)}")
-    B, T, d = h.shape  # (B, T, d)
-    loc = run.locations[:, slot.pos, :]  # (B0, P)
-    row_active = run.row_active[:, slot.pos] if run.row_active is not None else None
-    if loc.shape[0] != B:  # generate expanded rows (beams / num_return_sequences)
-        if B % loc.shape[0]:
-            raise ValueError(f"batch of {B} rows at {slot.path!r} but intervention_locations has {loc.shape[0]}")
-        loc = loc.repeat_interleave(B // loc.shape[0], dim=0)
-        row_active = None if row_active is None else row_active.repeat_interleave(B // row_active.shape[0], 0)
-    rel = loc - step.offset  # (B, P) positions inside this forward
-    valid = (loc >= 0) & (rel >= 0) & (rel < T)
-    if run.generated_from is not None and step.offset + T > run.generated_from:
-        t = torch.arange(T, device=h.device)  # (T,)
-        new_tok = (step.offset + t >= run.generated_from)[None, :] & row_active[:, None]  # (B, T)
-        rel = torch.cat([rel, t.expand(B, T)], dim=1)
-        valid = torch.cat([valid, new_tok], dim=1)
-    rows = torch.arange(B, device=h.device)[:, None]  # (B, 1)
-    flat = rows * T + rel  # (B, P') index into (B*T)
-    h2 = h.reshape(B * T, d)
-    picked = h2[torch.where(valid, flat, 0).reshape(-1)]  # (N, d), N = B*P'
-    edited = slot.intervention(picked).to(h.dtype)  # (N, d)
-    dummy = torch.where(valid, flat, B * T).reshape(-1)  # unselected pairs land on a dummy row
-    buf = torch.cat([h2, h2.new_zeros(1, d)], dim=0)  # (B*T + 1, d) copy of h
-    buf = buf.index_put((dummy,), edited)
-    return buf[: B * T].view(B, T, d)
+__all__ = ["ReftModel", "get_reft_model", "Slot", "edit_positions", "find_decoder_layers", "hf_model",
+           "hidden_size", "resolve_component"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,10 +63,10 @@ class ReftModel(nn.Module):
         self._slot_handles: dict[str, list] = {}
         self._state_handles: dict[int, list] = {}  # layer index -> handles of its state hooks
         self._active: set[str] | None = None  # None = every adapter
-        self._run: _Run | None = None
-        self._step: _Step | None = None
-        self._layer_step: dict[int, _Step | None] = {}
-        self._recompute = WeakIdKeyDictionary()  # layer input tensor -> _Step (checkpoint replay)
+        self._run: Run | None = None
+        self._step: Step | None = None
+        self._layer_step: dict[int, Step | None] = {}
+        self._recompute = WeakIdKeyDictionary()  # layer input tensor -> Step (checkpoint replay)
         self._freeze_base()
         self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
         self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
@@ -251,13 +89,6 @@ class ReftModel(nn.Module):
             return
         for p in self.model.parameters():
             p.requires_grad_(False)
-
-    def _layer_index(self, module: nn.Module) -> int | None:
-        _, layers = find_decoder_layers(hf_model(self.model))
-        for i, layer in enumerate(layers):
-            if module is layer or any(module is m for m in layer.modules()):
-                return i
-        return None
 
     def add_adapter(self, name: str, config: ReftConfig, interventions: Sequence[Intervention] | None = None) -> None:
         """Build and attach the interventions of `config` under `name` (after the existing adapters).
@@ -296,14 +127,14 @@ class ReftModel(nn.Module):
             self._slot_handles.setdefault(name, []).append(self._register(slot, module))
 
     def _register(self, slot: Slot, module: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        layer = self._layer_index(module)
+        layer = layer_index(hf_model(self.model), module)
         if layer is not None and layer not in self._state_handles:
             self._register_state_hooks(layer)
         read = (lambda: self._layer_step.get(layer)) if layer is not None else (lambda: self._step)
         if slot.hook_input:
             def pre_hook(mod, args, kwargs):
                 step = read()
-                h = _first_tensor(args, kwargs)
+                h = first_tensor(args, kwargs)
                 if step is None or h is None:
                     return None
                 new = edit_positions(h, slot, step)
@@ -329,7 +160,7 @@ class ReftModel(nn.Module):
         block = layers[layer]
 
         def on_layer(mod, args, kwargs):
-            h = _first_tensor(args, kwargs)
+            h = first_tensor(args, kwargs)
             if self._run is None:  # a replay (or a plain call of the base model)
                 step = self._recompute.get(h) if h is not None else None
             else:
@@ -340,7 +171,7 @@ class ReftModel(nn.Module):
             self._layer_step[layer] = step
 
         def on_child(mod, args, kwargs):  # replays of `forward` alone skip the layer's own hooks
-            h = _first_tensor(args, kwargs)
+            h = first_tensor(args, kwargs)
             if self._run is None and h is not None and h in self._recompute:
                 self._layer_step[layer] = self._recompute[h]
 
@@ -350,7 +181,7 @@ class ReftModel(nn.Module):
 
     def _top_pre_hook(self, mod, args, kwargs):
         past = kwargs.get("past_key_values")
-        self._step = None if self._run is None else _Step(self._run, _cache_length(past))
+        self._step = None if self._run is None else Step(self._run, cache_length(past))
         return None
 
     def remove_hooks(self) -> None:
@@ -442,9 +273,12 @@ class ReftModel(nn.Module):
             out[b, sl] = positions[b] if positions.dim() == 3 else positions[b].expand(k, -1)
         return out
 
-    def _prepare_locations(self, locations: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    def _prepare_locations(self, locations: torch.Tensor | None, batch: int,
+                           with_last: bool = False) -> tuple[torch.Tensor | None, int | None]:
+        """(locations `(B, I, P)` long on the model's device, their max when `with_last`, else None).
+        The max is taken before the copy to the device, so CPU locations cost no device sync."""
         if locations is None:
-            return None
+            return None, None
         locations = torch.as_tensor(locations)
         if locations.dim() == 2:
             locations = locations[:, None, :].expand(-1, self.num_interventions, -1)
@@ -454,14 +288,15 @@ class ReftModel(nn.Module):
                              f"{tuple(locations.shape)}; order: {[(s.adapter, s.index) for s in self.slots]}")
         if locations.is_floating_point():
             raise ValueError("intervention_locations must be an integer tensor (use -1 for no position)")
+        last = largest_location(locations) if with_last else None
         device = next(self.model.parameters()).device
-        return locations.to(device=device, dtype=torch.long, non_blocking=True)
+        return locations.to(device=device, dtype=torch.long, non_blocking=True), last
 
     def _active_slots(self) -> frozenset:
         return frozenset(s.pos for s in self.slots if self._active is None or s.adapter in self._active)
 
     @contextlib.contextmanager
-    def _running(self, run: _Run) -> Iterator[None]:
+    def _running(self, run: Run) -> Iterator[None]:
         if not self._handles:
             raise RuntimeError("this ReftModel's hooks were removed; build a new one with get_reft_model")
         saved = self._run
@@ -480,10 +315,12 @@ class ReftModel(nn.Module):
         """The base model's forward (loss included when `labels` are given) with the interventions
         applied at `intervention_locations` `(B, I, P)` (-1 = none; None = no intervention)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        locations = self._prepare_locations(intervention_locations, ref.shape[0])
+        # the skip of steps past the last location only matters with a KV cache (offset > 0)
+        locations, last = self._prepare_locations(intervention_locations, ref.shape[0],
+                                                   with_last=kwargs.get("past_key_values") is not None)
         if labels is not None:
             kwargs["labels"] = labels
-        with self._running(_Run(locations, self._active_slots())):
+        with self._running(Run(locations, self._active_slots(), last_location=last)):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -491,12 +328,13 @@ class ReftModel(nn.Module):
                  **generate_kwargs: Any) -> Any:
         """`model.generate` with the prompt edited in the prefill pass (kept through the KV cache);
         with `intervene_on_generated`, every generated token's position is edited too (for the rows
-        and interventions that have at least one prompt location)."""
-        locations = self._prepare_locations(intervention_locations, input_ids.shape[0])
-        run = _Run(locations, self._active_slots())
+        and interventions that have at least one prompt location). Decode steps past the last prompt
+        location do no intervention work, and each orthonormal R is evaluated once per call."""
+        locations, last = self._prepare_locations(intervention_locations, input_ids.shape[0], with_last=True)
+        run = Run(locations, self._active_slots(), last_location=last)
         if intervene_on_generated and locations is not None:
-            run = _Run(locations, run.active, input_ids.shape[1], (locations >= 0).any(-1))
-        with self._running(run):
+            run = Run(locations, run.active, input_ids.shape[1], (locations >= 0).any(-1), last)
+        with self._running(run), parametrize.cached():
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,

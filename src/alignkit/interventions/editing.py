@@ -1,0 +1,109 @@
+"""Gather -> intervene -> scatter: what one hook does to one module's hidden states (ReFT, Wu, Arora et al. 2024).
+
+A forward or `generate` call of `ReftModel` creates one `Run` (the locations and which interventions are
+on); every forward of the base model inside it (the prefill, then each decode step) gets a `Step`, the
+run plus the step's absolute offset (the KV-cache length). For a hidden state `h: (B, T, d)` of that step,
+`edit_positions` picks the selected (row, position) pairs `h[b, loc[b, p] - offset]`, applies the
+intervention `Φ: (N, d) -> (N, d)` to them and writes them back out of place; every other value is a
+bitwise copy of `h`.
+
+Fast path: `Run.last_location` is the largest location of the run, computed once per call. A step whose
+window `[offset, offset + T)` starts after it (every decode step when only the prompt is edited) returns
+`h` itself: no tensor op, no device sync, no call of the intervention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignkit.interventions.base import Intervention
+
+
+@dataclass
+class Slot:
+    """One attached intervention: its global index in `intervention_locations` and where it sits."""
+
+    adapter: str
+    index: int  # within its adapter
+    pos: int  # global index (dim 1 of intervention_locations)
+    layer: int
+    component: str
+    path: str  # module path inside the transformers model
+    hook_input: bool  # edit the module's input (pre-hook) rather than its output
+    intervention: Intervention
+
+
+@dataclass(frozen=True)
+class Run:
+    """The state of one `ReftModel.forward` / `generate` call."""
+
+    locations: torch.Tensor | None  # (B, I, P) long, on the model's device; None = no edits
+    active: frozenset  # global slot indices that are switched on
+    generated_from: int | None = None  # also edit every position >= this (generation)
+    row_active: torch.Tensor | None = None  # (B, I) bool: rows routed to each intervention
+    last_location: int | None = None  # max of `locations` (-1: none); None = unknown, never skip
+
+
+@dataclass(frozen=True)
+class Step:
+    run: Run
+    offset: int  # absolute position of the first token of this forward (KV-cache length)
+
+
+def largest_location(locations: torch.Tensor) -> int:
+    """max(locations), -1 for an empty tensor. One device sync if `locations` lives on an accelerator,
+    so call it once per run, on the CPU copy when there is one."""
+    return int(locations.max()) if locations.numel() else -1
+
+
+def cache_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if isinstance(past, (tuple, list)) and past and past[0] is not None:  # legacy tuples
+        return int(past[0][0].shape[-2])
+    return 0
+
+
+def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    h = args[0] if args else kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def edit_positions(h: torch.Tensor, slot: Slot, step: Step) -> torch.Tensor:
+    """Apply `slot.intervention` at the positions selected for it; everything else is copied bitwise."""
+    run = step.run
+    if run.locations is None or slot.pos not in run.active:
+        return h
+    if run.generated_from is None and run.last_location is not None and step.offset > run.last_location:
+        return h  # no location can fall inside [offset, offset + T): plain Python, no tensor work
+    if h.dim() != 3:
+        raise ValueError(f"intervention at {slot.path!r} expects hidden states (batch, seq, dim), got {tuple(h.shape)}")
+    B, T, d = h.shape  # (B, T, d)
+    loc = run.locations[:, slot.pos, :]  # (B0, P)
+    row_active = run.row_active[:, slot.pos] if run.row_active is not None else None
+    if loc.shape[0] != B:  # generate expanded rows (beams / num_return_sequences)
+        if B % loc.shape[0]:
+            raise ValueError(f"batch of {B} rows at {slot.path!r} but intervention_locations has {loc.shape[0]}")
+        loc = loc.repeat_interleave(B // loc.shape[0], dim=0)
+        row_active = None if row_active is None else row_active.repeat_interleave(B // row_active.shape[0], 0)
+    rel = loc - step.offset  # (B, P) positions inside this forward
+    valid = (loc >= 0) & (rel >= 0) & (rel < T)
+    if run.generated_from is not None and step.offset + T > run.generated_from:
+        t = torch.arange(T, device=h.device)  # (T,)
+        new_tok = (step.offset + t >= run.generated_from)[None, :] & row_active[:, None]  # (B, T)
+        rel = torch.cat([rel, t.expand(B, T)], dim=1)
+        valid = torch.cat([valid, new_tok], dim=1)
+    rows = torch.arange(B, device=h.device)[:, None]  # (B, 1)
+    flat = rows * T + rel  # (B, P') index into (B*T)
+    h2 = h.reshape(B * T, d)
+    picked = h2[torch.where(valid, flat, 0).reshape(-1)]  # (N, d), N = B*P'
+    edited = slot.intervention(picked).to(h.dtype)  # (N, d)
+    dummy = torch.where(valid, flat, B * T).reshape(-1)  # unselected pairs land on a dummy row
+    buf = torch.cat([h2, h2.new_zeros(1, d)], dim=0)  # (B*T + 1, d) copy of h
+    buf = buf.index_put((dummy,), edited)
+    return buf[: B * T].view(B, T, d)

@@ -1,0 +1,114 @@
+"""Finding where a ReFT representation lives in any Hugging Face model, without a per-architecture table.
+
+The decoder-layer list is the `nn.ModuleList` whose length is the config's layer count (Llama/Qwen2
+`model.layers`, GPT-2 `transformer.h`, GPT-NeoX `gpt_neox.layers`, ...); attention and MLP submodules are
+found by their usual names (`self_attn`, `attn`, `mlp`, ...), then by a name containing "att" / "mlp".
+An explicit module path (`model.layers[3].mlp`, `input:` prefix for its input) is used as given.
+A `peft` wrapper is looked through (`hf_model`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from torch import nn
+
+from alignkit.interventions.config import COMPONENTS, RepresentationConfig
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a `peft` wrapper (or `model` itself)."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def _text_config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def num_layers(model: nn.Module) -> int | None:
+    cfg = _text_config(model)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return None
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = _text_config(model)
+    for key in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    raise ValueError("cannot infer the model width from its config (no hidden_size / n_embd / d_model); "
+                     "set embed_dim in each representation")
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, ModuleList) of the decoder layers: the ModuleList whose length is the config's layer count."""
+    n = num_layers(model)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    found = [(name, m) for name, m in lists if n is None or len(m) == n]
+    if not found:
+        raise ValueError(f"no nn.ModuleList of length {n} (the config's layer count) in {type(model).__name__}; "
+                         f"lists found: {[(name, len(m)) for name, m in lists][:10]}. "
+                         "Use explicit module paths as components.")
+    if n is None:
+        found = [max(found, key=lambda item: len(item[1]))]
+    # prefer the usual names, then the shortest path
+    found.sort(key=lambda item: (not re.search(r"(^|\.)(layers|h|blocks|layer)$", item[0]), item[0].count(".")))
+    return found[0]
+
+
+def layer_index(model: nn.Module, module: nn.Module) -> int | None:
+    """Index of the decoder layer that is or contains `module` (None if it sits outside the layers)."""
+    _, layers = find_decoder_layers(model)
+    for i, layer in enumerate(layers):
+        if module is layer or any(module is m for m in layer.modules()):
+            return i
+    return None
+
+
+def _child(layer: nn.Module, names: Sequence[str], word: str, where: str) -> tuple[str, nn.Module]:
+    children = dict(layer.named_children())
+    for name in names:
+        if name in children:
+            return name, children[name]
+    for name, child in children.items():
+        if word in name.lower():
+            return name, child
+    raise ValueError(f"{where}: no {word} submodule among the layer's children {sorted(children)}; "
+                     "give an explicit module path as the component, e.g. 'model.layers[3].mlp'")
+
+
+def _module_path(path: str) -> str:
+    return re.sub(r"\[(\d+)\]", r".\1", path).strip(".")
+
+
+def resolve_component(model: nn.Module, rep: RepresentationConfig) -> tuple[str, nn.Module, bool]:
+    """(module path, module, is_input) for a representation of `model` (a transformers model)."""
+    layers_path, layers = find_decoder_layers(model)
+    if rep.layer >= len(layers):
+        raise ValueError(f"representation layer {rep.layer} is out of range: the model has {len(layers)} layers")
+    comp = rep.component
+    if comp not in COMPONENTS:
+        is_input = comp.startswith("input:")
+        path = _module_path(comp.removeprefix("input:"))
+        try:
+            return path, model.get_submodule(path), is_input
+        except AttributeError as e:
+            raise ValueError(f"component {comp!r}: no module {path!r} in {type(model).__name__} ({e})") from None
+    where, is_input = comp.rsplit("_", 1)[0], comp.endswith("_input")
+    layer_path = f"{layers_path}.{rep.layer}"
+    if where == "block":
+        return layer_path, layers[rep.layer], is_input
+    names, word = (ATTENTION_NAMES, "att") if where == "attention" else (MLP_NAMES, "mlp")
+    name, child = _child(layers[rep.layer], names, word, f"component {comp!r}")
+    return f"{layer_path}.{name}", child, is_input
