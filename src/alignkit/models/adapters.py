@@ -100,10 +100,21 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 # What a wrapped model is
 # ----------------------------------------------------------------------------------------------------
 
+_PARALLEL_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model under DDP / DataParallel / FSDP (v1) / DeepSpeed wrappers (what `accelerate` puts around
+    it in `Trainer`); the ReFT and peft wrappers stay."""
+    while type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def _is_reft(model: nn.Module) -> bool:
     from alignkit.interventions.attach import ReftModel
 
-    return isinstance(model, ReftModel)
+    return isinstance(unwrap_parallel(model), ReftModel)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -112,6 +123,7 @@ def _is_peft(model: nn.Module) -> bool:
 
 def adapter_kind(model: nn.Module) -> str:
     """"full", "lora", "reft" or "reft+lora", from the wrappers around the transformers model."""
+    model = unwrap_parallel(model)
     if _is_reft(model):
         return "reft+lora" if _is_peft(model.model) else "reft"
     return "lora" if _is_peft(model) else "full"
@@ -119,7 +131,7 @@ def adapter_kind(model: nn.Module) -> str:
 
 def unwrap_lm(model: nn.Module) -> nn.Module:
     """The transformers model under the ReFT and peft wrappers (and DDP's `.module`)."""
-    model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model = unwrap_parallel(model)
     if _is_reft(model):
         model = model.model
     return model.get_base_model() if _is_peft(model) else model
@@ -131,6 +143,7 @@ def is_classifier(model: nn.Module) -> bool:
 
 def reft_settings(model: nn.Module) -> ReftSettings | None:
     """The ReFT position settings `apply_adapter`/`load_adapter` recorded on a ReFT model."""
+    model = unwrap_parallel(model)
     cfg = getattr(model, "alignkit_adapter_config", None) if _is_reft(model) else None
     return cfg.reft if cfg is not None else None
 
@@ -197,6 +210,7 @@ def reference_off(model: nn.Module) -> Iterator[nn.Module]:
     """Inside this block `model` computes as its base model (adapter switched off): a DPO reference
     without a second copy. LoRA: peft's `disable_adapter()`; ReFT: `disable_adapters()`; both for
     reft+lora. Full finetuning has no adapter to switch off: keep a frozen copy instead."""
+    model = unwrap_parallel(model)
     kind = adapter_kind(model)
     if kind == "full":
         raise ValueError("reference_off: a fully finetuned model has no adapter to switch off; use a frozen "

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.losses import chunked_lm_logprobs
-from alignkit.models.adapters import adapter_kind, reft_settings, unwrap_lm
+from alignkit.models.adapters import adapter_kind, reft_settings, unwrap_lm, unwrap_parallel
 
 
 def prompt_spans(attention_mask: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,7 +61,8 @@ def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
     if att is None:
         att = torch.ones_like(batch["input_ids"])
     start, length = prompt_spans(att, batch["completion_mask"])
-    return locations_from_spans(settings.positions, start, length, model.num_interventions, settings.share_weights)
+    k = unwrap_parallel(model).num_interventions  # through DDP / FSDP wrappers
+    return locations_from_spans(settings.positions, start, length, k, settings.share_weights)
 
 
 def prompt_locations(model: nn.Module, attention_mask: Tensor) -> Tensor | None:
@@ -73,7 +74,8 @@ def prompt_locations(model: nn.Module, attention_mask: Tensor) -> Tensor | None:
     settings = reft_settings(model)
     if settings is None:
         raise ValueError("ReFT model without a position spec: build it with apply_adapter")
-    return locations_from_mask(settings.positions, attention_mask, model.num_interventions, settings.share_weights)
+    k = unwrap_parallel(model).num_interventions
+    return locations_from_mask(settings.positions, attention_mask, k, settings.share_weights)
 
 
 def forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
