@@ -15,6 +15,7 @@ imported only when plots are drawn (Agg canvas, no pyplot state), so the library
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -194,6 +195,8 @@ class ModelCard:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, enum.Enum):
+        v = v.value
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, (list, dict)):

@@ -1,0 +1,81 @@
+"""`alignkit demo`: the bundled end-to-end pipeline (SFT -> reward model -> DPO with ReFT and LoRA -> held-out
+evaluation, `alignkit.demos.pipeline`) on a CPU; `alignkit demo --reft`: the ReFT demo (a tiny random model
+learns a dozen answers, `alignkit.demos.reft`). The ReFT demo's own options (--max-steps, --target-loss,
+--learning-rate, --pairs) select it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+
+logger = logging.getLogger(__name__)
+
+REFT_DEFAULTS = {"max_steps": 300, "target_loss": 0.05, "learning_rate": 2e-2, "pairs": None}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="the whole pipeline on a bundled tiny model and data (CPU, minutes); "
+                                       "--reft: the ReFT demo")
+    demo.add_argument("--reft", action="store_true", help="run the ReFT demo instead of the pipeline")
+    demo.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-reft)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--scale", type=float, default=1.0, help="pipeline: multiply every stage's steps (e.g. 0.2)")
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    reft = demo.add_argument_group("ReFT demo (--reft)")
+    reft.add_argument("--max-steps", type=int, default=None, help=f"steps at most (default {REFT_DEFAULTS['max_steps']})")
+    reft.add_argument("--target-loss", type=float, default=None,
+                      help=f"stop once the loss is below this (default {REFT_DEFAULTS['target_loss']})")
+    reft.add_argument("--learning-rate", type=float, default=None, help=f"default {REFT_DEFAULTS['learning_rate']}")
+    reft.add_argument("--pairs", default=None, help="JSONL of {prompt, response} (default: the bundled pairs)")
+    demo.set_defaults(func=run)
+
+
+def pipeline_available() -> bool:
+    return importlib.util.find_spec("alignkit.demos.pipeline") is not None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wants_reft = args.reft or any(getattr(args, k) is not None for k in REFT_DEFAULTS)
+    if not wants_reft and pipeline_available():
+        return run_pipeline(args)
+    if not wants_reft:
+        logger.warning("the pipeline demo (alignkit.demos.pipeline) is not available; running the ReFT demo")
+    return run_reft(args)
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from alignkit.demos.pipeline import run_pipeline_demo
+
+    res = run_pipeline_demo(args.output_dir or "runs/demo", scale=args.scale, seed=args.seed,
+                            progress=not args.quiet)
+    print(res.table())
+    return 0
+
+
+def run_reft(args: argparse.Namespace) -> int:
+    from alignkit.demos.reft import run_reft_demo
+
+    opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in REFT_DEFAULTS.items()}
+    res = run_reft_demo(args.output_dir or "runs/demo-reft", max_steps=opts["max_steps"],
+                        target_loss=opts["target_loss"], learning_rate=opts["learning_rate"], seed=args.seed,
+                        pairs_file=opts["pairs"], progress=not args.quiet)
+    width = max(len(p) for p in res.prompts)
+    print(f"\nReFT demo: {res.steps} steps, final loss {res.losses[-1]:.4f}" if res.losses else "\nReFT demo")
+    print(f"{'prompt':<{width}} | {'before (base model)':<24} | after (base + ReFT)")
+    print("-" * (width + 52))
+    for p, b, a, want in zip(res.prompts, res.before, res.after, res.answers):
+        b = "".join(c if c.isprintable() else "?" for c in b)[:24]
+        mark = "ok" if a.strip() == want.strip() else f"expected {want!r}"
+        print(f"{p:<{width}} | {b:<24} | {a.strip()}  [{mark}]")
+    print(f"\n{res.num_correct}/{len(res.answers)} answers reproduced. ReFT saved to {res.output_dir}/reft "
+          f"(load it with alignkit.interventions.io.load_reft).")
+    return 0 if res.num_correct == len(res.answers) else 1
+
+
+__all__ = ["add_parser", "pipeline_available", "run", "run_pipeline", "run_reft"]

@@ -1,0 +1,126 @@
+"""`alignkit eval`: score a trained model on preference pairs; writes `metrics.json` in the run folder.
+
+method.kind = "reward": a reward model (`model.path` a 1-label classifier, `model.adapter_path` its
+    adapter): accuracy = fraction of pairs with r(chosen) > r(rejected), mean scores and margin
+    (`alignkit.trainers.evaluation.evaluate_reward_model`; ranked data adds Kendall tau).
+method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finetuned folder) against its
+    reference (the adapter switched off, or `method.reference_path` / `model.path` for a full model):
+    implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = mean[r_w > r_l], margin =
+    mean[r_w - r_l], and the DPO (sigmoid) loss, with TRL's metric names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+import torch
+
+from alignkit.cli.common import (add_config_arguments, config_from_args, dry_run, load_for_inference, read_records,
+                                 start_run, to_device, tokenize)
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="reward-model accuracy, or DPO implicit-reward accuracy, on preference data")
+    add_config_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, "eval")
+    if args.dry_run:
+        return dry_run(cfg)
+    metrics = evaluate(cfg, progress=not args.quiet)
+    print(f"alignkit eval ({cfg.method.kind}) on {cfg.data.path}:")
+    for k, v in metrics.items():
+        print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+    return 0
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pair", disable=not progress)
+
+
+def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
+    run = start_run(cfg)
+    if cfg.data.path is None:
+        from alignkit.settings import ConfigError
+
+        raise ConfigError("data.path: required; point it at preference pairs (e.g. bundled:data/hh_rlhf_sample.jsonl)")
+    task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
+    model, tok, base_path, desc = load_for_inference(cfg.model, run, task)
+    model = to_device(model)
+    records = read_records(cfg.data.path, cfg.data, "preference", cfg.data.split, "data.path")
+    if cfg.data.max_records is not None:
+        records = records[:cfg.data.max_records]
+    features, _ = tokenize(records, tok, cfg.data, "data.path")
+    if cfg.method.kind == "reward":
+        metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress)
+    else:
+        metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress)
+    metrics = {"pairs": len(features), **metrics}
+    if run.main:
+        (run.root / "metrics.json").write_text(json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
+    return metrics
+
+
+def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
+    from alignkit.data import PreferenceCollator
+    from alignkit.trainers.evaluation import evaluate_reward_model
+
+    collate = PreferenceCollator(pad_id)
+    with _bar(len(features), "reward eval", progress) as bar:
+        def counted(batch: list[dict]) -> dict[str, Any]:
+            bar.update(len(batch))
+            return collate(batch)
+
+        return evaluate_reward_model(model, features, counted, batch_size=batch_size)
+
+
+@torch.no_grad()
+def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_path: str,
+                progress: bool) -> dict[str, float]:
+    from alignkit.data import PreferenceCollator
+    from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
+    from alignkit.models.adapters import adapter_kind
+    from alignkit.models.loading import load_model
+    from alignkit.trainers.logps import completion_logps
+    from alignkit.trainers.reference import reference_logps
+
+    m = cfg.method
+    kind = adapter_kind(model)
+    ref_model = None
+    if kind == "full":
+        if cfg.model.adapter_path is None and m.reference_path is None:
+            logger.warning("eval dpo: no model.adapter_path, so the policy is its own reference (all rewards 0)")
+        ref_model = to_device(load_model(m.reference_path or base_path, dtype=cfg.model.dtype)).eval()
+    collate = PreferenceCollator(pad_id)
+    device = next(model.parameters()).device
+    sums: dict[str, float] = {}
+    n = 0
+    model.eval()
+    with _bar(len(features), "dpo eval", progress) as bar:
+        for s in range(0, len(features), m.batch_size):
+            batch = collate(features[s:s + m.batch_size])
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            logps, lengths = completion_logps(model, batch, m.chunk_size)  # (2B,), (2B,)
+            ref, _ = reference_logps(model, batch, "copy" if kind == "full" else "adapter_off", ref_model,
+                                     m.chunk_size)  # (2B,)
+            B = logps.shape[0] // 2
+            out = preference_loss(PreferenceBatch(logps[:B], logps[B:], ref[:B], ref[B:], lengths[:B], lengths[B:]),
+                                  PreferenceParams(beta=m.beta), ["sigmoid"])
+            values = {"loss": out.losses, **out.metrics}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+            n += B
+            bar.update(B)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+__all__ = ["add_parser", "dpo_metrics", "evaluate", "reward_metrics", "run"]

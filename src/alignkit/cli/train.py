@@ -1,0 +1,189 @@
+"""`alignkit sft | rm | dpo | kto`: one training run from a config (model + adapter + data + method + train).
+
+    config -> run folder (config.yaml) -> base model (+ adapter) -> records -> features -> Trainer
+           -> train (metrics.jsonl, tensorboard/) -> model/ -> final evaluation -> plots/*.png, README.md
+
+`train` goes straight to `transformers.TrainingArguments`; alignkit sets only `output_dir`
+(<run>/checkpoints), `report_to` (TensorBoard into <run>/tensorboard when installed, unless the config
+names its own reporters) and `disable_tqdm` under `--quiet`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from typing import Any
+
+from alignkit.cli.common import (add_config_arguments, command_line, config_from_args, dry_run, load_base, load_data,
+                                 start_run, tokenize)
+from alignkit.runs import MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions
+
+logger = logging.getLogger(__name__)
+
+HELP = {"sft": "supervised finetuning", "rm": "train a reward model (pairwise Bradley-Terry or K-wise ranking)",
+        "dpo": "offline preference optimisation (DPO family, IPO, SimPO, ORPO, ...)",
+        "kto": "KTO on unpaired (desirable / undesirable) completions"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    for name, text in HELP.items():
+        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.")
+        add_config_arguments(p)
+        p.set_defaults(func=run, train_command=name)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, args.train_command)
+    if args.dry_run:
+        return dry_run(cfg)
+    return train(cfg, args.train_command, quiet=args.quiet, command_line=command_line(args))
+
+
+def record_kind(command: str, method: Any) -> str:
+    return {"sft": "sft", "dpo": "preference", "kto": "unpaired"}.get(command) or \
+        ("ranked" if method.ranked else "preference")
+
+
+def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str, Any]]:
+    from alignkit.losses import PreferenceParams
+    from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
+
+    kw = dataclasses.asdict(method)
+    if command == "dpo":
+        names = {f.name for f in dataclasses.fields(PreferenceParams)}
+        kw["params"] = PreferenceParams(**{k: kw.pop(k) for k in list(kw) if k in names})
+    if command == "rm":
+        kw.pop("ranked")
+    return {"sft": SFTTrainer, "rm": RewardTrainer, "dpo": PreferenceTrainer, "kto": KTOTrainer}[command], kw
+
+
+def collator_for(kind: str, pad_id: int):
+    from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
+
+    return {"sft": SFTCollator, "unpaired": SFTCollator, "preference": PreferenceCollator,
+            "ranked": RankedCollator}[kind](pad_id)
+
+
+def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tuple[Any, list]:
+    """TrainingArguments from the `train` section, and the callbacks alignkit adds (metrics, TensorBoard)."""
+    import importlib.util
+
+    from transformers import TrainingArguments
+
+    kw = dict(train)
+    kw["output_dir"] = str(run.checkpoints)
+    report = kw.get("report_to")
+    if report is None:
+        report = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    report = [report] if isinstance(report, str) else list(report)
+    report = [r for r in report if r != "none"]
+    callbacks: list = [MetricsJsonl(run.metrics)]
+    if "tensorboard" in report:  # our own writer, so the events land in <run>/tensorboard
+        report.remove("tensorboard")
+        if run.main:
+            from torch.utils.tensorboard import SummaryWriter
+            from transformers.integrations import TensorBoardCallback
+
+            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard))))
+    kw["report_to"] = report or "none"
+    if quiet:
+        kw["disable_tqdm"] = True
+    return TrainingArguments(**kw), callbacks
+
+
+OBJECTIVES = {"sft": "SFT", "rm": "reward modeling", "dpo": "preference optimisation", "kto": "KTO-style unpaired "
+              "preference optimisation"}
+
+
+def objective_name(command: str, method: Any) -> str:
+    if command == "rm":
+        return "reward modeling (" + ("K-wise ranking" if method.ranked else "Bradley-Terry pairs") + ")"
+    loss = getattr(method, "loss_type", None)
+    loss = "+".join(loss) if isinstance(loss, list) else loss
+    return f"{OBJECTIVES[command]} (loss {loss})"
+
+
+def adapter_summary(adapter: Any, model: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": adapter.kind}
+    if "lora" in adapter.kind:
+        out.update({f"lora.{k}": v for k, v in dataclasses.asdict(adapter.lora).items() if v is not None})
+    if "reft" in adapter.kind:
+        out["reft.positions"] = adapter.reft.positions
+        out["reft.representations"] = adapter.reft.config.get("representations")
+    out["trainable parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out["total parameters"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
+HYPER = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+         "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "seed")
+
+
+def how_to_load(kind: str, run: RunFolder, base: str, classifier: bool) -> str:
+    task = ', task="classifier", num_labels=1' if classifier else ""
+    if kind == "full":
+        return (f"from alignkit.models.loading import load_model, load_tokenizer\n"
+                f"model = load_model(\"{run.model}\"{task})\ntokenizer = load_tokenizer(\"{run.model}\")")
+    return (f"from alignkit.models.adapters import load_adapter\nfrom alignkit.models.loading import load_model, "
+            f"load_tokenizer\nmodel = load_adapter(load_model(\"{base}\"{task}), \"{run.model}\")\n"
+            f"tokenizer = load_tokenizer(\"{run.model}\")")
+
+
+def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = "") -> int:
+    """Run one training command end to end (see the module docstring). Returns an exit code."""
+    from transformers import set_seed
+
+    from alignkit.models.adapters import apply_adapter
+
+    run = start_run(cfg)
+    set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed
+    task = "classifier" if command == "rm" else "causal_lm"
+    model, tok, base_path, base_desc = load_base(cfg.model, run, task)
+    model = apply_adapter(model, cfg.adapter)
+    kind = record_kind(command, cfg.method)
+    train_records, eval_records = load_data(cfg.data, kind)
+    train_feats, train_stats = tokenize(train_records, tok, cfg.data, "data.path")
+    eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
+
+    args, callbacks = training_arguments(cfg.train, run, quiet)
+    cls, kwargs = trainer_class_and_kwargs(command, cfg.method)
+    trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
+                  data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
+                  **kwargs)
+    trainer.train()
+    trainer.save_model(str(run.model))
+    if eval_feats and args.eval_strategy == "no":
+        trainer.evaluate()
+    if trainer.is_world_process_zero():
+        rows = read_metrics(run.metrics)
+        plot_metrics(rows, run.plots)
+        data_info = {"path": cfg.data.path, "reader": cfg.data.reader or "detected", "formatter": cfg.data.formatter,
+                     "record kind": kind, "training records": len(train_records),
+                     "training examples (tokenized)": len(train_feats), "evaluation records": len(eval_records),
+                     "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
+                     "tokenization": train_stats.summary()}
+        if cfg.data.eval_path is not None:
+            data_info["eval_path"] = cfg.data.eval_path
+        hyper = {k: getattr(args, k) for k in HYPER}
+        hyper.update({"world size": args.world_size, "optimizer steps done": trainer.state.global_step})
+        card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
+                         base_model=base_desc, adapter=adapter_summary(cfg.adapter, model),
+                         objective={"objective": objective_name(command, cfg.method), "command": command,
+                                    **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
+                         data=data_info, hyperparameters=hyper, metrics=final_metrics(rows),
+                         command_line=command_line or f"alignkit {command}", versions=versions(),
+                         how_to_load=how_to_load(cfg.adapter.kind, run, base_path, task == "classifier"))
+        card.write(run.card, run.model / "README.md")
+        _print_summary(command, run, card.metrics)
+    return 0
+
+
+def _print_summary(command: str, run: RunFolder, metrics: dict[str, float]) -> None:
+    keys = [k for k in ("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies", "rewards/margins",
+                        "eval_rewards/margins", "accuracy", "eval_accuracy") if k in metrics]
+    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+    print(f"alignkit {command}: done. {shown}\n  run folder: {run.root} (model/, README.md, metrics.jsonl, plots/)")
+
+
+__all__ = ["add_parser", "run", "train"]
