@@ -64,7 +64,7 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress)
     else:
         metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress)
-    metrics = {"pairs": len(features), **metrics}
+    metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
     if run.main:
         (run.root / "metrics.json").write_text(json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
     return metrics

@@ -151,6 +151,10 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
     trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
                   data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
                   **kwargs)
+    if quiet:  # with tqdm off, the Trainer would print every log dict instead
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train()
     trainer.save_model(str(run.model))
     if eval_feats and args.eval_strategy == "no":

@@ -135,8 +135,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                     return coerce(value, a, where)
                 except ConfigError as e:
                     errors.append(e)
-            if len(errors) == 1:
-                raise errors[0]
+            if len(errors) == 1 and not str(errors[0]).startswith(f"{where}: expected "):
+                raise errors[0]  # a deeper problem (a key inside a mapping, a list item): report that one
         raise ConfigError(f"{where}: expected {type_name(tp)}, got {_show(value)}")
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)

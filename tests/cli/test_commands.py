@@ -1,0 +1,136 @@
+"""The commands end to end on the shipped tiny configs (2 optimizer steps each): the run folder's files,
+`eval` and `generate` on a trained adapter, `ls`, error exit codes, and `demo` dispatch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignkit.cli import main
+from alignkit.settings import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST = ["train.max_steps=2", "train.eval_steps=1", "train.logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Train SFT (full) and DPO (ReFT) once for the module; returns the run folders."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, command, config in (("sft", "sft", "sft-tiny.yaml"), ("dpo", "dpo", "dpo-reft-tiny.yaml")):
+        args = ["-q", command, "--config", str(CONFIGS / config), f"output_dir={root / name}", *FAST]
+        assert main(args) == 0
+        out[name] = (root / name, args)
+    return out
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_run_folder_has_every_output(runs, name):
+    run, args = runs[name]
+    rows = _rows(run)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in train_rows)
+    assert any("eval_loss" in r for r in rows)
+    expected = {"loss.png"} if name == "sft" else {"loss.png", "rewards.png", "accuracy.png"}
+    assert {p.name for p in (run / "plots").iterdir()} == expected
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in (run / "plots").iterdir())
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+    # the resolved config re-loads to the settings the command ran with (file + overrides)
+    resolved = load_config(run / "config.yaml")
+    assert resolved == load_config(args[3], args[4:])
+    assert yaml.safe_load((run / "config.yaml").read_text())["command"] == name
+
+
+def test_model_cards_describe_base_adapter_objective(runs):
+    sft = (runs["sft"][0] / "README.md").read_text()
+    dpo = (runs["dpo"][0] / "README.md").read_text()
+    assert "tiny:llama" in sft and "**SFT (loss nll)**" in sft and "**full** adapter" in sft
+    assert "tiny:llama" in dpo and "**preference optimisation (loss sigmoid)**" in dpo and "**reft** adapter" in dpo
+    assert "| `beta` | 0.1 |" in dpo and "| `reft.positions` | f1+l1 |" in dpo
+    assert "hh_rlhf_sample.jsonl" in dpo and "| `max_steps` | 2 |" in dpo
+    assert "alignkit -q dpo --config" in dpo and "train.max_steps=2" in dpo  # the command line
+    last_loss = [r for r in _rows(runs["dpo"][0]) if "loss" in r][-1]["loss"]
+    assert f"| `loss` | {last_loss:.6g} |" in dpo  # final metrics come from the run's own log
+    assert (runs["dpo"][0] / "model" / "README.md").read_text() == dpo
+    saved = {p.name for p in (runs["dpo"][0] / "model").iterdir()}
+    assert {"interventions.safetensors", "reft_config.json", "alignkit_adapter.json"} <= saved
+    assert "model.safetensors" in {p.name for p in (runs["sft"][0] / "model").iterdir()}
+
+
+def test_eval_dpo_on_trained_reft_adapter(runs, tmp_path, capsys):
+    run = runs["dpo"][0]
+    rc = main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"output_dir={tmp_path / 'ev'}",
+               f"model.path={run / 'base_model'}", f"model.adapter_path={run / 'model'}"])
+    assert rc == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["pairs"] == 6
+    assert m["rewards/margins"] == pytest.approx(m["rewards/chosen"] - m["rewards/rejected"], abs=1e-6)
+    assert round(m["rewards/accuracies"] * 6) == pytest.approx(m["rewards/accuracies"] * 6, abs=1e-6)
+    assert m["rewards/chosen"] != 0.0  # the adapter is on for the policy and off for the reference
+    assert "rewards/accuracies" in capsys.readouterr().out
+
+
+def test_generate_with_reft_adapter_writes_jsonl(runs, tmp_path):
+    run = runs["dpo"][0]
+    rc = main(["-q", "generate", "--config", str(CONFIGS / "generate-tiny.yaml"), f"output_dir={tmp_path / 'gen'}",
+               f"model.path={run / 'base_model'}", f"model.adapter_path={run / 'model'}",
+               "generation.max_new_tokens=4", "data.max_records=3"])
+    assert rc == 0
+    rows = [json.loads(x) for x in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["finish_reason"] in ("eos", "stop", "length") for r in rows)
+    assert all(isinstance(r["response"], str) and r["prompt"] for r in rows)
+
+
+def test_ls_lists_every_registered_name(capsys):
+    from alignkit.data import FORMATTERS, READERS
+    from alignkit.interventions import INTERVENTIONS
+    from alignkit.losses import REGISTRIES
+    from alignkit.online import ANNOTATORS, FEEDBACK_MODES, REWEIGHTERS
+
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    names = [n for reg in REGISTRIES.values() for n in reg] + list(INTERVENTIONS) + list(READERS) + \
+        list(FORMATTERS) + list(ANNOTATORS) + list(REWEIGHTERS) + list(FEEDBACK_MODES)
+    missing = [n for n in names if f"  {n} " not in out and not out.count(f"  {n}\n")]
+    assert not missing, missing
+    assert "sigmoid" in out and "loreft" in out and "hh-rlhf" in out
+    assert main(["ls", "readers"]) == 0 and "loreft" not in capsys.readouterr().out
+
+
+def test_config_errors_exit_2_naming_the_key(capsys):
+    rc = main(["sft", "--config", str(CONFIGS / "sft-tiny.yaml"), "method.lr=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "method.lr: unknown key" in err and "sft-tiny.yaml" in err
+    rc = main(["dpo", "--config", str(CONFIGS / "sft-tiny.yaml")])
+    assert rc == 2 and "not `alignkit dpo`" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    assert main(["dpo", "--config", str(CONFIGS / "dpo-lora-tiny.yaml"), "--dry-run", "method.beta=0.3"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["method"]["beta"] == 0.3 and data["adapter"]["lora"]["r"] == 4 and data["command"] == "dpo"
+
+
+def test_demo_dispatch(monkeypatch, capsys):
+    from alignkit.cli import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_reft", lambda args: calls.append(("reft", args.output_dir)) or 0)
+    monkeypatch.setattr(demo, "run_pipeline", lambda args: calls.append(("pipeline", args.scale)) or 0)
+    monkeypatch.setattr(demo, "pipeline_available", lambda: True)
+    assert main(["demo", "--scale", "0.2"]) == 0
+    assert main(["demo", "--reft", "--output-dir", "x"]) == 0
+    assert main(["demo", "--max-steps", "5"]) == 0  # a ReFT-demo option selects the ReFT demo
+    monkeypatch.setattr(demo, "pipeline_available", lambda: False)
+    assert main(["demo"]) == 0
+    assert calls == [("pipeline", 0.2), ("reft", "x"), ("reft", None), ("reft", None)]

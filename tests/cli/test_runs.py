@@ -1,0 +1,51 @@
+"""The run folder pieces on synthetic metrics: JSONL callback (main process only), plots, final metrics, model card."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from alignkit.runs import MetricsJsonl, ModelCard, final_metrics, plot_metrics, read_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_callback_writes_rows_on_main_process_only(tmp_path):
+    cb = MetricsJsonl(tmp_path / "m.jsonl")
+    main = SimpleNamespace(global_step=3, epoch=0.5, is_world_process_zero=True)
+    other = SimpleNamespace(global_step=3, epoch=0.5, is_world_process_zero=False)
+    cb.on_log(None, main, None, logs={"loss": 1.25, "rewards/margins": float("nan")})
+    cb.on_log(None, other, None, logs={"loss": 9.0})
+    cb.on_log(None, main, None, logs={})
+    rows = read_metrics(tmp_path / "m.jsonl")
+    assert rows == [{"step": 3, "epoch": 0.5, "loss": 1.25, "rewards/margins": None}]  # NaN -> null (valid JSON)
+
+
+def test_plots_only_for_metrics_present(tmp_path):
+    rows = [{"step": s, "loss": 1.0 / s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s} for s in (1, 2, 3)]
+    rows.append({"step": 3, "eval_loss": 0.5, "eval_rewards/accuracies": 1.0})
+    written = plot_metrics(rows, tmp_path / "plots")
+    assert sorted(p.name for p in written) == ["accuracy.png", "loss.png", "rewards.png"]
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in written)
+    assert [p.name for p in plot_metrics([{"step": 1, "loss": 2.0}], tmp_path / "sft")] == ["loss.png"]
+    assert plot_metrics([{"step": 1, "grad_norm": 2.0}], tmp_path / "none") == []
+
+
+def test_final_metrics_are_last_values_without_bookkeeping():
+    rows = [{"step": 1, "loss": 3.0, "learning_rate": 0.1}, {"step": 2, "loss": 2.0, "grad_norm": 1.0},
+            {"step": 2, "eval_loss": 2.5, "eval_runtime": 0.1}, {"step": 2, "train_loss": 2.5, "epoch": 1.0}]
+    assert final_metrics(rows) == {"loss": 2.0, "eval_loss": 2.5, "train_loss": 2.5}
+
+
+def test_model_card_says_how_the_model_was_made(tmp_path):
+    card = ModelCard(title="dpo of base", base_model="org/base-1b", adapter={"kind": "lora", "lora.r": 8},
+                     objective={"objective": "preference optimisation (loss sigmoid)", "beta": 0.1},
+                     data={"path": "pairs.jsonl", "training records": 10}, hyperparameters={"learning_rate": 1e-4},
+                     metrics={"eval_rewards/accuracies": 0.75}, command_line="alignkit dpo --config x.yaml",
+                     versions={"alignkit": "9.9"}, how_to_load="load_adapter(...)")
+    card.write(tmp_path / "a" / "README.md", tmp_path / "b" / "README.md")
+    text = (tmp_path / "a" / "README.md").read_text()
+    assert text == (tmp_path / "b" / "README.md").read_text()
+    for needle in ("org/base-1b", "**lora** adapter", "preference optimisation (loss sigmoid)", "pairs.jsonl",
+                   "| `learning_rate` | 0.0001 |", "| `eval_rewards/accuracies` | 0.75 |", "alignkit dpo --config x.yaml",
+                   "alignkit 9.9", "| `lora.r` | 8 |"):
+        assert needle in text, needle

@@ -1,0 +1,146 @@
+"""Config loading: overrides parsed as YAML scalars, typed sections, errors that name the dotted key and
+suggest the closest valid one, registry names checked, resolved configs that re-load to the same settings,
+and every file in configs/ valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignkit.models.adapters import AdapterConfig, LoraSettings
+from alignkit.settings import (CONFIG_CLASSES, ConfigError, DPOConfig, config_from_dict, load_config, merge,
+                               parse_overrides, save_config)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+BASE = {"model": {"path": "tiny:llama"}}
+
+
+def test_overrides_are_yaml_scalars_nested_by_dots():
+    got = parse_overrides(["method.beta=0.05", "train.learning_rate=1e-4", "train.max_steps=3", "train.bf16=true",
+                           "model.attn_implementation=null", "data.path=[a.jsonl, b.jsonl]", "adapter.lora.r=4",
+                           "output_dir=runs/x", "method.loss_type=sigmoid"])
+    assert got == {"method": {"beta": 0.05, "loss_type": "sigmoid"},
+                   "train": {"learning_rate": 0.0001, "max_steps": 3, "bf16": True},
+                   "model": {"attn_implementation": None}, "data": {"path": ["a.jsonl", "b.jsonl"]},
+                   "adapter": {"lora": {"r": 4}}, "output_dir": "runs/x"}
+    # 1e-4 is a float (plain PyYAML would read a string), and so are 5E+3 and -2.5e-1
+    assert parse_overrides(["a=5E+3", "b=-2.5e-1"]) == {"a": 5000.0, "b": -0.25}
+    assert isinstance(parse_overrides(["a=1e-4"])["a"], float)
+
+
+@pytest.mark.parametrize("bad", ["method.beta", "=3", "method..beta=1", "1x=2"])
+def test_malformed_override_is_an_error(bad):
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides([bad])
+
+
+def test_merge_is_deep_and_overrides_win():
+    base = {"method": {"beta": 0.1, "loss_type": "ipo"}, "train": {"seed": 1}}
+    assert merge(base, {"method": {"beta": 0.5}}) == {"method": {"beta": 0.5, "loss_type": "ipo"}, "train": {"seed": 1}}
+    assert base["method"]["beta"] == 0.1  # not mutated
+
+
+def test_typed_sections_and_widening(tmp_path):
+    cfg = config_from_dict({**BASE, "method": {"beta": 1, "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.5]},
+                            "adapter": {"kind": "lora", "lora": {"r": 2, "alpha": 4}},
+                            "train": {"learning_rate": 1e-3, "max_steps": 2}}, "dpo")
+    assert isinstance(cfg, DPOConfig)
+    assert cfg.method.beta == 1.0 and isinstance(cfg.method.beta, float)  # int widened to float
+    assert cfg.method.loss_weights == [1.0, 0.5]
+    assert cfg.adapter == AdapterConfig(kind="lora", lora=LoraSettings(r=2, alpha=4.0))  # the adapters' own dataclass
+    assert cfg.model.trust_remote_code is False and cfg.train == {"learning_rate": 1e-3, "max_steps": 2}
+
+
+@pytest.mark.parametrize("data, key, hint", [
+    ({**BASE, "method": {"betaa": 0.1}}, "method.betaa", "'beta'"),
+    ({**BASE, "adapter": {"kind": "lora", "lora": {"rr": 2}}}, "adapter.lora.rr", "'r'"),
+    ({**BASE, "train": {"lerning_rate": 1e-4}}, "train.lerning_rate", "'learning_rate'"),
+    ({**BASE, "dataa": {}}, "dataa", "'data'"),
+    ({"model": {"path": "x", "dtyp": "bf16"}}, "model.dtyp", "'dtype'"),
+])
+def test_unknown_key_names_dotted_key_suggests_and_lists_valid(data, key, hint):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, "dpo")
+    msg = str(e.value)
+    assert msg.startswith(f"{key}: unknown key"), msg
+    assert f"did you mean {hint}" in msg
+    assert "Valid keys:" in msg
+
+
+def test_unknown_key_lists_every_valid_key():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**BASE, "method": {"zzz": 1}}, "kto")
+    valid = e.value.args[0].split("Valid keys: ")[1].split(", ")
+    assert valid == ["loss_type", "beta", "desirable_weight", "undesirable_weight", "reference", "chunk_size",
+                     "disable_dropout", "weight_normalization"]
+    assert "did you mean" not in str(e.value)  # nothing close to "zzz"
+
+
+@pytest.mark.parametrize("data, key, expected", [
+    ({**BASE, "method": {"beta": "high"}}, "method.beta", "expected float, got str 'high'"),
+    ({**BASE, "method": {"beta": True}}, "method.beta", "expected float, got bool True"),
+    ({**BASE, "train": {"max_steps": 2.5}}, "train.max_steps", "expected int, got float 2.5"),
+    ({**BASE, "data": {"max_length": "long"}}, "data.max_length", "expected int or null, got str 'long'"),
+    ({**BASE, "method": {"loss_weights": [1, "x"]}}, "method.loss_weights[1]", "expected float"),
+    ({**BASE, "model": {"path": 3}}, "model.path", "expected str, got int 3"),
+    ({**BASE, "adapter": {"lora": 4}}, "adapter.lora", "expected a mapping of LoraSettings keys"),
+    ({**BASE, "method": {"reference": "adapter-off"}}, "method.reference", "did you mean 'adapter_off'"),
+])
+def test_wrong_type_names_key_and_expected_type(data, key, expected):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, "dpo")
+    assert str(e.value).startswith(f"{key}: "), str(e.value)
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("data, key, text", [
+    ({**BASE, "method": {"loss_type": "sigmod"}}, "method.loss_type", "did you mean 'sigmoid'"),
+    ({**BASE, "data": {"reader": "hh_rlhf"}}, "data.reader", "did you mean 'hh-rlhf'"),
+    ({**BASE, "data": {"formatter": "chat"}}, "data.formatter", "valid: auto, chat-template"),
+    ({**BASE, "adapter": {"kind": "reft"}}, "adapter", "needs adapter.reft.config"),
+    ({**BASE, "adapter": {"kind": "reft", "reft": {"config": {"representations": [{"layr": 0}]}}}},
+     "adapter.reft.config", "'layr'"),
+    ({"data": {}}, "model.path", "required"),
+    ({**BASE, "train": {"output_dir": "x"}}, "train.output_dir", "top-level output_dir"),
+])
+def test_names_checked_against_registries(data, key, text):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, "dpo")
+    assert str(e.value).startswith(key) and text in str(e.value), str(e.value)
+
+
+def test_file_errors_name_the_file_and_command(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("command: sft\nmodel: {path: tiny:llama}\nmethod: {beta: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: method\.beta: unknown key"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="this config is for `alignkit sft`, not `alignkit dpo`"):
+        load_config(f, command="dpo")
+    f.write_text("- just a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(f, command="sft")
+
+
+def test_overrides_apply_over_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("command: dpo\nmodel: {path: tiny:llama}\nmethod: {beta: 0.1, loss_type: ipo}\n"
+                 "train: {learning_rate: 5e-5}\n")
+    cfg = load_config(f, ["method.beta=0.05", "train.learning_rate=1e-4", "adapter.kind=lora"])
+    assert (cfg.method.beta, cfg.method.loss_type, cfg.train["learning_rate"], cfg.adapter.kind) == \
+        (0.05, "ipo", 1e-4, "lora")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert type(cfg) is CONFIG_CLASSES[path.read_text().split("command:")[1].split()[0]]
+    again = load_config(save_config(cfg, tmp_path / "resolved.yaml"))
+    assert again == cfg
+
+
+def test_configs_cover_every_command():
+    commands = {p.read_text().split("command:")[1].split()[0] for p in CONFIGS}
+    assert commands == set(CONFIG_CLASSES)
+    tiny = [p for p in CONFIGS if "tiny:" in p.read_text() or "runs/" in p.read_text()]
+    assert len(tiny) >= 8
