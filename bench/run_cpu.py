@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -111,6 +112,22 @@ def run_one(library: str, task: str, variant_args: list[str], case: Case, spec_p
 
 
 # ----------------------------------------------------------------------------- report
+def median_result(results: list[dict]) -> dict:
+    """One result from repeats: the run with the median samples/s, its speed fields replaced by the medians
+    over the successful repeats, plus `repeats` (all samples/s and peak MB) and `spread` ((max-min)/median)."""
+    ok = [r for r in results if _ok(r)]
+    if not ok:
+        return results[-1]
+    med = lambda key: statistics.median(r[key] for r in ok)  # noqa: E731
+    sps = sorted(ok, key=lambda r: r["samples_per_s"])
+    out = dict(sps[len(sps) // 2])
+    out.update(samples_per_s=med("samples_per_s"), tokens_per_s=med("tokens_per_s"), peak_rss_mb=med("peak_rss_mb"),
+               repeats={"samples_per_s": [r["samples_per_s"] for r in ok], "peak_rss_mb": [r["peak_rss_mb"] for r in ok],
+                        "failed": len(results) - len(ok)},
+               spread=(sps[-1]["samples_per_s"] - sps[0]["samples_per_s"]) / out["samples_per_s"] if len(ok) > 1 else 0.0)
+    return out
+
+
 def _ok(r: dict | None) -> bool:
     return bool(r) and r.get("status") == "ok"
 
@@ -156,9 +173,18 @@ def table(rows: list[dict]) -> str:
         for side in (a, p):
             if side and not _ok(side):
                 notes.append(f"  {r['task']}/{sc}/{r['setting']}: {side['library']} {side['status']}: {side['reason']}")
+    spreads = [f"{r['task']}/{r['scenario']}/{r['setting']}: ak {side_spread(r['alignkit'])}, "
+               f"{r['peer']} {side_spread(r['peer_result'])}" for r in rows]
     lines.append("x = alignkit / peer (speed: > 1 is alignkit faster; memory: < 1 is alignkit leaner). "
                  "ak = alignkit. Peak MB = ru_maxrss of the run's process.")
-    return "\n".join(lines + sorted(set(notes)))
+    return "\n".join(lines + ["noise, (max - min) / median of samples/s over repeats:"] + ["  " + x for x in spreads]
+                     + sorted(set(notes)))
+
+
+def side_spread(r: dict | None) -> str:
+    if not _ok(r) or "repeats" not in r:
+        return "—"
+    return f"{100 * r['spread']:.0f}% (n={len(r['repeats']['samples_per_s'])})"
 
 
 def chart(rows: list[dict], path: Path) -> Path | None:
@@ -198,10 +224,13 @@ def main() -> None:
                     help="torch threads per run (default 1: stable on a shared machine; 2 on a quiet one)")
     ap.add_argument("--skip-alignkit", action="store_true")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every (library, variant) this many times, interleaved; the table shows medians")
     ap.add_argument("--results", default=str(BENCH / "results"))
     args = ap.parse_args()
 
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.results)
     run_dir = out_dir / f"cpu-{stamp}"
@@ -212,26 +241,29 @@ def main() -> None:
     print(f"[run_cpu] run folder {run_dir}; threads {args.threads}; {len(todo)} comparisons")
     for c in todo:
         libs = ([] if args.skip_alignkit else ["alignkit"]) + [c.peer]
-        # interleave the libraries variant by variant so machine noise hits both sides alike
-        for variant in ("default", "fastest"):
-            for lib in libs:
-                extra = VARIANTS[c.task][lib].get(variant)
-                if extra is None:
-                    continue
-                tag = f"{c.task}-{c.scenario}-{c.label or 'base'}-{lib}-{variant}".replace("+", "_")
-                res = run_one(lib, c.task, extra, c, specs[c.scenario], run_dir, args.threads, args.timeout, tag)
-                c.runs[(lib, variant)] = res
-                got = (f"{res['samples_per_s']:.1f} samples/s, {res['tokens_per_s']:.0f} tok/s, "
-                       f"{res['peak_rss_mb']:.0f} MB" if _ok(res) else f"{res['status']}: {res.get('reason', '')}")
-                print(f"[run_cpu] {tag}: {got} ({res.get('wall_s', 0):.0f} s)", flush=True)
+        reps: dict[tuple[str, str], list[dict]] = {}
+        # interleave libraries variant by variant, repeat by repeat, so machine noise hits both sides alike
+        for rep in range(args.repeats):
+            for variant in ("default", "fastest"):
+                for lib in libs:
+                    extra = VARIANTS[c.task][lib].get(variant)
+                    if extra is None:
+                        continue
+                    tag = f"{c.task}-{c.scenario}-{c.label or 'base'}-{lib}-{variant}-r{rep}".replace("+", "_")
+                    res = run_one(lib, c.task, extra, c, specs[c.scenario], run_dir, args.threads, args.timeout, tag)
+                    reps.setdefault((lib, variant), []).append(res)
+                    got = (f"{res['samples_per_s']:.1f} samples/s, {res['tokens_per_s']:.0f} tok/s, "
+                           f"{res['peak_rss_mb']:.0f} MB" if _ok(res) else f"{res['status']}: {res.get('reason', '')}")
+                    print(f"[run_cpu] {tag}: {got} ({res.get('wall_s', 0):.0f} s)", flush=True)
+        c.runs = {key: median_result(rs) for key, rs in reps.items()}
 
     rows = comparisons(todo)
     report = table(rows)
     print("\n" + report)
     out_dir.mkdir(parents=True, exist_ok=True)
     dur = time.perf_counter() - t_start
-    payload = {"timestamp": stamp, "threads": args.threads, "quick": args.quick, "duration_s": dur,
-               "cpu_count": os.cpu_count(), "load_avg_end": os.getloadavg(), "run_dir": str(run_dir),
+    payload = {"timestamp": stamp, "threads": args.threads, "repeats": args.repeats, "quick": args.quick, "duration_s": dur,
+               "cpu_count": os.cpu_count(), "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "run_dir": str(run_dir),
                "scenarios": {n: common.SCENARIOS[n] for n in specs},
                "runs": [{"task": c.task, "scenario": c.scenario, "label": c.label, "variant": v, **r}
                         for c in todo for (lib, v), r in c.runs.items()],

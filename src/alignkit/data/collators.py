@@ -20,7 +20,11 @@ completion tokens, -100 elsewhere; HF models shift them inside), all (rows, T) w
   `position_ids` restarting at 0 per sequence, `labels`/`completion_mask` with each sequence's first token
   masked (it must not be predicted from the previous sequence), `cu_seq_lens` (B+1,) int32 cumulative
   lengths starting at 0, `max_seq_len` (int), `sequence_index` (1, S) (example of each token) and
-  `weight` (B,). For flash-attention varlen kernels; no `attention_mask`.
+  `weight` (B,). No `attention_mask`: sequence boundaries travel in `position_ids` (transformers builds
+  a block-diagonal causal mask from them for sdpa/eager; flash-attention gets `cu_seq_lens` as varlen
+  kwargs, see `alignkit.trainers.logps`).
+- `PackedPreferenceCollator`: padding-free 2B layout: the chosen then the rejected sequences packed in one
+  row, keys as `PackedSFTCollator` plus `margin` (B,). `packed_version(collator)` maps padded -> packed.
 - `PromptCollator`: prompts for generation, left-padded by default: `input_ids`, `attention_mask`,
   `position_ids`, `weight`, and `prompts` (the records' prompts, a list).
 """
@@ -118,28 +122,68 @@ class RankedCollator:
         return batch
 
 
+def pack(seqs: list[list[int]], masks: list[list[int]]) -> dict[str, Any]:
+    """Concatenate `seqs` into one row (1, S) with the boundary keys of the padding-free layout (module docstring).
+
+    Each sequence's first token gets completion_mask 0: it would otherwise be scored as the next token of the
+    previous sequence.
+    """
+    lengths = [len(s) for s in seqs]
+    if not lengths or min(lengths) == 0:
+        raise ValueError(f"pack: every sequence needs at least one token, got lengths {lengths}")
+    input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]                         # (1, S)
+    completion_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.long)[None]                 # (1, S)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]                                      # (1, S)
+    completion_mask = completion_mask.masked_fill(position_ids == 0, 0)  # no prediction across sequences
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)                                                         # (R+1,)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "completion_mask": completion_mask,
+        "labels": input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX),
+        "cu_seq_lens": cu,
+        "max_seq_len": max(lengths),
+        "sequence_index": torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None],  # (1, S)
+    }
+
+
 @dataclass
 class PackedSFTCollator:
     """Padding-free SFT batches (see the module docstring)."""
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        lengths = [len(f["input_ids"]) for f in features]
-        input_ids = torch.tensor([t for f in features for t in f["input_ids"]], dtype=torch.long)[None]       # (1, S)
-        completion_mask = torch.tensor([m for f in features for m in f["completion_mask"]], dtype=torch.long)[None]
-        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]                                      # (1, S)
-        completion_mask = completion_mask.masked_fill(position_ids == 0, 0)  # no prediction across sequences
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)                                                         # (B+1,)
-        return {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "completion_mask": completion_mask,
-            "labels": input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX),
-            "cu_seq_lens": cu,
-            "max_seq_len": max(lengths),
-            "sequence_index": torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None],
-            "weight": _weights(features),
-        }
+        batch = pack([f["input_ids"] for f in features], [f["completion_mask"] for f in features])
+        batch["weight"] = _weights(features)
+        if "label" in features[0]:
+            batch["label"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)  # (B,)
+        return batch
+
+
+@dataclass
+class PackedPreferenceCollator:
+    """Padding-free preference batches: the 2B sequences of `PreferenceCollator` (chosen of examples 0..B-1,
+    then their rejected) concatenated in one row (1, S), with the keys of `pack` plus `weight` and `margin` (B,)."""
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        masks = [f["chosen_completion_mask"] for f in features] + [f["rejected_completion_mask"] for f in features]
+        batch = pack(ids, masks)
+        batch["weight"] = _weights(features)
+        batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features], dtype=torch.float32)
+        return batch
+
+
+def packed_version(collator: Any) -> Any:
+    """The padding-free counterpart of a padded collator (SFT / preference); a packed one is returned as is."""
+    if isinstance(collator, (PackedSFTCollator, PackedPreferenceCollator)):
+        return collator
+    if isinstance(collator, SFTCollator):
+        return PackedSFTCollator()
+    if isinstance(collator, PreferenceCollator):
+        return PackedPreferenceCollator()
+    raise ValueError(f"padding_free=True: no padding-free version of {type(collator).__name__}; use SFTCollator, "
+                     "PreferenceCollator, PackedSFTCollator or PackedPreferenceCollator")
 
 
 @dataclass

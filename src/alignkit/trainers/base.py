@@ -28,6 +28,9 @@ Saving. Only the trainable state (`alignkit.models.adapters.save_adapter`): peft
 ReFT safetensors + json for ReFT, the full model (safetensors) for full finetuning, plus the
 tokenizer and `training_args.json`. Never a pickle of the arguments.
 
+Length-aware batching: `group_by_length=True` (or `train_sampling_strategy="group_by_length"`) draws
+batches with `alignkit.data.batching.LengthGroupedSampler` (similar lengths together, still random).
+
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
 not name); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
@@ -63,6 +66,15 @@ def turn_off_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
+def packed_collator(collator: Any, tokenizer: Any, paired: bool) -> Any:
+    """The padding-free collator for `padding_free=True`: the packed version of `collator` (or a new one)."""
+    from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
+
+    if collator is None:
+        return PackedPreferenceCollator() if paired else PackedSFTCollator()
+    return packed_version(collator)
+
+
 class AlignTrainer(Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
@@ -72,10 +84,11 @@ class AlignTrainer(Trainer):
 
     def __init__(self, model: nn.Module, args: TrainingArguments, *,
                  weight_normalization: Literal["count", "weighted"] = "count", disable_dropout: bool = False,
-                 **kwargs: Any) -> None:
+                 group_by_length: bool = False, **kwargs: Any) -> None:
         if weight_normalization not in ("count", "weighted"):
             raise ValueError(f"weight_normalization must be 'count' or 'weighted', got {weight_normalization!r}")
         self.weight_normalization = weight_normalization
+        self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         changes: dict[str, Any] = {}
         if args.remove_unused_columns:
             changes["remove_unused_columns"] = False
@@ -93,6 +106,18 @@ class AlignTrainer(Trainer):
             logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})
         self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": {}, "eval": {}}
 
+    # -- sampling ----------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """`LengthGroupedSampler` over our tokenized examples when `group_by_length`; else the Trainer's."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length or dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)
+        from alignkit.data.batching import LengthGroupedSampler, example_length
+
+        lengths = [example_length(dataset[i]) for i in range(len(dataset))]
+        return LengthGroupedSampler(lengths, self.args.train_batch_size, seed=self.args.data_seed or self.args.seed)
+
     # -- the one method a subclass writes -------------------------------------------------------------
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
@@ -102,6 +127,11 @@ class AlignTrainer(Trainer):
 
     def items_per_example(self, batch: dict[str, Any]) -> Tensor:
         """n_i `(B,)`: 1 per example, or completion tokens per example when `normalizer == "tokens"`."""
+        packed = batch.get("cu_seq_lens") is not None  # padding-free: R sequences in one row
+        if self.normalizer == "tokens" and packed:
+            R = batch["cu_seq_lens"].shape[0] - 1
+            seq = batch["sequence_index"][0]  # (S,); each sequence's first token is never scored
+            return torch.zeros(R, device=seq.device).index_add_(0, seq, batch["completion_mask"][0].float())  # (R,)
         if self.normalizer == "tokens":
             mask = batch["completion_mask"][:, 1:].bool()
             if batch.get("attention_mask") is not None:
@@ -112,6 +142,8 @@ class AlignTrainer(Trainer):
             B = w.shape[0]
         elif batch.get("num_responses") is not None:
             B = batch["num_responses"].shape[0]
+        elif packed:
+            B = (batch["cu_seq_lens"].shape[0] - 1) // self.rows_per_example
         else:
             B = batch["input_ids"].shape[0] // self.rows_per_example
         return torch.ones(B, device=batch["input_ids"].device)
@@ -228,4 +260,4 @@ class AlignTrainer(Trainer):
         load_adapter_weights(model, self.state.best_model_checkpoint)
 
 
-__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "turn_off_dropout"]
+__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "turn_off_dropout"]

@@ -21,6 +21,16 @@ ReFT locations come from the batch (`intervention_locations`) or, if absent, fro
 each row (first attended token up to the first completion token) and the position spec recorded on
 the model by `apply_adapter`, so the same prompt positions are edited for a pair's chosen and
 rejected rows.
+
+Padding-free (packed) batches (`alignkit.data.PackedSFTCollator` / `PackedPreferenceCollator`: one row
+(1, S) of R concatenated sequences, `position_ids` restarting at 0 per sequence, `cu_seq_lens` (R+1,),
+no attention_mask) go through the same code. The model sees no attention mask, so transformers derives
+the sequence boundaries from `position_ids` (`masking_utils.find_packed_sequence_indices`: a new sequence
+wherever the position does not grow by one; only without a KV cache, hence use_cache=False) and builds a
+block-diagonal causal mask for sdpa / eager; flash-attention models also get `cu_seq_lens_q/k`, `max_length_q/k` (varlen kernels, no recount). The
+scored token log-probs are then scattered back to the padded layout (R, L_max - 1) of right padding,
+(sequence_index, position - 1), so every loss, metric and reduction sees exactly what a padded batch
+gives. ReFT locations are computed per sequence and shifted by its start in the row: (1, I, R * P).
 """
 
 from __future__ import annotations
@@ -45,8 +55,27 @@ def prompt_spans(attention_mask: Tensor, completion_mask: Tensor) -> tuple[Tenso
     return start, first_comp - start
 
 
+def is_packed(batch: dict[str, Any]) -> bool:
+    """True for a padding-free batch (one row of concatenated sequences with `cu_seq_lens`)."""
+    return batch.get("cu_seq_lens") is not None
+
+
+def packed_prompt_spans(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(start, length) `(R,)` of each packed sequence's prompt in the flat row: from the sequence's first token
+    to its first completion token (or its end when it has none)."""
+    cu = batch["cu_seq_lens"].to(batch["input_ids"].device).long()  # (R+1,)
+    start, end = cu[:-1], cu[1:]  # (R,)
+    comp = batch["completion_mask"][0].bool()  # (S,)
+    pos = torch.arange(comp.shape[0], device=comp.device)  # (S,)
+    cand = torch.where(comp, pos, comp.shape[0])  # (S,) completion positions, else S
+    seq = batch["sequence_index"][0].to(comp.device)  # (S,)
+    first = end.clone().scatter_reduce(0, seq, cand, reduce="amin", include_self=True)  # (R,)
+    return start, first - start
+
+
 def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
-    """`intervention_locations (B, I, P)` for a ReFT model (from the batch, else from prompt spans); None otherwise."""
+    """`intervention_locations (B, I, P)` for a ReFT model (from the batch, else from prompt spans); None otherwise.
+    For a packed batch: `(1, I, R * P)`, each sequence's positions shifted by its start in the row."""
     if "reft" not in adapter_kind(model):
         return None
     if batch.get("intervention_locations") is not None:
@@ -57,11 +86,16 @@ def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
                          "with alignkit.models.adapters.apply_adapter (AdapterConfig.reft.positions, e.g. 'f1+l1')")
     from alignkit.data.positions import locations_from_spans
 
+    k = unwrap_parallel(model).num_interventions  # through DDP / FSDP wrappers
+    if is_packed(batch):
+        start, length = packed_prompt_spans(batch)
+        loc = locations_from_spans(settings.positions, start, length, k, settings.share_weights)  # (R, I, P)
+        R, I, P = loc.shape
+        return loc.permute(1, 0, 2).reshape(1, I, R * P)  # (1, I, R*P), absolute in the flat row
     att = batch.get("attention_mask")
     if att is None:
         att = torch.ones_like(batch["input_ids"])
     start, length = prompt_spans(att, batch["completion_mask"])
-    k = unwrap_parallel(model).num_interventions  # through DDP / FSDP wrappers
     return locations_from_spans(settings.positions, start, length, k, settings.share_weights)
 
 
@@ -84,6 +118,16 @@ def forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     for key in ("attention_mask", "position_ids"):
         if batch.get(key) is not None:
             kw[key] = batch[key]
+    if is_packed(batch):
+        if batch.get("attention_mask") is not None or batch.get("position_ids") is None:
+            raise ValueError("a packed batch (cu_seq_lens) needs position_ids restarting at 0 per sequence and no "
+                             "attention_mask (transformers reads the boundaries from position_ids only then); "
+                             "build it with PackedSFTCollator / PackedPreferenceCollator")
+        impl = str(getattr(unwrap_lm(model).config, "_attn_implementation", "") or "")
+        if "flash" in impl:  # varlen kernels: hand over the boundaries instead of re-deriving them
+            cu = batch["cu_seq_lens"].to(batch["input_ids"].device, torch.int32)
+            kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seq_len"]),
+                      max_length_k=int(batch["max_seq_len"]))
     loc = batch_locations(model, batch)
     if loc is not None:
         kw["intervention_locations"] = loc
@@ -128,7 +172,8 @@ def _head(lm: nn.Module) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
 def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
     """(token_logps (B, T-1), mask (B, T-1) bool): log p of each completion token given its prefix, 0 elsewhere.
 
-    `batch` needs input_ids and completion_mask (B, T); attention_mask, position_ids optional.
+    `batch` needs input_ids and completion_mask (B, T); attention_mask, position_ids optional. A packed batch
+    (R sequences in one row) gives (R, L_max - 1), as the same sequences right-padded would.
     """
     ids = batch["input_ids"]  # (B, T)
     mask = batch["completion_mask"][:, 1:].bool()  # (B, T-1): the NEXT token is scored
@@ -139,7 +184,21 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: 
     weight, bias, extra = _head(unwrap_lm(model))
     targets = ids[:, 1:][rows, cols]  # (N,)
     logp = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, **extra)  # (N,) float32
+    if is_packed(batch):
+        return _unpack(batch, rows, cols, logp)
     token = logp.new_zeros(mask.shape).index_put((rows, cols), logp)  # (B, T-1)
+    return token, mask
+
+
+def _unpack(batch: dict[str, Any], rows: Tensor, cols: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed flat log-probs -> the right-padded layout (R, L_max - 1): the token at flat column c + 1 is
+    token position_ids[c + 1] of sequence sequence_index[c + 1], scored at column position - 1."""
+    R = batch["cu_seq_lens"].shape[0] - 1
+    seq = batch["sequence_index"][0, cols + 1]  # (N,)
+    col = batch["position_ids"][0, cols + 1] - 1  # (N,)
+    shape = (R, int(batch["max_seq_len"]) - 1)
+    token = logp.new_zeros(shape).index_put((seq, col), logp)  # (R, L_max-1)
+    mask = torch.zeros(shape, dtype=torch.bool, device=logp.device).index_put((seq, col), torch.ones_like(seq, dtype=torch.bool))
     return token, mask
 
 
@@ -150,4 +209,4 @@ def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 
 
 
 __all__ = ["batch_locations", "completion_logps", "completion_token_logps", "final_hidden_states", "forward_kwargs",
-           "prompt_locations", "prompt_spans"]
+           "is_packed", "packed_prompt_spans", "prompt_locations", "prompt_spans"]

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceBatch, PreferenceParams, preference_loss
-from alignkit.trainers.base import AlignTrainer, turn_off_dropout
+from alignkit.trainers.base import AlignTrainer, packed_collator, turn_off_dropout
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.reference import (ReferenceCollator, attach_reference, frozen_copy, load_or_compute,
                                          reference_logps, resolve_mode)
@@ -39,6 +39,9 @@ class PreferenceTrainer(AlignTrainer):
         reference: "auto" | "adapter_off" | "copy" | "precomputed" | "none" (`alignkit.trainers.reference`).
         ref_model: the frozen reference for "copy" (default: a copy of the model at construction).
         reference_cache_dir: where precomputed reference log-probs are cached (implies "precomputed").
+        padding_free: pack the 2B sequences of each batch into one row without padding (`PackedPreferenceCollator`;
+            masking in `alignkit.trainers.logps`). Same losses as padded batches.
+        group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).
     """
 
     rows_per_example = 2
@@ -47,7 +50,11 @@ class PreferenceTrainer(AlignTrainer):
                  loss_weights: Sequence[float] | None = None, beta: float = 0.1,
                  params: PreferenceParams | None = None, reference: str = "auto", ref_model: nn.Module | None = None,
                  reference_cache_dir: str | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
-                 **kwargs: Any) -> None:
+                 padding_free: bool = False, **kwargs: Any) -> None:
+        self.padding_free = padding_free
+        if padding_free:
+            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), kwargs.get("processing_class"),
+                                                      paired=True)
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         for name in names:
             PREFERENCE_LOSSES[name]  # unknown names fail here, listing the valid ones

@@ -14,20 +14,28 @@ from typing import Any
 from torch import nn
 
 from alignkit.losses import SFT_LOSSES, LossOutput
-from alignkit.trainers.base import AlignTrainer
+from alignkit.trainers.base import AlignTrainer, packed_collator
 from alignkit.trainers.logps import completion_token_logps
 
 
 class SFTTrainer(AlignTrainer):
     """SFT for any adapter kind. Batches from `alignkit.data.SFTCollator` (input_ids, attention_mask,
-    position_ids, completion_mask, weight)."""
+    position_ids, completion_mask, weight), or padding-free from `PackedSFTCollator`.
+
+    padding_free: pack each batch's sequences into one row without padding (the collator is swapped for its
+        packed version; `alignkit.trainers.logps` explains the masking). Same loss as padded batches.
+    group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).
+    """
 
     normalizer = "tokens"
 
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "nll", chunk_size: int = 1024,
-                 **kwargs: Any) -> None:
+                 padding_free: bool = False, **kwargs: Any) -> None:
         SFT_LOSSES[loss_type]  # unknown names fail here, listing the valid ones
-        self.loss_type, self.chunk_size = loss_type, chunk_size
+        self.loss_type, self.chunk_size, self.padding_free = loss_type, chunk_size, padding_free
+        if padding_free:
+            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), kwargs.get("processing_class"),
+                                                      paired=False)
         super().__init__(model, args, **kwargs)
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
