@@ -27,6 +27,9 @@ def test_overrides_are_yaml_scalars_nested_by_dots():
     # 1e-4 is a float (plain PyYAML would read a string), and so are 5E+3 and -2.5e-1
     assert parse_overrides(["a=5E+3", "b=-2.5e-1"]) == {"a": 5000.0, "b": -0.25}
     assert isinstance(parse_overrides(["a=1e-4"])["a"], float)
+    # YAML 1.2 booleans: `no` (eval_strategy, save_strategy) and `on` stay strings
+    assert parse_overrides(["train.save_strategy=no", "a=yes", "b=on", "c=False", "d=TRUE"]) == \
+        {"train": {"save_strategy": "no"}, "a": "yes", "b": "on", "c": False, "d": True}
 
 
 @pytest.mark.parametrize("bad", ["method.beta", "=3", "method..beta=1", "1x=2"])

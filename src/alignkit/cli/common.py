@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 BUNDLED_PREFIX = "bundled:"
+TINY_TMP_PREFIX = "alignkit-tiny-"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +71,7 @@ def resolve_model_path(ms: ModelSettings, run: RunFolder, task: str) -> tuple[st
         raise ConfigError(f"model.path: {ms.path!r}: unknown tiny architecture {arch!r}; valid: "
                           + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
     # every process builds the same seeded model; only the main one writes into the run folder
-    folder = run.root / "base_model" if run.main else Path(tempfile.mkdtemp(prefix="alignkit-tiny-"))
+    folder = run.root / "base_model" if run.main else Path(tempfile.mkdtemp(prefix=TINY_TMP_PREFIX))
     save_tiny(folder, arch, classifier=task == "classifier", num_labels=1)
     desc = f"{ms.path} (a random tiny {arch} built by alignkit.models.tiny, saved in base_model/)"
     return str(folder), desc
@@ -89,6 +91,9 @@ def load_base(ms: ModelSettings, run: RunFolder, task: str = "causal_lm") -> tup
     tok = load_tokenizer_for(ms, path)
     model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
                        num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code)
+    if Path(path).name.startswith(TINY_TMP_PREFIX):  # another process's private copy: loaded, so not needed
+        shutil.rmtree(path, ignore_errors=True)
+        path = str(run.root / "base_model")
     if task == "classifier" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, path, desc

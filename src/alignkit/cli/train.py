@@ -5,7 +5,10 @@
 
 `train` goes straight to `transformers.TrainingArguments`; alignkit sets only `output_dir`
 (<run>/checkpoints), `report_to` (TensorBoard into <run>/tensorboard when installed, unless the config
-names its own reporters) and `disable_tqdm` under `--quiet`.
+names its own reporters), `disable_tqdm` under `--quiet`, and, for several processes without a GPU
+(`torchrun` / `accelerate launch` on CPUs), `use_cpu=True` with the gloo backend unless `train` says otherwise.
+Distributed runs need nothing else: `accelerate launch -m alignkit dpo --config ...`; only the main process
+writes the config, metrics, plots and model card.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from typing import Any
 
 from alignkit.cli.common import (add_config_arguments, command_line, config_from_args, dry_run, load_base, load_data,
@@ -71,8 +75,14 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
 
     from transformers import TrainingArguments
 
+    import torch
+
     kw = dict(train)
     kw["output_dir"] = str(run.checkpoints)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "use_cpu" not in kw:
+        # several CPU processes (torchrun / accelerate launch): without use_cpu each would train alone
+        kw.update(use_cpu=True, ddp_backend=kw.get("ddp_backend") or "gloo")
+        logger.info("%s CPU processes: DDP with use_cpu=True, ddp_backend=%s", os.environ["WORLD_SIZE"], kw["ddp_backend"])
     report = kw.get("report_to")
     if report is None:
         report = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []

@@ -14,8 +14,7 @@ A config is one dataclass per command (`CONFIG_CLASSES`) made of sections:
 - `generation` (`alignkit.online.SamplingConfig`) for `generate`.
 
 Every key is checked: an unknown key or a value of the wrong type is a `ConfigError` naming the dotted
-key, the valid keys and the closest match. YAML floats may be written `1e-4` (PyYAML alone reads that
-as a string).
+key, the valid keys and the closest match. Scalars follow YAML 1.2 (`1e-4` is a float, `no` a string).
 """
 
 

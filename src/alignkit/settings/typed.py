@@ -1,6 +1,7 @@
 """Plain mappings -> typed dataclasses, with errors naming the dotted key; YAML reading; dotted overrides.
 
-YAML floats may be written `1e-4` (PyYAML alone reads that as a string). Override values are YAML
+YAML scalars follow YAML 1.2: `1e-4` is a float (PyYAML alone reads a string) and `no` / `on` stay
+strings (only true / false are booleans). Override values are YAML
 scalars or flow collections: `method.beta=0.05`, `data.path=[a.jsonl, b.jsonl]`, `model.dtype=bf16`.
 """
 
@@ -24,9 +25,14 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` / `5E+3` as floats (YAML 1.2 style)."""
+    """SafeLoader with YAML 1.2 scalars: `1e-4` / `5E+3` are floats, and only true/false are booleans
+    (YAML 1.1 would turn `eval_strategy: no` or `on` into a bool)."""
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != _BOOL_TAG]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$")
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 

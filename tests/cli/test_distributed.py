@@ -1,0 +1,31 @@
+"""`alignkit dpo` under torchrun with two CPU processes (gloo): one DDP run, and only the main process
+writes the run folder (one summary, one row per log event, world size 2 in the model card)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_once(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alignkit", "-q",
+           "dpo", "--config", str(CONFIGS / "dpo-lora-tiny.yaml"), f"output_dir={out}", "train.max_steps=2",
+           "train.eval_strategy=no"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("alignkit dpo: done") == 1, proc.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2]  # written once, not once per process
+    assert "| `world size` | 2 |" in (out / "README.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("alignkit-tiny-")]  # rank 1's private copy removed
