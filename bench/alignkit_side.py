@@ -9,7 +9,9 @@ needs cannot be imported (the trainers are being written), the task writes a "sk
 so, and run_cpu.py shows the row as missing. See bench/README.md ("alignkit_side.py interface").
 
 alignkit's speed knobs: precision "default" = float32 (alignkit never turns bf16 on by itself),
-grad-ckpt "default" = off, --padding-free = `PackedSFTCollator` (SFT only).
+grad-ckpt "default" = off, --padding-free = the trainers' `padding_free=True` (SFT, DPO, ReFT-SFT),
+--group-by-length = `group_by_length=True` (length-grouped sampler), --precompute-ref = DPO with
+`reference_cache_dir` (reference log-probs computed once at construction, before timing starts).
 """
 
 from __future__ import annotations
@@ -66,22 +68,27 @@ def _model(args, task: str = "causal_lm"):
                       num_labels=1 if task == "classifier" else None)
 
 
+def _knobs(args) -> dict:
+    """Trainer keyword arguments of the speed knobs."""
+    return {"padding_free": bool(args.padding_free), "group_by_length": bool(args.group_by_length)}
+
+
 def _train(args, trainer, meter_module, extra: dict | None = None) -> dict:
     meter = common.Meter(meter_module, args.warmup, args.steps, args.batch_size)
     trainer.add_callback(common.trainer_callback(meter))
     trainer.train()
     eff = {"effective": {"gradient_checkpointing": args.grad_ckpt == "on", "bf16": args.precision == "bf16",
-                         "padding_free": bool(args.padding_free), "max_length": args.max_length}}
+                         "padding_free": bool(args.padding_free), "group_by_length": bool(args.group_by_length),
+                         "max_length": args.max_length}}
     return common.finish(args, "alignkit", meter, {**eff, **(extra or {})}, libs=("alignkit", "accelerate"))
 
 
 def run_sft(args, tok) -> dict:
     (SFTTrainer,) = _import(args, "alignkit.trainers", "SFTTrainer")
-    SFTCollator, PackedSFTCollator = _import(args, "alignkit.data", "SFTCollator", "PackedSFTCollator")
+    (SFTCollator,) = _import(args, "alignkit.data", "SFTCollator")
     model = _model(args)
-    collator = PackedSFTCollator() if args.padding_free else SFTCollator(tok.pad_token_id)
     trainer = SFTTrainer(model, _training_args(args, "alignkit_sft"), train_dataset=_tokenized(args, "sft", tok),
-                         data_collator=collator, processing_class=tok)
+                         data_collator=SFTCollator(tok.pad_token_id), processing_class=tok, **_knobs(args))
     return _train(args, trainer, model)
 
 
@@ -92,27 +99,27 @@ def run_rm(args, tok) -> dict:
     (PreferenceCollator,) = _import(args, "alignkit.data", "PreferenceCollator")
     model = _model(args, task="classifier")
     trainer = RewardTrainer(model, _training_args(args, "alignkit_rm"), train_dataset=_tokenized(args, "pref", tok),
-                            data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok)
+                            data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok,
+                            group_by_length=bool(args.group_by_length))
     return _train(args, trainer, model)
 
 
 def run_dpo(args, tok) -> dict:
-    if args.padding_free:
-        common.skip(args, "alignkit", "padding-free DPO is not offered")
     (PreferenceTrainer,) = _import(args, "alignkit.trainers", "PreferenceTrainer")
     (PreferenceCollator,) = _import(args, "alignkit.data", "PreferenceCollator")
     model = _model(args)
-    # Full finetuning: the reference is a frozen copy, as in TRL (reference="auto" picks it).
+    # Full finetuning: the reference is a frozen copy, as in TRL (reference="auto" picks it), or log-probs
+    # precomputed at construction (--precompute-ref; a fresh cache folder per run, so nothing is reused).
+    cache = str(Path(args.out).with_suffix("")) + "-refcache" if args.precompute_ref else None
     trainer = PreferenceTrainer(model, _training_args(args, "alignkit_dpo"), loss_type="sigmoid", beta=0.1,
-                                train_dataset=_tokenized(args, "pref", tok),
-                                data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok)
+                                train_dataset=_tokenized(args, "pref", tok), reference_cache_dir=cache,
+                                data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok,
+                                **_knobs(args))
     return _train(args, trainer, model, {"reference": trainer.reference_mode})
 
 
 def run_reft(args, tok) -> dict:
     """LoReFT at one layer (block output), rank --rank, positions --position; SFT loss on the answer."""
-    if args.padding_free:
-        common.skip(args, "alignkit", "padding-free ReFT is not offered")
     (SFTTrainer,) = _import(args, "alignkit.trainers", "SFTTrainer")
     (SFTCollator,) = _import(args, "alignkit.data", "SFTCollator")
     AdapterConfig, ReftSettings, apply_adapter = _import(
@@ -126,7 +133,7 @@ def run_reft(args, tok) -> dict:
                         positions=args.position, share_weights=True)
     model = apply_adapter(base, AdapterConfig(kind="reft", reft=reft))
     trainer = SFTTrainer(model, _training_args(args, "alignkit_reft"), train_dataset=_tokenized(args, "reft", tok),
-                         data_collator=SFTCollator(tok.pad_token_id), processing_class=tok)
+                         data_collator=SFTCollator(tok.pad_token_id), processing_class=tok, **_knobs(args))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return _train(args, trainer, model, {"trainable_params": n_train, "intervention": "LoReFT",
                                          "layer": args.layer, "position": args.position})

@@ -183,6 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grad-ckpt", choices=["default", "on", "off"], default="default")
     ap.add_argument("--precision", choices=["default", "fp32", "bf16"], default="default")
     ap.add_argument("--padding-free", action="store_true", help="flatten the batch (where the library supports it)")
+    ap.add_argument("--group-by-length", action="store_true",
+                    help="batches of similar lengths (where the library supports it for the task)")
+    ap.add_argument("--precompute-ref", action="store_true",
+                    help="DPO: reference log-probs computed once before training (untimed), not every step")
     ap.add_argument("--max-length", type=int, default=None, help="defaults to the spec's max_length")
     ap.add_argument("--position", default="l1", help="ReFT positions, e.g. l1 or f1+l1")
     ap.add_argument("--layer", type=int, default=None, help="ReFT layer (default: middle layer)")

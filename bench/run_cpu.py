@@ -32,17 +32,22 @@ SCRIPTS = {("trl", "sft"): "peers/trl_sft.py", ("trl", "rm"): "peers/trl_rm.py",
            ("pyreft", "reft"): "peers/pyreft_train.py"}
 
 # The settings each library runs at. "default": speed knobs left alone (TRL 1.16's own defaults are
-# gradient checkpointing ON and bf16 autocast ON, even on CPU). "fastest": checkpointing off, float32
-# (bf16 autocast on a CPU this small costs casts and buys nothing), padding-free where it exists
-# (TRL SFT; alignkit SFT). pyreft has no knobs: one run serves both. alignkit's defaults are already
-# checkpointing off + float32, so only SFT has a separate alignkit "fastest" (padding-free).
+# gradient checkpointing ON and bf16 autocast ON, even on CPU; alignkit's are checkpointing off, float32,
+# padded batches in random order, reference model run every step). "fastest": each library's best knobs
+# for the task: TRL checkpointing off + float32 (bf16 autocast on a CPU this small costs casts and buys
+# nothing), padding-free for SFT (TRL 1.16 switches it off for DPO), precomputed reference for DPO;
+# alignkit length-grouped batches (all tasks) and precomputed reference (DPO). alignkit's padding-free
+# mode is not its fastest on CPU: sdpa/eager attend over the whole packed row with a block-diagonal mask,
+# O(S^2) for S = all tokens of the batch (flash-attention varlen on a GPU has no such cost); see
+# bench/README.md for its measured numbers. pyreft has no knobs: one run serves both rows.
 FAST = ["--grad-ckpt", "off", "--precision", "fp32"]
 VARIANTS = {
     "sft": {"trl": {"default": [], "fastest": FAST + ["--padding-free"]},
-            "alignkit": {"default": [], "fastest": ["--padding-free"]}},
-    "rm": {"trl": {"default": [], "fastest": FAST}, "alignkit": {"default": []}},
-    "dpo": {"trl": {"default": [], "fastest": FAST}, "alignkit": {"default": []}},
-    "reft": {"pyreft": {"default": []}, "alignkit": {"default": []}},
+            "alignkit": {"default": [], "fastest": ["--group-by-length"]}},
+    "rm": {"trl": {"default": [], "fastest": FAST}, "alignkit": {"default": [], "fastest": ["--group-by-length"]}},
+    "dpo": {"trl": {"default": [], "fastest": FAST + ["--precompute-ref"]},
+            "alignkit": {"default": [], "fastest": ["--group-by-length", "--precompute-ref"]}},
+    "reft": {"pyreft": {"default": []}, "alignkit": {"default": [], "fastest": ["--group-by-length"]}},
 }
 
 

@@ -20,7 +20,7 @@ import common  # noqa: E402
 
 def main() -> None:
     args = common.parse_args()
-    if args.grad_ckpt == "on" or args.padding_free or args.precision == "bf16":
+    if args.grad_ckpt == "on" or args.padding_free or args.precision == "bf16" or args.group_by_length:
         common.skip(args, "pyreft", "pyreft offers no gradient checkpointing / padding-free / bf16 knob here")
     common.setup_torch(args)
     import pyreft

@@ -10,6 +10,8 @@ from _trl import common
 
 def main() -> None:
     args = common.parse_args()
+    if args.group_by_length or args.precompute_ref:
+        common.skip(args, "trl", "--group-by-length / --precompute-ref are not measured for this TRL trainer")
     common.setup_torch(args)
     import torch
     from datasets import Dataset

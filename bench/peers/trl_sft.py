@@ -9,6 +9,8 @@ from _trl import common
 
 def main() -> None:
     args = common.parse_args()
+    if args.group_by_length or args.precompute_ref:
+        common.skip(args, "trl", "--group-by-length / --precompute-ref are not measured for this TRL trainer")
     common.setup_torch(args)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,281 @@
+"""GPU suite: a 1B-parameter Llama-shaped model (random weights, bf16, built from config; nothing downloaded)
+trained with alignkit's trainers; tokens/s, model FLOPs utilisation and peak memory per workload.
+
+    .venv/bin/python bench/run_gpu.py                          # every workload, on the visible GPU
+    .venv/bin/python bench/run_gpu.py --workloads dpo_full_precomputed --steps 20
+    .venv/bin/python bench/run_gpu.py --dry-run                # tiny config on CPU: checks the script runs
+
+Workloads (WORKLOADS): SFT full finetuning; DPO with LoRA (reference = adapter off), full (frozen copy),
+and both with the reference log-probs precomputed once before training; ReFT (LoReFT rank 4 on the
+middle layer, SFT loss). `--padding-free` packs each batch (flash-attention varlen when installed).
+
+Model FLOPs utilisation (the brief's convention, PaLM appendix B without the attention term):
+
+    MFU = 6 * N * tokens / seconds / peak_flops
+
+N = parameters doing matmuls per token (all but the input embedding; a tied LM head counted once), tokens
+= non-pad tokens the policy trains on (chosen + rejected for DPO), peak_flops = dense bf16 peak of the
+GPU found by name in PEAK_TFLOPS. The reference forward of DPO (2N per token) is NOT counted as useful
+work, so precomputing it raises MFU; and LoRA / ReFT skip most weight gradients (about 4N instead of 6N
+per token), so their 6N-MFU overstates the work done. Both are reported as is, with `mfu_hw` (FLOPs
+actually executed: + 2N per reference token, 4N instead of 6N for frozen-base adapters) beside it.
+
+Results: one JSON line per workload on stdout and bench/results/gpu-<timestamp>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+BENCH = Path(__file__).resolve().parent
+
+# Dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity), matched on the device name.
+PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.0),          # H200 SXM (NVL: 835)
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),          # H100 SXM5 / HBM3
+    ("GH200", 989.0),
+    ("A100", 312.0),          # SXM and PCIe alike
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),           # AWS A10G (A10: 125)
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("V100", 125.0),          # fp16 tensor cores (no bf16)
+]
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY = dict(LLAMA_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def peak_tflops(name: str) -> float | None:
+    """bf16 dense peak of the GPU called `name` (torch.cuda.get_device_name), None when not in the table."""
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return value
+    return None
+
+
+def matmul_params(model: Any) -> int:
+    """N of the 6N rule: parameters that multiply activations (the input embedding is a lookup)."""
+    from alignkit.models.adapters import unwrap_lm
+
+    lm = unwrap_lm(model)
+    emb = lm.get_input_embeddings().weight
+    head = lm.get_output_embeddings().weight
+    total = sum(p.numel() for n, p in lm.named_parameters() if "lora_" not in n)
+    return total - emb.numel() + (head.numel() if head is emb else 0)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def make_features(kind: str, n: int, prompt_len: int, completion_len: int, vocab: int, seed: int) -> list[dict]:
+    """Random token data, already tokenized: lengths vary +-25 % around the given means."""
+    import random
+
+    rng = random.Random(seed)
+    ln = lambda m: max(2, int(m * rng.uniform(0.75, 1.25)))  # noqa: E731
+    seq = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    out = []
+    for _ in range(n):
+        p = seq(ln(prompt_len))
+        if kind == "sft":
+            c = seq(ln(completion_len))
+            out.append({"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)})
+        else:
+            c, r = seq(ln(completion_len)), seq(ln(completion_len))
+            out.append({"chosen_input_ids": p + c, "chosen_completion_mask": [0] * len(p) + [1] * len(c),
+                        "rejected_input_ids": p + r, "rejected_completion_mask": [0] * len(p) + [1] * len(r)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ workloads
+def build_model(cfg: dict, dtype: Any, device: str, attn: str) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn))
+    return model.to(dtype)
+
+
+def adapter(kind: str, layer: int) -> Any:
+    from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings
+
+    if kind == "lora":
+        return AdapterConfig(kind="lora", lora=LoraSettings(r=16, alpha=32.0))
+    if kind == "reft":
+        return AdapterConfig(kind="reft", reft=ReftSettings(
+            config={"representations": [{"layer": layer, "component": "block_output", "intervention": "loreft",
+                                         "low_rank_dimension": 4}]}, positions="f1+l1"))
+    return AdapterConfig(kind="full")
+
+
+# name -> (objective, adapter kind, reference)
+WORKLOADS: dict[str, tuple[str, str, str | None]] = {
+    "sft_full": ("sft", "full", None),
+    "dpo_lora": ("dpo", "lora", "auto"),
+    "dpo_lora_precomputed": ("dpo", "lora", "precomputed"),
+    "dpo_full": ("dpo", "full", "auto"),
+    "dpo_full_precomputed": ("dpo", "full", "precomputed"),
+    "reft": ("sft", "reft", None),
+}
+
+
+class _Timer:
+    """TrainerCallback: synchronises the device and times steps warmup+1 .. warmup+steps; counts policy tokens."""
+
+    def __init__(self, model: Any, warmup: int, steps: int, sync: Callable[[], None]) -> None:
+        self.warmup, self.steps, self.sync = warmup, steps, sync
+        self.tokens = 0
+        self.t0 = self.t1 = None
+        self.tok0 = self.tok1 = 0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: Any, kwargs: dict) -> None:
+        import torch
+
+        if torch.is_grad_enabled():  # the policy's training forward, not reference passes under no_grad
+            mask = kwargs.get("attention_mask")
+            self.tokens += int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step in (timer.warmup, timer.warmup + timer.steps):
+                    timer.sync()
+                    now = time.perf_counter()
+                    if state.global_step == timer.warmup:
+                        timer.t0, timer.tok0 = now, timer.tokens
+                    else:
+                        timer.t1, timer.tok1 = now, timer.tokens
+
+        return _CB()
+
+
+def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
+    import torch
+    from transformers import TrainingArguments
+
+    from alignkit.data import PreferenceCollator, SFTCollator
+    from alignkit.models.adapters import apply_adapter
+    from alignkit.trainers import PreferenceTrainer, SFTTrainer
+
+    objective, kind, reference = WORKLOADS[name]
+    cuda = args.device == "cuda"
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = apply_adapter(build_model(cfg, dtype, args.device, args.attn), adapter(kind, cfg["num_hidden_layers"] // 2))
+    n_params = matmul_params(model)
+    feats = make_features("sft" if objective == "sft" else "pref", args.batch_size * (args.warmup + args.steps),
+                          args.prompt_len, args.completion_len, cfg["vocab_size"], seed=1)
+    out_dir = Path(args.work_dir) / name
+    targs = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps, learning_rate=1e-5, logging_steps=max(1, args.steps), report_to=[],
+        save_strategy="no", use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        activation_checkpointing=args.grad_ckpt, bf16=False)  # weights are already bf16: no autocast needed
+    common = dict(train_dataset=feats, padding_free=args.padding_free)
+    t_setup = time.perf_counter()
+    if objective == "sft":
+        trainer = SFTTrainer(model, targs, data_collator=SFTCollator(0), **common)
+    else:
+        cache = str(out_dir / "refcache") if reference == "precomputed" else None
+        trainer = PreferenceTrainer(model, targs, data_collator=PreferenceCollator(0), beta=0.1,
+                                    reference="auto" if cache is None else "precomputed", reference_cache_dir=cache,
+                                    **common)
+    setup_s = time.perf_counter() - t_setup  # includes the reference precomputation
+    timer = _Timer(model, args.warmup, args.steps, torch.cuda.synchronize if cuda else (lambda: None))
+    trainer.add_callback(timer.callback())
+    trainer.train()
+    dt = timer.t1 - timer.t0
+    tokens = timer.tok1 - timer.tok0
+    tps = tokens / dt
+    ref_tokens_per_token = 1.0 if (objective == "dpo" and reference != "precomputed") else 0.0
+    per_token_hw = (6.0 if kind == "full" else 4.0) + 2.0 * ref_tokens_per_token
+    peak = peak_tflops(args.gpu_name) if cuda else None
+    res = {"workload": name, "objective": objective, "adapter": kind, "reference": reference,
+           "params_matmul": n_params, "batch_size": args.batch_size, "steps": args.steps,
+           "padding_free": args.padding_free, "grad_ckpt": args.grad_ckpt, "attn": args.attn,
+           "seconds": dt, "tokens": tokens, "tokens_per_s": tps, "samples_per_s": args.batch_size * args.steps / dt,
+           "setup_s": setup_s, "model_tflops_per_s": 6 * n_params * tps / 1e12,
+           "mfu": 6 * n_params * tps / (peak * 1e12) if peak else None,
+           "mfu_hw": per_token_hw * n_params * tps / (peak * 1e12) if peak else None,
+           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    del trainer, model
+    return res
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", nargs="*", choices=list(WORKLOADS), default=list(WORKLOADS))
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--completion-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--padding-free", action="store_true")
+    ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--attn", default=None, help="attention implementation (default: flash_attention_2 if installed, "
+                                                 "else sdpa)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny config, float32, CPU, 2 steps: a check, not a measure")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--work-dir", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    cfg = dict(LLAMA_1B)
+    if args.dry_run:
+        cfg, args.device, args.gpu_name = dict(TINY), "cpu", "cpu (dry run)"
+        args.steps, args.warmup, args.batch_size = 2, 1, 2
+        args.prompt_len, args.completion_len = 12, 12
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("run_gpu.py: no CUDA device visible; use --dry-run to check the script on CPU")
+        args.device, args.gpu_name = "cuda", torch.cuda.get_device_name()
+        if peak_tflops(args.gpu_name) is None:
+            logging.warning("no bf16 peak known for %r: MFU not reported (add it to PEAK_TFLOPS)", args.gpu_name)
+    if args.attn is None:
+        import importlib.util
+
+        args.attn = "flash_attention_2" if (args.device == "cuda" and importlib.util.find_spec("flash_attn")) else "sdpa"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.work_dir = args.work_dir or str(BENCH / "results" / f"gpu-{stamp}-work")
+    results = []
+    for name in args.workloads:
+        try:
+            res = run_workload(name, args, cfg)
+        except Exception as e:  # one failing workload (e.g. out of memory) must not lose the others
+            res = {"workload": name, "status": "error", "reason": f"{type(e).__name__}: {e}"[:400]}
+        res["device"] = args.gpu_name
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    out = Path(args.out) if args.out else BENCH / "results" / f"gpu-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": args.gpu_name, "torch": torch.__version__, "config": cfg,
+                               "settings": {k: v for k, v in vars(args).items()}, "results": results}, indent=2))
+    print(f"[run_gpu] wrote {out}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
