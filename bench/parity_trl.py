@@ -38,8 +38,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from parity.fixture import (CASES, DATASETS, METRICS, MODEL_ARGS, PERTURB, alignkit_case, alignkit_features,  # noqa: E402
-                            build_models, tokenizer_checksum, trl_settings, weights_checksum)
+from parity.fixture import (CASES, DATASETS, METRICS, MODEL_ARGS, PERTURB,  # noqa: E402
+                            alignkit_case, alignkit_features, build_models, tokenizer_checksum, trl_settings,
+                            weights_checksum)
 
 GOLDEN = ROOT / "tests" / "parity" / "golden_trl.json"
 RESULTS = ROOT / "bench" / "results" / "parity_trl.json"

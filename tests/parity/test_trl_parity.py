@@ -10,22 +10,33 @@ compare other models), then checks, for plain-text and conversational rows:
 - the loss and the logged metrics (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
   logps/chosen, logps/rejected) of one batch for every shared loss type, against `DPOTrainer.compute_loss`.
 
-Convention differences (each also exercised below, or in the bench script), with the switch that makes alignkit
-match TRL 1.16:
+Convention differences (TRL 1.16 -> alignkit; "match:" is the switch that makes alignkit give TRL's numbers).
+Each is exercised below or probed on both sides by the bench script:
 
-| convention | TRL 1.16 | alignkit | to match TRL |
-|---|---|---|---|
-| EOS on plain-text completions | appends `eos_token` to the chosen/rejected text | appends `eos_token_id` to the completion ids | default (`TokenizeConfig.add_eos=None`); `add_eos=False` drops it |
-| EOS on conversational rows | none (the template ends the turn) | none (`ends_turn`) | default |
-| truncation | `max_length` (1024) keeps the START of prompt+completion; rows whose prompt fills it are dropped | `max_prompt_length` (512) first keeps the END of the prompt, then `max_length` (1024) cuts completions; unfit rows counted in `TokenizeStats` | `max_prompt_length=None` (same `max_length`) |
-| prompt not a token prefix of prompt+completion (BPE merge at the boundary) | warns once, the completion starts where the ids diverge | `DataError` naming the record (the issue asks for an error) | none: end prompts on a word, start completions with their space |
-| `sigmoid` + `label_smoothing` | ignored (plain DPO) | cDPO: -(1-eps) log s(z) - eps log s(-z) | `label_smoothing=0` for `sigmoid` (a mix with `robust`/`exo_pair`, which read it, cannot be matched) |
-| `exo_pair` with `label_smoothing=0` | `ValueError` | eps = 1e-3 | give eps explicitly (equal for eps > 0) |
-| `bco_pair` running-mean delta | none | `PreferenceParams.bco_delta` (default 0) | default |
-| `sft` term per pair | the batch token-mean NLL repeated | -B log pi(y_w) / sum of chosen tokens (same batch mean) | equal batch loss; per-pair values differ, so do sample-weighted ones (TRL has no weights) |
-| mixed precision | `DPOConfig.bf16` defaults to True | `TrainingArguments` default (False) | `bf16=False` in TRL (as here), or `bf16=True` in alignkit |
-| position ids | none passed (right padding, 0..T-1) | counted over real tokens | equal for right padding (the default) |
-| metrics | per-step batch means, averaged over the logging window | (sum, count) over the window | equal for equal batch sizes |
+1. EOS on plain-text completions. TRL appends `eos_token` to the chosen/rejected text; alignkit appends
+   `eos_token_id` to the completion ids (same ids). Conversational rows: neither (the template ends the turn).
+   match: the default `TokenizeConfig.add_eos=None`; `add_eos=False` drops it, `True` forces it.
+2. Truncation. TRL: `max_length` (1024) keeps the START of prompt+completion, and drops rows whose prompt fills
+   it. alignkit: `max_prompt_length` (512) first keeps the END of the prompt, then `max_length` (1024) cuts the
+   completions (keeping their start); unfit rows are counted in `TokenizeStats`.
+   match: `max_prompt_length=None` with the same `max_length`.
+3. Prompt whose ids are not a prefix of prompt+completion (a BPE token spans the boundary). TRL warns once and
+   starts the completion where the ids diverge (the merged token becomes completion); alignkit raises a
+   `DataError` naming the record, as the issue requires. match: none by design; end prompts on a word and start
+   completions with their space (as the rows here do).
+4. `sigmoid` with `label_smoothing` > 0. TRL 1.16 ignores it (plain DPO); alignkit's is cDPO,
+   -(1 - eps) log s(z) - eps log s(-z). match: `label_smoothing=0` for `sigmoid` (a list that also holds
+   `robust`/`exo_pair`, which read it, cannot match).
+5. `exo_pair` with `label_smoothing=0`: TRL raises ValueError; alignkit uses eps = 1e-3. Equal for eps > 0.
+6. `bco_pair`: neither keeps a running reward mean by default (alignkit's `PreferenceParams.bco_delta=0`).
+7. `sft` term: TRL repeats the batch's chosen-token-mean NLL on every pair; alignkit gives pair i
+   -B log pi(y_w,i) / sum_j |y_w,j|. Same batch loss; per-pair values (and so sample-weighted ones; TRL has no
+   sample weights) differ.
+8. Mixed precision: `DPOConfig.bf16` defaults to True, alignkit follows `TrainingArguments` (False).
+   match: `bf16=False` in TRL (as recorded here) or `bf16=True` in alignkit's arguments.
+9. Position ids: TRL passes none (right padding, so 0..T-1); alignkit counts real tokens. Equal for right padding.
+10. Logged metrics: TRL averages per-step batch means over the logging window, alignkit divides (sum, count)
+    totals; equal for equal batch sizes.
 """
 
 from __future__ import annotations
