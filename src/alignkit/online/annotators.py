@@ -401,10 +401,13 @@ class JudgeAnnotator(Annotator):
                 "max_new_tokens": self.sampling.max_new_tokens}
 
 
-def build_annotator(spec: dict[str, Any] | Annotator) -> Annotator:
-    """An annotator from a config mapping: {"type": "reward_model", "model": "path", ...} (see ANNOTATORS)."""
+def build_annotator(spec: dict[str, Any] | Annotator | Callable) -> Annotator:
+    """An annotator from a config mapping: {"type": "reward_model", "model": "path", ...} (see ANNOTATORS);
+    a plain Python callable `fn(prompt, response) -> float` becomes a per-item `FunctionAnnotator`."""
     if isinstance(spec, Annotator):
         return spec
+    if callable(spec) and not isinstance(spec, dict):
+        return FunctionAnnotator(spec)
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError(f"annotator spec must be a mapping with a 'type' (one of {sorted(ANNOTATORS)}), got {spec!r}")
     kwargs = {k: v for k, v in spec.items() if k != "type"}

@@ -1,0 +1,84 @@
+"""New maths of the online loop against numbers derived by hand: reward whitening (running and per group),
+clipping, and the PPO batch's token rewards, GAE advantages and returns on a 3-token response."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from alignkit.online.normalize import RunningMoments, group_normalize, normalize_rewards
+from alignkit.online.ppo import ppo_advantages
+
+
+def test_running_moments_match_the_naive_formula_over_all_values():
+    chunks = [[1.0, 2.0, 3.0], [5.0], [float("nan"), -4.0, 0.5, 7.0]]
+    m = RunningMoments()
+    seen: list[float] = []
+    for c in chunks:
+        m.update(torch.tensor(c))
+        seen += [x for x in c if not math.isnan(x)]
+        assert m.count == len(seen)
+        assert m.mean == pytest.approx(statistics.mean(seen))
+        assert m.var == pytest.approx(statistics.variance(seen))
+
+
+def test_running_normalisation_by_hand():
+    m = RunningMoments()
+    # first batch: mean 2, unbiased variance 1
+    assert normalize_rewards(torch.tensor([1.0, 2.0, 3.0]), "running", moments=m).tolist() == pytest.approx([-1, 0, 1])
+    # then [5]: all four values have mean 2.75 and variance (1.75^2 + 0.75^2 + 0.25^2 + 2.25^2) / 3 = 8.75 / 3
+    out = normalize_rewards(torch.tensor([5.0]), "running", moments=m)
+    assert float(out) == pytest.approx(2.25 / math.sqrt(8.75 / 3))
+    # clipping comes after the whitening
+    m2 = RunningMoments()
+    clipped = normalize_rewards(torch.tensor([0.0, 0.0, 0.0, 10.0]), "running", moments=m2, clip=1.0)
+    # mean 2.5, variance (3 * 2.5^2 + 7.5^2) / 3 = 25 -> z = [-0.5, -0.5, -0.5, 1.5] -> clipped at 1
+    assert clipped.tolist() == pytest.approx([-0.5, -0.5, -0.5, 1.0])
+
+
+def test_group_normalisation_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0])
+    out = group_normalize(r, 3)
+    assert out[:3].tolist() == pytest.approx([-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4)])  # std 1 (unbiased)
+    assert out[3:].tolist() == [0.0, 0.0, 0.0]  # a tied group carries no signal
+    with_nan = group_normalize(torch.tensor([1.0, float("nan"), 3.0]), 3)  # mean 2, std sqrt(2), NaN ignored
+    assert with_nan[0].item() == pytest.approx(-1 / (math.sqrt(2) + 1e-4))
+    assert math.isnan(with_nan[1].item())
+    assert normalize_rewards(r, "none", clip=2.5).tolist() == [1.0, 2.0, 2.5, 2.5, 2.5, 2.5]
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        group_normalize(torch.ones(5), 3)
+    with pytest.raises(ValueError, match="unknown"):
+        normalize_rewards(r, "batch")
+
+
+def test_ppo_advantages_on_three_tokens_by_hand():
+    # one row laid out like a rollout: a prompt position, 3 response tokens, a pad position
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    old = torch.tensor([[0.0, -1.0, -2.0, -0.5, 0.0]])
+    ref = torch.tensor([[0.0, -1.5, -2.0, -1.0, 0.0]])
+    values = torch.tensor([[0.0, 0.2, 0.4, 0.6, 0.0]])
+    adv, ret, rewards = ppo_advantages(torch.tensor([1.0]), old, ref, values, mask, kl_coef=0.1, kl_estimator="k1",
+                                       gamma=1.0, lam=0.9, whiten=False)
+    # k1 = old - ref = [0.5, 0, 0.5]; r_t = -0.1 k1_t, plus the score 1.0 on the last token
+    assert rewards[0].tolist() == pytest.approx([0.0, -0.05, 0.0, 0.95, 0.0])
+    # delta_2 = 0.95 - 0.6 = 0.35                    A_2 = 0.35
+    # delta_1 = 0 + 0.6 - 0.4 = 0.2                  A_1 = 0.2 + 0.9 * 0.35 = 0.515
+    # delta_0 = -0.05 + 0.4 - 0.2 = 0.15             A_0 = 0.15 + 0.9 * 0.515 = 0.6135
+    assert adv[0].tolist() == pytest.approx([0.0, 0.6135, 0.515, 0.35, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.0, 0.8135, 0.915, 0.95, 0.0])  # A + V
+    # whitened over the 3 response tokens (unbiased variance), zero elsewhere
+    white, _, _ = ppo_advantages(torch.tensor([1.0]), old, ref, values, mask, kl_coef=0.1, kl_estimator="k1",
+                                 gamma=1.0, lam=0.9, whiten=True)
+    a = [0.6135, 0.515, 0.35]
+    mu, sd = statistics.mean(a), statistics.stdev(a)
+    assert white[0].tolist() == pytest.approx([0.0] + [(x - mu) / sd for x in a] + [0.0], abs=1e-6)
+    # gamma < 1 discounts: with gamma = 0.5, lam = 1, no KL: A_2 = 1 - 0.6, A_1 = 0.5*0.6 - 0.4 + 0.5 A_2, ...
+    adv2, _, _ = ppo_advantages(torch.tensor([1.0]), old, ref, values, mask, kl_coef=0.0, gamma=0.5, lam=1.0,
+                                whiten=False)
+    a2 = 0.4
+    a1 = 0.5 * 0.6 - 0.4 + 0.5 * a2
+    a0 = 0.5 * 0.4 - 0.2 + 0.5 * a1
+    assert adv2[0, 1:4].tolist() == pytest.approx([a0, a1, a2])

@@ -1,0 +1,166 @@
+"""The online loop's mechanics: metrics JSONL and saved adapters, the reference, KL control, rollout
+log-probs vs an independent implementation, failed annotations, weights in the online DPO loss, RLOO, and
+PPO's value head (loss drops on a fixed batch, safetensors round trip)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignkit.models.adapters import load_adapter, reference_off
+from alignkit.models.loading import load_model
+from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from alignkit.online.ppo import PPOConfig, PPOTrainer
+from alignkit.online.trainer import METRICS_FILE
+from alignkit.online.value_head import ValueHead
+from alignkit.trainers.logps import completion_logps
+
+from .toy import PROMPTS, digit_fraction, toy_policy
+
+SAMPLING = SamplingConfig(num_samples=4, max_new_tokens=3)
+DIGITS = {"type": "function", "fn": digit_fraction}
+
+
+def small(cls, **kw):
+    return cls(**{"steps": 2, "prompts_per_step": 2, "sampling": SAMPLING, "learning_rate": 1e-2, **kw})
+
+
+def test_metrics_jsonl_and_saved_adapter(tiny_dir, tokenizer, tmp_path):
+    model = toy_policy(tiny_dir("llama"), "lora")
+    trainer = GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, small(GRPOConfig), output_dir=tmp_path)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0.0, 1.0]
+    for key in ("reward/mean", "reward/std", "kl", "kl_coef", "response_length", "entropy", "clip_fraction",
+                "loss", "function/failures"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["response_length"] <= 3 and rows[0]["entropy"] > 0
+    # the saved adapter, loaded onto a fresh base, is the trained policy
+    base = load_model(tiny_dir("llama"))
+    with torch.no_grad():
+        base.lm_head.weight.mul_(8.0)
+    loaded = load_adapter(base, tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, trainer.policy(input_ids=ids).logits, atol=1e-5)
+    assert json.loads((tmp_path / "online_config.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_reference_is_the_start_policy_and_adaptive_kl(tiny_dir, tokenizer, kind):
+    model = toy_policy(tiny_dir("llama"), kind)
+    cfg = small(GRPOConfig, kl_coef=0.1, kl_target=1.0, kl_horizon=100)
+    trainer = GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, cfg)
+    assert (trainer.ref_model is not None) == (kind == "full")  # frozen copy only for full finetuning
+    h = trainer.train()
+    assert h[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0 / the copy: the policy IS the reference
+    assert h[1]["kl"] > 0
+    # Ziegler et al.: beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon), n = 8 samples
+    assert h[1]["kl_coef"] == pytest.approx(0.1 * (1 - 0.2 * 8 / 100))
+
+
+def test_rollout_logps_match_an_independent_implementation(tiny_dir, tokenizer):
+    model = toy_policy(tiny_dir("llama"), "reft+lora")
+    trainer = GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, small(GRPOConfig))
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0))
+    with torch.no_grad():
+        want, counts = completion_logps(trainer.policy, rollout.batch)  # (B,), (B,)
+        with reference_off(trainer.policy):
+            want_ref, _ = completion_logps(trainer.policy, rollout.batch)
+    assert torch.allclose((rollout.old_logps * rollout.mask).sum(-1), want, atol=1e-5)
+    assert torch.allclose((rollout.ref_logps * rollout.mask).sum(-1), want_ref, atol=1e-5)
+    assert rollout.mask.sum(-1).tolist() == counts.tolist()
+    assert rollout.mask.sum(-1).tolist() == [len(s.response_ids) for s in rollout.samples]
+    # before any update the ratio is exactly 1 on a minibatch (rows re-selected and trimmed)
+    _, metrics = trainer.policy_loss(trainer.build_batch(rollout), torch.tensor([5, 1, 2]))
+    assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-6) and metrics["clip_fraction"] == 0.0
+
+
+def test_failed_annotations_get_weight_zero(tiny_dir, tokenizer):
+    calls = []
+
+    def flaky(prompt, response):
+        calls.append(response)
+        return None if len(calls) % 4 == 1 else digit_fraction(prompt, response)
+
+    model = toy_policy(tiny_dir("llama"), "lora")
+    trainer = GRPOTrainer(model, tokenizer, PROMPTS, {"type": "function", "fn": flaky}, small(GRPOConfig))
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0))
+    failed = torch.isnan(rollout.scores)
+    assert failed.tolist() == [True, False, False, False] * 2
+    assert rollout.weights[failed].tolist() == [0.0, 0.0] and (rollout.weights[~failed] == 1).all()
+    for g in range(2):  # filled with the group's mean, so its group advantage is 0
+        assert rollout.rewards[4 * g] == pytest.approx(float(rollout.rewards[4 * g + 1:4 * g + 4].mean()))
+    assert rollout.metrics["reward/failed"] == 2.0 and rollout.metrics["function/failures"] == 2.0
+
+
+def test_online_dpo_loss_is_the_weighted_mean_of_pair_losses(tiny_dir, tokenizer):
+    model = toy_policy(tiny_dir("llama"), "lora")
+    with torch.no_grad():  # move the policy away from its reference so the pair losses differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    cfg = small(OnlineDPOConfig, beta=0.5, feedback="random_pairs", feedback_kwargs={"pairs_per_prompt": 3},
+                reweighters=["margin_linear"])
+    trainer = OnlineDPOTrainer(model, tokenizer, PROMPTS, lambda p, r: float(len(r)), cfg)
+    pairs = trainer.build_batch(trainer.score(trainer.generate(PROMPTS[:2], 0)))
+    P = pairs.chosen.numel()
+    assert P >= 2
+    rewards = pairs.rollout.rewards
+    margins = (rewards[pairs.chosen] - rewards[pairs.rejected]).double()  # chosen is the longer response
+    assert (margins > 0).all()
+    assert pairs.weights.double().tolist() == pytest.approx((margins / margins.mean()).tolist())
+    policy, batch = trainer.policy, pairs.rollout.batch
+    with torch.no_grad():
+        pi, _ = completion_logps(policy, batch)
+        with reference_off(policy):
+            ref, _ = completion_logps(policy, batch)
+        d = (pi[pairs.chosen] - ref[pairs.chosen]) - (pi[pairs.rejected] - ref[pairs.rejected])
+        per_pair = -F.logsigmoid(0.5 * d)  # DPO, by hand
+        loss, _ = trainer.pair_loss(pairs, torch.arange(P))
+    w = pairs.weights
+    assert float(loss) == pytest.approx(float((w * per_pair).sum() / w.sum()), rel=1e-4)
+
+
+def test_rloo_trainer_uses_leave_one_out_advantages(tiny_dir, tokenizer):
+    with pytest.raises(ValueError, match="num_samples >= 2"):
+        RLOOConfig(sampling=SamplingConfig(num_samples=1))
+    trainer = RLOOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS, small(RLOOConfig))
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0))
+    rollout.rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 0.0, 4.0])
+    adv = trainer.build_batch(rollout).advantages
+    # r_i - mean of the other three
+    assert adv.tolist() == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3, 0.0, 0.0, -8 / 3, 8 / 3])
+    assert len(trainer.train()) == 2
+    with pytest.raises(TypeError, match="RLOOConfig"):
+        RLOOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS, small(OnlineDPOConfig))
+
+
+def test_ppo_value_loss_drops_on_a_fixed_batch_and_head_round_trips(tiny_dir, tokenizer, tmp_path):
+    model = toy_policy(tiny_dir("llama"), "reft")
+    cfg = small(PPOConfig, learning_rate=3e-2, epochs_per_step=1, kl_coef=0.05)
+    trainer = PPOTrainer(model, tokenizer, PROMPTS, DIGITS, cfg, output_dir=tmp_path)
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0))
+    rollout.rewards = torch.linspace(-1, 1, 8)  # spread returns the value head can fit
+    pb = trainer.build_batch(rollout)
+    assert torch.equal(pb.old_values, torch.zeros_like(pb.old_values))  # zero-initialised head
+    m = rollout.mask.float()
+
+    def value_mse() -> float:
+        with torch.no_grad():
+            v = trainer.value_head(trainer.token_stats(rollout.batch, hidden=True).hidden)
+        return float((((v - pb.returns) * m) ** 2).sum() / m.sum())
+
+    first = value_mse()
+    for _ in range(15):
+        pb.old_values = pb.old_values.detach()
+        trainer.optimise(pb)
+    assert value_mse() < 0.7 * first
+    trainer.save(tmp_path)
+    head = ValueHead.load(tmp_path)
+    assert torch.equal(head.linear.weight, trainer.value_head.linear.weight.detach())
