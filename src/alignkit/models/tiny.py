@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|prompter|>", "<|assistant|>", "<|system|>"]
 
-# ChatML-style template. `add_generation_prompt` opens an assistant turn. The template emits the
-# end-of-turn marker and then EOS so that a trained model stops by itself.
+# ChatML-style template. `add_generation_prompt` opens an assistant turn. Each turn ends with
+# `<|im_end|>` + newline and no EOS (as Qwen's template does): a chat-trained model ends its answer with
+# `<|im_end|>`, so generation should list it among the stop tokens.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
