@@ -1,0 +1,111 @@
+"""Offline rounds through files: sample -> annotate -> records on disk -> train, resumable stage by stage;
+best-of-n rounds keep each prompt's best responses as SFT records. Expectations rebuilt by hand from the
+files a round wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.data import load_records
+from alignkit.data.records import PreferenceRecord, SFTRecord
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, read_manifest,
+                                    read_samples, round_dir, run_offline_rounds, sample_round)
+
+PROMPTS = ["Hello!", "The quick brown fox", "What is 2 + 2?"]
+SAMPLING = SamplingConfig(num_samples=3, max_new_tokens=4, seed=5)
+
+
+def length_score(prompt, response: str) -> float:
+    return float(len(response))
+
+
+def by_group(samples):
+    groups: dict[int, list] = {}
+    for s in samples:
+        if s.response.strip():  # records hold no empty responses
+            groups.setdefault(s.group, []).append(s)
+    return groups
+
+
+class FakeTrainer:
+    def __init__(self, log, records, k):
+        self.log, self.records, self.k = log, records, k
+
+    def train(self):
+        self.log.append((self.k, self.records))
+        return self.k
+
+
+def test_offline_rounds_through_files_and_resume(tiny_lm, tokenizer, tmp_path):
+    model = tiny_lm("llama")
+    log: list = []
+    manifests = run_offline_rounds(model, tokenizer, PROMPTS, tmp_path, num_rounds=2, sampling=SAMPLING,
+                                   annotator={"type": "function", "fn": length_score}, feedback="best_worst",
+                                   trainer_factory=lambda recs, k: FakeTrainer(log, recs, k))
+    assert [k for k, _ in log] == [0, 1] and all(m["trained"] is True for m in manifests)
+    rounds_samples = []
+    for k in range(2):
+        folder = round_dir(tmp_path, k)
+        samples = read_samples(folder / SAMPLES_FILE)
+        rounds_samples.append([s.response_ids for s in samples])
+        assert len(samples) == 9 and [s.group for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        manifest = read_manifest(folder)
+        assert manifest["samples"]["sampling"]["seed"] == 5 + k  # round k samples with seed + k
+        assert manifest["annotation"]["scores"] == [length_score(None, s.response) for s in samples]
+        # best vs worst by hand: first longest vs first shortest non-empty response, if they differ
+        want = []
+        for g, items in sorted(by_group(samples).items()):
+            best = max(items, key=lambda s: len(s.response))
+            worst = min(items, key=lambda s: len(s.response))
+            if len(best.response) > len(worst.response):
+                want.append((best.prompt, best.response, worst.response, len(best.response) - len(worst.response)))
+        assert want, "the test needs responses of different lengths"
+        records = load_records(str(folder / RECORDS_FILE))
+        assert all(isinstance(r, PreferenceRecord) for r in records)
+        assert [(r.prompt, r.chosen, r.rejected, r.margin) for r in records] == want
+        assert [(r.prompt, r.chosen) for r in log[k][1]] == [(w[0], w[1]) for w in want]  # what was trained on
+        assert manifest["annotation"]["metrics"]["records/count"] == len(want)
+    assert rounds_samples[0] != rounds_samples[1]
+    # resume: complete stages and trained rounds are not redone
+    before = (round_dir(tmp_path, 1) / SAMPLES_FILE).read_bytes()
+    (round_dir(tmp_path, 1) / RECORDS_FILE).unlink()  # an incomplete annotation stage is redone
+
+    def must_not_train(recs, k):
+        raise AssertionError("a trained round was trained again")
+
+    again = run_offline_rounds(model, tokenizer, PROMPTS, tmp_path, num_rounds=2, sampling=SAMPLING,
+                               annotator={"type": "function", "fn": length_score}, feedback="best_worst",
+                               trainer_factory=must_not_train)
+    assert (round_dir(tmp_path, 1) / SAMPLES_FILE).read_bytes() == before
+    assert (round_dir(tmp_path, 1) / RECORDS_FILE).is_file()
+    assert again[1]["annotation"]["scores"] == manifests[1]["annotation"]["scores"]
+
+
+def test_best_of_n_round_keeps_the_best_responses_as_sft(tiny_lm, tokenizer, tmp_path):
+    model = tiny_lm("llama")
+    cfg = SamplingConfig(num_samples=4, max_new_tokens=4, seed=11)
+    sample_round(model, tokenizer, PROMPTS, tmp_path, cfg)
+    # annotation runs as its own job: it only reads the folder
+    annotate_round(tmp_path, {"type": "function", "fn": length_score}, "best_of_n",
+                   feedback_kwargs={"k": 2}, reweighters=["inverse_prompt_frequency"])
+    samples = read_samples(tmp_path / SAMPLES_FILE)
+    want = []
+    for g, items in sorted(by_group(samples).items()):
+        ranked = sorted(items, key=lambda s: -len(s.response))[:2]  # stable: earlier samples win ties
+        want += [(s.prompt, s.response) for s in ranked]
+    records = load_records(str(tmp_path / RECORDS_FILE))
+    assert records and all(isinstance(r, SFTRecord) for r in records)
+    assert [(r.prompt, r.completion) for r in records] == want
+    # two records per prompt, so inverse prompt frequency keeps every weight at 1
+    assert [r.weight for r in records] == pytest.approx([1.0] * len(records))
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    assert manifest["annotation"]["feedback"] == "best_of_n"
+    assert manifest["annotation"]["reweighters"] == [{"type": "inverse_prompt_frequency"}]
+
+
+def test_annotate_before_sampling_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run sample_round first"):
+        annotate_round(tmp_path, {"type": "function", "fn": length_score})
