@@ -115,6 +115,13 @@ def test_config_errors_exit_2_naming_the_key(capsys):
     assert rc == 2 and "not `alignkit dpo`" in capsys.readouterr().err
 
 
+def test_missing_data_fails_before_any_model_is_built(tmp_path, capsys):
+    rc = main(["sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={tmp_path / 'r'}",
+               f"data.path={tmp_path / 'nope.jsonl'}"])
+    assert rc == 2 and "nope.jsonl: no such data file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_dry_run_prints_the_resolved_config(capsys):
     assert main(["dpo", "--config", str(CONFIGS / "dpo-lora-tiny.yaml"), "--dry-run", "method.beta=0.3"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)

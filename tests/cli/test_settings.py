@@ -13,7 +13,7 @@ from alignkit.settings import (CONFIG_CLASSES, ConfigError, DPOConfig, config_fr
                                parse_overrides, save_config)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
-BASE = {"model": {"path": "tiny:llama"}}
+BASE = {"model": {"path": "tiny:llama"}, "data": {"path": "pairs.jsonl"}}
 
 
 def test_overrides_are_yaml_scalars_nested_by_dots():
@@ -99,8 +99,10 @@ def test_wrong_type_names_key_and_expected_type(data, key, expected):
 
 @pytest.mark.parametrize("data, key, text", [
     ({**BASE, "method": {"loss_type": "sigmod"}}, "method.loss_type", "did you mean 'sigmoid'"),
-    ({**BASE, "data": {"reader": "hh_rlhf"}}, "data.reader", "did you mean 'hh-rlhf'"),
-    ({**BASE, "data": {"formatter": "chat"}}, "data.formatter", "valid: auto, chat-template"),
+    ({**BASE, "data": {"path": "p", "reader": "hh_rlhf"}}, "data.reader", "did you mean 'hh-rlhf'"),
+    ({**BASE, "data": {"path": "p", "formatter": "chat"}}, "data.formatter", "valid: auto, chat-template"),
+    ({**BASE, "data": {"eval_path": "p"}}, "data.path", "required"),
+    ({**BASE, "model": {"path": "tiny:lama"}}, "model.path", "did you mean 'tiny:llama'"),
     ({**BASE, "adapter": {"kind": "reft"}}, "adapter", "needs adapter.reft.config"),
     ({**BASE, "adapter": {"kind": "reft", "reft": {"config": {"representations": [{"layr": 0}]}}}},
      "adapter.reft.config", "'layr'"),
@@ -115,7 +117,7 @@ def test_names_checked_against_registries(data, key, text):
 
 def test_file_errors_name_the_file_and_command(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("command: sft\nmodel: {path: tiny:llama}\nmethod: {beta: 0.1}\n")
+    f.write_text("command: sft\nmodel: {path: tiny:llama}\ndata: {path: p.jsonl}\nmethod: {beta: 0.1}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: method\.beta: unknown key"):
         load_config(f)
     with pytest.raises(ConfigError, match="this config is for `alignkit sft`, not `alignkit dpo`"):
@@ -127,7 +129,7 @@ def test_file_errors_name_the_file_and_command(tmp_path):
 
 def test_overrides_apply_over_the_file(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("command: dpo\nmodel: {path: tiny:llama}\nmethod: {beta: 0.1, loss_type: ipo}\n"
+    f.write_text("command: dpo\nmodel: {path: tiny:llama}\ndata: {path: p.jsonl}\nmethod: {beta: 0.1, loss_type: ipo}\n"
                  "train: {learning_rate: 5e-5}\n")
     cfg = load_config(f, ["method.beta=0.05", "train.learning_rate=1e-4", "adapter.kind=lora"])
     assert (cfg.method.beta, cfg.method.loss_type, cfg.train["learning_rate"], cfg.adapter.kind) == \

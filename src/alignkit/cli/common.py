@@ -162,8 +162,6 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     """(train records, eval records) of `kind`; eval from `data.eval_path` or an `eval_fraction` split."""
     from alignkit.data import split_records
 
-    if ds.path is None:
-        raise ConfigError("data.path: required; point it at a data file (or bundled:data/hh_rlhf_sample.jsonl)")
     records = read_records(ds.path, ds, kind, ds.split, "data.path")
     if ds.max_records is not None:
         records = records[:ds.max_records]

@@ -52,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
 def run_pipeline(args: argparse.Namespace) -> int:
     from alignkit.demos.pipeline import run_pipeline_demo
 
+    extra = {"threads": args.threads} if args.threads else {}
     res = run_pipeline_demo(args.output_dir or "runs/demo", scale=args.scale, seed=args.seed,
-                            progress=not args.quiet)
+                            progress=not args.quiet, **extra)
     print(res.table())
     return 0
 

@@ -48,17 +48,13 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
-    run = start_run(cfg)
-    if cfg.data.path is None:
-        from alignkit.settings import ConfigError
-
-        raise ConfigError("data.path: required; point it at preference pairs (e.g. bundled:data/hh_rlhf_sample.jsonl)")
-    task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
-    model, tok, base_path, desc = load_for_inference(cfg.model, run, task)
-    model = to_device(model)
     records = read_records(cfg.data.path, cfg.data, "preference", cfg.data.split, "data.path")
     if cfg.data.max_records is not None:
         records = records[:cfg.data.max_records]
+    run = start_run(cfg)
+    task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
+    model, tok, base_path, desc = load_for_inference(cfg.model, run, task)
+    model = to_device(model)
     features, _ = tokenize(records, tok, cfg.data, "data.path")
     if cfg.method.kind == "reward":
         metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress)

@@ -44,16 +44,14 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     from alignkit.models.adapters import reft_settings
     from alignkit.online import generate_responses
 
-    if cfg.data.path is None:
-        raise ConfigError("data.path: required; point it at a prompts file (JSONL with a `prompt` column, or any records)")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size: must be >= 1, got {cfg.batch_size}")
-    run = start_run(cfg)
-    model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
-    model = to_device(model)
     records = read_records(cfg.data.path, cfg.data, "prompt", cfg.data.split, "data.path")
     if cfg.data.max_records is not None:
         records = records[:cfg.data.max_records]
+    run = start_run(cfg)
+    model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
+    model = to_device(model)
     reft = reft_settings(model)
     extra = {"positions": reft.positions, "share_weights": reft.share_weights} if reft is not None else {}
     rows: list[dict[str, Any]] = []

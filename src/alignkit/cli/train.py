@@ -146,13 +146,13 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
 
     from alignkit.models.adapters import apply_adapter
 
+    kind = record_kind(command, cfg.method)
+    train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
     run = start_run(cfg)
     set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed
     task = "classifier" if command == "rm" else "causal_lm"
     model, tok, base_path, base_desc = load_base(cfg.model, run, task)
     model = apply_adapter(model, cfg.adapter)
-    kind = record_kind(command, cfg.method)
-    train_records, eval_records = load_data(cfg.data, kind)
     train_feats, train_stats = tokenize(train_records, tok, cfg.data, "data.path")
     eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
 

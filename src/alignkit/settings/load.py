@@ -49,6 +49,12 @@ def _check_names(cfg: Any) -> None:
             names = [*extra, *sorted(valid)]
             raise ConfigError(f"{where}: {name!r} is not registered{_suggest(name, names)}; valid: {', '.join(names)}")
 
+    if cfg.data.path is None:
+        raise ConfigError("data.path: required; point it at a data file, e.g. bundled:data/hh_rlhf_sample.jsonl")
+    if cfg.model.path.startswith("tiny:"):
+        from alignkit.models.tiny import ARCHITECTURES
+
+        check(cfg.model.path, [f"tiny:{a}" for a in ARCHITECTURES], "model.path")
     check(cfg.data.reader, READERS, "data.reader")
     check(cfg.data.formatter, FORMATTERS, "data.formatter", ("auto",))
     method = getattr(cfg, "method", None)
