@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from alignkit.models.adapters import load_adapter, reference_off
 from alignkit.models.loading import load_model
+from alignkit.online.annotators import Annotator
 from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -125,6 +126,29 @@ def test_online_dpo_loss_is_the_weighted_mean_of_pair_losses(tiny_dir, tokenizer
         loss, _ = trainer.pair_loss(pairs, torch.arange(P))
     w = pairs.weights
     assert float(loss) == pytest.approx(float((w * per_pair).sum() / w.sum()), rel=1e-4)
+
+
+class LengthJudge(Annotator):
+    """A pairwise-only judge: prefers the longer response; pointwise scoring must not be asked for."""
+
+    def annotate(self, prompts, responses, metas=None):
+        raise AssertionError("judge_pairs mode must not ask for pointwise scores")
+
+    def prefer_batch(self, prompts, a, b):
+        return [None if len(x) == len(y) else (0 if len(x) > len(y) else 1) for x, y in zip(a, b)]
+
+
+def test_online_dpo_with_judge_pairs(tiny_dir, tokenizer):
+    cfg = small(OnlineDPOConfig, feedback="judge_pairs", feedback_kwargs={"pairs_per_prompt": 3})
+    trainer = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, LengthJudge(), cfg)
+    pairs = trainer.build_batch(trainer.score(trainer.generate(PROMPTS[:2], 0)))
+    assert pairs.chosen.numel() > 0
+    samples = pairs.rollout.samples
+    for c, r in zip(pairs.chosen.tolist(), pairs.rejected.tolist()):
+        assert len(samples[c].response) > len(samples[r].response)
+        assert samples[c].group == samples[r].group
+    history = trainer.train()
+    assert all(h["pairs"] > 0 and h["reward/failed"] == 0 for h in history)
 
 
 def test_rloo_trainer_uses_leave_one_out_advantages(tiny_dir, tokenizer):

@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from alignkit.losses import PREFERENCE_LOSSES, PreferenceBatch, PreferenceParams, preference_loss, reduce_loss
+from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
+from alignkit.online.generation import Sample
 from alignkit.online.reweighting import reweight
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
@@ -66,6 +68,13 @@ class OnlineDPOTrainer(OnlineTrainer):
     """Online DPO (any preference loss) for every adapter kind; see the module docstring."""
 
     config_class = OnlineDPOConfig
+
+    def annotate(self, samples: list[Sample]) -> Scores:
+        """With "judge_pairs" the annotator compares pairs itself; no pointwise scores are asked for (NaN)."""
+        if self.config.feedback != "judge_pairs":
+            return super().annotate(samples)
+        n = len(samples)
+        return Scores(torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), [{} for _ in samples])
 
     def build_batch(self, rollout: Rollout) -> PairBatch:
         c: OnlineDPOConfig = self.config

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from alignkit.models.adapters import adapter_kind, reft_settings, save_adapter
-from alignkit.online.annotators import Annotator, build_annotator
+from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.generation import Sample, SamplingConfig, as_prompt_records, generate_responses, generation_metrics
 from alignkit.online.normalize import RunningMoments, normalize_rewards
 from alignkit.online.rollout import reference_token_logps, samples_batch, sequence_sums, token_stats
@@ -230,12 +231,16 @@ class OnlineTrainer:
         return token_stats(self.model, batch, temperature=self.config.sampling.temperature,
                            chunk_size=self.config.chunk_size, **kw)
 
+    def annotate(self, samples: list[Sample]) -> Scores:
+        """Pointwise scores of the samples (each prompt record's meta goes to the annotator)."""
+        return self.annotator.annotate([s.prompt for s in samples], [s.response for s in samples],
+                                       [s.meta for s in samples])
+
     @torch.no_grad()
     def score(self, samples: list[Sample]) -> Rollout:
         """Annotate, normalise rewards, and compute old / reference log-probs and entropy."""
         c = self.config
-        scores = self.annotator.annotate([s.prompt for s in samples], [s.response for s in samples],
-                                         [s.meta for s in samples])
+        scores = self.annotate(samples)
         raw = scores.values.to(torch.float32)  # (B,)
         k = c.sampling.num_samples
         rewards = normalize_rewards(raw.clone(), c.reward_normalization, group_size=k, moments=self.moments,
@@ -254,7 +259,7 @@ class OnlineTrainer:
         m = stats.mask.float()
         metrics = {"reward/mean": float(v.mean()) if v.numel() else float("nan"),
                    "reward/std": float(v.std(unbiased=False)) if v.numel() else float("nan"),
-                   "reward/failed": float((~valid).sum()),
+                   "reward/failed": float(scores.failed.sum()),
                    "reward/normalized_mean": float(rewards.mean()),
                    "kl": float(kl.mean()), "kl_coef": float(self.kl_ctl.value),
                    "entropy": float((stats.entropy * m).sum() / m.sum().clamp(min=1)),
@@ -298,7 +303,7 @@ class OnlineTrainer:
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps({k: None if math.isnan(v) else v for k, v in metrics.items()}) + "\n")  # strict JSON
 
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""
