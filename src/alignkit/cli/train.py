@@ -171,7 +171,10 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
         trainer.evaluate()
     if trainer.is_world_process_zero():
         rows = read_metrics(run.metrics)
-        plot_metrics(rows, run.plots)
+        try:
+            plot_metrics(rows, run.plots)
+        except ImportError:
+            logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
         data_info = {"path": cfg.data.path, "reader": cfg.data.reader or "detected", "formatter": cfg.data.formatter,
                      "record kind": kind, "training records": len(train_records),
                      "training examples (tokenized)": len(train_feats), "evaluation records": len(eval_records),
