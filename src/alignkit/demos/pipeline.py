@@ -1,0 +1,311 @@
+"""The whole-pipeline demo: SFT -> reward model -> DPO (ReFT and LoRA) -> held-out evaluation, on a CPU.
+
+    result = run_pipeline_demo("runs/pipeline", scale=1.0, seed=0)
+    print(result.table())          # the CLI prints; this module only logs
+
+The bundled task (`alignkit.demos.pipeline_data`): questions about coloured animals whose answers come in
+a plain style and a polite one ("Sure! ... Hope this helps!"). SFT data holds both styles (30% polite),
+so the SFT model answers mostly plainly; the preference pairs prefer the polite answer. THE RULE
+(`follows_rule`) is a string test on what the model actually generates, applied to held-out prompts.
+
+Stages, all on models saved and loaded back with `from_pretrained` / `load_adapter` (the real paths):
+0. a byte-level BPE tokenizer trained on the bundled texts and a tiny random Llama -> `base/`;
+1. SFT, full finetuning (`SFTTrainer`) on sft_train -> `sft/`; held-out token NLL before and after;
+2. reward model: a sequence classifier whose backbone is the SFT model's (`RewardTrainer`, Bradley-Terry)
+   -> `reward_model/`; accuracy on held-out pairs before and after;
+3. DPO (`PreferenceTrainer`, sigmoid loss, reference = the adapter switched off) from the SFT model with a
+   LoReFT adapter -> `dpo_reft/`, and with LoRA -> `dpo_lora/`; reward accuracy / margin on held-out pairs;
+4. generations for held-out prompts, greedy and sampled, from the SFT model (before) and from each DPO
+   adapter reloaded from disk (after), scored with the rule, an on-topic check and the reward model.
+
+Each stage writes `metrics.json` into its folder; `results.json` holds everything, `table.txt` the table.
+`scale` multiplies every step count (the test uses a small one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.demos import pipeline_data as task
+from alignkit.demos.pipeline_report import AdapterNumbers, Change, PipelineResult
+
+logger = logging.getLogger(__name__)
+
+# Model and schedule. Steps are for scale=1.0; every count is multiplied by `scale` (at least 1).
+MODEL = dict(hidden_size=64, num_layers=2, num_heads=4)
+VOCAB_SIZE = 512  # every word of the task becomes one token
+SFT = dict(steps=400, batch=16, lr=3e-3)
+RM = dict(steps=150, batch=16, lr=1e-3)
+DPO = dict(steps=120, batch=16, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0])
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "reft": dict(lr=1e-2, adapter={"kind": "reft", "reft": {
+        "config": {"representations": [{"layer": 0, "intervention": "loreft", "low_rank_dimension": 4},
+                                       {"layer": 1, "intervention": "loreft", "low_rank_dimension": 4}]},
+        "positions": "f1+l1"}}),
+    "lora": dict(lr=5e-3, adapter={"kind": "lora", "lora": {"r": 8, "alpha": 16.0}}),
+}
+MAX_NEW_TOKENS = 32
+NUM_SAMPLES = 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data and the base model
+# ----------------------------------------------------------------------------------------------------
+
+def load_task(folder: str | Path | None = None) -> dict[str, list]:
+    """Records of every bundled file (`pipeline_data.FILES`), read with `alignkit.data.load_records`."""
+    from alignkit.data import load_records
+
+    if folder is None:
+        with resources.as_file(resources.files("alignkit").joinpath("resources/demo/pipeline")) as path:
+            return {name: load_records(str(path / f"{name}.jsonl")) for name in task.FILES}
+    return {name: load_records(str(Path(folder) / f"{name}.jsonl")) for name in task.FILES}
+
+
+def build_base(folder: Path, texts: list[str], seed: int) -> Path:
+    """Tokenizer trained on `texts` + a tiny random Llama sized to it, saved to `folder`."""
+    from alignkit.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(texts, vocab_size=VOCAB_SIZE)
+    model = build_tiny_model("llama", tok, seed=seed, hidden_size=MODEL["hidden_size"],
+                             num_layers=MODEL["num_layers"], num_heads=MODEL["num_heads"])
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    logger.info("base: tiny Llama with %d parameters, vocabulary %d -> %s",
+                sum(p.numel() for p in model.parameters()), len(tok), folder)
+    return folder
+
+
+def _texts(records: dict[str, list]) -> list[str]:
+    out = []
+    for r in records["sft_train"] + records["preference_train"]:
+        out += [r.prompt + getattr(r, "completion", "")] + ([r.prompt + r.chosen, r.prompt + r.rejected]
+                                                             if hasattr(r, "chosen") else [])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training helpers
+# ----------------------------------------------------------------------------------------------------
+
+class _StageBar:
+    """A tqdm bar per stage with the loss in its postfix (instead of the Trainer's printed dicts)."""
+
+    def __new__(cls, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+        from transformers import TrainerCallback
+
+        class Bar(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                self.bar = tqdm(total=state.max_steps, desc=desc, disable=not enabled, leave=False)
+
+            def on_step_end(self, args, state, control, **kw):
+                self.bar.update(state.global_step - self.bar.n)
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+
+            def on_train_end(self, args, state, control, **kw):
+                self.bar.close()
+
+        return Bar()
+
+
+def _args(out: Path, steps: int, batch: int, lr: float, seed: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
+                             per_device_eval_batch_size=128, learning_rate=lr, lr_scheduler_type="cosine",
+                             warmup_steps=max(1, steps // 10), weight_decay=0.0, logging_steps=max(1, steps // 10),
+                             save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=True,
+                             disable_tqdm=True, dataloader_num_workers=0)
+
+
+def _run(trainer, desc: str, progress: bool) -> dict[str, float]:
+    """Train with a stage bar; returns {"train_loss", "train_runtime", ...}."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_StageBar(desc, progress))
+    return dict(trainer.train().metrics)
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _steps(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation and scoring
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _rm_scores(rm, samples, pad_id: int) -> list[float]:
+    """Reward-model score of each (prompt ids + generated ids) sequence, as generated."""
+    from alignkit.data.collators import pad
+    from alignkit.trainers.reward import sequence_rewards
+
+    seqs = [s.prompt_ids + s.response_ids for s in samples]
+    scores: list[float] = []
+    for i in range(0, len(seqs), 128):
+        chunk = seqs[i:i + 128]
+        batch = {"input_ids": pad(chunk, pad_id), "attention_mask": pad([[1] * len(x) for x in chunk], 0)}
+        scores += sequence_rewards(rm, batch).tolist()
+    return scores
+
+
+def score_generations(model, tok, prompts: list[str], rm, seed: int, out: Path) -> dict[str, float]:
+    """Greedy and sampled generations for `prompts`, scored; written to `out/generations_*.jsonl`."""
+    from alignkit.models.adapters import reft_settings
+    from alignkit.online.generation import SamplingConfig, generate_responses
+
+    settings = reft_settings(model)
+    pos = settings.positions if settings is not None else None
+    greedy = generate_responses(model, tok, prompts, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
+                                batch_size=64, positions=pos)
+    sampled = generate_responses(model, tok, prompts, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=True,
+                                                                     num_samples=NUM_SAMPLES, seed=seed),
+                                 batch_size=128, positions=pos)
+    g_rule = [task.follows_rule(s.response) for s in greedy]
+    g_topic = [task.on_topic(s.response, s.prompt) for s in greedy]
+    g_rm = _rm_scores(rm, greedy, tok.pad_token_id)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, samples in (("greedy", greedy), ("sampled", sampled)):
+        with (out / f"generations_{name}.jsonl").open("w") as f:
+            for s in samples:
+                f.write(json.dumps({"prompt": s.prompt, "response": s.response, "finish_reason": s.finish_reason,
+                                    "follows_rule": task.follows_rule(s.response)}) + "\n")
+    return {"rule_greedy": sum(g_rule) / len(g_rule),
+            "rule_sampled": sum(task.follows_rule(s.response) for s in sampled) / len(sampled),
+            "on_topic_greedy": sum(g_topic) / len(g_topic), "rm_score_greedy": sum(g_rm) / len(g_rm)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------
+
+def run_pipeline_demo(output_dir: str | Path, *, scale: float = 1.0, seed: int = 0, progress: bool = True,
+                      threads: int | None = None) -> PipelineResult:
+    """Run every stage (see the module docstring); returns the measured numbers. Nothing is printed."""
+    from alignkit.data import PreferenceCollator, SFTCollator, tokenize_records
+    from alignkit.models.adapters import AdapterConfig, apply_adapter, load_adapter
+    from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.trainers import PreferenceTrainer, RewardTrainer, SFTTrainer
+    from alignkit.trainers.evaluation import evaluate_reward_model
+
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0 (it multiplies every step count), got {scale}")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    out = Path(output_dir)
+    try:
+        records = load_task()
+        base_dir = build_base(out / "base", _texts(records), seed)
+        tok = load_tokenizer(base_dir)
+        feats = {name: tokenize_records(recs, tok, max_length=64, max_prompt_length=32)[0]
+                 for name, recs in records.items() if name != "prompts_heldout"}
+        prompts = [r.prompt for r in records["prompts_heldout"]]
+        sft_col, pref_col = SFTCollator(tok.pad_token_id), PreferenceCollator(tok.pad_token_id)
+        steps = {"sft": _steps(SFT["steps"], scale), "reward_model": _steps(RM["steps"], scale),
+                 "dpo": _steps(DPO["steps"], scale)}
+        seconds["base"] = time.perf_counter() - t_start
+
+        # 1. SFT ------------------------------------------------------------------------------------
+        t = time.perf_counter()
+        model = load_model(base_dir)
+        trainer = SFTTrainer(model, _args(out / "sft", steps["sft"], SFT["batch"], SFT["lr"], seed),
+                             train_dataset=feats["sft_train"], eval_dataset=feats["sft_heldout"],
+                             data_collator=sft_col, processing_class=tok)
+        sft_before = trainer.evaluate()["eval_loss"]
+        train_metrics = _run(trainer, "1/4 SFT", progress)
+        sft_after = trainer.evaluate()["eval_loss"]
+        trainer.save_model(str(out / "sft"))
+        sft_loss = Change(sft_before, sft_after)
+        _write(out / "sft" / "metrics.json", {"heldout_loss": vars(sft_loss), "train": train_metrics})
+        logger.info("SFT: held-out loss %.3f -> %.3f (%d steps)", sft_before, sft_after, steps["sft"])
+        seconds["sft"] = time.perf_counter() - t
+
+        # 2. Reward model ---------------------------------------------------------------------------
+        t = time.perf_counter()
+        torch.manual_seed(seed)  # the new score head
+        rm = load_model(out / "sft", task="classifier", num_labels=1)
+        rm_before = evaluate_reward_model(rm, feats["preference_heldout"], pref_col, batch_size=128)
+        trainer = RewardTrainer(rm, _args(out / "reward_model", steps["reward_model"], RM["batch"], RM["lr"], seed),
+                                train_dataset=feats["preference_train"], data_collator=pref_col, processing_class=tok)
+        train_metrics = _run(trainer, "2/4 reward model", progress)
+        trainer.save_model(str(out / "reward_model"))
+        rm = rm.eval()
+        rm_after = evaluate_reward_model(rm, feats["preference_heldout"], pref_col, batch_size=128)
+        rm_accuracy = Change(rm_before["accuracy"], rm_after["accuracy"])
+        _write(out / "reward_model" / "metrics.json", {"heldout_before": rm_before, "heldout_after": rm_after,
+                                                       "train": train_metrics})
+        logger.info("reward model: held-out accuracy %.2f -> %.2f", rm_accuracy.before, rm_accuracy.after)
+        seconds["reward_model"] = time.perf_counter() - t
+
+        # 3. Generations of the SFT model (before DPO) ----------------------------------------------
+        t = time.perf_counter()
+        before_gen = score_generations(load_model(out / "sft").eval(), tok, prompts, rm, seed, out / "sft")
+        logger.info("SFT model generations: %s", before_gen)
+        seconds["generate_sft"] = time.perf_counter() - t
+
+        # 4. DPO with each adapter, then generations of the reloaded adapter -------------------------
+        dpo: dict[str, AdapterNumbers] = {}
+        for name, spec in ADAPTERS.items():
+            t = time.perf_counter()
+            folder = out / f"dpo_{name}"
+            torch.manual_seed(seed)  # the adapter's initial weights
+            policy = apply_adapter(load_model(out / "sft"), AdapterConfig.from_dict(spec["adapter"]))
+            n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+            trainer = PreferenceTrainer(policy, _args(folder, steps["dpo"], DPO["batch"], spec["lr"], seed),
+                                        beta=DPO["beta"], loss_type=DPO["loss_type"],
+                                        loss_weights=DPO["loss_weights"], train_dataset=feats["preference_train"],
+                                        eval_dataset=feats["preference_heldout"], data_collator=pref_col,
+                                        processing_class=tok)
+            ev_before = trainer.evaluate()
+            train_metrics = _run(trainer, f"3/4 DPO+{name}", progress)
+            ev_after = trainer.evaluate()
+            trainer.save_model(str(folder))
+            reloaded = load_adapter(load_model(out / "sft"), folder).eval()
+            gen = score_generations(reloaded, tok, prompts, rm, seed, folder)
+            numbers = AdapterNumbers(
+                reward_accuracy=Change(ev_before["eval_rewards/accuracies"], ev_after["eval_rewards/accuracies"]),
+                reward_margin=Change(ev_before["eval_rewards/margins"], ev_after["eval_rewards/margins"]),
+                **{k: Change(before_gen[k], gen[k]) for k in before_gen}, trainable_parameters=n_train)
+            dpo[name] = numbers
+            _write(folder / "metrics.json", {"heldout_before": ev_before, "heldout_after": ev_after,
+                                             "train": train_metrics, "generations": gen})
+            logger.info("DPO+%s: held-out reward accuracy %.2f, margin %.3f; rule score greedy %.2f -> %.2f",
+                        name, ev_after["eval_rewards/accuracies"], ev_after["eval_rewards/margins"],
+                        before_gen["rule_greedy"], gen["rule_greedy"])
+            seconds[f"dpo_{name}"] = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(old_threads)
+
+    seconds["total"] = time.perf_counter() - t_start
+    result = PipelineResult(sft_loss=sft_loss, rm_accuracy=rm_accuracy, dpo=dpo, steps=steps, seconds=seconds,
+                            num_heldout_prompts=len(prompts), num_samples=NUM_SAMPLES, seed=seed, scale=scale,
+                            output_dir=str(out))
+    _write(out / "results.json", result.to_dict())
+    (out / "table.txt").write_text(result.table() + "\n")
+    logger.info("pipeline demo done in %.0f s; results in %s", seconds["total"], out / "results.json")
+    return result
+
+
+__all__ = ["ADAPTERS", "load_task", "build_base", "score_generations", "run_pipeline_demo"]
