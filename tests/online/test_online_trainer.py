@@ -5,6 +5,7 @@ PPO's value head (loss drops on a fixed batch, safetensors round trip)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -188,3 +189,27 @@ def test_ppo_value_loss_drops_on_a_fixed_batch_and_head_round_trips(tiny_dir, to
     trainer.save(tmp_path)
     head = ValueHead.load(tmp_path)
     assert torch.equal(head.linear.weight, trainer.value_head.linear.weight.detach())
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
+    # a LoReFT adapter is not the identity at init, so the policy already differs from its reference
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS,
+                          small(GRPOConfig, kl_estimator=estimator, kl_coef=0.2))
+    r = trainer.score(trainer.generate(PROMPTS[:2], 0))
+    per_seq = []
+    for lp, rp, m in zip(r.old_logps.tolist(), r.ref_logps.tolist(), r.mask.tolist()):
+        total = 0.0
+        for a, b, keep in zip(lp, rp, m):
+            if keep:
+                log_r = b - a  # log pi_ref / pi_theta (Schulman 2020)
+                total += {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": math.exp(log_r) - 1 - log_r}[estimator]
+        per_seq.append(total)
+    assert r.metrics["kl"] == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-4, abs=1e-7)
+    assert abs(r.metrics["kl"]) > 1e-4
+    # and the loss carries beta * KL: with zero advantages the loss is 0.2 * mean_i mean_t KL_t
+    r.rewards = torch.zeros_like(r.rewards)
+    with torch.no_grad():
+        loss, _ = trainer.policy_loss(trainer.build_batch(r), torch.arange(len(r.samples)))
+    lens = r.mask.sum(-1).tolist()
+    assert float(loss) == pytest.approx(0.2 * sum(s / n for s, n in zip(per_seq, lens)) / len(lens), rel=1e-4)
