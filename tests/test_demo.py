@@ -10,7 +10,7 @@ from alignkit.demos.reft import load_demo_pairs
 
 def test_demo_cli_reproduces_answers(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["-q", "demo", "--output-dir", str(out), "--max-steps", "200"])
+    rc = main(["-q", "demo", "--reft", "--output-dir", str(out), "--max-steps", "200"])
     printed = capsys.readouterr().out
     pairs = load_demo_pairs()
     assert rc == 0, printed
