@@ -4,6 +4,8 @@
     alignkit rm | dpo | kto ...         train a reward model / preference-optimise (same layout)
     alignkit eval     --config configs/eval-rm-tiny.yaml   reward-model or DPO reward accuracy on a dataset
     alignkit generate --config configs/generate-tiny.yaml  generations for a prompts file, as JSONL
+    alignkit online-dpo | grpo | rloo | ppo --config configs/grpo-tiny.yaml   online alignment (cli/online.py)
+    alignkit sample | annotate --config ...   an offline round as two jobs, through files (cli/rounds.py)
     alignkit demo                        the bundled end-to-end pipeline (`--reft`: the ReFT demo)
     alignkit ls [section]                every registry: losses, interventions, readers, formatters, ...
 
@@ -20,9 +22,9 @@ import logging
 import os
 import sys
 
-from alignkit.cli import demo, evaluate, generate, listing, train
+from alignkit.cli import demo, evaluate, generate, listing, online, rounds, train
 
-COMMANDS = (train, evaluate, generate, demo, listing)
+COMMANDS = (train, online, rounds, evaluate, generate, demo, listing)
 
 
 def build_parser() -> argparse.ArgumentParser:

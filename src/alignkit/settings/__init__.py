@@ -11,7 +11,8 @@ A config is one dataclass per command (`CONFIG_CLASSES`) made of sections:
 - `adapter`  (`alignkit.models.adapters.AdapterConfig`): full / lora / reft / reft+lora;
 - `method`   (one per objective: `SFTMethod`, `RewardMethod`, `DPOMethod`, `KTOMethod`, `EvalMethod`);
 - `train`    a mapping passed straight to `transformers.TrainingArguments` (keys checked against its fields);
-- `generation` (`alignkit.online.SamplingConfig`) for `generate`.
+- `generation` (`alignkit.online.SamplingConfig`) for `generate`;
+- online commands (`settings/online.py`): `annotator`, `sampling` and a `method` derived from the trainer's config.
 
 Every key is checked: an unknown key or a value of the wrong type is a `ConfigError` naming the dotted
 key, the valid keys and the closest match. Scalars follow YAML 1.2 (`1e-4` is a float, `no` a string).
@@ -24,8 +25,12 @@ from alignkit.settings.sections import (CONFIG_CLASSES, TRAIN_COMMANDS, DataSett
                                         EvalMethod, GenerateConfig, KTOConfig, KTOMethod, ModelSettings, RewardConfig,
                                         RewardMethod, SFTConfig, SFTMethod, TrainConfig)
 from alignkit.settings.typed import ConfigError, build, coerce, merge, parse_overrides, parse_value, read_yaml
+from alignkit.settings.online import ONLINE_CONFIG_CLASSES, AnnotateConfig, AnnotatorSettings, SampleConfig
 
-__all__ = ["CONFIG_CLASSES", "TRAIN_COMMANDS", "ConfigError", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig",
+CONFIG_CLASSES.update(ONLINE_CONFIG_CLASSES)  # online-dpo, grpo, rloo, ppo, sample, annotate (settings/online.py)
+
+__all__ = ["AnnotateConfig", "AnnotatorSettings", "SampleConfig",
+           "CONFIG_CLASSES", "TRAIN_COMMANDS", "ConfigError", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig",
            "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod",
            "SFTConfig", "SFTMethod", "TrainConfig", "build", "check_training_args", "coerce", "command_of",
            "config_from_dict", "config_to_dict", "dump_config", "load_config", "merge", "parse_overrides",

@@ -1,0 +1,163 @@
+"""`alignkit online-dpo | grpo | rloo | ppo`: online alignment from a config (generate -> annotate -> optimise).
+
+    config -> prompts (data.path) -> run folder (config.yaml) -> policy (+ adapter) -> annotator
+           -> OnlineDPOTrainer / GRPOTrainer / RLOOTrainer / PPOTrainer (metrics.jsonl, one row per step)
+           -> model/ (adapter or full model + online_config.json; PPO: value_head.safetensors)
+           -> plots/{reward,kl,loss}.png, README.md
+
+Sections (`alignkit.settings.online`): model, data (the prompts: any records, their prompts are used),
+adapter, annotator (reward_model | function | judge), sampling, method (the trainer's config fields).
+The online trainers run their own accelerate loop (not `transformers.Trainer`), so there is no `train`
+section and no TensorBoard folder; `accelerate launch -m alignkit grpo ...` works the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from alignkit.cli.common import (add_config_arguments, command_line, config_from_args, dry_run, load_base,
+                                 load_for_inference, read_records, start_run)
+from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, versions
+from alignkit.settings import ConfigError, DataSettings, ModelSettings
+
+logger = logging.getLogger(__name__)
+
+HELP = {"online-dpo": "online DPO: pairs from the policy's own samples each step (any preference loss)",
+        "grpo": "GRPO: group-relative advantages, clipped policy gradient, KL to the reference",
+        "rloo": "RLOO: GRPO's loop with the leave-one-out baseline",
+        "ppo": "PPO with a value head and GAE (RLHF step 3)"}
+
+# plot file -> metric names drawn on it (the online trainers' row keys)
+ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
+    "reward": ("reward/mean", "reward/std", "reward/normalized_mean"),
+    "kl": ("kl", "kl/token", "kl_coef"),
+    "loss": ("loss", "policy_loss", "value_loss"),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    for name, text in HELP.items():
+        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.")
+        add_config_arguments(p)
+        p.set_defaults(func=run, online_command=name)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, args.online_command)
+    if args.dry_run:
+        return dry_run(cfg)
+    return train_online(cfg, args.online_command, command_line=command_line(args))
+
+
+# ---------------------------------------------------------------------------------------------- shared pieces
+
+def read_prompts(ds: DataSettings) -> list:
+    """The prompt records of `data.path` (any records: their prompts, weights and meta are used)."""
+    records = read_records(ds.path, ds, "prompt", ds.split, "data.path")
+    return records[:ds.max_records] if ds.max_records is not None else records
+
+
+def make_annotator(settings: Any, run: RunFolder) -> Any:
+    """An `alignkit.online.Annotator` from the `annotator` section. A reward model or judge is loaded like a
+    policy (`tiny:<arch>` built in <run>/annotator/, `adapter_path` applied) and moved to `device`."""
+    from alignkit.online import ANNOTATORS, build_annotator
+
+    if settings.kind == "function":
+        return build_annotator({"type": "function", **settings.arguments()})
+    ms = ModelSettings(path=settings.path, dtype=settings.dtype, adapter_path=settings.adapter_path)
+    task = "classifier" if settings.kind == "reward_model" else "causal_lm"
+    model, tok, _, desc = load_for_inference(ms, RunFolder(run.root / "annotator", main=run.main), task)
+    if settings.device is not None:
+        model = model.to(settings.device)
+    logger.info("annotator %s: %s", settings.kind, desc)
+    try:
+        return ANNOTATORS[settings.kind](model, tok, **settings.arguments())
+    except ValueError as e:
+        raise ConfigError(f"annotator: {e}") from None
+
+
+def plot_online(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One PNG per `ONLINE_PLOTS` entry with data (the Agg canvas, as `alignkit.runs.plot_metrics`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    written = []
+    for name, keys in ONLINE_PLOTS.items():
+        series = [(k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]) for k in keys]
+        series = [(k, pts) for k, pts in series if pts]
+        if not series:
+            continue
+        fig = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for label, pts in series:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=label)
+        ax.set(xlabel="step", ylabel=name, title=name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_dir / f"{name}.png")
+        written.append(out_dir / f"{name}.png")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def trainer_class(command: str) -> type:
+    from alignkit.online import GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer
+
+    return {"online-dpo": OnlineDPOTrainer, "grpo": GRPOTrainer, "rloo": RLOOTrainer, "ppo": PPOTrainer}[command]
+
+
+def train_online(cfg: Any, command: str, *, command_line: str = "") -> int:
+    """Run one online command end to end (see the module docstring). Returns an exit code."""
+    from transformers import set_seed
+
+    from alignkit.cli.train import adapter_summary, how_to_load
+    from alignkit.models.adapters import apply_adapter
+
+    prompts = read_prompts(cfg.data)  # data errors come before any model is built
+    if cfg.data.formatter != "auto":
+        logger.warning("data.formatter=%r: the online trainers format prompts with 'auto'", cfg.data.formatter)
+    run = start_run(cfg)
+    set_seed(cfg.method.seed)  # the adapter's initialisation follows the run's seed
+    model, tok, base_path, base_desc = load_base(cfg.model, run, "causal_lm")
+    model = apply_adapter(model, cfg.adapter)
+    annotator = make_annotator(cfg.annotator, run)
+    trainer = trainer_class(command)(model, tok, prompts, annotator, cfg.trainer_config(), output_dir=run.root)
+    trainer.train()
+    if cfg.method.save_at_end:
+        trainer.save(run.model)
+    if not run.main:
+        return 0
+    rows = read_metrics(run.metrics)
+    try:
+        plot_online(rows, run.plots)
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
+    method = {k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}
+    card = ModelCard(
+        title=f"{command}: online alignment of {cfg.model.path}", base_model=base_desc,
+        adapter=adapter_summary(cfg.adapter, trainer.policy),
+        objective={"objective": f"online {command} ({HELP[command]})", "command": command,
+                   "annotator": annotator.describe(), **method},
+        data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
+              "sampling": cfg.sampling.to_dict()},
+        hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode},
+        metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
+        how_to_load=how_to_load(cfg.adapter.kind, run, base_path, False) if cfg.method.save_at_end else "")
+    card.write(run.card, *([run.model / "README.md"] if cfg.method.save_at_end else []))
+    last = rows[-1] if rows else {}
+    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward/mean", "kl", "loss") if isinstance(last.get(k), float))
+    print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
+          f"  run folder: {run.root} (model/, README.md, metrics.jsonl, plots/)")
+    return 0
+
+
+__all__ = ["ONLINE_PLOTS", "add_parser", "make_annotator", "plot_online", "read_prompts", "run", "train_online"]

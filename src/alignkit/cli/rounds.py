@@ -1,0 +1,105 @@
+"""`alignkit sample` and `alignkit annotate`: one offline round as two jobs, through files.
+
+    alignkit sample   --config configs/sample-tiny.yaml     policy + prompts -> <round>/samples.jsonl
+    alignkit annotate --config configs/annotate-tiny.yaml   <round>/samples.jsonl + annotator -> <round>/records.jsonl
+    alignkit dpo      --config ... data.path=<round>/records.jsonl        train on the round (or sft / kto)
+
+Both work on one round folder (`output_dir`), the layout of `alignkit.online.rounds`: samples.jsonl
+(`Sample.to_dict()` rows), records.jsonl (TRL-style columns + weight/id/meta: `alignkit.data.load_records`
+reads it, and so do `alignkit sft | dpo | kto`), manifest.json (sampling settings, annotator, feedback and
+the round's metrics). Annotation only reads the folder, so it can run on another machine or device
+(`annotator.device`) after copying it. Each job also writes its resolved config there (sample.yaml,
+annotate.yaml). A complete stage is not redone unless `overwrite: true`.
+
+The feedback mode decides the record kind: best_worst / random_pairs / judge_pairs -> preference pairs (dpo),
+pointwise -> desirable/undesirable (kto), best_of_n -> SFT records of the best responses (sft: augmentation
+by reward-model filtering, as Open-Assistant does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from alignkit.cli.common import add_config_arguments, config_from_args, dry_run, load_for_inference, to_device
+from alignkit.cli.online import make_annotator, read_prompts
+from alignkit.runs import RunFolder
+from alignkit.settings import save_config
+
+logger = logging.getLogger(__name__)
+
+RECORD_COMMAND = {"best_worst": "dpo", "random_pairs": "dpo", "judge_pairs": "dpo", "pointwise": "kto",
+                  "best_of_n": "sft"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="offline round, job 1: the policy's responses to prompts -> samples.jsonl")
+    add_config_arguments(p)
+    p.set_defaults(func=run_sample)
+    p = sub.add_parser("annotate", help="offline round, job 2: score samples.jsonl, build records -> records.jsonl "
+                                        "(pairs, labels, or best-of-n SFT data)")
+    add_config_arguments(p)
+    p.set_defaults(func=run_annotate)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, "sample")
+    if args.dry_run:
+        return dry_run(cfg)
+    path = sample(cfg)
+    n = sum(1 for line in path.read_text().splitlines() if line.strip())
+    print(f"alignkit sample: {n} sample(s) in {path}\n  next: alignkit annotate --config <annotate config> "
+          f"output_dir={path.parent}")
+    return 0
+
+
+def run_annotate(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, "annotate")
+    if args.dry_run:
+        return dry_run(cfg)
+    path = annotate(cfg)
+    m = json.loads((path.parent / "manifest.json").read_text())["annotation"]["metrics"]
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("reward/mean", "reward/std") if isinstance(m.get(k), float))
+    print(f"alignkit annotate: {int(m.get('records/count', 0))} {cfg.feedback} record(s) in {path}. {shown}\n"
+          f"  train on them: alignkit {RECORD_COMMAND[cfg.feedback]} --config <config> data.path={path}")
+    return 0
+
+
+def sample(cfg: Any) -> Path:
+    """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl`. Returns its path."""
+    from alignkit.models.adapters import reft_settings
+    from alignkit.online.rounds import sample_round
+
+    prompts = read_prompts(cfg.data)  # data errors come before any model is built
+    run = RunFolder(Path(cfg.output_dir))
+    if run.main:
+        save_config(cfg, run.root / "sample.yaml")
+    model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
+    model = to_device(model)
+    reft = reft_settings(model)
+    extra = {"positions": reft.positions, "share_weights": reft.share_weights} if reft is not None else {}
+    logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
+    return sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
+                        overwrite=cfg.overwrite, formatter=cfg.data.formatter,
+                        max_prompt_length=cfg.data.max_prompt_length, **extra)
+
+
+def annotate(cfg: Any) -> Path:
+    """Score `<output_dir>/samples.jsonl` and write `<output_dir>/records.jsonl`. Returns its path."""
+    from alignkit.online.rounds import SAMPLES_FILE, annotate_round
+
+    run = RunFolder(Path(cfg.output_dir))
+    if not (run.root / SAMPLES_FILE).is_file():  # before any annotator model is loaded
+        raise FileNotFoundError(f"output_dir: {run.root} has no {SAMPLES_FILE}; run `alignkit sample` with "
+                                f"output_dir={run.root} first")
+    if run.main:
+        save_config(cfg, run.root / "annotate.yaml")
+    annotator = make_annotator(cfg.annotator, run)
+    return annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
+                          reweighters=cfg.reweighters, overwrite=cfg.overwrite)
+
+
+__all__ = ["RECORD_COMMAND", "add_parser", "annotate", "run_annotate", "run_sample", "sample"]
