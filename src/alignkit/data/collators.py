@@ -16,11 +16,14 @@ completion tokens, -100 elsewhere; HF models shift them inside), all (rows, T) w
   rows offsets[i] .. offsets[i]+K_i-1 (N = sum K_i rows). Adds `group_index` (N,) (example of each row),
   `rank` (N,) (the record's rank, equal for ties, 0 = best), `num_responses` (B,). Scatter rewards to a
   (B, K_max) table with `group_index` and the row's position in its group (`position_in_group` (N,)).
-- `PackedSFTCollator`: padding-free SFT: all sequences concatenated in one row (1, S): `input_ids`,
-  `position_ids` restarting at 0 per sequence, `labels`/`completion_mask` with each sequence's first token
-  masked (it must not be predicted from the previous sequence), `cu_seq_lens` (B+1,) int32 cumulative
-  lengths starting at 0, `max_seq_len` (int), `sequence_index` (1, S) (example of each token) and
-  `weight` (B,). No `attention_mask`: sequence boundaries travel in `position_ids` (transformers builds
+- `PackedSFTCollator(row_length=None)`: padding-free SFT: all sequences concatenated in one row (1, S):
+  `input_ids`, `position_ids` restarting at 0 per sequence, `labels`/`completion_mask` with each sequence's
+  first token masked (it must not be predicted from the previous sequence), `sequence_index` (1, S)
+  (example of each token), `sequence_start` / `sequence_length` (B,), `max_seq_len` (int), `cu_seq_lens`
+  (B+1,) int32 cumulative lengths starting at 0, and `weight` (B,). With `row_length` ("longest" or an
+  int) the sequences are binned first-fit-decreasing into rows of at most max(row_length, longest) tokens,
+  (rows, L), each row's tail a filler segment (sequence_index -1), and no `cu_seq_lens`: sdpa / eager
+  attention then costs sum(L^2) per batch instead of S^2 for one row. No `attention_mask`: sequence boundaries travel in `position_ids` (transformers builds
   a block-diagonal causal mask from them for sdpa/eager; flash-attention gets `cu_seq_lens` as varlen
   kwargs, see `alignkit.trainers.logps`).
 - `PackedPreferenceCollator`: padding-free 2B layout: the chosen then the rejected sequences packed in one
@@ -122,38 +125,89 @@ class RankedCollator:
         return batch
 
 
-def pack(seqs: list[list[int]], masks: list[list[int]]) -> dict[str, Any]:
-    """Concatenate `seqs` into one row (1, S) with the boundary keys of the padding-free layout (module docstring).
+def _rows_of(lengths: list[int], row_length: int | str | None) -> list[list[int]]:
+    """Sequence indices per row: all in one row (None), or first-fit-decreasing bins of capacity
+    max(row_length, longest) ("longest": the longest sequence of the batch)."""
+    if row_length is None:
+        return [list(range(len(lengths)))]
+    longest = max(lengths)
+    if row_length == "longest":
+        cap = longest
+    elif isinstance(row_length, int) and row_length > 0:
+        cap = max(row_length, longest)
+    else:
+        raise ValueError(f"row_length must be None, 'longest' or a positive int, got {row_length!r}")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        r = next((j for j, f in enumerate(free) if f >= lengths[i]), None)
+        if r is None:
+            rows.append([i])
+            free.append(cap - lengths[i])
+        else:
+            rows[r].append(i)
+            free[r] -= lengths[i]
+    return rows
+
+
+def pack(seqs: list[list[int]], masks: list[list[int]], row_length: int | str | None = None,
+         pad_token_id: int = 0) -> dict[str, Any]:
+    """Pack `seqs` without padding between them: one row (1, S) (`row_length=None`), or rows of at most
+    max(row_length, longest) tokens filled first-fit-decreasing, (rows, L) (module docstring).
 
     Each sequence's first token gets completion_mask 0: it would otherwise be scored as the next token of the
-    previous sequence.
+    previous sequence. The tail of a multi-row layout is filler (`pad_token_id`, positions 0, 1, ... so it is a
+    segment of its own, sequence_index -1, never scored).
     """
     lengths = [len(s) for s in seqs]
     if not lengths or min(lengths) == 0:
         raise ValueError(f"pack: every sequence needs at least one token, got lengths {lengths}")
-    input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long)[None]                         # (1, S)
-    completion_mask = torch.tensor([m for ms in masks for m in ms], dtype=torch.long)[None]                 # (1, S)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]                                      # (1, S)
-    completion_mask = completion_mask.masked_fill(position_ids == 0, 0)  # no prediction across sequences
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)                                                         # (R+1,)
-    return {
+    groups = _rows_of(lengths, row_length)
+    L = max(sum(lengths[i] for i in g) for g in groups)
+    ids, pos, comp, seq = [], [], [], []
+    start = [0] * len(seqs)
+    for r, g in enumerate(groups):
+        row_ids, row_pos, row_comp, row_seq = [], [], [], []
+        for i in g:
+            start[i] = r * L + len(row_ids)
+            row_ids += seqs[i]
+            row_pos += range(lengths[i])
+            row_comp += [0] + list(masks[i][1:])  # no prediction across sequences
+            row_seq += [i] * lengths[i]
+        k = L - len(row_ids)
+        ids.append(row_ids + [pad_token_id] * k)
+        pos.append(row_pos + list(range(k)))
+        comp.append(row_comp + [0] * k)
+        seq.append(row_seq + [-1] * k)
+    input_ids = torch.tensor(ids, dtype=torch.long)                # (rows, L)
+    completion_mask = torch.tensor(comp, dtype=torch.long)         # (rows, L)
+    batch = {
         "input_ids": input_ids,
-        "position_ids": position_ids,
+        "position_ids": torch.tensor(pos, dtype=torch.long),       # (rows, L), 0 at each sequence start
         "completion_mask": completion_mask,
         "labels": input_ids.masked_fill(completion_mask == 0, IGNORE_INDEX),
-        "cu_seq_lens": cu,
+        "sequence_index": torch.tensor(seq, dtype=torch.long),     # (rows, L), -1 on filler
+        "sequence_start": torch.tensor(start, dtype=torch.long),   # (R,) offset in the flattened (rows * L)
+        "sequence_length": torch.tensor(lengths, dtype=torch.long),  # (R,)
         "max_seq_len": max(lengths),
-        "sequence_index": torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None],  # (1, S)
     }
+    if len(groups) == 1:  # one row: cumulative lengths for flash-attention varlen kernels
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)            # (R+1,)
+        batch["cu_seq_lens"] = cu
+    return batch
 
 
 @dataclass
 class PackedSFTCollator:
     """Padding-free SFT batches (see the module docstring)."""
 
+    row_length: int | str | None = None
+    pad_token_id: int = 0
+
     def __call__(self, features: list[dict]) -> dict[str, Any]:
-        batch = pack([f["input_ids"] for f in features], [f["completion_mask"] for f in features])
+        batch = pack([f["input_ids"] for f in features], [f["completion_mask"] for f in features], self.row_length,
+                     self.pad_token_id)
         batch["weight"] = _weights(features)
         if "label" in features[0]:
             batch["label"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)  # (B,)
@@ -163,25 +217,28 @@ class PackedSFTCollator:
 @dataclass
 class PackedPreferenceCollator:
     """Padding-free preference batches: the 2B sequences of `PreferenceCollator` (chosen of examples 0..B-1,
-    then their rejected) concatenated in one row (1, S), with the keys of `pack` plus `weight` and `margin` (B,)."""
+    then their rejected) packed as `pack` does, plus `weight` and `margin` (B,)."""
+
+    row_length: int | str | None = None
+    pad_token_id: int = 0
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         masks = [f["chosen_completion_mask"] for f in features] + [f["rejected_completion_mask"] for f in features]
-        batch = pack(ids, masks)
+        batch = pack(ids, masks, self.row_length, self.pad_token_id)
         batch["weight"] = _weights(features)
         batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features], dtype=torch.float32)
         return batch
 
 
-def packed_version(collator: Any) -> Any:
+def packed_version(collator: Any, row_length: int | str | None = None) -> Any:
     """The padding-free counterpart of a padded collator (SFT / preference); a packed one is returned as is."""
     if isinstance(collator, (PackedSFTCollator, PackedPreferenceCollator)):
         return collator
     if isinstance(collator, SFTCollator):
-        return PackedSFTCollator()
+        return PackedSFTCollator(row_length, collator.pad_token_id)
     if isinstance(collator, PreferenceCollator):
-        return PackedPreferenceCollator()
+        return PackedPreferenceCollator(row_length, collator.pad_token_id)
     raise ValueError(f"padding_free=True: no padding-free version of {type(collator).__name__}; use SFTCollator, "
                      "PreferenceCollator, PackedSFTCollator or PackedPreferenceCollator")
 

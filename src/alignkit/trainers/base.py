@@ -66,13 +66,18 @@ def turn_off_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
-def packed_collator(collator: Any, tokenizer: Any, paired: bool) -> Any:
-    """The padding-free collator for `padding_free=True`: the packed version of `collator` (or a new one)."""
+def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
+    """The padding-free collator for `padding_free=True`: the packed version of `collator` (or a new one), one
+    row for flash-attention (varlen kernels), rows of the batch's longest sequence otherwise (sdpa / eager
+    attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
     from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
+    from alignkit.models.adapters import unwrap_lm
 
+    impl = str(getattr(unwrap_lm(model).config, "_attn_implementation", "") or "")
+    row_length = None if "flash" in impl else "longest"
     if collator is None:
-        return PackedPreferenceCollator() if paired else PackedSFTCollator()
-    return packed_version(collator)
+        return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
+    return packed_version(collator, row_length)
 
 
 class AlignTrainer(Trainer):
@@ -127,11 +132,12 @@ class AlignTrainer(Trainer):
 
     def items_per_example(self, batch: dict[str, Any]) -> Tensor:
         """n_i `(B,)`: 1 per example, or completion tokens per example when `normalizer == "tokens"`."""
-        packed = batch.get("cu_seq_lens") is not None  # padding-free: R sequences in one row
+        packed = batch.get("sequence_length") is not None  # padding-free: R sequences packed in rows
         if self.normalizer == "tokens" and packed:
-            R = batch["cu_seq_lens"].shape[0] - 1
-            seq = batch["sequence_index"][0]  # (S,); each sequence's first token is never scored
-            return torch.zeros(R, device=seq.device).index_add_(0, seq, batch["completion_mask"][0].float())  # (R,)
+            R = batch["sequence_length"].shape[0]
+            seq = batch["sequence_index"].reshape(-1)  # (rows*L,), -1 on filler; first tokens are never scored
+            comp = batch["completion_mask"].reshape(-1).float() * (seq >= 0)
+            return torch.zeros(R + 1, device=seq.device).index_add_(0, seq.clamp(min=0), comp)[:R]  # (R,)
         if self.normalizer == "tokens":
             mask = batch["completion_mask"][:, 1:].bool()
             if batch.get("attention_mask") is not None:
@@ -143,7 +149,7 @@ class AlignTrainer(Trainer):
         elif batch.get("num_responses") is not None:
             B = batch["num_responses"].shape[0]
         elif packed:
-            B = (batch["cu_seq_lens"].shape[0] - 1) // self.rows_per_example
+            B = batch["sequence_length"].shape[0] // self.rows_per_example
         else:
             B = batch["input_ids"].shape[0] // self.rows_per_example
         return torch.ones(B, device=batch["input_ids"].device)

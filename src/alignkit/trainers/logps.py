@@ -22,15 +22,16 @@ each row (first attended token up to the first completion token) and the positio
 the model by `apply_adapter`, so the same prompt positions are edited for a pair's chosen and
 rejected rows.
 
-Padding-free (packed) batches (`alignkit.data.PackedSFTCollator` / `PackedPreferenceCollator`: one row
-(1, S) of R concatenated sequences, `position_ids` restarting at 0 per sequence, `cu_seq_lens` (R+1,),
-no attention_mask) go through the same code. The model sees no attention mask, so transformers derives
+Padding-free (packed) batches (`alignkit.data.PackedSFTCollator` / `PackedPreferenceCollator`: R
+sequences concatenated in one row (1, S) or binned into rows (rows, L), `position_ids` restarting at 0 per
+sequence, `sequence_index`, no attention_mask) go through the same code. The model sees no attention mask, so transformers derives
 the sequence boundaries from `position_ids` (`masking_utils.find_packed_sequence_indices`: a new sequence
 wherever the position does not grow by one; only without a KV cache, hence use_cache=False) and builds a
-block-diagonal causal mask for sdpa / eager; flash-attention models also get `cu_seq_lens_q/k`, `max_length_q/k` (varlen kernels, no recount). The
-scored token log-probs are then scattered back to the padded layout (R, L_max - 1) of right padding,
+block-diagonal causal mask for sdpa / eager (rows bound its cost: sum of L^2, not S^2); flash-attention
+models get one row and `cu_seq_lens_q/k`, `max_length_q/k` (varlen kernels, no recount).
+The scored token log-probs are then scattered back to the padded layout (R, L_max - 1) of right padding,
 (sequence_index, position - 1), so every loss, metric and reduction sees exactly what a padded batch
-gives. ReFT locations are computed per sequence and shifted by its start in the row: (1, I, R * P).
+gives. ReFT locations are computed per sequence and shifted by its start in its row: (rows, I, K * P).
 """
 
 from __future__ import annotations
@@ -56,26 +57,47 @@ def prompt_spans(attention_mask: Tensor, completion_mask: Tensor) -> tuple[Tenso
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
-    """True for a padding-free batch (one row of concatenated sequences with `cu_seq_lens`)."""
-    return batch.get("cu_seq_lens") is not None
+    """True for a padding-free batch (`alignkit.data.collators.pack`: sequences concatenated in rows)."""
+    return batch.get("sequence_index") is not None and batch.get("sequence_start") is not None
 
 
 def packed_prompt_spans(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """(start, length) `(R,)` of each packed sequence's prompt in the flat row: from the sequence's first token
-    to its first completion token (or its end when it has none)."""
-    cu = batch["cu_seq_lens"].to(batch["input_ids"].device).long()  # (R+1,)
-    start, end = cu[:-1], cu[1:]  # (R,)
-    comp = batch["completion_mask"][0].bool()  # (S,)
-    pos = torch.arange(comp.shape[0], device=comp.device)  # (S,)
-    cand = torch.where(comp, pos, comp.shape[0])  # (S,) completion positions, else S
-    seq = batch["sequence_index"][0].to(comp.device)  # (S,)
-    first = end.clone().scatter_reduce(0, seq, cand, reduce="amin", include_self=True)  # (R,)
+    """(start, length) `(R,)` of each packed sequence's prompt in the FLATTENED rows (rows * L): from the
+    sequence's first token to its first completion token (or its end when it has none)."""
+    comp = batch["completion_mask"].reshape(-1).bool()  # (rows*L,)
+    start = batch["sequence_start"].to(comp.device)  # (R,)
+    end = start + batch["sequence_length"].to(comp.device)  # (R,)
+    R, n = start.shape[0], comp.shape[0]
+    seq = batch["sequence_index"].reshape(-1).to(comp.device)  # (rows*L,), -1 on filler
+    seq = torch.where(seq >= 0, seq, R)  # filler -> a dummy bucket R
+    cand = torch.where(comp, torch.arange(n, device=comp.device), n)  # completion positions, else n
+    first = torch.cat([end, end.new_full((1,), n)]).scatter_reduce(0, seq, cand, reduce="amin")[:R]  # (R,)
     return start, first - start
+
+
+def _packed_locations(loc: Tensor, batch: dict[str, Any]) -> Tensor:
+    """(R, I, P) locations in the flattened rows -> (rows, I, K * P), K = most sequences in one row: each row
+    holds the positions (within the row) of its own sequences, -1 elsewhere."""
+    rows, L = batch["input_ids"].shape
+    R, I, P = loc.shape
+    row = torch.div(batch["sequence_start"].to(loc.device), L, rounding_mode="floor")  # (R,)
+    inrow = torch.where(loc >= 0, loc - (row * L)[:, None, None], -1)  # (R, I, P)
+    order = torch.argsort(row, stable=True)  # sequences grouped by row
+    first = torch.searchsorted(row[order], row[order], right=False)  # (R,) first slot of the row in `order`
+    rank = torch.empty_like(row)
+    rank[order] = torch.arange(R, device=loc.device) - first  # (R,) index of the sequence within its row
+    K = int(rank.max()) + 1 if R else 1
+    out = loc.new_full((rows, I, K * P), -1)
+    r_idx = row[:, None, None].expand(R, I, P)
+    i_idx = torch.arange(I, device=loc.device)[None, :, None].expand(R, I, P)
+    p_idx = (rank[:, None, None] * P + torch.arange(P, device=loc.device)[None, None, :]).expand(R, I, P)
+    out[r_idx, i_idx, p_idx] = inrow
+    return out
 
 
 def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
     """`intervention_locations (B, I, P)` for a ReFT model (from the batch, else from prompt spans); None otherwise.
-    For a packed batch: `(1, I, R * P)`, each sequence's positions shifted by its start in the row."""
+    For a packed batch: `(rows, I, K * P)`, each sequence's positions shifted by its start in its row."""
     if "reft" not in adapter_kind(model):
         return None
     if batch.get("intervention_locations") is not None:
@@ -90,8 +112,7 @@ def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
     if is_packed(batch):
         start, length = packed_prompt_spans(batch)
         loc = locations_from_spans(settings.positions, start, length, k, settings.share_weights)  # (R, I, P)
-        R, I, P = loc.shape
-        return loc.permute(1, 0, 2).reshape(1, I, R * P)  # (1, I, R*P), absolute in the flat row
+        return _packed_locations(loc, batch)  # (rows, I, K*P)
     att = batch.get("attention_mask")
     if att is None:
         att = torch.ones_like(batch["input_ids"])
@@ -120,11 +141,14 @@ def forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
             kw[key] = batch[key]
     if is_packed(batch):
         if batch.get("attention_mask") is not None or batch.get("position_ids") is None:
-            raise ValueError("a packed batch (cu_seq_lens) needs position_ids restarting at 0 per sequence and no "
-                             "attention_mask (transformers reads the boundaries from position_ids only then); "
-                             "build it with PackedSFTCollator / PackedPreferenceCollator")
+            raise ValueError("a packed batch needs position_ids restarting at 0 per sequence and no attention_mask "
+                             "(transformers reads the boundaries from position_ids only then); build it with "
+                             "PackedSFTCollator / PackedPreferenceCollator")
         impl = str(getattr(unwrap_lm(model).config, "_attn_implementation", "") or "")
         if "flash" in impl:  # varlen kernels: hand over the boundaries instead of re-deriving them
+            if batch.get("cu_seq_lens") is None:
+                raise ValueError(f"attention {impl!r} needs one packed row (cu_seq_lens); the batch has "
+                                 f"{batch['input_ids'].shape[0]} rows: use a packed collator with row_length=None")
             cu = batch["cu_seq_lens"].to(batch["input_ids"].device, torch.int32)
             kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seq_len"]),
                       max_length_k=int(batch["max_seq_len"]))
@@ -191,14 +215,15 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: 
 
 
 def _unpack(batch: dict[str, Any], rows: Tensor, cols: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:
-    """Packed flat log-probs -> the right-padded layout (R, L_max - 1): the token at flat column c + 1 is
-    token position_ids[c + 1] of sequence sequence_index[c + 1], scored at column position - 1."""
-    R = batch["cu_seq_lens"].shape[0] - 1
-    seq = batch["sequence_index"][0, cols + 1]  # (N,)
-    col = batch["position_ids"][0, cols + 1] - 1  # (N,)
+    """Packed log-probs -> the right-padded layout (R, L_max - 1): the token at (row, c + 1) is token
+    position_ids[row, c + 1] of sequence sequence_index[row, c + 1], scored at column position - 1."""
+    R = batch["sequence_length"].shape[0]
+    seq = batch["sequence_index"][rows, cols + 1]  # (N,)
+    col = batch["position_ids"][rows, cols + 1] - 1  # (N,)
     shape = (R, int(batch["max_seq_len"]) - 1)
     token = logp.new_zeros(shape).index_put((seq, col), logp)  # (R, L_max-1)
-    mask = torch.zeros(shape, dtype=torch.bool, device=logp.device).index_put((seq, col), torch.ones_like(seq, dtype=torch.bool))
+    mask = torch.zeros(shape, dtype=torch.bool, device=logp.device).index_put(
+        (seq, col), torch.ones_like(seq, dtype=torch.bool))  # (R, L_max-1)
     return token, mask
 
 

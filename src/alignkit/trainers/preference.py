@@ -53,7 +53,7 @@ class PreferenceTrainer(AlignTrainer):
                  padding_free: bool = False, **kwargs: Any) -> None:
         self.padding_free = padding_free
         if padding_free:
-            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), kwargs.get("processing_class"),
+            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model,
                                                       paired=True)
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         for name in names:

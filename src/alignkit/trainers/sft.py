@@ -34,7 +34,7 @@ class SFTTrainer(AlignTrainer):
         SFT_LOSSES[loss_type]  # unknown names fail here, listing the valid ones
         self.loss_type, self.chunk_size, self.padding_free = loss_type, chunk_size, padding_free
         if padding_free:
-            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), kwargs.get("processing_class"),
+            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model,
                                                       paired=False)
         super().__init__(model, args, **kwargs)
 
