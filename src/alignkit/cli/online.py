@@ -145,7 +145,7 @@ def train_online(cfg: Any, command: str, *, command_line: str = "") -> int:
     card = ModelCard(
         title=f"{command}: online alignment of {cfg.model.path}", base_model=base_desc,
         adapter=adapter_summary(cfg.adapter, trainer.policy),
-        objective={"objective": f"online {command} ({HELP[command]})", "command": command,
+        objective={"objective": HELP[command], "command": command,
                    "annotator": annotator.describe(), **method},
         data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
               "sampling": cfg.sampling.to_dict()},

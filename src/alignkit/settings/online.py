@@ -24,10 +24,10 @@ import dataclasses
 import inspect
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from alignkit.models.adapters import AdapterConfig
-from alignkit.online import (FEEDBACK_MODES, REWEIGHTERS, GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig,
+from alignkit.online import (FEEDBACK_MODES, GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig,
                              SamplingConfig, build_reweighter, load_function)
 from alignkit.online import feedback as _feedback
 from alignkit.settings.sections import DataSettings, ModelSettings
@@ -66,7 +66,7 @@ class AnnotatorSettings:
     pair_template: str | None = None
     pair_pattern: str | None = None
 
-    KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+    KEYS = {  # annotator kind -> the keys it uses (a plain class attribute, not a config key)
         "function": ("function", "kwargs", "batched", "on_failure", "default_score"),
         "reward_model": ("path", "adapter_path", "dtype", "device", "batch_size", "formatter", "max_length", "add_eos"),
         "judge": ("path", "adapter_path", "dtype", "device", "batch_size", "on_failure", "default_score", "template",
@@ -150,8 +150,12 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
         try:
             build_reweighter(spec)
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"{where}reweighters[{i}]: {str(e).strip(chr(39))} (registered: "
-                              f"{', '.join(REWEIGHTERS)})") from None
+            raise ConfigError(f"{where}reweighters[{i}]: {_message(e)}") from None
+
+
+def _message(e: Exception) -> str:
+    """The text of an error (a KeyError's str() would add quotes)."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 # ---------------------------------------------------------------------------------------------- online runs
@@ -192,7 +196,7 @@ class OnlineRunConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
     output_dir: str = "runs/online"
 
-    trainer_config_class: ClassVar[type] = OnlineDPOConfig
+    trainer_config_class = OnlineDPOConfig
 
     def trainer_config(self) -> Any:
         """The trainer's config: `method` + `sampling` (the run folder saves the model itself: save_at_end off)."""
@@ -201,38 +205,46 @@ class OnlineRunConfig:
         return self.trainer_config_class(**kw)
 
     def __post_init__(self) -> None:
+        from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES
+
+        m = self.method
+        names = {"kl_estimator": ([m.kl_estimator], KL_ESTIMATORS)}
+        if hasattr(m, "loss_type"):
+            names["loss_type"] = ([m.loss_type] if isinstance(m.loss_type, str) else m.loss_type, PREFERENCE_LOSSES)
+        for key, (values, registry) in names.items():
+            for v in values:
+                if v not in registry:
+                    raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
         try:
             self.trainer_config()
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"method: {e}") from None
-        except KeyError as e:  # a registry name (loss_type, kl_estimator)
-            raise ConfigError(f"method: {str(e).strip(chr(39))}") from None
-        if hasattr(self.method, "feedback"):
-            check_feedback(self.method.feedback, self.method.feedback_kwargs, self.method.reweighters, "method.")
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"method: {_message(e)}") from None
+        if hasattr(m, "feedback"):
+            check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
 
 
 @dataclass
 class OnlineDPORunConfig(OnlineRunConfig):
     method: OnlineDPOMethod = field(default_factory=OnlineDPOMethod)
-    trainer_config_class: ClassVar[type] = OnlineDPOConfig
+    trainer_config_class = OnlineDPOConfig
 
 
 @dataclass
 class GRPORunConfig(OnlineRunConfig):
     method: GRPOMethod = field(default_factory=GRPOMethod)
-    trainer_config_class: ClassVar[type] = GRPOConfig
+    trainer_config_class = GRPOConfig
 
 
 @dataclass
 class RLOORunConfig(OnlineRunConfig):
     method: RLOOMethod = field(default_factory=RLOOMethod)
-    trainer_config_class: ClassVar[type] = RLOOConfig
+    trainer_config_class = RLOOConfig
 
 
 @dataclass
 class PPORunConfig(OnlineRunConfig):
     method: PPOMethod = field(default_factory=PPOMethod)
-    trainer_config_class: ClassVar[type] = PPOConfig
+    trainer_config_class = PPOConfig
 
 
 # ---------------------------------------------------------------------------------------------- offline rounds
@@ -261,9 +273,6 @@ class AnnotateConfig:
     output_dir: str = "runs/rounds/round-000"  # the round folder written by `alignkit sample`
 
     def __post_init__(self) -> None:
-        if self.feedback == "judge_pairs" and self.annotator.kind != "judge":
-            raise ConfigError(f"feedback: 'judge_pairs' asks the annotator to compare pairs, which only kind 'judge' "
-                              f"does (annotator.kind is {self.annotator.kind!r}); use best_worst or random_pairs")
         check_feedback(self.feedback, self.feedback_kwargs, self.reweighters)
 
     # `alignkit.settings.load` checks the `data` and `model` sections of every config; annotate has neither (it

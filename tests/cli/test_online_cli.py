@@ -1,0 +1,159 @@
+"""The online commands on the shipped tiny configs: grpo and online-dpo runs (2 steps) write the run folder,
+sample -> annotate -> best-of-n write files the offline commands read, the verifiable rewards by hand, and
+config errors that name the key."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignkit.cli import main
+from alignkit.rewards import contains_keyword, digit_fraction, length_target
+from alignkit.settings import load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST = ["method.steps=2", "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_rewards_by_hand():
+    assert digit_fraction(None, "ab12") == 0.5 and digit_fraction(None, "") == 0.0
+    assert contains_keyword(None, "Well, PLEASE do", keyword="please") == 1.0
+    assert contains_keyword(None, "Well, PLEASE do", keyword="please", case_sensitive=True) == 0.0
+    assert contains_keyword(None, "no match", keyword=["x", "match"]) == 1.0
+    assert length_target(None, "abcdef", target=4) == pytest.approx(0.5)  # 1 - |6 - 4| / 4
+    assert length_target(None, "a" * 9, target=4) == 0.0  # more than twice the target: clipped at 0
+    assert length_target(None, "one two three", target=2, unit="words") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("command, config, extra", [
+    ("grpo", "grpo-tiny.yaml", []),
+    ("online-dpo", "online-dpo-tiny.yaml", ["adapter.kind=lora", "adapter.reft=null", "sampling.num_samples=4"]),
+])
+def test_tiny_online_run_writes_the_run_folder(command, config, extra, tmp_path, capsys):
+    out = tmp_path / command
+    args = ["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", *FAST, *extra]
+    assert main(args) == 0
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0.0, 1.0]
+    for r in rows:
+        assert 0.0 <= r["reward/mean"] <= 1.0 and r["reward/std"] >= 0.0 and r["reward/failed"] == 0.0
+        assert r["kl"] >= 0.0 and r["response_length"] <= 3
+        assert math.isfinite(r["loss"]) or r.get("pairs") == 0.0  # online DPO: a step of tied groups has no loss
+    # LoRA starts with B = 0, so the first rollout's policy IS the reference (adapter off): KL exactly 0
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    if command == "online-dpo":
+        assert all("pairs" in r for r in rows) and sum(r["pairs"] for r in rows) > 0
+    else:
+        assert all("clip_fraction" in r for r in rows)
+    saved = {p.name for p in (out / "model").iterdir()}
+    assert {"adapter_model.safetensors", "alignkit_adapter.json", "online_config.json", "README.md"} <= saved
+    assert json.loads((out / "model" / "online_config.json").read_text())["steps"] == 2
+    assert {p.name for p in (out / "plots").iterdir()} == {"reward.png", "kl.png", "loss.png"}
+    assert all(p.read_bytes()[:8] == PNG_MAGIC for p in (out / "plots").iterdir())
+    assert load_config(out / "config.yaml") == load_config(args[3], args[4:])
+    card = (out / "README.md").read_text()
+    assert "**lora** adapter" in card and "alignkit.rewards:" in card and f"alignkit -q {command}" in card
+    assert f"| `reward/mean` | {rows[-1]['reward/mean']:.6g} |" in card  # final metrics from the run's own rows
+    assert "alignkit " + command + ": done (2 step(s))" in capsys.readouterr().out
+
+
+def _by_group(samples: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for s in samples:
+        out.setdefault(s["group"], []).append(s)
+    return out
+
+
+def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path):
+    from alignkit.cli.common import load_data
+    from alignkit.data import load_records
+    from alignkit.data.records import PreferenceRecord, SFTRecord
+
+    rnd = tmp_path / "round-000"
+    assert main(["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={rnd}",
+                 "sampling.num_samples=3", "sampling.max_new_tokens=6"]) == 0
+    samples = _rows(rnd / "samples.jsonl")
+    groups = _by_group(samples)
+    assert len(groups) == 6 and all(len(g) == 3 for g in groups.values())  # 6 bundled prompts x 3
+    assert yaml.safe_load((rnd / "sample.yaml").read_text())["command"] == "sample"
+
+    # job 2: a verifiable function, best-vs-worst pairs; the expected pairs by hand from the samples file
+    assert main(["-q", "annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={rnd}",
+                 "feedback_kwargs.min_margin=0.0", "reweighters=[]"]) == 0
+    want = []
+    for g, items in sorted(groups.items()):
+        scored = [(max(0.0, 1 - abs(len(s["response"]) - 24) / 24), s["response"]) for s in items]
+        best = max(scored, key=lambda x: x[0])  # first of the best on ties
+        worst = min(scored, key=lambda x: x[0])
+        if best[0] - worst[0] > 0.0:
+            want.append((best[1], worst[1]))
+    pairs = load_records(str(rnd / "records.jsonl"))
+    assert all(isinstance(r, PreferenceRecord) for r in pairs)
+    got = [(r.chosen if isinstance(r.chosen, str) else r.chosen[-1]["content"],
+            r.rejected if isinstance(r.rejected, str) else r.rejected[-1]["content"]) for r in pairs]
+    assert got == want and want  # first of the maxima / minima, as the builder documents
+
+    # best-of-n with a reward model (a tiny 1-label classifier): one SFT record per prompt, the argmax score
+    rm = tiny_dir("llama", classifier=True, num_labels=1)
+    assert main(["-q", "annotate", "--config", str(CONFIGS / "best-of-n-tiny.yaml"), f"output_dir={rnd}",
+                 f"annotator.path={rm}"]) == 0
+    manifest = json.loads((rnd / "manifest.json").read_text())
+    scores = manifest["annotation"]["scores"]
+    assert manifest["annotation"]["feedback"] == "best_of_n" and len(scores) == len(samples)
+    best = {}
+    for s, v in zip(samples, scores):
+        if s["group"] not in best or v > best[s["group"]][0]:
+            best[s["group"]] = (v, s["response"])
+    sft = load_records(str(rnd / "records.jsonl"))
+    assert len(sft) == 6 and all(isinstance(r, SFTRecord) for r in sft)
+    completions = [r.completion if isinstance(r.completion, str) else r.completion[-1]["content"] for r in sft]
+    assert completions == [best[g][1] for g in sorted(best)]
+    # ... and `alignkit sft` reads them through its own data path
+    cfg = load_config(CONFIGS / "sft-tiny.yaml", [f"data.path={rnd / 'records.jsonl'}", "data.eval_fraction=0.0"])
+    train, evals = load_data(cfg.data, "sft")
+    assert len(train) == 6 and not evals
+
+
+def test_annotate_without_samples_fails_before_loading_anything(tmp_path, capsys):
+    rc = main(["annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={tmp_path / 'empty'}"])
+    assert rc == 2 and "has no samples.jsonl; run `alignkit sample`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, config, override, text", [
+    ("grpo", "grpo-tiny.yaml", "method.stpes=2", "method.stpes: unknown key; did you mean 'steps'"),
+    ("grpo", "grpo-tiny.yaml", "sampling.temprature=1", "sampling.temprature: unknown key"),
+    ("grpo", "grpo-tiny.yaml", "annotator.template=x", "annotator.template: not used by kind 'function'"),
+    ("grpo", "grpo-tiny.yaml", "annotator.function=alignkit.rewards:nope", "annotator.function: "),
+    ("grpo", "grpo-tiny.yaml", "annotator.kwargs={bogus: 1}", "annotator.kwargs: alignkit.rewards:digit_fraction"),
+    ("grpo", "grpo-tiny.yaml", "annotator.kind=rm", "annotator.kind: 'rm' is not allowed"),
+    ("grpo", "grpo-tiny.yaml", "method.kl_estimator=k9", "method.kl_estimator: 'k9' is not registered; valid: k1,"),
+    ("online-dpo", "online-dpo-tiny.yaml", "method.loss_type=[sigmoid, sigmod]", "method.loss_type: 'sigmod' is not"),
+    ("grpo", "grpo-tiny.yaml", "data.path=null", "data.path: required"),
+    ("rloo", "rloo-tiny.yaml", "sampling.num_samples=1", "method: RLOO needs sampling.num_samples >= 2"),
+    ("online-dpo", "online-dpo-tiny.yaml", "method.feedback_kwargs={k: 1}", "method.feedback_kwargs.k: unknown key"),
+    ("online-dpo", "online-dpo-tiny.yaml", "method.reweighters=[nope]", "method.reweighters[0]: "),
+    ("annotate", "annotate-tiny.yaml", "feedback=best_of_m", "feedback: 'best_of_m' is not allowed"),
+    ("annotate", "best-of-n-tiny.yaml", "annotator.path=null", "annotator.path: required for kind 'reward_model'"),
+    ("annotate", "annotate-tiny.yaml", "feedback_kwargs={k: 2}", "feedback_kwargs.k: unknown key"),
+])
+def test_config_errors_name_the_key(command, config, override, text, capsys):
+    rc = main([command, "--config", str(CONFIGS / config), override])
+    err = capsys.readouterr().err
+    assert rc == 2 and text in err and config in err, err
+
+
+def test_ls_lists_the_online_commands(capsys):
+    assert main(["ls", "commands"]) == 0
+    out = capsys.readouterr().out
+    for name in ("online-dpo", "grpo", "rloo", "ppo", "sample", "annotate"):
+        assert f"  {name} " in out
+    assert "GRPORunConfig: sections model, annotator, data, adapter, sampling, output_dir, method" in out
