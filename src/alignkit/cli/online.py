@@ -75,9 +75,11 @@ def make_annotator(settings: Any, run: RunFolder) -> Any:
         model = model.to(settings.device)
     logger.info("annotator %s: %s", settings.kind, desc)
     try:
-        return ANNOTATORS[settings.kind](model, tok, **settings.arguments())
+        annotator = ANNOTATORS[settings.kind](model, tok, **settings.arguments())
     except ValueError as e:
         raise ConfigError(f"annotator: {e}") from None
+    annotator.path = desc  # built from a model object, it would describe itself with path None (manifest, card)
+    return annotator
 
 
 def plot_online(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
