@@ -74,7 +74,7 @@ def _knobs(args) -> dict:
 
 
 def _train(args, trainer, meter_module, extra: dict | None = None) -> dict:
-    meter = common.Meter(meter_module, args.warmup, args.steps, args.batch_size)
+    meter = common.Meter(meter_module, args.warmup, args.steps, args.batch_size, pad_token_id=0)  # SPECIALS[0]
     trainer.add_callback(common.trainer_callback(meter))
     trainer.train()
     eff = {"effective": {"gradient_checkpointing": args.grad_ckpt == "on", "bf16": args.precision == "bf16",

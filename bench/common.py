@@ -226,13 +226,15 @@ class Meter:
 
     `module` is the model whose forward sees the training batches (the policy, not a reference
     model); a forward pre-hook counts attention_mask.sum() (or input_ids.numel() when no mask is
-    given, as in padding-free batches) for forwards run with grad enabled, so reference passes
+    given, as in padding-free batches; minus `pad_token_id` filler when given) for forwards run with grad
+    enabled, so reference passes
     under no_grad (a frozen copy, or the same model with its adapter off) are not counted.
     Call `step_end(n)` after each optimizer step n (1-based), e.g. from a TrainerCallback.
     """
 
-    def __init__(self, module, warmup: int, steps: int, batch_size: int):
+    def __init__(self, module, warmup: int, steps: int, batch_size: int, pad_token_id: int | None = None):
         self.warmup, self.steps, self.batch_size = warmup, steps, batch_size
+        self.pad_token_id = pad_token_id  # packed rows without a mask: filler tokens are not counted
         self.tokens = 0
         self.t0 = self.t1 = None
         self.tokens0 = self.tokens1 = 0
@@ -251,6 +253,8 @@ class Meter:
         ids = batch.get("input_ids", args[0] if args and not isinstance(args[0], dict) else None)
         if mask is not None and mask.dim() == 2:
             self.tokens += int(mask.sum())
+        elif ids is not None and self.pad_token_id is not None:
+            self.tokens += int((ids != self.pad_token_id).sum())
         elif ids is not None:
             self.tokens += int(ids.numel())
         return None
