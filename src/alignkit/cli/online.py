@@ -125,8 +125,6 @@ def train_online(cfg: Any, command: str, *, command_line: str = "") -> int:
     from alignkit.models.adapters import apply_adapter
 
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
-    if cfg.data.formatter != "auto":
-        logger.warning("data.formatter=%r: the online trainers format prompts with 'auto'", cfg.data.formatter)
     run = start_run(cfg)
     set_seed(cfg.method.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, run, "causal_lm")

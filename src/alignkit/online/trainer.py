@@ -76,6 +76,8 @@ class OnlineConfig:
     reward_clip: float | None = None
     reference: str = "auto"  # "auto" | "adapter_off" | "copy"
     generation_batch_size: int = 64
+    formatter: str = "auto"  # how prompts are formatted for generation (alignkit.data.FORMATTERS)
+    max_prompt_length: int | None = None  # prompt tokens kept (the end of the prompt), None: all
     chunk_size: int = 1024
     seed: int = 0
     save_at_end: bool = True
@@ -225,6 +227,7 @@ class OnlineTrainer:
         settings = reft_settings(policy)
         extra = {} if settings is None else {"positions": settings.positions, "share_weights": settings.share_weights}
         return generate_responses(policy, self.tokenizer, prompts, cfg, batch_size=self.config.generation_batch_size,
+                                  formatter=self.config.formatter, max_prompt_length=self.config.max_prompt_length,
                                   **extra)
 
     def token_stats(self, batch: dict[str, Tensor], **kw: Any):

@@ -160,7 +160,7 @@ def _message(e: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------------- online runs
 
-OWN_SECTIONS = ("sampling",)
+OWN_SECTIONS = ("sampling", "formatter", "max_prompt_length")  # the last two come from `data`
 
 
 def method_section(config_class: type, name: str) -> type:
@@ -201,7 +201,8 @@ class OnlineRunConfig:
     def trainer_config(self) -> Any:
         """The trainer's config: `method` + `sampling` (the run folder saves the model itself: save_at_end off)."""
         kw = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
-        kw.update(sampling=self.sampling, save_at_end=False)
+        kw.update(sampling=self.sampling, save_at_end=False, formatter=self.data.formatter,
+                  max_prompt_length=self.data.max_prompt_length)
         return self.trainer_config_class(**kw)
 
     def __post_init__(self) -> None:
