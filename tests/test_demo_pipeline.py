@@ -1,11 +1,12 @@
 """The whole-pipeline demo at a small scale: every stage moves its held-out number the right way.
 
 The rule is re-checked here from the written generations with a regex of the test's own, so the
-reported score is what the model really generated. What is robust at scale 0.25 (seeds 0, 1, 2, see the
-report in the commit): SFT loss falls from ~6.1 to < 0.75; the reward model reaches 1.00 held-out
-accuracy; DPO reward accuracy 1.00 and margin > 0.2 for both adapters; the greedy rule score goes from
-0.00 to 1.00 and the sampled one from ~0.15 to ~0.3 for both. Reward-model accuracy BEFORE training is a
-random head on the SFT backbone (anything from 0.1 to 0.97), so only the level after is asserted.
+reported score is what the model really generated. Measured at scale 0.4 for seeds 0-3: SFT loss 6.1 ->
+0.40-0.56; reward model 1.00 held-out accuracy; DPO reward accuracy 1.00, margin 0.26-0.31 (ReFT) and
+0.73-3.5 (LoRA); greedy rule score 0.00 -> 0.97-1.00 and sampled 0.14-0.25 -> 0.33-0.49 for both adapters.
+At scale 0.25 the SFT model is too weak (loss ~1.0) and one seed's ReFT stayed at 0.00, hence 0.4.
+Reward-model accuracy BEFORE training is a random head on the SFT backbone (0.03 to 0.94 over those
+seeds), so only the level after is asserted; so is DPO+ReFT's before (a LoReFT at init is not the identity).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from alignkit.demos import pipeline_data as task
 from alignkit.demos.pipeline import load_task, run_pipeline_demo
@@ -21,51 +23,55 @@ from alignkit.demos.pipeline import load_task, run_pipeline_demo
 RULE = re.compile(r"^\s*Sure!.*Hope this helps!\s*$", re.S)  # independent of pipeline_data.follows_rule
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    return run_pipeline_demo(out, scale=0.25, seed=0, progress=False, threads=1), out
-
-
 def _rule_fraction(path) -> float:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return sum(bool(RULE.match(r["response"])) for r in rows) / len(rows)
 
 
-def test_sft_and_reward_model_learn(demo):
-    result, _ = demo
-    assert result.sft_loss.before > 4.0  # about ln(vocabulary) for the random base
-    assert result.sft_loss.after < 0.5 * result.sft_loss.before
-    assert result.rm_accuracy.after >= 0.9
-
-
-@pytest.mark.parametrize("adapter", ["reft", "lora"])
-def test_dpo_moves_rewards_and_generations(demo, adapter):
-    result, out = demo
+def _check_adapter(result, out, adapter: str) -> None:
     d = result.dpo[adapter]
-    assert d.reward_accuracy.after > 0.5 and d.reward_margin.after > 0
-    assert d.rule_greedy.after > d.rule_greedy.before and d.rule_greedy.after >= 0.5
-    assert d.rule_sampled.after > d.rule_sampled.before
-    assert d.rm_score_greedy.after > d.rm_score_greedy.before  # the reward model agrees with the rule
+    assert d.reward_accuracy.after > 0.5 and d.reward_margin.after > 0, adapter
+    assert d.rule_greedy.after > d.rule_greedy.before and d.rule_greedy.after >= 0.5, adapter
+    assert d.rule_sampled.after > d.rule_sampled.before, adapter
+    assert d.rm_score_greedy.after > d.rm_score_greedy.before, adapter  # the reward model agrees with the rule
     # the scores are those of the generations written to disk, recomputed with the test's own regex
     assert _rule_fraction(out / f"dpo_{adapter}" / "generations_greedy.jsonl") == pytest.approx(d.rule_greedy.after)
     assert _rule_fraction(out / f"dpo_{adapter}" / "generations_sampled.jsonl") == pytest.approx(d.rule_sampled.after)
     assert _rule_fraction(out / "sft" / "generations_greedy.jsonl") == pytest.approx(d.rule_greedy.before)
 
 
-def test_outputs_written(demo):
-    result, out = demo
-    saved = json.loads((out / "results.json").read_text())
+def test_pipeline_demo_moves_every_number_the_right_way(tmp_path):
+    # one test, one run (~12 s): a module fixture would run once per xdist worker
+    threads = torch.get_num_threads()
+    result = run_pipeline_demo(tmp_path, scale=0.4, seed=0, progress=False)
+    assert torch.get_num_threads() == threads  # restored
+    assert result.steps == {"sft": 120, "reward_model": 40, "dpo": 40}
+
+    assert result.sft_loss.before > 4.0  # about ln(vocabulary) for the random base
+    assert result.sft_loss.after < 0.5 * result.sft_loss.before
+    assert result.rm_accuracy.after >= 0.9
+    for adapter in ("reft", "lora"):
+        _check_adapter(result, tmp_path, adapter)
+
+    saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["dpo"]["lora"]["reward_margin"]["after"] == pytest.approx(result.dpo["lora"].reward_margin.after)
-    assert (out / "dpo_reft" / "interventions.safetensors").is_file()
-    assert (out / "dpo_lora" / "adapter_model.safetensors").is_file()
-    assert (out / "reward_model" / "model.safetensors").is_file() and (out / "sft" / "model.safetensors").is_file()
+    assert (tmp_path / "dpo_reft" / "interventions.safetensors").is_file()
+    assert (tmp_path / "dpo_lora" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "reward_model" / "model.safetensors").is_file()
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
     for stage in ("sft", "reward_model", "dpo_reft", "dpo_lora"):
-        assert "train" in json.loads((out / stage / "metrics.json").read_text())
-    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
+        assert "train" in json.loads((tmp_path / stage / "metrics.json").read_text())
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
     table = result.table()
-    assert len(table.splitlines()) == 2 + len(result.rows()) + 3
+    assert (tmp_path / "table.txt").read_text() == table + "\n"
+    assert len(table.splitlines()) == 2 + len(result.rows()) + 4
     assert "DPO+ReFT: rule score, greedy" in table and "reward-model accuracy" in table
+
+
+@pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"threads": 0}])
+def test_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        run_pipeline_demo(tmp_path, **kwargs)
 
 
 def test_bundled_data_is_what_the_generator_writes(tmp_path):

@@ -13,8 +13,12 @@ Stages, all on models saved and loaded back with `from_pretrained` / `load_adapt
 1. SFT, full finetuning (`SFTTrainer`) on sft_train -> `sft/`; held-out token NLL before and after;
 2. reward model: a sequence classifier whose backbone is the SFT model's (`RewardTrainer`, Bradley-Terry)
    -> `reward_model/`; accuracy on held-out pairs before and after;
-3. DPO (`PreferenceTrainer`, sigmoid loss, reference = the adapter switched off) from the SFT model with a
-   LoReFT adapter -> `dpo_reft/`, and with LoRA -> `dpo_lora/`; reward accuracy / margin on held-out pairs;
+3. DPO (`PreferenceTrainer`, reference = the adapter switched off) from the SFT model with a LoReFT adapter
+   -> `dpo_reft/`, and with LoRA -> `dpo_lora/`; reward accuracy / margin on held-out pairs. The loss is
+   DPO's sigmoid loss plus the NLL of the chosen response (loss_type ["sigmoid", "sft"]; the "DPO + NLL"
+   of Pang et al. 2024, "Iterative Reasoning Preference Optimization"). With DPO alone the tiny policy
+   raises the margin by pushing BOTH responses down (chosen log-prob -3 -> -67 in 120 steps) and its
+   generations collapse into byte soup; the NLL term keeps the chosen response likely;
 4. generations for held-out prompts, greedy and sampled, from the SFT model (before) and from each DPO
    adapter reloaded from disk (after), scored with the rule, an on-topic check and the reward model.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,9 +46,9 @@ logger = logging.getLogger(__name__)
 # Model and schedule. Steps are for scale=1.0; every count is multiplied by `scale` (at least 1).
 MODEL = dict(hidden_size=64, num_layers=2, num_heads=4)
 VOCAB_SIZE = 512  # every word of the task becomes one token
-SFT = dict(steps=400, batch=16, lr=3e-3)
-RM = dict(steps=150, batch=16, lr=1e-3)
-DPO = dict(steps=120, batch=16, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0])
+SFT = dict(steps=300, batch=16, lr=3e-3)
+RM = dict(steps=100, batch=16, lr=1e-3)
+DPO = dict(steps=100, batch=16, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0])
 ADAPTERS: dict[str, dict[str, Any]] = {
     "reft": dict(lr=1e-2, adapter={"kind": "reft", "reft": {
         "config": {"representations": [{"layer": 0, "intervention": "loreft", "low_rank_dimension": 4},
@@ -85,10 +90,9 @@ def build_base(folder: Path, texts: list[str], seed: int) -> Path:
 
 
 def _texts(records: dict[str, list]) -> list[str]:
-    out = []
-    for r in records["sft_train"] + records["preference_train"]:
-        out += [r.prompt + getattr(r, "completion", "")] + ([r.prompt + r.chosen, r.prompt + r.rejected]
-                                                             if hasattr(r, "chosen") else [])
+    """The training texts the tokenizer is trained on (prompt + each response)."""
+    out = [r.prompt + r.completion for r in records["sft_train"]]
+    out += [r.prompt + c for r in records["preference_train"] for c in (r.chosen, r.rejected)]
     return out
 
 
@@ -130,14 +134,14 @@ def _args(out: Path, steps: int, batch: int, lr: float, seed: int):
                              disable_tqdm=True, dataloader_num_workers=0)
 
 
-def _run(trainer, desc: str, progress: bool) -> dict[str, float]:
-    """Train with a stage bar; returns {"train_loss", "train_runtime", ...}."""
+def _quiet(trainer, desc: str, progress: bool):
+    """Replace the Trainer's printing callbacks (one dict per log) by a stage bar; returns the trainer."""
     from transformers import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_StageBar(desc, progress))
-    return dict(trainer.train().metrics)
+    return trainer
 
 
 def _write(path: Path, data: dict) -> None:
@@ -195,112 +199,160 @@ def score_generations(model, tok, prompts: list[str], rm, seed: int, out: Path) 
 
 
 # ----------------------------------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    """What every stage shares: the output folder, tokenizer, tokenized data, step counts, switches."""
+
+    out: Path
+    tok: Any
+    feats: dict[str, list[dict]]
+    prompts: list[str]
+    steps: dict[str, int]
+    seed: int
+    progress: bool
+
+    def collator(self, kind: str):
+        from alignkit.data import PreferenceCollator, SFTCollator
+
+        return (SFTCollator if kind == "sft" else PreferenceCollator)(self.tok.pad_token_id)
+
+
+def stage_sft(run: _Run, base_dir: Path) -> Change:
+    """1. Full finetuning of the random base on sft_train -> `sft/`; held-out token NLL before and after."""
+    from alignkit.models.loading import load_model
+    from alignkit.trainers import SFTTrainer
+
+    args = _args(run.out / "sft", run.steps["sft"], SFT["batch"], SFT["lr"], run.seed)
+    trainer = _quiet(SFTTrainer(load_model(base_dir), args, train_dataset=run.feats["sft_train"],
+                                eval_dataset=run.feats["sft_heldout"], data_collator=run.collator("sft"),
+                                processing_class=run.tok), "1/4 SFT", run.progress)
+    before = trainer.evaluate()["eval_loss"]
+    train_metrics = dict(trainer.train().metrics)
+    loss = Change(before, trainer.evaluate()["eval_loss"])
+    trainer.save_model(str(run.out / "sft"))
+    _write(run.out / "sft" / "metrics.json", {"heldout_loss": vars(loss), "train": train_metrics})
+    logger.info("SFT: held-out loss %.3f -> %.3f (%d steps)", loss.before, loss.after, run.steps["sft"])
+    return loss
+
+
+def stage_reward_model(run: _Run):
+    """2. A classifier on the SFT backbone (new score head), Bradley-Terry on preference_train ->
+    `reward_model/`. Returns (held-out accuracy before/after, the trained model in eval mode)."""
+    from alignkit.models.loading import load_model
+    from alignkit.trainers import RewardTrainer
+    from alignkit.trainers.evaluation import evaluate_reward_model
+
+    torch.manual_seed(run.seed)  # the new score head
+    rm = load_model(run.out / "sft", task="classifier", num_labels=1)
+    held, collator = run.feats["preference_heldout"], run.collator("preference")
+    before = evaluate_reward_model(rm, held, collator, batch_size=128)
+    args = _args(run.out / "reward_model", run.steps["reward_model"], RM["batch"], RM["lr"], run.seed)
+    trainer = _quiet(RewardTrainer(rm, args, train_dataset=run.feats["preference_train"], data_collator=collator,
+                                   processing_class=run.tok), "2/4 reward model", run.progress)
+    train_metrics = dict(trainer.train().metrics)
+    trainer.save_model(str(run.out / "reward_model"))
+    after = evaluate_reward_model(rm.eval(), held, collator, batch_size=128)
+    _write(run.out / "reward_model" / "metrics.json", {"heldout_before": before, "heldout_after": after,
+                                                       "train": train_metrics})
+    logger.info("reward model: held-out accuracy %.2f -> %.2f", before["accuracy"], after["accuracy"])
+    return Change(before["accuracy"], after["accuracy"]), rm
+
+
+def stage_dpo(run: _Run, name: str, rm, before_gen: dict[str, float]) -> AdapterNumbers:
+    """3./4. DPO(+NLL) from the SFT model with adapter `name` -> `dpo_<name>/`; held-out reward accuracy and
+    margin at step 0 and after; generations of the adapter reloaded from disk, scored against `before_gen`."""
+    from alignkit.models.adapters import AdapterConfig, apply_adapter, load_adapter
+    from alignkit.models.loading import load_model
+    from alignkit.trainers import PreferenceTrainer
+
+    spec, folder = ADAPTERS[name], run.out / f"dpo_{name}"
+    torch.manual_seed(run.seed)  # the adapter's initial weights
+    policy = apply_adapter(load_model(run.out / "sft"), AdapterConfig.from_dict(spec["adapter"]))
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    args = _args(folder, run.steps["dpo"], DPO["batch"], spec["lr"], run.seed)
+    trainer = _quiet(PreferenceTrainer(policy, args, beta=DPO["beta"], loss_type=DPO["loss_type"],
+                                       loss_weights=DPO["loss_weights"], train_dataset=run.feats["preference_train"],
+                                       eval_dataset=run.feats["preference_heldout"],
+                                       data_collator=run.collator("preference"), processing_class=run.tok),
+                     f"3/4 DPO+{name}", run.progress)
+    ev_before = trainer.evaluate()
+    train_metrics = dict(trainer.train().metrics)
+    ev_after = trainer.evaluate()
+    trainer.save_model(str(folder))
+    reloaded = load_adapter(load_model(run.out / "sft"), folder).eval()  # the real loading path
+    gen = score_generations(reloaded, run.tok, run.prompts, rm, run.seed, folder)
+    _write(folder / "metrics.json", {"heldout_before": ev_before, "heldout_after": ev_after,
+                                     "train": train_metrics, "generations": gen})
+    logger.info("DPO+%s: held-out reward accuracy %.2f, margin %.3f; rule score greedy %.2f -> %.2f", name,
+                ev_after["eval_rewards/accuracies"], ev_after["eval_rewards/margins"], before_gen["rule_greedy"],
+                gen["rule_greedy"])
+    return AdapterNumbers(
+        reward_accuracy=Change(ev_before["eval_rewards/accuracies"], ev_after["eval_rewards/accuracies"]),
+        reward_margin=Change(ev_before["eval_rewards/margins"], ev_after["eval_rewards/margins"]),
+        **{k: Change(before_gen[k], gen[k]) for k in before_gen}, trainable_parameters=n_train)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------------
 
 def run_pipeline_demo(output_dir: str | Path, *, scale: float = 1.0, seed: int = 0, progress: bool = True,
                       threads: int | None = None) -> PipelineResult:
-    """Run every stage (see the module docstring); returns the measured numbers. Nothing is printed."""
-    from alignkit.data import PreferenceCollator, SFTCollator, tokenize_records
-    from alignkit.models.adapters import AdapterConfig, apply_adapter, load_adapter
+    """Run every stage (see the module docstring); returns the measured numbers. Nothing is printed.
+
+    `threads`: torch intra-op threads for the run (restored afterwards); None means 1. The model is so
+    small that a second thread has nothing to share, and whenever another process wants a core OpenMP's
+    barriers make 2 threads ~30x slower per step (measured on 2 shared cores: 12 ms vs 340-450 ms per SFT
+    step), so the whole demo takes ~20 s with 1 thread and 4-9 minutes with 2 on a busy 2-core machine.
+    """
+    from alignkit.data import tokenize_records
     from alignkit.models.loading import load_model, load_tokenizer
-    from alignkit.trainers import PreferenceTrainer, RewardTrainer, SFTTrainer
-    from alignkit.trainers.evaluation import evaluate_reward_model
 
     if scale <= 0:
         raise ValueError(f"scale must be > 0 (it multiplies every step count), got {scale}")
     old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    t_start = time.perf_counter()
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1 (or None for 1), got {threads}")
+    torch.set_num_threads(threads or 1)
+    t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     out = Path(output_dir)
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[name] = now - since
+        return now
+
     try:
         records = load_task()
         base_dir = build_base(out / "base", _texts(records), seed)
         tok = load_tokenizer(base_dir)
         feats = {name: tokenize_records(recs, tok, max_length=64, max_prompt_length=32)[0]
                  for name, recs in records.items() if name != "prompts_heldout"}
-        prompts = [r.prompt for r in records["prompts_heldout"]]
-        sft_col, pref_col = SFTCollator(tok.pad_token_id), PreferenceCollator(tok.pad_token_id)
         steps = {"sft": _steps(SFT["steps"], scale), "reward_model": _steps(RM["steps"], scale),
                  "dpo": _steps(DPO["steps"], scale)}
-        seconds["base"] = time.perf_counter() - t_start
-
-        # 1. SFT ------------------------------------------------------------------------------------
-        t = time.perf_counter()
-        model = load_model(base_dir)
-        trainer = SFTTrainer(model, _args(out / "sft", steps["sft"], SFT["batch"], SFT["lr"], seed),
-                             train_dataset=feats["sft_train"], eval_dataset=feats["sft_heldout"],
-                             data_collator=sft_col, processing_class=tok)
-        sft_before = trainer.evaluate()["eval_loss"]
-        train_metrics = _run(trainer, "1/4 SFT", progress)
-        sft_after = trainer.evaluate()["eval_loss"]
-        trainer.save_model(str(out / "sft"))
-        sft_loss = Change(sft_before, sft_after)
-        _write(out / "sft" / "metrics.json", {"heldout_loss": vars(sft_loss), "train": train_metrics})
-        logger.info("SFT: held-out loss %.3f -> %.3f (%d steps)", sft_before, sft_after, steps["sft"])
-        seconds["sft"] = time.perf_counter() - t
-
-        # 2. Reward model ---------------------------------------------------------------------------
-        t = time.perf_counter()
-        torch.manual_seed(seed)  # the new score head
-        rm = load_model(out / "sft", task="classifier", num_labels=1)
-        rm_before = evaluate_reward_model(rm, feats["preference_heldout"], pref_col, batch_size=128)
-        trainer = RewardTrainer(rm, _args(out / "reward_model", steps["reward_model"], RM["batch"], RM["lr"], seed),
-                                train_dataset=feats["preference_train"], data_collator=pref_col, processing_class=tok)
-        train_metrics = _run(trainer, "2/4 reward model", progress)
-        trainer.save_model(str(out / "reward_model"))
-        rm = rm.eval()
-        rm_after = evaluate_reward_model(rm, feats["preference_heldout"], pref_col, batch_size=128)
-        rm_accuracy = Change(rm_before["accuracy"], rm_after["accuracy"])
-        _write(out / "reward_model" / "metrics.json", {"heldout_before": rm_before, "heldout_after": rm_after,
-                                                       "train": train_metrics})
-        logger.info("reward model: held-out accuracy %.2f -> %.2f", rm_accuracy.before, rm_accuracy.after)
-        seconds["reward_model"] = time.perf_counter() - t
-
-        # 3. Generations of the SFT model (before DPO) ----------------------------------------------
-        t = time.perf_counter()
-        before_gen = score_generations(load_model(out / "sft").eval(), tok, prompts, rm, seed, out / "sft")
+        run = _Run(out, tok, feats, [r.prompt for r in records["prompts_heldout"]], steps, seed, progress)
+        t = lap("base", t0)
+        sft_loss = stage_sft(run, base_dir)
+        t = lap("sft", t)
+        rm_accuracy, rm = stage_reward_model(run)
+        t = lap("reward_model", t)
+        before_gen = score_generations(load_model(out / "sft").eval(), tok, run.prompts, rm, seed, out / "sft")
         logger.info("SFT model generations: %s", before_gen)
-        seconds["generate_sft"] = time.perf_counter() - t
-
-        # 4. DPO with each adapter, then generations of the reloaded adapter -------------------------
+        t = lap("generate_sft", t)
         dpo: dict[str, AdapterNumbers] = {}
-        for name, spec in ADAPTERS.items():
-            t = time.perf_counter()
-            folder = out / f"dpo_{name}"
-            torch.manual_seed(seed)  # the adapter's initial weights
-            policy = apply_adapter(load_model(out / "sft"), AdapterConfig.from_dict(spec["adapter"]))
-            n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-            trainer = PreferenceTrainer(policy, _args(folder, steps["dpo"], DPO["batch"], spec["lr"], seed),
-                                        beta=DPO["beta"], loss_type=DPO["loss_type"],
-                                        loss_weights=DPO["loss_weights"], train_dataset=feats["preference_train"],
-                                        eval_dataset=feats["preference_heldout"], data_collator=pref_col,
-                                        processing_class=tok)
-            ev_before = trainer.evaluate()
-            train_metrics = _run(trainer, f"3/4 DPO+{name}", progress)
-            ev_after = trainer.evaluate()
-            trainer.save_model(str(folder))
-            reloaded = load_adapter(load_model(out / "sft"), folder).eval()
-            gen = score_generations(reloaded, tok, prompts, rm, seed, folder)
-            numbers = AdapterNumbers(
-                reward_accuracy=Change(ev_before["eval_rewards/accuracies"], ev_after["eval_rewards/accuracies"]),
-                reward_margin=Change(ev_before["eval_rewards/margins"], ev_after["eval_rewards/margins"]),
-                **{k: Change(before_gen[k], gen[k]) for k in before_gen}, trainable_parameters=n_train)
-            dpo[name] = numbers
-            _write(folder / "metrics.json", {"heldout_before": ev_before, "heldout_after": ev_after,
-                                             "train": train_metrics, "generations": gen})
-            logger.info("DPO+%s: held-out reward accuracy %.2f, margin %.3f; rule score greedy %.2f -> %.2f",
-                        name, ev_after["eval_rewards/accuracies"], ev_after["eval_rewards/margins"],
-                        before_gen["rule_greedy"], gen["rule_greedy"])
-            seconds[f"dpo_{name}"] = time.perf_counter() - t
+        for name in ADAPTERS:
+            dpo[name] = stage_dpo(run, name, rm, before_gen)
+            t = lap(f"dpo_{name}", t)
     finally:
         torch.set_num_threads(old_threads)
 
-    seconds["total"] = time.perf_counter() - t_start
+    seconds["total"] = time.perf_counter() - t0
     result = PipelineResult(sft_loss=sft_loss, rm_accuracy=rm_accuracy, dpo=dpo, steps=steps, seconds=seconds,
-                            num_heldout_prompts=len(prompts), num_samples=NUM_SAMPLES, seed=seed, scale=scale,
+                            num_heldout_prompts=len(run.prompts), num_samples=NUM_SAMPLES, seed=seed, scale=scale,
                             output_dir=str(out))
     _write(out / "results.json", result.to_dict())
     (out / "table.txt").write_text(result.table() + "\n")
@@ -308,4 +360,5 @@ def run_pipeline_demo(output_dir: str | Path, *, scale: float = 1.0, seed: int =
     return result
 
 
-__all__ = ["ADAPTERS", "load_task", "build_base", "score_generations", "run_pipeline_demo"]
+__all__ = ["ADAPTERS", "load_task", "build_base", "score_generations", "stage_dpo", "stage_reward_model",
+           "stage_sft", "run_pipeline_demo"]

@@ -81,6 +81,8 @@ class PipelineResult:
         lines.append("-" * (width + 20))
         lines.append(f"rule: the response starts with 'Sure!' and ends with 'Hope this helps!'; "
                      f"{self.num_heldout_prompts} held-out prompts, {self.num_samples} samples each when sampled")
+        lines.append("before: random base (SFT loss), untrained head (reward model), the policy at step 0 (DPO "
+                     "rewards), the SFT model (generations)")
         total = self.seconds.get("total")
         if total is not None:
             lines.append(f"seed {self.seed}, scale {self.scale:g}, {total:.0f} s; outputs in {self.output_dir}")
