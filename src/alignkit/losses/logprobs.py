@@ -130,22 +130,30 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: f
 
 
 class _ChunkedLMLogprobs(torch.autograd.Function):
+    """Outputs (logps, entropy, lse), each (N,). Entropy is computed only when `with_entropy` (otherwise
+    zeros, and it must not be used). Gradients of unused outputs arrive as None (no materialised zeros), so
+    the backward pass does only the work the loss asks for."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, softcap, temperature):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, softcap, temperature, with_entropy):
         N = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logps = hidden.new_empty(N, dtype=acc)
-        ent = hidden.new_empty(N, dtype=acc)
+        ent = hidden.new_zeros(N, dtype=acc)
         lse = hidden.new_empty(N, dtype=acc)
         for s in range(0, N, chunk_size):
             z, _ = _chunk_logits(hidden[s:s + chunk_size], weight, bias, logit_scale, softcap, temperature)
             lse_c = torch.logsumexp(z, dim=-1)  # (c,)
-            p = torch.exp(z - lse_c[:, None])  # (c, V)
             lse[s:s + chunk_size] = lse_c
             logps[s:s + chunk_size] = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - lse_c
-            ent[s:s + chunk_size] = lse_c - (p * z).sum(-1)
+            if with_entropy:
+                p = torch.exp(z - lse_c[:, None])  # (c, V)
+                ent[s:s + chunk_size] = lse_c - (p * z).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.cfg = (chunk_size, logit_scale, softcap, temperature)
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
         return logps, ent, lse
 
     @staticmethod
@@ -153,6 +161,9 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk_size, logit_scale, softcap, temperature = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        none = (None,) * 9
+        if g_logp is None and g_ent is None and g_lse is None:
+            return none
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = lse.dtype
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -162,13 +173,16 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
             z, t = _chunk_logits(h, weight, bias, logit_scale, softcap, temperature)  # (c, V)
             lse_c = lse[s:s + chunk_size, None]  # (c, 1)
             p = torch.exp(z - lse_c)  # (c, V)
-            gz = torch.zeros_like(z)
+            # d/dz of  g_logp * logp + g_lse * lse + g_ent * H  =  (g_lse - g_logp) * p + g_logp * onehot
+            #                                                      - g_ent * p * (log p + H)
+            coef = None
             if g_logp is not None:
-                g = g_logp[s:s + chunk_size, None]
-                gz -= g * p
-                gz.scatter_add_(-1, targets[s:s + chunk_size, None], g)  # + g * onehot(target)
+                coef = -g_logp[s:s + chunk_size, None]
             if g_lse is not None:
-                gz += g_lse[s:s + chunk_size, None] * p
+                coef = g_lse[s:s + chunk_size, None] if coef is None else coef + g_lse[s:s + chunk_size, None]
+            gz = p * coef if coef is not None else torch.zeros_like(z)
+            if g_logp is not None:
+                gz.scatter_add_(-1, targets[s:s + chunk_size, None], g_logp[s:s + chunk_size, None])
             if g_ent is not None:
                 H = lse_c - (p * z).sum(-1, keepdim=True)  # (c, 1)
                 gz -= g_ent[s:s + chunk_size, None] * p * (z - lse_c + H)
@@ -187,7 +201,7 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
             if need_b:
                 grad_b += gz.sum(0).to(acc)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None, None, None)
+                grad_b.to(bias.dtype) if need_b else None) + none[3:]
 
 
 def chunked_lm_logprobs(hidden_states: Tensor, lm_head_weight: Tensor, lm_head_bias: Tensor | None,
@@ -234,7 +248,7 @@ def chunked_lm_logprobs(hidden_states: Tensor, lm_head_weight: Tensor, lm_head_b
         raise ValueError(f"chunked_lm_logprobs: target ids must lie in [0, {V}) (or equal ignore_index="
                          f"{ignore_index}); got range [{int(targets.min())}, {int(targets.max())}]")
     logps, ent, lse = _ChunkedLMLogprobs.apply(hidden_states, weight, bias, targets.long(), chunk_size,
-                                               float(logit_scale), softcap, float(temperature))
+                                               float(logit_scale), softcap, float(temperature), return_stats)
     if ignore is not None:
         logps = logps.masked_fill(ignore, 0.0)
     if return_stats:
