@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-reft)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--scale", type=float, default=1.0, help="pipeline: multiply every stage's steps (e.g. 0.2)")
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default: 1 for the pipeline, which is fastest at this size; "
+                           "torch's choice for --reft)")
     reft = demo.add_argument_group("ReFT demo (--reft)")
     reft.add_argument("--max-steps", type=int, default=None, help=f"steps at most (default {REFT_DEFAULTS['max_steps']})")
     reft.add_argument("--target-loss", type=float, default=None,
@@ -49,14 +52,55 @@ def run(args: argparse.Namespace) -> int:
     return run_reft(args)
 
 
+INTRO = """alignkit demo: the whole alignment pipeline on a tiny model built here, on bundled data.
+  1. SFT of a random tiny Llama on questions about coloured animals (about 30% of the answers in the
+     house style: they start with 'Sure!' and end with 'Hope this helps!');
+  2. a reward model trained on preference pairs (house style preferred);
+  3. DPO from the SFT model, once with a LoReFT adapter and once with LoRA;
+  4. evaluation on held-out prompts and pairs (colour/animal pairs no training file contains).
+"""
+
+
 def run_pipeline(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from alignkit.demos.pipeline import run_pipeline_demo
 
+    if not args.verbose:  # the reward model's "LOAD REPORT" (new score head) is expected: keep stderr readable
+        hf_logging.set_verbosity_error()
+    if not args.quiet:
+        print(INTRO, flush=True)
     extra = {"threads": args.threads} if args.threads else {}
     res = run_pipeline_demo(args.output_dir or "runs/demo", scale=args.scale, seed=args.seed,
                             progress=not args.quiet, **extra)
     print(res.table())
+    print(examples(res.output_dir))
     return 0
+
+
+def examples(root: Any, count: int = 3) -> str:
+    """A few held-out prompts with the greedy answers of the SFT model and of both DPO adapters."""
+    import json
+    from pathlib import Path
+
+    columns = [("SFT", "sft"), ("DPO+ReFT", "dpo_reft"), ("DPO+LoRA", "dpo_lora")]
+    rows: dict[str, list[dict]] = {}
+    for label, folder in columns:
+        path = Path(root) / folder / "generations_greedy.jsonl"
+        if not path.exists():
+            return ""
+        with path.open(encoding="utf-8") as f:
+            rows[label] = [json.loads(line) for line in f if line.strip()]
+    step = max(len(rows["SFT"]) // count, 1)
+    lines = ["", "held-out examples (greedy):"]
+    for i in range(0, min(len(rows["SFT"]), step * count), step):
+        prompt = rows["SFT"][i]["prompt"].replace("\n", " | ")
+        lines.append(f"  {prompt}")
+        for label, _ in columns:
+            r = rows[label][i]
+            mark = "follows the rule" if r.get("follows_rule") else "does not"
+            lines.append(f"    {label:<9} {r['response'].strip()}   [{mark}]")
+    return "\n".join(lines)
 
 
 def run_reft(args: argparse.Namespace) -> int:
