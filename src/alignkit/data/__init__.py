@@ -9,12 +9,13 @@ Importing this package registers every reader (TRL columns, Open-Assistant trees
 
 from __future__ import annotations
 
-from alignkit.data import hh, oasst  # noqa: F401  (register their readers)
+from alignkit.data import hh, oasst, oasst_messages  # noqa: F401  (register their readers)
 from alignkit.data.chat import FORMATTERS, Formatted, format_record, register_formatter
 from alignkit.data.collators import (IGNORE_INDEX, PackedSFTCollator, PreferenceCollator, PromptCollator,
                                      RankedCollator, SFTCollator, pad)
 from alignkit.data.hh import read_hh
 from alignkit.data.oasst import read_oasst
+from alignkit.data.oasst_messages import read_oasst_messages
 from alignkit.data.readers import READERS, load_records, register_reader
 from alignkit.data.records import (KINDS, RECORD_CLASSES, DataError, Message, PreferenceRecord, PromptRecord,
                                    RankedRecord, Record, SFTRecord, UnpairedRecord, convert, preference_to_sft,
@@ -23,6 +24,7 @@ from alignkit.data.splits import parse_fractions, split_indices, split_records
 from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, tokenize_record, tokenize_records
 
 __all__ = [
+    "read_oasst_messages",
     "DataError", "Message", "Record", "KINDS", "RECORD_CLASSES",
     "SFTRecord", "PreferenceRecord", "RankedRecord", "UnpairedRecord", "PromptRecord",
     "convert", "ranked_to_pairs", "preference_to_sft", "preference_to_unpaired", "to_prompt", "to_conversational",

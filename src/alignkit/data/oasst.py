@@ -200,6 +200,17 @@ def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts:
                drop_unreviewed: bool = True, tree_states: Sequence[str] | None = ("ready_for_export",),
                on_invalid: str = "raise", split: str | None = None) -> list:
     """Records of `kind` ("sft", "ranked" or "prompt") from an Open-Assistant tree export."""
+    return read_oasst_rows(iter_rows(source, split), str(source), kind=kind, mode=mode, prompts=prompts, langs=langs,
+                           drop_deleted=drop_deleted, drop_synthetic=drop_synthetic, drop_unreviewed=drop_unreviewed,
+                           tree_states=tree_states, on_invalid=on_invalid)
+
+
+def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "leaves", prompts: str = "roots",
+                    langs: str | Sequence[str] | None = None, drop_deleted: bool = True, drop_synthetic: bool = True,
+                    drop_unreviewed: bool = True, tree_states: Sequence[str] | None = ("ready_for_export",),
+                    on_invalid: str = "raise") -> list:
+    """`read_oasst` on an iterable of (tree row, where) pairs (also used by the flat-message reader)."""
+    source = name
     if kind not in ("sft", "ranked", "prompt"):
         raise DataError(f"the OASST reader gives 'sft', 'ranked' or 'prompt' records, not {kind!r} "
                         f"(use load_records(..., kind={kind!r}) to convert)")
@@ -235,7 +246,7 @@ def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts:
         return [PromptRecord([n.message() for n in p], id=rid(p[-1]), meta=meta(p[-1]))
                 for p in prompter_paths(root, prompts)]
 
-    records = collect(iter_rows(source, split), convert, on_invalid, name=str(source))
+    records = collect(rows, convert, on_invalid, name=str(source))
     if removed:
         logger.info("%s: OASST filters removed %s", source, dict(removed))
     return records
