@@ -83,6 +83,8 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
         # several CPU processes (torchrun / accelerate launch): without use_cpu each would train alone
         kw.update(use_cpu=True, ddp_backend=kw.get("ddp_backend") or "gloo")
         logger.info("%s CPU processes: DDP with use_cpu=True, ddp_backend=%s", os.environ["WORLD_SIZE"], kw["ddp_backend"])
+    if not torch.cuda.is_available() and "dataloader_pin_memory" not in kw:
+        kw["dataloader_pin_memory"] = False  # nothing to pin to on a CPU-only machine (and torch warns)
     report = kw.get("report_to")
     if report is None:
         report = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
