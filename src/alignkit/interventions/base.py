@@ -89,22 +89,27 @@ class HouseholderOrthonormal(nn.Module):
     `torch.nn.utils.parametrizations.orthogonal(m, orthogonal_map="householder", use_trivialization=False)`:
     column i of X below the diagonal is the reflector aᵢ, Hᵢ = I − τᵢvᵢvᵢᵀ with vᵢ = eᵢ + aᵢ and
     τᵢ = 2 / (1 + |aᵢ|²), and the sign of X's diagonal picks sᵢ = ±1. Two differences, both measured:
-    - the r reflectors are applied as rank-1 updates, so forward and backward cost O(d·r²); torch's
+    - the r reflectors are accumulated in compact WY form (below), so forward and backward cost O(d·r²); torch's
       `householder_product` backward builds (d, d) intermediates (1.36 s vs 3.9 ms for d=4096, r=4 on a
       CPU thread), and
     - sᵢ is the sign of the diagonal, where torch truncates it with `.int()`: AdamW's weight decay shrinks
       the (gradient-free) diagonal from ±1 to ±0.99…, which torch turns into 0 and a zero column of R.
+
+    The product is formed in compact WY form (Schreiber & Van Loan 1989; Joffrain et al. 2006,
+    "Accumulating Householder transformations, revisited"): H₁⋯H_r = I − V S⁻¹ Vᵀ with S = striu(VᵀV) +
+    diag(|vᵢ|²)/2 upper triangular (r, r), so Q = I[:, :r] − V S⁻¹ V[:r]ᵀ: two (d, r) matmuls and one
+    (r, r) triangular solve instead of r sequential rank-1 updates (half the ops and autograd nodes; the
+    same Q to float rounding). S's diagonal is ≥ 1/2 (vᵢ = eᵢ + aᵢ), so the solve is well posed.
     """
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:  # (d, r) -> (d, r)
         d, r = X.shape
         eye = torch.eye(d, r, dtype=X.dtype, device=X.device)  # (d, r)
         V = X.tril(-1) + eye                                    # (d, r): vᵢ = eᵢ + aᵢ
-        tau = 2.0 / (V * V).sum(0)                              # (r,)
-        Q = eye
-        for i in reversed(range(r)):                            # Q <- Hᵢ Q, last reflector first
-            v = V[:, i : i + 1]                                 # (d, 1)
-            Q = Q - (tau[i] * v) @ (v.T @ Q)                    # (d, r)
+        G = V.T @ V                                             # (r, r)
+        S = G.triu(1) + torch.diag_embed(G.diagonal() * 0.5)    # (r, r) upper triangular
+        Y = torch.linalg.solve_triangular(S, V[:r].T, upper=True)  # (r, r) = S⁻¹ Vᵀ I[:, :r]
+        Q = eye - V @ Y                                         # (d, r) = H₁⋯H_r I[:, :r]
         signs = torch.where(X.diagonal() < 0, -1.0, 1.0).to(X.dtype)  # (r,), no gradient
         return Q * signs
 

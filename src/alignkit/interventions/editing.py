@@ -104,6 +104,6 @@ def edit_positions(h: torch.Tensor, slot: Slot, step: Step) -> torch.Tensor:
     picked = h2[torch.where(valid, flat, 0).reshape(-1)]  # (N, d), N = B*P'
     edited = slot.intervention(picked).to(h.dtype)  # (N, d)
     dummy = torch.where(valid, flat, B * T).reshape(-1)  # unselected pairs land on a dummy row
-    buf = torch.cat([h2, h2.new_zeros(1, d)], dim=0)  # (B*T + 1, d) copy of h
-    buf = buf.index_put((dummy,), edited)
+    buf = torch.cat([h2, h2.new_zeros(1, d)], dim=0)  # (B*T + 1, d): the one copy of h
+    buf.index_put_((dummy,), edited)  # in place on the fresh copy (cat's backward does not need it)
     return buf[: B * T].view(B, T, d)

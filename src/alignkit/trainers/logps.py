@@ -6,8 +6,8 @@ One function serves SFT, the DPO family, KTO and the online trainers:
     sums, counts = completion_logps(model, batch)    # (B,) per-sequence sums, (B,) completion token counts
 
 How. The model is called through its top-level forward (so DDP, peft and ReFT wrappers all run as
-usual; ReFT gets `intervention_locations`) with `logits_to_keep=1`, so the LM head only runs on the
-last position (B, 1, V). A temporary forward hook on the backbone (`lm.base_model`, which ends with
+usual; ReFT gets `intervention_locations`) with `logits_to_keep` an empty index tensor, so the model's own
+LM head runs on no position at all (B, 0, V). A temporary forward hook on the backbone (`lm.base_model`, which ends with
 the final norm) captures the final hidden states h (B, T, d). Completion positions are picked with
 index tensors (row, col) where the NEXT token is a completion token, and the LM head is applied only
 there, in chunks, by `alignkit.losses.chunked_lm_logprobs` (recomputed in backward):
@@ -171,8 +171,10 @@ def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         captured.append(output if isinstance(output, Tensor) else output[0])
 
     handle = backbone.register_forward_hook(hook)
+    # an empty (0,) index: the model's own head projects no position (B, 0, V); ours runs on completions only
+    none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     try:
-        model(**forward_kwargs(model, batch), logits_to_keep=1, use_cache=False)
+        model(**forward_kwargs(model, batch), logits_to_keep=none, use_cache=False)
     finally:
         handle.remove()
     if len(captured) != 1:
