@@ -1,0 +1,563 @@
+"""The serving engine: iteration-level (continuous) batching of many adapters over one base model.
+
+    engine = Engine(load_stack("base/", {"polite": "adapters/polite"}), EngineConfig(max_batch_rows=32))
+    engine.start()
+    result = engine.generate("polite", prompt_ids, SamplingParams(max_tokens=32))   # blocking helper
+    engine.stop()
+
+One thread owns the model (a `ReftModel` is not thread-safe; see docs/architecture.md). It loops:
+
+1. **admit**: waiting requests join while the batch has room (`max_batch_rows`; a request with `n`
+   choices takes n rows). The newcomers are prefilled together in one left-padded forward with a fresh
+   KV cache; each row carries its own adapter (ReFT: its adapter's prompt positions in
+   `intervention_locations`, -1 for the others; LoRA: peft's `adapter_names`). Their first token is
+   sampled from that prefill.
+2. **merge**: the newcomers' KV cache is joined to the running batch's cache along the batch axis,
+   both left-padded to the longer length (attention mask 0 over the padding).
+3. **decode**: one forward of every running row (its last token, explicit `position_ids` = the row's own
+   token count, so padding never shifts RoPE positions), then per-row sampling.
+4. **leave**: finished, cancelled or timed-out rows are dropped from the cache at once (batch index
+   select), and cache columns that are padding in every remaining row are cut off the left.
+
+So a request joins at the next step and leaves when done; a long request never holds back a short one,
+and rows of different adapters (and of the bare base) share every forward. This is continuous batching
+over transformers' `DynamicCache`, not a paged cache: merging and leaving copy the cache (O(batch x
+length) per join/leave, not per step), and padding to the longest row costs attention work over padded
+columns. Positions are passed explicitly: the prefill is a plain `ReftModel.forward` with locations
+absolute in its own padded tensor and an empty cache; decode steps carry no locations (ReFT adapters
+edit prompt positions only, as they are trained), so nothing depends on how `generate` tracks offsets.
+
+Sampling is per row: greedy (temperature 0) is argmax; otherwise temperature, then top-p, then a draw
+from the row's own `torch.Generator` (seeded from the request's `seed` and the choice index), so a seeded
+request gives the same tokens whatever else is in the batch. Greedy rows equal the same request run
+alone, token for token (tested with 32 concurrent requests over four adapters).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from alignkit.serve.stack import Route, Stack
+
+logger = logging.getLogger(__name__)
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at `max_queue`: try again later (HTTP 429)."""
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (prompt or max_tokens past the limits, bad sampling values): HTTP 400."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch_rows: int = 32  # rows decoded together (a request with n choices takes n)
+    max_queue: int = 256  # waiting requests; more -> QueueFullError
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64
+    request_timeout: float = 120.0  # seconds from submission; past it the request ends with an error
+    max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward (admission stops there)
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    n: int = 1
+
+    def check(self, cfg: EngineConfig) -> None:
+        if self.max_tokens is None:
+            self.max_tokens = min(cfg.default_max_tokens, cfg.max_new_tokens)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_tokens > cfg.max_new_tokens:
+            raise RequestError(f"max_tokens={self.max_tokens} exceeds this server's limit of {cfg.max_new_tokens}")
+        if not 0.0 <= float(self.temperature) <= 100.0:
+            raise RequestError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= cfg.max_batch_rows:
+            raise RequestError(f"n must be an integer in [1, {cfg.max_batch_rows}], got {self.n!r}")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError("stop must be at most 4 non-empty strings")
+
+
+@dataclass
+class Event:
+    """What the engine tells a request's consumer. kind: "token" (text delta of choice `index`), "done"
+    (choice `index` finished with `finish_reason`), "end" (the whole request is over), "error"."""
+
+    kind: str
+    index: int = 0
+    text: str = ""
+    token_id: int | None = None
+    finish_reason: str | None = None
+    message: str | None = None
+
+
+@dataclass
+class Request:
+    id: str
+    route: Route
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    created: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0
+    cancelled: bool = False
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    rows_left: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (client went away)."""
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    request: Request
+    index: int  # choice index
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of the decoded text already sent
+    done: bool = False
+
+
+class Engine:
+    """Continuous-batching generation over a `Stack` (module docstring)."""
+
+    def __init__(self, stack: Stack, config: EngineConfig | None = None, end_token_ids: Sequence[int] | None = None):
+        self.stack = stack
+        self.config = config or EngineConfig()
+        self.tokenizer = stack.tokenizer
+        self.end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack))
+        self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._ids = 0
+        # the running batch
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # (B, L) long
+        self._next_pos: torch.Tensor | None = None  # (B,) position id of each row's pending token
+        self._last: torch.Tensor | None = None  # (B,) each row's pending (sampled, not yet cached) token
+        self.stats = EngineStats()
+
+    # -- public ------------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="alignkit-serve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._rows)
+
+    def submit(self, model: str, prompt_ids: Sequence[int], params: SamplingParams,
+               sink: Callable[[Event], None]) -> Request:
+        """Queue a request; `sink` receives its events from the engine thread (keep it cheap and thread-safe).
+        Raises KeyError (unknown model), RequestError (limits, bad values), QueueFullError."""
+        route = self.stack.route(model)
+        params.check(self.config)
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise RequestError("the prompt has no tokens")
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
+                               f"{self.config.max_prompt_tokens}")
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue:
+                self.stats.rejected += 1
+                raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
+            self._ids += 1
+            req = Request(f"req-{self._ids}", route, prompt_ids, params, sink)
+            req.deadline = req.created + self.config.request_timeout
+            req.rows_left = params.n
+            self._waiting.append(req)
+            self._lock.notify_all()
+        return req
+
+    def generate(self, model: str, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
+        """Blocking helper: submit and wait. Returns {"choices": [{"token_ids", "text", "finish_reason"}], ...}."""
+        params = params or SamplingParams()
+        events: queue.Queue[Event] = queue.Queue()
+        req = self.submit(model, prompt_ids, params, events.put)
+        choices = [{"token_ids": [], "text": "", "finish_reason": None} for _ in range(params.n)]
+        while True:
+            ev = events.get(timeout=timeout)
+            if ev.kind == "token":
+                choices[ev.index]["token_ids"].append(ev.token_id)
+                choices[ev.index]["text"] += ev.text
+            elif ev.kind == "done":
+                choices[ev.index]["finish_reason"] = ev.finish_reason
+            elif ev.kind == "error":
+                raise RuntimeError(ev.message)
+            elif ev.kind == "end":
+                return {"choices": choices, "prompt_tokens": len(req.prompt_ids),
+                        "completion_tokens": req.completion_tokens,
+                        "ttft": (req.first_token_at or req.finished_at) - req.created,
+                        "latency": req.finished_at - req.created}
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not self._rows:
+                    self._lock.wait(timeout=0.5)
+                if self._stop:
+                    break
+                new = self._admit()
+            try:
+                with torch.inference_mode():
+                    if new:
+                        self._prefill(new)
+                    if self._rows:
+                        self._decode()
+            except Exception as e:  # the engine must survive: fail the batch's requests, keep serving
+                logger.exception("serve engine step failed")
+                for r in {id(x.request): x.request for x in self._rows + new}.values():
+                    self._fail(r, f"internal error: {type(e).__name__}: {e}")
+                self._reset_batch()
+        for r in list(self._waiting):
+            self._fail(r, "the server is shutting down")
+        self._waiting.clear()
+        for r in {id(x.request): x.request for x in self._rows}.values():
+            self._fail(r, "the server is shutting down")
+        self._reset_batch()
+
+    def _admit(self) -> list[_Row]:
+        """Take waiting requests while rows and the prefill token budget allow (called under the lock)."""
+        now = time.monotonic()
+        new: list[_Row] = []
+        room = self.config.max_batch_rows - len(self._rows)
+        longest = 0
+        while self._waiting:
+            req = self._waiting[0]
+            if req.cancelled or now > req.deadline:
+                self._waiting.popleft()
+                self._fail(req, "cancelled" if req.cancelled else "timed out in the queue", cancelled=req.cancelled)
+                continue
+            n = req.params.n
+            longest2 = max(longest, len(req.prompt_ids))
+            if n > room or (new and longest2 * (len(new) + n) > self.config.max_prefill_tokens):
+                break
+            self._waiting.popleft()
+            longest = longest2
+            room -= n
+            for i in range(n):
+                gen = None
+                if req.params.temperature > 0:
+                    seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(7), "little")
+                    gen = torch.Generator(device="cpu").manual_seed(int(seed) + i)
+                new.append(_Row(req, i, gen))
+        return new
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any,
+                 routes: list[Route], locations: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        dev = self.stack.device
+        kwargs: dict[str, Any] = {}
+        peft_names = self.stack.peft_names(routes)
+        if peft_names is not None:
+            kwargs["adapter_names"] = peft_names
+        out = self.stack.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
+                               position_ids=position_ids.to(dev), cache=cache, use_cache=True,
+                               intervention_locations=locations, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float(), out.cache  # (B, V)
+
+    def _prefill(self, new: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        lengths = torch.tensor([len(r.request.prompt_ids) for r in new])  # (N,)
+        T = int(lengths.max())
+        pad = T - lengths  # (N,) left padding of each row
+        ids = torch.full((len(new), T), self._pad, dtype=torch.long)
+        for b, r in enumerate(new):
+            ids[b, T - len(r.request.prompt_ids):] = torch.tensor(r.request.prompt_ids)
+        cols = torch.arange(T)[None, :]  # (1, T)
+        mask = (cols >= pad[:, None]).long()  # (N, T)
+        pos = (cols - pad[:, None]).clamp(min=0)  # (N, T) each row counts from its first real token
+        routes = [r.request.route for r in new]
+        locations = self.stack.locations(routes, pad, lengths)
+        t0 = time.perf_counter()
+        logits, cache = self._forward(ids, mask, pos, DynamicCache(config=self.stack.lm_config), routes, locations)
+        self.stats.add_forward(time.perf_counter() - t0, prefill_tokens=int(lengths.sum()))
+        tokens = self._sample(logits, new)
+        self._merge(new, cache, mask, lengths, tokens)
+        self._emit(new, tokens)
+
+    def _merge(self, new: list[_Row], cache: Any, mask: torch.Tensor, lengths: torch.Tensor,
+               tokens: torch.Tensor) -> None:
+        if not self._rows:
+            self._rows, self._cache, self._mask = list(new), cache, mask
+            self._next_pos, self._last = lengths.clone(), tokens.clone()
+            return
+        La, Lb = self._mask.shape[1], mask.shape[1]
+        L = max(La, Lb)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
+            for attr in ("keys", "values"):
+                a, b = getattr(old_layer, attr), getattr(new_layer, attr)  # (B, H, L*, D)
+                setattr(old_layer, attr, torch.cat([_left_pad(a, L - La, 2), _left_pad(b, L - Lb, 2)], dim=0))
+        self._mask = torch.cat([_left_pad(self._mask, L - La, 1), _left_pad(mask, L - Lb, 1)], dim=0)
+        self._rows += new
+        self._next_pos = torch.cat([self._next_pos, lengths])
+        self._last = torch.cat([self._last, tokens])
+
+    def _decode(self) -> None:
+        B = len(self._rows)
+        mask = torch.cat([self._mask, torch.ones(B, 1, dtype=torch.long)], dim=1)  # (B, L + 1)
+        routes = [r.request.route for r in self._rows]
+        t0 = time.perf_counter()
+        logits, self._cache = self._forward(self._last[:, None], mask, self._next_pos[:, None], self._cache, routes,
+                                            None)
+        self.stats.add_forward(time.perf_counter() - t0, decode_rows=B)
+        self._mask = mask
+        self._next_pos = self._next_pos + 1
+        tokens = self._sample(logits, self._rows)
+        self._last = tokens
+        self._emit(self._rows, tokens)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """(B, V) float logits -> (B,) tokens, per row (module docstring)."""
+        logits = logits.cpu()
+        out = logits.argmax(dim=-1)  # (B,) greedy
+        for b, r in enumerate(rows):
+            p = r.request.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[b] / p.temperature, dim=-1)  # (V,)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p  # the smallest prefix reaching top_p
+                sorted_p = torch.where(keep, sorted_p, 0.0)
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+            out[b] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        return out
+
+    def _emit(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        """Append each row's new token, send text deltas, finish rows, and drop finished rows from the batch."""
+        now = time.monotonic()
+        for r, t in zip(rows, tokens.tolist()):
+            req = r.request
+            if r.done:
+                continue
+            if req.cancelled or now > req.deadline:
+                r.done = True
+                self._end_row(r, None)
+                continue
+            if req.first_token_at is None:
+                req.first_token_at = now
+            req.completion_tokens += 1
+            self.stats.add_tokens(req.route.name, 1)
+            r.tokens.append(t)
+            is_end = t in self.end_ids
+            final = is_end or len(r.tokens) >= req.params.max_tokens
+            stopped = self._flush(r, final)
+            if is_end or stopped or final:
+                self._end_row(r, FINISH_STOP if is_end or stopped else FINISH_LENGTH)
+        self._drop_finished()
+
+    def _flush(self, r: _Row, final: bool) -> bool:
+        """Send one token event with the text that is safe to send now; True if a stop string ended the row."""
+        body = r.tokens[:-1] if r.tokens[-1] in self.end_ids else r.tokens
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        stops = r.request.params.stop
+        hits = [i for i in (text.find(s, max(0, r.emitted - len(s) + 1)) for s in stops) if i >= 0]
+        if hits:
+            end = max(min(hits), r.emitted)
+            self._send(r, text[r.emitted:end], r.tokens[-1])
+            r.emitted = end
+            return True
+        safe = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                safe = len(text.rstrip("\ufffd"))
+            for s in stops:  # hold back a tail that could start a stop string
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        safe = max(safe, r.emitted)
+        self._send(r, text[r.emitted:safe], r.tokens[-1])
+        r.emitted = safe
+        return False
+
+    def _send(self, r: _Row, text: str, token_id: int | None) -> None:
+        try:
+            r.request.sink(Event("token", r.index, text, token_id))
+        except Exception:  # a consumer that went away must not stop the engine
+            r.request.cancelled = True
+
+    def _end_row(self, r: _Row, reason: str | None) -> None:
+        r.done = True
+        req = r.request
+        if reason is not None:
+            self._safe_sink(req, Event("done", r.index, finish_reason=reason))
+        req.rows_left -= 1
+        if req.rows_left == 0:
+            req.finished_at = time.monotonic()
+            if req.cancelled:
+                self.stats.cancelled += 1
+                self._safe_sink(req, Event("error", message="cancelled"))
+            elif reason is None:
+                self.stats.timeouts += 1
+                self._safe_sink(req, Event("error", message=f"timed out after {self.config.request_timeout:g} s"))
+            else:
+                self.stats.finish(req)
+            self._safe_sink(req, Event("end"))
+
+    def _fail(self, req: Request, message: str, cancelled: bool = False) -> None:
+        req.finished_at = time.monotonic()
+        req.rows_left = 0
+        if cancelled:
+            self.stats.cancelled += 1
+        elif "timed out" in message:
+            self.stats.timeouts += 1
+        else:
+            self.stats.errors += 1
+        self._safe_sink(req, Event("error", message=message))
+        self._safe_sink(req, Event("end"))
+
+    @staticmethod
+    def _safe_sink(req: Request, ev: Event) -> None:
+        try:
+            req.sink(ev)
+        except Exception:
+            pass
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if not r.done]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._reset_batch()
+            return
+        idx = torch.tensor(keep)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, idx.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, idx.to(layer.values.device))
+        self._rows = [self._rows[i] for i in keep]
+        self._mask, self._next_pos, self._last = self._mask[idx], self._next_pos[idx], self._last[idx]
+        cut = int((self._mask.sum(0) > 0).long().argmax())  # leading columns that are padding in every row
+        if cut > 0:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+            self._mask = self._mask[:, cut:]
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask, self._next_pos, self._last = [], None, None, None, None
+
+
+def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def default_end_ids(stack: Stack) -> list[int]:
+    """EOS of the tokenizer and the generation config, plus end-of-turn tokens a chat template uses."""
+    from alignkit.models.adapters import unwrap_lm
+
+    tok = stack.tokenizer
+    ids: list[int] = []
+    gen = getattr(unwrap_lm(stack.model), "generation_config", None)
+    for v in (getattr(gen, "eos_token_id", None), tok.eos_token_id):
+        for i in ([v] if isinstance(v, int) else (v or [])):
+            ids.append(int(i))
+    vocab = tok.get_vocab()
+    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if t in vocab and t in (tok.all_special_tokens or []) + list(getattr(tok, "additional_special_tokens", []) or []):
+            ids.append(int(vocab[t]))
+    return sorted(set(ids))
+
+
+class EngineStats:
+    """Counters the /metrics endpoint reads (updated by the engine thread only)."""
+
+    LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = collections.Counter()  # finished OK, per model
+        self.tokens: dict[str, int] = collections.Counter()  # generated tokens, per model
+        self.errors = self.timeouts = self.cancelled = self.rejected = 0
+        self.forwards = 0
+        self.forward_seconds = 0.0
+        self.prefill_tokens = 0
+        self.decode_rows = 0
+        self.latency = [0] * (len(self.LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.ttft = [0] * (len(self.LATENCY_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+
+    def add_forward(self, seconds: float, prefill_tokens: int = 0, decode_rows: int = 0) -> None:
+        self.forwards += 1
+        self.forward_seconds += seconds
+        self.prefill_tokens += prefill_tokens
+        self.decode_rows += decode_rows
+
+    def add_tokens(self, model: str, n: int) -> None:
+        self.tokens[model] += n
+        now = time.monotonic()
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - 10.0:
+            self._recent.popleft()
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = list(self._recent)
+        return sum(n for t, n in recent if t >= now - window) / window
+
+    def finish(self, req: Request) -> None:
+        self.requests[req.route.name] += 1
+        lat = req.finished_at - req.created
+        ttft = (req.first_token_at or req.finished_at) - req.created
+        for hist, value in ((self.latency, lat), (self.ttft, ttft)):
+            i = next((k for k, b in enumerate(self.LATENCY_BUCKETS) if value <= b), len(self.LATENCY_BUCKETS))
+            hist[i] += 1
+        self.latency_sum += lat
+        self.ttft_sum += ttft
+
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "Event", "QueueFullError", "Request", "RequestError",
+           "SamplingParams", "default_end_ids"]

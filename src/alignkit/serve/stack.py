@@ -1,0 +1,178 @@
+"""One base model carrying every served adapter at once, and what each row of a batch needs to be routed.
+
+    stack = load_stack("base/", {"polite": "runs/dpo-reft/model", "terse": "runs/dpo-lora/model"})
+    stack.route("polite")   # -> Route(lora=None, reft="polite", positions=Positions(1, 1), share_weights=True)
+
+The base transformers model is loaded once. LoRA adapters (kind "lora", and the LoRA half of "reft+lora")
+are loaded into ONE `peft.PeftModel` under the served name (`load_adapter(..., adapter_name=name)`), so a
+forward routes rows with peft's mixed-adapter batches (`adapter_names=[...]`, `"__base__"` = no LoRA).
+ReFT adapters (kind "reft", and the ReFT half of "reft+lora") are attached to ONE `ReftModel` around that,
+also under the served name, and rows are routed with per-row `intervention_locations` (each adapter's
+prompt positions as it was trained, -1 elsewhere). The bare base is served under its folder's name.
+
+Only causal LMs: a sequence-classifier adapter, or a fully finetuned model (not an adapter), is refused
+with a message that names the folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from alignkit.data.positions import Positions, locations_from_spans
+
+logger = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+PEFT_BASE = "__base__"  # peft's name for "no LoRA on this row" in mixed batches
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one row is computed: which LoRA (None: none) and which ReFT adapter (None: none)."""
+
+    name: str
+    kind: str  # "base", "lora", "reft", "reft+lora"
+    lora: str | None = None
+    reft: str | None = None
+    positions: Positions | None = None
+    share_weights: bool = True
+
+
+@dataclass
+class Stack:
+    """The served model (a `ReftModel` around the peft model or the base), its tokenizer, and the routes."""
+
+    model: nn.Module
+    tokenizer: Any
+    base_name: str
+    routes: dict[str, Route] = field(default_factory=dict)
+    has_lora: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.routes)
+
+    def route(self, name: str) -> Route:
+        try:
+            return self.routes[name]
+        except KeyError:
+            raise KeyError(f"unknown model {name!r}; served: {self.names}") from None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def lm_config(self) -> Any:
+        from alignkit.models.adapters import unwrap_lm
+
+        return unwrap_lm(self.model).config
+
+    def peft_names(self, routes: list[Route]) -> list[str] | None:
+        """peft's `adapter_names` for a batch (None when no LoRA is loaded at all)."""
+        if not self.has_lora:
+            return None
+        return [r.lora or PEFT_BASE for r in routes]
+
+    def locations(self, routes: list[Route], start: torch.Tensor, length: torch.Tensor) -> torch.Tensor | None:
+        """`(B, I, P)` intervention locations for prompts spanning [start, start + length) of each row:
+        each ReFT row gets its adapter's trained positions in its adapter's slots, -1 everywhere else.
+        None when no row uses ReFT (the hooks then do no work)."""
+        if not any(r.reft for r in routes):
+            return None
+        model = self.model
+        parts: list[tuple[int, slice, torch.Tensor]] = []
+        width = 1
+        for b, r in enumerate(routes):
+            if r.reft is None:
+                continue
+            sl = model.adapter_slice(r.reft)
+            loc = locations_from_spans(r.positions, start[b:b + 1], length[b:b + 1], sl.stop - sl.start,
+                                       r.share_weights)[0]  # (K, P)
+            parts.append((b, sl, loc))
+            width = max(width, loc.shape[-1])
+        out = torch.full((len(routes), model.num_interventions, width), -1, dtype=torch.long)
+        for b, sl, loc in parts:
+            out[b, sl, :loc.shape[-1]] = loc
+        return out
+
+
+def _adapter_config(folder: Path):
+    from alignkit.models.adapters import read_adapter_config
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    return read_adapter_config(folder)
+
+
+def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = None, *, base_name: str | None = None,
+               dtype: str = "float32", device: str | torch.device | None = None,
+               attn_implementation: str | None = None) -> Stack:
+    """Load the base model in `base` once and every adapter of `adapters` (served name -> folder) onto it.
+
+    `base_name` (default: the base folder's name) serves the bare base. Names must be unique, match
+    `NAME_RE` and not collide with the base's name."""
+    from alignkit.interventions.attach import ReftModel
+    from alignkit.models.loading import load_model, load_tokenizer
+
+    base = Path(base)
+    if not base.is_dir():
+        raise FileNotFoundError(f"base model folder {base} does not exist")
+    adapters = dict(adapters or {})
+    base_name = base_name or base.resolve().name
+    for name in [base_name, *adapters]:
+        if not NAME_RE.match(name):
+            raise ValueError(f"served model name {name!r}: use letters, digits and _.:/- (at most 128, starting "
+                             "with a letter or digit)")
+    if base_name in adapters:
+        raise ValueError(f"adapter name {base_name!r} is the base model's served name; pick another name "
+                         "(or set the base's name with --base-name)")
+    configs = {name: _adapter_config(Path(folder)) for name, folder in adapters.items()}
+    for name, cfg in configs.items():
+        if cfg.kind == "full":
+            raise ValueError(f"{adapters[name]}: holds a fully finetuned model, not an adapter; serve it as its own "
+                             "--base")
+    tokenizer = load_tokenizer(base)
+    lm = load_model(base, dtype=dtype, attn_implementation=attn_implementation)
+    if type(lm).__name__.endswith("ForSequenceClassification"):
+        raise ValueError(f"{base}: a sequence classifier; serve needs a causal LM")
+    if device is not None:
+        lm = lm.to(device)
+    lm.eval()
+    routes: dict[str, Route] = {base_name: Route(base_name, "base")}
+    model: nn.Module = lm
+    lora = [n for n, c in configs.items() if "lora" in c.kind]
+    if lora:
+        from peft import PeftModel
+
+        for i, name in enumerate(lora):
+            if i == 0:
+                model = PeftModel.from_pretrained(lm, str(adapters[name]), adapter_name=name, is_trainable=False)
+            else:
+                model.load_adapter(str(adapters[name]), adapter_name=name, is_trainable=False)
+            logger.info("serve: LoRA adapter %r from %s", name, adapters[name])
+    reft = ReftModel(model)
+    for name, cfg in configs.items():
+        if "reft" in cfg.kind:
+            reft.load_adapter(str(adapters[name]), adapter_name=name)
+            logger.info("serve: ReFT adapter %r from %s (positions %s)", name, adapters[name], cfg.reft.positions)
+        routes[name] = Route(name, cfg.kind, lora=name if "lora" in cfg.kind else None,
+                             reft=name if "reft" in cfg.kind else None,
+                             positions=Positions.parse(cfg.reft.positions) if "reft" in cfg.kind else None,
+                             share_weights=cfg.reft.share_weights if "reft" in cfg.kind else True)
+    for p in reft.parameters():
+        p.requires_grad_(False)
+    reft.eval()
+    if device is not None:
+        reft.to(device)
+    return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora))
+
+
+__all__ = ["Route", "Stack", "load_stack", "PEFT_BASE", "NAME_RE"]

@@ -1,0 +1,185 @@
+"""The serving engine: mixed-adapter continuous batching equals each request run alone.
+
+The reference is independent of the engine: each adapter loaded on its own with alignkit's ordinary
+`load_adapter`, then greedy decoding by re-running the whole sequence every step (no KV cache, no
+padding, no batching, no peft mixed batch), ReFT locations at the adapter's trained prompt positions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from alignkit.data.positions import locations_from_spans
+from alignkit.models.adapters import load_adapter, read_adapter_config
+from alignkit.models.loading import load_model
+from alignkit.serve.engine import Engine, EngineConfig, QueueFullError, RequestError, SamplingParams
+from alignkit.serve.stack import load_stack
+
+PROMPTS = ["Hello", "The quick brown fox jumps", "Question: what is the capital of", "0 1 2 3 4 5 6 7 8",
+           "def add(a, b):"]
+
+
+@pytest.fixture(scope="module")
+def stack(serve_dirs):
+    return load_stack(serve_dirs["base"], serve_dirs["adapters"], base_name="base")
+
+
+@pytest.fixture(scope="module")
+def engine(stack):
+    eng = Engine(stack, EngineConfig(max_batch_rows=32, max_queue=64, max_prompt_tokens=64, max_new_tokens=32))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def reference_model(serve_dirs, name):
+    model = load_model(serve_dirs["base"]).eval()
+    if name == "base":
+        return model, None
+    folder = serve_dirs["adapters"][name]
+    return load_adapter(model, folder).eval(), read_adapter_config(folder)
+
+
+def reference_greedy(model, cfg, prompt, max_tokens, end_ids):
+    locs = None
+    if cfg is not None and "reft" in cfg.kind:
+        locs = locations_from_spans(cfg.reft.positions, torch.tensor([0]), torch.tensor([len(prompt)]),
+                                    model.num_interventions, cfg.reft.share_weights)
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            kw = {"intervention_locations": locs} if locs is not None else {}
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False, **kw).logits[0, -1]
+            t = int(logits.argmax())
+            out.append(t)
+            ids.append(t)
+            if t in end_ids:
+                break
+    return out
+
+
+def test_mixed_adapters_concurrent_equal_alone(engine, stack, serve_dirs):
+    tok = stack.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    names = ["base", "polite", "terse", "both"]
+    models = {m: reference_model(serve_dirs, m) for m in names}
+    ref = {(m, i): reference_greedy(*models[m], p, 14, engine.end_ids) for m in names for i, p in enumerate(prompts)}
+    # every adapter changes what the model says (else routing would be untested)
+    for i in range(len(prompts)):
+        assert len({tuple(ref[(m, i)]) for m in names}) == 4, i
+    results, errors = {}, []
+
+    def client(k):
+        m, i, n = names[k % 4], k % 5, 6 + k % 9
+        try:
+            results[k] = (m, i, n, engine.generate(m, prompts[i], SamplingParams(max_tokens=n, temperature=0.0),
+                                                   timeout=60))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    before = engine.stats.forwards
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(results) == 32
+    for k, (m, i, n, res) in results.items():
+        got = res["choices"][0]["token_ids"]
+        assert got == ref[(m, i)][:n], (k, m, i)
+        assert res["completion_tokens"] == len(got)
+        assert res["choices"][0]["finish_reason"] == ("stop" if got[-1] in engine.end_ids else "length")
+    # shared forwards: far fewer than one per generated token
+    total = sum(len(r[3]["choices"][0]["token_ids"]) for r in results.values())
+    assert engine.stats.forwards - before < total / 3
+
+
+def test_short_request_joins_and_leaves_while_long_one_runs(engine, stack):
+    tok = stack.tokenizer
+    prompt = tok("Hello")["input_ids"]
+    done = {}
+
+    def run(name, n):
+        done[name] = (engine.generate("polite", prompt, SamplingParams(max_tokens=n, temperature=0.0)), time.monotonic())
+
+    long = threading.Thread(target=run, args=("long", 32))
+    long.start()
+    while engine.running_rows == 0:  # the long request is decoding
+        time.sleep(0.001)
+    run("short", 2)
+    long.join()
+    assert done["short"][1] < done["long"][1]  # finished first although it arrived later
+    assert len(done["long"][0]["choices"][0]["token_ids"]) == 32 or \
+        done["long"][0]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine, stack):
+    tok = stack.tokenizer
+    prompt = tok("The quick brown fox")["input_ids"]
+    params = dict(max_tokens=10, temperature=1.5, top_p=0.9, seed=1234)
+    alone = engine.generate("terse", prompt, SamplingParams(**params))["choices"][0]["token_ids"]
+    res = {}
+    noise = [threading.Thread(target=lambda k=k: engine.generate(["base", "both"][k % 2], prompt,
+                                                                 SamplingParams(max_tokens=12, temperature=1.0)))
+             for k in range(6)]
+    for t in noise:
+        t.start()
+    res["x"] = engine.generate("terse", prompt, SamplingParams(**params))["choices"][0]["token_ids"]
+    for t in noise:
+        t.join()
+    assert res["x"] == alone
+    other = engine.generate("terse", prompt, SamplingParams(**{**params, "seed": 99}))["choices"][0]["token_ids"]
+    assert other != alone
+
+
+def test_n_choices_and_stop_strings(engine, stack):
+    tok = stack.tokenizer
+    prompt = tok("Hello")["input_ids"]
+    full = engine.generate("base", prompt, SamplingParams(max_tokens=12, temperature=0.0))["choices"][0]
+    text = full["text"]
+    assert len(text) > 4
+    stop = text[3:5]  # a stop string the greedy answer surely contains
+    cut = engine.generate("base", prompt, SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]))["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == text[:text.find(stop)]
+    res = engine.generate("base", prompt, SamplingParams(max_tokens=5, temperature=1.0, seed=7, n=3))
+    assert len(res["choices"]) == 3
+    assert all(len(c["token_ids"]) == 5 or c["finish_reason"] == "stop" for c in res["choices"])
+    assert len({tuple(c["token_ids"]) for c in res["choices"]}) > 1  # different streams per choice
+
+
+def test_limits_and_errors(engine, stack):
+    tok = stack.tokenizer
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        engine.generate("nope", [1, 2], SamplingParams())
+    with pytest.raises(RequestError, match="prompt has 65 tokens"):
+        engine.generate("base", [5] * 65, SamplingParams())
+    with pytest.raises(RequestError, match="max_tokens=33 exceeds"):
+        engine.generate("base", [5], SamplingParams(max_tokens=33))
+    with pytest.raises(RequestError, match="top_p"):
+        engine.generate("base", [5], SamplingParams(top_p=0.0))
+    # still serving
+    assert engine.generate("base", tok("Hello")["input_ids"], SamplingParams(max_tokens=2))["choices"][0]["token_ids"]
+
+
+def test_queue_full_and_cancel(stack):
+    eng = Engine(stack, EngineConfig(max_batch_rows=1, max_queue=1, max_new_tokens=64))  # not started: nothing drains
+    events = []
+    first = eng.submit("base", [5, 6], SamplingParams(max_tokens=64), events.append)
+    with pytest.raises(QueueFullError, match="queue is full"):
+        eng.submit("base", [5, 6], SamplingParams(max_tokens=4), events.append)
+    first.cancel()
+    eng.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(e.kind == "end" for e in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [e.kind for e in events][-2:] == ["error", "end"]
+        assert events[-2].message == "cancelled"
+        assert eng.stats.cancelled == 1
+    finally:
+        eng.stop()
