@@ -3,6 +3,7 @@
     <output_dir>/
       config.yaml         the resolved config (re-loads to the same settings)
       metrics.jsonl       one JSON row per Trainer log event: {"step", "epoch", "loss", "rewards/margins", ...}
+                          (a non-finite value is written NaN / Infinity, never null or 0)
       tensorboard/        TensorBoard event files (when tensorboard is installed)
       plots/*.png         loss, rewards and accuracy curves, drawn at the end from metrics.jsonl
       README.md           a model card: base model, adapter, objective, data, hyper-parameters, final metrics
@@ -18,7 +19,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +61,10 @@ class RunFolder:
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe scalar: tensors and numpy numbers -> float; non-finite floats -> None."""
+    """Plain scalar: tensors and numpy numbers -> float. Non-finite floats stay NaN / Infinity (written as
+    `NaN`, `Infinity`, which Python's json and pandas read back): a diverged step must not look like 0 or a gap."""
     if hasattr(value, "item"):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 from alignkit.runs import MetricsJsonl, ModelCard, final_metrics, plot_metrics, read_metrics
@@ -17,7 +18,9 @@ def test_metrics_callback_writes_rows_on_main_process_only(tmp_path):
     cb.on_log(None, other, None, logs={"loss": 9.0})
     cb.on_log(None, main, None, logs={})
     rows = read_metrics(tmp_path / "m.jsonl")
-    assert rows == [{"step": 3, "epoch": 0.5, "loss": 1.25, "rewards/margins": None}]  # NaN -> null (valid JSON)
+    assert len(rows) == 1 and rows[0]["loss"] == 1.25 and rows[0]["step"] == 3
+    assert math.isnan(rows[0]["rewards/margins"])  # NaN stays NaN (issue 12): never null, never 0
+    assert '"rewards/margins": NaN' in (tmp_path / "m.jsonl").read_text()
 
 
 def test_plots_only_for_metrics_present(tmp_path):

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from alignkit.data.records import DataError
+    from alignkit.guards import NonFiniteError
     from alignkit.settings import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, NonFiniteError) as e:
         if args.verbose:
             raise
         print(f"alignkit {args.command}: error: {e}", file=sys.stderr)

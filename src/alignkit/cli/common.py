@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
 BUNDLED_PREFIX = "bundled:"
 TINY_TMP_PREFIX = "alignkit-tiny-"
+# folders this process created itself (mkdtemp): the only ones alignkit ever removes. A user's folder that
+# happens to share the prefix is never touched (issue 12, finding 3).
+_CREATED: set[str] = set()
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +74,11 @@ def resolve_model_path(ms: ModelSettings, run: RunFolder, task: str) -> tuple[st
         raise ConfigError(f"model.path: {ms.path!r}: unknown tiny architecture {arch!r}; valid: "
                           + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
     # every process builds the same seeded model; only the main one writes into the run folder
-    folder = run.root / "base_model" if run.main else Path(tempfile.mkdtemp(prefix=TINY_TMP_PREFIX))
+    if run.main:
+        folder = run.root / "base_model"
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=TINY_TMP_PREFIX))
+        _CREATED.add(str(folder))
     save_tiny(folder, arch, classifier=task == "classifier", num_labels=1)
     desc = f"{ms.path} (a random tiny {arch} built by alignkit.models.tiny, saved in base_model/)"
     return str(folder), desc
@@ -91,8 +98,9 @@ def load_base(ms: ModelSettings, run: RunFolder, task: str = "causal_lm") -> tup
     tok = load_tokenizer_for(ms, path)
     model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
                        num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code)
-    if Path(path).name.startswith(TINY_TMP_PREFIX):  # another process's private copy: loaded, so not needed
+    if path in _CREATED:  # this process's private copy of a tiny model: loaded, so not needed
         shutil.rmtree(path, ignore_errors=True)
+        _CREATED.discard(path)
         path = str(run.root / "base_model")
     if task == "classifier" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

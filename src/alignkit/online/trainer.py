@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -42,6 +41,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from alignkit.models.adapters import adapter_kind, reft_settings, save_adapter
 from alignkit.online.annotators import Annotator, Scores, build_annotator
@@ -199,7 +199,9 @@ class OnlineTrainer:
         """Run `config.steps` steps; returns each step's metrics (also in `history`)."""
         for step in range(self.config.steps):
             t0 = time.perf_counter()
+            self._step = step
             samples = self.generate(self.next_prompts(), step)
+            self._step_ids = list(dict.fromkeys(s.prompt_id for s in samples if s.prompt_id))
             rollout = self.score(samples)
             batch = self.build_batch(rollout)
             metrics = {"step": float(step), **rollout.metrics, **self.optimise(batch)}
@@ -285,9 +287,17 @@ class OnlineTrainer:
         for _ in range(c.epochs_per_step):
             for idx in torch.randperm(n_items, generator=self.rng).split(size):
                 loss, metrics = loss_fn(idx.to(self.accelerator.device))
+                if not is_finite(loss):
+                    self._stop_non_finite("the training loss", as_float(loss), {**metrics, "loss": as_float(loss)})
                 self.accelerator.backward(loss)
+                norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
+                                                        else float("inf"))
+                if not is_finite(norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._stop_non_finite("the gradient norm", as_float(norm), {"loss": as_float(loss),
+                                                                               "grad_norm": as_float(norm)})
                 if c.max_grad_norm is not None:
-                    metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(params, c.max_grad_norm))
+                    metrics["grad_norm"] = float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics["loss"] = float(loss.detach())
@@ -295,6 +305,13 @@ class OnlineTrainer:
                     totals[k] = totals.get(k, 0.0) + float(v)
                 updates += 1
         return {k: v / max(updates, 1) for k, v in totals.items()}
+
+    def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
+        """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step."""
+        step = getattr(self, "_step", 0)
+        self.log({"step": float(step), **{k: as_float(v) for k, v in metrics.items()}})
+        err = NonFiniteError(what, value, step + 1, getattr(self, "_step_ids", None))
+        raise err
 
     # -- output -------------------------------------------------------------------------------------------
 
@@ -306,11 +323,15 @@ class OnlineTrainer:
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
-                f.write(json.dumps({k: None if math.isnan(v) else v for k, v in metrics.items()}) + "\n")  # strict JSON
+                f.write(json.dumps(metrics) + "\n")  # NaN stays NaN (json writes `NaN`), never null
 
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""
         folder = Path(folder)
+        bad = [n for n, p in self.policy.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
+        if bad:
+            raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), len(self.history),
+                                 causes=f"an earlier update diverged; nothing was saved to {folder}")
         if self.accelerator.is_main_process:
             save_adapter(self.policy, folder, tokenizer=self.tokenizer)
             (folder / "online_config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n")

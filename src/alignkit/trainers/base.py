@@ -31,6 +31,10 @@ tokenizer and `training_args.json`. Never a pickle of the arguments.
 Length-aware batching: `group_by_length=True` (or `train_sampling_strategy="group_by_length"`) draws
 batches with `alignkit.data.batching.LengthGroupedSampler` (similar lengths together, still random).
 
+Non-finite values (`alignkit.guards`): each micro-batch's loss and each step's gradient norm are checked; the
+first NaN / inf is logged as NaN (metrics.jsonl) and raises `NonFiniteError` naming the optimizer step and
+the batch's record ids, before the optimizer applies it. Saving refuses trainable weights that are not finite.
+
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
 not name); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
@@ -49,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.models.adapters import (ADAPTER_CONFIG_NAME, AdapterConfig, adapter_kind, enable_gradient_checkpointing,
                                       load_adapter_weights, save_adapter)
@@ -78,6 +83,22 @@ def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
     if collator is None:
         return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
     return packed_version(collator, row_length)
+
+
+RECORD_IDS = "record_ids"  # batch key: the ids of the records collated into it (popped before the objective)
+
+
+class _KeepRecordIds:
+    """Collator wrapper: the batch also carries the ids of its records (features' "id"), for error messages."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, features: list) -> Any:
+        batch = self.inner(features)
+        if isinstance(batch, dict) and features and isinstance(features[0], dict) and "id" in features[0]:
+            batch[RECORD_IDS] = [str(f.get("id", "")) for f in features]
+        return batch
 
 
 class AlignTrainer(Trainer):
@@ -113,6 +134,17 @@ class AlignTrainer(Trainer):
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
 
     # -- sampling ----------------------------------------------------------------------------------------
+
+    def _get_dataloader(self, dataset: Any, description: str, batch_size: int, sampler_fn: Any = None,
+                        is_training: bool = False, dataloader_key: str | None = None) -> Any:
+        inner = self.data_collator
+        if is_training and inner is not None:
+            self.data_collator = _KeepRecordIds(inner)  # only for this loader; `data_collator` stays the user's
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn=sampler_fn,
+                                           is_training=is_training, dataloader_key=dataloader_key)
+        finally:
+            self.data_collator = inner
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """`LengthGroupedSampler` over our tokenized examples when `group_by_length`; else the Trainer's."""
@@ -205,10 +237,40 @@ class AlignTrainer(Trainer):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
 
+    # -- non-finite guard (alignkit.guards) ----------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
+        ids = inputs.pop(RECORD_IDS, None)
+        self._batch_ids = (getattr(self, "_batch_ids", None) or []) + list(ids or [])
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not is_finite(loss):
+            self._stop_non_finite("the training loss", as_float(loss), ids)
+        return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        ids, self._batch_ids = getattr(self, "_batch_ids", None), []
+        if norm is not None and not is_finite(norm):
+            self._stop_non_finite("the gradient norm", as_float(norm), ids)
+        return norm
+
+    def _stop_non_finite(self, what: str, value: float, ids: list[str] | None) -> None:
+        """Log the bad value as NaN / inf (metrics.jsonl keeps it), then stop before the optimizer step."""
+        step = self.state.global_step + 1
+        key = "grad_norm" if "gradient" in what else "loss"
+        self.state.global_step = step  # the row names the step that failed (the run ends here)
+        try:
+            self.log({key: value})
+        except Exception:  # the error below matters more than the log row  # noqa: BLE001
+            logger.debug("could not log the non-finite %s", key, exc_info=True)
+        err = NonFiniteError(what, value, step, ids)
+        raise err
+
     # -- loss ------------------------------------------------------------------------------------------
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, LossOutput]:
+        inputs.pop(RECORD_IDS, None)
         out = self.objective(model, inputs)
         w = inputs.get("weight")
         if w is not None:
@@ -228,6 +290,7 @@ class AlignTrainer(Trainer):
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:
         inputs = self._prepare_inputs(inputs)
+        inputs.pop(RECORD_IDS, None)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
@@ -274,8 +337,13 @@ class AlignTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
+        if bad:
+            raise NonFiniteError(f"trainable weight {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                                 float("nan"), self.state.global_step,
+                                 causes="an earlier update diverged; nothing was saved to " + str(output_dir))
+        os.makedirs(output_dir, exist_ok=True)
         if adapter_kind(model) == "full":
             model.save_pretrained(output_dir, state_dict=state_dict)
             cfg = getattr(model, "alignkit_adapter_config", None) or AdapterConfig(kind="full")

@@ -1,0 +1,53 @@
+"""Stops a run at the first non-finite loss or gradient, before the optimizer applies it.
+
+A NaN or infinite loss (or gradient norm) means every later step trains on garbage and any weights saved
+after it are NaN. The trainers (`alignkit.trainers.AlignTrainer`, `alignkit.online.OnlineTrainer`) check
+each micro-batch's loss and each step's gradient norm and raise `NonFiniteError` at once: the optimizer
+step is not taken, no model or checkpoint is written after it, and the checkpoints already written stay as
+they are. The message names the optimizer step, the records of the batch and the likely causes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm; the run stopped at `step` (1-based optimizer step)."""
+
+    def __init__(self, what: str, value: float, step: int, record_ids: Sequence[str] | None = None,
+                 causes: str = "") -> None:
+        self.what, self.value, self.step = what, value, step
+        self.record_ids = [str(r) for r in record_ids or [] if str(r)]
+        ids = _show_ids(self.record_ids)
+        causes = causes or LIKELY_CAUSES
+        super().__init__(f"{what} is {value} at optimizer step {step}{ids}; the run stopped before this update "
+                         f"(no weights written after it; earlier checkpoints are kept). Likely causes: {causes}")
+
+
+LIKELY_CAUSES = ("a learning rate too high (train.learning_rate), a loss scale too large (method.beta and similar), "
+                 "extreme data weights or margins in the records named, or fp16 overflow (use bf16 or fp32); "
+                 "lower the culprit and rerun (or resume from the last checkpoint)")
+
+
+def _show_ids(ids: list[str], limit: int = 8) -> str:
+    if not ids:
+        return ""
+    shown = ", ".join(ids[:limit]) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+    return f" (batch records: {shown})"
+
+
+def is_finite(value: Any) -> bool:
+    """True for a finite float / 0-d tensor (one device sync for a tensor)."""
+    if hasattr(value, "detach"):
+        value = value.detach().float()
+        return bool(value.isfinite().all())
+    return value is None or math.isfinite(float(value))
+
+
+def as_float(value: Any) -> float:
+    return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
+
+
+__all__ = ["LIKELY_CAUSES", "NonFiniteError", "as_float", "is_finite"]

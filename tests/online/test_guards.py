@@ -1,0 +1,33 @@
+"""Non-finite guard of the online loop (issue 12, finding 1): a NaN loss stops the run at that step, names
+the step's prompt records, logs the row with NaN (not null), and saves no model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from alignkit.guards import NonFiniteError
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+from alignkit.online.trainer import METRICS_FILE
+
+from .toy import PROMPTS, digit_fraction, toy_policy
+
+
+def test_online_nan_loss_stops_and_logs_nan(tiny_dir, tokenizer, tmp_path):
+    model = toy_policy(tiny_dir("llama"), "lora")
+    cfg = GRPOConfig(steps=3, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2),
+                     learning_rate=1e-2, kl_coef=float("nan"))
+    trainer = GRPOTrainer(model, tokenizer, PROMPTS,
+                          {"type": "function", "fn": digit_fraction}, cfg, output_dir=tmp_path)
+    with pytest.raises(NonFiniteError) as err:
+        trainer.train()
+    assert err.value.step == 1 and err.value.what == "the training loss"
+    assert err.value.record_ids and set(err.value.record_ids) <= {f"prompt[{i}]" for i in range(4)}
+    text = (tmp_path / METRICS_FILE).read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert len(rows) == 1 and math.isnan(rows[0]["loss"]) and "null" not in text
+    assert not (tmp_path / "adapter_model.safetensors").exists()  # nothing saved
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
