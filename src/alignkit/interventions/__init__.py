@@ -41,7 +41,7 @@ __all__ = [
     "LoReFT", "NoReFT", "DiReFT", "DiReFTOrth", "ConsReFT", "LobiReFT",
     "PYREFT_TYPE_MAPPING", "PyreftIntervention", "read_pyreft_folder",
     "ReftConfig", "RepresentationConfig", "get_reft_model", "ReftModel", "save_reft", "load_reft", "load_pyreft",
-    "ReftTrainer",
+    "ReftTrainer", "ReftPositionError",
 ]
 
 # public name -> submodule that defines it (imported on first access)
@@ -49,7 +49,7 @@ _LAZY = {
     "ReftConfig": "config", "RepresentationConfig": "config",
     "get_reft_model": "attach", "ReftModel": "attach",
     "save_reft": "io", "load_reft": "io", "load_pyreft": "io",
-    "ReftTrainer": "training",
+    "ReftTrainer": "training", "ReftPositionError": "editing",
 }
 
 

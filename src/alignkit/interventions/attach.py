@@ -34,7 +34,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from alignkit.interventions.base import Intervention, build_intervention
 from alignkit.interventions.config import ReftConfig
-from alignkit.interventions.editing import Run, Slot, Step, cache_length, edit_positions, first_tensor, largest_location
+from alignkit.interventions.editing import (
+    ReftPositionError, Run, Slot, Step, cache_length, edit_positions, find_cache, first_tensor, largest_location,
+    locate_step,
+)
 from alignkit.interventions.locate import (  # noqa: F401  (re-exported: io.py and users import them from here)
     ATTENTION_NAMES, MLP_NAMES, find_decoder_layers, hf_model, hidden_size, is_peft_model, layer_index, num_layers,
     resolve_component,
@@ -42,7 +45,7 @@ from alignkit.interventions.locate import (  # noqa: F401  (re-exported: io.py a
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReftModel", "get_reft_model", "Slot", "edit_positions", "find_decoder_layers", "hf_model",
+__all__ = ["ReftModel", "ReftPositionError", "get_reft_model", "Slot", "edit_positions", "find_decoder_layers", "hf_model",
            "hidden_size", "resolve_component"]
 
 
@@ -64,6 +67,7 @@ class ReftModel(nn.Module):
         self._state_handles: dict[int, list] = {}  # layer index -> handles of its state hooks
         self._active: set[str] | None = None  # None = every adapter
         self._run: Run | None = None
+        self._seen = 0  # tokens the base model has processed in the current run (its absolute offset)
         self._step: Step | None = None
         self._layer_step: dict[int, Step | None] = {}
         self._recompute = WeakIdKeyDictionary()  # layer input tensor -> Step (checkpoint replay)
@@ -180,8 +184,18 @@ class ReftModel(nn.Module):
         self._state_handles[layer] = handles
 
     def _top_pre_hook(self, mod, args, kwargs):
-        past = kwargs.get("past_key_values")
-        self._step = None if self._run is None else Step(self._run, cache_length(past))
+        if self._run is None:
+            self._step = None
+            return None
+        ref = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if ref is None or ref.dim() < 2:
+            raise ReftPositionError("a forward inside a ReFT call got neither input_ids nor inputs_embeds of shape "
+                                    "(batch, seq, ...); ReFT cannot tell which positions it covers")
+        offset = locate_step(self._seen, int(ref.shape[1]), kwargs)
+        self._seen = offset + int(ref.shape[1])
+        self._step = Step(self._run, offset)
         return None
 
     def remove_hooks(self) -> None:
@@ -296,15 +310,17 @@ class ReftModel(nn.Module):
         return frozenset(s.pos for s in self.slots if self._active is None or s.adapter in self._active)
 
     @contextlib.contextmanager
-    def _running(self, run: Run) -> Iterator[None]:
+    def _running(self, run: Run, start: int = 0) -> Iterator[None]:
+        """Run the base model under `run`; `start` is the absolute position of the first token the
+        first forward will see (the length of a cache the caller passed in, else 0)."""
         if not self._handles:
             raise RuntimeError("this ReftModel's hooks were removed; build a new one with get_reft_model")
-        saved = self._run
-        self._run = run
+        saved, saved_seen = self._run, self._seen
+        self._run, self._seen = run, start
         try:
             yield
         finally:
-            self._run, self._step = saved, None
+            self._run, self._step, self._seen = saved, None, saved_seen
             self._layer_step.clear()
 
     # -- running ---------------------------------------------------------------------------------------
@@ -315,12 +331,12 @@ class ReftModel(nn.Module):
         """The base model's forward (loss included when `labels` are given) with the interventions
         applied at `intervention_locations` `(B, I, P)` (-1 = none; None = no intervention)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        start = cache_length(find_cache(kwargs)[1])  # a cache the caller passed in (any keyword)
         # the skip of steps past the last location only matters with a KV cache (offset > 0)
-        locations, last = self._prepare_locations(intervention_locations, ref.shape[0],
-                                                   with_last=kwargs.get("past_key_values") is not None)
+        locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=start > 0)
         if labels is not None:
             kwargs["labels"] = labels
-        with self._running(Run(locations, self._active_slots(), last_location=last)):
+        with self._running(Run(locations, self._active_slots(), last_location=last), start):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -334,7 +350,8 @@ class ReftModel(nn.Module):
         run = Run(locations, self._active_slots(), last_location=last)
         if intervene_on_generated and locations is not None:
             run = Run(locations, run.active, input_ids.shape[1], (locations >= 0).any(-1), last)
-        with self._running(run), parametrize.cached():
+        _, cache = find_cache(generate_kwargs)
+        with self._running(run, cache_length(cache)), parametrize.cached():
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,

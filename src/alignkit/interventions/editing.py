@@ -2,7 +2,10 @@
 
 A forward or `generate` call of `ReftModel` creates one `Run` (the locations and which interventions are
 on); every forward of the base model inside it (the prefill, then each decode step) gets a `Step`, the
-run plus the step's absolute offset (the KV-cache length). For a hidden state `h: (B, T, d)` of that step,
+run plus the step's absolute offset. The offset comes from counting the tokens the base model has
+processed in the run (`locate_step`), cross-checked against the KV cache and the attention mask where
+the call carries them, so it does not depend on the keyword under which transformers passes the cache;
+a step that cannot be placed raises `ReftPositionError` rather than being edited at a guess. For a hidden state `h: (B, T, d)` of that step,
 `edit_positions` picks the selected (row, position) pairs `h[b, loc[b, p] - offset]`, applies the
 intervention `Φ: (N, d) -> (N, d)` to them and writes them back out of place; every other value is a
 bitwise copy of `h`.
@@ -59,7 +62,31 @@ def largest_location(locations: torch.Tensor) -> int:
     return int(locations.max()) if locations.numel() else -1
 
 
+class ReftPositionError(RuntimeError):
+    """A forward inside a ReFT call whose absolute positions cannot be established with certainty.
+    ReFT then edits nothing and raises: an edit at a guessed position would silently change results."""
+
+
+# The keywords under which transformers has passed the KV cache to a model's forward: `past_key_values`
+# (up to 5.23) and `cache` (5.24 on). Any other keyword holding an object with `get_seq_length` is found
+# too, so a rename is still cross-checked; the token count below never depends on these names.
+CACHE_KEYWORDS = ("past_key_values", "cache")
+
+
+def find_cache(kwargs: dict) -> tuple[str | None, Any]:
+    """(keyword, cache) of the KV cache among a forward's keyword arguments, or (None, None)."""
+    for key in CACHE_KEYWORDS:
+        value = kwargs.get(key)
+        if value is not None:
+            return key, value
+    for key, value in kwargs.items():
+        if value is not None and hasattr(value, "get_seq_length"):
+            return key, value
+    return None, None
+
+
 def cache_length(past: Any) -> int:
+    """Tokens held by a KV cache (a transformers `Cache`, or legacy per-layer (key, value) tuples)."""
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):
@@ -69,6 +96,52 @@ def cache_length(past: Any) -> int:
     return 0
 
 
+def locate_step(counted: int, length: int, kwargs: dict) -> int:
+    """The absolute offset of one forward of the base model inside a ReFT call.
+
+    `counted` is how many tokens the base model has processed so far in this call (prefill, then one
+    step at a time); `length` is this forward's input length. That count decides; the KV cache (under
+    any keyword), a 2-D attention mask or 2-D position ids are cross-checks where present:
+    - a cache must hold exactly `counted` tokens (a cache that was cropped or rolled back, as in
+      assisted decoding, cannot be followed: error). Reading its length costs no device sync;
+    - without a cache, the mask covers the earlier tokens plus this input (`mask_len - length ==
+      counted`), or this input alone (`== 0`: the whole sequence is run again, e.g. `use_cache=False`);
+      without a mask, the position ids say the same (their largest last entry is `offset + length - 1`
+      in any row without left padding, and a batch always has one);
+    - with none of them, a one-token input after earlier tokens is the next decode step; anything else
+      is ambiguous (error).
+    """
+    name, cache = find_cache(kwargs)
+    if cache is not None:
+        held = cache_length(cache)
+        if held == counted:
+            return counted
+        raise ReftPositionError(
+            f"ReFT cannot locate this forward's positions: {counted} tokens were processed in this call but the "
+            f"KV cache passed as `{name}` holds {held}. ReFT edits nothing it cannot place; generate without a "
+            f"cache that is cropped or rolled back (assisted/speculative decoding), or call forward with explicit "
+            f"intervention_locations per step")
+    before, source = None, None
+    mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        before, source = int(mask.shape[1]) - length, f"the attention mask covers {int(mask.shape[1])}"
+    elif isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.numel():
+        last = int(pos[:, -1].max())  # one device sync, only on this cache-less path
+        before, source = last + 1 - length, f"the position ids end at {last}"
+    if before is not None:
+        if before == counted:
+            return counted
+        if before == 0:
+            return 0
+        raise ReftPositionError(
+            f"ReFT cannot locate this forward's positions: {counted} tokens were processed in this call, the input "
+            f"has {length} and {source}, which fits neither a cached step nor a full recompute; ReFT edits "
+            f"nothing it cannot place")
+    if counted == 0 or length == 1:
+        return counted
+    raise ReftPositionError(
+        f"ReFT cannot locate this forward's positions: {length} new tokens after {counted} processed, with no KV "
+        f"cache, attention mask or position ids to tell a cached step from a recompute; pass attention_mask")
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
     h = args[0] if args else kwargs.get("hidden_states")
     return h if isinstance(h, torch.Tensor) else None
