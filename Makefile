@@ -1,22 +1,31 @@
-# The README's two commands. Both create .venv, install torch==2.13.0 first (a pinned CPU build; an
-# unpinned torch would pull several GB of CUDA packages), then the project.
+# The README's commands. Each creates its venv, installs torch==2.13.0 first (a pinned CPU build; an
+# unpinned torch would pull several GB of CUDA packages), then the project with the versions it was tested
+# with (constraints.txt, kept in the repository and updated on purpose with `make constraints`).
+# pyproject.toml keeps version ranges for library users; `make test-newest` runs the suite on the newest
+# releases of transformers, peft, accelerate and datasets, in a venv of its own.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  := torch==2.13.0
+CONSTRAINTS := constraints.txt
+NEWEST_VENV := .venv-newest
+NEWEST_PY   := $(NEWEST_VENV)/bin/python
+NEWEST_PIP  := $(NEWEST_PY) -m pip --disable-pip-version-check -q
+MOVING := transformers peft accelerate datasets
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test test-newest install install-test bench constraints versions clean
 
-$(VENV)/.core: pyproject.toml
+$(VENV)/.core: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[cli]'
+	$(PIP) install -c $(CONSTRAINTS) $(TORCH)
+	$(PIP) install -c $(CONSTRAINTS) -e '.[cli]'
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) install -e '.[cli,test]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[cli,test]'
+	$(PY) -m pip check
 	touch $@
 
 install: $(VENV)/.core
@@ -27,10 +36,29 @@ demo: $(VENV)/.core
 	$(VENV)/bin/alignkit demo
 
 test: $(VENV)/.test
+	$(PY) -m alignkit.versions --check $(CONSTRAINTS) $(MOVING)
 	$(PY) -m pytest -n 2 -q tests
+
+# The suite on the newest releases of the libraries that move monthly (everything else as tested).
+test-newest: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PIP) install --upgrade pip
+	$(NEWEST_PIP) install -c $(CONSTRAINTS) $(TORCH)
+	grep -viE '^($(shell echo $(MOVING) | tr ' ' '|'))==' $(CONSTRAINTS) > $(NEWEST_VENV)/constraints-rest.txt
+	$(NEWEST_PIP) install -c $(NEWEST_VENV)/constraints-rest.txt -e '.[cli,test]'
+	$(NEWEST_PIP) install --upgrade -c $(NEWEST_VENV)/constraints-rest.txt $(MOVING)
+	$(NEWEST_PY) -m alignkit.versions $(MOVING)
+	$(NEWEST_PY) -m pytest -n 2 -q tests
+
+# Rewrite constraints.txt from the test venv (after upgrading something on purpose and running `make test`).
+constraints: $(VENV)/.test
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+cpu$$//' > $(CONSTRAINTS)
+
+versions: $(VENV)/.core
+	$(PY) -m alignkit.versions $(MOVING)
 
 bench: $(VENV)/.test
 	$(PY) bench/run_cpu.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info src/*.egg-info .pytest_cache

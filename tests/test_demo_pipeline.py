@@ -28,6 +28,16 @@ def _rule_fraction(path) -> float:
     return sum(bool(RULE.match(r["response"])) for r in rows) / len(rows)
 
 
+def _topic_fraction(path) -> float:
+    """Share of responses naming the prompt's "the <colour> <animal>" (capitalised), by the test's own regex."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    hits = 0
+    for r in rows:
+        m = re.search(r"the (\w+) (\w+)\b", r["prompt"])
+        hits += bool(m) and f"The {m.group(1)} {m.group(2)}" in r["response"]
+    return hits / len(rows)
+
+
 def _check_adapter(result, out, adapter: str) -> None:
     d = result.dpo[adapter]
     assert d.reward_accuracy.after > 0.5 and d.reward_margin.after > 0, adapter
@@ -38,12 +48,15 @@ def _check_adapter(result, out, adapter: str) -> None:
     assert _rule_fraction(out / f"dpo_{adapter}" / "generations_greedy.jsonl") == pytest.approx(d.rule_greedy.after)
     assert _rule_fraction(out / f"dpo_{adapter}" / "generations_sampled.jsonl") == pytest.approx(d.rule_sampled.after)
     assert _rule_fraction(out / "sft" / "generations_greedy.jsonl") == pytest.approx(d.rule_greedy.before)
+    assert d.on_topic_greedy.after >= 0.5, adapter  # names the prompt's animal (ReFT on 5.24 fell to 0.25)
+    assert _topic_fraction(out / f"dpo_{adapter}" / "generations_greedy.jsonl") == pytest.approx(d.on_topic_greedy.after)
 
 
 def test_pipeline_demo_moves_every_number_the_right_way(tmp_path):
     # one test, one run (~12 s): a module fixture would run once per xdist worker
     threads = torch.get_num_threads()
     result = run_pipeline_demo(tmp_path, scale=0.4, seed=0, progress=False)
+    assert result.shortfalls() == [], result.shortfalls()
     assert torch.get_num_threads() == threads  # restored
     assert result.steps == {"sft": 120, "reward_model": 40, "dpo": 40}
 
@@ -92,3 +105,37 @@ def test_bundled_data_split_and_styles():
     assert 0.2 < polite < 0.4  # both styles in the SFT data, the preferred one the minority
     assert task.follows_rule(" Sure! The red cat is curious. Hope this helps!")
     assert not task.follows_rule(" The red cat is curious. Hope this helps!")
+
+
+def _result(scale: float = 1.0, **dpo_after):
+    from alignkit.demos.pipeline_report import AdapterNumbers, Change, PipelineResult
+
+    def numbers(rule=1.0, topic=1.0):
+        c = Change(0.0, 1.0)
+        return AdapterNumbers(reward_accuracy=Change(0.0, 1.0), reward_margin=c, rule_greedy=Change(0.2, rule),
+                              rule_sampled=c, on_topic_greedy=Change(1.0, topic), rm_score_greedy=c)
+    return PipelineResult(sft_loss=Change(6.1, 0.09), rm_accuracy=Change(0.3, 1.0),
+                          dpo={"reft": numbers(**dpo_after.get("reft", {})), "lora": numbers()}, scale=scale)
+
+
+def test_floors_name_the_stage_and_figure_that_fall_short():
+    assert _result().shortfalls() == []
+    # the transformers 5.24 failure: ReFT generation repeating "Sure!" scored 0.69 style, 0.25 on-topic
+    short = _result(reft={"rule": 0.69, "topic": 0.25}).shortfalls()
+    assert short == ["DPO+ReFT: greedy style score 0.69 < floor 0.9", "DPO+ReFT: greedy on-topic rate 0.25 < floor 0.9"]
+    assert _result(reft={"topic": float("nan")}).shortfalls() == ["DPO+ReFT: greedy on-topic rate nan < floor 0.9"]
+    assert _result(scale=0.4, reft={"rule": 0.69}).shortfalls() == []  # reduced floors below scale 1
+
+
+def test_demo_cli_exits_nonzero_when_a_figure_falls_short(monkeypatch, tmp_path, capsys):
+    import alignkit.demos.pipeline as pipeline
+    from alignkit.cli import main
+
+    bad = _result(reft={"rule": 0.69, "topic": 0.25})
+    bad.output_dir = str(tmp_path)
+    monkeypatch.setattr(pipeline, "run_pipeline_demo", lambda *a, **k: bad)
+    assert main(["-q", "demo", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "DPO+ReFT: greedy on-topic rate 0.25 < floor 0.9" in err
+    monkeypatch.setattr(pipeline, "run_pipeline_demo", lambda *a, **k: _result())
+    assert main(["-q", "demo", "--output-dir", str(tmp_path)]) == 0

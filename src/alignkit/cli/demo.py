@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import logging
 from typing import Any
 
@@ -75,6 +76,18 @@ def run_pipeline(args: argparse.Namespace) -> int:
                             progress=not args.quiet, **extra)
     print(res.table())
     print(examples(res.output_dir))
+    floors = res.floors()
+    short = res.shortfalls()
+    print(f"\nexpected on held-out data{'' if res.scale >= 1 else ' (scaled-down run: reduced floors)'}: SFT loss "
+          f"<= {floors['sft_loss_ratio']:g}x its start, reward-model accuracy >= {floors['rm_accuracy']:g}, for DPO "
+          f"with each adapter reward accuracy >= {floors['dpo_reward_accuracy']:g}, greedy style score >= "
+          f"{floors['rule_greedy']:g} and on-topic rate >= {floors['on_topic_greedy']:g}")
+    if short:
+        print("alignkit demo: FAILED: " + "; ".join(short) + f" (outputs kept in {res.output_dir}; a healthy run of this "
+              "demo never falls below these floors, so something in the stack is wrong: check the versions with "
+              "`pip list` against constraints.txt)", file=sys.stderr)
+        return 1
+    print("all held-out figures at or above their floors")
     return 0
 
 
