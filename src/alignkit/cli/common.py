@@ -97,7 +97,8 @@ def load_base(ms: ModelSettings, run: RunFolder, task: str = "causal_lm") -> tup
     path, desc = resolve_model_path(ms, run, task)
     tok = load_tokenizer_for(ms, path)
     model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
-                       num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code)
+                       num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
+                       rope_scaling=ms.rope_scaling)
     if path in _CREATED:  # this process's private copy of a tiny model: loaded, so not needed
         shutil.rmtree(path, ignore_errors=True)
         _CREATED.discard(path)
@@ -119,7 +120,8 @@ def load_for_inference(ms: ModelSettings, run: RunFolder, task: str = "causal_lm
     folder = Path(ms.adapter_path)
     if read_adapter_config(folder).kind == "full":
         model = load_model(folder, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
-                           num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code)
+                           num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
+                           rope_scaling=ms.rope_scaling)
         if (folder / "tokenizer_config.json").is_file():
             tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code), str(folder))
     else:

@@ -73,6 +73,27 @@ def _check_names(cfg: Any) -> None:
             raise ConfigError(str(e).strip("'\"")) from None
 
 
+def _check_model(cfg: Any) -> None:
+    """`model.rope_scaling` against the model's own config, when that config can be read without loading
+    weights (`tiny:<arch>` or a local folder); otherwise it is checked when the model loads."""
+    ms = getattr(cfg, "model", None)
+    if getattr(ms, "rope_scaling", None) is None:
+        return
+    if ms.path.startswith("tiny:"):
+        from alignkit.models.tiny import tiny_config
+
+        model_config = tiny_config(ms.path[len("tiny:"):], vocab_size=512)
+    elif (Path(ms.path) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(ms.path, trust_remote_code=ms.trust_remote_code)
+    else:
+        return
+    from alignkit.models.rope import scaled_rope_parameters
+
+    scaled_rope_parameters(model_config, ms.rope_scaling)
+
+
 def _suggest(name: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(name, valid, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -90,6 +111,7 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
     if isinstance(cfg, TrainConfig):
         check_training_args(cfg.train)
     _check_names(cfg)
+    _check_model(cfg)
     return cfg
 
 

@@ -21,6 +21,8 @@ class ModelSettings:
     trust_remote_code: bool = False
     tokenizer: str | None = None  # default: the model's folder
     adapter_path: str | None = None  # eval / generate: a folder written by a training run (its model/ folder)
+    # RoPE scaling, e.g. {type: linear, factor: 2.0} (linear, dynamic, yarn, llama3, longrope): alignkit.models.rope
+    rope_scaling: dict[str, Any] | None = None
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""RoPE scaling from a run config (`model.rope_scaling`): extend a model's context past its training length.
+
+    model:
+      path: my-llama
+      rope_scaling: {type: linear, factor: 2.0}      # or dynamic, yarn, llama3, longrope (what transformers has)
+
+transformers 5 keeps RoPE settings in `config.rope_parameters` (`rope_type`, `rope_theta`, and the type's own
+keys; `rope_scaling` is the old name) and computes the inverse frequencies with
+`modeling_rope_utils.ROPE_INIT_FUNCTIONS[rope_type]`. This module merges the run config's `rope_scaling`
+into the loaded config's `rope_parameters` (keeping its `rope_theta` / `partial_rotary_factor`), fills what a
+type needs from the model (`original_max_position_embeddings` = the model's current context length), and
+validates the result against the architecture, so every problem is one `ConfigError` naming the key:
+
+- an architecture without RoPE (GPT-2: learned positions), or whose modeling code only knows plain RoPE;
+- a type transformers does not implement (the valid ones are listed);
+- a missing or non-numeric `factor` (< 1 would shrink the context), a key the type does not use, or a key
+  transformers' own validation reports missing.
+
+Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn,
+llama3 and longrope (or the `max_position_embeddings` the config gives). Dynamic NTK keeps it: its formula
+reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it.
+Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from alignkit.settings.typed import ConfigError
+
+logger = logging.getLogger(__name__)
+
+WHERE = "model.rope_scaling"
+NEEDS_FACTOR = ("linear", "dynamic", "yarn", "llama3")  # longrope: factor optional (short/long factors instead)
+NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")  # types that read original_max_position_embeddings
+KEEPS_LENGTH = ("dynamic",)  # max_position_embeddings stays the original length
+
+
+def has_rope(config: Any) -> bool:
+    """Whether the architecture of `config` uses rotary position embeddings at all."""
+    params = getattr(config, "rope_parameters", None)
+    return isinstance(params, dict) and bool(params)
+
+
+def supported_rope_types(config: Any) -> list[str]:
+    """RoPE types the architecture's modeling code computes: "default", plus every `ROPE_INIT_FUNCTIONS`
+    type if its rotary embedding looks the type up there (the standard generated rotary class does)."""
+    if not has_rope(config):
+        return []
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    mt = config.model_type
+    try:
+        module = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    except ImportError:  # a module named differently from its model_type: assume the standard rotary class
+        return ["default", *sorted(ROPE_INIT_FUNCTIONS)]
+    if not hasattr(module, "ROPE_INIT_FUNCTIONS"):
+        return ["default"]
+    return ["default", *sorted(ROPE_INIT_FUNCTIONS)]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WHERE) -> tuple[dict[str, Any], int]:
+    """(new `rope_parameters`, new `max_position_embeddings`) for `config` with `scaling` applied.
+
+    `scaling`: `type` (or `rope_type`) plus the type's keys (`factor`, `beta_fast`, `low_freq_factor`, ...),
+    and optionally `max_position_embeddings` (the context length to record). `config` is not changed."""
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{where}: expected a mapping such as {{type: linear, factor: 2.0}}, got {scaling!r}")
+    scaling = dict(scaling)
+    arch = getattr(config, "model_type", type(config).__name__)
+    if not has_rope(config):
+        raise ConfigError(f"{where}: the {arch} architecture has no rotary position embeddings (RoPE), so it cannot be "
+                          "scaled; remove model.rope_scaling or use a RoPE model (llama, qwen2, gpt_neox, mistral, ...)")
+    if "type" in scaling and "rope_type" in scaling and scaling["type"] != scaling["rope_type"]:
+        raise ConfigError(f"{where}: both type={scaling['type']!r} and rope_type={scaling['rope_type']!r}; keep one")
+    kind = scaling.pop("type", None) or scaling.pop("rope_type", None)
+    valid = supported_rope_types(config)
+    if kind is None:
+        raise ConfigError(f"{where}.type: required; one of {', '.join(t for t in valid if t != 'default')}")
+    if kind not in valid:
+        raise ConfigError(f"{where}.type: {kind!r} is not a RoPE type the {arch} architecture supports in this "
+                          f"transformers; valid: {', '.join(valid)}")
+    new_length = scaling.pop("max_position_embeddings", None)
+    if new_length is not None and (not isinstance(new_length, int) or isinstance(new_length, bool) or new_length < 1):
+        raise ConfigError(f"{where}.max_position_embeddings: expected a positive integer, got {new_length!r}")
+    factor = scaling.get("factor")
+    if kind in NEEDS_FACTOR and factor is None:
+        raise ConfigError(f"{where}.factor: required for type {kind!r} (the context multiplier, e.g. factor: 2.0)")
+    if factor is not None and (not _number(factor) or factor < 1):
+        raise ConfigError(f"{where}.factor: expected a number >= 1 (the context multiplier), got {factor!r}")
+
+    old = dict(config.rope_parameters)
+    if old.get("rope_type", "default") == kind and all(old.get(k) == v for k, v in scaling.items()):
+        return old, config.max_position_embeddings  # already applied (e.g. a saved finetuned model)
+    params = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
+    params.update(scaling, rope_type=kind)
+    original = old.get("original_max_position_embeddings") or config.max_position_embeddings
+    if kind in NEEDS_ORIGINAL:
+        params.setdefault("original_max_position_embeddings", original)
+    if new_length is None:
+        new_length = config.max_position_embeddings if kind in KEEPS_LENGTH or factor is None \
+            else int(params.get("original_max_position_embeddings", original) * factor)
+    _validate(config, params, new_length, where)
+    return params, new_length
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _validate(config: Any, params: dict[str, Any], length: int, where: str) -> None:
+    """transformers' own validation of `params` on a copy of `config`; its warnings become errors (it only
+    warns about unknown keys and bad values, which would otherwise be silently ignored or misused)."""
+    import copy
+
+    trial = copy.deepcopy(config)
+    trial.rope_parameters = copy.deepcopy(params)
+    trial.max_position_embeddings = length
+    rope_log = logging.getLogger("transformers.modeling_rope_utils")
+    capture = _Capture()
+    rope_log.addHandler(capture)
+    try:
+        trial.validate_rope()
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {str(e).strip(chr(34) + chr(39))}") from None
+    finally:
+        rope_log.removeHandler(capture)
+    if capture.messages:
+        raise ConfigError(f"{where}: {capture.messages[0]}")
+
+
+def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str = WHERE) -> Any:
+    """Set `config.rope_parameters` / `max_position_embeddings` for `scaling` (None: unchanged). Returns config."""
+    if scaling is None:
+        return config
+    params, length = scaled_rope_parameters(config, scaling, where)
+    if params != config.rope_parameters or length != config.max_position_embeddings:
+        logger.info("RoPE scaling: %s -> %s, max_position_embeddings %d -> %d", config.rope_parameters, params,
+                    config.max_position_embeddings, length)
+    config.rope_parameters = params
+    config.max_position_embeddings = length
+    return config
+
+
+__all__ = ["apply_rope_scaling", "has_rope", "scaled_rope_parameters", "supported_rope_types"]

@@ -1,0 +1,170 @@
+"""RoPE scaling from `model.rope_scaling`: the cos/sin a tiny Llama's layers receive after extending its context
+by a factor of 2, checked against the published formulas computed here by hand (math, not transformers), and
+the one-line errors for unknown types, a missing factor and an architecture without RoPE."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.models.loading import load_model
+from alignkit.models.rope import apply_rope_scaling, supported_rope_types
+from alignkit.models.tiny import tiny_config
+from alignkit.settings import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+THETA, HEAD_DIM, ORIGINAL = 10000.0, 16, 512  # the tiny Llama: hidden 64 / 4 heads, 512 positions
+
+
+def seen_cos_sin(model, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [length, head_dim] that the rotary module hands to the decoder layers in a real forward."""
+    seen = {}
+    handle = model.model.rotary_emb.register_forward_hook(lambda m, a, out: seen.update(cos=out[0], sin=out[1]))
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (1, length)))
+    handle.remove()
+    return seen["cos"][0], seen["sin"][0]
+
+
+def by_hand(inv_freq: list[float], length: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables from the paper's definition: angle(p, i) = p * inv_freq[i], each frequency used for two dims
+    (HF's half-rotation layout: [f_0..f_{d/2-1}, f_0..f_{d/2-1}])."""
+    cos = [[math.cos(p * f) * scale for f in inv_freq * 2] for p in range(length)]
+    sin = [[math.sin(p * f) * scale for f in inv_freq * 2] for p in range(length)]
+    return torch.tensor(cos, dtype=torch.float64), torch.tensor(sin, dtype=torch.float64)
+
+
+def base_freqs(theta: float = THETA) -> list[float]:
+    return [theta ** (-2 * i / HEAD_DIM) for i in range(HEAD_DIM // 2)]
+
+
+def check(model, length: int, inv_freq: list[float], scale: float = 1.0) -> None:
+    cos, sin = seen_cos_sin(model, length)
+    want_cos, want_sin = by_hand(inv_freq, length, scale)
+    assert cos.shape == (length, HEAD_DIM)
+    # float32 angles up to ~1000 rad: absolute error of a few 1e-5 on cos/sin
+    torch.testing.assert_close(cos.double(), want_cos, atol=2e-4, rtol=0)
+    torch.testing.assert_close(sin.double(), want_sin, atol=2e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from alignkit.models.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("rope-llama"), "llama")
+
+
+def test_unscaled_model_sees_plain_rope(llama_dir):
+    check(load_model(llama_dir).eval(), 64, base_freqs())
+
+
+def test_linear_factor_2_interpolates_positions(llama_dir):
+    model = load_model(llama_dir, rope_scaling={"type": "linear", "factor": 2.0}).eval()
+    assert model.config.max_position_embeddings == 2 * ORIGINAL
+    # position interpolation: position p is seen as p / 2, i.e. every frequency halved, over the whole 2x context
+    check(model, 2 * ORIGINAL, [f / 2 for f in base_freqs()])
+
+
+def test_dynamic_ntk_rescales_the_base_only_past_the_original_length(llama_dir):
+    model = load_model(llama_dir, rope_scaling={"type": "dynamic", "factor": 2.0}).eval()
+    assert model.config.max_position_embeddings == ORIGINAL  # the formula reads it as the original length
+    check(model, 100, base_freqs())  # within the original context: plain RoPE
+    length = 2 * ORIGINAL
+    # NTK-aware base: theta' = theta * (factor * L / L_orig - (factor - 1)) ** (d / (d - 2)) = theta * 3 ** (16/14)
+    theta = THETA * (2.0 * length / ORIGINAL - 1.0) ** (HEAD_DIM / (HEAD_DIM - 2))
+    check(model, length, base_freqs(theta))
+    check(model, 100, base_freqs())  # and back again for a short sequence
+
+
+def test_yarn_factor_2_blends_frequencies_and_scales_attention(llama_dir):
+    model = load_model(llama_dir, rope_scaling={"type": "yarn", "factor": 2.0}).eval()
+    assert model.config.max_position_embeddings == 2 * ORIGINAL
+    assert model.config.rope_parameters["original_max_position_embeddings"] == ORIGINAL
+    # YaRN (Peng et al. 2023): dims rotating more than beta_fast=32 times over the original context keep their
+    # frequency, those rotating fewer than beta_slow=1 times are interpolated (/factor), a linear ramp between.
+    def dim_of(rotations: float) -> float:
+        return HEAD_DIM * math.log(ORIGINAL / (rotations * 2 * math.pi)) / (2 * math.log(THETA))
+
+    low, high = max(math.floor(dim_of(32)), 0), min(math.ceil(dim_of(1)), HEAD_DIM - 1)
+    # d=16, theta=1e4, 512 positions: 16 ln(512 / 64pi) / 2 ln 1e4 = 0.81 -> 0; 16 ln(512 / 2pi) / 2 ln 1e4 = 3.82 -> 4
+    assert (low, high) == (0, 4)
+    freqs = []
+    for i, f in enumerate(base_freqs()):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: keep (extrapolate), 1: interpolate
+        freqs.append(f * (1 - ramp) + (f / 2) * ramp)
+    mscale = 0.1 * math.log(2.0) + 1.0  # attention temperature, folded into cos and sin
+    check(model, 2 * ORIGINAL, freqs, scale=mscale)
+
+
+def test_scaling_twice_is_scaling_once():
+    cfg = tiny_config("llama", vocab_size=64)
+    apply_rope_scaling(cfg, {"type": "yarn", "factor": 2.0})
+    once = (dict(cfg.rope_parameters), cfg.max_position_embeddings)
+    apply_rope_scaling(cfg, {"type": "yarn", "factor": 2.0})
+    assert (dict(cfg.rope_parameters), cfg.max_position_embeddings) == once == (
+        {"rope_theta": THETA, "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512}, 1024)
+
+
+def test_supported_types_come_from_the_architecture():
+    assert supported_rope_types(tiny_config("gpt2", vocab_size=64)) == []
+    types = supported_rope_types(tiny_config("llama", vocab_size=64))
+    assert types[0] == "default" and {"linear", "dynamic", "yarn", "llama3", "longrope"} <= set(types)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.rope_scaling={type: ntk, factor: 2}", "model.rope_scaling.type: 'ntk' is not a RoPE type the llama "
+                                                  "architecture supports in this transformers; valid: default, "),
+    ("model.rope_scaling.factor=null", "model.rope_scaling.factor: required for type 'linear'"),
+    ("model.rope_scaling.type=null", "model.rope_scaling.type: required; one of "),
+    ("model.rope_scaling={type: dynamic, factor: 0.5}", "model.rope_scaling.factor: expected a number >= 1"),
+    ("model.rope_scaling={type: linear, factor: 2, beta_fast: 8}", "model.rope_scaling: Unrecognized keys"),
+    ("model.rope_scaling=linear", "model.rope_scaling: expected"),
+])
+def test_bad_rope_scaling_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "sft-long-context-tiny.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_architecture_without_rope_is_refused_at_config_load():
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling: the gpt2 architecture has no rotary position "
+                                          r"embeddings \(RoPE\)"):
+        load_config(ROOT / "configs" / "sft-long-context-tiny.yaml", ["model.path=tiny:gpt2"])
+
+
+def test_error_from_a_model_folder_is_one_line_from_the_cli(tmp_path, tiny_dir):
+    cmd = [sys.executable, "-m", "alignkit", "sft", "--config", str(ROOT / "configs" / "sft-long-context-tiny.yaml"),
+           f"model.path={tiny_dir('gpt_neox')}", "model.rope_scaling.type=su", f"output_dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"alignkit sft: error: {ROOT / 'configs' / 'sft-long-context-tiny.yaml'}: model.rope_scaling.type: 'su' is "
+        f"not a RoPE type the gpt_neox architecture supports in this transformers; valid: default, "
+        + ", ".join(supported_rope_types(tiny_config("gpt_neox", vocab_size=64))[1:])]
+
+
+def test_long_context_example_trains_past_the_base_context(tmp_path):
+    from alignkit.cli import main
+
+    assert main(["-q", "sft", "--config", str(ROOT / "configs" / "sft-long-context-tiny.yaml"),
+                 f"output_dir={tmp_path}", "train.max_steps=2"]) == 0
+    import json
+
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "linear" and saved["max_position_embeddings"] == 1024
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in rows)
+    # every training sequence ran past the base model's 512 positions
+    from alignkit.data import TokenizeConfig, load_records, tokenize_records
+    from alignkit.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "model")
+    records = load_records(str(ROOT / "src/alignkit/resources/data/long_context_sample.jsonl"), "sft")
+    feats, _ = tokenize_records(records, tok, TokenizeConfig(max_length=1024, max_prompt_length=1000))
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert len(feats) == len(records) and 512 < min(lengths) and max(lengths) <= 1024
