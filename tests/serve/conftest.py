@@ -5,6 +5,11 @@ values before saving: every adapter really changes the model's outputs (checked 
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import pytest
 import torch
 
@@ -39,3 +44,38 @@ def serve_dirs(tmp_path_factory):
         make_adapter(base, root / name, kind, seed=10 + i)
         adapters[name] = root / name
     return {"base": base, "adapters": adapters}
+
+
+@contextlib.contextmanager
+def running_server(engine, api_key=None):
+    """uvicorn on 127.0.0.1 (a free port) in a thread, over `engine` (started here); yields the base URL."""
+    import uvicorn
+
+    from alignkit.serve.api import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    engine.start()
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.stop()
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def serve_stack(serve_dirs):
+    from alignkit.serve.stack import load_stack
+
+    return load_stack(serve_dirs["base"], serve_dirs["adapters"], base_name="base")

@@ -6,6 +6,7 @@
     alignkit generate --config configs/generate-tiny.yaml  generations for a prompts file, as JSONL
     alignkit online-dpo | grpo | rloo | ppo --config configs/grpo-tiny.yaml   online alignment (cli/online.py)
     alignkit sample | annotate --config ...   an offline round as two jobs, through files (cli/rounds.py)
+    alignkit serve    --base DIR --adapter NAME=DIR ...   OpenAI-compatible server + chat page (cli/serve.py)
     alignkit demo                        the bundled end-to-end pipeline (`--reft`: the ReFT demo)
     alignkit ls [section]                every registry: losses, interventions, readers, formatters, ...
 
@@ -22,9 +23,9 @@ import logging
 import os
 import sys
 
-from alignkit.cli import demo, evaluate, generate, listing, online, rounds, train
+from alignkit.cli import demo, evaluate, generate, listing, online, rounds, serve, train
 
-COMMANDS = (train, online, rounds, evaluate, generate, demo, listing)
+COMMANDS = (train, online, rounds, evaluate, generate, serve, demo, listing)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,9 +27,12 @@ from alignkit.settings.sections import (CONFIG_CLASSES, TRAIN_COMMANDS, DataSett
 from alignkit.settings.typed import ConfigError, build, coerce, merge, parse_overrides, parse_value, read_yaml
 from alignkit.settings.online import ONLINE_CONFIG_CLASSES, AnnotateConfig, AnnotatorSettings, SampleConfig
 
-CONFIG_CLASSES.update(ONLINE_CONFIG_CLASSES)  # online-dpo, grpo, rloo, ppo, sample, annotate (settings/online.py)
+from alignkit.settings.serve import ServeConfig
 
-__all__ = ["AnnotateConfig", "AnnotatorSettings", "SampleConfig",
+CONFIG_CLASSES.update(ONLINE_CONFIG_CLASSES)  # online-dpo, grpo, rloo, ppo, sample, annotate (settings/online.py)
+CONFIG_CLASSES["serve"] = ServeConfig  # settings/serve.py
+
+__all__ = ["AnnotateConfig", "AnnotatorSettings", "SampleConfig", "ServeConfig",
            "CONFIG_CLASSES", "TRAIN_COMMANDS", "ConfigError", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig",
            "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod",
            "SFTConfig", "SFTMethod", "TrainConfig", "build", "check_training_args", "coerce", "command_of",

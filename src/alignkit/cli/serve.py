@@ -1,0 +1,127 @@
+"""`alignkit serve`: one base model and many adapters behind an OpenAI-compatible API and a chat page.
+
+    alignkit serve --base runs/sft/model --adapter polite=runs/dpo-reft/model --adapter terse=runs/dpo-lora/model
+    alignkit serve --config configs/serve.yaml port=8080
+
+Flags and the YAML config (`alignkit.settings.serve.ServeConfig`) say the same things; a flag wins over
+the file, dotted overrides (`port=8080`) over both. Binds 127.0.0.1 unless told otherwise. Needs the
+`serve` extra (fastapi, uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from typing import Any
+
+from alignkit.cli.common import add_config_arguments
+from alignkit.settings import ConfigError, load_config
+
+logger = logging.getLogger(__name__)
+
+FLAGS = ("base", "base_name", "engine", "host", "port", "api_key", "dtype", "device", "max_batch_rows", "max_queue",
+         "max_prompt_tokens", "max_new_tokens", "default_max_tokens", "request_timeout")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a base model + adapters (OpenAI-compatible API, chat page at /)")
+    add_config_arguments(p)
+    p.add_argument("--base", help="base model folder (or tiny:<arch>)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter folder served as model NAME (repeat for more)")
+    p.add_argument("--base-name", dest="base_name", help="the base's served model name (default: its folder name)")
+    p.add_argument("--engine", choices=["alignkit", "vllm"], help="alignkit (default); vllm: not yet")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' (or set ALIGNKIT_API_KEY)")
+    p.add_argument("--dtype", help="model dtype (default float32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    for flag in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=int)
+    p.add_argument("--request-timeout", dest="request_timeout", type=float, help="seconds (default 120)")
+    p.set_defaults(func=run)
+
+
+def config_from(args: argparse.Namespace) -> Any:
+    overrides = list(args.overrides)
+    for key in FLAGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter polite=runs/dpo-reft/model")
+        if name in adapters:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = folder
+    data_overrides = [o for o in overrides if not o.startswith("api_key=")]
+    cfg = load_config(args.config, data_overrides, command="serve")
+    if args.api_key is not None:
+        cfg.api_key = args.api_key
+    if adapters:
+        cfg.adapters = {**cfg.adapters, **adapters}
+    if cfg.api_key is None and os.environ.get("ALIGNKIT_API_KEY"):
+        cfg.api_key = os.environ["ALIGNKIT_API_KEY"]
+    return cfg
+
+
+def build_engine(cfg: Any):
+    """The engine for a `ServeConfig` (not started)."""
+    import torch
+
+    from alignkit.cli.common import TINY_PREFIX
+    from alignkit.serve.engine import Engine, EngineConfig
+    from alignkit.serve.stack import load_stack
+
+    if cfg.engine == "vllm":
+        raise ConfigError("engine: vllm is not built yet (see README, Serving); use engine=alignkit")
+    base, base_name = cfg.base, cfg.base_name
+    if base.startswith(TINY_PREFIX):
+        from alignkit.models.tiny import ARCHITECTURES, save_tiny
+
+        arch = base[len(TINY_PREFIX):]
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"base: {base!r}: unknown tiny architecture; valid: "
+                              + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
+        base = str(save_tiny(tempfile.mkdtemp(prefix=f"alignkit-serve-tiny-{arch}-"), arch))
+        base_name = base_name or f"tiny-{arch}"
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        stack = load_stack(base, cfg.adapters, base_name=base_name, dtype=cfg.dtype, device=device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Engine(stack, EngineConfig(max_batch_rows=cfg.max_batch_rows, max_queue=cfg.max_queue,
+                                      max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                                      default_max_tokens=cfg.default_max_tokens,
+                                      request_timeout=cfg.request_timeout))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError("alignkit serve needs fastapi and uvicorn: pip install 'alignkit[serve]'") from None
+    cfg = config_from(args)
+    if args.dry_run:
+        from alignkit.settings import dump_config
+
+        shown = cfg if cfg.api_key is None else type(cfg)(**{**vars(cfg), "api_key": "***"})
+        print(dump_config(shown), end="")
+        return 0
+    from alignkit.serve.api import serve_forever
+
+    engine = build_engine(cfg)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        logger.warning("serving on %s without --api-key: anyone who can reach this address can use the models",
+                       cfg.host)
+    print(f"alignkit serve: {', '.join(engine.stack.names)} on http://{cfg.host}:{cfg.port}/ (chat page at /)")
+    serve_forever(engine, cfg.host, cfg.port, cfg.api_key, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+__all__ = ["add_parser", "build_engine", "config_from", "run"]

@@ -1,0 +1,431 @@
+"""The HTTP side of `alignkit serve`: an OpenAI-compatible API, health, metrics and the chat page (FastAPI).
+
+    GET  /v1/models              the base (under its own name) and every adapter
+    POST /v1/completions         prompt (string, list of strings, or token ids) -> text; `model` picks the adapter
+    POST /v1/chat/completions    messages through the tokenizer's chat template
+    GET  /health                 {"status": "ok", ...}; 503 when the engine thread is gone
+    GET  /metrics                Prometheus text: queue depth, running rows, tokens/s, per-model counts, latency
+    GET  /                       the chat page (static files in serve/static, no build step)
+
+Request fields: model, max_tokens, temperature, top_p, stop (string or list), seed, n, stream (server-sent
+events, `data: [DONE]` last), stream_options.include_usage; unknown fields are ignored, as OpenAI's
+server does. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
+JSON, wrong types, limits; 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
+over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
+A client that disconnects cancels its generation at the engine's next step.
+"""
+
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from alignkit.serve.engine import Engine, Event, QueueFullError, RequestError, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 1 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Request parsing: every field checked, errors name the field
+# ----------------------------------------------------------------------------------------------------
+
+def _num(body: dict, key: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+        raise ApiError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}, got {json.dumps(v)[:40]}",
+                       param=key)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ApiError(400, f"'{key}' must be in [{lo}, {hi}], got {v}", param=key)
+    return kind(v)
+
+
+def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+        raise ApiError(400, f"'max_tokens' must be an integer, got {json.dumps(max_tokens)[:40]}", param="max_tokens")
+    if body.get("logprobs") not in (None, False) or body.get("best_of") not in (None, 1) or body.get("echo"):
+        raise ApiError(400, "logprobs, best_of and echo are not supported by this server", param="logprobs")
+    return SamplingParams(max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
+                          top_p=_num(body, "top_p", 1.0, float, 0.0, 1.0), stop=stop,
+                          seed=_num(body, "seed", None, int), n=_num(body, "n", 1, int, 1, 16))
+
+
+def _model(body: dict) -> str:
+    m = body.get("model")
+    if not isinstance(m, str) or not m:
+        raise ApiError(400, "'model' is required: the name of a served model (GET /v1/models)", param="model")
+    return m
+
+
+def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
+    p = body.get("prompt")
+    if isinstance(p, str):
+        p = [p]
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        p = [p]
+    if not isinstance(p, list) or not p or len(p) > 16:
+        raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids", param="prompt")
+    out = []
+    for x in p:
+        if isinstance(x, str):
+            out.append(list(tokenizer(x)["input_ids"]))
+        elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
+            if any(t < 0 or t >= len(tokenizer) for t in x):
+                raise ApiError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", param="prompt")
+            out.append(list(x))
+        else:
+            raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids",
+                           param="prompt")
+    return out
+
+
+def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}]: needs 'role' (system, user or assistant) and 'content'",
+                           param=f"messages[{i}]")
+        c = m.get("content")
+        if isinstance(c, list):  # content parts: only text
+            if not all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str) for x in c):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
+            c = "".join(x["text"] for x in c)
+        if not isinstance(c, str):
+            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
+        role = "system" if m["role"] == "developer" else m["role"]
+        clean.append({"role": role, "content": c})
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+    text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The app
+# ----------------------------------------------------------------------------------------------------
+
+def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: float = 0.1):
+    """The FastAPI application over a started (or to-be-started) `engine`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    http_errors: dict[int, int] = {}
+    tokenizer = engine.tokenizer
+
+    def error_response(e: ApiError) -> JSONResponse:
+        http_errors[e.status] = http_errors.get(e.status, 0) + 1
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, e: Exception):
+        return error_response(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, e: Exception):
+        return error_response(ApiError(405, f"method {request.method} not allowed on {request.url.path}"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        logger.exception("serve: unhandled error on %s", request.url.path)
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), api_key.encode())):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "authentication_error", code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        check_key(request)
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue) -> list:
+        if model not in engine.stack.routes:
+            raise ApiError(404, f"the model '{model}' does not exist; served: {engine.stack.names}",
+                           param="model", code="model_not_found")
+        reqs = []
+        try:
+            for j, ids in enumerate(prompts):
+                sink = (lambda ev, j=j: loop.call_soon_threadsafe(q.put_nowait, (j, ev)))
+                reqs.append(engine.submit(model, ids, SamplingParams(**vars(params)), sink))
+        except QueueFullError as e:
+            for r in reqs:
+                r.cancel()
+            raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except RequestError as e:
+            for r in reqs:
+                r.cancel()
+            raise ApiError(400, str(e)) from None
+        return reqs
+
+    def end_error(message: str) -> ApiError:
+        if message.startswith("timed out"):
+            return ApiError(504, f"the request {message}", "timeout", code="timeout")
+        return ApiError(500, message, "server_error")
+
+    async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
+        model = _model(body)
+        params = sampling_params(body, engine.config.default_max_tokens)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be true or false", param="stream")
+        opts = body.get("stream_options") or {}
+        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        reqs = submit_all(model, prompts, params, loop, q)
+        n = params.n
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        now = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+
+        def usage() -> dict[str, int]:
+            p = sum(len(x) * n for x in prompts)
+            c = sum(r.completion_tokens for r in reqs)
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+        def cancel_all() -> None:
+            for r in reqs:
+                r.cancel()
+
+        async def events() -> AsyncIterator[tuple[int, Event]]:
+            ended = 0
+            while ended < len(reqs):
+                j, ev = await q.get()
+                if ev.kind == "end":
+                    ended += 1
+                    continue
+                yield j, ev
+
+        if not stream:
+            texts = [""] * (len(prompts) * n)
+            reasons: list[str | None] = [None] * len(texts)
+
+            async def collect():
+                async for j, ev in events():
+                    if ev.kind == "token":
+                        texts[j * n + ev.index] += ev.text
+                    elif ev.kind == "done":
+                        reasons[j * n + ev.index] = ev.finish_reason
+                    elif ev.kind == "error":
+                        cancel_all()
+                        raise end_error(ev.message or "error")
+
+            task = asyncio.ensure_future(collect())
+            try:
+                while not task.done():
+                    await asyncio.wait([task], timeout=poll_disconnect)
+                    if not task.done() and await request.is_disconnected():
+                        cancel_all()
+                        task.cancel()
+                        return PlainTextResponse("", status_code=499)
+                task.result()
+            finally:
+                if not task.done():
+                    task.cancel()
+                    cancel_all()
+            if chat:
+                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                            "finish_reason": reasons[i]} for i, t in enumerate(texts)]
+            else:
+                choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
+                           for i, t in enumerate(texts)]
+            return JSONResponse({"id": rid, "object": kind, "created": now, "model": model, "choices": choices,
+                                 "usage": usage(), "system_fingerprint": None})
+
+        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list, with_usage: dict | None = None) -> str:
+            d = {"id": rid, "object": chunk_kind, "created": now, "model": model, "choices": choices,
+                 "system_fingerprint": None}
+            if include_usage:
+                d["usage"] = with_usage
+            return f"data: {json.dumps(d)}\n\n"
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None} for i in range(len(prompts) * n)])
+                async for j, ev in events():
+                    i = j * n + ev.index
+                    if ev.kind == "token" and ev.text:
+                        yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": None,
+                                      "finish_reason": None}] if chat else
+                                    [{"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}])
+                    elif ev.kind == "done":
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]
+                                    if chat else
+                                    [{"index": i, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}])
+                    elif ev.kind == "error":
+                        cancel_all()
+                        e = end_error(ev.message or "error")
+                        http_errors[e.status] = http_errors.get(e.status, 0) + 1
+                        yield f"data: {json.dumps(e.body())}\n\n"
+                        return
+                if include_usage:
+                    yield chunk([], usage())
+                yield "data: [DONE]\n\n"
+            finally:
+                cancel_all()  # a no-op for finished requests; stops the rows of a client that went away
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_key(request)
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "alignkit",
+                 "adapter_kind": r.kind} for name, r in engine.stack.routes.items()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        check_key(request)
+        if name not in engine.stack.routes:
+            raise ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return {"id": name, "object": "model", "created": created, "owned_by": "alignkit",
+                "adapter_kind": engine.stack.routes[name].kind}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        return await run(request, body, completion_prompts(body, tokenizer), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        _model(body)
+        return await run(request, body, [chat_prompt(body, tokenizer)], chat=True)
+
+    @app.get("/health")
+    async def health():
+        alive = engine.alive
+        body = {"status": "ok" if alive else "engine stopped", "models": engine.stack.names,
+                "queue_depth": engine.queue_depth, "running_rows": engine.running_rows}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        check_key(request)
+        return PlainTextResponse(prometheus_text(engine, http_errors), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    return app
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_text(engine: Engine, http_errors: dict[int, int] | None = None) -> str:
+    """The /metrics page in Prometheus' text exposition format (version 0.0.4)."""
+    s = engine.stats
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                     for labels, value in samples)
+
+    metric("alignkit_queue_depth", "gauge", "Requests waiting to join the running batch.", [("", engine.queue_depth)])
+    metric("alignkit_running_rows", "gauge", "Rows (request choices) in the running batch.",
+           [("", engine.running_rows)])
+    metric("alignkit_tokens_per_second", "gauge", "Generated tokens per second over the last 10 seconds.",
+           [("", float(round(s.tokens_per_second(), 3)))])
+    names = engine.stack.names
+    metric("alignkit_requests_total", "counter", "Requests completed, per served model.",
+           [(f'{{model="{_esc(m)}"}}', s.requests.get(m, 0)) for m in names])
+    metric("alignkit_generated_tokens_total", "counter", "Generated tokens, per served model.",
+           [(f'{{model="{_esc(m)}"}}', s.tokens.get(m, 0)) for m in names])
+    metric("alignkit_request_failures_total", "counter", "Requests that did not complete, by reason.",
+           [('{reason="error"}', s.errors), ('{reason="timeout"}', s.timeouts), ('{reason="cancelled"}', s.cancelled),
+            ('{reason="queue_full"}', s.rejected)])
+    metric("alignkit_http_errors_total", "counter", "HTTP error responses, by status.",
+           [(f'{{status="{k}"}}', v) for k, v in sorted((http_errors or {}).items())])
+    metric("alignkit_forwards_total", "counter", "Model forwards (prefills and decode steps).", [("", s.forwards)])
+    metric("alignkit_forward_seconds_total", "counter", "Seconds spent in model forwards.",
+           [("", float(round(s.forward_seconds, 6)))])
+    for name, hist, total, help_ in (("alignkit_request_latency_seconds", s.latency, s.latency_sum,
+                                      "Time from submission to the last token."),
+                                     ("alignkit_time_to_first_token_seconds", s.ttft, s.ttft_sum,
+                                      "Time from submission to the first token.")):
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} histogram")
+        acc = 0
+        for b, c in zip(list(s.LATENCY_BUCKETS) + ["+Inf"], hist):
+            acc += c
+            lines.append(f'{name}_bucket{{le="{b}"}} {acc}')
+        lines.append(f"{name}_sum {total:g}")
+        lines.append(f"{name}_count {acc}")
+    return "\n".join(lines) + "\n"
+
+
+def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                  log_level: str = "info") -> None:
+    """Start the engine and run uvicorn until interrupted."""
+    import uvicorn
+
+    engine.start()
+    try:
+        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level=log_level, access_log=False)
+    finally:
+        engine.stop()
+
+
+__all__ = ["ApiError", "create_app", "prometheus_text", "serve_forever", "sampling_params"]

@@ -1,0 +1,46 @@
+"""Typed config of `alignkit serve` (no torch import; the engine reads it in `alignkit.cli.serve`).
+
+    command: serve
+    base: runs/sft/model              # a model folder, or tiny:<arch> (a random tiny model built locally)
+    adapters: {polite: runs/dpo-reft/model, terse: runs/dpo-lora/model}
+    port: 8000
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.settings.typed import ConfigError
+
+
+@dataclass
+class ServeConfig:
+    base: str  # the base model's folder (or tiny:<arch>)
+    adapters: dict[str, str] = field(default_factory=dict)  # served name -> adapter folder (save_adapter's)
+    base_name: str | None = None  # the base's served name; default: its folder's name ("tiny-<arch>" for tiny:)
+    engine: str = "alignkit"  # "vllm": not yet
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # or the ALIGNKIT_API_KEY environment variable (keeps the key out of files)
+    dtype: str = "float32"
+    device: str | None = None  # default: cuda if available, else cpu
+    max_batch_rows: int = 32
+    max_queue: int = 256
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    default_max_tokens: int = 64
+    request_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("alignkit", "vllm"):
+            raise ConfigError(f"engine: {self.engine!r} is unknown; valid: alignkit, vllm")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is not a TCP port (0-65535)")
+        for key in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.request_timeout <= 0:
+            raise ConfigError(f"request_timeout: must be > 0 seconds, got {self.request_timeout}")
+
+
+__all__ = ["ServeConfig"]

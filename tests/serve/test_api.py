@@ -1,0 +1,211 @@
+"""`alignkit serve`'s HTTP API, driven by the official `openai` client against uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the openai client is needed (pip install 'alignkit[test]')")
+pytest.importorskip("fastapi", reason="fastapi is needed (pip install 'alignkit[serve]')")
+
+from alignkit.serve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+from .conftest import running_server  # noqa: E402
+
+NAMES = ["base", "polite", "terse", "both"]
+
+
+@pytest.fixture(scope="module")
+def server(serve_stack):
+    engine = Engine(serve_stack, EngineConfig(max_batch_rows=32, max_queue=64, max_prompt_tokens=48,
+                                              max_new_tokens=64))
+    with running_server(engine) as url:
+        yield url, engine
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def raw(url, path, body=None, method=None, headers=None):
+    """(status, parsed JSON or text) of one HTTP request (body: bytes or a JSON-able object)."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            text, status = r.read().decode(), r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def metric(text, name, labels=""):
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_models_completions_chat_and_usage(client, server):
+    url, engine = server
+    assert [m.id for m in client.models.list().data] == NAMES
+    tok = engine.tokenizer
+    prompt = "The quick brown fox"
+    direct = engine.generate("polite", tok(prompt)["input_ids"], SamplingParams(max_tokens=9, temperature=0.0))
+    r = client.completions.create(model="polite", prompt=prompt, max_tokens=9, temperature=0)
+    assert r.object == "text_completion" and r.model == "polite"
+    assert r.choices[0].text == direct["choices"][0]["text"]
+    assert r.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+    assert r.usage.completion_tokens == direct["completion_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # chat: the template's prompt, streamed deltas add up to the non-streamed message
+    msgs = [{"role": "user", "content": "Hello! How can I help you today?"}]
+    ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    expect = engine.generate("both", ids, SamplingParams(max_tokens=12, temperature=0.0))
+    c = client.chat.completions.create(model="both", messages=msgs, max_tokens=12, temperature=0)
+    assert c.choices[0].message.role == "assistant"
+    assert c.choices[0].message.content == expect["choices"][0]["text"]
+    assert c.usage.prompt_tokens == len(ids)
+    parts, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model="both", messages=msgs, max_tokens=12, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        for ch in chunk.choices:
+            parts.append(ch.delta.content or "")
+            finish = ch.finish_reason or finish
+        usage = chunk.usage or usage
+    assert "".join(parts) == c.choices[0].message.content
+    assert finish == c.choices[0].finish_reason
+    assert usage.completion_tokens == c.usage.completion_tokens
+    # streamed completions, n=2 seeded, stop string
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(model="terse", prompt=prompt, max_tokens=6, temperature=1.0, seed=3, n=2,
+                                           stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+    again = client.completions.create(model="terse", prompt=prompt, max_tokens=6, temperature=1.0, seed=3, n=2)
+    assert [ch.text for ch in again.choices] == [texts[0], texts[1]]
+    full = r.choices[0].text
+    cut = client.completions.create(model="polite", prompt=prompt, max_tokens=9, temperature=0, stop=[full[2:4]])
+    assert cut.choices[0].text == full[:full.find(full[2:4])] and cut.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_clients_over_three_adapters_and_base(server):
+    url, engine = server
+    prompts = ["Hello", "The quick brown fox jumps", "Question: what is the capital of", "0 1 2 3 4 5 6 7 8"]
+    jobs = [(NAMES[k % 4], prompts[(k // 4) % 4], 5 + k % 7) for k in range(32)]
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60) as ac:
+            async def one(m, p, n):
+                r = await ac.completions.create(model=m, prompt=p, max_tokens=n, temperature=0)
+                return r.choices[0].text, r.usage.completion_tokens
+            alone = [await one(*j) for j in jobs]
+            together = await asyncio.gather(*(one(*j) for j in jobs), return_exceptions=True)
+            return alone, together
+
+    alone, together = asyncio.run(main())
+    assert [x for x in together if isinstance(x, BaseException)] == []
+    assert together == alone
+    assert len({a[0] for a in alone[:4]}) == 4  # the four models answer differently
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, server):
+    url, engine = server
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    assert e.value.code == "model_not_found"
+    cases = [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        ({"model": "base"}, 400, "prompt"),
+        ({"prompt": "Hi"}, 400, "model"),
+        ({"model": "base", "prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
+        ({"model": "base", "prompt": "Hi", "max_tokens": 65}, 400, None),
+        ({"model": "base", "prompt": "Hi", "max_tokens": 2.5}, 400, "max_tokens"),
+        ({"model": "base", "prompt": "Hi", "stop": [1]}, 400, "stop"),
+        ({"model": "base", "prompt": "Hi", "n": 0}, 400, "n"),
+        ({"model": "base", "prompt": "Hi " * 60}, 400, None),
+        ({"model": "base", "prompt": [99999]}, 400, "prompt"),
+    ]
+    for body, status, param in cases:
+        got, err = raw(url, "/v1/completions", body)
+        assert got == status, (body, got, err)
+        assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"], body
+        assert err["error"]["param"] == param, body
+    got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]})
+    assert got == 400 and "role" in err["error"]["message"]
+    got, err = raw(url, "/v1/nothing-here")
+    assert got == 404 and "error" in err
+    # prompt and max_tokens limits say the limit
+    got, err = raw(url, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 65})
+    assert "limit of 64" in err["error"]["message"]
+    # everyone else is still served
+    assert client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0).choices[0].text is not None
+    status, health = raw(url, "/health")
+    assert status == 200 and health["status"] == "ok"
+
+
+def test_metrics_count_what_was_served(client, server):
+    url, engine = server
+    before = raw(url, "/metrics")[1]
+    r1 = client.completions.create(model="terse", prompt="Hello", max_tokens=4, temperature=0)
+    r2 = client.completions.create(model="terse", prompt="Hello there", max_tokens=3, temperature=0)
+    after = raw(url, "/metrics")[1]
+    lab = '{model="terse"}'
+    assert metric(after, "alignkit_requests_total", lab) - metric(before, "alignkit_requests_total", lab) == 2
+    assert (metric(after, "alignkit_generated_tokens_total", lab) - metric(before, "alignkit_generated_tokens_total", lab)
+            == r1.usage.completion_tokens + r2.usage.completion_tokens)
+    assert (metric(after, "alignkit_request_latency_seconds_count") -
+            metric(before, "alignkit_request_latency_seconds_count")) == 2
+    assert metric(after, "alignkit_queue_depth") == 0
+    assert metric(after, "alignkit_running_rows") is not None
+    assert metric(after, "alignkit_tokens_per_second") > 0
+    assert "# TYPE alignkit_request_latency_seconds histogram" in after
+    inf = metric(after, "alignkit_request_latency_seconds_bucket", '{le="+Inf"}')
+    assert inf == metric(after, "alignkit_request_latency_seconds_count")
+
+
+def test_client_disconnect_cancels_generation(server):
+    url, engine = server
+    cancelled = engine.stats.cancelled
+    body = json.dumps({"model": "polite", "prompt": "Hello", "max_tokens": 64, "temperature": 0, "stream": True,
+                       "stop": ["\u2603never"]}).encode()
+    s = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert b"200 OK" in s.recv(4096)  # headers (and maybe first chunks) arrived: it is generating
+    s.close()
+    deadline = time.monotonic() + 20
+    while engine.stats.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.stats.cancelled == cancelled + 1
+    assert engine.running_rows == 0
+
+
+def test_queue_full_timeout_and_api_key(serve_stack):
+    full = Engine(serve_stack, EngineConfig(max_queue=0))
+    with running_server(full, api_key="s3cret") as url:
+        status, err = raw(url, "/v1/models")
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in c.models.list().data] == NAMES
+        with pytest.raises(openai.RateLimitError):
+            c.completions.create(model="base", prompt="Hi", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert raw(url, "/health")[0] == 200  # health is open
+    slow = Engine(serve_stack, EngineConfig(request_timeout=1e-6))
+    with running_server(slow) as url:
+        status, err = raw(url, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2})
+        assert status == 504 and "timed out" in err["error"]["message"]
