@@ -89,6 +89,7 @@ async function streamReply(pane, model, prompt) {
           if (piece) {
             if (first === null) first = performance.now();
             text += piece;
+            out.dataset.chunks = String(parseInt(out.dataset.chunks || "0", 10) + 1);  // deltas received
             out.textContent = text;
             $("log-" + pane).scrollTop = 1e9;
           }
