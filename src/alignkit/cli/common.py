@@ -188,7 +188,7 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tup
     from alignkit.data import TokenizeConfig, tokenize_records
 
     cfg = TokenizeConfig(max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
-                         add_eos=ds.add_eos)
+                         add_eos=ds.add_eos, loss_on=ds.loss_on)
     features, stats = tokenize_records(records, tokenizer, cfg)
     logger.info("%s: %s", where, stats.summary())
     if records and not features:

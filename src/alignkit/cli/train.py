@@ -178,7 +178,7 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
         except ImportError:
             logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
         data_info = {"path": cfg.data.path, "reader": cfg.data.reader or "detected", "formatter": cfg.data.formatter,
-                     "record kind": kind, "training records": len(train_records),
+                     **({"loss_on": cfg.data.loss_on} if kind == "sft" else {}), "record kind": kind, "training records": len(train_records),
                      "training examples (tokenized)": len(train_feats), "evaluation records": len(eval_records),
                      "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
                      "tokenization": train_stats.summary()}

@@ -18,7 +18,9 @@ SFT (`kind="sft"`, `mode`):
   with the lowest rank (unranked replies come after ranked ones, in listed order); at an assistant turn
   the first prompter reply that has an answer. Stops at the last assistant turn reached.
 - "every_turn": one record per assistant message (prompt = the whole path before it).
-The record's completion is the final assistant turn; earlier turns are in the prompt (not trained on).
+The record's completion is the final assistant turn; earlier turns are in the prompt, and its assistant turns
+are trained too under the default `loss_on="all_assistant"` (`alignkit.data.tokenize`), as Open-Assistant's
+trainer does.
 
 Ranked (`kind="ranked"`, for reward modeling): for every prompter turn with at least two *ranked*
 assistant replies (after filtering), the conversation up to that turn and those replies ordered by rank
@@ -29,7 +31,8 @@ them. Ranks are OASST's, computed before filtering, so they may have gaps; only 
 Prompts (`kind="prompt"`, for online training): `prompts="roots"` (default) gives each tree's initial
 prompt; `prompts="all"` every prompter turn with the conversation before it.
 
-Records carry `meta = {"tree_id", "message_id", "lang"}`; split train/validation by tree with
+Records carry `meta = {"tree_id", "message_id", "lang"}` (SFT threads also `"thread"`: the message ids from
+the root); split train/validation by tree with
 `alignkit.data.splits.split_records(records, "95,5", group_by="tree_id")`.
 """
 
@@ -237,7 +240,8 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
             return {"tree_id": tree_id, "message_id": n.id, "lang": n.lang}
 
         if kind == "sft":
-            return [SFTRecord([n.message() for n in p[:-1]], [p[-1].message()], id=rid(p[-1]), meta=meta(p[-1]))
+            return [SFTRecord([n.message() for n in p[:-1]], [p[-1].message()], id=rid(p[-1]),
+                              meta={**meta(p[-1]), "thread": [n.id for n in p]})
                     for p in sft_threads(root, mode)]
         if kind == "ranked":
             return [RankedRecord([n.message() for n in p], [[r.message()] for r in replies],

@@ -5,6 +5,16 @@ once; the prompt text is tokenized too and its ids must be a prefix of the full 
 prompt, the rest the completion. A record whose tokenized prompt is not a prefix (BPE merged across the
 boundary, or a chat template rewrote earlier turns) is an ERROR naming the record, never a warning.
 
+Multi-turn SFT (`loss_on`, SFT records only; TRL's `assistant_only_loss`, Open-Assistant's trainer):
+- "all_assistant" (default): every assistant turn is trained, the final completion AND each assistant
+  message inside a conversational prompt (with its end-of-turn marker, as the final turn);
+- "last_assistant": only the final completion (earlier assistant turns are context);
+- "all": the whole sequence (prompt included), TRL's language-modelling loss.
+An earlier assistant turn i is located in token space like the completion: the conversation up to turn i
+with the generation prompt must tokenize to a prefix of the conversation through turn i, which must be a
+prefix of the full prompt; a chat template that rewrites earlier turns is an ERROR naming the record (use
+"last_assistant" there). `prompt_length` stays the length of the prompt before the final completion.
+
 EOS. `add_eos=None` (default) appends `tokenizer.eos_token_id` to the completion unless the format ends
 the turn itself (chat templates and the OASST format do; plain text does not: TRL's convention).
 `True`/`False` force it. The appended EOS is part of the completion (it is trained on).
@@ -18,7 +28,7 @@ Truncation policy, in order:
    ("empty_completion") is dropped, counted in `TokenizeStats` and logged with its id, never silently.
 
 Outputs (plain Python lists; `alignkit.data.collators` pads them), by record kind:
-- sft:        input_ids, completion_mask (1 on completion tokens), prompt_length, length, weight, id
+- sft:        input_ids, completion_mask (1 on trained tokens, see `loss_on`), prompt_length, length, weight, id
 - unpaired:   the sft keys + label (bool)
 - preference: chosen_input_ids, chosen_completion_mask, rejected_input_ids, rejected_completion_mask,
               prompt_length (shared), length (= max of the two), weight, margin (float or None), id
@@ -47,6 +57,10 @@ class TokenizeConfig:
     max_prompt_length: int | None = 512
     formatter: str = "auto"
     add_eos: bool | None = None
+    loss_on: str = "all_assistant"  # SFT: "all_assistant" | "last_assistant" | "all" (module docstring)
+
+
+LOSS_ON = ("all_assistant", "last_assistant", "all")
 
 
 @dataclass
@@ -135,6 +149,33 @@ def _seq(prompt_ids: list[int], comp: list[int]) -> tuple[list[int], list[int]]:
     return prompt_ids + comp, [0] * len(prompt_ids) + [1] * len(comp)
 
 
+def _prefix_or_error(short: list[int], long: list[int], rid: str, what: str) -> None:
+    if long[:len(short)] != short:
+        raise DataError(f"{rid or 'record'}: {what} does not tokenize to a prefix of the conversation (the chat "
+                        f"template rewrites earlier turns), so the earlier assistant turns cannot be located; set "
+                        f"data.loss_on=last_assistant (TokenizeConfig.loss_on) to train the final turn only")
+
+
+def prompt_mask(prompt: Prompt, prompt_ids: list[int], tokenizer: Any, cfg: TokenizeConfig, rid: str) -> list[int]:
+    """1 on the prompt tokens trained under `cfg.loss_on` (earlier assistant turns, or all), else 0."""
+    if cfg.loss_on == "all":
+        return [1] * len(prompt_ids)
+    mask = [0] * len(prompt_ids)
+    if cfg.loss_on == "last_assistant" or not isinstance(prompt, list):
+        return mask
+    for i, m in enumerate(prompt):
+        if m["role"] != "assistant" or not m["content"]:
+            continue
+        f = format_record(prompt[:i], [m], tokenizer, cfg.formatter)
+        before = _ids(tokenizer, f.prompt, f.add_special_tokens)
+        through = _ids(tokenizer, f.full, f.add_special_tokens)
+        _prefix_or_error(before, through, rid, f"the conversation before assistant turn {i}")
+        _prefix_or_error(through, prompt_ids, rid, f"the conversation through assistant turn {i}")
+        for k in range(len(before), len(through)):
+            mask[k] = 1
+    return mask
+
+
 def tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats: TokenizeStats | None = None) -> dict:
     """One record -> a dict of token lists (keys in the module docstring). Raises `Unfit` or `DataError`."""
     stats = stats if stats is not None else TokenizeStats()
@@ -155,8 +196,13 @@ def tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats: 
         comps = list(record.responses)
     else:
         raise DataError(f"cannot tokenize a {type(record).__name__}; expected one of the alignkit.data.records classes")
-    prompt_ids, comp_ids = truncate(*encode(record.prompt, comps, tokenizer, cfg, record.id), cfg, stats)
+    full_prompt_ids, comp_ids = encode(record.prompt, comps, tokenizer, cfg, record.id)
+    prompt_ids, comp_ids = truncate(full_prompt_ids, comp_ids, cfg, stats)
     seqs = [_seq(prompt_ids, c) for c in comp_ids]
+    if isinstance(record, SFTRecord) and cfg.loss_on != "last_assistant":
+        pmask = prompt_mask(record.prompt, full_prompt_ids, tokenizer, cfg, record.id)
+        pmask = pmask[len(pmask) - len(prompt_ids):]  # left-truncated with the prompt
+        seqs = [(seqs[0][0], pmask + seqs[0][1][len(prompt_ids):])]
     if isinstance(record, PreferenceRecord):
         (ci, cm), (ri, rm) = seqs
         return {"chosen_input_ids": ci, "chosen_completion_mask": cm, "rejected_input_ids": ri,
@@ -180,6 +226,9 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
         raise TypeError(f"unknown tokenize option(s) {sorted(unknown)}; valid: "
                         f"{', '.join(TokenizeConfig.__dataclass_fields__)}")
     cfg = replace(cfg if cfg is not None else TokenizeConfig(), **overrides)
+    if cfg.loss_on not in LOSS_ON:
+        raise DataError(f"data.loss_on (TokenizeConfig.loss_on): unknown value {cfg.loss_on!r}; valid: "
+                        f"{', '.join(LOSS_ON)}")
     if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
         logger.warning("max_prompt_length=%d >= max_length=%d: prompts may leave no room for completions",
                        cfg.max_prompt_length, cfg.max_length)

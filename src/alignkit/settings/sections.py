@@ -37,6 +37,7 @@ class DataSettings:
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
     add_eos: bool | None = None
+    loss_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"  # SFT: which tokens are trained
     split: str | None = None  # the split of a DatasetDict source
     eval_split: str | None = None
     max_records: int | None = None  # keep only the first N training records

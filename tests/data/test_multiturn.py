@@ -1,0 +1,127 @@
+"""Multi-turn SFT: which tokens are trained (`data.loss_on`), masks derived by hand on a small chat, and the
+count of trained assistant messages on the shared OASST sample against Open-Assistant's own thread rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignkit.data import DataError, SFTRecord, load_records, tokenize_records
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
+OASST = Path("/work/shared/data/oasst/oasst_en_trees_sample.jsonl")
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def segments(tok, texts):
+    """Token ids of each text segment, and their concatenation."""
+    segs = [ids(tok, t) for t in texts]
+    return segs, [i for s in segs for i in s]
+
+
+@pytest.mark.parametrize("formatter", ["chat-template", "oasst"])
+def test_masks_by_hand(tokenizer, tmp_path, formatter):
+    eos = tokenizer.eos_token
+    if formatter == "chat-template":  # the fixture tokenizer's ChatML template, written out by hand
+        texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Hello<|im_end|>\n",
+                 "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", "Ciao<|im_end|>\n"]
+    else:
+        texts = [f"<|prompter|>Hi{eos}<|assistant|>", f"Hello{eos}", f"<|prompter|>Bye{eos}<|assistant|>",
+                 f"Ciao{eos}"]
+    segs, full = segments(tokenizer, texts)
+    n = [len(s) for s in segs]
+    expected = {"all_assistant": [0] * n[0] + [1] * n[1] + [0] * n[2] + [1] * n[3],
+                "last_assistant": [0] * (n[0] + n[1] + n[2]) + [1] * n[3],
+                "all": [1] * sum(n)}
+    # a TRL user's `messages` file goes through the messages reader unchanged
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    records = load_records(str(path), "sft")
+    for loss_on, mask in expected.items():
+        (f,), _ = tokenize_records(records, tokenizer, formatter=formatter, loss_on=loss_on)
+        assert f["input_ids"] == full
+        assert f["completion_mask"] == mask, loss_on
+        assert f["prompt_length"] == n[0] + n[1] + n[2]  # the prompt before the final turn, whatever is trained
+
+
+def test_default_is_every_assistant_turn(tokenizer):
+    (f,), _ = tokenize_records([SFTRecord(CHAT[:3], [CHAT[3]])], tokenizer)
+    (g,), _ = tokenize_records([SFTRecord(CHAT[:3], [CHAT[3]])], tokenizer, loss_on="all_assistant")
+    assert f["completion_mask"] == g["completion_mask"] and sum(f["completion_mask"][:f["prompt_length"]]) > 0
+
+
+def test_prompt_truncation_cuts_the_mask_too(tokenizer):
+    (f,), _ = tokenize_records([SFTRecord(CHAT[:3], [CHAT[3]])], tokenizer)
+    (g,), _ = tokenize_records([SFTRecord(CHAT[:3], [CHAT[3]])], tokenizer, max_prompt_length=5)
+    assert g["prompt_length"] == 5
+    assert g["completion_mask"] == f["completion_mask"][f["prompt_length"] - 5:]
+
+
+def test_plain_text_all_trains_the_prompt(tokenizer):
+    (f,), _ = tokenize_records([SFTRecord("2+2=", " 4")], tokenizer, loss_on="all")
+    assert f["completion_mask"] == [1] * len(f["input_ids"])
+    (g,), _ = tokenize_records([SFTRecord("2+2=", " 4")], tokenizer)  # no earlier turns: completion only
+    assert sum(g["completion_mask"]) == len(g["input_ids"]) - g["prompt_length"]
+
+
+def test_unknown_loss_on_names_the_key(tokenizer):
+    with pytest.raises(DataError, match=r"data\.loss_on .*'every'.*all_assistant, last_assistant, all"):
+        tokenize_records([SFTRecord("a", " b")], tokenizer, loss_on="every")
+
+
+def test_template_that_rewrites_earlier_turns_is_an_error(tokenizer):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    # drops earlier assistant turns from the rendered history (as reasoning templates do with thoughts)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'user' or loop.last %}<|im_start|>{{ m.role }}\n"
+                         "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(DataError, match=r"r7: the conversation through assistant turn 1 .*data\.loss_on=last_assistant"):
+        tokenize_records([SFTRecord(CHAT[:3], [CHAT[3]], id="r7")], tok)
+
+
+def _oa_threads(tree: dict) -> list[list[dict]]:
+    """Open-Assistant's SFT threads (model_training/custom_datasets/oasst_dataset.py, load_oasst_export, lang
+    "en"), re-implemented here from its rules: the tree must be ready_for_export with a positively reviewed
+    English root; every leaf thread with no deleted or synthetic message; a prompter leaf only when it is the
+    FIRST reply of its parent, and then cut off."""
+    root = tree["prompt"]
+    if tree.get("tree_state") != "ready_for_export" or not root.get("review_result") or root.get("lang") != "en":
+        return []
+    out = []
+
+    def visit(node, parents):
+        thread = parents + [node]
+        replies = node.get("replies") or []
+        if (len(thread) > 1 and not replies
+                and (node["role"] == "assistant" or thread[-2]["replies"][0] is node)
+                and not any(m.get("deleted") or m.get("synthetic") for m in thread)):
+            out.append(thread[:-1] if node["role"] == "prompter" else thread)
+        for r in replies:
+            visit(r, thread)
+
+    visit(root, [])
+    return out
+
+
+@pytest.mark.skipif(not OASST.exists(), reason="shared OASST sample not present")
+def test_oasst_sample_trains_what_open_assistant_trains():
+    trees = [json.loads(line) for line in OASST.read_text().splitlines()]
+    oa = {m["message_id"] for t in trees for th in _oa_threads(t) for m in th if m["role"] == "assistant"}
+    records = load_records(str(OASST), "sft")
+    role = {}
+    for t in trees:
+        stack = [t["prompt"]]
+        while stack:
+            m = stack.pop()
+            role[m["message_id"]] = m["role"]
+            stack += m.get("replies") or []
+    every = {i for r in records for i in r.meta["thread"] if role[i] == "assistant"}  # loss_on=all_assistant
+    last = {r.meta["message_id"] for r in records}  # loss_on=last_assistant (the old default)
+    assert (len(oa), len(every), len(last)) == (247, 247, 202)
+    assert every == oa
