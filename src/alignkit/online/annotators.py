@@ -18,7 +18,7 @@ the LLM judge asks its pairwise template. Callers randomise the A/B order first 
 | name           | class                  | scores                                                        |
 |----------------|------------------------|---------------------------------------------------------------|
 | "reward_model" | RewardModelAnnotator   | the logit of a 1-label sequence classifier, batched           |
-| "function"     | FunctionAnnotator      | a Python function "module:function", per item or batched     |
+| "function"     | FunctionAnnotator      | Python functions (TRL's or alignkit's signature), weighted    |
 | "judge"        | JudgeAnnotator         | a local causal LM's answer to a rubric, parsed with a regex  |
 
 `ANNOTATORS` (a name -> class registry, listed by `alignkit ls`) and `build_annotator({"type": ..., ...})`.
@@ -222,63 +222,177 @@ def _as_score(value: Any, who: str, where: str) -> float | None:
     return float(value)
 
 
+def reward_convention(fn: Callable, kwargs: dict | None = None, spec: str = "") -> str:
+    """Which calling convention `fn` follows: "trl" or "alignkit" (see `FunctionAnnotator`); a signature that
+    fits neither is a ValueError naming the function and both conventions."""
+    kwargs = dict(kwargs or {})
+    who = spec or getattr(fn, "__qualname__", repr(fn))
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return "alignkit"  # a builtin or C callable: called positionally as before
+    params = sig.parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    positional = [p for p in params.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if "completions" in params or (var_kw and not positional):
+        return "trl"
+    meta = {k: None for k in ("meta", "metas") if k in params}
+    try:
+        sig.bind(None, None, **meta, **kwargs)
+        return "alignkit"
+    except TypeError as e:
+        raise ValueError(
+            f"reward function {who}{sig} fits neither convention: TRL's fn(prompts, completions, **kwargs) "
+            f"(a parameter named 'completions'; called with keyword lists, dataset columns as keyword arguments) "
+            f"nor alignkit's fn(prompt, response, **kwargs) (two positional arguments, per item or batched) "
+            f"with kwargs {sorted(kwargs)} ({e}); rename its parameters to one of them") from None
+
+
+@dataclass
+class _RewardFn:
+    spec: str
+    fn: Callable
+    convention: str  # "trl" | "alignkit"
+    meta_arg: str | None
+    accepts: set | None  # keyword names a TRL-style function takes (None: **kwargs, everything)
+
+
+def _spec(fn: str | Callable) -> str:
+    return fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+
+
 @ANNOTATORS.register("function")
 class FunctionAnnotator(Annotator):
-    """A Python function ("module:function") scores each response: verifiable rewards (format, exact answer).
+    """Python reward functions ("module:function" or callables) score each response: verifiable rewards.
 
-    Per item (default): `fn(prompt, response, **kwargs) -> float | bool | None`; `batched=True`:
-    `fn(prompts, responses, **kwargs) -> sequence of N such values`. A function with a `meta` (or `metas`)
-    parameter also gets each prompt record's meta (e.g. the reference answer). None = cannot score
-    (the failure policy applies); an exception or a non-number is an `AnnotatorError` naming the function
-    and the item.
+    Two calling conventions, detected from each function's signature (`reward_convention`):
+
+    - **TRL's** (a parameter named `completions`, or keyword arguments only), exactly as TRL's GRPOTrainer
+      calls it: `fn(prompts=[...], completions=[...], **columns) -> list[float | None]`, all keyword
+      arguments, one list entry per item. `completions` are strings for plain-text prompts and
+      `[{"role": "assistant", "content": text}]` for conversational ones (TRL's format). Every extra column
+      of the prompt's dataset row (e.g. `answer`; kept by the `prompt` reader in `meta["columns"]`) is
+      passed as a keyword list. A function without `**kwargs` gets only the keywords it names. TRL's
+      `completion_ids`, `trainer_state` and `log_metric` are not passed.
+    - **alignkit's**: per item (default) `fn(prompt, response, **kwargs) -> float | bool | None`;
+      `batched=True`: `fn(prompts, responses, **kwargs) -> sequence of N such values`. A function with a
+      `meta` (or `metas`) parameter also gets each prompt record's meta (e.g. the reference answer).
+
+    Several functions (`fn` a list) with `weights` (default 1 each) give, like TRL, the weighted sum of the
+    scores that are not None (NaN-sum); an item every function failed on is failed. Metrics report each
+    function's mean (`function/<name>/mean`). None = cannot score (the failure policy applies); an
+    exception or a non-number is an `AnnotatorError` naming the function and the item; a signature that
+    fits neither convention is a ValueError when the annotator is built.
     """
 
     name = "function"
 
-    def __init__(self, fn: str | Callable, *, batched: bool = False, kwargs: dict | None = None,
-                 on_failure: str = "skip", default_score: float | None = None):
-        self.spec = fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
-        self.fn = load_function(fn) if isinstance(fn, str) else fn
+    def __init__(self, fn: str | Callable | Sequence[str | Callable], *, batched: bool = False,
+                 kwargs: dict | None = None, on_failure: str = "skip", default_score: float | None = None,
+                 weights: Sequence[float] | None = None):
+        fns = list(fn) if isinstance(fn, (list, tuple)) else [fn]
+        if not fns:
+            raise ValueError("function annotator: give at least one reward function")
+        self.spec = ", ".join(_spec(f) for f in fns)
         _check_policy(on_failure, default_score, f"function annotator {self.spec}")
+        if weights is not None and (len(weights) != len(fns) or not all(isinstance(w, (int, float)) for w in weights)):
+            raise ValueError(f"function annotator {self.spec}: weights must be {len(fns)} number(s), one per "
+                             f"function, got {weights!r}")
+        self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(fns)
         self.batched, self.kwargs = batched, dict(kwargs or {})
         self.on_failure, self.default_score = on_failure, default_score
+        self.fns: list[_RewardFn] = []
+        for f in fns:
+            spec = _spec(f)
+            call = load_function(f) if isinstance(f, str) else f
+            conv = reward_convention(call, self.kwargs, spec)
+            try:
+                params = inspect.signature(call).parameters
+            except (TypeError, ValueError):
+                params = {}
+            var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            self.fns.append(_RewardFn(spec, call, conv, next((k for k in ("metas", "meta") if k in params), None),
+                                      None if var_kw else set(params)))
+        self.fn = self.fns[0].fn  # the (first) function, as before
+        self.meta_arg = self.fns[0].meta_arg
+
+    def _trl(self, f: _RewardFn, prompts: list, responses: list, texts: list[str], metas: list[dict]) -> list:
+        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                       for p, t in zip(prompts, texts)]
+        columns: dict[str, list] = {}
+        for m in metas:
+            for k in (m.get("columns") or {}):
+                columns.setdefault(k, None)
+        cols = {k: [(m.get("columns") or {}).get(k) for m in metas] for k in columns
+                if k not in ("prompt", "prompts", "completion", "completions")}
+        args = {"prompts": list(prompts), "completions": completions, **cols, **self.kwargs}
+        if f.accepts is not None:
+            args = {k: v for k, v in args.items() if k in f.accepts}
+        who = f"reward function {f.spec}"
         try:
-            params = inspect.signature(self.fn).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self.meta_arg = next((k for k in ("metas", "meta") if k in params), None)
+            out = f.fn(**args)
+        except TypeError as e:
+            raise AnnotatorError(f"{who} (TRL convention) failed on a batch of {len(texts)} item(s): {e!r}; the "
+                                 f"prompt rows have columns {sorted(cols)}") from e
+        except Exception as e:
+            raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
+        out = list(out)
+        if len(out) != len(texts):
+            raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
+        return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+
+    def _alignkit(self, f: _RewardFn, prompts: list, texts: list[str], metas: list[dict]) -> list:
+        who = f"reward function {f.spec}"
+        if self.batched:
+            extra = {f.meta_arg: metas} if f.meta_arg else {}
+            try:
+                out = list(f.fn(list(prompts), texts, **extra, **self.kwargs))
+            except Exception as e:
+                raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
+            if len(out) != len(texts):
+                raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
+            return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+        raw = []
+        for i, (p, t, m) in enumerate(zip(prompts, texts, metas)):
+            extra = {f.meta_arg: m} if f.meta_arg else {}
+            where = f"item {i} (prompt {str(p)[:60]!r}, response {t[:60]!r})"
+            try:
+                v = f.fn(p, t, **extra, **self.kwargs)
+            except Exception as e:
+                raise AnnotatorError(f"{who} failed on {where}: {e!r}") from e
+            raw.append(_as_score(v, who, where))
+        return raw
 
     def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
                  metas: Sequence[dict] | None = None) -> Scores:
         _check_lengths(prompts, responses, f"reward function {self.spec}")
         metas = list(metas) if metas is not None else [{} for _ in prompts]
+        prompts = list(prompts)
         texts = [response_text(r) for r in responses]
-        who = f"reward function {self.spec}"
-        if self.batched:
-            extra = {self.meta_arg: metas} if self.meta_arg else {}
-            try:
-                out = list(self.fn(list(prompts), texts, **extra, **self.kwargs))
-            except Exception as e:
-                raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
-            if len(out) != len(texts):
-                raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
-            raw = [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+        per_fn = [self._trl(f, prompts, list(responses), texts, metas) if f.convention == "trl"
+                  else self._alignkit(f, prompts, texts, metas) for f in self.fns]
+        metrics: dict[str, float] = {}
+        if len(self.fns) == 1:
+            raw = per_fn[0]
         else:
             raw = []
-            for i, (p, t, m) in enumerate(zip(prompts, texts, metas)):
-                extra = {self.meta_arg: m} if self.meta_arg else {}
-                where = f"item {i} (prompt {str(p)[:60]!r}, response {t[:60]!r})"
-                try:
-                    v = self.fn(p, t, **extra, **self.kwargs)
-                except Exception as e:
-                    raise AnnotatorError(f"{who} failed on {where}: {e!r}") from e
-                raw.append(_as_score(v, who, where))
-        n_failed = sum(r is None for r in raw)
-        return finalize_scores(raw, self.on_failure, self.default_score,
-                               metrics={"function/failures": float(n_failed)})
+            for i in range(len(texts)):
+                vals = [(w, col[i]) for w, col in zip(self.weights, per_fn) if col[i] is not None]
+                raw.append(sum(w * v for w, v in vals) if vals else None)
+            for f, col in zip(self.fns, per_fn):
+                ok = [v for v in col if v is not None]
+                name = f.spec.split(":")[-1]
+                metrics[f"function/{name}/mean"] = sum(ok) / len(ok) if ok else float("nan")
+        metrics["function/failures"] = float(sum(r is None for r in raw))
+        return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics)
 
     def describe(self) -> dict[str, Any]:
-        return {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure}
+        out = {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure,
+               "conventions": [f.convention for f in self.fns]}
+        if len(self.fns) > 1:
+            out["weights"] = self.weights
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- LLM judge

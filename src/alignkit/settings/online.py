@@ -40,7 +40,8 @@ from alignkit.settings.typed import ConfigError, unknown_key_error
 class AnnotatorSettings:
     kind: Literal["reward_model", "function", "judge"]
     # function
-    function: str | None = None  # "module:function", e.g. alignkit.rewards:digit_fraction
+    function: str | list[str] | None = None  # "module:function" (or a list of them), e.g. alignkit.rewards:digit_fraction
+    weights: list[float] | None = None  # several functions: the reward is their weighted sum (default 1 each)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the function
     batched: bool = False  # fn(prompts, responses) -> one score per item
     # reward_model / judge: the model, loaded like a policy
@@ -67,7 +68,7 @@ class AnnotatorSettings:
     pair_pattern: str | None = None
 
     KEYS = {  # annotator kind -> the keys it uses (a plain class attribute, not a config key)
-        "function": ("function", "kwargs", "batched", "on_failure", "default_score"),
+        "function": ("function", "weights", "kwargs", "batched", "on_failure", "default_score"),
         "reward_model": ("path", "adapter_path", "dtype", "device", "batch_size", "formatter", "max_length", "add_eos"),
         "judge": ("path", "adapter_path", "dtype", "device", "batch_size", "on_failure", "default_score", "template",
                   "pattern", "score_range", "normalize", "max_new_tokens", "chat", "pair_template", "pair_pattern"),
@@ -106,20 +107,17 @@ class AnnotatorSettings:
         if self.function is None:
             raise ConfigError("annotator.function: required for kind 'function' ('module:function', e.g. "
                               "alignkit.rewards:digit_fraction)")
-        try:
-            fn = load_function(self.function)
-        except ValueError as e:
-            raise ConfigError(f"annotator.function: {e}") from None
-        try:
-            sig = inspect.signature(fn)
-        except (TypeError, ValueError):
-            return
-        meta = {k: None for k in ("meta", "metas") if k in sig.parameters}
-        try:
-            sig.bind(None, None, **meta, **self.kwargs)
-        except TypeError as e:
-            raise ConfigError(f"annotator.kwargs: {self.function} cannot be called as fn(prompt, response, "
-                              f"**{self.kwargs}) ({e})") from None
+        from alignkit.online.annotators import reward_convention
+
+        specs = self.function if isinstance(self.function, list) else [self.function]
+        if self.weights is not None and len(self.weights) != len(specs):
+            raise ConfigError(f"annotator.weights: {len(self.weights)} weight(s) for {len(specs)} function(s); give "
+                              f"one per entry of annotator.function")
+        for spec in specs:
+            try:
+                reward_convention(load_function(spec), self.kwargs, spec)
+            except ValueError as e:
+                raise ConfigError(f"annotator.function: {e}") from None
 
     def arguments(self) -> dict[str, Any]:
         """Constructor keyword arguments of the annotator class (besides the model and tokenizer)."""

@@ -12,7 +12,8 @@
 
 Every value may be plain text or a conversation (a list of {"role", "content"} messages). Optional
 columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
-are ignored.
+are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
+`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`).
 
 Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
 longest run of equal leading messages; for text, the longest common character prefix, moved back to the
@@ -122,7 +123,9 @@ def _ranked(row: dict, where: str) -> RankedRecord:
 
 
 def _prompt(row: dict, where: str) -> PromptRecord:
-    return PromptRecord(_req(row, "prompt", where), id=where, **_opt(row))
+    columns = {k: v for k, v in row.items() if k not in ("prompt", "weight")}
+    return PromptRecord(_req(row, "prompt", where), id=where, meta={"columns": columns} if columns else {},
+                        **_opt(row))
 
 
 def _reader(convert):

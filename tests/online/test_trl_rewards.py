@@ -1,0 +1,108 @@
+"""TRL-style reward functions go through unchanged: fn(prompts, completions, **kwargs) with dataset columns as
+keyword arguments, several functions with weights, and a clear error for a signature that fits neither
+convention. The functions below are written the way TRL's GRPO documentation writes them."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+
+from alignkit.data import load_records
+from alignkit.online import FunctionAnnotator
+from alignkit.online.annotators import reward_convention
+from alignkit.settings import ConfigError
+
+TRL_REWARDS = textwrap.dedent('''
+    import re
+
+    def reward_len(completions, **kwargs):
+        return [-abs(20 - len(completion)) for completion in completions]
+
+    def correctness(prompts, completions, answer, **kwargs):
+        responses = [c[0]["content"] for c in completions]
+        return [2.0 if r.strip() == a else 0.0 for r, a in zip(responses, answer)]
+
+    def format_reward(completions, **kwargs):
+        pattern = r"^<think>.*?</think>"
+        return [1.0 if re.match(pattern, c) else None for c in completions]
+
+    def seen(prompts, completions, **kwargs):
+        global LAST
+        LAST = {"prompts": prompts, "completions": completions, **kwargs}
+        return [0.0] * len(completions)
+
+    def three_positional(a, b, c):
+        return 0.0
+''')
+
+
+@pytest.fixture
+def trl_module(tmp_path, monkeypatch):
+    (tmp_path / "ak_trl_rewards.py").write_text(TRL_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+    sys.modules.pop("ak_trl_rewards", None)
+    return importlib.import_module("ak_trl_rewards")
+
+
+def test_conventions_are_detected(trl_module):
+    assert reward_convention(trl_module.reward_len) == "trl"
+    assert reward_convention(trl_module.correctness) == "trl"
+    assert reward_convention(lambda prompt, response: 1.0) == "alignkit"
+    assert reward_convention(lambda prompts, responses, metas: [1.0]) == "alignkit"
+    with pytest.raises(ValueError, match=r"three_positional\(a, b, c\) fits neither convention: TRL's "
+                                         r"fn\(prompts, completions, \*\*kwargs\).*alignkit's fn\(prompt, response"):
+        FunctionAnnotator("ak_trl_rewards:three_positional")
+
+
+def test_dataset_columns_reach_a_trl_function(trl_module, tmp_path):
+    # a TRL-style prompt dataset with an extra `answer` column, read by the prompt reader
+    path = tmp_path / "math.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4", "level": 1},
+            {"prompt": [{"role": "user", "content": "3+3?"}], "answer": "6", "level": 2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = load_records(str(path), "prompt")
+    assert prompts[0].meta["columns"] == {"answer": "4", "level": 1}
+    ann = FunctionAnnotator("ak_trl_rewards:correctness")
+    s = ann.annotate([p.prompt for p in prompts], [" 4", "7"], [p.meta for p in prompts])
+    assert s.values.tolist() == [2.0, 0.0]
+    FunctionAnnotator("ak_trl_rewards:seen").annotate([p.prompt for p in prompts], ["a", "b"],
+                                                      [p.meta for p in prompts])
+    last = trl_module.LAST
+    assert last["completions"] == [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]]
+    assert last["answer"] == ["4", "6"] and last["level"] == [1, 2]
+    assert last["prompts"] == [p.prompt for p in prompts]
+
+
+def test_plain_text_completions_are_strings_and_none_is_a_failure(trl_module):
+    s = FunctionAnnotator("ak_trl_rewards:format_reward").annotate(["q1", "q2"], ["<think>x</think> 4", "4"])
+    assert s.values[0] == 1.0 and math.isnan(s.values[1]) and s.failed.tolist() == [False, True]
+    r = FunctionAnnotator("ak_trl_rewards:reward_len").annotate(["q"], ["x" * 15])
+    assert r.values.tolist() == [-5.0]
+
+
+def test_several_functions_with_weights(trl_module):
+    ann = FunctionAnnotator(["ak_trl_rewards:reward_len", "ak_trl_rewards:format_reward"], weights=[0.5, 2.0])
+    s = ann.annotate(["q", "q"], ["<think>a</think>" + "x" * 4, "y" * 30])
+    # item 0: len 20 -> 0 * 0.5 + 1 * 2 = 2; item 1: -10 * 0.5, format None (skipped, as TRL's nansum) = -5
+    assert s.values.tolist() == [2.0, -5.0]
+    assert s.metrics["function/reward_len/mean"] == -5.0 and s.metrics["function/format_reward/mean"] == 1.0
+    with pytest.raises(ValueError, match="weights must be 2 number"):
+        FunctionAnnotator(["ak_trl_rewards:reward_len", "ak_trl_rewards:format_reward"], weights=[1.0])
+
+
+def test_config_accepts_a_list_and_rejects_a_bad_signature(trl_module):
+    from alignkit.settings.online import AnnotatorSettings
+
+    a = AnnotatorSettings(kind="function", function=["ak_trl_rewards:reward_len", "alignkit.rewards:digit_fraction"],
+                          weights=[1.0, 3.0])
+    assert a.arguments()["weights"] == [1.0, 3.0]
+    with pytest.raises(ConfigError, match=r"annotator\.function: reward function ak_trl_rewards:three_positional"):
+        AnnotatorSettings(kind="function", function="ak_trl_rewards:three_positional")
+    with pytest.raises(ConfigError, match=r"annotator\.weights: 1 weight\(s\) for 2 function"):
+        AnnotatorSettings(kind="function", function=["ak_trl_rewards:reward_len", "ak_trl_rewards:reward_len"],
+                          weights=[1.0])
