@@ -115,8 +115,20 @@ class AnnotatorSettings:
                               f"one per entry of annotator.function")
         for spec in specs:
             try:
-                reward_convention(load_function(spec), self.kwargs, spec)
+                fn = load_function(spec)
             except ValueError as e:
+                raise ConfigError(f"annotator.function: {e}") from None
+            try:
+                reward_convention(fn, self.kwargs, spec)
+            except ValueError as e:
+                if self.kwargs:
+                    try:
+                        reward_convention(fn, {}, spec)
+                    except ValueError:
+                        pass
+                    else:  # the function is fine; the extra keyword arguments do not fit it
+                        raise ConfigError(f"annotator.kwargs: {spec} cannot be called as fn(prompt, response, "
+                                          f"**{self.kwargs}); remove the keys it does not take") from None
                 raise ConfigError(f"annotator.function: {e}") from None
 
     def arguments(self) -> dict[str, Any]:

@@ -35,6 +35,12 @@ Non-finite values (`alignkit.guards`): each micro-batch's loss and each step's g
 first NaN / inf is logged as NaN (metrics.jsonl) and raises `NonFiniteError` naming the optimizer step and
 the batch's record ids, before the optimizer applies it. Saving refuses trainable weights that are not finite.
 
+Raw data (TRL-style). `train_dataset` / `eval_dataset` may be raw rows with TRL's columns (a
+`datasets.Dataset` or a list of dicts) or alignkit records, with the tokenizer as `processing_class`: the
+trainer tokenizes them itself (`alignkit.data.prepare`: `datasets.map`, cached, `dataset_num_proc`
+processes, a progress bar) under `max_length`, `max_prompt_length`, `formatter`, `loss_on` (SFT), and
+picks the collator for the data's kind when `data_collator` is not given.
+
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
 not name); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
@@ -105,12 +111,20 @@ class AlignTrainer(Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
     normalizer: Literal["examples", "tokens"] = "examples"
+    record_kinds: tuple[str, ...] = ("sft",)  # the record kinds raw data is read as, preferred first
     rows_per_example: int = 1  # 2 for the chosen/rejected layout (used only when a batch has no `weight`)
     loss_is_scaled_for_ga = True
 
     def __init__(self, model: nn.Module, args: TrainingArguments, *,
                  weight_normalization: Literal["count", "weighted"] = "count", disable_dropout: bool = False,
-                 group_by_length: bool = False, **kwargs: Any) -> None:
+                 group_by_length: bool = False, max_length: int | None = 1024, max_prompt_length: int | None = 512,
+                 formatter: str = "auto", loss_on: str = "all_assistant", add_eos: bool | None = None,
+                 dataset_num_proc: int | None = None, **kwargs: Any) -> None:
+        from alignkit.data.tokenize import TokenizeConfig
+
+        self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
+                                              formatter=formatter, add_eos=add_eos, loss_on=loss_on)
+        self._prepare_data(kwargs, dataset_num_proc)
         if weight_normalization not in ("count", "weighted"):
             raise ValueError(f"weight_normalization must be 'count' or 'weighted', got {weight_normalization!r}")
         self.weight_normalization = weight_normalization
@@ -132,6 +146,35 @@ class AlignTrainer(Trainer):
             logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})
         self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": {}, "eval": {}}
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
+
+    def _prepare_data(self, kwargs: dict[str, Any], num_proc: int | None) -> None:
+        """Tokenize raw `train_dataset` / `eval_dataset` in place in `kwargs` and default the collator."""
+        from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
+
+        tok = kwargs.get("processing_class")
+        kind = None
+        for key in ("train_dataset", "eval_dataset"):
+            ds = kwargs.get(key)
+            if ds is None or isinstance(ds, dict):
+                continue
+            if not is_tokenized(ds):
+                if tok is None:
+                    raise ValueError(f"{type(self).__name__}: {key} holds raw rows {_describe(ds)}; pass the tokenizer "
+                                     f"as processing_class=tokenizer so the trainer can tokenize them")
+                ds, k = prepare_dataset(ds, tok, self.record_kinds, self.tokenize_config, num_proc=num_proc,
+                                        name=key)
+                kwargs[key] = ds
+            else:
+                k = feature_kind(ds[0]) if len(ds) else None
+            kind = kind or k
+        if kwargs.get("data_collator") is None and kind is not None and tok is not None:
+            from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
+
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            cls = {"sft": SFTCollator, "unpaired": SFTCollator, "preference": PreferenceCollator,
+                   "ranked": RankedCollator}.get(kind)
+            if cls is not None:
+                kwargs["data_collator"] = cls(pad_id)
 
     # -- sampling ----------------------------------------------------------------------------------------
 
@@ -367,6 +410,12 @@ class AlignTrainer(Trainer):
         if adapter_kind(model) == "full":
             return super()._load_best_model()
         load_adapter_weights(model, self.state.best_model_checkpoint)
+
+
+def _describe(ds: Any) -> str:
+    cols = list(getattr(ds, "column_names", None) or (list(ds[0]) if isinstance(ds, (list, tuple)) and ds and
+                                                          isinstance(ds[0], dict) else []))
+    return f"(columns {cols})" if cols else f"({type(ds).__name__})"
 
 
 __all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "turn_off_dropout"]

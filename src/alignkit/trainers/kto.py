@@ -51,6 +51,8 @@ def mismatched_batch(batch: dict[str, Any]) -> dict[str, Tensor]:
 class KTOTrainer(AlignTrainer):
     """Unpaired preference trainer for any adapter kind (KTO by default)."""
 
+    record_kinds = ("unpaired",)
+
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "kto", beta: float = 0.1,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0, reference: str = "auto",
                  ref_model: nn.Module | None = None, chunk_size: int = 1024, disable_dropout: bool = True,

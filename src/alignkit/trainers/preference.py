@@ -46,6 +46,8 @@ class PreferenceTrainer(AlignTrainer):
 
     rows_per_example = 2
 
+    record_kinds = ("preference",)
+
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str | Sequence[str] = "sigmoid",
                  loss_weights: Sequence[float] | None = None, beta: float = 0.1,
                  params: PreferenceParams | None = None, reference: str = "auto", ref_model: nn.Module | None = None,

@@ -45,6 +45,8 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
 class RewardTrainer(AlignTrainer):
     """Pairwise (PreferenceCollator batches) or K-wise (RankedCollator batches) reward model training."""
 
+    record_kinds = ("preference", "ranked")
+
     def __init__(self, model: nn.Module, args: Any, *, center_rewards_coefficient: float | None = None,
                  use_margin: bool = True, l2_coefficient: float = 0.0, **kwargs: Any) -> None:
         if not is_classifier(model):

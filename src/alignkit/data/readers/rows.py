@@ -66,8 +66,16 @@ def _load_dataset_dir(path: Path, split: str | None):
     return ds
 
 
+class NamedRows(list):
+    """A list of (row dict, where) pairs: rows that already know their place (e.g. one batch of a
+    `datasets.map`, named by their index in the whole dataset)."""
+
+
 def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
     """Yield (row dict, where) from any supported source (see the module docstring)."""
+    if isinstance(source, NamedRows):
+        yield from source
+        return
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():

@@ -1,0 +1,80 @@
+"""A TRL user's dataset goes into the Python trainers unchanged: raw rows with TRL's columns and the tokenizer as
+`processing_class`; the trainer tokenizes them itself (datasets.map: cached, num_proc) and picks the collator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset, load_dataset
+from transformers import TrainingArguments
+
+from alignkit.data import TokenizeConfig, load_records, tokenize_records
+from alignkit.data.prepare import prepare_dataset
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.trainers import DPOTrainer, KTOTrainer, RewardTrainer, SFTTrainer
+
+CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
+
+
+def args(tmp_path, **kw):
+    return TrainingArguments(str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                             use_cpu=True, dataloader_pin_memory=False, disable_tqdm=True, **kw)
+
+
+def test_sft_trainer_takes_a_messages_dataset(tiny_dir, tmp_path):
+    path = tiny_dir("llama")
+    model, tok = load_model(path), load_tokenizer(path)
+    rows = [{"messages": CHAT}, {"messages": CHAT[:2]}]
+    trainer = SFTTrainer(model, args(tmp_path), train_dataset=Dataset.from_list(rows), processing_class=tok)
+    feats = trainer.train_dataset
+    expected, _ = tokenize_records(load_records(rows, "sft"), tok)  # the records path, row for row
+    assert list(feats["input_ids"]) == [e["input_ids"] for e in expected]
+    assert list(feats["completion_mask"]) == [e["completion_mask"] for e in expected]
+    assert list(feats["id"]) == ["train_dataset row 0", "train_dataset row 1"]
+    # every assistant turn is trained by default: row 0 has two spans of ones
+    mask = feats["completion_mask"][0]
+    assert sum(1 for a, b in zip([0] + mask, mask) if (a, b) == (0, 1)) == 2
+    out = trainer.train()
+    assert out.global_step == 1
+    last, _ = prepare_dataset(Dataset.from_list(rows), tok, ("sft",), TokenizeConfig(loss_on="last_assistant"))
+    assert sum(last["completion_mask"][0]) < sum(mask)
+
+
+def test_dpo_kto_rm_take_trl_columns(tiny_dir, tmp_path):
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    pref = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+            {"prompt": "Grass is", "chosen": " green.", "rejected": " blue."}]
+    dpo = DPOTrainer(load_model(path), args(tmp_path), train_dataset=Dataset.from_list(pref), processing_class=tok)
+    assert set(dpo.train_dataset.column_names) >= {"chosen_input_ids", "rejected_completion_mask"}
+    assert dpo.train().global_step == 1
+    unpaired = [{"prompt": "The sky is", "completion": " blue.", "label": True},
+                {"prompt": "Grass is", "completion": " blue.", "label": False}]
+    kto = KTOTrainer(load_model(path), args(tmp_path), train_dataset=unpaired, processing_class=tok)  # a list too
+    assert list(kto.train_dataset["label"]) == [True, False]
+    assert kto.train().global_step == 1
+    implicit = [{"chosen": "The sky is blue.", "rejected": "The sky is green."}] * 2  # TRL's implicit prompt
+    rm = RewardTrainer(load_model(tiny_dir("llama", classifier=True, num_labels=1), task="classifier", num_labels=1),
+                       args(tmp_path), train_dataset=Dataset.from_list(implicit), processing_class=tok)
+    assert rm.train().global_step == 1
+
+
+def test_map_is_cached_and_runs_in_processes(tiny_dir, tmp_path):
+    tok = load_tokenizer(tiny_dir("llama"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": f" A{i}."}) + "\n" for i in range(6)))
+    ds = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    a, kind = prepare_dataset(ds, tok, ("sft",))
+    b, _ = prepare_dataset(ds, tok, ("sft",))
+    assert kind == "sft" and a.cache_files and a.cache_files == b.cache_files  # the second call loaded the cache
+    c, _ = prepare_dataset(ds, tok, ("sft",), TokenizeConfig(max_length=64), num_proc=2)  # not cached: new settings
+    assert list(c["input_ids"]) == list(a["input_ids"]) and len(c.cache_files) == 2  # one shard per process
+
+
+def test_raw_rows_without_a_tokenizer_are_an_error(tiny_dir, tmp_path):
+    model = load_model(tiny_dir("llama"))
+    with pytest.raises(ValueError, match=r"train_dataset holds raw rows \(columns \['messages'\]\); pass the "
+                                         r"tokenizer as processing_class"):
+        SFTTrainer(model, args(tmp_path), train_dataset=Dataset.from_list([{"messages": CHAT}]))
