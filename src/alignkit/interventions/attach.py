@@ -24,6 +24,7 @@ Works under `peft` (LoRA + ReFT trained together) and with non-reentrant gradien
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any, Iterator, Sequence
 
@@ -38,6 +39,7 @@ from alignkit.interventions.editing import (
     ReftPositionError, Run, Slot, Step, cache_length, edit_positions, find_cache, first_tensor, largest_location,
     locate_step,
 )
+from alignkit.interventions.positions import locations_from_spans, prompt_spans, prompt_spans_from_mask
 from alignkit.interventions.locate import (  # noqa: F401  (re-exported: io.py and users import them from here)
     ATTENTION_NAMES, MLP_NAMES, find_decoder_layers, hf_model, hidden_size, is_peft_model, layer_index, num_layers,
     resolve_component,
@@ -306,6 +308,37 @@ class ReftModel(nn.Module):
         device = next(self.model.parameters()).device
         return locations.to(device=device, dtype=torch.long, non_blocking=True), last
 
+    def set_positions(self, name: str, positions: str | None, share_weights: bool = True) -> None:
+        """Record adapter `name`'s position spec ("f1+l1"; saved with its weights): what `forward` and
+        `generate` edit when called without `intervention_locations`."""
+        self._check_adapter(name)
+        self.adapter_configs[name] = dataclasses.replace(self.adapter_configs[name], positions=positions,
+                                                         share_weights=share_weights)
+
+    def default_locations(self, attention_mask: torch.Tensor,
+                          completion_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`(B, I, P)` locations from each adapter's saved position spec: the prompt is each row's attended
+        span up to its first completion token (`completion_mask`), or the whole attended span without one
+        (a prompt-only batch, as `generate` gets). None when no adapter has a spec; an adapter without one
+        gets -1 (no edit)."""
+        configs = list(self.adapter_configs.items())
+        if not any(cfg.positions for _, cfg in configs):
+            return None
+        if completion_mask is None:
+            start, length = prompt_spans_from_mask(attention_mask)
+        else:
+            start, length = prompt_spans(attention_mask, completion_mask)
+        parts = []
+        for name, cfg in configs:
+            sl = self.adapter_slice(name)
+            k = sl.stop - sl.start
+            if cfg.positions is None:
+                parts.append(torch.full((start.shape[0], k, 1), -1, dtype=torch.long, device=start.device))
+            else:
+                parts.append(locations_from_spans(cfg.positions, start, length, k, cfg.share_weights))
+        width = max(p.shape[-1] for p in parts)
+        return torch.cat([nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts], dim=1)
+
     def _active_slots(self) -> frozenset:
         return frozenset(s.pos for s in self.slots if self._active is None or s.adapter in self._active)
 
@@ -329,9 +362,18 @@ class ReftModel(nn.Module):
                 intervention_locations: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
         """The base model's forward (loss included when `labels` are given) with the interventions
-        applied at `intervention_locations` `(B, I, P)` (-1 = none; None = no intervention)."""
+        applied at `intervention_locations` `(B, I, P)` (-1 = none). Without locations, each adapter's
+        saved position spec (`ReftConfig.positions`) places them on the prompt: the attended span up to
+        the first token of `completion_mask` (pass it for prompt + completion rows), or the whole attended
+        span; an adapter without a spec edits nothing. A forward continuing a KV cache gets no default
+        locations (its prompt was placed when it ran)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         start = cache_length(find_cache(kwargs)[1])  # a cache the caller passed in (any keyword)
+        completion_mask = kwargs.pop("completion_mask", None)
+        if intervention_locations is None and start == 0:  # with a cache, the prompt was placed when it ran
+            mask = attention_mask if attention_mask is not None else torch.ones(ref.shape[:2], dtype=torch.long)
+            intervention_locations = self.default_locations(mask.cpu(), None if completion_mask is None
+                                                            else completion_mask.cpu())
         # the skip of steps past the last location only matters with a KV cache (offset > 0)
         locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=start > 0)
         if labels is not None:
@@ -342,10 +384,15 @@ class ReftModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  intervention_locations: torch.Tensor | None = None, intervene_on_generated: bool = False,
                  **generate_kwargs: Any) -> Any:
-        """`model.generate` with the prompt edited in the prefill pass (kept through the KV cache);
+        """`model.generate` with the prompt edited in the prefill pass (kept through the KV cache); without
+        `intervention_locations`, at each adapter's saved position spec over the attended prompt, so a
+        reloaded adapter called as `generate(**inputs)` edits what training edited;
         with `intervene_on_generated`, every generated token's position is edited too (for the rows
         and interventions that have at least one prompt location). Decode steps past the last prompt
         location do no intervention work, and each orthonormal R is evaluated once per call."""
+        if intervention_locations is None:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            intervention_locations = self.default_locations(mask.cpu())
         locations, last = self._prepare_locations(intervention_locations, input_ids.shape[0], with_last=True)
         run = Run(locations, self._active_slots(), last_location=last)
         if intervene_on_generated and locations is not None:

@@ -19,9 +19,57 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+_TERM = re.compile(r"^([fl])(\d+)$")
+
+
+@dataclass(frozen=True)
+class Positions:
+    """First `first_n` and last `last_n` prompt tokens. `Positions.parse("f3+l3")` == Positions(3, 3)."""
+
+    first_n: int = 0
+    last_n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.first_n < 0 or self.last_n < 0 or self.first_n + self.last_n == 0:
+            raise ValueError(f"positions need first_n >= 0, last_n >= 0 and at least one > 0; got "
+                             f"first_n={self.first_n}, last_n={self.last_n}")
+
+    @classmethod
+    def parse(cls, spec: "str | Positions") -> "Positions":
+        """Parse "l1", "f1", "f3+l3", "l2+f1" (order free, each letter at most once)."""
+        if isinstance(spec, Positions):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"positions must be a string like 'f3+l3' or a Positions, got {type(spec).__name__}")
+        first = last = None
+        for term in spec.replace(" ", "").lower().split("+"):
+            m = _TERM.match(term)
+            if m is None:
+                raise ValueError(f"bad positions {spec!r}: term {term!r} is not f<n> or l<n> "
+                                 f"(examples: 'l1', 'f1+l1', 'f5+l5')")
+            if (first if m.group(1) == "f" else last) is not None:
+                raise ValueError(f"bad positions {spec!r}: {m.group(1)!r} given twice")
+            if m.group(1) == "f":
+                first = int(m.group(2))
+            else:
+                last = int(m.group(2))
+        return cls(first_n=first or 0, last_n=last or 0)
+
+    def __str__(self) -> str:
+        parts = ([f"f{self.first_n}"] if self.first_n else []) + ([f"l{self.last_n}"] if self.last_n else [])
+        return "+".join(parts)
+
+    def width(self, share_weights: bool = True) -> int:
+        """P, the number of position slots per intervention."""
+        if self.first_n and self.last_n and not share_weights:
+            return max(self.first_n, self.last_n)
+        return self.first_n + self.last_n
+
 
 COMPONENTS = ("block_output", "block_input", "mlp_output", "mlp_input", "attention_output", "attention_input")
 
@@ -137,8 +185,19 @@ class ReftConfig:
     of the interventions in `intervention_locations`)."""
 
     representations: list[RepresentationConfig] = field(default_factory=list)
+    # Which prompt tokens the interventions edit when the caller passes no locations ("f1+l1": first and
+    # last prompt token; pyreft's short form), saved with the weights so that a reloaded adapter edits
+    # exactly what training edited. None: the caller always passes `intervention_locations`.
+    positions: str | None = None
+    share_weights: bool = True  # False: pyreft's split (first half of the interventions on f, second on l)
 
     def __post_init__(self) -> None:
+        if self.positions is not None:
+            pos = Positions.parse(self.positions)  # ValueError naming the bad term
+            self.positions = str(pos)
+            if pos.first_n and pos.last_n and not self.share_weights and len(self.representations) % 2:
+                raise ValueError(f"positions {self.positions!r} with share_weights=False splits the interventions "
+                                 f"in two halves (first / last positions); {len(self.representations)} is odd")
         reps = []
         for i, r in enumerate(self.representations):
             if isinstance(r, dict):
@@ -162,7 +221,10 @@ class ReftConfig:
         return len(self.representations)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"representations": [r.to_dict() for r in self.representations]}
+        out: dict[str, Any] = {"representations": [r.to_dict() for r in self.representations]}
+        if self.positions is not None:
+            out.update(positions=self.positions, share_weights=self.share_weights)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "reft config") -> "ReftConfig":
@@ -172,8 +234,12 @@ class ReftConfig:
         reps = data.get("representations")
         if not isinstance(reps, list):
             raise ValueError(f"{where}: 'representations' must be a list of mappings")
-        return cls([RepresentationConfig.from_dict(r, where=f"{where}: representations[{i}]")
-                    for i, r in enumerate(reps)])
+        try:
+            return cls([RepresentationConfig.from_dict(r, where=f"{where}: representations[{i}]")
+                        for i, r in enumerate(reps)], positions=data.get("positions"),
+                       share_weights=bool(data.get("share_weights", True)))
+        except ValueError as e:
+            raise ValueError(e.args[0] if str(e.args[0]).startswith(where) else f"{where}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -121,6 +121,8 @@ def locate_step(counted: int, length: int, kwargs: dict) -> int:
             f"KV cache passed as `{name}` holds {held}. ReFT edits nothing it cannot place; generate without a "
             f"cache that is cropped or rolled back (assisted/speculative decoding), or call forward with explicit "
             f"intervention_locations per step")
+    if counted == 0:  # the first forward of the call, no cache: nothing before it (packed rows' position ids
+        return 0      # restart per sequence, so they are no evidence here)
     before, source = None, None
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -137,7 +139,7 @@ def locate_step(counted: int, length: int, kwargs: dict) -> int:
             f"ReFT cannot locate this forward's positions: {counted} tokens were processed in this call, the input "
             f"has {length} and {source}, which fits neither a cached step nor a full recompute; ReFT edits "
             f"nothing it cannot place")
-    if counted == 0 or length == 1:
+    if length == 1:
         return counted
     raise ReftPositionError(
         f"ReFT cannot locate this forward's positions: {length} new tokens after {counted} processed, with no KV "

@@ -190,7 +190,14 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 
             Positions.parse(cfg.reft.positions)  # fail early on a bad spec
             heads = _head_names(model, cfg.reft.modules_to_save) if cfg.kind == "reft" else []
-            out = get_reft_model(out, ReftConfig.from_dict(cfg.reft.config, where="adapter.reft.config"))
+            rc = ReftConfig.from_dict(cfg.reft.config, where="adapter.reft.config")
+            if rc.positions is not None and (rc.positions, rc.share_weights) != (
+                    str(Positions.parse(cfg.reft.positions)), cfg.reft.share_weights):
+                raise ValueError(f"adapter.reft.config.positions ({rc.positions!r}, share_weights={rc.share_weights}) "
+                                 f"and adapter.reft.positions ({cfg.reft.positions!r}, share_weights="
+                                 f"{cfg.reft.share_weights}) disagree; set adapter.reft.positions only")
+            rc = dataclasses.replace(rc, positions=cfg.reft.positions, share_weights=cfg.reft.share_weights)
+            out = get_reft_model(out, rc)
             lm = unwrap_lm(out)
             for name in heads:
                 for p in lm.get_submodule(name).parameters():
@@ -308,6 +315,8 @@ def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False) 
         from alignkit.interventions.io import load_reft
 
         out = load_reft(out, folder)
+        if out.adapter_configs["default"].positions is None:  # folders saved before positions lived in reft_config.json
+            out.set_positions("default", cfg.reft.positions, cfg.reft.share_weights)
         for p in out.interventions.parameters():
             p.requires_grad_(trainable)
         _load_heads(out, folder, cfg, trainable)

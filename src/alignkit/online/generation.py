@@ -216,8 +216,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                        max_prompt_length: int | None = None) -> list[Sample]:
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
-    `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` (required for a
-    `ReftModel`) is the training position spec; `share_weights` its layout (`alignkit.data.positions`).
+    `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
+    `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout.
     """
     from alignkit.interventions.attach import ReftModel
 
@@ -227,9 +227,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
     is_reft = isinstance(model, ReftModel)
-    if is_reft and positions is None:
-        raise ValueError("generating with a ReftModel needs positions: pass the spec it was trained with, "
-                         "e.g. positions='l1' or 'f3+l3' (see alignkit.data.positions)")
+    if is_reft and positions is None and not any(c.positions for c in model.adapter_configs.values()):
+        raise ValueError("this ReftModel has no saved position spec: pass the one it was trained with, "
+                         "e.g. positions='l1' or 'f3+l3' (see alignkit.interventions.positions)")
     records = as_prompt_records(prompts)
     encoded = [encode_prompt(r.prompt, tokenizer, formatter, max_prompt_length) for r in records]
     for r, ids in zip(records, encoded):
@@ -253,9 +253,10 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                 input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)
                 attention_mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)  # (B, T)
                 extra: dict[str, Any] = {}
-                if is_reft:
-                    extra["intervention_locations"] = locations_from_mask(
-                        positions, attention_mask, model.num_interventions, share_weights)  # (B, I, P)
+                if is_reft:  # without `positions`, the adapters' saved specs place the edits (ReftModel.generate)
+                    if positions is not None:
+                        extra["intervention_locations"] = locations_from_mask(
+                            positions, attention_mask, model.num_interventions, share_weights)  # (B, I, P)
                     extra["intervene_on_generated"] = intervene_on_generated
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
                 new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)

@@ -41,19 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alignkit.interventions.positions import locations_from_mask, locations_from_spans, prompt_spans
 from alignkit.losses import chunked_lm_logprobs
 from alignkit.models.adapters import adapter_kind, reft_settings, unwrap_lm, unwrap_parallel
-
-
-def prompt_spans(attention_mask: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(start, length) `(B,)` of each row's prompt: from its first attended token to its first completion
-    token (or to its last attended token when the row has no completion). Left or right padding."""
-    att = attention_mask.long()
-    comp = completion_mask.long() * att
-    start = att.argmax(dim=1)  # (B,) first real token
-    end_all = start + att.sum(dim=1)  # (B,) one past the last real token
-    first_comp = torch.where(comp.any(dim=1), comp.argmax(dim=1), end_all)  # (B,)
-    return start, first_comp - start
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
@@ -106,8 +96,6 @@ def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
     if settings is None:
         raise ValueError("a ReFT model needs `intervention_locations` in the batch, or a position spec: build it "
                          "with alignkit.models.adapters.apply_adapter (AdapterConfig.reft.positions, e.g. 'f1+l1')")
-    from alignkit.data.positions import locations_from_spans
-
     k = unwrap_parallel(model).num_interventions  # through DDP / FSDP wrappers
     if is_packed(batch):
         start, length = packed_prompt_spans(batch)
@@ -124,8 +112,6 @@ def prompt_locations(model: nn.Module, attention_mask: Tensor) -> Tensor | None:
     """Locations for prompt-only rows (generation, classification): the whole attended span is the prompt."""
     if "reft" not in adapter_kind(model):
         return None
-    from alignkit.data.positions import locations_from_mask
-
     settings = reft_settings(model)
     if settings is None:
         raise ValueError("ReFT model without a position spec: build it with apply_adapter")

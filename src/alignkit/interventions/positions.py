@@ -1,0 +1,117 @@
+"""Position selection for ReFT: which prompt tokens each intervention acts on.
+
+A position spec is pyreft's short form, "f<n>", "l<n>" or "f<n>+l<n>" (first n / last n tokens of the
+prompt), or the equivalent `Positions(first_n=..., last_n=...)`. From the prompt's span inside a padded
+batch (its first absolute index `start` and its length `length`, both in token space) we build the
+`intervention_locations` tensor that `ReftModel.forward` takes:
+
+    locations: LongTensor (B, K, P)   B rows, K interventions, P position slots; -1 = no position
+
+Layout of the P slots (indices are absolute into the padded tensor, so left and right padding both work):
+
+- `share_weights=True` (every intervention sees every selected position): P = f + l. Slots [0, f) hold
+  the first f prompt positions start+0 .. start+f-1; slots [f, f+l) hold the last l positions
+  start+L-l .. start+L-1. Every one of the K rows is identical.
+- `share_weights=False` (pyreft's split): requires f > 0 and l > 0 and an even K. Interventions
+  [0, K/2) get the first f positions, interventions [K/2, K) the last l positions; P = max(f, l),
+  slots beyond a group's count are -1.
+- only one of f / l given: every intervention gets that group (share_weights does not matter).
+
+A prompt shorter than the spec (L < f, L < l or L < f + l) never yields an out-of-range index: a first
+slot past the prompt end is -1, a last slot before the prompt start is -1 (slot i of the last group always
+means position L - l + i, so the trailing slots stay filled), and with `share_weights=True` a last slot
+already covered by a first slot is -1 (de-duplicated: no position is edited twice by one intervention).
+An empty prompt (L = 0) gives all -1.
+
+All of it is vectorised torch ops over the batch; nothing is built as Python lists per row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.interventions.config import Positions
+
+
+def _first_slots(start: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) start, (B,) length -> (B, n): start + i where i < length, else -1."""
+    i = torch.arange(n, device=start.device)  # (n,)
+    pos = start[:, None] + i[None, :]  # (B, n)
+    return torch.where(i[None, :] < length[:, None], pos, -1)
+
+
+def _last_slots(start: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) start, (B,) length -> (B, n): slot i is start + length - n + i where that is >= start, else -1."""
+    rel = length[:, None] - n + torch.arange(n, device=start.device)[None, :]  # (B, n) index within prompt
+    return torch.where(rel >= 0, start[:, None] + rel, -1)
+
+
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=-1)
+
+
+def locations_from_spans(spec: "str | Positions", start: torch.Tensor, length: torch.Tensor,
+                         num_interventions: int, share_weights: bool = True) -> torch.Tensor:
+    """Intervention locations for prompts spanning [start, start + length) of each padded row.
+
+    start, length: (B,) integer tensors (token space, absolute in the padded tensor).
+    Returns LongTensor (B, num_interventions, P), -1 = none; layout in the module docstring.
+    """
+    pos = Positions.parse(spec)
+    if num_interventions < 1:
+        raise ValueError(f"num_interventions must be >= 1, got {num_interventions}")
+    start = torch.as_tensor(start, dtype=torch.long)
+    length = torch.as_tensor(length, dtype=torch.long).to(start.device)
+    if start.dim() != 1 or start.shape != length.shape:
+        raise ValueError(f"start and length must both be (B,); got {tuple(start.shape)} and {tuple(length.shape)}")
+    if bool((length < 0).any()) or bool((start < 0).any()):
+        raise ValueError("start and length must be >= 0")
+    f, l, k = pos.first_n, pos.last_n, num_interventions
+    first = _first_slots(start, length, f)  # (B, f)
+    last = _last_slots(start, length, l)  # (B, l)
+    if f and l and not share_weights:
+        if k % 2:
+            raise ValueError(f"share_weights=False with positions {pos} splits the interventions in two halves "
+                             f"(first half on the first tokens, second on the last), so it needs an even number "
+                             f"of interventions; got {k}")
+        width = max(f, l)
+        per_group = torch.stack([_pad_to(first, width), _pad_to(last, width)], dim=1)  # (B, 2, P)
+        return per_group.repeat_interleave(k // 2, dim=1).contiguous()  # (B, K, P)
+    # de-duplicate: a last slot is already covered by a first slot when its index within the prompt < f
+    if f and l:
+        rel_last = last - start[:, None]  # (B, l)
+        last = torch.where((last >= 0) & (rel_last < f), -1, last)
+    slots = torch.cat([first, last], dim=1)  # (B, f + l)
+    return slots[:, None, :].expand(-1, k, -1).contiguous()  # (B, K, P)
+
+
+def prompt_spans_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) of the non-pad span of each row of a prompt-only batch, left or right padded.
+
+    attention_mask: (B, T) of 0/1. The span is assumed contiguous (true for left and right padding).
+    """
+    mask = attention_mask.to(torch.long)
+    length = mask.sum(dim=1)  # (B,)
+    start = mask.argmax(dim=1)  # (B,) first 1 (0 for an all-pad row)
+    return start, length
+
+
+def prompt_spans(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) `(B,)` of each row's prompt: from its first attended token to its first completion
+    token (or to its last attended token when the row has no completion). Left or right padding."""
+    att = attention_mask.long()
+    comp = completion_mask.long() * att
+    start = att.argmax(dim=1)  # (B,) first real token
+    end_all = start + att.sum(dim=1)  # (B,) one past the last real token
+    first_comp = torch.where(comp.any(dim=1), comp.argmax(dim=1), end_all)  # (B,)
+    return start, first_comp - start
+
+
+def locations_from_mask(spec: "str | Positions", attention_mask: torch.Tensor, num_interventions: int,
+                        share_weights: bool = True) -> torch.Tensor:
+    """Locations for a batch that holds prompts only (generation, classification): the whole row is the prompt."""
+    start, length = prompt_spans_from_mask(attention_mask)
+    return locations_from_spans(spec, start, length, num_interventions, share_weights)
+
+
+__all__ = ["Positions", "locations_from_spans", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]
