@@ -81,12 +81,13 @@ class Stack:
             return None
         return [r.lora or PEFT_BASE for r in routes]
 
-    def locations(self, routes: list[Route], start: torch.Tensor, length: torch.Tensor) -> torch.Tensor | None:
+    def locations(self, routes: list[Route], start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """`(B, I, P)` intervention locations for prompts spanning [start, start + length) of each row:
         each ReFT row gets its adapter's trained positions in its adapter's slots, -1 everywhere else.
-        None when no row uses ReFT (the hooks then do no work)."""
+        All -1 when no row uses ReFT (the hooks then do no work; None would mean "each adapter's saved
+        position spec" to `ReftModel`)."""
         if not any(r.reft for r in routes):
-            return None
+            return torch.full((len(routes), self.model.num_interventions, 1), -1, dtype=torch.long)
         model = self.model
         parts: list[tuple[int, slice, torch.Tensor]] = []
         width = 1
