@@ -46,7 +46,8 @@ test-newest: pyproject.toml $(CONSTRAINTS)
 	$(NEWEST_PIP) install -c $(CONSTRAINTS) $(TORCH)
 	grep -viE '^($(shell echo $(MOVING) | tr ' ' '|'))==' $(CONSTRAINTS) > $(NEWEST_VENV)/constraints-rest.txt
 	$(NEWEST_PIP) install -c $(NEWEST_VENV)/constraints-rest.txt -e '.[cli,test]'
-	$(NEWEST_PIP) install --upgrade -c $(NEWEST_VENV)/constraints-rest.txt $(MOVING)
+	echo '$(TORCH)' > $(NEWEST_VENV)/constraints-torch.txt
+	$(NEWEST_PIP) install --upgrade -c $(NEWEST_VENV)/constraints-torch.txt $(MOVING)   # their own deps may move too
 	$(NEWEST_PY) -m alignkit.versions $(MOVING)
 	$(NEWEST_PY) -m pytest -n 2 -q tests
 
