@@ -10,6 +10,10 @@
       model/              the trained adapter (or full model) + tokenizer; its own copy of README.md
       checkpoints/        TrainingArguments' output_dir (intermediate checkpoints, if saving is on)
 
+`model/` and every `checkpoints/checkpoint-N` are written into a staging folder and renamed into place with
+`alignkit_complete.json` (each file's size) written last, so a kill leaves either the previous state or a
+complete folder; `latest_complete_checkpoint` skips (and names) any checkpoint without a valid marker.
+
 Only the main process writes (under `accelerate launch`, `is_main_process()`), and matplotlib is
 imported only when plots are drawn (Agg canvas, no pyplot state), so the library never needs it.
 """
@@ -219,5 +223,170 @@ def versions() -> dict[str, str]:
     return out
 
 
-__all__ = ["MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "final_metrics", "is_main_process", "plot_metrics",
-           "read_metrics", "versions"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic folders: model/, every checkpoint, and a whole run folder under --overwrite
+# ----------------------------------------------------------------------------------------------------
+
+COMPLETE_MARKER = "alignkit_complete.json"  # written last into a finished folder: file names and sizes
+STAGING_MARK = ".alignkit-staging"  # inside folders alignkit made for itself (staging, to be removed)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or saved folder that cannot be used (incomplete, truncated, missing); names the folder."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_marker(folder: str | Path, **info: Any) -> Path:
+    """Write `COMPLETE_MARKER` into `folder`: every file's relative path and size (checked on load)."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name not in (COMPLETE_MARKER, STAGING_MARK)}
+    tmp = folder / (COMPLETE_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"complete": True, **info, "files": files}, indent=1, default=str) + "\n")
+    os.replace(tmp, folder / COMPLETE_MARKER)
+    return folder / COMPLETE_MARKER
+
+
+def incomplete_reason(folder: str | Path) -> str | None:
+    """None when `folder` holds a complete save (marker present, every listed file with its size); else why not."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"{folder} has no {COMPLETE_MARKER} (written last: the save was interrupted or never finished)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{marker} is damaged (not the JSON alignkit writes)"
+    for name, size in files.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != size:
+            return f"{p} has {p.stat().st_size} bytes, {size} were written (truncated or changed)"
+    return None
+
+
+def remove_own(folder: Path) -> None:
+    """Remove `folder` only if alignkit made it for itself (it carries `STAGING_MARK`); else refuse."""
+    import shutil
+
+    if not folder.exists():
+        return
+    if not (folder / STAGING_MARK).is_file():
+        raise CheckpointError(f"{folder} is in the way and was not made by alignkit; move or remove it yourself")
+    shutil.rmtree(folder)
+
+
+def new_staging(final: str | Path) -> Path:
+    """An empty folder beside `final` to write into (`.<name>.staging`, marked as alignkit's own)."""
+    final = Path(final)
+    staging = final.parent / f".{final.name}.staging"
+    remove_own(staging)  # a leftover of an interrupted save
+    staging.mkdir(parents=True)
+    (staging / STAGING_MARK).touch()
+    return staging
+
+
+def commit_staging(staging: Path, final: str | Path, marker: bool = True, **info: Any) -> Path:
+    """Rename a finished staging folder to `final` (replacing a previous `final` as a whole), marker written
+    last into it first. Between the two renames a kill leaves `final` absent and `.<name>.old` complete."""
+    import shutil
+
+    final = Path(final)
+    (staging / STAGING_MARK).unlink(missing_ok=True)
+    if marker:
+        write_marker(staging, **info)
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        remove_own(old)
+        (final / STAGING_MARK).touch()  # from here on it is ours to remove
+        os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+class staged:
+    """`with staged(run.model) as tmp: save(tmp)`: written to a staging folder, renamed into place with a
+    completeness marker only when the block succeeds (an exception leaves `final` as it was)."""
+
+    def __init__(self, final: str | Path, enabled: bool = True, **info: Any) -> None:
+        self.final, self.enabled, self.info = Path(final), enabled, info
+
+    def __enter__(self) -> Path:
+        self.tmp = new_staging(self.final) if self.enabled else self.final
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is None and self.enabled:
+            commit_staging(self.tmp, self.final, **self.info)
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+        return int(name[len(CHECKPOINT_PREFIX):])
+    return None
+
+
+def latest_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The newest `checkpoint-N` in `folder` that is complete; each newer incomplete one is skipped with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(((checkpoint_step(p), p) for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+                   reverse=True)
+    for _, path in found:
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path
+        logger.warning("skipping incomplete checkpoint %s: %s", path, reason)
+    return None
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Keep only the rows of metrics.jsonl up to `step` (a resume continues after them). Returns rows kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a row cut by a kill: it and anything after it are dropped
+        if isinstance(row.get("step"), (int, float)) and row["step"] > step:
+            break
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept)
+
+
+__all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "commit_staging",
+           "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
+           "plot_metrics", "read_metrics", "remove_own", "staged", "truncate_metrics", "versions", "write_marker"]

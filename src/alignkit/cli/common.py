@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignkit.runs import RunFolder
+from alignkit.runs import RunFolder, is_main_process
 from alignkit.settings import ConfigError, DataSettings, ModelSettings, dump_config, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -29,9 +31,17 @@ TINY_TMP_PREFIX = "alignkit-tiny-"
 _CREATED: set[str] = set()
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, run_folder: bool = False) -> None:
     parser.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (imports no "
+                        "code named in the config, loads no model)")
+    if run_folder:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in output_dir from its newest complete checkpoint "
+                                 "(metrics.jsonl continues; incomplete checkpoints are skipped)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace an existing output_dir as a whole: the new run is written beside it and "
+                                 "swapped in when it finishes (the old run stays untouched if the new one fails)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides parsed as YAML scalars, e.g. method.beta=0.05 train.learning_rate=1e-4")
 
@@ -50,21 +60,159 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def start_run(cfg: Any) -> RunFolder:
-    """The run folder, with the resolved config written (main process) and stale metrics removed."""
+    """The output folder of `eval` / `generate`, with the resolved config written (main process). Nothing else
+    in it is removed (training commands use `plan_run` / `begin_run` instead)."""
     run = RunFolder(Path(cfg.output_dir))
     if run.main:
         save_config(cfg, run.config)
-        if run.metrics.exists():
-            run.metrics.unlink()
     return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder of a training command: planned (checks only), begun (written), finished (swapped in)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    """Where a training run writes, decided before anything is written.
+
+    mode "new": `final` is absent or empty; "resume": continue `final` from `checkpoint`; "overwrite": `final`
+    holds a run and the user asked to replace it: the new run is written to `root` (a staging folder beside
+    it, `.<name>.staging`) and renamed over `final` only when it has finished."""
+
+    final: Path
+    root: Path
+    mode: str
+    checkpoint: Path | None = None
+    main: bool = field(default_factory=is_main_process)
+    existed: bool = False
+
+    def folder(self) -> RunFolder:
+        """The run folder to write into (created)."""
+        return RunFolder(self.root, main=self.main)
+
+    def named(self) -> RunFolder:
+        """The run folder as it will be named when finished (for paths shown to the user); nothing created."""
+        return RunFolder(self.final, main=False)
+
+
+def _listing(folder: Path, limit: int = 4) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpoint: str | None = None,
+             can_resume: bool = True) -> RunPlan:
+    """Check `output_dir` against the user's intent; writes nothing. `checkpoint`: `train.resume_from_checkpoint`."""
+    from alignkit.runs import incomplete_reason, latest_complete_checkpoint
+
+    final = Path(cfg.output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in output_dir, "
+                          "--overwrite replaces it")
+    if (resume or checkpoint is not None) and not can_resume:
+        raise ConfigError("--resume: online runs write no checkpoints yet, so they cannot be resumed (not yet "
+                          "built); start again with --overwrite or another output_dir")
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"output_dir: {final} is a file, not a folder; choose another output_dir")
+    existed = final.is_dir()
+    holds = existed and any(final.iterdir())
+    ckpt: Path | None = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if not ckpt.exists():
+            raise ConfigError(f"train.resume_from_checkpoint: {ckpt} does not exist; give a checkpoint folder "
+                              f"(e.g. {final / 'checkpoints' / 'checkpoint-10'}) or use --resume for the newest "
+                              "complete one")
+        reason = incomplete_reason(ckpt)
+        if reason is not None:
+            raise ConfigError(f"train.resume_from_checkpoint: cannot resume: {reason}; pick a complete checkpoint "
+                              "folder, or use --resume for the newest complete one")
+    elif resume:
+        if not holds:
+            raise ConfigError(f"--resume: {final} holds no run to resume; run once without --resume first")
+        ckpt = latest_complete_checkpoint(final / "checkpoints")
+        if ckpt is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (runs write them with "
+                              "train.save_strategy=steps and train.save_steps=N); start again with --overwrite")
+        logger.info("resuming %s from %s", final, ckpt)
+    elif holds and not overwrite:
+        raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
+                          "that run from its newest complete checkpoint, --overwrite to replace it as a whole, or "
+                          "choose another output_dir")
+    if ckpt is not None:
+        return RunPlan(final, final, "resume", ckpt, existed=existed)
+    if holds:  # --overwrite
+        from alignkit.runs import remove_own
+
+        staging = final.parent / f".{final.name}.staging"
+        remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
+        return RunPlan(final, staging, "overwrite", existed=True)
+    return RunPlan(final, final, "new", existed=existed)
+
+
+def begin_run(plan: RunPlan, cfg: Any) -> RunFolder:
+    """Create the run folder (main process), write the resolved config atomically, and on resume keep
+    metrics.jsonl up to the checkpoint's step (the resumed run appends after them)."""
+    from alignkit.runs import STAGING_MARK, truncate_metrics
+
+    run = plan.folder()
+    if run.main:
+        if plan.mode == "overwrite":
+            (run.root / STAGING_MARK).touch()
+        tmp = run.config.with_name(run.config.name + ".tmp")
+        save_config(cfg, tmp)
+        os.replace(tmp, run.config)
+        if plan.mode == "resume" and plan.checkpoint is not None:
+            from alignkit.runs import checkpoint_step
+
+            step = checkpoint_step(plan.checkpoint)
+            if step is not None:
+                kept = truncate_metrics(run.metrics, step)
+                logger.info("metrics.jsonl: %d row(s) up to step %d kept; the resumed run appends", kept, step)
+    return run
+
+
+def abandon_run(plan: RunPlan) -> None:
+    """After a failure before or during the run: remove only the EMPTY folders this run created (os.rmdir never
+    removes a file); a staging folder of --overwrite is kept for inspection (the old run is untouched)."""
+    if not plan.main:
+        return
+    if plan.mode == "overwrite":
+        if plan.root.exists():
+            logger.warning("the new run failed; %s is untouched, the partial new run is in %s (removed by the next "
+                           "--overwrite)", plan.final, plan.root)
+        return
+    if plan.existed:
+        return
+    for sub in sorted(plan.root.rglob("*"), key=lambda p: len(p.parts), reverse=True) if plan.root.is_dir() else []:
+        if sub.is_dir():
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+    try:
+        plan.root.rmdir()
+    except OSError:
+        pass
+
+
+def finish_run(plan: RunPlan) -> None:
+    """--overwrite: the finished new run replaces the old folder as a whole (two renames)."""
+    from alignkit.runs import commit_staging
+
+    if plan.main and plan.mode == "overwrite":
+        commit_staging(plan.root, plan.final, marker=False)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Model and tokenizer
 # ----------------------------------------------------------------------------------------------------
 
-def resolve_model_path(ms: ModelSettings, run: RunFolder, task: str) -> tuple[str, str]:
-    """(folder or id to load, description for the model card). Builds `tiny:<arch>` models."""
+def resolve_model_path(ms: ModelSettings, run: RunFolder | None, task: str) -> tuple[str, str]:
+    """(folder or id to load, description for the model card). Builds `tiny:<arch>` models: into
+    `<run>/base_model` (main process of a run folder), else into a temporary folder of this process's own
+    (`adopt_tiny` moves it into the run folder once that exists)."""
     if not ms.path.startswith(TINY_PREFIX):
         return ms.path, ms.path
     from alignkit.models.tiny import ARCHITECTURES, save_tiny
@@ -74,7 +222,7 @@ def resolve_model_path(ms: ModelSettings, run: RunFolder, task: str) -> tuple[st
         raise ConfigError(f"model.path: {ms.path!r}: unknown tiny architecture {arch!r}; valid: "
                           + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
     # every process builds the same seeded model; only the main one writes into the run folder
-    if run.main:
+    if run is not None and run.main:
         folder = run.root / "base_model"
     else:
         folder = Path(tempfile.mkdtemp(prefix=TINY_TMP_PREFIX))
@@ -84,31 +232,91 @@ def resolve_model_path(ms: ModelSettings, run: RunFolder, task: str) -> tuple[st
     return str(folder), desc
 
 
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or 2+ separators."""
+    return (Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+            or Path(path).exists())
+
+
+def check_model_folder(path: str, key: str, adapter: bool = False) -> None:
+    """A clear error for a model / adapter path that cannot be what the key says (before anything is loaded)."""
+    if path.startswith(TINY_PREFIX) or not _looks_local(path):
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{key}: {path} does not exist; point it at a folder written by save_pretrained "
+                          + ("or a training run's model/ folder" if adapter else "(config.json + weights)"))
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {path} is a file; point it at the folder that holds it")
+    if adapter:
+        from alignkit.models.adapters import ADAPTER_CONFIG_NAME
+
+        known = (ADAPTER_CONFIG_NAME, "adapter_config.json", "reft_config.json", "config.json")
+        if not any((folder / n).is_file() for n in known):
+            raise ConfigError(f"{key}: {path} holds no adapter or model ({', '.join(known)} missing); point it at a "
+                              "training run's model/ folder")
+        return
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} has no config.json, so it is not a saved model folder; point it at the "
+                          "folder save_pretrained wrote (or a run's base_model/ or model/)")
+
+
 def load_tokenizer_for(ms: ModelSettings, path: str):
     from alignkit.models.loading import load_tokenizer
 
     return load_tokenizer(ms.tokenizer or path, trust_remote_code=ms.trust_remote_code)
 
 
-def load_base(ms: ModelSettings, run: RunFolder, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
-    """(model, tokenizer, loaded path, description) for `task` "causal_lm" or "classifier" (1 label)."""
+def adopt_tiny(path: str, dest: Path, main: bool = True) -> str:
+    """A tiny model built in this process's temporary folder: moved to `dest` (main process, when `dest` does not
+    exist yet: a resumed run keeps its own), else removed. Any other path is returned unchanged, never touched."""
+    if path not in _CREATED:
+        return path
+    _CREATED.discard(path)
+    if main and not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, dest)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    return str(dest)
+
+
+def rename_base(model: Any, old: str, new: str) -> None:
+    """After `adopt_tiny` moved the base model: the loaded model's configs (and peft's) name the new folder."""
+    if old == new:
+        return
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "_name_or_path", None) == old:
+            cfg._name_or_path = new
+        for pc in (getattr(m, "peft_config", None) or {}).values():
+            if getattr(pc, "base_model_name_or_path", None) == old:
+                pc.base_model_name_or_path = new
+
+
+def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, loaded path, description) for `task` "causal_lm" or "classifier" (1 label).
+    `run` None: nothing is written to a run folder (a tiny model stays in a temporary folder for `adopt_tiny`)."""
     from alignkit.models.loading import load_model
 
+    check_model_folder(ms.path, "model.path")
+    if ms.tokenizer is not None:
+        check_model_folder(ms.tokenizer, "model.tokenizer")
+    if ms.adapter_path is not None:
+        check_model_folder(ms.adapter_path, "model.adapter_path", adapter=True)
     path, desc = resolve_model_path(ms, run, task)
     tok = load_tokenizer_for(ms, path)
     model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
                        num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
                        rope_scaling=ms.rope_scaling)
-    if path in _CREATED:  # this process's private copy of a tiny model: loaded, so not needed
-        shutil.rmtree(path, ignore_errors=True)
-        _CREATED.discard(path)
-        path = str(run.root / "base_model")
+    if run is not None and path in _CREATED:  # this process's private copy of a tiny model: loaded, so not needed
+        path = adopt_tiny(path, run.root / "base_model", main=False)
     if task == "classifier" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, path, desc
 
 
-def load_for_inference(ms: ModelSettings, run: RunFolder, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
+def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
     """(model, tokenizer, base path, description): the base model with `model.adapter_path` applied (an
     adapter folder, or a fully finetuned model's folder)."""
     from alignkit.models.adapters import load_adapter, read_adapter_config

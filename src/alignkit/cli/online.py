@@ -19,8 +19,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from alignkit.cli.common import (add_config_arguments, command_line, config_from_args, dry_run, load_base,
-                                 load_for_inference, read_records, start_run)
+from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, begin_run, command_line,
+                                 config_from_args, dry_run, finish_run, load_base, load_for_inference, plan_run,
+                                 read_records, rename_base)
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, versions
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 
@@ -42,7 +43,7 @@ ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
         p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.")
-        add_config_arguments(p)
+        add_config_arguments(p, run_folder=True)
         p.set_defaults(func=run, online_command=name)
 
 
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, args.online_command)
     if args.dry_run:
         return dry_run(cfg)
-    return train_online(cfg, args.online_command, command_line=command_line(args))
+    return train_online(cfg, args.online_command, command_line=command_line(args), resume=args.resume,
+                        overwrite=args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -61,16 +63,23 @@ def read_prompts(ds: DataSettings) -> list:
     return records[:ds.max_records] if ds.max_records is not None else records
 
 
-def make_annotator(settings: Any, run: RunFolder) -> Any:
+def make_annotator(settings: Any, run: RunFolder | None) -> Any:
     """An `alignkit.online.Annotator` from the `annotator` section. A reward model or judge is loaded like a
-    policy (`tiny:<arch>` built in <run>/annotator/, `adapter_path` applied) and moved to `device`."""
+    policy (`tiny:<arch>` built in <run>/annotator/, or in a temporary folder when `run` is None, `adapter_path`
+    applied) and moved to `device`."""
     from alignkit.online import ANNOTATORS, build_annotator
 
     if settings.kind == "function":
         return build_annotator({"type": "function", **settings.arguments()})
+    from alignkit.cli.common import check_model_folder
+
+    check_model_folder(settings.path, "annotator.path")
+    if settings.adapter_path is not None:
+        check_model_folder(settings.adapter_path, "annotator.adapter_path", adapter=True)
     ms = ModelSettings(path=settings.path, dtype=settings.dtype, adapter_path=settings.adapter_path)
     task = "classifier" if settings.kind == "reward_model" else "causal_lm"
-    model, tok, _, desc = load_for_inference(ms, RunFolder(run.root / "annotator", main=run.main), task)
+    model, tok, path, desc = load_for_inference(
+        ms, RunFolder(run.root / "annotator", main=run.main) if run is not None else None, task)
     if settings.device is not None:
         model = model.to(settings.device)
     logger.info("annotator %s: %s", settings.kind, desc)
@@ -79,6 +88,7 @@ def make_annotator(settings: Any, run: RunFolder) -> Any:
     except ValueError as e:
         raise ConfigError(f"annotator: {e}") from None
     annotator.path = desc  # built from a model object, it would describe itself with path None (manifest, card)
+    annotator.alignkit_base_path = path  # a tiny model's temporary folder, for `adopt_tiny`
     return annotator
 
 
@@ -117,30 +127,47 @@ def trainer_class(command: str) -> type:
     return {"online-dpo": OnlineDPOTrainer, "grpo": GRPOTrainer, "rloo": RLOOTrainer, "ppo": PPOTrainer}[command]
 
 
-def train_online(cfg: Any, command: str, *, command_line: str = "") -> int:
-    """Run one online command end to end (see the module docstring). Returns an exit code."""
+def train_online(cfg: Any, command: str, *, command_line: str = "", resume: bool = False,
+                 overwrite: bool = False) -> int:
+    """Run one online command end to end (see the module docstring). Returns an exit code. The output folder,
+    prompts, policy, adapter, annotator and trainer are all checked before the run folder is written."""
+    plan = plan_run(cfg, resume=resume, overwrite=overwrite, can_resume=False)
+    try:
+        return _train_online(cfg, command, plan, command_line=command_line)
+    except BaseException:
+        abandon_run(plan)
+        raise
+
+
+def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str) -> int:
     from transformers import set_seed
 
     from alignkit.cli.train import adapter_summary, how_to_load
     from alignkit.models.adapters import apply_adapter
+    from alignkit.runs import staged
 
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
-    run = start_run(cfg)
     set_seed(cfg.method.seed)  # the adapter's initialisation follows the run's seed
-    model, tok, base_path, base_desc = load_base(cfg.model, run, "causal_lm")
+    model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_adapter(model, cfg.adapter)
-    annotator = make_annotator(cfg.annotator, run)
-    trainer = trainer_class(command)(model, tok, prompts, annotator, cfg.trainer_config(), output_dir=run.root)
+    annotator = make_annotator(cfg.annotator, None)
+    trainer = trainer_class(command)(model, tok, prompts, annotator, cfg.trainer_config(), output_dir=plan.root)
+
+    run = begin_run(plan, cfg)  # -------------------------------- from here on the run folder is written
+    named = plan.named()
+    loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
+    if base_path != loaded_from:
+        base_path = str(named.root / "base_model")
+        rename_base(model, loaded_from, base_path)
+    ann_path = getattr(annotator, "alignkit_base_path", None)
+    if ann_path is not None:
+        adopt_tiny(ann_path, run.root / "annotator" / "base_model", main=run.main)
     trainer.train()
-    if cfg.method.save_at_end:
-        trainer.save(run.model)
     if not run.main:
+        if cfg.method.save_at_end:
+            trainer.save(run.model)  # a no-op write-wise off the main process (collective under FSDP)
         return 0
     rows = read_metrics(run.metrics)
-    try:
-        plot_online(rows, run.plots)
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
     method = {k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}
     card = ModelCard(
         title=f"{command}: online alignment of {cfg.model.path}", base_model=base_desc,
@@ -151,12 +178,21 @@ def train_online(cfg: Any, command: str, *, command_line: str = "") -> int:
               "sampling": cfg.sampling.to_dict()},
         hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
-        how_to_load=how_to_load(cfg.adapter.kind, run, base_path, False) if cfg.method.save_at_end else "")
-    card.write(run.card, *([run.model / "README.md"] if cfg.method.save_at_end else []))
+        how_to_load=how_to_load(cfg.adapter.kind, named, base_path, False) if cfg.method.save_at_end else "")
+    if cfg.method.save_at_end:
+        with staged(run.model, step=len(trainer.history)) as model_dir:
+            trainer.save(model_dir)
+            card.write(model_dir / "README.md")
+    card.write(run.card)
+    try:
+        plot_online(rows, run.plots)
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
+    finish_run(plan)
     last = rows[-1] if rows else {}
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward/mean", "kl", "loss") if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
-          f"  run folder: {run.root} (model/, README.md, metrics.jsonl, plots/)")
+          f"  run folder: {named.root} (model/, README.md, metrics.jsonl, plots/)")
     return 0
 
 

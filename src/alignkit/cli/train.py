@@ -19,8 +19,9 @@ import logging
 import os
 from typing import Any
 
-from alignkit.cli.common import (add_config_arguments, command_line, config_from_args, dry_run, load_base, load_data,
-                                 start_run, tokenize)
+from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, begin_run, command_line,
+                                 config_from_args, dry_run, finish_run, load_base, load_data, plan_run, rename_base,
+                                 tokenize)
 from alignkit.runs import MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ HELP = {"sft": "supervised finetuning", "rm": "train a reward model (pairwise Br
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
         p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.")
-        add_config_arguments(p)
+        add_config_arguments(p, run_folder=True)
         p.set_defaults(func=run, train_command=name)
 
 
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, args.train_command)
     if args.dry_run:
         return dry_run(cfg)
-    return train(cfg, args.train_command, quiet=args.quiet, command_line=command_line(args))
+    return train(cfg, args.train_command, quiet=args.quiet, command_line=command_line(args),
+                 resume=args.resume, overwrite=args.overwrite)
 
 
 def record_kind(command: str, method: Any) -> str:
@@ -70,7 +72,8 @@ def collator_for(kind: str, pad_id: int):
 
 
 def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tuple[Any, list]:
-    """TrainingArguments from the `train` section, and the callbacks alignkit adds (metrics, TensorBoard)."""
+    """TrainingArguments from the `train` section, and the callbacks alignkit adds (metrics; TensorBoard when
+    `args.alignkit_tensorboard`, added by `tensorboard_callback` once the run folder exists)."""
     import importlib.util
 
     from transformers import TrainingArguments
@@ -78,6 +81,7 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     import torch
 
     kw = dict(train)
+    kw.pop("resume_from_checkpoint", None)  # passed to trainer.train (plan_run checks it), not a setting
     kw["output_dir"] = str(run.checkpoints)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "use_cpu" not in kw:
         # several CPU processes (torchrun / accelerate launch): without use_cpu each would train alone
@@ -91,17 +95,25 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     report = [report] if isinstance(report, str) else list(report)
     report = [r for r in report if r != "none"]
     callbacks: list = [MetricsJsonl(run.metrics)]
-    if "tensorboard" in report:  # our own writer, so the events land in <run>/tensorboard
+    tensorboard = "tensorboard" in report  # our own writer, so the events land in <run>/tensorboard
+    if tensorboard:
         report.remove("tensorboard")
-        if run.main:
-            from torch.utils.tensorboard import SummaryWriter
-            from transformers.integrations import TensorBoardCallback
-
-            callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard))))
     kw["report_to"] = report or "none"
     if quiet:
         kw["disable_tqdm"] = True
-    return TrainingArguments(**kw), callbacks
+    args = TrainingArguments(**kw)
+    args.alignkit_tensorboard = tensorboard
+    return args, callbacks
+
+
+def tensorboard_callback(args: Any, run: RunFolder) -> Any:
+    """Our TensorBoard writer into <run>/tensorboard (it creates the folder, so only once the run has begun)."""
+    if not getattr(args, "alignkit_tensorboard", False) or not run.main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard)))
 
 
 OBJECTIVES = {"sft": "SFT", "rm": "reward modeling", "dpo": "preference optimisation", "kto": "KTO-style unpaired "
@@ -142,22 +154,36 @@ def how_to_load(kind: str, run: RunFolder, base: str, classifier: bool) -> str:
             f"tokenizer = load_tokenizer(\"{run.model}\")")
 
 
-def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = "") -> int:
-    """Run one training command end to end (see the module docstring). Returns an exit code."""
+def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = "", resume: bool = False,
+          overwrite: bool = False) -> int:
+    """Run one training command end to end (see the module docstring). Returns an exit code.
+
+    Everything that can be checked (output folder, data, model, adapter, tokenization, training arguments, the
+    Trainer) is checked before the run folder is written; `model/` and checkpoints are written atomically."""
+    plan = plan_run(cfg, resume=resume, overwrite=overwrite, checkpoint=cfg.train.get("resume_from_checkpoint"))
+    try:
+        return _train(cfg, command, plan, quiet=quiet, command_line=command_line)
+    except BaseException:
+        abandon_run(plan)
+        raise
+
+
+def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
     from transformers import set_seed
 
     from alignkit.models.adapters import apply_adapter
+    from alignkit.runs import staged
 
     kind = record_kind(command, cfg.method)
     train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
-    run = start_run(cfg)
     set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed
     task = "classifier" if command == "rm" else "causal_lm"
-    model, tok, base_path, base_desc = load_base(cfg.model, run, task)
+    model, tok, base_path, base_desc = load_base(cfg.model, None, task)
     model = apply_adapter(model, cfg.adapter)
     train_feats, train_stats = tokenize(train_records, tok, cfg.data, "data.path")
     eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
 
+    run = RunFolder(plan.root, main=False)  # paths only: nothing is created before begin_run
     args, callbacks = training_arguments(cfg.train, run, quiet)
     cls, kwargs = trainer_class_and_kwargs(command, cfg.method)
     trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
@@ -167,34 +193,49 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    trainer.train()
-    trainer.save_model(str(run.model))
+
+    run = begin_run(plan, cfg)  # -------------------------------- from here on the run folder is written
+    loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
+    if base_path != loaded_from:  # a tiny model, now in <run>/base_model: name it where it will stay
+        base_path = str(plan.named().root / "base_model")
+        rename_base(model, loaded_from, base_path)
+    tb = tensorboard_callback(args, run)
+    if tb is not None:
+        trainer.add_callback(tb)
+    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
     if eval_feats and args.eval_strategy == "no":
         trainer.evaluate()
+    named = plan.named()
+    with staged(run.model, enabled=trainer.is_world_process_zero(), step=trainer.state.global_step) as model_dir:
+        trainer.save_model(str(model_dir))
+        if trainer.is_world_process_zero():
+            rows = read_metrics(run.metrics)
+            data_info = {"path": cfg.data.path, "reader": cfg.data.reader or "detected",
+                         "formatter": cfg.data.formatter, **({"loss_on": cfg.data.loss_on} if kind == "sft" else {}),
+                         "record kind": kind, "training records": len(train_records),
+                         "training examples (tokenized)": len(train_feats), "evaluation records": len(eval_records),
+                         "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
+                         "tokenization": train_stats.summary()}
+            if cfg.data.eval_path is not None:
+                data_info["eval_path"] = cfg.data.eval_path
+            hyper = {k: getattr(args, k) for k in HYPER}
+            hyper.update({"world size": args.world_size, "optimizer steps done": trainer.state.global_step})
+            card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
+                             base_model=base_desc, adapter=adapter_summary(cfg.adapter, model),
+                             objective={"objective": objective_name(command, cfg.method), "command": command,
+                                        **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
+                             data=data_info, hyperparameters=hyper, metrics=final_metrics(rows),
+                             command_line=command_line or f"alignkit {command}", versions=versions(),
+                             how_to_load=how_to_load(cfg.adapter.kind, named, base_path, task == "classifier"))
+            card.write(run.card, model_dir / "README.md")
     if trainer.is_world_process_zero():
-        rows = read_metrics(run.metrics)
         try:
             plot_metrics(rows, run.plots)
         except ImportError:
             logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
-        data_info = {"path": cfg.data.path, "reader": cfg.data.reader or "detected", "formatter": cfg.data.formatter,
-                     **({"loss_on": cfg.data.loss_on} if kind == "sft" else {}), "record kind": kind, "training records": len(train_records),
-                     "training examples (tokenized)": len(train_feats), "evaluation records": len(eval_records),
-                     "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
-                     "tokenization": train_stats.summary()}
-        if cfg.data.eval_path is not None:
-            data_info["eval_path"] = cfg.data.eval_path
-        hyper = {k: getattr(args, k) for k in HYPER}
-        hyper.update({"world size": args.world_size, "optimizer steps done": trainer.state.global_step})
-        card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
-                         base_model=base_desc, adapter=adapter_summary(cfg.adapter, model),
-                         objective={"objective": objective_name(command, cfg.method), "command": command,
-                                    **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
-                         data=data_info, hyperparameters=hyper, metrics=final_metrics(rows),
-                         command_line=command_line or f"alignkit {command}", versions=versions(),
-                         how_to_load=how_to_load(cfg.adapter.kind, run, base_path, task == "classifier"))
-        card.write(run.card, run.model / "README.md")
-        _print_summary(command, run, card.metrics)
+    finish_run(plan)
+    if trainer.is_world_process_zero():
+        _print_summary(command, named, card.metrics)
     return 0
 
 

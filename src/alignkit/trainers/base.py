@@ -398,6 +398,69 @@ class AlignTrainer(Trainer):
         Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
         logger.info("saved trainable state (%s) to %s", adapter_kind(model), output_dir)
 
+    def _get_output_dir(self, trial: Any) -> str:
+        staging = getattr(self, "_staging_run_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written into `<output_dir>/.staging/checkpoint-N` and renamed into place with
+        `alignkit_complete.json` (file names and sizes) once every process has written its part: a kill leaves
+        either the previous checkpoints alone or a complete new one, never a half-written `checkpoint-N`."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from alignkit.runs import STAGING_MARK, commit_staging, remove_own
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = Path(run_dir) / ".staging"
+        if self.args.should_save:
+            remove_own(staging_root / name)  # a leftover of an interrupted save
+            (staging_root / name).mkdir(parents=True)
+            (staging_root / name / STAGING_MARK).touch()
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
+        if not self.args.should_save:
+            return
+        final = Path(run_dir) / name
+        commit_staging(staging_root / name, final, step=self.state.global_step)
+        try:
+            staging_root.rmdir()  # only when empty
+        except OSError:
+            pass
+        best = self.state.best_global_step
+        if best and (Path(run_dir) / f"checkpoint-{best}").is_dir():
+            self.state.best_model_checkpoint = str(Path(run_dir) / f"checkpoint-{best}")
+        elif self.state.best_model_checkpoint and str(staging_root) in str(self.state.best_model_checkpoint):
+            self.state.best_model_checkpoint = str(final)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's `train`; `resume_from_checkpoint=True` takes the newest COMPLETE checkpoint of
+        `output_dir` (incomplete ones are skipped with a warning), and a path must be a complete checkpoint."""
+        from alignkit.runs import CheckpointError, incomplete_reason, latest_complete_checkpoint
+
+        if resume_from_checkpoint is True:
+            found = latest_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise CheckpointError(f"resume: no complete checkpoint in {self.args.output_dir} (save some with "
+                                      "save_strategy='steps' and save_steps=N)")
+            resume_from_checkpoint = str(found)
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            reason = incomplete_reason(resume_from_checkpoint)
+            if reason is not None:
+                raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
+                                      "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
+        if resume_from_checkpoint:
+            logger.info("resuming from %s", resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         if adapter_kind(model) == "full":

@@ -1,0 +1,141 @@
+"""Issue 12, finding 2 (and 5): `alignkit <cmd> --resume` and `train.resume_from_checkpoint=PATH` really resume.
+
+A run is killed (an exception inside optimizer step 3, after checkpoint-2 was written); `--resume` continues it in
+the same folder: metrics.jsonl keeps steps 1-2 and continues with 3-4, and those losses equal an uninterrupted
+run's exactly (CPU, fp32), for sft and dpo with full / LoRA / ReFT adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.trainers.base import AlignTrainer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+STEPS = ["train.max_steps=4", "train.save_strategy=steps", "train.save_steps=2", "train.eval_strategy=no",
+         "data.eval_fraction=0.0", "train.logging_steps=1", "data.max_records=8"]
+CASES = {  # (command, config, extra overrides)
+    "sft-full": ("sft", "sft-tiny.yaml", []),
+    "sft-lora": ("sft", "sft-tiny.yaml", ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}"]),
+    "sft-reft": ("sft", "sft-reft-tiny.yaml", []),
+    "dpo-full": ("dpo", "dpo-tiny.yaml", []),
+    "dpo-lora": ("dpo", "dpo-lora-tiny.yaml", []),
+    "dpo-reft": ("dpo", "dpo-reft-tiny.yaml", []),
+}
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL / Ctrl-C: not an Exception, so nothing catches it on the way out."""
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def cli(command, config, out, extra, *flags):
+    return main(["-q", command, "--config", str(CONFIGS / config), *flags, f"output_dir={out}", *STEPS, *extra])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kill_then_resume_equals_uninterrupted(case, tmp_path, monkeypatch):
+    command, config, extra = CASES[case]
+    assert cli(command, config, tmp_path / "whole", extra) == 0
+    want = losses(tmp_path / "whole")
+    assert sorted(want) == [1, 2, 3, 4]
+
+    real_step = AlignTrainer.training_step
+
+    def dies_at_step_3(self, *a, **kw):
+        if self.state.global_step == 2:
+            raise Killed()
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(AlignTrainer, "training_step", dies_at_step_3)
+    with pytest.raises(Killed):
+        cli(command, config, tmp_path / "cut", extra)
+    monkeypatch.setattr(AlignTrainer, "training_step", real_step)
+    assert sorted(losses(tmp_path / "cut")) == [1, 2] and not (tmp_path / "cut" / "model").exists()
+
+    assert cli(command, config, tmp_path / "cut", extra, "--resume") == 0
+    got = losses(tmp_path / "cut")
+    assert got == want  # exact equality, steps 1-2 kept from before the kill, 3-4 from the resumed run
+    assert (tmp_path / "cut" / "model" / "alignkit_complete.json").is_file()
+
+
+def test_resume_from_checkpoint_path_and_errors(tmp_path, capsys):
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, []) == 0
+    want = losses(run)
+    # an explicit checkpoint, into a fresh folder: the later steps equal the original run's
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "b", [f"train.resume_from_checkpoint={ckpt}"]) == 0
+    got = losses(tmp_path / "b")
+    assert sorted(got) == [3, 4] and got == {k: v for k, v in want.items() if k > 2}
+    capsys.readouterr()
+    # a path that does not exist: one clear line, exit 2, nothing written
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "c", [f"train.resume_from_checkpoint={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.resume_from_checkpoint:" in err and "does not exist" in err and not (tmp_path / "c").exists()
+
+
+def test_resume_skips_incomplete_checkpoint_and_says_so(tmp_path, caplog):
+    """A kill in the middle of writing checkpoint-4 (simulated: its marker missing, a file truncated) leaves it
+    incomplete; --resume names it, skips it, and continues from checkpoint-2."""
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, []) == 0
+    want = losses(run)
+    ck4 = run / "checkpoints" / "checkpoint-4"
+    (ck4 / "alignkit_complete.json").unlink()
+    weights = ck4 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    shutil.rmtree(run / "model")
+    with caplog.at_level("WARNING"):
+        assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 0
+    assert any("skipping incomplete checkpoint" in r.message and "checkpoint-4" in r.message for r in caplog.records)
+    assert losses(run) == want
+
+
+def test_checkpoint_with_truncated_file_is_incomplete(tmp_path, capsys):
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
+    ck = run / "checkpoints" / "checkpoint-2"
+    (ck / "optimizer.pt").write_bytes(b"")  # truncated by a kill after the marker? the sizes disagree
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "b", [f"train.resume_from_checkpoint={ck}"]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.pt has 0 bytes" in err
+
+
+def test_kill_while_writing_a_checkpoint_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """A kill in the middle of writing checkpoint-4 (after the weights, before the RNG state): no `checkpoint-4`
+    appears (it was being written in checkpoints/.staging); --resume continues from checkpoint-2 and equals the
+    uninterrupted run; the leftover staging folder is cleaned up by the next save."""
+    from transformers import Trainer
+
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "whole", []) == 0
+    want = losses(tmp_path / "whole")
+    real = Trainer._save_rng_state
+
+    def dies_on_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise Killed()
+        return real(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", dies_on_4)
+    run = tmp_path / "cut"
+    with pytest.raises(Killed):
+        cli("sft", "sft-tiny.yaml", run, [])
+    monkeypatch.setattr(Trainer, "_save_rng_state", real)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [".staging", "checkpoint-2"]
+    assert (run / "checkpoints" / ".staging" / "checkpoint-4" / "model.safetensors").is_file()  # the half-written one
+    assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 0
+    assert losses(run) == want
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]

@@ -1,0 +1,73 @@
+"""Issue 12, finding 4: an existing run folder is never damaged by a later run. A non-empty output_dir is refused
+unless --resume or --overwrite; --overwrite replaces the folder as a whole (never mixing two runs' files) and only
+once the new run has finished; a run that fails its checks writes nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ONE = ["train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0", "data.max_records=4"]
+
+
+def sft(out, *args):
+    flags = [a for a in args if a.startswith("--")]
+    overrides = [a for a in args if not a.startswith("--")]
+    return main(["-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), *flags, f"output_dir={out}", *ONE,
+                 *overrides])
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert sft(out, "adapter.kind=lora") == 0
+    return out
+
+
+def test_existing_run_is_refused_and_left_byte_identical(finished, capsys):
+    before = snapshot(finished)
+    assert sft(finished) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds files" in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
+    assert snapshot(finished) == before
+
+
+def test_failed_checks_touch_nothing(finished, tmp_path, capsys):
+    before = snapshot(finished)
+    # a bad model path with --overwrite: the old run is untouched, no staging folder is left behind
+    assert sft(finished, "--overwrite", f"model.path={tmp_path / 'no-such-model'}") == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert snapshot(finished) == before
+    assert not any(p.name.endswith(".staging") for p in finished.parent.iterdir())
+    # into a new folder: the folder is not even created
+    assert sft(tmp_path / "new", f"model.path={tmp_path / 'no-such-model'}") == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_replaces_the_folder_as_a_whole(tmp_path):
+    out = tmp_path / "run"
+    assert sft(out, "adapter.kind=lora") == 0
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    (out / "notes.txt").write_text("a file of the old run")
+    assert sft(out, "--overwrite") == 0  # full finetuning now
+    names = set(os.listdir(out / "model"))
+    assert "model.safetensors" in names and "adapter_model.safetensors" not in names and "adapter_config.json" not in names
+    assert not (out / "notes.txt").exists()  # the old run's files are gone, not mixed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging / old folder left
+
+
+def test_overwrite_that_fails_keeps_the_old_run(tmp_path):
+    out = tmp_path / "run"
+    assert sft(out) == 0
+    before = snapshot(out)
+    assert sft(out, "--overwrite", "train.learning_rate=1e38", "train.max_steps=3", "train.max_grad_norm=0") == 2
+    assert snapshot(out) == before
