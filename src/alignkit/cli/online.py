@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from alignkit.cli.helptext import defaults_epilog
 from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, begin_run, command_line,
                                  config_from_args, dry_run, finish_run, load_base, load_for_inference, plan_run,
                                  read_records, rename_base)
@@ -42,7 +43,8 @@ ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.")
+        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.", epilog=defaults_epilog(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(p, run_folder=True)
         p.set_defaults(func=run, online_command=name)
 

@@ -19,6 +19,7 @@ import logging
 import os
 from typing import Any
 
+from alignkit.cli.helptext import defaults_epilog
 from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, begin_run, command_line,
                                  config_from_args, dry_run, finish_run, load_base, load_data, plan_run, rename_base,
                                  tokenize)
@@ -33,7 +34,8 @@ HELP = {"sft": "supervised finetuning", "rm": "train a reward model (pairwise Br
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.")
+        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.", epilog=defaults_epilog(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(p, run_folder=True)
         p.set_defaults(func=run, train_command=name)
 
@@ -71,6 +73,20 @@ def collator_for(kind: str, pad_id: int):
             "ranked": RankedCollator}[kind](pad_id)
 
 
+def log_last_step() -> Any:
+    """A callback that logs the last optimizer step too, so a run shorter than `logging_steps` still writes
+    its training metrics (and plots)."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps and state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogLastStep()
+
+
 def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tuple[Any, list]:
     """TrainingArguments from the `train` section, and the callbacks alignkit adds (metrics; TensorBoard when
     `args.alignkit_tensorboard`, added by `tensorboard_callback` once the run folder exists)."""
@@ -94,7 +110,7 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
         report = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     report = [report] if isinstance(report, str) else list(report)
     report = [r for r in report if r != "none"]
-    callbacks: list = [MetricsJsonl(run.metrics)]
+    callbacks: list = [MetricsJsonl(run.metrics), log_last_step()]
     tensorboard = "tensorboard" in report  # our own writer, so the events land in <run>/tensorboard
     if tensorboard:
         report.remove("tensorboard")

@@ -36,6 +36,7 @@ PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
 
 @dataclass
 class OnlineDPOConfig(OnlineConfig):
+    learning_rate: float = 5e-7  # TRL's OnlineDPOConfig
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None
     beta: float = 0.1

@@ -37,6 +37,7 @@ from alignkit.online.value_head import ValueHead
 
 @dataclass
 class PPOConfig(OnlineConfig):
+    learning_rate: float = 3e-6  # TRL's PPOConfig
     kl_estimator: str = "k1"
     gamma: float = 1.0
     lam: float = 0.95

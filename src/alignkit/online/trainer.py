@@ -63,7 +63,7 @@ class OnlineConfig:
     steps: int = 100
     prompts_per_step: int = 8
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
-    learning_rate: float = 1e-6
+    learning_rate: float = 1e-6  # TRL's GRPOConfig / RLOOConfig; online DPO 5e-7, PPO 3e-6 (their subclasses)
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     epochs_per_step: int = 1  # optimisation passes over each step's batch (PPO epochs)

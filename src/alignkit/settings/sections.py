@@ -98,6 +98,16 @@ class EvalMethod:
     chunk_size: int = 1024
 
 
+# `train` keys each command fills in when the config leaves them out, as TRL's configs do (TRL 1.9 source:
+# SFTConfig 2e-5, DPOConfig / KTOConfig 1e-6, RewardConfig 1e-4; logging_steps 10 instead of transformers' 500).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"learning_rate": 2e-5, "logging_steps": 10},
+    "rm": {"learning_rate": 1e-4, "logging_steps": 10},
+    "dpo": {"learning_rate": 1e-6, "logging_steps": 10},
+    "kto": {"learning_rate": 1e-6, "logging_steps": 10},
+}
+
+
 @dataclass
 class TrainConfig:
     model: ModelSettings
@@ -106,25 +116,34 @@ class TrainConfig:
     train: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments keyword arguments
     output_dir: str = "runs/run"
 
+    command = ""  # a plain class attribute: which TRAIN_DEFAULTS apply
+
+    def __post_init__(self) -> None:
+        self.train = {**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}
+
 
 @dataclass
 class SFTConfig(TrainConfig):
     method: SFTMethod = field(default_factory=SFTMethod)
+    command = "sft"
 
 
 @dataclass
 class RewardConfig(TrainConfig):
     method: RewardMethod = field(default_factory=RewardMethod)
+    command = "rm"
 
 
 @dataclass
 class DPOConfig(TrainConfig):
     method: DPOMethod = field(default_factory=DPOMethod)
+    command = "dpo"
 
 
 @dataclass
 class KTOConfig(TrainConfig):
     method: KTOMethod = field(default_factory=KTOMethod)
+    command = "kto"
 
 
 @dataclass
@@ -149,6 +168,6 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
 TRAIN_COMMANDS = ("sft", "rm", "dpo", "kto")
 
 
-__all__ = ["CONFIG_CLASSES", "TRAIN_COMMANDS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+__all__ = ["CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
            "SFTMethod", "TrainConfig"]
