@@ -58,3 +58,64 @@ def test_short_run_writes_metrics(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("step") == 3 and "loss" in r for r in rows), rows
     assert list((out / "plots").glob("*.png"))
+
+
+def test_trl_flags_become_overrides():
+    from alignkit.cli.flags import translate
+
+    known = {"--config", "-c", "--dry-run", "-h", "--help"}
+    argv = ["--config", "x.yaml", "--learning_rate", "1e-4", "--per_device_train_batch_size=2",
+            "--gradient_checkpointing", "--beta", "0.2", "method.loss_type=ipo", "--model_name_or_path", "m/",
+            "--use_peft", "--lora_r", "8", "--max_length", "-1", "--dry-run"]
+    assert translate(argv, "dpo", known) == [
+        "--config", "x.yaml", "train.learning_rate=1e-4", "train.per_device_train_batch_size=2",
+        "train.gradient_checkpointing=true", "method.beta=0.2", "method.loss_type=ipo", "model.path=m/",
+        "adapter.kind=lora", "adapter.lora.r=8", "data.max_length=-1", "--dry-run"]
+    # online commands: learning_rate is the method's
+    assert translate(["--learning_rate", "1e-5", "--num_samples", "8"], "grpo", known) == [
+        "method.learning_rate=1e-5", "sampling.num_samples=8"]
+
+
+def test_unknown_flag_is_one_line_exit_2(capsys):
+    assert main(["dpo", "--config", str(CONFIGS / "dpo-tiny.yaml"), "--learnin_rate", "1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "--learnin_rate: not a setting of alignkit dpo" in err and "did you mean --learning_rate" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_padding_free_only_where_supported():
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", "data.padding_free=true"]
+    assert load_config(None, base + ["data.group_by_length=true"], command="dpo").data.padding_free
+    with pytest.raises(ConfigError, match=r"data\.padding_free: not available for rm"):
+        load_config(None, base, command="rm")
+
+
+def test_local_dataset_folder_with_trl_flags_and_batching(tmp_path, monkeypatch):
+    # a dataset repository folder as datasets.load_dataset takes it: split files named train / test
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    repo = tmp_path / "my-dataset"
+    repo.mkdir()
+    chat = lambda i: {"messages": [{"role": "user", "content": f"Say {i}"},  # noqa: E731
+                                   {"role": "assistant", "content": f"{i} {i} {i}"}]}
+    (repo / "train.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(6)))
+    (repo / "test.jsonl").write_text("".join(json.dumps(chat(i)) + "\n" for i in range(6, 8)))
+    from alignkit.data import load_records
+
+    train = load_records(str(repo), "sft")  # split "train" by default
+    test = load_records(str(repo), "sft", split="test")
+    assert (len(train), len(test)) == (6, 2) and train[0].completion[0]["content"] == "0 0 0"
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text("command: sft\nmodel: {path: 'tiny:llama'}\n")
+    rc = main(["-q", "sft", "--config", str(tmp_path / "c.yaml"), "--dataset_name", str(repo), "--output_dir", str(out),
+               "--max_steps", "2", "--per_device_train_batch_size", "3", "--learning_rate", "1e-3", "--packing",
+               "--group_by_length", "--save_strategy", "no"])
+    assert rc == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(repo) and saved["data"]["padding_free"] and saved["data"]["group_by_length"]
+    assert saved["train"]["learning_rate"] == 1e-3 and saved["train"]["per_device_train_batch_size"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("step") == 2 and "loss" in r for r in rows)

@@ -46,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        from alignkit.cli.flags import translate_argv
+
+        parsed_argv = translate_argv(parser, argv)  # TRL-style --flags -> key=value overrides
+    except ConfigError as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(parsed_argv)
     args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

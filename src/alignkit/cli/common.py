@@ -355,7 +355,9 @@ def data_path(path: str) -> str:
         if not resolved.exists():
             raise ConfigError(f"{path}: no such bundled file (looked in {resolved})")
         return str(resolved)
-    if not Path(path).exists():
+    from alignkit.data.readers.rows import looks_like_hub_id
+
+    if not Path(path).exists() and not looks_like_hub_id(path):
         raise FileNotFoundError(f"{path}: no such data file or folder (relative paths are from the current directory)")
     return path
 

@@ -66,6 +66,16 @@ def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str,
     return {"sft": SFTTrainer, "rm": RewardTrainer, "dpo": PreferenceTrainer, "kto": KTOTrainer}[command], kw
 
 
+def batching_kwargs(command: str, data: Any) -> dict[str, Any]:
+    """`data.padding_free` / `data.group_by_length` as trainer arguments (padding-free: SFT and DPO trainers)."""
+    out: dict[str, Any] = {}
+    if data.padding_free:  # the config refused it for rm / kto
+        out["padding_free"] = True
+    if data.group_by_length:
+        out["group_by_length"] = True
+    return out
+
+
 def collator_for(kind: str, pad_id: int):
     from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 
@@ -202,6 +212,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     run = RunFolder(plan.root, main=False)  # paths only: nothing is created before begin_run
     args, callbacks = training_arguments(cfg.train, run, quiet)
     cls, kwargs = trainer_class_and_kwargs(command, cfg.method)
+    kwargs.update(batching_kwargs(command, cfg.data))
     trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
                   data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
                   **kwargs)

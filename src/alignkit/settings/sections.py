@@ -27,7 +27,7 @@ class ModelSettings:
 
 @dataclass
 class DataSettings:
-    path: str | list[str] | None = None  # file(s) (JSONL, JSON, Parquet) or a saved `datasets` folder
+    path: str | list[str] | None = None  # file(s) (JSONL, JSON, Parquet), a dataset folder, or a hub dataset name
     eval_path: str | list[str] | None = None  # held-out data; else `eval_fraction` of `path`
     eval_fraction: float = 0.0
     split_seed: int = 0
@@ -38,7 +38,9 @@ class DataSettings:
     max_prompt_length: int | None = 512
     add_eos: bool | None = None
     loss_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"  # SFT: which tokens are trained
-    split: str | None = None  # the split of a DatasetDict source
+    padding_free: bool = False  # pack each batch's sequences in rows without padding (TRL's padding_free; sft, dpo)
+    group_by_length: bool = False  # batches of similar lengths (LengthGroupedSampler)
+    split: str | None = None  # the split of a DatasetDict / dataset folder source (default "train")
     eval_split: str | None = None
     max_records: int | None = None  # keep only the first N training records
     on_invalid: Literal["raise", "skip"] = "raise"
@@ -120,6 +122,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.train = {**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}
+        if self.data.padding_free and self.command not in ("sft", "dpo"):
+            from alignkit.settings.typed import ConfigError
+
+            raise ConfigError(f"data.padding_free: not available for {self.command} (only sft and dpo); remove it")
 
 
 @dataclass

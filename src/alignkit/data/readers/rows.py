@@ -3,7 +3,9 @@
 Sources: a `.jsonl` file (one JSON value per line; blank lines skipped; a line holding a bare JSON
 string is read as `{"prompt": <string>}`, so a file of prompts is a prompt dataset), a `.json` file
 holding a list of objects, a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a
-`datasets.Dataset`, or an in-memory list of dicts. Places are "path:LINE" (1-based) for JSON lines and
+`datasets.Dataset`, or an in-memory list of dicts. Any other folder is read the way `datasets.load_dataset(folder)`
+reads a dataset repository (its data files, or the configs its README declares), and an "org/name" that is
+not a local path as a Hugging Face dataset name; both take split "train" unless `split` says otherwise. Places are "path:LINE" (1-based) for JSON lines and
 "path row N" (0-based) for tables.
 
 `collect` runs a row -> record(s) conversion with one policy for bad rows: `on_invalid="raise"` (the
@@ -55,15 +57,46 @@ def _iter_table(table: Any, name: str) -> Iterator[Row]:
         yield dict(row), f"{name} row {i}"
 
 
+def is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def load_hf_dataset(source: str, split: str | None):
+    """`datasets.load_dataset(source, split=split or "train")` for a dataset repository folder (data files, with
+    or without a README declaring configs) or a Hugging Face dataset name; failures are DataErrors."""
+    from datasets import load_dataset
+
+    split = split or "train"
+    try:
+        return load_dataset(str(source), split=split)
+    except ValueError as e:  # e.g. an unknown split
+        raise DataError(f"{source}: datasets.load_dataset could not give split {split!r} ({e}); set data.split") from None
+    except Exception as e:  # noqa: BLE001  (not found, offline, no data files: one line naming the source)
+        raise DataError(f"{source}: datasets.load_dataset failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"point data.path at a dataset folder, a .jsonl/.json/.parquet file or a save_to_disk folder"
+                        ) from None
+
+
 def _load_dataset_dir(path: Path, split: str | None):
     from datasets import DatasetDict, load_from_disk
 
+    if not is_saved_dataset(path):
+        return load_hf_dataset(str(path), split)
     ds = load_from_disk(str(path))
     if isinstance(ds, DatasetDict):
+        split = split if split is not None else ("train" if "train" in ds else None)
         if split is None or split not in ds:
             raise DataError(f"{path}: is a DatasetDict with splits {list(ds)}; pass split=<one of them>")
         ds = ds[split]
     return ds
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """"org/name" that is not a local path: a Hugging Face dataset name."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists() and \
+        Path(value).suffix not in (".jsonl", ".json", ".parquet")
 
 
 class NamedRows(list):
@@ -78,12 +111,12 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
         return
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if not path.exists() and looks_like_hub_id(str(source)):
+            yield from _iter_table(load_hf_dataset(str(source), split), str(source))
+            return
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
-        if path.is_dir():
-            if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-                raise DataError(f"{path}: a folder but not one written by datasets' save_to_disk "
-                                f"(no dataset_info.json / dataset_dict.json); point to a .jsonl/.parquet file instead")
+        if path.is_dir():  # save_to_disk output, or a dataset repository folder (datasets.load_dataset)
             yield from _iter_table(_load_dataset_dir(path, split), str(path))
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path)

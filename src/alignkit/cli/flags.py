@@ -1,0 +1,134 @@
+"""TRL-style flags (`--learning_rate 1e-4`, `--per_device_train_batch_size=2`, `--gradient_checkpointing`) as
+dotted overrides, so a TRL command line works beside `train.learning_rate=1e-4`.
+
+A flag the command's own parser does not know becomes `<section>.<name>=<value>`, the section found in
+this order: TRL's names for alignkit keys (`ALIASES`: `--model_name_or_path` -> model.path,
+`--dataset_name` -> data.path, `--use_peft` -> adapter.kind=lora, `--lora_r` -> adapter.lora.r, ...);
+a top-level key (`output_dir`); a field of `method`, `data`, `model`, `sampling` or `annotator`; for the
+offline training commands, any `transformers.TrainingArguments` field (-> `train.<name>`). A flag without
+a value (followed by another flag, a `key=value` override or nothing) means true. An unknown flag is a
+ConfigError naming it and the closest valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+ALIASES = {
+    "model_name_or_path": "model.path",
+    "dataset_name": "data.path",
+    "dataset_train_split": "data.split",
+    "dataset_test_split": "data.eval_split",
+    "torch_dtype": "model.dtype",
+    "dtype": "model.dtype",
+    "packing": "data.padding_free",
+    "padding_free": "data.padding_free",
+    "group_by_length": "data.group_by_length",
+    "use_peft": "adapter.kind",
+    "lora_r": "adapter.lora.r",
+    "lora_alpha": "adapter.lora.alpha",
+    "lora_dropout": "adapter.lora.dropout",
+    "lora_target_modules": "adapter.lora.target_modules",
+}
+SECTIONS = ("method", "data", "model", "sampling", "annotator")
+
+
+def _section_fields(cfg_cls: type) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in dataclasses.fields(cfg_cls):
+        t = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        cls = None
+        if t is not None:
+            v = t()
+            cls = type(v) if dataclasses.is_dataclass(v) else None
+        elif isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+            cls = f.type
+        if cls is None:
+            from typing import get_type_hints
+
+            hint = get_type_hints(cfg_cls).get(f.name)
+            cls = hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
+        if cls is not None:
+            out[f.name] = {g.name for g in dataclasses.fields(cls)}
+    return out
+
+
+def resolve_flag(name: str, command: str) -> str:
+    """The dotted key a TRL-style flag `--name` sets for `command` (see the module docstring)."""
+    from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError
+
+    if name in ALIASES:
+        return ALIASES[name]
+    cfg_cls = CONFIG_CLASSES[command]
+    top = {f.name for f in dataclasses.fields(cfg_cls)}
+    sections = _section_fields(cfg_cls)
+    if name in top and name not in sections and name != "train":
+        return name
+    for s in SECTIONS:
+        if name in sections.get(s, ()):
+            return f"{s}.{name}"
+    candidates = list(ALIASES) + [n for s in SECTIONS for n in sections.get(s, ())]
+    if command in TRAIN_COMMANDS:
+        from transformers import TrainingArguments
+
+        targs = {f.name for f in dataclasses.fields(TrainingArguments)}
+        if name in targs:
+            return f"train.{name}"
+        candidates += sorted(targs)
+    close = difflib.get_close_matches(name, candidates, n=3)
+    hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+    raise ConfigError(f"--{name}: not a setting of alignkit {command} (TRL-style flags name a key of method, data, "
+                      f"model{', or transformers.TrainingArguments' if command in TRAIN_COMMANDS else ''}){hint}")
+
+
+def translate(argv: list[str], command: str, known: set[str]) -> list[str]:
+    """`argv` with every unknown `--flag [value]` after the command replaced by a `key=value` override."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--" or tok.split("=", 1)[0] in known:
+            out.append(tok)
+            i += 1
+            continue
+        name, eq, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("-") and not _is_number(nxt) or ("=" in nxt and not nxt.startswith("[")):
+                value = "true"
+            else:
+                value = nxt
+                i += 1
+        key = resolve_flag(name, command)
+        if name == "use_peft":
+            value = "lora" if value.lower() in ("true", "1", "yes") else "full"
+        out.append(f"{key}={value}")
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def translate_argv(parser: Any, argv: list[str]) -> list[str]:
+    """Apply `translate` to the part after the command name, for config-driven commands."""
+    from alignkit.settings import CONFIG_CLASSES
+
+    sub = next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
+    idx = next((i for i, t in enumerate(argv) if sub is not None and t in sub.choices), None)
+    if idx is None or argv[idx] not in CONFIG_CLASSES:
+        return argv
+    command = argv[idx]
+    known = set(sub.choices[command]._option_string_actions)
+    return argv[:idx + 1] + translate(argv[idx + 1:], command, known)
+
+
+__all__ = ["ALIASES", "resolve_flag", "translate", "translate_argv"]
