@@ -52,7 +52,8 @@ def test_typed_sections_and_widening(tmp_path):
     assert cfg.method.beta == 1.0 and isinstance(cfg.method.beta, float)  # int widened to float
     assert cfg.method.loss_weights == [1.0, 0.5]
     assert cfg.adapter == AdapterConfig(kind="lora", lora=LoraSettings(r=2, alpha=4.0))  # the adapters' own dataclass
-    assert cfg.model.trust_remote_code is False and cfg.train == {"learning_rate": 1e-3, "max_steps": 2}
+    assert cfg.model.trust_remote_code is False and cfg.train == {"learning_rate": 1e-3, "max_steps": 2,
+                                                                 "logging_steps": 10}  # the dpo default added
 
 
 @pytest.mark.parametrize("data, key, hint", [
