@@ -183,3 +183,26 @@ def test_queue_full_and_cancel(stack):
         assert eng.stats.cancelled == 1
     finally:
         eng.stop()
+
+
+def test_stacked_lora_equals_peft_mixed_batches(serve_dirs):
+    """The gathered per-row LoRA (serve/lora.py) computes what peft's own mixed-adapter batch computes."""
+    from alignkit.serve.stack import PEFT_BASE
+
+    stacked = load_stack(serve_dirs["base"], serve_dirs["adapters"], base_name="base")
+    plain = load_stack(serve_dirs["base"], serve_dirs["adapters"], base_name="base", stacked_lora=False)
+    assert stacked.lora is not None and plain.lora is None
+    ids = torch.randint(3, 200, (5, 7), generator=torch.Generator().manual_seed(0))
+    names = [None, "terse", "both", "terse", None]
+    with torch.no_grad():
+        with stacked.lora.route(names, torch.device("cpu")):
+            got = stacked.model(input_ids=ids, use_cache=False).logits
+        want = plain.model(input_ids=ids, use_cache=False, adapter_names=[n or PEFT_BASE for n in names]).logits
+        with stacked.lora.route(["terse"] * 5, torch.device("cpu")):  # one adapter for all rows: no gather
+            one = stacked.model(input_ids=ids, use_cache=False).logits
+        want_one = plain.model(input_ids=ids, use_cache=False, adapter_names=["terse"] * 5).logits
+        base = plain.model(input_ids=ids, use_cache=False, adapter_names=[PEFT_BASE] * 5).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, want_one, rtol=1e-5, atol=1e-5)
+    assert (got[1] - base[1]).abs().max() > 1e-2  # the LoRA rows really differ from the base
+    torch.testing.assert_close(got[0], base[0], rtol=0, atol=0)  # rows without LoRA are the base, bitwise

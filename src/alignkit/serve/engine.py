@@ -10,7 +10,7 @@ One thread owns the model (a `ReftModel` is not thread-safe; see docs/architectu
 1. **admit**: waiting requests join while the batch has room (`max_batch_rows`; a request with `n`
    choices takes n rows). The newcomers are prefilled together in one left-padded forward with a fresh
    KV cache; each row carries its own adapter (ReFT: its adapter's prompt positions in
-   `intervention_locations`, -1 for the others; LoRA: peft's `adapter_names`). Their first token is
+   `intervention_locations`, -1 for the others; LoRA: per-row stacked LoRA, `serve/lora.py`). Their first token is
    sampled from that prefill.
 2. **merge**: the newcomers' KV cache is joined to the running batch's cache along the batch axis,
    both left-padded to the longer length (attention mask 0 over the padding).
@@ -298,13 +298,11 @@ class Engine:
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any,
                  routes: list[Route], locations: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
         dev = self.stack.device
-        kwargs: dict[str, Any] = {}
-        peft_names = self.stack.peft_names(routes)
-        if peft_names is not None:
-            kwargs["adapter_names"] = peft_names
-        out = self.stack.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
-                               position_ids=position_ids.to(dev), cache=cache, use_cache=True,
-                               intervention_locations=locations, logits_to_keep=1, **kwargs)
+        routing, kwargs = self.stack.lora_routing(routes)
+        with routing:
+            out = self.stack.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
+                                   position_ids=position_ids.to(dev), cache=cache, use_cache=True,
+                                   intervention_locations=locations, logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :].float(), out.cache  # (B, V)
 
     def _prefill(self, new: list[_Row]) -> None:

@@ -4,8 +4,10 @@
     stack.route("polite")   # -> Route(lora=None, reft="polite", positions=Positions(1, 1), share_weights=True)
 
 The base transformers model is loaded once. LoRA adapters (kind "lora", and the LoRA half of "reft+lora")
-are loaded into ONE `peft.PeftModel` under the served name (`load_adapter(..., adapter_name=name)`), so a
-forward routes rows with peft's mixed-adapter batches (`adapter_names=[...]`, `"__base__"` = no LoRA).
+are loaded into ONE `peft.PeftModel` under the served name (`load_adapter(..., adapter_name=name)`); rows
+are routed by the stacked per-row LoRA of `serve/lora.py` (all adapters' A/B stacked per layer, two batched
+matmuls), or, where that does not apply (DoRA, LoRA biases, non-Linear layers), by peft's mixed-adapter
+batches (`adapter_names=[...]`, `"__base__"` = no LoRA).
 ReFT adapters (kind "reft", and the ReFT half of "reft+lora") are attached to ONE `ReftModel` around that,
 also under the served name, and rows are routed with per-row `intervention_locations` (each adapter's
 prompt positions as it was trained, -1 elsewhere). The bare base is served under its folder's name.
@@ -16,6 +18,7 @@ with a message that names the folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -54,6 +57,7 @@ class Stack:
     base_name: str
     routes: dict[str, Route] = field(default_factory=dict)
     has_lora: bool = False
+    lora: Any = None  # StackedLora (serve/lora.py), or None: peft's `adapter_names` routes the LoRA rows
 
     @property
     def names(self) -> list[str]:
@@ -75,11 +79,14 @@ class Stack:
 
         return unwrap_lm(self.model).config
 
-    def peft_names(self, routes: list[Route]) -> list[str] | None:
-        """peft's `adapter_names` for a batch (None when no LoRA is loaded at all)."""
+    def lora_routing(self, routes: list[Route]) -> tuple[Any, dict[str, Any]]:
+        """(context manager, forward kwargs) that give row b the LoRA of `routes[b]`: the stacked per-row
+        LoRA hooks when they apply, else peft's `adapter_names` (`"__base__"` = none)."""
         if not self.has_lora:
-            return None
-        return [r.lora or PEFT_BASE for r in routes]
+            return contextlib.nullcontext(), {}
+        if self.lora is not None:
+            return self.lora.route([r.lora for r in routes], self.device), {}
+        return contextlib.nullcontext(), {"adapter_names": [r.lora or PEFT_BASE for r in routes]}
 
     def locations(self, routes: list[Route], start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         """`(B, I, P)` intervention locations for prompts spanning [start, start + length) of each row:
@@ -115,11 +122,12 @@ def _adapter_config(folder: Path):
 
 def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = None, *, base_name: str | None = None,
                dtype: str = "float32", device: str | torch.device | None = None,
-               attn_implementation: str | None = None) -> Stack:
+               attn_implementation: str | None = None, stacked_lora: bool = True) -> Stack:
     """Load the base model in `base` once and every adapter of `adapters` (served name -> folder) onto it.
 
     `base_name` (default: the base folder's name) serves the bare base. Names must be unique, match
-    `NAME_RE` and not collide with the base's name."""
+    `NAME_RE` and not collide with the base's name. `stacked_lora=False` routes LoRA rows with peft's
+    `adapter_names` instead of the stacked per-row LoRA of `serve/lora.py`."""
     from alignkit.interventions.attach import ReftModel
     from alignkit.models.loading import load_model, load_tokenizer
 
@@ -159,6 +167,11 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
             else:
                 model.load_adapter(str(adapters[name]), adapter_name=name, is_trainable=False)
             logger.info("serve: LoRA adapter %r from %s", name, adapters[name])
+    stacked = None
+    if lora and stacked_lora:
+        from alignkit.serve.lora import StackedLora
+
+        stacked = StackedLora.build(model, lora)
     reft = ReftModel(model)
     for name, cfg in configs.items():
         if "reft" in cfg.kind:
@@ -173,7 +186,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     reft.eval()
     if device is not None:
         reft.to(device)
-    return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora))
+    return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora), lora=stacked)
 
 
 __all__ = ["Route", "Stack", "load_stack", "PEFT_BASE", "NAME_RE"]
