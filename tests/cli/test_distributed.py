@@ -29,3 +29,22 @@ def test_two_process_run_writes_once(tmp_path):
     assert steps == [1, 2]  # written once, not once per process
     assert "| `world size` | 2 |" in (out / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("alignkit-tiny-")]  # rank 1's private copy removed
+
+
+@pytest.mark.slow
+def test_accelerate_launch_config_starts_two_ranks(tmp_path):
+    """The README's `accelerate launch` line for CPU processes (configs/accelerate/ddp-cpu.yaml): two processes
+    really join one gloo group. World size 2 is read back from the model card (the Trainer's world size, known
+    only once the process group has formed); `accelerate launch --cpu --num_processes 2` gives 1 there (it
+    starts one process without an MPI hostfile, see the config file's comment)."""
+    out = tmp_path / "acc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           str(CONFIGS / "accelerate" / "ddp-cpu.yaml"), "-m", "alignkit", "-q", "sft", "--config",
+           str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", "train.max_steps=2", "train.eval_strategy=no"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("alignkit sft: done") == 1, proc.stdout
+    assert "| `world size` | 2 |" in (out / "README.md").read_text()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
