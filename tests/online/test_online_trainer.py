@@ -213,3 +213,35 @@ def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
         loss, _ = trainer.policy_loss(trainer.build_batch(r), torch.arange(len(r.samples)))
     lens = r.mask.sum(-1).tolist()
     assert float(loss) == pytest.approx(0.2 * sum(s / n for s, n in zip(per_seq, lens)) / len(lens), rel=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
+def test_gradient_accumulation_gives_the_minibatch_update(tiny_dir, tokenizer, aggregation):
+    """Minibatches of 4 of the step's 8 samples, split into 3 micro-batches (2+1+1 samples, one backward each),
+    give the parameters of one backward per minibatch: every micro-batch is divided by its minibatch's
+    normaliser (weights, or tokens for token_sum), not its own. (SGD: Adam would amplify float noise.)"""
+    def run(accumulation: int) -> dict[str, torch.Tensor]:
+        cfg = small(GRPOConfig, steps=2, mini_batch_size=4, gradient_accumulation_steps=accumulation,
+                    aggregation=aggregation, max_grad_norm=None)
+        trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        trainer.optimizer = torch.optim.SGD(params, lr=2.0)
+        losses = [m["loss"] for m in trainer.train()]
+        return {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}, losses
+
+    (one, l1), (three, l3) = run(1), run(3)
+    start = {n: p for n, p in toy_policy(tiny_dir("llama"), "lora").named_parameters() if p.requires_grad}
+    assert any(not torch.allclose(one[n], start[n]) for n in one), "training changed nothing"
+    for n in one:
+        torch.testing.assert_close(three[n], one[n], rtol=1e-4, atol=2e-5)
+    assert l3 == pytest.approx(l1, rel=1e-5, abs=1e-8)
+
+
+def test_prompts_per_step_must_split_over_processes(tiny_dir, tokenizer):
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                          small(GRPOConfig, prompts_per_step=4))
+    assert (trainer.world, trainer.rank) == (1, 0)
+    assert trainer.local_prompts([1, 2, 3, 4]) == [1, 2, 3, 4]
+    trainer.world, trainer.rank = 2, 1  # what rank 1 of 2 keeps, and its seed
+    assert trainer.local_prompts([1, 2, 3, 4]) == [3, 4]
+    assert trainer.sampling_seed(5) == (0 * 100_003 + 5) * 2 + 1

@@ -178,7 +178,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str) -> in
                    "annotator": annotator.describe(), **method},
         data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
               "sampling": cfg.sampling.to_dict()},
-        hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode},
+        hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode,
+                         "world size": trainer.world},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
         how_to_load=how_to_load(cfg.adapter.kind, named, base_path, False) if cfg.method.save_at_end else "")
     if cfg.method.save_at_end:

@@ -16,6 +16,8 @@ that generated them), target KL[q || p] = KL(pi_theta || pi_ref), r = p(x)/q(x) 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -29,8 +31,11 @@ def _masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
 
 
-def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+                  sum_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the masked entries (unbiased variance, as TRL's `masked_whiten`).
+    `sum_fn` is applied to the partial sums (count, sum, squared deviations): a sum over processes makes the
+    statistics those of every process's entries.
 
     `shift_mean=False` keeps the mean (only rescales), as used for PPO rewards. Masked-out entries
     come back unchanged-scaled (callers multiply by the mask).
@@ -38,9 +43,10 @@ def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
     m = mask.to(x.dtype)
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1.0)
-    var = (((x - mean) ** 2) * m).sum() / (n - 1).clamp(min=1.0)
+    total = sum_fn or (lambda t: t)
+    n, s = total(torch.stack([m.sum(), (x * m).sum()])).unbind()
+    mean = s / n.clamp(min=1.0)
+    var = total((((x - mean) ** 2) * m).sum().reshape(1)).reshape(()) / (n - 1).clamp(min=1.0)
     out = (x - mean) * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean
 

@@ -95,8 +95,10 @@ class OnlineDPOTrainer(OnlineTrainer):
         return PairBatch(rollout, ch, rj, torch.tensor([r.weight for r in records], dtype=torch.float32, device=dev),
                          None if ref_seq is None else ref_seq[ch], None if ref_seq is None else ref_seq[rj])
 
-    def pair_loss(self, pairs: PairBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Weighted preference loss of pairs `idx (M,)`: one forward over their 2M rows (chosen first)."""
+    def pair_loss(self, pairs: PairBatch, idx: Tensor, normalizer: Tensor | None = None
+                  ) -> tuple[Tensor, dict[str, float]]:
+        """Weighted preference loss of pairs `idx (M,)`: one forward over their 2M rows (chosen first), divided
+        by `normalizer` (default: the pairs' weight sum)."""
         c: OnlineDPOConfig = self.config
         rows = torch.cat([pairs.chosen[idx], pairs.rejected[idx]])  # (2M,)
         stats = self.token_stats(select(pairs.rollout.batch, rows))
@@ -107,14 +109,24 @@ class OnlineDPOTrainer(OnlineTrainer):
                                 None if pairs.ref_rejected is None else pairs.ref_rejected[idx], lengths[:M], lengths[M:])
         params = c.params if c.params is not None else PreferenceParams(beta=c.beta)
         out = preference_loss(batch, params, c.loss_type, c.loss_weights)
-        loss = reduce_loss(out.losses, pairs.weights[idx])
+        loss = reduce_loss(out.losses, pairs.weights[idx], normalizer)
         return loss, {k: float(v.float().mean()) for k, v in out.metrics.items()}
 
     def optimise(self, pairs: PairBatch) -> dict[str, float]:
         n = pairs.chosen.numel()
+        if self.world > 1 and n == 0:  # other processes may have pairs: take part with a zero-weight pair
+            dev = pairs.weights.device
+            zero = torch.zeros(1, dtype=torch.long, device=dev)
+            pairs = PairBatch(pairs.rollout, zero, zero, torch.zeros(1, device=dev),
+                              None if pairs.ref_chosen is None else pairs.rollout.ref_logps.new_zeros(1),
+                              None if pairs.ref_rejected is None else pairs.rollout.ref_logps.new_zeros(1))
+            self.run_minibatches(1, lambda idx, norm: self.pair_loss(pairs, idx, norm),
+                                 lambda idx: pairs.weights[idx].sum())
+            return {"pairs": 0.0}  # the zero-weight pair's metrics are not this process's
         if n == 0:  # every group tied: nothing to learn from this step
             return {"pairs": 0.0}
-        metrics = self.run_minibatches(n, lambda idx: self.pair_loss(pairs, idx))
+        metrics = self.run_minibatches(n, lambda idx, norm: self.pair_loss(pairs, idx, norm),
+                                       lambda idx: pairs.weights[idx].sum())
         return {"pairs": float(n), **metrics}
 
 

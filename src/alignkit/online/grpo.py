@@ -73,8 +73,18 @@ class GRPOTrainer(OnlineTrainer):
     def build_batch(self, rollout: Rollout) -> PolicyBatch:
         return PolicyBatch(rollout, self.advantages(rollout))
 
-    def policy_loss(self, pb: PolicyBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Clipped policy-gradient loss of samples `idx (M,)`, reduced with their weights."""
+    def normalizer(self, pb: PolicyBatch, idx: Tensor) -> Tensor:
+        """What samples `idx` add to their minibatch's normaliser: weights ("sequence_mean"), or tokens of
+        the samples with weight > 0 ("token_sum")."""
+        w = pb.rollout.weights[idx]
+        if self.config.aggregation == "token_sum":
+            return (pb.rollout.mask[idx].sum(-1) * (w > 0)).sum()
+        return w.sum()
+
+    def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None
+                    ) -> tuple[Tensor, dict[str, float]]:
+        """Clipped policy-gradient loss of samples `idx (M,)`, reduced with their weights (divided by
+        `normalizer`, default: this selection's own, `self.normalizer`)."""
         c: GRPOConfig = self.config
         r = pb.rollout
         stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0)
@@ -84,15 +94,14 @@ class GRPOTrainer(OnlineTrainer):
                                   ref_logps=r.ref_logps[idx, :w], kl_coef=self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy, entropy_coef=c.entropy_coef,
                                   aggregation=c.aggregation)
-        weights = r.weights[idx]
-        normalizer = (out.num_tokens * (weights > 0)).sum() if out.num_tokens is not None else None
-        loss = reduce_loss(out.losses, weights, normalizer)
+        loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
         metrics = {k: float(v.float().mean()) for k, v in out.metrics.items() if k not in ("kl", "entropy")}
         metrics["kl/token"] = float(out.metrics["kl"])
         return loss, metrics
 
     def optimise(self, pb: PolicyBatch) -> dict[str, float]:
-        return self.run_minibatches(len(pb.rollout.samples), lambda idx: self.policy_loss(pb, idx))
+        return self.run_minibatches(len(pb.rollout.samples), lambda idx, norm: self.policy_loss(pb, idx, norm),
+                                    lambda idx: self.normalizer(pb, idx))
 
 
 class RLOOTrainer(GRPOTrainer):

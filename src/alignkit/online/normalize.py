@@ -68,15 +68,16 @@ def group_normalize(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tens
 
 
 def normalize_rewards(rewards: Tensor, mode: str, *, group_size: int = 1, moments: RunningMoments | None = None,
-                      clip: float | None = None, eps: float = 1e-8) -> Tensor:
+                      clip: float | None = None, eps: float = 1e-8, update_with: Tensor | None = None) -> Tensor:
     """Apply `mode` (one of NORMALIZATIONS) then clipping to `rewards (B,)`; see the module docstring.
-    "running" updates `moments` with `rewards` first."""
+    "running" updates `moments` with `update_with` first (default `rewards`; under several processes, every
+    process's scores, so that all of them normalise with the same global moments)."""
     if mode not in NORMALIZATIONS:
         raise ValueError(f"reward normalisation {mode!r} is unknown; valid: {list(NORMALIZATIONS)}")
     if mode == "running":
         if moments is None:
             raise ValueError("reward normalisation 'running' needs a RunningMoments to keep the statistics in")
-        moments.update(rewards)
+        moments.update(rewards if update_with is None else update_with)
         out = (rewards - moments.mean) / (moments.std + eps)
     elif mode == "group":
         out = group_normalize(rewards, group_size)

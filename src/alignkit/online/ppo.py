@@ -59,12 +59,13 @@ class PPOBatch:
 
 def ppo_advantages(scores: Tensor, old_logps: Tensor, ref_logps: Tensor, values: Tensor, mask: Tensor, *,
                    kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
-                   whiten: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """(advantages, returns, token rewards), all (B, T), from scores (B,) and per-token tensors (B, T)."""
+                   whiten: bool = True, sum_fn=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(advantages, returns, token rewards), all (B, T), from scores (B,) and per-token tensors (B, T).
+    `sum_fn` (e.g. a sum over processes) makes the whitening statistics global."""
     rewards, _ = per_token_rewards(scores, old_logps, ref_logps, mask, kl_coef, kl_estimator)
     adv, returns = gae(rewards, values, mask, gamma, lam)
     if whiten:
-        adv = masked_whiten(adv, mask) * mask
+        adv = masked_whiten(adv, mask, sum_fn=sum_fn) * mask
     return adv, returns, rewards
 
 
@@ -91,11 +92,12 @@ class PPOTrainer(OnlineTrainer):
         old_values = self.value_head(r.hidden) * m  # (B, T-1)
         adv, returns, _ = ppo_advantages(r.rewards, r.old_logps, r.ref_logps, old_values, m,
                                          kl_coef=self.kl_ctl.value, kl_estimator=c.kl_estimator, gamma=c.gamma,
-                                         lam=c.lam, whiten=c.whiten_advantages)
+                                         lam=c.lam, whiten=c.whiten_advantages,
+                                         sum_fn=self.reduce_sum if self.world > 1 else None)
         r.hidden = None  # not needed any more
         return PPOBatch(r, adv, returns, old_values)
 
-    def ppo_loss(self, pb: PPOBatch, idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def ppo_loss(self, pb: PPOBatch, idx: Tensor, normalizer: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         c: PPOConfig = self.config
         r = pb.rollout
         stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0, hidden=True)
@@ -104,7 +106,7 @@ class PPOTrainer(OnlineTrainer):
         pg = clipped_policy_loss(stats.logps, r.old_logps[idx, :w], pb.advantages[idx, :w], stats.mask,
                                  clip_eps=c.clip_eps, entropy=stats.entropy, entropy_coef=c.entropy_coef)
         vl = value_loss(values, pb.old_values[idx, :w], pb.returns[idx, :w], stats.mask, clip_range=c.cliprange_value)
-        loss = reduce_loss(pg.losses + c.vf_coef * vl.losses, r.weights[idx])
+        loss = reduce_loss(pg.losses + c.vf_coef * vl.losses, r.weights[idx], normalizer)
         metrics = {k: float(v.float().mean()) for k, v in {**pg.metrics, **vl.metrics}.items() if k != "entropy"}
         metrics["policy_loss"] = float(reduce_loss(pg.losses.detach(), r.weights[idx]))
         metrics["value_loss"] = float(reduce_loss(vl.losses.detach(), r.weights[idx]))
@@ -113,7 +115,8 @@ class PPOTrainer(OnlineTrainer):
     def optimise(self, pb: PPOBatch) -> dict[str, float]:
         m = pb.rollout.mask.float()
         n = m.sum().clamp(min=1)
-        out = self.run_minibatches(len(pb.rollout.samples), lambda idx: self.ppo_loss(pb, idx))
+        out = self.run_minibatches(len(pb.rollout.samples), lambda idx, norm: self.ppo_loss(pb, idx, norm),
+                                   lambda idx: pb.rollout.weights[idx].sum())
         out["returns/mean"] = float((pb.returns * m).sum() / n)
         out["advantages/std"] = float(((pb.advantages * m) ** 2).sum().div(n).sqrt())
         return out

@@ -24,6 +24,20 @@ reduction `alignkit.losses.reduce_loss` (weighted mean over a minibatch).
 Reference: the policy with its adapter switched off (lora, reft, reft+lora; no second copy), or a frozen
 copy of the initial model for full finetuning (`reference="auto"`), or a `ref_model` you pass.
 
+Several processes (`torchrun`, `accelerate launch`; DDP through `Accelerator.prepare`): a step's
+`prompts_per_step` prompts are the GLOBAL batch. Every rank draws the same shuffled slice and keeps its
+contiguous share (rank r of W: prompts [r n/W, (r+1) n/W)), samples it with its own seed
+((seed * 100003 + step) * W + r; one process keeps seed * 100003 + step), so ranks never duplicate rollouts.
+All K samples of a prompt live on one rank, so group statistics (GRPO/RLOO baselines, "group" reward
+normalisation, online-DPO pairs) are local; statistics over the whole batch are reduced across ranks:
+"running" reward moments (updated with every rank's scores), PPO's advantage whitening, and each update's
+loss normaliser (sum of weights, or of tokens for "token_sum"), so that DDP's gradient average equals the
+one-process gradient of the same global batch. `mini_batch_size` is global (each rank takes its share);
+`gradient_accumulation_steps` splits each minibatch into micro-batches (one backward each, one optimizer
+step, the same normaliser, so the update is the minibatch's). Metrics are reduced across ranks (reward
+statistics from every rank's scores; counts summed; the rest averaged) and only the main process writes
+`metrics.jsonl` and the saved model.
+
 Failed annotations (NaN scores) get weight 0 (they do not train) and, for group statistics, the mean of
 their group's valid rewards.
 """
@@ -34,6 +48,7 @@ import json
 import logging
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -67,7 +82,8 @@ class OnlineConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     epochs_per_step: int = 1  # optimisation passes over each step's batch (PPO epochs)
-    mini_batch_size: int | None = None  # items (samples or pairs) per optimizer step; None: the whole batch
+    mini_batch_size: int | None = None  # items (samples or pairs) per optimizer step, over all processes; None: all
+    gradient_accumulation_steps: int = 1  # micro-batches per minibatch (one backward each, one optimizer step)
     kl_coef: float = 0.05  # beta of the KL to the reference (initial value when adaptive)
     kl_target: float | None = None  # set: adaptive KL control (Ziegler et al. 2019) towards this sequence KL
     kl_horizon: int = 10000
@@ -88,6 +104,9 @@ class OnlineConfig:
         if self.steps < 0 or self.prompts_per_step < 1 or self.epochs_per_step < 1:
             raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
                              f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"online config: gradient_accumulation_steps must be >= 1, got "
+                             f"{self.gradient_accumulation_steps}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"online config: mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
         if self.reference not in ("auto", "adapter_off", "copy"):
@@ -113,6 +132,16 @@ class Rollout:
     entropy: Tensor  # (B, T-1)
     hidden: Tensor | None = None  # (B, T-1, d), when the trainer asks (PPO's value head)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _has_accelerator() -> bool:
+    """A GPU (or other accelerator) torch can use. Without one, `Accelerator` must be told `cpu=True`: under
+    torchrun it otherwise forms a process group but reports ONE process (accelerate 1.x only selects
+    MULTI_CPU/gloo for `cpu=True` or ACCELERATE_USE_CPU), and every rank would train alone."""
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    return torch.cuda.is_available()
 
 
 class OnlineTrainer:
@@ -147,7 +176,16 @@ class OnlineTrainer:
         if not self.prompts:
             raise ValueError("online training needs at least one prompt")
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.accelerator = Accelerator()
+        self.accelerator = Accelerator(cpu=not _has_accelerator())
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        n_step = min(self.config.prompts_per_step, len(self.prompts))
+        if n_step % self.world:
+            raise ValueError(f"online config: prompts_per_step ({n_step}, method.prompts_per_step on the command "
+                             f"line, capped by the {len(self.prompts)} prompt(s)) must be a multiple of the number "
+                             f"of processes ({self.world}): each process samples an equal share of the step's prompts")
+        if self.config.mini_batch_size is not None and self.config.mini_batch_size % self.world:
+            raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
+                             f"of the number of processes ({self.world}) or None")
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         kind = adapter_kind(model)
         mode = self.config.reference
@@ -200,12 +238,12 @@ class OnlineTrainer:
         for step in range(self.config.steps):
             t0 = time.perf_counter()
             self._step = step
-            samples = self.generate(self.next_prompts(), step)
+            samples = self.generate(self.local_prompts(self.next_prompts()), step)
             self._step_ids = list(dict.fromkeys(s.prompt_id for s in samples if s.prompt_id))
             rollout = self.score(samples)
             batch = self.build_batch(rollout)
-            metrics = {"step": float(step), **rollout.metrics, **self.optimise(batch)}
-            self.kl_ctl.update(metrics["kl"], len(samples))
+            metrics = self.reduce_metrics({"step": float(step), **rollout.metrics, **self.optimise(batch)})
+            self.kl_ctl.update(metrics["kl"], len(samples) * self.world)
             metrics["time/step_s"] = time.perf_counter() - t0
             self.log(metrics)
         if self.output_dir is not None and self.config.save_at_end:
@@ -222,9 +260,18 @@ class OnlineTrainer:
             out.append(self.prompts[self._order.pop()])
         return out
 
-    def generate(self, prompts: list, step: int) -> list[Sample]:
+    def local_prompts(self, prompts: list) -> list:
+        """This process's contiguous share of the step's global prompt list (all of it in one process)."""
+        n = len(prompts) // self.world
+        return prompts[self.rank * n:(self.rank + 1) * n]
+
+    def sampling_seed(self, step: int) -> int:
+        """Distinct per step and per rank; one process: seed * 100003 + step."""
         s = self.config.sampling
-        cfg = replace(s, seed=(s.seed if s.seed is not None else self.config.seed) * 100_003 + step)
+        return ((s.seed if s.seed is not None else self.config.seed) * 100_003 + step) * self.world + self.rank
+
+    def generate(self, prompts: list, step: int) -> list[Sample]:
+        cfg = replace(self.config.sampling, seed=self.sampling_seed(step))
         policy = self.policy
         settings = reft_settings(policy)
         extra = {} if settings is None else {"positions": settings.positions, "share_weights": settings.share_weights}
@@ -248,8 +295,9 @@ class OnlineTrainer:
         scores = self.annotate(samples)
         raw = scores.values.to(torch.float32)  # (B,)
         k = c.sampling.num_samples
+        everyone = self.gather(raw)  # (W B,) every rank's raw scores, rank-major
         rewards = normalize_rewards(raw.clone(), c.reward_normalization, group_size=k, moments=self.moments,
-                                    clip=c.reward_clip)
+                                    clip=c.reward_clip, update_with=everyone)
         g = rewards.view(-1, k)  # (G, K): fill failures with their group's valid mean (0 if none)
         fill = torch.nan_to_num(torch.nanmean(g, dim=-1, keepdim=True), nan=0.0).expand_as(g)
         rewards = torch.where(torch.isnan(g), fill, g).reshape(-1)
@@ -260,11 +308,11 @@ class OnlineTrainer:
         ref = reference_token_logps(self.policy, batch, self.ref_model, temperature=c.sampling.temperature,
                                     chunk_size=c.chunk_size)
         kl = sequence_sums(KL_ESTIMATORS[c.kl_estimator](stats.logps, ref), stats.mask)  # (B,)
-        v = raw[valid].double()
+        v = everyone[~torch.isnan(everyone)].double()  # reward statistics over the global batch
         m = stats.mask.float()
         metrics = {"reward/mean": float(v.mean()) if v.numel() else float("nan"),
                    "reward/std": float(v.std(unbiased=False)) if v.numel() else float("nan"),
-                   "reward/failed": float(scores.failed.sum()),
+                   "reward/failed": float(scores.failed.sum()),  # summed over ranks (SUMMED_METRICS)
                    "reward/normalized_mean": float(rewards.mean()),
                    "kl": float(kl.mean()), "kl_coef": float(self.kl_ctl.value),
                    "entropy": float((stats.entropy * m).sum() / m.sum().clamp(min=1)),
@@ -274,34 +322,73 @@ class OnlineTrainer:
         return Rollout(samples, batch, raw.to(dev), rewards.to(dev), weights.to(dev), stats.logps, ref, stats.mask,
                        stats.entropy, stats.hidden, metrics)
 
-    def run_minibatches(self, n_items: int, loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]]
-                        ) -> dict[str, float]:
-        """`epochs_per_step` passes over `n_items` items in shuffled minibatches; one optimizer step each.
-        `loss_fn(idx (M,)) -> (scalar loss, metrics)`. Returns the metrics averaged over the updates."""
+    def run_minibatches(self, n_items: int, loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]],
+                        normalizer_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """`epochs_per_step` passes over this process's `n_items` items in shuffled minibatches; one optimizer
+        step each (`gradient_accumulation_steps` backward passes).
+
+        `normalizer_fn(idx (M,)) -> scalar`: what the items' weighted loss sum is divided by (their weight sum,
+        or token count), summed here over the minibatch's micro-batches and every process, divided by the
+        number of processes (DDP averages gradients). `loss_fn(idx, normalizer) -> (scalar loss, metrics)`
+        must return sum_i w_i loss_i / normalizer (`reduce_loss(..., normalizer=normalizer)`). Every process
+        runs the same number of minibatches (the largest share decides); a process whose share is exhausted
+        runs a zero-weighted pass over its item 0 so that DDP's collectives still match. Returns the metrics
+        averaged over the updates ("loss": the minibatch loss)."""
         c = self.config
-        size = c.mini_batch_size or max(n_items, 1)
+        counts = self.gather(torch.tensor([float(n_items)]))  # (W,)
+        n_max = int(counts.max())
+        if n_max == 0:
+            return {}
+        size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
+        n_mini = -(-n_max // size)
         totals: dict[str, float] = {}
         updates = 0
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        dev = self.accelerator.device
         self.model.train()
         for _ in range(c.epochs_per_step):
-            for idx in torch.randperm(n_items, generator=self.rng).split(size):
-                loss, metrics = loss_fn(idx.to(self.accelerator.device))
-                if not is_finite(loss):
-                    self._stop_non_finite("the training loss", as_float(loss), {**metrics, "loss": as_float(loss)})
-                self.accelerator.backward(loss)
+            perm = torch.randperm(n_items, generator=self.rng)
+            for j in range(n_mini):
+                idx = perm[j * size:(j + 1) * size].to(dev)
+                dummy = idx.numel() == 0
+                if dummy:
+                    if n_items == 0:
+                        raise RuntimeError("a process has no items to run a zero-weighted pass on; the subclass "
+                                           "must give every process at least one (zero-weight) item")
+                    idx = torch.zeros(1, dtype=torch.long, device=dev)
+                local = normalizer_fn(idx).detach().to(torch.float64) * (0.0 if dummy else 1.0)
+                normalizer = (self.reduce_sum(local.reshape(1)) / self.world).reshape(())
+                micro = idx.tensor_split(min(c.gradient_accumulation_steps, idx.numel()))
+                step_loss, step_metrics = 0.0, {}
+                for m_i, mb in enumerate(micro):
+                    with ExitStack() as stack:
+                        if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
+                            for module in [self.model, *self.extra_modules]:
+                                stack.enter_context(self.accelerator.no_sync(module))
+                        loss, metrics = loss_fn(mb, normalizer)
+                        if dummy:
+                            loss = loss * 0.0
+                        if not is_finite(loss):
+                            self._stop_non_finite("the training loss", as_float(loss),
+                                                  {**metrics, "loss": as_float(loss)})
+                        self.accelerator.backward(loss)
+                    step_loss += float(loss.detach())
+                    for k, v in metrics.items():
+                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / len(micro)
                 norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
                                                         else float("inf"))
                 if not is_finite(norm):
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._stop_non_finite("the gradient norm", as_float(norm), {"loss": as_float(loss),
+                    self._stop_non_finite("the gradient norm", as_float(norm), {"loss": step_loss,
                                                                                "grad_norm": as_float(norm)})
                 if c.max_grad_norm is not None:
-                    metrics["grad_norm"] = float(norm)
+                    step_metrics["grad_norm"] = float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                metrics["loss"] = float(loss.detach())
-                for k, v in metrics.items():
+                if dummy:
+                    continue
+                step_metrics["loss"] = step_loss
+                for k, v in step_metrics.items():
                     totals[k] = totals.get(k, 0.0) + float(v)
                 updates += 1
         return {k: v / max(updates, 1) for k, v in totals.items()}
@@ -312,6 +399,42 @@ class OnlineTrainer:
         self.log({"step": float(step), **{k: as_float(v) for k, v in metrics.items()}})
         err = NonFiniteError(what, value, step + 1, getattr(self, "_step_ids", None))
         raise err
+
+    # -- across processes ---------------------------------------------------------------------------------
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Concatenation over processes (rank order) of equally shaped tensors; `t` itself in one process."""
+        if self.world == 1:
+            return t
+        return self.accelerator.gather(t.to(self.accelerator.device)).cpu()
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over processes (float64 kept)."""
+        if self.world == 1:
+            return t
+        return self.accelerator.reduce(t.to(self.accelerator.device).clone(), reduction="sum")
+
+    SUMMED_METRICS = ("reward/failed", "pairs")
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """One row for all processes: counts (`SUMMED_METRICS`) summed, the rest averaged over the processes
+        that report them; reward/mean and reward/std are already global (computed from every rank's scores)."""
+        if self.world == 1:
+            return metrics
+        import torch.distributed as dist
+
+        rows: list[dict[str, float]] = [{} for _ in range(self.world)]
+        dist.all_gather_object(rows, metrics)
+        out: dict[str, float] = {}
+        for k in dict.fromkeys(k for r in rows for k in r):
+            vals = [float(r[k]) for r in rows if k in r]
+            if k in ("step", "reward/mean", "reward/std"):
+                out[k] = vals[0]
+            elif k in self.SUMMED_METRICS:
+                out[k] = sum(vals)
+            else:
+                out[k] = sum(vals) / len(vals)
+        return out
 
     # -- output -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,101 @@
+"""One online-training worker for tests/distributed/test_online_ddp.py (run under torchrun; not a test module).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 online_worker.py MODEL_DIR OUT_DIR CASE...
+
+For each CASE (see `CASES`) it trains `STEPS` online steps with a global batch of 4 prompts, recording the
+samples every rank generated (and the sampling seed it used). Rank 0 then writes OUT_DIR/CASE.safetensors
+(the trainable parameters), OUT_DIR/CASE.json (per step, every rank's samples in rank order, and the seeds)
+and the run's metrics.jsonl under OUT_DIR/CASE/. `build` is also called in-process by the test for the
+one-process reference, which replays the recorded samples instead of sampling.
+
+The optimizer is replaced by plain SGD: Adam's first step, lr * g / (|g| + eps), turns float-noise-sized
+gradient differences into lr-sized parameter differences, which would hide what is compared here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.online import GRPOConfig, GRPOTrainer, OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, PPOTrainer
+from alignkit.online.generation import SamplingConfig
+
+PROMPTS = ["Question: what is 2 + 2?", "Say something nice.", "def add(a, b):", "The quick brown fox",
+           "Count to five:", "Name a colour."]
+STEPS = 2
+
+
+def reward(prompt, response) -> float:
+    """Deterministic, varied across samples: characters mod 7, plus a bonus per vowel."""
+    return float(len(response) % 7) + 0.5 * sum(ch in "aeiou" for ch in response)
+
+
+# case -> (trainer class, adapter kind, config)
+def CASES(case: str):
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=5)
+    common = dict(steps=STEPS, prompts_per_step=4, sampling=sampling, max_grad_norm=None, seed=3)
+    if case == "rloo":  # leave-one-out baselines, running moments over every rank's scores, 2 micro-batches
+        return GRPOTrainer, "lora", GRPOConfig(advantage="rloo", reward_normalization="running", kl_coef=0.1,
+                                               gradient_accumulation_steps=2, **common)
+    if case == "grpo-token":  # token_sum aggregation: the normaliser is the global token count
+        return GRPOTrainer, "lora", GRPOConfig(aggregation="token_sum", kl_coef=0.1, **common)
+    if case == "dpo":  # full finetuning, frozen-copy reference, pair counts differ per rank
+        return OnlineDPOTrainer, "full", OnlineDPOConfig(beta=0.5, **common)
+    if case == "ppo":  # advantages whitened over every rank's tokens, 2 epochs
+        return PPOTrainer, "lora", PPOConfig(epochs_per_step=2, **common)
+    raise ValueError(case)
+
+
+def build(model_dir: str, case: str, output_dir: str | None = None):
+    cls, kind, cfg = CASES(case)
+    torch.manual_seed(0)
+    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0)))
+    trainer = cls(model, load_tokenizer(model_dir), PROMPTS, reward, cfg, output_dir=output_dir)
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    trainer.optimizer = trainer.accelerator.prepare(torch.optim.SGD(params, lr=0.5 if kind == "lora" else 0.05))
+    return trainer
+
+
+def trainable(trainer) -> dict[str, torch.Tensor]:
+    out = {n: p.detach().contiguous().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    if hasattr(trainer, "value_head"):
+        vh = trainer.accelerator.unwrap_model(trainer.value_head)
+        out.update({f"value_head.{n}": p.detach().contiguous().clone() for n, p in vh.named_parameters()})
+    return out
+
+
+def main(model_dir: str, out_dir: str, *cases: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    for case in cases:
+        trainer = build(model_dir, case, f"{out_dir}/{case}")
+        record: list[dict] = []
+        generate = trainer.generate
+
+        def recording(prompts, step, generate=generate, record=record):
+            samples = generate(prompts, step)
+            record.append({"seed": trainer.sampling_seed(step), "samples": [s.to_dict() for s in samples]})
+            return samples
+
+        trainer.generate = recording
+        trainer.train()
+        everyone: list = [None] * trainer.world
+        dist.all_gather_object(everyone, record)
+        if trainer.rank == 0:
+            steps = [{"seeds": [r[i]["seed"] for r in everyone], "samples": [s for r in everyone for s in r[i]["samples"]]}
+                     for i in range(STEPS)]
+            with open(f"{out_dir}/{case}.json", "w") as f:
+                json.dump({"world": trainer.world, "steps": steps, "history": trainer.history}, f)
+            save_file(trainable(trainer), f"{out_dir}/{case}.safetensors")
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
