@@ -19,33 +19,72 @@ Only this package prints (results tables); the library logs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
-from alignkit.cli import demo, evaluate, generate, listing, online, rounds, serve, train
+# command -> (module under alignkit.cli that defines it, its one-line help). `alignkit --help` is built
+# from this table alone, so it imports no torch and answers at once; `alignkit <command> ...` imports only
+# that command's module. tests/cli/test_startup.py checks the table against what the modules register.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sft": ("train", "supervised finetuning"),
+    "rm": ("train", "train a reward model (pairwise Bradley-Terry or K-wise ranking)"),
+    "dpo": ("train", "offline preference optimisation (DPO family, IPO, SimPO, ORPO, ...)"),
+    "kto": ("train", "KTO on unpaired (desirable / undesirable) completions"),
+    "online-dpo": ("online", "online DPO: pairs from the policy's own samples each step (any preference loss)"),
+    "grpo": ("online", "GRPO: group-relative advantages, clipped policy gradient, KL to the reference"),
+    "rloo": ("online", "RLOO: GRPO's loop with the leave-one-out baseline"),
+    "ppo": ("online", "PPO with a value head and GAE (RLHF step 3)"),
+    "sample": ("rounds", "offline round, job 1: the policy's responses to prompts -> samples.jsonl"),
+    "annotate": ("rounds", "offline round, job 2: score samples.jsonl, build records -> records.jsonl (pairs, "
+                           "labels, or best-of-n SFT data)"),
+    "eval": ("evaluate", "reward-model accuracy, or DPO implicit-reward accuracy, on preference data"),
+    "generate": ("generate", "generations from a model (+ adapter) for a prompts file, as JSONL"),
+    "serve": ("serve", "serve a base model + adapters (OpenAI-compatible API, chat page at /)"),
+    "demo": ("demo", "the whole pipeline on a bundled tiny model and data (CPU, minutes); --reft: the ReFT demo"),
+    "ls": ("listing", "list every registry: losses, interventions, readers, formatters, annotators, ..."),
+}
 
-COMMANDS = (train, online, rounds, evaluate, generate, serve, demo, listing)
+
+def _wanted(argv: list[str]) -> str | None:
+    """The command named in `argv` (the first token that is one), or None."""
+    return next((a for a in argv if a in COMMANDS), None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line parser. With `argv`, only the module of the command it names is imported (the
+    others get a stub that carries their help line); without, every command's module registers fully."""
     parser = argparse.ArgumentParser(prog="alignkit", description="Align language models: ReFT, LoRA, full finetuning "
                                      "with SFT, reward modeling, DPO-family and KTO objectives.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks on config errors)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for module in COMMANDS:
-        module.add_parser(sub)
+    if argv is None:
+        modules = list(dict.fromkeys(m for m, _ in COMMANDS.values()))
+    else:
+        wanted = _wanted(argv)
+        modules = [COMMANDS[wanted][0]] if wanted else []
+    for name in modules:
+        importlib.import_module(f"alignkit.cli.{name}").add_parser(sub)
+    for command, (_, text) in COMMANDS.items():  # stubs, in the table's order, for the commands not loaded
+        if command not in sub.choices:
+            sub.add_parser(command, help=text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    if _wanted(argv) is None:  # no command: the top-level help or usage error, without importing torch
+        parser.parse_args(argv)  # exits for --help and for an unknown command
+        parser.print_help()
+        return 2
+
     from alignkit.data.records import DataError
     from alignkit.guards import NonFiniteError
     from alignkit.settings import ConfigError
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     try:
         from alignkit.cli.flags import translate_argv
 

@@ -1,0 +1,40 @@
+"""`alignkit --help` is built from the command table alone (no torch, transformers or peft import), and that
+table says exactly what the command modules register."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from alignkit.cli import COMMANDS, build_parser
+
+
+def _subparsers(parser):
+    return next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+
+
+def test_command_table_matches_what_the_modules_register():
+    sub = _subparsers(build_parser())  # every module registers fully
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert list(helps) == list(COMMANDS)
+    for command, (module, text) in COMMANDS.items():
+        assert helps[command] == text, f"alignkit.cli.COMMANDS[{command!r}] help differs from alignkit.cli.{module}"
+        assert sub.choices[command].get_default("func").__module__ == f"alignkit.cli.{module}", command
+
+
+def test_top_level_help_imports_no_heavy_library():
+    code = ("import sys\nfrom alignkit.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nheavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', "
+            "'datasets') if m in sys.modules)\nprint('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    for command in COMMANDS:
+        assert command in out.stdout  # every command listed with its help line
+
+
+def test_a_command_loads_only_its_module():
+    parser = build_parser(["-q", "ls"])
+    sub = _subparsers(parser)
+    assert sub.choices["ls"].get_default("func").__module__ == "alignkit.cli.listing"
+    assert sub.choices["dpo"].get_default("func") is None  # a stub: its module was not imported for `ls`
