@@ -4,6 +4,8 @@ trained with alignkit's trainers; tokens/s, model FLOPs utilisation and peak mem
     .venv/bin/python bench/run_gpu.py                          # every workload, on the visible GPU
     .venv/bin/python bench/run_gpu.py --workloads dpo_full_precomputed --steps 20
     .venv/bin/python bench/run_gpu.py --dry-run                # tiny config on CPU: checks the script runs
+    .venv/bin/python bench/run_gpu.py --kernels liger --compile   # Liger check (loss with/without), then workloads
+                                                               # with model.kernels: liger and train.compile
 
 Workloads (WORKLOADS): SFT full finetuning; DPO with LoRA (reference = adapter off), full (frozen copy),
 and both with the reference log-probs precomputed once before training; ReFT (LoReFT rank 4 on the
@@ -182,7 +184,16 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = apply_adapter(build_model(cfg, dtype, args.device, args.attn), adapter(kind, cfg["num_hidden_layers"] // 2))
+    base = build_model(cfg, dtype, args.device, args.attn)
+    if args.kernels_ok:
+        from alignkit.models.efficiency import apply_kernels
+
+        apply_kernels(base, args.kernels)
+    model = apply_adapter(base, adapter(kind, cfg["num_hidden_layers"] // 2))
+    if args.compile:
+        from alignkit.models.efficiency import compile_layers
+
+        compile_layers(model)
     n_params = matmul_params(model)
     feats = make_features("sft" if objective == "sft" else "pref", args.batch_size * (args.warmup + args.steps),
                           args.prompt_len, args.completion_len, cfg["vocab_size"], seed=1)
@@ -212,6 +223,7 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     per_token_hw = (6.0 if kind == "full" else 4.0) + 2.0 * ref_tokens_per_token
     peak = peak_tflops(args.gpu_name) if cuda else None
     res = {"workload": name, "objective": objective, "adapter": kind, "reference": reference,
+           "kernels": args.kernels if args.kernels_ok else None, "compile": args.compile,
            "params_matmul": n_params, "batch_size": args.batch_size, "steps": args.steps,
            "padding_free": args.padding_free, "grad_ckpt": args.grad_ckpt, "attn": args.attn,
            "seconds": dt, "tokens": tokens, "tokens_per_s": tps, "samples_per_s": args.batch_size * args.steps / dt,
@@ -221,6 +233,46 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     del trainer, model
     return res
+
+
+def kernel_check(args: argparse.Namespace, cfg: dict) -> dict:
+    """`model.kernels: liger` on this machine: unavailable (the one-line reason alignkit gives, e.g. no GPU or
+    no liger-kernel package), or the loss of one SFT batch with and without the kernels (they must agree to
+    bf16 precision) and the forward+backward time of each."""
+    import torch
+
+    from alignkit.models.efficiency import apply_kernels, check_kernels
+    from alignkit.settings import ConfigError
+
+    try:
+        check_kernels(args.kernels)
+    except ConfigError as e:
+        return {"check": args.kernels, "status": "unavailable", "reason": str(e)}
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    feats = make_features("sft", args.batch_size, args.prompt_len, args.completion_len, cfg["vocab_size"], seed=2)
+    ids = torch.tensor([f["input_ids"] for f in feats], device=args.device)
+    out: dict[str, Any] = {"check": args.kernels}
+    for label in ("plain", args.kernels):
+        model = build_model(cfg, dtype, args.device, args.attn)
+        if label != "plain":
+            apply_kernels(model, args.kernels)
+        times = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        out[f"loss_{label}"] = float(loss)
+        out[f"fwd_bwd_s_{label}"] = min(times[1:])
+        del model
+    out["rel_loss_diff"] = abs(out[f"loss_{args.kernels}"] - out["loss_plain"]) / abs(out["loss_plain"])
+    out["status"] = "ok" if out["rel_loss_diff"] < 2e-2 else "mismatch"
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -235,6 +287,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--attn", default=None, help="attention implementation (default: flash_attention_2 if installed, "
                                                  "else sdpa)")
+    ap.add_argument("--kernels", choices=["liger"], default=None,
+                    help="check model.kernels (loss with/without on one batch) and train the workloads with them")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile of each decoder layer")
     ap.add_argument("--dry-run", action="store_true", help="tiny config, float32, CPU, 2 steps: a check, not a measure")
     ap.add_argument("--out", default=None)
     ap.add_argument("--work-dir", default=None)
@@ -261,6 +316,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.work_dir = args.work_dir or str(BENCH / "results" / f"gpu-{stamp}-work")
     results = []
+    args.kernels_ok = False
+    if args.kernels:
+        check = kernel_check(args, cfg)
+        check["device"] = args.gpu_name
+        print(json.dumps(check), flush=True)
+        results.append(check)
+        args.kernels_ok = check["status"] == "ok"
     for name in args.workloads:
         try:
             res = run_workload(name, args, cfg)

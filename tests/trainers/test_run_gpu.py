@@ -49,3 +49,17 @@ def test_dry_run_one_workload(run_gpu, tmp_path):
     assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] is None  # no GPU: no peak, no MFU
     assert r["model_tflops_per_s"] == pytest.approx(6 * r["params_matmul"] * r["tokens_per_s"] / 1e12)
     assert json.loads(out.read_text())["results"][0]["workload"] == "dpo_lora_precomputed"
+
+
+def test_dry_run_liger_check_reports_what_is_missing(run_gpu, tmp_path):
+    """No GPU here: the Liger check says so in alignkit's own words, and the workload still runs without kernels."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the check runs for real")
+    res = run_gpu.main(["--dry-run", "--kernels", "liger", "--workloads", "sft_full", "--out", str(tmp_path / "g.json"),
+                        "--work-dir", str(tmp_path / "work")])
+    check, workload = res
+    assert check["check"] == "liger" and check["status"] == "unavailable"
+    assert check["reason"].startswith("model.kernels: liger needs ") and "a CUDA GPU" in check["reason"]
+    assert workload["workload"] == "sft_full" and workload["kernels"] is None and workload["tokens"] > 0

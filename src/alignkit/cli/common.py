@@ -304,6 +304,10 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
         check_model_folder(ms.tokenizer, "model.tokenizer")
     if ms.adapter_path is not None:
         check_model_folder(ms.adapter_path, "model.adapter_path", adapter=True)
+    if ms.kernels is not None:
+        from alignkit.models.efficiency import check_kernels
+
+        check_kernels(ms.kernels)  # before anything is built
     path, desc = resolve_model_path(ms, run, task)
     tok = load_tokenizer_for(ms, path)
     model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
@@ -313,6 +317,10 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
         path = adopt_tiny(path, run.root / "base_model", main=False)
     if task == "classifier" and model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if ms.kernels is not None:
+        from alignkit.models.efficiency import apply_kernels
+
+        apply_kernels(model, ms.kernels)
     return model, tok, path, desc
 
 

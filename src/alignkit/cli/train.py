@@ -108,6 +108,7 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
 
     kw = dict(train)
     kw.pop("resume_from_checkpoint", None)  # passed to trainer.train (plan_run checks it), not a setting
+    kw.pop("compile", None)  # alignkit's own key: applied to the model (compile_model), not a TrainingArguments field
     kw["output_dir"] = str(run.checkpoints)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "use_cpu" not in kw:
         # several CPU processes (torchrun / accelerate launch): without use_cpu each would train alone
@@ -140,6 +141,15 @@ def tensorboard_callback(args: Any, run: RunFolder) -> Any:
     from transformers.integrations import TensorBoardCallback
 
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard)))
+
+
+def compile_model(model: Any, option: bool | dict[str, Any] | None) -> None:
+    """`train.compile`: true, or a mapping of torch.compile options -> each decoder layer compiled in place."""
+    if not option:
+        return
+    from alignkit.models.efficiency import compile_layers
+
+    compile_layers(model, **(option if isinstance(option, dict) else {}))
 
 
 OBJECTIVES = {"sft": "SFT", "rm": "reward modeling", "dpo": "preference optimisation", "kto": "KTO-style unpaired "
@@ -206,6 +216,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     task = "classifier" if command == "rm" else "causal_lm"
     model, tok, base_path, base_desc = load_base(cfg.model, None, task)
     model = apply_adapter(model, cfg.adapter)
+    compile_model(model, cfg.train.get("compile"))
     train_feats, train_stats = tokenize(train_records, tok, cfg.data, "data.path")
     eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
 

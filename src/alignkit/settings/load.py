@@ -20,8 +20,15 @@ from alignkit.settings.typed import (ConfigError, build, coerce, merge, parse_ov
                                      unknown_key_error, _join)
 
 
+# `train` keys that are alignkit's own (not TrainingArguments fields), with their types:
+# compile: true, or torch.compile options ({backend: ..., mode: ..., dynamic: ...}): regional compilation of each
+# decoder layer (alignkit.models.efficiency.compile_layers)
+ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {"compile": bool | dict[str, Any]}
+
+
 def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str, Any]:
-    """Keys and simple value types of `train` against `transformers.TrainingArguments`' fields."""
+    """Keys and simple value types of `train` against `transformers.TrainingArguments`' fields (plus alignkit's
+    own `ALIGNKIT_TRAIN_KEYS`)."""
     from transformers import TrainingArguments
 
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -30,12 +37,18 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
     except Exception:  # an annotation that does not resolve: check keys only
         hints = {}
     for key, value in train.items():
+        if key in ALIGNKIT_TRAIN_KEYS:
+            coerce(value, ALIGNKIT_TRAIN_KEYS[key], _join(where, key))
+            continue
         if key not in fields:
-            raise unknown_key_error(where, str(key), list(fields))
+            raise unknown_key_error(where, str(key), [*fields, *ALIGNKIT_TRAIN_KEYS])
         if key == "output_dir":
             raise ConfigError(f"{where}.output_dir: set by alignkit (<output_dir>/checkpoints); set the top-level "
                               "output_dir instead")
         coerce(value, hints.get(key, Any), _join(where, key))  # validation only: TrainingArguments converts
+    if train.get("compile") and train.get("torch_compile"):
+        raise ConfigError(f"{where}.compile and {where}.torch_compile: choose one (compile: each decoder layer, "
+                          "regionally; torch_compile: the whole model, by the Trainer)")
     return train
 
 

@@ -23,6 +23,7 @@ class ModelSettings:
     adapter_path: str | None = None  # eval / generate: a folder written by a training run (its model/ folder)
     # RoPE scaling, e.g. {type: linear, factor: 2.0} (linear, dynamic, yarn, llama3, longrope): alignkit.models.rope
     rope_scaling: dict[str, Any] | None = None
+    kernels: Literal["liger"] | None = None  # fused GPU kernels (needs liger-kernel + CUDA): alignkit.models.efficiency
 
 
 @dataclass

@@ -1,0 +1,97 @@
+"""Speed-ups that change how a model runs, not what it computes: regional `torch.compile` and fused GPU kernels.
+
+- `compile_layers(model)` (`train.compile: true`): `torch.compile` of each decoder layer in place (regional
+  compilation). The layers of a decoder share one code path, so one compiled graph serves them all and
+  compile time does not grow with depth, unlike compiling the whole model; the embedding, the LM head
+  (alignkit applies it in chunks itself) and everything outside the layers stay eager. Works on CPU
+  (inductor's C++ backend) and GPU. Adapters are applied first, so LoRA's layers are compiled with the
+  layer; ReFT's hooks on a layer's output run inside the compiled region as graph breaks.
+- `apply_kernels(model, "liger")` (`model.kernels: liger`): Liger's Triton kernels (RMSNorm, SwiGLU, RoPE)
+  patched into the model instance. Needs the `liger-kernel` package and a CUDA GPU; anything missing is one
+  `ConfigError` naming both the key and what is missing. Liger's fused linear cross-entropy is not used:
+  alignkit never builds full logits (its LM head runs in chunks at completion positions only, recomputed
+  in backward: `losses/logprobs.py`), which is the memory saving that kernel exists for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignkit.settings.typed import ConfigError
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("liger",)
+LIGER_OPTIONS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                 "fused_linear_cross_entropy": False}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's stack of layers: the first `nn.ModuleList` of `num_hidden_layers` modules of one class
+    (model.model.layers for Llama/Qwen2, transformer.h for GPT-2, gpt_neox.layers, through peft/ReFT wrappers)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n) \
+                and len({type(m) for m in module}) == 1:
+            return module
+    raise ValueError(f"{type(model).__name__}: no stack of decoder layers found to compile (looked for an "
+                     f"nn.ModuleList of {n} identical modules)")
+
+
+def compile_layers(model: nn.Module, **compile_kwargs: Any) -> int:
+    """`torch.compile` every decoder layer of `model` in place (`nn.Module.compile`). Returns the layer count.
+
+    `compile_kwargs` go to `torch.compile` (e.g. `backend`, `mode`, `dynamic`). Sequence lengths vary from
+    batch to batch: torch recompiles once with dynamic shapes after the first change, then reuses the graph."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    logger.info("torch.compile: %d decoder layers (%s) compiled regionally", len(layers), type(layers[0]).__name__)
+    return len(layers)
+
+
+def check_kernels(kind: str | None, where: str = "model.kernels") -> None:
+    """Raise a `ConfigError` naming `where` and what is missing if kernels `kind` cannot run here."""
+    if kind is None:
+        return
+    if kind not in KERNELS:
+        raise ConfigError(f"{where}: {kind!r} is not a kernel set alignkit knows; valid: {', '.join(KERNELS)}")
+    missing = []
+    if importlib.util.find_spec("liger_kernel") is None:
+        missing.append("the liger-kernel package (pip install liger-kernel)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (Liger's kernels are Triton GPU kernels)")
+    if missing:
+        raise ConfigError(f"{where}: liger needs {' and '.join(missing)}, which this machine lacks; remove "
+                          f"{where} to train without fused kernels")
+
+
+def apply_kernels(model: nn.Module, kind: str | None, where: str = "model.kernels") -> nn.Module:
+    """Patch fused kernels of `kind` ("liger") into `model` in place; None: unchanged. Returns the model."""
+    if kind is None:
+        return model
+    check_kernels(kind, where)
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    base = model
+    while not hasattr(base, "config") and hasattr(base, "model"):  # ReFT wrapper
+        base = base.model
+    if hasattr(base, "get_base_model"):  # peft
+        base = base.get_base_model()
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(f"{where}: liger has no kernels for the {model_type} architecture; supported: "
+                          f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}")
+    _apply_liger_kernel_to_instance(model=base, **LIGER_OPTIONS)
+    logger.info("liger kernels applied to %s: %s", model_type, ", ".join(k for k, v in LIGER_OPTIONS.items() if v))
+    return model
+
+
+__all__ = ["KERNELS", "apply_kernels", "check_kernels", "compile_layers", "decoder_layers"]

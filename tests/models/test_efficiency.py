@@ -1,0 +1,130 @@
+"""`train.compile` (regional torch.compile of each decoder layer) trains to the same losses as eager, and
+`model.kernels: liger` names what is missing on a machine without the package or a GPU.
+
+The default tests compile with the `aot_eager` backend (dynamo capture + AOT autograd: the whole graph path
+except code generation, a few seconds); the inductor test (real C++ code generation on CPU) is `slow`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.models.efficiency import apply_kernels, compile_layers, decoder_layers
+from alignkit.models.loading import load_model
+from alignkit.settings import ConfigError, load_config
+from alignkit.trainers import SFTTrainer
+
+from tests.trainers.conftest import adapter_config, collators, fast_args, features  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train_losses(tiny_dir, features, collators, tmp_path, compile_options, adapter=None, steps=3):
+    from alignkit.models.adapters import apply_adapter
+
+    model = load_model(tiny_dir("llama"))
+    if adapter is not None:
+        torch.manual_seed(0)
+        model = apply_adapter(model, adapter)
+    if compile_options is not None:
+        assert compile_layers(model, **compile_options) == 2
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    trainer = SFTTrainer(model, fast_args(tmp_path, max_steps=steps), train_dataset=features["sft"],
+                         data_collator=collators["sft"])
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_decoder_layers_found_through_wrappers(tiny_lm):
+    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+
+    for arch, attr in (("llama", "model.layers"), ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers")):
+        model = tiny_lm(arch)
+        assert decoder_layers(model) is model.get_submodule(attr)
+    lora = apply_adapter(tiny_lm("llama"), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    assert len(decoder_layers(lora)) == 2
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_compiled_layers_train_to_eager_losses(tiny_dir, features, collators, tmp_path, kind):
+    adapter = None if kind == "full" else adapter_config(kind)
+    eager = train_losses(tiny_dir, features, collators, tmp_path / "e", None, adapter)
+    compiled = train_losses(tiny_dir, features, collators, tmp_path / "c", {"backend": "aot_eager"}, adapter)
+    assert len(eager) == 3 and eager[0] != eager[-1]  # it trained
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_layers_train_to_eager_losses(tiny_dir, features, collators, tmp_path):
+    """The default backend (inductor, C++ on CPU); minutes on a busy 2-core machine, seconds with a warm cache."""
+    eager = train_losses(tiny_dir, features, collators, tmp_path / "e", None, steps=2)
+    compiled = train_losses(tiny_dir, features, collators, tmp_path / "c", {}, steps=2)
+    assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_train_compile_from_the_cli(tmp_path, monkeypatch):
+    """train.compile with options reaches compile_layers (on the adapted model) and the run trains."""
+    import alignkit.models.efficiency as efficiency
+
+    calls = []
+    real = efficiency.compile_layers
+    monkeypatch.setattr(efficiency, "compile_layers", lambda model, **kw: calls.append(kw) or real(model, **kw))
+    out = tmp_path / "run"
+    assert main(["-q", "sft", "--config", str(ROOT / "configs" / "sft-tiny.yaml"), f"output_dir={out}",
+                 "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0",
+                 "train.compile={backend: aot_eager}"]) == 0
+    assert calls == [{"backend": "aot_eager"}]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.compile=fast", "train.compile: expected bool or dict"),
+    ("train.compile=true", None),
+    ("train.compil=true", "train.compil: unknown key; did you mean 'compile'"),
+])
+def test_train_compile_key_checked(override, message):
+    if message is None:
+        assert load_config(ROOT / "configs" / "sft-tiny.yaml", [override]).train["compile"] is True
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        load_config(ROOT / "configs" / "sft-tiny.yaml", [override])
+
+
+def test_compile_and_torch_compile_are_exclusive():
+    with pytest.raises(ConfigError, match="train.compile and train.torch_compile: choose one"):
+        load_config(ROOT / "configs" / "sft-tiny.yaml", ["train.compile=true", "train.torch_compile=true"])
+
+
+def test_liger_names_what_is_missing(tiny_lm):
+    missing = []
+    if importlib.util.find_spec("liger_kernel") is None:
+        missing.append("the liger-kernel package (pip install liger-kernel)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if not missing:
+        pytest.skip("liger-kernel and a GPU are both present: bench/run_gpu.py checks the kernels")
+    with pytest.raises(ConfigError) as e:
+        apply_kernels(tiny_lm("llama"), "liger")
+    msg = str(e.value)
+    assert msg.startswith("model.kernels: liger needs ") and all(m in msg for m in missing) and "\n" not in msg
+
+
+def test_unknown_kernels_rejected_at_config_load():
+    with pytest.raises(ConfigError, match="model.kernels: 'triton' is not allowed"):
+        load_config(ROOT / "configs" / "sft-tiny.yaml", ["model.kernels=triton"])
+
+
+def test_liger_error_from_the_cli_is_one_line(tmp_path, capsys):
+    if importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available():
+        pytest.skip("liger usable here")
+    assert main(["sft", "--config", str(ROOT / "configs" / "sft-tiny.yaml"), f"output_dir={tmp_path}",
+                 "model.kernels=liger"]) == 2
+    assert not (tmp_path / "base_model").exists()  # refused before any model is built
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alignkit sft: error: model.kernels: liger needs ")
