@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from alignkit.compat import check_trainer
+
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_JSON = "training_args.json"
@@ -107,6 +109,7 @@ class ReftTrainer(Trainer):
     """
 
     def __init__(self, model: torch.nn.Module, args: TrainingArguments, **kwargs: Any) -> None:
+        check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
         changes: dict[str, Any] = {}
         if args.remove_unused_columns:
             changes["remove_unused_columns"] = False  # keep intervention_locations

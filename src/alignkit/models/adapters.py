@@ -337,7 +337,10 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
         from safetensors.torch import load_file
 
         peft_model = model.model if _is_reft(model) else model
-        set_peft_model_state_dict(peft_model, load_file(str(folder / "adapter_model.safetensors")))
+        from alignkit.compat import check_peft_load
+
+        path = folder / "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
+        check_peft_load(set_peft_model_state_dict(peft_model, load_file(str(path))), str(path))
     if "reft" in kind:
         from alignkit.interventions.training import load_intervention_weights
 

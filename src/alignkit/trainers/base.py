@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
+from alignkit.compat import attn_implementation, check_trainer
 from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.models.adapters import (ADAPTER_CONFIG_NAME, AdapterConfig, adapter_kind, enable_gradient_checkpointing,
@@ -84,7 +85,7 @@ def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
     from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
     from alignkit.models.adapters import unwrap_lm
 
-    impl = str(getattr(unwrap_lm(model).config, "_attn_implementation", "") or "")
+    impl = attn_implementation(unwrap_lm(model).config)
     row_length = None if "flash" in impl else "longest"
     if collator is None:
         return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
@@ -120,6 +121,7 @@ class AlignTrainer(Trainer):
                  group_by_length: bool = False, max_length: int | None = 1024, max_prompt_length: int | None = 512,
                  formatter: str = "auto", loss_on: str = "all_assistant", add_eos: bool | None = None,
                  dataset_num_proc: int | None = None, **kwargs: Any) -> None:
+        check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
         from alignkit.data.tokenize import TokenizeConfig
 
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alignkit.compat import attn_implementation, check_logits_skipped
 from alignkit.interventions.positions import locations_from_mask, locations_from_spans, prompt_spans
 from alignkit.losses import chunked_lm_logprobs
 from alignkit.models.adapters import adapter_kind, reft_settings, unwrap_lm, unwrap_parallel
@@ -130,7 +131,7 @@ def forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("a packed batch needs position_ids restarting at 0 per sequence and no attention_mask "
                              "(transformers reads the boundaries from position_ids only then); build it with "
                              "PackedSFTCollator / PackedPreferenceCollator")
-        impl = str(getattr(unwrap_lm(model).config, "_attn_implementation", "") or "")
+        impl = attn_implementation(unwrap_lm(model).config)
         if "flash" in impl:  # varlen kernels: hand over the boundaries instead of re-deriving them
             if batch.get("cu_seq_lens") is None:
                 raise ValueError(f"attention {impl!r} needs one packed row (cu_seq_lens); the batch has "
@@ -160,9 +161,10 @@ def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     # an empty (0,) index: the model's own head projects no position (B, 0, V); ours runs on completions only
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     try:
-        model(**forward_kwargs(model, batch), logits_to_keep=none, use_cache=False)
+        out = model(**forward_kwargs(model, batch), logits_to_keep=none, use_cache=False)
     finally:
         handle.remove()
+    check_logits_skipped(getattr(out, "logits", None), type(lm).__name__)
     if len(captured) != 1:
         raise RuntimeError(f"expected one backbone call per forward, saw {len(captured)}")
     return captured[0]

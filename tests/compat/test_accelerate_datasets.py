@@ -1,0 +1,95 @@
+"""accelerate and datasets behaviour alignkit relies on (rows A1-A3 and D1 of the table in docs/architecture.md)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from alignkit.data.readers.rows import iter_rows
+from alignkit.interventions import ReftConfig
+from alignkit.interventions.attach import ReftModel, get_reft_model
+from alignkit.models.adapters import _PARALLEL_WRAPPERS, unwrap_parallel
+from alignkit.trainers.reference import attach_reference
+
+from .guards import check, guard, params
+
+ACC = "accelerate"
+
+
+def test_unwrap_model_returns_our_wrapper(tiny_lm):
+    where = "alignkit/trainers/base.py:_save/_load_from_checkpoint, interventions/training.py, online/trainer.py:policy"
+    from accelerate import Accelerator
+
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0], "loreft", low_rank_dimension=2))
+    acc = Accelerator(cpu=True)
+    with guard(ACC, "Accelerator.prepare / unwrap_model on a ReftModel failed", where):
+        prepared = acc.prepare(reft)
+        back = acc.unwrap_model(prepared)
+    check(isinstance(back, ReftModel) and back is reft, ACC, "Accelerator.unwrap_model no longer returns the "
+          "ReftModel it prepared", where, type(back).__name__)
+    dp = nn.DataParallel(reft)
+    from accelerate.utils import extract_model_from_parallel
+
+    check(unwrap_parallel(dp) is reft and extract_model_from_parallel(dp) is reft, ACC, "DataParallel unwrapping "
+          "disagrees with accelerate's", "alignkit/models/adapters.py:unwrap_parallel")
+
+
+def test_parallel_wrapper_class_names():
+    """`unwrap_parallel` strips wrappers by class name (no import of deepspeed needed)."""
+    where = "alignkit/models/adapters.py:_PARALLEL_WRAPPERS"
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    for cls in (DistributedDataParallel, nn.DataParallel, FullyShardedDataParallel):
+        check(cls.__name__ in _PARALLEL_WRAPPERS and "module" in (cls.__init__.__code__.co_varnames), "torch",
+              f"{cls.__module__}.{cls.__name__} is not among the wrapper names alignkit strips", where)
+
+
+def test_accelerator_calls_alignkit_makes():
+    where = "alignkit/trainers/base.py (_clip_grad_norm, log, compute_loss_context_manager), online/trainer.py"
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    check(all(hasattr(DistributedType, n) for n in ("FSDP", "DEEPSPEED", "XLA", "NO")), ACC,
+          "DistributedType lost FSDP / DEEPSPEED / XLA / NO", where)
+    acc = Accelerator(cpu=True)
+    check(params(acc.clip_grad_norm_)[:2] == ["parameters", "max_norm"], ACC,
+          f"Accelerator.clip_grad_norm_ now takes {params(acc.clip_grad_norm_)}", where)
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    with guard(ACC, "Accelerator.clip_grad_norm_/reduce/gather/autocast failed on one CPU process", where):
+        norm = acc.clip_grad_norm_([p], 1.0)
+        with acc.autocast():
+            pass
+        red = acc.reduce(torch.tensor([1.0, 2.0]), reduction="sum")
+        gat = acc.gather(torch.tensor([5.0]))
+    check(math.isclose(float(norm), 5.0, rel_tol=1e-6) and torch.allclose(p.grad, torch.tensor([0.6, 0.8])), ACC,
+          "clip_grad_norm_ no longer returns the pre-clip norm and clips in place", where, f"{norm}, {p.grad}")
+    check(torch.equal(red, torch.tensor([1.0, 2.0])) and torch.equal(gat, torch.tensor([5.0])), ACC,
+          "reduce / gather on one process no longer return the input", where)
+    check(acc.is_main_process and acc.device.type == "cpu", ACC, "Accelerator(cpu=True) is not the main CPU process",
+          where)
+
+
+def test_datasets_folders_rows_and_columns(tmp_path):
+    """A save_to_disk folder is recognised by dataset_info.json / dataset_dict.json, its rows iterate as dicts, and
+    Dataset.add_column attaches precomputed reference log-probs."""
+    where = "alignkit/data/readers/rows.py:iter_rows, trainers/reference.py:attach_reference"
+    with guard("datasets", "Dataset / DatasetDict / save_to_disk / load_from_disk moved", where):
+        from datasets import Dataset, DatasetDict
+
+        ds = Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}])
+        ds.save_to_disk(str(tmp_path / "one"))
+        DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "two"))
+    check((tmp_path / "one" / "dataset_info.json").is_file() and (tmp_path / "two" / "dataset_dict.json").is_file(),
+          "datasets", "save_to_disk no longer writes dataset_info.json / dataset_dict.json", where)
+    with guard("datasets", "reading a save_to_disk folder failed", where):
+        one = [r for r, _ in iter_rows(tmp_path / "one")]
+        two = [r for r, _ in iter_rows(tmp_path / "two", split="train")]
+        with_ref = attach_reference(ds, {"logps": torch.tensor([-1.0, -2.0])})
+    want = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    check(one == want and two == want, "datasets", "rows of a saved Dataset no longer iterate as dicts", where, str(one))
+    check(with_ref["reference_logps"] == [-1.0, -2.0], "datasets", "Dataset.add_column no longer adds the column",
+          where)

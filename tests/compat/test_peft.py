@@ -1,0 +1,122 @@
+"""peft behaviour and names alignkit relies on (rows P1-P5 of the table in docs/architecture.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.compat import DependencyMoved, check_peft_load
+from alignkit.models.adapters import (AdapterConfig, LoraSettings, adapter_kind, apply_adapter, load_adapter,
+                                      load_adapter_weights, reference_off, save_adapter, unwrap_lm)
+from alignkit.models.loading import load_model
+from alignkit.trainers.reference import model_fingerprint
+
+from .guards import check, guard
+
+PEFT = "peft"
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+
+def lora(base, **kw):
+    torch.manual_seed(0)
+    return apply_adapter(base, AdapterConfig(kind="lora", lora=LoraSettings(r=2, **kw)))
+
+
+def perturb(model, seed=1):
+    """Move LoRA off its identity start (lora_B = 0) so the adapter changes outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_peft_model_is_recognised_and_unwrapped(tiny_lm):
+    where = "alignkit/models/adapters.py:_is_peft/unwrap_lm, interventions/locate.py:is_peft_model/hf_model"
+    base = tiny_lm("llama")
+    m = lora(base)
+    check(hasattr(m, "peft_config") and callable(getattr(m, "get_base_model", None)), PEFT,
+          "a PeftModel no longer has peft_config / get_base_model()", where)
+    check(m.get_base_model() is base and unwrap_lm(m) is base and adapter_kind(m) == "lora", PEFT,
+          "PeftModel.get_base_model() no longer returns the transformers model it wraps", where)
+
+
+def test_all_linear_leaves_the_head_and_seq_cls_trains_the_score(tiny_lm, tiny_classifier):
+    """'all-linear' must not wrap lm_head (alignkit applies the head's weight itself); a SEQ_CLS LoRA keeps the
+    classifier head trainable through modules_to_save."""
+    where = "alignkit/models/adapters.py:_apply_lora, trainers/logps.py:_head"
+    m = lora(tiny_lm("llama"))
+    lm = unwrap_lm(m)
+    check(not hasattr(lm.get_output_embeddings(), "base_layer"), PEFT, "target_modules='all-linear' now wraps "
+          "lm_head in a LoRA layer", where)
+    check(hasattr(lm.model.layers[0].self_attn.q_proj, "base_layer"), PEFT, "target_modules='all-linear' no "
+          "longer wraps the attention projections (LoRA layers lost their base_layer attribute?)", where)
+    rm = lora(tiny_classifier("llama", num_labels=1))
+    trainable = [n for n, p in rm.named_parameters() if p.requires_grad and "score" in n]
+    check(trainable and all("modules_to_save" in n for n in trainable), PEFT, "a SEQ_CLS LoRA no longer trains the "
+          "classifier head through modules_to_save", where, str(trainable))
+
+
+def test_disable_adapter_gives_the_base_model(tiny_lm):
+    where = "alignkit/models/adapters.py:reference_off"
+    base = tiny_lm("llama")
+    with torch.no_grad():
+        want = base(input_ids=IDS).logits
+    m = lora(base)
+    perturb(m)
+    with torch.no_grad(), guard(PEFT, "PeftModel.disable_adapter() is no longer a context manager", where):
+        on = m(input_ids=IDS).logits
+        with reference_off(m):
+            off = m(input_ids=IDS).logits
+    check(not torch.allclose(on, want), PEFT, "a perturbed LoRA does not change the outputs", where)
+    check(torch.allclose(off, want, atol=1e-6), PEFT, "inside disable_adapter() the model no longer computes as "
+          "its base (DPO references would be wrong)", where, f"max diff {(off - want).abs().max().item():.3g}")
+
+
+def test_adapter_files_and_state_dict_round_trip(tiny_dir, tmp_path):
+    """save_pretrained writes adapter_config.json + adapter_model.safetensors; set_peft_model_state_dict puts
+    them back in place (resume) with no key left over; PeftModel.from_pretrained loads the same model."""
+    where = "alignkit/models/adapters.py:save_adapter/load_adapter_weights/load_adapter"
+    m = lora(load_model(tiny_dir("llama")))
+    perturb(m)
+    with torch.no_grad():
+        want = m(input_ids=IDS).logits
+    save_adapter(m, tmp_path / "a")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    check({"adapter_config.json", "adapter_model.safetensors", "alignkit_adapter.json"} <= set(files), PEFT,
+          "PeftModel.save_pretrained no longer writes adapter_config.json + adapter_model.safetensors", where, str(files))
+    perturb(m, seed=2)
+    with guard(PEFT, "set_peft_model_state_dict(model, state) failed on peft's own saved file", where):
+        load_adapter_weights(m, tmp_path / "a")
+        fresh = load_adapter(load_model(tiny_dir("llama")), tmp_path / "a")
+    with torch.no_grad():
+        back, loaded = m(input_ids=IDS).logits, fresh(input_ids=IDS).logits
+    check(torch.equal(back, want), PEFT, "set_peft_model_state_dict no longer restores the saved LoRA weights "
+          "in place (a resumed run would continue from other weights)", where)
+    check(torch.equal(loaded, want), PEFT, "PeftModel.from_pretrained(model, folder) no longer rebuilds the saved "
+          "adapter", where)
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(m, {k.replace("lora_A", "lora_Z"): v for k, v in state.items()})
+    check(getattr(result, "unexpected_keys", None), PEFT, "set_peft_model_state_dict no longer reports keys it could "
+          "not place (alignkit's check_peft_load would be blind)", "alignkit/compat.py:check_peft_load")
+    with pytest.raises(DependencyMoved, match=r"peft \d"):
+        check_peft_load(result, "renamed keys")
+
+
+def test_fingerprint_ignores_lora_and_modules_to_save(tiny_dir):
+    """The reference cache identifies the base model under LoRA by skipping `lora_` / `modules_to_save` tensors and
+    renaming `.base_layer` / `.original_module`: a LoRA model must fingerprint as its base."""
+    where = "alignkit/trainers/reference.py:model_fingerprint"
+    for classifier in (False, True):
+        folder = tiny_dir("llama", classifier=classifier, num_labels=1) if classifier else tiny_dir("llama")
+        task = "classifier" if classifier else "causal_lm"
+        plain = model_fingerprint(load_model(folder, task=task))
+        wrapped = lora(load_model(folder, task=task))
+        perturb(wrapped)
+        check(model_fingerprint(wrapped) == plain, PEFT, f"peft's state-dict names moved: a LoRA "
+              f"{'classifier' if classifier else 'causal LM'} no longer fingerprints as its base", where,
+              str([n for n in unwrap_lm(wrapped).state_dict() if "lora" in n or "modules_to_save" in n or
+                   "base_layer" in n or "original_module" in n][:4]))

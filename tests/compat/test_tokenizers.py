@@ -1,0 +1,74 @@
+"""Tokenizer behaviour alignkit relies on (rows K1-K4 of the table in docs/architecture.md)."""
+
+from __future__ import annotations
+
+import json
+
+import transformers
+
+from alignkit.models.loading import load_tokenizer
+from alignkit.models.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
+from alignkit.trainers.reference import tokenizer_fingerprint
+
+from .guards import check, guard
+
+TF = "transformers"
+
+
+def test_saved_fast_tokenizer_loads_as_itself(tiny_dir):
+    """`load_tokenizer` keeps a generic fast tokenizer generic when tokenizer_config.json declares
+    "TokenizersBackend" / "PreTrainedTokenizerFast"; AutoTokenizer would build the architecture's own class
+    (for Qwen2 one that adds a token, so ids and the embedding size would no longer match)."""
+    where = "alignkit/models/loading.py:load_tokenizer"
+    folder = tiny_dir("qwen2")
+    declared = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    check(declared in ("TokenizersBackend", "PreTrainedTokenizerFast"), TF, f"save_pretrained now declares "
+          f"tokenizer_class={declared!r} for a generic fast tokenizer", where)
+    built = build_tiny_tokenizer()
+    tok = load_tokenizer(folder)
+    text = "Hello! <|im_start|>user\nwhat is 12?<|im_end|>"
+    check(len(tok) == len(built) and tok(text)["input_ids"] == built(text)["input_ids"], TF,
+          "a saved tiny tokenizer loads back with a different vocabulary or ids", where,
+          f"{type(tok).__name__}: len {len(tok)} vs {len(built)}")
+
+
+def test_chat_template_renders_text(tokenizer):
+    where = "alignkit/data/chat.py:chat_template, data/reft_data.py:format_prompt_response"
+    msgs = [{"role": "user", "content": "hi"}]
+    with guard(TF, "apply_chat_template(tokenize=False, add_generation_prompt=...) changed", where):
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": "yo"}], tokenize=False)
+    check(tokenizer.chat_template == CHAT_TEMPLATE, TF, "the chat template did not survive save/load", where)
+    check(prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", TF,
+          "apply_chat_template(tokenize=False, add_generation_prompt=True) no longer returns the rendered text",
+          where, repr(prompt))
+    check(full == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n", TF,
+          "apply_chat_template(tokenize=False) no longer returns the rendered conversation", where, repr(full))
+
+
+def test_fast_tokenizer_offsets_and_special_ids(tokenizer):
+    where = "alignkit/data/reft_data.py:encode_prompt_response, data/tokenize.py"
+    text = "Hello world"
+    with guard(TF, "tokenizer(..., return_offsets_mapping=True) failed", where):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [tuple(o) for o in enc["offset_mapping"]]
+    pieces = "".join(text[a:b] for a, b in spans)
+    check(tokenizer.is_fast and spans and pieces == text and spans[-1][1] == len(text), TF,
+          "fast-tokenizer offsets are no longer character spans covering the text", where, str(spans))
+    check(tokenizer.eos_token_id in tokenizer.all_special_ids and tokenizer.pad_token_id in tokenizer.all_special_ids,
+          TF, "all_special_ids no longer lists eos/pad", where)
+    check(tokenizer.convert_ids_to_tokens(enc["input_ids"][:1])[0] == "Hello", TF,
+          "convert_ids_to_tokens changed", where)
+
+
+def test_fingerprint_inputs_are_stable(tiny_dir):
+    """The reference-log-prob cache key hashes `backend_tokenizer.to_str()`, `special_tokens_map` and the chat
+    template: the same tokenizer loaded twice must hash the same."""
+    where = "alignkit/trainers/reference.py:tokenizer_fingerprint"
+    a, b = load_tokenizer(tiny_dir("llama")), load_tokenizer(tiny_dir("llama"))
+    check(hasattr(a, "backend_tokenizer") and isinstance(a.special_tokens_map, dict), TF,
+          "fast tokenizers no longer expose backend_tokenizer / special_tokens_map", where)
+    check(tokenizer_fingerprint(a) == tokenizer_fingerprint(b), TF, "the same tokenizer loaded twice fingerprints "
+          "differently (the reference cache would never hit)", where)
+    check(hasattr(transformers, "PreTrainedTokenizerFast"), TF, "transformers.PreTrainedTokenizerFast is gone",
+          "alignkit/models/tiny.py:build_tiny_tokenizer, models/loading.py")

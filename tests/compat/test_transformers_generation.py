@@ -1,0 +1,105 @@
+"""What alignkit relies on in transformers' `generate` (rows G1-G4 of the table in docs/architecture.md)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from alignkit.compat import CACHE_KWARGS
+from alignkit.online.generation import SamplingConfig, _generation_kwargs
+
+from .guards import check, guard
+
+TF = "transformers"
+
+
+def test_generate_hands_the_cache_to_forward_under_a_known_name(tiny_lm):
+    """Each decode step's forward gets the KV cache (a `transformers.Cache`) under one of `CACHE_KWARGS`, whose
+    `get_seq_length()` is the number of tokens already processed; prefill sees an empty one (or none)."""
+    where = "alignkit/interventions/attach.py (ReFT step offsets), compat.CACHE_KWARGS"
+    with guard(TF, "transformers.Cache / DynamicCache are no longer importable from transformers", where):
+        from transformers import Cache, DynamicCache
+
+        assert callable(DynamicCache.get_seq_length)
+    lm = tiny_lm("llama")
+    calls: list[tuple[int, dict[str, int], list[str]]] = []
+
+    def pre(mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        caches = {k: int(v.get_seq_length()) for k, v in kwargs.items() if isinstance(v, Cache)}
+        calls.append((ids.shape[1], caches, sorted(kwargs)))
+
+    h = lm.register_forward_pre_hook(pre, with_kwargs=True)
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    try:
+        with torch.no_grad():
+            lm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
+                        pad_token_id=0, eos_token_id=None)
+    finally:
+        h.remove()
+    check(len(calls) == 3, TF, f"generate(max_new_tokens=3) ran {len(calls)} forwards, not 3", where)
+    names = {k for _, caches, _ in calls for k in caches}
+    check(names and names <= set(CACHE_KWARGS), TF,
+          f"generate now passes the KV cache under {sorted(names) or 'no Cache-valued keyword'} (known: {CACHE_KWARGS})",
+          where, f"forward keywords per step: {[kw for *_, kw in calls]}")
+    seen = 0
+    for step, (n_ids, caches, _) in enumerate(calls):
+        if step == 0:
+            check(n_ids == 5 and all(v == 0 for v in caches.values()), TF, "the prefill forward is not the whole "
+                  "prompt on an empty cache", where, str(calls[0]))
+        else:
+            check(n_ids == 1 and caches and all(v == seen for v in caches.values()), TF,
+                  "a decode step's cache length (Cache.get_seq_length()) is not the number of tokens processed before "
+                  "it", where, f"step {step}: {calls[step]}, want {seen}")
+        seen += n_ids
+
+
+def test_generate_returns_prompt_then_new_tokens_with_left_padding(tiny_lm):
+    """Callers slice `out[:, prompt_len:]`; a left-padded batch must give each row what it gives alone
+    (position ids from the attention mask)."""
+    where = "alignkit/online/generation.py:generate_responses, trainers/evaluation.py:_generate"
+    lm = tiny_lm("llama")
+    rows = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    ids = torch.tensor([rows[0], [0, 0] + rows[1]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        out = lm.generate(input_ids=ids, attention_mask=mask, **kw)
+        alone = [lm.generate(input_ids=torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long), **kw)
+                 for r in rows]
+    check(torch.equal(out[:, :5], ids), TF, "generate no longer returns the prompt ids before the new tokens", where)
+    for i, a in enumerate(alone):
+        check(torch.equal(out[i, 5:], a[0, len(rows[i]):]), TF, f"left-padded row {i} generates differently from "
+              "the same prompt alone (position ids / padding mask handling moved)", where,
+              f"{out[i, 5:].tolist()} vs {a[0, len(rows[i]):].tolist()}")
+
+
+def test_generation_config_fields_alignkit_sets(tiny_lm, tokenizer):
+    """`_generation_kwargs` pins top_k=0 (off), repetition_penalty=1.0, a list of EOS ids and stop_strings (with
+    `tokenizer=` passed to generate); a stop string must end the row right after the token that completes it."""
+    where = "alignkit/online/generation.py:_generation_kwargs"
+    lm = tiny_lm("llama")
+    prompt = torch.tensor([tokenizer("The quick brown", add_special_tokens=False)["input_ids"]])
+    mask = torch.ones_like(prompt)
+    with torch.no_grad(), guard(TF, "generate with alignkit's GenerationConfig failed", where):
+        free = lm.generate(input_ids=prompt, attention_mask=mask, **_generation_kwargs(
+            SamplingConfig(max_new_tokens=6, do_sample=False), tokenizer, [tokenizer.eos_token_id]))
+        sampled = lm.generate(input_ids=prompt, attention_mask=mask, **_generation_kwargs(
+            SamplingConfig(max_new_tokens=2, do_sample=True, top_k=None, temperature=0.7), tokenizer,
+            [tokenizer.eos_token_id]))
+    check(sampled.shape[1] <= prompt.shape[1] + 2, TF, "sampling with top_k=0 generated too many tokens", where)
+    new = free[0, prompt.shape[1]:].tolist()
+    # a stop string: the first new token that decodes to a whole word on its own and has not appeared before it
+    k, stop = next(((j + 1, tokenizer.decode([t]).strip()) for j, t in enumerate(new)
+                    if tokenizer.decode([t]).strip().isalnum()
+                    and tokenizer.decode([t]).strip() not in tokenizer.decode(new[:j])), (0, ""))
+    if not stop or k >= len(new):
+        return  # nothing printable to stop on for this random model; the stop path is tested in tests/online
+    with torch.no_grad(), guard(TF, "generate(stop_strings=..., tokenizer=...) failed", where):
+        stopped = lm.generate(input_ids=prompt, attention_mask=mask, **_generation_kwargs(
+            SamplingConfig(max_new_tokens=6, do_sample=False, stop=[stop]), tokenizer, [tokenizer.eos_token_id]))
+    check(stopped.shape[1] - prompt.shape[1] <= k, TF, "GenerationConfig(stop_strings=...) no longer stops "
+          "generation at the stop string", where, f"stop {stop!r}: {stopped[0, prompt.shape[1]:].tolist()} vs {new}")
+    gc = transformers.GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=0.7, repetition_penalty=1.0)
+    with guard(TF, "GenerationConfig(top_k=0, ...) no longer validates", where):
+        gc.validate()

@@ -1,0 +1,315 @@
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T12 of the table in docs/architecture.md).
+
+Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
+time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps
+every signature check green while the Trainer silently stops calling the override.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+import pytest
+import torch
+import transformers
+from transformers import Trainer, TrainingArguments
+
+from alignkit.compat import trainer_problems
+from alignkit.data import SFTCollator, SFTRecord, tokenize_records
+from alignkit.data.batching import LengthGroupedSampler
+from alignkit.interventions.training import ReftTrainer
+from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
+from alignkit.models.loading import load_model
+from alignkit.trainers import SFTTrainer
+from alignkit.trainers.base import AlignTrainer
+
+from .guards import check, fail, guard, params
+
+TF = "transformers"
+PROMPTS = ["Question: what is the capital of France?", "Hello! How can I help you", "def add(a, b):",
+           "The quick brown fox", "Please answer politely", "0 1 2 3 4", "user assistant", "Thank you very"]
+ANSWERS = [" Answer: Paris.", " today?", "\n    return a + b\n", " jumps over the lazy dog.", " and briefly.",
+           " 5 6 7 8 9 10 11", " system human", " much!"]
+
+
+def args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2,
+                report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0,
+                disable_tqdm=True, seed=0, data_seed=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+@pytest.fixture(scope="module")
+def sft_features(tokenizer):
+    feats, _ = tokenize_records([SFTRecord(p, a, id=str(i)) for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS))],
+                                tokenizer, max_length=32)
+    return feats
+
+
+def model_of(tiny_dir, kind: str):
+    torch.manual_seed(0)
+    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="l1")
+    return apply_adapter(load_model(tiny_dir("llama")),
+                         AdapterConfig(kind=kind, lora=LoraSettings(r=2), reft=reft if "reft" in kind else None))
+
+
+def sft_trainer(tiny_dir, tokenizer, feats, tmp_path, kind="lora", **kw):
+    return SFTTrainer(model_of(tiny_dir, kind), args(tmp_path, **kw), train_dataset=feats, eval_dataset=feats,
+                      data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+
+
+def spy(trainer, name: str) -> list:
+    """Record each call of `trainer.<name>` (still calling the real method)."""
+    calls: list = []
+    real = getattr(trainer, name)
+
+    def wrapped(*a, **k):
+        calls.append((a, k))
+        return real(*a, **k)
+
+    setattr(trainer, name, wrapped)
+    return calls
+
+
+# T1 ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [AlignTrainer, ReftTrainer], ids=lambda c: c.__name__)
+def test_private_trainer_methods_keep_their_signatures(cls):
+    problems = trainer_problems(cls)
+    if problems:
+        fail(TF, "; ".join(problems), f"{cls.__module__}.{cls.__name__}")
+
+
+# T2 ------------------------------------------------------------------------------------------------------
+
+def test_save_model_goes_through_our_save(tiny_dir, tokenizer, sft_features, tmp_path):
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, kind="reft")
+    calls = spy(trainer, "_save")
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    where = "alignkit/trainers/base.py:AlignTrainer._save"
+    check(calls, TF, "Trainer.save_model no longer calls self._save(output_dir, ...)", where)
+    files = sorted(p.name for p in out.iterdir())
+    check("alignkit_adapter.json" in files and "interventions.safetensors" in files, TF,
+          "save_model did not write alignkit's adapter files", where, f"files: {files}")
+    check("training_args.bin" not in files and "model.safetensors" not in files, TF,
+          "save_model wrote the Trainer's own files (pickled training_args.bin / the full model)", where,
+          f"files: {files}")
+
+
+def test_reft_trainer_save_writes_only_interventions(tiny_dir, tokenizer, tmp_path):
+    from alignkit.data.reft_data import make_last_position_supervised_data_module
+    from alignkit.interventions import ReftConfig
+    from alignkit.interventions.attach import get_reft_model
+
+    torch.manual_seed(0)
+    reft = get_reft_model(load_model(tiny_dir("llama")), ReftConfig.uniform([0], "loreft", low_rank_dimension=2))
+    data = make_last_position_supervised_data_module(tokenizer, PROMPTS[:4], ANSWERS[:4])
+    trainer = ReftTrainer(model=reft, args=args(tmp_path), processing_class=tokenizer, **data)
+    calls = spy(trainer, "_save")
+    trainer.save_model(str(tmp_path / "reft"))
+    files = sorted(p.name for p in (tmp_path / "reft").iterdir())
+    where = "alignkit/interventions/training.py:ReftTrainer._save"
+    check(calls, TF, "Trainer.save_model no longer calls self._save", where)
+    check("interventions.safetensors" in files and "training_args.bin" not in files, TF,
+          "ReftTrainer.save_model did not write only the interventions", where, f"files: {files}")
+
+
+# T3, T4 ----------------------------------------------------------------------------------------------------
+
+def test_resume_and_best_model_go_through_our_loaders(tiny_dir, tokenizer, sft_features, tmp_path):
+    kw = dict(save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+              metric_for_best_model="loss", greater_is_better=False, per_device_eval_batch_size=8)
+    first = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, **kw)
+    best_calls = spy(first, "_load_best_model")
+    with guard(TF, "a one-step run with checkpoints and load_best_model_at_end failed",
+               "alignkit/trainers/base.py:AlignTrainer._save/_load_best_model"):
+        first.train()
+    check(best_calls, TF, "Trainer.train(load_best_model_at_end=True) no longer calls self._load_best_model()",
+          "alignkit/trainers/base.py:AlignTrainer._load_best_model")
+    ckpt = tmp_path / "out" / "checkpoint-1"
+    check((ckpt / "alignkit_adapter.json").is_file(), TF, "checkpoints are no longer written through self._save",
+          "alignkit/trainers/base.py:AlignTrainer._save", f"{ckpt}: {sorted(p.name for p in ckpt.iterdir())}")
+    second = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_steps=2)
+    load_calls = spy(second, "_load_from_checkpoint")
+    with guard(TF, "resuming from an alignkit checkpoint failed", "alignkit/trainers/base.py:AlignTrainer._load_from_checkpoint"):
+        second.train(resume_from_checkpoint=str(ckpt))
+    check(load_calls and str(load_calls[0][0][0]) == str(ckpt), TF,
+          "Trainer.train(resume_from_checkpoint=...) no longer calls self._load_from_checkpoint(path)",
+          "alignkit/trainers/base.py:AlignTrainer._load_from_checkpoint", f"calls: {load_calls}")
+
+
+# T5 ------------------------------------------------------------------------------------------------------
+
+def test_length_grouped_sampler_is_used(tiny_dir, tokenizer, sft_features, tmp_path):
+    trainer = SFTTrainer(model_of(tiny_dir, "lora"), args(tmp_path), train_dataset=sft_features,
+                         data_collator=SFTCollator(tokenizer.pad_token_id), group_by_length=True)
+    seen: list = []
+    real = trainer._get_train_sampler
+
+    def wrapped(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    trainer._get_train_sampler = wrapped
+    trainer.get_train_dataloader()
+    check(seen and isinstance(seen[0], LengthGroupedSampler), TF,
+          "Trainer.get_train_dataloader no longer asks self._get_train_sampler(dataset) for its sampler "
+          "(group_by_length would be ignored)", "alignkit/trainers/base.py:AlignTrainer._get_train_sampler",
+          f"seen: {seen}")
+
+
+# T6 ------------------------------------------------------------------------------------------------------
+
+def test_accumulation_count_reaches_compute_loss_unscaled(tiny_dir, tokenizer, sft_features, tmp_path):
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, gradient_accumulation_steps=2)
+    collate = SFTCollator(tokenizer.pad_token_id)
+    b1, b2 = collate(sft_features[:4]), collate(sft_features[4:])
+    # hand count: completion tokens that are predicted (position 0 never is)
+    want = sum(sum(f["completion_mask"][1:]) for f in sft_features)
+    where = "alignkit/trainers/base.py:AlignTrainer._get_num_items_in_batch"
+    with guard(TF, "Trainer.get_batch_samples(iterator, n, device) changed", where):
+        batches, n = trainer.get_batch_samples(iter([b1, b2]), 2, torch.device("cpu"))
+    check(n is not None and float(n) == float(want), TF,
+          "Trainer.get_batch_samples no longer takes the optimizer step's item count from "
+          "self._get_num_items_in_batch (gradient accumulation would be normalised per micro-batch)", where,
+          f"got {n}, want {want} completion tokens")
+    trainer.model.train()
+    trainer.model_accepts_loss_kwargs = False  # so only alignkit's flag stands between the loss and a division
+    trainer.current_gradient_accumulation_steps = 2  # what the training loop sets
+    with guard(TF, "Trainer.training_step(model, inputs, num_items_in_batch) changed",
+               "alignkit/trainers/base.py:AlignTrainer.compute_loss"):
+        step_loss = trainer.training_step(trainer.model, dict(b1), num_items_in_batch=n)
+        direct = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(b1)), num_items_in_batch=n)
+    check(torch.allclose(step_loss.detach(), direct.detach(), rtol=1e-6), TF,
+          "Trainer.training_step rescaled alignkit's loss: `loss_is_scaled_for_ga = True` is no longer honoured "
+          "(the loss would be divided by gradient_accumulation_steps twice)",
+          "alignkit/trainers/base.py:AlignTrainer.loss_is_scaled_for_ga", f"{step_loss.item()} vs {direct.item()}")
+
+
+# T7 ------------------------------------------------------------------------------------------------------
+
+def test_clip_hook_is_called(tiny_dir, tokenizer, sft_features, tmp_path):
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_grad_norm=1.0)
+    calls = spy(trainer, "_clip_grad_norm")
+    trainer.train()
+    where = "alignkit/trainers/base.py:AlignTrainer._clip_grad_norm"
+    check(len(calls) == 1, TF, "the training loop no longer clips through self._clip_grad_norm(model)", where,
+          f"{len(calls)} call(s) in one step")
+    check(trainer._clip_params_ok is True, TF, "AlignTrainer's clipping fell back to the Trainer's path on a "
+          "plain CPU run (Trainer._has_mixed_mesh_grads or accelerate's DistributedType moved?)", where)
+
+
+# T8 ------------------------------------------------------------------------------------------------------
+
+def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sft_features, tmp_path):
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, per_device_eval_batch_size=8)
+    calls = spy(trainer, "prediction_step")
+    with guard(TF, "Trainer.evaluate() failed through AlignTrainer.prediction_step (Trainer._prepare_inputs?)",
+               "alignkit/trainers/base.py:AlignTrainer.prediction_step"):
+        metrics = trainer.evaluate()
+    check(calls, TF, "Trainer.evaluate no longer calls self.prediction_step", "alignkit/trainers/base.py:AlignTrainer.prediction_step")
+    ours = [k for k in metrics if k.startswith("eval_") and k not in ("eval_loss", "eval_runtime", "eval_samples_per_second",
+                                                                       "eval_steps_per_second")]
+    check("eval_loss" in metrics and ours, TF, "Trainer.evaluate no longer passes its metrics through self.log(logs, "
+          "start_time) (alignkit's eval_ metrics are missing)", "alignkit/trainers/base.py:AlignTrainer.log",
+          f"metrics: {sorted(metrics)}")
+
+
+# T9 ------------------------------------------------------------------------------------------------------
+
+def test_loss_context_and_flops(tiny_dir, tokenizer, sft_features, tmp_path):
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path)
+    stack = Trainer.compute_loss_context_manager(trainer)
+    check(isinstance(stack, contextlib.ExitStack), TF, "Trainer.compute_loss_context_manager() no longer returns an "
+          "ExitStack", "alignkit/trainers/base.py:AlignTrainer.compute_loss_context_manager", type(stack).__name__)
+    stack.close()
+    batch = SFTCollator(tokenizer.pad_token_id)(sft_features[:2])
+    n = sum(p.numel() for name, p in trainer.model.named_parameters() if "embed_tokens" not in name)
+    check(trainer.floating_point_ops(batch) == 6 * batch["input_ids"].numel() * n, TF,
+          "the Trainer's FLOP estimate is no longer 6 x tokens x non-embedding parameters",
+          "alignkit/trainers/base.py:AlignTrainer.floating_point_ops",
+          f"{trainer.floating_point_ops(batch)} vs Trainer's {Trainer.floating_point_ops(trainer, batch)}")
+
+
+# T10 -----------------------------------------------------------------------------------------------------
+
+def test_reft_trainer_keeps_rotations_out_of_weight_decay(tiny_dir, tokenizer, tmp_path):
+    from alignkit.data.reft_data import make_last_position_supervised_data_module
+    from alignkit.interventions import ReftConfig
+    from alignkit.interventions.attach import get_reft_model
+
+    torch.manual_seed(0)
+    reft = get_reft_model(load_model(tiny_dir("llama")), ReftConfig.uniform([0], "loreft", low_rank_dimension=2))
+    data = make_last_position_supervised_data_module(tokenizer, PROMPTS[:4], ANSWERS[:4])
+    trainer = ReftTrainer(model=reft, args=args(tmp_path, weight_decay=0.1), **data)
+    where = "alignkit/interventions/training.py:ReftTrainer.get_decay_parameter_names"
+    with guard(TF, "Trainer.create_optimizer() failed", where):
+        opt = trainer.create_optimizer()
+    names = {id(p): n for n, p in reft.named_parameters()}
+    decayed = [names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    rot = [n for n in names.values() if n.endswith("parametrizations.weight.original")]
+    check(rot, "torch", "no orthogonal parametrization found in a LoReFT", where)
+    check(decayed and not set(rot) & set(decayed), TF, "Trainer.create_optimizer no longer takes its decay list from "
+          "self.get_decay_parameter_names(model): weight decay reaches the rotations' Householder parameters", where,
+          f"decayed: {decayed}")
+
+
+# T11 -----------------------------------------------------------------------------------------------------
+
+# TrainingArguments fields alignkit passes, replaces (dataclasses.replace) or reads
+ARG_FIELDS = ("activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
+              "remove_unused_columns", "train_sampling_strategy", "eval_strategy", "save_strategy", "use_cpu",
+              "ddp_backend", "dataloader_pin_memory", "report_to", "disable_tqdm", "data_seed", "seed", "max_grad_norm",
+              "output_dir", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
+              "lr_scheduler_type", "warmup_steps", "weight_decay", "logging_steps", "dataloader_num_workers",
+              "num_train_epochs", "gradient_accumulation_steps", "bf16")
+ARG_PROPERTIES = ("world_size", "train_batch_size", "should_save")
+
+
+def test_training_arguments_fields(tmp_path):
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    missing = [f for f in ARG_FIELDS if f not in fields]
+    check(not missing, TF, f"TrainingArguments lost field(s) {missing}",
+          "alignkit/trainers/base.py:AlignTrainer.__init__, interventions/training.py:ReftTrainer.__init__, "
+          "cli/train.py:training_arguments, demos/pipeline.py:_args")
+    a = args(tmp_path, activation_checkpointing=True)
+    missing = [p for p in ARG_PROPERTIES if not hasattr(a, p)]
+    check(not missing, TF, f"TrainingArguments lost attribute(s) {missing}", "alignkit/trainers/base.py")
+    with guard(TF, "TrainingArguments no longer survives dataclasses.replace / to_json_string",
+               "alignkit/trainers/base.py:AlignTrainer.__init__ and _save"):
+        b = dataclasses.replace(a, remove_unused_columns=False, activation_checkpointing=False,
+                                gradient_checkpointing=False)
+        assert json.loads(b.to_json_string())["remove_unused_columns"] is False
+
+
+# T12 -----------------------------------------------------------------------------------------------------
+
+def test_callbacks_and_public_trainer_names():
+    where = "alignkit/runs.py:MetricsJsonl, cli/train.py, demos/pipeline.py:_quiet, demos/reft.py"
+    with guard(TF, "a callback class or helper alignkit imports moved", where):
+        from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed  # noqa: F401
+        from transformers.integrations import TensorBoardCallback
+        from transformers.trainer_callback import PrinterCallback as P2, TrainerState
+        from transformers.utils import is_sagemaker_mp_enabled  # noqa: F401
+        from transformers.utils import logging as hf_logging
+
+        assert P2 is PrinterCallback
+        assert callable(hf_logging.set_verbosity_error)
+    check(params(TrainerCallback.on_log)[:3] == ["args", "state", "control"], TF,
+          f"TrainerCallback.on_log now takes {params(TrainerCallback.on_log)}", where)
+    check("tb_writer" in params(TensorBoardCallback.__init__), TF, "TensorBoardCallback no longer takes tb_writer=",
+          "alignkit/cli/train.py:training_arguments")
+    check("processing_class" in params(Trainer.__init__), TF, "Trainer(...) no longer takes processing_class=",
+          "alignkit/cli/train.py:train, demos/*")
+    for name in ("remove_callback", "add_callback", "is_world_process_zero", "create_optimizer"):
+        check(callable(getattr(Trainer, name, None)), TF, f"Trainer.{name} is gone", where)
+    state_fields = {f.name for f in dataclasses.fields(TrainerState)}
+    need = {"global_step", "max_steps", "log_history", "best_model_checkpoint", "best_metric", "is_world_process_zero",
+            "epoch"}
+    check(need <= state_fields, TF, f"TrainerState lost {sorted(need - state_fields)}", where)
+    check(transformers.__version__.split(".")[0] == "5", TF, "major version is no longer 5 (pyproject allows <6)",
+          "pyproject.toml")
