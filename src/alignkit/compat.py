@@ -67,7 +67,10 @@ TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "_load_best_model": (),
     "_get_train_sampler": ("train_dataset",),
     "_get_num_items_in_batch": ("batch_samples", "device"),
+    "_get_dataloader": ("dataset", "description", "batch_size", "sampler_fn", "is_training", "dataloader_key"),
+    "training_step": ("model", "inputs", "num_items_in_batch"),
     "_clip_grad_norm": ("model",),
+    "_get_grad_norm": ("model", "grad_norm"),
     "_has_mixed_mesh_grads": ("model",),
     "_prepare_inputs": ("inputs",),
     "compute_loss": ("model", "inputs", "return_outputs", "num_items_in_batch"),
@@ -130,10 +133,6 @@ def check_trainer(cls: type) -> None:
 # transformers models
 # ----------------------------------------------------------------------------------------------------
 
-# Keyword names under which transformers' `generate` has handed the KV cache to a model's forward:
-# "past_key_values" up to 5.23, "cache" from 5.24 (the old name is a deprecated alias until 5.40).
-# tests/compat/test_transformers_generation.py fails, naming the new keyword, when generate uses another.
-CACHE_KWARGS = ("cache", "past_key_values")
 
 def attn_implementation(config: Any) -> str:
     """The attention implementation a transformers config resolved (`config._attn_implementation`:
@@ -174,5 +173,5 @@ def check_peft_load(result: Any, where: str) -> None:
                     f"(e.g. {unexpected[:3]}) from {where}", "alignkit/models/adapters.py:load_adapter_weights")
 
 
-__all__ = ["CACHE_KWARGS", "DEPENDENCIES", "DependencyMoved", "TRAINER_METHODS", "attn_implementation", "check_logits_skipped",
+__all__ = ["DEPENDENCIES", "DependencyMoved", "TRAINER_METHODS", "attn_implementation", "check_logits_skipped",
            "check_peft_load", "check_trainer", "moved", "moved_message", "trainer_problems", "version", "versions"]

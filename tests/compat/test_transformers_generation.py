@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from alignkit.compat import CACHE_KWARGS
+from alignkit.interventions.editing import CACHE_KEYWORDS
 from alignkit.online.generation import SamplingConfig, _generation_kwargs
 
 from .guards import check, guard
@@ -14,9 +14,10 @@ TF = "transformers"
 
 
 def test_generate_hands_the_cache_to_forward_under_a_known_name(tiny_lm):
-    """Each decode step's forward gets the KV cache (a `transformers.Cache`) under one of `CACHE_KWARGS`, whose
-    `get_seq_length()` is the number of tokens already processed; prefill sees an empty one (or none)."""
-    where = "alignkit/interventions/attach.py (ReFT step offsets), compat.CACHE_KWARGS"
+    """Each decode step's forward gets the KV cache (a `transformers.Cache`) under one of the keywords ReFT looks
+    for (`interventions.editing.CACHE_KEYWORDS`), whose `get_seq_length()` is the number of tokens already
+    processed; prefill sees an empty one (or none)."""
+    where = "alignkit/interventions/editing.py:find_cache/cache_length (ReFT's cross-check of its token count)"
     with guard(TF, "transformers.Cache / DynamicCache are no longer importable from transformers", where):
         from transformers import Cache, DynamicCache
 
@@ -39,8 +40,8 @@ def test_generate_hands_the_cache_to_forward_under_a_known_name(tiny_lm):
         h.remove()
     check(len(calls) == 3, TF, f"generate(max_new_tokens=3) ran {len(calls)} forwards, not 3", where)
     names = {k for _, caches, _ in calls for k in caches}
-    check(names and names <= set(CACHE_KWARGS), TF,
-          f"generate now passes the KV cache under {sorted(names) or 'no Cache-valued keyword'} (known: {CACHE_KWARGS})",
+    check(names and names <= set(CACHE_KEYWORDS), TF,
+          f"generate now passes the KV cache under {sorted(names) or 'no Cache-valued keyword'} (known: {CACHE_KEYWORDS})",
           where, f"forward keywords per step: {[kw for *_, kw in calls]}")
     seen = 0
     for step, (n_ids, caches, _) in enumerate(calls):

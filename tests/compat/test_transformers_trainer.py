@@ -162,6 +162,19 @@ def test_length_grouped_sampler_is_used(tiny_dir, tokenizer, sft_features, tmp_p
           f"seen: {seen}")
 
 
+def test_train_dataloader_goes_through_get_dataloader(tiny_dir, tokenizer, sft_features, tmp_path):
+    """alignkit wraps the collator inside `_get_dataloader(...)` so training batches carry their records' ids (named
+    in non-finite errors)."""
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path)
+    calls = spy(trainer, "_get_dataloader")
+    where = "alignkit/trainers/base.py:AlignTrainer._get_dataloader"
+    with guard(TF, "get_train_dataloader() failed through alignkit's _get_dataloader override", where):
+        batch = next(iter(trainer.get_train_dataloader()))
+    check(calls and calls[0][1].get("is_training") is True, TF, "get_train_dataloader no longer builds its loader with "
+          "self._get_dataloader(..., is_training=True)", where, str([c[1] for c in calls]))
+    check("record_ids" in batch, TF, "training batches lost their record ids", where, str(sorted(batch)))
+
+
 # T6 ------------------------------------------------------------------------------------------------------
 
 def test_accumulation_count_reaches_compute_loss_unscaled(tiny_dir, tokenizer, sft_features, tmp_path):
@@ -192,13 +205,20 @@ def test_accumulation_count_reaches_compute_loss_unscaled(tiny_dir, tokenizer, s
 
 # T7 ------------------------------------------------------------------------------------------------------
 
-def test_clip_hook_is_called(tiny_dir, tokenizer, sft_features, tmp_path):
+def test_step_hooks_are_called(tiny_dir, tokenizer, sft_features, tmp_path):
+    """One optimiser step goes through `training_step(model, inputs, num_items_in_batch)` (alignkit's non-finite
+    guard), `_clip_grad_norm(model)` (its fast clipping) and `_get_grad_norm(model, grad_norm=)` (its non-finite
+    guard on the norm)."""
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_grad_norm=1.0)
-    calls = spy(trainer, "_clip_grad_norm")
+    calls = {name: spy(trainer, name) for name in ("training_step", "_clip_grad_norm", "_get_grad_norm")}
     trainer.train()
     where = "alignkit/trainers/base.py:AlignTrainer._clip_grad_norm"
-    check(len(calls) == 1, TF, "the training loop no longer clips through self._clip_grad_norm(model)", where,
-          f"{len(calls)} call(s) in one step")
+    check(len(calls["_clip_grad_norm"]) == 1, TF, "the training loop no longer clips through "
+          "self._clip_grad_norm(model)", where, f"{len(calls['_clip_grad_norm'])} call(s) in one step")
+    check(len(calls["training_step"]) == 1 and len(calls["_get_grad_norm"]) == 1, TF, "the training loop no longer "
+          "calls self.training_step(model, inputs, n) and self._get_grad_norm(model, grad_norm=) once per step (a NaN "
+          "loss or gradient would no longer stop the run)", "alignkit/trainers/base.py:AlignTrainer.training_step/"
+          "_get_grad_norm", f"{ {k: len(v) for k, v in calls.items()} }")
     check(trainer._clip_params_ok is True, TF, "AlignTrainer's clipping fell back to the Trainer's path on a "
           "plain CPU run (Trainer._has_mixed_mesh_grads or accelerate's DistributedType moved?)", where)
 
