@@ -93,3 +93,23 @@ def test_datasets_folders_rows_and_columns(tmp_path):
     check(one == want and two == want, "datasets", "rows of a saved Dataset no longer iterate as dicts", where, str(one))
     check(with_ref["reference_logps"] == [-1.0, -2.0], "datasets", "Dataset.add_column no longer adds the column",
           where)
+
+
+def test_dataset_map_as_prepare_calls_it():
+    """Raw TRL-style rows are tokenized with `Dataset.from_list(...).map(fn, batched=True, with_indices=True,
+    remove_columns=..., num_proc=, desc=, fn_kwargs=)`, where a batch may come back shorter (dropped rows)."""
+    where = "alignkit/data/prepare.py:prepare_dataset"
+    from datasets import Dataset
+
+    def fn(batch, indices, keep):
+        rows = [(t, i) for t, i in zip(batch["text"], indices) if len(t) >= keep]
+        return {"n": [len(t) for t, _ in rows], "index": [i for _, i in rows]}
+
+    with guard("datasets", "Dataset.from_list / Dataset.map(batched, with_indices, remove_columns, num_proc, desc, "
+               "fn_kwargs) failed", where):
+        ds = Dataset.from_list([{"text": "a", "x": 1}, {"text": "bbb", "x": 2}, {"text": "cc", "x": 3}])
+        out = ds.map(fn, batched=True, with_indices=True, remove_columns=ds.column_names, num_proc=None,
+                     desc="Tokenizing test", fn_kwargs={"keep": 2})
+    check(sorted(out.column_names) == ["index", "n"] and out["n"] == [3, 2] and out["index"] == [1, 2], "datasets",
+          "a batched map with indices that drops rows no longer gives the kept rows only", where,
+          f"{out.column_names}: {out[:]}")

@@ -120,3 +120,30 @@ def test_fingerprint_ignores_lora_and_modules_to_save(tiny_dir):
               f"{'classifier' if classifier else 'causal LM'} no longer fingerprints as its base", where,
               str([n for n in unwrap_lm(wrapped).state_dict() if "lora" in n or "modules_to_save" in n or
                    "base_layer" in n or "original_module" in n][:4]))
+
+
+def test_mixed_adapter_batch_routes_rows(tiny_dir, tmp_path):
+    """Serving loads several LoRA adapters into one PeftModel (`from_pretrained(..., adapter_name=)`, then
+    `load_adapter(folder, adapter_name=, is_trainable=False)`) and routes rows with `adapter_names=[...]`, where
+    "__base__" means no LoRA: each row must equal that adapter (or the base) alone."""
+    where = "alignkit/serve/stack.py:build_stack/Stack.peft_names (PEFT_BASE)"
+    from peft import PeftModel
+
+    for name, seed in (("a", 1), ("b", 2)):
+        m = lora(load_model(tiny_dir("llama")))
+        perturb(m, seed)
+        save_adapter(m, tmp_path / name)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    with torch.no_grad(), guard(PEFT, "loading two LoRA adapters into one PeftModel and running a mixed batch failed",
+                                where):
+        model = PeftModel.from_pretrained(load_model(tiny_dir("llama")), str(tmp_path / "a"), adapter_name="a",
+                                          is_trainable=False)
+        model.load_adapter(str(tmp_path / "b"), adapter_name="b", is_trainable=False)
+        mixed = model(input_ids=ids, adapter_names=["b", "__base__", "a"]).logits
+        want = [load_adapter(load_model(tiny_dir("llama")), tmp_path / "b")(input_ids=ids[:1]).logits[0],
+                load_model(tiny_dir("llama"))(input_ids=ids[1:2]).logits[0],
+                load_adapter(load_model(tiny_dir("llama")), tmp_path / "a")(input_ids=ids[2:]).logits[0]]
+    for i, w in enumerate(want):
+        check(torch.allclose(mixed[i], w, atol=1e-5), PEFT, f"row {i} of a mixed-adapter batch (adapter_names=[...], "
+              "'__base__' = no LoRA) is not what its adapter gives alone", where,
+              f"max diff {(mixed[i] - w).abs().max().item():.3g}")

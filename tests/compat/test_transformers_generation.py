@@ -104,3 +104,41 @@ def test_generation_config_fields_alignkit_sets(tiny_lm, tokenizer):
     gc = transformers.GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=0.7, repetition_penalty=1.0)
     with guard(TF, "GenerationConfig(top_k=0, ...) no longer validates", where):
         gc.validate()
+
+
+def test_serve_cache_rows_can_be_selected_and_cut(tiny_lm):
+    """The serving engine calls the model with `cache=DynamicCache(config=...)`, reads `out.cache`, and edits the
+    cache's per-layer `keys` / `values` tensors `(B, kv_heads, T, head_dim)` itself: rows leave by `index_select`
+    on dim 0, columns that are padding in every remaining row are cut on dim 2. A decode step on the edited cache
+    must equal the same row run alone."""
+    where = "alignkit/serve/engine.py:_forward/_prefill/_merge/_drop_finished"
+    with guard(TF, "DynamicCache(config=...) failed", where):
+        from transformers import DynamicCache
+    lm = tiny_lm("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    pos = (torch.arange(5)[None, :] - torch.tensor([[0], [2]])).clamp(min=0)
+    with torch.no_grad(), guard(TF, "forward(cache=..., use_cache=True, logits_to_keep=1) failed", where):
+        cache = DynamicCache(config=lm.config)
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    got = getattr(out, "cache", None)
+    check(got is not None and got.get_seq_length() == 5 and tuple(out.logits.shape[:2]) == (2, 1), TF,
+          "forward(cache=DynamicCache) no longer fills the cache it was given and returns it as `out.cache`", where,
+          f"out keys {list(out.keys())}")
+    cfg = lm.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    layers = getattr(got, "layers", None)
+    check(layers and all(tuple(getattr(layer, a).shape) == (2, cfg.num_key_value_heads, 5, head_dim)
+                         for layer in layers for a in ("keys", "values")), TF,
+          "DynamicCache no longer holds per-layer `keys` / `values` tensors of shape (batch, kv_heads, length, "
+          "head_dim)", where)
+    idx = torch.tensor([1])
+    for layer in layers:  # row 0 leaves, then the two all-padding columns are cut
+        layer.keys, layer.values = layer.keys.index_select(0, idx)[:, :, 2:], layer.values.index_select(0, idx)[:, :, 2:]
+    with torch.no_grad():
+        step = lm(input_ids=torch.tensor([[14]]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                  position_ids=torch.tensor([[3]]), cache=got, use_cache=True, logits_to_keep=1).logits[0, -1]
+        alone = lm(input_ids=torch.tensor([[11, 12, 13, 14]]), use_cache=False).logits[0, -1]
+    check(torch.allclose(step, alone, atol=1e-5), TF, "a decode step on a DynamicCache whose rows / columns were "
+          "edited in place differs from the row run alone (the cache no longer reads its layers' keys / values?)",
+          where, f"max diff {(step - alone).abs().max().item():.3g}")

@@ -210,3 +210,49 @@ def test_classifier_pools_the_last_non_pad_token(arch, tiny_classifier):
         single = torch.stack([rm(input_ids=torch.tensor([r])).logits[0, 0] for r in rows])
     check(torch.allclose(batch, single, atol=1e-5), TF, f"{type(rm).__name__}: the pooled score of a right-padded "
           "row is no longer its last non-pad token's", where, f"{batch.tolist()} vs {single.tolist()}")
+
+
+# M11 -----------------------------------------------------------------------------------------------------
+
+def test_rope_parameters_init_functions_and_validation():
+    """`model.rope_scaling` merges into `config.rope_parameters`, checks the type against
+    `modeling_rope_utils.ROPE_INIT_FUNCTIONS` (and whether the architecture's modeling module imports it), and turns
+    `config.validate_rope()`'s warnings on the "transformers.modeling_rope_utils" logger into errors."""
+    import copy
+    import importlib
+    import logging
+
+    from transformers import GPT2Config, LlamaConfig
+
+    where = "alignkit/models/rope.py:has_rope/supported_rope_types/_validate"
+    with guard(TF, "transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS moved", where):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    need = {"linear", "dynamic", "yarn", "llama3", "longrope"}
+    check(need <= set(ROPE_INIT_FUNCTIONS), TF, f"ROPE_INIT_FUNCTIONS lost {sorted(need - set(ROPE_INIT_FUNCTIONS))}",
+          where)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128)
+    params = getattr(cfg, "rope_parameters", None)
+    check(isinstance(params, dict) and params.get("rope_type") == "default" and "rope_theta" in params, TF,
+          "LlamaConfig.rope_parameters is no longer a dict with rope_type / rope_theta", where, repr(params))
+    check(not getattr(GPT2Config(), "rope_parameters", None), TF, "GPT2Config now has rope_parameters", where)
+    llama = importlib.import_module("transformers.models.llama.modeling_llama")
+    check(hasattr(llama, "ROPE_INIT_FUNCTIONS"), TF, "modeling_llama no longer imports ROPE_INIT_FUNCTIONS (alignkit "
+          "reads that as 'plain RoPE only')", where)
+    msgs: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            msgs.append(record.getMessage())
+
+    trial = copy.deepcopy(cfg)
+    trial.rope_parameters = {**params, "rope_type": "linear", "factor": 2.0, "bogus": 1}
+    log = logging.getLogger("transformers.modeling_rope_utils")
+    handler = Keep()
+    log.addHandler(handler)
+    try:
+        with guard(TF, "config.validate_rope() failed on a valid linear scaling with one unknown key", where):
+            trial.validate_rope()
+    finally:
+        log.removeHandler(handler)
+    check(any("bogus" in m for m in msgs), TF, "validate_rope() no longer reports unknown rope_parameters keys on the "
+          "'transformers.modeling_rope_utils' logger (alignkit would accept them silently)", where, str(msgs))
