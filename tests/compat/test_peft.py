@@ -122,28 +122,70 @@ def test_fingerprint_ignores_lora_and_modules_to_save(tiny_dir):
                    "base_layer" in n or "original_module" in n][:4]))
 
 
-def test_mixed_adapter_batch_routes_rows(tiny_dir, tmp_path):
-    """Serving loads several LoRA adapters into one PeftModel (`from_pretrained(..., adapter_name=)`, then
-    `load_adapter(folder, adapter_name=, is_trainable=False)`) and routes rows with `adapter_names=[...]`, where
-    "__base__" means no LoRA: each row must equal that adapter (or the base) alone."""
-    where = "alignkit/serve/stack.py:build_stack/Stack.peft_names (PEFT_BASE)"
-    from peft import PeftModel
-
+@pytest.fixture(scope="module")
+def two_adapters(tiny_dir, tmp_path_factory):
+    """Folders of two different LoRA adapters ("a", "b") of the tiny llama."""
+    root = tmp_path_factory.mktemp("two-loras")
     for name, seed in (("a", 1), ("b", 2)):
         m = lora(load_model(tiny_dir("llama")))
         perturb(m, seed)
-        save_adapter(m, tmp_path / name)
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+        save_adapter(m, root / name)
+    return root
+
+
+def two_adapter_model(tiny_dir, root):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(tiny_dir("llama")), str(root / "a"), adapter_name="a",
+                                      is_trainable=False)
+    model.load_adapter(str(root / "b"), adapter_name="b", is_trainable=False)
+    return model.eval()
+
+
+MIXED_IDS = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+
+
+def test_mixed_adapter_batch_routes_rows(tiny_dir, two_adapters):
+    """Serving loads several LoRA adapters into one PeftModel (`from_pretrained(..., adapter_name=)`, then
+    `load_adapter(folder, adapter_name=, is_trainable=False)`) and, for adapters the stacked path cannot take,
+    routes rows with `adapter_names=[...]`, where "__base__" means no LoRA: each row must equal that adapter (or
+    the base) alone."""
+    where = "alignkit/serve/stack.py:build_stack/Stack.peft_names (PEFT_BASE)"
+    ids = MIXED_IDS
     with torch.no_grad(), guard(PEFT, "loading two LoRA adapters into one PeftModel and running a mixed batch failed",
                                 where):
-        model = PeftModel.from_pretrained(load_model(tiny_dir("llama")), str(tmp_path / "a"), adapter_name="a",
-                                          is_trainable=False)
-        model.load_adapter(str(tmp_path / "b"), adapter_name="b", is_trainable=False)
+        model = two_adapter_model(tiny_dir, two_adapters)
         mixed = model(input_ids=ids, adapter_names=["b", "__base__", "a"]).logits
-        want = [load_adapter(load_model(tiny_dir("llama")), tmp_path / "b")(input_ids=ids[:1]).logits[0],
+        want = [load_adapter(load_model(tiny_dir("llama")), two_adapters / "b")(input_ids=ids[:1]).logits[0],
                 load_model(tiny_dir("llama"))(input_ids=ids[1:2]).logits[0],
-                load_adapter(load_model(tiny_dir("llama")), tmp_path / "a")(input_ids=ids[2:]).logits[0]]
+                load_adapter(load_model(tiny_dir("llama")), two_adapters / "a")(input_ids=ids[2:]).logits[0]]
     for i, w in enumerate(want):
         check(torch.allclose(mixed[i], w, atol=1e-5), PEFT, f"row {i} of a mixed-adapter batch (adapter_names=[...], "
               "'__base__' = no LoRA) is not what its adapter gives alone", where,
               f"max diff {(mixed[i] - w).abs().max().item():.3g}")
+
+
+def test_stacked_lora_reads_peft_layers(tiny_dir, two_adapters):
+    """serve's stacked per-row LoRA reads peft's layer internals (`peft.tuners.lora.layer.LoraLayer` / `Linear`,
+    `base_layer`, `lora_A[name].weight`, `lora_B[name].weight` / `.bias`, `scaling[name]`, `use_dora`,
+    `lora_variant`), switches peft's own path off with `base_model.disable_adapter_layers()` and adds
+    `scaling * B(A(x))` itself: its rows must equal peft's mixed batch."""
+    where = "alignkit/serve/lora.py:StackedLora.build/_hook"
+    from alignkit.serve.lora import StackedLora
+
+    ids = MIXED_IDS
+    model = two_adapter_model(tiny_dir, two_adapters)
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=["b", "__base__", "a"]).logits
+    with guard(PEFT, "peft.tuners.lora.layer (LoraLayer, Linear) or a LoRA layer attribute moved", where):
+        stacked = StackedLora.build(model, ["a", "b"])
+    check(stacked is not None, PEFT, "StackedLora.build no longer recognises vanilla LoRA on nn.Linear (serve falls "
+          "back to peft's slower mixed batches)", where)
+    try:
+        with torch.no_grad(), stacked.route(["b", None, "a"], torch.device("cpu")):
+            got = model(input_ids=ids).logits
+    finally:
+        stacked.remove()
+    check(torch.allclose(got, want, atol=1e-5), PEFT, "the stacked per-row LoRA no longer equals peft's own mixed "
+          "batch (peft's LoRA maths or disable_adapter_layers() changed)", where,
+          f"max diff {(got - want).abs().max().item():.3g}")
