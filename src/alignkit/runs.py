@@ -164,6 +164,26 @@ class ModelCard:
     command_line: str
     versions: dict[str, str]
     how_to_load: str = ""
+    base_model_id: str | None = None  # the config's model.path (Hub metadata `base_model`; None / tiny: left out)
+
+    def metadata(self) -> dict[str, Any]:
+        """The card's Hub metadata (YAML front matter): library_name, base_model, tags, datasets, pipeline_tag."""
+        from alignkit.data.readers.rows import looks_like_hub_id
+
+        kind = str(self.adapter.get("kind", "full"))
+        command = str(self.objective.get("command", ""))
+        library = "peft" if "lora" in kind and "reft" not in kind else "transformers" if kind == "full" else "alignkit"
+        meta: dict[str, Any] = {"library_name": library}
+        if self.base_model_id and not self.base_model_id.startswith("tiny:"):
+            meta["base_model"] = self.base_model_id
+        paths = self.data.get("path")
+        paths = [paths] if isinstance(paths, str) else list(paths or [])
+        hub = [p for p in paths if isinstance(p, str) and looks_like_hub_id(p)]
+        if hub:
+            meta["datasets"] = hub
+        meta["tags"] = [t for t in dict.fromkeys(["alignkit", command, kind, "lora" if "lora" in kind else ""]) if t]
+        meta["pipeline_tag"] = "text-classification" if command == "rm" else "text-generation"
+        return meta
 
     def render(self) -> str:
         def table(d: dict[str, Any]) -> str:
@@ -190,11 +210,19 @@ class ModelCard:
         parts += ["## Versions\n", table(self.versions)]
         return "\n".join(parts)
 
+    def hub_card(self) -> Any:
+        """The card as a `huggingface_hub.ModelCard`: Hub metadata (`metadata()`) above the rendered text."""
+        import yaml
+        from huggingface_hub import ModelCard as HubCard
+
+        front = yaml.safe_dump(self.metadata(), sort_keys=False).strip()
+        return HubCard(f"---\n{front}\n---\n\n{self.render()}")
+
     def write(self, *paths: str | Path) -> None:
-        text = self.render()
+        card = self.hub_card()
         for p in paths:
             Path(p).parent.mkdir(parents=True, exist_ok=True)
-            Path(p).write_text(text)
+            card.save(str(p))
 
 
 def _fmt(v: Any) -> str:

@@ -181,6 +181,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str) -> in
         hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode,
                          "world size": trainer.world},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
+        base_model_id=cfg.model.path,
         how_to_load=how_to_load(cfg.adapter.kind, named, base_path, False) if cfg.method.save_at_end else "")
     if cfg.method.save_at_end:
         with staged(run.model, step=len(trainer.history)) as model_dir:

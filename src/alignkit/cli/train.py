@@ -128,9 +128,27 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     kw["report_to"] = report or "none"
     if quiet:
         kw["disable_tqdm"] = True
-    args = TrainingArguments(**kw)
+    push = {k: kw.pop(k) for k in ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token") if k in kw}
+    args = TrainingArguments(**kw)  # without push_to_hub: the Trainer would push checkpoints/, not model/
     args.alignkit_tensorboard = tensorboard
+    args.alignkit_push = push if push.get("push_to_hub") else None
     return args, callbacks
+
+
+def push_model(push: dict[str, Any], model_dir: Any, run_root: Any, api: Any = None) -> str:
+    """Upload the final model / adapter folder (with its model card) to the Hub repo `train.hub_model_id`
+    (default: the run folder's name), creating the repo; checkpoints are not pushed. Returns the repo id."""
+    from pathlib import Path
+
+    from huggingface_hub import HfApi
+
+    api = api if api is not None else HfApi(token=push.get("hub_token"))
+    repo_id = push.get("hub_model_id") or Path(run_root).name
+    api.create_repo(repo_id, private=bool(push.get("hub_private_repo")), exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model",
+                      commit_message=f"alignkit: upload {Path(model_dir).name}/ of {Path(run_root).name}")
+    logger.info("pushed %s to the Hub repo %s", model_dir, repo_id)
+    return repo_id
 
 
 def tensorboard_callback(args: Any, run: RunFolder) -> Any:
@@ -140,7 +158,9 @@ def tensorboard_callback(args: Any, run: RunFolder) -> Any:
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard)))
+    cb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard)))
+    cb.logging_dir = str(run.tensorboard)  # a writer re-opened after training (final evaluate) stays in the run
+    return cb
 
 
 def compile_model(model: Any, option: bool | dict[str, Any] | None) -> None:
@@ -264,6 +284,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
                                         **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
                              data=data_info, hyperparameters=hyper, metrics=final_metrics(rows),
                              command_line=command_line or f"alignkit {command}", versions=versions(),
+                             base_model_id=cfg.model.path,
                              how_to_load=how_to_load(cfg.adapter.kind, named, base_path, task == "classifier"))
             card.write(run.card, model_dir / "README.md")
     if trainer.is_world_process_zero():
@@ -272,6 +293,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
         except ImportError:
             logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
     finish_run(plan)
+    if trainer.is_world_process_zero() and args.alignkit_push:
+        push_model(args.alignkit_push, named.model, named.root)
     if trainer.is_world_process_zero():
         _print_summary(command, named, card.metrics)
     return 0

@@ -50,8 +50,16 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
             "name_or_path": str(getattr(cfg, "_name_or_path", "") or "")}
 
 
+def new_file_mode() -> int:
+    """The permission bits a plain `open(path, "w")` gives a new file: 0o666 minus the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the mode open() would give
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -109,6 +109,8 @@ class TokenLogprobs(NamedTuple):
     logps: Tensor  # log p(target)
     entropy: Tensor  # H(p) per position
     logsumexp: Tensor  # lse(z) per position
+    correct: Tensor | None = None  # (N,) bool: the target is the argmax of z (`with_accuracy=True`)
+    mean_logit: Tensor | None = None  # (N,) mean of z over the vocabulary (TRL's logits/chosen per token)
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, logit_scale: float,
@@ -135,17 +137,24 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
     the backward pass does only the work the loss asks for."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, softcap, temperature, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, logit_scale, softcap, temperature, with_entropy,
+                with_accuracy=False):
         N = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logps = hidden.new_empty(N, dtype=acc)
         ent = hidden.new_zeros(N, dtype=acc)
         lse = hidden.new_empty(N, dtype=acc)
+        correct = hidden.new_zeros(N, dtype=torch.bool)
+        mean_z = hidden.new_zeros(N, dtype=acc)
         for s in range(0, N, chunk_size):
             z, _ = _chunk_logits(hidden[s:s + chunk_size], weight, bias, logit_scale, softcap, temperature)
             lse_c = torch.logsumexp(z, dim=-1)  # (c,)
             lse[s:s + chunk_size] = lse_c
-            logps[s:s + chunk_size] = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - lse_c
+            z_y = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)  # (c,)
+            logps[s:s + chunk_size] = z_y - lse_c
+            if with_accuracy:
+                correct[s:s + chunk_size] = z_y >= z.max(-1).values
+                mean_z[s:s + chunk_size] = z.mean(-1)
             if with_entropy:
                 p = torch.exp(z - lse_c[:, None])  # (c, V)
                 ent[s:s + chunk_size] = lse_c - (p * z).sum(-1)
@@ -154,14 +163,15 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
-        return logps, ent, lse
+        ctx.mark_non_differentiable(correct, mean_z)
+        return logps, ent, lse, correct, mean_z
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_lse):
+    def backward(ctx, g_logp, g_ent, g_lse, g_correct=None, g_mean=None):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk_size, logit_scale, softcap, temperature = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        none = (None,) * 9
+        none = (None,) * 10
         if g_logp is None and g_ent is None and g_lse is None:
             return none
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -208,7 +218,7 @@ def chunked_lm_logprobs(hidden_states: Tensor, lm_head_weight: Tensor, lm_head_b
                         target_ids: Tensor, chunk_size: int = 1024, *, logit_scale: float = 1.0,
                         softcap: float | None = None, temperature: float = 1.0,
                         ignore_index: int | None = IGNORE_INDEX,
-                        return_stats: bool = False) -> Tensor | TokenLogprobs:
+                        return_stats: bool = False, with_accuracy: bool = False) -> Tensor | TokenLogprobs:
     """log p(target) at selected positions, applying the LM head chunk by chunk.
 
     Args:
@@ -219,6 +229,8 @@ def chunked_lm_logprobs(hidden_states: Tensor, lm_head_weight: Tensor, lm_head_b
         chunk_size: rows per chunk; peak extra memory is a few `(chunk_size, V)` float32 tensors.
         logit_scale, softcap, temperature: z = softcap(logit_scale * raw) / temperature.
         return_stats: also return per-position entropy and logsumexp (both differentiable).
+        with_accuracy: also return (in `TokenLogprobs`) whether each target is the argmax of the logits, and
+            the logits' mean over the vocabulary (no gradient; TRL's `mean_token_accuracy`, `logits/chosen`).
 
     Returns `(N,)` log-probs in float32 (float64 for float64 input), or `TokenLogprobs`.
     Gradients flow to hidden_states, lm_head_weight and lm_head_bias (only those that require it).
@@ -247,10 +259,13 @@ def chunked_lm_logprobs(hidden_states: Tensor, lm_head_weight: Tensor, lm_head_b
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= V):
         raise ValueError(f"chunked_lm_logprobs: target ids must lie in [0, {V}) (or equal ignore_index="
                          f"{ignore_index}); got range [{int(targets.min())}, {int(targets.max())}]")
-    logps, ent, lse = _ChunkedLMLogprobs.apply(hidden_states, weight, bias, targets.long(), chunk_size,
-                                               float(logit_scale), softcap, float(temperature), return_stats)
+    logps, ent, lse, correct, mean_z = _ChunkedLMLogprobs.apply(
+        hidden_states, weight, bias, targets.long(), chunk_size, float(logit_scale), softcap, float(temperature),
+        return_stats, with_accuracy)
     if ignore is not None:
         logps = logps.masked_fill(ignore, 0.0)
+    if with_accuracy:
+        return TokenLogprobs(logps, ent, lse, correct, mean_z)
     if return_stats:
         return TokenLogprobs(logps, ent, lse)
     return logps

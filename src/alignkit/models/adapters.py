@@ -236,6 +236,18 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def absolute_base_path(peft_config: Path) -> None:
+    """peft writes `base_model_name_or_path` as the model was loaded; a relative local folder ("runs/x/base")
+    only resolves from the directory training ran in, so it is made absolute (hub ids are kept)."""
+    if not peft_config.is_file():
+        return
+    data = json.loads(peft_config.read_text())
+    base = data.get("base_model_name_or_path")
+    if isinstance(base, str) and base and not Path(base).is_absolute() and Path(base).exists():
+        data["base_model_name_or_path"] = str(Path(base).resolve())
+        peft_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def save_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
     """Save only the trainable state of `model` to `folder` (layout in the module docstring)."""
     from safetensors.torch import save_file
@@ -253,6 +265,7 @@ def save_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None) ->
         model.save_pretrained(folder)
     if "lora" in kind:
         (model.model if _is_reft(model) else model).save_pretrained(folder)
+        absolute_base_path(folder / "adapter_config.json")
     if "reft" in kind:
         model.save_pretrained(str(folder))
         heads = (cfg.reft.modules_to_save or []) if kind == "reft" else []

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from alignkit.data.records import DataError, Record
+from alignkit.interventions.io import new_file_mode
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample, SamplingConfig, generate_responses, generation_metrics
@@ -49,6 +50,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the mode open() would give
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

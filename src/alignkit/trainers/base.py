@@ -22,7 +22,9 @@ dividing by the accumulation steps again. So batch 8 x accumulation 1 and batch 
 give the same update. Evaluation normalises each batch by its own N.
 
 Metrics. Each step's metrics are accumulated as (sum, count) per name (`metric_totals`), summed across
-processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`.
+processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`. Training
+logs also carry TRL's `num_tokens`: the cumulative count of input (non-padding) tokens trained on, all
+processes (counted from 0 again after a resume).
 
 Saving. Only the trainable state (`alignkit.models.adapters.save_adapter`): peft files for LoRA,
 ReFT safetensors + json for ReFT, the full model (safetensors) for full finetuning, plus the
@@ -325,7 +327,20 @@ class AlignTrainer(Trainer):
         else:  # training: the global count of the optimizer step; DDP averages, so scale by processes
             loss = reduce_loss(out.losses, w, normalizer=num_items_in_batch) * self.args.world_size
         self._record(out.metrics, "train" if model.training else "eval")
+        if model.training:
+            self._count_tokens(inputs)
         return (loss, out) if return_outputs else loss
+
+    def _count_tokens(self, inputs: dict[str, Any]) -> None:
+        """Input tokens (not padding) of a training micro-batch, for TRL's cumulative `num_tokens`."""
+        if inputs.get("sequence_length") is not None:  # padding-free
+            n = inputs["sequence_length"].sum()
+        elif inputs.get("attention_mask") is not None:
+            n = inputs["attention_mask"].sum()
+        else:
+            n = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+        pending = getattr(self, "_tokens_pending", None)
+        self._tokens_pending = n.detach().float() if pending is None else pending + n.detach().float()
 
     def compute_loss_context_manager(self):
         stack = super().compute_loss_context_manager()
@@ -374,6 +389,15 @@ class AlignTrainer(Trainer):
                 if n > 0:
                     logs[prefix + k] = s / n
             store.clear()
+        if mode == "train":
+            pending = getattr(self, "_tokens_pending", None)
+            if pending is not None:
+                if self.args.world_size > 1:
+                    pending = self.accelerator.reduce(pending.reshape(1), reduction="sum")[0]
+                self._num_tokens = getattr(self, "_num_tokens", 0.0) + float(pending)
+                self._tokens_pending = None
+            if getattr(self, "_num_tokens", None) is not None:
+                logs["num_tokens"] = self._num_tokens  # cumulative input tokens of training, all processes
         super().log(logs, start_time)
 
     # -- saving ----------------------------------------------------------------------------------------

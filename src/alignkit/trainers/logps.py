@@ -183,11 +183,14 @@ def _head(lm: nn.Module) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
     return head.weight, getattr(head, "bias", None), extra
 
 
-def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 1024,
+                           stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(token_logps (B, T-1), mask (B, T-1) bool): log p of each completion token given its prefix, 0 elsewhere.
 
     `batch` needs input_ids and completion_mask (B, T); attention_mask, position_ids optional. A packed batch
-    (R sequences in one row) gives (R, L_max - 1), as the same sequences right-padded would.
+    (R sequences in one row) gives (R, L_max - 1), as the same sequences right-padded would. A `stats` dict
+    is filled with `correct` (N,) bool (the token is the logits' argmax) and `mean_logit` (N,) (the logits'
+    mean over the vocabulary) and `row` (N,) (the row of each scored token), no gradient.
     """
     ids = batch["input_ids"]  # (B, T)
     mask = batch["completion_mask"][:, 1:].bool()  # (B, T-1): the NEXT token is scored
@@ -197,7 +200,13 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: 
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
     weight, bias, extra = _head(unwrap_lm(model))
     targets = ids[:, 1:][rows, cols]  # (N,)
-    logp = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, **extra)  # (N,) float32
+    if stats is not None:
+        out = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, with_accuracy=True, **extra)
+        logp = out.logps  # (N,) float32
+        stats.update(correct=out.correct, mean_logit=out.mean_logit,
+                     row=batch["sequence_index"][rows, cols + 1] if is_packed(batch) else rows)
+    else:
+        logp = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, **extra)  # (N,) float32
     if is_packed(batch):
         return _unpack(batch, rows, cols, logp)
     token = logp.new_zeros(mask.shape).index_put((rows, cols), logp)  # (B, T-1)
@@ -217,9 +226,11 @@ def _unpack(batch: dict[str, Any], rows: Tensor, cols: Tensor, logp: Tensor) -> 
     return token, mask
 
 
-def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """(per-sequence sum of completion log-probs (B,), completion token counts (B,))."""
-    token, mask = completion_token_logps(model, batch, chunk_size)
+def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 1024,
+                     stats: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(per-sequence sum of completion log-probs (B,), completion token counts (B,)); `stats` as in
+    `completion_token_logps`."""
+    token, mask = completion_token_logps(model, batch, chunk_size, stats)
     return token.sum(-1), mask.sum(-1)
 
 

@@ -9,7 +9,8 @@ then their rejected completions, so chosen and rejected go through ONE forward p
     losses = preference_loss(PreferenceBatch(pi_w, pi_l, ref_w, ref_l, |y_w|, |y_l|), params, loss_type, weights)
 
 Metrics carry TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
-logps/chosen, logps/rejected, plus loss/<name> for combinations). Reduction: the mean over pairs of
+logps/chosen, logps/rejected, logits/chosen, logits/rejected (the logits' mean over the vocabulary and the
+completion tokens), plus loss/<name> for combinations). Reduction: the mean over pairs of
 w * loss, normalised over the optimizer step (`alignkit.trainers.base`). Dropout is switched off by
 default (TRL's `disable_dropout`), so the policy and its reference see the same network.
 """
@@ -112,11 +113,16 @@ class PreferenceTrainer(AlignTrainer):
         return ref[:B], ref[B:]
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
-        logps, lengths = completion_logps(model, inputs, self.chunk_size)  # (2B,), (2B,)
+        stats: dict = {}
+        logps, lengths = completion_logps(model, inputs, self.chunk_size, stats)  # (2B,), (2B,)
         B = logps.shape[0] // 2
         ref_w, ref_l = self.reference_pair(model, inputs)
         batch = PreferenceBatch(logps[:B], logps[B:], ref_w, ref_l, lengths[:B], lengths[B:])
-        return preference_loss(batch, self.params, self.loss_type, self.loss_weights)
+        out = preference_loss(batch, self.params, self.loss_type, self.loss_weights)
+        chosen = stats["row"] < B  # (N,) tokens of the chosen rows
+        out.metrics["logits/chosen"] = stats["mean_logit"][chosen]  # token-weighted means, as TRL's
+        out.metrics["logits/rejected"] = stats["mean_logit"][~chosen]
+        return out
 
 
 DPOTrainer = PreferenceTrainer

@@ -4,7 +4,8 @@
 
 N_tokens counts the completion tokens of the whole optimizer step (all micro-batches, all processes);
 see `alignkit.trainers.base`. Token log-probs come from `completion_token_logps` (LM head applied only
-at completion positions), the loss from the `SFT_LOSSES` registry (default "nll").
+at completion positions), the loss from the `SFT_LOSSES` registry (default "nll"). Metrics add TRL's
+`mean_token_accuracy`: the share of completion tokens that are the argmax of the model's logits.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ class SFTTrainer(AlignTrainer):
         super().__init__(model, args, **kwargs)
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
-        token_logps, mask = completion_token_logps(model, inputs, self.chunk_size)  # (B, T-1) each
-        return SFT_LOSSES[self.loss_type](token_logps, mask)
+        stats: dict = {}
+        token_logps, mask = completion_token_logps(model, inputs, self.chunk_size, stats)  # (B, T-1) each
+        out = SFT_LOSSES[self.loss_type](token_logps, mask)
+        out.metrics["mean_token_accuracy"] = stats["correct"].float()  # (N,): averaged over tokens, as TRL's
+        return out
 
 
 __all__ = ["SFTTrainer"]
