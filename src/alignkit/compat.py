@@ -79,6 +79,9 @@ TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "log": ("logs", "start_time"),
     "floating_point_ops": ("inputs",),
     "get_decay_parameter_names": ("model",),
+    "_get_output_dir": ("trial",),
+    "_save_checkpoint": ("model", "trial"),
+    "train": ("resume_from_checkpoint",),
 }
 
 # class attributes of Trainer that alignkit sets to change the Trainer's behaviour

@@ -142,6 +142,35 @@ def test_resume_and_best_model_go_through_our_loaders(tiny_dir, tokenizer, sft_f
           "alignkit/trainers/base.py:AlignTrainer._load_from_checkpoint", f"calls: {load_calls}")
 
 
+def test_checkpoints_are_staged_then_rotated(tiny_dir, tokenizer, sft_features, tmp_path):
+    """alignkit's `_save_checkpoint` redirects the Trainer's own `_save_checkpoint` into a staging folder through
+    `_get_output_dir(trial)` (the Trainer writes `<_get_output_dir()>/checkpoint-<global_step>`), renames it into
+    place with `alignkit_complete.json`, and rotates with `trainer_utils.rotate_checkpoints(output_dir=,
+    save_total_limit=, best_model_checkpoint=, use_mtime=)`."""
+    where = "alignkit/trainers/base.py:AlignTrainer._save_checkpoint/_get_output_dir"
+    from transformers import trainer_utils
+    from transformers.trainer_callback import TrainerState
+
+    check(callable(getattr(trainer_utils, "rotate_checkpoints", None)) and
+          params(trainer_utils.rotate_checkpoints)[:4] == ["output_dir", "save_total_limit", "best_model_checkpoint",
+                                                           "use_mtime"], TF,
+          "transformers.trainer_utils.rotate_checkpoints moved or changed its parameters", where)
+    check(getattr(trainer_utils, "PREFIX_CHECKPOINT_DIR", None) == "checkpoint", TF, "checkpoint folders are no "
+          "longer named checkpoint-N", where + ", runs.py:CHECKPOINT_PREFIX")
+    check("best_global_step" in {f.name for f in dataclasses.fields(TrainerState)}, TF,
+          "TrainerState.best_global_step is gone", where)
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_steps=3, save_strategy="steps", save_steps=1,
+                          save_total_limit=2)
+    with guard(TF, "a 3-step run with checkpoints every step failed", where):
+        trainer.train()
+    out = tmp_path / "out"
+    names = sorted(p.name for p in out.iterdir())
+    check(names == ["checkpoint-2", "checkpoint-3"], TF, "checkpoints are not staged, renamed and rotated as alignkit "
+          "expects (Trainer._save_checkpoint no longer writes under self._get_output_dir(trial)?)", where, str(names))
+    check(all((out / n / "alignkit_complete.json").is_file() for n in names), TF,
+          "a checkpoint lacks alignkit_complete.json (it was not written through alignkit's staging)", where)
+
+
 # T5 ------------------------------------------------------------------------------------------------------
 
 def test_length_grouped_sampler_is_used(tiny_dir, tokenizer, sft_features, tmp_path):
