@@ -27,7 +27,7 @@ GOOD = [" Answer: Paris.", " today? I am here to help with anything at all.", "\
 BAD = [" Answer: 12.", " no", " pass", " sleeps over the lazy dog all day long."]
 
 
-def train_one(model_dir: str, out: str, kind: str, objective: str) -> dict[str, torch.Tensor]:
+def train_one(model_dir: str, out: str, kind: str, objective: str, on_trainer=None) -> dict[str, torch.Tensor]:
     tok = load_tokenizer(model_dir)
     torch.manual_seed(0)
     reft = ReftSettings(config={"representations": [{"layer": 1, "low_rank_dimension": 2}]}, positions="f1+l1")
@@ -47,6 +47,8 @@ def train_one(model_dir: str, out: str, kind: str, objective: str) -> dict[str, 
         trainer = PreferenceTrainer(model, args, train_dataset=feats, data_collator=PreferenceCollator(tok.pad_token_id),
                                     loss_type="sigmoid", beta=0.5)
     trainer.train()
+    if on_trainer is not None:
+        on_trainer(trainer)
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 

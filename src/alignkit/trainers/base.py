@@ -265,6 +265,26 @@ class AlignTrainer(Trainer):
             cached = self._flops_params = (model, int(model.num_parameters(exclude_embeddings=True)))
         return 6 * inputs[main].numel() * cached[1]
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on CPU processes, with the FSDP plugin `accelerate launch` asked for
+        attached (accelerate drops it there; `alignkit.distributed`)."""
+        from alignkit.distributed import enable_sharding_on_cpu
+
+        super().create_accelerator_and_postprocess()
+        if enable_sharding_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 every process gathers the shards (`alignkit.distributed.full_parameters`) and the main
+        one writes the usual folder (safetensors + JSON, adapters as adapters); otherwise the Trainer's."""
+        from alignkit.distributed import full_parameters, is_fsdp2
+
+        if not is_fsdp2(self.accelerator):
+            return super().save_model(output_dir, _internal_call)
+        with full_parameters(self.model):
+            self._save(output_dir if output_dir is not None else self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         """Clip over the optimizer's parameters instead of all of `model.parameters()` (a frozen base never
         gets gradients, so the norm and the clipping are the same; the Trainer walks every frozen parameter

@@ -1,0 +1,110 @@
+"""Sharded training engines (FSDP2, DeepSpeed) chosen by `accelerate launch --config_file ...`.
+
+`accelerate launch` with an FSDP or DeepSpeed config file starts one process per device and tells each,
+through environment variables (ACCELERATE_USE_FSDP, FSDP_*; ACCELERATE_USE_DEEPSPEED), which engine to use.
+On GPUs accelerate applies them. On a CPU-only machine accelerate 1.x silently drops FSDP: its state becomes
+MULTI_CPU (gloo) and the FSDP plugin is only attached for GPU-like backends, so the run would be plain DDP
+while its config says FSDP. `enable_sharding_on_cpu` attaches the plugin the environment asks for, so the
+same `fully_shard` (FSDP2) code path runs on CPU processes with gloo: what the CPU tests exercise.
+
+DeepSpeed on CPU processes is not enabled here (accelerate only initialises DeepSpeed's communication for a
+non-CPU backend); `check_engine` says so in one line instead of silently training with DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def requested_engine() -> str | None:
+    """"fsdp" or "deepspeed" when `accelerate launch` asked for one (its environment variables), else None."""
+    if _flag("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return None
+
+
+def enable_sharding_on_cpu(accelerator: Any) -> bool:
+    """Attach the FSDP plugin the launcher asked for when accelerate dropped it on CPU processes (see the
+    module docstring). Returns True when it did. Call right after creating the `Accelerator`, before any
+    `prepare`."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    engine = requested_engine()
+    if engine is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    if engine == "deepspeed":
+        raise RuntimeError("DeepSpeed was requested (accelerate config distributed_type: DEEPSPEED) on CPU-only "
+                           "processes; accelerate starts DeepSpeed only with a GPU backend. Use "
+                           "configs/accelerate/fsdp2.yaml (FSDP2 runs on CPU processes) or run on GPUs")
+    if getattr(state, "fsdp_plugin", None) is None:
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
+        state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    from accelerate.state import PartialState
+
+    # every AcceleratorState() copies PartialState's fields again (accelerate 1.x), so both must say FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    logger.info("FSDP%s on %d CPU process(es) (gloo): plugin attached from the launcher's environment",
+                state.fsdp_plugin.fsdp_version, state.num_processes)
+    return True
+
+
+def is_fsdp2(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    return state.distributed_type == DistributedType.FSDP and getattr(state.fsdp_plugin, "fsdp_version", 1) == 2
+
+
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every FSDP2-sharded parameter of `model` is a plain full tensor, so that ordinary saving code
+    (`save_pretrained`, `save_adapter`, `state_dict()`) writes a normal safetensors folder. A collective:
+    EVERY process must enter (each gathers its shards, in the same module order); only one needs to write.
+    FSDP2's state-dict hooks (which would hand back the shards) are held off meanwhile; everything is put
+    back on exit. Without FSDP2 parameters it changes nothing."""
+    from torch.distributed.tensor import DTensor
+
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    hooks: list[tuple[nn.Module, dict, dict]] = []
+    try:
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if isinstance(p, DTensor):
+                    full = p.detach().full_tensor()
+                    module._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
+                    swapped.append((module, name, p))
+            if type(module).__name__.startswith("FSDP"):  # fully_shard's dynamic FSDP<Class> subclasses
+                hooks.append((module, dict(module._state_dict_pre_hooks), dict(module._state_dict_hooks)))
+                module._state_dict_pre_hooks.clear()
+                module._state_dict_hooks.clear()
+        yield model
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+        for module, pre, post in hooks:
+            module._state_dict_pre_hooks.update(pre)
+            module._state_dict_hooks.update(post)
+
+
+def is_sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+__all__ = ["enable_sharding_on_cpu", "full_parameters", "is_fsdp2", "is_sharded", "requested_engine"]
