@@ -85,6 +85,12 @@ def test_adapter_files_and_state_dict_round_trip(tiny_dir, tmp_path):
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     check({"adapter_config.json", "adapter_model.safetensors", "alignkit_adapter.json"} <= set(files), PEFT,
           "PeftModel.save_pretrained no longer writes adapter_config.json + adapter_model.safetensors", where, str(files))
+    import json
+
+    peft_cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    check("base_model_name_or_path" in peft_cfg, PEFT, "adapter_config.json no longer records "
+          "base_model_name_or_path (alignkit makes it absolute)", "alignkit/models/adapters.py:absolute_base_path",
+          str(sorted(peft_cfg)))
     perturb(m, seed=2)
     with guard(PEFT, "set_peft_model_state_dict(model, state) failed on peft's own saved file", where):
         load_adapter_weights(m, tmp_path / "a")
