@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, args.online_command)
     if args.dry_run:
         return dry_run(cfg)
+    if getattr(args, "quiet", False):
+        cfg.method.progress_bar = False  # --quiet: no progress bar, as the offline commands
     return train_online(cfg, args.online_command, command_line=command_line(args), resume=args.resume,
                         overwrite=args.overwrite)
 

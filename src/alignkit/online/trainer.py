@@ -94,6 +94,9 @@ class OnlineConfig:
     generation_batch_size: int = 64
     formatter: str = "auto"  # how prompts are formatted for generation (alignkit.data.FORMATTERS)
     max_prompt_length: int | None = None  # prompt tokens kept (the end of the prompt), None: all
+    report_to: str | list[str] | None = None  # accelerate trackers ("tensorboard", "wandb", ...); None: tensorboard
+    #   when installed (events in <output_dir>/tensorboard, as offline runs); "none": no tracker
+    progress_bar: bool = True  # a tqdm bar over the steps (main process)
     chunk_size: int = 1024
     seed: int = 0
     save_at_end: bool = True
@@ -176,7 +179,9 @@ class OnlineTrainer:
         if not self.prompts:
             raise ValueError("online training needs at least one prompt")
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.accelerator = Accelerator(cpu=not _has_accelerator())
+        self.trackers = self._trackers() if self.output_dir is not None else []
+        self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=self.trackers or None,
+                                       project_dir=str(self.output_dir) if self.trackers else None)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         n_step = min(self.config.prompts_per_step, len(self.prompts))
         if n_step % self.world:
@@ -233,8 +238,35 @@ class OnlineTrainer:
     def policy(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def _trackers(self) -> list[str]:
+        import importlib.util
+
+        r = self.config.report_to
+        if r is None:
+            r = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+        r = [r] if isinstance(r, str) else list(r)
+        return [t for t in r if t != "none"]
+
     def train(self) -> list[dict[str, float]]:
-        """Run `config.steps` steps; returns each step's metrics (also in `history`)."""
+        """Run `config.steps` steps; returns each step's metrics (also in `history`, `metrics.jsonl` and the
+        trackers: TensorBoard events in <output_dir>/tensorboard by default)."""
+        from tqdm.auto import tqdm
+
+        if self.trackers:  # opened here, not in __init__: nothing is written before training starts
+            self.accelerator.init_trackers("tensorboard")
+        bar = tqdm(total=self.config.steps, desc=type(self).__name__.replace("Trainer", ""), unit="step",
+                   disable=not (self.config.progress_bar and self.accelerator.is_main_process))
+        try:
+            self._train_steps(bar)
+        finally:
+            bar.close()
+            if self.trackers:
+                self.accelerator.end_training()
+        if self.output_dir is not None and self.config.save_at_end:
+            self.save(self.output_dir)
+        return self.history
+
+    def _train_steps(self, bar: Any) -> None:
         for step in range(self.config.steps):
             t0 = time.perf_counter()
             self._step = step
@@ -246,9 +278,8 @@ class OnlineTrainer:
             self.kl_ctl.update(metrics["kl"], len(samples) * self.world)
             metrics["time/step_s"] = time.perf_counter() - t0
             self.log(metrics)
-        if self.output_dir is not None and self.config.save_at_end:
-            self.save(self.output_dir)
-        return self.history
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "kl", "loss") if k in metrics})
 
     def next_prompts(self) -> list:
         """The next `prompts_per_step` prompts of a seeded shuffle, reshuffled after each pass."""
@@ -447,6 +478,8 @@ class OnlineTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")  # NaN stays NaN (json writes `NaN`), never null
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""
