@@ -53,10 +53,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, args.online_command)
     if args.dry_run:
         return dry_run(cfg)
-    if getattr(args, "quiet", False):
-        cfg.method.progress_bar = False  # --quiet: no progress bar, as the offline commands
     return train_online(cfg, args.online_command, command_line=command_line(args), resume=args.resume,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, quiet=getattr(args, "quiet", False))
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -132,18 +130,18 @@ def trainer_class(command: str) -> type:
 
 
 def train_online(cfg: Any, command: str, *, command_line: str = "", resume: bool = False,
-                 overwrite: bool = False) -> int:
+                 overwrite: bool = False, quiet: bool = False) -> int:
     """Run one online command end to end (see the module docstring). Returns an exit code. The output folder,
     prompts, policy, adapter, annotator and trainer are all checked before the run folder is written."""
     plan = plan_run(cfg, resume=resume, overwrite=overwrite, can_resume=False)
     try:
-        return _train_online(cfg, command, plan, command_line=command_line)
+        return _train_online(cfg, command, plan, command_line=command_line, quiet=quiet)
     except BaseException:
         abandon_run(plan)
         raise
 
 
-def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str) -> int:
+def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False) -> int:
     from transformers import set_seed
 
     from alignkit.cli.train import adapter_summary, how_to_load
@@ -155,7 +153,10 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str) -> in
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None)
-    trainer = trainer_class(command)(model, tok, prompts, annotator, cfg.trainer_config(), output_dir=plan.root)
+    tcfg = cfg.trainer_config()
+    if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged)
+        tcfg = dataclasses.replace(tcfg, progress_bar=False)
+    trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root)
 
     run = begin_run(plan, cfg)  # -------------------------------- from here on the run folder is written
     named = plan.named()
