@@ -113,3 +113,50 @@ def test_dataset_map_as_prepare_calls_it():
     check(sorted(out.column_names) == ["index", "n"] and out["n"] == [3, 2] and out["index"] == [1, 2], "datasets",
           "a batched map with indices that drops rows no longer gives the kept rows only", where,
           f"{out.column_names}: {out[:]}")
+
+
+def test_accelerate_state_internals_for_cpu_fsdp(monkeypatch):
+    """On CPU processes alignkit attaches the FSDP plugin accelerate drops: it sets `state.fsdp_plugin`, builds
+    `FullyShardedDataParallelPlugin()` from the launcher's FSDP_* variables, and writes `distributed_type` into the
+    private `PartialState._shared_state`, because every `AcceleratorState()` copies PartialState's fields again."""
+    where = "alignkit/distributed.py:enable_sharding_on_cpu/is_fsdp2"
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    acc = Accelerator(cpu=True)
+    check(acc.state.distributed_type == DistributedType.NO and "distributed_type" in PartialState._shared_state, ACC,
+          "PartialState._shared_state['distributed_type'] is gone", where)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with guard(ACC, "FullyShardedDataParallelPlugin() no longer builds from the FSDP_* environment", where):
+        plugin = FullyShardedDataParallelPlugin()
+    check(getattr(plugin, "fsdp_version", None) == 2, ACC, "FullyShardedDataParallelPlugin() ignores FSDP_VERSION",
+          where, f"fsdp_version={getattr(plugin, 'fsdp_version', None)}")
+    saved = PartialState._shared_state["distributed_type"], AcceleratorState._shared_state.get("distributed_type")
+    try:
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        seen = AcceleratorState().distributed_type
+    finally:
+        PartialState._shared_state["distributed_type"] = saved[0]
+        AcceleratorState._shared_state["distributed_type"] = saved[1]
+    check(seen == DistributedType.FSDP, ACC, "AcceleratorState() no longer copies PartialState's fields (alignkit's "
+          "write to PartialState._shared_state would be pointless, or needed elsewhere)", where, str(seen))
+
+
+def test_torch_module_internals_for_full_parameters():
+    """`full_parameters` swaps FSDP2's DTensor shards for full tensors in `module._parameters` and holds off the
+    module's `_state_dict_pre_hooks` / `_state_dict_hooks`, recognising fully_shard's classes by the "FSDP" name
+    prefix it gives them."""
+    import inspect
+
+    where = "alignkit/distributed.py:full_parameters"
+    m = nn.Linear(2, 2)
+    check(isinstance(m._parameters, dict) and isinstance(m._state_dict_pre_hooks, dict)
+          and isinstance(m._state_dict_hooks, dict), "torch", "nn.Module._parameters / _state_dict_pre_hooks / "
+          "_state_dict_hooks are no longer dicts", where)
+    with guard("torch", "torch.distributed.fsdp.fully_shard / DTensor moved", where):
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+        from torch.distributed.fsdp._fully_shard import _fully_shard as impl
+        from torch.distributed.tensor import DTensor  # noqa: F401
+    check('"FSDP"' in inspect.getsource(impl), "torch", "fully_shard no longer names its dynamic classes "
+          "FSDP<Class> (use isinstance(module, FSDPModule) instead of the name)", where)
