@@ -31,6 +31,22 @@ them. Ranks are OASST's, computed before filtering, so they may have gaps; only 
 Prompts (`kind="prompt"`, for online training): `prompts="roots"` (default) gives each tree's initial
 prompt; `prompts="all"` every prompter turn with the conversation before it.
 
+Presets (`preset=`): "strict" (default) is everything above. "oasst" reproduces Open-Assistant's own
+trainer (model_training/custom_datasets/oasst_dataset.py, `load_oasst_export`) as its reader applies the
+rules: a tree is kept when its state is "ready_for_export" and its ROOT is positively reviewed and in
+`langs` (default English; no per-message review or language check); SFT threads are the paths to leaves,
+where a prompter leaf counts only when it is the FIRST reply of its parent (and is then cut off), and a
+thread with any deleted or synthetic message is dropped (not the whole subtree: other branches stay);
+ranked groups are the prompter turns (with a clean path) with >= 2 ranked replies, sorted by rank; prompts
+(OA's "rl" mode) are every prompter-ending path without deleted or synthetic messages, in trees that are
+"ready_for_export" or "prompt_lottery_waiting". `mode`, `drop_*` and `tree_states` do not apply to it.
+On the shared 40-tree English sample (`../shared/data/oasst/oasst_en_trees_sample.jsonl`):
+
+| preset | SFT records | assistant messages trained (loss_on=all_assistant) | ranked groups | prompts |
+|--------|-------------|-----------------------------------------------------|---------------|---------|
+| strict | 202         | 247 (202 with loss_on=last_assistant)               | 73            | 37 roots (175 with prompts="all") |
+| oasst  | 197         | 247                                                 | 73            | 175           |
+
 Records carry `meta = {"tree_id", "message_id", "lang"}` (SFT threads also `"thread"`: the message ids from
 the root); split train/validation by tree with
 `alignkit.data.splits.split_records(records, "95,5", group_by="tree_id")`.
@@ -195,23 +211,94 @@ def prompter_paths(root: Node, which: str = "roots") -> list[list[Node]]:
     return out
 
 
+def _oa_message(m: dict) -> dict:
+    return {"role": ROLES[m["role"]], "content": m["text"]}
+
+
+def oa_threads(root: dict, kind: str) -> list[list[dict]]:
+    """Open-Assistant's threads of one (unfiltered) tree as raw message dicts, for `preset="oasst"`:
+    SFT paths (prompter leaf kept only as its parent's first reply, then cut), or prompter-ending paths
+    ("ranked": with >= 2 ranked replies; "prompt": all), none containing a deleted or synthetic message."""
+    out: list[list[dict]] = []
+
+    def clean(thread: list[dict]) -> bool:
+        return not any(m.get("deleted") or m.get("synthetic") for m in thread)
+
+    def visit(node: dict, parents: list[dict]) -> None:
+        thread = parents + [node]
+        replies = node.get("replies") or []
+        if kind == "sft":
+            take = (len(thread) > 1 and not replies
+                    and (node["role"] == "assistant" or thread[-2]["replies"][0] is node) and clean(thread))
+            if take:
+                out.append(thread[:-1] if node["role"] == "prompter" else thread)
+        elif node["role"] == "prompter" and clean(thread):
+            if kind == "prompt" or sum(r.get("rank") is not None for r in replies) > 1:
+                out.append(thread)
+        for r in replies:
+            visit(r, thread)
+
+    visit(root, [])
+    return out
+
+
+def _oa_convert(row: dict, where: str, kind: str, langs: Sequence[str], tree_id: str, root: dict,
+                removed: Counter) -> list:
+    states = ("ready_for_export", "prompt_lottery_waiting") if kind == "prompt" else ("ready_for_export",)
+    if row.get("tree_state") not in states or not root.get("review_result") or root.get("lang") not in langs:
+        removed["tree (state, root review or language)"] += 1
+        return []
+    for m in _walk(root):
+        for key, typ in (("text", str), ("role", str)):
+            if not isinstance(m.get(key), typ) or (key == "role" and m["role"] not in ROLES):
+                raise DataError(f"{where}: message {m.get('message_id', '?')} has no valid {key!r}; is this an "
+                                f"Open-Assistant tree export?")
+    out = []
+    for t in oa_threads(root, kind):
+        rid = f"{where} tree={tree_id} message={t[-1].get('message_id', '?')}"
+        meta = {"tree_id": tree_id, "message_id": t[-1].get("message_id"), "lang": t[-1].get("lang"),
+                "thread": [m.get("message_id") for m in t]}
+        msgs = [_oa_message(m) for m in t]
+        if kind == "sft":
+            out.append(SFTRecord(msgs[:-1], [msgs[-1]], id=rid, meta=meta))
+        elif kind == "ranked":
+            ranked = sorted((r for r in t[-1].get("replies") or [] if r["role"] == "assistant"
+                             and r.get("rank") is not None), key=lambda r: r["rank"])
+            if len(ranked) >= 2:
+                out.append(RankedRecord(msgs, [[_oa_message(r)] for r in ranked], ranks=[r["rank"] for r in ranked],
+                                        id=rid, meta=meta))
+        else:
+            out.append(PromptRecord(msgs, id=rid, meta=meta))
+    return out
+
+
+def _walk(m: dict):
+    yield m
+    for r in m.get("replies") or []:
+        yield from _walk(r)
+
+
+PRESETS = ("strict", "oasst")
+
+
 @register_reader("oasst", kinds=("sft", "ranked", "prompt"), priority=20,
                  detect=lambda r: "message_tree_id" in r and isinstance(r.get("prompt"), dict),
                  description="Open-Assistant message trees (message_tree_id, prompt{replies}) -> sft | ranked | prompt")
 def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts: str = "roots",
                langs: str | Sequence[str] | None = None, drop_deleted: bool = True, drop_synthetic: bool = True,
                drop_unreviewed: bool = True, tree_states: Sequence[str] | None = ("ready_for_export",),
-               on_invalid: str = "raise", split: str | None = None) -> list:
-    """Records of `kind` ("sft", "ranked" or "prompt") from an Open-Assistant tree export."""
+               on_invalid: str = "raise", split: str | None = None, preset: str = "strict") -> list:
+    """Records of `kind` ("sft", "ranked" or "prompt") from an Open-Assistant tree export (`preset`: "strict"
+    or "oasst", Open-Assistant's own rules; see the module docstring)."""
     return read_oasst_rows(iter_rows(source, split), str(source), kind=kind, mode=mode, prompts=prompts, langs=langs,
                            drop_deleted=drop_deleted, drop_synthetic=drop_synthetic, drop_unreviewed=drop_unreviewed,
-                           tree_states=tree_states, on_invalid=on_invalid)
+                           tree_states=tree_states, on_invalid=on_invalid, preset=preset)
 
 
 def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "leaves", prompts: str = "roots",
                     langs: str | Sequence[str] | None = None, drop_deleted: bool = True, drop_synthetic: bool = True,
                     drop_unreviewed: bool = True, tree_states: Sequence[str] | None = ("ready_for_export",),
-                    on_invalid: str = "raise") -> list:
+                    on_invalid: str = "raise", preset: str = "strict") -> list:
     """`read_oasst` on an iterable of (tree row, where) pairs (also used by the flat-message reader)."""
     source = name
     if kind not in ("sft", "ranked", "prompt"):
@@ -219,10 +306,15 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
                         f"(use load_records(..., kind={kind!r}) to convert)")
     filters = Filters([langs] if isinstance(langs, str) else langs, drop_deleted, drop_synthetic, drop_unreviewed)
     removed: Counter = Counter()
+    if preset not in PRESETS:
+        raise DataError(f"unknown OASST preset {preset!r}; valid: {', '.join(PRESETS)} (reader_options.preset)")
+    oa_langs = (["en"] if langs is None else [langs] if isinstance(langs, str) else list(langs))
 
     def convert(row: dict, where: str) -> list:
         tree_id = get_field(row, "message_tree_id", where, str, "the tree's id")
         root_msg = get_field(row, "prompt", where, dict, "the tree's root message")
+        if preset == "oasst":
+            return _oa_convert(row, where, kind, oa_langs, tree_id, root_msg, removed)
         if tree_states is not None and row.get("tree_state") not in tree_states:
             removed[f"tree_state={row.get('tree_state')}"] += 1
             return []
