@@ -15,8 +15,10 @@ on loopback; nothing else is contacted), a fixed number of requests per run and 
                           model, in this process: its throughput does not depend on the client count.
 
 Greedy decoding, `max_tokens` new tokens per request (a random model seldom ends early; the real count is
-reported). TTFT = first streamed token; latency = last byte. Output: a table on stdout and
-`bench/results/serve-<stamp>.json`. The server and the naive baseline run with the same torch thread count.
+reported). TTFT = first streamed token; latency = last byte. All three servers stay up and the rounds
+interleave the scenarios (`--repeats`, medians reported, ratios paired within a round), because a shared
+machine's load drifts. Output: a table on stdout and `bench/results/serve-<stamp>.json` (every run).
+The servers and the naive baseline run with the same torch thread count.
 """
 
 from __future__ import annotations
@@ -225,10 +227,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=0, help="requests per run (default max(32, 4 x clients))")
+    ap.add_argument("--naive-requests", type=int, default=16, help="requests per naive run")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--time-cap", type=float, default=120.0, help="seconds per run; no new request after it")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and the naive baseline")
-    ap.add_argument("--port", type=int, default=18431)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the servers and the naive baseline")
+    ap.add_argument("--port", type=int, default=18431, help="first of three loopback ports")
     ap.add_argument("--scenarios", nargs="+", default=["one", "reft4", "lora4", "naive"])
     ap.add_argument("--workdir", default=None, help="where the tiny model and adapters are built (kept)")
     args = ap.parse_args()
@@ -236,35 +240,68 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="alignkit-serve-bench-"))
     dirs = build_models(work)
-    scenarios = {"one": ["reft0"], "reft4": ["reft0", "reft1", "reft2", "reft3"],
-                 "lora4": ["lora0", "lora1", "lora2", "lora3"]}
-    rows = []
-    for sc in args.scenarios:
-        if sc == "naive":
-            n = args.requests or 32
-            r = naive(dirs, "reft0", n, args.max_tokens, args.threads, args.time_cap)
-            rows.append({"scenario": "naive generate (reft0)", "clients": 1, **r})
-            print(json.dumps(rows[-1]), flush=True)
-            continue
-        names = scenarios[sc]
-        proc = start_server(dirs, names, args.port, args.threads, max(args.clients))
-        try:
-            asyncio.run(drive(args.port, names, 1, 4, args.max_tokens, 30))  # warm-up
+    adapters = {"one": ["reft0"], "reft4": ["reft0", "reft1", "reft2", "reft3"],
+                "lora4": ["lora0", "lora1", "lora2", "lora3"]}
+    served = [sc for sc in args.scenarios if sc != "naive"]
+    # every server is up for the whole run; rounds interleave the scenarios, so slow phases of a shared
+    # machine hit all of them alike (an idle server's engine thread sleeps on a condition variable)
+    servers = {sc: (args.port + i, start_server(dirs, adapters[sc], args.port + i, args.threads, max(args.clients)))
+               for i, sc in enumerate(served)}
+    runs: list[dict] = []
+    try:
+        for sc, (port, _) in servers.items():
+            asyncio.run(drive(port, adapters[sc], 4, 8, args.max_tokens, 30))  # warm-up
+        for rep in range(args.repeats):
+            order = served[rep % max(len(served), 1):] + served[:rep % max(len(served), 1)]
+            if "naive" in args.scenarios:
+                r = naive(dirs, "reft0", args.naive_requests, args.max_tokens, args.threads, args.time_cap)
+                runs.append({"scenario": "naive", "clients": 1, "repeat": rep, **r})
+                print(json.dumps(runs[-1]), flush=True)
             for c in args.clients:
-                n = args.requests or max(32, 4 * c)
-                r = asyncio.run(drive(args.port, names, c, n, args.max_tokens, args.time_cap))
-                rows.append({"scenario": sc, "clients": c, **r})
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
+                for sc in order:
+                    port = servers[sc][0]
+                    n = args.requests or max(32, 4 * c)
+                    r = asyncio.run(drive(port, adapters[sc], c, n, args.max_tokens, args.time_cap))
+                    runs.append({"scenario": sc, "clients": c, "repeat": rep, **r})
+                    print(json.dumps(runs[-1]), flush=True)
+    finally:
+        for _, proc in servers.values():
             proc.terminate()
             proc.wait(30)
-    print(f"\n{'scenario':<24}{'clients':>8}{'req':>6}{'err':>5}{'req/s':>8}{'tok/s':>9}"
+    keys = ["requests", "errors", "req_per_s", "out_tok_per_s", "ttft_p50", "ttft_p95", "ttft_p99", "lat_p50",
+            "lat_p95", "lat_p99"]
+    rows = []
+    for sc in args.scenarios:
+        for c in ([1] if sc == "naive" else args.clients):
+            rs = [r for r in runs if r["scenario"] == sc and r["clients"] == c]
+            if rs:
+                rows.append({"scenario": sc, "clients": c, "runs": len(rs),
+                             **{k: (sum(r[k] for r in rs) if k in ("requests", "errors")
+                                    else statistics.median(r[k] for r in rs)) for k in keys}})
+    print(f"\nmedians over {args.repeats} interleaved rounds, {args.max_tokens} new tokens per request")
+    print(f"{'scenario':<10}{'clients':>8}{'req':>6}{'err':>5}{'req/s':>8}{'tok/s':>9}"
           f"{'TTFT p50/95/99 ms':>22}{'latency p50/95/99 ms':>25}")
     for r in rows:
         ms = lambda a, b, c: f"{a * 1e3:.0f}/{b * 1e3:.0f}/{c * 1e3:.0f}"  # noqa: E731
-        print(f"{r['scenario']:<24}{r['clients']:>8}{r['requests']:>6}{r['errors']:>5}{r['req_per_s']:>8.2f}"
+        print(f"{r['scenario']:<10}{r['clients']:>8}{r['requests']:>6}{r['errors']:>5}{r['req_per_s']:>8.2f}"
               f"{r['out_tok_per_s']:>9.1f}{ms(r['ttft_p50'], r['ttft_p95'], r['ttft_p99']):>22}"
               f"{ms(r['lat_p50'], r['lat_p95'], r['lat_p99']):>25}")
+    ratios = {}
+
+    def paired(a: str, b: str, c: int, cb: int | None = None) -> float | None:
+        xs = [ra["out_tok_per_s"] / rb["out_tok_per_s"] for ra in runs for rb in runs
+              if ra["scenario"] == a and ra["clients"] == c and rb["scenario"] == b
+              and rb["clients"] == (c if cb is None else cb) and ra["repeat"] == rb["repeat"] and rb["out_tok_per_s"]]
+        return round(statistics.median(xs), 3) if xs else None
+
+    for c in args.clients:
+        ratios[f"reft4/one tok/s, {c} clients"] = paired("reft4", "one", c)
+        ratios[f"lora4/one tok/s, {c} clients"] = paired("lora4", "one", c)
+    for sc in served:
+        ratios[f"{sc} at {max(args.clients)} clients / naive tok/s"] = paired(sc, "naive", max(args.clients), 1)
+    print("\npaired ratios (median over rounds):")
+    for k, v in ratios.items():
+        print(f"  {k}: {v}")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -272,7 +309,8 @@ def main() -> int:
     import transformers
 
     path.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "transformers": transformers.__version__,
-                                "load_average": os.getloadavg(), "rows": rows}, indent=2))
+                                "load_average_end": os.getloadavg(), "rows": rows, "ratios": ratios, "runs": runs},
+                               indent=2))
     print(f"\nwrote {path}")
     return 0
 

@@ -206,3 +206,26 @@ def test_stacked_lora_equals_peft_mixed_batches(serve_dirs):
     torch.testing.assert_close(one, want_one, rtol=1e-5, atol=1e-5)
     assert (got[1] - base[1]).abs().max() > 1e-2  # the LoRA rows really differ from the base
     torch.testing.assert_close(got[0], base[0], rtol=0, atol=0)  # rows without LoRA are the base, bitwise
+
+
+def test_a_failing_forward_fails_its_batch_and_the_engine_keeps_serving(serve_stack, monkeypatch):
+    eng = Engine(serve_stack, EngineConfig())
+    real = eng._forward
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(eng, "_forward", flaky)
+    eng.start()
+    try:
+        with pytest.raises(RuntimeError, match="internal error: RuntimeError: boom"):
+            eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0), timeout=30)
+        ok = eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0), timeout=30)
+        assert len(ok["choices"][0]["token_ids"]) == 3 and eng.running_rows == 0 and eng.alive
+        assert eng.stats.errors == 1
+    finally:
+        eng.stop()

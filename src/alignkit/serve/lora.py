@@ -1,15 +1,19 @@
-"""Per-row LoRA for mixed-adapter batches, gathered and batched (the idea of S-LoRA / Punica's BGMV kernels).
+"""Per-row LoRA for mixed-adapter batches, without a Python loop over adapters (cf. S-LoRA / Punica).
 
 peft's mixed-adapter forward (`adapter_names=[...]`) registers hooks on every LoRA layer for each call and
 loops in Python over the adapters present in every layer; on a small model that costs more than the model.
-Here, for every LoRA-wrapped `nn.Linear`, the A and B matrices of all served adapters are stacked once at
-load time (`A: (n + 1, r, in)`, `B: (n + 1, out, r)`, rank padded to the largest with zeros; slot 0 is all
-zeros = no LoRA), peft's own LoRA path is switched off, and a forward hook adds, for row b routed to slot s_b,
+Here, for every LoRA-wrapped `nn.Linear`, the A and B matrices of all n served adapters are concatenated once
+at load time along the rank axis (`A: (n R, in)`, `B: (out, n R)`, each adapter's rank zero-padded to the
+largest R), peft's own LoRA path is switched off, and a forward hook adds
 
-    delta[b] = scaling[s_b] * (x[b] @ A[s_b]^T) @ B[s_b]^T          # (T, out), two batched matmuls per layer
+    delta = ((x @ A^T) * M) @ B^T          # x: (Bt, T, in); M: (Bt, 1, n R)
 
-the same sum peft computes (`lora_B(lora_A(x)) * scaling`, dropout being off in eval). When every row uses
-the same slot the gather is skipped (plain matmuls), and when no row uses LoRA the hook returns at once.
+where row b's mask M[b] holds its adapter's `scaling` on that adapter's R columns and 0 elsewhere: row b gets
+exactly `scaling * (x[b] @ A_s^T) @ B_s^T`, peft's `lora_B(lora_A(x)) * scaling` (dropout is off in eval), and
+a row without LoRA gets an exact zero. Two dense matmuls per layer whatever the mix (the n-fold wider first
+product is cheap while n R is small, e.g. 4 adapters x r 8 = 32 columns; thousands of adapters would call for
+a gathered kernel instead). When every row uses the same adapter only its block is used; when no row uses
+LoRA the hook returns at once.
 
 Only vanilla LoRA on `nn.Linear` qualifies; DoRA and other variants, LoRA biases, or adapters on other
 layer types make `StackedLora.build` return None, and the engine then uses peft's `adapter_names` path.
@@ -28,18 +32,21 @@ logger = logging.getLogger(__name__)
 
 
 class StackedLora:
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], rank: int):
         self.names = list(names)
-        self.slot = {n: i + 1 for i, n in enumerate(self.names)}  # 0 = no LoRA
-        self._rows: torch.Tensor | None = None  # (B,) slot per row, on the model's device
-        self._single: int | None = None  # the one slot every row uses (None: mixed)
+        self.rank = rank  # R: every adapter's block width (its rank zero-padded)
+        self.slot = {n: i for i, n in enumerate(self.names)}
+        self.scaling: dict[tuple[int, str], float] = {}
+        self._mask: torch.Tensor | None = None  # (Bt, 1, n R), None: no routing set
+        self._single: int | None = None  # the adapter index every row uses (-1: none; None: mixed)
+        self._single_scale: torch.Tensor | None = None
         self._handles: list = []
 
     @classmethod
     def build(cls, peft_model: nn.Module, names: Sequence[str]) -> "StackedLora | None":
         """Stack the LoRA weights of `names` from `peft_model`; None if any layer is not vanilla LoRA on Linear."""
-        from peft.tuners.lora.layer import LoraLayer
         from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
 
         layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
         for m in layers:
@@ -52,51 +59,71 @@ class StackedLora:
             if any(m.lora_B[n].bias is not None for n in names if n in m.lora_B):
                 logger.info("serve: LoRA with biases: peft's mixed batches are used")
                 return None
-        self = cls(names)
-        for m in layers:
+        ranks = [m.lora_A[n].weight.shape[0] for m in layers for n in names if n in m.lora_A]
+        if not ranks:
+            return None
+        self = cls(names, max(ranks))
+        R, n_ad = self.rank, len(names)
+        scales = torch.zeros(len(layers), n_ad)
+        for li, m in enumerate(layers):
             base = m.base_layer
-            present = [n for n in names if n in m.lora_A]
-            if not present:
-                continue
-            r = max(m.lora_A[n].weight.shape[0] for n in present)
             w = base.weight
-            A = w.new_zeros(len(names) + 1, r, base.in_features)  # (n+1, r, in)
-            B = w.new_zeros(len(names) + 1, base.out_features, r)  # (n+1, out, r)
-            scale = w.new_zeros(len(names) + 1)  # (n+1,)
-            for n in present:
-                s, a, b = self.slot[n], m.lora_A[n].weight, m.lora_B[n].weight
-                A[s, :a.shape[0]] = a.detach().to(w.dtype)
-                B[s, :, :b.shape[1]] = b.detach().to(w.dtype)
-                scale[s] = float(m.scaling[n])
+            A = w.new_zeros(n_ad * R, base.in_features)  # (n R, in)
+            B = w.new_zeros(base.out_features, n_ad * R)  # (out, n R)
+            scale = w.new_zeros(n_ad)  # (n,) this layer's scaling per adapter (0: adapter absent here)
+            for n in names:
+                if n not in m.lora_A:
+                    continue
+                i, a, b = self.slot[n], m.lora_A[n].weight, m.lora_B[n].weight
+                A[i * R:i * R + a.shape[0]] = a.detach().to(w.dtype)
+                B[:, i * R:i * R + b.shape[1]] = b.detach().to(w.dtype)
+                scale[i] = float(m.scaling[n])
+            scales[li] = scale
             self._handles.append(base.register_forward_hook(self._hook(A, B, scale)))
+        if not torch.all(scales == scales[:1]):  # layers with different scalings need their own masks
+            logger.info("serve: LoRA scalings differ between layers: masks are built per layer")
+            self._per_layer = True
+        else:
+            self._per_layer = False
+        self._scale = scales[0]
         peft_model.base_model.disable_adapter_layers()  # peft's own LoRA path off: the hooks add the deltas
         return self
 
     def _hook(self, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor):
+        R = self.rank
+
         def hook(mod, args, out):
-            rows = self._rows
-            if rows is None or self._single == 0:
+            if self._mask is None or self._single == -1:
                 return None
             x = args[0].to(A.dtype)  # (Bt, T, in)
             if self._single is not None:
-                s = self._single
-                delta = (x @ A[s].T) @ B[s].T * scale[s]  # (Bt, T, out)
+                i = self._single
+                delta = (x @ A[i * R:(i + 1) * R].T) @ B[:, i * R:(i + 1) * R].T * scale[i]  # (Bt, T, out)
             else:
-                delta = torch.bmm(torch.bmm(x, A[rows].transpose(1, 2)), B[rows].transpose(1, 2))  # (Bt, T, out)
-                delta = delta * scale[rows][:, None, None]
+                mask = self._mask if not self._per_layer else self._layer_mask(scale)
+                delta = ((x @ A.T) * mask) @ B.T  # (Bt, T, n R) -> (Bt, T, out)
             return out + delta.to(out.dtype)
         return hook
+
+    def _layer_mask(self, scale: torch.Tensor) -> torch.Tensor:
+        onehot = self._onehot  # (Bt, n)
+        return (onehot * scale[None, :]).repeat_interleave(self.rank, dim=1)[:, None, :]
 
     @contextlib.contextmanager
     def route(self, names: Sequence[str | None], device: torch.device) -> Iterator[None]:
         """Inside this block, row b of every forward gets LoRA `names[b]` (None: none)."""
-        slots = [self.slot[n] if n is not None else 0 for n in names]
-        self._single = slots[0] if all(s == slots[0] for s in slots) else None
-        self._rows = torch.tensor(slots, dtype=torch.long, device=device)
+        idx = [self.slot[n] if n is not None else -1 for n in names]
+        self._single = idx[0] if all(i == idx[0] for i in idx) else None
+        onehot = torch.zeros(len(idx), len(self.names), device=device)  # (Bt, n)
+        for b, i in enumerate(idx):
+            if i >= 0:
+                onehot[b, i] = 1.0
+        self._onehot = onehot
+        self._mask = (onehot * self._scale.to(device)[None, :]).repeat_interleave(self.rank, dim=1)[:, None, :]
         try:
             yield
         finally:
-            self._rows, self._single = None, None
+            self._mask, self._single, self._onehot = None, None, None
 
     def remove(self) -> None:
         for h in self._handles:
