@@ -95,6 +95,7 @@ def test_models_completions_chat_and_usage(client, server):
             texts[ch.index] += ch.text
     again = client.completions.create(model="terse", prompt=prompt, max_tokens=6, temperature=1.0, seed=3, n=2)
     assert [ch.text for ch in again.choices] == [texts[0], texts[1]]
+    assert again.usage.prompt_tokens == len(tok(prompt)["input_ids"])  # counted once, as OpenAI does, for n=2
     full = r.choices[0].text
     cut = client.completions.create(model="polite", prompt=prompt, max_tokens=9, temperature=0, stop=[full[2:4]])
     assert cut.choices[0].text == full[:full.find(full[2:4])] and cut.choices[0].finish_reason == "stop"

@@ -229,3 +229,43 @@ def test_a_failing_forward_fails_its_batch_and_the_engine_keeps_serving(serve_st
         assert eng.stats.errors == 1
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_every_tiny_architecture_batched_equals_alone(arch, tiny_dir):
+    """Left-padded batches with explicit position ids and merged caches give each row its alone-greedy tokens."""
+    stack = load_stack(tiny_dir(arch), {}, base_name="base")
+    eng = Engine(stack, EngineConfig())
+    model = load_model(tiny_dir(arch)).eval()
+    tok = stack.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    want = [reference_greedy(model, None, p, 6, set()) for p in prompts]
+    events = {i: [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):  # submitted before the engine starts: one left-padded prefill of 5 rows
+        eng.submit("base", p, SamplingParams(max_tokens=6 - i % 2, temperature=0.0), events[i].append)
+    late = []
+    eng.start()
+    try:
+        eng.submit("base", prompts[1], SamplingParams(max_tokens=6, temperature=0.0), late.append)  # joins later
+        deadline = time.monotonic() + 30
+        while not all(e and e[-1].kind == "end" for e in [*events.values(), late]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+    for i, evs in events.items():
+        assert [e.token_id for e in evs if e.kind == "token"] == want[i][:6 - i % 2], (arch, i)
+    assert [e.token_id for e in late if e.kind == "token"] == want[1]
+
+
+def test_sliding_window_models_are_refused_by_name(tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "sliding"
+    shutil.copytree(tiny_dir("qwen2"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(use_sliding_window=True, sliding_window=4, max_window_layers=0,
+               layer_types=["sliding_attention"] * cfg["num_hidden_layers"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*full-attention caches only"):
+        load_stack(folder, {})

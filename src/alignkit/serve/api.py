@@ -58,7 +58,7 @@ def _num(body: dict, key: str, default: Any, kind: type, lo: float | None = None
     return kind(v)
 
 
-def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
+def sampling_params(body: dict) -> SamplingParams:
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -215,7 +215,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
 
     async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
         model = _model(body)
-        params = sampling_params(body, engine.config.default_max_tokens)
+        params = sampling_params(body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false", param="stream")
@@ -230,7 +230,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         kind = "chat.completion" if chat else "text_completion"
 
         def usage() -> dict[str, int]:
-            p = sum(len(x) * n for x in prompts)
+            p = sum(len(x) for x in prompts)  # as OpenAI counts: each prompt once, whatever n
             c = sum(r.completion_tokens for r in reqs)
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 

@@ -112,6 +112,19 @@ class Stack:
         return out
 
 
+def _check_cache(lm: nn.Module, base: Path) -> None:
+    """The engine merges and slices full-attention KV caches; sliding-window or linear-attention layers
+    (whose caches drop or fold old tokens) are not supported yet."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=lm.config)
+    odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+    if odd:
+        raise ValueError(f"{base}: this model's KV cache has {', '.join(odd)} layers (sliding-window or other "
+                         "non-full attention); alignkit serve handles full-attention caches only (not yet others)")
+
+
 def _adapter_config(folder: Path):
     from alignkit.models.adapters import read_adapter_config
 
@@ -155,6 +168,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     if device is not None:
         lm = lm.to(device)
     lm.eval()
+    _check_cache(lm, base)
     routes: dict[str, Route] = {base_name: Route(base_name, "base")}
     model: nn.Module = lm
     lora = [n for n, c in configs.items() if "lora" in c.kind]
@@ -162,10 +176,15 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
         from peft import PeftModel
 
         for i, name in enumerate(lora):
-            if i == 0:
-                model = PeftModel.from_pretrained(lm, str(adapters[name]), adapter_name=name, is_trainable=False)
-            else:
-                model.load_adapter(str(adapters[name]), adapter_name=name, is_trainable=False)
+            try:
+                if i == 0:
+                    model = PeftModel.from_pretrained(lm, str(adapters[name]), adapter_name=name, is_trainable=False)
+                else:
+                    model.load_adapter(str(adapters[name]), adapter_name=name, is_trainable=False)
+            except RuntimeError as e:  # e.g. shape mismatch: an adapter trained on another base
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"{adapters[name]}: this LoRA adapter does not fit the base model {base} ({first}); "
+                                 "serve it with the base it was trained on") from None
             logger.info("serve: LoRA adapter %r from %s", name, adapters[name])
     stacked = None
     if lora and stacked_lora:
