@@ -57,7 +57,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     others get a stub that carries their help line); without, every command's module registers fully."""
     parser = argparse.ArgumentParser(prog="alignkit", description="Align language models: ReFT, LoRA, full finetuning "
                                      "with SFT, reward modeling, DPO-family and KTO objectives.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks on config errors)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks on errors)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     if argv is None:
@@ -73,6 +74,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def expected_errors() -> tuple[type, ...]:
+    """The failures a user can cause and fix (bad config, data, paths, checkpoints, a diverging run)."""
+    from alignkit.data.records import DataError
+    from alignkit.guards import NonFiniteError
+    from alignkit.runs import CheckpointError
+    from alignkit.settings import ConfigError
+
+    return (ConfigError, DataError, FileNotFoundError, NonFiniteError, CheckpointError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -81,16 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
 
-    from alignkit.data.records import DataError
-    from alignkit.guards import NonFiniteError
     from alignkit.settings import ConfigError
 
+    expected = expected_errors()
     try:
         from alignkit.cli.flags import translate_argv
 
         parsed_argv = translate_argv(parser, argv)  # TRL-style --flags -> key=value overrides
     except ConfigError as e:
-        print(f"alignkit: error: {e}", file=sys.stderr)
+        print(f"alignkit: error: {one_line(e)}", file=sys.stderr)
         return 2
     args = parser.parse_args(parsed_argv)
     args.argv = argv
@@ -102,11 +112,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, NonFiniteError) as e:
-        if args.verbose:
+    except expected as e:
+        if args.verbose or args.debug:
             raise
-        print(f"alignkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"alignkit {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"alignkit {args.command}: interrupted; finished checkpoints are complete, resume with --resume",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, or a failure alignkit does not know yet: still one line, the traceback on ask
+        if args.verbose or args.debug:
+            raise
+        print(f"alignkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} (run again with --debug "
+              "for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(e).strip().splitlines() if part.strip())
+    return text.strip("'\"") or type(e).__name__
 
 
 __all__ = ["build_parser", "main"]

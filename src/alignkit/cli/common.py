@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.runs import RunFolder, is_main_process
+from alignkit.data.records import DataError
 from alignkit.settings import ConfigError, DataSettings, ModelSettings, dump_config, load_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,76 @@ def check_model_folder(path: str, key: str, adapter: bool = False) -> None:
                           "folder save_pretrained wrote (or a run's base_model/ or model/)")
 
 
+def damaged_safetensors(folder: str | Path) -> tuple[Path, str] | None:
+    """The first `*.safetensors` file under `folder` that cannot be read whole (truncated, bad header), and why."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    h.get_slice(name)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
+            return f, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def describe_load_error(key: str, path: str | Path, e: BaseException) -> str:
+    """One line for a model / adapter that failed to load: which file, what is wrong with it, what to do."""
+    text = str(e)
+    bad = damaged_safetensors(path)
+    if bad is not None:
+        return (f"{key}: {bad[0]} cannot be read ({bad[1]}): the file is truncated or damaged; save the model "
+                "again (or copy it again from where it came from)")
+    if "size mismatch" in text:
+        first = next((line.strip() for line in text.splitlines() if "size mismatch" in line), text.splitlines()[0])
+        return (f"{key}: {path} was trained on a model of another size than the base model ({first[:320]}); use the "
+                "base model it was trained from (its README.md names it)")
+    if isinstance(e, UnicodeDecodeError):
+        return f"{key}: {path}: a file is not UTF-8 text ({e.reason} at byte {e.start}); it is damaged or not JSON"
+    first = text.splitlines()[0] if text else ""
+    return f"{key}: cannot load {path}: {type(e).__name__}: {first[:300]}"
+
+
+class explaining_load:
+    """`with explaining_load("model.path", path): load(...)`: any failure becomes one ConfigError line."""
+
+    def __init__(self, key: str, path: str | Path) -> None:
+        self.key, self.path = key, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, ConfigError):
+            return False
+        raise ConfigError(describe_load_error(self.key, self.path, exc)) from exc
+
+
+def check_adapter_files(folder: Path, key: str) -> None:
+    """The weights an adapter folder's config promises are there (and complete, when it carries a marker)."""
+    from alignkit.models.adapters import read_adapter_config
+    from alignkit.runs import COMPLETE_MARKER, incomplete_reason
+
+    if (folder / COMPLETE_MARKER).is_file():
+        reason = incomplete_reason(folder)
+        if reason is not None:
+            raise ConfigError(f"{key}: {reason}; the save did not finish: use a complete model/ folder")
+    with explaining_load(key, folder):
+        kind = read_adapter_config(folder).kind
+    need = []
+    if "lora" in kind:
+        need.append(("adapter_model.safetensors", "the LoRA weights"))
+    if "reft" in kind:
+        need.append(("interventions.safetensors", "the ReFT weights"))
+    for name, what in need:
+        if not (folder / name).is_file():
+            raise ConfigError(f"{key}: {folder} has no {name} ({what}); point it at the complete model/ folder of "
+                              "a finished run")
+
+
 def load_tokenizer_for(ms: ModelSettings, path: str):
     from alignkit.models.loading import load_tokenizer
 
@@ -309,10 +380,12 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
 
         check_kernels(ms.kernels)  # before anything is built
     path, desc = resolve_model_path(ms, run, task)
-    tok = load_tokenizer_for(ms, path)
-    model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
-                       num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
-                       rope_scaling=ms.rope_scaling)
+    with explaining_load("model.tokenizer" if ms.tokenizer else "model.path", ms.tokenizer or path):
+        tok = load_tokenizer_for(ms, path)
+    with explaining_load("model.path", path):
+        model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
+                           num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
+                           rope_scaling=ms.rope_scaling)
     if run is not None and path in _CREATED:  # this process's private copy of a tiny model: loaded, so not needed
         path = adopt_tiny(path, run.root / "base_model", main=False)
     if task == "classifier" and model.config.pad_token_id is None:
@@ -334,14 +407,17 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
     if ms.adapter_path is None:
         return model, tok, path, desc
     folder = Path(ms.adapter_path)
-    if read_adapter_config(folder).kind == "full":
-        model = load_model(folder, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
-                           num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
-                           rope_scaling=ms.rope_scaling)
-        if (folder / "tokenizer_config.json").is_file():
-            tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code), str(folder))
-    else:
-        model = load_adapter(model, folder)
+    check_adapter_files(folder, "model.adapter_path")
+    with explaining_load("model.adapter_path", folder):
+        if read_adapter_config(folder).kind == "full":
+            model = load_model(folder, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
+                               num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
+                               rope_scaling=ms.rope_scaling)
+            if (folder / "tokenizer_config.json").is_file():
+                tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
+                                         str(folder))
+        else:
+            model = load_adapter(model, folder)
     return model, tok, path, f"{desc} + {folder}"
 
 
@@ -397,9 +473,34 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     if ds.eval_path is None and ds.eval_fraction > 0:
         if not 0 < ds.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {ds.eval_fraction}")
+        n = len(records)
         records, evals = split_records(records, [1 - ds.eval_fraction, ds.eval_fraction], seed=ds.split_seed)
+        if not evals or not records:
+            raise ConfigError(f"data.eval_fraction: {ds.eval_fraction} of {n} record(s) leaves "
+                              f"{'no evaluation' if not evals else 'no training'} record; set it so both parts get "
+                              "at least one record, set data.eval_fraction=0 (no evaluation) or give data.eval_path")
+    records = drop_degenerate(records, "data.path")
+    evals = drop_degenerate(evals, "data.eval_path" if ds.eval_path is not None else "evaluation split")
     logger.info("data: %d training and %d evaluation %s record(s)", len(records), len(evals), kind)
     return records, evals
+
+
+def drop_degenerate(records: list, where: str) -> list:
+    """Policy for preference pairs whose chosen equals rejected (no preference signal: their DPO gradient is 0 and
+    they only dilute the mean): dropped with ONE warning giving their count and first ids; if every pair is
+    such, an error (the run would train for nothing)."""
+    from alignkit.data import PreferenceRecord
+
+    same = [r for r in records if isinstance(r, PreferenceRecord) and r.chosen == r.rejected]
+    if not same:
+        return records
+    ids = ", ".join(r.id or "?" for r in same[:3]) + (", ..." if len(same) > 3 else "")
+    if len(same) == len(records):
+        raise DataError(f"{where}: chosen == rejected in every one of the {len(records)} pair(s) (e.g. {ids}), so "
+                        "there is nothing to prefer; check the columns (chosen / rejected swapped in a join?)")
+    logger.warning("%s: dropped %d of %d pair(s) whose chosen == rejected (no preference signal): %s", where,
+                   len(same), len(records), ids)
+    return [r for r in records if not (isinstance(r, PreferenceRecord) and r.chosen == r.rejected)]
 
 
 def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tuple[list[dict], Any]:

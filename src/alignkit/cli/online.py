@@ -46,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.", epilog=defaults_epilog(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_arguments(p, run_folder=True)
+        add_allow_code(p)
         p.set_defaults(func=run, online_command=name)
 
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(cfg)
     return train_online(cfg, args.online_command, command_line=command_line(args), resume=args.resume,
-                        overwrite=args.overwrite, quiet=getattr(args, "quiet", False))
+                        overwrite=args.overwrite, quiet=getattr(args, "quiet", False), allow_code=args.allow_code)
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -65,12 +66,20 @@ def read_prompts(ds: DataSettings) -> list:
     return records[:ds.max_records] if ds.max_records is not None else records
 
 
-def make_annotator(settings: Any, run: RunFolder | None) -> Any:
+def add_allow_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-code", action="store_true",
+                        help="let annotator.function name code outside alignkit.rewards (it is imported and called on "
+                             "every sample; only for code you have read)")
+
+
+def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = False) -> Any:
     """An `alignkit.online.Annotator` from the `annotator` section. A reward model or judge is loaded like a
     policy (`tiny:<arch>` built in <run>/annotator/, or in a temporary folder when `run` is None, `adapter_path`
     applied) and moved to `device`."""
     from alignkit.online import ANNOTATORS, build_annotator
+    from alignkit.settings.online import check_code_allowed
 
+    check_code_allowed(settings, allow_code)
     if settings.kind == "function":
         return build_annotator({"type": "function", **settings.arguments()})
     from alignkit.cli.common import check_model_folder
@@ -130,29 +139,33 @@ def trainer_class(command: str) -> type:
 
 
 def train_online(cfg: Any, command: str, *, command_line: str = "", resume: bool = False,
-                 overwrite: bool = False, quiet: bool = False) -> int:
+                 overwrite: bool = False, quiet: bool = False, allow_code: bool = False) -> int:
     """Run one online command end to end (see the module docstring). Returns an exit code. The output folder,
     prompts, policy, adapter, annotator and trainer are all checked before the run folder is written."""
     plan = plan_run(cfg, resume=resume, overwrite=overwrite, can_resume=False)
     try:
-        return _train_online(cfg, command, plan, command_line=command_line, quiet=quiet)
+        return _train_online(cfg, command, plan, command_line=command_line, quiet=quiet, allow_code=allow_code)
     except BaseException:
         abandon_run(plan)
         raise
 
 
-def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False) -> int:
+def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False,
+                  allow_code: bool = False) -> int:
     from transformers import set_seed
 
     from alignkit.cli.train import adapter_summary, how_to_load
     from alignkit.models.adapters import apply_adapter
     from alignkit.runs import staged
 
+    from alignkit.settings.online import check_code_allowed
+
+    check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     set_seed(cfg.method.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_adapter(model, cfg.adapter)
-    annotator = make_annotator(cfg.annotator, None)
+    annotator = make_annotator(cfg.annotator, None, allow_code)
     tcfg = cfg.trainer_config()
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged)
         tcfg = dataclasses.replace(tcfg, progress_bar=False)

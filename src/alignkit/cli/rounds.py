@@ -42,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("annotate", help="offline round, job 2: score samples.jsonl, build records -> records.jsonl "
                                         "(pairs, labels, or best-of-n SFT data)")
     add_config_arguments(p)
+    from alignkit.cli.online import add_allow_code
+
+    add_allow_code(p)
     p.set_defaults(func=run_annotate)
 
 
@@ -60,7 +63,7 @@ def run_annotate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "annotate")
     if args.dry_run:
         return dry_run(cfg)
-    path = annotate(cfg)
+    path = annotate(cfg, allow_code=args.allow_code)
     m = json.loads((path.parent / "manifest.json").read_text())["annotation"]["metrics"]
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("reward/mean", "reward/std") if isinstance(m.get(k), float))
     print(f"alignkit annotate: {int(m.get('records/count', 0))} {cfg.feedback} record(s) in {path}. {shown}\n"
@@ -87,7 +90,7 @@ def sample(cfg: Any) -> Path:
                         max_prompt_length=cfg.data.max_prompt_length, **extra)
 
 
-def annotate(cfg: Any) -> Path:
+def annotate(cfg: Any, allow_code: bool = False) -> Path:
     """Score `<output_dir>/samples.jsonl` and write `<output_dir>/records.jsonl`. Returns its path."""
     from alignkit.online.rounds import SAMPLES_FILE, annotate_round
 
@@ -97,7 +100,7 @@ def annotate(cfg: Any) -> Path:
                                 f"output_dir={run.root} first")
     if run.main:
         save_config(cfg, run.root / "annotate.yaml")
-    annotator = make_annotator(cfg.annotator, run)
+    annotator = make_annotator(cfg.annotator, run, allow_code)
     return annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite)
 

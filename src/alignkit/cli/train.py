@@ -229,7 +229,9 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
 
     from alignkit.models.adapters import apply_adapter
     from alignkit.runs import staged
+    from alignkit.settings.bounds import check_precision
 
+    check_precision(cfg.train)
     kind = record_kind(command, cfg.method)
     train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
     set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed

@@ -44,6 +44,9 @@ def _where(rid: str) -> str:
     return rid if rid else "record"
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")  # roles chat templates know
+
+
 def check_messages(value: Any, rid: str, key: str) -> list[Message]:
     """Validate a conversation: a non-empty list of {"role": str, "content": str} dicts."""
     if not isinstance(value, list) or not value:
@@ -53,6 +56,13 @@ def check_messages(value: Any, rid: str, key: str) -> list[Message]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{_where(rid)}: {key}[{i}] must be a dict with string 'role' and 'content', got "
                             f"{str(m)[:80]!r}; fix the message or convert it to {{'role': ..., 'content': ...}}")
+        if m["role"] not in ROLES:
+            import difflib
+
+            close = difflib.get_close_matches(m["role"], ROLES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(f"{_where(rid)}: {key}[{i}] has role {m['role']!r}, not a chat role{hint}; use one of "
+                            f"{', '.join(ROLES)}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sections import (CONFIG_CLASSES, DPOMethod, KTOMethod, SFTMethod, TrainConfig)
 from alignkit.settings.typed import (ConfigError, build, coerce, merge, parse_overrides, read_yaml,
                                      unknown_key_error, _join)
@@ -127,6 +128,7 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
         check_training_args(cfg.train)
     _check_names(cfg)
     _check_model(cfg)
+    check_bounds(cfg)
     return cfg
 
 

@@ -103,6 +103,8 @@ class AnnotatorSettings:
                 out.append(f.name)
         return out
 
+    _allow_code = False  # set by check_code_allowed (the CLI's --allow-code): then any module is imported
+
     def _check_function(self) -> None:
         if self.function is None:
             raise ConfigError("annotator.function: required for kind 'function' ('module:function', e.g. "
@@ -114,6 +116,11 @@ class AnnotatorSettings:
             raise ConfigError(f"annotator.weights: {len(self.weights)} weight(s) for {len(specs)} function(s); give "
                               f"one per entry of annotator.function")
         for spec in specs:
+            if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+                raise ConfigError(f"annotator.function: {spec!r} must be written 'module:function', e.g. "
+                                  "'alignkit.rewards:digit_fraction'")
+            if not code_is_alignkits(spec) and not self._allow_code:
+                continue  # not imported while a config is read (nor by --dry-run): see check_code_allowed
             try:
                 fn = load_function(spec)
             except ValueError as e:
@@ -140,6 +147,34 @@ class AnnotatorSettings:
         if out.get("score_range") is not None:
             out["score_range"] = tuple(out["score_range"])
         return out
+
+
+ALLOWED_CODE = ("alignkit.rewards",)  # modules whose functions a config may name without --allow-code
+
+
+def code_is_alignkits(spec: str) -> bool:
+    """True for 'module:function' specs in alignkit's own registry of reward functions (`ALLOWED_CODE`)."""
+    module = spec.split(":", 1)[0]
+    return module in ALLOWED_CODE
+
+
+def check_code_allowed(settings: AnnotatorSettings | None, allow_code: bool) -> None:
+    """A config that names code outside `ALLOWED_CODE` runs it only when the user allows it (`--allow-code`):
+    without, a ConfigError; with, the functions are imported and their signatures checked now."""
+    if settings is None or settings.kind != "function" or settings.function is None:
+        return
+    specs = settings.function if isinstance(settings.function, list) else [settings.function]
+    foreign = [s for s in specs if not code_is_alignkits(s)]
+    if foreign and not allow_code:
+        raise ConfigError(f"annotator.function: {foreign[0]!r} is code outside alignkit's reward functions "
+                          f"({', '.join(ALLOWED_CODE)}); a config can run it only if you pass --allow-code, and it "
+                          "will be imported and called on every sample: pass the flag only for code you have read")
+    if foreign:
+        settings._allow_code = True
+        try:
+            settings._check_function()
+        finally:
+            settings._allow_code = False
 
 
 # ---------------------------------------------------------------------------------------------- feedback
@@ -302,6 +337,6 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
                                           "annotate": AnnotateConfig}
 ONLINE_COMMANDS = ("online-dpo", "grpo", "rloo", "ppo")
 
-__all__ = ["ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
+__all__ = ["ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPORunConfig",
            "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "method_section"]

@@ -128,9 +128,47 @@ def _prompt(row: dict, where: str) -> PromptRecord:
                         **_opt(row))
 
 
+# columns each reader reads (besides these, a column close to one of them is an error: a misspelling)
+COLUMNS = {"messages": ("messages", "weight"), "prompt_completion": ("prompt", "completion", "weight"),
+           "preference": ("prompt", "chosen", "rejected", "margin", "weight"),
+           "preference_implicit": ("chosen", "rejected", "margin", "weight"),
+           "unpaired": ("prompt", "completion", "label", "weight"), "ranked": ("prompt", "responses", "ranks", "weight"),
+           "prompt": ("prompt", "weight")}
+
+
+def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[str, int]) -> None:
+    """Policy for columns a reader does not read: one whose name is close to a column it reads (`weigth`,
+    `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported in one
+    warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
+    import difflib
+
+    for col in row:
+        if col in known:
+            continue
+        close = difflib.get_close_matches(str(col), known, n=1, cutoff=0.75)
+        if close:
+            raise DataError(f"{where}: unknown column {col!r} (did you mean {close[0]!r}?); rename it, or remove it")
+        unknown[col] = unknown.get(col, 0) + 1
+
+
 def _reader(convert):
+    known = COLUMNS[convert.__name__.strip("_")]
+
     def read(source: Any, *, kind: str | None = None, on_invalid: str = "raise", split: str | None = None) -> list:
-        return collect(iter_rows(source, split), convert, on_invalid, name=str(source)[:80])
+        unknown: dict[str, int] = {}
+
+        def checked(row: dict, where: str) -> Any:
+            check_columns(row, where, known, unknown)
+            return convert(row, where)
+
+        out = collect(iter_rows(source, split), checked, on_invalid, name=str(source)[:80])
+        if unknown and convert is not _prompt:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s: ignored column(s) %s (not read by this reader; counts: %s)", str(source)[:80], sorted(unknown),
+                ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))
+        return out
     read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."
     return read
 

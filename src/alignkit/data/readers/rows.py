@@ -33,12 +33,21 @@ def source_name(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file "
+                        f"as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
@@ -122,7 +131,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
             yield from _iter_jsonl(path)
         elif path.suffix == ".json":
             try:
-                value = json.loads(path.read_text(encoding="utf-8"))
+                value = json.loads(_decode(path.read_bytes(), str(path)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}); fix the file "
                                 f"(or write one object per line as .jsonl)") from None

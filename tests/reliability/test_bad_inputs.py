@@ -1,0 +1,164 @@
+"""Issue 12, findings 6 and 7: a corpus of bad inputs, each run through the CLI. Every one must end in exit code 2
+and ONE line on stderr that names what is wrong, where (file:line, config key or file) and how to fix it, with no
+traceback, without writing the output folder, and without suggesting an unsafe workaround. `--debug` shows the
+traceback instead. The data files are in corpus/ (see its README.md)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
+from alignkit.models.loading import load_model
+from alignkit.models.tiny import save_tiny
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CORPUS = Path(__file__).resolve().parent / "corpus"
+DPO = str(CONFIGS / "dpo-lora-tiny.yaml")
+QUICK = ["train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0"]
+UNSAFE = ("trust_remote_code=true", "weights_only=false", "ignore_mismatched_sizes", "--no-verify", "rm -rf")
+
+
+def run_cli(capsys, args: list[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["-q", *args])
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line(rc: int, err: str, *needles: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("alignkit ")]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    line = lines[0]
+    for n in needles:
+        assert n in line, f"{n!r} not in {line!r}"
+    assert not any(u in line.lower() for u in UNSAFE), line
+    return line
+
+
+# (case, extra overrides, what the line must contain) -- config mistakes on the DPO + LoRA example
+CONFIG_CASES = [
+    ("beta negative", ["method.beta=-1"], ["method.beta", "> 0"]),
+    ("beta zero", ["method.beta=0"], ["method.beta", "> 0"]),
+    ("max_steps zero", ["train.max_steps=0"], ["train.max_steps", ">= 1, or -1"]),
+    ("grad accumulation zero", ["train.gradient_accumulation_steps=0"], ["train.gradient_accumulation_steps", ">= 1"]),
+    ("negative lr", ["train.learning_rate=-1e-3"], ["train.learning_rate", "> 0"]),
+    ("nan lr", ["train.learning_rate=.nan"], ["train.learning_rate", "not a finite number"]),
+    ("scheduler typo", ["train.lr_scheduler_type=cosin"], ["train.lr_scheduler_type", "did you mean 'cosine'"]),
+    ("optimizer typo", ["train.optim=adamw"], ["train.optim", "did you mean 'adamw_torch'"]),
+    ("eval_fraction one", ["data.eval_fraction=1.0"], ["data.eval_fraction", "[0, 1)"]),
+    ("lora rank zero", ["adapter.lora.r=0"], ["adapter.lora.r", ">= 1"]),
+    ("unknown key", ["method.bta=0.1"], ["method.bta", "did you mean 'beta'"]),
+]
+
+
+@pytest.mark.parametrize("case,overrides,needles", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_config_mistakes(case, overrides, needles, tmp_path, capsys):
+    rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", *overrides])
+    assert_one_line(rc, err, *needles, "dpo-lora-tiny.yaml")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_on_a_cpu_machine(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", "train.bf16=true"])
+    assert_one_line(rc, err, "train.bf16", "train.use_cpu=true")
+    assert not (tmp_path / "run").exists()
+
+
+# (case, data file, extra overrides, what the line must contain)
+DATA_CASES = [
+    ("non-UTF-8", "latin1.jsonl", [], ["latin1.jsonl:2", "not UTF-8", "save the file as UTF-8"]),
+    ("misspelled column", "misspelled_weight.jsonl", [], ["misspelled_weight.jsonl:1", "'weigth'",
+                                                          "did you mean 'weight'"]),
+    ("chosen == rejected everywhere", "same_pairs.jsonl", [], ["data.path", "chosen == rejected in every one of the 6"]),
+    ("broken JSON line", "broken_json.jsonl", [], ["broken_json.jsonl:2", "broken JSON"]),
+    ("eval_fraction leaves nothing", "one_row.jsonl", ["data.eval_fraction=0.5"],
+     ["data.eval_fraction", "of 1 record(s) leaves no"]),
+    ("missing data file", "no_such_file.jsonl", [], ["no_such_file.jsonl", "no such"]),
+]
+
+
+@pytest.mark.parametrize("case,name,overrides,needles", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_data_mistakes(case, name, overrides, needles, tmp_path, capsys):
+    rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", f"data.path={CORPUS / name}",
+                               "data.eval_fraction=0.0", *overrides])
+    assert_one_line(rc, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_chat_role(tmp_path, capsys):
+    rc, err = run_cli(capsys, ["sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+                               f"data.path={CORPUS / 'unknown_role.jsonl'}", "data.eval_fraction=0.0"])
+    assert_one_line(rc, err, "unknown_role.jsonl:1", "'usr'", "did you mean 'user'")
+
+
+def test_some_identical_pairs_are_dropped_with_a_counted_warning(tmp_path, caplog):
+    from alignkit.cli.common import load_data
+    from alignkit.settings import DataSettings
+
+    with caplog.at_level("WARNING"):
+        train, _ = load_data(DataSettings(path=str(CORPUS / "some_same_pairs.jsonl")), "preference")
+    assert len(train) == 4 and all(r.chosen != r.rejected for r in train)
+    assert any("dropped 2 of 6 pair(s) whose chosen == rejected" in r.message for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- models, adapters
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny base, a LoRA adapter trained on it (just saved), and a base of another width."""
+    root = tmp_path_factory.mktemp("models")
+    base = save_tiny(root / "base", "llama")
+    other = save_tiny(root / "other", "llama", hidden_size=32)
+    lora = root / "lora"
+    torch.manual_seed(0)
+    save_adapter(apply_adapter(load_model(base), AdapterConfig(kind="lora", lora=LoraSettings(r=2, alpha=4.0))), lora)
+    return {"base": base, "other": other, "lora": lora}
+
+
+def eval_args(tmp_path, base, adapter=None):
+    out = ["eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"output_dir={tmp_path / 'ev'}",
+           f"model.path={base}", "data.max_records=2"]
+    return out + [f"model.adapter_path={adapter}" if adapter else "model.adapter_path=null"]
+
+
+def test_missing_model_path(tmp_path, capsys):
+    rc, err = run_cli(capsys, eval_args(tmp_path, tmp_path / "nowhere"))
+    assert_one_line(rc, err, "model.path", "nowhere", "does not exist")
+
+
+def test_missing_lora_weights(models, tmp_path, capsys):
+    broken = tmp_path / "lora"
+    shutil.copytree(models["lora"], broken)
+    (broken / "adapter_model.safetensors").unlink()
+    rc, err = run_cli(capsys, eval_args(tmp_path, models["base"], broken))
+    assert_one_line(rc, err, "model.adapter_path", "adapter_model.safetensors", "the LoRA weights")
+
+
+def test_lora_onto_a_model_of_another_size(models, tmp_path, capsys):
+    rc, err = run_cli(capsys, eval_args(tmp_path, models["other"], models["lora"]))
+    line = assert_one_line(rc, err, "model.adapter_path", "another size", "size mismatch")
+    assert len(line) < 600  # a summary, not a state-dict dump
+
+
+def test_truncated_safetensors_names_the_file(models, tmp_path, capsys):
+    broken = tmp_path / "base"
+    shutil.copytree(models["base"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    rc, err = run_cli(capsys, eval_args(tmp_path, broken))
+    assert_one_line(rc, err, "model.path", str(weights), "truncated or damaged")
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    from alignkit.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="method.beta"):
+        main(["--debug", "dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", "method.beta=-1"])
