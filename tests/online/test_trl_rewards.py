@@ -101,8 +101,13 @@ def test_config_accepts_a_list_and_rejects_a_bad_signature(trl_module):
     a = AnnotatorSettings(kind="function", function=["ak_trl_rewards:reward_len", "alignkit.rewards:digit_fraction"],
                           weights=[1.0, 3.0])
     assert a.arguments()["weights"] == [1.0, 3.0]
+    # code outside alignkit.rewards is not imported while a config is read (issue 12): its signature is checked
+    # when the user allows it (--allow-code -> check_code_allowed)
+    from alignkit.settings.online import check_code_allowed
+
+    bad = AnnotatorSettings(kind="function", function="ak_trl_rewards:three_positional")
     with pytest.raises(ConfigError, match=r"annotator\.function: reward function ak_trl_rewards:three_positional"):
-        AnnotatorSettings(kind="function", function="ak_trl_rewards:three_positional")
+        check_code_allowed(bad, allow_code=True)
     with pytest.raises(ConfigError, match=r"annotator\.weights: 1 weight\(s\) for 2 function"):
         AnnotatorSettings(kind="function", function=["ak_trl_rewards:reward_len", "ak_trl_rewards:reward_len"],
                           weights=[1.0])

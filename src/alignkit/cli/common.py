@@ -134,8 +134,9 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
             raise ConfigError(f"--resume: {final} holds no run to resume; run once without --resume first")
         ckpt = latest_complete_checkpoint(final / "checkpoints")
         if ckpt is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (runs write them with "
-                              "train.save_strategy=steps and train.save_steps=N); start again with --overwrite")
+            raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (training commands write "
+                              "them with train.save_strategy=steps and train.save_steps=N, online commands with "
+                              "method.save_steps=N); start again with --overwrite")
         logger.info("resuming %s from %s", final, ckpt)
     elif holds and not overwrite:
         raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
@@ -147,12 +148,13 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         from alignkit.runs import remove_own
 
         staging = final.parent / f".{final.name}.staging"
-        remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
+        if is_main_process():
+            remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
         return RunPlan(final, staging, "overwrite", existed=True)
     return RunPlan(final, final, "new", existed=existed)
 
 
-def begin_run(plan: RunPlan, cfg: Any) -> RunFolder:
+def begin_run(plan: RunPlan, cfg: Any, zero_based_steps: bool = False) -> RunFolder:
     """Create the run folder (main process), write the resolved config atomically, and on resume keep
     metrics.jsonl up to the checkpoint's step (the resumed run appends after them)."""
     from alignkit.runs import STAGING_MARK, truncate_metrics
@@ -168,6 +170,8 @@ def begin_run(plan: RunPlan, cfg: Any) -> RunFolder:
             from alignkit.runs import checkpoint_step
 
             step = checkpoint_step(plan.checkpoint)
+            if step is not None and zero_based_steps:  # online rows: "step" 0..N-1 are the N steps done
+                step -= 1
             if step is not None:
                 kept = truncate_metrics(run.metrics, step)
                 logger.info("metrics.jsonl: %d row(s) up to step %d kept; the resumed run appends", kept, step)
@@ -176,17 +180,11 @@ def begin_run(plan: RunPlan, cfg: Any) -> RunFolder:
 
 def abandon_run(plan: RunPlan) -> None:
     """After a failure before or during the run: remove only the EMPTY folders this run created (os.rmdir never
-    removes a file); a staging folder of --overwrite is kept for inspection (the old run is untouched)."""
-    if not plan.main:
+    removes a file); a staging folder of --overwrite with files in it is kept for inspection (the old run is
+    untouched, and the next --overwrite removes it)."""
+    if not plan.main or (plan.mode != "overwrite" and plan.existed) or not plan.root.is_dir():
         return
-    if plan.mode == "overwrite":
-        if plan.root.exists():
-            logger.warning("the new run failed; %s is untouched, the partial new run is in %s (removed by the next "
-                           "--overwrite)", plan.final, plan.root)
-        return
-    if plan.existed:
-        return
-    for sub in sorted(plan.root.rglob("*"), key=lambda p: len(p.parts), reverse=True) if plan.root.is_dir() else []:
+    for sub in sorted(plan.root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         if sub.is_dir():
             try:
                 sub.rmdir()
@@ -195,7 +193,9 @@ def abandon_run(plan: RunPlan) -> None:
     try:
         plan.root.rmdir()
     except OSError:
-        pass
+        if plan.mode == "overwrite":
+            logger.warning("the new run failed; %s is untouched, the partial new run is in %s (removed by the next "
+                           "--overwrite)", plan.final, plan.root)
 
 
 def finish_run(plan: RunPlan) -> None:

@@ -142,7 +142,7 @@ def train_online(cfg: Any, command: str, *, command_line: str = "", resume: bool
                  overwrite: bool = False, quiet: bool = False, allow_code: bool = False) -> int:
     """Run one online command end to end (see the module docstring). Returns an exit code. The output folder,
     prompts, policy, adapter, annotator and trainer are all checked before the run folder is written."""
-    plan = plan_run(cfg, resume=resume, overwrite=overwrite, can_resume=False)
+    plan = plan_run(cfg, resume=resume, overwrite=overwrite)
     try:
         return _train_online(cfg, command, plan, command_line=command_line, quiet=quiet, allow_code=allow_code)
     except BaseException:
@@ -171,7 +171,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         tcfg = dataclasses.replace(tcfg, progress_bar=False)
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root)
 
-    run = begin_run(plan, cfg)  # -------------------------------- from here on the run folder is written
+    run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
     if base_path != loaded_from:
@@ -180,7 +180,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     ann_path = getattr(annotator, "alignkit_base_path", None)
     if ann_path is not None:
         adopt_tiny(ann_path, run.root / "annotator" / "base_model", main=run.main)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=plan.checkpoint)
     if not run.main:
         if cfg.method.save_at_end:
             trainer.save(run.model)  # a no-op write-wise off the main process (collective under FSDP)

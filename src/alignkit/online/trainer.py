@@ -100,6 +100,7 @@ class OnlineConfig:
     chunk_size: int = 1024
     seed: int = 0
     save_at_end: bool = True
+    save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
@@ -247,17 +248,20 @@ class OnlineTrainer:
         r = [r] if isinstance(r, str) else list(r)
         return [t for t in r if t != "none"]
 
-    def train(self) -> list[dict[str, float]]:
+    def train(self, resume_from_checkpoint: str | Path | None = None) -> list[dict[str, float]]:
         """Run `config.steps` steps; returns each step's metrics (also in `history`, `metrics.jsonl` and the
-        trackers: TensorBoard events in <output_dir>/tensorboard by default)."""
+        trackers: TensorBoard events in <output_dir>/tensorboard by default). With `resume_from_checkpoint` (a
+        folder written by `save_checkpoint`), continue after its step: on a CPU in fp32 the later steps equal an
+        uninterrupted run's exactly."""
         from tqdm.auto import tqdm
 
+        start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.accelerator.init_trackers("tensorboard")
-        bar = tqdm(total=self.config.steps, desc=type(self).__name__.replace("Trainer", ""), unit="step",
-                   disable=not (self.config.progress_bar and self.accelerator.is_main_process))
+        bar = tqdm(total=self.config.steps, initial=start, desc=type(self).__name__.replace("Trainer", ""),
+                   unit="step", disable=not (self.config.progress_bar and self.accelerator.is_main_process))
         try:
-            self._train_steps(bar)
+            self._train_steps(bar, start)
         finally:
             bar.close()
             if self.trackers:
@@ -266,8 +270,8 @@ class OnlineTrainer:
             self.save(self.output_dir)
         return self.history
 
-    def _train_steps(self, bar: Any) -> None:
-        for step in range(self.config.steps):
+    def _train_steps(self, bar: Any, start: int = 0) -> None:
+        for step in range(start, self.config.steps):
             t0 = time.perf_counter()
             self._step = step
             samples = self.generate(self.local_prompts(self.next_prompts()), step)
@@ -280,6 +284,8 @@ class OnlineTrainer:
             self.log(metrics)
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "kl", "loss") if k in metrics})
+            if self.output_dir is not None and self.config.save_steps and (step + 1) % self.config.save_steps == 0:
+                self.save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{step + 1}", step + 1)
 
     def next_prompts(self) -> list:
         """The next `prompts_per_step` prompts of a seeded shuffle, reshuffled after each pass."""
@@ -480,6 +486,77 @@ class OnlineTrainer:
                 f.write(json.dumps(metrics) + "\n")  # NaN stays NaN (json writes `NaN`), never null
         if self.trackers:
             self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
+
+    # -- checkpoints (resume) --------------------------------------------------------------------------
+
+    def _trainable(self) -> dict[str, Tensor]:
+        """Every trainable tensor by name (policy, then extra modules such as PPO's value head), shared storage once."""
+        out: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        named = [(f"policy.{n}", p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        for i, m in enumerate(self.extra_modules):
+            named += [(f"extra{i}.{n}", p) for n, p in self.accelerator.unwrap_model(m).named_parameters()]
+        for name, p in named:
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                out[name] = p
+        return out
+
+    def save_checkpoint(self, folder: str | Path, step: int) -> Path:
+        """Everything a resume needs, written to a staging folder and renamed into place with
+        `alignkit_complete.json`: trainable weights (safetensors), optimizer state (`torch.save` of tensors
+        only, read back with `weights_only=True`), the sampling RNG, prompt order, KL controller and reward
+        moments (JSON)."""
+        from safetensors.torch import save_file
+
+        from alignkit.runs import staged
+
+        folder = Path(folder)
+        if self.accelerator.is_main_process:
+            with staged(folder, step=step) as tmp:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self._trainable().items()},
+                          str(tmp / "trainable.safetensors"))
+                save_file({"rng": self.rng.get_state()}, str(tmp / "rng.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                version, internal, gauss = self._py_rng.getstate()
+                state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
+                         "kl_coef": float(self.kl_ctl.value),
+                         "moments": [self.moments.count, self.moments.mean, self.moments.m2]}
+                (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
+            logger.info("online checkpoint: %s", folder)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> int:
+        """Restore a `save_checkpoint` folder in place; returns the number of steps it had done."""
+        from safetensors.torch import load_file
+
+        from alignkit.runs import CheckpointError, incomplete_reason
+
+        folder = Path(folder)
+        reason = incomplete_reason(folder)
+        if reason is not None:
+            raise CheckpointError(f"resume: cannot resume from {folder}: {reason}")
+        saved = load_file(str(folder / "trainable.safetensors"))
+        live = self._trainable()
+        if set(saved) != set(live):
+            missing = sorted(set(live) - set(saved))[:3] or sorted(set(saved) - set(live))[:3]
+            raise CheckpointError(f"resume: {folder} was written for another model or adapter (parameters differ, "
+                                  f"e.g. {missing}); resume with the config that wrote it")
+        with torch.no_grad():
+            for k, p in live.items():
+                p.copy_(saved[k].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True,
+                                                  map_location=self.accelerator.device))
+        self.rng.set_state(load_file(str(folder / "rng.safetensors"))["rng"])
+        state = json.loads((folder / "trainer_state.json").read_text())
+        version, internal, gauss = state["py_rng"]
+        self._py_rng.setstate((version, tuple(internal), gauss))
+        self._order = list(state["order"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
+        logger.info("resumed from %s (step %d)", folder, state["step"])
+        return int(state["step"])
 
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""

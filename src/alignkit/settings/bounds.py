@@ -43,6 +43,7 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("method", "kl_target", _pos, "> 0, or null for a fixed KL coefficient"),
     ("method", "kl_horizon", _ge1, ">= 1"),
     ("method", "generation_batch_size", _ge1, ">= 1"),
+    ("method", "save_steps", _ge1, ">= 1, or null for no checkpoints"),
     ("method", "batch_size", _ge1, ">= 1"),
     ("method", "desirable_weight", _nonneg, ">= 0"),
     ("method", "undesirable_weight", _nonneg, ">= 0"),
