@@ -29,7 +29,8 @@ def test_grpo_run_with_trl_reward_function(tmp_path, monkeypatch, capsys):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(4)))
     out = tmp_path / "grpo"
-    rc = main(["grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}", f"data.path={data}",
+    rc = main(["grpo", "--allow-code", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}",
+               f"data.path={data}",
                "annotator.function=ak_trl_grpo_reward:matches_answer", "method.steps=2",
                "sampling.max_new_tokens=4"])
     assert rc == 0
