@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignkit.data import DataError, SFTRecord, load_records, tokenize_records
 
@@ -125,3 +126,30 @@ def test_oasst_sample_trains_what_open_assistant_trains():
     last = {r.meta["message_id"] for r in records}  # loss_on=last_assistant (the old default)
     assert (len(oa), len(every), len(last)) == (247, 247, 202)
     assert every == oa
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_reft_positions_stay_in_the_prompt_before_the_final_turn(tiny_dir, packed):
+    # training earlier assistant turns must not move ReFT's "f1+l1" positions: they are the same as with
+    # last-turn-only masks (the prompt is everything before the final assistant turn)
+    from alignkit.data import PackedSFTCollator, SFTCollator
+    from alignkit.interventions import ReftConfig
+    from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter
+    from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.trainers.logps import batch_locations
+
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    reft = ReftConfig.uniform([0], "loreft", low_rank_dimension=2)
+    model = apply_adapter(load_model(path), AdapterConfig(kind="reft", reft=ReftSettings(config=reft.to_dict(),
+                                                                                         positions="f1+l1")))
+    recs = [SFTRecord(CHAT[:3], [CHAT[3]]), SFTRecord(CHAT[:1], [CHAT[1]])]
+    collate = PackedSFTCollator() if packed else SFTCollator(tok.pad_token_id)
+    every, _ = tokenize_records(recs, tok)
+    last, _ = tokenize_records(recs, tok, loss_on="last_assistant")
+    plain = collate(last)
+    plain.pop("prompt_length")  # the old way: the prompt ends at the first trained token
+    got, want = batch_locations(model, collate(every)), batch_locations(model, plain)
+    assert torch.equal(got, want)
+    p = every[0]["prompt_length"]  # l1 of the multi-turn row is the prompt's last token (the generation prompt)
+    assert (p - 1) in got[0].flatten().tolist() or packed

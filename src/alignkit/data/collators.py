@@ -6,7 +6,9 @@ completion tokens, -100 elsewhere; HF models shift them inside), all (rows, T) w
 (rounded up to `pad_to_multiple_of`), plus `weight` (B,) float32 per example. Padding is on
 `padding_side` ("right" or "left").
 
-- `SFTCollator`: rows = examples, B. Unpaired data adds `label` (B,) bool.
+- `SFTCollator`: rows = examples, B. Unpaired data adds `label` (B,) bool. `prompt_length` (B,) (the tokens
+  before the final completion) comes along when the features carry it: ReFT places its positions in that
+  prompt even when earlier assistant turns are trained (`tokenize.loss_on`).
 - `PreferenceCollator`: the 2B layout, one concatenated forward pass for both responses:
       rows 0 .. B-1   = chosen  of examples 0 .. B-1
       rows B .. 2B-1  = rejected of examples 0 .. B-1
@@ -99,6 +101,8 @@ class SFTCollator:
         batch["weight"] = _weights(features)
         if "label" in features[0]:
             batch["label"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)  # (B,)
+        if all(f.get("prompt_length") is not None for f in features):  # the prompt before the final turn (ReFT)
+            batch["prompt_length"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
         return batch
 
 
@@ -222,6 +226,8 @@ class PackedSFTCollator:
         batch["weight"] = _weights(features)
         if "label" in features[0]:
             batch["label"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)  # (B,)
+        if all(f.get("prompt_length") is not None for f in features):  # the prompt before the final turn (ReFT)
+            batch["prompt_length"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
         return batch
 
 

@@ -100,12 +100,16 @@ def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
     k = unwrap_parallel(model).num_interventions  # through DDP / FSDP wrappers
     if is_packed(batch):
         start, length = packed_prompt_spans(batch)
+        if batch.get("prompt_length") is not None:  # the prompt before the final turn, whatever else is trained
+            length = batch["prompt_length"].to(length.device)
         loc = locations_from_spans(settings.positions, start, length, k, settings.share_weights)  # (R, I, P)
         return _packed_locations(loc, batch)  # (rows, I, K*P)
     att = batch.get("attention_mask")
     if att is None:
         att = torch.ones_like(batch["input_ids"])
     start, length = prompt_spans(att, batch["completion_mask"])
+    if batch.get("prompt_length") is not None:  # multi-turn SFT: earlier assistant turns are trained, not prompt ends
+        length = batch["prompt_length"].to(length.device)
     return locations_from_spans(settings.positions, start, length, k, settings.share_weights)
 
 
