@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ALIGNKIT_CACHE", tempfile.mkdtemp(prefix="alignkit-cache-"))  # hermetic: not ~/.cache
 torch.set_num_threads(1)
 
 from alignkit.models.loading import load_model, load_tokenizer  # noqa: E402

@@ -503,12 +503,19 @@ def drop_degenerate(records: list, where: str) -> list:
     return [r for r in records if not (isinstance(r, PreferenceRecord) and r.chosen == r.rejected)]
 
 
+def tokenize_cache_dir() -> Path | None:
+    """Where tokenized features are kept between runs: `$ALIGNKIT_CACHE/tokenized` (default
+    `~/.cache/alignkit/tokenized`); `ALIGNKIT_CACHE=off` turns the cache off."""
+    root = os.environ.get("ALIGNKIT_CACHE", "~/.cache/alignkit")
+    return None if root.strip().lower() in ("", "off", "0", "none") else Path(root).expanduser() / "tokenized"
+
+
 def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tuple[list[dict], Any]:
     from alignkit.data import TokenizeConfig, tokenize_records
 
     cfg = TokenizeConfig(max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
                          add_eos=ds.add_eos, loss_on=ds.loss_on)
-    features, stats = tokenize_records(records, tokenizer, cfg)
+    features, stats = tokenize_records(records, tokenizer, cfg, cache_dir=tokenize_cache_dir())
     logger.info("%s: %s", where, stats.summary())
     if records and not features:
         raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")

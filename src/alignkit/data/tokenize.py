@@ -39,12 +39,19 @@ Outputs (plain Python lists; `alignkit.data.collators` pads them), by record kin
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import sys
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from alignkit.data.chat import format_record
+from alignkit.data.chat import Formatted, format_record
 from alignkit.data.records import (Completion, DataError, PreferenceRecord, Prompt, PromptRecord, RankedRecord,
                                    Record, SFTRecord, UnpairedRecord)
 
@@ -94,8 +101,89 @@ class Unfit(Exception):
         self.reason = reason
 
 
+class _Batch:
+    """Formatted texts and their token ids for one chunk of records, filled by `_prefetch` with one batched
+    tokenizer call per `add_special_tokens` value (a fast tokenizer encodes the batch in parallel, in Rust)
+    and read by `_ids` / `_format`; anything not prefetched is computed on the spot, so the results never
+    depend on the prefetch, only the speed does."""
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[str, bool], list[int]] = {}
+        self.formats: dict[tuple[int, int, str], Formatted] = {}
+
+
+_BATCH: ContextVar[_Batch | None] = ContextVar("alignkit_tokenize_batch", default=None)
+CHUNK = 2048  # records per prefetch: bounds the memo's size
+
+
 def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    batch = _BATCH.get()
+    if batch is not None:
+        hit = batch.ids.get((text, add_special_tokens))
+        if hit is not None:
+            return list(hit)
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _format(prompt: Prompt, completion: Completion | None, tokenizer: Any, formatter: str) -> Formatted:
+    batch = _BATCH.get()
+    key = (id(prompt), id(completion), formatter)
+    if batch is not None and key in batch.formats:
+        return batch.formats[key]
+    f = format_record(prompt, completion, tokenizer, formatter)
+    if batch is not None:
+        batch.formats[key] = f
+    return f
+
+
+def _completions(record: Record) -> list[Completion | None]:
+    if isinstance(record, PromptRecord):
+        return [None]
+    if isinstance(record, (SFTRecord, UnpairedRecord)):
+        return [record.completion]
+    if isinstance(record, PreferenceRecord):
+        return [record.chosen, record.rejected]
+    if isinstance(record, RankedRecord):
+        return list(record.responses)
+    return []
+
+
+def _prefetch(records: list[Record], tokenizer: Any, cfg: TokenizeConfig, batch: _Batch) -> None:
+    """Format every record of the chunk and tokenize all the texts in batched calls."""
+    wanted: dict[bool, dict[str, None]] = {True: {}, False: {}}
+    for r in records:
+        try:
+            for c in _completions(r):
+                f = _format(r.prompt, c, tokenizer, cfg.formatter)
+                for text in (f.prompt, f.full):
+                    if text is not None and (text, f.add_special_tokens) not in batch.ids:
+                        wanted[f.add_special_tokens][text] = None
+        except DataError:
+            continue  # raised again, with its record, by tokenize_record
+    for flag, texts in wanted.items():
+        if texts:
+            texts = list(texts)
+            for text, ids in zip(texts, _encode_many(tokenizer, texts, flag)):
+                batch.ids[(text, flag)] = ids
+
+
+def _encode_many(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of `texts`, as `tokenizer(text, add_special_tokens=...)` gives them one at a time. A fast
+    tokenizer's Rust backend (`backend_tokenizer.encode_batch`, public API of `tokenizers`) skips the
+    wrapper's per-text Python conversion; its ids are checked against the wrapper on the first texts of
+    every batch, and the wrapper's batched call is used whenever they differ."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        try:
+            fast = [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except Exception:  # noqa: BLE001 - any backend trouble: the wrapper below is the reference path
+            fast = None
+        if fast is not None and all(
+                fast[i] == list(tokenizer(texts[i], add_special_tokens=add_special_tokens)["input_ids"])
+                for i in range(min(len(texts), 8))):
+            return fast
+        logger.debug("the tokenizer's backend disagrees with its wrapper; tokenizing through the wrapper")
+    return [list(x) for x in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
 def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: TokenizeConfig,
@@ -104,7 +192,7 @@ def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: T
     prompt_ids: list[int] | None = None
     outs = []
     for c in completions:
-        f = format_record(prompt, c, tokenizer, cfg.formatter)
+        f = _format(prompt, c, tokenizer, cfg.formatter)
         if prompt_ids is None:
             prompt_ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
         full = _ids(tokenizer, f.full, f.add_special_tokens)
@@ -181,7 +269,7 @@ def tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats: 
     stats = stats if stats is not None else TokenizeStats()
     base = {"weight": record.weight, "id": record.id}
     if isinstance(record, PromptRecord):
-        f = format_record(record.prompt, None, tokenizer, cfg.formatter)
+        f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
         limit = cfg.max_prompt_length if cfg.max_prompt_length is not None else cfg.max_length
         if limit is not None and len(ids) > limit:
@@ -218,9 +306,77 @@ def tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats: 
     return out
 
 
+def _sha(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What the token ids depend on: the vocabulary/merges/normalizer (the backend's full JSON for a fast
+    tokenizer, else the vocabulary), special tokens and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None and hasattr(backend, "to_str") else sorted(tokenizer.get_vocab().items())
+    specials = getattr(tokenizer, "special_tokens_map", {})
+    return _sha(type(tokenizer).__name__, body, sorted(specials.items()), getattr(tokenizer, "chat_template", None),
+                tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
+
+
+def _code_fingerprint() -> str:
+    """The source of the modules that decide the features: a cache never outlives a change to them."""
+    from alignkit.data import chat, records as records_module
+
+    return _sha(*(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat, records_module)))
+
+
+def cache_key(records: list[Record], tokenizer: Any, cfg: TokenizeConfig) -> str:
+    """Key of the features of `records` under `tokenizer` and `cfg`: every input they depend on, hashed."""
+    return _sha(_code_fingerprint(), tokenizer_fingerprint(tokenizer), sorted(dataclasses.asdict(cfg).items()),
+                len(records), *(repr(r) for r in records))
+
+
+def _read_cache(folder: Path, key: str) -> tuple[list[dict], TokenizeStats] | None:
+    feats, meta = folder / f"{key}.jsonl", folder / f"{key}.json"
+    if not (feats.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        with feats.open(encoding="utf-8") as f:
+            out = [json.loads(line) for line in f]
+        if len(out) != info["kept"]:
+            raise ValueError(f"{len(out)} features for {info['kept']} kept records")
+        stats = TokenizeStats(**{k: v for k, v in info.items() if k != "dropped"})
+        stats.dropped = Counter(info.get("dropped", {}))
+        return out, stats
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged entry is recomputed, never trusted
+        logger.warning("tokenization cache %s: unreadable (%s); tokenizing again", feats, e)
+        return None
+
+
+def _write_cache(folder: Path, key: str, feats: list[dict], stats: TokenizeStats) -> None:
+    """Features then their summary, each through a temp file renamed into place (the summary last: an entry
+    without it is never read)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in ((f"{key}.jsonl", "".join(json.dumps(x) + "\n" for x in feats)),
+                           (f"{key}.json", json.dumps({**dataclasses.asdict(stats), "dropped": dict(stats.dropped)}))):
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, folder / name)
+    except (OSError, TypeError, ValueError) as e:  # a feature that is not JSON (e.g. a custom meta): no cache
+        logger.info("tokenization cache not written (%s)", e)
+
+
 def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig | None = None,
-                     **overrides: Any) -> tuple[list[dict], TokenizeStats]:
-    """Tokenize every record; unfit ones are dropped, counted and logged (see `TokenizeStats.summary`)."""
+                     cache_dir: str | Path | None = None, **overrides: Any) -> tuple[list[dict], TokenizeStats]:
+    """Tokenize every record; unfit ones are dropped, counted and logged (see `TokenizeStats.summary`).
+
+    Records are formatted, then tokenized in batches (`_prefetch`), with exactly the ids of one call per
+    text. With `cache_dir`, the features are kept there under a key of everything they depend on (the
+    records, the tokenizer's vocabulary/template/specials, `cfg`, and the source of this module and the
+    formatters), so a second run with the same inputs reads them back instead of tokenizing again."""
     unknown = set(overrides) - set(TokenizeConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown tokenize option(s) {sorted(unknown)}; valid: "
@@ -232,13 +388,30 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
         logger.warning("max_prompt_length=%d >= max_length=%d: prompts may leave no room for completions",
                        cfg.max_prompt_length, cfg.max_length)
+    key = cache_key(records, tokenizer, cfg) if cache_dir is not None else None
+    if key is not None:
+        cached = _read_cache(Path(cache_dir), key)
+        if cached is not None:
+            logger.info("tokenized features read from the cache (%s)", Path(cache_dir) / f"{key}.jsonl")
+            (logger.warning if cached[1].dropped else logger.info)("%s", cached[1].summary())
+            return cached
     stats = TokenizeStats(total=len(records))
     out = []
-    for r in records:
+    for lo in range(0, len(records), CHUNK):
+        chunk = records[lo:lo + CHUNK]
+        batch = _Batch()
+        token = _BATCH.set(batch)
         try:
-            out.append(tokenize_record(r, tokenizer, cfg, stats))
-        except Unfit as e:
-            stats.drop(e.reason, r.id)
+            _prefetch(chunk, tokenizer, cfg, batch)
+            for r in chunk:
+                try:
+                    out.append(tokenize_record(r, tokenizer, cfg, stats))
+                except Unfit as e:
+                    stats.drop(e.reason, r.id)
+        finally:
+            _BATCH.reset(token)
     stats.kept = len(out)
     (logger.warning if stats.dropped else logger.info)("%s", stats.summary())
+    if key is not None:
+        _write_cache(Path(cache_dir), key, out, stats)
     return out, stats

@@ -1,0 +1,101 @@
+"""Batched tokenization gives exactly the features of one record at a time, and the on-disk feature cache is
+keyed by everything the features depend on (records, tokenizer, settings, code) and never trusts a damaged
+entry."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+import alignkit.data.tokenize as tk
+from alignkit.data.records import PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord
+from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
+
+
+def corpus():
+    chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Name a red animal"}]
+    return [
+        SFTRecord(prompt="Tell me a fact.\n", completion=" Cats purr.", id="plain"),
+        SFTRecord(prompt=chat, completion=[{"role": "assistant", "content": "A fox."}], id="multi-turn"),
+        PreferenceRecord(prompt="Q: 2+2?\n", chosen=" 4", rejected=" 5", id="pref"),
+        PreferenceRecord(prompt=chat[:1], chosen=[{"role": "assistant", "content": "Hi"}],
+                         rejected=[{"role": "assistant", "content": "Go away"}], id="pref-chat"),
+        UnpairedRecord(prompt="Say yes.\n", completion=" yes", label=True, id="kto"),
+        RankedRecord(prompt="Best colour?\n", responses=[" blue", " red", " green"], ranks=[0, 1, 1], id="ranked"),
+        PromptRecord(prompt=chat[:1], id="prompt-only"),
+        SFTRecord(prompt="word " * 80, completion=" end", id="too-long"),  # dropped: prompt_too_long
+        SFTRecord(prompt="Same text\n", completion=" again", id="dup-1"),
+        SFTRecord(prompt="Same text\n", completion=" again", id="dup-2"),  # identical texts share memo entries
+    ]
+
+
+def one_at_a_time(records, tokenizer, cfg):
+    stats, out = TokenizeStats(total=len(records)), []
+    for r in records:
+        try:
+            out.append(tokenize_record(r, tokenizer, cfg, stats))
+        except Unfit as e:
+            stats.drop(e.reason, r.id)
+    return out, stats
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 2048])
+def test_batched_features_equal_one_record_at_a_time(tokenizer, monkeypatch, chunk):
+    monkeypatch.setattr(tk, "CHUNK", chunk)
+    cfg = TokenizeConfig(max_length=80, max_prompt_length=None)
+    want, want_stats = one_at_a_time(corpus(), tokenizer, cfg)
+    got, stats = tokenize_records(corpus(), tokenizer, cfg)
+    assert got == want
+    assert stats.summary() == dataclass_summary(want_stats, len(want))
+    assert [f["id"] for f in got] == [r.id for r in corpus() if r.id != "too-long"]
+
+
+def dataclass_summary(stats, kept):
+    stats.kept = kept
+    return stats.summary()
+
+
+def test_backend_disagreeing_with_the_wrapper_falls_back_to_the_wrapper(tokenizer, monkeypatch):
+    class Liar:  # a backend whose ids are wrong: the check on the first texts must catch it
+        def encode_batch(self, texts, add_special_tokens):
+            return [type("E", (), {"ids": [7, 7, 7]})() for _ in texts]
+
+    fake = copy.copy(tokenizer)
+    monkeypatch.setattr(type(fake), "backend_tokenizer", property(lambda self: Liar()), raising=False)
+    texts = ["hello world", "a b c"]
+    assert tk._encode_many(fake, texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_cache_hit_miss_and_damage(tokenizer, tmp_path, monkeypatch):
+    cfg = TokenizeConfig(max_length=80, max_prompt_length=None)
+    first, s1 = tokenize_records(corpus(), tokenizer, cfg, cache_dir=tmp_path)
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert len(entries) == 2 and entries[0].endswith(".json") and entries[1].endswith(".jsonl")
+
+    calls = []
+    monkeypatch.setattr(tk, "_prefetch", lambda *a: calls.append(1))  # a hit must not tokenize at all
+    again, s2 = tokenize_records(corpus(), tokenizer, cfg, cache_dir=tmp_path)
+    assert again == first and calls == [] and s2.summary() == s1.summary()
+    monkeypatch.undo()
+
+    # any input that changes the features changes the key: settings, records, tokenizer
+    keys = {tk.cache_key(corpus(), tokenizer, cfg), tk.cache_key(corpus(), tokenizer, TokenizeConfig(max_length=81, max_prompt_length=None)),
+            tk.cache_key(corpus()[:-1], tokenizer, cfg)}
+    edited = corpus()
+    edited[0] = SFTRecord(prompt="Tell me a fact.\n", completion=" Dogs bark.", id="plain")
+    keys.add(tk.cache_key(edited, tokenizer, cfg))
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    keys.add(tk.cache_key(corpus(), other, cfg))
+    assert len(keys) == 5
+
+    # a damaged entry (truncated features) is recomputed, not trusted
+    feats = next(tmp_path.glob("*.jsonl"))
+    feats.write_text("\n".join(feats.read_text().splitlines()[:3]) + "\n")
+    fixed, _ = tokenize_records(corpus(), tokenizer, cfg, cache_dir=tmp_path)
+    assert fixed == first
+    assert len(feats.read_text().splitlines()) == len(first)  # rewritten whole
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["kept"] == len(first)
