@@ -6,6 +6,7 @@
     alignkit generate --config configs/generate-tiny.yaml  generations for a prompts file, as JSONL
     alignkit online-dpo | grpo | rloo | ppo --config configs/grpo-tiny.yaml   online alignment (cli/online.py)
     alignkit sample | annotate --config ...   an offline round as two jobs, through files (cli/rounds.py)
+    alignkit augment  --config configs/augment-code-bugs.yaml   new training data from old (cli/augment.py)
     alignkit serve    --base DIR --adapter NAME=DIR ...   OpenAI-compatible server + chat page (cli/serve.py)
     alignkit demo                        the bundled end-to-end pipeline (`--reft`: the ReFT demo)
     alignkit ls [section]                every registry: losses, interventions, readers, formatters, ...
@@ -41,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                            "labels, or best-of-n SFT data)"),
     "eval": ("evaluate", "reward-model accuracy, or DPO implicit-reward accuracy, on preference data"),
     "generate": ("generate", "generations from a model (+ adapter) for a prompts file, as JSONL"),
+    "augment": ("augment", "augment data: code bugs, paraphrases, self-instruct, summaries, entities"),
     "serve": ("serve", "serve a base model + adapters (OpenAI-compatible API, chat page at /)"),
     "demo": ("demo", "the whole pipeline on a bundled tiny model and data (CPU, minutes); --reft: the ReFT demo"),
     "ls": ("listing", "list every registry: losses, interventions, readers, formatters, annotators, ..."),

@@ -28,11 +28,13 @@ from alignkit.settings.typed import ConfigError, build, coerce, merge, parse_ove
 from alignkit.settings.online import ONLINE_CONFIG_CLASSES, AnnotateConfig, AnnotatorSettings, SampleConfig
 
 from alignkit.settings.serve import ServeConfig
+from alignkit.settings.augment import AugmentConfig, FilterSettings, LLMSettings
 
 CONFIG_CLASSES.update(ONLINE_CONFIG_CLASSES)  # online-dpo, grpo, rloo, ppo, sample, annotate (settings/online.py)
 CONFIG_CLASSES["serve"] = ServeConfig  # settings/serve.py
+CONFIG_CLASSES["augment"] = AugmentConfig  # settings/augment.py
 
-__all__ = ["AnnotateConfig", "AnnotatorSettings", "SampleConfig", "ServeConfig",
+__all__ = ["AugmentConfig", "FilterSettings", "LLMSettings", "AnnotateConfig", "AnnotatorSettings", "SampleConfig", "ServeConfig",
            "CONFIG_CLASSES", "TRAIN_COMMANDS", "ConfigError", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig",
            "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod",
            "SFTConfig", "SFTMethod", "TrainConfig", "build", "check_training_args", "coerce", "command_of",

@@ -63,7 +63,7 @@ def _check_names(cfg: Any) -> None:
             names = [*extra, *sorted(valid)]
             raise ConfigError(f"{where}: {name!r} is not registered{_suggest(name, names)}; valid: {', '.join(names)}")
 
-    if not hasattr(cfg, "data"):  # serve: no data, model or method sections (settings/serve.py checks itself)
+    if not hasattr(cfg, "data") or not hasattr(cfg, "model"):  # serve, augment: they check themselves (settings/)
         return
     if cfg.data.path is None:
         raise ConfigError("data.path: required; point it at a data file, e.g. bundled:data/hh_rlhf_sample.jsonl")

@@ -1,0 +1,200 @@
+"""The language model an augmentation strategy prompts: an OpenAI-compatible endpoint, or a local model in-process.
+
+    llm = OpenAIChat("http://127.0.0.1:8000/v1", model="base")        # alignkit serve, vLLM, a hosted API
+    llm = LocalChat.from_path("path/to/model")                         # transformers, in this process
+    llm = Cached(llm, "runs/augment/cache")                            # a rerun does not pay twice
+    text = llm.chat([{"role": "user", "content": "Paraphrase: ..."}], max_tokens=128, temperature=0.7)
+
+`OpenAIChat` speaks `POST {base_url}/chat/completions` over plain HTTP (urllib, no extra dependency), with
+retries (HTTP 429 / 5xx / connection errors, exponential backoff honouring `Retry-After`), a rate limit
+(at most `requests_per_minute`, spaced evenly) and a timeout. The API key is read from an environment
+variable (`api_key_env`), never from a config file. `Cached` keys each request on (model, messages,
+sampling settings, seed) -> a JSON file written atomically under the cache folder; a cache hit makes no
+request. Every client has a `name` (the model, recorded in each output record's provenance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+class LLMError(RuntimeError):
+    """A request that failed for good (after retries), with the endpoint's own message."""
+
+
+class ChatModel(Protocol):
+    name: str
+
+    def chat(self, messages: Messages, *, max_tokens: int, temperature: float, seed: int | None = None) -> str: ...
+
+
+class RateLimiter:
+    """At most `per_minute` calls a minute, spaced evenly (None: no limit). Thread-safe."""
+
+    def __init__(self, per_minute: float | None, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self.clock, self.sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = self.clock()
+            if now < self._next:
+                self.sleep(self._next - now)
+                now = self._next
+            self._next = now + self.interval
+
+
+class OpenAIChat:
+    """An OpenAI-compatible chat endpoint (`{base_url}/chat/completions`)."""
+
+    RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 60.0,
+                 retries: int = 4, backoff: float = 1.0, requests_per_minute: float | None = None,
+                 sleep=time.sleep) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = self.name = model
+        self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
+        self.limiter = RateLimiter(requests_per_minute, sleep=sleep)
+        self.sleep = sleep
+        self.requests = 0  # HTTP requests sent (retries included)
+
+    def chat(self, messages: Messages, *, max_tokens: int, temperature: float, seed: int | None = None) -> str:
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                                "temperature": temperature}
+        if seed is not None:
+            body["seed"] = seed
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            self.limiter.wait()
+            self.requests += 1
+            delay = self.backoff * 2 ** attempt
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    reply = json.loads(resp.read().decode())
+                return _content(reply, self.url)
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}: {_error_message(e)}"
+                if e.code not in self.RETRY_STATUS:
+                    raise LLMError(f"{self.url}: {last}") from None
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+                if retry_after and retry_after.replace(".", "", 1).isdigit():
+                    delay = max(delay, float(retry_after))
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            if attempt < self.retries:
+                logger.warning("%s: %s; retry %d/%d in %.1f s", self.url, last, attempt + 1, self.retries, delay)
+                self.sleep(delay)
+        raise LLMError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last}")
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(e.read().decode())
+        return str(body.get("error", {}).get("message") or body)
+    except Exception:
+        return str(e.reason)
+
+
+def _content(reply: dict, url: str) -> str:
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise LLMError(f"{url}: reply is not a chat completion (no choices[0].message.content): "
+                       f"{json.dumps(reply)[:200]}") from None
+    return content if isinstance(content, str) else ""
+
+
+class LocalChat:
+    """A causal LM in this process (transformers `generate`), prompted through its chat template (or the
+    plain concatenated messages when it has none)."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str) -> None:
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.requests = 0
+
+    @classmethod
+    def from_path(cls, path: str, *, dtype: str = "float32", name: str | None = None) -> "LocalChat":
+        from alignkit.models.loading import load_model, load_tokenizer
+
+        return cls(load_model(path, dtype=dtype), load_tokenizer(path, padding_side="left"), name or str(path))
+
+    def chat(self, messages: Messages, *, max_tokens: int, temperature: float, seed: int | None = None) -> str:
+        import torch
+
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = tok("\n".join(m["content"] for m in messages) + "\n")["input_ids"]
+        self.requests += 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([list(ids)], device=device)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id}
+        kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+class Cached:
+    """Wraps a client with an on-disk cache: one JSON file per distinct request, written atomically."""
+
+    def __init__(self, inner: ChatModel, folder: str | Path) -> None:
+        self.inner, self.folder = inner, Path(folder)
+        self.name = inner.name
+        self.hits = self.misses = 0
+
+    def key(self, messages: Messages, max_tokens: int, temperature: float, seed: int | None) -> str:
+        blob = json.dumps({"model": self.inner.name, "messages": messages, "max_tokens": max_tokens,
+                           "temperature": temperature, "seed": seed}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def chat(self, messages: Messages, *, max_tokens: int, temperature: float, seed: int | None = None) -> str:
+        key = self.key(messages, max_tokens, temperature, seed)
+        path = self.folder / key[:2] / f"{key}.json"
+        if path.is_file():
+            try:
+                self.hits += 1
+                return json.loads(path.read_text())["content"]
+            except (json.JSONDecodeError, KeyError):
+                self.hits -= 1
+                logger.warning("%s: unreadable cache entry, asking again", path)
+        self.misses += 1
+        content = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"model": self.inner.name, "messages": messages, "content": content}, f, ensure_ascii=False)
+        os.replace(tmp, path)
+        return content
+
+
+__all__ = ["Cached", "ChatModel", "LLMError", "LocalChat", "OpenAIChat", "RateLimiter"]

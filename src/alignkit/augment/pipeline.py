@@ -1,0 +1,131 @@
+"""Run one augmentation: read sources -> strategy -> filters -> JSONL records with provenance.
+
+    sources (JSONL/JSON/Parquet rows, .py files split into functions, .txt/.md files as one document)
+      -> STRATEGIES[name].run(sources, Context(llm), options)       candidates
+      -> format rule (the strategy's own), length and printable-text filters, de-duplication
+      -> <output_dir>/augmented.jsonl  (+ summary.json: counts, drops by reason, requests, cache hits)
+
+Each output line is an alignkit record (the `prompt-completion` or `preference` reader reads it) plus
+`meta`: {"strategy", "source" (file:line or file:first line of the snippet), "model" (the LLM's name; null
+for code_bugs), ...the strategy's own provenance}. De-duplication is on the normalised record text
+(lowercase, punctuation and runs of whitespace folded), first occurrence kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from alignkit.augment.code_bugs import split_functions
+from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Filters:
+    min_chars: int = 1  # every generated text field (prompt, completion / chosen, rejected) at least this long
+    max_chars: int | None = 20000
+    dedup: bool = True
+    printable: bool = True  # drop text holding control characters (other than newline, tab) or U+FFFD
+
+
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+
+
+@dataclass
+class AugmentResult:
+    path: Path
+    written: int
+    candidates: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
+        return f"{self.written} record(s) written from {self.candidates} candidate(s); dropped: {drops}"
+
+
+def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Source]:
+    """Sources from files: tables by row (alignkit's row readers), `.py` by top-level function or class
+    (column "code"), `.txt` / `.md` whole (column "text")."""
+    from alignkit.data.readers.rows import iter_rows
+
+    out: list[Source] = []
+    for p in paths:
+        path = Path(p)
+        if path.suffix == ".py":
+            out += [Source(f"{path}:{line}", {"code": code}) for code, line in split_functions(path.read_text())]
+        elif path.suffix in (".txt", ".md"):
+            out.append(Source(str(path), {"text": path.read_text()}))
+        else:
+            out += [Source(where, row) for row, where in iter_rows(str(path))]
+    return out[:max_rows] if max_rows is not None else out
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+TEXT_KEYS = ("prompt", "completion", "chosen", "rejected")
+
+
+def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filters: Filters, out_path: str | Path,
+            *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0) -> AugmentResult:
+    """Run `strategy` over `sources` and write the kept records to `out_path` (atomically). `options` is the
+    strategy's options dataclass; `llm` a ChatModel (None for code_bugs)."""
+    spec = STRATEGIES[strategy]
+    if spec.needs_llm and llm is None:
+        raise ValueError(f"strategy {strategy!r} prompts a language model: configure llm")
+    ctx = Context(llm=llm, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    model = getattr(llm, "name", None) if spec.needs_llm else None
+    dropped: Counter = Counter()
+    seen: set[str] = set()
+    rows: list[dict] = []
+    n = 0
+    for cand in spec.run(sources, ctx, options):
+        n += 1
+        reason = cand.drop or _length_problem(cand, filters)
+        if reason is None and filters.dedup:
+            key = "\x00".join(_norm(str(cand.record.get(k, ""))) for k in TEXT_KEYS)
+            reason = "duplicate" if key in seen else None
+            seen.add(key)
+        if reason is not None:
+            dropped[reason] += 1
+            logger.debug("dropped a candidate from %s: %s", cand.source, reason)
+            continue
+        rows.append({**cand.record, "meta": {"strategy": strategy, "source": cand.source, "model": model,
+                                             **cand.extra}})
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, out_path)
+    result = AugmentResult(out_path, len(rows), n, dict(dropped))
+    logger.info("augment %s: %s", strategy, result.summary())
+    return result
+
+
+def _length_problem(cand: Candidate, filters: Filters) -> str | None:
+    for key in TEXT_KEYS:
+        value = cand.record.get(key)
+        if value is None:
+            continue
+        if len(value.strip()) < filters.min_chars:
+            return f"{key} shorter than {filters.min_chars} characters"
+        if filters.max_chars is not None and len(value) > filters.max_chars:
+            return f"{key} longer than {filters.max_chars} characters"
+        if filters.printable and _UNPRINTABLE.search(value):
+            return f"{key} holds control or replacement characters"
+    return None
+
+
+__all__ = ["AugmentResult", "Filters", "augment", "read_sources"]

@@ -1,0 +1,333 @@
+"""Augmentation strategies, one registry: each turns source rows into new SFT or preference records.
+
+| strategy       | input (per row)                  | model calls                                  | output record |
+|----------------|----------------------------------|----------------------------------------------|---------------|
+| `code_bugs`    | Python code (a `.py` file: each top-level function; JSONL: `options.field`) | none: AST mutations (`code_bugs.py`) | SFT "find and fix the bug" -> the original; or preference (chosen = original, rejected = buggy code) |
+| `paraphrase`   | a prompt + completion row        | `n` rewrites of the prompt                   | SFT: rewritten prompt -> the same completion |
+| `instructions` | seed tasks (prompt [+ completion]) | self-instruct: a new task from `seeds_per_prompt` sampled seeds, then its answer | SFT: new task -> answer |
+| `summarize`    | a document (`options.field`, or a `.txt`/`.md` file) | hierarchical: each chunk summarised, then the summaries summarised (repeated until one chunk) | SFT: "summarize" + document -> final summary |
+| `entities`     | a text                           | the named entities as a JSON list            | SFT: "list the entities" + text -> JSON (only entities found verbatim in the text) |
+
+A strategy is `fn(sources, ctx) -> iterator of Candidate`; a candidate that breaks a strategy's own format rule
+is yielded with `drop=<reason>` so the pipeline counts it (summary.json) instead of losing it silently.
+Options are a dataclass per strategy (`OPTIONS`), built from the config's `options:` with errors naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from alignkit.augment.code_bugs import MUTATIONS, mutants, split_functions
+
+
+@dataclass
+class Source:
+    id: str  # where the row came from: "file.jsonl:3" (1-based line/row) or "file.py:12" (first line)
+    row: dict[str, Any]  # the row's columns ("text" for a whole .txt/.md file, "code" for a .py snippet)
+
+
+@dataclass
+class Candidate:
+    record: dict[str, Any]  # prompt + completion, or prompt + chosen + rejected
+    source: str
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # strategy-specific provenance (mutation, seeds, ...)
+    drop: str | None = None  # a format rule it broke
+
+
+@dataclass
+class Context:
+    llm: Any  # a ChatModel (None for strategies that need none)
+    max_tokens: int = 256
+    temperature: float = 0.7
+    seed: int = 0
+
+    def ask(self, prompt: str, *, seed: int | None = None, system: str | None = None) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.llm.chat(messages, max_tokens=self.max_tokens, temperature=self.temperature,
+                             seed=self.seed if seed is None else seed).strip()
+
+
+def _text(row: dict[str, Any], key: str, source: Source) -> str:
+    value = row.get(key)
+    if isinstance(value, list):  # a conversation: the last user turn
+        users = [m.get("content", "") for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        value = users[-1] if users else None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{source.id}: no text in column {key!r} (row has {sorted(row)}); set options.field")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ code_bugs
+
+@dataclass
+class CodeBugsOptions:
+    field: str = "code"  # JSONL column holding the code (.py files: each top-level function / class)
+    mutations: list[str] = dataclasses.field(default_factory=lambda: list(MUTATIONS))
+    per_snippet: int | None = None  # at most this many per snippet, each mutation kind in turn (seeded); None: all
+    output: str = "sft"  # "sft" or "preference"
+    template: str = "The following Python code has a bug. Find it and fix it.\n\n```python\n{code}```"
+    answer_template: str = "```python\n{code}```"
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.mutations if m not in MUTATIONS]
+        if bad:
+            raise ValueError(f"mutations: unknown {bad}; valid: {', '.join(MUTATIONS)}")
+        if self.output not in ("sft", "preference"):
+            raise ValueError(f"output: {self.output!r}; choose sft or preference")
+
+
+def code_bugs(sources: list[Source], ctx: Context, opt: CodeBugsOptions) -> Iterator[Candidate]:
+    for src in sources:
+        code = _text(src.row, opt.field, src)
+        code = code if code.endswith("\n") else code + "\n"
+        try:
+            found = mutants(code, opt.mutations)
+        except SyntaxError as e:
+            yield Candidate({}, src.id, drop=f"source is not valid Python ({e.msg}, line {e.lineno})")
+            continue
+        if opt.per_snippet is not None and len(found) > opt.per_snippet:
+            found = [found[i] for i in _balanced_sample(found, opt.per_snippet, random.Random(f"{ctx.seed}:{src.id}"))]
+        for m in found:
+            prompt = opt.template.format(code=m.source)
+            answer = opt.answer_template.format(code=code)
+            record = {"prompt": prompt, "completion": answer} if opt.output == "sft" else \
+                {"prompt": prompt, "chosen": answer, "rejected": opt.answer_template.format(code=m.source)}
+            yield Candidate(record, src.id, {"mutation": m.mutation, "line": m.line, "before": m.before,
+                                             "after": m.after})
+
+
+def _balanced_sample(found: list, k: int, rng: random.Random) -> list[int]:
+    """Indices of `k` mutants, taken in turn from each mutation kind (each kind's sites shuffled), so the kind
+    with the most sites (usually wrong_variable) does not crowd out the others; returned in source order."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(found):
+        groups.setdefault(m.mutation, []).append(i)
+    for idx in groups.values():
+        rng.shuffle(idx)
+    picked: list[int] = []
+    while len(picked) < k:
+        for idx in groups.values():
+            if idx and len(picked) < k:
+                picked.append(idx.pop())
+    return sorted(picked)
+
+
+# ------------------------------------------------------------------------------------------------ paraphrase
+
+@dataclass
+class ParaphraseOptions:
+    field: str = "prompt"  # the column to rewrite (text, or a conversation: its last user turn)
+    answer_field: str = "completion"  # the column kept as the answer
+    n: int = 1  # rewrites per row (different seeds)
+    template: str = ("Rewrite the following request in different words, keeping exactly its meaning. "
+                     "Reply with the rewritten request only.\n\n{text}")
+
+
+def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> Iterator[Candidate]:
+    for src in sources:
+        text = _text(src.row, opt.field, src)
+        answer = _text(src.row, opt.answer_field, src)
+        for k in range(opt.n):
+            new = _strip_quotes(ctx.ask(opt.template.format(text=text), seed=ctx.seed + k))
+            drop = "same as the original" if _norm(new) == _norm(text) else None
+            yield Candidate({"prompt": new, "completion": answer}, src.id, {"original": text, "sample": k}, drop)
+
+
+# ------------------------------------------------------------------------------------------------ instructions
+
+@dataclass
+class InstructionsOptions:
+    field: str = "prompt"  # the seed task's column
+    num: int = 10  # new tasks to generate (attempts stop at 3 * num)
+    seeds_per_prompt: int = 3
+    max_similarity: float = 0.7  # drop a new task whose word-level ROUGE-L F1 with any task so far is above this
+    template: str = ("Here are some example tasks:\n{examples}\n\nWrite one new task that is different from all of "
+                     "these. Reply with the task only.")
+    answer_template: str = "{task}"
+
+
+def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) -> Iterator[Candidate]:
+    seeds = [(_text(s.row, opt.field, s), s.id) for s in sources]
+    if not seeds:
+        return
+    rng = random.Random(ctx.seed)
+    pool = [t for t, _ in seeds]
+    made = 0
+    for attempt in range(3 * opt.num):
+        if made >= opt.num:
+            break
+        picked = rng.sample(range(len(seeds)), min(opt.seeds_per_prompt, len(seeds)))
+        examples = "\n".join(f"{i + 1}. {seeds[j][0]}" for i, j in enumerate(picked))
+        task = _strip_quotes(_strip_numbering(ctx.ask(opt.template.format(examples=examples), seed=ctx.seed + attempt)))
+        source = ",".join(seeds[j][1] for j in picked)
+        similar = max((rouge_l(task, t) for t in pool), default=0.0)
+        if similar > opt.max_similarity:
+            yield Candidate({"prompt": task, "completion": ""}, source, {"attempt": attempt},
+                            f"too similar to an existing task (ROUGE-L {similar:.2f} > {opt.max_similarity})")
+            continue
+        answer = ctx.ask(opt.answer_template.format(task=task), seed=ctx.seed + attempt)
+        pool.append(task)
+        made += 1
+        yield Candidate({"prompt": task, "completion": answer}, source, {"attempt": attempt, "similarity": similar})
+
+
+def rouge_l(a: str, b: str) -> float:
+    """Word-level ROUGE-L F1 (longest common subsequence), as self-instruct uses to drop near-duplicate tasks."""
+    x, y = _norm(a).split(), _norm(b).split()
+    if not x or not y:
+        return 0.0
+    prev = [0] * (len(y) + 1)
+    for xi in x:
+        cur = [0]
+        for j, yj in enumerate(y):
+            cur.append(prev[j] + 1 if xi == yj else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(x), lcs / len(y)
+    return 2 * p * r / (p + r)
+
+
+# ------------------------------------------------------------------------------------------------ summarize
+
+@dataclass
+class SummarizeOptions:
+    field: str = "text"
+    chunk_chars: int = 2000  # a chunk: whole paragraphs (then sentences, then words) up to this many characters
+    max_levels: int = 4  # summary-of-summaries rounds at most
+    template: str = "Summarize the following text in a few sentences.\n\n{text}"
+    combine_template: str = ("Here are summaries of consecutive parts of one document. Write one summary of the "
+                             "whole document.\n\n{text}")
+    prompt_template: str = "Summarize the following text.\n\n{text}"  # the output record's prompt
+
+
+def chunk_text(text: str, size: int) -> list[str]:
+    """Consecutive chunks of at most `size` characters, cut at paragraph, then sentence, then word boundaries."""
+    pieces: list[str] = []
+    for para in (p.strip() for p in re.split(r"\n\s*\n", text.strip())):
+        if len(para) <= size:
+            pieces.append(para)
+            continue
+        for sent in re.split(r"(?<=[.!?])\s+", para):
+            while len(sent) > size:
+                cut = sent.rfind(" ", 0, size)
+                cut = cut if cut > 0 else size
+                pieces.append(sent[:cut])
+                sent = sent[cut:].lstrip()
+            pieces.append(sent)
+    chunks: list[str] = []
+    for p in pieces:
+        if chunks and len(chunks[-1]) + 2 + len(p) <= size:
+            chunks[-1] += "\n\n" + p
+        elif p:
+            chunks.append(p)
+    return chunks
+
+
+def summarize(sources: list[Source], ctx: Context, opt: SummarizeOptions) -> Iterator[Candidate]:
+    for src in sources:
+        text = _text(src.row, opt.field, src)
+        chunks = chunk_text(text, opt.chunk_chars)
+        summaries = [ctx.ask(opt.template.format(text=c)) for c in chunks]
+        levels = 1
+        while len(summaries) > 1 and levels < opt.max_levels:
+            groups = chunk_text("\n\n".join(summaries), opt.chunk_chars)
+            summaries = [ctx.ask(opt.combine_template.format(text=g)) for g in groups]
+            levels += 1
+        drop = None if len(summaries) == 1 else f"still {len(summaries)} summaries after {opt.max_levels} levels"
+        yield Candidate({"prompt": opt.prompt_template.format(text=text), "completion": summaries[0]}, src.id,
+                        {"chunks": len(chunks), "levels": levels}, drop)
+
+
+# ------------------------------------------------------------------------------------------------ entities
+
+@dataclass
+class EntitiesOptions:
+    field: str = "text"
+    types: list[str] = dataclasses.field(default_factory=lambda: ["PERSON", "ORGANIZATION", "LOCATION", "DATE", "OTHER"])
+    template: str = ("List the named entities in the text below as a JSON array of objects with keys \"text\" "
+                     "(exactly as written in the text) and \"type\" (one of {types}). Reply with the JSON only."
+                     "\n\nText: {text}")
+    prompt_template: str = ("List the named entities in the text below as a JSON array of objects with keys "
+                            "\"text\" and \"type\" (one of {types}).\n\nText: {text}")
+
+
+def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[str, str]], str | None]:
+    """(entities, None) from a model's reply, or ([], reason). Kept: objects with a string `text` found
+    verbatim in the source text and a `type` in `types`; duplicates removed, order kept."""
+    match = re.search(r"\[.*\]", reply, re.S)
+    if match is None:
+        return [], "no JSON array in the reply"
+    try:
+        items = json.loads(match.group(0))
+    except json.JSONDecodeError as e:
+        return [], f"reply is not valid JSON ({e.msg})"
+    out, seen = [], set()
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            continue
+        name, kind = item["text"].strip(), str(item.get("type", "")).upper()
+        if name and name in text and kind in types and (name, kind) not in seen:
+            seen.add((name, kind))
+            out.append({"text": name, "type": kind})
+    return (out, None) if out else ([], "no entity of the reply occurs in the text with a valid type")
+
+
+def entities(sources: list[Source], ctx: Context, opt: EntitiesOptions) -> Iterator[Candidate]:
+    types = ", ".join(opt.types)
+    for src in sources:
+        text = _text(src.row, opt.field, src)
+        found, drop = parse_entities(ctx.ask(opt.template.format(text=text, types=types)), text, opt.types)
+        yield Candidate({"prompt": opt.prompt_template.format(text=text, types=types),
+                         "completion": json.dumps(found, ensure_ascii=False)}, src.id, {"entities": len(found)}, drop)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    run: Callable[[list[Source], Context, Any], Iterator[Candidate]]
+    options: type
+    needs_llm: bool
+    output: str  # record kind written: "sft", or "sft or preference" (code_bugs' options.output)
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("code_bugs", code_bugs, CodeBugsOptions, False, "sft or preference"),
+    Strategy("paraphrase", paraphrase, ParaphraseOptions, True, "sft"),
+    Strategy("instructions", instructions, InstructionsOptions, True, "sft"),
+    Strategy("summarize", summarize, SummarizeOptions, True, "sft"),
+    Strategy("entities", entities, EntitiesOptions, True, "sft"),
+)}
+
+
+def register_strategy(strategy: Strategy) -> Strategy:
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"strategy {strategy.name!r} is already registered")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def _strip_quotes(text: str) -> str:
+    text = text.strip()
+    return text[1:-1].strip() if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'" else text
+
+
+def _strip_numbering(text: str) -> str:
+    return re.sub(r"^\s*(?:\d+[.)]|[-*])\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+
+
+__all__ = ["Candidate", "CodeBugsOptions", "Context", "EntitiesOptions", "InstructionsOptions", "ParaphraseOptions",
+           "STRATEGIES", "Source", "Strategy", "SummarizeOptions", "chunk_text", "parse_entities", "register_strategy",
+           "rouge_l"]

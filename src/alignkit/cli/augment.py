@@ -1,0 +1,105 @@
+"""`alignkit augment`: new training records from existing data (see `alignkit.augment`, `settings/augment.py`).
+
+    alignkit augment --config configs/augment-code-bugs.yaml
+    alignkit augment --config configs/augment-paraphrase.yaml llm.base_url=http://127.0.0.1:8000/v1 llm.model=base
+
+Writes <output_dir>/augmented.jsonl (records + `meta` provenance), summary.json (counts, drops by reason,
+requests sent, cache hits) and config.yaml. The LLM's answers are cached in <output_dir>/cache (or
+`llm.cache_dir`): running the same config again sends no request for what it already asked. Unlike the
+training commands, reusing an output_dir is expected (that is how the cache pays off); augmented.jsonl is
+replaced atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from alignkit.cli.common import add_config_arguments, config_from_args, data_path, dry_run
+from alignkit.settings import ConfigError, save_config
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("augment", help="augment data: code bugs, paraphrases, self-instruct, summaries, entities",
+                       description="alignkit augment: new SFT / preference records from existing data "
+                                   "(strategies: alignkit ls augment).")
+    add_config_arguments(p)
+    p.set_defaults(func=run)
+
+
+def build_llm(cfg: Any) -> Any:
+    """The configured ChatModel (cached unless llm.cache is false), or None."""
+    from alignkit.augment.llm import Cached, LocalChat, OpenAIChat
+
+    s = cfg.llm
+    if s is None:
+        return None
+    if s.kind == "openai":
+        key = None
+        if s.api_key_env is not None:
+            key = os.environ.get(s.api_key_env)
+            if not key:
+                raise ConfigError(f"llm.api_key_env: the environment variable {s.api_key_env} is not set")
+        llm: Any = OpenAIChat(s.base_url, s.model, api_key=key, timeout=s.timeout, retries=s.retries,
+                              backoff=s.backoff, requests_per_minute=s.requests_per_minute)
+    else:
+        path = s.path
+        if path.startswith("tiny:"):
+            from alignkit.models.tiny import ARCHITECTURES, save_tiny
+
+            arch = path[len("tiny:"):]
+            if arch not in ARCHITECTURES:
+                raise ConfigError(f"llm.path: unknown tiny architecture {arch!r}; valid: "
+                                  + ", ".join("tiny:" + a for a in ARCHITECTURES))
+            path = str(save_tiny(Path(cfg.output_dir) / "llm_model", arch))
+        llm = LocalChat.from_path(path, dtype=s.dtype, name=s.path)
+    if s.cache:
+        llm = Cached(llm, s.cache_dir or Path(cfg.output_dir) / "cache")
+    return llm
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, "augment")
+    if args.dry_run:
+        return dry_run(cfg)
+    return augment(cfg)
+
+
+def augment(cfg: Any) -> int:
+    from alignkit.augment.pipeline import Filters, augment as run_augment, read_sources
+
+    paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
+    sources = read_sources([data_path(p) for p in paths], cfg.data.max_records)
+    if not sources:
+        raise ConfigError(f"data.path: {cfg.data.path} holds no rows")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    llm = build_llm(cfg)
+    s = cfg.llm
+    kw = {} if s is None else {"max_tokens": s.max_tokens, "temperature": s.temperature, "seed": s.seed}
+    try:
+        result = run_augment(sources, cfg.strategy, cfg.strategy_options(), llm,
+                             Filters(cfg.filters.min_chars, cfg.filters.max_chars, cfg.filters.dedup,
+                                     cfg.filters.printable),
+                             out / "augmented.jsonl", **kw)
+    except ValueError as e:  # a source row without the configured column
+        raise ConfigError(str(e)) from None
+    inner = getattr(llm, "inner", llm)
+    summary = {"strategy": cfg.strategy, "sources": len(sources), "candidates": result.candidates,
+               "written": result.written, "dropped": result.dropped, "model": getattr(llm, "name", None),
+               "requests": getattr(inner, "requests", 0), "cache_hits": getattr(llm, "hits", 0),
+               "cache_misses": getattr(llm, "misses", 0)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"alignkit augment: {cfg.strategy}: {result.summary()}; {summary['requests']} request(s), "
+          f"{summary['cache_hits']} cache hit(s)\n  wrote {result.path}")
+    return 0
+
+
+__all__ = ["add_parser", "build_llm", "run"]

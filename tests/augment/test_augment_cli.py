@@ -1,0 +1,198 @@
+"""`alignkit augment` end to end: code_bugs on the bundled snippets; the four LLM strategies against a fake
+OpenAI-compatible server (answers chosen per prompt, so every count is known by hand); a local tiny model in
+process; and `alignkit serve` on loopback. Reruns are answered from the cache."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.data import load_records
+from alignkit.settings import ConfigError, load_config
+from tests.augment.fake_openai import serving
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "configs"
+
+
+def rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "augmented.jsonl").read_text().splitlines()]
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+def test_code_bugs_config_writes_sft_records_alignkit_reads(tmp_path):
+    assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"output_dir={tmp_path}"]) == 0
+    out = rows(tmp_path)
+    # 5 functions in the bundled file, each with more than 4 mutation sites: 4 sampled per function
+    assert len(out) == 20 and summary(tmp_path)["written"] == 20 and summary(tmp_path)["requests"] == 0
+    first = out[0]
+    assert first["meta"]["strategy"] == "code_bugs" and first["meta"]["model"] is None
+    assert re.fullmatch(r".*code_snippets\.py:\d+", first["meta"]["source"])
+    assert first["meta"]["mutation"] in ("flip_comparison", "off_by_one", "wrong_variable", "removed_return")
+    # the answer is the original function, the prompt holds it with exactly the recorded edit
+    fixed = first["completion"][len("```python\n"):-len("```")]
+    buggy = first["prompt"].split("```python\n")[1][:-len("```")]
+    assert fixed != buggy and fixed.startswith("def ")
+    records = load_records(str(tmp_path / "augmented.jsonl"), "sft")
+    assert len(records) == 20 and records[0].completion == first["completion"]
+
+
+def test_code_bugs_preference_output_reads_as_preference(tmp_path):
+    assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"output_dir={tmp_path}",
+                 "options.output=preference", "options.per_snippet=1"]) == 0
+    records = load_records(str(tmp_path / "augmented.jsonl"), "preference")
+    assert len(records) == 5 and all(r.chosen != r.rejected for r in records)
+
+
+def fake_answer(messages):
+    """Deterministic answers keyed on the prompt (the tests count on them)."""
+    text = messages[-1]["content"]
+    if text.startswith("Rewrite the following request"):
+        original = text.split("\n\n", 1)[1]
+        return "Kindly: " + original.lower() if "haiku" not in original else original  # a haiku is "unchanged"
+    if text.startswith("Here are some example tasks"):
+        n = sum(1 for line in text.splitlines() if re.match(r"\d+\. ", line))
+        return f"1. Name {n} animals that live in the sea."  # the same each time: a near-duplicate after the first
+    if text.startswith("Write one") or not text.startswith(("Summarize", "Here are summaries", "List the named")):
+        return "An answer."
+    if text.startswith("Summarize"):
+        return f"S({len(text.split(chr(10) + chr(10), 1)[1])})"  # the chunk's length in characters
+    if text.startswith("Here are summaries"):
+        return "ALL"
+    # entities: one true entity, one invented, one with a bad type
+    return ('Sure: [{"text": "Paris", "type": "location"}, {"text": "Atlantis", "type": "LOCATION"}, '
+            '{"text": "France", "type": "COUNTRY"}]')
+
+
+def run_llm(out, url, strategy, data, *overrides):
+    return main(["-q", "augment", f"strategy={strategy}", f"data.path={data}", f"output_dir={out}",
+                 f"llm={{kind: openai, base_url: '{url}', model: fake}}", *overrides])
+
+
+def test_paraphrase_against_an_openai_endpoint_then_from_the_cache(tmp_path):
+    with serving(fake_answer) as (fake, url):
+        assert run_llm(tmp_path, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=2") == 0
+        out = rows(tmp_path)
+        # 8 rows x 2 rewrites = 16 requests; the haiku row's rewrites equal the original: 2 dropped; the fake answers
+        # both rewrites of a row alike (only the seed differs), so each other row's second is a duplicate: 7
+        s = summary(tmp_path)
+        assert (s["candidates"], s["written"], len(fake.requests)) == (16, 7, 16)
+        assert s["dropped"] == {"same as the original": 2, "duplicate": 7}
+        assert out[0]["prompt"] == "Kindly: give three tips for keeping houseplants alive."
+        assert out[0]["completion"].startswith("Water only when")
+        assert out[0]["meta"] == {"strategy": "paraphrase", "model": "fake", "sample": 0,
+                                  "source": out[0]["meta"]["source"],
+                                  "original": "Give three tips for keeping houseplants alive."}
+        assert out[0]["meta"]["source"].endswith("seed_tasks.jsonl:1")
+        assert run_llm(tmp_path, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=2") == 0
+        assert len(fake.requests) == 16 and summary(tmp_path)["cache_hits"] == 16  # the rerun paid nothing
+        assert rows(tmp_path) == out
+
+
+def test_instructions_self_instruct_drops_near_duplicates(tmp_path):
+    with serving(fake_answer) as (fake, url):
+        assert run_llm(tmp_path, url, "instructions", "bundled:data/seed_tasks.jsonl", "options.num=3",
+                       "options.seeds_per_prompt=2") == 0
+    out = rows(tmp_path)
+    # every attempt proposes the same task: the first is kept and answered, the next 8 attempts (3 * num in
+    # all) are near-duplicates of it (ROUGE-L 1.0) and cost no answer request
+    s = summary(tmp_path)
+    assert len(out) == 1 and s["candidates"] == 9 and len(fake.requests) == 9 + 1
+    assert out[0]["prompt"] == "Name 2 animals that live in the sea." and out[0]["completion"] == "An answer."
+    assert s["dropped"] == {"too similar to an existing task (ROUGE-L 1.00 > 0.7)": 8}
+    assert len(out[0]["meta"]["source"].split(",")) == 2  # the two seed rows it was made from
+
+
+def test_summarize_is_hierarchical(tmp_path):
+    doc = tmp_path / "doc.txt"
+    paragraphs = [("Paragraph %d. " % i) + "word " * 40 for i in range(5)]  # 5 paragraphs of ~213 characters
+    doc.write_text("\n\n".join(paragraphs))
+    with serving(fake_answer) as (fake, url):
+        assert run_llm(tmp_path / "out", url, "summarize", doc, "options.chunk_chars=500") == 0
+    out = rows(tmp_path / "out")
+    # chunks of at most 500 characters, whole paragraphs: [p0 p1] [p2 p3] [p4] -> 3 chunk summaries, whose
+    # concatenation fits one chunk -> 1 summary of summaries: 4 requests
+    sizes = [len(p.strip()) for p in paragraphs]
+    assert [m["messages"][-1]["content"].startswith("Summarize") for m in fake.requests] == [True] * 3 + [False]
+    assert fake.requests[0]["messages"][-1]["content"].endswith(paragraphs[1].strip())
+    assert len(out) == 1 and out[0]["completion"] == "ALL"
+    assert out[0]["meta"]["chunks"] == 3 and out[0]["meta"]["levels"] == 2
+    assert fake.requests[2]["messages"][-1]["content"].endswith(paragraphs[4].strip()) and sizes[0] + sizes[1] + 2 <= 500
+
+
+def test_entities_keeps_only_entities_found_in_the_text_with_a_valid_type(tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text(json.dumps({"text": "Paris is the capital of France."}) + "\n"
+                    + json.dumps({"text": "Nothing named here."}) + "\n")
+    with serving(fake_answer) as (fake, url):
+        assert run_llm(tmp_path / "out", url, "entities", data) == 0
+    out = rows(tmp_path / "out")
+    # row 1: Paris kept (type upper-cased), Atlantis not in the text, France's type not allowed;
+    # row 2: none of them occurs in the text -> dropped
+    assert len(out) == 1 and json.loads(out[0]["completion"]) == [{"text": "Paris", "type": "LOCATION"}]
+    assert summary(tmp_path / "out")["dropped"] == {"no entity of the reply occurs in the text with a valid type": 1}
+
+
+def test_local_tiny_model_in_process(tmp_path):
+    args = ["-q", "augment", "strategy=paraphrase", "data.path=bundled:data/seed_tasks.jsonl", f"output_dir={tmp_path}",
+            "llm={kind: local, path: 'tiny:llama', max_tokens: 6, temperature: 0.0}", "data.max_records=3"]
+    assert main(args) == 0
+    s = summary(tmp_path)
+    assert s["model"] == "tiny:llama" and s["sources"] == 3 and s["candidates"] == 3 and s["requests"] == 3
+    assert s["written"] + sum(s["dropped"].values()) == 3
+    for row in rows(tmp_path):
+        assert row["meta"]["model"] == "tiny:llama" and row["meta"]["strategy"] == "paraphrase"
+    assert main(args) == 0
+    assert summary(tmp_path)["requests"] == 0 and summary(tmp_path)["cache_hits"] == 3
+
+
+def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
+    from alignkit.serve.engine import Engine
+    from alignkit.serve.stack import load_stack
+    from tests.serve.conftest import running_server
+
+    engine = Engine(load_stack(tiny_dir("llama"), {}, base_name="base"))
+    with running_server(engine) as url:
+        args = ["-q", "augment", "--config", str(CONFIGS / "augment-paraphrase.yaml"), f"output_dir={tmp_path}",
+                f"llm.base_url={url}/v1", "llm.model=base", "llm.max_tokens=6", "llm.temperature=0.0",
+                "options.n=1", "data.max_records=2", "filters.min_chars=1"]
+        assert main(args) == 0
+        first = summary(tmp_path)
+        served = dict(engine.stats.requests)  # finished requests per served model
+        assert main(args) == 0
+    assert first["requests"] == 2 and first["candidates"] == 2 and first["model"] == "base"
+    assert summary(tmp_path)["requests"] == 0 and summary(tmp_path)["cache_hits"] == 2
+    for row in rows(tmp_path):
+        assert row["meta"]["model"] == "base"
+    assert served == {"base": 2}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=shuffle"], "strategy: 'shuffle' is not registered; valid: code_bugs, paraphrase"),
+    (["llm=null"], "llm: strategy 'paraphrase' prompts a language model"),
+    (["llm.base_url=null"], "llm.base_url: required for kind 'openai'"),
+    (["options.nn=2"], "options.nn: unknown key; did you mean 'n'?"),
+    (["strategy=code_bugs"], "llm: strategy 'code_bugs' uses no language model; remove the llm section"),
+    (["llm.kind=local"], "llm.path: required for kind 'local'"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "augment-paraphrase.yaml", overrides)
+    assert message in str(e.value)
+
+
+def test_missing_column_is_one_line(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"question": "hi"}) + "\n")
+    assert main(["augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"data.path={data}",
+                 f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"alignkit augment: error: {data}:1: no text in column 'code' (row has ['question']); "
+                   "set options.field"]

@@ -1,0 +1,76 @@
+"""The LLM clients: retries with backoff, non-retryable errors named, rate limit spacing, the on-disk cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.augment.llm import Cached, LLMError, OpenAIChat, RateLimiter
+from tests.augment.fake_openai import serving
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def echo(messages):
+    return "echo: " + messages[-1]["content"]
+
+
+def test_retries_429_and_500_then_answers():
+    slept = []
+    with serving(echo) as (fake, url):
+        fake.fail = [429, 500]
+        llm = OpenAIChat(url, "m", retries=3, backoff=0.5, sleep=slept.append)
+        assert llm.chat(MSG, max_tokens=8, temperature=0.0, seed=1) == "echo: hi"
+    assert llm.requests == 3 and len(fake.requests) == 3
+    assert slept == [0.5, 1.0]  # 0.5 * 2**attempt (Retry-After: 0 is shorter)
+    assert fake.requests[-1] == {"model": "m", "messages": MSG, "max_tokens": 8, "temperature": 0.0, "seed": 1}
+
+
+def test_gives_up_after_retries_and_does_not_retry_a_client_error():
+    with serving(echo) as (fake, url):
+        fake.fail = [503, 503, 503]
+        llm = OpenAIChat(url, "m", retries=2, sleep=lambda s: None)
+        with pytest.raises(LLMError, match=r"gave up after 3 attempts; last error: HTTP 503: fake error 503"):
+            llm.chat(MSG, max_tokens=8, temperature=0.0)
+        fake.fail = [400]
+        with pytest.raises(LLMError, match=r"/v1/chat/completions: HTTP 400: fake error 400"):
+            llm.chat(MSG, max_tokens=8, temperature=0.0)
+        assert len(fake.requests) == 4
+
+
+def test_connection_refused_is_retried_then_named():
+    llm = OpenAIChat("http://127.0.0.1:9/v1", "m", retries=1, sleep=lambda s: None, timeout=2)
+    with pytest.raises(LLMError, match="gave up after 2 attempts; last error: URLError"):
+        llm.chat(MSG, max_tokens=8, temperature=0.0)
+
+
+def test_rate_limiter_spaces_calls_evenly():
+    now = [100.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    limiter = RateLimiter(120, clock=lambda: now[0], sleep=sleep)  # one call every 0.5 s
+    for _ in range(3):
+        limiter.wait()
+    assert slept == [0.5, 0.5]
+    now[0] += 2.0  # idle long enough: no wait
+    limiter.wait()
+    assert slept == [0.5, 0.5]
+
+
+def test_cache_answers_a_repeated_request_without_asking(tmp_path):
+    with serving(echo) as (fake, url):
+        llm = Cached(OpenAIChat(url, "m"), tmp_path / "cache")
+        a = llm.chat(MSG, max_tokens=8, temperature=0.7, seed=0)
+        b = llm.chat(MSG, max_tokens=8, temperature=0.7, seed=0)
+        c = llm.chat(MSG, max_tokens=8, temperature=0.7, seed=1)  # another seed is another request
+        again = Cached(OpenAIChat(url, "m"), tmp_path / "cache").chat(MSG, max_tokens=8, temperature=0.7, seed=0)
+    assert a == b == c == again == "echo: hi"
+    assert len(fake.requests) == 2 and (llm.hits, llm.misses) == (1, 2)
+    files = sorted((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == 2 and not list((tmp_path / "cache").rglob("*.tmp"))
+    assert json.loads(files[0].read_text())["model"] == "m"
