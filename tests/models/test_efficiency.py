@@ -50,7 +50,7 @@ def test_decoder_layers_found_through_wrappers(tiny_lm):
     assert len(decoder_layers(lora)) == 2
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "reft"])
 def test_compiled_layers_train_to_eager_losses(tiny_dir, features, collators, tmp_path, kind):
     adapter = None if kind == "full" else adapter_config(kind)
     eager = train_losses(tiny_dir, features, collators, tmp_path / "e", None, adapter)

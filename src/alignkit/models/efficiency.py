@@ -5,7 +5,8 @@
   compile time does not grow with depth, unlike compiling the whole model; the embedding, the LM head
   (alignkit applies it in chunks itself) and everything outside the layers stay eager. Works on CPU
   (inductor's C++ backend) and GPU. Adapters are applied first, so LoRA's layers are compiled with the
-  layer; ReFT's hooks on a layer's output run inside the compiled region as graph breaks.
+  layer; ReFT's hooks on a layer's output run within the compiled layer call (dynamo traces them or breaks
+  the graph there; either way the losses equal eager's: tests/models/test_efficiency.py, full / LoRA / ReFT).
 - `apply_kernels(model, "liger")` (`model.kernels: liger`): Liger's Triton kernels (RMSNorm, SwiGLU, RoPE)
   patched into the model instance. Needs the `liger-kernel` package and a CUDA GPU; anything missing is one
   `ConfigError` naming both the key and what is missing. Liger's fused linear cross-entropy is not used:
