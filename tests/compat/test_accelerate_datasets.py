@@ -93,6 +93,14 @@ def test_datasets_folders_rows_and_columns(tmp_path):
     check(one == want and two == want, "datasets", "rows of a saved Dataset no longer iterate as dicts", where, str(one))
     check(with_ref["reference_logps"] == [-1.0, -2.0], "datasets", "Dataset.add_column no longer adds the column",
           where)
+    repo = tmp_path / "repo"  # a dataset repository folder: data files, no README
+    repo.mkdir()
+    (repo / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    with guard("datasets", "datasets.load_dataset(folder, split='train') failed on a folder of JSONL files",
+               "alignkit/data/readers/rows.py:load_hf_dataset"):
+        rows = [r for r, _ in iter_rows(repo)]
+    check(rows == want, "datasets", "load_dataset(folder, split='train') no longer gives the folder's rows",
+          "alignkit/data/readers/rows.py:load_hf_dataset", str(rows))
 
 
 def test_dataset_map_as_prepare_calls_it():
