@@ -71,6 +71,13 @@ def test_accelerator_calls_alignkit_makes():
           "reduce / gather on one process no longer return the input", where)
     check(acc.is_main_process and acc.device.type == "cpu", ACC, "Accelerator(cpu=True) is not the main CPU process",
           where)
+    from accelerate import Accelerator as A
+
+    got = params(A.__init__)
+    check(all(n in got for n in ("cpu", "log_with", "project_dir")), ACC, "Accelerator() no longer takes cpu= / "
+          "log_with= / project_dir=", "alignkit/online/trainer.py", str(got))
+    for name in ("init_trackers", "log", "end_training", "wait_for_everyone"):  # decorated: (*args, **kwargs)
+        check(callable(getattr(A, name, None)), ACC, f"Accelerator.{name} is gone", "alignkit/online/trainer.py")
 
 
 def test_datasets_folders_rows_and_columns(tmp_path):

@@ -72,3 +72,18 @@ def test_fingerprint_inputs_are_stable(tiny_dir):
           "differently (the reference cache would never hit)", where)
     check(hasattr(transformers, "PreTrainedTokenizerFast"), TF, "transformers.PreTrainedTokenizerFast is gone",
           "alignkit/models/tiny.py:build_tiny_tokenizer, models/loading.py")
+
+
+def test_backend_encode_batch_equals_the_wrapper(tokenizer):
+    """Tokenization takes the ids from the Rust backend's `encode_batch(texts, add_special_tokens=)` when they equal
+    the wrapper's `tokenizer(text, add_special_tokens=)` (checked on each batch's first texts): if they drift apart
+    the fast path is silently dropped."""
+    where = "alignkit/data/tokenize.py:_encode_many"
+    texts = ["Hello! How can I help you today?", "<|im_start|>user\nwhat is 12?<|im_end|>\n", " leading space", ""]
+    for special in (False, True):
+        with guard("tokenizers", "backend_tokenizer.encode_batch(texts, add_special_tokens=...) failed", where):
+            fast = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=special)]
+        slow = [list(tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts]
+        check(fast == slow, "tokenizers", f"the backend's encode_batch ids differ from the transformers wrapper's "
+              f"(add_special_tokens={special}): batched tokenization falls back to the slow path", where,
+              f"{fast} vs {slow}")

@@ -142,3 +142,22 @@ def test_serve_cache_rows_can_be_selected_and_cut(tiny_lm):
     check(torch.allclose(step, alone, atol=1e-5), TF, "a decode step on a DynamicCache whose rows / columns were "
           "edited in place differs from the row run alone (the cache no longer reads its layers' keys / values?)",
           where, f"max diff {(step - alone).abs().max().item():.3g}")
+
+
+def test_full_attention_cache_layers_are_dynamic_layers():
+    """serve refuses a model whose `DynamicCache(config=...)` has any layer that is not exactly
+    `transformers.cache_utils.DynamicLayer` (sliding-window layers drop old tokens, which its merging cannot
+    handle): a full-attention model must give only DynamicLayer, a sliding-window one another class."""
+    from transformers import DynamicCache, LlamaConfig, Qwen2Config
+
+    where = "alignkit/serve/stack.py:_check_cache"
+    with guard(TF, "transformers.cache_utils.DynamicLayer moved", where):
+        from transformers.cache_utils import DynamicLayer
+    small = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128)
+    full = [type(layer) for layer in DynamicCache(config=LlamaConfig(**small)).layers]
+    check(full and all(t is DynamicLayer for t in full), TF, "a full-attention model's DynamicCache layers are no "
+          "longer exactly DynamicLayer (serve would refuse every model)", where, str(full))
+    sliding = [type(layer) for layer in DynamicCache(config=Qwen2Config(
+        **small, use_sliding_window=True, sliding_window=8, max_window_layers=1)).layers]
+    check(any(t is not DynamicLayer for t in sliding), TF, "a sliding-window layer's cache is now a plain "
+          "DynamicLayer (serve would merge caches that drop old tokens)", where, str(sliding))
