@@ -101,10 +101,59 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
             module._state_dict_hooks.update(post)
 
 
+@contextmanager
+def gathered_root(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, the root FSDP2 unit's own parameters (embeddings, final norm, LM head; the decoder layers are
+    units of their own) are gathered. Needed when a wrapper calls an inner module directly (peft's and
+    ReFT's `generate` call the wrapped model, so the root's forward hooks never run). A collective; a no-op
+    for a model that is not an FSDP2 module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    # make `model` the root before anything runs (torch sets up roots lazily, at the first forward; a
+    # nested unit called first would make itself a root)
+    state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+    if state is not None and hasattr(state, "_lazy_init"):
+        state._lazy_init()
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
+def shard_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
+    """The frozen reference, sharded by the engine the policy uses. Under FSDP2: `fully_shard` on each
+    decoder layer (the model's `_no_split_modules`) and then the root, over all processes, like the policy,
+    so no process holds a whole copy; forwards all-gather layer by layer. Otherwise returned unchanged.
+    Every process must then run the reference's forwards in step (the training loops do)."""
+    if not is_fsdp2(accelerator):
+        return ref_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    names = set(getattr(ref_model, "_no_split_modules", None) or [])
+    if plugin.transformer_cls_names_to_wrap:
+        names |= set(plugin.transformer_cls_names_to_wrap)
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    layers = [m for m in ref_model.modules() if type(m).__name__ in names]
+    for m in layers:
+        fully_shard(m, mesh=mesh, reshard_after_forward=True)
+    # the root (embeddings, final norm, LM head) stays gathered after its forward: the chunked LM head of
+    # alignkit.losses reads lm_head.weight after the backbone's forward, outside FSDP's own forward
+    fully_shard(ref_model, mesh=mesh, reshard_after_forward=False)
+    logger.info("reference sharded with FSDP2 over %d process(es): %d layer unit(s) + root",
+                accelerator.num_processes, len(layers))
+    return ref_model
+
+
 def is_sharded(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-__all__ = ["enable_sharding_on_cpu", "full_parameters", "is_fsdp2", "is_sharded", "requested_engine"]
+__all__ = ["enable_sharding_on_cpu", "full_parameters", "gathered_root", "is_fsdp2", "is_sharded", "requested_engine", "shard_reference"]

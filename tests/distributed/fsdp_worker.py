@@ -6,7 +6,8 @@ Sets the environment `accelerate launch --config_file configs/accelerate/fsdp2.y
 transformer-based wrapping, full state dict), then trains what tests/distributed/ddp_worker.py trains (one
 SGD step, global batch 4, 2 per rank). Rank 0 writes the trainable parameters, gathered from their shards,
 to OUT_DIR/KIND-OBJECTIVE.safetensors, the trainer's saved folder to OUT_DIR/KIND-OBJECTIVE.saved/, and
-OUT_DIR/KIND-OBJECTIVE.json (the accelerate distributed type and how many parameters were sharded).
+OUT_DIR/KIND-OBJECTIVE.json (the accelerate distributed type, how many parameters of the policy and of a
+frozen reference copy were sharded).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
             save_file(full, f"{out_dir}/{kind}-{objective}.safetensors")
             Path(f"{out_dir}/{kind}-{objective}.json").write_text(json.dumps(
                 {"distributed_type": str(trainer.accelerator.distributed_type), "sharded": sharded,
+                 "reference_sharded": sum(isinstance(p, DTensor) for p in trainer.ref_model.parameters())
+                 if getattr(trainer, "ref_model", None) is not None else None,
                  "world": trainer.accelerator.num_processes}))
 
 

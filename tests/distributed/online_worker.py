@@ -8,7 +8,7 @@ samples every rank generated (and the sampling seed it used). Rank 0 then writes
 and the run's metrics.jsonl under OUT_DIR/CASE/. `build` is also called in-process by the test for the
 one-process reference, which replays the recorded samples instead of sampling.
 
-The optimizer is replaced by plain SGD: Adam's first step, lr * g / (|g| + eps), turns float-noise-sized
+The optimizer is plain SGD (`optimizer="sgd"`): Adam's first step, lr * g / (|g| + eps), turns float-noise-sized
 gradient differences into lr-sized parameter differences, which would hide what is compared here.
 """
 
@@ -39,12 +39,14 @@ def reward(prompt, response) -> float:
 # case -> (trainer class, adapter kind, config)
 def CASES(case: str):
     sampling = SamplingConfig(num_samples=2, max_new_tokens=5)
-    common = dict(steps=STEPS, prompts_per_step=4, sampling=sampling, max_grad_norm=None, seed=3)
+    common = dict(steps=STEPS, prompts_per_step=4, sampling=sampling, max_grad_norm=None, seed=3, optimizer="sgd")
     if case == "rloo":  # leave-one-out baselines, running moments over every rank's scores, 2 micro-batches
         return GRPOTrainer, "lora", GRPOConfig(advantage="rloo", reward_normalization="running", kl_coef=0.1,
                                                gradient_accumulation_steps=2, **common)
     if case == "grpo-token":  # token_sum aggregation: the normaliser is the global token count
         return GRPOTrainer, "lora", GRPOConfig(aggregation="token_sum", kl_coef=0.1, **common)
+    if case == "grpo-full":  # full finetuning: the frozen reference copy (FSDP: sharded like the policy)
+        return GRPOTrainer, "full", GRPOConfig(kl_coef=0.2, gradient_accumulation_steps=3, **common)
     if case == "dpo":  # full finetuning, frozen-copy reference, pair counts differ per rank
         return OnlineDPOTrainer, "full", OnlineDPOConfig(beta=0.5, **common)
     if case == "ppo":  # advantages whitened over every rank's tokens, 2 epochs
@@ -56,14 +58,15 @@ def build(model_dir: str, case: str, output_dir: str | None = None):
     cls, kind, cfg = CASES(case)
     torch.manual_seed(0)
     model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0)))
-    trainer = cls(model, load_tokenizer(model_dir), PROMPTS, reward, cfg, output_dir=output_dir)
-    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-    trainer.optimizer = trainer.accelerator.prepare(torch.optim.SGD(params, lr=0.5 if kind == "lora" else 0.05))
-    return trainer
+    cfg.learning_rate = 0.5 if kind == "lora" else 0.05
+    return cls(model, load_tokenizer(model_dir), PROMPTS, reward, cfg, output_dir=output_dir)
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:
-    out = {n: p.detach().contiguous().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    from torch.distributed.tensor import DTensor
+
+    out = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().contiguous().clone()
+           for n, p in trainer.policy.named_parameters() if p.requires_grad}
     if hasattr(trainer, "value_head"):
         vh = trainer.accelerator.unwrap_model(trainer.value_head)
         out.update({f"value_head.{n}": p.detach().contiguous().clone() for n, p in vh.named_parameters()})
@@ -72,6 +75,12 @@ def trainable(trainer) -> dict[str, torch.Tensor]:
 
 def main(model_dir: str, out_dir: str, *cases: str) -> None:
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if os.environ.get("ALIGNKIT_TEST_FSDP") == "1":  # what `accelerate launch` with configs/accelerate/fsdp2.yaml sets
+        from fsdp_worker import FSDP_ENV
+
+        os.environ.update(FSDP_ENV)
 
     torch.set_num_threads(1)
     for case in cases:
@@ -86,14 +95,20 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
 
         trainer.generate = recording
         trainer.train()
+        sharded = sum(isinstance(p, DTensor) for p in trainer.model.parameters())
+        ref_sharded = sum(isinstance(p, DTensor) for p in trainer.ref_model.parameters()) if trainer.ref_model else 0
+        trainer.save(f"{out_dir}/{case}.saved")
+        params = trainable(trainer)  # a collective under FSDP (shards gathered): every rank
         everyone: list = [None] * trainer.world
         dist.all_gather_object(everyone, record)
         if trainer.rank == 0:
             steps = [{"seeds": [r[i]["seed"] for r in everyone], "samples": [s for r in everyone for s in r[i]["samples"]]}
                      for i in range(STEPS)]
             with open(f"{out_dir}/{case}.json", "w") as f:
-                json.dump({"world": trainer.world, "steps": steps, "history": trainer.history}, f)
-            save_file(trainable(trainer), f"{out_dir}/{case}.safetensors")
+                json.dump({"world": trainer.world, "steps": steps, "history": trainer.history, "sharded": sharded,
+                       "reference_sharded": ref_sharded,
+                       "distributed_type": str(trainer.accelerator.distributed_type)}, f)
+            save_file(params, f"{out_dir}/{case}.safetensors")
         dist.barrier()
 
 

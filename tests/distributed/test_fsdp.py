@@ -3,7 +3,8 @@
 The worker sets the environment `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets;
 alignkit attaches the FSDP plugin accelerate drops on CPU processes (`alignkit.distributed`). Checked: the
 run really is FSDP (accelerate's distributed type, trainable parameters held as DTensor shards), one SGD
-step over a global batch of 4 (2 per rank) equals the same step in one process, and the saved folder is an
+step over a global batch of 4 (2 per rank) equals the same step in one process (full DPO: its frozen
+reference copy sharded with `fully_shard` too, not a whole copy per process), and the saved folder is an
 ordinary alignkit folder (safetensors + JSON) that loads without FSDP into the trained weights."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ddp_worker import train_one  # noqa: E402
 from test_ddp import _initial  # noqa: E402
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-CASES = [("full", "sft"), ("lora", "sft"), ("reft", "sft"), ("reft+lora", "dpo")]
+CASES = [("full", "sft"), ("full", "dpo"), ("lora", "sft"), ("reft", "sft"), ("reft+lora", "dpo")]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def test_fsdp2_two_ranks_equal_one_process_and_save_plain_folders(kind, objectiv
     info = json.loads((two_ranks / f"{kind}-{objective}.json").read_text())
     assert info["distributed_type"].endswith("FSDP") and info["world"] == 2
     assert info["sharded"] > 0  # parameters really were DTensor shards
+    if (kind, objective) == ("full", "dpo"):  # the frozen reference copy is sharded by the same engine
+        assert info["reference_sharded"] > 0
     two = load_file(str(two_ranks / f"{kind}-{objective}.safetensors"))
     one = train_one(str(tiny_dir("llama")), str(tmp_path / "one"), kind, objective)
     assert one.keys() == two.keys() and one

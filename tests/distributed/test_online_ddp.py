@@ -4,7 +4,9 @@ The two-rank run samples for real; what it sampled is recorded and replayed into
 (same model, config and initial weights), so everything after generation is compared: reward
 normalisation ("running" moments over every rank's scores), group baselines (RLOO), token-count
 normalisers ("token_sum"), online-DPO pairs (pair counts differ per rank), PPO's whitening over every
-rank's tokens, gradient accumulation, DDP's gradient average and the optimizer step. Also checked: each
+rank's tokens, gradient accumulation, DDP's gradient average and the optimizer step. The same under FSDP2
+(the environment of `accelerate launch --config_file configs/accelerate/fsdp2.yaml`): full finetuning with
+its frozen reference sharded too, LoRA, online DPO; the saved folders load without FSDP. Also checked: each
 rank sampled a different, contiguous share of the step's prompts (the one-process trainer's own prompt
 order), with its own seed, and metrics.jsonl has one row per step with the global reward mean."""
 
@@ -20,24 +22,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignkit.models.adapters import load_adapter
+from alignkit.models.loading import load_model
 from alignkit.online.generation import Sample
 
 sys.path.insert(0, str(Path(__file__).parent))
 from online_worker import PROMPTS, STEPS, build, reward, trainable  # noqa: E402
 
 WORKER = Path(__file__).with_name("online_worker.py")
-CASES = ["rloo", "grpo-token", "dpo", "ppo"]
+CASES = {"ddp": ["rloo", "grpo-token", "dpo", "ppo"], "fsdp": ["grpo-full", "rloo", "dpo"]}
+_RUNS: dict = {}
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("online-ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tiny_dir("llama")), str(out), *CASES]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-12000:]
-    return out
+def run_two_ranks(engine: str, model_dir, tmp_path_factory) -> Path:
+    if engine not in _RUNS:
+        out = tmp_path_factory.mktemp(f"online-{engine}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "ALIGNKIT_TEST_FSDP": "1" if engine == "fsdp" else "0"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+               str(model_dir), str(out), *CASES[engine]]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-12000:]
+        _RUNS[engine] = out
+    return _RUNS[engine]
 
 
 def replay(trainer, steps: list[dict]) -> None:
@@ -54,10 +61,16 @@ def replay(trainer, steps: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
-def test_two_ranks_equal_one_process(case, two_ranks, tiny_dir, tmp_path):
+@pytest.mark.parametrize("engine,case", [(e, c) for e, cases in CASES.items() for c in cases])
+def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_factory):
+    two_ranks = run_two_ranks(engine, tiny_dir("llama"), tmp_path_factory)
     run = json.loads((two_ranks / f"{case}.json").read_text())
     assert run["world"] == 2
+    assert run["distributed_type"].endswith("FSDP" if engine == "fsdp" else "MULTI_CPU")
+    if engine == "fsdp":
+        assert run["sharded"] > 0  # the policy's parameters were DTensor shards
+        if case == "grpo-full":  # full finetuning: the frozen reference is sharded by the same engine
+            assert run["reference_sharded"] > 0
     for step in run["steps"]:
         s0, s1 = step["seeds"]
         assert s0 != s1  # per-rank sampling seeds
@@ -85,3 +98,11 @@ def test_two_ranks_equal_one_process(case, two_ranks, tiny_dir, tmp_path):
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
         if case == "dpo":
             assert row["pairs"] == ref["pairs"]
+    # the saved folder is a plain one (safetensors + JSON) holding the trained weights
+    saved = two_ranks / f"{case}.saved"
+    loaded = (load_model(saved) if case in ("grpo-full", "dpo") else
+              load_adapter(load_model(tiny_dir("llama")), saved))
+    got = dict(loaded.named_parameters())
+    for n in after:
+        if not n.startswith("value_head."):
+            torch.testing.assert_close(got[n].detach(), after[n], rtol=1e-4, atol=2e-6, msg=n)

@@ -56,6 +56,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from alignkit.distributed import enable_sharding_on_cpu, full_parameters, gathered_root, is_fsdp2, shard_reference
 from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from alignkit.models.adapters import adapter_kind, reft_settings, save_adapter
@@ -79,6 +80,7 @@ class OnlineConfig:
     prompts_per_step: int = 8
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
     learning_rate: float = 1e-6  # TRL's GRPOConfig / RLOOConfig; online DPO 5e-7, PPO 3e-6 (their subclasses)
+    optimizer: str = "adamw"  # "adamw" | "sgd" (plain SGD: no momentum)
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     epochs_per_step: int = 1  # optimisation passes over each step's batch (PPO epochs)
@@ -108,6 +110,8 @@ class OnlineConfig:
         if self.steps < 0 or self.prompts_per_step < 1 or self.epochs_per_step < 1:
             raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
                              f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"online config: optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"online config: gradient_accumulation_steps must be >= 1, got "
                              f"{self.gradient_accumulation_steps}")
@@ -183,6 +187,7 @@ class OnlineTrainer:
         self.trackers = self._trackers() if self.output_dir is not None else []
         self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=self.trackers or None,
                                        project_dir=str(self.output_dir) if self.trackers else None)
+        fsdp2 = enable_sharding_on_cpu(self.accelerator) or is_fsdp2(self.accelerator)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         n_step = min(self.config.prompts_per_step, len(self.prompts))
         if n_step % self.world:
@@ -203,15 +208,25 @@ class OnlineTrainer:
         if mode == "copy" and ref_model is None:
             ref_model = frozen_copy(model)
         self.ref_model = ref_model.to(self.accelerator.device).eval() if ref_model is not None else None
+        if self.ref_model is not None:  # FSDP2: sharded like the policy, not a whole copy per process
+            self.ref_model = shard_reference(self.ref_model, self.accelerator)
         self.reference_mode = mode
-        self.model = self.accelerator.prepare(model)
+        self.model = model
         self.extra_modules = self.build_extra_modules()  # e.g. PPO's value head
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        if fsdp2 and self.extra_modules:
+            raise ValueError(f"{type(self).__name__} under FSDP: its extra modules (PPO's value head) are not "
+                             "sharded yet; use DDP (configs/accelerate/ddp-cpu.yaml or --multi_gpu) for PPO")
+        params = [p for p in model.parameters() if p.requires_grad]
         params += [p for m in self.extra_modules for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters; wrap it with apply_adapter first")
-        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(
-            params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay))
+        opt_class = torch.optim.SGD if self.config.optimizer == "sgd" else torch.optim.AdamW
+        optimizer = opt_class(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
+        if fsdp2:  # accelerate shards model and optimizer together (fully_shard swaps the parameters)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        else:
+            self.model = self.accelerator.prepare(model)
+            self.optimizer = self.accelerator.prepare(optimizer)
         self.extra_modules = [self.accelerator.prepare(m) for m in self.extra_modules]
         c = self.config
         self.kl_ctl = (AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.kl_target is not None
@@ -312,9 +327,10 @@ class OnlineTrainer:
         policy = self.policy
         settings = reft_settings(policy)
         extra = {} if settings is None else {"positions": settings.positions, "share_weights": settings.share_weights}
-        return generate_responses(policy, self.tokenizer, prompts, cfg, batch_size=self.config.generation_batch_size,
-                                  formatter=self.config.formatter, max_prompt_length=self.config.max_prompt_length,
-                                  **extra)
+        with gathered_root(self.model):  # FSDP2: a wrapper's generate bypasses the root's forward hooks
+            return generate_responses(policy, self.tokenizer, prompts, cfg,
+                                      batch_size=self.config.generation_batch_size, formatter=self.config.formatter,
+                                      max_prompt_length=self.config.max_prompt_length, **extra)
 
     def token_stats(self, batch: dict[str, Tensor], **kw: Any):
         return token_stats(self.model, batch, temperature=self.config.sampling.temperature,
@@ -395,23 +411,27 @@ class OnlineTrainer:
                     idx = torch.zeros(1, dtype=torch.long, device=dev)
                 local = normalizer_fn(idx).detach().to(torch.float64) * (0.0 if dummy else 1.0)
                 normalizer = (self.reduce_sum(local.reshape(1)) / self.world).reshape(())
-                micro = idx.tensor_split(min(c.gradient_accumulation_steps, idx.numel()))
+                # the same number of forwards on every process (FSDP gathers weights in each): an empty
+                # micro-batch runs item 0 with weight zero
+                micro = idx.tensor_split(c.gradient_accumulation_steps)
+                real = [mb.numel() > 0 for mb in micro]
                 step_loss, step_metrics = 0.0, {}
                 for m_i, mb in enumerate(micro):
                     with ExitStack() as stack:
                         if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
                             for module in [self.model, *self.extra_modules]:
                                 stack.enter_context(self.accelerator.no_sync(module))
-                        loss, metrics = loss_fn(mb, normalizer)
-                        if dummy:
+                        loss, metrics = loss_fn(mb if real[m_i] else idx[:1], normalizer)
+                        if dummy or not real[m_i]:
                             loss = loss * 0.0
                         if not is_finite(loss):
                             self._stop_non_finite("the training loss", as_float(loss),
                                                   {**metrics, "loss": as_float(loss)})
                         self.accelerator.backward(loss)
                     step_loss += float(loss.detach())
-                    for k, v in metrics.items():
-                        step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / len(micro)
+                    if real[m_i]:
+                        for k, v in metrics.items():
+                            step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / sum(real)
                 norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
                                                         else float("inf"))
                 if not is_finite(norm):
@@ -561,13 +581,16 @@ class OnlineTrainer:
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""
         folder = Path(folder)
-        bad = [n for n, p in self.policy.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
-        if bad:
-            raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), len(self.history),
-                                 causes=f"an earlier update diverged; nothing was saved to {folder}")
-        if self.accelerator.is_main_process:
-            save_adapter(self.policy, folder, tokenizer=self.tokenizer)
-            (folder / "online_config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str) + "\n")
+        with full_parameters(self.model):  # FSDP2: every process gathers its shards; plain files are written
+            bad = [n for n, p in self.policy.named_parameters()
+                   if p.requires_grad and not bool(p.detach().isfinite().all())]
+            if bad:
+                raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), len(self.history),
+                                     causes=f"an earlier update diverged; nothing was saved to {folder}")
+            if self.accelerator.is_main_process:
+                save_adapter(self.policy, folder, tokenizer=self.tokenizer)
+                (folder / "online_config.json").write_text(json.dumps(self.config.to_dict(), indent=2,
+                                                                      default=str) + "\n")
         return folder
 
 

@@ -77,6 +77,9 @@ class PreferenceTrainer(AlignTrainer):
                 p.requires_grad_(False)
             if disable_dropout:
                 turn_off_dropout(self.ref_model)
+            from alignkit.distributed import shard_reference
+
+            self.ref_model = shard_reference(self.ref_model, self.accelerator)  # FSDP2: sharded like the policy
         if self.reference_mode == "precomputed":
             self._precompute(reference_cache_dir)
 
