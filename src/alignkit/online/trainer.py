@@ -279,8 +279,9 @@ class OnlineTrainer:
             self._train_steps(bar, start)
         finally:
             bar.close()
-            if self.trackers:
-                self.accelerator.end_training()
+            if self.trackers:  # not accelerator.end_training(): it also destroys the process group, which
+                for tracker in self.accelerator.trackers:  # saving (FSDP gathers) and the caller still need
+                    tracker.finish()
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
         return self.history
