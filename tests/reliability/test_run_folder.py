@@ -71,3 +71,14 @@ def test_overwrite_that_fails_keeps_the_old_run(tmp_path):
     before = snapshot(out)
     assert sft(out, "--overwrite", "train.learning_rate=1e38", "train.max_steps=3", "train.max_grad_norm=0") == 2
     assert snapshot(out) == before
+
+
+def test_eval_into_a_training_run_keeps_its_config(finished, capsys):
+    """`alignkit eval` with output_dir = the run it evaluates: the run's config.yaml stays, eval's goes beside it."""
+    before = snapshot(finished)
+    rc = main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"output_dir={finished}",
+               f"model.path={finished / 'base_model'}", f"model.adapter_path={finished / 'model'}", "data.max_records=2"])
+    assert rc == 0
+    after = snapshot(finished)
+    assert all(after[k] == v for k, v in before.items())  # nothing of the run changed or went missing
+    assert set(after) - set(before) == {"eval.yaml", "metrics.json"}

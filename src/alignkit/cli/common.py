@@ -63,9 +63,23 @@ def command_line(args: argparse.Namespace) -> str:
 def start_run(cfg: Any) -> RunFolder:
     """The output folder of `eval` / `generate`, with the resolved config written (main process). Nothing else
     in it is removed (training commands use `plan_run` / `begin_run` instead)."""
+    from alignkit.settings import command_of
+
     run = RunFolder(Path(cfg.output_dir))
     if run.main:
-        save_config(cfg, run.config)
+        target = run.config
+        if target.is_file():
+            import yaml
+
+            try:
+                written_for = (yaml.safe_load(target.read_text()) or {}).get("command")
+            except (yaml.YAMLError, AttributeError):
+                written_for = "?"
+            if written_for != command_of(cfg):  # another run's config (e.g. the training run evaluated here)
+                target = run.root / f"{command_of(cfg)}.yaml"
+                logger.info("%s holds the config of `alignkit %s`; this command's config goes to %s", run.config,
+                            written_for, target.name)
+        save_config(cfg, target)
     return run
 
 
