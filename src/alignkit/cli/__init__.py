@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"alignkit {args.command}: interrupted; finished checkpoints are complete, resume with --resume",
-              file=sys.stderr)
+        print(f"alignkit {args.command}: interrupted; the checkpoints it finished are complete (continue with --resume "
+              "if it wrote any)", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, or a failure alignkit does not know yet: still one line, the traceback on ask
         if args.verbose or args.debug:
