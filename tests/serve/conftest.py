@@ -79,3 +79,53 @@ def serve_stack(serve_dirs):
     from alignkit.serve.stack import load_stack
 
     return load_stack(serve_dirs["base"], serve_dirs["adapters"], base_name="base")
+
+
+def reference_model(serve_dirs, name):
+    """(model, adapter config) for served name `name`, loaded alone with alignkit's `load_adapter`."""
+    from alignkit.models.adapters import load_adapter, read_adapter_config
+
+    model = load_model(serve_dirs["base"]).eval()
+    if name == "base":
+        return model, None
+    folder = serve_dirs["adapters"][name]
+    return load_adapter(model, folder).eval(), read_adapter_config(folder)
+
+
+def reference_greedy(model, cfg, prompt, max_tokens, end_ids):
+    """Greedy decoding by re-running the whole sequence each step (no cache, no padding, batch of one).
+    Returns [(token, runner-up token, top-1 minus top-2 logit)] per step."""
+    from alignkit.data.positions import locations_from_spans
+
+    locs = None
+    if cfg is not None and "reft" in cfg.kind:
+        locs = locations_from_spans(cfg.reft.positions, torch.tensor([0]), torch.tensor([len(prompt)]),
+                                    model.num_interventions, cfg.reft.share_weights)
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            kw = {"intervention_locations": locs} if locs is not None else {}
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False, **kw).logits[0, -1]
+            top = logits.topk(2)
+            t = int(top.indices[0])
+            out.append((t, int(top.indices[1]), float(top.values[0] - top.values[1])))
+            ids.append(t)
+            if t in end_ids:
+                break
+    return out
+
+
+NEAR_TIE = 1e-4
+
+
+def greedy_matches(got, ref, n, margin=NEAR_TIE):
+    """(matches, stopped at a near-tie): `got` equals the reference's first n greedy tokens, except that at a
+    step whose top-2 logits are within `margin` either of the two is accepted and the comparison stops."""
+    for i, (t, t2, gap) in enumerate(ref[:n]):
+        if i >= len(got):
+            return False, False
+        if gap < margin:
+            return got[i] in (t, t2), True
+        if got[i] != t:
+            return False, False
+    return len(got) == len(ref[:n]), False

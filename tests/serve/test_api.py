@@ -17,7 +17,7 @@ pytest.importorskip("fastapi", reason="fastapi is needed (pip install 'alignkit[
 
 from alignkit.serve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 
-from .conftest import running_server  # noqa: E402
+from .conftest import NEAR_TIE, reference_greedy, reference_model, running_server  # noqa: E402
 
 NAMES = ["base", "polite", "terse", "both"]
 
@@ -101,7 +101,9 @@ def test_models_completions_chat_and_usage(client, server):
     assert cut.choices[0].text == full[:full.find(full[2:4])] and cut.choices[0].finish_reason == "stop"
 
 
-def test_32_concurrent_clients_over_three_adapters_and_base(server):
+def test_32_concurrent_clients_over_three_adapters_and_base(server, serve_dirs):
+    """32 concurrent clients get what each request gets alone, token for token, except where the greedy
+    choice is a near-tie (top-2 logits within 1e-4 in the independent reference: either token is greedy)."""
     url, engine = server
     prompts = ["Hello", "The quick brown fox jumps", "Question: what is the capital of", "0 1 2 3 4 5 6 7 8"]
     jobs = [(NAMES[k % 4], prompts[(k // 4) % 4], 5 + k % 7) for k in range(32)]
@@ -117,7 +119,12 @@ def test_32_concurrent_clients_over_three_adapters_and_base(server):
 
     alone, together = asyncio.run(main())
     assert [x for x in together if isinstance(x, BaseException)] == []
-    assert together == alone
+    models = {m: reference_model(serve_dirs, m) for m in NAMES}
+    tok = engine.tokenizer
+    tie = [any(gap < NEAR_TIE for _, _, gap in reference_greedy(*models[m], tok(p)["input_ids"], n, engine.end_ids))
+           for m, p, n in jobs]
+    assert sum(tie) <= 4
+    assert [t for t, x in zip(together, tie) if not x] == [a for a, x in zip(alone, tie) if not x]
     assert len({a[0] for a in alone[:4]}) == 4  # the four models answer differently
 
 
@@ -177,8 +184,15 @@ def test_metrics_count_what_was_served(client, server):
     assert inf == metric(after, "alignkit_request_latency_seconds_count")
 
 
-def test_client_disconnect_cancels_generation(server):
+def test_client_disconnect_cancels_generation(server, monkeypatch):
     url, engine = server
+    real = engine._forward
+
+    def slow(*a, **k):  # 64 tokens then take >= 1.3 s: the disconnect surely comes first
+        time.sleep(0.02)
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "_forward", slow)
     cancelled = engine.stats.cancelled
     body = json.dumps({"model": "polite", "prompt": "Hello", "max_tokens": 64, "temperature": 0, "stream": True,
                        "stop": ["\u2603never"]}).encode()

@@ -2,7 +2,10 @@
 
 The reference is independent of the engine: each adapter loaded on its own with alignkit's ordinary
 `load_adapter`, then greedy decoding by re-running the whole sequence every step (no KV cache, no
-padding, no batching, no peft mixed batch), ReFT locations at the adapter's trained prompt positions."""
+padding, no batching, no peft mixed batch), ReFT locations at the adapter's trained prompt positions.
+Where the reference's top two logits are within 1e-4 (a near-tie on these random models; batching moves
+logits by ~1e-6), either token is the greedy answer and later tokens may legitimately differ: comparisons
+stop there (`conftest.greedy_matches`), and the tests check that this happens rarely."""
 
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ import time
 import pytest
 import torch
 
-from alignkit.data.positions import locations_from_spans
-from alignkit.models.adapters import load_adapter, read_adapter_config
 from alignkit.models.loading import load_model
 from alignkit.serve.engine import Engine, EngineConfig, QueueFullError, RequestError, SamplingParams
 from alignkit.serve.stack import load_stack
+
+from .conftest import greedy_matches, reference_greedy, reference_model
 
 PROMPTS = ["Hello", "The quick brown fox jumps", "Question: what is the capital of", "0 1 2 3 4 5 6 7 8",
            "def add(a, b):"]
@@ -35,32 +38,6 @@ def engine(stack):
     eng.stop()
 
 
-def reference_model(serve_dirs, name):
-    model = load_model(serve_dirs["base"]).eval()
-    if name == "base":
-        return model, None
-    folder = serve_dirs["adapters"][name]
-    return load_adapter(model, folder).eval(), read_adapter_config(folder)
-
-
-def reference_greedy(model, cfg, prompt, max_tokens, end_ids):
-    locs = None
-    if cfg is not None and "reft" in cfg.kind:
-        locs = locations_from_spans(cfg.reft.positions, torch.tensor([0]), torch.tensor([len(prompt)]),
-                                    model.num_interventions, cfg.reft.share_weights)
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(max_tokens):
-            kw = {"intervention_locations": locs} if locs is not None else {}
-            logits = model(input_ids=torch.tensor([ids]), use_cache=False, **kw).logits[0, -1]
-            t = int(logits.argmax())
-            out.append(t)
-            ids.append(t)
-            if t in end_ids:
-                break
-    return out
-
-
 def test_mixed_adapters_concurrent_equal_alone(engine, stack, serve_dirs):
     tok = stack.tokenizer
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
@@ -69,7 +46,7 @@ def test_mixed_adapters_concurrent_equal_alone(engine, stack, serve_dirs):
     ref = {(m, i): reference_greedy(*models[m], p, 14, engine.end_ids) for m in names for i, p in enumerate(prompts)}
     # every adapter changes what the model says (else routing would be untested)
     for i in range(len(prompts)):
-        assert len({tuple(ref[(m, i)]) for m in names}) == 4, i
+        assert len({tuple(t for t, _, _ in ref[(m, i)]) for m in names}) == 4, i
     results, errors = {}, []
 
     def client(k):
@@ -88,33 +65,46 @@ def test_mixed_adapters_concurrent_equal_alone(engine, stack, serve_dirs):
         t.join()
     assert errors == []
     assert len(results) == 32
+    ties = 0
     for k, (m, i, n, res) in results.items():
         got = res["choices"][0]["token_ids"]
-        assert got == ref[(m, i)][:n], (k, m, i)
+        ok, tie = greedy_matches(got, ref[(m, i)], n)
+        assert ok, (k, m, i, got, ref[(m, i)][:n])
+        ties += tie
         assert res["completion_tokens"] == len(got)
         assert res["choices"][0]["finish_reason"] == ("stop" if got[-1] in engine.end_ids else "length")
+    assert ties <= 4  # nearly every request is compared over its whole length
     # shared forwards: far fewer than one per generated token
     total = sum(len(r[3]["choices"][0]["token_ids"]) for r in results.values())
     assert engine.stats.forwards - before < total / 3
 
 
 def test_short_request_joins_and_leaves_while_long_one_runs(engine, stack):
+    """The short request is submitted from the long one's 3rd token event (so it surely arrives mid-decode):
+    it joins at the next step and ends while the long one is still generating."""
     tok = stack.tokenizer
     prompt = tok("Hello")["input_ids"]
-    done = {}
+    order, seen = [], {"long": 0}
 
-    def run(name, n):
-        done[name] = (engine.generate("polite", prompt, SamplingParams(max_tokens=n, temperature=0.0)), time.monotonic())
+    def long_sink(ev):
+        if ev.kind == "token":
+            seen["long"] += 1
+            if seen["long"] == 3:
+                engine.submit("terse", prompt, SamplingParams(max_tokens=2, temperature=0.0), short_sink)
+        if ev.kind == "end":
+            order.append(("long", seen["long"]))
 
-    long = threading.Thread(target=run, args=("long", 32))
-    long.start()
-    while engine.running_rows == 0:  # the long request is decoding
-        time.sleep(0.001)
-    run("short", 2)
-    long.join()
-    assert done["short"][1] < done["long"][1]  # finished first although it arrived later
-    assert len(done["long"][0]["choices"][0]["token_ids"]) == 32 or \
-        done["long"][0]["choices"][0]["finish_reason"] == "stop"
+    def short_sink(ev):
+        if ev.kind == "end":
+            order.append(("short", seen["long"]))
+
+    engine.submit("polite", prompt, SamplingParams(max_tokens=32, temperature=0.0), long_sink)
+    deadline = time.monotonic() + 30
+    while len(order) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [o[0] for o in order] == ["short", "long"]
+    assert order[0][1] <= 5  # the short one ended two steps after it joined, at the long one's ~5th token
+    assert order[1][1] == 32 or order[1][1] > 5
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine, stack):
@@ -253,8 +243,8 @@ def test_every_tiny_architecture_batched_equals_alone(arch, tiny_dir):
     finally:
         eng.stop()
     for i, evs in events.items():
-        assert [e.token_id for e in evs if e.kind == "token"] == want[i][:6 - i % 2], (arch, i)
-    assert [e.token_id for e in late if e.kind == "token"] == want[1]
+        assert greedy_matches([e.token_id for e in evs if e.kind == "token"], want[i], 6 - i % 2)[0], (arch, i)
+    assert greedy_matches([e.token_id for e in late if e.kind == "token"], want[1], 6)[0]
 
 
 def test_sliding_window_models_are_refused_by_name(tiny_dir, tmp_path):
