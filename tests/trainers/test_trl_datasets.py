@@ -78,3 +78,12 @@ def test_raw_rows_without_a_tokenizer_are_an_error(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"train_dataset holds raw rows \(columns \['messages'\]\); pass the "
                                          r"tokenizer as processing_class"):
         SFTTrainer(model, args(tmp_path), train_dataset=Dataset.from_list([{"messages": CHAT}]))
+
+
+def test_transformers_default_learning_rate_is_named(tiny_dir, tmp_path, caplog):
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    plain = TrainingArguments(str(tmp_path / "o"), report_to="none", use_cpu=True)  # learning_rate 5e-5
+    DPOTrainer(load_model(path), plain, train_dataset=[{"prompt": "a", "chosen": " b", "rejected": " c"}],
+               processing_class=tok)
+    assert "learning_rate is transformers' default 5e-05; TRL's DPOConfig uses 1e-06" in caplog.text

@@ -115,6 +115,7 @@ class AlignTrainer(Trainer):
 
     normalizer: Literal["examples", "tokens"] = "examples"
     record_kinds: tuple[str, ...] = ("sft",)  # the record kinds raw data is read as, preferred first
+    trl_learning_rate: tuple[str, float] | None = None  # (TRL config, its default) for this objective, see __init__
     rows_per_example: int = 1  # 2 for the chosen/rejected layout (used only when a batch has no `weight`)
     loss_is_scaled_for_ga = True
 
@@ -129,6 +130,11 @@ class AlignTrainer(Trainer):
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
         self._prepare_data(kwargs, dataset_num_proc)
+        default_lr = TrainingArguments.__dataclass_fields__["learning_rate"].default
+        if self.trl_learning_rate is not None and args.learning_rate == default_lr:
+            logger.warning("%s: learning_rate is transformers' default %g; TRL's %s uses %g for this objective "
+                           "(and so does the alignkit CLI): pass learning_rate in the TrainingArguments",
+                           type(self).__name__, default_lr, *self.trl_learning_rate)
         if weight_normalization not in ("count", "weighted"):
             raise ValueError(f"weight_normalization must be 'count' or 'weighted', got {weight_normalization!r}")
         self.weight_normalization = weight_normalization

@@ -52,6 +52,7 @@ class KTOTrainer(AlignTrainer):
     """Unpaired preference trainer for any adapter kind (KTO by default)."""
 
     record_kinds = ("unpaired",)
+    trl_learning_rate = ("KTOConfig", 1e-6)
 
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "kto", beta: float = 0.1,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0, reference: str = "auto",

@@ -48,6 +48,7 @@ class PreferenceTrainer(AlignTrainer):
     rows_per_example = 2
 
     record_kinds = ("preference",)
+    trl_learning_rate = ("DPOConfig", 1e-6)
 
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str | Sequence[str] = "sigmoid",
                  loss_weights: Sequence[float] | None = None, beta: float = 0.1,

@@ -46,6 +46,7 @@ class RewardTrainer(AlignTrainer):
     """Pairwise (PreferenceCollator batches) or K-wise (RankedCollator batches) reward model training."""
 
     record_kinds = ("preference", "ranked")
+    trl_learning_rate = ("RewardConfig", 1e-4)
 
     def __init__(self, model: nn.Module, args: Any, *, center_rewards_coefficient: float | None = None,
                  use_margin: bool = True, l2_coefficient: float = 0.0, **kwargs: Any) -> None:

@@ -29,6 +29,7 @@ class SFTTrainer(AlignTrainer):
     """
 
     normalizer = "tokens"
+    trl_learning_rate = ("SFTConfig", 2e-5)
 
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "nll", chunk_size: int = 1024,
                  padding_free: bool = False, **kwargs: Any) -> None:
