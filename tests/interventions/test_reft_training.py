@@ -1,4 +1,5 @@
-"""ReftTrainer: pyreft's emoji-style memorisation on a tiny Llama, resume, checkpointing, classifier.
+"""ReftTrainer (pyreft's name for alignkit's SFTTrainer): pyreft's emoji-style memorisation on a tiny Llama,
+resume, checkpointing, classifier; every folder it writes is an adapter folder `load_adapter` reads.
 
 The base is a random tiny Llama. Two choices make memorisation by a ReFT alone possible (measured):
 initializer_range=0.2 (at the default 0.02 the unembedding rows are so small that no hidden state gives a
@@ -20,6 +21,7 @@ from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import ReftConfig
 from alignkit.interventions.io import load_reft
 from alignkit.interventions.training import ReftTrainer
+from alignkit.models.adapters import load_adapter, read_adapter_config
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import build_tiny_tokenizer, tiny_config
 
@@ -97,6 +99,16 @@ def test_emoji_memorisation_save_and_reload(base_dir, tmp_path):
     assert json.loads((tmp_path / "final" / "training_args.json").read_text())["learning_rate"] == 2e-2
     reloaded = load_reft(load_model(base_dir), tmp_path / "final").eval()
     assert greedy(reloaded, tok) == ANSWERS
+    # an ordinary adapter folder: load_adapter (model.adapter_path) reads it, and the positions the data used
+    # were saved, so plain generate(**inputs) without locations edits what training edited
+    assert "alignkit_adapter.json" in files
+    assert read_adapter_config(tmp_path / "final").reft.positions == POSITIONS
+    adapter = load_adapter(load_model(base_dir), tmp_path / "final").eval()
+    enc = encode_prompts(tok, PROMPTS, positions=POSITIONS, num_interventions=len(LAYERS))
+    enc.pop("intervention_locations")
+    with torch.no_grad():
+        out = adapter.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert [tok.decode(r[enc["input_ids"].shape[1]:], skip_special_tokens=True) for r in out] == ANSWERS
 
 
 def test_resume_reproduces_losses(base_dir, tmp_path):
@@ -111,6 +123,8 @@ def test_resume_reproduces_losses(base_dir, tmp_path):
     names = {p.name for p in ckpt.iterdir()}
     assert {"interventions.safetensors", "optimizer.pt", "trainer_state.json"} <= names
     assert "model.safetensors" not in names and "training_args.bin" not in names
+    assert read_adapter_config(ckpt).kind == "reft"  # a checkpoint is an adapter folder too
+    assert load_adapter(load_model(base_dir), ckpt).adapter_configs["default"].positions == POSITIONS
 
     resumed = ReftTrainer(model=make_reft(base_dir, seed=123), args=args(tmp_path / "b", **kw),
                           train_dataset=mod["train_dataset"], data_collator=mod["data_collator"])

@@ -84,15 +84,14 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
                 progress: bool) -> dict[str, float]:
     from alignkit.data import PreferenceCollator
     from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
-    from alignkit.models.adapters import adapter_kind
     from alignkit.models.loading import load_model
     from alignkit.trainers.logps import completion_logps
-    from alignkit.trainers.reference import reference_logps
+    from alignkit.trainers.reference import reference_logps, resolve_mode
 
     m = cfg.method
-    kind = adapter_kind(model)
+    mode = resolve_mode("auto", model, reference_free=False)  # the adapter switched off, or a frozen copy
     ref_model = None
-    if kind == "full":
+    if mode == "copy":
         if cfg.model.adapter_path is None and m.reference_path is None:
             logger.warning("eval dpo: no model.adapter_path, so the policy is its own reference (all rewards 0)")
         ref_model = to_device(load_model(m.reference_path or base_path, dtype=cfg.model.dtype)).eval()
@@ -106,8 +105,7 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
             batch = collate(features[s:s + m.batch_size])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             logps, lengths = completion_logps(model, batch, m.chunk_size)  # (2B,), (2B,)
-            ref, _ = reference_logps(model, batch, "copy" if kind == "full" else "adapter_off", ref_model,
-                                     m.chunk_size)  # (2B,)
+            ref, _ = reference_logps(model, batch, mode, ref_model, m.chunk_size)  # (2B,)
             B = logps.shape[0] // 2
             out = preference_loss(PreferenceBatch(logps[:B], logps[B:], ref[:B], ref[B:], lengths[:B], lengths[B:]),
                                   PreferenceParams(beta=m.beta), ["sigmoid"])

@@ -41,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
 def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from alignkit.models.adapters import reft_settings
     from alignkit.online import generate_responses
 
     if cfg.batch_size < 1:
@@ -52,8 +51,6 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     run = start_run(cfg)
     model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
     model = to_device(model)
-    reft = reft_settings(model)
-    extra = {"positions": reft.positions, "share_weights": reft.share_weights} if reft is not None else {}
     rows: list[dict[str, Any]] = []
     step = max(1, cfg.batch_size // cfg.generation.num_samples)  # prompts per call
     for s in tqdm(range(0, len(records), step), desc="generate", unit="batch", disable=not progress):
@@ -61,8 +58,7 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         if sampling.seed is not None:  # a different, reproducible stream per batch
             sampling = dataclasses.replace(sampling, seed=sampling.seed + s)
         samples = generate_responses(model, tok, records[s:s + step], sampling, batch_size=cfg.batch_size,
-                                     formatter=cfg.data.formatter, max_prompt_length=cfg.data.max_prompt_length,
-                                     **extra)
+                                     formatter=cfg.data.formatter, max_prompt_length=cfg.data.max_prompt_length)
         rows += [{"id": x.prompt_id, "prompt": x.prompt, "response": x.response, "finish_reason": x.finish_reason,
                   "index": x.index} for x in samples]
     if run.main:

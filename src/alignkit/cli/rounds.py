@@ -73,7 +73,6 @@ def run_annotate(args: argparse.Namespace) -> int:
 
 def sample(cfg: Any) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl`. Returns its path."""
-    from alignkit.models.adapters import reft_settings
     from alignkit.online.rounds import sample_round
 
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
@@ -82,12 +81,10 @@ def sample(cfg: Any) -> Path:
         save_config(cfg, run.root / "sample.yaml")
     model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
     model = to_device(model)
-    reft = reft_settings(model)
-    extra = {"positions": reft.positions, "share_weights": reft.share_weights} if reft is not None else {}
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     return sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
                         overwrite=cfg.overwrite, formatter=cfg.data.formatter,
-                        max_prompt_length=cfg.data.max_prompt_length, **extra)
+                        max_prompt_length=cfg.data.max_prompt_length)
 
 
 def annotate(cfg: Any, allow_code: bool = False) -> Path:

@@ -11,7 +11,10 @@ the full sequence's tokens.
 
 The collator pads (left or right), sets labels to -100 on prompt and pad tokens, and builds
 `intervention_locations` (B, K, P) from each row's prompt span with `positions.locations_from_spans`,
-so positions are absolute indices into the padded tensor.
+so positions are absolute indices into the padded tensor. The batches are pyreft's (input_ids,
+attention_mask, labels, intervention_locations); `alignkit.interventions.ReftTrainer` (the pyreft-style name
+of `alignkit.trainers.SFTTrainer`) reads them as SFT batches (completion_mask = labels != -100) and records
+the collator's `positions` on the model, so the adapter it saves carries them.
 
 `make_last_position_supervised_data_module` / `make_multiple_position_supervised_data_module` mirror
 pyreft's helpers and return {"train_dataset", "eval_dataset", "data_collator"}; the classification

@@ -174,16 +174,14 @@ def _rm_scores(rm, samples, pad_id: int) -> list[float]:
 
 def score_generations(model, tok, prompts: list[str], rm, seed: int, out: Path) -> dict[str, float]:
     """Greedy and sampled generations for `prompts`, scored; written to `out/generations_*.jsonl`."""
-    from alignkit.models.adapters import reft_settings
     from alignkit.online.generation import SamplingConfig, generate_responses
 
-    settings = reft_settings(model)
-    pos = settings.positions if settings is not None else None
+    # a ReFT places its own saved position spec (ReftModel.generate)
     greedy = generate_responses(model, tok, prompts, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
-                                batch_size=64, positions=pos)
+                                batch_size=64)
     sampled = generate_responses(model, tok, prompts, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=True,
                                                                      num_samples=NUM_SAMPLES, seed=seed),
-                                 batch_size=128, positions=pos)
+                                 batch_size=128)
     g_rule = [task.follows_rule(s.response) for s in greedy]
     g_topic = [task.on_topic(s.response, s.prompt) for s in greedy]
     g_rm = _rm_scores(rm, greedy, tok.pad_token_id)

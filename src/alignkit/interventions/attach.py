@@ -321,13 +321,19 @@ class ReftModel(nn.Module):
         span up to its first completion token (`completion_mask`), or the whole attended span without one
         (a prompt-only batch, as `generate` gets). None when no adapter has a spec; an adapter without one
         gets -1 (no edit)."""
-        configs = list(self.adapter_configs.items())
-        if not any(cfg.positions for _, cfg in configs):
-            return None
         if completion_mask is None:
             start, length = prompt_spans_from_mask(attention_mask)
         else:
             start, length = prompt_spans(attention_mask, completion_mask)
+        return self.span_locations(start, length)
+
+    def span_locations(self, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor | None:
+        """`(B, I, P)` locations for prompts spanning [start, start + length) `(B,)` (absolute indices), from
+        each adapter's saved position spec; None when no adapter has one, -1 (no edit) for an adapter
+        without one. What `default_locations` uses; a packed batch's caller gives its spans directly."""
+        configs = list(self.adapter_configs.items())
+        if not any(cfg.positions for _, cfg in configs):
+            return None
         parts = []
         for name, cfg in configs:
             sl = self.adapter_slice(name)

@@ -131,6 +131,11 @@ class LowRankRotation(nn.Module):
     d=4096). Every read of `weight` recomputes the product, so a forward pass reads it once into a local.
     """
 
+    # No weight decay on the reflectors (read by `AlignTrainer.get_decay_parameter_names`): decay cannot break
+    # orthonormality (any X maps to orthonormal columns, and shrinking never flips a diagonal sign) but it
+    # pulls the reflectors to 0, i.e. R towards the first r coordinate axes: an arbitrary, basis-dependent prior.
+    no_weight_decay = ("parametrizations.weight.original",)
+
     def __init__(self, embed_dim: int, rank: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if dtype not in (torch.float32, torch.float64):

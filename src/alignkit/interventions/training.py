@@ -1,90 +1,44 @@
-"""Train a ReFT with `transformers.Trainer`: `ReftTrainer`.
+"""pyreft-style entry point: `ReftTrainer`, a thin name over alignkit's one trainer stack.
 
-The base model is frozen; only the interventions train. The subclass changes four things and nothing else:
+For users moving over from pyreft: `ReftTrainer(model=get_reft_model(...), args=TrainingArguments(...),
+**make_multiple_position_supervised_data_module(...))` trains as pyreft's does, but it IS
+`alignkit.trainers.SFTTrainer` (an `AlignTrainer`): the same loss reduction, gradient accumulation, argument
+rewrites (`remove_unused_columns` off, non-reentrant activation checkpointing through the adapter), weight
+decay rule, non-finite guard, checkpoint save and resume as `alignkit sft` with `adapter.kind: reft`. What it
+adds, and nothing else:
 
-- `remove_unused_columns` is forced off: the Trainer would otherwise drop `intervention_locations`,
-  which the wrapped model's forward takes but the base model's signature does not name.
-- saving (`_save`, reached by `save_model` and by every checkpoint) writes only the ReftModel's own
-  folder (`ReftModel.save_pretrained`: intervention weights as safetensors + JSON spec) plus the
-  tokenizer and `training_args.json`; never the frozen base, never a pickle.
-- loading a checkpoint (`resume_from_checkpoint=...`, `load_best_model_at_end`) reads those intervention
-  weights back into the live interventions in place, so the optimizer state the Trainer restores next
-  lines up with the same parameters.
-- activation (gradient) checkpointing is switched on in the base model (non-reentrant, so gradients
-  reach interventions hooked inside checkpointed layers even though the base's inputs need no grad).
+- the prompt positions the data used (a `ReftDataCollator`'s spec) are recorded on the model
+  (`ReftModel.set_positions`), so the folder it saves is an ordinary adapter folder: `alignkit_adapter.json`
+  + `reft_config.json` + `interventions.safetensors`, read back by `alignkit.models.adapters.load_adapter`
+  (and `model.adapter_path` in a config), by `load_reft`, and by a reloaded model's plain
+  `generate(**inputs)`, which then edits the positions training edited;
+- pyreft's batches are accepted: a collator that yields `labels` (-100 off the response) but no
+  `completion_mask` gets one (labels != -100);
+- a ReFT on a sequence classifier (batches with one class id per row) trains on per-example cross-entropy
+  of the class logits; the normaliser is then examples, not tokens.
 
-Loss: the wrapped model's own (causal LM: masked next-token cross-entropy; sequence classifier:
-cross-entropy on class ids), reduced by the Trainer; gradient accumulation is the Trainer's.
+New code should use `alignkit.trainers.SFTTrainer` with `alignkit.models.adapters.apply_adapter` directly
+(what `alignkit demo --reft` does). Removed with the second stack it replaced (migration): the helpers
+`intervention_state_dict` (use `alignkit.models.adapters.trainable_state_dict`), `save_intervention_weights`
+(`save_adapter`) and `load_intervention_weights` (`load_adapter_weights`, or `io.read_reft_weights`);
+a checkpoint of a model holding several ReFT adapters is refused (save each with `save_pretrained`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from torch import nn
+from transformers import TrainerCallback
 
-from alignkit.compat import check_trainer
+from alignkit.losses import LossOutput
+from alignkit.models.adapters import is_classifier, unwrap_parallel
+from alignkit.trainers.sft import SFTTrainer
 
 logger = logging.getLogger(__name__)
 
-TRAINING_ARGS_JSON = "training_args.json"
-
-
-def intervention_state_dict(reft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters of `reft_model` (the interventions), by name."""
-    return {n: p for n, p in reft_model.named_parameters() if p.requires_grad}
-
-
-def _adapter_folders(reft_model: torch.nn.Module, folder: str | Path) -> dict[str, Path]:
-    """Where each adapter lives in a checkpoint: the folder itself for one adapter, else `folder/<name>`."""
-    names = list(reft_model.adapter_names)
-    return {names[0]: Path(folder)} if len(names) == 1 else {n: Path(folder) / n for n in names}
-
-
-def save_intervention_weights(reft_model: torch.nn.Module, folder: str | Path) -> None:
-    """Write every adapter of `reft_model` with `ReftModel.save_pretrained` (layout: `_adapter_folders`)."""
-    for name, sub in _adapter_folders(reft_model, folder).items():
-        reft_model.save_pretrained(str(sub), adapter_name=name)
-
-
-def load_intervention_weights(reft_model: torch.nn.Module, folder: str | Path) -> None:
-    """Copy the intervention weights saved in `folder` (by `save_intervention_weights`) into the live
-    interventions of `reft_model`, in place (the optimizer keeps pointing at the same tensors).
-    Every tensor must be present with the right shape (strict load)."""
-    from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME
-
-    for name, sub in _adapter_folders(reft_model, folder).items():
-        path = sub / WEIGHTS_NAME
-        if not path.is_file() or not (sub / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{sub}: no ReFT checkpoint for adapter {name!r} ({WEIGHTS_NAME} + "
-                                    f"{CONFIG_NAME}); was it written by ReftTrainer?")
-        tensors = load_file(str(path))  # keys "<i>.<parameter>"
-        modules = reft_model.interventions[name]
-        for i, module in enumerate(modules):
-            prefix = f"{i}."
-            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            try:
-                module.load_state_dict(own, strict=True)
-            except RuntimeError as e:
-                raise ValueError(f"{path}: intervention {i} of adapter {name!r} does not match the model's "
-                                 f"({e})") from None
-        extra = {k.split(".", 1)[0] for k in tensors} - {str(i) for i in range(len(modules))}
-        if extra:
-            raise ValueError(f"{path}: weights for intervention(s) {sorted(extra)} that adapter {name!r} lacks")
-
-
-def _base_model(reft_model: torch.nn.Module) -> torch.nn.Module:
-    for name in ("model", "base_model"):
-        base = getattr(reft_model, name, None)
-        if isinstance(base, torch.nn.Module):
-            return base
-    raise AttributeError(f"{type(reft_model).__name__} exposes no base model as .model or .base_model")
+IGNORE_INDEX = -100
 
 
 class StopAtLoss(TrainerCallback):
@@ -100,63 +54,70 @@ class StopAtLoss(TrainerCallback):
         return control
 
 
-class ReftTrainer(Trainer):
-    """`transformers.Trainer` for a `ReftModel`: trains and saves only the interventions.
+class _CompletionMaskFromLabels:
+    """Collator wrapper: a pyreft batch (labels, -100 off the response) also gets `completion_mask`."""
 
-    Use as a Trainer: `ReftTrainer(model=reft_model, args=TrainingArguments(...), train_dataset=...,
-    data_collator=...)` with a collator that yields `intervention_locations` (see
-    `alignkit.data.reft_data`). `args` is copied, never mutated.
-    """
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
 
-    def __init__(self, model: torch.nn.Module, args: TrainingArguments, **kwargs: Any) -> None:
-        check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
-        changes: dict[str, Any] = {}
-        if args.remove_unused_columns:
-            changes["remove_unused_columns"] = False  # keep intervention_locations
-        gc_kwargs = None
-        if args.activation_checkpointing:
-            gc_kwargs = dict(args.activation_checkpointing_kwargs or {})
-            changes["activation_checkpointing"] = False  # we switch it on in the base model ourselves
-            changes["gradient_checkpointing"] = False
-        if changes:
-            args = dataclasses.replace(args, **changes)
-        super().__init__(model=model, args=args, **kwargs)
-        if gc_kwargs is not None:
-            gc_kwargs.setdefault("use_reentrant", False)
-            every_n = gc_kwargs.pop("every_n_layers", 1)
-            _base_model(self.model).activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs,
-                                                                    every_n_layers=every_n)
-            logger.info("activation checkpointing on in the base model (%s)", gc_kwargs)
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in self.model.parameters())
-        logger.info("ReFT trainable parameters: %d of %d (%.4f%%)", n_train, n_all, 100.0 * n_train / max(n_all, 1))
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        save_intervention_weights(self.accelerator.unwrap_model(self.model), output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
-        logger.info("saved ReFT interventions to %s", output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        logger.info("loading ReFT interventions from %s", resume_from_checkpoint)
-        load_intervention_weights(model, resume_from_checkpoint)
-
-    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
-        """As the Trainer's, minus the orthogonal parametrizations' `original` tensors: with
-        `use_trivialization=False` their diagonal holds exact signs (read with `.int()`), and weight decay
-        shrinking 1.0 to 0.9999 would zero the rotation R."""
-        return [n for n in super().get_decay_parameter_names(model) if not n.endswith("parametrizations.weight.original")]
-
-    def _load_best_model(self) -> None:
-        logger.info("loading best ReFT interventions from %s (score %s)", self.state.best_model_checkpoint,
-                    self.state.best_metric)
-        load_intervention_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+    def __call__(self, features: list) -> Any:
+        batch = self.inner(features)
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if labels is not None and labels.dim() == 2 and batch.get("completion_mask") is None:
+            batch["completion_mask"] = (labels != IGNORE_INDEX).long()  # (B, T)
+        return batch
 
 
-__all__ = ["ReftTrainer", "StopAtLoss", "intervention_state_dict", "save_intervention_weights", "load_intervention_weights"]
+def record_positions(model: nn.Module, collator: Any) -> None:
+    """Give a one-adapter ReftModel without a position spec the spec its data uses (a `ReftDataCollator`'s
+    `positions` / `share_weights`), so that what is saved says what was trained. A model that has a spec
+    must agree with the collator's."""
+    reft = unwrap_parallel(model)
+    spec = getattr(collator, "positions", None)
+    if spec is None or not hasattr(reft, "set_positions") or len(reft.adapter_names) != 1:
+        return
+    name = reft.adapter_names[0]
+    have = reft.adapter_configs[name]
+    want = (str(spec), bool(getattr(collator, "share_weights", True)))
+    if have.positions is None:
+        reft.set_positions(name, *want)
+        logger.info("ReFT adapter %r: positions %s (share_weights=%s) from the data collator", name, *want)
+    elif (have.positions, have.share_weights) != want:
+        raise ValueError(f"the ReftModel's positions ({have.positions!r}, share_weights={have.share_weights}) and the "
+                         f"data collator's ({want[0]!r}, share_weights={want[1]}) disagree; build both with one spec")
+
+
+class ReftTrainer(SFTTrainer):
+    """`SFTTrainer` under pyreft's name (see the module docstring): `ReftTrainer(model=reft_model,
+    args=TrainingArguments(...), train_dataset=..., data_collator=...)`. `args` is copied, never mutated."""
+
+    def __init__(self, model: nn.Module, args: Any, **kwargs: Any) -> None:
+        record_positions(model, kwargs.get("data_collator"))
+        if kwargs.get("data_collator") is not None:
+            kwargs["data_collator"] = _CompletionMaskFromLabels(kwargs["data_collator"])
+        if is_classifier(model):
+            self.normalizer = "examples"  # one class id per row
+        super().__init__(model, args, **kwargs)
+
+    def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
+        if not is_classifier(model):
+            return super().objective(model, inputs)
+        kw = {k: inputs[k] for k in ("input_ids", "attention_mask", "intervention_locations") if k in inputs}
+        logits = model(**kw).logits  # (B, C)
+        losses = nn.functional.cross_entropy(logits.float(), inputs["labels"].to(logits.device), reduction="none")
+        accuracy = (logits.argmax(-1) == inputs["labels"].to(logits.device)).float()  # (B,)
+        return LossOutput(losses, {"accuracy": accuracy.detach()})
+
+
+__all__ = ["ReftTrainer", "StopAtLoss", "record_positions"]
+
+
+def __getattr__(name: str) -> Any:  # the removed helpers: one clear line each
+    moved = {"intervention_state_dict": "alignkit.models.adapters.trainable_state_dict",
+             "save_intervention_weights": "alignkit.models.adapters.save_adapter",
+             "load_intervention_weights": "alignkit.models.adapters.load_adapter_weights"}
+    if name in moved:
+        raise AttributeError(f"alignkit.interventions.training.{name} was removed with the ReFT-only training stack; "
+                             f"use {moved[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -141,6 +141,18 @@ def is_classifier(model: nn.Module) -> bool:
     return type(unwrap_lm(model)).__name__.endswith("ForSequenceClassification")
 
 
+def can_switch_off(model: nn.Module) -> bool:
+    """Whether `reference_off(model)` gives the base model (a reference without a second copy): every adapter
+    but full finetuning, whose trained weights ARE the model."""
+    return adapter_kind(model) != "full"
+
+
+def saves_whole_model(model: nn.Module) -> bool:
+    """Whether the trainable state is the whole transformers model (full finetuning): its checkpoints are
+    the Trainer's own; an adapter's are `save_adapter` folders."""
+    return adapter_kind(model) == "full"
+
+
 def reft_settings(model: nn.Module) -> ReftSettings | None:
     """The ReFT position settings `apply_adapter`/`load_adapter` recorded on a ReFT model."""
     model = unwrap_parallel(model)
@@ -248,21 +260,37 @@ def absolute_base_path(peft_config: Path) -> None:
         peft_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
-    """Save only the trainable state of `model` to `folder` (layout in the module docstring)."""
+def _own_config(model: nn.Module, kind: str) -> AdapterConfig:
+    """The `AdapterConfig` of a model that `apply_adapter` / `load_adapter` did not build: full and LoRA need
+    nothing more; a ReFT (built by `get_reft_model`, e.g. through the pyreft-style `ReftTrainer`) describes
+    itself from its one adapter's `ReftConfig`, which must carry its position spec."""
+    if "reft" not in kind:
+        return AdapterConfig(kind=kind)
+    names = list(unwrap_parallel(model).adapter_names)
+    rc = unwrap_parallel(model).adapter_configs[names[0]] if len(names) == 1 else None
+    if kind != "reft" or rc is None or rc.positions is None:
+        why = (f"it holds {len(names)} ReFT adapters {names} (save each with ReftModel.save_pretrained)"
+               if len(names) != 1 else "it was not built by apply_adapter/load_adapter" if kind != "reft"
+               else "its ReftConfig has no position spec")
+        raise ValueError(f"save_adapter: cannot describe this {kind} model ({why}); build it with "
+                         "alignkit.models.adapters.apply_adapter, or give the ReftConfig positions= (e.g. 'f1+l1')")
+    reft = ReftSettings(config={"representations": rc.to_dict()["representations"]}, positions=rc.positions,
+                        share_weights=rc.share_weights)
+    return AdapterConfig(kind="reft", reft=reft)
+
+
+def save_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save only the trainable state of `model` to `folder` (layout in the module docstring): the folder
+    `load_adapter` reads back. `state_dict`: full finetuning only, the (gathered) weights to write."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kind = adapter_kind(model)
-    cfg = getattr(model, "alignkit_adapter_config", None)
-    if cfg is None and "reft" not in kind:
-        cfg = AdapterConfig(kind=kind)
-    if cfg is None:
-        raise ValueError("save_adapter: this ReftModel was not built by apply_adapter/load_adapter, so its position "
-                         "spec is unknown; set model.alignkit_adapter_config = AdapterConfig(kind='reft', reft=...)")
+    cfg = getattr(model, "alignkit_adapter_config", None) or _own_config(model, kind)
     if kind == "full":
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
     if "lora" in kind:
         (model.model if _is_reft(model) else model).save_pretrained(folder)
         absolute_base_path(folder / "adapter_config.json")
@@ -355,9 +383,9 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
         path = folder / "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
         check_peft_load(set_peft_model_state_dict(peft_model, load_file(str(path))), str(path))
     if "reft" in kind:
-        from alignkit.interventions.training import load_intervention_weights
+        from alignkit.interventions.io import read_reft_weights
 
-        load_intervention_weights(model, folder)
+        read_reft_weights(unwrap_parallel(model), folder)
         _load_heads(model, folder, cfg, True)
 
 
@@ -378,7 +406,7 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) 
         lm.config.use_cache = False
 
 
-__all__ = ["AdapterConfig", "LoraSettings", "ReftSettings", "KINDS", "adapter_kind", "apply_adapter",
+__all__ = ["AdapterConfig", "LoraSettings", "ReftSettings", "KINDS", "adapter_kind", "apply_adapter", "can_switch_off",
            "enable_gradient_checkpointing", "is_classifier", "load_adapter", "load_adapter_weights",
-           "read_adapter_config", "reference_off", "reft_settings", "save_adapter", "trainable_state_dict",
+           "read_adapter_config", "reference_off", "reft_settings", "save_adapter", "saves_whole_model", "trainable_state_dict",
            "unwrap_lm"]

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from alignkit.distributed import enable_sharding_on_cpu, full_parameters, gathered_root, is_fsdp2, shard_reference
 from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from alignkit.models.adapters import adapter_kind, reft_settings, save_adapter
+from alignkit.models.adapters import can_switch_off, save_adapter
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.generation import Sample, SamplingConfig, as_prompt_records, generate_responses, generation_metrics
 from alignkit.online.normalize import RunningMoments, normalize_rewards
@@ -198,11 +198,10 @@ class OnlineTrainer:
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
-        kind = adapter_kind(model)
         mode = self.config.reference
         if mode == "auto":
-            mode = "copy" if kind == "full" or ref_model is not None else "adapter_off"
-        if mode == "adapter_off" and kind == "full":
+            mode = "adapter_off" if can_switch_off(model) and ref_model is None else "copy"
+        if mode == "adapter_off" and not can_switch_off(model):
             raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned "
                              "model has none: use reference='copy' (a frozen copy) or pass ref_model")
         if mode == "copy" and ref_model is None:
@@ -325,13 +324,11 @@ class OnlineTrainer:
 
     def generate(self, prompts: list, step: int) -> list[Sample]:
         cfg = replace(self.config.sampling, seed=self.sampling_seed(step))
-        policy = self.policy
-        settings = reft_settings(policy)
-        extra = {} if settings is None else {"positions": settings.positions, "share_weights": settings.share_weights}
+        # a ReFT policy places its own saved position spec (ReftModel.generate)
         with gathered_root(self.model):  # FSDP2: a wrapper's generate bypasses the root's forward hooks
-            return generate_responses(policy, self.tokenizer, prompts, cfg,
+            return generate_responses(self.policy, self.tokenizer, prompts, cfg,
                                       batch_size=self.config.generation_batch_size, formatter=self.config.formatter,
-                                      max_prompt_length=self.config.max_prompt_length, **extra)
+                                      max_prompt_length=self.config.max_prompt_length)
 
     def token_stats(self, batch: dict[str, Tensor], **kw: Any):
         return token_stats(self.model, batch, temperature=self.config.sampling.temperature,

@@ -30,6 +30,14 @@ Saving. Only the trainable state (`alignkit.models.adapters.save_adapter`): peft
 ReFT safetensors + json for ReFT, the full model (safetensors) for full finetuning, plus the
 tokenizer and `training_args.json`. Never a pickle of the arguments.
 
+Weight decay: the Trainer's parameter split (no decay on biases and norms), and also none on what a module
+lists in `no_weight_decay`: ReFT's orthonormal projections R (`interventions.base.LowRankRotation`) are stored
+as Householder reflectors, which map to orthonormal rows whatever their values, and weight decay only shrinks
+the reflectors towards 0, i.e. pulls R towards the first r coordinate axes of the hidden state: a prior that
+depends on the basis and means nothing for the edit (R's scale is fixed). The learned source (W, b) of
+LoReFT & co. is decayed as usual. pyreft decays the reflectors too (the Trainer's default); with
+`weight_decay=0` (pyreft's recipes) the two agree.
+
 Length-aware batching: `group_by_length=True` (or `train_sampling_strategy="group_by_length"`) draws
 batches with `alignkit.data.batching.LengthGroupedSampler` (similar lengths together, still random).
 
@@ -51,7 +59,6 @@ mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss),
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -64,8 +71,7 @@ from transformers import Trainer, TrainingArguments
 from alignkit.compat import attn_implementation, check_trainer
 from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import LossOutput, reduce_loss
-from alignkit.models.adapters import (ADAPTER_CONFIG_NAME, AdapterConfig, adapter_kind, enable_gradient_checkpointing,
-                                      load_adapter_weights, save_adapter)
+from alignkit.models.adapters import enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +191,16 @@ class AlignTrainer(Trainer):
                    "ranked": RankedCollator}.get(kind)
             if cls is not None:
                 kwargs["data_collator"] = cls(pad_id)
+
+    # -- optimizer ---------------------------------------------------------------------------------------
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The Trainer's choice (every weight but biases and norms) minus the parameters a module lists in
+        its `no_weight_decay` attribute (names relative to it): ReFT's Householder reflectors
+        (`LowRankRotation`). One rule for every objective and adapter (see "Weight decay" above)."""
+        skip = {f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
+                for n in getattr(m, "no_weight_decay", ())}
+        return [n for n in super().get_decay_parameter_names(model) if n not in skip]
 
     # -- sampling ----------------------------------------------------------------------------------------
 
@@ -439,16 +455,9 @@ class AlignTrainer(Trainer):
                                  float("nan"), self.state.global_step,
                                  causes="an earlier update diverged; nothing was saved to " + str(output_dir))
         os.makedirs(output_dir, exist_ok=True)
-        if adapter_kind(model) == "full":
-            model.save_pretrained(output_dir, state_dict=state_dict)
-            cfg = getattr(model, "alignkit_adapter_config", None) or AdapterConfig(kind="full")
-            Path(output_dir, ADAPTER_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-        else:
-            save_adapter(model, output_dir, tokenizer=self.processing_class)
+        save_adapter(model, output_dir, tokenizer=self.processing_class, state_dict=state_dict)
         Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
-        logger.info("saved trainable state (%s) to %s", adapter_kind(model), output_dir)
+        logger.info("saved trainable state to %s", output_dir)
 
     def _get_output_dir(self, trial: Any) -> str:
         staging = getattr(self, "_staging_run_dir", None)
@@ -515,14 +524,14 @@ class AlignTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if adapter_kind(model) == "full":
+        if saves_whole_model(model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         logger.info("loading adapter weights from %s", resume_from_checkpoint)
         load_adapter_weights(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        if adapter_kind(model) == "full":
+        if saves_whole_model(model):
             return super()._load_best_model()
         load_adapter_weights(model, self.state.best_model_checkpoint)
 

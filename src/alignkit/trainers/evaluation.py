@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from alignkit.losses import kendall_tau
-from alignkit.models.adapters import adapter_kind, reference_off
+from alignkit.models.adapters import can_switch_off, reference_off
 from alignkit.trainers.logps import prompt_locations
 from alignkit.trainers.reward import sequence_rewards
 
@@ -81,8 +81,9 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
 
 def _generate(model: nn.Module, batch: dict[str, torch.Tensor], gen_kwargs: dict[str, Any]) -> torch.Tensor:
     kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **gen_kwargs}
-    if "reft" in adapter_kind(model):
-        kw["intervention_locations"] = prompt_locations(model, batch["attention_mask"])
+    loc = prompt_locations(model, batch["attention_mask"])  # None unless the model edits prompt positions
+    if loc is not None:
+        kw["intervention_locations"] = loc
     return model.generate(**kw)[:, batch["input_ids"].shape[1]:]  # (B, new)
 
 
@@ -96,8 +97,8 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
 
     records = [p if isinstance(p, PromptRecord) else PromptRecord(p, id=f"prompt-{i}") for i, p in enumerate(prompts)]
     features, _ = tokenize_records(records, tokenizer, formatter=formatter)
-    kind = adapter_kind(model)
-    if kind == "full" and base_model is None:
+    switchable = can_switch_off(model)
+    if not switchable and base_model is None:
         logger.warning("generation_report: a fully finetuned model and no base_model: the 'base' column is empty")
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
            **generate_kwargs}
@@ -109,7 +110,7 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
             chunk = features[s:s + batch_size]
             batch = {k: v.to(dev) for k, v in collate(chunk).items() if isinstance(v, torch.Tensor)}
             adapted = _generate(model, batch, gen)
-            if kind != "full":
+            if switchable:
                 with reference_off(model):
                     base = _generate(model, batch, gen)
             elif base_model is not None:

@@ -17,10 +17,11 @@ there, in chunks, by `alignkit.losses.chunked_lm_logprobs` (recomputed in backwa
     rows, cols = mask.nonzero()                        (N,), (N,)
     logp     = chunked_lm_logprobs(h[rows, cols], W_head, b_head, targets[rows, cols])   (N,)
 
-ReFT locations come from the batch (`intervention_locations`) or, if absent, from the prompt span of
-each row (first attended token up to the first completion token) and the position spec recorded on
-the model by `apply_adapter`, so the same prompt positions are edited for a pair's chosen and
-rejected rows.
+ReFT locations come from the batch (`intervention_locations`) or, if absent, from the model itself: the
+`ReftModel` places its saved position spec (`ReftConfig.positions`) over each row's prompt span (first
+attended token up to the first completion token, or `prompt_length` when the collator carries it;
+`ReftModel.span_locations`), so the same prompt positions are edited for a pair's chosen and rejected
+rows. No adapter kind is asked for: a model that edits positions is one that has `span_locations`.
 
 Padding-free (packed) batches (`alignkit.data.PackedSFTCollator` / `PackedPreferenceCollator`: R
 sequences concatenated in one row (1, S) or binned into rows (rows, L), `position_ids` restarting at 0 per
@@ -42,9 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.compat import attn_implementation, check_logits_skipped
-from alignkit.interventions.positions import locations_from_mask, locations_from_spans, prompt_spans
+from alignkit.interventions.positions import prompt_spans, prompt_spans_from_mask
 from alignkit.losses import chunked_lm_logprobs
-from alignkit.models.adapters import adapter_kind, reft_settings, unwrap_lm, unwrap_parallel
+from alignkit.models.adapters import unwrap_lm, unwrap_parallel
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
@@ -86,42 +87,45 @@ def _packed_locations(loc: Tensor, batch: dict[str, Any]) -> Tensor:
     return out
 
 
+def _spec_error() -> ValueError:
+    return ValueError("this ReFT model has no position spec and the batch no `intervention_locations`: build it with "
+                      "alignkit.models.adapters.apply_adapter (AdapterConfig.reft.positions, e.g. 'f1+l1') or set "
+                      "ReftConfig.positions")
+
+
 def batch_locations(model: nn.Module, batch: dict[str, Any]) -> Tensor | None:
-    """`intervention_locations (B, I, P)` for a ReFT model (from the batch, else from prompt spans); None otherwise.
+    """`intervention_locations (B, I, P)` for a model that edits positions (from the batch, else the model's own
+    saved spec over each row's prompt span); None for a model that does not (no `span_locations`).
     For a packed batch: `(rows, I, K * P)`, each sequence's positions shifted by its start in its row."""
-    if "reft" not in adapter_kind(model):
+    locate = getattr(unwrap_parallel(model), "span_locations", None)  # through DDP / FSDP wrappers
+    if locate is None:
         return None
     if batch.get("intervention_locations") is not None:
         return batch["intervention_locations"]
-    settings = reft_settings(model)
-    if settings is None:
-        raise ValueError("a ReFT model needs `intervention_locations` in the batch, or a position spec: build it "
-                         "with alignkit.models.adapters.apply_adapter (AdapterConfig.reft.positions, e.g. 'f1+l1')")
-    k = unwrap_parallel(model).num_interventions  # through DDP / FSDP wrappers
     if is_packed(batch):
         start, length = packed_prompt_spans(batch)
-        if batch.get("prompt_length") is not None:  # the prompt before the final turn, whatever else is trained
-            length = batch["prompt_length"].to(length.device)
-        loc = locations_from_spans(settings.positions, start, length, k, settings.share_weights)  # (R, I, P)
-        return _packed_locations(loc, batch)  # (rows, I, K*P)
-    att = batch.get("attention_mask")
-    if att is None:
-        att = torch.ones_like(batch["input_ids"])
-    start, length = prompt_spans(att, batch["completion_mask"])
+    else:
+        att = batch.get("attention_mask")
+        if att is None:
+            att = torch.ones_like(batch["input_ids"])
+        start, length = prompt_spans(att, batch["completion_mask"])
     if batch.get("prompt_length") is not None:  # multi-turn SFT: earlier assistant turns are trained, not prompt ends
         length = batch["prompt_length"].to(length.device)
-    return locations_from_spans(settings.positions, start, length, k, settings.share_weights)
+    loc = locate(start, length)  # (B, I, P), or (R, I, P) over the flattened packed rows
+    if loc is None:
+        raise _spec_error()
+    return _packed_locations(loc, batch) if is_packed(batch) else loc  # packed: (rows, I, K*P)
 
 
 def prompt_locations(model: nn.Module, attention_mask: Tensor) -> Tensor | None:
     """Locations for prompt-only rows (generation, classification): the whole attended span is the prompt."""
-    if "reft" not in adapter_kind(model):
+    locate = getattr(unwrap_parallel(model), "span_locations", None)
+    if locate is None:
         return None
-    settings = reft_settings(model)
-    if settings is None:
-        raise ValueError("ReFT model without a position spec: build it with apply_adapter")
-    k = unwrap_parallel(model).num_interventions
-    return locations_from_mask(settings.positions, attention_mask, k, settings.share_weights)
+    loc = locate(*prompt_spans_from_mask(attention_mask))
+    if loc is None:
+        raise _spec_error()
+    return loc
 
 
 def forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:

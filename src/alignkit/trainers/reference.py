@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from alignkit.models.adapters import adapter_kind, reference_off, unwrap_lm
+from alignkit.models.adapters import adapter_kind, can_switch_off, reference_off, unwrap_lm
 from alignkit.trainers.logps import completion_logps
 
 logger = logging.getLogger(__name__)
@@ -61,13 +61,13 @@ def resolve_mode(mode: str, model: nn.Module, reference_free: bool) -> str:
     if mode not in MODES:
         raise ValueError(f"reference mode {mode!r} is unknown; valid: {list(MODES)}")
     if mode != "auto":
-        if mode == "adapter_off" and adapter_kind(model) == "full":
+        if mode == "adapter_off" and not can_switch_off(model):
             raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned "
                              "model has none: use 'copy' or 'precomputed'")
         return mode
     if reference_free:
         return "none"
-    return "copy" if adapter_kind(model) == "full" else "adapter_off"
+    return "adapter_off" if can_switch_off(model) else "copy"
 
 
 @torch.no_grad()
@@ -136,7 +136,7 @@ def cache_key(model: nn.Module, mode: str, tokenizer: Any, dataset: Iterable[dic
 
 def _label(model: nn.Module, ref_model: nn.Module | None) -> str:
     """How the reference is obtained: a separate copy, the adapter switched off, or the initial policy."""
-    return "copy" if ref_model is not None else ("adapter_off" if adapter_kind(model) != "full" else "policy")
+    return "copy" if ref_model is not None else ("adapter_off" if can_switch_off(model) else "policy")
 
 
 def _compute(model: nn.Module, dataset: list, collator: Callable, batch_size: int, device: torch.device,
