@@ -4,9 +4,12 @@ Steps, all local and on CPU:
 1. train a byte-level BPE tokenizer on the bundled prompt/answer pairs (resources/demo/reft_pairs.jsonl),
    build a tiny random Llama from config, save both and load them back with `from_pretrained`;
 2. greedy answers of the base model (gibberish: its weights are random);
-3. attach LoReFT (rank 16, every layer, positions "f5+l5" of the prompt) and train it with `ReftTrainer`
-   until the loss is below `target_loss` (or `max_steps`);
-4. save the ReFT (interventions only), load it back onto a freshly loaded base, and generate again.
+3. attach LoReFT (rank 16, every layer, positions "f5+l5" of the prompt) with `apply_adapter` and train it
+   with the ordinary `SFTTrainer` (SFT records, `SFTCollator`) until the loss is below `target_loss` (or
+   `max_steps`): a ReFT is an adapter, not a trainer;
+4. save the ReFT (interventions only: an adapter folder), load it back onto a freshly loaded base with
+   `load_adapter`, and generate again with plain `generate(**inputs)`: the positions were saved with the
+   weights, so the reloaded ReFT edits what training edited.
 
 Memorisation by a ReFT on a random base needs a base whose logits can be confident (initializer_range
 0.2, not 0.02) and enough depth to carry the stop token to positions no intervention touches (4 layers);
@@ -113,12 +116,15 @@ class _LossBar:
         return Bar()
 
 
-def _greedy(model, tok, prompts: list[str], num_interventions: int | None) -> list[str]:
-    from alignkit.data.reft_data import encode_prompts
+def _greedy(model, tok, prompts: list[str]) -> list[str]:
+    """Greedy answers; a ReFT places its saved positions itself (plain `generate(**inputs)`)."""
+    from alignkit.data import PromptRecord, tokenize_records
+    from alignkit.data.collators import PromptCollator
 
-    enc = encode_prompts(tok, prompts, positions=POSITIONS, num_interventions=num_interventions or 1)
-    if num_interventions is None:
-        enc.pop("intervention_locations")
+    features, _ = tokenize_records([PromptRecord(p, id=f"p{i}") for i, p in enumerate(prompts)], tok,
+                                   formatter="plain", max_length=None, max_prompt_length=None)
+    batch = PromptCollator(tok.pad_token_id, padding_side="left")(features)
+    enc = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     return [tok.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
@@ -131,34 +137,34 @@ def run_reft_demo(output_dir: str | Path = "runs/demo", *, max_steps: int = 300,
     `output_dir`."""
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
-    from alignkit.data.reft_data import make_multiple_position_supervised_data_module
-    from alignkit.interventions.attach import get_reft_model
+    from alignkit.data import SFTCollator, SFTRecord, tokenize_records
     from alignkit.interventions.config import ReftConfig
-    from alignkit.interventions.io import load_reft
-    from alignkit.interventions.training import ReftTrainer, StopAtLoss
+    from alignkit.interventions.training import StopAtLoss
+    from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter, load_adapter
     from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.trainers import SFTTrainer
 
     out = Path(output_dir)
     pairs = load_demo_pairs(pairs_file)
     prompts, answers = [p for p, _ in pairs], [r for _, r in pairs]
     base_dir = build_demo_base(out / "base", [p + " " + r for p, r in pairs], seed=seed)
     tok = load_tokenizer(base_dir)
-    base = load_model(base_dir).eval()
-    before = _greedy(base, tok, prompts, None)
+    before = _greedy(load_model(base_dir).eval(), tok, prompts)
 
     torch.manual_seed(seed)
-    config = ReftConfig.uniform(list(range(NUM_LAYERS)), "loreft", low_rank_dimension=RANK)
-    reft = get_reft_model(base, config)
-    k = reft.num_interventions
+    reft_config = ReftConfig.uniform(list(range(NUM_LAYERS)), "loreft", low_rank_dimension=RANK).to_dict()
+    model = apply_adapter(load_model(base_dir), AdapterConfig(kind="reft", reft=ReftSettings(config=reft_config,
+                                                                                               positions=POSITIONS)))
     # responses start with a space so that no BPE token straddles the prompt/response boundary
-    data = make_multiple_position_supervised_data_module(tok, prompts, [" " + a for a in answers],
-                                                         positions=POSITIONS, num_interventions=k)
+    records = [SFTRecord(p, " " + a, id=f"pair-{i}") for i, (p, a) in enumerate(pairs)]
+    features, _ = tokenize_records(records, tok, formatter="plain", add_eos=True, max_length=None,
+                                   max_prompt_length=None)
     args = TrainingArguments(output_dir=str(out / "run"), per_device_train_batch_size=len(pairs),
                              learning_rate=learning_rate, max_steps=max_steps, lr_scheduler_type="cosine",
                              weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=seed,
                              use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
-    stop = StopAtLoss(target_loss)
-    trainer = ReftTrainer(model=reft, args=args, callbacks=[stop, _LossBar(progress)], processing_class=tok, **data)
+    trainer = SFTTrainer(model, args, train_dataset=features, data_collator=SFTCollator(tok.pad_token_id),
+                         callbacks=[StopAtLoss(target_loss), _LossBar(progress)], processing_class=tok)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -166,8 +172,8 @@ def run_reft_demo(output_dir: str | Path = "runs/demo", *, max_steps: int = 300,
     logger.info("trained %d steps, final loss %.4f", trainer.state.global_step, losses[-1] if losses else float("nan"))
     trainer.save_model(str(out / "reft"))
 
-    reloaded = load_reft(load_model(base_dir).eval(), out / "reft").eval()  # the real loading path
-    after = _greedy(reloaded, tok, prompts, reloaded.num_interventions)
+    reloaded = load_adapter(load_model(base_dir), out / "reft").eval()  # the real loading path
+    after = _greedy(reloaded, tok, prompts)
     result = DemoResult(prompts, answers, before, after, losses, trainer.state.global_step, str(out))
     logger.info("ReFT reproduces %d of %d answers; saved to %s", result.num_correct, len(answers), out / "reft")
     return result
