@@ -112,7 +112,7 @@ def test_reft_trainer_save_writes_only_interventions(tiny_dir, tokenizer, tmp_pa
     calls = spy(trainer, "_save")
     trainer.save_model(str(tmp_path / "reft"))
     files = sorted(p.name for p in (tmp_path / "reft").iterdir())
-    where = "alignkit/interventions/training.py:ReftTrainer._save"
+    where = "alignkit/trainers/base.py:AlignTrainer._save (ReftTrainer is an SFTTrainer)"
     check(calls, TF, "Trainer.save_model no longer calls self._save", where)
     check("interventions.safetensors" in files and "training_args.bin" not in files, TF,
           "ReftTrainer.save_model did not write only the interventions", where, f"files: {files}")
@@ -295,7 +295,7 @@ def test_reft_trainer_keeps_rotations_out_of_weight_decay(tiny_dir, tokenizer, t
     reft = get_reft_model(load_model(tiny_dir("llama")), ReftConfig.uniform([0], "loreft", low_rank_dimension=2))
     data = make_last_position_supervised_data_module(tokenizer, PROMPTS[:4], ANSWERS[:4])
     trainer = ReftTrainer(model=reft, args=args(tmp_path, weight_decay=0.1), **data)
-    where = "alignkit/interventions/training.py:ReftTrainer.get_decay_parameter_names"
+    where = "alignkit/trainers/base.py:AlignTrainer.get_decay_parameter_names (ReftTrainer is an SFTTrainer)"
     with guard(TF, "Trainer.create_optimizer() failed", where):
         opt = trainer.create_optimizer()
     names = {id(p): n for n, p in reft.named_parameters()}
@@ -323,7 +323,7 @@ def test_training_arguments_fields(tmp_path):
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     missing = [f for f in ARG_FIELDS if f not in fields]
     check(not missing, TF, f"TrainingArguments lost field(s) {missing}",
-          "alignkit/trainers/base.py:AlignTrainer.__init__, interventions/training.py:ReftTrainer.__init__, "
+          "alignkit/trainers/base.py:AlignTrainer.__init__, "
           "cli/train.py:training_arguments, demos/pipeline.py:_args")
     a = args(tmp_path, activation_checkpointing=True)
     missing = [p for p in ARG_PROPERTIES if not hasattr(a, p)]

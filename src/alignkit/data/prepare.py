@@ -43,6 +43,10 @@ def _columns(dataset: Any) -> list[str]:
         return list(dataset.column_names)
     if isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict):
         return list(dataset[0])
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and not isinstance(dataset, (str, dict)) \
+            and len(dataset):
+        first = dataset[0]  # a map-style (torch) dataset of feature dicts, e.g. data.reft_data's
+        return list(first) if isinstance(first, dict) else []
     return []
 
 
