@@ -57,7 +57,9 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file + fsync + rename (a reader sees the old file or the new
+    one), with the permission bits `open()` would give. The one atomic writer (online/rounds.py uses it too)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the mode open() would give
     try:
@@ -69,6 +71,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_atomic_write = atomic_write  # the name this module used first
 
 
 def save_reft(reft_model: ReftModel, folder: str | Path, adapter_name: str | None = None) -> Path:
@@ -94,8 +99,8 @@ def save_reft(reft_model: ReftModel, folder: str | Path, adapter_name: str | Non
             "interventions": [{"layer": s.layer, "component": s.component, "path": s.path,
                                "hook_input": s.hook_input, "spec": s.intervention.spec()} for s in slots],
             "weights_sha256": hashlib.sha256(blob).hexdigest()}
-    _atomic_write(folder / WEIGHTS_NAME, blob)
-    _atomic_write(folder / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(folder / WEIGHTS_NAME, blob)
+    atomic_write(folder / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
     logger.info("saved ReFT adapter %r (%d interventions) to %s", adapter_name, len(slots), folder)
     return folder
 

@@ -24,15 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from alignkit.data.records import DataError, Record
-from alignkit.interventions.io import new_file_mode
+from alignkit.interventions.io import atomic_write
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample, SamplingConfig, generate_responses, generation_metrics
@@ -49,17 +47,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through a temporary file + rename: a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the mode open() would give
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"))  # the one atomic writer (mode as open() would give it)
     return path
 
 
