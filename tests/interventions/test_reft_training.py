@@ -9,6 +9,7 @@ token after a one-word answer, a position no intervention touches, plateaus at p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -165,3 +166,19 @@ def test_classifier_reft_trains(tiny_classifier, tokenizer, tmp_path):
     hist = losses(trainer)
     assert hist[0] > 0.5 and hist[-1] < 0.5 * hist[0]
     assert all(not p.requires_grad for p in reft.model.parameters())
+
+
+def test_positions_come_from_the_collator_or_must_agree_with_it(tiny_lm, tokenizer, tmp_path):
+    from alignkit.data.reft_data import make_last_position_supervised_data_module
+    from alignkit.models.adapters import save_adapter
+
+    data = make_last_position_supervised_data_module(tokenizer, PROMPTS[:2], ANSWERS[:2])
+    bare = get_reft_model(tiny_lm(), ReftConfig.uniform([0], "loreft", low_rank_dimension=2))
+    with pytest.raises(ValueError, match="no position spec"):  # nothing says which positions it was trained on
+        save_adapter(bare, tmp_path / "bare")
+    ReftTrainer(model=bare, args=args(tmp_path / "a", max_steps=1), **data)
+    assert (bare.adapter_configs["default"].positions, bare.adapter_configs["default"].share_weights) == ("l1", True)
+    spec = dataclasses.replace(ReftConfig.uniform([0], "loreft", low_rank_dimension=2), positions="f1+l1")
+    other = get_reft_model(tiny_lm(), spec)
+    with pytest.raises(ValueError, match=r"positions \('f1\+l1'.*disagree"):
+        ReftTrainer(model=other, args=args(tmp_path / "b", max_steps=1), **data)
