@@ -103,3 +103,15 @@ def test_cli_trained_reft_reloaded_plain_generate_equals_training_path(kind, tin
     ids = torch.tensor([encode_prompt(PROMPTS[0], tok)])
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, base_model(input_ids=ids).logits)  # the ReFT acts
+
+
+def test_apply_adapter_refuses_two_disagreeing_position_specs(tiny_lm):
+    """One setting, one place: a `positions` inside adapter.reft.config that differs from adapter.reft.positions
+    is an error naming both keys, not a silent precedence; an agreeing one is accepted."""
+    from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter
+
+    rc = {"representations": [{"layer": 0, "low_rank_dimension": 2}], "positions": "f3"}
+    with pytest.raises(ValueError, match=r"adapter.reft.config.positions \('f3'.*adapter.reft.positions \('f1\+l1'"):
+        apply_adapter(tiny_lm("llama"), AdapterConfig(kind="reft", reft=ReftSettings(config=rc, positions="f1+l1")))
+    model = apply_adapter(tiny_lm("llama"), AdapterConfig(kind="reft", reft=ReftSettings(config=rc, positions="f3")))
+    assert model.adapter_configs["default"].positions == "f3"
