@@ -110,6 +110,10 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
                        "distributed_type": str(trainer.accelerator.distributed_type)}, f)
             save_file(params, f"{out_dir}/{case}.safetensors")
         dist.barrier()
+    # Tear the gloo group down before interpreter exit: left to the interpreter, its threads were once
+    # destroyed while joinable ("terminate called without an active exception", SIGABRT on rank 0 after
+    # every output was written).
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
