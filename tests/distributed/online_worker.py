@@ -110,10 +110,14 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
                        "distributed_type": str(trainer.accelerator.distributed_type)}, f)
             save_file(params, f"{out_dir}/{case}.safetensors")
         dist.barrier()
-    # Tear the gloo group down before interpreter exit: left to the interpreter, its threads were once
-    # destroyed while joinable ("terminate called without an active exception", SIGABRT on rank 0 after
-    # every output was written).
+    # Every output is written and flushed here. Interpreter teardown has aborted a rank now and then on this
+    # machine ("terminate called without an active exception", SIGABRT, seen twice in fresh-clone suites, with
+    # and without destroying the group first): a native thread destroyed while joinable, not yet traced. The
+    # worker leaves without that teardown; an exception anywhere above still exits non-zero.
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
