@@ -13,14 +13,46 @@ non-CPU backend); `check_engine` says so in one line instead of silently trainin
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+def exit_after_distributed_run(code: int) -> None:
+    """End a process of a multi-process run (torchrun, `accelerate launch`) without Python's interpreter
+    teardown, once everything it wrote is flushed. Returns at once when no process group is up.
+
+    Why: a gloo collective's worker thread can still hold the last reference to a finished collective when
+    the main thread returns; dropping it needs the GIL. If the main thread has begun finalising by then,
+    CPython ends that thread inside a C++ destructor and the process aborts ("terminate called without an
+    active exception", SIGABRT) after a run that succeeded, and torchrun reports the job as failed
+    (torch 2.13, reproduced in tests/distributed/test_exit.py). Destroying the group does not help while
+    DDP/accelerate objects still reference it. So: on success, wait until every rank is done (rank 0 may
+    still be writing); destroy the group; run the atexit handlers (TensorBoard writers, logging) and flush
+    the standard streams while the interpreter is whole; then leave with `os._exit(code)`."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if code == 0:
+        dist.barrier()
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to save
+            pass
+    os._exit(code)
 
 
 def _flag(name: str) -> bool:

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import TrainingArguments
 
 from alignkit.data import PreferenceCollator, PreferenceRecord, SFTCollator, SFTRecord, tokenize_records
+from alignkit.distributed import exit_after_distributed_run
 from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.trainers import PreferenceTrainer, SFTTrainer
@@ -59,6 +60,7 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
         params = train_one(model_dir, f"{out_dir}/{kind}-{objective}", kind, objective)
         if int(os.environ.get("RANK", "0")) == 0:
             save_file(params, f"{out_dir}/{kind}-{objective}.safetensors")
+    exit_after_distributed_run(0)  # leaves without interpreter teardown (see there)
 
 
 if __name__ == "__main__":

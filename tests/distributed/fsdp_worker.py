@@ -51,6 +51,9 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
                  "reference_sharded": sum(isinstance(p, DTensor) for p in trainer.ref_model.parameters())
                  if getattr(trainer, "ref_model", None) is not None else None,
                  "world": trainer.accelerator.num_processes}))
+    from alignkit.distributed import exit_after_distributed_run
+
+    exit_after_distributed_run(0)  # leaves without interpreter teardown (see there)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from alignkit.distributed import exit_after_distributed_run
 from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.online import GRPOConfig, GRPOTrainer, OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, PPOTrainer
@@ -110,14 +111,7 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
                        "distributed_type": str(trainer.accelerator.distributed_type)}, f)
             save_file(params, f"{out_dir}/{case}.safetensors")
         dist.barrier()
-    # Every output is written and flushed here. Interpreter teardown has aborted a rank now and then on this
-    # machine ("terminate called without an active exception", SIGABRT, seen twice in fresh-clone suites, with
-    # and without destroying the group first): a native thread destroyed while joinable, not yet traced. The
-    # worker leaves without that teardown; an exception anywhere above still exits non-zero.
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_distributed_run(0)  # leaves without interpreter teardown (see there)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,19 @@ def expected_errors() -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. As the process's entry point (`argv` None: the console script, `python -m alignkit`,
+    torchrun, `accelerate launch`), a process of a multi-process run ends through
+    `alignkit.distributed.exit_after_distributed_run` (see there: interpreter teardown can abort a rank
+    after a successful run)."""
+    code = _main(argv)
+    if argv is None and "torch.distributed" in sys.modules:
+        from alignkit.distributed import exit_after_distributed_run
+
+        exit_after_distributed_run(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     if _wanted(argv) is None:  # no command: the top-level help or usage error, without importing torch
