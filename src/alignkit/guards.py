@@ -5,6 +5,11 @@ after it are NaN. The trainers (`alignkit.trainers.AlignTrainer`, `alignkit.onli
 each micro-batch's loss and each step's gradient norm and raise `NonFiniteError` at once: the optimizer
 step is not taken, no model or checkpoint is written after it, and the checkpoints already written stay as
 they are. The message names the optimizer step, the records of the batch and the likely causes.
+
+A gradient norm of exactly 0 while the loss is positive is the other result that cannot be right (a model
+collapsed to constant logits after a huge learning rate keeps a finite loss, ln(vocab), and would otherwise
+be saved as if trained): the first such step logs a warning, `ZERO_GRAD_PATIENCE` in a row raise
+`StalledTrainingError`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,21 @@ LIKELY_CAUSES = ("a learning rate too high (train.learning_rate), a loss scale t
                  "lower the culprit and rerun (or resume from the last checkpoint)")
 
 
+class StalledTrainingError(RuntimeError):
+    """The gradient norm was exactly 0 for `steps` optimizer steps in a row while the loss stayed positive:
+    nothing can learn any more, so the run stops instead of saving a model it cannot have trained."""
+
+    def __init__(self, first: int, last: int, loss: float) -> None:
+        self.first, self.last, self.loss = first, last, loss
+        super().__init__(f"the gradient norm has been exactly 0 at optimizer steps {first}-{last} while the loss is "
+                         f"{loss:.6g} > 0: the model no longer learns (weights saturated, e.g. by a learning rate far "
+                         "too high, or a loss scale so large that the loss saturates); the run stopped before saving "
+                         "(earlier checkpoints are kept). Lower train.learning_rate (or method.beta) and rerun")
+
+
+ZERO_GRAD_PATIENCE = 3  # consecutive optimizer steps with a zero gradient norm and a positive loss
+
+
 def _show_ids(ids: list[str], limit: int = 8) -> str:
     if not ids:
         return ""
@@ -50,4 +70,4 @@ def as_float(value: Any) -> float:
     return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
 
 
-__all__ = ["LIKELY_CAUSES", "NonFiniteError", "as_float", "is_finite"]
+__all__ = ["LIKELY_CAUSES", "NonFiniteError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]

@@ -141,3 +141,18 @@ def test_demo_dispatch(monkeypatch, capsys):
     monkeypatch.setattr(demo, "pipeline_available", lambda: False)
     assert main(["demo"]) == 0
     assert calls == [("pipeline", 0.2), ("reft", "x"), ("reft", None), ("reft", None)]
+
+
+def test_collapsed_model_stops_with_one_line_and_saves_nothing(tmp_path, capsys):
+    """A learning rate of 1e6 collapses the tiny Llama to constant logits after one step: the loss stays finite
+    (ln 431, the vocabulary) but the gradient is exactly 0. The run must stop, not save that model as trained."""
+    out = tmp_path / "dead"
+    code = main(["-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", "train.max_steps=8",
+                 "train.eval_strategy=no", "train.learning_rate=1e6"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("alignkit sft: error: the gradient norm has been exactly 0 at optimizer steps 2-4"), err
+    assert math.log(431) == pytest.approx(float(err[-1].split("while the loss is ")[1].split()[0]), abs=1e-3)
+    assert not (out / "model").exists()
+    acc = [r["mean_token_accuracy"] for r in _rows(out) if r.get("grad_norm") == 0.0]
+    assert acc and all(a < 0.5 for a in acc)  # constant logits: argmax is token 0, not every target (was 1.0)

@@ -188,3 +188,15 @@ def test_shape_errors_say_what_is_wrong():
         chunked_lm_logprobs(torch.zeros(2, 3), torch.zeros(5, 4), None, torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="target ids must lie"):
         chunked_lm_logprobs(torch.zeros(2, 4), torch.zeros(5, 4), None, torch.tensor([0, 9]))
+
+
+def test_accuracy_counts_a_tie_as_the_first_index_only():
+    """`correct` is TRL's `argmax == label`: with tied logits only the first maximal index counts. A model
+    collapsed to constant logits must read 0 accuracy (it read 1.0 when ties counted for every tied token)."""
+    from alignkit.losses.logprobs import chunked_lm_logprobs
+
+    # identity head: the logits are the hidden states themselves
+    hidden = torch.tensor([[2.0, 2.0, 1.0], [2.0, 2.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 3.0, 3.0]])
+    targets = torch.tensor([0, 1, 0, 2, 2])
+    out = chunked_lm_logprobs(hidden, torch.eye(3), None, targets, with_accuracy=True)
+    assert out.correct.tolist() == [True, False, True, False, False]

@@ -56,3 +56,44 @@ def test_saving_refuses_non_finite_weights(make_model, features, collators, tmp_
     with pytest.raises(NonFiniteError, match="trainable weight"):
         trainer.save_model(str(tmp_path / "model"))
     assert not (tmp_path / "model").exists()
+
+
+class ZeroGradAt(SFTTrainer):
+    """SFT whose gradient is exactly 0 (the loss stays positive) on the optimizer steps in `dead`."""
+
+    dead: set = set()
+
+    def objective(self, model, inputs):
+        out = super().objective(model, inputs)
+        if self.state.global_step + 1 in self.dead:
+            out.losses = out.losses.detach() + 0.0 * out.losses  # same value, no gradient signal
+        return out
+
+
+def test_zero_gradient_with_positive_loss_stops_after_patience(make_model, features, collators, tmp_path, caplog):
+    from alignkit.guards import ZERO_GRAD_PATIENCE, StalledTrainingError
+
+    assert ZERO_GRAD_PATIENCE == 3
+    model = make_model("lora")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = ZeroGradAt(model, fast_args(tmp_path, max_steps=6), train_dataset=features["sft"],
+                         data_collator=collators["sft"])
+    trainer.dead = {1, 2, 3, 4, 5, 6}
+    with caplog.at_level("WARNING"), pytest.raises(StalledTrainingError) as err:
+        trainer.train()
+    assert (err.value.first, err.value.last) == (1, 3) and err.value.loss > 0
+    assert "optimizer steps 1-3" in str(err.value) and "train.learning_rate" in str(err.value)
+    assert any("exactly 0 at optimizer step 1" in r.getMessage() for r in caplog.records)  # warned first
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_a_short_zero_gradient_spell_only_warns(make_model, features, collators, tmp_path, caplog):
+    trainer = ZeroGradAt(make_model("lora"), fast_args(tmp_path, max_steps=5), train_dataset=features["sft"],
+                         data_collator=collators["sft"])
+    trainer.dead = {2, 3, 5}  # two in a row, then one: never three
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.state.global_step == 5
+    warned = [r.getMessage() for r in caplog.records if "exactly 0 at optimizer step" in r.getMessage()]
+    assert len(warned) == 2 and "step 2" in warned[0] and "step 5" in warned[1]

@@ -79,11 +79,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def expected_errors() -> tuple[type, ...]:
     """The failures a user can cause and fix (bad config, data, paths, checkpoints, a diverging run)."""
     from alignkit.data.records import DataError
-    from alignkit.guards import NonFiniteError
+    from alignkit.guards import NonFiniteError, StalledTrainingError
     from alignkit.runs import CheckpointError
     from alignkit.settings import ConfigError
 
-    return (ConfigError, DataError, FileNotFoundError, NonFiniteError, CheckpointError)
+    return (ConfigError, DataError, FileNotFoundError, NonFiniteError, StalledTrainingError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,7 +153,7 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
             z_y = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)  # (c,)
             logps[s:s + chunk_size] = z_y - lse_c
             if with_accuracy:
-                correct[s:s + chunk_size] = z_y >= z.max(-1).values
+                correct[s:s + chunk_size] = z.argmax(-1) == targets[s:s + chunk_size]  # ties: first index, as TRL
                 mean_z[s:s + chunk_size] = z.mean(-1)
             if with_entropy:
                 p = torch.exp(z - lse_c[:, None])  # (c, V)

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -69,7 +70,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from alignkit.compat import attn_implementation, check_trainer
-from alignkit.guards import NonFiniteError, as_float, is_finite
+from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.models.adapters import enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model
 
@@ -332,16 +333,36 @@ class AlignTrainer(Trainer):
         ids = inputs.pop(RECORD_IDS, None)
         self._batch_ids = (getattr(self, "_batch_ids", None) or []) + list(ids or [])
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not is_finite(loss):
-            self._stop_non_finite("the training loss", as_float(loss), ids)
+        value = as_float(loss)  # one device sync, as the finiteness check needs anyway
+        if not math.isfinite(value):
+            self._stop_non_finite("the training loss", value, ids)
+        self._step_loss = max(getattr(self, "_step_loss", 0.0), value)
         return loss
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         ids, self._batch_ids = getattr(self, "_batch_ids", None), []
-        if norm is not None and not is_finite(norm):
-            self._stop_non_finite("the gradient norm", as_float(norm), ids)
+        loss, self._step_loss = getattr(self, "_step_loss", 0.0), 0.0
+        if norm is not None:
+            value = as_float(norm)
+            if not math.isfinite(value):
+                self._stop_non_finite("the gradient norm", value, ids)
+            self._check_stalled(value, loss)
         return norm
+
+    def _check_stalled(self, norm: float, loss: float) -> None:
+        """alignkit.guards: a zero gradient with a positive loss warns once, ZERO_GRAD_PATIENCE in a row stop."""
+        step = self.state.global_step + 1
+        if norm != 0.0 or loss <= 0.0:
+            self._zero_grad_since = None
+            return
+        if getattr(self, "_zero_grad_since", None) is None:
+            self._zero_grad_since = step
+            logger.warning("the gradient norm is exactly 0 at optimizer step %d while the loss is %.6g: nothing is "
+                           "learning at this step (the run stops if this lasts %d steps)", step, loss,
+                           ZERO_GRAD_PATIENCE)
+        if step - self._zero_grad_since + 1 >= ZERO_GRAD_PATIENCE:
+            raise StalledTrainingError(self._zero_grad_since, step, loss)
 
     def _stop_non_finite(self, what: str, value: float, ids: list[str] | None) -> None:
         """Log the bad value as NaN / inf (metrics.jsonl keeps it), then stop before the optimizer step."""
