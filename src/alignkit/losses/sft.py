@@ -41,7 +41,8 @@ def sft_loss(token_logps: Tensor, mask: Tensor) -> LossOutput:
 
     Returns per-example sums (divide by the step's token count with `reduce_loss(..., normalizer=)`),
     `num_tokens (B,)`, and metrics `nll/token (B,)` (per-example mean NLL, for logging) and
-    `num_tokens (B,)`.
+    `target_tokens (B,)` (scored tokens per example; not TRL's `num_tokens`, the cumulative count of input
+    tokens, which the trainer logs).
     """
     if token_logps.shape != mask.shape or token_logps.dim() != 2:
         raise ValueError(f"sft_loss: token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} "
@@ -49,5 +50,5 @@ def sft_loss(token_logps: Tensor, mask: Tensor) -> LossOutput:
     m = mask.to(token_logps.dtype)
     nll_sum = -(token_logps * m).sum(-1)  # (B,)
     n = m.sum(-1)  # (B,)
-    metrics = {"nll/token": (nll_sum / n.clamp(min=1.0)).detach(), "num_tokens": n.detach()}
+    metrics = {"nll/token": (nll_sum / n.clamp(min=1.0)).detach(), "target_tokens": n.detach()}
     return LossOutput(losses=nll_sum, metrics=metrics, num_tokens=n.detach())

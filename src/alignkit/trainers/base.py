@@ -24,7 +24,8 @@ give the same update. Evaluation normalises each batch by its own N.
 Metrics. Each step's metrics are accumulated as (sum, count) per name (`metric_totals`), summed across
 processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`. Training
 logs also carry TRL's `num_tokens`: the cumulative count of input (non-padding) tokens trained on, all
-processes (counted from 0 again after a resume).
+processes. Checkpoints keep it (`alignkit_state.json`), so a resumed run continues the count (TRL's SFT / DPO
+trainers start again from 0).
 
 Saving. Only the trainable state (`alignkit.models.adapters.save_adapter`): peft files for LoRA,
 ReFT safetensors + json for ReFT, the full model (safetensors) for full finetuning, plus the
@@ -59,6 +60,7 @@ mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss),
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -77,6 +79,7 @@ from alignkit.models.adapters import enable_gradient_checkpointing, load_adapter
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_JSON = "training_args.json"
+STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep (num_tokens)
 
 
 def turn_off_dropout(model: nn.Module) -> None:
@@ -453,15 +456,21 @@ class AlignTrainer(Trainer):
                     logs[prefix + k] = s / n
             store.clear()
         if mode == "train":
-            pending = getattr(self, "_tokens_pending", None)
-            if pending is not None:
-                if self.args.world_size > 1:
-                    pending = self.accelerator.reduce(pending.reshape(1), reduction="sum")[0]
-                self._num_tokens = getattr(self, "_num_tokens", 0.0) + float(pending)
-                self._tokens_pending = None
+            self._flush_tokens()
             if getattr(self, "_num_tokens", None) is not None:
                 logs["num_tokens"] = self._num_tokens  # cumulative input tokens of training, all processes
         super().log(logs, start_time)
+
+    def _flush_tokens(self) -> None:
+        """Add the tokens counted since the last flush (summed over processes) to the cumulative `num_tokens`.
+        Called on every process (a collective under several processes): at logging and at checkpoint time."""
+        pending = getattr(self, "_tokens_pending", None)
+        if pending is None:
+            return
+        if self.args.world_size > 1:
+            pending = self.accelerator.reduce(pending.reshape(1), reduction="sum")[0]
+        self._num_tokens = (getattr(self, "_num_tokens", None) or 0.0) + float(pending)
+        self._tokens_pending = None
 
     # -- saving ----------------------------------------------------------------------------------------
 
@@ -499,6 +508,7 @@ class AlignTrainer(Trainer):
             remove_own(staging_root / name)  # a leftover of an interrupted save
             (staging_root / name).mkdir(parents=True)
             (staging_root / name / STAGING_MARK).touch()
+        self._flush_tokens()  # every process: the checkpoint's num_tokens includes steps not logged yet
         self.accelerator.wait_for_everyone()
         self._staging_run_dir = str(staging_root)
         try:
@@ -509,6 +519,7 @@ class AlignTrainer(Trainer):
         if not self.args.should_save:
             return
         final = Path(run_dir) / name
+        Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None)}))
         commit_staging(staging_root / name, final, step=self.state.global_step)
         try:
             staging_root.rmdir()  # only when empty
@@ -541,6 +552,8 @@ class AlignTrainer(Trainer):
                                       "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
         if resume_from_checkpoint:
             logger.info("resuming from %s", resume_from_checkpoint)
+            self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
+            self._tokens_pending = None
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
@@ -555,6 +568,15 @@ class AlignTrainer(Trainer):
         if saves_whole_model(model):
             return super()._load_best_model()
         load_adapter_weights(model, self.state.best_model_checkpoint)
+
+
+def _saved_num_tokens(checkpoint: str | os.PathLike) -> float | None:
+    """The cumulative `num_tokens` a checkpoint was written at (None: a checkpoint without it, counted from 0)."""
+    path = Path(checkpoint, STATE_JSON)
+    if not path.is_file():
+        logger.warning("%s has no %s: num_tokens counts from 0 again in this run", checkpoint, STATE_JSON)
+        return None
+    return json.loads(path.read_text()).get("num_tokens")
 
 
 def _describe(ds: Any) -> str:
