@@ -394,6 +394,22 @@ def latest_complete_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
+def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
+                ignore_patterns: list[str] | None = None, api: Any = None) -> str:
+    """Upload `folder` (a final model / adapter folder and its README.md card) to the Hub model repo `repo_id`,
+    creating the repo; `ignore_patterns` (fnmatch, relative paths) leave files out. Returns the repo id."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    folder = Path(folder)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", ignore_patterns=ignore_patterns,
+                      commit_message=f"alignkit: upload {folder.name}/")
+    logger.info("pushed %s to the Hub repo %s", folder, repo_id)
+    return repo_id
+
+
 def truncate_metrics(path: str | Path, step: int) -> int:
     """Keep only the rows of metrics.jsonl up to `step` (a resume continues after them). Returns rows kept."""
     path = Path(path)
@@ -416,5 +432,6 @@ def truncate_metrics(path: str | Path, step: int) -> int:
 
 
 __all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "commit_staging",
+           "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
            "plot_metrics", "read_metrics", "remove_own", "staged", "truncate_metrics", "versions", "write_marker"]

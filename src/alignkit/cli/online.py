@@ -209,6 +209,11 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     except ImportError:
         logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
     finish_run(plan)
+    if cfg.method.push_to_hub:
+        if cfg.method.save_at_end:
+            trainer.push_to_hub(cfg.method.hub_model_id or Path(named.root).name, folder=named.model)  # model/ + card only
+        else:
+            logger.warning("method.push_to_hub: nothing pushed (method.save_at_end is false: no model/ was written)")
     last = rows[-1] if rows else {}
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward/mean", "kl", "loss") if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"

@@ -136,19 +136,14 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
 
 
 def push_model(push: dict[str, Any], model_dir: Any, run_root: Any, api: Any = None) -> str:
-    """Upload the final model / adapter folder (with its model card) to the Hub repo `train.hub_model_id`
-    (default: the run folder's name), creating the repo; checkpoints are not pushed. Returns the repo id."""
+    """Upload the final model / adapter folder (with its model card) to the Hub repo `hub_model_id` (default: the
+    run folder's name), creating the repo; checkpoints are not pushed. Returns the repo id."""
     from pathlib import Path
 
-    from huggingface_hub import HfApi
+    from alignkit.runs import push_folder
 
-    api = api if api is not None else HfApi(token=push.get("hub_token"))
-    repo_id = push.get("hub_model_id") or Path(run_root).name
-    api.create_repo(repo_id, private=bool(push.get("hub_private_repo")), exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model",
-                      commit_message=f"alignkit: upload {Path(model_dir).name}/ of {Path(run_root).name}")
-    logger.info("pushed %s to the Hub repo %s", model_dir, repo_id)
-    return repo_id
+    return push_folder(model_dir, push.get("hub_model_id") or Path(run_root).name,
+                       private=bool(push.get("hub_private_repo")), token=push.get("hub_token"), api=api)
 
 
 def tensorboard_callback(args: Any, run: RunFolder) -> Any:

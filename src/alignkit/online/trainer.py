@@ -103,6 +103,9 @@ class OnlineConfig:
     seed: int = 0
     save_at_end: bool = True
     save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
+    push_to_hub: bool = False  # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
+    hub_model_id: str | None = None  # the Hub repo; default: the output folder's name
+    hub_private_repo: bool = False  # (the token: HF_TOKEN or `hf auth login`, never a config value)
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
@@ -283,7 +286,22 @@ class OnlineTrainer:
                     tracker.finish()
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
+            if self.config.push_to_hub and self.accelerator.is_main_process:
+                self.push_to_hub()
         return self.history
+
+    # what `push_to_hub` leaves out of output_dir: the run's by-products, not the model
+    PUSH_IGNORE = ["checkpoints/*", "tensorboard/*", METRICS_FILE, "*.staging/*", ".*"]
+
+    def push_to_hub(self, repo_id: str | None = None, folder: str | Path | None = None) -> str:
+        """Upload the saved model / adapter of `folder` (default `output_dir`) to the Hub model repo `repo_id`
+        (default `config.hub_model_id`, else the folder's name): the files `save` wrote and a README.md if there
+        is one; checkpoints, TensorBoard events and metrics.jsonl stay local. Returns the repo id."""
+        from alignkit.runs import push_folder
+
+        folder = Path(folder if folder is not None else self.output_dir)
+        return push_folder(folder, repo_id or self.config.hub_model_id or folder.resolve().name,
+                           private=self.config.hub_private_repo, ignore_patterns=self.PUSH_IGNORE)
 
     def _train_steps(self, bar: Any, start: int = 0) -> None:
         for step in range(start, self.config.steps):
