@@ -148,3 +148,32 @@ def test_kill_while_writing_a_checkpoint_leaves_no_partial_checkpoint(tmp_path, 
     assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 0
     assert losses(run) == want
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_config_changes_flattens_and_names_defaults():
+    from alignkit.cli.common import config_changes
+
+    old = {"command": "sft", "train": {"learning_rate": 0.001, "max_steps": 2}, "adapter": {"lora": {"r": 8}}}
+    new = {"command": "sft", "train": {"max_steps": 4, "seed": 1}, "adapter": {"lora": {"r": 8}}}
+    assert config_changes(old, new) == [("train.learning_rate", 0.001, None), ("train.max_steps", 2, 4),
+                                        ("train.seed", None, 1)]
+
+
+def test_resume_refuses_a_changed_setting_and_leaves_the_run_alone(tmp_path, capsys):
+    """The checkpoint's scheduler restores the old learning rate: a --resume with another train.learning_rate
+    used to run with the OLD rate while config.yaml recorded the new one. Now it stops before writing anything;
+    a change of how long it runs (max_steps) and what it logs is accepted."""
+    out = tmp_path / "run"
+    steps = ["train.max_steps=2", "train.save_strategy=steps", "train.save_steps=2", "train.eval_strategy=no",
+             "data.eval_fraction=0.0", "data.max_records=8"]
+    base = ["-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml")]
+    assert main([*base, f"output_dir={out}", *steps]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*base, "--resume", f"output_dir={out}", *steps, "train.learning_rate=0.05", "method.loss_type=nll"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--resume: the settings differ" in err and "train.learning_rate: 0.001 in the run, 0.05 now" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    longer = [s.replace("max_steps=2", "max_steps=3") for s in steps] + ["train.logging_steps=2"]
+    assert main([*base, "--resume", f"output_dir={out}", *longer]) == 0
+    assert sorted(losses(out)) == [1, 2, 3]

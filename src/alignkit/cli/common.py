@@ -151,6 +151,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
             raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (training commands write "
                               "them with train.save_strategy=steps and train.save_steps=N, online commands with "
                               "method.save_steps=N); start again with --overwrite")
+        check_resume_config(cfg, final / "config.yaml")
         logger.info("resuming %s from %s", final, ckpt)
     elif holds and not overwrite:
         raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
@@ -166,6 +167,68 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
             remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
         return RunPlan(final, staging, "overwrite", existed=True)
     return RunPlan(final, final, "new", existed=existed)
+
+
+# Settings a resumed run may change: how long it runs and what it logs, evaluates, saves and reports. Anything
+# else (model, data, adapter, objective, optimizer, schedule, batch, seed) would be silently ignored (the
+# optimizer and scheduler states of the checkpoint restore the old learning rate) or would make a different run
+# under the old name, so --resume refuses it.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "max_steps", "steps", "num_train_epochs", "logging_steps", "logging_strategy", "logging_first_step",
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size", "save_strategy",
+    "save_steps", "save_total_limit", "save_only_model", "report_to", "run_name", "project", "disable_tqdm",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token", "hub_always_push",
+    "hub_revision", "log_level", "resume_from_checkpoint", "torch_empty_cache_steps"})
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
+        return out if out or not prefix else {prefix.rstrip("."): value}
+    return {prefix.rstrip("."): value}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs; a key absent on one side is None
+    there (the default, for `train.*` keys that were not written)."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume_config(cfg: Any, saved: Path) -> None:
+    """--resume continues the same training: refuse settings that differ from the run's config.yaml except
+    those in RESUMABLE_CHANGES (logged). Nothing is checked when the run folder has no config.yaml."""
+    import yaml
+
+    from alignkit.settings.load import dump_config
+
+    if not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--resume: {saved} is not valid YAML ({e}); it records how the run was trained, so "
+                          "restore it or start again with --overwrite") from None
+    changes = config_changes(old, yaml.safe_load(dump_config(cfg)))
+    allowed = [c for c in changes if c[0].rsplit(".", 1)[-1] in RESUMABLE_CHANGES]
+    refused = [c for c in changes if c not in allowed]
+    for key, before, after in allowed:
+        logger.info("--resume: %s changes from %r to %r", key, before, after)
+    if refused:
+        shown = "; ".join(f"{k}: {_show(v0)} in the run, {_show(v1)} now" for k, v0, v1 in refused[:4])
+        more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
+        raise ConfigError(f"--resume: the settings differ from the run's {saved}: {shown}{more}. A resumed run "
+                          "continues the same training (the checkpoint's optimizer and scheduler would keep the old "
+                          "values); only how long it runs and what it logs, evaluates and saves may change. Use the "
+                          "run's settings, or start a new run (another output_dir, model.path=<its model/ or a "
+                          "checkpoint>)")
+
+
+def _show(value: Any) -> str:
+    return "(default)" if value is None else repr(value)
 
 
 def begin_run(plan: RunPlan, cfg: Any, zero_based_steps: bool = False) -> RunFolder:
