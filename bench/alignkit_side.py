@@ -123,7 +123,7 @@ def run_reft(args, tok) -> dict:
     (SFTTrainer,) = _import(args, "alignkit.trainers", "SFTTrainer")
     (SFTCollator,) = _import(args, "alignkit.data", "SFTCollator")
     AdapterConfig, ReftSettings, apply_adapter = _import(
-        args, "alignkit.models.adapters", "AdapterConfig", "ReftSettings", "apply_adapter")
+        args, "alignkit.adapters", "AdapterConfig", "ReftSettings", "apply_adapter")
     import torch
 
     base = _model(args)

@@ -53,7 +53,7 @@ def main() -> None:
     from alignkit.data import SFTCollator
     from alignkit.interventions.editing import Run, Step, edit_positions
     from alignkit.losses import SFT_LOSSES, chunked_lm_logprobs
-    from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter
     from alignkit.trainers.logps import batch_locations, completion_token_logps, final_hidden_states
 
     args = common.parse_args(["--spec", str(common.scenario_dir(run_dir, spec) / "spec.json"), "--run-dir",

@@ -71,7 +71,7 @@ def peak_tflops(name: str) -> float | None:
 
 def matmul_params(model: Any) -> int:
     """N of the 6N rule: parameters that multiply activations (the input embedding is a lookup)."""
-    from alignkit.models.adapters import unwrap_lm
+    from alignkit.adapters import unwrap_lm
 
     lm = unwrap_lm(model)
     emb = lm.get_input_embeddings().weight
@@ -113,7 +113,7 @@ def build_model(cfg: dict, dtype: Any, device: str, attn: str) -> Any:
 
 
 def adapter(kind: str, layer: int) -> Any:
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings
+    from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings
 
     if kind == "lora":
         return AdapterConfig(kind="lora", lora=LoraSettings(r=16, alpha=32.0))
@@ -175,7 +175,7 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     from transformers import TrainingArguments
 
     from alignkit.data import PreferenceCollator, SFTCollator
-    from alignkit.models.adapters import apply_adapter
+    from alignkit.adapters import apply_adapter
     from alignkit.trainers import PreferenceTrainer, SFTTrainer
 
     objective, kind, reference = WORKLOADS[name]

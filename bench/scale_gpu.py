@@ -54,7 +54,7 @@ def worker(model: str, out_dir: str, steps: int, global_batch: int, dtype: str, 
     from transformers import TrainerCallback, TrainingArguments
 
     from alignkit.data import SFTCollator, SFTRecord, tokenize_records
-    from alignkit.models.adapters import AdapterConfig, apply_adapter
+    from alignkit.adapters import AdapterConfig, apply_adapter
     from alignkit.models.loading import load_model, load_tokenizer
     from alignkit.models.tiny import save_tiny
     from alignkit.trainers import SFTTrainer

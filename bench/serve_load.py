@@ -50,7 +50,7 @@ def build_models(root: Path) -> dict[str, Path]:
     import torch
 
     from alignkit.interventions import ReftConfig
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, save_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, save_adapter
     from alignkit.models.loading import load_model
     from alignkit.models.tiny import save_tiny
 
@@ -181,7 +181,7 @@ def naive(dirs: dict[str, Path], name: str, requests: int, max_tokens: int, thre
     from transformers.generation.streamers import BaseStreamer
 
     from alignkit.data.positions import locations_from_spans
-    from alignkit.models.adapters import load_adapter, read_adapter_config
+    from alignkit.adapters import load_adapter, read_adapter_config
     from alignkit.models.loading import load_model, load_tokenizer
 
     torch.set_num_threads(threads)

@@ -173,7 +173,7 @@ def check_peft_load(result: Any, where: str) -> None:
     unexpected = list(getattr(result, "unexpected_keys", None) or [])
     if unexpected:
         raise moved("peft", f"set_peft_model_state_dict did not place {len(unexpected)} saved tensor(s) "
-                    f"(e.g. {unexpected[:3]}) from {where}", "alignkit/models/adapters.py:load_adapter_weights")
+                    f"(e.g. {unexpected[:3]}) from {where}", "alignkit/adapters/lora.py:Lora.load_weights")
 
 
 __all__ = ["DEPENDENCIES", "DependencyMoved", "TRAINER_METHODS", "attn_implementation", "check_logits_skipped",

@@ -30,6 +30,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from alignkit.adapters.config import KINDS
+
 logger = logging.getLogger(__name__)
 
 # plot file -> metric names drawn on it (train names; "eval_<name>" is drawn too, dashed)
@@ -171,9 +173,9 @@ class ModelCard:
         from alignkit.data.readers.rows import looks_like_hub_id
 
         kind = str(self.adapter.get("kind", "full"))
+        info = KINDS[kind]
         command = str(self.objective.get("command", ""))
-        library = "peft" if "lora" in kind and "reft" not in kind else "transformers" if kind == "full" else "alignkit"
-        meta: dict[str, Any] = {"library_name": library}
+        meta: dict[str, Any] = {"library_name": info.library_name}
         if self.base_model_id and not self.base_model_id.startswith("tiny:"):
             meta["base_model"] = self.base_model_id
         paths = self.data.get("path")
@@ -181,7 +183,7 @@ class ModelCard:
         hub = [p for p in paths if isinstance(p, str) and looks_like_hub_id(p)]
         if hub:
             meta["datasets"] = hub
-        meta["tags"] = [t for t in dict.fromkeys(["alignkit", command, kind, "lora" if "lora" in kind else ""]) if t]
+        meta["tags"] = [t for t in dict.fromkeys(["alignkit", command, kind, *info.parts]) if t]
         meta["pipeline_tag"] = "text-classification" if command == "rm" else "text-generation"
         return meta
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignkit.adapters.config import ADAPTER_CONFIG_NAME
 from alignkit.runs import RunFolder, is_main_process
 from alignkit.data.records import DataError
 from alignkit.settings import ConfigError, DataSettings, ModelSettings, dump_config, load_config, save_config
@@ -327,8 +328,6 @@ def check_model_folder(path: str, key: str, adapter: bool = False) -> None:
     if not folder.is_dir():
         raise ConfigError(f"{key}: {path} is a file; point it at the folder that holds it")
     if adapter:
-        from alignkit.models.adapters import ADAPTER_CONFIG_NAME
-
         known = (ADAPTER_CONFIG_NAME, "adapter_config.json", "reft_config.json", "config.json")
         if not any((folder / n).is_file() for n in known):
             raise ConfigError(f"{key}: {path} holds no adapter or model ({', '.join(known)} missing); point it at a "
@@ -389,7 +388,7 @@ class explaining_load:
 
 def check_adapter_files(folder: Path, key: str) -> None:
     """The weights an adapter folder's config promises are there (and complete, when it carries a marker)."""
-    from alignkit.models.adapters import read_adapter_config
+    from alignkit.adapters import adapter_in  # imports torch
     from alignkit.runs import COMPLETE_MARKER, incomplete_reason
 
     if (folder / COMPLETE_MARKER).is_file():
@@ -397,13 +396,8 @@ def check_adapter_files(folder: Path, key: str) -> None:
         if reason is not None:
             raise ConfigError(f"{key}: {reason}; the save did not finish: use a complete model/ folder")
     with explaining_load(key, folder):
-        kind = read_adapter_config(folder).kind
-    need = []
-    if "lora" in kind:
-        need.append(("adapter_model.safetensors", "the LoRA weights"))
-    if "reft" in kind:
-        need.append(("interventions.safetensors", "the ReFT weights"))
-    for name, what in need:
+        adapter = adapter_in(folder)
+    for name, what in adapter.weight_files:
         if not (folder / name).is_file():
             raise ConfigError(f"{key}: {folder} has no {name} ({what}); point it at the complete model/ folder of "
                               "a finished run")
@@ -477,7 +471,7 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
 def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
     """(model, tokenizer, base path, description): the base model with `model.adapter_path` applied (an
     adapter folder, or a fully finetuned model's folder)."""
-    from alignkit.models.adapters import load_adapter, read_adapter_config
+    from alignkit.adapters import adapter_in, load_adapter  # imports torch
     from alignkit.models.loading import load_model
 
     model, tok, path, desc = load_base(ms, run, task)
@@ -486,7 +480,7 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
     folder = Path(ms.adapter_path)
     check_adapter_files(folder, "model.adapter_path")
     with explaining_load("model.adapter_path", folder):
-        if read_adapter_config(folder).kind == "full":
+        if adapter_in(folder).saves_whole_model:  # a complete model, not an adapter
             model = load_model(folder, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
                                num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
                                rope_scaling=ms.rope_scaling)

@@ -132,7 +132,7 @@ def run_reft(args: argparse.Namespace) -> int:
         mark = "ok" if a.strip() == want.strip() else f"expected {want!r}"
         print(f"{p:<{width}} | {b:<24} | {a.strip()}  [{mark}]")
     print(f"\n{res.num_correct}/{len(res.answers)} answers reproduced. ReFT saved to {res.output_dir}/reft "
-          f"(load it with alignkit.models.adapters.load_adapter).")
+          f"(load it with alignkit.adapters.load_adapter).")
     return 0 if res.num_correct == len(res.answers) else 1
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Iterable, Iterator
 
+from alignkit.adapters.config import KINDS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", help="list every registry: losses, interventions, readers, formatters, annotators, ...")
@@ -37,11 +39,7 @@ def _interventions():
 
 
 def _adapters():
-    from alignkit.models.adapters import KINDS
-
-    text = {"full": "full finetuning", "lora": "LoRA / DoRA via peft", "reft": "ReFT interventions",
-            "reft+lora": "ReFT interventions and LoRA together"}
-    yield "adapters (adapter.kind)", [(k, text.get(k, "")) for k in KINDS]
+    yield "adapters (adapter.kind)", [(k, info.description) for k, info in KINDS.items()]
 
 
 def _readers():

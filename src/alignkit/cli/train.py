@@ -179,30 +179,22 @@ def objective_name(command: str, method: Any) -> str:
     return f"{OBJECTIVES[command]} (loss {loss})"
 
 
-def adapter_summary(adapter: Any, model: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": adapter.kind}
-    if "lora" in adapter.kind:
-        out.update({f"lora.{k}": v for k, v in dataclasses.asdict(adapter.lora).items() if v is not None})
-    if "reft" in adapter.kind:
-        out["reft.positions"] = adapter.reft.positions
-        out["reft.representations"] = adapter.reft.config.get("representations")
-    out["trainable parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out["total parameters"] = sum(p.numel() for p in model.parameters())
-    return out
+def adapter_summary(model: Any) -> dict[str, Any]:
+    """The model card's adapter table: what the adapter around `model` says of itself."""
+    from alignkit.adapters import adapter_of  # imports torch
+
+    return adapter_of(model).describe(model)
 
 
 HYPER = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
          "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "seed")
 
 
-def how_to_load(kind: str, run: RunFolder, base: str, classifier: bool) -> str:
-    task = ', task="classifier", num_labels=1' if classifier else ""
-    if kind == "full":
-        return (f"from alignkit.models.loading import load_model, load_tokenizer\n"
-                f"model = load_model(\"{run.model}\"{task})\ntokenizer = load_tokenizer(\"{run.model}\")")
-    return (f"from alignkit.models.adapters import load_adapter\nfrom alignkit.models.loading import load_model, "
-            f"load_tokenizer\nmodel = load_adapter(load_model(\"{base}\"{task}), \"{run.model}\")\n"
-            f"tokenizer = load_tokenizer(\"{run.model}\")")
+def how_to_load(adapter: Any, run: RunFolder, base: str, classifier: bool) -> str:
+    """Python that loads `run`'s saved model/ back (for the model card); `adapter` is its `AdapterConfig`."""
+    from alignkit.adapters import adapter_for  # imports torch
+
+    return adapter_for(adapter).how_to_load(str(run.model), base, classifier)
 
 
 def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = "", resume: bool = False,
@@ -222,7 +214,7 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
 def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
     from transformers import set_seed
 
-    from alignkit.models.adapters import apply_adapter
+    from alignkit.adapters import apply_adapter
     from alignkit.runs import staged
     from alignkit.settings.bounds import check_precision
 
@@ -276,13 +268,13 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
             hyper = {k: getattr(args, k) for k in HYPER}
             hyper.update({"world size": args.world_size, "optimizer steps done": trainer.state.global_step})
             card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
-                             base_model=base_desc, adapter=adapter_summary(cfg.adapter, model),
+                             base_model=base_desc, adapter=adapter_summary(model),
                              objective={"objective": objective_name(command, cfg.method), "command": command,
                                         **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
                              data=data_info, hyperparameters=hyper, metrics=final_metrics(rows),
                              command_line=command_line or f"alignkit {command}", versions=versions(),
                              base_model_id=cfg.model.path,
-                             how_to_load=how_to_load(cfg.adapter.kind, named, base_path, task == "classifier"))
+                             how_to_load=how_to_load(cfg.adapter, named, base_path, task == "classifier"))
             card.write(run.card, model_dir / "README.md")
     if trainer.is_world_process_zero():
         try:

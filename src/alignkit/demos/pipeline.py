@@ -262,7 +262,7 @@ def stage_reward_model(run: _Run):
 def stage_dpo(run: _Run, name: str, rm, before_gen: dict[str, float]) -> AdapterNumbers:
     """3./4. DPO(+NLL) from the SFT model with adapter `name` -> `dpo_<name>/`; held-out reward accuracy and
     margin at step 0 and after; generations of the adapter reloaded from disk, scored against `before_gen`."""
-    from alignkit.models.adapters import AdapterConfig, apply_adapter, load_adapter
+    from alignkit.adapters import AdapterConfig, apply_adapter, load_adapter
     from alignkit.models.loading import load_model
     from alignkit.trainers import PreferenceTrainer
 

@@ -55,6 +55,14 @@ REDUCED_FLOORS = {"sft_loss_ratio": 0.5, "rm_accuracy": 0.9, "dpo_reward_accurac
                   "on_topic_greedy": 0.5}
 
 
+ADAPTER_LABELS = {"lora": "LoRA", "reft": "ReFT"}  # the demo's DPO runs are named by their adapter kind
+
+
+def dpo_label(name: str) -> str:
+    """"DPO+LoRA" / "DPO+ReFT": how the report names the DPO run `name`."""
+    return f"DPO+{ADAPTER_LABELS.get(name, name)}"
+
+
 @dataclass
 class PipelineResult:
     sft_loss: Change
@@ -73,7 +81,7 @@ class PipelineResult:
         out = [("held-out SFT loss (nll/token)", self.sft_loss.before, self.sft_loss.after, ".3f"),
                ("reward-model accuracy (held-out pairs)", self.rm_accuracy.before, self.rm_accuracy.after, ".2f")]
         for name, d in self.dpo.items():
-            tag = f"DPO+{name.upper() if name == 'lora' else 'ReFT'}"
+            tag = dpo_label(name)
             out += [(f"{tag}: reward accuracy (held-out pairs)", d.reward_accuracy.before, d.reward_accuracy.after, ".2f"),
                     (f"{tag}: reward margin (held-out pairs)", d.reward_margin.before, d.reward_margin.after, ".3f"),
                     (f"{tag}: rule score, greedy", d.rule_greedy.before, d.rule_greedy.after, ".2f"),
@@ -113,7 +121,7 @@ class PipelineResult:
         if not self.rm_accuracy.after >= f["rm_accuracy"]:
             out.append(f"reward model: held-out accuracy {self.rm_accuracy.after:.2f} < floor {f['rm_accuracy']:g}")
         for name, d in self.dpo.items():
-            tag = "DPO+LoRA" if name == "lora" else "DPO+ReFT"
+            tag = dpo_label(name)
             for label, value, key in (("held-out reward accuracy", d.reward_accuracy.after, "dpo_reward_accuracy"),
                                       ("greedy style score", d.rule_greedy.after, "rule_greedy"),
                                       ("greedy on-topic rate", d.on_topic_greedy.after, "on_topic_greedy")):

@@ -140,7 +140,7 @@ def run_reft_demo(output_dir: str | Path = "runs/demo", *, max_steps: int = 300,
     from alignkit.data import SFTCollator, SFTRecord, tokenize_records
     from alignkit.interventions.config import ReftConfig
     from alignkit.interventions.training import StopAtLoss
-    from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter, load_adapter
+    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter, load_adapter
     from alignkit.models.loading import load_model, load_tokenizer
     from alignkit.trainers import SFTTrainer
 

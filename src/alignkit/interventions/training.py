@@ -9,7 +9,7 @@ adds, and nothing else:
 
 - the prompt positions the data used (a `ReftDataCollator`'s spec) are recorded on the model
   (`ReftModel.set_positions`), so the folder it saves is an ordinary adapter folder: `alignkit_adapter.json`
-  + `reft_config.json` + `interventions.safetensors`, read back by `alignkit.models.adapters.load_adapter`
+  + `reft_config.json` + `interventions.safetensors`, read back by `alignkit.adapters.load_adapter`
   (and `model.adapter_path` in a config), by `load_reft`, and by a reloaded model's plain
   `generate(**inputs)`, which then edits the positions training edited;
 - pyreft's batches are accepted: a collator that yields `labels` (-100 off the response) but no
@@ -17,9 +17,9 @@ adds, and nothing else:
 - a ReFT on a sequence classifier (batches with one class id per row) trains on per-example cross-entropy
   of the class logits; the normaliser is then examples, not tokens.
 
-New code should use `alignkit.trainers.SFTTrainer` with `alignkit.models.adapters.apply_adapter` directly
+New code should use `alignkit.trainers.SFTTrainer` with `alignkit.adapters.apply_adapter` directly
 (what `alignkit demo --reft` does). Removed with the second stack it replaced (migration): the helpers
-`intervention_state_dict` (use `alignkit.models.adapters.trainable_state_dict`), `save_intervention_weights`
+`intervention_state_dict` (use `alignkit.adapters.trainable_state_dict`), `save_intervention_weights`
 (`save_adapter`) and `load_intervention_weights` (`load_adapter_weights`, or `io.read_reft_weights`);
 a checkpoint of a model holding several ReFT adapters is refused (save each with `save_pretrained`).
 """
@@ -33,7 +33,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from alignkit.losses import LossOutput
-from alignkit.models.adapters import is_classifier, unwrap_parallel
+from alignkit.adapters import is_classifier, unwrap_parallel
 from alignkit.trainers.sft import SFTTrainer
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ __all__ = ["ReftTrainer", "StopAtLoss", "record_positions"]
 
 
 def __getattr__(name: str) -> Any:  # the removed helpers: one clear line each
-    moved = {"intervention_state_dict": "alignkit.models.adapters.trainable_state_dict",
-             "save_intervention_weights": "alignkit.models.adapters.save_adapter",
-             "load_intervention_weights": "alignkit.models.adapters.load_adapter_weights"}
+    moved = {"intervention_state_dict": "alignkit.adapters.trainable_state_dict",
+             "save_intervention_weights": "alignkit.adapters.save_adapter",
+             "load_intervention_weights": "alignkit.adapters.load_adapter_weights"}
     if name in moved:
         raise AttributeError(f"alignkit.interventions.training.{name} was removed with the ReFT-only training stack; "
                              f"use {moved[name]}")

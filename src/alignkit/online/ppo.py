@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.losses import clipped_policy_loss, gae, masked_whiten, per_token_rewards, reduce_loss, value_loss
-from alignkit.models.adapters import unwrap_lm
+from alignkit.adapters import unwrap_lm
 from alignkit.online.rollout import select
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.online.value_head import ValueHead

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from alignkit.data.collators import pad
 from alignkit.losses import chunked_lm_logprobs
-from alignkit.models.adapters import reference_off, unwrap_lm
+from alignkit.adapters import reference_off, unwrap_lm
 from alignkit.online.generation import Sample
 from alignkit.trainers.logps import _head, final_hidden_states
 
@@ -89,7 +89,7 @@ def token_stats(model: nn.Module, batch: dict[str, Tensor], *, temperature: floa
 def reference_token_logps(model: nn.Module, batch: dict[str, Tensor], ref_model: nn.Module | None = None, *,
                           temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
     """(B, T-1) log pi_ref of the response tokens: `ref_model` (a frozen copy) if given, else `model` with its
-    adapter switched off (`alignkit.models.adapters.reference_off`)."""
+    adapter switched off (`alignkit.adapters.reference_off`)."""
     if ref_model is not None:
         return token_stats(ref_model, batch, temperature=temperature, chunk_size=chunk_size).logps
     with reference_off(model):

@@ -10,7 +10,7 @@
 
 and its metrics (reward mean/std, KL to the reference, response length, entropy, the annotator's failure
 counts, the subclass's loss metrics) are logged with `logging` and appended to `<output_dir>/metrics.jsonl`.
-At the end the trainable state is saved (`alignkit.models.adapters.save_adapter`).
+At the end the trainable state is saved (`alignkit.adapters.save_adapter`).
 
 Why a plain torch loop with `accelerate.Accelerator` and not a `transformers.Trainer` subclass: the Trainer
 is built around a fixed dataset, a dataloader and one `compute_loss` per micro-batch; an online step
@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from alignkit.distributed import enable_sharding_on_cpu, full_parameters, gathered_root, is_fsdp2, shard_reference
 from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from alignkit.models.adapters import can_switch_off, save_adapter
+from alignkit.adapters import can_switch_off, save_adapter
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.generation import Sample, SamplingConfig, as_prompt_records, generate_responses, generation_metrics
 from alignkit.online.normalize import RunningMoments, normalize_rewards
@@ -159,7 +159,7 @@ class OnlineTrainer:
     """Base of the online optimizers. Subclasses implement `build_batch` and `optimise`.
 
     Args:
-        model: the policy, wrapped by `alignkit.models.adapters.apply_adapter` (any adapter kind).
+        model: the policy, wrapped by `alignkit.adapters.apply_adapter` (any adapter kind).
         tokenizer: its tokenizer (with a pad token).
         prompts: prompt records, strings or conversations (`generation.as_prompt_records`).
         annotator: an `Annotator` or a spec for `build_annotator` ({"type": "function", "fn": "mod:fn"}, ...).

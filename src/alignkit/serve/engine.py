@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from alignkit.adapters.base import unwrap_lm
 from alignkit.serve.stack import Route, Stack
 
 logger = logging.getLogger(__name__)
@@ -498,8 +499,6 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 def default_end_ids(stack: Stack) -> list[int]:
     """EOS of the tokenizer and the generation config, plus end-of-turn tokens a chat template uses."""
-    from alignkit.models.adapters import unwrap_lm
-
     tok = stack.tokenizer
     ids: list[int] = []
     gen = getattr(unwrap_lm(stack.model), "generation_config", None)

@@ -3,12 +3,13 @@
     stack = load_stack("base/", {"polite": "runs/dpo-reft/model", "terse": "runs/dpo-lora/model"})
     stack.route("polite")   # -> Route(lora=None, reft="polite", positions=Positions(1, 1), share_weights=True)
 
-The base transformers model is loaded once. LoRA adapters (kind "lora", and the LoRA half of "reft+lora")
+The base transformers model is loaded once. Each adapter folder says how its rows are routed
+(`alignkit.adapters`: `adapter_in(folder).route(name)`, a `Route`). Adapters with a LoRA part
 are loaded into ONE `peft.PeftModel` under the served name (`load_adapter(..., adapter_name=name)`); rows
 are routed by the stacked per-row LoRA of `serve/lora.py` (all adapters' A/B stacked per layer, two batched
 matmuls), or, where that does not apply (DoRA, LoRA biases, non-Linear layers), by peft's mixed-adapter
 batches (`adapter_names=[...]`, `"__base__"` = no LoRA).
-ReFT adapters (kind "reft", and the ReFT half of "reft+lora") are attached to ONE `ReftModel` around that,
+Adapters with a ReFT part are attached to ONE `ReftModel` around that,
 also under the served name, and rows are routed with per-row `intervention_locations` (each adapter's
 prompt positions as it was trained, -1 elsewhere). The bare base is served under its folder's name.
 
@@ -27,25 +28,19 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from alignkit.data.positions import Positions, locations_from_spans
+from alignkit.adapters.base import Adapter, Route, adapter_in, is_classifier, unwrap_lm
+from alignkit.data.positions import locations_from_spans
+from alignkit.interventions.attach import ReftModel
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.serve.lora import StackedLora
 
 logger = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
 PEFT_BASE = "__base__"  # peft's name for "no LoRA on this row" in mixed batches
-
-
-@dataclass(frozen=True)
-class Route:
-    """How one row is computed: which LoRA (None: none) and which ReFT adapter (None: none)."""
-
-    name: str
-    kind: str  # "base", "lora", "reft", "reft+lora"
-    lora: str | None = None
-    reft: str | None = None
-    positions: Positions | None = None
-    share_weights: bool = True
 
 
 @dataclass
@@ -75,8 +70,6 @@ class Stack:
 
     @property
     def lm_config(self) -> Any:
-        from alignkit.models.adapters import unwrap_lm
-
         return unwrap_lm(self.model).config
 
     def lora_routing(self, routes: list[Route]) -> tuple[Any, dict[str, Any]]:
@@ -115,9 +108,6 @@ class Stack:
 def _check_cache(lm: nn.Module, base: Path) -> None:
     """The engine merges and slices full-attention KV caches; sliding-window or linear-attention layers
     (whose caches drop or fold old tokens) are not supported yet."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     cache = DynamicCache(config=lm.config)
     odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
     if odd:
@@ -125,12 +115,10 @@ def _check_cache(lm: nn.Module, base: Path) -> None:
                          "non-full attention); alignkit serve handles full-attention caches only (not yet others)")
 
 
-def _adapter_config(folder: Path):
-    from alignkit.models.adapters import read_adapter_config
-
+def _adapter(folder: Path) -> Adapter:
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
-    return read_adapter_config(folder)
+    return adapter_in(folder)
 
 
 def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = None, *, base_name: str | None = None,
@@ -141,9 +129,6 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     `base_name` (default: the base folder's name) serves the bare base. Names must be unique, match
     `NAME_RE` and not collide with the base's name. `stacked_lora=False` routes LoRA rows with peft's
     `adapter_names` instead of the stacked per-row LoRA of `serve/lora.py`."""
-    from alignkit.interventions.attach import ReftModel
-    from alignkit.models.loading import load_model, load_tokenizer
-
     base = Path(base)
     if not base.is_dir():
         raise FileNotFoundError(f"base model folder {base} does not exist")
@@ -156,14 +141,16 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     if base_name in adapters:
         raise ValueError(f"adapter name {base_name!r} is the base model's served name; pick another name "
                          "(or set the base's name with --base-name)")
-    configs = {name: _adapter_config(Path(folder)) for name, folder in adapters.items()}
-    for name, cfg in configs.items():
-        if cfg.kind == "full":
-            raise ValueError(f"{adapters[name]}: holds a fully finetuned model, not an adapter; serve it as its own "
-                             "--base")
+    served: dict[str, Route] = {}
+    for name, folder in adapters.items():
+        adapter = _adapter(Path(folder))
+        try:
+            served[name] = adapter.route(name)
+        except ValueError as e:  # e.g. a fully finetuned model: not an adapter
+            raise ValueError(f"{folder}: {e}") from None
     tokenizer = load_tokenizer(base)
     lm = load_model(base, dtype=dtype, attn_implementation=attn_implementation)
-    if type(lm).__name__.endswith("ForSequenceClassification"):
+    if is_classifier(lm):
         raise ValueError(f"{base}: a sequence classifier; serve needs a causal LM")
     if device is not None:
         lm = lm.to(device)
@@ -171,7 +158,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     _check_cache(lm, base)
     routes: dict[str, Route] = {base_name: Route(base_name, "base")}
     model: nn.Module = lm
-    lora = [n for n, c in configs.items() if "lora" in c.kind]
+    lora = [n for n, r in served.items() if r.lora]
     if lora:
         from peft import PeftModel
 
@@ -188,18 +175,13 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
             logger.info("serve: LoRA adapter %r from %s", name, adapters[name])
     stacked = None
     if lora and stacked_lora:
-        from alignkit.serve.lora import StackedLora
-
         stacked = StackedLora.build(model, lora)
     reft = ReftModel(model)
-    for name, cfg in configs.items():
-        if "reft" in cfg.kind:
-            reft.load_adapter(str(adapters[name]), adapter_name=name)
-            logger.info("serve: ReFT adapter %r from %s (positions %s)", name, adapters[name], cfg.reft.positions)
-        routes[name] = Route(name, cfg.kind, lora=name if "lora" in cfg.kind else None,
-                             reft=name if "reft" in cfg.kind else None,
-                             positions=Positions.parse(cfg.reft.positions) if "reft" in cfg.kind else None,
-                             share_weights=cfg.reft.share_weights if "reft" in cfg.kind else True)
+    for name, r in served.items():
+        if r.reft:
+            reft.load_adapter(str(adapters[name]), adapter_name=r.reft)
+            logger.info("serve: ReFT adapter %r from %s (positions %s)", name, adapters[name], r.positions)
+        routes[name] = r
     for p in reft.parameters():
         p.requires_grad_(False)
     reft.eval()

@@ -80,11 +80,9 @@ def _check_names(cfg: Any) -> None:
         for i, name in enumerate(names):
             check(name, registry, "method.loss_type" + ("" if isinstance(method.loss_type, str) else f"[{i}]"))
     adapter = getattr(cfg, "adapter", None)
-    if adapter is not None and "reft" in adapter.kind:
-        from alignkit.interventions.config import ReftConfig
-
+    if adapter is not None:
         try:
-            ReftConfig.from_dict(adapter.reft.config, where="adapter.reft.config")
+            adapter.check()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(str(e).strip("'\"")) from None
 

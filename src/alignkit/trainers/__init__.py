@@ -1,6 +1,6 @@
 """Trainers: one `transformers.Trainer` base (`AlignTrainer`) and one small subclass per objective.
 
-Every trainer works with every adapter kind (`alignkit.models.adapters`: full, lora, reft, reft+lora).
+Every trainer works with every adapter kind (`alignkit.adapters`: full, lora, reft, reft+lora).
 """
 
 from alignkit.trainers.base import AlignTrainer, turn_off_dropout

@@ -27,7 +27,7 @@ logs also carry TRL's `num_tokens`: the cumulative count of input (non-padding) 
 processes. Checkpoints keep it (`alignkit_state.json`), so a resumed run continues the count (TRL's SFT / DPO
 trainers start again from 0).
 
-Saving. Only the trainable state (`alignkit.models.adapters.save_adapter`): peft files for LoRA,
+Saving. Only the trainable state (`alignkit.adapters.save_adapter`): peft files for LoRA,
 ReFT safetensors + json for ReFT, the full model (safetensors) for full finetuning, plus the
 tokenizer and `training_args.json`. Never a pickle of the arguments.
 
@@ -74,7 +74,8 @@ from transformers import Trainer, TrainingArguments
 from alignkit.compat import attn_implementation, check_trainer
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
-from alignkit.models.adapters import enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model
+from alignkit.adapters import (enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model,
+                               unwrap_lm)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,6 @@ def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
     row for flash-attention (varlen kernels), rows of the batch's longest sequence otherwise (sdpa / eager
     attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
     from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
-    from alignkit.models.adapters import unwrap_lm
 
     impl = attn_implementation(unwrap_lm(model).config)
     row_length = None if "flash" in impl else "longest"

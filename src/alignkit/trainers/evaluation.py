@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from alignkit.losses import kendall_tau
-from alignkit.models.adapters import can_switch_off, reference_off
+from alignkit.adapters import can_switch_off, reference_off
 from alignkit.trainers.logps import prompt_locations
 from alignkit.trainers.reward import sequence_rewards
 

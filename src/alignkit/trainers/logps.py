@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from alignkit.compat import attn_implementation, check_logits_skipped
 from alignkit.interventions.positions import prompt_spans, prompt_spans_from_mask
 from alignkit.losses import chunked_lm_logprobs
-from alignkit.models.adapters import unwrap_lm, unwrap_parallel
+from alignkit.adapters import unwrap_lm, unwrap_parallel
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
@@ -89,7 +89,7 @@ def _packed_locations(loc: Tensor, batch: dict[str, Any]) -> Tensor:
 
 def _spec_error() -> ValueError:
     return ValueError("this ReFT model has no position spec and the batch no `intervention_locations`: build it with "
-                      "alignkit.models.adapters.apply_adapter (AdapterConfig.reft.positions, e.g. 'f1+l1') or set "
+                      "alignkit.adapters.apply_adapter (AdapterConfig.reft.positions, e.g. 'f1+l1') or set "
                       "ReftConfig.positions")
 
 

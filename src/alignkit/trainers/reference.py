@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from alignkit.models.adapters import adapter_kind, can_switch_off, reference_off, unwrap_lm
+from alignkit.adapters import adapter_kind, can_switch_off, reference_off, unwrap_lm
 from alignkit.trainers.logps import completion_logps
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
-from alignkit.models.adapters import is_classifier
+from alignkit.adapters import is_classifier
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.logps import prompt_locations
 

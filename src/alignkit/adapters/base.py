@@ -1,0 +1,228 @@
+"""The adapter protocol, its registry, and what a wrapped model is.
+
+An `Adapter` is how a model is changed, as an object: one per kind (`full.py`, `lora.py`, `reft.py`,
+`reft_lora.py`, registered by `@register_adapter`). Callers ask it instead of testing a kind string:
+
+| method / attribute          | what it does                                                                |
+|-----------------------------|-----------------------------------------------------------------------------|
+| `wrap(model)`               | the model to train (peft / ReFT wrappers, `requires_grad` set)              |
+| `off(model)`                | context: the model computes as its base (a reference without a copy)        |
+| `route(name)`               | serving: which LoRA / ReFT adapter and positions a row named `name` uses    |
+| `save(model, folder)`       | the trainable state only (the whole model for full finetuning)              |
+| `load(model, folder)`       | wrap a base model with a saved folder; `load_weights`: in place (resume)    |
+| `describe(model)`           | the model card's adapter table; `info` its Hub library name and tags        |
+| `can_switch_off`            | `off` works (every kind but full finetuning)                                |
+| `saves_whole_model`         | the trainable state is the whole model (its checkpoints are the Trainer's)  |
+| `weight_files`              | (file, what) a saved folder must hold                                       |
+
+`adapter_of(model)` finds the adapter of a wrapped model (from its wrappers, with the `AdapterConfig` that
+`apply_adapter` / `load_adapter` recorded on it); `adapter_for(config)` the one a config asks for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+from alignkit.adapters.config import ADAPTER_CONFIG_NAME, AdapterConfig, KindInfo, KINDS, read_adapter_config
+from alignkit.interventions.attach import ReftModel
+from alignkit.interventions.config import Positions
+from alignkit.interventions.locate import hf_model, is_peft_model
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------
+# What a wrapped model is
+# ----------------------------------------------------------------------------------------------------
+
+_PARALLEL_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine")
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model under DDP / DataParallel / FSDP (v1) / DeepSpeed wrappers (what `accelerate` puts around
+    it in `Trainer`); the ReFT and peft wrappers stay."""
+    while type(model).__name__ in _PARALLEL_WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def is_reft(model: nn.Module) -> bool:
+    return isinstance(unwrap_parallel(model), ReftModel)
+
+
+def unwrap_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under the ReFT and peft wrappers (and DDP's `.module`)."""
+    model = unwrap_parallel(model)
+    return hf_model(model.model if is_reft(model) else model)
+
+
+def is_classifier(model: nn.Module) -> bool:
+    return type(unwrap_lm(model)).__name__.endswith("ForSequenceClassification")
+
+
+def head_names(model: nn.Module, names: list[str] | None) -> list[str]:
+    """The modules trained with a frozen-base adapter: `names`, or a sequence classifier's head."""
+    if names is not None:
+        return names
+    if not is_classifier(model):
+        return []
+    lm = unwrap_lm(model)
+    return [n for n in ("score", "classifier") if isinstance(getattr(lm, n, None), nn.Module)][:1]
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> detached tensor of every parameter that requires grad (what an optimizer updates)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The protocol
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """How one served row is computed: which LoRA (None: none) and which ReFT adapter (None: none), and the
+    ReFT's prompt positions."""
+
+    name: str
+    kind: str  # an adapter kind, or "base"
+    lora: str | None = None
+    reft: str | None = None
+    positions: Positions | None = None
+    share_weights: bool = True
+
+
+class Adapter:
+    """One kind of adapter (see the module docstring). `config` is None for a model that `apply_adapter` /
+    `load_adapter` did not build (e.g. a bare `get_reft_model`); `own_config` then describes it for saving."""
+
+    kind: ClassVar[str] = ""
+    can_switch_off: ClassVar[bool] = True
+    saves_whole_model: ClassVar[bool] = False
+    weight_files: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, config: AdapterConfig | None = None) -> None:
+        self.config = config
+
+    @property
+    def info(self) -> KindInfo:
+        return KINDS[self.kind]
+
+    # -- which models are wrapped this way: exactly one registered kind answers True for any model
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def off(self, model: nn.Module) -> ContextManager[nn.Module]:
+        raise NotImplementedError
+
+    def route(self, name: str) -> Route:
+        raise NotImplementedError
+
+    def save_weights(self, model: nn.Module, folder: Path, config: AdapterConfig,
+                     state_dict: dict[str, torch.Tensor] | None) -> None:
+        raise NotImplementedError
+
+    def load(self, model: nn.Module, folder: Path, trainable: bool) -> nn.Module:
+        raise NotImplementedError
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        raise NotImplementedError
+
+    def own_config(self, model: nn.Module) -> AdapterConfig:
+        """The config of a model built without `apply_adapter` (enough for kinds that need no settings)."""
+        return AdapterConfig(kind=self.kind)
+
+    def describe(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The model card's adapter table: the kind, its settings, and parameter counts of `model`."""
+        out: dict[str, Any] = {"kind": self.kind}
+        out.update(self.settings_summary())
+        if model is not None:
+            out["trainable parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            out["total parameters"] = sum(p.numel() for p in model.parameters())
+        return out
+
+    def settings_summary(self) -> dict[str, Any]:
+        return {}
+
+    def how_to_load(self, folder: str, base: str, classifier: bool) -> str:
+        """Python that loads a saved folder of this kind back (for the model card)."""
+        task = ', task="classifier", num_labels=1' if classifier else ""
+        return (f"from alignkit.adapters import load_adapter\nfrom alignkit.models.loading import load_model, "
+                f"load_tokenizer\nmodel = load_adapter(load_model(\"{base}\"{task}), \"{folder}\")\n"
+                f"tokenizer = load_tokenizer(\"{folder}\")")
+
+    # -- shared by every kind
+    def save(self, model: nn.Module, folder: str | Path, tokenizer: Any = None,
+             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.config if self.config is not None else self.own_config(model)
+        self.save_weights(model, folder, config, state_dict)
+        (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        logger.info("saved %s adapter to %s", self.kind, folder)
+        return folder
+
+    def record(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
+        """Remember on `model` the config it was built from (what `adapter_of` and `save` read back)."""
+        model.alignkit_adapter_config = config
+        self.config = config
+        return model
+
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    if cls.kind not in KINDS:
+        raise ValueError(f"adapter kind {cls.kind!r}: add its row to alignkit.adapters.config.KINDS")
+    if cls.kind in ADAPTERS:
+        raise ValueError(f"adapter kind {cls.kind!r} is registered twice ({ADAPTERS[cls.kind].__module__} and "
+                         f"{cls.__module__})")
+    ADAPTERS[cls.kind] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Adapter]]:
+    """`ADAPTERS`, with every kind of this package registered (`api` imports the kind modules)."""
+    if len(ADAPTERS) < len(KINDS):
+        importlib.import_module("alignkit.adapters.api")
+    return ADAPTERS
+
+
+def adapter_for(config: AdapterConfig) -> Adapter:
+    """The adapter that `config` asks for (not yet applied to any model)."""
+    return registry()[config.kind](config)
+
+
+def adapter_of(model: nn.Module) -> Adapter:
+    """The adapter around `model` (under any DDP / FSDP wrapper), found from its wrappers; with the config
+    `apply_adapter` / `load_adapter` recorded on it when that config is of the same kind."""
+    model = unwrap_parallel(model)
+    found = [cls for cls in registry().values() if cls.wraps(model)]
+    if len(found) != 1:
+        raise TypeError(f"{type(model).__name__}: {len(found)} adapter kinds claim this model "
+                        f"({[c.kind for c in found]}); each model must be wrapped by exactly one")
+    cfg = getattr(model, "alignkit_adapter_config", None)
+    return found[0](cfg if cfg is not None and cfg.kind == found[0].kind else None)
+
+
+def adapter_in(folder: str | Path) -> Adapter:
+    """The adapter a saved folder holds (from its `alignkit_adapter.json`)."""
+    return adapter_for(read_adapter_config(folder))
+
+
+__all__ = ["ADAPTERS", "Adapter", "Route", "adapter_for", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -1,0 +1,122 @@
+"""What an adapter is, as data: the `adapter:` config section and the table of kinds. No torch here
+(settings and the CLI read it before anything heavy is imported).
+
+    AdapterConfig(kind="reft+lora", lora=LoraSettings(r=8),
+                  reft=ReftSettings(config={"representations": [...]}, positions="f1+l1"))
+
+`KINDS` is the one table of kind names: what `alignkit list` prints, the model card's Hub metadata
+(library_name, tags) and the parts a kind is made of. The behaviour of each kind (wrap, switch off, route,
+save, load) is its `Adapter` class in `alignkit.adapters.<kind>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ADAPTER_CONFIG_NAME = "alignkit_adapter.json"
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    description: str  # one line for `alignkit list`
+    library_name: str  # the Hub model card's library_name for a folder of this kind
+    parts: tuple[str, ...] = ()  # the settings sections it uses ("lora", "reft"); also its model-card tags
+
+
+KINDS: dict[str, KindInfo] = {
+    "full": KindInfo("full finetuning", "transformers"),
+    "lora": KindInfo("LoRA / DoRA via peft", "peft", ("lora",)),
+    "reft": KindInfo("ReFT interventions", "alignkit", ("reft",)),
+    "reft+lora": KindInfo("ReFT interventions and LoRA together", "alignkit", ("reft", "lora")),
+}
+
+
+@dataclass
+class LoraSettings:
+    """peft `LoraConfig` arguments (DoRA with `use_dora`)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None  # None: peft's default (the classifier head for SEQ_CLS)
+
+
+@dataclass
+class ReftSettings:
+    """A ReFT adapter: `config` is a `ReftConfig` dict; `positions` the prompt positions ("f1+l1")."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    positions: str = "f1+l1"
+    share_weights: bool = True
+    modules_to_save: list[str] | None = None  # None: the head of a sequence classifier ("score")
+
+
+@dataclass
+class AdapterConfig:
+    kind: Literal["full", "lora", "reft", "reft+lora"] = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    reft: ReftSettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"adapter kind {self.kind!r} is unknown; valid: {list(KINDS)}")
+        if isinstance(self.lora, dict):
+            self.lora = from_dict(LoraSettings, self.lora, "adapter.lora")
+        if isinstance(self.reft, dict):
+            self.reft = from_dict(ReftSettings, self.reft, "adapter.reft")
+        if "reft" in self.parts and (self.reft is None or not self.reft.config):
+            raise ValueError(f"adapter kind {self.kind!r} needs adapter.reft.config (a ReftConfig mapping with "
+                             "'representations'), e.g. {'representations': [{'layer': 1, 'low_rank_dimension': 4}]}")
+
+    @property
+    def info(self) -> KindInfo:
+        return KINDS[self.kind]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return KINDS[self.kind].parts
+
+    def check(self) -> None:
+        """Check what can be checked without a model: a ReFT part's `ReftConfig` (ValueError naming the key)."""
+        if "reft" in self.parts:
+            from alignkit.interventions.config import ReftConfig  # the interventions package imports torch
+
+            ReftConfig.from_dict(self.reft.config, where="adapter.reft.config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        return from_dict(cls, data, "adapter")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(valid))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
+    return cls(**data)
+
+
+def read_adapter_config(folder: str | Path) -> AdapterConfig:
+    path = Path(folder) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; an alignkit adapter folder is written by save_adapter "
+                                "(or a Trainer's save_model)")
+    try:
+        return AdapterConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); save the adapter again") from e
+
+
+__all__ = ["ADAPTER_CONFIG_NAME", "AdapterConfig", "KINDS", "KindInfo", "LoraSettings", "ReftSettings", "from_dict",
+           "read_adapter_config"]

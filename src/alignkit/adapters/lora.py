@@ -1,0 +1,83 @@
+"""LoRA / DoRA through peft: the transformers model wrapped in a `PeftModel` (base frozen; for a sequence
+classifier peft also trains the head, `modules_to_save`).
+
+A saved folder holds peft's `adapter_config.json` + `adapter_model.safetensors` (its base path made
+absolute). peft is imported when a LoRA is built or loaded (it costs seconds to import), not before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from alignkit.adapters.base import Adapter, Route, is_classifier, is_reft, register_adapter
+from alignkit.adapters.config import AdapterConfig
+from alignkit.compat import check_peft_load
+from alignkit.interventions.locate import is_peft_model
+
+WEIGHTS_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
+
+
+def absolute_base_path(peft_config: Path) -> None:
+    """peft writes `base_model_name_or_path` as the model was loaded; a relative local folder ("runs/x/base")
+    only resolves from the directory training ran in, so it is made absolute (hub ids are kept)."""
+    if not peft_config.is_file():
+        return
+    data = json.loads(peft_config.read_text())
+    base = data.get("base_model_name_or_path")
+    if isinstance(base, str) and base and not Path(base).is_absolute() and Path(base).exists():
+        data["base_model_name_or_path"] = str(Path(base).resolve())
+        peft_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@register_adapter
+class Lora(Adapter):
+    """LoRA on the model it is given (in the ReFT+LoRA stack: the model inside the `ReftModel`)."""
+
+    kind = "lora"
+    weight_files = ((WEIGHTS_NAME, "the LoRA weights"),)
+
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        return not is_reft(model) and is_peft_model(model)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        s = self.config.lora
+        task = "SEQ_CLS" if is_classifier(model) else "CAUSAL_LM"
+        cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
+                         use_dora=s.use_dora, modules_to_save=s.modules_to_save, task_type=task)
+        return get_peft_model(model, cfg)
+
+    def off(self, model: nn.Module) -> ContextManager[Any]:
+        return model.disable_adapter()
+
+    def route(self, name: str) -> Route:
+        return Route(name, self.kind, lora=name)
+
+    def save_weights(self, model: nn.Module, folder: Path, config: AdapterConfig,
+                     state_dict: dict[str, torch.Tensor] | None) -> None:
+        model.save_pretrained(folder)
+        absolute_base_path(folder / "adapter_config.json")
+
+    def load(self, model: nn.Module, folder: Path, trainable: bool) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        path = folder / WEIGHTS_NAME
+        check_peft_load(set_peft_model_state_dict(model, load_file(str(path))), str(path))
+
+    def settings_summary(self) -> dict[str, Any]:
+        lora = self.config.lora if self.config is not None else None
+        return {f"lora.{k}": v for k, v in dataclasses.asdict(lora).items() if v is not None} if lora else {}

@@ -1,0 +1,126 @@
+"""ReFT: interventions on hidden states (`alignkit.interventions`), the model wrapped in a `ReftModel` (base
+frozen; a sequence classifier's head stays trainable and is saved next to the interventions).
+
+The position spec ("f1+l1", share_weights) is part of the `ReftConfig` and saved with the weights
+(`reft_config.json` + `interventions.safetensors`), so a loaded ReFT called with plain `generate(**inputs)`
+intervenes where training did. A classifier head is saved in `modules_to_save.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from alignkit.adapters.base import Adapter, Route, head_names, is_reft, register_adapter, unwrap_lm, unwrap_parallel
+from alignkit.adapters.config import AdapterConfig, ReftSettings
+from alignkit.interventions.attach import get_reft_model
+from alignkit.interventions.config import Positions, ReftConfig
+from alignkit.interventions.io import load_reft, read_reft_weights
+from alignkit.interventions.locate import is_peft_model
+
+HEAD_WEIGHTS_NAME = "modules_to_save.safetensors"
+
+
+@register_adapter
+class Reft(Adapter):
+    """ReFT on the model it is given (in the ReFT+LoRA stack: around the `PeftModel`, whose LoRA then trains
+    the classifier head, so `trains_head` is off there)."""
+
+    kind = "reft"
+    weight_files = (("interventions.safetensors", "the ReFT weights"),)
+    trains_head = True
+
+    @classmethod
+    def wraps(cls, model: nn.Module) -> bool:
+        return is_reft(model) and not is_peft_model(unwrap_parallel(model).model)
+
+    def _heads(self) -> list[str]:
+        return (self.config.reft.modules_to_save or []) if self.trains_head else []
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        s = self.config.reft
+        spec = str(Positions.parse(s.positions))  # fail early on a bad spec
+        rc = ReftConfig.from_dict(s.config, where="adapter.reft.config")
+        if rc.positions is not None and (rc.positions, rc.share_weights) != (spec, s.share_weights):
+            raise ValueError(f"adapter.reft.config.positions ({rc.positions!r}, share_weights={rc.share_weights}) "
+                             f"and adapter.reft.positions ({s.positions!r}, share_weights={s.share_weights}) "
+                             "disagree; set adapter.reft.positions only")
+        heads = head_names(model, s.modules_to_save) if self.trains_head else []
+        out = get_reft_model(model, dataclasses.replace(rc, positions=s.positions, share_weights=s.share_weights))
+        lm = unwrap_lm(out)
+        for name in heads:
+            for p in lm.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        if heads:
+            self.config = dataclasses.replace(self.config, reft=dataclasses.replace(s, modules_to_save=heads))
+        return out
+
+    def off(self, model: nn.Module) -> ContextManager[Any]:
+        return unwrap_parallel(model).disable_adapters()
+
+    def route(self, name: str) -> Route:
+        s = self.config.reft
+        return Route(name, self.kind, reft=name, positions=Positions.parse(s.positions), share_weights=s.share_weights)
+
+    def save_weights(self, model: nn.Module, folder: Path, config: AdapterConfig,
+                     state_dict: dict[str, torch.Tensor] | None) -> None:
+        unwrap_parallel(model).save_pretrained(str(folder))
+        heads = (config.reft.modules_to_save or []) if self.trains_head else []
+        if heads:
+            lm = unwrap_lm(model)
+            tensors = {f"{h}.{k}": v.detach().cpu().contiguous() for h in heads
+                       for k, v in lm.get_submodule(h).state_dict().items()}
+            save_file(tensors, str(folder / HEAD_WEIGHTS_NAME), metadata={"format": "alignkit-heads"})
+
+    def _load_heads(self, model: nn.Module, folder: Path, trainable: bool) -> None:
+        heads = self._heads()
+        if not heads:
+            return
+        path = folder / HEAD_WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; the adapter config lists trained modules {heads}")
+        tensors = load_file(str(path))
+        lm = unwrap_lm(model)
+        for h in heads:
+            sub = {k[len(h) + 1:]: v for k, v in tensors.items() if k.startswith(h + ".")}
+            lm.get_submodule(h).load_state_dict(sub, strict=True)
+            for p in lm.get_submodule(h).parameters():
+                p.requires_grad_(trainable)
+
+    def load(self, model: nn.Module, folder: Path, trainable: bool) -> nn.Module:
+        s = self.config.reft
+        out = load_reft(model, folder)
+        if out.adapter_configs["default"].positions is None:  # folders saved before positions lived in reft_config.json
+            out.set_positions("default", s.positions, s.share_weights)
+        for p in out.interventions.parameters():
+            p.requires_grad_(trainable)
+        self._load_heads(out, folder, trainable)
+        return out
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        read_reft_weights(unwrap_parallel(model), folder)
+        self._load_heads(model, folder, True)
+
+    def own_config(self, model: nn.Module) -> AdapterConfig:
+        """A ReFT built by `get_reft_model` (e.g. through the pyreft-style `ReftTrainer`) describes itself from
+        its one adapter's `ReftConfig`, which must carry its position spec."""
+        reft = unwrap_parallel(model)
+        names = list(reft.adapter_names)
+        rc = reft.adapter_configs[names[0]] if len(names) == 1 else None
+        if rc is None or rc.positions is None:
+            why = (f"it holds {len(names)} ReFT adapters {names} (save each with ReftModel.save_pretrained)"
+                   if len(names) != 1 else "its ReftConfig has no position spec")
+            raise ValueError(f"save_adapter: cannot describe this {self.kind} model ({why}); build it with "
+                             "alignkit.adapters.apply_adapter, or give the ReftConfig positions= (e.g. 'f1+l1')")
+        reft_settings = ReftSettings(config={"representations": rc.to_dict()["representations"]},
+                                     positions=rc.positions, share_weights=rc.share_weights)
+        return AdapterConfig(kind=self.kind, reft=reft_settings)
+
+    def settings_summary(self) -> dict[str, Any]:
+        s = self.config.reft if self.config is not None else None
+        return {"reft.positions": s.positions, "reft.representations": s.config.get("representations")} if s else {}
