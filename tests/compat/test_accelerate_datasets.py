@@ -33,12 +33,12 @@ def test_unwrap_model_returns_our_wrapper(tiny_lm):
     from accelerate.utils import extract_model_from_parallel
 
     check(unwrap_parallel(dp) is reft and extract_model_from_parallel(dp) is reft, ACC, "DataParallel unwrapping "
-          "disagrees with accelerate's", "alignkit/models/adapters.py:unwrap_parallel")
+          "disagrees with accelerate's", "alignkit/adapters/base.py:unwrap_parallel")
 
 
 def test_parallel_wrapper_class_names():
     """`unwrap_parallel` strips wrappers by class name (no import of deepspeed needed)."""
-    where = "alignkit/models/adapters.py:_PARALLEL_WRAPPERS"
+    where = "alignkit/adapters/base.py:_PARALLEL_WRAPPERS"
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 

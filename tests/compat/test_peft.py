@@ -32,7 +32,7 @@ def perturb(model, seed=1):
 
 
 def test_peft_model_is_recognised_and_unwrapped(tiny_lm):
-    where = "alignkit/models/adapters.py:_is_peft/unwrap_lm, interventions/locate.py:is_peft_model/hf_model"
+    where = "alignkit/adapters/base.py:unwrap_lm, interventions/locate.py:is_peft_model/hf_model"
     base = tiny_lm("llama")
     m = lora(base)
     check(hasattr(m, "peft_config") and callable(getattr(m, "get_base_model", None)), PEFT,
@@ -44,7 +44,7 @@ def test_peft_model_is_recognised_and_unwrapped(tiny_lm):
 def test_all_linear_leaves_the_head_and_seq_cls_trains_the_score(tiny_lm, tiny_classifier):
     """'all-linear' must not wrap lm_head (alignkit applies the head's weight itself); a SEQ_CLS LoRA keeps the
     classifier head trainable through modules_to_save."""
-    where = "alignkit/models/adapters.py:_apply_lora, trainers/logps.py:_head"
+    where = "alignkit/adapters/lora.py:Lora.wrap, trainers/logps.py:_head"
     m = lora(tiny_lm("llama"))
     lm = unwrap_lm(m)
     check(not hasattr(lm.get_output_embeddings(), "base_layer"), PEFT, "target_modules='all-linear' now wraps "
@@ -58,7 +58,7 @@ def test_all_linear_leaves_the_head_and_seq_cls_trains_the_score(tiny_lm, tiny_c
 
 
 def test_disable_adapter_gives_the_base_model(tiny_lm):
-    where = "alignkit/models/adapters.py:reference_off"
+    where = "alignkit/adapters/lora.py:Lora.off"
     base = tiny_lm("llama")
     with torch.no_grad():
         want = base(input_ids=IDS).logits
@@ -76,7 +76,7 @@ def test_disable_adapter_gives_the_base_model(tiny_lm):
 def test_adapter_files_and_state_dict_round_trip(tiny_dir, tmp_path):
     """save_pretrained writes adapter_config.json + adapter_model.safetensors; set_peft_model_state_dict puts
     them back in place (resume) with no key left over; PeftModel.from_pretrained loads the same model."""
-    where = "alignkit/models/adapters.py:save_adapter/load_adapter_weights/load_adapter"
+    where = "alignkit/adapters/lora.py:Lora.save_weights/load_weights/load"
     m = lora(load_model(tiny_dir("llama")))
     perturb(m)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_adapter_files_and_state_dict_round_trip(tiny_dir, tmp_path):
 
     peft_cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     check("base_model_name_or_path" in peft_cfg, PEFT, "adapter_config.json no longer records "
-          "base_model_name_or_path (alignkit makes it absolute)", "alignkit/models/adapters.py:absolute_base_path",
+          "base_model_name_or_path (alignkit makes it absolute)", "alignkit/adapters/lora.py:absolute_base_path",
           str(sorted(peft_cfg)))
     perturb(m, seed=2)
     with guard(PEFT, "set_peft_model_state_dict(model, state) failed on peft's own saved file", where):

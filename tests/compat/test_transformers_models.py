@@ -148,7 +148,7 @@ def test_activation_checkpointing_replays_reach_intervention_hooks(tiny_dir):
     """alignkit enables checkpointing with `activation_checkpointing_enable(activation_checkpointing_kwargs=,
     every_n_layers=)`, tells replays apart by the layer's `gradient_checkpointing` flag, and re-applies the
     intervention when a checkpointed layer is replayed in backward: gradients must equal the plain run's."""
-    where = "alignkit/interventions/attach.py:activation_checkpointing_enable/_register_state_hooks, models/adapters.py"
+    where = "alignkit/interventions/attach.py:activation_checkpointing_enable/_register_state_hooks, adapters/api.py"
     from transformers import PreTrainedModel
 
     check(params(PreTrainedModel.activation_checkpointing_enable)[:3] == ["activation_checkpointing_kwargs",

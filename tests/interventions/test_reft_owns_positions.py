@@ -17,6 +17,7 @@ from alignkit.interventions.positions import locations_from_mask, locations_from
 from alignkit.models.adapters import load_adapter
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.online.generation import SamplingConfig, encode_prompt, generate_responses
+from tests.adapters.table import REFT_KINDS
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PROMPTS = ["Human: How do I bake bread?\n\nAssistant:", "Human: Name a colour.\n\nAssistant:",
@@ -79,18 +80,22 @@ def test_spec_checks_and_adapters_without_a_spec(tiny_lm):
     assert locations_from_spans("f1+l1", torch.tensor([0]), torch.tensor([3]), 2, False).tolist() == [[[0], [2]]]
 
 
-@pytest.mark.parametrize("kind", ["reft", "reft+lora"])
-def test_cli_trained_reft_reloaded_plain_generate_equals_training_path(kind, tiny_dir, tmp_path):
+@pytest.mark.parametrize("kind", REFT_KINDS)
+@pytest.mark.parametrize("command,positions", [("sft", "f1+l1"), ("dpo", "f2+l1")])
+def test_cli_trained_reft_reloaded_plain_generate_equals_training_path(command, positions, kind, tiny_dir, tmp_path):
+    """Issue 11: a ReFT (and ReFT+LoRA) trained by `alignkit sft` / `alignkit dpo`, reloaded and called with plain
+    `generate(**inputs)`, gives the tokens of the training-time generation path (explicit positions)."""
     base = tiny_dir("llama")
     out = tmp_path / "run"
-    rc = main(["-q", "sft", "--config", str(CONFIGS / "sft-reft-tiny.yaml"), f"output_dir={out}", f"model.path={base}",
-               f"adapter.kind={kind}", "train.max_steps=3", "train.logging_steps=1"])
+    rc = main(["-q", command, "--config", str(CONFIGS / f"{command}-reft-tiny.yaml"), f"output_dir={out}",
+               f"model.path={base}", f"adapter.kind={kind}", f"adapter.reft.positions={positions}",
+               "train.max_steps=3", "train.logging_steps=1", "train.eval_strategy=no"])
     assert rc == 0
     tok = load_tokenizer(base)
     model = load_adapter(load_model(base).eval(), out / "model")
-    assert model.adapter_configs["default"].positions == "f1+l1"
+    assert model.adapter_configs["default"].positions == positions
     cfg = SamplingConfig(max_new_tokens=6, do_sample=False)
-    trained_path = generate_responses(model, tok, PROMPTS, cfg, positions="f1+l1", batch_size=4)  # explicit, as training
+    trained_path = generate_responses(model, tok, PROMPTS, cfg, positions=positions, batch_size=4)  # explicit
     defaults = generate_responses(model, tok, PROMPTS, cfg, batch_size=4)  # the model's own spec
     assert [s.response_ids for s in defaults] == [s.response_ids for s in trained_path]
     for prompt, sample in zip(PROMPTS, trained_path):

@@ -19,14 +19,14 @@ import string
 
 import torch
 
-from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, reft_settings
+from alignkit.adapters import apply_adapter, reft_settings
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig, generate_responses
+from tests.adapters.table import KINDS, ROWS  # noqa: F401 (KINDS: the kinds the learning tests run)
 
 HEAD_SCALE = 8.0
 PROMPTS = ["Hello!", "The quick brown fox", "What is 2 + 2?", "Please answer"]
 MAX_NEW_TOKENS = 3
-KINDS = ("full", "lora", "reft", "reft+lora")
 
 
 def digit_fraction(prompt, response: str) -> float:
@@ -40,10 +40,7 @@ def toy_policy(folder, kind: str, seed: int = 0):
     with torch.no_grad():
         model.lm_head.weight.mul_(HEAD_SCALE)
     torch.manual_seed(seed)
-    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 16},
-                                                     {"layer": 1, "low_rank_dimension": 16}]}, positions="f1+l1")
-    return apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0),
-                                              reft=reft if "reft" in kind else None))
+    return apply_adapter(model, ROWS[kind].config(lora_r=4, lora_alpha=8.0, reft_rank=16))
 
 
 def mean_reward(model, tokenizer, num_samples: int = 32, seed: int = 1234) -> float:

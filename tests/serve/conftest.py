@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from alignkit.interventions import ReftConfig
-from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, save_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, save_adapter
+from tests.adapters.table import ROWS
 from alignkit.models.loading import load_model
 from alignkit.models.tiny import save_tiny
 
@@ -23,13 +24,13 @@ def make_adapter(base, folder, kind: str, seed: int, positions: str = "f1+l2") -
     torch.manual_seed(seed)
     model = load_model(base)
     reft = ReftSettings(config=ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2).to_dict(),
-                        positions=positions) if "reft" in kind else None
+                        positions=positions) if ROWS[kind].reft else None
     wrapped = apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4), reft=reft))
     with torch.no_grad():
         for n, p in wrapped.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
-            elif "interventions" in n and p.dim() == 2 and "reft" in kind:
+            elif "interventions" in n and p.dim() == 2 and ROWS[kind].reft:
                 p.add_(torch.randn_like(p) * 0.3)
     save_adapter(wrapped, folder)
 

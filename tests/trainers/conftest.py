@@ -10,12 +10,13 @@ from transformers import TrainingArguments
 
 from alignkit.data import (PreferenceCollator, PreferenceRecord, RankedCollator, RankedRecord, SFTCollator, SFTRecord,
                            UnpairedRecord, tokenize_records)
-from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, apply_adapter
 from alignkit.models.loading import load_model
+from tests.adapters.table import KINDS, ROWS
 
 logging.getLogger("alignkit").setLevel(logging.WARNING)
 
-ADAPTER_KINDS = ("full", "lora", "reft", "reft+lora")
+ADAPTER_KINDS = KINDS  # the shared ADAPTERS table (tests/adapters/table.py)
 
 PROMPTS = ["Question: what is the capital of France?", "Hello! How can I help you", "def add(a, b):",
            "The quick brown fox", "Please answer politely", "0 1 2 3 4", "user assistant", "Thank you very"]
@@ -26,10 +27,8 @@ BAD = [" Answer: 12.", " no", " pass", " sleeps.", " rudely and at length, with 
 
 
 def adapter_config(kind: str, positions: str = "f1+l1") -> AdapterConfig:
-    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2},
-                                                     {"layer": 1, "low_rank_dimension": 2}]},
-                        positions=positions)
-    return AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0), reft=reft if "reft" in kind else None)
+    """The table's small config: LoRA r=2 (alpha 4), ReFT rank 2 on layers 0 and 1."""
+    return ROWS[kind].config(positions=positions)
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from alignkit.models.adapters import (adapter_kind, load_adapter, load_adapter_w
 from alignkit.models.loading import load_model
 from alignkit.trainers import SFTTrainer, completion_logps
 
-from .conftest import adapter_config, fast_args
+from tests.adapters.table import SWITCHABLE as ADAPTERS  # every kind with an adapter to switch off
 
-ADAPTERS = ["lora", "reft", "reft+lora"]
+from .conftest import adapter_config, fast_args
 
 
 def _perturb(model, scale=0.1):

@@ -1,0 +1,53 @@
+"""ADAPTERS: the one test table of adapter kinds, shared by every test file (as PEFT's testing_common.py).
+
+Each row says what the generic tests (`tests/adapters/test_protocol.py`) expect of a kind; other test files
+take their kind lists and configs from here. Adding an adapter kind: its file in `src/alignkit/adapters/`,
+its row in `alignkit.adapters.config.KINDS`, and one row below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignkit.adapters.config import AdapterConfig, LoraSettings, ReftSettings
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    kind: str
+    lora: bool  # has a LoRA part (served rows route through a LoRA)
+    reft: bool  # has a ReFT part (needs adapter.reft; served rows carry ReFT positions)
+    whole_model: bool  # trains (and saves) the whole model: no switching off, not servable as an adapter
+    files: tuple[str, ...]  # what a saved folder holds besides alignkit_adapter.json
+
+    @property
+    def can_switch_off(self) -> bool:
+        return not self.whole_model
+
+    def config(self, positions: str = "f1+l1", lora_r: int = 2, lora_alpha: float = 4.0, reft_rank: int = 2,
+               layers: tuple[int, ...] = (0, 1)) -> AdapterConfig:
+        """A small config of this kind: LoRA rank `lora_r`, ReFT rank `reft_rank` on `layers` at `positions`."""
+        reps = [{"layer": layer, "low_rank_dimension": reft_rank} for layer in layers]
+        return AdapterConfig(kind=self.kind, lora=LoraSettings(r=lora_r, alpha=lora_alpha),
+                             reft=ReftSettings(config={"representations": reps}, positions=positions) if self.reft else None)
+
+
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
+REFT_FILES = ("reft_config.json", "interventions.safetensors")
+
+ADAPTERS = (
+    AdapterRow("full", lora=False, reft=False, whole_model=True, files=("config.json", "model.safetensors")),
+    AdapterRow("lora", lora=True, reft=False, whole_model=False, files=LORA_FILES),
+    AdapterRow("reft", lora=False, reft=True, whole_model=False, files=REFT_FILES),
+    AdapterRow("reft+lora", lora=True, reft=True, whole_model=False, files=LORA_FILES + REFT_FILES),
+)
+
+ROWS = {row.kind: row for row in ADAPTERS}
+KINDS = tuple(ROWS)  # every kind
+SWITCHABLE = tuple(row.kind for row in ADAPTERS if row.can_switch_off)  # kinds whose reference is "adapter off"
+REFT_KINDS = tuple(row.kind for row in ADAPTERS if row.reft)
+
+
+def adapter_config(kind: str, **kw) -> AdapterConfig:
+    """`ROWS[kind].config(**kw)`."""
+    return ROWS[kind].config(**kw)

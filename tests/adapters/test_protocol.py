@@ -1,0 +1,108 @@
+"""Generic tests of the adapter protocol, one run per row of the ADAPTERS table (`table.py`): the registry
+holds exactly the table's kinds; `apply_adapter` trains only what the kind trains; switched off = the base
+model; save -> load (and the model card's loading snippet) reproduce the outputs; serving routes follow the
+kind's parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.adapters import (KINDS, adapter_for, adapter_in, adapter_of, apply_adapter, load_adapter, reference_off,
+                               registry, save_adapter)
+from alignkit.interventions.config import Positions
+from alignkit.models.loading import load_model, load_tokenizer
+
+from .table import ADAPTERS, REFT_KINDS, ROWS, SWITCHABLE
+
+IDS = [row.kind for row in ADAPTERS]
+INPUTS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+
+
+def _perturb(model, scale=0.2):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=INPUTS, attention_mask=torch.ones_like(INPUTS)).logits
+
+
+def test_registry_holds_exactly_the_table():
+    assert set(registry()) == set(KINDS) == set(ROWS)
+    assert set(SWITCHABLE) == {"lora", "reft", "reft+lora"} and set(REFT_KINDS) == {"reft", "reft+lora"}
+
+
+@pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
+def test_apply_trains_only_the_adapter(row, tiny_lm):
+    base_names = {n for n, _ in tiny_lm("llama").named_parameters()}
+    model = apply_adapter(tiny_lm("llama"), row.config())
+    adapter = adapter_of(model)
+    assert (adapter.kind, adapter.can_switch_off, adapter.saves_whole_model) == (row.kind, row.can_switch_off,
+                                                                                  row.whole_model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if row.whole_model:
+        assert set(trainable) == base_names
+    else:  # only LoRA matrices and interventions; every base weight frozen
+        assert trainable and all("lora_" in n or n.startswith("interventions.") for n in trainable), trainable
+        assert any("lora_" in n for n in trainable) == row.lora
+        assert any(n.startswith("interventions.") for n in trainable) == row.reft
+    table = adapter.describe(model)
+    assert table["kind"] == row.kind
+    assert table["trainable parameters"] == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert ("lora.r" in table, "reft.positions" in table) == (row.lora, row.reft)
+
+
+@pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
+def test_switched_off_is_the_base_model(row, tiny_lm):
+    want = _logits(tiny_lm("llama"))
+    model = _perturb(apply_adapter(tiny_lm("llama"), row.config()))
+    assert (_logits(model) - want).abs().max() > 1e-3  # the adapter changes the outputs
+    if not row.can_switch_off:
+        with pytest.raises(ValueError, match="frozen copy"):
+            with reference_off(model):
+                pass
+        return
+    with reference_off(model):
+        torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+    assert (_logits(model) - want).abs().max() > 1e-3  # and it is back on after the block
+
+
+@pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
+def test_save_then_load_and_the_card_snippet_reproduce_outputs(row, tiny_lm, tiny_dir, tmp_path):
+    model = _perturb(apply_adapter(tiny_lm("llama"), row.config()))
+    want = _logits(model)
+    folder = save_adapter(model, tmp_path / "saved", tokenizer=load_tokenizer(tiny_dir("llama")))
+    assert set(row.files) <= {p.name for p in folder.iterdir()}
+    adapter = adapter_in(folder)
+    assert adapter.kind == row.kind
+    if row.whole_model:
+        with pytest.raises(ValueError, match="load_model"):
+            load_adapter(load_model(tiny_dir("llama")), folder)
+        loaded = load_model(folder).eval()
+    else:
+        loaded = load_adapter(load_model(tiny_dir("llama")).eval(), folder)
+        assert adapter_of(loaded).kind == row.kind
+        assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference
+    torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-6)
+    scope: dict = {}
+    exec(adapter.how_to_load(str(folder), str(tiny_dir("llama")), False), scope)  # the model card's snippet
+    torch.testing.assert_close(_logits(scope["model"].eval()), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
+def test_serving_route_follows_the_parts(row):
+    adapter = adapter_for(row.config(positions="f2+l1"))
+    if row.whole_model:
+        with pytest.raises(ValueError, match="own --base"):
+            adapter.route("x")
+        return
+    route = adapter.route("x")
+    assert (route.name, route.kind, route.lora, route.reft) == ("x", row.kind, "x" if row.lora else None,
+                                                                "x" if row.reft else None)
+    assert route.positions == (Positions.parse("f2+l1") if row.reft else None)
