@@ -154,8 +154,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
                   allow_code: bool = False) -> int:
     from transformers import set_seed
 
-    from alignkit.cli.train import adapter_summary, how_to_load
-    from alignkit.adapters import apply_adapter
+    from alignkit.adapters import adapter_of, apply_adapter
     from alignkit.runs import staged
 
     from alignkit.settings.online import check_code_allowed
@@ -189,7 +188,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     method = {k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}
     card = ModelCard(
         title=f"{command}: online alignment of {cfg.model.path}", base_model=base_desc,
-        adapter=adapter_summary(trainer.policy),
+        adapter=adapter_of(trainer.policy).describe(trainer.policy),
         objective={"objective": HELP[command], "command": command,
                    "annotator": annotator.describe(), **method},
         data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
@@ -198,7 +197,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
                          "world size": trainer.world},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
         base_model_id=cfg.model.path,
-        how_to_load=how_to_load(cfg.adapter, named, base_path, False) if cfg.method.save_at_end else "")
+        how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False)
+        if cfg.method.save_at_end else "")
     if cfg.method.save_at_end:
         with staged(run.model, step=len(trainer.history)) as model_dir:
             trainer.save(model_dir)

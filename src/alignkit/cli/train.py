@@ -179,22 +179,8 @@ def objective_name(command: str, method: Any) -> str:
     return f"{OBJECTIVES[command]} (loss {loss})"
 
 
-def adapter_summary(model: Any) -> dict[str, Any]:
-    """The model card's adapter table: what the adapter around `model` says of itself."""
-    from alignkit.adapters import adapter_of  # imports torch
-
-    return adapter_of(model).describe(model)
-
-
 HYPER = ("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
          "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "bf16", "seed")
-
-
-def how_to_load(adapter: Any, run: RunFolder, base: str, classifier: bool) -> str:
-    """Python that loads `run`'s saved model/ back (for the model card); `adapter` is its `AdapterConfig`."""
-    from alignkit.adapters import adapter_for  # imports torch
-
-    return adapter_for(adapter).how_to_load(str(run.model), base, classifier)
 
 
 def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = "", resume: bool = False,
@@ -214,7 +200,7 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
 def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
     from transformers import set_seed
 
-    from alignkit.adapters import apply_adapter
+    from alignkit.adapters import adapter_of, apply_adapter
     from alignkit.runs import staged
     from alignkit.settings.bounds import check_precision
 
@@ -268,13 +254,14 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
             hyper = {k: getattr(args, k) for k in HYPER}
             hyper.update({"world size": args.world_size, "optimizer steps done": trainer.state.global_step})
             card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
-                             base_model=base_desc, adapter=adapter_summary(model),
+                             base_model=base_desc, adapter=adapter_of(model).describe(model),
                              objective={"objective": objective_name(command, cfg.method), "command": command,
                                         **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
                              data=data_info, hyperparameters=hyper, metrics=final_metrics(rows),
                              command_line=command_line or f"alignkit {command}", versions=versions(),
                              base_model_id=cfg.model.path,
-                             how_to_load=how_to_load(cfg.adapter, named, base_path, task == "classifier"))
+                             how_to_load=adapter_of(model).how_to_load(str(named.model), base_path,
+                                                                        task == "classifier"))
             card.write(run.card, model_dir / "README.md")
     if trainer.is_world_process_zero():
         try:
