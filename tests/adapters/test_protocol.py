@@ -5,11 +5,13 @@ kind's parts."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
-from alignkit.adapters import (KINDS, adapter_for, adapter_in, adapter_of, apply_adapter, load_adapter, reference_off,
-                               registry, save_adapter)
+from alignkit.adapters import (KINDS, AdapterConfig, adapter_for, adapter_in, adapter_of, apply_adapter, load_adapter,
+                               reference_off, registry, save_adapter)
 from alignkit.interventions.config import Positions
 from alignkit.models.loading import load_model, load_tokenizer
 
@@ -35,6 +37,7 @@ def _logits(model):
 
 def test_registry_holds_exactly_the_table():
     assert set(registry()) == set(KINDS) == set(ROWS)
+    assert set(typing.get_args(typing.get_type_hints(AdapterConfig)["kind"])) == set(KINDS)  # the typed choices
     assert set(SWITCHABLE) == {"lora", "reft", "reft+lora"} and set(REFT_KINDS) == {"reft", "reft+lora"}
 
 
