@@ -156,3 +156,18 @@ def test_collapsed_model_stops_with_one_line_and_saves_nothing(tmp_path, capsys)
     assert not (out / "model").exists()
     acc = [r["mean_token_accuracy"] for r in _rows(out) if r.get("grad_norm") == 0.0]
     assert acc and all(a < 0.5 for a in acc)  # constant logits: argmax is token 0, not every target (was 1.0)
+
+
+@pytest.mark.parametrize("config,override,says", [
+    ("sft-reft-tiny.yaml", "adapter.reft.positions=x3", "bad positions 'x3'"),
+    ("sft-reft-tiny.yaml", "adapter.reft.config.representations=[{layer: 9, low_rank_dimension: 2}]",
+     "representation layer 9 is out of range: the model has 2 layers"),
+    ("sft-tiny.yaml", "adapter={kind: lora, lora: {r: 2, target_modules: [nosuch_proj]}}", "nosuch_proj"),
+])
+def test_adapter_the_model_cannot_take_is_a_config_error(config, override, says, tmp_path, capsys):
+    """Used to end as "unexpected error: ValueError ... please report it"; now exit 2, one line, nothing written."""
+    out = tmp_path / "run"
+    assert main(["-q", "sft", "--config", str(CONFIGS / config), f"output_dir={out}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("alignkit sft: error: adapter: ") and says in err, err
+    assert not out.exists()

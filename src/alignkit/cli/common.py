@@ -232,6 +232,20 @@ def _show(value: Any) -> str:
     return "(default)" if value is None else repr(value)
 
 
+def apply_configured_adapter(model: Any, adapter: Any) -> Any:
+    """`alignkit.adapters.apply_adapter` for a command: what it refuses (a ReFT layer past the model's depth, a
+    bad position spec, LoRA target modules the model lacks, ...) is a config error, so one line naming the
+    `adapter` section instead of "unexpected error"; `--debug` still shows the traceback."""
+    from alignkit.adapters import apply_adapter
+
+    try:
+        return apply_adapter(model, adapter)
+    except (ValueError, TypeError, KeyError) as e:
+        text = " ".join(str(e).split()).strip("'\"") or type(e).__name__
+        raise ConfigError(f"adapter: {text}; fix the adapter section of the config (kind "
+                          f"{getattr(adapter, 'kind', '?')!r})") from e
+
+
 def begin_run(plan: RunPlan, cfg: Any, zero_based_steps: bool = False) -> RunFolder:
     """Create the run folder (main process), write the resolved config atomically, and on resume keep
     metrics.jsonl up to the checkpoint's step (the resumed run appends after them)."""

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.cli.helptext import defaults_epilog
-from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, begin_run, command_line,
+from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, apply_configured_adapter, begin_run,
+                                 command_line,
                                  config_from_args, dry_run, finish_run, load_base, load_for_inference, plan_run,
                                  read_records, rename_base)
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, versions
@@ -154,7 +155,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
                   allow_code: bool = False) -> int:
     from transformers import set_seed
 
-    from alignkit.adapters import adapter_of, apply_adapter
+    from alignkit.adapters import adapter_of
     from alignkit.runs import staged
 
     from alignkit.settings.online import check_code_allowed
@@ -163,7 +164,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     set_seed(cfg.method.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
-    model = apply_adapter(model, cfg.adapter)
+    model = apply_configured_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None, allow_code)
     tcfg = cfg.trainer_config()
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged)

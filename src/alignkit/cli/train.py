@@ -20,7 +20,8 @@ import os
 from typing import Any
 
 from alignkit.cli.helptext import defaults_epilog
-from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, begin_run, command_line,
+from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, apply_configured_adapter, begin_run,
+                                 command_line,
                                  config_from_args, dry_run, finish_run, load_base, load_data, plan_run, rename_base,
                                  tokenize)
 from alignkit.runs import MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions
@@ -200,7 +201,7 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
 def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
     from transformers import set_seed
 
-    from alignkit.adapters import adapter_of, apply_adapter
+    from alignkit.adapters import adapter_of
     from alignkit.runs import staged
     from alignkit.settings.bounds import check_precision
 
@@ -210,7 +211,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed
     task = "classifier" if command == "rm" else "causal_lm"
     model, tok, base_path, base_desc = load_base(cfg.model, None, task)
-    model = apply_adapter(model, cfg.adapter)
+    model = apply_configured_adapter(model, cfg.adapter)
     compile_model(model, cfg.train.get("compile"))
     train_feats, train_stats = tokenize(train_records, tok, cfg.data, "data.path")
     eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
