@@ -171,3 +171,18 @@ def test_adapter_the_model_cannot_take_is_a_config_error(config, override, says,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("alignkit sft: error: adapter: ") and says in err, err
     assert not out.exists()
+
+
+def test_pairs_identical_after_truncation_are_refused(tmp_path, capsys):
+    """Distinct texts, but data.max_length leaves one completion token, the same on both sides: no pair has a
+    preference left. Used to train on them silently (loss ln 2, zero signal)."""
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}: is it so?", "chosen": " Yes, indeed it is.", "rejected": " Yes? No, never."}
+            for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code = main(["-q", "dpo", "--config", str(CONFIGS / "dpo-tiny.yaml"), f"output_dir={out}", f"data.path={data}",
+                 "data.eval_fraction=0.0", "data.max_length=12", "data.max_prompt_length=11", "train.max_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "chosen == rejected once truncated to data.max_length=12" in err, err
+    assert not out.exists()

@@ -604,4 +604,18 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tup
     logger.info("%s: %s", where, stats.summary())
     if records and not features:
         raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")
+    if features and stats.completion_truncated * 2 > len(features):
+        logger.warning("%s: %d of %d record(s) lose the end of their completion to data.max_length=%s (those "
+                       "tokens are never trained on); raise data.max_length if that is not intended", where,
+                       stats.completion_truncated, len(features), ds.max_length)
+    same = [f.get("id") for f in features if "chosen_input_ids" in f
+            and list(f["chosen_input_ids"]) == list(f["rejected_input_ids"])]
+    if same and len(same) == len(features):
+        raise DataError(f"{where}: every one of the {len(same)} pair(s) has chosen == rejected once truncated to "
+                        f"data.max_length={ds.max_length} / data.max_prompt_length={ds.max_prompt_length} (e.g. "
+                        f"{same[:3]}): nothing is left to prefer; raise data.max_length")
+    if same:
+        logger.warning("%s: %d of %d pair(s) have chosen == rejected once truncated to data.max_length=%s (no "
+                       "preference signal; they only dilute the batch), e.g. %s; raise data.max_length", where,
+                       len(same), len(features), ds.max_length, same[:3])
     return features, stats
