@@ -24,6 +24,7 @@ import enum
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,8 +315,6 @@ def incomplete_reason(folder: str | Path) -> str | None:
 
 def remove_own(folder: Path) -> None:
     """Remove `folder` only if alignkit made it for itself (it carries `STAGING_MARK`); else refuse."""
-    import shutil
-
     if not folder.exists():
         return
     if not (folder / STAGING_MARK).is_file():
@@ -336,8 +335,6 @@ def new_staging(final: str | Path) -> Path:
 def commit_staging(staging: Path, final: str | Path, marker: bool = True, **info: Any) -> Path:
     """Rename a finished staging folder to `final` (replacing a previous `final` as a whole), marker written
     last into it first. Between the two renames a kill leaves `final` absent and `.<name>.old` complete."""
-    import shutil
-
     final = Path(final)
     (staging / STAGING_MARK).unlink(missing_ok=True)
     if marker:

@@ -69,11 +69,22 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import rotate_checkpoints
+from transformers.utils import is_sagemaker_mp_enabled
 
 from alignkit.compat import attn_implementation, check_trainer
+from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
+from alignkit.data.batching import LengthGroupedSampler, example_length
+from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
+from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
+from alignkit.data.tokenize import TokenizeConfig
+from alignkit.distributed import enable_sharding_on_cpu, full_parameters, is_fsdp2
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
+from alignkit.runs import (STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint,
+                           remove_own)
 from alignkit.adapters import (enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model,
                                unwrap_lm)
 
@@ -95,8 +106,6 @@ def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
     """The padding-free collator for `padding_free=True`: the packed version of `collator` (or a new one), one
     row for flash-attention (varlen kernels), rows of the batch's longest sequence otherwise (sdpa / eager
     attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
-    from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
-
     impl = attn_implementation(unwrap_lm(model).config)
     row_length = None if "flash" in impl else "longest"
     if collator is None:
@@ -135,8 +144,6 @@ class AlignTrainer(Trainer):
                  formatter: str = "auto", loss_on: str = "all_assistant", add_eos: bool | None = None,
                  dataset_num_proc: int | None = None, **kwargs: Any) -> None:
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
-        from alignkit.data.tokenize import TokenizeConfig
-
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
         self._prepare_data(kwargs, dataset_num_proc)
@@ -169,8 +176,6 @@ class AlignTrainer(Trainer):
 
     def _prepare_data(self, kwargs: dict[str, Any], num_proc: int | None) -> None:
         """Tokenize raw `train_dataset` / `eval_dataset` in place in `kwargs` and default the collator."""
-        from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
-
         tok = kwargs.get("processing_class")
         kind = None
         for key in ("train_dataset", "eval_dataset"):
@@ -188,8 +193,6 @@ class AlignTrainer(Trainer):
                 k = feature_kind(ds[0]) if len(ds) else None
             kind = kind or k
         if kwargs.get("data_collator") is None and kind is not None and tok is not None:
-            from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
-
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             cls = {"sft": SFTCollator, "unpaired": SFTCollator, "preference": PreferenceCollator,
                    "ranked": RankedCollator}.get(kind)
@@ -224,8 +227,6 @@ class AlignTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)
-        from alignkit.data.batching import LengthGroupedSampler, example_length
-
         lengths = [example_length(dataset[i]) for i in range(len(dataset))]
         return LengthGroupedSampler(lengths, self.args.train_batch_size, seed=self.args.data_seed or self.args.seed)
 
@@ -294,8 +295,6 @@ class AlignTrainer(Trainer):
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator; on CPU processes, with the FSDP plugin `accelerate launch` asked for
         attached (accelerate drops it there; `alignkit.distributed`)."""
-        from alignkit.distributed import enable_sharding_on_cpu
-
         super().create_accelerator_and_postprocess()
         if enable_sharding_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
@@ -303,8 +302,6 @@ class AlignTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP2 every process gathers the shards (`alignkit.distributed.full_parameters`) and the main
         one writes the usual folder (safetensors + JSON, adapters as adapters); otherwise the Trainer's."""
-        from alignkit.distributed import full_parameters, is_fsdp2
-
         if not is_fsdp2(self.accelerator):
             return super().save_model(output_dir, _internal_call)
         with full_parameters(self.model):
@@ -316,9 +313,6 @@ class AlignTrainer(Trainer):
         gets gradients, so the norm and the clipping are the same; the Trainer walks every frozen parameter
         each step). Checked once: if any parameter outside the optimizer holds a gradient, or the setup is
         sharded (FSDP, DeepSpeed, XLA, mixed device meshes), the Trainer's own path is used."""
-        from accelerate.utils import DistributedType
-        from transformers.utils import is_sagemaker_mp_enabled
-
         if self._clip_params_ok is None:
             in_opt = {id(p) for g in getattr(self.optimizer, "param_groups", []) for p in g["params"]}
             sharded = is_sagemaker_mp_enabled() or self.accelerator.distributed_type in (
@@ -497,10 +491,6 @@ class AlignTrainer(Trainer):
         """The Trainer's checkpoint, written into `<output_dir>/.staging/checkpoint-N` and renamed into place with
         `alignkit_complete.json` (file names and sizes) once every process has written its part: a kill leaves
         either the previous checkpoints alone or a complete new one, never a half-written `checkpoint-N`."""
-        from transformers.trainer_utils import rotate_checkpoints
-
-        from alignkit.runs import STAGING_MARK, commit_staging, remove_own
-
         run_dir = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
         staging_root = Path(run_dir) / ".staging"
@@ -537,8 +527,6 @@ class AlignTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's `train`; `resume_from_checkpoint=True` takes the newest COMPLETE checkpoint of
         `output_dir` (incomplete ones are skipped with a warning), and a path must be a complete checkpoint."""
-        from alignkit.runs import CheckpointError, incomplete_reason, latest_complete_checkpoint
-
         if resume_from_checkpoint is True:
             found = latest_complete_checkpoint(self.args.output_dir)
             if found is None:
