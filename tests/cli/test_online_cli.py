@@ -157,3 +157,16 @@ def test_ls_lists_the_online_commands(capsys):
     for name in ("online-dpo", "grpo", "rloo", "ppo", "sample", "annotate"):
         assert f"  {name} " in out
     assert "GRPORunConfig: sections model, annotator, data, adapter, sampling, output_dir, method" in out
+
+
+def test_reward_function_scoring_nothing_is_one_line(tmp_path, monkeypatch, capsys):
+    """A reward function that returns None for every response: exit 2 with one line naming the step (was a NaN
+    reward curve and a saved model; an AnnotatorError from the user's function read "unexpected error")."""
+    (tmp_path / "my_rewards.py").write_text("def unscored(prompt, response):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    rc = main(["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), "--allow-code", f"output_dir={out}",
+               *FAST, "annotator.function=my_rewards:unscored"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("alignkit grpo: error: step 1: the annotator scored none"), err
+    assert not (out / "model").exists()

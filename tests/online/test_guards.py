@@ -31,3 +31,42 @@ def test_online_nan_loss_stops_and_logs_nan(tiny_dir, tokenizer, tmp_path):
     assert len(rows) == 1 and math.isnan(rows[0]["loss"]) and "null" not in text
     assert not (tmp_path / "adapter_model.safetensors").exists()  # nothing saved
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_zero_spread_fraction_by_hand():
+    import torch
+
+    from alignkit.online.trainer import zero_spread_fraction
+
+    nan = float("nan")
+    groups = torch.tensor([[1.0, 1.0, 1.0],     # flat
+                           [0.0, 1.0, 0.0],     # spread
+                           [2.0, nan, 2.0],     # flat among the scored
+                           [nan, nan, 5.0]])    # one scored: flat
+    assert zero_spread_fraction(groups) == 0.75
+
+
+def _grpo(tiny_dir, tokenizer, tmp_path, fn, steps=2):
+    model = toy_policy(tiny_dir("llama"), "lora")
+    cfg = GRPOConfig(steps=steps, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2),
+                     learning_rate=1e-2)
+    return GRPOTrainer(model, tokenizer, PROMPTS, {"type": "function", "fn": fn}, cfg, output_dir=tmp_path)
+
+
+def test_every_response_unscored_stops_the_run(tiny_dir, tokenizer, tmp_path):
+    from alignkit.online.annotators import AnnotatorError
+
+    trainer = _grpo(tiny_dir, tokenizer, tmp_path, lambda prompt, response: None)
+    with pytest.raises(AnnotatorError, match="step 1: the annotator scored none of the 4 response"):
+        trainer.train()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_constant_reward_is_reported_not_silent(tiny_dir, tokenizer, tmp_path, caplog):
+    trainer = _grpo(tiny_dir, tokenizer, tmp_path, lambda prompt, response: 1.0)
+    with caplog.at_level("WARNING"):
+        history = trainer.train()
+    assert [h["frac_reward_zero_std"] for h in history] == [1.0, 1.0]
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "step 1: every prompt's 2 samples got the same reward" in text
+    assert "no step of this run had a reward spread" in text

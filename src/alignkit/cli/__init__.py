@@ -141,6 +141,10 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:  # a bug, or a failure alignkit does not know yet: still one line, the traceback on ask
         if args.verbose or args.debug:
             raise
+        annotators = sys.modules.get("alignkit.online.annotators")  # loaded only by the online commands
+        if annotators is not None and isinstance(e, annotators.AnnotatorError):  # the user's annotator failed
+            print(f"alignkit {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
         print(f"alignkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} (run again with --debug "
               "for the traceback, and please report it)", file=sys.stderr)
         return 1

@@ -70,6 +70,10 @@ class OnlineDPOTrainer(OnlineTrainer):
 
     config_class = OnlineDPOConfig
 
+    @property
+    def pointwise_scores(self) -> bool:
+        return self.config.feedback != "judge_pairs"
+
     def annotate(self, samples: list[Sample]) -> Scores:
         """With "judge_pairs" the annotator compares pairs itself; no pointwise scores are asked for (NaN)."""
         if self.config.feedback != "judge_pairs":

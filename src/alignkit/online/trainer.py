@@ -60,7 +60,7 @@ from alignkit.distributed import enable_sharding_on_cpu, full_parameters, gather
 from alignkit.guards import NonFiniteError, as_float, is_finite
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from alignkit.adapters import can_switch_off, save_adapter
-from alignkit.online.annotators import Annotator, Scores, build_annotator
+from alignkit.online.annotators import Annotator, AnnotatorError, Scores, build_annotator
 from alignkit.online.generation import Sample, SamplingConfig, as_prompt_records, generate_responses, generation_metrics
 from alignkit.online.normalize import RunningMoments, normalize_rewards
 from alignkit.online.rollout import reference_token_logps, samples_batch, sequence_sums, token_stats
@@ -153,6 +153,16 @@ def _has_accelerator() -> bool:
     if acc is not None and hasattr(acc, "is_available"):
         return bool(acc.is_available())
     return torch.cuda.is_available()
+
+
+def zero_spread_fraction(groups: Tensor) -> float:
+    """(G, K) rewards, NaN = unscored -> share of groups whose scored rewards are all equal (a group with fewer
+    than two scored rewards counts as flat)."""
+    ok = ~torch.isnan(groups)
+    hi = torch.where(ok, groups, -torch.inf).max(dim=-1).values
+    lo = torch.where(ok, groups, torch.inf).min(dim=-1).values
+    flat = (ok.sum(-1) < 2) | (hi == lo)
+    return float(flat.float().mean()) if groups.shape[0] else 0.0
 
 
 class OnlineTrainer:
@@ -284,6 +294,10 @@ class OnlineTrainer:
             if self.trackers:  # not accelerator.end_training(): it also destroys the process group, which
                 for tracker in self.accelerator.trackers:  # saving (FSDP gathers) and the caller still need
                     tracker.finish()
+        flat, ran = getattr(self, "_flat_steps", 0), self.config.steps - start
+        if ran > 0 and flat == ran:
+            logger.warning("no step of this run had a reward spread inside any prompt's group "
+                           "(frac_reward_zero_std = 1 at all %d step(s)): the rewards did not move the policy", ran)
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
             if self.config.push_to_hub and self.accelerator.is_main_process:
@@ -315,6 +329,12 @@ class OnlineTrainer:
             self.kl_ctl.update(metrics["kl"], len(samples) * self.world)
             metrics["time/step_s"] = time.perf_counter() - t0
             self.log(metrics)
+            if metrics.get("frac_reward_zero_std") == 1.0:
+                self._flat_steps = getattr(self, "_flat_steps", 0) + 1
+                if self._flat_steps == 1:
+                    logger.warning("step %d: every prompt's %d samples got the same reward, so this step has no "
+                                   "reward signal (only the KL term moves the policy); a reward that never varies "
+                                   "is usually a bug in the annotator", step + 1, self.config.sampling.num_samples)
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "kl", "loss") if k in metrics})
             if self.output_dir is not None and self.config.save_steps and (step + 1) % self.config.save_steps == 0:
@@ -352,6 +372,11 @@ class OnlineTrainer:
         return token_stats(self.model, batch, temperature=self.config.sampling.temperature,
                            chunk_size=self.config.chunk_size, **kw)
 
+    @property
+    def pointwise_scores(self) -> bool:
+        """Whether `annotate` gives pointwise scores (False where a judge compares pairs itself)."""
+        return True
+
     def annotate(self, samples: list[Sample]) -> Scores:
         """Pointwise scores of the samples (each prompt record's meta goes to the annotator)."""
         return self.annotator.annotate([s.prompt for s in samples], [s.response for s in samples],
@@ -378,6 +403,10 @@ class OnlineTrainer:
                                     chunk_size=c.chunk_size)
         kl = sequence_sums(KL_ESTIMATORS[c.kl_estimator](stats.logps, ref), stats.mask)  # (B,)
         v = everyone[~torch.isnan(everyone)].double()  # reward statistics over the global batch
+        if v.numel() == 0 and self.pointwise_scores:
+            raise AnnotatorError(f"step {getattr(self, '_step', 0) + 1}: the annotator scored none of the {everyone.numel()} "
+                                 "response(s) (every score failed or was None), so there is nothing to learn from; "
+                                 "check the annotator (its function, model or judge) on a few of the responses")
         m = stats.mask.float()
         metrics = {"reward/mean": float(v.mean()) if v.numel() else float("nan"),
                    "reward/std": float(v.std(unbiased=False)) if v.numel() else float("nan"),
@@ -387,6 +416,8 @@ class OnlineTrainer:
                    "entropy": float((stats.entropy * m).sum() / m.sum().clamp(min=1)),
                    **generation_metrics(samples), **{k_: float(v_) for k_, v_ in scores.metrics.items()}}
         metrics["response_length"] = metrics.pop("generation/response_length")
+        if k > 1:  # TRL's frac_reward_zero_std: groups whose valid rewards are all equal carry no advantage
+            metrics["frac_reward_zero_std"] = zero_spread_fraction(everyone.view(-1, k))
         dev = self.accelerator.device
         return Rollout(samples, batch, raw.to(dev), rewards.to(dev), weights.to(dev), stats.logps, ref, stats.mask,
                        stats.entropy, stats.hidden, metrics)
