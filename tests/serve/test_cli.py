@@ -20,7 +20,7 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--base", "tiny:llama", "--adapter", "noequals"], "--adapter 'noequals': expected NAME=DIR"),
-    (["--base", "tiny:llama", "--engine", "vllm"], "engine: vllm is not built yet"),
+    (["--base", "tiny:llama", "--engine", "vllm", "--adapter", "r=/no/such"], "adapter 'r': folder /no/such does not exist"),
     (["--base", "tiny:llama", "max_batch_rows=0"], "max_batch_rows: must be >= 1"),
     (["--base", "tiny:nope"], "unknown tiny architecture"),
     (["--base", "/no/such/folder"], "/no/such/folder does not exist"),

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from alignkit.cli.common import add_config_arguments
@@ -32,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter folder served as model NAME (repeat for more)")
     p.add_argument("--base-name", dest="base_name", help="the base's served model name (default: its folder name)")
-    p.add_argument("--engine", choices=["alignkit", "vllm"], help="alignkit (default); vllm: not yet")
+    p.add_argument("--engine", choices=["alignkit", "vllm"], help="alignkit (default); vllm: hand LoRA/full serving to vLLM's OpenAI server")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' (or set ALIGNKIT_API_KEY)")
@@ -69,16 +70,11 @@ def config_from(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def build_engine(cfg: Any):
-    """The engine for a `ServeConfig` (not started)."""
-    import torch
-
+def resolve_base(cfg: Any) -> tuple[str, str | None]:
+    """(base folder, served base name) of a `ServeConfig`; `tiny:<arch>` builds a random tiny model first
+    (head_dim 64 for engine=vllm: vLLM's CPU attention needs head_dim >= 64)."""
     from alignkit.cli.common import TINY_PREFIX
-    from alignkit.serve.engine import Engine, EngineConfig
-    from alignkit.serve.stack import load_stack
 
-    if cfg.engine == "vllm":
-        raise ConfigError("engine: vllm is not built yet (see README, Serving); use engine=alignkit")
     base, base_name = cfg.base, cfg.base_name
     if base.startswith(TINY_PREFIX):
         from alignkit.models.tiny import ARCHITECTURES, save_tiny
@@ -87,8 +83,22 @@ def build_engine(cfg: Any):
         if arch not in ARCHITECTURES:
             raise ConfigError(f"base: {base!r}: unknown tiny architecture; valid: "
                               + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
-        base = str(save_tiny(tempfile.mkdtemp(prefix=f"alignkit-serve-tiny-{arch}-"), arch))
+        sizes = {"hidden_size": 128, "num_heads": 2} if cfg.engine == "vllm" else {}
+        base = str(save_tiny(tempfile.mkdtemp(prefix=f"alignkit-serve-tiny-{arch}-"), arch, **sizes))
         base_name = base_name or f"tiny-{arch}"
+    return base, base_name
+
+
+def build_engine(cfg: Any):
+    """The engine for a `ServeConfig` (not started)."""
+    import torch
+
+    from alignkit.serve.engine import Engine, EngineConfig
+    from alignkit.serve.stack import load_stack
+
+    if cfg.engine == "vllm":
+        raise ConfigError("engine: vllm runs vLLM's own server (alignkit serve --engine vllm), not this engine")
+    base, base_name = resolve_base(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         stack = load_stack(base, cfg.adapters, base_name=base_name, dtype=cfg.dtype, device=device)
@@ -101,12 +111,19 @@ def build_engine(cfg: Any):
 
 
 def run(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
+    if cfg.engine == "vllm" and not args.dry_run:
+        from alignkit.serve.vllm_server import check_adapters, require_vllm, serve_with_vllm
+
+        check_adapters(cfg.adapters)  # a ReFT adapter is refused before anything is built
+        require_vllm()
+        base, base_name = resolve_base(cfg)
+        return serve_with_vllm(cfg, base, base_name or Path(base).resolve().name, quiet=args.quiet)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise ConfigError("alignkit serve needs fastapi and uvicorn: pip install 'alignkit[serve]'") from None
-    cfg = config_from(args)
     if args.dry_run:
         from alignkit.settings import dump_config
 
@@ -124,4 +141,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "build_engine", "config_from", "run"]
+__all__ = ["add_parser", "build_engine", "resolve_base", "config_from", "run"]

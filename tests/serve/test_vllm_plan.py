@@ -1,0 +1,65 @@
+"""`alignkit serve --engine vllm` without vLLM: which adapters are refused (one line each), what alignkit writes
+for vLLM's LoRA loader, and the server's command line. The served tokens themselves are checked against peft
+in tests/vllm_backend/ (`make test-vllm`, in vLLM's own environment)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from alignkit.cli import main
+from alignkit.serve.vllm_server import command, prepare
+from alignkit.settings import ConfigError
+
+from .conftest import make_adapter
+
+
+def test_reft_adapters_are_refused_in_one_line_naming_the_adapter(serve_dirs, tmp_path):
+    for name in ("polite", "both"):  # reft and reft+lora
+        with pytest.raises(ConfigError) as e:
+            prepare(serve_dirs["base"], {name: serve_dirs["adapters"][name]}, "base", tmp_path / name)
+        msg = str(e.value)
+        assert "\n" not in msg and f"adapter {name!r}" in msg and "ReFT stays on alignkit's engine" in msg
+
+
+def test_cli_refuses_reft_before_building_anything(serve_dirs, capsys):
+    assert main(["serve", "--engine", "vllm", "--base", str(serve_dirs["base"]),
+                 "--adapter", f"p={serve_dirs['adapters']['polite']}"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter 'p'" in err and "ReFT stays on alignkit's engine" in err
+
+
+def test_dora_is_refused(serve_dirs, tmp_path):
+    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    save_adapter(apply_adapter(load_model(serve_dirs["base"]),
+                               AdapterConfig(kind="lora", lora=LoraSettings(r=4, use_dora=True))), tmp_path / "d")
+    with pytest.raises(ConfigError, match="adapter 'd' .* uses DoRA"):
+        prepare(serve_dirs["base"], {"d": tmp_path / "d"}, "base", tmp_path / "w")
+
+
+def test_lora_folders_and_command(serve_dirs, tmp_path):
+    second = tmp_path / "second"
+    make_adapter(serve_dirs["base"], second, "lora", seed=3)
+    adapters = {"terse": serve_dirs["adapters"]["terse"], "org/second": second}
+    plan = prepare(serve_dirs["base"], adapters, "tiny", tmp_path / "w")
+    assert plan.model == str(serve_dirs["base"].resolve()) and plan.max_lora_rank == 4
+    assert set(plan.loras) == {"terse", "org/second"}
+    for name, folder in adapters.items():
+        out = plan.loras[name]
+        cfg = json.loads((tmp_path / "w" / name.replace("/", "_") / "adapter_config.json").read_text())
+        assert out.startswith(str(tmp_path / "w")) and cfg["base_model_name_or_path"] == plan.model
+        assert cfg["r"] == 4 and cfg["target_modules"] == json.loads((folder / "adapter_config.json").read_text())[
+            "target_modules"]
+        got, want = load_file(f"{out}/adapter_model.safetensors"), load_file(str(folder / "adapter_model.safetensors"))
+        assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+    cmd = command(plan, "127.0.0.1", 8123, "float32", max_model_len=300)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "8"  # vLLM's smallest accepted rank >= 4
+    assert cmd[cmd.index("--served-model-name") + 1] == "tiny" and cmd[cmd.index("--port") + 1] == "8123"
+    assert cmd[cmd.index("--lora-modules") + 1:] == [f"terse={plan.loras['terse']}",
+                                                     f"org/second={plan.loras['org/second']}"]
+    assert "--api-key" not in cmd  # the key travels in VLLM_API_KEY, not on the command line
