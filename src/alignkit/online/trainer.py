@@ -94,6 +94,9 @@ class OnlineConfig:
     reward_clip: float | None = None
     reference: str = "auto"  # "auto" | "adapter_off" | "copy"
     generation_batch_size: int = 64
+    generation_backend: str = "transformers"  # "transformers" | "vllm" (colocated engine, full and LoRA policies)
+    vllm: dict[str, Any] = field(default_factory=dict)  # vllm.LLM arguments: model (the base folder), dtype,
+    #   max_model_len, gpu_memory_utilization, ... (alignkit.online.vllm_generation.VllmGenerator)
     formatter: str = "auto"  # how prompts are formatted for generation (alignkit.data.FORMATTERS)
     max_prompt_length: int | None = None  # prompt tokens kept (the end of the prompt), None: all
     report_to: str | list[str] | None = None  # accelerate trackers ("tensorboard", "wandb", ...); None: tensorboard
@@ -120,6 +123,9 @@ class OnlineConfig:
                              f"{self.gradient_accumulation_steps}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"online config: mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        if self.generation_backend not in ("transformers", "vllm"):
+            raise ValueError(f"online config: generation_backend must be 'transformers' or 'vllm', got "
+                             f"{self.generation_backend!r}")
         if self.reference not in ("auto", "adapter_off", "copy"):
             raise ValueError(f"online config: reference must be 'auto', 'adapter_off' or 'copy', got {self.reference!r}")
         KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
@@ -210,6 +216,15 @@ class OnlineTrainer:
         if self.config.mini_batch_size is not None and self.config.mini_batch_size % self.world:
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
+        if self.config.generation_backend == "vllm":
+            from alignkit.models.adapters import adapter_kind
+            from alignkit.online.vllm_generation import refuse_reft
+
+            refuse_reft(adapter_kind(model))
+            if fsdp2:
+                raise ValueError("generation_backend='vllm' under FSDP is not supported yet (the engine needs the "
+                                 "whole weights each step); use DDP or one process")
+        self.vllm_generator: Any = None  # the colocated engine, started at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         mode = self.config.reference
         if mode == "auto":
@@ -362,11 +377,24 @@ class OnlineTrainer:
 
     def generate(self, prompts: list, step: int) -> list[Sample]:
         cfg = replace(self.config.sampling, seed=self.sampling_seed(step))
+        if self.config.generation_backend == "vllm":
+            return self.generate_vllm(prompts, cfg)
         # a ReFT policy places its own saved position spec (ReftModel.generate)
         with gathered_root(self.model):  # FSDP2: a wrapper's generate bypasses the root's forward hooks
             return generate_responses(self.policy, self.tokenizer, prompts, cfg,
                                       batch_size=self.config.generation_batch_size, formatter=self.config.formatter,
                                       max_prompt_length=self.config.max_prompt_length)
+
+    def generate_vllm(self, prompts: list, cfg: SamplingConfig) -> list[Sample]:
+        """Sample with the colocated vLLM engine after giving it the policy's current weights."""
+        from alignkit.online.vllm_generation import VllmGenerator
+
+        if self.vllm_generator is None:
+            self.vllm_generator = VllmGenerator(self.policy, self.tokenizer, seed=self.config.seed,
+                                                **self.config.vllm)
+        self.vllm_generator.sync(self.policy)  # the weights of the last optimizer step
+        return self.vllm_generator.generate(prompts, cfg, formatter=self.config.formatter,
+                                            max_prompt_length=self.config.max_prompt_length, eos_source=self.policy)
 
     def token_stats(self, batch: dict[str, Tensor], **kw: Any):
         return token_stats(self.model, batch, temperature=self.config.sampling.temperature,

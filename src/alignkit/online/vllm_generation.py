@@ -1,0 +1,175 @@
+"""Generation in the online loop through vLLM, colocated: the engine lives in the training process and gets the
+policy's new weights before every generation (so after every optimizer step).
+
+    trainer = GRPOTrainer(policy, tok, prompts, annotator, GRPOConfig(generation_backend="vllm"))
+
+How the weights get there, by adapter kind:
+- full:  the policy's transformers state dict is pushed with vLLM's in-place `reload_weights` (a worker call,
+         `LLM.collective_rpc`): it restores the checkpoint layout of every layer, loads, and re-runs the
+         post-load processing, so it also works on the CPU build whose linear layers are repacked for oneDNN
+         after loading (where `model.load_weights` alone fails: `bench/vllm_probe.py`).
+- lora:  the engine runs the frozen base with `enable_lora`; each sync saves the policy's LoRA (peft's two
+         files) to a fresh folder and generation passes a `LoRARequest` with a NEW adapter id, so vLLM loads
+         it instead of reusing a cached one. The base weights come from the model folder the policy was
+         loaded from (`name_or_path`, or `vllm.model`): they must be the policy's frozen base.
+- reft, reft+lora: refused (vLLM knows nothing of interventions); ReFT policies keep transformers generation.
+
+Responses are built exactly as `generation.generate_responses` builds them: the same prompt ids
+(`encode_prompt`), the same end tokens (`end_token_ids`, passed as vLLM stop tokens) and the same cut rules
+(`finish_response`), so `Sample`s from either backend mean the same thing. Greedy tokens equal transformers'
+(tests/vllm_backend); sampled ones come from vLLM's own sampler (per-prompt seeds derived from `SamplingConfig.seed`),
+not from torch's RNG, so a vLLM run does not reproduce a transformers run sample for sample.
+
+vLLM is not a dependency of alignkit: `make vllm-env` builds the CPU build's environment (`.venv-vllm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from alignkit.data.records import DataError
+from alignkit.online.generation import (FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompt,
+                                        end_token_ids, finish_response)
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("transformers", "vllm")
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+
+
+def refuse_reft(kind: str) -> None:
+    if "reft" in kind:
+        raise ValueError(f"generation_backend='vllm' needs a full or LoRA policy; this one is {kind} (vLLM cannot "
+                         "run ReFT interventions): use generation_backend='transformers' for ReFT policies")
+
+
+class VllmGenerator:
+    """A vLLM engine in this process that samples from the current policy (module docstring).
+
+    Args:
+        policy: the policy (full or LoRA, as `apply_adapter` wraps it).
+        tokenizer: its tokenizer (prompt ids and response text are ours, not vLLM's).
+        model: the folder vLLM loads (default: the policy's `name_or_path`); for LoRA, the frozen base.
+        dtype: vLLM's dtype (default: the policy's).
+        workdir: where LoRA snapshots go (default: a temporary folder, removed by `close`).
+        **engine_kwargs: more `vllm.LLM` arguments (max_model_len, gpu_memory_utilization, ...).
+    """
+
+    def __init__(self, policy: Any, tokenizer: Any, *, model: str | None = None, dtype: str | None = None,
+                 workdir: str | Path | None = None, seed: int = 0, **engine_kwargs: Any) -> None:
+        from alignkit.models.adapters import adapter_kind, unwrap_lm
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (colocated)
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ImportError("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm "
+                              "with the CPU build; on a GPU: pip install vllm)") from None
+        self.kind = adapter_kind(policy)
+        refuse_reft(self.kind)
+        lm = unwrap_lm(policy)
+        self.model_path = str(model or getattr(lm.config, "name_or_path", "") or "")
+        if not self.model_path or not Path(self.model_path, "config.json").is_file():
+            raise ValueError(f"vLLM needs the policy's model folder (got {self.model_path!r}); set vllm.model to the "
+                             "folder the policy's base was loaded from")
+        self.tokenizer = tokenizer
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
+        dtype = dtype or str(next(policy.parameters()).dtype).replace("torch.", "")
+        kw: dict[str, Any] = dict(model=self.model_path, dtype=dtype, seed=seed, enforce_eager=True)
+        if self.kind == "lora":
+            r = max(int(c.r) for c in policy.peft_config.values())
+            kw.update(enable_lora=True, max_loras=1, max_lora_rank=next((x for x in LORA_RANKS if x >= r), r))
+        kw.update(engine_kwargs)
+        t0 = time.perf_counter()
+        self.llm = LLM(**kw)
+        logger.info("vLLM engine for the %s policy (%s) started in %.1f s", self.kind, self.model_path,
+                    time.perf_counter() - t0)
+        self.version = 0  # syncs done
+        self.lora_request = None
+        self.sync_seconds = 0.0
+
+    def sync(self, policy: Any) -> None:
+        """Give the engine the policy's current weights (full: pushed in place; LoRA: a new adapter id)."""
+        import torch
+
+        from alignkit.models.adapters import unwrap_lm
+
+        t0 = time.perf_counter()
+        self.version += 1
+        if self.kind == "full":
+            with torch.no_grad():
+                weights = [(n, t.detach()) for n, t in unwrap_lm(policy).state_dict().items()]
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            from vllm.lora.request import LoRARequest
+
+            folder = self.workdir / f"policy-{self.version}"
+            policy.save_pretrained(str(folder))  # the PeftModel: adapter_config.json + adapter_model.safetensors
+            old = self.lora_request
+            self.lora_request = LoRARequest(f"policy-{self.version}", self.version, str(folder))
+            if old is not None:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+        self.sync_seconds += time.perf_counter() - t0
+        logger.debug("vLLM sync %d (%s) in %.2f s", self.version, self.kind, time.perf_counter() - t0)
+
+    def _params(self, cfg: SamplingConfig, eos: list[int], seed: int | None):
+        from vllm import SamplingParams
+
+        kw: dict[str, Any] = dict(n=cfg.num_samples, max_tokens=cfg.max_new_tokens, stop_token_ids=list(eos),
+                                  stop=list(cfg.stop) or None, include_stop_str_in_output=True,
+                                  skip_special_tokens=False, repetition_penalty=1.0, seed=seed)
+        if cfg.do_sample:
+            kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0)
+        else:
+            kw.update(temperature=0.0)
+        return SamplingParams(**kw)
+
+    def generate(self, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *, formatter: str = "auto",
+                 max_prompt_length: int | None = None, eos_source: Any = None) -> list[Sample]:
+        """`cfg.num_samples` responses per prompt, ordered and cut as `generate_responses` does.
+        `eos_source`: the model whose generation config names the end tokens (default: none, the tokenizer's)."""
+        cfg = cfg if cfg is not None else SamplingConfig()
+        records = as_prompt_records(prompts)
+        encoded = [encode_prompt(r.prompt, self.tokenizer, formatter, max_prompt_length) for r in records]
+        for r, ids in zip(records, encoded):
+            if not ids:
+                raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
+        eos = end_token_ids(eos_source, self.tokenizer, cfg)
+        base_seed = cfg.seed if cfg.seed is not None else 0
+        params = [self._params(cfg, eos, (base_seed * 1_000_003 + g) % (2 ** 31) if cfg.do_sample else None)
+                  for g in range(len(records))]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False,
+                                 lora_request=self.lora_request)
+        samples: list[Sample] = []
+        for g, (r, out) in enumerate(zip(records, outs)):
+            for k, comp in enumerate(out.outputs):
+                resp_ids, text, reason = finish_response(list(comp.token_ids), self.tokenizer, eos, cfg)
+                samples.append(Sample(r.prompt, text, list(encoded[g]), resp_ids, reason, group=g, index=k,
+                                      prompt_id=r.id, weight=r.weight, meta=dict(r.meta)))
+        reasons = {k: sum(x.finish_reason == k for x in samples) for k in FINISH_REASONS}
+        logger.info("vLLM generated %d response(s) for %d prompt(s); finish reasons %s", len(samples), len(records),
+                    reasons)
+        return samples
+
+    def close(self) -> None:
+        """Stop the engine and remove the LoRA snapshots."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+            del llm
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+__all__ = ["BACKENDS", "VllmGenerator", "refuse_reft"]

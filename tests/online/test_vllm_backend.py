@@ -1,0 +1,29 @@
+"""generation_backend="vllm" checks that need no vLLM: a ReFT policy is refused in one line before any engine
+starts, and an unknown backend names the key. (vLLM's generation itself: tests/vllm, `make test-vllm`.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter
+from alignkit.models.loading import load_model
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+
+
+@pytest.mark.parametrize("kind", ["reft", "reft+lora"])
+def test_reft_policy_is_refused_in_one_line(tiny_dir, tokenizer, kind):
+    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="l1")
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind=kind, reft=reft))
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none")
+    with pytest.raises(ValueError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and f"this one is {kind}" in msg
+    assert "generation_backend='transformers' for ReFT policies" in msg
+
+
+def test_unknown_backend_names_the_key():
+    with pytest.raises(ValueError, match="generation_backend must be 'transformers' or 'vllm', got 'sglang'"):
+        GRPOConfig(generation_backend="sglang")
