@@ -27,3 +27,10 @@ def test_reft_policy_is_refused_in_one_line(tiny_dir, tokenizer, kind):
 def test_unknown_backend_names_the_key():
     with pytest.raises(ValueError, match="generation_backend must be 'transformers' or 'vllm', got 'sglang'"):
         GRPOConfig(generation_backend="sglang")
+
+
+def test_each_kind_says_how_vllm_gets_its_weights():
+    from alignkit.adapters import registry
+
+    got = {kind: cls.vllm_sync for kind, cls in registry().items()}
+    assert got == {"full": "weights", "lora": "lora_request", "reft": None, "reft+lora": None}

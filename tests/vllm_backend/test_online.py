@@ -30,6 +30,9 @@ def test_grpo_with_vllm_generation(kind, tmp_path):
     print(json.dumps(row))
     assert row["greedy_vllm"] == row["greedy_hf"], row
     assert row["greedy_hf"] != row["greedy_initial"], "training did not change the greedy tokens; (a) tests nothing"
+    # sampling: prompt-major layout as generate_responses, seeded calls repeat, a group's samples are not copies
+    assert row["sampled_layout"] == [[g, k] for g in range(4) for k in range(8)]
+    assert row["sampled_repeat_equal"] and max(row["sampled_distinct"]) > 1, row["sampled_distinct"]
     assert row["vllm"]["syncs"] == 9  # one before each of the 8 steps' generation, one after the last step
     for backend in ("transformers", "vllm"):
         r = row[backend]

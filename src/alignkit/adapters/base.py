@@ -14,6 +14,8 @@ An `Adapter` is how a model is changed, as an object: one per kind (`full.py`, `
 | `can_switch_off`            | `off` works (every kind but full finetuning)                                |
 | `saves_whole_model`         | the trainable state is the whole model (its checkpoints are the Trainer's)  |
 | `weight_files`              | (file, what) a saved folder must hold                                       |
+| `vllm_sync`                 | how vLLM gets the weights: "weights" (whole state dict), "lora_request"     |
+|                             | (peft's files as a vLLM LoRA), None (vLLM cannot run this kind: ReFT)       |
 
 `adapter_of(model)` finds the adapter of a wrapped model (from its wrappers, with the `AdapterConfig` that
 `apply_adapter` / `load_adapter` recorded on it); `adapter_for(config)` the one a config asks for.
@@ -107,6 +109,7 @@ class Adapter:
     can_switch_off: ClassVar[bool] = True
     saves_whole_model: ClassVar[bool] = False
     weight_files: ClassVar[tuple[tuple[str, str], ...]] = ()
+    vllm_sync: ClassVar[str | None] = None  # serve --engine vllm / generation_backend vllm (module docstring)
 
     def __init__(self, config: AdapterConfig | None = None) -> None:
         self.config = config

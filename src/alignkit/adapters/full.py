@@ -23,6 +23,7 @@ class Full(Adapter):
     kind = "full"
     can_switch_off = False
     saves_whole_model = True
+    vllm_sync = "weights"
 
     @classmethod
     def wraps(cls, model: nn.Module) -> bool:

@@ -42,6 +42,7 @@ class Lora(Adapter):
 
     kind = "lora"
     weight_files = ((WEIGHTS_NAME, "the LoRA weights"),)
+    vllm_sync = "lora_request"
 
     @classmethod
     def wraps(cls, model: nn.Module) -> bool:

@@ -217,10 +217,10 @@ class OnlineTrainer:
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
-            from alignkit.models.adapters import adapter_kind
-            from alignkit.online.vllm_generation import refuse_reft
+            from alignkit.adapters import adapter_of
+            from alignkit.online.vllm_generation import refuse_unsupported
 
-            refuse_reft(adapter_kind(model))
+            refuse_unsupported(adapter_of(model))
             if fsdp2:
                 raise ValueError("generation_backend='vllm' under FSDP is not supported yet (the engine needs the "
                                  "whole weights each step); use DDP or one process")

@@ -43,10 +43,11 @@ BACKENDS = ("transformers", "vllm")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 
 
-def refuse_reft(kind: str) -> None:
-    if "reft" in kind:
-        raise ValueError(f"generation_backend='vllm' needs a full or LoRA policy; this one is {kind} (vLLM cannot "
-                         "run ReFT interventions): use generation_backend='transformers' for ReFT policies")
+def refuse_unsupported(adapter: Any) -> None:
+    """One line when vLLM cannot run this policy's adapter (`Adapter.vllm_sync` is None: ReFT kinds)."""
+    if adapter.vllm_sync is None:
+        raise ValueError(f"generation_backend='vllm' needs a full or LoRA policy; this one is {adapter.kind} (vLLM "
+                         "cannot run ReFT interventions): use generation_backend='transformers' for ReFT policies")
 
 
 class VllmGenerator:
@@ -63,7 +64,7 @@ class VllmGenerator:
 
     def __init__(self, policy: Any, tokenizer: Any, *, model: str | None = None, dtype: str | None = None,
                  workdir: str | Path | None = None, seed: int = 0, **engine_kwargs: Any) -> None:
-        from alignkit.models.adapters import adapter_kind, unwrap_lm
+        from alignkit.adapters.base import adapter_of, unwrap_lm
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (colocated)
         try:
@@ -71,8 +72,9 @@ class VllmGenerator:
         except ImportError:
             raise ImportError("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm "
                               "with the CPU build; on a GPU: pip install vllm)") from None
-        self.kind = adapter_kind(policy)
-        refuse_reft(self.kind)
+        adapter = adapter_of(policy)
+        refuse_unsupported(adapter)
+        self.kind, self.sync_mode = adapter.kind, adapter.vllm_sync
         lm = unwrap_lm(policy)
         self.model_path = str(model or getattr(lm.config, "name_or_path", "") or "")
         if not self.model_path or not Path(self.model_path, "config.json").is_file():
@@ -83,7 +85,7 @@ class VllmGenerator:
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
         dtype = dtype or str(next(policy.parameters()).dtype).replace("torch.", "")
         kw: dict[str, Any] = dict(model=self.model_path, dtype=dtype, seed=seed, enforce_eager=True)
-        if self.kind == "lora":
+        if self.sync_mode == "lora_request":
             r = max(int(c.r) for c in policy.peft_config.values())
             kw.update(enable_lora=True, max_loras=1, max_lora_rank=next((x for x in LORA_RANKS if x >= r), r))
         kw.update(engine_kwargs)
@@ -99,11 +101,11 @@ class VllmGenerator:
         """Give the engine the policy's current weights (full: pushed in place; LoRA: a new adapter id)."""
         import torch
 
-        from alignkit.models.adapters import unwrap_lm
+        from alignkit.adapters.base import unwrap_lm
 
         t0 = time.perf_counter()
         self.version += 1
-        if self.kind == "full":
+        if self.sync_mode == "weights":
             with torch.no_grad():
                 weights = [(n, t.detach()) for n, t in unwrap_lm(policy).state_dict().items()]
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -144,8 +146,9 @@ class VllmGenerator:
                 raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
         eos = end_token_ids(eos_source, self.tokenizer, cfg)
         base_seed = cfg.seed if cfg.seed is not None else 0
-        params = [self._params(cfg, eos, (base_seed * 1_000_003 + g) % (2 ** 31) if cfg.do_sample else None)
-                  for g in range(len(records))]
+        # vLLM seeds the k-th sample of a request with seed + k: prompts' seeds are num_samples apart
+        params = [self._params(cfg, eos, (base_seed * 1_000_003 + g * cfg.num_samples) % (2 ** 31)
+                               if cfg.do_sample else None) for g in range(len(records))]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False,
                                  lora_request=self.lora_request)
         samples: list[Sample] = []
@@ -172,4 +175,4 @@ class VllmGenerator:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["BACKENDS", "VllmGenerator", "refuse_reft"]
+__all__ = ["BACKENDS", "VllmGenerator", "refuse_unsupported"]

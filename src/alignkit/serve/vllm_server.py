@@ -86,7 +86,7 @@ def _lora_folder(name: str, folder: Path, base: Path, out: Path) -> tuple[Path, 
 
 def check_adapters(adapters: Mapping[str, str | Path]) -> dict[str, Path]:
     """Served name -> folder of the LoRA adapters vLLM will serve; anything else is refused in one line."""
-    from alignkit.models.adapters import read_adapter_config
+    from alignkit.adapters import adapter_in
 
     out = {}
     for name, folder in adapters.items():
@@ -94,12 +94,12 @@ def check_adapters(adapters: Mapping[str, str | Path]) -> dict[str, Path]:
         if not folder.is_dir():
             raise ConfigError(f"adapter {name!r}: folder {folder} does not exist")
         try:
-            kind = read_adapter_config(folder).kind
+            adapter = adapter_in(folder)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"adapter {name!r}: {e}") from None
-        if "reft" in kind:
-            raise ConfigError(REFT_REFUSAL.format(name=name, folder=folder, kind=kind))
-        if kind == "full":
+        if adapter.vllm_sync is None:
+            raise ConfigError(REFT_REFUSAL.format(name=name, folder=folder, kind=adapter.kind))
+        if adapter.saves_whole_model:
             raise ConfigError(f"adapter {name!r} ({folder}) holds a fully finetuned model, not an adapter; serve it "
                               "as its own --base")
         out[name] = folder
