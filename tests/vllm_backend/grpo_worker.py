@@ -76,7 +76,7 @@ def main(kind: str, out: str) -> None:
             gen.sync(trainer.policy)  # the weights of the last optimizer step
             row["greedy_vllm"] = greedy(gen.generate(PROMPTS, greedy_cfg, eos_source=trainer.policy))
             row["greedy_hf"] = greedy(generate_responses(trainer.policy, tok, PROMPTS, greedy_cfg))
-            sampled = SamplingConfig(num_samples=8, max_new_tokens=8, seed=5, temperature=4.0)  # trained policy: peaked
+            sampled = SamplingConfig(num_samples=8, max_new_tokens=8, seed=5, temperature=2.0)  # vLLM: T <= 2
             a = gen.generate(PROMPTS, sampled, eos_source=trainer.policy)
             b = gen.generate(PROMPTS, sampled, eos_source=trainer.policy)
             row["sampled_layout"] = [[s.group, s.index] for s in a]
