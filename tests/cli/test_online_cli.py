@@ -45,15 +45,15 @@ def test_tiny_online_run_writes_the_run_folder(command, config, extra, tmp_path,
     rows = _rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0.0, 1.0]
     for r in rows:
-        assert 0.0 <= r["reward/mean"] <= 1.0 and r["reward/std"] >= 0.0 and r["reward/failed"] == 0.0
-        assert r["kl"] >= 0.0 and r["response_length"] <= 3
+        assert 0.0 <= r["reward"] <= 1.0 and r["reward_std"] >= 0.0 and r["reward/failed"] == 0.0
+        assert r["kl"] >= 0.0 and r["completions/mean_length"] <= 3
         assert math.isfinite(r["loss"]) or r.get("pairs") == 0.0  # online DPO: a step of tied groups has no loss
     # LoRA starts with B = 0, so the first rollout's policy IS the reference (adapter off): KL exactly 0
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     if command == "online-dpo":
         assert all("pairs" in r for r in rows) and sum(r["pairs"] for r in rows) > 0
     else:
-        assert all("clip_fraction" in r for r in rows)
+        assert all("clip_ratio/region_mean" in r for r in rows)
     saved = {p.name for p in (out / "model").iterdir()}
     assert {"adapter_model.safetensors", "alignkit_adapter.json", "online_config.json", "README.md"} <= saved
     assert json.loads((out / "model" / "online_config.json").read_text())["steps"] == 2
@@ -62,7 +62,7 @@ def test_tiny_online_run_writes_the_run_folder(command, config, extra, tmp_path,
     assert load_config(out / "config.yaml") == load_config(args[3], args[4:])
     card = (out / "README.md").read_text()
     assert "**lora** adapter" in card and "alignkit.rewards:" in card and f"alignkit -q {command}" in card
-    assert f"| `reward/mean` | {rows[-1]['reward/mean']:.6g} |" in card  # final metrics from the run's own rows
+    assert f"| `reward` | {rows[-1]['reward']:.6g} |" in card  # final metrics from the run's own rows
     assert "alignkit " + command + ": done (2 step(s))" in capsys.readouterr().out
 
 

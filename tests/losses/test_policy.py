@@ -126,8 +126,8 @@ def test_clipped_pg_vs_loop(eps_high, dual):
             ratio = math.exp(lp[b][k] - old[b][k])
             clipped += (ratio < 0.8 and adv[b] < 0) or (ratio > 1 + eh and adv[b] > 0)
             n += 1
-    assert out.metrics["clip_fraction"].item() == pytest.approx(clipped / n)
-    assert {"clip_fraction", "approx_kl", "ratio/mean"} <= set(out.metrics)
+    assert out.metrics["clip_ratio/region_mean"].item() == pytest.approx(clipped / n)
+    assert {"clip_ratio/region_mean", "approx_kl", "ratio/mean"} <= set(out.metrics)
     ts = clipped_policy_loss(t(lp), t(old), t(adv), m, clip_eps=0.2, clip_eps_high=eps_high, dual_clip=dual,
                              aggregation="token_sum")
     assert torch.allclose(ts.losses, out.losses * m.sum(-1))

@@ -38,10 +38,11 @@ def test_metrics_jsonl_and_saved_adapter(tiny_dir, tokenizer, tmp_path):
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == [0.0, 1.0]
-    for key in ("reward/mean", "reward/std", "kl", "kl_coef", "response_length", "entropy", "clip_fraction",
+    for key in ("reward", "reward_std", "kl", "kl/sequence_sum", "kl_coef", "completions/mean_length", "entropy",
+                "clip_ratio/region_mean",
                 "loss", "function/failures"):
         assert all(key in r for r in rows), key
-    assert rows[0]["response_length"] <= 3 and rows[0]["entropy"] > 0
+    assert rows[0]["completions/mean_length"] <= 3 and rows[0]["entropy"] > 0
     # the saved adapter, loaded onto a fresh base, is the trained policy
     base = load_model(tiny_dir("llama"))
     with torch.no_grad():
@@ -60,8 +61,8 @@ def test_reference_is_the_start_policy_and_adaptive_kl(tiny_dir, tokenizer, kind
     trainer = GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, cfg)
     assert (trainer.ref_model is not None) == (kind == "full")  # frozen copy only for full finetuning
     h = trainer.train()
-    assert h[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0 / the copy: the policy IS the reference
-    assert h[1]["kl"] > 0
+    assert h[0]["kl/sequence_sum"] == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0 / the copy: the policy IS the reference
+    assert h[1]["kl/sequence_sum"] > 0
     # Ziegler et al.: beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon), n = 8 samples
     assert h[1]["kl_coef"] == pytest.approx(0.1 * (1 - 0.2 * 8 / 100))
 
@@ -80,7 +81,7 @@ def test_rollout_logps_match_an_independent_implementation(tiny_dir, tokenizer):
     assert rollout.mask.sum(-1).tolist() == [len(s.response_ids) for s in rollout.samples]
     # before any update the ratio is exactly 1 on a minibatch (rows re-selected and trimmed)
     _, metrics = trainer.policy_loss(trainer.build_batch(rollout), torch.tensor([5, 1, 2]))
-    assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-6) and metrics["clip_fraction"] == 0.0
+    assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-6) and metrics["clip_ratio/region_mean"] == 0.0
 
 
 def test_failed_annotations_get_weight_zero(tiny_dir, tokenizer):
@@ -197,15 +198,17 @@ def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
     trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS,
                           small(GRPOConfig, kl_estimator=estimator, kl_coef=0.2))
     r = trainer.score(trainer.generate(PROMPTS[:2], 0))
-    per_seq = []
+    per_seq, per_token = [], []
     for lp, rp, m in zip(r.old_logps.tolist(), r.ref_logps.tolist(), r.mask.tolist()):
         total = 0.0
         for a, b, keep in zip(lp, rp, m):
             if keep:
                 log_r = b - a  # log pi_ref / pi_theta (Schulman 2020)
-                total += {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": math.exp(log_r) - 1 - log_r}[estimator]
+                per_token.append({"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": math.exp(log_r) - 1 - log_r}[estimator])
+                total += per_token[-1]
         per_seq.append(total)
-    assert r.metrics["kl"] == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-4, abs=1e-7)
+    assert r.metrics["kl/sequence_sum"] == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-4, abs=1e-7)
+    assert r.metrics["kl"] == pytest.approx(sum(per_token) / len(per_token), rel=1e-4, abs=1e-7)  # TRL's: per token
     assert abs(r.metrics["kl"]) > 1e-4
     # and the loss carries beta * KL: with zero advantages the loss is 0.2 * mean_i mean_t KL_t
     r.rewards = torch.zeros_like(r.rewards)

@@ -36,8 +36,8 @@ HELP = {"online-dpo": "online DPO: pairs from the policy's own samples each step
 
 # plot file -> metric names drawn on it (the online trainers' row keys)
 ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
-    "reward": ("reward/mean", "reward/std", "reward/normalized_mean"),
-    "kl": ("kl", "kl/token", "kl_coef"),
+    "reward": ("reward", "reward_std", "reward/normalized_mean"),
+    "kl": ("kl", "kl/sequence_sum", "kl/token", "kl_coef"),
     "loss": ("loss", "policy_loss", "value_loss"),
 }
 
@@ -216,7 +216,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         else:
             logger.warning("method.push_to_hub: nothing pushed (method.save_at_end is false: no model/ was written)")
     last = rows[-1] if rows else {}
-    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward/mean", "kl", "loss") if isinstance(last.get(k), float))
+    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss") if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
           f"  run folder: {named.root} (model/, README.md, metrics.jsonl, plots/)")
     return 0

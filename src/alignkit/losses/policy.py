@@ -189,7 +189,8 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     GRPO/RLOO); ref_logps `(B, T)` when kl_coef > 0; entropy `(B, T)` when entropy_coef > 0.
     aggregation: 'sequence_mean' -> losses_i = mean over the sequence's tokens (GRPO);
     'token_sum' -> per-sequence sums with `num_tokens` (divide by the step's total tokens, DAPO).
-    Metrics (scalars over valid tokens): clip_fraction, approx_kl (0.5 E[(log ratio)^2]),
+    Metrics (scalars over valid tokens): clip_ratio/region_mean (TRL GRPO's name: the share of tokens whose
+    ratio is clipped in the direction of their advantage), approx_kl (0.5 E[(log ratio)^2]),
     ratio/mean, kl (when ref_logps given), entropy (when given).
     """
     if logps.shape != old_logps.shape or logps.shape != mask.shape or logps.dim() != 2:
@@ -226,7 +227,7 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     with torch.no_grad():
         a = adv.expand_as(ratio)
         clipped = ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
-        metrics["clip_fraction"] = _masked_mean(clipped.to(ratio.dtype), mask)
+        metrics["clip_ratio/region_mean"] = _masked_mean(clipped.to(ratio.dtype), mask)
         metrics["approx_kl"] = _masked_mean(0.5 * log_ratio ** 2, mask)
         metrics["ratio/mean"] = _masked_mean(ratio, mask)
     return LossOutput(losses=losses, metrics=metrics, num_tokens=n if aggregation == "token_sum" else None)

@@ -281,7 +281,7 @@ class FunctionAnnotator(Annotator):
 
     Several functions (`fn` a list) with `weights` (default 1 each) give, like TRL, the weighted sum of the
     scores that are not None (NaN-sum); an item every function failed on is failed. Metrics report each
-    function's mean (`function/<name>/mean`). None = cannot score (the failure policy applies); an
+    function's mean and std over the items it scored, under TRL's names (`rewards/<name>/mean`, `.../std`). None = cannot score (the failure policy applies); an
     exception or a non-number is an `AnnotatorError` naming the function and the item; a signature that
     fits neither convention is a ValueError when the annotator is built.
     """
@@ -380,10 +380,13 @@ class FunctionAnnotator(Annotator):
             for i in range(len(texts)):
                 vals = [(w, col[i]) for w, col in zip(self.weights, per_fn) if col[i] is not None]
                 raw.append(sum(w * v for w, v in vals) if vals else None)
-            for f, col in zip(self.fns, per_fn):
-                ok = [v for v in col if v is not None]
-                name = f.spec.split(":")[-1]
-                metrics[f"function/{name}/mean"] = sum(ok) / len(ok) if ok else float("nan")
+        for f, col in zip(self.fns, per_fn):  # TRL's rewards/<function>/mean and /std (unweighted, scored items)
+            ok = [float(v) for v in col if v is not None]
+            name = f.spec.split(":")[-1]
+            mean = sum(ok) / len(ok) if ok else float("nan")
+            metrics[f"rewards/{name}/mean"] = mean
+            metrics[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1))
+                                              if len(ok) > 1 else float("nan"))
         metrics["function/failures"] = float(sum(r is None for r in raw))
         return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics)
 

@@ -17,7 +17,7 @@ Update (`epochs_per_step` passes, minibatches of samples):
     loss   = sum_i w_i loss_i / sum_i w_i
 
 The KL enters through the rewards (not the loss), with the controller's beta (fixed or adaptive).
-Metrics: clip_fraction, value_loss, vf_clip_fraction, explained_variance, returns/mean, advantages/std.
+Metrics: clip_ratio/region_mean, value_loss, vf_clip_fraction, explained_variance, returns/mean, advantages/std.
 """
 
 from __future__ import annotations

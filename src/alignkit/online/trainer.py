@@ -263,6 +263,7 @@ class OnlineTrainer:
         self._order: list[int] = []
         self._py_rng = random.Random(c.seed)
         self.history: list[dict[str, float]] = []
+        self._num_tokens = 0  # TRL's num_tokens: prompt + completion tokens sampled so far, all processes
 
     # -- hooks for subclasses -----------------------------------------------------------------------
 
@@ -341,17 +342,17 @@ class OnlineTrainer:
             rollout = self.score(samples)
             batch = self.build_batch(rollout)
             metrics = self.reduce_metrics({"step": float(step), **rollout.metrics, **self.optimise(batch)})
-            self.kl_ctl.update(metrics["kl"], len(samples) * self.world)
+            self.kl_ctl.update(metrics["kl/sequence_sum"], len(samples) * self.world)
             metrics["time/step_s"] = time.perf_counter() - t0
             self.log(metrics)
-            if metrics.get("frac_reward_zero_std") == 1.0:
+            if getattr(self, "_step_flat", False):
                 self._flat_steps = getattr(self, "_flat_steps", 0) + 1
                 if self._flat_steps == 1:
                     logger.warning("step %d: every prompt's %d samples got the same reward, so this step has no "
                                    "reward signal (only the KL term moves the policy); a reward that never varies "
                                    "is usually a bug in the annotator", step + 1, self.config.sampling.num_samples)
             bar.update(1)
-            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "kl", "loss") if k in metrics})
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "loss") if k in metrics})
             if self.output_dir is not None and self.config.save_steps and (step + 1) % self.config.save_steps == 0:
                 self.save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{step + 1}", step + 1)
 
@@ -429,26 +430,53 @@ class OnlineTrainer:
         stats = self.token_stats(batch, entropy=True, hidden=self.needs_hidden)
         ref = reference_token_logps(self.policy, batch, self.ref_model, temperature=c.sampling.temperature,
                                     chunk_size=c.chunk_size)
-        kl = sequence_sums(KL_ESTIMATORS[c.kl_estimator](stats.logps, ref), stats.mask)  # (B,)
-        v = everyone[~torch.isnan(everyone)].double()  # reward statistics over the global batch
-        if v.numel() == 0 and self.pointwise_scores:
+        kl_tok = KL_ESTIMATORS[c.kl_estimator](stats.logps, ref)  # (B, T-1)
+        kl = sequence_sums(kl_tok, stats.mask)  # (B,)
+        if not (~torch.isnan(everyone)).any() and self.pointwise_scores:
             raise AnnotatorError(f"step {getattr(self, '_step', 0) + 1}: the annotator scored none of the {everyone.numel()} "
                                  "response(s) (every score failed or was None), so there is nothing to learn from; "
                                  "check the annotator (its function, model or judge) on a few of the responses")
-        m = stats.mask.float()
-        metrics = {"reward/mean": float(v.mean()) if v.numel() else float("nan"),
-                   "reward/std": float(v.std(unbiased=False)) if v.numel() else float("nan"),
-                   "reward/failed": float(scores.failed.sum()),  # summed over ranks (SUMMED_METRICS)
-                   "reward/normalized_mean": float(rewards.mean()),
-                   "kl": float(kl.mean()), "kl_coef": float(self.kl_ctl.value),
-                   "entropy": float((stats.entropy * m).sum() / m.sum().clamp(min=1)),
-                   **generation_metrics(samples), **{k_: float(v_) for k_, v_ in scores.metrics.items()}}
-        metrics["response_length"] = metrics.pop("generation/response_length")
-        if k > 1:  # TRL's frac_reward_zero_std: groups whose valid rewards are all equal carry no advantage
-            metrics["frac_reward_zero_std"] = zero_spread_fraction(everyone.view(-1, k))
+        # no reward signal in any group (a group with < 2 scores counts as flat here; TRL's metric does not)
+        self._step_flat = k > 1 and zero_spread_fraction(everyone.view(-1, k)) == 1.0
+        metrics = self.rollout_metrics(samples, everyone, rewards, scores, kl_tok, kl, stats.entropy, stats.mask)
         dev = self.accelerator.device
         return Rollout(samples, batch, raw.to(dev), rewards.to(dev), weights.to(dev), stats.logps, ref, stats.mask,
                        stats.entropy, stats.hidden, metrics)
+
+    def rollout_metrics(self, samples: list[Sample], everyone: Tensor, rewards: Tensor, scores: Scores, kl_tok: Tensor,
+                        kl: Tensor, entropy: Tensor, mask: Tensor) -> dict[str, float]:
+        """One step's sampling metrics, under TRL's names where the quantity is TRL's (docs/metrics.md):
+        `reward`, `reward_std` (Bessel-corrected), `frac_reward_zero_std`, `kl` and `entropy` (means over every
+        completion token of the step), `completions/*`, cumulative `num_tokens`; alignkit's own names otherwise
+        (`kl/sequence_sum`: the mean over samples of each sequence's summed KL). Reward, KL, entropy and completion
+        statistics are over all processes (every process gets the same values)."""
+        k = self.config.sampling.num_samples
+        v = everyone[~torch.isnan(everyone)].double()  # reward statistics over the global batch
+        g = everyone.view(-1, k).double()  # (G, K) raw scores of each prompt's samples, NaN = failed
+        ok = ~torch.isnan(g)
+        n_ok = ok.sum(-1)  # (G,)
+        g_mean = torch.where(ok, g, 0.0).sum(-1, keepdim=True) / n_ok.clamp(min=1)[:, None]
+        g_std = (torch.where(ok, (g - g_mean) ** 2, 0.0).sum(-1) / (n_ok - 1).clamp(min=1)).sqrt()  # (G,) Bessel
+        zero_std = (n_ok > 1) & torch.isclose(g_std, torch.zeros_like(g_std))  # TRL: NaN std (< 2 scores) is not 0
+        m = mask.float()
+        sums = self.reduce_sum(torch.stack([(kl_tok * m).sum(), (entropy * m).sum(), m.sum()]).double())  # (3,)
+        length = self.gather(torch.tensor([float(len(s.response_ids)) for s in samples]))  # (W B,)
+        clipped = self.gather(torch.tensor([float(s.finish_reason == "length") for s in samples]))
+        self._num_tokens += int(self.reduce_sum(torch.tensor(
+            [float(sum(len(s.prompt_ids) + len(s.response_ids) for s in samples))], dtype=torch.float64))[0])
+        metrics = {"reward": float(v.mean()) if v.numel() else float("nan"),
+                   "reward_std": float(v.std()) if v.numel() > 1 else float("nan"),
+                   "frac_reward_zero_std": float(zero_std.double().mean()),
+                   "reward/failed": float(scores.failed.sum()),  # summed over ranks (SUMMED_METRICS)
+                   "reward/normalized_mean": float(rewards.mean()),
+                   "kl": float(sums[0] / sums[2].clamp(min=1)), "kl/sequence_sum": float(kl.mean()),
+                   "kl_coef": float(self.kl_ctl.value), "entropy": float(sums[1] / sums[2].clamp(min=1)),
+                   "completions/mean_length": float(length.mean()), "completions/min_length": float(length.min()),
+                   "completions/max_length": float(length.max()), "completions/clipped_ratio": float(clipped.mean()),
+                   "num_tokens": float(self._num_tokens)}
+        gen = generation_metrics(samples)
+        gen.pop("generation/response_length")  # completions/mean_length, over all processes
+        return {**metrics, **gen, **{k_: float(v_) for k_, v_ in scores.metrics.items()}}
 
     def run_minibatches(self, n_items: int, loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]],
                         normalizer_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:
@@ -547,10 +575,13 @@ class OnlineTrainer:
         return self.accelerator.reduce(t.to(self.accelerator.device).clone(), reduction="sum")
 
     SUMMED_METRICS = ("reward/failed", "pairs")
+    GLOBAL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
+                      "completions/mean_length", "completions/min_length", "completions/max_length",
+                      "completions/clipped_ratio", "num_tokens")
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """One row for all processes: counts (`SUMMED_METRICS`) summed, the rest averaged over the processes
-        that report them; reward/mean and reward/std are already global (computed from every rank's scores)."""
+        that report them; the metrics `rollout_metrics` computes over all processes are the same on every rank."""
         if self.world == 1:
             return metrics
         import torch.distributed as dist
@@ -560,7 +591,7 @@ class OnlineTrainer:
         out: dict[str, float] = {}
         for k in dict.fromkeys(k for r in rows for k in r):
             vals = [float(r[k]) for r in rows if k in r]
-            if k in ("step", "reward/mean", "reward/std"):
+            if k in ("step", *self.GLOBAL_METRICS):
                 out[k] = vals[0]
             elif k in self.SUMMED_METRICS:
                 out[k] = sum(vals)
@@ -572,8 +603,8 @@ class OnlineTrainer:
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
-        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "reward/mean", "kl", "loss",
-                                                                      "response_length", "entropy")}
+        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "reward", "kl", "loss",
+                                                                      "completions/mean_length", "entropy")}
         logger.info("online step %s", shown)
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -615,7 +646,7 @@ class OnlineTrainer:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 version, internal, gauss = self._py_rng.getstate()
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
-                         "kl_coef": float(self.kl_ctl.value),
+                         "kl_coef": float(self.kl_ctl.value), "num_tokens": self._num_tokens,
                          "moments": [self.moments.count, self.moments.mean, self.moments.m2]}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
@@ -649,6 +680,7 @@ class OnlineTrainer:
         self._py_rng.setstate((version, tuple(internal), gauss))
         self._order = list(state["order"])
         self.kl_ctl.value = float(state["kl_coef"])
+        self._num_tokens = int(state.get("num_tokens", 0))  # older checkpoints: counted from 0 again
         self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
         logger.info("resumed from %s (step %d)", folder, state["step"])
         return int(state["step"])
