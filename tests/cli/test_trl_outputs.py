@@ -102,17 +102,31 @@ def test_push_uploads_the_final_model_folder_only(lora_run):
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    from alignkit.augment.llm import Cached
+    from alignkit.augment.pipeline import Filters, augment
+    from alignkit.augment.strategies import ParaphraseOptions, Source
     from alignkit.interventions.io import _atomic_write
     from alignkit.online.rounds import atomic_write_text
+
+    class Echo:
+        name = "echo"
+
+        def chat(self, messages, **kw):
+            return messages[-1]["content"]
 
     old = os.umask(umask)
     try:
         _atomic_write(tmp_path / "w.safetensors", b"x")
         atomic_write_text(tmp_path / "r.jsonl", "{}\n")
+        llm = Cached(Echo(), tmp_path / "cache")  # augment's request cache and its output file
+        augment([Source("d.jsonl:1", {"prompt": "Say hi", "completion": "hi"})], "paraphrase", ParaphraseOptions(),
+                llm, Filters(), tmp_path / "a.jsonl")
     finally:
         os.umask(old)
-    assert oct((tmp_path / "w.safetensors").stat().st_mode & 0o777) == oct(mode)  # was 0o600 (mkstemp)
-    assert oct((tmp_path / "r.jsonl").stat().st_mode & 0o777) == oct(mode)
+    written = [tmp_path / "w.safetensors", tmp_path / "r.jsonl", tmp_path / "a.jsonl", *(tmp_path / "cache").rglob("*.json")]
+    assert len(written) == 4
+    for path in written:  # were 0o600 (mkstemp)
+        assert oct(path.stat().st_mode & 0o777) == oct(mode), path
 
 
 def test_token_accuracy_logits_and_num_tokens_by_hand(tiny_dir, tmp_path):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 import urllib.error
@@ -190,10 +188,10 @@ class Cached:
         self.misses += 1
         content = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"model": self.inner.name, "messages": messages, "content": content}, f, ensure_ascii=False)
-        os.replace(tmp, path)
+        entry = {"model": self.inner.name, "messages": messages, "content": content}
+        from alignkit.interventions.io import atomic_write
+
+        atomic_write(path, json.dumps(entry, ensure_ascii=False).encode("utf-8"))  # the umask's mode, not 0600
         return content
 
 

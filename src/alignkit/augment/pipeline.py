@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,11 +102,9 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
                                              **cand.extra}})
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out_path)
+    from alignkit.interventions.io import atomic_write
+
+    atomic_write(out_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
     result = AugmentResult(out_path, len(rows), n, dict(dropped))
     logger.info("augment %s: %s", strategy, result.summary())
     return result
