@@ -70,7 +70,7 @@ def main(kind: str, out: str) -> None:
         trainer = GRPOTrainer(policy, tok, PROMPTS, {"type": "function", "fn": digit_fraction}, cfg)
         history = trainer.train()
         row[backend] = {"before": before, "after": mean_reward(trainer.policy, tok),
-                        "step_rewards": [h["reward/mean"] for h in history], "train_s": time.perf_counter() - t0}
+                        "step_rewards": [h["reward"] for h in history], "train_s": time.perf_counter() - t0}
         if backend == "vllm":
             gen = trainer.vllm_generator
             gen.sync(trainer.policy)  # the weights of the last optimizer step
