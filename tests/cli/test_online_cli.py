@@ -17,7 +17,7 @@ from alignkit.settings import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["method.steps=2", "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]
+FAST = ["train.max_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -129,7 +129,7 @@ def test_annotate_without_samples_fails_before_loading_anything(tmp_path, capsys
 
 
 @pytest.mark.parametrize("command, config, override, text", [
-    ("grpo", "grpo-tiny.yaml", "method.stpes=2", "method.stpes: unknown key; did you mean 'steps'"),
+    ("grpo", "grpo-tiny.yaml", "train.max_stpes=2", "train.max_stpes: unknown key; did you mean 'max_steps'"),
     ("grpo", "grpo-tiny.yaml", "sampling.temprature=1", "sampling.temprature: unknown key"),
     ("grpo", "grpo-tiny.yaml", "annotator.template=x", "annotator.template: not used by kind 'function'"),
     ("grpo", "grpo-tiny.yaml", "annotator.function=alignkit.rewards:nope", "annotator.function: "),
@@ -156,7 +156,7 @@ def test_ls_lists_the_online_commands(capsys):
     out = capsys.readouterr().out
     for name in ("online-dpo", "grpo", "rloo", "ppo", "sample", "annotate"):
         assert f"  {name} " in out
-    assert "GRPORunConfig: sections model, annotator, data, adapter, sampling, output_dir, method" in out
+    assert "GRPORunConfig: sections model, annotator, data, adapter, sampling, train, output_dir, method" in out
 
 
 def test_reward_function_scoring_nothing_is_one_line(tmp_path, monkeypatch, capsys):

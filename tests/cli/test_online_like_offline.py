@@ -31,7 +31,7 @@ def test_grpo_run_with_trl_reward_function(tmp_path, monkeypatch, capsys):
     out = tmp_path / "grpo"
     rc = main(["grpo", "--allow-code", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}",
                f"data.path={data}",
-               "annotator.function=ak_trl_grpo_reward:matches_answer", "method.steps=2",
+               "annotator.function=ak_trl_grpo_reward:matches_answer", "train.max_steps=2",
                "sampling.max_new_tokens=4"])
     assert rc == 0
     import ak_trl_grpo_reward

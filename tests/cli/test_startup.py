@@ -38,3 +38,15 @@ def test_a_command_loads_only_its_module():
     sub = _subparsers(parser)
     assert sub.choices["ls"].get_default("func").__module__ == "alignkit.cli.listing"
     assert sub.choices["dpo"].get_default("func") is None  # a stub: its module was not imported for `ls`
+
+
+def test_command_help_imports_no_heavy_library_and_lists_the_keys():
+    code = ("import sys\nfrom alignkit.cli import main\ntry:\n    main(['dpo', '--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nheavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', "
+            "'datasets') if m in sys.modules)\nprint('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    lines = out.stdout.splitlines()
+    assert any(line.split() == ["train.learning_rate", "float", "=", "1e-06"] for line in lines)
+    assert any(line.split() == ["method.beta", "float", "=", "0.1"] for line in lines)

@@ -4,6 +4,7 @@ write metrics, TRL-style --flags, and a local dataset folder as data.path."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -28,19 +29,24 @@ def test_train_defaults_per_objective(command, lr):
 def test_online_defaults(command, lr):
     from alignkit.settings import CONFIG_CLASSES
 
-    method = CONFIG_CLASSES[command].__dataclass_fields__["method"].default_factory()
-    assert method.learning_rate == lr  # TRL 1.9's OnlineDPOConfig / GRPOConfig / RLOOConfig / PPOConfig
+    cfg = load_config(None, ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl",
+                             "annotator.kind=function", "annotator.function=alignkit.rewards:digit_fraction"],
+                      command=command)
+    assert cfg.train["learning_rate"] == lr  # TRL 1.9's OnlineDPOConfig / GRPOConfig / RLOOConfig / PPOConfig
+    assert cfg.trainer_config().learning_rate == lr
 
 
 def test_dpo_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["dpo", "--help"])
     out = capsys.readouterr().out
-    assert "train.learning_rate=1e-06" in out and "train.logging_steps=10" in out and "method.beta=0.1" in out
+    assert re.search(r"train\.learning_rate +float = 1e-06\n", out) and re.search(r"train\.logging_steps .* = 10\n", out)
+    assert re.search(r"method\.beta +float = 0\.1\n", out)
     with pytest.raises(SystemExit):
         main(["sft", "--help"])
     out = capsys.readouterr().out
-    assert "train.learning_rate=2e-05" in out and "data.loss_on=all_assistant" in out
+    assert re.search(r"train\.learning_rate +float = 2e-05\n", out)
+    assert re.search(r"data\.loss_on +one of .* = 'all_assistant'\n", out)
 
 
 SHORT = """command: sft
@@ -71,9 +77,9 @@ def test_trl_flags_become_overrides():
         "--config", "x.yaml", "train.learning_rate=1e-4", "train.per_device_train_batch_size=2",
         "train.gradient_checkpointing=true", "method.beta=0.2", "method.loss_type=ipo", "model.path=m/",
         "adapter.kind=lora", "adapter.lora.r=8", "data.max_length=-1", "--dry-run"]
-    # online commands: learning_rate is the method's
+    # online commands: the same train keys
     assert translate(["--learning_rate", "1e-5", "--num_samples", "8"], "grpo", known) == [
-        "method.learning_rate=1e-5", "sampling.num_samples=8"]
+        "train.learning_rate=1e-5", "sampling.num_samples=8"]
 
 
 def test_unknown_flag_is_one_line_exit_2(capsys):
@@ -86,9 +92,9 @@ def test_unknown_flag_is_one_line_exit_2(capsys):
 def test_padding_free_only_where_supported():
     from alignkit.settings import ConfigError
 
-    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", "data.padding_free=true"]
-    assert load_config(None, base + ["data.group_by_length=true"], command="dpo").data.padding_free
-    with pytest.raises(ConfigError, match=r"data\.padding_free: not available for rm"):
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", "train.padding_free=true"]
+    assert load_config(None, base + ["train.group_by_length=true"], command="dpo").train["padding_free"]
+    with pytest.raises(ConfigError, match=r"train\.padding_free: not available for rm"):
         load_config(None, base, command="rm")
 
 
@@ -115,7 +121,7 @@ def test_local_dataset_folder_with_trl_flags_and_batching(tmp_path, monkeypatch)
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["data"]["path"] == str(repo) and saved["data"]["padding_free"] and saved["data"]["group_by_length"]
+    assert saved["data"]["path"] == str(repo) and saved["train"]["padding_free"] and saved["train"]["group_by_length"]
     assert saved["train"]["learning_rate"] == 1e-3 and saved["train"]["per_device_train_batch_size"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("step") == 2 and "loss" in r for r in rows)

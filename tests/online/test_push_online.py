@@ -50,8 +50,8 @@ def fake_hub(monkeypatch):
 
 def test_cli_online_run_pushes_model_folder_only(tmp_path, fake_hub):
     out = tmp_path / "grpo-run"
-    rc = main(["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}", "method.steps=2",
-               "method.save_steps=1", "sampling.max_new_tokens=3", "--push_to_hub", "--hub_model_id", "me/grpo-lora"])
+    rc = main(["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}", "train.max_steps=2",
+               "train.save_steps=1", "sampling.max_new_tokens=3", "--push_to_hub", "--hub_model_id", "me/grpo-lora"])
     assert rc == 0
     assert (out / "checkpoints" / "checkpoint-2").is_dir()  # written, and not pushed
     assert fake_hub[0] == ("create_repo", "me/grpo-lora", False)

@@ -13,7 +13,7 @@ from alignkit.settings import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GRPO = str(CONFIGS / "grpo-tiny.yaml")
-SMALL = ["method.steps=1", "method.prompts_per_step=1", "sampling.num_samples=2", "sampling.max_new_tokens=2",
+SMALL = ["train.max_steps=1", "method.prompts_per_step=1", "sampling.num_samples=2", "sampling.max_new_tokens=2",
          "data.max_records=2"]
 
 

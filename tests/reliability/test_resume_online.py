@@ -1,4 +1,4 @@
-"""Issue 12, finding 2 for the online loop: `method.save_steps` writes complete checkpoints (weights, optimizer,
+"""Issue 12, finding 2 for the online loop: `train.save_steps` writes complete checkpoints (weights, optimizer,
 RNG, prompt order, KL controller, reward moments); a run killed in step 3 and resumed with `--resume` logs exactly
 the rows of an uninterrupted run (CPU, fp32), and metrics.jsonl continues."""
 
@@ -13,10 +13,10 @@ from alignkit.cli import main
 from alignkit.online.trainer import OnlineTrainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SMALL = ["method.steps=4", "method.save_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2",
+SMALL = ["train.max_steps=4", "train.save_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2",
          "sampling.max_new_tokens=3", "data.max_records=6"]
 CASES = {"grpo-lora": ("grpo", "grpo-tiny.yaml", []),
-         "grpo-full": ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "method.learning_rate=1e-4"]),
+         "grpo-full": ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "train.learning_rate=1e-4"]),
          "online-dpo-lora": ("online-dpo", "online-dpo-tiny.yaml", ["adapter.kind=lora", "adapter.lora={r: 2}"])}
 SKIP = {"time/step_s"}
 

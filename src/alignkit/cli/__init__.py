@@ -26,8 +26,9 @@ import os
 import sys
 
 # command -> (module under alignkit.cli that defines it, its one-line help). `alignkit --help` is built
-# from this table alone, so it imports no torch and answers at once; `alignkit <command> ...` imports only
-# that command's module. tests/cli/test_startup.py checks the table against what the modules register.
+# from this table alone, so it imports no torch and answers at once; `alignkit <command> --help` builds the
+# command's parser from `alignkit.cli.helptext` (settings only, no torch: every key with type and default);
+# `alignkit <command> ...` imports only that command's module. tests/cli/test_startup.py checks the table against what the modules register.
 COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("train", "supervised finetuning"),
     "rm": ("train", "train a reward model (pairwise Bradley-Terry or K-wise ranking)"),
@@ -54,6 +55,10 @@ def _wanted(argv: list[str]) -> str | None:
     return next((a for a in argv if a in COMMANDS), None)
 
 
+def _asks_help(argv: list[str], command: str) -> bool:
+    return any(a in ("-h", "--help") for a in argv[argv.index(command) + 1:])
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command-line parser. With `argv`, only the module of the command it names is imported (the
     others get a stub that carries their help line); without, every command's module registers fully."""
@@ -68,6 +73,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     else:
         wanted = _wanted(argv)
         modules = [COMMANDS[wanted][0]] if wanted else []
+        if wanted and _asks_help(argv, wanted):
+            from alignkit.cli.helptext import CONFIG_COMMANDS, add_command_parser
+
+            if wanted in CONFIG_COMMANDS:  # its help alone: the parser from settings, the module not imported
+                add_command_parser(sub, wanted, COMMANDS[wanted][1])
+                modules = []
     for name in modules:
         importlib.import_module(f"alignkit.cli.{name}").add_parser(sub)
     for command, (_, text) in COMMANDS.items():  # stubs, in the table's order, for the commands not loaded
@@ -109,7 +120,6 @@ def _main(argv: list[str] | None) -> int:
 
     from alignkit.settings import ConfigError
 
-    expected = expected_errors()
     try:
         from alignkit.cli.flags import translate_argv
 
@@ -117,7 +127,8 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as e:
         print(f"alignkit: error: {one_line(e)}", file=sys.stderr)
         return 2
-    args = parser.parse_args(parsed_argv)
+    args = parser.parse_args(parsed_argv)  # exits for --help (before any heavy import)
+    expected = expected_errors()
     args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME
+from alignkit.cli.helptext import add_config_arguments  # noqa: F401 (the command modules import it from here)
 from alignkit.runs import RunFolder, is_main_process
 from alignkit.data.records import DataError
 from alignkit.settings import ConfigError, DataSettings, ModelSettings, dump_config, load_config, save_config
@@ -31,21 +32,6 @@ TINY_TMP_PREFIX = "alignkit-tiny-"
 # folders this process created itself (mkdtemp): the only ones alignkit ever removes. A user's folder that
 # happens to share the prefix is never touched (issue 12, finding 3).
 _CREATED: set[str] = set()
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, run_folder: bool = False) -> None:
-    parser.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (imports no "
-                        "code named in the config, loads no model)")
-    if run_folder:
-        parser.add_argument("--resume", action="store_true",
-                            help="continue the run in output_dir from its newest complete checkpoint "
-                                 "(metrics.jsonl continues; incomplete checkpoints are skipped)")
-        parser.add_argument("--overwrite", action="store_true",
-                            help="replace an existing output_dir as a whole: the new run is written beside it and "
-                                 "swapped in when it finishes (the old run stays untouched if the new one fails)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides parsed as YAML scalars, e.g. method.beta=0.05 train.learning_rate=1e-4")
 
 
 def config_from_args(args: argparse.Namespace, command: str) -> Any:
@@ -151,7 +137,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         if ckpt is None:
             raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (training commands write "
                               "them with train.save_strategy=steps and train.save_steps=N, online commands with "
-                              "method.save_steps=N); start again with --overwrite")
+                              "train.save_steps=N); start again with --overwrite")
         check_resume_config(cfg, final / "config.yaml")
         logger.info("resuming %s from %s", final, ckpt)
     elif holds and not overwrite:

@@ -18,15 +18,15 @@ from typing import Any
 
 import torch
 
-from alignkit.cli.common import (add_config_arguments, config_from_args, dry_run, load_for_inference, read_records,
+from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.common import (config_from_args, dry_run, load_for_inference, read_records,
                                  start_run, to_device, tokenize)
 
 logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="reward-model accuracy, or DPO implicit-reward accuracy, on preference data")
-    add_config_arguments(p)
+    p = add_command_parser(sub, "eval", "reward-model accuracy, or DPO implicit-reward accuracy, on preference data")
     p.set_defaults(func=run)
 
 

@@ -4,8 +4,10 @@ dotted overrides, so a TRL command line works beside `train.learning_rate=1e-4`.
 A flag the command's own parser does not know becomes `<section>.<name>=<value>`, the section found in
 this order: TRL's names for alignkit keys (`ALIASES`: `--model_name_or_path` -> model.path,
 `--dataset_name` -> data.path, `--use_peft` -> adapter.kind=lora, `--lora_r` -> adapter.lora.r, ...);
-a top-level key (`output_dir`); a field of `method`, `data`, `model`, `sampling` or `annotator`; for the
-offline training commands, any `transformers.TrainingArguments` field (-> `train.<name>`). A flag without
+a top-level key (`output_dir`); a key of the shared `train` vocabulary (`alignkit.settings.train`:
+`--learning_rate`, `--max_steps`, `--seed`, ... for every training command, offline and online); a field of
+`method`, `data`, `model`, `sampling` or `annotator`; for the offline training commands, any
+`transformers.TrainingArguments` field (-> `train.<name>`). A flag without
 a value (followed by another flag, a `key=value` override or nothing) means true. An unknown flag is a
 ConfigError naming it and the closest valid names.
 """
@@ -23,9 +25,9 @@ ALIASES = {
     "dataset_test_split": "data.eval_split",
     "torch_dtype": "model.dtype",
     "dtype": "model.dtype",
-    "packing": "data.padding_free",
-    "padding_free": "data.padding_free",
-    "group_by_length": "data.group_by_length",
+    "packing": "train.padding_free",
+    "padding_free": "train.padding_free",
+    "group_by_length": "train.group_by_length",
     "use_peft": "adapter.kind",
     "lora_r": "adapter.lora.r",
     "lora_alpha": "adapter.lora.alpha",
@@ -58,6 +60,7 @@ def _section_fields(cfg_cls: type) -> dict[str, set[str]]:
 def resolve_flag(name: str, command: str) -> str:
     """The dotted key a TRL-style flag `--name` sets for `command` (see the module docstring)."""
     from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError
+    from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
 
     if name in ALIASES:
         return ALIASES[name]
@@ -66,10 +69,13 @@ def resolve_flag(name: str, command: str) -> str:
     sections = _section_fields(cfg_cls)
     if name in top and name not in sections and name != "train":
         return name
+    shared = ONLINE_TRAIN_KEYS if command in ONLINE_COMMANDS else TRAIN_KEYS if command in TRAIN_COMMANDS else ()
+    if name in shared:  # the shared train vocabulary wins over a same-named key elsewhere (sampling.seed)
+        return f"train.{name}"
     for s in SECTIONS:
         if name in sections.get(s, ()):
             return f"{s}.{name}"
-    candidates = list(ALIASES) + [n for s in SECTIONS for n in sections.get(s, ())]
+    candidates = list(ALIASES) + list(shared) + [n for s in SECTIONS for n in sections.get(s, ())]
     if command in TRAIN_COMMANDS:
         from transformers import TrainingArguments
 
@@ -79,8 +85,8 @@ def resolve_flag(name: str, command: str) -> str:
         candidates += sorted(targs)
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
-    raise ConfigError(f"--{name}: not a setting of alignkit {command} (TRL-style flags name a key of method, data, "
-                      f"model{', or transformers.TrainingArguments' if command in TRAIN_COMMANDS else ''}){hint}")
+    raise ConfigError(f"--{name}: not a setting of alignkit {command} (TRL-style flags name a key of train, method, "
+                      f"data, model{', or transformers.TrainingArguments' if command in TRAIN_COMMANDS else ''}){hint}")
 
 
 def translate(argv: list[str], command: str, known: set[str]) -> list[str]:

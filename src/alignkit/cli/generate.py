@@ -14,7 +14,8 @@ import json
 import logging
 from typing import Any
 
-from alignkit.cli.common import (add_config_arguments, config_from_args, dry_run, load_for_inference, read_records,
+from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.common import (config_from_args, dry_run, load_for_inference, read_records,
                                  start_run, to_device)
 from alignkit.settings import ConfigError
 
@@ -22,8 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generations from a model (+ adapter) for a prompts file, as JSONL")
-    add_config_arguments(p)
+    p = add_command_parser(sub, "generate", "generations from a model (+ adapter) for a prompts file, as JSONL")
     p.set_defaults(func=run)
 
 

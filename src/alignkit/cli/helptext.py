@@ -1,57 +1,125 @@
-"""The defaults a command fills in, written under its `--help` (so `alignkit dpo --help` shows the learning rate)."""
+"""The parsers of the config-driven commands and their `--help` text: every settable key with its type and default.
+
+Imports only `alignkit.settings` (no torch), so `alignkit dpo --help` answers at once: `alignkit.cli.build_parser`
+registers a command's parser from here when only its help is asked for, and the command modules register the
+same parser (`add_command_parser`) before attaching their `run` function.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import typing
 from typing import Any
 
+# command -> (writes a run folder: --resume / --overwrite, may run a config's code: --allow-code)
+CONFIG_COMMANDS: dict[str, tuple[bool, bool]] = {
+    "sft": (True, False), "rm": (True, False), "dpo": (True, False), "kto": (True, False),
+    "online-dpo": (True, True), "grpo": (True, True), "rloo": (True, True), "ppo": (True, True),
+    "eval": (False, False), "generate": (False, False), "sample": (False, False), "annotate": (False, True),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, run_folder: bool = False) -> None:
+    parser.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (imports no "
+                        "code named in the config, loads no model)")
+    if run_folder:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in output_dir from its newest complete checkpoint "
+                                 "(metrics.jsonl continues; incomplete checkpoints are skipped)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace an existing output_dir as a whole: the new run is written beside it and "
+                                 "swapped in when it finishes (the old run stays untouched if the new one fails)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides parsed as YAML scalars, e.g. method.beta=0.05 train.learning_rate=1e-4")
+
+
+def add_allow_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-code", action="store_true",
+                        help="let annotator.function name code outside alignkit.rewards (it is imported and called on "
+                             "every sample; only for code you have read)")
+
+
+def add_command_parser(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    """The parser of config command `name` (`CONFIG_COMMANDS`), its epilog listing every key."""
+    run_folder, allow_code = CONFIG_COMMANDS[name]
+    p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.", epilog=keys_epilog(name),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, run_folder=run_folder)
+    if allow_code:
+        add_allow_code(p)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- the key listing
 
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return f.default_factory()  # type: ignore[misc]
-    return None
+    return dataclasses.MISSING
 
 
-def _fields(cls: type, prefix: str, skip: tuple[str, ...] = ()) -> list[str]:
-    out = []
-    for f in dataclasses.fields(cls):
-        v = _default(f)
-        if f.name in skip or dataclasses.is_dataclass(v) or v in ({}, []):
-            continue
-        out.append(f"{prefix}{f.name}={v}")
+def _section_class(tp: Any) -> type | None:
+    """The dataclass of a section annotation (`X` or `X | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def _show(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "required"
+    return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def settable_keys(command: str) -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) of every key `command`'s config takes, in the config class's order."""
+    from alignkit.settings import CONFIG_CLASSES
+    from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS, train_defaults
+    from alignkit.settings.typed import type_name
+
+    out: list[tuple[str, str, str]] = []
+
+    def walk(cls: type, prefix: str, instance: Any) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            key, tp = prefix + f.name, hints[f.name]
+            if prefix == "" and f.name == "train":
+                keys = ONLINE_TRAIN_KEYS if command in ONLINE_COMMANDS else TRAIN_KEYS
+                defaults = train_defaults(command)
+                out.extend((f"train.{k}", type_name(TRAIN_KEYS[k][0]), _show(defaults.get(k))) for k in keys)
+                continue
+            default = getattr(instance, f.name) if instance is not None else _default(f)
+            section = _section_class(tp)
+            if section is not None:
+                walk(section, key + ".", default if dataclasses.is_dataclass(default) else None)
+            else:
+                out.append((key, type_name(tp), _show(default)))
+
+    walk(CONFIG_CLASSES[command], "", None)
     return out
 
 
-def _wrap(items: list[str], width: int = 100, indent: str = "  ") -> str:
-    lines, cur = [], indent
-    for it in items:
-        if len(cur) + len(it) + 2 > width and cur.strip():
-            lines.append(cur.rstrip(", ").rstrip())
-            cur = indent
-        cur += it + ", "
-    lines.append(cur.rstrip(", "))
+def keys_epilog(command: str) -> str:
+    """`--help` text: every key with its type and default, then where the train vocabulary comes from."""
+    from alignkit.settings.train import ONLINE_COMMANDS, TRAIN_COMMANDS
+
+    rows = settable_keys(command)
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["keys (set in the YAML config, as key=value, or as TRL-style --flags; default after '='):"]
+    lines += [f"  {k.ljust(width)}  {t} = {d}" for k, t, d in rows]
+    if command in TRAIN_COMMANDS:
+        lines.append("  train.*: also any other transformers.TrainingArguments field (its default)")
+    elif command in ONLINE_COMMANDS:
+        lines.append("  train.*: the same keys as the offline commands (alignkit.settings.train); method: the objective")
     return "\n".join(lines)
 
 
-def defaults_epilog(command: str) -> str:
-    """Text listing `command`'s defaults: train (TrainingArguments), method, and the data keys most often set."""
-    from alignkit.settings import CONFIG_CLASSES
-    from alignkit.settings.sections import TRAIN_DEFAULTS, DataSettings
-
-    parts = []
-    if command in TRAIN_DEFAULTS:
-        train = [f"train.{k}={v}" for k, v in TRAIN_DEFAULTS[command].items()]
-        parts.append("defaults (override in the config, as train.KEY=VALUE or --KEY VALUE):\n" + _wrap(
-            train + ["other train.* keys: transformers.TrainingArguments' defaults"]))
-    else:
-        parts.append("defaults (override in the config, as method.KEY=VALUE):")
-    method = next(f for f in dataclasses.fields(CONFIG_CLASSES[command]) if f.name == "method")
-    parts.append(_wrap(_fields(method.default_factory(), "method.")))  # type: ignore[misc]
-    data = ["max_length", "max_prompt_length", "formatter"] + (["loss_on"] if command == "sft" else [])
-    parts.append(_wrap([f"data.{k}={getattr(DataSettings(), k)}" for k in data]))
-    return "\n".join(parts)
-
-
-__all__ = ["defaults_epilog"]
+__all__ = ["CONFIG_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments", "keys_epilog",
+           "settable_keys"]

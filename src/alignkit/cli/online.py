@@ -6,9 +6,10 @@
            -> plots/{reward,kl,loss}.png, README.md
 
 Sections (`alignkit.settings.online`): model, data (the prompts: any records, their prompts are used),
-adapter, annotator (reward_model | function | judge), sampling, method (the trainer's config fields).
-The online trainers run their own accelerate loop (not `transformers.Trainer`), so there is no `train`
-section and no TensorBoard folder; `accelerate launch -m alignkit grpo ...` works the same way.
+adapter, annotator (reward_model | function | judge), sampling, method (the objective), train (the same keys
+as the offline commands: learning_rate, max_steps, seed, save_steps, report_to, ...; `settings/train.py`).
+The online trainers run their own accelerate loop (not `transformers.Trainer`); `accelerate launch -m alignkit
+grpo ...` works the same way.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from alignkit.cli.helptext import defaults_epilog
-from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, apply_configured_adapter, begin_run,
-                                 command_line,
+from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.common import (abandon_run, adopt_tiny, apply_configured_adapter, begin_run, command_line,
                                  config_from_args, dry_run, finish_run, load_base, load_for_inference, plan_run,
                                  read_records, rename_base)
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, versions
@@ -44,10 +44,7 @@ ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.", epilog=defaults_epilog(name),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_arguments(p, run_folder=True)
-        add_allow_code(p)
+        p = add_command_parser(sub, name, text)
         p.set_defaults(func=run, online_command=name)
 
 
@@ -65,12 +62,6 @@ def read_prompts(ds: DataSettings) -> list:
     """The prompt records of `data.path` (any records: their prompts, weights and meta are used)."""
     records = read_records(ds.path, ds, "prompt", ds.split, "data.path")
     return records[:ds.max_records] if ds.max_records is not None else records
-
-
-def add_allow_code(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allow-code", action="store_true",
-                        help="let annotator.function name code outside alignkit.rewards (it is imported and called on "
-                             "every sample; only for code you have read)")
 
 
 def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = False) -> Any:
@@ -162,11 +153,11 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
 
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
-    set_seed(cfg.method.seed)  # the adapter's initialisation follows the run's seed
+    tcfg = cfg.trainer_config()
+    set_seed(tcfg.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_configured_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None, allow_code)
-    tcfg = cfg.trainer_config()
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged)
         tcfg = dataclasses.replace(tcfg, progress_bar=False)
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root)
@@ -182,11 +173,10 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         adopt_tiny(ann_path, run.root / "annotator" / "base_model", main=run.main)
     trainer.train(resume_from_checkpoint=plan.checkpoint)
     if not run.main:
-        if cfg.method.save_at_end:
-            trainer.save(run.model)  # a no-op write-wise off the main process (collective under FSDP)
+        trainer.save(run.model)  # a no-op write-wise off the main process (collective under FSDP)
         return 0
     rows = read_metrics(run.metrics)
-    method = {k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}
+    method = {k: v for k, v in {**dataclasses.asdict(cfg.method), **cfg.train}.items() if v is not None}
     card = ModelCard(
         title=f"{command}: online alignment of {cfg.model.path}", base_model=base_desc,
         adapter=adapter_of(trainer.policy).describe(trainer.policy),
@@ -198,23 +188,18 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
                          "world size": trainer.world},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
         base_model_id=cfg.model.path,
-        how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False)
-        if cfg.method.save_at_end else "")
-    if cfg.method.save_at_end:
-        with staged(run.model, step=len(trainer.history)) as model_dir:
-            trainer.save(model_dir)
-            card.write(model_dir / "README.md")
+        how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False))
+    with staged(run.model, step=len(trainer.history)) as model_dir:
+        trainer.save(model_dir)
+        card.write(model_dir / "README.md")
     card.write(run.card)
     try:
         plot_online(rows, run.plots)
     except ImportError:
         logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
     finish_run(plan)
-    if cfg.method.push_to_hub:
-        if cfg.method.save_at_end:
-            trainer.push_to_hub(cfg.method.hub_model_id or Path(named.root).name, folder=named.model)  # model/ + card only
-        else:
-            logger.warning("method.push_to_hub: nothing pushed (method.save_at_end is false: no model/ was written)")
+    if tcfg.push_to_hub:
+        trainer.push_to_hub(tcfg.hub_model_id or Path(named.root).name, folder=named.model)  # model/ + card only
     last = rows[-1] if rows else {}
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss") if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"

@@ -24,7 +24,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from alignkit.cli.common import add_config_arguments, config_from_args, dry_run, load_for_inference, to_device
+from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.common import config_from_args, dry_run, load_for_inference, to_device
 from alignkit.cli.online import make_annotator, read_prompts
 from alignkit.runs import RunFolder
 from alignkit.settings import save_config
@@ -36,15 +37,10 @@ RECORD_COMMAND = {"best_worst": "dpo", "random_pairs": "dpo", "judge_pairs": "dp
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="offline round, job 1: the policy's responses to prompts -> samples.jsonl")
-    add_config_arguments(p)
+    p = add_command_parser(sub, "sample", "offline round, job 1: the policy's responses to prompts -> samples.jsonl")
     p.set_defaults(func=run_sample)
-    p = sub.add_parser("annotate", help="offline round, job 2: score samples.jsonl, build records -> records.jsonl "
-                                        "(pairs, labels, or best-of-n SFT data)")
-    add_config_arguments(p)
-    from alignkit.cli.online import add_allow_code
-
-    add_allow_code(p)
+    p = add_command_parser(sub, "annotate", "offline round, job 2: score samples.jsonl, build records -> "
+                                            "records.jsonl (pairs, labels, or best-of-n SFT data)")
     p.set_defaults(func=run_annotate)
 
 

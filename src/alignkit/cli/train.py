@@ -19,11 +19,11 @@ import logging
 import os
 from typing import Any
 
-from alignkit.cli.helptext import defaults_epilog
-from alignkit.cli.common import (abandon_run, add_config_arguments, adopt_tiny, apply_configured_adapter, begin_run,
-                                 command_line,
+from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.common import (abandon_run, adopt_tiny, apply_configured_adapter, begin_run, command_line,
                                  config_from_args, dry_run, finish_run, load_base, load_data, plan_run, rename_base,
                                  tokenize)
+from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
 from alignkit.runs import MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions
 
 logger = logging.getLogger(__name__)
@@ -35,9 +35,7 @@ HELP = {"sft": "supervised finetuning", "rm": "train a reward model (pairwise Br
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.", epilog=defaults_epilog(name),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_arguments(p, run_folder=True)
+        p = add_command_parser(sub, name, text)
         p.set_defaults(func=run, train_command=name)
 
 
@@ -67,12 +65,12 @@ def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str,
     return {"sft": SFTTrainer, "rm": RewardTrainer, "dpo": PreferenceTrainer, "kto": KTOTrainer}[command], kw
 
 
-def batching_kwargs(command: str, data: Any) -> dict[str, Any]:
-    """`data.padding_free` / `data.group_by_length` as trainer arguments (padding-free: SFT and DPO trainers)."""
+def batching_kwargs(command: str, train: dict[str, Any]) -> dict[str, Any]:
+    """`train.padding_free` / `train.group_by_length` as trainer arguments (padding-free: SFT and DPO trainers)."""
     out: dict[str, Any] = {}
-    if data.padding_free:  # the config refused it for rm / kto
+    if train.get("padding_free"):  # the config refused it for rm / kto
         out["padding_free"] = True
-    if data.group_by_length:
+    if train.get("group_by_length"):
         out["group_by_length"] = True
     return out
 
@@ -109,7 +107,8 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
 
     kw = dict(train)
     kw.pop("resume_from_checkpoint", None)  # passed to trainer.train (plan_run checks it), not a setting
-    kw.pop("compile", None)  # alignkit's own key: applied to the model (compile_model), not a TrainingArguments field
+    for key in ALIGNKIT_TRAIN_KEYS:  # alignkit's own keys (compile_model, batching_kwargs), not TrainingArguments fields
+        kw.pop(key, None)
     kw["output_dir"] = str(run.checkpoints)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "use_cpu" not in kw:
         # several CPU processes (torchrun / accelerate launch): without use_cpu each would train alone
@@ -219,7 +218,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     run = RunFolder(plan.root, main=False)  # paths only: nothing is created before begin_run
     args, callbacks = training_arguments(cfg.train, run, quiet)
     cls, kwargs = trainer_class_and_kwargs(command, cfg.method)
-    kwargs.update(batching_kwargs(command, cfg.data))
+    kwargs.update(batching_kwargs(command, cfg.train))
     trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
                   data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
                   **kwargs)

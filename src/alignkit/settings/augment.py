@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alignkit.settings.sections import DataSettings
+from alignkit.settings.sections import DataSettings, DType
 from alignkit.settings.typed import ConfigError, build
 
 
@@ -37,7 +37,7 @@ class LLMSettings:
     requests_per_minute: float | None = None
     # local: a model in this process
     path: str | None = None  # a model folder, or tiny:<arch> (random: smoke tests only)
-    dtype: str = "float32"
+    dtype: DType = "float32"
     # both
     max_tokens: int = 256
     temperature: float = 0.7

@@ -28,14 +28,10 @@ def _ge1(v: Any) -> bool:
 
 
 BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
-    # method (offline and online)
+    # method (offline and online; the optimisation keys are train's: TRAIN_BOUNDS)
     ("method", "beta", _pos, "> 0 (the strength of the KL to the reference; <= 0 trains toward the rejected answers)"),
     ("method", "label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     ("method", "chunk_size", _ge1, ">= 1"),
-    ("method", "learning_rate", _pos, "> 0"),
-    ("method", "weight_decay", _nonneg, ">= 0"),
-    ("method", "max_grad_norm", _pos, "> 0, or null for no clipping"),
-    ("method", "steps", _ge1, ">= 1"),
     ("method", "prompts_per_step", _ge1, ">= 1"),
     ("method", "epochs_per_step", _ge1, ">= 1"),
     ("method", "mini_batch_size", _ge1, ">= 1, or null for the whole batch"),
@@ -43,7 +39,6 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("method", "kl_target", _pos, "> 0, or null for a fixed KL coefficient"),
     ("method", "kl_horizon", _ge1, ">= 1"),
     ("method", "generation_batch_size", _ge1, ">= 1"),
-    ("method", "save_steps", _ge1, ">= 1, or null for no checkpoints"),
     ("method", "batch_size", _ge1, ">= 1"),
     ("method", "desirable_weight", _nonneg, ">= 0"),
     ("method", "undesirable_weight", _nonneg, ">= 0"),
@@ -70,7 +65,7 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("adapter.lora", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
-# TrainingArguments keys: checked when the config sets them
+# train keys (TrainingArguments' and the online commands' alike): checked when the config sets them
 TRAIN_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("learning_rate", _pos, "> 0"),
     ("max_steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 to train num_train_epochs epochs"),

@@ -16,15 +16,10 @@ from typing import Any
 import yaml
 
 from alignkit.settings.bounds import check_bounds
-from alignkit.settings.sections import (CONFIG_CLASSES, DPOMethod, KTOMethod, SFTMethod, TrainConfig)
+from alignkit.settings.sections import CONFIG_CLASSES, DPOMethod, KTOMethod, SFTMethod, TrainConfig
+from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
 from alignkit.settings.typed import (ConfigError, build, coerce, merge, parse_overrides, read_yaml,
                                      unknown_key_error, _join)
-
-
-# `train` keys that are alignkit's own (not TrainingArguments fields), with their types:
-# compile: true, or torch.compile options ({backend: ..., mode: ..., dynamic: ...}): regional compilation of each
-# decoder layer (alignkit.models.efficiency.compile_layers)
-ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {"compile": bool | dict[str, Any]}
 
 
 def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str, Any]:
@@ -121,6 +116,7 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
     declared = data.pop("command", command)
     if declared != command:
         raise ConfigError(f"command: this config is for `alignkit {declared}`, not `alignkit {command}`")
+    check_renamed(data, command)
     cfg = build(CONFIG_CLASSES[command], data)
     if isinstance(cfg, TrainConfig):
         check_training_args(cfg.train)

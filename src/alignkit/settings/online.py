@@ -7,11 +7,15 @@
     adapter:   {kind: lora}              # AdapterConfig
     annotator: {kind: function, function: alignkit.rewards:digit_fraction}
     sampling:  {num_samples: 4, max_new_tokens: 32}    # alignkit.online.SamplingConfig
-    method:    {steps: 100, learning_rate: 1e-5, kl_coef: 0.05}   # the trainer's config, minus `sampling`
+    method:    {prompts_per_step: 8, kl_coef: 0.05}      # the objective (GRPOMethod)
+    train:     {max_steps: 100, learning_rate: 1e-5, seed: 0}   # the same train keys as offline commands
 
-`method` is derived from the trainer's own config class (`OnlineDPOConfig`, `GRPOConfig`, `RLOOConfig`,
-`PPOConfig`): the same fields, names, types and defaults, without `sampling` (its own section), so the two
-never drift apart. The trainer's own checks run at load time and are reported under `method`.
+`train` takes `alignkit.settings.train.ONLINE_TRAIN_KEYS` (the shared vocabulary); `method` the objective's
+parameters, one class per command (`OnlineDPOMethod`, `GRPOMethod`, `PPOMethod`; rloo uses GRPO's). At use
+time `trainer_config()` maps train + method + sampling onto the trainer's own config class (`OnlineDPOConfig`,
+`GRPOConfig`, `RLOOConfig`, `PPOConfig`, imported then: no torch when settings are imported); its checks run
+when the config is loaded and are reported under `method`. tests/cli/test_settings_vocabulary.py checks that
+every field of those classes is reachable and that the defaults agree.
 
 `annotator` is one flat section for the three annotator kinds; a key that the chosen kind does not use is an
 error naming it. A reward model or judge is loaded like a policy: `path` (a folder, or `tiny:<arch>` for a
@@ -22,16 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alignkit.models.adapters import AdapterConfig
-from alignkit.online import (FEEDBACK_MODES, GRPOConfig, OnlineDPOConfig, PPOConfig, RLOOConfig,
-                             SamplingConfig, build_reweighter, load_function)
-from alignkit.online import feedback as _feedback
-from alignkit.settings.sections import DataSettings, ModelSettings
+from alignkit.adapters.config import AdapterConfig
+from alignkit.settings.sampling import SamplingConfig
+from alignkit.settings.sections import DataSettings, DType, ModelSettings
+from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
 from alignkit.settings.typed import ConfigError, unknown_key_error
+
+# alignkit.online.feedback.FEEDBACK_MODES and alignkit.online.dpo.PAIR_MODES (a test checks they agree)
+FEEDBACK_MODES = ("pointwise", "best_worst", "random_pairs", "judge_pairs", "best_of_n")
+PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
 
 
 # ---------------------------------------------------------------------------------------------- annotator
@@ -47,7 +53,7 @@ class AnnotatorSettings:
     # reward_model / judge: the model, loaded like a policy
     path: str | None = None  # a folder, a hub id, or tiny:<arch> (random: smoke tests only)
     adapter_path: str | None = None  # an adapter (or full model) folder trained on `path`
-    dtype: str = "float32"
+    dtype: DType = "float32"
     device: str | None = None  # e.g. "cuda:1"; default: where the model loads (the annotator may differ from the policy)
     batch_size: int = 8
     # reward_model
@@ -121,6 +127,8 @@ class AnnotatorSettings:
                                   "'alignkit.rewards:digit_fraction'")
             if not code_is_alignkits(spec) and not self._allow_code:
                 continue  # not imported while a config is read (nor by --dry-run): see check_code_allowed
+            from alignkit.online.annotators import load_function
+
             try:
                 fn = load_function(spec)
             except ValueError as e:
@@ -179,15 +187,17 @@ def check_code_allowed(settings: AnnotatorSettings | None, allow_code: bool) -> 
 
 # ---------------------------------------------------------------------------------------------- feedback
 
-PAIR_BUILDERS = {"pointwise": _feedback.pointwise, "best_worst": _feedback.best_worst_pairs,
-                 "random_pairs": _feedback.random_pairs, "judge_pairs": _feedback.judge_pairs,
-                 "best_of_n": _feedback.best_of_n}
 _BUILDER_FIXED = ("samples", "scores", "annotator")
 
 
 def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], where: str = "") -> None:
     """`kwargs` against the feedback builder's parameters, and every reweighter spec buildable."""
-    params = [p for p in inspect.signature(PAIR_BUILDERS[mode]).parameters if p not in _BUILDER_FIXED]
+    from alignkit.online import build_reweighter, feedback
+
+    builders = {"pointwise": feedback.pointwise, "best_worst": feedback.best_worst_pairs,
+                "random_pairs": feedback.random_pairs, "judge_pairs": feedback.judge_pairs,
+                "best_of_n": feedback.best_of_n}
+    params = [p for p in inspect.signature(builders[mode]).parameters if p not in _BUILDER_FIXED]
     for key in kwargs:
         if key not in params:
             raise unknown_key_error(f"{where}feedback_kwargs", str(key), params)
@@ -205,29 +215,79 @@ def _message(e: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------------- online runs
 
-OWN_SECTIONS = ("sampling", "formatter", "max_prompt_length")  # the last two come from `data`
+@dataclass
+class OnlineMethod:
+    """The online objective's keys shared by every online command (the optimisation keys are `train`'s)."""
+
+    prompts_per_step: int = 8  # prompts sampled per step (over all processes)
+    epochs_per_step: int = 1  # optimisation passes over each step's batch (PPO epochs)
+    mini_batch_size: int | None = None  # items (samples or pairs) per optimizer step, over all processes; null: all
+    kl_estimator: str = "k3"  # alignkit.losses.KL_ESTIMATORS (checked when loaded)
+    reward_normalization: Literal["none", "running", "group"] = "none"  # alignkit.online.normalize
+    reward_clip: float | None = None
+    reference: Literal["auto", "adapter_off", "copy"] = "auto"
+    generation_batch_size: int = 64
+    chunk_size: int = 1024
+    generation_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: colocated engine (full, LoRA)
+    vllm: dict[str, Any] = field(default_factory=dict)  # vllm.LLM arguments (alignkit.online.vllm_generation)
 
 
-def method_section(config_class: type, name: str) -> type:
-    """A dataclass with `config_class`'s fields (types, defaults) minus those that are their own section."""
-    hints = typing.get_type_hints(config_class)
-    fields = []
-    for f in dataclasses.fields(config_class):
-        if f.name in OWN_SECTIONS or not f.init:
-            continue
-        default = ({"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING
-                   else {"default": f.default})
-        fields.append((f.name, hints[f.name], field(**default)))
-    cls = dataclasses.make_dataclass(name, fields)
-    cls.__module__ = __name__
-    cls.__doc__ = f"The `method` section: {config_class.__name__}'s fields without {', '.join(OWN_SECTIONS)}."
-    return cls
+@dataclass
+class OnlineDPOMethod(OnlineMethod):
+    """`alignkit online-dpo`: the preference loss on pairs built from each step's samples (its parameters as in
+    the offline `dpo` command's method)."""
+
+    loss_type: str | list[str] = "sigmoid"  # alignkit.losses.PREFERENCE_LOSSES (a list combines them)
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma_beta_ratio: float = 0.5
+    orpo_lambda: float = 0.1
+    slic_delta: float = 1.0
+    slic_lambda: float = 0.1
+    feedback: Literal[PAIR_MODES] = "best_worst"
+    feedback_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {min_margin: 0.1}
+    reweighters: list[Any] = field(default_factory=list)  # e.g. [margin_sigmoid]
 
 
-OnlineDPOMethod = method_section(OnlineDPOConfig, "OnlineDPOMethod")
-GRPOMethod = method_section(GRPOConfig, "GRPOMethod")
-RLOOMethod = method_section(RLOOConfig, "RLOOMethod")
-PPOMethod = method_section(PPOConfig, "PPOMethod")
+@dataclass
+class KLPenaltyMethod(OnlineMethod):
+    kl_coef: float = 0.05  # coefficient of the KL to the reference (initial value when adaptive)
+    kl_target: float | None = None  # set: adaptive KL control (Ziegler et al. 2019) towards this sequence KL
+    kl_horizon: int = 10000
+
+
+@dataclass
+class GRPOMethod(KLPenaltyMethod):
+    """`alignkit grpo` / `alignkit rloo` (the command picks the advantage: group-normalised or leave-one-out)."""
+
+    scale_by_std: bool = True  # grpo only
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    entropy_coef: float = 0.0
+    aggregation: Literal["sequence_mean", "token_sum"] = "sequence_mean"
+
+
+RLOOMethod = GRPOMethod
+
+
+@dataclass
+class PPOMethod(KLPenaltyMethod):
+    """`alignkit ppo`: value head + GAE."""
+
+    epochs_per_step: int = 4
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    cliprange_value: float | None = 0.2
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+
+
+_PREFERENCE_PARAMS = ("beta", "label_smoothing", "simpo_gamma_beta_ratio", "orpo_lambda", "slic_delta", "slic_lambda")
 
 
 @dataclass
@@ -239,18 +299,32 @@ class OnlineRunConfig:
     data: DataSettings = field(default_factory=DataSettings)  # the prompts
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
+    train: dict[str, Any] = field(default_factory=dict)  # alignkit.settings.train.ONLINE_TRAIN_KEYS
     output_dir: str = "runs/online"
 
-    trainer_config_class = OnlineDPOConfig
+    command = "online-dpo"  # a plain class attribute: which trainer config class and train defaults apply
 
     def trainer_config(self) -> Any:
-        """The trainer's config: `method` + `sampling` (the run folder saves the model itself: save_at_end off)."""
+        """The online trainer's config (alignkit.online): train + method + sampling (imports torch). The run folder
+        saves the model itself: save_at_end off."""
+        import alignkit.online as online
+
+        cls = {"online-dpo": online.OnlineDPOConfig, "grpo": online.GRPOConfig, "rloo": online.RLOOConfig,
+               "ppo": online.PPOConfig}[self.command]
         kw = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
+        if self.command == "online-dpo":
+            from alignkit.losses import PreferenceParams
+
+            kw["params"] = PreferenceParams(**{k: kw.pop(k) for k in _PREFERENCE_PARAMS})
+            kw["beta"] = kw["params"].beta
+        kw.update(online_trainer_kwargs(self.train))
         kw.update(sampling=self.sampling, save_at_end=False, formatter=self.data.formatter,
                   max_prompt_length=self.data.max_prompt_length)
-        return self.trainer_config_class(**kw)
+        return cls(**kw)
 
     def __post_init__(self) -> None:
+        self.train = {"learning_rate": ONLINE_LEARNING_RATES[self.command], **(self.train or {})}
+        check_train(self.train, self.command)
         from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES
 
         m = self.method
@@ -272,25 +346,25 @@ class OnlineRunConfig:
 @dataclass
 class OnlineDPORunConfig(OnlineRunConfig):
     method: OnlineDPOMethod = field(default_factory=OnlineDPOMethod)
-    trainer_config_class = OnlineDPOConfig
+    command = "online-dpo"
 
 
 @dataclass
 class GRPORunConfig(OnlineRunConfig):
     method: GRPOMethod = field(default_factory=GRPOMethod)
-    trainer_config_class = GRPOConfig
+    command = "grpo"
 
 
 @dataclass
 class RLOORunConfig(OnlineRunConfig):
-    method: RLOOMethod = field(default_factory=RLOOMethod)
-    trainer_config_class = RLOOConfig
+    method: GRPOMethod = field(default_factory=GRPOMethod)
+    command = "rloo"
 
 
 @dataclass
 class PPORunConfig(OnlineRunConfig):
     method: PPOMethod = field(default_factory=PPOMethod)
-    trainer_config_class = PPOConfig
+    command = "ppo"
 
 
 # ---------------------------------------------------------------------------------------------- offline rounds
@@ -335,8 +409,7 @@ class AnnotateConfig:
 ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grpo": GRPORunConfig,
                                           "rloo": RLOORunConfig, "ppo": PPORunConfig, "sample": SampleConfig,
                                           "annotate": AnnotateConfig}
-ONLINE_COMMANDS = ("online-dpo", "grpo", "rloo", "ppo")
 
 __all__ = ["ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPORunConfig",
-           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "method_section"]
+           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]

@@ -1,7 +1,8 @@
 """The typed sections of a run config, and one config class per command (`CONFIG_CLASSES`).
 
-`adapter` reuses `alignkit.models.adapters.AdapterConfig` and `generation` reuses
-`alignkit.online.SamplingConfig`; `method` fields mirror the trainers' constructor arguments.
+`adapter` is `alignkit.adapters.config.AdapterConfig` (torch-free; applied by `alignkit.adapters`), `generation`
+`alignkit.settings.sampling.SamplingConfig`, `train` the shared vocabulary of `alignkit.settings.train`;
+`method` fields are the objective's parameters (the trainers' constructor arguments). No torch import.
 """
 
 from __future__ import annotations
@@ -9,14 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alignkit.models.adapters import AdapterConfig
-from alignkit.online.generation import SamplingConfig
+from alignkit.adapters.config import AdapterConfig
+from alignkit.settings.sampling import SamplingConfig
+from alignkit.settings.train import TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train
+
+
+DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]  # every `dtype` key
 
 
 @dataclass
 class ModelSettings:
     path: str  # a local folder, a hub id, or "tiny:<arch>" (llama, qwen2, gpt2, gpt_neox): a random tiny model
-    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "float32"
+    dtype: DType = "float32"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     tokenizer: str | None = None  # default: the model's folder
@@ -39,8 +44,6 @@ class DataSettings:
     max_prompt_length: int | None = 512
     add_eos: bool | None = None
     loss_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"  # SFT: which tokens are trained
-    padding_free: bool = False  # pack each batch's sequences in rows without padding (TRL's padding_free; sft, dpo)
-    group_by_length: bool = False  # batches of similar lengths (LengthGroupedSampler)
     split: str | None = None  # the split of a DatasetDict / dataset folder source (default "train")
     eval_split: str | None = None
     max_records: int | None = None  # keep only the first N training records
@@ -101,32 +104,18 @@ class EvalMethod:
     chunk_size: int = 1024
 
 
-# `train` keys each command fills in when the config leaves them out, as TRL's configs do (TRL 1.9 source:
-# SFTConfig 2e-5, DPOConfig / KTOConfig 1e-6, RewardConfig 1e-4; logging_steps 10 instead of transformers' 500).
-TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sft": {"learning_rate": 2e-5, "logging_steps": 10},
-    "rm": {"learning_rate": 1e-4, "logging_steps": 10},
-    "dpo": {"learning_rate": 1e-6, "logging_steps": 10},
-    "kto": {"learning_rate": 1e-6, "logging_steps": 10},
-}
-
-
 @dataclass
 class TrainConfig:
     model: ModelSettings
     data: DataSettings = field(default_factory=DataSettings)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    train: dict[str, Any] = field(default_factory=dict)  # transformers.TrainingArguments keyword arguments
+    train: dict[str, Any] = field(default_factory=dict)  # alignkit.settings.train: TRAIN_KEYS + TrainingArguments
     output_dir: str = "runs/run"
 
     command = ""  # a plain class attribute: which TRAIN_DEFAULTS apply
 
     def __post_init__(self) -> None:
-        self.train = {**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}
-        if self.data.padding_free and self.command not in ("sft", "dpo"):
-            from alignkit.settings.typed import ConfigError
-
-            raise ConfigError(f"data.padding_free: not available for {self.command} (only sft and dpo); remove it")
+        self.train = check_train({**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}, self.command)
 
 
 @dataclass
@@ -172,7 +161,6 @@ class GenerateConfig:
 
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig,
                                    "eval": EvalConfig, "generate": GenerateConfig}
-TRAIN_COMMANDS = ("sft", "rm", "dpo", "kto")
 
 
 __all__ = ["CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",

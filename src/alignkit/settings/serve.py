@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from alignkit.settings.sections import DType
 from alignkit.settings.typed import ConfigError
 
 
@@ -18,11 +20,11 @@ class ServeConfig:
     base: str  # the base model's folder (or tiny:<arch>)
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> adapter folder (save_adapter's)
     base_name: str | None = None  # the base's served name; default: its folder's name ("tiny-<arch>" for tiny:)
-    engine: str = "alignkit"  # "vllm": vLLM's OpenAI server (LoRA adapters and full models; alignkit.serve.vllm_server)
+    engine: Literal["alignkit", "vllm"] = "alignkit"  # "vllm": vLLM's OpenAI server (LoRA adapters and full models; alignkit.serve.vllm_server)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # or the ALIGNKIT_API_KEY environment variable (keeps the key out of files)
-    dtype: str = "float32"
+    dtype: DType = "float32"
     device: str | None = None  # default: cuda if available, else cpu
     max_batch_rows: int = 32
     max_queue: int = 256
@@ -32,8 +34,6 @@ class ServeConfig:
     request_timeout: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.engine not in ("alignkit", "vllm"):
-            raise ConfigError(f"engine: {self.engine!r} is unknown; valid: alignkit, vllm")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: {self.port} is not a TCP port (0-65535)")
         for key in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):

@@ -1,0 +1,55 @@
+"""How to sample responses (`SamplingConfig`): the `sampling:` / `generation:` sections of a config.
+
+A plain dataclass, no torch: `alignkit.online.generation.generate_responses` uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+logger = logging.getLogger("alignkit.online.generation")
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample responses. `top_k=None` and `top_p=1.0` disable those filters."""
+
+    max_new_tokens: int = 64
+    num_samples: int = 1
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ValueError(f"SamplingConfig.num_samples must be >= 1, got {self.num_samples}")
+        if self.do_sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"SamplingConfig.temperature must be > 0 when sampling, got {self.temperature} "
+                             f"(use do_sample=False for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0 or None, got {self.top_k}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingConfig.stop must be a list of non-empty strings, got {self.stop!r}")
+        if not self.do_sample and self.num_samples > 1:
+            logger.warning("greedy decoding (do_sample=False) with num_samples=%d gives identical samples",
+                           self.num_samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+__all__ = ["SamplingConfig"]

@@ -1,0 +1,183 @@
+"""The `train:` section: one vocabulary of optimisation keys for every training command, offline and online.
+
+    train: {learning_rate: 1e-5, max_steps: 100, seed: 0, save_steps: 50, report_to: tensorboard}
+
+`TRAIN_KEYS` names the keys every training command understands (sft, rm, dpo, kto, online-dpo, grpo, rloo,
+ppo), with their types. Offline commands pass `train` to `transformers.TrainingArguments`, so they also take
+any other of its fields (checked against its dataclass when the config is loaded); the online commands run
+their own loop and take exactly `ONLINE_TRAIN_KEYS`, which the CLI maps onto the online trainer's config at
+use time (`max_steps` -> steps, `optim` -> optimizer, `disable_tqdm` -> not progress_bar, `max_grad_norm` 0 ->
+no clipping). `method:` holds only the objective's parameters.
+
+Defaults: `TRAIN_DEFAULTS[command]` are filled into `train` when the config leaves them out (per objective, as
+TRL's configs do); the others are TrainingArguments' (`OFFLINE_DEFAULTS`, checked by a test against the
+installed transformers) or the online trainer's (`ONLINE_DEFAULTS`, checked against its config class).
+
+Old spellings are refused with one line naming the new key (`RENAMED`): e.g. `method.steps` ->
+`train.max_steps`, `method.params.beta` -> `method.beta`, `data.padding_free` -> `train.padding_free`.
+No torch here: `alignkit <command> --help` lists these keys without importing it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignkit.settings.typed import ConfigError, coerce, unknown_key_error
+
+# key -> (type, what it is). Offline: also any transformers.TrainingArguments field.
+TRAIN_KEYS: dict[str, tuple[Any, str]] = {
+    "learning_rate": (float, "peak learning rate"),
+    "max_steps": (int, "optimizer steps (offline: -1 trains num_train_epochs epochs)"),
+    "seed": (int, "random seed (adapter initialisation, data order, sampling)"),
+    "optim": (str, "optimizer (online: adamw_torch or sgd)"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "max_grad_norm": (float, "gradient clipping norm (0: no clipping)"),
+    "gradient_accumulation_steps": (int, "micro-batches per optimizer step"),
+    "save_steps": (int | float | None, "checkpoint every N steps (online: null = no checkpoints)"),
+    "report_to": (str | list[str] | None, "trackers (tensorboard, wandb, ...); null: tensorboard when installed; "
+                  "none: no tracker"),
+    "disable_tqdm": (bool | None, "no progress bar"),
+    "push_to_hub": (bool, "upload the final model/ folder and its card to the Hub (never checkpoints)"),
+    "hub_model_id": (str | None, "the Hub repo (default: the run folder's name)"),
+    "hub_private_repo": (bool | None, "create the Hub repo private"),
+    # offline only (transformers.TrainingArguments fields, listed for --help)
+    "per_device_train_batch_size": (int, "batch size per process"),
+    "num_train_epochs": (float, "epochs when max_steps is -1"),
+    "lr_scheduler_type": (str, "learning-rate schedule (transformers' SchedulerType)"),
+    "warmup_steps": (int | float, "warm-up steps (a float < 1: a fraction of the run)"),
+    "logging_steps": (int | float, "log metrics every N steps"),
+    "eval_strategy": (str, "no | steps | epoch"),
+    "eval_steps": (int | float | None, "evaluate every N steps (eval_strategy steps)"),
+    "save_total_limit": (int | None, "checkpoints kept"),
+    "gradient_checkpointing": (bool | None, "recompute activations in backward (less memory)"),
+    "bf16": (bool, "bf16 mixed precision"),
+    "fp16": (bool, "fp16 mixed precision (GPU)"),
+    # alignkit's own (not TrainingArguments fields), offline only
+    "padding_free": (bool, "pack each batch's sequences in rows without padding (TRL's padding_free; sft, dpo)"),
+    "group_by_length": (bool, "batches of similar lengths (LengthGroupedSampler)"),
+    "compile": (bool | dict[str, Any], "true or torch.compile options: compile each decoder layer (regional)"),
+}
+
+# alignkit's own train keys (not TrainingArguments fields): the CLI takes them out before building TrainingArguments
+ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_free", "group_by_length", "compile")}
+
+ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_decay", "max_grad_norm",
+                     "gradient_accumulation_steps", "save_steps", "report_to", "disable_tqdm", "push_to_hub",
+                     "hub_model_id", "hub_private_repo")
+ONLINE_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}  # train.optim -> the online trainer's optimizer
+
+TRAIN_COMMANDS = ("sft", "rm", "dpo", "kto")
+ONLINE_COMMANDS = ("online-dpo", "grpo", "rloo", "ppo")
+
+# Filled into `train` when a config leaves them out, as TRL's configs do (TRL 1.9 source: SFTConfig 2e-5,
+# DPOConfig / KTOConfig 1e-6, RewardConfig 1e-4; logging_steps 10 instead of transformers' 500).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {"learning_rate": 2e-5, "logging_steps": 10},
+    "rm": {"learning_rate": 1e-4, "logging_steps": 10},
+    "dpo": {"learning_rate": 1e-6, "logging_steps": 10},
+    "kto": {"learning_rate": 1e-6, "logging_steps": 10},
+}
+
+# transformers.TrainingArguments' defaults of the TRAIN_KEYS it has (shown by --help; tests/cli/test_settings_vocabulary
+# checks them against the installed transformers), and alignkit's own (report_to null: alignkit's TensorBoard).
+OFFLINE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5, "max_steps": -1, "seed": 42, "optim": "adamw_torch_fused", "weight_decay": 0.0,
+    "max_grad_norm": 1.0, "gradient_accumulation_steps": 1, "save_steps": 500, "report_to": None,
+    "disable_tqdm": None, "push_to_hub": False, "hub_model_id": None, "hub_private_repo": None,
+    "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "lr_scheduler_type": "linear",
+    "warmup_steps": 0, "logging_steps": 500, "eval_strategy": "no", "eval_steps": None, "save_total_limit": None,
+    "gradient_checkpointing": None, "bf16": False, "fp16": False,
+    "padding_free": False, "group_by_length": False, "compile": False,
+}
+
+# The online trainers' defaults, in train's vocabulary (checked against alignkit.online's config classes by a test).
+ONLINE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-6, "max_steps": 100, "seed": 0, "optim": "adamw_torch", "weight_decay": 0.0,
+    "max_grad_norm": 1.0, "gradient_accumulation_steps": 1, "save_steps": None, "report_to": None,
+    "disable_tqdm": False, "push_to_hub": False, "hub_model_id": None, "hub_private_repo": False,
+}
+ONLINE_LEARNING_RATES = {"online-dpo": 5e-7, "grpo": 1e-6, "rloo": 1e-6, "ppo": 3e-6}  # TRL's per-objective values
+
+
+def train_defaults(command: str) -> dict[str, Any]:
+    """Every train key's default for `command` (what --help shows)."""
+    if command in ONLINE_COMMANDS:
+        return {**ONLINE_DEFAULTS, "learning_rate": ONLINE_LEARNING_RATES[command]}
+    return {**OFFLINE_DEFAULTS, **TRAIN_DEFAULTS.get(command, {})}
+
+
+# Old spellings -> the one key of today. Refused with one line naming the new key (no silent aliases: two names
+# for one setting is how `method.params.beta` came to override `method.beta` without a word).
+_ONLINE_MOVED = {"steps": "train.max_steps", "learning_rate": "train.learning_rate", "seed": "train.seed",
+                 "optimizer": "train.optim", "weight_decay": "train.weight_decay",
+                 "max_grad_norm": "train.max_grad_norm", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+                 "save_steps": "train.save_steps", "report_to": "train.report_to",
+                 "progress_bar": "train.disable_tqdm (inverted)", "push_to_hub": "train.push_to_hub",
+                 "hub_model_id": "train.hub_model_id", "hub_private_repo": "train.hub_private_repo"}
+RENAMED: dict[str, dict[str, str | None]] = {
+    # section -> old key -> new dotted key; "*" commands: every command that has the section
+    "online:method": {**_ONLINE_MOVED, "params": "method.<key> (write each preference parameter directly under "
+                      "method: method.beta, method.label_smoothing, ...)",
+                      "advantage": "the command (alignkit grpo or alignkit rloo)",
+                      "save_at_end": None},  # removed: the run always writes model/
+    "*:data": {"padding_free": "train.padding_free", "group_by_length": "train.group_by_length"},
+}
+
+
+def check_renamed(data: dict[str, Any], command: str) -> None:
+    """A ConfigError for the first old spelling in the raw config mapping `data`."""
+    for scope, table in RENAMED.items():
+        which, section = scope.split(":")
+        if which == "online" and command not in ONLINE_COMMANDS:
+            continue
+        node = data.get(section)
+        if not isinstance(node, dict):
+            continue
+        for old, new in table.items():
+            if old in node and new is None:
+                raise ConfigError(f"{section}.{old}: removed (the run always writes its model/ folder); delete it")
+            if old in node:
+                raise ConfigError(f"{section}.{old}: renamed; use {new} (one vocabulary for every command: "
+                                  f"train: optimisation, method: the objective; see docs/architecture.md)")
+
+
+def check_train(train: dict[str, Any], command: str, where: str = "train") -> dict[str, Any]:
+    """Types of the shared keys; for online commands, only `ONLINE_TRAIN_KEYS` (offline: the rest is checked
+    against TrainingArguments by `alignkit.settings.load.check_training_args`)."""
+    for key, value in train.items():
+        if command in ONLINE_COMMANDS and key not in ONLINE_TRAIN_KEYS:
+            raise unknown_key_error(where, str(key), list(ONLINE_TRAIN_KEYS))
+        if key in TRAIN_KEYS:
+            train[key] = coerce(value, TRAIN_KEYS[key][0], f"{where}.{key}")
+    if command in ONLINE_COMMANDS and train.get("optim") is not None and train["optim"] not in ONLINE_OPTIMIZERS:
+        raise ConfigError(f"{where}.optim: {train['optim']!r} is not available for {command}; choose one of: "
+                          f"{', '.join(ONLINE_OPTIMIZERS)}")
+    if command in ONLINE_COMMANDS and isinstance(train.get("max_steps"), int) and train["max_steps"] < 1:
+        raise ConfigError(f"{where}.max_steps: {train['max_steps']} is out of range; it must be >= 1 for {command} "
+                          "(online runs count steps, not epochs)")
+    if train.get("padding_free") and command not in ("sft", "dpo"):
+        raise ConfigError(f"{where}.padding_free: not available for {command} (only sft and dpo); remove it")
+    return train
+
+
+def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
+    """`train` (online) as keyword arguments of the online trainer's config (alignkit.online.OnlineConfig)."""
+    out: dict[str, Any] = {}
+    names = {"max_steps": "steps", "optim": "optimizer"}
+    for key, value in train.items():
+        if key == "disable_tqdm":
+            out["progress_bar"] = not value
+        elif key == "optim":
+            out["optimizer"] = ONLINE_OPTIMIZERS[value]
+        elif key == "hub_private_repo":
+            out[key] = bool(value)
+        elif key == "max_grad_norm":
+            out["max_grad_norm"] = value if value else None  # 0: no clipping (as TrainingArguments)
+        else:
+            out[names.get(key, key)] = value
+    return out
+
+
+__all__ = ["ALIGNKIT_TRAIN_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS", "ONLINE_TRAIN_KEYS",
+           "RENAMED", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "TRAIN_KEYS", "check_renamed", "check_train",
+           "online_trainer_kwargs", "train_defaults"]
