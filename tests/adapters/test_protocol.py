@@ -10,8 +10,8 @@ import typing
 import pytest
 import torch
 
-from alignkit.adapters import (KINDS, AdapterConfig, adapter_for, adapter_in, adapter_of, apply_adapter, load_adapter,
-                               reference_off, registry, save_adapter)
+from alignkit.adapters import (KINDS, Adapter, AdapterConfig, adapter_for, adapter_in, adapter_of, apply_adapter, load_adapter,
+                               reference_off, register_adapter, registry, save_adapter)
 from alignkit.interventions.config import Positions
 from alignkit.models.loading import load_model, load_tokenizer
 
@@ -39,6 +39,20 @@ def test_registry_holds_exactly_the_table():
     assert set(registry()) == set(KINDS) == set(ROWS)
     assert set(typing.get_args(typing.get_type_hints(AdapterConfig)["kind"])) == set(KINDS)  # the typed choices
     assert set(SWITCHABLE) == {"lora", "reft", "reft+lora"} and set(REFT_KINDS) == {"reft", "reft+lora"}
+
+
+def test_register_refuses_a_kind_without_its_row_and_a_second_class_for_a_kind():
+    class Odd(Adapter):
+        kind = "odd"
+
+    class SecondLora(Adapter):
+        kind = "lora"
+
+    with pytest.raises(ValueError, match=r"'odd': add its row to alignkit.adapters.config.KINDS"):
+        register_adapter(Odd)
+    with pytest.raises(ValueError, match=r"'lora' is registered twice \(alignkit.adapters.lora and "):
+        register_adapter(SecondLora)
+    assert registry()["lora"].__name__ == "Lora" and "odd" not in registry()
 
 
 @pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
