@@ -183,3 +183,17 @@ def test_trl_seed_flag_sets_train_seed_for_online_commands():
     from alignkit.cli.flags import translate
 
     assert translate(["--seed", "3", "--max_steps", "2"], "grpo", set()) == ["train.seed=3", "train.max_steps=2"]
+
+
+def test_dpo_and_online_dpo_share_the_preference_keys_of_preference_params():
+    from alignkit.losses import PreferenceParams
+    from alignkit.settings.online import OnlineDPOMethod
+    from alignkit.settings.sections import DPOMethod, PreferenceObjective
+
+    params = {f.name for f in dataclasses.fields(PreferenceParams)}
+    assert set(PreferenceObjective.PARAMS) == params - {"bco_delta"}  # bco_delta: the BCO running mean (state)
+    shared = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
+    for cls in (DPOMethod, OnlineDPOMethod):
+        assert {f.name: f.default for f in dataclasses.fields(cls) if f.name in shared} == shared
+    assert {k: v for k, v in shared.items() if k in params} == {k: getattr(PreferenceParams(), k)
+                                                               for k in PreferenceObjective.PARAMS}

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig
-from alignkit.settings.sections import DataSettings, DType, ModelSettings
+from alignkit.settings.sections import DataSettings, DType, ModelSettings, PreferenceObjective
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
 from alignkit.settings.typed import ConfigError, unknown_key_error
 
@@ -233,18 +233,10 @@ class OnlineMethod:
 
 
 @dataclass
-class OnlineDPOMethod(OnlineMethod):
-    """`alignkit online-dpo`: the preference loss on pairs built from each step's samples (its parameters as in
-    the offline `dpo` command's method)."""
+class OnlineDPOMethod(PreferenceObjective, OnlineMethod):
+    """`alignkit online-dpo`: the preference loss on pairs built from each step's samples (the same keys as the
+    offline `dpo` command's method: `PreferenceObjective`)."""
 
-    loss_type: str | list[str] = "sigmoid"  # alignkit.losses.PREFERENCE_LOSSES (a list combines them)
-    loss_weights: list[float] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma_beta_ratio: float = 0.5
-    orpo_lambda: float = 0.1
-    slic_delta: float = 1.0
-    slic_lambda: float = 0.1
     feedback: Literal[PAIR_MODES] = "best_worst"
     feedback_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {min_margin: 0.1}
     reweighters: list[Any] = field(default_factory=list)  # e.g. [margin_sigmoid]
@@ -287,9 +279,6 @@ class PPOMethod(KLPenaltyMethod):
     entropy_coef: float = 0.0
 
 
-_PREFERENCE_PARAMS = ("beta", "label_smoothing", "simpo_gamma_beta_ratio", "orpo_lambda", "slic_delta", "slic_lambda")
-
-
 @dataclass
 class OnlineRunConfig:
     """Sections shared by the online commands; subclasses add `method` and name the trainer config class."""
@@ -315,7 +304,7 @@ class OnlineRunConfig:
         if self.command == "online-dpo":
             from alignkit.losses import PreferenceParams
 
-            kw["params"] = PreferenceParams(**{k: kw.pop(k) for k in _PREFERENCE_PARAMS})
+            kw["params"] = PreferenceParams(**{k: kw.pop(k) for k in PreferenceObjective.PARAMS})
             kw["beta"] = kw["params"].beta
         kw.update(online_trainer_kwargs(self.train))
         kw.update(sampling=self.sampling, save_at_end=False, formatter=self.data.formatter,

@@ -67,15 +67,25 @@ class RewardMethod:
 
 
 @dataclass
-class DPOMethod:
+class PreferenceObjective:
+    """A pairwise preference loss and its parameters, each under one name: the `method` keys shared by `dpo` and
+    `online-dpo`. The parameters are `alignkit.losses.PreferenceParams`' fields except `bco_delta` (the BCO
+    loss's running reward mean: trainer state, not a setting); tests/cli/test_settings_vocabulary.py checks."""
+
     loss_type: str | list[str] = "sigmoid"  # alignkit.losses.PREFERENCE_LOSSES (a list combines them)
     loss_weights: list[float] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    beta: float = 0.1  # DPO beta; IPO tau; SimPO beta; hinge 1/delta
+    label_smoothing: float = 0.0  # cDPO / robust epsilon
     simpo_gamma_beta_ratio: float = 0.5
     orpo_lambda: float = 0.1
     slic_delta: float = 1.0
     slic_lambda: float = 0.1
+
+    PARAMS = ("beta", "label_smoothing", "simpo_gamma_beta_ratio", "orpo_lambda", "slic_delta", "slic_lambda")
+
+
+@dataclass
+class DPOMethod(PreferenceObjective):
     reference: Literal["auto", "adapter_off", "copy", "precomputed", "none"] = "auto"
     reference_cache_dir: str | None = None
     chunk_size: int = 1024
@@ -163,6 +173,6 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
                                    "eval": EvalConfig, "generate": GenerateConfig}
 
 
-__all__ = ["CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+__all__ = ["PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
            "SFTMethod", "TrainConfig"]
