@@ -154,7 +154,7 @@ def test_closed_choices_are_one_line_with_the_allowed_values(command, override, 
 
 # ---------------------------------------------------------------------------------------------- --help lists every key
 
-@pytest.mark.parametrize("command", ["dpo", "grpo", "eval", "annotate"])
+@pytest.mark.parametrize("command", ["dpo", "grpo", "eval", "annotate", "augment"])
 def test_help_built_from_settings_equals_the_command_modules_parser(command):
     from alignkit.cli import build_parser
 

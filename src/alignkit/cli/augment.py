@@ -19,17 +19,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignkit.cli.common import add_config_arguments, config_from_args, data_path, dry_run
+from alignkit.cli.common import config_from_args, data_path, dry_run
+from alignkit.cli.helptext import add_command_parser
 from alignkit.settings import ConfigError, save_config
 
 logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("augment", help="augment data: code bugs, paraphrases, self-instruct, summaries, entities",
-                       description="alignkit augment: new SFT / preference records from existing data "
-                                   "(strategies: alignkit ls augment).")
-    add_config_arguments(p)
+    p = add_command_parser(sub, "augment", "augment data: code bugs, paraphrases, self-instruct, summaries, entities")
     p.set_defaults(func=run)
 
 

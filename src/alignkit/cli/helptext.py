@@ -17,6 +17,7 @@ CONFIG_COMMANDS: dict[str, tuple[bool, bool]] = {
     "sft": (True, False), "rm": (True, False), "dpo": (True, False), "kto": (True, False),
     "online-dpo": (True, True), "grpo": (True, True), "rloo": (True, True), "ppo": (True, True),
     "eval": (False, False), "generate": (False, False), "sample": (False, False), "annotate": (False, True),
+    "augment": (False, False),
 }
 
 
@@ -44,7 +45,8 @@ def add_allow_code(parser: argparse.ArgumentParser) -> None:
 def add_command_parser(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
     """The parser of config command `name` (`CONFIG_COMMANDS`), its epilog listing every key."""
     run_folder, allow_code = CONFIG_COMMANDS[name]
-    p = sub.add_parser(name, help=text, description=f"alignkit {name}: {text}.", epilog=keys_epilog(name),
+    description = f"alignkit {name}: {text}." + (" Strategies: alignkit ls augment." if name == "augment" else "")
+    p = sub.add_parser(name, help=text, description=description, epilog=keys_epilog(name),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, run_folder=run_folder)
     if allow_code:
