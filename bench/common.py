@@ -261,9 +261,9 @@ class Meter:
 
     def step_end(self, step: int) -> None:
         if step == self.warmup:
-            self.t0, self.tokens0 = time.perf_counter(), self.tokens
+            self.t0, self.tokens0, self.cpu0 = time.perf_counter(), self.tokens, time.process_time()
         elif step == self.warmup + self.steps:
-            self.t1, self.tokens1 = time.perf_counter(), self.tokens
+            self.t1, self.tokens1, self.cpu1 = time.perf_counter(), self.tokens, time.process_time()
 
     def result(self) -> dict:
         if self.t0 is None or self.t1 is None:
@@ -271,7 +271,9 @@ class Meter:
                                f"step {self.warmup + self.steps} -> {self.t1}; did training stop early?")
         dt = self.t1 - self.t0
         tok = self.tokens1 - self.tokens0
-        return {"seconds": dt, "samples_per_s": self.steps * self.batch_size / dt,
+        cpu = self.cpu1 - self.cpu0  # this process's CPU seconds (all threads) over the timed steps
+        return {"seconds": dt, "samples_per_s": self.steps * self.batch_size / dt, "cpu_seconds": cpu,
+                "samples_per_cpu_s": self.steps * self.batch_size / cpu if cpu > 0 else None,
                 "tokens_per_s": tok / dt, "timed_tokens": tok,
                 "final_loss": self.losses[-1] if self.losses else None,
                 "rss_before_train_mb": self.rss_before_train}
@@ -325,3 +327,81 @@ def skip(args: argparse.Namespace, library: str, reason: str) -> None:
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(json.dumps(res))
     sys.exit(0)
+
+
+# ----------------------------------------------------------------------------- online (GRPO / online DPO)
+# The online suite (bench/online_cpu.py) trains the "small" scenario's tiny Llama on its prompts with this
+# reward, on both sides: TRL's reward-function signature, which alignkit's function annotator also reads.
+def even_fraction(completions, **kwargs) -> list[float]:
+    """Reward of each completion: the fraction of its words "tN" with N even (0 for an empty one)."""
+    out = []
+    for text in completions:
+        words = [w for w in str(text).split() if w[:1] == "t" and w[1:].isdigit()]
+        out.append(sum(int(w[1:]) % 2 == 0 for w in words) / len(words) if words else 0.0)
+    return out
+
+
+def parse_online_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The interface of bench/online_alignkit.py and bench/peers/trl_online.py."""
+    ap = argparse.ArgumentParser(description="one online-training run of the online CPU suite")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--method", required=True, choices=["grpo", "online_dpo"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--prompts-per-step", type=int, default=8)
+    ap.add_argument("--num-samples", type=int, default=4, help="completions per prompt (online DPO: 2)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (GRPO) / DPO beta (online DPO)")
+    ap.add_argument("--grad-ckpt", choices=["default", "on", "off"], default="default")
+    ap.add_argument("--precision", choices=["default", "fp32", "bf16"], default="default")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.spec_dict = load_spec(args.spec)
+    args.task = args.method
+    return args
+
+
+def online_prompts(args: argparse.Namespace) -> list[str]:
+    return [r["prompt"] for r in read_jsonl(data_file(args.run_dir, args.spec_dict, "sft"))]
+
+
+class StepClock:
+    """Wall and CPU time of steps warmup+1 .. warmup+steps (call `step_end(n)` after step n, 1-based) and the
+    tokens generated meanwhile (`add_generated(n)`)."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.generated = 0
+        self.marks: dict[int, tuple[float, float, int]] = {}
+        self.losses: list[float] = []
+
+    def add_generated(self, n: int) -> None:
+        self.generated += int(n)
+
+    def step_end(self, step: int) -> None:
+        if step in (self.warmup, self.warmup + self.steps):
+            self.marks[step] = (time.perf_counter(), time.process_time(), self.generated)
+
+    def result(self) -> dict:
+        a, b = self.marks.get(self.warmup), self.marks.get(self.warmup + self.steps)
+        if a is None or b is None:
+            raise RuntimeError(f"timing incomplete: marks at {sorted(self.marks)}; did training stop early?")
+        dt, cpu, gen = b[0] - a[0], b[1] - a[1], b[2] - a[2]
+        return {"seconds": dt, "cpu_seconds": cpu, "steps_per_s": self.steps / dt, "generated_tokens": gen,
+                "generated_tokens_per_s": gen / dt, "final_loss": self.losses[-1] if self.losses else None}
+
+
+def finish_online(args: argparse.Namespace, library: str, clock: StepClock, extra: dict | None = None,
+                  libs: tuple[str, ...] = ()) -> dict:
+    res = {"library": library, "task": args.method, "status": "ok", **clock.result(), "peak_rss_mb": rss_mb(),
+           "steps": args.steps, "warmup": args.warmup, "settings": settings_of(args), "versions": versions(*libs),
+           **(extra or {})}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: res[k] for k in ("library", "task", "steps_per_s", "generated_tokens_per_s", "cpu_seconds",
+                                          "final_loss")}))
+    return res

@@ -60,6 +60,7 @@ class Case:
     shared: list[str]          # batch size, steps, warmup, lr, positions ...
     label: str = ""
     runs: dict = field(default_factory=dict)  # (library, variant) -> result dict
+    reps: dict = field(default_factory=dict)  # (library, variant) -> every repeat's result, in order
 
 
 def cases(quick: bool) -> list[Case]:
@@ -147,6 +148,12 @@ def comparisons(all_cases: list[Case]) -> list[dict]:
                 continue  # both sides have one setting: the default row says it all
             row = {"task": c.task, "scenario": c.scenario, "label": c.label, "setting": variant, "peer": c.peer,
                    "alignkit": a, "peer_result": p}
+            ra = c.reps.get(("alignkit", variant)) or c.reps.get(("alignkit", "default"), [])
+            rp = c.reps.get((c.peer, variant)) or c.reps.get((c.peer, "default"), [])
+            pairs = [(x, y) for x, y in zip(ra, rp) if _ok(x) and _ok(y)]  # repeat i of each side: run together
+            row["paired_wall"] = [x["samples_per_s"] / y["samples_per_s"] for x, y in pairs]
+            row["paired_cpu"] = [x["samples_per_cpu_s"] / y["samples_per_cpu_s"] for x, y in pairs
+                                 if x.get("samples_per_cpu_s") and y.get("samples_per_cpu_s")]
             if _ok(a) and _ok(p):
                 row["speed_ratio"] = a["samples_per_s"] / p["samples_per_s"]
                 row["tokens_ratio"] = a["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None
@@ -182,8 +189,25 @@ def table(rows: list[dict]) -> str:
                f"{r['peer']} {side_spread(r['peer_result'])}" for r in rows]
     lines.append("x = alignkit / peer (speed: > 1 is alignkit faster; memory: < 1 is alignkit leaner). "
                  "ak = alignkit. Peak MB = ru_maxrss of the run's process.")
+    lines.append("paired ratios, repeat by repeat (median (min-max)): samples/s on the wall clock | samples per "
+                 "CPU second of the run's process (steadier on a shared machine):")
+    for r in rows:
+        sc = r["scenario"] + (f" {r['label']}" if r["label"] else "")
+        lines.append(f"  {r['task']:<5} {sc[:22]:<22} {r['setting']:<8} wall {_paired(r.get('paired_wall'))}  "
+                     f"CPU {_paired(r.get('paired_cpu'))}  final loss ak {_loss(r['alignkit'])} / peer "
+                     f"{_loss(r['peer_result'])}")
     return "\n".join(lines + ["noise, (max - min) / median of samples/s over repeats:"] + ["  " + x for x in spreads]
                      + sorted(set(notes)))
+
+
+def _paired(xs: list[float] | None) -> str:
+    if not xs:
+        return "—"
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f}, n={len(xs)})"
+
+
+def _loss(r: dict | None) -> str:
+    return f"{r['final_loss']:.4f}" if _ok(r) and r.get("final_loss") is not None else "—"
 
 
 def side_spread(r: dict | None) -> str:
@@ -261,6 +285,7 @@ def main() -> None:
                            f"{res['peak_rss_mb']:.0f} MB" if _ok(res) else f"{res['status']}: {res.get('reason', '')}")
                     print(f"[run_cpu] {tag}: {got} ({res.get('wall_s', 0):.0f} s)", flush=True)
         c.runs = {key: median_result(rs) for key, rs in reps.items()}
+        c.reps = reps
 
     rows = comparisons(todo)
     report = table(rows)

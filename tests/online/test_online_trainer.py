@@ -248,3 +248,25 @@ def test_prompts_per_step_must_split_over_processes(tiny_dir, tokenizer):
     trainer.world, trainer.rank = 2, 1  # what rank 1 of 2 keeps, and its seed
     assert trainer.local_prompts([1, 2, 3, 4]) == [3, 4]
     assert trainer.sampling_seed(5) == (0 * 100_003 + 5) * 2 + 1
+
+
+@pytest.mark.parametrize("cls,cfg_cls", [(GRPOTrainer, GRPOConfig), (OnlineDPOTrainer, OnlineDPOConfig)])
+def test_skipping_the_rollout_policy_pass_changes_no_result(tiny_dir, tokenizer, cls, cfg_cls):
+    """One update per step: the rollout's no-grad policy pass is skipped (pi_old = the training forward,
+    detached; online DPO never reads pi_old), and the steps' losses and kl / entropy metrics equal those of a
+    run that keeps the pass."""
+
+    class KeepsPass(cls):
+        def reuses_training_pass(self):
+            return False
+
+    runs = []
+    for trainer_cls in (cls, KeepsPass):
+        trainer = trainer_cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, small(cfg_cls))
+        runs.append(trainer.train())
+    assert cls.reuses_training_pass(trainer) and not KeepsPass.reuses_training_pass(trainer)
+    fast, slow = runs
+    for a, b in zip(fast, slow):
+        for key in ("loss", "kl", "kl/sequence_sum", "entropy", "reward", "completions/mean_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert slow[1]["kl"] > 0  # the policy moved: the comparison can fail

@@ -158,7 +158,11 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
             if with_entropy:
                 p = torch.exp(z - lse_c[:, None])  # (c, V)
                 ent[s:s + chunk_size] = lse_c - (p * z).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        # One chunk and no softcap: keep its logits for backward instead of recomputing them (the same values,
+        # bitwise: backward would run the same matmul); the (N, V) block lives until backward. Larger inputs
+        # recompute chunk by chunk, so their peak stays a few (chunk_size, V) blocks.
+        keep = z if 0 < N <= chunk_size and softcap is None and any(ctx.needs_input_grad[:3]) else None
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, keep)
         ctx.cfg = (chunk_size, logit_scale, softcap, temperature)
         ctx.set_materialize_grads(False)
         if not with_entropy:
@@ -168,7 +172,7 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_lse, g_correct=None, g_mean=None):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, kept = ctx.saved_tensors
         chunk_size, logit_scale, softcap, temperature = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         none = (None,) * 10
@@ -180,7 +184,10 @@ class _ChunkedLMLogprobs(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         for s in range(0, hidden.shape[0], chunk_size):
             h = hidden[s:s + chunk_size]  # (c, d)
-            z, t = _chunk_logits(h, weight, bias, logit_scale, softcap, temperature)  # (c, V)
+            if kept is not None:  # the forward's logits (one chunk, no softcap)
+                z, t = kept, None
+            else:
+                z, t = _chunk_logits(h, weight, bias, logit_scale, softcap, temperature)  # (c, V)
             lse_c = lse[s:s + chunk_size, None]  # (c, 1)
             p = torch.exp(z - lse_c)  # (c, V)
             # d/dz of  g_logp * logp + g_lse * lse + g_ent * H  =  (g_lse - g_logp) * p + g_logp * onehot

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.losses import PREFERENCE_LOSSES, PreferenceBatch, PreferenceParams, preference_loss, reduce_loss
+from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceBatch, PreferenceParams, preference_loss, reduce_loss
 from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample
@@ -74,6 +74,14 @@ class OnlineDPOTrainer(OnlineTrainer):
     def pointwise_scores(self) -> bool:
         return self.config.feedback != "judge_pairs"
 
+    def reuses_training_pass(self) -> bool:
+        """The preference losses never read log pi_old: the rollout's no-grad policy pass only gave the "kl" and
+        "entropy" metrics, which then come from the training forward over the paired rows (all rows when no
+        group ties). Kept with an adaptive KL controller (`kl_target`), which reads "kl/sequence_sum" every step,
+        and with several processes: the samples in no pair (which differ per rank) would need a forward on some
+        ranks only, and a DDP / FSDP forward is a collective."""
+        return self.config.kl_target is None and self.world == 1
+
     def annotate(self, samples: list[Sample]) -> Scores:
         """With "judge_pairs" the annotator compares pairs itself; no pointwise scores are asked for (NaN)."""
         if self.config.feedback != "judge_pairs":
@@ -105,7 +113,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         by `normalizer` (default: the pairs' weight sum)."""
         c: OnlineDPOConfig = self.config
         rows = torch.cat([pairs.chosen[idx], pairs.rejected[idx]])  # (2M,)
-        stats = self.token_stats(select(pairs.rollout.batch, rows))
+        on_policy = pairs.rollout.old_logps is None  # no rollout policy pass: this one gives kl / entropy
+        stats = self.token_stats(select(pairs.rollout.batch, rows), entropy=on_policy)
         logps, lengths = sequence_sums(stats.logps, stats.mask), stats.mask.sum(-1)  # (2M,), (2M,)
         M = idx.numel()
         batch = PreferenceBatch(logps[:M], logps[M:],
@@ -114,9 +123,46 @@ class OnlineDPOTrainer(OnlineTrainer):
         params = c.params if c.params is not None else PreferenceParams(beta=c.beta)
         out = preference_loss(batch, params, c.loss_type, c.loss_weights)
         loss = reduce_loss(out.losses, pairs.weights[idx], normalizer)
+        if on_policy:  # per-row values of the rollout's "kl" / "entropy" (`_rollout_pass_metrics`)
+            self.__dict__.setdefault("_pass_rows", {}).update(
+                zip(rows.tolist(), zip(*self._row_values(stats, pairs.rollout.ref_logps[rows]))))
         return loss, {k: float(v.float().mean()) for k, v in out.metrics.items()}
 
+    def _row_values(self, stats: Any, ref_logps: Tensor) -> tuple[list[float], list[float], list[float]]:
+        """Per row: the summed KL estimator, summed entropy and response tokens of one policy pass."""
+        w = stats.logps.shape[1]
+        est = KL_ESTIMATORS[self.config.kl_estimator](stats.logps.detach(), ref_logps[:, :w])
+        m = stats.mask.to(est.dtype)
+        return ((est * m).sum(-1).tolist(), (stats.entropy.detach() * m).sum(-1).tolist(), m.sum(-1).tolist())
+
+    @torch.no_grad()
+    def _rollout_pass_metrics(self, rollout: Rollout) -> dict[str, float]:
+        """The rollout's "kl", "entropy" and "kl/sequence_sum" (`metrics_from_sums`) when its policy pass was skipped: the training forward's rows, plus one no-grad pass over the
+        samples in no pair. The same values as the rollout pass (the parameters are the step's until the update;
+        with several minibatches, later ones see updated parameters)."""
+        rows = self._pass_rows
+        if rollout.old_logps is not None or not rows:
+            return {}
+        kl, ent, tok = (sum(v[j] for v in rows.values()) for j in range(3))
+        self._pass_rows = {}
+        return self.metrics_from_sums(torch.tensor([kl, ent, tok, float(len(rows))], dtype=torch.float64))
+
+    @torch.no_grad()
+    def _unpaired_pass(self, pairs: PairBatch) -> None:
+        """Before the update: the per-row metric values of the samples no pair trains on (their own pass)."""
+        r = pairs.rollout
+        if r.old_logps is not None:
+            return
+        paired = set(pairs.chosen.tolist()) | set(pairs.rejected.tolist())
+        missing = [i for i in range(len(r.samples)) if i not in paired]
+        if missing:
+            idx = torch.tensor(missing, dtype=torch.long, device=r.rewards.device)
+            stats = self.token_stats(select(r.batch, idx), entropy=True)
+            self._pass_rows.update(zip(missing, zip(*self._row_values(stats, r.ref_logps[idx]))))
+
     def optimise(self, pairs: PairBatch) -> dict[str, float]:
+        self._pass_rows: dict[int, tuple[float, float, float]] = {}
+        self._unpaired_pass(pairs)
         n = pairs.chosen.numel()
         if self.world > 1 and n == 0:  # other processes may have pairs: take part with a zero-weight pair
             dev = pairs.weights.device
@@ -126,12 +172,12 @@ class OnlineDPOTrainer(OnlineTrainer):
                               None if pairs.ref_rejected is None else pairs.rollout.ref_logps.new_zeros(1))
             self.run_minibatches(1, lambda idx, norm: self.pair_loss(pairs, idx, norm),
                                  lambda idx: pairs.weights[idx].sum())
-            return {"pairs": 0.0}  # the zero-weight pair's metrics are not this process's
+            return {"pairs": 0.0, **self._rollout_pass_metrics(pairs.rollout)}  # not the zero-weight pair's metrics
         if n == 0:  # every group tied: nothing to learn from this step
-            return {"pairs": 0.0}
+            return {"pairs": 0.0, **self._rollout_pass_metrics(pairs.rollout)}
         metrics = self.run_minibatches(n, lambda idx, norm: self.pair_loss(pairs, idx, norm),
                                        lambda idx: pairs.weights[idx].sum())
-        return {"pairs": float(n), **metrics}
+        return {"pairs": float(n), **metrics, **self._rollout_pass_metrics(pairs.rollout)}
 
 
 __all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "PAIR_MODES", "PairBatch"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from alignkit.losses import ADVANTAGES, clipped_policy_loss, reduce_loss
@@ -63,6 +64,13 @@ class GRPOTrainer(OnlineTrainer):
 
     config_class = GRPOConfig
 
+    def reuses_training_pass(self) -> bool:
+        """One update per step over all of it (one epoch, one minibatch, one micro-batch): pi_old IS the policy
+        of the training forward, so the rollout's separate no-grad pass is skipped."""
+        c: GRPOConfig = self.config
+        return (c.epochs_per_step == 1 and c.mini_batch_size is None and c.gradient_accumulation_steps == 1
+                and not self.needs_hidden)
+
     def advantages(self, rollout: Rollout) -> Tensor:
         c: GRPOConfig = self.config
         k = c.sampling.num_samples
@@ -87,21 +95,30 @@ class GRPOTrainer(OnlineTrainer):
         `normalizer`, default: this selection's own, `self.normalizer`)."""
         c: GRPOConfig = self.config
         r = pb.rollout
-        stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0)
+        on_policy = r.old_logps is None  # `reuses_training_pass`: this forward is pi_old
+        stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0 or on_policy)
         w = stats.logps.shape[1]  # the selected rows' width (T'-1)
-        out = clipped_policy_loss(stats.logps, r.old_logps[idx, :w], pb.advantages[idx], stats.mask,
+        old = stats.logps.detach() if on_policy else r.old_logps[idx, :w]
+        out = clipped_policy_loss(stats.logps, old, pb.advantages[idx], stats.mask,
                                   clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
                                   ref_logps=r.ref_logps[idx, :w], kl_coef=self.kl_ctl.value,
-                                  kl_estimator=c.kl_estimator, entropy=stats.entropy, entropy_coef=c.entropy_coef,
-                                  aggregation=c.aggregation)
+                                  kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
+                                  entropy_coef=c.entropy_coef, aggregation=c.aggregation)
         loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
         metrics = {k: float(v.float().mean()) for k, v in out.metrics.items() if k not in ("kl", "entropy")}
         metrics["kl/token"] = float(out.metrics["kl"])
+        if on_policy:  # the rollout's "kl" / "entropy", from this pass (its rows are the whole step's)
+            self._pass_total = getattr(self, "_pass_total", 0) + self.pass_sums(stats.logps, r.ref_logps[idx, :w], stats.entropy,
+                                                                 stats.mask)
         return loss, metrics
 
     def optimise(self, pb: PolicyBatch) -> dict[str, float]:
-        return self.run_minibatches(len(pb.rollout.samples), lambda idx, norm: self.policy_loss(pb, idx, norm),
-                                    lambda idx: self.normalizer(pb, idx))
+        self._pass_total = torch.zeros(4, dtype=torch.float64)  # `pass_sums` of this step's training forwards
+        metrics = self.run_minibatches(len(pb.rollout.samples), lambda idx, norm: self.policy_loss(pb, idx, norm),
+                                       lambda idx: self.normalizer(pb, idx))
+        if pb.rollout.old_logps is None:  # every rank skipped the rollout pass (a collective follows)
+            metrics.update(self.metrics_from_sums(self._pass_total))
+        return metrics
 
 
 class RLOOTrainer(GRPOTrainer):

@@ -79,8 +79,9 @@ def token_stats(model: nn.Module, batch: dict[str, Tensor], *, temperature: floa
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
     weight, bias, extra = _head(unwrap_lm(model))
     out = chunked_lm_logprobs(h[rows, cols], weight, bias, ids[:, 1:][rows, cols], chunk_size,
-                              temperature=temperature, return_stats=True, **extra)
-    logps = out.logps.new_zeros(mask.shape).index_put((rows, cols), out.logps)  # (B, T-1)
+                              temperature=temperature, return_stats=entropy, **extra)  # entropy only when asked
+    lp = out.logps if entropy else out
+    logps = lp.new_zeros(mask.shape).index_put((rows, cols), lp)  # (B, T-1)
     ent = out.entropy.new_zeros(mask.shape).index_put((rows, cols), out.entropy) if entropy else None
     return TokenStats(logps, mask, ent, h[:, :-1] if hidden else None)
 

@@ -63,7 +63,7 @@ from alignkit.adapters import can_switch_off, save_adapter
 from alignkit.online.annotators import Annotator, AnnotatorError, Scores, build_annotator
 from alignkit.online.generation import Sample, SamplingConfig, as_prompt_records, generate_responses, generation_metrics
 from alignkit.online.normalize import RunningMoments, normalize_rewards
-from alignkit.online.rollout import reference_token_logps, samples_batch, sequence_sums, token_stats
+from alignkit.online.rollout import TokenStats, reference_token_logps, samples_batch, sequence_sums, token_stats
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.reference import frozen_copy
 
@@ -143,10 +143,10 @@ class Rollout:
     scores: Tensor  # (B,) raw annotator scores, NaN = failed
     rewards: Tensor  # (B,) normalised + clipped; failed ones filled with their group's mean
     weights: Tensor  # (B,) the prompt records' weights, 0 for failed annotations
-    old_logps: Tensor  # (B, T-1) log pi_old of the sampled tokens
+    old_logps: Tensor | None  # (B, T-1) log pi_old of the sampled tokens; None: the training forward's (below)
     ref_logps: Tensor  # (B, T-1) log pi_ref
     mask: Tensor  # (B, T-1) bool
-    entropy: Tensor  # (B, T-1)
+    entropy: Tensor | None  # (B, T-1); None with old_logps
     hidden: Tensor | None = None  # (B, T-1, d), when the trainer asks (PPO's value head)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -186,6 +186,13 @@ class OnlineTrainer:
 
     config_class = OnlineConfig
     needs_hidden = False  # PPO: keep the final hidden states of the rollout for the value head
+
+    def reuses_training_pass(self) -> bool:
+        """True when the rollout's no-grad policy pass can be skipped: the step's one training forward sees the
+        same parameters and rows, so log pi_old = its log-probs detached (TRL's GRPO with num_iterations=1 does
+        the same), and the rollout's "kl" / "entropy" metrics come from that forward (`pass_sums`, `metrics_from_sums`). The
+        base loop never skips (subclasses decide); `score(policy_pass=True)` always runs it."""
+        return False
 
     def __init__(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Any], annotator: Annotator | dict,
                  config: OnlineConfig | None = None, *, ref_model: nn.Module | None = None,
@@ -339,7 +346,7 @@ class OnlineTrainer:
             self._step = step
             samples = self.generate(self.local_prompts(self.next_prompts()), step)
             self._step_ids = list(dict.fromkeys(s.prompt_id for s in samples if s.prompt_id))
-            rollout = self.score(samples)
+            rollout = self.score(samples, policy_pass=not self.reuses_training_pass())
             batch = self.build_batch(rollout)
             metrics = self.reduce_metrics({"step": float(step), **rollout.metrics, **self.optimise(batch)})
             self.kl_ctl.update(metrics["kl/sequence_sum"], len(samples) * self.world)
@@ -412,8 +419,10 @@ class OnlineTrainer:
                                        [s.meta for s in samples])
 
     @torch.no_grad()
-    def score(self, samples: list[Sample]) -> Rollout:
-        """Annotate, normalise rewards, and compute old / reference log-probs and entropy."""
+    def score(self, samples: list[Sample], policy_pass: bool = True) -> Rollout:
+        """Annotate, normalise rewards, and compute old / reference log-probs and entropy. `policy_pass=False`
+        (see `reuses_training_pass`) leaves old_logps / entropy to the training forward: the rollout's "kl" and
+        "entropy" metrics are then filled in by the loss (`pass_sums`, `metrics_from_sums`)."""
         c = self.config
         scores = self.annotate(samples)
         raw = scores.values.to(torch.float32)  # (B,)
@@ -427,11 +436,15 @@ class OnlineTrainer:
         valid = ~torch.isnan(raw)
         weights = torch.tensor([s.weight for s in samples], dtype=torch.float32) * valid
         batch = samples_batch(samples, self.tokenizer.pad_token_id, self.accelerator.device)
-        stats = self.token_stats(batch, entropy=True, hidden=self.needs_hidden)
         ref = reference_token_logps(self.policy, batch, self.ref_model, temperature=c.sampling.temperature,
                                     chunk_size=c.chunk_size)
-        kl_tok = KL_ESTIMATORS[c.kl_estimator](stats.logps, ref)  # (B, T-1)
-        kl = sequence_sums(kl_tok, stats.mask)  # (B,)
+        if policy_pass:
+            stats = self.token_stats(batch, entropy=True, hidden=self.needs_hidden)
+            kl_tok = KL_ESTIMATORS[c.kl_estimator](stats.logps, ref)  # (B, T-1)
+            kl = sequence_sums(kl_tok, stats.mask)  # (B,)
+        else:  # old log-probs, entropy and the kl / entropy metrics: from the training forward (`pass_sums`)
+            mask = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()  # (B, T-1)
+            stats, kl_tok, kl = TokenStats(None, mask), None, None
         if not (~torch.isnan(everyone)).any() and self.pointwise_scores:
             raise AnnotatorError(f"step {getattr(self, '_step', 0) + 1}: the annotator scored none of the {everyone.numel()} "
                                  "response(s) (every score failed or was None), so there is nothing to learn from; "
@@ -459,7 +472,8 @@ class OnlineTrainer:
         g_std = (torch.where(ok, (g - g_mean) ** 2, 0.0).sum(-1) / (n_ok - 1).clamp(min=1)).sqrt()  # (G,) Bessel
         zero_std = (n_ok > 1) & torch.isclose(g_std, torch.zeros_like(g_std))  # TRL: NaN std (< 2 scores) is not 0
         m = mask.float()
-        sums = self.reduce_sum(torch.stack([(kl_tok * m).sum(), (entropy * m).sum(), m.sum()]).double())  # (3,)
+        if kl_tok is not None:  # else the policy pass was skipped: the training forward gives them (`pass_sums`)
+            sums = self.reduce_sum(torch.stack([(kl_tok * m).sum(), (entropy * m).sum(), m.sum()]).double())  # (3,)
         length = self.gather(torch.tensor([float(len(s.response_ids)) for s in samples]))  # (W B,)
         clipped = self.gather(torch.tensor([float(s.finish_reason == "length") for s in samples]))
         self._num_tokens += int(self.reduce_sum(torch.tensor(
@@ -468,15 +482,31 @@ class OnlineTrainer:
                    "reward_std": float(v.std()) if v.numel() > 1 else float("nan"),
                    "frac_reward_zero_std": float(zero_std.double().mean()),
                    "reward/failed": float(scores.failed.sum()),  # summed over ranks (SUMMED_METRICS)
-                   "reward/normalized_mean": float(rewards.mean()),
-                   "kl": float(sums[0] / sums[2].clamp(min=1)), "kl/sequence_sum": float(kl.mean()),
-                   "kl_coef": float(self.kl_ctl.value), "entropy": float(sums[1] / sums[2].clamp(min=1)),
+                   "reward/normalized_mean": float(rewards.mean()), "kl_coef": float(self.kl_ctl.value),
                    "completions/mean_length": float(length.mean()), "completions/min_length": float(length.min()),
                    "completions/max_length": float(length.max()), "completions/clipped_ratio": float(clipped.mean()),
                    "num_tokens": float(self._num_tokens)}
+        if kl_tok is not None:
+            metrics.update({"kl": float(sums[0] / sums[2].clamp(min=1)), "kl/sequence_sum": float(kl.mean()),
+                            "entropy": float(sums[1] / sums[2].clamp(min=1))})
         gen = generation_metrics(samples)
         gen.pop("generation/response_length")  # completions/mean_length, over all processes
         return {**metrics, **gen, **{k_: float(v_) for k_, v_ in scores.metrics.items()}}
+
+    def pass_sums(self, logps: Tensor, ref_logps: Tensor, entropy: Tensor, mask: Tensor) -> Tensor:
+        """(4,) float64 of one policy pass's (B, T-1) values: the summed KL estimator (`kl_estimator`) and entropy
+        over response tokens, the response tokens, the sequences. See `metrics_from_sums`."""
+        kl_tok = KL_ESTIMATORS[self.config.kl_estimator](logps.detach(), ref_logps)
+        m = mask.to(kl_tok.dtype)
+        return torch.stack([(kl_tok * m).sum(), (entropy.detach() * m).sum(), m.sum(),
+                            torch.tensor(float(mask.shape[0]), device=m.device)]).double().cpu()
+
+    def metrics_from_sums(self, sums: Tensor) -> dict[str, float]:
+        """The rollout's "kl", "entropy" (token means over every process: a collective, call it on every rank) and
+        "kl/sequence_sum" (this process's mean over sequences) from this process's `pass_sums` total."""
+        g = self.reduce_sum(sums[:3].clone())
+        return {"kl": float(g[0] / g[2].clamp(min=1)), "entropy": float(g[1] / g[2].clamp(min=1)),
+                "kl/sequence_sum": float(sums[0] / sums[3].clamp(min=1))}
 
     def run_minibatches(self, n_items: int, loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]],
                         normalizer_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:

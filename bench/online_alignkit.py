@@ -1,0 +1,70 @@
+"""alignkit's side of the online CPU suite (bench/online_cpu.py): GRPO or online DPO, full finetuning of the
+"small" scenario's tiny Llama, a frozen-copy reference, the shared reward `common.even_fraction`.
+
+    .venv/bin/python bench/online_alignkit.py --spec RUN/small/spec.json --run-dir RUN --method grpo --out r.json
+
+One step = prompts_per_step prompts x num_samples completions sampled (transformers generate, KV cache,
+temperature 1, no top-k / top-p), scored, and one optimizer update on all of them (TRL's
+num_iterations=1, steps_per_generation=1). Steps and generated tokens are counted by `common.StepClock`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for common.py
+
+import common  # noqa: E402
+
+
+def main() -> None:
+    args = common.parse_online_args()
+    common.setup_torch(args)
+    import torch
+
+    from alignkit.models.loading import load_model
+    from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
+    from alignkit.online.generation import SamplingConfig
+    from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+
+    if args.grad_ckpt == "on" or args.precision == "bf16":
+        common.skip(args, "alignkit", "the online suite runs alignkit in float32 without checkpointing")
+    folder = common.model_dir(args.run_dir, args.spec_dict)
+    tok = common.load_tokenizer(folder, padding_side="left")
+    model = load_model(folder, task="causal_lm", dtype="float32")
+    sampling = SamplingConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=1.0)
+    shared = dict(steps=args.warmup + args.steps, prompts_per_step=args.prompts_per_step, sampling=sampling,
+                  learning_rate=args.lr, reference="copy", progress_bar=False, report_to="none", save_at_end=False,
+                  seed=args.seed)
+    annotator = {"type": "function", "fn": common.even_fraction}
+    if args.method == "grpo":
+        trainer = GRPOTrainer(model, tok, common.online_prompts(args), annotator,
+                              GRPOConfig(kl_coef=args.beta, **shared))
+    else:
+        trainer = OnlineDPOTrainer(model, tok, common.online_prompts(args), annotator,
+                                   OnlineDPOConfig(beta=args.beta, **shared))
+    clock = common.StepClock(args.warmup, args.steps)
+    generate, log = trainer.generate, trainer.log
+
+    def counted_generate(prompts, step):
+        samples = generate(prompts, step)
+        clock.add_generated(sum(len(s.response_ids) for s in samples))
+        return samples
+
+    def timed_log(metrics):
+        log(metrics)
+        if "loss" in metrics:
+            clock.losses.append(float(metrics["loss"]))
+        clock.step_end(int(metrics["step"]) + 1)
+
+    trainer.generate, trainer.log = counted_generate, timed_log
+    trainer.train()
+    common.finish_online(args, "alignkit", clock, {"effective": {"gradient_checkpointing": False, "bf16": False,
+                                                                 "reference": trainer.reference_mode,
+                                                                 "torch_threads": torch.get_num_threads()}},
+                         libs=("alignkit", "accelerate"))
+
+
+if __name__ == "__main__":
+    main()
