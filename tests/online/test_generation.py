@@ -143,3 +143,38 @@ def test_prompt_truncation_and_bad_config(tiny_lm, tokenizer):
         SamplingConfig(temperature=0.0)
     with pytest.raises(ValueError, match="num_samples"):
         SamplingConfig(num_samples=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_samples_of_a_prompt_share_one_prefill(tiny_lm, tokenizer, arch):
+    """num_samples rows of a prompt: the prompt is run once (its KV cache copied to the rows) and the samples
+    are those of plain `generate` on the repeated, left-padded prompts with the same seed; greedy samples equal
+    the no-cache naive loop."""
+    model = tiny_lm(arch)
+    cfg = SamplingConfig(num_samples=3, max_new_tokens=5, seed=7)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: widths.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = generate_responses(model, tokenizer, PROMPTS[:2], cfg, batch_size=6)
+    finally:
+        hook.remove()
+    ids = [encode_prompt(p, tokenizer) for p in PROMPTS[:2]]
+    T = max(map(len, ids))
+    assert widths[0] == (2, T - 1)  # one prefill for the two distinct prompts, all but their last token
+    assert all(w[1] == 1 for w in widths[1:])  # then one token at a time for the 6 rows
+    rows = [x for x in ids for _ in range(3)]
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (T - len(x)) + x for x in rows])
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in rows])
+    from alignkit.online.generation import _generation_kwargs, end_token_ids
+
+    eos = end_token_ids(model, tokenizer, cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        ref = model.generate(input_ids=input_ids, attention_mask=mask, **_generation_kwargs(cfg, tokenizer, eos))
+    for s, row in zip(got, ref[:, T:].tolist()):
+        assert s.response_ids == cut_at_eos(row, tokenizer.eos_token_id)[:len(s.response_ids)]
+        assert len(s.response_ids) == len(cut_at_eos(row, tokenizer.eos_token_id))
+    greedy = generate_responses(model, tokenizer, PROMPTS[:2], SamplingConfig(do_sample=False, num_samples=2,
+                                                                              max_new_tokens=5))
+    for s in greedy:
+        assert s.response_ids == cut_at_eos(naive_greedy(model, s.prompt_ids, 5), tokenizer.eos_token_id)

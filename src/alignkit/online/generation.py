@@ -7,7 +7,9 @@ Prompts are `PromptRecord`s (or any record: its prompt is used), plain strings, 
 the tokenizer's chat template for conversations, verbatim text for strings), tokenized on its own, and, if
 longer than `max_prompt_length`, keeps its LAST tokens (as `alignkit.data.tokenize` does for prompts).
 
-Batches are left-padded and generated with Hugging Face `generate` (KV cache on). The same call works for a
+Batches are left-padded and generated with Hugging Face `generate` (KV cache on). The `num_samples` rows of
+a prompt share one prefill (`shared_prompt_cache`: the prompt's KV cache is computed once and copied to its
+rows; not for a ReftModel, whose edits happen in the prompt pass). The same call works for a
 plain transformers model, a `peft` model, and a `ReftModel`: for a ReftModel the prompt tokens named by
 `positions` ("l1", "f3+l3", ... see `alignkit.data.positions`) are intervened on, exactly as in training
 (locations built from each row's non-pad span); `intervene_on_generated=True` also edits generated tokens.
@@ -171,6 +173,27 @@ def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: Sam
 
 
 @torch.no_grad()
+def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        rows: torch.Tensor) -> Any:
+    """A KV cache of each distinct prompt's tokens but its last, computed once and copied to its samples' rows.
+
+    `input_ids`, `attention_mask` (U, T): the distinct prompts, left-padded; `rows` (B,): the prompt of each
+    generated row. `generate` then runs only the last prompt token and the new ones (prefix caching), so K
+    samples of a prompt cost one prefill instead of K. Position ids as `generate` counts them (from each row's
+    first attended token)."""
+    from transformers import DynamicCache
+
+    from alignkit.models.adapters import unwrap_lm
+
+    cache = DynamicCache(config=unwrap_lm(model).config)
+    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (U, T)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=pos[:, :-1], cache=cache,
+          use_cache=True, logits_to_keep=1)
+    cache.batch_select_indices(rows)
+    return cache
+
+
+@torch.no_grad()
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
                        intervene_on_generated: bool = False, formatter: str = "auto",
@@ -219,6 +242,13 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                         extra["intervention_locations"] = locations_from_mask(
                             positions, attention_mask, model.num_interventions, share_weights)  # (B, I, P)
                     extra["intervene_on_generated"] = intervene_on_generated
+                groups = [g for g, _ in chunk]
+                uniq = list(dict.fromkeys(groups))
+                if not is_reft and len(uniq) < len(chunk) and input_ids.shape[1] > 1:  # samples share prompts
+                    u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)  # (U, T)
+                    u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
+                    of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
+                    extra["cache"] = shared_prompt_cache(model, u_ids, u_mask, of_row)
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
                 new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for (g, k), row in zip(chunk, new):
