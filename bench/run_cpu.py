@@ -251,6 +251,8 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", choices=common.TASKS, default=list(common.TASKS))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per run (default 1: stable on a shared machine; 2 on a quiet one)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="keep the comparisons whose 'task/scenario/label' contains one of these, e.g. small/f1+l1")
     ap.add_argument("--skip-alignkit", action="store_true")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
     ap.add_argument("--repeats", type=int, default=1,
@@ -263,7 +265,8 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.results)
     run_dir = out_dir / f"cpu-{stamp}"
-    todo = [c for c in cases(args.quick) if c.task in args.tasks]
+    todo = [c for c in cases(args.quick) if c.task in args.tasks and (
+        not args.only or any(o in f"{c.task}/{c.scenario}/{c.label}" for o in args.only))]
     specs = {}
     for name in sorted({c.scenario for c in todo}):
         specs[name] = common.prepare_scenario(common.SCENARIOS[name], run_dir)

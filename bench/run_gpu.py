@@ -9,7 +9,9 @@ trained with alignkit's trainers; tokens/s, model FLOPs utilisation and peak mem
 
 Workloads (WORKLOADS): SFT full finetuning; DPO with LoRA (reference = adapter off), full (frozen copy),
 and both with the reference log-probs precomputed once before training; ReFT (LoReFT rank 4 on the
-middle layer, SFT loss). `--padding-free` packs each batch (flash-attention varlen when installed).
+middle layer, SFT loss); one GRPO step with transformers generation (`grpo_full`: --batch-size prompts x 8
+samples, full finetuning, KL to a frozen copy; steps/s, generated tokens/s and the generation share of a
+step). `--padding-free` packs each batch (flash-attention varlen when installed).
 
 Model FLOPs utilisation (the brief's convention, PaLM appendix B without the attention term):
 
@@ -132,7 +134,9 @@ WORKLOADS: dict[str, tuple[str, str, str | None]] = {
     "dpo_full": ("dpo", "full", "auto"),
     "dpo_full_precomputed": ("dpo", "full", "precomputed"),
     "reft": ("sft", "reft", None),
+    "grpo_full": ("grpo", "full", "auto"),  # one GRPO step = generate (transformers) + score + one update
 }
+GRPO_SAMPLES = 8  # completions per prompt (--batch-size prompts per step); 2 in --dry-run
 
 
 class _Timer:
@@ -179,6 +183,8 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     from alignkit.trainers import PreferenceTrainer, SFTTrainer
 
     objective, kind, reference = WORKLOADS[name]
+    if objective == "grpo":
+        return run_grpo(name, args, cfg)
     cuda = args.device == "cuda"
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     if cuda:
@@ -230,6 +236,78 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
            "setup_s": setup_s, "model_tflops_per_s": 6 * n_params * tps / 1e12,
            "mfu": 6 * n_params * tps / (peak * 1e12) if peak else None,
            "mfu_hw": per_token_hw * n_params * tps / (peak * 1e12) if peak else None,
+           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+    del trainer, model
+    return res
+
+
+def run_grpo(name: str, args: argparse.Namespace, cfg: dict) -> dict:
+    """GRPO steps with transformers generation: --batch-size prompts of ~--prompt-len tokens x GRPO_SAMPLES
+    completions of up to --completion-len tokens (sampled at temperature 1 from random weights, so nearly all
+    run to the limit), the reward `common.even_fraction`, KL 0.04 to a frozen copy, one update per step.
+    Reported: steps/s, generated tokens/s, the share of the step spent generating, trained tokens/s, peak memory."""
+    import random
+
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import common
+
+    from alignkit.models.adapters import apply_adapter
+    from alignkit.online.generation import SamplingConfig
+    from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+
+    _, kind, reference = WORKLOADS[name]
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = build_model(cfg, torch.float32 if args.dry_run else torch.bfloat16, args.device, args.attn)
+    model = apply_adapter(base, adapter(kind, cfg["num_hidden_layers"] // 2))
+    tok = common.build_tokenizer(cfg["vocab_size"])  # word-level: "t17" is one token, ids = 4 + 17
+    rng = random.Random(3)
+    n_words = cfg["vocab_size"] - len(common.SPECIALS)
+    prompts = [" ".join(f"t{rng.randrange(n_words)}" for _ in range(max(2, int(args.prompt_len * rng.uniform(0.75, 1.25)))))
+               for _ in range(args.batch_size * (args.warmup + args.steps))]
+    k = 2 if args.dry_run else GRPO_SAMPLES
+    gcfg = GRPOConfig(steps=args.warmup + args.steps, prompts_per_step=args.batch_size,
+                      sampling=SamplingConfig(num_samples=k, max_new_tokens=args.completion_len), learning_rate=1e-6,
+                      kl_coef=0.04, reference=reference, progress_bar=False, report_to="none", save_at_end=False,
+                      generation_batch_size=args.batch_size * k)
+    trainer = GRPOTrainer(model, tok, prompts, {"type": "function", "fn": common.even_fraction}, gcfg)
+    marks: dict[int, float] = {}
+    gen = {"tokens": 0, "seconds": 0.0, "trained": 0}
+    generate, log = trainer.generate, trainer.log
+
+    def timed_generate(p, step):
+        sync()
+        t = time.perf_counter()
+        samples = generate(p, step)
+        sync()
+        if step >= args.warmup:
+            gen["seconds"] += time.perf_counter() - t
+            gen["tokens"] += sum(len(x.response_ids) for x in samples)
+            gen["trained"] += sum(len(x.prompt_ids) + len(x.response_ids) for x in samples)
+        return samples
+
+    def timed_log(metrics):
+        log(metrics)
+        step = int(metrics["step"]) + 1
+        if step in (args.warmup, args.warmup + args.steps):
+            sync()
+            marks[step] = time.perf_counter()
+
+    trainer.generate, trainer.log = timed_generate, timed_log
+    t_setup = time.perf_counter()
+    trainer.train()
+    dt = marks[args.warmup + args.steps] - marks[args.warmup]
+    res = {"workload": name, "objective": "grpo", "adapter": kind, "reference": reference, "attn": args.attn,
+           "params_matmul": matmul_params(model), "prompts_per_step": args.batch_size, "samples_per_prompt": k,
+           "max_new_tokens": args.completion_len, "steps": args.steps, "seconds": dt, "steps_per_s": args.steps / dt,
+           "generated_tokens": gen["tokens"], "generated_tokens_per_s": gen["tokens"] / dt,
+           "generation_share": gen["seconds"] / dt, "tokens": gen["trained"], "tokens_per_s": gen["trained"] / dt,
+           "total_s": time.perf_counter() - t_setup, "mfu": None,
            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
     del trainer, model
     return res

@@ -63,3 +63,14 @@ def test_dry_run_liger_check_reports_what_is_missing(run_gpu, tmp_path):
     assert check["check"] == "liger" and check["status"] == "unavailable"
     assert check["reason"].startswith("model.kernels: liger needs ") and "a CUDA GPU" in check["reason"]
     assert workload["workload"] == "sft_full" and workload["kernels"] is None and workload["tokens"] > 0
+
+
+def test_dry_run_grpo_step(run_gpu, tmp_path):
+    """The GRPO workload: generation + scoring + one update per step, timed; generated tokens counted."""
+    res = run_gpu.main(["--dry-run", "--workloads", "grpo_full", "--out", str(tmp_path / "g.json"),
+                        "--work-dir", str(tmp_path / "work")])
+    assert len(res) == 1 and res[0].get("status") != "error", res
+    r = res[0]
+    assert r["objective"] == "grpo" and r["steps"] == 2 and r["samples_per_prompt"] == 2
+    assert 0 < r["generated_tokens"] <= 2 * 2 * 2 * 12  # steps x prompts x samples x max_new_tokens
+    assert r["steps_per_s"] > 0 and 0 < r["generation_share"] < 1
