@@ -190,7 +190,6 @@ def test_shape_errors_say_what_is_wrong():
         chunked_lm_logprobs(torch.zeros(2, 4), torch.zeros(5, 4), None, torch.tensor([0, 9]))
 
 
-<<<<<<< HEAD
 def test_accuracy_counts_a_tie_as_the_first_index_only():
     """`correct` is TRL's `argmax == label`: with tied logits only the first maximal index counts. A model
     collapsed to constant logits must read 0 accuracy (it read 1.0 when ties counted for every tied token)."""
@@ -201,7 +200,8 @@ def test_accuracy_counts_a_tie_as_the_first_index_only():
     targets = torch.tensor([0, 1, 0, 2, 2])
     out = chunked_lm_logprobs(hidden, torch.eye(3), None, targets, with_accuracy=True)
     assert out.correct.tolist() == [True, False, True, False, False]
-=======
+
+
 def test_one_chunk_keeps_its_logits_and_gradients_stay_exact():
     """N <= chunk_size (no softcap): the chunk's logits are kept for backward (one (N, V) block, no recompute);
     gradients still equal plain autograd's, with logit_scale and temperature; with a frozen input nothing is kept."""
@@ -227,4 +227,3 @@ def test_one_chunk_keeps_its_logits_and_gradients_stay_exact():
     with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         chunked_lm_logprobs(h.detach(), W.detach(), None, y, chunk_size=64)
     assert (13, 37) not in saved
->>>>>>> 9366d50 (Online suite (bench/online_cpu.py: alignkit GRPO / online DPO vs TRL 1.16 GRPOTrainer / OnlineDPOTrainer, same tiny Llama, prompts, reward, samples; steps/s, generated tok/s, CPU s, paired ratios); online loop skips the rollout's no-grad policy pass when one update per step makes it the training forward (GRPO) or nothing reads pi_old (online DPO), kl/entropy metrics from the training forward (test: same losses and metrics as with the pass); reference pass no longer computes entropy; chunked LM head keeps one chunk's logits for backward (test vs autograd); run_cpu.py reports paired wall and CPU ratios and CPU seconds per run)
