@@ -253,7 +253,7 @@ def run_grpo(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     sys.path.insert(0, str(BENCH))
     import common
 
-    from alignkit.models.adapters import apply_adapter
+    from alignkit.adapters import apply_adapter
     from alignkit.online.generation import SamplingConfig
     from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 

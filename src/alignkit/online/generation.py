@@ -183,7 +183,7 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     first attended token)."""
     from transformers import DynamicCache
 
-    from alignkit.models.adapters import unwrap_lm
+    from alignkit.adapters import unwrap_lm
 
     cache = DynamicCache(config=unwrap_lm(model).config)
     pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (U, T)
