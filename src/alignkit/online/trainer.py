@@ -346,7 +346,9 @@ class OnlineTrainer:
             self._step = step
             samples = self.generate(self.local_prompts(self.next_prompts()), step)
             self._step_ids = list(dict.fromkeys(s.prompt_id for s in samples if s.prompt_id))
-            rollout = self.score(samples, policy_pass=not self.reuses_training_pass())
+            self._policy_pass = not self.reuses_training_pass()  # read by `score` (its default)
+            rollout = self.score(samples)
+            self._policy_pass = True
             batch = self.build_batch(rollout)
             metrics = self.reduce_metrics({"step": float(step), **rollout.metrics, **self.optimise(batch)})
             self.kl_ctl.update(metrics["kl/sequence_sum"], len(samples) * self.world)
@@ -419,10 +421,12 @@ class OnlineTrainer:
                                        [s.meta for s in samples])
 
     @torch.no_grad()
-    def score(self, samples: list[Sample], policy_pass: bool = True) -> Rollout:
+    def score(self, samples: list[Sample], policy_pass: bool | None = None) -> Rollout:
         """Annotate, normalise rewards, and compute old / reference log-probs and entropy. `policy_pass=False`
         (see `reuses_training_pass`) leaves old_logps / entropy to the training forward: the rollout's "kl" and
         "entropy" metrics are then filled in by the loss (`pass_sums`, `metrics_from_sums`)."""
+        if policy_pass is None:  # the loop's choice for this step; a direct call runs the pass
+            policy_pass = getattr(self, "_policy_pass", True)
         c = self.config
         scores = self.annotate(samples)
         raw = scores.values.to(torch.float32)  # (B,)
