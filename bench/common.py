@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -216,6 +218,27 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- measurement
+def run_logged(cmd: list[str], out: Path, log: Path, threads: int, timeout: int) -> tuple[dict | None, str, float]:
+    """Run one side's benchmark process (quiet, offline, `threads` threads), its output in `log`.
+    Returns (its result JSON from `out` or None, the failure reason or "", wall seconds)."""
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads),
+               HF_HUB_OFFLINE="1", WANDB_DISABLED="true")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - t
+    if rc == 0 and out.exists():
+        return json.loads(out.read_text()), "", wall
+    return None, f"exit {rc}: " + " | ".join(log.read_text().strip().splitlines()[-3:])[-300:], wall
+
+
 def rss_mb() -> float:
     """Peak resident set size of this process so far, MB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,22 +45,10 @@ def run_side(lib: str, variant: str, method: str, spec: Path, run_dir: Path, sha
     out = run_dir / "results" / f"{tag}.json"
     cmd = [str(py), str(script), "--spec", str(spec), "--run-dir", str(run_dir), "--method", method, "--out", str(out),
            "--threads", str(threads), *METHODS[method], *shared, *SIDES[(lib, variant)]]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE="1", WANDB_DISABLED="true")
     log = run_dir / "logs" / f"{tag}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n\n")
-        f.flush()
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    if rc == 0 and out.exists():
-        res = json.loads(out.read_text())
-    else:
-        res = {"status": "error", "reason": f"exit {rc}: " + " | ".join(log.read_text().strip().splitlines()[-3:])[-300:]}
+    res, reason, _ = common.run_logged(cmd, out, log, threads, timeout)
+    if res is None:
+        res = {"status": "error", "reason": reason}
     res.update(command=" ".join(cmd), log=str(log))
     return res
 

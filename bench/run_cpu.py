@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -94,25 +93,10 @@ def run_one(library: str, task: str, variant_args: list[str], case: Case, spec_p
     out = run_dir / "results" / f"{tag}.json"
     cmd = [str(py), str(script), "--spec", str(spec_path), "--run-dir", str(run_dir), "--task", task,
            "--out", str(out), "--threads", str(threads), *case.shared, *variant_args]
-    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE="1", WANDB_DISABLED="true")
     log = run_dir / "logs" / f"{tag}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n\n")
-        f.flush()
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - t
-    if rc == 0 and out.exists():
-        res = json.loads(out.read_text())
-    else:
-        tail = log.read_text().strip().splitlines()[-3:]
-        res = {"library": library, "status": "error", "reason": f"exit {rc}: " + " | ".join(tail)[-300:]}
+    res, reason, wall = common.run_logged(cmd, out, log, threads, timeout)
+    if res is None:
+        res = {"library": library, "status": "error", "reason": reason}
     res.update(command=" ".join(cmd), wall_s=wall, log=str(log))
     return res
 
