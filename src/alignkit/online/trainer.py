@@ -306,6 +306,7 @@ class OnlineTrainer:
         from tqdm.auto import tqdm
 
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
+        self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.accelerator.init_trackers("tensorboard")
         bar = tqdm(total=self.config.steps, initial=start, desc=type(self).__name__.replace("Trainer", ""),
@@ -317,7 +318,7 @@ class OnlineTrainer:
             if self.trackers:  # not accelerator.end_training(): it also destroys the process group, which
                 for tracker in self.accelerator.trackers:  # saving (FSDP gathers) and the caller still need
                     tracker.finish()
-        flat, ran = getattr(self, "_flat_steps", 0), self.config.steps - start
+        flat, ran = self._flat_steps, self.config.steps - start
         if ran > 0 and flat == ran:
             logger.warning("no step of this run had a reward spread inside any prompt's group "
                            "(frac_reward_zero_std = 1 at all %d step(s)): the rewards did not move the policy", ran)
@@ -355,7 +356,7 @@ class OnlineTrainer:
             metrics["time/step_s"] = time.perf_counter() - t0
             self.log(metrics)
             if getattr(self, "_step_flat", False):
-                self._flat_steps = getattr(self, "_flat_steps", 0) + 1
+                self._flat_steps += 1
                 if self._flat_steps == 1:
                     logger.warning("step %d: every prompt's %d samples got the same reward, so this step has no "
                                    "reward signal (only the KL term moves the policy); a reward that never varies "
