@@ -95,6 +95,8 @@ vllm-constraints: $(VLLM_VENV)/.built
 	mv $(VLLM_CONSTRAINTS).new $(VLLM_CONSTRAINTS)
 
 # vLLM's serving and online generation against transformers / peft (tests/vllm_backend; skipped by `make test`;
-# .ci/run runs it after make test and make test-newest).
+# .ci/run runs it after make test and make test-newest), and alignkit's own generation paths on this environment's
+# older transformers (5.19: the KV cache is `past_key_values` there, `cache` from 5.24).
 test-vllm: $(VLLM_VENV)/.built
-	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend
+	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend \
+		tests/compat/test_transformers_generation.py tests/online/test_generation.py tests/interventions/test_generate.py

@@ -163,6 +163,24 @@ def check_logits_skipped(logits: Any, model_name: str) -> None:
                                      "alignkit/trainers/logps.py:final_hidden_states"))
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword under which `model`'s forward (and so `generate`) takes a KV cache, and under which its
+    output returns it: `cache` from transformers 5.24, `past_key_values` before (5.19 in the vLLM
+    environment). Read from the forward's signature of the transformers model under any wrapper; a forward
+    that names neither raises `DependencyMoved` instead of passing a cache the model would not use."""
+    from alignkit.adapters import unwrap_lm
+    from alignkit.interventions.editing import CACHE_KEYWORDS
+
+    lm = unwrap_lm(model)
+    params = _params(type(lm).forward)
+    for name in CACHE_KEYWORDS:
+        if name in params:
+            return name
+    raise moved("transformers", f"{type(lm).__name__}.forward takes no KV cache keyword (looked for "
+                f"{' / '.join(CACHE_KEYWORDS)})", "alignkit/online/generation.py:shared_prompt_cache and "
+                "alignkit/serve/engine.py")
+
+
 # ----------------------------------------------------------------------------------------------------
 # peft
 # ----------------------------------------------------------------------------------------------------
@@ -176,5 +194,5 @@ def check_peft_load(result: Any, where: str) -> None:
                     f"(e.g. {unexpected[:3]}) from {where}", "alignkit/adapters/lora.py:Lora.load_weights")
 
 
-__all__ = ["DEPENDENCIES", "DependencyMoved", "TRAINER_METHODS", "attn_implementation", "check_logits_skipped",
+__all__ = ["DEPENDENCIES", "DependencyMoved", "TRAINER_METHODS", "attn_implementation", "cache_keyword", "check_logits_skipped",
            "check_peft_load", "check_trainer", "moved", "moved_message", "trainer_problems", "version", "versions"]

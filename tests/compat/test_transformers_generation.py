@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
+from alignkit.compat import DependencyMoved, cache_keyword
 from alignkit.interventions.editing import CACHE_KEYWORDS
 from alignkit.online.generation import SamplingConfig, _generation_kwargs
 
@@ -118,12 +119,13 @@ def test_serve_cache_rows_can_be_selected_and_cut(tiny_lm):
     ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     pos = (torch.arange(5)[None, :] - torch.tensor([[0], [2]])).clamp(min=0)
-    with torch.no_grad(), guard(TF, "forward(cache=..., use_cache=True, logits_to_keep=1) failed", where):
+    kw = cache_keyword(lm)  # `cache` (5.2x) or `past_key_values` (5.19, the vLLM environment)
+    with torch.no_grad(), guard(TF, f"forward({kw}=..., use_cache=True, logits_to_keep=1) failed", where):
         cache = DynamicCache(config=lm.config)
-        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
-    got = getattr(out, "cache", None)
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
+    got = getattr(out, kw, None)
     check(got is not None and got.get_seq_length() == 5 and tuple(out.logits.shape[:2]) == (2, 1), TF,
-          "forward(cache=DynamicCache) no longer fills the cache it was given and returns it as `out.cache`", where,
+          f"forward({kw}=DynamicCache) no longer fills the cache it was given and returns it as `out.{kw}`", where,
           f"out keys {list(out.keys())}")
     cfg = lm.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -137,7 +139,7 @@ def test_serve_cache_rows_can_be_selected_and_cut(tiny_lm):
         layer.keys, layer.values = layer.keys.index_select(0, idx)[:, :, 2:], layer.values.index_select(0, idx)[:, :, 2:]
     with torch.no_grad():
         step = lm(input_ids=torch.tensor([[14]]), attention_mask=torch.ones(1, 4, dtype=torch.long),
-                  position_ids=torch.tensor([[3]]), cache=got, use_cache=True, logits_to_keep=1).logits[0, -1]
+                  position_ids=torch.tensor([[3]]), use_cache=True, logits_to_keep=1, **{kw: got}).logits[0, -1]
         alone = lm(input_ids=torch.tensor([[11, 12, 13, 14]]), use_cache=False).logits[0, -1]
     check(torch.allclose(step, alone, atol=1e-5), TF, "a decode step on a DynamicCache whose rows / columns were "
           "edited in place differs from the row run alone (the cache no longer reads its layers' keys / values?)",
@@ -161,3 +163,31 @@ def test_full_attention_cache_layers_are_dynamic_layers():
         **small, use_sliding_window=True, sliding_window=8, max_window_layers=1)).layers]
     check(any(t is not DynamicLayer for t in sliding), TF, "a sliding-window layer's cache is now a plain "
           "DynamicLayer (serve would merge caches that drop old tokens)", where, str(sliding))
+
+
+def test_cache_keyword_follows_the_forward_signature(tiny_lm):
+    """alignkit passes its own KV caches (shared prompt prefill, the serving engine) under the keyword the model's
+    forward names: `cache` on transformers >= 5.24, `past_key_values` before (the vLLM environment's 5.19). A model
+    class that names neither is an error, not a cache silently dropped into **kwargs."""
+    import inspect
+
+    lm = tiny_lm("llama")
+    params = inspect.signature(type(lm).forward).parameters
+    want = "cache" if "cache" in params else "past_key_values"
+    assert want in params and cache_keyword(lm) == want
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return None
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids=None, **kwargs):
+            return None
+
+    assert cache_keyword(Old()) == "past_key_values"
+    try:
+        cache_keyword(Neither())
+    except DependencyMoved as e:
+        assert "Neither.forward takes no KV cache keyword" in str(e)
+    else:
+        raise AssertionError("a forward without a cache keyword was accepted")

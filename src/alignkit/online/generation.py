@@ -184,11 +184,12 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     from transformers import DynamicCache
 
     from alignkit.adapters import unwrap_lm
+    from alignkit.compat import cache_keyword
 
     cache = DynamicCache(config=unwrap_lm(model).config)
     pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (U, T)
-    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=pos[:, :-1], cache=cache,
-          use_cache=True, logits_to_keep=1)
+    model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=pos[:, :-1],
+          use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     cache.batch_select_indices(rows)
     return cache
 
@@ -203,6 +204,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
     `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout.
     """
+    from alignkit.compat import cache_keyword
     from alignkit.interventions.attach import ReftModel
 
     cfg = cfg if cfg is not None else SamplingConfig()
@@ -248,7 +250,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                     u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)  # (U, T)
                     u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
                     of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
-                    extra["cache"] = shared_prompt_cache(model, u_ids, u_mask, of_row)
+                    extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row)
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
                 new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for (g, k), row in zip(chunk, new):

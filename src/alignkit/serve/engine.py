@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from alignkit.adapters.base import unwrap_lm
+from alignkit.compat import cache_keyword
 from alignkit.serve.stack import Route, Stack
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Engine:
         self.tokenizer = stack.tokenizer
         self.end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack))
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._cache_kw = cache_keyword(stack.model)  # `cache` or `past_key_values`, as transformers names it
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -302,9 +304,10 @@ class Engine:
         routing, kwargs = self.stack.lora_routing(routes)
         with routing:
             out = self.stack.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
-                                   position_ids=position_ids.to(dev), cache=cache, use_cache=True,
-                                   intervention_locations=locations, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1, :].float(), out.cache  # (B, V)
+                                   position_ids=position_ids.to(dev), use_cache=True,
+                                   intervention_locations=locations, logits_to_keep=1,
+                                   **{self._cache_kw: cache}, **kwargs)
+        return out.logits[:, -1, :].float(), getattr(out, self._cache_kw)  # (B, V)
 
     def _prefill(self, new: list[_Row]) -> None:
         from transformers import DynamicCache
