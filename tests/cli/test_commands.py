@@ -128,6 +128,19 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert data["method"]["beta"] == 0.3 and data["adapter"]["lora"]["r"] == 4 and data["command"] == "dpo"
 
 
+def test_overrides_on_both_sides_of_an_option_all_apply_in_order(capsys):
+    """`alignkit dpo -c x.yaml method.beta=0.3 --dry-run train.seed=7 method.beta=0.2`: argparse fills the
+    key=value positional once, so the ones after `--dry-run` used to stop the command ("unrecognized arguments").
+    Each applies, later ones winning; a stray non-override word is still a usage error."""
+    cfg = str(CONFIGS / "dpo-lora-tiny.yaml")
+    assert main(["dpo", "-c", cfg, "method.beta=0.3", "--dry-run", "train.seed=7", "method.beta=0.2"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["method"]["beta"] == 0.2 and data["train"]["seed"] == 7
+    with pytest.raises(SystemExit) as e:
+        main(["dpo", "-c", cfg, "method.beta=0.3", "--dry-run", "oops"])
+    assert e.value.code == 2 and "unrecognized arguments: oops" in capsys.readouterr().err
+
+
 def test_demo_dispatch(monkeypatch, capsys):
     from alignkit.cli import demo
 
@@ -186,3 +199,11 @@ def test_pairs_identical_after_truncation_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "chosen == rejected once truncated to data.max_length=12" in err, err
     assert not out.exists()
+
+
+def test_one_line_keeps_a_closing_quote_and_unquotes_key_errors():
+    from alignkit.cli import one_line
+
+    assert one_line(ValueError("use generation_backend='transformers'")) == "use generation_backend='transformers'"
+    assert one_line(KeyError("no reward named 'x'")) == "no reward named 'x'"
+    assert one_line(ValueError("a\n  b\n")) == "a b" and one_line(ValueError()) == "ValueError"

@@ -34,3 +34,14 @@ def test_each_kind_says_how_vllm_gets_its_weights():
 
     got = {kind: cls.vllm_sync for kind, cls in registry().items()}
     assert got == {"full": "weights", "lora": "lora_request", "reft": None, "reft+lora": None}
+
+
+def test_temperature_above_vllms_range_is_refused_before_training():
+    """vLLM's SamplingParams accept temperature in [0, 2]; alignkit's own generation accepts any > 0. With the vLLM
+    backend a higher temperature would pass alignkit's checks and fail at the first generation, after the engine
+    started: refused when the config is built, naming the key and both ways out."""
+    with pytest.raises(ValueError, match=r"sampling.temperature 2.5 is above 2.*generation_backend='transformers'"):
+        GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=2.5))
+    GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=2.0))  # the bound itself is vLLM's
+    GRPOConfig(generation_backend="transformers", sampling=SamplingConfig(temperature=2.5))
+    GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=3.0, do_sample=False))  # greedy

@@ -127,7 +127,14 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as e:
         print(f"alignkit: error: {one_line(e)}", file=sys.stderr)
         return 2
-    args = parser.parse_args(parsed_argv)  # exits for --help (before any heavy import)
+    args, extra = parser.parse_known_args(parsed_argv)  # exits for --help (before any heavy import)
+    # key=value overrides after an option (`... a=1 --resume b=2`): argparse fills a `nargs="*"` positional
+    # once, so the later ones come back unparsed; they are overrides in their order, anything else an error
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.parse_args(parsed_argv)  # the usual "unrecognized arguments" usage error (exits 2)
+    if extra:
+        args.overrides = list(args.overrides) + extra
     expected = expected_errors()
     args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
@@ -162,8 +169,11 @@ def _main(argv: list[str] | None) -> int:
 
 
 def one_line(e: BaseException) -> str:
-    text = " ".join(part.strip() for part in str(e).strip().splitlines() if part.strip())
-    return text.strip("'\"") or type(e).__name__
+    """The error's message on one line (a KeyError's without the quotes its str() adds; a message that ends
+    in a quoted word keeps its quote)."""
+    raw = str(e.args[0]) if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    text = " ".join(part.strip() for part in raw.strip().splitlines() if part.strip())
+    return text or type(e).__name__
 
 
 __all__ = ["build_parser", "main"]

@@ -126,6 +126,10 @@ class OnlineConfig:
         if self.generation_backend not in ("transformers", "vllm"):
             raise ValueError(f"online config: generation_backend must be 'transformers' or 'vllm', got "
                              f"{self.generation_backend!r}")
+        if self.generation_backend == "vllm" and self.sampling.do_sample and self.sampling.temperature > 2.0:
+            raise ValueError(f"online config: sampling.temperature {self.sampling.temperature} is above 2, the most "
+                             f"vLLM accepts (generation_backend='vllm'); lower it or use generation_backend="
+                             f"'transformers'")
         if self.reference not in ("auto", "adapter_off", "copy"):
             raise ValueError(f"online config: reference must be 'auto', 'adapter_off' or 'copy', got {self.reference!r}")
         KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
