@@ -207,3 +207,16 @@ def test_one_line_keeps_a_closing_quote_and_unquotes_key_errors():
     assert one_line(ValueError("use generation_backend='transformers'")) == "use generation_backend='transformers'"
     assert one_line(KeyError("no reward named 'x'")) == "no reward named 'x'"
     assert one_line(ValueError("a\n  b\n")) == "a b" and one_line(ValueError()) == "ValueError"
+
+
+def test_training_rows_past_the_models_context_are_warned(tiny_dir, tmp_path, caplog):
+    """data.max_length above the model's max_position_embeddings: rows longer than the context train positions
+    the model never had (RoPE models accept them silently). One warning with both numbers and the fix."""
+    import logging
+
+    base = tiny_dir("llama", max_positions=24)
+    with caplog.at_level(logging.WARNING, logger="alignkit.models.rope"):
+        assert main(["sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"model.path={base}", f"output_dir={tmp_path / 'r'}",
+                     "train.max_steps=1", "train.eval_strategy=no", "data.max_length=64", "data.max_prompt_length=32"]) == 0
+    msgs = [r.getMessage() for r in caplog.records if "past the model's context of 24 positions" in r.getMessage()]
+    assert len(msgs) == 1 and "data.max_length=64" in msgs[0] and "model.rope_scaling" in msgs[0]

@@ -178,3 +178,22 @@ def test_samples_of_a_prompt_share_one_prefill(tiny_lm, tokenizer, arch):
                                                                               max_new_tokens=5))
     for s in greedy:
         assert s.response_ids == cut_at_eos(naive_greedy(model, s.prompt_ids, 5), tokenizer.eos_token_id)
+
+
+def test_generation_past_the_models_context_is_warned_once(tiny_lm, tokenizer, caplog):
+    """Longest prompt + max_new_tokens past max_position_embeddings: a RoPE model keeps producing tokens at
+    positions it never trained on, silently worse. One warning naming both numbers and the fix, not one per call."""
+    import logging
+
+    lm = tiny_lm("llama")
+    n = len(encode_prompt("Hi there", tokenizer))
+    lm.config.max_position_embeddings = n + 2
+    cfg = SamplingConfig(max_new_tokens=3, do_sample=False)
+    with caplog.at_level(logging.WARNING, logger="alignkit.models.rope"):
+        generate_responses(lm, tokenizer, ["Hi there"], SamplingConfig(max_new_tokens=2, do_sample=False))
+        assert not caplog.records  # exactly at the context: fine
+        generate_responses(lm, tokenizer, ["Hi there"], cfg)
+        generate_responses(lm, tokenizer, ["Hi there"], cfg)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and f"reaches {n + 3} tokens, past the model's context of {n + 2} positions" in msgs[0]
+    assert "model.rope_scaling" in msgs[0]

@@ -156,6 +156,18 @@ def test_limits_and_errors(engine, stack):
     assert engine.generate("base", tok("Hello")["input_ids"], SamplingParams(max_tokens=2))["choices"][0]["token_ids"]
 
 
+def test_prompt_plus_max_tokens_past_the_models_context_is_refused(stack):
+    """As vLLM / OpenAI answer: a request whose prompt + max_tokens runs past the model's positions
+    (max_position_embeddings) is a 400, not tokens generated at positions the model never saw."""
+    from alignkit.adapters import unwrap_lm
+
+    ctx = unwrap_lm(stack.model).config.max_position_embeddings
+    eng = Engine(stack, EngineConfig(max_prompt_tokens=4 * ctx, max_new_tokens=4 * ctx))  # not started
+    with pytest.raises(RequestError, match=f"context is {ctx} tokens; the prompt has {ctx - 10} and max_tokens is 11"):
+        eng.submit("base", [5] * (ctx - 10), SamplingParams(max_tokens=11), lambda e: None)
+    eng.submit("base", [5] * (ctx - 10), SamplingParams(max_tokens=10), lambda e: None).cancel()  # exactly fits
+
+
 def test_queue_full_and_cancel(stack):
     eng = Engine(stack, EngineConfig(max_batch_rows=1, max_queue=1, max_new_tokens=64))  # not started: nothing drains
     events = []

@@ -200,7 +200,8 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
 def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
     from transformers import set_seed
 
-    from alignkit.adapters import adapter_of
+    from alignkit.adapters import adapter_of, unwrap_lm
+    from alignkit.models.rope import warn_past_context
     from alignkit.runs import staged
     from alignkit.settings.bounds import check_precision
 
@@ -214,6 +215,11 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     compile_model(model, cfg.train.get("compile"))
     train_feats, train_stats = tokenize(train_records, tok, cfg.data, "data.path")
     eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
+    longest = max((len(v) for f in (*train_feats, *eval_feats) for k, v in f.items()
+                   if k.endswith("input_ids") and hasattr(v, "__len__")), default=0)
+    warn_past_context(unwrap_lm(model).config, longest, f"the longest tokenized row (data.max_length="
+                      f"{cfg.data.max_length})", "set data.max_length to the model's context or extend it "
+                      "(model.rope_scaling)")
 
     run = RunFolder(plan.root, main=False)  # paths only: nothing is created before begin_run
     args, callbacks = training_arguments(cfg.train, run, quiet)

@@ -61,6 +61,37 @@ def supported_rope_types(config: Any) -> list[str]:
     return ["default", *sorted(ROPE_INIT_FUNCTIONS)]
 
 
+def context_length(config: Any) -> int | None:
+    """The positions `config`'s model was built for (`max_position_embeddings`, GPT-2's `n_positions`; after
+    any RoPE scaling applied here), or None when the config names none."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+_warned_context: set[tuple[str, int, int]] = set()
+
+
+def warn_past_context(config: Any, longest: int, what: str, fix: str) -> bool:
+    """Log one warning (once per model type, context and length) when `longest` tokens run past the model's
+    context: past its positions a RoPE model keeps producing tokens, just not ones it was trained to (learned
+    position tables fail outright), so the result is quietly worse. Dynamic NTK scaling rescales past its
+    length by design and is not warned about. Returns whether it is past."""
+    ctx = context_length(config)
+    params = getattr(config, "rope_parameters", None)
+    if ctx is None or longest <= ctx or (isinstance(params, dict) and params.get("rope_type") in KEEPS_LENGTH):
+        return False
+    key = (str(getattr(config, "model_type", "")), ctx, longest)
+    if key not in _warned_context:
+        _warned_context.add(key)
+        logger.warning("%s reaches %d tokens, past the model's context of %d positions (max_position_embeddings): "
+                       "the positions beyond it were never trained; %s", what, longest, ctx, fix)
+    return True
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -46,6 +46,7 @@ from alignkit.data.chat import format_record
 from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
+from alignkit.models.rope import warn_past_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 
 logger = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
     `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout.
     """
+    from alignkit.adapters import unwrap_lm
     from alignkit.compat import cache_keyword
     from alignkit.interventions.attach import ReftModel
 
@@ -221,6 +223,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     for r, ids in zip(records, encoded):
         if not ids:
             raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
+    warn_past_context(unwrap_lm(model).config, max(map(len, encoded), default=0) + cfg.max_new_tokens,
+                      "generation (longest prompt + max_new_tokens)",
+                      "lower max_new_tokens / the prompt length, or extend the context (model.rope_scaling)")
     eos = end_token_ids(model, tokenizer, cfg)
     gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]

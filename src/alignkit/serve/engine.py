@@ -48,6 +48,7 @@ import torch
 
 from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
+from alignkit.models.rope import KEEPS_LENGTH, context_length
 from alignkit.serve.stack import Route, Stack
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,10 @@ class Engine:
         self.end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack))
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kw = cache_keyword(stack.model)  # `cache` or `past_key_values`, as transformers names it
+        lm_config = unwrap_lm(stack.model).config  # positions past the context were never trained: refused
+        rope = getattr(lm_config, "rope_parameters", None)  # (dynamic NTK rescales past it by design)
+        self._context = None if isinstance(rope, dict) and rope.get("rope_type") in KEEPS_LENGTH \
+            else context_length(lm_config)
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -208,6 +213,9 @@ class Engine:
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                                f"{self.config.max_prompt_tokens}")
+        if self._context is not None and len(prompt_ids) + params.max_tokens > self._context:
+            raise RequestError(f"this model's context is {self._context} tokens; the prompt has {len(prompt_ids)} "
+                               f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt")
         with self._lock:
             if len(self._waiting) >= self.config.max_queue:
                 self.stats.rejected += 1
