@@ -7,8 +7,12 @@ MULTI_CPU (gloo) and the FSDP plugin is only attached for GPU-like backends, so 
 while its config says FSDP. `enable_sharding_on_cpu` attaches the plugin the environment asks for, so the
 same `fully_shard` (FSDP2) code path runs on CPU processes with gloo: what the CPU tests exercise.
 
-DeepSpeed on CPU processes is not enabled here (accelerate only initialises DeepSpeed's communication for a
-non-CPU backend); `check_engine` says so in one line instead of silently training with DDP.
+DeepSpeed (ZeRO-2 / ZeRO-3) on CPU processes: accelerate initialises DeepSpeed's communication (gloo on a
+CPU, DeepSpeed's CPU accelerator) but then counts ONE process, because it found no GPU backend; the batch
+size DeepSpeed is given would then be wrong. `deepspeed_on_cpu` corrects accelerate's process count from the
+process group DeepSpeed started and re-derives the DeepSpeed config's "auto" values (what transformers
+itself does for hyper-parameter searches). With `use_cpu=True` accelerate never starts DeepSpeed; that is
+refused in one line instead of silently training with DDP.
 """
 
 from __future__ import annotations
@@ -79,9 +83,10 @@ def enable_sharding_on_cpu(accelerator: Any) -> bool:
     if engine is None or state.distributed_type != DistributedType.MULTI_CPU:
         return False
     if engine == "deepspeed":
-        raise RuntimeError("DeepSpeed was requested (accelerate config distributed_type: DEEPSPEED) on CPU-only "
-                           "processes; accelerate starts DeepSpeed only with a GPU backend. Use "
-                           "configs/accelerate/fsdp2.yaml (FSDP2 runs on CPU processes) or run on GPUs")
+        raise RuntimeError("DeepSpeed was requested (accelerate config distributed_type: DEEPSPEED) but this "
+                           "process runs with use_cpu / a CPU accelerator state, where accelerate skips DeepSpeed: "
+                           "on CPU processes alignkit runs DeepSpeed for the offline trainers (sft, dpo, ...) only; "
+                           "for the online loop use configs/accelerate/fsdp2.yaml")
     if getattr(state, "fsdp_plugin", None) is None:
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
         state.fsdp_plugin = plugin
@@ -95,6 +100,41 @@ def enable_sharding_on_cpu(accelerator: Any) -> bool:
     return True
 
 
+def deepspeed_on_cpu(args: Any) -> bool:
+    """Make a DeepSpeed run on CPU processes count its processes (see the module docstring). Call with the
+    `TrainingArguments` the Trainer will use, before it creates its `Accelerator`. Returns True when it
+    corrected something. On GPUs, or without DeepSpeed, it changes nothing."""
+    import torch
+    import torch.distributed as dist
+
+    wants = bool(getattr(args, "deepspeed", None)) or requested_engine() == "deepspeed"
+    if not wants or torch.cuda.is_available():
+        return False
+    if getattr(args, "use_cpu", False):
+        raise ValueError("DeepSpeed was requested (train.deepspeed / accelerate config distributed_type: DEEPSPEED) "
+                         "together with use_cpu=True, which makes accelerate skip DeepSpeed: leave use_cpu unset "
+                         "(DeepSpeed runs on CPU processes by itself) or use configs/accelerate/fsdp2.yaml")
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = PartialState()
+    if not dist.is_initialized() or state.num_processes == dist.get_world_size():
+        return False
+    fields = dict(backend=dist.get_backend(), num_processes=dist.get_world_size(), process_index=dist.get_rank(),
+                  local_process_index=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    PartialState._shared_state.update(fields)
+    if AcceleratorState._shared_state:
+        AcceleratorState._shared_state.update(fields)
+    if getattr(args, "deepspeed", None):  # re-derive the "auto" batch sizes with the right process count
+        from accelerate.utils import DeepSpeedPlugin
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
+        args.hf_deepspeed_config.trainer_config_process(args)
+        args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+    logger.info("DeepSpeed on %d CPU process(es) (%s)", fields["num_processes"], fields["backend"])
+    return True
+
+
 def is_fsdp2(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
@@ -102,13 +142,40 @@ def is_fsdp2(accelerator: Any) -> bool:
     return state.distributed_type == DistributedType.FSDP and getattr(state.fsdp_plugin, "fsdp_version", 1) == 2
 
 
+def is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.state.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, else None."""
+    if not is_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """True when `model`'s parameters are ZeRO-3 partitions (DeepSpeed gathers each module's parameters only
+    while its forward / backward runs)."""
+    first = next(model.parameters(), None)  # ZeRO-3 partitions every parameter of a model it takes
+    return first is not None and hasattr(first, "ds_id")
+
+
 @contextmanager
 def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside, every FSDP2-sharded parameter of `model` is a plain full tensor, so that ordinary saving code
-    (`save_pretrained`, `save_adapter`, `state_dict()`) writes a normal safetensors folder. A collective:
-    EVERY process must enter (each gathers its shards, in the same module order); only one needs to write.
-    FSDP2's state-dict hooks (which would hand back the shards) are held off meanwhile; everything is put
-    back on exit. Without FSDP2 parameters it changes nothing."""
+    """Inside, every sharded parameter of `model` (FSDP2 DTensor shards, DeepSpeed ZeRO-3 partitions) is a
+    plain full tensor, so that ordinary saving code (`save_pretrained`, `save_adapter`, `state_dict()`)
+    writes a normal safetensors folder. A collective: EVERY process must enter (each gathers its shards, in
+    the same module order); only one needs to write. FSDP2's state-dict hooks (which would hand back the
+    shards) are held off meanwhile; everything is put back on exit. Without sharded parameters it changes
+    nothing (ZeRO-2 keeps whole parameters on every process)."""
+    if is_zero3_partitioned(model):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield model
+        return
     from torch.distributed.tensor import DTensor
 
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
@@ -157,10 +224,15 @@ def gathered_root(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def shard_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
-    """The frozen reference, sharded by the engine the policy uses. Under FSDP2: `fully_shard` on each
+    """The frozen reference, sharded by the engine the policy uses. Under DeepSpeed ZeRO-3: an inference
+    engine of its own with the policy's ZeRO-3 settings (parameters partitioned over the processes, gathered
+    module by module in its forwards); ZeRO-2 shards no parameters, so the reference stays whole there as the
+    policy's parameters do. Under FSDP2: `fully_shard` on each
     decoder layer (the model's `_no_split_modules`) and then the root, over all processes, like the policy,
     so no process holds a whole copy; forwards all-gather layer by layer. Otherwise returned unchanged.
     Every process must then run the reference's forwards in step (the training loops do)."""
+    if zero_stage(accelerator) == 3:
+        return _zero3_reference(ref_model, accelerator)
     if not is_fsdp2(accelerator):
         return ref_model
     from torch.distributed.device_mesh import init_device_mesh
@@ -182,10 +254,26 @@ def shard_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
     return ref_model
 
 
+def _zero3_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
+    import copy
+
+    import deepspeed
+
+    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = dict(cfg.get("zero_optimization", {}))
+    zero.pop("offload_optimizer", None)
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "steps_per_print": 10**9,
+           **{k: cfg[k] for k in ("bf16", "fp16") if k in cfg and cfg[k].get("enabled") is True}}
+    engine, *_ = deepspeed.initialize(model=ref_model, config=cfg)
+    engine.eval()
+    logger.info("reference partitioned with DeepSpeed ZeRO-3 over %d process(es)", accelerator.num_processes)
+    return engine
+
+
 def is_sharded(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-__all__ = ["enable_sharding_on_cpu", "full_parameters", "gathered_root", "is_fsdp2", "is_sharded", "requested_engine", "shard_reference"]
+__all__ = ["deepspeed_on_cpu", "enable_sharding_on_cpu", "full_parameters", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "requested_engine", "shard_reference", "zero_stage"]

@@ -28,7 +28,8 @@ GOOD = [" Answer: Paris.", " today? I am here to help with anything at all.", "\
 BAD = [" Answer: 12.", " no", " pass", " sleeps over the lazy dog all day long."]
 
 
-def train_one(model_dir: str, out: str, kind: str, objective: str, on_trainer=None) -> dict[str, torch.Tensor]:
+def train_one(model_dir: str, out: str, kind: str, objective: str, on_trainer=None,
+              use_cpu: bool = True) -> dict[str, torch.Tensor]:
     tok = load_tokenizer(model_dir)
     torch.manual_seed(0)
     reft = ReftSettings(config={"representations": [{"layer": 1, "low_rank_dimension": 2}]}, positions="f1+l1")
@@ -37,7 +38,7 @@ def train_one(model_dir: str, out: str, kind: str, objective: str, on_trainer=No
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = TrainingArguments(output_dir=out + ".run", per_device_train_batch_size=4 // world, max_steps=1,
                              optim="sgd", learning_rate=0.5, max_grad_norm=0.0, lr_scheduler_type="constant",
-                             weight_decay=0.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             weight_decay=0.0, report_to=[], save_strategy="no", use_cpu=use_cpu, disable_tqdm=True,
                              dataloader_num_workers=0, seed=0, data_seed=0, ddp_backend="gloo" if world > 1 else None)
     if objective == "sft":
         feats, _ = tokenize_records([SFTRecord(p, c) for p, c in zip(PROMPTS, GOOD)], tok, max_length=48)

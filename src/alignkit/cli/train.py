@@ -110,7 +110,14 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     for key in ALIGNKIT_TRAIN_KEYS:  # alignkit's own keys (compile_model, batching_kwargs), not TrainingArguments fields
         kw.pop(key, None)
     kw["output_dir"] = str(run.checkpoints)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "use_cpu" not in kw:
+    from alignkit.distributed import requested_engine
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and requested_engine() == "deepspeed":
+        # DeepSpeed on CPU processes (accelerate launch with a DEEPSPEED config): use_cpu would make accelerate
+        # skip DeepSpeed; gloo is what DeepSpeed's CPU accelerator talks over (alignkit.distributed)
+        kw.setdefault("ddp_backend", "gloo")
+        logger.info("%s CPU processes: DeepSpeed over %s", os.environ["WORLD_SIZE"], kw["ddp_backend"])
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "use_cpu" not in kw:
         # several CPU processes (torchrun / accelerate launch): without use_cpu each would train alone
         kw.update(use_cpu=True, ddp_backend=kw.get("ddp_backend") or "gloo")
         logger.info("%s CPU processes: DDP with use_cpu=True, ddp_backend=%s", os.environ["WORLD_SIZE"], kw["ddp_backend"])

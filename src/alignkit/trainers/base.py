@@ -80,7 +80,8 @@ from alignkit.data.batching import LengthGroupedSampler, example_length
 from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
 from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
 from alignkit.data.tokenize import TokenizeConfig
-from alignkit.distributed import enable_sharding_on_cpu, full_parameters, is_fsdp2
+from alignkit.distributed import (deepspeed_on_cpu, enable_sharding_on_cpu, full_parameters, is_deepspeed,
+                                  is_fsdp2)
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.runs import (STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint,
@@ -165,6 +166,7 @@ class AlignTrainer(Trainer):
             changes.update(activation_checkpointing=False, gradient_checkpointing=False)
         if changes:
             args = dataclasses.replace(args, **changes)
+        deepspeed_on_cpu(args)  # DeepSpeed on CPU processes: accelerate's process count (alignkit.distributed)
         if disable_dropout:
             turn_off_dropout(model)
         super().__init__(model=model, args=args, **kwargs)
@@ -300,9 +302,10 @@ class AlignTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under FSDP2 every process gathers the shards (`alignkit.distributed.full_parameters`) and the main
-        one writes the usual folder (safetensors + JSON, adapters as adapters); otherwise the Trainer's."""
-        if not is_fsdp2(self.accelerator):
+        """Under FSDP2 and DeepSpeed every process gathers the shards (`alignkit.distributed.full_parameters`;
+        ZeRO-3 partitions too) and the main one writes the usual folder (safetensors + JSON, adapters as
+        adapters), not DeepSpeed's own checkpoint format; otherwise the Trainer's."""
+        if not (is_fsdp2(self.accelerator) or is_deepspeed(self.accelerator)):
             return super().save_model(output_dir, _internal_call)
         with full_parameters(self.model):
             self._save(output_dir if output_dir is not None else self.args.output_dir)

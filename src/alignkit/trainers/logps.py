@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.compat import attn_implementation, check_logits_skipped
+from alignkit.distributed import is_zero3_partitioned
 from alignkit.interventions.positions import prompt_spans, prompt_spans_from_mask
 from alignkit.losses import chunked_lm_logprobs
 from alignkit.adapters import unwrap_lm, unwrap_parallel
@@ -204,10 +205,22 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: 
     mask = batch["completion_mask"][:, 1:].bool()  # (B, T-1): the NEXT token is scored
     if batch.get("attention_mask") is not None:
         mask = mask & batch["attention_mask"][:, 1:].bool()
-    h = final_hidden_states(model, batch)  # (B, T, d)
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
-    weight, bias, extra = _head(unwrap_lm(model))
     targets = ids[:, 1:][rows, cols]  # (N,)
+    if is_zero3_partitioned(unwrap_lm(model)):
+        logp = _zero3_logps(model, batch, mask, rows, cols, targets, stats)
+    else:
+        logp = _chunked_logps(model, batch, rows, cols, targets, chunk_size, stats)
+    if is_packed(batch):
+        return _unpack(batch, rows, cols, logp)
+    token = logp.new_zeros(mask.shape).index_put((rows, cols), logp)  # (B, T-1)
+    return token, mask
+
+
+def _chunked_logps(model: nn.Module, batch: dict[str, Any], rows: Tensor, cols: Tensor, targets: Tensor,
+                   chunk_size: int, stats: dict[str, Tensor] | None) -> Tensor:
+    h = final_hidden_states(model, batch)  # (B, T, d)
+    weight, bias, extra = _head(unwrap_lm(model))
     if stats is not None:
         out = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, with_accuracy=True, **extra)
         logp = out.logps  # (N,) float32
@@ -215,10 +228,25 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: 
                      row=batch["sequence_index"][rows, cols + 1] if is_packed(batch) else rows)
     else:
         logp = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, **extra)  # (N,) float32
-    if is_packed(batch):
-        return _unpack(batch, rows, cols, logp)
-    token = logp.new_zeros(mask.shape).index_put((rows, cols), logp)  # (B, T-1)
-    return token, mask
+    return logp
+
+
+def _zero3_logps(model: nn.Module, batch: dict[str, Any], mask: Tensor, rows: Tensor, cols: Tensor,
+                 targets: Tensor, stats: dict[str, Tensor] | None) -> Tensor:
+    """Under DeepSpeed ZeRO-3 the LM head's weight is a partition outside the head's own forward, so the
+    head cannot be applied after the model's forward (the chunked path). Instead the model's own head runs
+    on the K columns that hold a scored position in any row (`logits_to_keep` as an index tensor):
+    (B, K, V) logits, more memory than the chunked head, same values (the model's own logit scaling and
+    soft-capping included); DeepSpeed gathers the head and routes its gradient as for any module."""
+    keep = mask.any(0).nonzero(as_tuple=True)[0]  # (K,) columns t whose next token is scored
+    out = model(**forward_kwargs(model, batch), logits_to_keep=keep, use_cache=False)
+    logits = out.logits[rows, torch.searchsorted(keep, cols)].float()  # (N, V)
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+    if stats is not None:
+        with torch.no_grad():
+            stats.update(correct=logits.argmax(-1) == targets, mean_logit=logits.mean(-1),
+                         row=batch["sequence_index"][rows, cols + 1] if is_packed(batch) else rows)
+    return logp
 
 
 def _unpack(batch: dict[str, Any], rows: Tensor, cols: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:
