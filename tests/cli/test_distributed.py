@@ -48,3 +48,34 @@ def test_accelerate_launch_config_starts_two_ranks(tmp_path):
     assert "| `world size` | 2 |" in (out / "README.md").read_text()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_deepspeed_zero3_on_cpu(tmp_path):
+    """The README's DeepSpeed line for CPU processes (configs/accelerate/zero3-cpu.yaml): full-finetuning DPO
+    on two ranks under ZeRO-3 (the reference a partitioned engine of its own); world size 2 in the model card,
+    one summary, and model/ an ordinary safetensors folder that loads without DeepSpeed and differs from the
+    base model (the partitions were gathered, not left empty)."""
+    pytest.importorskip("deepspeed")
+    import torch
+
+    from alignkit.models.loading import load_model
+
+    out = tmp_path / "z3"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+           str(CONFIGS / "accelerate" / "zero3-cpu.yaml"), "-m", "alignkit", "-q", "dpo", "--config",
+           str(CONFIGS / "dpo-tiny.yaml"), f"output_dir={out}", "train.max_steps=2", "train.eval_strategy=no"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("alignkit dpo: done") == 1, proc.stdout
+    assert "| `world size` | 2 |" in (out / "README.md").read_text()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 1: policy == reference, loss log 2
+    assert not list((out / "model").rglob("*.pt"))
+    trained = dict(load_model(out / "model").named_parameters())
+    base = dict(load_model(out / "base_model").named_parameters())  # the tiny:llama the run started from
+    assert trained.keys() == base.keys()
+    assert all(p.shape == base[n].shape for n, p in trained.items())  # gathered, not empty partitions
+    assert any(not torch.equal(trained[n], base[n]) for n in trained)

@@ -50,6 +50,9 @@ def CASES(case: str):
         return GRPOTrainer, "full", GRPOConfig(kl_coef=0.2, gradient_accumulation_steps=3, **common)
     if case == "dpo":  # full finetuning, frozen-copy reference, pair counts differ per rank
         return OnlineDPOTrainer, "full", OnlineDPOConfig(beta=0.5, **common)
+    if case == "grpo-adam":  # AdamW (optimizer state to checkpoint), "running" reward moments (their state too)
+        return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, reward_normalization="running",
+                                               **{**common, "optimizer": "adamw"})
     if case == "ppo":  # advantages whitened over every rank's tokens, 2 epochs
         return PPOTrainer, "lora", PPOConfig(epochs_per_step=2, **common)
     raise ValueError(case)

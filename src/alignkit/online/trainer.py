@@ -661,9 +661,12 @@ class OnlineTrainer:
         named = [(f"policy.{n}", p) for n, p in self.policy.named_parameters() if p.requires_grad]
         for i, m in enumerate(self.extra_modules):
             named += [(f"extra{i}.{n}", p) for n, p in self.accelerator.unwrap_model(m).named_parameters()]
+        from torch.distributed.tensor import DTensor
+
         for name, p in named:
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
+            key = id(p) if isinstance(p, DTensor) else p.data_ptr()  # a DTensor's data_ptr is not its own
+            if key not in seen:
+                seen.add(key)
                 out[name] = p
         return out
 
@@ -671,18 +674,29 @@ class OnlineTrainer:
         """Everything a resume needs, written to a staging folder and renamed into place with
         `alignkit_complete.json`: trainable weights (safetensors), optimizer state (`torch.save` of tensors
         only, read back with `weights_only=True`), the sampling RNG, prompt order, KL controller and reward
-        moments (JSON)."""
+        moments (JSON). Several processes: every rank holds the same state (DDP), or its shards are gathered
+        (FSDP2: full weights, and the full optimizer state keyed by parameter names); the main one writes, and
+        every rank restores from the same folder."""
         from safetensors.torch import save_file
 
         from alignkit.runs import staged
 
         folder = Path(folder)
+        if is_fsdp2(self.accelerator):  # collectives: every process gathers; the main one writes full tensors
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            with full_parameters(self.model):
+                weights = {k: v.detach().cpu().contiguous().clone() for k, v in self._trainable().items()}
+            optim = get_optimizer_state_dict(self.model, getattr(self.optimizer, "optimizer", self.optimizer),
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            weights = {k: v.detach().cpu().contiguous() for k, v in self._trainable().items()}
+            optim = self.optimizer.state_dict()
         if self.accelerator.is_main_process:
             with staged(folder, step=step) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self._trainable().items()},
-                          str(tmp / "trainable.safetensors"))
+                save_file(weights, str(tmp / "trainable.safetensors"))
                 save_file({"rng": self.rng.get_state()}, str(tmp / "rng.safetensors"))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(optim, tmp / "optimizer.pt")
                 version, internal, gauss = self._py_rng.getstate()
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
                          "kl_coef": float(self.kl_ctl.value), "num_tokens": self._num_tokens,
@@ -708,11 +722,28 @@ class OnlineTrainer:
             missing = sorted(set(live) - set(saved))[:3] or sorted(set(saved) - set(live))[:3]
             raise CheckpointError(f"resume: {folder} was written for another model or adapter (parameters differ, "
                                   f"e.g. {missing}); resume with the config that wrote it")
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         with torch.no_grad():
             for k, p in live.items():
-                p.copy_(saved[k].to(p.device, p.dtype))
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True,
-                                                  map_location=self.accelerator.device))
+                full = saved[k].to(p.device, p.dtype)
+                # FSDP2: each process keeps its shard of the full tensor (a collective, in the same order everywhere)
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
+        # map_location "cpu", not the accelerator's device: on CPU processes that is "cpu:0", and state saved from
+        # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
+        optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        if is_fsdp2(self.accelerator):  # full (unsharded) optimizer state, keyed by parameter names: sharded here
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if any(t.dim() > 0 for st in optim.get("state", {}).values() for t in st.values()
+                   if isinstance(t, Tensor)):
+                set_optimizer_state_dict(self.model, inner, optim, options=StateDictOptions(full_state_dict=True))
+            else:  # no per-parameter state (plain SGD): torch's loader needs one; the groups' settings suffice
+                for group, saved_group in zip(inner.param_groups, optim["param_groups"]):
+                    group.update({k: v for k, v in saved_group.items() if k != "params"})
+        else:
+            self.optimizer.load_state_dict(optim)
         self.rng.set_state(load_file(str(folder / "rng.safetensors"))["rng"])
         state = json.loads((folder / "trainer_state.json").read_text())
         version, internal, gauss = state["py_rng"]

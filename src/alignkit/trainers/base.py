@@ -542,6 +542,13 @@ class AlignTrainer(Trainer):
                 raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
                                       "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
         if resume_from_checkpoint:
+            from alignkit.distributed import is_deepspeed
+
+            if is_deepspeed(self.accelerator):  # DeepSpeed restores its engine from its own pickled files
+                raise CheckpointError(f"resume_from_checkpoint: resuming under DeepSpeed is not supported by alignkit "
+                                      f"(DeepSpeed reloads its optimizer state from torch pickles, which alignkit "
+                                      f"does not load); {resume_from_checkpoint}/ holds an ordinary model folder: "
+                                      f"start a new run from it, or resume under FSDP2 / DDP")
             logger.info("resuming from %s", resume_from_checkpoint)
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
