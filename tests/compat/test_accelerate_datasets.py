@@ -158,6 +158,40 @@ def test_accelerate_state_internals_for_cpu_fsdp(monkeypatch):
           "write to PartialState._shared_state would be pointless, or needed elsewhere)", where, str(seen))
 
 
+
+def test_accelerate_state_internals_for_cpu_deepspeed(tmp_path):
+    """DeepSpeed on CPU processes: alignkit rewrites the process count in the private `PartialState._shared_state`
+    (and `AcceleratorState`'s) and rebuilds the DeepSpeed config from `args.deepspeed` with transformers'
+    `HfTrainerDeepSpeedConfig.trainer_config_process`, which fills "auto" batch sizes from `args.world_size`."""
+    where = "alignkit/distributed.py:deepspeed_on_cpu"
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    Accelerator(cpu=True)
+    fields = ("backend", "num_processes", "process_index", "local_process_index")
+    check(all(f in PartialState._shared_state for f in fields), ACC, "PartialState._shared_state lost one of "
+          f"{fields}", where, str(sorted(PartialState._shared_state)))
+    check(isinstance(AcceleratorState._shared_state, dict), ACC, "AcceleratorState._shared_state is not a dict", where)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                             use_cpu=True, report_to=[])
+    with guard("transformers", "HfTrainerDeepSpeedConfig(dict).trainer_config_process(args) failed", where):
+        cfg = HfTrainerDeepSpeedConfig({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                        "zero_optimization": {"stage": 2}})
+        cfg.trainer_config_process(args)
+    check(cfg.config["train_batch_size"] == 6 * args.world_size and cfg.config["train_micro_batch_size_per_gpu"] == 3,
+          "transformers", "trainer_config_process no longer fills 'auto' batch sizes from the arguments", where,
+          str(cfg.config))
+    with guard(ACC, "DeepSpeedPlugin(hf_ds_config=...) failed", where):
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg)
+    check(plugin.deepspeed_config.get("train_batch_size") == 6 * args.world_size, ACC,
+          "DeepSpeedPlugin(hf_ds_config=...) does not carry the filled config", where)
+
 def test_torch_module_internals_for_full_parameters():
     """`full_parameters` swaps FSDP2's DTensor shards for full tensors in `module._parameters` and holds off the
     module's `_state_dict_pre_hooks` / `_state_dict_hooks`, recognising fully_shard's classes by the "FSDP" name

@@ -65,6 +65,9 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
         if rank == 0:
             save_file(full, f"{name}.safetensors")
         dist.barrier()
+    from alignkit.distributed import exit_after_distributed_run
+
+    exit_after_distributed_run(0)  # leaves without interpreter teardown (see there)
 
 
 if __name__ == "__main__":

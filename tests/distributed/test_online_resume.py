@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("online_resume_worker.py")
 CASES = {"ddp": ["grpo-adam", "rloo", "dpo"], "fsdp": ["grpo-adam", "dpo"]}
+EXTRA = {"fsdp": ["ppo-refused"]}
 _RUNS: dict = {}
 
 
@@ -27,7 +28,7 @@ def run_two_ranks(engine: str, model_dir, tmp_path_factory) -> Path:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                "ALIGNKIT_TEST_FSDP": "1" if engine == "fsdp" else "0"}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(model_dir), str(out), *CASES[engine]]
+               str(model_dir), str(out), *CASES[engine], *EXTRA.get(engine, [])]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-12000:]
         _RUNS[engine] = out
@@ -50,3 +51,13 @@ def test_resumed_run_equals_uninterrupted(engine, case, tiny_dir, tmp_path_facto
     assert pa.keys() == pb.keys() and pa
     for n in pa:
         torch.testing.assert_close(pb[n], pa[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.slow
+def test_ppo_value_head_under_fsdp_is_refused_in_one_line(tiny_dir, tmp_path_factory):
+    """PPO's value head is not sharded by FSDP2 (and cannot share the policy's optimizer once accelerate
+    swaps the policy's parameters for shards): the trainer stops at construction with one line naming DDP."""
+    out = run_two_ranks("fsdp", tiny_dir("llama"), tmp_path_factory)
+    message = json.loads((out / "ppo-refused.json").read_text())["message"]
+    assert message is not None and "\n" not in message
+    assert "value head" in message and "FSDP" in message and "DDP" in message
