@@ -6,6 +6,7 @@ and the peak memory of every rank.
     .venv/bin/python bench/scale_gpu.py --engines ddp fsdp2 --steps 10 --model path/to/llama
     .venv/bin/python bench/scale_gpu.py --dry-run               # CPU: configs checked, the worker run once
                                                                 # in-process on a tiny model (what CI runs)
+    .venv/bin/python bench/scale_gpu.py --cpu --steps 3         # the same engines on 2 CPU processes (gloo)
 
 Each engine runs `accelerate launch --config_file configs/accelerate/<engine>.yaml --num_processes N
 bench/scale_gpu.py --worker ...`: full-finetuning SFT with a fixed global batch (per-device batch x N x
@@ -13,7 +14,8 @@ accumulation is the same for every engine), fixed data order, seed and dropout o
 loss curve should match the one-process run's up to reduction order (bf16: a few 1e-3). Each rank writes
 its losses and `torch.cuda.max_memory_allocated()`; the report (one JSON line per engine, and
 bench/results/scale-<timestamp>.json) holds the max |loss - one-process loss| over the steps and the peak
-memory per rank in GiB. ZeRO-2/3 need `pip install deepspeed` (not a dependency of alignkit).
+memory per rank in GiB (`--cpu`: peak resident set size per process). ZeRO-2/3 need
+`pip install 'alignkit[deepspeed]'`.
 """
 
 from __future__ import annotations
@@ -30,17 +32,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
 ENGINES = {"ddp": "ddp-gpu.yaml", "fsdp2": "fsdp2.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
+# --cpu: the same engines on CPU processes (gloo), fp32; peak memory is each rank's peak resident set size
+CPU_ENGINES = {"ddp": "ddp-cpu.yaml", "fsdp2": "fsdp2.yaml", "zero2": "zero2-cpu.yaml", "zero3": "zero3-cpu.yaml"}
 PAIRS = [(f"Question {i}: what is {i} plus {i + 1}?", f" Answer: {2 * i + 1}. Because {i} and {i + 1} make {2 * i + 1}.")
          for i in range(64)]
 
 
-def check_configs(engines: list[str]) -> dict[str, dict]:
+def check_configs(engines: list[str], table: dict[str, str] = ENGINES) -> dict[str, dict]:
     """Each engine's accelerate config, read by accelerate's own loader (a typo fails here, not on a GPU)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     out = {}
     for e in engines:
-        path = CONFIGS / ENGINES[e]
+        path = CONFIGS / table[e]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing accelerate config for engine {e!r}")
         cfg = load_config_from_file(str(path))
@@ -76,23 +80,38 @@ def worker(model: str, out_dir: str, steps: int, global_batch: int, dtype: str, 
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
+    use_cpu = device == "cpu"
+    backend = None
+    if world > 1 and not torch.cuda.is_available():  # CPU processes: gloo; DeepSpeed needs use_cpu unset
+        from alignkit.distributed import requested_engine
+
+        use_cpu, backend = requested_engine() != "deepspeed", "gloo"
     args = TrainingArguments(output_dir=f"{out_dir}/run-{world}", per_device_train_batch_size=global_batch // world,
                              max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0,
                              logging_steps=1, report_to=[], save_strategy="no", seed=0, data_seed=0,
                              disable_tqdm=True, dataloader_num_workers=0, bf16=dtype == "bfloat16",
-                             use_cpu=device == "cpu", max_grad_norm=1.0)
+                             use_cpu=use_cpu, ddp_backend=backend, max_grad_norm=1.0)
     trainer = SFTTrainer(policy, args, train_dataset=feats, data_collator=SFTCollator(tok.pad_token_id),
                          callbacks=[Keep()])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:  # CPU: the process's peak resident set (KiB on Linux), the whole process, not tensors only
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     Path(out_dir, f"rank{rank}-of{world}.json").write_text(json.dumps(
         {"rank": rank, "world": world, "losses": losses, "peak_gib": peak,
          "distributed_type": str(trainer.accelerator.distributed_type)}))
+    from alignkit.distributed import exit_after_distributed_run
+
+    exit_after_distributed_run(0)  # several processes: leave without interpreter teardown (see there)
 
 
-def launch(engine: str | None, n: int, args: argparse.Namespace, out: Path) -> list[dict]:
+def launch(engine: str | None, n: int, args: argparse.Namespace, out: Path,
+           table: dict[str, str] = ENGINES) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     tail = ["--worker", "--model", args.model, "--out", str(out), "--steps", str(args.steps),
             "--global-batch", str(args.global_batch), "--dtype", args.dtype]
@@ -100,9 +119,12 @@ def launch(engine: str | None, n: int, args: argparse.Namespace, out: Path) -> l
         cmd = [sys.executable, __file__, *tail]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-               str(CONFIGS / ENGINES[engine]), "--num_processes", str(n), __file__, *tail]
+               str(CONFIGS / table[engine]), "--num_processes", str(n), __file__, *tail]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if args.cpu:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    subprocess.run(cmd, check=True, env=env)
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*-of*.json"))]
 
 
@@ -124,39 +146,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--processes", type=int, default=None, help="default: the visible GPUs")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="run the engines on CPU processes (gloo, fp32; configs "
+                   "ddp-cpu / fsdp2 / zero2-cpu / zero3-cpu; peak memory = peak resident set per rank)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.worker:
         worker(args.model, args.out, args.steps, args.global_batch, args.dtype, None)
         return 0
-    configs = check_configs(args.engines)
+    table = CPU_ENGINES if args.cpu else ENGINES
+    configs = check_configs(args.engines, table)
     if args.dry_run:  # CPU: the worker once, in this process, 2 steps of a tiny model in fp32
         with tempfile.TemporaryDirectory() as tmp:
             worker("tiny:llama", tmp, 2, 4, "float32", "cpu")
             ranks = [json.loads(x.read_text()) for x in Path(tmp).glob("rank*.json")]
         row = report("one-process (dry run)", ranks, ranks[0]["losses"])
-        print(json.dumps({"dry_run": True, "configs": configs, "one_process": row}))
+        print(json.dumps({"dry_run": True, "configs": configs,
+                          "cpu_configs": check_configs(list(CPU_ENGINES), CPU_ENGINES), "one_process": row}))
         return 0
     import torch
 
-    n = args.processes or torch.cuda.device_count()
+    if args.cpu:
+        args.dtype = "float32"
+    n = args.processes or (2 if args.cpu else torch.cuda.device_count())
     if n < 2:
-        raise SystemExit(f"need >= 2 GPUs for the engines, found {n} (use --dry-run on a CPU)")
+        raise SystemExit(f"need >= 2 GPUs for the engines, found {n} (use --cpu or --dry-run on a CPU)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(tempfile.mkdtemp(prefix="alignkit-scale-"))
-    ref = launch(None, 1, args, base / "one")[0]["losses"]
-    rows = [report("one-process", [{"world": 1, "losses": ref, "peak_gib": None, "distributed_type": "NO"}], ref)]
+    one = launch(None, 1, args, base / "one")
+    ref = one[0]["losses"]
+    rows = [report("one-process", one, ref)]
     for e in args.engines:
         try:
-            rows.append(report(e, launch(e, n, args, base / e), ref))
+            rows.append(report(e, launch(e, n, args, base / e, table), ref))
         except subprocess.CalledProcessError as err:
             rows.append({"engine": e, "error": f"exit {err.returncode}"})
         print(json.dumps(rows[-1]), flush=True)
-    out = ROOT / "bench" / "results" / f"scale-{stamp}.json"
+    out = ROOT / "bench" / "results" / f"scale-{'cpu-' if args.cpu else ''}{stamp}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "steps": args.steps, "global_batch": args.global_batch,
-                               "dtype": args.dtype, "rows": rows}, indent=2))
+                               "dtype": args.dtype, "cpu": args.cpu, "processes": n, "rows": rows}, indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

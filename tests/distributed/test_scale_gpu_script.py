@@ -40,6 +40,8 @@ def test_dry_run_on_cpu(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     types = {e: c["distributed_type"].split(".")[-1] for e, c in out["configs"].items()}
     assert types == {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    cpu = {e: c["distributed_type"].split(".")[-1] for e, c in out["cpu_configs"].items()}  # the --cpu engines
+    assert cpu == types and out["cpu_configs"]["zero3"]["path"].endswith("zero3-cpu.yaml")
     row = out["one_process"]
     assert row["steps"] == 2 and all(math.isfinite(x) for x in [row["final_loss"]])
     assert 5.0 < row["final_loss"] < 7.5  # a random tiny Llama: about log(vocab 512) = 6.2
