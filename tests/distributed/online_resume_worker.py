@@ -5,7 +5,7 @@ not a test module itself).
 
 For each CASE of online_worker.py: run A trains 3 steps with a checkpoint every 2 (`save_steps=2`:
 checkpoints/checkpoint-2); run B, a fresh trainer built the same way, resumes from A's checkpoint-2 and
-trains step 3 ("ppo-refused": only builds a PPO trainer and records its refusal). Rank 0 writes OUT_DIR/CASE.json (both histories, the checkpoint's files) and the trainable
+trains step 3 ("ppo-refused", "grpo-vllm-refused": only builds that trainer and records its refusal). Rank 0 writes OUT_DIR/CASE.json (both histories, the checkpoint's files) and the trainable
 parameters of both runs (OUT_DIR/CASE-a.safetensors, CASE-b.safetensors). With ALIGNKIT_TEST_FSDP=1 the
 environment of `accelerate launch --config_file configs/accelerate/fsdp2.yaml` is set first.
 """
@@ -32,14 +32,16 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
 
     torch.set_num_threads(1)
     for case in cases:
-        if case == "ppo-refused":  # PPO's value head is not sharded: under FSDP2 the trainer refuses in one line
+        if case.endswith("-refused"):  # the trainer refuses at construction, in one line, before any output:
+            #   ppo (FSDP2: the value head is not sharded), grpo-vllm (several processes: one vLLM engine each)
             try:
-                build(model_dir, "ppo")
+                build(model_dir, case.removesuffix("-refused"), f"{out_dir}/{case}")
                 message = None
             except ValueError as e:
                 message = str(e)
             if dist.get_rank() == 0:
-                Path(f"{out_dir}/{case}.json").write_text(json.dumps({"message": message}))
+                Path(f"{out_dir}/{case}.json").write_text(json.dumps(
+                    {"message": message, "wrote": Path(f"{out_dir}/{case}").exists()}))
             continue
         runs = {}
         for name in ("a", "b"):

@@ -53,6 +53,8 @@ def CASES(case: str):
     if case == "grpo-adam":  # AdamW (optimizer state to checkpoint), "running" reward moments (their state too)
         return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, reward_normalization="running",
                                                **{**common, "optimizer": "adamw"})
+    if case == "grpo-vllm":  # vLLM generation: one engine in one process; several processes are refused
+        return GRPOTrainer, "lora", GRPOConfig(generation_backend="vllm", **common)
     if case == "ppo":  # advantages whitened over every rank's tokens, 2 epochs
         return PPOTrainer, "lora", PPOConfig(epochs_per_step=2, **common)
     raise ValueError(case)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("online_resume_worker.py")
 CASES = {"ddp": ["grpo-adam", "rloo", "dpo"], "fsdp": ["grpo-adam", "dpo"]}
-EXTRA = {"fsdp": ["ppo-refused"]}
+EXTRA = {"fsdp": ["ppo-refused"], "ddp": ["grpo-vllm-refused"]}
 _RUNS: dict = {}
 
 
@@ -61,3 +61,17 @@ def test_ppo_value_head_under_fsdp_is_refused_in_one_line(tiny_dir, tmp_path_fac
     message = json.loads((out / "ppo-refused.json").read_text())["message"]
     assert message is not None and "\n" not in message
     assert "value head" in message and "FSDP" in message and "DDP" in message
+
+
+@pytest.mark.slow
+def test_vllm_generation_under_several_processes_is_refused_in_one_line(tiny_dir, tmp_path_factory):
+    """generation_backend='vllm' under 2 DDP ranks: each rank would start its own colocated engine (no placement,
+    sync or seeding per rank yet); the trainer refuses at construction, before vLLM is imported (vLLM is not
+    installed here) and before its output folder exists, naming the key and both ways out."""
+    out = run_two_ranks("ddp", tiny_dir("llama"), tmp_path_factory)
+    run = json.loads((out / "grpo-vllm-refused.json").read_text())
+    message = run["message"]
+    assert message is not None and "\n" not in message
+    assert "method.generation_backend" in message and "2 process(es)" in message
+    assert "one process" in message and "method.generation_backend=transformers" in message
+    assert not run["wrote"]

@@ -232,9 +232,13 @@ class OnlineTrainer:
             from alignkit.online.vllm_generation import refuse_unsupported
 
             refuse_unsupported(adapter_of(model))
-            if fsdp2:
-                raise ValueError("generation_backend='vllm' under FSDP is not supported yet (the engine needs the "
-                                 "whole weights each step); use DDP or one process")
+            if fsdp2 or self.world > 1:  # one colocated engine per process: no shard-aware placement, sync or
+                #   seeding yet (each rank would silently start its own engine on the default device)
+                raise ValueError(f"generation_backend='vllm' (method.generation_backend) runs one colocated engine "
+                                 f"in ONE process; this run has {self.world} process(es)"
+                                 f"{' under FSDP' if fsdp2 else ''}, and several processes with vLLM are not "
+                                 f"supported yet: run it in one process (no torchrun / accelerate launch), or use "
+                                 f"method.generation_backend=transformers with several processes")
         self.vllm_generator: Any = None  # the colocated engine, started at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         mode = self.config.reference
