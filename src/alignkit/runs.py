@@ -6,6 +6,8 @@
                           (a non-finite value is written NaN / Infinity, never null or 0)
       tensorboard/        TensorBoard event files (when tensorboard is installed)
       plots/*.png         loss, rewards and accuracy curves, drawn at the end from metrics.jsonl
+                          (one-shot commands: tensorboard/<command>/ and plots/<command>-*.png histograms,
+                          `write_command_outputs`)
       README.md           a model card: base model, adapter, objective, data, hyper-parameters, final metrics
       model/              the trained adapter (or full model) + tokenizer; its own copy of README.md
       checkpoints/        TrainingArguments' output_dir (intermediate checkpoints, if saving is on)
@@ -138,6 +140,66 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         fig.savefig(path)
         written.append(path)
     logger.info("wrote %d plot(s) to %s", len(written), out_dir)
+    return written
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any],
+                          distributions: dict[str, list[float]] | None = None) -> list[Path]:
+    """What a one-shot command (eval, generate, sample, annotate) leaves beside its results, as training does:
+    TensorBoard events in `<root>/tensorboard/<command>` (the summary's numbers as scalars at step 0 and one
+    histogram per distribution; when tensorboard is installed) and `<root>/plots/<command>-<name>.png`, a
+    histogram per distribution with its mean marked. Both are namespaced by the command, so running it in a
+    training run's folder leaves that run's `tensorboard/` events and `plots/` untouched. Main process only.
+    Returns the files written."""
+    if not is_main_process():
+        return []
+    import importlib.util
+
+    import numpy as np
+
+    root = Path(root)
+    dists = {k: [float(x) for x in v if _numeric(x)] for k, v in (distributions or {}).items()}
+    dists = {k: v for k, v in dists.items() if v}
+    written: list[Path] = []
+    if importlib.util.find_spec("tensorboard") is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = root / "tensorboard" / command
+        writer = SummaryWriter(log_dir=str(log_dir))
+        try:
+            for k, v in summary.items():
+                if _numeric(v):
+                    writer.add_scalar(f"{command}/{k}", float(v), 0)
+            for k, v in dists.items():
+                writer.add_histogram(f"{command}/{k}", np.asarray(v), 0)
+        finally:
+            writer.close()
+        written += sorted(log_dir.glob("events.out.tfevents.*"))
+    if dists:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        (root / "plots").mkdir(parents=True, exist_ok=True)
+        for k, v in dists.items():
+            fig = Figure(figsize=(6, 4), dpi=100)
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot()
+            ax.hist(v, bins=min(30, max(5, len(v) // 3)), alpha=0.8, edgecolor="white")
+            mean = float(np.mean(v))
+            ax.axvline(mean, color="k", linestyle="--", label=f"mean {mean:.4g} (n={len(v)})")
+            ax.set_xlabel(k)
+            ax.set_ylabel("count")
+            ax.set_title(f"alignkit {command}: {k}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = root / "plots" / f"{command}-{k.replace('/', '_')}.png"
+            fig.savefig(path)
+            written.append(path)
+    logger.info("alignkit %s: wrote %d TensorBoard / plot file(s) under %s", command, len(written), root)
     return written
 
 
@@ -433,4 +495,5 @@ def truncate_metrics(path: str | Path, step: int) -> int:
 __all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "commit_staging",
            "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
-           "plot_metrics", "read_metrics", "remove_own", "staged", "truncate_metrics", "versions", "write_marker"]
+           "plot_metrics", "read_metrics", "remove_own", "staged", "truncate_metrics", "versions", "write_command_outputs",
+           "write_marker"]

@@ -4,6 +4,7 @@ process; and `alignkit serve` on loopback. Reruns are answered from the cache.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -42,6 +43,15 @@ def test_code_bugs_config_writes_sft_records_alignkit_reads(tmp_path):
     assert fixed != buggy and fixed.startswith("def ")
     records = load_records(str(tmp_path / "augmented.jsonl"), "sft")
     assert len(records) == 20 and records[0].completion == first["completion"]
+    # like every command: TensorBoard events and a plot beside the records
+    assert (tmp_path / "plots" / "augment-record_chars.png").read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("tensorboard"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "tensorboard" / "augment"), size_guidance={"scalars": 0, "histograms": 0})
+        acc.Reload()
+        assert acc.Scalars("augment/written")[-1].value == 20
+        assert acc.Histograms("augment/record_chars")[-1].histogram_value.num == 20
 
 
 def test_code_bugs_preference_output_reads_as_preference(tmp_path):

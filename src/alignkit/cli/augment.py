@@ -4,7 +4,8 @@
     alignkit augment --config configs/augment-paraphrase.yaml llm.base_url=http://127.0.0.1:8000/v1 llm.model=base
 
 Writes <output_dir>/augmented.jsonl (records + `meta` provenance), summary.json (counts, drops by reason,
-requests sent, cache hits) and config.yaml. The LLM's answers are cached in <output_dir>/cache (or
+requests sent, cache hits), config.yaml, TensorBoard events (tensorboard/augment) and a histogram of the written
+records' sizes (plots/augment-record_chars.png). The LLM's answers are cached in <output_dir>/cache (or
 `llm.cache_dir`): running the same config again sends no request for what it already asked. Unlike the
 training commands, reusing an output_dir is expected (that is how the cache pays off); augmented.jsonl is
 replaced atomically.
@@ -21,6 +22,8 @@ from typing import Any
 
 from alignkit.cli.common import config_from_args, data_path, dry_run
 from alignkit.cli.helptext import add_command_parser
+from alignkit.online.rounds import atomic_write_text, read_jsonl
+from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError, save_config
 
 logger = logging.getLogger(__name__)
@@ -94,7 +97,13 @@ def augment(cfg: Any) -> int:
                "written": result.written, "dropped": result.dropped, "model": getattr(llm, "name", None),
                "requests": getattr(inner, "requests", 0), "cache_hits": getattr(llm, "hits", 0),
                "cache_misses": getattr(llm, "misses", 0)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    scalars.update({f"dropped/{k}": v for k, v in (result.dropped or {}).items()} if isinstance(result.dropped, dict)
+                   else {})
+    chars = [sum(len(json.dumps(v, ensure_ascii=False)) for k, v in row.items() if k != "meta")
+             for row in read_jsonl(result.path)]
+    write_command_outputs(out, "augment", scalars, {"record_chars": chars})
     print(f"alignkit augment: {cfg.strategy}: {result.summary()}; {summary['requests']} request(s), "
           f"{summary['cache_hits']} cache hit(s)\n  wrote {result.path}")
     return 0

@@ -1,4 +1,5 @@
-"""`alignkit eval`: score a trained model on preference pairs; writes `metrics.json` in the run folder.
+"""`alignkit eval`: score a trained model on preference pairs; writes `metrics.json` in the run folder, TensorBoard
+events in `tensorboard/eval/` and a histogram per per-pair value in `plots/eval-*.png` (`runs.write_command_outputs`).
 
 method.kind = "reward": a reward model (`model.path` a 1-label classifier, `model.adapter_path` its
     adapter): accuracy = fraction of pairs with r(chosen) > r(rejected), mean scores and margin
@@ -17,6 +18,9 @@ import logging
 from typing import Any
 
 import torch
+
+from alignkit.online.rounds import atomic_write_text
+from alignkit.runs import write_command_outputs
 
 from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.common import (config_from_args, dry_run, load_for_inference, read_records,
@@ -56,17 +60,21 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     model, tok, base_path, desc = load_for_inference(cfg.model, run, task)
     model = to_device(model)
     features, _ = tokenize(records, tok, cfg.data, "data.path")
+    per_pair: dict[str, list[float]] = {}
     if cfg.method.kind == "reward":
-        metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress)
+        metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
     else:
-        metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress)
+        metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
     metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
     if run.main:
-        (run.root / "metrics.json").write_text(json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
+        atomic_write_text(run.root / "metrics.json",
+                          json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
+        write_command_outputs(run.root, "eval", metrics, per_pair)
     return metrics
 
 
-def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool) -> dict[str, float]:
+def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool,
+                   per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
     from alignkit.data import PreferenceCollator
     from alignkit.trainers.evaluation import evaluate_reward_model
 
@@ -76,12 +84,12 @@ def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: in
             bar.update(len(batch))
             return collate(batch)
 
-        return evaluate_reward_model(model, features, counted, batch_size=batch_size)
+        return evaluate_reward_model(model, features, counted, batch_size=batch_size, per_pair=per_pair)
 
 
 @torch.no_grad()
 def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_path: str,
-                progress: bool) -> dict[str, float]:
+                progress: bool, per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
     from alignkit.data import PreferenceCollator
     from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
     from alignkit.models.loading import load_model
@@ -112,6 +120,8 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
             values = {"loss": out.losses, **out.metrics}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+                if per_pair is not None and v.dim() == 1 and v.shape[0] == B:  # one value per pair
+                    per_pair.setdefault(k, []).extend(v.float().tolist())
             n += B
             bar.update(B)
     return {k: v / max(n, 1) for k, v in sums.items()}

@@ -3,7 +3,10 @@
 Prompts come from any records `data.path` holds (their prompts are used: plain prompt files, SFT or
 preference data, OASST prompts). Sampling follows the `generation` section (`alignkit.online.SamplingConfig`,
 greedy by default). A ReFT adapter intervenes on the prompt positions it was trained with.
-Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index.
+Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index;
+`generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s), TensorBoard events in
+`tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written
+atomically: a kill leaves the previous file or the complete new one.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import argparse
 import dataclasses
 import json
 import logging
+import time
 from typing import Any
 
 from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.common import (config_from_args, dry_run, load_for_inference, read_records,
                                  start_run, to_device)
+from alignkit.online.generation import FINISH_REASONS
+from alignkit.online.rounds import atomic_write_jsonl, atomic_write_text
+from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +59,9 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
     model = to_device(model)
     rows: list[dict[str, Any]] = []
+    lengths: list[int] = []
+    reasons: list[str] = []
+    t0 = time.perf_counter()
     step = max(1, cfg.batch_size // cfg.generation.num_samples)  # prompts per call
     for s in tqdm(range(0, len(records), step), desc="generate", unit="batch", disable=not progress):
         sampling = cfg.generation
@@ -61,10 +71,18 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
                                      formatter=cfg.data.formatter, max_prompt_length=cfg.data.max_prompt_length)
         rows += [{"id": x.prompt_id, "prompt": x.prompt, "response": x.response, "finish_reason": x.finish_reason,
                   "index": x.index} for x in samples]
+        lengths += [len(x.response_ids) for x in samples]
+        reasons += [x.finish_reason for x in samples]
+    seconds = time.perf_counter() - t0
     if run.main:
-        with (run.root / "generations.jsonl").open("w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        atomic_write_jsonl(run.root / "generations.jsonl", rows)
+        n = max(len(rows), 1)
+        metrics = {"prompts": len(records), "responses": len(rows), "generation/response_length": sum(lengths) / n,
+                   **{f"generation/finish_{k}": reasons.count(k) / n for k in FINISH_REASONS},
+                   "generation/tokens": sum(lengths), "generation/seconds": seconds,
+                   "generation/tokens_per_second": sum(lengths) / max(seconds, 1e-9)}
+        atomic_write_text(run.root / "generation_metrics.json", json.dumps({"model": desc, **metrics}, indent=2))
+        write_command_outputs(run.root, "generate", metrics, {"response_length": lengths})
         logger.info("wrote %d generation(s) from %s to %s", len(rows), desc, run.root / "generations.jsonl")
     return rows
 

@@ -9,7 +9,9 @@ Both work on one round folder (`output_dir`), the layout of `alignkit.online.rou
 reads it, and so do `alignkit sft | dpo | kto`), manifest.json (sampling settings, annotator, feedback and
 the round's metrics). Annotation only reads the folder, so it can run on another machine or device
 (`annotator.device`) after copying it. Each job also writes its resolved config there (sample.yaml,
-annotate.yaml). A complete stage is not redone unless `overwrite: true`.
+annotate.yaml), TensorBoard events (tensorboard/sample, tensorboard/annotate) and histograms of response lengths,
+rewards and record weights (plots/sample-*.png, plots/annotate-*.png). A complete stage is not redone unless
+`overwrite: true`.
 
 The feedback mode decides the record kind: best_worst / random_pairs / judge_pairs -> preference pairs (dpo),
 pointwise -> desirable/undesirable (kto), best_of_n -> SFT records of the best responses (sft: augmentation
@@ -27,7 +29,8 @@ from typing import Any
 from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.common import config_from_args, dry_run, load_for_inference, to_device
 from alignkit.cli.online import make_annotator, read_prompts
-from alignkit.runs import RunFolder
+from alignkit.online.rounds import MANIFEST_FILE, read_jsonl, read_samples
+from alignkit.runs import RunFolder, write_command_outputs
 from alignkit.settings import save_config
 
 logger = logging.getLogger(__name__)
@@ -78,9 +81,14 @@ def sample(cfg: Any) -> Path:
     model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
     model = to_device(model)
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
-    return sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
+    path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
                         overwrite=cfg.overwrite, formatter=cfg.data.formatter,
                         max_prompt_length=cfg.data.max_prompt_length)
+    samples = read_samples(path)
+    manifest = json.loads((run.root / MANIFEST_FILE).read_text())["samples"]
+    write_command_outputs(run.root, "sample", {"samples": len(samples), **manifest.get("metrics", {})},
+                          {"response_length": [len(x.response_ids) for x in samples]})
+    return path
 
 
 def annotate(cfg: Any, allow_code: bool = False) -> Path:
@@ -94,8 +102,17 @@ def annotate(cfg: Any, allow_code: bool = False) -> Path:
     if run.main:
         save_config(cfg, run.root / "annotate.yaml")
     annotator = make_annotator(cfg.annotator, run, allow_code)
-    return annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
+    path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite)
+    entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]
+    weights = [float(r.get("weight", 1.0)) for r in read_jsonl(path) if _is_number(r.get("weight", 1.0))]
+    write_command_outputs(run.root, "annotate", entry.get("metrics", {}),
+                          {"reward": [x for x in entry.get("scores") or [] if x is not None], "record_weight": weights})
+    return path
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 __all__ = ["RECORD_COMMAND", "add_parser", "annotate", "run_annotate", "run_sample", "sample"]

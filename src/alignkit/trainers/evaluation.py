@@ -48,8 +48,10 @@ def _eval_mode(model: nn.Module):
 
 
 @torch.no_grad()
-def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: Callable, batch_size: int = 8) -> dict[str, float]:
-    """Accuracy and score means of a reward model over tokenized pairwise (or ranked) features."""
+def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: Callable, batch_size: int = 8,
+                          per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Accuracy and score means of a reward model over tokenized pairwise (or ranked) features. `per_pair`, if
+    given, receives each pair's `margin`, `rewards/chosen` and `rewards/rejected` (pairwise data)."""
     dev = _device(model)
     chosen, rejected, taus, correct, pairs = [], [], [], 0.0, 0.0
     with _eval_mode(model):
@@ -75,6 +77,8 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
         return {"accuracy": correct / max(pairs, 1.0), "kendall_tau": float(torch.cat(taus).mean()),
                 "num_prompts": float(sum(t.numel() for t in taus)), "num_pairs": pairs}
     c, r = torch.cat(chosen), torch.cat(rejected)
+    if per_pair is not None:
+        per_pair.update({"margin": (c - r).tolist(), "rewards/chosen": c.tolist(), "rewards/rejected": r.tolist()})
     return {"accuracy": float((c > r).float().mean()), "rewards/chosen": float(c.mean()),
             "rewards/rejected": float(r.mean()), "margin": float((c - r).mean()), "num_pairs": float(c.numel())}
 

@@ -1,0 +1,92 @@
+"""Every command leaves metrics, TensorBoard events and plots, as training does (eval, generate, sample, annotate),
+namespaced by the command so that running one in a training run's folder leaves that run's files untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def events(folder: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    scalars = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]}
+    hists = {t: acc.Histograms(t)[-1].histogram_value for t in acc.Tags()["histograms"]}
+    return scalars, hists
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_generate_writes_metrics_tensorboard_and_a_length_histogram(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "g"
+    assert main(["generate", "-c", str(CONFIGS / "generate-tiny.yaml"), "model.path=tiny:llama",
+                 "model.adapter_path=null", f"output_dir={out}", "generation.max_new_tokens=5"]) == 0
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "generation_metrics.json").read_text())
+    assert metrics["responses"] == len(rows) > 0
+    assert sum(metrics[f"generation/finish_{k}"] for k in ("eos", "stop", "length")) == pytest.approx(1.0)
+    # greedy on a random model with max_new_tokens=5: 'length' rows have exactly 5 tokens
+    n_length = sum(r["finish_reason"] == "length" for r in rows)
+    assert metrics["generation/finish_length"] == pytest.approx(n_length / len(rows))
+    scalars, hists = events(out / "tensorboard" / "generate")
+    assert scalars["generate/responses"] == len(rows)
+    assert scalars["generate/generation/response_length"] == pytest.approx(metrics["generation/response_length"])
+    h = hists["generate/response_length"]
+    assert h.num == len(rows) and h.max <= 5 and h.sum == pytest.approx(metrics["generation/tokens"])
+    assert (out / "plots" / "generate-response_length.png").read_bytes()[:8] == PNG
+
+
+def test_eval_in_a_training_run_folder_adds_its_own_outputs_and_changes_none_of_the_runs(tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"  # stands for a finished training run: its metrics, events and plots must survive
+    (run / "plots").mkdir(parents=True)
+    (run / "tensorboard").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (run / "plots" / "loss.png").write_bytes(PNG + b"train")
+    (run / "tensorboard" / "events.out.tfevents.1.train").write_bytes(b"train events")
+    before = digest(run)
+    assert main(["eval", "-c", str(CONFIGS / "eval-rm-tiny.yaml"), "model.path=tiny:llama", "model.adapter_path=null",
+                 f"output_dir={run}"]) == 0
+    after = digest(run)
+    assert {k: after[k] for k in before} == before
+    metrics = json.loads((run / "metrics.json").read_text())
+    scalars, hists = events(run / "tensorboard" / "eval")
+    assert scalars["eval/accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    margin = hists["eval/margin"]
+    assert margin.num == metrics["pairs"] and margin.sum / margin.num == pytest.approx(metrics["margin"], abs=1e-5)
+    chosen, rejected = hists["eval/rewards/chosen"], hists["eval/rewards/rejected"]
+    assert (chosen.sum - rejected.sum) / chosen.num == pytest.approx(metrics["margin"], abs=1e-5)
+    for name in ("margin", "rewards_chosen", "rewards_rejected"):
+        assert (run / "plots" / f"eval-{name}.png").read_bytes()[:8] == PNG
+
+
+def test_sample_and_annotate_write_their_histograms(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "round"
+    assert main(["sample", "-c", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={out}", "sampling.max_new_tokens=6",
+                 "data.max_records=2", "sampling.num_samples=3"]) == 0
+    assert main(["annotate", "-c", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={out}"]) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    _, hists = events(out / "tensorboard" / "sample")
+    assert hists["sample/response_length"].num == len(samples) == 6
+    assert hists["sample/response_length"].sum == sum(len(s["response_ids"]) for s in samples)
+    scalars, hists = events(out / "tensorboard" / "annotate")
+    manifest = json.loads((out / "manifest.json").read_text())["annotation"]
+    assert hists["annotate/reward"].num == sum(x is not None for x in manifest["scores"])
+    assert scalars["annotate/reward/mean"] == pytest.approx(manifest["metrics"]["reward/mean"], abs=1e-6)
+    for name in ("sample-response_length", "annotate-reward"):
+        assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG
