@@ -123,3 +123,33 @@ def test_serving_route_follows_the_parts(row):
     assert (route.name, route.kind, route.lora, route.reft) == ("x", row.kind, "x" if row.lora else None,
                                                                 "x" if row.reft else None)
     assert route.positions == (Positions.parse("f2+l1") if row.reft else None)
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_an_adapter_on_another_base_with_the_same_shapes_is_refused(row, tiny_dir, tmp_path):
+    """Two tiny Llamas with the same config but different seeds have identical shapes, so peft and ReFT load
+    an adapter trained on one onto the other without a word and compute something else. The saved
+    alignkit_base.json (shapes + an embedding probe) makes that an error; the same base in bf16 is accepted;
+    check_base=False lets a user do it on purpose; folders saved before the file existed still load."""
+    from alignkit.adapters import BASE_FINGERPRINT_NAME
+
+    base, other = tiny_dir("llama"), tiny_dir("llama", seed=1)
+    folder = save_adapter(_perturb(apply_adapter(load_model(base), row.config())), tmp_path / "a")
+    assert (folder / BASE_FINGERPRINT_NAME).is_file()
+    with pytest.raises(ValueError, match="trained on a different base model .its input embedding weights differ"):
+        load_adapter(load_model(other), folder)
+    load_adapter(load_model(base, dtype="bfloat16"), folder)  # the same weights, rounded: not a different base
+    load_adapter(load_model(other), folder, check_base=False)
+    (folder / BASE_FINGERPRINT_NAME).unlink()
+    load_adapter(load_model(other), folder)  # an older folder: nothing to check against
+
+
+def test_base_mismatch_names_the_shape_that_differs():
+    from alignkit.adapters import base_mismatch
+
+    saved = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "vocab_size": 512,
+             "probe_rows": [0, 256, 511], "embedding_probe": [0.5, -0.25]}
+    assert base_mismatch(saved, dict(saved)) is None
+    assert base_mismatch(saved, {**saved, "vocab_size": 520}) == "vocab_size 520 here, 512 when trained"
+    assert base_mismatch(saved, {**saved, "embedding_probe": [0.503, -0.2505]}) is None  # bf16 rounding
+    assert "embedding weights differ" in base_mismatch(saved, {**saved, "embedding_probe": [0.6, -0.25]})

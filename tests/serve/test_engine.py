@@ -271,3 +271,14 @@ def test_sliding_window_models_are_refused_by_name(tiny_dir, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*full-attention caches only"):
         load_stack(folder, {})
+
+
+def test_an_adapter_trained_on_another_base_is_refused_at_load(serve_dirs, tmp_path):
+    """serve loads every adapter onto one base: one trained on a different base with the same shapes (here a
+    tiny Llama of another seed) would be served without a word; its alignkit_base.json refuses it by name."""
+    from alignkit.models.tiny import save_tiny
+    from alignkit.serve.stack import load_stack
+
+    other = save_tiny(tmp_path / "other-base", "llama", hidden_size=64, num_layers=2, seed=7)
+    with pytest.raises(ValueError, match=r"terse: this adapter was trained on a different base model"):
+        load_stack(other, {"terse": serve_dirs["adapters"]["terse"]})

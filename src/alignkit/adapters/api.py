@@ -24,6 +24,7 @@ from torch import nn
 
 import alignkit.adapters as _package
 from alignkit.adapters.base import ADAPTERS, adapter_for, adapter_in, adapter_of, unwrap_lm, unwrap_parallel
+from alignkit.adapters.base import check_base as check_saved_base
 from alignkit.adapters.config import AdapterConfig, ReftSettings, read_adapter_config
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,17 @@ def save_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None,
     return adapter_of(model).save(model, folder, tokenizer, state_dict)
 
 
-def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False) -> nn.Module:
+def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False, check_base: bool = True) -> nn.Module:
     """Wrap the base transformers `model` with the adapter saved in `folder` (by `save_adapter`).
 
-    Full finetuning folders are complete models: load them with `load_model` instead."""
+    `check_base`: refuse (ValueError) a base that is not the one the adapter was trained on (`alignkit_base.json`:
+    shapes and an embedding probe); an adapter on another base with the same shapes would otherwise load without
+    a word and compute something else. Full finetuning folders are complete models: load them with `load_model`."""
     adapter = adapter_in(folder)
-    return adapter.record(adapter.load(model, Path(folder), trainable), adapter.config)
+    loaded = adapter.record(adapter.load(model, Path(folder), trainable), adapter.config)
+    if check_base:
+        check_saved_base(loaded, folder)
+    return loaded
 
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:

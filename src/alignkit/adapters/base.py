@@ -173,6 +173,9 @@ class Adapter:
         config = self.config if self.config is not None else self.own_config(model)
         self.save_weights(model, folder, config, state_dict)
         (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        fingerprint = None if self.saves_whole_model else base_fingerprint(model)
+        if fingerprint is not None:
+            (folder / BASE_FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         logger.info("saved %s adapter to %s", self.kind, folder)
@@ -183,6 +186,60 @@ class Adapter:
         model.alignkit_adapter_config = config
         self.config = config
         return model
+
+
+# ---------------------------------------------------------------------------------------------- the base's identity
+
+BASE_FINGERPRINT_NAME = "alignkit_base.json"
+PROBE_COLUMNS = 8
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
+    """What identifies the base model an adapter was trained on: its shape (model type, layers, hidden size,
+    vocabulary) and a probe of its input embedding (3 rows x 8 columns, as float32), which adapters leave
+    frozen. None when the embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
+    lm = unwrap_lm(model)
+    emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0 or w.is_meta \
+            or type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
+        return None
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    rows = sorted({0, w.shape[0] // 2, w.shape[0] - 1})
+    probe = w.detach()[rows, :PROBE_COLUMNS].float().cpu()  # (3, 8)
+    return {"model_type": getattr(cfg, "model_type", None),
+            "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
+            "embedding_probe": [round(float(x), 6) for x in probe.flatten()]}
+
+
+def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
+    """How `found` (this base) differs from `saved` (the base the adapter was trained on), or None. The probe is
+    compared with a tolerance that bf16 / fp16 loading of the same weights stays within."""
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+        if saved.get(key) is not None and found.get(key) is not None and saved[key] != found[key]:
+            return f"{key} {found[key]} here, {saved[key]} when trained"
+    a, b = saved.get("embedding_probe") or [], found.get("embedding_probe") or []
+    if saved.get("probe_rows") == found.get("probe_rows") and len(a) == len(b) and a:
+        worst = max(abs(x - y) - (1e-2 * abs(x) + 1e-4) for x, y in zip(a, b))
+        if worst > 0:
+            return "its input embedding weights differ (another model or revision with the same shapes)"
+    return None
+
+
+def check_base(model: nn.Module, folder: str | Path) -> None:
+    """Raise ValueError when `folder`'s adapter was trained on another base than `model` (its
+    `alignkit_base.json`; folders saved before it existed, and sharded bases, are not checked)."""
+    path = Path(folder) / BASE_FINGERPRINT_NAME
+    if not path.is_file():
+        return
+    found = base_fingerprint(model)
+    if found is None:
+        return
+    why = base_mismatch(json.loads(path.read_text()), found)
+    if why is not None:
+        raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}); load it on the "
+                         f"base it was trained with (the training run's base_model/ or model.path), or pass "
+                         f"check_base=False (model.check_base: false) if that is what you mean")
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -227,5 +284,6 @@ def adapter_in(folder: str | Path) -> Adapter:
     return adapter_for(read_adapter_config(folder))
 
 
-__all__ = ["ADAPTERS", "Adapter", "Route", "adapter_for", "adapter_in", "adapter_of", "head_names", "is_classifier",
+__all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_fingerprint",
+           "base_mismatch", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -488,7 +488,7 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
                 tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
                                          str(folder))
         else:
-            model = load_adapter(model, folder)
+            model = load_adapter(model, folder, check_base=ms.check_base)
     return model, tok, path, f"{desc} + {folder}"
 
 

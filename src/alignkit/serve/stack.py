@@ -31,7 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from alignkit.adapters.base import Adapter, Route, adapter_in, is_classifier, unwrap_lm
+from alignkit.adapters.base import Adapter, Route, adapter_in, check_base, is_classifier, unwrap_lm
 from alignkit.data.positions import locations_from_spans
 from alignkit.interventions.attach import ReftModel
 from alignkit.models.loading import load_model, load_tokenizer
@@ -156,6 +156,8 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
         lm = lm.to(device)
     lm.eval()
     _check_cache(lm, base)
+    for name in served:  # an adapter trained on another base with the same shapes would serve something else
+        check_base(lm, adapters[name])
     routes: dict[str, Route] = {base_name: Route(base_name, "base")}
     model: nn.Module = lm
     lora = [n for n, r in served.items() if r.lora]

@@ -26,6 +26,7 @@ class ModelSettings:
     trust_remote_code: bool = False
     tokenizer: str | None = None  # default: the model's folder
     adapter_path: str | None = None  # eval / generate: a folder written by a training run (its model/ folder)
+    check_base: bool = True  # refuse an adapter_path trained on another base model (its alignkit_base.json)
     # RoPE scaling, e.g. {type: linear, factor: 2.0} (linear, dynamic, yarn, llama3, longrope): alignkit.models.rope
     rope_scaling: dict[str, Any] | None = None
     kernels: Literal["liger"] | None = None  # fused GPU kernels (needs liger-kernel + CUDA): alignkit.models.efficiency
