@@ -96,3 +96,27 @@ def test_generation_report(kind, make_model, tokenizer, tmp_path):
     lines = (tmp_path / "report" / "generations.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == rows
     assert "## Prompt 2" in (tmp_path / "report" / "generations.md").read_text()
+
+
+def test_kto_label_balance_is_warned_as_the_kto_paper_advises(caplog):
+    """One-sided labels, or a weighted balance desirable_weight * n_d / (undesirable_weight * n_u) outside
+    [1, 4/3] (the KTO paper's and TRL's rule), are warned about with the weight that would fix it."""
+    import logging
+
+    from alignkit.trainers.kto import check_label_balance
+
+    rows = lambda d, u: [{"label": True}] * d + [{"label": False}] * u  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="alignkit.trainers.kto"):
+        assert check_label_balance(rows(4, 4), 1.0, 1.0) == (4, 4)  # 1 : 1
+        assert check_label_balance(rows(4, 3), 1.0, 1.0) == (4, 3)  # 4/3 : 1, the upper bound
+        assert not caplog.records
+        check_label_balance(rows(8, 0), 1.0, 1.0)
+        assert "every one of the 8 training example(s) is desirable" in caplog.records[-1].getMessage()
+        check_label_balance(rows(2, 8), 1.0, 1.0)  # 0.25 : 1 -> desirable_weight 4 makes it 1 : 1
+        msg = caplog.records[-1].getMessage()
+        assert "weigh 0.25 : 1" in msg and "method.desirable_weight=4" in msg
+        check_label_balance(rows(8, 2), 1.0, 1.0)  # 4 : 1 -> desirable_weight 1/3 makes it 4/3 : 1
+        assert "method.desirable_weight=0.333" in caplog.records[-1].getMessage()
+    from datasets import Dataset
+
+    assert check_label_balance(Dataset.from_list(rows(3, 2)), 1.0, 1.0) == (3, 2)

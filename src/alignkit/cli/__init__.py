@@ -140,6 +140,7 @@ def _main(argv: list[str] | None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_deepspeed_cpu_notice()
     if args.command is None:
         parser.print_help()
         return 2
@@ -166,6 +167,17 @@ def _main(argv: list[str] | None) -> int:
         print(f"alignkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} (run again with --debug "
               "for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """DeepSpeed, when installed, is imported by transformers / accelerate in every command and prints
+    "Setting accelerator to CPU. If you have GPU ... we were unable to detect it." to stdout on a machine without
+    CUDA (its own "DeepSpeed" logger and handler), interleaved with alignkit's output. That one notice is dropped
+    (a filter on that logger, which DeepSpeed keeps when it adds its handler); its other messages pass."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: DEEPSPEED_CPU_NOTICE not in record.getMessage())
 
 
 def one_line(e: BaseException) -> str:

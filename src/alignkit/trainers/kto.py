@@ -15,6 +15,7 @@ the mismatched pairs depend on how batches are drawn). Needs batches of at least
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from alignkit.losses import UNPAIRED_LOSSES, LossOutput
 from alignkit.trainers.base import AlignTrainer, turn_off_dropout
 from alignkit.trainers.logps import completion_logps, prompt_spans
 from alignkit.trainers.reference import frozen_copy, reference_logps, resolve_mode
+
+logger = logging.getLogger(__name__)
 
 
 def mismatched_batch(batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -48,6 +51,33 @@ def mismatched_batch(batch: dict[str, Any]) -> dict[str, Tensor]:
             "position_ids": (new_att.cumsum(-1) - 1).clamp(min=0)}
 
 
+def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weight: float) -> tuple[int, int] | None:
+    """Warn when the labels are one-sided or the weighted balance is off (the KTO paper's and TRL's rule: keep
+    desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]). Returns the counts."""
+    if dataset is None:
+        return None
+    try:
+        labels = list(dataset["label"]) if hasattr(dataset, "column_names") else [f["label"] for f in dataset]
+    except (KeyError, TypeError):
+        return None  # the missing label is the objective's error (at the first batch)
+    n_des = sum(bool(x) for x in labels)
+    n_und = len(labels) - n_des
+    if not labels:
+        return 0, 0
+    if n_des == 0 or n_und == 0:
+        logger.warning("KTO: every one of the %d training example(s) is %s: the loss then only moves them against "
+                       "the KL reference point (no contrast); check the label column if both kinds were expected",
+                       len(labels), "desirable" if n_und == 0 else "undesirable")
+        return n_des, n_und
+    ratio = desirable_weight * n_des / (undesirable_weight * n_und)
+    if not 1.0 <= ratio <= 4 / 3:
+        logger.warning("KTO: %d desirable and %d undesirable example(s) with desirable_weight %.3g and "
+                       "undesirable_weight %.3g weigh %.2f : 1; the KTO paper (and TRL) keep this in [1, 4/3]: e.g. "
+                       "method.desirable_weight=%.3g", n_des, n_und, desirable_weight, undesirable_weight, ratio,
+                       undesirable_weight * n_und / n_des * (1.0 if ratio < 1 else 4 / 3))
+    return n_des, n_und
+
+
 class KTOTrainer(AlignTrainer):
     """Unpaired preference trainer for any adapter kind (KTO by default)."""
 
@@ -68,6 +98,7 @@ class KTOTrainer(AlignTrainer):
         if self.reference_mode == "copy" and ref_model is None:
             ref_model = frozen_copy(model)
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
+        check_label_balance(self.train_dataset, desirable_weight, undesirable_weight)
         self.ref_model = ref_model.to(self.args.device).eval() if ref_model is not None else None
         if self.ref_model is not None and disable_dropout:
             turn_off_dropout(self.ref_model)
