@@ -8,6 +8,7 @@
     alignkit sample | annotate --config ...   an offline round as two jobs, through files (cli/rounds.py)
     alignkit augment  --config configs/augment-code-bugs.yaml   new training data from old (cli/augment.py)
     alignkit serve    --base DIR --adapter NAME=DIR ...   OpenAI-compatible server + chat page (cli/serve.py)
+    alignkit vllm-serve --model DIR [--enable-lora]   a vLLM engine for online training (cli/vllm_serve.py)
     alignkit demo                        the bundled end-to-end pipeline (`--reft`: the ReFT demo)
     alignkit ls [section]                every registry: losses, interventions, readers, formatters, ...
 
@@ -45,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generations from a model (+ adapter) for a prompts file, as JSONL"),
     "augment": ("augment", "augment data: code bugs, paraphrases, self-instruct, summaries, entities"),
     "serve": ("serve", "serve a base model + adapters (OpenAI-compatible API, chat page at /)"),
+    "vllm-serve": ("vllm_serve", "a vLLM engine that online training samples from and pushes weights to "
+                                 "(method.vllm_mode=server)"),
     "demo": ("demo", "the whole pipeline on a bundled tiny model and data (CPU, minutes); --reft: the ReFT demo"),
     "ls": ("listing", "list every registry: losses, interventions, readers, formatters, annotators, ..."),
 }
@@ -161,6 +164,10 @@ def _main(argv: list[str] | None) -> int:
         if args.verbose or args.debug:
             raise
         annotators = sys.modules.get("alignkit.online.annotators")  # loaded only by the online commands
+        vllm_client = sys.modules.get("alignkit.online.vllm_client")  # loaded only in vLLM server mode
+        if vllm_client is not None and isinstance(e, vllm_client.VllmServerError):  # down, an error, another model
+            print(f"alignkit {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 2
         if annotators is not None and isinstance(e, annotators.AnnotatorError):  # the user's annotator failed
             print(f"alignkit {args.command}: error: {one_line(e)}", file=sys.stderr)
             return 2

@@ -96,7 +96,10 @@ class OnlineConfig:
     generation_batch_size: int = 64
     generation_backend: str = "transformers"  # "transformers" | "vllm" (colocated engine, full and LoRA policies)
     vllm: dict[str, Any] = field(default_factory=dict)  # vllm.LLM arguments: model (the base folder), dtype,
-    #   max_model_len, gpu_memory_utilization, ... (alignkit.online.vllm_generation.VllmGenerator)
+    #   max_model_len, gpu_memory_utilization, ... (alignkit.online.vllm_generation.VllmGenerator); colocate only
+    vllm_mode: str = "colocate"  # "colocate": the engine in this process | "server": `alignkit vllm-serve` elsewhere
+    vllm_server_url: str = "http://127.0.0.1:8000"  # server mode: where `alignkit vllm-serve` answers
+    vllm_server_timeout: float = 300.0  # server mode: seconds to wait for it to come up, and for each answer
     formatter: str = "auto"  # how prompts are formatted for generation (alignkit.data.FORMATTERS)
     max_prompt_length: int | None = None  # prompt tokens kept (the end of the prompt), None: all
     report_to: str | list[str] | None = None  # accelerate trackers ("tensorboard", "wandb", ...); None: tensorboard
@@ -130,6 +133,14 @@ class OnlineConfig:
             raise ValueError(f"online config: sampling.temperature {self.sampling.temperature} is above 2, the most "
                              f"vLLM accepts (generation_backend='vllm'); lower it or use generation_backend="
                              f"'transformers'")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"online config: vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}")
+        if self.vllm_mode == "server" and self.vllm:
+            raise ValueError(f"online config: vllm ({', '.join(sorted(self.vllm))}: vllm.LLM arguments) is for "
+                             "vllm_mode='colocate'; in server mode give them to alignkit vllm-serve (--max-model-len, "
+                             "--dtype, ...)")
+        if self.vllm_server_timeout <= 0:
+            raise ValueError(f"online config: vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
         if self.reference not in ("auto", "adapter_off", "copy"):
             raise ValueError(f"online config: reference must be 'auto', 'adapter_off' or 'copy', got {self.reference!r}")
         KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
@@ -232,6 +243,11 @@ class OnlineTrainer:
             from alignkit.online.vllm_generation import refuse_unsupported
 
             refuse_unsupported(adapter_of(model))
+            if self.config.vllm_mode == "server" and self.world > 1:
+                raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
+                                 "each process would push its own weights to the one server; run it in one process "
+                                 "(no torchrun / accelerate launch), or use method.generation_backend=transformers "
+                                 "with several processes")
             if fsdp2 or self.world > 1:  # one colocated engine per process: no shard-aware placement, sync or
                 #   seeding yet (each rank would silently start its own engine on the default device)
                 raise ValueError(f"generation_backend='vllm' (method.generation_backend) runs one colocated engine "
@@ -239,7 +255,7 @@ class OnlineTrainer:
                                  f"{' under FSDP' if fsdp2 else ''}, and several processes with vLLM are not "
                                  f"supported yet: run it in one process (no torchrun / accelerate launch), or use "
                                  f"method.generation_backend=transformers with several processes")
-        self.vllm_generator: Any = None  # the colocated engine, started at the first generation
+        self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         mode = self.config.reference
         if mode == "auto":
@@ -405,10 +421,16 @@ class OnlineTrainer:
                                       max_prompt_length=self.config.max_prompt_length)
 
     def generate_vllm(self, prompts: list, cfg: SamplingConfig) -> list[Sample]:
-        """Sample with the colocated vLLM engine after giving it the policy's current weights."""
+        """Sample with vLLM (the colocated engine, or `alignkit vllm-serve` in server mode) after giving it the
+        policy's current weights."""
         from alignkit.online.vllm_generation import VllmGenerator
 
-        if self.vllm_generator is None:
+        if self.vllm_generator is None and self.config.vllm_mode == "server":
+            from alignkit.online.vllm_client import VllmServerGenerator
+
+            self.vllm_generator = VllmServerGenerator(self.policy, self.tokenizer, self.config.vllm_server_url,
+                                                      timeout=self.config.vllm_server_timeout)
+        elif self.vllm_generator is None:
             self.vllm_generator = VllmGenerator(self.policy, self.tokenizer, seed=self.config.seed,
                                                 **self.config.vllm)
         self.vllm_generator.sync(self.policy)  # the weights of the last optimizer step

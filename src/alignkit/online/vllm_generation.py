@@ -50,6 +50,67 @@ def refuse_unsupported(adapter: Any) -> None:
                          "cannot run ReFT interventions): use generation_backend='transformers' for ReFT policies")
 
 
+def sampling_request(cfg: SamplingConfig, eos: Sequence[int], seed: int | None) -> dict[str, Any]:
+    """One prompt's vLLM sampling parameters as plain JSON-able values (the colocated engine turns them into
+    `SamplingParams` with `sampling_params`; server mode sends them to `alignkit vllm-serve`, which does the same)."""
+    req: dict[str, Any] = dict(n=cfg.num_samples, max_tokens=cfg.max_new_tokens, stop_token_ids=[int(t) for t in eos],
+                               stop=list(cfg.stop), seed=seed)
+    if cfg.do_sample:
+        req.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0)
+    else:
+        req.update(temperature=0.0)
+    return req
+
+
+REQUEST_KEYS = ("n", "max_tokens", "stop_token_ids", "stop", "seed", "temperature", "top_p", "top_k")
+
+
+def sampling_params(req: dict[str, Any]):
+    """`vllm.SamplingParams` of a `sampling_request` (stop strings kept in the output, special tokens kept, no
+    repetition penalty: `finish_response` cuts the response as transformers generation does)."""
+    from vllm import SamplingParams
+
+    unknown = sorted(set(req) - set(REQUEST_KEYS))
+    if unknown:
+        raise ValueError(f"sampling request: unknown key(s) {', '.join(unknown)}; valid: {', '.join(REQUEST_KEYS)}")
+    kw = dict(req)
+    kw["stop"] = list(kw.get("stop") or []) or None
+    return SamplingParams(include_stop_str_in_output=True, skip_special_tokens=False, repetition_penalty=1.0, **kw)
+
+
+def prompt_seeds(cfg: SamplingConfig, n_prompts: int) -> list[int | None]:
+    """Per-prompt vLLM seeds from `cfg.seed` (vLLM seeds the k-th sample of a request with seed + k: the
+    prompts' seeds are num_samples apart); None for greedy decoding."""
+    base = cfg.seed if cfg.seed is not None else 0
+    return [(base * 1_000_003 + g * cfg.num_samples) % (2 ** 31) if cfg.do_sample else None for g in range(n_prompts)]
+
+
+def generate_with(complete: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
+                  formatter: str = "auto", max_prompt_length: int | None = None, eos_source: Any = None,
+                  source: str = "vLLM") -> list[Sample]:
+    """Samples built as `generate_responses` builds them, with the token ids that `complete(encoded, requests)`
+    returns: for each prompt, its `num_samples` lists of generated ids (the colocated engine, or the server)."""
+    cfg = cfg if cfg is not None else SamplingConfig()
+    records = as_prompt_records(prompts)
+    encoded = [encode_prompt(r.prompt, tokenizer, formatter, max_prompt_length) for r in records]
+    for r, ids in zip(records, encoded):
+        if not ids:
+            raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
+    eos = end_token_ids(eos_source, tokenizer, cfg)
+    requests = [sampling_request(cfg, eos, seed) for seed in prompt_seeds(cfg, len(records))]
+    outs = complete([list(ids) for ids in encoded], requests)
+    samples: list[Sample] = []
+    for g, (r, out) in enumerate(zip(records, outs)):
+        for k, token_ids in enumerate(out):
+            resp_ids, text, reason = finish_response(list(token_ids), tokenizer, eos, cfg)
+            samples.append(Sample(r.prompt, text, list(encoded[g]), resp_ids, reason, group=g, index=k,
+                                  prompt_id=r.id, weight=r.weight, meta=dict(r.meta)))
+    reasons = {k: sum(x.finish_reason == k for x in samples) for k in FINISH_REASONS}
+    logger.info("%s generated %d response(s) for %d prompt(s); finish reasons %s", source, len(samples),
+                len(records), reasons)
+    return samples
+
+
 class VllmGenerator:
     """A vLLM engine in this process that samples from the current policy (module docstring).
 
@@ -122,45 +183,18 @@ class VllmGenerator:
         self.sync_seconds += time.perf_counter() - t0
         logger.debug("vLLM sync %d (%s) in %.2f s", self.version, self.kind, time.perf_counter() - t0)
 
-    def _params(self, cfg: SamplingConfig, eos: list[int], seed: int | None):
-        from vllm import SamplingParams
-
-        kw: dict[str, Any] = dict(n=cfg.num_samples, max_tokens=cfg.max_new_tokens, stop_token_ids=list(eos),
-                                  stop=list(cfg.stop) or None, include_stop_str_in_output=True,
-                                  skip_special_tokens=False, repetition_penalty=1.0, seed=seed)
-        if cfg.do_sample:
-            kw.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or 0)
-        else:
-            kw.update(temperature=0.0)
-        return SamplingParams(**kw)
-
     def generate(self, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *, formatter: str = "auto",
                  max_prompt_length: int | None = None, eos_source: Any = None) -> list[Sample]:
         """`cfg.num_samples` responses per prompt, ordered and cut as `generate_responses` does.
         `eos_source`: the model whose generation config names the end tokens (default: none, the tokenizer's)."""
-        cfg = cfg if cfg is not None else SamplingConfig()
-        records = as_prompt_records(prompts)
-        encoded = [encode_prompt(r.prompt, self.tokenizer, formatter, max_prompt_length) for r in records]
-        for r, ids in zip(records, encoded):
-            if not ids:
-                raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
-        eos = end_token_ids(eos_source, self.tokenizer, cfg)
-        base_seed = cfg.seed if cfg.seed is not None else 0
-        # vLLM seeds the k-th sample of a request with seed + k: prompts' seeds are num_samples apart
-        params = [self._params(cfg, eos, (base_seed * 1_000_003 + g * cfg.num_samples) % (2 ** 31)
-                               if cfg.do_sample else None) for g in range(len(records))]
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False,
+        return generate_with(self._complete, self.tokenizer, prompts, cfg, formatter=formatter,
+                             max_prompt_length=max_prompt_length, eos_source=eos_source)
+
+    def _complete(self, encoded: list[list[int]], requests: list[dict]) -> list[list[list[int]]]:
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
+                                 [sampling_params(r) for r in requests], use_tqdm=False,
                                  lora_request=self.lora_request)
-        samples: list[Sample] = []
-        for g, (r, out) in enumerate(zip(records, outs)):
-            for k, comp in enumerate(out.outputs):
-                resp_ids, text, reason = finish_response(list(comp.token_ids), self.tokenizer, eos, cfg)
-                samples.append(Sample(r.prompt, text, list(encoded[g]), resp_ids, reason, group=g, index=k,
-                                      prompt_id=r.id, weight=r.weight, meta=dict(r.meta)))
-        reasons = {k: sum(x.finish_reason == k for x in samples) for k in FINISH_REASONS}
-        logger.info("vLLM generated %d response(s) for %d prompt(s); finish reasons %s", len(samples), len(records),
-                    reasons)
-        return samples
+        return [[list(comp.token_ids) for comp in out.outputs] for out in outs]
 
     def close(self) -> None:
         """Stop the engine and remove the LoRA snapshots."""
@@ -175,4 +209,5 @@ class VllmGenerator:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["BACKENDS", "VllmGenerator", "refuse_unsupported"]
+__all__ = ["BACKENDS", "REQUEST_KEYS", "VllmGenerator", "generate_with", "prompt_seeds", "refuse_unsupported",
+           "sampling_params", "sampling_request"]

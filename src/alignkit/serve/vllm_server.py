@@ -59,6 +59,13 @@ def require_vllm() -> None:
                           "the CPU build; on a GPU: pip install vllm); or use engine=alignkit")
 
 
+def lora_unsupported(peft_cfg: Mapping) -> str | None:
+    """Why vLLM's LoRA cannot serve this peft adapter_config (DoRA, LoRA biases, extra trained modules), or None."""
+    return ("uses DoRA (use_dora)" if peft_cfg.get("use_dora") else
+            f"trains LoRA biases (bias={peft_cfg.get('bias')!r})" if peft_cfg.get("bias", "none") != "none" else
+            f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else None)
+
+
 def _lora_folder(name: str, folder: Path, base: Path, out: Path) -> tuple[Path, int]:
     """Write the folder vLLM loads for LoRA adapter `name` (saved by alignkit in `folder`); returns it and r."""
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -67,9 +74,7 @@ def _lora_folder(name: str, folder: Path, base: Path, out: Path) -> tuple[Path, 
             raise ConfigError(f"adapter {name!r} ({folder}): {p.name} is missing; a LoRA adapter folder is written "
                               "by save_adapter (peft's adapter_config.json + adapter_model.safetensors)")
     peft_cfg = json.loads(cfg_path.read_text())
-    why = ("uses DoRA (use_dora)" if peft_cfg.get("use_dora") else
-           f"trains LoRA biases (bias={peft_cfg.get('bias')!r})" if peft_cfg.get("bias", "none") != "none" else
-           f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else None)
+    why = lora_unsupported(peft_cfg)
     if why:
         raise ConfigError(f"adapter {name!r} ({folder}) {why}, which vLLM's LoRA does not serve; serve it with "
                           "--engine alignkit")
@@ -165,4 +170,4 @@ def _max_len(base: Path, wanted: int) -> int:
     return min(wanted, int(own)) if own else wanted
 
 
-__all__ = ["REFT_REFUSAL", "VllmPlan", "check_adapters", "command", "prepare", "require_vllm", "serve_with_vllm", "vllm_installed"]
+__all__ = ["REFT_REFUSAL", "VllmPlan", "check_adapters", "command", "lora_unsupported", "prepare", "require_vllm", "serve_with_vllm", "vllm_installed"]

@@ -229,7 +229,10 @@ class OnlineMethod:
     generation_batch_size: int = 64
     chunk_size: int = 1024
     generation_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: colocated engine (full, LoRA)
-    vllm: dict[str, Any] = field(default_factory=dict)  # vllm.LLM arguments (alignkit.online.vllm_generation)
+    vllm: dict[str, Any] = field(default_factory=dict)  # colocate: vllm.LLM arguments (alignkit.online.vllm_generation)
+    vllm_mode: Literal["colocate", "server"] = "colocate"  # server: `alignkit vllm-serve` in another process
+    vllm_server_url: str = "http://127.0.0.1:8000"  # server mode: the vllm-serve URL (alignkit.online.vllm_client)
+    vllm_server_timeout: float = 300.0  # server mode: seconds to wait for it to come up, and for each answer
 
 
 @dataclass

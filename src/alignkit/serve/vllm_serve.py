@@ -1,0 +1,310 @@
+"""`alignkit vllm-serve`: a vLLM engine in its own process that an online trainer samples from and pushes its
+weights to (`method.generation_backend: vllm`, `method.vllm_mode: server`; the client is
+`alignkit.online.vllm_client`). Not `alignkit serve --engine vllm`, which serves finished models to users.
+
+    alignkit vllm-serve --model runs/sft/model --port 8000 --enable-lora --max-lora-rank 16
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, created in the command's main function, so
+`python -m alignkit vllm-serve` is safe to spawn), behind the standard library's HTTP server: one request at a
+time, in order (one trainer per server). The API (protocol 1; errors are HTTP 4xx/5xx with {"error": one line}):
+
+    GET  /health    {"status": "ok"}
+    GET  /info      {"protocol", "alignkit", "model", "config": {model_type, architectures, vocab_size,
+                     hidden_size, num_hidden_layers, num_attention_heads}, "dtype", "max_model_len",
+                     "enable_lora", "max_lora_rank", "weights_version", "lora_version"}
+    POST /generate  {"prompt_token_ids": [[int]], "sampling": [one dict per prompt: n, max_tokens, temperature,
+                     top_p, top_k, seed, stop_token_ids, stop], "lora": bool (use the last pushed adapter)}
+                    -> {"outputs": [[{"token_ids": [int], "finish_reason": str}]], "weights_version", "lora_version"}
+    POST /weights   body: a safetensors blob of the full transformers state dict -> loaded in place with vLLM's
+                    `reload_weights` (as the colocated engine does), prefix cache reset -> {"weights_version", ...}
+    POST /lora      body: a safetensors blob of peft's adapter tensors, metadata "adapter_config" = peft's
+                    adapter_config.json -> saved as a folder, served under a NEW LoRA id -> {"lora_version", ...}
+
+Weights travel in the request body (no shared file system, no NCCL needed), so the trainer may run on another
+machine; the whole state dict is one request (its size in memory on both sides). Anyone who can reach the port
+can replace the model: the default host is 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import alignkit
+from alignkit.online.vllm_client import MATCH_KEYS, PROTOCOL
+
+logger = logging.getLogger(__name__)
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP `status`, one-line message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class EngineSettings:
+    model: str
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    seed: int = 0
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool = True
+
+
+def safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (its 8-byte little-endian header length, then a JSON header)."""
+    if len(blob) < 8:
+        raise RequestError(400, "the body is not a safetensors blob (fewer than 8 bytes)")
+    (n,) = struct.unpack("<Q", blob[:8])
+    try:
+        header = json.loads(blob[8:8 + n])
+    except ValueError:
+        raise RequestError(400, "the body is not a safetensors blob (its header is not JSON)") from None
+    return header.get("__metadata__") or {}
+
+
+class VllmServeEngine:
+    """The engine and what was pushed to it (weights / LoRA versions). HTTP-free: the handler calls it."""
+
+    def __init__(self, settings: EngineSettings, workdir: str | Path | None = None) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        folder = Path(settings.model)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--model {settings.model}: no config.json there; give a transformers model folder "
+                                    "(the policy's base, e.g. runs/sft/model)")
+        if settings.enable_lora and settings.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"--max-lora-rank {settings.max_lora_rank}: vLLM accepts {', '.join(map(str, LORA_RANKS))}")
+        hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        self.config = {k: getattr(hf, k, None) for k in MATCH_KEYS}
+        self.config["architectures"] = list(getattr(hf, "architectures", None) or [])
+        self.settings = settings
+        kw: dict[str, Any] = dict(model=str(folder), dtype=settings.dtype, seed=settings.seed,
+                                  enforce_eager=settings.enforce_eager)
+        if settings.max_model_len is not None:
+            kw["max_model_len"] = settings.max_model_len
+        if settings.gpu_memory_utilization is not None:
+            kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if settings.enable_lora:
+            kw.update(enable_lora=True, max_loras=1, max_lora_rank=settings.max_lora_rank)
+        t0 = time.perf_counter()
+        self.llm = LLM(**kw)
+        logger.info("vLLM engine for %s started in %.1f s", folder, time.perf_counter() - t0)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).replace("torch.", "")
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-serve-"))
+        self.weights_version = 0
+        self.lora_version = 0
+        self.lora_request: Any = None
+
+    def info(self) -> dict:
+        s = self.settings
+        return {"protocol": PROTOCOL, "alignkit": alignkit.__version__, "model": s.model, "config": self.config,
+                "dtype": self.dtype, "max_model_len": self.max_model_len, "enable_lora": s.enable_lora,
+                "max_lora_rank": s.max_lora_rank if s.enable_lora else 0, "weights_version": self.weights_version,
+                "lora_version": self.lora_version}
+
+    def versions(self) -> dict:
+        return {"weights_version": self.weights_version, "lora_version": self.lora_version}
+
+    def generate(self, body: dict) -> dict:
+        from alignkit.online.vllm_generation import sampling_params
+
+        ids, sampling, use_lora = body.get("prompt_token_ids"), body.get("sampling"), bool(body.get("lora", False))
+        if not isinstance(ids, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
+                                                for p in ids):
+            raise RequestError(400, "prompt_token_ids: a list of non-empty lists of token ids is needed")
+        if not isinstance(sampling, list) or len(sampling) != len(ids) or not all(isinstance(r, dict) for r in sampling):
+            raise RequestError(400, f"sampling: one dict per prompt is needed ({len(ids)} prompt(s))")
+        vocab = self.config.get("vocab_size")
+        if vocab and any(t < 0 or t >= vocab for p in ids for t in p):
+            raise RequestError(400, f"prompt_token_ids: a token id is outside the served vocabulary (0..{vocab - 1}); "
+                                    "the trainer's tokenizer is not this model's")
+        if use_lora and self.lora_request is None:
+            raise RequestError(409, "lora: no LoRA adapter was pushed yet (POST /lora first)")
+        try:
+            params = [sampling_params(r) for r in sampling]
+        except (ValueError, TypeError) as e:
+            raise RequestError(400, f"sampling: {' '.join(str(e).split())}") from None
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False,
+                                 lora_request=self.lora_request if use_lora else None)
+        return {"outputs": [[{"token_ids": list(c.token_ids), "finish_reason": c.finish_reason} for c in o.outputs]
+                            for o in outs], **self.versions()}
+
+    def load_weights(self, blob: bytes) -> dict:
+        from safetensors.torch import load
+
+        t0 = time.perf_counter()
+        safetensors_metadata(blob)  # a clear error for a body that is not safetensors
+        try:
+            weights = list(load(blob).items())
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types vary by version
+            raise RequestError(400, f"the body is not a readable safetensors blob: {' '.join(str(e).split())}") from None
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self._reset_prefix_cache()
+        self.weights_version += 1
+        logger.info("weights %d loaded (%d tensors, %.1f MB) in %.2f s", self.weights_version, len(weights),
+                    len(blob) / 1e6, time.perf_counter() - t0)
+        return {**self.versions(), "tensors": len(weights)}
+
+    def load_lora(self, blob: bytes) -> dict:
+        from vllm.lora.request import LoRARequest
+
+        from alignkit.serve.vllm_server import lora_unsupported
+
+        if not self.settings.enable_lora:
+            raise RequestError(409, "LoRA is off on this server; restart it with alignkit vllm-serve ... --enable-lora")
+        meta = safetensors_metadata(blob)
+        if "adapter_config" not in meta:
+            raise RequestError(400, "the safetensors metadata has no adapter_config (peft's adapter_config.json)")
+        try:
+            peft_cfg = json.loads(meta["adapter_config"])
+        except ValueError:
+            raise RequestError(400, "adapter_config in the safetensors metadata is not JSON") from None
+        why = lora_unsupported(peft_cfg)
+        if why:
+            raise RequestError(400, f"the adapter {why}, which vLLM's LoRA does not run; train a plain LoRA or use "
+                                    "generation_backend=transformers")
+        r = int(peft_cfg.get("r", 0))
+        if r > self.settings.max_lora_rank:
+            raise RequestError(400, f"the adapter's rank {r} > this server's --max-lora-rank "
+                                    f"{self.settings.max_lora_rank}; restart it with a larger --max-lora-rank")
+        version = self.lora_version + 1
+        folder = self.workdir / f"lora-{version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        peft_cfg["base_model_name_or_path"] = self.settings.model
+        (folder / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
+        (folder / "adapter_model.safetensors").write_bytes(blob)
+        old = self.lora_request
+        self.lora_request = LoRARequest(f"policy-{version}", version, str(folder))  # a NEW id: vLLM loads it
+        self.lora_version = version
+        if old is not None:
+            try:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+            except Exception:  # noqa: BLE001 - it may not have been loaded yet
+                pass
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        return self.versions()
+
+    def _reset_prefix_cache(self) -> None:
+        reset = getattr(self.llm, "reset_prefix_cache", None)
+        if reset is not None:
+            reset()  # cached prompt KV was computed with the old weights
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def make_handler(engine: Any) -> type[BaseHTTPRequestHandler]:
+    """The request handler class for `engine` (anything with info / generate / load_weights / load_lora)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"alignkit-vllm-serve/{alignkit.__version__}"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # the library logs, it does not print
+            logger.debug("%s " + fmt, self.address_string(), *args)
+
+        def _send(self, status: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> bytes:
+            n = self.headers.get("Content-Length")
+            if n is None:
+                raise RequestError(411, "a Content-Length header is needed")
+            return self.rfile.read(int(n))
+
+        def _route(self, routes: dict[str, Callable[[], dict]]) -> None:
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            try:
+                if path not in routes:
+                    raise RequestError(404, f"no {self.command} {path}; this server answers "
+                                            f"{', '.join(sorted(routes))} ({self.command})")
+                self._send(200, routes[path]())
+            except RequestError as e:
+                self._send(e.status, {"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - the engine failed: one line back, the traceback in the log
+                logger.exception("%s %s failed", self.command, path)
+                self._send(500, {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"})
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self._route({"/health": lambda: {"status": "ok"}, "/info": engine.info})
+
+        def do_POST(self) -> None:  # noqa: N802
+            def json_body() -> dict:
+                try:
+                    body = json.loads(self._body() or b"{}")
+                except ValueError:
+                    raise RequestError(400, "the body is not JSON") from None
+                if not isinstance(body, dict):
+                    raise RequestError(400, "the body must be a JSON object")
+                return body
+
+            self._route({"/generate": lambda: engine.generate(json_body()),
+                         "/weights": lambda: engine.load_weights(self._body()),
+                         "/lora": lambda: engine.load_lora(self._body())})
+
+    return Handler
+
+
+def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
+          ready: Callable[[str], None] | None = None) -> int:
+    """Start the engine, then answer requests until interrupted (Ctrl-C or SIGTERM); returns 0."""
+    engine = VllmServeEngine(settings)
+    httpd = HTTPServer((host, port), make_handler(engine))
+    url = f"http://{host}:{httpd.server_address[1]}"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("vllm-serve binds %s: anyone who reaches it can replace the model's weights", host)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    logger.info("vllm-serve: %s on %s", settings.model, url)
+    if ready is not None:
+        ready(url)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        httpd.server_close()
+        engine.close()
+    return 0
+
+
+__all__ = ["EngineSettings", "LORA_RANKS", "RequestError", "VllmServeEngine", "make_handler",
+           "safetensors_metadata", "serve"]
