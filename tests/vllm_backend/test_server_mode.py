@@ -21,7 +21,7 @@ from .conftest import PYTHON, run_env
 from .grpo_worker import HEAD_SCALE, LR, PROMPTS, digit_fraction, greedy, mean_reward
 
 MIN_GAIN = 0.08
-STEPS = 8
+STEPS = 6
 
 
 @pytest.fixture(scope="module")

@@ -46,9 +46,9 @@ class VllmServerError(RuntimeError):
     """The vLLM server cannot be used: down, an error answer, or another model. Its text is one line;
     `answered`: the server did answer (an error status, another protocol), so waiting longer will not help."""
 
-    def __init__(self, message: str, answered: bool = True) -> None:
+    def __init__(self, message: str, answered: bool = True, reason: str = "") -> None:
         super().__init__(message)
-        self.answered = answered
+        self.answered, self.reason = answered, reason
 
 
 def _reason(e: BaseException) -> str:
@@ -85,7 +85,7 @@ class VllmServerClient:
                 from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
             raise VllmServerError(f"vLLM server {self.url}: {method} {path} failed ({_reason(e)}); is it running? "
-                                  f"{START_HINT}", answered=False) from None
+                                  f"{START_HINT}", answered=False, reason=_reason(e)) from None
         try:
             return json.loads(raw)
         except ValueError:
@@ -103,8 +103,8 @@ class VllmServerClient:
                 if e.answered:
                     raise
                 if time.monotonic() - t0 >= timeout:
-                    raise VllmServerError(f"vLLM server {self.url}: no answer after {timeout:.0f} s "
-                                          f"(method.vllm_server_timeout; last: {e}) {START_HINT}",
+                    raise VllmServerError(f"vLLM server {self.url}: no answer after {timeout:g} s "
+                                          f"(method.vllm_server_timeout; last: {e.reason}); {START_HINT}",
                                           answered=False) from None
             logger.info("waiting for the vLLM server at %s ...", self.url)
             time.sleep(interval)

@@ -1,0 +1,279 @@
+"""vLLM server mode without vLLM: the config vocabulary, the refusals, and the client against `alignkit
+vllm-serve`'s own HTTP handler (`make_handler`) around a fake engine, or against servers that fail. (The real
+engine: tests/vllm_backend/test_server_mode.py, `make test-vllm`.)"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
+from alignkit.models.loading import load_model
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+from alignkit.online.vllm_client import (PROTOCOL, VllmServerClient, VllmServerError, VllmServerGenerator,
+                                         full_weights_blob, lora_blob)
+from alignkit.serve.vllm_serve import RequestError, make_handler, safetensors_metadata
+
+SERVER = dict(generation_backend="vllm", vllm_mode="server")
+REWARD = {"type": "function", "fn": lambda p, r: float(len(r))}
+
+
+class FakeEngine:
+    """What `VllmServeEngine` answers, without vLLM: the policy's config, fixed tokens, pushes recorded."""
+
+    def __init__(self, lm_config, enable_lora=True, max_lora_rank=8, fail_generate_after=None, vocab_size=None):
+        self.config = {k: getattr(lm_config, k, None) for k in ("model_type", "vocab_size", "hidden_size",
+                                                                 "num_hidden_layers", "num_attention_heads")}
+        self.config["architectures"] = list(lm_config.architectures or [])
+        if vocab_size is not None:
+            self.config["vocab_size"] = vocab_size
+        self.enable_lora, self.max_lora_rank = enable_lora, max_lora_rank
+        self.fail_generate_after = fail_generate_after
+        self.weights, self.loras, self.generated = [], [], []
+
+    def info(self):
+        return {"protocol": PROTOCOL, "model": "/fake/base", "config": self.config, "enable_lora": self.enable_lora,
+                "max_lora_rank": self.max_lora_rank, "weights_version": len(self.weights),
+                "lora_version": len(self.loras)}
+
+    def generate(self, body):
+        if self.fail_generate_after is not None and len(self.generated) >= self.fail_generate_after:
+            raise RuntimeError("engine core died")
+        self.generated.append(body)
+        # sample k of every prompt: tokens 5+k, 6+k, ... (max_tokens of them)
+        return {"outputs": [[{"token_ids": [5 + k + i for i in range(r["max_tokens"])], "finish_reason": "length"}
+                             for k in range(r["n"])] for r in body["sampling"]]}
+
+    def load_weights(self, blob):
+        self.weights.append(blob)
+        return {"weights_version": len(self.weights)}
+
+    def load_lora(self, blob):
+        safetensors_metadata(blob)
+        self.loras.append(blob)
+        return {"lora_version": len(self.loras)}
+
+
+@pytest.fixture
+def serve_engine():
+    """Factory: serve an engine (FakeEngine or a plain handler class) on a free port; returns the URL."""
+    servers = []
+
+    def start(engine=None, handler=None):
+        httpd = HTTPServer(("127.0.0.1", 0), handler or make_handler(engine))
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket is closed
+
+
+def policy_of(tiny_dir, kind="full"):
+    torch.manual_seed(0)
+    return apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0)))
+
+
+def one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+
+def test_config_vocabulary():
+    with pytest.raises(ValueError, match="vllm_mode must be 'colocate' or 'server', got 'remote'"):
+        GRPOConfig(generation_backend="vllm", vllm_mode="remote")
+    with pytest.raises(ValueError, match=r"vllm \(max_model_len: vllm.LLM arguments\) is for vllm_mode='colocate'"):
+        GRPOConfig(vllm={"max_model_len": 64}, **SERVER)
+    with pytest.raises(ValueError, match="vllm_server_timeout must be > 0"):
+        GRPOConfig(vllm_server_timeout=0, **SERVER)
+    cfg = GRPOConfig(**SERVER)
+    assert (cfg.vllm_mode, cfg.vllm_server_url, cfg.vllm_server_timeout) == ("server", "http://127.0.0.1:8000", 300.0)
+
+
+def test_settings_and_help_list_the_keys():
+    from alignkit.cli.helptext import keys_epilog
+    from alignkit.settings import ConfigError
+    from alignkit.settings.load import config_from_dict
+
+    text = keys_epilog("grpo")
+    for key in ("method.vllm_mode", "method.vllm_server_url", "method.vllm_server_timeout"):
+        assert key in text
+    base = {"command": "grpo", "model": {"path": "tiny:llama"}, "data": {"path": "p.jsonl"}, "annotator": {"kind": "function",
+            "function": "alignkit.rewards:digit_fraction"}}
+    cfg = config_from_dict({**base, "method": {"generation_backend": "vllm", "vllm_mode": "server",
+                                               "vllm_server_url": "http://10.0.0.2:9000"}}, "grpo")
+    tc = cfg.trainer_config()
+    assert (tc.vllm_mode, tc.vllm_server_url) == ("server", "http://10.0.0.2:9000")
+    with pytest.raises(ConfigError, match="method.vllm_mode"):
+        config_from_dict({**base, "method": {"vllm_mode": "sideways"}}, "grpo")
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("kind", ["reft", "reft+lora"])
+def test_reft_policy_is_refused_before_any_connection(tiny_dir, tokenizer, kind):
+    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="l1")
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind=kind, reft=reft))
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), report_to="none",
+                     vllm_server_url=closed_port_url(), **SERVER)
+    with pytest.raises(ValueError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], REWARD, cfg)
+    assert f"this one is {kind}" in one_line(e) and "generation_backend='transformers' for ReFT" in str(e.value)
+
+
+def test_several_processes_are_refused(tiny_dir, tokenizer, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2),
+                     report_to="none", **SERVER)
+    with pytest.raises(ValueError) as e:
+        GRPOTrainer(policy_of(tiny_dir), tokenizer, ["hi", "ho"], REWARD, cfg)
+    assert "vllm_mode='server' runs in one process only (2 here)" in one_line(e)
+
+
+# ---------------------------------------------------------------------------------------------- the client's lines
+
+def test_a_server_that_is_down_stops_with_one_line(tiny_dir, tokenizer):
+    url = closed_port_url()
+    with pytest.raises(VllmServerError) as e:
+        VllmServerGenerator(policy_of(tiny_dir), tokenizer, url, timeout=0.3)
+    msg = one_line(e)
+    assert msg.startswith(f"vLLM server {url}: no answer after 0.3 s (method.vllm_server_timeout")
+    assert "alignkit vllm-serve --model" in msg
+    with pytest.raises(VllmServerError, match="is not an http"):
+        VllmServerClient("localhost:8000")
+
+
+def test_error_answers_are_one_line(serve_engine):
+    class Broken(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            body = b"<html>\n<body>not the API</body>\n</html>" if self.path == "/info" else b'{"error": "x"}'
+            self.send_response(200 if self.path == "/info" else 503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    url = serve_engine(handler=Broken)
+    with pytest.raises(VllmServerError) as e:
+        VllmServerClient(url).info()
+    assert "GET /info answered something that is not JSON" in one_line(e) and url in str(e.value)
+    with pytest.raises(VllmServerError) as e:
+        VllmServerClient(url).health()
+    assert one_line(e) == f"vLLM server {url}: GET /health failed with HTTP 503: x"
+
+
+def test_another_model_is_refused(tiny_dir, tokenizer, serve_engine):
+    policy = policy_of(tiny_dir)
+    url = serve_engine(FakeEngine(policy.config, vocab_size=999))
+    with pytest.raises(VllmServerError) as e:
+        VllmServerGenerator(policy, tokenizer, url, timeout=5)
+    msg = one_line(e)
+    assert f"vocab_size 999 (policy {policy.config.vocab_size})" in msg and "alignkit vllm-serve --model" in msg
+
+
+@pytest.mark.parametrize("enable_lora, rank, why", [(False, 0, "restart it with alignkit vllm-serve ... --enable-lora"),
+                                                    (True, 2, "max LoRA rank 2 < the policy's rank 4")])
+def test_lora_needs_a_lora_server(tiny_dir, tokenizer, serve_engine, enable_lora, rank, why):
+    policy = policy_of(tiny_dir, "lora")
+    url = serve_engine(FakeEngine(policy.config, enable_lora=enable_lora, max_lora_rank=rank))
+    with pytest.raises(VllmServerError) as e:
+        VllmServerGenerator(policy, tokenizer, url, timeout=5)
+    assert why in one_line(e)
+
+
+def test_handler_answers_engine_errors_as_one_line_json(serve_engine, tiny_dir):
+    class Refusing(FakeEngine):
+        def load_weights(self, blob):
+            raise RequestError(400, "the body is not a readable safetensors blob: bad")
+
+    url = serve_engine(Refusing(policy_of(tiny_dir).config))
+    client = VllmServerClient(url)
+    with pytest.raises(VllmServerError) as e:
+        client.push_weights(b"12345678")
+    assert one_line(e) == f"vLLM server {url}: POST /weights failed with HTTP 400: the body is not a readable " \
+                          "safetensors blob: bad"
+    with pytest.raises(VllmServerError, match="HTTP 404: no POST /nowhere"):
+        client._call("POST", "/nowhere", b"{}")
+    with pytest.raises(VllmServerError, match=r"HTTP 400: the body is not a safetensors blob \(its header is not JSON"):
+        # the server's safetensors check (the fake engine's load_lora calls it): 8 bytes, then no JSON
+        client.push_lora(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
+
+
+# ---------------------------------------------------------------------------------------------- what travels
+
+def test_full_weights_blob_is_the_state_dict(tiny_dir):
+    policy = policy_of(tiny_dir)
+    got = load(full_weights_blob(policy))
+    want = policy.state_dict()
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
+def test_lora_blob_carries_the_adapter_and_its_config(tiny_dir):
+    policy = policy_of(tiny_dir, "lora")
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.5)
+    blob = lora_blob(policy)
+    meta = safetensors_metadata(blob)
+    cfg = json.loads(meta["adapter_config"])
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    tensors = load(blob)
+    b = [t for n, t in tensors.items() if "lora_B" in n]
+    assert b and all(torch.all(t == 0.5) for t in b)
+
+
+def test_training_pushes_before_every_generation_and_stops_on_a_failure(tiny_dir, tokenizer, serve_engine):
+    policy = policy_of(tiny_dir)
+    engine = FakeEngine(policy.config, fail_generate_after=2)
+    url = serve_engine(engine)
+    cfg = GRPOConfig(steps=3, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=3, seed=7),
+                     learning_rate=1e-3, report_to="none", progress_bar=False, vllm_server_url=url, **SERVER)
+    trainer = GRPOTrainer(policy, tokenizer, ["hi", "ho"], REWARD, cfg)
+    with pytest.raises(VllmServerError) as e:
+        trainer.train()
+    assert one_line(e) == f"vLLM server {url}: POST /generate failed with HTTP 500: RuntimeError: engine core died"
+    assert len(engine.generated) == 2 and len(engine.weights) == 3  # a push before each of the 3 generations
+    first, second = (load(b) for b in engine.weights[:2])
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # the step changed the pushed weights
+    req = engine.generated[0]
+    assert req["lora"] is False and len(req["prompt_token_ids"]) == 2
+    s0, s1 = req["sampling"]
+    assert s0["n"] == 2 and s0["max_tokens"] == 3 and s0["temperature"] == 1.0 and s1["seed"] - s0["seed"] == 2
+
+
+def test_cli_prints_one_line_for_a_down_server(tmp_path, capsys):
+    from alignkit.cli import main
+
+    url = closed_port_url()
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"
+    code = main(["-q", "grpo", "--config", str(config), f"output_dir={tmp_path / 'run'}",
+                 "train.max_steps=1", "adapter.kind=full", "method.generation_backend=vllm",
+                 "method.vllm_mode=server", f"method.vllm_server_url={url}", "method.vllm_server_timeout=0.3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"alignkit grpo: error: vLLM server {url}: no answer after"), err
