@@ -148,7 +148,7 @@ def test_several_processes_are_refused(tiny_dir, tokenizer, monkeypatch):
                      report_to="none", **SERVER)
     with pytest.raises(ValueError) as e:
         GRPOTrainer(policy_of(tiny_dir), tokenizer, ["hi", "ho"], REWARD, cfg)
-    assert "vllm_mode='server' runs in one process only (2 here)" in one_line(e)
+    assert "vllm_mode='server' (method.vllm_mode) runs in ONE process (2 here)" in one_line(e)
 
 
 # ---------------------------------------------------------------------------------------------- the client's lines
