@@ -18,10 +18,11 @@ def test_demo_cli_reproduces_answers(tmp_path, capsys):
     for prompt, answer in pairs:
         line = next(l for l in printed.splitlines() if l.startswith(prompt))
         assert line.rstrip().endswith(f"{answer}  [ok]")
-    # the saved ReFT holds interventions only (an adapter folder: alignkit_adapter.json, read by load_adapter);
+    # the saved ReFT holds interventions only (an adapter folder: alignkit_adapter.json, read by load_adapter,
+    # and alignkit_base.json, the base it was trained on);
     # the base was saved and loaded back separately
     assert sorted(p.name for p in (out / "reft").iterdir() if p.suffix in (".json", ".safetensors")) == \
-        ["alignkit_adapter.json", "interventions.safetensors", "reft_config.json", "tokenizer.json",
+        ["alignkit_adapter.json", "alignkit_base.json", "interventions.safetensors", "reft_config.json", "tokenizer.json",
          "tokenizer_config.json", "training_args.json"]
     assert (out / "base" / "model.safetensors").is_file()
     assert json.loads((out / "reft" / "reft_config.json").read_text())["base_model"]["num_layers"] == 4

@@ -73,7 +73,15 @@ def test_pipeline_demo_moves_every_number_the_right_way(tmp_path):
     assert (tmp_path / "reward_model" / "model.safetensors").is_file()
     assert (tmp_path / "sft" / "model.safetensors").is_file()
     for stage in ("sft", "reward_model", "dpo_reft", "dpo_lora"):
-        assert "train" in json.loads((tmp_path / stage / "metrics.json").read_text())
+        train = json.loads((tmp_path / stage / "metrics.json").read_text())["train"]
+        # each stage is recorded as a training run is: the log, TensorBoard events, the loss curve
+        rows = [json.loads(line) for line in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        summary = next(r for r in rows if "train_loss" in r)  # the Trainer's end-of-training log
+        assert len(losses) >= 5 and summary["train_loss"] == pytest.approx(train["train_loss"], rel=1e-6)
+        assert sum(losses) / len(losses) == pytest.approx(train["train_loss"], rel=0.3)  # logged every steps/10
+        assert list((tmp_path / stage / "tensorboard").glob("events.out.tfevents.*"))
+        assert (tmp_path / stage / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
     table = result.table()
     assert (tmp_path / "table.txt").read_text() == table + "\n"

@@ -23,6 +23,7 @@ imported only when plots are drawn (Agg canvas, no pyplot state), so the library
 from __future__ import annotations
 
 import enum
+import importlib.util
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import TrainerCallback
 
 from alignkit.adapters.config import KINDS
@@ -157,10 +159,6 @@ def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any
     Returns the files written."""
     if not is_main_process():
         return []
-    import importlib.util
-
-    import numpy as np
-
     root = Path(root)
     dists = {k: [float(x) for x in v if _numeric(x)] for k, v in (distributions or {}).items()}
     dists = {k: v for k, v in dists.items() if v}

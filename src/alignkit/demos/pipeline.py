@@ -22,14 +22,17 @@ Stages, all on models saved and loaded back with `from_pretrained` / `load_adapt
 4. generations for held-out prompts, greedy and sampled, from the SFT model (before) and from each DPO
    adapter reloaded from disk (after), scored with the rule, an on-topic check and the reward model.
 
-Each stage writes `metrics.json` into its folder; `results.json` holds everything, `table.txt` the table.
+Each stage writes `metrics.json` (its before/after numbers), `metrics.jsonl` (the training log), `tensorboard/`
+and `plots/*.png` into its folder; `results.json` holds everything, `table.txt` the table.
 `scale` multiplies every step count (the test uses a small one).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -40,6 +43,7 @@ import torch
 
 from alignkit.demos import pipeline_data as task
 from alignkit.demos.pipeline_report import AdapterNumbers, Change, PipelineResult
+from alignkit.runs import MetricsJsonl, plot_metrics, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +139,30 @@ def _args(out: Path, steps: int, batch: int, lr: float, seed: int):
 
 
 def _quiet(trainer, desc: str, progress: bool):
-    """Replace the Trainer's printing callbacks (one dict per log) by a stage bar; returns the trainer."""
+    """Replace the Trainer's printing callbacks (one dict per log) by a stage bar, and record the stage as a
+    training run does: `metrics.jsonl` and (when tensorboard is installed) `tensorboard/` in the stage's folder,
+    replacing those of an earlier demo run there. Returns the trainer."""
     from transformers import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_StageBar(desc, progress))
+    folder = Path(trainer.args.output_dir)
+    (folder / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(folder / "tensorboard", ignore_errors=True)
+    trainer.add_callback(MetricsJsonl(folder / "metrics.jsonl"))
+    if importlib.util.find_spec("tensorboard") is not None:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder / "tensorboard"))))
     return trainer
+
+
+def _plot_stage(folder: Path) -> None:
+    """plots/*.png of the stage's metrics.jsonl (loss, rewards, accuracy curves), when matplotlib is installed."""
+    if importlib.util.find_spec("matplotlib") is not None and (folder / "metrics.jsonl").is_file():
+        plot_metrics(read_metrics(folder / "metrics.jsonl"), folder / "plots")
 
 
 def _write(path: Path, data: dict) -> None:
@@ -231,6 +252,7 @@ def stage_sft(run: _Run, base_dir: Path) -> Change:
     train_metrics = dict(trainer.train().metrics)
     loss = Change(before, trainer.evaluate()["eval_loss"])
     trainer.save_model(str(run.out / "sft"))
+    _plot_stage(run.out / "sft")
     _write(run.out / "sft" / "metrics.json", {"heldout_loss": vars(loss), "train": train_metrics})
     logger.info("SFT: held-out loss %.3f -> %.3f (%d steps)", loss.before, loss.after, run.steps["sft"])
     return loss
@@ -252,6 +274,7 @@ def stage_reward_model(run: _Run):
                                    processing_class=run.tok), "2/4 reward model", run.progress)
     train_metrics = dict(trainer.train().metrics)
     trainer.save_model(str(run.out / "reward_model"))
+    _plot_stage(run.out / "reward_model")
     after = evaluate_reward_model(rm.eval(), held, collator, batch_size=128)
     _write(run.out / "reward_model" / "metrics.json", {"heldout_before": before, "heldout_after": after,
                                                        "train": train_metrics})
@@ -280,6 +303,7 @@ def stage_dpo(run: _Run, name: str, rm, before_gen: dict[str, float]) -> Adapter
     train_metrics = dict(trainer.train().metrics)
     ev_after = trainer.evaluate()
     trainer.save_model(str(folder))
+    _plot_stage(folder)
     reloaded = load_adapter(load_model(run.out / "sft"), folder).eval()  # the real loading path
     gen = score_generations(reloaded, run.tok, run.prompts, rm, run.seed, folder)
     _write(folder / "metrics.json", {"heldout_before": ev_before, "heldout_after": ev_after,
