@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.models.adapters import AdapterConfig, LoraSettings
+from alignkit.adapters import AdapterConfig, LoraSettings
 from alignkit.settings import (CONFIG_CLASSES, ConfigError, DPOConfig, config_from_dict, load_config, merge,
                                parse_overrides, save_config)
 

@@ -10,7 +10,7 @@ from torch import nn
 from alignkit.data.readers.rows import iter_rows
 from alignkit.interventions import ReftConfig
 from alignkit.interventions.attach import ReftModel, get_reft_model
-from alignkit.models.adapters import _PARALLEL_WRAPPERS, unwrap_parallel
+from alignkit.adapters.base import _PARALLEL_WRAPPERS, unwrap_parallel
 from alignkit.trainers.reference import attach_reference
 
 from .guards import check, guard, params

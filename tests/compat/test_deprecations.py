@@ -70,7 +70,7 @@ def test_alignkit_calls_no_deprecated_api(tiny_dir, tokenizer, tmp_path, monkeyp
     from transformers import TrainingArguments
 
     from alignkit.data import SFTCollator, SFTRecord, tokenize_records
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, load_adapter, save_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, load_adapter, save_adapter
     from alignkit.models.loading import load_model, load_tokenizer
     from alignkit.online.generation import SamplingConfig, generate_responses
     from alignkit.trainers import SFTTrainer

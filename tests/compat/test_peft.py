@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alignkit.compat import DependencyMoved, check_peft_load
-from alignkit.models.adapters import (AdapterConfig, LoraSettings, adapter_kind, apply_adapter, load_adapter,
+from alignkit.adapters import (AdapterConfig, LoraSettings, adapter_kind, apply_adapter, load_adapter,
                                       load_adapter_weights, reference_off, save_adapter, unwrap_lm)
 from alignkit.models.loading import load_model
 from alignkit.trainers.reference import model_fingerprint

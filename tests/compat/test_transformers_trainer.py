@@ -20,7 +20,7 @@ from alignkit.compat import trainer_problems
 from alignkit.data import SFTCollator, SFTRecord, tokenize_records
 from alignkit.data.batching import LengthGroupedSampler
 from alignkit.interventions.training import ReftTrainer
-from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model
 from alignkit.trainers import SFTTrainer
 from alignkit.trainers.base import AlignTrainer

@@ -134,7 +134,7 @@ def test_reft_positions_stay_in_the_prompt_before_the_final_turn(tiny_dir, packe
     # last-turn-only masks (the prompt is everything before the final assistant turn)
     from alignkit.data import PackedSFTCollator, SFTCollator
     from alignkit.interventions import ReftConfig
-    from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter
     from alignkit.models.loading import load_model, load_tokenizer
     from alignkit.trainers.logps import batch_locations
 

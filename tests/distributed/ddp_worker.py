@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 
 from alignkit.data import PreferenceCollator, PreferenceRecord, SFTCollator, SFTRecord, tokenize_records
 from alignkit.distributed import exit_after_distributed_run
-from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.trainers import PreferenceTrainer, SFTTrainer
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from alignkit.distributed import exit_after_distributed_run
-from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.online import GRPOConfig, GRPOTrainer, OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, PPOTrainer
 from alignkit.online.generation import SamplingConfig

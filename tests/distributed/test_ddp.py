@@ -46,7 +46,7 @@ def test_two_ranks_equal_one_process(kind, objective, two_ranks, tiny_dir, tmp_p
 
 
 def _initial(model_dir: Path, kind: str) -> dict[str, torch.Tensor]:
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
     from alignkit.models.loading import load_model
 
     torch.manual_seed(0)

@@ -41,7 +41,7 @@ def two_ranks(tiny_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,objective", CASES)
 def test_fsdp2_two_ranks_equal_one_process_and_save_plain_folders(kind, objective, two_ranks, tiny_dir, tmp_path):
-    from alignkit.models.adapters import load_adapter
+    from alignkit.adapters import load_adapter
     from alignkit.models.loading import load_model
 
     info = json.loads((two_ranks / f"{kind}-{objective}.json").read_text())

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignkit.models.adapters import load_adapter
+from alignkit.adapters import load_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.generation import Sample
 

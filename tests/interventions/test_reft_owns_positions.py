@@ -14,7 +14,7 @@ from alignkit.cli import main
 from alignkit.interventions import ReftConfig, RepresentationConfig, get_reft_model
 from alignkit.interventions.io import load_reft
 from alignkit.interventions.positions import locations_from_mask, locations_from_spans
-from alignkit.models.adapters import load_adapter
+from alignkit.adapters import load_adapter
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.online.generation import SamplingConfig, encode_prompt, generate_responses
 from tests.adapters.table import REFT_KINDS
@@ -113,7 +113,7 @@ def test_cli_trained_reft_reloaded_plain_generate_equals_training_path(command, 
 def test_apply_adapter_refuses_two_disagreeing_position_specs(tiny_lm):
     """One setting, one place: a `positions` inside adapter.reft.config that differs from adapter.reft.positions
     is an error naming both keys, not a silent precedence; an agreeing one is accepted."""
-    from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter
 
     rc = {"representations": [{"layer": 0, "low_rank_dimension": 2}], "positions": "f3"}
     with pytest.raises(ValueError, match=r"adapter.reft.config.positions \('f3'.*adapter.reft.positions \('f1\+l1'"):

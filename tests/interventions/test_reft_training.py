@@ -22,7 +22,7 @@ from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import ReftConfig
 from alignkit.interventions.io import load_reft
 from alignkit.interventions.training import ReftTrainer
-from alignkit.models.adapters import load_adapter, read_adapter_config
+from alignkit.adapters import load_adapter, read_adapter_config
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import build_tiny_tokenizer, tiny_config
 
@@ -170,7 +170,7 @@ def test_classifier_reft_trains(tiny_classifier, tokenizer, tmp_path):
 
 def test_positions_come_from_the_collator_or_must_agree_with_it(tiny_lm, tokenizer, tmp_path):
     from alignkit.data.reft_data import make_last_position_supervised_data_module
-    from alignkit.models.adapters import save_adapter
+    from alignkit.adapters import save_adapter
 
     data = make_last_position_supervised_data_module(tokenizer, PROMPTS[:2], ANSWERS[:2])
     bare = get_reft_model(tiny_lm(), ReftConfig.uniform([0], "loreft", low_rank_dimension=2))

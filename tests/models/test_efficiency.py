@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_losses(tiny_dir, features, collators, tmp_path, compile_options, adapter=None, steps=3):
-    from alignkit.models.adapters import apply_adapter
+    from alignkit.adapters import apply_adapter
 
     model = load_model(tiny_dir("llama"))
     if adapter is not None:
@@ -41,7 +41,7 @@ def train_losses(tiny_dir, features, collators, tmp_path, compile_options, adapt
 
 
 def test_decoder_layers_found_through_wrappers(tiny_lm):
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
 
     for arch, attr in (("llama", "model.layers"), ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers")):
         model = tiny_lm(arch)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignkit.models.adapters import load_adapter, reference_off
+from alignkit.adapters import load_adapter, reference_off
 from alignkit.models.loading import load_model
 from alignkit.online.annotators import Annotator
 from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer

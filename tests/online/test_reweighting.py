@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 from alignkit.data import PreferenceCollator, PreferenceRecord, SFTRecord, tokenize_records
 from alignkit.data.records import DataError
-from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.reweighting import build_reweighter, reweight
 

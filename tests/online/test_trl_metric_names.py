@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from alignkit.models.adapters import reference_off
+from alignkit.adapters import reference_off
 from alignkit.online import FunctionAnnotator
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer

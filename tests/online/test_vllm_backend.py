@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignkit.models.adapters import AdapterConfig, ReftSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer

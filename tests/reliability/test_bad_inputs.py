@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
 from alignkit.models.loading import load_model
 from alignkit.models.tiny import save_tiny
 

@@ -84,7 +84,7 @@ def serve_stack(serve_dirs):
 
 def reference_model(serve_dirs, name):
     """(model, adapter config) for served name `name`, loaded alone with alignkit's `load_adapter`."""
-    from alignkit.models.adapters import load_adapter, read_adapter_config
+    from alignkit.adapters import load_adapter, read_adapter_config
 
     model = load_model(serve_dirs["base"]).eval()
     if name == "base":

@@ -32,7 +32,7 @@ def test_cli_refuses_reft_before_building_anything(serve_dirs, capsys):
 
 
 def test_dora_is_refused(serve_dirs, tmp_path):
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
     from alignkit.models.loading import load_model
 
     save_adapter(apply_adapter(load_model(serve_dirs["base"]),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.models.adapters import (adapter_kind, load_adapter, load_adapter_weights, reference_off, save_adapter,
+from alignkit.adapters import (adapter_kind, load_adapter, load_adapter_weights, reference_off, save_adapter,
                                       trainable_state_dict, unwrap_lm)
 from alignkit.models.loading import load_model
 from alignkit.trainers import SFTTrainer, completion_logps

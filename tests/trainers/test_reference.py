@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignkit.models.adapters import reference_off
+from alignkit.adapters import reference_off
 from alignkit.trainers import PreferenceTrainer, load_or_compute, reference_logps
 from alignkit.trainers.logps import batch_locations
 

@@ -42,7 +42,7 @@ def greedy(samples) -> list[list[int]]:
 def main(kind: str, out: str) -> None:
     import torch
 
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
     from alignkit.models.loading import load_model, load_tokenizer
     from alignkit.models.tiny import save_tiny
     from alignkit.online.generation import SamplingConfig, generate_responses

@@ -22,7 +22,7 @@ MAX_TOKENS = 8
 
 
 def make_lora(base, folder, seed: int) -> None:
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
     from alignkit.models.loading import load_model
 
     torch.manual_seed(seed)
