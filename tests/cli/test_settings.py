@@ -106,7 +106,7 @@ def test_wrong_type_names_key_and_expected_type(data, key, expected):
     ({**BASE, "model": {"path": "tiny:lama"}}, "model.path", "did you mean 'tiny:llama'"),
     ({**BASE, "adapter": {"kind": "reft"}}, "adapter", "needs adapter.reft.config"),
     ({**BASE, "adapter": {"kind": "reft", "reft": {"config": {"representations": [{"layr": 0}]}}}},
-     "adapter.reft.config", "'layr'"),
+     "adapter.reft.config.representations[0].layr", "did you mean 'layer'"),
     ({"data": {}}, "model.path", "required"),
     ({**BASE, "train": {"output_dir": "x"}}, "train.output_dir", "top-level output_dir"),
 ])
@@ -150,3 +150,24 @@ def test_configs_cover_every_command():
     assert commands == set(CONFIG_CLASSES)
     tiny = [p for p in CONFIGS if "tiny:" in p.read_text() or "runs/" in p.read_text()]
     assert len(tiny) >= 8
+
+
+def test_reft_config_is_typed_old_mappings_still_load_unknown_keys_named():
+    from alignkit.adapters import ReftSettings
+    from alignkit.interventions.config import ReftConfig, RepresentationConfig
+
+    reps = [{"layer": 0, "low_rank_dimension": 2, "intervention": "noreft"}, {"layer": 1, "low_rank_dimension": 2}]
+    old = AdapterConfig.from_dict({"kind": "reft", "reft": {"config": {"representations": reps}, "positions": "l1"}})
+    assert old.reft == ReftSettings(config=ReftConfig([RepresentationConfig(0, intervention="noreft",
+                                                                            low_rank_dimension=2),
+                                                       RepresentationConfig(1, low_rank_dimension=2)]), positions="l1")
+    assert AdapterConfig.from_dict(old.to_dict()) == old  # alignkit_adapter.json round trip
+    cfg = config_from_dict({**BASE, "adapter": {"kind": "reft", "reft": {"config": {"representations": reps}}}}, "dpo")
+    assert cfg.adapter.reft.config == old.reft.config
+    for data, key in [({"representations": reps, "postions": "l1"}, "adapter.reft.config.postions"),
+                      ({"representations": [{"layer": 0, "rank": 2}]}, "adapter.reft.config.representations[0].rank")]:
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({**BASE, "adapter": {"kind": "reft", "reft": {"config": data}}}, "dpo")
+        assert str(e.value).startswith(f"{key}: unknown key") and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match=r"^adapter\.reft\.config: unknown key\(s\) \['postions'\]"):
+        ReftSettings(config={"representations": reps, "postions": "l1"})

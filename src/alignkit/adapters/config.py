@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.interventions.config import ReftConfig
+
 ADAPTER_CONFIG_NAME = "alignkit_adapter.json"
 
 
@@ -49,12 +51,20 @@ class LoraSettings:
 
 @dataclass
 class ReftSettings:
-    """A ReFT adapter: `config` is a `ReftConfig` dict; `positions` the prompt positions ("f1+l1")."""
+    """A ReFT adapter: `config` the interventions (a `ReftConfig`, or its mapping `{representations: [...]}`);
+    `positions` the prompt positions ("f1+l1")."""
 
-    config: dict[str, Any] = field(default_factory=dict)
+    config: ReftConfig | None = None
     positions: str = "f1+l1"
     share_weights: bool = True
     modules_to_save: list[str] | None = None  # None: the head of a sequence classifier ("score")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.config, dict):  # unknown keys: ValueError naming the key (adapter.reft.config...)
+            self.config = ReftConfig.from_dict(self.config, where="adapter.reft.config")
+        elif self.config is not None and not isinstance(self.config, ReftConfig):
+            raise ValueError(f"adapter.reft.config: expected a mapping with 'representations', got "
+                             f"{type(self.config).__name__}")
 
 
 @dataclass
@@ -70,7 +80,7 @@ class AdapterConfig:
             self.lora = from_dict(LoraSettings, self.lora, "adapter.lora")
         if isinstance(self.reft, dict):
             self.reft = from_dict(ReftSettings, self.reft, "adapter.reft")
-        if "reft" in self.parts and (self.reft is None or not self.reft.config):
+        if "reft" in self.parts and (self.reft is None or self.reft.config is None):
             raise ValueError(f"adapter kind {self.kind!r} needs adapter.reft.config (a ReftConfig mapping with "
                              "'representations'), e.g. {'representations': [{'layer': 1, 'low_rank_dimension': 4}]}")
 
@@ -83,11 +93,8 @@ class AdapterConfig:
         return KINDS[self.kind].parts
 
     def check(self) -> None:
-        """Check what can be checked without a model: a ReFT part's `ReftConfig` (ValueError naming the key)."""
-        if "reft" in self.parts:
-            from alignkit.interventions.config import ReftConfig  # the interventions package imports torch
-
-            ReftConfig.from_dict(self.reft.config, where="adapter.reft.config")
+        """Check what can be checked without a model (ValueError naming the key). A ReFT part's `ReftConfig`
+        checked its keys and intervention types when it was built; nothing is left to check here."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -45,7 +45,7 @@ class Reft(Adapter):
     def wrap(self, model: nn.Module) -> nn.Module:
         s = self.config.reft
         spec = str(Positions.parse(s.positions))  # fail early on a bad spec
-        rc = ReftConfig.from_dict(s.config, where="adapter.reft.config")
+        rc = s.config
         if rc.positions is not None and (rc.positions, rc.share_weights) != (spec, s.share_weights):
             raise ValueError(f"adapter.reft.config.positions ({rc.positions!r}, share_weights={rc.share_weights}) "
                              f"and adapter.reft.positions ({s.positions!r}, share_weights={s.share_weights}) "
@@ -117,10 +117,10 @@ class Reft(Adapter):
                    if len(names) != 1 else "its ReftConfig has no position spec")
             raise ValueError(f"save_adapter: cannot describe this {self.kind} model ({why}); build it with "
                              "alignkit.adapters.apply_adapter, or give the ReftConfig positions= (e.g. 'f1+l1')")
-        reft_settings = ReftSettings(config={"representations": rc.to_dict()["representations"]},
+        reft_settings = ReftSettings(config=dataclasses.replace(rc, positions=None, share_weights=True),
                                      positions=rc.positions, share_weights=rc.share_weights)
         return AdapterConfig(kind=self.kind, reft=reft_settings)
 
     def settings_summary(self) -> dict[str, Any]:
         s = self.config.reft if self.config is not None else None
-        return {"reft.positions": s.positions, "reft.representations": s.config.get("representations")} if s else {}
+        return {"reft.positions": s.positions, "reft.representations": s.config.to_dict()["representations"]} if s else {}

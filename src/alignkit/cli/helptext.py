@@ -64,12 +64,15 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _section_class(tp: Any) -> type | None:
-    """The dataclass of a section annotation (`X` or `X | None`), else None."""
+def _section_class(tp: Any) -> tuple[type | None, str]:
+    """The dataclass of a section annotation (`X`, `X | None`, or `list[X]`: its items, key suffix "[]"), else
+    (None, "")."""
     if dataclasses.is_dataclass(tp):
-        return tp
+        return tp, ""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+    if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0], "[]" if typing.get_origin(tp) is list else ""
+    return None, ""
 
 
 def _show(value: Any) -> str:
@@ -98,9 +101,9 @@ def settable_keys(command: str) -> list[tuple[str, str, str]]:
                 out.extend((f"train.{k}", type_name(TRAIN_KEYS[k][0]), _show(defaults.get(k))) for k in keys)
                 continue
             default = getattr(instance, f.name) if instance is not None else _default(f)
-            section = _section_class(tp)
+            section, items = _section_class(tp)
             if section is not None:
-                walk(section, key + ".", default if dataclasses.is_dataclass(default) else None)
+                walk(section, key + items + ".", default if dataclasses.is_dataclass(default) else None)
             else:
                 out.append((key, type_name(tp), _show(default)))
 

@@ -10,6 +10,7 @@ import argparse
 from typing import Iterable, Iterator
 
 from alignkit.adapters.config import KINDS
+from alignkit.interventions import intervention_types
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,11 +32,8 @@ def _losses() -> Iterator[tuple[str, Iterable[tuple[str, str]]]]:
 
 
 def _interventions():
-    import alignkit.interventions  # noqa: F401  (registers the types)
-    from alignkit.interventions.base import INTERVENTIONS
-
     yield "interventions (adapter.reft.config.representations[].intervention)", \
-        [(n, _first_line(c)) for n, c in sorted(INTERVENTIONS.items())]
+        [(n, _first_line(c)) for n, c in sorted(intervention_types().items())]
 
 
 def _adapters():

@@ -23,38 +23,38 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from alignkit.interventions.base import (
-    ACTIVATIONS, DTYPES, INTERVENTIONS, Intervention, LowRankRotation, build_intervention, get_activation,
-    register_intervention, resolve_dtype,
-)
-from alignkit.interventions.consreft import ConsReFT
-from alignkit.interventions.direft import DiReFT
-from alignkit.interventions.direft_orth import DiReFTOrth
-from alignkit.interventions.lobireft import LobiReFT
-from alignkit.interventions.loreft import LoReFT
-from alignkit.interventions.noreft import NoReFT
-from alignkit.interventions.pyreft_compat import PYREFT_TYPE_MAPPING, PyreftIntervention, read_pyreft_folder
-
-__all__ = [
-    "ACTIVATIONS", "DTYPES", "INTERVENTIONS", "Intervention", "LowRankRotation", "build_intervention",
-    "get_activation", "register_intervention", "resolve_dtype",
-    "LoReFT", "NoReFT", "DiReFT", "DiReFTOrth", "ConsReFT", "LobiReFT",
-    "PYREFT_TYPE_MAPPING", "PyreftIntervention", "read_pyreft_folder",
-    "ReftConfig", "RepresentationConfig", "get_reft_model", "ReftModel", "save_reft", "load_reft", "load_pyreft",
-    "ReftTrainer", "ReftPositionError",
-]
+# The built-in intervention types: module -> class. Importing a type's module registers it in
+# `base.INTERVENTIONS`; `intervention_types()` imports them all. The package itself imports nothing heavy, so
+# `alignkit.interventions.config` (ReftConfig, plain data) is read by the settings without importing torch.
+BUILTIN_TYPES = {"loreft": "LoReFT", "noreft": "NoReFT", "direft": "DiReFT", "direft_orth": "DiReFTOrth",
+                 "consreft": "ConsReFT", "lobireft": "LobiReFT"}
 
 # public name -> submodule that defines it (imported on first access)
 _LAZY = {
+    **{name: "base" for name in ("ACTIVATIONS", "DTYPES", "INTERVENTIONS", "Intervention", "LowRankRotation",
+                                 "build_intervention", "get_activation", "register_intervention", "resolve_dtype")},
+    **{cls: module for module, cls in BUILTIN_TYPES.items()},
+    **{name: "pyreft_compat" for name in ("PYREFT_TYPE_MAPPING", "PyreftIntervention", "read_pyreft_folder")},
     "ReftConfig": "config", "RepresentationConfig": "config",
     "get_reft_model": "attach", "ReftModel": "attach",
     "save_reft": "io", "load_reft": "io", "load_pyreft": "io",
     "ReftTrainer": "training", "ReftPositionError": "editing",
 }
 
+__all__ = ["BUILTIN_TYPES", "intervention_types", *_LAZY]
+
+
+def intervention_types() -> dict[str, type]:
+    """The intervention registry (`base.INTERVENTIONS`: name -> class), the built-in types registered."""
+    for module in BUILTIN_TYPES:
+        importlib.import_module(f"{__name__}.{module}")
+    return importlib.import_module(f"{__name__}.base").INTERVENTIONS
+
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
+        if _LAZY[name] != "config":
+            intervention_types()
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value  # later lookups skip this function
         return value

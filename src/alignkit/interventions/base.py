@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from alignkit.interventions import intervention_types
+
 INTERVENTIONS: dict[str, type["Intervention"]] = {}
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -186,7 +188,7 @@ def build_intervention(spec: dict[str, Any]) -> Intervention:
     """Rebuild an intervention from `spec()` output (a dict with `type` and constructor arguments)."""
     spec = dict(spec)
     kind = spec.pop("type", None)
-    if kind not in INTERVENTIONS:
+    if kind not in intervention_types():
         raise ValueError(f"unknown intervention type {kind!r}; valid: {sorted(INTERVENTIONS)}. "
                          "Use one of those names in the spec's 'type' field (or register a new type).")
     try:

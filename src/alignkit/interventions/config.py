@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
+from alignkit.interventions import intervention_types
+
 _TERM = re.compile(r"^([fl])(\d+)$")
 
 
@@ -79,14 +83,8 @@ def _is_module_path(component: str) -> bool:
 
 
 def known_intervention_types() -> list[str]:
-    """Names of the registered intervention types (importing the package registers the built-in ones)."""
-    try:  # the package __init__ registers the built-in types; a bare namespace package has none yet
-        import alignkit.interventions  # noqa: F401
-    except ImportError:  # pragma: no cover - only while the package is half-built
-        pass
-    from alignkit.interventions.base import INTERVENTIONS
-
-    return sorted(INTERVENTIONS)
+    """Names of the registered intervention types (the built-in ones and any registered since); imports torch."""
+    return sorted(intervention_types())
 
 
 def _check_keys(data: dict[str, Any], cls: type, where: str) -> None:
@@ -148,9 +146,7 @@ class RepresentationConfig:
         the model's, passed when the type takes one and `extra` does not set it. Arguments left as
         `None` are not passed, so the type's own defaults apply.
         """
-        from alignkit.interventions.base import INTERVENTIONS
-
-        known_intervention_types()
+        INTERVENTIONS = intervention_types()
         if self.intervention not in INTERVENTIONS:
             raise ValueError(f"unknown intervention type {self.intervention!r}; valid: {sorted(INTERVENTIONS)}")
         params = inspect.signature(INTERVENTIONS[self.intervention].__init__).parameters
@@ -253,14 +249,10 @@ class ReftConfig:
         return cls.from_dict(data, where=where)
 
     def to_yaml(self) -> str:
-        import yaml
-
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "reft config (YAML)") -> "ReftConfig":
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
