@@ -158,9 +158,29 @@ class Intervention(nn.Module):
     kind: ClassVar[str] = ""
     dropout: nn.Dropout
 
+    def setup(self, embed_dim: int, low_rank_dimension: int, dropout: float, dtype: str | torch.dtype | None,
+              **options: Any) -> torch.dtype:
+        """The constructor part every built-in type shares: checks the sizes, records the arguments `spec()`
+        returns (`options`, e.g. act_fn / add_bias, become attributes; `act_fn` also sets `self.act`), creates
+        the edit's dropout, and returns the parameters' dtype."""
+        check_sizes(self.kind, embed_dim, low_rank_dimension, dropout)
+        dt = resolve_dtype(dtype)
+        self.embed_dim, self.low_rank_dimension, self.dtype_name = embed_dim, low_rank_dimension, dtype_name(dt)
+        self.spec_options = tuple(options)
+        for key, value in options.items():
+            setattr(self, key, value)
+        if "act_fn" in options:
+            self.act = get_activation(options["act_fn"])
+        self.dropout = nn.Dropout(dropout)
+        return dt
+
     def spec(self) -> dict[str, Any]:
-        """Every constructor argument, JSON-able, plus `type`. Subclasses must override."""
-        raise NotImplementedError
+        """Every constructor argument, JSON-able, plus `type` (from `setup`; a type that does not call it
+        overrides this)."""
+        if not hasattr(self, "spec_options"):
+            raise NotImplementedError(f"{type(self).__name__}.spec: call self.setup(...) in __init__ or override spec")
+        return {"type": self.kind, "embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
+                "dropout": self.dropout.p, **{k: getattr(self, k) for k in self.spec_options}, "dtype": self.dtype_name}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         raise NotImplementedError

@@ -3,14 +3,10 @@ et al. 2024, "ReFT: Representation Finetuning for Language Models")."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from alignkit.interventions.base import (
-    Intervention, LowRankRotation, check_sizes, dtype_name, register_intervention, resolve_dtype,
-)
+from alignkit.interventions.base import Intervention, LowRankRotation, register_intervention
 
 
 @register_intervention("consreft")
@@ -31,16 +27,9 @@ class ConsReFT(Intervention):
         dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_sizes(self.kind, embed_dim, low_rank_dimension, dropout)
-        dt = resolve_dtype(dtype)
-        self.embed_dim, self.low_rank_dimension, self.dtype_name = embed_dim, low_rank_dimension, dtype_name(dt)
+        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype)
         self.rotate_layer = LowRankRotation(embed_dim, low_rank_dimension, dt)  # weight: (d, r) = Rᵀ
         self.learned_source = nn.Parameter(torch.rand(low_rank_dimension, dtype=dt))  # b: (r,)
-        self.dropout = nn.Dropout(dropout)
-
-    def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
-                "dropout": self.dropout.p, "dtype": self.dtype_name}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         b = self.learned_source                                       # (r,)

@@ -8,14 +8,10 @@ what this type is. pyreft's `DireftIntervention` keeps an orthonormal R; alignki
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from alignkit.interventions.base import (
-    Intervention, check_sizes, dtype_name, get_activation, register_intervention, resolve_dtype,
-)
+from alignkit.interventions.base import Intervention, register_intervention
 
 
 @register_intervention("direft")
@@ -38,18 +34,9 @@ class DiReFT(Intervention):
         dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_sizes(self.kind, embed_dim, low_rank_dimension, dropout)
-        dt = resolve_dtype(dtype)
-        self.embed_dim, self.low_rank_dimension = embed_dim, low_rank_dimension
-        self.act_fn, self.add_bias, self.dtype_name = act_fn, add_bias, dtype_name(dt)
-        self.act = get_activation(act_fn)
+        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype, act_fn=act_fn, add_bias=add_bias)
         self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=False, dtype=dt)         # W₂
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias, dtype=dt)  # W₁, b
-        self.dropout = nn.Dropout(dropout)
-
-    def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
-                "dropout": self.dropout.p, "act_fn": self.act_fn, "add_bias": self.add_bias, "dtype": self.dtype_name}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         x = h.to(self.learned_source.weight.dtype)                            # (N, d)

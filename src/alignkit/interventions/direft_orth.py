@@ -8,14 +8,10 @@ keeps pyreft's orthonormal R instead, under its own name "direft_orth", so pyref
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from alignkit.interventions.base import (
-    Intervention, LowRankRotation, check_sizes, dtype_name, get_activation, register_intervention, resolve_dtype,
-)
+from alignkit.interventions.base import Intervention, LowRankRotation, register_intervention
 
 
 @register_intervention("direft_orth")
@@ -37,18 +33,9 @@ class DiReFTOrth(Intervention):
         dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_sizes(self.kind, embed_dim, low_rank_dimension, dropout)
-        dt = resolve_dtype(dtype)
-        self.embed_dim, self.low_rank_dimension = embed_dim, low_rank_dimension
-        self.act_fn, self.add_bias, self.dtype_name = act_fn, add_bias, dtype_name(dt)
-        self.act = get_activation(act_fn)
+        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype, act_fn=act_fn, add_bias=add_bias)
         self.rotate_layer = LowRankRotation(embed_dim, low_rank_dimension, dt)  # weight: (d, r) = Rᵀ
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias, dtype=dt)  # W, b
-        self.dropout = nn.Dropout(dropout)
-
-    def spec(self) -> dict[str, Any]:
-        return {"type": self.kind, "embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
-                "dropout": self.dropout.p, "act_fn": self.act_fn, "add_bias": self.add_bias, "dtype": self.dtype_name}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         x = h.to(self.learned_source.weight.dtype)                            # (N, d)
