@@ -89,6 +89,20 @@ def _weights(features: list[dict]) -> torch.Tensor:
     return torch.tensor([float(f.get("weight", 1.0)) for f in features], dtype=torch.float32)  # (B,)
 
 
+def _margins(features: list[dict]) -> torch.Tensor:
+    return torch.tensor([float(f.get("margin") or 0.0) for f in features], dtype=torch.float32)  # (B,)
+
+
+def _with_sft_columns(batch: dict[str, Any], features: list[dict]) -> dict[str, Any]:
+    """The per-example columns of an SFT / unpaired batch (padded or packed): weight, label, prompt_length."""
+    batch["weight"] = _weights(features)
+    if "label" in features[0]:
+        batch["label"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)  # (B,)
+    if all(f.get("prompt_length") is not None for f in features):  # the prompt before the final turn (ReFT)
+        batch["prompt_length"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
+    return batch
+
+
 @dataclass
 class SFTCollator:
     pad_token_id: int
@@ -98,12 +112,7 @@ class SFTCollator:
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         batch = _rows([f["input_ids"] for f in features], [f["completion_mask"] for f in features],
                       self.pad_token_id, self.padding_side, self.pad_to_multiple_of)
-        batch["weight"] = _weights(features)
-        if "label" in features[0]:
-            batch["label"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)  # (B,)
-        if all(f.get("prompt_length") is not None for f in features):  # the prompt before the final turn (ReFT)
-            batch["prompt_length"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
-        return batch
+        return _with_sft_columns(batch, features)
 
 
 @dataclass
@@ -116,8 +125,7 @@ class PreferenceCollator:
         ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         masks = [f["chosen_completion_mask"] for f in features] + [f["rejected_completion_mask"] for f in features]
         batch = _rows(ids, masks, self.pad_token_id, self.padding_side, self.pad_to_multiple_of)  # (2B, T)
-        batch["weight"] = _weights(features)
-        batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features], dtype=torch.float32)
+        batch.update(weight=_weights(features), margin=_margins(features))
         return batch
 
 
@@ -223,12 +231,7 @@ class PackedSFTCollator:
     def __call__(self, features: list[dict]) -> dict[str, Any]:
         batch = pack([f["input_ids"] for f in features], [f["completion_mask"] for f in features], self.row_length,
                      self.pad_token_id)
-        batch["weight"] = _weights(features)
-        if "label" in features[0]:
-            batch["label"] = torch.tensor([bool(f["label"]) for f in features], dtype=torch.bool)  # (B,)
-        if all(f.get("prompt_length") is not None for f in features):  # the prompt before the final turn (ReFT)
-            batch["prompt_length"] = torch.tensor([int(f["prompt_length"]) for f in features], dtype=torch.long)
-        return batch
+        return _with_sft_columns(batch, features)
 
 
 @dataclass
@@ -243,8 +246,7 @@ class PackedPreferenceCollator:
         ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         masks = [f["chosen_completion_mask"] for f in features] + [f["rejected_completion_mask"] for f in features]
         batch = pack(ids, masks, self.row_length, self.pad_token_id)
-        batch["weight"] = _weights(features)
-        batch["margin"] = torch.tensor([float(f.get("margin") or 0.0) for f in features], dtype=torch.float32)
+        batch.update(weight=_weights(features), margin=_margins(features))
         return batch
 
 
