@@ -33,20 +33,14 @@ from alignkit.adapters import unwrap_lm
 from alignkit.online.rollout import select
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.online.value_head import ValueHead
+from alignkit.settings.online import PPOObjective
 
 
 @dataclass
-class PPOConfig(OnlineConfig):
+class PPOConfig(PPOObjective, OnlineConfig):
+    """The online loop's config plus PPO's keys (`alignkit.settings.online.PPOObjective`, shared with `alignkit ppo`)."""
+
     learning_rate: float = 3e-6  # TRL's PPOConfig
-    kl_estimator: str = "k1"
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    vf_coef: float = 0.1
-    cliprange_value: float | None = 0.2
-    whiten_advantages: bool = True
-    entropy_coef: float = 0.0
-    epochs_per_step: int = 4
 
 
 @dataclass

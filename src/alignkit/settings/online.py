@@ -268,8 +268,8 @@ RLOOMethod = GRPOMethod
 
 
 @dataclass
-class PPOMethod(KLPenaltyMethod):
-    """`alignkit ppo`: value head + GAE."""
+class PPOObjective:
+    """PPO's keys (value head + GAE), typed once: `method` of `alignkit ppo` and `alignkit.online.PPOConfig`."""
 
     epochs_per_step: int = 4
     kl_estimator: str = "k1"
@@ -280,6 +280,11 @@ class PPOMethod(KLPenaltyMethod):
     cliprange_value: float | None = 0.2
     whiten_advantages: bool = True
     entropy_coef: float = 0.0
+
+
+@dataclass
+class PPOMethod(PPOObjective, KLPenaltyMethod):
+    """`alignkit ppo`: value head + GAE."""
 
 
 @dataclass
@@ -403,5 +408,5 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
                                           "annotate": AnnotateConfig}
 
 __all__ = ["ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
-           "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPORunConfig",
+           "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
            "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
