@@ -36,6 +36,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from alignkit.adapters.config import KINDS
+from alignkit.files import atomic_write_text, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +99,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-    return rows
+    return read_jsonl(path, "the run's metrics file is damaged: delete that line")
 
 
 def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
@@ -346,10 +340,8 @@ def write_marker(folder: str | Path, **info: Any) -> Path:
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name not in (COMPLETE_MARKER, STAGING_MARK)}
-    tmp = folder / (COMPLETE_MARKER + ".tmp")
-    tmp.write_text(json.dumps({"complete": True, **info, "files": files}, indent=1, default=str) + "\n")
-    os.replace(tmp, folder / COMPLETE_MARKER)
-    return folder / COMPLETE_MARKER
+    return atomic_write_text(folder / COMPLETE_MARKER,
+                             json.dumps({"complete": True, **info, "files": files}, indent=1, default=str) + "\n")
 
 
 def incomplete_reason(folder: str | Path) -> str | None:
@@ -484,9 +476,7 @@ def truncate_metrics(path: str | Path, step: int) -> int:
         if isinstance(row.get("step"), (int, float)) and row["step"] > step:
             break
         kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(kept)
 
 

@@ -105,8 +105,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
     from alignkit.augment.llm import Cached
     from alignkit.augment.pipeline import Filters, augment
     from alignkit.augment.strategies import ParaphraseOptions, Source
-    from alignkit.interventions.io import _atomic_write
-    from alignkit.online.rounds import atomic_write_text
+    from alignkit.files import atomic_write, atomic_write_text
 
     class Echo:
         name = "echo"
@@ -116,7 +115,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
 
     old = os.umask(umask)
     try:
-        _atomic_write(tmp_path / "w.safetensors", b"x")
+        atomic_write(tmp_path / "w.safetensors", b"x")
         atomic_write_text(tmp_path / "r.jsonl", "{}\n")
         llm = Cached(Echo(), tmp_path / "cache")  # augment's request cache and its output file
         augment([Source("d.jsonl:1", {"prompt": "Say hi", "completion": "hi"})], "paraphrase", ParaphraseOptions(),

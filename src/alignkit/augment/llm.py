@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
+from alignkit.files import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
@@ -187,11 +189,8 @@ class Cached:
                 logger.warning("%s: unreadable cache entry, asking again", path)
         self.misses += 1
         content = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
         entry = {"model": self.inner.name, "messages": messages, "content": content}
-        from alignkit.interventions.io import atomic_write
-
-        atomic_write(path, json.dumps(entry, ensure_ascii=False).encode("utf-8"))  # the umask's mode, not 0600
+        atomic_write_text(path, json.dumps(entry, ensure_ascii=False))  # the umask's mode, not 0600
         return content
 
 

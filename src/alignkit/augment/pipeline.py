@@ -13,7 +13,6 @@ for code_bugs), ...the strategy's own provenance}. De-duplication is on the norm
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import Any, Iterable
 
 from alignkit.augment.code_bugs import split_functions
 from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source
+from alignkit.files import atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +100,7 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
             continue
         rows.append({**cand.record, "meta": {"strategy": strategy, "source": cand.source, "model": model,
                                              **cand.extra}})
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    from alignkit.interventions.io import atomic_write
-
-    atomic_write(out_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+    out_path = atomic_write_jsonl(out_path, rows)
     result = AugmentResult(out_path, len(rows), n, dict(dropped))
     logger.info("augment %s: %s", strategy, result.summary())
     return result

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from torch import nn
 from alignkit.interventions.attach import ReftModel, find_decoder_layers, hf_model, hidden_size
 from alignkit.interventions.base import Intervention, build_intervention
 from alignkit.interventions.config import ReftConfig, RepresentationConfig
+from alignkit.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -50,30 +49,6 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
             "name_or_path": str(getattr(cfg, "_name_or_path", "") or "")}
 
 
-def new_file_mode() -> int:
-    """The permission bits a plain `open(path, "w")` gives a new file: 0o666 minus the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file + fsync + rename (a reader sees the old file or the new
-    one), with the permission bits `open()` would give. The one atomic writer (online/rounds.py uses it too)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the mode open() would give
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-_atomic_write = atomic_write  # the name this module used first
 
 
 def save_reft(reft_model: ReftModel, folder: str | Path, adapter_name: str | None = None) -> Path:

@@ -25,12 +25,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from alignkit.data.records import DataError, Record
-from alignkit.interventions.io import atomic_write
+from alignkit.files import atomic_write_jsonl, atomic_write_text, read_jsonl
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample, SamplingConfig, generate_responses, generation_metrics
@@ -42,31 +42,6 @@ SAMPLES_FILE, RECORDS_FILE, MANIFEST_FILE = "samples.jsonl", "records.jsonl", "m
 
 
 # ---------------------------------------------------------------------------------------------- files
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file + rename: a reader sees the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text.encode("utf-8"))  # the one atomic writer (mode as open() would give it)
-    return path
-
-
-def atomic_write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: broken JSON line ({e.msg}); delete the file to redo the stage") from None
-    return rows
-
 
 def read_manifest(round_dir: str | Path) -> dict[str, Any]:
     path = Path(round_dir) / MANIFEST_FILE
@@ -104,7 +79,7 @@ def record_to_row(r: Record) -> dict[str, Any]:
 
 
 def read_samples(path: str | Path) -> list[Sample]:
-    return [Sample.from_dict(d, where=f"{path}:{i + 1}") for i, d in enumerate(read_jsonl(path))]
+    return [Sample.from_dict(d, where=f"{path}:{i + 1}") for i, d in enumerate(read_jsonl(path, "delete the file to redo the stage"))]
 
 
 def round_dir(out_dir: str | Path, round_index: int) -> Path:

@@ -1,0 +1,75 @@
+"""Files alignkit writes and reads back itself: atomic writes (temporary file + fsync + rename, so a reader sees
+the old file or the new one, never half of one) and JSON Lines.
+
+Used by the ReFT checkpoint writer (`interventions/io.py`), the run folder (`runs.py`: config, metrics, the
+completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache, and the
+tokenization cache. No torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from alignkit.data.records import DataError
+
+
+def new_file_mode() -> int:
+    """The permission bits a plain `open(path, "w")` gives a new file: 0o666 minus the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file + fsync + rename (a reader sees the old file or the new
+    one), with the permission bits `open()` would give. The one atomic writer."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the mode open() would give
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write` of UTF-8 text, creating the parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, text.encode("utf-8"))
+
+
+def jsonl_text(rows: Iterable[Any]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def atomic_write_jsonl(path: str | Path, rows: Iterable[Any]) -> Path:
+    return atomic_write_text(path, jsonl_text(rows))
+
+
+def read_jsonl(path: str | Path, fix: str = "fix or delete that line") -> list[Any]:
+    """The values of a JSON Lines file alignkit wrote (blank lines skipped). A broken line is a `DataError`
+    naming file:line and `fix`."""
+    path = Path(path)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: broken JSON line ({e.msg}); {fix}") from None
+    return rows
+
+
+__all__ = ["atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl"]
