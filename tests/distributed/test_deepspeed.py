@@ -48,7 +48,7 @@ def two_ranks(tiny_dir, tmp_path_factory):
 @pytest.mark.parametrize("stage,kind,objective", CASES)
 def test_zero_two_ranks_equal_one_process_and_save_plain_folders(stage, kind, objective, two_ranks, tiny_dir,
                                                                   tmp_path):
-    from alignkit.models.adapters import load_adapter
+    from alignkit.adapters import load_adapter
     from alignkit.models.loading import load_model
 
     name = f"{stage}-{kind}-{objective}"
