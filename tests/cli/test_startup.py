@@ -71,3 +71,22 @@ def test_deepspeeds_cpu_notice_does_not_reach_the_cli_output():
 
     if not torch.cuda.is_available():  # the notice this filter exists for is still what DeepSpeed prints
         assert "Setting accelerator to CPU" in bare.stdout + bare.stderr
+
+
+def test_serve_demo_ls_help_import_no_heavy_library_and_show_types_and_defaults():
+    code = ("import contextlib, io, sys\nfrom alignkit.cli import main\nfor c in ('serve', 'demo', 'ls'):\n"
+            "    out = io.StringIO()\n    with contextlib.redirect_stdout(out):\n        try:\n"
+            "            main([c, '--help'])\n        except SystemExit as e:\n            assert e.code == 0, e.code\n"
+            "    print(f'=== {c}'); print(out.getvalue())\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', 'datasets') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]
+    serve, demo, ls = (part.split("\n", 1)[1] for part in out.stdout.split("=== ")[1:])
+    flat = " ".join(serve.split())
+    assert "(int, default 8000)" in flat and "(float, default 120.0)" in flat and "(str, default '127.0.0.1')" in flat
+    assert any(line.split() == ["max_batch_rows", "int", "=", "32"] for line in serve.splitlines())  # the key list
+    flat = " ".join(demo.split())
+    assert "--seed INT random seed (int, default 0)" in flat and "(int, default 300)" in flat
+    assert "SECTION" in ls and "default: every section" in " ".join(ls.split())

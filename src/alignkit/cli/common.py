@@ -22,11 +22,11 @@ from alignkit.adapters.config import ADAPTER_CONFIG_NAME
 from alignkit.cli.helptext import add_config_arguments  # noqa: F401 (the command modules import it from here)
 from alignkit.runs import RunFolder, is_main_process
 from alignkit.data.records import DataError
+from alignkit.settings.sections import TINY_PREFIX
 from alignkit.settings import ConfigError, DataSettings, ModelSettings, dump_config, load_config, save_config
 
 logger = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny:"
 BUNDLED_PREFIX = "bundled:"
 TINY_TMP_PREFIX = "alignkit-tiny-"
 # folders this process created itself (mkdtemp): the only ones alignkit ever removes. A user's folder that

@@ -18,21 +18,27 @@ REFT_DEFAULTS = {"max_steps": 300, "target_loss": 0.05, "learning_rate": 2e-2, "
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="the whole pipeline on a bundled tiny model and data (CPU, minutes); "
-                                       "--reft: the ReFT demo")
-    demo.add_argument("--reft", action="store_true", help="run the ReFT demo instead of the pipeline")
-    demo.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-reft)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scale", type=float, default=1.0, help="pipeline: multiply every stage's steps (e.g. 0.2)")
-    demo.add_argument("--threads", type=int, default=None,
-                      help="torch CPU threads (default: 1 for the pipeline, which is fastest at this size; "
+    text = "the whole pipeline on a bundled tiny model and data (CPU, minutes); --reft: the ReFT demo"
+    demo = sub.add_parser("demo", help=text, description=f"alignkit demo: {text}. Each option: its type, then its "
+                          "default.")
+    demo.add_argument("--reft", action="store_true", help="run the ReFT demo instead of the pipeline (flag, default off)")
+    demo.add_argument("--output-dir", default=None, metavar="DIR",
+                      help="run folder (str, default runs/demo, or runs/demo-reft)")
+    demo.add_argument("--seed", type=int, default=0, metavar="INT", help="random seed (int, default 0)")
+    demo.add_argument("--scale", type=float, default=1.0, metavar="FLOAT",
+                      help="pipeline: multiply every stage's steps, e.g. 0.2 (float, default 1.0)")
+    demo.add_argument("--threads", type=int, default=None, metavar="INT",
+                      help="torch CPU threads (int, default 1 for the pipeline, which is fastest at this size; "
                            "torch's choice for --reft)")
-    reft = demo.add_argument_group("ReFT demo (--reft)")
-    reft.add_argument("--max-steps", type=int, default=None, help=f"steps at most (default {REFT_DEFAULTS['max_steps']})")
-    reft.add_argument("--target-loss", type=float, default=None,
-                      help=f"stop once the loss is below this (default {REFT_DEFAULTS['target_loss']})")
-    reft.add_argument("--learning-rate", type=float, default=None, help=f"default {REFT_DEFAULTS['learning_rate']}")
-    reft.add_argument("--pairs", default=None, help="JSONL of {prompt, response} (default: the bundled pairs)")
+    reft = demo.add_argument_group("ReFT demo (--reft; any of these selects it)")
+    reft.add_argument("--max-steps", type=int, default=None, metavar="INT",
+                      help=f"steps at most (int, default {REFT_DEFAULTS['max_steps']})")
+    reft.add_argument("--target-loss", type=float, default=None, metavar="FLOAT",
+                      help=f"stop once the loss is below this (float, default {REFT_DEFAULTS['target_loss']})")
+    reft.add_argument("--learning-rate", type=float, default=None, metavar="FLOAT",
+                      help=f"learning rate (float, default {REFT_DEFAULTS['learning_rate']})")
+    reft.add_argument("--pairs", default=None, metavar="PATH",
+                      help="JSONL of {prompt, response} (str, default the bundled pairs)")
     demo.set_defaults(func=run)
 
 

@@ -14,8 +14,10 @@ from alignkit.interventions import intervention_types
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ls", help="list every registry: losses, interventions, readers, formatters, annotators, ...")
-    p.add_argument("section", nargs="?", default=None, help=f"only this section ({', '.join(SECTIONS)})")
+    text = "list every registry: losses, interventions, readers, formatters, annotators, ..."
+    p = sub.add_parser("ls", help=text, description=f"alignkit ls: {text}, each name with a one-line description.")
+    p.add_argument("section", nargs="?", default=None, metavar="SECTION",
+                   help=f"only this section (str, one of {', '.join(SECTIONS)}; default: every section)")
     p.set_defaults(func=run)
 
 

@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from alignkit.cli.common import add_config_arguments
+from alignkit.cli.helptext import add_config_arguments, keys_epilog, settable_keys
 from alignkit.settings import ConfigError, load_config
+from alignkit.settings.sections import TINY_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -26,22 +27,35 @@ FLAGS = ("base", "base_name", "engine", "host", "port", "api_key", "dtype", "dev
          "max_prompt_tokens", "max_new_tokens", "default_max_tokens", "request_timeout")
 
 
+# flag -> what it means; its type and default come from the config class (alignkit.settings.serve.ServeConfig)
+FLAG_HELP = {
+    "base": "base model folder (or tiny:<arch>)", "base_name": "the base's served model name (null: its folder name)",
+    "engine": "alignkit, or vllm: hand LoRA/full serving to vLLM's OpenAI server", "host": "address to bind",
+    "port": "port", "api_key": "require 'Authorization: Bearer KEY' (or set ALIGNKIT_API_KEY)", "dtype": "model dtype",
+    "device": "cpu, cuda, cuda:1 ... (null: cuda if available)", "max_batch_rows": "rows decoded together at most",
+    "max_queue": "requests waiting at most", "max_prompt_tokens": "longest prompt accepted",
+    "max_new_tokens": "most tokens a request may ask for", "default_max_tokens": "max_tokens of a request that sets none",
+    "request_timeout": "seconds a request may take",
+}
+_TYPES = {"int": int, "float": float}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a base model + adapters (OpenAI-compatible API, chat page at /)")
+    text = "serve a base model + adapters (OpenAI-compatible API, chat page at /)"
+    p = sub.add_parser("serve", help=text, description=f"alignkit serve: {text}. A flag wins over the config file, "
+                       "key=value overrides over both.", epilog=keys_epilog("serve"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
-    p.add_argument("--base", help="base model folder (or tiny:<arch>)")
+    keys = {k: (t, d) for k, t, d in settable_keys("serve")}
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="an adapter folder served as model NAME (repeat for more)")
-    p.add_argument("--base-name", dest="base_name", help="the base's served model name (default: its folder name)")
-    p.add_argument("--engine", choices=["alignkit", "vllm"], help="alignkit (default); vllm: hand LoRA/full serving to vLLM's OpenAI server")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' (or set ALIGNKIT_API_KEY)")
-    p.add_argument("--dtype", help="model dtype (default float32)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    for flag in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=int)
-    p.add_argument("--request-timeout", dest="request_timeout", type=float, help="seconds (default 120)")
+                   help="an adapter folder served as model NAME (repeat for more; config key adapters)")
+    for flag in FLAGS:
+        tp, default = keys[flag]
+        kwargs: dict[str, Any] = {"type": _TYPES[tp]} if tp in _TYPES else {}
+        if tp.startswith("one of "):
+            kwargs["choices"] = [c.strip().strip("'") for c in tp[len("one of "):].split(",")]
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar=flag.upper(), **kwargs,
+                       help=f"{FLAG_HELP[flag]} ({tp}, default {default})")
     p.set_defaults(func=run)
 
 
@@ -73,8 +87,6 @@ def config_from(args: argparse.Namespace) -> Any:
 def resolve_base(cfg: Any) -> tuple[str, str | None]:
     """(base folder, served base name) of a `ServeConfig`; `tiny:<arch>` builds a random tiny model first
     (head_dim 64 for engine=vllm: vLLM's CPU attention needs head_dim >= 64)."""
-    from alignkit.cli.common import TINY_PREFIX
-
     base, base_name = cfg.base, cfg.base_name
     if base.startswith(TINY_PREFIX):
         from alignkit.models.tiny import ARCHITECTURES, save_tiny
