@@ -155,12 +155,12 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_lm, tmp_path, monkeypatc
     reft, folder = saved(tiny_lm, tmp_path)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     randomize(reft, seed=7)
-    import alignkit.interventions.io as io
+    import alignkit.files as files  # the one atomic writer save_reft uses
 
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         save_reft(reft, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # old files intact, no temp left
