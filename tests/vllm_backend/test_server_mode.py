@@ -61,7 +61,7 @@ def served(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["lora", "full"])  # this order: the full run replaces the server's base weights
 def test_grpo_with_vllm_server(served, kind):
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
     from alignkit.models.loading import load_model, load_tokenizer
     from alignkit.online.generation import SamplingConfig, generate_responses
     from alignkit.online.grpo import GRPOConfig, GRPOTrainer
