@@ -81,4 +81,6 @@ def test_eval_into_a_training_run_keeps_its_config(finished, capsys):
     assert rc == 0
     after = snapshot(finished)
     assert all(after[k] == v for k, v in before.items())  # nothing of the run changed or went missing
-    assert set(after) - set(before) == {"eval.yaml", "metrics.json"}
+    new = set(after) - set(before)  # eval's own files, its TensorBoard events and plots namespaced by the command
+    assert {"eval.yaml", "metrics.json", "plots/eval-loss.png"} <= new
+    assert all(k in ("eval.yaml", "metrics.json") or k.startswith(("plots/eval-", "tensorboard/eval/")) for k in new)

@@ -80,7 +80,7 @@ def warn_past_context(config: Any, longest: int, what: str, fix: str) -> bool:
     context: past its positions a RoPE model keeps producing tokens, just not ones it was trained to (learned
     position tables fail outright), so the result is quietly worse. Dynamic NTK scaling rescales past its
     length by design and is not warned about. Returns whether it is past."""
-    ctx = context_length(config)
+    ctx = context_length(config) if config is not None else None
     params = getattr(config, "rope_parameters", None)
     if ctx is None or longest <= ctx or (isinstance(params, dict) and params.get("rope_type") in KEEPS_LENGTH):
         return False

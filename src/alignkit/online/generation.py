@@ -223,7 +223,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     for r, ids in zip(records, encoded):
         if not ids:
             raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
-    warn_past_context(unwrap_lm(model).config, max(map(len, encoded), default=0) + cfg.max_new_tokens,
+    warn_past_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
                       "generation (longest prompt + max_new_tokens)",
                       "lower max_new_tokens / the prompt length, or extend the context (model.rope_scaling)")
     eos = end_token_ids(model, tokenizer, cfg)
