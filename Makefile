@@ -94,9 +94,11 @@ vllm-constraints: $(VLLM_VENV)/.built
 	  grep -E '^(torchvision|torchaudio|torchcodec)==' $(VLLM_CONSTRAINTS); } > $(VLLM_CONSTRAINTS).new
 	mv $(VLLM_CONSTRAINTS).new $(VLLM_CONSTRAINTS)
 
-# vLLM's serving and online generation against transformers / peft (tests/vllm_backend; skipped by `make test`;
+# vLLM's serving and online generation (colocated and `alignkit vllm-serve` server mode) against transformers /
+# peft (tests/vllm_backend; skipped by `make test`;
 # .ci/run runs it after make test and make test-newest), and alignkit's own generation paths on this environment's
 # older transformers (5.19: the KV cache is `past_key_values` there, `cache` from 5.24).
 test-vllm: $(VLLM_VENV)/.built
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend \
-		tests/compat/test_transformers_generation.py tests/online/test_generation.py tests/interventions/test_generate.py
+		tests/compat/test_transformers_generation.py tests/online/test_generation.py tests/interventions/test_generate.py \
+		tests/online/test_vllm_server_client.py
