@@ -81,6 +81,8 @@ TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "get_decay_parameter_names": ("model",),
     "_get_output_dir": ("trial",),
     "_save_checkpoint": ("model", "trial"),
+    "_save_optimizer_and_scheduler": ("output_dir",),
+    "_load_optimizer_and_scheduler": ("checkpoint",),
     "train": ("resume_from_checkpoint",),
 }
 

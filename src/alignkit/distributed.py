@@ -24,6 +24,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -163,13 +164,15 @@ def is_zero3_partitioned(model: nn.Module) -> bool:
 
 
 @contextmanager
-def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+def full_parameters(model: nn.Module, write_back: bool = False) -> Iterator[nn.Module]:
     """Inside, every sharded parameter of `model` (FSDP2 DTensor shards, DeepSpeed ZeRO-3 partitions) is a
     plain full tensor, so that ordinary saving code (`save_pretrained`, `save_adapter`, `state_dict()`)
     writes a normal safetensors folder. A collective: EVERY process must enter (each gathers its shards, in
     the same module order); only one needs to write. FSDP2's state-dict hooks (which would hand back the
     shards) are held off meanwhile; everything is put back on exit. Without sharded parameters it changes
-    nothing (ZeRO-2 keeps whole parameters on every process)."""
+    nothing (ZeRO-2 keeps whole parameters on every process). With `write_back`
+    (FSDP2), what was loaded into the full tensors inside is copied back into each process's shards on a
+    normal exit (rank 0's values; a collective too): how a checkpoint's plain files are resumed."""
     if is_zero3_partitioned(model):
         import deepspeed
 
@@ -179,25 +182,37 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
     from torch.distributed.tensor import DTensor
 
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
-    hooks: list[tuple[nn.Module, dict, dict]] = []
+    hooks: list[tuple[nn.Module, str, dict]] = []  # FSDP2's (load_)state_dict hooks, held off inside
+    fulls: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(shard) -> (shard, full): tied weights stay tied
     try:
         for module in model.modules():
+            owns = False
             for name, p in list(module._parameters.items()):
                 if isinstance(p, DTensor):
-                    full = p.detach().full_tensor()
-                    module._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
+                    owns = True
+                    if id(p) not in fulls:
+                        fulls[id(p)] = (p, nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad))
+                    module._parameters[name] = fulls[id(p)][1]
                     swapped.append((module, name, p))
-            if type(module).__name__.startswith("FSDP"):  # fully_shard's dynamic FSDP<Class> subclasses
-                hooks.append((module, dict(module._state_dict_pre_hooks), dict(module._state_dict_hooks)))
-                module._state_dict_pre_hooks.clear()
-                module._state_dict_hooks.clear()
+            if type(module).__name__.startswith("FSDP") or owns:  # fully_shard's dynamic FSDP<Class> subclasses,
+                #   and the modules whose parameters it shards (their load hook re-reads the shard)
+                for attr in ("_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+                             "_load_state_dict_post_hooks"):
+                    hooks.append((module, attr, dict(getattr(module, attr))))
+                    getattr(module, attr).clear()
         yield model
+        if write_back:
+            from torch.distributed.tensor import distribute_tensor
+
+            with torch.no_grad():
+                for shard, full in fulls.values():  # the same order on every process (module order)
+                    local = distribute_tensor(full.detach(), shard.device_mesh, shard.placements).to_local()
+                    shard.to_local().copy_(local)
     finally:
         for module, name, p in swapped:
             module._parameters[name] = p
-        for module, pre, post in hooks:
-            module._state_dict_pre_hooks.update(pre)
-            module._state_dict_hooks.update(post)
+        for module, attr, saved in hooks:
+            getattr(module, attr).update(saved)
 
 
 @contextmanager
@@ -270,10 +285,34 @@ def _zero3_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
     return engine
 
 
+def full_optimizer_state(model: nn.Module, optimizer: Any) -> dict:
+    """FSDP2: the optimizer's full (unsharded) state keyed by parameter names, on the CPU of process 0
+    (`torch.distributed.checkpoint.state_dict`; a collective, every process calls it; the others get an
+    empty dict). Saved with `torch.save` (tensors and numbers only) and read back with `weights_only=True`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: Any, state: dict) -> None:
+    """FSDP2: load a `full_optimizer_state` dict (every process passes the whole dict) into the sharded
+    optimizer; each process keeps its shard. Optimizers without per-parameter state (plain SGD) get their
+    groups' settings only (torch's loader needs per-parameter state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if any(t.dim() > 0 for st in state.get("state", {}).values() for t in st.values() if isinstance(t, torch.Tensor)):
+        set_optimizer_state_dict(model, inner, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        for group, saved_group in zip(inner.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
 def is_sharded(accelerator: Any) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-__all__ = ["deepspeed_on_cpu", "enable_sharding_on_cpu", "full_parameters", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "requested_engine", "shard_reference", "zero_stage"]
+__all__ = ["deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "requested_engine", "shard_reference", "zero_stage"]

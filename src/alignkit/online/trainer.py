@@ -709,12 +709,11 @@ class OnlineTrainer:
 
         folder = Path(folder)
         if is_fsdp2(self.accelerator):  # collectives: every process gathers; the main one writes full tensors
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            from alignkit.distributed import full_optimizer_state
 
             with full_parameters(self.model):
                 weights = {k: v.detach().cpu().contiguous().clone() for k, v in self._trainable().items()}
-            optim = get_optimizer_state_dict(self.model, getattr(self.optimizer, "optimizer", self.optimizer),
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            optim = full_optimizer_state(self.model, self.optimizer)
         else:
             weights = {k: v.detach().cpu().contiguous() for k, v in self._trainable().items()}
             optim = self.optimizer.state_dict()
@@ -759,15 +758,9 @@ class OnlineTrainer:
         # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
         optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
         if is_fsdp2(self.accelerator):  # full (unsharded) optimizer state, keyed by parameter names: sharded here
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from alignkit.distributed import load_full_optimizer_state
 
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            if any(t.dim() > 0 for st in optim.get("state", {}).values() for t in st.values()
-                   if isinstance(t, Tensor)):
-                set_optimizer_state_dict(self.model, inner, optim, options=StateDictOptions(full_state_dict=True))
-            else:  # no per-parameter state (plain SGD): torch's loader needs one; the groups' settings suffice
-                for group, saved_group in zip(inner.param_groups, optim["param_groups"]):
-                    group.update({k: v for k, v in saved_group.items() if k != "params"})
+            load_full_optimizer_state(self.model, self.optimizer, optim)
         else:
             self.optimizer.load_state_dict(optim)
         self.rng.set_state(load_file(str(folder / "rng.safetensors"))["rng"])

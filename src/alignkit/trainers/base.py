@@ -71,6 +71,7 @@ import torch
 from torch import Tensor, nn
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
@@ -80,7 +81,8 @@ from alignkit.data.batching import LengthGroupedSampler, example_length
 from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
 from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
 from alignkit.data.tokenize import TokenizeConfig
-from alignkit.distributed import (deepspeed_on_cpu, enable_sharding_on_cpu, full_parameters, is_deepspeed,
+from alignkit.distributed import (deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters,
+                                  is_deepspeed, load_full_optimizer_state,
                                   is_fsdp2)
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
@@ -509,8 +511,11 @@ class AlignTrainer(Trainer):
         finally:
             self._staging_run_dir = None
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
-        if not self.args.should_save:
-            return
+        if self.args.should_save:
+            self._commit_checkpoint(run_dir, staging_root, name)
+        self.accelerator.wait_for_everyone()  # EVERY process (an early return here hung the next step's collective)
+
+    def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
         final = Path(run_dir) / name
         Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None)}))
         commit_staging(staging_root / name, final, step=self.state.global_step)
@@ -525,7 +530,34 @@ class AlignTrainer(Trainer):
             self.state.best_model_checkpoint = str(final)
         rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """FSDP2: the full optimizer state by parameter names (`distributed.full_optimizer_state`) in
+        `optimizer.pt` and the scheduler in `scheduler.pt`, beside the gathered safetensors `save_model`
+        wrote; not accelerate's FSDP files (a pickled second copy of the model, `pytorch_model_fsdp.bin`).
+        DeepSpeed: nothing (its `global_stepN/` files are pickles alignkit does not resume from; a DeepSpeed
+        checkpoint is the model folder and the trainer state, logged once). Otherwise the Trainer's."""
+        if is_deepspeed(self.accelerator):
+            if not getattr(self, "_warned_ds_checkpoint", False):
+                self._warned_ds_checkpoint = True
+                logger.warning("DeepSpeed: checkpoints hold the model (safetensors) and trainer state, not the "
+                               "optimizer state (DeepSpeed writes it as pickles alignkit does not load): a "
+                               "checkpoint starts a new run, it is not resumed (resume under FSDP2 or DDP)")
+            return
+        if not is_fsdp2(self.accelerator):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = full_optimizer_state(self.model, self.optimizer)  # every process: a collective
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not is_fsdp2(self.accelerator):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # map_location "cpu": state saved on CPU processes is tagged "cpu:0", which torch.load cannot map back
+        state = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
+        load_full_optimizer_state(self.model, self.optimizer, state)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's `train`; `resume_from_checkpoint=True` takes the newest COMPLETE checkpoint of
@@ -556,6 +588,14 @@ class AlignTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if is_fsdp2(self.accelerator):  # the checkpoint's plain files into full tensors, then into the shards
+            with full_parameters(model, write_back=True):
+                if saves_whole_model(model):
+                    _load_whole_model(model, resume_from_checkpoint)
+                else:
+                    load_adapter_weights(model, resume_from_checkpoint)
+            logger.info("loaded %s into the FSDP2 shards", resume_from_checkpoint)
+            return
         if saves_whole_model(model):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         logger.info("loading adapter weights from %s", resume_from_checkpoint)
@@ -566,6 +606,26 @@ class AlignTrainer(Trainer):
         if saves_whole_model(model):
             return super()._load_best_model()
         load_adapter_weights(model, self.state.best_model_checkpoint)
+
+
+def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
+    """A whole model's safetensors (one file or shards) into `model`, in place; every saved tensor must
+    name a parameter or buffer, and every one not saved must be tied to a saved one (save_pretrained drops
+    the tied copies)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"resume: {folder} has no model*.safetensors (not a full-model checkpoint)")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise CheckpointError(f"resume: {folder} was written for another model (e.g. "
+                              f"{(unexpected or untied)[:3]}); resume with the config that wrote it")
 
 
 def _saved_num_tokens(checkpoint: str | os.PathLike) -> float | None:

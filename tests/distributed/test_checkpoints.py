@@ -1,0 +1,81 @@
+"""`train.save_steps` checkpoints of the offline trainers on two CPU processes (torchrun, gloo).
+
+FSDP2: a checkpoint is an ordinary folder (gathered safetensors, the full optimizer state by parameter
+names in optimizer.pt, no pickled second copy of the model), and a run resumed from checkpoint-2 gives the
+uninterrupted run's step 3 (loss and parameters; AdamW moments and the linear schedule restored), full and
+LoRA. Before this, the second process left `_save_checkpoint` early and the next step's collective hung
+(any engine, DDP too). ZeRO-3: the checkpoint holds the gathered model folder, none of DeepSpeed's pickled
+`global_stepN/` files, and resuming from it is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+CASES = {"fsdp": ["full:sft", "lora:dpo"], "zero3": ["full:sft"]}
+_RUNS: dict = {}
+
+
+def run_two_ranks(engine: str, model_dir, tmp_path_factory) -> Path:
+    if engine not in _RUNS:
+        out = tmp_path_factory.mktemp(f"checkpoints-{engine}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "DS_ACCELERATOR": "cpu"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+               engine, str(model_dir), str(out), *CASES[engine]]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-12000:]
+        _RUNS[engine] = out
+    return _RUNS[engine]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES["fsdp"])
+def test_fsdp2_checkpoint_is_plain_and_resumes_to_the_same_step(case, tiny_dir, tmp_path_factory):
+    out = run_two_ranks("fsdp", tiny_dir("llama"), tmp_path_factory)
+    name = case.replace(":", "-")
+    run = json.loads((out / f"{name}.json").read_text())
+    assert run["world"] == 2 and run["distributed_type"].endswith("FSDP")
+    files = set(run["checkpoint_files"])
+    weights = "model.safetensors" if case.startswith("full") else "adapter_model.safetensors"
+    assert {weights, "optimizer.pt", "scheduler.pt", "trainer_state.json", "alignkit_complete.json"} <= files
+    assert not [f for f in files if "fsdp" in f or f.endswith(".bin")], files  # no pickled FSDP model copy
+    a, b = run["a"], run["b"]
+    assert [r["step"] for r in a] == [1, 2, 3] and [r["step"] for r in b] == [1, 2, 3]  # b: 1, 2 from the checkpoint
+    assert run["a_steps_run"] == 3 and run["b_steps_run"] == 1  # b really resumed: it trained step 3 only
+    assert a[2]["loss"] != a[1]["loss"] != a[0]["loss"]  # step 3 depends on the restored weights and AdamW moments
+    assert b[2]["loss"] == pytest.approx(a[2]["loss"], rel=1e-5, abs=1e-7)
+    pa, pb = load_file(str(out / f"{name}-a.safetensors")), load_file(str(out / f"{name}-b.safetensors"))
+    assert pa.keys() == pb.keys() and pa
+    for n in pa:
+        torch.testing.assert_close(pb[n], pa[n], rtol=1e-5, atol=1e-6, msg=n)
+    # the checkpoint's optimizer state is full (not a shard): every trainable tensor's AdamW moment whole
+    optim = torch.load(out / f"{name}-a" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    shapes = sorted(tuple(s["exp_avg"].shape) for s in optim["state"].values())
+    assert shapes == sorted(tuple(t.shape) for t in pa.values())
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_holds_the_gathered_model_and_resume_is_refused(tiny_dir, tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    from alignkit.models.loading import load_model
+
+    out = run_two_ranks("zero3", tiny_dir("llama"), tmp_path_factory)
+    run = json.loads((out / "full-sft.json").read_text())
+    assert run["world"] == 2 and run["distributed_type"].endswith("DEEPSPEED")
+    files = set(run["checkpoint_files"])
+    assert {"model.safetensors", "trainer_state.json", "alignkit_complete.json"} <= files
+    assert not [f for f in files if f.startswith("global_step") or f.endswith((".pt", ".bin")) and "rng" not in f]
+    # the gathered step-2 weights, not empty ZeRO-3 partitions
+    ckpt = dict(load_model(out / "full-sft-a" / "checkpoint-2").named_parameters())
+    base = dict(load_model(tiny_dir("llama")).named_parameters())
+    assert all(p.shape == base[n].shape for n, p in ckpt.items())
+    assert any(not torch.equal(p, base[n]) for n, p in ckpt.items())
+    assert "resuming under DeepSpeed is not supported" in run["refused"] and "\n" not in run["refused"]
