@@ -277,3 +277,21 @@ def test_cli_prints_one_line_for_a_down_server(tmp_path, capsys):
                  "method.vllm_mode=server", f"method.vllm_server_url={url}", "method.vllm_server_timeout=0.3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"alignkit grpo: error: vLLM server {url}: no answer after"), err
+
+
+def test_api_key_is_required_when_set(tiny_dir, serve_engine, monkeypatch):
+    from alignkit.online.vllm_client import API_KEY_ENV
+
+    url = serve_engine(handler=make_handler(FakeEngine(policy_of(tiny_dir).config), api_key="s3cret"))
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    client = VllmServerClient(url)
+    assert client.health() == {"status": "ok"}  # open: a load balancer may probe it
+    for call in (client.info, lambda: client.push_weights(b"x" * 16)):
+        with pytest.raises(VllmServerError) as e:
+            call()
+        assert f"HTTP 401: missing or wrong API key: set {API_KEY_ENV}" in one_line(e)
+    monkeypatch.setenv(API_KEY_ENV, "wrong")
+    with pytest.raises(VllmServerError, match="HTTP 401"):
+        client.info()
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")
+    assert client.info()["protocol"] == PROTOCOL and client.push_weights(b"x" * 16) == {"weights_version": 1}

@@ -5,10 +5,12 @@ LoRA policy (first: the server's base must still be the original) and a full pol
     from the initial policy's: the push carried new weights);
 (b) the mean reward (transformers sampling, fixed seed) rises by more than MIN_GAIN, as it does with the
     colocated engine (test_online.py, same policy, prompts, reward and hyperparameters: grpo_worker.py).
-The server's /info counts the pushes (full: weights_version; LoRA: lora_version)."""
+The server's /info counts the pushes (full: weights_version; LoRA: lora_version). The server runs with --api-key
+(the trainer sends ALIGNKIT_VLLM_API_KEY); tests/online/test_vllm_server_client.py checks the refusals."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from alignkit.online.vllm_client import API_KEY_ENV
 
 from .conftest import PYTHON, run_env
 from .grpo_worker import HEAD_SCALE, LR, PROMPTS, digit_fraction, greedy, mean_reward
@@ -38,7 +42,8 @@ def served(tmp_path_factory):
     model.save_pretrained(folder)
     log = root / "server.log"
     cmd = [PYTHON, "-m", "alignkit", "vllm-serve", "--model", str(folder), "--port", "0", "--dtype", "float32",
-           "--max-model-len", "128", "--enable-lora", "--max-lora-rank", "8"]
+           "--max-model-len", "128", "--enable-lora", "--max-lora-rank", "8", "--api-key", "test-key"]
+    os.environ[API_KEY_ENV] = "test-key"  # the trainer's side of --api-key
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=run_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -52,6 +57,7 @@ def served(tmp_path_factory):
             time.sleep(0.5)
         yield folder, m.group(1)
     finally:
+        os.environ.pop(API_KEY_ENV, None)
         proc.terminate()
         try:
             proc.wait(timeout=60)

@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "initial weights (full finetuning); the trainer checks that its policy matches")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; whoever reaches the port "
                    "can replace the weights)")
+    p.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' on every route but "
+                   "/health (or set ALIGNKIT_VLLM_API_KEY; the trainer sends ALIGNKIT_VLLM_API_KEY from its environment)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
     p.add_argument("--dtype", default="auto", help="vLLM's dtype (default auto: the model's; float32 for exact "
                    "greedy parity with a float32 trainer)")
@@ -48,5 +50,5 @@ def run(args: argparse.Namespace) -> int:
     settings = EngineSettings(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                               enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, seed=args.seed,
                               gpu_memory_utilization=args.gpu_memory_utilization)
-    return serve(settings, args.host, args.port,
+    return serve(settings, args.host, args.port, api_key=args.api_key,
                  ready=lambda url: print(f"alignkit vllm-serve: ready on {url} (model {args.model})", flush=True))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 import urllib.error
@@ -36,6 +37,7 @@ from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
 
+API_KEY_ENV = "ALIGNKIT_VLLM_API_KEY"  # the server's --api-key, read from the environment (never a config value)
 PROTOCOL = 1  # bumped when the wire format changes; the server says which it speaks in /info
 START_HINT = "start it with: alignkit vllm-serve --model <the policy's base folder> (in vLLM's environment)"
 # what the policy and the served model must agree on (transformers config keys)
@@ -69,8 +71,11 @@ class VllmServerClient:
 
     def _call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
               timeout: float | None = None) -> dict:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": content_type} if body is not None else {})
+        headers = {"Content-Type": content_type} if body is not None else {}
+        key = os.environ.get(API_KEY_ENV)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
                 raw = r.read()
@@ -243,5 +248,5 @@ def lora_blob(policy: Any) -> bytes:
     return save(tensors, metadata={"format": "pt", "adapter_config": config})
 
 
-__all__ = ["PROTOCOL", "VllmServerClient", "VllmServerError", "VllmServerGenerator", "check_compatible",
+__all__ = ["API_KEY_ENV", "PROTOCOL", "VllmServerClient", "VllmServerError", "VllmServerGenerator", "check_compatible",
            "full_weights_blob", "lora_blob"]

@@ -22,11 +22,15 @@ time, in order (one trainer per server). The API (protocol 1; errors are HTTP 4x
 
 Weights travel in the request body (no shared file system, no NCCL needed), so the trainer may run on another
 machine; the whole state dict is one request (its size in memory on both sides). Anyone who can reach the port
-can replace the model: the default host is 127.0.0.1.
+can replace the model: the default host is 127.0.0.1, and `--api-key` (or ALIGNKIT_VLLM_API_KEY in the server's
+environment) makes every route but /health need `Authorization: Bearer <key>` (the trainer sends
+ALIGNKIT_VLLM_API_KEY from its own environment; the key is never a config value). Plain HTTP: on an untrusted
+network put it behind TLS (a proxy) or an SSH tunnel.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -41,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import alignkit
-from alignkit.online.vllm_client import MATCH_KEYS, PROTOCOL
+from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +226,9 @@ class VllmServeEngine:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def make_handler(engine: Any) -> type[BaseHTTPRequestHandler]:
-    """The request handler class for `engine` (anything with info / generate / load_weights / load_lora)."""
+def make_handler(engine: Any, api_key: str | None = None) -> type[BaseHTTPRequestHandler]:
+    """The request handler class for `engine` (anything with info / generate / load_weights / load_lora).
+    With `api_key`, every route but /health needs `Authorization: Bearer <api_key>`."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"alignkit-vllm-serve/{alignkit.__version__}"
@@ -249,6 +254,12 @@ def make_handler(engine: Any) -> type[BaseHTTPRequestHandler]:
         def _route(self, routes: dict[str, Callable[[], dict]]) -> None:
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             try:
+                if api_key and path != "/health" and not hmac.compare_digest(
+                        self.headers.get("Authorization", ""), f"Bearer {api_key}"):
+                    if self.command == "POST":
+                        self._body()  # read it, so the answer reaches the client
+                    raise RequestError(401, f"missing or wrong API key: set {API_KEY_ENV} for the trainer to "
+                                            "this server's --api-key")
                 if path not in routes:
                     raise RequestError(404, f"no {self.command} {path}; this server answers "
                                             f"{', '.join(sorted(routes))} ({self.command})")
@@ -280,13 +291,16 @@ def make_handler(engine: Any) -> type[BaseHTTPRequestHandler]:
 
 
 def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
-          ready: Callable[[str], None] | None = None) -> int:
-    """Start the engine, then answer requests until interrupted (Ctrl-C or SIGTERM); returns 0."""
+          ready: Callable[[str], None] | None = None, api_key: str | None = None) -> int:
+    """Start the engine, then answer requests until interrupted (Ctrl-C or SIGTERM); returns 0. `api_key`
+    (default: the ALIGNKIT_VLLM_API_KEY environment variable): required of every request but /health."""
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     engine = VllmServeEngine(settings)
-    httpd = HTTPServer((host, port), make_handler(engine))
+    httpd = HTTPServer((host, port), make_handler(engine, api_key))
     url = f"http://{host}:{httpd.server_address[1]}"
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("vllm-serve binds %s: anyone who reaches it can replace the model's weights", host)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("vllm-serve binds %s without an API key: anyone who reaches it can replace the model's "
+                       "weights (set %s or --api-key)", host, API_KEY_ENV)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -301,8 +315,10 @@ def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        logger.info("vllm-serve: stopping")
         httpd.server_close()
         engine.close()
+        logger.info("vllm-serve: stopped")
     return 0
 
 
