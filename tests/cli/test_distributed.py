@@ -69,7 +69,8 @@ def test_accelerate_launch_deepspeed_zero3_on_cpu(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("alignkit dpo: done") == 1, proc.stdout
-    assert "| `world size` | 2 |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| `world size` | 2 |" in card and "| `engine` | DEEPSPEED |" in card and "| `mixed precision` | no |" in card
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 1: policy == reference, loss log 2

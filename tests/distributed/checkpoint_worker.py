@@ -9,7 +9,9 @@ of tests/distributed/ddp_worker.py) with a checkpoint every 2 steps (checkpoint-
 built the same way, resumes from A's checkpoint-2 and trains step 3 (zero3: records the refusal instead).
 Rank 0 writes OUT_DIR/KIND-OBJECTIVE.json (both runs' per-step losses, how many training steps each really
 ran, the checkpoint's files, the refusal)
-and both runs' trainable parameters, gathered (KIND-OBJECTIVE-a.safetensors, -b.safetensors).
+and both runs' trainable parameters, gathered (KIND-OBJECTIVE-a.safetensors, -b.safetensors). Case
+"ds-mismatch" (zero3) only builds a trainer whose DeepSpeed config sets gradient_accumulation_steps 4 against the
+arguments' 1 and records the refusal (OUT_DIR/ds-mismatch.json).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def build(model_dir: str, out: str, kind: str, objective: str, use_cpu: bool):
     from transformers import TrainingArguments
 
     from alignkit.data import PreferenceCollator, PreferenceRecord, SFTCollator, SFTRecord, tokenize_records
-    from alignkit.models.adapters import AdapterConfig, LoraSettings, apply_adapter
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
     from alignkit.models.loading import load_model, load_tokenizer
     from alignkit.trainers import PreferenceTrainer, SFTTrainer
     from ddp_worker import BAD, GOOD, PROMPTS
@@ -64,6 +66,19 @@ def main(engine: str, model_dir: str, out_dir: str, *cases: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     for case in cases:
+        if case == "ds-mismatch":  # accelerate's deepspeed_config gradient_accumulation_steps 4 vs the run's 1
+            os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = "4"
+            try:
+                build(model_dir, f"{out_dir}/{case}", "lora", "sft", use_cpu=False)
+                message = None
+            except ValueError as e:
+                message = f"{type(e).__name__}: {e}"
+            finally:
+                del os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
+            if rank == 0:
+                Path(f"{out_dir}/{case}.json").write_text(json.dumps({"refused": message}))
+            dist.barrier()
+            continue
         kind, objective = case.split(":")
         name = f"{out_dir}/{kind}-{objective}"
         ckpt = Path(f"{name}-a/checkpoint-2")

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
-CASES = {"fsdp": ["full:sft", "lora:dpo"], "zero3": ["full:sft"]}
+CASES = {"fsdp": ["full:sft", "lora:dpo"], "zero3": ["full:sft", "ds-mismatch"]}
 _RUNS: dict = {}
 
 
@@ -79,3 +79,15 @@ def test_zero3_checkpoint_holds_the_gathered_model_and_resume_is_refused(tiny_di
     assert all(p.shape == base[n].shape for n, p in ckpt.items())
     assert any(not torch.equal(p, base[n]) for n, p in ckpt.items())
     assert "resuming under DeepSpeed is not supported" in run["refused"] and "\n" not in run["refused"]
+
+
+@pytest.mark.slow
+def test_deepspeed_config_value_against_the_training_settings_is_refused_at_construction(tiny_dir, tmp_path_factory):
+    """accelerate's `deepspeed_config: {gradient_accumulation_steps: 4}` against train.gradient_accumulation_steps
+    1: one line naming both when the trainer is built (transformers raised a multi-line ValueError only when
+    training started, after the CLI had written the run folder)."""
+    pytest.importorskip("deepspeed")
+    out = run_two_ranks("zero3", tiny_dir("llama"), tmp_path_factory)
+    message = json.loads((out / "ds-mismatch.json").read_text())["refused"]
+    assert message is not None and message.startswith("ConfigError") and "\n" not in message
+    assert "ds gradient_accumulation_steps=4 vs train.gradient_accumulation_steps=1" in message and "'auto'" in message

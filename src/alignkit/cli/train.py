@@ -265,7 +265,11 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
             if cfg.data.eval_path is not None:
                 data_info["eval_path"] = cfg.data.eval_path
             hyper = {k: getattr(args, k) for k in HYPER}
-            hyper.update({"world size": args.world_size, "optimizer steps done": trainer.state.global_step})
+            state = trainer.accelerator.state  # what really ran: an accelerate config's engine and mixed precision
+            #   (ACCELERATE_MIXED_PRECISION) apply even when train.bf16 / train.fp16 are False
+            hyper.update({"world size": args.world_size, "engine": str(state.distributed_type).split(".")[-1],
+                          "mixed precision": str(state.mixed_precision),
+                          "optimizer steps done": trainer.state.global_step})
             card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
                              base_model=base_desc, adapter=adapter_of(model).describe(model),
                              objective={"objective": objective_name(command, cfg.method), "command": command,

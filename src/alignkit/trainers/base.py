@@ -172,6 +172,7 @@ class AlignTrainer(Trainer):
         if disable_dropout:
             turn_off_dropout(model)
         super().__init__(model=model, args=args, **kwargs)
+        _refuse_deepspeed_mismatches(self)
         if gc_kwargs is not None:
             enable_gradient_checkpointing(self.model, gc_kwargs)
             logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})
@@ -606,6 +607,21 @@ class AlignTrainer(Trainer):
         if saves_whole_model(model):
             return super()._load_best_model()
         load_adapter_weights(model, self.state.best_model_checkpoint)
+
+
+def _refuse_deepspeed_mismatches(trainer: Any) -> None:
+    """A DeepSpeed config value (accelerate's `deepspeed_config`, or a DeepSpeed JSON) that disagrees with
+    the training arguments (gradient_accumulation_steps, batch size, learning rate, clipping, ...): one line
+    naming both at construction, instead of transformers' multi-line ValueError when training starts."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
+    ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
+    found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
+    if found:
+        from alignkit.settings import ConfigError
+
+        raise ConfigError(f"the DeepSpeed config disagrees with the training settings: {'; '.join(found)}; set "
+                          f"those DeepSpeed values to 'auto' (the train.* keys then decide) or give the train.* "
+                          f"keys the same values")
 
 
 def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
