@@ -66,6 +66,7 @@ TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     "_load_best_model": (),
     "_get_train_sampler": ("train_dataset",),
+    "_get_eval_sampler": ("eval_dataset",),
     "_get_num_items_in_batch": ("batch_samples", "device"),
     "_get_dataloader": ("dataset", "description", "batch_size", "sampler_fn", "is_training", "dataloader_key"),
     "training_step": ("model", "inputs", "num_items_in_batch"),

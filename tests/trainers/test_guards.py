@@ -97,3 +97,36 @@ def test_a_short_zero_gradient_spell_only_warns(make_model, features, collators,
     assert trainer.state.global_step == 5
     warned = [r.getMessage() for r in caplog.records if "exactly 0 at optimizer step" in r.getMessage()]
     assert len(warned) == 2 and "step 2" in warned[0] and "step 5" in warned[1]
+
+
+@pytest.mark.parametrize("override, says", [
+    ({"label_smoothing_factor": 0.1}, "train.label_smoothing_factor=0.1: the Trainer applies it in its own loss"),
+    ({"train_sampling_strategy": "batch_rebalance"}, "reads an input_ids column, which preference"),
+])
+def test_training_arguments_that_would_be_ignored_are_refused(override, says):
+    """Accepted by TrainingArguments, silently not applied by alignkit's objectives (label smoothing: the loss is
+    ours; batch_rebalance: no input_ids in preference features): refused by name when the trainer is built."""
+    from transformers import TrainingArguments
+
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.base import refuse_ignored_arguments
+
+    pairs = [{"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3]}]
+    with pytest.raises(ConfigError, match=says):
+        refuse_ignored_arguments(TrainingArguments("unused", report_to="none", **override), pairs)
+    refuse_ignored_arguments(TrainingArguments("unused", report_to="none"), pairs)  # the defaults pass
+
+
+def test_group_by_length_sampling_works_for_preference_evaluation(tiny_lm, tokenizer, tmp_path):
+    """transformers length-groups evaluation batches under train_sampling_strategy='group_by_length' from an
+    input_ids column preference features lack (it raised at the first evaluation); alignkit's lengths are used."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from alignkit.trainers import DPOTrainer
+
+    pairs = Dataset.from_list([{"prompt": f"Q{i}" * (i + 1), "chosen": " yes", "rejected": " no"} for i in range(6)])
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                             report_to="none", train_sampling_strategy="group_by_length", use_cpu=True)
+    trainer = DPOTrainer(tiny_lm("llama"), args, train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer)
+    assert math.isfinite(trainer.evaluate()["eval_loss"])

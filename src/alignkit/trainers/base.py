@@ -60,6 +60,7 @@ mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss),
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -86,6 +87,7 @@ from alignkit.distributed import (deepspeed_on_cpu, enable_sharding_on_cpu, full
                                   is_fsdp2)
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
+from alignkit.settings.typed import ConfigError
 from alignkit.runs import (STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint,
                            remove_own)
 from alignkit.adapters import (enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model,
@@ -132,6 +134,22 @@ class _KeepRecordIds:
         return batch
 
 
+def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None) -> None:
+    """TrainingArguments that alignkit's trainers would accept and silently not apply: one ConfigError each."""
+    if getattr(args, "label_smoothing_factor", 0.0):
+        raise ConfigError(f"train.label_smoothing_factor={args.label_smoothing_factor}: the Trainer applies it in "
+                          "its own loss, which alignkit's objectives replace, so it would be ignored; remove it "
+                          "(preference losses take method.label_smoothing: cDPO / robust / exo_pair)")
+    if getattr(args, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel; its "
+                          "kernels need CUDA); the Trainer would fail only when training starts, after the run "
+                          "folder was written")
+    if getattr(args, "train_sampling_strategy", None) == "batch_rebalance" and train_dataset is not None \
+            and hasattr(train_dataset, "__len__") and len(train_dataset) and "input_ids" not in train_dataset[0]:
+        raise ConfigError("train.train_sampling_strategy='batch_rebalance' reads an input_ids column, which "
+                          "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
+
+
 class AlignTrainer(Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
@@ -159,6 +177,7 @@ class AlignTrainer(Trainer):
             raise ValueError(f"weight_normalization must be 'count' or 'weighted', got {weight_normalization!r}")
         self.weight_normalization = weight_normalization
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
+        refuse_ignored_arguments(args, kwargs.get("train_dataset"))
         changes: dict[str, Any] = {}
         if args.remove_unused_columns:
             changes["remove_unused_columns"] = False
@@ -226,6 +245,15 @@ class AlignTrainer(Trainer):
                                            is_training=is_training, dataloader_key=dataloader_key)
         finally:
             self.data_collator = inner
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        """Under `train_sampling_strategy="group_by_length"` the Trainer length-groups evaluation batches too, from
+        an `input_ids` column that preference / ranked features do not have (it raised): our lengths instead."""
+        if getattr(self.args, "train_sampling_strategy", None) != "group_by_length" or eval_dataset is None \
+                or not hasattr(eval_dataset, "__len__"):
+            return super()._get_eval_sampler(eval_dataset)
+        lengths = [example_length(eval_dataset[i]) for i in range(len(eval_dataset))]
+        return LengthGroupedSampler(lengths, self.args.eval_batch_size, seed=self.args.data_seed or self.args.seed)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """`LengthGroupedSampler` over our tokenized examples when `group_by_length`; else the Trainer's."""
