@@ -56,8 +56,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from alignkit.distributed import enable_sharding_on_cpu, full_parameters, gathered_root, is_fsdp2, shard_reference
+from alignkit.distributed import (enable_sharding_on_cpu, full_parameters, gathered_root, is_fsdp2, requested_engine,
+                                  shard_reference)
 from alignkit.guards import NonFiniteError, as_float, is_finite
+from alignkit.settings import ConfigError
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from alignkit.adapters import can_switch_off, save_adapter
 from alignkit.online.annotators import Annotator, AnnotatorError, Scores, build_annotator
@@ -226,6 +228,10 @@ class OnlineTrainer:
             raise ValueError("online training needs at least one prompt")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.trackers = self._trackers() if self.output_dir is not None else []
+        if requested_engine() == "deepspeed":  # accelerate would drop it on CPU (plain DDP) or need its batch config
+            raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the accelerate "
+                              "config says distributed_type: DEEPSPEED): launch it with configs/accelerate/fsdp2.yaml "
+                              "(sharded) or configs/accelerate/ddp-cpu.yaml / torchrun (DDP)")
         self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=self.trackers or None,
                                        project_dir=str(self.output_dir) if self.trackers else None)
         fsdp2 = enable_sharding_on_cpu(self.accelerator) or is_fsdp2(self.accelerator)
@@ -250,7 +256,7 @@ class OnlineTrainer:
                                  "with several processes")
             if fsdp2 or self.world > 1:  # one colocated engine per process: no shard-aware placement, sync or
                 #   seeding yet (each rank would silently start its own engine on the default device)
-                raise ValueError(f"generation_backend='vllm' (method.generation_backend) runs one colocated engine "
+                raise ConfigError(f"generation_backend='vllm' (method.generation_backend) runs one colocated engine "
                                  f"in ONE process; this run has {self.world} process(es)"
                                  f"{' under FSDP' if fsdp2 else ''}, and several processes with vLLM are not "
                                  f"supported yet: run it in one process (no torchrun / accelerate launch), or use "
@@ -272,7 +278,7 @@ class OnlineTrainer:
         self.model = model
         self.extra_modules = self.build_extra_modules()  # e.g. PPO's value head
         if fsdp2 and self.extra_modules:
-            raise ValueError(f"{type(self).__name__} under FSDP: its extra modules (PPO's value head) are not "
+            raise ConfigError(f"{type(self).__name__} under FSDP: its extra modules (PPO's value head) are not "
                              "sharded yet; use DDP (configs/accelerate/ddp-cpu.yaml or --multi_gpu) for PPO")
         params = [p for p in model.parameters() if p.requires_grad]
         params += [p for m in self.extra_modules for p in m.parameters() if p.requires_grad]

@@ -1,0 +1,26 @@
+"""Engines the online loop does not run under are refused in one line when the trainer is built, before
+anything is written (no process group needed: the launcher's environment says which engine was asked for)."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.adapters import AdapterConfig, apply_adapter
+from alignkit.models.loading import load_model
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+from alignkit.settings import ConfigError
+
+
+def test_deepspeed_launch_is_refused_for_the_online_loop(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/zero2-cpu.yaml -m alignkit grpo ...` sets
+    ACCELERATE_USE_DEEPSPEED; on CPU processes accelerate would have dropped DeepSpeed for plain DDP."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora"))
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), report_to="none")
+    with pytest.raises(ConfigError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg,
+                    output_dir=tmp_path / "run")
+    msg = str(e.value)
+    assert "\n" not in msg and "DeepSpeed" in msg and "fsdp2.yaml" in msg and "torchrun" in msg
+    assert not (tmp_path / "run").exists()
