@@ -295,3 +295,21 @@ def test_api_key_is_required_when_set(tiny_dir, serve_engine, monkeypatch):
         client.info()
     monkeypatch.setenv(API_KEY_ENV, "s3cret")
     assert client.info()["protocol"] == PROTOCOL and client.push_weights(b"x" * 16) == {"weights_version": 1}
+
+
+def test_vllm_serve_help_imports_no_torch_and_needs_vllm(capsys):
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom alignkit.cli import main\ntry:\n    main(['vllm-serve', '--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0, e.code\nprint('HEAVY', sorted(m for m in ('torch', 'transformers', 'vllm') "
+            "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "HEAVY []" in out.stdout and "--enable-lora" in out.stdout, out.stderr[-500:]
+    if importlib.util.find_spec("vllm") is None:  # alignkit's own .venv: one line, exit 2
+        from alignkit.cli import main
+
+        assert main(["vllm-serve", "--model", "nowhere"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("alignkit vllm-serve: error: vllm-serve needs vLLM installed in this Python") and "\n" not in err
