@@ -11,7 +11,8 @@ so, and run_cpu.py shows the row as missing. See bench/README.md ("alignkit_side
 alignkit's speed knobs: precision "default" = float32 (alignkit never turns bf16 on by itself),
 grad-ckpt "default" = off, --padding-free = the trainers' `padding_free=True` (SFT, DPO, ReFT-SFT),
 --group-by-length = `group_by_length=True` (length-grouped sampler), --precompute-ref = DPO with
-`reference_cache_dir` (reference log-probs computed once at construction, before timing starts).
+`reference_cache_dir` (reference log-probs computed once at construction, before timing starts),
+--share-prompt = RM / DPO with `share_prompt=True` (one row per pair, the prompt run once).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def _train(args, trainer, meter_module, extra: dict | None = None) -> dict:
     trainer.train()
     eff = {"effective": {"gradient_checkpointing": args.grad_ckpt == "on", "bf16": args.precision == "bf16",
                          "padding_free": bool(args.padding_free), "group_by_length": bool(args.group_by_length),
+                         "share_prompt": bool(args.share_prompt),
                          "max_length": args.max_length}}
     return common.finish(args, "alignkit", meter, {**eff, **(extra or {})}, libs=("alignkit", "accelerate"))
 
@@ -100,7 +102,7 @@ def run_rm(args, tok) -> dict:
     model = _model(args, task="classifier")
     trainer = RewardTrainer(model, _training_args(args, "alignkit_rm"), train_dataset=_tokenized(args, "pref", tok),
                             data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok,
-                            group_by_length=bool(args.group_by_length))
+                            group_by_length=bool(args.group_by_length), share_prompt=bool(args.share_prompt))
     return _train(args, trainer, model)
 
 
@@ -114,7 +116,7 @@ def run_dpo(args, tok) -> dict:
     trainer = PreferenceTrainer(model, _training_args(args, "alignkit_dpo"), loss_type="sigmoid", beta=0.1,
                                 train_dataset=_tokenized(args, "pref", tok), reference_cache_dir=cache,
                                 data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok,
-                                **_knobs(args))
+                                share_prompt=bool(args.share_prompt), **_knobs(args))
     return _train(args, trainer, model, {"reference": trainer.reference_mode})
 
 

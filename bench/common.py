@@ -189,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="batches of similar lengths (where the library supports it for the task)")
     ap.add_argument("--precompute-ref", action="store_true",
                     help="DPO: reference log-probs computed once before training (untimed), not every step")
+    ap.add_argument("--share-prompt", action="store_true",
+                    help="alignkit RM / DPO: one row per pair, the prompt run once (share_prompt=True)")
     ap.add_argument("--max-length", type=int, default=None, help="defaults to the spec's max_length")
     ap.add_argument("--position", default="l1", help="ReFT positions, e.g. l1 or f1+l1")
     ap.add_argument("--layer", type=int, default=None, help="ReFT layer (default: middle layer)")

@@ -274,3 +274,70 @@ class PromptCollator:
         batch["weight"] = _weights(features)
         batch["prompts"] = [f["prompt"] for f in features]
         return batch
+
+
+SHARED_KEYS = ("shared_input_ids", "shared_position_ids", "shared_segments", "shared_index")
+
+
+def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> dict[str, Any]:
+    """The shared-prompt layout of a right-padded 2B preference batch (chosen rows 0..B-1, rejected B..2B-1).
+
+    Each pair becomes ONE row: the chosen sequence, then the rejected sequence without the prefix it has in
+    common with the chosen one (at least the prompt), so the prefix goes through the model once:
+
+        row b  = chosen_b[0:n_w] + rejected_b[P:n_l]          (P = common prefix length, S = longest row)
+        positions 0..n_w-1, then P..n_l-1                     (the rejected tokens keep their own positions)
+        attention: causal, except that rejected tokens do not see the chosen tokens after the prefix
+
+    A causal model's hidden state at a position depends only on the tokens it attends to and their positions,
+    so every hidden state of both sequences is the one the padded layout gives (up to float rounding).
+    Returns `shared_input_ids` / `shared_position_ids` (B, S), `shared_segments` (B, 3) = (P, n_w, n) with n
+    the row's length, and `shared_index` (2B, T): for each padded-layout token its flat index in the (B * S)
+    shared rows (padding points at the row's first token; it is never read)."""
+    R, T = input_ids.shape
+    if R % 2:
+        raise ValueError(f"a shared-prompt batch needs the 2B preference layout (chosen rows, then rejected), got {R} rows")
+    att = attention_mask.bool()
+    lengths = att.sum(-1)  # (2B,)
+    if not bool((att == (torch.arange(T)[None, :] < lengths[:, None])).all()):
+        raise ValueError("share_prompt needs right-padded preference batches (PreferenceCollator(padding_side='right'))")
+    B = R // 2
+    n_w, n_l = lengths[:B], lengths[B:]  # (B,)
+    same = (input_ids[:B] == input_ids[B:]) & att[:B] & att[B:]  # (B, T)
+    P = same.long().cumprod(-1).sum(-1)  # (B,) common prefix length, <= min(n_w, n_l)
+    n = n_w + n_l - P  # (B,)
+    S = int(n.max()) if B else 0
+    j = torch.arange(S)[None, :]  # (1, S)
+    in_w = j < n_w[:, None]  # (B, S)
+    src_l = (j - n_w[:, None] + P[:, None]).clamp(0, T - 1)  # column of the rejected row
+    chosen = torch.nn.functional.pad(input_ids[:B], (0, max(S - T, 0)), value=pad_token_id)[:, :S]  # (B, S)
+    ids = torch.where(in_w, chosen, input_ids[B:].gather(1, src_l))
+    real = j < n[:, None]
+    ids = ids.masked_fill(~real, pad_token_id)
+    pos = torch.where(in_w, j, src_l).masked_fill(~real, 0)
+    c = torch.arange(T)[None, :]  # (1, T)
+    base = (torch.arange(B) * S)[:, None]  # (B, 1)
+    idx_w = base + torch.where(c < n_w[:, None], c, 0)
+    idx_l = base + torch.where(c < P[:, None], c, torch.where(c < n_l[:, None], c - P[:, None] + n_w[:, None], 0))
+    return {"shared_input_ids": ids, "shared_position_ids": pos, "shared_segments": torch.stack([P, n_w, n], -1),
+            "shared_index": torch.cat([idx_w, idx_l])}
+
+
+class SharedPromptCollator:
+    """Wraps a (right-padded) preference collator: the batch also carries its shared-prompt layout
+    (`shared_prompt_layout`), which the trainers' forward uses instead of the padded rows (`share_prompt=True`).
+    The padded keys stay as they are: log-probs, rewards and every loss are read in the padded layout."""
+
+    def __init__(self, collator: Any, pad_token_id: int = 0) -> None:
+        self.collator, self.pad_token_id = collator, pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch = self.collator(features)
+        if batch.get("group_index") is not None:
+            raise ValueError("share_prompt applies to pairwise preference batches (chosen / rejected), not ranked ones "
+                             "(RankedCollator): train with share_prompt=False")
+        if batch.get("attention_mask") is None or batch.get("sequence_index") is not None:
+            raise ValueError("share_prompt needs padded preference batches (PreferenceCollator), not packed ones: "
+                             "use padding_free=False with share_prompt=True")
+        batch.update(shared_prompt_layout(batch["input_ids"], batch["attention_mask"], self.pad_token_id))
+        return batch

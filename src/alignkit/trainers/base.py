@@ -79,7 +79,8 @@ from transformers.utils import is_sagemaker_mp_enabled
 from alignkit.compat import attn_implementation, check_trainer
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.data.batching import LengthGroupedSampler, example_length
-from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, packed_version
+from alignkit.data.collators import (PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator,
+                                     packed_version)
 from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters,
@@ -116,6 +117,16 @@ def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
     if collator is None:
         return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
     return packed_version(collator, row_length)
+
+
+def shared_prompt_collator(collator: Any) -> Any:
+    """The collator for `share_prompt=True`: `collator` (a padded preference collator) wrapped so that its batches
+    also carry the shared-prompt layout (`alignkit.data.collators.SharedPromptCollator`)."""
+    if isinstance(collator, SharedPromptCollator):
+        return collator
+    if isinstance(collator, PackedPreferenceCollator):
+        raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+    return SharedPromptCollator(collator, int(getattr(collator, "pad_token_id", 0) or 0))
 
 
 RECORD_IDS = "record_ids"  # batch key: the ids of the records collated into it (popped before the objective)
@@ -687,4 +698,4 @@ def _describe(ds: Any) -> str:
     return f"(columns {cols})" if cols else f"({type(ds).__name__})"
 
 
-__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "turn_off_dropout"]
+__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "shared_prompt_collator", "turn_off_dropout"]

@@ -154,29 +154,82 @@ def forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """(B, T, d) output of the backbone (after its final norm), via the model's own forward."""
+def is_shared(batch: dict[str, Any]) -> bool:
+    """True for a batch carrying the shared-prompt layout (`alignkit.data.collators.SharedPromptCollator`)."""
+    return batch.get("shared_input_ids") is not None
+
+
+def shared_attention_mask(segments: Tensor, S: int, impl: str, dtype: torch.dtype) -> Tensor:
+    """(B, 1, S, S) attention mask of shared-prompt rows (`shared_prompt_layout`): causal over the row's n
+    tokens, except that the rejected tokens [n_w, n) do not see the chosen tokens [P, n_w); padding queries
+    see the first token only (no empty softmax row; their outputs are never read). Boolean for sdpa,
+    additive (0 / dtype min) for eager attention."""
+    P, n_w, n = (segments[:, i, None, None] for i in range(3))  # (B, 1, 1) each
+    q = torch.arange(S, device=segments.device)[None, :, None]  # (1, S, 1)
+    k = torch.arange(S, device=segments.device)[None, None, :]  # (1, 1, S)
+    allowed = (k <= q) & ~((q >= n_w) & (k >= P) & (k < n_w))  # (B, S, S)
+    allowed = torch.where(q < n, allowed, k == 0)[:, None]  # (B, 1, S, S)
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"share_prompt needs sdpa or eager attention (a custom 4D mask), the model uses {impl!r}: load "
+                     "it with attn_implementation='sdpa', or train with share_prompt=False (padding_free=True suits "
+                     "flash-attention)")
+
+
+def shared_forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """Model inputs of a shared-prompt batch: its (B, S) rows, their positions and the 4D mask."""
+    if getattr(unwrap_parallel(model), "span_locations", None) is not None:
+        raise ValueError("share_prompt does not support ReFT models (their positions are placed in the padded rows); "
+                         "train with share_prompt=False")
+    lm = unwrap_lm(model)
+    ids = batch["shared_input_ids"]
+    mask = shared_attention_mask(batch["shared_segments"].to(ids.device), ids.shape[1],
+                                 attn_implementation(lm.config), lm.get_input_embeddings().weight.dtype)
+    return {"input_ids": ids, "position_ids": batch["shared_position_ids"], "attention_mask": mask}
+
+
+def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "completion_logps") -> tuple[Tensor, Any]:
+    """(final hidden states of the backbone (after its final norm), the model's output) of `model(**kwargs)`,
+    captured by a temporary forward hook on the backbone."""
     lm = unwrap_lm(model)
     backbone = lm.base_model
     if backbone is lm:
-        raise ValueError(f"{type(lm).__name__} has no separate backbone (base_model); completion_logps needs a "
-                         "transformers *ForCausalLM model")
+        raise ValueError(f"{type(lm).__name__} has no separate backbone (base_model); {what} needs a "
+                         "transformers *ForCausalLM / *ForSequenceClassification model")
     captured: list[Tensor] = []
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         captured.append(output if isinstance(output, Tensor) else output[0])
 
     handle = backbone.register_forward_hook(hook)
-    # an empty (0,) index: the model's own head projects no position (B, 0, V); ours runs on completions only
-    none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     try:
-        out = model(**forward_kwargs(model, batch), logits_to_keep=none, use_cache=False)
+        out = model(**kwargs)
     finally:
         handle.remove()
-    check_logits_skipped(getattr(out, "logits", None), type(lm).__name__)
     if len(captured) != 1:
         raise RuntimeError(f"expected one backbone call per forward, saw {len(captured)}")
-    return captured[0]
+    return captured[0], out
+
+
+def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """(B, T, d) output of the backbone (after its final norm), via the model's own forward. A shared-prompt
+    batch (`is_shared`) runs its (B/2, S) shared rows and returns their states in the padded (B, T) layout."""
+    # an empty (0,) index: the model's own head projects no position (B, 0, V); ours runs on completions only
+    none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    kw = shared_forward_kwargs(model, batch) if is_shared(batch) else forward_kwargs(model, batch)
+    h, out = backbone_output(model, {**kw, "logits_to_keep": none, "use_cache": False})
+    check_logits_skipped(getattr(out, "logits", None), type(unwrap_lm(model)).__name__)
+    return unshare(h, batch) if is_shared(batch) else h
+
+
+def unshare(h: Tensor, batch: dict[str, Any]) -> Tensor:
+    """(B/2, S, d) states of shared-prompt rows -> (B, T, d) in the padded layout (`shared_index`); the gather's
+    backward adds both sequences' gradients into their common prefix."""
+    idx = batch["shared_index"].to(h.device)  # (B, T)
+    return h.reshape(-1, h.shape[-1])[idx]  # (B, T, d)
 
 
 def _head(lm: nn.Module) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
@@ -270,5 +323,6 @@ def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 
     return token.sum(-1), mask.sum(-1)
 
 
-__all__ = ["batch_locations", "completion_logps", "completion_token_logps", "final_hidden_states", "forward_kwargs",
-           "is_packed", "packed_prompt_spans", "prompt_locations", "prompt_spans"]
+__all__ = ["backbone_output", "batch_locations", "completion_logps", "completion_token_logps", "final_hidden_states",
+           "forward_kwargs", "is_packed", "is_shared", "packed_prompt_spans", "prompt_locations", "prompt_spans",
+           "shared_attention_mask", "shared_forward_kwargs", "unshare"]

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceBatch, PreferenceParams, preference_loss
-from alignkit.trainers.base import AlignTrainer, packed_collator, turn_off_dropout
+from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator, turn_off_dropout
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.reference import (ReferenceCollator, attach_reference, frozen_copy, load_or_compute,
                                          reference_logps, resolve_mode)
@@ -42,6 +42,11 @@ class PreferenceTrainer(AlignTrainer):
         reference_cache_dir: where precomputed reference log-probs are cached (implies "precomputed").
         padding_free: pack the 2B sequences of each batch into one row without padding (`PackedPreferenceCollator`;
             masking in `alignkit.trainers.logps`). Same losses as padded batches.
+        share_prompt: run each pair as ONE row, the chosen sequence then the rejected one without their common
+            prefix (the prompt), with a mask that hides the chosen tokens from the rejected ones
+            (`alignkit.data.collators.shared_prompt_layout`): the prompt goes through the model once instead of
+            twice. Same log-probs and losses as padded batches up to float rounding; sdpa / eager attention,
+            no ReFT, not with padding_free.
         group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).
     """
 
@@ -54,8 +59,10 @@ class PreferenceTrainer(AlignTrainer):
                  loss_weights: Sequence[float] | None = None, beta: float = 0.1,
                  params: PreferenceParams | None = None, reference: str = "auto", ref_model: nn.Module | None = None,
                  reference_cache_dir: str | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
-                 padding_free: bool = False, **kwargs: Any) -> None:
-        self.padding_free = padding_free
+                 padding_free: bool = False, share_prompt: bool = False, **kwargs: Any) -> None:
+        if padding_free and share_prompt:
+            raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+        self.padding_free, self.share_prompt = padding_free, share_prompt
         if padding_free:
             kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model,
                                                       paired=True)
@@ -71,6 +78,8 @@ class PreferenceTrainer(AlignTrainer):
         if self.reference_mode == "copy" and ref_model is None:
             ref_model = frozen_copy(model)
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
+        if share_prompt:
+            self.data_collator = shared_prompt_collator(self.data_collator)
         self.ref_model = None
         if ref_model is not None:
             self.ref_model = ref_model.to(self.args.device).eval()

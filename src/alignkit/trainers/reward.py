@@ -22,13 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
-from alignkit.adapters import is_classifier
-from alignkit.trainers.base import AlignTrainer
-from alignkit.trainers.logps import prompt_locations
+from alignkit.adapters import is_classifier, unwrap_lm
+from alignkit.trainers.base import AlignTrainer, shared_prompt_collator
+from alignkit.trainers.logps import backbone_output, is_shared, prompt_locations, shared_forward_kwargs, unshare
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """(rows,) scalar reward of each row of `batch` (input_ids, attention_mask[, position_ids])."""
+    """(rows,) scalar reward of each row of `batch` (input_ids, attention_mask[, position_ids]). A shared-prompt
+    batch (`share_prompt`) runs its shared rows and reads each padded row's score as the classifier does."""
+    if is_shared(batch):
+        return _shared_rewards(model, batch)
     kw: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     loc = batch.get("intervention_locations")
     if loc is None and kw["attention_mask"] is not None:
@@ -42,20 +45,49 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return logits[:, 0].float()
 
 
+def _shared_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Rewards of a shared-prompt batch: the backbone over the shared rows, each padded row's states gathered
+    back (`unshare`), and the classifier head at the token transformers' *ForSequenceClassification pools (the
+    rightmost token that is not the pad token; the last column without a pad token id)."""
+    lm = unwrap_lm(model)
+    head = getattr(lm, "score", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"share_prompt reads the reward with the classifier's `score` head; {type(lm).__name__} has "
+                         "none: train with share_prompt=False")
+    h, _ = backbone_output(model, {**shared_forward_kwargs(model, batch), "use_cache": False}, "share_prompt")
+    h = unshare(h, batch)  # (rows, T, d)
+    ids = batch["input_ids"]
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if cfg.pad_token_id is None:
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    else:
+        cols = torch.arange(ids.shape[1], device=ids.device)
+        last = (cols * (ids != cfg.pad_token_id)).argmax(-1)  # (rows,)
+    pooled = h[torch.arange(ids.shape[0], device=ids.device), last]  # (rows, d)
+    return head(pooled.to(head.weight.dtype) if hasattr(head, "weight") else pooled)[:, 0].float()
+
+
 class RewardTrainer(AlignTrainer):
-    """Pairwise (PreferenceCollator batches) or K-wise (RankedCollator batches) reward model training."""
+    """Pairwise (PreferenceCollator batches) or K-wise (RankedCollator batches) reward model training.
+
+    `share_prompt=True` (pairwise only): each pair runs as one row, the chosen sequence then the rejected one
+    without their common prefix, so the prompt goes through the model once (see `PreferenceTrainer`); the same
+    rewards up to float rounding; sdpa / eager attention, no ReFT."""
 
     record_kinds = ("preference", "ranked")
     trl_learning_rate = ("RewardConfig", 1e-4)
 
     def __init__(self, model: nn.Module, args: Any, *, center_rewards_coefficient: float | None = None,
-                 use_margin: bool = True, l2_coefficient: float = 0.0, **kwargs: Any) -> None:
+                 use_margin: bool = True, l2_coefficient: float = 0.0, share_prompt: bool = False,
+                 **kwargs: Any) -> None:
         if not is_classifier(model):
             raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
                              f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
         self.center_rewards_coefficient, self.use_margin = center_rewards_coefficient, use_margin
-        self.l2_coefficient = l2_coefficient
+        self.l2_coefficient, self.share_prompt = l2_coefficient, share_prompt
         super().__init__(model, args, **kwargs)
+        if share_prompt:
+            self.data_collator = shared_prompt_collator(self.data_collator)
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         r = sequence_rewards(model, inputs)  # (rows,)
