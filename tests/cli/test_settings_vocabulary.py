@@ -86,7 +86,7 @@ def test_offline_train_defaults_shown_by_help_are_transformers_own():
 
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
     for key, value in OFFLINE_DEFAULTS.items():
-        if key in ("padding_free", "group_by_length", "compile"):  # alignkit's own
+        if key in ("padding_free", "group_by_length", "share_prompt", "compile"):  # alignkit's own
             assert key not in fields
             continue
         if key == "report_to":  # alignkit's default: null = TensorBoard into <run>/tensorboard when installed

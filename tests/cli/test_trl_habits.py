@@ -98,6 +98,20 @@ def test_padding_free_only_where_supported():
         load_config(None, base, command="rm")
 
 
+def test_share_prompt_only_for_rm_and_dpo_and_passed_to_the_trainer():
+    from alignkit.cli.train import batching_kwargs
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", "train.share_prompt=true"]
+    for command in ("rm", "dpo"):
+        train = load_config(None, base, command=command).train
+        assert batching_kwargs(command, train) == {"share_prompt": True}
+    with pytest.raises(ConfigError, match=r"train\.share_prompt: not available for sft"):
+        load_config(None, base, command="sft")
+    with pytest.raises(ConfigError, match=r"two different layouts"):
+        load_config(None, base + ["train.padding_free=true"], command="dpo")
+
+
 def test_local_dataset_folder_with_trl_flags_and_batching(tmp_path, monkeypatch):
     # a dataset repository folder as datasets.load_dataset takes it: split files named train / test
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))

@@ -86,6 +86,29 @@ def test_packed_rows_attend_block_diagonally(impl, tiny_dir, arch):
           f"max diff {(packed[4:7] - alone).abs().max().item():.3g}")
 
 
+# M12 -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_custom_4d_mask_is_used_as_given(impl, tiny_dir, arch):
+    """A 4D `attention_mask` (B, 1, Q, K) reaches attention as given (boolean for sdpa, additive for eager), with
+    the position_ids passed: alignkit's shared-prompt rows (`share_prompt`) hide the chosen tokens from the rejected."""
+    from alignkit.data.collators import shared_prompt_layout
+    from alignkit.trainers.logps import shared_attention_mask
+
+    lm = load_model(tiny_dir(arch), attn_implementation=impl).eval()
+    chosen, rejected = [5, 6, 7, 8], [5, 6, 9, 10, 11]
+    lay = shared_prompt_layout(torch.tensor([chosen + [0], rejected]), torch.tensor([[1] * 4 + [0], [1] * 5]), 0)
+    ids = lay["shared_input_ids"]  # 5 6 7 8 9 10 11
+    mask = shared_attention_mask(lay["shared_segments"], ids.shape[1], impl, torch.float32)
+    with torch.no_grad():
+        shared = lm(input_ids=ids, position_ids=lay["shared_position_ids"], attention_mask=mask, use_cache=False).logits[0]
+        alone = lm(input_ids=torch.tensor([rejected]), use_cache=False).logits[0]
+    check(torch.allclose(shared[4:], alone[2:], atol=1e-5), TF,
+          f"{type(lm).__name__} ({impl}): a custom 4D attention_mask is not applied as given (the rejected tokens of a "
+          "shared-prompt row see the chosen ones)", "alignkit/trainers/logps.py:shared_forward_kwargs",
+          f"max diff {(shared[4:] - alone[2:]).abs().max().item():.3g}")
+
+
 # M4 ------------------------------------------------------------------------------------------------------
 
 def test_flash_varlen_keyword_names():

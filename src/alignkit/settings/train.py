@@ -55,11 +55,13 @@ TRAIN_KEYS: dict[str, tuple[Any, str]] = {
     # alignkit's own (not TrainingArguments fields), offline only
     "padding_free": (bool, "pack each batch's sequences in rows without padding (TRL's padding_free; sft, dpo)"),
     "group_by_length": (bool, "batches of similar lengths (LengthGroupedSampler)"),
+    "share_prompt": (bool, "one row per preference pair, the prompt run once (rm, dpo; sdpa/eager, no ReFT)"),
     "compile": (bool | dict[str, Any], "true or torch.compile options: compile each decoder layer (regional)"),
 }
 
 # alignkit's own train keys (not TrainingArguments fields): the CLI takes them out before building TrainingArguments
-ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_free", "group_by_length", "compile")}
+ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_free", "group_by_length", "share_prompt",
+                                                                       "compile")}
 
 ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_decay", "max_grad_norm",
                      "gradient_accumulation_steps", "save_steps", "report_to", "disable_tqdm", "push_to_hub",
@@ -87,7 +89,7 @@ OFFLINE_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "lr_scheduler_type": "linear",
     "warmup_steps": 0, "logging_steps": 500, "eval_strategy": "no", "eval_steps": None, "save_total_limit": None,
     "gradient_checkpointing": None, "bf16": False, "fp16": False,
-    "padding_free": False, "group_by_length": False, "compile": False,
+    "padding_free": False, "group_by_length": False, "share_prompt": False, "compile": False,
 }
 
 # The online trainers' defaults, in train's vocabulary (checked against alignkit.online's config classes by a test).
@@ -157,6 +159,10 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
                           "(online runs count steps, not epochs)")
     if train.get("padding_free") and command not in ("sft", "dpo"):
         raise ConfigError(f"{where}.padding_free: not available for {command} (only sft and dpo); remove it")
+    if train.get("share_prompt") and command not in ("rm", "dpo"):
+        raise ConfigError(f"{where}.share_prompt: not available for {command} (only rm and dpo); remove it")
+    if train.get("share_prompt") and train.get("padding_free"):
+        raise ConfigError(f"{where}.share_prompt and {where}.padding_free are two different layouts: set one of them")
     return train
 
 
