@@ -62,6 +62,10 @@ def test_longest_batch_first_and_batches_are_sorted_groups():
 def test_example_length_kinds():
     assert example_length({"input_ids": [1, 2, 3]}) == 3
     assert example_length({"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 2, 3, 4]}) == 4
+    # the one shared-prompt row: chosen + rejected - common prefix
+    assert example_length({"chosen_input_ids": [1, 2, 3], "rejected_input_ids": [1, 2, 9, 9]}, shared_prompt=True) == 5
+    assert example_length({"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 2, 3]}, shared_prompt=True) == 3
+    assert example_length({"input_ids": [1, 2, 3]}, shared_prompt=True) == 3
     assert example_length({"input_ids": [[1], [1, 2, 3]]}) == 3
     with pytest.raises(ValueError, match="tokenize the records first"):
         example_length({"prompt": "hi"})

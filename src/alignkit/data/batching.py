@@ -26,8 +26,13 @@ import torch
 from torch.utils.data import Sampler
 
 
-def example_length(example: dict) -> int:
-    """Tokens of the longest row the example becomes in a padded batch."""
+def example_length(example: dict, shared_prompt: bool = False) -> int:
+    """Tokens of the longest row the example becomes in a padded batch. `shared_prompt` (preference examples):
+    the tokens of its one shared-prompt row instead (`share_prompt`: chosen + rejected - their common prefix)."""
+    if shared_prompt and "chosen_input_ids" in example:
+        a, b = list(example["chosen_input_ids"]), list(example["rejected_input_ids"])
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return len(a) + len(b) - common
     if "input_ids" in example:
         ids = example["input_ids"]
         if ids and isinstance(ids[0], (list, tuple)):  # ranked: one row per response

@@ -271,7 +271,8 @@ class AlignTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)
-        lengths = [example_length(dataset[i]) for i in range(len(dataset))]
+        shared = bool(getattr(self, "share_prompt", False))  # group by the length of the rows the model runs
+        lengths = [example_length(dataset[i], shared) for i in range(len(dataset))]
         return LengthGroupedSampler(lengths, self.args.train_batch_size, seed=self.args.data_seed or self.args.seed)
 
     # -- the one method a subclass writes -------------------------------------------------------------
