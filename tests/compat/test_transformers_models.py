@@ -99,7 +99,7 @@ def test_custom_4d_mask_is_used_as_given(impl, tiny_dir, arch):
     chosen, rejected = [5, 6, 7, 8], [5, 6, 9, 10, 11]
     lay = shared_prompt_layout(torch.tensor([chosen + [0], rejected]), torch.tensor([[1] * 4 + [0], [1] * 5]), 0)
     ids = lay["shared_input_ids"]  # 5 6 7 8 9 10 11
-    mask = shared_attention_mask(lay["shared_segments"], ids.shape[1], impl, torch.float32)
+    mask = shared_attention_mask(lay["shared_segment_ids"], impl, torch.float32)
     with torch.no_grad():
         shared = lm(input_ids=ids, position_ids=lay["shared_position_ids"], attention_mask=mask, use_cache=False).logits[0]
         alone = lm(input_ids=torch.tensor([rejected]), use_cache=False).logits[0]

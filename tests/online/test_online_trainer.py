@@ -270,3 +270,36 @@ def test_skipping_the_rollout_policy_pass_changes_no_result(tiny_dir, tokenizer,
         for key in ("loss", "kl", "kl/sequence_sum", "entropy", "reward", "completions/mean_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     assert slow[1]["kl"] > 0  # the policy moved: the comparison can fail
+
+
+@pytest.mark.parametrize("cls,cfg_cls", [(GRPOTrainer, GRPOConfig), (OnlineDPOTrainer, OnlineDPOConfig)])
+def test_share_prompt_changes_no_result(tiny_dir, tokenizer, cls, cfg_cls):
+    """`share_prompt=True` runs each prompt's samples as one row (the prompt once) in the reference and training
+    forwards: the same losses, kl, entropy and rewards as padded rows, step by step, while the policy moves."""
+    runs = []
+    for share in (False, True):
+        trainer = cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                      small(cfg_cls, share_prompt=share))
+        runs.append(trainer.train())
+    padded, shared = runs
+    for a, b in zip(padded, shared):
+        for key in ("loss", "kl", "kl/sequence_sum", "entropy", "reward", "completions/mean_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert padded[1]["kl"] > 0  # the policy moved: the comparison can fail
+
+
+def test_shared_rows_give_each_rows_own_logps(tiny_dir):
+    """token_stats over rows grouped by prompt (`share_groups`) against each row run alone, full logits."""
+    from alignkit.online.rollout import rows_batch, token_stats
+
+    lm = load_model(tiny_dir("llama")).eval()
+    rows = [([5, 6, 7], [8, 9]), ([5, 6, 7], [10, 11, 12]), ([5, 6, 7], [8]), ([13, 14], [15, 16])]
+    batch = rows_batch(rows, pad_id=0)
+    batch["share_groups"] = torch.tensor([0, 0, 0, 1])
+    with torch.no_grad():
+        stats = token_stats(lm, batch, entropy=True)
+        for i, (p, r) in enumerate(rows):
+            ids = torch.tensor([p + r])
+            lp = torch.log_softmax(lm(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            got = stats.logps[i][stats.mask[i]]
+            torch.testing.assert_close(got, lp[len(p) - 1:], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from alignkit.adapters import unwrap_lm
 from alignkit.data import PreferenceCollator, RankedCollator
-from alignkit.data.collators import SharedPromptCollator, shared_prompt_layout
+from alignkit.data.collators import SharedPromptCollator, shared_prefix_layout, shared_prompt_layout
 from alignkit.trainers import PreferenceTrainer, RewardTrainer
 from alignkit.trainers.logps import completion_logps, shared_attention_mask
 from alignkit.trainers.reward import sequence_rewards
@@ -25,16 +25,32 @@ def test_layout_by_hand():
     out = shared_prompt_layout(ids, att, pad_token_id=0)
     assert out["shared_input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 7, 3, 4, 0]]
     assert out["shared_position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 0]]
-    assert out["shared_segments"].tolist() == [[2, 4, 5], [2, 2, 4]]  # (prefix, chosen length, row length)
+    # -1 prefix, 0 the chosen tokens after it, 1 the rejected ones, -2 padding
+    assert out["shared_segment_ids"].tolist() == [[-1, -1, 0, 0, 1], [-1, -1, 1, 1, -2]]
     # chosen0 -> 0..3; chosen1 -> row 1 (offset 5), padding -> its first token; rejected0: 5 6 at 0 1, 9 at 4
     assert out["shared_index"].tolist() == [[0, 1, 2, 3], [5, 6, 5, 5], [0, 1, 4, 0], [5, 6, 7, 8]]
-    m = shared_attention_mask(out["shared_segments"], 5, "sdpa", torch.float32)[:, 0].int()
+    m = shared_attention_mask(out["shared_segment_ids"], "sdpa", torch.float32)[:, 0].int()
     assert m[0].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
                              [1, 1, 0, 0, 1]]  # the rejected token 9 sees the prompt and itself, not 7 8
     assert m[1].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
                              [1, 0, 0, 0, 0]]  # nothing to hide (chosen is the prefix); padding query -> token 0
-    e = shared_attention_mask(out["shared_segments"], 5, "eager", torch.float32)
+    e = shared_attention_mask(out["shared_segment_ids"], "eager", torch.float32)
     assert bool(((e == 0) == m[:, None].bool()).all()) and float(e.min()) == torch.finfo(torch.float32).min
+
+
+def test_groups_of_three_by_hand():
+    # rows of two prompts, group-major as the online trainers order samples: 1 2 | 3, 1 2 | 4 5, 1 | 9 ; 7 | 8
+    ids = torch.tensor([[1, 2, 3, 0], [1, 2, 4, 5], [1, 9, 0, 0], [7, 8, 0, 0]])
+    att = (ids != 0).long()
+    out = shared_prefix_layout(ids, att, torch.tensor([0, 0, 0, 1]))
+    # group 0: common prefix "1" (P = 1), then 2 3 | 2 4 5 | 9; group 1: one member, all of it prefix
+    assert out["shared_input_ids"].tolist() == [[1, 2, 3, 2, 4, 5, 9], [7, 8, 0, 0, 0, 0, 0]]
+    assert out["shared_position_ids"].tolist() == [[0, 1, 2, 1, 2, 3, 1], [0, 1, 0, 0, 0, 0, 0]]
+    assert out["shared_segment_ids"].tolist() == [[-1, 0, 0, 1, 1, 1, 2], [-1, -1, -2, -2, -2, -2, -2]]
+    assert out["shared_index"].tolist() == [[0, 1, 2, 0], [0, 3, 4, 5], [0, 6, 0, 0], [7, 8, 7, 7]]
+    m = shared_attention_mask(out["shared_segment_ids"], "sdpa", torch.float32)[0, 0].int()
+    assert m[6].tolist() == [1, 0, 0, 0, 0, 0, 1]  # "9" (member 2) sees the prefix "1" and itself only
+    assert m[5].tolist() == [1, 0, 0, 1, 1, 1, 0]  # "5" (member 1) sees "1" and its own 2 4 5
 
 
 def test_left_padding_and_odd_rows_are_refused():

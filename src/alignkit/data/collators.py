@@ -276,51 +276,71 @@ class PromptCollator:
         return batch
 
 
-SHARED_KEYS = ("shared_input_ids", "shared_position_ids", "shared_segments", "shared_index")
+SHARED_KEYS = ("shared_input_ids", "shared_position_ids", "shared_segment_ids", "shared_index")
 
 
-def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> dict[str, Any]:
-    """The shared-prompt layout of a right-padded 2B preference batch (chosen rows 0..B-1, rejected B..2B-1).
+def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: torch.Tensor,
+                         pad_token_id: int = 0) -> dict[str, Any]:
+    """The shared-prefix layout of right-padded rows (R, T) whose `groups (R,)` say which rows share a prompt.
 
-    Each pair becomes ONE row: the chosen sequence, then the rejected sequence without the prefix it has in
-    common with the chosen one (at least the prompt), so the prefix goes through the model once:
+    Each group becomes ONE row: the prefix its members have in common (at least the prompt), then each member's
+    tokens after it, in row order:
 
-        row b  = chosen_b[0:n_w] + rejected_b[P:n_l]          (P = common prefix length, S = longest row)
-        positions 0..n_w-1, then P..n_l-1                     (the rejected tokens keep their own positions)
-        attention: causal, except that rejected tokens do not see the chosen tokens after the prefix
+        row g  = prefix[0:P] + m_0[P:n_0] + m_1[P:n_1] + ...      (P = the group's common prefix, S = longest row)
+        positions 0..P-1, then P..n_k-1 for every member          (each member keeps its own positions)
+        attention: causal, and a member's tokens see the prefix and their own tokens only
 
     A causal model's hidden state at a position depends only on the tokens it attends to and their positions,
-    so every hidden state of both sequences is the one the padded layout gives (up to float rounding).
-    Returns `shared_input_ids` / `shared_position_ids` (B, S), `shared_segments` (B, 3) = (P, n_w, n) with n
-    the row's length, and `shared_index` (2B, T): for each padded-layout token its flat index in the (B * S)
-    shared rows (padding points at the row's first token; it is never read)."""
+    so every hidden state of every member is the one the padded layout gives (up to float rounding).
+    Returns `shared_input_ids` / `shared_position_ids` (G, S), `shared_segment_ids` (G, S) (-1 on the prefix,
+    the member's index k >= 0 on its tokens, -2 on padding; `alignkit.trainers.logps.shared_attention_mask`) and
+    `shared_index` (R, T): for each padded-layout token its flat index in the (G * S) shared rows (padding
+    points at the row's first token; it is never read). Groups are numbered by first appearance."""
     R, T = input_ids.shape
+    att = attention_mask.bool()
+    lengths = att.sum(-1)
+    if not bool((att == (torch.arange(T, device=att.device)[None, :] < lengths[:, None])).all()):
+        raise ValueError("share_prompt needs right-padded rows (PreferenceCollator(padding_side='right'))")
+    ids, n, grp = input_ids.tolist(), lengths.tolist(), groups.tolist()
+    members: dict[Any, list[int]] = {}
+    for r, g in enumerate(grp):
+        members.setdefault(g, []).append(r)
+    rows, pos, seg, where = [], [], [], [[0] * T for _ in range(R)]
+    for gi, rs in enumerate(members.values()):
+        first = ids[rs[0]][:n[rs[0]]]
+        P = n[rs[0]]
+        for r in rs[1:]:
+            other = ids[r][:n[r]]
+            P = next((i for i, (x, y) in enumerate(zip(first[:P], other)) if x != y), min(P, len(other)))
+        row, p, sg = first[:P], list(range(P)), [-1] * P
+        for k, r in enumerate(rs):
+            start = len(row)
+            row += ids[r][P:n[r]]
+            p += list(range(P, n[r]))
+            sg += [k] * (n[r] - P)
+            where[r] = list(range(P)) + list(range(start, start + n[r] - P)) + [0] * (T - n[r])
+        rows.append((gi, row, p, sg))
+    S = max((len(x[1]) for x in rows), default=0)
+    out_ids = [row + [pad_token_id] * (S - len(row)) for _, row, _, _ in rows]
+    out_pos = [p + [0] * (S - len(p)) for _, _, p, _ in rows]
+    out_seg = [sg + [-2] * (S - len(sg)) for _, _, _, sg in rows]
+    gi_of = {g: i for i, g in enumerate(members)}
+    index = [[gi_of[grp[r]] * S + c for c in where[r]] for r in range(R)]
+    dev = input_ids.device
+    return {"shared_input_ids": torch.tensor(out_ids, dtype=torch.long, device=dev),
+            "shared_position_ids": torch.tensor(out_pos, dtype=torch.long, device=dev),
+            "shared_segment_ids": torch.tensor(out_seg, dtype=torch.long, device=dev),
+            "shared_index": torch.tensor(index, dtype=torch.long, device=dev)}
+
+
+def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int = 0) -> dict[str, Any]:
+    """`shared_prefix_layout` of a right-padded 2B preference batch (chosen rows 0..B-1, rejected B..2B-1): pair b
+    is one row, chosen_b then the rejected tokens after the prefix the two have in common."""
+    R = input_ids.shape[0]
     if R % 2:
         raise ValueError(f"a shared-prompt batch needs the 2B preference layout (chosen rows, then rejected), got {R} rows")
-    att = attention_mask.bool()
-    lengths = att.sum(-1)  # (2B,)
-    if not bool((att == (torch.arange(T)[None, :] < lengths[:, None])).all()):
-        raise ValueError("share_prompt needs right-padded preference batches (PreferenceCollator(padding_side='right'))")
-    B = R // 2
-    n_w, n_l = lengths[:B], lengths[B:]  # (B,)
-    same = (input_ids[:B] == input_ids[B:]) & att[:B] & att[B:]  # (B, T)
-    P = same.long().cumprod(-1).sum(-1)  # (B,) common prefix length, <= min(n_w, n_l)
-    n = n_w + n_l - P  # (B,)
-    S = int(n.max()) if B else 0
-    j = torch.arange(S)[None, :]  # (1, S)
-    in_w = j < n_w[:, None]  # (B, S)
-    src_l = (j - n_w[:, None] + P[:, None]).clamp(0, T - 1)  # column of the rejected row
-    chosen = torch.nn.functional.pad(input_ids[:B], (0, max(S - T, 0)), value=pad_token_id)[:, :S]  # (B, S)
-    ids = torch.where(in_w, chosen, input_ids[B:].gather(1, src_l))
-    real = j < n[:, None]
-    ids = ids.masked_fill(~real, pad_token_id)
-    pos = torch.where(in_w, j, src_l).masked_fill(~real, 0)
-    c = torch.arange(T)[None, :]  # (1, T)
-    base = (torch.arange(B) * S)[:, None]  # (B, 1)
-    idx_w = base + torch.where(c < n_w[:, None], c, 0)
-    idx_l = base + torch.where(c < P[:, None], c, torch.where(c < n_l[:, None], c - P[:, None] + n_w[:, None], 0))
-    return {"shared_input_ids": ids, "shared_position_ids": pos, "shared_segments": torch.stack([P, n_w, n], -1),
-            "shared_index": torch.cat([idx_w, idx_l])}
+    pair = torch.arange(R // 2)
+    return shared_prefix_layout(input_ids, attention_mask, torch.cat([pair, pair]), pad_token_id)
 
 
 class SharedPromptCollator:

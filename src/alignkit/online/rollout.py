@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from alignkit.data.collators import pad
+from alignkit.data.collators import pad, shared_prefix_layout
 from alignkit.losses import chunked_lm_logprobs
 from alignkit.adapters import reference_off, unwrap_lm
 from alignkit.online.generation import Sample
@@ -73,6 +73,8 @@ def select(batch: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
 def token_stats(model: nn.Module, batch: dict[str, Tensor], *, temperature: float = 1.0, entropy: bool = False,
                 hidden: bool = False, chunk_size: int = 1024) -> TokenStats:
     """Per-token log-probs (and entropy, hidden states) of the response tokens; see the module docstring."""
+    if batch.get("share_groups") is not None:  # `share_prompt`: the rows of one prompt run as one shared row
+        batch = {**batch, **shared_prefix_layout(batch["input_ids"], batch["attention_mask"], batch["share_groups"])}
     ids = batch["input_ids"]  # (B, T)
     mask = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()  # (B, T-1)
     h = final_hidden_states(model, batch)  # (B, T, d)

@@ -108,6 +108,8 @@ class OnlineConfig:
     #   when installed (events in <output_dir>/tensorboard, as offline runs); "none": no tracker
     progress_bar: bool = True  # a tqdm bar over the steps (main process)
     chunk_size: int = 1024
+    share_prompt: bool = False  # the training, reference and policy forwards run each prompt's samples as ONE row
+    #   (the prompt once; alignkit.data.collators.shared_prefix_layout): the same log-probs up to float rounding
     seed: int = 0
     save_at_end: bool = True
     save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
@@ -477,6 +479,8 @@ class OnlineTrainer:
         valid = ~torch.isnan(raw)
         weights = torch.tensor([s.weight for s in samples], dtype=torch.float32) * valid
         batch = samples_batch(samples, self.tokenizer.pad_token_id, self.accelerator.device)
+        if c.share_prompt:  # every forward over these rows (or a selection of them) shares each group's prompt
+            batch["share_groups"] = torch.tensor([s.group for s in samples], dtype=torch.long, device=batch["input_ids"].device)
         ref = reference_token_logps(self.policy, batch, self.ref_model, temperature=c.sampling.temperature,
                                     chunk_size=c.chunk_size)
         if policy_pass:

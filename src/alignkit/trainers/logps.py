@@ -159,16 +159,17 @@ def is_shared(batch: dict[str, Any]) -> bool:
     return batch.get("shared_input_ids") is not None
 
 
-def shared_attention_mask(segments: Tensor, S: int, impl: str, dtype: torch.dtype) -> Tensor:
-    """(B, 1, S, S) attention mask of shared-prompt rows (`shared_prompt_layout`): causal over the row's n
-    tokens, except that the rejected tokens [n_w, n) do not see the chosen tokens [P, n_w); padding queries
-    see the first token only (no empty softmax row; their outputs are never read). Boolean for sdpa,
-    additive (0 / dtype min) for eager attention."""
-    P, n_w, n = (segments[:, i, None, None] for i in range(3))  # (B, 1, 1) each
-    q = torch.arange(S, device=segments.device)[None, :, None]  # (1, S, 1)
-    k = torch.arange(S, device=segments.device)[None, None, :]  # (1, 1, S)
-    allowed = (k <= q) & ~((q >= n_w) & (k >= P) & (k < n_w))  # (B, S, S)
-    allowed = torch.where(q < n, allowed, k == 0)[:, None]  # (B, 1, S, S)
+def shared_attention_mask(segment_ids: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
+    """(G, 1, S, S) attention mask of shared-prefix rows (`alignkit.data.collators.shared_prefix_layout`, segment
+    ids -1 prefix, k >= 0 member k, -2 padding): causal, and a member's tokens see the prefix and their own tokens
+    only; padding queries see the first token only (no empty softmax row; their outputs are never read).
+    Boolean for sdpa, additive (0 / dtype min) for eager attention."""
+    S = segment_ids.shape[1]
+    q = torch.arange(S, device=segment_ids.device)[:, None]  # (S, 1)
+    k = torch.arange(S, device=segment_ids.device)[None, :]  # (1, S)
+    sq, sk = segment_ids[:, :, None], segment_ids[:, None, :]  # (G, S, 1), (G, 1, S)
+    allowed = (k <= q) & ((sk == -1) | (sk == sq))  # (G, S, S)
+    allowed = torch.where(sq == -2, k == 0, allowed)[:, None]  # (G, 1, S, S)
     if impl == "sdpa":
         return allowed
     if impl == "eager":
@@ -186,8 +187,8 @@ def shared_forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, 
                          "train with share_prompt=False")
     lm = unwrap_lm(model)
     ids = batch["shared_input_ids"]
-    mask = shared_attention_mask(batch["shared_segments"].to(ids.device), ids.shape[1],
-                                 attn_implementation(lm.config), lm.get_input_embeddings().weight.dtype)
+    mask = shared_attention_mask(batch["shared_segment_ids"].to(ids.device), attn_implementation(lm.config),
+                                 lm.get_input_embeddings().weight.dtype)
     return {"input_ids": ids, "position_ids": batch["shared_position_ids"], "attention_mask": mask}
 
 
@@ -216,7 +217,7 @@ def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "compl
 
 def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """(B, T, d) output of the backbone (after its final norm), via the model's own forward. A shared-prompt
-    batch (`is_shared`) runs its (B/2, S) shared rows and returns their states in the padded (B, T) layout."""
+    batch (`is_shared`) runs its (G, S) shared rows and returns their states in the padded (B, T) layout."""
     # an empty (0,) index: the model's own head projects no position (B, 0, V); ours runs on completions only
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     kw = shared_forward_kwargs(model, batch) if is_shared(batch) else forward_kwargs(model, batch)
@@ -226,7 +227,7 @@ def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
 
 
 def unshare(h: Tensor, batch: dict[str, Any]) -> Tensor:
-    """(B/2, S, d) states of shared-prompt rows -> (B, T, d) in the padded layout (`shared_index`); the gather's
+    """(G, S, d) states of shared-prefix rows -> (B, T, d) in the padded layout (`shared_index`); the gather's
     backward adds both sequences' gradients into their common prefix."""
     idx = batch["shared_index"].to(h.device)  # (B, T)
     return h.reshape(-1, h.shape[-1])[idx]  # (B, T, d)
