@@ -380,6 +380,8 @@ def parse_online_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (GRPO) / DPO beta (online DPO)")
+    ap.add_argument("--share-prompt", action="store_true",
+                    help="alignkit: each prompt's samples as one row in the training / reference forwards")
     ap.add_argument("--grad-ckpt", choices=["default", "on", "off"], default="default")
     ap.add_argument("--precision", choices=["default", "fp32", "bf16"], default="default")
     ap.add_argument("--threads", type=int, default=None)

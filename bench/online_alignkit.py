@@ -36,7 +36,7 @@ def main() -> None:
     sampling = SamplingConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=1.0)
     shared = dict(steps=args.warmup + args.steps, prompts_per_step=args.prompts_per_step, sampling=sampling,
                   learning_rate=args.lr, reference="copy", progress_bar=False, report_to="none", save_at_end=False,
-                  seed=args.seed)
+                  seed=args.seed, share_prompt=bool(args.share_prompt))
     annotator = {"type": "function", "fn": common.even_fraction}
     if args.method == "grpo":
         trainer = GRPOTrainer(model, tok, common.online_prompts(args), annotator,

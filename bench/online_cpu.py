@@ -33,7 +33,10 @@ import common  # noqa: E402
 METHODS = {"grpo": ["--num-samples", "4", "--beta", "0.04", "--lr", "1e-6"],
            "online_dpo": ["--num-samples", "2", "--beta", "0.1", "--lr", "5e-7"]}
 SIDES = {("alignkit", "default"): [], ("trl", "default"): [],
-         ("trl", "fastest"): ["--grad-ckpt", "off", "--precision", "fp32"]}
+         ("trl", "fastest"): ["--grad-ckpt", "off", "--precision", "fp32"],
+         ("alignkit", "fastest"): ["--share-prompt"]}  # each prompt's samples as one row (share_prompt=True)
+# (alignkit setting, TRL setting) of each table row
+ROWS = [("default", "default"), ("default", "fastest"), ("fastest", "fastest")]
 
 
 def run_side(lib: str, variant: str, method: str, spec: Path, run_dir: Path, shared: list[str], threads: int,
@@ -89,24 +92,25 @@ def main() -> None:
                        f"{res['cpu_seconds']:.2f} CPU s, loss {res['final_loss']}" if res.get("status") == "ok"
                        else f"{res['status']}: {res.get('reason', '')}")
                 print(f"[online_cpu] {tag}: {got}", flush=True)
-    lines = [f"{'method':<11} {'peer setting':<13} | {'steps/s ak':>10} {'trl':>7} | {'paired x (wall)':>20} | "
-             f"{'paired x (CPU s/step)':>22} | {'gen tok/s ak':>12} {'trl':>7}", "-" * 110]
+    lines = [f"{'method':<11} {'ak / trl setting':<17} | {'steps/s ak':>10} {'trl':>7} | {'paired x (wall)':>20} | "
+             f"{'paired x (CPU s/step)':>22} | {'gen tok/s ak':>12} {'trl':>7}", "-" * 114]
     rows = []
     for method in args.methods:
-        ak = runs.get((method, "alignkit", "default"), [])
-        for variant in ("default", "fastest"):
+        for ak_variant, variant in ROWS:
+            ak = runs.get((method, "alignkit", ak_variant), [])
             tr = runs.get((method, "trl", variant), [])
             pairs = [(a, t) for a, t in zip(ak, tr) if a.get("status") == "ok" and t.get("status") == "ok"]
             wall = [a["steps_per_s"] / t["steps_per_s"] for a, t in pairs]
             cpu = [t["cpu_seconds"] / a["cpu_seconds"] for a, t in pairs]
             med = lambda rs, k: statistics.median(r[k] for r in rs if r.get("status") == "ok") if any(  # noqa: E731
                 r.get("status") == "ok" for r in rs) else float("nan")
-            row = {"method": method, "trl_setting": variant, "wall_ratios": wall, "cpu_ratios": cpu,
+            row = {"method": method, "alignkit_setting": ak_variant, "trl_setting": variant, "wall_ratios": wall,
+                   "cpu_ratios": cpu,
                    "alignkit_steps_per_s": med(ak, "steps_per_s"), "trl_steps_per_s": med(tr, "steps_per_s"),
                    "alignkit_gen_tok_s": med(ak, "generated_tokens_per_s"), "trl_gen_tok_s": med(tr, "generated_tokens_per_s"),
                    "alignkit_final_loss": [a.get("final_loss") for a in ak], "trl_final_loss": [t.get("final_loss") for t in tr]}
             rows.append(row)
-            lines.append(f"{method:<11} {variant:<13} | {row['alignkit_steps_per_s']:>10.3f} {row['trl_steps_per_s']:>7.3f} | "
+            lines.append(f"{method:<11} {ak_variant + ' / ' + variant:<17} | {row['alignkit_steps_per_s']:>10.3f} {row['trl_steps_per_s']:>7.3f} | "
                          f"{spread(wall):>20} | {spread(cpu):>22} | {row['alignkit_gen_tok_s']:>12.0f} "
                          f"{row['trl_gen_tok_s']:>7.0f}")
     lines.append("x = alignkit / TRL (> 1: alignkit faster), median (min-max) over the paired repeats; CPU ratio = "
