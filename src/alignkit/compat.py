@@ -24,6 +24,11 @@ import inspect
 import logging
 from typing import Any, Iterable
 
+from transformers import Trainer
+
+from alignkit.adapters import unwrap_lm
+from alignkit.interventions.editing import CACHE_KEYWORDS
+
 logger = logging.getLogger(__name__)
 
 DEPENDENCIES = ("transformers", "peft", "accelerate", "datasets", "tokenizers", "torch")
@@ -104,8 +109,6 @@ def trainer_problems(cls: type) -> list[str]:
     """What moved in `transformers.Trainer` for the subclass `cls` (empty when nothing did): each private or
     overridden Trainer method that `cls` (or a base between it and Trainer) defines or calls must still exist
     on Trainer with the parameters alignkit assumes; each Trainer attribute it sets must still exist."""
-    from transformers import Trainer
-
     ours = [k for k in cls.__mro__ if k is not Trainer and issubclass(k, Trainer)]
     defined = {name for k in ours for name in vars(k)}
     called = {n for k in ours for n in TRAINER_CALLED.get(k.__name__, ())}
@@ -171,9 +174,6 @@ def cache_keyword(model: Any) -> str:
     output returns it: `cache` from transformers 5.24, `past_key_values` before (5.19 in the vLLM
     environment). Read from the forward's signature of the transformers model under any wrapper; a forward
     that names neither raises `DependencyMoved` instead of passing a cache the model would not use."""
-    from alignkit.adapters import unwrap_lm
-    from alignkit.interventions.editing import CACHE_KEYWORDS
-
     lm = unwrap_lm(model)
     params = _params(type(lm).forward)
     for name in CACHE_KEYWORDS:

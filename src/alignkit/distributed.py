@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -77,8 +79,6 @@ def enable_sharding_on_cpu(accelerator: Any) -> bool:
     """Attach the FSDP plugin the launcher asked for when accelerate dropped it on CPU processes (see the
     module docstring). Returns True when it did. Call right after creating the `Accelerator`, before any
     `prepare`."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = accelerator.state
     engine = requested_engine()
     if engine is None or state.distributed_type != DistributedType.MULTI_CPU:
@@ -92,7 +92,6 @@ def enable_sharding_on_cpu(accelerator: Any) -> bool:
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
         state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
-    from accelerate.state import PartialState
 
     # every AcceleratorState() copies PartialState's fields again (accelerate 1.x), so both must say FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -105,7 +104,6 @@ def deepspeed_on_cpu(args: Any) -> bool:
     """Make a DeepSpeed run on CPU processes count its processes (see the module docstring). Call with the
     `TrainingArguments` the Trainer will use, before it creates its `Accelerator`. Returns True when it
     corrected something. On GPUs, or without DeepSpeed, it changes nothing."""
-    import torch
     import torch.distributed as dist
 
     wants = bool(getattr(args, "deepspeed", None)) or requested_engine() == "deepspeed"
@@ -115,7 +113,6 @@ def deepspeed_on_cpu(args: Any) -> bool:
         raise ValueError("DeepSpeed was requested (train.deepspeed / accelerate config distributed_type: DEEPSPEED) "
                          "together with use_cpu=True, which makes accelerate skip DeepSpeed: leave use_cpu unset "
                          "(DeepSpeed runs on CPU processes by itself) or use configs/accelerate/fsdp2.yaml")
-    from accelerate.state import AcceleratorState, PartialState
 
     state = PartialState()
     if not dist.is_initialized() or state.num_processes == dist.get_world_size():
@@ -126,7 +123,6 @@ def deepspeed_on_cpu(args: Any) -> bool:
     if AcceleratorState._shared_state:
         AcceleratorState._shared_state.update(fields)
     if getattr(args, "deepspeed", None):  # re-derive the "auto" batch sizes with the right process count
-        from accelerate.utils import DeepSpeedPlugin
         from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
         args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
@@ -137,15 +133,11 @@ def deepspeed_on_cpu(args: Any) -> bool:
 
 
 def is_fsdp2(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
     state = accelerator.state
     return state.distributed_type == DistributedType.FSDP and getattr(state.fsdp_plugin, "fsdp_version", 1) == 2
 
 
 def is_deepspeed(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator.state.distributed_type == DistributedType.DEEPSPEED
 
 
@@ -310,8 +302,6 @@ def load_full_optimizer_state(model: nn.Module, optimizer: Any, state: dict) -> 
 
 
 def is_sharded(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator.state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 

@@ -33,9 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import transformers
+import yaml
+from huggingface_hub import HfApi
+from huggingface_hub import ModelCard as HubCard
 from transformers import TrainerCallback
 
+import alignkit
 from alignkit.adapters.config import KINDS
+from alignkit.data.readers.rows import looks_like_hub_id
 from alignkit.files import atomic_write_text, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -225,8 +232,6 @@ class ModelCard:
 
     def metadata(self) -> dict[str, Any]:
         """The card's Hub metadata (YAML front matter): library_name, base_model, tags, datasets, pipeline_tag."""
-        from alignkit.data.readers.rows import looks_like_hub_id
-
         kind = str(self.adapter.get("kind", "full"))
         info = KINDS[kind]
         command = str(self.objective.get("command", ""))
@@ -269,9 +274,6 @@ class ModelCard:
 
     def hub_card(self) -> Any:
         """The card as a `huggingface_hub.ModelCard`: Hub metadata (`metadata()`) above the rendered text."""
-        import yaml
-        from huggingface_hub import ModelCard as HubCard
-
         front = yaml.safe_dump(self.metadata(), sort_keys=False).strip()
         return HubCard(f"---\n{front}\n---\n\n{self.render()}")
 
@@ -293,11 +295,6 @@ def _fmt(v: Any) -> str:
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import alignkit
-
     out = {"alignkit": alignkit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import peft
@@ -450,8 +447,6 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, toke
     """Upload `folder` (a final model / adapter folder and its README.md card) to the Hub model repo `repo_id`,
     creating the repo; `ignore_patterns` (fnmatch, relative paths) leave files out. Returns the repo id."""
     if api is None:
-        from huggingface_hub import HfApi
-
         api = HfApi(token=token)
     folder = Path(folder)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -74,7 +74,7 @@ def _by_group(samples: list[dict]) -> dict[int, list[dict]]:
 
 
 def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path):
-    from alignkit.cli.common import load_data
+    from alignkit.cli.data import load_data
     from alignkit.data import load_records
     from alignkit.data.records import PreferenceRecord, SFTRecord
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from alignkit.interventions import INTERVENTIONS
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import ReftConfig, RepresentationConfig
-from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME, load_pyreft, load_reft, save_reft
+from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME, save_reft
+from alignkit.interventions.loading import load_pyreft, load_reft
 from alignkit.models.loading import load_model
 
 ROWS = [  # (type, extra arguments): every registered type, some with non-default arguments

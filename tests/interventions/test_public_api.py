@@ -11,8 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 PUBLIC = {  # name -> the module that defines it
     "ReftConfig": "alignkit.interventions.config", "RepresentationConfig": "alignkit.interventions.config",
     "get_reft_model": "alignkit.interventions.attach", "ReftModel": "alignkit.interventions.attach",
-    "save_reft": "alignkit.interventions.io", "load_reft": "alignkit.interventions.io",
-    "load_pyreft": "alignkit.interventions.io", "ReftTrainer": "alignkit.interventions.training",
+    "save_reft": "alignkit.interventions.io", "load_reft": "alignkit.interventions.loading",
+    "load_pyreft": "alignkit.interventions.loading", "ReftTrainer": "alignkit.interventions.training",
 }
 
 

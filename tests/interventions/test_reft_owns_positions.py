@@ -12,7 +12,7 @@ import torch
 
 from alignkit.cli import main
 from alignkit.interventions import ReftConfig, RepresentationConfig, get_reft_model
-from alignkit.interventions.io import load_reft
+from alignkit.interventions.loading import load_reft
 from alignkit.interventions.positions import locations_from_mask, locations_from_spans
 from alignkit.adapters import load_adapter
 from alignkit.models.loading import load_model, load_tokenizer

@@ -20,7 +20,7 @@ from alignkit.data.reft_data import encode_prompts, make_classification_data_mod
     make_multiple_position_supervised_data_module
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import ReftConfig
-from alignkit.interventions.io import load_reft
+from alignkit.interventions.loading import load_reft
 from alignkit.interventions.training import ReftTrainer
 from alignkit.adapters import load_adapter, read_adapter_config
 from alignkit.models.loading import load_model, load_tokenizer

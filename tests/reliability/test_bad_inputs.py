@@ -100,7 +100,7 @@ def test_unknown_chat_role(tmp_path, capsys):
 
 
 def test_some_identical_pairs_are_dropped_with_a_counted_warning(tmp_path, caplog):
-    from alignkit.cli.common import load_data
+    from alignkit.cli.data import load_data
     from alignkit.settings import DataSettings
 
     with caplog.at_level("WARNING"):

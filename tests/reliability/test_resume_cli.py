@@ -151,7 +151,7 @@ def test_kill_while_writing_a_checkpoint_leaves_no_partial_checkpoint(tmp_path, 
 
 
 def test_config_changes_flattens_and_names_defaults():
-    from alignkit.cli.common import config_changes
+    from alignkit.cli.runfolder import config_changes
 
     old = {"command": "sft", "train": {"learning_rate": 0.001, "max_steps": 2}, "adapter": {"lora": {"r": 8}}}
     new = {"command": "sft", "train": {"max_steps": 4, "seed": 1}, "adapter": {"lora": {"r": 8}}}

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -49,8 +51,6 @@ class Lora(Adapter):
         return not is_reft(model) and is_peft_model(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from peft import LoraConfig, get_peft_model
-
         s = self.config.lora
         task = "SEQ_CLS" if is_classifier(model) else "CAUSAL_LM"
         cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
@@ -69,13 +69,9 @@ class Lora(Adapter):
         absolute_base_path(folder / "adapter_config.json")
 
     def load(self, model: nn.Module, folder: Path, trainable: bool) -> nn.Module:
-        from peft import PeftModel
-
         return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
-        from peft.utils import set_peft_model_state_dict
-
         path = folder / WEIGHTS_NAME
         check_peft_load(set_peft_model_state_dict(model, load_file(str(path))), str(path))
 

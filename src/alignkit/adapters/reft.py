@@ -19,8 +19,9 @@ from torch import nn
 from alignkit.adapters.base import Adapter, Route, head_names, is_reft, register_adapter, unwrap_lm, unwrap_parallel
 from alignkit.adapters.config import AdapterConfig, ReftSettings
 from alignkit.interventions.attach import get_reft_model
-from alignkit.interventions.config import Positions, ReftConfig
-from alignkit.interventions.io import load_reft, read_reft_weights
+from alignkit.interventions.config import Positions
+from alignkit.interventions.io import read_reft_weights
+from alignkit.interventions.loading import load_reft
 from alignkit.interventions.locate import is_peft_model
 
 HEAD_WEIGHTS_NAME = "modules_to_save.safetensors"

@@ -20,8 +20,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignkit.cli.common import config_from_args, data_path, dry_run
+from alignkit.augment.llm import Cached, LocalChat, OpenAIChat
+from alignkit.augment.pipeline import Filters, read_sources
+from alignkit.augment.pipeline import augment as run_augment
+from alignkit.cli.data import data_path
 from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.runfolder import config_from_args, dry_run
+from alignkit.models.tiny import ARCHITECTURES, save_tiny
 from alignkit.online.rounds import atomic_write_text, read_jsonl
 from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError, save_config
@@ -36,8 +41,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_llm(cfg: Any) -> Any:
     """The configured ChatModel (cached unless llm.cache is false), or None."""
-    from alignkit.augment.llm import Cached, LocalChat, OpenAIChat
-
     s = cfg.llm
     if s is None:
         return None
@@ -52,8 +55,6 @@ def build_llm(cfg: Any) -> Any:
     else:
         path = s.path
         if path.startswith("tiny:"):
-            from alignkit.models.tiny import ARCHITECTURES, save_tiny
-
             arch = path[len("tiny:"):]
             if arch not in ARCHITECTURES:
                 raise ConfigError(f"llm.path: unknown tiny architecture {arch!r}; valid: "
@@ -73,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def augment(cfg: Any) -> int:
-    from alignkit.augment.pipeline import Filters, augment as run_augment, read_sources
-
     paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
     sources = read_sources([data_path(p) for p in paths], cfg.data.max_records)
     if not sources:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
+import json
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -99,9 +101,6 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 def examples(root: Any, count: int = 3) -> str:
     """A few held-out prompts with the greedy answers of the SFT model and of both DPO adapters."""
-    import json
-    from pathlib import Path
-
     columns = [("SFT", "sft"), ("DPO+ReFT", "dpo_reft"), ("DPO+LoRA", "dpo_lora")]
     rows: dict[str, list[dict]] = {}
     for label, folder in columns:

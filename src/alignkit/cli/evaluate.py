@@ -18,13 +18,20 @@ import logging
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from alignkit.cli.data import read_records, tokenize
+from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.models import load_for_inference, to_device
+from alignkit.cli.runfolder import config_from_args, dry_run, start_run
+from alignkit.data import PreferenceCollator
+from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
+from alignkit.models.loading import load_model
 from alignkit.online.rounds import atomic_write_text
 from alignkit.runs import write_command_outputs
-
-from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.common import (config_from_args, dry_run, load_for_inference, read_records,
-                                 start_run, to_device, tokenize)
+from alignkit.trainers.evaluation import evaluate_reward_model
+from alignkit.trainers.logps import completion_logps
+from alignkit.trainers.reference import reference_logps, resolve_mode
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _bar(total: int, desc: str, progress: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="pair", disable=not progress)
 
 
@@ -75,9 +80,6 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
 
 def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool,
                    per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
-    from alignkit.data import PreferenceCollator
-    from alignkit.trainers.evaluation import evaluate_reward_model
-
     collate = PreferenceCollator(pad_id)
     with _bar(len(features), "reward eval", progress) as bar:
         def counted(batch: list[dict]) -> dict[str, Any]:
@@ -90,12 +92,6 @@ def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: in
 @torch.no_grad()
 def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_path: str,
                 progress: bool, per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
-    from alignkit.data import PreferenceCollator
-    from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
-    from alignkit.models.loading import load_model
-    from alignkit.trainers.logps import completion_logps
-    from alignkit.trainers.reference import reference_logps, resolve_mode
-
     m = cfg.method
     mode = resolve_mode("auto", model, reference_free=False)  # the adapter switched off, or a frozen copy
     ref_model = None

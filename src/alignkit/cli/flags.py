@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any
+from typing import Any, get_type_hints
+
+from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError
+from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
 
 ALIASES = {
     "model_name_or_path": "model.path",
@@ -48,8 +51,6 @@ def _section_fields(cfg_cls: type) -> dict[str, set[str]]:
         elif isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
             cls = f.type
         if cls is None:
-            from typing import get_type_hints
-
             hint = get_type_hints(cfg_cls).get(f.name)
             cls = hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
         if cls is not None:
@@ -59,9 +60,6 @@ def _section_fields(cfg_cls: type) -> dict[str, set[str]]:
 
 def resolve_flag(name: str, command: str) -> str:
     """The dotted key a TRL-style flag `--name` sets for `command` (see the module docstring)."""
-    from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError
-    from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
-
     if name in ALIASES:
         return ALIASES[name]
     cfg_cls = CONFIG_CLASSES[command]
@@ -126,8 +124,6 @@ def _is_number(s: str) -> bool:
 
 def translate_argv(parser: Any, argv: list[str]) -> list[str]:
     """Apply `translate` to the part after the command name, for config-driven commands."""
-    from alignkit.settings import CONFIG_CLASSES
-
     sub = next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
     idx = next((i for i, t in enumerate(argv) if sub is not None and t in sub.choices), None)
     if idx is None or argv[idx] not in CONFIG_CLASSES:

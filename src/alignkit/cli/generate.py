@@ -18,9 +18,13 @@ import logging
 import time
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from alignkit.cli.data import read_records
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.common import (config_from_args, dry_run, load_for_inference, read_records,
-                                 start_run, to_device)
+from alignkit.cli.models import load_for_inference, to_device
+from alignkit.cli.runfolder import config_from_args, dry_run, start_run
+from alignkit.online import generate_responses
 from alignkit.online.generation import FINISH_REASONS
 from alignkit.online.rounds import atomic_write_jsonl, atomic_write_text
 from alignkit.runs import write_command_outputs
@@ -46,10 +50,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
-
-    from alignkit.online import generate_responses
-
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size: must be >= 1, got {cfg.batch_size}")
     records = read_records(cfg.data.path, cfg.data, "prompt", cfg.data.split, "data.path")

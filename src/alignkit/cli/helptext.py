@@ -12,6 +12,10 @@ import dataclasses
 import typing
 from typing import Any
 
+from alignkit.settings import CONFIG_CLASSES
+from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_COMMANDS, TRAIN_KEYS, train_defaults
+from alignkit.settings.typed import type_name
+
 # command -> (writes a run folder: --resume / --overwrite, may run a config's code: --allow-code)
 CONFIG_COMMANDS: dict[str, tuple[bool, bool]] = {
     "sft": (True, False), "rm": (True, False), "dpo": (True, False), "kto": (True, False),
@@ -83,10 +87,6 @@ def _show(value: Any) -> str:
 
 def settable_keys(command: str) -> list[tuple[str, str, str]]:
     """(dotted key, type, default) of every key `command`'s config takes, in the config class's order."""
-    from alignkit.settings import CONFIG_CLASSES
-    from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS, train_defaults
-    from alignkit.settings.typed import type_name
-
     out: list[tuple[str, str, str]] = []
 
     def walk(cls: type, prefix: str, instance: Any) -> None:
@@ -113,8 +113,6 @@ def settable_keys(command: str) -> list[tuple[str, str, str]]:
 
 def keys_epilog(command: str) -> str:
     """`--help` text: every key with its type and default, then where the train vocabulary comes from."""
-    from alignkit.settings.train import ONLINE_COMMANDS, TRAIN_COMMANDS
-
     rows = settable_keys(command)
     width = max(len(k) for k, _, _ in rows)
     lines = ["keys (set in the YAML config, as key=value, or as TRL-style --flags; default after '='):"]

@@ -20,12 +20,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from transformers import set_seed
+
+from alignkit.adapters import adapter_of
+from alignkit.cli.data import read_records
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.common import (abandon_run, adopt_tiny, apply_configured_adapter, begin_run, command_line,
-                                 config_from_args, dry_run, finish_run, load_base, load_for_inference, plan_run,
-                                 read_records, rename_base)
-from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, versions
+from alignkit.cli.models import (
+    adopt_tiny, apply_configured_adapter, check_model_folder, load_base, load_for_inference, rename_base,
+)
+from alignkit.cli.runfolder import abandon_run, begin_run, command_line, config_from_args, dry_run, finish_run, plan_run
+from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
+from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
+from alignkit.settings.online import check_code_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +75,9 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
     """An `alignkit.online.Annotator` from the `annotator` section. A reward model or judge is loaded like a
     policy (`tiny:<arch>` built in <run>/annotator/, or in a temporary folder when `run` is None, `adapter_path`
     applied) and moved to `device`."""
-    from alignkit.online import ANNOTATORS, build_annotator
-    from alignkit.settings.online import check_code_allowed
-
     check_code_allowed(settings, allow_code)
     if settings.kind == "function":
         return build_annotator({"type": "function", **settings.arguments()})
-    from alignkit.cli.common import check_model_folder
 
     check_model_folder(settings.path, "annotator.path")
     if settings.adapter_path is not None:
@@ -125,8 +128,6 @@ def plot_online(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- the run
 
 def trainer_class(command: str) -> type:
-    from alignkit.online import GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer
-
     return {"online-dpo": OnlineDPOTrainer, "grpo": GRPOTrainer, "rloo": RLOOTrainer, "ppo": PPOTrainer}[command]
 
 
@@ -144,13 +145,6 @@ def train_online(cfg: Any, command: str, *, command_line: str = "", resume: bool
 
 def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False,
                   allow_code: bool = False) -> int:
-    from transformers import set_seed
-
-    from alignkit.adapters import adapter_of
-    from alignkit.runs import staged
-
-    from alignkit.settings.online import check_code_allowed
-
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     tcfg = cfg.trainer_config()

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.common import config_from_args, dry_run, load_for_inference, to_device
+from alignkit.cli.models import load_for_inference, to_device
 from alignkit.cli.online import make_annotator, read_prompts
-from alignkit.online.rounds import MANIFEST_FILE, read_jsonl, read_samples
+from alignkit.cli.runfolder import config_from_args, dry_run
+from alignkit.online.rounds import MANIFEST_FILE, SAMPLES_FILE, annotate_round, read_jsonl, read_samples, sample_round
 from alignkit.runs import RunFolder, write_command_outputs
 from alignkit.settings import save_config
 
@@ -72,8 +73,6 @@ def run_annotate(args: argparse.Namespace) -> int:
 
 def sample(cfg: Any) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl`. Returns its path."""
-    from alignkit.online.rounds import sample_round
-
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     run = RunFolder(Path(cfg.output_dir))
     if run.main:
@@ -93,8 +92,6 @@ def sample(cfg: Any) -> Path:
 
 def annotate(cfg: Any, allow_code: bool = False) -> Path:
     """Score `<output_dir>/samples.jsonl` and write `<output_dir>/records.jsonl`. Returns its path."""
-    from alignkit.online.rounds import SAMPLES_FILE, annotate_round
-
     run = RunFolder(Path(cfg.output_dir))
     if not (run.root / SAMPLES_FILE).is_file():  # before any annotator model is loaded
         raise FileNotFoundError(f"output_dir: {run.root} has no {SAMPLES_FILE}; run `alignkit sample` with "

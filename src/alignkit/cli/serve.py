@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.cli.helptext import add_config_arguments, keys_epilog, settable_keys
-from alignkit.settings import ConfigError, load_config
+from alignkit.settings import ConfigError, dump_config, load_config
 from alignkit.settings.sections import TINY_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -137,8 +137,6 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("alignkit serve needs fastapi and uvicorn: pip install 'alignkit[serve]'") from None
     if args.dry_run:
-        from alignkit.settings import dump_config
-
         shown = cfg if cfg.api_key is None else type(cfg)(**{**vars(cfg), "api_key": "***"})
         print(dump_config(shown), end="")
         return 0

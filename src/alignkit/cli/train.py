@@ -15,16 +15,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback
+
+from alignkit.adapters import adapter_of, unwrap_lm
+from alignkit.cli.data import load_data, tokenize
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.common import (abandon_run, adopt_tiny, apply_configured_adapter, begin_run, command_line,
-                                 config_from_args, dry_run, finish_run, load_base, load_data, plan_run, rename_base,
-                                 tokenize)
+from alignkit.cli.models import adopt_tiny, apply_configured_adapter, load_base, rename_base
+from alignkit.cli.runfolder import abandon_run, begin_run, command_line, config_from_args, dry_run, finish_run, plan_run
+from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
+from alignkit.distributed import requested_engine
+from alignkit.losses import PreferenceParams
+from alignkit.models.efficiency import compile_layers
+from alignkit.models.rope import warn_past_context
+from alignkit.runs import (
+    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, staged, versions,
+)
+from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
-from alignkit.runs import MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions
+from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +70,6 @@ def record_kind(command: str, method: Any) -> str:
 
 
 def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str, Any]]:
-    from alignkit.losses import PreferenceParams
-    from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
-
     kw = dataclasses.asdict(method)
     if command == "dpo":
         names = {f.name for f in dataclasses.fields(PreferenceParams)}
@@ -79,8 +93,6 @@ def batching_kwargs(command: str, train: dict[str, Any]) -> dict[str, Any]:
 
 
 def collator_for(kind: str, pad_id: int):
-    from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
-
     return {"sft": SFTCollator, "unpaired": SFTCollator, "preference": PreferenceCollator,
             "ranked": RankedCollator}[kind](pad_id)
 
@@ -88,8 +100,6 @@ def collator_for(kind: str, pad_id: int):
 def log_last_step() -> Any:
     """A callback that logs the last optimizer step too, so a run shorter than `logging_steps` still writes
     its training metrics (and plots)."""
-    from transformers import TrainerCallback
-
     class LogLastStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.max_steps and state.global_step >= state.max_steps:
@@ -102,18 +112,11 @@ def log_last_step() -> Any:
 def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tuple[Any, list]:
     """TrainingArguments from the `train` section, and the callbacks alignkit adds (metrics; TensorBoard when
     `args.alignkit_tensorboard`, added by `tensorboard_callback` once the run folder exists)."""
-    import importlib.util
-
-    from transformers import TrainingArguments
-
-    import torch
-
     kw = dict(train)
     kw.pop("resume_from_checkpoint", None)  # passed to trainer.train (plan_run checks it), not a setting
     for key in ALIGNKIT_TRAIN_KEYS:  # alignkit's own keys (compile_model, batching_kwargs), not TrainingArguments fields
         kw.pop(key, None)
     kw["output_dir"] = str(run.checkpoints)
-    from alignkit.distributed import requested_engine
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and requested_engine() == "deepspeed":
         # DeepSpeed on CPU processes (accelerate launch with a DEEPSPEED config): use_cpu would make accelerate
@@ -148,10 +151,6 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
 def push_model(push: dict[str, Any], model_dir: Any, run_root: Any, api: Any = None) -> str:
     """Upload the final model / adapter folder (with its model card) to the Hub repo `hub_model_id` (default: the
     run folder's name), creating the repo; checkpoints are not pushed. Returns the repo id."""
-    from pathlib import Path
-
-    from alignkit.runs import push_folder
-
     return push_folder(model_dir, push.get("hub_model_id") or Path(run_root).name,
                        private=bool(push.get("hub_private_repo")), token=push.get("hub_token"), api=api)
 
@@ -161,7 +160,6 @@ def tensorboard_callback(args: Any, run: RunFolder) -> Any:
     if not getattr(args, "alignkit_tensorboard", False) or not run.main:
         return None
     from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
 
     cb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard)))
     cb.logging_dir = str(run.tensorboard)  # a writer re-opened after training (final evaluate) stays in the run
@@ -172,7 +170,6 @@ def compile_model(model: Any, option: bool | dict[str, Any] | None) -> None:
     """`train.compile`: true, or a mapping of torch.compile options -> each decoder layer compiled in place."""
     if not option:
         return
-    from alignkit.models.efficiency import compile_layers
 
     compile_layers(model, **(option if isinstance(option, dict) else {}))
 
@@ -208,13 +205,6 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
 
 
 def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
-    from transformers import set_seed
-
-    from alignkit.adapters import adapter_of, unwrap_lm
-    from alignkit.models.rope import warn_past_context
-    from alignkit.runs import staged
-    from alignkit.settings.bounds import check_precision
-
     check_precision(cfg.train)
     kind = record_kind(command, cfg.method)
     train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
@@ -239,7 +229,6 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
                   data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
                   **kwargs)
     if quiet:  # with tqdm off, the Trainer would print every log dict instead
-        from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+from datasets import Dataset
+
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
 from alignkit.data.readers.rows import NamedRows
-from alignkit.data.records import RECORD_CLASSES, DataError, can_convert
+from alignkit.data.records import RECORD_CLASSES, DataError, can_convert, convert
 from alignkit.data.tokenize import LOSS_ON, TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
 
 logger = logging.getLogger(__name__)
@@ -112,13 +114,10 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(r, tuple(RECORD_CLASSES.values()))
                                                               for r in dataset):
         kind = _pick_kind(sorted({r.kind for r in dataset}), kinds, name)
-        from alignkit.data.records import convert
 
         feats, _ = tokenize_records(convert(list(dataset), kind), tokenizer, cfg)
         return feats, kind
     if isinstance(dataset, (list, tuple)):
-        from datasets import Dataset
-
         if not dataset:
             raise DataError(f"{name}: empty; pass at least one row")
         if not all(isinstance(r, dict) for r in dataset):

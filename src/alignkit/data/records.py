@@ -25,6 +25,7 @@ data (e.g. SFT -> preference) is an error.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
@@ -57,8 +58,6 @@ def check_messages(value: Any, rid: str, key: str) -> list[Message]:
             raise DataError(f"{_where(rid)}: {key}[{i}] must be a dict with string 'role' and 'content', got "
                             f"{str(m)[:80]!r}; fix the message or convert it to {{'role': ..., 'content': ...}}")
         if m["role"] not in ROLES:
-            import difflib
-
             close = difflib.get_close_matches(m["role"], ROLES, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise DataError(f"{_where(rid)}: {key}[{i}] has role {m['role']!r}, not a chat role{hint}; use one of "

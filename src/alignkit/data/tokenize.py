@@ -51,9 +51,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from alignkit.data import chat
+from alignkit.data import records as records_module
 from alignkit.data.chat import Formatted, format_record
-from alignkit.data.records import (Completion, DataError, PreferenceRecord, Prompt, PromptRecord, RankedRecord,
-                                   Record, SFTRecord, UnpairedRecord)
+from alignkit.data.records import (
+    Completion, DataError, PreferenceRecord, Prompt, PromptRecord, RankedRecord, Record, SFTRecord, UnpairedRecord,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -326,8 +329,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _code_fingerprint() -> str:
     """The source of the modules that decide the features: a cache never outlives a change to them."""
-    from alignkit.data import chat, records as records_module
-
     return _sha(*(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat, records_module)))
 
 

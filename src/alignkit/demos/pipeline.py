@@ -40,10 +40,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
+from alignkit.adapters import AdapterConfig, apply_adapter, load_adapter
+from alignkit.data import PreferenceCollator, SFTCollator, load_records, tokenize_records
+from alignkit.data.collators import pad
 from alignkit.demos import pipeline_data as task
 from alignkit.demos.pipeline_report import AdapterNumbers, Change, PipelineResult
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.models.tiny import build_tiny_model, build_tiny_tokenizer
+from alignkit.online.generation import SamplingConfig, generate_responses
 from alignkit.runs import MetricsJsonl, plot_metrics, read_metrics
+from alignkit.trainers import PreferenceTrainer, RewardTrainer, SFTTrainer
+from alignkit.trainers.evaluation import evaluate_reward_model
+from alignkit.trainers.reward import sequence_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +82,6 @@ NUM_SAMPLES = 4
 
 def load_task(folder: str | Path | None = None) -> dict[str, list]:
     """Records of every bundled file (`pipeline_data.FILES`), read with `alignkit.data.load_records`."""
-    from alignkit.data import load_records
-
     if folder is None:
         with resources.as_file(resources.files("alignkit").joinpath("resources/demo/pipeline")) as path:
             return {name: load_records(str(path / f"{name}.jsonl")) for name in task.FILES}
@@ -80,8 +90,6 @@ def load_task(folder: str | Path | None = None) -> dict[str, list]:
 
 def build_base(folder: Path, texts: list[str], seed: int) -> Path:
     """Tokenizer trained on `texts` + a tiny random Llama sized to it, saved to `folder`."""
-    from alignkit.models.tiny import build_tiny_model, build_tiny_tokenizer
-
     tok = build_tiny_tokenizer(texts, vocab_size=VOCAB_SIZE)
     model = build_tiny_model("llama", tok, seed=seed, hidden_size=MODEL["hidden_size"],
                              num_layers=MODEL["num_layers"], num_heads=MODEL["num_heads"])
@@ -108,9 +116,6 @@ class _StageBar:
     """A tqdm bar per stage with the loss in its postfix (instead of the Trainer's printed dicts)."""
 
     def __new__(cls, desc: str, enabled: bool):
-        from tqdm.auto import tqdm
-        from transformers import TrainerCallback
-
         class Bar(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
                 self.bar = tqdm(total=state.max_steps, desc=desc, disable=not enabled, leave=False)
@@ -129,8 +134,6 @@ class _StageBar:
 
 
 def _args(out: Path, steps: int, batch: int, lr: float, seed: int):
-    from transformers import TrainingArguments
-
     return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
                              per_device_eval_batch_size=128, learning_rate=lr, lr_scheduler_type="cosine",
                              warmup_steps=max(1, steps // 10), weight_decay=0.0, logging_steps=max(1, steps // 10),
@@ -142,8 +145,6 @@ def _quiet(trainer, desc: str, progress: bool):
     """Replace the Trainer's printing callbacks (one dict per log) by a stage bar, and record the stage as a
     training run does: `metrics.jsonl` and (when tensorboard is installed) `tensorboard/` in the stage's folder,
     replacing those of an earlier demo run there. Returns the trainer."""
-    from transformers import PrinterCallback, ProgressCallback
-
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_StageBar(desc, progress))
@@ -153,7 +154,6 @@ def _quiet(trainer, desc: str, progress: bool):
     trainer.add_callback(MetricsJsonl(folder / "metrics.jsonl"))
     if importlib.util.find_spec("tensorboard") is not None:
         from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
 
         trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(folder / "tensorboard"))))
     return trainer
@@ -181,9 +181,6 @@ def _steps(n: int, scale: float) -> int:
 @torch.no_grad()
 def _rm_scores(rm, samples, pad_id: int) -> list[float]:
     """Reward-model score of each (prompt ids + generated ids) sequence, as generated."""
-    from alignkit.data.collators import pad
-    from alignkit.trainers.reward import sequence_rewards
-
     seqs = [s.prompt_ids + s.response_ids for s in samples]
     scores: list[float] = []
     for i in range(0, len(seqs), 128):
@@ -195,8 +192,6 @@ def _rm_scores(rm, samples, pad_id: int) -> list[float]:
 
 def score_generations(model, tok, prompts: list[str], rm, seed: int, out: Path) -> dict[str, float]:
     """Greedy and sampled generations for `prompts`, scored; written to `out/generations_*.jsonl`."""
-    from alignkit.online.generation import SamplingConfig, generate_responses
-
     # a ReFT places its own saved position spec (ReftModel.generate)
     greedy = generate_responses(model, tok, prompts, SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False),
                                 batch_size=64)
@@ -234,16 +229,11 @@ class _Run:
     progress: bool
 
     def collator(self, kind: str):
-        from alignkit.data import PreferenceCollator, SFTCollator
-
         return (SFTCollator if kind == "sft" else PreferenceCollator)(self.tok.pad_token_id)
 
 
 def stage_sft(run: _Run, base_dir: Path) -> Change:
     """1. Full finetuning of the random base on sft_train -> `sft/`; held-out token NLL before and after."""
-    from alignkit.models.loading import load_model
-    from alignkit.trainers import SFTTrainer
-
     args = _args(run.out / "sft", run.steps["sft"], SFT["batch"], SFT["lr"], run.seed)
     trainer = _quiet(SFTTrainer(load_model(base_dir), args, train_dataset=run.feats["sft_train"],
                                 eval_dataset=run.feats["sft_heldout"], data_collator=run.collator("sft"),
@@ -261,10 +251,6 @@ def stage_sft(run: _Run, base_dir: Path) -> Change:
 def stage_reward_model(run: _Run):
     """2. A classifier on the SFT backbone (new score head), Bradley-Terry on preference_train ->
     `reward_model/`. Returns (held-out accuracy before/after, the trained model in eval mode)."""
-    from alignkit.models.loading import load_model
-    from alignkit.trainers import RewardTrainer
-    from alignkit.trainers.evaluation import evaluate_reward_model
-
     torch.manual_seed(run.seed)  # the new score head
     rm = load_model(run.out / "sft", task="classifier", num_labels=1)
     held, collator = run.feats["preference_heldout"], run.collator("preference")
@@ -285,10 +271,6 @@ def stage_reward_model(run: _Run):
 def stage_dpo(run: _Run, name: str, rm, before_gen: dict[str, float]) -> AdapterNumbers:
     """3./4. DPO(+NLL) from the SFT model with adapter `name` -> `dpo_<name>/`; held-out reward accuracy and
     margin at step 0 and after; generations of the adapter reloaded from disk, scored against `before_gen`."""
-    from alignkit.adapters import AdapterConfig, apply_adapter, load_adapter
-    from alignkit.models.loading import load_model
-    from alignkit.trainers import PreferenceTrainer
-
     spec, folder = ADAPTERS[name], run.out / f"dpo_{name}"
     torch.manual_seed(run.seed)  # the adapter's initial weights
     policy = apply_adapter(load_model(run.out / "sft"), AdapterConfig.from_dict(spec["adapter"]))
@@ -330,9 +312,6 @@ def run_pipeline_demo(output_dir: str | Path, *, scale: float = 1.0, seed: int =
     barriers make 2 threads ~30x slower per step (measured on 2 shared cores: 12 ms vs 340-450 ms per SFT
     step), so the whole demo takes ~20 s with 1 thread and 4-9 minutes with 2 on a busy 2-core machine.
     """
-    from alignkit.data import tokenize_records
-    from alignkit.models.loading import load_model, load_tokenizer
-
     if scale <= 0:
         raise ValueError(f"scale must be > 0 (it multiplies every step count), got {scale}")
     old_threads = torch.get_num_threads()

@@ -26,6 +26,17 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback, TrainerCallback, TrainingArguments
+
+from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter, load_adapter
+from alignkit.data import PromptRecord, SFTCollator, SFTRecord, tokenize_records
+from alignkit.data.collators import PromptCollator
+from alignkit.interventions.config import ReftConfig
+from alignkit.interventions.training import StopAtLoss
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.models.tiny import build_tiny_tokenizer, tiny_config
+from alignkit.trainers import SFTTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +83,6 @@ def load_demo_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
 
 def build_demo_base(folder: Path, texts: list[str], seed: int = 0) -> Path:
     """Tiny random Llama (hidden 64, 4 layers, initializer_range 0.2) + tokenizer trained on `texts`."""
-    from transformers import AutoModelForCausalLM
-
-    from alignkit.models.tiny import build_tiny_tokenizer, tiny_config
-
     tok = build_tiny_tokenizer(texts, vocab_size=400)
     cfg = tiny_config("llama", vocab_size=len(tok), hidden_size=64, num_layers=NUM_LAYERS,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -97,9 +104,6 @@ class _LossBar:
     which writes one dict per logged step)."""
 
     def __new__(cls, enabled: bool):
-        from tqdm.auto import tqdm
-        from transformers import TrainerCallback
-
         class Bar(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
                 self.bar = tqdm(total=state.max_steps, desc="training ReFT", disable=not enabled, leave=False)
@@ -118,9 +122,6 @@ class _LossBar:
 
 def _greedy(model, tok, prompts: list[str]) -> list[str]:
     """Greedy answers; a ReFT places its saved positions itself (plain `generate(**inputs)`)."""
-    from alignkit.data import PromptRecord, tokenize_records
-    from alignkit.data.collators import PromptCollator
-
     features, _ = tokenize_records([PromptRecord(p, id=f"p{i}") for i, p in enumerate(prompts)], tok,
                                    formatter="plain", max_length=None, max_prompt_length=None)
     batch = PromptCollator(tok.pad_token_id, padding_side="left")(features)
@@ -135,15 +136,6 @@ def run_reft_demo(output_dir: str | Path = "runs/demo", *, max_steps: int = 300,
                   progress: bool = True) -> DemoResult:
     """Run the demo end to end; returns the before/after answers. Writes base/, reft/ and run/ under
     `output_dir`."""
-    from transformers import PrinterCallback, ProgressCallback, TrainingArguments
-
-    from alignkit.data import SFTCollator, SFTRecord, tokenize_records
-    from alignkit.interventions.config import ReftConfig
-    from alignkit.interventions.training import StopAtLoss
-    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter, load_adapter
-    from alignkit.models.loading import load_model, load_tokenizer
-    from alignkit.trainers import SFTTrainer
-
     out = Path(output_dir)
     pairs = load_demo_pairs(pairs_file)
     prompts, answers = [p for p, _ in pairs], [r for _, r in pairs]

@@ -37,7 +37,7 @@ _LAZY = {
     **{name: "pyreft_compat" for name in ("PYREFT_TYPE_MAPPING", "PyreftIntervention", "read_pyreft_folder")},
     "ReftConfig": "config", "RepresentationConfig": "config",
     "get_reft_model": "attach", "ReftModel": "attach",
-    "save_reft": "io", "load_reft": "io", "load_pyreft": "io",
+    "save_reft": "io", "load_reft": "loading", "load_pyreft": "loading",
     "ReftTrainer": "training", "ReftPositionError": "editing",
 }
 

@@ -39,11 +39,12 @@ from alignkit.interventions.editing import (
     ReftPositionError, Run, Slot, Step, cache_length, edit_positions, find_cache, first_tensor, largest_location,
     locate_step,
 )
-from alignkit.interventions.positions import locations_from_spans, prompt_spans, prompt_spans_from_mask
-from alignkit.interventions.locate import (  # noqa: F401  (re-exported: io.py and users import them from here)
+from alignkit.interventions.io import load_adapter_into, save_reft
+from alignkit.interventions.locate import (  # noqa: F401  (re-exported: users import them from here)
     ATTENTION_NAMES, MLP_NAMES, find_decoder_layers, hf_model, hidden_size, is_peft_model, layer_index, num_layers,
     resolve_component,
 )
+from alignkit.interventions.positions import locations_from_spans, prompt_spans, prompt_spans_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -449,14 +450,10 @@ class ReftModel(nn.Module):
 
     def save_pretrained(self, folder: str, adapter_name: str | None = None) -> None:
         """Write one adapter (`adapter_name`, or the only one) to `folder`; see `alignkit.interventions.io`."""
-        from alignkit.interventions.io import save_reft
-
         save_reft(self, folder, adapter_name=adapter_name)
 
     def load_adapter(self, folder: str, adapter_name: str = "default") -> None:
         """Attach the adapter saved in `folder` under `adapter_name`."""
-        from alignkit.interventions.io import load_adapter_into
-
         load_adapter_into(self, folder, adapter_name)
 
 

@@ -10,8 +10,8 @@
     weights_sha256             checksum of interventions.safetensors (a stale or corrupt pair fails)
 `interventions.safetensors` holds only intervention weights, keyed `"<i>.<parameter name>"` with i the
 representation's index. Each file is written to a temporary name and renamed, so a crash never leaves
-a half-written file. Nothing is ever pickled; `load_pyreft` reads pyreft checkpoints through
-`pyreft_compat` (torch.load with weights_only=True).
+a half-written file. Nothing is ever pickled. A new `ReftModel` from a folder: `interventions/loading.py`
+(`load_reft`; `load_pyreft` reads pyreft checkpoints through `pyreft_compat`, torch.load with weights_only=True).
 """
 
 from __future__ import annotations
@@ -20,15 +20,19 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load, save
 from torch import nn
 
-from alignkit.interventions.attach import ReftModel, find_decoder_layers, hf_model, hidden_size
-from alignkit.interventions.base import Intervention, build_intervention
-from alignkit.interventions.config import ReftConfig, RepresentationConfig
 from alignkit.files import atomic_write
+from alignkit.interventions.base import Intervention, build_intervention
+from alignkit.interventions.config import ReftConfig
+from alignkit.interventions.locate import find_decoder_layers, hf_model, hidden_size
+
+if TYPE_CHECKING:  # attach.py (ReftModel) calls this module to save and load; this module never builds one
+    from alignkit.interventions.attach import ReftModel
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +57,6 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
 
 def save_reft(reft_model: ReftModel, folder: str | Path, adapter_name: str | None = None) -> Path:
     """Write adapter `adapter_name` (default: the only one) of `reft_model` to `folder`."""
-    from safetensors.torch import save
-
     names = reft_model.adapter_names
     if adapter_name is None:
         if len(names) != 1:
@@ -113,8 +115,6 @@ def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
 
 
 def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the checkpoint's intervention weights are not there")
     blob = path.read_bytes()
@@ -188,34 +188,3 @@ def read_reft_weights(reft_model: ReftModel, folder: str | Path, adapter_name: s
     with torch.no_grad():
         for iv, new in zip(live, fresh):
             iv.load_state_dict(new.state_dict(), strict=True)  # copies into the existing tensors
-
-
-def load_reft(model: nn.Module, folder: str | Path, adapter_name: str = "default") -> ReftModel:
-    """Wrap `model` (freezing it) and attach the adapter saved in `folder`."""
-    reft = ReftModel(model)
-    load_adapter_into(reft, folder, adapter_name)
-    return reft
-
-
-def load_pyreft(model: nn.Module, folder: str | Path, act_fn: str | None = None,
-                adapter_name: str = "default") -> ReftModel:
-    """Wrap `model` with the interventions of a pyreft checkpoint folder (`pyreft_compat`)."""
-    from alignkit.interventions.pyreft_compat import read_pyreft_folder
-
-    items = read_pyreft_folder(folder, act_fn=act_fn)
-    width = hidden_size(hf_model(model))
-    reps, modules = [], []
-    for i, item in enumerate(items):
-        spec = dict(item.spec)
-        if spec.get("embed_dim") not in (None, width):
-            raise ValueError(f"{folder}/{item.weight_file.name}: intervention {i} has embed_dim={spec['embed_dim']} "
-                             f"but the model's hidden size is {width}; load it onto the model it was trained on")
-        kind = spec.pop("type")
-        spec.pop("dtype", None)
-        named = {k: spec.pop(k) for k in ("low_rank_dimension", "dropout", "act_fn", "add_bias", "embed_dim") if k in spec}
-        reps.append(RepresentationConfig(layer=item.layer, component=item.component, intervention=kind,
-                                         extra=spec, **named))
-        modules.append(item.build())
-    reft = ReftModel(model)
-    reft.add_adapter(adapter_name, ReftConfig(reps), modules)
-    return reft

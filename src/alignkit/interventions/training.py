@@ -32,8 +32,8 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from alignkit.losses import LossOutput
 from alignkit.adapters import is_classifier, unwrap_parallel
+from alignkit.losses import LossOutput
 from alignkit.trainers.sft import SFTTrainer
 
 logger = logging.getLogger(__name__)

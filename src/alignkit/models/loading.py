@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast,
+)
+
+from alignkit.models.rope import apply_rope_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +40,6 @@ def load_tokenizer(path: str | Path, *, padding_side: str | None = None, trust_r
     `PreTrainedTokenizerFast`) is loaded as exactly that, rather than as the architecture's own class
     (AutoTokenizer would otherwise swap in, e.g., Qwen2's class, which adds tokens of its own).
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     cfg_file = Path(path) / "tokenizer_config.json"
     declared = None
     if cfg_file.is_file():
@@ -65,14 +68,8 @@ def load_model(path: str | Path, *, task: Literal["causal_lm", "classifier"] = "
     """Load a causal LM (`task="causal_lm"`) or a sequence classifier (`task="classifier"`).
 
     `rope_scaling` (e.g. `{"type": "linear", "factor": 2.0}`) extends the context: see `alignkit.models.rope`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if rope_scaling is not None:
-        from transformers import AutoConfig
-
-        from alignkit.models.rope import apply_rope_scaling
-
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         kwargs["config"] = apply_rope_scaling(config, rope_scaling)
     dt = resolve_dtype(dtype)

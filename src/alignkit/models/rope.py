@@ -24,9 +24,12 @@ Applying the same scaling twice (a finetuned model whose saved config already ha
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 from typing import Any
+
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from alignkit.settings.typed import ConfigError
 
@@ -49,7 +52,6 @@ def supported_rope_types(config: Any) -> list[str]:
     type if its rotary embedding looks the type up there (the standard generated rotary class does)."""
     if not has_rope(config):
         return []
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     mt = config.model_type
     try:
@@ -153,8 +155,6 @@ class _Capture(logging.Handler):
 def _validate(config: Any, params: dict[str, Any], length: int, where: str) -> None:
     """transformers' own validation of `params` on a copy of `config`; its warnings become errors (it only
     warns about unknown keys and bad values, which would otherwise be silently ignored or misused)."""
-    import copy
-
     trial = copy.deepcopy(config)
     trial.rope_parameters = copy.deepcopy(params)
     trial.max_position_embeddings = length

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPTNeoXConfig, LlamaConfig,
+    PreTrainedTokenizerFast, Qwen2Config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +49,6 @@ ARCHITECTURES = ("llama", "qwen2", "gpt2", "gpt_neox")
 
 def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
     """Train a byte-level BPE tokenizer on `corpus` and wrap it as a `PreTrainedTokenizerFast`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     texts = list(corpus) if corpus is not None else list(DEFAULT_CORPUS)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -73,8 +75,6 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: i
                 pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2, max_positions: int = 512,
                 num_labels: int | None = None):
     """A small config of architecture `arch` (one of ARCHITECTURES)."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
-
     common = dict(vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                   eos_token_id=eos_token_id, tie_word_embeddings=False)
     if num_labels is not None:
@@ -98,8 +98,6 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: i
 def build_tiny_model(arch: str = "llama", tokenizer=None, *, classifier: bool = False, num_labels: int = 1,
                      seed: int = 0, **config_kwargs):
     """A randomly initialised tiny causal LM (or sequence classifier) sized to `tokenizer`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     cfg = tiny_config(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

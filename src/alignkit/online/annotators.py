@@ -41,6 +41,7 @@ from alignkit.data.chat import format_record
 from alignkit.data.collators import pad
 from alignkit.data.records import Completion, Prompt
 from alignkit.losses.registry import Registry
+from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.online.generation import SamplingConfig, generate_responses, model_device
 
 logger = logging.getLogger(__name__)
@@ -140,8 +141,6 @@ class RewardModelAnnotator(Annotator):
     def __init__(self, model: str | Path | torch.nn.Module, tokenizer: Any = None, *, device: str | None = None,
                  batch_size: int = 8, formatter: str = "auto", max_length: int | None = 1024,
                  add_eos: bool | None = None, dtype: str = "float32"):
-        from alignkit.models.loading import load_model, load_tokenizer
-
         self.path = str(model) if isinstance(model, (str, Path)) else None
         if self.path is not None:
             model = load_model(self.path, task="classifier", dtype=dtype)
@@ -436,8 +435,6 @@ class JudgeAnnotator(Annotator):
                  max_new_tokens: int = 16, batch_size: int = 8, chat: bool = True,
                  pair_template: str = DEFAULT_PAIR_TEMPLATE, pair_pattern: str = r"Winner:\s*([AB])",
                  device: str | None = None, dtype: str = "float32"):
-        from alignkit.models.loading import load_model, load_tokenizer
-
         self.path = str(model) if isinstance(model, (str, Path)) else None
         if self.path is not None:
             model = load_model(self.path, dtype=dtype)

@@ -41,11 +41,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
+from transformers import DynamicCache, GenerationConfig
 
+from alignkit.adapters import unwrap_lm
+from alignkit.compat import cache_keyword
 from alignkit.data.chat import format_record
 from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
+from alignkit.interventions.attach import ReftModel
 from alignkit.models.rope import warn_past_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 
@@ -131,8 +135,6 @@ def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig) -> list[int]:
 
 
 def _generation_kwargs(cfg: SamplingConfig, tokenizer: Any, eos: list[int]) -> dict[str, Any]:
-    from transformers import GenerationConfig
-
     kw: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, use_cache=True,
                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
                               num_beams=1)
@@ -182,11 +184,6 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     generated row. `generate` then runs only the last prompt token and the new ones (prefix caching), so K
     samples of a prompt cost one prefill instead of K. Position ids as `generate` counts them (from each row's
     first attended token)."""
-    from transformers import DynamicCache
-
-    from alignkit.adapters import unwrap_lm
-    from alignkit.compat import cache_keyword
-
     cache = DynamicCache(config=unwrap_lm(model).config)
     pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (U, T)
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=pos[:, :-1],
@@ -205,10 +202,6 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
     `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout.
     """
-    from alignkit.adapters import unwrap_lm
-    from alignkit.compat import cache_keyword
-    from alignkit.interventions.attach import ReftModel
-
     cfg = cfg if cfg is not None else SamplingConfig()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from alignkit.data import load_records
 from alignkit.data.records import DataError, Record
 from alignkit.files import atomic_write_jsonl, atomic_write_text, read_jsonl
 from alignkit.online.annotators import Annotator, Scores, build_annotator
@@ -156,8 +158,6 @@ def train_round(records_path: str | Path, trainer_factory: Callable[[list[Record
                 round_index: int = 0) -> Any:
     """Read the round's records back with `alignkit.data.load_records` and train on them:
     `trainer = trainer_factory(records, round_index); trainer.train()`. Returns what `train()` returns."""
-    from alignkit.data import load_records
-
     records = load_records(str(records_path))
     if not records:
         logger.warning("%s: no records (no usable feedback this round); skipping training", records_path)
@@ -176,8 +176,6 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
     (so the next round samples from the updated policy) and save it: a resumed run skips rounds marked
     "trained" in their manifest, so load the latest trained weights into `model` before resuming.
     Returns each round's manifest."""
-    from dataclasses import replace
-
     annotator = build_annotator(annotator)
     manifests = []
     for k in range(num_rounds):

@@ -44,6 +44,7 @@ their group's valid rewards.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
@@ -54,18 +55,26 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from alignkit.distributed import (enable_sharding_on_cpu, full_parameters, gathered_root, is_fsdp2, requested_engine,
-                                  shard_reference)
+from alignkit.adapters import adapter_of, can_switch_off, save_adapter
+from alignkit.distributed import (
+    enable_sharding_on_cpu, full_optimizer_state, full_parameters, gathered_root, is_fsdp2,
+    load_full_optimizer_state, requested_engine, shard_reference,
+)
 from alignkit.guards import NonFiniteError, as_float, is_finite
-from alignkit.settings import ConfigError
 from alignkit.losses import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
-from alignkit.adapters import can_switch_off, save_adapter
 from alignkit.online.annotators import Annotator, AnnotatorError, Scores, build_annotator
 from alignkit.online.generation import Sample, SamplingConfig, as_prompt_records, generate_responses, generation_metrics
 from alignkit.online.normalize import RunningMoments, normalize_rewards
 from alignkit.online.rollout import TokenStats, reference_token_logps, samples_batch, sequence_sums, token_stats
+from alignkit.online.vllm_client import VllmServerGenerator
+from alignkit.online.vllm_generation import VllmGenerator, refuse_unsupported
+from alignkit.runs import CheckpointError, incomplete_reason, push_folder, staged
+from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.reference import frozen_copy
 
@@ -216,8 +225,6 @@ class OnlineTrainer:
     def __init__(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Any], annotator: Annotator | dict,
                  config: OnlineConfig | None = None, *, ref_model: nn.Module | None = None,
                  output_dir: str | Path | None = None) -> None:
-        from accelerate import Accelerator
-
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got "
@@ -247,9 +254,6 @@ class OnlineTrainer:
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
-            from alignkit.adapters import adapter_of
-            from alignkit.online.vllm_generation import refuse_unsupported
-
             refuse_unsupported(adapter_of(model))
             if self.config.vllm_mode == "server" and self.world > 1:
                 raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
@@ -322,8 +326,6 @@ class OnlineTrainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _trackers(self) -> list[str]:
-        import importlib.util
-
         r = self.config.report_to
         if r is None:
             r = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
@@ -335,8 +337,6 @@ class OnlineTrainer:
         trackers: TensorBoard events in <output_dir>/tensorboard by default). With `resume_from_checkpoint` (a
         folder written by `save_checkpoint`), continue after its step: on a CPU in fp32 the later steps equal an
         uninterrupted run's exactly."""
-        from tqdm.auto import tqdm
-
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
@@ -367,8 +367,6 @@ class OnlineTrainer:
         """Upload the saved model / adapter of `folder` (default `output_dir`) to the Hub model repo `repo_id`
         (default `config.hub_model_id`, else the folder's name): the files `save` wrote and a README.md if there
         is one; checkpoints, TensorBoard events and metrics.jsonl stay local. Returns the repo id."""
-        from alignkit.runs import push_folder
-
         folder = Path(folder if folder is not None else self.output_dir)
         return push_folder(folder, repo_id or self.config.hub_model_id or folder.resolve().name,
                            private=self.config.hub_private_repo, ignore_patterns=self.PUSH_IGNORE)
@@ -431,11 +429,7 @@ class OnlineTrainer:
     def generate_vllm(self, prompts: list, cfg: SamplingConfig) -> list[Sample]:
         """Sample with vLLM (the colocated engine, or `alignkit vllm-serve` in server mode) after giving it the
         policy's current weights."""
-        from alignkit.online.vllm_generation import VllmGenerator
-
         if self.vllm_generator is None and self.config.vllm_mode == "server":
-            from alignkit.online.vllm_client import VllmServerGenerator
-
             self.vllm_generator = VllmServerGenerator(self.policy, self.tokenizer, self.config.vllm_server_url,
                                                       timeout=self.config.vllm_server_timeout)
         elif self.vllm_generator is None:
@@ -713,13 +707,8 @@ class OnlineTrainer:
         moments (JSON). Several processes: every rank holds the same state (DDP), or its shards are gathered
         (FSDP2: full weights, and the full optimizer state keyed by parameter names); the main one writes, and
         every rank restores from the same folder."""
-        from safetensors.torch import save_file
-
-        from alignkit.runs import staged
-
         folder = Path(folder)
         if is_fsdp2(self.accelerator):  # collectives: every process gathers; the main one writes full tensors
-            from alignkit.distributed import full_optimizer_state
 
             with full_parameters(self.model):
                 weights = {k: v.detach().cpu().contiguous().clone() for k, v in self._trainable().items()}
@@ -743,10 +732,6 @@ class OnlineTrainer:
 
     def load_checkpoint(self, folder: str | Path) -> int:
         """Restore a `save_checkpoint` folder in place; returns the number of steps it had done."""
-        from safetensors.torch import load_file
-
-        from alignkit.runs import CheckpointError, incomplete_reason
-
         folder = Path(folder)
         reason = incomplete_reason(folder)
         if reason is not None:
@@ -768,7 +753,6 @@ class OnlineTrainer:
         # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
         optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
         if is_fsdp2(self.accelerator):  # full (unsharded) optimizer state, keyed by parameter names: sharded here
-            from alignkit.distributed import load_full_optimizer_state
 
             load_full_optimizer_state(self.model, self.optimizer, optim)
         else:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 WEIGHTS_NAME, CONFIG_NAME = "value_head.safetensors", "value_head.json"
@@ -34,8 +35,6 @@ class ValueHead(nn.Module):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
@@ -46,8 +45,6 @@ class ValueHead(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> "ValueHead":
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():

@@ -30,10 +30,18 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save
+
+from alignkit.adapters.base import adapter_of, unwrap_lm
+from alignkit.online.vllm_generation import generate_with, refuse_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +161,6 @@ class VllmServerGenerator:
     the colocated `VllmGenerator` (`sync`, `generate`, `close`, `version`, `sync_seconds`)."""
 
     def __init__(self, policy: Any, tokenizer: Any, url: str, timeout: float = 300.0) -> None:
-        from alignkit.adapters.base import adapter_of, unwrap_lm
-        from alignkit.online.vllm_generation import refuse_unsupported
-
         adapter = adapter_of(policy)
         refuse_unsupported(adapter)
         self.kind, self.sync_mode = adapter.kind, adapter.vllm_sync
@@ -195,8 +200,6 @@ class VllmServerGenerator:
 
     def generate(self, prompts: Sequence[Any], cfg: Any = None, *, formatter: str = "auto",
                  max_prompt_length: int | None = None, eos_source: Any = None) -> list:
-        from alignkit.online.vllm_generation import generate_with
-
         return generate_with(self._complete, self.tokenizer, prompts, cfg, formatter=formatter,
                              max_prompt_length=max_prompt_length, eos_source=eos_source,
                              source=f"vLLM server {self.client.url}")
@@ -217,11 +220,6 @@ class VllmServerGenerator:
 def full_weights_blob(policy: Any) -> bytes:
     """The policy's transformers state dict as safetensors bytes (tensors sharing memory, e.g. tied embeddings,
     are written as copies: safetensors refuses shared storage)."""
-    import torch
-    from safetensors.torch import save
-
-    from alignkit.adapters.base import unwrap_lm
-
     seen: set[int] = set()
     tensors = {}
     with torch.no_grad():
@@ -236,11 +234,6 @@ def full_weights_blob(policy: Any) -> bytes:
 def lora_blob(policy: Any) -> bytes:
     """peft's adapter (the tensors of adapter_model.safetensors) as safetensors bytes whose metadata holds
     adapter_config.json (what `save_pretrained` writes, so the server gets the same two files)."""
-    import tempfile
-    from pathlib import Path
-
-    from safetensors.torch import load_file, save
-
     with tempfile.TemporaryDirectory(prefix="alignkit-lora-push-") as d:
         policy.save_pretrained(d)
         tensors = load_file(str(Path(d) / "adapter_model.safetensors"))

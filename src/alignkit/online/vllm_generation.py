@@ -33,9 +33,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+from alignkit.adapters.base import adapter_of, unwrap_lm
 from alignkit.data.records import DataError
-from alignkit.online.generation import (FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompt,
-                                        end_token_ids, finish_response)
+from alignkit.online.generation import (
+    FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompt, end_token_ids, finish_response,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +129,6 @@ class VllmGenerator:
 
     def __init__(self, policy: Any, tokenizer: Any, *, model: str | None = None, dtype: str | None = None,
                  workdir: str | Path | None = None, seed: int = 0, **engine_kwargs: Any) -> None:
-        from alignkit.adapters.base import adapter_of, unwrap_lm
-
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (colocated)
         try:
             from vllm import LLM
@@ -160,10 +162,6 @@ class VllmGenerator:
 
     def sync(self, policy: Any) -> None:
         """Give the engine the policy's current weights (full: pushed in place; LoRA: a new adapter id)."""
-        import torch
-
-        from alignkit.adapters.base import unwrap_lm
-
         t0 = time.perf_counter()
         self.version += 1
         if self.sync_mode == "weights":

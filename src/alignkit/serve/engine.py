@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
@@ -318,8 +319,6 @@ class Engine:
         return out.logits[:, -1, :].float(), getattr(out, self._cache_kw)  # (B, V)
 
     def _prefill(self, new: list[_Row]) -> None:
-        from transformers import DynamicCache
-
         lengths = torch.tensor([len(r.request.prompt_ids) for r in new])  # (N,)
         T = int(lengths.max())
         pad = T - lengths  # (N,) left padding of each row

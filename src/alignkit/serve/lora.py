@@ -26,6 +26,8 @@ import logging
 from typing import Iterator, Sequence
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -45,9 +47,6 @@ class StackedLora:
     @classmethod
     def build(cls, peft_model: nn.Module, names: Sequence[str]) -> "StackedLora | None":
         """Stack the LoRA weights of `names` from `peft_model`; None if any layer is not vanilla LoRA on Linear."""
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        from peft.tuners.lora.layer import LoraLayer
-
         layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
         for m in layers:
             if not isinstance(m, LoraLinear) or not isinstance(m.base_layer, nn.Linear):

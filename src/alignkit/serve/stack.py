@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -162,8 +163,6 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     model: nn.Module = lm
     lora = [n for n, r in served.items() if r.lora]
     if lora:
-        from peft import PeftModel
-
         for i, name in enumerate(lora):
             try:
                 if i == 0:

@@ -44,8 +44,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
+from safetensors.torch import load
+from transformers import AutoConfig
+
 import alignkit
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
+from alignkit.online.vllm_generation import sampling_params
+from alignkit.serve.vllm_server import lora_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +94,6 @@ class VllmServeEngine:
 
     def __init__(self, settings: EngineSettings, workdir: str | Path | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        from transformers import AutoConfig
         from vllm import LLM
 
         folder = Path(settings.model)
@@ -132,8 +136,6 @@ class VllmServeEngine:
         return {"weights_version": self.weights_version, "lora_version": self.lora_version}
 
     def generate(self, body: dict) -> dict:
-        from alignkit.online.vllm_generation import sampling_params
-
         ids, sampling, use_lora = body.get("prompt_token_ids"), body.get("sampling"), bool(body.get("lora", False))
         if not isinstance(ids, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
                                                 for p in ids):
@@ -156,8 +158,6 @@ class VllmServeEngine:
                             for o in outs], **self.versions()}
 
     def load_weights(self, blob: bytes) -> dict:
-        from safetensors.torch import load
-
         t0 = time.perf_counter()
         safetensors_metadata(blob)  # a clear error for a body that is not safetensors
         try:
@@ -174,7 +174,6 @@ class VllmServeEngine:
     def load_lora(self, blob: bytes) -> dict:
         from vllm.lora.request import LoRARequest
 
-        from alignkit.serve.vllm_server import lora_unsupported
 
         if not self.settings.enable_lora:
             raise RequestError(409, "LoRA is off on this server; restart it with alignkit vllm-serve ... --enable-lora")

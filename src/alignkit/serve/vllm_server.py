@@ -18,6 +18,7 @@ vLLM is not a dependency of alignkit: it lives in an environment of its own (`ma
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from alignkit.adapters import adapter_in
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,6 @@ class VllmPlan:
 
 
 def vllm_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("vllm") is not None
 
 
@@ -91,8 +91,6 @@ def _lora_folder(name: str, folder: Path, base: Path, out: Path) -> tuple[Path, 
 
 def check_adapters(adapters: Mapping[str, str | Path]) -> dict[str, Path]:
     """Served name -> folder of the LoRA adapters vLLM will serve; anything else is refused in one line."""
-    from alignkit.adapters import adapter_in
-
     out = {}
     for name, folder in adapters.items():
         folder = Path(folder)

@@ -69,30 +69,34 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
 from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
+from alignkit.adapters import (
+    enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model, unwrap_lm,
+)
 from alignkit.compat import attn_implementation, check_trainer
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.data.batching import LengthGroupedSampler, example_length
-from alignkit.data.collators import (PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator,
-                                     packed_version)
+from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator, packed_version
 from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
 from alignkit.data.tokenize import TokenizeConfig
-from alignkit.distributed import (deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters,
-                                  is_deepspeed, load_full_optimizer_state,
-                                  is_fsdp2)
+from alignkit.distributed import (
+    deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
+    load_full_optimizer_state,
+)
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
+from alignkit.runs import (
+    STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, remove_own,
+)
+from alignkit.settings import ConfigError
 from alignkit.settings.typed import ConfigError
-from alignkit.runs import (STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint,
-                           remove_own)
-from alignkit.adapters import (enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model,
-                               unwrap_lm)
 
 logger = logging.getLogger(__name__)
 
@@ -615,8 +619,6 @@ class AlignTrainer(Trainer):
                 raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
                                       "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
         if resume_from_checkpoint:
-            from alignkit.distributed import is_deepspeed
-
             if is_deepspeed(self.accelerator):  # DeepSpeed restores its engine from its own pickled files
                 raise CheckpointError(f"resume_from_checkpoint: resuming under DeepSpeed is not supported by alignkit "
                                       f"(DeepSpeed reloads its optimizer state from torch pickles, which alignkit "
@@ -657,8 +659,6 @@ def _refuse_deepspeed_mismatches(trainer: Any) -> None:
     ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
     found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
     if found:
-        from alignkit.settings import ConfigError
-
         raise ConfigError(f"the DeepSpeed config disagrees with the training settings: {'; '.join(found)}; set "
                           f"those DeepSpeed values to 'auto' (the train.* keys then decide) or give the train.* "
                           f"keys the same values")
@@ -668,8 +668,6 @@ def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
     """A whole model's safetensors (one file or shards) into `model`, in place; every saved tensor must
     name a parameter or buffer, and every one not saved must be tied to a saved one (save_pretrained drops
     the tied copies)."""
-    from safetensors.torch import load_file
-
     files = sorted(Path(folder).glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"resume: {folder} has no model*.safetensors (not a full-model checkpoint)")

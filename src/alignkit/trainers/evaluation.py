@@ -25,8 +25,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from alignkit.losses import kendall_tau
 from alignkit.adapters import can_switch_off, reference_off
+from alignkit.data import PromptRecord, tokenize_records
+from alignkit.data.collators import PromptCollator
+from alignkit.losses import kendall_tau
 from alignkit.trainers.logps import prompt_locations
 from alignkit.trainers.reward import sequence_rewards
 
@@ -96,9 +98,6 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
                       max_new_tokens: int = 64, batch_size: int = 8, out_dir: str | Path | None = None,
                       formatter: str = "auto", **generate_kwargs: Any) -> list[dict[str, str]]:
     """Side-by-side base vs adapted generations for `prompts` (strings, message lists or PromptRecords)."""
-    from alignkit.data import PromptRecord, tokenize_records
-    from alignkit.data.collators import PromptCollator
-
     records = [p if isinstance(p, PromptRecord) else PromptRecord(p, id=f"prompt-{i}") for i, p in enumerate(prompts)]
     features, _ = tokenize_records(records, tokenizer, formatter=formatter)
     switchable = can_switch_off(model)

@@ -21,11 +21,13 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from alignkit.distributed import shard_reference
 from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceBatch, PreferenceParams, preference_loss
 from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator, turn_off_dropout
 from alignkit.trainers.logps import completion_logps
-from alignkit.trainers.reference import (ReferenceCollator, attach_reference, frozen_copy, load_or_compute,
-                                         reference_logps, resolve_mode)
+from alignkit.trainers.reference import (
+    ReferenceCollator, attach_reference, frozen_copy, load_or_compute, reference_logps, resolve_mode,
+)
 
 REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft"})
 
@@ -87,7 +89,6 @@ class PreferenceTrainer(AlignTrainer):
                 p.requires_grad_(False)
             if disable_dropout:
                 turn_off_dropout(self.ref_model)
-            from alignkit.distributed import shard_reference
 
             self.ref_model = shard_reference(self.ref_model, self.accelerator)  # FSDP2: sharded like the policy
         if self.reference_mode == "precomputed":

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from alignkit.adapters import adapter_kind, can_switch_off, reference_off, unwrap_lm
@@ -174,8 +175,6 @@ def load_or_compute(model: nn.Module, dataset: list, collator: Callable, cache_d
                     chunk_size: int = 1024) -> tuple[dict[str, Tensor], bool]:
     """Reference log-probs of every example of `dataset` (dataset order), from `cache_dir` when its key
     matches, else computed and written there. Returns (tensors, reused)."""
-    from safetensors.torch import load_file, save_file
-
     cache_dir = Path(cache_dir)
     key = cache_key(ref_model if ref_model is not None else model, _label(model, ref_model), tokenizer, dataset)
     meta_path, data_path = cache_dir / f"{split}.json", cache_dir / f"{split}.safetensors"

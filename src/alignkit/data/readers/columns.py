@@ -24,12 +24,15 @@ across the boundary. No shared prefix, or one response being a prefix of the oth
 
 from __future__ import annotations
 
+import difflib
+import logging
 from typing import Any
 
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
-from alignkit.data.records import (DataError, check_messages, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord,
-                                   UnpairedRecord)
+from alignkit.data.records import (
+    DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord, check_messages,
+)
 
 _RESPONSE_COLS = ("completion", "chosen", "rejected", "responses", "messages")
 
@@ -140,8 +143,6 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
     """Policy for columns a reader does not read: one whose name is close to a column it reads (`weigth`,
     `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported in one
     warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
-    import difflib
-
     for col in row:
         if col in known:
             continue
@@ -163,8 +164,6 @@ def _reader(convert):
 
         out = collect(iter_rows(source, split), checked, on_invalid, name=str(source)[:80])
         if unknown and convert is not _prompt:
-            import logging
-
             logging.getLogger(__name__).warning(
                 "%s: ignored column(s) %s (not read by this reader; counts: %s)", str(source)[:80], sorted(unknown),
                 ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))

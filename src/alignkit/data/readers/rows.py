@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -102,8 +103,6 @@ def _load_dataset_dir(path: Path, split: str | None):
 
 def looks_like_hub_id(value: str) -> bool:
     """"org/name" that is not a local path: a Hugging Face dataset name."""
-    import re
-
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists() and \
         Path(value).suffix not in (".jsonl", ".json", ".parquet")
 

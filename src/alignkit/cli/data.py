@@ -1,0 +1,114 @@
+"""A command's data: `data.path` resolved (a file or folder, or `bundled:<path>` for a file shipped in
+`alignkit/resources/`, e.g. `bundled:data/hh_rlhf_sample.jsonl`), read, split, checked and tokenized (with the
+on-disk tokenization cache)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from alignkit.data import PreferenceRecord, TokenizeConfig, load_records, split_records, tokenize_records
+from alignkit.data.readers.rows import looks_like_hub_id
+from alignkit.data.records import DataError
+from alignkit.settings import ConfigError, DataSettings
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def data_path(path: str) -> str:
+    if path.startswith(BUNDLED_PREFIX):
+        resolved = Path(str(files("alignkit") / "resources" / path[len(BUNDLED_PREFIX):]))
+        if not resolved.exists():
+            raise ConfigError(f"{path}: no such bundled file (looked in {resolved})")
+        return str(resolved)
+
+    if not Path(path).exists() and not looks_like_hub_id(path):
+        raise FileNotFoundError(f"{path}: no such data file or folder (relative paths are from the current directory)")
+    return path
+
+
+def _paths(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None, where: str) -> list:
+    records: list = []
+    for p in _paths(paths):
+        records += load_records(data_path(p), kind, reader=ds.reader, on_invalid=ds.on_invalid, split=split,
+                                **ds.reader_options)
+    if paths is not None and not records:
+        raise ConfigError(f"{where}: {paths} holds no {kind} records")
+    return records
+
+
+def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
+    """(train records, eval records) of `kind`; eval from `data.eval_path` or an `eval_fraction` split."""
+    records = read_records(ds.path, ds, kind, ds.split, "data.path")
+    if ds.max_records is not None:
+        records = records[:ds.max_records]
+    evals = read_records(ds.eval_path, ds, kind, ds.eval_split or ds.split, "data.eval_path")
+    if ds.eval_path is None and ds.eval_fraction > 0:
+        if not 0 < ds.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {ds.eval_fraction}")
+        n = len(records)
+        records, evals = split_records(records, [1 - ds.eval_fraction, ds.eval_fraction], seed=ds.split_seed)
+        if not evals or not records:
+            raise ConfigError(f"data.eval_fraction: {ds.eval_fraction} of {n} record(s) leaves "
+                              f"{'no evaluation' if not evals else 'no training'} record; set it so both parts get "
+                              "at least one record, set data.eval_fraction=0 (no evaluation) or give data.eval_path")
+    records = drop_degenerate(records, "data.path")
+    evals = drop_degenerate(evals, "data.eval_path" if ds.eval_path is not None else "evaluation split")
+    logger.info("data: %d training and %d evaluation %s record(s)", len(records), len(evals), kind)
+    return records, evals
+
+
+def drop_degenerate(records: list, where: str) -> list:
+    """Policy for preference pairs whose chosen equals rejected (no preference signal: their DPO gradient is 0 and
+    they only dilute the mean): dropped with ONE warning giving their count and first ids; if every pair is
+    such, an error (the run would train for nothing)."""
+    same = [r for r in records if isinstance(r, PreferenceRecord) and r.chosen == r.rejected]
+    if not same:
+        return records
+    ids = ", ".join(r.id or "?" for r in same[:3]) + (", ..." if len(same) > 3 else "")
+    if len(same) == len(records):
+        raise DataError(f"{where}: chosen == rejected in every one of the {len(records)} pair(s) (e.g. {ids}), so "
+                        "there is nothing to prefer; check the columns (chosen / rejected swapped in a join?)")
+    logger.warning("%s: dropped %d of %d pair(s) whose chosen == rejected (no preference signal): %s", where,
+                   len(same), len(records), ids)
+    return [r for r in records if not (isinstance(r, PreferenceRecord) and r.chosen == r.rejected)]
+
+
+def tokenize_cache_dir() -> Path | None:
+    """Where tokenized features are kept between runs: `$ALIGNKIT_CACHE/tokenized` (default
+    `~/.cache/alignkit/tokenized`); `ALIGNKIT_CACHE=off` turns the cache off."""
+    root = os.environ.get("ALIGNKIT_CACHE", "~/.cache/alignkit")
+    return None if root.strip().lower() in ("", "off", "0", "none") else Path(root).expanduser() / "tokenized"
+
+
+def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tuple[list[dict], Any]:
+    cfg = TokenizeConfig(max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
+                         add_eos=ds.add_eos, loss_on=ds.loss_on)
+    features, stats = tokenize_records(records, tokenizer, cfg, cache_dir=tokenize_cache_dir())
+    logger.info("%s: %s", where, stats.summary())
+    if records and not features:
+        raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")
+    if features and stats.completion_truncated * 2 > len(features):
+        logger.warning("%s: %d of %d record(s) lose the end of their completion to data.max_length=%s (those "
+                       "tokens are never trained on); raise data.max_length if that is not intended", where,
+                       stats.completion_truncated, len(features), ds.max_length)
+    same = [f.get("id") for f in features if "chosen_input_ids" in f
+            and list(f["chosen_input_ids"]) == list(f["rejected_input_ids"])]
+    if same and len(same) == len(features):
+        raise DataError(f"{where}: every one of the {len(same)} pair(s) has chosen == rejected once truncated to "
+                        f"data.max_length={ds.max_length} / data.max_prompt_length={ds.max_prompt_length} (e.g. "
+                        f"{same[:3]}): nothing is left to prefer; raise data.max_length")
+    if same:
+        logger.warning("%s: %d of %d pair(s) have chosen == rejected once truncated to data.max_length=%s (no "
+                       "preference signal; they only dilute the batch), e.g. %s; raise data.max_length", where,
+                       len(same), len(features), ds.max_length, same[:3])
+    return features, stats

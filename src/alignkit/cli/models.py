@@ -1,0 +1,236 @@
+"""A command's model and tokenizer: `model.path` resolved (a folder, a hub id, or `tiny:<arch>`: a random tiny model
+and tokenizer built by `alignkit.models.tiny`, saved to `<output_dir>/base_model/` and loaded back with
+`from_pretrained`, so example configs run anywhere without downloads), checked, loaded (with its configured adapter)
+and moved to the device; load errors explained in one line."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from alignkit.adapters import adapter_in, apply_adapter, load_adapter
+from alignkit.adapters.config import ADAPTER_CONFIG_NAME
+from alignkit.models.efficiency import apply_kernels, check_kernels
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.models.tiny import ARCHITECTURES, save_tiny
+from alignkit.runs import COMPLETE_MARKER, RunFolder, incomplete_reason
+from alignkit.settings import ConfigError, ModelSettings
+from alignkit.settings.sections import TINY_PREFIX
+
+logger = logging.getLogger(__name__)
+
+TINY_TMP_PREFIX = "alignkit-tiny-"
+# folders this process created itself (mkdtemp): the only ones alignkit ever removes. A user's folder that
+# happens to share the prefix is never touched (issue 12, finding 3).
+_CREATED: set[str] = set()
+
+
+def apply_configured_adapter(model: Any, adapter: Any) -> Any:
+    """`alignkit.adapters.apply_adapter` for a command: what it refuses (a ReFT layer past the model's depth, a
+    bad position spec, LoRA target modules the model lacks, ...) is a config error, so one line naming the
+    `adapter` section instead of "unexpected error"; `--debug` still shows the traceback."""
+    try:
+        return apply_adapter(model, adapter)
+    except (ValueError, TypeError, KeyError) as e:
+        text = " ".join(str(e).split()).strip("'\"") or type(e).__name__
+        raise ConfigError(f"adapter: {text}; fix the adapter section of the config (kind "
+                          f"{getattr(adapter, 'kind', '?')!r})") from e
+
+
+
+
+def resolve_model_path(ms: ModelSettings, run: RunFolder | None, task: str) -> tuple[str, str]:
+    """(folder or id to load, description for the model card). Builds `tiny:<arch>` models: into
+    `<run>/base_model` (main process of a run folder), else into a temporary folder of this process's own
+    (`adopt_tiny` moves it into the run folder once that exists)."""
+    if not ms.path.startswith(TINY_PREFIX):
+        return ms.path, ms.path
+
+    arch = ms.path[len(TINY_PREFIX):]
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"model.path: {ms.path!r}: unknown tiny architecture {arch!r}; valid: "
+                          + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
+    # every process builds the same seeded model; only the main one writes into the run folder
+    if run is not None and run.main:
+        folder = run.root / "base_model"
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=TINY_TMP_PREFIX))
+        _CREATED.add(str(folder))
+    save_tiny(folder, arch, classifier=task == "classifier", num_labels=1)
+    desc = f"{ms.path} (a random tiny {arch} built by alignkit.models.tiny, saved in base_model/)"
+    return str(folder), desc
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("org/name"): absolute, relative with ./ ../ ~, or 2+ separators."""
+    return (Path(path).is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+            or Path(path).exists())
+
+
+def check_model_folder(path: str, key: str, adapter: bool = False) -> None:
+    """A clear error for a model / adapter path that cannot be what the key says (before anything is loaded)."""
+    if path.startswith(TINY_PREFIX) or not _looks_local(path):
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{key}: {path} does not exist; point it at a folder written by save_pretrained "
+                          + ("or a training run's model/ folder" if adapter else "(config.json + weights)"))
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {path} is a file; point it at the folder that holds it")
+    if adapter:
+        known = (ADAPTER_CONFIG_NAME, "adapter_config.json", "reft_config.json", "config.json")
+        if not any((folder / n).is_file() for n in known):
+            raise ConfigError(f"{key}: {path} holds no adapter or model ({', '.join(known)} missing); point it at a "
+                              "training run's model/ folder")
+        return
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} has no config.json, so it is not a saved model folder; point it at the "
+                          "folder save_pretrained wrote (or a run's base_model/ or model/)")
+
+
+def damaged_safetensors(folder: str | Path) -> tuple[Path, str] | None:
+    """The first `*.safetensors` file under `folder` that cannot be read whole (truncated, bad header), and why."""
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    h.get_slice(name)
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
+            return f, str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def describe_load_error(key: str, path: str | Path, e: BaseException) -> str:
+    """One line for a model / adapter that failed to load: which file, what is wrong with it, what to do."""
+    text = str(e)
+    bad = damaged_safetensors(path)
+    if bad is not None:
+        return (f"{key}: {bad[0]} cannot be read ({bad[1]}): the file is truncated or damaged; save the model "
+                "again (or copy it again from where it came from)")
+    if "size mismatch" in text:
+        first = next((line.strip() for line in text.splitlines() if "size mismatch" in line), text.splitlines()[0])
+        return (f"{key}: {path} was trained on a model of another size than the base model ({first[:320]}); use the "
+                "base model it was trained from (its README.md names it)")
+    if isinstance(e, UnicodeDecodeError):
+        return f"{key}: {path}: a file is not UTF-8 text ({e.reason} at byte {e.start}); it is damaged or not JSON"
+    first = text.splitlines()[0] if text else ""
+    return f"{key}: cannot load {path}: {type(e).__name__}: {first[:300]}"
+
+
+class explaining_load:
+    """`with explaining_load("model.path", path): load(...)`: any failure becomes one ConfigError line."""
+
+    def __init__(self, key: str, path: str | Path) -> None:
+        self.key, self.path = key, path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:  # noqa: ANN001
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, ConfigError):
+            return False
+        raise ConfigError(describe_load_error(self.key, self.path, exc)) from exc
+
+
+def check_adapter_files(folder: Path, key: str) -> None:
+    """The weights an adapter folder's config promises are there (and complete, when it carries a marker)."""
+    if (folder / COMPLETE_MARKER).is_file():
+        reason = incomplete_reason(folder)
+        if reason is not None:
+            raise ConfigError(f"{key}: {reason}; the save did not finish: use a complete model/ folder")
+    with explaining_load(key, folder):
+        adapter = adapter_in(folder)
+    for name, what in adapter.weight_files:
+        if not (folder / name).is_file():
+            raise ConfigError(f"{key}: {folder} has no {name} ({what}); point it at the complete model/ folder of "
+                              "a finished run")
+
+
+def load_tokenizer_for(ms: ModelSettings, path: str):
+    return load_tokenizer(ms.tokenizer or path, trust_remote_code=ms.trust_remote_code)
+
+
+def adopt_tiny(path: str, dest: Path, main: bool = True) -> str:
+    """A tiny model built in this process's temporary folder: moved to `dest` (main process, when `dest` does not
+    exist yet: a resumed run keeps its own), else removed. Any other path is returned unchanged, never touched."""
+    if path not in _CREATED:
+        return path
+    _CREATED.discard(path)
+    if main and not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, dest)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    return str(dest)
+
+
+def rename_base(model: Any, old: str, new: str) -> None:
+    """After `adopt_tiny` moved the base model: the loaded model's configs (and peft's) name the new folder."""
+    if old == new:
+        return
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and getattr(cfg, "_name_or_path", None) == old:
+            cfg._name_or_path = new
+        for pc in (getattr(m, "peft_config", None) or {}).values():
+            if getattr(pc, "base_model_name_or_path", None) == old:
+                pc.base_model_name_or_path = new
+
+
+def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, loaded path, description) for `task` "causal_lm" or "classifier" (1 label).
+    `run` None: nothing is written to a run folder (a tiny model stays in a temporary folder for `adopt_tiny`)."""
+    check_model_folder(ms.path, "model.path")
+    if ms.tokenizer is not None:
+        check_model_folder(ms.tokenizer, "model.tokenizer")
+    if ms.adapter_path is not None:
+        check_model_folder(ms.adapter_path, "model.adapter_path", adapter=True)
+    if ms.kernels is not None:
+        check_kernels(ms.kernels)  # before anything is built
+    path, desc = resolve_model_path(ms, run, task)
+    with explaining_load("model.tokenizer" if ms.tokenizer else "model.path", ms.tokenizer or path):
+        tok = load_tokenizer_for(ms, path)
+    with explaining_load("model.path", path):
+        model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
+                           num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
+                           rope_scaling=ms.rope_scaling)
+    if run is not None and path in _CREATED:  # this process's private copy of a tiny model: loaded, so not needed
+        path = adopt_tiny(path, run.root / "base_model", main=False)
+    if task == "classifier" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if ms.kernels is not None:
+        apply_kernels(model, ms.kernels)
+    return model, tok, path, desc
+
+
+def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, base path, description): the base model with `model.adapter_path` applied (an
+    adapter folder, or a fully finetuned model's folder)."""
+    model, tok, path, desc = load_base(ms, run, task)
+    if ms.adapter_path is None:
+        return model, tok, path, desc
+    folder = Path(ms.adapter_path)
+    check_adapter_files(folder, "model.adapter_path")
+    with explaining_load("model.adapter_path", folder):
+        if adapter_in(folder).saves_whole_model:  # a complete model, not an adapter
+            model = load_model(folder, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
+                               num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
+                               rope_scaling=ms.rope_scaling)
+            if (folder / "tokenizer_config.json").is_file():
+                tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
+                                         str(folder))
+        else:
+            model = load_adapter(model, folder, check_base=ms.check_base)
+    return model, tok, path, f"{desc} + {folder}"
+
+
+def to_device(model: Any) -> Any:
+    return model.to("cuda") if torch.cuda.is_available() else model

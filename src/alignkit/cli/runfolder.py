@@ -1,0 +1,242 @@
+"""A command's config and its run folder: the config from the arguments (`--dry-run`), and for a training command
+the folder planned (checks only: `--resume` / `--overwrite`), begun (config written), finished (swapped in) or
+abandoned."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignkit.runs import (
+    STAGING_MARK, RunFolder, checkpoint_step, commit_staging, incomplete_reason, is_main_process,
+    latest_complete_checkpoint, remove_own, truncate_metrics,
+)
+from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
+
+logger = logging.getLogger(__name__)
+
+
+def config_from_args(args: argparse.Namespace, command: str) -> Any:
+    return load_config(args.config, args.overrides, command=command)
+
+
+def dry_run(cfg: Any) -> int:
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    return "alignkit " + shlex.join(getattr(args, "argv", []))
+
+
+def start_run(cfg: Any) -> RunFolder:
+    """The output folder of `eval` / `generate`, with the resolved config written (main process). Nothing else
+    in it is removed (training commands use `plan_run` / `begin_run` instead)."""
+    run = RunFolder(Path(cfg.output_dir))
+    if run.main:
+        target = run.config
+        if target.is_file():
+            try:
+                written_for = (yaml.safe_load(target.read_text()) or {}).get("command")
+            except (yaml.YAMLError, AttributeError):
+                written_for = "?"
+            if written_for != command_of(cfg):  # another run's config (e.g. the training run evaluated here)
+                target = run.root / f"{command_of(cfg)}.yaml"
+                logger.info("%s holds the config of `alignkit %s`; this command's config goes to %s", run.config,
+                            written_for, target.name)
+        save_config(cfg, target)
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder of a training command: planned (checks only), begun (written), finished (swapped in)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunPlan:
+    """Where a training run writes, decided before anything is written.
+
+    mode "new": `final` is absent or empty; "resume": continue `final` from `checkpoint`; "overwrite": `final`
+    holds a run and the user asked to replace it: the new run is written to `root` (a staging folder beside
+    it, `.<name>.staging`) and renamed over `final` only when it has finished."""
+
+    final: Path
+    root: Path
+    mode: str
+    checkpoint: Path | None = None
+    main: bool = field(default_factory=is_main_process)
+    existed: bool = False
+
+    def folder(self) -> RunFolder:
+        """The run folder to write into (created)."""
+        return RunFolder(self.root, main=self.main)
+
+    def named(self) -> RunFolder:
+        """The run folder as it will be named when finished (for paths shown to the user); nothing created."""
+        return RunFolder(self.final, main=False)
+
+
+def _listing(folder: Path, limit: int = 4) -> str:
+    names = sorted(p.name for p in folder.iterdir())
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpoint: str | None = None,
+             can_resume: bool = True) -> RunPlan:
+    """Check `output_dir` against the user's intent; writes nothing. `checkpoint`: `train.resume_from_checkpoint`."""
+    final = Path(cfg.output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in output_dir, "
+                          "--overwrite replaces it")
+    if (resume or checkpoint is not None) and not can_resume:
+        raise ConfigError("--resume: online runs write no checkpoints yet, so they cannot be resumed (not yet "
+                          "built); start again with --overwrite or another output_dir")
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"output_dir: {final} is a file, not a folder; choose another output_dir")
+    existed = final.is_dir()
+    holds = existed and any(final.iterdir())
+    ckpt: Path | None = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if not ckpt.exists():
+            raise ConfigError(f"train.resume_from_checkpoint: {ckpt} does not exist; give a checkpoint folder "
+                              f"(e.g. {final / 'checkpoints' / 'checkpoint-10'}) or use --resume for the newest "
+                              "complete one")
+        reason = incomplete_reason(ckpt)
+        if reason is not None:
+            raise ConfigError(f"train.resume_from_checkpoint: cannot resume: {reason}; pick a complete checkpoint "
+                              "folder, or use --resume for the newest complete one")
+    elif resume:
+        if not holds:
+            raise ConfigError(f"--resume: {final} holds no run to resume; run once without --resume first")
+        ckpt = latest_complete_checkpoint(final / "checkpoints")
+        if ckpt is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (training commands write "
+                              "them with train.save_strategy=steps and train.save_steps=N, online commands with "
+                              "train.save_steps=N); start again with --overwrite")
+        check_resume_config(cfg, final / "config.yaml")
+        logger.info("resuming %s from %s", final, ckpt)
+    elif holds and not overwrite:
+        raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
+                          "that run from its newest complete checkpoint, --overwrite to replace it as a whole, or "
+                          "choose another output_dir")
+    if ckpt is not None:
+        return RunPlan(final, final, "resume", ckpt, existed=existed)
+    if holds:  # --overwrite
+
+        staging = final.parent / f".{final.name}.staging"
+        if is_main_process():
+            remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
+        return RunPlan(final, staging, "overwrite", existed=True)
+    return RunPlan(final, final, "new", existed=existed)
+
+
+# Settings a resumed run may change: how long it runs and what it logs, evaluates, saves and reports. Anything
+# else (model, data, adapter, objective, optimizer, schedule, batch, seed) would be silently ignored (the
+# optimizer and scheduler states of the checkpoint restore the old learning rate) or would make a different run
+# under the old name, so --resume refuses it.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "max_steps", "steps", "num_train_epochs", "logging_steps", "logging_strategy", "logging_first_step",
+    "eval_strategy", "eval_steps", "eval_delay", "eval_on_start", "per_device_eval_batch_size", "save_strategy",
+    "save_steps", "save_total_limit", "save_only_model", "report_to", "run_name", "project", "disable_tqdm",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token", "hub_always_push",
+    "hub_revision", "log_level", "resume_from_checkpoint", "torch_empty_cache_steps"})
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
+        return out if out or not prefix else {prefix.rstrip("."): value}
+    return {prefix.rstrip("."): value}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs; a key absent on one side is None
+    there (the default, for `train.*` keys that were not written)."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resume_config(cfg: Any, saved: Path) -> None:
+    """--resume continues the same training: refuse settings that differ from the run's config.yaml except
+    those in RESUMABLE_CHANGES (logged). Nothing is checked when the run folder has no config.yaml."""
+    if not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--resume: {saved} is not valid YAML ({e}); it records how the run was trained, so "
+                          "restore it or start again with --overwrite") from None
+    changes = config_changes(old, yaml.safe_load(dump_config(cfg)))
+    allowed = [c for c in changes if c[0].rsplit(".", 1)[-1] in RESUMABLE_CHANGES]
+    refused = [c for c in changes if c not in allowed]
+    for key, before, after in allowed:
+        logger.info("--resume: %s changes from %r to %r", key, before, after)
+    if refused:
+        shown = "; ".join(f"{k}: {_show(v0)} in the run, {_show(v1)} now" for k, v0, v1 in refused[:4])
+        more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
+        raise ConfigError(f"--resume: the settings differ from the run's {saved}: {shown}{more}. A resumed run "
+                          "continues the same training (the checkpoint's optimizer and scheduler would keep the old "
+                          "values); only how long it runs and what it logs, evaluates and saves may change. Use the "
+                          "run's settings, or start a new run (another output_dir, model.path=<its model/ or a "
+                          "checkpoint>)")
+
+
+def _show(value: Any) -> str:
+    return "(default)" if value is None else repr(value)
+
+
+def begin_run(plan: RunPlan, cfg: Any, zero_based_steps: bool = False) -> RunFolder:
+    """Create the run folder (main process), write the resolved config atomically, and on resume keep
+    metrics.jsonl up to the checkpoint's step (the resumed run appends after them)."""
+    run = plan.folder()
+    if run.main:
+        if plan.mode == "overwrite":
+            (run.root / STAGING_MARK).touch()
+        tmp = run.config.with_name(run.config.name + ".tmp")
+        save_config(cfg, tmp)
+        os.replace(tmp, run.config)
+        if plan.mode == "resume" and plan.checkpoint is not None:
+            step = checkpoint_step(plan.checkpoint)
+            if step is not None and zero_based_steps:  # online rows: "step" 0..N-1 are the N steps done
+                step -= 1
+            if step is not None:
+                kept = truncate_metrics(run.metrics, step)
+                logger.info("metrics.jsonl: %d row(s) up to step %d kept; the resumed run appends", kept, step)
+    return run
+
+
+def abandon_run(plan: RunPlan) -> None:
+    """After a failure before or during the run: remove only the EMPTY folders this run created (os.rmdir never
+    removes a file); a staging folder of --overwrite with files in it is kept for inspection (the old run is
+    untouched, and the next --overwrite removes it)."""
+    if not plan.main or (plan.mode != "overwrite" and plan.existed) or not plan.root.is_dir():
+        return
+    for sub in sorted(plan.root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if sub.is_dir():
+            try:
+                sub.rmdir()
+            except OSError:
+                pass
+    try:
+        plan.root.rmdir()
+    except OSError:
+        if plan.mode == "overwrite":
+            logger.warning("the new run failed; %s is untouched, the partial new run is in %s (removed by the next "
+                           "--overwrite)", plan.final, plan.root)
+
+
+def finish_run(plan: RunPlan) -> None:
+    """--overwrite: the finished new run replaces the old folder as a whole (two renames)."""
+    if plan.main and plan.mode == "overwrite":
+        commit_staging(plan.root, plan.final, marker=False)
