@@ -215,3 +215,31 @@ def build_intervention(spec: dict[str, Any]) -> Intervention:
         return INTERVENTIONS[kind](**spec)
     except TypeError as e:
         raise ValueError(f"bad arguments for intervention type {kind!r}: {e}") from None
+
+
+class SourceIntervention(Intervention):
+    """The types whose edit reads act(Wh + b): W, b are `learned_source`, a Linear(d, r) (b only if `add_bias`),
+    created after the type's own `projection` so that parameters are registered (and drawn from the RNG) in the
+    same order as pyreft's. Subclasses implement `projection` and `forward`."""
+
+    def __init__(self, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: str | None = None,
+                 add_bias: bool = True, dtype: str | torch.dtype | None = None) -> None:
+        super().__init__()
+        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype, act_fn=act_fn, add_bias=add_bias)
+        self.projection(embed_dim, low_rank_dimension, dt)
+        self.learned_source = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias, dtype=dt)  # W, b
+
+    def projection(self, embed_dim: int, low_rank_dimension: int, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+
+class RotatedBiasIntervention(Intervention):
+    """The types built from an orthonormal R (`rotate_layer`, weight = Rᵀ, (d, r)) and a learned b ∈ R^r
+    (`learned_source`, initialised U[0, 1) like pyreft). Subclasses implement `forward`."""
+
+    def __init__(self, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0,
+                 dtype: str | torch.dtype | None = None) -> None:
+        super().__init__()
+        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype)
+        self.rotate_layer = LowRankRotation(embed_dim, low_rank_dimension, dt)  # weight: (d, r) = Rᵀ
+        self.learned_source = nn.Parameter(torch.rand(low_rank_dimension, dtype=dt))  # b: (r,)

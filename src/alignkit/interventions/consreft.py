@@ -4,13 +4,12 @@ et al. 2024, "ReFT: Representation Finetuning for Language Models")."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from alignkit.interventions.base import Intervention, LowRankRotation, register_intervention
+from alignkit.interventions.base import RotatedBiasIntervention, register_intervention
 
 
 @register_intervention("consreft")
-class ConsReFT(Intervention):
+class ConsReFT(RotatedBiasIntervention):
     """Φ(h) = h + Rᵀ(b − Rh)
 
     Sets the coordinates of h in the subspace spanned by R's rows to the learned constant b, leaving the
@@ -18,18 +17,6 @@ class ConsReFT(Intervention):
     = Rᵀ, (d, r)); b ∈ R^r is `learned_source`, initialised U[0, 1) like pyreft.
     Unlike pyreft (which ignores it here) dropout applies, to the edit. Trainable parameters: d·r + r.
     """
-
-    def __init__(
-        self,
-        embed_dim: int,
-        low_rank_dimension: int,
-        dropout: float = 0.0,
-        dtype: str | torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype)
-        self.rotate_layer = LowRankRotation(embed_dim, low_rank_dimension, dt)  # weight: (d, r) = Rᵀ
-        self.learned_source = nn.Parameter(torch.rand(low_rank_dimension, dtype=dt))  # b: (r,)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         b = self.learned_source                                       # (r,)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignkit.interventions.base import Intervention, register_intervention
+from alignkit.interventions.base import SourceIntervention, register_intervention
 
 
 @register_intervention("direft")
-class DiReFT(Intervention):
+class DiReFT(SourceIntervention):
     """Φ(h) = h + W₂ᵀ act(W₁h + b)
 
     W₂ ∈ R^{r×d} is the weight of `proj_layer` (a bias-free Linear(d, r); pyreft's optional bias there
@@ -24,19 +24,8 @@ class DiReFT(Intervention):
     Trainable parameters: 2·d·r + r.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        low_rank_dimension: int,
-        dropout: float = 0.0,
-        act_fn: str | None = None,
-        add_bias: bool = True,
-        dtype: str | torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype, act_fn=act_fn, add_bias=add_bias)
-        self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=False, dtype=dt)         # W₂
-        self.learned_source = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias, dtype=dt)  # W₁, b
+    def projection(self, embed_dim: int, low_rank_dimension: int, dtype: torch.dtype) -> None:
+        self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=False, dtype=dtype)  # W₂
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         x = h.to(self.learned_source.weight.dtype)                            # (N, d)

@@ -9,13 +9,12 @@ keeps pyreft's orthonormal R instead, under its own name "direft_orth", so pyref
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from alignkit.interventions.base import Intervention, LowRankRotation, register_intervention
+from alignkit.interventions.base import LowRankRotation, SourceIntervention, register_intervention
 
 
 @register_intervention("direft_orth")
-class DiReFTOrth(Intervention):
+class DiReFTOrth(SourceIntervention):
     """Φ(h) = h + Rᵀ act(Wh + b)
 
     R ∈ R^{r×d} with orthonormal rows (stored as `rotate_layer.weight` = Rᵀ, (d, r)); W ∈ R^{r×d},
@@ -23,19 +22,8 @@ class DiReFTOrth(Intervention):
     Trainable parameters: 2·d·r + r.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        low_rank_dimension: int,
-        dropout: float = 0.0,
-        act_fn: str | None = None,
-        add_bias: bool = True,
-        dtype: str | torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype, act_fn=act_fn, add_bias=add_bias)
-        self.rotate_layer = LowRankRotation(embed_dim, low_rank_dimension, dt)  # weight: (d, r) = Rᵀ
-        self.learned_source = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias, dtype=dt)  # W, b
+    def projection(self, embed_dim: int, low_rank_dimension: int, dtype: torch.dtype) -> None:
+        self.rotate_layer = LowRankRotation(embed_dim, low_rank_dimension, dtype)  # weight: (d, r) = Rᵀ
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         x = h.to(self.learned_source.weight.dtype)                            # (N, d)
