@@ -69,6 +69,15 @@ def sampling_request(cfg: SamplingConfig, eos: Sequence[int], seed: int | None) 
 REQUEST_KEYS = ("n", "max_tokens", "stop_token_ids", "stop", "seed", "temperature", "top_p", "top_k")
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop a `vllm.LLM`'s engine core (best effort, at teardown); None: nothing to stop."""
+    if llm is not None:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at teardown
+            pass
+
+
 def sampling_params(req: dict[str, Any]):
     """`vllm.SamplingParams` of a `sampling_request` (stop strings kept in the output, special tokens kept, no
     repetition penalty: `finish_response` cuts the response as transformers generation does)."""
@@ -197,12 +206,8 @@ class VllmGenerator:
     def close(self) -> None:
         """Stop the engine and remove the LoRA snapshots."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
-            del llm
+        shutdown_engine(llm)
+        del llm
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

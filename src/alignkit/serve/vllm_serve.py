@@ -49,7 +49,7 @@ from transformers import AutoConfig
 
 import alignkit
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
-from alignkit.online.vllm_generation import sampling_params
+from alignkit.online.vllm_generation import sampling_params, shutdown_engine
 from alignkit.serve.vllm_server import lora_unsupported
 
 logger = logging.getLogger(__name__)
@@ -216,11 +216,7 @@ class VllmServeEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
+        shutdown_engine(llm)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
