@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import numpy as np
 import torch
 import transformers
 import yaml
-from huggingface_hub import HfApi
 from huggingface_hub import ModelCard as HubCard
 from transformers import TrainerCallback
 
@@ -447,7 +447,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, toke
     """Upload `folder` (a final model / adapter folder and its README.md card) to the Hub model repo `repo_id`,
     creating the repo; `ignore_patterns` (fnmatch, relative paths) leave files out. Returns the repo id."""
     if api is None:
-        api = HfApi(token=token)
+        api = huggingface_hub.HfApi(token=token)  # looked up at call time (tests replace the Hub client)
     folder = Path(folder)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", ignore_patterns=ignore_patterns,

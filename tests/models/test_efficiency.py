@@ -69,7 +69,7 @@ def test_inductor_compiled_layers_train_to_eager_losses(tiny_dir, features, coll
 
 def test_train_compile_from_the_cli(tmp_path, monkeypatch):
     """train.compile with options reaches compile_layers (on the adapted model) and the run trains."""
-    import alignkit.models.efficiency as efficiency
+    import alignkit.cli.train as efficiency  # where the command calls compile_layers
 
     calls = []
     real = efficiency.compile_layers
