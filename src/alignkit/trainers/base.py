@@ -96,7 +96,6 @@ from alignkit.runs import (
     STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, remove_own,
 )
 from alignkit.settings import ConfigError
-from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
