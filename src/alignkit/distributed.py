@@ -18,6 +18,7 @@ refused in one line instead of silently training with DDP.
 from __future__ import annotations
 
 import atexit
+import copy
 import logging
 import os
 import sys
@@ -262,8 +263,6 @@ def shard_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
 
 
 def _zero3_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
-    import copy
-
     import deepspeed
 
     cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
