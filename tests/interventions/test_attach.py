@@ -10,17 +10,12 @@ from torch import nn
 import alignkit.interventions  # noqa: F401  (registers the types)
 from alignkit.interventions.attach import ReftModel, find_decoder_layers, get_reft_model
 from alignkit.interventions.config import ReftConfig, RepresentationConfig
+from tests.interventions.table import INTERVENTION_ROWS
 
 # One representation per component kind. Layer 0 has only a block_output edit, so its output at unselected
 # positions must equal the base model's bitwise (an edit inside layer 0 would reach later positions via attention).
-MIXED = [
-    dict(layer=0, component="block_output", intervention="loreft", low_rank_dimension=2),
-    dict(layer=1, component="mlp_output", intervention="noreft", low_rank_dimension=2),
-    dict(layer=1, component="attention_output", intervention="direft", low_rank_dimension=2),
-    dict(layer=1, component="attention_input", intervention="consreft", low_rank_dimension=2),
-    dict(layer=1, component="block_input", intervention="lobireft", low_rank_dimension=2),
-    dict(layer=1, component="mlp_input", intervention="direft_orth", low_rank_dimension=2),
-]
+MIXED = [dict(layer=0 if r.component == "block_output" else 1, component=r.component, intervention=r.kind,
+              low_rank_dimension=2) for r in INTERVENTION_ROWS]  # tests/interventions/table.py
 
 
 def randomize(reft: ReftModel, seed: int = 1) -> None:

@@ -15,22 +15,13 @@ from alignkit.interventions import (
     INTERVENTIONS, ConsReFT, DiReFT, DiReFTOrth, LobiReFT, LoReFT, NoReFT, build_intervention, register_intervention,
 )
 from alignkit.interventions.base import Intervention, LowRankRotation
+from tests.interventions.table import INTERVENTION_ROWS
 
 D, R_ = 8, 3  # embed_dim, low_rank_dimension for the generic rows
 
-ROWS = [
-    ("loreft", {}),
-    ("loreft", {"act_fn": "relu", "add_bias": False}),
-    ("noreft", {}),
-    ("noreft", {"act_fn": "tanh", "proj_bias": True}),
-    ("direft", {}),
-    ("direft", {"act_fn": "silu"}),
-    ("direft_orth", {"act_fn": "gelu"}),
-    ("consreft", {}),
-    ("lobireft", {}),
-]
+ROWS = [(r.kind, kw) for r in INTERVENTION_ROWS for kw in ({}, *r.variants)]  # tests/interventions/table.py
 IDS = [f"{kind}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for kind, kw in ROWS]
-ORTHOGONAL = {"loreft", "direft_orth", "consreft", "lobireft"}
+ORTHOGONAL = {r.kind for r in INTERVENTION_ROWS if r.orthogonal}
 ACT = {None: lambda x: x, "relu": torch.relu, "tanh": torch.tanh, "silu": torch.nn.functional.silu,
        "gelu": torch.nn.functional.gelu}
 

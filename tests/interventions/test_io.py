@@ -17,15 +17,9 @@ from alignkit.interventions.config import ReftConfig, RepresentationConfig
 from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME, save_reft
 from alignkit.interventions.loading import load_pyreft, load_reft
 from alignkit.models.loading import load_model
+from tests.interventions.table import INTERVENTION_ROWS
 
-ROWS = [  # (type, extra arguments): every registered type, some with non-default arguments
-    ("loreft", dict(act_fn="relu", add_bias=False, dropout=0.1)),
-    ("noreft", dict(extra={"proj_bias": True})),
-    ("direft", dict(act_fn="silu")),
-    ("direft_orth", dict(act_fn="gelu")),
-    ("consreft", {}),
-    ("lobireft", dict(dropout=0.2)),
-]
+ROWS = [(r.kind, r.saved) for r in INTERVENTION_ROWS]  # (type, arguments): tests/interventions/table.py
 
 
 def test_rows_cover_every_registered_type():

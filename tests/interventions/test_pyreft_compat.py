@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
 from alignkit.interventions.pyreft_compat import PYREFT_TYPE_MAPPING, read_pyreft_folder
+from tests.interventions.table import KINDS
 
 D, R_ = 6, 2
 
@@ -159,7 +160,7 @@ def test_module_path_components_and_trainer_subfolder(tmp_path):
 def test_mapping_names_the_paper_types():
     assert PYREFT_TYPE_MAPPING["NodireftIntervention"] == "direft"  # the paper's DiReFT (eq. 3)
     assert PYREFT_TYPE_MAPPING["DireftIntervention"] == "direft_orth"
-    assert set(PYREFT_TYPE_MAPPING.values()) == {"loreft", "noreft", "direft", "direft_orth", "consreft", "lobireft"}
+    assert set(PYREFT_TYPE_MAPPING.values()) == set(KINDS)  # tests/interventions/table.py
 
 
 class NotATensor:
