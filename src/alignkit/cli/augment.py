@@ -27,7 +27,7 @@ from alignkit.cli.data import data_path
 from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.runfolder import config_from_args, dry_run
 from alignkit.models.tiny import ARCHITECTURES, save_tiny
-from alignkit.online.rounds import atomic_write_text, read_jsonl
+from alignkit.files import atomic_write_text, read_jsonl
 from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError, save_config
 
@@ -97,9 +97,7 @@ def augment(cfg: Any) -> int:
                "requests": getattr(inner, "requests", 0), "cache_hits": getattr(llm, "hits", 0),
                "cache_misses": getattr(llm, "misses", 0)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    scalars = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-    scalars.update({f"dropped/{k}": v for k, v in (result.dropped or {}).items()} if isinstance(result.dropped, dict)
-                   else {})
+    scalars = {**summary, **{f"dropped/{k}": v for k, v in result.dropped.items()}}  # numbers only are written
     chars = [sum(len(json.dumps(v, ensure_ascii=False)) for k, v in row.items() if k != "meta")
              for row in read_jsonl(result.path)]
     write_command_outputs(out, "augment", scalars, {"record_chars": chars})

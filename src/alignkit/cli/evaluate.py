@@ -27,7 +27,7 @@ from alignkit.cli.runfolder import config_from_args, dry_run, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
-from alignkit.online.rounds import atomic_write_text
+from alignkit.files import atomic_write_text
 from alignkit.runs import write_command_outputs
 from alignkit.trainers.evaluation import evaluate_reward_model
 from alignkit.trainers.logps import completion_logps

@@ -25,8 +25,8 @@ from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import load_for_inference, to_device
 from alignkit.cli.runfolder import config_from_args, dry_run, start_run
 from alignkit.online import generate_responses
-from alignkit.online.generation import FINISH_REASONS
-from alignkit.online.rounds import atomic_write_jsonl, atomic_write_text
+from alignkit.online.generation import Sample, generation_metrics
+from alignkit.files import atomic_write_jsonl, atomic_write_text
 from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError
 
@@ -59,8 +59,7 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
     model = to_device(model)
     rows: list[dict[str, Any]] = []
-    lengths: list[int] = []
-    reasons: list[str] = []
+    done: list[Sample] = []
     t0 = time.perf_counter()
     step = max(1, cfg.batch_size // cfg.generation.num_samples)  # prompts per call
     for s in tqdm(range(0, len(records), step), desc="generate", unit="batch", disable=not progress):
@@ -71,14 +70,12 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
                                      formatter=cfg.data.formatter, max_prompt_length=cfg.data.max_prompt_length)
         rows += [{"id": x.prompt_id, "prompt": x.prompt, "response": x.response, "finish_reason": x.finish_reason,
                   "index": x.index} for x in samples]
-        lengths += [len(x.response_ids) for x in samples]
-        reasons += [x.finish_reason for x in samples]
+        done += samples
     seconds = time.perf_counter() - t0
     if run.main:
         atomic_write_jsonl(run.root / "generations.jsonl", rows)
-        n = max(len(rows), 1)
-        metrics = {"prompts": len(records), "responses": len(rows), "generation/response_length": sum(lengths) / n,
-                   **{f"generation/finish_{k}": reasons.count(k) / n for k in FINISH_REASONS},
+        lengths = [len(x.response_ids) for x in done]
+        metrics = {"prompts": len(records), "responses": len(rows), **generation_metrics(done),
                    "generation/tokens": sum(lengths), "generation/seconds": seconds,
                    "generation/tokens_per_second": sum(lengths) / max(seconds, 1e-9)}
         atomic_write_text(run.root / "generation_metrics.json", json.dumps({"model": desc, **metrics}, indent=2))

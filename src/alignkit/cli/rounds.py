@@ -102,14 +102,10 @@ def annotate(cfg: Any, allow_code: bool = False) -> Path:
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite)
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]
-    weights = [float(r.get("weight", 1.0)) for r in read_jsonl(path) if _is_number(r.get("weight", 1.0))]
-    write_command_outputs(run.root, "annotate", entry.get("metrics", {}),
-                          {"reward": [x for x in entry.get("scores") or [] if x is not None], "record_weight": weights})
+    write_command_outputs(run.root, "annotate", entry.get("metrics", {}),  # (failed scores are null: not drawn)
+                          {"reward": entry.get("scores") or [],
+                           "record_weight": [r.get("weight", 1.0) for r in read_jsonl(path)]})
     return path
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 __all__ = ["RECORD_COMMAND", "add_parser", "annotate", "run_annotate", "run_sample", "sample"]

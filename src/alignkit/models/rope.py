@@ -74,6 +74,15 @@ def context_length(config: Any) -> int | None:
     return None
 
 
+def trained_context(config: Any) -> int | None:
+    """`context_length(config)`, or None when positions past it are fine by design (dynamic NTK scaling rescales
+    once a sequence grows past it) or the config names no length: what generation, training and serving check."""
+    if config is None:
+        return None
+    params = getattr(config, "rope_parameters", None)
+    return None if isinstance(params, dict) and params.get("rope_type") in KEEPS_LENGTH else context_length(config)
+
+
 _warned_context: set[tuple[str, int, int]] = set()
 
 
@@ -82,9 +91,8 @@ def warn_past_context(config: Any, longest: int, what: str, fix: str) -> bool:
     context: past its positions a RoPE model keeps producing tokens, just not ones it was trained to (learned
     position tables fail outright), so the result is quietly worse. Dynamic NTK scaling rescales past its
     length by design and is not warned about. Returns whether it is past."""
-    ctx = context_length(config) if config is not None else None
-    params = getattr(config, "rope_parameters", None)
-    if ctx is None or longest <= ctx or (isinstance(params, dict) and params.get("rope_type") in KEEPS_LENGTH):
+    ctx = trained_context(config)
+    if ctx is None or longest <= ctx:
         return False
     key = (str(getattr(config, "model_type", "")), ctx, longest)
     if key not in _warned_context:

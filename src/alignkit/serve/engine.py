@@ -49,7 +49,7 @@ from transformers import DynamicCache
 
 from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
-from alignkit.models.rope import KEEPS_LENGTH, context_length
+from alignkit.models.rope import trained_context
 from alignkit.serve.stack import Route, Stack
 
 logger = logging.getLogger(__name__)
@@ -156,10 +156,7 @@ class Engine:
         self.end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack))
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kw = cache_keyword(stack.model)  # `cache` or `past_key_values`, as transformers names it
-        lm_config = unwrap_lm(stack.model).config  # positions past the context were never trained: refused
-        rope = getattr(lm_config, "rope_parameters", None)  # (dynamic NTK rescales past it by design)
-        self._context = None if isinstance(rope, dict) and rope.get("rope_type") in KEEPS_LENGTH \
-            else context_length(lm_config)
+        self._context = trained_context(unwrap_lm(stack.model).config)  # positions past it are refused
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
