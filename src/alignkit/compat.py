@@ -108,8 +108,10 @@ def _params(fn: Any) -> tuple[str, ...]:
 def trainer_problems(cls: type) -> list[str]:
     """What moved in `transformers.Trainer` for the subclass `cls` (empty when nothing did): each private or
     overridden Trainer method that `cls` (or a base between it and Trainer) defines or calls must still exist
-    on Trainer with the parameters alignkit assumes; each Trainer attribute it sets must still exist."""
-    ours = [k for k in cls.__mro__ if k is not Trainer and issubclass(k, Trainer)]
+    on Trainer with the parameters alignkit assumes; each Trainer attribute it sets must still exist. A mixin
+    before Trainer in the method order (`trainers.sampling.BatchSampling`) counts as the class's own."""
+    mro = cls.__mro__
+    ours = list(mro[:mro.index(Trainer)]) if Trainer in mro else []
     defined = {name for k in ours for name in vars(k)}
     called = {n for k in ours for n in TRAINER_CALLED.get(k.__name__, ())}
     out = []

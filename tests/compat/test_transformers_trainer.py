@@ -16,7 +16,7 @@ import torch
 import transformers
 from transformers import Trainer, TrainingArguments
 
-from alignkit.compat import trainer_problems
+from alignkit.compat import TRAINER_METHODS, trainer_problems
 from alignkit.data import SFTCollator, SFTRecord, tokenize_records
 from alignkit.data.batching import LengthGroupedSampler
 from alignkit.interventions.training import ReftTrainer
@@ -81,6 +81,13 @@ def test_private_trainer_methods_keep_their_signatures(cls):
     problems = trainer_problems(cls)
     if problems:
         fail(TF, "; ".join(problems), f"{cls.__module__}.{cls.__name__}")
+
+
+def test_a_mixins_overrides_are_checked_too(monkeypatch):
+    """AlignTrainer's sampler overrides sit in a mixin (trainers/sampling.py): a moved `_get_eval_sampler` must still
+    be reported for AlignTrainer (a check over Trainer subclasses alone would skip the mixin)."""
+    monkeypatch.setitem(TRAINER_METHODS, "_get_eval_sampler", ("a_renamed_parameter",))
+    assert any("_get_eval_sampler" in p for p in trainer_problems(AlignTrainer))
 
 
 # T2 ------------------------------------------------------------------------------------------------------
@@ -187,7 +194,7 @@ def test_length_grouped_sampler_is_used(tiny_dir, tokenizer, sft_features, tmp_p
     trainer.get_train_dataloader()
     check(seen and isinstance(seen[0], LengthGroupedSampler), TF,
           "Trainer.get_train_dataloader no longer asks self._get_train_sampler(dataset) for its sampler "
-          "(group_by_length would be ignored)", "alignkit/trainers/base.py:AlignTrainer._get_train_sampler",
+          "(group_by_length would be ignored)", "alignkit/trainers/sampling.py:BatchSampling._get_train_sampler",
           f"seen: {seen}")
 
 
@@ -196,7 +203,7 @@ def test_train_dataloader_goes_through_get_dataloader(tiny_dir, tokenizer, sft_f
     in non-finite errors)."""
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path)
     calls = spy(trainer, "_get_dataloader")
-    where = "alignkit/trainers/base.py:AlignTrainer._get_dataloader"
+    where = "alignkit/trainers/sampling.py:BatchSampling._get_dataloader"
     with guard(TF, "get_train_dataloader() failed through alignkit's _get_dataloader override", where):
         batch = next(iter(trainer.get_train_dataloader()))
     check(calls and calls[0][1].get("is_training") is True, TF, "get_train_dataloader no longer builds its loader with "

@@ -39,18 +39,18 @@ depends on the basis and means nothing for the edit (R's scale is fixed). The le
 LoReFT & co. is decayed as usual. pyreft decays the reflectors too (the Trainer's default); with
 `weight_decay=0` (pyreft's recipes) the two agree.
 
-Length-aware batching: `group_by_length=True` (or `train_sampling_strategy="group_by_length"`) draws
-batches with `alignkit.data.batching.LengthGroupedSampler` (similar lengths together, still random).
+Batches (`alignkit.trainers.sampling.BatchSampling`, a mixin of this class): length-aware batching with
+`group_by_length=True` (or `train_sampling_strategy="group_by_length"`), and training batches that carry their
+records' ids.
 
 Non-finite values (`alignkit.guards`): each micro-batch's loss and each step's gradient norm are checked; the
 first NaN / inf is logged as NaN (metrics.jsonl) and raises `NonFiniteError` naming the optimizer step and
 the batch's record ids, before the optimizer applies it. Saving refuses trainable weights that are not finite.
 
-Raw data (TRL-style). `train_dataset` / `eval_dataset` may be raw rows with TRL's columns (a
-`datasets.Dataset` or a list of dicts) or alignkit records, with the tokenizer as `processing_class`: the
-trainer tokenizes them itself (`alignkit.data.prepare`: `datasets.map`, cached, `dataset_num_proc`
-processes, a progress bar) under `max_length`, `max_prompt_length`, `formatter`, `loss_on` (SFT), and
-picks the collator for the data's kind when `data_collator` is not given.
+Raw data (TRL-style, `alignkit.trainers.data_prep`): `train_dataset` / `eval_dataset` may be raw rows with
+TRL's columns or alignkit records, with the tokenizer as `processing_class`; the trainer tokenizes them itself
+under `max_length`, `max_prompt_length`, `formatter`, `loss_on` (SFT), and picks the collator for the data's
+kind when `data_collator` is not given.
 
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
 not name); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
@@ -77,14 +77,8 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
-from alignkit.adapters import (
-    enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model, unwrap_lm,
-)
-from alignkit.compat import attn_implementation, check_trainer
-from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
-from alignkit.data.batching import LengthGroupedSampler, example_length
-from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator, packed_version
-from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
+from alignkit.adapters import enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model
+from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
     deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
@@ -96,6 +90,8 @@ from alignkit.runs import (
     STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, remove_own,
 )
 from alignkit.settings import ConfigError
+from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
+from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
 
 logger = logging.getLogger(__name__)
 
@@ -109,43 +105,6 @@ def turn_off_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-
-
-def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
-    """The padding-free collator for `padding_free=True`: the packed version of `collator` (or a new one), one
-    row for flash-attention (varlen kernels), rows of the batch's longest sequence otherwise (sdpa / eager
-    attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
-    impl = attn_implementation(unwrap_lm(model).config)
-    row_length = None if "flash" in impl else "longest"
-    if collator is None:
-        return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
-    return packed_version(collator, row_length)
-
-
-def shared_prompt_collator(collator: Any) -> Any:
-    """The collator for `share_prompt=True`: `collator` (a padded preference collator) wrapped so that its batches
-    also carry the shared-prompt layout (`alignkit.data.collators.SharedPromptCollator`)."""
-    if isinstance(collator, SharedPromptCollator):
-        return collator
-    if isinstance(collator, PackedPreferenceCollator):
-        raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
-    return SharedPromptCollator(collator, int(getattr(collator, "pad_token_id", 0) or 0))
-
-
-RECORD_IDS = "record_ids"  # batch key: the ids of the records collated into it (popped before the objective)
-
-
-class _KeepRecordIds:
-    """Collator wrapper: the batch also carries the ids of its records (features' "id"), for error messages."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __call__(self, features: list) -> Any:
-        batch = self.inner(features)
-        if isinstance(batch, dict) and features and isinstance(features[0], dict) and "id" in features[0]:
-            batch[RECORD_IDS] = [str(f.get("id", "")) for f in features]
-        return batch
 
 
 def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None) -> None:
@@ -164,7 +123,7 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
                           "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
 
 
-class AlignTrainer(Trainer):
+class AlignTrainer(BatchSampling, Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
     normalizer: Literal["examples", "tokens"] = "examples"
@@ -181,7 +140,7 @@ class AlignTrainer(Trainer):
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
-        self._prepare_data(kwargs, dataset_num_proc)
+        prepare_data(kwargs, self.record_kinds, self.tokenize_config, dataset_num_proc, type(self).__name__)
         default_lr = TrainingArguments.__dataclass_fields__["learning_rate"].default
         if self.trl_learning_rate is not None and args.learning_rate == default_lr:
             logger.warning("%s: learning_rate is transformers' default %g; TRL's %s uses %g for this objective "
@@ -212,31 +171,6 @@ class AlignTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": {}, "eval": {}}
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
 
-    def _prepare_data(self, kwargs: dict[str, Any], num_proc: int | None) -> None:
-        """Tokenize raw `train_dataset` / `eval_dataset` in place in `kwargs` and default the collator."""
-        tok = kwargs.get("processing_class")
-        kind = None
-        for key in ("train_dataset", "eval_dataset"):
-            ds = kwargs.get(key)
-            if ds is None or isinstance(ds, dict):
-                continue
-            if not is_tokenized(ds):
-                if tok is None:
-                    raise ValueError(f"{type(self).__name__}: {key} holds raw rows {_describe(ds)}; pass the tokenizer "
-                                     f"as processing_class=tokenizer so the trainer can tokenize them")
-                ds, k = prepare_dataset(ds, tok, self.record_kinds, self.tokenize_config, num_proc=num_proc,
-                                        name=key)
-                kwargs[key] = ds
-            else:
-                k = feature_kind(ds[0]) if len(ds) else None
-            kind = kind or k
-        if kwargs.get("data_collator") is None and kind is not None and tok is not None:
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            cls = {"sft": SFTCollator, "unpaired": SFTCollator, "preference": PreferenceCollator,
-                   "ranked": RankedCollator}.get(kind)
-            if cls is not None:
-                kwargs["data_collator"] = cls(pad_id)
-
     # -- optimizer ---------------------------------------------------------------------------------------
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -246,37 +180,6 @@ class AlignTrainer(Trainer):
         skip = {f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
                 for n in getattr(m, "no_weight_decay", ())}
         return [n for n in super().get_decay_parameter_names(model) if n not in skip]
-
-    # -- sampling ----------------------------------------------------------------------------------------
-
-    def _get_dataloader(self, dataset: Any, description: str, batch_size: int, sampler_fn: Any = None,
-                        is_training: bool = False, dataloader_key: str | None = None) -> Any:
-        inner = self.data_collator
-        if is_training and inner is not None:
-            self.data_collator = _KeepRecordIds(inner)  # only for this loader; `data_collator` stays the user's
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn=sampler_fn,
-                                           is_training=is_training, dataloader_key=dataloader_key)
-        finally:
-            self.data_collator = inner
-
-    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        """Under `train_sampling_strategy="group_by_length"` the Trainer length-groups evaluation batches too, from
-        an `input_ids` column that preference / ranked features do not have (it raised): our lengths instead."""
-        if getattr(self.args, "train_sampling_strategy", None) != "group_by_length" or eval_dataset is None \
-                or not hasattr(eval_dataset, "__len__"):
-            return super()._get_eval_sampler(eval_dataset)
-        lengths = [example_length(eval_dataset[i]) for i in range(len(eval_dataset))]
-        return LengthGroupedSampler(lengths, self.args.eval_batch_size, seed=self.args.data_seed or self.args.seed)
-
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        """`LengthGroupedSampler` over our tokenized examples when `group_by_length`; else the Trainer's."""
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not self.group_by_length or dataset is None or not hasattr(dataset, "__len__"):
-            return super()._get_train_sampler(train_dataset)
-        shared = bool(getattr(self, "share_prompt", False))  # group by the length of the rows the model runs
-        lengths = [example_length(dataset[i], shared) for i in range(len(dataset))]
-        return LengthGroupedSampler(lengths, self.args.train_batch_size, seed=self.args.data_seed or self.args.seed)
 
     # -- the one method a subclass writes -------------------------------------------------------------
 
@@ -690,10 +593,5 @@ def _saved_num_tokens(checkpoint: str | os.PathLike) -> float | None:
     return json.loads(path.read_text()).get("num_tokens")
 
 
-def _describe(ds: Any) -> str:
-    cols = list(getattr(ds, "column_names", None) or (list(ds[0]) if isinstance(ds, (list, tuple)) and ds and
-                                                          isinstance(ds[0], dict) else []))
-    return f"(columns {cols})" if cols else f"({type(ds).__name__})"
-
-
+# packed_collator / shared_prompt_collator live in trainers/data_prep.py; still importable from here (preference.py)
 __all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "shared_prompt_collator", "turn_off_dropout"]

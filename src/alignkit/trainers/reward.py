@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
 from alignkit.adapters import is_classifier, unwrap_lm
-from alignkit.trainers.base import AlignTrainer, shared_prompt_collator
+from alignkit.trainers.base import AlignTrainer
+from alignkit.trainers.data_prep import shared_prompt_collator
 from alignkit.trainers.logps import backbone_output, is_shared, prompt_locations, shared_forward_kwargs, unshare
 
 

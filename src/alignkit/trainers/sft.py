@@ -15,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from alignkit.losses import SFT_LOSSES, LossOutput
-from alignkit.trainers.base import AlignTrainer, packed_collator
+from alignkit.trainers.base import AlignTrainer
+from alignkit.trainers.data_prep import packed_collator
 from alignkit.trainers.logps import completion_token_logps
 
 

@@ -1,0 +1,85 @@
+"""What `AlignTrainer` does to the data it is given before the `transformers.Trainer` sees it.
+
+Raw data (TRL-style). `train_dataset` / `eval_dataset` may be raw rows with TRL's columns (a `datasets.Dataset`
+or a list of dicts) or alignkit records, with the tokenizer as `processing_class`: `prepare_data` tokenizes them
+(`alignkit.data.prepare`: `datasets.map`, cached, `dataset_num_proc` processes, a progress bar) under the
+trainer's `TokenizeConfig` (max_length, max_prompt_length, formatter, loss_on) and picks the collator for the
+data's kind (`DEFAULT_COLLATORS`) when `data_collator` is not given.
+
+The two alternative batch layouts an objective can ask for: `packed_collator` (`padding_free=True`) and
+`shared_prompt_collator` (`share_prompt=True`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from alignkit.adapters import unwrap_lm
+from alignkit.compat import attn_implementation
+from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
+from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator, packed_version
+from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
+from alignkit.data.tokenize import TokenizeConfig
+
+# feature kind (alignkit.data.prepare.feature_kind) -> the collator a trainer uses when none is given
+DEFAULT_COLLATORS = {"sft": SFTCollator, "unpaired": SFTCollator, "preference": PreferenceCollator,
+                     "ranked": RankedCollator}
+
+
+def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: TokenizeConfig,
+                 num_proc: int | None, owner: str) -> None:
+    """Tokenize raw `train_dataset` / `eval_dataset` in place in the Trainer's `kwargs` (as records of
+    `record_kinds`, preferred first) and default `data_collator` for the data's kind. `owner` (the trainer's
+    class name) starts the error for raw rows without a tokenizer."""
+    tok = kwargs.get("processing_class")
+    kind = None
+    for key in ("train_dataset", "eval_dataset"):
+        ds = kwargs.get(key)
+        if ds is None or isinstance(ds, dict):
+            continue
+        if not is_tokenized(ds):
+            if tok is None:
+                raise ValueError(f"{owner}: {key} holds raw rows {_describe(ds)}; pass the tokenizer "
+                                 f"as processing_class=tokenizer so the trainer can tokenize them")
+            ds, k = prepare_dataset(ds, tok, record_kinds, config, num_proc=num_proc, name=key)
+            kwargs[key] = ds
+        else:
+            k = feature_kind(ds[0]) if len(ds) else None
+        kind = kind or k
+    if kwargs.get("data_collator") is None and kind is not None and tok is not None:
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        cls = DEFAULT_COLLATORS.get(kind)
+        if cls is not None:
+            kwargs["data_collator"] = cls(pad_id)
+
+
+def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
+    """The padding-free collator for `padding_free=True`: the packed version of `collator` (or a new one), one
+    row for flash-attention (varlen kernels), rows of the batch's longest sequence otherwise (sdpa / eager
+    attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
+    impl = attn_implementation(unwrap_lm(model).config)
+    row_length = None if "flash" in impl else "longest"
+    if collator is None:
+        return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
+    return packed_version(collator, row_length)
+
+
+def shared_prompt_collator(collator: Any) -> Any:
+    """The collator for `share_prompt=True`: `collator` (a padded preference collator) wrapped so that its batches
+    also carry the shared-prompt layout (`alignkit.data.collators.SharedPromptCollator`)."""
+    if isinstance(collator, SharedPromptCollator):
+        return collator
+    if isinstance(collator, PackedPreferenceCollator):
+        raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+    return SharedPromptCollator(collator, int(getattr(collator, "pad_token_id", 0) or 0))
+
+
+def _describe(ds: Any) -> str:
+    cols = list(getattr(ds, "column_names", None) or (list(ds[0]) if isinstance(ds, (list, tuple)) and ds and
+                                                          isinstance(ds[0], dict) else []))
+    return f"(columns {cols})" if cols else f"({type(ds).__name__})"
+
+
+__all__ = ["DEFAULT_COLLATORS", "packed_collator", "prepare_data", "shared_prompt_collator"]
