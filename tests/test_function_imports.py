@@ -54,7 +54,6 @@ ALLOWED = {
     ("data/readers/rows.py", "datasets"): "the reader registry is read by settings: datasets (pandas, pyarrow, "
                                           "~2 s) is imported only for a saved dataset or a Hub dataset",
     ("distributed.py", "torch.distributed"): "absent on torch builds without distributed support",
-    ("online/trainer.py", "torch.distributed"): "absent on torch builds without distributed support",
     ("distributed.py", "transformers.integrations.deepspeed"): "DeepSpeed's config helpers (deepspeed is optional)",
 }
 

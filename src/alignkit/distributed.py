@@ -304,4 +304,31 @@ def is_sharded(accelerator: Any) -> bool:
     return accelerator.state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-__all__ = ["deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "requested_engine", "shard_reference", "zero_stage"]
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    """Every process's picklable `obj`, in rank order (`torch.distributed.all_gather_object`: a collective)."""
+    import torch.distributed as dist
+
+    rows: list[Any] = [None] * world
+    dist.all_gather_object(rows, obj)
+    return rows
+
+
+def storage_key(p: torch.Tensor) -> int:
+    """What identifies a parameter's storage, so tied / shared tensors are counted once: its `data_ptr()`, or for
+    an FSDP2 DTensor (whose data_ptr is not its own) its id."""
+    from torch.distributed.tensor import DTensor
+
+    return id(p) if isinstance(p, DTensor) else p.data_ptr()
+
+
+def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into parameter `p` (no grad); an FSDP2 DTensor keeps its shard of it (`distribute_tensor`:
+    a collective, call it in the same parameter order on every process)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(p.device, p.dtype)
+    with torch.no_grad():
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
+
+
+__all__ = ["copy_full_into", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "requested_engine", "shard_reference", "storage_key", "zero_stage"]

@@ -1,0 +1,138 @@
+"""What an online run writes to keep: resumable checkpoints (`save_checkpoint` / `load_checkpoint`: trainable
+weights, optimizer state, RNGs, prompt order, KL controller and reward moments, written atomically), the final
+model or adapter (`save`), and its upload (`push_to_hub`).
+
+`Checkpoints` is a part of `alignkit.online.trainer.OnlineTrainer` (a mixin): it reads the trainer's `config`,
+`model` / `policy`, `extra_modules`, `optimizer`, `accelerator`, `tokenizer`, `output_dir`, `history`, the
+RNGs, the KL controller and the reward moments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from alignkit.adapters import save_adapter
+from alignkit.distributed import (
+    copy_full_into, full_optimizer_state, full_parameters, is_fsdp2, load_full_optimizer_state, storage_key,
+)
+from alignkit.guards import NonFiniteError
+from alignkit.online.metrics import METRICS_FILE
+from alignkit.runs import CheckpointError, incomplete_reason, push_folder, staged
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    """Checkpoints, the saved model and its upload (see the module's docstring); a part of `OnlineTrainer`."""
+
+    def _trainable(self) -> dict[str, Tensor]:
+        """Every trainable tensor by name (policy, then extra modules such as PPO's value head), shared storage once."""
+        out: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        named = [(f"policy.{n}", p) for n, p in self.policy.named_parameters() if p.requires_grad]
+        for i, m in enumerate(self.extra_modules):
+            named += [(f"extra{i}.{n}", p) for n, p in self.accelerator.unwrap_model(m).named_parameters()]
+        for name, p in named:
+            key = storage_key(p)  # a DTensor's data_ptr is not its own
+            if key not in seen:
+                seen.add(key)
+                out[name] = p
+        return out
+
+    def save_checkpoint(self, folder: str | Path, step: int) -> Path:
+        """Everything a resume needs, written to a staging folder and renamed into place with
+        `alignkit_complete.json`: trainable weights (safetensors), optimizer state (`torch.save` of tensors
+        only, read back with `weights_only=True`), the sampling RNG, prompt order, KL controller and reward
+        moments (JSON). Several processes: every rank holds the same state (DDP), or its shards are gathered
+        (FSDP2: full weights, and the full optimizer state keyed by parameter names); the main one writes, and
+        every rank restores from the same folder."""
+        folder = Path(folder)
+        if is_fsdp2(self.accelerator):  # collectives: every process gathers; the main one writes full tensors
+
+            with full_parameters(self.model):
+                weights = {k: v.detach().cpu().contiguous().clone() for k, v in self._trainable().items()}
+            optim = full_optimizer_state(self.model, self.optimizer)
+        else:
+            weights = {k: v.detach().cpu().contiguous() for k, v in self._trainable().items()}
+            optim = self.optimizer.state_dict()
+        if self.accelerator.is_main_process:
+            with staged(folder, step=step) as tmp:
+                save_file(weights, str(tmp / "trainable.safetensors"))
+                save_file({"rng": self.rng.get_state()}, str(tmp / "rng.safetensors"))
+                torch.save(optim, tmp / "optimizer.pt")
+                version, internal, gauss = self._py_rng.getstate()
+                state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
+                         "kl_coef": float(self.kl_ctl.value), "num_tokens": self._num_tokens,
+                         "moments": [self.moments.count, self.moments.mean, self.moments.m2]}
+                (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
+            logger.info("online checkpoint: %s", folder)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> int:
+        """Restore a `save_checkpoint` folder in place; returns the number of steps it had done."""
+        folder = Path(folder)
+        reason = incomplete_reason(folder)
+        if reason is not None:
+            raise CheckpointError(f"resume: cannot resume from {folder}: {reason}")
+        saved = load_file(str(folder / "trainable.safetensors"))
+        live = self._trainable()
+        if set(saved) != set(live):
+            missing = sorted(set(live) - set(saved))[:3] or sorted(set(saved) - set(live))[:3]
+            raise CheckpointError(f"resume: {folder} was written for another model or adapter (parameters differ, "
+                                  f"e.g. {missing}); resume with the config that wrote it")
+        for k, p in live.items():  # FSDP2: each process keeps its shard (a collective, the same order everywhere)
+            copy_full_into(p, saved[k])
+        # map_location "cpu", not the accelerator's device: on CPU processes that is "cpu:0", and state saved from
+        # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
+        optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        if is_fsdp2(self.accelerator):  # full (unsharded) optimizer state, keyed by parameter names: sharded here
+
+            load_full_optimizer_state(self.model, self.optimizer, optim)
+        else:
+            self.optimizer.load_state_dict(optim)
+        self.rng.set_state(load_file(str(folder / "rng.safetensors"))["rng"])
+        state = json.loads((folder / "trainer_state.json").read_text())
+        version, internal, gauss = state["py_rng"]
+        self._py_rng.setstate((version, tuple(internal), gauss))
+        self._order = list(state["order"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self._num_tokens = int(state.get("num_tokens", 0))  # older checkpoints: counted from 0 again
+        self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
+        logger.info("resumed from %s (step %d)", folder, state["step"])
+        return int(state["step"])
+
+    def save(self, folder: str | Path) -> Path:
+        """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""
+        folder = Path(folder)
+        with full_parameters(self.model):  # FSDP2: every process gathers its shards; plain files are written
+            bad = [n for n, p in self.policy.named_parameters()
+                   if p.requires_grad and not bool(p.detach().isfinite().all())]
+            if bad:
+                raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), len(self.history),
+                                     causes=f"an earlier update diverged; nothing was saved to {folder}")
+            if self.accelerator.is_main_process:
+                save_adapter(self.policy, folder, tokenizer=self.tokenizer)
+                (folder / "online_config.json").write_text(json.dumps(self.config.to_dict(), indent=2,
+                                                                      default=str) + "\n")
+        return folder
+
+    # what `push_to_hub` leaves out of output_dir: the run's by-products, not the model
+    PUSH_IGNORE = ["checkpoints/*", "tensorboard/*", METRICS_FILE, "*.staging/*", ".*"]
+
+    def push_to_hub(self, repo_id: str | None = None, folder: str | Path | None = None) -> str:
+        """Upload the saved model / adapter of `folder` (default `output_dir`) to the Hub model repo `repo_id`
+        (default `config.hub_model_id`, else the folder's name): the files `save` wrote and a README.md if there
+        is one; checkpoints, TensorBoard events and metrics.jsonl stay local. Returns the repo id."""
+        folder = Path(folder if folder is not None else self.output_dir)
+        return push_folder(folder, repo_id or self.config.hub_model_id or folder.resolve().name,
+                           private=self.config.hub_private_repo, ignore_patterns=self.PUSH_IGNORE)
+
+
+__all__ = ["Checkpoints"]

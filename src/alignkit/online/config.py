@@ -1,0 +1,92 @@
+"""`OnlineConfig`: the settings every online optimizer shares (`OnlineTrainer`'s; each optimizer's config
+subclasses it and adds its own). Plain data checked on construction; the loop is `alignkit.online.trainer`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from alignkit.losses import KL_ESTIMATORS
+from alignkit.online.generation import SamplingConfig
+
+
+@dataclass
+class OnlineConfig:
+    """Settings shared by every online optimizer (subclasses add their own)."""
+
+    steps: int = 100
+    prompts_per_step: int = 8
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
+    learning_rate: float = 1e-6  # TRL's GRPOConfig / RLOOConfig; online DPO 5e-7, PPO 3e-6 (their subclasses)
+    optimizer: str = "adamw"  # "adamw" | "sgd" (plain SGD: no momentum)
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    epochs_per_step: int = 1  # optimisation passes over each step's batch (PPO epochs)
+    mini_batch_size: int | None = None  # items (samples or pairs) per optimizer step, over all processes; None: all
+    gradient_accumulation_steps: int = 1  # micro-batches per minibatch (one backward each, one optimizer step)
+    kl_coef: float = 0.05  # beta of the KL to the reference (initial value when adaptive)
+    kl_target: float | None = None  # set: adaptive KL control (Ziegler et al. 2019) towards this sequence KL
+    kl_horizon: int = 10000
+    kl_estimator: str = "k3"
+    reward_normalization: str = "none"  # "none" | "running" | "group" (alignkit.online.normalize)
+    reward_clip: float | None = None
+    reference: str = "auto"  # "auto" | "adapter_off" | "copy"
+    generation_batch_size: int = 64
+    generation_backend: str = "transformers"  # "transformers" | "vllm" (colocated engine, full and LoRA policies)
+    vllm: dict[str, Any] = field(default_factory=dict)  # vllm.LLM arguments: model (the base folder), dtype,
+    #   max_model_len, gpu_memory_utilization, ... (alignkit.online.vllm_generation.VllmGenerator); colocate only
+    vllm_mode: str = "colocate"  # "colocate": the engine in this process | "server": `alignkit vllm-serve` elsewhere
+    vllm_server_url: str = "http://127.0.0.1:8000"  # server mode: where `alignkit vllm-serve` answers
+    vllm_server_timeout: float = 300.0  # server mode: seconds to wait for it to come up, and for each answer
+    formatter: str = "auto"  # how prompts are formatted for generation (alignkit.data.FORMATTERS)
+    max_prompt_length: int | None = None  # prompt tokens kept (the end of the prompt), None: all
+    report_to: str | list[str] | None = None  # accelerate trackers ("tensorboard", "wandb", ...); None: tensorboard
+    #   when installed (events in <output_dir>/tensorboard, as offline runs); "none": no tracker
+    progress_bar: bool = True  # a tqdm bar over the steps (main process)
+    chunk_size: int = 1024
+    share_prompt: bool = False  # the training, reference and policy forwards run each prompt's samples as ONE row
+    #   (the prompt once; alignkit.data.collators.shared_prefix_layout): the same log-probs up to float rounding
+    seed: int = 0
+    save_at_end: bool = True
+    save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
+    push_to_hub: bool = False  # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
+    hub_model_id: str | None = None  # the Hub repo; default: the output folder's name
+    hub_private_repo: bool = False  # (the token: HF_TOKEN or `hf auth login`, never a config value)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        if self.steps < 0 or self.prompts_per_step < 1 or self.epochs_per_step < 1:
+            raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
+                             f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"online config: optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"online config: gradient_accumulation_steps must be >= 1, got "
+                             f"{self.gradient_accumulation_steps}")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"online config: mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        if self.generation_backend not in ("transformers", "vllm"):
+            raise ValueError(f"online config: generation_backend must be 'transformers' or 'vllm', got "
+                             f"{self.generation_backend!r}")
+        if self.generation_backend == "vllm" and self.sampling.do_sample and self.sampling.temperature > 2.0:
+            raise ValueError(f"online config: sampling.temperature {self.sampling.temperature} is above 2, the most "
+                             f"vLLM accepts (generation_backend='vllm'); lower it or use generation_backend="
+                             f"'transformers'")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"online config: vllm_mode must be 'colocate' or 'server', got {self.vllm_mode!r}")
+        if self.vllm_mode == "server" and self.vllm:
+            raise ValueError(f"online config: vllm ({', '.join(sorted(self.vllm))}: vllm.LLM arguments) is for "
+                             "vllm_mode='colocate'; in server mode give them to alignkit vllm-serve (--max-model-len, "
+                             "--dtype, ...)")
+        if self.vllm_server_timeout <= 0:
+            raise ValueError(f"online config: vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
+        if self.reference not in ("auto", "adapter_off", "copy"):
+            raise ValueError(f"online config: reference must be 'auto', 'adapter_off' or 'copy', got {self.reference!r}")
+        KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+__all__ = ["OnlineConfig"]

@@ -1,0 +1,81 @@
+"""An online run's metrics across processes and out: `gather` / `reduce_sum` (tensors over processes),
+`reduce_metrics` (one row for all processes), and `log` (logging, `<output_dir>/metrics.jsonl` from the main
+process, and the accelerate trackers: TensorBoard events in `<output_dir>/tensorboard` by default).
+
+`ProcessMetrics` is a part of `alignkit.online.trainer.OnlineTrainer` (a mixin): it reads the trainer's
+`config`, `accelerator`, `world`, `output_dir`, `trackers` and `history`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+
+from torch import Tensor
+
+from alignkit.distributed import gather_objects
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class ProcessMetrics:
+    """Metrics over processes, and their output (see the module's docstring); a part of `OnlineTrainer`."""
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Concatenation over processes (rank order) of equally shaped tensors; `t` itself in one process."""
+        if self.world == 1:
+            return t
+        return self.accelerator.gather(t.to(self.accelerator.device)).cpu()
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        """Sum over processes (float64 kept)."""
+        if self.world == 1:
+            return t
+        return self.accelerator.reduce(t.to(self.accelerator.device).clone(), reduction="sum")
+
+    SUMMED_METRICS = ("reward/failed", "pairs")
+    GLOBAL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
+                      "completions/mean_length", "completions/min_length", "completions/max_length",
+                      "completions/clipped_ratio", "num_tokens")
+
+    def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """One row for all processes: counts (`SUMMED_METRICS`) summed, the rest averaged over the processes
+        that report them; the metrics `rollout_metrics` computes over all processes are the same on every rank."""
+        if self.world == 1:
+            return metrics
+        rows: list[dict[str, float]] = gather_objects(metrics, self.world)
+        out: dict[str, float] = {}
+        for k in dict.fromkeys(k for r in rows for k in r):
+            vals = [float(r[k]) for r in rows if k in r]
+            if k in ("step", *self.GLOBAL_METRICS):
+                out[k] = vals[0]
+            elif k in self.SUMMED_METRICS:
+                out[k] = sum(vals)
+            else:
+                out[k] = sum(vals) / len(vals)
+        return out
+
+    def _trackers(self) -> list[str]:
+        r = self.config.report_to
+        if r is None:
+            r = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+        r = [r] if isinstance(r, str) else list(r)
+        return [t for t in r if t != "none"]
+
+    def log(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "reward", "kl", "loss",
+                                                                      "completions/mean_length", "entropy")}
+        logger.info("online step %s", shown)
+        if self.output_dir is not None and self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")  # NaN stays NaN (json writes `NaN`), never null
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
+
+
+__all__ = ["METRICS_FILE", "ProcessMetrics"]
