@@ -220,3 +220,18 @@ def test_training_rows_past_the_models_context_are_warned(tiny_dir, tmp_path, ca
                      "train.max_steps=1", "train.eval_strategy=no", "data.max_length=64", "data.max_prompt_length=32"]) == 0
     msgs = [r.getMessage() for r in caplog.records if "past the model's context of 24 positions" in r.getMessage()]
     assert len(msgs) == 1 and "data.max_length=64" in msgs[0] and "model.rope_scaling" in msgs[0]
+
+
+def test_reft_positions_longer_than_the_prompts_are_warned_before_training(tmp_path, caplog):
+    """f40+l40 needs 80 prompt tokens; the bundled HH prompts are shorter: one warning naming the spec, counts and
+    the key, before training (the run still trains: the same rule holds at inference)."""
+    import logging
+
+    from alignkit.interventions import positions
+
+    positions._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="alignkit.interventions.positions"):
+        assert main(["-q", "sft", "-c", str(CONFIGS / "sft-reft-tiny.yaml"), f"output_dir={tmp_path / 'r'}",
+                     "train.max_steps=1", "train.eval_strategy=no", "adapter.reft.positions=f40+l40"]) == 0
+    msgs = [r.getMessage() for r in caplog.records if "need prompts of at least 80 tokens" in r.getMessage()]
+    assert len(msgs) == 2 and msgs[0].startswith("data.path: ") and msgs[1].startswith("evaluation data: "), msgs

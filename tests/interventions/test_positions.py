@@ -114,3 +114,53 @@ def test_indices_point_inside_prompt_randomised():
         want = set(range(s, s + min(3, n))) | set(range(s + max(0, n - 4), s + n))
         row = [p for p in got[b].tolist() if p >= 0]
         assert len(row) == len(set(row)) and set(row) == want
+
+
+# --- prompts shorter than the spec: said, not silent -------------------------------------------------------
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    from alignkit.interventions import positions
+
+    monkeypatch.setattr(positions, "_WARNED", set())
+
+
+@pytest.mark.parametrize("spec,share,need", [("f3+l3", True, 6), ("f3+l3", False, 3), ("l4", True, 4),
+                                             ("f2+l5", False, 5), ("f2", False, 2)])
+def test_needed_length_by_hand(spec, share, need):
+    from alignkit.interventions.positions import needed_length
+
+    assert needed_length(spec, share) == need
+
+
+def test_a_short_prompt_is_warned_once_per_spec(fresh_warnings, caplog):
+    """Rows of 4 and 9 tokens under f3+l3 (needs 6): one warning with the counts; the second call and a batch with
+    no short row say nothing more; the tensor is unchanged by the check (slots written by hand)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="alignkit.interventions.positions"):
+        got = locations_from_spans("f3+l3", torch.tensor([0, 0]), torch.tensor([4, 9]), 1)
+        locations_from_spans("f3+l3", torch.tensor([0]), torch.tensor([2]), 1)
+        locations_from_spans("l1", torch.tensor([0]), torch.tensor([2]), 1)
+    assert got[:, 0].tolist() == [[0, 1, 2, -1, -1, 3], [0, 1, 2, 6, 7, 8]]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1, msgs
+    assert "'f3+l3' need prompts of at least 6 tokens; 1 of 2 prompts are shorter (shortest: 4 tokens)" in msgs[0]
+    assert "adapter.reft.positions" in msgs[0]
+
+
+def test_check_prompt_lengths_stops_on_an_empty_prompt_and_names_the_record(fresh_warnings, caplog):
+    import logging
+
+    from alignkit.interventions.positions import check_prompt_lengths
+    from alignkit.settings import ConfigError
+
+    with caplog.at_level(logging.WARNING, logger="alignkit.interventions.positions"):
+        check_prompt_lengths("f1+l1", True, [2, 5, 9], ["a", "b", "c"])
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="alignkit.interventions.positions"):
+        check_prompt_lengths("f2+l2", True, [5, 3, 1], ["a", "b", "c"], where="data.path")
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("data.path: ReFT positions 'f2+l2'") and "2 of 3 prompts are shorter (shortest: 1" in msg
+    with pytest.raises(ConfigError, match=r"data.path: record b has an empty prompt \(1 of 3"):
+        check_prompt_lengths("l1", True, [5, 0, 7], ["a", "b", "c"])

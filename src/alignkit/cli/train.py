@@ -26,12 +26,13 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from alignkit.adapters import adapter_of, unwrap_lm
+from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
 from alignkit.cli.data import load_data, tokenize
 from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import adopt_tiny, apply_configured_adapter, load_base, rename_base
 from alignkit.cli.runfolder import abandon_run, begin_run, command_line, config_from_args, dry_run, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
+from alignkit.interventions.positions import check_prompt_lengths
 from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import compile_layers
@@ -220,6 +221,12 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     warn_past_context(unwrap_lm(model).config, longest, f"the longest tokenized row (data.max_length="
                       f"{cfg.data.max_length})", "set data.max_length to the model's context or extend it "
                       "(model.rope_scaling)")
+
+    reft = reft_settings(model)
+    if reft is not None:  # before anything is written: an empty prompt stops, short ones are said once
+        for feats, where in ((train_feats, "data.path"), (eval_feats, "evaluation data")):
+            check_prompt_lengths(reft.positions, reft.share_weights, [f["prompt_length"] for f in feats],
+                                 [f.get("id", i) for i, f in enumerate(feats)], where)
 
     run = RunFolder(plan.root, main=False)  # paths only: nothing is created before begin_run
     args, callbacks = training_arguments(cfg.train, run, quiet)

@@ -23,14 +23,73 @@ means position L - l + i, so the trailing slots stay filled), and with `share_we
 already covered by a first slot is -1 (de-duplicated: no position is edited twice by one intervention).
 An empty prompt (L = 0) gives all -1.
 
+Such a prompt is edited at fewer positions than the spec names (the same rule in training, evaluation, generation
+and serving, so the model meets at inference what it was trained on), which is rarely what a user meant:
+`locations_from_spans` logs one warning per spec and process the first time it meets one (how many rows, the
+shortest length), and `check_prompt_lengths` says it once for a whole training set before training starts,
+stopping on an empty prompt (no position to edit at all: the row would train nothing of the intervention).
+
 All of it is vectorised torch ops over the batch; nothing is built as Python lists per row.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Sequence
+
 import torch
 
+from alignkit.settings.typed import ConfigError
 from alignkit.interventions.config import Positions
+
+logger = logging.getLogger(__name__)
+_WARNED: set[tuple[str, bool]] = set()  # (spec, share_weights) already warned about in this process
+
+
+def needed_length(spec: "str | Positions", share_weights: bool = True) -> int:
+    """The fewest prompt tokens at which every slot of `spec` is a distinct position of its group: f + l when one
+    intervention sees both groups (share_weights, or only one group), else max(f, l)."""
+    pos = Positions.parse(spec)
+    if pos.first_n and pos.last_n and not share_weights:
+        return max(pos.first_n, pos.last_n)
+    return pos.first_n + pos.last_n
+
+
+def _short_text(spec: Positions, share_weights: bool, short: int, total: int, shortest: int) -> str:
+    need = needed_length(spec, share_weights)
+    return (f"ReFT positions {str(spec)!r} need prompts of at least {need} tokens; {short} of {total} prompts are "
+            f"shorter (shortest: {shortest} tokens), so they are edited at fewer positions than {str(spec)!r} names; "
+            f"choose a shorter spec (adapter.reft.positions, e.g. 'l1') if prompts are "
+            f"this short")
+
+
+def check_prompt_lengths(spec: "str | Positions", share_weights: bool, lengths: Sequence[int],
+                         ids: Sequence[object] | None = None, where: str = "data.path") -> None:
+    """Before training: warn once if some prompts are shorter than `spec` needs; ConfigError naming the first
+    record if a prompt is empty (no position to edit: the row would train nothing of the intervention)."""
+    pos = Positions.parse(spec)
+    lengths = [int(n) for n in lengths]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        first = ids[empty[0]] if ids is not None else empty[0]
+        raise ConfigError(f"{where}: record {first} has an empty prompt ({len(empty)} of {len(lengths)} records do), "
+                          f"and ReFT edits prompt positions ({str(pos)!r}): there is nothing to edit in it; give "
+                          f"every record a prompt, or train this data with adapter.kind=lora or full")
+    need = needed_length(pos, share_weights)
+    short = [n for n in lengths if n < need]
+    if short:
+        _WARNED.add((str(pos), bool(share_weights)))  # the per-batch warning would repeat this one
+        logger.warning("%s: %s", where, _short_text(pos, share_weights, len(short), len(lengths), min(short)))
+
+
+def _warn_short(pos: Positions, share_weights: bool, length: torch.Tensor) -> None:
+    key = (str(pos), bool(share_weights))
+    if key in _WARNED or length.numel() == 0:
+        return
+    short = length < needed_length(pos, share_weights)
+    if bool(short.any()):
+        _WARNED.add(key)
+        logger.warning(_short_text(pos, share_weights, int(short.sum()), int(length.numel()), int(length.min())))
 
 
 def _first_slots(start: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
@@ -66,6 +125,7 @@ def locations_from_spans(spec: "str | Positions", start: torch.Tensor, length: t
         raise ValueError(f"start and length must both be (B,); got {tuple(start.shape)} and {tuple(length.shape)}")
     if bool((length < 0).any()) or bool((start < 0).any()):
         raise ValueError("start and length must be >= 0")
+    _warn_short(pos, share_weights, length)
     f, l, k = pos.first_n, pos.last_n, num_interventions
     first = _first_slots(start, length, f)  # (B, f)
     last = _last_slots(start, length, l)  # (B, l)
@@ -114,4 +174,4 @@ def locations_from_mask(spec: "str | Positions", attention_mask: torch.Tensor, n
     return locations_from_spans(spec, start, length, num_interventions, share_weights)
 
 
-__all__ = ["Positions", "locations_from_spans", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]
+__all__ = ["Positions", "check_prompt_lengths", "locations_from_spans", "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]
