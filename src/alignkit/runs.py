@@ -109,19 +109,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return read_jsonl(path, "the run's metrics file is damaged: delete that line")
 
 
-def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Draw one PNG per `PLOTS` entry that has data (train solid, eval dashed). Returns the files."""
+def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[str, tuple[str, ...]] | None = None,
+                 x: str = "step") -> list[Path]:
+    """Draw one PNG per entry of `plots` (default `PLOTS`) that has data, against the rows' `x` (train solid, eval
+    dashed). Returns the files."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)
     written = []
-    for name, keys in PLOTS.items():
+    for name, keys in (PLOTS if plots is None else plots).items():
         series = []
         for key in keys:
             for prefix, style in (("", "-"), ("eval_", "--")):
-                pts = [(r["step"], r[prefix + key]) for r in rows
-                       if isinstance(r.get(prefix + key), (int, float)) and not isinstance(r.get(prefix + key), bool)]
+                pts = [(r[x], r[prefix + key]) for r in rows
+                       if x in r and isinstance(r.get(prefix + key), (int, float)) and not isinstance(r.get(prefix + key), bool)]
                 if pts:
                     series.append((prefix + key, style, pts))
         if not series:
@@ -132,7 +134,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
         for label, style, pts in series:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, style, marker="o" if len(pts) < 20 else None, markersize=3, label=label)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x)
         ax.set_ylabel(name)
         ax.set_title(name)
         ax.grid(alpha=0.3)

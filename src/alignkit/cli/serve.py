@@ -24,7 +24,7 @@ from alignkit.settings.sections import TINY_PREFIX
 logger = logging.getLogger(__name__)
 
 FLAGS = ("base", "base_name", "engine", "host", "port", "api_key", "dtype", "device", "max_batch_rows", "max_queue",
-         "max_prompt_tokens", "max_new_tokens", "default_max_tokens", "request_timeout")
+         "max_prompt_tokens", "max_new_tokens", "default_max_tokens", "request_timeout", "output_dir", "log_every")
 
 
 # flag -> what it means; its type and default come from the config class (alignkit.settings.serve.ServeConfig)
@@ -36,6 +36,8 @@ FLAG_HELP = {
     "max_queue": "requests waiting at most", "max_prompt_tokens": "longest prompt accepted",
     "max_new_tokens": "most tokens a request may ask for", "default_max_tokens": "max_tokens of a request that sets none",
     "request_timeout": "seconds a request may take",
+    "output_dir": "write metrics.jsonl, tensorboard/serve/ and plots/ of the server here",
+    "log_every": "seconds between two metrics rows",
 }
 _TYPES = {"int": int, "float": float}
 
@@ -124,6 +126,9 @@ def build_engine(cfg: Any):
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from(args)
+    if cfg.engine == "vllm" and cfg.output_dir is not None:
+        raise ConfigError("output_dir: the serve log (metrics.jsonl, TensorBoard, plots) is written by alignkit's "
+                          "engine; with engine=vllm read vLLM's own /metrics instead, or drop output_dir")
     if cfg.engine == "vllm" and not args.dry_run:
         from alignkit.serve.vllm_server import check_adapters, require_vllm, serve_with_vllm
 
@@ -147,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("serving on %s without --api-key: anyone who can reach this address can use the models",
                        cfg.host)
     print(f"alignkit serve: {', '.join(engine.stack.names)} on http://{cfg.host}:{cfg.port}/ (chat page at /)")
-    serve_forever(engine, cfg.host, cfg.port, cfg.api_key, log_level="warning" if args.quiet else "info")
+    serve_forever(engine, cfg.host, cfg.port, cfg.api_key, log_level="warning" if args.quiet else "info",
+                  output_dir=cfg.output_dir, log_every=cfg.log_every)
     return 0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from alignkit.serve.engine import Engine, Event, QueueFullError, RequestError, SamplingParams
+from alignkit.serve.log import ServeLog
 
 logger = logging.getLogger(__name__)
 
@@ -417,14 +418,18 @@ def prometheus_text(engine: Engine, http_errors: dict[int, int] | None = None) -
 
 
 def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                  log_level: str = "info") -> None:
-    """Start the engine and run uvicorn until interrupted."""
+                  log_level: str = "info", output_dir: str | None = None, log_every: float = 30.0) -> None:
+    """Start the engine and run uvicorn until interrupted; with `output_dir`, a `ServeLog` writes the server's
+    metrics, TensorBoard scalars and (at the end) plots there."""
     import uvicorn
 
     engine.start()
+    log = ServeLog(engine, output_dir, log_every).start() if output_dir is not None else None
     try:
         uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level=log_level, access_log=False)
     finally:
+        if log is not None:
+            log.stop()
         engine.stop()
 
 

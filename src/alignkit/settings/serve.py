@@ -32,6 +32,8 @@ class ServeConfig:
     max_new_tokens: int = 512
     default_max_tokens: int = 64
     request_timeout: float = 120.0
+    output_dir: str | None = None  # metrics.jsonl, tensorboard/serve/ and plots/ of this server (null: none written)
+    log_every: float = 30.0  # seconds between two metrics rows (with output_dir)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -39,6 +41,8 @@ class ServeConfig:
         for key in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.log_every <= 0:
+            raise ConfigError(f"log_every: must be > 0 seconds, got {self.log_every}")
         if self.request_timeout <= 0:
             raise ConfigError(f"request_timeout: must be > 0 seconds, got {self.request_timeout}")
 

@@ -1,0 +1,137 @@
+"""What `alignkit serve --output-dir DIR` leaves behind, as every other command does: metrics, TensorBoard, plots.
+
+A `ServeLog` thread samples the engine's counters every `every` seconds and writes one row per sample:
+
+    DIR/metrics.jsonl                   one JSON object per sample, appended (a restart adds rows, never truncates);
+                                        the first row of each start has "event": "start"
+    DIR/tensorboard/serve/              the same numbers as scalars, step = seconds since this start
+    DIR/plots/serve-*.png               drawn when the server stops: tokens/s, requests, latency over uptime
+
+A row holds the totals since this start (`requests`, `generated_tokens`, per model under `requests/<name>` and
+`tokens/<name>`, failures by reason) and what happened in the interval since the previous row: `tokens_per_second`,
+`requests_per_second`, `mean_latency_s` and `mean_ttft_s` of the requests finished in it (absent when none did),
+plus the engine's `queue_depth` and `running_rows` at sampling time. The engine thread alone updates the counters;
+this thread only reads them (a counter dict that changes while it is copied is read again).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from alignkit.runs import plot_metrics
+from alignkit.serve.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+SERVE_PLOTS: dict[str, tuple[str, ...]] = {
+    "serve-throughput": ("tokens_per_second", "requests_per_second"),
+    "serve-latency": ("mean_latency_s", "mean_ttft_s"),
+    "serve-load": ("queue_depth", "running_rows"),
+}
+_FAILURES = ("errors", "timeouts", "cancelled", "rejected")
+
+
+def _copy(counter: Any) -> dict[str, int]:
+    for _ in range(10):  # the engine thread may add a key while we copy
+        try:
+            return dict(counter)
+        except RuntimeError:
+            continue
+    return dict(counter)
+
+
+class ServeLog:
+    """Samples `engine.stats` every `every` seconds into `folder` (see the module docstring)."""
+
+    def __init__(self, engine: Engine, folder: str | Path, every: float = 30.0) -> None:
+        if every <= 0:
+            raise ValueError(f"log_every: must be > 0 seconds, got {every}")
+        self.engine, self.folder, self.every = engine, Path(folder), float(every)
+        self.path = self.folder / "metrics.jsonl"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._writer: Any = None
+        self._rows: list[dict[str, Any]] = []
+        self._t0 = self._last_t = 0.0
+        self._last: dict[str, float] = {}
+
+    def _totals(self) -> dict[str, float]:
+        s = self.engine.stats
+        requests, tokens = _copy(s.requests), _copy(s.tokens)
+        return {"requests": sum(requests.values()), "generated_tokens": sum(tokens.values()),
+                "latency_count": sum(s.latency), "latency_sum": s.latency_sum, "ttft_sum": s.ttft_sum,
+                **{f"requests/{k}": v for k, v in requests.items()}, **{f"tokens/{k}": v for k, v in tokens.items()},
+                **{k: getattr(s, k) for k in _FAILURES}}
+
+    def sample(self, event: str | None = None) -> dict[str, Any]:
+        """Take one row now, write it (JSONL + TensorBoard) and return it."""
+        now = time.monotonic()
+        totals = self._totals()
+        dt = max(now - self._last_t, 1e-9)
+        done = totals["latency_count"] - self._last.get("latency_count", 0)
+        row: dict[str, Any] = {"time": time.time(), "uptime_s": round(now - self._t0, 6),
+                               **({"event": event} if event else {}),
+                               **{k: v for k, v in totals.items() if k not in ("latency_count", "latency_sum",
+                                                                              "ttft_sum")},
+                               "queue_depth": self.engine.queue_depth, "running_rows": self.engine.running_rows}
+        if self._last:  # rates over the interval since the previous row
+            row["tokens_per_second"] = (totals["generated_tokens"] - self._last["generated_tokens"]) / dt
+            row["requests_per_second"] = (totals["requests"] - self._last["requests"]) / dt
+            if done:
+                row["mean_latency_s"] = (totals["latency_sum"] - self._last["latency_sum"]) / done
+                row["mean_ttft_s"] = (totals["ttft_sum"] - self._last["ttft_sum"]) / done
+        self._last, self._last_t = totals, now
+        with open(self.path, "a", encoding="utf-8") as f:  # append: a previous start's rows stay
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self._writer is not None:
+            for k, v in row.items():
+                if k not in ("time", "uptime_s", "event") and isinstance(v, (int, float)):
+                    self._writer.add_scalar(f"serve/{k}", v, int(round(row["uptime_s"])))
+            self._writer.flush()
+        self._rows.append(row)
+        return row
+
+    def start(self) -> "ServeLog":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.folder / "tensorboard" / "serve"))
+        self._t0 = self._last_t = time.monotonic()
+        self._last = {}
+        self.sample("start")
+        self._thread = threading.Thread(target=self._loop, name="alignkit-serve-log", daemon=True)
+        self._thread.start()
+        logger.info("serve metrics every %gs to %s", self.every, self.path)
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.sample()
+            except OSError as e:  # a full disk must not take the server down: say it once per failure
+                logger.warning("serve metrics: could not write %s: %s", self.path, e)
+
+    def stop(self) -> list[Path]:
+        """Last row, TensorBoard closed, plots drawn from this start's rows. Returns the plot files."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.every + 5)
+            self._thread = None
+        self.sample("stop")
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return plot_metrics(self._rows, self.folder / "plots", plots=SERVE_PLOTS, x="uptime_s")
+
+
+__all__ = ["SERVE_PLOTS", "ServeLog"]

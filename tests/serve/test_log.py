@@ -1,0 +1,75 @@
+"""`alignkit serve --output-dir`: the server's metrics.jsonl, TensorBoard scalars and plots, checked against what the
+test itself counted from the responses (tokens generated, requests per model), and a restart that keeps the rows
+of the previous start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.serve.engine import Engine, EngineConfig, SamplingParams
+from alignkit.serve.log import ServeLog
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_serve_log_counts_what_was_served(serve_stack, tmp_path):
+    engine = Engine(serve_stack, EngineConfig(max_prompt_tokens=64, max_new_tokens=16)).start()
+    out = tmp_path / "serve-log"
+    try:
+        log = ServeLog(engine, out, every=3600).start()  # rows only when the test asks (start, one sample, stop)
+        ids = serve_stack.tokenizer("Hello there")["input_ids"]
+        got = [engine.generate(m, ids, SamplingParams(max_tokens=t, temperature=0.0))
+               for m, t in (("base", 5), ("polite", 7), ("base", 3))]
+        mid = log.sample()
+        plots = log.stop()
+    finally:
+        engine.stop()
+    served = sum(len(c["token_ids"]) for r in got for c in r["choices"])
+    assert served > 0
+    rows = _rows(out)
+    assert [r.get("event") for r in rows] == ["start", None, "stop"]
+    assert rows[0]["requests"] == 0 and rows[0]["generated_tokens"] == 0 and "tokens_per_second" not in rows[0]
+    assert mid == rows[1] and mid["requests"] == 3 and mid["requests/base"] == 2 and mid["requests/polite"] == 1
+    assert mid["generated_tokens"] == served
+    assert mid["tokens/polite"] == len(got[1]["choices"][0]["token_ids"])
+    dt = mid["uptime_s"] - rows[0]["uptime_s"]
+    assert mid["tokens_per_second"] == pytest.approx(served / dt, rel=1e-3)
+    assert 0 < mid["mean_ttft_s"] <= mid["mean_latency_s"] <= dt
+    assert mid["errors"] == mid["timeouts"] == mid["rejected"] == 0
+    assert rows[2]["tokens_per_second"] == 0 and "mean_latency_s" not in rows[2]  # nothing happened after the sample
+    assert {p.name for p in plots} >= {"serve-throughput.png", "serve-latency.png", "serve-load.png"}
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard" / "serve"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("serve/generated_tokens")] == [0, served, served]
+    assert [e.value for e in acc.Scalars("serve/requests/polite")] == [1, 1]
+
+
+def test_a_restart_appends_and_keeps_the_previous_rows(serve_stack, tmp_path):
+    engine = Engine(serve_stack, EngineConfig()).start()
+    try:
+        ServeLog(engine, tmp_path, every=3600).start().stop()
+        before = (tmp_path / "metrics.jsonl").read_text()
+        ServeLog(engine, tmp_path, every=3600).start().stop()
+    finally:
+        engine.stop()
+    after = (tmp_path / "metrics.jsonl").read_text()
+    assert after.startswith(before) and [r.get("event") for r in _rows(tmp_path)] == ["start", "stop"] * 2
+
+
+def test_output_dir_with_the_vllm_engine_is_refused(capsys):
+    assert main(["serve", "--base", "tiny:llama", "--engine", "vllm", "--output-dir", "/tmp/x"]) == 2
+    assert "output_dir: the serve log" in capsys.readouterr().err
+
+
+def test_log_every_must_be_positive(capsys):
+    assert main(["serve", "--base", "tiny:llama", "log_every=0", "--dry-run"]) == 2
+    assert "log_every: must be > 0" in capsys.readouterr().err
