@@ -13,6 +13,7 @@ from alignkit.settings import (CONFIG_CLASSES, ConfigError, DPOConfig, config_fr
                                parse_overrides, save_config)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 BASE = {"model": {"path": "tiny:llama"}, "data": {"path": "pairs.jsonl"}}
 
 
@@ -171,3 +172,16 @@ def test_reft_config_is_typed_old_mappings_still_load_unknown_keys_named():
         assert str(e.value).startswith(f"{key}: unknown key") and "\n" not in str(e.value), str(e.value)
     with pytest.raises(ValueError, match=r"^adapter\.reft\.config: unknown key\(s\) \['postions'\]"):
         ReftSettings(config={"representations": reps, "postions": "l1"})
+
+
+@pytest.mark.parametrize("command,config", [("grpo", "grpo-tiny.yaml"), ("online-dpo", "online-dpo-tiny.yaml"),
+                                            ("ppo", "ppo-tiny.yaml"), ("sample", "sample-tiny.yaml")])
+@pytest.mark.parametrize("override", ["data.eval_fraction=0.2", "data.max_length=64", "data.loss_on=all",
+                                      "data.add_eos=true", "data.eval_path=x.jsonl"])
+def test_prompt_only_commands_refuse_data_keys_they_would_ignore(command, config, override):
+    """Online training and `sample` read prompts only: an evaluation split, loss mask, row cut or EOS set in `data`
+    was accepted and silently ignored. Now one line naming the key; the keys they read still load."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: alignkit {command} reads only prompts"):
+        load_config(CONFIG_DIR / config, [override], command=command)
+    load_config(CONFIG_DIR / config, ["data.max_prompt_length=32", "data.max_records=3"], command=command)

@@ -288,6 +288,23 @@ class PPOMethod(PPOObjective, KLPenaltyMethod):
     """`alignkit ppo`: value head + GAE."""
 
 
+# What a prompts-only `data` section (online training, `sample`) reads: the prompts are read, never split for
+# evaluation, loss-masked, cut as whole rows or given an EOS. A key outside these set to other than its default
+# would be ignored silently: refused instead.
+PROMPT_DATA_KEYS = ("path", "reader", "reader_options", "formatter", "max_prompt_length", "split", "max_records",
+                    "on_invalid")
+
+
+def check_prompt_data(data: DataSettings, command: str) -> None:
+    """ConfigError naming the first `data.<key>` that `command` would ignore (see PROMPT_DATA_KEYS)."""
+    default = DataSettings()
+    for f in dataclasses.fields(DataSettings):
+        if f.name not in PROMPT_DATA_KEYS and getattr(data, f.name) != getattr(default, f.name):
+            raise ConfigError(f"data.{f.name}: alignkit {command} reads only prompts from data (no evaluation split, "
+                              f"loss mask, row length cut or EOS), so it would ignore data.{f.name}; remove it (the "
+                              f"keys it reads: {', '.join(PROMPT_DATA_KEYS)})")
+
+
 @dataclass
 class OnlineRunConfig:
     """Sections shared by the online commands; subclasses add `method` and name the trainer config class."""
@@ -323,6 +340,7 @@ class OnlineRunConfig:
     def __post_init__(self) -> None:
         self.train = {"learning_rate": ONLINE_LEARNING_RATES[self.command], **(self.train or {})}
         check_train(self.train, self.command)
+        check_prompt_data(self.data, self.command)
         from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES
 
         m = self.method
@@ -378,6 +396,9 @@ class SampleConfig:
     overwrite: bool = False  # sample again even when the folder holds a complete samples.jsonl
     output_dir: str = "runs/rounds/round-000"  # the round folder
 
+    def __post_init__(self) -> None:
+        check_prompt_data(self.data, "sample")
+
 
 @dataclass
 class AnnotateConfig:
@@ -408,6 +429,6 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
                                           "rloo": RLOORunConfig, "ppo": PPORunConfig, "sample": SampleConfig,
                                           "annotate": AnnotateConfig}
 
-__all__ = ["ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
+__all__ = ["PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
            "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
