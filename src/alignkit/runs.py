@@ -42,6 +42,7 @@ from transformers import TrainerCallback
 
 import alignkit
 from alignkit.adapters.config import KINDS
+from alignkit.data.chat import PROMPT_FORMAT_FILE
 from alignkit.data.readers.rows import looks_like_hub_id
 from alignkit.files import atomic_write_text, read_jsonl
 
@@ -202,6 +203,14 @@ def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any
             written.append(path)
     logger.info("alignkit %s: wrote %d TensorBoard / plot file(s) under %s", command, len(written), root)
     return written
+
+
+def write_prompt_formats(folder: str | Path, formats: dict[str, int], setting: str) -> Path:
+    """Record in a trained model folder the formats of the prompts it was trained on (`setting`: data.formatter);
+    `alignkit.data.chat.check_prompt_formats` reads it back where the model is used."""
+    path = Path(folder) / PROMPT_FORMAT_FILE
+    atomic_write_text(path, json.dumps({"formats": formats, "data.formatter": setting}, indent=2) + "\n")
+    return path
 
 
 def final_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:

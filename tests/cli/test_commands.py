@@ -235,3 +235,32 @@ def test_reft_positions_longer_than_the_prompts_are_warned_before_training(tmp_p
                      "train.max_steps=1", "train.eval_strategy=no", "adapter.reft.positions=f40+l40"]) == 0
     msgs = [r.getMessage() for r in caplog.records if "need prompts of at least 80 tokens" in r.getMessage()]
     assert len(msgs) == 2 and msgs[0].startswith("data.path: ") and msgs[1].startswith("evaluation data: "), msgs
+
+
+def test_training_records_its_prompt_format_and_a_new_format_is_warned(runs, tmp_path, caplog):
+    """The HH reader turns the bundled "Human: / Assistant:" texts into conversations, formatted by the chat template;
+    a model trained on them and then given text prompts (the 'plain' formatter under data.formatter=auto) never saw
+    that format: generate says so once, naming both formats and the key. The same text prompts put through the
+    chat template (data.formatter=chat-template, one user turn) give no warning."""
+    import logging
+
+    hh_lines = len((Path(__file__).resolve().parents[2] / "src/alignkit/resources/data/hh_rlhf_sample.jsonl")
+                   .read_text().splitlines())
+    for name in ("sft", "dpo"):
+        saved = json.loads((runs[name][0] / "model" / "alignkit_prompt_format.json").read_text())
+        assert list(saved["formats"]) == ["chat-template"] and 0 < saved["formats"]["chat-template"] < hh_lines
+        assert saved["data.formatter"] == "auto"
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"prompt": f"Hello number {i}"}) + "\n" for i in range(3)))
+    dpo = runs["dpo"][0]
+    common = ["-q", "generate", "--config", str(CONFIGS / "generate-tiny.yaml"), f"model.path={dpo / 'base_model'}",
+              f"model.adapter_path={dpo / 'model'}", "generation.max_new_tokens=2", f"data.path={texts}"]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data.chat"):
+        assert main([*common, f"output_dir={tmp_path / 'g1'}"]) == 0
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "alignkit.data.chat"]
+    assert msg.startswith("data.formatter: 3 prompt(s) will be formatted as 'plain'") and "'chat-template'" in msg
+    assert "data.formatter=chat-template" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignkit.data.chat"):
+        assert main([*common, f"output_dir={tmp_path / 'g2'}", "data.formatter=chat-template"]) == 0
+    assert [r for r in caplog.records if r.name == "alignkit.data.chat"] == []

@@ -73,3 +73,22 @@ def test_output_dir_with_the_vllm_engine_is_refused(capsys):
 def test_log_every_must_be_positive(capsys):
     assert main(["serve", "--base", "tiny:llama", "log_every=0", "--dry-run"]) == 2
     assert "log_every: must be > 0" in capsys.readouterr().err
+
+
+def test_serving_an_adapter_trained_without_the_chat_template_is_warned(serve_dirs, tmp_path, caplog):
+    """The chat endpoint formats with the tokenizer's chat template; an adapter whose training prompts were all
+    'plain' text never saw it: one warning at start naming the adapter and the endpoint to use instead."""
+    import logging
+    import shutil
+
+    from alignkit.serve.stack import load_stack
+
+    plain, chat = tmp_path / "plain", tmp_path / "chat"
+    for folder, formats in ((plain, {"plain": 5}), (chat, {"chat-template": 5, "plain": 1})):
+        shutil.copytree(serve_dirs["adapters"]["terse"], folder)
+        (folder / "alignkit_prompt_format.json").write_text(json.dumps({"formats": formats}))
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.stack"):
+        load_stack(serve_dirs["base"], {"p": plain, "c": chat, "old": serve_dirs["adapters"]["polite"]})
+    msgs = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
+    assert len(msgs) == 1 and msgs[0].startswith("serve: 'p' was trained on prompts formatted as 'plain'")
+    assert "/v1/completions" in msgs[0]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records, tokenize
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.models import load_for_inference, to_device
+from alignkit.cli.models import check_formats, load_for_inference, to_device
 from alignkit.cli.runfolder import config_from_args, dry_run, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
@@ -60,6 +60,7 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     records = read_records(cfg.data.path, cfg.data, "preference", cfg.data.split, "data.path")
     if cfg.data.max_records is not None:
         records = records[:cfg.data.max_records]
+    check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     run = start_run(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, run, task)

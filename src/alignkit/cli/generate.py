@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.models import load_for_inference, to_device
+from alignkit.cli.models import check_formats, load_for_inference, to_device
 from alignkit.cli.runfolder import config_from_args, dry_run, start_run
 from alignkit.online import generate_responses
 from alignkit.online.generation import Sample, generation_metrics
@@ -55,6 +55,7 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     records = read_records(cfg.data.path, cfg.data, "prompt", cfg.data.split, "data.path")
     if cfg.data.max_records is not None:
         records = records[:cfg.data.max_records]
+    check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     run = start_run(cfg)
     model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
     model = to_device(model)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from alignkit.adapters import adapter_in, apply_adapter, load_adapter
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME
+from alignkit.data.chat import check_prompt_formats, prompt_formats
 from alignkit.models.efficiency import apply_kernels, check_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import ARCHITECTURES, save_tiny
@@ -29,6 +30,16 @@ TINY_TMP_PREFIX = "alignkit-tiny-"
 # folders this process created itself (mkdtemp): the only ones alignkit ever removes. A user's folder that
 # happens to share the prefix is never touched (issue 12, finding 3).
 _CREATED: set[str] = set()
+
+
+def trained_folder(ms: ModelSettings) -> str | None:
+    """The folder a model section's training left its records in (the adapter's, else the model's)."""
+    return ms.adapter_path or (ms.path if _looks_local(ms.path) else None)
+
+
+def check_formats(ms: ModelSettings, prompts: Any, formatter: str) -> list[str]:
+    """Warn when `prompts` will be formatted in a way the model of `ms` was not trained on (data/chat.py)."""
+    return check_prompt_formats(trained_folder(ms), prompt_formats(prompts, formatter))
 
 
 def apply_configured_adapter(model: Any, adapter: Any) -> Any:

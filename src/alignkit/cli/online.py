@@ -26,11 +26,12 @@ from alignkit.adapters import adapter_of
 from alignkit.cli.data import read_records
 from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import (
-    adopt_tiny, apply_configured_adapter, check_model_folder, load_base, load_for_inference, rename_base,
+    adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
 )
+from alignkit.data.chat import prompt_formats
 from alignkit.cli.runfolder import abandon_run, begin_run, command_line, config_from_args, dry_run, finish_run, plan_run
 from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
-from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions
+from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
 
@@ -147,6 +148,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
                   allow_code: bool = False) -> int:
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
+    check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
     tcfg = cfg.trainer_config()
     set_seed(tcfg.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
@@ -186,6 +188,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     with staged(run.model, step=len(trainer.history)) as model_dir:
         trainer.save(model_dir)
         card.write(model_dir / "README.md")
+        write_prompt_formats(model_dir, prompt_formats((r.prompt for r in prompts), cfg.data.formatter),
+                             cfg.data.formatter)
     card.write(run.card)
     try:
         plot_online(rows, run.plots)

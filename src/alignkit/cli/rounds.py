@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.models import load_for_inference, to_device
+from alignkit.cli.models import check_formats, load_for_inference, to_device
 from alignkit.cli.online import make_annotator, read_prompts
 from alignkit.cli.runfolder import config_from_args, dry_run
 from alignkit.online.rounds import MANIFEST_FILE, SAMPLES_FILE, annotate_round, read_jsonl, read_samples, sample_round
@@ -74,6 +74,7 @@ def run_annotate(args: argparse.Namespace) -> int:
 def sample(cfg: Any) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl`. Returns its path."""
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
+    check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
     run = RunFolder(Path(cfg.output_dir))
     if run.main:
         save_config(cfg, run.root / "sample.yaml")

@@ -29,9 +29,10 @@ from transformers.trainer_callback import PrinterCallback
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
 from alignkit.cli.data import load_data, tokenize
 from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.models import adopt_tiny, apply_configured_adapter, load_base, rename_base
+from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
 from alignkit.cli.runfolder import abandon_run, begin_run, command_line, config_from_args, dry_run, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
+from alignkit.data.chat import prompt_formats
 from alignkit.interventions.positions import check_prompt_lengths
 from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
@@ -39,6 +40,7 @@ from alignkit.models.efficiency import compile_layers
 from alignkit.models.rope import warn_past_context
 from alignkit.runs import (
     MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, staged, versions,
+    write_prompt_formats,
 )
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
@@ -209,6 +211,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     check_precision(cfg.train)
     kind = record_kind(command, cfg.method)
     train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
+    formats = prompt_formats((r.prompt for r in train_records), cfg.data.formatter)
+    check_formats(cfg.model, (r.prompt for r in train_records), cfg.data.formatter)  # training on, from a trained model
     set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed
     task = "classifier" if command == "rm" else "causal_lm"
     model, tok, base_path, base_desc = load_base(cfg.model, None, task)
@@ -254,6 +258,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     with staged(run.model, enabled=trainer.is_world_process_zero(), step=trainer.state.global_step) as model_dir:
         trainer.save_model(str(model_dir))
         if trainer.is_world_process_zero():
+            write_prompt_formats(model_dir, formats, cfg.data.formatter)
             rows = read_metrics(run.metrics)
             data_info = {"path": cfg.data.path, "reader": cfg.data.reader or "detected",
                          "formatter": cfg.data.formatter, **({"loss_on": cfg.data.loss_on} if kind == "sft" else {}),

@@ -16,14 +16,27 @@ tokenizer then does not append EOS by default; see `tokenize.TokenizeConfig.add_
 
 The string `prompt` need not be a string prefix of `full`; the tokenizer checks the boundary in token
 space (the prompt's token ids must be a prefix of the full sequence's).
+
+A trained model folder records the formats its prompts had (`alignkit_prompt_format.json`: resolved formatter ->
+record count, written by training: `alignkit.runs.write_prompt_formats`). Generation, evaluation, sampling, online training and serving compare the
+format they are about to use with it and warn when the model never saw that format (`check_prompt_formats`): a
+model trained on "plain" HH text and then asked through a chat template answers quietly worse, which is the
+commonest way a good model looks broken.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from alignkit.data.records import Completion, DataError, Message, Prompt
+
+logger = logging.getLogger(__name__)
+PROMPT_FORMAT_FILE = "alignkit_prompt_format.json"
 
 
 @dataclass(frozen=True)
@@ -96,11 +109,53 @@ def plain(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Form
                      ends_turn=False)
 
 
+def resolved_formatter(prompt: Prompt, formatter: str = "auto") -> str:
+    """The formatter `format_record` applies to `prompt` ("auto": chat-template for conversations, plain for text)."""
+    if formatter == "auto":
+        return "chat-template" if isinstance(prompt, list) else "plain"
+    return formatter
+
+
+def prompt_formats(prompts: Iterable[Prompt], formatter: str = "auto") -> dict[str, int]:
+    """Resolved formatter -> how many of `prompts` it formats."""
+    return dict(Counter(resolved_formatter(p, formatter) for p in prompts))
+
+
+def trained_prompt_formats(folder: str | Path | None) -> dict[str, int] | None:
+    """The formats a model folder was trained on; None when it records none (a base model, an older folder, a
+    hub name)."""
+    if folder is None or not (Path(folder) / PROMPT_FORMAT_FILE).is_file():
+        return None
+    try:
+        formats = json.loads((Path(folder) / PROMPT_FORMAT_FILE).read_text()).get("formats")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return formats if isinstance(formats, dict) else None
+
+
+def format_mismatch(trained: dict[str, int] | None, used: dict[str, int]) -> list[str]:
+    """The formats in `used` that the model was not trained on (empty when it records none)."""
+    return [] if not trained else sorted(f for f in used if f not in trained)
+
+
+def check_prompt_formats(folder: str | Path | None, used: dict[str, int], key: str = "data.formatter") -> list[str]:
+    """Warn (once per call) when prompts are about to be formatted in a way the model in `folder` never saw in
+    training. Returns the unseen formats."""
+    trained = trained_prompt_formats(folder)
+    unseen = format_mismatch(trained, used)
+    if unseen:
+        n = sum(used[f] for f in unseen)
+        logger.warning("%s: %d prompt(s) will be formatted as %s, but the model in %s was trained on prompts "
+                       "formatted as %s (%s): it never saw this format and may answer worse; set %s=%s (or give "
+                       "prompts in the form the training data had)", key, n, " / ".join(map(repr, unseen)), folder,
+                       " / ".join(map(repr, sorted(trained))), PROMPT_FORMAT_FILE, key, sorted(trained)[0])
+    return unseen
+
+
 def format_record(prompt: Prompt, completion: Completion | None, tokenizer: Any,
                   formatter: str = "auto") -> Formatted:
     """Format with the named formatter ("auto": chat-template for conversations, plain for text)."""
-    if formatter == "auto":
-        formatter = "chat-template" if isinstance(prompt, list) else "plain"
+    formatter = resolved_formatter(prompt, formatter)
     if formatter not in FORMATTERS:
         raise DataError(f"unknown formatter {formatter!r}; valid: auto, {', '.join(FORMATTERS)}")
     return FORMATTERS[formatter](prompt, completion, tokenizer)

@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alignkit.adapters.base import Adapter, Route, adapter_in, check_base, is_classifier, unwrap_lm
+from alignkit.data.chat import PROMPT_FORMAT_FILE, format_mismatch, trained_prompt_formats
 from alignkit.data.positions import locations_from_spans
 from alignkit.interventions.attach import ReftModel
 from alignkit.models.loading import load_model, load_tokenizer
@@ -159,6 +160,13 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     _check_cache(lm, base)
     for name in served:  # an adapter trained on another base with the same shapes would serve something else
         check_base(lm, adapters[name])
+    for name, folder in {base_name: base, **adapters}.items():  # the chat endpoint formats with the chat template
+        trained = trained_prompt_formats(folder)
+        if format_mismatch(trained, {"chat-template": 1}):
+            logger.warning("serve: %r was trained on prompts formatted as %s (%s in %s), and /v1/chat/completions "
+                           "formats messages with the tokenizer's chat template, which it never saw: send prompts "
+                           "formatted as in training to /v1/completions", name, " / ".join(map(repr, sorted(trained))),
+                           PROMPT_FORMAT_FILE, folder)
     routes: dict[str, Route] = {base_name: Route(base_name, "base")}
     model: nn.Module = lm
     lora = [n for n, r in served.items() if r.lora]
