@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -191,3 +192,86 @@ def test_cache_keyword_follows_the_forward_signature(tiny_lm):
         assert "Neither.forward takes no KV cache keyword" in str(e)
     else:
         raise AssertionError("a forward without a cache keyword was accepted")
+
+
+def _lean_cases(tok_eos: int):
+    from transformers import GenerationConfig
+
+    base = dict(max_new_tokens=7, use_cache=True, pad_token_id=0, repetition_penalty=1.0, num_beams=1)
+    return {"sample": GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=[tok_eos], **base),
+            "warped": GenerationConfig(do_sample=True, temperature=0.7, top_k=9, top_p=0.8, eos_token_id=[tok_eos], **base),
+            "greedy": GenerationConfig(do_sample=False, eos_token_id=[tok_eos], **base),
+            "no eos": GenerationConfig(do_sample=True, temperature=1.3, top_k=0, top_p=1.0, **base)}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lean_decode_loop_gives_generates_tokens(tiny_lm, arch):
+    """`online.decode.lean_generate` must give the installed `generate`'s tokens under the same torch seed
+    (greedy; sampling with and without temperature / top-k / top-p; rows that end at an EOS and get the pad id
+    after it; a left-padded batch; a batch without padding; continuing from a shared-prompt KV cache of
+    `PreallocatedLayer`s). If this fails, transformers changed its decoding loop (inputs of each forward, the
+    logits processors or their order, the sampling op, the finished-row rule): mirror the change in decode.py or
+    narrow `lean_unsupported` so that the call falls back to generate."""
+    from alignkit.online.decode import lean_generate, lean_unsupported
+    from alignkit.online.generation import shared_prompt_cache
+
+    where = "alignkit/online/decode.py:lean_generate (generate_responses' sampling loop)"
+    lm = tiny_lm(arch)
+    rows = [[5, 6, 7, 8, 9], [11, 12, 13], [5, 6, 7, 8, 9], [21, 22, 23, 24]]
+    ids = torch.tensor([[0] * (5 - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (5 - len(r)) + [1] * len(r) for r in rows])
+    kw = cache_keyword(lm)
+    with torch.no_grad():  # an EOS the model emits early: the greedy second token of row 0
+        eos = int(lm.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)[0, -1])
+    ended = 0
+    for name, gc in _lean_cases(eos).items():
+        why = lean_unsupported(lm, gc)
+        check(why is None, TF, f"the lean loop no longer accepts a plain {name} call ({why}): generation falls back to "
+              "the slower generate; if transformers added a default generation option, list it in decode.NEUTRAL "
+              "after checking it changes nothing", where)
+        for label, (x, m) in {"padded": (ids, mask), "no padding": (ids[[0, 2]], mask[[0, 2]])}.items():
+            for shared in (False, True):
+                cache = None
+                if shared:  # rows 0 and 2 share a prompt: prefill the distinct ones, as generate_responses does
+                    uniq = [0, 1, 3] if x.shape[0] == 4 else [0]
+                    of_row = torch.tensor([0, 1, 0, 2]) if x.shape[0] == 4 else torch.tensor([0, 0])
+                    cache = shared_prompt_cache(lm, x[uniq], m[uniq], of_row, x.shape[1] + 7)
+                    ref_cache = shared_prompt_cache(lm, x[uniq], m[uniq], of_row, 0)
+                with torch.random.fork_rng():
+                    torch.manual_seed(3)
+                    want = lm.generate(input_ids=x, attention_mask=m, generation_config=gc,
+                                       **({kw: ref_cache} if shared else {}))
+                    torch.manual_seed(3)
+                    with guard(TF, "lean_generate raised", where):
+                        got = lean_generate(lm, x, m, gc, cache=cache)
+                check(torch.equal(got, want), TF, f"lean_generate's tokens differ from generate's ({arch}, {name}, "
+                      f"{label}, shared prompt cache: {shared})", where, f"{got.tolist()} vs {want.tolist()}")
+                ended += int((want[:, x.shape[1]:] == eos).any())
+    assert ended, "no case ended a row at the EOS: the finished-row rule was not exercised"
+
+
+def test_lean_decode_loop_refuses_what_it_does_not_implement(tiny_lm):
+    """Options the lean loop does not implement (stop strings, another logits processor, beams, a cache
+    implementation), set on the call or on the model's generation_config, make it name them; the caller then
+    uses generate."""
+    from transformers import GenerationConfig
+
+    from alignkit.online.decode import lean_unsupported
+
+    lm = tiny_lm("llama")
+    base = dict(max_new_tokens=4, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=[2])
+    assert lean_unsupported(lm, GenerationConfig(**base)) is None
+    for extra, word in [({"stop_strings": ["x"]}, "stop_strings"), ({"min_p": 0.1}, "min_p"),
+                        ({"no_repeat_ngram_size": 2}, "no_repeat_ngram_size"), ({"num_beams": 2}, "num_beams"),
+                        ({"repetition_penalty": 1.1}, "repetition_penalty"), ({"cache_implementation": "static"},
+                                                                              "cache_implementation")]:
+        why = lean_unsupported(lm, GenerationConfig(**{**base, **extra}))
+        assert why is not None and word in why, (extra, why)
+    saved = lm.generation_config.suppress_tokens
+    lm.generation_config.suppress_tokens = [7]  # the model's own generation_config fills unset options
+    try:
+        why = lean_unsupported(lm, GenerationConfig(**base))
+    finally:
+        lm.generation_config.suppress_tokens = saved
+    assert why is not None and "suppress_tokens" in why

@@ -197,3 +197,69 @@ def test_generation_past_the_models_context_is_warned_once(tiny_lm, tokenizer, c
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and f"reaches {n + 3} tokens, past the model's context of {n + 2} positions" in msgs[0]
     assert "model.rope_scaling" in msgs[0]
+
+
+def test_lean_loop_samples_what_generate_samples(tiny_lm, tokenizer):
+    """generate_responses samples with `decode.lean_generate` where the call allows it (the default) and with
+    `model.generate` when told not to: the same samples under the same seed, for a plain model and a LoRA model
+    whose adapters are not zero. A ReftModel never takes the lean loop (its edits live in its own generate)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_lm("llama")
+    calls = []
+    model.generate = lambda *a, _g=model.generate, **k: calls.append(1) or _g(*a, **k)  # noqa: E731
+    cfgs = [SamplingConfig(num_samples=3, max_new_tokens=6, seed=11),
+            SamplingConfig(num_samples=2, max_new_tokens=6, seed=5, temperature=0.8, top_k=20, top_p=0.9),
+            SamplingConfig(max_new_tokens=6, do_sample=False)]
+    for cfg in cfgs:
+        lean = generate_responses(model, tokenizer, PROMPTS, cfg, batch_size=4)
+        assert not calls, "the lean loop should have served this call"
+        ref = generate_responses(model, tokenizer, PROMPTS, cfg, batch_size=4, lean=False)
+        assert calls and [(s.response_ids, s.finish_reason) for s in lean] == [
+            (s.response_ids, s.finish_reason) for s in ref]
+        calls.clear()
+    del model.generate
+    plain = generate_responses(model, tokenizer, PROMPTS, GREEDY)
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for cfg in (cfgs[0], GREEDY):
+        got = generate_responses(lora, tokenizer, PROMPTS, cfg, lean=True)
+        want = generate_responses(lora, tokenizer, PROMPTS, cfg, lean=False)
+        assert [s.response_ids for s in got] == [s.response_ids for s in want]
+    with lora.disable_adapter():
+        off = generate_responses(lora, tokenizer, PROMPTS, GREEDY, lean=True)
+    assert [s.response_ids for s in off] == [s.response_ids for s in plain]
+    assert [s.response_ids for s in got] != [s.response_ids for s in plain]  # the adapters do change the tokens
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0], intervention="loreft", low_rank_dimension=2))
+    with pytest.raises(ValueError, match="ReftModel"):
+        generate_responses(reft, tokenizer, PROMPTS, GREEDY, positions="l1", lean=True)
+
+
+def test_preallocated_cache_layer_holds_what_dynamic_layer_holds():
+    """`PreallocatedLayer` (one buffer, writes in place) returns the keys / values `DynamicLayer` (torch.cat)
+    returns: a prefill, row selection, one-token steps past its capacity (it grows), and keys replaced from
+    outside (a crop)."""
+    from transformers.cache_utils import DynamicLayer
+
+    from alignkit.online.decode import PreallocatedLayer
+
+    g = torch.Generator().manual_seed(0)
+    a, b = DynamicLayer(), PreallocatedLayer(capacity=7)
+    kv = lambda n, rows=3: (torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g))  # noqa: E731
+    steps = [kv(5)]
+    outs = [layer.update(*steps[0]) for layer in (a, b)]
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
+    idx = torch.tensor([0, 0, 2, 1])
+    a.batch_select_indices(idx)
+    b.batch_select_indices(idx)
+    for i in range(4):  # 5 -> 9 positions: past the capacity of 7
+        k, v = kv(1, rows=4)
+        ka, va = a.update(k, v)
+        kb, vb = b.update(k, v)
+        assert torch.equal(ka, kb) and torch.equal(va, vb) and kb.shape == (4, 2, 6 + i, 4)
+    a.keys, a.values = a.keys[:, :, :-2], a.values[:, :, :-2]  # what DynamicLayer.crop does
+    b.keys, b.values = b.keys[:, :, :-2], b.values[:, :, :-2]
+    k, v = kv(1, rows=4)
+    ka, va = a.update(k, v)
+    kb, vb = b.update(k, v)
+    assert torch.equal(ka, kb) and torch.equal(va, vb) and b.get_seq_length() == 8

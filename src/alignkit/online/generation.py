@@ -7,7 +7,8 @@ Prompts are `PromptRecord`s (or any record: its prompt is used), plain strings, 
 the tokenizer's chat template for conversations, verbatim text for strings), tokenized on its own, and, if
 longer than `max_prompt_length`, keeps its LAST tokens (as `alignkit.data.tokenize` does for prompts).
 
-Batches are left-padded and generated with Hugging Face `generate` (KV cache on). The `num_samples` rows of
+Batches are left-padded and generated with Hugging Face `generate` (KV cache on), or with `decode.lean_generate`
+(the same tokens under the same seed, less work per step) where every option of the call is one it supports. The `num_samples` rows of
 a prompt share one prefill (`shared_prompt_cache`: the prompt's KV cache is computed once and copied to its
 rows; not for a ReftModel, whose edits happen in the prompt pass). The same call works for a
 plain transformers model, a `peft` model, and a `ReftModel`: for a ReftModel the prompt tokens named by
@@ -41,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 
 from alignkit.adapters import unwrap_lm
 from alignkit.compat import cache_keyword
@@ -50,6 +51,7 @@ from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
 from alignkit.interventions.attach import ReftModel
+from alignkit.online.decode import lean_generate, lean_unsupported, preallocated_cache
 from alignkit.models.rope import warn_past_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 
@@ -177,14 +179,14 @@ def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: Sam
 
 @torch.no_grad()
 def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        rows: torch.Tensor) -> Any:
+                        rows: torch.Tensor, capacity: int = 0) -> Any:
     """A KV cache of each distinct prompt's tokens but its last, computed once and copied to its samples' rows.
 
     `input_ids`, `attention_mask` (U, T): the distinct prompts, left-padded; `rows` (B,): the prompt of each
     generated row. `generate` then runs only the last prompt token and the new ones (prefix caching), so K
     samples of a prompt cost one prefill instead of K. Position ids as `generate` counts them (from each row's
-    first attended token)."""
-    cache = DynamicCache(config=unwrap_lm(model).config)
+    first attended token). `capacity`: positions to allocate per row (`decode.preallocated_cache`)."""
+    cache = preallocated_cache(model, capacity)
     pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # (U, T)
     model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=pos[:, :-1],
           use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
@@ -196,11 +198,13 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
                        intervene_on_generated: bool = False, formatter: str = "auto",
-                       max_prompt_length: int | None = None) -> list[Sample]:
+                       max_prompt_length: int | None = None, lean: bool | None = None) -> list[Sample]:
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
-    `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout.
+    `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout. `lean`: sample
+    with `decode.lean_generate` (`generate`'s tokens with less work per step) where the call's options allow it
+    (None: whenever they do; False: always `model.generate`; True: raise where they do not).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
     if batch_size < 1:
@@ -221,6 +225,11 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                       "lower max_new_tokens / the prompt length, or extend the context (model.rope_scaling)")
     eos = end_token_ids(model, tokenizer, cfg)
     gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
+    why_not = lean_unsupported(model, gen_kwargs["generation_config"]) if lean is not False else "lean=False"
+    if lean and why_not:
+        raise ValueError(f"generate_responses(lean=True): the lean loop does not support this call: {why_not}")
+    if why_not and lean is None:
+        logger.debug("sampling with model.generate: %s", why_not)
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
     samples: list[Sample] = []
@@ -248,8 +257,13 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                     u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)  # (U, T)
                     u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
                     of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
-                    extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row)
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
+                    extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
+                                                                      input_ids.shape[1] + cfg.max_new_tokens)
+                if why_not is None:
+                    out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
+                                        cache=extra.get(cache_keyword(model)))
+                else:
+                    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
                 new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for (g, k), row in zip(chunk, new):
                     resp_ids, text, reason = finish_response(row, tokenizer, eos, cfg)

@@ -1,0 +1,69 @@
+"""Generation A/B on the online suite's tiny Llama: `model.generate` vs `decode.lean_generate` (same tokens).
+
+    .venv/bin/python bench/online_gen_ab.py --repeats 15        # GRPO's 8 prompts x 4 and online DPO's 8 x 2
+
+One call = `generate_responses` on 8 prompts of the "small" scenario x num_samples, 32 new tokens, temperature 1
+(what one online step samples). Variants, interleaved call by call: `generate` (lean=False), `lean, model's
+mask` (the lean loop, the model building each step's attention mask), `lean` (the default: a prepared 4D mask).
+Each call's CPU seconds (time.process_time, 1 thread); prints min and median per variant and the paired ratio
+generate / variant (median, min-max over the repeats). Checks first that every variant gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--samples", type=int, nargs="*", default=[4, 2])
+    ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    import alignkit.online.decode as decode
+    from alignkit.models.loading import load_model
+    from alignkit.online.generation import SamplingConfig, generate_responses
+
+    run_dir = Path(args.results) / f"genab-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = common.load_spec(common.prepare_scenario(common.SCENARIOS["small"], run_dir))
+    folder = common.model_dir(run_dir, spec)
+    tok = common.load_tokenizer(folder, padding_side="left")
+    model = load_model(folder, task="causal_lm", dtype="float32")
+    prompts = [r["prompt"] for r in common.read_jsonl(common.data_file(run_dir, spec, "sft"))][:8]
+
+    def call(variant: str, cfg: SamplingConfig):
+        decode.PREPARED_MASK = variant != "lean, model's mask"
+        return generate_responses(model, tok, prompts, cfg, batch_size=64, lean=variant != "generate")
+
+    variants = ["generate", "lean, model's mask", "lean"]
+    print(f"load average {__import__('os').getloadavg()}")
+    for k in args.samples:
+        cfg = SamplingConfig(num_samples=k, max_new_tokens=32, temperature=1.0, seed=1)
+        toks = {v: [s.response_ids for s in call(v, cfg)] for v in variants}
+        assert all(t == toks["generate"] for t in toks.values()), "a variant sampled other tokens"
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(args.repeats):
+            for v in variants[r % 3:] + variants[:r % 3]:
+                t = time.process_time()
+                call(v, cfg)
+                cpu[v].append(time.process_time() - t)
+        print(f"8 prompts x {k} samples x 32 tokens ({sum(map(len, toks['generate']))} generated), CPU ms per call:")
+        for v in variants:
+            ratios = [g / x for g, x in zip(cpu["generate"], cpu[v])]
+            print(f"  {v:<20} min {min(cpu[v]) * 1e3:6.1f}  median {statistics.median(cpu[v]) * 1e3:6.1f}   "
+                  f"generate / this: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"load average {__import__('os').getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""A lean sampling loop over a causal LM's forward: `model.generate`'s tokens without its per-step bookkeeping.
+
+    reason = lean_unsupported(model, generation_config)        # None: `lean_generate` gives generate's tokens
+    out = lean_generate(model, input_ids, attention_mask, generation_config, cache=None)   # (B, T + n) like generate
+
+`generation.generate_responses` uses it where every option of the call is one it supports, and `model.generate`
+otherwise. Supported: a decoder-only transformers model (or a peft wrapper of one that is not prompt learning)
+whose `generate` and `prepare_inputs_for_generation` are transformers' own, whose KV cache is all full-attention
+`DynamicLayer`s; greedy or sampling with temperature / top-k / top-p; EOS ids and a pad id; `max_new_tokens`.
+Anything else that would change `generate`'s loop (stop strings, another logits processor, beams, a cache
+implementation, ... set on the call or on the model's `generation_config`) makes `lean_unsupported` name it and
+the caller falls back. A ReftModel never takes this path (its edits happen inside its own `generate`).
+
+Exactness: each forward gets what `generate` (transformers 5.19-5.24) gives it: position ids from the attention
+mask (cumsum - 1, 0 on pads), the 2D mask (dropped when it has no padding), the cache under
+`compat.cache_keyword`, `logits_to_keep=1`; it continues after the tokens already in a passed cache. Tokens are
+chosen with the same ops in the same order (the last position's logits copied to float32, transformers' own
+Temperature / TopK / TopP warpers, softmax + `torch.multinomial`, or argmax), finished rows get the pad id, the
+loop stops when every row has ended or after `max_new_tokens`. Under the same torch seed the tokens are
+`generate`'s: `tests/compat/test_transformers_generation.py` pins that against the installed transformers
+(it fails loudly when transformers changes its loop).
+
+The KV cache (`preallocated_cache`): `PreallocatedLayer` keeps each layer's keys / values in one buffer sized
+for prompt + new tokens and writes each step's token in place; attention reads a view of the filled part (the
+same values and shapes as `DynamicLayer`'s `torch.cat`, which copies the whole cache every step).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from functools import lru_cache
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationConfig, GenerationMixin
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from alignkit.adapters import unwrap_lm
+from alignkit.adapters.base import unwrap_parallel
+from alignkit.compat import cache_keyword
+from alignkit.interventions.attach import ReftModel
+
+logger = logging.getLogger(__name__)
+PREPARED_MASK = True  # False: let the model build every step's mask (an A/B switch for bench/online_gen_ab.py)
+
+# generation-config fields `lean_generate` implements
+USED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id"}
+# fields that change nothing in a decoder-only sampling / greedy loop when they hold these values (or any value)
+ANY = object()
+NEUTRAL: dict[str, tuple] = {
+    "num_beams": (1,), "num_return_sequences": (1,), "use_cache": (True,), "repetition_penalty": (1.0,),
+    "output_attentions": (False,), "output_hidden_states": (False,), "output_scores": (False,),
+    "output_logits": (False,), "return_dict_in_generate": (False,), "min_length": (0,), "no_repeat_ngram_size": (0,),
+    "encoder_repetition_penalty": (1.0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
+    "renormalize_logits": (False,), "remove_invalid_values": (False,), "num_beam_groups": (1,),
+    "diversity_penalty": (0.0,), "is_assistant": (False,), "token_healing": (False,),
+    # beam-search-only, lengths that max_new_tokens overrides, ids only read for encoder-decoders, metadata
+    "length_penalty": (ANY,), "early_stopping": (ANY,), "max_length": (ANY,), "bos_token_id": (ANY,),
+    "decoder_start_token_id": (ANY,), "transformers_version": (ANY,), "_from_model_config": (ANY,),
+}
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys / values live in one buffer of `capacity` positions: `update` writes the new
+    tokens in place and returns views of the filled part (what `DynamicLayer` returns, without re-copying the
+    cache each step). Grows (one copy) if a sequence outgrows the buffer."""
+
+    def __init__(self, capacity: int, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.capacity = int(capacity)
+        self._kbuf: torch.Tensor | None = None
+        self._vbuf: torch.Tensor | None = None
+
+    def _adopt(self, n: int, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """A buffer for `need` positions holding the current `n` (after a first call, a growth, or an outside
+        reassignment of keys / values such as DynamicLayer's crop)."""
+        b, cap = key_states.shape[0], max(need, self.capacity)
+        kb = key_states.new_empty(b, key_states.shape[1], cap, key_states.shape[-1])
+        vb = value_states.new_empty(b, value_states.shape[1], cap, value_states.shape[-1])
+        if n:
+            kb[:, :, :n].copy_(self.keys)
+            vb[:, :, :n].copy_(self.values)
+        self._kbuf, self._vbuf = kb, vb
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.numel() else 0
+        need = n + key_states.shape[-2]
+        kb = self._kbuf
+        if (kb is None or need > kb.shape[-2] or kb.shape[0] != key_states.shape[0]
+                or (n and self.keys.data_ptr() != kb.data_ptr())):
+            self._adopt(n, need, key_states, value_states)
+        self._kbuf[:, :, n:need].copy_(key_states)
+        self._vbuf[:, :, n:need].copy_(value_states)
+        self.keys, self.values = self._kbuf[:, :, :need], self._vbuf[:, :, :need]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        n = self.get_seq_length()
+        if n > 0 and self._kbuf is not None and self.keys.data_ptr() == self._kbuf.data_ptr():
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]  # (B', H, capacity, D)
+            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+        else:
+            super().batch_select_indices(indices)
+
+
+def preallocated_cache(model: Any, capacity: int) -> DynamicCache:
+    """`DynamicCache(config=...)` of the model, with `PreallocatedLayer`s of `capacity` positions in place of its
+    full-attention `DynamicLayer`s (a cache with other layer types, e.g. sliding windows, is returned as is)."""
+    cache = DynamicCache(config=unwrap_lm(model).config)
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        for i in range(len(layers)):
+            layers[i] = PreallocatedLayer(capacity)
+    return cache
+
+
+@lru_cache(maxsize=None)
+def _forward_accepts(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.forward).parameters
+
+
+def _effective_config(model: Any, cfg: GenerationConfig) -> dict[str, Any]:
+    """The call's set fields, then the model's generation_config for fields the call leaves unset (how
+    transformers 5.x merges them: only None fields take the model's value)."""
+    out = {k: v for k, v in unwrap_lm(model).generation_config.to_dict().items() if v is not None}
+    out.update({k: v for k, v in cfg.to_dict().items() if v is not None})
+    return out
+
+
+def lean_unsupported(model: Any, cfg: GenerationConfig) -> str | None:
+    """Why `lean_generate` would not reproduce `model.generate(..., generation_config=cfg)` (None: it does)."""
+    if isinstance(unwrap_parallel(model), ReftModel):
+        return "a ReftModel edits hidden states inside its own generate"
+    if unwrap_parallel(model) is not model:
+        return f"a {type(model).__name__} wrapper"
+    lm = unwrap_lm(model)
+    if model is not lm:
+        peft_cfg = getattr(model, "active_peft_config", None)
+        if peft_cfg is None or getattr(peft_cfg, "is_prompt_learning", True):
+            return f"a {type(model).__name__} wrapper (only peft adapters that are not prompt learning)"
+    if not isinstance(lm, GenerationMixin) or getattr(lm.config, "is_encoder_decoder", False):
+        return "not a decoder-only transformers model"
+    for name in ("generate", "prepare_inputs_for_generation", "_update_model_kwargs_for_generation"):
+        if getattr(type(lm), name, None) is not getattr(GenerationMixin, name, None):
+            return f"{type(lm).__name__} has its own {name}"
+    if not _forward_accepts(type(lm), "position_ids"):
+        return f"{type(lm).__name__}.forward takes no position_ids"
+    layers = getattr(DynamicCache(config=lm.config), "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return "its KV cache is not all full-attention DynamicLayers (sliding window / hybrid / linear attention)"
+    eff = _effective_config(model, cfg)
+    if eff.get("max_new_tokens") is None:
+        return "no max_new_tokens"
+    for k, v in eff.items():
+        ok = NEUTRAL.get(k)
+        if k in USED or (ok is not None and (ok[0] is ANY or v in ok)):
+            continue
+        return f"generation option {k}={v!r}"
+    return None
+
+
+def _warpers(eff: dict[str, Any]) -> LogitsProcessorList:
+    """transformers' sampling warpers for these options, in `generate`'s order (min_tokens_to_keep 1: no beams)."""
+    out = LogitsProcessorList()
+    t, k, p = eff.get("temperature"), eff.get("top_k"), eff.get("top_p")
+    if t is not None and t != 1.0:
+        out.append(TemperatureLogitsWarper(t))
+    if k is not None and k != 0:
+        out.append(TopKLogitsWarper(top_k=k, min_tokens_to_keep=1))
+    if p is not None and p < 1.0:
+        out.append(TopPLogitsWarper(top_p=p, min_tokens_to_keep=1))
+    return out
+
+
+@torch.no_grad()
+def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
+                  cache: Any = None) -> torch.Tensor:
+    """`model.generate(input_ids=..., attention_mask=..., generation_config=cfg, <cache keyword>=cache)` for a
+    call `lean_unsupported` accepts: (B, T + n) ids, the prompt then n <= max_new_tokens new tokens (a row that
+    ended has the pad id after its EOS). `cache` may hold the first tokens of every row already (the shared
+    prompt prefill); otherwise one is made (`preallocated_cache`)."""
+    lm = unwrap_lm(model)
+    eff = _effective_config(model, cfg)
+    b, t = input_ids.shape
+    n_new = int(eff["max_new_tokens"])
+    dev = input_ids.device
+    eos = eff.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad_id = eff.get("pad_token_id")
+    if eos and pad_id is None:
+        pad_id = eos[0]  # generate's fallback
+    eos_t = torch.tensor(eos, device=dev, dtype=torch.long) if eos else None
+    warp = _warpers(eff) if eff.get("do_sample") else LogitsProcessorList()
+    sample = bool(eff.get("do_sample"))
+    if cache is None:
+        cache = preallocated_cache(model, t + n_new)
+    kw = cache_keyword(model)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
+    mask = None if bool((attention_mask == 1).all()) else torch.cat(  # generate drops a mask without padding
+        [attention_mask, attention_mask.new_ones(b, n_new)], dim=-1)  # (B, T + n_new)
+    # the 4D mask transformers' create_causal_mask builds for sdpa at a one-token step (B, 1, 1, L), made once:
+    # a prepared 4D mask is passed through as is
+    mask4 = mask.bool()[:, None, None, :] if mask is not None and PREPARED_MASK and getattr(
+        lm.config, "_attn_implementation", None) == "sdpa" else None
+    extra = {"logits_to_keep": 1} if _forward_accepts(type(lm), "logits_to_keep") else {}
+    past = cache.get_seq_length()
+    step_ids = input_ids[:, past:].clone(memory_format=torch.contiguous_format)  # what prefill continues with
+    step_pos = position_ids[:, past:].clone(memory_format=torch.contiguous_format)
+    later_pos = position_ids[:, -1:] + torch.arange(1, n_new + 1, device=dev)  # (B, n_new) positions of new tokens
+    new = input_ids.new_empty(b, n_new)
+    unfinished = torch.ones(b, dtype=torch.bool, device=dev)
+    pad_t = torch.tensor(pad_id if pad_id is not None else 0, dtype=input_ids.dtype, device=dev)
+    n = 0
+    for i in range(n_new):
+        step_mask = (None if mask is None else mask4[..., :t + i] if mask4 is not None and step_ids.shape[1] == 1
+                     else mask[:, :t + i])
+        out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
+                    return_dict=True, **{kw: cache}, **extra)
+        # generate copies these logits to float32 (no copy needed to read them: same values)
+        logits = out.logits[:, -1].to(dtype=torch.float32, device=dev)  # (B, V)
+        del out
+        if sample:
+            scores = warp(input_ids, logits)
+            nxt = torch.multinomial(torch.nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (B,)
+        else:
+            nxt = torch.argmax(logits, dim=-1)
+        if eos_t is not None:  # generate: next * unfinished + pad * (1 - unfinished)
+            nxt = torch.where(unfinished, nxt, pad_t)
+        new[:, i] = nxt
+        n = i + 1
+        if eos_t is not None:
+            unfinished &= (nxt != eos_t[0]) if len(eos) == 1 else ~torch.isin(nxt, eos_t)
+            if not bool(unfinished.any()):
+                break
+        step_ids = nxt[:, None]
+        step_pos = later_pos[:, i:i + 1]
+    return torch.cat([input_ids, new[:, :n]], dim=-1)
+
+
+__all__ = ["lean_generate", "lean_unsupported", "preallocated_cache", "PreallocatedLayer"]
