@@ -25,13 +25,14 @@ from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import check_formats, load_for_inference, to_device
 from alignkit.cli.runfolder import config_from_args, dry_run, start_run
 from alignkit.data import PreferenceCollator
-from alignkit.losses import PreferenceBatch, PreferenceParams, preference_loss
+from alignkit.losses import PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
 from alignkit.files import atomic_write_text
 from alignkit.runs import write_command_outputs
 from alignkit.trainers.evaluation import evaluate_reward_model
 from alignkit.trainers.logps import completion_logps
-from alignkit.trainers.reference import reference_logps, resolve_mode
+from alignkit.trainers.pairs import pair_batch
+from alignkit.trainers.reference import build_reference
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +95,18 @@ def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: in
 def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_path: str,
                 progress: bool, per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
     m = cfg.method
-    mode = resolve_mode("auto", model, reference_free=False)  # the adapter switched off, or a frozen copy
-    ref_model = None
-    if mode == "copy":
+
+    def load_reference() -> Any:  # a full model's reference: method.reference_path, else the base it started from
         if cfg.model.adapter_path is None and m.reference_path is None:
             logger.warning("eval dpo: no model.adapter_path, so the policy is its own reference (all rewards 0)")
-        ref_model = to_device(load_model(m.reference_path or base_path, dtype=cfg.model.dtype)).eval()
+        return load_model(m.reference_path or base_path, dtype=cfg.model.dtype)
+
+    # the adapter switched off, or (full finetuning) the reference model loaded from disk
+    reference = build_reference(model, "auto", make_copy=load_reference, chunk_size=m.chunk_size,
+                                supports=("adapter_off", "copy"), owner="alignkit eval")
     collate = PreferenceCollator(pad_id)
     device = next(model.parameters()).device
+    reference.place(device)
     sums: dict[str, float] = {}
     n = 0
     model.eval()
@@ -110,9 +115,8 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
             batch = collate(features[s:s + m.batch_size])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             logps, lengths = completion_logps(model, batch, m.chunk_size)  # (2B,), (2B,)
-            ref, _ = reference_logps(model, batch, mode, ref_model, m.chunk_size)  # (2B,)
             B = logps.shape[0] // 2
-            out = preference_loss(PreferenceBatch(logps[:B], logps[B:], ref[:B], ref[B:], lengths[:B], lengths[B:]),
+            out = preference_loss(pair_batch(logps, lengths, reference.logps(model, batch)),  # ref: (2B,)
                                   PreferenceParams(beta=m.beta), ["sigmoid"])
             values = {"loss": out.losses, **out.metrics}
             for k, v in values.items():

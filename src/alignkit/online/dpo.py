@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceBatch, PreferenceParams, preference_loss, reduce_loss
+from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, preference_loss, reduce_loss
 from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample
 from alignkit.online.reweighting import reweight
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
+from alignkit.trainers.pairs import pair_batch
 from alignkit.trainers.preference import REFERENCE_FREE
 
 PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
@@ -116,10 +117,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         on_policy = pairs.rollout.old_logps is None  # no rollout policy pass: this one gives kl / entropy
         stats = self.token_stats(select(pairs.rollout.batch, rows), entropy=on_policy)
         logps, lengths = sequence_sums(stats.logps, stats.mask), stats.mask.sum(-1)  # (2M,), (2M,)
-        M = idx.numel()
-        batch = PreferenceBatch(logps[:M], logps[M:],
-                                None if pairs.ref_chosen is None else pairs.ref_chosen[idx],
-                                None if pairs.ref_rejected is None else pairs.ref_rejected[idx], lengths[:M], lengths[M:])
+        ref = None if pairs.ref_chosen is None else torch.cat([pairs.ref_chosen[idx], pairs.ref_rejected[idx]])
+        batch = pair_batch(logps, lengths, ref)  # rows: the M chosen, then the M rejected
         params = c.params if c.params is not None else PreferenceParams(beta=c.beta)
         out = preference_loss(batch, params, c.loss_type, c.loss_weights)
         loss = reduce_loss(out.losses, pairs.weights[idx], normalizer)

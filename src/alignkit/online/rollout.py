@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from alignkit.data.collators import pad, shared_prefix_layout
 from alignkit.losses import chunked_lm_logprobs
-from alignkit.adapters import reference_off, unwrap_lm
+from alignkit.adapters import unwrap_lm
 from alignkit.online.generation import Sample
 from alignkit.trainers.logps import _head, final_hidden_states
 
@@ -88,21 +88,9 @@ def token_stats(model: nn.Module, batch: dict[str, Tensor], *, temperature: floa
     return TokenStats(logps, mask, ent, h[:, :-1] if hidden else None)
 
 
-@torch.no_grad()
-def reference_token_logps(model: nn.Module, batch: dict[str, Tensor], ref_model: nn.Module | None = None, *,
-                          temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
-    """(B, T-1) log pi_ref of the response tokens: `ref_model` (a frozen copy) if given, else `model` with its
-    adapter switched off (`alignkit.adapters.reference_off`)."""
-    if ref_model is not None:
-        return token_stats(ref_model, batch, temperature=temperature, chunk_size=chunk_size).logps
-    with reference_off(model):
-        return token_stats(model, batch, temperature=temperature, chunk_size=chunk_size).logps
-
-
 def sequence_sums(token_values: Tensor, mask: Tensor) -> Tensor:
     """(B, T-1) per-token values -> (B,) sums over the response tokens."""
     return (token_values * mask.to(token_values.dtype)).sum(-1)
 
 
-__all__ = ["TokenStats", "rows_batch", "samples_batch", "select", "token_stats", "reference_token_logps",
-           "sequence_sums"]
+__all__ = ["TokenStats", "rows_batch", "samples_batch", "select", "token_stats", "sequence_sums"]

@@ -5,8 +5,9 @@ log-probs, entropy and the KL to the reference), with its metrics (`rollout_metr
 `metrics_from_sums` when the training forward gives them instead).
 
 `RolloutSteps` is a part of `alignkit.online.trainer.OnlineTrainer` (a mixin): it reads the trainer's `config`,
-`prompts`, `tokenizer`, `annotator`, `model` / `policy`, `reference`, `accelerator`, `world` / `rank`, the
-RNGs, reward moments and KL controller, and the cross-process reductions of `alignkit.online.metrics`.
+`prompts`, `tokenizer`, `annotator`, `model` / `policy`, `reference` (`alignkit.trainers.reference.Reference`),
+`accelerator`, `world` / `rank`, the RNGs, reward moments and KL controller, and the cross-process reductions of
+`alignkit.online.metrics`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from alignkit.distributed import gathered_root
 from alignkit.losses import KL_ESTIMATORS
 from alignkit.online.annotators import AnnotatorError, Scores
 from alignkit.online.generation import Sample, SamplingConfig, generate_responses, generation_metrics
 from alignkit.online.normalize import normalize_rewards
-from alignkit.online.rollout import TokenStats, reference_token_logps, samples_batch, sequence_sums, token_stats
+from alignkit.online.rollout import TokenStats, samples_batch, sequence_sums, token_stats
 from alignkit.online.vllm_client import VllmServerGenerator
 from alignkit.online.vllm_generation import VllmGenerator
 
@@ -100,6 +101,12 @@ class RolloutSteps:
         return self.vllm_generator.generate(prompts, cfg, formatter=self.config.formatter,
                                             max_prompt_length=self.config.max_prompt_length, eos_source=self.policy)
 
+    def reference_token_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """(B, T-1) log-probs of the response tokens under `model` (the `Reference`'s model), at the sampling
+        temperature: how the reference is scored (`Reference.logps`)."""
+        return token_stats(model, batch, temperature=self.config.sampling.temperature,
+                           chunk_size=self.config.chunk_size).logps
+
     def token_stats(self, batch: dict[str, Tensor], **kw: Any):
         return token_stats(self.model, batch, temperature=self.config.sampling.temperature,
                            chunk_size=self.config.chunk_size, **kw)
@@ -136,8 +143,7 @@ class RolloutSteps:
         batch = samples_batch(samples, self.tokenizer.pad_token_id, self.accelerator.device)
         if c.share_prompt:  # every forward over these rows (or a selection of them) shares each group's prompt
             batch["share_groups"] = torch.tensor([s.group for s in samples], dtype=torch.long, device=batch["input_ids"].device)
-        ref = reference_token_logps(self.policy, batch, self.ref_model, temperature=c.sampling.temperature,
-                                    chunk_size=c.chunk_size)
+        ref = self.reference.logps(self.policy, batch, self.reference_token_logps)  # (B, T-1)
         if policy_pass:
             stats = self.token_stats(batch, entropy=True, hidden=self.needs_hidden)
             kl_tok = KL_ESTIMATORS[c.kl_estimator](stats.logps, ref)  # (B, T-1)

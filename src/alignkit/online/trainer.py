@@ -21,8 +21,9 @@ placement, DDP gradient averaging (`prepare`), `backward`, gradient clipping and
 distribution story is unchanged (`accelerate launch`). Per-sample weights reach every loss through the one
 reduction `alignkit.losses.reduce_loss` (weighted mean over a minibatch).
 
-Reference: the policy with its adapter switched off (lora, reft, reft+lora; no second copy), or a frozen
-copy of the initial model for full finetuning (`reference="auto"`), or a `ref_model` you pass.
+Reference (`alignkit.trainers.reference.build_reference`, as the offline trainers): the policy with its adapter
+switched off (lora, reft, reft+lora; no second copy), or a frozen copy of the initial model for full finetuning
+(`reference="auto"`), or a `ref_model` you pass.
 
 Several processes (`torchrun`, `accelerate launch`; DDP through `Accelerator.prepare`): a step's
 `prompts_per_step` prompts are the GLOBAL batch. Every rank draws the same shuffled slice and keeps its
@@ -61,8 +62,8 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from alignkit.adapters import adapter_of, can_switch_off
-from alignkit.distributed import enable_sharding_on_cpu, is_fsdp2, requested_engine, shard_reference
+from alignkit.adapters import adapter_of
+from alignkit.distributed import enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
@@ -75,7 +76,7 @@ from alignkit.online.updates import MinibatchUpdates
 from alignkit.online.vllm_generation import refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
-from alignkit.trainers.reference import frozen_copy
+from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-class OnlineTrainer(RolloutSteps, MinibatchUpdates, ProcessMetrics, Checkpoints):
+class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics, Checkpoints):
     """Base of the online optimizers. Subclasses implement `build_batch` and `optimise`.
 
     Args:
@@ -160,18 +161,10 @@ class OnlineTrainer(RolloutSteps, MinibatchUpdates, ProcessMetrics, Checkpoints)
                                  f"method.generation_backend=transformers with several processes")
         self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
-        mode = self.config.reference
-        if mode == "auto":
-            mode = "adapter_off" if can_switch_off(model) and ref_model is None else "copy"
-        if mode == "adapter_off" and not can_switch_off(model):
-            raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned "
-                             "model has none: use reference='copy' (a frozen copy) or pass ref_model")
-        if mode == "copy" and ref_model is None:
-            ref_model = frozen_copy(model)
-        self.ref_model = ref_model.to(self.accelerator.device).eval() if ref_model is not None else None
-        if self.ref_model is not None:  # FSDP2: sharded like the policy, not a whole copy per process
-            self.ref_model = shard_reference(self.ref_model, self.accelerator)
-        self.reference_mode = mode
+        self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,
+                                                    chunk_size=self.config.chunk_size, supports=("adapter_off", "copy"),
+                                                    owner=type(self).__name__)
+        self.reference.place(self.accelerator.device, self.accelerator)  # FSDP2: a copy sharded like the policy
         self.model = model
         self.extra_modules = self.build_extra_modules()  # e.g. PPO's value head
         if fsdp2 and self.extra_modules:

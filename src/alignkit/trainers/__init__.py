@@ -7,11 +7,12 @@ from alignkit.trainers.base import AlignTrainer, turn_off_dropout
 from alignkit.trainers.kto import KTOTrainer, mismatched_batch
 from alignkit.trainers.logps import completion_logps, completion_token_logps, prompt_locations, prompt_spans
 from alignkit.trainers.preference import REFERENCE_FREE, DPOTrainer, PreferenceTrainer
-from alignkit.trainers.reference import ReferenceCollator, frozen_copy, load_or_compute, reference_logps
+from alignkit.trainers.pairs import pair_batch
+from alignkit.trainers.reference import Reference, ReferenceCollator, build_reference, frozen_copy, load_or_compute
 from alignkit.trainers.reward import RewardTrainer, sequence_rewards
 from alignkit.trainers.sft import SFTTrainer
 
-__all__ = ["AlignTrainer", "DPOTrainer", "KTOTrainer", "PreferenceTrainer", "REFERENCE_FREE", "ReferenceCollator",
-           "RewardTrainer", "SFTTrainer", "completion_logps", "completion_token_logps", "frozen_copy",
-           "load_or_compute", "mismatched_batch", "prompt_locations", "prompt_spans", "reference_logps",
-           "sequence_rewards", "turn_off_dropout"]
+__all__ = ["AlignTrainer", "DPOTrainer", "KTOTrainer", "PreferenceTrainer", "REFERENCE_FREE", "Reference",
+           "ReferenceCollator", "RewardTrainer", "SFTTrainer", "build_reference", "completion_logps",
+           "completion_token_logps", "frozen_copy", "load_or_compute", "mismatched_batch", "pair_batch",
+           "prompt_locations", "prompt_spans", "sequence_rewards", "turn_off_dropout"]

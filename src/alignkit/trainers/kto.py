@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.losses import UNPAIRED_LOSSES, LossOutput
-from alignkit.trainers.base import AlignTrainer, turn_off_dropout
+from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.logps import completion_logps, prompt_spans
-from alignkit.trainers.reference import frozen_copy, reference_logps, resolve_mode
+from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weigh
     return n_des, n_und
 
 
-class KTOTrainer(AlignTrainer):
+class KTOTrainer(HasReference, AlignTrainer):
     """Unpaired preference trainer for any adapter kind (KTO by default)."""
 
     record_kinds = ("unpaired",)
@@ -91,17 +91,12 @@ class KTOTrainer(AlignTrainer):
         UNPAIRED_LOSSES[loss_type]
         self.loss_type, self.beta, self.chunk_size = loss_type, beta, chunk_size
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
-        self.reference_mode = resolve_mode(reference, model, reference_free=False)
-        if self.reference_mode not in ("adapter_off", "copy"):
-            raise ValueError(f"KTOTrainer supports reference 'adapter_off' or 'copy', not {self.reference_mode!r} "
-                             "(its KL pairs depend on the batches, so they cannot be precomputed)")
-        if self.reference_mode == "copy" and ref_model is None:
-            ref_model = frozen_copy(model)
+        # its KL pairs depend on how batches are drawn, so they cannot be precomputed
+        self.reference: Reference = build_reference(model, reference, ref_model=ref_model, chunk_size=chunk_size,
+                                                    supports=("adapter_off", "copy"), owner="KTOTrainer")
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
         check_label_balance(self.train_dataset, desirable_weight, undesirable_weight)
-        self.ref_model = ref_model.to(self.args.device).eval() if ref_model is not None else None
-        if self.ref_model is not None and disable_dropout:
-            turn_off_dropout(self.ref_model)
+        self.reference.place(self.args.device, self.accelerator, disable_dropout=disable_dropout)
 
     def metric_totals(self, metrics: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """KTO's metrics come as sums with counts: log rewards/chosen = rewards/chosen_sum / count/chosen etc."""
@@ -124,8 +119,8 @@ class KTOTrainer(AlignTrainer):
         with torch.no_grad():
             policy_kl, _ = completion_logps(model, kl_batch, self.chunk_size)  # (B,)
         unwrapped = self.accelerator.unwrap_model(model)
-        ref, _ = reference_logps(unwrapped, inputs, self.reference_mode, self.ref_model, self.chunk_size)
-        ref_kl, _ = reference_logps(unwrapped, kl_batch, self.reference_mode, self.ref_model, self.chunk_size)
+        ref = self.reference.logps(unwrapped, inputs)  # (B,)
+        ref_kl = self.reference.logps(unwrapped, kl_batch)  # (B,)
         kl = (policy_kl - ref_kl).mean().detach()
         if self.args.world_size > 1:
             kl = self.accelerator.gather(kl.reshape(1)).mean()

@@ -5,8 +5,8 @@ then their rejected completions, so chosen and rejected go through ONE forward p
 
     logps, lengths = completion_logps(policy, batch)          # (2B,), (2B,)
     pi_w, pi_l = logps[:B], logps[B:]
-    ref_w, ref_l = reference log-probs (adapter off / frozen copy / precomputed; none if reference-free)
-    losses = preference_loss(PreferenceBatch(pi_w, pi_l, ref_w, ref_l, |y_w|, |y_l|), params, loss_type, weights)
+    ref = reference.logps(policy, batch)                      # (2B,): adapter off / frozen copy / precomputed; None
+    losses = preference_loss(pair_batch(logps, lengths, ref), params, loss_type, weights)
 
 Metrics carry TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
 logps/chosen, logps/rejected, logits/chosen, logits/rejected (the logits' mean over the vocabulary and the
@@ -21,18 +21,16 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from alignkit.distributed import shard_reference
-from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceBatch, PreferenceParams, preference_loss
-from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator, turn_off_dropout
+from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceParams, preference_loss
+from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import completion_logps
-from alignkit.trainers.reference import (
-    ReferenceCollator, attach_reference, frozen_copy, load_or_compute, reference_logps, resolve_mode,
-)
+from alignkit.trainers.pairs import pair_batch
+from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft"})
 
 
-class PreferenceTrainer(AlignTrainer):
+class PreferenceTrainer(HasReference, AlignTrainer):
     """DPO-family trainer for any adapter kind.
 
     Args:
@@ -40,7 +38,7 @@ class PreferenceTrainer(AlignTrainer):
         loss_weights: one weight per loss type (default 1 each).
         params: `PreferenceParams` (beta, label_smoothing, ...); `beta` alone is a shortcut.
         reference: "auto" | "adapter_off" | "copy" | "precomputed" | "none" (`alignkit.trainers.reference`).
-        ref_model: the frozen reference for "copy" (default: a copy of the model at construction).
+        ref_model: the frozen reference to use ("auto" then means "copy"; default: a copy of the model at construction).
         reference_cache_dir: where precomputed reference log-probs are cached (implies "precomputed").
         padding_free: pack the 2B sequences of each batch into one row without padding (`PackedPreferenceCollator`;
             masking in `alignkit.trainers.logps`). Same losses as padded batches.
@@ -74,65 +72,33 @@ class PreferenceTrainer(AlignTrainer):
         self.loss_type, self.loss_weights, self.chunk_size = names, loss_weights, chunk_size
         self.params = params if params is not None else PreferenceParams(beta=beta)
         reference_free = all(n in REFERENCE_FREE for n in names)
-        if reference == "auto" and reference_cache_dir is not None and not reference_free:
-            reference = "precomputed"
-        self.reference_mode = resolve_mode(reference, model, reference_free)
-        if self.reference_mode == "copy" and ref_model is None:
-            ref_model = frozen_copy(model)
+        self.reference: Reference = build_reference(model, reference, ref_model=ref_model, reference_free=reference_free,
+                                                    cache_dir=reference_cache_dir, chunk_size=chunk_size)
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
         if share_prompt:
             self.data_collator = shared_prompt_collator(self.data_collator)
-        self.ref_model = None
-        if ref_model is not None:
-            self.ref_model = ref_model.to(self.args.device).eval()
-            for p in self.ref_model.parameters():
-                p.requires_grad_(False)
-            if disable_dropout:
-                turn_off_dropout(self.ref_model)
+        self.reference.place(self.args.device, self.accelerator, disable_dropout=disable_dropout)
+        self._precompute()
 
-            self.ref_model = shard_reference(self.ref_model, self.accelerator)  # FSDP2: sharded like the policy
-        if self.reference_mode == "precomputed":
-            self._precompute(reference_cache_dir)
-
-    def _precompute(self, cache_dir: str | None) -> None:
-        if cache_dir is None:
-            raise ValueError("reference='precomputed' needs reference_cache_dir (a folder for the cached log-probs)")
+    def _precompute(self) -> None:
+        """"precomputed": the datasets get their cached reference log-probs and the collator passes them on."""
         common = dict(tokenizer=self.processing_class, batch_size=self.args.per_device_eval_batch_size,
-                      device=self.args.device, paired=True, ref_model=self.ref_model, chunk_size=self.chunk_size)
-        collator = self.data_collator
-        if self.train_dataset is not None:
-            tensors, _ = load_or_compute(self.model, self.train_dataset, collator, cache_dir, "train", **common)
-            self.train_dataset = attach_reference(self.train_dataset, tensors)
+                      device=self.args.device, paired=True)
+        collator, ref = self.data_collator, self.reference
+        self.train_dataset = ref.cached_dataset(self.model, self.train_dataset, collator, "train", **common)
         if isinstance(self.eval_dataset, dict):
-            for name, ds in list(self.eval_dataset.items()):
-                tensors, _ = load_or_compute(self.model, ds, collator, cache_dir, f"eval_{name}", **common)
-                self.eval_dataset[name] = attach_reference(ds, tensors)
-        elif self.eval_dataset is not None:
-            tensors, _ = load_or_compute(self.model, self.eval_dataset, collator, cache_dir, "eval", **common)
-            self.eval_dataset = attach_reference(self.eval_dataset, tensors)
-        self.data_collator = ReferenceCollator(collator)
-
-    def reference_pair(self, model: nn.Module, inputs: dict[str, Any]):
-        """(ref chosen (B,), ref rejected (B,)) or (None, None) for reference-free losses."""
-        if self.reference_mode == "none":
-            return None, None
-        if self.reference_mode == "precomputed":
-            if "reference_chosen_logps" not in inputs:
-                raise ValueError("the batch has no reference_chosen_logps: with reference='precomputed' the data "
-                                 "collator must be wrapped in ReferenceCollator (the trainer does this itself)")
-            return inputs["reference_chosen_logps"], inputs["reference_rejected_logps"]
-        ref, _ = reference_logps(self.accelerator.unwrap_model(model), inputs, self.reference_mode, self.ref_model,
-                                 self.chunk_size)
-        B = ref.shape[0] // 2
-        return ref[:B], ref[B:]
+            self.eval_dataset = {name: ref.cached_dataset(self.model, ds, collator, f"eval_{name}", **common)
+                                 for name, ds in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = ref.cached_dataset(self.model, self.eval_dataset, collator, "eval", **common)
+        self.data_collator = ref.collator(collator)
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         stats: dict = {}
         logps, lengths = completion_logps(model, inputs, self.chunk_size, stats)  # (2B,), (2B,)
         B = logps.shape[0] // 2
-        ref_w, ref_l = self.reference_pair(model, inputs)
-        batch = PreferenceBatch(logps[:B], logps[B:], ref_w, ref_l, lengths[:B], lengths[B:])
-        out = preference_loss(batch, self.params, self.loss_type, self.loss_weights)
+        ref = self.reference.logps(self.accelerator.unwrap_model(model), inputs)  # (2B,) or None (reference-free)
+        out = preference_loss(pair_batch(logps, lengths, ref), self.params, self.loss_type, self.loss_weights)
         chosen = stats["row"] < B  # (N,) tokens of the chosen rows
         out.metrics["logits/chosen"] = stats["mean_logit"][chosen]  # token-weighted means, as TRL's
         out.metrics["logits/rejected"] = stats["mean_logit"][~chosen]

@@ -1,17 +1,24 @@
-"""The reference model of DPO-like objectives: three ways to get log pi_ref(y|x), and none for reference-free losses.
+"""The reference model of DPO-like objectives, as one object: `build_reference` makes a `Reference`, and every caller
+(the offline trainers, the online loop, `alignkit eval`) asks it for log pi_ref(y|x) and never looks at the mode.
 
 | mode           | what                                                            | memory            |
 |----------------|-----------------------------------------------------------------|-------------------|
 | "adapter_off"  | the policy itself with its adapter switched off (`reference_off`) | no copy          |
 |                | (LoRA, ReFT, ReFT+LoRA)                                         |                   |
-| "copy"         | a frozen copy of the initial model (full finetuning): eval mode, | one more model   |
-|                | no grad, requires_grad False                                     |                   |
+| "copy"         | a frozen copy of the initial model (full finetuning), or a model | one more model   |
+|                | you pass: eval mode, no grad, requires_grad False, dropout off   |                   |
 | "precomputed"  | log-probs computed once over the dataset, cached on disk        | none while training|
 | "none"         | reference-free losses (SimPO, ORPO, SLiC)                        | -                 |
 
-"auto" picks "none" for reference-free losses, "adapter_off" for adapters and "copy" for full
-finetuning. (With ReFT the reference is the base model, which the policy does NOT equal at
-initialisation: LoReFT's edit R^T(Wh + b - Rh) is zero only when W = R and b = 0.)
+"auto" picks "none" for reference-free losses, "precomputed" when a cache folder is given, "copy" when a
+reference model is passed or the policy has no adapter to switch off (full finetuning), else "adapter_off".
+(With ReFT the reference is the base model, which the policy does NOT equal at initialisation: LoReFT's edit
+R^T(Wh + b - Rh) is zero only when W = R and b = 0.)
+
+    reference = build_reference(policy, "auto", reference_free=False)      # before the policy is wrapped
+    reference.place(device, accelerator)                                   # the copy: on the device, sharded
+    ref = reference.logps(policy, batch)          # (rows,) sums over each completion; None for "none"
+    ref = reference.logps(policy, batch, score)   # another measure: score(model, batch), e.g. per-token (online)
 
 Precomputed cache: a folder with `<split>.safetensors` (float32 tensors "chosen", "rejected" or
 "logps", one row per example in dataset order) and `<split>.json` holding the cache key and its parts.
@@ -24,6 +31,7 @@ The key is a SHA-256 over:
 - the tokenizer: its serialised fast tokenizer (or vocabulary), special tokens and chat template;
 - the data: the token ids and completion masks of every example, in order.
 A cache whose key differs is stale: it is logged, recomputed and overwritten, never used.
+The batches then carry the cached values (`ReferenceCollator`), which `Reference.logps` returns.
 """
 
 from __future__ import annotations
@@ -33,13 +41,15 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from alignkit.adapters import adapter_kind, can_switch_off, reference_off, unwrap_lm
+from alignkit.distributed import shard_reference
+from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.logps import completion_logps
 
 logger = logging.getLogger(__name__)
@@ -58,31 +68,132 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
-def resolve_mode(mode: str, model: nn.Module, reference_free: bool) -> str:
+class Reference:
+    """log pi_ref of a batch's completions, however the reference is obtained (see the module's table). Made by
+    `build_reference`; `model` is the frozen copy ("copy"; "precomputed": what the cache is computed with, None
+    for the policy itself or its adapter switched off), `cache_dir` the precomputed cache's folder."""
+
+    def __init__(self, mode: str, model: nn.Module | None = None, *, chunk_size: int = 1024,
+                 cache_dir: str | Path | None = None) -> None:
+        if mode not in MODES or mode == "auto":
+            raise ValueError(f"reference mode {mode!r} is unknown; valid: {list(MODES[1:])}")
+        if mode == "copy" and model is None:
+            raise ValueError("reference mode 'copy' needs a reference model")
+        if mode == "precomputed" and cache_dir is None:
+            raise ValueError("reference='precomputed' needs reference_cache_dir (a folder for the cached log-probs)")
+        self.mode, self.model, self.chunk_size = mode, model, chunk_size
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+
+    def __repr__(self) -> str:
+        return f"Reference({self.mode!r})"
+
+    def place(self, device: torch.device | str, accelerator: Any = None, *, disable_dropout: bool = True) -> Reference:
+        """The reference model (if any) on `device`, in eval mode with every parameter frozen and (by default)
+        dropout off, and, given the policy's `accelerator`, sharded as the policy is (FSDP2 / ZeRO-3:
+        `alignkit.distributed.shard_reference`). Returns self."""
+        if self.model is not None:
+            model = self.model.to(device).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if disable_dropout:
+                turn_off_dropout(model)
+            self.model = shard_reference(model, accelerator) if accelerator is not None else model
+        return self
+
+    @torch.no_grad()
+    def logps(self, policy: nn.Module, batch: dict[str, Any],
+              score: Callable[[nn.Module, dict[str, Any]], Tensor] | None = None) -> Tensor | None:
+        """log pi_ref of `batch`'s completions, without gradient: by default each row's summed completion
+        log-probs (rows,) (`completion_logps`; preference batches: chosen rows first); `score(model, batch)` for
+        another measure of the reference model (the online loop: per-token log-probs). `policy`: the (unwrapped)
+        policy, whose adapter is switched off for "adapter_off". None for "none"; "precomputed": the batch's
+        cached values (`ReferenceCollator`), in the rows' order."""
+        if self.mode == "none":
+            return None
+        if self.mode == "precomputed":
+            if score is not None:
+                raise ValueError("precomputed reference log-probs are per-sequence sums; a per-token score needs "
+                                 "reference 'adapter_off' or 'copy'")
+            return _cached(batch)
+        score = score if score is not None else self._sequence_logps
+        if self.mode == "copy":
+            return score(self.model, batch)
+        with reference_off(policy):
+            return score(policy, batch)
+
+    def _sequence_logps(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        return completion_logps(model, batch, self.chunk_size)[0]
+
+    def cached_dataset(self, policy: nn.Module, dataset: Any, collator: Callable, split: str, *, tokenizer: Any = None,
+                       batch_size: int = 8, device: torch.device | str = "cpu", paired: bool = True) -> Any:
+        """`dataset` with its reference log-probs as columns (`attach_reference`), read from the cache or computed
+        and cached (`load_or_compute`), for "precomputed"; any other mode (or no dataset): `dataset` unchanged."""
+        if self.mode != "precomputed" or dataset is None:
+            return dataset
+        tensors, _ = load_or_compute(policy, dataset, collator, self.cache_dir, split, tokenizer=tokenizer,
+                                     batch_size=batch_size, device=device, paired=paired, ref_model=self.model,
+                                     chunk_size=self.chunk_size)
+        return attach_reference(dataset, tensors)
+
+    def collator(self, collator: Callable) -> Callable:
+        """The data collator to train with: "precomputed" batches also carry the cached values (`ReferenceCollator`)."""
+        return ReferenceCollator(collator) if self.mode == "precomputed" else collator
+
+
+class HasReference:
+    """For a trainer holding its `Reference` as `self.reference`: the names trainers have always exposed."""
+
+    reference: Reference
+
+    @property
+    def reference_mode(self) -> str:
+        return self.reference.mode
+
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The reference model ("copy"; "precomputed": what the cache is computed with), None when the reference
+        is the policy's adapter switched off."""
+        return self.reference.model
+
+
+def _cached(batch: dict[str, Any]) -> Tensor:
+    if "reference_chosen_logps" in batch:  # preference batches: chosen rows, then rejected ones
+        return torch.cat([batch["reference_chosen_logps"], batch["reference_rejected_logps"]])
+    if "reference_logps" in batch:
+        return batch["reference_logps"]
+    raise ValueError("the batch has no reference log-probs (reference_chosen_logps / reference_logps): with "
+                     "reference='precomputed' the data collator must be wrapped in ReferenceCollator "
+                     "(Reference.collator; the trainer does this itself)")
+
+
+def build_reference(model: nn.Module, mode: str = "auto", *, ref_model: nn.Module | None = None,
+                    reference_free: bool = False, cache_dir: str | Path | None = None, chunk_size: int = 1024,
+                    supports: Sequence[str] = MODES[1:], make_copy: Callable[[], nn.Module] | None = None,
+                    owner: str = "") -> Reference:
+    """The `Reference` of policy `model` (before any DDP/FSDP wrapping) for `mode` ("auto" resolves as the module
+    says). `ref_model`: the reference model to use; else, when a copy is needed, `make_copy()` (e.g. a model
+    loaded from disk) or `frozen_copy(model)`. `supports`: the modes this caller can run (`owner` names it in the
+    error). Call `place` on the result to put the copy on the device."""
     if mode not in MODES:
         raise ValueError(f"reference mode {mode!r} is unknown; valid: {list(MODES)}")
-    if mode != "auto":
-        if mode == "adapter_off" and not can_switch_off(model):
-            raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned "
-                             "model has none: use 'copy' or 'precomputed'")
-        return mode
-    if reference_free:
-        return "none"
-    return "adapter_off" if can_switch_off(model) else "copy"
-
-
-@torch.no_grad()
-def reference_logps(model: nn.Module, batch: dict[str, Any], mode: str, ref_model: nn.Module | None = None,
-                    chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """(sum log pi_ref (rows,), token counts (rows,)) of `batch`'s completions, without gradients."""
-    if mode == "copy":
-        if ref_model is None:
-            raise ValueError("reference mode 'copy' needs a reference model")
-        return completion_logps(ref_model, batch, chunk_size)
-    if mode == "adapter_off":
-        with reference_off(model):
-            return completion_logps(model, batch, chunk_size)
-    raise ValueError(f"reference_logps cannot compute mode {mode!r} on the fly")
+    if mode == "auto":
+        if reference_free:
+            mode = "none"
+        elif cache_dir is not None:
+            mode = "precomputed"
+        else:
+            mode = "adapter_off" if can_switch_off(model) and ref_model is None else "copy"
+    if mode not in supports:
+        raise ValueError(f"{owner or 'this trainer'} supports reference {' or '.join(map(repr, supports))}, not "
+                         f"{mode!r}")
+    if mode == "adapter_off" and not can_switch_off(model):
+        others = [repr(m) for m in supports if m in ("copy", "precomputed")]
+        raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned model "
+                         f"has none: use reference {' or '.join(others)}, or pass ref_model (a frozen reference)")
+    if mode == "copy" and ref_model is None:
+        ref_model = make_copy() if make_copy is not None else frozen_copy(model)
+    keep = ref_model if mode in ("copy", "precomputed") else None
+    return Reference(mode, keep, chunk_size=chunk_size, cache_dir=cache_dir if mode == "precomputed" else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,7 +253,9 @@ def _label(model: nn.Module, ref_model: nn.Module | None) -> str:
 
 def _compute(model: nn.Module, dataset: list, collator: Callable, batch_size: int, device: torch.device,
              paired: bool, ref_model: nn.Module | None, chunk_size: int) -> dict[str, Tensor]:
-    mode = _label(model, ref_model)
+    # the reference as labelled in the cache key; "policy" (full finetuning before training): the policy itself
+    reference = Reference("adapter_off", chunk_size=chunk_size) if _label(model, ref_model) == "adapter_off" else \
+        Reference("copy", ref_model if ref_model is not None else model, chunk_size=chunk_size)
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
@@ -150,12 +263,7 @@ def _compute(model: nn.Module, dataset: list, collator: Callable, batch_size: in
         for s in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            if mode == "policy":  # full finetuning before training: the policy IS the reference
-                with torch.no_grad():
-                    logps, _ = completion_logps(model, batch, chunk_size)
-            else:
-                logps, _ = reference_logps(model, batch, mode, ref_model, chunk_size)
-            logps = logps.float().cpu()
+            logps = reference.logps(model, batch).float().cpu()
             if paired:
                 B = logps.shape[0] // 2
                 chosen.append(logps[:B])
@@ -225,5 +333,5 @@ class ReferenceCollator:
         return batch
 
 
-__all__ = ["MODES", "ReferenceCollator", "attach_reference", "cache_key", "data_fingerprint", "frozen_copy",
-           "load_or_compute", "model_fingerprint", "reference_logps", "resolve_mode", "tokenizer_fingerprint"]
+__all__ = ["HasReference", "MODES", "Reference", "ReferenceCollator", "attach_reference", "build_reference", "cache_key",
+           "data_fingerprint", "frozen_copy", "load_or_compute", "model_fingerprint", "tokenizer_fingerprint"]

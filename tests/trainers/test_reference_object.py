@@ -1,0 +1,125 @@
+"""The one `Reference` object: every mode gives the log-probs of an independently computed reference (a base
+model loaded separately from disk, scored with the full (B, T, V) logits), and the online loop's per-token path
+and the offline trainers' per-sequence path agree on the same rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignkit.models.loading import load_model
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+from alignkit.online.rollout import sequence_sums
+from alignkit.trainers import KTOTrainer, PreferenceTrainer, build_reference, completion_logps
+
+from .conftest import fast_args
+
+
+def _naive(model, batch):
+    """(rows,) summed completion log-probs from the FULL logits: log_softmax, gather, mask (right padding)."""
+    ids, att = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits.float()  # (B, T, V)
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return (logp * (batch["completion_mask"][:, 1:] * att[:, 1:])).sum(-1)
+
+
+def _perturb(model, scale=0.2):
+    """Move every trainable parameter, so that the policy is no longer its reference."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _close(a, b):
+    torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=2e-4)
+
+
+@pytest.fixture
+def pairs(features, collators):
+    return collators["preference"](features["preference"][:4])  # 8 rows: 4 chosen, then 4 rejected
+
+
+@pytest.mark.parametrize("kind", ["lora", "reft", "reft+lora"])
+def test_adapter_off_is_the_base_model(kind, make_model, tiny_dir, pairs):
+    policy = make_model(kind)
+    ref = build_reference(policy)
+    assert ref.mode == "adapter_off" and ref.model is None
+    _perturb(policy)
+    want = _naive(load_model(tiny_dir("llama")), pairs)  # the base, loaded on its own
+    with torch.no_grad():
+        assert (completion_logps(policy, pairs)[0] - want).abs().max() > 1e-2  # the policy itself differs
+    _close(ref.logps(policy, pairs), want)
+
+
+def test_copy_is_the_initial_model_and_a_passed_model_is_used(make_model, tiny_dir, pairs):
+    policy = make_model("full")
+    ref = build_reference(policy).place("cpu")
+    assert ref.mode == "copy" and not any(p.requires_grad for p in ref.model.parameters())
+    _perturb(policy, 0.02)  # full finetuning: every weight moves; the copy keeps the initial ones
+    base = load_model(tiny_dir("llama"))
+    want = _naive(base, pairs)
+    assert (_naive(policy, pairs) - want).abs().max() > 1e-2
+    _close(ref.logps(policy, pairs), want)
+
+    other = load_model(tiny_dir("llama"))
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    passed = build_reference(make_model("lora"), ref_model=other)  # "auto" with a model: that model
+    assert passed.mode == "copy" and passed.model is other
+    _close(passed.logps(policy, pairs), _naive(other, pairs))
+
+
+def test_precomputed_gives_the_cached_base_values(make_model, tiny_dir, features, collators, tokenizer, tmp_path):
+    policy = make_model("lora")
+    _perturb(policy)
+    ref = build_reference(policy, cache_dir=tmp_path / "cache")
+    assert ref.mode == "precomputed"
+    feats, col = features["preference"], collators["preference"]
+    data = ref.cached_dataset(policy, feats, col, "train", tokenizer=tokenizer, batch_size=3)
+    assert (tmp_path / "cache" / "train.safetensors").is_file()
+    batch = ref.collator(col)(data[:4])
+    del policy  # the values come from the batch, not from a model
+    _close(ref.logps(None, batch), _naive(load_model(tiny_dir("llama")), col(feats[:4])))
+
+
+def test_none_and_refusals(make_model, pairs):
+    lora, full = make_model("lora"), make_model("full")
+    assert build_reference(lora, reference_free=True).logps(lora, pairs) is None
+    with pytest.raises(ValueError, match="needs an adapter"):
+        build_reference(full, "adapter_off")
+    with pytest.raises(ValueError, match="KTOTrainer supports reference 'adapter_off' or 'copy', not 'precomputed'"):
+        build_reference(lora, "precomputed", cache_dir="x", supports=("adapter_off", "copy"), owner="KTOTrainer")
+    with pytest.raises(ValueError, match="per-sequence sums"):
+        build_reference(lora, cache_dir="x").logps(lora, pairs, score=lambda m, b: b["input_ids"])
+
+
+def _zero(prompts, responses, **kw):
+    return [0.0] * len(responses)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_online_and_offline_paths_agree(kind, make_model, tiny_dir, tokenizer, features, collators, pairs, tmp_path):
+    """The same rows through the online loop's reference (per-token, summed) and the offline DPO and KTO
+    trainers' (per-sequence) equal the separately loaded base model's log-probs."""
+    policy = make_model(kind)
+    online = GRPOTrainer(policy, tokenizer, ["a", "b"], {"type": "function", "fn": _zero},
+                         GRPOConfig(steps=1, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2)))
+    dpo = PreferenceTrainer(policy, fast_args(tmp_path), train_dataset=features["preference"],
+                            data_collator=collators["preference"])
+    kto = KTOTrainer(policy, fast_args(tmp_path), train_dataset=features["unpaired"],
+                     data_collator=collators["unpaired"])
+    assert online.reference_mode == dpo.reference_mode == kto.reference_mode == (
+        "copy" if kind == "full" else "adapter_off")
+    _perturb(policy, 0.02 if kind == "full" else 0.2)
+    want = _naive(load_model(tiny_dir("llama")), pairs)
+    rows = {k: pairs[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    per_token = online.reference.logps(online.policy, rows, online.reference_token_logps)  # (2B, T-1)
+    mask = (rows["completion_mask"][:, 1:] & rows["attention_mask"][:, 1:]).bool()
+    _close(sequence_sums(per_token, mask), want)
+    _close(dpo.reference.logps(policy, pairs), want)
+    _close(kto.reference.logps(policy, pairs), want)
