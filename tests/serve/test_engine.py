@@ -282,3 +282,11 @@ def test_an_adapter_trained_on_another_base_is_refused_at_load(serve_dirs, tmp_p
     other = save_tiny(tmp_path / "other-base", "llama", hidden_size=64, num_layers=2, seed=7)
     with pytest.raises(ValueError, match=r"terse: this adapter was trained on a different base model"):
         load_stack(other, {"terse": serve_dirs["adapters"]["terse"]})
+
+
+def test_serve_stops_where_generation_does(serve_stack):
+    """The engine's ends are training-time generation's: EOS and the chat template's turn end (tests/online/test_turn_end.py)."""
+    from alignkit.serve.engine import default_end_ids
+
+    tok = serve_stack.tokenizer
+    assert default_end_ids(serve_stack) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})

@@ -109,6 +109,29 @@ def plain(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Form
                      ends_turn=False)
 
 
+_TURN_PROBE = "alignkitTurnEndProbe"
+
+
+def turn_end_ids(tokenizer: Any) -> list[int]:
+    """The special token a tokenizer's chat template closes an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`, ...), read from the template itself; [] without a template, or when what follows the turn is
+    not a special token. A model trained through the chat template ends its answers with this token and no EOS
+    (`ends_turn`), so generation must stop on it as on EOS."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return []
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(conv, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render this probe: EOS alone ends generation
+        logger.debug("chat template could not render the turn-end probe (%s): no turn-end token", e)
+        return []
+    at = text.rfind(_TURN_PROBE)
+    if at < 0:
+        return []
+    rest = tokenizer(text[at + len(_TURN_PROBE):], add_special_tokens=False)["input_ids"]
+    return [int(rest[0])] if rest and rest[0] in set(tokenizer.all_special_ids) else []
+
+
 def resolved_formatter(prompt: Prompt, formatter: str = "auto") -> str:
     """The formatter `format_record` applies to `prompt` ("auto": chat-template for conversations, plain for text)."""
     if formatter == "auto":

@@ -46,7 +46,7 @@ from transformers import GenerationConfig
 
 from alignkit.adapters import unwrap_lm
 from alignkit.compat import cache_keyword
-from alignkit.data.chat import format_record
+from alignkit.data.chat import format_record, turn_end_ids
 from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
@@ -123,10 +123,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig) -> list[int]:
-    """EOS ids of the model's generation config and the tokenizer, plus `cfg.stop_token_ids`."""
+    """EOS ids of the model's generation config and the tokenizer, the chat template's turn-end token
+    (`data.chat.turn_end_ids`: a model trained through the template ends its answers with it, not EOS), plus
+    `cfg.stop_token_ids`."""
     ids: list[int] = []
     gen = getattr(model, "generation_config", None)
-    for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, list(cfg.stop_token_ids)):
+    for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, turn_end_ids(tokenizer),
+              list(cfg.stop_token_ids)):
         for i in ([v] if isinstance(v, int) else (v or [])):
             if i not in ids:
                 ids.append(int(i))

@@ -50,6 +50,8 @@ from transformers import DynamicCache
 from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
 from alignkit.models.rope import trained_context
+from alignkit.online.generation import end_token_ids
+from alignkit.settings.sampling import SamplingConfig
 from alignkit.serve.stack import Route, Stack
 
 logger = logging.getLogger(__name__)
@@ -505,18 +507,9 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 
 
 def default_end_ids(stack: Stack) -> list[int]:
-    """EOS of the tokenizer and the generation config, plus end-of-turn tokens a chat template uses."""
-    tok = stack.tokenizer
-    ids: list[int] = []
-    gen = getattr(unwrap_lm(stack.model), "generation_config", None)
-    for v in (getattr(gen, "eos_token_id", None), tok.eos_token_id):
-        for i in ([v] if isinstance(v, int) else (v or [])):
-            ids.append(int(i))
-    vocab = tok.get_vocab()
-    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        if t in vocab and t in (tok.all_special_tokens or []) + list(getattr(tok, "additional_special_tokens", []) or []):
-            ids.append(int(vocab[t]))
-    return sorted(set(ids))
+    """EOS of the tokenizer and the generation config, plus the chat template's turn-end token: the same ends as
+    training-time generation (`online.generation.end_token_ids`)."""
+    return sorted(set(end_token_ids(unwrap_lm(stack.model), stack.tokenizer, SamplingConfig())))
 
 
 class EngineStats:
