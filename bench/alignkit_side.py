@@ -9,7 +9,8 @@ needs cannot be imported (the trainers are being written), the task writes a "sk
 so, and run_cpu.py shows the row as missing. See bench/README.md ("alignkit_side.py interface").
 
 alignkit's speed knobs: precision "default" = float32 (alignkit never turns bf16 on by itself),
-grad-ckpt "default" = off, --padding-free = the trainers' `padding_free=True` (SFT, DPO, ReFT-SFT),
+grad-ckpt "default" = off, --padding-free = the trainers' `padding_free=True` (SFT, DPO, ReFT-SFT; without it the trainers' default
+`padding_free=None`, which packs on sdpa: same examples per batch, `alignkit.trainers.packing`),
 --group-by-length = `group_by_length=True` (length-grouped sampler), --precompute-ref = DPO with
 `reference_cache_dir` (reference log-probs computed once at construction, before timing starts),
 --share-prompt = RM / DPO with `share_prompt=True` (one row per pair, the prompt run once).
@@ -70,8 +71,8 @@ def _model(args, task: str = "causal_lm"):
 
 
 def _knobs(args) -> dict:
-    """Trainer keyword arguments of the speed knobs."""
-    return {"padding_free": bool(args.padding_free), "group_by_length": bool(args.group_by_length)}
+    """Trainer keyword arguments of the speed knobs; padding_free None = the trainer's default (on where faster)."""
+    return {"padding_free": True if args.padding_free else None, "group_by_length": bool(args.group_by_length)}
 
 
 def _train(args, trainer, meter_module, extra: dict | None = None) -> dict:
@@ -79,8 +80,9 @@ def _train(args, trainer, meter_module, extra: dict | None = None) -> dict:
     trainer.add_callback(common.trainer_callback(meter))
     trainer.train()
     eff = {"effective": {"gradient_checkpointing": args.grad_ckpt == "on", "bf16": args.precision == "bf16",
-                         "padding_free": bool(args.padding_free), "group_by_length": bool(args.group_by_length),
-                         "share_prompt": bool(args.share_prompt),
+                         "padding_free": bool(getattr(trainer, "padding_free", args.padding_free)),
+                         "group_by_length": bool(args.group_by_length),
+                         "share_prompt": bool(getattr(trainer, "share_prompt", args.share_prompt)),
                          "max_length": args.max_length}}
     return common.finish(args, "alignkit", meter, {**eff, **(extra or {})}, libs=("alignkit", "accelerate"))
 
@@ -95,14 +97,13 @@ def run_sft(args, tok) -> dict:
 
 
 def run_rm(args, tok) -> dict:
-    if args.padding_free:
-        common.skip(args, "alignkit", "padding-free reward modeling is not offered")
     (RewardTrainer,) = _import(args, "alignkit.trainers", "RewardTrainer")
     (PreferenceCollator,) = _import(args, "alignkit.data", "PreferenceCollator")
     model = _model(args, task="classifier")
     trainer = RewardTrainer(model, _training_args(args, "alignkit_rm"), train_dataset=_tokenized(args, "pref", tok),
                             data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok,
-                            group_by_length=bool(args.group_by_length), share_prompt=bool(args.share_prompt))
+                            group_by_length=bool(args.group_by_length), share_prompt=True if args.share_prompt else None,
+                            padding_free=True if args.padding_free else None)
     return _train(args, trainer, model)
 
 
@@ -116,7 +117,7 @@ def run_dpo(args, tok) -> dict:
     trainer = PreferenceTrainer(model, _training_args(args, "alignkit_dpo"), loss_type="sigmoid", beta=0.1,
                                 train_dataset=_tokenized(args, "pref", tok), reference_cache_dir=cache,
                                 data_collator=PreferenceCollator(tok.pad_token_id), processing_class=tok,
-                                share_prompt=bool(args.share_prompt), **_knobs(args))
+                                share_prompt=True if args.share_prompt else None, **_knobs(args))
     return _train(args, trainer, model, {"reference": trainer.reference_mode})
 
 

@@ -32,7 +32,10 @@ SCRIPTS = {("trl", "sft"): "peers/trl_sft.py", ("trl", "rm"): "peers/trl_rm.py",
 
 # The settings each library runs at. "default": speed knobs left alone (TRL 1.16's own defaults are
 # gradient checkpointing ON and bf16 autocast ON, even on CPU; alignkit's are checkpointing off, float32,
-# padded batches in random order, reference model run every step). "fastest": each library's best knobs
+# batches in random order, reference model run every step, and since 2026-12-01 the layout defaults
+# `padding_free=None` / `share_prompt=None`: on sdpa each batch's sequences (SFT, ReFT) or shared-prompt pairs
+# (RM, DPO) run as one packed row through alignkit.models.varlen: the same examples per batch, values equal to
+# the padded batch up to float rounding). "fastest": each library's best knobs
 # for the task: TRL checkpointing off + float32 (bf16 autocast on a CPU this small costs casts and buys
 # nothing), padding-free for SFT (TRL 1.16 switches it off for DPO), precomputed reference for DPO;
 # alignkit length-grouped batches (all tasks), precomputed reference (DPO) and the shared-prompt layout

@@ -94,8 +94,9 @@ def test_padding_free_only_where_supported():
 
     base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", "train.padding_free=true"]
     assert load_config(None, base + ["train.group_by_length=true"], command="dpo").train["padding_free"]
-    with pytest.raises(ConfigError, match=r"train\.padding_free: not available for rm"):
-        load_config(None, base, command="rm")
+    assert load_config(None, base, command="rm").train["padding_free"]
+    with pytest.raises(ConfigError, match=r"train\.padding_free: not available for kto"):
+        load_config(None, base, command="kto")
 
 
 def test_share_prompt_only_for_rm_and_dpo_and_passed_to_the_trainer():

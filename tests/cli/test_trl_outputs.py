@@ -132,6 +132,7 @@ def test_token_accuracy_logits_and_num_tokens_by_hand(tiny_dir, tmp_path):
     from transformers import TrainingArguments
 
     from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.data import PreferenceCollator, SFTCollator
     from alignkit.trainers import DPOTrainer, SFTTrainer
 
     path = tiny_dir("llama")
@@ -143,9 +144,10 @@ def test_token_accuracy_logits_and_num_tokens_by_hand(tiny_dir, tmp_path):
                              learning_rate=0.0)
     model = load_model(path)
     sft = SFTTrainer(model, args, train_dataset=rows, processing_class=tok)
-    batch = sft.data_collator([sft.train_dataset[i] for i in range(4)])
-    out = sft.objective(model, batch)
-    with torch.no_grad():  # independent: full logits, argmax at the positions whose next token is a completion token
+    feats = [sft.train_dataset[i] for i in range(4)]
+    out = sft.objective(model, sft.data_collator(feats))  # the trainer's own layout (padding-free by default on sdpa)
+    batch = SFTCollator(tok.pad_token_id)(feats)  # independent: padded rows through the model's own forward
+    with torch.no_grad():  # full logits, argmax at the positions whose next token is a completion token
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
     m = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()
     hits = (logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:])[m]
@@ -156,8 +158,9 @@ def test_token_accuracy_logits_and_num_tokens_by_hand(tiny_dir, tmp_path):
 
     pairs = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " a green plum."}] * 2
     dpo = DPOTrainer(model, args, train_dataset=pairs, processing_class=tok, reference="none", loss_type="simpo")
-    batch = dpo.data_collator([dpo.train_dataset[i] for i in range(2)])
-    out = dpo.objective(model, batch)
+    feats = [dpo.train_dataset[i] for i in range(2)]
+    out = dpo.objective(model, dpo.data_collator(feats))
+    batch = PreferenceCollator(tok.pad_token_id)(feats)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     m = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()

@@ -140,7 +140,10 @@ def test_attention_is_block_diagonal(tiny_lm):
 def test_padding_free_switch_swaps_collators(make_model, features, tokenizer, tmp_path):
     sft = SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
                      data_collator=SFTCollator(tokenizer.pad_token_id), padding_free=True)
-    assert isinstance(sft.data_collator, PackedSFTCollator) and sft.data_collator.row_length == "longest"  # sdpa
+    assert isinstance(sft.data_collator, PackedSFTCollator) and sft.data_collator.row_length is None  # sdpa: varlen
+    ckpt = SFTTrainer(make_model("lora"), fast_args(tmp_path, activation_checkpointing=True),
+                      train_dataset=features["sft"], data_collator=SFTCollator(tokenizer.pad_token_id), padding_free=True)
+    assert ckpt.data_collator.row_length == "longest"  # checkpointed sdpa: block-diagonal rows of the longest
     dpo = PreferenceTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["preference"],
                             padding_free=True)
     assert isinstance(dpo.data_collator, PackedPreferenceCollator)

@@ -83,15 +83,15 @@ def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str,
 
 
 def batching_kwargs(command: str, train: dict[str, Any]) -> dict[str, Any]:
-    """`train.padding_free` / `train.group_by_length` / `train.share_prompt` as trainer arguments (padding-free: SFT
-    and DPO trainers; shared prompt: RM and DPO trainers)."""
+    """`train.padding_free` / `train.group_by_length` / `train.share_prompt` as trainer arguments (padding-free: SFT,
+    DPO and RM trainers, None leaving the trainer's default; shared prompt: RM and DPO trainers)."""
     out: dict[str, Any] = {}
-    if train.get("padding_free"):  # the config refused it for rm / kto
-        out["padding_free"] = True
+    if train.get("padding_free") is not None and command in ("sft", "dpo", "rm"):  # the config refused True for kto
+        out["padding_free"] = bool(train["padding_free"])  # None: the trainer's default (on where faster)
     if train.get("group_by_length"):
         out["group_by_length"] = True
-    if train.get("share_prompt"):  # the config refused it outside rm / dpo
-        out["share_prompt"] = True
+    if train.get("share_prompt") is not None and command in ("rm", "dpo"):  # the config refused True elsewhere
+        out["share_prompt"] = bool(train["share_prompt"])  # None: the trainer's default (on where faster)
     return out
 
 

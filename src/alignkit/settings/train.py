@@ -53,9 +53,11 @@ TRAIN_KEYS: dict[str, tuple[Any, str]] = {
     "bf16": (bool, "bf16 mixed precision"),
     "fp16": (bool, "fp16 mixed precision (GPU)"),
     # alignkit's own (not TrainingArguments fields), offline only
-    "padding_free": (bool, "pack each batch's sequences in rows without padding (TRL's padding_free; sft, dpo)"),
+    "padding_free": (bool | None, "pack each batch's sequences in rows without padding (TRL's padding_free; sft, "
+                                  "dpo, rm); null: on where it is faster (sdpa attention, no checkpointing)"),
     "group_by_length": (bool, "batches of similar lengths (LengthGroupedSampler)"),
-    "share_prompt": (bool, "one row per preference pair, the prompt run once (rm, dpo; sdpa/eager, no ReFT)"),
+    "share_prompt": (bool | None, "one row per preference pair, the prompt run once (rm, dpo; sdpa/eager, no ReFT); "
+                                  "null: on where it is faster (sdpa attention, no checkpointing, no ReFT)"),
     "compile": (bool | dict[str, Any], "true or torch.compile options: compile each decoder layer (regional)"),
 }
 
@@ -89,7 +91,7 @@ OFFLINE_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "lr_scheduler_type": "linear",
     "warmup_steps": 0, "logging_steps": 500, "eval_strategy": "no", "eval_steps": None, "save_total_limit": None,
     "gradient_checkpointing": None, "bf16": False, "fp16": False,
-    "padding_free": False, "group_by_length": False, "share_prompt": False, "compile": False,
+    "padding_free": None, "group_by_length": False, "share_prompt": None, "compile": False,
 }
 
 # The online trainers' defaults, in train's vocabulary (checked against alignkit.online's config classes by a test).
@@ -157,8 +159,8 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     if command in ONLINE_COMMANDS and isinstance(train.get("max_steps"), int) and train["max_steps"] < 1:
         raise ConfigError(f"{where}.max_steps: {train['max_steps']} is out of range; it must be >= 1 for {command} "
                           "(online runs count steps, not epochs)")
-    if train.get("padding_free") and command not in ("sft", "dpo"):
-        raise ConfigError(f"{where}.padding_free: not available for {command} (only sft and dpo); remove it")
+    if train.get("padding_free") and command not in ("sft", "dpo", "rm"):
+        raise ConfigError(f"{where}.padding_free: not available for {command} (only sft, dpo and rm); remove it")
     if train.get("share_prompt") and command not in ("rm", "dpo"):
         raise ConfigError(f"{where}.share_prompt: not available for {command} (only rm and dpo); remove it")
     if train.get("share_prompt") and train.get("padding_free"):

@@ -55,12 +55,15 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
             kwargs["data_collator"] = cls(pad_id)
 
 
-def packed_collator(collator: Any, model: nn.Module, paired: bool) -> Any:
+def packed_collator(collator: Any, model: nn.Module, paired: bool, checkpointing: bool = False) -> Any:
     """The padding-free collator for `padding_free=True`: the packed version of `collator` (or a new one), one
-    row for flash-attention (varlen kernels), rows of the batch's longest sequence otherwise (sdpa / eager
-    attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
+    row for flash-attention and for sdpa models that run `alignkit.models.varlen` (varlen kernels / attention
+    per sequence), rows of the batch's longest sequence otherwise (eager, or sdpa under activation
+    checkpointing, attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
+    from alignkit.trainers.packing import varlen_rows
+
     impl = attn_implementation(unwrap_lm(model).config)
-    row_length = None if "flash" in impl else "longest"
+    row_length = None if "flash" in impl or varlen_rows(model, checkpointing) else "longest"
     if collator is None:
         return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
     return packed_version(collator, row_length)

@@ -46,6 +46,7 @@ from alignkit.compat import attn_implementation, check_logits_skipped
 from alignkit.distributed import is_zero3_partitioned
 from alignkit.interventions.positions import prompt_spans, prompt_spans_from_mask
 from alignkit.losses import chunked_lm_logprobs
+from alignkit.models import varlen
 from alignkit.adapters import unwrap_lm, unwrap_parallel
 
 
@@ -148,6 +149,8 @@ def forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
             cu = batch["cu_seq_lens"].to(batch["input_ids"].device, torch.int32)
             kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=int(batch["max_seq_len"]),
                       max_length_k=int(batch["max_seq_len"]))
+        elif batch["input_ids"].shape[0] == 1 and varlen.usable(unwrap_lm(model)):  # sdpa: varlen_sdpa_attention
+            kw[varlen.LAYOUT_KEY] = varlen.varlen_layout(batch["sequence_length"])
     loc = batch_locations(model, batch)
     if loc is not None:
         kw["intervention_locations"] = loc
@@ -192,6 +195,52 @@ def shared_forward_kwargs(model: nn.Module, batch: dict[str, Any]) -> dict[str, 
     return {"input_ids": ids, "position_ids": batch["shared_position_ids"], "attention_mask": mask}
 
 
+def shared_varlen_kwargs(batch: dict[str, Any]) -> tuple[dict[str, Any], Tensor]:
+    """A shared-prompt batch's (G, S) rows packed into ONE row without their padding, with the varlen layout of
+    its groups (`alignkit.models.varlen.shared_varlen_layout`: each member attends over the prompt and its own
+    tokens): (model inputs, (B, T) index of each padded-layout token in the packed row)."""
+    seg = batch["shared_segment_ids"]  # (G, S): -1 prefix, k member k, -2 padding
+    G, S = seg.shape
+    groups, lengths = [], []
+    for row in seg.tolist():
+        P = row.count(-1)
+        members = [row.count(k) for k in range(max(row) + 1)] if max(row) >= 0 else [0]
+        groups.append((P, members))
+        lengths.append(P + sum(members))
+    valid = seg != -2
+    ids = batch["shared_input_ids"][valid][None]  # (1, N): each row's tokens, padding dropped
+    pos = batch["shared_position_ids"][valid.to(batch["shared_position_ids"].device)][None]
+    n = torch.tensor(lengths, device=batch["shared_index"].device)
+    offsets = torch.cumsum(n, 0) - n  # (G,)
+    idx = batch["shared_index"]  # (B, T) into the flattened (G * S) rows; padding points at a row's first token
+    index = offsets[torch.div(idx, S, rounding_mode="floor")] + idx % S
+    kw = {"input_ids": ids, "position_ids": pos, varlen.LAYOUT_KEY: varlen.shared_varlen_layout(groups)}
+    return kw, index
+
+
+def shared_states(model: nn.Module, batch: dict[str, Any], extra: dict[str, Any], what: str) -> tuple[Tensor, Any]:
+    """((B, T, d) final hidden states of a shared-prompt batch in its padded layout, the model's output): the
+    shared rows packed in one row through varlen attention (`shared_varlen_kwargs`) where the model runs it
+    (`alignkit.trainers.packing.varlen_rows`), else the (G, S) rows with their 4D mask."""
+    from alignkit.trainers.packing import varlen_rows
+
+    if getattr(unwrap_parallel(model), "span_locations", None) is None and varlen_rows(model):
+        kw, index = shared_varlen_kwargs(batch)
+        h, out = backbone_output(model, {**kw, **extra}, what)
+        return h.reshape(-1, h.shape[-1])[index], out
+    h, out = backbone_output(model, {**shared_forward_kwargs(model, batch), **extra}, what)
+    return unshare(h, batch), out
+
+
+def call_model(model: nn.Module, kwargs: dict[str, Any]) -> Any:
+    """`model(**kwargs)`; a packed row with a varlen layout (`forward_kwargs` on sdpa) runs with
+    `alignkit.models.varlen.varlen_attention`, so its linear layers see the real tokens only."""
+    if varlen.LAYOUT_KEY not in kwargs:
+        return model(**kwargs)
+    with varlen.varlen_attention(unwrap_lm(model)):
+        return model(**kwargs)
+
+
 def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "completion_logps") -> tuple[Tensor, Any]:
     """(final hidden states of the backbone (after its final norm), the model's output) of `model(**kwargs)`,
     captured by a temporary forward hook on the backbone."""
@@ -207,7 +256,7 @@ def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "compl
 
     handle = backbone.register_forward_hook(hook)
     try:
-        out = model(**kwargs)
+        out = call_model(model, kwargs)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -220,10 +269,13 @@ def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     batch (`is_shared`) runs its (G, S) shared rows and returns their states in the padded (B, T) layout."""
     # an empty (0,) index: the model's own head projects no position (B, 0, V); ours runs on completions only
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
-    kw = shared_forward_kwargs(model, batch) if is_shared(batch) else forward_kwargs(model, batch)
-    h, out = backbone_output(model, {**kw, "logits_to_keep": none, "use_cache": False})
+    extra = {"logits_to_keep": none, "use_cache": False}
+    if is_shared(batch):
+        h, out = shared_states(model, batch, extra, "share_prompt")
+    else:
+        h, out = backbone_output(model, {**forward_kwargs(model, batch), **extra})
     check_logits_skipped(getattr(out, "logits", None), type(unwrap_lm(model)).__name__)
-    return unshare(h, batch) if is_shared(batch) else h
+    return h
 
 
 def unshare(h: Tensor, batch: dict[str, Any]) -> Tensor:
@@ -293,7 +345,7 @@ def _zero3_logps(model: nn.Module, batch: dict[str, Any], mask: Tensor, rows: Te
     (B, K, V) logits, more memory than the chunked head, same values (the model's own logit scaling and
     soft-capping included); DeepSpeed gathers the head and routes its gradient as for any module."""
     keep = mask.any(0).nonzero(as_tuple=True)[0]  # (K,) columns t whose next token is scored
-    out = model(**forward_kwargs(model, batch), logits_to_keep=keep, use_cache=False)
+    out = call_model(model, {**forward_kwargs(model, batch), "logits_to_keep": keep, "use_cache": False})
     logits = out.logits[rows, torch.searchsorted(keep, cols)].float()  # (N, V)
     logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
     if stats is not None:
@@ -324,6 +376,6 @@ def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 
     return token.sum(-1), mask.sum(-1)
 
 
-__all__ = ["backbone_output", "batch_locations", "completion_logps", "completion_token_logps", "final_hidden_states",
+__all__ = ["backbone_output", "batch_locations", "call_model", "completion_logps", "completion_token_logps", "final_hidden_states",
            "forward_kwargs", "is_packed", "is_shared", "packed_prompt_spans", "prompt_locations", "prompt_spans",
-           "shared_attention_mask", "shared_forward_kwargs", "unshare"]
+           "shared_attention_mask", "shared_forward_kwargs", "shared_states", "shared_varlen_kwargs", "unshare"]

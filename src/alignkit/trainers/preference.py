@@ -24,6 +24,7 @@ from torch import nn
 from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceParams, preference_loss
 from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import completion_logps
+from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
@@ -41,12 +42,16 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         ref_model: the frozen reference to use ("auto" then means "copy"; default: a copy of the model at construction).
         reference_cache_dir: where precomputed reference log-probs are cached (implies "precomputed").
         padding_free: pack the 2B sequences of each batch into one row without padding (`PackedPreferenceCollator`;
-            masking in `alignkit.trainers.logps`). Same losses as padded batches.
+            masking in `alignkit.trainers.logps`). Same losses as padded batches up to float rounding. None
+            (default): on where it is faster (sdpa through `alignkit.models.varlen`, no activation checkpointing,
+            alignkit's PreferenceCollator or none, share_prompt off; `alignkit.trainers.packing`), off elsewhere.
         share_prompt: run each pair as ONE row, the chosen sequence then the rejected one without their common
             prefix (the prompt), with a mask that hides the chosen tokens from the rejected ones
             (`alignkit.data.collators.shared_prompt_layout`): the prompt goes through the model once instead of
             twice. Same log-probs and losses as padded batches up to float rounding; sdpa / eager attention,
-            no ReFT, not with padding_free.
+            no ReFT, not with padding_free. None (default): on where the shared rows run as one varlen row
+            (sdpa, no activation checkpointing, no ReFT, alignkit's right-padded PreferenceCollator or none;
+            `alignkit.trainers.packing.resolve_share_prompt`).
         group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).
     """
 
@@ -59,13 +64,17 @@ class PreferenceTrainer(HasReference, AlignTrainer):
                  loss_weights: Sequence[float] | None = None, beta: float = 0.1,
                  params: PreferenceParams | None = None, reference: str = "auto", ref_model: nn.Module | None = None,
                  reference_cache_dir: str | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
-                 padding_free: bool = False, share_prompt: bool = False, **kwargs: Any) -> None:
+                 padding_free: bool | None = None, share_prompt: bool | None = None, **kwargs: Any) -> None:
         if padding_free and share_prompt:
             raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+        share_prompt = resolve_share_prompt(share_prompt, padding_free, model, args, kwargs.get("data_collator"))
+        if padding_free is None:
+            padding_free = not share_prompt and resolve_padding_free(None, model, args, kwargs.get("data_collator"),
+                                                                     paired=True)
         self.padding_free, self.share_prompt = padding_free, share_prompt
         if padding_free:
-            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model,
-                                                      paired=True)
+            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model, paired=True,
+                                                      checkpointing=bool(args.activation_checkpointing))
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         for name in names:
             PREFERENCE_LOSSES[name]  # unknown names fail here, listing the valid ones

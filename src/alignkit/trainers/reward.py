@@ -21,11 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alignkit.data import PreferenceCollator
 from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
-from alignkit.adapters import is_classifier, unwrap_lm
+from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
 from alignkit.trainers.base import AlignTrainer
-from alignkit.trainers.data_prep import shared_prompt_collator
-from alignkit.trainers.logps import backbone_output, is_shared, prompt_locations, shared_forward_kwargs, unshare
+from alignkit.trainers.data_prep import packed_collator, shared_prompt_collator
+from alignkit.trainers.logps import (
+    backbone_output, forward_kwargs, is_packed, is_shared, prompt_locations, shared_states,
+)
+from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -33,6 +37,8 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     batch (`share_prompt`) runs its shared rows and reads each padded row's score as the classifier does."""
     if is_shared(batch):
         return _shared_rewards(model, batch)
+    if is_packed(batch):
+        return _packed_rewards(model, batch)
     kw: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     loc = batch.get("intervention_locations")
     if loc is None and kw["attention_mask"] is not None:
@@ -46,17 +52,45 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return logits[:, 0].float()
 
 
+def _score_head(lm: nn.Module, what: str) -> nn.Module:
+    head = getattr(lm, "score", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{what} reads the reward with the classifier's `score` head; {type(lm).__name__} has "
+                         f"none: train with {what}=False")
+    return head
+
+
+def _packed_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Rewards of a padding-free batch (`PackedPreferenceCollator`): the backbone over the packed rows, and the
+    classifier head at the token transformers' *ForSequenceClassification pools in each sequence alone (its
+    rightmost token that is not the pad token; its first token when all are)."""
+    if getattr(unwrap_parallel(model), "span_locations", None) is not None:
+        raise ValueError("padding-free reward modeling does not support ReFT models (a classifier's positions are "
+                         "placed over the whole padded row); train with padding_free=False")
+    lm = unwrap_lm(model)
+    head = _score_head(lm, "padding_free")
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if cfg.pad_token_id is None:
+        raise ValueError("padding-free reward modeling pools like the padded classifier, which needs a pad token id "
+                         "in the model config; set it, or train with padding_free=False")
+    h, _ = backbone_output(model, {**forward_kwargs(model, batch), "use_cache": False}, "padding_free")
+    ids, pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1).to(h.device)  # (rows*L,)
+    seq = batch["sequence_index"].reshape(-1).to(h.device)  # (rows*L,), -1 on filler
+    R = batch["sequence_length"].shape[0]
+    cand = torch.where((ids.to(h.device) != cfg.pad_token_id) & (seq >= 0), pos, 0)  # offset if not a pad token
+    last = torch.zeros(R + 1, dtype=pos.dtype, device=h.device).scatter_reduce(
+        0, torch.where(seq >= 0, seq, R), cand, reduce="amax")[:R]  # (R,) rightmost non-pad offset
+    pooled = h.reshape(-1, h.shape[-1])[batch["sequence_start"].to(h.device) + last]  # (R, d)
+    return head(pooled.to(head.weight.dtype) if hasattr(head, "weight") else pooled)[:, 0].float()
+
+
 def _shared_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Rewards of a shared-prompt batch: the backbone over the shared rows, each padded row's states gathered
     back (`unshare`), and the classifier head at the token transformers' *ForSequenceClassification pools (the
     rightmost token that is not the pad token; the last column without a pad token id)."""
     lm = unwrap_lm(model)
-    head = getattr(lm, "score", None)
-    if not isinstance(head, nn.Module):
-        raise ValueError(f"share_prompt reads the reward with the classifier's `score` head; {type(lm).__name__} has "
-                         "none: train with share_prompt=False")
-    h, _ = backbone_output(model, {**shared_forward_kwargs(model, batch), "use_cache": False}, "share_prompt")
-    h = unshare(h, batch)  # (rows, T, d)
+    head = _score_head(lm, "share_prompt")
+    h, _ = shared_states(model, batch, {"use_cache": False}, "share_prompt")  # (rows, T, d)
     ids = batch["input_ids"]
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     if cfg.pad_token_id is None:
@@ -73,19 +107,40 @@ class RewardTrainer(AlignTrainer):
 
     `share_prompt=True` (pairwise only): each pair runs as one row, the chosen sequence then the rejected one
     without their common prefix, so the prompt goes through the model once (see `PreferenceTrainer`); the same
-    rewards up to float rounding; sdpa / eager attention, no ReFT."""
+    rewards up to float rounding; sdpa / eager attention, no ReFT. None (default): on where the shared rows run
+    as one varlen row (`alignkit.trainers.packing.resolve_share_prompt`; a PreferenceCollator must be given).
+
+    `padding_free` (pairwise only, no ReFT): the 2B sequences of a batch packed without padding
+    (`PackedPreferenceCollator`), each reward read at the token the padded classifier pools; the same rewards up
+    to float rounding. None (default): on where it is faster (`alignkit.trainers.packing`: sdpa through
+    `alignkit.models.varlen`, no activation checkpointing, alignkit's PreferenceCollator or none, share_prompt
+    off), off elsewhere."""
 
     record_kinds = ("preference", "ranked")
     trl_learning_rate = ("RewardConfig", 1e-4)
 
     def __init__(self, model: nn.Module, args: Any, *, center_rewards_coefficient: float | None = None,
-                 use_margin: bool = True, l2_coefficient: float = 0.0, share_prompt: bool = False,
-                 **kwargs: Any) -> None:
+                 use_margin: bool = True, l2_coefficient: float = 0.0, share_prompt: bool | None = None,
+                 padding_free: bool | None = None, **kwargs: Any) -> None:
         if not is_classifier(model):
             raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
                              f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
+        if padding_free and share_prompt:
+            raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+        lm = unwrap_lm(model)
+        cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        share_prompt = resolve_share_prompt(share_prompt, padding_free, model, args, kwargs.get("data_collator"),
+                                            collator_required=True)
+        if padding_free is None:
+            collator = kwargs.get("data_collator")  # None could mean ranked data: only a given PreferenceCollator
+            padding_free = (not share_prompt and getattr(unwrap_parallel(model), "span_locations", None) is None
+                            and cfg.pad_token_id is not None and type(collator) is PreferenceCollator
+                            and resolve_padding_free(None, model, args, collator, paired=True))
         self.center_rewards_coefficient, self.use_margin = center_rewards_coefficient, use_margin
-        self.l2_coefficient, self.share_prompt = l2_coefficient, share_prompt
+        self.l2_coefficient, self.share_prompt, self.padding_free = l2_coefficient, share_prompt, bool(padding_free)
+        if padding_free:
+            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model, paired=True,
+                                                      checkpointing=bool(args.activation_checkpointing))
         super().__init__(model, args, **kwargs)
         if share_prompt:
             self.data_collator = shared_prompt_collator(self.data_collator)

@@ -18,6 +18,7 @@ from alignkit.losses import SFT_LOSSES, LossOutput
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.data_prep import packed_collator
 from alignkit.trainers.logps import completion_token_logps
+from alignkit.trainers.packing import resolve_padding_free
 
 
 class SFTTrainer(AlignTrainer):
@@ -25,7 +26,10 @@ class SFTTrainer(AlignTrainer):
     position_ids, completion_mask, weight), or padding-free from `PackedSFTCollator`.
 
     padding_free: pack each batch's sequences into one row without padding (the collator is swapped for its
-        packed version; `alignkit.trainers.logps` explains the masking). Same loss as padded batches.
+        packed version; `alignkit.trainers.logps` explains the masking). Same loss as padded batches up to
+        float rounding. None (default): on where it is faster (sdpa attention through
+        `alignkit.models.varlen`, no activation checkpointing, alignkit's SFTCollator or none given;
+        `alignkit.trainers.packing`), off elsewhere.
     group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).
     """
 
@@ -33,12 +37,13 @@ class SFTTrainer(AlignTrainer):
     trl_learning_rate = ("SFTConfig", 2e-5)
 
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "nll", chunk_size: int = 1024,
-                 padding_free: bool = False, **kwargs: Any) -> None:
+                 padding_free: bool | None = None, **kwargs: Any) -> None:
         SFT_LOSSES[loss_type]  # unknown names fail here, listing the valid ones
+        padding_free = resolve_padding_free(padding_free, model, args, kwargs.get("data_collator"), paired=False)
         self.loss_type, self.chunk_size, self.padding_free = loss_type, chunk_size, padding_free
         if padding_free:
-            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model,
-                                                      paired=False)
+            kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model, paired=False,
+                                                      checkpointing=bool(args.activation_checkpointing))
         super().__init__(model, args, **kwargs)
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:

@@ -1,0 +1,76 @@
+"""`padding_free=None` / `share_prompt=None` (the SFT / DPO / RM trainers' defaults): pack when it is faster and
+changes nothing but rounding. SFT packs its sequences; DPO and RM run each pair as one shared-prompt segment of a
+packed row (`resolve_share_prompt`), else pack their 2B sequences.
+
+A padding-free batch holds the same examples as the padded one (the sampler is untouched: the same samples are
+batched together, in the same order); only their layout changes, so losses, gradients and metrics are those of
+the padded batch up to float rounding (tests/trainers/test_varlen.py bounds it: ~1e-7 relative on the loss). It is
+the default where the packed row runs through `alignkit.models.varlen` (sdpa attention, no activation
+checkpointing, an architecture tested with it) with alignkit's own padded collator (or none given); anywhere
+else the default stays the padded batch. `padding_free=True` / `False` decide explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from alignkit.adapters import unwrap_lm, unwrap_parallel
+from alignkit.data import PreferenceCollator, SFTCollator
+from alignkit.models import varlen
+
+logger = logging.getLogger(__name__)
+
+# architectures whose attention receives the forward keywords (tests/trainers/test_varlen.py runs each)
+VARLEN_MODEL_TYPES = frozenset({"llama", "qwen2", "gpt2", "gpt_neox"})
+
+
+def varlen_rows(model: nn.Module, checkpointing: bool = False) -> bool:
+    """True when a packed row of `model` runs through `varlen_sdpa_attention` (see `alignkit.models.varlen`)."""
+    lm = unwrap_lm(model)
+    return (not checkpointing and getattr(lm.config, "model_type", None) in VARLEN_MODEL_TYPES
+            and varlen.usable(lm))
+
+
+def resolve_padding_free(padding_free: bool | None, model: nn.Module, args: Any, collator: Any, paired: bool) -> bool:
+    """`padding_free` as given, or for None: on when the layout is `varlen_rows` and the collator is alignkit's
+    padded one of the right kind (or none given)."""
+    if padding_free is not None:
+        return bool(padding_free)
+    kind = PreferenceCollator if paired else SFTCollator
+    if collator is not None and type(collator) is not kind:
+        return False
+    on = varlen_rows(model, bool(getattr(args, "activation_checkpointing", False)))
+    if on:
+        logger.info("padding-free batches (padding_free=None and sdpa attention): same examples per batch, no "
+                    "padding in the linear layers; padding_free=False keeps padded batches")
+    return on
+
+
+def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, model: nn.Module, args: Any,
+                         collator: Any, collator_required: bool = False) -> bool:
+    """`share_prompt` as given, or for None: on when the shared rows run as one varlen row (`varlen_rows`: the
+    prompt once, no padding, each response attending over the prompt and itself), the model edits no positions
+    (ReFT), padding_free is not asked for and the collator is alignkit's right-padded PreferenceCollator (or none
+    given, unless `collator_required`). Same pairs per batch; values equal to the padded batch up to rounding."""
+    if share_prompt is not None:
+        return bool(share_prompt)
+    if padding_free:
+        return False
+    if collator is None and collator_required:
+        return False
+    if collator is not None and (type(collator) is not PreferenceCollator
+                                 or getattr(collator, "padding_side", "right") != "right"):
+        return False
+    if getattr(unwrap_parallel(model), "span_locations", None) is not None:
+        return False
+    on = varlen_rows(model, bool(getattr(args, "activation_checkpointing", False)))
+    if on:
+        logger.info("shared-prompt rows (share_prompt=None and sdpa attention): each pair's prompt runs once, no "
+                    "padding; share_prompt=False keeps padded batches")
+    return on
+
+
+__all__ = ["VARLEN_MODEL_TYPES", "resolve_padding_free", "resolve_share_prompt", "varlen_rows"]
