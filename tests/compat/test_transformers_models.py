@@ -109,6 +109,37 @@ def test_custom_4d_mask_is_used_as_given(impl, tiny_dir, arch):
           f"max diff {(shared[4:] - alone[2:]).abs().max().item():.3g}")
 
 
+# M13 -----------------------------------------------------------------------------------------------------
+
+def test_registered_attention_gets_forward_keywords_and_no_mask(lm):
+    """A function registered in `AttentionInterface` and named by `config._attn_implementation` (read at each
+    forward, from the config every layer shares) is called by every layer with the model-forward keywords it was
+    not told about and no mask (no mask function is registered for its name): alignkit.models.varlen."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def probe(module, query, key, value, attention_mask, **kw):
+        seen.append((attention_mask is None, kw.get("alignkit_probe")))
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True,
+                                      **{k: v for k, v in kw.items() if k != "alignkit_probe"})
+
+    where = "alignkit/models/varlen.py:varlen_attention/varlen_sdpa_attention, trainers/packing.py:VARLEN_MODEL_TYPES"
+    with guard(TF, "AttentionInterface.register / config._attn_implementation moved", where):
+        AttentionInterface.register("alignkit_compat_probe", probe)
+        before = lm.config._attn_implementation
+        lm.config._attn_implementation = "alignkit_compat_probe"
+        try:
+            with torch.no_grad():
+                lm(input_ids=IDS[:1], use_cache=False, alignkit_probe="layout")
+        finally:
+            lm.config._attn_implementation = before
+    n = lm.config.num_hidden_layers
+    check(seen == [(True, "layout")] * n, TF, f"{type(lm).__name__}: a registered attention function is not called by "
+          f"every layer with the forward's keywords and no mask (seen {seen}, {n} layers)", where)
+
+
 # M4 ------------------------------------------------------------------------------------------------------
 
 def test_flash_varlen_keyword_names():

@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface
 
 VARLEN_SDPA = "alignkit_varlen_sdpa"
 LAYOUT_KEY = "alignkit_varlen"
@@ -108,8 +109,6 @@ def register() -> None:
     """Register `varlen_sdpa_attention` under VARLEN_SDPA in transformers' AttentionInterface (once)."""
     global _registered
     if not _registered:
-        from transformers import AttentionInterface
-
         AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
         _registered = True
 
@@ -132,6 +131,17 @@ def usable(lm: nn.Module) -> bool:
     return not _checkpointing(lm)
 
 
+# architectures whose attention receives the forward keywords (tests/trainers/test_varlen.py and
+# tests/compat/test_transformers_models.py run each)
+VARLEN_MODEL_TYPES = frozenset({"llama", "qwen2", "gpt2", "gpt_neox"})
+
+
+def runs_varlen(lm: nn.Module, checkpointing: bool = False) -> bool:
+    """True when a packed row of the transformers model `lm` runs through `varlen_sdpa_attention`: a tested
+    architecture (VARLEN_MODEL_TYPES) that is `usable` and not about to checkpoint activations."""
+    return not checkpointing and getattr(lm.config, "model_type", None) in VARLEN_MODEL_TYPES and usable(lm)
+
+
 @contextlib.contextmanager
 def varlen_attention(lm: nn.Module) -> Iterator[None]:
     """While entered, `lm`'s attention is `varlen_sdpa_attention` (its config's `_attn_implementation`, shared by
@@ -146,5 +156,6 @@ def varlen_attention(lm: nn.Module) -> Iterator[None]:
         cfg._attn_implementation = before
 
 
-__all__ = ["LAYOUT_KEY", "VARLEN_SDPA", "VarlenLayout", "register", "shared_varlen_layout", "usable",
+__all__ = ["LAYOUT_KEY", "VARLEN_MODEL_TYPES", "VARLEN_SDPA", "VarlenLayout", "register", "runs_varlen",
+           "shared_varlen_layout", "usable",
            "varlen_attention", "varlen_layout", "varlen_sdpa_attention"]

@@ -22,6 +22,7 @@ from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator, packed_version
 from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
 from alignkit.data.tokenize import TokenizeConfig
+from alignkit.models import varlen
 
 # feature kind (alignkit.data.prepare.feature_kind) -> the collator a trainer uses when none is given
 DEFAULT_COLLATORS = {"sft": SFTCollator, "unpaired": SFTCollator, "preference": PreferenceCollator,
@@ -60,10 +61,8 @@ def packed_collator(collator: Any, model: nn.Module, paired: bool, checkpointing
     row for flash-attention and for sdpa models that run `alignkit.models.varlen` (varlen kernels / attention
     per sequence), rows of the batch's longest sequence otherwise (eager, or sdpa under activation
     checkpointing, attend over a whole row with a block-diagonal mask, so one long row would cost S^2)."""
-    from alignkit.trainers.packing import varlen_rows
-
     impl = attn_implementation(unwrap_lm(model).config)
-    row_length = None if "flash" in impl or varlen_rows(model, checkpointing) else "longest"
+    row_length = None if "flash" in impl or varlen.runs_varlen(unwrap_lm(model), checkpointing) else "longest"
     if collator is None:
         return PackedPreferenceCollator(row_length) if paired else PackedSFTCollator(row_length)
     return packed_version(collator, row_length)

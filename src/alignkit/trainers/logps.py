@@ -221,10 +221,8 @@ def shared_varlen_kwargs(batch: dict[str, Any]) -> tuple[dict[str, Any], Tensor]
 def shared_states(model: nn.Module, batch: dict[str, Any], extra: dict[str, Any], what: str) -> tuple[Tensor, Any]:
     """((B, T, d) final hidden states of a shared-prompt batch in its padded layout, the model's output): the
     shared rows packed in one row through varlen attention (`shared_varlen_kwargs`) where the model runs it
-    (`alignkit.trainers.packing.varlen_rows`), else the (G, S) rows with their 4D mask."""
-    from alignkit.trainers.packing import varlen_rows
-
-    if getattr(unwrap_parallel(model), "span_locations", None) is None and varlen_rows(model):
+    (`alignkit.models.varlen.runs_varlen`), else the (G, S) rows with their 4D mask."""
+    if getattr(unwrap_parallel(model), "span_locations", None) is None and varlen.runs_varlen(unwrap_lm(model)):
         kw, index = shared_varlen_kwargs(batch)
         h, out = backbone_output(model, {**kw, **extra}, what)
         return h.reshape(-1, h.shape[-1])[index], out

@@ -23,15 +23,12 @@ from alignkit.models import varlen
 
 logger = logging.getLogger(__name__)
 
-# architectures whose attention receives the forward keywords (tests/trainers/test_varlen.py runs each)
-VARLEN_MODEL_TYPES = frozenset({"llama", "qwen2", "gpt2", "gpt_neox"})
+VARLEN_MODEL_TYPES = varlen.VARLEN_MODEL_TYPES
 
 
 def varlen_rows(model: nn.Module, checkpointing: bool = False) -> bool:
     """True when a packed row of `model` runs through `varlen_sdpa_attention` (see `alignkit.models.varlen`)."""
-    lm = unwrap_lm(model)
-    return (not checkpointing and getattr(lm.config, "model_type", None) in VARLEN_MODEL_TYPES
-            and varlen.usable(lm))
+    return varlen.runs_varlen(unwrap_lm(model), checkpointing)
 
 
 def resolve_padding_free(padding_free: bool | None, model: nn.Module, args: Any, collator: Any, paired: bool) -> bool:
