@@ -45,6 +45,7 @@ from alignkit.adapters.config import KINDS
 from alignkit.data.chat import PROMPT_FORMAT_FILE
 from alignkit.data.readers.rows import looks_like_hub_id
 from alignkit.files import atomic_write_text, read_jsonl
+from alignkit.settings.tiny import is_tiny
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class ModelCard:
         info = KINDS[kind]
         command = str(self.objective.get("command", ""))
         meta: dict[str, Any] = {"library_name": info.library_name}
-        if self.base_model_id and not self.base_model_id.startswith("tiny:"):
+        if self.base_model_id and not is_tiny(self.base_model_id):
             meta["base_model"] = self.base_model_id
         paths = self.data.get("path")
         paths = [paths] if isinstance(paths, str) else list(paths or [])

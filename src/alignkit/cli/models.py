@@ -19,10 +19,10 @@ from alignkit.adapters.config import ADAPTER_CONFIG_NAME
 from alignkit.data.chat import check_prompt_formats, prompt_formats
 from alignkit.models.efficiency import apply_kernels, check_kernels
 from alignkit.models.loading import load_model, load_tokenizer
-from alignkit.models.tiny import ARCHITECTURES, save_tiny
+from alignkit.models.tiny import save_tiny
 from alignkit.runs import COMPLETE_MARKER, RunFolder, incomplete_reason
 from alignkit.settings import ConfigError, ModelSettings
-from alignkit.settings.sections import TINY_PREFIX
+from alignkit.settings.tiny import is_tiny, tiny_arch
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,9 @@ def resolve_model_path(ms: ModelSettings, run: RunFolder | None, task: str) -> t
     """(folder or id to load, description for the model card). Builds `tiny:<arch>` models: into
     `<run>/base_model` (main process of a run folder), else into a temporary folder of this process's own
     (`adopt_tiny` moves it into the run folder once that exists)."""
-    if not ms.path.startswith(TINY_PREFIX):
+    arch = tiny_arch(ms.path, "model.path")
+    if arch is None:
         return ms.path, ms.path
-
-    arch = ms.path[len(TINY_PREFIX):]
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"model.path: {ms.path!r}: unknown tiny architecture {arch!r}; valid: "
-                          + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
     # every process builds the same seeded model; only the main one writes into the run folder
     if run is not None and run.main:
         folder = run.root / "base_model"
@@ -86,7 +82,7 @@ def _looks_local(path: str) -> bool:
 
 def check_model_folder(path: str, key: str, adapter: bool = False) -> None:
     """A clear error for a model / adapter path that cannot be what the key says (before anything is loaded)."""
-    if path.startswith(TINY_PREFIX) or not _looks_local(path):
+    if is_tiny(path) or not _looks_local(path):
         return
     folder = Path(path).expanduser()
     if not folder.exists():

@@ -19,7 +19,7 @@ from typing import Any
 
 from alignkit.cli.helptext import add_config_arguments, keys_epilog, settable_keys
 from alignkit.settings import ConfigError, dump_config, load_config
-from alignkit.settings.sections import TINY_PREFIX
+from alignkit.settings.tiny import tiny_arch
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +90,10 @@ def resolve_base(cfg: Any) -> tuple[str, str | None]:
     """(base folder, served base name) of a `ServeConfig`; `tiny:<arch>` builds a random tiny model first
     (head_dim 64 for engine=vllm: vLLM's CPU attention needs head_dim >= 64)."""
     base, base_name = cfg.base, cfg.base_name
-    if base.startswith(TINY_PREFIX):
-        from alignkit.models.tiny import ARCHITECTURES, save_tiny
+    arch = tiny_arch(base, "base")
+    if arch is not None:
+        from alignkit.models.tiny import save_tiny
 
-        arch = base[len(TINY_PREFIX):]
-        if arch not in ARCHITECTURES:
-            raise ConfigError(f"base: {base!r}: unknown tiny architecture; valid: "
-                              + ", ".join(TINY_PREFIX + a for a in ARCHITECTURES))
         sizes = {"hidden_size": 128, "num_heads": 2} if cfg.engine == "vllm" else {}
         base = str(save_tiny(tempfile.mkdtemp(prefix=f"alignkit-serve-tiny-{arch}-"), arch, **sizes))
         base_name = base_name or f"tiny-{arch}"

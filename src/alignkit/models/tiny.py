@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerFast, Qwen2Config,
 )
 
+from alignkit.settings.tiny import ARCHITECTURES  # the architectures built here (torch-free: settings check specs)
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|prompter|>", "<|assistant|>", "<|system|>"]
@@ -44,7 +46,6 @@ DEFAULT_CORPUS = [
     "user assistant system human",
 ]
 
-ARCHITECTURES = ("llama", "qwen2", "gpt2", "gpt_neox")
 
 
 def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):

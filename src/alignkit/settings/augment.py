@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.settings.sections import DataSettings, DType
+from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.typed import ConfigError, build
 
 
@@ -56,6 +57,7 @@ class LLMSettings:
         else:
             if self.path is None:
                 raise ConfigError("llm.path: required for kind 'local' (a model folder, or tiny:llama to try it)")
+            tiny_arch(self.path, "llm.path")
             for key in ("base_url", "api_key_env", "requests_per_minute"):
                 if getattr(self, key) is not None:
                     raise ConfigError(f"llm.{key}: only for kind 'openai'")

@@ -17,6 +17,7 @@ import yaml
 
 from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sections import CONFIG_CLASSES, DPOMethod, KTOMethod, SFTMethod, TrainConfig
+from alignkit.settings.tiny import is_tiny, tiny_arch
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
 from alignkit.settings.typed import (ConfigError, build, coerce, merge, parse_overrides, read_yaml,
                                      unknown_key_error, _join)
@@ -62,10 +63,7 @@ def _check_names(cfg: Any) -> None:
         return
     if cfg.data.path is None:
         raise ConfigError("data.path: required; point it at a data file, e.g. bundled:data/hh_rlhf_sample.jsonl")
-    if cfg.model.path.startswith("tiny:"):
-        from alignkit.models.tiny import ARCHITECTURES
-
-        check(cfg.model.path, [f"tiny:{a}" for a in ARCHITECTURES], "model.path")
+    tiny_arch(cfg.model.path, "model.path")
     check(cfg.data.reader, READERS, "data.reader")
     check(cfg.data.formatter, FORMATTERS, "data.formatter", ("auto",))
     method = getattr(cfg, "method", None)
@@ -88,10 +86,10 @@ def _check_model(cfg: Any) -> None:
     ms = getattr(cfg, "model", None)
     if getattr(ms, "rope_scaling", None) is None:
         return
-    if ms.path.startswith("tiny:"):
+    if is_tiny(ms.path):
         from alignkit.models.tiny import tiny_config
 
-        model_config = tiny_config(ms.path[len("tiny:"):], vocab_size=512)
+        model_config = tiny_config(tiny_arch(ms.path, "model.path"), vocab_size=512)
     elif (Path(ms.path) / "config.json").is_file():
         from transformers import AutoConfig
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.settings.sections import DataSettings, DType, ModelSettings, PreferenceObjective
+from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
 from alignkit.settings.typed import ConfigError, unknown_key_error
 
@@ -90,12 +91,8 @@ class AnnotatorSettings:
             self._check_function()
         elif self.path is None:
             raise ConfigError(f"annotator.path: required for kind {self.kind!r} (a model folder, or tiny:<arch>)")
-        elif self.path.startswith("tiny:"):
-            from alignkit.models.tiny import ARCHITECTURES
-
-            if self.path[len("tiny:"):] not in ARCHITECTURES:
-                raise ConfigError(f"annotator.path: {self.path!r}: unknown tiny architecture; valid: "
-                                  + ", ".join("tiny:" + a for a in ARCHITECTURES))
+        else:
+            tiny_arch(self.path, "annotator.path")
         if self.score_range is not None and len(self.score_range) != 2:
             raise ConfigError(f"annotator.score_range: expected [low, high], got {self.score_range}")
         if self.on_failure == "default" and self.default_score is None:

@@ -17,8 +17,6 @@ from alignkit.settings.train import TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train
 
 DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]  # every `dtype` key
 
-TINY_PREFIX = "tiny:"  # model.path "tiny:<arch>": a random tiny model built locally (alignkit.models.tiny)
-
 
 @dataclass
 class ModelSettings:

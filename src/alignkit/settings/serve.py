@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignkit.settings.sections import DType
+from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.typed import ConfigError
 
 
@@ -36,6 +37,7 @@ class ServeConfig:
     log_every: float = 30.0  # seconds between two metrics rows (with output_dir)
 
     def __post_init__(self) -> None:
+        tiny_arch(self.base, "base")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: {self.port} is not a TCP port (0-65535)")
         for key in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):
