@@ -12,7 +12,8 @@
     alignkit demo                        the bundled end-to-end pipeline (`--reft`: the ReFT demo)
     alignkit ls [section]                every registry: losses, interventions, readers, formatters, ...
 
-One module per command (`alignkit.cli.<name>`, each with `add_parser(sub)` and `run(args) -> int`).
+One module per command (`alignkit.cli.<name>`, each with `add_parser(sub)`; a config command registers with
+`runfolder.add_config_command`, which reads the config and answers --dry-run before its `run(cfg, args) -> int`).
 Configs are typed (`alignkit.settings`); the run folder layout is in `alignkit.runs`. Under
 `accelerate launch -m alignkit ...` only the main process writes the config, plots and model card.
 Only this package prints (results tables); the library logs.

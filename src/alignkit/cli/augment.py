@@ -24,9 +24,9 @@ from alignkit.augment.llm import Cached, LocalChat, OpenAIChat
 from alignkit.augment.pipeline import Filters, read_sources
 from alignkit.augment.pipeline import augment as run_augment
 from alignkit.cli.data import data_path
-from alignkit.cli.helptext import add_command_parser
-from alignkit.cli.runfolder import config_from_args, dry_run
-from alignkit.models.tiny import ARCHITECTURES, save_tiny
+from alignkit.cli.runfolder import add_config_command
+from alignkit.models.tiny import save_tiny
+from alignkit.settings.tiny import tiny_arch
 from alignkit.files import atomic_write_text, read_jsonl
 from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError, save_config
@@ -35,8 +35,12 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = add_command_parser(sub, "augment", "augment data: code bugs, paraphrases, self-instruct, summaries, entities")
-    p.set_defaults(func=run)
+    add_config_command(sub, "augment", "augment data: code bugs, paraphrases, self-instruct, summaries, entities",
+                       run)
+
+
+def run(cfg: Any, args: argparse.Namespace) -> int:
+    return augment(cfg)
 
 
 def build_llm(cfg: Any) -> Any:
@@ -54,23 +58,13 @@ def build_llm(cfg: Any) -> Any:
                               backoff=s.backoff, requests_per_minute=s.requests_per_minute)
     else:
         path = s.path
-        if path.startswith("tiny:"):
-            arch = path[len("tiny:"):]
-            if arch not in ARCHITECTURES:
-                raise ConfigError(f"llm.path: unknown tiny architecture {arch!r}; valid: "
-                                  + ", ".join("tiny:" + a for a in ARCHITECTURES))
+        arch = tiny_arch(path, "llm.path")
+        if arch is not None:
             path = str(save_tiny(Path(cfg.output_dir) / "llm_model", arch))
         llm = LocalChat.from_path(path, dtype=s.dtype, name=s.path)
     if s.cache:
         llm = Cached(llm, s.cache_dir or Path(cfg.output_dir) / "cache")
     return llm
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "augment")
-    if args.dry_run:
-        return dry_run(cfg)
-    return augment(cfg)
 
 
 def augment(cfg: Any) -> int:

@@ -21,9 +21,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records
-from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import check_formats, load_for_inference, to_device
-from alignkit.cli.runfolder import config_from_args, dry_run, start_run
+from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.online import generate_responses
 from alignkit.online.generation import Sample, generation_metrics
 from alignkit.files import atomic_write_jsonl, atomic_write_text
@@ -34,14 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = add_command_parser(sub, "generate", "generations from a model (+ adapter) for a prompts file, as JSONL")
-    p.set_defaults(func=run)
+    add_config_command(sub, "generate", "generations from a model (+ adapter) for a prompts file, as JSONL", run)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "generate")
-    if args.dry_run:
-        return dry_run(cfg)
+def run(cfg: Any, args: argparse.Namespace) -> int:
     rows = generate(cfg, progress=not args.quiet)
     print(f"alignkit generate: {len(rows)} response(s) written to {cfg.output_dir}/generations.jsonl")
     for r in rows[:3]:

@@ -24,12 +24,11 @@ from transformers import set_seed
 
 from alignkit.adapters import adapter_of
 from alignkit.cli.data import read_records
-from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
 )
 from alignkit.data.chat import prompt_formats
-from alignkit.cli.runfolder import abandon_run, begin_run, command_line, config_from_args, dry_run, finish_run, plan_run
+from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
@@ -52,15 +51,11 @@ ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        p = add_command_parser(sub, name, text)
-        p.set_defaults(func=run, online_command=name)
+        add_config_command(sub, name, text, run)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, args.online_command)
-    if args.dry_run:
-        return dry_run(cfg)
-    return train_online(cfg, args.online_command, command_line=command_line(args), resume=args.resume,
+def run(cfg: Any, args: argparse.Namespace) -> int:
+    return train_online(cfg, args.command, command_line=command_line(args), resume=args.resume,
                         overwrite=args.overwrite, quiet=getattr(args, "quiet", False), allow_code=args.allow_code)
 
 

@@ -26,10 +26,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import check_formats, load_for_inference, to_device
 from alignkit.cli.online import make_annotator, read_prompts
-from alignkit.cli.runfolder import config_from_args, dry_run
+from alignkit.cli.runfolder import add_config_command
 from alignkit.online.rounds import MANIFEST_FILE, SAMPLES_FILE, annotate_round, read_jsonl, read_samples, sample_round
 from alignkit.runs import RunFolder, write_command_outputs
 from alignkit.settings import save_config
@@ -41,17 +40,13 @@ RECORD_COMMAND = {"best_worst": "dpo", "random_pairs": "dpo", "judge_pairs": "dp
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = add_command_parser(sub, "sample", "offline round, job 1: the policy's responses to prompts -> samples.jsonl")
-    p.set_defaults(func=run_sample)
-    p = add_command_parser(sub, "annotate", "offline round, job 2: score samples.jsonl, build records -> "
-                                            "records.jsonl (pairs, labels, or best-of-n SFT data)")
-    p.set_defaults(func=run_annotate)
+    add_config_command(sub, "sample", "offline round, job 1: the policy's responses to prompts -> samples.jsonl",
+                       run_sample)
+    add_config_command(sub, "annotate", "offline round, job 2: score samples.jsonl, build records -> records.jsonl "
+                                        "(pairs, labels, or best-of-n SFT data)", run_annotate)
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "sample")
-    if args.dry_run:
-        return dry_run(cfg)
+def run_sample(cfg: Any, args: argparse.Namespace) -> int:
     path = sample(cfg)
     n = sum(1 for line in path.read_text().splitlines() if line.strip())
     print(f"alignkit sample: {n} sample(s) in {path}\n  next: alignkit annotate --config <annotate config> "
@@ -59,10 +54,7 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_annotate(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "annotate")
-    if args.dry_run:
-        return dry_run(cfg)
+def run_annotate(cfg: Any, args: argparse.Namespace) -> int:
     path = annotate(cfg, allow_code=args.allow_code)
     m = json.loads((path.parent / "manifest.json").read_text())["annotation"]["metrics"]
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("reward/mean", "reward/std") if isinstance(m.get(k), float))

@@ -5,15 +5,17 @@ abandoned."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from alignkit.cli.helptext import add_command_parser
 from alignkit.runs import (
     STAGING_MARK, RunFolder, checkpoint_step, commit_staging, incomplete_reason, is_main_process,
     latest_complete_checkpoint, remove_own, truncate_metrics,
@@ -25,6 +27,22 @@ logger = logging.getLogger(__name__)
 
 def config_from_args(args: argparse.Namespace, command: str) -> Any:
     return load_config(args.config, args.overrides, command=command)
+
+
+def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
+                       work: Callable[[Any, argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """A config command's parser (`helptext.add_command_parser`: --config, overrides, --dry-run, ...) whose run
+    reads the typed config of `command`, prints it for --dry-run, and otherwise returns `work(cfg, args)`."""
+    @functools.wraps(work)  # the command's function still names its module (tests/cli/test_startup.py)
+    def run(args: argparse.Namespace) -> int:
+        cfg = config_from_args(args, command)
+        if args.dry_run:
+            return dry_run(cfg)
+        return work(cfg, args)
+
+    p = add_command_parser(sub, command, text)
+    p.set_defaults(func=run)
+    return p
 
 
 def dry_run(cfg: Any) -> int:

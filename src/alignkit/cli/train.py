@@ -28,9 +28,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
 from alignkit.cli.data import load_data, tokenize
-from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
-from alignkit.cli.runfolder import abandon_run, begin_run, command_line, config_from_args, dry_run, finish_run, plan_run
+from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.data.chat import prompt_formats
 from alignkit.interventions.positions import check_prompt_lengths
@@ -55,15 +54,11 @@ HELP = {"sft": "supervised finetuning", "rm": "train a reward model (pairwise Br
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        p = add_command_parser(sub, name, text)
-        p.set_defaults(func=run, train_command=name)
+        add_config_command(sub, name, text, run)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, args.train_command)
-    if args.dry_run:
-        return dry_run(cfg)
-    return train(cfg, args.train_command, quiet=args.quiet, command_line=command_line(args),
+def run(cfg: Any, args: argparse.Namespace) -> int:
+    return train(cfg, args.command, quiet=args.quiet, command_line=command_line(args),
                  resume=args.resume, overwrite=args.overwrite)
 
 

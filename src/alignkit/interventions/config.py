@@ -22,13 +22,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
 from alignkit.interventions import intervention_types
 
 _TERM = re.compile(r"^([fl])(\d+)$")
+# the text formats a ReftConfig is read from: parser, the error it raises on bad text
+_PARSERS = {"JSON": (json.loads, json.JSONDecodeError), "YAML": (yaml.safe_load, yaml.YAMLError)}
 
 
 @dataclass(frozen=True)
@@ -240,24 +242,27 @@ class ReftConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
-    @classmethod
-    def from_json(cls, text: str, where: str = "reft config (JSON)") -> "ReftConfig":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from e
-        return cls.from_dict(data, where=where)
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str, where: str = "reft config (YAML)") -> "ReftConfig":
+    def from_text(cls, text: str, fmt: Literal["JSON", "YAML"], where: str | None = None) -> "ReftConfig":
+        """A config from JSON or YAML text; text that does not parse is a ValueError naming `where` and `fmt`."""
+        parse, error = _PARSERS[fmt]
+        where = where or f"reft config ({fmt})"
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{where}: not valid YAML ({e})") from e
+            data = parse(text)
+        except error as e:
+            raise ValueError(f"{where}: not valid {fmt} ({e})") from e
         return cls.from_dict(data, where=where)
+
+    @classmethod
+    def from_json(cls, text: str, where: str | None = None) -> "ReftConfig":
+        return cls.from_text(text, "JSON", where)
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str | None = None) -> "ReftConfig":
+        return cls.from_text(text, "YAML", where)
 
     def save(self, path: str | Path) -> None:
         """Write JSON (`.json`) or YAML (`.yaml`/`.yml`)."""
@@ -270,7 +275,4 @@ class ReftConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ReFT config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            return cls.from_yaml(text, where=str(path))
-        return cls.from_json(text, where=str(path))
+        return cls.from_text(path.read_text(), "YAML" if path.suffix in (".yaml", ".yml") else "JSON", str(path))

@@ -172,29 +172,23 @@ def _reader(convert):
     return read
 
 
-read_messages = register_reader(
-    "messages", kinds=("sft",), priority=10, detect=lambda r: "messages" in r and "prompt" not in r,
-    description="messages (conversation ending on the assistant turn) -> sft")(_reader(_messages))
-read_prompt_completion = register_reader(
-    "prompt-completion", kinds=("sft",), priority=10,
-    detect=lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" not in r,
-    description="prompt, completion -> sft")(_reader(_prompt_completion))
-read_preference = register_reader(
-    "preference", kinds=("preference",), priority=10,
-    detect=lambda r: _is_value(r.get("prompt")) and "chosen" in r and "rejected" in r,
-    description="prompt, chosen, rejected [, margin] -> preference")(_reader(_preference))
-read_preference_implicit = register_reader(
-    "preference-implicit", kinds=("preference",), priority=10,
-    detect=lambda r: "chosen" in r and "rejected" in r and "prompt" not in r,
-    description="chosen, rejected (prompt = their shared prefix) -> preference")(_reader(_preference_implicit))
-read_unpaired = register_reader(
-    "unpaired", kinds=("unpaired",), priority=10,
-    detect=lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" in r,
-    description="prompt, completion, label -> unpaired")(_reader(_unpaired))
-read_ranked = register_reader(
-    "ranked", kinds=("ranked",), priority=10, detect=lambda r: _is_value(r.get("prompt")) and "responses" in r,
-    description="prompt, responses (best first) [, ranks] -> ranked")(_reader(_ranked))
-read_prompts = register_reader(
-    "prompt", kinds=("prompt",), priority=0,
-    detect=lambda r: _is_value(r.get("prompt")) and not any(c in r for c in _RESPONSE_COLS),
-    description="prompt only (a JSONL of strings too) -> prompt")(_reader(_prompt))
+# the readers of this module: name, record kind, priority, detect(row), columns -> record, description
+COLUMN_READERS = (
+    ("messages", "sft", 10, lambda r: "messages" in r and "prompt" not in r, _messages,
+     "messages (conversation ending on the assistant turn) -> sft"),
+    ("prompt-completion", "sft", 10, lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" not in r,
+     _prompt_completion, "prompt, completion -> sft"),
+    ("preference", "preference", 10, lambda r: _is_value(r.get("prompt")) and "chosen" in r and "rejected" in r,
+     _preference, "prompt, chosen, rejected [, margin] -> preference"),
+    ("preference-implicit", "preference", 10, lambda r: "chosen" in r and "rejected" in r and "prompt" not in r,
+     _preference_implicit, "chosen, rejected (prompt = their shared prefix) -> preference"),
+    ("unpaired", "unpaired", 10, lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" in r,
+     _unpaired, "prompt, completion, label -> unpaired"),
+    ("ranked", "ranked", 10, lambda r: _is_value(r.get("prompt")) and "responses" in r,
+     _ranked, "prompt, responses (best first) [, ranks] -> ranked"),
+    ("prompt", "prompt", 0, lambda r: _is_value(r.get("prompt")) and not any(c in r for c in _RESPONSE_COLS),
+     _prompt, "prompt only (a JSONL of strings too) -> prompt"),
+)
+for _name, _kind, _priority, _detect, _convert, _description in COLUMN_READERS:
+    register_reader(_name, kinds=(_kind,), priority=_priority, detect=_detect,
+                    description=_description)(_reader(_convert))
