@@ -11,18 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.launch import torchrun
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.slow
 def test_two_process_run_writes_once(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "TMPDIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alignkit", "-q",
-           "dpo", "--config", str(CONFIGS / "dpo-lora-tiny.yaml"), f"output_dir={out}", "train.max_steps=2",
-           "train.eval_strategy=no"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(["-m", "alignkit", "-q", "dpo", "--config", str(CONFIGS / "dpo-lora-tiny.yaml"), f"output_dir={out}",
+                     "train.max_steps=2", "train.eval_strategy=no"], env={"TMPDIR": str(tmp_path)}, timeout=300)
+    assert proc.returncode == 0, proc.failure(3000)
     assert proc.stdout.count("alignkit dpo: done") == 1, proc.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "loss" in r]

@@ -10,14 +10,13 @@ LoRA. Before this, the second process left `_save_checkpoint` early and the next
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.distributed.launch import torchrun
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 CASES = {"fsdp": ["full:sft", "lora:dpo"], "zero3": ["full:sft", "ds-mismatch"]}
@@ -27,11 +26,9 @@ _RUNS: dict = {}
 def run_two_ranks(engine: str, model_dir, tmp_path_factory) -> Path:
     if engine not in _RUNS:
         out = tmp_path_factory.mktemp(f"checkpoints-{engine}")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "DS_ACCELERATOR": "cpu"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               engine, str(model_dir), str(out), *CASES[engine]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-12000:]
+        proc = torchrun([str(WORKER), engine, str(model_dir), str(out), *CASES[engine]],
+                        env={"DS_ACCELERATOR": "cpu"}, timeout=600)
+        assert proc.returncode == 0, proc.failure()
         _RUNS[engine] = out
     return _RUNS[engine]
 

@@ -6,14 +6,14 @@ reference still work when `Trainer` wraps the model in `DistributedDataParallel`
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.distributed.launch import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import train_one  # noqa: E402
@@ -25,11 +25,8 @@ CASES = [("full", "sft"), ("reft", "sft"), ("lora", "dpo"), ("reft", "dpo")]
 @pytest.fixture(scope="module")
 def two_ranks(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tiny_dir("llama")), str(out), *(f"{k}:{o}" for k, o in CASES)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-12000:]
+    proc = torchrun([str(WORKER), str(tiny_dir("llama")), str(out), *(f"{k}:{o}" for k, o in CASES)], timeout=300)
+    assert proc.returncode == 0, proc.failure()
     return out
 
 

@@ -13,14 +13,14 @@ weights."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.distributed.launch import torchrun
 
 pytest.importorskip("deepspeed")
 
@@ -36,11 +36,9 @@ CASES = [("2", "full", "sft"), ("2", "lora", "dpo"), ("3", "full", "dpo"), ("3",
 @pytest.fixture(scope="module")
 def two_ranks(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tiny_dir("llama")), str(out), *(":".join(c) for c in CASES)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-12000:]
+    proc = torchrun([str(WORKER), str(tiny_dir("llama")), str(out), *(":".join(c) for c in CASES)],
+                    env={"DS_ACCELERATOR": "cpu"}, timeout=600)
+    assert proc.returncode == 0, proc.failure()
     return out
 
 

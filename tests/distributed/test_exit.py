@@ -9,29 +9,24 @@ through the helper: barrier, destroy the group, atexit handlers, flushed streams
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.distributed.launch import Launched, torchrun
+
 WORKER = Path(__file__).with_name("exit_worker.py")
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
-def _run(tmp_path: Path, code: int, mode: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tmp_path), str(code), mode]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+def _run(tmp_path: Path, code: int, mode: str) -> Launched:
+    return torchrun([str(WORKER), str(tmp_path), str(code), mode], timeout=120)
 
 
 @pytest.mark.slow
 def test_ranks_leave_without_teardown_abort(tmp_path):
     for _ in range(2):  # without the helper this pattern aborted a rank in 2 of 3 runs here
         proc = _run(tmp_path, 0, "helper")
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.returncode == 0, proc.failure(4000)
         assert "terminate called" not in proc.stderr
         # the atexit handlers ran and the unterminated prints were flushed, on both ranks
         assert sorted(p.name for p in tmp_path.glob("atexit-*")) == ["atexit-0", "atexit-1"]

@@ -10,14 +10,14 @@ ordinary alignkit folder (safetensors + JSON) that loads without FSDP into the t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.distributed.launch import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import train_one  # noqa: E402
@@ -30,11 +30,8 @@ CASES = [("full", "sft"), ("full", "dpo"), ("lora", "sft"), ("reft", "sft"), ("r
 @pytest.fixture(scope="module")
 def two_ranks(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tiny_dir("llama")), str(out), *(f"{k}:{o}" for k, o in CASES)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-12000:]
+    proc = torchrun([str(WORKER), str(tiny_dir("llama")), str(out), *(f"{k}:{o}" for k, o in CASES)], timeout=600)
+    assert proc.returncode == 0, proc.failure()
     return out
 
 

@@ -13,8 +13,6 @@ order), with its own seed, and metrics.jsonl has one row per step with the globa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from safetensors.torch import load_file
 from alignkit.adapters import load_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.generation import Sample
+from tests.distributed.launch import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
 from online_worker import PROMPTS, STEPS, build, reward, trainable  # noqa: E402
@@ -37,12 +36,9 @@ _RUNS: dict = {}
 def run_two_ranks(engine: str, model_dir, tmp_path_factory) -> Path:
     if engine not in _RUNS:
         out = tmp_path_factory.mktemp(f"online-{engine}")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "ALIGNKIT_TEST_FSDP": "1" if engine == "fsdp" else "0"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(model_dir), str(out), *CASES[engine]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-12000:]
+        proc = torchrun([str(WORKER), str(model_dir), str(out), *CASES[engine]],
+                        env={"ALIGNKIT_TEST_FSDP": "1" if engine == "fsdp" else "0"}, timeout=600)
+        assert proc.returncode == 0, proc.failure()
         _RUNS[engine] = out
     return _RUNS[engine]
 

@@ -7,14 +7,13 @@ its own seed, so this also checks that every rank restores the same state from t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.distributed.launch import torchrun
 
 WORKER = Path(__file__).with_name("online_resume_worker.py")
 CASES = {"ddp": ["grpo-adam", "rloo", "dpo"], "fsdp": ["grpo-adam", "dpo"]}
@@ -25,12 +24,9 @@ _RUNS: dict = {}
 def run_two_ranks(engine: str, model_dir, tmp_path_factory) -> Path:
     if engine not in _RUNS:
         out = tmp_path_factory.mktemp(f"online-resume-{engine}")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "ALIGNKIT_TEST_FSDP": "1" if engine == "fsdp" else "0"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(model_dir), str(out), *CASES[engine], *EXTRA.get(engine, [])]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-12000:]
+        proc = torchrun([str(WORKER), str(model_dir), str(out), *CASES[engine], *EXTRA.get(engine, [])],
+                        env={"ALIGNKIT_TEST_FSDP": "1" if engine == "fsdp" else "0"}, timeout=600)
+        assert proc.returncode == 0, proc.failure()
         _RUNS[engine] = out
     return _RUNS[engine]
 
