@@ -304,8 +304,8 @@ class Meter:
                 "rss_before_train_mb": self.rss_before_train}
 
 
-def trainer_callback(meter: Meter):
-    """A transformers TrainerCallback feeding `meter` (step ends and logged losses)."""
+def trainer_callback(meter: "Meter | StepClock"):
+    """A transformers TrainerCallback feeding `meter` (a `Meter` or a `StepClock`: step ends and logged losses)."""
     from transformers import TrainerCallback
 
     class _MeterCallback(TrainerCallback):

@@ -23,7 +23,7 @@ def main() -> None:
     common.setup_torch(args)
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     folder = common.model_dir(args.run_dir, args.spec_dict)
     tok = common.load_tokenizer(folder, padding_side="left")
@@ -71,15 +71,7 @@ def main() -> None:
 
     policy.generate = counted_generate
 
-    class _Clock(TrainerCallback):
-        def on_step_end(self, a, state, control, **k):
-            clock.step_end(state.global_step)
-
-        def on_log(self, a, state, control, logs=None, **k):
-            if logs and "loss" in logs:
-                clock.losses.append(float(logs["loss"]))
-
-    trainer.add_callback(_Clock())
+    trainer.add_callback(common.trainer_callback(clock))
     trainer.train()
     t = trainer.args
     common.finish_online(args, "trl", clock, {"effective": {"gradient_checkpointing": bool(t.gradient_checkpointing),
