@@ -218,3 +218,33 @@ def test_rm_default_shares_the_prompt_and_trains_as_padded(make_model, features,
     reft = RewardTrainer(make_model("reft", classifier=True), fast_args(tmp_path / "r"), train_dataset=feats,
                          data_collator=PreferenceCollator(tokenizer.pad_token_id))
     assert not reft.padding_free and not reft.share_prompt  # ReFT classifiers keep padded rows
+
+
+def test_shared_rows_pick_varlen_only_when_padded(make_model, count_varlen):
+    """Shared rows with more than SHARED_VARLEN_MIN_PADDING padding run through varlen attention, rows of equal
+    length as padded rows with their 4D mask; both give each sequence's log-probs run alone."""
+    from alignkit.data.collators import SharedPromptCollator
+    from alignkit.trainers.logps import SHARED_VARLEN_MIN_PADDING, completion_logps, shared_padding
+
+    model = make_model("full")
+    model.eval()
+
+    def pair(n_prompt, n_chosen, n_rejected, base):
+        p = list(range(base, base + n_prompt))
+        c, r = list(range(40, 40 + n_chosen)), list(range(60, 60 + n_rejected))
+        return {"chosen_input_ids": p + c, "chosen_completion_mask": [0] * n_prompt + [1] * n_chosen,
+                "rejected_input_ids": p + r, "rejected_completion_mask": [0] * n_prompt + [1] * n_rejected}
+
+    collate = SharedPromptCollator(PreferenceCollator(0), 0)
+    even = collate([pair(4, 3, 3, 5), pair(4, 3, 3, 15)])
+    ragged = collate([pair(2, 1, 1, 5), pair(9, 8, 7, 15)])
+    assert shared_padding(even) == 0.0 and shared_padding(ragged) > SHARED_VARLEN_MIN_PADDING
+    for batch, via_varlen in ((even, False), (ragged, True)):
+        count_varlen.clear()
+        with torch.no_grad():
+            got, _ = completion_logps(model, batch)
+            alone = torch.stack([completion_logps(model, {"input_ids": batch["input_ids"][i:i + 1, :int(n)],
+                                                          "completion_mask": batch["completion_mask"][i:i + 1, :int(n)]})[0][0]
+                                 for i, n in enumerate(batch["attention_mask"].sum(-1))])
+        assert bool(count_varlen) is via_varlen
+        torch.testing.assert_close(got, alone, rtol=RTOL, atol=ATOL)

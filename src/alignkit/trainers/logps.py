@@ -218,11 +218,25 @@ def shared_varlen_kwargs(batch: dict[str, Any]) -> tuple[dict[str, Any], Tensor]
     return kw, index
 
 
+# Above this share of padding in a batch's shared rows, they run packed through varlen attention; at or below it,
+# as padded rows with their 4D mask: one sdpa call for the batch beats two per pair when there is little padding
+# to remove (RM step, 20 batches of 8 pairs, 1 thread: length-grouped batches (~3 % padding) 40-44 ms padded vs
+# 46-50 ms varlen; random batches 47-49 ms varlen vs 58-61 ms padded). Same values either way up to rounding.
+SHARED_VARLEN_MIN_PADDING = 0.1
+
+
+def shared_padding(batch: dict[str, Any]) -> float:
+    """The share of padding slots in a shared-prompt batch's (G, S) rows."""
+    return float((batch["shared_segment_ids"] == -2).float().mean())
+
+
 def shared_states(model: nn.Module, batch: dict[str, Any], extra: dict[str, Any], what: str) -> tuple[Tensor, Any]:
     """((B, T, d) final hidden states of a shared-prompt batch in its padded layout, the model's output): the
     shared rows packed in one row through varlen attention (`shared_varlen_kwargs`) where the model runs it
-    (`alignkit.models.varlen.runs_varlen`), else the (G, S) rows with their 4D mask."""
-    if getattr(unwrap_parallel(model), "span_locations", None) is None and varlen.runs_varlen(unwrap_lm(model)):
+    (`alignkit.models.varlen.runs_varlen`) and the rows hold more than SHARED_VARLEN_MIN_PADDING padding, else the
+    (G, S) rows with their 4D mask."""
+    if getattr(unwrap_parallel(model), "span_locations", None) is None and varlen.runs_varlen(unwrap_lm(model)) \
+            and shared_padding(batch) > SHARED_VARLEN_MIN_PADDING:
         kw, index = shared_varlen_kwargs(batch)
         h, out = backbone_output(model, {**kw, **extra}, what)
         return h.reshape(-1, h.shape[-1])[index], out
@@ -376,4 +390,4 @@ def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 
 
 __all__ = ["backbone_output", "batch_locations", "call_model", "completion_logps", "completion_token_logps", "final_hidden_states",
            "forward_kwargs", "is_packed", "is_shared", "packed_prompt_spans", "prompt_locations", "prompt_spans",
-           "shared_attention_mask", "shared_forward_kwargs", "shared_states", "shared_varlen_kwargs", "unshare"]
+           "shared_attention_mask", "shared_forward_kwargs", "shared_padding", "shared_states", "shared_varlen_kwargs", "unshare"]
