@@ -248,3 +248,19 @@ def test_shared_rows_pick_varlen_only_when_padded(make_model, count_varlen):
                                  for i, n in enumerate(batch["attention_mask"].sum(-1))])
         assert bool(count_varlen) is via_varlen
         torch.testing.assert_close(got, alone, rtol=RTOL, atol=ATOL)
+
+
+def test_layout_defaults_are_cpu_only(make_model):
+    """padding_free=None / share_prompt=None pack only when training on CPU (measured there); explicit values win."""
+    from types import SimpleNamespace
+
+    from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
+
+    model = make_model("full")
+    cpu = SimpleNamespace(device=torch.device("cpu"), activation_checkpointing=False)
+    gpu = SimpleNamespace(device=torch.device("cuda", 0), activation_checkpointing=False)
+    assert resolve_padding_free(None, model, cpu, None, paired=False)
+    assert resolve_share_prompt(None, None, model, cpu, None)
+    assert not resolve_padding_free(None, model, gpu, None, paired=False)
+    assert not resolve_share_prompt(None, None, model, gpu, None)
+    assert resolve_padding_free(True, model, gpu, None, paired=False) and resolve_share_prompt(True, None, model, gpu, None)

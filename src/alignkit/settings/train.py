@@ -54,10 +54,10 @@ TRAIN_KEYS: dict[str, tuple[Any, str]] = {
     "fp16": (bool, "fp16 mixed precision (GPU)"),
     # alignkit's own (not TrainingArguments fields), offline only
     "padding_free": (bool | None, "pack each batch's sequences in rows without padding (TRL's padding_free; sft, "
-                                  "dpo, rm); null: on where it is faster (sdpa attention, no checkpointing)"),
+                                  "dpo, rm); null: on CPU runs where it is faster (sdpa attention, no checkpointing)"),
     "group_by_length": (bool, "batches of similar lengths (LengthGroupedSampler)"),
     "share_prompt": (bool | None, "one row per preference pair, the prompt run once (rm, dpo; sdpa/eager, no ReFT); "
-                                  "null: on where it is faster (sdpa attention, no checkpointing, no ReFT)"),
+                                  "null: on CPU runs where it is faster (sdpa attention, no checkpointing, no ReFT)"),
     "compile": (bool | dict[str, Any], "true or torch.compile options: compile each decoder layer (regional)"),
 }
 

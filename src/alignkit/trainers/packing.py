@@ -5,8 +5,8 @@ packed row (`resolve_share_prompt`), else pack their 2B sequences.
 A padding-free batch holds the same examples as the padded one (the sampler is untouched: the same samples are
 batched together, in the same order); only their layout changes, so losses, gradients and metrics are those of
 the padded batch up to float rounding (tests/trainers/test_varlen.py bounds it: ~1e-7 relative on the loss). It is
-the default where the packed row runs through `alignkit.models.varlen` (sdpa attention, no activation
-checkpointing, an architecture tested with it) with alignkit's own padded collator (or none given); anywhere
+the default on CPU where the packed row runs through `alignkit.models.varlen` (sdpa attention, no activation
+checkpointing, an architecture tested with it; not measured on GPUs, so not their default) with alignkit's own padded collator (or none given); anywhere
 else the default stays the padded batch. `padding_free=True` / `False` decide explicitly.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from alignkit.adapters import unwrap_lm, unwrap_parallel
@@ -31,11 +32,21 @@ def varlen_rows(model: nn.Module, checkpointing: bool = False) -> bool:
     return varlen.runs_varlen(unwrap_lm(model), checkpointing)
 
 
+def on_cpu(args: Any) -> bool:
+    """True when the run trains on CPU: the layout defaults were measured there only (bench/README.md); on an
+    accelerator one sdpa call per sequence may cost more kernel launches than the padding it saves, so GPU runs
+    keep padded batches unless padding_free / share_prompt are set."""
+    device = getattr(args, "device", None)
+    return device is None or torch.device(device).type == "cpu"
+
+
 def resolve_padding_free(padding_free: bool | None, model: nn.Module, args: Any, collator: Any, paired: bool) -> bool:
-    """`padding_free` as given, or for None: on when the layout is `varlen_rows` and the collator is alignkit's
-    padded one of the right kind (or none given)."""
+    """`padding_free` as given, or for None: on when the run trains on CPU, the layout is `varlen_rows` and the
+    collator is alignkit's padded one of the right kind (or none given)."""
     if padding_free is not None:
         return bool(padding_free)
+    if not on_cpu(args):
+        return False
     kind = PreferenceCollator if paired else SFTCollator
     if collator is not None and type(collator) is not kind:
         return False
@@ -54,7 +65,7 @@ def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, m
     given, unless `collator_required`). Same pairs per batch; values equal to the padded batch up to rounding."""
     if share_prompt is not None:
         return bool(share_prompt)
-    if padding_free:
+    if padding_free or not on_cpu(args):
         return False
     if collator is None and collator_required:
         return False
@@ -70,4 +81,4 @@ def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, m
     return on
 
 
-__all__ = ["VARLEN_MODEL_TYPES", "resolve_padding_free", "resolve_share_prompt", "varlen_rows"]
+__all__ = ["VARLEN_MODEL_TYPES", "on_cpu", "resolve_padding_free", "resolve_share_prompt", "varlen_rows"]

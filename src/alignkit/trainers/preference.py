@@ -43,13 +43,13 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         reference_cache_dir: where precomputed reference log-probs are cached (implies "precomputed").
         padding_free: pack the 2B sequences of each batch into one row without padding (`PackedPreferenceCollator`;
             masking in `alignkit.trainers.logps`). Same losses as padded batches up to float rounding. None
-            (default): on where it is faster (sdpa through `alignkit.models.varlen`, no activation checkpointing,
+            (default): on CPU runs where it is faster (sdpa through `alignkit.models.varlen`, no activation checkpointing,
             alignkit's PreferenceCollator or none, share_prompt off; `alignkit.trainers.packing`), off elsewhere.
         share_prompt: run each pair as ONE row, the chosen sequence then the rejected one without their common
             prefix (the prompt), with a mask that hides the chosen tokens from the rejected ones
             (`alignkit.data.collators.shared_prompt_layout`): the prompt goes through the model once instead of
             twice. Same log-probs and losses as padded batches up to float rounding; sdpa / eager attention,
-            no ReFT, not with padding_free. None (default): on where the shared rows run as one varlen row
+            no ReFT, not with padding_free. None (default): on CPU runs where the shared rows run as one varlen row
             (sdpa, no activation checkpointing, no ReFT, alignkit's right-padded PreferenceCollator or none;
             `alignkit.trainers.packing.resolve_share_prompt`).
         group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).

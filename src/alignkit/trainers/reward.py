@@ -107,12 +107,12 @@ class RewardTrainer(AlignTrainer):
 
     `share_prompt=True` (pairwise only): each pair runs as one row, the chosen sequence then the rejected one
     without their common prefix, so the prompt goes through the model once (see `PreferenceTrainer`); the same
-    rewards up to float rounding; sdpa / eager attention, no ReFT. None (default): on where the shared rows run
+    rewards up to float rounding; sdpa / eager attention, no ReFT. None (default): on CPU runs where the shared rows run
     as one varlen row (`alignkit.trainers.packing.resolve_share_prompt`; a PreferenceCollator must be given).
 
     `padding_free` (pairwise only, no ReFT): the 2B sequences of a batch packed without padding
     (`PackedPreferenceCollator`), each reward read at the token the padded classifier pools; the same rewards up
-    to float rounding. None (default): on where it is faster (`alignkit.trainers.packing`: sdpa through
+    to float rounding. None (default): on CPU runs where it is faster (`alignkit.trainers.packing`: sdpa through
     `alignkit.models.varlen`, no activation checkpointing, alignkit's PreferenceCollator or none, share_prompt
     off), off elsewhere."""
 

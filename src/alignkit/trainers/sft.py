@@ -27,7 +27,7 @@ class SFTTrainer(AlignTrainer):
 
     padding_free: pack each batch's sequences into one row without padding (the collator is swapped for its
         packed version; `alignkit.trainers.logps` explains the masking). Same loss as padded batches up to
-        float rounding. None (default): on where it is faster (sdpa attention through
+        float rounding. None (default): on CPU runs where it is faster (sdpa attention through
         `alignkit.models.varlen`, no activation checkpointing, alignkit's SFTCollator or none given;
         `alignkit.trainers.packing`), off elsewhere.
     group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).
