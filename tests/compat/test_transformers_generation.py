@@ -198,8 +198,9 @@ def _lean_cases(tok_eos: int):
     from transformers import GenerationConfig
 
     base = dict(max_new_tokens=7, use_cache=True, pad_token_id=0, repetition_penalty=1.0, num_beams=1)
-    return {"sample": GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=[tok_eos], **base),
-            "warped": GenerationConfig(do_sample=True, temperature=0.7, top_k=9, top_p=0.8, eos_token_id=[tok_eos], **base),
+    sample = dict(do_sample=True, eos_token_id=[tok_eos])
+    return {"sample": GenerationConfig(temperature=1.0, top_k=0, top_p=1.0, **sample, **base),
+            "warped": GenerationConfig(temperature=0.7, top_k=9, top_p=0.8, **sample, **base),
             "greedy": GenerationConfig(do_sample=False, eos_token_id=[tok_eos], **base),
             "no eos": GenerationConfig(do_sample=True, temperature=1.3, top_k=0, top_p=1.0, **base)}
 

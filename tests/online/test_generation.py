@@ -245,7 +245,9 @@ def test_preallocated_cache_layer_holds_what_dynamic_layer_holds():
 
     g = torch.Generator().manual_seed(0)
     a, b = DynamicLayer(), PreallocatedLayer(capacity=7)
-    kv = lambda n, rows=3: (torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g))  # noqa: E731
+    def kv(n, rows=3):
+        return torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g)
+
     steps = [kv(5)]
     outs = [layer.update(*steps[0]) for layer in (a, b)]
     assert all(torch.equal(x, y) for x, y in zip(*outs))

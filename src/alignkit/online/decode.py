@@ -177,13 +177,15 @@ def _warpers(eff: dict[str, Any]) -> LogitsProcessorList:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
                   cache: Any = None) -> torch.Tensor:
     """`model.generate(input_ids=..., attention_mask=..., generation_config=cfg, <cache keyword>=cache)` for a
     call `lean_unsupported` accepts: (B, T + n) ids, the prompt then n <= max_new_tokens new tokens (a row that
     ended has the pad id after its EOS). `cache` may hold the first tokens of every row already (the shared
-    prompt prefill); otherwise one is made (`preallocated_cache`)."""
+    prompt prefill, made in inference mode: this runs in it); otherwise one is made (`preallocated_cache`).
+    Inference mode (not just no_grad): ~10 % less time per decode step on the suite's tiny Llama; the returned
+    ids are inference tensors (read them, e.g. `.tolist()`, rather than feed them to autograd)."""
     lm = unwrap_lm(model)
     eff = _effective_config(model, cfg)
     b, t = input_ids.shape

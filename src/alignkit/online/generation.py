@@ -8,9 +8,9 @@ the tokenizer's chat template for conversations, verbatim text for strings), tok
 longer than `max_prompt_length`, keeps its LAST tokens (as `alignkit.data.tokenize` does for prompts).
 
 Batches are left-padded and generated with Hugging Face `generate` (KV cache on), or with `decode.lean_generate`
-(the same tokens under the same seed, less work per step) where every option of the call is one it supports. The `num_samples` rows of
-a prompt share one prefill (`shared_prompt_cache`: the prompt's KV cache is computed once and copied to its
-rows; not for a ReftModel, whose edits happen in the prompt pass). The same call works for a
+(the same tokens under the same seed, less work per step) where every option of the call is one it supports.
+The `num_samples` rows of a prompt share one prefill (`shared_prompt_cache`: the prompt's KV cache is computed
+once and copied to its rows; not for a ReftModel, whose edits happen in the prompt pass). The same call works for a
 plain transformers model, a `peft` model, and a `ReftModel`: for a ReftModel the prompt tokens named by
 `positions` ("l1", "f3+l3", ... see `alignkit.data.positions`) are intervened on, exactly as in training
 (locations built from each row's non-pad span); `intervene_on_generated=True` also edits generated tokens.
@@ -37,6 +37,7 @@ reproducible without touching the global RNG (its state is forked and restored);
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -256,17 +257,19 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                     extra["intervene_on_generated"] = intervene_on_generated
                 groups = [g for g, _ in chunk]
                 uniq = list(dict.fromkeys(groups))
-                if not is_reft and len(uniq) < len(chunk) and input_ids.shape[1] > 1:  # samples share prompts
-                    u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)  # (U, T)
-                    u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
-                    of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
-                    extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
-                                                                      input_ids.shape[1] + cfg.max_new_tokens)
-                if why_not is None:
-                    out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
-                                        cache=extra.get(cache_keyword(model)))
-                else:
-                    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
+                # the lean path runs in inference mode (less dispatch work per op; its tensors never meet autograd)
+                with torch.inference_mode() if why_not is None else contextlib.nullcontext():
+                    if not is_reft and len(uniq) < len(chunk) and input_ids.shape[1] > 1:  # samples share prompts
+                        u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)
+                        u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
+                        of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
+                        extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
+                                                                          input_ids.shape[1] + cfg.max_new_tokens)
+                    if why_not is None:
+                        out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
+                                            cache=extra.get(cache_keyword(model)))
+                    else:
+                        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
                 new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for (g, k), row in zip(chunk, new):
                     resp_ids, text, reason = finish_response(row, tokenizer, eos, cfg)
