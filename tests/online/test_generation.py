@@ -265,3 +265,20 @@ def test_preallocated_cache_layer_holds_what_dynamic_layer_holds():
     ka, va = a.update(k, v)
     kb, vb = b.update(k, v)
     assert torch.equal(ka, kb) and torch.equal(va, vb) and b.get_seq_length() == 8
+
+
+def test_lean_path_uses_inference_mode_only_with_plain_parameters(tiny_lm):
+    """One process, plain parameters: inference mode; a parameter that is sharded (ZeRO-3 marks its partitioned
+    parameters with `ds_id`; FSDP2's are DTensors) keeps the default mode, whose in-place gathers inference mode
+    would break."""
+    from alignkit.online.decode import inference_context
+
+    model = tiny_lm("llama")
+    with inference_context(model):
+        assert torch.is_inference_mode_enabled()
+    next(model.parameters()).ds_id = 0
+    try:
+        with inference_context(model):
+            assert not torch.is_inference_mode_enabled()
+    finally:
+        del next(model.parameters()).ds_id

@@ -52,7 +52,7 @@ from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
 from alignkit.interventions.attach import ReftModel
-from alignkit.online.decode import lean_generate, lean_unsupported, preallocated_cache
+from alignkit.online.decode import inference_context, lean_generate, lean_unsupported, preallocated_cache
 from alignkit.models.rope import warn_past_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 
@@ -257,8 +257,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                     extra["intervene_on_generated"] = intervene_on_generated
                 groups = [g for g, _ in chunk]
                 uniq = list(dict.fromkeys(groups))
-                # the lean path runs in inference mode (less dispatch work per op; its tensors never meet autograd)
-                with torch.inference_mode() if why_not is None else contextlib.nullcontext():
+                # the lean path runs in inference mode in one process (less dispatch work per op; its tensors never
+                # meet autograd; not with FSDP2 / ZeRO-3, which update gathered parameters in place)
+                with inference_context(model) if why_not is None else contextlib.nullcontext():
                     if not is_reft and len(uniq) < len(chunk) and input_ids.shape[1] > 1:  # samples share prompts
                         u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)
                         u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
