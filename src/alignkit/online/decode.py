@@ -27,12 +27,14 @@ same values and shapes as `DynamicLayer`'s `torch.cat`, which copies the whole c
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import DynamicCache, GenerationConfig, GenerationMixin
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
@@ -182,10 +184,6 @@ def inference_context(model: Any) -> Any:
     per decode step than no_grad on the suite's tiny Llama); a null context with several processes or sharded
     parameters (FSDP2 DTensors, ZeRO-3's partitioned ones), which are gathered and freed in place around each
     forward (an in-place update of a tensor made in inference mode is an error outside it)."""
-    import contextlib
-
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return contextlib.nullcontext()
     if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters()):
