@@ -62,6 +62,19 @@ def naive(name, pc, pr, rc, rl, lc, lr, p: PreferenceParams, B, sum_lc):
         return -pc * B / sum_lc - p.orpo_lambda * ls(log_odds)
     if name == "slic":
         return max(0.0, p.slic_delta - pc + pr) - p.slic_lambda * pc
+    if name == "discopop":  # Lu et al. 2024, LRML: logistic and exponential mixed by sigma(z / tau)
+        z = b * d
+        m = sig(z / p.discopop_tau)
+        return (1 - m) * -ls(z) + m * math.exp(-z)
+    if name == "cpo":  # Xu et al. 2024: reference-free DPO on sums + alpha * chosen NLL (batch token mean)
+        z = b * (pc - pr)
+        return -(1 - eps) * ls(z) - eps * ls(-z) + p.cpo_alpha * (-pc * B / sum_lc)
+    if name.startswith("fdpo_"):  # Wang et al. 2023: logit = f'(u_w) - f'(u_l), u = pi / pi_ref = e^rho
+        fprime = {"fdpo_js": lambda r: math.log(2 * math.exp(r) / (1 + math.exp(r))),
+                  "fdpo_forward_kl": lambda r: -1 / math.exp(r),
+                  "fdpo_alpha": lambda r: (1 - math.exp(r) ** -p.f_alpha) / p.f_alpha}[name]
+        z = b * (fprime(rw) - fprime(rj))
+        return -(1 - eps) * ls(z) - eps * ls(-z)
     raise KeyError(name)
 
 
@@ -80,14 +93,16 @@ def random_batch(B=16, seed=0, ref=True):
 
 def test_every_registered_loss_has_a_reference_here():
     names = {"sigmoid", "hinge", "ipo", "sigmoid_norm", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-             "apo_zero", "apo_down", "sft", "simpo", "orpo", "slic"}
+             "apo_zero", "apo_down", "sft", "simpo", "orpo", "slic", "discopop", "cpo", "fdpo_js", "fdpo_forward_kl",
+             "fdpo_alpha"}
     assert set(PREFERENCE_LOSSES) == names
 
 
 @pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
 @pytest.mark.parametrize("params", [PreferenceParams(), PreferenceParams(beta=0.5, label_smoothing=0.2, bco_delta=0.3,
                                                                          simpo_gamma_beta_ratio=1.5, orpo_lambda=0.3,
-                                                                         slic_delta=2.0, slic_lambda=0.05)])
+                                                                         slic_delta=2.0, slic_lambda=0.05,
+                                                                         discopop_tau=0.3, cpo_alpha=0.4, f_alpha=0.7)])
 def test_random_against_plain_floats(name, params):
     batch, (pc, pr, rc, rl, lc, lr) = random_batch()
     out = PREFERENCE_LOSSES[name](batch, params)
@@ -223,3 +238,33 @@ def test_apo_zero_unpaired_hand():
     out = UNPAIRED_LOSSES["apo_zero_unpaired"](torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]),
                                                torch.tensor([True, False]))
     assert out.losses.tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_new_objectives_hand_values_and_limits():
+    """One pair by hand (beta 1, rho_w = 1, rho_l = 0 -> d = 1), and the limits the papers state: f-DPO's alpha-divergence
+    tends to DPO as alpha -> 0 and is the forward KL at alpha = 1; DiscoPOP is the logistic loss for z << 0 and the
+    exponential one for z >> 0 (tau small); huge log-ratios stay finite."""
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    one = PreferenceBatch(t(-1.0), t(-2.0), t(-2.0), t(-2.0), t(4.0), t(4.0))  # rho_w = 1, rho_l = 0
+    p = PreferenceParams(beta=1.0)
+    e = math.e
+    assert PREFERENCE_LOSSES["fdpo_forward_kl"](one, p).losses.item() == pytest.approx(-ls(1 - 1 / e))
+    assert PREFERENCE_LOSSES["fdpo_js"](one, p).losses.item() == pytest.approx(-ls(math.log(2 * e / (1 + e)) - 0.0))
+    assert PREFERENCE_LOSSES["fdpo_alpha"](one, PreferenceParams(beta=1.0, f_alpha=1.0)).losses.item() == \
+        pytest.approx(-ls(1 - 1 / e))
+    assert PREFERENCE_LOSSES["fdpo_alpha"](one, PreferenceParams(beta=1.0, f_alpha=1e-7)).losses.item() == \
+        pytest.approx(-ls(1.0), rel=1e-6)
+    # CPO on this pair: -log sigma(1 * (-1 - -2)) + 1 * (-(-1) * 1 / 4)
+    assert PREFERENCE_LOSSES["cpo"](one, p).losses.item() == pytest.approx(-ls(1.0) + 0.25)
+    far = PreferenceBatch(t(-1.0, 1.0), t(1.0, -1.0), t(0.0, 0.0), t(0.0, 0.0), t(1.0, 1.0), t(1.0, 1.0))
+    got = PREFERENCE_LOSSES["discopop"](far, PreferenceParams(beta=10.0, discopop_tau=0.05)).losses
+    assert got[0].item() == pytest.approx(-ls(-20.0)) and got[1].item() == pytest.approx(math.exp(-20.0), rel=1e-6)
+    huge = PreferenceBatch(t(-500.0), t(500.0), t(0.0), t(0.0), t(1.0), t(1.0))
+    for name in ("discopop", "fdpo_forward_kl", "fdpo_alpha", "fdpo_js"):
+        assert torch.isfinite(PREFERENCE_LOSSES[name](huge, PreferenceParams(beta=1.0)).losses).all(), name
+
+
+@pytest.mark.parametrize("key", ["discopop_tau", "f_alpha"])
+def test_new_objective_parameters_must_be_positive(key):
+    with pytest.raises(ValueError, match=f"{key} must be > 0"):
+        PreferenceParams(**{key: 0.0})

@@ -1,4 +1,5 @@
-"""Offline pairwise preference objectives: the DPO family, SimPO, ORPO, SLiC, combined losses.
+"""Offline pairwise preference objectives: the DPO family (incl. f-DPO, DiscoPOP), SimPO, CPO, ORPO, SLiC, combined
+losses.
 
 Inputs are per-pair sequence log-probs (sums over completion tokens, from `sequence_logps`):
 policy pi_theta and reference pi_ref for the chosen y_w and rejected y_l completions, `(B,)` each.
@@ -84,6 +85,14 @@ class PreferenceParams:
     orpo_lambda: float = 0.1  # ORPO lambda (TRL's ORPOConfig.beta)
     slic_delta: float = 1.0  # SLiC margin delta
     slic_lambda: float = 0.1  # SLiC regularisation weight on -log pi(y_w|x)
+    discopop_tau: float = 0.05  # DiscoPOP temperature of the mixing sigmoid
+    cpo_alpha: float = 1.0  # CPO weight of the chosen NLL (TRL's CPOConfig.cpo_alpha)
+    f_alpha: float = 0.5  # f-DPO alpha-divergence coefficient (fdpo_alpha)
+
+    def __post_init__(self) -> None:
+        for key in ("discopop_tau", "f_alpha"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 
 
 def _output(batch: PreferenceBatch, params: PreferenceParams, losses: Tensor,
@@ -314,6 +323,80 @@ def slic_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     pw, pl = batch.policy_chosen_logps, batch.policy_rejected_logps
     hinge = torch.relu(params.slic_delta - pw + pl)
     return _output(batch, params, hinge - params.slic_lambda * pw, hinge=hinge)
+
+
+@PREFERENCE_LOSSES.register("discopop")
+def discopop_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """DiscoPOP / LRML (Chris Lu et al. 2024, "Discovering Preference Optimization Algorithms with and for Large
+    Language Models"): the logistic and exponential losses mixed by a sigmoid of the scaled log-ratio difference.
+
+        z = beta d,   m = sigma(z / tau),   L = (1 - m) (-log sigma(z)) + m exp(-z),   tau = `discopop_tau` (0.05)
+
+    m exp(-z) is computed as exp(log sigma(z / tau) - z), finite where exp(-z) alone overflows.
+    """
+    rw, rl = batch.logratios()
+    z = params.beta * (rw - rl)
+    tau = params.discopop_tau
+    losses = -torch.sigmoid(-z / tau) * F.logsigmoid(z) + torch.exp(F.logsigmoid(z / tau) - z)
+    return _output(batch, params, losses)
+
+
+@PREFERENCE_LOSSES.register("cpo")
+def cpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization"), as TRL's CPOTrainer with loss_type sigmoid.
+
+        L_i = -(1 - eps) log sigma(beta (log pi(y_w) - log pi(y_l))) - eps log sigma(-...) + alpha NLL_i
+
+    Reference-free (reference log-probs are ignored; sequence log-probs are sums); NLL_i as the `sft` term (the
+    batch's chosen cross-entropy spread over pairs), alpha = `cpo_alpha`. Rewards = beta * policy log-probs.
+    Needs chosen_lengths.
+    """
+    pw, pl = batch.policy_chosen_logps, batch.policy_rejected_logps
+    lw, _ = batch.lengths("cpo")
+    nll = -pw * pw.shape[0] / lw.sum()
+    losses = _smoothed_sigmoid(params.beta * (pw - pl), params.label_smoothing) + params.cpo_alpha * nll
+    return _output(batch, params, losses, rewards=(params.beta * pw, params.beta * pl), nll_loss=nll)
+
+
+def _exp(x: Tensor) -> Tensor:
+    """exp with the exponent capped below the dtype's overflow (f-DPO's u^-alpha for very negative log-ratios)."""
+    return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max) - 1.0))
+
+
+def _f_dpo(batch: PreferenceBatch, params: PreferenceParams, logits: Tensor) -> LossOutput:
+    return _output(batch, params, _smoothed_sigmoid(params.beta * logits, params.label_smoothing))
+
+
+@PREFERENCE_LOSSES.register("fdpo_js")
+def fdpo_js_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """f-DPO with the Jensen-Shannon divergence (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference
+    Optimization with Diverse Divergence Constraints"): DPO's logit d is replaced by f'(u_w) - f'(u_l) with
+    u = pi / pi_ref and f'(u) = log(2u / (1 + u)):
+
+        logit = rho_w - rho_l - (softplus(rho_w) - softplus(rho_l)),   L = -log sigma(beta logit) (cDPO smoothing)
+    """
+    rw, rl = batch.logratios()
+    return _f_dpo(batch, params, rw - rl - (F.softplus(rw) - F.softplus(rl)))
+
+
+@PREFERENCE_LOSSES.register("fdpo_forward_kl")
+def fdpo_forward_kl_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """f-DPO with the forward KL (Wang et al. 2023): f'(u) = -1/u, so logit = exp(-rho_l) - exp(-rho_w)."""
+    rw, rl = batch.logratios()
+    return _f_dpo(batch, params, _exp(-rl) - _exp(-rw))
+
+
+@PREFERENCE_LOSSES.register("fdpo_alpha")
+def fdpo_alpha_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
+    """f-DPO with the alpha-divergence (Wang et al. 2023): f'(u) = (1 - u^-alpha) / alpha, so
+
+        logit = (exp(-alpha rho_l) - exp(-alpha rho_w)) / alpha,   alpha = `f_alpha` (0.5)
+
+    (alpha -> 0 recovers DPO's reverse KL, alpha = 1 is the forward KL.)
+    """
+    rw, rl = batch.logratios()
+    a = params.f_alpha
+    return _f_dpo(batch, params, (_exp(-a * rl) - _exp(-a * rw)) / a)
 
 
 def preference_loss(batch: PreferenceBatch, params: PreferenceParams,

@@ -81,8 +81,12 @@ class PreferenceObjective:
     orpo_lambda: float = 0.1
     slic_delta: float = 1.0
     slic_lambda: float = 0.1
+    discopop_tau: float = 0.05  # DiscoPOP mixing temperature
+    cpo_alpha: float = 1.0  # CPO weight of the chosen NLL
+    f_alpha: float = 0.5  # f-DPO alpha-divergence coefficient (loss fdpo_alpha)
 
-    PARAMS = ("beta", "label_smoothing", "simpo_gamma_beta_ratio", "orpo_lambda", "slic_delta", "slic_lambda")
+    PARAMS = ("beta", "label_smoothing", "simpo_gamma_beta_ratio", "orpo_lambda", "slic_delta", "slic_lambda",
+              "discopop_tau", "cpo_alpha", "f_alpha")
 
 
 @dataclass

@@ -28,7 +28,7 @@ from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
-REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft"})
+REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft", "cpo"})
 
 
 class PreferenceTrainer(HasReference, AlignTrainer):
