@@ -140,3 +140,14 @@ def test_local_dataset_folder_with_trl_flags_and_batching(tmp_path, monkeypatch)
     assert saved["train"]["learning_rate"] == 1e-3 and saved["train"]["per_device_train_batch_size"] == 3
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("step") == 2 and "loss" in r for r in rows)
+
+
+@pytest.mark.parametrize("key, says", [("f_divergence_type=js_divergence", "method.loss_type=fdpo_js"),
+                                       ("f_alpha_divergence_coef=0.3", "method.f_alpha")])
+def test_trls_f_divergence_keys_name_the_loss_types(key, says):
+    """TRL's DPOConfig sets f-DPO with f_divergence_type; here they are loss types: one line that says which."""
+    from alignkit.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"method.{key.split('=')[0]}: renamed; use {re.escape(says)}"):
+        load_config(None, ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", f"method.{key}"],
+                    command="dpo")

@@ -125,6 +125,10 @@ RENAMED: dict[str, dict[str, str | None]] = {
                       "advantage": "the command (alignkit grpo or alignkit rloo)",
                       "save_at_end": None},  # removed: the run always writes model/
     "*:data": {"padding_free": "train.padding_free", "group_by_length": "train.group_by_length"},
+    # TRL's DPOConfig spellings of objectives that are loss types here
+    "*:method": {"f_divergence_type": "method.loss_type=fdpo_js, fdpo_forward_kl or fdpo_alpha (TRL's "
+                 "f_divergence_type js_divergence / forward_kl / alpha_divergence)",
+                 "f_alpha_divergence_coef": "method.f_alpha (with method.loss_type=fdpo_alpha)"},
 }
 
 
