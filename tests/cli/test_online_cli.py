@@ -138,7 +138,13 @@ def test_annotate_without_samples_fails_before_loading_anything(tmp_path, capsys
     ("grpo", "grpo-tiny.yaml", "method.kl_estimator=k9", "method.kl_estimator: 'k9' is not registered; valid: k1,"),
     ("online-dpo", "online-dpo-tiny.yaml", "method.loss_type=[sigmoid, sigmod]", "method.loss_type: 'sigmod' is not"),
     ("grpo", "grpo-tiny.yaml", "data.path=null", "data.path: required"),
-    ("rloo", "rloo-tiny.yaml", "sampling.num_samples=1", "method: RLOO needs sampling.num_samples >= 2"),
+    ("rloo", "rloo-tiny.yaml", "sampling.num_samples=1", "it needs sampling.num_samples >= 2, got 1"),
+    # group advantages and pairs compare a prompt's samples: one sample, or identical greedy ones, learn nothing
+    ("grpo", "grpo-tiny.yaml", "sampling.num_samples=1", "method: GRPO learns from the differences between the samp"),
+    ("online-dpo", "online-dpo-tiny.yaml", "sampling.num_samples=1", "method: online DPO (pairs of a prompt's samp"),
+    ("grpo", "grpo-tiny.yaml", "sampling.do_sample=false", "draws 4 identical ones (nothing would be learned); set "
+     "sampling.do_sample=true"),
+    ("online-dpo", "online-dpo-tiny.yaml", "sampling.do_sample=false", "set sampling.do_sample=true"),
     ("online-dpo", "online-dpo-tiny.yaml", "method.feedback_kwargs={k: 1}", "method.feedback_kwargs.k: unknown key"),
     ("online-dpo", "online-dpo-tiny.yaml", "method.reweighters=[nope]", "method.reweighters[0]: "),
     ("annotate", "annotate-tiny.yaml", "feedback=best_of_m", "feedback: 'best_of_m' is not allowed"),

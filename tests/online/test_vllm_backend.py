@@ -9,6 +9,7 @@ from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+from alignkit.online.ppo import PPOConfig
 
 
 @pytest.mark.parametrize("kind", ["reft", "reft+lora"])
@@ -41,7 +42,7 @@ def test_temperature_above_vllms_range_is_refused_before_training():
     backend a higher temperature would pass alignkit's checks and fail at the first generation, after the engine
     started: refused when the config is built, naming the key and both ways out."""
     with pytest.raises(ValueError, match=r"sampling.temperature 2.5 is above 2.*generation_backend='transformers'"):
-        GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=2.5))
-    GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=2.0))  # the bound itself is vLLM's
-    GRPOConfig(generation_backend="transformers", sampling=SamplingConfig(temperature=2.5))
-    GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=3.0, do_sample=False))  # greedy
+        GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=2.5, num_samples=2))
+    GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=2.0, num_samples=2))  # the bound itself is vLLM's
+    GRPOConfig(generation_backend="transformers", sampling=SamplingConfig(temperature=2.5, num_samples=2))
+    PPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=3.0, do_sample=False))  # greedy (PPO: GRPO refuses it)

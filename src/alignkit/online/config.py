@@ -4,7 +4,7 @@ subclasses it and adds its own). Plain data checked on construction; the loop is
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from alignkit.losses import KL_ESTIMATORS
 from alignkit.online.generation import SamplingConfig
@@ -13,6 +13,10 @@ from alignkit.online.generation import SamplingConfig
 @dataclass
 class OnlineConfig:
     """Settings shared by every online optimizer (subclasses add their own)."""
+
+    # an objective that learns from the differences between the samples of one prompt (group advantages, pairs)
+    # names itself here: it needs >= 2 samples per prompt, drawn by sampling (greedy ones are all the same)
+    compares_samples: ClassVar[str | None] = None
 
     steps: int = 100
     prompts_per_step: int = 8
@@ -66,6 +70,15 @@ class OnlineConfig:
                              f"{self.gradient_accumulation_steps}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"online config: mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        if self.compares_samples is not None:
+            what = self.compares_samples
+            if self.sampling.num_samples < 2:
+                raise ValueError(f"{what} learns from the differences between the samples of a prompt: it needs "
+                                 f"sampling.num_samples >= 2, got {self.sampling.num_samples} (nothing would be learned)")
+            if not self.sampling.do_sample:
+                raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
+                                 f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
+                                 f"would be learned); set sampling.do_sample=true")
         if self.generation_backend not in ("transformers", "vllm"):
             raise ValueError(f"online config: generation_backend must be 'transformers' or 'vllm', got "
                              f"{self.generation_backend!r}")

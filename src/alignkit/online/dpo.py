@@ -17,7 +17,7 @@ set each pair's weight. The pair's token ids are the sampled ones (found by `met
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
 
 @dataclass
 class OnlineDPOConfig(OnlineConfig):
+    compares_samples: ClassVar[str] = "online DPO (pairs of a prompt's samples)"
     learning_rate: float = 5e-7  # TRL's OnlineDPOConfig
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None

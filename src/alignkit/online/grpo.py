@@ -40,12 +40,14 @@ class GRPOConfig(OnlineConfig):
     entropy_coef: float = 0.0
     aggregation: str = "sequence_mean"  # or "token_sum" (per-sequence sums, normalised by the minibatch's tokens)
 
+    @property
+    def compares_samples(self) -> str:  # group advantages: >= 2 sampled responses per prompt (OnlineConfig)
+        return "RLOO (a leave-one-out baseline per prompt)" if self.advantage == "rloo" else "GRPO"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"GRPO advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
-        if self.advantage == "rloo" and self.sampling.num_samples < 2:
-            raise ValueError("RLOO needs sampling.num_samples >= 2 (a leave-one-out baseline per prompt)")
 
 
 @dataclass
