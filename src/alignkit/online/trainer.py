@@ -76,6 +76,7 @@ from alignkit.online.updates import MinibatchUpdates
 from alignkit.online.vllm_generation import refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
+from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         params += [p for m in self.extra_modules for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters; wrap it with apply_adapter first")
+        warn_low_precision(model, self.config.learning_rate)  # bf16 weights: updates round away
         opt_class = torch.optim.SGD if self.config.optimizer == "sgd" else torch.optim.AdamW
         optimizer = opt_class(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         if fsdp2:  # accelerate shards model and optimizer together (fully_shard swaps the parameters)

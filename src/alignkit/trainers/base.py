@@ -91,6 +91,7 @@ from alignkit.runs import (
 )
 from alignkit.settings import ConfigError
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
+from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
 
 logger = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class AlignTrainer(BatchSampling, Trainer):
             logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})
         self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": {}, "eval": {}}
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
+        warn_low_precision(self.model, self.args.learning_rate)  # bf16 weights: updates round away
 
     # -- optimizer ---------------------------------------------------------------------------------------
 

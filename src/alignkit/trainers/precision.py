@@ -1,0 +1,51 @@
+"""Trainable weights stored in bf16 / fp16: the optimizer's updates round away.
+
+Mixed precision (`train.bf16`) keeps fp32 weights and computes in bf16. Loading a model in bf16
+(`model.dtype: bfloat16`) and training it makes the weights themselves bf16: an update smaller than half the spacing
+of bf16 numbers around a weight (|w| * 2^-8; fp16: 2^-11) rounds to no change. An Adam step moves a weight by about
+the learning rate, so at lr = 1e-5 every weight above ~0.0026 in magnitude does not move at all, and the loss stays
+flat without an error. `low_precision_report` measures, before training, the share of trainable elements an update
+of size `lr` cannot move; the trainers log it as a warning naming the fix (fp32 weights + `train.bf16`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+_MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11}  # fraction bits + 1: spacing at |w| is |w| * 2^-bits
+
+
+def low_precision_report(model: nn.Module, lr: float) -> str | None:
+    """A sentence when some trainable parameters are bf16 / fp16 (share of elements whose update of size `lr` rounds
+    to nothing: |w| * 2^-bits / 2 > lr), else None."""
+    total = stuck = 0
+    dtypes: set[str] = set()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad or p.dtype not in _MANTISSA_BITS:
+                continue
+            dtypes.add(str(p.dtype).replace("torch.", ""))
+            half_spacing = p.detach().abs().float() * 2.0 ** -_MANTISSA_BITS[p.dtype] / 2
+            stuck += int((half_spacing > lr).sum())
+            total += p.numel()
+    if not total:
+        return None
+    return (f"{total:,} trainable weights are stored in {'/'.join(sorted(dtypes))} (model.dtype), so an optimizer "
+            f"step of about the learning rate {lr:g} rounds to no change for {stuck / total:.0%} of them and the "
+            f"loss barely moves; load the model in float32 (model.dtype=float32) and compute in bf16 with "
+            f"train.bf16=true (mixed precision: fp32 weights)")
+
+
+def warn_low_precision(model: nn.Module, lr: float) -> str | None:
+    """Log `low_precision_report` once as a warning; returns it."""
+    text = low_precision_report(model, lr)
+    if text is not None:
+        logger.warning(text)
+    return text
+
+
+__all__ = ["low_precision_report", "warn_low_precision"]
