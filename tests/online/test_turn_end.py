@@ -53,4 +53,8 @@ def test_generation_stops_at_the_turn_end_token(tiny_lm, tokenizer):
     (got,) = generate_responses(model, tokenizer, [[{"role": "user", "content": "Hi"}]],
                                 SamplingConfig(do_sample=False, max_new_tokens=5))
     assert got.response_ids == [im_end] and got.finish_reason == "eos" and got.response == ""
+    # a plain-text prompt is not formatted by the template: its turn-end token means nothing there, no stop
+    (plain,) = generate_responses(model, tokenizer, ["Hi"], SamplingConfig(do_sample=False, max_new_tokens=5))
+    assert plain.response_ids == [im_end] * 5 and plain.finish_reason == "length"
+    assert im_end not in end_token_ids(model, tokenizer, SamplingConfig(), chat=False)
 

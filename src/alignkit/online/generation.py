@@ -47,7 +47,7 @@ from transformers import GenerationConfig
 
 from alignkit.adapters import unwrap_lm
 from alignkit.compat import cache_keyword
-from alignkit.data.chat import format_record, turn_end_ids
+from alignkit.data.chat import format_record, resolved_formatter, turn_end_ids
 from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
@@ -123,13 +123,19 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig) -> list[int]:
-    """EOS ids of the model's generation config and the tokenizer, the chat template's turn-end token
-    (`data.chat.turn_end_ids`: a model trained through the template ends its answers with it, not EOS), plus
-    `cfg.stop_token_ids`."""
+def uses_chat_template(records: Sequence[PromptRecord], formatter: str) -> bool:
+    """Whether any of `records` is formatted by the chat template (then its turn-end token ends generation)."""
+    return any(resolved_formatter(r.prompt, formatter) == "chat-template" for r in records)
+
+
+def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig, chat: bool = True) -> list[int]:
+    """EOS ids of the model's generation config and the tokenizer, plus `cfg.stop_token_ids`; with `chat` (prompts
+    formatted by the chat template) also the template's turn-end token (`data.chat.turn_end_ids`: a model trained
+    through the template ends its answers with it, not EOS). Plain-text prompts do not stop there: the token means
+    nothing outside the template."""
     ids: list[int] = []
     gen = getattr(model, "generation_config", None)
-    for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, turn_end_ids(tokenizer),
+    for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, turn_end_ids(tokenizer) if chat else [],
               list(cfg.stop_token_ids)):
         for i in ([v] if isinstance(v, int) else (v or [])):
             if i not in ids:
@@ -227,7 +233,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     warn_past_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
                       "generation (longest prompt + max_new_tokens)",
                       "lower max_new_tokens / the prompt length, or extend the context (model.rope_scaling)")
-    eos = end_token_ids(model, tokenizer, cfg)
+    eos = end_token_ids(model, tokenizer, cfg, chat=uses_chat_template(records, formatter))
     gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
     why_not = lean_unsupported(model, gen_kwargs["generation_config"]) if lean is not False else "lean=False"
     if lean and why_not:
@@ -294,4 +300,4 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt",
-           "finish_response", "end_token_ids", "model_device", "generation_metrics"]
+           "finish_response", "end_token_ids", "uses_chat_template", "model_device", "generation_metrics"]

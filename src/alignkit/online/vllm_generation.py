@@ -39,6 +39,7 @@ from alignkit.adapters.base import adapter_of, unwrap_lm
 from alignkit.data.records import DataError
 from alignkit.online.generation import (
     FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompt, end_token_ids, finish_response,
+    uses_chat_template,
 )
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def generate_with(complete: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Sa
     for r, ids in zip(records, encoded):
         if not ids:
             raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
-    eos = end_token_ids(eos_source, tokenizer, cfg)
+    eos = end_token_ids(eos_source, tokenizer, cfg, chat=uses_chat_template(records, formatter))
     requests = [sampling_request(cfg, eos, seed) for seed in prompt_seeds(cfg, len(records))]
     outs = complete([list(ids) for ids in encoded], requests)
     samples: list[Sample] = []
