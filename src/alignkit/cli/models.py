@@ -37,9 +37,12 @@ def trained_folder(ms: ModelSettings) -> str | None:
     return ms.adapter_path or (ms.path if _looks_local(ms.path) else None)
 
 
-def check_formats(ms: ModelSettings, prompts: Any, formatter: str) -> list[str]:
-    """Warn when `prompts` will be formatted in a way the model of `ms` was not trained on (data/chat.py)."""
-    return check_prompt_formats(trained_folder(ms), prompt_formats(prompts, formatter))
+def check_formats(ms: ModelSettings, prompts: Any, formatter: str) -> dict[str, int]:
+    """Warn when `prompts` will be formatted in a way the model of `ms` was not trained on (data/chat.py). Returns
+    the prompts' formats (resolved formatter -> count): what a training run records in its model folder."""
+    formats = prompt_formats(prompts, formatter)
+    check_prompt_formats(trained_folder(ms), formats)
+    return formats
 
 
 def apply_configured_adapter(model: Any, adapter: Any) -> Any:

@@ -27,7 +27,6 @@ from alignkit.cli.data import read_records
 from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
 )
-from alignkit.data.chat import prompt_formats
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
@@ -143,7 +142,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
                   allow_code: bool = False) -> int:
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
-    check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
+    formats = check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)  # recorded in model/
     tcfg = cfg.trainer_config()
     set_seed(tcfg.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
@@ -183,8 +182,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     with staged(run.model, step=len(trainer.history)) as model_dir:
         trainer.save(model_dir)
         card.write(model_dir / "README.md")
-        write_prompt_formats(model_dir, prompt_formats((r.prompt for r in prompts), cfg.data.formatter),
-                             cfg.data.formatter)
+        write_prompt_formats(model_dir, formats, cfg.data.formatter)
     card.write(run.card)
     try:
         plot_online(rows, run.plots)

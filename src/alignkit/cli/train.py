@@ -31,7 +31,6 @@ from alignkit.cli.data import load_data, tokenize
 from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
-from alignkit.data.chat import prompt_formats
 from alignkit.interventions.positions import check_prompt_lengths
 from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
@@ -206,8 +205,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     check_precision(cfg.train)
     kind = record_kind(command, cfg.method)
     train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
-    formats = prompt_formats((r.prompt for r in train_records), cfg.data.formatter)
-    check_formats(cfg.model, (r.prompt for r in train_records), cfg.data.formatter)  # training on, from a trained model
+    # training on from a trained model: warned when its format changes; the formats are recorded in model/
+    formats = check_formats(cfg.model, (r.prompt for r in train_records), cfg.data.formatter)
     set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed
     task = "classifier" if command == "rm" else "causal_lm"
     model, tok, base_path, base_desc = load_base(cfg.model, None, task)
