@@ -17,6 +17,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 _MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11}  # fraction bits + 1: spacing at |w| is |w| * 2^-bits
+_CHUNK = 1 << 22  # elements compared at a time: the float32 copy stays small for a large model's embedding
 
 
 def low_precision_report(model: nn.Module, lr: float) -> str | None:
@@ -29,8 +30,10 @@ def low_precision_report(model: nn.Module, lr: float) -> str | None:
             if not p.requires_grad or p.dtype not in _MANTISSA_BITS:
                 continue
             dtypes.add(str(p.dtype).replace("torch.", ""))
-            half_spacing = p.detach().abs().float() * 2.0 ** -_MANTISSA_BITS[p.dtype] / 2
-            stuck += int((half_spacing > lr).sum())
+            # |w| * 2^-bits / 2 > lr  <=>  |w| > lr * 2^(bits+1) (a power of two: exact in float32)
+            bound = lr * 2.0 ** (_MANTISSA_BITS[p.dtype] + 1)
+            for chunk in p.detach().reshape(-1).split(_CHUNK):
+                stuck += int(torch.count_nonzero(chunk.float().abs() > bound))
             total += p.numel()
     if not total:
         return None
