@@ -50,11 +50,8 @@ def resolve_padding_free(padding_free: bool | None, model: nn.Module, args: Any,
     kind = PreferenceCollator if paired else SFTCollator
     if collator is not None and type(collator) is not kind:
         return False
-    on = varlen_rows(model, bool(getattr(args, "activation_checkpointing", False)))
-    if on:
-        logger.info("padding-free batches (padding_free=None and sdpa attention): same examples per batch, no "
-                    "padding in the linear layers; padding_free=False keeps padded batches")
-    return on
+    return _varlen_default(model, args, "padding-free batches (padding_free=None and sdpa attention): same examples "
+                           "per batch, no padding in the linear layers; padding_free=False keeps padded batches")
 
 
 def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, model: nn.Module, args: Any,
@@ -74,10 +71,15 @@ def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, m
         return False
     if getattr(unwrap_parallel(model), "span_locations", None) is not None:
         return False
+    return _varlen_default(model, args, "shared-prompt rows (share_prompt=None and sdpa attention): each pair's "
+                           "prompt runs once, no padding; share_prompt=False keeps padded batches")
+
+
+def _varlen_default(model: nn.Module, args: Any, chosen: str) -> bool:
+    """The last condition of both defaults (`varlen_rows`), and the one log line saying which layout was chosen."""
     on = varlen_rows(model, bool(getattr(args, "activation_checkpointing", False)))
     if on:
-        logger.info("shared-prompt rows (share_prompt=None and sdpa attention): each pair's prompt runs once, no "
-                    "padding; share_prompt=False keeps padded batches")
+        logger.info(chosen)
     return on
 
 
