@@ -151,3 +151,20 @@ def test_trls_f_divergence_keys_name_the_loss_types(key, says):
     with pytest.raises(ConfigError, match=rf"method.{key.split('=')[0]}: renamed; use {re.escape(says)}"):
         load_config(None, ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", f"method.{key}"],
                     command="dpo")
+
+
+@pytest.mark.parametrize("command", ["dpo", "online-dpo"])
+@pytest.mark.parametrize("key, reader", [("cpo_alpha=0.5", "cpo"), ("f_alpha=0.3", "fdpo_alpha"),
+                                         ("orpo_lambda=0.2", "orpo"), ("discopop_tau=0.1", "discopop")])
+def test_a_loss_parameter_no_chosen_loss_reads_is_refused(command, key, reader):
+    """Each of these is read by one loss alone: set with loss_type sigmoid it used to be accepted and ignored."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    if command == "online-dpo":
+        base.append("annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}")
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"method.{name}: only loss_type {reader} reads it, and loss_type is "
+                                          r"\['sigmoid'\], so it would be ignored"):
+        load_config(None, [*base, f"method.{key}"], command=command)
+    load_config(None, [*base, f"method.{key}", f"method.loss_type=[sigmoid, {reader}]"], command=command)

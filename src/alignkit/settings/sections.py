@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.settings.train import TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train
+from alignkit.settings.typed import ConfigError
 
 
 DType = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]  # every `dtype` key
@@ -87,6 +89,18 @@ class PreferenceObjective:
 
     PARAMS = ("beta", "label_smoothing", "simpo_gamma_beta_ratio", "orpo_lambda", "slic_delta", "slic_lambda",
               "discopop_tau", "cpo_alpha", "f_alpha")
+    # the parameters one loss alone reads: set away from its default without that loss, it would be ignored
+    READ_ONLY_BY = {"simpo_gamma_beta_ratio": ("simpo",), "orpo_lambda": ("orpo",), "slic_delta": ("slic",),
+                    "slic_lambda": ("slic",), "discopop_tau": ("discopop",), "cpo_alpha": ("cpo",),
+                    "f_alpha": ("fdpo_alpha",)}
+
+    def __post_init__(self) -> None:
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        defaults = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
+        for key, readers in self.READ_ONLY_BY.items():
+            if getattr(self, key) != defaults[key] and not set(readers) & set(names):
+                raise ConfigError(f"method.{key}: only loss_type {' / '.join(readers)} reads it, and loss_type is "
+                                  f"{names}, so it would be ignored; remove it or add that loss type")
 
 
 @dataclass
