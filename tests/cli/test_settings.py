@@ -179,9 +179,21 @@ def test_reft_config_is_typed_old_mappings_still_load_unknown_keys_named():
 @pytest.mark.parametrize("override", ["data.eval_fraction=0.2", "data.max_length=64", "data.loss_on=all",
                                       "data.add_eos=true", "data.eval_path=x.jsonl"])
 def test_prompt_only_commands_refuse_data_keys_they_would_ignore(command, config, override):
-    """Online training and `sample` read prompts only: an evaluation split, loss mask, row cut or EOS set in `data`
-    was accepted and silently ignored. Now one line naming the key; the keys they read still load."""
+    """Online training and `sample` read prompts only: a loss mask, row cut or EOS set in `data` was accepted and
+    silently ignored. Now one line naming the key; the keys they read still load. The online training commands
+    read held-out prompts (eval_path / eval_fraction: alignkit.online.evaluation); `sample` does not."""
     key = override.split("=")[0]
+    if command != "sample" and key in ("data.eval_fraction", "data.eval_path"):
+        load_config(CONFIG_DIR / config, [override], command=command)
+        return
     with pytest.raises(ConfigError, match=rf"{key}: alignkit {command} reads only prompts"):
         load_config(CONFIG_DIR / config, [override], command=command)
     load_config(CONFIG_DIR / config, ["data.max_prompt_length=32", "data.max_records=3"], command=command)
+
+
+def test_online_eval_steps_without_held_out_prompts_is_refused():
+    """train.eval_steps with no held-out prompts would evaluate nothing: one line naming the key and the fix."""
+    with pytest.raises(ConfigError, match=r"grpo-tiny\.yaml: train\.eval_steps: 2 evaluates on held-out prompts, and data gives none"):
+        load_config(CONFIG_DIR / "grpo-tiny.yaml", ["train.eval_steps=2"], command="grpo")
+    cfg = load_config(CONFIG_DIR / "grpo-tiny.yaml", ["train.eval_steps=2", "data.eval_fraction=0.25"], command="grpo")
+    assert cfg.trainer_config().eval_steps == 2

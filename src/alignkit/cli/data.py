@@ -46,8 +46,9 @@ def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, spl
     return records
 
 
-def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
-    """(train records, eval records) of `kind`; eval from `data.eval_path` or an `eval_fraction` split."""
+def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
+    """(train records, eval records) of `kind` as read: `data.path` (the first `max_records`), and the evaluation
+    records of `data.eval_path` or of an `eval_fraction` split of the training ones (seeded by `split_seed`)."""
     records = read_records(ds.path, ds, kind, ds.split, "data.path")
     if ds.max_records is not None:
         records = records[:ds.max_records]
@@ -61,6 +62,13 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
             raise ConfigError(f"data.eval_fraction: {ds.eval_fraction} of {n} record(s) leaves "
                               f"{'no evaluation' if not evals else 'no training'} record; set it so both parts get "
                               "at least one record, set data.eval_fraction=0 (no evaluation) or give data.eval_path")
+    return records, evals
+
+
+def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
+    """(train records, eval records) of `kind`; eval from `data.eval_path` or an `eval_fraction` split; pairs
+    with nothing to prefer dropped (`drop_degenerate`)."""
+    records, evals = read_splits(ds, kind)
     records = drop_degenerate(records, "data.path")
     evals = drop_degenerate(evals, "data.eval_path" if ds.eval_path is not None else "evaluation split")
     logger.info("data: %d training and %d evaluation %s record(s)", len(records), len(evals), kind)

@@ -5,7 +5,8 @@
            -> model/ (adapter or full model + online_config.json; PPO: value_head.safetensors)
            -> plots/{reward,kl,loss}.png, README.md
 
-Sections (`alignkit.settings.online`): model, data (the prompts: any records, their prompts are used),
+Sections (`alignkit.settings.online`): model, data (the prompts: any records, their prompts are used; held-out
+prompts from `eval_path` or `eval_fraction`, evaluated every `train.eval_steps` steps and after the last one),
 adapter, annotator (reward_model | function | judge), sampling, method (the objective), train (the same keys
 as the offline commands: learning_rate, max_steps, seed, save_steps, report_to, ...; `settings/train.py`).
 The online trainers run their own accelerate loop (not `transformers.Trainer`); `accelerate launch -m alignkit
@@ -23,7 +24,7 @@ from typing import Any
 from transformers import set_seed
 
 from alignkit.adapters import adapter_of
-from alignkit.cli.data import read_records
+from alignkit.cli.data import read_records, read_splits
 from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
 )
@@ -42,7 +43,7 @@ HELP = {"online-dpo": "online DPO: pairs from the policy's own samples each step
 
 # plot file -> metric names drawn on it (the online trainers' row keys)
 ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
-    "reward": ("reward", "reward_std", "reward/normalized_mean"),
+    "reward": ("reward", "reward_std", "reward/normalized_mean", "eval/reward"),
     "kl": ("kl", "kl/sequence_sum", "kl/token", "kl_coef"),
     "loss": ("loss", "policy_loss", "value_loss"),
 }
@@ -64,6 +65,15 @@ def read_prompts(ds: DataSettings) -> list:
     """The prompt records of `data.path` (any records: their prompts, weights and meta are used)."""
     records = read_records(ds.path, ds, "prompt", ds.split, "data.path")
     return records[:ds.max_records] if ds.max_records is not None else records
+
+
+def read_prompt_splits(ds: DataSettings) -> tuple[list, list]:
+    """(training prompts, held-out prompts): the records of `data.path`, and of `data.eval_path` or an
+    `eval_fraction` split of them (`alignkit.cli.data.read_splits`); their prompts are used."""
+    prompts, held_out = read_splits(ds, "prompt")
+    if held_out:
+        logger.info("data: %d training and %d held-out prompt(s)", len(prompts), len(held_out))
+    return prompts, held_out
 
 
 def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = False) -> Any:
@@ -141,7 +151,7 @@ def train_online(cfg: Any, command: str, *, command_line: str = "", resume: bool
 def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False,
                   allow_code: bool = False) -> int:
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
-    prompts = read_prompts(cfg.data)  # data errors come before any model is built
+    prompts, held_out = read_prompt_splits(cfg.data)  # data errors come before any model is built
     formats = check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)  # recorded in model/
     tcfg = cfg.trainer_config()
     set_seed(tcfg.seed)  # the adapter's initialisation follows the run's seed
@@ -150,7 +160,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     annotator = make_annotator(cfg.annotator, None, allow_code)
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged)
         tcfg = dataclasses.replace(tcfg, progress_bar=False)
-    trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root)
+    trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,
+                                     eval_prompts=held_out or None)
 
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
@@ -173,6 +184,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         objective={"objective": HELP[command], "command": command,
                    "annotator": annotator.describe(), **method},
         data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
+              **({"held-out prompts": trainer.eval_prompts_total} if held_out else {}),
               "sampling": cfg.sampling.to_dict()},
         hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode,
                          "world size": trainer.world},
@@ -192,10 +204,11 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     if tcfg.push_to_hub:
         trainer.push_to_hub(tcfg.hub_model_id or Path(named.root).name, folder=named.model)  # model/ + card only
     last = rows[-1] if rows else {}
-    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss") if isinstance(last.get(k), float))
+    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss", "eval/reward")
+                      if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
           f"  run folder: {named.root} (model/, README.md, metrics.jsonl, plots/)")
     return 0
 
 
-__all__ = ["ONLINE_PLOTS", "add_parser", "make_annotator", "plot_online", "read_prompts", "run", "train_online"]
+__all__ = ["ONLINE_PLOTS", "add_parser", "make_annotator", "plot_online", "read_prompt_splits", "read_prompts", "run", "train_online"]

@@ -51,6 +51,8 @@ class OnlineConfig:
     share_prompt: bool = False  # the training, reference and policy forwards run each prompt's samples as ONE row
     #   (the prompt once; alignkit.data.collators.shared_prefix_layout): the same log-probs up to float rounding
     seed: int = 0
+    eval_steps: int | None = None  # with held-out prompts (OnlineTrainer's eval_prompts): evaluate every N steps;
+    #   held-out prompts are always evaluated after the last step (alignkit.online.evaluation)
     save_at_end: bool = True
     save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
     push_to_hub: bool = False  # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
@@ -65,6 +67,9 @@ class OnlineConfig:
                              f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"online config: optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"online config: eval_steps must be >= 1 or None (evaluate after the last step only), "
+                             f"got {self.eval_steps}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"online config: gradient_accumulation_steps must be >= 1, got "
                              f"{self.gradient_accumulation_steps}")

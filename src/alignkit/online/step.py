@@ -79,7 +79,12 @@ class RolloutSteps:
         return ((s.seed if s.seed is not None else self.config.seed) * 100_003 + step) * self.world + self.rank
 
     def generate(self, prompts: list, step: int) -> list[Sample]:
-        cfg = replace(self.config.sampling, seed=self.sampling_seed(step))
+        """The step's samples: `sampling.num_samples` per prompt, from the current policy."""
+        return self.sample_prompts(prompts, self.sampling_seed(step))
+
+    def sample_prompts(self, prompts: list, seed: int) -> list[Sample]:
+        """Samples of `prompts` from the current policy with the run's sampling settings and `seed`."""
+        cfg = replace(self.config.sampling, seed=seed)
         if self.config.generation_backend == "vllm":
             return self.generate_vllm(prompts, cfg)
         # a ReFT policy places its own saved position spec (ReftModel.generate)

@@ -45,7 +45,7 @@ their group's valid rewards.
 The class is assembled from one module per part: this one holds the set-up and the loop (`train`); `config.py`
 the settings (`OnlineConfig`); `step.py` prompts, generation, annotation and the `Rollout` (`RolloutSteps`);
 `updates.py` the minibatch optimisation (`MinibatchUpdates`); `metrics.py` cross-process reductions and the
-metrics' output (`ProcessMetrics`); `checkpoint.py` checkpoints, the saved model and the Hub upload
+metrics' output (`ProcessMetrics`); `evaluation.py` the held-out prompts' evaluation (`HeldOutEvaluation`); `checkpoint.py` checkpoints, the saved model and the Hub upload
 (`Checkpoints`). `alignkit.online.trainer` still exports `OnlineConfig`, `Rollout` and `METRICS_FILE`.
 """
 
@@ -68,6 +68,7 @@ from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
+from alignkit.online.evaluation import HeldOutEvaluation
 from alignkit.online.generation import as_prompt_records
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
@@ -92,7 +93,7 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics, Checkpoints):
+class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics, Checkpoints, HeldOutEvaluation):
     """Base of the online optimizers. Subclasses implement `build_batch` and `optimise`.
 
     Args:
@@ -103,6 +104,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         config: an `OnlineConfig` (or a subclass's).
         ref_model: a frozen reference (default: adapter off, or a frozen copy for full finetuning).
         output_dir: where metrics.jsonl and the final adapter go (nothing is written when None).
+        eval_prompts: held-out prompts (same forms as `prompts`), sampled and scored every `config.eval_steps`
+            steps and after the last step: `eval/*` metrics (`alignkit.online.evaluation`).
     """
 
     config_class = OnlineConfig
@@ -117,7 +120,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
 
     def __init__(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Any], annotator: Annotator | dict,
                  config: OnlineConfig | None = None, *, ref_model: nn.Module | None = None,
-                 output_dir: str | Path | None = None) -> None:
+                 output_dir: str | Path | None = None, eval_prompts: Sequence[Any] | None = None) -> None:
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got "
@@ -143,6 +146,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             raise ValueError(f"online config: prompts_per_step ({n_step}, method.prompts_per_step on the command "
                              f"line, capped by the {len(self.prompts)} prompt(s)) must be a multiple of the number "
                              f"of processes ({self.world}): each process samples an equal share of the step's prompts")
+        self.set_eval_prompts(eval_prompts)
         if self.config.mini_batch_size is not None and self.config.mini_batch_size % self.world:
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
@@ -252,6 +256,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             metrics = self.reduce_metrics({"step": float(step), **rollout.metrics, **self.optimise(batch)})
             self.kl_ctl.update(metrics["kl/sequence_sum"], len(samples) * self.world)
             metrics["time/step_s"] = time.perf_counter() - t0
+            if self.eval_due(step):  # after the step's update; not counted in time/step_s
+                metrics.update(self.evaluate())
             self.log(metrics)
             if getattr(self, "_step_flat", False):
                 self._flat_steps += 1

@@ -285,21 +285,25 @@ class PPOMethod(PPOObjective, KLPenaltyMethod):
     """`alignkit ppo`: value head + GAE."""
 
 
-# What a prompts-only `data` section (online training, `sample`) reads: the prompts are read, never split for
-# evaluation, loss-masked, cut as whole rows or given an EOS. A key outside these set to other than its default
-# would be ignored silently: refused instead.
+# What a prompts-only `data` section (online training, `sample`) reads: the prompts are read, never loss-masked,
+# cut as whole rows or given an EOS; the online training commands also take held-out prompts (an evaluation
+# split: ONLINE_EVAL_DATA_KEYS), `sample` does not. A key outside these set to other than its default would be
+# ignored silently: refused instead.
 PROMPT_DATA_KEYS = ("path", "reader", "reader_options", "formatter", "max_prompt_length", "split", "max_records",
                     "on_invalid")
+ONLINE_EVAL_DATA_KEYS = ("eval_path", "eval_fraction", "eval_split", "split_seed")
 
 
 def check_prompt_data(data: DataSettings, command: str) -> None:
     """ConfigError naming the first `data.<key>` that `command` would ignore (see PROMPT_DATA_KEYS)."""
     default = DataSettings()
+    reads = PROMPT_DATA_KEYS + (ONLINE_EVAL_DATA_KEYS if command in ONLINE_COMMANDS else ())
     for f in dataclasses.fields(DataSettings):
-        if f.name not in PROMPT_DATA_KEYS and getattr(data, f.name) != getattr(default, f.name):
-            raise ConfigError(f"data.{f.name}: alignkit {command} reads only prompts from data (no evaluation split, "
-                              f"loss mask, row length cut or EOS), so it would ignore data.{f.name}; remove it (the "
-                              f"keys it reads: {', '.join(PROMPT_DATA_KEYS)})")
+        if f.name not in reads and getattr(data, f.name) != getattr(default, f.name):
+            what = ("loss mask, row length cut or EOS" if command in ONLINE_COMMANDS
+                    else "evaluation split, loss mask, row length cut or EOS")
+            raise ConfigError(f"data.{f.name}: alignkit {command} reads only prompts from data (no {what}), so it "
+                              f"would ignore data.{f.name}; remove it (the keys it reads: {', '.join(reads)})")
 
 
 @dataclass
@@ -338,6 +342,9 @@ class OnlineRunConfig:
         self.train = {"learning_rate": ONLINE_LEARNING_RATES[self.command], **(self.train or {})}
         check_train(self.train, self.command)
         check_prompt_data(self.data, self.command)
+        if self.train.get("eval_steps") is not None and self.data.eval_path is None and not self.data.eval_fraction:
+            raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} evaluates on held-out prompts, and data "
+                              "gives none: set data.eval_path or data.eval_fraction, or remove train.eval_steps")
         from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES
 
         m = self.method
@@ -426,6 +433,6 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
                                           "rloo": RLOORunConfig, "ppo": PPORunConfig, "sample": SampleConfig,
                                           "annotate": AnnotateConfig}
 
-__all__ = ["PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
+__all__ = ["ONLINE_EVAL_DATA_KEYS", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
            "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]

@@ -47,7 +47,8 @@ TRAIN_KEYS: dict[str, tuple[Any, str]] = {
     "warmup_steps": (int | float, "warm-up steps (a float < 1: a fraction of the run)"),
     "logging_steps": (int | float, "log metrics every N steps"),
     "eval_strategy": (str, "no | steps | epoch"),
-    "eval_steps": (int | float | None, "evaluate every N steps (eval_strategy steps)"),
+    "eval_steps": (int | float | None, "evaluate every N steps (offline: with eval_strategy steps; online: on the "
+                   "held-out prompts of data.eval_path / eval_fraction, which are also evaluated after the last step)"),
     "save_total_limit": (int | None, "checkpoints kept"),
     "gradient_checkpointing": (bool | None, "recompute activations in backward (less memory)"),
     "bf16": (bool, "bf16 mixed precision"),
@@ -66,7 +67,7 @@ ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_fr
                                                                        "compile")}
 
 ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_decay", "max_grad_norm",
-                     "gradient_accumulation_steps", "save_steps", "report_to", "disable_tqdm", "push_to_hub",
+                     "gradient_accumulation_steps", "eval_steps", "save_steps", "report_to", "disable_tqdm", "push_to_hub",
                      "hub_model_id", "hub_private_repo")
 ONLINE_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}  # train.optim -> the online trainer's optimizer
 
@@ -97,8 +98,8 @@ OFFLINE_DEFAULTS: dict[str, Any] = {
 # The online trainers' defaults, in train's vocabulary (checked against alignkit.online's config classes by a test).
 ONLINE_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-6, "max_steps": 100, "seed": 0, "optim": "adamw_torch", "weight_decay": 0.0,
-    "max_grad_norm": 1.0, "gradient_accumulation_steps": 1, "save_steps": None, "report_to": None,
-    "disable_tqdm": False, "push_to_hub": False, "hub_model_id": None, "hub_private_repo": False,
+    "max_grad_norm": 1.0, "gradient_accumulation_steps": 1, "eval_steps": None, "save_steps": None,
+    "report_to": None, "disable_tqdm": False, "push_to_hub": False, "hub_model_id": None, "hub_private_repo": False,
 }
 ONLINE_LEARNING_RATES = {"online-dpo": 5e-7, "grpo": 1e-6, "rloo": 1e-6, "ppo": 3e-6}  # TRL's per-objective values
 
