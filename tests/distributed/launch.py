@@ -5,7 +5,8 @@
 
 Every launch gets the same environment: one OpenMP thread per rank (the machine's cores are shared), the rendezvous
 on 127.0.0.1, and this checkout's `src/` first on PYTHONPATH (the ranks import the alignkit under test, whatever
-is installed). A run past its timeout is killed with every rank it started (its own process group) and comes back
+is installed). A run past its timeout is killed with every rank it started (torchrun's process group, and each rank,
+which torchrun starts in a session of its own) and comes back
 as a failed run (`timed_out`), with the output it wrote so far, instead of a TimeoutExpired from the middle of
 pytest that leaves the ranks running."""
 
@@ -57,6 +58,19 @@ def torchrun(args: Sequence[str], *, nproc: int = 2, timeout: float = 600,
         out, err = proc.communicate(timeout=timeout)
         return Launched(cmd, proc.returncode, out, err)
     except subprocess.TimeoutExpired:
+        # torchrun starts each rank in a session of its own, so killing torchrun's process group leaves the ranks
+        # running, holding the output pipes open (communicate() would then wait for ever): kill them first
+        import psutil
+
+        try:
+            ranks = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            ranks = []
+        for child in ranks:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         return Launched(cmd, proc.returncode, out, err + f"\n[tests/distributed/launch.py: killed after {timeout} s]",

@@ -52,7 +52,8 @@ from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
 from alignkit.interventions.attach import ReftModel
-from alignkit.online.decode import inference_context, lean_generate, lean_unsupported, preallocated_cache
+from alignkit.online.decode import (inference_context, lean_generate, lean_unsupported, preallocated_cache,
+                                   sharded_over_processes)
 from alignkit.models.rope import warn_past_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 
@@ -235,6 +236,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                       "lower max_new_tokens / the prompt length, or extend the context (model.rope_scaling)")
     eos = end_token_ids(model, tokenizer, cfg, chat=uses_chat_template(records, formatter))
     gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
+    if sharded_over_processes(model):  # every forward is a collective: no rank may stop decoding before the others
+        gen_kwargs["synced_gpus"] = True
     why_not = lean_unsupported(model, gen_kwargs["generation_config"]) if lean is not False else "lean=False"
     if lean and why_not:
         raise ValueError(f"generate_responses(lean=True): the lean loop does not support this call: {why_not}")
