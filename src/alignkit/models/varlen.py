@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterator
 
 import torch
@@ -46,6 +47,17 @@ class VarlenLayout:
     range's columns. The kept outputs of all calls, in order, are the row's outputs, column by column."""
     calls: tuple[tuple[tuple[tuple[int, int], ...], int], ...]
     length: int
+
+    @cached_property
+    def segments(self) -> tuple[list[int], tuple[tuple[int, ...], ...]]:
+        """The row cut at every range's ends: (segment sizes, each call's segment indices). Attention takes its
+        inputs as `split` pieces (one backward copy for the whole row) rather than slices (each slice's backward
+        writes a zero tensor of the whole row)."""
+        cuts = sorted({0, self.length} | {e for ranges, _ in self.calls for r in ranges for e in r})
+        index = {c: i for i, c in enumerate(cuts)}
+        sizes = [b - a for a, b in zip(cuts, cuts[1:])]
+        calls = tuple(tuple(i for a, b in ranges for i in range(index[a], index[b])) for ranges, _ in self.calls)
+        return sizes, calls
 
 
 def varlen_layout(lengths: Tensor | list[int]) -> VarlenLayout:
@@ -73,10 +85,10 @@ def shared_varlen_layout(groups: list[tuple[int, list[int]]]) -> VarlenLayout:
     return VarlenLayout(tuple(calls), o)
 
 
-def _cols(x: Tensor, ranges: tuple[tuple[int, int], ...]) -> Tensor:
-    if len(ranges) == 1:
-        return x[:, :, ranges[0][0]:ranges[0][1]]
-    return torch.cat([x[:, :, a:b] for a, b in ranges], 2)
+def _cols(pieces: tuple[Tensor, ...], segments: tuple[int, ...]) -> Tensor:
+    if len(segments) == 1:
+        return pieces[segments[0]]
+    return torch.cat([pieces[i] for i in segments], 2)
 
 
 def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -94,9 +106,11 @@ def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
         raise RuntimeError(f"{VARLEN_SDPA}: soft-capped / sliding-window attention is not supported")
     gqa = query.shape[1] != key.shape[1]
+    sizes, segments = layout.segments
+    q, k, v = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
     outs = []
-    for ranges, keep in layout.calls:
-        o = F.scaled_dot_product_attention(_cols(query, ranges), _cols(key, ranges), _cols(value, ranges),
+    for (_, keep), seg in zip(layout.calls, segments):
+        o = F.scaled_dot_product_attention(_cols(q, seg), _cols(k, seg), _cols(v, seg),
                                            dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
         outs.append(o[:, :, keep:] if keep else o)  # (1, H, n, D)
     return torch.cat(outs, 2).transpose(1, 2), None  # (1, S, H, D)
