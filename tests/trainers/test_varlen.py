@@ -60,6 +60,38 @@ def test_attention_by_hand():
             torch.testing.assert_close(out[0, t, 0], w @ v[0, 0, a:t + 1], rtol=1e-5, atol=1e-6)
 
 
+def test_segments_by_hand():
+    """The row cut at every call's range ends, and per call its key and query segments: the shared layout above
+    (cuts 0, 2, 5, 6, 9) gives segments of 2, 3, 1, 3 columns; member 1 of group 0 keys on segments 0 and 2 and
+    queries segment 2 only (the outputs it keeps)."""
+    shared = varlen.shared_varlen_layout([(2, [3, 1]), (1, [2])])
+    assert shared.segments == ([2, 3, 1, 3], (((0, 1), (0, 1)), ((0, 2), (2,)), ((3,), (3,))))
+    assert varlen.varlen_layout([3, 1, 2]).segments == ([3, 1, 2], (((0,), (0,)), ((1,), (1,)), ((2,), (2,))))
+    m = shared.suffix_mask(2, 3, torch.device("cpu"))  # 2 queries after 3 earlier keys: j <= 3 + i
+    assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    with pytest.raises(ValueError, match="keeps its outputs from query 1"):
+        varlen.VarlenLayout(((((0, 2), (3, 4)), 1),), 4).segments
+
+
+def test_shared_attention_by_hand():
+    """A shared-prompt row (prefix 2, members of 2 and 3 own tokens; then a plain sequence of 2) with GQA (4 query
+    heads over 2 key/value heads): member 1's tokens attend over the prefix and their own earlier tokens, never
+    over member 0's; written out with explicit matmuls per head."""
+    g = torch.Generator().manual_seed(1)
+    lay = varlen.shared_varlen_layout([(2, [2, 3]), (0, [2])])  # columns: prefix 0-1, member 0 2-3, member 1 4-6, 7-8
+    q = torch.randn(1, 4, 9, 4, generator=g)
+    k, v = (torch.randn(1, 2, 9, 4, generator=g) for _ in range(2))
+    out, _ = varlen.varlen_sdpa_attention(None, q, k, v, None, scaling=0.5, alignkit_varlen=lay)  # (1, 9, 4, 4)
+    seen = {t: list(range(0, t + 1)) for t in range(4)}  # prefix + member 0: causal over columns 0..t
+    seen.update({t: [0, 1] + list(range(4, t + 1)) for t in range(4, 7)})  # member 1: prefix, then its own
+    seen.update({t: list(range(7, t + 1)) for t in range(7, 9)})
+    for t, cols in seen.items():
+        for h in range(4):
+            kv = h // 2
+            w = torch.softmax((q[0, h, t] @ k[0, kv, cols].T) * 0.5, -1)
+            torch.testing.assert_close(out[0, t, h], w @ v[0, kv, cols], rtol=1e-5, atol=1e-6)
+
+
 def _logps_and_grads(model, batch):
     model.zero_grad()
     token, mask = completion_token_logps(model, batch)

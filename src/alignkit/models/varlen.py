@@ -8,6 +8,10 @@ the varlen layout too: every layer's projections, MLP, norms and rotary embeddin
 padding at all), and the attention runs on each sequence's slice of the row alone (`is_causal=True`, no mask):
 sum of n_r^2 attention work instead of R * T_max^2 for the padded batch (measured, 8-16 sequences of 17-97
 tokens, fwd + bwd, 1 thread: 25-35 % less than one padded sdpa call, and no copies into a padded layout).
+A shared-prompt member k >= 1 queries only its own tokens, over the prompt's and its own keys, with the causal
+mask of that suffix (`VarlenLayout.suffix_mask`; CPU sdpa runs it in its flash kernel): no attention work on
+prompt queries whose outputs member 0 already gives. Queries, keys and values are cut into the calls' pieces
+with one `split` per layer (`VarlenLayout.segments`).
 
 `VarlenLayout` holds the attention calls (each sequence's columns), computed once per batch from the sequence
 lengths (`varlen_layout`; `shared_varlen_layout` for shared-prompt groups, each member attending over the prompt
@@ -49,15 +53,35 @@ class VarlenLayout:
     length: int
 
     @cached_property
-    def segments(self) -> tuple[list[int], tuple[tuple[int, ...], ...]]:
-        """The row cut at every range's ends: (segment sizes, each call's segment indices). Attention takes its
-        inputs as `split` pieces (one backward copy for the whole row) rather than slices (each slice's backward
-        writes a zero tensor of the whole row)."""
+    def segments(self) -> tuple[list[int], tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]]:
+        """The row cut at every range's ends: (segment sizes, per call (its key segments, its query segments)).
+        Attention takes its inputs as `split` pieces (one backward copy for the whole row) rather than slices
+        (each slice's backward writes a zero tensor of the whole row). A call with `keep` > 0 queries its last
+        range only (the outputs it keeps), over keys of all its ranges (`suffix_mask`)."""
         cuts = sorted({0, self.length} | {e for ranges, _ in self.calls for r in ranges for e in r})
         index = {c: i for i, c in enumerate(cuts)}
         sizes = [b - a for a, b in zip(cuts, cuts[1:])]
-        calls = tuple(tuple(i for a, b in ranges for i in range(index[a], index[b])) for ranges, _ in self.calls)
-        return sizes, calls
+        calls = []
+        for ranges, keep in self.calls:
+            if keep != sum(b - a for a, b in ranges[:-1]):
+                raise ValueError(f"VarlenLayout: a call keeps its outputs from query {keep} on, but its ranges "
+                                 f"{ranges} put its last range at {sum(b - a for a, b in ranges[:-1])}")
+            key = tuple(i for a, b in ranges for i in range(index[a], index[b]))
+            last = ranges[-1]
+            calls.append((key, tuple(range(index[last[0]], index[last[1]])) if keep else key))
+        return sizes, tuple(calls)
+
+    @cached_property
+    def _masks(self) -> dict:
+        return {}
+
+    def suffix_mask(self, n: int, keep: int, device: torch.device) -> Tensor:
+        """(n, keep + n) bool: query i (the i-th of the last n columns) sees key j when j <= keep + i, i.e. the
+        causal mask of the whole call, restricted to its last n queries. Built once per batch and device."""
+        k = (n, keep, device)
+        if k not in self._masks:
+            self._masks[k] = torch.ones(n, keep + n, dtype=torch.bool, device=device).tril(keep)
+        return self._masks[k]
 
 
 def varlen_layout(lengths: Tensor | list[int]) -> VarlenLayout:
@@ -109,10 +133,11 @@ def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     sizes, segments = layout.segments
     q, k, v = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
     outs = []
-    for (_, keep), seg in zip(layout.calls, segments):
-        o = F.scaled_dot_product_attention(_cols(q, seg), _cols(k, seg), _cols(v, seg),
-                                           dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
-        outs.append(o[:, :, keep:] if keep else o)  # (1, H, n, D)
+    for (_, keep), (seg, qseg) in zip(layout.calls, segments):
+        qc = _cols(q, qseg)
+        mask = layout.suffix_mask(qc.shape[2], keep, query.device) if keep else None
+        outs.append(F.scaled_dot_product_attention(qc, _cols(k, seg), _cols(v, seg), attn_mask=mask, dropout_p=dropout,
+                                                   scale=scaling, is_causal=not keep, enable_gqa=gqa))  # (1, H, n, D)
     return torch.cat(outs, 2).transpose(1, 2), None  # (1, S, H, D)
 
 
