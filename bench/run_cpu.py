@@ -38,20 +38,20 @@ SCRIPTS = {("trl", "sft"): "peers/trl_sft.py", ("trl", "rm"): "peers/trl_rm.py",
 # the padded batch up to float rounding). "fastest": each library's best knobs
 # for the task: TRL checkpointing off + float32 (bf16 autocast on a CPU this small costs casts and buys
 # nothing), padding-free for SFT (TRL 1.16 switches it off for DPO), precomputed reference for DPO;
-# alignkit length-grouped batches (all tasks), precomputed reference (DPO) and the shared-prompt layout
-# (RM, DPO: one row per pair, the prompt run once; `share_prompt=True`). alignkit's padding-free
-# mode is not its fastest on CPU: sdpa/eager attend over the whole packed row with a block-diagonal mask,
-# O(S^2) for S = all tokens of the batch (flash-attention varlen on a GPU has no such cost); see
-# bench/README.md for its measured numbers. pyreft has no knobs: one run serves both rows.
+# alignkit: SFT and ReFT at their defaults (packed varlen rows leave no padding for length grouping to remove,
+# and random batches are TRL's batches; grouped batches measured no faster per token, and their timed window held
+# 8 % fewer tokens: the sampler puts the batch holding the longest example first, inside the warm-up steps), RM
+# and DPO length-grouped batches + the shared-prompt layout (one row per pair, the prompt run once;
+# `share_prompt=True`) + precomputed reference (DPO). pyreft has no knobs: one run serves its rows.
 FAST = ["--grad-ckpt", "off", "--precision", "fp32"]
 VARIANTS = {
     "sft": {"trl": {"default": [], "fastest": FAST + ["--padding-free"]},
-            "alignkit": {"default": [], "fastest": ["--group-by-length"]}},
+            "alignkit": {"default": [], "fastest": []}},
     "rm": {"trl": {"default": [], "fastest": FAST},
            "alignkit": {"default": [], "fastest": ["--group-by-length", "--share-prompt"]}},
     "dpo": {"trl": {"default": [], "fastest": FAST + ["--precompute-ref"]},
             "alignkit": {"default": [], "fastest": ["--group-by-length", "--precompute-ref", "--share-prompt"]}},
-    "reft": {"pyreft": {"default": []}, "alignkit": {"default": [], "fastest": ["--group-by-length"]}},
+    "reft": {"pyreft": {"default": []}, "alignkit": {"default": [], "fastest": []}},
 }
 
 
