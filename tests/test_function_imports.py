@@ -117,3 +117,64 @@ def test_the_walk_finds_function_level_imports(tmp_path):
         assert function_level_imports() == [("m.py", 4, "json"), ("m.py", 7, "alignkit.x")]
     finally:
         globals()["SRC"] = old
+
+
+def private_imports() -> list[tuple[str, int, str]]:
+    """(file under src/alignkit, line, "module.name") of every private name (one leading underscore) that a
+    module takes from another alignkit module: `from alignkit.x import _y`, or `m._y` where `m` was imported
+    as an alignkit module (`import alignkit.x as m`, `from alignkit import x as m`)."""
+    modules = {".".join(("alignkit", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+               for p in SRC.rglob("*.py")}
+    out = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        package = ".".join(("alignkit", *path.relative_to(SRC).parent.parts))
+        tree = ast.parse(path.read_text(), str(path))
+        bound: dict[str, str] = {}  # local name -> alignkit module
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if _under(a.name, "alignkit"):
+                        bound[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(x for x in (base, node.module) if x)
+                if not _under(module, "alignkit"):
+                    continue
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        out.append((rel, node.lineno, f"{module}.{a.name}"))
+                    elif f"{module}.{a.name}" in modules:
+                        bound[a.asname or a.name] = f"{module}.{a.name}"
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                out.append((rel, node.lineno, f"{bound[node.value.id]}.{node.attr}"))
+    return out
+
+
+def test_no_private_name_imported_from_another_module():
+    bad = [f"src/alignkit/{rel}:{line}: `{name}` is private to its module; give it a public name there (in its "
+           "__all__) or move the code that needs it into that module" for rel, line, name in private_imports()]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_walk_finds_private_imports(tmp_path):
+    """The check itself: private names taken by `from ... import`, relative or absolute, and by attribute on an
+    imported alignkit module are found; dunders, public names and other packages' private names are not."""
+    pkg = tmp_path / "alignkit"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("def _f(): pass\ndef g(): pass\n")
+    (pkg / "m.py").write_text("from alignkit.sub.a import _f, g\nfrom alignkit.sub import a\n"
+                              "import alignkit.sub.a as aa\nfrom os import _exit\nfrom alignkit import __version__\n"
+                              "x = a._f, aa._f, a.g, a.__name__\n")
+    (pkg / "sub" / "b.py").write_text("from .a import _f\nfrom . import a\ny = a._f\n")
+    globals()["SRC"], old = pkg, SRC
+    try:
+        assert sorted(private_imports()) == [("m.py", 1, "alignkit.sub.a._f"), ("m.py", 6, "alignkit.sub.a._f"),
+                                             ("m.py", 6, "alignkit.sub.a._f"), ("sub/b.py", 1, "alignkit.sub.a._f"),
+                                             ("sub/b.py", 3, "alignkit.sub.a._f")]
+    finally:
+        globals()["SRC"] = old

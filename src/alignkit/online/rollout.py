@@ -17,7 +17,7 @@ response token (the shifted layout of `alignkit.trainers.logps`, width T-1):
     entropy  (B, T-1)   H(pi(. | s_t))                               (if asked)
     hidden   (B, T-1, d) final hidden state of s_t (after the final norm; for a value head, if asked)
 
-The LM head runs only at response positions, chunked (`alignkit.losses.chunked_lm_logprobs`). For a ReFT
+The LM head runs only at response positions, chunked (`alignkit.trainers.logps.head_logprobs`). For a ReFT
 policy the prompt positions are intervened on from each row's prompt span (as in generation).
 Logits are divided by the sampling temperature, so the scored distribution is the one that was sampled.
 """
@@ -31,10 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data.collators import pad, shared_prefix_layout
-from alignkit.losses import chunked_lm_logprobs
-from alignkit.adapters import unwrap_lm
 from alignkit.online.generation import Sample
-from alignkit.trainers.logps import _head, final_hidden_states
+from alignkit.trainers.logps import final_hidden_states, head_logprobs
 
 
 @dataclass
@@ -79,9 +77,8 @@ def token_stats(model: nn.Module, batch: dict[str, Tensor], *, temperature: floa
     mask = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()  # (B, T-1)
     h = final_hidden_states(model, batch)  # (B, T, d)
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
-    weight, bias, extra = _head(unwrap_lm(model))
-    out = chunked_lm_logprobs(h[rows, cols], weight, bias, ids[:, 1:][rows, cols], chunk_size,
-                              temperature=temperature, return_stats=entropy, **extra)  # entropy only when asked
+    out = head_logprobs(model, h[rows, cols], ids[:, 1:][rows, cols], chunk_size, temperature=temperature,
+                        entropy=entropy)  # entropy only when asked
     lp = out.logps if entropy else out
     logps = lp.new_zeros(mask.shape).index_put((rows, cols), lp)  # (B, T-1)
     ent = out.entropy.new_zeros(mask.shape).index_put((rows, cols), out.entropy) if entropy else None

@@ -19,8 +19,8 @@ from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sections import CONFIG_CLASSES, DPOMethod, KTOMethod, SFTMethod, TrainConfig
 from alignkit.settings.tiny import is_tiny, tiny_arch
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
-from alignkit.settings.typed import (ConfigError, build, coerce, merge, parse_overrides, read_yaml,
-                                     unknown_key_error, _join)
+from alignkit.settings.typed import (ConfigError, build, coerce, join_key, merge, parse_overrides, read_yaml,
+                                     unknown_key_error)
 
 
 def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str, Any]:
@@ -35,14 +35,14 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
         hints = {}
     for key, value in train.items():
         if key in ALIGNKIT_TRAIN_KEYS:
-            coerce(value, ALIGNKIT_TRAIN_KEYS[key], _join(where, key))
+            coerce(value, ALIGNKIT_TRAIN_KEYS[key], join_key(where, key))
             continue
         if key not in fields:
             raise unknown_key_error(where, str(key), [*fields, *ALIGNKIT_TRAIN_KEYS])
         if key == "output_dir":
             raise ConfigError(f"{where}.output_dir: set by alignkit (<output_dir>/checkpoints); set the top-level "
                               "output_dir instead")
-        coerce(value, hints.get(key, Any), _join(where, key))  # validation only: TrainingArguments converts
+        coerce(value, hints.get(key, Any), join_key(where, key))  # validation only: TrainingArguments converts
     if train.get("compile") and train.get("torch_compile"):
         raise ConfigError(f"{where}.compile and {where}.torch_compile: choose one (compile: each decoder layer, "
                           "regionally; torch_compile: the whole model, by the Trainer)")

@@ -93,10 +93,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    return ConfigError(f"{_join(where, key)}: unknown key{hint} Valid keys: {', '.join(valid)}")
+    return ConfigError(f"{join_key(where, key)}: unknown key{hint} Valid keys: {', '.join(valid)}")
 
 
-def _join(where: str, key: str) -> str:
+def join_key(where: str, key: str) -> str:
+    """The dotted name of `key` under `where` ("" at the top level)."""
     return f"{where}.{key}" if where else key
 
 
@@ -171,7 +172,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     elif origin is dict or tp is dict:
         if isinstance(value, dict):
             vt = args[1] if len(args) == 2 else Any
-            return {k: coerce(v, vt, _join(where, str(k))) for k, v in value.items()}
+            return {k: coerce(v, vt, join_key(where, str(k))) for k, v in value.items()}
     elif isinstance(tp, type) and issubclass(tp, enum.Enum):
         valid = [e.value for e in tp]
         if isinstance(value, tp) or value in valid:
@@ -198,16 +199,16 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     for key in data:
         if key not in fields:
             raise unknown_key_error(where, str(key), list(fields))
-    kwargs = {k: coerce(v, hints[k], _join(where, k)) for k, v in data.items()}
+    kwargs = {k: coerce(v, hints[k], join_key(where, k)) for k, v in data.items()}
     missing = [k for k, f in fields.items() if k not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     for k in missing:
         if dataclasses.is_dataclass(hints[k]):  # a required section: name its first required key
-            kwargs[k] = build(hints[k], {}, _join(where, k))
+            kwargs[k] = build(hints[k], {}, join_key(where, k))
     missing = [k for k in missing if k not in kwargs]
     if missing:
-        raise ConfigError(f"{_join(where, missing[0])}: required; set it in the config file or on the command line "
-                          f"({_join(where, missing[0])}=...)")
+        raise ConfigError(f"{join_key(where, missing[0])}: required; set it in the config file or on the command line "
+                          f"({join_key(where, missing[0])}=...)")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -216,5 +217,5 @@ def build(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{label}: {e}") from None
 
 
-__all__ = ["ConfigError", "build", "coerce", "merge", "parse_overrides", "parse_value", "read_yaml", "type_name",
+__all__ = ["ConfigError", "build", "coerce", "join_key", "merge", "parse_overrides", "parse_value", "read_yaml", "type_name",
            "unknown_key_error"]

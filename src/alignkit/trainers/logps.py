@@ -335,18 +335,27 @@ def completion_token_logps(model: nn.Module, batch: dict[str, Any], chunk_size: 
     return token, mask
 
 
+def head_logprobs(model: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int = 1024, *,
+                  temperature: float = 1.0, entropy: bool = False, with_accuracy: bool = False) -> Any:
+    """log p(targets) `(N,)` from final hidden states `hidden` `(N, d)` (positions whose NEXT token is scored,
+    from `final_hidden_states`) through the (wrapped) model's own LM head, chunked: its weight, bias, logit
+    scale and soft-capping, logits divided by `temperature`. With `entropy` (differentiable) or
+    `with_accuracy` (no gradient) the `alignkit.losses.TokenLogprobs` of `chunked_lm_logprobs` is returned
+    instead of the log-probs."""
+    weight, bias, extra = _head(unwrap_lm(model))
+    return chunked_lm_logprobs(hidden, weight, bias, targets, chunk_size, temperature=temperature,
+                               return_stats=entropy, with_accuracy=with_accuracy, **extra)
+
+
 def _chunked_logps(model: nn.Module, batch: dict[str, Any], rows: Tensor, cols: Tensor, targets: Tensor,
                    chunk_size: int, stats: dict[str, Tensor] | None) -> Tensor:
     h = final_hidden_states(model, batch)  # (B, T, d)
-    weight, bias, extra = _head(unwrap_lm(model))
-    if stats is not None:
-        out = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, with_accuracy=True, **extra)
-        logp = out.logps  # (N,) float32
-        stats.update(correct=out.correct, mean_logit=out.mean_logit,
-                     row=batch["sequence_index"][rows, cols + 1] if is_packed(batch) else rows)
-    else:
-        logp = chunked_lm_logprobs(h[rows, cols], weight, bias, targets, chunk_size, **extra)  # (N,) float32
-    return logp
+    if stats is None:
+        return head_logprobs(model, h[rows, cols], targets, chunk_size)  # (N,) float32
+    out = head_logprobs(model, h[rows, cols], targets, chunk_size, with_accuracy=True)
+    stats.update(correct=out.correct, mean_logit=out.mean_logit,
+                 row=batch["sequence_index"][rows, cols + 1] if is_packed(batch) else rows)
+    return out.logps  # (N,) float32
 
 
 def _zero3_logps(model: nn.Module, batch: dict[str, Any], mask: Tensor, rows: Tensor, cols: Tensor,
@@ -389,5 +398,5 @@ def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 
 
 
 __all__ = ["backbone_output", "batch_locations", "call_model", "completion_logps", "completion_token_logps", "final_hidden_states",
-           "forward_kwargs", "is_packed", "is_shared", "packed_prompt_spans", "prompt_locations", "prompt_spans",
+           "forward_kwargs", "head_logprobs", "is_packed", "is_shared", "packed_prompt_spans", "prompt_locations", "prompt_spans",
            "shared_attention_mask", "shared_forward_kwargs", "shared_padding", "shared_states", "shared_varlen_kwargs", "unshare"]
