@@ -1,4 +1,5 @@
-"""ADAPTERS: the one test table of adapter kinds, shared by every test file (as PEFT's testing_common.py).
+"""ADAPTERS: the one test table of adapter kinds, shared by every test file (as PEFT's testing_common.py), and
+`perturb`, which moves an adapted model's trainable weights off their initial values.
 
 Each row says what the generic tests (`tests/adapters/test_protocol.py`) expect of a kind; other test files
 take their kind lists and configs from here. Adding an adapter kind: its file in `src/alignkit/adapters/`,
@@ -8,6 +9,9 @@ its row in `alignkit.adapters.config.KINDS`, and one row below.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 from alignkit.adapters.config import AdapterConfig, LoraSettings, ReftSettings
 
@@ -51,3 +55,15 @@ REFT_KINDS = tuple(row.kind for row in ADAPTERS if row.reft)
 def adapter_config(kind: str, **kw) -> AdapterConfig:
     """`ROWS[kind].config(**kw)`."""
     return ROWS[kind].config(**kw)
+
+
+def perturb(model: nn.Module, scale: float = 0.2, seed: int = 1) -> nn.Module:
+    """Add `scale` * N(0, 1) noise (a generator seeded with `seed`) to every trainable parameter, in place, so an
+    adapter does something (a LoRA starts as the identity) and the policy is no longer its reference (DPO not
+    at log 2). Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+    return model

@@ -15,19 +15,10 @@ from alignkit.adapters import (KINDS, Adapter, AdapterConfig, adapter_for, adapt
 from alignkit.interventions.config import Positions
 from alignkit.models.loading import load_model, load_tokenizer
 
-from .table import ADAPTERS, REFT_KINDS, ROWS, SWITCHABLE
+from .table import ADAPTERS, REFT_KINDS, ROWS, SWITCHABLE, perturb
 
 IDS = [row.kind for row in ADAPTERS]
 INPUTS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
-
-
-def _perturb(model, scale=0.2):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def _logits(model):
@@ -78,7 +69,7 @@ def test_apply_trains_only_the_adapter(row, tiny_lm):
 @pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
 def test_switched_off_is_the_base_model(row, tiny_lm):
     want = _logits(tiny_lm("llama"))
-    model = _perturb(apply_adapter(tiny_lm("llama"), row.config()))
+    model = perturb(apply_adapter(tiny_lm("llama"), row.config()))
     assert (_logits(model) - want).abs().max() > 1e-3  # the adapter changes the outputs
     if not row.can_switch_off:
         with pytest.raises(ValueError, match="frozen copy"):
@@ -92,7 +83,7 @@ def test_switched_off_is_the_base_model(row, tiny_lm):
 
 @pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
 def test_save_then_load_and_the_card_snippet_reproduce_outputs(row, tiny_lm, tiny_dir, tmp_path):
-    model = _perturb(apply_adapter(tiny_lm("llama"), row.config()))
+    model = perturb(apply_adapter(tiny_lm("llama"), row.config()))
     want = _logits(model)
     folder = save_adapter(model, tmp_path / "saved", tokenizer=load_tokenizer(tiny_dir("llama")))
     assert set(row.files) <= {p.name for p in folder.iterdir()}
@@ -134,7 +125,7 @@ def test_an_adapter_on_another_base_with_the_same_shapes_is_refused(row, tiny_di
     from alignkit.adapters import BASE_FINGERPRINT_NAME
 
     base, other = tiny_dir("llama"), tiny_dir("llama", seed=1)
-    folder = save_adapter(_perturb(apply_adapter(load_model(base), row.config())), tmp_path / "a")
+    folder = save_adapter(perturb(apply_adapter(load_model(base), row.config())), tmp_path / "a")
     assert (folder / BASE_FINGERPRINT_NAME).is_file()
     with pytest.raises(ValueError, match="trained on a different base model .its input embedding weights differ"):
         load_adapter(load_model(other), folder)

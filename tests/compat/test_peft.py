@@ -11,6 +11,8 @@ from alignkit.adapters import (AdapterConfig, LoraSettings, adapter_kind, apply_
 from alignkit.models.loading import load_model
 from alignkit.trainers.reference import model_fingerprint
 
+from tests.adapters.table import perturb
+
 from .guards import check, guard
 
 PEFT = "peft"
@@ -20,15 +22,6 @@ IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 def lora(base, **kw):
     torch.manual_seed(0)
     return apply_adapter(base, AdapterConfig(kind="lora", lora=LoraSettings(r=2, **kw)))
-
-
-def perturb(model, seed=1):
-    """Move LoRA off its identity start (lora_B = 0) so the adapter changes outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def test_peft_model_is_recognised_and_unwrapped(tiny_lm):
@@ -63,7 +56,7 @@ def test_disable_adapter_gives_the_base_model(tiny_lm):
     with torch.no_grad():
         want = base(input_ids=IDS).logits
     m = lora(base)
-    perturb(m)
+    perturb(m, 0.1)
     with torch.no_grad(), guard(PEFT, "PeftModel.disable_adapter() is no longer a context manager", where):
         on = m(input_ids=IDS).logits
         with reference_off(m):
@@ -78,7 +71,7 @@ def test_adapter_files_and_state_dict_round_trip(tiny_dir, tmp_path):
     them back in place (resume) with no key left over; PeftModel.from_pretrained loads the same model."""
     where = "alignkit/adapters/lora.py:Lora.save_weights/load_weights/load"
     m = lora(load_model(tiny_dir("llama")))
-    perturb(m)
+    perturb(m, 0.1)
     with torch.no_grad():
         want = m(input_ids=IDS).logits
     save_adapter(m, tmp_path / "a")
@@ -91,7 +84,7 @@ def test_adapter_files_and_state_dict_round_trip(tiny_dir, tmp_path):
     check("base_model_name_or_path" in peft_cfg, PEFT, "adapter_config.json no longer records "
           "base_model_name_or_path (alignkit makes it absolute)", "alignkit/adapters/lora.py:absolute_base_path",
           str(sorted(peft_cfg)))
-    perturb(m, seed=2)
+    perturb(m, 0.1, seed=2)
     with guard(PEFT, "set_peft_model_state_dict(model, state) failed on peft's own saved file", where):
         load_adapter_weights(m, tmp_path / "a")
         fresh = load_adapter(load_model(tiny_dir("llama")), tmp_path / "a")
@@ -121,7 +114,7 @@ def test_fingerprint_ignores_lora_and_modules_to_save(tiny_dir):
         task = "classifier" if classifier else "causal_lm"
         plain = model_fingerprint(load_model(folder, task=task))
         wrapped = lora(load_model(folder, task=task))
-        perturb(wrapped)
+        perturb(wrapped, 0.1)
         check(model_fingerprint(wrapped) == plain, PEFT, f"peft's state-dict names moved: a LoRA "
               f"{'classifier' if classifier else 'causal LM'} no longer fingerprints as its base", where,
               str([n for n in unwrap_lm(wrapped).state_dict() if "lora" in n or "modules_to_save" in n or
@@ -134,7 +127,7 @@ def two_adapters(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("two-loras")
     for name, seed in (("a", 1), ("b", 2)):
         m = lora(load_model(tiny_dir("llama")))
-        perturb(m, seed)
+        perturb(m, 0.1, seed)
         save_adapter(m, root / name)
     return root
 

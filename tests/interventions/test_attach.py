@@ -10,20 +10,13 @@ from torch import nn
 import alignkit.interventions  # noqa: F401  (registers the types)
 from alignkit.interventions.attach import ReftModel, find_decoder_layers, get_reft_model
 from alignkit.interventions.config import ReftConfig, RepresentationConfig
+from tests.adapters.table import perturb
 from tests.interventions.table import INTERVENTION_ROWS
 
 # One representation per component kind. Layer 0 has only a block_output edit, so its output at unselected
 # positions must equal the base model's bitwise (an edit inside layer 0 would reach later positions via attention).
 MIXED = [dict(layer=0 if r.component == "block_output" else 1, component=r.component, intervention=r.kind,
               low_rank_dimension=2) for r in INTERVENTION_ROWS]  # tests/interventions/table.py
-
-
-def randomize(reft: ReftModel, seed: int = 1) -> None:
-    """Move every intervention parameter off its init (some types start as the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in reft.interventions.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def capture(module: nn.Module, store: list):
@@ -71,7 +64,7 @@ def check_unselected_bitwise(base: nn.Module, reft: ReftModel, **inputs) -> None
 def test_unselected_positions_bitwise_equal_base(arch, tiny_lm):
     base = tiny_lm(arch)
     reft = get_reft_model(base, ReftConfig([RepresentationConfig(**r) for r in MIXED]))
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     check_unselected_bitwise(base, reft, input_ids=ids_batch())
     with torch.no_grad():  # no locations = the base model
         assert torch.equal(reft(input_ids=ids_batch()).logits, base(input_ids=ids_batch()).logits)
@@ -80,7 +73,7 @@ def test_unselected_positions_bitwise_equal_base(arch, tiny_lm):
 def test_classifier_unselected_bitwise_and_loss(tiny_classifier):
     base = tiny_classifier("llama", num_labels=3)
     reft = get_reft_model(base, ReftConfig([RepresentationConfig(**r) for r in MIXED[:3]]))
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     check_unselected_bitwise(base, reft, input_ids=ids_batch(), attention_mask=torch.ones(3, 7, dtype=torch.long))
     labels = torch.tensor([0, 2, 1])
     out = reft(input_ids=ids_batch(), intervention_locations=locations_mixed(3), labels=labels)
@@ -135,7 +128,7 @@ def test_per_row_routing_equals_each_row_alone(tiny_lm):
     base = tiny_lm("qwen2")
     reft = get_reft_model(base, ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2), adapter_name="a")
     reft.add_adapter("b", ReftConfig([RepresentationConfig(layer=1, intervention="noreft", low_rank_dimension=3)]))
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     assert reft.num_interventions == 3 and reft.adapter_slice("b") == slice(2, 3)
     ids = ids_batch(4)
     positions = torch.tensor([[1, 4], [2, -1], [0, 6], [3, 5]])
@@ -163,7 +156,7 @@ def test_per_row_routing_equals_each_row_alone(tiny_lm):
 def test_padding_side_does_not_change_results(arch, tiny_lm):
     base = tiny_lm(arch)
     reft = get_reft_model(base, ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2))
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     lengths, T = [7, 4, 5], 7
     seqs = [ids_batch(1, n, seed=i)[0] for i, n in enumerate(lengths)]
     pos = [[1, n - 1] for n in lengths]  # first-but-one and last real token of each row
@@ -208,7 +201,7 @@ def test_train_eval_propagate_and_eval_disables_dropout(tiny_lm):
     base = tiny_lm("llama")
     reft = get_reft_model(base, ReftConfig.uniform([1], "loreft", low_rank_dimension=2, dropout=0.5))
     assert not reft.training and not reft.interventions["default"][0].training  # follows the eval-mode base
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     ids, loc = ids_batch(), torch.full((3, 1, 7), 0) + torch.arange(7)
     reft.train()
     assert base.training and reft.interventions["default"][0].training
@@ -239,7 +232,7 @@ def test_gradient_checkpointing_keeps_intervention_gradients(tiny_lm):
     reps = [RepresentationConfig(layer=0, intervention="loreft", low_rank_dimension=2),
             RepresentationConfig(layer=1, component="mlp_output", intervention="noreft", low_rank_dimension=2)]
     reft = get_reft_model(base, ReftConfig(reps))
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     reft.train()
     ids, loc = ids_batch(), locations_mixed(2)
     plain = grads_of(reft, ids, loc, interleave=False)
@@ -259,7 +252,7 @@ def test_explicit_module_path_equals_named_component(tiny_lm):
         torch.manual_seed(3)
         reft = get_reft_model(base, ReftConfig([RepresentationConfig(layer=1, component=comp, low_rank_dimension=2)]))
         assert reft.slots[0].path == "model.layers.1.mlp"
-        randomize(reft)
+        perturb(reft.interventions, 0.5)
         with torch.no_grad():
             outs.append(reft(input_ids=ids_batch(), intervention_locations=locations_mixed(1)).logits)
     assert torch.equal(outs[0], outs[1])

@@ -10,6 +10,7 @@ import torch
 import alignkit.interventions  # noqa: F401
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import ReftConfig, RepresentationConfig
+from tests.adapters.table import perturb
 
 NEW = 6
 
@@ -18,10 +19,7 @@ def make_reft(tiny_lm, arch: str):
     reps = [RepresentationConfig(layer=0, intervention="loreft", low_rank_dimension=4),
             RepresentationConfig(layer=1, component="mlp_output", intervention="noreft", low_rank_dimension=4)]
     reft = get_reft_model(tiny_lm(arch), ReftConfig(reps))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in reft.interventions.parameters():
-            p.add_(2.0 * torch.randn(p.shape, generator=g))  # strong edits: the tokens must change
+    perturb(reft.interventions, 2.0)  # strong edits: the tokens must change
     return reft
 
 

@@ -17,6 +17,7 @@ from alignkit.interventions.config import ReftConfig, RepresentationConfig
 from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME, save_reft
 from alignkit.interventions.loading import load_pyreft, load_reft
 from alignkit.models.loading import load_model
+from tests.adapters.table import perturb
 from tests.interventions.table import INTERVENTION_ROWS
 
 ROWS = [(r.kind, r.saved) for r in INTERVENTION_ROWS]  # (type, arguments): tests/interventions/table.py
@@ -24,13 +25,6 @@ ROWS = [(r.kind, r.saved) for r in INTERVENTION_ROWS]  # (type, arguments): test
 
 def test_rows_cover_every_registered_type():
     assert sorted({kind for kind, _ in ROWS}) == sorted(INTERVENTIONS)
-
-
-def randomize(reft, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in reft.interventions.parameters():
-            p.add_(0.5 * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def ids_and_locations(num: int):
@@ -44,7 +38,7 @@ def saved(tiny_lm, tmp_path, kind="loreft", extra=None, arch="llama"):
     reps = [RepresentationConfig(layer=0, intervention=kind, low_rank_dimension=3, **(extra or {})),
             RepresentationConfig(layer=1, component="mlp_output", intervention=kind, low_rank_dimension=2, **(extra or {}))]
     reft = get_reft_model(tiny_lm(arch), ReftConfig(reps))
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     reft.save_pretrained(tmp_path / "ckpt")
     return reft, tmp_path / "ckpt"
 
@@ -149,7 +143,7 @@ def test_damaged_folders_fail_with_the_file_and_the_reason(tiny_lm, tmp_path):
 def test_failed_save_keeps_the_previous_checkpoint(tiny_lm, tmp_path, monkeypatch):
     reft, folder = saved(tiny_lm, tmp_path)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    randomize(reft, seed=7)
+    perturb(reft.interventions, 0.5, seed=7)
     import alignkit.files as files  # the one atomic writer save_reft uses
 
     def crash(src, dst):
@@ -165,7 +159,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_lm, tmp_path, monkeypatc
 def test_several_adapters_save_and_load_by_name(tiny_lm, tmp_path):
     reft = get_reft_model(tiny_lm(), ReftConfig.uniform([0], "loreft", low_rank_dimension=2), adapter_name="a")
     reft.add_adapter("b", ReftConfig.uniform([1], "noreft", low_rank_dimension=2))
-    randomize(reft)
+    perturb(reft.interventions, 0.5)
     with pytest.raises(ValueError, match=r"adapters \['a', 'b'\]; pass adapter_name"):
         reft.save_pretrained(tmp_path / "x")
     reft.save_pretrained(tmp_path / "a", adapter_name="a")
@@ -221,7 +215,7 @@ def test_read_reft_weights_copies_in_place(tiny_lm, tmp_path):
     with torch.no_grad():
         want = reft(input_ids=ids, intervention_locations=loc).logits
     params = list(reft.interventions.parameters())
-    randomize(reft, seed=5)
+    perturb(reft.interventions, 0.5, seed=5)
     read_reft_weights(reft, folder)
     assert all(a is b for a, b in zip(params, reft.interventions.parameters()))  # same objects (optimizer state)
     with torch.no_grad():

@@ -17,24 +17,17 @@ from alignkit.interventions.positions import locations_from_mask, locations_from
 from alignkit.adapters import load_adapter
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.online.generation import SamplingConfig, encode_prompt, generate_responses
-from tests.adapters.table import REFT_KINDS
+from tests.adapters.table import REFT_KINDS, perturb
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PROMPTS = ["Human: How do I bake bread?\n\nAssistant:", "Human: Name a colour.\n\nAssistant:",
            "Human: What is two plus two, and why?\n\nAssistant:"]
 
 
-def _strong(reft):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in reft.interventions.parameters():
-            p.add_(2.0 * torch.randn(p.shape, generator=g))
-    return reft
-
-
 def test_saved_spec_round_trips_and_places_forward_and_generate(tiny_lm, tmp_path):
     reps = [RepresentationConfig(layer=0, low_rank_dimension=2), RepresentationConfig(layer=1, low_rank_dimension=2)]
-    reft = _strong(get_reft_model(tiny_lm("llama"), ReftConfig(reps, positions="f1+l2")))
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig(reps, positions="f1+l2"))
+    perturb(reft.interventions, 2.0, seed=3)
     reft.save_pretrained(str(tmp_path))
     saved = json.loads((tmp_path / "reft_config.json").read_text())["reft_config"]
     assert saved["positions"] == "f1+l2" and saved["share_weights"] is True

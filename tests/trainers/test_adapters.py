@@ -11,22 +11,15 @@ from alignkit.adapters import (adapter_kind, load_adapter, load_adapter_weights,
 from alignkit.models.loading import load_model
 from alignkit.trainers import SFTTrainer, completion_logps
 
-from tests.adapters.table import SWITCHABLE as ADAPTERS  # every kind with an adapter to switch off
+from tests.adapters.table import SWITCHABLE as ADAPTERS, perturb  # every kind with an adapter to switch off
 
 from .conftest import adapter_config, fast_args
-
-
-def _perturb(model, scale=0.1):
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * scale)
 
 
 @pytest.mark.parametrize("kind", ADAPTERS)
 def test_reference_off_is_the_base_model(kind, make_model, features, collators, tiny_dir):
     model = make_model(kind)
-    _perturb(model)
+    perturb(model, 0.1)
     batch = collators["sft"](features["sft"][:4])
     base = load_model(tiny_dir("llama"))
     with torch.no_grad():
@@ -47,7 +40,7 @@ def test_reference_off_refuses_full(make_model):
 @pytest.mark.parametrize("kind", ADAPTERS)
 def test_save_load_round_trip(kind, make_model, features, collators, tiny_dir, tmp_path):
     model = make_model(kind)
-    _perturb(model)
+    perturb(model, 0.1)
     save_adapter(model, tmp_path / "a")
     loaded = load_adapter(load_model(tiny_dir("llama")), tmp_path / "a")
     assert adapter_kind(loaded) == kind
@@ -69,7 +62,7 @@ def test_save_load_round_trip(kind, make_model, features, collators, tiny_dir, t
 def test_reft_classifier_head_is_trained_and_saved(make_model, tiny_dir, tmp_path):
     model = make_model("reft", classifier=True)
     assert any(n.startswith("model.score") for n, p in model.named_parameters() if p.requires_grad)
-    _perturb(model)
+    perturb(model, 0.1)
     save_adapter(model, tmp_path / "rm")
     base = load_model(tiny_dir("llama", classifier=True, num_labels=1), task="classifier", num_labels=1)
     loaded = load_adapter(base, tmp_path / "rm")

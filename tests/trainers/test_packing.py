@@ -14,16 +14,9 @@ from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator
 from alignkit.trainers import PreferenceTrainer, SFTTrainer
 from alignkit.trainers.logps import batch_locations, completion_logps
 
+from tests.adapters.table import perturb
+
 from .conftest import fast_args
-
-
-def _perturb(model, scale=0.05, seed=1):
-    """Move trainable weights off their init so adapters do something and DPO is not at log 2."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _loss_and_grads(trainer, batch):
@@ -51,7 +44,7 @@ ROWS = [None, "longest"]  # one packed row; first-fit-decreasing rows of the lon
 def test_sft_packed_equals_padded(kind, row_length, make_model, features, tokenizer, tmp_path):
     feats = features["sft"][:6]
     model = make_model(kind)
-    _perturb(model)
+    perturb(model, 0.05)
     trainer = SFTTrainer(model, fast_args(tmp_path), train_dataset=feats, data_collator=SFTCollator(0))
     padded = _loss_and_grads(trainer, SFTCollator(tokenizer.pad_token_id)(feats))
     pk = PackedSFTCollator(row_length)(feats)
@@ -76,7 +69,7 @@ def test_dpo_packed_equals_padded(kind, row_length, make_model, features, tokeni
     model = make_model(kind)
     trainer = PreferenceTrainer(model, fast_args(tmp_path), beta=0.5, train_dataset=feats,
                                 data_collator=PreferenceCollator(tokenizer.pad_token_id))
-    _perturb(model)
+    perturb(model, 0.05)
     padded = _loss_and_grads(trainer, PreferenceCollator(tokenizer.pad_token_id)(feats))
     packed = _loss_and_grads(trainer, PackedPreferenceCollator(row_length)(feats))
     _same(padded, packed)

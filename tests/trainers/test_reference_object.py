@@ -14,6 +14,8 @@ from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.online.rollout import sequence_sums
 from alignkit.trainers import KTOTrainer, PreferenceTrainer, build_reference, completion_logps
 
+from tests.adapters.table import perturb
+
 from .conftest import fast_args
 
 
@@ -24,15 +26,6 @@ def _naive(model, batch):
         logits = model(input_ids=ids, attention_mask=att).logits.float()  # (B, T, V)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     return (logp * (batch["completion_mask"][:, 1:] * att[:, 1:])).sum(-1)
-
-
-def _perturb(model, scale=0.2):
-    """Move every trainable parameter, so that the policy is no longer its reference."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _close(a, b):
@@ -49,7 +42,7 @@ def test_adapter_off_is_the_base_model(kind, make_model, tiny_dir, pairs):
     policy = make_model(kind)
     ref = build_reference(policy)
     assert ref.mode == "adapter_off" and ref.model is None
-    _perturb(policy)
+    perturb(policy, seed=3)
     want = _naive(load_model(tiny_dir("llama")), pairs)  # the base, loaded on its own
     with torch.no_grad():
         assert (completion_logps(policy, pairs)[0] - want).abs().max() > 1e-2  # the policy itself differs
@@ -60,7 +53,7 @@ def test_copy_is_the_initial_model_and_a_passed_model_is_used(make_model, tiny_d
     policy = make_model("full")
     ref = build_reference(policy).place("cpu")
     assert ref.mode == "copy" and not any(p.requires_grad for p in ref.model.parameters())
-    _perturb(policy, 0.02)  # full finetuning: every weight moves; the copy keeps the initial ones
+    perturb(policy, 0.02, seed=3)  # full finetuning: every weight moves; the copy keeps the initial ones
     base = load_model(tiny_dir("llama"))
     want = _naive(base, pairs)
     assert (_naive(policy, pairs) - want).abs().max() > 1e-2
@@ -76,7 +69,7 @@ def test_copy_is_the_initial_model_and_a_passed_model_is_used(make_model, tiny_d
 
 def test_precomputed_gives_the_cached_base_values(make_model, tiny_dir, features, collators, tokenizer, tmp_path):
     policy = make_model("lora")
-    _perturb(policy)
+    perturb(policy, seed=3)
     ref = build_reference(policy, cache_dir=tmp_path / "cache")
     assert ref.mode == "precomputed"
     feats, col = features["preference"], collators["preference"]
@@ -115,7 +108,7 @@ def test_online_and_offline_paths_agree(kind, make_model, tiny_dir, tokenizer, f
                      data_collator=collators["unpaired"])
     assert online.reference_mode == dpo.reference_mode == kto.reference_mode == (
         "copy" if kind == "full" else "adapter_off")
-    _perturb(policy, 0.02 if kind == "full" else 0.2)
+    perturb(policy, 0.02 if kind == "full" else 0.2, seed=3)
     want = _naive(load_model(tiny_dir("llama")), pairs)
     rows = {k: pairs[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     per_token = online.reference.logps(online.policy, rows, online.reference_token_logps)  # (2B, T-1)
