@@ -264,3 +264,28 @@ def test_training_records_its_prompt_format_and_a_new_format_is_warned(runs, tmp
     with caplog.at_level(logging.WARNING, logger="alignkit.data.chat"):
         assert main([*common, f"output_dir={tmp_path / 'g2'}", "data.formatter=chat-template"]) == 0
     assert [r for r in caplog.records if r.name == "alignkit.data.chat"] == []
+
+
+DRY_RUN_CONFIGS = {"sft": "sft-tiny", "rm": "rm-tiny", "dpo": "dpo-tiny", "kto": "kto-tiny",
+                   "online-dpo": "online-dpo-tiny", "grpo": "grpo-tiny", "rloo": "rloo-tiny", "ppo": "ppo-tiny",
+                   "eval": "eval-rm-tiny", "generate": "generate-tiny", "sample": "sample-tiny",
+                   "annotate": "annotate-tiny", "augment": "augment-code-bugs"}
+
+
+@pytest.mark.parametrize("command", sorted(DRY_RUN_CONFIGS))
+def test_every_config_command_reads_its_config_through_one_runner(command, capsys, tmp_path):
+    """Every config command's parser comes from `runfolder.add_config_command` (one config read, one --dry-run),
+    so --dry-run prints that command's resolved config, override applied, and writes nothing."""
+    from alignkit.cli import build_parser
+    from alignkit.cli.helptext import CONFIG_COMMANDS
+
+    assert sorted(DRY_RUN_CONFIGS) == sorted(CONFIG_COMMANDS)
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    func = sub.choices[command].get_default("func")
+    assert getattr(func, "__wrapped__", None) is not None, f"`alignkit {command}` is not built by add_config_command"
+    out = tmp_path / "run"
+    assert main([command, "-c", str(CONFIGS / f"{DRY_RUN_CONFIGS[command]}.yaml"), "--dry-run",
+                 f"output_dir={out}"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["command"] == command and data["output_dir"] == str(out)
+    assert not out.exists()

@@ -21,9 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records, tokenize
-from alignkit.cli.helptext import add_command_parser
 from alignkit.cli.models import check_formats, load_for_inference, to_device
-from alignkit.cli.runfolder import config_from_args, dry_run, start_run
+from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
@@ -38,14 +37,10 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = add_command_parser(sub, "eval", "reward-model accuracy, or DPO implicit-reward accuracy, on preference data")
-    p.set_defaults(func=run)
+    add_config_command(sub, "eval", "reward-model accuracy, or DPO implicit-reward accuracy, on preference data", run)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, "eval")
-    if args.dry_run:
-        return dry_run(cfg)
+def run(cfg: Any, args: argparse.Namespace) -> int:
     metrics = evaluate(cfg, progress=not args.quiet)
     print(f"alignkit eval ({cfg.method.kind}) on {cfg.data.path}:")
     for k, v in metrics.items():
