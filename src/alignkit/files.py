@@ -3,7 +3,9 @@ the old file or the new one, never half of one) and JSON Lines.
 
 Used by the ReFT checkpoint writer (`interventions/io.py`), the run folder (`runs.py`: config, metrics, the
 completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache, and the
-tokenization cache. No torch.
+tokenization cache. Imports no other alignkit module (and so no torch): the torch-free settings and ReFT config
+(`interventions/config.py`) write through it too. `DataError` is defined here, with the JSONL reader that raises
+it; `alignkit.data.records` (and `alignkit.data`) export it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from alignkit.data.records import DataError
+
+class DataError(ValueError):
+    """Bad input data. The message names where (file:line, record id, key) and how to fix it."""
 
 
 def new_file_mode() -> int:

@@ -277,6 +277,29 @@ def test_config_round_trips_and_errors(tmp_path):
         RepresentationConfig(layer=0, intervention="consreft", low_rank_dimension=2, act_fn="relu").intervention_kwargs(8)
 
 
+@pytest.mark.parametrize("name", ["c.json", "c.yaml"])
+def test_config_save_is_atomic(name, tmp_path, monkeypatch):
+    """A save that fails after the new text was written (here fsync, before the rename) leaves the previous
+    file byte for byte and no temporary file beside it; a plain write_text would have half-replaced it."""
+    old = ReftConfig([RepresentationConfig(layer=0, low_rank_dimension=2)])
+    new = ReftConfig([RepresentationConfig(layer=1, low_rank_dimension=4, intervention="noreft")])
+    old.save(tmp_path / name)
+    before = (tmp_path / name).read_bytes()
+    import alignkit.files as files  # the one atomic writer ReftConfig.save uses
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name).read_bytes() == before
+    assert ReftConfig.load(tmp_path / name) == old
+    monkeypatch.undo()
+    new.save(tmp_path / name)
+    assert ReftConfig.load(tmp_path / name) == new
+
+
 def test_bad_locations_and_layers_fail_clearly(tiny_lm):
     base = tiny_lm("llama")
     with pytest.raises(ValueError, match="layer 5 is out of range: the model has 2 layers"):

@@ -30,15 +30,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Union
 
+from alignkit.files import DataError  # defined there (torch-free); every reader imports it from here
+
 Message = dict[str, str]
 Prompt = Union[str, list[Message]]
 Completion = Union[str, list[Message]]
 
 KINDS = ("sft", "preference", "ranked", "unpaired", "prompt")
-
-
-class DataError(ValueError):
-    """Bad input data. The message names where (file:line, record id, key) and how to fix it."""
 
 
 def _where(rid: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from alignkit.files import atomic_write_text
 from alignkit.interventions import intervention_types
 
 _TERM = re.compile(r"^([fl])(\d+)$")
@@ -265,10 +266,11 @@ class ReftConfig:
         return cls.from_text(text, "YAML", where)
 
     def save(self, path: str | Path) -> None:
-        """Write JSON (`.json`) or YAML (`.yaml`/`.yml`)."""
+        """Write JSON (`.json`) or YAML (`.yaml`/`.yml`), atomically (`alignkit.files.atomic_write_text`): a
+        reader, or a failure while writing, leaves the previous file whole."""
         path = Path(path)
         text = self.to_yaml() if path.suffix in (".yaml", ".yml") else self.to_json()
-        path.write_text(text)
+        atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> "ReftConfig":
