@@ -29,25 +29,29 @@ BAD = [" Answer: 12.", " no", " pass", " sleeps over the lazy dog all day long."
 
 
 def train_one(model_dir: str, out: str, kind: str, objective: str, on_trainer=None,
-              use_cpu: bool = True) -> dict[str, torch.Tensor]:
+              use_cpu: bool = True, steps: int = 1, layout: dict | None = None) -> dict[str, torch.Tensor]:
+    """`steps` optimizer steps (loss logged at each); `layout`: the trainer's padding_free / share_prompt (unset:
+    their defaults)."""
     tok = load_tokenizer(model_dir)
     torch.manual_seed(0)
     reft = ReftSettings(config={"representations": [{"layer": 1, "low_rank_dimension": 2}]}, positions="f1+l1")
     model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0),
                                                                reft=reft if "reft" in kind else None))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    args = TrainingArguments(output_dir=out + ".run", per_device_train_batch_size=4 // world, max_steps=1,
+    args = TrainingArguments(output_dir=out + ".run", per_device_train_batch_size=4 // world, max_steps=steps,
                              optim="sgd", learning_rate=0.5, max_grad_norm=0.0, lr_scheduler_type="constant",
                              weight_decay=0.0, report_to=[], save_strategy="no", use_cpu=use_cpu, disable_tqdm=True,
-                             dataloader_num_workers=0, seed=0, data_seed=0, ddp_backend="gloo" if world > 1 else None)
+                             dataloader_num_workers=0, seed=0, data_seed=0, ddp_backend="gloo" if world > 1 else None,
+                             logging_steps=1)
     if objective == "sft":
         feats, _ = tokenize_records([SFTRecord(p, c) for p, c in zip(PROMPTS, GOOD)], tok, max_length=48)
-        trainer = SFTTrainer(model, args, train_dataset=feats, data_collator=SFTCollator(tok.pad_token_id))
+        trainer = SFTTrainer(model, args, train_dataset=feats, data_collator=SFTCollator(tok.pad_token_id),
+                             **(layout or {}))
     else:
         recs = [PreferenceRecord(p, g, b) for p, g, b in zip(PROMPTS, GOOD, BAD)]
         feats, _ = tokenize_records(recs, tok, max_length=48)
         trainer = PreferenceTrainer(model, args, train_dataset=feats, data_collator=PreferenceCollator(tok.pad_token_id),
-                                    loss_type="sigmoid", beta=0.5)
+                                    loss_type="sigmoid", beta=0.5, **(layout or {}))
     trainer.train()
     if on_trainer is not None:
         on_trainer(trainer)

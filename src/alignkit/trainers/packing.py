@@ -8,6 +8,8 @@ the padded batch up to float rounding (tests/trainers/test_varlen.py bounds it: 
 the default on CPU where the packed row runs through `alignkit.models.varlen` (sdpa attention, no activation
 checkpointing, an architecture tested with it; not measured on GPUs, so not their default) with alignkit's own padded collator (or none given); anywhere
 else the default stays the padded batch. `padding_free=True` / `False` decide explicitly.
+The layout is resolved when the trainer is built, before accelerate wraps the model: a DDP or FSDP2 run on CPU
+processes takes the same default (tests/distributed/test_packing.py).
 """
 
 from __future__ import annotations
