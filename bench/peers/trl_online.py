@@ -10,12 +10,10 @@ Generated tokens are counted on the policy's `generate` (each row up to and incl
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common.py
-
-import common  # noqa: E402
+import _trl
+from _trl import common
 
 
 def main() -> None:
@@ -31,11 +29,8 @@ def main() -> None:
     data = Dataset.from_dict({"prompt": common.online_prompts(args)})
     kw = dict(output_dir=str(Path(args.run_dir) / "trainer_out" / f"trl_{args.method}"), max_steps=args.warmup + args.steps,
               learning_rate=args.lr, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-              dataloader_num_workers=0, disable_tqdm=True, seed=args.seed, temperature=1.0, top_p=1.0, top_k=0)
-    if args.grad_ckpt != "default":
-        kw["gradient_checkpointing"] = args.grad_ckpt == "on"
-    if args.precision != "default":
-        kw["bf16"] = args.precision == "bf16"
+              dataloader_num_workers=0, disable_tqdm=True, seed=args.seed, temperature=1.0, top_p=1.0, top_k=0,
+              **_trl.speed_kwargs(args))
     eos = tok.eos_token_id
     clock = common.StepClock(args.warmup, args.steps)
     if args.method == "grpo":
