@@ -36,7 +36,7 @@ def main() -> None:
     sampling = SamplingConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=1.0)
     shared = dict(steps=args.warmup + args.steps, prompts_per_step=args.prompts_per_step, sampling=sampling,
                   learning_rate=args.lr, reference="copy", progress_bar=False, report_to="none", save_at_end=False,
-                  seed=args.seed, share_prompt=bool(args.share_prompt))
+                  seed=args.seed, share_prompt=True if args.share_prompt else None)  # None: the default
     annotator = {"type": "function", "fn": common.even_fraction}
     if args.method == "grpo":
         trainer = GRPOTrainer(model, tok, common.online_prompts(args), annotator,
@@ -62,6 +62,7 @@ def main() -> None:
     trainer.train()
     common.finish_online(args, "alignkit", clock, {"effective": {"gradient_checkpointing": False, "bf16": False,
                                                                  "reference": trainer.reference_mode,
+                                                                 "share_prompt": trainer.share_prompt,
                                                                  "torch_threads": torch.get_num_threads()}},
                          libs=("alignkit", "accelerate"))
 

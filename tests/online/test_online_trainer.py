@@ -21,6 +21,7 @@ from alignkit.online.ppo import PPOConfig, PPOTrainer
 from alignkit.online.trainer import METRICS_FILE
 from alignkit.online.value_head import ValueHead
 from alignkit.trainers.logps import completion_logps
+from alignkit.trainers.packing import resolve_online_share_prompt
 
 from .toy import PROMPTS, digit_fraction, toy_policy
 
@@ -222,10 +223,12 @@ def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
 def test_gradient_accumulation_gives_the_minibatch_update(tiny_dir, tokenizer, aggregation):
     """Minibatches of 4 of the step's 8 samples, split into 3 micro-batches (2+1+1 samples, one backward each),
     give the parameters of one backward per minibatch: every micro-batch is divided by its minibatch's
-    normaliser (weights, or tokens for token_sum), not its own. (SGD: Adam would amplify float noise.)"""
+    normaliser (weights, or tokens for token_sum), not its own. (SGD: Adam would amplify float noise.) Padded rows
+    (share_prompt=False): shared-prompt rows group a micro-batch's samples differently from its minibatch's, which
+    changes float rounding (~1e-5 here at lr 2, parameters moving by ~15), not the normalisers tested here."""
     def run(accumulation: int) -> dict[str, torch.Tensor]:
         cfg = small(GRPOConfig, steps=2, mini_batch_size=4, gradient_accumulation_steps=accumulation,
-                    aggregation=aggregation, max_grad_norm=None)
+                    aggregation=aggregation, max_grad_norm=None, share_prompt=False)
         trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
         params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
         trainer.optimizer = torch.optim.SGD(params, lr=2.0)
@@ -275,17 +278,37 @@ def test_skipping_the_rollout_policy_pass_changes_no_result(tiny_dir, tokenizer,
 @pytest.mark.parametrize("cls,cfg_cls", [(GRPOTrainer, GRPOConfig), (OnlineDPOTrainer, OnlineDPOConfig)])
 def test_share_prompt_changes_no_result(tiny_dir, tokenizer, cls, cfg_cls):
     """`share_prompt=True` runs each prompt's samples as one row (the prompt once) in the reference and training
-    forwards: the same losses, kl, entropy and rewards as padded rows, step by step, while the policy moves."""
+    forwards: the same losses, kl, entropy and rewards as padded rows (transformers' own sdpa over one row per
+    sample), step by step, while the policy moves. The default (None) is that layout here (CPU, sdpa llama)."""
     runs = []
-    for share in (False, True):
+    for share in (False, True, None):
         trainer = cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
                       small(cfg_cls, share_prompt=share))
+        assert trainer.share_prompt is (share is not False)
         runs.append(trainer.train())
-    padded, shared = runs
-    for a, b in zip(padded, shared):
+    padded, shared, default = runs
+    for a, b, d in zip(padded, shared, default):
         for key in ("loss", "kl", "kl/sequence_sum", "entropy", "reward", "completions/mean_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+            assert d[key] == b[key], key  # the default is exactly the shared layout
     assert padded[1]["kl"] > 0  # the policy moved: the comparison can fail
+
+
+def test_share_prompt_default_only_where_it_runs_as_varlen_rows(tiny_dir, tokenizer):
+    """share_prompt=None is on for a CPU run of an sdpa model of a tested architecture, full or LoRA, and off for
+    eager attention, a ReFT policy or an accelerator; True / False are kept as given."""
+    def resolved(model, share=None):
+        return GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, small(GRPOConfig, share_prompt=share)).share_prompt
+
+    assert resolved(toy_policy(tiny_dir("llama"), "lora")) is True
+    assert resolved(load_model(tiny_dir("llama"))) is True  # full finetuning (a frozen copy as reference)
+    assert resolved(toy_policy(tiny_dir("llama"), "lora"), False) is False
+    assert resolved(toy_policy(tiny_dir("llama"), "reft")) is False  # ReFT places its positions in padded rows
+    eager = load_model(tiny_dir("llama"), attn_implementation="eager")
+    assert resolved(eager) is False and resolved(eager, True) is True
+    sdpa = load_model(tiny_dir("llama"))
+    assert resolve_online_share_prompt(None, sdpa, "cuda") is False  # measured on CPU only
+    assert resolve_online_share_prompt(None, sdpa, "cpu") is True
 
 
 def test_shared_rows_give_each_rows_own_logps(tiny_dir):

@@ -48,8 +48,10 @@ class OnlineConfig:
     #   when installed (events in <output_dir>/tensorboard, as offline runs); "none": no tracker
     progress_bar: bool = True  # a tqdm bar over the steps (main process)
     chunk_size: int = 1024
-    share_prompt: bool = False  # the training, reference and policy forwards run each prompt's samples as ONE row
-    #   (the prompt once; alignkit.data.collators.shared_prefix_layout): the same log-probs up to float rounding
+    share_prompt: bool | None = None  # the training, reference and policy forwards run each prompt's samples as ONE
+    #   row (the prompt once; alignkit.data.collators.shared_prefix_layout): the same log-probs up to float rounding.
+    #   None: on where those rows run as varlen rows (CPU, sdpa, a tested architecture, no ReFT;
+    #   alignkit.trainers.packing.resolve_online_share_prompt), off elsewhere
     seed: int = 0
     eval_steps: int | None = None  # with held-out prompts (OnlineTrainer's eval_prompts): evaluate every N steps;
     #   held-out prompts are always evaluated after the last step (alignkit.online.evaluation)

@@ -146,7 +146,7 @@ class RolloutSteps:
         valid = ~torch.isnan(raw)
         weights = torch.tensor([s.weight for s in samples], dtype=torch.float32) * valid
         batch = samples_batch(samples, self.tokenizer.pad_token_id, self.accelerator.device)
-        if c.share_prompt:  # every forward over these rows (or a selection of them) shares each group's prompt
+        if self.share_prompt:  # every forward over these rows (or a selection of them) shares each group's prompt
             batch["share_groups"] = torch.tensor([s.group for s in samples], dtype=torch.long, device=batch["input_ids"].device)
         ref = self.reference.logps(self.policy, batch, self.reference_token_logps)  # (B, T-1)
         if policy_pass:

@@ -77,6 +77,7 @@ from alignkit.online.updates import MinibatchUpdates
 from alignkit.online.vllm_generation import refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
+from alignkit.trainers.packing import resolve_online_share_prompt
 from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
@@ -171,6 +172,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                                                     owner=type(self).__name__)
         self.reference.place(self.accelerator.device, self.accelerator)  # FSDP2: a copy sharded like the policy
         self.model = model
+        # None: each prompt's samples as one row where that runs as varlen rows (CPU, sdpa, no ReFT)
+        self.share_prompt = resolve_online_share_prompt(self.config.share_prompt, model, self.accelerator.device)
         self.extra_modules = self.build_extra_modules()  # e.g. PPO's value head
         if fsdp2 and self.extra_modules:
             raise ConfigError(f"{type(self).__name__} under FSDP: its extra modules (PPO's value head) are not "

@@ -225,7 +225,8 @@ class OnlineMethod:
     reference: Literal["auto", "adapter_off", "copy"] = "auto"
     generation_batch_size: int = 64
     chunk_size: int = 1024
-    share_prompt: bool = False  # each prompt's samples as one row in the training / reference forwards (sdpa, eager)
+    share_prompt: bool | None = None  # each prompt's samples as one row in the training / reference forwards (sdpa,
+    #   eager); null: on where it runs as varlen rows (CPU, sdpa, no ReFT), off elsewhere
     generation_backend: Literal["transformers", "vllm"] = "transformers"  # vllm: colocated engine (full, LoRA)
     vllm: dict[str, Any] = field(default_factory=dict)  # colocate: vllm.LLM arguments (alignkit.online.vllm_generation)
     vllm_mode: Literal["colocate", "server"] = "colocate"  # server: `alignkit vllm-serve` in another process

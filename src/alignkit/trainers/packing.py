@@ -77,6 +77,22 @@ def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, m
                            "prompt runs once, no padding; share_prompt=False keeps padded batches")
 
 
+def resolve_online_share_prompt(share_prompt: bool | None, model: nn.Module, device: Any) -> bool:
+    """The online trainers' `share_prompt` (each prompt's samples as one row in the reference, rollout and training
+    forwards) as given, or for None: on when the run is on CPU, the model edits no positions (ReFT) and the shared
+    rows run as varlen rows (`varlen_rows`), as `resolve_share_prompt` decides offline. Same samples, the same
+    log-probs up to rounding (tests/online/test_online_trainer.py)."""
+    if share_prompt is not None:
+        return bool(share_prompt)
+    if torch.device(device).type != "cpu":  # measured on CPU only, as offline (`on_cpu`)
+        return False
+    if getattr(unwrap_parallel(model), "span_locations", None) is not None:
+        return False
+    return _varlen_default(model, None, "shared-prompt rows (share_prompt=None and sdpa attention): each prompt's "
+                           "samples run as one row in the scoring and training forwards, the prompt once; "
+                           "share_prompt=False keeps one padded row per sample")
+
+
 def _varlen_default(model: nn.Module, args: Any, chosen: str) -> bool:
     """The last condition of both defaults (`varlen_rows`), and the one log line saying which layout was chosen."""
     on = varlen_rows(model, bool(getattr(args, "activation_checkpointing", False)))
@@ -85,4 +101,5 @@ def _varlen_default(model: nn.Module, args: Any, chosen: str) -> bool:
     return on
 
 
-__all__ = ["VARLEN_MODEL_TYPES", "on_cpu", "resolve_padding_free", "resolve_share_prompt", "varlen_rows"]
+__all__ = ["VARLEN_MODEL_TYPES", "on_cpu", "resolve_online_share_prompt", "resolve_padding_free",
+           "resolve_share_prompt", "varlen_rows"]
