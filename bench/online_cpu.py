@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/online_cpu.py                       # both methods, 3 interleaved repeats
     .venv/bin/python bench/online_cpu.py --methods grpo --repeats 5 --steps 6
+    .venv/bin/python bench/online_cpu.py --sides alignkit-default trl-fastest alignkit-fastest   # skip a side
 
 Same saved tiny Llama ("small" scenario of bench/common.py: hidden 128, 4 layers, vocab 1024, word-level
 tokenizer), the same 256 prompts (8-48 tokens), the same reward (`common.even_fraction`, TRL's signature),
@@ -34,7 +35,7 @@ METHODS = {"grpo": ["--num-samples", "4", "--beta", "0.04", "--lr", "1e-6"],
            "online_dpo": ["--num-samples", "2", "--beta", "0.1", "--lr", "5e-7"]}
 SIDES = {("alignkit", "default"): [], ("trl", "default"): [],
          ("trl", "fastest"): ["--grad-ckpt", "off", "--precision", "fp32"],
-         ("alignkit", "fastest"): ["--share-prompt"]}  # each prompt's samples as one row (share_prompt=True)
+         ("alignkit", "fastest"): ["--share-prompt"]}  # share_prompt=True (the CPU default resolves to it too)
 # (alignkit setting, TRL setting) of each table row
 ROWS = [("default", "default"), ("default", "fastest"), ("fastest", "fastest")]
 
@@ -65,6 +66,8 @@ def spread(xs: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--sides", nargs="*", choices=[f"{lib}-{v}" for lib, v in SIDES], default=None,
+                    help="run only these sides (default: all); rows need both of their sides")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
@@ -81,7 +84,7 @@ def main() -> None:
               "--max-new-tokens", str(args.max_new_tokens)]
     load_start = os.getloadavg()
     runs: dict[tuple[str, str, str], list[dict]] = {}
-    order = list(SIDES)
+    order = [side for side in SIDES if args.sides is None or f"{side[0]}-{side[1]}" in args.sides]
     for rep in range(args.repeats):
         for method in args.methods:
             for lib, variant in order[rep % len(order):] + order[:rep % len(order)]:
