@@ -175,7 +175,8 @@ def test_reft_config_is_typed_old_mappings_still_load_unknown_keys_named():
 
 
 @pytest.mark.parametrize("command,config", [("grpo", "grpo-tiny.yaml"), ("online-dpo", "online-dpo-tiny.yaml"),
-                                            ("ppo", "ppo-tiny.yaml"), ("sample", "sample-tiny.yaml")])
+                                            ("ppo", "ppo-tiny.yaml"), ("sample", "sample-tiny.yaml"),
+                                            ("generate", "generate-tiny.yaml")])
 @pytest.mark.parametrize("override", ["data.eval_fraction=0.2", "data.max_length=64", "data.loss_on=all",
                                       "data.add_eos=true", "data.eval_path=x.jsonl"])
 def test_prompt_only_commands_refuse_data_keys_they_would_ignore(command, config, override):
@@ -183,7 +184,7 @@ def test_prompt_only_commands_refuse_data_keys_they_would_ignore(command, config
     silently ignored. Now one line naming the key; the keys they read still load. The online training commands
     read held-out prompts (eval_path / eval_fraction: alignkit.online.evaluation); `sample` does not."""
     key = override.split("=")[0]
-    if command != "sample" and key in ("data.eval_fraction", "data.eval_path"):
+    if command not in ("sample", "generate") and key in ("data.eval_fraction", "data.eval_path"):
         load_config(CONFIG_DIR / config, [override], command=command)
         return
     with pytest.raises(ConfigError, match=rf"{key}: alignkit {command} reads only prompts"):
@@ -197,3 +198,31 @@ def test_online_eval_steps_without_held_out_prompts_is_refused():
         load_config(CONFIG_DIR / "grpo-tiny.yaml", ["train.eval_steps=2"], command="grpo")
     cfg = load_config(CONFIG_DIR / "grpo-tiny.yaml", ["train.eval_steps=2", "data.eval_fraction=0.25"], command="grpo")
     assert cfg.trainer_config().eval_steps == 2
+
+
+@pytest.mark.parametrize("override", ["data.eval_fraction=0.2", "data.eval_path=x.jsonl", "data.split_seed=3",
+                                      "data.eval_split=test"])
+def test_eval_refuses_split_keys_it_would_ignore(override):
+    """`alignkit eval` scores every record of data.path: an evaluation split asked for in `data` was accepted and
+    the whole file scored anyway. Now one line naming the key; the keys it reads still load."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: alignkit eval scores every record of data.path"):
+        load_config(CONFIG_DIR / "eval-rm-tiny.yaml", [override], command="eval")
+    cfg = load_config(CONFIG_DIR / "eval-rm-tiny.yaml", ["data.max_length=64", "data.max_records=3"], command="eval")
+    assert cfg.data.max_length == 64 and cfg.data.max_records == 3
+
+
+def test_a_section_set_in_part_keeps_the_commands_own_defaults():
+    """A section whose default is configured for the command (`generate`: greedy; `sample` / online commands: 4
+    samples of 64 tokens) lost those defaults as soon as one of its keys was set: `generation.max_new_tokens=4`
+    alone turned generate's greedy decoding into sampling (help said do_sample=False), `sampling.temperature=0.7`
+    gave GRPO one sample per prompt. The keys set now apply over the command's defaults."""
+    base = {"model": {"path": "m"}, "data": {"path": "p.jsonl"}}
+    gen = config_from_dict({**base, "generation": {"max_new_tokens": 4}}, "generate").generation
+    assert (gen.max_new_tokens, gen.do_sample, gen.num_samples) == (4, False, 1)
+    assert config_from_dict(base, "generate").generation.do_sample is False
+    assert config_from_dict({**base, "generation": {"do_sample": True}}, "generate").generation.do_sample is True
+    sample = config_from_dict({**base, "sampling": {"temperature": 0.7}}, "sample").sampling
+    assert (sample.temperature, sample.num_samples, sample.max_new_tokens, sample.do_sample) == (0.7, 4, 64, True)
+    grpo = load_config(CONFIG_DIR / "grpo-tiny.yaml", ["sampling.top_p=0.9"], command="grpo")
+    assert grpo.sampling.num_samples == 4 and grpo.sampling.top_p == 0.9

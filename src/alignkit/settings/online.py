@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig
-from alignkit.settings.sections import DataSettings, DType, ModelSettings, PreferenceObjective
+from alignkit.settings.sections import (ONLINE_EVAL_DATA_KEYS, PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
+                                       PreferenceObjective, check_prompt_data)
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
 from alignkit.settings.typed import ConfigError, unknown_key_error
@@ -284,27 +285,6 @@ class PPOObjective:
 @dataclass
 class PPOMethod(PPOObjective, KLPenaltyMethod):
     """`alignkit ppo`: value head + GAE."""
-
-
-# What a prompts-only `data` section (online training, `sample`) reads: the prompts are read, never loss-masked,
-# cut as whole rows or given an EOS; the online training commands also take held-out prompts (an evaluation
-# split: ONLINE_EVAL_DATA_KEYS), `sample` does not. A key outside these set to other than its default would be
-# ignored silently: refused instead.
-PROMPT_DATA_KEYS = ("path", "reader", "reader_options", "formatter", "max_prompt_length", "split", "max_records",
-                    "on_invalid")
-ONLINE_EVAL_DATA_KEYS = ("eval_path", "eval_fraction", "eval_split", "split_seed")
-
-
-def check_prompt_data(data: DataSettings, command: str) -> None:
-    """ConfigError naming the first `data.<key>` that `command` would ignore (see PROMPT_DATA_KEYS)."""
-    default = DataSettings()
-    reads = PROMPT_DATA_KEYS + (ONLINE_EVAL_DATA_KEYS if command in ONLINE_COMMANDS else ())
-    for f in dataclasses.fields(DataSettings):
-        if f.name not in reads and getattr(data, f.name) != getattr(default, f.name):
-            what = ("loss mask, row length cut or EOS" if command in ONLINE_COMMANDS
-                    else "evaluation split, loss mask, row length cut or EOS")
-            raise ConfigError(f"data.{f.name}: alignkit {command} reads only prompts from data (no {what}), so it "
-                              f"would ignore data.{f.name}; remove it (the keys it reads: {', '.join(reads)})")
 
 
 @dataclass

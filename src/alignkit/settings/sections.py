@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig
-from alignkit.settings.train import TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train
+from alignkit.settings.train import ONLINE_COMMANDS, TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train
 from alignkit.settings.typed import ConfigError
 
 
@@ -171,12 +171,46 @@ class KTOConfig(TrainConfig):
     command = "kto"
 
 
+# What a prompts-only `data` section (online training, `sample`, `generate`) reads: the prompts are read, never
+# loss-masked, cut as whole rows or given an EOS; the online training commands also take held-out prompts (an
+# evaluation split: ONLINE_EVAL_DATA_KEYS), `sample` and `generate` do not. A key outside these set to other than
+# its default would be ignored silently: refused instead.
+PROMPT_DATA_KEYS = ("path", "reader", "reader_options", "formatter", "max_prompt_length", "split", "max_records",
+                    "on_invalid")
+ONLINE_EVAL_DATA_KEYS = ("eval_path", "eval_fraction", "eval_split", "split_seed")
+# What `eval` never reads: it scores every record of data.path, with no split of its own.
+SPLIT_DATA_KEYS = ("eval_path", "eval_fraction", "split_seed", "eval_split")
+
+
+def _refuse_ignored(data: DataSettings, ignored: Any, message: str) -> None:
+    default = DataSettings()
+    for f in dataclasses.fields(DataSettings):
+        if ignored(f.name) and getattr(data, f.name) != getattr(default, f.name):
+            raise ConfigError(message.format(key=f"data.{f.name}"))
+
+
+def check_prompt_data(data: DataSettings, command: str) -> None:
+    """ConfigError naming the first `data.<key>` that `command` would ignore (see PROMPT_DATA_KEYS)."""
+    reads = PROMPT_DATA_KEYS + (ONLINE_EVAL_DATA_KEYS if command in ONLINE_COMMANDS else ())
+    what = ("loss mask, row length cut or EOS" if command in ONLINE_COMMANDS
+            else "evaluation split, loss mask, row length cut or EOS")
+    _refuse_ignored(data, lambda name: name not in reads,
+                    f"{{key}}: alignkit {command} reads only prompts from data (no {what}), so it would ignore "
+                    f"{{key}}; remove it (the keys it reads: {', '.join(reads)})")
+
+
 @dataclass
 class EvalConfig:
     model: ModelSettings
     data: DataSettings = field(default_factory=DataSettings)
     method: EvalMethod = field(default_factory=EvalMethod)
     output_dir: str = "runs/eval"
+
+    def __post_init__(self) -> None:
+        _refuse_ignored(self.data, lambda name: name in SPLIT_DATA_KEYS,
+                        "{key}: alignkit eval scores every record of data.path (it makes no evaluation split), so it "
+                        "would ignore {key}; remove it, and put the records to score in data.path "
+                        "(data.split / data.max_records choose among them)")
 
 
 @dataclass
@@ -187,11 +221,14 @@ class GenerateConfig:
     batch_size: int = 8
     output_dir: str = "runs/generate"
 
+    def __post_init__(self) -> None:
+        check_prompt_data(self.data, "generate")
+
 
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig,
                                    "eval": EvalConfig, "generate": GenerateConfig}
 
 
-__all__ = ["PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+__all__ = ["ONLINE_EVAL_DATA_KEYS", "PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
            "SFTMethod", "TrainConfig"]

@@ -187,6 +187,32 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a section whose default is a configured instance (`default_factory=lambda:
+    SamplingConfig(do_sample=False)`): the keys it sets over that instance's values, not over the class's own
+    defaults (`generation.max_new_tokens=4` alone must keep generate's greedy default, as `--help` shows it)."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    own = {g.name: getattr(default, g.name) for g in dataclasses.fields(default) if g.init}
+    plain = type(default)
+    configured = {}
+    for g in dataclasses.fields(plain):
+        if g.name not in own:
+            continue
+        if g.default is not dataclasses.MISSING:
+            base = g.default
+        elif g.default_factory is not dataclasses.MISSING:
+            base = g.default_factory()
+        else:
+            base = dataclasses.MISSING
+        if base is dataclasses.MISSING or own[g.name] != base:
+            configured[g.name] = own[g.name]
+    return {**configured, **value}
+
+
 def build(cls: type, data: Any, where: str = "") -> Any:
     """An instance of dataclass `cls` from a mapping, every key and value checked (see `coerce`)."""
     if isinstance(data, cls):
@@ -199,7 +225,7 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     for key in data:
         if key not in fields:
             raise unknown_key_error(where, str(key), list(fields))
-    kwargs = {k: coerce(v, hints[k], join_key(where, k)) for k, v in data.items()}
+    kwargs = {k: coerce(_over_default(fields[k], v), hints[k], join_key(where, k)) for k, v in data.items()}
     missing = [k for k, f in fields.items() if k not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     for k in missing:
