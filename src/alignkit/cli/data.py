@@ -71,6 +71,8 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     records, evals = read_splits(ds, kind)
     records = drop_degenerate(records, "data.path")
     evals = drop_degenerate(evals, "data.eval_path" if ds.eval_path is not None else "evaluation split")
+    check_weights(records, "data.path")
+    check_weights(evals, "data.eval_path" if ds.eval_path is not None else "evaluation split")
     logger.info("data: %d training and %d evaluation %s record(s)", len(records), len(evals), kind)
     return records, evals
 
@@ -89,6 +91,16 @@ def drop_degenerate(records: list, where: str) -> list:
     logger.warning("%s: dropped %d of %d pair(s) whose chosen == rejected (no preference signal): %s", where,
                    len(same), len(records), ids)
     return [r for r in records if not (isinstance(r, PreferenceRecord) and r.chosen == r.rejected)]
+
+
+def check_weights(records: list, where: str) -> None:
+    """Every record weighted 0 makes every loss term 0: the run would report loss 0.0 and train nothing (the
+    zero-gradient guard only fires on a positive loss). One line instead; some zero weights are fine."""
+    if records and all(getattr(r, "weight", 1.0) == 0 for r in records):
+        ids = ", ".join(r.id or "?" for r in records[:3]) + (", ..." if len(records) > 3 else "")
+        raise DataError(f"{where}: every one of the {len(records)} record(s) has weight 0 (e.g. {ids}), so every "
+                        "loss term is 0 and nothing would be learned or measured; give records a weight > 0 (or "
+                        "remove the weight column: the default is 1)")
 
 
 def tokenize_cache_dir() -> Path | None:
