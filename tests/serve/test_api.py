@@ -164,6 +164,25 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     assert status == 200 and health["status"] == "ok"
 
 
+@pytest.mark.parametrize("field,value", [("presence_penalty", 0.5), ("frequency_penalty", -1.0),
+                                         ("logit_bias", {"5": 100}), ("suffix", " end"), ("top_k", 5),
+                                         ("min_p", 0.1), ("repetition_penalty", 1.3),
+                                         ("response_format", {"type": "json_object"})])
+def test_sampling_fields_the_engine_does_not_implement_are_refused(client, server, field, value):
+    """Before, these were accepted and the answer sampled without them (a 200 that looked like it honoured the
+    request). Now a 400 naming the field, on both endpoints; their neutral values and fields that do not change
+    the answer (user) are still served."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="base", prompt="Hi", max_tokens=2, extra_body={field: value})
+    assert e.value.body["param"] == field and "not supported" in e.value.body["message"], e.value.body
+    got, err = raw(server[0], "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi"}],
+                                                      "max_tokens": 2, field: value})
+    assert got == 400 and err["error"]["param"] == field, err
+    out = client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, presence_penalty=0,
+                                    frequency_penalty=0, user="u1", extra_body={"top_k": -1, "repetition_penalty": 1})
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
 def test_metrics_count_what_was_served(client, server):
     url, engine = server
     before = raw(url, "/metrics")[1]

@@ -8,8 +8,10 @@
     GET  /                       the chat page (static files in serve/static, no build step)
 
 Request fields: model, max_tokens, temperature, top_p, stop (string or list), seed, n, stream (server-sent
-events, `data: [DONE]` last), stream_options.include_usage; unknown fields are ignored, as OpenAI's
-server does. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
+events, `data: [DONE]` last), stream_options.include_usage. Fields that would change the answer but are not
+implemented (logprobs, best_of, echo, presence/frequency penalties, logit_bias, suffix, response_format, tools,
+vLLM's top_k / min_p / repetition_penalty: `IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their
+neutral value; other unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits; 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
 over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
@@ -59,6 +61,16 @@ def _num(body: dict, key: str, default: Any, kind: type, lo: float | None = None
     return kind(v)
 
 
+# Request fields of the OpenAI API (and vLLM's extensions, which OpenAI clients send through extra_body) that would
+# change the answer but that this engine does not implement: accepted only at their neutral value (first None).
+IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "suffix": (None, ""), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "functions": (None, []), "top_k": (None, -1, 0), "min_p": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+}
+
+
 def sampling_params(body: dict) -> SamplingParams:
     stop = body.get("stop")
     if stop is None:
@@ -72,6 +84,10 @@ def sampling_params(body: dict) -> SamplingParams:
         raise ApiError(400, f"'max_tokens' must be an integer, got {json.dumps(max_tokens)[:40]}", param="max_tokens")
     if body.get("logprobs") not in (None, False) or body.get("best_of") not in (None, 1) or body.get("echo"):
         raise ApiError(400, "logprobs, best_of and echo are not supported by this server", param="logprobs")
+    for key, neutral in IGNORED_UNLESS_NEUTRAL.items():
+        if body.get(key) not in neutral:
+            raise ApiError(400, f"'{key}' is not supported by this server (the answer would silently be sampled "
+                                f"without it); remove it or set it to {json.dumps(neutral[1])}", param=key)
     return SamplingParams(max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
                           top_p=_num(body, "top_p", 1.0, float, 0.0, 1.0), stop=stop,
                           seed=_num(body, "seed", None, int), n=_num(body, "n", 1, int, 1, 16))
