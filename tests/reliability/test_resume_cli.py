@@ -92,6 +92,16 @@ def test_resume_from_checkpoint_path_and_errors(tmp_path, capsys):
     assert cli("sft", "sft-tiny.yaml", tmp_path / "c", [f"train.resume_from_checkpoint={tmp_path / 'nope'}"]) == 2
     err = capsys.readouterr().err
     assert "train.resume_from_checkpoint:" in err and "does not exist" in err and not (tmp_path / "c").exists()
+    # another learning rate than the checkpoint's run: before, the run went on at the checkpoint's rate (its
+    # scheduler) while the new config.yaml recorded 0.05; now one line naming the key, nothing written
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "d", [f"train.resume_from_checkpoint={ckpt}",
+                                                         "train.learning_rate=0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("alignkit sft: error: train.resume_from_checkpoint: the settings differ from the run's "
+                          f"{run.resolve() / 'config.yaml'}: train.learning_rate: 0.001 in the run, 0.05 now"), err
+    assert not (tmp_path / "d").exists()
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_resume_skips_incomplete_checkpoint_and_says_so(tmp_path, caplog):

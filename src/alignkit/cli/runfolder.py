@@ -131,6 +131,13 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         if reason is not None:
             raise ConfigError(f"train.resume_from_checkpoint: cannot resume: {reason}; pick a complete checkpoint "
                               "folder, or use --resume for the newest complete one")
+        saved = checkpoint_run_config(ckpt)
+        if saved is None:
+            logger.warning("train.resume_from_checkpoint: %s is not inside a run folder with a config.yaml "
+                           "(<run>/checkpoints/checkpoint-N), so its settings cannot be compared with these; the "
+                           "checkpoint's optimizer and scheduler keep the values it was trained with", ckpt)
+        else:
+            check_resume_config(cfg, saved, "train.resume_from_checkpoint")
     elif resume:
         if not holds:
             raise ConfigError(f"--resume: {final} holds no run to resume; run once without --resume first")
@@ -185,25 +192,33 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_resume_config(cfg: Any, saved: Path) -> None:
-    """--resume continues the same training: refuse settings that differ from the run's config.yaml except
-    those in RESUMABLE_CHANGES (logged). Nothing is checked when the run folder has no config.yaml."""
+def checkpoint_run_config(ckpt: Path) -> Path | None:
+    """The config.yaml of the run a checkpoint folder belongs to (`<run>/checkpoints/checkpoint-N`), or None."""
+    ckpt = ckpt.resolve()
+    saved = ckpt.parent.parent / "config.yaml"
+    return saved if ckpt.parent.name == "checkpoints" and saved.is_file() else None
+
+
+def check_resume_config(cfg: Any, saved: Path, label: str = "--resume") -> None:
+    """--resume (or train.resume_from_checkpoint, `label`) continues the same training: refuse settings that
+    differ from the run's config.yaml except those in RESUMABLE_CHANGES (logged). Nothing is checked when the run
+    folder has no config.yaml."""
     if not saved.is_file():
         return
     try:
         old = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--resume: {saved} is not valid YAML ({e}); it records how the run was trained, so "
+        raise ConfigError(f"{label}: {saved} is not valid YAML ({e}); it records how the run was trained, so "
                           "restore it or start again with --overwrite") from None
     changes = config_changes(old, yaml.safe_load(dump_config(cfg)))
     allowed = [c for c in changes if c[0].rsplit(".", 1)[-1] in RESUMABLE_CHANGES]
     refused = [c for c in changes if c not in allowed]
     for key, before, after in allowed:
-        logger.info("--resume: %s changes from %r to %r", key, before, after)
+        logger.info("%s: %s changes from %r to %r", label, key, before, after)
     if refused:
         shown = "; ".join(f"{k}: {_show(v0)} in the run, {_show(v1)} now" for k, v0, v1 in refused[:4])
         more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
-        raise ConfigError(f"--resume: the settings differ from the run's {saved}: {shown}{more}. A resumed run "
+        raise ConfigError(f"{label}: the settings differ from the run's {saved}: {shown}{more}. A resumed run "
                           "continues the same training (the checkpoint's optimizer and scheduler would keep the old "
                           "values); only how long it runs and what it logs, evaluates and saves may change. Use the "
                           "run's settings, or start a new run (another output_dir, model.path=<its model/ or a "
