@@ -39,6 +39,24 @@ def test_chat_template_boundary_and_eos_switch(tokenizer):
     assert g["input_ids"] == ids(tokenizer, full) + [tokenizer.eos_token_id]
 
 
+def test_template_without_a_generation_prompt_is_an_error(tokenizer):
+    """A template that writes `<|im_start|>assistant\n` before assistant turns but ignores add_generation_prompt:
+    before, the header was silently trained as part of every completion (and missing from generation prompts).
+    Now one DataError naming the header and the fix; a template with no header at all (`[INST] q [/INST] a`) and
+    one with the generation prompt are fine."""
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    with pytest.raises(DataError, match=r"writes '<\|im_start\|>assistant\\n' before an assistant turn but nothing "
+                                        r"for add_generation_prompt=True.*\{% if add_generation_prompt %\}"):
+        tokenize_records([SFTRecord(CONV, "Hello", id="r1")], tok)
+    with pytest.raises(DataError, match="add_generation_prompt"):
+        tokenize_records([PromptRecord(CONV, id="p1")], tok)  # generation prompts too
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                         "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+    (f,), _ = tokenize_records([SFTRecord(CONV, "Hello", id="r2")], tok)
+    assert tok.decode([i for i, m in zip(f["input_ids"], f["completion_mask"]) if m]).strip() == "Hello</s>"
+
+
 def test_oasst_format(tokenizer):
     eos = tokenizer.eos_token
     (f,), _ = tokenize_records([SFTRecord(CONV, "Hello")], tokenizer, formatter="oasst")

@@ -72,10 +72,43 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(f"formatter 'chat-template': {type(tokenizer).__name__} has no chat_template; set "
                         f"tokenizer.chat_template, or use formatter='oasst' or plain-text records")
+    check_generation_prompt(tokenizer)
     p, c = as_messages(prompt, completion)
     prompt_text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(p + c, tokenize=False) if c else None
     return Formatted(prompt_text, full, add_special_tokens=False, ends_turn=True)
+
+
+_HEADER_PROBE = "alignkitAssistantProbe"
+_CHECKED_TEMPLATES: set[str] = set()
+
+
+def check_generation_prompt(tokenizer: Any) -> None:
+    """A chat template that writes an assistant header before each assistant turn (`<|im_start|>assistant\n`) but
+    renders nothing for `add_generation_prompt=True` puts that header inside every completion: training learns it
+    as part of the answer and prompts for generation lack it, silently. DataError naming the header; checked once
+    per template string. Templates without a header (`[INST] q [/INST] a`) pass."""
+    template = tokenizer.chat_template
+    if template in _CHECKED_TEMPLATES:
+        return
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        with_prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        without = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=False)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _HEADER_PROBE}], tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render the probe: the records will say more
+        logger.debug("chat template could not render the generation-prompt probe (%s)", e)
+        return
+    at = full.find(_HEADER_PROBE)
+    if with_prompt == without and at >= 0 and full.startswith(with_prompt) and full[len(with_prompt):at].strip():
+        raise DataError(f"formatter 'chat-template': the chat template of the tokenizer "
+                        f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} writes "
+                        f"{full[len(with_prompt):at]!r} before an assistant turn but nothing for "
+                        f"add_generation_prompt=True, so that header would be trained as part of every completion "
+                        f"and be missing from generation prompts; add {{% if add_generation_prompt %}}"
+                        f"{full[len(with_prompt):at]!r}{{% endif %}} at the end of the template (chat_template.jinja "
+                        f"/ tokenizer_config.json of the model), or use data.formatter=plain or oasst")
+    _CHECKED_TEMPLATES.add(template)
 
 
 OASST_ROLES = {"user": "<|prompter|>", "assistant": "<|assistant|>", "system": "<|system|>"}
