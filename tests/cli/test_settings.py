@@ -4,6 +4,7 @@ and every file in configs/ valid."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,33 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
     assert (sample.temperature, sample.num_samples, sample.max_new_tokens, sample.do_sample) == (0.7, 4, 64, True)
     grpo = load_config(CONFIG_DIR / "grpo-tiny.yaml", ["sampling.top_p=0.9"], command="grpo")
     assert grpo.sampling.num_samples == 4 and grpo.sampling.top_p == 0.9
+
+
+@pytest.mark.parametrize("command,config,overrides,message,fix", [
+    ("eval", "eval-rm-tiny.yaml", ["method.beta=0.5"], "method.beta: read only by method.kind=dpo", ["method.kind=dpo"]),
+    ("eval", "eval-rm-tiny.yaml", ["method.reference_path=ref"], "method.reference_path: read only by method.kind=dpo",
+     ["method.kind=dpo"]),
+    ("grpo", "grpo-tiny.yaml", ["annotator.default_score=1.0"],
+     "annotator.default_score: 1.0 is read only with annotator.on_failure=default", ["annotator.on_failure=default"]),
+    ("grpo", "grpo-tiny.yaml", ["method.vllm_mode=server"],
+     "vllm_mode='server' is read only with generation_backend='vllm'", ["method.generation_backend=vllm"]),
+    ("online-dpo", "online-dpo-tiny.yaml", ["method.vllm={max_model_len: 64}"],
+     "vllm={'max_model_len': 64} is read only with generation_backend='vllm'", ["method.generation_backend=vllm"]),
+    ("grpo", "grpo-tiny.yaml", ["method.generation_backend=vllm", "method.vllm_server_url=http://h:1"],
+     "vllm_server_url='http://h:1' is read only with vllm_mode='server'", ["method.vllm_mode=server"]),
+    ("grpo", "grpo-tiny.yaml", ["method.kl_horizon=50"], "kl_horizon=50 is read only with an adaptive kl_target",
+     ["method.kl_target=6.0"]),
+    ("rloo", "rloo-tiny.yaml", ["method.scale_by_std=false"], "scale_by_std=False (Dr. GRPO) is read only by GRPO",
+     None),
+])
+def test_keys_the_chosen_settings_never_read_are_refused(command, config, overrides, message, fix):
+    """Each of these was accepted and had no effect (eval of a reward model has no beta or reference; a default
+    score is never used when failures are skipped; vLLM / server keys with transformers generation; kl_horizon
+    without an adaptive target; Dr. GRPO's switch under RLOO). Now one line naming the key; with the setting
+    that reads it, the same key loads."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIG_DIR / config, overrides, command=command)
+    if fix is not None:
+        load_config(CONFIG_DIR / config, [*overrides, *fix], command=command)
+    else:
+        assert load_config(CONFIG_DIR / "grpo-tiny.yaml", overrides, command="grpo").method.scale_by_std is False

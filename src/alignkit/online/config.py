@@ -3,7 +3,7 @@ subclasses it and adds its own). Plain data checked on construction; the loop is
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from alignkit.losses import KL_ESTIMATORS
@@ -101,9 +101,29 @@ class OnlineConfig:
                              "--dtype, ...)")
         if self.vllm_server_timeout <= 0:
             raise ValueError(f"online config: vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
+        self._refuse_unread()
         if self.reference not in ("auto", "adapter_off", "copy"):
             raise ValueError(f"online config: reference must be 'auto', 'adapter_off' or 'copy', got {self.reference!r}")
         KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
+
+    def _refuse_unread(self) -> None:
+        """Keys set away from their defaults that the chosen settings never read (they were accepted and silently
+        ignored): vLLM keys with transformers generation, server keys in colocate mode, kl_horizon without an
+        adaptive kl_target."""
+        own = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+               for f in fields(OnlineConfig)}
+        unread = []
+        if self.generation_backend != "vllm":
+            unread += [(k, "generation_backend='vllm'") for k in ("vllm", "vllm_mode", "vllm_server_url",
+                                                                  "vllm_server_timeout")]
+        elif self.vllm_mode != "server":
+            unread += [(k, "vllm_mode='server'") for k in ("vllm_server_url", "vllm_server_timeout")]
+        if self.kl_target is None:
+            unread.append(("kl_horizon", "an adaptive kl_target"))
+        for key, needs in unread:
+            if getattr(self, key) != own[key]:
+                raise ValueError(f"online config: {key}={getattr(self, key)!r} is read only with {needs}, which is "
+                                 f"not set, so it would be ignored; remove it or set that too")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

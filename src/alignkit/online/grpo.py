@@ -48,6 +48,9 @@ class GRPOConfig(OnlineConfig):
         super().__post_init__()
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"GRPO advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
+        if self.advantage == "rloo" and not self.scale_by_std:
+            raise ValueError("scale_by_std=False (Dr. GRPO) is read only by GRPO's advantage; RLOO's leave-one-out "
+                             "baseline never divides by the std, so it would be ignored; remove it")
 
 
 @dataclass

@@ -98,6 +98,10 @@ class AnnotatorSettings:
             raise ConfigError(f"annotator.score_range: expected [low, high], got {self.score_range}")
         if self.on_failure == "default" and self.default_score is None:
             raise ConfigError("annotator.default_score: required when annotator.on_failure is 'default'")
+        if self.on_failure == "skip" and self.default_score is not None:
+            raise ConfigError(f"annotator.default_score: {self.default_score} is read only with "
+                              "annotator.on_failure=default (now 'skip': unscored items are dropped), so it would be "
+                              "ignored; set annotator.on_failure=default or remove it")
 
     def _non_default(self) -> list[str]:
         out = []

@@ -132,6 +132,14 @@ class EvalMethod:
     batch_size: int = 8
     chunk_size: int = 1024
 
+    def __post_init__(self) -> None:
+        if self.kind == "reward":  # a reward model's score: no log-probs, no reference, no beta
+            for f in dataclasses.fields(self):
+                if f.name in ("beta", "reference_path", "chunk_size") and getattr(self, f.name) != f.default:
+                    raise ConfigError(f"method.{f.name}: read only by method.kind=dpo (implicit rewards), and "
+                                      f"method.kind is 'reward', so it would be ignored; remove it or set "
+                                      f"method.kind=dpo")
+
 
 @dataclass
 class TrainConfig:
