@@ -123,6 +123,25 @@ def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path):
     assert len(train) == 6 and not evals
 
 
+def test_a_kept_round_made_with_other_settings_is_refused(tmp_path, capsys):
+    """A complete samples.jsonl is kept, not redone (resume). Before, `alignkit sample` with another model or
+    temperature into that folder exited 0 with the OLD samples and rewrote sample.yaml to record the new settings.
+    Now one line naming each changed key, and nothing in the folder changes; the same settings still resume."""
+    rnd = tmp_path / "round"
+    base = ["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={rnd}", "data.max_records=2",
+            "sampling.max_new_tokens=3"]
+    assert main(base) == 0
+    before = {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*base, "sampling.temperature=0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "already holds a complete samples.jsonl made with other settings" in err, err
+    assert "sampling.temperature: 1.0 then, 0.5 now" in err and "overwrite=true" in err, err
+    assert {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()} == before
+    assert main(base) == 0  # same settings: kept, as before
+    assert (rnd / "samples.jsonl").read_bytes() == before[Path("samples.jsonl")]
+
+
 def test_annotate_without_samples_fails_before_loading_anything(tmp_path, capsys):
     rc = main(["annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={tmp_path / 'empty'}"])
     assert rc == 2 and "has no samples.jsonl; run `alignkit sample`" in capsys.readouterr().err

@@ -26,12 +26,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from alignkit.cli.models import check_formats, load_for_inference, to_device
 from alignkit.cli.online import make_annotator, read_prompts
-from alignkit.cli.runfolder import add_config_command
-from alignkit.online.rounds import MANIFEST_FILE, SAMPLES_FILE, annotate_round, read_jsonl, read_samples, sample_round
+from alignkit.cli.runfolder import add_config_command, config_changes
+from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, read_jsonl,
+                                    read_manifest, read_samples, sample_round)
 from alignkit.runs import RunFolder, write_command_outputs
-from alignkit.settings import save_config
+from alignkit.settings import ConfigError, dump_config, save_config
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,32 @@ def run_annotate(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str) -> None:
+    """A complete stage is kept, not redone (resume): refuse when it was made with other settings than `cfg` (its
+    `saved` yaml), which would otherwise be rewritten to record settings the kept file was not made with."""
+    if cfg.overwrite or not (root / file).is_file() or stage not in read_manifest(root) \
+            or not (root / saved).is_file():
+        return
+    try:
+        old = yaml.safe_load((root / saved).read_text()) or {}
+    except yaml.YAMLError:
+        old = {}
+    changes = [c for c in config_changes(old, yaml.safe_load(dump_config(cfg)))
+               if c[0] not in ("output_dir", "overwrite")]
+    if changes:
+        shown = "; ".join(f"{k}: {v0!r} then, {v1!r} now" for k, v0, v1 in changes[:4])
+        more = f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""
+        raise ConfigError(f"output_dir: {root} already holds a complete {file} made with other settings "
+                          f"({root / saved}: {shown}{more}); it would be kept as it is, not redone. Pass "
+                          f"overwrite=true to redo it, or choose another output_dir")
+
+
 def sample(cfg: Any) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl`. Returns its path."""
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
     run = RunFolder(Path(cfg.output_dir))
+    check_kept_stage(cfg, run.root, "samples", SAMPLES_FILE, "sample.yaml")
     if run.main:
         save_config(cfg, run.root / "sample.yaml")
     model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
@@ -89,6 +113,7 @@ def annotate(cfg: Any, allow_code: bool = False) -> Path:
     if not (run.root / SAMPLES_FILE).is_file():  # before any annotator model is loaded
         raise FileNotFoundError(f"output_dir: {run.root} has no {SAMPLES_FILE}; run `alignkit sample` with "
                                 f"output_dir={run.root} first")
+    check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml")
     if run.main:
         save_config(cfg, run.root / "annotate.yaml")
     annotator = make_annotator(cfg.annotator, run, allow_code)
