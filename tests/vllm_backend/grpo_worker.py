@@ -65,7 +65,8 @@ def main(kind: str, out: str) -> None:
         before = mean_reward(policy, tok)
         cfg = GRPOConfig(steps=8, prompts_per_step=4, learning_rate=LR[kind], seed=0, kl_coef=0.0, epochs_per_step=2,
                          sampling=SamplingConfig(num_samples=8, max_new_tokens=3), generation_backend=backend,
-                         progress_bar=False, report_to="none", vllm={"max_model_len": 128})
+                         progress_bar=False, report_to="none",
+                         vllm={"max_model_len": 128} if backend == "vllm" else {})  # vllm.LLM arguments: vLLM only
         t0 = time.perf_counter()
         trainer = GRPOTrainer(policy, tok, PROMPTS, {"type": "function", "fn": digit_fraction}, cfg)
         history = trainer.train()
