@@ -186,6 +186,11 @@ def sharded_over_processes(model: Any) -> bool:
     `model.generate` with `synced_gpus=True`, which transformers sets by itself only for models it sharded)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return False
+    return _has_sharded_parameters(model)
+
+
+def _has_sharded_parameters(model: Any) -> bool:
+    """Parameters sharded by FSDP2 (DTensors) or partitioned by ZeRO-3 (`ds_id`)."""
     return any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters())
 
 
@@ -205,7 +210,7 @@ def inference_context(model: Any) -> Any:
     forward (an in-place update of a tensor made in inference mode is an error outside it)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return contextlib.nullcontext()
-    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in model.parameters()):
+    if _has_sharded_parameters(model):
         return contextlib.nullcontext()
     return torch.inference_mode()
 

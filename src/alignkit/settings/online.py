@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig
-from alignkit.settings.sections import (ONLINE_EVAL_DATA_KEYS, PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
+from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
                                        PreferenceObjective, check_prompt_data)
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
@@ -418,6 +418,6 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
                                           "rloo": RLOORunConfig, "ppo": PPORunConfig, "sample": SampleConfig,
                                           "annotate": AnnotateConfig}
 
-__all__ = ["ONLINE_EVAL_DATA_KEYS", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
+__all__ = ["PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
            "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]

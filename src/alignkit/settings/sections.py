@@ -181,12 +181,12 @@ class KTOConfig(TrainConfig):
 
 # What a prompts-only `data` section (online training, `sample`, `generate`) reads: the prompts are read, never
 # loss-masked, cut as whole rows or given an EOS; the online training commands also take held-out prompts (an
-# evaluation split: ONLINE_EVAL_DATA_KEYS), `sample` and `generate` do not. A key outside these set to other than
+# evaluation split: SPLIT_DATA_KEYS), `sample` and `generate` do not. A key outside these set to other than
 # its default would be ignored silently: refused instead.
 PROMPT_DATA_KEYS = ("path", "reader", "reader_options", "formatter", "max_prompt_length", "split", "max_records",
                     "on_invalid")
-ONLINE_EVAL_DATA_KEYS = ("eval_path", "eval_fraction", "eval_split", "split_seed")
-# What `eval` never reads: it scores every record of data.path, with no split of its own.
+# The evaluation split's keys: read by the training commands (offline and online); `eval` never reads them (it
+# scores every record of data.path, with no split of its own).
 SPLIT_DATA_KEYS = ("eval_path", "eval_fraction", "split_seed", "eval_split")
 
 
@@ -199,7 +199,7 @@ def _refuse_ignored(data: DataSettings, ignored: Any, message: str) -> None:
 
 def check_prompt_data(data: DataSettings, command: str) -> None:
     """ConfigError naming the first `data.<key>` that `command` would ignore (see PROMPT_DATA_KEYS)."""
-    reads = PROMPT_DATA_KEYS + (ONLINE_EVAL_DATA_KEYS if command in ONLINE_COMMANDS else ())
+    reads = PROMPT_DATA_KEYS + (SPLIT_DATA_KEYS if command in ONLINE_COMMANDS else ())
     what = ("loss mask, row length cut or EOS" if command in ONLINE_COMMANDS
             else "evaluation split, loss mask, row length cut or EOS")
     _refuse_ignored(data, lambda name: name not in reads,
@@ -237,6 +237,6 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
                                    "eval": EvalConfig, "generate": GenerateConfig}
 
 
-__all__ = ["ONLINE_EVAL_DATA_KEYS", "PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+__all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
            "SFTMethod", "TrainConfig"]
