@@ -148,10 +148,10 @@ def test_prompt_truncation_and_bad_config(tiny_lm, tokenizer):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_samples_of_a_prompt_share_one_prefill(tiny_lm, tokenizer, arch):
     """num_samples rows of a prompt: the prompt is run once (its KV cache copied to the rows) and the samples
-    are those of plain `generate` on the repeated, left-padded prompts with the same seed; greedy samples equal
-    the no-cache naive loop."""
+    are those of plain `generate` on the repeated, left-padded prompts with the same seed (sampler multinomial:
+    generate's own draws); greedy samples equal the no-cache naive loop."""
     model = tiny_lm(arch)
-    cfg = SamplingConfig(num_samples=3, max_new_tokens=5, seed=7)
+    cfg = SamplingConfig(num_samples=3, max_new_tokens=5, seed=7, sampler="multinomial")
     widths = []
     hook = model.register_forward_pre_hook(lambda m, a, k: widths.append(tuple(k["input_ids"].shape)), with_kwargs=True)
     try:
@@ -201,15 +201,17 @@ def test_generation_past_the_models_context_is_warned_once(tiny_lm, tokenizer, c
 
 def test_lean_loop_samples_what_generate_samples(tiny_lm, tokenizer):
     """generate_responses samples with `decode.lean_generate` where the call allows it (the default) and with
-    `model.generate` when told not to: the same samples under the same seed, for a plain model and a LoRA model
-    whose adapters are not zero. A ReftModel never takes the lean loop (its edits live in its own generate)."""
+    `model.generate` when told not to: with sampler multinomial, the same samples under the same seed, for a
+    plain model and a LoRA model whose adapters are not zero. A ReftModel never takes the lean loop (its edits live
+    in its own generate)."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_lm("llama")
     calls = []
     model.generate = lambda *a, _g=model.generate, **k: calls.append(1) or _g(*a, **k)  # noqa: E731
-    cfgs = [SamplingConfig(num_samples=3, max_new_tokens=6, seed=11),
-            SamplingConfig(num_samples=2, max_new_tokens=6, seed=5, temperature=0.8, top_k=20, top_p=0.9),
+    cfgs = [SamplingConfig(num_samples=3, max_new_tokens=6, seed=11, sampler="multinomial"),
+            SamplingConfig(num_samples=2, max_new_tokens=6, seed=5, temperature=0.8, top_k=20, top_p=0.9,
+                           sampler="multinomial"),
             SamplingConfig(max_new_tokens=6, do_sample=False)]
     for cfg in cfgs:
         lean = generate_responses(model, tokenizer, PROMPTS, cfg, batch_size=4)
@@ -282,3 +284,87 @@ def test_lean_path_uses_inference_mode_only_with_plain_parameters(tiny_lm):
             assert not torch.is_inference_mode_enabled()
     finally:
         del next(model.parameters()).ds_id
+
+
+def test_inverse_cdf_sample_draws_the_given_distribution(monkeypatch):
+    """`inverse_cdf_sample` against hand-written probabilities: every token's frequency within 5 standard errors
+    of its probability over 200 000 draws (unnormalised weights included; a 5 000-token vocabulary, sampled block
+    first, with mass in three blocks and on the last token), tokens of probability 0 never drawn,
+    the same draws under the same seed; a uniform draw just below 1 still lands on the last token with mass; a
+    row of NaN is one error naming the row."""
+    from alignkit.online.decode import inverse_cdf_sample
+
+    n = 200_000
+    rows = torch.tensor([[0.5, 0.0, 0.25, 0.25, 0.0], [1.0, 3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 2e-3]])
+    want = rows / rows.sum(-1, keepdim=True)
+    torch.manual_seed(3)
+    got = inverse_cdf_sample(rows.repeat_interleave(n, 0)).view(3, n)
+    for r in range(3):
+        freq = torch.bincount(got[r], minlength=5).double() / n
+        se = (want[r].double() * (1 - want[r].double()) / n).sqrt()
+        assert ((freq - want[r].double()).abs() <= 5 * se + 1e-12).all(), (r, freq, want[r])
+        assert (freq[want[r] == 0] == 0).all()
+    torch.manual_seed(3)
+    assert torch.equal(inverse_cdf_sample(rows.repeat_interleave(n, 0)).view(3, n), got)
+    # the largest float32 below 1 as the uniform draw: the last token with mass, never the zero tokens after it
+    big = torch.zeros(2, 5000)  # above CDF_BLOCK (1 024): a block first, then a token in it
+    big[0, [3, 1500, 1501, 4200]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    big[1, 4999] = 1.0  # the last token, in a block padded past the vocabulary
+    torch.manual_seed(5)
+    m = 40_000  # in chunks of 2 000 rows (a 5 000-wide row each)
+    got = torch.cat([inverse_cdf_sample(big.repeat_interleave(1000, 0)).view(2, 1000) for _ in range(m // 1000)], 1)
+    freq = torch.bincount(got[0], minlength=5000).double() / m
+    want = big[0].double()
+    assert ((freq - want).abs() <= 5 * (want * (1 - want) / m).sqrt() + 1e-12).all() and (freq[want == 0] == 0).all()
+    assert (got[1] == 4999).all()
+    # the largest float32 / float64 below 1 as every uniform draw: the last token with mass, never a zero after it
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full(
+        *a, 1 - 2 ** (-53 if k.get("dtype") == torch.float64 else -24), dtype=k.get("dtype")))
+    assert inverse_cdf_sample(torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]])).tolist() == [1, 0]
+    assert inverse_cdf_sample(big[:1]).tolist() == [4200]
+    monkeypatch.undo()
+    bad = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
+    with pytest.raises(ValueError, match="row 1's next-token probabilities are not finite"):
+        inverse_cdf_sample(bad)
+
+
+def test_default_sampler_draws_the_models_next_token_distribution(tiny_lm, tokenizer):
+    """The lean loop's default sampler (inverse CDF) against the model's own next-token distribution, computed
+    independently (one plain forward of the prompt, softmax of the last position's logits, temperature 0.7 and
+    top-k 5 applied by hand): 6 000 first tokens, each of the 5 kept tokens within 5 standard errors of its
+    probability, nothing outside them. With sampler multinomial the same call gives other draws."""
+    model = tiny_lm("llama")
+    n = 6000
+    cfg = SamplingConfig(num_samples=n, max_new_tokens=1, temperature=0.7, top_k=5, seed=4)
+    got = generate_responses(model, tokenizer, PROMPTS[:1], cfg, batch_size=n)
+    ids = encode_prompt(PROMPTS[0], tokenizer)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double() / 0.7  # (V,)
+    top = logits.topk(5)
+    want = torch.zeros_like(logits)
+    want[top.indices] = torch.softmax(top.values, -1)
+    first = torch.tensor([s.response_ids[0] if s.response_ids else tokenizer.eos_token_id for s in got])
+    freq = torch.bincount(first, minlength=logits.numel()).double() / n
+    se = (want * (1 - want) / n).sqrt()
+    assert ((freq - want).abs() <= 5 * se + 1e-12).all()
+    assert freq[want == 0].sum() == 0 and want[top.indices].min() > 0.01  # all 5 kept tokens have mass
+    multi = generate_responses(model, tokenizer, PROMPTS[:1], SamplingConfig(
+        num_samples=64, max_new_tokens=1, temperature=0.7, top_k=5, seed=4, sampler="multinomial"), batch_size=64)
+    assert [s.response_ids for s in multi] != [s.response_ids for s in got[:64]]
+
+
+def test_sampler_set_where_it_cannot_apply_is_refused(tiny_lm, tokenizer):
+    """sampling.sampler=inverse_cdf where the call samples with model.generate (stop strings here, a ReftModel
+    in a trainer) and any sampler under vLLM: one line each, instead of a setting that is silently unused; an
+    unknown sampler is refused when the config is made."""
+    from alignkit.online.vllm_generation import sampling_request
+
+    model = tiny_lm("llama")
+    with pytest.raises(ValueError, match="sampling.sampler=inverse_cdf: this policy samples with model.generate"):
+        generate_responses(model, tokenizer, PROMPTS[:1], SamplingConfig(max_new_tokens=2, stop=["x"],
+                                                                         sampler="inverse_cdf"))
+    generate_responses(model, tokenizer, PROMPTS[:1], SamplingConfig(max_new_tokens=2, stop=["x"]))  # default: fine
+    with pytest.raises(ValueError, match="vLLM draws tokens with its own sampler"):
+        sampling_request(SamplingConfig(sampler="multinomial"), [2], 0)
+    with pytest.raises(ValueError, match="SamplingConfig.sampler must be one of"):
+        SamplingConfig(sampler="gumbel")

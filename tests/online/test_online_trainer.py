@@ -264,8 +264,9 @@ def test_skipping_the_rollout_policy_pass_changes_no_result(tiny_dir, tokenizer,
             return False
 
     runs = []
-    for trainer_cls in (cls, KeepsPass):
-        trainer = trainer_cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, small(cfg_cls))
+    for trainer_cls in (cls, KeepsPass):  # seed 2: step 0's samples differ in reward, so the policy moves
+        trainer = trainer_cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                              small(cfg_cls, seed=2))
         runs.append(trainer.train())
     assert cls.reuses_training_pass(trainer) and not KeepsPass.reuses_training_pass(trainer)
     fast, slow = runs
@@ -283,7 +284,7 @@ def test_share_prompt_changes_no_result(tiny_dir, tokenizer, cls, cfg_cls):
     runs = []
     for share in (False, True, None):
         trainer = cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
-                      small(cfg_cls, share_prompt=share))
+                      small(cfg_cls, share_prompt=share, seed=2))  # seed 2: step 0's rewards differ
         assert trainer.share_prompt is (share is not False)
         runs.append(trainer.train())
     padded, shared, default = runs
@@ -326,3 +327,16 @@ def test_shared_rows_give_each_rows_own_logps(tiny_dir):
             lp = torch.log_softmax(lm(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
             got = stats.logps[i][stats.mask[i]]
             torch.testing.assert_close(got, lp[len(p) - 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_inverse_cdf_sampler_with_a_reft_policy_is_refused_before_the_run(tiny_dir, tokenizer, tmp_path):
+    """A ReftModel samples with its own generate (torch.multinomial): sampling.sampler=inverse_cdf is refused when
+    the trainer is made, before anything is written; the default (None) and multinomial are accepted."""
+    out = tmp_path / "run"
+    cfg = small(GRPOConfig, sampling=SamplingConfig(num_samples=2, max_new_tokens=3, sampler="inverse_cdf"))
+    with pytest.raises(ValueError, match="sampling.sampler=inverse_cdf: this policy samples with model.generate"):
+        GRPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS, cfg, output_dir=out)
+    assert not out.exists()
+    for sampler in (None, "multinomial"):
+        GRPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS,
+                    small(GRPOConfig, sampling=SamplingConfig(num_samples=2, max_new_tokens=3, sampler=sampler)))

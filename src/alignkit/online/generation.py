@@ -8,7 +8,9 @@ the tokenizer's chat template for conversations, verbatim text for strings), tok
 longer than `max_prompt_length`, keeps its LAST tokens (as `alignkit.data.tokenize` does for prompts).
 
 Batches are left-padded and generated with Hugging Face `generate` (KV cache on), or with `decode.lean_generate`
-(the same tokens under the same seed, less work per step) where every option of the call is one it supports.
+(generate's loop with less work per step; its default inverse-CDF sampler draws from the same distribution with
+far less CPU, `sampler="multinomial"` gives generate's exact tokens) where every option of the call is one it
+supports.
 The `num_samples` rows of a prompt share one prefill (`shared_prompt_cache`: the prompt's KV cache is computed
 once and copied to its rows; not for a ReftModel, whose edits happen in the prompt pass). The same call works for a
 plain transformers model, a `peft` model, and a `ReftModel`: for a ReftModel the prompt tokens named by
@@ -161,6 +163,20 @@ def _generation_kwargs(cfg: SamplingConfig, tokenizer: Any, eos: list[int]) -> d
     return out
 
 
+def check_sampler(cfg: SamplingConfig, why_not: str | None) -> None:
+    """`sampling.sampler=inverse_cdf` where the call samples with `model.generate` (`why_not`: the lean loop's
+    reason not to run, `decode.lean_unsupported`) would be set and not used: one line instead."""
+    if why_not and cfg.sampler == "inverse_cdf" and cfg.do_sample:
+        raise ValueError(f"sampling.sampler=inverse_cdf: this policy samples with model.generate ({why_not}), which "
+                         "draws with torch.multinomial; remove sampling.sampler (or set it to multinomial)")
+
+
+def lean_reason(model: Any, tokenizer: Any, cfg: SamplingConfig) -> str | None:
+    """Why `generate_responses` would sample this model with `model.generate` rather than the lean loop (None: it
+    would not)."""
+    return lean_unsupported(model, _generation_kwargs(cfg, tokenizer, [])["generation_config"])
+
+
 def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: SamplingConfig) -> tuple[list[int], str, str]:
     """Generated ids of one row -> (response ids, response text, finish reason); rules in the module docstring."""
     cut = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -214,8 +230,10 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
     `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout. `lean`: sample
-    with `decode.lean_generate` (`generate`'s tokens with less work per step) where the call's options allow it
-    (None: whenever they do; False: always `model.generate`; True: raise where they do not).
+    with `decode.lean_generate` (`generate`'s loop with less work per step) where the call's options allow it
+    (None: whenever they do; False: always `model.generate`; True: raise where they do not). There it draws with
+    `cfg.sampler` (None: the inverse-CDF sampler, same distribution, other draws than `generate`; "multinomial":
+    `generate`'s own draws under the same seed).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
     if batch_size < 1:
@@ -243,6 +261,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
         raise ValueError(f"generate_responses(lean=True): the lean loop does not support this call: {why_not}")
     if why_not and lean is None:
         logger.debug("sampling with model.generate: %s", why_not)
+    check_sampler(cfg, why_not)
+    sampler = cfg.sampler or "inverse_cdf"
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
     samples: list[Sample] = []
@@ -277,7 +297,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                                                                           input_ids.shape[1] + cfg.max_new_tokens)
                     if why_not is None:
                         out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
-                                            cache=extra.get(cache_keyword(model)))
+                                            cache=extra.get(cache_keyword(model)), sampler=sampler)
                     else:
                         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
                 new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
@@ -303,4 +323,4 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt",
-           "finish_response", "end_token_ids", "uses_chat_template", "model_device", "generation_metrics"]
+           "finish_response", "end_token_ids", "check_sampler", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]

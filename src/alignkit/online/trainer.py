@@ -69,12 +69,12 @@ from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
 from alignkit.online.evaluation import HeldOutEvaluation
-from alignkit.online.generation import as_prompt_records
+from alignkit.online.generation import as_prompt_records, check_sampler, lean_reason
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_generation import refuse_unsupported
+from alignkit.online.vllm_generation import refuse_unsupported, sampling_request
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.packing import resolve_online_share_prompt
@@ -153,6 +153,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
             refuse_unsupported(adapter_of(model))
+            sampling_request(self.config.sampling, [], None)  # refuses transformers-only sampling keys now
             if self.config.vllm_mode == "server" and self.world > 1:
                 raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
                                  "each process would push its own weights to the one server; run it in one process "
@@ -165,6 +166,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                                  f"{' under FSDP' if fsdp2 else ''}, and several processes with vLLM are not "
                                  f"supported yet: run it in one process (no torchrun / accelerate launch), or use "
                                  f"method.generation_backend=transformers with several processes")
+        else:
+            check_sampler(self.config.sampling, lean_reason(model, tokenizer, self.config.sampling))
         self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,

@@ -58,6 +58,9 @@ def refuse_unsupported(adapter: Any) -> None:
 def sampling_request(cfg: SamplingConfig, eos: Sequence[int], seed: int | None) -> dict[str, Any]:
     """One prompt's vLLM sampling parameters as plain JSON-able values (the colocated engine turns them into
     `SamplingParams` with `sampling_params`; server mode sends them to `alignkit vllm-serve`, which does the same)."""
+    if cfg.sampler is not None:
+        raise ValueError(f"sampling.sampler={cfg.sampler}: vLLM draws tokens with its own sampler; remove "
+                         "sampling.sampler under generation_backend=vllm (it only applies to transformers generation)")
     req: dict[str, Any] = dict(n=cfg.num_samples, max_tokens=cfg.max_new_tokens, stop_token_ids=[int(t) for t in eos],
                                stop=list(cfg.stop), seed=seed)
     if cfg.do_sample:
