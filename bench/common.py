@@ -382,6 +382,8 @@ def parse_online_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=0.04, help="KL coefficient (GRPO) / DPO beta (online DPO)")
     ap.add_argument("--share-prompt", action="store_true",
                     help="alignkit: each prompt's samples as one row in the training / reference forwards")
+    ap.add_argument("--sampler", choices=["inverse_cdf", "multinomial"], default=None,
+                    help="alignkit: sampling.sampler (default None: inverse_cdf in its decode loop)")
     ap.add_argument("--grad-ckpt", choices=["default", "on", "off"], default="default")
     ap.add_argument("--precision", choices=["default", "fp32", "bf16"], default="default")
     ap.add_argument("--threads", type=int, default=None)

@@ -33,7 +33,8 @@ def main() -> None:
     folder = common.model_dir(args.run_dir, args.spec_dict)
     tok = common.load_tokenizer(folder, padding_side="left")
     model = load_model(folder, task="causal_lm", dtype="float32")
-    sampling = SamplingConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=1.0)
+    sampling = SamplingConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                              sampler=args.sampler)
     shared = dict(steps=args.warmup + args.steps, prompts_per_step=args.prompts_per_step, sampling=sampling,
                   learning_rate=args.lr, reference="copy", progress_bar=False, report_to="none", save_at_end=False,
                   seed=args.seed, share_prompt=True if args.share_prompt else None)  # None: the default
@@ -63,6 +64,7 @@ def main() -> None:
     common.finish_online(args, "alignkit", clock, {"effective": {"gradient_checkpointing": False, "bf16": False,
                                                                  "reference": trainer.reference_mode,
                                                                  "share_prompt": trainer.share_prompt,
+                                                                 "sampler": args.sampler or "inverse_cdf",
                                                                  "torch_threads": torch.get_num_threads()}},
                          libs=("alignkit", "accelerate"))
 

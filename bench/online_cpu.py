@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/online_cpu.py                       # both methods, 3 interleaved repeats
     .venv/bin/python bench/online_cpu.py --methods grpo --repeats 5 --steps 6
-    .venv/bin/python bench/online_cpu.py --sides alignkit-default trl-fastest alignkit-fastest   # skip a side
+    .venv/bin/python bench/online_cpu.py --sides alignkit-default trl-fastest alignkit-multinomial   # skip a side
 
 Same saved tiny Llama ("small" scenario of bench/common.py: hidden 128, 4 layers, vocab 1024, word-level
 tokenizer), the same 256 prompts (8-48 tokens), the same reward (`common.even_fraction`, TRL's signature),
 prompts_per_step x num_samples completions of up to max_new_tokens (temperature 1, no top-k / top-p), one
 optimizer update per step, full finetuning with a frozen reference copy (GRPO beta 0.04, online DPO beta
 0.1). TRL runs twice: at its defaults (gradient checkpointing on, bf16 autocast on) and at its fastest
-knobs here (both off); alignkit runs in float32 without checkpointing (its defaults). Each run is a fresh
+knobs here (both off); alignkit runs in float32 without checkpointing (its defaults); its "multinomial" side
+is the default with `sampling.sampler=multinomial` (generate's own draws), an A/B of the default inverse-CDF sampler. Each run is a fresh
 subprocess in its library's venv (the TRL env: bench/setup_peers.sh), 1 torch thread; the order rotates per
 repeat. Reported per run: steps/s and generated tokens/s over the timed steps (after warmup), and the CPU
 seconds of the run's process over those steps (steadier than wall time on a shared machine). Ratios are
@@ -35,9 +36,10 @@ METHODS = {"grpo": ["--num-samples", "4", "--beta", "0.04", "--lr", "1e-6"],
            "online_dpo": ["--num-samples", "2", "--beta", "0.1", "--lr", "5e-7"]}
 SIDES = {("alignkit", "default"): [], ("trl", "default"): [],
          ("trl", "fastest"): ["--grad-ckpt", "off", "--precision", "fp32"],
-         ("alignkit", "fastest"): ["--share-prompt"]}  # share_prompt=True (the CPU default resolves to it too)
+         ("alignkit", "fastest"): ["--share-prompt"],  # share_prompt=True (the CPU default resolves to it too)
+         ("alignkit", "multinomial"): ["--sampler", "multinomial"]}  # the default but generate's own draws
 # (alignkit setting, TRL setting) of each table row
-ROWS = [("default", "default"), ("default", "fastest"), ("fastest", "fastest")]
+ROWS = [("default", "default"), ("default", "fastest"), ("fastest", "fastest"), ("multinomial", "fastest")]
 
 
 def run_side(lib: str, variant: str, method: str, spec: Path, run_dir: Path, shared: list[str], threads: int,

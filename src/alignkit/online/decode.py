@@ -225,13 +225,13 @@ def inference_context(model: Any) -> Any:
 CDF_BLOCK = 1024  # inverse_cdf_sample: vocabularies above this many tokens are sampled block first, then token
 
 
-def _below(total: torch.Tensor) -> torch.Tensor:
+def _below(total: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniform draw in [0, total) per row of `total` (B, 1), strictly below it (in `total`'s dtype)."""
-    u = torch.rand(total.shape, dtype=total.dtype, device=total.device) * total
+    u = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator) * total
     return torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
 
 
-def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
+def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `probs` (B, V): the first index whose running sum exceeds a uniform draw in
     [0, row sum). -> (B,) long. The same distribution as `torch.multinomial(probs, 1)` with one or two random
     numbers per row instead of one exponential per vocabulary entry (CPU, 1 thread: torch.multinomial 0.43 ms for
@@ -243,21 +243,21 @@ def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
     predecessor's), and every other token's chance is its probability within one float32 rounding of its block's
     running sum (<= 6e-8 x the block's mass); each draw is kept strictly below its sum, so it never runs past the
     last token with mass. A row that is not finite or sums to 0 (NaN / inf logits) is an error, as it is for
-    torch.multinomial."""
+    torch.multinomial. `generator`: draw from it instead of torch's default generator (serve: one per request)."""
     b, v = probs.shape
     if v <= CDF_BLOCK:
         cum = probs.cumsum(dim=-1)  # (B, V)
         total = cum[:, -1:]  # (B, 1)
         _check_rows(total)
-        return torch.searchsorted(cum, _below(total), right=True).squeeze(1)
+        return torch.searchsorted(cum, _below(total, generator), right=True).squeeze(1)
     nb = -(-v // CDF_BLOCK)
     blocks = torch.nn.functional.pad(probs, (0, nb * CDF_BLOCK - v)).view(b, nb, CDF_BLOCK)  # zeros past V
     mass = blocks.sum(dim=-1, dtype=torch.float64)  # (B, nb)
     cum_blocks = mass.cumsum(dim=-1)
     _check_rows(cum_blocks[:, -1:])
-    k = torch.searchsorted(cum_blocks, _below(cum_blocks[:, -1:]), right=True).squeeze(1)  # (B,) a block with mass
+    k = torch.searchsorted(cum_blocks, _below(cum_blocks[:, -1:], generator), right=True).squeeze(1)  # (B,) a block with mass
     cum = blocks[torch.arange(b, device=probs.device), k].cumsum(dim=-1)  # (B, CDF_BLOCK)
-    return k * CDF_BLOCK + torch.searchsorted(cum, _below(cum[:, -1:]), right=True).squeeze(1)
+    return k * CDF_BLOCK + torch.searchsorted(cum, _below(cum[:, -1:], generator), right=True).squeeze(1)
 
 
 def _check_rows(total: torch.Tensor) -> None:

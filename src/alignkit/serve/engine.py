@@ -28,6 +28,7 @@ absolute in its own padded tensor and an empty cache; decode steps carry no loca
 edit prompt positions only, as they are trained), so nothing depends on how `generate` tracks offsets.
 
 Sampling is per row: greedy (temperature 0) is argmax; otherwise temperature, then top-p, then a draw
+(`online.decode.inverse_cdf_sample`: 1-2 uniforms, not torch.multinomial's exponential per vocabulary entry)
 from the row's own `torch.Generator` (seeded from the request's `seed` and the choice index), so a seeded
 request gives the same tokens whatever else is in the batch. Greedy rows equal the same request run
 alone, token for token (tested with 32 concurrent requests over four adapters).
@@ -50,6 +51,7 @@ from transformers import DynamicCache
 from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
 from alignkit.models.rope import trained_context
+from alignkit.online.decode import inverse_cdf_sample
 from alignkit.online.generation import end_token_ids
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.serve.stack import Route, Stack
@@ -381,7 +383,7 @@ class Engine:
                 keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p  # the smallest prefix reaching top_p
                 sorted_p = torch.where(keep, sorted_p, 0.0)
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            out[b] = torch.multinomial(probs, 1, generator=r.generator)[0]
+            out[b] = inverse_cdf_sample(probs[None], r.generator)[0]
         return out
 
     def _emit(self, rows: list[_Row], tokens: torch.Tensor) -> None:
