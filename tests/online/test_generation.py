@@ -323,6 +323,11 @@ def test_inverse_cdf_sample_draws_the_given_distribution(monkeypatch):
     assert inverse_cdf_sample(torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]])).tolist() == [1, 0]
     assert inverse_cdf_sample(big[:1]).tolist() == [4200]
     monkeypatch.undo()
+    # bfloat16 probabilities (a model served in bf16) are summed in float32: every one of 1 024 equal tokens is
+    # drawn (~29 times each in 30 000 draws; a bf16 running sum rounds many sums onto their predecessor's, and
+    # those tokens would never be drawn)
+    flat = torch.full((30_000, 1024), 2.0 ** -10, dtype=torch.bfloat16)
+    assert (torch.bincount(inverse_cdf_sample(flat), minlength=1024) > 0).all()
     bad = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
     with pytest.raises(ValueError, match="row 1's next-token probabilities are not finite"):
         inverse_cdf_sample(bad)

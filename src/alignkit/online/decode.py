@@ -244,6 +244,8 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     running sum (<= 6e-8 x the block's mass); each draw is kept strictly below its sum, so it never runs past the
     last token with mass. A row that is not finite or sums to 0 (NaN / inf logits) is an error, as it is for
     torch.multinomial. `generator`: draw from it instead of torch's default generator (serve: one per request)."""
+    if probs.dtype not in (torch.float32, torch.float64):  # bf16 / fp16 logits (serve on a GPU): a half-precision
+        probs = probs.float()  # running sum stops growing past ~256 steps of 1 / V and never reaches the last tokens
     b, v = probs.shape
     if v <= CDF_BLOCK:
         cum = probs.cumsum(dim=-1)  # (B, V)
