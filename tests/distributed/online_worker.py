@@ -30,6 +30,9 @@ from alignkit.online.generation import SamplingConfig
 PROMPTS = ["Question: what is 2 + 2?", "Say something nice.", "def add(a, b):", "The quick brown fox",
            "Count to five:", "Name a colour."]
 STEPS = 2
+# held-out prompts of case "grpo-eval": 5 over 2 ranks, so each rank evaluates 2 and the fifth is left out
+EVAL_PROMPTS = ["Tell me a joke.", "What is the capital of France?", "List three fruits.", "Say hello.",
+                "Spell 'cat'."]
 
 
 def reward(prompt, response) -> float:
@@ -50,6 +53,8 @@ def CASES(case: str):
         return GRPOTrainer, "full", GRPOConfig(kl_coef=0.2, gradient_accumulation_steps=3, **common)
     if case == "dpo":  # full finetuning, frozen-copy reference, pair counts differ per rank
         return OnlineDPOTrainer, "full", OnlineDPOConfig(beta=0.5, **common)
+    if case == "grpo-eval":  # held-out evaluation after every step, each rank on its share of EVAL_PROMPTS
+        return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, eval_steps=1, **common)
     if case == "grpo-adam":  # AdamW (optimizer state to checkpoint), "running" reward moments (their state too)
         return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, reward_normalization="running",
                                                **{**common, "optimizer": "adamw"})
@@ -65,7 +70,8 @@ def build(model_dir: str, case: str, output_dir: str | None = None):
     torch.manual_seed(0)
     model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0)))
     cfg.learning_rate = 0.5 if kind == "lora" else 0.05
-    return cls(model, load_tokenizer(model_dir), PROMPTS, reward, cfg, output_dir=output_dir)
+    return cls(model, load_tokenizer(model_dir), PROMPTS, reward, cfg, output_dir=output_dir,
+               eval_prompts=EVAL_PROMPTS if case == "grpo-eval" else None)
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:
@@ -100,6 +106,16 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
             return samples
 
         trainer.generate = recording
+        evals: list[dict] = []  # held-out evaluations (their own seed): this rank's prompts and samples
+        sample_prompts = trainer.sample_prompts
+
+        def recording_eval(prompts, seed, sample_prompts=sample_prompts, evals=evals):
+            samples = sample_prompts(prompts, seed)
+            if prompts is trainer.eval_prompts:
+                evals.append({"seed": seed, "samples": [s.to_dict() for s in samples]})
+            return samples
+
+        trainer.sample_prompts = recording_eval
         trainer.train()
         sharded = sum(isinstance(p, DTensor) for p in trainer.model.parameters())
         ref_sharded = sum(isinstance(p, DTensor) for p in trainer.ref_model.parameters()) if trainer.ref_model else 0
@@ -107,11 +123,14 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
         params = trainable(trainer)  # a collective under FSDP (shards gathered): every rank
         everyone: list = [None] * trainer.world
         dist.all_gather_object(everyone, record)
+        every_eval: list = [None] * trainer.world
+        dist.all_gather_object(every_eval, evals)
         if trainer.rank == 0:
             steps = [{"seeds": [r[i]["seed"] for r in everyone], "samples": [s for r in everyone for s in r[i]["samples"]]}
                      for i in range(STEPS)]
             with open(f"{out_dir}/{case}.json", "w") as f:
-                json.dump({"world": trainer.world, "steps": steps, "history": trainer.history, "sharded": sharded,
+                json.dump({"world": trainer.world, "steps": steps, "evals": every_eval, "history": trainer.history,
+                           "sharded": sharded,
                        "reference_sharded": ref_sharded,
                        "distributed_type": str(trainer.accelerator.distributed_type)}, f)
             save_file(params, f"{out_dir}/{case}.safetensors")

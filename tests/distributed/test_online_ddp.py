@@ -26,17 +26,18 @@ from alignkit.online.generation import Sample
 from tests.distributed.launch import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
-from online_worker import PROMPTS, STEPS, build, reward, trainable  # noqa: E402
+from online_worker import EVAL_PROMPTS, PROMPTS, STEPS, build, reward, trainable  # noqa: E402
 
 WORKER = Path(__file__).with_name("online_worker.py")
 CASES = {"ddp": ["rloo", "grpo-token", "dpo", "ppo"], "fsdp": ["grpo-full", "rloo", "dpo"]}
+EXTRA = {"ddp": ["grpo-eval"], "fsdp": []}  # run in the same launch, checked by their own tests
 _RUNS: dict = {}
 
 
 def run_two_ranks(engine: str, model_dir, tmp_path_factory) -> Path:
     if engine not in _RUNS:
         out = tmp_path_factory.mktemp(f"online-{engine}")
-        proc = torchrun([str(WORKER), str(model_dir), str(out), *CASES[engine]],
+        proc = torchrun([str(WORKER), str(model_dir), str(out), *CASES[engine], *EXTRA[engine]],
                         env={"ALIGNKIT_TEST_FSDP": "1" if engine == "fsdp" else "0"}, timeout=600)
         assert proc.returncode == 0, proc.failure()
         _RUNS[engine] = out
@@ -102,3 +103,28 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
     for n in after:
         if not n.startswith("value_head."):
             torch.testing.assert_close(got[n].detach(), after[n], rtol=1e-4, atol=2e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_held_out_evaluation_over_two_ranks(tiny_dir, tmp_path_factory):
+    """Held-out evaluation under torchrun (2 ranks, DDP): 5 held-out prompts, so rank 0 evaluates the first two,
+    rank 1 the next two and the fifth is left out; each rank uses one seed of its own for every evaluation;
+    metrics.jsonl's eval/reward after each step is the mean of the reward over the 8 held-out samples of both
+    ranks, computed here by hand from what they sampled, and eval/prompts says 4."""
+    two_ranks = run_two_ranks("ddp", tiny_dir("llama"), tmp_path_factory)
+    run = json.loads((two_ranks / "grpo-eval.json").read_text())
+    per_rank = run["evals"]
+    assert len(per_rank) == 2 and all(len(evals) == STEPS for evals in per_rank)  # eval_steps=1: after every step
+    for rank, evals in enumerate(per_rank):
+        for ev in evals:
+            firsts = [s["prompt"] for s in ev["samples"][::2]]
+            assert firsts == EVAL_PROMPTS[2 * rank:2 * rank + 2] and len(ev["samples"]) == 4
+        assert len({ev["seed"] for ev in evals}) == 1  # one fixed evaluation seed per rank
+    assert per_rank[0][0]["seed"] != per_rank[1][0]["seed"]
+    rows = [json.loads(x) for x in (two_ranks / "grpo-eval" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS
+    for step, row in enumerate(rows):
+        samples = [s for evals in per_rank for s in evals[step]["samples"]]
+        by_hand = sum(reward(s["prompt"], s["response"]) for s in samples) / len(samples)
+        assert row["eval/reward"] == pytest.approx(by_hand, rel=1e-9)
+        assert row["eval/prompts"] == 4
