@@ -9,11 +9,14 @@ mask` (the lean loop with generate's multinomial draws, the model building each 
 Each call's CPU seconds (time.process_time, 1 thread); prints min and median per variant and the paired ratio
 generate / variant (median, min-max over the repeats). Checks first that every multinomial variant gives
 generate's tokens, and that the inverse-CDF variant gives as many tokens per call within 25 % (other draws).
+`--stop-tokens K`: K vocabulary ids become stop tokens (rows end at different steps) and the variant
+`lean, inverse cdf, rows kept` (decode.DROP_FINISHED off: ended rows stay in the batch, as in generate) joins.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -28,6 +31,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--samples", type=int, nargs="*", default=[4, 2])
+    ap.add_argument("--stop-tokens", type=int, default=0,
+                    help="make this many vocabulary ids (fixed, random) stop tokens, so rows end at different "
+                         "steps, and add the variant 'lean, inverse cdf, rows kept' (ended rows stay in the batch)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     import torch
@@ -46,18 +52,23 @@ def main() -> None:
 
     def call(variant: str, cfg: SamplingConfig):
         decode.PREPARED_MASK = variant != "lean, model's mask"
-        if variant != "lean, inverse cdf":
+        decode.DROP_FINISHED = variant != "lean, inverse cdf, rows kept"
+        if not variant.startswith("lean, inverse cdf"):
             cfg = replace(cfg, sampler="multinomial")
         return generate_responses(model, tok, prompts, cfg, batch_size=64, lean=variant != "generate")
 
     variants = ["generate", "lean, model's mask", "lean", "lean, inverse cdf"]
+    stop_ids: list[int] = []
+    if args.stop_tokens:
+        variants.append("lean, inverse cdf, rows kept")
+        stop_ids = random.Random(0).sample(range(10, len(tok)), args.stop_tokens)
     print(f"load average {__import__('os').getloadavg()}")
     for k in args.samples:
-        cfg = SamplingConfig(num_samples=k, max_new_tokens=32, temperature=1.0, seed=1)
+        cfg = SamplingConfig(num_samples=k, max_new_tokens=32, temperature=1.0, seed=1, stop_token_ids=stop_ids)
         toks = {v: [s.response_ids for s in call(v, cfg)] for v in variants}
         assert all(toks[v] == toks["generate"] for v in variants[:3]), "a multinomial variant sampled other tokens"
         n_gen = {v: sum(map(len, t)) for v, t in toks.items()}
-        assert abs(n_gen["lean, inverse cdf"] - n_gen["generate"]) <= 0.25 * n_gen["generate"], n_gen
+        assert all(abs(n_gen[v] - n_gen["generate"]) <= 0.25 * n_gen["generate"] for v in variants[3:]), n_gen
         cpu: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.repeats):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:

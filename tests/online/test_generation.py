@@ -373,3 +373,37 @@ def test_sampler_set_where_it_cannot_apply_is_refused(tiny_lm, tokenizer):
         sampling_request(SamplingConfig(sampler="multinomial"), [2], 0)
     with pytest.raises(ValueError, match="SamplingConfig.sampler must be one of"):
         SamplingConfig(sampler="gumbel")
+
+
+def test_rows_that_ended_leave_the_batch(tiny_lm, tokenizer, monkeypatch):
+    """With the inverse-CDF sampler, rows that hit a stop token leave the decode batch (and their KV cache rows):
+    later forwards see fewer rows, and every row's tokens are still its own. top_k=1 makes each draw the argmax,
+    so the expected tokens are a naive no-cache greedy loop per prompt cut after its first stop token (stop tokens
+    chosen so the rows end at different steps), and the same call with rows kept gives the same tokens."""
+    import alignkit.online.decode as decode
+    from alignkit.online.generation import end_token_ids
+
+    model = tiny_lm("llama")
+    prompts = PROMPTS + ["Once upon a time", "1, 2, 3,", "Translate: cat"]
+    greedy = [naive_greedy(model, encode_prompt(p, tokenizer), 8) for p in prompts]
+    stops = sorted({greedy[0][1], greedy[1][3]})  # row 0 ends after 2 tokens, row 1 by its 4th
+    cfg = SamplingConfig(max_new_tokens=8, top_k=1, stop_token_ids=stops, seed=0)
+    ends = end_token_ids(model, tokenizer, cfg)
+
+    def cut(ids):
+        hit = next((j for j, t in enumerate(ids) if t in ends), None)
+        return ids if hit is None else ids[:hit + 1]
+
+    want = [cut(g) for g in greedy]
+    assert len({len(w) for w in want}) > 1 and min(map(len, want)) < 8  # rows do end at different steps
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: widths.append(k["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        got = generate_responses(model, tokenizer, prompts, cfg, batch_size=len(prompts))
+        kept_widths, widths[:] = list(widths), []
+        monkeypatch.setattr(decode, "DROP_FINISHED", False)
+        kept = generate_responses(model, tokenizer, prompts, cfg, batch_size=len(prompts))
+    finally:
+        hook.remove()
+    assert [s.response_ids for s in got] == want == [s.response_ids for s in kept]
+    assert min(kept_widths[1:]) < len(prompts) and set(widths[1:]) == {len(prompts)}

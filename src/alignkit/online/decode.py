@@ -25,7 +25,9 @@ above. `generate_responses` passes "inverse_cdf" unless `SamplingConfig.sampler`
 `inverse_cdf_sample` draws from the same warped distribution with one or two uniforms per row (10-60x less CPU
 than torch.multinomial, which on a CPU costs one exponential per vocabulary entry), so its tokens are other draws
 from the same distribution, not `generate`'s (tests/online/test_generation.py checks the frequencies against the
-model's own next-token probabilities).
+model's own next-token probabilities). With that sampler, and in one process, rows that ended also leave the batch
+(their KV cache rows with them) once a quarter of the running rows has ended (`DROP_FRACTION`), so later steps
+run only the rows still generating; `generate` keeps running ended rows on pad tokens to the end.
 
 The KV cache (`preallocated_cache`): `PreallocatedLayer` keeps each layer's keys / values in one buffer sized
 for prompt + new tokens and writes each step's token in place; attention reads a view of the filled part (the
@@ -54,6 +56,8 @@ from alignkit.interventions.attach import ReftModel
 
 logger = logging.getLogger(__name__)
 PREPARED_MASK = True  # False: let the model build every step's mask (an A/B switch for bench/online_gen_ab.py)
+DROP_FINISHED = True  # False: finished rows stay in the batch (an A/B switch for bench/online_gen_ab.py)
+DROP_FRACTION = 0.25  # rows leave the batch once at least this share of the running rows has ended
 
 # generation-config fields `lean_generate` implements
 USED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id"}
@@ -111,7 +115,11 @@ class PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         n = self.get_seq_length()
         if n > 0 and self._kbuf is not None and self.keys.data_ptr() == self._kbuf.data_ptr():
-            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]  # (B', H, capacity, D)
+            kb = self._kbuf.new_empty(len(indices), *self._kbuf.shape[1:])  # (B', H, capacity, D): filled part copied
+            vb = self._vbuf.new_empty(len(indices), *self._vbuf.shape[1:])
+            kb[:, :, :n].copy_(self._kbuf[indices, :, :n])
+            vb[:, :, :n].copy_(self._vbuf[indices, :, :n])
+            self._kbuf, self._vbuf = kb, vb
             self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
         else:
             super().batch_select_indices(indices)
@@ -309,11 +317,17 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     step_ids = input_ids[:, past:].clone(memory_format=torch.contiguous_format)  # what prefill continues with
     step_pos = position_ids[:, past:].clone(memory_format=torch.contiguous_format)
     later_pos = position_ids[:, -1:] + torch.arange(1, n_new + 1, device=dev)  # (B, n_new) positions of new tokens
-    new = input_ids.new_empty(b, n_new)
     unfinished = torch.ones(b, dtype=torch.bool, device=dev)
     pad_t = torch.tensor(pad_id if pad_id is not None else 0, dtype=input_ids.dtype, device=dev)
+    new = torch.full((b, n_new), int(pad_t), dtype=input_ids.dtype, device=dev)  # a row that left keeps pads
     n = 0
     synced = sharded_over_processes(model)  # every rank steps until every rank's rows have ended
+    # rows that ended leave the batch (their KV cache rows too): only when the draws need not be generate's (the
+    # inverse-CDF sampler; multinomial and greedy keep generate's batch and so its exact tokens) and in one process
+    # (a sharded model's forwards are collectives over every rank's batch)
+    drop = DROP_FINISHED and sample and sampler == "inverse_cdf" and eos_t is not None and not synced
+    rows: torch.Tensor | None = None  # (B',) the original row of each running row, once some have left
+    warp_ids = input_ids
     for i in range(n_new):
         step_mask = (None if mask is None else mask4[..., :t + i] if mask4 is not None and step_ids.shape[1] == 1
                      else mask[:, :t + i])
@@ -323,19 +337,32 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
         logits = out.logits[:, -1].to(dtype=torch.float32, device=dev)  # (B, V)
         del out
         if sample:
-            probs = torch.nn.functional.softmax(warp(input_ids, logits), dim=-1)  # (B, V)
+            probs = torch.nn.functional.softmax(warp(warp_ids, logits), dim=-1)  # (B, V)
             nxt = (inverse_cdf_sample(probs) if sampler == "inverse_cdf"
                    else torch.multinomial(probs, num_samples=1).squeeze(1))  # (B,)
         else:
             nxt = torch.argmax(logits, dim=-1)
         if eos_t is not None:  # generate: next * unfinished + pad * (1 - unfinished)
             nxt = torch.where(unfinished, nxt, pad_t)
-        new[:, i] = nxt
+        if rows is None:
+            new[:, i] = nxt
+        else:
+            new[rows, i] = nxt
         n = i + 1
         if eos_t is not None:
             unfinished &= (nxt != eos_t[0]) if len(eos) == 1 else ~torch.isin(nxt, eos_t)
             if not _anyone_unfinished(unfinished, synced):
                 break
+            if drop and i + 1 < n_new:
+                running = int(unfinished.sum())
+                if unfinished.numel() - running >= max(1.0, DROP_FRACTION * unfinished.numel()):
+                    keep = unfinished.nonzero().squeeze(1)  # (B',)
+                    rows = keep if rows is None else rows[keep]
+                    cache.batch_select_indices(keep)
+                    mask = None if mask is None else mask[keep]
+                    mask4 = None if mask4 is None else mask4[keep]
+                    later_pos, warp_ids, nxt = later_pos[keep], warp_ids[keep], nxt[keep]
+                    unfinished = unfinished[keep]
         step_ids = nxt[:, None]
         step_pos = later_pos[:, i:i + 1]
     return torch.cat([input_ids, new[:, :n]], dim=-1)
