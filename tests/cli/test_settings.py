@@ -245,6 +245,8 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
      ["method.kl_target=6.0"]),
     ("rloo", "rloo-tiny.yaml", ["method.scale_by_std=false"], "scale_by_std=False (Dr. GRPO) is read only by GRPO",
      None),
+    ("grpo", "grpo-tiny.yaml", ["method.generation_backend=vllm", "sampling.sampler=multinomial"],
+     "sampling.sampler='multinomial' is read only by transformers generation", ["method.generation_backend=transformers"]),
 ])
 def test_keys_the_chosen_settings_never_read_are_refused(command, config, overrides, message, fix):
     """Each of these was accepted and had no effect (eval of a reward model has no beta or reference; a default

@@ -120,6 +120,10 @@ class OnlineConfig:
             unread += [(k, "vllm_mode='server'") for k in ("vllm_server_url", "vllm_server_timeout")]
         if self.kl_target is None:
             unread.append(("kl_horizon", "an adaptive kl_target"))
+        if self.generation_backend == "vllm" and self.sampling.sampler is not None:
+            raise ValueError(f"online config: sampling.sampler={self.sampling.sampler!r} is read only by "
+                             "transformers generation; vLLM draws tokens with its own sampler, so it would be "
+                             "ignored: remove sampling.sampler")
         for key, needs in unread:
             if getattr(self, key) != own[key]:
                 raise ValueError(f"online config: {key}={getattr(self, key)!r} is read only with {needs}, which is "
