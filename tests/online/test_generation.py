@@ -359,15 +359,22 @@ def test_default_sampler_draws_the_models_next_token_distribution(tiny_lm, token
 
 
 def test_sampler_set_where_it_cannot_apply_is_refused(tiny_lm, tokenizer):
-    """sampling.sampler=inverse_cdf where the call samples with model.generate (stop strings here, a ReftModel
-    in a trainer) and any sampler under vLLM: one line each, instead of a setting that is silently unused; an
-    unknown sampler is refused when the config is made."""
+    """sampling.sampler=inverse_cdf where the call samples with model.generate (stop strings: when the config is
+    made; an option of the model's own generation_config here; a ReftModel in a trainer) and any sampler under
+    vLLM: one line each, instead of a setting that is silently unused; an unknown sampler is refused when the
+    config is made."""
     from alignkit.online.vllm_generation import sampling_request
 
     model = tiny_lm("llama")
-    with pytest.raises(ValueError, match="sampling.sampler=inverse_cdf: this policy samples with model.generate"):
-        generate_responses(model, tokenizer, PROMPTS[:1], SamplingConfig(max_new_tokens=2, stop=["x"],
-                                                                         sampler="inverse_cdf"))
+    with pytest.raises(ValueError, match="sampler='inverse_cdf' with stop strings"):  # when the config is made
+        SamplingConfig(max_new_tokens=2, stop=["x"], sampler="inverse_cdf")
+    before = model.generation_config.no_repeat_ngram_size
+    model.generation_config.no_repeat_ngram_size = 3  # an option only model.generate implements
+    try:
+        with pytest.raises(ValueError, match="sampling.sampler=inverse_cdf: this policy samples with model.generate"):
+            generate_responses(model, tokenizer, PROMPTS[:1], SamplingConfig(max_new_tokens=2, sampler="inverse_cdf"))
+    finally:
+        model.generation_config.no_repeat_ngram_size = before
     generate_responses(model, tokenizer, PROMPTS[:1], SamplingConfig(max_new_tokens=2, stop=["x"]))  # default: fine
     with pytest.raises(ValueError, match="vLLM draws tokens with its own sampler"):
         sampling_request(SamplingConfig(sampler="multinomial"), [2], 0)

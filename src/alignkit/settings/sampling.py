@@ -54,6 +54,9 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.stop must be a list of non-empty strings, got {self.stop!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"SamplingConfig.sampler must be one of {', '.join(map(str, SAMPLERS))}, got {self.sampler!r}")
+        if self.sampler == "inverse_cdf" and self.stop:
+            raise ValueError("SamplingConfig.sampler='inverse_cdf' with stop strings: calls with stop strings sample "
+                             "with model.generate, which draws with torch.multinomial; remove sampler (or stop)")
         if not self.do_sample and self.num_samples > 1:
             logger.warning("greedy decoding (do_sample=False) with num_samples=%d gives identical samples",
                            self.num_samples)
