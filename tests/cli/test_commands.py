@@ -289,3 +289,41 @@ def test_every_config_command_reads_its_config_through_one_runner(command, capsy
     data = yaml.safe_load(capsys.readouterr().out)
     assert data["command"] == command and data["output_dir"] == str(out)
     assert not out.exists()
+
+
+SPLIT_COMMANDS = ("sft", "rm", "dpo", "kto", "online-dpo", "grpo", "rloo", "ppo")  # they read an evaluation split
+
+
+@pytest.mark.parametrize("command", sorted(DRY_RUN_CONFIGS))
+@pytest.mark.parametrize("overrides,key", [
+    (["data.eval_split=test"], "data.eval_split"),  # no eval_path: no split of data.path is read
+    (["data.split_seed=3"], "data.split_seed"),  # no eval_fraction: nothing is split
+    (["data.eval_fraction=0.25", "data.eval_split=test"], "data.eval_split"),  # the split of eval_path only
+    (["data.eval_path=e.jsonl", "data.split_seed=3"], "data.split_seed"),  # eval_path: data.path is not split
+    (["data.eval_path=e.jsonl", "data.eval_fraction=0.25"], "data.eval_fraction"),
+])
+def test_every_command_refuses_split_keys_the_data_never_reads(command, overrides, key, capsys, tmp_path):
+    """data.eval_split / data.split_seed (and eval_fraction beside eval_path) were accepted by every command and
+    had no effect when nothing read them (`cli/data.read_splits` reads eval_split only for eval_path, and
+    split_seed / eval_fraction only without it): the run trained with no evaluation, or another one. Now --dry-run
+    exits 2 with one line naming the key; the training commands load the same key where it is read."""
+    out = tmp_path / "run"
+    base = [command, "-c", str(CONFIGS / f"{DRY_RUN_CONFIGS[command]}.yaml"), "--dry-run", f"output_dir={out}",
+            "data.eval_fraction=0"]
+    assert main([*base, *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    if command == "annotate":  # no data section at all: annotate reads <output_dir>/samples.jsonl
+        assert "data: unknown key" in err, err
+        return
+    if command not in SPLIT_COMMANDS:  # they refuse every split key (the first one set is named)
+        assert "ignore" in err and any(f"{o.split('=')[0]}: " in err for o in overrides), err
+        return
+    assert f"{key}: " in err, err
+    assert "so it would be ignored" in err, err  # the shared check (the others refuse every split key themselves)
+    read = {"data.eval_split": ["data.eval_path=e.jsonl", "data.eval_split=test"],
+            "data.split_seed": ["data.eval_fraction=0.25", "data.split_seed=3"],
+            "data.eval_fraction": ["data.eval_fraction=0.25"]}[key]
+    assert main([*base, *read]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert {k: shown[k.split(".")[1].split("=")[0]] for k in read} == {k: yaml.safe_load(k.split("=")[1]) for k in read}

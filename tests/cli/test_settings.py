@@ -259,3 +259,15 @@ def test_keys_the_chosen_settings_never_read_are_refused(command, config, overri
         load_config(CONFIG_DIR / config, [*overrides, *fix], command=command)
     else:
         assert load_config(CONFIG_DIR / "grpo-tiny.yaml", overrides, command="grpo").method.scale_by_std is False
+
+
+@pytest.mark.parametrize("override", ["data.split=test", "data.reader=prompt_completion", "data.max_length=64",
+                                      "data.formatter=plain", "data.eval_fraction=0.2"])
+def test_augment_refuses_data_keys_it_never_reads(override):
+    """`alignkit augment` reads the rows of data.path (the first data.max_records) and nothing else of `data`: a
+    split, reader, length cut or formatter was accepted and every row of every file augmented anyway. Now one line
+    naming the key; path and max_records still load."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: alignkit augment reads only the rows of data.path"):
+        load_config(CONFIG_DIR / "augment-code-bugs.yaml", [override], command="augment")
+    assert load_config(CONFIG_DIR / "augment-code-bugs.yaml", ["data.max_records=2"], command="augment").data.max_records == 2

@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from alignkit.settings.sections import DataSettings, DType
+from alignkit.settings.sections import DataSettings, DType, refuse_ignored_data
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.typed import ConfigError, build
 
@@ -73,6 +73,9 @@ class FilterSettings:
     printable: bool = True  # drop text holding control characters (other than newline, tab) or U+FFFD
 
 
+AUGMENT_DATA_KEYS = ("path", "max_records")  # what augment reads of `data` (augment/pipeline.py:read_sources)
+
+
 @dataclass
 class AugmentConfig:
     strategy: str
@@ -89,6 +92,9 @@ class AugmentConfig:
             raise ConfigError(f"strategy: {self.strategy!r} is not registered; valid: {', '.join(STRATEGIES)}")
         if self.data.path is None:
             raise ConfigError("data.path: required; the rows, .py files or documents to augment")
+        refuse_ignored_data(self.data, lambda name: name not in AUGMENT_DATA_KEYS,
+                            "{key}: alignkit augment reads only the rows of data.path (the first data.max_records), "
+                            "so it would ignore {key}; remove it")
         spec = STRATEGIES[self.strategy]
         if spec.needs_llm and self.llm is None:
             raise ConfigError(f"llm: strategy {self.strategy!r} prompts a language model; set llm.kind openai "
@@ -110,4 +116,4 @@ class AugmentConfig:
             raise ConfigError(msg if "Valid keys" in msg else f"{msg} (options of {self.strategy}: {valid})") from None
 
 
-__all__ = ["AugmentConfig", "FilterSettings", "LLMSettings"]
+__all__ = ["AUGMENT_DATA_KEYS", "AugmentConfig", "FilterSettings", "LLMSettings"]

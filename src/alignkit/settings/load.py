@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from alignkit.settings.bounds import check_bounds
-from alignkit.settings.sections import CONFIG_CLASSES, DPOMethod, KTOMethod, SFTMethod, TrainConfig
+from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod, KTOMethod, SFTMethod, TrainConfig,
+                                       check_split_data)
 from alignkit.settings.tiny import is_tiny, tiny_arch
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
 from alignkit.settings.typed import (ConfigError, build, coerce, join_key, merge, parse_overrides, read_yaml,
@@ -116,6 +117,8 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
         raise ConfigError(f"command: this config is for `alignkit {declared}`, not `alignkit {command}`")
     check_renamed(data, command)
     cfg = build(CONFIG_CLASSES[command], data)
+    if isinstance(getattr(cfg, "data", None), DataSettings):  # every command's data section, offline and online
+        check_split_data(cfg.data)
     if isinstance(cfg, TrainConfig):
         check_training_args(cfg.train)
     _check_names(cfg)

@@ -190,7 +190,37 @@ PROMPT_DATA_KEYS = ("path", "reader", "reader_options", "formatter", "max_prompt
 SPLIT_DATA_KEYS = ("eval_path", "eval_fraction", "split_seed", "eval_split")
 
 
-def _refuse_ignored(data: DataSettings, ignored: Any, message: str) -> None:
+def check_split_data(data: DataSettings) -> None:
+    """ConfigError naming an evaluation-split key (SPLIT_DATA_KEYS) set away from its default that the data as
+    configured never reads (`alignkit.cli.data.read_splits`): `eval_split` is the split of `eval_path` to read;
+    `split_seed` seeds the `eval_fraction` split of `data.path`, made only without `eval_path`; `eval_fraction`
+    is not read when `eval_path` gives the evaluation records. Commands that read no split (eval, generate,
+    sample, augment) refuse every such key themselves, before this runs."""
+    default = DataSettings()
+    what = {"eval_split": "names the split of data.eval_path to read",
+            "split_seed": "seeds the data.eval_fraction split of data.path",
+            "eval_fraction": "splits data.path"}
+    if data.eval_path is not None:
+        why, unread = "data.eval_path gives the evaluation records (no split of data.path)", ("eval_fraction",
+                                                                                              "split_seed")
+    elif data.eval_fraction:
+        why, unread = "data.eval_path is not set", ("eval_split",)
+    else:
+        why, unread = "neither data.eval_path nor data.eval_fraction is set (no evaluation records)", ("eval_split",
+                                                                                                      "split_seed")
+    for key in unread:
+        value = getattr(data, key)
+        if value != getattr(default, key):
+            fix = {"eval_split": f"set data.eval_path (data.path's source, for its {value!r} split)",
+                   "split_seed": "set data.eval_fraction" if data.eval_path is None else
+                   "remove data.eval_path and set data.eval_fraction", "eval_fraction": "remove data.eval_path"}[key]
+            raise ConfigError(f"data.{key}: {value!r} {what[key]}, and {why}, so it would be ignored; {fix}, or "
+                              f"remove data.{key}")
+
+
+def refuse_ignored_data(data: DataSettings, ignored: Any, message: str) -> None:
+    """ConfigError `message` (its `{key}` filled) for the first `data` field with `ignored(name)` true that is set
+    away from its default."""
     default = DataSettings()
     for f in dataclasses.fields(DataSettings):
         if ignored(f.name) and getattr(data, f.name) != getattr(default, f.name):
@@ -202,7 +232,7 @@ def check_prompt_data(data: DataSettings, command: str) -> None:
     reads = PROMPT_DATA_KEYS + (SPLIT_DATA_KEYS if command in ONLINE_COMMANDS else ())
     what = ("loss mask, row length cut or EOS" if command in ONLINE_COMMANDS
             else "evaluation split, loss mask, row length cut or EOS")
-    _refuse_ignored(data, lambda name: name not in reads,
+    refuse_ignored_data(data, lambda name: name not in reads,
                     f"{{key}}: alignkit {command} reads only prompts from data (no {what}), so it would ignore "
                     f"{{key}}; remove it (the keys it reads: {', '.join(reads)})")
 
@@ -215,7 +245,7 @@ class EvalConfig:
     output_dir: str = "runs/eval"
 
     def __post_init__(self) -> None:
-        _refuse_ignored(self.data, lambda name: name in SPLIT_DATA_KEYS,
+        refuse_ignored_data(self.data, lambda name: name in SPLIT_DATA_KEYS,
                         "{key}: alignkit eval scores every record of data.path (it makes no evaluation split), so it "
                         "would ignore {key}; remove it, and put the records to score in data.path "
                         "(data.split / data.max_records choose among them)")
@@ -237,6 +267,6 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
                                    "eval": EvalConfig, "generate": GenerateConfig}
 
 
-__all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+__all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
            "SFTMethod", "TrainConfig"]
