@@ -195,3 +195,19 @@ def test_reward_function_scoring_nothing_is_one_line(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err.startswith("alignkit grpo: error: step 1: the annotator scored none"), err
     assert not (out / "model").exists()
+
+
+def test_sample_reads_prompts_as_the_training_commands_do_and_drops_no_held_out_split(tmp_path):
+    """`sample` read its prompts by its own copy of the first half of cli/data.read_splits; now by read_splits
+    itself. A `data` asking for held-out prompts (possible only by building DataSettings directly: the sample
+    config refuses the keys) was read as if there were none, every record sampled; now one line."""
+    from alignkit.cli.online import read_prompts
+    from alignkit.settings import ConfigError, DataSettings
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(6)))
+    assert [r.prompt for r in read_prompts(DataSettings(path=str(path), max_records=4))] == ["q0", "q1", "q2", "q3"]
+    for held_out in ({"eval_fraction": 0.5}, {"eval_path": str(path)}):
+        with pytest.raises(ConfigError, match=r"^data: alignkit sample takes no evaluation split, and data\.eval_path "
+                                              r"/ data\.eval_fraction would hold out (3|6) prompt\(s\)"):
+            read_prompts(DataSettings(path=str(path), **held_out))

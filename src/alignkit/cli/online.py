@@ -24,7 +24,7 @@ from typing import Any
 from transformers import set_seed
 
 from alignkit.adapters import adapter_of
-from alignkit.cli.data import read_records, read_splits
+from alignkit.cli.data import read_splits
 from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
 )
@@ -61,10 +61,16 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- shared pieces
 
-def read_prompts(ds: DataSettings) -> list:
-    """The prompt records of `data.path` (any records: their prompts, weights and meta are used)."""
-    records = read_records(ds.path, ds, "prompt", ds.split, "data.path")
-    return records[:ds.max_records] if ds.max_records is not None else records
+def read_prompts(ds: DataSettings, command: str = "sample") -> list:
+    """The prompt records of `data.path` (any records: their prompts, weights and meta are used) for a command
+    that takes no evaluation split (`sample`): read as `read_splits` reads them, and a ConfigError if `ds` asks
+    for held-out prompts, which such a command would drop (its config refuses the keys first:
+    settings/sections.py:check_prompt_data)."""
+    prompts, held_out = read_splits(ds, "prompt")
+    if held_out:
+        raise ConfigError(f"data: alignkit {command} takes no evaluation split, and data.eval_path / "
+                          f"data.eval_fraction would hold out {len(held_out)} prompt(s) it never reads; remove them")
+    return prompts
 
 
 def read_prompt_splits(ds: DataSettings) -> tuple[list, list]:
