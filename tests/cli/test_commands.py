@@ -327,3 +327,27 @@ def test_every_command_refuses_split_keys_the_data_never_reads(command, override
     assert main([*base, *read]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)["data"]
     assert {k: shown[k.split(".")[1].split("=")[0]] for k in read} == {k: yaml.safe_load(k.split("=")[1]) for k in read}
+
+
+@pytest.mark.parametrize("command", sorted(DRY_RUN_CONFIGS))
+def test_model_keys_a_command_never_reads_are_refused(command, capsys, tmp_path):
+    """model.adapter_path was only checked to exist by the training commands, which then trained model.path from
+    scratch (a DPO run meant to start from an SFT adapter started from the base model), exit 0; model.check_base
+    without model.adapter_path was accepted everywhere and read nowhere. Now one line naming the key; eval,
+    generate and sample still take model.adapter_path."""
+    base = [command, "-c", str(CONFIGS / f"{DRY_RUN_CONFIGS[command]}.yaml"), "--dry-run",
+            f"output_dir={tmp_path / 'run'}"]
+    if command in ("annotate", "augment"):  # no model section (annotate's model is the annotator's)
+        assert main([*base, "model.adapter_path=x"]) == 2
+        assert "model: unknown key" in capsys.readouterr().err
+        return
+    adapter = main([*base, "model.adapter_path=x"])
+    err = capsys.readouterr().err.strip()
+    if command in ("eval", "generate", "sample"):
+        assert adapter == 0 and err == "", err
+    else:
+        assert adapter == 2 and len(err.splitlines()) == 1, err
+        assert f"model.adapter_path: alignkit {command} trains a new adapter" in err and "ignored" in err, err
+    assert main([*base, "model.adapter_path=null", "model.check_base=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.check_base: False is read only with model.adapter_path" in err, err

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from alignkit.settings.bounds import check_bounds
-from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod, KTOMethod, SFTMethod, TrainConfig,
-                                       check_split_data)
+from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod, KTOMethod, ModelSettings, SFTMethod,
+                                       TrainConfig, check_model_reads, check_split_data)
 from alignkit.settings.tiny import is_tiny, tiny_arch
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
 from alignkit.settings.typed import (ConfigError, build, coerce, join_key, merge, parse_overrides, read_yaml,
@@ -119,6 +119,8 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
     cfg = build(CONFIG_CLASSES[command], data)
     if isinstance(getattr(cfg, "data", None), DataSettings):  # every command's data section, offline and online
         check_split_data(cfg.data)
+    if isinstance(getattr(cfg, "model", None), ModelSettings):  # the policy / trained model of every command
+        check_model_reads(cfg.model, command)
     if isinstance(cfg, TrainConfig):
         check_training_args(cfg.train)
     _check_names(cfg)

@@ -27,7 +27,7 @@ class ModelSettings:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     tokenizer: str | None = None  # default: the model's folder
-    adapter_path: str | None = None  # eval / generate: a folder written by a training run (its model/ folder)
+    adapter_path: str | None = None  # eval / generate / sample: a folder written by a training run (its model/)
     check_base: bool = True  # refuse an adapter_path trained on another base model (its alignkit_base.json)
     # RoPE scaling, e.g. {type: linear, factor: 2.0} (linear, dynamic, yarn, llama3, longrope): alignkit.models.rope
     rope_scaling: dict[str, Any] | None = None
@@ -218,6 +218,24 @@ def check_split_data(data: DataSettings) -> None:
                               f"remove data.{key}")
 
 
+# The commands that load `model.adapter_path` onto `model.path` (cli/models.py:load_for_inference); the training
+# commands build a new adapter (the `adapter` section) on `model.path` and never read it.
+ADAPTER_PATH_COMMANDS = ("eval", "generate", "sample")
+
+
+def check_model_reads(model: ModelSettings, command: str) -> None:
+    """ConfigError for a `model` key the command would ignore: `adapter_path` under a training command (only
+    existence-checked before: the run trained model.path from scratch), `check_base` without `adapter_path`."""
+    if model.adapter_path is not None and command not in ADAPTER_PATH_COMMANDS:
+        raise ConfigError(f"model.adapter_path: alignkit {command} trains a new adapter (the adapter section) on "
+                          f"model.path and never loads model.adapter_path (only {', '.join(ADAPTER_PATH_COMMANDS)} "
+                          "do), so it would be ignored; to start from a fully finetuned run set model.path to its "
+                          "model/ folder, or remove model.adapter_path")
+    if model.adapter_path is None and model.check_base != ModelSettings.check_base:
+        raise ConfigError(f"model.check_base: {model.check_base} is read only with model.adapter_path, which is not "
+                          "set, so it would be ignored; remove it")
+
+
 def refuse_ignored_data(data: DataSettings, ignored: Any, message: str) -> None:
     """ConfigError `message` (its `{key}` filled) for the first `data` field with `ignored(name)` true that is set
     away from its default."""
@@ -267,6 +285,6 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
                                    "eval": EvalConfig, "generate": GenerateConfig}
 
 
-__all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+__all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
            "SFTMethod", "TrainConfig"]
