@@ -195,7 +195,8 @@ def test_pairs_identical_after_truncation_are_refused(tmp_path, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     code = main(["-q", "dpo", "--config", str(CONFIGS / "dpo-tiny.yaml"), f"output_dir={out}", f"data.path={data}",
-                 "data.eval_fraction=0.0", "data.max_length=12", "data.max_prompt_length=11", "train.max_steps=1"])
+                 "data.eval_fraction=0.0", "train.eval_strategy=no", "data.max_length=12",
+                 "data.max_prompt_length=11", "train.max_steps=1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "chosen == rejected once truncated to data.max_length=12" in err, err
     assert not out.exists()
@@ -310,6 +311,8 @@ def test_every_command_refuses_split_keys_the_data_never_reads(command, override
     out = tmp_path / "run"
     base = [command, "-c", str(CONFIGS / f"{DRY_RUN_CONFIGS[command]}.yaml"), "--dry-run", f"output_dir={out}",
             "data.eval_fraction=0"]
+    if command in ("sft", "rm", "dpo", "kto"):  # no held-out data: no evaluation either
+        base += ["train.eval_strategy=no"]
     assert main([*base, *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err

@@ -118,7 +118,8 @@ def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path):
     completions = [r.completion if isinstance(r.completion, str) else r.completion[-1]["content"] for r in sft]
     assert completions == [best[g][1] for g in sorted(best)]
     # ... and `alignkit sft` reads them through its own data path
-    cfg = load_config(CONFIGS / "sft-tiny.yaml", [f"data.path={rnd / 'records.jsonl'}", "data.eval_fraction=0.0"])
+    cfg = load_config(CONFIGS / "sft-tiny.yaml", [f"data.path={rnd / 'records.jsonl'}", "data.eval_fraction=0.0",
+                                                    "train.eval_strategy=no"])
     train, evals = load_data(cfg.data, "sft")
     assert len(train) == 6 and not evals
 

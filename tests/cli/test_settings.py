@@ -271,3 +271,27 @@ def test_augment_refuses_data_keys_it_never_reads(override):
     with pytest.raises(ConfigError, match=rf"{key}: alignkit augment reads only the rows of data.path"):
         load_config(CONFIG_DIR / "augment-code-bugs.yaml", [override], command="augment")
     assert load_config(CONFIG_DIR / "augment-code-bugs.yaml", ["data.max_records=2"], command="augment").data.max_records == 2
+
+
+@pytest.mark.parametrize("command,config", [("sft", "sft-tiny.yaml"), ("dpo", "dpo-tiny.yaml"), ("rm", "rm-tiny.yaml"),
+                                            ("kto", "kto-tiny.yaml")])
+def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command, config):
+    """train.eval_steps without train.eval_strategy was accepted and never read (transformers' default 'no':
+    evaluation ran only after the last step); train.eval_strategy=steps / epoch with no held-out data (no
+    data.eval_path, eval_fraction 0) got past the config, loaded the model and stopped with transformers'
+    ValueError as an 'unexpected error, please report it'. Now one line at load naming the key and the fix. An
+    explicit eval_strategy=no beside a config's eval_steps (turning evaluation off from the command line) loads."""
+    from alignkit.settings import config_from_dict
+
+    base = {"model": {"path": "tiny:llama"}, "data": {"path": "p.jsonl", "eval_fraction": 0.3}}
+    with pytest.raises(ConfigError, match=r"train\.eval_steps: 5 is read only with train\.eval_strategy=steps, "
+                                          r"which is not set .*, so it would be ignored"):
+        config_from_dict({**base, "train": {"eval_steps": 5}}, command)
+    assert config_from_dict({**base, "train": {"eval_steps": 5, "eval_strategy": "steps"}}, command).train[
+        "eval_steps"] == 5
+    for strategy in ("steps", "epoch"):
+        with pytest.raises(ConfigError, match=rf"train\.eval_strategy: '{strategy}' evaluates on held-out records, "
+                                              r"and data gives none: set data\.eval_path or data\.eval_fraction"):
+            load_config(CONFIG_DIR / config, ["data.eval_fraction=0", f"train.eval_strategy={strategy}"],
+                        command=command)
+    load_config(CONFIG_DIR / config, ["data.eval_fraction=0", "train.eval_strategy=no"], command=command)

@@ -152,7 +152,18 @@ class TrainConfig:
     command = ""  # a plain class attribute: which TRAIN_DEFAULTS apply
 
     def __post_init__(self) -> None:
+        chosen = set(self.train or {})
         self.train = check_train({**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}, self.command)
+        if self.train.get("eval_steps") is not None and "eval_strategy" not in chosen:  # an explicit no / epoch is
+            # a choice that makes eval_steps moot (e.g. an override turning evaluation off); an unset one is not
+            raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} is read only with "
+                              "train.eval_strategy=steps, which is not set (the default 'no' evaluates only after the "
+                              "last step), so it would be ignored; set train.eval_strategy=steps or remove "
+                              "train.eval_steps")
+        strategy = str(getattr(self.train.get("eval_strategy"), "value", self.train.get("eval_strategy") or "no"))
+        if strategy != "no" and self.data.eval_path is None and not self.data.eval_fraction:
+            raise ConfigError(f"train.eval_strategy: {strategy!r} evaluates on held-out records, and data gives none: "
+                              "set data.eval_path or data.eval_fraction, or set train.eval_strategy=no")
 
 
 @dataclass
