@@ -295,3 +295,29 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
             load_config(CONFIG_DIR / config, ["data.eval_fraction=0", f"train.eval_strategy={strategy}"],
                         command=command)
     load_config(CONFIG_DIR / config, ["data.eval_fraction=0", "train.eval_strategy=no"], command=command)
+
+
+@pytest.mark.parametrize("command,config,overrides,message,fix", [
+    ("dpo", "dpo-tiny.yaml", ["data.loss_on=all"], "data.loss_on: read only by alignkit sft", None),
+    ("rm", "rm-tiny.yaml", ["data.loss_on=last_assistant"], "data.loss_on: read only by alignkit sft", None),
+    ("sft", "sft-tiny.yaml", ["adapter.lora.r=16"], "adapter.lora: read only by adapter.kind lora or reft+lora, and "
+     "kind is 'full'", ["adapter.kind=lora"]),
+    ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "adapter.lora={r: 2}"], "adapter.lora: read only by "
+     "adapter.kind lora or reft+lora", ["adapter.kind=lora"]),
+    ("dpo", "dpo-lora-tiny.yaml", ["adapter.reft={config: {representations: [{layer: 0}]}}"],
+     "adapter.reft: read only by adapter.kind reft or reft+lora, and kind is 'lora'", ["adapter.kind=reft+lora"]),
+    ("dpo", "dpo-tiny.yaml", ["method.reference=copy", "method.reference_cache_dir=cache"],
+     "method.reference_cache_dir: read only with method.reference precomputed (or auto), and it is 'copy'",
+     ["method.reference=precomputed"]),
+])
+def test_keys_one_kind_reads_are_refused_under_another(command, config, overrides, message, fix):
+    """Each was accepted and had no effect: data.loss_on under dpo / rm (only SFT masks conversation turns),
+    adapter.lora under a full or ReFT adapter (TRL's --lora_r without --use_peft), adapter.reft under LoRA,
+    method.reference_cache_dir with a reference that is not precomputed. Now one line naming the key; with the
+    setting that reads it, the same key loads."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIG_DIR / config, overrides, command=command)
+    if fix is not None:
+        load_config(CONFIG_DIR / config, [*overrides, *fix], command=command)
+    else:
+        load_config(CONFIG_DIR / "sft-tiny.yaml", overrides, command="sft")

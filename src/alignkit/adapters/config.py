@@ -94,7 +94,14 @@ class AdapterConfig:
 
     def check(self) -> None:
         """Check what can be checked without a model (ValueError naming the key). A ReFT part's `ReftConfig`
-        checked its keys and intervention types when it was built; nothing is left to check here."""
+        checked its keys and intervention types when it was built. Left: a part's settings given to a kind
+        without that part, which would be ignored (not checked when a saved folder's config is read back)."""
+        if "lora" not in self.parts and self.lora != LoraSettings():
+            raise ValueError(f"adapter.lora: read only by adapter.kind lora or reft+lora, and kind is {self.kind!r}, "
+                             "so it would be ignored; set adapter.kind or remove adapter.lora")
+        if "reft" not in self.parts and self.reft is not None:
+            raise ValueError(f"adapter.reft: read only by adapter.kind reft or reft+lora, and kind is {self.kind!r}, "
+                             "so it would be ignored; set adapter.kind or remove adapter.reft")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -111,6 +111,13 @@ class DPOMethod(PreferenceObjective):
     disable_dropout: bool = True
     weight_normalization: Literal["count", "weighted"] = "count"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reference_cache_dir is not None and self.reference not in ("auto", "precomputed"):
+            raise ConfigError(f"method.reference_cache_dir: read only with method.reference precomputed (or auto), "
+                              f"and it is {self.reference!r}, so it would be ignored; set method.reference="
+                              "precomputed or remove method.reference_cache_dir")
+
 
 @dataclass
 class KTOMethod:
@@ -154,6 +161,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         chosen = set(self.train or {})
         self.train = check_train({**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}, self.command)
+        if self.command != "sft" and self.data.loss_on != DataSettings.loss_on:
+            raise ConfigError(f"data.loss_on: read only by alignkit sft (which tokens of a conversation are trained), "
+                              f"so alignkit {self.command} would ignore it; remove it")
         if self.train.get("eval_steps") is not None and "eval_strategy" not in chosen:  # an explicit no / epoch is
             # a choice that makes eval_steps moot (e.g. an override turning evaluation off); an unset one is not
             raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} is read only with "
