@@ -90,15 +90,20 @@ def _assert_same(trained, reference, init):
         torch.testing.assert_close(trained[n], reference[n], rtol=0, atol=5e-6, msg=n)
 
 
+def _train_sft(make_model, feats, tokenizer, tmp_path, ga):
+    """(trained model, an untouched copy of it, its initial weights, trainer): one epoch of batch 4 x `ga`."""
+    model = make_model("full")
+    untouched, init = copy.deepcopy(model), _trainable(model)
+    trainer = SFTTrainer(model, _args(tmp_path, 4, ga, num_train_epochs=1, max_steps=-1), train_dataset=feats,
+                         data_collator=SFTCollator(tokenizer.pad_token_id))
+    trainer.train()
+    return model, untouched, init, trainer
+
+
 def test_sft_ragged_micro_batches_give_the_one_batch_update(make_model, sft_feats, tokenizer, tmp_path):
     """10 examples, batch 4, accumulation 3: micro-batches of 4, 4 and 2 examples holding very different token
     counts, one optimizer step. It must equal one backward of the token mean over all 10 examples."""
-    model = make_model("full")
-    init_model = copy.deepcopy(model)
-    init = _trainable(model)
-    trainer = SFTTrainer(model, _args(tmp_path, 4, 3, num_train_epochs=1, max_steps=-1), train_dataset=sft_feats,
-                         data_collator=SFTCollator(tokenizer.pad_token_id))
-    trainer.train()
+    model, init_model, init, trainer = _train_sft(make_model, sft_feats, tokenizer, tmp_path, 3)
     assert trainer.state.global_step == 1
     ref_loss = _sft_reference_step(init_model, sft_feats)
     _assert_same(_trainable(model), _trainable(init_model), init)
@@ -119,12 +124,7 @@ def test_sft_partial_last_accumulation_is_stepped_on_its_own_items(make_model, s
     """10 examples, batch 4, accumulation 2, one epoch: 3 micro-batches, so the second optimizer step has one
     micro-batch (2 examples). It is stepped (not dropped), normalised over its own tokens, and the log says 2
     steps, epoch 1.0, and each step's own loss."""
-    model = make_model("full")
-    ref = copy.deepcopy(model)
-    init = _trainable(model)
-    trainer = SFTTrainer(model, _args(tmp_path, 4, 2, num_train_epochs=1, max_steps=-1), train_dataset=sft_feats,
-                         data_collator=SFTCollator(tokenizer.pad_token_id))
-    trainer.train()
+    model, ref, init, trainer = _train_sft(make_model, sft_feats, tokenizer, tmp_path, 2)
     losses = [_sft_reference_step(ref, sft_feats[:8]), _sft_reference_step(ref, sft_feats[8:])]
     _assert_same(_trainable(model), _trainable(ref), init)
     rows = [r for r in trainer.state.log_history if "loss" in r]
