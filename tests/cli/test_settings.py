@@ -321,3 +321,7 @@ def test_keys_one_kind_reads_are_refused_under_another(command, config, override
         load_config(CONFIG_DIR / config, [*overrides, *fix], command=command)
     else:
         load_config(CONFIG_DIR / "sft-tiny.yaml", overrides, command="sft")
+    # a file's lora / reft section is dropped from the command line with =null (e.g. to train kind=full)
+    full = load_config(CONFIG_DIR / "grpo-tiny.yaml", ["adapter.kind=full", "adapter.lora=null"], command="grpo")
+    assert full.adapter.kind == "full" and full.adapter.lora == load_config(
+        CONFIG_DIR / "sft-tiny.yaml", [], command="sft").adapter.lora

@@ -273,7 +273,7 @@ def test_cli_prints_one_line_for_a_down_server(tmp_path, capsys):
     url = closed_port_url()
     config = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"
     code = main(["-q", "grpo", "--config", str(config), f"output_dir={tmp_path / 'run'}",
-                 "train.max_steps=1", "adapter.kind=full", "method.generation_backend=vllm",
+                 "train.max_steps=1", "adapter.kind=full", "adapter.lora=null", "method.generation_backend=vllm",
                  "method.vllm_mode=server", f"method.vllm_server_url={url}", "method.vllm_server_timeout=0.3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"alignkit grpo: error: vLLM server {url}: no answer after"), err

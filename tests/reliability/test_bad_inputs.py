@@ -91,14 +91,15 @@ DATA_CASES = [
 @pytest.mark.parametrize("case,name,overrides,needles", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_data_mistakes(case, name, overrides, needles, tmp_path, capsys):
     rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", f"data.path={CORPUS / name}",
-                               "data.eval_fraction=0.0", *overrides])
+                               "data.eval_fraction=0.0", "train.eval_strategy=no", *overrides])
     assert_one_line(rc, err, *needles)
     assert not (tmp_path / "run").exists()
 
 
 def test_unknown_chat_role(tmp_path, capsys):
     rc, err = run_cli(capsys, ["sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={tmp_path / 'run'}",
-                               f"data.path={CORPUS / 'unknown_role.jsonl'}", "data.eval_fraction=0.0"])
+                               f"data.path={CORPUS / 'unknown_role.jsonl'}", "data.eval_fraction=0.0",
+                               "train.eval_strategy=no"])
     assert_one_line(rc, err, "unknown_role.jsonl:1", "'usr'", "did you mean 'user'")
 
 

@@ -16,8 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMALL = ["train.max_steps=4", "train.save_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2",
          "sampling.max_new_tokens=3", "data.max_records=6"]
 CASES = {"grpo-lora": ("grpo", "grpo-tiny.yaml", []),
-         "grpo-full": ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "train.learning_rate=1e-4"]),
-         "online-dpo-lora": ("online-dpo", "online-dpo-tiny.yaml", ["adapter.kind=lora", "adapter.lora={r: 2}"])}
+         "grpo-full": ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "adapter.lora=null",
+                                                       "train.learning_rate=1e-4"]),
+         "online-dpo-lora": ("online-dpo", "online-dpo-tiny.yaml", ["adapter.kind=lora", "adapter.reft=null",
+                                                                 "adapter.lora={r: 2}"])}
 SKIP = {"time/step_s"}
 
 

@@ -98,10 +98,10 @@ class AdapterConfig:
         without that part, which would be ignored (not checked when a saved folder's config is read back)."""
         if "lora" not in self.parts and self.lora != LoraSettings():
             raise ValueError(f"adapter.lora: read only by adapter.kind lora or reft+lora, and kind is {self.kind!r}, "
-                             "so it would be ignored; set adapter.kind or remove adapter.lora")
+                             "so it would be ignored; set adapter.kind or remove adapter.lora (adapter.lora=null)")
         if "reft" not in self.parts and self.reft is not None:
             raise ValueError(f"adapter.reft: read only by adapter.kind reft or reft+lora, and kind is {self.kind!r}, "
-                             "so it would be ignored; set adapter.kind or remove adapter.reft")
+                             "so it would be ignored; set adapter.kind or remove adapter.reft (adapter.reft=null)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -116,6 +116,9 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
     if declared != command:
         raise ConfigError(f"command: this config is for `alignkit {declared}`, not `alignkit {command}`")
     check_renamed(data, command)
+    adapter = data.get("adapter")
+    if isinstance(adapter, dict) and "lora" in adapter and adapter["lora"] is None:  # adapter.lora=null: a file's
+        data["adapter"] = {k: v for k, v in adapter.items() if k != "lora"}  # lora section dropped (kind=full)
     cfg = build(CONFIG_CLASSES[command], data)
     if isinstance(getattr(cfg, "data", None), DataSettings):  # every command's data section, offline and online
         check_split_data(cfg.data)
