@@ -111,6 +111,13 @@ class AdapterConfig:
         return from_dict(cls, data, "adapter")
 
 
+def without_null_parts(data: dict[str, Any]) -> dict[str, Any]:
+    """An `adapter:` mapping without the part sections (lora, reft) set to null, which then take their defaults:
+    `adapter.lora=null` on the command line drops a config file's lora section."""
+    parts = {part for info in KINDS.values() for part in info.parts}
+    return {k: v for k, v in data.items() if not (k in parts and v is None)}
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
@@ -133,4 +140,4 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
 
 
 __all__ = ["ADAPTER_CONFIG_NAME", "AdapterConfig", "KINDS", "KindInfo", "LoraSettings", "ReftSettings", "from_dict",
-           "read_adapter_config"]
+           "read_adapter_config", "without_null_parts"]

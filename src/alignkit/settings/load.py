@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.adapters.config import without_null_parts
 from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod, KTOMethod, ModelSettings, SFTMethod,
                                        TrainConfig, check_model_reads, check_split_data)
@@ -116,9 +117,8 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
     if declared != command:
         raise ConfigError(f"command: this config is for `alignkit {declared}`, not `alignkit {command}`")
     check_renamed(data, command)
-    adapter = data.get("adapter")
-    if isinstance(adapter, dict) and "lora" in adapter and adapter["lora"] is None:  # adapter.lora=null: a file's
-        data["adapter"] = {k: v for k, v in adapter.items() if k != "lora"}  # lora section dropped (kind=full)
+    if isinstance(data.get("adapter"), dict):  # adapter.lora=null drops a file's lora section (e.g. for kind=full)
+        data["adapter"] = without_null_parts(data["adapter"])
     cfg = build(CONFIG_CLASSES[command], data)
     if isinstance(getattr(cfg, "data", None), DataSettings):  # every command's data section, offline and online
         check_split_data(cfg.data)
