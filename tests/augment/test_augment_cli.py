@@ -172,7 +172,8 @@ def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
     with running_server(engine) as url:
         args = ["-q", "augment", "--config", str(CONFIGS / "augment-paraphrase.yaml"), f"output_dir={tmp_path}",
                 f"llm.base_url={url}/v1", "llm.model=base", "llm.max_tokens=6", "llm.temperature=0.0",
-                "options.n=1", "data.max_records=2", "filters.min_chars=1"]
+                "options.n=1", "data.max_records=2", "filters.min_chars=1",
+                "filters.printable=false"]  # the random model's bytes: the transport is tested, not the text
         assert main(args) == 0
         first = summary(tmp_path)
         served = dict(engine.stats.requests)  # finished requests per served model
@@ -206,3 +207,35 @@ def test_missing_column_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"alignkit augment: error: {data}:1: no text in column 'code' (row has ['question']); "
                    "set options.field"]
+
+
+def test_a_run_that_keeps_no_record_fails_and_leaves_the_previous_run(tmp_path, capsys):
+    config = str(CONFIGS / "augment-code-bugs.yaml")
+    assert main(["-q", "augment", "--config", config, f"output_dir={tmp_path}"]) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("augmented.jsonl", "summary.json", "config.yaml")}
+    capsys.readouterr()
+    # the bundled snippets' 20 candidates (5 functions x 4 bugs) are all far shorter than 100000 characters
+    assert main(["augment", "--config", config, f"output_dir={tmp_path}", "filters.min_chars=100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"alignkit augment: error: augment code_bugs: no record to write: every one of the 20 candidate(s) "
+                   f"was dropped (prompt shorter than 100000 characters: 20); loosen the filters or check the sources "
+                   f"({tmp_path / 'augmented.jsonl'} was not written)"]
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the first run's files, as written
+
+
+def test_a_source_with_no_candidate_is_refused(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"code": "x = 1\n"}) + "\n")  # nothing to mutate: no comparison, number, name or return
+    assert main(["augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"data.path={data}",
+                 f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "no record to write: the strategy made no candidate from the 1 source(s)" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "augmented.jsonl").exists() and not (tmp_path / "o" / "config.yaml").exists()
+
+
+def test_a_python_source_that_does_not_parse_is_one_line_naming_its_line(tmp_path, capsys):
+    data = tmp_path / "snippets.py"
+    data.write_text("def ok(a):\n    return a < 1\n\n\ndef broken(a:\n    return a\n")
+    assert main(["augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"data.path={data}",
+                 f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit augment: error: {data}:5: not valid Python (")

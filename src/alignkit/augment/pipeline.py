@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from alignkit.augment.code_bugs import split_functions
 from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source
-from alignkit.files import atomic_write_jsonl
+from alignkit.files import DataError, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,13 @@ def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Sour
     for p in paths:
         path = Path(p)
         if path.suffix == ".py":
-            out += [Source(f"{path}:{line}", {"code": code}) for code, line in split_functions(path.read_text())]
+            try:
+                functions = split_functions(path.read_text())
+            except SyntaxError as e:  # a .py source is split by parsing it: a file that does not parse gives nothing
+                raise DataError(f"{path}:{e.lineno}: not valid Python ({e.msg}), so it cannot be split into its "
+                                "functions; fix the file, or give the snippets as JSONL rows (a row that does not "
+                                "parse is dropped and counted)") from None
+            out += [Source(f"{path}:{line}", {"code": code}) for code, line in functions]
         elif path.suffix in (".txt", ".md"):
             out.append(Source(str(path), {"text": path.read_text()}))
         else:
@@ -77,7 +83,8 @@ TEXT_KEYS = ("prompt", "completion", "chosen", "rejected")
 def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filters: Filters, out_path: str | Path,
             *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0) -> AugmentResult:
     """Run `strategy` over `sources` and write the kept records to `out_path` (atomically). `options` is the
-    strategy's options dataclass; `llm` a ChatModel (None for code_bugs)."""
+    strategy's options dataclass; `llm` a ChatModel (None for code_bugs). DataError, and `out_path` left as it
+    was, when no record is kept (an empty file would replace an earlier run's records and train nothing)."""
     spec = STRATEGIES[strategy]
     if spec.needs_llm and llm is None:
         raise ValueError(f"strategy {strategy!r} prompts a language model: configure llm")
@@ -100,8 +107,14 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
             continue
         rows.append({**cand.record, "meta": {"strategy": strategy, "source": cand.source, "model": model,
                                              **cand.extra}})
-    out_path = atomic_write_jsonl(out_path, rows)
-    result = AugmentResult(out_path, len(rows), n, dict(dropped))
+    result = AugmentResult(Path(out_path), len(rows), n, dict(dropped))
+    if not rows:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
+        why = (f"every one of the {n} candidate(s) was dropped ({reasons}); loosen the filters or check the sources"
+               if n else
+               f"the strategy made no candidate from the {len(sources)} source(s); check data.path and options")
+        raise DataError(f"augment {strategy}: no record to write: {why} ({out_path} was not written)")
+    result.path = atomic_write_jsonl(out_path, rows)
     logger.info("augment %s: %s", strategy, result.summary())
     return result
 

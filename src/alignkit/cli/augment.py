@@ -8,7 +8,8 @@ requests sent, cache hits), config.yaml, TensorBoard events (tensorboard/augment
 records' sizes (plots/augment-record_chars.png). The LLM's answers are cached in <output_dir>/cache (or
 `llm.cache_dir`): running the same config again sends no request for what it already asked. Unlike the
 training commands, reusing an output_dir is expected (that is how the cache pays off); augmented.jsonl is
-replaced atomically.
+replaced atomically, and only by a run that writes records: a run that fails, or keeps no record, leaves the
+folder's augmented.jsonl, summary.json and config.yaml as the previous run wrote them.
 """
 
 from __future__ import annotations
@@ -74,7 +75,6 @@ def augment(cfg: Any) -> int:
         raise ConfigError(f"data.path: {cfg.data.path} holds no rows")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     llm = build_llm(cfg)
     s = cfg.llm
     kw = {} if s is None else {"max_tokens": s.max_tokens, "temperature": s.temperature, "seed": s.seed}
@@ -91,6 +91,7 @@ def augment(cfg: Any) -> int:
                "requests": getattr(inner, "requests", 0), "cache_hits": getattr(llm, "hits", 0),
                "cache_misses": getattr(llm, "misses", 0)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    save_config(cfg, out / "config.yaml")  # after the records: config.yaml describes the augmented.jsonl beside it
     scalars = {**summary, **{f"dropped/{k}": v for k, v in result.dropped.items()}}  # numbers only are written
     chars = [sum(len(json.dumps(v, ensure_ascii=False)) for k, v in row.items() if k != "meta")
              for row in read_jsonl(result.path)]
