@@ -169,3 +169,27 @@ def test_errors_name_the_line(tmp_path):
     assert len(read_oasst(f, on_invalid="skip")) == len(read_oasst(good)) > 0
     with pytest.raises(DataError, match="gives sft/ranked/prompt"):
         load_records(TREES, kind="unpaired")
+
+
+@pytest.mark.parametrize("kind, options, message", [
+    ("ranked", {"mode": "best"}, "data.reader_options.mode: 'best' chooses the sft records of the OASST trees, and "
+     "this command reads ranked records from them, so it would be ignored; remove it"),
+    ("preference", {"mode": "every_turn"}, "data.reader_options.mode: 'every_turn' chooses the sft records"),
+    ("sft", {"prompts": "all"}, "data.reader_options.prompts: 'all' chooses the prompt records of the OASST trees, "
+     "and this command reads sft records from them"),
+    ("sft", {"preset": "oasst", "mode": "best"}, "data.reader_options.mode: 'best' does not apply to preset 'oasst'"),
+    ("ranked", {"preset": "oasst", "drop_synthetic": False},
+     "data.reader_options.drop_synthetic: False does not apply to preset 'oasst'"),
+    ("prompt", {"preset": "oasst", "tree_states": ["ready_for_export", "growing"]},
+     "data.reader_options.tree_states: ('ready_for_export', 'growing') does not apply to preset 'oasst'"),
+])
+def test_an_option_this_read_would_ignore_is_refused(kind, options, message):
+    with pytest.raises(DataError) as e:  # each was accepted and had no effect on the records
+        load_records(str(TREES), kind, **options)
+    assert str(e.value).startswith(message)
+
+
+def test_options_at_their_defaults_and_options_that_apply_are_accepted():
+    assert load_records(str(TREES), "ranked", mode="leaves", prompts="roots", tree_states=["ready_for_export"])
+    assert load_records(str(TREES), "sft", preset="oasst", drop_deleted=True)
+    assert len(load_records(str(TREES), "prompt", prompts="all")) == 175  # the module docstring's table

@@ -114,3 +114,18 @@ def test_missing_field_and_skip(tmp_path, caplog):
         load_records([{"prompt": "a", "responses": None}], reader="ranked")
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("reader, row, key, message", [
+    ("prompt-completion", {"prompt": "Q", "completion": " A"}, "conversational",
+     "data.reader_options.conversational: reader 'prompt-completion' takes no option 'conversational'; its options: "
+     "none"),
+    ("hh-rlhf", {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"},
+     "conversation", "data.reader_options.conversation: reader 'hh-rlhf' takes no option 'conversation'; did you "
+     "mean 'conversational'? its options: conversational"),
+])
+def test_an_option_the_reader_does_not_take_is_one_line_naming_the_key(tmp_path, reader, row, key, message):
+    src = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as e:  # was TypeError: read() got an unexpected keyword argument
+        load_records(str(src), reader=reader, **{key: True})
+    assert str(e.value) == message

@@ -39,7 +39,9 @@ where a prompter leaf counts only when it is the FIRST reply of its parent (and 
 thread with any deleted or synthetic message is dropped (not the whole subtree: other branches stay);
 ranked groups are the prompter turns (with a clean path) with >= 2 ranked replies, sorted by rank; prompts
 (OA's "rl" mode) are every prompter-ending path without deleted or synthetic messages, in trees that are
-"ready_for_export" or "prompt_lottery_waiting". `mode`, `drop_*` and `tree_states` do not apply to it.
+"ready_for_export" or "prompt_lottery_waiting". `mode`, `prompts`, `drop_*` and `tree_states` do not apply to
+it. An option set away from its default that a read would ignore is refused (`check_applies`): those under
+"oasst", `mode` for other than SFT records, `prompts` for other than prompt records.
 On the shared 40-tree English sample (`../shared/data/oasst/oasst_en_trees_sample.jsonl`):
 
 | preset | SFT records | assistant messages trained (loss_on=all_assistant) | ranked groups | prompts |
@@ -279,6 +281,28 @@ def _walk(m: dict):
 
 
 PRESETS = ("strict", "oasst")
+# The options of the strict preset, with their defaults; which record kind reads each (None: every kind).
+STRICT_OPTIONS = {"mode": ("leaves", "sft"), "prompts": ("roots", "prompt"), "drop_deleted": (True, None),
+                  "drop_synthetic": (True, None), "drop_unreviewed": (True, None),
+                  "tree_states": (("ready_for_export",), None)}
+
+
+def check_applies(kind: str, preset: str, **options: Any) -> None:
+    """DataError naming the first option set away from its default that this read would ignore: every
+    STRICT_OPTIONS key under preset "oasst" (Open-Assistant's own rules), `mode` for other than SFT records,
+    `prompts` for other than prompt records."""
+    for key, value in options.items():
+        default, reads = STRICT_OPTIONS[key]
+        if key == "tree_states" and value is not None:
+            value = tuple(value)
+        if value == default:
+            continue
+        if preset == "oasst":
+            raise DataError(f"data.reader_options.{key}: {value!r} does not apply to preset 'oasst' (Open-Assistant's "
+                            f"own filters and threads), so it would be ignored; remove it, or use preset 'strict'")
+        if reads is not None and reads != kind:
+            raise DataError(f"data.reader_options.{key}: {value!r} chooses the {reads} records of the OASST trees, and "
+                            f"this command reads {kind} records from them, so it would be ignored; remove it")
 
 
 @register_reader("oasst", kinds=("sft", "ranked", "prompt"), priority=20,
@@ -308,6 +332,8 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
     removed: Counter = Counter()
     if preset not in PRESETS:
         raise DataError(f"unknown OASST preset {preset!r}; valid: {', '.join(PRESETS)} (reader_options.preset)")
+    check_applies(kind, preset, mode=mode, prompts=prompts, drop_deleted=drop_deleted, drop_synthetic=drop_synthetic,
+                  drop_unreviewed=drop_unreviewed, tree_states=tree_states)
     oa_langs = (["en"] if langs is None else [langs] if isinstance(langs, str) else list(langs))
 
     def convert(row: dict, where: str) -> list:

@@ -9,6 +9,8 @@ columns live in `columns.py`; Open-Assistant trees and HH-RLHF text register the
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from typing import Any
 
@@ -43,6 +45,7 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
         if native is None:
             raise DataError(f"{source_name(source)}: reader {info.name!r} gives {'/'.join(info.kinds)} records, and "
                             f"none of them converts to {kind!r}; pick another kind or convert the data yourself")
+    check_options(info, options)
     records = info.fn(source, kind=native, on_invalid=on_invalid, split=split, **options)
     logger.info("%s: read %d %s record(s) with reader %r", source_name(source), len(records), native, info.name)
     if kind is not None and kind != native:
@@ -51,5 +54,21 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
     return records
 
 
-__all__ = ["READERS", "ReaderInfo", "register_reader", "detect_reader", "load_records", "iter_rows", "first_row",
+def check_options(info: ReaderInfo, options: dict[str, Any]) -> None:
+    """DataError naming the first option (`data.reader_options.<key>`) that reader `info` does not take (a typo or
+    another reader's option would otherwise stop on an 'unexpected error: TypeError' that names no config key). A
+    reader taking `**options` checks them itself."""
+    params = inspect.signature(info.fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return  # a reader taking **options checks them itself
+    valid = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in ("kind", "on_invalid", "split")]
+    for key in options:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise DataError(f"data.reader_options.{key}: reader {info.name!r} takes no option {key!r}; {hint}its "
+                            f"options: {', '.join(valid) or 'none'}")
+
+
+__all__ = ["READERS", "check_options", "ReaderInfo", "register_reader", "detect_reader", "load_records", "iter_rows", "first_row",
            "collect", "get_field", "source_name"]
