@@ -16,6 +16,15 @@ def test_parse_fractions():
             parse_fractions(bad)
 
 
+@pytest.mark.parametrize("method", ["permutation", "hash"])
+@pytest.mark.parametrize("spec", ["nan,1", "inf,1", "1,nan", [1e308, 1e308]])
+def test_non_finite_weights_are_refused(spec, method):
+    # before: the hash split put all 10 items in the last part ([[], [0..9]]; 1e308 + 1e308 overflows to inf, so
+    # both fractions were 0), and the permutation split stopped on "cannot convert float NaN to integer"
+    with pytest.raises(DataError, match="weights must be finite numbers >= 0 with a positive, finite sum"):
+        split_indices(10, spec, method=method)
+
+
 def test_part_sizes_largest_remainder():
     assert part_sizes(10, [0.2, 0.4, 0.4]) == [2, 4, 4]
     assert part_sizes(11, [0.2, 0.4, 0.4]) == [2, 5, 4]  # 2.2, 4.4, 4.4: one extra to the first largest remainder

@@ -14,6 +14,7 @@ Items with equal keys (a group) always land in the same part. Two methods:
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from typing import Hashable, Sequence
 
@@ -26,9 +27,11 @@ def parse_fractions(spec: str | Sequence[float]) -> list[float]:
         parts = [float(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
     except ValueError:
         raise DataError(f"split {spec!r}: expected comma-separated numbers like '2,4,4' or '95,5'") from None
-    if not parts or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise DataError(f"split {spec!r}: weights must be >= 0 with a positive sum")
     total = sum(parts)
+    if not parts or not all(math.isfinite(p) and p >= 0 for p in parts) or not 0 < total < math.inf:
+        # a NaN passed `p < 0` and `sum <= 0` (both False), and an infinite weight or sum gave NaN / 0 fractions:
+        # every hash-split item then fell in the last part, and a permutation split stopped on a TypeError
+        raise DataError(f"split {spec!r}: weights must be finite numbers >= 0 with a positive, finite sum")
     return [p / total for p in parts]
 
 
