@@ -144,3 +144,23 @@ def test_base_mismatch_names_the_shape_that_differs():
     assert base_mismatch(saved, {**saved, "vocab_size": 520}) == "vocab_size 520 here, 512 when trained"
     assert base_mismatch(saved, {**saved, "embedding_probe": [0.503, -0.2505]}) is None  # bf16 rounding
     assert "embedding weights differ" in base_mismatch(saved, {**saved, "embedding_probe": [0.6, -0.25]})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_an_adapter_holding_a_non_finite_weight_is_refused_at_load(row, value, tiny_dir, tmp_path):
+    """save_adapter writes what it is given; loaded, one NaN / inf made every eval metric NaN (and eval then stopped
+    on 'The histogram is empty') and generate emit garbage. One line naming the folder and the weight instead."""
+    model = perturb(apply_adapter(load_model(tiny_dir("llama")), row.config()))
+    name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        param.view(-1)[0] = value
+    folder = save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError) as e:
+        load_adapter(load_model(tiny_dir("llama")), folder)
+    assert str(e.value).startswith(f"{folder}: adapter weight ")
+    assert "holds 1 non-finite value(s) (NaN or inf)" in str(e.value)
+    assert name.split(".")[-2:] == str(e.value).split("'")[1].split(".")[-2:]  # the poisoned tensor is named
+    with torch.no_grad():
+        param.view(-1)[0] = 0.0
+    load_adapter(load_model(tiny_dir("llama")), save_adapter(model, tmp_path / "b"))  # finite again: loads

@@ -95,10 +95,23 @@ def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False, 
     shapes and an embedding probe); an adapter on another base with the same shapes would otherwise load without
     a word and compute something else. Full finetuning folders are complete models: load them with `load_model`."""
     adapter = adapter_in(folder)
+    base_ids = {id(p) for p in model.parameters()}
     loaded = adapter.record(adapter.load(model, Path(folder), trainable), adapter.config)
+    check_finite([(n, p) for n, p in loaded.named_parameters() if id(p) not in base_ids], folder)
     if check_base:
         check_saved_base(loaded, folder)
     return loaded
+
+
+def check_finite(named: list[tuple[str, torch.Tensor]], folder: str | Path) -> None:
+    """ValueError naming the first of `named` (the weights an adapter folder gave) holding a NaN or an infinity:
+    every output through it would be NaN, and eval / generate would report NaN metrics or emit garbage."""
+    for name, p in named:
+        bad = int((~torch.isfinite(p.detach())).sum())
+        if bad:
+            raise ValueError(f"{folder}: adapter weight {name!r} holds {bad} non-finite value(s) (NaN or inf), so "
+                             "every output through it would be NaN; load a checkpoint saved before the values diverged, "
+                             "or train the adapter again")
 
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:

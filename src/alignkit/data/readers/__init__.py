@@ -70,5 +70,5 @@ def check_options(info: ReaderInfo, options: dict[str, Any]) -> None:
                             f"options: {', '.join(valid) or 'none'}")
 
 
-__all__ = ["READERS", "check_options", "ReaderInfo", "register_reader", "detect_reader", "load_records", "iter_rows", "first_row",
-           "collect", "get_field", "source_name"]
+__all__ = ["READERS", "ReaderInfo", "register_reader", "detect_reader", "load_records", "iter_rows", "first_row",
+           "collect", "get_field", "source_name", "check_options"]
