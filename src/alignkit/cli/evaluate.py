@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from alignkit.losses import PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
 from alignkit.files import atomic_write_text
 from alignkit.runs import write_command_outputs
+from alignkit.settings import ConfigError
 from alignkit.trainers.evaluation import evaluate_reward_model
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.pairs import pair_batch
@@ -68,11 +70,32 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     else:
         metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
     metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
+    check_finite_scores(metrics, per_pair, features, desc)
     if run.main:
         atomic_write_text(run.root / "metrics.json",
                           json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
         write_command_outputs(run.root, "eval", metrics, per_pair)
     return metrics
+
+
+def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]], features: list[dict],
+                        model: str) -> None:
+    """ConfigError before the metrics are written when a score is NaN or infinite (naming the value and, where the
+    values are one per record, the record): the metrics would be NaN, and the averages hide which pair did it."""
+    for key, values in per_pair.items():
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            where = (f"record {features[bad[0]].get('id')}" if len(values) == len(features)
+                     else f"value {bad[0]} of {len(values)}")
+            break
+    else:
+        key = next((k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)), None)
+        if key is None:
+            return
+        bad, values, where = [0], [metrics[key]], "the mean"
+    raise ConfigError(f"eval: {key} is {values[bad[0]]} at {where} ({len(bad)} non-finite) with {model}, so the "
+                      "metrics would be NaN; no metrics were written. Likely: float16 overflow (set model.dtype to "
+                      "bfloat16 or float32) or non-finite weights in the model")
 
 
 def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool,
