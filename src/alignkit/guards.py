@@ -48,6 +48,17 @@ class StalledTrainingError(RuntimeError):
                          "(earlier checkpoints are kept). Lower train.learning_rate (or method.beta) and rerun")
 
 
+class NonFiniteLogitsError(ValueError):
+    """Generation met NaN / inf next-token logits: a sampled token cannot be drawn, and a greedy one would be the
+    first NaN's index (argmax treats NaN as the largest value), i.e. garbage written as an answer."""
+
+    def __init__(self, row: int, how: str) -> None:
+        self.row = row
+        super().__init__(f"generation: row {row}'s next-token logits are not finite ({how}): the model gives NaN / inf "
+                         "logits, so no token it picks means anything; check the model's weights and its training "
+                         "loss, or use model.dtype float32 / bfloat16 if it ran in float16 (overflow)")
+
+
 ZERO_GRAD_PATIENCE = 3  # consecutive optimizer steps with a zero gradient norm and a positive loss
 
 
@@ -70,4 +81,4 @@ def as_float(value: Any) -> float:
     return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
 
 
-__all__ = ["LIKELY_CAUSES", "NonFiniteError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]
+__all__ = ["LIKELY_CAUSES", "NonFiniteError", "NonFiniteLogitsError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]

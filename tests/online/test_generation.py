@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alignkit.guards import NonFiniteLogitsError
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import ReftConfig
 from alignkit.online.generation import SamplingConfig, encode_prompt, generate_responses
@@ -329,7 +330,7 @@ def test_inverse_cdf_sample_draws_the_given_distribution(monkeypatch):
     flat = torch.full((30_000, 1024), 2.0 ** -10, dtype=torch.bfloat16)
     assert (torch.bincount(inverse_cdf_sample(flat), minlength=1024) > 0).all()
     bad = torch.tensor([[0.5, 0.5], [float("nan"), 0.5]])
-    with pytest.raises(ValueError, match="row 1's next-token probabilities are not finite"):
+    with pytest.raises(NonFiniteLogitsError, match="row 1's next-token logits are not finite .sampling"):
         inverse_cdf_sample(bad)
 
 
@@ -414,3 +415,18 @@ def test_rows_that_ended_leave_the_batch(tiny_lm, tokenizer, monkeypatch):
         hook.remove()
     assert [s.response_ids for s in got] == want == [s.response_ids for s in kept]
     assert min(kept_widths[1:]) < len(prompts) and set(widths[1:]) == {len(prompts)}
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_non_finite_logits_stop_generation_naming_the_row(tiny_lm, tokenizer, do_sample):
+    """One inf in a weight makes every logit NaN. Greedy decoding picked the first NaN's index (argmax takes NaN as
+    the largest value) and wrote those tokens as answers without a word; sampling stopped on a ValueError the CLI
+    called 'unexpected'. Both are NonFiniteLogitsError naming the first such row; finite rows still decode."""
+    model = tiny_lm("llama")
+    cfg = SamplingConfig(max_new_tokens=4, do_sample=do_sample, temperature=1.0, num_samples=1)
+    assert len(generate_responses(model, tokenizer, PROMPTS[:2], cfg, lean=True)) == 2
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[0, 0] = float("inf")
+    how = "sampling" if do_sample else "greedy"
+    with pytest.raises(NonFiniteLogitsError, match=f"row 0's next-token logits are not finite .{how}"):
+        generate_responses(model, tokenizer, PROMPTS[:2], cfg, lean=True)

@@ -95,12 +95,12 @@ def expected_errors() -> tuple[type, ...]:
     """The failures a user can cause and fix (bad config, data, paths, checkpoints, a diverging run, an optional
     package a setting needs that is not installed: ImportError)."""
     from alignkit.data.records import DataError
-    from alignkit.guards import NonFiniteError, StalledTrainingError
+    from alignkit.guards import NonFiniteError, NonFiniteLogitsError, StalledTrainingError
     from alignkit.runs import CheckpointError
     from alignkit.settings import ConfigError
 
-    return (ConfigError, DataError, FileNotFoundError, NonFiniteError, StalledTrainingError, CheckpointError,
-            ImportError)
+    return (ConfigError, DataError, FileNotFoundError, NonFiniteError, NonFiniteLogitsError, StalledTrainingError,
+            CheckpointError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 from alignkit.adapters import unwrap_lm
 from alignkit.adapters.base import unwrap_parallel
 from alignkit.compat import cache_keyword
+from alignkit.guards import NonFiniteLogitsError
 from alignkit.interventions.attach import ReftModel
 
 logger = logging.getLogger(__name__)
@@ -273,8 +274,7 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
 def _check_rows(total: torch.Tensor) -> None:
     ok = torch.isfinite(total) & (total > 0)
     if not bool(ok.all()):
-        raise ValueError(f"sampling: row {int((~ok).nonzero()[0, 0])}'s next-token probabilities are not finite or "
-                         f"sum to 0 (the model gave NaN / inf logits: check the checkpoint and the training loss)")
+        raise NonFiniteLogitsError(int((~ok).nonzero()[0, 0]), "sampling: its probabilities are not finite or sum to 0")
 
 
 @torch.no_grad()
@@ -328,6 +328,7 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     drop = DROP_FINISHED and sample and sampler == "inverse_cdf" and eos_t is not None and not synced
     rows: torch.Tensor | None = None  # (B',) the original row of each running row, once some have left
     warp_ids = input_ids
+    non_finite: torch.Tensor | None = None  # greedy (rows never leave): (B,) rows that picked a token from non-finite logits
     for i in range(n_new):
         step_mask = (None if mask is None else mask4[..., :t + i] if mask4 is not None and step_ids.shape[1] == 1
                      else mask[:, :t + i])
@@ -342,6 +343,11 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                    else torch.multinomial(probs, num_samples=1).squeeze(1))  # (B,)
         else:
             nxt = torch.argmax(logits, dim=-1)
+            # argmax takes a NaN as the largest value and a row of -inf gives index 0: the picked logit is finite
+            # only when the row's maximum is; collected on the device, read once after the loop (no extra sync)
+            picked = logits.gather(1, nxt[:, None]).squeeze(1)  # (B,)
+            non_finite = ~torch.isfinite(picked) & unfinished if non_finite is None else (
+                non_finite | (~torch.isfinite(picked) & unfinished))
         if eos_t is not None:  # generate: next * unfinished + pad * (1 - unfinished)
             nxt = torch.where(unfinished, nxt, pad_t)
         if rows is None:
@@ -365,6 +371,8 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                     unfinished = unfinished[keep]
         step_ids = nxt[:, None]
         step_pos = later_pos[:, i:i + 1]
+    if non_finite is not None and bool(non_finite.any()):
+        raise NonFiniteLogitsError(int(non_finite.nonzero()[0, 0]), "greedy: its largest logit is NaN or inf")
     return torch.cat([input_ids, new[:, :n]], dim=-1)
 
 
