@@ -192,10 +192,28 @@ def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
     (["options.nn=2"], "options.nn: unknown key; did you mean 'n'?"),
     (["strategy=code_bugs"], "llm: strategy 'code_bugs' uses no language model; remove the llm section"),
     (["llm.kind=local"], "llm.path: required for kind 'local'"),
+    (["options.n=0"], "options: n: 0; it must be an integer >= 1"),  # asked nothing
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "augment-paraphrase.yaml", overrides)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("strategy, options, message", [
+    # chunk_chars 0: chunk_text looped for ever
+    ("summarize", "chunk_chars: 0", "options: chunk_chars: 0; it must be an integer >= 1"),
+    ("summarize", "max_levels: 0", "options: max_levels: 0; it must be an integer >= 1"),
+    ("instructions", "num: 0", "options: num: 0; it must be an integer >= 1"),
+    ("instructions", "seeds_per_prompt: 0", "options: seeds_per_prompt: 0; it must be an integer >= 1"),
+    ("instructions", "max_similarity: 1.5", "options: max_similarity: 1.5; a ROUGE-L F1 bound, in [0, 1]"),
+])
+def test_options_a_strategy_cannot_run_with_are_refused_at_load(tmp_path, strategy, options, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"command: augment\nstrategy: {strategy}\ndata: {{path: x.jsonl}}\noptions: {{{options}}}\n"
+                      "llm: {kind: openai, base_url: 'http://127.0.0.1:9/v1', model: m}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config, [])
     assert message in str(e.value)
 
 

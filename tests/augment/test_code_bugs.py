@@ -116,3 +116,12 @@ def test_per_snippet_takes_each_mutation_kind_in_turn():
     picked = list(code_bugs([Source("s:1", {"code": code})], Context(None), CodeBugsOptions(per_snippet=4)))
     assert sorted(c.extra["mutation"] for c in picked) == ["flip_comparison", "off_by_one", "removed_return",
                                                            "wrong_variable"]
+
+
+def test_no_mutation_kind_and_no_mutant_per_snippet_are_refused():
+    # mutations: [] fell through to mutants()' default and made every kind of bug (20 records on the bundled file)
+    with pytest.raises(ValueError, match="mutations: empty, so no bug would be made"):
+        CodeBugsOptions(mutations=[])
+    with pytest.raises(ValueError, match="per_snippet: 0; it must be an integer >= 1"):
+        CodeBugsOptions(per_snippet=0)
+    assert CodeBugsOptions(mutations=["off_by_one"], per_snippet=None).per_snippet is None

@@ -64,6 +64,14 @@ def _text(row: dict[str, Any], key: str, source: Source) -> str:
 
 # ------------------------------------------------------------------------------------------------ code_bugs
 
+def at_least(options: Any, **minimum: int) -> None:
+    """ValueError naming the first of `options`' integer fields below its minimum (None, where allowed, passes)."""
+    for key, low in minimum.items():
+        value = getattr(options, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{key}: {value!r}; it must be an integer >= {low}")
+
+
 @dataclass
 class CodeBugsOptions:
     field: str = "code"  # JSONL column holding the code (.py files: each top-level function / class)
@@ -79,6 +87,10 @@ class CodeBugsOptions:
             raise ValueError(f"mutations: unknown {bad}; valid: {', '.join(MUTATIONS)}")
         if self.output not in ("sft", "preference"):
             raise ValueError(f"output: {self.output!r}; choose sft or preference")
+        if not self.mutations:  # an empty list meant every mutation (mutants' default) without a word
+            raise ValueError(f"mutations: empty, so no bug would be made; name at least one of {', '.join(MUTATIONS)} "
+                             "(or leave the key out for all)")
+        at_least(self, per_snippet=1)
 
 
 def code_bugs(sources: list[Source], ctx: Context, opt: CodeBugsOptions) -> Iterator[Candidate]:
@@ -127,6 +139,9 @@ class ParaphraseOptions:
     template: str = ("Rewrite the following request in different words, keeping exactly its meaning. "
                      "Reply with the rewritten request only.\n\n{text}")
 
+    def __post_init__(self) -> None:
+        at_least(self, n=1)
+
 
 def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> Iterator[Candidate]:
     for src in sources:
@@ -149,6 +164,11 @@ class InstructionsOptions:
     template: str = ("Here are some example tasks:\n{examples}\n\nWrite one new task that is different from all of "
                      "these. Reply with the task only.")
     answer_template: str = "{task}"
+
+    def __post_init__(self) -> None:
+        at_least(self, num=1, seeds_per_prompt=1)
+        if not 0 <= self.max_similarity <= 1:
+            raise ValueError(f"max_similarity: {self.max_similarity!r}; a ROUGE-L F1 bound, in [0, 1]")
 
 
 def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) -> Iterator[Candidate]:
@@ -205,6 +225,9 @@ class SummarizeOptions:
     combine_template: str = ("Here are summaries of consecutive parts of one document. Write one summary of the "
                              "whole document.\n\n{text}")
     prompt_template: str = "Summarize the following text.\n\n{text}"  # the output record's prompt
+
+    def __post_init__(self) -> None:
+        at_least(self, chunk_chars=1, max_levels=1)  # chunk_text never ended with a size below 1
 
 
 def chunk_text(text: str, size: int) -> list[str]:
