@@ -417,16 +417,18 @@ def test_rows_that_ended_leave_the_batch(tiny_lm, tokenizer, monkeypatch):
     assert min(kept_widths[1:]) < len(prompts) and set(widths[1:]) == {len(prompts)}
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_non_finite_logits_stop_generation_naming_the_row(tiny_lm, tokenizer, do_sample):
+def test_non_finite_logits_stop_generation_naming_the_row(tiny_lm, tokenizer, do_sample, lean):
     """One inf in a weight makes every logit NaN. Greedy decoding picked the first NaN's index (argmax takes NaN as
     the largest value) and wrote those tokens as answers without a word; sampling stopped on a ValueError the CLI
-    called 'unexpected'. Both are NonFiniteLogitsError naming the first such row; finite rows still decode."""
+    called 'unexpected'. Both are NonFiniteLogitsError naming the first such row, in the lean loop and in the
+    model.generate fallback (lean=False: stop strings, ReFT); finite rows still decode."""
     model = tiny_lm("llama")
     cfg = SamplingConfig(max_new_tokens=4, do_sample=do_sample, temperature=1.0, num_samples=1)
-    assert len(generate_responses(model, tokenizer, PROMPTS[:2], cfg, lean=True)) == 2
+    assert len(generate_responses(model, tokenizer, PROMPTS[:2], cfg, lean=lean)) == 2
     with torch.no_grad():
         model.model.layers[-1].mlp.down_proj.weight[0, 0] = float("inf")
     how = "sampling" if do_sample else "greedy"
     with pytest.raises(NonFiniteLogitsError, match=f"row 0's next-token logits are not finite .{how}"):
-        generate_responses(model, tokenizer, PROMPTS[:2], cfg, lean=True)
+        generate_responses(model, tokenizer, PROMPTS[:2], cfg, lean=lean)

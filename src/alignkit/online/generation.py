@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
 from alignkit.adapters import unwrap_lm
 from alignkit.compat import cache_keyword
@@ -53,6 +54,7 @@ from alignkit.data.chat import format_record, resolved_formatter, turn_end_ids
 from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
+from alignkit.guards import NonFiniteLogitsError
 from alignkit.interventions.attach import ReftModel
 from alignkit.online.decode import (inference_context, lean_generate, lean_unsupported, preallocated_cache,
                                    sharded_over_processes)
@@ -161,6 +163,22 @@ def _generation_kwargs(cfg: SamplingConfig, tokenizer: Any, eos: list[int]) -> d
     if cfg.stop:
         out["tokenizer"] = tokenizer
     return out
+
+
+class NonFiniteWatch(LogitsProcessor):
+    """For `model.generate` (the fallback of `generate_responses`): stops the call on a row whose next-token scores
+    are NaN / +inf or all -inf, as the lean loop does. Greedy decoding would otherwise take argmax over NaN (the
+    first NaN's index) and write garbage as an answer; sampling would stop inside torch.multinomial with an error
+    that names no row. Warpers' -inf entries (top-k / top-p) are not flagged while one entry is finite."""
+
+    def __init__(self, do_sample: bool) -> None:
+        self.how = "sampling, model.generate" if do_sample else "greedy, model.generate"
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)  # (B,)
+        if bool(bad.any()):  # generate reads its stopping criteria every step too: no new kind of sync
+            raise NonFiniteLogitsError(int(bad.nonzero()[0, 0]), self.how)
+        return scores
 
 
 def check_sampler(cfg: SamplingConfig, why_not: str | None) -> None:
@@ -299,7 +317,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                         out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
                                             cache=extra.get(cache_keyword(model)), sampler=sampler)
                     else:
-                        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs)
+                        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
+                                             logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
                 new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
                 for (g, k), row in zip(chunk, new):
                     resp_ids, text, reason = finish_response(row, tokenizer, eos, cfg)
