@@ -74,7 +74,7 @@ from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_generation import refuse_unsupported, sampling_request
+from alignkit.online.vllm_generation import refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.packing import resolve_online_share_prompt
@@ -153,7 +153,6 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
             refuse_unsupported(adapter_of(model))
-            sampling_request(self.config.sampling, [], None)  # refuses transformers-only sampling keys now
             if self.config.vllm_mode == "server" and self.world > 1:
                 raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
                                  "each process would push its own weights to the one server; run it in one process "
