@@ -5,7 +5,9 @@
 One call = `generate_responses` on 8 prompts of the "small" scenario x num_samples, 32 new tokens, temperature 1
 (what one online step samples). Variants, interleaved call by call: `generate` (lean=False), `lean, model's
 mask` (the lean loop with generate's multinomial draws, the model building each step's attention mask), `lean`
-(a prepared 4D mask, multinomial draws), `lean, inverse cdf` (the default: the inverse-CDF sampler).
+(a prepared 4D mask, multinomial draws), `lean, inverse cdf, model's step` (the inverse-CDF sampler, every decode
+step the model's own forward: decode.FAST_STEP off), `lean, inverse cdf` (the default: the inverse-CDF sampler and
+the fast decode step, `online.fast_step`).
 Each call's CPU seconds (time.process_time, 1 thread); prints min and median per variant and the paired ratio
 generate / variant (median, min-max over the repeats). Checks first that every multinomial variant gives
 generate's tokens, and that the inverse-CDF variant gives as many tokens per call within 25 % (other draws).
@@ -53,11 +55,12 @@ def main() -> None:
     def call(variant: str, cfg: SamplingConfig):
         decode.PREPARED_MASK = variant != "lean, model's mask"
         decode.DROP_FINISHED = variant != "lean, inverse cdf, rows kept"
+        decode.FAST_STEP = variant != "lean, inverse cdf, model's step"
         if not variant.startswith("lean, inverse cdf"):
             cfg = replace(cfg, sampler="multinomial")
         return generate_responses(model, tok, prompts, cfg, batch_size=64, lean=variant != "generate")
 
-    variants = ["generate", "lean, model's mask", "lean", "lean, inverse cdf"]
+    variants = ["generate", "lean, model's mask", "lean", "lean, inverse cdf, model's step", "lean, inverse cdf"]
     stop_ids: list[int] = []
     if args.stop_tokens:
         variants.append("lean, inverse cdf, rows kept")
@@ -67,6 +70,7 @@ def main() -> None:
         cfg = SamplingConfig(num_samples=k, max_new_tokens=32, temperature=1.0, seed=1, stop_token_ids=stop_ids)
         toks = {v: [s.response_ids for s in call(v, cfg)] for v in variants}
         assert all(toks[v] == toks["generate"] for v in variants[:3]), "a multinomial variant sampled other tokens"
+        assert toks["lean, inverse cdf"] == toks["lean, inverse cdf, model's step"], "the fast step sampled other tokens"
         n_gen = {v: sum(map(len, t)) for v, t in toks.items()}
         assert all(abs(n_gen[v] - n_gen["generate"]) <= 0.25 * n_gen["generate"] for v in variants[3:]), n_gen
         cpu: dict[str, list[float]] = {v: [] for v in variants}
@@ -80,6 +84,10 @@ def main() -> None:
             ratios = [g / x for g, x in zip(cpu["generate"], cpu[v])]
             print(f"  {v:<20} min {min(cpu[v]) * 1e3:6.1f}  median {statistics.median(cpu[v]) * 1e3:6.1f}   "
                   f"generate / this: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        if "lean, inverse cdf, model's step" in cpu:
+            ratios = [a / b for a, b in zip(cpu["lean, inverse cdf, model's step"], cpu["lean, inverse cdf"])]
+            print(f"  fast decode step: model's step / fast step {statistics.median(ratios):.2f} "
+                  f"({min(ratios):.2f}-{max(ratios):.2f})")
     print(f"load average {__import__('os').getloadavg()}")
 
 

@@ -29,6 +29,15 @@ model's own next-token probabilities). With that sampler, and in one process, ro
 (their KV cache rows with them) once a quarter of the running rows has ended (`DROP_FRACTION`), so later steps
 run only the rows still generating; `generate` keeps running ended rows on pad tokens to the end.
 
+Decode step: with the inverse-CDF sampler, the one-token steps (not the prefill) run `fast_step.DecodeStep`, the
+model's own submodules in its modeling code's order without transformers' per-step Python (decorators, mask
+building, output dataclasses, attention dispatch): 15-25 % less CPU per generate call on the online suite's tiny
+Llama (bench/README.md, "Online decoding: a fast decode step"). Llama / Qwen2 / Mistral with sdpa attention only;
+`fast_step.fast_step_unsupported` names why not (debug log) and the step is then the model's forward. Its logits
+are the model's (bitwise on the families pinned in tests/compat/test_fast_decode_step.py), and the loop checks that
+at run time: the first fast step per model object and mask kind also runs the model's forward on the same cache
+and raises `FastStepMismatchError` past `fast_step.tolerance`. `FAST_STEP = False` turns it off.
+
 The KV cache (`preallocated_cache`): `PreallocatedLayer` keeps each layer's keys / values in one buffer sized
 for prompt + new tokens and writes each step's token in place; attention reads a view of the filled part (the
 same values and shapes as `DynamicLayer`'s `torch.cat`, which copies the whole cache every step).
@@ -39,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -54,11 +64,15 @@ from alignkit.adapters.base import unwrap_parallel
 from alignkit.compat import cache_keyword
 from alignkit.guards import NonFiniteLogitsError
 from alignkit.interventions.attach import ReftModel
+from alignkit.online.fast_step import DecodeStep, FastStepMismatchError, fast_step_unsupported, tolerance
 
 logger = logging.getLogger(__name__)
 PREPARED_MASK = True  # False: let the model build every step's mask (an A/B switch for bench/online_gen_ab.py)
 DROP_FINISHED = True  # False: finished rows stay in the batch (an A/B switch for bench/online_gen_ab.py)
 DROP_FRACTION = 0.25  # rows leave the batch once at least this share of the running rows has ended
+FAST_STEP = True  # False: every decode step is the model's own forward (an A/B switch; also the way out of the fast step)
+# (model, padded?) pairs whose fast step was checked against the model's own forward (`_checked_step`)
+_CHECKED: "weakref.WeakKeyDictionary[Any, set[bool]]" = weakref.WeakKeyDictionary()
 
 # generation-config fields `lean_generate` implements
 USED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id"}
@@ -329,14 +343,32 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     rows: torch.Tensor | None = None  # (B',) the original row of each running row, once some have left
     warp_ids = input_ids
     non_finite: torch.Tensor | None = None  # greedy (rows never leave): (B,) rows that picked a token from non-finite logits
+    # the one-token steps run `fast_step.DecodeStep` (the model's arithmetic without transformers' per-step Python)
+    # with the inverse-CDF sampler (multinomial / greedy keep the model's own forward: generate's exact tokens)
+    fast = None
+    if FAST_STEP and sample and sampler == "inverse_cdf" and n_new > 1:
+        why = fast_step_unsupported(model, cache)
+        if why is None:
+            fast = DecodeStep(model)
+        else:
+            logger.debug("lean_generate: decode steps use the model's own forward: %s", why)
+    fmask = None if mask is None or fast is None else mask.bool()[:, None, None, :]  # (B, 1, 1, T + n_new)
     for i in range(n_new):
         step_mask = (None if mask is None else mask4[..., :t + i] if mask4 is not None and step_ids.shape[1] == 1
                      else mask[:, :t + i])
-        out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
-                    return_dict=True, **{kw: cache}, **extra)
-        # generate copies these logits to float32 (no copy needed to read them: same values)
-        logits = out.logits[:, -1].to(dtype=torch.float32, device=dev)  # (B, V)
-        del out
+        if fast is not None and step_ids.shape[1] == 1:
+            fm = None if fmask is None else fmask[..., :t + i]
+            if (fmask is None) in _CHECKED.get(model, ()):
+                logits = fast(step_ids, step_pos, fm, cache)
+            else:
+                logits = _checked_step(model, fast, step_ids, step_pos, step_mask, fm, cache, kw, extra)
+            logits = logits.to(dtype=torch.float32, device=dev)  # (B, V)
+        else:
+            out = model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos, use_cache=True,
+                        return_dict=True, **{kw: cache}, **extra)
+            # generate copies these logits to float32 (no copy needed to read them: same values)
+            logits = out.logits[:, -1].to(dtype=torch.float32, device=dev)  # (B, V)
+            del out
         if sample:
             probs = torch.nn.functional.softmax(warp(warp_ids, logits), dim=-1)  # (B, V)
             nxt = (inverse_cdf_sample(probs) if sampler == "inverse_cdf"
@@ -367,6 +399,7 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                     cache.batch_select_indices(keep)
                     mask = None if mask is None else mask[keep]
                     mask4 = None if mask4 is None else mask4[keep]
+                    fmask = None if fmask is None else fmask[keep]
                     later_pos, warp_ids, nxt = later_pos[keep], warp_ids[keep], nxt[keep]
                     unfinished = unfinished[keep]
         step_ids = nxt[:, None]
@@ -374,6 +407,31 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     if non_finite is not None and bool(non_finite.any()):
         raise NonFiniteLogitsError(int(non_finite.nonzero()[0, 0]), "greedy: its largest logit is NaN or inf")
     return torch.cat([input_ids, new[:, :n]], dim=-1)
+
+
+def _checked_step(model: Any, fast: DecodeStep, ids: torch.Tensor, pos: torch.Tensor, step_mask: Any,
+                  fmask: torch.Tensor | None, cache: Any, kw: str, extra: dict[str, Any]) -> torch.Tensor:
+    """The fast step checked against the model's own forward on the same cache (once per model object and mask
+    kind): the model's forward first, its cache entries dropped, then the fast step; logits further apart than
+    `fast_step.tolerance` raise. -> the fast step's logits (B, V)."""
+    n = [layer.keys.shape[-2] for layer in cache.layers]
+    ref = model(input_ids=ids, attention_mask=step_mask, position_ids=pos, use_cache=True, return_dict=True,
+                **{kw: cache}, **extra).logits[:, -1]
+    for layer, m in zip(cache.layers, n):  # the step's keys / values leave the cache again
+        layer.keys, layer.values = layer.keys[..., :m, :], layer.values[..., :m, :]
+    got = fast(ids, pos, fmask, cache)
+    got32, ref32 = got.float(), ref.float()
+    same = (got32 == ref32) | (got32.isnan() & ref32.isnan())  # equal infinities / NaNs: the loop's own error follows
+    err = float((got32 - ref32).abs().masked_fill(same, 0).max())
+    scale = max(1.0, float(ref32.abs().nan_to_num(0.0, 0.0, 0.0).max()))
+    if not err <= tolerance(ref.dtype) * scale:  # NaN too
+        raise FastStepMismatchError(
+            f"lean_generate: the fast decode step of {type(unwrap_lm(model)).__name__} gives other logits than the "
+            f"model's own forward (max |difference| {err:.3g}, logits up to {scale:.3g}; {'padded' if fmask is not None else 'unpadded'} "
+            f"batch), so its samples would come from another model: set alignkit.online.decode.FAST_STEP = False or "
+            f"sampling.sampler: multinomial, and report it (alignkit/online/fast_step.py)")
+    _CHECKED.setdefault(model, set()).add(fmask is None)
+    return got
 
 
 __all__ = ["lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context", "preallocated_cache", "PreallocatedLayer",

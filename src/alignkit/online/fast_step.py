@@ -1,0 +1,168 @@
+"""A one-token decode step of our own for the Llama family (llama, qwen2, mistral), used by `decode.lean_generate`.
+
+    why = fast_step_unsupported(model, cache)        # None: `DecodeStep(model)` computes the model's own step
+    logits = DecodeStep(model)(ids, pos, mask4, cache)      # (B, V) float of the last (only) position
+
+At a one-token step of a small model about half of transformers' forward is Python around the arithmetic: three
+decorators and an output dataclass per forward, the causal mask built from the 2D mask, per-layer config lookups,
+the attention-interface dispatch, `GradientCheckpointingLayer.__call__`, `Cache.update`. `DecodeStep` does the
+same arithmetic with none of that: it calls the model's own submodules in the order the installed modeling code
+does (embed_tokens, the rotary module with its own rope scaling, per layer input_layernorm, q/k/v_proj, the
+family's `apply_rotary_pos_emb`, the cache layer's `update`, `F.scaled_dot_product_attention` with one query,
+o_proj, post_attention_layernorm, mlp; norm, lm_head on the one position). Submodules are called, not their raw
+weights: a peft LoRA / IA3 / ... layer that replaced q_proj (or any called module) applies as in the model's
+forward. The attention call is `sdpa_attention_forward`'s for one query: no mask (no padding) with `enable_gqa`,
+else the padding mask (B, 1, 1, L) with the query grouped per key/value head (`pack_gqa`).
+
+Where it applies (`fast_step_unsupported` names the first reason it does not, decided once per `lean_generate`
+call): a `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM` of the installed transformers (exact
+classes of its model, decoder layers and attention modules: a replaced module type means the step would not be
+the model's), sdpa attention, every layer full attention (no sliding window), eval mode, no hook on a module the
+step bypasses (the LM, its backbone, decoder layers, attention modules) and no global module hook, a
+`DynamicCache` of `DynamicLayer`s (or `decode.PreallocatedLayer`s) without offloading.
+
+Loudness: `lean_generate` checks the step once per model object and mask kind against the model's own forward
+(`check_step`): the first fast step of a call is also run through `model(...)` on the same cache, and logits that
+differ by more than `tolerance(dtype)` raise `FastStepMismatchError` naming the model class and the switch
+(`decode.FAST_STEP = False` / `SamplingConfig(sampler="multinomial")`). `tests/compat/test_fast_decode_step.py`
+pins the step against the installed transformers (tiny llama / qwen2 with bias / mistral, LoRA, left padding,
+rope scaling).
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from alignkit.adapters import unwrap_lm
+
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+
+
+class FastStepMismatchError(RuntimeError):
+    """The fast decode step's logits are not the model's own forward's (a modeling change it does not follow)."""
+
+
+def _family_module(lm: Any) -> Any:
+    mt = getattr(lm.config, "model_type", None)
+    if mt not in FAMILIES:
+        return None
+    return sys.modules.get(f"transformers.models.{mt}.modeling_{mt}")
+
+
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    mm = torch.nn.modules.module
+    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
+
+
+def fast_step_unsupported(model: Any, cache: Any) -> str | None:
+    """Why `DecodeStep` would not be the model's own one-token forward (None: it is, see the module docstring)."""
+    lm = unwrap_lm(model)
+    cfg = lm.config
+    mod = _family_module(lm)
+    if mod is None:
+        return f"model_type {getattr(cfg, 'model_type', None)!r} (the fast step knows {sorted(FAMILIES)})"
+    fam = FAMILIES[cfg.model_type]
+    if type(lm) is not getattr(mod, f"{fam}ForCausalLM", None):
+        return f"{type(lm).__name__} is not transformers' {fam}ForCausalLM"
+    base = getattr(lm, "model", None)
+    if type(base) is not getattr(mod, f"{fam}Model", None):
+        return f"its backbone {type(base).__name__} is not transformers' {fam}Model"
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r} (the fast step is sdpa's)"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "a layer that is not full attention (sliding window)"
+    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None) is not None:
+        return f"mistral sliding_window={cfg.sliding_window}"
+    if lm.training or model.training:
+        return "the model is in training mode (dropout)"
+    layers = list(base.layers[: cfg.num_hidden_layers])
+    for layer in layers:
+        if type(layer) is not getattr(mod, f"{fam}DecoderLayer", None):
+            return f"decoder layer {type(layer).__name__} is not transformers' {fam}DecoderLayer"
+        if type(layer.self_attn) is not getattr(mod, f"{fam}Attention", None):
+            return f"attention module {type(layer.self_attn).__name__} is not transformers' {fam}Attention"
+    if not callable(getattr(mod, "apply_rotary_pos_emb", None)):
+        return f"modeling_{cfg.model_type} has no apply_rotary_pos_emb"
+    if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in lm.parameters()):
+        return "sharded parameters (FSDP2 / ZeRO-3 gather them in hooks around the modules' forwards)"
+    bypassed = [model, lm, base, *layers, *(x.self_attn for x in layers)]
+    if any(_has_hooks(m) for m in bypassed) or _global_hooks():
+        return "a forward / backward hook on the model, its backbone, a decoder layer or attention module (or global)"
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
+        return f"cache {type(cache).__name__} (the fast step writes DynamicCache layers)"
+    from alignkit.online.decode import PreallocatedLayer
+    if len(cache.layers) != len(layers) or any(type(x) not in (DynamicLayer, PreallocatedLayer) for x in cache.layers):
+        return "a cache layer that is not a full-attention DynamicLayer"
+    return None
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Largest |fast - model| accepted per logit, relative to max(1, max |model logit|): 64 units of the dtype's
+    rounding (float32: 7.6e-6; bfloat16: 0.5). A wrong rotary / mask / cache position moves logits far more."""
+    return 64 * torch.finfo(dtype).eps
+
+
+def _direct(m: torch.nn.Module) -> Any:
+    """What calling `m` computes, without `Module.__call__`'s hook bookkeeping: a plain `nn.Linear` becomes
+    `F.linear` on its own parameters (read now: a `DecodeStep` lives for one `lean_generate` call), any other
+    module its bound `forward`; a module with hooks stays the module (its hooks run)."""
+    if _has_hooks(m) or _global_hooks():
+        return m
+    if type(m) is torch.nn.Linear:
+        return partial(F.linear, weight=m.weight, bias=m.bias)
+    return m.forward
+
+
+class DecodeStep:
+    """The model's one-token forward without transformers' per-step Python (see the module docstring). Made per
+    `lean_generate` call (it holds the modules' parameters of that moment)."""
+
+    def __init__(self, model: Any):
+        lm = unwrap_lm(model)
+        base = lm.model
+        self.embed, self.rotary, self.norm, self.head = (_direct(base.embed_tokens), _direct(base.rotary_emb),
+                                                         _direct(base.norm), _direct(lm.lm_head))
+        self.layers = [(_direct(x.input_layernorm), _direct(x.self_attn.q_proj), _direct(x.self_attn.k_proj),
+                        _direct(x.self_attn.v_proj), _direct(x.self_attn.o_proj), _direct(x.post_attention_layernorm),
+                        _direct(x.mlp), x.self_attn.head_dim, x.self_attn.num_key_value_groups, x.self_attn.scaling)
+                       for x in base.layers[: lm.config.num_hidden_layers]]
+        self.rope = _family_module(lm).apply_rotary_pos_emb
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
+        """ids, pos (B, 1); mask: None (no padding) or bool (B, 1, 1, L) over the cached positions and this one.
+        -> (B, V) logits of the step (the model's dtype), after writing its keys / values into `cache`."""
+        h = self.embed(ids)  # (B, 1, D)
+        cos, sin = self.rotary(h, pos)  # (B, 1, hd) each, the model's rope (scaling included)
+        b = h.shape[0]
+        rope, sdpa = self.rope, F.scaled_dot_product_attention
+        for layer, (ln1, qp, kp, vp, op, ln2, mlp, hd, groups, scale) in zip(cache.layers, self.layers):
+            x = ln1(h)
+            q = qp(x).view(b, 1, -1, hd).transpose(1, 2)  # (B, H, 1, hd)
+            k = kp(x).view(b, 1, -1, hd).transpose(1, 2)  # (B, Hkv, 1, hd)
+            v = vp(x).view(b, 1, -1, hd).transpose(1, 2)
+            q, k = rope(q, k, cos, sin)
+            k, v = layer.update(k, v)  # (B, Hkv, L, hd)
+            if groups > 1 and mask is None:
+                o = sdpa(q, k, v, scale=scale, enable_gqa=True)
+            else:
+                if groups > 1:  # one query: the query heads of a key/value head become its "positions"
+                    q = q.reshape(b, q.shape[1] // groups, groups, hd)
+                o = sdpa(q, k, v, attn_mask=mask, scale=scale)
+            h = h + op(o.reshape(b, -1, 1, hd).transpose(1, 2).reshape(b, 1, -1))  # (B, 1, H * hd)
+            h = h + mlp(ln2(h))
+        return self.head(self.norm(h))[:, -1]
+
+
+__all__ = ["DecodeStep", "FastStepMismatchError", "fast_step_unsupported", "tolerance", "FAMILIES"]
