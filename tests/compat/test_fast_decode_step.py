@@ -4,7 +4,7 @@ llama / qwen2 (q/k/v bias) / mistral configs, with and without a peft LoRA adapt
 batches, with rope scaling (linear, llama3). Tolerance: `fast_step.tolerance(float32)` = 64 float32 epsilons
 (7.6e-6) x max(1, max |logit|); the models are initialised with a large spread (initializer_range 0.5) so that a
 rotary, mask or cache-position mistake moves the logits by orders of magnitude more (checked: applying the rotary
-to the query only, or skipping the padding mask, fails every case)."""
+to the queries only fails every case, skipping the padding mask every padded case)."""
 
 from __future__ import annotations
 
