@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config
 
 from alignkit.compat import cache_keyword
-from alignkit.online.decode import preallocated_cache
+from alignkit.online.decode import CACHE_LAYERS, preallocated_cache
 from alignkit.online.fast_step import DecodeStep, fast_step_unsupported, tolerance
 
 from .guards import check, guard
@@ -60,8 +60,8 @@ def _steps(model, ids, mask, fast: bool):
     padded = bool((mask == 0).any())
     step = DecodeStep(model) if fast else None
     if fast:
-        check(fast_step_unsupported(model, cache) is None, TF, "the fast step refuses a plain model of its family "
-              f"({fast_step_unsupported(model, cache)})", WHERE)
+        check(fast_step_unsupported(model, cache, CACHE_LAYERS) is None, TF, "the fast step refuses a plain model of its family "
+              f"({fast_step_unsupported(model, cache, CACHE_LAYERS)})", WHERE)
     out = []
     for i, tok in enumerate([7, 11, 13]):
         x = torch.full((b, 1), tok)

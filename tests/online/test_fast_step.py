@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 import alignkit.online.decode as decode
 import alignkit.online.fast_step as fast_step
-from alignkit.online.decode import lean_generate, preallocated_cache
+from alignkit.online.decode import CACHE_LAYERS, lean_generate, preallocated_cache
 from alignkit.online.fast_step import FastStepMismatchError, fast_step_unsupported
 
 ROWS = [[5, 6, 7, 8, 9], [11, 12, 13], [5, 6, 7, 8, 9], [21, 22, 23, 24]]
@@ -47,7 +47,7 @@ def test_fast_step_samples_what_the_models_own_forward_samples(tiny_lm, arch, mo
     from peft import LoraConfig, get_peft_model
 
     model = tiny_lm(arch)
-    assert fast_step_unsupported(model, preallocated_cache(model, 8)) is None
+    assert fast_step_unsupported(model, preallocated_cache(model, 8), CACHE_LAYERS) is None
     with torch.no_grad():
         eos = int(model(input_ids=IDS[:1], attention_mask=MASK[:1]).logits[0, -1].argmax())  # a likely token
     calls = _count_steps(monkeypatch)
@@ -113,9 +113,11 @@ def test_the_fast_step_stays_out_where_it_does_not_apply(tiny_lm, tiny_dir, monk
     hooked.model.layers[0].register_forward_hook(lambda *a: None)
     cache = preallocated_cache(hooked, 8)
     assert "model_type 'gpt2'" in fast_step_unsupported(tiny_lm("gpt2"), preallocated_cache(tiny_lm("gpt2"), 8))
-    assert "attention implementation 'eager'" in fast_step_unsupported(eager, cache)
-    assert "hook" in fast_step_unsupported(hooked, cache)
+    assert "attention implementation 'eager'" in fast_step_unsupported(eager, cache, CACHE_LAYERS)
+    assert "hook" in fast_step_unsupported(hooked, cache, CACHE_LAYERS)
     assert "training mode" in fast_step_unsupported(tiny_lm("llama").train(), cache)
+    plain = tiny_lm("llama")  # a cache layer class the caller did not name (here PreallocatedLayer)
+    assert "cache layer" in fast_step_unsupported(plain, preallocated_cache(plain, 8))
     with caplog.at_level(logging.DEBUG, logger="alignkit.online.decode"):
         for m in (tiny_lm("gpt2"), eager, hooked):
             _generate(m, True, monkeypatch)

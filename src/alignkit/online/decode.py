@@ -140,6 +140,9 @@ class PreallocatedLayer(DynamicLayer):
             super().batch_select_indices(indices)
 
 
+CACHE_LAYERS = (DynamicLayer, PreallocatedLayer)  # the cache layers lean_generate writes (fast_step_unsupported)
+
+
 def preallocated_cache(model: Any, capacity: int) -> DynamicCache:
     """`DynamicCache(config=...)` of the model, with `PreallocatedLayer`s of `capacity` positions in place of its
     full-attention `DynamicLayer`s (a cache with other layer types, e.g. sliding windows, is returned as is)."""
@@ -347,7 +350,7 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     # with the inverse-CDF sampler (multinomial / greedy keep the model's own forward: generate's exact tokens)
     fast = None
     if FAST_STEP and sample and sampler == "inverse_cdf" and n_new > 1:
-        why = fast_step_unsupported(model, cache)
+        why = fast_step_unsupported(model, cache, CACHE_LAYERS)
         if why is None:
             fast = DecodeStep(model)
         else:

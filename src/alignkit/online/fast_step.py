@@ -1,6 +1,6 @@
 """A one-token decode step of our own for the Llama family (llama, qwen2, mistral), used by `decode.lean_generate`.
 
-    why = fast_step_unsupported(model, cache)        # None: `DecodeStep(model)` computes the model's own step
+    why = fast_step_unsupported(model, cache, layer_types)   # None: `DecodeStep(model)` computes the model's own step
     logits = DecodeStep(model)(ids, pos, mask4, cache)      # (B, V) float of the last (only) position
 
 At a one-token step of a small model about half of transformers' forward is Python around the arithmetic: three
@@ -66,8 +66,10 @@ def _global_hooks() -> bool:
                 or mm._global_backward_pre_hooks)
 
 
-def fast_step_unsupported(model: Any, cache: Any) -> str | None:
-    """Why `DecodeStep` would not be the model's own one-token forward (None: it is, see the module docstring)."""
+def fast_step_unsupported(model: Any, cache: Any, layer_types: tuple[type, ...] = (DynamicLayer,)) -> str | None:
+    """Why `DecodeStep` would not be the model's own one-token forward (None: it is, see the module docstring).
+    `layer_types`: the cache layer classes whose `update` is a full-attention DynamicLayer's (`lean_generate`
+    adds its `PreallocatedLayer`)."""
     lm = unwrap_lm(model)
     cfg = lm.config
     mod = _family_module(lm)
@@ -102,8 +104,7 @@ def fast_step_unsupported(model: Any, cache: Any) -> str | None:
         return "a forward / backward hook on the model, its backbone, a decoder layer or attention module (or global)"
     if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
         return f"cache {type(cache).__name__} (the fast step writes DynamicCache layers)"
-    from alignkit.online.decode import PreallocatedLayer
-    if len(cache.layers) != len(layers) or any(type(x) not in (DynamicLayer, PreallocatedLayer) for x in cache.layers):
+    if len(cache.layers) != len(layers) or any(type(x) not in layer_types for x in cache.layers):
         return "a cache layer that is not a full-attention DynamicLayer"
     return None
 
