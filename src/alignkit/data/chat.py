@@ -9,7 +9,7 @@ tokenizer then does not append EOS by default; see `tokenize.TokenizeConfig.add_
 
 | name            | for                      | text                                                         |
 |-----------------|--------------------------|--------------------------------------------------------------|
-| "chat-template" | conversations (or text, wrapped as one user turn) | `tokenizer.apply_chat_template`     |
+| "chat-template" | conversations (or text, wrapped as one user turn) | `tokenizer.apply_chat_template` (`fast_chat_rendering`: the same text, rendered directly) |
 | "oasst"         | both                     | `<|prompter|>q<eos><|assistant|>a<eos>` (Open-Assistant)    |
 | "plain"         | plain-text records       | prompt + completion, verbatim                                |
 | "auto"          | -                        | "chat-template" for conversations, "plain" for text          |
@@ -29,9 +29,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from alignkit.data.records import Completion, DataError, Message, Prompt
 
@@ -74,9 +76,83 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
                         f"tokenizer.chat_template, or use formatter='oasst' or plain-text records")
     check_generation_prompt(tokenizer)
     p, c = as_messages(prompt, completion)
-    prompt_text = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(p + c, tokenize=False) if c else None
+    renderer = _RENDERER.get()
+    render = renderer.render if renderer is not None and renderer.serves(tokenizer, p + c) else _apply_chat_template
+    prompt_text = render(tokenizer, p, True)
+    full = render(tokenizer, p + c, False) if c else None
     return Formatted(prompt_text, full, add_special_tokens=False, ends_turn=True)
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+_PROBES = ([{"role": "user", "content": "Hi there"}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}],
+           [{"role": "user", "content": "q"}, {"role": "assistant", "content": " a <b>&amp;\n"}])
+
+
+class _Renderer:
+    """One tokenizer's chat template compiled once and rendered directly, for many records.
+
+    `tokenizer.apply_chat_template(messages, tokenize=False)` spends most of its time around the render (template
+    lookup, copying and normalising every message, the compile cache); for our records (plain {"role": str,
+    "content": str} dicts) all of that is the identity, and what remains is transformers' compiled template
+    (`chat_template_utils._compile_jinja_template`: its sandboxed environment with `raise_exception`, `tojson`,
+    `namespace`, ...) rendered with `messages`, `tools=None`, `documents=None`, `add_generation_prompt` and the
+    tokenizer's special tokens, as `render_jinja_template` does. This depends on transformers internals, so it is
+    only used when proven equal: the renderer is built only if it renders probe conversations exactly as
+    `apply_chat_template` does (tests/compat/test_chat_render.py pins a table of templates), and only for a
+    single-string template, a non-empty conversation of plain messages; anything else goes to
+    `apply_chat_template`. Built per `fast_chat_rendering` block, during which the tokenizer must not change."""
+
+    def __init__(self, tokenizer: Any, template: str, compiled: Any):
+        self.tokenizer, self.template, self.compiled = tokenizer, template, compiled
+        self.specials = {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                         for k, v in tokenizer.special_tokens_map.items()}
+
+    @classmethod
+    def build(cls, tokenizer: Any) -> "_Renderer | None":
+        template = getattr(tokenizer, "chat_template", None)
+        if not isinstance(template, str):
+            return None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            renderer = cls(tokenizer, template, _compile_jinja_template(template))
+            for conv in _PROBES:
+                for gen in (True, False):
+                    if renderer.render(tokenizer, conv, gen) != _apply_chat_template(tokenizer, conv, gen):
+                        logger.debug("compiled chat template renders differently from apply_chat_template")
+                        return None
+        except Exception as e:  # noqa: BLE001 - transformers moved, or the template rejects a probe: no fast path
+            logger.debug("chat template not rendered directly (%s): using apply_chat_template", e)
+            return None
+        return renderer
+
+    def serves(self, tokenizer: Any, messages: list[Message]) -> bool:
+        return (tokenizer is self.tokenizer and tokenizer.chat_template is self.template and bool(messages)
+                and all(type(m) is dict and len(m) == 2 and type(m.get("role")) is str
+                        and type(m.get("content")) is str for m in messages))
+
+    def render(self, tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+        return self.compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+                                    add_generation_prompt=add_generation_prompt, **self.specials)
+
+
+_RENDERER: ContextVar[_Renderer | None] = ContextVar("alignkit_chat_renderer", default=None)
+
+
+@contextmanager
+def fast_chat_rendering(tokenizer: Any) -> Iterator[None]:
+    """Within this block the "chat-template" formatter renders `tokenizer`'s template directly (`_Renderer`), with
+    exactly `apply_chat_template`'s text; the tokenizer (its template, special tokens) must not change inside."""
+    token = _RENDERER.set(_Renderer.build(tokenizer) if getattr(tokenizer, "chat_template", None) else None)
+    try:
+        yield
+    finally:
+        _RENDERER.reset(token)
 
 
 _HEADER_PROBE = "alignkitAssistantProbe"

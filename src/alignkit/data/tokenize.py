@@ -46,14 +46,15 @@ import logging
 import os
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from alignkit.data import chat
 from alignkit.data import records as records_module
-from alignkit.data.chat import Formatted, format_record
+from alignkit.data.chat import Formatted, fast_chat_rendering, format_record
 from alignkit.data.records import (
     Completion, DataError, PreferenceRecord, Prompt, PromptRecord, RankedRecord, Record, SFTRecord, UnpairedRecord,
 )
@@ -152,41 +153,161 @@ def _completions(record: Record) -> list[Completion | None]:
 
 
 def _prefetch(records: list[Record], tokenizer: Any, cfg: TokenizeConfig, batch: _Batch) -> None:
-    """Format every record of the chunk and tokenize all the texts in batched calls."""
+    """Format every record of the chunk and tokenize all its distinct texts in batched calls. A chat prompt that is
+    a string prefix of its full text is derived from the full text's encoding (`_derive_prompts`) instead of being
+    encoded again, wherever that provably gives the same ids."""
     wanted: dict[bool, dict[str, None]] = {True: {}, False: {}}
+    derivable: dict[str, str] = {}  # prompt text -> a full text it is a string prefix of (add_special_tokens=False)
     for r in records:
         try:
             for c in _completions(r):
                 f = _format(r.prompt, c, tokenizer, cfg.formatter)
-                for text in (f.prompt, f.full):
-                    if text is not None and (text, f.add_special_tokens) not in batch.ids:
-                        wanted[f.add_special_tokens][text] = None
+                flag = f.add_special_tokens
+                if f.full is not None and (f.full, flag) not in batch.ids:
+                    wanted[flag][f.full] = None
+                if (f.prompt, flag) in batch.ids:
+                    continue
+                if not flag and f.full is not None and f.full.startswith(f.prompt):
+                    derivable.setdefault(f.prompt, f.full)
+                else:
+                    wanted[flag][f.prompt] = None
         except DataError:
             continue  # raised again, with its record, by tokenize_record
-    for flag, texts in wanted.items():
-        if texts:
+    for p in [p for p in derivable if p in wanted[False]]:
+        del derivable[p]  # encoded anyway
+    with _rust_threads(sum(map(len, wanted.values())) + len(derivable)):
+        for flag, texts in wanted.items():
+            if not texts:
+                continue
             texts = list(texts)
-            for text, ids in zip(texts, _encode_many(tokenizer, texts, flag)):
+            encodings = _backend_encode(tokenizer, texts, flag, offsets=not flag and bool(derivable))
+            all_ids = [e.ids for e in encodings] if encodings is not None else _wrapper_encode(tokenizer, texts, flag)
+            for text, ids in zip(texts, all_ids):
                 batch.ids[(text, flag)] = ids
+            if not flag and encodings is not None and derivable:
+                derived = _derive_prompts(tokenizer, derivable, dict(zip(texts, encodings)), dict(zip(texts, all_ids)))
+                for p, ids in derived.items():
+                    batch.ids[(p, False)] = ids
+        rest = [p for p in derivable if (p, False) not in batch.ids]
+        if rest:
+            for text, ids in zip(rest, _encode_many(tokenizer, rest, False)):
+                batch.ids[(text, False)] = ids
+
+
+PARALLEL_MIN = 1024  # texts in one backend call worth the tokenizer's Rust thread pool
+_FALSY = ("", "off", "false", "f", "no", "n", "0")  # what `tokenizers` reads as TOKENIZERS_PARALLELISM off
+
+
+@contextmanager
+def _rust_threads(n_texts: int) -> Iterator[None]:
+    """Let the fast tokenizer's batched encode use every core for a batch of >= PARALLEL_MIN texts.
+
+    `tokenizers` reads TOKENIZERS_PARALLELISM at every batched call; alignkit's CLI sets it to "false" so that
+    DataLoader workers forked later never touch a Rust thread pool made before the fork. This turns it on for the
+    duration of our own batched encodes only (in this process, before any worker exists) and restores it after,
+    so the workers still see "false". Unset already means on; nothing to do then."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    if n_texts < PARALLEL_MIN or (os.cpu_count() or 1) < 2 or old is None or old.strip().lower() not in _FALSY:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _anchors(tokenizer: Any) -> dict[int, str]:
+    """Added tokens a chat prompt can be cut after (`_derive_prompts`): id -> content, for those matched in the raw
+    text before normalisation (`normalized=False`) with no whitespace stripping or word-boundary rule; {} when the
+    backend's model is not deterministic (BPE dropout) or the added tokens cannot be read."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        if getattr(backend.model, "dropout", None) not in (None, 0, 0.0):
+            return {}
+        return {i: t.content for i, t in backend.get_added_tokens_decoder().items()
+                if t.content and not (t.normalized or t.lstrip or t.rstrip or t.single_word)}
+    except Exception:  # noqa: BLE001 - no such API: no derivation, every prompt is encoded
+        return {}
+
+
+def _derive_prompts(tokenizer: Any, derivable: dict[str, str], full_enc: dict[str, Any],
+                    full_ids: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Ids of chat prompts read off their full text's encoding instead of encoding the prompt again.
+
+    `tokenizers` first splits the text on added tokens matched in the raw text (leftmost-longest), then
+    normalises, pre-tokenises and runs the model on each piece between them independently; with
+    add_special_tokens=False nothing is added around. Let P be a prompt that is a string prefix of its full text F,
+    and X the last anchor added token (`_anchors`) whose text lies inside P, at P[s:e]. If F's encoding has X as
+    its token j spanning exactly F[s:e], then P splits the same way up to X (P's candidate matches are a subset of
+    F's, and X's match was leftmost-longest in F), so encode(P) = F's ids[:j+1] + the ids of the piece P[e:] as it
+    follows X, which is what encode(X + P[e:]) gives after its first token (checked to be X spanning X). A chat
+    template's generation prompt follows its last added token, so the re-encoded tail is short ("assistant\n").
+    Prompts without such an anchor are left out (the caller encodes them). As a guard, the first few derived
+    prompts of every call are also encoded directly and a single difference drops the derivation for the call."""
+    anchors = _anchors(tokenizer)
+    if not anchors:
+        return {}
+    by_content = {c: i for i, c in anchors.items()}
+    cuts: dict[str, tuple[list[int], int, str]] = {}  # prompt -> (F's ids up to and with X, X's id, X + P[e:])
+    for p, full in derivable.items():
+        enc, ids = full_enc.get(full), full_ids.get(full)
+        if enc is None or ids is None:
+            continue
+        at, x = max((p.rfind(c), c) for c in by_content)  # the last anchor's text inside P
+        if at < 0:
+            continue
+        j = enc.char_to_token(at)
+        if j is not None and ids[j] == by_content[x] and tuple(enc.token_to_chars(j)) == (at, at + len(x)):
+            cuts[p] = (ids[:j + 1], ids[j], x + p[at + len(x):])
+    if not cuts:
+        return {}
+    tails = list(dict.fromkeys((x, t) for _, x, t in cuts.values()))
+    tail_enc = _backend_encode(tokenizer, [t for _, t in tails], False)
+    if tail_enc is None:
+        return {}
+    tail_ids = {(x, t): enc.ids[1:] for (x, t), enc in zip(tails, tail_enc)
+                if enc.ids and enc.ids[0] == x and enc.offsets[0] == (0, len(anchors[x]))}
+    out = {p: head + tail_ids[(x, t)] for p, (head, x, t) in cuts.items() if (x, t) in tail_ids}
+    sample = list(out)[:4]
+    if sample and [out[p] for p in sample] != [e.ids for e in _backend_encode(tokenizer, sample, False) or []]:
+        logger.debug("prompt ids read off the full text differ from encoding the prompt; encoding every prompt")
+        return {}
+    return out
+
+
+def _backend_encode(tokenizer: Any, texts: list[str], add_special_tokens: bool,
+                    offsets: bool = True) -> list[Any] | None:
+    """The fast tokenizer's Rust backend encodings of `texts` (`backend_tokenizer.encode_batch`, public API of
+    `tokenizers`: it skips the wrapper's per-text Python conversion; `encode_batch_fast`, the same without
+    character offsets, when `offsets` is False), or None when there is no backend or its ids differ from the
+    wrapper's (`tokenizer(text, add_special_tokens=...)`) on the first texts of the call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    encode_batch = backend.encode_batch if offsets else getattr(backend, "encode_batch_fast", backend.encode_batch)
+    try:
+        encodings = encode_batch(texts, add_special_tokens=add_special_tokens)
+    except Exception:  # noqa: BLE001 - any backend trouble: the wrapper is the reference path
+        return None
+    if all(encodings[i].ids == list(tokenizer(texts[i], add_special_tokens=add_special_tokens)["input_ids"])
+           for i in range(min(len(texts), 8))):
+        return encodings
+    logger.debug("the tokenizer's backend disagrees with its wrapper; tokenizing through the wrapper")
+    return None
+
+
+def _wrapper_encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    return [list(x) for x in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
 def _encode_many(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    """Token ids of `texts`, as `tokenizer(text, add_special_tokens=...)` gives them one at a time. A fast
-    tokenizer's Rust backend (`backend_tokenizer.encode_batch`, public API of `tokenizers`) skips the
-    wrapper's per-text Python conversion; its ids are checked against the wrapper on the first texts of
-    every batch, and the wrapper's batched call is used whenever they differ."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch"):
-        try:
-            fast = [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        except Exception:  # noqa: BLE001 - any backend trouble: the wrapper below is the reference path
-            fast = None
-        if fast is not None and all(
-                fast[i] == list(tokenizer(texts[i], add_special_tokens=add_special_tokens)["input_ids"])
-                for i in range(min(len(texts), 8))):
-            return fast
-        logger.debug("the tokenizer's backend disagrees with its wrapper; tokenizing through the wrapper")
-    return [list(x) for x in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    """Token ids of `texts`, as `tokenizer(text, add_special_tokens=...)` gives them one at a time (the backend's
+    batch when it agrees with the wrapper, else the wrapper's batched call)."""
+    encodings = _backend_encode(tokenizer, texts, add_special_tokens, offsets=False)
+    if encodings is not None:
+        return [e.ids for e in encodings]
+    return _wrapper_encode(tokenizer, texts, add_special_tokens)
 
 
 def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: TokenizeConfig,
@@ -211,8 +332,8 @@ def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: T
                 f"its whitespace (or use a chat template / conversational records)")
         comp = full[n:]
         add_eos = cfg.add_eos if cfg.add_eos is not None else not f.ends_turn
-        eos = tokenizer.eos_token_id
-        if add_eos and eos is not None and (not comp or comp[-1] != eos):
+        eos = tokenizer.eos_token_id if add_eos else None
+        if eos is not None and (not comp or comp[-1] != eos):
             comp.append(eos)
         outs.append(comp)
     return prompt_ids or [], outs
@@ -403,7 +524,8 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
         batch = _Batch()
         token = _BATCH.set(batch)
         try:
-            _prefetch(chunk, tokenizer, cfg, batch)
+            with fast_chat_rendering(tokenizer):
+                _prefetch(chunk, tokenizer, cfg, batch)
             for r in chunk:
                 try:
                     out.append(tokenize_record(r, tokenizer, cfg, stats))
