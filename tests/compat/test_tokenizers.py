@@ -87,3 +87,38 @@ def test_backend_encode_batch_equals_the_wrapper(tokenizer):
         check(fast == slow, "tokenizers", f"the backend's encode_batch ids differ from the transformers wrapper's "
               f"(add_special_tokens={special}): batched tokenization falls back to the slow path", where,
               f"{fast} vs {slow}")
+
+
+def test_added_tokens_split_the_text_into_independent_pieces(tokenizer):
+    """Chat prompt ids are read off the full text's encoding up to the last added token inside the prompt, plus
+    the tail re-encoded after that token (`_derive_prompts`). That rests on `tokenizers` splitting the raw text on
+    added tokens first and encoding the pieces between them independently, on `Encoding.char_to_token` /
+    `token_to_chars` and on the `AddedToken` flags from `get_added_tokens_decoder()`; `encode_batch_fast` must give
+    `encode_batch`'s ids."""
+    where = "alignkit/data/tokenize.py:_derive_prompts, _anchors, _backend_encode"
+    backend = tokenizer.backend_tokenizer
+    with guard("tokenizers", "get_added_tokens_decoder() / AddedToken flags changed", where):
+        added = {t.content: (i, t.normalized, t.lstrip, t.rstrip, t.single_word)
+                 for i, t in backend.get_added_tokens_decoder().items()}
+    check(added.get("<|im_start|>", (None,))[1:] == (False, False, False, False), "tokenizers",
+          "the tiny tokenizer's <|im_start|> no longer reads as a raw-text added token", where, str(added))
+    head, tail = "<|im_start|>user\nhi there<|im_end|>\n", "<|im_start|>assistant\n"
+    for full in (head + tail + "ok<|im_end|>\n", head + tail + " a space", head + tail):
+        prompt = head + tail
+        with guard("tokenizers", "Encoding.char_to_token / token_to_chars failed", where):
+            enc = backend.encode_batch([full], add_special_tokens=False)[0]
+            j = enc.char_to_token(len(head))
+            span = tuple(enc.token_to_chars(j))
+        check(span == (len(head), len(head) + len("<|im_start|>")) and enc.ids[j] == added["<|im_start|>"][0],
+              "tokenizers", "char_to_token/token_to_chars no longer locate an added token by its characters", where,
+              f"{span}, {enc.ids[j]}")
+        alone = backend.encode(prompt, add_special_tokens=False).ids
+        after = backend.encode(tail, add_special_tokens=False).ids
+        check(alone == enc.ids[:j] + after, "tokenizers", "the pieces around an added token are no longer encoded "
+              "independently (prompt ids != the full text's ids up to the token + the tail's)", where,
+              f"{alone} vs {enc.ids[:j]} + {after}")
+    texts = ["Hello! How can I help you today?", head + tail, " leading space", ""]
+    with guard("tokenizers", "encode_batch_fast failed", where):
+        fast = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+    check(fast == [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)], "tokenizers",
+          "encode_batch_fast ids differ from encode_batch's", where)

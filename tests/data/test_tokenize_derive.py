@@ -16,7 +16,13 @@ from transformers import PreTrainedTokenizerFast
 import alignkit.data.tokenize as tk
 from alignkit.data.chat import format_record
 from alignkit.data.records import PreferenceRecord, PromptRecord, RankedRecord, SFTRecord
-from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
+from alignkit.data.tokenize import TokenizeConfig, tokenize_records
+
+from .test_tokenize_batched import one_at_a_time as _one_at_a_time
+
+
+def one_at_a_time(records, tokenizer, cfg):
+    return _one_at_a_time(records, tokenizer, cfg)[0]
 
 CHATML_GEN_AT_TOKEN = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant|>' }}{% else %}"
                        "{{ '<|im_start|>' + m['role'] + '\n' }}{% endif %}{{ m['content'] + '<|im_end|>\n' }}"
@@ -60,16 +66,6 @@ def conversations():
         PromptRecord(prompt=sys_user[1:], id="prompt-only"),
         SFTRecord(prompt="plain text prompt\n", completion=" plain answer", id="plain"),
     ]
-
-
-def one_at_a_time(records, tokenizer, cfg):
-    stats, out = TokenizeStats(total=len(records)), []
-    for r in records:
-        try:
-            out.append(tokenize_record(r, tokenizer, cfg, stats))
-        except Unfit as e:
-            stats.drop(e.reason, r.id)
-    return out
 
 
 def tokenizers_under_test(tokenizer):
