@@ -6,8 +6,10 @@ records, same tokenizer).
 
 Records: half plain-text prompt/completion SFT rows, half chat rows (a user turn and an assistant turn through
 the tiny tokenizer's ChatML template). Reports wall and CPU seconds per run (CPU time is what a busy shared
-machine does not distort), their medians and the paired ratios; checks both paths give identical features.
-`TOKENIZERS_PARALLELISM=false` by default (set it to true to let the Rust batch use every core).
+machine does not distort; it counts the Rust encoder's threads too), their medians and the paired ratios; checks
+both paths give identical features. `TOKENIZERS_PARALLELISM=false` by default, as the CLI sets it: the old path
+never used threads, and `tokenize_records` turns them on for its own batches of >= 1,024 texts (restoring the
+setting after).
 """
 
 from __future__ import annotations
