@@ -35,6 +35,8 @@ ALLOWED = {
     ("cli/demo.py", "alignkit.demos"): "`alignkit demo --help` " + STARTUP,
     ("cli/demo.py", "torch"): "`alignkit demo --help` " + STARTUP,
     ("cli/demo.py", "transformers"): "`alignkit demo --help` " + STARTUP,
+    ("data/chat.py", "transformers"): "chat.py is imported on torch-free paths (runs.py, cli/models.py); transformers' "
+                                      "compiled chat template is needed only when records are tokenized",
     ("cli/serve.py", "alignkit.serve"): "`alignkit serve --help` " + STARTUP,
     ("cli/serve.py", "alignkit.models.tiny"): "`alignkit serve --help` " + STARTUP,
     ("cli/serve.py", "torch"): "`alignkit serve --help` " + STARTUP,
