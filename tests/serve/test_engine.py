@@ -284,6 +284,29 @@ def test_an_adapter_trained_on_another_base_is_refused_at_load(serve_dirs, tmp_p
         load_stack(other, {"terse": serve_dirs["adapters"]["terse"]})
 
 
+@pytest.mark.parametrize("kind,part,value", [("lora", "lora_B", float("nan")), ("reft", "interventions", float("inf")),
+                                              ("reft+lora", "lora_A", float("-inf"))])
+def test_an_adapter_with_non_finite_weights_is_refused_at_load(serve_dirs, tmp_path, kind, part, value):
+    """One NaN / inf in a served adapter's weights made every row routed to it answer garbage while the server
+    said nothing; `load_adapter` refuses such a folder, and serve now does too, naming the folder and the weight
+    (checked after a good adapter was loaded first, so only the bad adapter's own weights can be the ones named)."""
+    from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, save_adapter
+    from alignkit.interventions import ReftConfig
+
+    model = load_model(serve_dirs["base"])
+    reft = ReftSettings(config=ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2).to_dict(),
+                        positions="f1+l2") if "reft" in kind else None
+    wrapped = apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4), reft=reft))
+    name = next(n for n, p in wrapped.named_parameters() if part in n and p.requires_grad and p.dim() == 2)
+    with torch.no_grad():
+        dict(wrapped.named_parameters())[name].view(-1)[3] = value
+    bad = tmp_path / "diverged"
+    save_adapter(wrapped, bad)
+    good = "terse" if "lora" in kind else "polite"
+    with pytest.raises(ValueError, match=rf"diverged: adapter weight '[^']*{part}[^']*' holds 1 non-finite value\(s\)"):
+        load_stack(serve_dirs["base"], {good: serve_dirs["adapters"][good], "bad": bad})
+
+
 def test_serve_stops_where_generation_does(serve_stack):
     """The engine's ends are training-time generation's: EOS and the chat template's turn end (tests/online/test_turn_end.py)."""
     from alignkit.serve.engine import default_end_ids

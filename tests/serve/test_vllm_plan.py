@@ -41,6 +41,27 @@ def test_dora_is_refused(serve_dirs, tmp_path):
         prepare(serve_dirs["base"], {"d": tmp_path / "d"}, "base", tmp_path / "w")
 
 
+def test_non_finite_lora_weights_are_refused_before_any_folder_is_written(serve_dirs, tmp_path):
+    """vLLM would serve a diverged adapter's NaN rows without a word; the plan refuses it as load_adapter does,
+    naming the adapter, its weights file and the tensor, and writes no vLLM folder for the good adapter either."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(serve_dirs["adapters"]["terse"], bad)
+    weights = load_file(str(bad / "adapter_model.safetensors"))
+    key = sorted(weights)[1]
+    weights[key].view(-1)[0] = float("nan")
+    save_file(weights, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError) as e:
+        prepare(serve_dirs["base"], {"terse": serve_dirs["adapters"]["terse"], "bad": bad}, "base", tmp_path / "w")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"adapter 'bad': {bad / 'adapter_model.safetensors'}: adapter weight "
+                                               f"{key!r} holds 1 non-finite value(s)")
+    assert not (tmp_path / "w").exists()
+
+
 def test_lora_folders_and_command(serve_dirs, tmp_path):
     second = tmp_path / "second"
     make_adapter(serve_dirs["base"], second, "lora", seed=3)

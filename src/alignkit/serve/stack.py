@@ -32,6 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import Adapter, Route, adapter_in, check_base, is_classifier, unwrap_lm
 from alignkit.data.chat import PROMPT_FORMAT_FILE, format_mismatch, trained_prompt_formats
 from alignkit.data.positions import locations_from_spans
@@ -123,6 +124,12 @@ def _adapter(folder: Path) -> Adapter:
     return adapter_in(folder)
 
 
+def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) -> None:
+    """`load_adapter`'s refusal of non-finite weights, for the parameters one served adapter just added: a NaN in
+    one adapter would make every row routed to it answer garbage while the server reports nothing."""
+    check_finite([(n, p) for n, p in model.named_parameters() if id(p) not in before], folder)
+
+
 def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = None, *, base_name: str | None = None,
                dtype: str = "float32", device: str | torch.device | None = None,
                attn_implementation: str | None = None, stacked_lora: bool = True) -> Stack:
@@ -172,6 +179,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     lora = [n for n, r in served.items() if r.lora]
     if lora:
         for i, name in enumerate(lora):
+            before = {id(p) for p in model.parameters()}
             try:
                 if i == 0:
                     model = PeftModel.from_pretrained(lm, str(adapters[name]), adapter_name=name, is_trainable=False)
@@ -181,6 +189,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ValueError(f"{adapters[name]}: this LoRA adapter does not fit the base model {base} ({first}); "
                                  "serve it with the base it was trained on") from None
+            _check_new_finite(model, before, adapters[name])
             logger.info("serve: LoRA adapter %r from %s", name, adapters[name])
     stacked = None
     if lora and stacked_lora:
@@ -188,7 +197,9 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     reft = ReftModel(model)
     for name, r in served.items():
         if r.reft:
+            before = {id(p) for p in reft.parameters()}
             reft.load_adapter(str(adapters[name]), adapter_name=r.reft)
+            _check_new_finite(reft, before, adapters[name])
             logger.info("serve: ReFT adapter %r from %s (positions %s)", name, adapters[name], r.positions)
         routes[name] = r
     for p in reft.parameters():

@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from safetensors.torch import load_file
+
 from alignkit.adapters import adapter_in
+from alignkit.adapters.api import check_finite
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -105,6 +108,12 @@ def check_adapters(adapters: Mapping[str, str | Path]) -> dict[str, Path]:
         if adapter.saves_whole_model:
             raise ConfigError(f"adapter {name!r} ({folder}) holds a fully finetuned model, not an adapter; serve it "
                               "as its own --base")
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():  # (a missing file is refused by _lora_folder) checked before any folder is written
+            try:
+                check_finite(sorted(load_file(str(weights)).items()), weights)
+            except ValueError as e:
+                raise ConfigError(f"adapter {name!r}: {e}") from None
         out[name] = folder
     return out
 
