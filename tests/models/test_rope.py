@@ -110,6 +110,57 @@ def test_scaling_twice_is_scaling_once():
         {"rope_theta": THETA, "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512}, 1024)
 
 
+def test_another_saved_scaling_is_refused_naming_both_not_replaced():
+    """A YaRN model asked for linear scaling was quietly turned into a linear one (its trained positions moved)."""
+    cfg = tiny_config("llama", vocab_size=64)
+    apply_rope_scaling(cfg, {"type": "yarn", "factor": 2.0})  # as a saved YaRN model's config reads
+    with pytest.raises(ConfigError) as e:
+        apply_rope_scaling(cfg, {"type": "linear", "factor": 2.0})
+    assert str(e.value) == (
+        "model.rope_scaling: the model's config already has yarn RoPE scaling ({type: yarn, factor: 2.0, "
+        "original_max_position_embeddings: 512}), and {type: linear, factor: 2.0} would replace it, not add "
+        "to it (one scaling applies): remove model.rope_scaling to keep the saved one, or add replace: true to it "
+        "to use yours instead (its factor then counts from the original 512 positions)")
+    with pytest.raises(ConfigError, match="already has yarn RoPE scaling"):  # the same type with another factor
+        apply_rope_scaling(cfg, {"type": "yarn", "factor": 4.0})
+    assert cfg.rope_parameters["rope_type"] == "yarn" and cfg.max_position_embeddings == 1024  # untouched
+    with pytest.raises(ConfigError, match=r"model\.rope_scaling\.replace: expected true or false, got 'yes'"):
+        apply_rope_scaling(cfg, {"type": "linear", "factor": 2.0, "replace": "yes"})
+
+
+def test_replace_counts_the_new_factor_from_the_original_context():
+    yarn = apply_rope_scaling(tiny_config("llama", vocab_size=64), {"type": "yarn", "factor": 2.0})
+    apply_rope_scaling(yarn, {"type": "linear", "factor": 4.0, "replace": True})
+    assert (dict(yarn.rope_parameters), yarn.max_position_embeddings) == (
+        {"rope_theta": THETA, "rope_type": "linear", "factor": 4.0}, 4 * ORIGINAL)
+    # a saved linear x2 model records no original length: 1024 / 2 = 512, so linear x4 is 2048 positions, not 4096
+    linear = apply_rope_scaling(tiny_config("llama", vocab_size=64), {"type": "linear", "factor": 2.0})
+    assert linear.max_position_embeddings == 2 * ORIGINAL
+    apply_rope_scaling(linear, {"type": "yarn", "factor": 4.0, "replace": True})
+    assert linear.max_position_embeddings == 4 * ORIGINAL
+    assert linear.rope_parameters["original_max_position_embeddings"] == ORIGINAL
+
+
+def test_a_saved_yarn_model_folder_is_refused_at_config_load_and_replaced_on_request(tmp_path):
+    import json
+
+    from alignkit.models.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "yarn-llama", "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": ORIGINAL,
+                              "rope_theta": THETA}
+    cfg["max_position_embeddings"] = 2 * ORIGINAL
+    (folder / "config.json").write_text(json.dumps(cfg))
+    example = ROOT / "configs" / "sft-long-context-tiny.yaml"  # linear, factor 2
+    with pytest.raises(ConfigError, match=r"already has yarn RoPE scaling .* \{type: linear, factor: 2\.0\} would replace"):
+        load_config(example, [f"model.path={folder}"])
+    load_config(example, [f"model.path={folder}", "model.rope_scaling.replace=true"])
+    model = load_model(folder, rope_scaling={"type": "linear", "factor": 2.0, "replace": True}).eval()
+    assert model.config.max_position_embeddings == 2 * ORIGINAL
+    check(model, 2 * ORIGINAL, [f / 2 for f in base_freqs()])  # plain position interpolation, no YaRN blend left
+
+
 def test_supported_types_come_from_the_architecture():
     assert supported_rope_types(tiny_config("gpt2", vocab_size=64)) == []
     types = supported_rope_types(tiny_config("llama", vocab_size=64))

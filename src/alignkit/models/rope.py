@@ -19,7 +19,12 @@ validates the result against the architecture, so every problem is one `ConfigEr
 Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn,
 llama3 and longrope (or the `max_position_embeddings` the config gives). Dynamic NTK keeps it: its formula
 reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it.
-Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing.
+Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing. A
+model whose saved config has another scaling (a YaRN model asked for linear, or the same type with another
+factor) is refused, naming both: scalings do not stack, and replacing the saved one quietly would change every
+position the model was trained on. `replace: true` in `model.rope_scaling` replaces it on purpose; the new
+factor then counts from the original context (`original_context`: the saved
+`original_max_position_embeddings`, or `max_position_embeddings` / the saved linear factor).
 """
 
 from __future__ import annotations
@@ -102,6 +107,24 @@ def warn_past_context(config: Any, longest: int, what: str, fix: str) -> bool:
     return True
 
 
+def original_context(config: Any) -> int:
+    """The context length `config`'s model had before its saved RoPE scaling: `original_max_position_embeddings`
+    when the config records it, else `max_position_embeddings` divided by the saved factor for the types that
+    multiply it (linear), else `max_position_embeddings` (no scaling, or dynamic NTK, which keeps it)."""
+    old = dict(getattr(config, "rope_parameters", None) or {})
+    if old.get("original_max_position_embeddings"):
+        return int(old["original_max_position_embeddings"])
+    factor = old.get("factor")
+    if old.get("rope_type", "default") not in ("default", *KEEPS_LENGTH) and _number(factor) and factor >= 1:
+        return int(round(config.max_position_embeddings / factor))
+    return config.max_position_embeddings
+
+
+def _show(kind: str, keys: dict[str, Any]) -> str:
+    """A scaling as a run config writes it: {type: yarn, factor: 2.0, ...}."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in {"type": kind, **keys}.items()) + "}"
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -110,7 +133,8 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     """(new `rope_parameters`, new `max_position_embeddings`) for `config` with `scaling` applied.
 
     `scaling`: `type` (or `rope_type`) plus the type's keys (`factor`, `beta_fast`, `low_freq_factor`, ...),
-    and optionally `max_position_embeddings` (the context length to record). `config` is not changed."""
+    and optionally `max_position_embeddings` (the context length to record) and `replace` (true: replace a different
+    scaling the config already has; without it that is a ConfigError naming both). `config` is not changed."""
     if not isinstance(scaling, dict):
         raise ConfigError(f"{where}: expected a mapping such as {{type: linear, factor: 2.0}}, got {scaling!r}")
     scaling = dict(scaling)
@@ -127,6 +151,9 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     if kind not in valid:
         raise ConfigError(f"{where}.type: {kind!r} is not a RoPE type the {arch} architecture supports in this "
                           f"transformers; valid: {', '.join(valid)}")
+    replace = scaling.pop("replace", False)
+    if not isinstance(replace, bool):
+        raise ConfigError(f"{where}.replace: expected true or false, got {replace!r}")
     new_length = scaling.pop("max_position_embeddings", None)
     if new_length is not None and (not isinstance(new_length, int) or isinstance(new_length, bool) or new_length < 1):
         raise ConfigError(f"{where}.max_position_embeddings: expected a positive integer, got {new_length!r}")
@@ -137,11 +164,18 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
         raise ConfigError(f"{where}.factor: expected a number >= 1 (the context multiplier), got {factor!r}")
 
     old = dict(config.rope_parameters)
-    if old.get("rope_type", "default") == kind and all(old.get(k) == v for k, v in scaling.items()):
+    old_kind = old.get("rope_type", "default")
+    if old_kind == kind and all(old.get(k) == v for k, v in scaling.items()):
         return old, config.max_position_embeddings  # already applied (e.g. a saved finetuned model)
+    original = original_context(config)
+    if old_kind != "default" and not replace:
+        saved = {k: v for k, v in old.items() if k not in ("rope_type", "rope_theta", "partial_rotary_factor")}
+        raise ConfigError(f"{where}: the model's config already has {old_kind} RoPE scaling ({_show(old_kind, saved)}), "
+                          f"and {_show(kind, scaling)} would replace it, not add to it (one scaling applies): remove "
+                          f"model.rope_scaling to keep the saved one, or add replace: true to it to use yours instead "
+                          f"(its factor then counts from the original {original} positions)")
     params = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
     params.update(scaling, rope_type=kind)
-    original = old.get("original_max_position_embeddings") or config.max_position_embeddings
     if kind in NEEDS_ORIGINAL:
         params.setdefault("original_max_position_embeddings", original)
     if new_length is None:
@@ -192,4 +226,4 @@ def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str =
     return config
 
 
-__all__ = ["apply_rope_scaling", "has_rope", "scaled_rope_parameters", "supported_rope_types"]
+__all__ = ["apply_rope_scaling", "has_rope", "original_context", "scaled_rope_parameters", "supported_rope_types"]

@@ -30,6 +30,7 @@ class ModelSettings:
     adapter_path: str | None = None  # eval / generate / sample: a folder written by a training run (its model/)
     check_base: bool = True  # refuse an adapter_path trained on another base model (its alignkit_base.json)
     # RoPE scaling, e.g. {type: linear, factor: 2.0} (linear, dynamic, yarn, llama3, longrope): alignkit.models.rope
+    # (a model already saved with another scaling is refused; add replace: true to replace it)
     rope_scaling: dict[str, Any] | None = None
     kernels: Literal["liger"] | None = None  # fused GPU kernels (needs liger-kernel + CUDA): alignkit.models.efficiency
 
