@@ -223,8 +223,49 @@ def test_missing_column_is_one_line(tmp_path, capsys):
     assert main(["augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"data.path={data}",
                  f"output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"alignkit augment: error: {data}:1: no text in column 'code' (row has ['question']); "
-                   "set options.field"]
+    assert err == [f"alignkit augment: error: {data}:1: no column 'code' (options.field); the row has ['question']: "
+                   "set options.field to the column that holds the text"]
+    assert not (tmp_path / "o").exists()  # refused before the output folder is made
+
+
+@pytest.mark.parametrize("strategy, source, column", [("code_bugs", "snippets.py", "code"),
+                                                      ("summarize", "doc.md", "text")])
+def test_options_field_on_a_file_source_names_the_file_key_and_column(tmp_path, capsys, strategy, source, column):
+    """A .py file's functions are column 'code', a .txt / .md document column 'text', whatever options.field says;
+    the line used to say "set options.field" to a user who had set it, without naming the column to set."""
+    data = tmp_path / source
+    data.write_text("def ok(a):\n    return a < 1\n")
+    config = ["--config", str(CONFIGS / "augment-code-bugs.yaml")] if strategy == "code_bugs" else \
+        ["strategy=summarize", "llm={kind: openai, base_url: 'http://127.0.0.1:9', model: fake}"]  # never called
+    assert main(["augment", *config, f"data.path={data}", f"output_dir={tmp_path / 'o'}", "options.field=src"]) == 2
+    where = f"{data}:1" if source.endswith(".py") else str(data)
+    what = "a .py file's functions are" if source.endswith(".py") else "a .txt / .md document is"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"alignkit augment: error: {where}: options.field is 'src', but {what} read into column {column!r}; set "
+        f"options.field: {column} (or give the sources as JSONL rows with a 'src' column)"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_documents_are_dropped_and_counted_and_an_all_empty_run_is_one_line(tmp_path, capsys):
+    """summarize on an empty document raised IndexError (an empty reply left no summary) or a line saying "set
+    options.field" (the column was there, just empty). An empty row is now dropped and counted like any other."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in ["One short document.", "", "  \n "]) + "\n")
+    with serving(fake_answer) as (fake, url):
+        assert run_llm(tmp_path / "out", url, "summarize", data) == 0
+        assert len(fake.requests) == 1  # only the non-empty document reached the model
+    assert summary(tmp_path / "out")["dropped"] == {"source text is empty": 2}
+    assert [r["meta"]["source"] for r in rows(tmp_path / "out")] == [f"{data}:1"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    capsys.readouterr()
+    with serving(fake_answer) as (fake, url):
+        assert main(["augment", "strategy=summarize", f"data.path={empty}", f"output_dir={tmp_path / 'o2'}",
+                     f"llm={{kind: openai, base_url: '{url}', model: fake}}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "alignkit augment: error: augment summarize: no record to write: every one of the 1 candidate(s) was dropped "
+        f"(source text is empty: 1); loosen the filters or check the sources ({tmp_path / 'o2' / 'augmented.jsonl'} "
+        "was not written)"]
 
 
 def test_a_run_that_keeps_no_record_fails_and_leaves_the_previous_run(tmp_path, capsys):

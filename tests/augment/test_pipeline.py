@@ -37,3 +37,35 @@ def test_filters_can_be_switched_off(tmp_path):
     res = augment(sources, "paraphrase", ParaphraseOptions(), Stub(["same \x01", "same \x01"]),
                   Filters(dedup=False, printable=False), tmp_path / "out.jsonl")
     assert (res.written, res.dropped) == (2, {})
+
+
+class Replies:
+    """A ChatModel answering from a list, in order (records what it was asked)."""
+
+    def __init__(self, *replies: str) -> None:
+        self.replies, self.asked = list(replies), []
+
+    def chat(self, messages, **kw):
+        self.asked.append(messages[-1]["content"])
+        return self.replies.pop(0)
+
+
+def test_summarize_drops_a_document_an_empty_summary_would_cut_short():
+    """Before: an empty reply for every chunk left no summary to combine (IndexError, the run died), and an empty
+    reply for one chunk was combined without it (a summary missing part of the document, kept)."""
+    from alignkit.augment.strategies import Context, SummarizeOptions, summarize
+
+    doc = Source("doc.txt", {"text": "First part here.\n\nSecond part here."}, "text")  # 16 + 2 + 17 characters
+    opt = SummarizeOptions(chunk_chars=20)  # each paragraph its own chunk: 2 chunks
+    cands = list(summarize([doc], Context(Replies("", "")), opt))
+    assert [(c.drop, c.record["completion"], c.extra) for c in cands] == [
+        ("empty summary from the model (level 1)", "", {"chunks": 2, "levels": 1})]
+    llm = Replies("A.", "", "never asked")
+    cands = list(summarize([doc], Context(llm), opt))
+    assert [c.drop for c in cands] == ["empty summary from the model (level 1)"] and len(llm.asked) == 2
+    llm = Replies("A.", "B.", "")  # the summary of summaries comes back empty
+    cands = list(summarize([doc], Context(llm), opt))
+    assert [(c.drop, c.extra["levels"]) for c in cands] == [("empty summary from the model (level 2)", 2)]
+    assert llm.asked[2].endswith("A.\n\nB.")
+    llm = Replies("A.", "B.", "AB.")
+    assert [(c.drop, c.record["completion"]) for c in summarize([doc], Context(llm), opt)] == [(None, "AB.")]

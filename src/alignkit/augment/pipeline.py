@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from alignkit.augment.code_bugs import split_functions
-from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source
+from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns
 from alignkit.files import DataError, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Sour
                 raise DataError(f"{path}:{e.lineno}: not valid Python ({e.msg}), so it cannot be split into its "
                                 "functions; fix the file, or give the snippets as JSONL rows (a row that does not "
                                 "parse is dropped and counted)") from None
-            out += [Source(f"{path}:{line}", {"code": code}) for code, line in functions]
+            out += [Source(f"{path}:{line}", {"code": code}, "py") for code, line in functions]
         elif path.suffix in (".txt", ".md"):
-            out.append(Source(str(path), {"text": path.read_text()}))
+            out.append(Source(str(path), {"text": path.read_text()}, "text"))
         else:
             out += [Source(where, row) for row, where in iter_rows(str(path))]
     return out[:max_rows] if max_rows is not None else out
@@ -88,6 +88,7 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
     spec = STRATEGIES[strategy]
     if spec.needs_llm and llm is None:
         raise ValueError(f"strategy {strategy!r} prompts a language model: configure llm")
+    check_columns(sources, options)
     ctx = Context(llm=llm, max_tokens=max_tokens, temperature=temperature, seed=seed)
     model = getattr(llm, "name", None) if spec.needs_llm else None
     dropped: Counter = Counter()

@@ -9,7 +9,9 @@
 | `entities`     | a text                           | the named entities as a JSON list            | SFT: "list the entities" + text -> JSON (only entities found verbatim in the text) |
 
 A strategy is `fn(sources, ctx) -> iterator of Candidate`; a candidate that breaks a strategy's own format rule
-is yielded with `drop=<reason>` so the pipeline counts it (summary.json) instead of losing it silently.
+is yielded with `drop=<reason>` so the pipeline counts it (summary.json) instead of losing it silently. So is a
+source whose column is empty (`EMPTY_SOURCE`; instructions' seeds refuse one instead: a seed task is hand-written);
+a source without the column is a wrong `options.field` and stops the run before any model call (`check_columns`).
 Options are a dataclass per strategy (`OPTIONS`), built from the config's `options:` with errors naming the key.
 """
 
@@ -29,6 +31,11 @@ from alignkit.augment.code_bugs import MUTATIONS, mutants, split_functions
 class Source:
     id: str  # where the row came from: "file.jsonl:3" (1-based line/row) or "file.py:12" (first line)
     row: dict[str, Any]  # the row's columns ("text" for a whole .txt/.md file, "code" for a .py snippet)
+    kind: str = "rows"  # "rows" (a table's row), "py" (a .py file's function: column "code"), "text" (.txt / .md)
+
+
+FIXED_COLUMN = {"py": ("code", "a .py file's functions are"), "text": ("text", "a .txt / .md document is")}
+EMPTY_SOURCE = "source text is empty"  # the drop reason of a row / file with nothing in its column
 
 
 @dataclass
@@ -52,13 +59,49 @@ class Context:
                              seed=self.seed if seed is None else seed).strip()
 
 
-def _text(row: dict[str, Any], key: str, source: Source) -> str:
+class EmptySource(ValueError):
+    """A source whose column is there but holds no text: the per-source strategies drop it (counted as
+    `EMPTY_SOURCE` in summary.json), instructions' seeds stop the run on it."""
+
+
+def missing_column(source: Source, key: str, option: str) -> str | None:
+    """The one line for a source without the column `options.<option>` names (None: it has it). A .py / .txt /
+    .md source's column is fixed, so its fix names that column; a table row's lists the columns it has."""
+    if key in source.row:
+        return None
+    if source.kind in FIXED_COLUMN:
+        column, what = FIXED_COLUMN[source.kind]
+        return (f"{source.id}: options.{option} is {key!r}, but {what} read into column {column!r}; set "
+                f"options.{option}: {column} (or give the sources as JSONL rows with a {key!r} column)")
+    return (f"{source.id}: no column {key!r} (options.{option}); the row has {sorted(source.row)}: set "
+            f"options.{option} to the column that holds the text")
+
+
+def check_columns(sources: list[Source], options: Any) -> None:
+    """ValueError naming the first source without a column that `options` reads (`field`, `answer_field`), before
+    any model call: a missing column is a wrong setting, not a bad row."""
+    for f in dataclasses.fields(options):
+        if f.name == "field" or f.name.endswith("_field"):
+            for src in sources:
+                msg = missing_column(src, getattr(options, f.name), f.name)
+                if msg:
+                    raise ValueError(msg)
+
+
+def _text(row: dict[str, Any], key: str, source: Source, option: str = "field") -> str:
+    msg = missing_column(source, key, option)
+    if msg:
+        raise ValueError(msg)
     value = row.get(key)
     if isinstance(value, list):  # a conversation: the last user turn
         users = [m.get("content", "") for m in value if isinstance(m, dict) and m.get("role") == "user"]
         value = users[-1] if users else None
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{source.id}: no text in column {key!r} (row has {sorted(row)}); set options.field")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise EmptySource(f"{source.id}: column {key!r} (options.{option}) is empty; fill it in or remove the "
+                          f"{'row' if source.kind == 'rows' else 'file'}")
+    if not isinstance(value, str):
+        raise ValueError(f"{source.id}: column {key!r} (options.{option}) holds {type(value).__name__} "
+                         f"{str(value)[:40]!r}, not text; set options.{option} to a text column")
     return value
 
 
@@ -95,7 +138,11 @@ class CodeBugsOptions:
 
 def code_bugs(sources: list[Source], ctx: Context, opt: CodeBugsOptions) -> Iterator[Candidate]:
     for src in sources:
-        code = _text(src.row, opt.field, src)
+        try:
+            code = _text(src.row, opt.field, src)
+        except EmptySource:
+            yield Candidate({}, src.id, drop=EMPTY_SOURCE)
+            continue
         code = code if code.endswith("\n") else code + "\n"
         try:
             found = mutants(code, opt.mutations)
@@ -145,8 +192,12 @@ class ParaphraseOptions:
 
 def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> Iterator[Candidate]:
     for src in sources:
-        text = _text(src.row, opt.field, src)
-        answer = _text(src.row, opt.answer_field, src)
+        try:
+            text = _text(src.row, opt.field, src)
+            answer = _text(src.row, opt.answer_field, src, "answer_field")
+        except EmptySource:
+            yield Candidate({}, src.id, drop=EMPTY_SOURCE)
+            continue
         for k in range(opt.n):
             new = _strip_quotes(ctx.ask(opt.template.format(text=text), seed=ctx.seed + k))
             drop = "same as the original" if _norm(new) == _norm(text) else None
@@ -255,16 +306,24 @@ def chunk_text(text: str, size: int) -> list[str]:
 
 def summarize(sources: list[Source], ctx: Context, opt: SummarizeOptions) -> Iterator[Candidate]:
     for src in sources:
-        text = _text(src.row, opt.field, src)
+        try:
+            text = _text(src.row, opt.field, src)
+        except EmptySource:
+            yield Candidate({}, src.id, drop=EMPTY_SOURCE)
+            continue
         chunks = chunk_text(text, opt.chunk_chars)
         summaries = [ctx.ask(opt.template.format(text=c)) for c in chunks]
         levels = 1
-        while len(summaries) > 1 and levels < opt.max_levels:
+        # an empty reply for one part would leave that part out of the final summary (and an all-empty level left
+        # nothing to summarise: IndexError): the document is dropped, counted by its level
+        while all(summaries) and len(summaries) > 1 and levels < opt.max_levels:
             groups = chunk_text("\n\n".join(summaries), opt.chunk_chars)
             summaries = [ctx.ask(opt.combine_template.format(text=g)) for g in groups]
             levels += 1
-        drop = None if len(summaries) == 1 else f"still {len(summaries)} summaries after {opt.max_levels} levels"
-        yield Candidate({"prompt": opt.prompt_template.format(text=text), "completion": summaries[0]}, src.id,
+        drop = (f"empty summary from the model (level {levels})" if not all(summaries) else
+                None if len(summaries) == 1 else f"still {len(summaries)} summaries after {opt.max_levels} levels")
+        yield Candidate({"prompt": opt.prompt_template.format(text=text),
+                         "completion": summaries[0] if drop is None else ""}, src.id,
                         {"chunks": len(chunks), "levels": levels}, drop)
 
 
@@ -305,7 +364,11 @@ def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[s
 def entities(sources: list[Source], ctx: Context, opt: EntitiesOptions) -> Iterator[Candidate]:
     types = ", ".join(opt.types)
     for src in sources:
-        text = _text(src.row, opt.field, src)
+        try:
+            text = _text(src.row, opt.field, src)
+        except EmptySource:
+            yield Candidate({}, src.id, drop=EMPTY_SOURCE)
+            continue
         found, drop = parse_entities(ctx.ask(opt.template.format(text=text, types=types)), text, opt.types)
         yield Candidate({"prompt": opt.prompt_template.format(text=text, types=types),
                          "completion": json.dumps(found, ensure_ascii=False)}, src.id, {"entities": len(found)}, drop)
@@ -351,6 +414,6 @@ def _strip_numbering(text: str) -> str:
     return re.sub(r"^\s*(?:\d+[.)]|[-*])\s*", "", text.strip().splitlines()[0] if text.strip() else "")
 
 
-__all__ = ["Candidate", "CodeBugsOptions", "Context", "EntitiesOptions", "InstructionsOptions", "ParaphraseOptions",
-           "STRATEGIES", "Source", "Strategy", "SummarizeOptions", "chunk_text", "parse_entities", "register_strategy",
-           "rouge_l"]
+__all__ = ["Candidate", "CodeBugsOptions", "Context", "EMPTY_SOURCE", "EmptySource", "EntitiesOptions",
+           "InstructionsOptions", "ParaphraseOptions", "STRATEGIES", "Source", "Strategy", "SummarizeOptions",
+           "check_columns", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l"]

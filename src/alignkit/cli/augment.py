@@ -24,6 +24,7 @@ from typing import Any
 from alignkit.augment.llm import Cached, LocalChat, OpenAIChat
 from alignkit.augment.pipeline import Filters, read_sources
 from alignkit.augment.pipeline import augment as run_augment
+from alignkit.augment.strategies import check_columns
 from alignkit.cli.data import data_path
 from alignkit.cli.runfolder import add_config_command
 from alignkit.models.tiny import save_tiny
@@ -73,6 +74,10 @@ def augment(cfg: Any) -> int:
     sources = read_sources([data_path(p) for p in paths], cfg.data.max_records)
     if not sources:
         raise ConfigError(f"data.path: {cfg.data.path} holds no rows")
+    try:  # a wrong options.field, before the output folder (or a local model in it) is made
+        check_columns(sources, cfg.strategy_options())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     llm = build_llm(cfg)
@@ -83,7 +88,7 @@ def augment(cfg: Any) -> int:
                              Filters(cfg.filters.min_chars, cfg.filters.max_chars, cfg.filters.dedup,
                                      cfg.filters.printable),
                              out / "augmented.jsonl", **kw)
-    except ValueError as e:  # a source row without the configured column
+    except ValueError as e:  # e.g. an empty seed task (instructions)
         raise ConfigError(str(e)) from None
     inner = getattr(llm, "inner", llm)
     summary = {"strategy": cfg.strategy, "sources": len(sources), "candidates": result.candidates,
