@@ -82,7 +82,10 @@ def test_rollout_logps_match_an_independent_implementation(tiny_dir, tokenizer):
     assert rollout.mask.sum(-1).tolist() == [len(s.response_ids) for s in rollout.samples]
     # before any update the ratio is exactly 1 on a minibatch (rows re-selected and trimmed)
     _, metrics = trainer.policy_loss(trainer.build_batch(rollout), torch.tensor([5, 1, 2]))
-    assert metrics["ratio/mean"] == pytest.approx(1.0, abs=1e-6) and metrics["clip_ratio/region_mean"] == 0.0
+    # token means, each with the tokens it is a mean over (run_minibatches weights micro-batches by them)
+    tokens = float(rollout.mask[[5, 1, 2]].sum())
+    assert metrics["ratio/mean"] == (pytest.approx(1.0, abs=1e-6), tokens)
+    assert metrics["clip_ratio/region_mean"] == (0.0, tokens)
 
 
 def test_failed_annotations_get_weight_zero(tiny_dir, tokenizer):
@@ -241,6 +244,62 @@ def test_gradient_accumulation_gives_the_minibatch_update(tiny_dir, tokenizer, a
     for n in one:
         torch.testing.assert_close(three[n], one[n], rtol=1e-4, atol=2e-5)
     assert l3 == pytest.approx(l1, rel=1e-5, abs=1e-8)
+
+
+def test_logged_metrics_are_means_over_items_and_tokens_across_ragged_micro_and_minibatches():
+    """5 items in minibatches of 3 then 2, each split into 2 micro-batches (2+1, then 1+1): a plain average of
+    micro-batch means (then of minibatch means) counted a short micro-batch's items more. Every logged value is
+    checked against the mean over all items (or tokens) computed here by hand, whatever the shuffled order."""
+    from types import SimpleNamespace
+
+    from alignkit.online.updates import MinibatchUpdates
+
+    value = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])  # a per-item metric: its mean over the 5 items is 2
+    tokens = torch.tensor([1.0, 1.0, 1.0, 1.0, 6.0])  # a per-token metric: item i has tokens[i] tokens of value[i]
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    class Accelerator:
+        device = torch.device("cpu")
+
+        def no_sync(self, module):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            loss.backward()
+
+        def clip_grad_norm_(self, params, max_norm):
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    class Harness(MinibatchUpdates):
+        config = SimpleNamespace(mini_batch_size=3, gradient_accumulation_steps=2, epochs_per_step=1,
+                                 max_grad_norm=None)
+        model, extra_modules, accelerator, world = torch.nn.Module(), [], Accelerator(), 1
+        optimizer = torch.optim.SGD([weight], lr=0.0)
+
+        def __init__(self, seed):
+            self.rng = torch.Generator().manual_seed(seed)
+            self.sizes = []
+
+        def gather(self, t):
+            return t
+
+        def reduce_sum(self, t):
+            return t
+
+        def loss(self, idx, normalizer):
+            self.sizes.append(idx.numel())
+            v, n = value[idx], tokens[idx]
+            loss = weight * v.sum() / normalizer  # a loss whose minibatch value is its items' mean
+            return loss, {"per_item": float(v.mean()), "per_token": (float((v * n).sum() / n.sum()), float(n.sum()))}
+
+    for seed in range(4):  # different shuffles put the 10 in different micro-batches
+        h = Harness(seed)
+        got = h.run_minibatches(5, h.loss, lambda idx: torch.tensor(float(idx.numel())))
+        assert h.sizes == [2, 1, 1, 1]
+        assert got["per_item"] == pytest.approx(2.0)  # (0 + 0 + 0 + 0 + 10) / 5
+        assert got["per_token"] == pytest.approx(60.0 / 10.0)  # 10 x 6 tokens over 1 + 1 + 1 + 1 + 6 tokens
+        assert got["loss"] == pytest.approx(2.0)  # the minibatch losses weighted by their 3 and 2 items
 
 
 def test_prompts_per_step_must_split_over_processes(tiny_dir, tokenizer):

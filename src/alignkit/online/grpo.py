@@ -21,6 +21,7 @@ controller's value (fixed, or adaptive towards `kl_target`). The maths lives in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,7 +96,7 @@ class GRPOTrainer(OnlineTrainer):
         return w.sum()
 
     def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None
-                    ) -> tuple[Tensor, dict[str, float]]:
+                    ) -> tuple[Tensor, dict[str, Any]]:
         """Clipped policy-gradient loss of samples `idx (M,)`, reduced with their weights (divided by
         `normalizer`, default: this selection's own, `self.normalizer`)."""
         c: GRPOConfig = self.config
@@ -110,8 +111,10 @@ class GRPOTrainer(OnlineTrainer):
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
                                   entropy_coef=c.entropy_coef, aggregation=c.aggregation)
         loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
-        metrics = {k: float(v.float().mean()) for k, v in out.metrics.items() if k not in ("kl", "entropy")}
-        metrics["kl/token"] = float(out.metrics["kl"])
+        tokens = float(stats.mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
+        metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()
+                                   if k not in ("kl", "entropy")}
+        metrics["kl/token"] = (float(out.metrics["kl"]), tokens)
         if on_policy:  # the rollout's "kl" / "entropy", from this pass (its rows are the whole step's)
             self._pass_total = getattr(self, "_pass_total", 0) + self.pass_sums(stats.logps, r.ref_logps[idx, :w], stats.entropy,
                                                                  stats.mask)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -91,7 +92,7 @@ class PPOTrainer(OnlineTrainer):
         r.hidden = None  # not needed any more
         return PPOBatch(r, adv, returns, old_values)
 
-    def ppo_loss(self, pb: PPOBatch, idx: Tensor, normalizer: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    def ppo_loss(self, pb: PPOBatch, idx: Tensor, normalizer: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         c: PPOConfig = self.config
         r = pb.rollout
         stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0, hidden=True)
@@ -101,9 +102,12 @@ class PPOTrainer(OnlineTrainer):
                                  clip_eps=c.clip_eps, entropy=stats.entropy, entropy_coef=c.entropy_coef)
         vl = value_loss(values, pb.old_values[idx, :w], pb.returns[idx, :w], stats.mask, clip_range=c.cliprange_value)
         loss = reduce_loss(pg.losses + c.vf_coef * vl.losses, r.weights[idx], normalizer)
-        metrics = {k: float(v.float().mean()) for k, v in {**pg.metrics, **vl.metrics}.items() if k != "entropy"}
-        metrics["policy_loss"] = float(reduce_loss(pg.losses.detach(), r.weights[idx]))
-        metrics["value_loss"] = float(reduce_loss(vl.losses.detach(), r.weights[idx]))
+        # weights for `run_minibatches`' means: token means by tokens, the weighted losses by the weight sum
+        tokens, weight = float(stats.mask.sum()), float(r.weights[idx].sum())
+        metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens)
+                                   for k, v in {**pg.metrics, **vl.metrics}.items() if k != "entropy"}
+        metrics["policy_loss"] = (float(reduce_loss(pg.losses.detach(), r.weights[idx])), weight)
+        metrics["value_loss"] = (float(reduce_loss(vl.losses.detach(), r.weights[idx])), weight)
         return loss, metrics
 
     def optimise(self, pb: PPOBatch) -> dict[str, float]:

@@ -15,7 +15,49 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from alignkit.distributed import gather_objects
 from alignkit.guards import NonFiniteError, as_float, is_finite
+
+
+class MetricSums:
+    """Weighted sums of metrics: `add(name, mean, weight)` for a mean over `weight` units (items, tokens, weight),
+    `means()` the mean over all units of each metric. A metric whose weights summed to zero (e.g. every token of
+    its micro-batches masked) is the plain mean of its values, as it was reported."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}  # name -> [sum of mean * weight, sum of weights, sum of means, count]
+
+    def add(self, name: str, mean: float, weight: float) -> None:
+        t = self.totals.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        if weight > 0:
+            t[0] += float(mean) * weight
+            t[1] += weight
+        t[2] += float(mean)
+        t[3] += 1
+
+    def add_all(self, metrics: dict[str, Any], items: int) -> None:
+        """`loss_fn`'s metrics: a float is a mean over the micro-batch's `items`; `(mean, weight)` over `weight`."""
+        for k, v in metrics.items():
+            mean, weight = v if isinstance(v, tuple) else (v, items)
+            self.add(k, float(mean), float(weight))
+
+    def merge(self, other: "MetricSums") -> None:
+        for k, t in other.totals.items():
+            mine = self.totals.setdefault(k, [0.0, 0.0, 0.0, 0.0])
+            for i in range(4):
+                mine[i] += t[i]
+
+    @classmethod
+    def combined(cls, rows: list[dict[str, list[float]]]) -> "MetricSums":
+        out = cls()
+        for row in rows:
+            part = cls()
+            part.totals = row
+            out.merge(part)
+        return out
+
+    def means(self) -> dict[str, float]:
+        return {k: (t[0] / t[1] if t[1] > 0 else t[2] / max(t[3], 1)) for k, t in self.totals.items()}
 
 
 class MinibatchUpdates:
@@ -31,8 +73,14 @@ class MinibatchUpdates:
         number of processes (DDP averages gradients). `loss_fn(idx, normalizer) -> (scalar loss, metrics)`
         must return sum_i w_i loss_i / normalizer (`reduce_loss(..., normalizer=normalizer)`). Every process
         runs the same number of minibatches (the largest share decides); a process whose share is exhausted
-        runs a zero-weighted pass over its item 0 so that DDP's collectives still match. Returns the metrics
-        averaged over the updates ("loss": the minibatch loss)."""
+        runs a zero-weighted pass over its item 0 so that DDP's collectives still match.
+
+        Returns the step's metrics as means over what each defines, however ragged the micro-batches,
+        minibatches and process shares are (`MetricSums`): a metric `loss_fn` gives as a float is its
+        micro-batch's mean over items, weighted by the micro-batch's item count; one given as `(mean, weight)`
+        is weighted by `weight` (its tokens, or its sample-weight sum). "loss" (the minibatch loss) is weighted by
+        its minibatch's normaliser: the step's weighted loss over every item; "grad_norm" is the mean over the
+        updates. A plain average of micro-batch means would count the items of a short micro-batch more."""
         c = self.config
         counts = self.gather(torch.tensor([float(n_items)]))  # (W,)
         n_max = int(counts.max())
@@ -40,8 +88,7 @@ class MinibatchUpdates:
             return {}
         size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
         n_mini = -(-n_max // size)
-        totals: dict[str, float] = {}
-        updates = 0
+        sums = MetricSums()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         dev = self.accelerator.device
         self.model.train()
@@ -61,7 +108,7 @@ class MinibatchUpdates:
                 # micro-batch runs item 0 with weight zero
                 micro = idx.tensor_split(c.gradient_accumulation_steps)
                 real = [mb.numel() > 0 for mb in micro]
-                step_loss, step_metrics = 0.0, {}
+                step_loss, step_metrics = 0.0, MetricSums()
                 for m_i, mb in enumerate(micro):
                     with ExitStack() as stack:
                         if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
@@ -76,25 +123,24 @@ class MinibatchUpdates:
                         self.accelerator.backward(loss)
                     step_loss += float(loss.detach())
                     if real[m_i]:
-                        for k, v in metrics.items():
-                            step_metrics[k] = step_metrics.get(k, 0.0) + float(v) / sum(real)
+                        step_metrics.add_all(metrics, mb.numel())
                 norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
                                                         else float("inf"))
                 if not is_finite(norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     self._stop_non_finite("the gradient norm", as_float(norm), {"loss": step_loss,
                                                                                "grad_norm": as_float(norm)})
-                if c.max_grad_norm is not None:
-                    step_metrics["grad_norm"] = float(norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if dummy:
                     continue
-                step_metrics["loss"] = step_loss
-                for k, v in step_metrics.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                updates += 1
-        return {k: v / max(updates, 1) for k, v in totals.items()}
+                sums.merge(step_metrics)
+                sums.add("loss", step_loss, float(normalizer))
+                if c.max_grad_norm is not None:
+                    sums.add("grad_norm", float(norm), 1.0)
+        if self.world > 1:  # every process's sums: the means are over the global batch, not over processes
+            sums = MetricSums.combined(gather_objects(sums.totals, self.world))
+        return sums.means()
 
     def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
         """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step."""
@@ -104,4 +150,4 @@ class MinibatchUpdates:
         raise err
 
 
-__all__ = ["MinibatchUpdates"]
+__all__ = ["MetricSums", "MinibatchUpdates"]
