@@ -91,6 +91,30 @@ def test_generate_with_reft_adapter_writes_jsonl(runs, tmp_path):
     assert all(isinstance(r["response"], str) and r["prompt"] for r in rows)
 
 
+@pytest.mark.parametrize("command, config, section", [("generate", "generate-tiny.yaml", "generation"),
+                                                      ("sample", "sample-tiny.yaml", "sampling")])
+def test_inverse_cdf_with_a_reft_adapter_is_refused_before_anything_is_written(runs, tmp_path, capsys, command,
+                                                                               config, section):
+    """A ReFT adapter samples with model.generate (torch.multinomial), so an explicit inverse_cdf sampler cannot be
+    honoured. It was refused only at the first batch, after config.yaml / sample.yaml had been written into the
+    output folder (over the previous run's); now before the folder is touched."""
+    run = runs["dpo"][0]
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / "config.yaml").write_text("command: generate\nkept: true\n")  # a previous run's file
+    rc = main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", f"model.path={run / 'base_model'}",
+               f"model.adapter_path={run / 'model'}", f"{section}.max_new_tokens=4", "data.max_records=2",
+               f"{section}.do_sample=true", f"{section}.sampler=inverse_cdf"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1:] == [  # (above it: transformers' load bar)
+        f"alignkit {command}: error: {section}.sampler=inverse_cdf: this policy samples with model.generate (a "
+        f"ReftModel edits hidden states inside its own generate), which draws with torch.multinomial; remove "
+        f"{section}.sampler (or set it to multinomial)"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == "command: generate\nkept: true\n"
+
+
 def test_ls_lists_every_registered_name(capsys):
     from alignkit.data import FORMATTERS, READERS
     from alignkit.interventions import INTERVENTIONS

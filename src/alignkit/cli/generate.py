@@ -21,7 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records
-from alignkit.cli.models import check_formats, load_for_inference, to_device
+from alignkit.cli.models import check_formats, load_for_sampling
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.online import generate_responses
 from alignkit.online.generation import Sample, generation_metrics
@@ -51,9 +51,8 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     if cfg.data.max_records is not None:
         records = records[:cfg.data.max_records]
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
-    run = start_run(cfg)
-    model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
-    model = to_device(model)
+    model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.generation, "generation")
+    run = start_run(cfg)  # after every check: a refused run leaves output_dir as it was
     rows: list[dict[str, Any]] = []
     done: list[Sample] = []
     t0 = time.perf_counter()

@@ -242,5 +242,22 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
     return model, tok, path, f"{desc} + {folder}"
 
 
+def load_for_sampling(ms: ModelSettings, output_dir: str | Path, sampling: Any, section: str) -> tuple[Any, Any, str]:
+    """(model on its device, tokenizer, description) for `generate` / `sample`, loaded before the run folder
+    exists: `sampling.sampler: inverse_cdf` on a model that samples with `model.generate` (a ReFT adapter, stop
+    strings, ...) is refused here, naming `section`, so a refused run writes nothing. A tiny base built for the
+    load is removed (these commands keep no copy of it)."""
+    from alignkit.online.generation import check_sampler, lean_reason
+
+    model, tok, path, desc = load_for_inference(ms, None, "causal_lm")
+    adopt_tiny(path, Path(output_dir) / "base_model", main=False)  # removes this process's tiny copy, if any
+    model = to_device(model)
+    try:
+        check_sampler(sampling, lean_reason(model, tok, sampling), section)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return model, tok, desc
+
+
 def to_device(model: Any) -> Any:
     return model.to("cuda") if torch.cuda.is_available() else model

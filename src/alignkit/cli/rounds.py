@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from alignkit.cli.models import check_formats, load_for_inference, to_device
+from alignkit.cli.models import check_formats, load_for_sampling
 from alignkit.cli.online import make_annotator, read_prompts
 from alignkit.cli.runfolder import add_config_command, config_changes
 from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, read_jsonl,
@@ -90,12 +90,11 @@ def sample(cfg: Any) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl`. Returns its path."""
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
-    run = RunFolder(Path(cfg.output_dir))
-    check_kept_stage(cfg, run.root, "samples", SAMPLES_FILE, "sample.yaml")
+    check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml")
+    model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
+    run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
     if run.main:
         save_config(cfg, run.root / "sample.yaml")
-    model, tok, _, desc = load_for_inference(cfg.model, run, "causal_lm")
-    model = to_device(model)
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
                         overwrite=cfg.overwrite, formatter=cfg.data.formatter,

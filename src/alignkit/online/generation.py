@@ -181,12 +181,13 @@ class NonFiniteWatch(LogitsProcessor):
         return scores
 
 
-def check_sampler(cfg: SamplingConfig, why_not: str | None) -> None:
+def check_sampler(cfg: SamplingConfig, why_not: str | None, section: str = "sampling") -> None:
     """`sampling.sampler=inverse_cdf` where the call samples with `model.generate` (`why_not`: the lean loop's
-    reason not to run, `decode.lean_unsupported`) would be set and not used: one line instead."""
+    reason not to run, `decode.lean_unsupported`) would be set and not used: one line instead. `section`: the
+    config section the line names (`generation` in `alignkit generate`)."""
     if why_not and cfg.sampler == "inverse_cdf" and cfg.do_sample:
-        raise ValueError(f"sampling.sampler=inverse_cdf: this policy samples with model.generate ({why_not}), which "
-                         "draws with torch.multinomial; remove sampling.sampler (or set it to multinomial)")
+        raise ValueError(f"{section}.sampler=inverse_cdf: this policy samples with model.generate ({why_not}), which "
+                         f"draws with torch.multinomial; remove {section}.sampler (or set it to multinomial)")
 
 
 def lean_reason(model: Any, tokenizer: Any, cfg: SamplingConfig) -> str | None:
