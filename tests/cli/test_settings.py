@@ -247,6 +247,20 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
      None),
     ("grpo", "grpo-tiny.yaml", ["method.generation_backend=vllm", "sampling.sampler=multinomial"],
      "sampling.sampler='multinomial' is read only by transformers generation", ["method.generation_backend=transformers"]),
+    # generate decodes greedily by default: a temperature / top_k / top_p / sampler alone gave the greedy answer
+    ("generate", "generate-tiny.yaml", ["generation.temperature=0.7"],
+     "generation.temperature=0.7 is read only when sampling, but generation.do_sample is false (greedy decoding, the "
+     "default of alignkit generate), so it would be ignored; set generation.do_sample: true to sample, or remove "
+     "generation.temperature", ["generation.do_sample=true"]),
+    ("generate", "generate-tiny.yaml", ["generation.top_k=5"], "generation.top_k=5 is read only when sampling",
+     ["generation.do_sample=true"]),
+    ("generate", "generate-tiny.yaml", ["generation.top_p=0.9"], "generation.top_p=0.9 is read only when sampling",
+     ["generation.do_sample=true"]),
+    ("generate", "generate-tiny.yaml", ["generation.sampler=multinomial"],
+     "generation.sampler='multinomial' is read only when sampling", ["generation.do_sample=true"]),
+    ("sample", "sample-tiny.yaml", ["sampling.do_sample=false", "sampling.temperature=0.5"],
+     "sampling.temperature=0.5 is read only when sampling, but sampling.do_sample is false (greedy decoding), so",
+     ["sampling.do_sample=true"]),
 ])
 def test_keys_the_chosen_settings_never_read_are_refused(command, config, overrides, message, fix):
     """Each of these was accepted and had no effect (eval of a reward model has no beta or reference; a default

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
-from alignkit.settings.sampling import SamplingConfig
+from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
 from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
                                        PreferenceObjective, check_prompt_data)
 from alignkit.settings.tiny import tiny_arch
@@ -387,6 +387,10 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_prompt_data(self.data, "sample")
+        try:
+            refuse_greedy_ignored(self.sampling, "sampling")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

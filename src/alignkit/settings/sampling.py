@@ -64,5 +64,25 @@ class SamplingConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def greedy_ignored(self) -> list[tuple[str, Any]]:
+        """(key, value) of the settings only sampling reads that are set away from "no effect" while `do_sample` is
+        false: greedy decoding ignores them (temperature, top_p, top_k, sampler; a seed changes nothing either,
+        harmlessly). Online trainers may read `temperature` for their log-probs, so only the generation commands
+        refuse these (`refuse_greedy_ignored`)."""
+        if self.do_sample:
+            return []
+        return [(k, v) for k, v, none in (("temperature", self.temperature, 1.0), ("top_p", self.top_p, 1.0),
+                                          ("top_k", self.top_k, None), ("sampler", self.sampler, None))
+                if v != none and not (k == "top_k" and v == 0)]
 
-__all__ = ["SamplingConfig", "SAMPLERS"]
+
+def refuse_greedy_ignored(cfg: SamplingConfig, section: str, default_note: str = "") -> None:
+    """ValueError naming the first sampling-only setting greedy decoding would ignore (`greedy_ignored`): a user who
+    sets a temperature expects samples and would get the greedy answer, exit 0."""
+    for key, value in cfg.greedy_ignored():
+        raise ValueError(f"{section}.{key}={value!r} is read only when sampling, but {section}.do_sample is false "
+                         f"(greedy decoding{default_note}), so it would be ignored; set {section}.do_sample: true to "
+                         f"sample, or remove {section}.{key}")
+
+
+__all__ = ["SamplingConfig", "SAMPLERS", "refuse_greedy_ignored"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
-from alignkit.settings.sampling import SamplingConfig
+from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
 from alignkit.settings.train import ONLINE_COMMANDS, TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train
 from alignkit.settings.typed import ConfigError
 
@@ -301,6 +301,10 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         check_prompt_data(self.data, "generate")
+        try:
+            refuse_greedy_ignored(self.generation, "generation", ", the default of alignkit generate")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": DPOConfig, "kto": KTOConfig,
