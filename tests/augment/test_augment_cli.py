@@ -207,6 +207,15 @@ def test_config_errors_name_the_key(overrides, message):
     ("instructions", "num: 0", "options: num: 0; it must be an integer >= 1"),
     ("instructions", "seeds_per_prompt: 0", "options: seeds_per_prompt: 0; it must be an integer >= 1"),
     ("instructions", "max_similarity: 1.5", "options: max_similarity: 1.5; a ROUGE-L F1 bound, in [0, 1]"),
+    # a template without its placeholder wrote records that all carried the same text (exit 0); an unknown one
+    # died mid-run with "unexpected error: KeyError"; a lone brace with a bare ValueError
+    ("summarize", "prompt_template: 'Summarize this.'", "options: prompt_template: 'Summarize this.' has no {text} "
+     "placeholder, so every record would carry this same text instead of its own; put {text} where the text goes"),
+    ("paraphrase", "template: 'Rewrite it.'", "options: template: 'Rewrite it.' has no {text} placeholder"),
+    ("entities", "template: 'List {entities} in {text}'",
+     "options: template: unknown placeholder {entities}; it can use {text}, {types} (a literal brace is {{ or }})"),
+    ("instructions", "answer_template: 'Answer: {task'", "options: answer_template: 'Answer: {task' is not a format "
+     "string ("),
 ])
 def test_options_a_strategy_cannot_run_with_are_refused_at_load(tmp_path, strategy, options, message):
     config = tmp_path / "c.yaml"
@@ -215,6 +224,19 @@ def test_options_a_strategy_cannot_run_with_are_refused_at_load(tmp_path, strate
     with pytest.raises(ConfigError) as e:
         load_config(config, [])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["filters.min_chars=100", "filters.max_chars=10"],
+     "filters.max_chars: 10 is below filters.min_chars (100) or 1, so every record would be dropped"),
+    (["filters.max_chars=0"], "filters.max_chars: 0 is below filters.min_chars (1) or 1"),
+    (["filters.min_chars=-5"], "filters.min_chars: -5; a length, >= 0"),
+])
+def test_filters_no_record_can_pass_are_refused_at_load(overrides, message):
+    """Contradictory length filters dropped every candidate, found out only after the run (every LLM call spent)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / "augment-code-bugs.yaml", overrides)
+    load_config(CONFIGS / "augment-code-bugs.yaml", ["filters.max_chars=null"])
 
 
 def test_missing_column_is_one_line(tmp_path, capsys):
@@ -274,7 +296,8 @@ def test_a_run_that_keeps_no_record_fails_and_leaves_the_previous_run(tmp_path, 
     before = {name: (tmp_path / name).read_bytes() for name in ("augmented.jsonl", "summary.json", "config.yaml")}
     capsys.readouterr()
     # the bundled snippets' 20 candidates (5 functions x 4 bugs) are all far shorter than 100000 characters
-    assert main(["augment", "--config", config, f"output_dir={tmp_path}", "filters.min_chars=100000"]) == 2
+    assert main(["augment", "--config", config, f"output_dir={tmp_path}", "filters.min_chars=100000",
+                 "filters.max_chars=null"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"alignkit augment: error: augment code_bugs: no record to write: every one of the 20 candidate(s) "
                    f"was dropped (prompt shorter than 100000 characters: 20); loosen the filters or check the sources "

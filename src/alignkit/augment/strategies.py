@@ -105,6 +105,28 @@ def _text(row: dict[str, Any], key: str, source: Source, option: str = "field") 
     return value
 
 
+def check_templates(options: Any, **spec: tuple[str, ...]) -> None:
+    """ValueError naming the first template of `options` (key -> its placeholders, the first one required) that
+    does not parse, lacks its required placeholder (every record would carry the same text, not the source's: exit
+    0 with useless records) or names one it is not given (a KeyError mid-run)."""
+    import string
+
+    for key, names in spec.items():
+        value = getattr(options, key)
+        try:
+            used = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"{key}: {value!r} is not a format string ({e}); write a literal brace as {{{{ or }}}}") \
+                from None
+        unknown = sorted(f for f in used if f not in names)
+        if unknown:
+            raise ValueError(f"{key}: unknown placeholder {{{unknown[0]}}}; it can use "
+                             f"{', '.join('{' + n + '}' for n in names)} (a literal brace is {{{{ or }}}})")
+        if names[0] not in used:
+            raise ValueError(f"{key}: {value!r} has no {{{names[0]}}} placeholder, so every record would carry this "
+                             f"same text instead of its own; put {{{names[0]}}} where the {names[0]} goes")
+
+
 # ------------------------------------------------------------------------------------------------ code_bugs
 
 def at_least(options: Any, **minimum: int) -> None:
@@ -134,6 +156,7 @@ class CodeBugsOptions:
             raise ValueError(f"mutations: empty, so no bug would be made; name at least one of {', '.join(MUTATIONS)} "
                              "(or leave the key out for all)")
         at_least(self, per_snippet=1)
+        check_templates(self, template=("code",), answer_template=("code",))
 
 
 def code_bugs(sources: list[Source], ctx: Context, opt: CodeBugsOptions) -> Iterator[Candidate]:
@@ -188,6 +211,7 @@ class ParaphraseOptions:
 
     def __post_init__(self) -> None:
         at_least(self, n=1)
+        check_templates(self, template=("text",))
 
 
 def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> Iterator[Candidate]:
@@ -218,6 +242,7 @@ class InstructionsOptions:
 
     def __post_init__(self) -> None:
         at_least(self, num=1, seeds_per_prompt=1)
+        check_templates(self, template=("examples",), answer_template=("task",))
         if not 0 <= self.max_similarity <= 1:
             raise ValueError(f"max_similarity: {self.max_similarity!r}; a ROUGE-L F1 bound, in [0, 1]")
 
@@ -279,6 +304,7 @@ class SummarizeOptions:
 
     def __post_init__(self) -> None:
         at_least(self, chunk_chars=1, max_levels=1)  # chunk_text never ended with a size below 1
+        check_templates(self, template=("text",), combine_template=("text",), prompt_template=("text",))
 
 
 def chunk_text(text: str, size: int) -> list[str]:
@@ -338,6 +364,9 @@ class EntitiesOptions:
                      "\n\nText: {text}")
     prompt_template: str = ("List the named entities in the text below as a JSON array of objects with keys "
                             "\"text\" and \"type\" (one of {types}).\n\nText: {text}")
+
+    def __post_init__(self) -> None:
+        check_templates(self, template=("text", "types"), prompt_template=("text", "types"))
 
 
 def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[str, str]], str | None]:
@@ -416,4 +445,4 @@ def _strip_numbering(text: str) -> str:
 
 __all__ = ["Candidate", "CodeBugsOptions", "Context", "EMPTY_SOURCE", "EmptySource", "EntitiesOptions",
            "InstructionsOptions", "ParaphraseOptions", "STRATEGIES", "Source", "Strategy", "SummarizeOptions",
-           "check_columns", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l"]
+           "check_columns", "check_templates", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l"]
