@@ -21,6 +21,7 @@ import json
 import random
 import re
 import dataclasses
+import string
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -109,8 +110,6 @@ def check_templates(options: Any, **spec: tuple[str, ...]) -> None:
     """ValueError naming the first template of `options` (key -> its placeholders, the first one required) that
     does not parse, lacks its required placeholder (every record would carry the same text, not the source's: exit
     0 with useless records) or names one it is not given (a KeyError mid-run)."""
-    import string
-
     for key, names in spec.items():
         value = getattr(options, key)
         try:

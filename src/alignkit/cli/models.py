@@ -20,6 +20,7 @@ from alignkit.data.chat import check_prompt_formats, prompt_formats
 from alignkit.models.efficiency import apply_kernels, check_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
+from alignkit.online.generation import check_sampler, lean_reason
 from alignkit.runs import COMPLETE_MARKER, RunFolder, incomplete_reason
 from alignkit.settings import ConfigError, ModelSettings
 from alignkit.settings.tiny import is_tiny, tiny_arch
@@ -247,8 +248,6 @@ def load_for_sampling(ms: ModelSettings, output_dir: str | Path, sampling: Any, 
     exists: `sampling.sampler: inverse_cdf` on a model that samples with `model.generate` (a ReFT adapter, stop
     strings, ...) is refused here, naming `section`, so a refused run writes nothing. A tiny base built for the
     load is removed (these commands keep no copy of it)."""
-    from alignkit.online.generation import check_sampler, lean_reason
-
     model, tok, path, desc = load_for_inference(ms, None, "causal_lm")
     adopt_tiny(path, Path(output_dir) / "base_model", main=False)  # removes this process's tiny copy, if any
     model = to_device(model)

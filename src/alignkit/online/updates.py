@@ -118,8 +118,9 @@ class MinibatchUpdates:
                         if dummy or not real[m_i]:
                             loss = loss * 0.0
                         if not is_finite(loss):
+                            means = {k: v[0] if isinstance(v, tuple) else v for k, v in metrics.items()}
                             self._stop_non_finite("the training loss", as_float(loss),
-                                                  {**metrics, "loss": as_float(loss)})
+                                                  {**means, "loss": as_float(loss)})
                         self.accelerator.backward(loss)
                     step_loss += float(loss.detach())
                     if real[m_i]:
