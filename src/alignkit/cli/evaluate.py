@@ -7,7 +7,9 @@ method.kind = "reward": a reward model (`model.path` a 1-label classifier, `mode
 method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finetuned folder) against its
     reference (the adapter switched off, or `method.reference_path` / `model.path` for a full model):
     implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = mean[r_w > r_l], margin =
-    mean[r_w - r_l], and the DPO (sigmoid) loss, with TRL's metric names.
+    mean[r_w - r_l], and the DPO (sigmoid) loss, with TRL's metric names. Without `model.adapter_path` the
+    reference must be named (`method.reference_path`): the model as its own reference is refused before anything
+    is written (every reward would be 0).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     if cfg.data.max_records is not None:
         records = records[:cfg.data.max_records]
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
+    check_reference(cfg)
     run = start_run(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, run, task)
@@ -76,6 +79,19 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
                           json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
         write_command_outputs(run.root, "eval", metrics, per_pair)
     return metrics
+
+
+def check_reference(cfg: Any) -> None:
+    """ConfigError before anything is written when a DPO eval would compare the model with itself: without
+    `model.adapter_path` (an adapter switched off is the reference) and without `method.reference_path`, the
+    reference is `model.path` itself, so every implicit reward is 0, accuracy 0 and the loss ln 2, whatever the
+    model learned."""
+    if cfg.method.kind == "reward" or cfg.model.adapter_path is not None or cfg.method.reference_path is not None:
+        return
+    raise ConfigError(f"eval {cfg.method.kind}: model.path={cfg.model.path} would be its own reference (no "
+                      "model.adapter_path, no method.reference_path), so every implicit reward would be 0 and the "
+                      "accuracy 0 whatever it learned; set method.reference_path to the model it was trained from "
+                      "(or model.adapter_path to its adapter); nothing was written")
 
 
 def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]], features: list[dict],
@@ -115,8 +131,6 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
     m = cfg.method
 
     def load_reference() -> Any:  # a full model's reference: method.reference_path, else the base it started from
-        if cfg.model.adapter_path is None and m.reference_path is None:
-            logger.warning("eval dpo: no model.adapter_path, so the policy is its own reference (all rewards 0)")
         return load_model(m.reference_path or base_path, dtype=cfg.model.dtype)
 
     # the adapter switched off, or (full finetuning) the reference model loaded from disk

@@ -1,0 +1,33 @@
+"""`alignkit eval` (dpo) with neither `model.adapter_path` nor `method.reference_path`: the model would be its own
+reference (every implicit reward 0, accuracy 0, loss ln 2, whatever it learned). Before: a logged warning and
+metrics.json with those numbers, exit 0. Now one line naming both keys, and nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignkit.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DATA = Path(__file__).resolve().parents[2] / "src" / "alignkit" / "resources" / "data" / "hh_rlhf_sample.jsonl"
+
+
+def test_dpo_eval_of_a_model_against_itself_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    model = tiny_dir("llama")
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    args = ["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={model}",
+            "model.adapter_path=null", f"data.path={DATA}", f"output_dir={out}"]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
+    assert len(err) == 1, err
+    assert f"model.path={model} would be its own reference" in err[0]
+    assert "method.reference_path" in err[0] and "model.adapter_path" in err[0]
+    assert not out.exists()
+    # naming the reference runs it: the same model as its reference gives the rewards the refusal describes
+    assert main(args + [f"method.reference_path={model}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pairs"] == 6
+    assert abs(metrics["rewards/accuracies"]) < 1e-12
+    assert abs(metrics["loss"] - 0.6931471805599453) < 1e-5
