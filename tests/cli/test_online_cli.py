@@ -212,3 +212,26 @@ def test_sample_reads_prompts_as_the_training_commands_do_and_drops_no_held_out_
         with pytest.raises(ConfigError, match=r"^data: alignkit sample takes no evaluation split, and data\.eval_path "
                                               r"/ data\.eval_fraction would hold out (3|6) prompt\(s\)"):
             read_prompts(DataSettings(path=str(path), **held_out))
+
+
+def test_annotate_that_keeps_no_record_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """length_target's rewards lie in [0, 1], so no best-vs-worst margin can exceed 2: no pair passes. Before: an
+    empty records.jsonl, the annotation marked complete and 'train on them', exit 0. Now one line naming the samples
+    file and the fix; records.jsonl is not written and the manifest gains no annotation entry."""
+    rnd = tmp_path / "round"
+    assert main(["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={rnd}",
+                 "data.max_records=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]) == 0
+    manifest = (rnd / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main(["-q", "annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={rnd}",
+                 "feedback_kwargs.min_margin=2.0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit annotate")]
+    assert len(err) == 1, err
+    assert f"{rnd / 'samples.jsonl'}: no best_worst record passed from its 4 scored sample(s)" in err[0]
+    assert "min_margin" in err[0]
+    assert not (rnd / "records.jsonl").exists()
+    assert (rnd / "manifest.json").read_bytes() == manifest
+    # a margin some pair can pass writes the round as before
+    assert main(["-q", "annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={rnd}",
+                 "feedback_kwargs.min_margin=-1.0", "reweighters=[]"]) == 0
+    assert len(_rows(rnd / "records.jsonl")) == 2

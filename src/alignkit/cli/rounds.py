@@ -117,7 +117,7 @@ def annotate(cfg: Any, allow_code: bool = False) -> Path:
         save_config(cfg, run.root / "annotate.yaml")
     annotator = make_annotator(cfg.annotator, run, allow_code)
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
-                          reweighters=cfg.reweighters, overwrite=cfg.overwrite)
+                          reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True)
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]
     write_command_outputs(run.root, "annotate", entry.get("metrics", {}),  # (failed scores are null: not drawn)
                           {"reward": entry.get("scores") or [],

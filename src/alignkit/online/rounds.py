@@ -118,9 +118,11 @@ def score_stats(scores: Scores) -> dict[str, float]:
 
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, refuse_empty: bool = False) -> Path:
     """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
-    write `folder/records.jsonl` (skipped when complete). Returns its path."""
+    write `folder/records.jsonl` (skipped when complete). Returns its path. A round no record passes writes an empty
+    file (a rounds loop skips it); `refuse_empty=True` (the `alignkit annotate` command) raises `DataError` instead,
+    before anything is written."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
     if not overwrite and _complete(folder, "annotation", RECORDS_FILE):
@@ -143,6 +145,10 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
     if records and reweighters:
         records = reweight(records, reweighters)
     metrics["records/count"] = float(len(records))
+    if refuse_empty and not records:
+        raise DataError(f"{folder / SAMPLES_FILE}: no {feedback} record passed from its {len(samples)} scored "
+                        f"sample(s) (feedback_kwargs: {feedback_kwargs or {}}); no {RECORDS_FILE} was written. Loosen "
+                        f"feedback_kwargs (e.g. a lower min_margin) or sample more responses per prompt")
     atomic_write_jsonl(path, (record_to_row(r) for r in records))
     _update_manifest(folder, "annotation", {
         "file": RECORDS_FILE, "annotator": annotator.describe(), "feedback": feedback,
