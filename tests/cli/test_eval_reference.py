@@ -31,3 +31,11 @@ def test_dpo_eval_of_a_model_against_itself_is_one_line_and_writes_nothing(tiny_
     assert metrics["pairs"] == 6
     assert abs(metrics["rewards/accuracies"]) < 1e-12
     assert abs(metrics["loss"] - 0.6931471805599453) < 1e-5
+
+
+def test_a_missing_model_path_is_named_before_the_reference(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={tmp_path / 'nowhere'}",
+                 "model.adapter_path=null", f"data.path={DATA}", f"output_dir={tmp_path / 'eval'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
+    assert len(err) == 1 and "model.path" in err[0] and "does not exist" in err[0], err

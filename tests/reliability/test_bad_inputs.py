@@ -130,7 +130,10 @@ def models(tmp_path_factory):
 def eval_args(tmp_path, base, adapter=None):
     out = ["eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"output_dir={tmp_path / 'ev'}",
            f"model.path={base}", "data.max_records=2"]
-    return out + [f"model.adapter_path={adapter}" if adapter else "model.adapter_path=null"]
+    # without an adapter, eval dpo needs the reference named (the model as its own reference is refused)
+    if adapter:
+        return out + [f"model.adapter_path={adapter}"]
+    return out + ["model.adapter_path=null", f"method.reference_path={base}"]
 
 
 def test_missing_model_path(tmp_path, capsys):

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records, tokenize
-from alignkit.cli.models import check_formats, load_for_inference, to_device
+from alignkit.cli.models import check_formats, check_model_folder, load_for_inference, to_device
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceParams, preference_loss
@@ -88,6 +88,7 @@ def check_reference(cfg: Any) -> None:
     model learned."""
     if cfg.method.kind == "reward" or cfg.model.adapter_path is not None or cfg.method.reference_path is not None:
         return
+    check_model_folder(cfg.model.path, "model.path")  # a path that is not a model says so first
     raise ConfigError(f"eval {cfg.method.kind}: model.path={cfg.model.path} would be its own reference (no "
                       "model.adapter_path, no method.reference_path), so every implicit reward would be 0 and the "
                       "accuracy 0 whatever it learned; set method.reference_path to the model it was trained from "
