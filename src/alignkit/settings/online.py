@@ -387,10 +387,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_prompt_data(self.data, "sample")
-        try:
-            refuse_greedy_ignored(self.sampling, "sampling")
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        refuse_greedy_ignored(self.sampling, "sampling")
 
 
 @dataclass

@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from alignkit.settings.typed import ConfigError
+
 logger = logging.getLogger("alignkit.online.generation")
 
 
@@ -77,10 +79,12 @@ class SamplingConfig:
 
 
 def refuse_greedy_ignored(cfg: SamplingConfig, section: str, default_note: str = "") -> None:
-    """ValueError naming the first sampling-only setting greedy decoding would ignore (`greedy_ignored`): a user who
-    sets a temperature expects samples and would get the greedy answer, exit 0."""
-    for key, value in cfg.greedy_ignored():
-        raise ValueError(f"{section}.{key}={value!r} is read only when sampling, but {section}.do_sample is false "
+    """ConfigError naming the first sampling-only setting greedy decoding would ignore (`greedy_ignored`): a user
+    who sets a temperature expects samples and would get the greedy answer, exit 0."""
+    ignored = cfg.greedy_ignored()
+    if ignored:
+        key, value = ignored[0]
+        raise ConfigError(f"{section}.{key}={value!r} is read only when sampling, but {section}.do_sample is false "
                          f"(greedy decoding{default_note}), so it would be ignored; set {section}.do_sample: true to "
                          f"sample, or remove {section}.{key}")
 
