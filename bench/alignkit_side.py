@@ -135,11 +135,14 @@ def run_reft(args, tok) -> dict:
                                                      "intervention": "loreft", "low_rank_dimension": args.rank}]},
                         positions=args.position, share_weights=True)
     model = apply_adapter(base, AdapterConfig(kind="reft", reft=reft))
+    cache = {"auto": None, "on": True, "off": False}[args.reft_prefix_cache]
     trainer = SFTTrainer(model, _training_args(args, "alignkit_reft"), train_dataset=_tokenized(args, "reft", tok),
-                         data_collator=SFTCollator(tok.pad_token_id), processing_class=tok, **_knobs(args))
+                         data_collator=SFTCollator(tok.pad_token_id), processing_class=tok, reft_prefix_cache=cache,
+                         **_knobs(args))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return _train(args, trainer, model, {"trainable_params": n_train, "intervention": "LoReFT",
-                                         "layer": args.layer, "position": args.position})
+                                         "layer": args.layer, "position": args.position,
+                                         "reft_prefix_cache": args.reft_prefix_cache})
 
 
 TASK_RUNNERS: dict[str, Callable] = {"sft": run_sft, "rm": run_rm, "dpo": run_dpo, "reft": run_reft}

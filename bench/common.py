@@ -44,6 +44,14 @@ SCENARIOS: dict[str, dict] = {
         "data": {"seed": 1234, "n": 256, "prompt_len": [8, 48], "completion_len": [8, 48]},
         "max_length": 128,
     },
+    # Several epochs over few examples, as pyreft's recipes train: the "small" model and lengths, 64 examples
+    # (8 batches of 8 per epoch); the ReFT cases time epochs 2-4 (warm-up = the first epoch).
+    "epochs": {
+        "name": "epochs",
+        "model": dict(_LLAMA, vocab_size=1024),
+        "data": {"seed": 1234, "n": 64, "prompt_len": [8, 48], "completion_len": [8, 48]},
+        "max_length": 128,
+    },
     # DPO memory: 32k vocabulary, ~512-token sequences (256 prompt + 256 response): the logits
     # (B, 2, T, 32000) dominate memory, so this is where fused / chunked log-probs show.
     "dpo_memory": {
@@ -195,6 +203,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--position", default="l1", help="ReFT positions, e.g. l1 or f1+l1")
     ap.add_argument("--layer", type=int, default=None, help="ReFT layer (default: middle layer)")
     ap.add_argument("--rank", type=int, default=4, help="LoReFT rank")
+    ap.add_argument("--reft-prefix-cache", choices=["auto", "on", "off"], default="auto",
+                    help="alignkit ReFT: train.reft_prefix_cache (auto: the trainer's default)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

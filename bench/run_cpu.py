@@ -78,6 +78,11 @@ def cases(quick: bool) -> list[Case]:
         Case("reft", "small", "pyreft", ["--batch-size", "8", *s, "--lr", "4e-3", "--position", "l1"], label="l1"),
         Case("reft", "small", "pyreft", ["--batch-size", "8", *s, "--lr", "4e-3", "--position", "f1+l1"],
              label="f1+l1"),
+        # several epochs over 64 examples (8 batches each), as pyreft's recipes train: the warm-up is the first
+        # epoch, the timed steps epochs 2-4 (alignkit's defaults cache the frozen layers below the intervention)
+        *[Case("reft", "epochs", "pyreft", ["--batch-size", "8", "--steps", "8" if quick else "24", "--warmup", "8",
+                                            "--lr", "4e-3", "--position", pos], label=f"{pos}, epochs 2-4")
+          for pos in ("l1", "f1+l1")],
     ]
 
 

@@ -86,6 +86,8 @@ def batching_kwargs(command: str, train: dict[str, Any]) -> dict[str, Any]:
         out["group_by_length"] = True
     if train.get("share_prompt") is not None and command in ("rm", "dpo"):  # the config refused True elsewhere
         out["share_prompt"] = bool(train["share_prompt"])  # None: the trainer's default (on where faster)
+    if train.get("reft_prefix_cache") is not None:
+        out["reft_prefix_cache"] = bool(train["reft_prefix_cache"])  # None: the trainer's default (on for several epochs)
     return out
 
 

@@ -45,6 +45,7 @@ from alignkit.interventions.locate import (  # noqa: F401  (re-exported: users i
     resolve_component,
 )
 from alignkit.interventions.positions import locations_from_spans, prompt_spans, prompt_spans_from_mask
+from alignkit.interventions.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class ReftModel(nn.Module):
         self._step: Step | None = None
         self._layer_step: dict[int, Step | None] = {}
         self._recompute = WeakIdKeyDictionary()  # layer input tensor -> Step (checkpoint replay)
+        self._prefix_cache: PrefixCache | None = None  # enable_prefix_cache
         self._freeze_base()
         self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
         self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
@@ -201,8 +203,22 @@ class ReftModel(nn.Module):
         self._step = Step(self._run, offset)
         return None
 
+    def enable_prefix_cache(self, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixCache:
+        """Cache the input of the lowest intervened layer per example (`alignkit.interventions.prefix_cache`):
+        from an example's second forward on, the frozen layers below it are skipped. ValueError (one line, why)
+        where those layers are not a fixed function of the tokens."""
+        self.disable_prefix_cache()
+        self._prefix_cache = PrefixCache(self, max_bytes)
+        return self._prefix_cache
+
+    def disable_prefix_cache(self) -> None:
+        if self._prefix_cache is not None:
+            self._prefix_cache.remove()
+            self._prefix_cache = None
+
     def remove_hooks(self) -> None:
         """Remove every hook this wrapper registered (and only those). The wrapper is unusable after."""
+        self.disable_prefix_cache()
         for h in self._handles + [h for hs in self._slot_handles.values() for h in hs] + \
                 [h for hs in self._state_handles.values() for h in hs]:
             h.remove()
@@ -385,7 +401,12 @@ class ReftModel(nn.Module):
         locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=start > 0)
         if labels is not None:
             kwargs["labels"] = labels
-        with self._running(Run(locations, self._active_slots(), last_location=last), start):
+        cache = self._prefix_cache
+        # the cache only where nothing reads the skipped layers: no KV cache in or out, no hidden states asked for
+        use = (cache is not None and start == 0 and input_ids is not None and kwargs.get("use_cache") is False
+               and not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions"))
+        with self._running(Run(locations, self._active_slots(), last_location=last), start), \
+                (cache.around(input_ids, attention_mask, kwargs.get("position_ids")) if use else contextlib.nullcontext()):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

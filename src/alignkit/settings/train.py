@@ -60,11 +60,14 @@ TRAIN_KEYS: dict[str, tuple[Any, str]] = {
     "share_prompt": (bool | None, "one row per preference pair, the prompt run once (rm, dpo; sdpa/eager, no ReFT); "
                                   "null: on CPU runs where it is faster (sdpa attention, no checkpointing, no ReFT)"),
     "compile": (bool | dict[str, Any], "true or torch.compile options: compile each decoder layer (regional)"),
+    "reft_prefix_cache": (bool | None, "ReFT: run the frozen layers below the interventions once per example and read "
+                                       "their output back in later epochs; null: on when the run passes over its "
+                                       "examples more than once and those layers are frozen and dropout-free"),
 }
 
 # alignkit's own train keys (not TrainingArguments fields): the CLI takes them out before building TrainingArguments
 ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_free", "group_by_length", "share_prompt",
-                                                                       "compile")}
+                                                                       "compile", "reft_prefix_cache")}
 
 ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_decay", "max_grad_norm",
                      "gradient_accumulation_steps", "eval_steps", "save_steps", "report_to", "disable_tqdm", "push_to_hub",

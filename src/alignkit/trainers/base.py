@@ -91,6 +91,7 @@ from alignkit.runs import (
 )
 from alignkit.settings import ConfigError
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
+from alignkit.trainers.prefix import check_prefix_cache, prefix_cache
 from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
 
@@ -137,7 +138,7 @@ class AlignTrainer(BatchSampling, Trainer):
                  weight_normalization: Literal["count", "weighted"] = "count", disable_dropout: bool = False,
                  group_by_length: bool = False, max_length: int | None = 1024, max_prompt_length: int | None = 512,
                  formatter: str = "auto", loss_on: str = "all_assistant", add_eos: bool | None = None,
-                 dataset_num_proc: int | None = None, **kwargs: Any) -> None:
+                 dataset_num_proc: int | None = None, reft_prefix_cache: bool | None = None, **kwargs: Any) -> None:
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
@@ -172,6 +173,8 @@ class AlignTrainer(BatchSampling, Trainer):
         self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": {}, "eval": {}}
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
         warn_low_precision(self.model, self.args.learning_rate)  # bf16 weights: updates round away
+        self.reft_prefix_cache = reft_prefix_cache
+        check_prefix_cache(self.model, reft_prefix_cache)  # before anything is written
 
     # -- optimizer ---------------------------------------------------------------------------------------
 
@@ -531,7 +534,19 @@ class AlignTrainer(BatchSampling, Trainer):
             logger.info("resuming from %s", resume_from_checkpoint)
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        with prefix_cache(self.model, self.reft_prefix_cache, self._data_passes()):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _data_passes(self) -> float | None:
+        """How many times this run goes over its training examples (None when the dataset has no length)."""
+        try:
+            n = len(self.train_dataset)
+        except TypeError:
+            return None
+        a = self.args
+        if a.max_steps is not None and a.max_steps > 0:
+            return a.max_steps * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size / max(n, 1)
+        return float(a.num_train_epochs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -1,0 +1,75 @@
+"""`reft_prefix_cache` (train.reft_prefix_cache): the ReFT frozen-prefix cache around a training run.
+
+`None` (the default): on for a ReFT model (adapter kind reft or reft+lora) on the CPU whose run passes over its
+examples more than once (num_train_epochs > 1, or max_steps covering more than one epoch) where the layers below
+the interventions are a fixed function of the tokens (`alignkit.interventions.prefix_cache.unusable_reason`); said
+once in the log either way. Not on GPUs by default: not measured there yet. `True`: on, refused in one line where it cannot apply. `False`: off.
+See `alignkit.interventions.prefix_cache` for what is cached and how it checks itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterator
+
+from torch import nn
+
+from alignkit.adapters.base import unwrap_parallel
+from alignkit.interventions.prefix_cache import lowest_layer, unusable_reason
+
+logger = logging.getLogger(__name__)
+
+
+def _reft(model: nn.Module) -> Any:
+    inner = unwrap_parallel(model)
+    return inner if hasattr(inner, "enable_prefix_cache") else None
+
+
+def check_prefix_cache(model: nn.Module, setting: bool | None) -> None:
+    """Refuse `reft_prefix_cache=True` where it cannot apply (ValueError, one line, before anything is written)."""
+    if setting is not None and not isinstance(setting, bool):
+        raise ValueError(f"reft_prefix_cache must be true, false or null, got {setting!r}")
+    if setting is not True:
+        return
+    reft = _reft(model)
+    if reft is None:
+        raise ValueError("reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora); this model "
+                         "has none: leave train.reft_prefix_cache out")
+    reason = unusable_reason(reft)
+    if reason is not None:
+        raise ValueError(f"reft_prefix_cache: true, but the layers below the interventions are not a fixed function "
+                         f"of the tokens: {reason}; set train.reft_prefix_cache: false")
+
+
+@contextlib.contextmanager
+def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None) -> Iterator[None]:
+    """The cache on `model`'s ReftModel for the duration of the block (see the module's docstring)."""
+    reft = _reft(model)
+    if reft is None or setting is False:
+        yield
+        return
+    if setting is None:
+        reason = unusable_reason(reft)
+        if reason is None and (passes is None or passes <= 1):
+            reason = "the run passes over its examples once" if passes is not None else "the dataset has no length"
+        if reason is None and next(reft.parameters()).device.type != "cpu":
+            reason = ("not measured on a GPU yet (each step copies the cached states from host memory): "
+                      "train.reft_prefix_cache: true turns it on")
+        if reason is not None:
+            logger.info("ReFT prefix cache off: %s", reason)
+            yield
+            return
+    cache = reft.enable_prefix_cache()
+    L = lowest_layer(reft)
+    logger.info("ReFT prefix cache on: layers 0-%d (below the interventions) run once per example, then their "
+                "output is read back (train.reft_prefix_cache: false turns it off)", L - 1)
+    try:
+        yield
+    finally:
+        logger.info("ReFT prefix cache: %d examples cached (%.1f MiB), %d forwards used it", len(cache.store),
+                    cache.bytes / 1024 ** 2, cache.hits)
+        reft.disable_prefix_cache()
+
+
+__all__ = ["check_prefix_cache", "prefix_cache"]
