@@ -153,8 +153,8 @@ def register() -> None:
 
 
 def _checkpointing(lm: nn.Module) -> bool:
-    return bool(getattr(lm, "is_gradient_checkpointing", False)) or any(
-        getattr(m, "gradient_checkpointing", False) is True for m in lm.modules())
+    # what transformers' `is_activation_checkpointing` reads (its old name `is_gradient_checkpointing` warns since 5.2x)
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in lm.modules())
 
 
 def usable(lm: nn.Module) -> bool:
