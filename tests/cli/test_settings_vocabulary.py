@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from alignkit.settings import CONFIG_CLASSES, ConfigError, load_config
-from alignkit.settings.train import OFFLINE_DEFAULTS, ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
+from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, OFFLINE_DEFAULTS, ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
 
 HEAVY = ("torch", "transformers", "peft", "accelerate", "datasets", "alignkit.trainers", "alignkit.online",
          "alignkit.models")
@@ -86,7 +86,7 @@ def test_offline_train_defaults_shown_by_help_are_transformers_own():
 
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
     for key, value in OFFLINE_DEFAULTS.items():
-        if key in ("padding_free", "group_by_length", "share_prompt", "compile"):  # alignkit's own
+        if key in ALIGNKIT_TRAIN_KEYS:  # alignkit's own
             assert key not in fields
             continue
         if key == "report_to":  # alignkit's default: null = TensorBoard into <run>/tensorboard when installed

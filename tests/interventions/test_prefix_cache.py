@@ -22,6 +22,7 @@ from alignkit.data import SFTCollator
 from alignkit.interventions.locate import find_decoder_layers, hf_model
 from alignkit.interventions.prefix_cache import PrefixCacheMismatch, unusable_reason
 from alignkit.models.loading import load_model
+from alignkit.settings import ConfigError
 from alignkit.trainers import SFTTrainer
 from alignkit.trainers.data_prep import packed_collator
 from alignkit.trainers.logps import completion_token_logps
@@ -181,14 +182,14 @@ def test_unusable_models_are_named(base_dir, what, build, reason):
     model = reft_model(base_dir, **build)
     assert reason in unusable_reason(reft_of(model)), what
     args = TrainingArguments(output_dir="/nonexistent/never-written", max_steps=1, report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match=f"reft_prefix_cache: true, but .*{reason}.*reft_prefix_cache: false"):
+    with pytest.raises(ConfigError, match=f"reft_prefix_cache: true, but .*{reason}.*reft_prefix_cache: false"):
         SFTTrainer(model, args, train_dataset=features(), data_collator=SFTCollator(0), reft_prefix_cache=True)
 
 
 def test_true_without_reft_is_refused(tiny_dir):
     model = load_model(tiny_dir("llama"))
     args = TrainingArguments(output_dir="/nonexistent/never-written", max_steps=1, report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="needs a ReFT adapter"):
+    with pytest.raises(ConfigError, match="needs a ReFT adapter"):
         SFTTrainer(model, args, train_dataset=features(), data_collator=SFTCollator(0), reft_prefix_cache=True)
 
 
@@ -221,7 +222,6 @@ def test_three_epochs_train_the_same_weights_with_and_without_the_cache(base_dir
 
 
 def test_cli_key_is_checked_before_anything_is_written(tmp_path, tiny_dir):
-    from alignkit.settings import ConfigError
     from alignkit.settings.load import config_from_dict
     cfg = {"model": {"path": str(tiny_dir("llama"))}, "data": {"path": "x.jsonl"},
            "train": {"reft_prefix_cache": "sometimes"}, "output_dir": str(tmp_path / "run")}

@@ -54,6 +54,8 @@ CONFIG_CASES = [
     ("eval_fraction one", ["data.eval_fraction=1.0"], ["data.eval_fraction", "[0, 1)"]),
     ("lora rank zero", ["adapter.lora.r=0"], ["adapter.lora.r", ">= 1"]),
     ("unknown key", ["method.bta=0.1"], ["method.bta", "did you mean 'beta'"]),
+    ("ReFT prefix cache on a LoRA model", ["train.reft_prefix_cache=true"], ["train.reft_prefix_cache",
+                                                                             "needs a ReFT adapter"]),
 ]
 
 

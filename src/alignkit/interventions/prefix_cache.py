@@ -267,8 +267,8 @@ class PrefixCache:
                 "a fixed function of the tokens in this model; train without the cache (train.reft_prefix_cache: "
                 "false)")
         self.verified = True
-        logger.info("ReFT prefix cache: checked against the frozen layers (max difference %.3g); layers 0-%d now "
-                    "run once per example", diff, self.layer - 1)
+        logger.info("ReFT prefix cache: checked against the frozen layers (max difference %.3g); the layers below "
+                    "layer %d now run once per example", diff, self.layer)
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "PrefixCache", "PrefixCacheMismatch", "lowest_layer", "unusable_reason"]

@@ -95,7 +95,7 @@ OFFLINE_DEFAULTS: dict[str, Any] = {
     "per_device_train_batch_size": 8, "num_train_epochs": 3.0, "lr_scheduler_type": "linear",
     "warmup_steps": 0, "logging_steps": 500, "eval_strategy": "no", "eval_steps": None, "save_total_limit": None,
     "gradient_checkpointing": None, "bf16": False, "fp16": False,
-    "padding_free": None, "group_by_length": False, "share_prompt": None, "compile": False,
+    "padding_free": None, "group_by_length": False, "share_prompt": None, "compile": False, "reft_prefix_cache": None,
 }
 
 # The online trainers' defaults, in train's vocabulary (checked against alignkit.online's config classes by a test).

@@ -17,6 +17,7 @@ from torch import nn
 
 from alignkit.adapters.base import unwrap_parallel
 from alignkit.interventions.prefix_cache import lowest_layer, unusable_reason
+from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -27,18 +28,18 @@ def _reft(model: nn.Module) -> Any:
 
 
 def check_prefix_cache(model: nn.Module, setting: bool | None) -> None:
-    """Refuse `reft_prefix_cache=True` where it cannot apply (ValueError, one line, before anything is written)."""
+    """Refuse `reft_prefix_cache=True` where it cannot apply (ConfigError, one line, before anything is written)."""
     if setting is not None and not isinstance(setting, bool):
-        raise ValueError(f"reft_prefix_cache must be true, false or null, got {setting!r}")
+        raise ConfigError(f"reft_prefix_cache must be true, false or null, got {setting!r}")
     if setting is not True:
         return
     reft = _reft(model)
     if reft is None:
-        raise ValueError("reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora); this model "
+        raise ConfigError("train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora); this model "
                          "has none: leave train.reft_prefix_cache out")
     reason = unusable_reason(reft)
     if reason is not None:
-        raise ValueError(f"reft_prefix_cache: true, but the layers below the interventions are not a fixed function "
+        raise ConfigError(f"train.reft_prefix_cache: true, but the layers below the interventions are not a fixed function "
                          f"of the tokens: {reason}; set train.reft_prefix_cache: false")
 
 
@@ -61,9 +62,8 @@ def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None) -
             yield
             return
     cache = reft.enable_prefix_cache()
-    L = lowest_layer(reft)
-    logger.info("ReFT prefix cache on: layers 0-%d (below the interventions) run once per example, then their "
-                "output is read back (train.reft_prefix_cache: false turns it off)", L - 1)
+    logger.info("ReFT prefix cache on: the layers below layer %d (the lowest intervened) run once per example, then "
+                "their output is read back (train.reft_prefix_cache: false turns it off)", lowest_layer(reft))
     try:
         yield
     finally:
