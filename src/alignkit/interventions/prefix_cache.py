@@ -19,7 +19,8 @@ without the cache.
 
 Loud where it could be wrong:
 - the first forward that could use the cache runs the real layers instead and compares their output with the
-  cached states (max |difference| <= 64 float eps x max |h|, i.e. float rounding of other matmul shapes);
+  cached states (max |difference| <= 64 eps x max |h|, eps of the states' dtype or of autocast's, i.e. float
+  rounding of other matmul shapes);
   further apart raises `PrefixCacheMismatch` (what, by how much, how to turn the cache off);
 - the frozen prefix's parameters are watched through their version counters: any in-place change (a load, an
   optimiser step on a parameter that should have been frozen) empties the cache, with a warning;
@@ -259,7 +260,10 @@ class PrefixCache:
         real = torch.cat([h[b, s:e] for b, s, e in segs]).float()
         mine = torch.cat([cached[b, s:e] for b, s, e in segs]).float()
         diff = float((real - mine).abs().max())
-        tol = 64 * torch.finfo(h.dtype).eps * max(1.0, float(real.abs().max()))
+        eps = torch.finfo(h.dtype).eps
+        if torch.is_autocast_enabled(h.device.type):  # the layers' matmuls round to the autocast dtype
+            eps = max(eps, torch.finfo(torch.get_autocast_dtype(h.device.type)).eps)
+        tol = 64 * eps * max(1.0, float(real.abs().max()))
         if not diff <= tol:
             raise PrefixCacheMismatch(
                 f"ReFT prefix cache: the cached input of layer {self.layer} differs from what the frozen layers "
