@@ -228,3 +228,18 @@ def test_cli_key_is_checked_before_anything_is_written(tmp_path, tiny_dir):
     with pytest.raises(ConfigError, match="reft_prefix_cache"):
         config_from_dict(cfg, "sft")
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_true_where_the_model_cannot_use_it_before_writing(tmp_path, capsys):
+    """sft-reft-tiny.yaml intervenes in layers 0 and 1: nothing below layer 0; one line, exit 2, no run folder."""
+    from pathlib import Path
+
+    from alignkit.cli import main
+    config = Path(__file__).resolve().parents[2] / "configs" / "sft-reft-tiny.yaml"
+    capsys.readouterr()
+    rc = main(["-q", "sft", "--config", str(config), f"output_dir={tmp_path / 'run'}", "train.reft_prefix_cache=true"])
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("alignkit ")]
+    assert rc == 2 and len(lines) == 1, err
+    assert "train.reft_prefix_cache: true" in lines[0] and "layer 0" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

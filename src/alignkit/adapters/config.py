@@ -92,6 +92,11 @@ class AdapterConfig:
     def parts(self) -> tuple[str, ...]:
         return KINDS[self.kind].parts
 
+    @property
+    def has_reft(self) -> bool:
+        """The kind edits hidden states with ReFT interventions (reft, reft+lora)."""
+        return "reft" in self.parts
+
     def check(self) -> None:
         """Check what can be checked without a model (ValueError naming the key). A ReFT part's `ReftConfig`
         checked its keys and intervention types when it was built. Left: a part's settings given to a kind

@@ -162,9 +162,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         chosen = set(self.train or {})
         self.train = check_train({**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}, self.command)
-        if self.train.get("reft_prefix_cache") and self.adapter.kind not in ("reft", "reft+lora"):
-            raise ConfigError(f"train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora; "
-                              f"this config's is {self.adapter.kind!r}); remove it")
+        if self.train.get("reft_prefix_cache"):
+            if not self.adapter.has_reft:
+                raise ConfigError(f"train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora; "
+                                  f"this config's is {self.adapter.kind!r}); remove it")
         if self.command != "sft" and self.data.loss_on != DataSettings.loss_on:
             raise ConfigError(f"data.loss_on: read only by alignkit sft (which tokens of a conversation are trained), "
                               f"so alignkit {self.command} would ignore it; remove it")
