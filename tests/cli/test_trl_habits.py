@@ -168,3 +168,36 @@ def test_a_loss_parameter_no_chosen_loss_reads_is_refused(command, key, reader):
                                           r"\['sigmoid'\], so it would be ignored"):
         load_config(None, [*base, f"method.{key}"], command=command)
     load_config(None, [*base, f"method.{key}", f"method.loss_type=[sigmoid, {reader}]"], command=command)
+
+
+@pytest.mark.parametrize("command", ["dpo", "online-dpo"])
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "nca_pair", "apo_zero", "orpo", "slic", "discopop"])
+def test_label_smoothing_beside_a_loss_that_never_reads_it_is_refused(command, loss):
+    """method.label_smoothing=0.1 with loss_type ipo (or hinge, nca_pair, ...) was accepted and ignored: those losses
+    have no smoothing term, so the run trained plain IPO while config.yaml said 0.1."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    if command == "online-dpo":
+        base.append("annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}")
+    with pytest.raises(ConfigError, match=rf"method.label_smoothing: only loss_type sigmoid / robust / .* reads it, "
+                                          rf"and loss_type is \['{loss}'\], so it would be ignored"):
+        load_config(None, [*base, "method.label_smoothing=0.1", f"method.loss_type={loss}"], command=command)
+    # a combination with a loss that smooths reads it; every smoothing loss reads it alone
+    load_config(None, [*base, "method.label_smoothing=0.1", f"method.loss_type=[{loss}, sigmoid]"], command=command)
+    for reader in ("sigmoid", "robust", "exo_pair", "simpo", "cpo", "fdpo_js", "fdpo_forward_kl", "fdpo_alpha"):
+        load_config(None, [*base, "method.label_smoothing=0.1", f"method.loss_type={reader}"], command=command)
+
+
+def test_beta_with_orpo_names_orpo_lambda():
+    """TRL's ORPOConfig.beta is ORPO's lambda; here that is method.orpo_lambda and ORPO never reads method.beta, so
+    'method.beta=0.2 method.loss_type=orpo' trained with lambda 0.1 while config.yaml said beta 0.2."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", "method.loss_type=orpo"]
+    with pytest.raises(ConfigError, match=r"method.beta: loss_type orpo does not read it .* set "
+                                          r"method.orpo_lambda=0.2 instead"):
+        load_config(None, [*base, "method.beta=0.2"], command="dpo")
+    cfg = load_config(None, [*base, "method.orpo_lambda=0.2"], command="dpo")
+    assert cfg.method.orpo_lambda == 0.2
+    load_config(None, [*base, "method.beta=0.2", "method.loss_type=[orpo, sigmoid]"], command="dpo")

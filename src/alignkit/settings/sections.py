@@ -93,7 +93,10 @@ class PreferenceObjective:
     # the parameters one loss alone reads: set away from its default without that loss, it would be ignored
     READ_ONLY_BY = {"simpo_gamma_beta_ratio": ("simpo",), "orpo_lambda": ("orpo",), "slic_delta": ("slic",),
                     "slic_lambda": ("slic",), "discopop_tau": ("discopop",), "cpo_alpha": ("cpo",),
-                    "f_alpha": ("fdpo_alpha",)}
+                    "f_alpha": ("fdpo_alpha",),
+                    # the label-smoothed logistic losses (cDPO epsilon); ipo, hinge, nca_pair, ... never read it
+                    "label_smoothing": ("sigmoid", "robust", "exo_pair", "simpo", "cpo", "fdpo_js", "fdpo_forward_kl",
+                                        "fdpo_alpha")}
 
     def __post_init__(self) -> None:
         names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -102,6 +105,10 @@ class PreferenceObjective:
             if getattr(self, key) != defaults[key] and not set(readers) & set(names):
                 raise ConfigError(f"method.{key}: only loss_type {' / '.join(readers)} reads it, and loss_type is "
                                   f"{names}, so it would be ignored; remove it or add that loss type")
+        if self.beta != defaults["beta"] and set(names) <= {"orpo"}:
+            raise ConfigError(f"method.beta: loss_type orpo does not read it (ORPO's weight, beta in TRL's ORPOConfig, "
+                              f"is method.orpo_lambda here), so it would be ignored; set method.orpo_lambda="
+                              f"{self.beta:g} instead")
 
 
 @dataclass
