@@ -46,6 +46,18 @@ def test_reward_model_truncation_and_label_check(tiny_dir):
         RewardModelAnnotator(str(tiny_dir("llama", classifier=True, num_labels=2)))
 
 
+def test_reward_model_non_finite_score_stops(tiny_dir):
+    """A reward model scoring NaN (fp16 overflow, a damaged head) was read as a failed score: the sample got weight 0
+    and reward/failed did not count it, so a run trained on whatever the model still scored, without a word (and an
+    inf score won every group). Now one line naming the score and the response."""
+    rm = RewardModelAnnotator(str(tiny_dir("llama", classifier=True, num_labels=1)), device="cpu")
+    with torch.no_grad():
+        rm.model.score.weight[:] = float("nan")
+    with pytest.raises(AnnotatorError, match=r"reward model .* scored nan for response 0 of 2 \(2 non-finite in all; "
+                                             r"response ' four'\): its scores mean nothing"):
+        rm.annotate([CHAT, CHAT], [" four", " 4"])
+
+
 # ---------------------------------------------------------------------------------------------- function
 
 REWARDS = textwrap.dedent('''

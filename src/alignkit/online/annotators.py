@@ -182,6 +182,14 @@ class RewardModelAnnotator(Annotator):
             mask = pad([[1] * len(x) for x in ids], 0, side="right").to(device)  # (B, T)
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, 1)
             values.extend(logits[:, 0].float().cpu().tolist())
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:  # NaN would be dropped as a failed score (weight 0) without a word, inf would win every group
+            raise AnnotatorError(
+                f"reward model {self.path or type(self.model).__name__} scored {values[bad[0]]} for response "
+                f"{bad[0]} of {len(values)} ({len(bad)} non-finite in all; response "
+                f"{response_text(responses[bad[0]])[:60]!r}): "
+                "its scores mean nothing; check the reward model's weights and how it was trained, or load it in "
+                "float32 if it ran in float16 (overflow)")
         truncated = sum(e[1] for e in encoded)
         return finalize_scores(values, "skip", None, metrics={"reward_model/truncated": float(truncated)})
 
