@@ -84,3 +84,13 @@ def test_eval_into_a_training_run_keeps_its_config(finished, capsys):
     new = set(after) - set(before)  # eval's own files, its TensorBoard events and plots namespaced by the command
     assert {"eval.yaml", "metrics.json", "plots/eval-loss.png"} <= new
     assert all(k in ("eval.yaml", "metrics.json") or k.startswith(("plots/eval-", "tensorboard/eval/")) for k in new)
+
+
+def test_output_dir_under_a_file_is_refused_before_loading(tmp_path, capsys):
+    """output_dir=notes.txt/run loaded the model and data, then died making the folder: 'unexpected error:
+    NotADirectoryError' (exit 1). Now the config check says which path is a file."""
+    (tmp_path / "notes.txt").write_text("mine")
+    assert sft(tmp_path / "notes.txt" / "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"lies under {tmp_path / 'notes.txt'}, which is a file, not a folder" in err[0], err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

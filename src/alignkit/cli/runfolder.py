@@ -118,6 +118,10 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
                           "built); start again with --overwrite or another output_dir")
     if final.exists() and not final.is_dir():
         raise ConfigError(f"output_dir: {final} is a file, not a folder; choose another output_dir")
+    above = next((p for p in final.absolute().parents if p.exists() and not p.is_dir()), None)
+    if above is not None:  # else the run loads its model and data, then dies making the folder
+        raise ConfigError(f"output_dir: {final} lies under {above}, which is a file, not a folder; choose another "
+                          "output_dir")
     existed = final.is_dir()
     holds = existed and any(final.iterdir())
     ckpt: Path | None = None
