@@ -57,6 +57,20 @@ def test_ranking_hand_three_replies():
     assert two.losses.item() == pytest.approx(bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.2])).losses.item())
 
 
+def test_ranking_skips_tied_replies():
+    """ranks [0, 0, 1]: replies 0 and 1 are equally good, so only (0, 2) and (1, 2) are comparisons. Before, the loss
+    took every i < j as 'i better' and trained reply 0 above its tie (accuracy and tau counted that pair too)."""
+    r = [0.5, 2.0, 1.0]
+    out = ranking_loss(torch.tensor([r], dtype=torch.float64), ranks=torch.tensor([[0, 0, 1]]))
+    want = (math.log(1 + math.exp(-(0.5 - 1.0))) + math.log(1 + math.exp(-(2.0 - 1.0)))) / 2  # 0.64367
+    assert out.losses.item() == pytest.approx(want, rel=1e-12)
+    assert out.metrics["num_pairs"].item() == 2 and out.metrics["accuracy"].item() == 0.5
+    assert out.metrics["kendall_tau"].item() == 0.0  # (1 concordant - 1 discordant) / 2
+    # every reply tied: no comparison, loss 0; no ranks: the strict order (three pairs)
+    assert ranking_loss(torch.tensor([r]), ranks=torch.tensor([[1, 1, 1]])).losses.item() == 0.0
+    assert ranking_loss(torch.tensor([r])).metrics["num_pairs"].item() == 3
+
+
 def test_ranking_variable_k_vs_loop():
     rng = random.Random(1)
     ks = [4, 2, 3, 1]

@@ -88,6 +88,35 @@ def test_ranked_eval_kendall(make_model, features, collators, tmp_path):
     assert metrics["eval_kendall_tau"] == pytest.approx(stats["kendall_tau"], abs=1e-6)
 
 
+def test_ranked_ties_are_no_comparison_in_training_and_eval(make_model, tokenizer, tmp_path):
+    """Ranked records with tied ranks (OASST, or 'ranks: [0, 0, 1]'): the trainer's K-wise loss and evaluation
+    compared every i < j as 'i better', ties included, so the model was trained to order two equally good replies
+    and accuracy counted those pairs. Checked against rewards computed row by row and the pair loss by hand."""
+    from alignkit.data import RankedCollator, RankedRecord, tokenize_records
+
+    from .conftest import BAD, GOOD, PROMPTS
+
+    recs = [RankedRecord(PROMPTS[0], [GOOD[0], BAD[0], GOOD[0] + BAD[0]], ranks=[0, 0, 1], id="t0"),
+            RankedRecord(PROMPTS[1], [GOOD[1], BAD[1]], ranks=[0, 0], id="t1")]
+    feats, _ = tokenize_records(recs, tokenizer, max_length=32, max_prompt_length=16)
+    model = make_model("full", classifier=True)
+    model.eval()
+    with torch.no_grad():
+        rows = [[float(model(input_ids=torch.tensor([ids])).logits[0, 0]) for ids in f["input_ids"]] for f in feats]
+    nls = lambda x: math.log1p(math.exp(-x))  # noqa: E731
+    (a, b, c), _ = rows
+    want_loss = (nls(a - c) + nls(b - c)) / 2  # pairs (0, 2), (1, 2); the all-tied prompt compares nothing: 0
+    collator = RankedCollator(tokenizer.pad_token_id)
+    trainer = RewardTrainer(model, fast_args(tmp_path), train_dataset=feats, data_collator=collator)
+    batch = collator(list(feats))
+    out = trainer.objective(model, batch)
+    assert out.losses.tolist() == pytest.approx([want_loss, 0.0], rel=1e-5)
+    assert out.metrics["num_pairs"].tolist() == [2.0, 0.0]
+    stats = evaluate_reward_model(model, feats, collator, batch_size=2)
+    assert stats["num_pairs"] == 2.0
+    assert stats["accuracy"] == pytest.approx(((a > c) + (b > c)) / 2)
+
+
 @pytest.mark.parametrize("kind", ["lora", "reft"])
 def test_generation_report(kind, make_model, tokenizer, tmp_path):
     model = make_model(kind)

@@ -9,9 +9,9 @@ with an optional margin m_i (Llama-2 style) and reward centering c (Eisenstein e
 which equals the mean over i of our per-pair term).
 
 K-wise ranking (Open-Assistant reward model, `RMLoss`): for a prompt with K replies in rank order
-(best first) every pair (i < j) is a comparison, and
+(best first) every pair (i < j) of different rank is a comparison (tied replies are not), and
 
-    L_prompt = mean_{i<j} [ -log sigma(r_i - r_j) + l2 * 0.5 * (r_i^2 + r_j^2) ]
+    L_prompt = mean_{i<j, rank_i < rank_j} [ -log sigma(r_i - r_j) + l2 * 0.5 * (r_i^2 + r_j^2) ]
 
 (Open-Assistant's optional l2 term is `l2_coefficient`, 0 by default). K may differ per prompt:
 pad the `(P, K_max)` rewards and pass a `(P, K_max)` mask (valid replies first).
@@ -63,7 +63,8 @@ def _pairs(K: int, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 @REWARD_LOSSES.register("ranking")
-def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: float = 0.0) -> LossOutput:
+def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: float = 0.0,
+                 ranks: Tensor | None = None) -> LossOutput:
     """Open-Assistant K-wise ranking loss: mean over all pairs i<j of -log sigma(r_i - r_j), per prompt.
 
     Args:
@@ -71,8 +72,10 @@ def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: fl
         mask: `(P, K)` bool, True for real replies; must be a prefix (valid replies first).
             None means all K replies are valid.
         l2_coefficient: Open-Assistant's `beta * 0.5 * (r_i^2 + r_j^2)` regulariser, per pair.
+        ranks: `(P, K)` the replies' ranks (non-decreasing along a row, equal = tied): tied pairs are not
+            comparisons (neither is better). None means strictly ordered (every pair i<j counts).
 
-    Returns per-prompt losses `(P,)` (0 for prompts with fewer than 2 replies) and metrics
+    Returns per-prompt losses `(P,)` (0 for prompts with fewer than 2 ordered replies) and metrics
     `accuracy` (fraction of correctly ordered pairs), `kendall_tau`, `num_pairs`,
     `rewards/best`, `rewards/worst` (per prompt).
     """
@@ -87,7 +90,12 @@ def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: fl
     if K > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
         raise ValueError("ranking_loss: each mask row must be a prefix (valid replies first, padding last)")
     i, j = _pairs(K, rewards.device)  # (M,), (M,)
-    valid = (mask[:, i] & mask[:, j]).to(rewards.dtype)  # (P, M)
+    valid = mask[:, i] & mask[:, j]  # (P, M)
+    if ranks is not None:
+        if ranks.shape != rewards.shape:
+            raise ValueError(f"ranking_loss: ranks {tuple(ranks.shape)} != rewards {tuple(rewards.shape)}")
+        valid = valid & (ranks[:, i] < ranks[:, j])  # a tied pair is no comparison
+    valid = valid.to(rewards.dtype)
     ri, rj = rewards[:, i], rewards[:, j]  # (P, M)
     per_pair = -F.logsigmoid(ri - rj)
     if l2_coefficient:
@@ -100,7 +108,7 @@ def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: fl
         last = (n_valid - 1).clamp(min=0)
         metrics = {
             "accuracy": correct,
-            "kendall_tau": kendall_tau(rewards, mask),
+            "kendall_tau": kendall_tau(rewards, mask, ranks),
             "num_pairs": n_pairs,
             "rewards/best": rewards[:, 0].detach(),
             "rewards/worst": rewards.detach().gather(1, last[:, None]).squeeze(1),

@@ -30,7 +30,7 @@ from alignkit.data import PromptRecord, tokenize_records
 from alignkit.data.collators import PromptCollator
 from alignkit.losses import kendall_tau
 from alignkit.trainers.logps import prompt_locations
-from alignkit.trainers.reward import sequence_rewards
+from alignkit.trainers.reward import ranked_table, sequence_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +62,13 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
             batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             r = sequence_rewards(model, batch)  # (rows,)
             if "group_index" in batch:
-                B, K = batch["num_responses"].shape[0], int(batch["num_responses"].max())
-                table = r.new_zeros(B, K).index_put((batch["group_index"], batch["position_in_group"]), r)
-                mask = torch.zeros(B, K, dtype=torch.bool, device=dev)
-                mask[batch["group_index"], batch["position_in_group"]] = True
+                table, mask, ranks = ranked_table(r, batch)
+                K = table.shape[1]
                 i, j = torch.triu_indices(K, K, offset=1, device=dev)
-                valid = mask[:, i] & mask[:, j]
+                valid = mask[:, i] & mask[:, j] & (ranks[:, i] < ranks[:, j])  # tied replies: no comparison
                 correct += float(((table[:, i] > table[:, j]) & valid).sum())
                 pairs += float(valid.sum())
-                taus.append(kendall_tau(table, mask).cpu())
+                taus.append(kendall_tau(table, mask, ranks).cpu())
             else:
                 B = r.shape[0] // 2
                 chosen.append(r[:B].cpu())

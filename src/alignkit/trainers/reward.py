@@ -148,15 +148,22 @@ class RewardTrainer(AlignTrainer):
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         r = sequence_rewards(model, inputs)  # (rows,)
         if "group_index" in inputs:  # ranked: scatter to a (B, K_max) table, best first
-            B = inputs["num_responses"].shape[0]
-            K = int(inputs["num_responses"].max())
-            table = r.new_zeros(B, K).index_put((inputs["group_index"], inputs["position_in_group"]), r)
-            mask = torch.zeros(B, K, dtype=torch.bool, device=r.device)
-            mask[inputs["group_index"], inputs["position_in_group"]] = True
-            return ranking_loss(table, mask, self.l2_coefficient)
+            table, mask, ranks = ranked_table(r, inputs)
+            return ranking_loss(table, mask, self.l2_coefficient, ranks=ranks)
         B = r.shape[0] // 2
         margin = inputs.get("margin") if self.use_margin else None
         return bradley_terry_loss(r[:B], r[B:], margin=margin, center_rewards_coefficient=self.center_rewards_coefficient)
 
 
-__all__ = ["RewardTrainer", "sequence_rewards"]
+def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """A ranked batch's row rewards `(N,)` scattered to `(B, K_max)` tables, best first: rewards, the mask of real
+    replies and the replies' ranks (ties equal; `RankedCollator`'s `rank`)."""
+    idx = (batch["group_index"], batch["position_in_group"])
+    B, K = batch["num_responses"].shape[0], int(batch["num_responses"].max())
+    table = r.new_zeros(B, K).index_put(idx, r)
+    mask = torch.zeros(B, K, dtype=torch.bool, device=r.device).index_put(idx, torch.tensor(True, device=r.device))
+    ranks = torch.zeros(B, K, dtype=torch.long, device=r.device).index_put(idx, batch["rank"].to(r.device))
+    return table, mask, ranks
+
+
+__all__ = ["RewardTrainer", "ranked_table", "sequence_rewards"]
