@@ -201,3 +201,18 @@ def test_beta_with_orpo_names_orpo_lambda():
     cfg = load_config(None, [*base, "method.orpo_lambda=0.2"], command="dpo")
     assert cfg.method.orpo_lambda == 0.2
     load_config(None, [*base, "method.beta=0.2", "method.loss_type=[orpo, sigmoid]"], command="dpo")
+
+
+def test_reward_keys_of_the_other_loss_are_refused():
+    """rm-tiny.yaml with method.ranked=true trained the K-wise loss with its center_rewards_coefficient 0.01 ignored;
+    method.l2_coefficient without method.ranked was ignored by the pair loss. Each is one line now."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    with pytest.raises(ConfigError, match=r"method.center_rewards_coefficient: 0.01 is read only by the Bradley-Terry "
+                                          r"pair loss, and method.ranked is true"):
+        load_config(None, [*base, "method.ranked=true", "method.center_rewards_coefficient=0.01"], command="rm")
+    with pytest.raises(ConfigError, match=r"method.l2_coefficient: 0.01 is read only by the K-wise ranking loss"):
+        load_config(None, [*base, "method.l2_coefficient=0.01"], command="rm")
+    load_config(None, [*base, "method.ranked=true", "method.l2_coefficient=0.01"], command="rm")
+    load_config(None, [*base, "method.center_rewards_coefficient=0.01"], command="rm")

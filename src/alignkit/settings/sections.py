@@ -69,6 +69,17 @@ class RewardMethod:
     l2_coefficient: float = 0.0
     weight_normalization: Literal["count", "weighted"] = "count"
 
+    def __post_init__(self) -> None:
+        if self.ranked and self.center_rewards_coefficient:
+            raise ConfigError(f"method.center_rewards_coefficient: {self.center_rewards_coefficient} is read only by the "
+                              "Bradley-Terry pair loss, and method.ranked is true (the K-wise ranking loss), so it "
+                              "would be ignored; remove it (method.center_rewards_coefficient=null) or use "
+                              "method.l2_coefficient, the ranking loss's regulariser")
+        if not self.ranked and self.l2_coefficient:
+            raise ConfigError(f"method.l2_coefficient: {self.l2_coefficient} is read only by the K-wise ranking loss "
+                              "(method.ranked=true), and method.ranked is false, so it would be ignored; set "
+                              "method.ranked=true, or use method.center_rewards_coefficient with pairs")
+
 
 @dataclass
 class PreferenceObjective:
