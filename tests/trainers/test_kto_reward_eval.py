@@ -152,3 +152,32 @@ def test_kto_label_balance_is_warned_as_the_kto_paper_advises(caplog):
     from datasets import Dataset
 
     assert check_label_balance(Dataset.from_list(rows(3, 2)), 1.0, 1.0) == (3, 2)
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["train.per_device_train_batch_size=1"], "train.per_device_train_batch_size=1: KTO estimates its KL reference "
+                                              "point from mismatched pairs within a batch, which needs >= 2 examples"),
+    (["train.per_device_train_batch_size=11"], "train.per_device_train_batch_size=11: 12 training example(s) leave a "
+                                               "last batch of 1"),
+    (["data.eval_fraction=0.5", "train.eval_strategy=steps", "train.eval_steps=1",
+      "train.per_device_eval_batch_size=2"], None),  # 3 held-out records -> 6 examples: batches of 2, fine
+])
+def test_kto_batches_without_a_mismatched_pair_are_refused_before_the_run(overrides, says, tmp_path, capsys):
+    """KTO with batches of 1 stopped at the first step with 'unexpected error: ValueError' after the run folder was
+    written; 12 examples in batches of 11 trained step 1, then stopped at step 2 (the epoch's last batch of 1). Now
+    one line before anything is written; drop_last (or a fitting batch size) runs."""
+    from pathlib import Path
+
+    from alignkit.cli import main
+
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "kto-tiny.yaml")
+    out = tmp_path / "run"
+    code = main(["-q", "kto", "--config", config, f"output_dir={out}", "train.max_steps=2", *overrides])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit kto:")]
+    if says is None:
+        assert code == 0, err
+        return
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    assert not out.exists()
+    assert main(["-q", "kto", "--config", config, f"output_dir={out}", "train.max_steps=2", *overrides,
+                 "train.dataloader_drop_last=true"]) == 0 or says.startswith("train.per_device_train_batch_size=1")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.losses import UNPAIRED_LOSSES, LossOutput
+from alignkit.settings import ConfigError
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.logps import completion_logps, prompt_spans
 from alignkit.trainers.reference import HasReference, Reference, build_reference
@@ -78,6 +79,24 @@ def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weigh
     return n_des, n_und
 
 
+def check_kl_batches(dataset: Any, batch_size: int, world_size: int, drop_last: bool, key: str, what: str) -> None:
+    """KTO's KL pairs need >= 2 examples in every batch: a batch size of 1, or (one process, no drop_last) a dataset
+    whose last batch holds 1 example, would stop the run at that batch (an epoch's end, or the evaluation after
+    hours of training). Refused before anything is written. Several processes: accelerate fills the last batches
+    (even_batches), so only the batch size counts."""
+    if dataset is None:
+        return
+    if batch_size < 2:
+        raise ConfigError(f"train.{key}={batch_size}: KTO estimates its KL reference point from mismatched pairs "
+                          f"within a batch, which needs >= 2 examples; set train.{key}=2 or more (lower "
+                          "train.gradient_accumulation_steps to keep the global batch)")
+    n = len(dataset)
+    if world_size == 1 and not drop_last and n % batch_size == 1:
+        raise ConfigError(f"train.{key}={batch_size}: {n} {what} example(s) leave a last batch of 1, which has no "
+                          "mismatched pair for KTO's KL estimate (the run would stop at that batch); set "
+                          f"train.dataloader_drop_last=true, or a train.{key} that leaves 0 or >= 2")
+
+
 class KTOTrainer(HasReference, AlignTrainer):
     """Unpaired preference trainer for any adapter kind (KTO by default)."""
 
@@ -95,6 +114,12 @@ class KTOTrainer(HasReference, AlignTrainer):
         self.reference: Reference = build_reference(model, reference, ref_model=ref_model, chunk_size=chunk_size,
                                                     supports=("adapter_off", "copy"), owner="KTOTrainer")
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
+        a = self.args
+        check_kl_batches(self.train_dataset, a.per_device_train_batch_size, a.world_size, a.dataloader_drop_last,
+                         "per_device_train_batch_size", "training")
+        if a.eval_strategy != "no" or self.eval_dataset is not None:
+            check_kl_batches(self.eval_dataset, a.per_device_eval_batch_size, a.world_size, a.dataloader_drop_last,
+                             "per_device_eval_batch_size", "evaluation")
         check_label_balance(self.train_dataset, desirable_weight, undesirable_weight)
         self.reference.place(self.args.device, self.accelerator, disable_dropout=disable_dropout)
 
