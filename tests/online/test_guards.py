@@ -70,3 +70,17 @@ def test_constant_reward_is_reported_not_silent(tiny_dir, tokenizer, tmp_path, c
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "step 1: every prompt's 2 samples got the same reward" in text
     assert "no step of this run had a reward spread" in text
+
+
+def test_prompts_per_step_above_the_data_is_warned(tiny_dir, tokenizer, tmp_path, caplog):
+    """prompts_per_step=8 with 4 prompts ran 4 a step without a word: the step's batch was half the one asked."""
+    import logging
+
+    model = toy_policy(tiny_dir("llama"), "lora")
+    cfg = GRPOConfig(steps=1, prompts_per_step=8, sampling=SamplingConfig(num_samples=2, max_new_tokens=2))
+    with caplog.at_level(logging.WARNING, logger="alignkit.online.trainer"):
+        GRPOTrainer(model, tokenizer, PROMPTS, {"type": "function", "fn": digit_fraction}, cfg, output_dir=tmp_path)
+    said = [r.getMessage() for r in caplog.records if "prompts_per_step" in r.getMessage()]
+    assert said == ["prompts_per_step (method.prompts_per_step on the command line) is 8, and the data holds 4 "
+                    "prompt(s): each step samples 4, so its batch is 8 sample(s), not 16; add prompts or lower "
+                    "method.prompts_per_step"]

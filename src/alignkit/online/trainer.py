@@ -143,6 +143,12 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         fsdp2 = enable_sharding_on_cpu(self.accelerator) or is_fsdp2(self.accelerator)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         n_step = min(self.config.prompts_per_step, len(self.prompts))
+        if n_step < self.config.prompts_per_step:  # the step's batch (and every mean over it) is smaller than asked
+            logger.warning("prompts_per_step (method.prompts_per_step on the command line) is %d, and the data holds "
+                           "%d prompt(s): each step samples %d, so its batch is %d sample(s), not %d; add prompts or "
+                           "lower method.prompts_per_step", self.config.prompts_per_step, len(self.prompts), n_step,
+                           n_step * self.config.sampling.num_samples,
+                           self.config.prompts_per_step * self.config.sampling.num_samples)
         if n_step % self.world:
             raise ValueError(f"online config: prompts_per_step ({n_step}, method.prompts_per_step on the command "
                              f"line, capped by the {len(self.prompts)} prompt(s)) must be a multiple of the number "
