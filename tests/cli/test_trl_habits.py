@@ -216,3 +216,19 @@ def test_reward_keys_of_the_other_loss_are_refused():
         load_config(None, [*base, "method.l2_coefficient=0.01"], command="rm")
     load_config(None, [*base, "method.ranked=true", "method.l2_coefficient=0.01"], command="rm")
     load_config(None, [*base, "method.center_rewards_coefficient=0.01"], command="rm")
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "cpo", "[simpo, sft]"])
+def test_a_reference_for_a_reference_free_loss_is_refused(loss):
+    """loss_type simpo with method.reference=copy built a frozen second model and scored it every step for a loss that
+    never reads it (memory and compute for nothing, exit 0); a reference_cache_dir was ignored the same way."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", f"method.loss_type={loss}"]
+    with pytest.raises(ConfigError, match=r"method.reference: 'copy', and loss_type .* reads no reference"):
+        load_config(None, [*base, "method.reference=copy"], command="dpo")
+    with pytest.raises(ConfigError, match=r"method.reference_cache_dir: loss_type .* reads no reference"):
+        load_config(None, [*base, "method.reference_cache_dir=/tmp/cache"], command="dpo")
+    load_config(None, [*base, "method.reference=none"], command="dpo")
+    load_config(None, [*base, f"method.loss_type=[{loss.strip('[]')}, sigmoid]", "method.reference=copy"],
+                command="dpo")

@@ -122,6 +122,9 @@ class PreferenceObjective:
                               f"{self.beta:g} instead")
 
 
+REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft", "cpo"})  # preference losses that read no reference
+
+
 @dataclass
 class DPOMethod(PreferenceObjective):
     reference: Literal["auto", "adapter_off", "copy", "precomputed", "none"] = "auto"
@@ -132,6 +135,14 @@ class DPOMethod(PreferenceObjective):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if self.reference not in ("auto", "none") and set(names) <= REFERENCE_FREE:
+            raise ConfigError(f"method.reference: {self.reference!r}, and loss_type {names} reads no reference "
+                              "(reference-free), so the reference would be built and scored every step for nothing "
+                              "(a 'copy' holds a second model); remove method.reference (auto) or set it to none")
+        if self.reference_cache_dir is not None and set(names) <= REFERENCE_FREE:
+            raise ConfigError(f"method.reference_cache_dir: loss_type {names} reads no reference (reference-free), so "
+                              "no reference log-probs are computed or cached and it would be ignored; remove it")
         if self.reference_cache_dir is not None and self.reference not in ("auto", "precomputed"):
             raise ConfigError(f"method.reference_cache_dir: read only with method.reference precomputed (or auto), "
                               f"and it is {self.reference!r}, so it would be ignored; set method.reference="

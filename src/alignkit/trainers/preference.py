@@ -27,8 +27,8 @@ from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
 from alignkit.trainers.reference import HasReference, Reference, build_reference
+from alignkit.settings.sections import REFERENCE_FREE
 
-REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft", "cpo"})
 
 
 class PreferenceTrainer(HasReference, AlignTrainer):
