@@ -188,3 +188,16 @@ def test_stacked_lora_reads_peft_layers(tiny_dir, two_adapters):
     check(torch.allclose(got, want, atol=1e-5), PEFT, "the stacked per-row LoRA no longer equals peft's own mixed "
           "batch (peft's LoRA maths or disable_adapter_layers() changed)", where,
           f"max diff {(got - want).abs().max().item():.3g}")
+
+
+def test_modules_to_save_that_match_nothing_are_refused(tiny_lm):
+    """peft wraps the modules whose name ends with a modules_to_save entry and says nothing when none does:
+    modules_to_save: [lm_headx] trained LoRA only (8192 parameters, not the 35776 with the head), exit 0. alignkit
+    refuses the name with peft's own rule (endswith), pinned here: a matching name makes that module trainable."""
+    where = "alignkit/adapters/lora.py:Lora.wrap (modules_to_save check)"
+    with pytest.raises(ValueError, match=r"adapter.lora.modules_to_save: 'lm_headx' matches no module of the model"):
+        lora(tiny_lm("llama"), modules_to_save=["lm_headx"])
+    m = lora(tiny_lm("llama"), modules_to_save=["lm_head"])
+    trained = {n for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n}
+    check(bool(trained) and all("lm_head" in n for n in trained), PEFT,
+          f"modules_to_save=['lm_head'] no longer makes lm_head trainable (trainable: {sorted(trained)})", where)

@@ -53,6 +53,12 @@ class Lora(Adapter):
     def wrap(self, model: nn.Module) -> nn.Module:
         s = self.config.lora
         task = "SEQ_CLS" if is_classifier(model) else "CAUSAL_LM"
+        names = [n for n, _ in model.named_modules() if n]
+        for key in s.modules_to_save or []:  # peft wraps the modules whose name ends with it, and says nothing if none
+            if not any(n.endswith(key) for n in names):
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." not in n or "layers." not in n})
+                raise ValueError(f"adapter.lora.modules_to_save: {key!r} matches no module of the model, so nothing "
+                                 f"would be trained for it; name modules of the model, e.g. {leaves[:8]}")
         cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
                          use_dora=s.use_dora, modules_to_save=s.modules_to_save, task_type=task)
         return get_peft_model(model, cfg)
