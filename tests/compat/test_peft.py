@@ -201,3 +201,18 @@ def test_modules_to_save_that_match_nothing_are_refused(tiny_lm):
     trained = {n for n, p in m.named_parameters() if p.requires_grad and "lora_" not in n}
     check(bool(trained) and all("lm_head" in n for n in trained), PEFT,
           f"modules_to_save=['lm_head'] no longer makes lm_head trainable (trainable: {sorted(trained)})", where)
+
+
+def test_a_target_module_of_a_list_that_matches_nothing_is_refused(tiny_lm):
+    """peft refuses target_modules none of whose names match, but adapts the others when only one of a list is
+    misspelt: [q_proj, vproj] trained q_proj alone (1024 parameters, as [q_proj]), exit 0. alignkit checks each name
+    with peft's list rule (the name, or a suffix after a dot), pinned here on the names that do match."""
+    where = "alignkit/adapters/lora.py:Lora.wrap (target_modules check)"
+    with pytest.raises(ValueError, match=r"adapter.lora.target_modules: 'vproj' matches no module of the model.*"
+                                         r"'v_proj'"):
+        lora(tiny_lm("llama"), target_modules=["q_proj", "vproj"])
+    m = lora(tiny_lm("llama"), target_modules=["q_proj", "self_attn.v_proj"])
+    adapted = {n.rsplit(".", 1)[0] for n, _ in m.named_modules() if n.endswith(".lora_A")}
+    check(bool(adapted) and all(n.endswith((".q_proj", ".v_proj")) for n in adapted)
+          and any(n.endswith(".v_proj") for n in adapted), PEFT,
+          f"target_modules ['q_proj', 'self_attn.v_proj'] adapted {sorted(adapted)}", where)

@@ -59,6 +59,13 @@ class Lora(Adapter):
                 leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." not in n or "layers." not in n})
                 raise ValueError(f"adapter.lora.modules_to_save: {key!r} matches no module of the model, so nothing "
                                  f"would be trained for it; name modules of the model, e.g. {leaves[:8]}")
+        if isinstance(s.target_modules, (list, tuple)):  # peft refuses a list none of whose names match, not one
+            for key in s.target_modules:  # name of several that matches nothing (it adapts the others, silently)
+                if not any(n == key or n.endswith("." + key) for n in names):
+                    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                     if isinstance(m, nn.Linear) and n})
+                    raise ValueError(f"adapter.lora.target_modules: {key!r} matches no module of the model, so it "
+                                     f"would get no LoRA; the model's linear layers are named {leaves[:12]}")
         cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
                          use_dora=s.use_dora, modules_to_save=s.modules_to_save, task_type=task)
         return get_peft_model(model, cfg)
