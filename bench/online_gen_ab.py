@@ -7,7 +7,8 @@ One call = `generate_responses` on 8 prompts of the "small" scenario x num_sampl
 mask` (the lean loop with generate's multinomial draws, the model building each step's attention mask), `lean`
 (a prepared 4D mask, multinomial draws), `lean, inverse cdf, model's step` (the inverse-CDF sampler, every decode
 step the model's own forward: decode.FAST_STEP off), `lean, inverse cdf` (the default: the inverse-CDF sampler and
-the fast decode step, `online.fast_step`).
+the fast decode step, `online.fast_step`), `lean, inverse cdf, unfused` (the default with `fast_step.FUSE` off:
+each layer's q/k/v, gate/up, norms called one module at a time).
 Each call's CPU seconds (time.process_time, 1 thread); prints min and median per variant and the paired ratio
 generate / variant (median, min-max over the repeats). Checks first that every multinomial variant gives
 generate's tokens, and that the inverse-CDF variant gives as many tokens per call within 25 % (other draws).
@@ -42,6 +43,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     import alignkit.online.decode as decode
+    import alignkit.online.fast_step as fast_step
     from alignkit.models.loading import load_model
     from alignkit.online.generation import SamplingConfig, generate_responses
 
@@ -56,11 +58,13 @@ def main() -> None:
         decode.PREPARED_MASK = variant != "lean, model's mask"
         decode.DROP_FINISHED = variant != "lean, inverse cdf, rows kept"
         decode.FAST_STEP = variant != "lean, inverse cdf, model's step"
+        fast_step.FUSE = variant != "lean, inverse cdf, unfused"
         if not variant.startswith("lean, inverse cdf"):
             cfg = replace(cfg, sampler="multinomial")
         return generate_responses(model, tok, prompts, cfg, batch_size=64, lean=variant != "generate")
 
-    variants = ["generate", "lean, model's mask", "lean", "lean, inverse cdf, model's step", "lean, inverse cdf"]
+    variants = ["generate", "lean, model's mask", "lean", "lean, inverse cdf, model's step",
+                "lean, inverse cdf, unfused", "lean, inverse cdf"]
     stop_ids: list[int] = []
     if args.stop_tokens:
         variants.append("lean, inverse cdf, rows kept")
@@ -71,6 +75,7 @@ def main() -> None:
         toks = {v: [s.response_ids for s in call(v, cfg)] for v in variants}
         assert all(toks[v] == toks["generate"] for v in variants[:3]), "a multinomial variant sampled other tokens"
         assert toks["lean, inverse cdf"] == toks["lean, inverse cdf, model's step"], "the fast step sampled other tokens"
+        assert toks["lean, inverse cdf, unfused"] == toks["lean, inverse cdf"], "the fused step sampled other tokens"
         n_gen = {v: sum(map(len, t)) for v, t in toks.items()}
         assert all(abs(n_gen[v] - n_gen["generate"]) <= 0.25 * n_gen["generate"] for v in variants[3:]), n_gen
         cpu: dict[str, list[float]] = {v: [] for v in variants}
@@ -88,6 +93,8 @@ def main() -> None:
             ratios = [a / b for a, b in zip(cpu["lean, inverse cdf, model's step"], cpu["lean, inverse cdf"])]
             print(f"  fast decode step: model's step / fast step {statistics.median(ratios):.2f} "
                   f"({min(ratios):.2f}-{max(ratios):.2f})")
+            ratios = [a / b for a, b in zip(cpu["lean, inverse cdf, unfused"], cpu["lean, inverse cdf"])]
+            print(f"  fused layers: unfused / fused {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
     print(f"load average {__import__('os').getloadavg()}")
 
 

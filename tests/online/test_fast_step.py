@@ -68,17 +68,21 @@ def test_fast_step_samples_what_the_models_own_forward_samples(tiny_lm, arch, mo
     assert not torch.equal(base, got)  # the adapters change the tokens: the fast step did apply them
 
 
-def test_a_wrong_fast_step_stops_the_call_with_one_line(tiny_lm, monkeypatch):
-    """A fast step whose logits are not the model's (here: the rotary applied to the queries only) is caught on
-    the call's first decode step, against the model's own forward: FastStepMismatchError naming the way out,
-    instead of samples from another model."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-module"])
+def test_a_wrong_fast_step_stops_the_call_with_one_line(tiny_lm, monkeypatch, fused):
+    """A fast step whose logits are not the model's (here: the rotary applied to the queries only, in the fused
+    form and in the per-module one) is caught on the call's first decode step, against the model's own forward:
+    FastStepMismatchError naming the way out, instead of samples from another model."""
+    monkeypatch.setattr(fast_step, "FUSE", fused)
     model = tiny_lm("llama")
     real = fast_step.DecodeStep.__init__
 
     def broken(self, m):
         real(self, m)
-        rope = self.rope
+        assert all((x[11] is not None) == fused for x in self.layers)  # the form under test is the one that runs
+        rope, rope_qk = self.rope, self.rope_qk
         self.rope = lambda q, k, cos, sin: (rope(q, k, cos, sin)[0], k)
+        self.rope_qk = lambda qk, nq, cos, sin: torch.cat([rope_qk(qk, nq, cos, sin)[:, :nq], qk[:, nq:]], dim=1)
 
     monkeypatch.setattr(fast_step.DecodeStep, "__init__", broken)
     with pytest.raises(FastStepMismatchError, match=r"LlamaForCausalLM gives other logits .*FAST_STEP = False"):
@@ -86,6 +90,23 @@ def test_a_wrong_fast_step_stops_the_call_with_one_line(tiny_lm, monkeypatch):
     with pytest.raises(FastStepMismatchError, match="unpadded batch"):  # the unpadded kind is checked on its own
         _generate(model, True, monkeypatch, IDS[[0, 2]], MASK[[0, 2]])
     _generate(model, False, monkeypatch)  # the way out works
+
+
+def test_the_fused_step_reads_the_weights_of_its_call(tiny_lm, monkeypatch):
+    """The fused form concatenates q/k/v and gate/up weights when a call starts; the optimizer then changes the
+    parameters in place. The next call must sample from the changed model: same seed, the same tokens as the
+    model's own forward after every in-place update (the run-time check only runs on a model's first call, so a
+    concatenation kept across calls would go unnoticed there), and other tokens than before the update."""
+    model = tiny_lm("llama")
+    before = _generate(model, True, monkeypatch)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.5)  # an in-place update, as an optimizer step makes
+        got = _generate(model, True, monkeypatch)
+        assert torch.equal(got, _generate(model, False, monkeypatch))
+        assert not torch.equal(got, before)
+        before = got
 
 
 def test_the_check_runs_once_per_model_and_mask_kind(tiny_lm, monkeypatch):

@@ -42,6 +42,11 @@ from transformers.cache_utils import DynamicLayer
 
 from alignkit.adapters import unwrap_lm
 
+try:
+    from transformers.activations import SiLUActivation as _SILU
+except ImportError:  # older transformers: ACT2FN['silu'] is nn.SiLU
+    _SILU = torch.nn.SiLU
+
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 
 
@@ -128,18 +133,23 @@ def _direct(m: torch.nn.Module) -> Any:
 
 class DecodeStep:
     """The model's one-token forward without transformers' per-step Python (see the module docstring). Made per
-    `lean_generate` call (it holds the modules' parameters of that moment)."""
+    `lean_generate` call (it holds the modules' parameters of that moment, and copies of some: `_fused_parts`)."""
 
     def __init__(self, model: Any):
         lm = unwrap_lm(model)
         base = lm.model
+        mod = _family_module(lm)
+        fam = FAMILIES[lm.config.model_type]
         self.embed, self.rotary, self.norm, self.head = (_direct(base.embed_tokens), _direct(base.rotary_emb),
                                                          _direct(base.norm), _direct(lm.lm_head))
+        layers = base.layers[: lm.config.num_hidden_layers]
         self.layers = [(_direct(x.input_layernorm), _direct(x.self_attn.q_proj), _direct(x.self_attn.k_proj),
                         _direct(x.self_attn.v_proj), _direct(x.self_attn.o_proj), _direct(x.post_attention_layernorm),
-                        _direct(x.mlp), x.self_attn.head_dim, x.self_attn.num_key_value_groups, x.self_attn.scaling)
-                       for x in base.layers[: lm.config.num_hidden_layers]]
-        self.rope = _family_module(lm).apply_rotary_pos_emb
+                        _direct(x.mlp), x.self_attn.head_dim, x.self_attn.num_key_value_groups, x.self_attn.scaling,
+                        *_fused_parts(x, mod, fam))
+                       for x in layers]
+        self.rope = mod.apply_rotary_pos_emb  # the per-module form's rotary (q, k separately)
+        self.rope_qk = rope_qk  # the fused form's (queries and keys in one tensor)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
         """ids, pos (B, 1); mask: None (no padding) or bool (B, 1, 1, L) over the cached positions and this one.
@@ -147,13 +157,24 @@ class DecodeStep:
         h = self.embed(ids)  # (B, 1, D)
         cos, sin = self.rotary(h, pos)  # (B, 1, hd) each, the model's rope (scaling included)
         b = h.shape[0]
-        rope, sdpa = self.rope, F.scaled_dot_product_attention
-        for layer, (ln1, qp, kp, vp, op, ln2, mlp, hd, groups, scale) in zip(cache.layers, self.layers):
-            x = ln1(h)
-            q = qp(x).view(b, 1, -1, hd).transpose(1, 2)  # (B, H, 1, hd)
-            k = kp(x).view(b, 1, -1, hd).transpose(1, 2)  # (B, Hkv, 1, hd)
-            v = vp(x).view(b, 1, -1, hd).transpose(1, 2)
-            q, k = rope(q, k, cos, sin)
+        rope, rope_qk, sdpa = self.rope, self.rope_qk, F.scaled_dot_product_attention
+        half = cos.shape[-1] // 2
+        sin_signed = None  # rotate_half(x) * sin = cat(x2, x1) * cat(-sin1, sin2): the sign moved onto sin, once
+        for layer, (ln1, qp, kp, vp, op, ln2, mlp, hd, groups, scale, n1, att, n2, ffn) in zip(cache.layers,
+                                                                                               self.layers):
+            x = ln1(h) if n1 is None else _rms_norm(h, *n1)
+            if att is None:
+                q = qp(x).view(b, 1, -1, hd).transpose(1, 2)  # (B, H, 1, hd)
+                k = kp(x).view(b, 1, -1, hd).transpose(1, 2)  # (B, Hkv, 1, hd)
+                v = vp(x).view(b, 1, -1, hd).transpose(1, 2)
+                q, k = rope(q, k, cos, sin)
+            else:  # q, k, v in one matmul; queries and keys rotated together (element for element the family's)
+                wqkv, bqkv, nq, nkv = att
+                qkv = F.linear(x, wqkv, bqkv).view(b, nq + 2 * nkv, hd)  # (B, H + 2 Hkv, hd)
+                if sin_signed is None:
+                    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # (B, 1, hd)
+                qk = rope_qk(qkv[:, : nq + nkv], nq, cos, sin_signed)
+                q, k, v = qk[:, :nq, None], qk[:, nq:, None], qkv[:, nq + nkv:, None]  # (B, H or Hkv, 1, hd)
             k, v = layer.update(k, v)  # (B, Hkv, L, hd)
             if groups > 1 and mask is None:
                 o = sdpa(q, k, v, scale=scale, enable_gqa=True)
@@ -162,8 +183,80 @@ class DecodeStep:
                     q = q.reshape(b, q.shape[1] // groups, groups, hd)
                 o = sdpa(q, k, v, attn_mask=mask, scale=scale)
             h = h + op(o.reshape(b, -1, 1, hd).transpose(1, 2).reshape(b, 1, -1))  # (B, 1, H * hd)
-            h = h + mlp(ln2(h))
+            x = ln2(h) if n2 is None else _rms_norm(h, *n2)
+            if ffn is None:
+                h = h + mlp(x)
+            else:  # gate and up in one matmul
+                wgu, bgu, inter, wd, bd = ffn
+                gu = F.linear(x, wgu, bgu)  # (B, 1, 2 I)
+                h = h + F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], wd, bd)
         return self.head(self.norm(h))[:, -1]
 
 
-__all__ = ["DecodeStep", "FastStepMismatchError", "fast_step_unsupported", "tolerance", "FAMILIES"]
+FUSE = True  # False: every layer calls its modules one at a time (an A/B switch for bench/online_gen_ab.py)
+
+
+def rope_qk(qk: torch.Tensor, nq: int, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """The family's `apply_rotary_pos_emb` on the queries and keys of one step in one tensor: qk (B, H + Hkv, hd)
+    (the first `nq` heads are queries; the same rotation for both), cos (B, 1, hd), sin_signed = cat(-sin1, sin2).
+    The family's x * cos + cat(-x2, x1) * sin, with the sign on sin instead of x2: bitwise the same products."""
+    half = qk.shape[-1] // 2
+    return qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin_signed
+
+
+def _rms_norm(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The family's RMSNorm (`LlamaRMSNorm.forward`): in float32 `torch.rms_norm`, one kernel (bitwise the same
+    values on every shape tried, and the run-time check compares), in other dtypes the module's own ops (it rounds
+    to the input dtype before the weight multiplies, `torch.rms_norm` does not)."""
+    if h.dtype is torch.float32 and w.dtype is torch.float32:
+        return torch.rms_norm(h, (h.shape[-1],), w, eps)
+    x32 = h.to(torch.float32)
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def _plain_linear(m: Any) -> bool:
+    return type(m) is torch.nn.Linear and not _has_hooks(m)
+
+
+def _cat_bias(mods: tuple[torch.nn.Linear, ...]) -> tuple[bool, torch.Tensor | None]:
+    """(whether the biases concatenate: all present or all absent, the concatenation or None)."""
+    bs = [m.bias for m in mods]
+    if all(x is None for x in bs):
+        return True, None
+    return not any(x is None for x in bs), None if any(x is None for x in bs) else torch.cat(bs)
+
+
+def _fused_parts(layer: Any, mod: Any, fam: str) -> tuple[Any, Any, Any, Any]:
+    """(input norm, attention projections, post-attention norm, MLP) of one decoder layer's fused form; a None part
+    calls the layer's module instead. A norm: (weight, eps) where it is the family's RMSNorm. The attention: (one
+    weight q|k|v, its bias or None, H, Hkv) where q/k/v are plain `nn.Linear`s. The MLP: (one weight gate|up, its
+    bias, I, down's weight, bias) where it is the family's MLP with plain `nn.Linear`s and a SiLU. A LoRA (or any
+    other) layer in place of a projection keeps its part per module; nothing hooked is fused. The concatenated
+    weights are copies of the parameters of this moment: a `DecodeStep` lives for one `lean_generate` call, and
+    the optimizer updates the parameters in place between calls."""
+    if not FUSE or _global_hooks():
+        return None, None, None, None
+    att, mlp = layer.self_attn, layer.mlp
+    norm_cls, mlp_cls = getattr(mod, f"{fam}RMSNorm", None), getattr(mod, f"{fam}MLP", None)
+
+    def norm(n: Any) -> Any:
+        ok = type(n) is norm_cls and not _has_hooks(n) and isinstance(getattr(n, "variance_epsilon", None), float)
+        return (n.weight, n.variance_epsilon) if ok else None
+
+    qkv, fused_att = (att.q_proj, att.k_proj, att.v_proj), None
+    ok, bias = _cat_bias(qkv) if all(_plain_linear(m) for m in qkv) else (False, None)
+    hd = att.head_dim
+    if ok and att.q_proj.out_features % hd == 0 and att.k_proj.out_features == att.v_proj.out_features:
+        fused_att = (torch.cat([m.weight for m in qkv]), bias, att.q_proj.out_features // hd,
+                     att.k_proj.out_features // hd)
+    gud, fused_mlp = (mlp.gate_proj, mlp.up_proj, mlp.down_proj), None
+    if (type(mlp) is mlp_cls and not _has_hooks(mlp) and all(_plain_linear(m) for m in gud)
+            and type(mlp.act_fn) in (torch.nn.SiLU, _SILU) and not _has_hooks(mlp.act_fn)):
+        ok, bias = _cat_bias(gud[:2])
+        if ok and mlp.gate_proj.out_features == mlp.up_proj.out_features:
+            fused_mlp = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), bias, mlp.gate_proj.out_features,
+                         mlp.down_proj.weight, mlp.down_proj.bias)
+    return norm(layer.input_layernorm), fused_att, norm(layer.post_attention_layernorm), fused_mlp
+
+
+__all__ = ["DecodeStep", "FastStepMismatchError", "fast_step_unsupported", "tolerance", "FAMILIES", "rope_qk"]
