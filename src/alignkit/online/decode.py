@@ -355,7 +355,7 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
             fast = DecodeStep(model)
         else:
             logger.debug("lean_generate: decode steps use the model's own forward: %s", why)
-    fmask = None if mask is None or fast is None else mask.bool()[:, None, None, :]  # (B, 1, 1, T + n_new)
+    fmask = None if mask is None or fast is None else fast.additive_mask(mask.bool()[:, None, None, :])  # (B, 1, 1, T + n_new)
     for i in range(n_new):
         step_mask = (None if mask is None else mask4[..., :t + i] if mask4 is not None and step_ids.shape[1] == 1
                      else mask[:, :t + i])

@@ -150,9 +150,16 @@ class DecodeStep:
                        for x in layers]
         self.rope = mod.apply_rotary_pos_emb  # the per-module form's rotary (q, k separately)
         self.rope_qk = rope_qk  # the fused form's (queries and keys in one tensor)
+        self.dtype = base.embed_tokens.weight.dtype
+
+    def additive_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A bool padding mask (B, 1, 1, L) as the float mask sdpa makes of it on every call (0 kept, -inf
+        masked, the model's dtype): made once per `lean_generate` call instead of once per layer and step."""
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> torch.Tensor:
-        """ids, pos (B, 1); mask: None (no padding) or bool (B, 1, 1, L) over the cached positions and this one.
+        """ids, pos (B, 1); mask: None (no padding), or bool / `additive_mask` (B, 1, 1, L) over the cached
+        positions and this one.
         -> (B, V) logits of the step (the model's dtype), after writing its keys / values into `cache`."""
         h = self.embed(ids)  # (B, 1, D)
         cos, sin = self.rotary(h, pos)  # (B, 1, hd) each, the model's rope (scaling included)
