@@ -399,3 +399,18 @@ def test_inverse_cdf_sampler_with_a_reft_policy_is_refused_before_the_run(tiny_d
     for sampler in (None, "multinomial"):
         GRPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS,
                     small(GRPOConfig, sampling=SamplingConfig(num_samples=2, max_new_tokens=3, sampler=sampler)))
+
+
+def test_policy_is_unwrapped_once_per_model_object(tiny_dir, tokenizer):
+    """`OnlineTrainer.policy` keeps accelerate's unwrapped model per `self.model` object (unwrap_model re-reads
+    package metadata on every call): the same object while the model is the same, the new model's after
+    `self.model` is replaced, never a stale one."""
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "full"), tokenizer, PROMPTS, DIGITS, small(GRPOConfig))
+    calls = []
+    real = trainer.accelerator.unwrap_model
+    trainer.accelerator.unwrap_model = lambda m, *a, **k: calls.append(m) or real(m, *a, **k)
+    first = trainer.policy
+    assert trainer.policy is first and first is trainer.accelerator.unwrap_model(trainer.model) and len(calls) == 2
+    other = toy_policy(tiny_dir("llama"), "full")
+    trainer.model = torch.nn.DataParallel(other)  # a wrapper accelerate unwraps
+    assert trainer.policy is other and trainer.policy is other and len(calls) == 3

@@ -9,10 +9,20 @@ the attention-interface dispatch, `GradientCheckpointingLayer.__call__`, `Cache.
 same arithmetic with none of that: it calls the model's own submodules in the order the installed modeling code
 does (embed_tokens, the rotary module with its own rope scaling, per layer input_layernorm, q/k/v_proj, the
 family's `apply_rotary_pos_emb`, the cache layer's `update`, `F.scaled_dot_product_attention` with one query,
-o_proj, post_attention_layernorm, mlp; norm, lm_head on the one position). Submodules are called, not their raw
-weights: a peft LoRA / IA3 / ... layer that replaced q_proj (or any called module) applies as in the model's
-forward. The attention call is `sdpa_attention_forward`'s for one query: no mask (no padding) with `enable_gqa`,
-else the padding mask (B, 1, 1, L) with the query grouped per key/value head (`pack_gqa`).
+o_proj, post_attention_layernorm, mlp; norm, lm_head on the one position). The attention call is
+`sdpa_attention_forward`'s for one query: no mask (no padding) with `enable_gqa`, else the padding mask
+(B, 1, 1, L), made once per call as the float mask sdpa would make of it (`additive_mask`), with the query grouped
+per key/value head (`pack_gqa`).
+
+Two forms per part of a layer (`_fused_parts`, decided when the step is made, i.e. per `lean_generate` call):
+- fused (`FUSE`, the default where it applies): q/k/v in one matmul over their concatenated weights and gate/up
+  in one (copies made when the call starts: the optimizer changes the parameters in place between calls, so
+  nothing is kept across calls), queries and keys rotated in one tensor (`rope_qk`: the family's products), the
+  family's RMSNorm as `torch.rms_norm` in float32. Only where the projections are plain `nn.Linear`s, the norms
+  the family's RMSNorm, the MLP the family's with a SiLU, nothing hooked.
+- per module: the modules are called, not their raw weights, so a peft LoRA / IA3 / ... layer that replaced
+  q_proj (or any called module) applies as in the model's forward. A LoRA on q/v keeps the attention part per
+  module; the MLP and norms of that layer are still fused unless an adapter sits there too.
 
 Where it applies (`fast_step_unsupported` names the first reason it does not, decided once per `lean_generate`
 call): a `LlamaForCausalLM` / `Qwen2ForCausalLM` / `MistralForCausalLM` of the installed transformers (exact
@@ -25,7 +35,7 @@ Loudness: `lean_generate` checks the step once per model object and mask kind ag
 (`check_step`): the first fast step of a call is also run through `model(...)` on the same cache, and logits that
 differ by more than `tolerance(dtype)` raise `FastStepMismatchError` naming the model class and the switch
 (`decode.FAST_STEP = False` / `SamplingConfig(sampler="multinomial")`). `tests/compat/test_fast_decode_step.py`
-pins the step against the installed transformers (tiny llama / qwen2 with bias / mistral, LoRA, left padding,
+pins both forms against the installed transformers (tiny llama / qwen2 with bias / mistral, LoRA, left padding,
 rope scaling).
 """
 
