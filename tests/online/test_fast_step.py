@@ -109,6 +109,23 @@ def test_the_fused_step_reads_the_weights_of_its_call(tiny_lm, monkeypatch):
         before = got
 
 
+def test_the_fused_form_stays_within_its_size_cap(tiny_lm, monkeypatch):
+    """Fused where the q|k|v and gate|up copies fit `FUSE_MAX_BYTES`, per module (same tokens) where they do not."""
+    model = tiny_lm("llama")
+    n = sum(m.weight.numel() * 4 for x in model.model.layers for m in (x.self_attn.q_proj, x.self_attn.k_proj,
+                                                                         x.self_attn.v_proj, x.mlp.gate_proj, x.mlp.up_proj))
+    forms = []
+    real = fast_step.DecodeStep.__init__
+    monkeypatch.setattr(fast_step.DecodeStep, "__init__", lambda self, m: real(self, m) or forms.append(
+        [x[11] is not None and x[13] is not None for x in self.layers]))
+    monkeypatch.setattr(fast_step, "FUSE_MAX_BYTES", n)
+    fused = _generate(model, True, monkeypatch)
+    monkeypatch.setattr(fast_step, "FUSE_MAX_BYTES", n - 1)
+    per_module = _generate(model, True, monkeypatch)
+    assert forms == [[True] * len(model.model.layers), [False] * len(model.model.layers)]
+    assert torch.equal(fused, per_module) and torch.equal(fused, _generate(model, False, monkeypatch))
+
+
 def test_the_check_runs_once_per_model_and_mask_kind(tiny_lm, monkeypatch):
     model = tiny_lm("llama")
     checks: list[int] = []

@@ -19,7 +19,8 @@ Two forms per part of a layer (`_fused_parts`, decided when the step is made, i.
   in one (copies made when the call starts: the optimizer changes the parameters in place between calls, so
   nothing is kept across calls), queries and keys rotated in one tensor (`rope_qk`: the family's products), the
   family's RMSNorm as `torch.rms_norm` in float32. Only where the projections are plain `nn.Linear`s, the norms
-  the family's RMSNorm, the MLP the family's with a SiLU, nothing hooked.
+  the family's RMSNorm, the MLP the family's with a SiLU, nothing hooked; only on CPU and while the copies stay
+  under `FUSE_MAX_BYTES` (256 MiB: what fusing saves is per-op overhead, which matters for small models).
 - per module: the modules are called, not their raw weights, so a peft LoRA / IA3 / ... layer that replaced
   q_proj (or any called module) applies as in the model's forward. A LoRA on q/v keeps the attention part per
   module; the MLP and norms of that layer are still fused unless an adapter sits there too.
@@ -153,10 +154,11 @@ class DecodeStep:
         self.embed, self.rotary, self.norm, self.head = (_direct(base.embed_tokens), _direct(base.rotary_emb),
                                                          _direct(base.norm), _direct(lm.lm_head))
         layers = base.layers[: lm.config.num_hidden_layers]
+        fits = _fits(layers)
         self.layers = [(_direct(x.input_layernorm), _direct(x.self_attn.q_proj), _direct(x.self_attn.k_proj),
                         _direct(x.self_attn.v_proj), _direct(x.self_attn.o_proj), _direct(x.post_attention_layernorm),
                         _direct(x.mlp), x.self_attn.head_dim, x.self_attn.num_key_value_groups, x.self_attn.scaling,
-                        *_fused_parts(x, mod, fam))
+                        *_fused_parts(x, mod, fam, fits))
                        for x in layers]
         self.rope = mod.apply_rotary_pos_emb  # the per-module form's rotary (q, k separately)
         self.rope_qk = rope_qk  # the fused form's (queries and keys in one tensor)
@@ -211,6 +213,9 @@ class DecodeStep:
 
 
 FUSE = True  # False: every layer calls its modules one at a time (an A/B switch for bench/online_gen_ab.py)
+# the fused form's copies of q|k|v and gate|up weights stay below this many bytes per call, or nothing is fused: what
+# fusing saves is per-op overhead (small models), its cost a copy of most of the model's weights per call
+FUSE_MAX_BYTES = 256 * 2**20
 
 
 def rope_qk(qk: torch.Tensor, nq: int, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -243,17 +248,28 @@ def _cat_bias(mods: tuple[torch.nn.Linear, ...]) -> tuple[bool, torch.Tensor | N
     return not any(x is None for x in bs), None if any(x is None for x in bs) else torch.cat(bs)
 
 
-def _fused_parts(layer: Any, mod: Any, fam: str) -> tuple[Any, Any, Any, Any]:
+def _fits(layers: Any) -> bool:
+    """Whether the fused form's weight copies of all `layers` (q|k|v and gate|up) stay under `FUSE_MAX_BYTES`."""
+    n = 0
+    for x in layers:
+        for m in (x.self_attn.q_proj, x.self_attn.k_proj, x.self_attn.v_proj, x.mlp.gate_proj, x.mlp.up_proj):
+            w = getattr(m, "weight", None)
+            n += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else 0
+    return n <= FUSE_MAX_BYTES
+
+
+def _fused_parts(layer: Any, mod: Any, fam: str, fits: bool = True) -> tuple[Any, Any, Any, Any]:
     """(input norm, attention projections, post-attention norm, MLP) of one decoder layer's fused form; a None part
     calls the layer's module instead. A norm: (weight, eps) where it is the family's RMSNorm. The attention: (one
     weight q|k|v, its bias or None, H, Hkv) where q/k/v are plain `nn.Linear`s. The MLP: (one weight gate|up, its
     bias, I, down's weight, bias) where it is the family's MLP with plain `nn.Linear`s and a SiLU. A LoRA (or any
     other) layer in place of a projection keeps its part per module; nothing hooked is fused. The concatenated
     weights are copies of the parameters of this moment: a `DecodeStep` lives for one `lean_generate` call, and
-    the optimizer updates the parameters in place between calls."""
-    if not FUSE or _global_hooks():
-        return None, None, None, None
+    the optimizer updates the parameters in place between calls. Only on CPU (where it is measured) and where the
+    copies of all layers fit in `FUSE_MAX_BYTES` (`fits`)."""
     att, mlp = layer.self_attn, layer.mlp
+    if not (FUSE and fits) or _global_hooks() or att.q_proj.weight.device.type != "cpu":  # measured on CPU only
+        return None, None, None, None
     norm_cls, mlp_cls = getattr(mod, f"{fam}RMSNorm", None), getattr(mod, f"{fam}MLP", None)
 
     def norm(n: Any) -> Any:
@@ -263,7 +279,8 @@ def _fused_parts(layer: Any, mod: Any, fam: str) -> tuple[Any, Any, Any, Any]:
     qkv, fused_att = (att.q_proj, att.k_proj, att.v_proj), None
     ok, bias = _cat_bias(qkv) if all(_plain_linear(m) for m in qkv) else (False, None)
     hd = att.head_dim
-    if ok and att.q_proj.out_features % hd == 0 and att.k_proj.out_features == att.v_proj.out_features:
+    if (ok and att.q_proj.out_features % hd == 0 and att.k_proj.out_features % hd == 0
+            and att.k_proj.out_features == att.v_proj.out_features):
         fused_att = (torch.cat([m.weight for m in qkv]), bias, att.q_proj.out_features // hd,
                      att.k_proj.out_features // hd)
     gud, fused_mlp = (mlp.gate_proj, mlp.up_proj, mlp.down_proj), None
