@@ -115,6 +115,28 @@ def test_some_identical_pairs_are_dropped_with_a_counted_warning(tmp_path, caplo
     assert any("dropped 2 of 6 pair(s) whose chosen == rejected" in r.message for r in caplog.records)
 
 
+def test_ranked_records_whose_replies_all_tie_are_dropped_or_refused(tmp_path, caplog):
+    """A ranked record whose replies share one rank has no comparison: its K-wise loss is 0 and it only diluted the
+    mean over prompts (rm method.ranked=true). Dropped with one counted warning; all of them: one line."""
+    import json
+
+    from alignkit.cli.data import load_data
+    from alignkit.data.records import DataError
+    from alignkit.settings import DataSettings
+
+    rows = [{"prompt": f"Q{i}?", "responses": [" a", " b", " c"], "ranks": [0, 0, 0] if i < 2 else [0, 1, 1]}
+            for i in range(5)]
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING"):
+        train, _ = load_data(DataSettings(path=str(path)), "ranked")
+    assert len(train) == 3 and all(r.ranks == [0, 1, 1] for r in train)
+    assert any("dropped 2 of 5 record(s) whose replies all share one rank" in r.message for r in caplog.records)
+    path.write_text("".join(json.dumps(dict(r, ranks=[1, 1, 1])) + "\n" for r in rows))
+    with pytest.raises(DataError, match="every one of the 5 ranked record.*share one rank"):
+        load_data(DataSettings(path=str(path)), "ranked")
+
+
 # ---------------------------------------------------------------------------------------------- models, adapters
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from alignkit.data import PreferenceRecord, TokenizeConfig, load_records, split_records, tokenize_records
+from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_records, split_records, tokenize_records
 from alignkit.data.readers.rows import looks_like_hub_id
 from alignkit.data.records import DataError
 from alignkit.settings import ConfigError, DataSettings
@@ -77,20 +77,33 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     return records, evals
 
 
+def _degenerate(r: Any) -> bool:
+    """No preference signal: a pair whose chosen equals rejected, or a ranked record whose replies all tie."""
+    if isinstance(r, PreferenceRecord):
+        return r.chosen == r.rejected
+    if isinstance(r, RankedRecord):
+        return min(r.ranks) == max(r.ranks)
+    return False
+
+
 def drop_degenerate(records: list, where: str) -> list:
-    """Policy for preference pairs whose chosen equals rejected (no preference signal: their DPO gradient is 0 and
-    they only dilute the mean): dropped with ONE warning giving their count and first ids; if every pair is
-    such, an error (the run would train for nothing)."""
-    same = [r for r in records if isinstance(r, PreferenceRecord) and r.chosen == r.rejected]
+    """Policy for records with nothing to prefer: preference pairs whose chosen equals rejected, ranked records
+    whose replies all share one rank (their loss is 0: they only dilute the mean). Dropped with ONE warning giving
+    their count and first ids; if every record is such, an error (the run would train for nothing)."""
+    same = [r for r in records if _degenerate(r)]
     if not same:
         return records
     ids = ", ".join(r.id or "?" for r in same[:3]) + (", ..." if len(same) > 3 else "")
+    ranked = isinstance(same[0], RankedRecord)
+    what = "record(s) whose replies all share one rank" if ranked else "pair(s) whose chosen == rejected"
     if len(same) == len(records):
+        if ranked:
+            raise DataError(f"{where}: the replies of every one of the {len(records)} ranked record(s) share one rank "
+                            f"(e.g. {ids}), so there is nothing to prefer; check the 'ranks' column")
         raise DataError(f"{where}: chosen == rejected in every one of the {len(records)} pair(s) (e.g. {ids}), so "
                         "there is nothing to prefer; check the columns (chosen / rejected swapped in a join?)")
-    logger.warning("%s: dropped %d of %d pair(s) whose chosen == rejected (no preference signal): %s", where,
-                   len(same), len(records), ids)
-    return [r for r in records if not (isinstance(r, PreferenceRecord) and r.chosen == r.rejected)]
+    logger.warning("%s: dropped %d of %d %s (no preference signal): %s", where, len(same), len(records), what, ids)
+    return [r for r in records if not _degenerate(r)]
 
 
 def check_weights(records: list, where: str) -> None:
