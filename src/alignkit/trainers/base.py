@@ -91,7 +91,7 @@ from alignkit.runs import (
 )
 from alignkit.settings import ConfigError
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
-from alignkit.trainers.prefix import check_prefix_cache, prefix_cache
+from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
 from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
 
@@ -534,19 +534,8 @@ class AlignTrainer(BatchSampling, Trainer):
             logger.info("resuming from %s", resume_from_checkpoint)
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
-        with prefix_cache(self.model, self.reft_prefix_cache, self._data_passes()):
+        with prefix_cache(self.model, self.reft_prefix_cache, data_passes(self.args, self.train_dataset)):
             return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _data_passes(self) -> float | None:
-        """How many times this run goes over its training examples (None when the dataset has no length)."""
-        try:
-            n = len(self.train_dataset)
-        except TypeError:
-            return None
-        a = self.args
-        if a.max_steps is not None and a.max_steps > 0:
-            return a.max_steps * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size / max(n, 1)
-        return float(a.num_train_epochs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)

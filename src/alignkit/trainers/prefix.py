@@ -43,6 +43,18 @@ def check_prefix_cache(model: nn.Module, setting: bool | None) -> None:
                          f"of the tokens: {reason}; set train.reft_prefix_cache: false")
 
 
+def data_passes(args: Any, dataset: Any) -> float | None:
+    """How many times a run with TrainingArguments `args` goes over `dataset` (None when it has no length)."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        return None
+    if args.max_steps is not None and args.max_steps > 0:
+        return (args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+                / max(n, 1))
+    return float(args.num_train_epochs)
+
+
 @contextlib.contextmanager
 def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None) -> Iterator[None]:
     """The cache on `model`'s ReftModel for the duration of the block (see the module's docstring)."""
@@ -72,4 +84,4 @@ def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None) -
         reft.disable_prefix_cache()
 
 
-__all__ = ["check_prefix_cache", "prefix_cache"]
+__all__ = ["check_prefix_cache", "data_passes", "prefix_cache"]
