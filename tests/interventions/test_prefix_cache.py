@@ -35,14 +35,15 @@ def base_dir(tiny_dir):
     return tiny_dir("llama", num_layers=LAYERS)
 
 
-def reft_model(base_dir, layer=2, kind="reft", positions="f1+l1", seed=0, attention_dropout=None):
+def reft_model(base_dir, layer=2, kind="reft", positions="f1+l1", seed=0, attention_dropout=None,
+               component="block_output"):
     base = load_model(base_dir)
     if attention_dropout is not None:
         for m in base.modules():
             if hasattr(m, "attention_dropout"):
                 m.attention_dropout = attention_dropout
     torch.manual_seed(seed)
-    reps = [{"layer": layer, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2}]
+    reps = [{"layer": layer, "component": component, "intervention": "loreft", "low_rank_dimension": 2}]
     cfg = AdapterConfig(kind=kind, reft=ReftSettings(config={"representations": reps}, positions=positions),
                         **({"lora": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": "all-linear"}} if kind == "reft+lora" else {}))
     model = apply_adapter(base, cfg)
@@ -77,7 +78,7 @@ def step(model, batch):
 
 
 class Calls:
-    """Counts the forward calls of the decoder layers below `layer` (the ones the cache skips)."""
+    """Counts the forward calls of decoder layers 0 .. `layer` - 1 (the ones the cache skips)."""
 
     def __init__(self, model, layer):
         _, layers = find_decoder_layers(hf_model(reft_of(model).model))
@@ -89,8 +90,14 @@ class Calls:
         self.n += 1
 
 
-def test_every_layout_gives_the_uncached_values_and_skips_the_frozen_layers(base_dir):
-    model = reft_model(base_dir)
+# (layer, component) -> b, the layers that run before the intervention: a block output leaves its whole layer frozen
+WHERE = [(2, "block_output", 3), (2, "block_input", 2), (2, "mlp_output", 2), (1, "attention_input", 1),
+         (LAYERS - 1, "block_output", LAYERS), (0, "block_output", 1)]
+
+
+@pytest.mark.parametrize("layer,component,frozen", WHERE, ids=[f"{c}@{l}" for l, c, _ in WHERE])
+def test_every_layout_gives_the_uncached_values_and_skips_the_frozen_layers(base_dir, layer, component, frozen):
+    model = reft_model(base_dir, layer=layer, component=component)
     feats = features()
     padded = SFTCollator(0)(feats)
     packed = packed_collator(SFTCollator(0), model, paired=False, checkpointing=False)(feats)
@@ -100,8 +107,9 @@ def test_every_layout_gives_the_uncached_values_and_skips_the_frozen_layers(base
     batches = {"padded": padded, "packed": packed, "flat": flat, "padded reversed": SFTCollator(0)(feats[::-1]),
                "packed reversed": packed_collator(SFTCollator(0), model, False, checkpointing=False)(feats[::-1])}
     want = {name: step(model, b) for name, b in batches.items()}
-    calls = Calls(model, 2)
+    calls = Calls(model, frozen)
     cache = reft_of(model).enable_prefix_cache()
+    assert cache.frozen == frozen
     step(model, padded), step(model, flat)  # fill
     assert cache.fills == 2 * len(feats) and not cache.verified
     step(model, packed)  # first use: runs the real layers and compares
@@ -116,7 +124,7 @@ def test_every_layout_gives_the_uncached_values_and_skips_the_frozen_layers(base
     assert calls.n == before, "the layers below the intervention ran although every example was cached"
     reft_of(model).disable_prefix_cache()
     step(model, padded)
-    assert calls.n == before + 2  # both layers below layer 2 run again
+    assert calls.n == before + frozen  # every frozen layer runs again
 
 
 def test_a_batch_with_an_unseen_example_runs_the_layers_and_fills(base_dir):
@@ -174,7 +182,8 @@ def test_left_padding_runs_without_the_cache(base_dir):
 
 
 @pytest.mark.parametrize("what,build,reason", [
-    ("layer 0", dict(layer=0), "layer 0"),
+    ("layer 0's input", dict(layer=0, component="block_input"), "layer 0"),
+    ("layer 0's MLP", dict(layer=0, component="mlp_output"), "layer 0"),
     ("LoRA below", dict(kind="reft+lora"), "is trained"),
     ("attention dropout", dict(attention_dropout=0.1), "attention dropout"),
 ])
@@ -198,7 +207,7 @@ def _train(base_dir, tmp_path, setting, **kw):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
                              logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
                              use_cpu=True, **kw)
-    calls = Calls(model, 2)
+    calls = Calls(model, 3)  # the intervention is on layer 2's output: layers 0-2 run before it
     trainer = SFTTrainer(model, args, train_dataset=features(8), data_collator=SFTCollator(0),
                          reft_prefix_cache=setting)
     trainer.train()
@@ -210,15 +219,15 @@ def _train(base_dir, tmp_path, setting, **kw):
 @pytest.mark.slow
 def test_three_epochs_train_the_same_weights_with_and_without_the_cache(base_dir, tmp_path):
     """8 examples, batches of 4, 3 epochs (6 steps): auto turns the cache on (the run passes over its data 3
-    times); epochs 2-3 skip layers 0-1 (2 layers x 2 batches of the first epoch, + the first-use check)."""
+    times); epochs 2-3 skip layers 0-2 (3 layers x 2 batches of the first epoch, + the first-use check)."""
     off = _train(base_dir, tmp_path / "off", False, num_train_epochs=3)
     auto = _train(base_dir, tmp_path / "auto", None, num_train_epochs=3)
     assert len(off[0]) == 6 and auto[0] == off[0]
     for n in off[1]:
         assert torch.equal(auto[1][n], off[1][n]), n
-    assert off[2] == 6 * 2 and auto[2] == 3 * 2  # 2 fills + the check, then 3 steps without those layers
+    assert off[2] == 6 * 3 and auto[2] == 3 * 3  # 2 fills + the check, then 3 steps without those layers
     once = _train(base_dir, tmp_path / "once", None, max_steps=2)  # one pass over the data: auto leaves it off
-    assert once[2] == 2 * 2
+    assert once[2] == 2 * 3
 
 
 def test_cli_key_is_checked_before_anything_is_written(tmp_path, tiny_dir):
@@ -231,11 +240,16 @@ def test_cli_key_is_checked_before_anything_is_written(tmp_path, tiny_dir):
 
 
 def test_cli_refuses_true_where_the_model_cannot_use_it_before_writing(tmp_path, capsys):
-    """sft-reft-tiny.yaml intervenes in layers 0 and 1: nothing below layer 0; one line, exit 2, no run folder."""
+    """sft-reft-tiny.yaml with its layer-0 intervention on the layer's input: nothing below it to cache; one line,
+    exit 2, no run folder."""
     from pathlib import Path
 
     from alignkit.cli import main
-    config = Path(__file__).resolve().parents[2] / "configs" / "sft-reft-tiny.yaml"
+    text = (Path(__file__).resolve().parents[2] / "configs" / "sft-reft-tiny.yaml").read_text()
+    assert "{layer: 0, low_rank_dimension: 2," in text
+    config = tmp_path / "sft-reft-input.yaml"
+    config.write_text(text.replace("{layer: 0, low_rank_dimension: 2,", "{layer: 0, component: block_input, "
+                                   "low_rank_dimension: 2,"))
     capsys.readouterr()
     rc = main(["-q", "sft", "--config", str(config), f"output_dir={tmp_path / 'run'}", "train.reft_prefix_cache=true"])
     err = capsys.readouterr().err

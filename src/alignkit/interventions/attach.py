@@ -204,8 +204,8 @@ class ReftModel(nn.Module):
         return None
 
     def enable_prefix_cache(self, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixCache:
-        """Cache the input of the lowest intervened layer per example (`alignkit.interventions.prefix_cache`):
-        from an example's second forward on, the frozen layers below it are skipped. ValueError (one line, why)
+        """Cache, per example, the output of the layers that run before every intervention
+        (`alignkit.interventions.prefix_cache`): from an example's second forward on, those frozen layers are skipped. ValueError (one line, why)
         where those layers are not a fixed function of the tokens."""
         self.disable_prefix_cache()
         self._prefix_cache = PrefixCache(self, max_bytes)

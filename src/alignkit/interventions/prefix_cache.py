@@ -1,21 +1,24 @@
 """Frozen-prefix cache: ReFT training over several epochs runs the layers below its interventions once per example.
 
-ReFT freezes the base model and edits hidden states at layer L and above (L = the lowest decoder layer any
-intervention sits in). The input of layer L is then a fixed function of the example's tokens: the embedding and
-layers 0 .. L-1 have no trainable parameter, no dropout, and see nothing the interventions change. pyreft's
-recipes train for many epochs on few examples (tens to hundreds of epochs), so from the second epoch on that
-part of every forward recomputes what the first epoch already computed: L of the model's N layers (for an
-intervention at layer 15 of 32, ~47 % of each forward).
+ReFT freezes the base model and edits hidden states at its intervened layers. Let b be the number of leading decoder
+layers that nothing trainable touches: for each intervention, its layer's index (an input, or a part inside the
+layer: attention, MLP) or its layer's index + 1 (a block output: the whole layer runs before the edit); b = the
+smallest. The output of layer b - 1 is then a fixed function of the example's tokens: the embedding and layers
+0 .. b-1 have no trainable parameter, no dropout, and see nothing the interventions change. pyreft's recipes train
+for many epochs on few examples (tens to hundreds of epochs), so from the second epoch on that part of every
+forward recomputes what the first epoch already computed: for pyreft's default (block output of layer 15 of 32),
+16 of the 32 layers.
 
 `PrefixCache` keeps, per example (the exact token ids of the sequence: the bytes of its ids are the key, so a
-shuffled epoch, another batch composition or a packed row finds it; no hash collisions), the (n, d) input of layer
-L in host memory, up to `max_bytes`. A forward whose sequences are ALL in the cache runs layers 0 .. L-1 as the
-identity (their `forward` swapped for the call) and a pre-hook on layer L puts the cached states in place of their
-input; any other forward runs the model as usual and stores its sequences' states (the "fill" pass, the first
-epoch). Layouts: one packed row (position ids restarting at 0 per sequence, no mask), right-padded rows (a mask
-that is a prefix of ones per row; the padding positions get zeros, which masked attention never reads), or rows
-without padding. Any other layout (left padding, a KV cache, inputs_embeds, hidden states asked for) runs
-without the cache.
+shuffled epoch, another batch composition or a packed row finds it; no hash collisions), the (n, d) output of
+layer b - 1, as the layer returns it and before any intervention edits it, in host memory, up to `max_bytes`. A
+forward whose sequences are ALL in the cache runs layers 0 .. b-2 as the identity and layer b - 1 as "return the
+cached states" (their `forward` swapped for the call; the layers' hooks, the interventions' among them, still
+run around them); any other forward runs the model as usual and a forward hook on layer b - 1 (run before the
+interventions' own) stores its sequences' states (the "fill" pass, the first epoch). Layouts: one packed row
+(position ids restarting at 0 per sequence, no mask), right-padded rows (a mask that is a prefix of ones per row;
+the padding positions get zeros, which masked attention never reads), or rows without padding. Any other layout
+(left padding, a KV cache, inputs_embeds, hidden states asked for) runs without the cache.
 
 Loud where it could be wrong:
 - the first forward that could use the cache runs the real layers instead and compares their output with the
@@ -24,9 +27,10 @@ Loud where it could be wrong:
   further apart raises `PrefixCacheMismatch` (what, by how much, how to turn the cache off);
 - the frozen prefix's parameters are watched through their version counters: any in-place change (a load, an
   optimiser step on a parameter that should have been frozen) empties the cache, with a warning;
-- `unusable_reason` refuses models where the prefix is not fixed: a trainable parameter below L (LoRA there), a
-  dropout (module or attention dropout) below L, compiled or checkpointed layers, sharded layers (FSDP2,
-  DeepSpeed ZeRO-3), accelerate offload hooks, an intervention outside the decoder layers or in layer 0.
+- `unusable_reason` refuses models where the prefix is not fixed: a trainable parameter in layers 0 .. b-1 (LoRA
+  there), a dropout (module or attention dropout) there, compiled or checkpointed layers, sharded layers (FSDP2,
+  DeepSpeed ZeRO-3), accelerate offload hooks, an intervention outside the decoder layers or in layer 0's input
+  or parts (b = 0: nothing to cache).
 """
 
 from __future__ import annotations
@@ -46,14 +50,23 @@ DEFAULT_MAX_BYTES = 4 * 1024 ** 3
 
 
 class PrefixCacheMismatch(RuntimeError):
-    """The cached input of the lowest intervened layer differs from what the frozen layers compute."""
+    """The cached output of the frozen layers differs from what those layers compute."""
 
 
-def lowest_layer(reft_model: nn.Module) -> int | None:
-    """The lowest decoder layer an intervention of `reft_model` sits in (None when one sits outside the layers)."""
+def frozen_layers(reft_model: nn.Module) -> int | None:
+    """b: how many leading decoder layers run entirely before any intervention of `reft_model` (None when one sits
+    outside the layers). An intervention on a layer's output (`block_output`) leaves that whole layer frozen; one on
+    its input or on a part inside it (attention, MLP) does not."""
     base = hf_model(reft_model.model)
-    found = [layer_index(base, base.get_submodule(s.path)) for s in reft_model.slots]
-    return None if not found or any(i is None for i in found) else min(found)
+    _, layers = find_decoder_layers(base)
+    found = []
+    for slot in reft_model.slots:
+        module = base.get_submodule(slot.path)
+        i = layer_index(base, module)
+        if i is None:
+            return None
+        found.append(i + 1 if module is layers[i] and not slot.hook_input else i)
+    return min(found) if found else None
 
 
 def _prefix_modules(base: nn.Module, layers: nn.ModuleList, L: int) -> list[nn.Module]:
@@ -65,26 +78,26 @@ def unusable_reason(reft_model: nn.Module) -> str | None:
     """Why the layers below `reft_model`'s interventions are not a fixed function of the tokens (None: they are)."""
     if not getattr(reft_model, "slots", None):
         return "the model has no interventions"
-    L = lowest_layer(reft_model)
+    L = frozen_layers(reft_model)
     if L is None:
         return "an intervention sits outside the decoder layers"
     if L == 0:
-        return "an intervention sits in layer 0: nothing below it to cache"
+        return "an intervention sits in layer 0 (its input or a part inside it): nothing below it to cache"
     base = hf_model(reft_model.model)
     _, layers = find_decoder_layers(base)
     prefix = _prefix_modules(base, layers, L)
     for m in prefix:
         for name, p in m.named_parameters():
             if p.requires_grad:
-                return f"parameter {name!r} below layer {L} is trained (LoRA on those layers?)"
+                return f"parameter {name!r} in the layers below the interventions (0-{L - 1}) is trained (LoRA on those layers?)"
         for name, sub in m.named_modules():
             if isinstance(sub, nn.Dropout) and sub.p > 0:
-                return f"dropout {name or type(sub).__name__} (p={sub.p}) below layer {L}"
+                return f"dropout {name or type(sub).__name__} (p={sub.p}) in the layers below the interventions (0-{L - 1})"
             if float(getattr(sub, "attention_dropout", 0.0) or 0.0) > 0:
-                return f"attention dropout {getattr(sub, 'attention_dropout')} below layer {L}"
+                return f"attention dropout {getattr(sub, 'attention_dropout')} in the layers below the interventions (0-{L - 1})"
             if getattr(sub, "_hf_hook", None) is not None:
                 return "accelerate hooks (device map / offload) on the layers below the interventions"
-    for layer in layers[:L + 1]:
+    for layer in layers[:L]:
         if type(layer).__name__.startswith("FSDP") or any(hasattr(p, "ds_id") for p in layer.parameters()):
             return "the layers are sharded (FSDP2 / DeepSpeed ZeRO-3), which gathers them around their own forward"
         if getattr(layer, "_compiled_call_impl", None) is not None:
@@ -132,10 +145,10 @@ class PrefixCache:
         if reason is not None:
             raise ValueError(f"ReFT prefix cache: cannot cache the layers below the interventions: {reason}; "
                              "train without it (train.reft_prefix_cache: false)")
-        self.layer = lowest_layer(reft_model)
+        self.frozen = frozen_layers(reft_model)  # b: layers 0 .. b-1 are cached
         base = hf_model(reft_model.model)
         _, self.layers = find_decoder_layers(base)
-        self._watched = [p for m in _prefix_modules(base, self.layers, self.layer) for p in m.parameters()]
+        self._watched = [p for m in _prefix_modules(base, self.layers, self.frozen) for p in m.parameters()]
         self._versions = self._version_sum()
         self.max_bytes = int(max_bytes)
         self.store: dict[bytes, Tensor] = {}
@@ -147,9 +160,8 @@ class PrefixCache:
         self._mode: str | None = None
         self._plan: tuple[list[tuple[int, int, int]], list[bytes], tuple[int, int]] | None = None
         self._pending: Tensor | None = None
-        self._handles = [self.layers[self.layer].register_forward_pre_hook(self._pre_hook, with_kwargs=True,
-                                                                            prepend=True),
-                         self.layers[self.layer - 1].register_forward_hook(self._out_hook)]
+        # prepend: the states are read before any intervention hook on the same layer edits them
+        self._handles = [self.layers[self.frozen - 1].register_forward_hook(self._out_hook, prepend=True)]
 
     def _version_sum(self) -> int:
         return sum(p._version for p in self._watched)
@@ -169,8 +181,8 @@ class PrefixCache:
         versions = self._version_sum()
         if versions != self._versions:
             if self.store:
-                logger.warning("ReFT prefix cache: the frozen layers below layer %d changed in place; the %d cached "
-                               "examples are dropped and computed again", self.layer, len(self.store))
+                logger.warning("ReFT prefix cache: the frozen layers 0-%d changed in place; the %d cached "
+                               "examples are dropped and computed again", self.frozen - 1, len(self.store))
             self.store.clear()
             self.bytes, self.verified, self._versions = 0, False, versions
         segs = _segments(input_ids, attention_mask, position_ids)
@@ -186,9 +198,9 @@ class PrefixCache:
         try:
             if self._mode == "inject":
                 self._pending = self._assemble()
-                for layer in self.layers[:self.layer]:
+                for i, layer in enumerate(self.layers[:self.frozen]):
                     originals.append((layer, layer.__dict__.get("forward")))
-                    layer.forward = self._identity
+                    layer.forward = self._identity if i < self.frozen - 1 else self._cached
                 self.hits += 1
             yield
         finally:
@@ -202,6 +214,17 @@ class PrefixCache:
     def _identity(self, *args: Any, **kwargs: Any) -> Any:
         h = args[0] if args else kwargs["hidden_states"]
         return (h,) if self._tuple_out else h
+
+    def _cached(self, *args: Any, **kwargs: Any) -> Any:
+        """Layer b - 1's forward while every sequence is cached: its stored output, in the shape of its input."""
+        h = args[0] if args else kwargs["hidden_states"]
+        new = self._pending.to(device=h.device, dtype=h.dtype)
+        if new.shape != h.shape:
+            raise PrefixCacheMismatch(f"ReFT prefix cache: cached states {tuple(new.shape)} for layer {self.frozen - 1}'s "
+                                      f"output, input {tuple(h.shape)}; train without the cache "
+                                      "(train.reft_prefix_cache: false)")
+        self._pending = None
+        return (new,) if self._tuple_out else new
 
     def _assemble(self) -> Tensor:
         segs, keys, (B, T) = self._plan
@@ -217,23 +240,13 @@ class PrefixCache:
         return out
 
     def _out_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._mode is None or self._mode == "inject":
+            return None
         if self._mode == "fill":
             self._tuple_out = not isinstance(output, Tensor)
-
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if self._mode is None:
-            return None
-        h = args[0] if args else kwargs.get("hidden_states")
+        h = output if isinstance(output, Tensor) else output[0] if isinstance(output, (tuple, list)) and output else None
         if not isinstance(h, Tensor):
             return None
-        if self._mode == "inject":
-            new = self._pending.to(device=h.device, dtype=h.dtype)
-            if new.shape != h.shape:
-                raise PrefixCacheMismatch(f"ReFT prefix cache: cached states {tuple(new.shape)} for layer {self.layer}'s "
-                                          f"input {tuple(h.shape)}; train without the cache (train.reft_prefix_cache: "
-                                          "false)")
-            self._pending = None
-            return ((new,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
         segs, keys, _ = self._plan
         if self._mode == "verify":
             self._verify(h.detach())
@@ -266,13 +279,13 @@ class PrefixCache:
         tol = 64 * eps * max(1.0, float(real.abs().max()))
         if not diff <= tol:
             raise PrefixCacheMismatch(
-                f"ReFT prefix cache: the cached input of layer {self.layer} differs from what the frozen layers "
+                f"ReFT prefix cache: the cached output of layer {self.frozen - 1} differs from what the frozen layers "
                 f"compute by {diff:.3g} (> {tol:.3g}, float rounding): the layers below the interventions are not "
                 "a fixed function of the tokens in this model; train without the cache (train.reft_prefix_cache: "
                 "false)")
         self.verified = True
-        logger.info("ReFT prefix cache: checked against the frozen layers (max difference %.3g); the layers below "
-                    "layer %d now run once per example", diff, self.layer)
+        logger.info("ReFT prefix cache: checked against the frozen layers (max difference %.3g); layers 0-%d now "
+                    "run once per example", diff, self.frozen - 1)
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "PrefixCache", "PrefixCacheMismatch", "lowest_layer", "unusable_reason"]
+__all__ = ["DEFAULT_MAX_BYTES", "PrefixCache", "PrefixCacheMismatch", "frozen_layers", "unusable_reason"]

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from alignkit.adapters.base import unwrap_parallel
-from alignkit.interventions.prefix_cache import lowest_layer, unusable_reason
+from alignkit.interventions.prefix_cache import unusable_reason
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,8 @@ def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None) -
             yield
             return
     cache = reft.enable_prefix_cache()
-    logger.info("ReFT prefix cache on: the layers below layer %d (the lowest intervened) run once per example, then "
-                "their output is read back (train.reft_prefix_cache: false turns it off)", lowest_layer(reft))
+    logger.info("ReFT prefix cache on: layers 0-%d (below every intervention) run once per example, then their "
+                "output is read back (train.reft_prefix_cache: false turns it off)", cache.frozen - 1)
     try:
         yield
     finally:

@@ -39,7 +39,9 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return _shared_rewards(model, batch)
     if is_packed(batch):
         return _packed_rewards(model, batch)
-    kw: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    # use_cache=False: no KV cache is wanted, and a ReFT model's frozen-prefix cache only runs without one
+    kw: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+                          "use_cache": False}
     loc = batch.get("intervention_locations")
     if loc is None and kw["attention_mask"] is not None:
         loc = prompt_locations(model, kw["attention_mask"])  # whole sequence = the "prompt" of a classifier
