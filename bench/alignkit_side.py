@@ -152,6 +152,9 @@ def main() -> None:
     args = common.parse_args()
     _import(args, "alignkit", "__name__")  # alignkit itself must import (this runs in the alignkit venv)
     common.setup_torch(args)
+    if args.last_layer == "off":
+        from alignkit.models import last_layer
+        last_layer.ENABLED = False
     tok = common.load_tokenizer(common.model_dir(args.run_dir, args.spec_dict))
     TASK_RUNNERS[args.task](args, tok)
 

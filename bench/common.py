@@ -205,6 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rank", type=int, default=4, help="LoReFT rank")
     ap.add_argument("--reft-prefix-cache", choices=["auto", "on", "off"], default="auto",
                     help="alignkit ReFT: train.reft_prefix_cache (auto: the trainer's default)")
+    ap.add_argument("--last-layer", choices=["on", "off"], default="on",
+                    help="alignkit: the last decoder layer on the read positions only (alignkit.models.last_layer; "
+                         "on is the library's behaviour, off for an A/B)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -310,3 +310,32 @@ def test_rope_parameters_init_functions_and_validation():
         log.removeHandler(handler)
     check(any("bogus" in m for m in msgs), TF, "validate_rope() no longer reports unknown rope_parameters keys on the "
           "'transformers.modeling_rope_utils' logger (alignkit would accept them silently)", where, str(msgs))
+
+
+# M14 -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_last_layer_restatement_equals_the_layer(arch, tiny_dir):
+    """`alignkit.models.last_layer` re-states the last decoder layer (input_layernorm -> q/k/v -> the module's
+    `apply_rotary_pos_emb` -> sdpa -> o_proj -> residual -> post_attention_layernorm -> mlp -> residual) to run it
+    on the read positions only: at those positions its states must be the model's own, for a padded batch."""
+    from alignkit.models import last_layer
+    from alignkit.trainers.logps import backbone_output
+
+    where = "alignkit/models/last_layer.py:_forward"
+    lm = load_model(tiny_dir(arch)).eval()
+    name = type(lm.base_model.layers[-1]).__name__
+    check(name in last_layer.SUPPORTED, TF, f"{arch}'s decoder layer is now {name}, not one alignkit re-states", where)
+    check(last_layer.unusable_reason(lm, {"use_cache": False}) is None, TF,
+          f"{name}: the re-stated forward no longer applies", where, str(last_layer.unusable_reason(lm, {"use_cache": False})))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 0, 0, 0]])
+    kw = {"input_ids": ids, "attention_mask": (ids != 0).long(), "use_cache": False}
+    read = torch.tensor([2, 6, 7, 10])  # (row 0, col 2), (0, 6), (1, 0), (1, 3)
+    with torch.no_grad(), guard(TF, f"{name}: the re-stated last layer failed", where):
+        full, _ = backbone_output(lm, kw)
+        part, _ = backbone_output(lm, kw, read=read)
+    d = full.shape[-1]
+    got, want = part.reshape(-1, d)[read], full.reshape(-1, d)[read]
+    check(torch.allclose(got, want, rtol=1e-5, atol=1e-6), TF,
+          f"{name}'s forward is no longer what alignkit.models.last_layer re-states: the read positions' states "
+          "differ from the model's own", where, f"max |difference| {float((got - want).abs().max()):.3g}")

@@ -23,9 +23,13 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture
 def count_varlen(monkeypatch):
-    """Counts calls of the varlen attention function (through the real one)."""
+    """Counts calls of the varlen attention function (through the real one), in every layer: the last layer runs in
+    full (`alignkit.models.last_layer` off; tests/models/test_last_layer.py checks it)."""
     from transformers import AttentionInterface
 
+    from alignkit.models import last_layer
+
+    monkeypatch.setattr(last_layer, "ENABLED", False)
     varlen.register()
     calls = []
 

@@ -72,6 +72,18 @@ class VarlenLayout:
         return sizes, tuple(calls)
 
     @cached_property
+    def kept_positions(self) -> tuple[Tensor, Tensor]:
+        """((length,) call index, (length,) position inside its call) of each column whose output a call keeps
+        (-1, -1 for a column no call keeps); on the host."""
+        call_of = torch.full((self.length,), -1, dtype=torch.long)
+        pos_of = torch.full((self.length,), -1, dtype=torch.long)
+        for i, (ranges, keep) in enumerate(self.calls):
+            cols = torch.cat([torch.arange(a, b) for a, b in ranges])
+            call_of[cols[keep:]] = i
+            pos_of[cols[keep:]] = torch.arange(keep, cols.numel())
+        return call_of, pos_of
+
+    @cached_property
     def _masks(self) -> dict:
         return {}
 

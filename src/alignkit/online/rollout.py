@@ -75,8 +75,9 @@ def token_stats(model: nn.Module, batch: dict[str, Tensor], *, temperature: floa
         batch = {**batch, **shared_prefix_layout(batch["input_ids"], batch["attention_mask"], batch["share_groups"])}
     ids = batch["input_ids"]  # (B, T)
     mask = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()  # (B, T-1)
-    h = final_hidden_states(model, batch)  # (B, T, d)
     rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
+    # without `hidden`, only the response positions are read (the last layer may run on those only)
+    h = final_hidden_states(model, batch, None if hidden else (rows, cols))  # (B, T, d)
     out = head_logprobs(model, h[rows, cols], ids[:, 1:][rows, cols], chunk_size, temperature=temperature,
                         entropy=entropy)  # entropy only when asked
     lp = out.logps if entropy else out

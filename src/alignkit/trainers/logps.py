@@ -46,7 +46,7 @@ from alignkit.compat import attn_implementation, check_logits_skipped
 from alignkit.distributed import is_zero3_partitioned
 from alignkit.interventions.positions import prompt_spans, prompt_spans_from_mask
 from alignkit.losses import chunked_lm_logprobs
-from alignkit.models import varlen
+from alignkit.models import last_layer, varlen
 from alignkit.adapters import unwrap_lm, unwrap_parallel
 
 
@@ -230,17 +230,20 @@ def shared_padding(batch: dict[str, Any]) -> float:
     return float((batch["shared_segment_ids"] == -2).float().mean())
 
 
-def shared_states(model: nn.Module, batch: dict[str, Any], extra: dict[str, Any], what: str) -> tuple[Tensor, Any]:
+def shared_states(model: nn.Module, batch: dict[str, Any], extra: dict[str, Any], what: str,
+                  read: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
     """((B, T, d) final hidden states of a shared-prompt batch in its padded layout, the model's output): the
     shared rows packed in one row through varlen attention (`shared_varlen_kwargs`) where the model runs it
     (`alignkit.models.varlen.runs_varlen`) and the rows hold more than SHARED_VARLEN_MIN_PADDING padding, else the
-    (G, S) rows with their 4D mask."""
+    (G, S) rows with their 4D mask. `read`: (rows, cols) of the padded layout the caller reads (`backbone_output`)."""
     if getattr(unwrap_parallel(model), "span_locations", None) is None and varlen.runs_varlen(unwrap_lm(model)) \
             and shared_padding(batch) > SHARED_VARLEN_MIN_PADDING:
         kw, index = shared_varlen_kwargs(batch)
-        h, out = backbone_output(model, {**kw, **extra}, what)
+        flat = None if read is None else index.to(read[0].device)[read]
+        h, out = backbone_output(model, {**kw, **extra}, what, flat)
         return h.reshape(-1, h.shape[-1])[index], out
-    h, out = backbone_output(model, {**shared_forward_kwargs(model, batch), **extra}, what)
+    flat = None if read is None else batch["shared_index"].to(read[0].device)[read]
+    h, out = backbone_output(model, {**shared_forward_kwargs(model, batch), **extra}, what, flat)
     return unshare(h, batch), out
 
 
@@ -253,9 +256,12 @@ def call_model(model: nn.Module, kwargs: dict[str, Any]) -> Any:
         return model(**kwargs)
 
 
-def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "completion_logps") -> tuple[Tensor, Any]:
+def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "completion_logps",
+                    read: Tensor | None = None) -> tuple[Tensor, Any]:
     """(final hidden states of the backbone (after its final norm), the model's output) of `model(**kwargs)`,
-    captured by a temporary forward hook on the backbone."""
+    captured by a temporary forward hook on the backbone. `read`: the flat (B * T) positions of the model's input
+    the caller reads from the states; where the model allows it, the last decoder layer runs on their columns only
+    and the states are ZERO elsewhere (`alignkit.models.last_layer`)."""
     lm = unwrap_lm(model)
     backbone = lm.base_model
     if backbone is lm:
@@ -268,7 +274,8 @@ def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "compl
 
     handle = backbone.register_forward_hook(hook)
     try:
-        out = call_model(model, kwargs)
+        with last_layer.reading(model, lm, read, kwargs):
+            out = call_model(model, kwargs)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -276,16 +283,18 @@ def backbone_output(model: nn.Module, kwargs: dict[str, Any], what: str = "compl
     return captured[0], out
 
 
-def final_hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+def final_hidden_states(model: nn.Module, batch: dict[str, Any], read: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """(B, T, d) output of the backbone (after its final norm), via the model's own forward. A shared-prompt
-    batch (`is_shared`) runs its (G, S) shared rows and returns their states in the padded (B, T) layout."""
+    batch (`is_shared`) runs its (G, S) shared rows and returns their states in the padded (B, T) layout.
+    `read`: the (rows, cols) the caller reads; the states may be zero everywhere else (`backbone_output`)."""
     # an empty (0,) index: the model's own head projects no position (B, 0, V); ours runs on completions only
     none = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     extra = {"logits_to_keep": none, "use_cache": False}
     if is_shared(batch):
-        h, out = shared_states(model, batch, extra, "share_prompt")
+        h, out = shared_states(model, batch, extra, "share_prompt", read)
     else:
-        h, out = backbone_output(model, {**forward_kwargs(model, batch), **extra})
+        flat = None if read is None else read[0] * batch["input_ids"].shape[1] + read[1]
+        h, out = backbone_output(model, {**forward_kwargs(model, batch), **extra}, read=flat)
     check_logits_skipped(getattr(out, "logits", None), type(unwrap_lm(model)).__name__)
     return h
 
@@ -349,7 +358,7 @@ def head_logprobs(model: nn.Module, hidden: Tensor, targets: Tensor, chunk_size:
 
 def _chunked_logps(model: nn.Module, batch: dict[str, Any], rows: Tensor, cols: Tensor, targets: Tensor,
                    chunk_size: int, stats: dict[str, Tensor] | None) -> Tensor:
-    h = final_hidden_states(model, batch)  # (B, T, d)
+    h = final_hidden_states(model, batch, (rows, cols))  # (B, T, d), zero where not read
     if stats is None:
         return head_logprobs(model, h[rows, cols], targets, chunk_size)  # (N,) float32
     out = head_logprobs(model, h[rows, cols], targets, chunk_size, with_accuracy=True)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from alignkit.data import PreferenceCollator
 from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
+from alignkit.models import last_layer
 from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.data_prep import packed_collator, shared_prompt_collator
@@ -47,11 +48,24 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         loc = prompt_locations(model, kw["attention_mask"])  # whole sequence = the "prompt" of a classifier
     if loc is not None:
         kw["intervention_locations"] = loc
-    logits = model(**kw).logits  # (rows, 1)
+    with last_layer.reading(model, unwrap_lm(model), _pooled_positions(model, batch["input_ids"]), kw):
+        logits = model(**kw).logits  # (rows, 1)
     if logits.dim() != 2 or logits.shape[-1] != 1:
         raise ValueError(f"a reward model must output one score per sequence (num_labels=1), got logits of shape "
                          f"{tuple(logits.shape)}; load the classifier with num_labels=1")
     return logits[:, 0].float()
+
+
+def _pooled_positions(model: nn.Module, ids: Tensor) -> Tensor | None:
+    """The flat (rows * T) position of the token transformers' *ForSequenceClassification pools in each row of
+    `ids` (the rightmost one that is not the pad token), or None where it pools otherwise (no pad token id)."""
+    lm = unwrap_lm(model)
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if cfg.pad_token_id is None:
+        return None
+    T = ids.shape[1]
+    last = (torch.arange(T, device=ids.device) * (ids != cfg.pad_token_id)).argmax(-1)  # (rows,)
+    return torch.arange(ids.shape[0], device=ids.device) * T + last
 
 
 def _score_head(lm: nn.Module, what: str) -> nn.Module:
@@ -75,14 +89,15 @@ def _packed_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     if cfg.pad_token_id is None:
         raise ValueError("padding-free reward modeling pools like the padded classifier, which needs a pad token id "
                          "in the model config; set it, or train with padding_free=False")
-    h, _ = backbone_output(model, {**forward_kwargs(model, batch), "use_cache": False}, "padding_free")
-    ids, pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1).to(h.device)  # (rows*L,)
-    seq = batch["sequence_index"].reshape(-1).to(h.device)  # (rows*L,), -1 on filler
+    ids, pos = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1)  # (rows*L,)
+    seq = batch["sequence_index"].reshape(-1).to(pos.device)  # (rows*L,), -1 on filler
     R = batch["sequence_length"].shape[0]
-    cand = torch.where((ids.to(h.device) != cfg.pad_token_id) & (seq >= 0), pos, 0)  # offset if not a pad token
-    last = torch.zeros(R + 1, dtype=pos.dtype, device=h.device).scatter_reduce(
+    cand = torch.where((ids.to(pos.device) != cfg.pad_token_id) & (seq >= 0), pos, 0)  # offset if not a pad token
+    last = torch.zeros(R + 1, dtype=pos.dtype, device=pos.device).scatter_reduce(
         0, torch.where(seq >= 0, seq, R), cand, reduce="amax")[:R]  # (R,) rightmost non-pad offset
-    pooled = h.reshape(-1, h.shape[-1])[batch["sequence_start"].to(h.device) + last]  # (R, d)
+    read = batch["sequence_start"].to(pos.device) + last  # (R,) flat positions of the pooled tokens
+    h, _ = backbone_output(model, {**forward_kwargs(model, batch), "use_cache": False}, "padding_free", read)
+    pooled = h.reshape(-1, h.shape[-1])[read.to(h.device)]  # (R, d)
     return head(pooled.to(head.weight.dtype) if hasattr(head, "weight") else pooled)[:, 0].float()
 
 
@@ -92,7 +107,6 @@ def _shared_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     rightmost token that is not the pad token; the last column without a pad token id)."""
     lm = unwrap_lm(model)
     head = _score_head(lm, "share_prompt")
-    h, _ = shared_states(model, batch, {"use_cache": False}, "share_prompt")  # (rows, T, d)
     ids = batch["input_ids"]
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     if cfg.pad_token_id is None:
@@ -100,7 +114,9 @@ def _shared_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     else:
         cols = torch.arange(ids.shape[1], device=ids.device)
         last = (cols * (ids != cfg.pad_token_id)).argmax(-1)  # (rows,)
-    pooled = h[torch.arange(ids.shape[0], device=ids.device), last]  # (rows, d)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    h, _ = shared_states(model, batch, {"use_cache": False}, "share_prompt", (rows, last))  # (rows, T, d)
+    pooled = h[rows, last]  # (rows, d)
     return head(pooled.to(head.weight.dtype) if hasattr(head, "weight") else pooled)[:, 0].float()
 
 
