@@ -165,3 +165,11 @@ def test_the_layer_runs_in_full_where_something_else_sees_it(what, change, reaso
 def test_other_layer_classes_run_in_full(arch, tiny_dir):
     lm = load_model(tiny_dir(arch))
     assert last_layer.unusable_reason(lm, {"use_cache": False}) is not None
+
+
+def test_nothing_read_runs_the_full_layer(tiny_dir):
+    """A batch with no scored position (read empty): the layer runs in full rather than on zero columns."""
+    lm = load_model(tiny_dir("llama")).train()
+    h, _ = backbone_output(lm, {"input_ids": torch.tensor([[5, 6, 7, 8]]), "use_cache": False},
+                           read=torch.empty(0, dtype=torch.long))
+    assert bool((h != 0).all())

@@ -91,7 +91,7 @@ def reading(model: nn.Module, lm: nn.Module, read: Tensor | None, kwargs: dict[s
     """Around one `model(**kwargs)` call whose caller reads the final hidden states at the flat (B * T) positions
     `read` only: the last decoder layer of `lm` (the transformers model inside `model`) computes those columns
     only (see the module's docstring). `read` None, or a model `unusable_reason` names: nothing changes."""
-    if read is None or unusable_reason(lm, kwargs) is not None:
+    if read is None or read.numel() == 0 or unusable_reason(lm, kwargs) is not None:
         yield
         return
     layer = _layers(lm)[-1]
