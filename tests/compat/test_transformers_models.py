@@ -339,3 +339,22 @@ def test_last_layer_restatement_equals_the_layer(arch, tiny_dir):
     check(torch.allclose(got, want, rtol=1e-5, atol=1e-6), TF,
           f"{name}'s forward is no longer what alignkit.models.last_layer re-states: the read positions' states "
           "differ from the model's own", where, f"max |difference| {float((got - want).abs().max()):.3g}")
+
+
+def test_last_layer_sees_a_sliding_window_layer():
+    """`alignkit.models.last_layer` re-states full attention only; it reads a Qwen2 layer's window from
+    `self_attn.sliding_window` (None for full attention) and must see one set on a sliding last layer."""
+    from alignkit.models import last_layer
+
+    where = "alignkit/models/last_layer.py:unusable_reason"
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    attn = lm.base_model.layers[-1].self_attn
+    check(getattr(attn, "sliding_window", None) == 4, TF, "Qwen2Attention no longer keeps its window in "
+          "`sliding_window`: a sliding last layer would be re-stated as full attention", where,
+          f"sliding_window={getattr(attn, 'sliding_window', '<missing>')!r}, layer_types={lm.config.layer_types}")
+    check("sliding" in str(last_layer.unusable_reason(lm, {"use_cache": False})), TF,
+          "a sliding-window last layer is not refused", where)
