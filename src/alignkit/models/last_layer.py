@@ -129,7 +129,7 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, layout: var
     for i, (n, (seg, _)) in enumerate(zip(counts, segments)):
         if n == 0:
             continue
-        kc, vc = varlen._cols(kp, seg), varlen._cols(vp, seg)
+        kc, vc = varlen.segment_columns(kp, seg), varlen.segment_columns(vp, seg)
         p = pos[start:start + n].to(q.device)
         start += n
         mask = torch.arange(kc.shape[2], device=q.device)[None, :] <= p[:, None]  # (n, keys of the call)

@@ -121,7 +121,8 @@ def shared_varlen_layout(groups: list[tuple[int, list[int]]]) -> VarlenLayout:
     return VarlenLayout(tuple(calls), o)
 
 
-def _cols(pieces: tuple[Tensor, ...], segments: tuple[int, ...]) -> Tensor:
+def segment_columns(pieces: tuple[Tensor, ...], segments: tuple[int, ...]) -> Tensor:
+    """The `split` pieces (dim 2) of a row at `segments` (indices into `VarlenLayout.segments`' sizes), concatenated."""
     if len(segments) == 1:
         return pieces[segments[0]]
     return torch.cat([pieces[i] for i in segments], 2)
@@ -146,9 +147,9 @@ def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     q, k, v = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
     outs = []
     for (_, keep), (seg, qseg) in zip(layout.calls, segments):
-        qc = _cols(q, qseg)
+        qc = segment_columns(q, qseg)
         mask = layout.suffix_mask(qc.shape[2], keep, query.device) if keep else None
-        outs.append(F.scaled_dot_product_attention(qc, _cols(k, seg), _cols(v, seg), attn_mask=mask, dropout_p=dropout,
+        outs.append(F.scaled_dot_product_attention(qc, segment_columns(k, seg), segment_columns(v, seg), attn_mask=mask, dropout_p=dropout,
                                                    scale=scaling, is_causal=not keep, enable_gqa=gqa))  # (1, H, n, D)
     return torch.cat(outs, 2).transpose(1, 2), None  # (1, S, H, D)
 
@@ -208,5 +209,5 @@ def varlen_attention(lm: nn.Module) -> Iterator[None]:
 
 
 __all__ = ["LAYOUT_KEY", "VARLEN_MODEL_TYPES", "VARLEN_SDPA", "VarlenLayout", "register", "runs_varlen",
-           "shared_varlen_layout", "usable",
+           "segment_columns", "shared_varlen_layout", "usable",
            "varlen_attention", "varlen_layout", "varlen_sdpa_attention"]
