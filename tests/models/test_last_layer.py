@@ -148,6 +148,8 @@ def test_losses_and_rewards_of_the_trainers_paths(tiny_dir, features, tokenizer,
      "a hook"),
     ("hidden states asked for", lambda lm, kw: kw.update(output_hidden_states=True), "hidden states"),
     ("a KV cache", lambda lm, kw: kw.update(use_cache=True), "KV cache"),
+    ("a global module hook", lambda lm, kw: torch.nn.modules.module.register_module_forward_hook(lambda *a: None),
+     "global module hook"),
     ("attention dropout in training", lambda lm, kw: setattr(lm.base_model.layers[-1].self_attn, "attention_dropout",
                                                              0.1), "dropout"),
 ])
@@ -155,10 +157,14 @@ def test_the_layer_runs_in_full_where_something_else_sees_it(what, change, reaso
     lm = load_model(tiny_dir("llama")).train()
     kw = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "use_cache": False}
     assert last_layer.unusable_reason(lm, kw) is None
-    change(lm, kw)
-    assert reason in last_layer.unusable_reason(lm, kw), what
-    h, _ = backbone_output(lm, kw, read=torch.tensor([3]))
-    assert bool((h[0, :3] != 0).all()), what  # unread positions computed: the full layer ran
+    handle = change(lm, kw)
+    try:
+        assert reason in last_layer.unusable_reason(lm, kw), what
+        h, _ = backbone_output(lm, kw, read=torch.tensor([3]))
+        assert bool((h[0, :3] != 0).all()), what  # unread positions computed: the full layer ran
+    finally:
+        if hasattr(handle, "remove"):
+            handle.remove()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])

@@ -9,14 +9,15 @@ tiny model of the CPU benchmark (4 layers) the last layer is ~21 % of an SFT ste
 half of the tokens there, and a reward model reads one token per sequence. On a 32-layer model the saving is
 1/32 of that: small, and free.
 
-`reading(model, read, kwargs)` swaps the last decoder layer's `forward` for the call's duration with one that
+`reading(model, lm, read, kwargs)` swaps the last decoder layer's `forward` for the call's duration with one that
 computes every row at the columns `read` holds (read: flat indices into the model input's (B, T) positions; the
 columns are their union over rows) and returns ZEROS at every other position: a read of a position outside
 `read` gets a visibly wrong value, never a plausible one (and no NaN, which a backward would spread). It applies
-only where nothing else sees the layer (`unusable_reason`: a Llama / Qwen2 decoder layer, sdpa or alignkit's varlen
-attention, no hook on the layer or inside it (a ReFT intervention there, FSDP2 / ZeRO-3 gathers, offload), no
-activation checkpointing, no compiled layer, no attention dropout in training, no KV cache, no hidden states or
-attention weights asked for), and otherwise runs the model as it is. Values equal the full layer's at the read
+only where nothing else sees the layer (`unusable_reason`: transformers' own Llama / Qwen2 decoder layer, sdpa or
+alignkit's varlen attention, no hook on the layer or inside it (a ReFT intervention there, FSDP2 / ZeRO-3 gathers,
+offload) and no global module hook (`alignkit.models.restate`), no activation checkpointing, no compiled layer,
+no attention dropout in training, no KV cache, no hidden states or attention weights asked for), and otherwise runs
+the model as it is. Values equal the full layer's at the read
 positions up to float rounding (another matmul shape, an explicit mask instead of sdpa's causal flag):
 tests/models/test_last_layer.py, against the model's own forward, for every layout (padded rows, padded rows
 with a custom 4D mask, one packed varlen row, shared-prompt varlen rows), values and gradients.
@@ -34,10 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alignkit.models import varlen
+from alignkit.models.restate import FAMILIES, family_module, global_hooks, has_hooks
 
-# The decoder layers whose forward this module re-states (input norm -> attention -> residual -> post norm -> MLP
-# -> residual, rotary from their module's `apply_rotary_pos_emb`); tests/compat pins each against the model.
-SUPPORTED = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
+# The families whose decoder layer this module re-states (input norm -> attention -> residual -> post norm -> MLP
+# -> residual, rotary from their modeling module's `apply_rotary_pos_emb`), exactly transformers' classes of
+# `<Family>DecoderLayer` / `<Family>Attention`; tests/compat pins each against the model.
+SUPPORTED = ("llama", "qwen2")
 ENABLED = True  # module switch, for A/B measurements (bench) and tests
 
 
@@ -60,8 +63,14 @@ def unusable_reason(lm: nn.Module, kwargs: dict[str, Any]) -> str | None:
     if layers is None:
         return f"{type(lm).__name__} has no decoder layer list at base_model.layers"
     layer = layers[-1]
-    if type(layer).__name__ not in SUPPORTED:
-        return f"{type(layer).__name__} is not one of the re-stated decoder layers {SUPPORTED}"
+    mod, fam = family_module(lm), FAMILIES.get(getattr(lm.config, "model_type", None))
+    if mod is None or lm.config.model_type not in SUPPORTED:
+        return f"model_type {getattr(lm.config, 'model_type', None)!r} (the last layer is re-stated for {SUPPORTED})"
+    if type(layer) is not getattr(mod, f"{fam}DecoderLayer", None) or \
+            type(layer.self_attn) is not getattr(mod, f"{fam}Attention", None):
+        return f"{type(layer).__name__} is not exactly transformers' {fam}DecoderLayer with {fam}Attention"
+    if not callable(getattr(mod, "apply_rotary_pos_emb", None)):
+        return f"modeling_{lm.config.model_type} has no apply_rotary_pos_emb"
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", varlen.VARLEN_SDPA):
@@ -75,11 +84,12 @@ def unusable_reason(lm: nn.Module, kwargs: dict[str, Any]) -> str | None:
         return "activation checkpointing is on"
     if "forward" in layer.__dict__ or getattr(layer, "_compiled_call_impl", None) is not None:
         return "the layer's forward is replaced or compiled"
+    if global_hooks():
+        return "a global module hook is registered (it would see the re-stated layer's calls, not the model's)"
     for m in layer.modules():
         if layer.training and isinstance(m, nn.Dropout) and m.p > 0:  # (LoRA dropout) other draws on fewer rows
             return f"dropout (p={m.p}) in the last layer in training"
-        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_hf_hook", None) is not None
-                or type(m).__name__.startswith("FSDP")):
+        if has_hooks(m) or getattr(m, "_hf_hook", None) is not None or type(m).__name__.startswith("FSDP"):
             return f"a hook on {type(m).__name__} in the last layer (an intervention, sharding or offload)"
     if any(hasattr(p, "ds_id") for p in layer.parameters()):
         return "DeepSpeed ZeRO-3 partitions the last layer"
@@ -145,7 +155,7 @@ def _forward(layer: nn.Module, read: Tensor, hidden_states: Tensor, attention_ma
     keep = torch.unique(read.to(hidden_states.device) % T)  # (K,) sorted columns
     attn = layer.self_attn
     hd = attn.head_dim
-    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the family's (`unusable_reason` checked it)
     cos, sin = position_embeddings
     x = layer.input_layernorm(hidden_states)  # (B, T, d): every position's keys and values are read
     q = attn.q_proj(x[:, keep]).view(B, keep.numel(), -1, hd).transpose(1, 2)  # (B, H, K, hd)

@@ -42,7 +42,6 @@ rope scaling).
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 from typing import Any
 
@@ -52,34 +51,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alignkit.adapters import unwrap_lm
+from alignkit.models.restate import FAMILIES, family_module, global_hooks, has_hooks
 
 try:
     from transformers.activations import SiLUActivation as _SILU
 except ImportError:  # older transformers: ACT2FN['silu'] is nn.SiLU
     _SILU = torch.nn.SiLU
 
-FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
-
-
 class FastStepMismatchError(RuntimeError):
     """The fast decode step's logits are not the model's own forward's (a modeling change it does not follow)."""
-
-
-def _family_module(lm: Any) -> Any:
-    mt = getattr(lm.config, "model_type", None)
-    if mt not in FAMILIES:
-        return None
-    return sys.modules.get(f"transformers.models.{mt}.modeling_{mt}")
-
-
-def _has_hooks(m: torch.nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    mm = torch.nn.modules.module
-    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
-                or mm._global_backward_pre_hooks)
 
 
 def fast_step_unsupported(model: Any, cache: Any, layer_types: tuple[type, ...] = (DynamicLayer,)) -> str | None:
@@ -88,7 +68,7 @@ def fast_step_unsupported(model: Any, cache: Any, layer_types: tuple[type, ...] 
     adds its `PreallocatedLayer`)."""
     lm = unwrap_lm(model)
     cfg = lm.config
-    mod = _family_module(lm)
+    mod = family_module(lm)
     if mod is None:
         return f"model_type {getattr(cfg, 'model_type', None)!r} (the fast step knows {sorted(FAMILIES)})"
     fam = FAMILIES[cfg.model_type]
@@ -116,7 +96,7 @@ def fast_step_unsupported(model: Any, cache: Any, layer_types: tuple[type, ...] 
     if any(type(p).__name__ == "DTensor" or hasattr(p, "ds_id") for p in lm.parameters()):
         return "sharded parameters (FSDP2 / ZeRO-3 gather them in hooks around the modules' forwards)"
     bypassed = [model, lm, base, *layers, *(x.self_attn for x in layers)]
-    if any(_has_hooks(m) for m in bypassed) or _global_hooks():
+    if any(has_hooks(m) for m in bypassed) or global_hooks():
         return "a forward / backward hook on the model, its backbone, a decoder layer or attention module (or global)"
     if type(cache) is not DynamicCache or getattr(cache, "offloading", False):
         return f"cache {type(cache).__name__} (the fast step writes DynamicCache layers)"
@@ -135,7 +115,7 @@ def _direct(m: torch.nn.Module) -> Any:
     """What calling `m` computes, without `Module.__call__`'s hook bookkeeping: a plain `nn.Linear` becomes
     `F.linear` on its own parameters (read now: a `DecodeStep` lives for one `lean_generate` call), any other
     module its bound `forward`; a module with hooks stays the module (its hooks run)."""
-    if _has_hooks(m) or _global_hooks():
+    if has_hooks(m) or global_hooks():
         return m
     if type(m) is torch.nn.Linear:
         return partial(F.linear, weight=m.weight, bias=m.bias)
@@ -149,7 +129,7 @@ class DecodeStep:
     def __init__(self, model: Any):
         lm = unwrap_lm(model)
         base = lm.model
-        mod = _family_module(lm)
+        mod = family_module(lm)
         fam = FAMILIES[lm.config.model_type]
         self.embed, self.rotary, self.norm, self.head = (_direct(base.embed_tokens), _direct(base.rotary_emb),
                                                          _direct(base.norm), _direct(lm.lm_head))
@@ -237,15 +217,18 @@ def _rms_norm(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _plain_linear(m: Any) -> bool:
-    return type(m) is torch.nn.Linear and not _has_hooks(m)
+    return type(m) is torch.nn.Linear and not has_hooks(m)
 
 
 def _cat_bias(mods: tuple[torch.nn.Linear, ...]) -> tuple[bool, torch.Tensor | None]:
     """(whether the biases concatenate: all present or all absent, the concatenation or None)."""
     bs = [m.bias for m in mods]
-    if all(x is None for x in bs):
+    present = [x is not None for x in bs]
+    if not any(present):
         return True, None
-    return not any(x is None for x in bs), None if any(x is None for x in bs) else torch.cat(bs)
+    if not all(present):
+        return False, None
+    return True, torch.cat(bs)
 
 
 def _fits(layers: Any) -> bool:
@@ -268,12 +251,12 @@ def _fused_parts(layer: Any, mod: Any, fam: str, fits: bool = True) -> tuple[Any
     the optimizer updates the parameters in place between calls. Only on CPU (where it is measured) and where the
     copies of all layers fit in `FUSE_MAX_BYTES` (`fits`)."""
     att, mlp = layer.self_attn, layer.mlp
-    if not (FUSE and fits) or _global_hooks() or att.q_proj.weight.device.type != "cpu":  # measured on CPU only
+    if not (FUSE and fits) or global_hooks() or att.q_proj.weight.device.type != "cpu":  # measured on CPU only
         return None, None, None, None
     norm_cls, mlp_cls = getattr(mod, f"{fam}RMSNorm", None), getattr(mod, f"{fam}MLP", None)
 
     def norm(n: Any) -> Any:
-        ok = type(n) is norm_cls and not _has_hooks(n) and isinstance(getattr(n, "variance_epsilon", None), float)
+        ok = type(n) is norm_cls and not has_hooks(n) and isinstance(getattr(n, "variance_epsilon", None), float)
         return (n.weight, n.variance_epsilon) if ok else None
 
     qkv, fused_att = (att.q_proj, att.k_proj, att.v_proj), None
@@ -284,8 +267,8 @@ def _fused_parts(layer: Any, mod: Any, fam: str, fits: bool = True) -> tuple[Any
         fused_att = (torch.cat([m.weight for m in qkv]), bias, att.q_proj.out_features // hd,
                      att.k_proj.out_features // hd)
     gud, fused_mlp = (mlp.gate_proj, mlp.up_proj, mlp.down_proj), None
-    if (type(mlp) is mlp_cls and not _has_hooks(mlp) and all(_plain_linear(m) for m in gud)
-            and type(mlp.act_fn) in (torch.nn.SiLU, _SILU) and not _has_hooks(mlp.act_fn)):
+    if (type(mlp) is mlp_cls and not has_hooks(mlp) and all(_plain_linear(m) for m in gud)
+            and type(mlp.act_fn) in (torch.nn.SiLU, _SILU) and not has_hooks(mlp.act_fn)):
         ok, bias = _cat_bias(gud[:2])
         if ok and mlp.gate_proj.out_features == mlp.up_proj.out_features:
             fused_mlp = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), bias, mlp.gate_proj.out_features,
