@@ -56,16 +56,21 @@ def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return logits[:, 0].float()
 
 
-def _pooled_positions(model: nn.Module, ids: Tensor) -> Tensor | None:
-    """The flat (rows * T) position of the token transformers' *ForSequenceClassification pools in each row of
-    `ids` (the rightmost one that is not the pad token), or None where it pools otherwise (no pad token id)."""
+def _pooled_columns(model: nn.Module, ids: Tensor) -> tuple[Tensor, bool]:
+    """((rows,) the column transformers' *ForSequenceClassification pools in each row of `ids`: the rightmost token
+    that is not the pad token, or the last column without a pad token id; whether the model has a pad token id)."""
     lm = unwrap_lm(model)
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     if cfg.pad_token_id is None:
-        return None
-    T = ids.shape[1]
-    last = (torch.arange(T, device=ids.device) * (ids != cfg.pad_token_id)).argmax(-1)  # (rows,)
-    return torch.arange(ids.shape[0], device=ids.device) * T + last
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device), False
+    return (torch.arange(ids.shape[1], device=ids.device) * (ids != cfg.pad_token_id)).argmax(-1), True
+
+
+def _pooled_positions(model: nn.Module, ids: Tensor) -> Tensor | None:
+    """The flat (rows * T) position of each row's pooled token (`_pooled_columns`), or None without a pad token id
+    (the classifier then pools its last column of a one-row batch; the last layer runs in full)."""
+    last, has_pad = _pooled_columns(model, ids)
+    return torch.arange(ids.shape[0], device=ids.device) * ids.shape[1] + last if has_pad else None
 
 
 def _score_head(lm: nn.Module, what: str) -> nn.Module:
@@ -108,12 +113,7 @@ def _shared_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     lm = unwrap_lm(model)
     head = _score_head(lm, "share_prompt")
     ids = batch["input_ids"]
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    if cfg.pad_token_id is None:
-        last = torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
-    else:
-        cols = torch.arange(ids.shape[1], device=ids.device)
-        last = (cols * (ids != cfg.pad_token_id)).argmax(-1)  # (rows,)
+    last, _ = _pooled_columns(model, ids)  # (rows,)
     rows = torch.arange(ids.shape[0], device=ids.device)
     h, _ = shared_states(model, batch, {"use_cache": False}, "share_prompt", (rows, last))  # (rows, T, d)
     pooled = h[rows, last]  # (rows, d)
