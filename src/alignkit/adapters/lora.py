@@ -56,7 +56,7 @@ class Lora(Adapter):
         names = [n for n, _ in model.named_modules() if n]
         for key in s.modules_to_save or []:  # peft wraps the modules whose name ends with it, and says nothing if none
             if not any(n.endswith(key) for n in names):
-                leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." not in n or "layers." not in n})
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "layers." not in n})  # outside the layers
                 raise ValueError(f"adapter.lora.modules_to_save: {key!r} matches no module of the model, so nothing "
                                  f"would be trained for it; name modules of the model, e.g. {leaves[:8]}")
         if isinstance(s.target_modules, (list, tuple)):  # peft refuses a list none of whose names match, not one

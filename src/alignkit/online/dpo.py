@@ -30,7 +30,7 @@ from alignkit.online.reweighting import reweight
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.trainers.pairs import pair_batch
-from alignkit.trainers.preference import REFERENCE_FREE
+from alignkit.settings.sections import loss_names, reference_free
 
 PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
 
@@ -49,7 +49,7 @@ class OnlineDPOConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type:
+        for name in loss_names(self.loss_type):
             PREFERENCE_LOSSES[name]
         if self.feedback not in PAIR_MODES:
             raise ValueError(f"online DPO feedback must be one of {PAIR_MODES}, got {self.feedback!r}")
@@ -104,8 +104,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         rejected = [row[(r.meta["group"], r.meta["rejected_index"])] for r in records]
         dev = rollout.rewards.device
         ch, rj = torch.tensor(chosen, dtype=torch.long, device=dev), torch.tensor(rejected, dtype=torch.long, device=dev)
-        names = [c.loss_type] if isinstance(c.loss_type, str) else c.loss_type
-        ref_seq = None if all(n in REFERENCE_FREE for n in names) else sequence_sums(rollout.ref_logps, rollout.mask)
+        ref_seq = None if reference_free(c.loss_type) else sequence_sums(rollout.ref_logps, rollout.mask)
         return PairBatch(rollout, ch, rj, torch.tensor([r.weight for r in records], dtype=torch.float32, device=dev),
                          None if ref_seq is None else ref_seq[ch], None if ref_seq is None else ref_seq[rj])
 

@@ -18,7 +18,7 @@ import yaml
 from alignkit.adapters.config import without_null_parts
 from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod, KTOMethod, ModelSettings, SFTMethod,
-                                       TrainConfig, check_model_reads, check_split_data)
+                                       TrainConfig, check_model_reads, check_split_data, loss_names)
 from alignkit.settings.tiny import is_tiny, tiny_arch
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
 from alignkit.settings.typed import (ConfigError, build, coerce, join_key, merge, parse_overrides, read_yaml,
@@ -71,8 +71,7 @@ def _check_names(cfg: Any) -> None:
     method = getattr(cfg, "method", None)
     registry = {SFTMethod: SFT_LOSSES, DPOMethod: PREFERENCE_LOSSES, KTOMethod: UNPAIRED_LOSSES}.get(type(method))
     if registry is not None:
-        names = [method.loss_type] if isinstance(method.loss_type, str) else method.loss_type
-        for i, name in enumerate(names):
+        for i, name in enumerate(loss_names(method.loss_type)):
             check(name, registry, "method.loss_type" + ("" if isinstance(method.loss_type, str) else f"[{i}]"))
     adapter = getattr(cfg, "adapter", None)
     if adapter is not None:

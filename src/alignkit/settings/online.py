@@ -32,7 +32,7 @@ from typing import Any, Literal
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
 from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
-                                       PreferenceObjective, check_prompt_data)
+                                       PreferenceObjective, check_prompt_data, loss_names)
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
 from alignkit.settings.typed import ConfigError, unknown_key_error
@@ -335,7 +335,7 @@ class OnlineRunConfig:
         m = self.method
         names = {"kl_estimator": ([m.kl_estimator], KL_ESTIMATORS)}
         if hasattr(m, "loss_type"):
-            names["loss_type"] = ([m.loss_type] if isinstance(m.loss_type, str) else m.loss_type, PREFERENCE_LOSSES)
+            names["loss_type"] = (loss_names(m.loss_type), PREFERENCE_LOSSES)
         for key, (values, registry) in names.items():
             for v in values:
                 if v not in registry:

@@ -110,7 +110,7 @@ class PreferenceObjective:
                                         "fdpo_alpha")}
 
     def __post_init__(self) -> None:
-        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        names = loss_names(self.loss_type)
         defaults = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
         for key, readers in self.READ_ONLY_BY.items():
             if getattr(self, key) != defaults[key] and not set(readers) & set(names):
@@ -125,6 +125,16 @@ class PreferenceObjective:
 REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft", "cpo"})  # preference losses that read no reference
 
 
+def loss_names(loss_type: str | list[str] | tuple[str, ...]) -> list[str]:
+    """A `loss_type` setting (one name, or a list of names whose losses are combined) as a list of names."""
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def reference_free(loss_type: str | list[str] | tuple[str, ...]) -> bool:
+    """Whether no loss of a `loss_type` setting reads the reference model (all are in REFERENCE_FREE)."""
+    return set(loss_names(loss_type)) <= REFERENCE_FREE
+
+
 @dataclass
 class DPOMethod(PreferenceObjective):
     reference: Literal["auto", "adapter_off", "copy", "precomputed", "none"] = "auto"
@@ -135,12 +145,12 @@ class DPOMethod(PreferenceObjective):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        if self.reference not in ("auto", "none") and set(names) <= REFERENCE_FREE:
+        names = loss_names(self.loss_type)
+        if self.reference not in ("auto", "none") and reference_free(names):
             raise ConfigError(f"method.reference: {self.reference!r}, and loss_type {names} reads no reference "
                               "(reference-free), so the reference would be built and scored every step for nothing "
                               "(a 'copy' holds a second model); remove method.reference (auto) or set it to none")
-        if self.reference_cache_dir is not None and set(names) <= REFERENCE_FREE:
+        if self.reference_cache_dir is not None and reference_free(names):
             raise ConfigError(f"method.reference_cache_dir: loss_type {names} reads no reference (reference-free), so "
                               "no reference log-probs are computed or cached and it would be ignored; remove it")
         if self.reference_cache_dir is not None and self.reference not in ("auto", "precomputed"):
@@ -343,4 +353,4 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
 
 __all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
-           "SFTMethod", "TrainConfig"]
+           "SFTMethod", "TrainConfig", "REFERENCE_FREE", "loss_names", "reference_free"]

@@ -26,9 +26,8 @@ from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
+from alignkit.settings.sections import REFERENCE_FREE, loss_names, reference_free
 from alignkit.trainers.reference import HasReference, Reference, build_reference
-from alignkit.settings.sections import REFERENCE_FREE
-
 
 
 class PreferenceTrainer(HasReference, AlignTrainer):
@@ -75,13 +74,13 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         if padding_free:
             kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model, paired=True,
                                                       checkpointing=bool(args.activation_checkpointing))
-        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        names = loss_names(loss_type)
         for name in names:
             PREFERENCE_LOSSES[name]  # unknown names fail here, listing the valid ones
         self.loss_type, self.loss_weights, self.chunk_size = names, loss_weights, chunk_size
         self.params = params if params is not None else PreferenceParams(beta=beta)
-        reference_free = all(n in REFERENCE_FREE for n in names)
-        self.reference: Reference = build_reference(model, reference, ref_model=ref_model, reference_free=reference_free,
+        self.reference: Reference = build_reference(model, reference, ref_model=ref_model,
+                                                    reference_free=reference_free(names),
                                                     cache_dir=reference_cache_dir, chunk_size=chunk_size)
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
         if share_prompt:
