@@ -42,6 +42,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from alignkit.interventions.editing import first_tensor
 from alignkit.interventions.locate import find_decoder_layers, hf_model, layer_index
 
 logger = logging.getLogger(__name__)
@@ -211,13 +212,22 @@ class PrefixCache:
                     layer.forward = before
             self._mode, self._plan, self._pending = None, None, None
 
+    def _hidden(self, args: tuple, kwargs: dict) -> Tensor:
+        """The hidden states a skipped layer was called with (compat row M7: first argument or `hidden_states=`)."""
+        h = first_tensor(args, kwargs)
+        if h is None:
+            raise PrefixCacheMismatch("ReFT prefix cache: a decoder layer was called without its hidden states as the "
+                                      "first argument or hidden_states=; train without the cache "
+                                      "(train.reft_prefix_cache: false)")
+        return h
+
     def _identity(self, *args: Any, **kwargs: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
+        h = self._hidden(args, kwargs)
         return (h,) if self._tuple_out else h
 
     def _cached(self, *args: Any, **kwargs: Any) -> Any:
         """Layer b - 1's forward while every sequence is cached: its stored output, in the shape of its input."""
-        h = args[0] if args else kwargs["hidden_states"]
+        h = self._hidden(args, kwargs)
         new = self._pending.to(device=h.device, dtype=h.dtype)
         if new.shape != h.shape:
             raise PrefixCacheMismatch(f"ReFT prefix cache: cached states {tuple(new.shape)} for layer {self.frozen - 1}'s "
