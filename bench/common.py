@@ -277,6 +277,8 @@ class Meter:
         self.t0 = self.t1 = None
         self.tokens0 = self.tokens1 = 0
         self.losses: list[float] = []
+        self.step_cpu: list[float] = []  # CPU seconds of each timed step (where the noise of a run sits)
+        self._last_cpu: float | None = None
         self.rss_before_train = rss_mb()
         module.register_forward_pre_hook(self._count, with_kwargs=True)
 
@@ -298,10 +300,14 @@ class Meter:
         return None
 
     def step_end(self, step: int) -> None:
+        cpu = time.process_time()
+        if self.warmup < step <= self.warmup + self.steps and self._last_cpu is not None:
+            self.step_cpu.append(cpu - self._last_cpu)
+        self._last_cpu = cpu
         if step == self.warmup:
-            self.t0, self.tokens0, self.cpu0 = time.perf_counter(), self.tokens, time.process_time()
+            self.t0, self.tokens0, self.cpu0 = time.perf_counter(), self.tokens, cpu
         elif step == self.warmup + self.steps:
-            self.t1, self.tokens1, self.cpu1 = time.perf_counter(), self.tokens, time.process_time()
+            self.t1, self.tokens1, self.cpu1 = time.perf_counter(), self.tokens, cpu
 
     def result(self) -> dict:
         if self.t0 is None or self.t1 is None:
@@ -314,7 +320,7 @@ class Meter:
                 "samples_per_cpu_s": self.steps * self.batch_size / cpu if cpu > 0 else None,
                 "tokens_per_s": tok / dt, "timed_tokens": tok,
                 "final_loss": self.losses[-1] if self.losses else None,
-                "rss_before_train_mb": self.rss_before_train}
+                "rss_before_train_mb": self.rss_before_train, "step_cpu_seconds": self.step_cpu}
 
 
 def trainer_callback(meter: "Meter | StepClock"):
