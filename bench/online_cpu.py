@@ -60,9 +60,7 @@ def run_side(lib: str, variant: str, method: str, spec: Path, run_dir: Path, sha
 
 
 def spread(xs: list[float]) -> str:
-    if not xs:
-        return "—"
-    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
+    return common.paired_summary(xs)
 
 
 def main() -> None:
@@ -118,7 +116,7 @@ def main() -> None:
             lines.append(f"{method:<11} {ak_variant + ' / ' + variant:<17} | {row['alignkit_steps_per_s']:>10.3f} {row['trl_steps_per_s']:>7.3f} | "
                          f"{spread(wall):>20} | {spread(cpu):>22} | {row['alignkit_gen_tok_s']:>12.0f} "
                          f"{row['trl_gen_tok_s']:>7.0f}")
-    lines.append("x = alignkit / TRL (> 1: alignkit faster), median (min-max) over the paired repeats; CPU ratio = "
+    lines.append("x = alignkit / TRL (> 1: alignkit faster), median (min-max; the median's distribution-free CI) over the paired repeats; CPU ratio = "
                  "TRL CPU s / alignkit CPU s over the same timed steps.")
     report = "\n".join(lines)
     print("\n" + report)

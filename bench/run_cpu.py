@@ -183,7 +183,7 @@ def table(rows: list[dict]) -> str:
                f"{r['peer']} {side_spread(r['peer_result'])}" for r in rows]
     lines.append("x = alignkit / peer (speed: > 1 is alignkit faster; memory: < 1 is alignkit leaner). "
                  "ak = alignkit. Peak MB = ru_maxrss of the run's process.")
-    lines.append("paired ratios, repeat by repeat (median (min-max)): samples/s on the wall clock | samples per "
+    lines.append("paired ratios, repeat by repeat (median (min-max; the median's distribution-free CI, bench/common.median_ci)): samples/s on the wall clock | samples per "
                  "CPU second of the run's process (steadier on a shared machine):")
     for r in rows:
         sc = r["scenario"] + (f" {r['label']}" if r["label"] else "")
@@ -195,9 +195,7 @@ def table(rows: list[dict]) -> str:
 
 
 def _paired(xs: list[float] | None) -> str:
-    if not xs:
-        return "—"
-    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f}, n={len(xs)})"
+    return common.paired_summary(xs)
 
 
 def _loss(r: dict | None) -> str:
