@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,10 +22,16 @@ class DataError(ValueError):
     """Bad input data. The message names where (file:line, record id, key) and how to fix it."""
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def new_file_mode() -> int:
-    """The permission bits a plain `open(path, "w")` gives a new file: 0o666 minus the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The permission bits a plain `open(path, "w")` gives a new file: 0o666 minus the process umask. Reading
+    the umask sets it, so the read is locked: two threads at once (augment's concurrent cache writes) could
+    otherwise leave the process with umask 0."""
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

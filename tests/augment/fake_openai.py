@@ -1,7 +1,11 @@
 """A tiny OpenAI-compatible chat server on 127.0.0.1 (a free port), in a thread, for the augment tests.
 
 `responder(messages) -> str` answers each request; `fail` is a list of HTTP statuses to return first, one per
-request (429 with Retry-After: 0), then normal answers. `requests` records every request body received."""
+request (429 with Retry-After: 0), then normal answers; `fail_when(messages)` true: that request is answered 503,
+every time. `requests` records every request body received; `max_in_flight` the most requests handled at once.
+`hold(n)`: the first requests wait (up to `timeout` s) until n are in flight together, so a client that sends n at
+once shows `max_in_flight == n` however the threads are scheduled (one that sends them one by one waits the
+timeout once, and shows 1)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,28 @@ class FakeOpenAI:
         self.responder = responder
         self.fail: list[int] = []
         self.requests: list[dict] = []
+        self.fail_when: Callable[[list[dict]], bool] | None = None
         self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.changed = threading.Condition(self.lock)
+        self.hold_for, self.hold_timeout = 0, 0.0
+
+    def hold(self, n: int, timeout: float = 2.0) -> None:
+        with self.lock:
+            self.hold_for, self.hold_timeout = n, timeout
+
+    def enter(self) -> None:
+        with self.changed:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.changed.notify_all()
+            if self.hold_for:
+                self.changed.wait_for(lambda: self.max_in_flight >= self.hold_for, self.hold_timeout)
+                self.hold_for = 0  # held once: the rest go straight through
+
+    def leave(self) -> None:
+        with self.changed:
+            self.in_flight -= 1
 
     def handler(self):
         fake = self
@@ -27,10 +52,19 @@ class FakeOpenAI:
                 pass
 
             def do_POST(self):
+                fake.enter()
+                try:
+                    self.answer()
+                finally:
+                    fake.leave()
+
+            def answer(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
                     fake.requests.append(body)
                     status = fake.fail.pop(0) if fake.fail else 200
+                if fake.fail_when is not None and fake.fail_when(body["messages"]):
+                    status = 503
                 if self.path != "/v1/chat/completions":
                     status = 404
                 if status != 200:

@@ -11,6 +11,12 @@ retries (HTTP 429 / 5xx / connection errors, exponential backoff honouring `Retr
 variable (`api_key_env`), never from a config file. `Cached` keys each request on (model, messages,
 sampling settings, seed) -> a JSON file written atomically under the cache folder; a cache hit makes no
 request. Every client has a `name` (the model, recorded in each output record's provenance).
+
+Concurrency (`llm.concurrency`, the pipeline's `Context.map`): `OpenAIChat` and `Cached` may be called from
+several threads at once. The rate limit is one limit for all of them (each call reserves the next free slot),
+the request / hit counters are locked, and `Cached` lets one thread ask for a given request while another
+asking the same waits for its answer (one request, then a cache hit: the counts of a sequential run).
+`LocalChat` answers one request at a time (`max_concurrency = 1`: the pipeline refuses more).
 """
 
 from __future__ import annotations
@@ -52,30 +58,34 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def wait(self) -> None:
+        """Reserve the next free slot (under the lock, so threads share one limit), then sleep until it."""
         if not self.interval:
             return
         with self._lock:
             now = self.clock()
-            if now < self._next:
-                self.sleep(self._next - now)
-                now = self._next
-            self._next = now + self.interval
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            self.sleep(slot - now)
 
 
 class OpenAIChat:
-    """An OpenAI-compatible chat endpoint (`{base_url}/chat/completions`)."""
+    """An OpenAI-compatible chat endpoint (`{base_url}/chat/completions`). Thread-safe: one rate limit for all
+    threads, each request retried on its own."""
 
     RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+    max_concurrency: int | None = None  # any number of requests at once
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 60.0,
                  retries: int = 4, backoff: float = 1.0, requests_per_minute: float | None = None,
-                 sleep=time.sleep) -> None:
+                 sleep=time.sleep, clock=time.monotonic) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = self.name = model
         self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
-        self.limiter = RateLimiter(requests_per_minute, sleep=sleep)
+        self.limiter = RateLimiter(requests_per_minute, clock=clock, sleep=sleep)
         self.sleep = sleep
         self.requests = 0  # HTTP requests sent (retries included)
+        self._count_lock = threading.Lock()
 
     def chat(self, messages: Messages, *, max_tokens: int, temperature: float, seed: int | None = None) -> str:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
@@ -89,7 +99,8 @@ class OpenAIChat:
         last = ""
         for attempt in range(self.retries + 1):
             self.limiter.wait()
-            self.requests += 1
+            with self._count_lock:
+                self.requests += 1
             delay = self.backoff * 2 ** attempt
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
@@ -130,7 +141,10 @@ def _content(reply: dict, url: str) -> str:
 
 class LocalChat:
     """A causal LM in this process (transformers `generate`), prompted through its chat template (or the
-    plain concatenated messages when it has none)."""
+    plain concatenated messages when it has none). One request at a time: `generate` runs one prompt, and a
+    seed is set on torch's global generator."""
+
+    max_concurrency: int | None = 1
 
     def __init__(self, model: Any, tokenizer: Any, name: str) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
@@ -165,12 +179,16 @@ class LocalChat:
 
 
 class Cached:
-    """Wraps a client with an on-disk cache: one JSON file per distinct request, written atomically."""
+    """Wraps a client with an on-disk cache: one JSON file per distinct request, written atomically.
+    Thread-safe: concurrent calls for one request send it once (the others wait, then read the entry)."""
 
     def __init__(self, inner: ChatModel, folder: str | Path) -> None:
         self.inner, self.folder = inner, Path(folder)
         self.name = inner.name
+        self.max_concurrency = getattr(inner, "max_concurrency", None)
         self.hits = self.misses = 0
+        self._lock = threading.Lock()  # the counters and the table of requests in flight
+        self._inflight: dict[str, list] = {}  # key -> [its lock, threads using it]
 
     def key(self, messages: Messages, max_tokens: int, temperature: float, seed: int | None) -> str:
         blob = json.dumps({"model": self.inner.name, "messages": messages, "max_tokens": max_tokens,
@@ -179,15 +197,33 @@ class Cached:
 
     def chat(self, messages: Messages, *, max_tokens: int, temperature: float, seed: int | None = None) -> str:
         key = self.key(messages, max_tokens, temperature, seed)
+        with self._lock:
+            entry = self._inflight.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:  # one thread per request: a second one asking the same reads the first one's answer
+                return self._chat(key, messages, max_tokens, temperature, seed)
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._inflight[key]
+
+    def _count(self, hits: int = 0, misses: int = 0) -> None:
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+
+    def _chat(self, key: str, messages: Messages, max_tokens: int, temperature: float, seed: int | None) -> str:
         path = self.folder / key[:2] / f"{key}.json"
         if path.is_file():
             try:
-                self.hits += 1
-                return json.loads(path.read_text())["content"]
+                content = json.loads(path.read_text())["content"]
+                self._count(hits=1)
+                return content
             except (json.JSONDecodeError, KeyError):
-                self.hits -= 1
                 logger.warning("%s: unreadable cache entry, asking again", path)
-        self.misses += 1
+        self._count(misses=1)
         content = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
         entry = {"model": self.inner.name, "messages": messages, "content": content}
         atomic_write_text(path, json.dumps(entry, ensure_ascii=False))  # the umask's mode, not 0600

@@ -9,6 +9,11 @@ Each output line is an alignkit record (the `prompt-completion` or `preference` 
 `meta`: {"strategy", "source" (file:line or file:first line of the snippet), "model" (the LLM's name; null
 for code_bugs), ...the strategy's own provenance}. De-duplication is on the normalised record text
 (lowercase, punctuation and runs of whitespace folded), first occurrence kept.
+
+`concurrency` (> 1: an OpenAI-compatible endpoint only) sends up to that many requests at once; the candidates
+come back in input order (`Context.map`), so the file written is the sequential run's. The records are written
+once, atomically, at the end: a run that fails (a request that failed after its retries) leaves `out_path` as it
+was, and the answers it did get are in the cache for the next run.
 """
 
 from __future__ import annotations
@@ -81,15 +86,21 @@ TEXT_KEYS = ("prompt", "completion", "chosen", "rejected")
 
 
 def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filters: Filters, out_path: str | Path,
-            *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0) -> AugmentResult:
+            *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0, concurrency: int = 1) -> AugmentResult:
     """Run `strategy` over `sources` and write the kept records to `out_path` (atomically). `options` is the
-    strategy's options dataclass; `llm` a ChatModel (None for code_bugs). DataError, and `out_path` left as it
-    was, when no record is kept (an empty file would replace an earlier run's records and train nothing)."""
+    strategy's options dataclass; `llm` a ChatModel (None for code_bugs); `concurrency` the requests in flight
+    at once (ValueError above the client's `max_concurrency`: a local model's is 1). DataError, and `out_path`
+    left as it was, when no record is kept (an empty file would replace an earlier run's records and train
+    nothing)."""
     spec = STRATEGIES[strategy]
     if spec.needs_llm and llm is None:
         raise ValueError(f"strategy {strategy!r} prompts a language model: configure llm")
+    ctx = Context(llm=llm, max_tokens=max_tokens, temperature=temperature, seed=seed, concurrency=concurrency)
+    limit = getattr(llm, "max_concurrency", None)
+    if limit is not None and concurrency > limit:
+        raise ValueError(f"concurrency: {concurrency}; {getattr(llm, 'name', 'this model')} answers at most {limit} "
+                         f"request(s) at a time; set concurrency {limit}")
     check_columns(sources, options)
-    ctx = Context(llm=llm, max_tokens=max_tokens, temperature=temperature, seed=seed)
     model = getattr(llm, "name", None) if spec.needs_llm else None
     dropped: Counter = Counter()
     seen: set[str] = set()

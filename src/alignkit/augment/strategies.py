@@ -13,6 +13,13 @@ is yielded with `drop=<reason>` so the pipeline counts it (summary.json) instead
 source whose column is empty (`EMPTY_SOURCE`; instructions' seeds refuse one instead: a seed task is hand-written);
 a source without the column is a wrong `options.field` and stops the run before any model call (`check_columns`).
 Options are a dataclass per strategy (`OPTIONS`), built from the config's `options:` with errors naming the key.
+
+Concurrency (`Context.concurrency`, `llm.concurrency`): a strategy sends its independent requests through
+`Context.map`, which runs up to `concurrency` of them at once and returns their results in input order, so the
+candidates (and the records written) are those of a sequential run. paraphrase maps over (row, rewrite), entities
+over rows, summarize over documents and, within one, over a level's chunks (a semaphore keeps the requests in
+flight at `concurrency` in all); instructions asks the next min(concurrency, tasks still to make) proposals at
+once (all of which a sequential run would ask too: no request is spent on speculation), then their answers.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import random
 import re
 import dataclasses
 import string
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from alignkit.augment.code_bugs import MUTATIONS, mutants, split_functions
 
@@ -47,17 +57,76 @@ class Candidate:
     drop: str | None = None  # a format rule it broke
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
 @dataclass
 class Context:
     llm: Any  # a ChatModel (None for strategies that need none)
     max_tokens: int = 256
     temperature: float = 0.7
     seed: int = 0
+    concurrency: int = 1  # requests in flight at once (`map`); 1: one at a time, in order
+    gate: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ValueError(f"concurrency: {self.concurrency!r}; it must be an integer >= 1 (1: one request at a "
+                             "time)")
+        if self.concurrency > 1:  # nested maps (summarize's documents, then chunks) share one bound
+            self.gate = threading.BoundedSemaphore(self.concurrency)
 
     def ask(self, prompt: str, *, seed: int | None = None, system: str | None = None) -> str:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self.llm.chat(messages, max_tokens=self.max_tokens, temperature=self.temperature,
-                             seed=self.seed if seed is None else seed).strip()
+        kw = {"max_tokens": self.max_tokens, "temperature": self.temperature,
+              "seed": self.seed if seed is None else seed}
+        if self.gate is None:
+            return self.llm.chat(messages, **kw).strip()
+        with self.gate:
+            return self.llm.chat(messages, **kw).strip()
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """fn(item) for each item, yielded in the items' order. With concurrency 1: one after the other, in this
+        thread (lazily, as a plain loop would). Above 1: up to `concurrency` calls at once on a thread pool, a
+        bounded window ahead of the item being yielded. On a failure no new item is started, the calls in flight
+        finish (their answers reach the cache), and the failure of the earliest item is raised."""
+        if self.concurrency == 1:
+            for item in items:
+                yield fn(item)
+            return
+        window = 2 * self.concurrency
+        pending: deque[Future] = deque()
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="alignkit-augment")
+        try:
+            source = iter(items)
+            exhausted = False
+            while True:
+                while not exhausted and len(pending) < window and not any(
+                        f.done() and f.exception() is not None for f in pending):
+                    item = next(source, _END)
+                    if item is _END:
+                        exhausted = True
+                    else:
+                        pending.append(pool.submit(fn, item))
+                if not pending:
+                    return
+                head = pending[0]
+                wait([head])
+                if head.exception() is not None or any(f.done() and f.exception() is not None for f in pending):
+                    for f in pending:
+                        f.cancel()  # not started yet: never started
+                    wait([f for f in pending if not f.cancelled()])
+                    failed = next(f for f in pending if not f.cancelled() and f.exception() is not None)
+                    raise failed.exception()  # type: ignore[misc]
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+            pool.shutdown(wait=True)
+
+
+_END = object()
 
 
 class EmptySource(ValueError):
@@ -104,6 +173,15 @@ def _text(row: dict[str, Any], key: str, source: Source, option: str = "field") 
         raise ValueError(f"{source.id}: column {key!r} (options.{option}) holds {type(value).__name__} "
                          f"{str(value)[:40]!r}, not text; set options.{option} to a text column")
     return value
+
+
+def _texts(sources: list[Source], key: str) -> Iterator[tuple[Source, str | None]]:
+    """(source, its text in column `key`), None for the text of an empty source (`EmptySource`)."""
+    for src in sources:
+        try:
+            yield src, _text(src.row, key, src)
+        except EmptySource:
+            yield src, None
 
 
 def check_templates(options: Any, **spec: tuple[str, ...]) -> None:
@@ -214,17 +292,26 @@ class ParaphraseOptions:
 
 
 def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> Iterator[Candidate]:
-    for src in sources:
-        try:
-            text = _text(src.row, opt.field, src)
-            answer = _text(src.row, opt.answer_field, src, "answer_field")
-        except EmptySource:
-            yield Candidate({}, src.id, drop=EMPTY_SOURCE)
-            continue
-        for k in range(opt.n):
-            new = _strip_quotes(ctx.ask(opt.template.format(text=text), seed=ctx.seed + k))
-            drop = "same as the original" if _norm(new) == _norm(text) else None
-            yield Candidate({"prompt": new, "completion": answer}, src.id, {"original": text, "sample": k}, drop)
+    def jobs() -> Iterator[tuple[Source, str | None, str, int]]:
+        for src in sources:
+            try:
+                text = _text(src.row, opt.field, src)
+                answer = _text(src.row, opt.answer_field, src, "answer_field")
+            except EmptySource:
+                yield src, None, "", 0
+                continue
+            for k in range(opt.n):
+                yield src, text, answer, k
+
+    def rewrite(job: tuple[Source, str | None, str, int]) -> Candidate:
+        src, text, answer, k = job
+        if text is None:
+            return Candidate({}, src.id, drop=EMPTY_SOURCE)
+        new = _strip_quotes(ctx.ask(opt.template.format(text=text), seed=ctx.seed + k))
+        drop = "same as the original" if _norm(new) == _norm(text) else None
+        return Candidate({"prompt": new, "completion": answer}, src.id, {"original": text, "sample": k}, drop)
+
+    yield from ctx.map(rewrite, jobs())
 
 
 # ------------------------------------------------------------------------------------------------ instructions
@@ -252,23 +339,38 @@ def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) 
         return
     rng = random.Random(ctx.seed)
     pool = [t for t, _ in seeds]
-    made = 0
-    for attempt in range(3 * opt.num):
-        if made >= opt.num:
-            break
-        picked = rng.sample(range(len(seeds)), min(opt.seeds_per_prompt, len(seeds)))
-        examples = "\n".join(f"{i + 1}. {seeds[j][0]}" for i, j in enumerate(picked))
-        task = _strip_quotes(_strip_numbering(ctx.ask(opt.template.format(examples=examples), seed=ctx.seed + attempt)))
-        source = ",".join(seeds[j][1] for j in picked)
-        similar = max((rouge_l(task, t) for t in pool), default=0.0)
-        if similar > opt.max_similarity:
-            yield Candidate({"prompt": task, "completion": ""}, source, {"attempt": attempt},
-                            f"too similar to an existing task (ROUGE-L {similar:.2f} > {opt.max_similarity})")
-            continue
-        answer = ctx.ask(opt.answer_template.format(task=task), seed=ctx.seed + attempt)
-        pool.append(task)
-        made += 1
-        yield Candidate({"prompt": task, "completion": answer}, source, {"attempt": attempt, "similarity": similar})
+
+    def propose(job: tuple[int, str, str]) -> str:  # (attempt, examples, source) -> a new task
+        return _strip_quotes(_strip_numbering(ctx.ask(opt.template.format(examples=job[1]), seed=ctx.seed + job[0])))
+
+    def solve(job: tuple[int, str]) -> str:  # (attempt, task) -> its answer
+        return ctx.ask(opt.answer_template.format(task=job[1]), seed=ctx.seed + job[0])
+
+    made = attempt = 0
+    limit = 3 * opt.num
+    while made < opt.num and attempt < limit:
+        # each attempt adds at most one task, so a sequential run makes the next (num - made) attempts too: asking
+        # their proposals at once spends no request it would not (with concurrency 1: one attempt at a time)
+        batch = []
+        for a in range(attempt, attempt + min(ctx.concurrency, opt.num - made, limit - attempt)):
+            picked = rng.sample(range(len(seeds)), min(opt.seeds_per_prompt, len(seeds)))
+            batch.append((a, "\n".join(f"{i + 1}. {seeds[j][0]}" for i, j in enumerate(picked)),
+                          ",".join(seeds[j][1] for j in picked)))
+        attempt += len(batch)
+        out: list[Candidate] = []
+        for (a, _, source), task in zip(batch, list(ctx.map(propose, batch))):  # in order: each compared with
+            similar = max((rouge_l(task, t) for t in pool), default=0.0)    # the tasks kept before it
+            if similar > opt.max_similarity:
+                out.append(Candidate({"prompt": task, "completion": ""}, source, {"attempt": a},
+                                     f"too similar to an existing task (ROUGE-L {similar:.2f} > {opt.max_similarity})"))
+                continue
+            pool.append(task)
+            made += 1
+            out.append(Candidate({"prompt": task, "completion": None}, source, {"attempt": a, "similarity": similar}))
+        kept = [c for c in out if c.drop is None]
+        for cand, answer in zip(kept, list(ctx.map(solve, [(c.extra["attempt"], c.record["prompt"]) for c in kept]))):
+            cand.record["completion"] = answer
+        yield from out
 
 
 def rouge_l(a: str, b: str) -> float:
@@ -330,26 +432,26 @@ def chunk_text(text: str, size: int) -> list[str]:
 
 
 def summarize(sources: list[Source], ctx: Context, opt: SummarizeOptions) -> Iterator[Candidate]:
-    for src in sources:
-        try:
-            text = _text(src.row, opt.field, src)
-        except EmptySource:
-            yield Candidate({}, src.id, drop=EMPTY_SOURCE)
-            continue
+    def one(job: tuple[Source, str | None]) -> Candidate:
+        src, text = job
+        if text is None:
+            return Candidate({}, src.id, drop=EMPTY_SOURCE)
         chunks = chunk_text(text, opt.chunk_chars)
-        summaries = [ctx.ask(opt.template.format(text=c)) for c in chunks]
+        summaries = list(ctx.map(lambda c: ctx.ask(opt.template.format(text=c)), chunks))
         levels = 1
         # an empty reply for one part would leave that part out of the final summary (and an all-empty level left
         # nothing to summarise: IndexError): the document is dropped, counted by its level
         while all(summaries) and len(summaries) > 1 and levels < opt.max_levels:
             groups = chunk_text("\n\n".join(summaries), opt.chunk_chars)
-            summaries = [ctx.ask(opt.combine_template.format(text=g)) for g in groups]
+            summaries = list(ctx.map(lambda g: ctx.ask(opt.combine_template.format(text=g)), groups))
             levels += 1
         drop = (f"empty summary from the model (level {levels})" if not all(summaries) else
                 None if len(summaries) == 1 else f"still {len(summaries)} summaries after {opt.max_levels} levels")
-        yield Candidate({"prompt": opt.prompt_template.format(text=text),
-                         "completion": summaries[0] if drop is None else ""}, src.id,
-                        {"chunks": len(chunks), "levels": levels}, drop)
+        return Candidate({"prompt": opt.prompt_template.format(text=text),
+                          "completion": summaries[0] if drop is None else ""}, src.id,
+                         {"chunks": len(chunks), "levels": levels}, drop)
+
+    yield from ctx.map(one, _texts(sources, opt.field))
 
 
 # ------------------------------------------------------------------------------------------------ entities
@@ -391,15 +493,16 @@ def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[s
 
 def entities(sources: list[Source], ctx: Context, opt: EntitiesOptions) -> Iterator[Candidate]:
     types = ", ".join(opt.types)
-    for src in sources:
-        try:
-            text = _text(src.row, opt.field, src)
-        except EmptySource:
-            yield Candidate({}, src.id, drop=EMPTY_SOURCE)
-            continue
+
+    def one(job: tuple[Source, str | None]) -> Candidate:
+        src, text = job
+        if text is None:
+            return Candidate({}, src.id, drop=EMPTY_SOURCE)
         found, drop = parse_entities(ctx.ask(opt.template.format(text=text, types=types)), text, opt.types)
-        yield Candidate({"prompt": opt.prompt_template.format(text=text, types=types),
-                         "completion": json.dumps(found, ensure_ascii=False)}, src.id, {"entities": len(found)}, drop)
+        return Candidate({"prompt": opt.prompt_template.format(text=text, types=types),
+                          "completion": json.dumps(found, ensure_ascii=False)}, src.id, {"entities": len(found)}, drop)
+
+    yield from ctx.map(one, _texts(sources, opt.field))
 
 
 # ------------------------------------------------------------------------------------------------ registry

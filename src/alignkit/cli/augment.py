@@ -82,7 +82,8 @@ def augment(cfg: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     llm = build_llm(cfg)
     s = cfg.llm
-    kw = {} if s is None else {"max_tokens": s.max_tokens, "temperature": s.temperature, "seed": s.seed}
+    kw = {} if s is None else {"max_tokens": s.max_tokens, "temperature": s.temperature, "seed": s.seed,
+                               "concurrency": s.concurrency}
     try:
         result = run_augment(sources, cfg.strategy, cfg.strategy_options(), llm,
                              Filters(cfg.filters.min_chars, cfg.filters.max_chars, cfg.filters.dedup,

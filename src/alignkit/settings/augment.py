@@ -10,6 +10,7 @@
       model: base
       api_key_env: OPENAI_API_KEY        # the key is read from this variable, never written in a config
       requests_per_minute: 60
+      concurrency: 8                     # requests in flight at once (default 1); records still in input order
     filters: {min_chars: 8, max_chars: 4000, dedup: true}
     output_dir: runs/augment             # augmented.jsonl, summary.json, config.yaml, cache/
 """
@@ -35,7 +36,8 @@ class LLMSettings:
     timeout: float = 60.0
     retries: int = 4
     backoff: float = 1.0  # seconds before the first retry, doubled each time (a Retry-After header wins if longer)
-    requests_per_minute: float | None = None
+    requests_per_minute: float | None = None  # one limit for all concurrent requests
+    concurrency: int = 1  # requests in flight at once (threads); the records are written in input order either way
     # local: a model in this process
     path: str | None = None  # a model folder, or tiny:<arch> (random: smoke tests only)
     dtype: DType = "float32"
@@ -61,6 +63,13 @@ class LLMSettings:
             for key in ("base_url", "api_key_env", "requests_per_minute"):
                 if getattr(self, key) is not None:
                     raise ConfigError(f"llm.{key}: only for kind 'openai'")
+            if self.concurrency > 1:
+                raise ConfigError(f"llm.concurrency: {self.concurrency}; a local model answers one request at a "
+                                  "time (concurrency is for kind 'openai': alignkit serve, vLLM, a hosted API); set "
+                                  "llm.concurrency: 1 or remove it")
+        if self.concurrency < 1:
+            raise ConfigError(f"llm.concurrency: {self.concurrency}; the requests in flight at once, an integer >= 1 "
+                              "(1: one at a time)")
         if self.max_tokens < 1 or self.temperature < 0 or self.retries < 0:
             raise ConfigError("llm: max_tokens must be >= 1, temperature >= 0, retries >= 0")
 
