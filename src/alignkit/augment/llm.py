@@ -119,7 +119,9 @@ class OpenAIChat:
             if attempt < self.retries:
                 logger.warning("%s: %s; retry %d/%d in %.1f s", self.url, last, attempt + 1, self.retries, delay)
                 self.sleep(delay)
-        raise LLMError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last}")
+        raise LLMError(f"{self.url}: gave up after {self.retries + 1} attempts; last error: {last}. Check that the "
+                       f"server (llm.base_url) is up and serves {self.model!r} (llm.model), or allow more tries "
+                       "(llm.retries, llm.backoff); answers already received are cached and a rerun reuses them")
 
 
 def _error_message(e: urllib.error.HTTPError) -> str:

@@ -166,17 +166,25 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:  # a bug, or a failure alignkit does not know yet: still one line, the traceback on ask
         if args.verbose or args.debug:
             raise
-        annotators = sys.modules.get("alignkit.online.annotators")  # loaded only by the online commands
-        vllm_client = sys.modules.get("alignkit.online.vllm_client")  # loaded only in vLLM server mode
-        if vllm_client is not None and isinstance(e, vllm_client.VllmServerError):  # down, an error, another model
-            print(f"alignkit {args.command}: error: {one_line(e)}", file=sys.stderr)
-            return 2
-        if annotators is not None and isinstance(e, annotators.AnnotatorError):  # the user's annotator failed
+        if isinstance(e, outside_errors()):  # a server down or erring, the user's annotator: not an alignkit bug
             print(f"alignkit {args.command}: error: {one_line(e)}", file=sys.stderr)
             return 2
         print(f"alignkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} (run again with --debug "
               "for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def outside_errors() -> tuple[type[BaseException], ...]:
+    """Failures of something outside alignkit, each with its own message and fix: vLLM server mode's server (down,
+    an error, another model), the user's annotator, an LLM endpoint of `augment` after its retries. Read from the
+    modules only when a command loaded them (importing them here would slow every command's start)."""
+    found = []
+    for module, name in (("alignkit.online.vllm_client", "VllmServerError"),
+                         ("alignkit.online.annotators", "AnnotatorError"), ("alignkit.augment.llm", "LLMError")):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            found.append(getattr(mod, name))
+    return tuple(found)
 
 
 DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
