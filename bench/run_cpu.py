@@ -132,10 +132,10 @@ def _ok(r: dict | None) -> bool:
     return bool(r) and r.get("status") == "ok"
 
 
-def comparisons(all_cases: list[Case]) -> list[dict]:
+def comparisons(all_cases: list[Case], settings: tuple[str, ...] = ("default", "fastest")) -> list[dict]:
     rows = []
     for c in all_cases:
-        for variant in ("default", "fastest"):
+        for variant in settings:
             a = c.runs.get(("alignkit", variant)) or c.runs.get(("alignkit", "default"))
             p = c.runs.get((c.peer, variant)) or c.runs.get((c.peer, "default"))
             if variant == "fastest" and (c.peer, "fastest") not in c.runs and ("alignkit", "fastest") not in c.runs:
@@ -246,6 +246,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None,
                     help="keep the comparisons whose 'task/scenario/label' contains one of these, e.g. small/f1+l1")
     ap.add_argument("--skip-alignkit", action="store_true")
+    ap.add_argument("--settings", nargs="*", choices=["default", "fastest"], default=["default", "fastest"],
+                    help="which settings to run (e.g. --settings fastest for more repeats of the fastest rows only)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every (library, variant) this many times, interleaved; the table shows medians")
@@ -268,9 +270,11 @@ def main() -> None:
         reps: dict[tuple[str, str], list[dict]] = {}
         # interleave libraries variant by variant, repeat by repeat, so machine noise hits both sides alike
         for rep in range(args.repeats):
-            for variant in ("default", "fastest"):
+            for wanted in args.settings:
                 for lib in libs:
-                    extra = VARIANTS[c.task][lib].get(variant)
+                    variant, extra = wanted, VARIANTS[c.task][lib].get(wanted)
+                    if extra is None and "default" not in args.settings:  # one setting serves both rows (pyreft)
+                        variant, extra = "default", VARIANTS[c.task][lib].get("default")
                     if extra is None:
                         continue
                     tag = f"{c.task}-{c.scenario}-{c.label or 'base'}-{lib}-{variant}-r{rep}".replace("+", "_")
@@ -282,7 +286,7 @@ def main() -> None:
         c.runs = {key: median_result(rs) for key, rs in reps.items()}
         c.reps = reps
 
-    rows = comparisons(todo)
+    rows = comparisons(todo, tuple(args.settings))
     report = table(rows)
     print("\n" + report)
     out_dir.mkdir(parents=True, exist_ok=True)
