@@ -280,3 +280,19 @@ def test_reward_settings_with_judge_pairs_are_refused_before_the_run_folder(tmp_
     assert rc == 2 and len(err) == 1, err
     assert "method.reward_normalization" in err[0] and "judge_pairs" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["online-dpo", "annotate"])
+@pytest.mark.parametrize("reweighter", ["margin_sigmoid", "margin_linear"])
+def test_a_margin_reweighter_with_judge_pairs_is_refused_when_the_config_is_read(command, reweighter):
+    """judge_pairs records carry no margin (the judge gives a verdict, not two scores), so a margin reweighter stopped
+    at the first step with a DataError, after the run folder had been written. One line at load time now."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"] if command != "annotate" else []
+    prefix = "method." if command == "online-dpo" else ""
+    args = [*base, JUDGE, f"{prefix}feedback=judge_pairs"]
+    with pytest.raises(ConfigError, match=rf"{prefix}reweighters\[0\]: {reweighter} weighs .* by their margin, and "
+                                          r".*judge_pairs .* no margin"):
+        load_config(None, [*args, f"{prefix}reweighters=[{reweighter}]"], command=command)
+    load_config(None, [*args, f"{prefix}reweighters=[inverse_prompt_frequency]"], command=command)

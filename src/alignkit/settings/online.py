@@ -229,9 +229,14 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
             raise unknown_key_error(f"{where}feedback_kwargs", str(key), params)
     for i, spec in enumerate(reweighters):
         try:
-            build_reweighter(spec)
+            reweighter = build_reweighter(spec)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{where}reweighters[{i}]: {_message(e)}") from None
+        if reweighter.reads_margin and mode == "judge_pairs":  # the judge's verdict has no scores to subtract
+            raise ConfigError(f"{where}reweighters[{i}]: {reweighter.name} weighs records by their margin, and "
+                              f"{where}feedback=judge_pairs gives pairs with no margin (a verdict, not two scores), "
+                              "so the first step would stop; remove it (inverse_prompt_frequency needs no margin) or "
+                              "use feedback best_worst / random_pairs")
 
 
 def _message(e: Exception) -> str:
