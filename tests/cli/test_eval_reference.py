@@ -39,3 +39,28 @@ def test_a_missing_model_path_is_named_before_the_reference(tmp_path, capsys):
                  "model.adapter_path=null", f"data.path={DATA}", f"output_dir={tmp_path / 'eval'}"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
     assert len(err) == 1 and "model.path" in err[0] and "does not exist" in err[0], err
+
+
+def test_a_reference_path_beside_an_adapter_that_switches_off_is_refused(tiny_dir, tmp_path, capsys):
+    """`method.reference_path` with `model.adapter_path` a LoRA (or ReFT) adapter: the reference is the adapter
+    switched off (model.path), and reference_path was never loaded, exit 0 with metrics against model.path. Now one
+    line naming both keys, and nothing written; a fully finetuned folder as adapter_path still reads it."""
+    import torch
+
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    base, other = tiny_dir("llama"), tiny_dir("llama", hidden_size=32)
+    lora = tmp_path / "lora"
+    torch.manual_seed(0)
+    save_adapter(apply_adapter(load_model(base), AdapterConfig(kind="lora", lora=LoraSettings(r=2, alpha=4.0))), lora)
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    args = ["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={base}",
+            f"model.adapter_path={lora}", f"data.path={DATA}", f"output_dir={out}", "data.max_records=2"]
+    assert main(args + [f"method.reference_path={other}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
+    assert len(err) == 1, err
+    assert "method.reference_path" in err[0] and "model.adapter_path" in err[0] and "lora" in err[0], err
+    assert not out.exists()
+    assert main(args) == 0  # the adapter switched off is the reference

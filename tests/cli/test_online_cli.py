@@ -235,3 +235,64 @@ def test_annotate_that_keeps_no_record_is_one_line_and_writes_nothing(tmp_path, 
     assert main(["-q", "annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={rnd}",
                  "feedback_kwargs.min_margin=-1.0", "reweighters=[]"]) == 0
     assert len(_rows(rnd / "records.jsonl")) == 2
+
+
+JUDGE = "annotator={kind: judge, path: 'tiny:llama'}"
+
+
+@pytest.mark.parametrize("command, feedback, key, value", [
+    # pointwise scores (every online objective; online DPO's best_worst / random_pairs): the pair prompt is never asked
+    ("grpo", None, "pair_template", "'{prompt} A: {response_a} B: {response_b}'"),
+    ("online-dpo", "best_worst", "pair_pattern", "'Winner: ([AB])'"),
+    ("annotate", "pointwise", "pair_template", "'{prompt} A: {response_a} B: {response_b}'"),
+    # judge_pairs: the judge compares pairs, the rubric and its score settings are never used
+    ("online-dpo", "judge_pairs", "template", "'Rate {prompt} {response}'"),
+    ("online-dpo", "judge_pairs", "score_range", "[0, 5]"),
+    ("annotate", "judge_pairs", "on_failure", "default"),
+])
+def test_judge_keys_the_feedback_never_asks_for_are_refused(command, feedback, key, value, tmp_path, capsys):
+    """A judge answers a rubric (template, pattern, score_range, normalize, on_failure / default_score) for pointwise
+    scores, and a pair prompt (pair_template, pair_pattern) for feedback judge_pairs only. Each was accepted beside
+    the other mode and ignored (e.g. a pair_template with GRPO, or score_range with judge_pairs), exit 0."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"] if command != "annotate" else []
+    where = "method.feedback" if command == "online-dpo" else "feedback"
+    fb = [f"{where}={feedback}"] if feedback else []
+    extra = ["annotator.default_score=0"] if key == "on_failure" else []
+    with pytest.raises(ConfigError, match=rf"annotator.{key}: .*so it would be ignored"):
+        load_config(None, [*base, JUDGE, *fb, f"annotator.{key}={value}", *extra], command=command)
+    load_config(None, [*base, JUDGE, *fb], command=command)
+
+
+def test_reward_settings_with_judge_pairs_are_refused_before_the_run_folder(tmp_path, capsys):
+    """online-dpo with method.feedback=judge_pairs never scores a response on its own, so reward_normalization and
+    reward_clip had nothing to act on and were ignored, exit 0. One line now, nothing written."""
+    cfg = yaml.safe_load((CONFIGS / "online-dpo-tiny.yaml").read_text())
+    cfg["annotator"] = {"kind": "judge", "path": "tiny:llama"}
+    cfg["method"].update(feedback="judge_pairs", feedback_kwargs={}, reweighters=[], reward_normalization="group")
+    config = tmp_path / "judge.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["-q", "online-dpo", "--config", str(config), f"output_dir={out}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit online-dpo")]
+    assert rc == 2 and len(err) == 1, err
+    assert "method.reward_normalization" in err[0] and "judge_pairs" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["online-dpo", "annotate"])
+@pytest.mark.parametrize("reweighter", ["margin_sigmoid", "margin_linear"])
+def test_a_margin_reweighter_with_judge_pairs_is_refused_when_the_config_is_read(command, reweighter):
+    """judge_pairs records carry no margin (the judge gives a verdict, not two scores), so a margin reweighter stopped
+    at the first step with a DataError, after the run folder had been written. One line at load time now."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"] if command != "annotate" else []
+    prefix = "method." if command == "online-dpo" else ""
+    args = [*base, JUDGE, f"{prefix}feedback=judge_pairs"]
+    with pytest.raises(ConfigError, match=rf"{prefix}reweighters\[0\]: {reweighter} weighs .* by their margin, and "
+                                          r".*judge_pairs .* no margin"):
+        load_config(None, [*args, f"{prefix}reweighters=[{reweighter}]"], command=command)
+    load_config(None, [*args, f"{prefix}reweighters=[inverse_prompt_frequency]"], command=command)

@@ -232,3 +232,27 @@ def test_a_reference_for_a_reference_free_loss_is_refused(loss):
     load_config(None, [*base, "method.reference=none"], command="dpo")
     load_config(None, [*base, f"method.loss_type=[{loss.strip('[]')}, sigmoid]", "method.reference=copy"],
                 command="dpo")
+
+
+@pytest.mark.parametrize("command", ["dpo", "online-dpo"])
+def test_loss_weights_of_another_length_than_loss_type_are_refused_before_the_run_folder(command, tmp_path, capsys):
+    """method.loss_weights=[1, 2] with one loss type was accepted; the run folder (config.yaml, base_model/,
+    tensorboard/) was written and the first step stopped with "unexpected error: ValueError: preference_loss: 1 loss
+    types ['sigmoid'] but 2 loss_weights". Now one line when the config is read, and nothing written."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    if command == "online-dpo":
+        base.append("annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}")
+    with pytest.raises(ConfigError, match=r"method.loss_weights: 2 weight\(s\) for the 1 loss type\(s\) \['sigmoid'\] "
+                                          r"of method.loss_type"):
+        load_config(None, [*base, "method.loss_weights=[1.0, 2.0]"], command=command)
+    load_config(None, [*base, "method.loss_weights=[1.0, 2.0]", "method.loss_type=[sigmoid, sft]"], command=command)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    config = {"dpo": "dpo-tiny.yaml", "online-dpo": "online-dpo-tiny.yaml"}[command]
+    assert main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}",
+                 "method.loss_weights=[1.0, 2.0]"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert len(err) == 1 and "method.loss_weights" in err[0], err
+    assert not out.exists()

@@ -66,6 +66,29 @@ def test_config_mistakes(case, overrides, needles, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+# (case, command, extra overrides, what the line must contain) -- the online objectives' own numbers. Before, each
+# was accepted: dual_clip <= 1 wrote the run folder and stopped at the first step ("unexpected error: ValueError");
+# reward_clip -1 clamped every reward to -1 (clamp(1, -1)) and clip_eps -0.2 clipped the ratio to [1.2, 0.8], both
+# exit 0 with a saved model. BOUNDS named `cliprange`, a key no config has (PPO's is clip_eps).
+ONLINE_CASES = [
+    ("dual_clip below one", "grpo", ["method.dual_clip=0.5"], ["method.dual_clip", "> 1"]),
+    ("reward_clip negative", "grpo", ["method.reward_clip=-1"], ["method.reward_clip", "> 0"]),
+    ("reward_clip zero", "grpo", ["method.reward_clip=0"], ["method.reward_clip", "> 0"]),
+    ("clip_eps negative", "grpo", ["method.clip_eps=-0.2"], ["method.clip_eps", "> 0"]),
+    ("clip_eps_high zero", "grpo", ["method.clip_eps_high=0"], ["method.clip_eps_high", "> 0"]),
+    ("ppo clip_eps zero", "ppo", ["method.clip_eps=0"], ["method.clip_eps", "> 0"]),
+    ("ppo vf_coef negative", "ppo", ["method.vf_coef=-0.1"], ["method.vf_coef", ">= 0"]),
+]
+
+
+@pytest.mark.parametrize("case,command,overrides,needles", ONLINE_CASES, ids=[c[0] for c in ONLINE_CASES])
+def test_online_config_mistakes(case, command, overrides, needles, tmp_path, capsys):
+    config = str(CONFIGS / f"{command}-tiny.yaml")
+    rc, err = run_cli(capsys, [command, "--config", config, f"output_dir={tmp_path / 'run'}", *overrides])
+    assert_one_line(rc, err, *needles, f"{command}-tiny.yaml")
+    assert not (tmp_path / "run").exists()
+
+
 def test_bf16_on_a_cpu_machine(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

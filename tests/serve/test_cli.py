@@ -28,3 +28,17 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
 def test_errors_name_the_problem(argv, message, capsys):
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--max-queue", "4"], "max_queue"), (["--max-batch-rows", "2"], "max_batch_rows"),
+    (["--device", "cuda:1"], "device"), (["--request-timeout", "5"], "request_timeout"),
+    (["--default-max-tokens", "16"], "default_max_tokens"), (["log_every=5"], "log_every"),
+])
+def test_engine_vllm_refuses_what_only_alignkits_engine_reads(argv, key, capsys):
+    """`--engine vllm` starts vLLM's own server with host, port, dtype, the API key and a max model length; the
+    queue, batch, timeout, default max_tokens, device and log settings are alignkit's engine's, and were accepted and
+    ignored (vLLM served with its own). One line naming the key now, before vLLM is looked for."""
+    assert main(["serve", "--base", "tiny:llama", "--engine", "vllm", *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
+    assert len(err) == 1 and err[0].startswith(f"alignkit serve: error: {key}: ") and "engine=vllm" in err[0], err

@@ -18,13 +18,15 @@ import argparse
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from alignkit.adapters import adapter_in
 from alignkit.cli.data import read_records, tokenize
-from alignkit.cli.models import check_formats, check_model_folder, load_for_inference, to_device
+from alignkit.cli.models import check_adapter_files, check_formats, check_model_folder, load_for_inference, to_device
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceParams, preference_loss
@@ -82,10 +84,23 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
 
 
 def check_reference(cfg: Any) -> None:
-    """ConfigError before anything is written when a DPO eval would compare the model with itself: without
+    """ConfigError before anything is written when a DPO eval's `method.reference_path` would be ignored (the
+    `model.adapter_path` adapter switches off, and that is the reference), or when it would compare the model with
+    itself: without
     `model.adapter_path` (an adapter switched off is the reference) and without `method.reference_path`, the
     reference is `model.path` itself, so every implicit reward is 0, accuracy 0 and the loss ln 2, whatever the
     model learned."""
+    if cfg.method.kind != "reward" and cfg.model.adapter_path is not None and cfg.method.reference_path is not None:
+        folder = Path(cfg.model.adapter_path)
+        check_model_folder(str(folder), "model.adapter_path", adapter=True)
+        check_adapter_files(folder, "model.adapter_path")
+        adapter = adapter_in(folder)
+        if adapter.can_switch_off:  # the reference is the adapter switched off: reference_path is never loaded
+            raise ConfigError(f"method.reference_path: model.adapter_path={folder} holds a {adapter.kind} adapter, "
+                              f"whose reference is the adapter switched off (model.path={cfg.model.path}), so "
+                              f"method.reference_path={cfg.method.reference_path} would be ignored; remove "
+                              "method.reference_path (it is read only for a fully finetuned model.adapter_path); "
+                              "nothing was written")
     if cfg.method.kind == "reward" or cfg.model.adapter_path is not None or cfg.method.reference_path is not None:
         return
     check_model_folder(cfg.model.path, "model.path")  # a path that is not a model says so first

@@ -122,10 +122,7 @@ def build_engine(cfg: Any):
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
-    if cfg.engine == "vllm" and cfg.output_dir is not None:
-        raise ConfigError("output_dir: the serve log (metrics.jsonl, TensorBoard, plots) is written by alignkit's "
-                          "engine; with engine=vllm read vLLM's own /metrics instead, or drop output_dir")
+    cfg = config_from(args)  # with engine=vllm, the keys only alignkit's engine reads are refused (ServeConfig)
     if cfg.engine == "vllm" and not args.dry_run:
         from alignkit.serve.vllm_server import check_adapters, require_vllm, serve_with_vllm
 

@@ -399,6 +399,17 @@ def fdpo_alpha_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOut
     return _f_dpo(batch, params, (_exp(-a * rl) - _exp(-a * rw)) / a)
 
 
+def check_loss_weights(names: Sequence[str], loss_weights: Sequence[float] | None, who: str) -> list[float]:
+    """The weight of each loss of `names` (1 each when `loss_weights` is None); a ValueError naming `who` when
+    `loss_weights` does not give exactly one weight per loss type. Trainers call it when they are built, so a
+    mismatch stops before the first step."""
+    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(names):
+        raise ValueError(f"{who}: {len(names)} loss types {list(names)} but {len(weights)} loss_weights; "
+                         "give one weight per loss type")
+    return weights
+
+
 def preference_loss(batch: PreferenceBatch, params: PreferenceParams,
                     loss_type: str | Sequence[str] = "sigmoid",
                     loss_weights: Sequence[float] | None = None) -> LossOutput:
@@ -412,10 +423,7 @@ def preference_loss(batch: PreferenceBatch, params: PreferenceParams,
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not names:
         raise ValueError("preference_loss: loss_type is empty; give at least one name, e.g. 'sigmoid'")
-    weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(names):
-        raise ValueError(f"preference_loss: {len(names)} loss types {names} but {len(weights)} loss_weights; "
-                         "give one weight per loss type")
+    weights = check_loss_weights(names, loss_weights, "preference_loss")
     total, metrics = None, {}
     for name, w in zip(names, weights):
         out = PREFERENCE_LOSSES[name](batch, params)

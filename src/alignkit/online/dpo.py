@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, preference_loss, reduce_loss
+from alignkit.losses import (KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, check_loss_weights, preference_loss,
+                             reduce_loss)
 from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample
@@ -51,6 +52,7 @@ class OnlineDPOConfig(OnlineConfig):
         super().__post_init__()
         for name in loss_names(self.loss_type):
             PREFERENCE_LOSSES[name]
+        check_loss_weights(loss_names(self.loss_type), self.loss_weights, "online DPO config")
         if self.feedback not in PAIR_MODES:
             raise ValueError(f"online DPO feedback must be one of {PAIR_MODES}, got {self.feedback!r}")
         if isinstance(self.params, dict):

@@ -54,6 +54,7 @@ class Reweighter:
     """Subclasses implement `raw(records) -> (N,) tensor`; calling one returns reweighted copies."""
 
     name = "reweighter"
+    reads_margin = False  # True: needs each record's margin (`record_margin`), which judge_pairs records lack
 
     def raw(self, records: Sequence[Record]) -> torch.Tensor:
         raise NotImplementedError
@@ -87,6 +88,7 @@ class MarginSigmoid(Reweighter):
     """r = sigmoid(margin / tau)."""
 
     name = "margin_sigmoid"
+    reads_margin = True
 
     def __init__(self, tau: float = 1.0):
         if not tau > 0:
@@ -103,6 +105,7 @@ class MarginLinear(Reweighter):
     """r = |margin| (normalised margin)."""
 
     name = "margin_linear"
+    reads_margin = True
 
     def raw(self, records: Sequence[Record]) -> torch.Tensor:
         return torch.tensor([abs(record_margin(r)) for r in records], dtype=torch.float64)

@@ -159,6 +159,30 @@ class AnnotatorSettings:
         return out
 
 
+# A judge's keys by what it is asked: a rubric for pointwise scores (every online objective, and the feedback modes
+# other than judge_pairs), a pair prompt for judge_pairs (JudgeAnnotator.annotate / prefer_batch)
+JUDGE_POINTWISE_KEYS = ("template", "pattern", "score_range", "normalize", "on_failure", "default_score")
+JUDGE_PAIR_KEYS = ("pair_template", "pair_pattern")
+
+
+def check_judge_reads(settings: AnnotatorSettings, feedback: str | None, where: str) -> None:
+    """ConfigError naming the first judge key the feedback mode never asks the judge for: judge_pairs asks pairs only,
+    every other mode scores each response (`feedback` None: a command that only scores, GRPO / RLOO / PPO, named by
+    `where`; else `where` is the feedback key)."""
+    if settings.kind != "judge":
+        return
+    pairwise = feedback == "judge_pairs"
+    unread = JUDGE_POINTWISE_KEYS if pairwise else JUDGE_PAIR_KEYS
+    for name in settings._non_default():
+        if name in unread:
+            mode = f"{where}={feedback}" if feedback else where
+            asks = ("compares pairs with annotator.pair_template / pair_pattern and never scores a response on its own"
+                    if pairwise else "scores each response with annotator.template / pattern and never compares pairs")
+            fix = f"set {where}=judge_pairs" if not pairwise else f"use another {where}"
+            raise ConfigError(f"annotator.{name}: {mode} {asks}, so it would be ignored; remove annotator.{name}"
+                              + ("" if feedback is None else f" or {fix}"))
+
+
 ALLOWED_CODE = ("alignkit.rewards",)  # modules whose functions a config may name without --allow-code
 
 
@@ -205,9 +229,14 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
             raise unknown_key_error(f"{where}feedback_kwargs", str(key), params)
     for i, spec in enumerate(reweighters):
         try:
-            build_reweighter(spec)
+            reweighter = build_reweighter(spec)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{where}reweighters[{i}]: {_message(e)}") from None
+        if reweighter.reads_margin and mode == "judge_pairs":  # the judge's verdict has no scores to subtract
+            raise ConfigError(f"{where}reweighters[{i}]: {reweighter.name} weighs records by their margin, and "
+                              f"{where}feedback=judge_pairs gives pairs with no margin (a verdict, not two scores), "
+                              "so the first step would stop; remove it (inverse_prompt_frequency needs no margin) or "
+                              "use feedback best_worst / random_pairs")
 
 
 def _message(e: Exception) -> str:
@@ -346,6 +375,14 @@ class OnlineRunConfig:
             raise ConfigError(f"method: {_message(e)}") from None
         if hasattr(m, "feedback"):
             check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
+        check_judge_reads(self.annotator, getattr(m, "feedback", None),
+                          "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
+        if getattr(m, "feedback", None) == "judge_pairs":  # no pointwise score: nothing to normalise or clip
+            for key in ("reward_normalization", "reward_clip"):
+                if getattr(m, key) != getattr(type(m), key):
+                    raise ConfigError(f"method.{key}: {getattr(m, key)!r} acts on each response's reward, and "
+                                      "method.feedback=judge_pairs gives none (the judge compares pairs), so it would "
+                                      f"be ignored; remove method.{key} or use another method.feedback")
 
 
 @dataclass
@@ -403,6 +440,7 @@ class AnnotateConfig:
 
     def __post_init__(self) -> None:
         check_feedback(self.feedback, self.feedback_kwargs, self.reweighters)
+        check_judge_reads(self.annotator, self.feedback, "feedback")
 
     # `alignkit.settings.load` checks the `data` and `model` sections of every config; annotate has neither (it
     # reads output_dir's samples; its model is the annotator's, checked above). Read-only views for those checks.
@@ -419,6 +457,6 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
                                           "rloo": RLOORunConfig, "ppo": PPORunConfig, "sample": SampleConfig,
                                           "annotate": AnnotateConfig}
 
-__all__ = ["PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
+__all__ = ["JUDGE_PAIR_KEYS", "JUDGE_POINTWISE_KEYS", "check_judge_reads", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
            "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]

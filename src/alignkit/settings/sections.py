@@ -111,6 +111,10 @@ class PreferenceObjective:
 
     def __post_init__(self) -> None:
         names = loss_names(self.loss_type)
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            raise ConfigError(f"method.loss_weights: {len(self.loss_weights)} weight(s) for the {len(names)} loss "
+                              f"type(s) {names} of method.loss_type; give one weight per loss type (or remove "
+                              "method.loss_weights: 1 each)")
         defaults = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
         for key, readers in self.READ_ONLY_BY.items():
             if getattr(self, key) != defaults[key] and not set(readers) & set(names):

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from alignkit.settings.sections import DType
@@ -47,6 +47,26 @@ class ServeConfig:
             raise ConfigError(f"log_every: must be > 0 seconds, got {self.log_every}")
         if self.request_timeout <= 0:
             raise ConfigError(f"request_timeout: must be > 0 seconds, got {self.request_timeout}")
+        if self.engine == "vllm":
+            self._refuse_engine_keys()
+
+    # read by alignkit's own engine alone; `engine: vllm` starts vLLM's server with host, port, dtype, the API key and
+    # a max model length (max_prompt_tokens + max_new_tokens), and vLLM schedules, batches and places by itself
+    ENGINE_ONLY = ("output_dir", "log_every", "device", "max_batch_rows", "max_queue", "default_max_tokens",
+                   "request_timeout")
+
+    def _refuse_engine_keys(self) -> None:
+        """ConfigError naming the first ENGINE_ONLY key set away from its default with engine=vllm."""
+        if self.output_dir is not None:
+            raise ConfigError("output_dir: the serve log (metrics.jsonl, TensorBoard, plots) is written by alignkit's "
+                              "engine; with engine=vllm read vLLM's own /metrics instead, or drop output_dir")
+        defaults = {f.name: f.default for f in fields(ServeConfig)}
+        for key in self.ENGINE_ONLY:
+            if getattr(self, key) != defaults[key]:
+                raise ConfigError(f"{key}: {getattr(self, key)!r} is read only by alignkit's engine, and engine=vllm "
+                                  "runs vLLM's own server (it schedules, batches and places the model itself), so it "
+                                  f"would be ignored; remove {key} (set vLLM's own options when you start it "
+                                  "yourself) or use engine=alignkit")
 
 
 __all__ = ["ServeConfig"]
