@@ -378,3 +378,22 @@ def test_model_keys_a_command_never_reads_are_refused(command, capsys, tmp_path)
     assert main([*base, "model.adapter_path=null", "model.check_base=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.check_base: False is read only with model.adapter_path" in err, err
+
+
+@pytest.mark.parametrize("command,config,overrides,says", [
+    ("sft", "sft-tiny.yaml", ["data.split=test"], "split 'test' asked for"),
+    ("sft", "sft-tiny.yaml", ["data.eval_fraction=0", "data.eval_path=bundled:data/hh_rlhf_sample.jsonl",
+                              "data.eval_split=test"], "split 'test' asked for"),
+    ("grpo", "grpo-tiny.yaml", ["data.split=test"], "split 'test' asked for"),
+])
+def test_a_split_of_a_data_file_is_refused_before_anything_is_written(command, config, overrides, says, tmp_path,
+                                                                     capsys):
+    """data.split / data.eval_split on a .jsonl file (which holds one split) were ignored: data.split=test trained
+    on every row of the file, and data.eval_path=<the training file> with data.eval_split=test evaluated on the
+    training rows, exit 0. Now exit 2 with one line naming the file and the split, and no run folder."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and says in err and "hh_rlhf_sample.jsonl" in err, err
+    assert not out.exists()
