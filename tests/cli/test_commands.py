@@ -397,3 +397,18 @@ def test_a_split_of_a_data_file_is_refused_before_anything_is_written(command, c
     assert rc == 2, err
     assert len(err.splitlines()) == 1 and says in err and "hh_rlhf_sample.jsonl" in err, err
     assert not out.exists()
+
+
+def test_a_reft_embed_dim_of_another_width_is_refused_before_anything_is_written(tmp_path, capsys):
+    """adapter.reft.config's embed_dim other than the edited hidden states' width: the run folder (config.yaml,
+    base_model/, tensorboard/) was written and step 1 stopped on 'unexpected error: RuntimeError: mat1 and mat2
+    shapes cannot be multiplied', exit 1. Now exit 2 with one line naming the representation, before any write."""
+    out = tmp_path / "run"
+    reps = '{"representations": [{"layer": 0, "low_rank_dimension": 2, "embed_dim": 8}]}'
+    rc = main(["-q", "sft", "-c", str(CONFIGS / "sft-reft-tiny.yaml"), f"output_dir={out}", "train.max_steps=1",
+               f"adapter.reft.config={reps}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert rc == 2 and len(err) == 1, err  # (tqdm bars of the tiny model's save aside)
+    err = err[0]
+    assert "representations[0]" in err and "embed_dim=8" in err and "64 wide" in err, err
+    assert not out.exists()
