@@ -378,3 +378,37 @@ def test_model_keys_a_command_never_reads_are_refused(command, capsys, tmp_path)
     assert main([*base, "model.adapter_path=null", "model.check_base=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.check_base: False is read only with model.adapter_path" in err, err
+
+
+@pytest.mark.parametrize("command,config,overrides,says", [
+    ("sft", "sft-tiny.yaml", ["data.split=test"], "split 'test' asked for"),
+    ("sft", "sft-tiny.yaml", ["data.eval_fraction=0", "data.eval_path=bundled:data/hh_rlhf_sample.jsonl",
+                              "data.eval_split=test"], "split 'test' asked for"),
+    ("grpo", "grpo-tiny.yaml", ["data.split=test"], "split 'test' asked for"),
+])
+def test_a_split_of_a_data_file_is_refused_before_anything_is_written(command, config, overrides, says, tmp_path,
+                                                                     capsys):
+    """data.split / data.eval_split on a .jsonl file (which holds one split) were ignored: data.split=test trained
+    on every row of the file, and data.eval_path=<the training file> with data.eval_split=test evaluated on the
+    training rows, exit 0. Now exit 2 with one line naming the file and the split, and no run folder."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and says in err and "hh_rlhf_sample.jsonl" in err, err
+    assert not out.exists()
+
+
+def test_a_reft_embed_dim_of_another_width_is_refused_before_anything_is_written(tmp_path, capsys):
+    """adapter.reft.config's embed_dim other than the edited hidden states' width: the run folder (config.yaml,
+    base_model/, tensorboard/) was written and step 1 stopped on 'unexpected error: RuntimeError: mat1 and mat2
+    shapes cannot be multiplied', exit 1. Now exit 2 with one line naming the representation, before any write."""
+    out = tmp_path / "run"
+    reps = '{"representations": [{"layer": 0, "low_rank_dimension": 2, "embed_dim": 8}]}'
+    rc = main(["-q", "sft", "-c", str(CONFIGS / "sft-reft-tiny.yaml"), f"output_dir={out}", "train.max_steps=1",
+               f"adapter.reft.config={reps}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert rc == 2 and len(err) == 1, err  # (tqdm bars of the tiny model's save aside)
+    err = err[0]
+    assert "representations[0]" in err and "embed_dim=8" in err and "64 wide" in err, err
+    assert not out.exists()

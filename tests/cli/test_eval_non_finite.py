@@ -35,3 +35,18 @@ def test_dpo_eval_with_an_infinite_weight_is_one_line_and_writes_no_metrics(tiny
     # the first of the 6 bundled pairs is named; all 6 are NaN (the inf reaches every position's hidden state)
     assert f"is nan at record {DATA}:1 (6 non-finite) with {folder}" in err[0]
     assert not (out / "metrics.json").exists() and not (out / "tensorboard").exists()
+
+
+def test_eval_data_the_length_limits_drop_entirely_writes_nothing(tiny_dir, tmp_path, capsys):
+    """eval wrote <output_dir>/config.yaml before it loaded the model and tokenized the data, so data whose every
+    record data.max_length drops (or a model that does not load) stopped with exit 2 after writing into output_dir.
+    Now the model is loaded and the data tokenized first: one line, and output_dir is not created."""
+    src = Path(tiny_dir("llama"))
+    out = tmp_path / "eval"
+    capsys.readouterr()
+    assert main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={src}",
+                 "model.adapter_path=null", f"method.reference_path={src}", f"data.path={DATA}", f"output_dir={out}",
+                 "data.max_length=3", "data.max_prompt_length=null"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
+    assert len(err) == 1 and "data.path: every record was dropped" in err[0] and "raise data.max_length" in err[0]
+    assert not out.exists()

@@ -320,6 +320,9 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
      "adapter.kind lora or reft+lora", ["adapter.kind=lora"]),
     ("dpo", "dpo-lora-tiny.yaml", ["adapter.reft={config: {representations: [{layer: 0}]}}"],
      "adapter.reft: read only by adapter.kind reft or reft+lora, and kind is 'lora'", ["adapter.kind=reft+lora"]),
+    ("sft", "sft-reft-tiny.yaml", ["adapter.reft.positions=l2", "adapter.reft.share_weights=false"],
+     "adapter.reft.share_weights: false splits the interventions between the first and the last positions, and "
+     "adapter.reft.positions 'l2' names only one group", ["adapter.reft.positions=f2+l2"]),
     ("dpo", "dpo-tiny.yaml", ["method.reference=copy", "method.reference_cache_dir=cache"],
      "method.reference_cache_dir: read only with method.reference precomputed (or auto), and it is 'copy'",
      ["method.reference=precomputed"]),
@@ -327,6 +330,7 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
 def test_keys_one_kind_reads_are_refused_under_another(command, config, overrides, message, fix):
     """Each was accepted and had no effect: data.loss_on under dpo / rm (only SFT masks conversation turns),
     adapter.lora under a full or ReFT adapter (TRL's --lora_r without --use_peft), adapter.reft under LoRA,
+    adapter.reft.share_weights=false with a position spec of one group (f<n> or l<n>: nothing to split),
     method.reference_cache_dir with a reference that is not precomputed. Now one line naming the key; with the
     setting that reads it, the same key loads."""
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -47,3 +47,21 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match=r"hh\.jsonl:2: 'chosen' and 'rejected' differ before"):
         load_records(f)
     assert len(load_records(f, on_invalid="skip")) == 1
+
+
+def test_margin_is_read_and_a_misspelled_or_unread_column_is_not_silent(tmp_path, caplog):
+    """The HH reader read only chosen / rejected / weight: a `margin` column (read by the reward model's
+    use_margin, and by every other preference reader) was dropped, a misspelled `weigth` left the weight at 1, and
+    neither was said. Now margin is read, a column close to one it reads is an error naming the row, and any other
+    column is one warning (as the column readers do)."""
+    row = {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({**row, "margin": 3}) + "\n" + json.dumps({**row, "margin": 1.5}) + "\n")
+    assert [r.margin for r in load_records(f)] == [3.0, 1.5]
+    f.write_text(json.dumps({**row, "weigth": 0.2}) + "\n")
+    with pytest.raises(DataError, match=r"d\.jsonl:1: unknown column 'weigth' \(did you mean 'weight'\?\)"):
+        load_records(f)
+    f.write_text(json.dumps({**row, "source": "web"}) + "\n")
+    with caplog.at_level("WARNING"):
+        assert len(load_records(f)) == 1
+    assert "ignored column(s) ['source']" in caplog.text

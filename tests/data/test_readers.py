@@ -129,3 +129,25 @@ def test_an_option_the_reader_does_not_take_is_one_line_naming_the_key(tmp_path,
     with pytest.raises(DataError) as e:  # was TypeError: read() got an unexpected keyword argument
         load_records(str(src), reader=reader, **{key: True})
     assert str(e.value) == message
+
+
+def test_a_split_a_single_split_source_does_not_have_is_refused(tmp_path):
+    """`split=` (data.split / data.eval_split) was ignored by a .jsonl / .json / .parquet file and a saved single
+    Dataset: split="test" read every row of the file (the training rows, for an eval split). Now a split other
+    than the one such a source holds ("train", as datasets names a data file's rows) is a DataError naming it."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": f"p{i}", "completion": f" c{i}"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for src in (write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "d.parquet", tmp_path / "d.json",
+                tmp_path / "saved"):
+        with pytest.raises(DataError) as e:
+            load_records(src, split="test")
+        msg = str(e.value)
+        assert str(src) in msg and "'test'" in msg and "data.split" in msg and "\n" not in msg, msg
+        assert len(load_records(src, split="train")) == 3  # its one split, by the name datasets gives it
+        assert len(load_records(src)) == 3

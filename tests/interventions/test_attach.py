@@ -325,3 +325,39 @@ def test_interventions_follow_the_model_dtype(tiny_dir):
     with torch.no_grad():
         out, want = reft(input_ids=ids, intervention_locations=loc).logits, base(input_ids=ids).logits
     assert out.dtype == torch.bfloat16 and torch.equal(out[1:], want[1:]) and torch.equal(out[0, :2], want[0, :2])
+
+
+def test_a_module_path_in_another_layer_than_layer_is_refused(tiny_lm):
+    """component 'model.layers[1].mlp' with layer 0 was attached at layer 1 while the slot (and the saved adapter's
+    description) said layer 0. Now a ValueError naming both."""
+    base = tiny_lm("llama")
+    with pytest.raises(ValueError) as e:
+        get_reft_model(base, ReftConfig([RepresentationConfig(layer=0, component="model.layers[1].mlp",
+                                                              low_rank_dimension=2)]))
+    msg = str(e.value)
+    assert "'model.layers[1].mlp'" in msg and "layer 1" in msg and "layer 0" in msg, msg
+    reft = get_reft_model(base, ReftConfig([RepresentationConfig(layer=1, component="model.layers[1].mlp",
+                                                                 low_rank_dimension=2)]))
+    assert (reft.slots[0].layer, reft.slots[0].path) == (1, "model.layers.1.mlp")
+
+
+def test_embed_dim_is_the_components_width_and_a_wrong_one_is_refused_when_attached(tiny_lm):
+    """The intervention's width was the model's hidden size (or embed_dim as given) whatever the component: on a
+    module of another width (the MLP's down_proj input: intermediate_size) or with a wrong embed_dim, attaching
+    worked and the first forward stopped on 'mat1 and mat2 shapes cannot be multiplied' (under the CLI: after the
+    run folder was written, as an unexpected error). Now embed_dim left out is the component's width where the
+    module says it (Linear, norm), and a given one that differs is a ValueError naming the representation."""
+    base = tiny_lm("llama")
+    inter = base.config.intermediate_size
+    reft = get_reft_model(base, ReftConfig([RepresentationConfig(
+        layer=0, component="input:model.layers[0].mlp.down_proj", low_rank_dimension=2)]))
+    assert reft.slots[0].intervention.embed_dim == inter != base.config.hidden_size
+    with torch.no_grad():
+        reft(input_ids=ids_batch(), intervention_locations=locations_mixed(1))
+    for rep in (dict(layer=0, component="input:model.layers[0].mlp.down_proj", embed_dim=base.config.hidden_size),
+                dict(layer=0, component="model.layers[0].mlp.up_proj", embed_dim=base.config.hidden_size),
+                dict(layer=1, embed_dim=8)):
+        with pytest.raises(ValueError) as e:
+            get_reft_model(tiny_lm("llama"), ReftConfig([RepresentationConfig(low_rank_dimension=2, **rep)]))
+        msg = str(e.value)
+        assert "representations[0]" in msg and f"embed_dim={rep['embed_dim']}" in msg, msg

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from alignkit.interventions.config import ReftConfig
+from alignkit.interventions.config import Positions, ReftConfig
 
 ADAPTER_CONFIG_NAME = "alignkit_adapter.json"
 
@@ -107,6 +107,13 @@ class AdapterConfig:
         if "reft" not in self.parts and self.reft is not None:
             raise ValueError(f"adapter.reft: read only by adapter.kind reft or reft+lora, and kind is {self.kind!r}, "
                              "so it would be ignored; set adapter.kind or remove adapter.reft (adapter.reft=null)")
+        if self.reft is not None and not self.reft.share_weights:
+            pos = Positions.parse(self.reft.positions)
+            if not (pos.first_n and pos.last_n):
+                raise ValueError(f"adapter.reft.share_weights: false splits the interventions between the first and "
+                                 f"the last positions, and adapter.reft.positions {str(pos)!r} names only one group, "
+                                 "so it would be ignored; give both groups (e.g. 'f1+l1') or remove "
+                                 "adapter.reft.share_weights")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

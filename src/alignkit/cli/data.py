@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_records, split_records, tokenize_records
-from alignkit.data.readers.rows import looks_like_hub_id
+from alignkit.data.readers.rows import has_splits, looks_like_hub_id
 from alignkit.data.records import DataError
 from alignkit.settings import ConfigError, DataSettings
 
@@ -36,10 +36,16 @@ def _paths(value: str | list[str] | None) -> list[str]:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
-def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None, where: str) -> list:
+def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None, where: str, *,
+                 inherited_split: str | None = None) -> list:
+    """The records of `kind` in `paths`, split `split`; without one, a source with splits (a dataset folder or name)
+    gives `inherited_split` (data.path's split, for data.eval_path) and a data file its rows (a split other than its
+    one is refused: `alignkit.data.readers.rows.check_single_split`)."""
     records: list = []
     for p in _paths(paths):
-        records += load_records(data_path(p), kind, reader=ds.reader, on_invalid=ds.on_invalid, split=split,
+        source = data_path(p)
+        which = split if split is not None else inherited_split if has_splits(source) else None
+        records += load_records(source, kind, reader=ds.reader, on_invalid=ds.on_invalid, split=which,
                                 **ds.reader_options)
     if paths is not None and not records:
         raise ConfigError(f"{where}: {paths} holds no {kind} records")
@@ -52,7 +58,7 @@ def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
     records = read_records(ds.path, ds, kind, ds.split, "data.path")
     if ds.max_records is not None:
         records = records[:ds.max_records]
-    evals = read_records(ds.eval_path, ds, kind, ds.eval_split or ds.split, "data.eval_path")
+    evals = read_records(ds.eval_path, ds, kind, ds.eval_split, "data.eval_path", inherited_split=ds.split)
     if ds.eval_path is None and ds.eval_fraction > 0:
         if not 0 < ds.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {ds.eval_fraction}")

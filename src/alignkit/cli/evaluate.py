@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in
 from alignkit.cli.data import read_records, tokenize
-from alignkit.cli.models import check_adapter_files, check_formats, check_model_folder, load_for_inference, to_device
+from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_model_folder, load_for_inference,
+                                 rename_base, to_device)
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceParams, preference_loss
@@ -64,11 +65,17 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         records = records[:cfg.data.max_records]
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     check_reference(cfg)
-    run = start_run(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
-    model, tok, base_path, desc = load_for_inference(cfg.model, run, task)
-    model = to_device(model)
-    features, _ = tokenize(records, tok, cfg.data, "data.path")
+    model, tok, base_path, desc = load_for_inference(cfg.model, None, task)  # before anything is written: a model
+    model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
+    try:
+        features, _ = tokenize(records, tok, cfg.data, "data.path")
+    except BaseException:
+        adopt_tiny(base_path, Path(cfg.output_dir) / "base_model", main=False)  # a tiny base built for the load
+        raise
+    run = start_run(cfg)
+    loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
+    rename_base(model, loaded_from, base_path)
     per_pair: dict[str, list[float]] = {}
     if cfg.method.kind == "reward":
         metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)

@@ -1,6 +1,8 @@
 """Anthropic HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> preference records.
 
-Each row has `chosen` and `rejected`, two whole dialogues that differ only in the final assistant turn.
+Each row has `chosen` and `rejected`, two whole dialogues that differ only in the final assistant turn
+(optional `weight` and `margin` columns are read as the column readers read them; a column close to one of
+these is an error, any other is ignored with one warning).
 The prompt is their shared prefix up to and including the **last** "\\n\\nAssistant:" (both texts must
 agree on it, else the row is an error); the completions are what follows it.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from alignkit.data.readers.columns import check_columns, warn_ignored
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
 from alignkit.data.records import DataError, Message, PreferenceRecord
@@ -54,11 +57,15 @@ def hh_to_preference(row: dict, where: str, conversational: bool = True) -> Pref
                         f"the dialogue and differ only in the final reply")
     weight = {"weight": row["weight"]} if row.get("weight") is not None else {}
     if not conversational:
-        return PreferenceRecord(prompt, chosen_rest, rejected_rest, id=where, **weight)
+        return PreferenceRecord(prompt, chosen_rest, rejected_rest, margin=row.get("margin"), id=where, **weight)
     messages = parse_dialogue(prompt, where)[:-1]  # drop the final, empty assistant marker
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the HH prompt must end with a Human turn before the final Assistant reply")
-    return PreferenceRecord(messages, chosen_rest.strip(), rejected_rest.strip(), id=where, **weight)
+    return PreferenceRecord(messages, chosen_rest.strip(), rejected_rest.strip(), margin=row.get("margin"), id=where,
+                            **weight)
+
+
+COLUMNS = ("chosen", "rejected", "margin", "weight")  # what an HH row may hold (others: warned, ignored)
 
 
 @register_reader("hh-rlhf", kinds=("preference",), priority=20,
@@ -68,5 +75,12 @@ def hh_to_preference(row: dict, where: str, conversational: bool = True) -> Pref
 def read_hh(source: Any, *, kind: str = "preference", conversational: bool = True, on_invalid: str = "raise",
             split: str | None = None) -> list[PreferenceRecord]:
     """Preference records from HH-RLHF rows (see the module docstring)."""
-    return collect(iter_rows(source, split), lambda row, where: hh_to_preference(row, where, conversational),
-                   on_invalid, name=str(source))
+    unknown: dict[str, int] = {}
+
+    def convert(row: dict, where: str) -> PreferenceRecord:
+        check_columns(row, where, COLUMNS, unknown)
+        return hh_to_preference(row, where, conversational)
+
+    out = collect(iter_rows(source, split), convert, on_invalid, name=str(source))
+    warn_ignored(source, unknown)
+    return out

@@ -44,6 +44,7 @@ from alignkit.interventions.locate import (  # noqa: F401  (re-exported: users i
     ATTENTION_NAMES, MLP_NAMES, find_decoder_layers, hf_model, hidden_size, is_peft_model, layer_index, num_layers,
     resolve_component,
 )
+from alignkit.interventions.locate import component_width
 from alignkit.interventions.positions import locations_from_spans, prompt_spans, prompt_spans_from_mask
 from alignkit.interventions.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 
@@ -118,14 +119,21 @@ class ReftModel(nn.Module):
         device = ref.device if ref is not None else torch.device("cpu")
         targets = [resolve_component(base, rep) for rep in config.representations]  # fail before attaching
         modules = nn.ModuleList()
-        for i, rep in enumerate(config.representations):
+        for i, (rep, (_, module, is_input)) in enumerate(zip(config.representations, targets)):
+            width = component_width(base, rep, module, is_input)
             if interventions is not None:
                 iv = interventions[i].to(device=device)
             else:
-                kwargs = rep.intervention_kwargs(hidden_size(base), str(dtype).removeprefix("torch."))
+                kwargs = rep.intervention_kwargs(width or hidden_size(base), str(dtype).removeprefix("torch."))
                 iv = build_intervention({"type": rep.intervention, **kwargs}).to(device=device)
                 if "dtype" not in kwargs:  # a type without a dtype argument follows the model's
                     iv = iv.to(dtype=dtype)
+            got = getattr(iv, "embed_dim", None)
+            if width is not None and isinstance(got, int) and got != width:  # else the first forward stops on
+                # 'mat1 and mat2 shapes cannot be multiplied', under the CLI once the run folder is written
+                raise ValueError(f"representations[{i}] (layer {rep.layer}, component {rep.component!r}): the "
+                                 f"intervention has embed_dim={got}, and the hidden states it edits there are {width} "
+                                 f"wide; set embed_dim: {width}, or leave embed_dim out (it is the component's width)")
             modules.append(iv)
         modules.train(self.training)
         self.interventions[name] = modules

@@ -2,7 +2,8 @@
 
 Plain data only (no live modules): it round-trips through `to_dict`/`from_dict`, JSON and YAML.
 A representation names a decoder layer, a component of that layer, an intervention type and the
-type's constructor arguments. `embed_dim` is inferred from the model when left out; every other
+type's constructor arguments. `embed_dim` is inferred from the model when left out (the width of the
+states the component holds: the hidden size, or a module path's Linear / norm features); every other
 argument left as `None` takes the intervention type's own default.
 
     ReftConfig(representations=[RepresentationConfig(layer=2, intervention="loreft", low_rank_dimension=4)])
@@ -11,7 +12,8 @@ argument left as `None` takes the intervention type's own default.
 Components: `block_output` (default: the residual stream after the layer), `block_input`,
 `mlp_output`, `mlp_input`, `attention_output`, `attention_input`, or an explicit module path inside
 the model, e.g. `model.layers[3].mlp` (its output is intervened on; prefix `input:` to intervene on
-its input instead, e.g. `input:model.layers[3].mlp`).
+its input instead, e.g. `input:model.layers[3].mlp`); a path inside a decoder layer must name the
+representation's `layer`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from alignkit.interventions.config import COMPONENTS, RepresentationConfig
@@ -102,9 +103,14 @@ def resolve_component(model: nn.Module, rep: RepresentationConfig) -> tuple[str,
         is_input = comp.startswith("input:")
         path = _module_path(comp.removeprefix("input:"))
         try:
-            return path, model.get_submodule(path), is_input
+            module = model.get_submodule(path)
         except AttributeError as e:
             raise ValueError(f"component {comp!r}: no module {path!r} in {type(model).__name__} ({e})") from None
+        inside = next((i for i, layer in enumerate(layers) if any(module is m for m in layer.modules())), None)
+        if inside is not None and inside != rep.layer:
+            raise ValueError(f"component {comp!r} is a module of decoder layer {inside}, and the representation says "
+                             f"layer {rep.layer}; set layer: {inside} (the module path decides where it is attached)")
+        return path, module, is_input
     where, is_input = comp.rsplit("_", 1)[0], comp.endswith("_input")
     layer_path = f"{layers_path}.{rep.layer}"
     if where == "block":
@@ -112,3 +118,21 @@ def resolve_component(model: nn.Module, rep: RepresentationConfig) -> tuple[str,
     names, word = (ATTENTION_NAMES, "att") if where == "attention" else (MLP_NAMES, "mlp")
     name, child = _child(layers[rep.layer], names, word, f"component {comp!r}")
     return f"{layer_path}.{name}", child, is_input
+
+
+def component_width(model: nn.Module, rep: RepresentationConfig, module: nn.Module, is_input: bool) -> int | None:
+    """The width of the hidden states a representation edits: the model's hidden size for a named component (a
+    decoder layer's, its attention's or its MLP's input or output), the feature count a module path's `nn.Linear`,
+    transformers' `Conv1D`, `nn.Embedding` (output) or norm (1-D weight) states; None when the module does not say."""
+    if rep.component in COMPONENTS:
+        return hidden_size(model)
+    if isinstance(module, nn.Linear):
+        return module.in_features if is_input else module.out_features
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):  # GPT-2: weight (in, out)
+        return module.weight.shape[0] if is_input else module.nf
+    if isinstance(module, nn.Embedding):
+        return None if is_input else module.embedding_dim
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1 and not list(module.children()):  # LayerNorm, RMSNorm
+        return weight.shape[0]
+    return None

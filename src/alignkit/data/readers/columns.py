@@ -152,6 +152,14 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
         unknown[col] = unknown.get(col, 0) + 1
 
 
+def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
+    """One warning per source for the columns `check_columns` counted into `unknown` (none: nothing said)."""
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "%s: ignored column(s) %s (not read by this reader; counts: %s)", str(source)[:80], sorted(unknown),
+            ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))
+
+
 def _reader(convert):
     known = COLUMNS[convert.__name__.strip("_")]
 
@@ -163,10 +171,8 @@ def _reader(convert):
             return convert(row, where)
 
         out = collect(iter_rows(source, split), checked, on_invalid, name=str(source)[:80])
-        if unknown and convert is not _prompt:
-            logging.getLogger(__name__).warning(
-                "%s: ignored column(s) %s (not read by this reader; counts: %s)", str(source)[:80], sorted(unknown),
-                ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))
+        if convert is not _prompt:
+            warn_ignored(source, unknown)
         return out
     read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."
     return read

@@ -98,7 +98,27 @@ def _load_dataset_dir(path: Path, split: str | None):
         if split is None or split not in ds:
             raise DataError(f"{path}: is a DatasetDict with splits {list(ds)}; pass split=<one of them>")
         ds = ds[split]
+    else:
+        check_single_split(path, split, "a saved Dataset", str(ds.split) if ds.split is not None else "train")
     return ds
+
+
+def has_splits(source: Any) -> bool:
+    """Whether `split` chooses among the rows of `source`: a folder (a saved DatasetDict, a dataset repository), a
+    Hugging Face dataset name or a `datasets.DatasetDict`; a data file or a single Dataset holds one split."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        return path.is_dir() or (not path.exists() and looks_like_hub_id(str(source)))
+    return type(source).__name__ in ("DatasetDict", "IterableDatasetDict")
+
+
+def check_single_split(source: Any, split: str | None, what: str, holds: str = "train") -> None:
+    """DataError when `split` names a split other than the one split `holds` of a single-split source (a data file:
+    "train", as datasets.load_dataset names its rows): the split was ignored and every row read."""
+    if split is not None and split != holds:
+        raise DataError(f"{source}: split {split!r} asked for (data.split, or data.eval_split for data.eval_path), "
+                        f"but {what} holds one split ({holds!r}) and every row would be read; remove the split "
+                        f"setting, or point the path at a dataset folder with a {split!r} split")
 
 
 def looks_like_hub_id(value: str) -> bool:
@@ -124,6 +144,8 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
             return
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+        if not path.is_dir() and path.suffix in (".jsonl", ".json", ".parquet"):
+            check_single_split(path, split, f"a {path.suffix} file")
         if path.is_dir():  # save_to_disk output, or a dataset repository folder (datasets.load_dataset)
             yield from _iter_table(_load_dataset_dir(path, split), str(path))
         elif path.suffix == ".jsonl":
@@ -156,6 +178,8 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
         if split is None or split not in source:
             raise DataError(f"<DatasetDict>: has splits {list(source)}; pass split=<one of them>")
         source = source[split]
+    elif isinstance(source, Dataset):
+        check_single_split("<Dataset>", split, "a Dataset", str(source.split) if source.split is not None else "train")
     if isinstance(source, Dataset):
         yield from _iter_table(source, "<Dataset>")
         return
