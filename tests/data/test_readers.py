@@ -151,3 +151,27 @@ def test_a_split_a_single_split_source_does_not_have_is_refused(tmp_path):
         assert str(src) in msg and "'test'" in msg and "data.split" in msg and "\n" not in msg, msg
         assert len(load_records(src, split="train")) == 3  # its one split, by the name datasets gives it
         assert len(load_records(src)) == 3
+
+
+@pytest.mark.parametrize("column, rows, default", [
+    ("weight", [{"prompt": "a", "completion": " b", "weight": 2.0}, {"prompt": "c", "completion": " d", "weight": None},
+                {"prompt": "e", "completion": " f"}], "weigh 1 (the default)"),
+    ("margin", [{"prompt": "p", "chosen": " a", "rejected": " b", "margin": 1.5},
+                {"prompt": "p", "chosen": " c", "rejected": " d"}], "have margin 0 (the default)"),
+])
+def test_an_optional_column_given_in_some_rows_only_is_said_once(tmp_path, caplog, column, rows, default):
+    """A weight / margin column present in some rows and missing (or null, as Parquet writes a lost value) in others:
+    the rest take the default, which used to happen without a word."""
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level("WARNING"):
+        recs = load_records(f)
+    assert len(recs) == len(rows)
+    lines = [r.getMessage() for r in caplog.records if f"column '{column}'" in r.getMessage()]
+    n = len(rows)
+    assert lines == [f"{str(f)[:80]}: column '{column}' is given in 1 of {n} rows; the other {n - 1} {default} (the "
+                     f"first: {f}:2). Give every row a {column} if they should not"]
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # every row, or none: nothing to say
+        load_records(write_jsonl(tmp_path / "all.jsonl", [dict(r, **{column: 1.0}) for r in rows]))
+        load_records(write_jsonl(tmp_path / "none.jsonl", [{k: v for k, v in r.items() if k != column} for r in rows]))
+    assert not [r for r in caplog.records if "is given in" in r.getMessage()]

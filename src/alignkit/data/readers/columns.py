@@ -160,19 +160,56 @@ def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
             ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))
 
 
+# optional columns whose absence means a default: a file that gives one in some rows only gets one warning
+DEFAULTED = {"weight": "weigh 1 (the default)", "margin": "have margin 0 (the default)"}
+
+
+class PartialColumns:
+    """Counts, per optional column of `DEFAULTED`, the rows that give it (not missing, not null) and the first row
+    that does not. A column given in some rows of a file but not all is most often a join or export that lost
+    values (a Parquet null, a JSONL row written without it): the rows without it silently take the default, so
+    `warn` says so once per file, with the counts and the first such row."""
+
+    def __init__(self, columns: tuple[str, ...]) -> None:
+        self.columns = columns
+        self.rows = 0
+        self.given = dict.fromkeys(columns, 0)
+        self.first_without: dict[str, str] = {}
+
+    def add(self, row: dict, where: str) -> None:
+        self.rows += 1
+        for c in self.columns:
+            if row.get(c) is not None:
+                self.given[c] += 1
+            else:
+                self.first_without.setdefault(c, where)
+
+    def warn(self, source: Any) -> None:
+        for c in self.columns:
+            if 0 < self.given[c] < self.rows:
+                logging.getLogger(__name__).warning(
+                    "%s: column %r is given in %d of %d rows; the other %d %s (the first: %s). Give every row a "
+                    "%s if they should not", str(source)[:80], c, self.given[c], self.rows, self.rows - self.given[c],
+                    DEFAULTED[c], self.first_without[c], c)
+
+
 def _reader(convert):
     known = COLUMNS[convert.__name__.strip("_")]
 
     def read(source: Any, *, kind: str | None = None, on_invalid: str = "raise", split: str | None = None) -> list:
         unknown: dict[str, int] = {}
+        partial = PartialColumns(tuple(c for c in DEFAULTED if c in known))
 
         def checked(row: dict, where: str) -> Any:
             check_columns(row, where, known, unknown)
-            return convert(row, where)
+            record = convert(row, where)
+            partial.add(row, where)
+            return record
 
         out = collect(iter_rows(source, split), checked, on_invalid, name=str(source)[:80])
         if convert is not _prompt:
             warn_ignored(source, unknown)
+        partial.warn(source)
         return out
     read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."
     return read
