@@ -27,7 +27,7 @@ class FakeOpenAI:
         self.changed = threading.Condition(self.lock)
         self.hold_for, self.hold_timeout = 0, 0.0
 
-    def hold(self, n: int, timeout: float = 2.0) -> None:
+    def hold(self, n: int, timeout: float = 30.0) -> None:
         with self.lock:
             self.hold_for, self.hold_timeout = n, timeout
 

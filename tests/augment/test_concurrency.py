@@ -70,7 +70,7 @@ def test_each_llm_strategy_runs_requests_at_once_and_writes_the_sequential_recor
     for n in (1, 4):
         with serving(varied) as (fake, url):
             if n > 1:
-                fake.hold(n)  # the first n requests wait until all n are in flight (or 2 s pass)
+                fake.hold(n)  # the first n requests wait until all n are in flight (or 30 s pass)
             result = augment(sources, strategy, options, OpenAIChat(url, "fake"), Filters(), tmp_path / f"{n}.jsonl",
                              max_tokens=32, temperature=0.7, seed=3, concurrency=n)
         runs[n] = (result, sorted(json.dumps(r, sort_keys=True) for r in fake.requests), fake.max_in_flight)
