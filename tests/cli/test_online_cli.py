@@ -296,3 +296,37 @@ def test_a_margin_reweighter_with_judge_pairs_is_refused_when_the_config_is_read
                                           r".*judge_pairs .* no margin"):
         load_config(None, [*args, f"{prefix}reweighters=[{reweighter}]"], command=command)
     load_config(None, [*args, f"{prefix}reweighters=[inverse_prompt_frequency]"], command=command)
+
+
+def test_the_confidence_reweighter_online_is_refused_before_the_run_folder(tmp_path, capsys):
+    """`confidence` reads meta['confidence'] from each record, and no feedback mode writes one: online-dpo wrote the
+    run folder (config.yaml, base_model/, tensorboard/) and stopped at step 1 with a DataError. One line now, naming
+    the key and the reweighters that work with the feedback, nothing written."""
+    out = tmp_path / "run"
+    rc = main(["-q", "online-dpo", "--config", str(CONFIGS / "online-dpo-tiny.yaml"), f"output_dir={out}", *FAST,
+               "method.reweighters=[confidence]"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit online-dpo")]
+    assert rc == 2 and len(err) == 1, err
+    assert ("method.reweighters[0]: confidence weighs records by their meta['confidence'], and "
+            "method.feedback=best_worst gives records with no meta['confidence']") in err[0], err
+    assert "(with this feedback: inverse_prompt_frequency, margin_linear, margin_sigmoid)" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("feedback", ["pointwise", "best_worst", "random_pairs", "judge_pairs", "best_of_n"])
+def test_annotate_refuses_the_confidence_reweighter_and_a_margin_without_margins(feedback, tmp_path):
+    """`alignkit annotate` builds its records with the same feedback builders: none carries meta['confidence'], so
+    annotate refuses it too; best_of_n's SFT records carry no margin (like judge_pairs'). A meta key the records do
+    carry (the scores) may be read as a confidence."""
+    from alignkit.settings import ConfigError
+
+    args = [JUDGE if feedback == "judge_pairs" else "annotator={kind: function, function: alignkit.rewards:length_target}",
+            f"feedback={feedback}"]
+    with pytest.raises(ConfigError, match=rf"reweighters\[0\]: confidence weighs records by their meta\['confidence'\], "
+                                          rf"and feedback={feedback} gives records with no meta\['confidence'\]"):
+        load_config(None, [*args, "reweighters=[confidence]"], command="annotate")
+    if feedback == "best_of_n":
+        with pytest.raises(ConfigError, match=r"margin_linear weighs records by their margin, .*best_of_n .*no margin"):
+            load_config(None, [*args, "reweighters=[margin_linear]"], command="annotate")
+    if feedback in ("pointwise", "best_of_n"):
+        load_config(None, [*args, "reweighters=[{type: confidence, key: score}]"], command="annotate")

@@ -56,6 +56,11 @@ class Reweighter:
     name = "reweighter"
     reads_margin = False  # True: needs each record's margin (`record_margin`), which judge_pairs records lack
 
+    @property
+    def reads_meta(self) -> tuple[str, ...]:
+        """The `meta` keys it needs on every record (`feedback.RECORD_META`: what each feedback mode's records carry)."""
+        return ()
+
     def raw(self, records: Sequence[Record]) -> torch.Tensor:
         raise NotImplementedError
 
@@ -119,6 +124,10 @@ class Confidence(Reweighter):
 
     def __init__(self, key: str = "confidence"):
         self.key = key
+
+    @property
+    def reads_meta(self) -> tuple[str, ...]:
+        return (self.key,)  # no feedback builder writes meta["confidence"]: records from elsewhere (library use)
 
     def raw(self, records: Sequence[Record]) -> torch.Tensor:
         out = []

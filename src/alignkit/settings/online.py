@@ -218,7 +218,7 @@ _BUILDER_FIXED = ("samples", "scores", "annotator")
 
 def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], where: str = "") -> None:
     """`kwargs` against the feedback builder's parameters, and every reweighter spec buildable."""
-    from alignkit.online import build_reweighter, feedback
+    from alignkit.online import REWEIGHTERS, build_reweighter, feedback
 
     builders = {"pointwise": feedback.pointwise, "best_worst": feedback.best_worst_pairs,
                 "random_pairs": feedback.random_pairs, "judge_pairs": feedback.judge_pairs,
@@ -232,11 +232,24 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
             reweighter = build_reweighter(spec)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{where}reweighters[{i}]: {_message(e)}") from None
-        if reweighter.reads_margin and mode == "judge_pairs":  # the judge's verdict has no scores to subtract
-            raise ConfigError(f"{where}reweighters[{i}]: {reweighter.name} weighs records by their margin, and "
-                              f"{where}feedback=judge_pairs gives pairs with no margin (a verdict, not two scores), "
-                              "so the first step would stop; remove it (inverse_prompt_frequency needs no margin) or "
-                              "use feedback best_worst / random_pairs")
+        need = unmet_need(reweighter, mode)
+        if need is not None:
+            works = ", ".join(n for n in sorted(REWEIGHTERS) if unmet_need(REWEIGHTERS[n](), mode) is None)
+            raise ConfigError(f"{where}reweighters[{i}]: {reweighter.name} weighs records by their {need}, and "
+                              f"{where}feedback={mode} gives records with no {need}, so the first step would stop; "
+                              f"remove it (with this feedback: {works or 'none'})"
+                              + (" or use feedback best_worst / random_pairs" if reweighter.reads_margin else ""))
+
+
+def unmet_need(reweighter: Any, mode: str) -> str | None:
+    """What `reweighter` reads from each record that feedback `mode`'s records never carry (None: nothing): its
+    declared needs (`Reweighter.reads_margin`, `reads_meta`) against `feedback.MARGIN_MODES` / `RECORD_META`."""
+    from alignkit.online.feedback import MARGIN_MODES, RECORD_META
+
+    if reweighter.reads_margin and mode not in MARGIN_MODES:  # e.g. a judge's verdict: no scores to subtract
+        return "margin"
+    missing = [k for k in reweighter.reads_meta if k not in RECORD_META[mode]]
+    return f"meta[{missing[0]!r}]" if missing else None
 
 
 def _message(e: Exception) -> str:
@@ -459,4 +472,4 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
 
 __all__ = ["JUDGE_PAIR_KEYS", "JUDGE_POINTWISE_KEYS", "check_judge_reads", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
-           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
+           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
