@@ -330,3 +330,57 @@ def test_annotate_refuses_the_confidence_reweighter_and_a_margin_without_margins
             load_config(None, [*args, "reweighters=[margin_linear]"], command="annotate")
     if feedback in ("pointwise", "best_of_n"):
         load_config(None, [*args, "reweighters=[{type: confidence, key: score}]"], command="annotate")
+
+
+@pytest.fixture
+def judge_without_chat_template(tiny_dir, tmp_path):
+    """A tiny causal LM whose tokenizer has no chat template (a base model's)."""
+    import shutil
+
+    folder = tmp_path / "plain-judge"
+    shutil.copytree(tiny_dir("llama"), folder)
+    (folder / "chat_template.jinja").unlink()
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("chat", [True, None])
+def test_judge_chat_true_without_a_chat_template_is_refused_before_the_run_folder(judge_without_chat_template,
+                                                                                  chat, tmp_path, capsys):
+    """annotator.chat: true with a judge whose tokenizer has no chat template was dropped silently: the questions
+    went as plain text, exit 0. One line now when the judge loads, before the run folder; the default (auto) runs."""
+    out = tmp_path / "run"
+    cfg = yaml.safe_load((CONFIGS / "grpo-tiny.yaml").read_text())
+    cfg["annotator"] = {"kind": "judge", "path": str(judge_without_chat_template), "max_new_tokens": 2,
+                        "on_failure": "default", "default_score": 0.5,  # a random judge answers no score
+                        **({"chat": True} if chat else {})}
+    config = tmp_path / "judge.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = ["-q", "grpo", "--config", str(config), f"output_dir={out}", *FAST, "train.max_steps=1"]
+    rc = main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit grpo")]
+    if chat is None:
+        assert rc == 0 and (out / "model").is_dir(), err
+        return
+    assert rc == 2 and len(err) == 1, err
+    assert "annotator.chat: true sends the judge's questions through its tokenizer's chat template" in err[0], err
+    assert "remove chat (auto: the template when there is one) or set it false" in err[0], err
+    assert not out.exists()
+
+
+def test_annotate_with_judge_chat_true_without_a_chat_template_writes_nothing(judge_without_chat_template, tmp_path,
+                                                                             capsys):
+    rnd = tmp_path / "round"
+    assert main(["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={rnd}",
+                 "data.max_records=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]) == 0
+    before = {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    config = tmp_path / "annotate.yaml"
+    config.write_text(yaml.safe_dump({"command": "annotate", "feedback": "judge_pairs", "annotator": {
+        "kind": "judge", "path": str(judge_without_chat_template), "chat": True}}))
+    rc = main(["-q", "annotate", "--config", str(config), f"output_dir={rnd}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit annotate")]
+    assert rc == 2 and len(err) == 1 and "annotator.chat: true" in err[0], err
+    assert {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()} == before

@@ -71,7 +71,8 @@ class AnnotatorSettings:
     score_range: list[float] | None = None  # [low, high]
     normalize: bool = True
     max_new_tokens: int = 16
-    chat: bool = True
+    chat: bool | None = None  # the judge's chat template: null (auto) uses it when the tokenizer has one; true
+    #   requires one (refused when the judge loads, before the run folder); false sends plain text
     pair_template: str | None = None
     pair_pattern: str | None = None
 
