@@ -384,3 +384,36 @@ def test_annotate_with_judge_chat_true_without_a_chat_template_writes_nothing(ju
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit annotate")]
     assert rc == 2 and len(err) == 1 and "annotator.chat: true" in err[0], err
     assert {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command, key, value, extra", [
+    ("grpo", "clip_eps", "0.3", []),
+    ("grpo", "clip_eps_high", "0.28", []),
+    ("rloo", "dual_clip", "3", []),
+    ("grpo", "clip_eps_high", "0.28", ["method.mini_batch_size=8"]),  # one minibatch: the step's 2 x 4 samples
+    ("ppo", "clip_eps", "0.1", ["method.epochs_per_step=1"]),  # PPO's default is 4 epochs (the config: 2)
+    ("ppo", "cliprange_value", "0.1", ["method.epochs_per_step=1"]),
+])
+def test_clip_settings_that_cannot_act_are_refused_before_the_run_folder(command, key, value, extra, tmp_path,
+                                                                          capsys):
+    """With one update per generation step the policy (and PPO's value head) is still the one that sampled: the
+    ratio pi / pi_old is exactly 1, so clip_eps, clip_eps_high, dual_clip (and the value clip) never act. They were
+    accepted and ignored, exit 0. One line now, nothing written; the defaults, and several updates, still run."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "--config", str(CONFIGS / f"{command}-tiny.yaml"), f"output_dir={out}",
+               f"method.{key}={value}", *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert rc == 2 and len(err) == 1, err
+    assert f"method.{key}: {float(value)!r} " in err[0] and "one update per generation step" in err[0], err
+    assert "so it would never act; remove it, or make several updates per step: method.epochs_per_step >= 2 or " \
+           "method.mini_batch_size < " in err[0], err
+    assert not out.exists()
+    base = [f"{command}-tiny.yaml"]
+    load_config(CONFIGS / base[0], [f"method.{key}={value}", *extra, "method.epochs_per_step=2"])
+    load_config(CONFIGS / base[0], [f"method.{key}={value}", *extra, "method.mini_batch_size=2"])  # 2 minibatches
+    load_config(CONFIGS / base[0], extra)  # the default clip settings are never refused
+
+
+def test_the_bundled_online_configs_load():
+    for config in ("grpo-tiny.yaml", "rloo-tiny.yaml", "ppo-tiny.yaml", "online-dpo-tiny.yaml"):
+        load_config(CONFIGS / config)

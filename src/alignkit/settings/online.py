@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
+from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
 from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
                                        PreferenceObjective, check_prompt_data, loss_names)
@@ -334,6 +335,34 @@ class PPOMethod(PPOObjective, KLPenaltyMethod):
     """`alignkit ppo`: value head + GAE."""
 
 
+# The keys that clip against the policy (and PPO's values) that sampled the step: they act only from a step's second
+# update on, so one update per generation step leaves them inert (ratio pi / pi_old exactly 1; values = old values)
+CLIP_KEYS = {"clip_eps": "clips the policy ratio pi / pi_old", "clip_eps_high": "sets the upper clip of the policy "
+             "ratio pi / pi_old", "dual_clip": "bounds the loss of a policy ratio pi / pi_old far above 1 (negative "
+             "advantages)", "cliprange_value": "clips the value head's change from its rollout values"}
+
+
+def check_clip_acts(method: Any, samples_per_step: int) -> None:
+    """ConfigError naming a clip key (`CLIP_KEYS`) set to a value other than its default (and not null: off) when the
+    step makes one update (method.epochs_per_step 1, method.mini_batch_size null or >= the step's samples): the
+    first update's policy is the one that sampled, so nothing is ever clipped (TRL's num_iterations=1 alike)."""
+    updates = method.epochs_per_step * (1 if method.mini_batch_size is None
+                                        else -(-samples_per_step // method.mini_batch_size))
+    if updates > 1:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(method)}
+    for key, what in CLIP_KEYS.items():
+        value = getattr(method, key, None)
+        if key in defaults and value is not None and value != defaults[key]:
+            batch = ("null (the whole step)" if method.mini_batch_size is None else
+                     f"{method.mini_batch_size} >= the step's {samples_per_step}")
+            raise ConfigError(f"method.{key}: {value!r} {what}, and with one update per generation step "
+                              f"(method.epochs_per_step=1, method.mini_batch_size {batch}) the policy is still the one "
+                              "that sampled, so it would never act; remove it, or make several updates per step: "
+                              f"method.epochs_per_step >= 2 or method.mini_batch_size < {samples_per_step} (the "
+                              "step's method.prompts_per_step x sampling.num_samples samples)")
+
+
 @dataclass
 class OnlineRunConfig:
     """Sections shared by the online commands; subclasses add `method` and name the trainer config class."""
@@ -383,10 +412,12 @@ class OnlineRunConfig:
             for v in values:
                 if v not in registry:
                     raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
+        check_bounds(self)  # out-of-range values first, named as the config spells them (then the trainer's checks)
         try:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
+        check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
         if hasattr(m, "feedback"):
             check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
@@ -473,4 +504,4 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
 
 __all__ = ["JUDGE_PAIR_KEYS", "JUDGE_POINTWISE_KEYS", "check_judge_reads", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
-           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
+           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "CLIP_KEYS", "check_clip_acts", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
