@@ -18,7 +18,10 @@ multiplies their factors (each normalised on its own).
 | "inverse_prompt_frequency" | 1 / (number of records with this prompt): each prompt counts the same     |
 
 The margin m_i is `PreferenceRecord.margin` (chosen score - rejected score), else `meta["margin"]` (set by
-`feedback.pointwise` as |score - threshold|). A record without one is an error naming its id.
+`feedback.pointwise` as |score - threshold|). A record without one is an error naming its id. What a reweighter
+reads is declared (`reads_margin`, `reads_meta`): the online commands and `alignkit annotate` refuse, when the
+config is read, one that the feedback mode's records cannot feed (`feedback.MARGIN_MODES`, `feedback.RECORD_META`;
+no feedback builder writes meta["confidence"], so "confidence" is for records built elsewhere).
 """
 
 from __future__ import annotations
