@@ -296,3 +296,124 @@ def test_a_margin_reweighter_with_judge_pairs_is_refused_when_the_config_is_read
                                           r".*judge_pairs .* no margin"):
         load_config(None, [*args, f"{prefix}reweighters=[{reweighter}]"], command=command)
     load_config(None, [*args, f"{prefix}reweighters=[inverse_prompt_frequency]"], command=command)
+
+
+def test_the_confidence_reweighter_online_is_refused_before_the_run_folder(tmp_path, capsys):
+    """`confidence` reads meta['confidence'] from each record, and no feedback mode writes one: online-dpo wrote the
+    run folder (config.yaml, base_model/, tensorboard/) and stopped at step 1 with a DataError. One line now, naming
+    the key and the reweighters that work with the feedback, nothing written."""
+    out = tmp_path / "run"
+    rc = main(["-q", "online-dpo", "--config", str(CONFIGS / "online-dpo-tiny.yaml"), f"output_dir={out}", *FAST,
+               "method.reweighters=[confidence]"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit online-dpo")]
+    assert rc == 2 and len(err) == 1, err
+    assert ("method.reweighters[0]: confidence weighs records by their meta['confidence'], and "
+            "method.feedback=best_worst gives records with no meta['confidence']") in err[0], err
+    assert "(with this feedback: inverse_prompt_frequency, margin_linear, margin_sigmoid)" in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("feedback", ["pointwise", "best_worst", "random_pairs", "judge_pairs", "best_of_n"])
+def test_annotate_refuses_the_confidence_reweighter_and_a_margin_without_margins(feedback, tmp_path):
+    """`alignkit annotate` builds its records with the same feedback builders: none carries meta['confidence'], so
+    annotate refuses it too; best_of_n's SFT records carry no margin (like judge_pairs'). A meta key the records do
+    carry (the scores) may be read as a confidence."""
+    from alignkit.settings import ConfigError
+
+    args = [JUDGE if feedback == "judge_pairs" else "annotator={kind: function, function: alignkit.rewards:length_target}",
+            f"feedback={feedback}"]
+    with pytest.raises(ConfigError, match=rf"reweighters\[0\]: confidence weighs records by their meta\['confidence'\], "
+                                          rf"and feedback={feedback} gives records with no meta\['confidence'\]"):
+        load_config(None, [*args, "reweighters=[confidence]"], command="annotate")
+    if feedback == "best_of_n":
+        with pytest.raises(ConfigError, match=r"margin_linear weighs records by their margin, .*best_of_n .*no margin"):
+            load_config(None, [*args, "reweighters=[margin_linear]"], command="annotate")
+    if feedback in ("pointwise", "best_of_n"):
+        load_config(None, [*args, "reweighters=[{type: confidence, key: score}]"], command="annotate")
+
+
+@pytest.fixture
+def judge_without_chat_template(tiny_dir, tmp_path):
+    """A tiny causal LM whose tokenizer has no chat template (a base model's)."""
+    import shutil
+
+    folder = tmp_path / "plain-judge"
+    shutil.copytree(tiny_dir("llama"), folder)
+    (folder / "chat_template.jinja").unlink()
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("chat", [True, None])
+def test_judge_chat_true_without_a_chat_template_is_refused_before_the_run_folder(judge_without_chat_template,
+                                                                                  chat, tmp_path, capsys):
+    """annotator.chat: true with a judge whose tokenizer has no chat template was dropped silently: the questions
+    went as plain text, exit 0. One line now when the judge loads, before the run folder; the default (auto) runs."""
+    out = tmp_path / "run"
+    cfg = yaml.safe_load((CONFIGS / "grpo-tiny.yaml").read_text())
+    cfg["annotator"] = {"kind": "judge", "path": str(judge_without_chat_template), "max_new_tokens": 2,
+                        "on_failure": "default", "default_score": 0.5,  # a random judge answers no score
+                        **({"chat": True} if chat else {})}
+    config = tmp_path / "judge.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = ["-q", "grpo", "--config", str(config), f"output_dir={out}", *FAST, "train.max_steps=1"]
+    rc = main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit grpo")]
+    if chat is None:
+        assert rc == 0 and (out / "model").is_dir(), err
+        return
+    assert rc == 2 and len(err) == 1, err
+    assert "annotator.chat: true sends the judge's questions through its tokenizer's chat template" in err[0], err
+    assert "remove chat (auto: the template when there is one) or set it false" in err[0], err
+    assert not out.exists()
+
+
+def test_annotate_with_judge_chat_true_without_a_chat_template_writes_nothing(judge_without_chat_template, tmp_path,
+                                                                             capsys):
+    rnd = tmp_path / "round"
+    assert main(["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={rnd}",
+                 "data.max_records=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]) == 0
+    before = {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    config = tmp_path / "annotate.yaml"
+    config.write_text(yaml.safe_dump({"command": "annotate", "feedback": "judge_pairs", "annotator": {
+        "kind": "judge", "path": str(judge_without_chat_template), "chat": True}}))
+    rc = main(["-q", "annotate", "--config", str(config), f"output_dir={rnd}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit annotate")]
+    assert rc == 2 and len(err) == 1 and "annotator.chat: true" in err[0], err
+    assert {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command, key, value, extra", [
+    ("grpo", "clip_eps", "0.3", []),
+    ("grpo", "clip_eps_high", "0.28", []),
+    ("rloo", "dual_clip", "3", []),
+    ("grpo", "clip_eps_high", "0.28", ["method.mini_batch_size=8"]),  # one minibatch: the step's 2 x 4 samples
+    ("ppo", "clip_eps", "0.1", ["method.epochs_per_step=1"]),  # PPO's default is 4 epochs (the config: 2)
+    ("ppo", "cliprange_value", "0.1", ["method.epochs_per_step=1"]),
+])
+def test_clip_settings_that_cannot_act_are_refused_before_the_run_folder(command, key, value, extra, tmp_path,
+                                                                          capsys):
+    """With one update per generation step the policy (and PPO's value head) is still the one that sampled: the
+    ratio pi / pi_old is exactly 1, so clip_eps, clip_eps_high, dual_clip (and the value clip) never act. They were
+    accepted and ignored, exit 0. One line now, nothing written; the defaults, and several updates, still run."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "--config", str(CONFIGS / f"{command}-tiny.yaml"), f"output_dir={out}",
+               f"method.{key}={value}", *extra])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert rc == 2 and len(err) == 1, err
+    assert f"method.{key}: {float(value)!r} " in err[0] and "one update per generation step" in err[0], err
+    assert "so it would never act; remove it, or make several updates per step: method.epochs_per_step >= 2 or " \
+           "method.mini_batch_size < " in err[0], err
+    assert not out.exists()
+    base = [f"{command}-tiny.yaml"]
+    load_config(CONFIGS / base[0], [f"method.{key}={value}", *extra, "method.epochs_per_step=2"])
+    load_config(CONFIGS / base[0], [f"method.{key}={value}", *extra, "method.mini_batch_size=2"])  # 2 minibatches
+    load_config(CONFIGS / base[0], extra)  # the default clip settings are never refused
+
+
+def test_the_bundled_online_configs_load():
+    for config in ("grpo-tiny.yaml", "rloo-tiny.yaml", "ppo-tiny.yaml", "online-dpo-tiny.yaml"):
+        load_config(CONFIGS / config)

@@ -177,3 +177,17 @@ def test_real_tiny_judge_all_unparseable(tiny_dir):
     assert s.failed.all() and torch.isnan(s.values).all()
     assert s.metrics["judge/parse_failures"] == 2.0
     assert all("judge_output" in m for m in s.meta)
+
+
+def test_judge_chat_true_needs_a_chat_template(tokenizer):
+    """chat=True with a tokenizer that has no chat template was dropped silently (plain text sent). Now a ValueError;
+    the default (None, auto) uses the template when there is one and plain text otherwise, as before."""
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    model = ScriptedJudge(tokenizer, judge_script)
+    with pytest.raises(ValueError, match=r"JudgeAnnotator: chat: true .* has none .*remove chat \(auto"):
+        JudgeAnnotator(model, plain, chat=True)
+    assert JudgeAnnotator(model, plain).chat is False and JudgeAnnotator(model, plain, chat=False).chat is False
+    assert JudgeAnnotator(model, tokenizer).chat is True and JudgeAnnotator(model, tokenizer, chat=False).chat is False

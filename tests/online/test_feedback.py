@@ -149,3 +149,17 @@ def test_build_records_dispatch_and_errors():
     with pytest.raises(ValueError, match="needs the annotator"):
         build_records("judge_pairs", samples, None)
     assert math.isclose(build_records("random_pairs", samples, [0.0, 1.0], seed=1)[0].margin, 1.0)
+
+
+def test_record_meta_lists_what_each_builder_writes():
+    """`RECORD_META` / `MARGIN_MODES` (what the config checks of reweighters read) agree with the builders."""
+    from alignkit.online.feedback import FEEDBACK_MODES, MARGIN_MODES, RECORD_META
+
+    samples = make_samples([["q0", "q1", "q2"]])
+    scores = [0.1, 0.9, 0.5]
+    for mode in FEEDBACK_MODES:
+        records = build_records(mode, samples, None if mode == "judge_pairs" else scores, OrderJudge())
+        assert records and all(set(r.meta) == set(RECORD_META[mode]) for r in records), mode
+        has_margin = all((getattr(r, "margin", None) if getattr(r, "margin", None) is not None
+                          else r.meta.get("margin")) is not None for r in records)
+        assert has_margin == (mode in MARGIN_MODES), mode

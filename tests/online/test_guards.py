@@ -19,7 +19,8 @@ from .toy import PROMPTS, digit_fraction, toy_policy
 def test_online_nan_loss_stops_and_logs_nan(tiny_dir, tokenizer, tmp_path):
     model = toy_policy(tiny_dir("llama"), "lora")
     cfg = GRPOConfig(steps=3, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2),
-                     learning_rate=1e-2, kl_coef=float("nan"))
+                     learning_rate=1e-2)
+    cfg.kl_coef = float("nan")  # after construction: GRPOConfig refuses a non-finite kl_coef when built
     trainer = GRPOTrainer(model, tokenizer, PROMPTS,
                           {"type": "function", "fn": digit_fraction}, cfg, output_dir=tmp_path)
     with pytest.raises(NonFiniteError) as err:

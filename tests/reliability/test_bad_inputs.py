@@ -5,6 +5,8 @@ traceback instead. The data files are in corpus/ (see its README.md)."""
 
 from __future__ import annotations
 
+import re
+
 import shutil
 from pathlib import Path
 
@@ -87,6 +89,24 @@ def test_online_config_mistakes(case, command, overrides, needles, tmp_path, cap
     rc, err = run_cli(capsys, [command, "--config", config, f"output_dir={tmp_path / 'run'}", *overrides])
     assert_one_line(rc, err, *needles, f"{command}-tiny.yaml")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cls, key, value, allowed", [
+    ("GRPOConfig", "dual_clip", 0.5, "> 1"),
+    ("RLOOConfig", "clip_eps_high", 0.0, "> 0"),
+    ("PPOConfig", "clip_eps", -0.2, "> 0"),
+    ("PPOConfig", "lam", 1.5, "in [0, 1]"),
+    ("OnlineDPOConfig", "kl_horizon", 0, ">= 1"),
+])
+def test_online_library_configs_check_the_cli_bounds_when_built(cls, key, value, allowed):
+    """Direct library use: GRPOConfig(dual_clip=0.5) was built, and the run stopped at its first step with
+    clipped_policy_loss's ValueError (a negative clip_eps, or lam 1.5, was never reported). The configs now check
+    their fields against the same BOUNDS as the CLI's method section, when built."""
+    import alignkit.online as online
+
+    with pytest.raises(ValueError, match=rf"^{cls}\.{key}: {value!r} is out of range; it must be {re.escape(allowed)}"):
+        getattr(online, cls)(**{key: value})
+    getattr(online, cls)()  # the defaults are in bounds
 
 
 def test_bf16_on_a_cpu_machine(tmp_path, capsys):

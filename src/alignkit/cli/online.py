@@ -30,6 +30,7 @@ from alignkit.cli.models import (
 )
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
+from alignkit.online.annotators import judge_chat
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
@@ -100,6 +101,11 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
     if settings.device is not None:
         model = model.to(settings.device)
     logger.info("annotator %s: %s", settings.kind, desc)
+    if settings.kind == "judge":
+        try:
+            judge_chat(settings.chat, tok)
+        except ValueError as e:
+            raise ConfigError(f"annotator.{e}") from None
     try:
         annotator = ANNOTATORS[settings.kind](model, tok, **settings.arguments())
     except ValueError as e:

@@ -113,9 +113,9 @@ def annotate(cfg: Any, allow_code: bool = False) -> Path:
         raise FileNotFoundError(f"output_dir: {run.root} has no {SAMPLES_FILE}; run `alignkit sample` with "
                                 f"output_dir={run.root} first")
     check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml")
+    annotator = make_annotator(cfg.annotator, run, allow_code)  # a refused annotator leaves no annotate.yaml
     if run.main:
         save_config(cfg, run.root / "annotate.yaml")
-    annotator = make_annotator(cfg.annotator, run, allow_code)
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True)
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]

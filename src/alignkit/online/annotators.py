@@ -424,12 +424,24 @@ def prompt_text(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def judge_chat(chat: bool | None, tokenizer: Any) -> bool:
+    """Whether a judge's questions go through its tokenizer's chat template: `chat` None (auto) when it has one;
+    True without one is a ValueError naming the fix (the questions would silently go as plain text)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat and not has_template:
+        raise ValueError("chat: true sends the judge's questions through its tokenizer's chat template, and this "
+                         "tokenizer has none (they would go as plain text); remove chat (auto: the template when "
+                         "there is one) or set it false, or use a judge whose tokenizer has a chat template")
+    return has_template if chat is None else bool(chat)
+
+
 @ANNOTATORS.register("judge")
 class JudgeAnnotator(Annotator):
     """A local causal LM judges each response with a rubric template; the score is parsed with a regex.
 
-    `template` holds {prompt} and {response}; with `chat=True` (and a tokenizer chat template) it is sent as
-    one user message. Greedy answers of up to `max_new_tokens`; `pattern`'s first group is the score
+    `template` holds {prompt} and {response}; it is sent as one user message through the tokenizer's chat template
+    when there is one (`chat=None`, auto), always (`chat=True`: a tokenizer without one is a ValueError) or never
+    (`chat=False`: plain text). Greedy answers of up to `max_new_tokens`; `pattern`'s first group is the score
     (first match). A score outside `score_range` counts as a failure; with `normalize`, s -> (s - lo) / (hi - lo)
     in [0, 1]. Metrics: judge/parse_failures (no match), judge/out_of_range, judge/failure_rate.
     Pairwise: `pair_template` ({prompt}, {response_a}, {response_b}) and `pair_pattern` capturing "A" or "B".
@@ -440,7 +452,7 @@ class JudgeAnnotator(Annotator):
     def __init__(self, model: str | Path | torch.nn.Module, tokenizer: Any = None, *, template: str = DEFAULT_TEMPLATE,
                  pattern: str = r"Score:\s*(-?\d+(?:\.\d+)?)", score_range: tuple[float, float] = (1.0, 10.0),
                  normalize: bool = True, on_failure: str = "skip", default_score: float | None = None,
-                 max_new_tokens: int = 16, batch_size: int = 8, chat: bool = True,
+                 max_new_tokens: int = 16, batch_size: int = 8, chat: bool | None = None,
                  pair_template: str = DEFAULT_PAIR_TEMPLATE, pair_pattern: str = r"Winner:\s*([AB])",
                  device: str | None = None, dtype: str = "float32"):
         self.path = str(model) if isinstance(model, (str, Path)) else None
@@ -465,7 +477,11 @@ class JudgeAnnotator(Annotator):
         self.tokenizer, self.template, self.pair_template = tokenizer, template, pair_template
         self.pattern, self.pair_pattern, self.range, self.normalize = pattern, pair_pattern, (lo, hi), normalize
         self.on_failure, self.default_score = on_failure, default_score
-        self.batch_size, self.chat = batch_size, chat and getattr(tokenizer, "chat_template", None) is not None
+        try:
+            self.chat = judge_chat(chat, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"JudgeAnnotator: {e}") from None
+        self.batch_size = batch_size
         self.sampling = SamplingConfig(do_sample=False, max_new_tokens=max_new_tokens)
         self.last_pair_metrics: dict[str, float] = {}
 
@@ -542,5 +558,5 @@ def build_annotator(spec: dict[str, Any] | Annotator | Callable) -> Annotator:
 
 
 __all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "Scores", "finalize_scores", "RewardModelAnnotator",
-           "FunctionAnnotator", "JudgeAnnotator", "load_function", "build_annotator", "render", "prompt_text",
+           "FunctionAnnotator", "JudgeAnnotator", "judge_chat", "load_function", "build_annotator", "render", "prompt_text",
            "response_text", "DEFAULT_TEMPLATE", "DEFAULT_PAIR_TEMPLATE"]

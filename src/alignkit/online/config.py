@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from alignkit.losses import KL_ESTIMATORS
 from alignkit.online.generation import SamplingConfig
+from alignkit.settings.bounds import check_section
 
 
 @dataclass
@@ -64,6 +65,9 @@ class OnlineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
+        # the objective's values against the bounds `alignkit <command>` checks its method section with (e.g. a
+        # dual_clip <= 1 or a negative clip_eps), named <class>.<key>: refused when built, not at the first step
+        check_section(self, "method", type(self).__name__)
         if self.steps < 0 or self.prompts_per_step < 1 or self.epochs_per_step < 1:
             raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
                              f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")

@@ -42,6 +42,16 @@ logger = logging.getLogger(__name__)
 
 FEEDBACK_MODES = ("pointwise", "best_worst", "random_pairs", "judge_pairs", "best_of_n")
 
+# What each builder's records carry, for the reweighters that read them (`Reweighter.reads_margin`, `reads_meta`):
+# the modes whose records have a margin (`PreferenceRecord.margin`, or `meta["margin"]` for pointwise), and each
+# mode's `meta` keys (tests/online/test_feedback.py builds records with each mode and compares)
+MARGIN_MODES = ("pointwise", "best_worst", "random_pairs")
+_PAIR_META = ("group", "prompt_id", "chosen_score", "rejected_score", "chosen_index", "rejected_index")
+RECORD_META = {"pointwise": ("group", "prompt_id", "score", "threshold", "margin"),
+               "best_worst": _PAIR_META, "random_pairs": _PAIR_META,
+               "judge_pairs": ("group", "prompt_id", "swapped", "chosen_index", "rejected_index"),
+               "best_of_n": ("group", "prompt_id", "score")}
+
 
 def score_list(scores: Scores | torch.Tensor | Sequence[float], n: int) -> list[float]:
     values = scores.values if isinstance(scores, Scores) else scores

@@ -18,7 +18,10 @@ multiplies their factors (each normalised on its own).
 | "inverse_prompt_frequency" | 1 / (number of records with this prompt): each prompt counts the same     |
 
 The margin m_i is `PreferenceRecord.margin` (chosen score - rejected score), else `meta["margin"]` (set by
-`feedback.pointwise` as |score - threshold|). A record without one is an error naming its id.
+`feedback.pointwise` as |score - threshold|). A record without one is an error naming its id. What a reweighter
+reads is declared (`reads_margin`, `reads_meta`): the online commands and `alignkit annotate` refuse, when the
+config is read, one that the feedback mode's records cannot feed (`feedback.MARGIN_MODES`, `feedback.RECORD_META`;
+no feedback builder writes meta["confidence"], so "confidence" is for records built elsewhere).
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class Reweighter:
 
     name = "reweighter"
     reads_margin = False  # True: needs each record's margin (`record_margin`), which judge_pairs records lack
+
+    @property
+    def reads_meta(self) -> tuple[str, ...]:
+        """The `meta` keys it needs on every record (`feedback.RECORD_META`: what each feedback mode's records carry)."""
+        return ()
 
     def raw(self, records: Sequence[Record]) -> torch.Tensor:
         raise NotImplementedError
@@ -119,6 +127,10 @@ class Confidence(Reweighter):
 
     def __init__(self, key: str = "confidence"):
         self.key = key
+
+    @property
+    def reads_meta(self) -> tuple[str, ...]:
+        return (self.key,)  # no feedback builder writes meta["confidence"]: records from elsewhere (library use)
 
     def raw(self, records: Sequence[Record]) -> torch.Tensor:
         out = []

@@ -118,16 +118,25 @@ def _names(values: Any) -> list[str]:
     return [getattr(v, "value", v) for v in values]
 
 
-def check_bounds(cfg: Any) -> None:
-    """Raise a ConfigError naming the first out-of-range value of `cfg` (any command's config)."""
-    for section, key, test, allowed in BOUNDS:
-        parent = _get(cfg, section)
-        if parent is None:
+def check_section(parent: Any, section: str, where: str | None = None) -> None:
+    """Raise a ConfigError naming the first value of `parent` (a section's object or mapping) outside `section`'s
+    BOUNDS, as `<where>.<key>` (default: the section's name). Library configs call it on themselves (e.g.
+    `alignkit.online.GRPOConfig` with section "method"), so they check what the CLI checks, when they are built."""
+    for sec, key, test, allowed in BOUNDS:
+        if sec != section:
             continue
         value = parent.get(key) if isinstance(parent, dict) else getattr(parent, key, None)
         values = value if isinstance(value, list) else [value]
         for v in values:
-            _check(f"{section}.{key}", v, test, allowed)
+            _check(f"{where or section}.{key}", v, test, allowed)
+
+
+def check_bounds(cfg: Any) -> None:
+    """Raise a ConfigError naming the first out-of-range value of `cfg` (any command's config)."""
+    for section in dict.fromkeys(sec for sec, _, _, _ in BOUNDS):  # BOUNDS' order of sections
+        parent = _get(cfg, section)
+        if parent is not None:
+            check_section(parent, section)
     train = getattr(cfg, "train", None)
     if isinstance(train, dict):
         for key, test, allowed in TRAIN_BOUNDS:
@@ -165,4 +174,4 @@ def check_precision(train: dict) -> None:
                           "to train in bf16 on the CPU, or train.bf16=false (fp32)")
 
 
-__all__ = ["BOUNDS", "TRAIN_BOUNDS", "check_bounds", "check_precision"]
+__all__ = ["BOUNDS", "TRAIN_BOUNDS", "check_bounds", "check_precision", "check_section"]

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
+from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
 from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
                                        PreferenceObjective, check_prompt_data, loss_names)
@@ -71,7 +72,8 @@ class AnnotatorSettings:
     score_range: list[float] | None = None  # [low, high]
     normalize: bool = True
     max_new_tokens: int = 16
-    chat: bool = True
+    chat: bool | None = None  # the judge's chat template: null (auto) uses it when the tokenizer has one; true
+    #   requires one (refused when the judge loads, before the run folder); false sends plain text
     pair_template: str | None = None
     pair_pattern: str | None = None
 
@@ -218,7 +220,7 @@ _BUILDER_FIXED = ("samples", "scores", "annotator")
 
 def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], where: str = "") -> None:
     """`kwargs` against the feedback builder's parameters, and every reweighter spec buildable."""
-    from alignkit.online import build_reweighter, feedback
+    from alignkit.online import REWEIGHTERS, build_reweighter, feedback
 
     builders = {"pointwise": feedback.pointwise, "best_worst": feedback.best_worst_pairs,
                 "random_pairs": feedback.random_pairs, "judge_pairs": feedback.judge_pairs,
@@ -232,11 +234,24 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
             reweighter = build_reweighter(spec)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{where}reweighters[{i}]: {_message(e)}") from None
-        if reweighter.reads_margin and mode == "judge_pairs":  # the judge's verdict has no scores to subtract
-            raise ConfigError(f"{where}reweighters[{i}]: {reweighter.name} weighs records by their margin, and "
-                              f"{where}feedback=judge_pairs gives pairs with no margin (a verdict, not two scores), "
-                              "so the first step would stop; remove it (inverse_prompt_frequency needs no margin) or "
-                              "use feedback best_worst / random_pairs")
+        need = unmet_need(reweighter, mode)
+        if need is not None:
+            works = ", ".join(n for n in sorted(REWEIGHTERS) if unmet_need(REWEIGHTERS[n](), mode) is None)
+            raise ConfigError(f"{where}reweighters[{i}]: {reweighter.name} weighs records by their {need}, and "
+                              f"{where}feedback={mode} gives records with no {need}, so the first step would stop; "
+                              f"remove it (with this feedback: {works or 'none'})"
+                              + (" or use feedback best_worst / random_pairs" if reweighter.reads_margin else ""))
+
+
+def unmet_need(reweighter: Any, mode: str) -> str | None:
+    """What `reweighter` reads from each record that feedback `mode`'s records never carry (None: nothing): its
+    declared needs (`Reweighter.reads_margin`, `reads_meta`) against `feedback.MARGIN_MODES` / `RECORD_META`."""
+    from alignkit.online.feedback import MARGIN_MODES, RECORD_META
+
+    if reweighter.reads_margin and mode not in MARGIN_MODES:  # e.g. a judge's verdict: no scores to subtract
+        return "margin"
+    missing = [k for k in reweighter.reads_meta if k not in RECORD_META[mode]]
+    return f"meta[{missing[0]!r}]" if missing else None
 
 
 def _message(e: Exception) -> str:
@@ -320,6 +335,34 @@ class PPOMethod(PPOObjective, KLPenaltyMethod):
     """`alignkit ppo`: value head + GAE."""
 
 
+# The keys that clip against the policy (and PPO's values) that sampled the step: they act only from a step's second
+# update on, so one update per generation step leaves them inert (ratio pi / pi_old exactly 1; values = old values)
+CLIP_KEYS = {"clip_eps": "clips the policy ratio pi / pi_old", "clip_eps_high": "sets the upper clip of the policy "
+             "ratio pi / pi_old", "dual_clip": "bounds the loss of a policy ratio pi / pi_old far above 1 (negative "
+             "advantages)", "cliprange_value": "clips the value head's change from its rollout values"}
+
+
+def check_clip_acts(method: Any, samples_per_step: int) -> None:
+    """ConfigError naming a clip key (`CLIP_KEYS`) set to a value other than its default (and not null: off) when the
+    step makes one update (method.epochs_per_step 1, method.mini_batch_size null or >= the step's samples): the
+    first update's policy is the one that sampled, so nothing is ever clipped (TRL's num_iterations=1 alike)."""
+    updates = method.epochs_per_step * (1 if method.mini_batch_size is None
+                                        else -(-samples_per_step // method.mini_batch_size))
+    if updates > 1:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(method)}
+    for key, what in CLIP_KEYS.items():
+        value = getattr(method, key, None)
+        if key in defaults and value is not None and value != defaults[key]:
+            batch = ("null (the whole step)" if method.mini_batch_size is None else
+                     f"{method.mini_batch_size} >= the step's {samples_per_step}")
+            raise ConfigError(f"method.{key}: {value!r} {what}, and with one update per generation step "
+                              f"(method.epochs_per_step=1, method.mini_batch_size {batch}) the policy is still the one "
+                              "that sampled, so it would never act; remove it, or make several updates per step: "
+                              f"method.epochs_per_step >= 2 or method.mini_batch_size < {samples_per_step} (the "
+                              "step's method.prompts_per_step x sampling.num_samples samples)")
+
+
 @dataclass
 class OnlineRunConfig:
     """Sections shared by the online commands; subclasses add `method` and name the trainer config class."""
@@ -369,10 +412,12 @@ class OnlineRunConfig:
             for v in values:
                 if v not in registry:
                     raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
+        check_bounds(self)  # out-of-range values first, named as the config spells them (then the trainer's checks)
         try:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
+        check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
         if hasattr(m, "feedback"):
             check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
@@ -459,4 +504,4 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
 
 __all__ = ["JUDGE_PAIR_KEYS", "JUDGE_POINTWISE_KEYS", "check_judge_reads", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
-           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
+           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "CLIP_KEYS", "check_clip_acts", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
