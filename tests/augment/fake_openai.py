@@ -54,11 +54,18 @@ class FakeOpenAI:
             def do_POST(self):
                 fake.enter()
                 try:
-                    self.answer()
-                finally:
-                    fake.leave()
+                    status, payload = self.answer()
+                finally:  # in flight until its answer is ready: a sequential client's next request may arrive
+                    fake.leave()  # while this handler is still writing, and must not count as a second one
+                self.send_response(status)
+                if status == 429:
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
-            def answer(self):
+            def answer(self) -> tuple[int, bytes]:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with fake.lock:
                     fake.requests.append(body)
@@ -68,20 +75,11 @@ class FakeOpenAI:
                 if self.path != "/v1/chat/completions":
                     status = 404
                 if status != 200:
-                    payload = json.dumps({"error": {"message": f"fake error {status}"}}).encode()
-                    self.send_response(status)
-                    if status == 429:
-                        self.send_header("Retry-After", "0")
-                else:
-                    content = fake.responder(body["messages"])
-                    payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                                          "choices": [{"index": 0, "finish_reason": "stop",
-                                                       "message": {"role": "assistant", "content": content}}]}).encode()
-                    self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                    return status, json.dumps({"error": {"message": f"fake error {status}"}}).encode()
+                content = fake.responder(body["messages"])
+                return 200, json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                                        "choices": [{"index": 0, "finish_reason": "stop",
+                                                     "message": {"role": "assistant", "content": content}}]}).encode()
 
         return Handler
 
