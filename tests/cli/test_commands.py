@@ -452,3 +452,20 @@ def test_num_train_epochs_beside_max_steps_is_refused_before_anything_is_written
     assert not out.exists()
     cfg = load_config(CONFIGS / "sft-tiny.yaml", ["train.num_train_epochs=3", "train.max_steps=-1"], command="sft")
     assert cfg.train["num_train_epochs"] == 3 and cfg.train["max_steps"] == -1
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["train.report_to=tensorbaord"], "train.report_to: 'tensorbaord' is not a tracker"),
+    (["train.report_to=[none, wandbb]"], "train.report_to: 'wandbb' is not a tracker"),
+    (["train.load_best_model_at_end=true"], "load_best_model_at_end requires the save and eval strategy to match"),
+])
+def test_training_arguments_transformers_refuses_are_config_errors(overrides, says, tmp_path, capsys):
+    """A train value transformers refuses (an unknown report_to tracker, load_best_model_at_end with save_strategy
+    no beside eval_strategy steps): 'unexpected error: ValueError ... please report it', exit 1. Now exit 2 with
+    one line (the tracker names checked when the config is read), nothing written."""
+    out = tmp_path / "run"
+    rc = main(["-q", "sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", *overrides])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert rc == 2 and len(err) == 1, err
+    assert "alignkit sft: error: " in err[0] and says in err[0] and "unexpected" not in err[0], err
+    assert not out.exists()
