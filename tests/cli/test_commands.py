@@ -425,10 +425,13 @@ RANKED_RM = ["method.ranked=true", "method.center_rewards_coefficient=null"]
     ("rm", "rm-tiny.yaml", [*REFT_RM, "train.padding_free=true"], "train.padding_free", "ReFT"),
     ("rm", "rm-tiny.yaml", [*RANKED_RM, "train.share_prompt=true"], "train.share_prompt", "method.ranked"),
     ("rm", "rm-tiny.yaml", [*RANKED_RM, "train.padding_free=true"], "train.padding_free", "method.ranked"),
+    ("dpo", "dpo-tiny.yaml", ["model.attn_implementation=flex_attention", "train.share_prompt=true"],
+     "train.share_prompt", "model.attn_implementation"),
 ])
 def test_a_batch_layout_the_run_cannot_use_is_refused_before_anything_is_written(command, config, overrides, key,
                                                                                  says, tmp_path, capsys):
-    """train.share_prompt: true with a ReFT adapter (dpo, rm) or ranked reward data, and train.padding_free: true
+    """train.share_prompt: true with a ReFT adapter (dpo, rm), ranked reward data or attention other than sdpa /
+    eager (model.attn_implementation), and train.padding_free: true
     with a ReFT reward model or ranked reward data: the run folder (config.yaml, base_model/, tensorboard/) was
     written (not for padding_free with ranked data) and the run stopped with 'unexpected error: ValueError', exit 1.
     Now exit 2 with one line naming the key, and no run folder."""

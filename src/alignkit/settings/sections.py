@@ -213,6 +213,12 @@ class TrainConfig:
             raise ConfigError(f"train.share_prompt: true does not run a ReFT adapter (adapter.kind "
                               f"{self.adapter.kind!r}: its positions are placed in the padded rows), so the first step "
                               "would stop after the run folder was written; remove it (or set it to false)")
+        attention = self.model.attn_implementation
+        if self.train.get("share_prompt") and attention not in (None, "sdpa", "eager"):
+            raise ConfigError(f"train.share_prompt: true needs sdpa or eager attention (a custom 4D mask), and "
+                              f"model.attn_implementation is {attention!r}, so the first step would stop after the "
+                              "run folder was written; remove it (padding_free suits flash attention) or set "
+                              "model.attn_implementation=sdpa")
         if self.train.get("padding_free") and self.command == "rm" and self.adapter.has_reft:
             raise ConfigError(f"train.padding_free: true does not run a ReFT reward model (adapter.kind "
                               f"{self.adapter.kind!r}: a classifier's positions are placed over the whole padded row), "
