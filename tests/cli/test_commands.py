@@ -412,3 +412,63 @@ def test_a_reft_embed_dim_of_another_width_is_refused_before_anything_is_written
     err = err[0]
     assert "representations[0]" in err and "embed_dim=8" in err and "64 wide" in err, err
     assert not out.exists()
+
+
+REFT_RM = ["adapter.kind=reft", "adapter.reft.positions=f1+l1",
+           "adapter.reft.config.representations=[{layer: 0, low_rank_dimension: 2}]"]
+RANKED_RM = ["method.ranked=true", "method.center_rewards_coefficient=null"]
+
+
+@pytest.mark.parametrize("command,config,overrides,key,says", [
+    ("dpo", "dpo-reft-tiny.yaml", ["train.share_prompt=true"], "train.share_prompt", "ReFT"),
+    ("rm", "rm-tiny.yaml", [*REFT_RM, "train.share_prompt=true"], "train.share_prompt", "ReFT"),
+    ("rm", "rm-tiny.yaml", [*REFT_RM, "train.padding_free=true"], "train.padding_free", "ReFT"),
+    ("rm", "rm-tiny.yaml", [*RANKED_RM, "train.share_prompt=true"], "train.share_prompt", "method.ranked"),
+    ("rm", "rm-tiny.yaml", [*RANKED_RM, "train.padding_free=true"], "train.padding_free", "method.ranked"),
+    ("dpo", "dpo-tiny.yaml", ["model.attn_implementation=flex_attention", "train.share_prompt=true"],
+     "train.share_prompt", "model.attn_implementation"),
+])
+def test_a_batch_layout_the_run_cannot_use_is_refused_before_anything_is_written(command, config, overrides, key,
+                                                                                 says, tmp_path, capsys):
+    """train.share_prompt: true with a ReFT adapter (dpo, rm), ranked reward data or attention other than sdpa /
+    eager (model.attn_implementation), and train.padding_free: true
+    with a ReFT reward model or ranked reward data: the run folder (config.yaml, base_model/, tensorboard/) was
+    written (not for padding_free with ranked data) and the run stopped with 'unexpected error: ValueError', exit 1.
+    Now exit 2 with one line naming the key, and no run folder."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "-c", str(CONFIGS / config), f"output_dir={out}", "train.max_steps=1", *overrides])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert rc == 2 and len(err) == 1, err
+    assert f"{key}: " in err[0] and says in err[0] and "remove it" in err[0], err
+    assert not out.exists()
+
+
+def test_num_train_epochs_beside_max_steps_is_refused_before_anything_is_written(tmp_path, capsys):
+    """train.num_train_epochs beside a positive train.max_steps: transformers trains max_steps steps and ignores the
+    epochs, so `alignkit sft -c sft-tiny.yaml train.num_train_epochs=3` ran the file's 20 steps, exit 0. Now exit 2
+    with one line naming both keys and the fix (max_steps=-1), and no run folder; max_steps -1 with the epochs runs."""
+    out = tmp_path / "run"
+    rc = main(["-q", "sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", "train.num_train_epochs=3"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert rc == 2 and len(err) == 1, err
+    assert "train.num_train_epochs: " in err[0] and "train.max_steps=-1" in err[0], err
+    assert not out.exists()
+    cfg = load_config(CONFIGS / "sft-tiny.yaml", ["train.num_train_epochs=3", "train.max_steps=-1"], command="sft")
+    assert cfg.train["num_train_epochs"] == 3 and cfg.train["max_steps"] == -1
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["train.report_to=tensorbaord"], "train.report_to: 'tensorbaord' is not a tracker"),
+    (["train.report_to=[none, wandbb]"], "train.report_to: 'wandbb' is not a tracker"),
+    (["train.load_best_model_at_end=true"], "load_best_model_at_end requires the save and eval strategy to match"),
+])
+def test_training_arguments_transformers_refuses_are_config_errors(overrides, says, tmp_path, capsys):
+    """A train value transformers refuses (an unknown report_to tracker, load_best_model_at_end with save_strategy
+    no beside eval_strategy steps): 'unexpected error: ValueError ... please report it', exit 1. Now exit 2 with
+    one line (the tracker names checked when the config is read), nothing written."""
+    out = tmp_path / "run"
+    rc = main(["-q", "sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", *overrides])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert rc == 2 and len(err) == 1, err
+    assert "alignkit sft: error: " in err[0] and says in err[0] and "unexpected" not in err[0], err
+    assert not out.exists()

@@ -40,6 +40,7 @@ from alignkit.runs import (
     MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, staged, versions,
     write_prompt_formats,
 )
+from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
 from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
@@ -141,7 +142,11 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     if quiet:
         kw["disable_tqdm"] = True
     push = {k: kw.pop(k) for k in ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token") if k in kw}
-    args = TrainingArguments(**kw)  # without push_to_hub: the Trainer would push checkpoints/, not model/
+    try:
+        args = TrainingArguments(**kw)  # without push_to_hub: the Trainer would push checkpoints/, not model/
+    except ValueError as e:  # transformers' own checks of combinations (e.g. load_best_model_at_end's strategies)
+        raise ConfigError(f"train: transformers refuses these training arguments: {' '.join(str(e).split())}; "
+                          "fix the train section") from None
     args.alignkit_tensorboard = tensorboard
     args.alignkit_push = push if push.get("push_to_hub") else None
     return args, callbacks

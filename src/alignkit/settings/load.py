@@ -45,10 +45,24 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
             raise ConfigError(f"{where}.output_dir: set by alignkit (<output_dir>/checkpoints); set the top-level "
                               "output_dir instead")
         coerce(value, hints.get(key, Any), join_key(where, key))  # validation only: TrainingArguments converts
+    check_report_to(train.get("report_to"), where)
     if train.get("compile") and train.get("torch_compile"):
         raise ConfigError(f"{where}.compile and {where}.torch_compile: choose one (compile: each decoder layer, "
                           "regionally; torch_compile: the whole model, by the Trainer)")
     return train
+
+
+def check_report_to(report_to: Any, where: str = "train") -> None:
+    """Each tracker named in `report_to` against transformers' integrations (plus none / all): an unknown one
+    stopped the Trainer's construction with a ValueError ('unexpected error') instead of one line naming the key."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    valid = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"{where}.report_to: {name!r} is not a tracker{_suggest(str(name), valid)}; valid: "
+                              f"{', '.join(valid)}")
 
 
 def _check_names(cfg: Any) -> None:

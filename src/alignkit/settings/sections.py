@@ -209,6 +209,21 @@ class TrainConfig:
             if not self.adapter.has_reft:
                 raise ConfigError(f"train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora; "
                                   f"this config's is {self.adapter.kind!r}); remove it")
+        if self.train.get("share_prompt") and self.adapter.has_reft:
+            raise ConfigError(f"train.share_prompt: true does not run a ReFT adapter (adapter.kind "
+                              f"{self.adapter.kind!r}: its positions are placed in the padded rows), so the first step "
+                              "would stop after the run folder was written; remove it (or set it to false)")
+        attention = self.model.attn_implementation
+        if self.train.get("share_prompt") and attention not in (None, "sdpa", "eager"):
+            raise ConfigError(f"train.share_prompt: true needs sdpa or eager attention (a custom 4D mask), and "
+                              f"model.attn_implementation is {attention!r}, so the first step would stop after the "
+                              "run folder was written; remove it (padding_free suits flash attention) or set "
+                              "model.attn_implementation=sdpa")
+        if self.train.get("padding_free") and self.command == "rm" and self.adapter.has_reft:
+            raise ConfigError(f"train.padding_free: true does not run a ReFT reward model (adapter.kind "
+                              f"{self.adapter.kind!r}: a classifier's positions are placed over the whole padded row), "
+                              "so the first step would stop after the run folder was written; remove it (or set it "
+                              "to false)")
         if self.command != "sft" and self.data.loss_on != DataSettings.loss_on:
             raise ConfigError(f"data.loss_on: read only by alignkit sft (which tokens of a conversation are trained), "
                               f"so alignkit {self.command} would ignore it; remove it")
@@ -218,6 +233,11 @@ class TrainConfig:
                               "train.eval_strategy=steps, which is not set (the default 'no' evaluates only after the "
                               "last step), so it would be ignored; set train.eval_strategy=steps or remove "
                               "train.eval_steps")
+        if "num_train_epochs" in chosen and isinstance(self.train.get("max_steps"), int) and self.train["max_steps"] > 0:
+            raise ConfigError(f"train.num_train_epochs: {self.train['num_train_epochs']} is read only with "
+                              f"train.max_steps=-1, and max_steps is {self.train['max_steps']} (which decides the "
+                              "run's length), so it would be ignored; set train.max_steps=-1 to train the epochs, or "
+                              "remove train.num_train_epochs")
         strategy = str(getattr(self.train.get("eval_strategy"), "value", self.train.get("eval_strategy") or "no"))
         if strategy != "no" and self.data.eval_path is None and not self.data.eval_fraction:
             raise ConfigError(f"train.eval_strategy: {strategy!r} evaluates on held-out records, and data gives none: "
@@ -234,6 +254,14 @@ class SFTConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     method: RewardMethod = field(default_factory=RewardMethod)
     command = "rm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("share_prompt", "padding_free"):  # layouts of chosen / rejected pairs
+            if self.method.ranked and self.train.get(key):
+                raise ConfigError(f"train.{key}: true lays out chosen / rejected pairs, and method.ranked is true "
+                                  "(ranked records, K replies each), so the run would stop before its first step; "
+                                  "remove it (or set it to false)")
 
 
 @dataclass
