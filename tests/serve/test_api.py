@@ -273,3 +273,19 @@ def test_queue_full_timeout_and_api_key(serve_stack):
     with running_server(slow) as url:
         status, err = raw(url, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2})
         assert status == 504 and "timed out" in err["error"]["message"]
+
+
+def test_messages_the_chat_template_refuses_are_a_400_with_its_reason(serve_stack):
+    """A chat template that raises (e.g. 'Conversation roles must alternate', no system role) is a 400 naming
+    messages with the template's own message. Before: a 500 'internal error: TemplateError'."""
+    import copy
+
+    from alignkit.serve.api import ApiError, chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ApiError) as e:
+        chat_prompt({"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Hi"}]}, tok)
+    assert e.value.status == 400 and e.value.param == "messages" and "System role not supported" in e.value.message
+    assert chat_prompt({"messages": [{"role": "user", "content": "Hi"}]}, tok)
