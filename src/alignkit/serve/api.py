@@ -166,11 +166,11 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         clean.append({"role": role, "content": c})
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    from jinja2 import TemplateError
-
     try:
         text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-    except TemplateError as e:  # the template's own refusal (raise_exception), e.g. roles that must alternate
+    except Exception as e:  # the template's own refusal (raise_exception), e.g. roles that must alternate
+        if not type(e).__module__.startswith("jinja2"):  # jinja2.TemplateError and its kinds; anything else is ours
+            raise
         raise ApiError(400, f"this model's chat template refuses these messages: {e}", param="messages") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
