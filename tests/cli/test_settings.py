@@ -261,6 +261,14 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
     ("sample", "sample-tiny.yaml", ["sampling.do_sample=false", "sampling.temperature=0.5"],
      "sampling.temperature=0.5 is read only when sampling, but sampling.do_sample is false (greedy decoding), so",
      ["sampling.do_sample=true"]),
+    # greedy decoding with num_samples > 1 wrote that many identical responses per prompt (one log warning)
+    ("generate", "generate-tiny.yaml", ["generation.num_samples=3"],
+     "generation.num_samples=3 with generation.do_sample false (greedy decoding, the default of alignkit generate) "
+     "writes 3 identical responses per prompt; set generation.do_sample: true to sample, or generation.num_samples: 1",
+     ["generation.do_sample=true"]),
+    ("sample", "sample-tiny.yaml", ["sampling.do_sample=false"],
+     "sampling.num_samples=4 with sampling.do_sample false (greedy decoding) writes 4 identical responses per prompt",
+     ["sampling.num_samples=1"]),
 ])
 def test_keys_the_chosen_settings_never_read_are_refused(command, config, overrides, message, fix):
     """Each of these was accepted and had no effect (eval of a reward model has no beta or reference; a default

@@ -167,7 +167,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
 @pytest.mark.parametrize("field,value", [("presence_penalty", 0.5), ("frequency_penalty", -1.0),
                                          ("logit_bias", {"5": 100}), ("suffix", " end"), ("top_k", 5),
                                          ("min_p", 0.1), ("repetition_penalty", 1.3),
-                                         ("response_format", {"type": "json_object"})])
+                                         ("response_format", {"type": "json_object"}), ("logprobs", 0),
+                                         ("echo", True), ("best_of", 2), ("min_tokens", 5), ("ignore_eos", True),
+                                         ("stop_token_ids", [5]), ("include_stop_str_in_output", True),
+                                         ("use_beam_search", True), ("guided_json", {"type": "object"}),
+                                         ("guided_regex", "a+"), ("guided_choice", ["a"]), ("prompt_logprobs", 1),
+                                         ("truncate_prompt_tokens", 8), ("skip_special_tokens", False)])
 def test_sampling_fields_the_engine_does_not_implement_are_refused(client, server, field, value):
     """Before, these were accepted and the answer sampled without them (a 200 that looked like it honoured the
     request). Now a 400 naming the field, on both endpoints; their neutral values and fields that do not change
@@ -181,6 +186,29 @@ def test_sampling_fields_the_engine_does_not_implement_are_refused(client, serve
     out = client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, presence_penalty=0,
                                     frequency_penalty=0, user="u1", extra_body={"top_k": -1, "repetition_penalty": 1})
     assert out.choices[0].finish_reason in ("length", "stop")
+
+
+def test_fields_that_disagree_or_that_the_engine_cannot_take_name_the_field(client, server):
+    """max_tokens and max_completion_tokens both given with different values: a 400 naming both (before: 200,
+    max_completion_tokens used and max_tokens dropped without a word). A seed outside 64 bits and top_p 0 are
+    400s naming the field (before: the seed killed the engine thread, every request then hung; top_p 0 was a
+    400 with param null)."""
+    url, engine = server
+    hi = {"model": "base", "prompt": "Hi"}
+    got, err = raw(url, "/v1/completions", {**hi, "max_tokens": 3, "max_completion_tokens": 5})
+    assert got == 400 and err["error"]["param"] == "max_completion_tokens", err
+    assert "max_tokens" in err["error"]["message"]
+    got, err = raw(url, "/v1/completions", {**hi, "max_completion_tokens": 2.5})
+    assert got == 400 and err["error"]["param"] == "max_completion_tokens", err
+    for body, param in (({"seed": 2 ** 70, "temperature": 1.0}, "seed"), ({"top_p": 0}, "top_p")):
+        got, err = raw(url, "/v1/completions", {**hi, "max_tokens": 2, **body})
+        assert got == 400 and err["error"]["param"] == param, err
+    got, out = raw(url, "/v1/completions", {**hi, "max_tokens": 1, "max_completion_tokens": None, "temperature": 0})
+    assert got == 200 and out["usage"]["completion_tokens"] == 1, out  # before: null took the default (64)
+    out = client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0,
+                                    extra_body={"max_completion_tokens": 2})
+    assert out.usage.completion_tokens <= 2
+    assert engine.alive
 
 
 def test_metrics_count_what_was_served(client, server):
@@ -245,3 +273,19 @@ def test_queue_full_timeout_and_api_key(serve_stack):
     with running_server(slow) as url:
         status, err = raw(url, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2})
         assert status == 504 and "timed out" in err["error"]["message"]
+
+
+def test_messages_the_chat_template_refuses_are_a_400_with_its_reason(serve_stack):
+    """A chat template that raises (e.g. 'Conversation roles must alternate', no system role) is a 400 naming
+    messages with the template's own message. Before: a 500 'internal error: TemplateError'."""
+    import copy
+
+    from alignkit.serve.api import ApiError, chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ApiError) as e:
+        chat_prompt({"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Hi"}]}, tok)
+    assert e.value.status == 400 and e.value.param == "messages" and "System role not supported" in e.value.message
+    assert chat_prompt({"messages": [{"role": "user", "content": "Hi"}]}, tok)

@@ -24,6 +24,9 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
     (["--base", "tiny:llama", "max_batch_rows=0"], "max_batch_rows: must be >= 1"),
     (["--base", "tiny:nope"], "unknown tiny architecture"),
     (["--base", "/no/such/folder"], "/no/such/folder does not exist"),
+    # before: accepted, and a request without max_tokens got max_new_tokens (the engine clamped it without a word)
+    (["--base", "tiny:llama", "--default-max-tokens", "100", "--max-new-tokens", "50"],
+     "default_max_tokens: 100 exceeds max_new_tokens (50)"),
 ])
 def test_errors_name_the_problem(argv, message, capsys):
     assert main(["serve", *argv]) == 2

@@ -341,3 +341,25 @@ def test_row_sampling_draws_the_temperature_and_top_p_distribution():
     freq = torch.bincount(got[:n], minlength=6).double() / n
     assert ((freq - want).abs() <= 5 * (want * (1 - want) / n).sqrt() + 1e-12).all() and (freq[want == 0] == 0).all()
     assert got[n] == 5 and got[n + 1] == got[n + 2]
+
+
+def test_a_seed_torch_cannot_take_is_refused_and_the_engine_keeps_serving(stack):
+    """A seed outside a 64-bit generator's range (or one whose n choices' seeds seed + i run past it) is a
+    RequestError at submit. Before: accepted, then torch.Generator.manual_seed raised in the engine thread's
+    admission (outside its per-step error handling): the thread died, the request never ended and every later
+    request waited forever."""
+    eng = Engine(stack, EngineConfig(max_batch_rows=4, max_new_tokens=4)).start()
+    try:
+        for seed, n in ((2 ** 70, 1), (-(2 ** 63) - 1, 1), (2 ** 63 - 1, 2)):
+            with pytest.raises(RequestError, match="seed"):
+                eng.submit("base", [5, 6], SamplingParams(seed=seed, n=n, temperature=1.0, max_tokens=2),
+                           lambda ev: None)
+        assert eng.alive
+        res = eng.generate("base", [5, 6], SamplingParams(seed=2 ** 63 - 2, n=2, temperature=1.0, max_tokens=2),
+                           timeout=30)
+        assert all(len(c["token_ids"]) == 2 for c in res["choices"])
+        res = eng.generate("base", [5, 6], SamplingParams(seed=-(2 ** 63), temperature=1.0, max_tokens=2),
+                           timeout=30)
+        assert len(res["choices"][0]["token_ids"]) == 2
+    finally:
+        eng.stop()

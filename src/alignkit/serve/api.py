@@ -7,11 +7,12 @@
     GET  /metrics                Prometheus text: queue depth, running rows, tokens/s, per-model counts, latency
     GET  /                       the chat page (static files in serve/static, no build step)
 
-Request fields: model, max_tokens, temperature, top_p, stop (string or list), seed, n, stream (server-sent
-events, `data: [DONE]` last), stream_options.include_usage. Fields that would change the answer but are not
-implemented (logprobs, best_of, echo, presence/frequency penalties, logit_bias, suffix, response_format, tools,
-vLLM's top_k / min_p / repetition_penalty: `IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their
-neutral value; other unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
+Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
+(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
+stream_options.include_usage. Fields that would change the answer but are not implemented (logprobs, 0 included,
+best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix, response_format, tools, vLLM's
+top_k / min_p / repetition_penalty / min_tokens / ignore_eos / stop_token_ids / guided_* / ...:
+`IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits; 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
 over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from alignkit.serve.engine import Engine, Event, QueueFullError, RequestError, SamplingParams
+from alignkit.serve.engine import SEED_MAX, SEED_MIN, Engine, Event, QueueFullError, RequestError, SamplingParams
 from alignkit.serve.log import ServeLog
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,13 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
     "suffix": (None, ""), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
     "tools": (None, []), "functions": (None, []), "top_k": (None, -1, 0), "min_p": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
+    "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "ignore_eos": (None, False),
+    "stop_token_ids": (None, []), "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True),
 }
+# logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
+NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
 
 
 def sampling_params(body: dict) -> SamplingParams:
@@ -79,18 +85,36 @@ def sampling_params(body: dict) -> SamplingParams:
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
-        raise ApiError(400, f"'max_tokens' must be an integer, got {json.dumps(max_tokens)[:40]}", param="max_tokens")
-    if body.get("logprobs") not in (None, False) or body.get("best_of") not in (None, 1) or body.get("echo"):
-        raise ApiError(400, "logprobs, best_of and echo are not supported by this server", param="logprobs")
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = body.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ApiError(400, f"'{key}' must be an integer, got {json.dumps(v)[:40]}", param=key)
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:  # an explicit null max_completion_tokens beside max_tokens: max_tokens
+        max_tokens = body.get("max_tokens")
+    if None not in (body.get("max_tokens"), body.get("max_completion_tokens")) \
+            and body["max_tokens"] != body["max_completion_tokens"]:
+        raise ApiError(400, f"'max_completion_tokens' ({body['max_completion_tokens']}) and 'max_tokens' "
+                            f"({body['max_tokens']}) disagree; send one of them", param="max_completion_tokens")
+    for key, allowed in NOT_SUPPORTED.items():  # identity, not ==: logprobs 0 (== False) asks for logprobs
+        if not any(body.get(key) is a or (a is not None and type(body.get(key)) is type(a) and body.get(key) == a)
+                   for a in allowed):
+            raise ApiError(400, f"'{key}' is not supported by this server; remove it", param=key)
     for key, neutral in IGNORED_UNLESS_NEUTRAL.items():
         if body.get(key) not in neutral:
             raise ApiError(400, f"'{key}' is not supported by this server (the answer would silently be sampled "
-                                f"without it); remove it or set it to {json.dumps(neutral[1])}", param=key)
+                                f"without it); remove it" + (f" or set it to {json.dumps(neutral[1])}"
+                                                                    if len(neutral) > 1 else ""), param=key)
     return SamplingParams(max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
-                          top_p=_num(body, "top_p", 1.0, float, 0.0, 1.0), stop=stop,
-                          seed=_num(body, "seed", None, int), n=_num(body, "n", 1, int, 1, 16))
+                          top_p=_top_p(body), stop=stop, seed=_num(body, "seed", None, int, SEED_MIN, SEED_MAX),
+                          n=_num(body, "n", 1, int, 1, 16))
+
+
+def _top_p(body: dict) -> float:
+    top_p = _num(body, "top_p", 1.0, float, 0.0, 1.0)
+    if top_p <= 0:
+        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    return top_p
 
 
 def _model(body: dict) -> str:
@@ -142,7 +166,12 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         clean.append({"role": role, "content": c})
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # the template's own refusal (raise_exception), e.g. roles that must alternate
+        if not type(e).__module__.startswith("jinja2"):  # jinja2.TemplateError and its kinds; anything else is ours
+            raise
+        raise ApiError(400, f"this model's chat template refuses these messages: {e}", param="messages") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -59,6 +59,7 @@ from alignkit.serve.stack import Route, Stack
 logger = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # a signed 64-bit seed, as OpenAI's and vLLM's APIs take
 
 
 class QueueFullError(RuntimeError):
@@ -104,6 +105,11 @@ class SamplingParams:
             raise RequestError(f"n must be an integer in [1, {cfg.max_batch_rows}], got {self.n!r}")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop must be at most 4 non-empty strings")
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed
+                                          and self.seed + self.n - 1 <= SEED_MAX):
+            # choice i draws from seed + i (a 64-bit torch.Generator seed)
+            raise RequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX - self.n + 1}] "
+                               f"(n={self.n} choices use seed .. seed + n - 1), got {self.seed!r}")
 
 
 @dataclass
@@ -562,5 +568,5 @@ class EngineStats:
         self.ttft_sum += ttft
 
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "Event", "QueueFullError", "Request", "RequestError",
+__all__ = ["SEED_MAX", "SEED_MIN", "Engine", "EngineConfig", "EngineStats", "Event", "QueueFullError", "Request", "RequestError",
            "SamplingParams", "default_end_ids"]

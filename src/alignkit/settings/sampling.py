@@ -80,13 +80,19 @@ class SamplingConfig:
 
 def refuse_greedy_ignored(cfg: SamplingConfig, section: str, default_note: str = "") -> None:
     """ConfigError naming the first sampling-only setting greedy decoding would ignore (`greedy_ignored`): a user
-    who sets a temperature expects samples and would get the greedy answer, exit 0."""
+    who sets a temperature expects samples and would get the greedy answer, exit 0. num_samples > 1 with greedy
+    decoding (copies of one answer) is refused too."""
     ignored = cfg.greedy_ignored()
     if ignored:
         key, value = ignored[0]
         raise ConfigError(f"{section}.{key}={value!r} is read only when sampling, but {section}.do_sample is false "
                          f"(greedy decoding{default_note}), so it would be ignored; set {section}.do_sample: true to "
                          f"sample, or remove {section}.{key}")
+    if not cfg.do_sample and cfg.num_samples > 1:
+        n = cfg.num_samples
+        raise ConfigError(f"{section}.num_samples={n} with {section}.do_sample false (greedy decoding{default_note}) "
+                          f"writes {n} identical responses per prompt; set {section}.do_sample: true to sample, or "
+                          f"{section}.num_samples: 1")
 
 
 __all__ = ["SamplingConfig", "SAMPLERS", "refuse_greedy_ignored"]

@@ -16,6 +16,9 @@ from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.typed import ConfigError
 
 
+DEFAULT_MAX_TOKENS = 64  # max_tokens of a request that sets none
+
+
 @dataclass
 class ServeConfig:
     base: str  # the base model's folder (or tiny:<arch>)
@@ -31,7 +34,7 @@ class ServeConfig:
     max_queue: int = 256
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512
-    default_max_tokens: int = 64
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # capped to max_new_tokens when left at the default
     request_timeout: float = 120.0
     output_dir: str | None = None  # metrics.jsonl, tensorboard/serve/ and plots/ of this server (null: none written)
     log_every: float = 30.0  # seconds between two metrics rows (with output_dir)
@@ -49,6 +52,13 @@ class ServeConfig:
             raise ConfigError(f"request_timeout: must be > 0 seconds, got {self.request_timeout}")
         if self.engine == "vllm":
             self._refuse_engine_keys()
+        elif self.default_max_tokens > self.max_new_tokens and self.default_max_tokens != DEFAULT_MAX_TOKENS:
+            # the class default (64) above a lower max_new_tokens is capped to it, as documented; a value set
+            # above it would be capped without a word
+            raise ConfigError(f"default_max_tokens: {self.default_max_tokens} exceeds max_new_tokens "
+                              f"({self.max_new_tokens}), the most a request may ask for: a request without "
+                              f"max_tokens would get {self.max_new_tokens}; lower default_max_tokens or raise "
+                              f"max_new_tokens")
 
     # read by alignkit's own engine alone; `engine: vllm` starts vLLM's server with host, port, dtype, the API key and
     # a max model length (max_prompt_tokens + max_new_tokens), and vLLM schedules, batches and places by itself
