@@ -233,6 +233,30 @@ def test_a_failing_forward_fails_its_batch_and_the_engine_keeps_serving(serve_st
         eng.stop()
 
 
+def test_a_request_that_fails_its_admission_fails_alone_and_the_engine_keeps_serving(serve_stack, monkeypatch):
+    """Admission (a choice's random generator) runs outside a step's error handling: an exception there used to kill
+    the engine thread, leaving that request and every later one waiting forever."""
+    eng = Engine(serve_stack, EngineConfig())
+    real = eng._generator
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("no generator")
+        return real(*a, **k)
+
+    monkeypatch.setattr(eng, "_generator", flaky)
+    eng.start()
+    try:
+        with pytest.raises(RuntimeError, match="internal error: RuntimeError: no generator"):
+            eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=1.0, seed=1), timeout=30)
+        ok = eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=1.0, seed=1), timeout=30)
+        assert len(ok["choices"][0]["token_ids"]) == 3 and eng.running_rows == 0 and eng.alive
+    finally:
+        eng.stop()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
 def test_every_tiny_architecture_batched_equals_alone(arch, tiny_dir):
     """Left-padded batches with explicit position ids and merged caches give each row its alone-greedy tokens."""

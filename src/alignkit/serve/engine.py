@@ -304,15 +304,23 @@ class Engine:
             if n > room or (new and longest2 * (len(new) + n) > self.config.max_prefill_tokens):
                 break
             self._waiting.popleft()
+            try:
+                rows = [_Row(req, i, self._generator(req, i)) for i in range(n)]
+            except Exception as e:  # noqa: BLE001 - admission runs outside the step's handling: fail this request
+                logger.exception("serve engine could not admit a request")  # alone, or the engine thread would die
+                self._fail(req, f"internal error: {type(e).__name__}: {e}")  # and every later request would hang
+                continue
             longest = longest2
             room -= n
-            for i in range(n):
-                gen = None
-                if req.params.temperature > 0:
-                    seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(7), "little")
-                    gen = torch.Generator(device="cpu").manual_seed(int(seed) + i)
-                new.append(_Row(req, i, gen))
+            new.extend(rows)
         return new
+
+    def _generator(self, req: Any, i: int) -> torch.Generator | None:
+        """Choice i's random generator (seed + i), None for greedy decoding."""
+        if req.params.temperature <= 0:
+            return None
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(7), "little")
+        return torch.Generator(device="cpu").manual_seed(int(seed) + i)
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor, cache: Any,
                  routes: list[Route], locations: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
