@@ -210,9 +210,14 @@ def test_stacked_lora_equals_peft_mixed_batches(serve_dirs):
     torch.testing.assert_close(got[0], base[0], rtol=0, atol=0)  # rows without LoRA are the base, bitwise
 
 
-def test_a_failing_forward_fails_its_batch_and_the_engine_keeps_serving(serve_stack, monkeypatch):
+@pytest.mark.parametrize("method, temperature", [("_forward", 0.0), ("_generator", 1.0)])
+def test_a_failure_inside_the_engine_fails_its_requests_and_the_engine_keeps_serving(serve_stack, monkeypatch,
+                                                                                   method, temperature):
+    """A forward that raises fails its batch; a request whose admission raises (a choice's random generator, which
+    runs outside a step's error handling) fails alone: before, an exception there killed the engine thread, leaving
+    that request and every later one waiting forever. Either way the next request is served."""
     eng = Engine(serve_stack, EngineConfig())
-    real = eng._forward
+    real = getattr(eng, method)
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -221,38 +226,15 @@ def test_a_failing_forward_fails_its_batch_and_the_engine_keeps_serving(serve_st
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(eng, "_forward", flaky)
+    monkeypatch.setattr(eng, method, flaky)
+    params = SamplingParams(max_tokens=3, temperature=temperature, seed=1)
     eng.start()
     try:
         with pytest.raises(RuntimeError, match="internal error: RuntimeError: boom"):
-            eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0), timeout=30)
-        ok = eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0), timeout=30)
+            eng.generate("polite", [5, 6, 7], params, timeout=30)
+        ok = eng.generate("polite", [5, 6, 7], params, timeout=30)
         assert len(ok["choices"][0]["token_ids"]) == 3 and eng.running_rows == 0 and eng.alive
         assert eng.stats.errors == 1
-    finally:
-        eng.stop()
-
-
-def test_a_request_that_fails_its_admission_fails_alone_and_the_engine_keeps_serving(serve_stack, monkeypatch):
-    """Admission (a choice's random generator) runs outside a step's error handling: an exception there used to kill
-    the engine thread, leaving that request and every later one waiting forever."""
-    eng = Engine(serve_stack, EngineConfig())
-    real = eng._generator
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("no generator")
-        return real(*a, **k)
-
-    monkeypatch.setattr(eng, "_generator", flaky)
-    eng.start()
-    try:
-        with pytest.raises(RuntimeError, match="internal error: RuntimeError: no generator"):
-            eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=1.0, seed=1), timeout=30)
-        ok = eng.generate("polite", [5, 6, 7], SamplingParams(max_tokens=3, temperature=1.0, seed=1), timeout=30)
-        assert len(ok["choices"][0]["token_ids"]) == 3 and eng.running_rows == 0 and eng.alive
     finally:
         eng.stop()
 
