@@ -23,9 +23,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -161,11 +163,19 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
             env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         logger.info("serve --engine vllm: %s", " ".join(cmd))
         proc = subprocess.Popen(cmd, env=env)
+        # SIGTERM (kill, a service manager, a container stop) ends vLLM's server too: by default it would end only
+        # this process, leaving the server running on its port (and the GPU memory) with its model folder deleted
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.terminate())
         try:
             return proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
             return proc.wait()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
