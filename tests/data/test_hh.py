@@ -65,3 +65,16 @@ def test_margin_is_read_and_a_misspelled_or_unread_column_is_not_silent(tmp_path
     with caplog.at_level("WARNING"):
         assert len(load_records(f)) == 1
     assert "ignored column(s) ['source']" in caplog.text
+
+
+def test_a_weight_given_in_some_rows_only_is_said_once(tmp_path, caplog):
+    """The HH reader runs through the column readers' checks (`read_checked`): a weight column present in some rows
+    and missing in others gets their one warning."""
+    row = {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({**row, "weight": 2.0}) + "\n" + json.dumps(row) + "\n")
+    with caplog.at_level("WARNING"):
+        assert [r.weight for r in load_records(f)] == [2.0, 1.0]
+    assert [r.getMessage() for r in caplog.records if "is given in" in r.getMessage()] == [
+        f"{str(f)[:80]}: column 'weight' is given in 1 of 2 rows; the other 1 weigh 1 (the default) (the first: "
+        f"{f}:2). Give every row a weight if they should not"]

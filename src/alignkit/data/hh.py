@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignkit.data.readers.columns import check_columns, warn_ignored
+from alignkit.data.readers.columns import read_checked
 from alignkit.data.readers.registry import register_reader
-from alignkit.data.readers.rows import collect, get_field, iter_rows
+from alignkit.data.readers.rows import get_field
 from alignkit.data.records import DataError, Message, PreferenceRecord
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
@@ -75,12 +75,5 @@ COLUMNS = ("chosen", "rejected", "margin", "weight")  # what an HH row may hold 
 def read_hh(source: Any, *, kind: str = "preference", conversational: bool = True, on_invalid: str = "raise",
             split: str | None = None) -> list[PreferenceRecord]:
     """Preference records from HH-RLHF rows (see the module docstring)."""
-    unknown: dict[str, int] = {}
-
-    def convert(row: dict, where: str) -> PreferenceRecord:
-        check_columns(row, where, COLUMNS, unknown)
-        return hh_to_preference(row, where, conversational)
-
-    out = collect(iter_rows(source, split), convert, on_invalid, name=str(source))
-    warn_ignored(source, unknown)
-    return out
+    return read_checked(source, split, lambda row, where: hh_to_preference(row, where, conversational), COLUMNS,
+                        on_invalid, name=str(source))

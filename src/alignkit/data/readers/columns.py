@@ -193,24 +193,33 @@ class PartialColumns:
                     DEFAULTED[c], self.first_without[c], c)
 
 
+def read_checked(source: Any, split: str | None, convert: Any, known: tuple[str, ...], on_invalid: str, *,
+                 name: str, warn_unknown: bool = True) -> list:
+    """`convert(row, where)` over the rows of `source`, each row's columns checked against `known`
+    (`check_columns`), then one warning per file for the columns no reader read (unless `warn_unknown` is False)
+    and for an optional column given in some rows only (`PartialColumns`). Every column reader runs through it."""
+    unknown: dict[str, int] = {}
+    partial = PartialColumns(tuple(c for c in DEFAULTED if c in known))
+
+    def checked(row: dict, where: str) -> Any:
+        check_columns(row, where, known, unknown)
+        record = convert(row, where)
+        partial.add(row, where)
+        return record
+
+    out = collect(iter_rows(source, split), checked, on_invalid, name=name)
+    if warn_unknown:
+        warn_ignored(source, unknown)
+    partial.warn(source)
+    return out
+
+
 def _reader(convert):
     known = COLUMNS[convert.__name__.strip("_")]
 
     def read(source: Any, *, kind: str | None = None, on_invalid: str = "raise", split: str | None = None) -> list:
-        unknown: dict[str, int] = {}
-        partial = PartialColumns(tuple(c for c in DEFAULTED if c in known))
-
-        def checked(row: dict, where: str) -> Any:
-            check_columns(row, where, known, unknown)
-            record = convert(row, where)
-            partial.add(row, where)
-            return record
-
-        out = collect(iter_rows(source, split), checked, on_invalid, name=str(source)[:80])
-        if convert is not _prompt:
-            warn_ignored(source, unknown)
-        partial.warn(source)
-        return out
+        return read_checked(source, split, convert, known, on_invalid, name=str(source)[:80],
+                            warn_unknown=convert is not _prompt)
     read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."
     return read
 
