@@ -125,3 +125,47 @@ def test_oasst_sample_tokenizes_with_chat_template(tokenizer):
     out, stats = tokenize_records(recs, tokenizer, max_length=512, max_prompt_length=256)
     assert stats.total == len(recs) and stats.kept + sum(stats.dropped.values()) == len(recs)
     assert all(len(f["chosen_input_ids"]) <= 512 and len(f["rejected_input_ids"]) <= 512 for f in out)
+
+
+def test_a_chat_template_refusing_a_record_is_a_data_error_naming_it(tokenizer):
+    """A template's own refusal (`raise_exception`: Gemma's 'System role not supported', Llama-2's alternating
+    roles) escaped as jinja2's TemplateError: the CLI printed 'unexpected error ... please report it' (exit 1) and
+    named no record. Now a DataError naming the record, the template's reason and the fix, with or without the
+    direct renderer (a conversation without a system message still works)."""
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + tokenizer.chat_template)
+    system = [{"role": "system", "content": "Be brief."}] + CONV
+    ok = SFTRecord(CONV, "Hello", id="ok.jsonl:1")
+    for recs in ([SFTRecord(system, "Hello", id="data.jsonl:2")], [ok, SFTRecord(system, "Hello", id="data.jsonl:2")]):
+        with pytest.raises(DataError, match=r"^data\.jsonl:2: formatter 'chat-template': the chat template of .* "
+                                            r"refuses this conversation \(System role not supported\); .*first user"):
+            tokenize_records(recs, tok)
+    with pytest.raises(DataError, match=r"^p:1: .*System role not supported"):
+        tokenize_records([PromptRecord(system, id="p:1")], tok)  # generation prompts too
+    (f,), _ = tokenize_records([ok], tok)
+    assert f["input_ids"] == ids(tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n")
+
+
+def test_a_system_message_the_template_drops_is_counted_and_warned(tokenizer, caplog):
+    """A chat template that renders only user and assistant turns (Gemma-like, here with `continue` on system)
+    dropped a record's system message without a word: the model never read the instruction the data gave it. Now
+    the records are kept (the template's choice, the same at inference) and counted, with one warning naming
+    them and the fix; a template that renders the system message (the tiny ChatML one) counts nothing."""
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    system = [{"role": "system", "content": "Answer in French."}] + CONV
+    recs = [SFTRecord(system, "Bonjour", id="d.jsonl:1"), SFTRecord(CONV, "Hello", id="d.jsonl:2"),
+            PreferenceRecord(system, "Bonjour", "Hello", id="d.jsonl:3"), PromptRecord(system, id="d.jsonl:4")]
+    with caplog.at_level(logging.WARNING):
+        out, stats = tokenize_records(recs, tok)
+    assert len(out) == 4 and out[0]["input_ids"] == ids(tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+                                                             "Bonjour<|im_end|>\n")  # rendered without it
+    assert stats.system_unrendered == 3 and stats.system_unrendered_ids == ["d.jsonl:1", "d.jsonl:3", "d.jsonl:4"]
+    assert "3 record(s) have a system message the formatter" in caplog.text and "first user message" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, stats = tokenize_records(recs, tokenizer)
+    assert stats.system_unrendered == 0 and not caplog.text

@@ -78,9 +78,32 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
     p, c = as_messages(prompt, completion)
     renderer = _RENDERER.get()
     render = renderer.render if renderer is not None and renderer.serves(tokenizer, p + c) else _apply_chat_template
-    prompt_text = render(tokenizer, p, True)
-    full = render(tokenizer, p + c, False) if c else None
+    try:
+        prompt_text = render(tokenizer, p, True)
+        full = render(tokenizer, p + c, False) if c else None
+    except Exception as e:  # the template's own refusal (raise_exception): a DataError the caller names the record in
+        if not any(c.__name__ == "TemplateError" and c.__module__.startswith("jinja2") for c in type(e).__mro__):
+            raise  # jinja2's TemplateError and its kinds (jinja2 comes with transformers, not imported here)
+        raise DataError(f"formatter 'chat-template': the chat template of {tokenizer_name(tokenizer)} refuses this "
+                        f"conversation ({e}); change the record's messages to what the template takes (e.g. roles "
+                        f"alternating user/assistant, a system message folded into the first user message), or "
+                        f"use data.formatter=oasst") from None
     return Formatted(prompt_text, full, add_special_tokens=False, ends_turn=True)
+
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+def unrendered_system(prompt: Prompt, text: str) -> bool:
+    """Whether the conversation `prompt` has a system (or developer) message whose text is not in `text`, its
+    rendering: a chat template that renders only user and assistant turns drops it, and the model never reads it."""
+    return isinstance(prompt, list) and any(m["role"] in SYSTEM_ROLES and m["content"].strip()
+                                            and m["content"].strip() not in text for m in prompt)
+
+
+def tokenizer_name(tokenizer: Any) -> str:
+    """The tokenizer's folder or hub name (its class name when it has none), for messages."""
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
 def _apply_chat_template(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
@@ -177,9 +200,8 @@ def check_generation_prompt(tokenizer: Any) -> None:
         return
     at = full.find(_HEADER_PROBE)
     if with_prompt == without and at >= 0 and full.startswith(with_prompt) and full[len(with_prompt):at].strip():
-        raise DataError(f"formatter 'chat-template': the chat template of the tokenizer "
-                        f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} writes "
-                        f"{full[len(with_prompt):at]!r} before an assistant turn but nothing for "
+        raise DataError(f"formatter 'chat-template': the chat template of the tokenizer {tokenizer_name(tokenizer)} "
+                        f"writes {full[len(with_prompt):at]!r} before an assistant turn but nothing for "
                         f"add_generation_prompt=True, so that header would be trained as part of every completion "
                         f"and be missing from generation prompts; add {{% if add_generation_prompt %}}"
                         f"{full[len(with_prompt):at]!r}{{% endif %}} at the end of the template (chat_template.jinja "

@@ -95,7 +95,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
             continue
         for k in out:
             out[k].append(f[k])
-    if stats.dropped:
+    if stats.warns:
         logger.warning("%s: %s", name, stats.summary())
     return out
 

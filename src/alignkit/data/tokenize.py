@@ -82,6 +82,8 @@ class TokenizeStats:
     completion_truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     dropped_ids: dict = field(default_factory=dict)  # reason -> first ids (up to 5)
+    system_unrendered: int = 0  # records whose system message the formatter did not render (`unrendered_system`)
+    system_unrendered_ids: list = field(default_factory=list)  # their first ids (up to 5)
 
     def drop(self, reason: str, rid: str) -> None:
         self.dropped[reason] += 1
@@ -89,11 +91,25 @@ class TokenizeStats:
         if len(self.dropped_ids[reason]) < 5:
             self.dropped_ids[reason].append(rid)
 
+    def note_system_unrendered(self, rid: str) -> None:
+        self.system_unrendered += 1
+        if len(self.system_unrendered_ids) < 5:
+            self.system_unrendered_ids.append(rid)
+
+    @property
+    def warns(self) -> bool:
+        """Whether `summary` reports something to warn about (dropped records, system messages not rendered)."""
+        return bool(self.dropped) or self.system_unrendered > 0
+
     def summary(self) -> str:
         s = (f"tokenized {self.kept}/{self.total} record(s); prompt truncated: {self.prompt_truncated}, "
              f"completion truncated: {self.completion_truncated}")
         for reason, n in self.dropped.items():
             s += f"; dropped {n} ({reason}), e.g. {self.dropped_ids[reason]}"
+        if self.system_unrendered:
+            s += (f"; {self.system_unrendered} record(s) have a system message the formatter (data.formatter: the "
+                  f"chat template) does not render, so the model never reads it, e.g. {self.system_unrendered_ids}: "
+                  f"fold it into the first user message, or use a template that renders system messages")
         return s
 
 
@@ -389,25 +405,31 @@ def prompt_mask(prompt: Prompt, prompt_ids: list[int], tokenizer: Any, cfg: Toke
 
 
 def tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats: TokenizeStats | None = None) -> dict:
-    """One record -> a dict of token lists (keys in the module docstring). Raises `Unfit` or `DataError`."""
-    stats = stats if stats is not None else TokenizeStats()
+    """One record -> a dict of token lists (keys in the module docstring). Raises `Unfit` or `DataError` (naming the
+    record: a formatter's error, e.g. a chat template refusing the conversation, does not know it)."""
+    try:
+        return _tokenize_record(record, tokenizer, cfg, stats if stats is not None else TokenizeStats())
+    except DataError as e:
+        if not record.id or str(e).startswith(record.id):
+            raise
+        raise DataError(f"{record.id}: {e}") from None
+
+
+def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats: TokenizeStats) -> dict:
+    comps = _completions(record)
+    if not comps:
+        raise DataError(f"cannot tokenize a {type(record).__name__}; expected one of the alignkit.data.records classes")
     base = {"weight": record.weight, "id": record.id}
+    f = _format(record.prompt, comps[0], tokenizer, cfg.formatter)
+    if chat.unrendered_system(record.prompt, f.prompt):
+        stats.note_system_unrendered(record.id)
     if isinstance(record, PromptRecord):
-        f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
         limit = cfg.max_prompt_length if cfg.max_prompt_length is not None else cfg.max_length
         if limit is not None and len(ids) > limit:
             ids = ids[len(ids) - limit:]
             stats.prompt_truncated += 1
         return {"prompt_input_ids": ids, "length": len(ids), "prompt": record.prompt, **base}
-    if isinstance(record, (SFTRecord, UnpairedRecord)):
-        comps = [record.completion]
-    elif isinstance(record, PreferenceRecord):
-        comps = [record.chosen, record.rejected]
-    elif isinstance(record, RankedRecord):
-        comps = list(record.responses)
-    else:
-        raise DataError(f"cannot tokenize a {type(record).__name__}; expected one of the alignkit.data.records classes")
     full_prompt_ids, comp_ids = encode(record.prompt, comps, tokenizer, cfg, record.id)
     prompt_ids, comp_ids = truncate(full_prompt_ids, comp_ids, cfg, stats)
     seqs = [_seq(prompt_ids, c) for c in comp_ids]
@@ -515,7 +537,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
         cached = _read_cache(Path(cache_dir), key)
         if cached is not None:
             logger.info("tokenized features read from the cache (%s)", Path(cache_dir) / f"{key}.jsonl")
-            (logger.warning if cached[1].dropped else logger.info)("%s", cached[1].summary())
+            (logger.warning if cached[1].warns else logger.info)("%s", cached[1].summary())
             return cached
     stats = TokenizeStats(total=len(records))
     out = []
@@ -534,7 +556,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
         finally:
             _BATCH.reset(token)
     stats.kept = len(out)
-    (logger.warning if stats.dropped else logger.info)("%s", stats.summary())
+    (logger.warning if stats.warns else logger.info)("%s", stats.summary())
     if key is not None:
         _write_cache(Path(cache_dir), key, out, stats)
     return out, stats
