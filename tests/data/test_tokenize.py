@@ -169,3 +169,19 @@ def test_a_system_message_the_template_drops_is_counted_and_warned(tokenizer, ca
     with caplog.at_level(logging.WARNING):
         _, stats = tokenize_records(recs, tokenizer)
     assert stats.system_unrendered == 0 and not caplog.text
+
+
+@pytest.mark.parametrize("key, value", [("max_prompt_length", 0), ("max_prompt_length", -2), ("max_length", 0),
+                                        ("max_length", 2.5)])
+def test_a_length_limit_below_one_is_refused_naming_the_key(tokenizer, key, value):
+    """max_prompt_length=0 kept `prompt_ids[len - 0:]`, no prompt token: every completion trained with no prompt
+    and generation prompts were empty, exit 0 (the CLI's bounds refuse it; TokenizeConfig and the trainers' keyword
+    did not). Now a DataError naming the key, from TokenizeConfig itself (so a trainer refuses when built)."""
+    from alignkit.data import TokenizeConfig
+    with pytest.raises(DataError, match=rf"data\.{key} \(TokenizeConfig\.{key}.*>= 1, or None.*got {value}"):
+        tokenize_records([SFTRecord("0 1 2 3", " 4"), PromptRecord("0 1 2 3")], tokenizer, **{key: value})
+    with pytest.raises(DataError, match=rf"data\.{key}"):
+        TokenizeConfig(**{key: value})
+    (f, p), _ = tokenize_records([SFTRecord("0 1 2 3", " 4"), PromptRecord("0 1 2 3")], tokenizer,
+                                 max_prompt_length=1, max_length=None)  # the smallest limit keeps one token
+    assert p["prompt_input_ids"] == ids(tokenizer, "0 1 2 3")[-1:] and f["prompt_length"] == 1

@@ -26,7 +26,7 @@ from datasets import Dataset
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
 from alignkit.data.readers.rows import NamedRows
 from alignkit.data.records import RECORD_CLASSES, DataError, can_convert, convert
-from alignkit.data.tokenize import LOSS_ON, TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
+from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
                     reader_options: dict | None = None) -> tuple[Any, str]:
     """(tokenized dataset, record kind) from raw rows or records; see the module docstring. `kinds` are the
     record kinds the trainer takes, preferred first (the reward trainer takes "preference" or "ranked")."""
-    cfg = cfg if cfg is not None else TokenizeConfig()
-    if cfg.loss_on not in LOSS_ON:
-        raise DataError(f"loss_on: unknown value {cfg.loss_on!r}; valid: {', '.join(LOSS_ON)}")
+    cfg = cfg if cfg is not None else TokenizeConfig()  # loss_on and the length limits checked when it was built
     if is_tokenized(dataset):
         first = dataset[0] if len(dataset) else {}
         return dataset, feature_kind(first)

@@ -70,6 +70,19 @@ class TokenizeConfig:
     add_eos: bool | None = None
     loss_on: str = "all_assistant"  # SFT: "all_assistant" | "last_assistant" | "all" (module docstring)
 
+    def __post_init__(self) -> None:
+        """DataError naming the key: an unknown `loss_on`; a length limit below 1 (0 or less kept no prompt token,
+        `prompt_ids[len - 0:]`, so every completion trained with no prompt at all, and generation prompts were empty;
+        the CLI's bounds refuse these, a trainer built in Python did not)."""
+        if self.loss_on not in LOSS_ON:
+            raise DataError(f"data.loss_on (TokenizeConfig.loss_on): unknown value {self.loss_on!r}; valid: "
+                            f"{', '.join(LOSS_ON)}")
+        for key in ("max_length", "max_prompt_length"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"data.{key} (TokenizeConfig.{key}, the trainers' {key}): must be an integer >= 1, "
+                                f"or None for no limit; got {value!r}")
+
 
 LOSS_ON = ("all_assistant", "last_assistant", "all")
 
@@ -525,10 +538,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     if unknown:
         raise TypeError(f"unknown tokenize option(s) {sorted(unknown)}; valid: "
                         f"{', '.join(TokenizeConfig.__dataclass_fields__)}")
-    cfg = replace(cfg if cfg is not None else TokenizeConfig(), **overrides)
-    if cfg.loss_on not in LOSS_ON:
-        raise DataError(f"data.loss_on (TokenizeConfig.loss_on): unknown value {cfg.loss_on!r}; valid: "
-                        f"{', '.join(LOSS_ON)}")
+    cfg = replace(cfg if cfg is not None else TokenizeConfig(), **overrides)  # checked by its __post_init__
     if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
         logger.warning("max_prompt_length=%d >= max_length=%d: prompts may leave no room for completions",
                        cfg.max_prompt_length, cfg.max_length)
