@@ -185,3 +185,21 @@ def test_a_length_limit_below_one_is_refused_naming_the_key(tokenizer, key, valu
     (f, p), _ = tokenize_records([SFTRecord("0 1 2 3", " 4"), PromptRecord("0 1 2 3")], tokenizer,
                                  max_prompt_length=1, max_length=None)  # the smallest limit keeps one token
     assert p["prompt_input_ids"] == ids(tokenizer, "0 1 2 3")[-1:] and f["prompt_length"] == 1
+
+
+def test_prompts_plain_in_some_records_and_conversations_in_others_are_warned(tokenizer, caplog):
+    """With data.formatter=auto, a file mixing plain-text prompts and conversations was trained in two formats
+    (verbatim text for some rows, the chat template for the others) without a word. Now one warning with the
+    counts, the first record of each and the fix; one form alone, or an explicit formatter, says nothing."""
+    mixed = [SFTRecord("Hi", " Hello", id="m.jsonl:1"), SFTRecord(CONV, "Hello", id="m.jsonl:2"),
+             SFTRecord(CONV, "Hi", id="m.jsonl:3")]
+    with caplog.at_level(logging.WARNING):
+        out, _ = tokenize_records(mixed, tokenizer)
+    assert out[0]["input_ids"] == ids(tokenizer, "Hi Hello") + [tokenizer.eos_token_id]  # still trained as before
+    assert ("formats these records two ways: 2 as 'chat-template' (e.g. m.jsonl:2); 1 as 'plain' (e.g. m.jsonl:1)"
+            in caplog.text and "data.formatter=chat-template" in caplog.text)
+    for recs, kw in ((mixed[1:], {}), (mixed, {"formatter": "chat-template"})):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            tokenize_records(recs, tokenizer, **kw)
+        assert "two ways" not in caplog.text

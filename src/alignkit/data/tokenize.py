@@ -526,6 +526,24 @@ def _write_cache(folder: Path, key: str, feats: list[dict], stats: TokenizeStats
         logger.info("tokenization cache not written (%s)", e)
 
 
+def warn_mixed_formats(records: list[Record], formatter: str) -> None:
+    """One warning when `formatter` ("auto") formats the records two ways: a file whose prompts are plain text in
+    some rows and conversations in others trains the plain ones as verbatim text and the others through the chat
+    template, and the model learns two prompt formats where one was meant (most often a join or conversion that
+    missed some rows). The counts, the first record of each and the fix."""
+    first: dict[str, str] = {}
+    counts: Counter = Counter()
+    for r in records:
+        name = chat.resolved_formatter(r.prompt, formatter)
+        counts[name] += 1
+        first.setdefault(name, r.id or "?")
+    if len(counts) > 1:
+        logger.warning("data.formatter=%s formats these records two ways: %s; give every prompt the same form "
+                       "(all conversations, or all plain text), or set data.formatter=chat-template (a plain-text "
+                       "prompt is then one user turn)", formatter,
+                       "; ".join(f"{n} as {name!r} (e.g. {first[name]})" for name, n in sorted(counts.items())))
+
+
 def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig | None = None,
                      cache_dir: str | Path | None = None, **overrides: Any) -> tuple[list[dict], TokenizeStats]:
     """Tokenize every record; unfit ones are dropped, counted and logged (see `TokenizeStats.summary`).
@@ -542,6 +560,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     if cfg.max_length is not None and cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
         logger.warning("max_prompt_length=%d >= max_length=%d: prompts may leave no room for completions",
                        cfg.max_prompt_length, cfg.max_length)
+    warn_mixed_formats(records, cfg.formatter)
     key = cache_key(records, tokenizer, cfg) if cache_dir is not None else None
     if key is not None:
         cached = _read_cache(Path(cache_dir), key)
