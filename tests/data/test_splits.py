@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import pytest
 
-from alignkit.data import DataError, SFTRecord, parse_fractions, split_indices, split_records
+from alignkit.cli.data import read_splits
+from alignkit.data import DataError, SFTRecord, load_records, parse_fractions, split_indices, split_records
 from alignkit.data.splits import part_sizes
+from alignkit.settings import DataSettings
 
 
 def test_parse_fractions():
@@ -62,3 +68,58 @@ def test_groups_stay_together():
     assert [len(s) for s in seen] == part_sizes(7, [0.6, 0.4])
     with pytest.raises(DataError, match="no meta\\['lang'\\]"):
         split_records(recs, "6,4", group_by="lang")
+
+
+OASST_TREES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "oasst" / "oasst_en_trees_sample.jsonl"
+
+
+@pytest.mark.parametrize("kind", ["sft", "preference", "prompt"])
+def test_eval_fraction_keeps_each_oasst_tree_on_one_side(kind):
+    """data.eval_fraction split OASST records one by one: on the 40-tree sample every one of the ~20 evaluation
+    threads / pairs came from a tree also in training (17 of 20 SFT threads and 28 of 29 pairs with a prompt trained
+    on), so the evaluation measured memorised conversations, silently. Now a tree stays on one side."""
+    if not OASST_TREES.exists():
+        pytest.skip(f"OASST samples not found at {OASST_TREES} (CI puts shared/ beside the repo clone)")
+    ds = DataSettings(path=str(OASST_TREES), eval_fraction=0.1,
+                      reader_options={"prompts": "all"} if kind == "prompt" else {})
+    train, evals = read_splits(ds, kind)
+    trees = [{r.meta["tree_id"] for r in part} for part in (train, evals)]
+    assert evals and not trees[0] & trees[1]
+    assert len(train) + len(evals) == len(load_records(OASST_TREES, kind, **ds.reader_options))
+    assert len(trees[1]) == part_sizes(len(trees[0] | trees[1]), [0.9, 0.1])[1]  # 10 % of the trees (40 -> 4)
+
+
+def test_eval_fraction_keeps_the_pairs_of_one_prompt_on_one_side(tmp_path):
+    """Pairs made from one ranked record (K-choose-2: the same prompt and responses) were split apart; now records
+    sharing a prompt stay together. Data whose prompts are all distinct splits exactly as before (record by record)."""
+    rows = [{"prompt": f"question {i}", "responses": [f" best {i}", f" mid {i}", f" worst {i}"]} for i in range(20)]
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, evals = read_splits(DataSettings(path=str(path), eval_fraction=0.25, split_seed=3), "preference")
+    assert len(train) + len(evals) == 60 and len(evals) == 15  # 5 of the 20 prompts, 3 pairs each
+    assert not {r.prompt for r in train} & {r.prompt for r in evals}
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) + "\n" for i in range(30)))
+    train, evals = read_splits(DataSettings(path=str(sft), eval_fraction=0.2, split_seed=7), "sft")
+    want = split_records(load_records(sft, "sft"), [0.8, 0.2], seed=7)  # the record-by-record split
+    assert [r.id for r in train] == [r.id for r in want[0]] and [r.id for r in evals] == [r.id for r in want[1]]
+
+
+def test_eval_path_records_also_in_the_training_data_are_warned(tmp_path, caplog):
+    """data.eval_path holding records of data.path (the same file twice, or a slice of it) evaluated the run on
+    what it trained on, without a word. Now one warning with the count and the first ids; a disjoint file says
+    nothing."""
+    rows = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(6)]
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    held.write_text("".join(json.dumps(r) + "\n" for r in [rows[1], rows[4], rows[3], rows[5]]))
+    with caplog.at_level(logging.WARNING):
+        _, evals = read_splits(DataSettings(path=str(train), eval_path=str(held)), "sft")
+    assert len(evals) == 4
+    assert f"2 of 4 evaluation record(s) are also in data.path (same prompt and responses), e.g. {held}:1, {held}:3" \
+        in caplog.text
+    caplog.clear()
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    with caplog.at_level(logging.WARNING):
+        read_splits(DataSettings(path=str(train), eval_path=str(held)), "sft")
+    assert "also in data.path" not in caplog.text

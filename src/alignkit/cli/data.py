@@ -4,6 +4,8 @@ on-disk tokenization cache)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from importlib.resources import files
@@ -12,6 +14,7 @@ from typing import Any
 
 from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_records, split_records, tokenize_records
 from alignkit.data.readers.rows import has_splits, looks_like_hub_id
+from alignkit.data.splits import source_group
 from alignkit.data.records import DataError
 from alignkit.settings import ConfigError, DataSettings
 
@@ -59,16 +62,38 @@ def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
     if ds.max_records is not None:
         records = records[:ds.max_records]
     evals = read_records(ds.eval_path, ds, kind, ds.eval_split, "data.eval_path", inherited_split=ds.split)
+    warn_trained_evals(records, evals)
     if ds.eval_path is None and ds.eval_fraction > 0:
         if not 0 < ds.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in (0, 1), got {ds.eval_fraction}")
-        n = len(records)
-        records, evals = split_records(records, [1 - ds.eval_fraction, ds.eval_fraction], seed=ds.split_seed)
+        n, groups = len(records), len({source_group(r) for r in records})
+        records, evals = split_records(records, [1 - ds.eval_fraction, ds.eval_fraction], seed=ds.split_seed,
+                                       group_by=source_group)  # no evaluation prompt (OASST tree) is trained on
         if not evals or not records:
             raise ConfigError(f"data.eval_fraction: {ds.eval_fraction} of {n} record(s) leaves "
-                              f"{'no evaluation' if not evals else 'no training'} record; set it so both parts get "
+                              f"{'no evaluation' if not evals else 'no training'} record (records sharing a prompt or "
+                              f"an OASST tree stay on one side: {groups} such group(s)); set it so both parts get "
                               "at least one record, set data.eval_fraction=0 (no evaluation) or give data.eval_path")
     return records, evals
+
+
+def _content(record: Any) -> str:
+    """A record's compared fields (prompt, responses, label, weight, ...; not its id or meta) as one string."""
+    return json.dumps([record.kind] + [getattr(record, f.name) for f in dataclasses.fields(record) if f.compare],
+                      sort_keys=True, default=str)
+
+
+def warn_trained_evals(records: list, evals: list) -> None:
+    """One warning when records of data.eval_path are also in data.path (the same prompt and responses: the same
+    file given twice, or an evaluation file cut from the training data): their metrics measure memorised data."""
+    if not evals:
+        return
+    trained = {_content(r) for r in records}
+    same = [r.id or "?" for r in evals if _content(r) in trained]
+    if same:
+        logger.warning("data.eval_path: %d of %d evaluation record(s) are also in data.path (same prompt and responses), "
+                       "e.g. %s: the evaluation measures data the run trains on; hold them out of data.path (or use "
+                       "data.eval_fraction, which keeps them apart)", len(same), len(evals), ", ".join(same[:3]))
 
 
 def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:

@@ -14,9 +14,10 @@ Items with equal keys (a group) always land in the same part. Two methods:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from alignkit.data.records import DataError, Record
 
@@ -79,11 +80,25 @@ def split_indices(keys: int | Sequence[Hashable], fractions: str | Sequence[floa
     return [sorted(p) for p in parts]
 
 
+def source_group(record: Record) -> Hashable:
+    """What keeps records together in a held-out split: their Open-Assistant tree (`meta["tree_id"]`, set by the OASST
+    readers) when they have one, else their prompt. The threads of one tree share its first turns and the pairs of
+    one ranked record share prompt and responses: split record by record, the evaluation part held records whose
+    prompt (and responses) were trained on, and its metrics measured memorised data."""
+    tree = record.meta.get("tree_id")
+    return ("tree", tree) if tree is not None else ("prompt", json.dumps(record.prompt, sort_keys=True))
+
+
 def split_records(records: Sequence[Record], fractions: str | Sequence[float], seed: int = 0,
-                  group_by: str | None = None, method: str = "permutation") -> list[list[Record]]:
-    """Split records into parts; `group_by` names a `meta` key (e.g. "tree_id") whose equal values stay together."""
+                  group_by: str | Callable[[Record], Hashable] | None = None,
+                  method: str = "permutation") -> list[list[Record]]:
+    """Split records into parts; `group_by` names a `meta` key (e.g. "tree_id") whose equal values stay together, or
+    is a function of the record giving its group (e.g. `source_group`). Records that are each their own group split
+    exactly as with `group_by=None`."""
     if group_by is None:
         keys: list[Hashable] = list(range(len(records)))
+    elif callable(group_by):
+        keys = [group_by(r) for r in records]
     else:
         missing = [r.id for r in records if group_by not in r.meta]
         if missing:
