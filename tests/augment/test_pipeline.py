@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from alignkit.augment.pipeline import Filters, augment
-from alignkit.augment.strategies import ParaphraseOptions, Source
+from alignkit.augment.strategies import CodeBugsOptions, ParaphraseOptions, Source
 
 
 class Stub:
@@ -69,3 +69,20 @@ def test_summarize_drops_a_document_an_empty_summary_would_cut_short():
     assert llm.asked[2].endswith("A.\n\nB.")
     llm = Replies("A.", "B.", "AB.")
     assert [(c.drop, c.record["completion"]) for c in summarize([doc], Context(llm), opt)] == [(None, "AB.")]
+
+
+def test_code_bugs_differing_by_an_operator_are_not_duplicates(tmp_path):
+    """De-duplication folds punctuation (prose near-duplicates), and for code that made every comparison flip of a
+    snippet (`x < lo` -> `x >= lo`, `x > hi` -> `x <= hi`) the 'duplicate' of the first: distinct bugs dropped under
+    a wrong reason. code_bugs now compares exact text: both flips are written; the same snippet given twice is
+    still a duplicate."""
+    code = "def clamp(x, lo, hi):\n    if x < lo:\n        return lo\n    if x > hi:\n        return hi\n    return x\n"
+    opts = CodeBugsOptions(mutations=["flip_comparison"])
+    res = augment([Source("f.py:1", {"code": code}, "py")], "code_bugs", opts, None, Filters(), tmp_path / "a.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert (res.written, res.dropped) == (2, {})
+    assert [(r["meta"]["before"], r["meta"]["after"], r["meta"]["line"]) for r in rows] == [("<", ">=", 2),
+                                                                                           (">", "<=", 4)]
+    twice = [Source("f.py:1", {"code": code}, "py"), Source("g.py:1", {"code": code}, "py")]
+    res = augment(twice, "code_bugs", opts, None, Filters(), tmp_path / "b.jsonl")
+    assert (res.written, res.dropped) == (2, {"duplicate": 2})

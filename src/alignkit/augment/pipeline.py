@@ -8,7 +8,8 @@
 Each output line is an alignkit record (the `prompt-completion` or `preference` reader reads it) plus
 `meta`: {"strategy", "source" (file:line or file:first line of the snippet), "model" (the LLM's name; null
 for code_bugs), ...the strategy's own provenance}. De-duplication is on the normalised record text
-(lowercase, punctuation and runs of whitespace folded), first occurrence kept.
+(lowercase, punctuation and runs of whitespace folded; exact text for code_bugs, whose records differ by an operator),
+first occurrence kept.
 
 `concurrency` (> 1: an OpenAI-compatible endpoint only) sends up to that many requests at once; the candidates
 come back in input order (`Context.map`), so the file written is the sequential run's. The records are written
@@ -102,6 +103,7 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
                          f"request(s) at a time; set concurrency {limit}")
     check_columns(sources, options)
     model = getattr(llm, "name", None) if spec.needs_llm else None
+    norm = str if spec.exact_dedup else _norm  # code: punctuation is meaning (a flipped `<` is another bug)
     dropped: Counter = Counter()
     seen: set[str] = set()
     rows: list[dict] = []
@@ -110,7 +112,7 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
         n += 1
         reason = cand.drop or _length_problem(cand, filters)
         if reason is None and filters.dedup:
-            key = "\x00".join(_norm(str(cand.record.get(k, ""))) for k in TEXT_KEYS)
+            key = "\x00".join(norm(str(cand.record.get(k, ""))) for k in TEXT_KEYS)
             reason = "duplicate" if key in seen else None
             seen.add(key)
         if reason is not None:

@@ -514,10 +514,13 @@ class Strategy:
     options: type
     needs_llm: bool
     output: str  # record kind written: "sft", or "sft or preference" (code_bugs' options.output)
+    # de-duplication compares exact text (code: `x < lo` and `x >= lo` are different records), not the
+    # case- and punctuation-folded text that catches prose near-duplicates
+    exact_dedup: bool = False
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("code_bugs", code_bugs, CodeBugsOptions, False, "sft or preference"),
+    Strategy("code_bugs", code_bugs, CodeBugsOptions, False, "sft or preference", exact_dedup=True),
     Strategy("paraphrase", paraphrase, ParaphraseOptions, True, "sft"),
     Strategy("instructions", instructions, InstructionsOptions, True, "sft"),
     Strategy("summarize", summarize, SummarizeOptions, True, "sft"),
