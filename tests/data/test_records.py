@@ -8,6 +8,7 @@ from alignkit.data import (DataError, PreferenceRecord, PromptRecord, RankedReco
                            convert, ranked_to_pairs, to_conversational)
 
 CONV = [{"role": "user", "content": "Hi"}]
+ASSISTANT = {"role": "assistant", "content": "Hello"}
 
 
 def test_conversational_normalisation():
@@ -27,6 +28,12 @@ def test_conversational_normalisation():
     (lambda: PromptRecord("", id="f:5"), "f:5: 'prompt' is empty"),
     (lambda: SFTRecord([], "a", id="f:6"), "f:6: 'prompt' must be a string or a non-empty list"),
     (lambda: SFTRecord("p", "a", weight=float("nan"), id="f:7"), "f:7: 'weight' must be a finite number >= 0"),
+    # a response repeating the whole conversational prompt (TRL rows with a 'prompt' column AND full conversations in
+    # chosen / rejected): the prompt was read twice and its copy trained on, silently
+    (lambda: PreferenceRecord(CONV, CONV + [ASSISTANT], [ASSISTANT], id="f:8"),
+     r"f:8: 'chosen' starts with the whole prompt \(1 message\(s\)\), so the model would read the prompt twice"),
+    (lambda: SFTRecord(CONV, CONV + [ASSISTANT], id="f:9"), "f:9: 'completion' starts with the whole prompt"),
+    (lambda: RankedRecord(CONV, [[ASSISTANT], CONV + [ASSISTANT]], id="f:10"), "f:10: 'responses.1.' starts with"),
 ])
 def test_validation_errors(make, message):
     with pytest.raises(DataError, match=message):
@@ -50,3 +57,23 @@ def test_convert_views():
     assert convert([RankedRecord("Q", ["x", "y"])], "sft") == [SFTRecord("Q", "x")]
     with pytest.raises(DataError, match="p: cannot turn a 'sft' record into 'preference'"):
         convert([SFTRecord("Q", "x", id="p")], "preference")
+
+
+def test_a_response_repeating_the_prompt_is_refused_at_its_row(tmp_path):
+    """The TRL-style file that meets it: a 'prompt' column beside chosen / rejected conversations that still hold
+    the prompt. The read stops at the row, naming it and the fix; without the prompt column the same conversations
+    are read with their shared first turn as the prompt (the preference-implicit reader), and a response that only
+    follows the prompt is fine."""
+    import json
+
+    from alignkit.data import load_records
+    row = {"prompt": CONV, "chosen": CONV + [ASSISTANT], "rejected": CONV + [{"role": "assistant", "content": "Go"}]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:1: 'chosen' starts with the whole prompt .*remove the 'prompt' column"):
+        load_records(path)
+    path.write_text(json.dumps({k: v for k, v in row.items() if k != "prompt"}) + "\n")
+    (r,) = load_records(path)
+    assert (r.prompt, r.chosen, r.rejected) == (CONV, [ASSISTANT], [{"role": "assistant", "content": "Go"}])
+    follow = [ASSISTANT, {"role": "user", "content": "Hi"}, ASSISTANT]  # a response may itself hold later turns
+    assert SFTRecord(CONV, follow).completion == follow

@@ -81,6 +81,11 @@ def _check_response(resp: Any, prompt: Prompt, rid: str, key: str) -> Completion
     if isinstance(prompt, str):
         raise DataError(f"{_where(rid)}: {key!r} is a conversation but the prompt is plain text; make both "
                         f"conversations (prompt=[{{'role': 'user', 'content': ...}}]) or both strings")
+    if len(msgs) > len(prompt) and msgs[:len(prompt)] == prompt:
+        raise DataError(f"{_where(rid)}: {key!r} starts with the whole prompt ({len(prompt)} message(s)), so the model "
+                        f"would read the prompt twice and be trained on the copy inside {key!r}; drop the prompt's "
+                        f"messages from {key!r} (a response holds only what follows the prompt), or for chosen / "
+                        f"rejected pairs remove the 'prompt' column (their shared leading messages become the prompt)")
     return msgs
 
 
