@@ -53,6 +53,23 @@ def test_phase_split_properties(method):
             assert abs(s - n * f) < 4 * (n * f * (1 - f)) ** 0.5
 
 
+@pytest.mark.parametrize("method", ["permutation", "hash"])
+def test_a_part_left_empty_is_warned(method, caplog):
+    """Two items split "2,4,4" (largest remainder: 0.4, 0.8, 0.8 -> 0, 1, 1) gave the first phase nothing without a
+    word. Now one warning naming the empty part(s); a split where every part gets an item says nothing."""
+    with caplog.at_level(logging.WARNING):
+        parts = split_indices(2, "2,4,4", seed=0, method=method)
+    empty = [str(p) for p, idx in enumerate(parts) if not idx]
+    assert empty and f"part(s) {', '.join(empty)} get no item although their share is > 0" in caplog.text
+    if method == "permutation":
+        assert [len(p) for p in parts] == [0, 1, 1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        split_indices(10, "2,4,4", seed=0)
+        split_indices(10, "5,0,5", seed=0)  # a share of 0 asked for nothing
+    assert "get no item" not in caplog.text
+
+
 def test_hash_split_is_stable_when_data_grows():
     keys = [f"k{i}" for i in range(200)]
     small = split_indices(keys[:100], "5,5", seed=1, method="hash")

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 from typing import Callable, Hashable, Sequence
 
 from alignkit.data.records import DataError, Record
+
+logger = logging.getLogger(__name__)
 
 
 def parse_fractions(spec: str | Sequence[float]) -> list[float]:
@@ -77,6 +80,11 @@ def split_indices(keys: int | Sequence[Hashable], fractions: str | Sequence[floa
     parts: list[list[int]] = [[] for _ in fr]
     for k, idx in groups.items():
         parts[part_of[k]].extend(idx)
+    empty = [p for p, f in enumerate(fr) if f > 0 and not parts[p]]
+    if empty:  # asked for a share, got nothing: too few items (groups) for the fractions; the caller's phase is empty
+        logger.warning("split %r of %d item(s) in %d group(s): part(s) %s get no item although their share is > 0; "
+                       "give more data or fewer / larger parts", fractions, len(keys), len(groups),
+                       ", ".join(map(str, empty)))
     return [sorted(p) for p in parts]
 
 
