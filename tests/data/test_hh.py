@@ -47,6 +47,12 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match=r"hh\.jsonl:2: 'chosen' and 'rejected' differ before"):
         load_records(f)
     assert len(load_records(f, on_invalid="skip")) == 1
+    # a dialogue ending on a Human turn after the last reply: that turn was trained as part of the reply (its
+    # "Human: ..." text inside the assistant message), exit 0
+    f.write_text(json.dumps({"chosen": p + " hello\n\nHuman: thanks", "rejected": p + " hey"}) + "\n")
+    with pytest.raises(DataError, match=r"hh\.jsonl:1: 'chosen' ends on a 'Human:' turn after its last 'Assistant:' "
+                                        r"reply, which would be trained as part of the reply"):
+        load_records(f)
 
 
 def test_margin_is_read_and_a_misspelled_or_unread_column_is_not_silent(tmp_path, caplog):

@@ -44,6 +44,10 @@ def split_hh(text: str, where: str, key: str) -> tuple[str, str]:
     cut += len(ASSISTANT)
     if not text[cut:].strip():
         raise DataError(f"{where}: {key!r} has an empty final assistant reply; drop the row or pass on_invalid='skip'")
+    if HUMAN in text[cut:]:  # else the Human turn after the last reply was trained as part of that reply
+        raise DataError(f"{where}: {key!r} ends on a {HUMAN.strip()!r} turn after its last {ASSISTANT.strip()!r} "
+                        f"reply, which would be trained as part of the reply; cut the trailing Human turn, or drop the "
+                        f"row (on_invalid='skip')")
     return text[:cut], text[cut:]
 
 
