@@ -94,11 +94,16 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
 SYSTEM_ROLES = ("system", "developer")
 
 
+def system_messages(prompt: Prompt) -> list[str]:
+    """The non-blank texts of the system (or developer) messages of a conversational prompt (none for plain text)."""
+    return [m["content"].strip() for m in prompt if m["role"] in SYSTEM_ROLES and m["content"].strip()] \
+        if isinstance(prompt, list) else []
+
+
 def unrendered_system(prompt: Prompt, text: str) -> bool:
     """Whether the conversation `prompt` has a system (or developer) message whose text is not in `text`, its
     rendering: a chat template that renders only user and assistant turns drops it, and the model never reads it."""
-    return isinstance(prompt, list) and any(m["role"] in SYSTEM_ROLES and m["content"].strip()
-                                            and m["content"].strip() not in text for m in prompt)
+    return any(t not in text for t in system_messages(prompt))
 
 
 def tokenizer_name(tokenizer: Any) -> str:

@@ -433,10 +433,11 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     if not comps:
         raise DataError(f"cannot tokenize a {type(record).__name__}; expected one of the alignkit.data.records classes")
     base = {"weight": record.weight, "id": record.id}
-    f = _format(record.prompt, comps[0], tokenizer, cfg.formatter)
-    if chat.unrendered_system(record.prompt, f.prompt):
+    if chat.system_messages(record.prompt) and chat.unrendered_system(
+            record.prompt, _format(record.prompt, comps[0], tokenizer, cfg.formatter).prompt):
         stats.note_system_unrendered(record.id)
     if isinstance(record, PromptRecord):
+        f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
         limit = cfg.max_prompt_length if cfg.max_prompt_length is not None else cfg.max_length
         if limit is not None and len(ids) > limit:
