@@ -140,3 +140,24 @@ def test_eval_path_records_also_in_the_training_data_are_warned(tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         read_splits(DataSettings(path=str(train), eval_path=str(held)), "sft")
     assert "also in data.path" not in caplog.text
+
+
+def test_repeated_training_records_are_warned(tmp_path, caplog):
+    """A training file holding the same record twice (a file concatenated with itself, a join that duplicated rows)
+    trained each copy as a record of its own without a word. Now one warning with the count and the first repeats;
+    distinct records (the same prompt with another completion included) say nothing."""
+    from alignkit.cli.data import load_data
+    rows = [{"prompt": "q1", "completion": " a1"}, {"prompt": "q2", "completion": " a2"},
+            {"prompt": "q1", "completion": " a1"}, {"prompt": "q1", "completion": " other"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:2]))
+    with caplog.at_level(logging.WARNING):
+        train, _ = load_data(DataSettings(path=str(path)), "sft")
+    assert len(train) == 6  # still trained: the warning says what happens
+    assert f"data.path: 3 record(s) repeat an earlier record (same prompt and responses), e.g. {path}:3, {path}:5, " \
+           f"{path}:6" in caplog.text
+    caplog.clear()
+    path.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[1], rows[3]]))
+    with caplog.at_level(logging.WARNING):
+        load_data(DataSettings(path=str(path)), "sft")
+    assert "repeat an earlier record" not in caplog.text

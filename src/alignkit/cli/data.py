@@ -96,10 +96,27 @@ def warn_trained_evals(records: list, evals: list) -> None:
                        "data.eval_fraction, which keeps them apart)", len(same), len(evals), ", ".join(same[:3]))
 
 
+def warn_repeated(records: list, where: str) -> None:
+    """One warning when records repeat an earlier one (the same prompt and responses: a file concatenated twice, a
+    join that duplicated rows): each copy is trained on as a record of its own, so it weighs double."""
+    seen: set[str] = set()
+    repeated = []
+    for r in records:
+        key = _content(r)
+        if key in seen:
+            repeated.append(r.id or "?")
+        seen.add(key)
+    if repeated:
+        logger.warning("%s: %d record(s) repeat an earlier record (same prompt and responses), e.g. %s: each copy is "
+                       "trained on as a record of its own; de-duplicate the data if that is not meant", where,
+                       len(repeated), ", ".join(repeated[:3]))
+
+
 def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     """(train records, eval records) of `kind`; eval from `data.eval_path` or an `eval_fraction` split; pairs
     with nothing to prefer dropped (`drop_degenerate`)."""
     records, evals = read_splits(ds, kind)
+    warn_repeated(records, "data.path")
     records = drop_degenerate(records, "data.path")
     evals = drop_degenerate(evals, "data.eval_path" if ds.eval_path is not None else "evaluation split")
     check_weights(records, "data.path")
