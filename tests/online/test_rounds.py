@@ -109,3 +109,23 @@ def test_best_of_n_round_keeps_the_best_responses_as_sft(tiny_lm, tokenizer, tmp
 def test_annotate_before_sampling_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run sample_round first"):
         annotate_round(tmp_path, {"type": "function", "fn": length_score})
+
+
+
+def test_new_samples_do_not_keep_records_of_the_old_ones(tiny_lm, tokenizer, tmp_path):
+    """Sampling a round again (overwrite) left records.jsonl and its manifest entry from the OLD samples: the next
+    annotation kept them as complete (records of responses no longer in samples.jsonl, exit 0). Now new samples
+    remove the annotation made from the old ones, and the round is annotated again."""
+    model = tiny_lm("llama")
+    fn = {"type": "function", "fn": length_score}
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+    annotate_round(tmp_path, fn, "best_worst")
+    old = {s.response for s in read_samples(tmp_path / SAMPLES_FILE)}
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SamplingConfig(num_samples=3, max_new_tokens=4, seed=6),
+                 overwrite=True)
+    assert not (tmp_path / RECORDS_FILE).exists() and set(read_manifest(tmp_path)) == {"samples"}
+    annotate_round(tmp_path, fn, "best_worst")  # not overwrite: redone, since the old annotation is gone
+    responses = {s.response for s in read_samples(tmp_path / SAMPLES_FILE)}
+    assert responses != old, "the test needs the second sampling to differ"
+    records = load_records(str(tmp_path / RECORDS_FILE))
+    assert records and all(r.chosen in responses and r.rejected in responses for r in records)

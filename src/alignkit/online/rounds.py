@@ -12,7 +12,8 @@ Each stage reads and writes files, so annotation can run as a separate job (anot
 Crash safety: every file is written to a temporary name in the same folder, flushed, fsynced and renamed
 over the target (`os.replace` is atomic), data file first, manifest entry last. A stage is complete when
 its data file AND its manifest entry exist; a complete stage is not redone (resume), an incomplete one is
-redone from scratch (`overwrite=True` forces it).
+redone from scratch (`overwrite=True` forces it). New samples first remove the annotation made from the old
+ones (its manifest entry and records.jsonl), so the round is annotated again rather than kept as complete.
 
 Metrics per round (in the manifest and returned): reward/mean, reward/std, reward/min, reward/max,
 reward/valid, reward/failed, generation/response_length, generation/finish_*, the annotator's own
@@ -65,6 +66,20 @@ def _complete(round_dir: Path, key: str, file: str) -> bool:
     return (round_dir / file).is_file() and key in read_manifest(round_dir)
 
 
+def _forget_annotation(round_dir: Path) -> None:
+    """Before new samples are written: drop the annotation's manifest entry and records.jsonl, made from the samples
+    being replaced. Otherwise they stayed marked complete and `annotate` kept records of responses no longer in
+    samples.jsonl (exit 0)."""
+    manifest = read_manifest(round_dir)
+    if "annotation" in manifest:
+        del manifest["annotation"]
+        atomic_write_text(round_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    if (round_dir / RECORDS_FILE).is_file():
+        (round_dir / RECORDS_FILE).unlink()
+        logger.warning("%s: removed %s, made from the samples this run replaces; annotate the round again",
+                       round_dir, RECORDS_FILE)
+
+
 def record_to_row(r: Record) -> dict[str, Any]:
     """A record as the columns `alignkit.data` readers recognise (plus id and meta)."""
     row: dict[str, Any] = {"prompt": r.prompt}
@@ -101,6 +116,7 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
         logger.info("%s: complete, not sampled again", path)
         return path
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
+    _forget_annotation(folder)
     atomic_write_jsonl(path, (s.to_dict() for s in samples))
     _update_manifest(folder, "samples", {"file": SAMPLES_FILE, "count": len(samples), "prompts": len(prompts),
                                          "sampling": cfg.to_dict(), "metrics": generation_metrics(samples)})
