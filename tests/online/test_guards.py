@@ -9,6 +9,7 @@ import math
 import pytest
 
 from alignkit.guards import NonFiniteError
+from alignkit.online.annotators import Annotator
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.online.trainer import METRICS_FILE
@@ -85,3 +86,43 @@ def test_prompts_per_step_above_the_data_is_warned(tiny_dir, tokenizer, tmp_path
     assert said == ["prompts_per_step (method.prompts_per_step on the command line) is 8, and the data holds 4 "
                     "prompt(s): each step samples 4, so its batch is 8 sample(s), not 16; add prompts or lower "
                     "method.prompts_per_step"]
+
+
+class _Judge(Annotator):
+    """A pairwise judge (no pointwise scores) that prefers the longer response, or decides nothing."""
+
+    def __init__(self, decides: bool) -> None:
+        self.decides = decides
+
+    def annotate(self, prompts, responses, metas=None):
+        raise AssertionError("judge_pairs mode must not ask for pointwise scores")
+
+    def prefer_batch(self, prompts, a, b):
+        return [0 if self.decides and len(x) >= len(y) else (1 if self.decides else None) for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("feedback, annotator, kwargs, said", [
+    # judge pairs have no pointwise rewards (NaN): they were taken for flat groups, and a run that trained on
+    # every step's pairs warned "every prompt's samples got the same reward ... did not move the policy"
+    ("judge_pairs", _Judge(True), {"pairs_per_prompt": 2}, None),
+    ("judge_pairs", _Judge(False), {"pairs_per_prompt": 2}, "the judge decided none of its comparisons"),
+    # a margin no pair passes: every step trained nothing, without a word (the rewards did spread)
+    ("best_worst", {"type": "function", "fn": digit_fraction}, {"min_margin": 5.0},
+     "no prompt's samples differ in reward by more than method.feedback_kwargs.min_margin (5.0)"),
+])
+def test_online_dpo_steps_without_pairs_are_reported(tiny_dir, tokenizer, feedback, annotator, kwargs, said, caplog):
+    from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    model = toy_policy(tiny_dir("llama"), "lora")
+    cfg = OnlineDPOConfig(steps=2, prompts_per_step=2, sampling=SamplingConfig(num_samples=3, max_new_tokens=3),
+                          feedback=feedback, feedback_kwargs=kwargs)
+    with caplog.at_level("WARNING", logger="alignkit.online.trainer"):
+        history = OnlineDPOTrainer(model, tokenizer, PROMPTS, annotator, cfg).train()
+    said_lines = [r.getMessage() for r in caplog.records]
+    if said is None:
+        assert all(h["pairs"] > 0 for h in history) and said_lines == []
+    else:
+        assert [h["pairs"] for h in history] == [0.0, 0.0]
+        assert said_lines[0].startswith("step 1: no preference pair was formed: ") and said in said_lines[0]
+        assert said_lines[1:] == ["no step of this run formed a preference pair (pairs = 0 at all 2 step(s)): the "
+                                  "feedback did not move the policy"]
