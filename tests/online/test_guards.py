@@ -126,3 +126,28 @@ def test_online_dpo_steps_without_pairs_are_reported(tiny_dir, tokenizer, feedba
         assert said_lines[0].startswith("step 1: no preference pair was formed: ") and said in said_lines[0]
         assert said_lines[1:] == ["no step of this run formed a preference pair (pairs = 0 at all 2 step(s)): the "
                                   "feedback did not move the policy"]
+
+
+def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override(tiny_dir, tokenizer, tmp_path):
+    """A checkpoint's prompt order indexes its run's prompts: resumed over fewer prompts it died at the next step
+    with "IndexError: list index out of range", over others it ran them under the old order without a word; and a
+    changed learning_rate / kl_coef / seed was silently replaced by the checkpoint's optimizer / KL / RNG state.
+    Now one CheckpointError naming what differs; the same prompts and settings still resume."""
+    from alignkit.runs import CheckpointError
+
+    def trainer(prompts, steps=1, **kw):
+        cfg = GRPOConfig(steps=steps, prompts_per_step=2, save_steps=1, learning_rate=kw.pop("learning_rate", 1e-2),
+                         sampling=SamplingConfig(num_samples=2, max_new_tokens=2), **kw)
+        return GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, prompts,
+                           {"type": "function", "fn": digit_fraction}, cfg, output_dir=tmp_path)
+
+    trainer(PROMPTS).train()
+    ckpt = tmp_path / "checkpoints" / "checkpoint-1"
+    with pytest.raises(CheckpointError, match=r"written by a run over 4 prompt\(s\), this run has 2; "):
+        trainer(PROMPTS[:2], steps=2).train(resume_from_checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match=r"over 4 other prompt\(s\) \(or the same in another order\)"):
+        trainer(PROMPTS[::-1], steps=2).train(resume_from_checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="learning_rate: 0.01 in the checkpoint, 0.02 now; kl_coef: 0.05 in "
+                                              "the checkpoint, 0.1 now. The checkpoint's optimizer"):
+        trainer(PROMPTS, steps=2, learning_rate=2e-2, kl_coef=0.1).train(resume_from_checkpoint=ckpt)
+    assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # the same run: step 2 runs

@@ -175,6 +175,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,
                                      eval_prompts=held_out or None)
 
+    if plan.checkpoint is not None:  # a checkpoint of other prompts or restored settings: refused before writing
+        trainer.check_resume(plan.checkpoint)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)

@@ -9,9 +9,11 @@ RNGs, the KL controller and the reward moments.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,8 +30,18 @@ from alignkit.runs import CheckpointError, incomplete_reason, push_folder, stage
 logger = logging.getLogger(__name__)
 
 
+def prompts_fingerprint(prompts: list) -> dict[str, Any]:
+    """The count and a SHA-256 of the prompt records' prompts, in order: what a checkpoint's prompt order indexes."""
+    digest = hashlib.sha256(json.dumps([r.prompt for r in prompts], sort_keys=True, default=str).encode()).hexdigest()
+    return {"count": len(prompts), "sha256": digest}
+
+
 class Checkpoints:
     """Checkpoints, the saved model and its upload (see the module's docstring); a part of `OnlineTrainer`."""
+
+    # settings whose value a checkpoint's state replaces on resume (the optimizer's param groups, the KL
+    # controller's value, the RNGs): a resume that changes them would run with the checkpoint's values silently
+    RESTORED_SETTINGS = ("learning_rate", "weight_decay", "optimizer", "kl_coef", "kl_target", "seed")
 
     def _trainable(self) -> dict[str, Tensor]:
         """Every trainable tensor by name (policy, then extra modules such as PPO's value head), shared storage once."""
@@ -69,18 +81,46 @@ class Checkpoints:
                 version, internal, gauss = self._py_rng.getstate()
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
                          "kl_coef": float(self.kl_ctl.value), "num_tokens": self._num_tokens,
-                         "moments": [self.moments.count, self.moments.mean, self.moments.m2]}
+                         "moments": [self.moments.count, self.moments.mean, self.moments.m2],
+                         "prompts": prompts_fingerprint(self.prompts),
+                         "settings": {k: getattr(self.config, k) for k in self.RESTORED_SETTINGS}}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
         return folder
 
-    def load_checkpoint(self, folder: str | Path) -> int:
-        """Restore a `save_checkpoint` folder in place; returns the number of steps it had done."""
+    def check_resume(self, folder: str | Path) -> None:
+        """Refuse (`CheckpointError`, one line) to resume from `folder` when it is incomplete, or when this trainer's
+        prompts or `RESTORED_SETTINGS` differ from the run that wrote it: the saved prompt order indexes the old
+        prompts (fewer now: IndexError at the first step; others: other prompts under the old order), and the saved
+        optimizer / KL / RNG state would silently keep the old settings. Writes nothing; the CLI calls it before
+        the run folder is touched. Checkpoints written before these were recorded are not compared."""
         folder = Path(folder)
         reason = incomplete_reason(folder)
         if reason is not None:
             raise CheckpointError(f"resume: cannot resume from {folder}: {reason}")
+        state = json.loads((folder / "trainer_state.json").read_text())
+        saved, now = state.get("prompts"), prompts_fingerprint(self.prompts)
+        if saved is not None and saved != now:
+            what = (f"{saved['count']} prompt(s), this run has {now['count']}" if saved["count"] != now["count"]
+                    else f"{now['count']} other prompt(s) (or the same in another order)")
+            raise CheckpointError(f"resume: {folder} was written by a run over {what}; the checkpoint's prompt order "
+                                  "indexes its prompts. Resume with the same prompts (data.path, its contents, "
+                                  "data.max_records, data.eval_fraction / eval_path), or start a new run")
+        old = state.get("settings") or {}
+        changed = [(k, old[k], getattr(self.config, k)) for k in self.RESTORED_SETTINGS
+                   if k in old and old[k] != getattr(self.config, k)]
+        if changed:
+            shown = "; ".join(f"{k}: {v0!r} in the checkpoint, {v1!r} now" for k, v0, v1 in changed)
+            raise CheckpointError(f"resume: {folder}: {shown}. The checkpoint's optimizer, KL controller and random "
+                                  "state would keep the old value(s) silently; resume with the checkpoint's settings, "
+                                  "or start a new run")
+
+    def load_checkpoint(self, folder: str | Path) -> int:
+        """Restore a `save_checkpoint` folder in place (after `check_resume`); returns the number of steps it had
+        done."""
+        folder = Path(folder)
+        self.check_resume(folder)
         saved = load_file(str(folder / "trainable.safetensors"))
         live = self._trainable()
         if set(saved) != set(live):
@@ -135,4 +175,4 @@ class Checkpoints:
                            private=self.config.hub_private_repo, ignore_patterns=self.PUSH_IGNORE)
 
 
-__all__ = ["Checkpoints"]
+__all__ = ["Checkpoints", "prompts_fingerprint"]
