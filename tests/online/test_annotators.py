@@ -122,6 +122,30 @@ def test_function_errors_name_function_and_item(rewards_module):
         FunctionAnnotator(f"{rewards_module}:missing")
 
 
+def test_function_scores_beyond_float32_and_numpy_scalars():
+    """Rewards are kept in float32: a score of 1e39 (finite in Python, e.g. math.exp of a large value) became inf,
+    every statistic of its group NaN, and the run stopped blaming "the training loss" and a learning rate too
+    high. Now an AnnotatorError naming the function, the value and the item. And a numpy scalar (np.float32(0.5),
+    what numpy-based reward code returns; TRL takes it) was refused as "not a finite number"; now it is a score."""
+    np = pytest.importorskip("numpy")
+
+    def huge(prompt, response):
+        return 1e39 if response == "b" else 1.0
+
+    with pytest.raises(AnnotatorError, match=r"reward function .*huge: score 1e\+39 for item 1 is beyond float32's "
+                                             r"range \(\|score\| <= 3.4e\+38\), in which rewards are kept \(1 such "
+                                             r"item\(s\) of 2\); scale the reward down"):
+        FunctionAnnotator(huge).annotate(["p", "p"], ["a", "b"])
+    weighted = FunctionAnnotator([lambda p, r: 3e38, lambda p, r: 3e38])  # each fits, their sum does not
+    with pytest.raises(AnnotatorError, match="score 6e\+38 for item 0 is beyond float32's range"):
+        weighted.annotate(["p"], ["a"])
+
+    def numpy_score(prompt, response):
+        return np.float32(0.5) if response == "a" else np.int64(2)
+
+    assert FunctionAnnotator(numpy_score).annotate(["p", "p"], ["a", "b"]).values.tolist() == [0.5, 2.0]
+
+
 def test_pointwise_prefer_and_registry(rewards_module):
     ann = build_annotator({"type": "function", "fn": f"{rewards_module}:lengths", "batched": True})
     assert ann.prefer("p", "long answer", "short") == 0

@@ -30,6 +30,7 @@ import importlib
 import inspect
 import logging
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from alignkit.online.generation import SamplingConfig, generate_responses, model
 logger = logging.getLogger(__name__)
 
 ANNOTATORS = Registry("annotator")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FAILURE_POLICIES = ("skip", "default")
 
 
@@ -71,11 +73,19 @@ class Scores:
 
 
 def finalize_scores(raw: Sequence[float | None], on_failure: str, default_score: float | None,
-                    meta: list[dict] | None = None, metrics: dict[str, float] | None = None) -> Scores:
-    """Raw per-item scores (None = failed) -> `Scores`, applying the failure policy."""
+                    meta: list[dict] | None = None, metrics: dict[str, float] | None = None,
+                    who: str = "the annotator") -> Scores:
+    """Raw per-item scores (None = failed) -> `Scores`, applying the failure policy; a score float32 cannot hold
+    is an `AnnotatorError` naming `who` and the item."""
     failed = torch.tensor([r is None for r in raw], dtype=torch.bool)
     fill = float("nan") if on_failure == "skip" else float(default_score)
     values = torch.tensor([fill if r is None else float(r) for r in raw], dtype=torch.float32)
+    big = torch.isinf(values).nonzero().flatten().tolist()
+    if big:  # finite in Python, inf in float32: the group statistics became NaN and the loss was blamed
+        i = big[0]
+        what = f"default_score {default_score!r} (for failed item {i})" if raw[i] is None else f"{raw[i]!r} for item {i}"
+        raise AnnotatorError(f"{who}: score {what} is beyond float32's range (|score| <= {FLOAT32_MAX:.3g}), in "
+                             f"which rewards are kept ({len(big)} such item(s) of {len(raw)}); scale the reward down")
     return Scores(values, failed, meta if meta is not None else [{} for _ in raw], dict(metrics or {}))
 
 
@@ -223,7 +233,7 @@ def _as_score(value: Any, who: str, where: str) -> float | None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+    if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):  # numpy scalars too, as TRL
         raise AnnotatorError(f"{who} returned {value!r} for {where}; return a finite number (or None when the "
                              f"response cannot be scored)")
     return float(value)
@@ -395,7 +405,8 @@ class FunctionAnnotator(Annotator):
             metrics[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1))
                                               if len(ok) > 1 else float("nan"))
         metrics["function/failures"] = float(sum(r is None for r in raw))
-        return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics)
+        return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
+                               who=f"reward function {self.spec}")
 
     def describe(self) -> dict[str, Any]:
         out = {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure,
