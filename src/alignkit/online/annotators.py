@@ -142,8 +142,9 @@ class RewardModelAnnotator(Annotator):
     Text is built as the reward trainer builds it (`alignkit.data.tokenize`): `format_record(prompt, response)`'s
     full text, tokenized with the format's `add_special_tokens`, plus EOS when the format does not end the turn
     itself (`add_eos=None`; force with True/False). A sequence over `max_length` keeps its last tokens. Batches
-    are right-padded; the score is the model's own pooled logit (transformers pools at the rightmost non-pad
-    token). `device` may differ from the policy's.
+    are right-padded with the model config's `pad_token_id` (what transformers pools by: the rightmost token that
+    is not it), so a batch scores as one response at a time; a config without one scores one at a time (warned).
+    The score is the model's own pooled logit. `device` may differ from the policy's.
     """
 
     name = "reward_model"
@@ -166,6 +167,14 @@ class RewardModelAnnotator(Annotator):
         self.model.eval()
         self.tokenizer, self.batch_size, self.formatter = tokenizer, batch_size, formatter
         self.max_length, self.add_eos = max_length, add_eos
+        # transformers pools at the last token that is not the CONFIG's pad id: padding with another id (the
+        # tokenizer's) made it pool on a pad of every shorter row (other scores than one at a time, silently), and
+        # a config without one cannot pool a padded batch at all (ValueError at the first annotation)
+        self.pad_id = getattr(model.config, "pad_token_id", None)
+        if self.pad_id is None and batch_size > 1:
+            logger.warning("reward model %s: its config has no pad_token_id, so transformers cannot find the last "
+                           "token of a padded row: it scores one response at a time (set pad_token_id in its "
+                           "config.json to score in batches)", self.path or type(model).__name__)
 
     def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], bool]:
         """(token ids, truncated?) of one item."""
@@ -186,9 +195,10 @@ class RewardModelAnnotator(Annotator):
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
         device = model_device(self.model)
         values: list[float] = []
-        for s in range(0, len(encoded), self.batch_size):
-            ids = [e[0] for e in encoded[s:s + self.batch_size]]
-            input_ids = pad(ids, self.tokenizer.pad_token_id, side="right").to(device)  # (B, T)
+        size = self.batch_size if self.pad_id is not None else 1  # see __init__
+        for s in range(0, len(encoded), size):
+            ids = [e[0] for e in encoded[s:s + size]]
+            input_ids = pad(ids, self.pad_id if self.pad_id is not None else 0, side="right").to(device)  # (B, T)
             mask = pad([[1] * len(x) for x in ids], 0, side="right").to(device)  # (B, T)
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, 1)
             values.extend(logits[:, 0].float().cpu().tolist())
