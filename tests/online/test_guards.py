@@ -150,4 +150,7 @@ def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override
     with pytest.raises(CheckpointError, match="learning_rate: 0.01 in the checkpoint, 0.02 now; kl_coef: 0.05 in "
                                               "the checkpoint, 0.1 now. The checkpoint's optimizer"):
         trainer(PROMPTS, steps=2, learning_rate=2e-2, kl_coef=0.1).train(resume_from_checkpoint=ckpt)
+    # fewer steps than the checkpoint has done: nothing would run, and the saved model had trained longer than asked
+    with pytest.raises(CheckpointError, match=r"has done 1 step\(s\), more than steps=0 \(train.max_steps\)"):
+        trainer(PROMPTS, steps=0).train(resume_from_checkpoint=ckpt)
     assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # the same run: step 2 runs

@@ -100,6 +100,11 @@ class Checkpoints:
         if reason is not None:
             raise CheckpointError(f"resume: cannot resume from {folder}: {reason}")
         state = json.loads((folder / "trainer_state.json").read_text())
+        if int(state["step"]) > self.config.steps:  # equal: only the final save is left (a run that died saving)
+            raise CheckpointError(f"resume: {folder} has done {state['step']} step(s), more than steps="
+                                  f"{self.config.steps} (train.max_steps): nothing is left to run, and its model would "
+                                  f"be saved as this run's after more steps than asked; raise the steps to "
+                                  f"{state['step']} or more, or resume from an earlier checkpoint")
         saved, now = state.get("prompts"), prompts_fingerprint(self.prompts)
         if saved is not None and saved != now:
             what = (f"{saved['count']} prompt(s), this run has {now['count']}" if saved["count"] != now["count"]
