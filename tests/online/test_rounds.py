@@ -129,3 +129,24 @@ def test_new_samples_do_not_keep_records_of_the_old_ones(tiny_lm, tokenizer, tmp
     assert responses != old, "the test needs the second sampling to differ"
     records = load_records(str(tmp_path / RECORDS_FILE))
     assert records and all(r.chosen in responses and r.rejected in responses for r in records)
+
+
+def test_a_kept_round_sampled_from_other_prompts_is_refused(tiny_lm, tokenizer, tmp_path):
+    """A complete samples.jsonl is kept (resume), and the CLI compares only the config: a prompt file edited between
+    two `alignkit sample` runs (same data.path) kept the samples of the OLD prompts, exit 0. Now the manifest records
+    the prompts' SHA-256 and other prompts are a DataError before anything is written; the same prompts still
+    resume, and overwrite samples the new ones."""
+    from alignkit.data.records import DataError
+
+    model = tiny_lm("llama")
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+    before = (tmp_path / SAMPLES_FILE).read_bytes()
+    other = [PROMPTS[0], "Another question?", PROMPTS[2]]
+    with pytest.raises(DataError, match=r"samples.jsonl: complete, and sampled from other prompts \(3 then, 3 now, "
+                                        r"or the same number changed\): it would be kept as it is, not redone"):
+        sample_round(model, tokenizer, other, tmp_path, SAMPLING)
+    assert (tmp_path / SAMPLES_FILE).read_bytes() == before
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)  # the same prompts: kept
+    assert (tmp_path / SAMPLES_FILE).read_bytes() == before
+    sample_round(model, tokenizer, other, tmp_path, SAMPLING, overwrite=True)
+    assert {s.prompt for s in read_samples(tmp_path / SAMPLES_FILE)} == set(other)

@@ -9,11 +9,9 @@ RNGs, the KL controller and the reward moments.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,16 +22,11 @@ from alignkit.distributed import (
     copy_full_into, full_optimizer_state, full_parameters, is_fsdp2, load_full_optimizer_state, storage_key,
 )
 from alignkit.guards import NonFiniteError
+from alignkit.online.generation import prompts_fingerprint
 from alignkit.online.metrics import METRICS_FILE
 from alignkit.runs import CheckpointError, incomplete_reason, push_folder, staged
 
 logger = logging.getLogger(__name__)
-
-
-def prompts_fingerprint(prompts: list) -> dict[str, Any]:
-    """The count and a SHA-256 of the prompt records' prompts, in order: what a checkpoint's prompt order indexes."""
-    digest = hashlib.sha256(json.dumps([r.prompt for r in prompts], sort_keys=True, default=str).encode()).hexdigest()
-    return {"count": len(prompts), "sha256": digest}
 
 
 class Checkpoints:
@@ -180,4 +173,4 @@ class Checkpoints:
                            private=self.config.hub_private_repo, ignore_patterns=self.PUSH_IGNORE)
 
 
-__all__ = ["Checkpoints", "prompts_fingerprint"]
+__all__ = ["Checkpoints"]

@@ -41,6 +41,8 @@ reproducible without touching the global RNG (its state is forked and restored);
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -110,6 +112,13 @@ def as_prompt_records(prompts: Sequence[Any]) -> list[PromptRecord]:
         else:
             raise DataError(f"prompt[{i}]: expected a record, a string or a list of messages, got {type(p).__name__}")
     return out
+
+
+def prompts_fingerprint(prompts: Sequence[PromptRecord]) -> dict[str, Any]:
+    """The count and a SHA-256 of the records' prompts, in order: what a checkpoint's prompt order indexes, and what
+    a kept round's samples were made from."""
+    digest = hashlib.sha256(json.dumps([r.prompt for r in prompts], sort_keys=True, default=str).encode()).hexdigest()
+    return {"count": len(prompts), "sha256": digest}
 
 
 def encode_prompt(prompt: Prompt, tokenizer: Any, formatter: str = "auto",
@@ -369,5 +378,5 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     return out
 
 
-__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts",
+__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
            "finish_response", "end_token_ids", "check_sampler", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]

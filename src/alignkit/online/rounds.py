@@ -36,7 +36,8 @@ from alignkit.data.records import DataError, Record
 from alignkit.files import atomic_write_jsonl, atomic_write_text, read_jsonl
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.feedback import build_records
-from alignkit.online.generation import Sample, SamplingConfig, generate_responses, generation_metrics
+from alignkit.online.generation import (Sample, SamplingConfig, as_prompt_records, generate_responses,
+                                       generation_metrics, prompts_fingerprint)
 from alignkit.online.reweighting import build_reweighter, reweight
 
 logger = logging.getLogger(__name__)
@@ -112,14 +113,21 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
     `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length)."""
     folder = Path(folder)
     path = folder / SAMPLES_FILE
+    made_from = prompts_fingerprint(as_prompt_records(prompts))
     if not overwrite and _complete(folder, "samples", SAMPLES_FILE):
+        kept = read_manifest(folder)["samples"]
+        if kept.get("prompts_sha256", made_from["sha256"]) != made_from["sha256"]:  # older manifests: not compared
+            raise DataError(f"{path}: complete, and sampled from other prompts ({kept.get('prompts')} then, "
+                            f"{made_from['count']} now, or the same number changed): it would be kept as it is, not "
+                            "redone. Pass overwrite=true to sample these prompts, or choose another output_dir")
         logger.info("%s: complete, not sampled again", path)
         return path
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
     _forget_annotation(folder)
     atomic_write_jsonl(path, (s.to_dict() for s in samples))
     _update_manifest(folder, "samples", {"file": SAMPLES_FILE, "count": len(samples), "prompts": len(prompts),
-                                         "sampling": cfg.to_dict(), "metrics": generation_metrics(samples)})
+                                         "prompts_sha256": made_from["sha256"], "sampling": cfg.to_dict(),
+                                         "metrics": generation_metrics(samples)})
     return path
 
 
