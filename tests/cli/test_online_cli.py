@@ -438,3 +438,17 @@ def test_resume_over_an_edited_prompt_file_is_one_line(tmp_path, capsys):
     assert err.startswith("alignkit grpo: error: resume: ") and "checkpoint-1 was written by a run over 6 prompt(s), " \
         "this run has 2; " in err, err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resumed_run_records_all_its_steps(tmp_path):
+    """The model card's "steps done" and model/'s completion marker counted the rows of the resumed call only: a
+    run of 1 step resumed to 2 said 1 (and a 4-step run resumed from checkpoint 2 said 2). Now the run's steps."""
+    out = tmp_path / "run"
+    args = ["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}", *FAST[1:],
+            "train.save_steps=1"]
+    assert main([*args, "train.max_steps=1"]) == 0
+    assert main([*args, "train.max_steps=2", "--resume"]) == 0
+    assert [r["step"] for r in _rows(out / "metrics.jsonl")] == [0.0, 1.0]
+    assert "| `steps done` | 2 |" in (out / "README.md").read_text()
+    assert "| `steps done` | 2 |" in (out / "model" / "README.md").read_text()
+    assert json.loads((out / "model" / "alignkit_complete.json").read_text())["step"] == 2

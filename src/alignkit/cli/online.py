@@ -200,12 +200,12 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
               **({"held-out prompts": trainer.eval_prompts_total} if held_out else {}),
               "sampling": cfg.sampling.to_dict()},
-        hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode,
+        hyperparameters={"steps done": trainer.steps_done, "reference": trainer.reference_mode,
                          "world size": trainer.world},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
         base_model_id=cfg.model.path,
         how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False))
-    with staged(run.model, step=len(trainer.history)) as model_dir:
+    with staged(run.model, step=trainer.steps_done) as model_dir:
         trainer.save(model_dir)
         card.write(model_dir / "README.md")
         write_prompt_formats(model_dir, formats, cfg.data.formatter)

@@ -3,7 +3,7 @@ weights, optimizer state, RNGs, prompt order, KL controller and reward moments, 
 model or adapter (`save`), and its upload (`push_to_hub`).
 
 `Checkpoints` is a part of `alignkit.online.trainer.OnlineTrainer` (a mixin): it reads the trainer's `config`,
-`model` / `policy`, `extra_modules`, `optimizer`, `accelerator`, `tokenizer`, `output_dir`, `history`, the
+`model` / `policy`, `extra_modules`, `optimizer`, `accelerator`, `tokenizer`, `output_dir`, `steps_done`, the
 RNGs, the KL controller and the reward moments.
 """
 
@@ -153,7 +153,7 @@ class Checkpoints:
             bad = [n for n, p in self.policy.named_parameters()
                    if p.requires_grad and not bool(p.detach().isfinite().all())]
             if bad:
-                raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), len(self.history),
+                raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), self.steps_done,
                                      causes=f"an earlier update diverged; nothing was saved to {folder}")
             if self.accelerator.is_main_process:
                 save_adapter(self.policy, folder, tokenizer=self.tokenizer)

@@ -206,7 +206,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.rng = torch.Generator().manual_seed(c.seed)
         self._order: list[int] = []
         self._py_rng = random.Random(c.seed)
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # this `train` call's rows (a resumed run: from its checkpoint on)
+        self.steps_done = 0  # steps of the whole run, those before a resumed checkpoint included
         self._num_tokens = 0  # TRL's num_tokens: prompt + completion tokens sampled so far, all processes
 
     # -- hooks for subclasses -----------------------------------------------------------------------
@@ -248,6 +249,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         folder written by `save_checkpoint`), continue after its step: on a CPU in fp32 the later steps equal an
         uninterrupted run's exactly."""
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
+        self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.accelerator.init_trackers("tensorboard")
@@ -291,6 +293,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 self._flat_steps += 1
                 if self._flat_steps == 1:
                     logger.warning("step %d: %s", step + 1, none[0])
+            self.steps_done = step + 1
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "loss") if k in metrics})
             if self.output_dir is not None and self.config.save_steps and (step + 1) % self.config.save_steps == 0:
