@@ -417,3 +417,38 @@ def test_clip_settings_that_cannot_act_are_refused_before_the_run_folder(command
 def test_the_bundled_online_configs_load():
     for config in ("grpo-tiny.yaml", "rloo-tiny.yaml", "ppo-tiny.yaml", "online-dpo-tiny.yaml"):
         load_config(CONFIGS / config)
+
+
+def test_resume_over_an_edited_prompt_file_is_one_line(tmp_path, capsys):
+    """--resume compares the config, not the prompt file's contents: a file edited between the runs (here: 4 of its
+    6 prompts removed) resumed with exit 0 on whatever prompts the checkpoint's saved order now pointed at (or, when
+    it pointed past the end, "unexpected error: IndexError ... please report it" after the run folder was reopened).
+    Now one line naming the checkpoint and the prompt counts, before anything in the run folder changes."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(6)))
+    out = tmp_path / "run"
+    args = ["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}", f"data.path={data}",
+            *FAST[1:], "train.save_steps=1"]
+    assert main([*args, "train.max_steps=1"]) == 0
+    data.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(2)))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, "train.max_steps=2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("alignkit grpo: error: resume: ") and "checkpoint-1 was written by a run over 6 prompt(s), " \
+        "this run has 2; " in err, err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resumed_run_records_all_its_steps(tmp_path):
+    """The model card's "steps done" and model/'s completion marker counted the rows of the resumed call only: a
+    run of 1 step resumed to 2 said 1 (and a 4-step run resumed from checkpoint 2 said 2). Now the run's steps."""
+    out = tmp_path / "run"
+    args = ["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"output_dir={out}", *FAST[1:],
+            "train.save_steps=1"]
+    assert main([*args, "train.max_steps=1"]) == 0
+    assert main([*args, "train.max_steps=2", "--resume"]) == 0
+    assert [r["step"] for r in _rows(out / "metrics.jsonl")] == [0.0, 1.0]
+    assert "| `steps done` | 2 |" in (out / "README.md").read_text()
+    assert "| `steps done` | 2 |" in (out / "model" / "README.md").read_text()
+    assert json.loads((out / "model" / "alignkit_complete.json").read_text())["step"] == 2

@@ -37,6 +37,27 @@ def test_reward_model_matches_direct_forward(tiny_dir, tokenizer):
     assert scores.values.dtype == torch.float32
 
 
+@pytest.mark.parametrize("config_pad", [5, None])
+def test_reward_model_batches_score_as_one_at_a_time(tiny_dir, config_pad, caplog):
+    """transformers pools a sequence classifier at the last token that is not its CONFIG's pad id. Batches were
+    padded with the tokenizer's: a reward model whose config names another pad id (5 here; the tokenizer pads with
+    0) scored every shorter response of a batch at a pad token (other scores than alone, without a word), and one
+    whose config has none failed at the first annotation ("Cannot handle batch sizes > 1"). Now a batch scores
+    as each response alone (a direct forward of its unpadded ids)."""
+    rm = RewardModelAnnotator(str(tiny_dir("llama", classifier=True, num_labels=1)), batch_size=4, device="cpu")
+    rm.model.config.pad_token_id = config_pad
+    with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
+        rm = RewardModelAnnotator(rm.model, rm.tokenizer, batch_size=4)
+    assert rm.tokenizer.pad_token_id == 0 != config_pad
+    assert any("config has no pad_token_id" in r.getMessage() for r in caplog.records) == (config_pad is None)
+    responses = ["4", " jumps over the lazy dog and keeps running far away", "It is four."]
+    scores = rm.annotate(["The quick brown fox"] * 3, responses).values
+    for i, r in enumerate(responses):
+        with torch.no_grad():
+            want = rm.model(input_ids=torch.tensor([rm.encode("The quick brown fox", r)[0]])).logits[0, 0]
+        assert torch.allclose(scores[i], want, atol=1e-5), (i, scores[i], want)
+
+
 def test_reward_model_truncation_and_label_check(tiny_dir):
     rm = RewardModelAnnotator(str(tiny_dir("llama", classifier=True, num_labels=1)), max_length=4)
     s = rm.annotate(["a long prompt with many words in it"], [" and a long answer too"])
@@ -120,6 +141,30 @@ def test_function_errors_name_function_and_item(rewards_module):
         FunctionAnnotator("ak_no_such_module_xyz:f")
     with pytest.raises(ValueError, match="has no attribute 'missing'"):
         FunctionAnnotator(f"{rewards_module}:missing")
+
+
+def test_function_scores_beyond_float32_and_numpy_scalars():
+    """Rewards are kept in float32: a score of 1e39 (finite in Python, e.g. math.exp of a large value) became inf,
+    every statistic of its group NaN, and the run stopped blaming "the training loss" and a learning rate too
+    high. Now an AnnotatorError naming the function, the value and the item. And a numpy scalar (np.float32(0.5),
+    what numpy-based reward code returns; TRL takes it) was refused as "not a finite number"; now it is a score."""
+    np = pytest.importorskip("numpy")
+
+    def huge(prompt, response):
+        return 1e39 if response == "b" else 1.0
+
+    with pytest.raises(AnnotatorError, match=r"reward function .*huge: score 1e\+39 for item 1 is beyond float32's "
+                                             r"range \(\|score\| <= 3.4e\+38\), in which rewards are kept \(1 such "
+                                             r"item\(s\) of 2\); scale the reward down"):
+        FunctionAnnotator(huge).annotate(["p", "p"], ["a", "b"])
+    weighted = FunctionAnnotator([lambda p, r: 3e38, lambda p, r: 3e38])  # each fits, their sum does not
+    with pytest.raises(AnnotatorError, match="score 6e\+38 for item 0 is beyond float32's range"):
+        weighted.annotate(["p"], ["a"])
+
+    def numpy_score(prompt, response):
+        return np.float32(0.5) if response == "a" else np.int64(2)
+
+    assert FunctionAnnotator(numpy_score).annotate(["p", "p"], ["a", "b"]).values.tolist() == [0.5, 2.0]
 
 
 def test_pointwise_prefer_and_registry(rewards_module):

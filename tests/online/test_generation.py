@@ -432,3 +432,25 @@ def test_non_finite_logits_stop_generation_naming_the_row(tiny_lm, tokenizer, do
     how = "sampling" if do_sample else "greedy"
     with pytest.raises(NonFiniteLogitsError, match=f"row 0's next-token logits are not finite .{how}"):
         generate_responses(model, tokenizer, PROMPTS[:2], cfg, lean=lean)
+
+
+def test_prompts_cut_to_max_prompt_length_are_warned_about(tiny_lm, tokenizer, caplog):
+    """A prompt longer than max_prompt_length keeps its last tokens (its start, e.g. a system message, is lost):
+    before, nothing said so (online runs and `alignkit sample` use data.max_prompt_length, 512 by default). Now a
+    warning with the count and the first such prompt the first time, INFO on later calls (online runs sample every
+    step)."""
+    import logging
+
+    model = tiny_lm("llama")
+    lengths = [len(encode_prompt(p, tokenizer)) for p in PROMPTS]
+    limit = 2  # a limit no other test uses: the warning is once per tokenizer and limit in a process
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    assert long, "the test needs prompts longer than the limit"
+    with caplog.at_level(logging.INFO, logger="alignkit.online.generation"):
+        generate_responses(model, tokenizer, PROMPTS, GREEDY, max_prompt_length=limit)
+        generate_responses(model, tokenizer, PROMPTS, GREEDY, max_prompt_length=limit)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "max_prompt_length" in r.getMessage()]
+    want = (f"{len(long)} of {len(PROMPTS)} prompt(s) are longer than max_prompt_length=2 tokens and keep only their "
+            f"last 2 (their start is lost), e.g. prompt[{long[0]}] of {lengths[long[0]]} tokens; raise "
+            "max_prompt_length (data.max_prompt_length on the command line) to keep whole prompts")
+    assert said == [("WARNING", want), ("INFO", want)]

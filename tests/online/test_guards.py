@@ -9,6 +9,7 @@ import math
 import pytest
 
 from alignkit.guards import NonFiniteError
+from alignkit.online.annotators import Annotator
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.online.trainer import METRICS_FILE
@@ -85,3 +86,71 @@ def test_prompts_per_step_above_the_data_is_warned(tiny_dir, tokenizer, tmp_path
     assert said == ["prompts_per_step (method.prompts_per_step on the command line) is 8, and the data holds 4 "
                     "prompt(s): each step samples 4, so its batch is 8 sample(s), not 16; add prompts or lower "
                     "method.prompts_per_step"]
+
+
+class _Judge(Annotator):
+    """A pairwise judge (no pointwise scores) that prefers the longer response, or decides nothing."""
+
+    def __init__(self, decides: bool) -> None:
+        self.decides = decides
+
+    def annotate(self, prompts, responses, metas=None):
+        raise AssertionError("judge_pairs mode must not ask for pointwise scores")
+
+    def prefer_batch(self, prompts, a, b):
+        return [0 if self.decides and len(x) >= len(y) else (1 if self.decides else None) for x, y in zip(a, b)]
+
+
+@pytest.mark.parametrize("feedback, annotator, kwargs, said", [
+    # judge pairs have no pointwise rewards (NaN): they were taken for flat groups, and a run that trained on
+    # every step's pairs warned "every prompt's samples got the same reward ... did not move the policy"
+    ("judge_pairs", _Judge(True), {"pairs_per_prompt": 2}, None),
+    ("judge_pairs", _Judge(False), {"pairs_per_prompt": 2}, "the judge decided none of its comparisons"),
+    # a margin no pair passes: every step trained nothing, without a word (the rewards did spread)
+    ("best_worst", {"type": "function", "fn": digit_fraction}, {"min_margin": 5.0},
+     "no prompt's samples differ in reward by more than method.feedback_kwargs.min_margin (5.0)"),
+])
+def test_online_dpo_steps_without_pairs_are_reported(tiny_dir, tokenizer, feedback, annotator, kwargs, said, caplog):
+    from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    model = toy_policy(tiny_dir("llama"), "lora")
+    cfg = OnlineDPOConfig(steps=2, prompts_per_step=2, sampling=SamplingConfig(num_samples=3, max_new_tokens=3),
+                          feedback=feedback, feedback_kwargs=kwargs)
+    with caplog.at_level("WARNING", logger="alignkit.online.trainer"):
+        history = OnlineDPOTrainer(model, tokenizer, PROMPTS, annotator, cfg).train()
+    said_lines = [r.getMessage() for r in caplog.records]
+    if said is None:
+        assert all(h["pairs"] > 0 for h in history) and said_lines == []
+    else:
+        assert [h["pairs"] for h in history] == [0.0, 0.0]
+        assert said_lines[0].startswith("step 1: no preference pair was formed: ") and said in said_lines[0]
+        assert said_lines[1:] == ["no step of this run formed a preference pair (pairs = 0 at all 2 step(s)): the "
+                                  "feedback did not move the policy"]
+
+
+def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override(tiny_dir, tokenizer, tmp_path):
+    """A checkpoint's prompt order indexes its run's prompts: resumed over fewer prompts it died at the next step
+    with "IndexError: list index out of range", over others it ran them under the old order without a word; and a
+    changed learning_rate / kl_coef / seed was silently replaced by the checkpoint's optimizer / KL / RNG state.
+    Now one CheckpointError naming what differs; the same prompts and settings still resume."""
+    from alignkit.runs import CheckpointError
+
+    def trainer(prompts, steps=1, **kw):
+        cfg = GRPOConfig(steps=steps, prompts_per_step=2, save_steps=1, learning_rate=kw.pop("learning_rate", 1e-2),
+                         sampling=SamplingConfig(num_samples=2, max_new_tokens=2), **kw)
+        return GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, prompts,
+                           {"type": "function", "fn": digit_fraction}, cfg, output_dir=tmp_path)
+
+    trainer(PROMPTS).train()
+    ckpt = tmp_path / "checkpoints" / "checkpoint-1"
+    with pytest.raises(CheckpointError, match=r"written by a run over 4 prompt\(s\), this run has 2; "):
+        trainer(PROMPTS[:2], steps=2).train(resume_from_checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match=r"over 4 other prompt\(s\) \(or the same in another order\)"):
+        trainer(PROMPTS[::-1], steps=2).train(resume_from_checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="learning_rate: 0.01 in the checkpoint, 0.02 now; kl_coef: 0.05 in "
+                                              "the checkpoint, 0.1 now. The checkpoint's optimizer"):
+        trainer(PROMPTS, steps=2, learning_rate=2e-2, kl_coef=0.1).train(resume_from_checkpoint=ckpt)
+    # fewer steps than the checkpoint has done: nothing would run, and the saved model had trained longer than asked
+    with pytest.raises(CheckpointError, match=r"has done 1 step\(s\), more than steps=0 \(train.max_steps\)"):
+        trainer(PROMPTS, steps=0).train(resume_from_checkpoint=ckpt)
+    assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # the same run: step 2 runs

@@ -109,3 +109,44 @@ def test_best_of_n_round_keeps_the_best_responses_as_sft(tiny_lm, tokenizer, tmp
 def test_annotate_before_sampling_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="run sample_round first"):
         annotate_round(tmp_path, {"type": "function", "fn": length_score})
+
+
+
+def test_new_samples_do_not_keep_records_of_the_old_ones(tiny_lm, tokenizer, tmp_path):
+    """Sampling a round again (overwrite) left records.jsonl and its manifest entry from the OLD samples: the next
+    annotation kept them as complete (records of responses no longer in samples.jsonl, exit 0). Now new samples
+    remove the annotation made from the old ones, and the round is annotated again."""
+    model = tiny_lm("llama")
+    fn = {"type": "function", "fn": length_score}
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+    annotate_round(tmp_path, fn, "best_worst")
+    old = {s.response for s in read_samples(tmp_path / SAMPLES_FILE)}
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SamplingConfig(num_samples=3, max_new_tokens=4, seed=6),
+                 overwrite=True)
+    assert not (tmp_path / RECORDS_FILE).exists() and set(read_manifest(tmp_path)) == {"samples"}
+    annotate_round(tmp_path, fn, "best_worst")  # not overwrite: redone, since the old annotation is gone
+    responses = {s.response for s in read_samples(tmp_path / SAMPLES_FILE)}
+    assert responses != old, "the test needs the second sampling to differ"
+    records = load_records(str(tmp_path / RECORDS_FILE))
+    assert records and all(r.chosen in responses and r.rejected in responses for r in records)
+
+
+def test_a_kept_round_sampled_from_other_prompts_is_refused(tiny_lm, tokenizer, tmp_path):
+    """A complete samples.jsonl is kept (resume), and the CLI compares only the config: a prompt file edited between
+    two `alignkit sample` runs (same data.path) kept the samples of the OLD prompts, exit 0. Now the manifest records
+    the prompts' SHA-256 and other prompts are a DataError before anything is written; the same prompts still
+    resume, and overwrite samples the new ones."""
+    from alignkit.data.records import DataError
+
+    model = tiny_lm("llama")
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+    before = (tmp_path / SAMPLES_FILE).read_bytes()
+    other = [PROMPTS[0], "Another question?", PROMPTS[2]]
+    with pytest.raises(DataError, match=r"samples.jsonl: complete, and sampled from other prompts \(3 then, 3 now, "
+                                        r"or the same number changed\): it would be kept as it is, not redone"):
+        sample_round(model, tokenizer, other, tmp_path, SAMPLING)
+    assert (tmp_path / SAMPLES_FILE).read_bytes() == before
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)  # the same prompts: kept
+    assert (tmp_path / SAMPLES_FILE).read_bytes() == before
+    sample_round(model, tokenizer, other, tmp_path, SAMPLING, overwrite=True)
+    assert {s.prompt for s in read_samples(tmp_path / SAMPLES_FILE)} == set(other)

@@ -175,6 +175,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,
                                      eval_prompts=held_out or None)
 
+    if plan.checkpoint is not None:  # a checkpoint of other prompts or restored settings: refused before writing
+        trainer.check_resume(plan.checkpoint)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
@@ -198,12 +200,12 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
               **({"held-out prompts": trainer.eval_prompts_total} if held_out else {}),
               "sampling": cfg.sampling.to_dict()},
-        hyperparameters={"steps done": len(trainer.history), "reference": trainer.reference_mode,
+        hyperparameters={"steps done": trainer.steps_done, "reference": trainer.reference_mode,
                          "world size": trainer.world},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
         base_model_id=cfg.model.path,
         how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False))
-    with staged(run.model, step=len(trainer.history)) as model_dir:
+    with staged(run.model, step=trainer.steps_done) as model_dir:
         trainer.save(model_dir)
         card.write(model_dir / "README.md")
         write_prompt_formats(model_dir, formats, cfg.data.formatter)

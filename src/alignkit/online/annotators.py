@@ -30,6 +30,7 @@ import importlib
 import inspect
 import logging
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from alignkit.online.generation import SamplingConfig, generate_responses, model
 logger = logging.getLogger(__name__)
 
 ANNOTATORS = Registry("annotator")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 FAILURE_POLICIES = ("skip", "default")
 
 
@@ -71,11 +73,19 @@ class Scores:
 
 
 def finalize_scores(raw: Sequence[float | None], on_failure: str, default_score: float | None,
-                    meta: list[dict] | None = None, metrics: dict[str, float] | None = None) -> Scores:
-    """Raw per-item scores (None = failed) -> `Scores`, applying the failure policy."""
+                    meta: list[dict] | None = None, metrics: dict[str, float] | None = None,
+                    who: str = "the annotator") -> Scores:
+    """Raw per-item scores (None = failed) -> `Scores`, applying the failure policy; a score float32 cannot hold
+    is an `AnnotatorError` naming `who` and the item."""
     failed = torch.tensor([r is None for r in raw], dtype=torch.bool)
     fill = float("nan") if on_failure == "skip" else float(default_score)
     values = torch.tensor([fill if r is None else float(r) for r in raw], dtype=torch.float32)
+    big = torch.isinf(values).nonzero().flatten().tolist()
+    if big:  # finite in Python, inf in float32: the group statistics became NaN and the loss was blamed
+        i = big[0]
+        what = f"default_score {default_score!r} (for failed item {i})" if raw[i] is None else f"{raw[i]!r} for item {i}"
+        raise AnnotatorError(f"{who}: score {what} is beyond float32's range (|score| <= {FLOAT32_MAX:.3g}), in "
+                             f"which rewards are kept ({len(big)} such item(s) of {len(raw)}); scale the reward down")
     return Scores(values, failed, meta if meta is not None else [{} for _ in raw], dict(metrics or {}))
 
 
@@ -132,8 +142,9 @@ class RewardModelAnnotator(Annotator):
     Text is built as the reward trainer builds it (`alignkit.data.tokenize`): `format_record(prompt, response)`'s
     full text, tokenized with the format's `add_special_tokens`, plus EOS when the format does not end the turn
     itself (`add_eos=None`; force with True/False). A sequence over `max_length` keeps its last tokens. Batches
-    are right-padded; the score is the model's own pooled logit (transformers pools at the rightmost non-pad
-    token). `device` may differ from the policy's.
+    are right-padded with the model config's `pad_token_id` (what transformers pools by: the rightmost token that
+    is not it), so a batch scores as one response at a time; a config without one scores one at a time (warned).
+    The score is the model's own pooled logit. `device` may differ from the policy's.
     """
 
     name = "reward_model"
@@ -156,6 +167,14 @@ class RewardModelAnnotator(Annotator):
         self.model.eval()
         self.tokenizer, self.batch_size, self.formatter = tokenizer, batch_size, formatter
         self.max_length, self.add_eos = max_length, add_eos
+        # transformers pools at the last token that is not the CONFIG's pad id: padding with another id (the
+        # tokenizer's) made it pool on a pad of every shorter row (other scores than one at a time, silently), and
+        # a config without one cannot pool a padded batch at all (ValueError at the first annotation)
+        self.pad_id = getattr(model.config, "pad_token_id", None)
+        if self.pad_id is None and batch_size > 1:
+            logger.warning("reward model %s: its config has no pad_token_id, so transformers cannot find the last "
+                           "token of a padded row: it scores one response at a time (set pad_token_id in its "
+                           "config.json to score in batches)", self.path or type(model).__name__)
 
     def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], bool]:
         """(token ids, truncated?) of one item."""
@@ -176,9 +195,10 @@ class RewardModelAnnotator(Annotator):
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
         device = model_device(self.model)
         values: list[float] = []
-        for s in range(0, len(encoded), self.batch_size):
-            ids = [e[0] for e in encoded[s:s + self.batch_size]]
-            input_ids = pad(ids, self.tokenizer.pad_token_id, side="right").to(device)  # (B, T)
+        size = self.batch_size if self.pad_id is not None else 1  # see __init__
+        for s in range(0, len(encoded), size):
+            ids = [e[0] for e in encoded[s:s + size]]
+            input_ids = pad(ids, self.pad_id if self.pad_id is not None else 0, side="right").to(device)  # (B, T)
             mask = pad([[1] * len(x) for x in ids], 0, side="right").to(device)  # (B, T)
             logits = self.model(input_ids=input_ids, attention_mask=mask).logits  # (B, 1)
             values.extend(logits[:, 0].float().cpu().tolist())
@@ -223,7 +243,7 @@ def _as_score(value: Any, who: str, where: str) -> float | None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+    if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):  # numpy scalars too, as TRL
         raise AnnotatorError(f"{who} returned {value!r} for {where}; return a finite number (or None when the "
                              f"response cannot be scored)")
     return float(value)
@@ -395,7 +415,8 @@ class FunctionAnnotator(Annotator):
             metrics[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1))
                                               if len(ok) > 1 else float("nan"))
         metrics["function/failures"] = float(sum(r is None for r in raw))
-        return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics)
+        return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
+                               who=f"reward function {self.spec}")
 
     def describe(self) -> dict[str, Any]:
         out = {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure,

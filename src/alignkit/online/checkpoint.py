@@ -3,7 +3,7 @@ weights, optimizer state, RNGs, prompt order, KL controller and reward moments, 
 model or adapter (`save`), and its upload (`push_to_hub`).
 
 `Checkpoints` is a part of `alignkit.online.trainer.OnlineTrainer` (a mixin): it reads the trainer's `config`,
-`model` / `policy`, `extra_modules`, `optimizer`, `accelerator`, `tokenizer`, `output_dir`, `history`, the
+`model` / `policy`, `extra_modules`, `optimizer`, `accelerator`, `tokenizer`, `output_dir`, `steps_done`, the
 RNGs, the KL controller and the reward moments.
 """
 
@@ -22,6 +22,7 @@ from alignkit.distributed import (
     copy_full_into, full_optimizer_state, full_parameters, is_fsdp2, load_full_optimizer_state, storage_key,
 )
 from alignkit.guards import NonFiniteError
+from alignkit.online.generation import prompts_fingerprint
 from alignkit.online.metrics import METRICS_FILE
 from alignkit.runs import CheckpointError, incomplete_reason, push_folder, staged
 
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 class Checkpoints:
     """Checkpoints, the saved model and its upload (see the module's docstring); a part of `OnlineTrainer`."""
+
+    # settings whose value a checkpoint's state replaces on resume (the optimizer's param groups, the KL
+    # controller's value, the RNGs): a resume that changes them would run with the checkpoint's values silently
+    RESTORED_SETTINGS = ("learning_rate", "weight_decay", "optimizer", "kl_coef", "kl_target", "seed")
 
     def _trainable(self) -> dict[str, Tensor]:
         """Every trainable tensor by name (policy, then extra modules such as PPO's value head), shared storage once."""
@@ -69,18 +74,51 @@ class Checkpoints:
                 version, internal, gauss = self._py_rng.getstate()
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
                          "kl_coef": float(self.kl_ctl.value), "num_tokens": self._num_tokens,
-                         "moments": [self.moments.count, self.moments.mean, self.moments.m2]}
+                         "moments": [self.moments.count, self.moments.mean, self.moments.m2],
+                         "prompts": prompts_fingerprint(self.prompts),
+                         "settings": {k: getattr(self.config, k) for k in self.RESTORED_SETTINGS}}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
         return folder
 
-    def load_checkpoint(self, folder: str | Path) -> int:
-        """Restore a `save_checkpoint` folder in place; returns the number of steps it had done."""
+    def check_resume(self, folder: str | Path) -> None:
+        """Refuse (`CheckpointError`, one line) to resume from `folder` when it is incomplete, or when this trainer's
+        prompts or `RESTORED_SETTINGS` differ from the run that wrote it: the saved prompt order indexes the old
+        prompts (fewer now: IndexError at the first step; others: other prompts under the old order), and the saved
+        optimizer / KL / RNG state would silently keep the old settings. Writes nothing; the CLI calls it before
+        the run folder is touched. Checkpoints written before these were recorded are not compared."""
         folder = Path(folder)
         reason = incomplete_reason(folder)
         if reason is not None:
             raise CheckpointError(f"resume: cannot resume from {folder}: {reason}")
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if int(state["step"]) > self.config.steps:  # equal: only the final save is left (a run that died saving)
+            raise CheckpointError(f"resume: {folder} has done {state['step']} step(s), more than steps="
+                                  f"{self.config.steps} (train.max_steps): nothing is left to run, and its model would "
+                                  f"be saved as this run's after more steps than asked; raise the steps to "
+                                  f"{state['step']} or more, or resume from an earlier checkpoint")
+        saved, now = state.get("prompts"), prompts_fingerprint(self.prompts)
+        if saved is not None and saved != now:
+            what = (f"{saved['count']} prompt(s), this run has {now['count']}" if saved["count"] != now["count"]
+                    else f"{now['count']} other prompt(s) (or the same in another order)")
+            raise CheckpointError(f"resume: {folder} was written by a run over {what}; the checkpoint's prompt order "
+                                  "indexes its prompts. Resume with the same prompts (data.path, its contents, "
+                                  "data.max_records, data.eval_fraction / eval_path), or start a new run")
+        old = state.get("settings") or {}
+        changed = [(k, old[k], getattr(self.config, k)) for k in self.RESTORED_SETTINGS
+                   if k in old and old[k] != getattr(self.config, k)]
+        if changed:
+            shown = "; ".join(f"{k}: {v0!r} in the checkpoint, {v1!r} now" for k, v0, v1 in changed)
+            raise CheckpointError(f"resume: {folder}: {shown}. The checkpoint's optimizer, KL controller and random "
+                                  "state would keep the old value(s) silently; resume with the checkpoint's settings, "
+                                  "or start a new run")
+
+    def load_checkpoint(self, folder: str | Path) -> int:
+        """Restore a `save_checkpoint` folder in place (after `check_resume`); returns the number of steps it had
+        done."""
+        folder = Path(folder)
+        self.check_resume(folder)
         saved = load_file(str(folder / "trainable.safetensors"))
         live = self._trainable()
         if set(saved) != set(live):
@@ -115,7 +153,7 @@ class Checkpoints:
             bad = [n for n, p in self.policy.named_parameters()
                    if p.requires_grad and not bool(p.detach().isfinite().all())]
             if bad:
-                raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), len(self.history),
+                raise NonFiniteError(f"trainable weight {bad[0]!r}", float("nan"), self.steps_done,
                                      causes=f"an earlier update diverged; nothing was saved to {folder}")
             if self.accelerator.is_main_process:
                 save_adapter(self.policy, folder, tokenizer=self.tokenizer)

@@ -78,6 +78,24 @@ class OnlineDPOTrainer(OnlineTrainer):
     def pointwise_scores(self) -> bool:
         return self.config.feedback != "judge_pairs"
 
+    def no_signal(self, metrics: dict[str, float]) -> tuple[str, str] | None:
+        """A step without a preference pair (over all processes) trains nothing. With "judge_pairs" there are no
+        pointwise rewards to call flat: the judge's verdicts decide."""
+        if metrics.get("pairs", 0.0) > 0:
+            return None
+        c: OnlineDPOConfig = self.config
+        if c.feedback == "judge_pairs":
+            why, fix = ("the judge decided none of its comparisons (every verdict was a tie or unparseable)",
+                        "check the judge (annotator) on a few pairs")
+        else:
+            margin = c.feedback_kwargs.get("min_margin", 0.0)
+            why = (f"no prompt's samples differ in reward by more than method.feedback_kwargs.min_margin ({margin})"
+                   if margin else "every prompt's samples got the same reward")
+            fix = ("lower method.feedback_kwargs.min_margin, or sample more responses per prompt" if margin else
+                   "a reward that never varies is usually a bug in the annotator")
+        return (f"no preference pair was formed: {why}, so this step trained nothing; {fix}",
+                "formed a preference pair (pairs = 0 at all {steps} step(s)): the feedback did not move the policy")
+
     def reuses_training_pass(self) -> bool:
         """The preference losses never read log pi_old: the rollout's no-grad policy pass only gave the "kl" and
         "entropy" metrics, which then come from the training forward over the paired rows (all rows when no

@@ -5,7 +5,8 @@
 Prompts are `PromptRecord`s (or any record: its prompt is used), plain strings, or conversations (lists of
 {"role", "content"} messages). Each is formatted with `alignkit.data.chat.format_record` (formatter "auto":
 the tokenizer's chat template for conversations, verbatim text for strings), tokenized on its own, and, if
-longer than `max_prompt_length`, keeps its LAST tokens (as `alignkit.data.tokenize` does for prompts).
+longer than `max_prompt_length`, keeps its LAST tokens (as `alignkit.data.tokenize` does for prompts; counted
+and warned about, `encode_prompts`).
 
 Batches are left-padded and generated with Hugging Face `generate` (KV cache on), or with `decode.lean_generate`
 (generate's loop with less work per step; its default inverse-CDF sampler draws from the same distribution with
@@ -40,6 +41,8 @@ reproducible without touching the global RNG (its state is forked and restored);
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -111,6 +114,13 @@ def as_prompt_records(prompts: Sequence[Any]) -> list[PromptRecord]:
     return out
 
 
+def prompts_fingerprint(prompts: Sequence[PromptRecord]) -> dict[str, Any]:
+    """The count and a SHA-256 of the records' prompts, in order: what a checkpoint's prompt order indexes, and what
+    a kept round's samples were made from."""
+    digest = hashlib.sha256(json.dumps([r.prompt for r in prompts], sort_keys=True, default=str).encode()).hexdigest()
+    return {"count": len(prompts), "sha256": digest}
+
+
 def encode_prompt(prompt: Prompt, tokenizer: Any, formatter: str = "auto",
                   max_prompt_length: int | None = None) -> list[int]:
     """Token ids of the formatted prompt (with the generation prompt), left-truncated to `max_prompt_length`."""
@@ -119,6 +129,35 @@ def encode_prompt(prompt: Prompt, tokenizer: Any, formatter: str = "auto",
     if max_prompt_length is not None and len(ids) > max_prompt_length:
         ids = ids[len(ids) - max_prompt_length:]
     return ids
+
+
+_warned_truncation: set[tuple[str, int]] = set()
+
+
+def encode_prompts(records: Sequence[PromptRecord], tokenizer: Any, formatter: str = "auto",
+                   max_prompt_length: int | None = None) -> list[list[int]]:
+    """`encode_prompt` of each record; a prompt with no tokens is a DataError naming it. Prompts cut to their last
+    `max_prompt_length` tokens are counted: a warning the first time a tokenizer's prompts are cut to that limit in
+    this process (the start of a prompt, e.g. its system message or the template's first tokens, is lost), INFO on
+    later calls (an online run samples every step)."""
+    encoded, cut = [], []
+    for r in records:
+        ids = encode_prompt(r.prompt, tokenizer, formatter)
+        if not ids:
+            raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            cut.append((r.id or f"prompt {len(encoded)}", len(ids)))
+            ids = ids[len(ids) - max_prompt_length:]
+        encoded.append(ids)
+    if cut:
+        key = (str(getattr(tokenizer, "name_or_path", "")), int(max_prompt_length))
+        first = key not in _warned_truncation
+        _warned_truncation.add(key)
+        (logger.warning if first else logger.info)(
+            "%d of %d prompt(s) are longer than max_prompt_length=%d tokens and keep only their last %d (their start "
+            "is lost), e.g. %s of %d tokens; raise max_prompt_length (data.max_prompt_length on the command line) "
+            "to keep whole prompts", len(cut), len(records), max_prompt_length, max_prompt_length, cut[0][0], cut[0][1])
+    return encoded
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -264,10 +303,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
         raise ValueError("this ReftModel has no saved position spec: pass the one it was trained with, "
                          "e.g. positions='l1' or 'f3+l3' (see alignkit.interventions.positions)")
     records = as_prompt_records(prompts)
-    encoded = [encode_prompt(r.prompt, tokenizer, formatter, max_prompt_length) for r in records]
-    for r, ids in zip(records, encoded):
-        if not ids:
-            raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
+    encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
     warn_past_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
                       "generation (longest prompt + max_new_tokens)",
                       "lower max_new_tokens / the prompt length, or extend the context (model.rope_scaling)")
@@ -342,5 +378,5 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     return out
 
 
-__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt",
+__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
            "finish_response", "end_token_ids", "check_sampler", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]

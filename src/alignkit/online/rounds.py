@@ -12,7 +12,8 @@ Each stage reads and writes files, so annotation can run as a separate job (anot
 Crash safety: every file is written to a temporary name in the same folder, flushed, fsynced and renamed
 over the target (`os.replace` is atomic), data file first, manifest entry last. A stage is complete when
 its data file AND its manifest entry exist; a complete stage is not redone (resume), an incomplete one is
-redone from scratch (`overwrite=True` forces it).
+redone from scratch (`overwrite=True` forces it). New samples first remove the annotation made from the old
+ones (its manifest entry and records.jsonl), so the round is annotated again rather than kept as complete.
 
 Metrics per round (in the manifest and returned): reward/mean, reward/std, reward/min, reward/max,
 reward/valid, reward/failed, generation/response_length, generation/finish_*, the annotator's own
@@ -35,7 +36,8 @@ from alignkit.data.records import DataError, Record
 from alignkit.files import atomic_write_jsonl, atomic_write_text, read_jsonl
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.feedback import build_records
-from alignkit.online.generation import Sample, SamplingConfig, generate_responses, generation_metrics
+from alignkit.online.generation import (Sample, SamplingConfig, as_prompt_records, generate_responses,
+                                       generation_metrics, prompts_fingerprint)
 from alignkit.online.reweighting import build_reweighter, reweight
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,20 @@ def _update_manifest(round_dir: Path, key: str, entry: dict[str, Any]) -> None:
 
 def _complete(round_dir: Path, key: str, file: str) -> bool:
     return (round_dir / file).is_file() and key in read_manifest(round_dir)
+
+
+def _forget_annotation(round_dir: Path) -> None:
+    """Before new samples are written: drop the annotation's manifest entry and records.jsonl, made from the samples
+    being replaced. Otherwise they stayed marked complete and `annotate` kept records of responses no longer in
+    samples.jsonl (exit 0)."""
+    manifest = read_manifest(round_dir)
+    if "annotation" in manifest:
+        del manifest["annotation"]
+        atomic_write_text(round_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    if (round_dir / RECORDS_FILE).is_file():
+        (round_dir / RECORDS_FILE).unlink()
+        logger.warning("%s: removed %s, made from the samples this run replaces; annotate the round again",
+                       round_dir, RECORDS_FILE)
 
 
 def record_to_row(r: Record) -> dict[str, Any]:
@@ -97,13 +113,21 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
     `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length)."""
     folder = Path(folder)
     path = folder / SAMPLES_FILE
+    made_from = prompts_fingerprint(as_prompt_records(prompts))
     if not overwrite and _complete(folder, "samples", SAMPLES_FILE):
+        kept = read_manifest(folder)["samples"]
+        if kept.get("prompts_sha256", made_from["sha256"]) != made_from["sha256"]:  # older manifests: not compared
+            raise DataError(f"{path}: complete, and sampled from other prompts ({kept.get('prompts')} then, "
+                            f"{made_from['count']} now, or the same number changed): it would be kept as it is, not "
+                            "redone. Pass overwrite=true to sample these prompts, or choose another output_dir")
         logger.info("%s: complete, not sampled again", path)
         return path
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
+    _forget_annotation(folder)
     atomic_write_jsonl(path, (s.to_dict() for s in samples))
     _update_manifest(folder, "samples", {"file": SAMPLES_FILE, "count": len(samples), "prompts": len(prompts),
-                                         "sampling": cfg.to_dict(), "metrics": generation_metrics(samples)})
+                                         "prompts_sha256": made_from["sha256"], "sampling": cfg.to_dict(),
+                                         "metrics": generation_metrics(samples)})
     return path
 
 

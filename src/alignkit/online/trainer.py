@@ -206,7 +206,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.rng = torch.Generator().manual_seed(c.seed)
         self._order: list[int] = []
         self._py_rng = random.Random(c.seed)
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # this `train` call's rows (a resumed run: from its checkpoint on)
+        self.steps_done = 0  # steps of the whole run, those before a resumed checkpoint included
         self._num_tokens = 0  # TRL's num_tokens: prompt + completion tokens sampled so far, all processes
 
     # -- hooks for subclasses -----------------------------------------------------------------------
@@ -219,6 +220,17 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
 
     def optimise(self, batch: Any) -> dict[str, float]:
         raise NotImplementedError
+
+    def no_signal(self, metrics: dict[str, float]) -> tuple[str, str] | None:
+        """None when the step's feedback could move the policy; else (what the step's warning says, what the
+        run's says after "no step of this run", with {steps}). Here: every prompt's samples scored alike."""
+        if not getattr(self, "_step_flat", False):
+            return None
+        return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward, so this step has no "
+                "reward signal (only the KL term moves the policy); a reward that never varies is usually a bug in "
+                "the annotator",
+                "had a reward spread inside any prompt's group (frac_reward_zero_std = 1 at all {steps} step(s)): "
+                "the rewards did not move the policy")
 
     # -- the loop ---------------------------------------------------------------------------------------
 
@@ -237,6 +249,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         folder written by `save_checkpoint`), continue after its step: on a CPU in fp32 the later steps equal an
         uninterrupted run's exactly."""
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
+        self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.accelerator.init_trackers("tensorboard")
@@ -251,8 +264,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                     tracker.finish()
         flat, ran = self._flat_steps, self.config.steps - start
         if ran > 0 and flat == ran:
-            logger.warning("no step of this run had a reward spread inside any prompt's group "
-                           "(frac_reward_zero_std = 1 at all %d step(s)): the rewards did not move the policy", ran)
+            logger.warning("no step of this run %s", self._no_signal[1].format(steps=ran))
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
             if self.config.push_to_hub and self.accelerator.is_main_process:
@@ -275,12 +287,13 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             if self.eval_due(step):  # after the step's update; not counted in time/step_s
                 metrics.update(self.evaluate())
             self.log(metrics)
-            if getattr(self, "_step_flat", False):
+            none = self.no_signal(metrics)
+            if none is not None:
+                self._no_signal = none
                 self._flat_steps += 1
                 if self._flat_steps == 1:
-                    logger.warning("step %d: every prompt's %d samples got the same reward, so this step has no "
-                                   "reward signal (only the KL term moves the policy); a reward that never varies "
-                                   "is usually a bug in the annotator", step + 1, self.config.sampling.num_samples)
+                    logger.warning("step %d: %s", step + 1, none[0])
+            self.steps_done = step + 1
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "loss") if k in metrics})
             if self.output_dir is not None and self.config.save_steps and (step + 1) % self.config.save_steps == 0:

@@ -15,7 +15,7 @@ How the weights get there, by adapter kind:
 - reft, reft+lora: refused (vLLM knows nothing of interventions); ReFT policies keep transformers generation.
 
 Responses are built exactly as `generation.generate_responses` builds them: the same prompt ids
-(`encode_prompt`), the same end tokens (`end_token_ids`, passed as vLLM stop tokens) and the same cut rules
+(`encode_prompts`), the same end tokens (`end_token_ids`, passed as vLLM stop tokens) and the same cut rules
 (`finish_response`), so `Sample`s from either backend mean the same thing. Greedy tokens equal transformers'
 (tests/vllm_backend); sampled ones come from vLLM's own sampler (per-prompt seeds derived from `SamplingConfig.seed`),
 not from torch's RNG, so a vLLM run does not reproduce a transformers run sample for sample.
@@ -36,9 +36,8 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.adapters.base import adapter_of, unwrap_lm
-from alignkit.data.records import DataError
 from alignkit.online.generation import (
-    FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompt, end_token_ids, finish_response,
+    FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompts, end_token_ids, finish_response,
     uses_chat_template,
 )
 
@@ -109,10 +108,7 @@ def generate_with(complete: Any, tokenizer: Any, prompts: Sequence[Any], cfg: Sa
     returns: for each prompt, its `num_samples` lists of generated ids (the colocated engine, or the server)."""
     cfg = cfg if cfg is not None else SamplingConfig()
     records = as_prompt_records(prompts)
-    encoded = [encode_prompt(r.prompt, tokenizer, formatter, max_prompt_length) for r in records]
-    for r, ids in zip(records, encoded):
-        if not ids:
-            raise DataError(f"{r.id or 'prompt'}: the formatted prompt has no tokens; fill in the prompt")
+    encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
     eos = end_token_ids(eos_source, tokenizer, cfg, chat=uses_chat_template(records, formatter))
     requests = [sampling_request(cfg, eos, seed) for seed in prompt_seeds(cfg, len(records))]
     outs = complete([list(ids) for ids in encoded], requests)
