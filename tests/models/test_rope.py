@@ -4,6 +4,7 @@ the one-line errors for unknown types, a missing factor and an architecture with
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from alignkit.models.loading import load_model
 from alignkit.models.rope import apply_rope_scaling, supported_rope_types
 from alignkit.models.tiny import tiny_config
 from alignkit.settings import ConfigError, load_config
+from tests.adapters.table import ADAPTERS
 
 ROOT = Path(__file__).resolve().parents[2]
 THETA, HEAD_DIM, ORIGINAL = 10000.0, 16, 512  # the tiny Llama: hidden 64 / 4 heads, 512 positions
@@ -219,3 +221,39 @@ def test_long_context_example_trains_past_the_base_context(tmp_path):
     feats, _ = tokenize_records(records, tok, TokenizeConfig(max_length=1024, max_prompt_length=1000))
     lengths = [len(f["input_ids"]) for f in feats]
     assert len(feats) == len(records) and 512 < min(lengths) and max(lengths) <= 1024
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_an_adapter_trained_with_rope_scaling_is_refused_on_a_base_without_it(row, llama_dir, tmp_path, caplog):
+    """`model.rope_scaling` changes the base's config in memory only: the adapter folder a training run saves holds
+    the adapter's weights, and eval / generate / serve load the unscaled base under it. Before, such an adapter
+    loaded without a word and every position was encoded otherwise than in training. Its alignkit_base.json now
+    records the RoPE it was trained with: a missing or different scaling is a ConfigError naming the key and the
+    scaling to set; that scaling (the message's own text) loads; a scaling added to an adapter trained without
+    one is a warning (extending the context at inference is legitimate)."""
+    from alignkit.adapters import apply_adapter, load_adapter, save_adapter
+    from alignkit.serve.stack import load_stack
+    from tests.adapters.table import perturb
+
+    yarn = {"type": "yarn", "factor": 2.0}
+    folder = save_adapter(perturb(apply_adapter(load_model(llama_dir, rope_scaling=yarn), row.config())), tmp_path / "a")
+    trained = r"\{type: yarn, factor: 2.0, original_max_position_embeddings: 512\}"
+    with pytest.raises(ConfigError, match=rf"/a: RoPE \{{type: default\}} here, {trained} when trained: set "
+                                          rf"model.rope_scaling: {trained} \(what training used\)"):
+        load_adapter(load_model(llama_dir), folder)
+    with pytest.raises(ConfigError, match=r"RoPE \{type: linear, factor: 2.0\} here, \{type: yarn"):
+        load_adapter(load_model(llama_dir, rope_scaling={"type": "linear", "factor": 2.0}), folder)
+    with pytest.raises(ValueError, match=rf"RoPE \{{type: default\}} here, {trained} when trained: set rope_scaling: "):
+        load_stack(llama_dir, {"a": folder})  # serve: its own key
+    suggested = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512}
+    load_adapter(load_model(llama_dir, rope_scaling=suggested), folder)
+    load_stack(llama_dir, {"a": folder}, rope_scaling=yarn)
+    load_adapter(load_model(llama_dir), folder, check_base=False)  # on purpose
+
+    plain = save_adapter(apply_adapter(load_model(llama_dir), row.config()), tmp_path / "b")
+    with caplog.at_level(logging.WARNING, logger="alignkit.adapters.base"):
+        load_adapter(load_model(llama_dir, rope_scaling={"type": "linear", "factor": 2.0}), plain)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{plain}: RoPE scaling {{type: linear, factor: 2.0}} here, none when trained: the adapter meets positions "
+        "encoded otherwise than in training (fine to extend its context; remove model.rope_scaling to run it as "
+        "trained)"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 from typing import Any
 
@@ -213,6 +214,38 @@ def _validate(config: Any, params: dict[str, Any], length: int, where: str) -> N
         raise ConfigError(f"{where}: {capture.messages[0]}")
 
 
+_BASE_KEYS = ("rope_theta", "partial_rotary_factor")  # the architecture's own RoPE, not a scaling
+
+
+def rope_record(config: Any) -> dict[str, Any] | None:
+    """`config`'s RoPE settings as JSON data (what an adapter folder records about the base it was trained on, so
+    that a reload can tell whether the positions are encoded as in training); None for a model without RoPE."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return json.loads(json.dumps(dict(cfg.rope_parameters), default=str)) if has_rope(cfg) else None
+
+
+def rope_change(trained: dict[str, Any] | None, here: dict[str, Any] | None,
+                where: str = WHERE) -> tuple[str, str] | None:
+    """How the RoPE of a model (`here`, a `rope_record`) differs from the one an adapter was trained with
+    (`trained`), as ("error" | "warning", text naming the key `where` that sets it); None when they agree or either is unknown. A scaling added on
+    top of an unscaled training base is a warning (extending an adapter's context at inference is legitimate);
+    a training scaling that is missing or different here is an error (every position would be encoded
+    otherwise than in training, and the outputs change without a word)."""
+    if not isinstance(trained, dict) or not isinstance(here, dict) or trained == here:
+        return None
+    kind = lambda p: p.get("rope_type", "default")  # noqa: E731
+    show = lambda p: _show(kind(p), {k: v for k, v in p.items() if k not in ("rope_type", *_BASE_KEYS)})  # noqa: E731
+    if kind(trained) == "default" and all(trained.get(k) == here.get(k) for k in _BASE_KEYS):
+        return "warning", (f"RoPE scaling {show(here)} here, none when trained: the adapter meets positions "
+                           f"encoded otherwise than in training (fine to extend its context; remove "
+                           f"{where} to run it as trained)")
+    if kind(trained) == "default":
+        return "error", (f"RoPE {here} here, {trained} when trained (another rope_theta: another base model); "
+                         "load the adapter on the base it was trained with")
+    return "error", (f"RoPE {show(here)} here, {show(trained)} when trained: set {where}: {show(trained)} "
+                     "(what training used), or every position is encoded otherwise than in training")
+
+
 def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str = WHERE) -> Any:
     """Set `config.rope_parameters` / `max_position_embeddings` for `scaling` (None: unchanged). Returns config."""
     if scaling is None:
@@ -226,4 +259,5 @@ def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str =
     return config
 
 
-__all__ = ["apply_rope_scaling", "has_rope", "original_context", "scaled_rope_parameters", "supported_rope_types"]
+__all__ = ["apply_rope_scaling", "has_rope", "original_context", "rope_change", "rope_record", "scaled_rope_parameters",
+           "supported_rope_types"]
