@@ -313,6 +313,26 @@ def test_bad_locations_and_layers_fail_clearly(tiny_lm):
     assert torch.equal(a, b)
 
 
+def test_a_location_past_the_input_is_refused_in_a_forward(tiny_lm):
+    """One forward runs every position it will see, so a location past its input edits nothing; before, it was
+    dropped without a word (e.g. locations built for a prompt before input_ids were truncated, or for a wider
+    batch), and the forward returned the base model's output: training such batches trains nothing. Now one
+    ValueError naming the entry, its value and the input length. The last position (T - 1) and -1 still work."""
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0, 1], low_rank_dimension=2))
+    perturb(reft)
+    ids = ids_batch(t=7)  # (3, 7)
+    loc = torch.tensor([[[6], [6]], [[-1], [-1]], [[2], [7]]])  # row 2, intervention 1: position 7 of 0..6
+    with pytest.raises(ValueError, match=r"^intervention_locations\[2, 1, 0\] is 7, past this forward's 7 input "
+                                         r"tokens \(positions 0\.\.6\), so it would edit nothing; "):
+        reft(input_ids=ids, intervention_locations=loc)
+    with pytest.raises(ValueError, match=r"^intervention_locations\[0, 1\] is 9, past"):
+        reft(input_ids=ids, intervention_locations=torch.tensor([[2, 9], [-1, -1], [0, 1]]))
+    with torch.no_grad():
+        edited = reft(input_ids=ids, intervention_locations=torch.tensor([[6], [-1], [-1]])).logits
+        plain = reft.model(input_ids=ids).logits
+    assert not torch.equal(edited[0, 6], plain[0, 6]) and torch.equal(edited[1:], plain[1:])
+
+
 def test_interventions_follow_the_model_dtype(tiny_dir):
     from alignkit.models.loading import load_model
 

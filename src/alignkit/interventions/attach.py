@@ -12,10 +12,10 @@ or `(batch, positions)` meaning the same positions for every intervention. Inter
 over all adapters: adapters in the order they were added, and within an adapter its representations in
 config order (`ReftModel.slots` lists them; `adapter_slice(name)` gives an adapter's range). `-1` (any
 negative value) means "no position"; a row whose entries for intervention i are all negative is not
-touched by i. Positions count from the start of the (padded) `input_ids`; positions beyond the
-sequence are ignored. With a KV cache, positions are absolute (prompt tokens keep their index), so the
-decode steps of `generate` never re-edit the prompt; they skip the hooks' work entirely unless
-`intervene_on_generated` is set. Within one `generate` call every orthonormal R is evaluated once
+touched by i. Positions count from the start of the (padded) `input_ids`; in `forward` a position past
+the input is an error (it would edit nothing), in `generate` one past the prompt is a generated token's.
+With a KV cache, positions are absolute (prompt tokens keep their index), so the decode steps of `generate`
+never re-edit the prompt; they skip the hooks' work entirely unless `intervene_on_generated` is set. Within one `generate` call every orthonormal R is evaluated once
 (`torch.nn.utils.parametrize.cached`), not once per decode step.
 
 Works under `peft` (LoRA + ReFT trained together) and with non-reentrant gradient checkpointing.
@@ -405,8 +405,9 @@ class ReftModel(nn.Module):
             mask = attention_mask if attention_mask is not None else torch.ones(ref.shape[:2], dtype=torch.long)
             intervention_locations = self.default_locations(mask.cpu(), None if completion_mask is None
                                                             else completion_mask.cpu())
-        # the skip of steps past the last location only matters with a KV cache (offset > 0)
-        locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=start > 0)
+        locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=True)
+        if start == 0 and last is not None and last >= ref.shape[1]:
+            _refuse_past_input(torch.as_tensor(intervention_locations), int(ref.shape[1]))
         if labels is not None:
             kwargs["labels"] = labels
         cache = self._prefix_cache
@@ -484,6 +485,17 @@ class ReftModel(nn.Module):
     def load_adapter(self, folder: str, adapter_name: str = "default") -> None:
         """Attach the adapter saved in `folder` under `adapter_name`."""
         load_adapter_into(self, folder, adapter_name)
+
+
+def _refuse_past_input(locations: torch.Tensor, length: int) -> None:
+    """ValueError naming the first location of a forward's `intervention_locations` past its `length` input tokens:
+    one forward runs every position it will ever see, so such a location would edit nothing, without a word."""
+    index = tuple(int(x) for x in (locations >= length).nonzero()[0])  # (b, i, p) or (b, p)
+    raise ValueError(f"intervention_locations[{', '.join(map(str, index))}] is {int(locations[index])}, past this "
+                     f"forward's {length} input tokens (positions 0..{length - 1}), so it would edit nothing; "
+                     f"locations index this call's padded input_ids (-1 = none): build them from this batch "
+                     f"(alignkit.interventions.positions.locations_from_spans), or pass none to use the adapter's "
+                     f"saved position spec")
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig, adapter_name: str = "default") -> ReftModel:
