@@ -143,6 +143,31 @@ def test_replace_counts_the_new_factor_from_the_original_context():
     assert linear.rope_parameters["original_max_position_embeddings"] == ORIGINAL
 
 
+def test_dynamic_ntk_keeps_the_original_context_as_its_threshold(llama_dir):
+    """Dynamic NTK reads max_position_embeddings as the original context and rescales only past it. Before,
+    `max_position_embeddings: 2048` in its rope_scaling was recorded as asked, and a 1024-token sequence (twice
+    the trained 512) then ran on plain, unscaled RoPE without a word; and `replace: true` over a saved linear x2
+    model kept its 1024, so positions 512..1023 ran unscaled. Now the first is a ConfigError naming the key, and
+    the replaced model's threshold is the original 512 (its NTK base past it: the formula by hand)."""
+    with pytest.raises(ConfigError, match=r"^model\.rope_scaling\.max_position_embeddings: type 'dynamic' reads "
+                                          r"max_position_embeddings as the model's original context .* from the "
+                                          r"model's 512 positions to 2048 .* remove it"):
+        load_model(llama_dir, rope_scaling={"type": "dynamic", "factor": 2.0, "max_position_embeddings": 2048})
+    cfg = apply_rope_scaling(tiny_config("llama", vocab_size=64), {"type": "dynamic", "factor": 2.0,
+                                                                   "max_position_embeddings": ORIGINAL})
+    assert cfg.max_position_embeddings == ORIGINAL  # the model's own length: accepted
+    linear = apply_rope_scaling(tiny_config("llama", vocab_size=512), {"type": "linear", "factor": 2.0})
+    apply_rope_scaling(linear, {"type": "dynamic", "factor": 2.0, "replace": True})
+    assert (dict(linear.rope_parameters), linear.max_position_embeddings) == (
+        {"rope_theta": THETA, "rope_type": "dynamic", "factor": 2.0}, ORIGINAL)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(linear).eval()
+    length = 2 * ORIGINAL  # theta' = theta * (2 * 1024 / 512 - 1) ** (16 / 14), past the original 512
+    check(model, length, base_freqs(THETA * (2.0 * length / ORIGINAL - 1.0) ** (HEAD_DIM / (HEAD_DIM - 2))))
+
+
 def test_a_saved_yarn_model_folder_is_refused_at_config_load_and_replaced_on_request(tmp_path):
     import json
 

@@ -17,8 +17,9 @@ validates the result against the architecture, so every problem is one `ConfigEr
   transformers' own validation reports missing.
 
 Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn,
-llama3 and longrope (or the `max_position_embeddings` the config gives). Dynamic NTK keeps it: its formula
-reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it.
+llama3 and longrope (or the `max_position_embeddings` the config gives). Dynamic NTK keeps the original: its
+formula reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it (so
+another `max_position_embeddings` is refused, and replacing a saved scaling sets it back to the original).
 Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing. A
 model whose saved config has another scaling (a YaRN model asked for linear, or the same type with another
 factor) is refused, naming both: scalings do not stack, and replacing the saved one quietly would change every
@@ -179,8 +180,16 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     params.update(scaling, rope_type=kind)
     if kind in NEEDS_ORIGINAL:
         params.setdefault("original_max_position_embeddings", original)
-    if new_length is None:
-        new_length = config.max_position_embeddings if kind in KEEPS_LENGTH or factor is None \
+    if kind in KEEPS_LENGTH:  # its formula reads max_position_embeddings as the original length: scaling starts past it
+        if new_length is not None and new_length != original:
+            raise ConfigError(f"{where}.max_position_embeddings: type {kind!r} reads max_position_embeddings as the "
+                              f"model's original context and rescales only past it, so {new_length} would move where "
+                              f"scaling starts from the model's {original} positions to {new_length} (positions in "
+                              f"between run unscaled or scaled inside the trained context); remove it: {kind} extends "
+                              f"past {original} positions by itself")
+        new_length = original
+    elif new_length is None:
+        new_length = config.max_position_embeddings if factor is None \
             else int(params.get("original_max_position_embeddings", original) * factor)
     _validate(config, params, new_length, where)
     return params, new_length
