@@ -77,6 +77,7 @@ class ReftModel(nn.Module):
         self._layer_step: dict[int, Step | None] = {}
         self._recompute = WeakIdKeyDictionary()  # layer input tensor -> Step (checkpoint replay)
         self._prefix_cache: PrefixCache | None = None  # enable_prefix_cache
+        self._warned_bare: set[str] = set()  # adapters without a spec already warned about (_check_specs)
         self._freeze_base()
         self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
         self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
@@ -370,6 +371,19 @@ class ReftModel(nn.Module):
         width = max(p.shape[-1] for p in parts)
         return torch.cat([nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts], dim=1)
 
+    def _check_specs(self, call: str) -> None:
+        """A call without `intervention_locations` places each switched-on adapter at its saved position spec; one
+        without a spec (built without `positions`, or loaded from pyreft) edits nothing there, and the call returns
+        the base model's output as if it were the adapter's: one warning per adapter (`disable_adapters` is the
+        way to ask for the base model)."""
+        bare = [n for n, cfg in self.adapter_configs.items() if cfg.positions is None
+                and (self._active is None or n in self._active) and n not in self._warned_bare]
+        for name in bare:
+            self._warned_bare.add(name)
+            logger.warning("ReFT adapter %r has no position spec and this %s passes no intervention_locations, so it "
+                           "edits nothing (the output is the base model's); pass intervention_locations, or give it "
+                           "a spec (set_positions(%r, 'f1+l1'), or ReftConfig(positions=...))", name, call, name)
+
     def _active_slots(self) -> frozenset:
         return frozenset(s.pos for s in self.slots if self._active is None or s.adapter in self._active)
 
@@ -396,13 +410,14 @@ class ReftModel(nn.Module):
         applied at `intervention_locations` `(B, I, P)` (-1 = none). Without locations, each adapter's
         saved position spec (`ReftConfig.positions`) places them on the prompt: the attended span up to
         the first token of `completion_mask` (pass it for prompt + completion rows), or the whole attended
-        span; an adapter without a spec edits nothing. A forward continuing a KV cache gets no default
-        locations (its prompt was placed when it ran)."""
+        span; a switched-on adapter without a spec edits nothing (one warning). A forward
+        continuing a KV cache gets no default locations (its prompt was placed when it ran)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         start = cache_length(find_cache(kwargs)[1])  # a cache the caller passed in (any keyword)
         completion_mask = kwargs.pop("completion_mask", None)
         if intervention_locations is None and start == 0:  # with a cache, the prompt was placed when it ran
             mask = attention_mask if attention_mask is not None else torch.ones(ref.shape[:2], dtype=torch.long)
+            self._check_specs("forward")
             intervention_locations = self.default_locations(mask.cpu(), None if completion_mask is None
                                                             else completion_mask.cpu())
         locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=True)
@@ -429,6 +444,7 @@ class ReftModel(nn.Module):
         location do no intervention work, and each orthonormal R is evaluated once per call."""
         if intervention_locations is None:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            self._check_specs("generate")
             intervention_locations = self.default_locations(mask.cpu())
         locations, last = self._prepare_locations(intervention_locations, input_ids.shape[0], with_last=True)
         run = Run(locations, self._active_slots(), last_location=last)
