@@ -261,7 +261,8 @@ def test_an_adapter_trained_with_rope_scaling_is_refused_on_a_base_without_it(ro
     from tests.adapters.table import perturb
 
     yarn = {"type": "yarn", "factor": 2.0}
-    folder = save_adapter(perturb(apply_adapter(load_model(llama_dir, rope_scaling=yarn), row.config())), tmp_path / "a")
+    model = apply_adapter(load_model(llama_dir, rope_scaling=yarn), row.config())
+    folder = save_adapter(perturb(model), tmp_path / "a")
     trained = r"\{type: yarn, factor: 2.0, original_max_position_embeddings: 512\}"
     with pytest.raises(ConfigError, match=rf"/a: RoPE \{{type: default\}} here, {trained} when trained: set "
                                           rf"model.rope_scaling: {trained} \(what training used\)"):

@@ -199,7 +199,8 @@ PROBE_COLUMNS = 8
 def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     """What identifies the base model an adapter was trained on: its shape (model type, layers, hidden size,
     vocabulary), a probe of its input embedding (3 rows x 8 columns, as float32), which adapters leave
-    frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). None when the embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
+    frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). None when the
+    embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
     lm = unwrap_lm(model)
     emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
@@ -245,7 +246,8 @@ def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope
         raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}); load it on the "
                          f"base it was trained with (the training run's base_model/ or model.path), or pass "
                          f"check_base=False (model.check_base: false) if that is what you mean")
-    change = rope_change(saved.get("rope_parameters"), found.get("rope_parameters"), rope_key)  # None: saved before recorded
+    # None for folders saved before the RoPE settings were recorded
+    change = rope_change(saved.get("rope_parameters"), found.get("rope_parameters"), rope_key)
     if change is not None and change[0] == "warning":
         logger.warning("%s: %s", folder, change[1])
     elif change is not None:  # a ConfigError: the CLI shows it whole (it names the key to set)

@@ -15,8 +15,9 @@ negative value) means "no position"; a row whose entries for intervention i are 
 touched by i. Positions count from the start of the (padded) `input_ids`; in `forward` a position past
 the input is an error (it would edit nothing), in `generate` one past the prompt is a generated token's.
 With a KV cache, positions are absolute (prompt tokens keep their index), so the decode steps of `generate`
-never re-edit the prompt; they skip the hooks' work entirely unless `intervene_on_generated` is set. Within one `generate` call every orthonormal R is evaluated once
-(`torch.nn.utils.parametrize.cached`), not once per decode step.
+never re-edit the prompt; they skip the hooks' work entirely unless `intervene_on_generated` is set. Within one
+`generate` call every orthonormal R is evaluated once (`torch.nn.utils.parametrize.cached`), not once per decode
+step.
 
 Works under `peft` (LoRA + ReFT trained together) and with non-reentrant gradient checkpointing.
 """

@@ -236,10 +236,10 @@ def rope_record(config: Any) -> dict[str, Any] | None:
 def rope_change(trained: dict[str, Any] | None, here: dict[str, Any] | None,
                 where: str = WHERE) -> tuple[str, str] | None:
     """How the RoPE of a model (`here`, a `rope_record`) differs from the one an adapter was trained with
-    (`trained`), as ("error" | "warning", text naming the key `where` that sets it); None when they agree or either is unknown. A scaling added on
-    top of an unscaled training base is a warning (extending an adapter's context at inference is legitimate);
-    a training scaling that is missing or different here is an error (every position would be encoded
-    otherwise than in training, and the outputs change without a word)."""
+    (`trained`), as ("error" | "warning", text naming the key `where` that sets it); None when they agree or either
+    is unknown. A scaling added on top of an unscaled training base is a warning (extending an adapter's context at
+    inference is legitimate); a training scaling that is missing or different here is an error (every position
+    would be encoded otherwise than in training, and the outputs change without a word)."""
     if not isinstance(trained, dict) or not isinstance(here, dict) or trained == here:
         return None
     kind = lambda p: p.get("rope_type", "default")  # noqa: E731
