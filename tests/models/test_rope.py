@@ -283,3 +283,21 @@ def test_an_adapter_trained_with_rope_scaling_is_refused_on_a_base_without_it(ro
         f"{plain}: RoPE scaling {{type: linear, factor: 2.0}} here, none when trained: the adapter meets positions "
         "encoded otherwise than in training (fine to extend its context; remove model.rope_scaling to run it as "
         "trained)"]
+
+
+def test_the_model_card_of_an_adapter_trained_with_rope_scaling_loads_it(tmp_path):
+    """The run folder's README.md ("Loading") gives the Python that loads the adapter back; for a run with
+    model.rope_scaling it loaded the base without the scaling, which the adapter folder's check now refuses (and
+    before, computed something else). The snippet now passes the run's rope_scaling, and runs as written."""
+    import re
+
+    from alignkit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["-q", "sft", "--config", str(ROOT / "configs" / "sft-long-context-tiny.yaml"), f"output_dir={run}",
+                 "adapter.kind=lora", "train.max_steps=1", "data.max_records=4"]) == 0
+    code = re.search(r"## Loading\n+```python\n(.*?)```", (run / "model" / "README.md").read_text(), re.S).group(1)
+    assert f"load_model(\"{run / 'base_model'}\", rope_scaling={{'type': 'linear', 'factor': 2.0}})" in code
+    scope: dict = {}
+    exec(code, scope)
+    assert scope["model"].config.rope_parameters["rope_type"] == "linear"

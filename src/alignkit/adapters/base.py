@@ -160,9 +160,11 @@ class Adapter:
     def settings_summary(self) -> dict[str, Any]:
         return {}
 
-    def how_to_load(self, folder: str, base: str, classifier: bool) -> str:
-        """Python that loads a saved folder of this kind back (for the model card)."""
+    def how_to_load(self, folder: str, base: str, classifier: bool, rope_scaling: dict[str, Any] | None = None) -> str:
+        """Python that loads a saved folder of this kind back (for the model card), with the `model.rope_scaling`
+        it was trained with, which `check_base` asks for."""
         task = ', task="classifier", num_labels=1' if classifier else ""
+        task += f", rope_scaling={rope_scaling!r}" if rope_scaling else ""
         return (f"from alignkit.adapters import load_adapter\nfrom alignkit.models.loading import load_model, "
                 f"load_tokenizer\nmodel = load_adapter(load_model(\"{base}\"{task}), \"{folder}\")\n"
                 f"tokenizer = load_tokenizer(\"{folder}\")")
