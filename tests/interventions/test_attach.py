@@ -3,6 +3,8 @@ belong, per-row routing, padding, hooks registered once, checkpointing, config r
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -311,6 +313,50 @@ def test_bad_locations_and_layers_fail_clearly(tiny_lm):
         a = reft(input_ids=ids_batch(), intervention_locations=torch.tensor([[2], [3], [-1]])).logits
         b = reft(input_ids=ids_batch(), intervention_locations=torch.tensor([[[2], [2]], [[3], [3]], [[-1], [-1]]])).logits
     assert torch.equal(a, b)
+
+
+def test_a_location_past_the_input_is_refused_in_a_forward(tiny_lm):
+    """One forward runs every position it will see, so a location past its input edits nothing; before, it was
+    dropped without a word (e.g. locations built for a prompt before input_ids were truncated, or for a wider
+    batch), and the forward returned the base model's output: training such batches trains nothing. Now one
+    ValueError naming the entry, its value and the input length. The last position (T - 1) and -1 still work."""
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0, 1], low_rank_dimension=2))
+    perturb(reft)
+    ids = ids_batch(t=7)  # (3, 7)
+    loc = torch.tensor([[[6], [6]], [[-1], [-1]], [[2], [7]]])  # row 2, intervention 1: position 7 of 0..6
+    with pytest.raises(ValueError, match=r"^intervention_locations\[2, 1, 0\] is 7, past this forward's 7 input "
+                                         r"tokens \(positions 0\.\.6\), so it would edit nothing; "):
+        reft(input_ids=ids, intervention_locations=loc)
+    with pytest.raises(ValueError, match=r"^intervention_locations\[0, 1\] is 9, past"):
+        reft(input_ids=ids, intervention_locations=torch.tensor([[2, 9], [-1, -1], [0, 1]]))
+    with torch.no_grad():
+        edited = reft(input_ids=ids, intervention_locations=torch.tensor([[6], [-1], [-1]])).logits
+        plain = reft.model(input_ids=ids).logits
+    assert not torch.equal(edited[0, 6], plain[0, 6]) and torch.equal(edited[1:], plain[1:])
+
+
+def test_a_call_without_locations_on_an_adapter_without_a_spec_warns(tiny_lm, caplog):
+    """Without `intervention_locations`, forward / generate place each adapter at its saved position spec; an
+    adapter built without one (or loaded from pyreft, which records none) edits nothing there, and the call returns
+    the base model's output as the adapter's. That stays (tests/interventions/test_reft_owns_positions.py), but it
+    is no longer silent: one warning naming the adapter, per adapter; none with a spec, explicit locations, or the
+    bare adapter switched off."""
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0], low_rank_dimension=2))
+    perturb(reft)
+    ids = ids_batch(t=5)
+    with caplog.at_level(logging.WARNING, logger="alignkit.interventions.attach"), torch.no_grad():
+        plain = reft.model(input_ids=ids).logits
+        assert torch.equal(reft(input_ids=ids).logits, plain)
+        reft.generate(input_ids=ids, max_new_tokens=2, do_sample=False)  # warned once already
+        explicit = reft(input_ids=ids, intervention_locations=torch.full((3, 1), 4)).logits
+        with reft.disable_adapters():
+            reft(input_ids=ids)
+        reft.set_positions("default", "l1")
+        assert torch.equal(reft(input_ids=ids).logits, explicit) and not torch.equal(explicit, plain)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ReFT adapter 'default' has no position spec and this forward passes no intervention_locations, so it edits "
+        "nothing (the output is the base model's); pass intervention_locations, or give it a spec "
+        "(set_positions('default', 'f1+l1'), or ReftConfig(positions=...))"]
 
 
 def test_interventions_follow_the_model_dtype(tiny_dir):

@@ -128,3 +128,21 @@ def test_liger_error_from_the_cli_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "base_model").exists()  # refused before any model is built
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("alignkit sft: error: model.kernels: liger needs ")
+
+
+def test_kernels_patch_the_model_a_whole_model_adapter_path_loads(tiny_dir, tmp_path, monkeypatch):
+    """eval / generate / sample with `model.adapter_path` = a fully finetuned model's folder load that folder as the
+    model, after `load_base` patched `model.kernels` into model.path's model; before, the folder's model ran
+    without the kernels asked for and nothing said so. The kernels need a GPU, so the patch is recorded here."""
+    from alignkit.adapters import AdapterConfig, apply_adapter, save_adapter
+    from alignkit.cli import models as cli_models
+    from alignkit.models.loading import load_model
+    from alignkit.settings import ModelSettings
+
+    folder = save_adapter(apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="full")), tmp_path / "full")
+    patched = []
+    monkeypatch.setattr(cli_models, "check_kernels", lambda kind, where="model.kernels": None)
+    monkeypatch.setattr(cli_models, "apply_kernels", lambda model, kind, where="model.kernels": patched.append(model))
+    model, *_ = cli_models.load_for_inference(ModelSettings(path=str(tiny_dir("llama")), adapter_path=str(folder),
+                                                            kernels="liger"), None)
+    assert any(m is model for m in patched)

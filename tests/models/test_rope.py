@@ -4,6 +4,7 @@ the one-line errors for unknown types, a missing factor and an architecture with
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from alignkit.models.loading import load_model
 from alignkit.models.rope import apply_rope_scaling, supported_rope_types
 from alignkit.models.tiny import tiny_config
 from alignkit.settings import ConfigError, load_config
+from tests.adapters.table import ADAPTERS
 
 ROOT = Path(__file__).resolve().parents[2]
 THETA, HEAD_DIM, ORIGINAL = 10000.0, 16, 512  # the tiny Llama: hidden 64 / 4 heads, 512 positions
@@ -141,6 +143,31 @@ def test_replace_counts_the_new_factor_from_the_original_context():
     assert linear.rope_parameters["original_max_position_embeddings"] == ORIGINAL
 
 
+def test_dynamic_ntk_keeps_the_original_context_as_its_threshold(llama_dir):
+    """Dynamic NTK reads max_position_embeddings as the original context and rescales only past it. Before,
+    `max_position_embeddings: 2048` in its rope_scaling was recorded as asked, and a 1024-token sequence (twice
+    the trained 512) then ran on plain, unscaled RoPE without a word; and `replace: true` over a saved linear x2
+    model kept its 1024, so positions 512..1023 ran unscaled. Now the first is a ConfigError naming the key, and
+    the replaced model's threshold is the original 512 (its NTK base past it: the formula by hand)."""
+    with pytest.raises(ConfigError, match=r"^model\.rope_scaling\.max_position_embeddings: type 'dynamic' reads "
+                                          r"max_position_embeddings as the model's original context .* from the "
+                                          r"model's 512 positions to 2048 .* remove it"):
+        load_model(llama_dir, rope_scaling={"type": "dynamic", "factor": 2.0, "max_position_embeddings": 2048})
+    cfg = apply_rope_scaling(tiny_config("llama", vocab_size=64), {"type": "dynamic", "factor": 2.0,
+                                                                   "max_position_embeddings": ORIGINAL})
+    assert cfg.max_position_embeddings == ORIGINAL  # the model's own length: accepted
+    linear = apply_rope_scaling(tiny_config("llama", vocab_size=512), {"type": "linear", "factor": 2.0})
+    apply_rope_scaling(linear, {"type": "dynamic", "factor": 2.0, "replace": True})
+    assert (dict(linear.rope_parameters), linear.max_position_embeddings) == (
+        {"rope_theta": THETA, "rope_type": "dynamic", "factor": 2.0}, ORIGINAL)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(linear).eval()
+    length = 2 * ORIGINAL  # theta' = theta * (2 * 1024 / 512 - 1) ** (16 / 14), past the original 512
+    check(model, length, base_freqs(THETA * (2.0 * length / ORIGINAL - 1.0) ** (HEAD_DIM / (HEAD_DIM - 2))))
+
+
 def test_a_saved_yarn_model_folder_is_refused_at_config_load_and_replaced_on_request(tmp_path):
     import json
 
@@ -219,3 +246,58 @@ def test_long_context_example_trains_past_the_base_context(tmp_path):
     feats, _ = tokenize_records(records, tok, TokenizeConfig(max_length=1024, max_prompt_length=1000))
     lengths = [len(f["input_ids"]) for f in feats]
     assert len(feats) == len(records) and 512 < min(lengths) and max(lengths) <= 1024
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_an_adapter_trained_with_rope_scaling_is_refused_on_a_base_without_it(row, llama_dir, tmp_path, caplog):
+    """`model.rope_scaling` changes the base's config in memory only: the adapter folder a training run saves holds
+    the adapter's weights, and eval / generate / serve load the unscaled base under it. Before, such an adapter
+    loaded without a word and every position was encoded otherwise than in training. Its alignkit_base.json now
+    records the RoPE it was trained with: a missing or different scaling is a ConfigError naming the key and the
+    scaling to set; that scaling (the message's own text) loads; a scaling added to an adapter trained without
+    one is a warning (extending the context at inference is legitimate)."""
+    from alignkit.adapters import apply_adapter, load_adapter, save_adapter
+    from alignkit.serve.stack import load_stack
+    from tests.adapters.table import perturb
+
+    yarn = {"type": "yarn", "factor": 2.0}
+    model = apply_adapter(load_model(llama_dir, rope_scaling=yarn), row.config())
+    folder = save_adapter(perturb(model), tmp_path / "a")
+    trained = r"\{type: yarn, factor: 2.0, original_max_position_embeddings: 512\}"
+    with pytest.raises(ConfigError, match=rf"/a: RoPE \{{type: default\}} here, {trained} when trained: set "
+                                          rf"model.rope_scaling: {trained} \(what training used\)"):
+        load_adapter(load_model(llama_dir), folder)
+    with pytest.raises(ConfigError, match=r"RoPE \{type: linear, factor: 2.0\} here, \{type: yarn"):
+        load_adapter(load_model(llama_dir, rope_scaling={"type": "linear", "factor": 2.0}), folder)
+    with pytest.raises(ValueError, match=rf"RoPE \{{type: default\}} here, {trained} when trained: set rope_scaling: "):
+        load_stack(llama_dir, {"a": folder})  # serve: its own key
+    suggested = {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512}
+    load_adapter(load_model(llama_dir, rope_scaling=suggested), folder)
+    load_stack(llama_dir, {"a": folder}, rope_scaling=yarn)
+    load_adapter(load_model(llama_dir), folder, check_base=False)  # on purpose
+
+    plain = save_adapter(apply_adapter(load_model(llama_dir), row.config()), tmp_path / "b")
+    with caplog.at_level(logging.WARNING, logger="alignkit.adapters.base"):
+        load_adapter(load_model(llama_dir, rope_scaling={"type": "linear", "factor": 2.0}), plain)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{plain}: RoPE scaling {{type: linear, factor: 2.0}} here, none when trained: the adapter meets positions "
+        "encoded otherwise than in training (fine to extend its context; remove model.rope_scaling to run it as "
+        "trained)"]
+
+
+def test_the_model_card_of_an_adapter_trained_with_rope_scaling_loads_it(tmp_path):
+    """The run folder's README.md ("Loading") gives the Python that loads the adapter back; for a run with
+    model.rope_scaling it loaded the base without the scaling, which the adapter folder's check now refuses (and
+    before, computed something else). The snippet now passes the run's rope_scaling, and runs as written."""
+    import re
+
+    from alignkit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["-q", "sft", "--config", str(ROOT / "configs" / "sft-long-context-tiny.yaml"), f"output_dir={run}",
+                 "adapter.kind=lora", "train.max_steps=1", "data.max_records=4"]) == 0
+    code = re.search(r"## Loading\n+```python\n(.*?)```", (run / "model" / "README.md").read_text(), re.S).group(1)
+    assert f"load_model(\"{run / 'base_model'}\", rope_scaling={{'type': 'linear', 'factor': 2.0}})" in code
+    scope: dict = {}
+    exec(code, scope)
+    assert scope["model"].config.rope_parameters["rope_type"] == "linear"

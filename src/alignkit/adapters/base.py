@@ -37,6 +37,8 @@ from alignkit.adapters.config import ADAPTER_CONFIG_NAME, AdapterConfig, KindInf
 from alignkit.interventions.attach import ReftModel
 from alignkit.interventions.config import Positions
 from alignkit.interventions.locate import hf_model, is_peft_model
+from alignkit.models.rope import rope_change, rope_record
+from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +160,11 @@ class Adapter:
     def settings_summary(self) -> dict[str, Any]:
         return {}
 
-    def how_to_load(self, folder: str, base: str, classifier: bool) -> str:
-        """Python that loads a saved folder of this kind back (for the model card)."""
+    def how_to_load(self, folder: str, base: str, classifier: bool, rope_scaling: dict[str, Any] | None = None) -> str:
+        """Python that loads a saved folder of this kind back (for the model card), with the `model.rope_scaling`
+        it was trained with, which `check_base` asks for."""
         task = ', task="classifier", num_labels=1' if classifier else ""
+        task += f", rope_scaling={rope_scaling!r}" if rope_scaling else ""
         return (f"from alignkit.adapters import load_adapter\nfrom alignkit.models.loading import load_model, "
                 f"load_tokenizer\nmodel = load_adapter(load_model(\"{base}\"{task}), \"{folder}\")\n"
                 f"tokenizer = load_tokenizer(\"{folder}\")")
@@ -196,8 +200,9 @@ PROBE_COLUMNS = 8
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     """What identifies the base model an adapter was trained on: its shape (model type, layers, hidden size,
-    vocabulary) and a probe of its input embedding (3 rows x 8 columns, as float32), which adapters leave
-    frozen. None when the embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
+    vocabulary), a probe of its input embedding (3 rows x 8 columns, as float32), which adapters leave
+    frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). None when the
+    embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
     lm = unwrap_lm(model)
     emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
@@ -209,7 +214,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     probe = w.detach()[rows, :PROBE_COLUMNS].float().cpu()  # (3, 8)
     return {"model_type": getattr(cfg, "model_type", None),
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
-            "embedding_probe": [round(float(x), 6) for x in probe.flatten()]}
+            "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg)}
 
 
 def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
@@ -226,20 +231,30 @@ def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
     return None
 
 
-def check_base(model: nn.Module, folder: str | Path) -> None:
+def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope_scaling") -> None:
     """Raise ValueError when `folder`'s adapter was trained on another base than `model` (its
-    `alignkit_base.json`; folders saved before it existed, and sharded bases, are not checked)."""
+    `alignkit_base.json`; folders saved before it existed, and sharded bases, are not checked), ConfigError
+    (naming `rope_key`) when it was trained with a RoPE scaling `model` lacks or has otherwise; a warning when
+    `model` adds a scaling to an adapter trained without one."""
     path = Path(folder) / BASE_FINGERPRINT_NAME
     if not path.is_file():
         return
     found = base_fingerprint(model)
     if found is None:
         return
-    why = base_mismatch(json.loads(path.read_text()), found)
+    saved = json.loads(path.read_text())
+    why = base_mismatch(saved, found)
     if why is not None:
         raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}); load it on the "
                          f"base it was trained with (the training run's base_model/ or model.path), or pass "
                          f"check_base=False (model.check_base: false) if that is what you mean")
+    # None for folders saved before the RoPE settings were recorded
+    change = rope_change(saved.get("rope_parameters"), found.get("rope_parameters"), rope_key)
+    if change is not None and change[0] == "warning":
+        logger.warning("%s: %s", folder, change[1])
+    elif change is not None:  # a ConfigError: the CLI shows it whole (it names the key to set)
+        raise ConfigError(f"{folder}: {change[1]}; or pass check_base=False (model.check_base: false) if that is "
+                          f"what you mean")
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}

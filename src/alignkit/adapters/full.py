@@ -8,7 +8,7 @@ precomputed log-probs), a saved folder is a whole model (`save_pretrained`, safe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -52,7 +52,8 @@ class Full(Adapter):
     def load_weights(self, model: nn.Module, folder: Path) -> None:
         """Nothing: a fully finetuned model's checkpoints are the Trainer's own (it loads them itself)."""
 
-    def how_to_load(self, folder: str, base: str, classifier: bool) -> str:
+    def how_to_load(self, folder: str, base: str, classifier: bool, rope_scaling: dict[str, Any] | None = None) -> str:
+        # the saved model's config carries the scaling
         task = ', task="classifier", num_labels=1' if classifier else ""
         return (f"from alignkit.models.loading import load_model, load_tokenizer\n"
                 f"model = load_model(\"{folder}\"{task})\ntokenizer = load_tokenizer(\"{folder}\")")

@@ -238,6 +238,8 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
             if (folder / "tokenizer_config.json").is_file():
                 tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
                                          str(folder))
+            if ms.kernels is not None:  # the model that runs is this one, not the base load_base patched
+                apply_kernels(model, ms.kernels)
         else:
             model = load_adapter(model, folder, check_base=ms.check_base)
     return model, tok, path, f"{desc} + {folder}"

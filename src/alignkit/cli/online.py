@@ -204,7 +204,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
                          "world size": trainer.world},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
         base_model_id=cfg.model.path,
-        how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False))
+        how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False, cfg.model.rope_scaling))
     with staged(run.model, step=trainer.steps_done) as model_dir:
         trainer.save(model_dir)
         card.write(model_dir / "README.md")

@@ -112,7 +112,8 @@ def build_engine(cfg: Any):
     base, base_name = resolve_base(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        stack = load_stack(base, cfg.adapters, base_name=base_name, dtype=cfg.dtype, device=device)
+        stack = load_stack(base, cfg.adapters, base_name=base_name, dtype=cfg.dtype, device=device,
+                           rope_scaling=cfg.rope_scaling)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return Engine(stack, EngineConfig(max_batch_rows=cfg.max_batch_rows, max_queue=cfg.max_queue,

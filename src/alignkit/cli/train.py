@@ -283,7 +283,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
                              command_line=command_line or f"alignkit {command}", versions=versions(),
                              base_model_id=cfg.model.path,
                              how_to_load=adapter_of(model).how_to_load(str(named.model), base_path,
-                                                                        task == "classifier"))
+                                                                        task == "classifier", cfg.model.rope_scaling))
             card.write(run.card, model_dir / "README.md")
     if trainer.is_world_process_zero():
         try:

@@ -12,11 +12,12 @@ or `(batch, positions)` meaning the same positions for every intervention. Inter
 over all adapters: adapters in the order they were added, and within an adapter its representations in
 config order (`ReftModel.slots` lists them; `adapter_slice(name)` gives an adapter's range). `-1` (any
 negative value) means "no position"; a row whose entries for intervention i are all negative is not
-touched by i. Positions count from the start of the (padded) `input_ids`; positions beyond the
-sequence are ignored. With a KV cache, positions are absolute (prompt tokens keep their index), so the
-decode steps of `generate` never re-edit the prompt; they skip the hooks' work entirely unless
-`intervene_on_generated` is set. Within one `generate` call every orthonormal R is evaluated once
-(`torch.nn.utils.parametrize.cached`), not once per decode step.
+touched by i. Positions count from the start of the (padded) `input_ids`; in `forward` a position past
+the input is an error (it would edit nothing), in `generate` one past the prompt is a generated token's.
+With a KV cache, positions are absolute (prompt tokens keep their index), so the decode steps of `generate`
+never re-edit the prompt; they skip the hooks' work entirely unless `intervene_on_generated` is set. Within one
+`generate` call every orthonormal R is evaluated once (`torch.nn.utils.parametrize.cached`), not once per decode
+step.
 
 Works under `peft` (LoRA + ReFT trained together) and with non-reentrant gradient checkpointing.
 """
@@ -77,6 +78,7 @@ class ReftModel(nn.Module):
         self._layer_step: dict[int, Step | None] = {}
         self._recompute = WeakIdKeyDictionary()  # layer input tensor -> Step (checkpoint replay)
         self._prefix_cache: PrefixCache | None = None  # enable_prefix_cache
+        self._warned_bare: set[str] = set()  # adapters without a spec already warned about (_check_specs)
         self._freeze_base()
         self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
         self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
@@ -370,6 +372,19 @@ class ReftModel(nn.Module):
         width = max(p.shape[-1] for p in parts)
         return torch.cat([nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts], dim=1)
 
+    def _check_specs(self, call: str) -> None:
+        """A call without `intervention_locations` places each switched-on adapter at its saved position spec; one
+        without a spec (built without `positions`, or loaded from pyreft) edits nothing there, and the call returns
+        the base model's output as if it were the adapter's: one warning per adapter (`disable_adapters` is the
+        way to ask for the base model)."""
+        bare = [n for n, cfg in self.adapter_configs.items() if cfg.positions is None
+                and (self._active is None or n in self._active) and n not in self._warned_bare]
+        for name in bare:
+            self._warned_bare.add(name)
+            logger.warning("ReFT adapter %r has no position spec and this %s passes no intervention_locations, so it "
+                           "edits nothing (the output is the base model's); pass intervention_locations, or give it "
+                           "a spec (set_positions(%r, 'f1+l1'), or ReftConfig(positions=...))", name, call, name)
+
     def _active_slots(self) -> frozenset:
         return frozenset(s.pos for s in self.slots if self._active is None or s.adapter in self._active)
 
@@ -396,17 +411,19 @@ class ReftModel(nn.Module):
         applied at `intervention_locations` `(B, I, P)` (-1 = none). Without locations, each adapter's
         saved position spec (`ReftConfig.positions`) places them on the prompt: the attended span up to
         the first token of `completion_mask` (pass it for prompt + completion rows), or the whole attended
-        span; an adapter without a spec edits nothing. A forward continuing a KV cache gets no default
-        locations (its prompt was placed when it ran)."""
+        span; a switched-on adapter without a spec edits nothing (one warning). A forward
+        continuing a KV cache gets no default locations (its prompt was placed when it ran)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         start = cache_length(find_cache(kwargs)[1])  # a cache the caller passed in (any keyword)
         completion_mask = kwargs.pop("completion_mask", None)
         if intervention_locations is None and start == 0:  # with a cache, the prompt was placed when it ran
             mask = attention_mask if attention_mask is not None else torch.ones(ref.shape[:2], dtype=torch.long)
+            self._check_specs("forward")
             intervention_locations = self.default_locations(mask.cpu(), None if completion_mask is None
                                                             else completion_mask.cpu())
-        # the skip of steps past the last location only matters with a KV cache (offset > 0)
-        locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=start > 0)
+        locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=True)
+        if start == 0 and last is not None and last >= ref.shape[1]:
+            _refuse_past_input(torch.as_tensor(intervention_locations), int(ref.shape[1]))
         if labels is not None:
             kwargs["labels"] = labels
         cache = self._prefix_cache
@@ -428,6 +445,7 @@ class ReftModel(nn.Module):
         location do no intervention work, and each orthonormal R is evaluated once per call."""
         if intervention_locations is None:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            self._check_specs("generate")
             intervention_locations = self.default_locations(mask.cpu())
         locations, last = self._prepare_locations(intervention_locations, input_ids.shape[0], with_last=True)
         run = Run(locations, self._active_slots(), last_location=last)
@@ -484,6 +502,17 @@ class ReftModel(nn.Module):
     def load_adapter(self, folder: str, adapter_name: str = "default") -> None:
         """Attach the adapter saved in `folder` under `adapter_name`."""
         load_adapter_into(self, folder, adapter_name)
+
+
+def _refuse_past_input(locations: torch.Tensor, length: int) -> None:
+    """ValueError naming the first location of a forward's `intervention_locations` past its `length` input tokens:
+    one forward runs every position it will ever see, so such a location would edit nothing, without a word."""
+    index = tuple(int(x) for x in (locations >= length).nonzero()[0])  # (b, i, p) or (b, p)
+    raise ValueError(f"intervention_locations[{', '.join(map(str, index))}] is {int(locations[index])}, past this "
+                     f"forward's {length} input tokens (positions 0..{length - 1}), so it would edit nothing; "
+                     f"locations index this call's padded input_ids (-1 = none): build them from this batch "
+                     f"(alignkit.interventions.positions.locations_from_spans), or pass none to use the adapter's "
+                     f"saved position spec")
 
 
 def get_reft_model(model: nn.Module, config: ReftConfig, adapter_name: str = "default") -> ReftModel:

@@ -64,14 +64,15 @@ def load_tokenizer(path: str | Path, *, padding_side: str | None = None, trust_r
 def load_model(path: str | Path, *, task: Literal["causal_lm", "classifier"] = "causal_lm",
                dtype: str | torch.dtype | None = "float32", attn_implementation: str | None = None,
                num_labels: int | None = None, trust_remote_code: bool = False,
-               rope_scaling: dict | None = None):
+               rope_scaling: dict | None = None, rope_key: str = "model.rope_scaling"):
     """Load a causal LM (`task="causal_lm"`) or a sequence classifier (`task="classifier"`).
 
-    `rope_scaling` (e.g. `{"type": "linear", "factor": 2.0}`) extends the context: see `alignkit.models.rope`."""
+    `rope_scaling` (e.g. `{"type": "linear", "factor": 2.0}`) extends the context: see `alignkit.models.rope`
+    (its errors name `rope_key`)."""
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if rope_scaling is not None:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        kwargs["config"] = apply_rope_scaling(config, rope_scaling)
+        kwargs["config"] = apply_rope_scaling(config, rope_scaling, rope_key)
     dt = resolve_dtype(dtype)
     if dt is not None:
         kwargs["dtype"] = dt

@@ -17,8 +17,9 @@ validates the result against the architecture, so every problem is one `ConfigEr
   transformers' own validation reports missing.
 
 Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn,
-llama3 and longrope (or the `max_position_embeddings` the config gives). Dynamic NTK keeps it: its formula
-reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it.
+llama3 and longrope (or the `max_position_embeddings` the config gives). Dynamic NTK keeps the original: its
+formula reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it (so
+another `max_position_embeddings` is refused, and replacing a saved scaling sets it back to the original).
 Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing. A
 model whose saved config has another scaling (a YaRN model asked for linear, or the same type with another
 factor) is refused, naming both: scalings do not stack, and replacing the saved one quietly would change every
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 from typing import Any
 
@@ -178,8 +180,16 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     params.update(scaling, rope_type=kind)
     if kind in NEEDS_ORIGINAL:
         params.setdefault("original_max_position_embeddings", original)
-    if new_length is None:
-        new_length = config.max_position_embeddings if kind in KEEPS_LENGTH or factor is None \
+    if kind in KEEPS_LENGTH:  # its formula reads max_position_embeddings as the original length: scaling starts past it
+        if new_length is not None and new_length != original:
+            raise ConfigError(f"{where}.max_position_embeddings: type {kind!r} reads max_position_embeddings as the "
+                              f"model's original context and rescales only past it, so {new_length} would move where "
+                              f"scaling starts from the model's {original} positions to {new_length} (positions in "
+                              f"between run unscaled or scaled inside the trained context); remove it: {kind} extends "
+                              f"past {original} positions by itself")
+        new_length = original
+    elif new_length is None:
+        new_length = config.max_position_embeddings if factor is None \
             else int(params.get("original_max_position_embeddings", original) * factor)
     _validate(config, params, new_length, where)
     return params, new_length
@@ -213,6 +223,38 @@ def _validate(config: Any, params: dict[str, Any], length: int, where: str) -> N
         raise ConfigError(f"{where}: {capture.messages[0]}")
 
 
+_BASE_KEYS = ("rope_theta", "partial_rotary_factor")  # the architecture's own RoPE, not a scaling
+
+
+def rope_record(config: Any) -> dict[str, Any] | None:
+    """`config`'s RoPE settings as JSON data (what an adapter folder records about the base it was trained on, so
+    that a reload can tell whether the positions are encoded as in training); None for a model without RoPE."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return json.loads(json.dumps(dict(cfg.rope_parameters), default=str)) if has_rope(cfg) else None
+
+
+def rope_change(trained: dict[str, Any] | None, here: dict[str, Any] | None,
+                where: str = WHERE) -> tuple[str, str] | None:
+    """How the RoPE of a model (`here`, a `rope_record`) differs from the one an adapter was trained with
+    (`trained`), as ("error" | "warning", text naming the key `where` that sets it); None when they agree or either
+    is unknown. A scaling added on top of an unscaled training base is a warning (extending an adapter's context at
+    inference is legitimate); a training scaling that is missing or different here is an error (every position
+    would be encoded otherwise than in training, and the outputs change without a word)."""
+    if not isinstance(trained, dict) or not isinstance(here, dict) or trained == here:
+        return None
+    kind = lambda p: p.get("rope_type", "default")  # noqa: E731
+    show = lambda p: _show(kind(p), {k: v for k, v in p.items() if k not in ("rope_type", *_BASE_KEYS)})  # noqa: E731
+    if kind(trained) == "default" and all(trained.get(k) == here.get(k) for k in _BASE_KEYS):
+        return "warning", (f"RoPE scaling {show(here)} here, none when trained: the adapter meets positions "
+                           f"encoded otherwise than in training (fine to extend its context; remove "
+                           f"{where} to run it as trained)")
+    if kind(trained) == "default":
+        return "error", (f"RoPE {here} here, {trained} when trained (another rope_theta: another base model); "
+                         "load the adapter on the base it was trained with")
+    return "error", (f"RoPE {show(here)} here, {show(trained)} when trained: set {where}: {show(trained)} "
+                     "(what training used), or every position is encoded otherwise than in training")
+
+
 def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str = WHERE) -> Any:
     """Set `config.rope_parameters` / `max_position_embeddings` for `scaling` (None: unchanged). Returns config."""
     if scaling is None:
@@ -226,4 +268,5 @@ def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str =
     return config
 
 
-__all__ = ["apply_rope_scaling", "has_rope", "original_context", "scaled_rope_parameters", "supported_rope_types"]
+__all__ = ["apply_rope_scaling", "has_rope", "original_context", "rope_change", "rope_record", "scaled_rope_parameters",
+           "supported_rope_types"]

@@ -132,12 +132,14 @@ def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) ->
 
 def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = None, *, base_name: str | None = None,
                dtype: str = "float32", device: str | torch.device | None = None,
-               attn_implementation: str | None = None, stacked_lora: bool = True) -> Stack:
+               attn_implementation: str | None = None, stacked_lora: bool = True,
+               rope_scaling: dict[str, Any] | None = None) -> Stack:
     """Load the base model in `base` once and every adapter of `adapters` (served name -> folder) onto it.
 
     `base_name` (default: the base folder's name) serves the bare base. Names must be unique, match
     `NAME_RE` and not collide with the base's name. `stacked_lora=False` routes LoRA rows with peft's
-    `adapter_names` instead of the stacked per-row LoRA of `serve/lora.py`."""
+    `adapter_names` instead of the stacked per-row LoRA of `serve/lora.py`. `rope_scaling` (the serve config's
+    key): the base's RoPE scaling, as training's `model.rope_scaling` (an adapter trained with one needs it)."""
     base = Path(base)
     if not base.is_dir():
         raise FileNotFoundError(f"base model folder {base} does not exist")
@@ -158,7 +160,8 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
         except ValueError as e:  # e.g. a fully finetuned model: not an adapter
             raise ValueError(f"{folder}: {e}") from None
     tokenizer = load_tokenizer(base)
-    lm = load_model(base, dtype=dtype, attn_implementation=attn_implementation)
+    lm = load_model(base, dtype=dtype, attn_implementation=attn_implementation, rope_scaling=rope_scaling,
+                    rope_key="rope_scaling")
     if is_classifier(lm):
         raise ValueError(f"{base}: a sequence classifier; serve needs a causal LM")
     if device is not None:
@@ -166,7 +169,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     lm.eval()
     _check_cache(lm, base)
     for name in served:  # an adapter trained on another base with the same shapes would serve something else
-        check_base(lm, adapters[name])
+        check_base(lm, adapters[name], rope_key="rope_scaling")
     for name, folder in {base_name: base, **adapters}.items():  # the chat endpoint formats with the chat template
         trained = trained_prompt_formats(folder)
         if format_mismatch(trained, {"chat-template": 1}):

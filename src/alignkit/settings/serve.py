@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 from alignkit.settings.sections import DType
 from alignkit.settings.tiny import tiny_arch
@@ -29,6 +29,9 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None  # or the ALIGNKIT_API_KEY environment variable (keeps the key out of files)
     dtype: DType = "float32"
+    # the base's RoPE scaling, as model.rope_scaling in training (alignkit.models.rope): an adapter trained with one
+    # is refused on a base without it
+    rope_scaling: dict[str, Any] | None = None
     device: str | None = None  # default: cuda if available, else cpu
     max_batch_rows: int = 32
     max_queue: int = 256
@@ -63,7 +66,7 @@ class ServeConfig:
     # read by alignkit's own engine alone; `engine: vllm` starts vLLM's server with host, port, dtype, the API key and
     # a max model length (max_prompt_tokens + max_new_tokens), and vLLM schedules, batches and places by itself
     ENGINE_ONLY = ("output_dir", "log_every", "device", "max_batch_rows", "max_queue", "default_max_tokens",
-                   "request_timeout")
+                   "request_timeout", "rope_scaling")
 
     def _refuse_engine_keys(self) -> None:
         """ConfigError naming the first ENGINE_ONLY key set away from its default with engine=vllm."""
