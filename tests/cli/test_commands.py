@@ -247,6 +247,19 @@ def test_training_rows_past_the_models_context_are_warned(tiny_dir, tmp_path, ca
     assert len(msgs) == 1 and "data.max_length=64" in msgs[0] and "model.rope_scaling" in msgs[0]
 
 
+def test_training_rows_past_a_learned_position_table_are_refused_before_the_run_folder(tiny_dir, tmp_path, capsys):
+    """GPT-2's positions are a table of n_positions rows: a row longer than it stopped training at its first batch
+    with "IndexError: index out of range in self" after the run folder was written (a RoPE model only gets the
+    warning above). One line now, before anything is written."""
+    base = tiny_dir("gpt2", max_positions=24)
+    out = tmp_path / "r"
+    rc = main(["sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"model.path={base}", f"output_dir={out}",
+               "train.max_steps=1", "train.eval_strategy=no", "data.max_length=64", "data.max_prompt_length=32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "past the model's 24 learned positions" in err and "set data.max_length" in err, err
+    assert not out.exists()
+
+
 def test_reft_positions_longer_than_the_prompts_are_warned_before_training(tmp_path, caplog):
     """f40+l40 needs 80 prompt tokens; the bundled HH prompts are shorter: one warning naming the spec, counts and
     the key, before training (the run still trains: the same rule holds at inference)."""

@@ -452,3 +452,20 @@ def test_a_resumed_run_records_all_its_steps(tmp_path):
     assert "| `steps done` | 2 |" in (out / "README.md").read_text()
     assert "| `steps done` | 2 |" in (out / "model" / "README.md").read_text()
     assert json.loads((out / "model" / "alignkit_complete.json").read_text())["step"] == 2
+
+
+def test_generation_past_a_learned_position_table_is_refused_before_the_run_folder(tiny_dir, tmp_path, capsys):
+    """GPT-2 reads positions from a table of n_positions rows: a prompt + sampling.max_new_tokens past it stopped the
+    first generation with "IndexError: index out of range in self" after the run folder was written (a warning said
+    it beforehand, as for a RoPE model, which keeps going). One line now, naming both numbers and the fix; prompts
+    cut to fit (data.max_prompt_length) run."""
+    base = tiny_dir("gpt2", max_positions=16)
+    out = tmp_path / "run"
+    args = ["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), f"model.path={base}",
+            *FAST, "train.max_steps=1", "sampling.max_new_tokens=8"]
+    rc = main([*args, f"output_dir={out}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit grpo")]
+    assert rc == 2 and len(err) == 1, err
+    assert "past the model's 16 learned positions" in err[0] and "data.max_prompt_length" in err[0], err
+    assert not out.exists()
+    assert main([*args, f"output_dir={tmp_path / 'fits'}", "data.max_prompt_length=8"]) == 0  # 8 + 8 = 16 rows

@@ -23,14 +23,16 @@ from typing import Any
 
 from transformers import set_seed
 
-from alignkit.adapters import adapter_of
+from alignkit.adapters import adapter_of, unwrap_lm
 from alignkit.cli.data import read_splits
 from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
 )
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
+from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
 from alignkit.online.annotators import judge_chat
+from alignkit.online.generation import encode_prompts
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
@@ -144,6 +146,19 @@ def plot_online(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- the run
 
+def check_generation_context(model: Any, tok: Any, prompts: list, tcfg: Any) -> None:
+    """Before the run folder: with a learned position table (GPT-2), the longest prompt (as generation encodes it) +
+    sampling.max_new_tokens past the table is a ConfigError (the first generation would stop with an IndexError).
+    RoPE models are warned at generation time (`check_context`); their prompts are not encoded twice."""
+    config = getattr(unwrap_lm(model), "config", None)
+    if not learned_positions(config):
+        return
+    longest = max(map(len, encode_prompts(prompts, tok, tcfg.formatter, tcfg.max_prompt_length)), default=0)
+    check_context(config, longest + tcfg.sampling.max_new_tokens,
+                  "generation (the longest prompt + sampling.max_new_tokens)",
+                  "lower sampling.max_new_tokens or data.max_prompt_length (prompts keep their last tokens)")
+
+
 def trainer_class(command: str) -> type:
     return {"online-dpo": OnlineDPOTrainer, "grpo": GRPOTrainer, "rloo": RLOOTrainer, "ppo": PPOTrainer}[command]
 
@@ -177,6 +192,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
 
     if plan.checkpoint is not None:  # a checkpoint of other prompts or restored settings: refused before writing
         trainer.check_resume(plan.checkpoint)
+    check_generation_context(model, tok, [*prompts, *held_out], tcfg)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)

@@ -35,7 +35,7 @@ from alignkit.interventions.positions import check_prompt_lengths
 from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import compile_layers
-from alignkit.models.rope import warn_past_context
+from alignkit.models.rope import check_context
 from alignkit.runs import (
     MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, staged, versions,
     write_prompt_formats,
@@ -223,9 +223,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
     longest = max((len(v) for f in (*train_feats, *eval_feats) for k, v in f.items()
                    if k.endswith("input_ids") and hasattr(v, "__len__")), default=0)
-    warn_past_context(unwrap_lm(model).config, longest, f"the longest tokenized row (data.max_length="
-                      f"{cfg.data.max_length})", "set data.max_length to the model's context or extend it "
-                      "(model.rope_scaling)")
+    check_context(unwrap_lm(model).config, longest, f"the longest tokenized row (data.max_length="
+                  f"{cfg.data.max_length})", "set data.max_length to the model's context")
 
     reft = reft_settings(model)
     if reft is not None:  # before anything is written: an empty prompt stops, short ones are said once

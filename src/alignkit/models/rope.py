@@ -93,19 +93,32 @@ def trained_context(config: Any) -> int | None:
 _warned_context: set[tuple[str, int, int]] = set()
 
 
-def warn_past_context(config: Any, longest: int, what: str, fix: str) -> bool:
-    """Log one warning (once per model type, context and length) when `longest` tokens run past the model's
-    context: past its positions a RoPE model keeps producing tokens, just not ones it was trained to (learned
-    position tables fail outright), so the result is quietly worse. Dynamic NTK scaling rescales past its
-    length by design and is not warned about. Returns whether it is past."""
+def learned_positions(config: Any) -> bool:
+    """Whether `config`'s model reads its positions from a learned table of `context_length(config)` rows (GPT-2's
+    `wpe`): no rotary embedding, no ALiBi, and a named length. A position past that table has no row."""
+    return config is not None and not has_rope(config) and not getattr(config, "alibi", False) \
+        and context_length(config) is not None
+
+
+def check_context(config: Any, longest: int, what: str, fix: str) -> bool:
+    """`longest` tokens against the model's context. Past a learned position table (`learned_positions`): a
+    ConfigError (the forward would stop with "IndexError: index out of range in self" at the first such row, after
+    the run folder is written). Past a RoPE model's positions: one warning (once per model type, context and
+    length): the model keeps producing tokens, just not ones it was trained to, so the result is quietly worse.
+    Dynamic NTK scaling rescales past its length by design and is not warned about. Returns whether it is past."""
     ctx = trained_context(config)
     if ctx is None or longest <= ctx:
         return False
+    if learned_positions(config):
+        raise ConfigError(f"{what} reaches {longest} tokens, past the model's {ctx} learned positions "
+                          f"({getattr(config, 'model_type', 'model')} has no position {ctx} or later: its forward would "
+                          f"stop with an IndexError); {fix}")
     key = (str(getattr(config, "model_type", "")), ctx, longest)
     if key not in _warned_context:
         _warned_context.add(key)
         logger.warning("%s reaches %d tokens, past the model's context of %d positions (max_position_embeddings): "
-                       "the positions beyond it were never trained; %s", what, longest, ctx, fix)
+                       "the positions beyond it were never trained; %s, or extend the context (model.rope_scaling)",
+                       what, longest, ctx, fix)
     return True
 
 
@@ -268,5 +281,5 @@ def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str =
     return config
 
 
-__all__ = ["apply_rope_scaling", "has_rope", "original_context", "rope_change", "rope_record", "scaled_rope_parameters",
+__all__ = ["apply_rope_scaling", "check_context", "has_rope", "learned_positions", "original_context", "rope_change", "rope_record", "scaled_rope_parameters",
            "supported_rope_types"]

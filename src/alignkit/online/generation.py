@@ -61,7 +61,7 @@ from alignkit.guards import NonFiniteLogitsError
 from alignkit.interventions.attach import ReftModel
 from alignkit.online.decode import (inference_context, lean_generate, lean_unsupported, preallocated_cache,
                                    sharded_over_processes)
-from alignkit.models.rope import warn_past_context
+from alignkit.models.rope import check_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 
 logger = logging.getLogger(__name__)
@@ -304,9 +304,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                          "e.g. positions='l1' or 'f3+l3' (see alignkit.interventions.positions)")
     records = as_prompt_records(prompts)
     encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
-    warn_past_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
-                      "generation (longest prompt + max_new_tokens)",
-                      "lower max_new_tokens / the prompt length, or extend the context (model.rope_scaling)")
+    check_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
+                  "generation (longest prompt + max_new_tokens)", "lower max_new_tokens / the prompt length")
     eos = end_token_ids(model, tokenizer, cfg, chat=uses_chat_template(records, formatter))
     gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
     if sharded_over_processes(model):  # every forward is a collective: no rank may stop decoding before the others
