@@ -29,8 +29,8 @@ from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
 )
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
-from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
-from alignkit.online.annotators import judge_chat
+from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
+                             RLOOTrainer, build_annotator)
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
@@ -101,13 +101,10 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
     if settings.device is not None:
         model = model.to(settings.device)
     logger.info("annotator %s: %s", settings.kind, desc)
-    if settings.kind == "judge":
-        try:
-            judge_chat(settings.chat, tok)
-        except ValueError as e:
-            raise ConfigError(f"annotator.{e}") from None
     try:
         annotator = ANNOTATORS[settings.kind](model, tok, **settings.arguments())
+    except AnnotatorArgumentError as e:  # its argument is the section's key of the same name
+        raise ConfigError(f"annotator.{e.key}: {e.reason}") from None
     except ValueError as e:
         raise ConfigError(f"annotator: {e}") from None
     annotator.path = desc  # built from a model object, it would describe itself with path None (manifest, card)
