@@ -167,8 +167,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_configured_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None, allow_code)
-    if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged)
-        tcfg = dataclasses.replace(tcfg, progress_bar=False)
+    if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged); set on this
+        tcfg.progress_bar = False  # object (a copy would be built, and checked, again)
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,
                                      eval_prompts=held_out or None)
 
