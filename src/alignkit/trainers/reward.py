@@ -30,7 +30,7 @@ from alignkit.trainers.data_prep import packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import (
     backbone_output, forward_kwargs, is_packed, is_shared, prompt_locations, shared_states,
 )
-from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
+from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -143,8 +143,7 @@ class RewardTrainer(AlignTrainer):
         if not is_classifier(model):
             raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
                              f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
-        if padding_free and share_prompt:
-            raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+        check_layout(model, share_prompt, padding_free, reward_model=True)
         lm = unwrap_lm(model)
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         share_prompt = resolve_share_prompt(share_prompt, padding_free, model, args, kwargs.get("data_collator"),
