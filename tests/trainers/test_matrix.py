@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from alignkit.losses import PREFERENCE_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES
 from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
 
 from .conftest import ADAPTER_KINDS, fast_args, snapshot
@@ -22,6 +23,24 @@ TRAINERS = {
     "reward": (RewardTrainer, "preference", True, {}, "accuracy"),
     "reward_ranked": (RewardTrainer, "ranked", True, {}, "kendall_tau"),
 }
+
+
+# every registered loss of the offline objectives besides the rows above: name -> (class, data kind, classifier?, kwargs)
+LOSS_ROWS = {**{f"sft:{n}": (SFTTrainer, "sft", False, {"loss_type": n}) for n in SFT_LOSSES},
+             **{f"dpo:{n}": (PreferenceTrainer, "preference", False, {"loss_type": n}) for n in PREFERENCE_LOSSES},
+             **{f"kto:{n}": (KTOTrainer, "unpaired", False, {"loss_type": n}) for n in UNPAIRED_LOSSES}}
+
+
+@pytest.mark.parametrize("name", [*TRAINERS, *LOSS_ROWS])
+def test_evaluation_logs_exactly_the_declared_metrics(name, make_model, features, collators, tokenizer, tmp_path):
+    """`eval_metrics` (what train.metric_for_best_model may name, checked when a config is loaded) is declared on
+    the loss registries and the trainers; a real evaluation of each objective and each registered loss logs exactly
+    those names as eval_<name> (eval_model_preparation_time only comes with an evaluation before any training)."""
+    cls, data, classifier, extra = TRAINERS[name][:4] if name in TRAINERS else LOSS_ROWS[name]
+    trainer = cls(make_model("lora", classifier=classifier), fast_args(tmp_path), train_dataset=features[data],
+                  eval_dataset=features[data], data_collator=collators[data], processing_class=tokenizer, **extra)
+    logged = {k.removeprefix("eval_") for k in trainer.evaluate() if k.startswith("eval_")}
+    assert logged - {"model_preparation_time"} == set(cls.eval_metrics(**extra, ranked=data == "ranked"))
 
 
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)

@@ -52,6 +52,25 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
     return train
 
 
+def check_best_metric(cfg: Any, command: str) -> None:
+    """`train.metric_for_best_model` (load_best_model_at_end, save_strategy best, plateau schedules) against what
+    the objective's evaluation logs (`alignkit.trainers.TRAINERS[command].eval_metrics`, from the method's
+    settings): a name it never logs passed, the run folder was written, and transformers stopped at the first
+    evaluation with a KeyError. `eval_x` and `x` are the same metric, as transformers reads them."""
+    name = cfg.train.get("metric_for_best_model")
+    if name is None:
+        return
+    from alignkit.trainers import TRAINERS
+
+    logged = TRAINERS[command].eval_metrics(**dataclasses.asdict(cfg.method))
+    if str(name).removeprefix("eval_") in logged:
+        return
+    spelled = [f"eval_{m}" for m in logged] if str(name).startswith("eval_") else list(logged)
+    raise ConfigError(f"train.metric_for_best_model: {name!r} is not logged by alignkit {command}'s evaluation"
+                      f"{_suggest(str(name), spelled)}, so the first evaluation would stop the run (transformers' "
+                      f"KeyError); use one of: {', '.join(spelled)}")
+
+
 def check_report_to(report_to: Any, where: str = "train") -> None:
     """Each tracker named in `report_to` against transformers' integrations (plus none / all): an unknown one
     stopped the Trainer's construction with a ValueError ('unexpected error') instead of one line naming the key."""
@@ -139,6 +158,7 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
         check_model_reads(cfg.model, command)
     if isinstance(cfg, TrainConfig):
         check_training_args(cfg.train)
+        check_best_metric(cfg, command)
     _check_names(cfg)
     _check_model(cfg)
     if not getattr(cfg, "checks_own_bounds", False):  # an online run config has checked them when it was built
@@ -181,5 +201,5 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config", "load_config",
+__all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config", "load_config",
            "save_config"]

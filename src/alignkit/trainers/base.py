@@ -97,6 +97,9 @@ from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
 
 logger = logging.getLogger(__name__)
 
+# what transformers' Trainer.evaluate logs of its own, as eval_<name> (besides eval_model_preparation_time, only when
+# the model is evaluated before any training, so never at a training run's evaluations)
+TRAINER_EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
 TRAINING_ARGS_JSON = "training_args.json"
 STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep (num_tokens)
 
@@ -190,6 +193,20 @@ class AlignTrainer(BatchSampling, Trainer):
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement objective(model, inputs) -> LossOutput")
+
+    @classmethod
+    def objective_metrics(cls, **method: Any) -> tuple[str, ...]:
+        """The names of the metrics `objective` returns with the objective's settings `method` (the trainer's
+        keyword arguments; others are ignored), as logged: from the loss registries' declarations
+        (`alignkit.losses.registry`). Each subclass says which."""
+        raise NotImplementedError(f"{cls.__name__} must implement objective_metrics(**method)")
+
+    @classmethod
+    def eval_metrics(cls, **method: Any) -> tuple[str, ...]:
+        """Every metric an evaluation of this objective logs, without the `eval_` prefix: the Trainer's own
+        (`TRAINER_EVAL_METRICS`: loss, runtime, ...) and `objective_metrics`. What
+        `train.metric_for_best_model` may name (checked when a config is loaded)."""
+        return TRAINER_EVAL_METRICS + tuple(m for m in cls.objective_metrics(**method) if m not in TRAINER_EVAL_METRICS)
 
     # -- normalisation ---------------------------------------------------------------------------------
 

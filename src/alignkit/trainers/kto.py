@@ -123,10 +123,18 @@ class KTOTrainer(HasReference, AlignTrainer):
         check_label_balance(self.train_dataset, desirable_weight, undesirable_weight)
         self.reference.place(self.args.device, self.accelerator, disable_dropout=disable_dropout)
 
+    PER_SIDE = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")  # logged as <name>_sum / count
+
+    @classmethod
+    def objective_metrics(cls, **_: Any) -> tuple[str, ...]:
+        """`metric_totals`' names. An evaluation whose examples are all of one side (desirable or not) has no count
+        for the other, and does not log that side's two metrics."""
+        return (*cls.PER_SIDE, "kl")
+
     def metric_totals(self, metrics: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """KTO's metrics come as sums with counts: log rewards/chosen = rewards/chosen_sum / count/chosen etc."""
         out = {}
-        for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        for name in self.PER_SIDE:
             side = name.split("/")[1]
             out[name] = (metrics[f"{name}_sum"].float(), metrics[f"count/{side}"].float())
         kl = metrics["kl"].float()

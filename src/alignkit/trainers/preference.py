@@ -101,6 +101,15 @@ class PreferenceTrainer(HasReference, AlignTrainer):
             self.eval_dataset = ref.cached_dataset(self.model, self.eval_dataset, collator, "eval", **common)
         self.data_collator = ref.collator(collator)
 
+    @classmethod
+    def objective_metrics(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> tuple[str, ...]:
+        """Each loss's metrics (the first loss's value wins a shared name), `loss/<name>` per loss of a
+        combination, and the logits' means."""
+        names = loss_names(loss_type)
+        own = [m for name in names for m in PREFERENCE_LOSSES.metrics[name]]
+        parts = [f"loss/{name}" for name in names] if len(names) > 1 else []
+        return tuple(dict.fromkeys([*own, *parts, "logits/chosen", "logits/rejected"]))
+
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         stats: dict = {}
         logps, lengths = completion_logps(model, inputs, self.chunk_size, stats)  # (2B,), (2B,)

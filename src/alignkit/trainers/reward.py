@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data import PreferenceCollator
-from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
+from alignkit.losses import REWARD_LOSSES, LossOutput, bradley_terry_loss, ranking_loss
 from alignkit.models import last_layer
 from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
 from alignkit.trainers.base import AlignTrainer
@@ -161,6 +161,11 @@ class RewardTrainer(AlignTrainer):
         super().__init__(model, args, **kwargs)
         if share_prompt:
             self.data_collator = shared_prompt_collator(self.data_collator)
+
+    @classmethod
+    def objective_metrics(cls, ranked: bool = False, **_: Any) -> tuple[str, ...]:
+        """The ranking loss's metrics on ranked data (`ranked`), the Bradley-Terry pair loss's otherwise."""
+        return REWARD_LOSSES.metrics["ranking" if ranked else "bradley_terry"]
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         r = sequence_rewards(model, inputs)  # (rows,)
