@@ -56,14 +56,23 @@ def check_best_metric(cfg: Any, command: str) -> None:
     """`train.metric_for_best_model` (load_best_model_at_end, save_strategy best, plateau schedules) against what
     the objective's evaluation logs (`alignkit.trainers.TRAINERS[command].eval_metrics`, from the method's
     settings): a name it never logs passed, the run folder was written, and transformers stopped at the first
-    evaluation with a KeyError. `eval_x` and `x` are the same metric, as transformers reads them."""
+    evaluation with a KeyError. `eval_x` and `x` are the same metric, as transformers reads them. A metric that is better
+    when lower (`alignkit.trainers.lower_is_better`) without train.greater_is_better is refused too when transformers'
+    default (higher is better unless the name ends in 'loss') would keep the worst checkpoint as the best."""
     name = cfg.train.get("metric_for_best_model")
     if name is None:
         return
-    from alignkit.trainers import TRAINERS
+    from alignkit.trainers import TRAINERS, lower_is_better
 
     logged = TRAINERS[command].eval_metrics(**dataclasses.asdict(cfg.method))
-    if str(name).removeprefix("eval_") in logged:
+    metric = str(name).removeprefix("eval_")
+    if metric in logged and cfg.train.get("greater_is_better") is None and not metric.endswith("loss") \
+            and lower_is_better(metric):
+        raise ConfigError(f"train.metric_for_best_model: {name!r} is better when lower, and train.greater_is_better "
+                          "is not set: transformers then takes a metric whose name does not end in 'loss' as better "
+                          "when higher, so the 'best' checkpoint would be the worst one; set "
+                          "train.greater_is_better=false")
+    if metric in logged:
         return
     spelled = [f"eval_{m}" for m in logged] if str(name).startswith("eval_") else list(logged)
     raise ConfigError(f"train.metric_for_best_model: {name!r} is not logged by alignkit {command}'s evaluation"

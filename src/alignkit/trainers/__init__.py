@@ -3,7 +3,7 @@
 Every trainer works with every adapter kind (`alignkit.adapters`: full, lora, reft, reft+lora).
 """
 
-from alignkit.trainers.base import TRAINER_EVAL_METRICS, AlignTrainer, turn_off_dropout
+from alignkit.trainers.base import TRAINER_EVAL_METRICS, AlignTrainer, lower_is_better, turn_off_dropout
 from alignkit.trainers.kto import KTOTrainer, mismatched_batch
 from alignkit.trainers.logps import completion_logps, completion_token_logps, prompt_locations, prompt_spans
 from alignkit.trainers.preference import REFERENCE_FREE, DPOTrainer, PreferenceTrainer
@@ -21,4 +21,4 @@ __all__ = ["AlignTrainer", "DPOTrainer", "KTOTrainer", "PreferenceTrainer", "REF
            "TRAINERS", "TRAINER_EVAL_METRICS",
            "ReferenceCollator", "RewardTrainer", "SFTTrainer", "build_reference", "completion_logps",
            "completion_token_logps", "frozen_copy", "load_or_compute", "mismatched_batch", "pair_batch",
-           "prompt_locations", "prompt_spans", "sequence_rewards", "turn_off_dropout"]
+           "lower_is_better", "prompt_locations", "prompt_spans", "sequence_rewards", "turn_off_dropout"]

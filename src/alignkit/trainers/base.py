@@ -100,6 +100,13 @@ logger = logging.getLogger(__name__)
 # what transformers' Trainer.evaluate logs of its own, as eval_<name> (besides eval_model_preparation_time, only when
 # the model is evaluated before any training, so never at a training run's evaluations)
 TRAINER_EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
+# logged metrics whose smaller values are the better ones besides the losses (names ending in "loss", and loss/<name>)
+LOWER_IS_BETTER = ("runtime", "nll/token", "hinge")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of the logged metric `metric` (without `eval_`) is the better one."""
+    return metric.endswith("loss") or metric.startswith("loss/") or metric in LOWER_IS_BETTER
 TRAINING_ARGS_JSON = "training_args.json"
 STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep (num_tokens)
 
