@@ -25,7 +25,8 @@ TRAINERS = {
 }
 
 
-# every registered loss of the offline objectives besides the rows above: name -> (class, data kind, classifier?, kwargs)
+# every registered loss of the offline objectives besides the rows above:
+# name -> (class, data kind, classifier?, kwargs)
 LOSS_ROWS = {**{f"sft:{n}": (SFTTrainer, "sft", False, {"loss_type": n}) for n in SFT_LOSSES},
              **{f"dpo:{n}": (PreferenceTrainer, "preference", False, {"loss_type": n}) for n in PREFERENCE_LOSSES},
              **{f"kto:{n}": (KTOTrainer, "unpaired", False, {"loss_type": n}) for n in UNPAIRED_LOSSES}}

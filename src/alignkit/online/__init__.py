@@ -36,8 +36,8 @@ from alignkit.online.value_head import ValueHead
 
 __all__ = [
     "SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "generation_metrics",
-    "ANNOTATORS", "Annotator", "AnnotatorArgumentError", "AnnotatorError", "Scores", "RewardModelAnnotator", "FunctionAnnotator",
-    "JudgeAnnotator", "build_annotator", "load_function",
+    "ANNOTATORS", "Annotator", "AnnotatorArgumentError", "AnnotatorError", "Scores", "RewardModelAnnotator",
+    "FunctionAnnotator", "JudgeAnnotator", "build_annotator", "load_function",
     "FEEDBACK_MODES", "build_records", "pointwise", "best_worst_pairs", "random_pairs", "judge_pairs", "best_of_n",
     "REWEIGHTERS", "Reweighter", "build_reweighter", "reweight",
     "sample_round", "annotate_round", "train_round", "run_offline_rounds", "read_samples",

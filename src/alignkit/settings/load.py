@@ -56,8 +56,8 @@ def check_best_metric(cfg: Any, command: str) -> None:
     """`train.metric_for_best_model` (load_best_model_at_end, save_strategy best, plateau schedules) against what
     the objective's evaluation logs (`alignkit.trainers.TRAINERS[command].eval_metrics`, from the method's
     settings): a name it never logs passed, the run folder was written, and transformers stopped at the first
-    evaluation with a KeyError. `eval_x` and `x` are the same metric, as transformers reads them. A metric that is better
-    when lower (`alignkit.trainers.lower_is_better`) without train.greater_is_better is refused too when transformers'
+    evaluation with a KeyError. `eval_x` and `x` are the same metric, as transformers reads them. A metric better when
+    lower (`alignkit.trainers.lower_is_better`) without train.greater_is_better is refused too when transformers'
     default (higher is better unless the name ends in 'loss') would keep the worst checkpoint as the best."""
     name = cfg.train.get("metric_for_best_model")
     if name is None:
@@ -210,5 +210,5 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config", "load_config",
-           "save_config"]
+__all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config",
+           "load_config", "save_config"]

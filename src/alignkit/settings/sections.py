@@ -250,7 +250,8 @@ def check_pair_layout(share_prompt: bool | None, padding_free: bool | None, *, r
     if share_prompt and attention not in (None, "sdpa", "eager"):
         raise ConfigError(f"{where}share_prompt: true needs sdpa or eager attention (a custom 4D mask), and the "
                           f"model's attn_implementation is {attention!r}, {fails}; remove it (padding_free suits "
-                          "flash attention) or load the model with attn_implementation sdpa (model.attn_implementation)")
+                          "flash attention) or load the model with attn_implementation sdpa "
+                          "(model.attn_implementation)")
     if padding_free and reward_model and reft_kind is not None:
         raise ConfigError(f"{where}padding_free: true does not run a ReFT reward model (adapter.kind {reft_kind!r}: a "
                           f"classifier's positions are placed over the whole padded row), {fails}; remove it (or set "
