@@ -62,7 +62,7 @@ def check_best_metric(cfg: Any, command: str) -> None:
     name = cfg.train.get("metric_for_best_model")
     if name is None:
         return
-    from alignkit.trainers import TRAINERS, lower_is_better
+    from alignkit.trainers import TRAINERS, check_best_metric_name, lower_is_better
 
     logged = TRAINERS[command].eval_metrics(**dataclasses.asdict(cfg.method))
     metric = str(name).removeprefix("eval_")
@@ -72,12 +72,7 @@ def check_best_metric(cfg: Any, command: str) -> None:
                           "is not set: transformers then takes a metric whose name does not end in 'loss' as better "
                           "when higher, so the 'best' checkpoint would be the worst one; set "
                           "train.greater_is_better=false")
-    if metric in logged:
-        return
-    spelled = [f"eval_{m}" for m in logged] if str(name).startswith("eval_") else list(logged)
-    raise ConfigError(f"train.metric_for_best_model: {name!r} is not logged by alignkit {command}'s evaluation"
-                      f"{_suggest(str(name), spelled)}, so the first evaluation would stop the run (transformers' "
-                      f"KeyError); use one of: {', '.join(spelled)}")
+    check_best_metric_name(name, logged, f"alignkit {command}", "train.")
 
 
 def check_report_to(report_to: Any, where: str = "train") -> None:

@@ -101,6 +101,9 @@ class PreferenceTrainer(HasReference, AlignTrainer):
             self.eval_dataset = ref.cached_dataset(self.model, self.eval_dataset, collator, "eval", **common)
         self.data_collator = ref.collator(collator)
 
+    def objective_settings(self) -> dict[str, Any]:
+        return {"loss_type": self.loss_type}
+
     @classmethod
     def objective_metrics(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> tuple[str, ...]:
         """Each loss's metrics (the first loss's value wins a shared name), `loss/<name>` per loss of a

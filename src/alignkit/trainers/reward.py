@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.data import PreferenceCollator
+from alignkit.data import PreferenceCollator, RankedCollator
 from alignkit.losses import REWARD_LOSSES, LossOutput, bradley_terry_loss, ranking_loss
 from alignkit.models import last_layer
 from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
@@ -161,6 +161,9 @@ class RewardTrainer(AlignTrainer):
         super().__init__(model, args, **kwargs)
         if share_prompt:
             self.data_collator = shared_prompt_collator(self.data_collator)
+
+    def objective_settings(self) -> dict[str, Any]:
+        return {"ranked": isinstance(self.data_collator, RankedCollator)}
 
     @classmethod
     def objective_metrics(cls, ranked: bool = False, **_: Any) -> tuple[str, ...]:

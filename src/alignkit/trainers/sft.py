@@ -46,6 +46,9 @@ class SFTTrainer(AlignTrainer):
                                                       checkpointing=bool(args.activation_checkpointing))
         super().__init__(model, args, **kwargs)
 
+    def objective_settings(self) -> dict[str, Any]:
+        return {"loss_type": self.loss_type}
+
     @classmethod
     def objective_metrics(cls, loss_type: str = "nll", **_: Any) -> tuple[str, ...]:
         return SFT_LOSSES.metrics[loss_type] + ("mean_token_accuracy",)
