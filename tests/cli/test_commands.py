@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.settings import load_config
+from alignkit.settings import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -454,6 +454,57 @@ def test_a_batch_layout_the_run_cannot_use_is_refused_before_anything_is_written
     assert rc == 2 and len(err) == 1, err
     assert f"{key}: " in err[0] and says in err[0] and "remove it" in err[0], err
     assert not out.exists()
+
+
+BEST = ["train.max_steps=2", "train.eval_steps=1", "train.save_strategy=steps", "train.save_steps=1",
+        "train.load_best_model_at_end=true"]
+
+
+@pytest.mark.parametrize("command,config,metric,hint", [
+    ("sft", "sft-tiny.yaml", "eval_los", "did you mean 'eval_loss'?"),  # a typo
+    ("sft", "sft-tiny.yaml", "eval_rewards/accuracies", "eval_mean_token_accuracy"),  # another objective's metric
+    ("dpo", "dpo-tiny.yaml", "rewards/accuracy", "did you mean 'rewards/accuracies'?"),
+])
+def test_a_best_model_metric_the_objective_never_logs_is_refused_before_anything_is_written(command, config, metric,
+                                                                                            hint, tmp_path, capsys):
+    """train.metric_for_best_model naming a metric the objective's evaluation never logs passed config read, the run
+    folder was written, and transformers stopped the run at the first evaluation with a KeyError (exit 1). Now exit
+    2 with one line naming the key, a did-you-mean and the valid names, and no run folder."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "-c", str(CONFIGS / config), f"output_dir={out}", *BEST,
+               f"train.metric_for_best_model={metric}", "data.eval_fraction=0.34"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert rc == 2 and len(err) == 1, err
+    assert f"train.metric_for_best_model: {metric!r} is not logged by alignkit {command}'s evaluation" in err[0], err
+    assert hint in err[0], err
+    assert not out.exists()
+
+
+def test_a_best_model_metric_the_objective_logs_runs_in_either_spelling(tmp_path):
+    """The objective's own metrics, with or without `eval_` (transformers adds it), load and run to the end."""
+    out = tmp_path / "run"
+    assert main(["-q", "sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", *BEST,
+                 "train.metric_for_best_model=mean_token_accuracy"]) == 0
+    assert (out / "model").is_dir()
+    for metric in ("eval_mean_token_accuracy", "eval_loss", "loss"):
+        load_config(CONFIGS / "sft-tiny.yaml", [*BEST, f"train.metric_for_best_model={metric}"])
+
+
+@pytest.mark.parametrize("command,config,metric", [("sft", "sft-tiny.yaml", "nll/token"),
+                                                   ("sft", "sft-tiny.yaml", "eval_runtime"),
+                                                   ("dpo", "dpo-tiny.yaml", "eval_loss/sft")])
+def test_a_lower_is_better_best_model_metric_needs_greater_is_better(command, config, metric):
+    """transformers takes a metric_for_best_model whose name does not end in 'loss' as better when higher unless
+    train.greater_is_better says otherwise: with nll/token (or runtime, or one loss of a combination) the run kept and
+    loaded the checkpoint where it was highest, the worst one, without a word. Now refused at load unless
+    train.greater_is_better is set."""
+    combination = ["method.loss_type=[sigmoid,sft]"] if command == "dpo" else []  # logs loss/sigmoid, loss/sft
+    args = [*BEST, f"train.metric_for_best_model={metric}", *combination]
+    with pytest.raises(ConfigError, match=rf"train\.metric_for_best_model: '{metric}' is better when lower, and "
+                                          r"train\.greater_is_better is not set.*set train\.greater_is_better=false"):
+        load_config(CONFIGS / config, args)
+    cfg = load_config(CONFIGS / config, [*args, "train.greater_is_better=false"])
+    assert cfg.train["metric_for_best_model"] == metric and cfg.train["greater_is_better"] is False
 
 
 def test_num_train_epochs_beside_max_steps_is_refused_before_anything_is_written(tmp_path, capsys):

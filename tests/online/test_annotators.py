@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from alignkit.online.annotators import (ANNOTATORS, AnnotatorError, FunctionAnnotator, JudgeAnnotator,
-                                        RewardModelAnnotator, build_annotator)
+from alignkit.online.annotators import (ANNOTATORS, AnnotatorArgumentError, AnnotatorError, FunctionAnnotator,
+                                        JudgeAnnotator, RewardModelAnnotator, build_annotator)
 from .scripted import ScriptedJudge
 
 CHAT = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -232,7 +232,10 @@ def test_judge_chat_true_needs_a_chat_template(tokenizer):
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
     model = ScriptedJudge(tokenizer, judge_script)
-    with pytest.raises(ValueError, match=r"JudgeAnnotator: chat: true .* has none .*remove chat \(auto"):
+    with pytest.raises(ValueError, match=r"JudgeAnnotator: chat: true .* has none .*remove chat \(auto") as e:
         JudgeAnnotator(model, plain, chat=True)
+    # the error names its argument (the CLI's annotator.chat, with no check of its own before the constructor's)
+    assert isinstance(e.value, AnnotatorArgumentError) and e.value.key == "chat"
+    assert e.value.reason.startswith("true sends the judge's questions")
     assert JudgeAnnotator(model, plain).chat is False and JudgeAnnotator(model, plain, chat=False).chat is False
     assert JudgeAnnotator(model, tokenizer).chat is True and JudgeAnnotator(model, tokenizer, chat=False).chat is False

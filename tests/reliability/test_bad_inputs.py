@@ -109,6 +109,32 @@ def test_online_library_configs_check_the_cli_bounds_when_built(cls, key, value,
     getattr(online, cls)()  # the defaults are in bounds
 
 
+def test_online_run_config_checks_its_bounds_once_and_a_changed_method_again(monkeypatch):
+    """An online CLI config was checked against BOUNDS three times (its own __post_init__, load_config's check_bounds,
+    and the trainer config built to validate it), and once more when the run built its trainer config. Now once per
+    path: the run config checks its sections when built; trainer configs built from unchanged method values do not
+    check them again. A method changed after loading is still refused when its trainer config is built."""
+    import alignkit.online.config as online_config
+    import alignkit.settings.bounds as bounds
+    from alignkit.settings import load_config
+
+    seen = []
+
+    def spy(parent, section, where=None):
+        seen.append((section, where))
+        return check(parent, section, where)
+
+    check = bounds.check_section
+    monkeypatch.setattr(bounds, "check_section", spy)
+    monkeypatch.setattr(online_config, "check_section", spy)
+    cfg = load_config(CONFIGS / "grpo-tiny.yaml", command="grpo")
+    cfg.trainer_config()  # what the run builds
+    assert [s for s in seen if s[0] == "method"] == [("method", None)], seen
+    cfg.method.dual_clip = 0.5
+    with pytest.raises(ValueError, match=r"^GRPOConfig\.dual_clip: 0\.5 is out of range; it must be > 1"):
+        cfg.trainer_config()
+
+
 def test_bf16_on_a_cpu_machine(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

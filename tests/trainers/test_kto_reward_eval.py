@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from alignkit.settings import ConfigError
 from alignkit.data import SFTCollator
 from alignkit.adapters import reference_off
 from alignkit.trainers import KTOTrainer, RewardTrainer, completion_logps, mismatched_batch
@@ -181,3 +182,24 @@ def test_kto_batches_without_a_mismatched_pair_are_refused_before_the_run(overri
     assert not out.exists()
     assert main(["-q", "kto", "--config", config, f"output_dir={out}", "train.max_steps=2", *overrides,
                  "train.dataloader_drop_last=true"]) == 0 or says.startswith("train.per_device_train_batch_size=1")
+
+
+@pytest.mark.parametrize("metric", ["eval_rewards/chosen", "logps/chosen"])
+def test_kto_best_model_metric_of_a_side_the_evaluation_set_lacks_is_refused_when_built(metric, make_model, features,
+                                                                                         collators, tmp_path):
+    """KTO logs rewards/chosen and logps/chosen as sums over the desirable examples divided by their count: an
+    evaluation set with no desirable example never logs them, and metric_for_best_model naming one stopped the run at
+    the first evaluation with transformers' KeyError. Now refused when built; the other side's metrics still build."""
+    undesirable = [f for f in features["unpaired"] if not f["label"]]
+    assert undesirable and len(undesirable) < len(features["unpaired"])
+
+    def build(name):
+        args = fast_args(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                         load_best_model_at_end=True, metric_for_best_model=name)
+        return KTOTrainer(make_model("lora"), args, train_dataset=features["unpaired"], eval_dataset=undesirable,
+                          data_collator=collators["unpaired"])
+
+    with pytest.raises(ConfigError, match=rf"metric_for_best_model: '{metric}' averages over the desirable evaluation "
+                                          r"examples, and the evaluation set \(4 examples\) has none"):
+        build(metric)
+    build(metric.replace("chosen", "rejected"))

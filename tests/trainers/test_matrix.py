@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
+from alignkit.losses import PREFERENCE_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES
+from alignkit.settings import ConfigError
+from alignkit.trainers import AlignTrainer, KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
 
 from .conftest import ADAPTER_KINDS, fast_args, snapshot
 
@@ -22,6 +24,63 @@ TRAINERS = {
     "reward": (RewardTrainer, "preference", True, {}, "accuracy"),
     "reward_ranked": (RewardTrainer, "ranked", True, {}, "kendall_tau"),
 }
+
+
+# every registered loss of the offline objectives besides the rows above:
+# name -> (class, data kind, classifier?, kwargs)
+LOSS_ROWS = {**{f"sft:{n}": (SFTTrainer, "sft", False, {"loss_type": n}) for n in SFT_LOSSES},
+             **{f"dpo:{n}": (PreferenceTrainer, "preference", False, {"loss_type": n}) for n in PREFERENCE_LOSSES},
+             **{f"kto:{n}": (KTOTrainer, "unpaired", False, {"loss_type": n}) for n in UNPAIRED_LOSSES}}
+
+
+@pytest.mark.parametrize("name", [*TRAINERS, *LOSS_ROWS])
+def test_evaluation_logs_exactly_the_declared_metrics(name, make_model, features, collators, tokenizer, tmp_path):
+    """`eval_metrics` (what train.metric_for_best_model may name, checked when a config is loaded) is declared on
+    the loss registries and the trainers; a real evaluation of each objective and each registered loss logs exactly
+    those names as eval_<name> (eval_model_preparation_time only comes with an evaluation before any training)."""
+    cls, data, classifier, extra = TRAINERS[name][:4] if name in TRAINERS else LOSS_ROWS[name]
+    trainer = cls(make_model("lora", classifier=classifier), fast_args(tmp_path), train_dataset=features[data],
+                  eval_dataset=features[data], data_collator=collators[data], processing_class=tokenizer, **extra)
+    logged = {k.removeprefix("eval_") for k in trainer.evaluate() if k.startswith("eval_")}
+    assert logged - {"model_preparation_time"} == set(cls.eval_metrics(**extra, ranked=data == "ranked"))
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_a_best_model_metric_the_objective_never_logs_is_refused_when_built(name, make_model, features, collators,
+                                                                            tokenizer, tmp_path):
+    """TrainingArguments(metric_for_best_model=...) naming a metric the objective never logs: the trainer was built
+    and transformers stopped the run at its first evaluation with a KeyError. Now refused when built, with the CLI's
+    message; every declared name, in either spelling, is accepted (several evaluation sets: eval_<set>_loss too)."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+
+    def build(metric, eval_dataset=None):
+        args = fast_args(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                         load_best_model_at_end=True, metric_for_best_model=metric)
+        return cls(make_model("lora", classifier=classifier), args, train_dataset=features[data],
+                   eval_dataset=eval_dataset or features[data], data_collator=collators[data], **extra)
+
+    with pytest.raises(ConfigError, match=rf"^metric_for_best_model: 'eval_los' is not logged by {cls.__name__}'s "
+                                          r"evaluation \(did you mean 'eval_loss'\?\)"):
+        build("eval_los")
+    for metric in cls.eval_metrics(**extra, ranked=data == "ranked")[::3]:  # a third of them: building is the cost
+        build(metric), build(f"eval_{metric}")
+    build("eval_held_loss", {"held": features[data], "more": features[data]})
+
+
+
+def test_a_trainer_that_declares_no_metrics_leaves_the_best_model_metric_to_transformers(make_model, features,
+                                                                                        collators, tmp_path):
+    """A subclass that writes only `objective` (the documented way to add one) declares no metrics: it is built
+    whatever metric_for_best_model names (its objective may log it)."""
+    class Custom(AlignTrainer):
+        def objective(self, model, inputs):
+            raise NotImplementedError
+
+    args = fast_args(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                     load_best_model_at_end=True, metric_for_best_model="eval_my_metric")
+    assert Custom.eval_metrics() is None
+    Custom(make_model("lora"), args, train_dataset=features["sft"], eval_dataset=features["sft"],
+           data_collator=collators["sft"])
 
 
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)

@@ -11,9 +11,12 @@ import torch
 from alignkit.adapters import unwrap_lm
 from alignkit.data import PreferenceCollator, RankedCollator
 from alignkit.data.collators import SharedPromptCollator, shared_prefix_layout, shared_prompt_layout
+from alignkit.settings import ConfigError, load_config
 from alignkit.trainers import PreferenceTrainer, RewardTrainer
 from alignkit.trainers.logps import completion_logps, shared_attention_mask
 from alignkit.trainers.reward import sequence_rewards
+
+from tests.adapters.table import REFT_KINDS
 
 from .conftest import fast_args
 
@@ -135,3 +138,24 @@ def test_trainers_swap_the_collator_and_refuse_other_layouts(make_model, feature
     reft = make_model("reft")
     with pytest.raises(ValueError, match="does not support ReFT"):
         completion_logps(reft, SharedPromptCollator(PreferenceCollator(pid))(feats))
+
+
+@pytest.mark.parametrize("kind", REFT_KINDS)
+@pytest.mark.parametrize("trainer, layout", [("dpo", "share_prompt"), ("rm", "share_prompt"), ("rm", "padding_free")])
+def test_trainers_refuse_a_layout_reft_cannot_run_when_built(kind, trainer, layout, make_model, features, tokenizer,
+                                                             tmp_path):
+    """PreferenceTrainer / RewardTrainer built in Python with share_prompt=True (or a reward model with
+    padding_free=True) and a ReFT adapter were built, and the run stopped at its first step with a ValueError; the
+    CLI refused the same config when it was loaded. Now the trainer refuses when built, with the CLI's check and
+    message (the key without `train.`)."""
+    cls = PreferenceTrainer if trainer == "dpo" else RewardTrainer
+    overrides = [f"adapter.kind={kind}", "adapter.reft.positions=f1+l1",
+                 "adapter.reft.config.representations=[{layer: 0, low_rank_dimension: 2}]", f"train.{layout}=true"]
+    with pytest.raises(ConfigError) as cli:
+        load_config(None, ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", *overrides],
+                    command=trainer)
+    assert str(cli.value).startswith(f"train.{layout}: true does not run a ReFT"), cli.value
+    with pytest.raises(ConfigError) as built:
+        cls(make_model(kind, classifier=trainer == "rm"), fast_args(tmp_path), train_dataset=features["preference"][:4],
+            data_collator=PreferenceCollator(tokenizer.pad_token_id), **{layout: True})
+    assert str(built.value) == str(cli.value)[len("train."):]

@@ -30,8 +30,8 @@ from alignkit.cli.models import (
 )
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.models.rope import check_context, learned_positions
-from alignkit.online import ANNOTATORS, GRPOTrainer, OnlineDPOTrainer, PPOTrainer, RLOOTrainer, build_annotator
-from alignkit.online.annotators import judge_chat
+from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
+                             RLOOTrainer, build_annotator)
 from alignkit.online.generation import encode_prompts
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
@@ -103,13 +103,10 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
     if settings.device is not None:
         model = model.to(settings.device)
     logger.info("annotator %s: %s", settings.kind, desc)
-    if settings.kind == "judge":
-        try:
-            judge_chat(settings.chat, tok)
-        except ValueError as e:
-            raise ConfigError(f"annotator.{e}") from None
     try:
         annotator = ANNOTATORS[settings.kind](model, tok, **settings.arguments())
+    except AnnotatorArgumentError as e:  # its argument is the section's key of the same name
+        raise ConfigError(f"annotator.{e.key}: {e.reason}") from None
     except ValueError as e:
         raise ConfigError(f"annotator: {e}") from None
     annotator.path = desc  # built from a model object, it would describe itself with path None (manifest, card)
@@ -185,8 +182,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_configured_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None, allow_code)
-    if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged)
-        tcfg = dataclasses.replace(tcfg, progress_bar=False)
+    if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged); set on this
+        tcfg.progress_bar = False  # object (a copy would be built, and checked, again)
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,
                                      eval_prompts=held_out or None)
 

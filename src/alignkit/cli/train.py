@@ -43,7 +43,7 @@ from alignkit.runs import (
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
-from alignkit.trainers import KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
+from alignkit.trainers import TRAINERS
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str,
         kw["params"] = PreferenceParams(**{k: kw.pop(k) for k in list(kw) if k in names})
     if command == "rm":
         kw.pop("ranked")
-    return {"sft": SFTTrainer, "rm": RewardTrainer, "dpo": PreferenceTrainer, "kto": KTOTrainer}[command], kw
+    return TRAINERS[command], kw
 
 
 def batching_kwargs(command: str, train: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import PREFERENCE_LOSSES, LossOutput
+from .registry import PAIR_METRICS, PREFERENCE_LOSSES, LossOutput
 
 
 @dataclass
@@ -99,14 +99,8 @@ def _output(batch: PreferenceBatch, params: PreferenceParams, losses: Tensor,
             rewards: tuple[Tensor, Tensor] | None = None, **extra: Tensor) -> LossOutput:
     rc, rr = rewards if rewards is not None else tuple(params.beta * r for r in batch.logratios())
     rc, rr = rc.detach(), rr.detach()
-    metrics = {
-        "rewards/chosen": rc,
-        "rewards/rejected": rr,
-        "rewards/accuracies": (rc > rr).to(rc.dtype),
-        "rewards/margins": rc - rr,
-        "logps/chosen": batch.policy_chosen_logps.detach(),
-        "logps/rejected": batch.policy_rejected_logps.detach(),
-    }
+    metrics = dict(zip(PAIR_METRICS, (rc, rr, (rc > rr).to(rc.dtype), rc - rr, batch.policy_chosen_logps.detach(),
+                                      batch.policy_rejected_logps.detach())))  # rewards/chosen, ..., logps/rejected
     metrics.update({k: v.detach() for k, v in extra.items()})
     return LossOutput(losses=losses, metrics=metrics)
 
@@ -286,7 +280,7 @@ def simpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
                    rewards=(params.beta * aw, params.beta * al))
 
 
-@PREFERENCE_LOSSES.register("orpo")
+@PREFERENCE_LOSSES.register("orpo", metrics=PAIR_METRICS + ("log_odds_ratio", "log_odds_chosen", "nll_loss"))
 def orpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model").
 
@@ -311,7 +305,7 @@ def orpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
                    log_odds_ratio=ratio, log_odds_chosen=log_odds, nll_loss=nll)
 
 
-@PREFERENCE_LOSSES.register("slic")
+@PREFERENCE_LOSSES.register("slic", metrics=PAIR_METRICS + ("hinge",))
 def slic_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     """SLiC-HF (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback").
 
@@ -341,7 +335,7 @@ def discopop_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutpu
     return _output(batch, params, losses)
 
 
-@PREFERENCE_LOSSES.register("cpo")
+@PREFERENCE_LOSSES.register("cpo", metrics=PAIR_METRICS + ("nll_loss",))
 def cpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     """CPO (Xu et al. 2024, "Contrastive Preference Optimization"), as TRL's CPOTrainer with loss_type sigmoid.
 

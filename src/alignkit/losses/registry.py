@@ -21,7 +21,10 @@ accumulation steps again. Then summing the micro-batch gradients gives exactly t
 the full batch (see tests/losses/test_sft.py::test_accumulation_invariant).
 
 Registries map a name (as used in configs, TRL's `loss_type` where one exists) to a function.
-`REGISTRIES` lists them all for `alignkit ls`.
+`REGISTRIES` lists them all for `alignkit ls`. Each entry also declares the names of the metrics its
+`LossOutput` carries (`Registry.metrics[name]`; the registry's `default_metrics` unless the entry says
+otherwise): the trainers derive what they log from them (`AlignTrainer.eval_metrics`), and
+tests/trainers/test_matrix.py checks them against a real evaluation of every registered loss.
 """
 
 from __future__ import annotations
@@ -78,16 +81,21 @@ def reduce_loss(losses: Tensor, weights: Tensor | None = None,
 class Registry(dict):
     """name -> loss function, with an error that lists the valid names when a name is unknown."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, default_metrics: tuple[str, ...] = ()):
         super().__init__()
         self.kind = kind
+        self.default_metrics = tuple(default_metrics)
+        self.metrics: dict[str, tuple[str, ...]] = {}  # name -> the metric names of its LossOutput
 
-    def register(self, name: str) -> Callable[[Callable], Callable]:
+    def register(self, name: str, metrics: tuple[str, ...] | None = None) -> Callable[[Callable], Callable]:
+        """Register a function under `name`; `metrics`: the names of the metrics it returns (default: the
+        registry's `default_metrics`)."""
         def deco(fn: Callable) -> Callable:
             if name in self:
                 raise ValueError(f"{self.kind} {name!r} is registered twice ({self[name].__module__} and "
                                  f"{fn.__module__}); choose another name")
             self[name] = fn
+            self.metrics[name] = self.default_metrics if metrics is None else tuple(metrics)
             return fn
 
         return deco
@@ -105,10 +113,17 @@ class Registry(dict):
             yield name, (doc[0] if doc else "")
 
 
+# the metrics every pairwise preference loss returns (TRL's names), beside its own extras
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")
+# an unpaired loss's metrics: sums and counts per side (a trainer logs sum / count: rewards/chosen, ...) and the KL
+UNPAIRED_METRICS = ("rewards/chosen_sum", "rewards/rejected_sum", "logps/chosen_sum", "logps/rejected_sum",
+                    "count/chosen", "count/rejected", "kl")
+
 SFT_LOSSES = Registry("SFT loss")
 REWARD_LOSSES = Registry("reward loss")
-PREFERENCE_LOSSES = Registry("preference loss")
-UNPAIRED_LOSSES = Registry("unpaired preference loss")
+PREFERENCE_LOSSES = Registry("preference loss", default_metrics=PAIR_METRICS)
+UNPAIRED_LOSSES = Registry("unpaired preference loss", default_metrics=UNPAIRED_METRICS)
 POLICY_LOSSES = Registry("policy loss")
 ADVANTAGES = Registry("advantage estimator")
 KL_ESTIMATORS = Registry("KL estimator")

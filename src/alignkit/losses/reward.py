@@ -32,7 +32,7 @@ def _check_pair(chosen: Tensor, rejected: Tensor, where: str) -> None:
                          f"{tuple(chosen.shape)} and {tuple(rejected.shape)}; squeeze the reward head's last dim")
 
 
-@REWARD_LOSSES.register("bradley_terry")
+@REWARD_LOSSES.register("bradley_terry", metrics=("accuracy", "rewards/chosen", "rewards/rejected", "margin"))
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | float | None = None,
                        center_rewards_coefficient: float | None = None) -> LossOutput:
     """Bradley-Terry pairwise loss: -log sigma(r_c - r_r - margin) + c * (r_c + r_r)^2, per pair `(B,)`.
@@ -62,7 +62,8 @@ def _pairs(K: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return ij[0], ij[1]
 
 
-@REWARD_LOSSES.register("ranking")
+@REWARD_LOSSES.register("ranking", metrics=("accuracy", "kendall_tau", "num_pairs", "rewards/best",
+                                                 "rewards/worst"))
 def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: float = 0.0,
                  ranks: Tensor | None = None) -> LossOutput:
     """Open-Assistant K-wise ranking loss: mean over all pairs i<j of -log sigma(r_i - r_j), per prompt.

@@ -30,7 +30,7 @@ from torch import Tensor
 from .registry import SFT_LOSSES, LossOutput
 
 
-@SFT_LOSSES.register("nll")
+@SFT_LOSSES.register("nll", metrics=("nll/token", "target_tokens"))
 def sft_loss(token_logps: Tensor, mask: Tensor) -> LossOutput:
     """Masked next-token NLL: losses_i = -sum_t mask_it * log p(y_it); num_tokens_i = sum_t mask_it.
 

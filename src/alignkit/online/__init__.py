@@ -18,8 +18,9 @@ Online optimizers (one loop, `trainer.OnlineTrainer`: generate -> annotate -> bu
 (group-relative advantages, clipped policy gradient, k1/k2/k3 KL), `PPOTrainer` (value head + GAE).
 """
 
-from alignkit.online.annotators import (ANNOTATORS, Annotator, AnnotatorError, FunctionAnnotator, JudgeAnnotator,
-                                        RewardModelAnnotator, Scores, build_annotator, load_function)
+from alignkit.online.annotators import (ANNOTATORS, Annotator, AnnotatorArgumentError, AnnotatorError,
+                                        FunctionAnnotator, JudgeAnnotator, RewardModelAnnotator, Scores,
+                                        build_annotator, load_function)
 from alignkit.online.feedback import (FEEDBACK_MODES, best_of_n, best_worst_pairs, build_records, judge_pairs,
                                       pointwise, random_pairs)
 from alignkit.online.generation import (FINISH_REASONS, Sample, SamplingConfig, generate_responses,
@@ -35,8 +36,8 @@ from alignkit.online.value_head import ValueHead
 
 __all__ = [
     "SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "generation_metrics",
-    "ANNOTATORS", "Annotator", "AnnotatorError", "Scores", "RewardModelAnnotator", "FunctionAnnotator",
-    "JudgeAnnotator", "build_annotator", "load_function",
+    "ANNOTATORS", "Annotator", "AnnotatorArgumentError", "AnnotatorError", "Scores", "RewardModelAnnotator",
+    "FunctionAnnotator", "JudgeAnnotator", "build_annotator", "load_function",
     "FEEDBACK_MODES", "build_records", "pointwise", "best_worst_pairs", "random_pairs", "judge_pairs", "best_of_n",
     "REWEIGHTERS", "Reweighter", "build_reweighter", "reweight",
     "sample_round", "annotate_round", "train_round", "run_offline_rounds", "read_samples",

@@ -56,6 +56,16 @@ class AnnotatorError(RuntimeError):
     """An annotator could not run (bad function, bad return value, bad model). The message names which item."""
 
 
+class AnnotatorArgumentError(ValueError):
+    """A constructor argument an annotator refuses. `key` is the argument's name, which is also the key of the CLI's
+    `annotator:` section (so the CLI names `annotator.<key>` without a check of its own); `reason` says why and how
+    to fix it. The message: '<owner>: <key>: <reason>'."""
+
+    def __init__(self, owner: str, key: str, reason: str) -> None:
+        super().__init__(f"{owner}: {key}: {reason}")
+        self.owner, self.key, self.reason = owner, key, reason
+
+
 @dataclass
 class Scores:
     values: torch.Tensor  # (N,) float32, NaN = no score
@@ -445,14 +455,16 @@ def prompt_text(prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def judge_chat(chat: bool | None, tokenizer: Any) -> bool:
+def judge_chat(chat: bool | None, tokenizer: Any, owner: str = "JudgeAnnotator") -> bool:
     """Whether a judge's questions go through its tokenizer's chat template: `chat` None (auto) when it has one;
-    True without one is a ValueError naming the fix (the questions would silently go as plain text)."""
+    True without one is an `AnnotatorArgumentError` (key "chat") naming the fix (the questions would silently go as
+    plain text)."""
     has_template = getattr(tokenizer, "chat_template", None) is not None
     if chat and not has_template:
-        raise ValueError("chat: true sends the judge's questions through its tokenizer's chat template, and this "
-                         "tokenizer has none (they would go as plain text); remove chat (auto: the template when "
-                         "there is one) or set it false, or use a judge whose tokenizer has a chat template")
+        raise AnnotatorArgumentError(owner, "chat", "true sends the judge's questions through its tokenizer's chat "
+                                     "template, and this tokenizer has none (they would go as plain text); remove chat "
+                                     "(auto: the template when there is one) or set it false, or use a judge whose "
+                                     "tokenizer has a chat template")
     return has_template if chat is None else bool(chat)
 
 
@@ -498,10 +510,7 @@ class JudgeAnnotator(Annotator):
         self.tokenizer, self.template, self.pair_template = tokenizer, template, pair_template
         self.pattern, self.pair_pattern, self.range, self.normalize = pattern, pair_pattern, (lo, hi), normalize
         self.on_failure, self.default_score = on_failure, default_score
-        try:
-            self.chat = judge_chat(chat, tokenizer)
-        except ValueError as e:
-            raise ValueError(f"JudgeAnnotator: {e}") from None
+        self.chat = judge_chat(chat, tokenizer)
         self.batch_size = batch_size
         self.sampling = SamplingConfig(do_sample=False, max_new_tokens=max_new_tokens)
         self.last_pair_metrics: dict[str, float] = {}
@@ -578,6 +587,7 @@ def build_annotator(spec: dict[str, Any] | Annotator | Callable) -> Annotator:
                          f"{cls.__name__}'s docstring") from e
 
 
-__all__ = ["ANNOTATORS", "Annotator", "AnnotatorError", "Scores", "finalize_scores", "RewardModelAnnotator",
-           "FunctionAnnotator", "JudgeAnnotator", "judge_chat", "load_function", "build_annotator", "render", "prompt_text",
+__all__ = ["ANNOTATORS", "Annotator", "AnnotatorArgumentError", "AnnotatorError", "Scores", "finalize_scores",
+           "RewardModelAnnotator", "FunctionAnnotator", "JudgeAnnotator", "judge_chat", "load_function",
+           "build_annotator", "render", "prompt_text",
            "response_text", "DEFAULT_TEMPLATE", "DEFAULT_PAIR_TEMPLATE"]

@@ -3,7 +3,7 @@ subclasses it and adds its own). Plain data checked on construction; the loop is
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from alignkit.losses import KL_ESTIMATORS
@@ -61,13 +61,17 @@ class OnlineConfig:
     push_to_hub: bool = False  # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
     hub_model_id: str | None = None  # the Hub repo; default: the output folder's name
     hub_private_repo: bool = False  # (the token: HF_TOKEN or `hf auth login`, never a config value)
+    # not a setting: True when the caller has already checked these method values against the bounds (the CLI's
+    # run config, which names them as its config spells them: alignkit.settings.online), so they are not again
+    bounds_checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, bounds_checked: bool = False) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
         # the objective's values against the bounds `alignkit <command>` checks its method section with (e.g. a
         # dual_clip <= 1 or a negative clip_eps), named <class>.<key>: refused when built, not at the first step
-        check_section(self, "method", type(self).__name__)
+        if not bounds_checked:
+            check_section(self, "method", type(self).__name__)
         if self.steps < 0 or self.prompts_per_step < 1 or self.epochs_per_step < 1:
             raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
                              f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")

@@ -48,8 +48,8 @@ class OnlineDPOConfig(OnlineConfig):
     feedback_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"min_margin": 0.1}
     reweighters: list[Any] = field(default_factory=list)  # e.g. ["margin_sigmoid"]
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def __post_init__(self, bounds_checked: bool = False) -> None:
+        super().__post_init__(bounds_checked)
         for name in loss_names(self.loss_type):
             PREFERENCE_LOSSES[name]
         check_loss_weights(loss_names(self.loss_type), self.loss_weights, "online DPO config")

@@ -45,8 +45,8 @@ class GRPOConfig(OnlineConfig):
     def compares_samples(self) -> str:  # group advantages: >= 2 sampled responses per prompt (OnlineConfig)
         return "RLOO (a leave-one-out baseline per prompt)" if self.advantage == "rloo" else "GRPO"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def __post_init__(self, bounds_checked: bool = False) -> None:
+        super().__post_init__(bounds_checked)
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"GRPO advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
         if self.advantage == "rloo" and not self.scale_by_std:

@@ -52,6 +52,29 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
     return train
 
 
+def check_best_metric(cfg: Any, command: str) -> None:
+    """`train.metric_for_best_model` (load_best_model_at_end, save_strategy best, plateau schedules) against what
+    the objective's evaluation logs (`alignkit.trainers.TRAINERS[command].eval_metrics`, from the method's
+    settings): a name it never logs passed, the run folder was written, and transformers stopped at the first
+    evaluation with a KeyError. `eval_x` and `x` are the same metric, as transformers reads them. A metric better when
+    lower (`alignkit.trainers.lower_is_better`) without train.greater_is_better is refused too when transformers'
+    default (higher is better unless the name ends in 'loss') would keep the worst checkpoint as the best."""
+    name = cfg.train.get("metric_for_best_model")
+    if name is None:
+        return
+    from alignkit.trainers import TRAINERS, check_best_metric_name, lower_is_better
+
+    logged = TRAINERS[command].eval_metrics(**dataclasses.asdict(cfg.method))
+    metric = str(name).removeprefix("eval_")
+    if metric in logged and cfg.train.get("greater_is_better") is None and not metric.endswith("loss") \
+            and lower_is_better(metric):
+        raise ConfigError(f"train.metric_for_best_model: {name!r} is better when lower, and train.greater_is_better "
+                          "is not set: transformers then takes a metric whose name does not end in 'loss' as better "
+                          "when higher, so the 'best' checkpoint would be the worst one; set "
+                          "train.greater_is_better=false")
+    check_best_metric_name(name, logged, f"alignkit {command}", "train.")
+
+
 def check_report_to(report_to: Any, where: str = "train") -> None:
     """Each tracker named in `report_to` against transformers' integrations (plus none / all): an unknown one
     stopped the Trainer's construction with a ValueError ('unexpected error') instead of one line naming the key."""
@@ -139,9 +162,11 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
         check_model_reads(cfg.model, command)
     if isinstance(cfg, TrainConfig):
         check_training_args(cfg.train)
+        check_best_metric(cfg, command)
     _check_names(cfg)
     _check_model(cfg)
-    check_bounds(cfg)
+    if not getattr(cfg, "checks_own_bounds", False):  # an online run config has checked them when it was built
+        check_bounds(cfg)
     return cfg
 
 
@@ -180,5 +205,5 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config", "load_config",
-           "save_config"]
+__all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config",
+           "load_config", "save_config"]

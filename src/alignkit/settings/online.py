@@ -24,6 +24,7 @@ random smoke-test model) plus an optional `adapter_path` (e.g. the `model/` fold
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 from dataclasses import dataclass, field
@@ -376,10 +377,12 @@ class OnlineRunConfig:
     output_dir: str = "runs/online"
 
     command = "online-dpo"  # a plain class attribute: which trainer config class and train defaults apply
+    checks_own_bounds = True  # __post_init__ runs check_bounds (load_config does not again)
 
     def trainer_config(self) -> Any:
         """The online trainer's config (alignkit.online): train + method + sampling (imports torch). The run folder
-        saves the model itself: save_at_end off."""
+        saves the model itself: save_at_end off. The method's bounds, checked when this config was built (named
+        as the config spells them), are not checked again while the method is unchanged."""
         import alignkit.online as online
 
         cls = {"online-dpo": online.OnlineDPOConfig, "grpo": online.GRPOConfig, "rloo": online.RLOOConfig,
@@ -393,7 +396,7 @@ class OnlineRunConfig:
         kw.update(online_trainer_kwargs(self.train))
         kw.update(sampling=self.sampling, save_at_end=False, formatter=self.data.formatter,
                   max_prompt_length=self.data.max_prompt_length)
-        return cls(**kw)
+        return cls(**kw, bounds_checked=self.method == getattr(self, "_bounds_checked_method", None))
 
     def __post_init__(self) -> None:
         self.train = {"learning_rate": ONLINE_LEARNING_RATES[self.command], **(self.train or {})}
@@ -413,6 +416,7 @@ class OnlineRunConfig:
                 if v not in registry:
                     raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
         check_bounds(self)  # out-of-range values first, named as the config spells them (then the trainer's checks)
+        self._bounds_checked_method = copy.deepcopy(self.method)  # trainer_config: these values need no second check
         try:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:

@@ -209,21 +209,9 @@ class TrainConfig:
             if not self.adapter.has_reft:
                 raise ConfigError(f"train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora; "
                                   f"this config's is {self.adapter.kind!r}); remove it")
-        if self.train.get("share_prompt") and self.adapter.has_reft:
-            raise ConfigError(f"train.share_prompt: true does not run a ReFT adapter (adapter.kind "
-                              f"{self.adapter.kind!r}: its positions are placed in the padded rows), so the first step "
-                              "would stop after the run folder was written; remove it (or set it to false)")
-        attention = self.model.attn_implementation
-        if self.train.get("share_prompt") and attention not in (None, "sdpa", "eager"):
-            raise ConfigError(f"train.share_prompt: true needs sdpa or eager attention (a custom 4D mask), and "
-                              f"model.attn_implementation is {attention!r}, so the first step would stop after the "
-                              "run folder was written; remove it (padding_free suits flash attention) or set "
-                              "model.attn_implementation=sdpa")
-        if self.train.get("padding_free") and self.command == "rm" and self.adapter.has_reft:
-            raise ConfigError(f"train.padding_free: true does not run a ReFT reward model (adapter.kind "
-                              f"{self.adapter.kind!r}: a classifier's positions are placed over the whole padded row), "
-                              "so the first step would stop after the run folder was written; remove it (or set it "
-                              "to false)")
+        check_pair_layout(self.train.get("share_prompt"), self.train.get("padding_free"),
+                          reft_kind=self.adapter.kind if self.adapter.has_reft else None,
+                          attention=self.model.attn_implementation, reward_model=self.command == "rm")
         if self.command != "sft" and self.data.loss_on != DataSettings.loss_on:
             raise ConfigError(f"data.loss_on: read only by alignkit sft (which tokens of a conversation are trained), "
                               f"so alignkit {self.command} would ignore it; remove it")
@@ -242,6 +230,32 @@ class TrainConfig:
         if strategy != "no" and self.data.eval_path is None and not self.data.eval_fraction:
             raise ConfigError(f"train.eval_strategy: {strategy!r} evaluates on held-out records, and data gives none: "
                               "set data.eval_path or data.eval_fraction, or set train.eval_strategy=no")
+
+
+def check_pair_layout(share_prompt: bool | None, padding_free: bool | None, *, reft_kind: str | None,
+                      attention: str | None, reward_model: bool, where: str = "train.") -> None:
+    """The layouts of preference pairs a run cannot use, which would stop the first training step: both at once,
+    share_prompt
+    with a ReFT adapter (its positions are placed in the padded rows) or with attention other than sdpa / eager (a
+    custom 4D mask), padding_free with a ReFT reward model (a classifier's positions are placed over the whole padded
+    row). `reft_kind`: the adapter's kind when it has a ReFT part, else None; `attention`: the attention
+    implementation (None: the default, sdpa). One check, one message, for the CLI's config (`where` "train.", when it
+    is loaded) and for the DPO and reward trainers (`where` "", when they are built)."""
+    fails = "so the first training step would stop"
+    if share_prompt and padding_free:
+        raise ConfigError(f"{where}share_prompt and {where}padding_free are two different layouts: set one of them")
+    if share_prompt and reft_kind is not None:
+        raise ConfigError(f"{where}share_prompt: true does not run a ReFT adapter (adapter.kind {reft_kind!r}: its "
+                          f"positions are placed in the padded rows), {fails}; remove it (or set it to false)")
+    if share_prompt and attention not in (None, "sdpa", "eager"):
+        raise ConfigError(f"{where}share_prompt: true needs sdpa or eager attention (a custom 4D mask), and the "
+                          f"model's attn_implementation is {attention!r}, {fails}; remove it (padding_free suits "
+                          "flash attention) or load the model with attn_implementation sdpa "
+                          "(model.attn_implementation)")
+    if padding_free and reward_model and reft_kind is not None:
+        raise ConfigError(f"{where}padding_free: true does not run a ReFT reward model (adapter.kind {reft_kind!r}: a "
+                          f"classifier's positions are placed over the whole padded row), {fails}; remove it (or set "
+                          "it to false)")
 
 
 @dataclass
@@ -385,4 +399,4 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
 
 __all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
-           "SFTMethod", "TrainConfig", "REFERENCE_FREE", "loss_names", "reference_free"]
+           "SFTMethod", "TrainConfig", "REFERENCE_FREE", "check_pair_layout", "loss_names", "reference_free"]

@@ -171,8 +171,6 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
         raise ConfigError(f"{where}.padding_free: not available for {command} (only sft, dpo and rm); remove it")
     if train.get("share_prompt") and command not in ("rm", "dpo"):
         raise ConfigError(f"{where}.share_prompt: not available for {command} (only rm and dpo); remove it")
-    if train.get("share_prompt") and train.get("padding_free"):
-        raise ConfigError(f"{where}.share_prompt and {where}.padding_free are two different layouts: set one of them")
     return train
 
 

@@ -60,6 +60,7 @@ mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss),
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import logging
@@ -97,6 +98,29 @@ from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
 
 logger = logging.getLogger(__name__)
 
+# what transformers' Trainer.evaluate logs of its own, as eval_<name> (besides eval_model_preparation_time, only when
+# the model is evaluated before any training, so never at a training run's evaluations)
+TRAINER_EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
+# logged metrics whose smaller values are the better ones besides the losses (names ending in "loss", and loss/<name>)
+LOWER_IS_BETTER = ("runtime", "nll/token", "hinge")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of the logged metric `metric` (without `eval_`) is the better one."""
+    return metric.endswith("loss") or metric.startswith("loss/") or metric in LOWER_IS_BETTER
+
+
+def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, where: str = "") -> None:
+    """A ConfigError when `name` (metric_for_best_model: `eval_x` or `x`, as transformers reads it) is not one of
+    `logged` (an objective's `eval_metrics`): transformers would stop the run with a KeyError at its first
+    evaluation. `who` names the objective, `where` prefixes the key (the CLI's "train.")."""
+    if name is None or str(name).removeprefix("eval_") in logged:
+        return
+    spelled = [f"eval_{m}" for m in logged] if str(name).startswith("eval_") else list(logged)
+    close = difflib.get_close_matches(str(name), spelled, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where}metric_for_best_model: {name!r} is not logged by {who}'s evaluation{hint}, so the "
+                      f"first evaluation would stop the run (transformers' KeyError); use one of: {', '.join(spelled)}")
 TRAINING_ARGS_JSON = "training_args.json"
 STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep (num_tokens)
 
@@ -175,6 +199,11 @@ class AlignTrainer(BatchSampling, Trainer):
         warn_low_precision(self.model, self.args.learning_rate)  # bf16 weights: updates round away
         self.reft_prefix_cache = reft_prefix_cache
         check_prefix_cache(self.model, reft_prefix_cache)  # before anything is written
+        logged = self.eval_metrics(**self.objective_settings())
+        if logged is not None and isinstance(self.eval_dataset, dict):  # the Trainer's per set: eval_<set>_loss, ...
+            logged += tuple(f"{name}_{m}" for name in self.eval_dataset for m in TRAINER_EVAL_METRICS)
+        if logged is not None:
+            check_best_metric_name(self.args.metric_for_best_model, logged, type(self).__name__)
 
     # -- optimizer ---------------------------------------------------------------------------------------
 
@@ -190,6 +219,28 @@ class AlignTrainer(BatchSampling, Trainer):
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement objective(model, inputs) -> LossOutput")
+
+    @classmethod
+    def objective_metrics(cls, **method: Any) -> tuple[str, ...] | None:
+        """The names of the metrics `objective` returns with the objective's settings `method` (the trainer's
+        keyword arguments; others are ignored), as logged: from the loss registries' declarations
+        (`alignkit.losses.registry`). alignkit's trainers say which; None (a subclass that does not say):
+        unknown, so its metric_for_best_model is left to transformers."""
+        return None
+
+    def objective_settings(self) -> dict[str, Any]:
+        """This trainer's settings that `objective_metrics` reads (loss types, pairs or ranked data)."""
+        return {}
+
+    @classmethod
+    def eval_metrics(cls, **method: Any) -> tuple[str, ...] | None:
+        """Every metric an evaluation of this objective logs, without the `eval_` prefix: the Trainer's own
+        (`TRAINER_EVAL_METRICS`: loss, runtime, ...) and `objective_metrics` (None when those are unknown). What
+        `metric_for_best_model` may name (checked when a config is loaded and when a trainer is built)."""
+        own = cls.objective_metrics(**method)
+        if own is None:
+            return None
+        return TRAINER_EVAL_METRICS + tuple(m for m in own if m not in TRAINER_EVAL_METRICS)
 
     # -- normalisation ---------------------------------------------------------------------------------
 

@@ -52,9 +52,8 @@ def mismatched_batch(batch: dict[str, Any]) -> dict[str, Tensor]:
             "position_ids": (new_att.cumsum(-1) - 1).clamp(min=0)}
 
 
-def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weight: float) -> tuple[int, int] | None:
-    """Warn when the labels are one-sided or the weighted balance is off (the KTO paper's and TRL's rule: keep
-    desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]). Returns the counts."""
+def label_counts(dataset: Any) -> tuple[int, int] | None:
+    """(desirable, undesirable) examples of tokenized unpaired features; None without a dataset or labels."""
     if dataset is None:
         return None
     try:
@@ -62,13 +61,22 @@ def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weigh
     except (KeyError, TypeError):
         return None  # the missing label is the objective's error (at the first batch)
     n_des = sum(bool(x) for x in labels)
-    n_und = len(labels) - n_des
-    if not labels:
+    return n_des, len(labels) - n_des
+
+
+def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weight: float) -> tuple[int, int] | None:
+    """Warn when the labels are one-sided or the weighted balance is off (the KTO paper's and TRL's rule: keep
+    desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]). Returns the counts."""
+    counts = label_counts(dataset)
+    if counts is None:
+        return None
+    n_des, n_und = counts
+    if not n_des + n_und:
         return 0, 0
     if n_des == 0 or n_und == 0:
         logger.warning("KTO: every one of the %d training example(s) is %s: the loss then only moves them against "
                        "the KL reference point (no contrast); check the label column if both kinds were expected",
-                       len(labels), "desirable" if n_und == 0 else "undesirable")
+                       n_des + n_und, "desirable" if n_und == 0 else "undesirable")
         return n_des, n_und
     ratio = desirable_weight * n_des / (undesirable_weight * n_und)
     if not 1.0 <= ratio <= 4 / 3:
@@ -121,12 +129,38 @@ class KTOTrainer(HasReference, AlignTrainer):
             check_kl_batches(self.eval_dataset, a.per_device_eval_batch_size, a.world_size, a.dataloader_drop_last,
                              "per_device_eval_batch_size", "evaluation")
         check_label_balance(self.train_dataset, desirable_weight, undesirable_weight)
+        self._check_best_metric_side()
         self.reference.place(self.args.device, self.accelerator, disable_dropout=disable_dropout)
+
+    PER_SIDE = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")  # logged as <name>_sum / count
+
+    @classmethod
+    def objective_metrics(cls, **_: Any) -> tuple[str, ...]:
+        """`metric_totals`' names. An evaluation whose examples are all of one side (desirable or not) has no count
+        for the other, and does not log that side's two metrics."""
+        return (*cls.PER_SIDE, "kl")
+
+    def _check_best_metric_side(self) -> None:
+        """A metric_for_best_model of one side (rewards/chosen, logps/rejected, ...) with an evaluation set that has
+        no example of that side: it is never logged (no count), and transformers would stop the run at the first
+        evaluation with a KeyError. Refused when built."""
+        name = self.args.metric_for_best_model
+        metric = str(name or "").removeprefix("eval_")
+        counts = label_counts(self.eval_dataset) if metric in self.PER_SIDE else None
+        if counts is None:
+            return
+        chosen = metric.endswith("/chosen")
+        if counts[0 if chosen else 1] == 0:
+            side = "desirable" if chosen else "undesirable"
+            raise ConfigError(f"metric_for_best_model: {name!r} averages over the {side} evaluation examples, and the "
+                              f"evaluation set ({sum(counts)} examples) has none, so it is never logged and the first "
+                              "evaluation would stop the run (transformers' KeyError); choose a metric of the other "
+                              f"side, loss or kl, or evaluate on examples of both kinds")
 
     def metric_totals(self, metrics: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """KTO's metrics come as sums with counts: log rewards/chosen = rewards/chosen_sum / count/chosen etc."""
         out = {}
-        for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        for name in self.PER_SIDE:
             side = name.split("/")[1]
             out[name] = (metrics[f"{name}_sum"].float(), metrics[f"count/{side}"].float())
         kl = metrics["kl"].float()

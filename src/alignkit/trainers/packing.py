@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignkit.adapters import unwrap_lm, unwrap_parallel
+from alignkit.adapters import adapter_kind, unwrap_lm, unwrap_parallel
+from alignkit.compat import attn_implementation
 from alignkit.data import PreferenceCollator, SFTCollator
 from alignkit.models import varlen
+from alignkit.settings.sections import check_pair_layout
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,17 @@ def resolve_padding_free(padding_free: bool | None, model: nn.Module, args: Any,
         return False
     return _varlen_default(model, args, "padding-free batches (padding_free=None and sdpa attention): same examples "
                            "per batch, no padding in the linear layers; padding_free=False keeps padded batches")
+
+
+def check_layout(model: nn.Module, share_prompt: bool | None, padding_free: bool | None, reward_model: bool) -> None:
+    """An explicit `share_prompt` / `padding_free` the model cannot run (a ReFT model, attention other than sdpa /
+    eager), refused when the DPO / reward trainer is built instead of at its first step: the CLI's check and
+    message (`alignkit.settings.sections.check_pair_layout`). A ReFT model is one that edits positions
+    (`span_locations`)."""
+    edits = getattr(unwrap_parallel(model), "span_locations", None) is not None
+    check_pair_layout(share_prompt, padding_free, reft_kind=adapter_kind(model) if edits else None,
+                      attention=attn_implementation(unwrap_lm(model).config) or None, reward_model=reward_model,
+                      where="")
 
 
 def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, model: nn.Module, args: Any,
@@ -101,5 +114,5 @@ def _varlen_default(model: nn.Module, args: Any, chosen: str) -> bool:
     return on
 
 
-__all__ = ["VARLEN_MODEL_TYPES", "on_cpu", "resolve_online_share_prompt", "resolve_padding_free",
+__all__ = ["VARLEN_MODEL_TYPES", "check_layout", "on_cpu", "resolve_online_share_prompt", "resolve_padding_free",
            "resolve_share_prompt", "varlen_rows"]

@@ -24,7 +24,7 @@ from torch import nn
 from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceParams, check_loss_weights, preference_loss
 from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import completion_logps
-from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
+from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
 from alignkit.settings.sections import REFERENCE_FREE, loss_names, reference_free
 from alignkit.trainers.reference import HasReference, Reference, build_reference
@@ -64,8 +64,7 @@ class PreferenceTrainer(HasReference, AlignTrainer):
                  params: PreferenceParams | None = None, reference: str = "auto", ref_model: nn.Module | None = None,
                  reference_cache_dir: str | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
                  padding_free: bool | None = None, share_prompt: bool | None = None, **kwargs: Any) -> None:
-        if padding_free and share_prompt:
-            raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+        check_layout(model, share_prompt, padding_free, reward_model=False)
         share_prompt = resolve_share_prompt(share_prompt, padding_free, model, args, kwargs.get("data_collator"))
         if padding_free is None:
             padding_free = not share_prompt and resolve_padding_free(None, model, args, kwargs.get("data_collator"),
@@ -101,6 +100,18 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         else:
             self.eval_dataset = ref.cached_dataset(self.model, self.eval_dataset, collator, "eval", **common)
         self.data_collator = ref.collator(collator)
+
+    def objective_settings(self) -> dict[str, Any]:
+        return {"loss_type": self.loss_type}
+
+    @classmethod
+    def objective_metrics(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> tuple[str, ...]:
+        """Each loss's metrics (the first loss's value wins a shared name), `loss/<name>` per loss of a
+        combination, and the logits' means."""
+        names = loss_names(loss_type)
+        own = [m for name in names for m in PREFERENCE_LOSSES.metrics[name]]
+        parts = [f"loss/{name}" for name in names] if len(names) > 1 else []
+        return tuple(dict.fromkeys([*own, *parts, "logits/chosen", "logits/rejected"]))
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         stats: dict = {}

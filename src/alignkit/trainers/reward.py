@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.data import PreferenceCollator
-from alignkit.losses import LossOutput, bradley_terry_loss, ranking_loss
+from alignkit.data import PreferenceCollator, RankedCollator
+from alignkit.losses import REWARD_LOSSES, LossOutput, bradley_terry_loss, ranking_loss
 from alignkit.models import last_layer
 from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
 from alignkit.trainers.base import AlignTrainer
@@ -30,7 +30,7 @@ from alignkit.trainers.data_prep import packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import (
     backbone_output, forward_kwargs, is_packed, is_shared, prompt_locations, shared_states,
 )
-from alignkit.trainers.packing import resolve_padding_free, resolve_share_prompt
+from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -143,8 +143,7 @@ class RewardTrainer(AlignTrainer):
         if not is_classifier(model):
             raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
                              f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
-        if padding_free and share_prompt:
-            raise ValueError("share_prompt and padding_free are two different layouts: set one of them")
+        check_layout(model, share_prompt, padding_free, reward_model=True)
         lm = unwrap_lm(model)
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         share_prompt = resolve_share_prompt(share_prompt, padding_free, model, args, kwargs.get("data_collator"),
@@ -162,6 +161,14 @@ class RewardTrainer(AlignTrainer):
         super().__init__(model, args, **kwargs)
         if share_prompt:
             self.data_collator = shared_prompt_collator(self.data_collator)
+
+    def objective_settings(self) -> dict[str, Any]:
+        return {"ranked": isinstance(self.data_collator, RankedCollator)}
+
+    @classmethod
+    def objective_metrics(cls, ranked: bool = False, **_: Any) -> tuple[str, ...]:
+        """The ranking loss's metrics on ranked data (`ranked`), the Bradley-Terry pair loss's otherwise."""
+        return REWARD_LOSSES.metrics["ranking" if ranked else "bradley_terry"]
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         r = sequence_rewards(model, inputs)  # (rows,)

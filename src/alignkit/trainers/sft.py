@@ -46,6 +46,13 @@ class SFTTrainer(AlignTrainer):
                                                       checkpointing=bool(args.activation_checkpointing))
         super().__init__(model, args, **kwargs)
 
+    def objective_settings(self) -> dict[str, Any]:
+        return {"loss_type": self.loss_type}
+
+    @classmethod
+    def objective_metrics(cls, loss_type: str = "nll", **_: Any) -> tuple[str, ...]:
+        return SFT_LOSSES.metrics[loss_type] + ("mean_token_accuracy",)
+
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         stats: dict = {}
         token_logps, mask = completion_token_logps(model, inputs, self.chunk_size, stats)  # (B, T-1) each
