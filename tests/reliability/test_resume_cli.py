@@ -187,3 +187,42 @@ def test_resume_refuses_a_changed_setting_and_leaves_the_run_alone(tmp_path, cap
     longer = [s.replace("max_steps=2", "max_steps=3") for s in steps] + ["train.logging_steps=2"]
     assert main([*base, "--resume", f"output_dir={out}", *longer]) == 0
     assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(tmp_path, capsys):
+    """A checkpoint saved with train.save_only_model=true holds the weights but no optimizer.pt / scheduler.pt. The
+    Trainer resumed from it without a word, with Adam's moments and the learning-rate schedule started again from
+    zero (and exit 0). Now --resume and train.resume_from_checkpoint stop before anything is written."""
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2", "train.save_only_model=true"]) == 0
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert not (ckpt / "optimizer.pt").exists()
+    shutil.rmtree(run / "model")  # as after a kill before the end
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", run, ["train.save_only_model=true"], "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} holds no optimizer.pt / "
+                                               "scheduler.pt (a checkpoint saved with train.save_only_model=true"), err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "b", ["train.save_only_model=true",
+                                                         f"train.resume_from_checkpoint={ckpt}"]) == 2
+    assert "train.resume_from_checkpoint: " in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, capsys, monkeypatch):
+    """Resuming a one-process run's checkpoint with two processes (torchrun / accelerate launch set WORLD_SIZE)
+    doubles the batch of an optimizer step and skips other records than the ones trained on; it was accepted
+    without a word. Now the checkpoint records its world size and a resume with another one stops at once."""
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert json.loads((ckpt / "alignkit_state.json").read_text())["world_size"] == 1
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} was written by a run of 1 "
+                                               "process(es), this one has 2"), err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
