@@ -226,3 +226,28 @@ def test_resume_refuses_another_number_of_processes(tmp_path, capsys, monkeypatc
     assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} was written by a run of 1 "
                                                "process(es), this one has 2"), err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_from_another_runs_checkpoint_never_mixes_two_runs(tmp_path, capsys):
+    """train.resume_from_checkpoint=<run a's checkpoint> with output_dir = run b, a folder holding another run: b's
+    metrics.jsonl was cut to b's own steps 1-2 and a's continuation appended after them, b's config.yaml and model/
+    replaced, b's checkpoint-2 kept beside the new checkpoint-4: two runs mixed in one folder, exit 0 (--overwrite
+    was accepted and ignored). Now without --overwrite it stops, b untouched; with --overwrite the resumed run
+    replaces b as a whole; --overwrite of the folder the checkpoint lies in is refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("sft", "sft-tiny.yaml", a, []) == 0
+    want = losses(a)
+    assert cli("sft", "sft-tiny.yaml", b, ["train.seed=7"]) == 0  # another run
+    before = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    ckpt = a / "checkpoints" / "checkpoint-2"
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", b, [f"train.resume_from_checkpoint={ckpt}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: output_dir: {b} already holds files") \
+        and f"train.resume_from_checkpoint={ckpt} is not one of its checkpoints; pass --overwrite" in err[0], err
+    assert {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+    assert cli("sft", "sft-tiny.yaml", a, [f"train.resume_from_checkpoint={ckpt}"], "--overwrite") == 2
+    assert "lies inside output_dir" in capsys.readouterr().err and losses(a) == want
+    assert cli("sft", "sft-tiny.yaml", b, [f"train.resume_from_checkpoint={ckpt}"], "--overwrite") == 0
+    assert losses(b) == {k: v for k, v in want.items() if k > 2}  # a's continuation alone, none of b's old rows
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["checkpoint-4"]

@@ -83,7 +83,8 @@ class RunPlan:
 
     mode "new": `final` is absent or empty; "resume": continue `final` from `checkpoint`; "overwrite": `final`
     holds a run and the user asked to replace it: the new run is written to `root` (a staging folder beside
-    it, `.<name>.staging`) and renamed over `final` only when it has finished."""
+    it, `.<name>.staging`) and renamed over `final` only when it has finished. `checkpoint`: what the run resumes
+    from (mode "resume"; or "overwrite" with `train.resume_from_checkpoint` from another run)."""
 
     final: Path
     root: Path
@@ -135,6 +136,15 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         if reason is not None:
             raise ConfigError(f"train.resume_from_checkpoint: cannot resume: {reason}; pick a complete checkpoint "
                               "folder, or use --resume for the newest complete one")
+        inside = final.resolve() in ckpt.resolve().parents
+        if inside and overwrite:
+            raise ConfigError(f"train.resume_from_checkpoint: {ckpt} lies inside output_dir {final}, which --overwrite "
+                              "would replace; drop --overwrite to continue that run from it, or choose another "
+                              "output_dir")
+        if holds and not inside and not overwrite:  # else the resumed run would be mixed into another run's files
+            raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}) and "
+                              f"train.resume_from_checkpoint={ckpt} is not one of its checkpoints; pass --overwrite to "
+                              "replace it with the resumed run, or choose another output_dir")
         saved = checkpoint_run_config(ckpt)
         if saved is None:
             logger.warning("train.resume_from_checkpoint: %s is not inside a run folder with a config.yaml "
@@ -156,14 +166,13 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
                           "that run from its newest complete checkpoint, --overwrite to replace it as a whole, or "
                           "choose another output_dir")
-    if ckpt is not None:
+    if ckpt is not None and not (holds and overwrite):
         return RunPlan(final, final, "resume", ckpt, existed=existed)
-    if holds:  # --overwrite
-
+    if holds:  # --overwrite (with train.resume_from_checkpoint: another run's checkpoint, resumed into the new run)
         staging = final.parent / f".{final.name}.staging"
         if is_main_process():
             remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
-        return RunPlan(final, staging, "overwrite", existed=True)
+        return RunPlan(final, staging, "overwrite", ckpt, existed=True)
     return RunPlan(final, final, "new", existed=existed)
 
 
