@@ -79,3 +79,21 @@ def test_accelerate_launch_deepspeed_zero3_on_cpu(tmp_path):
     assert trained.keys() == base.keys()
     assert all(p.shape == base[n].shape for n, p in trained.items())  # gathered, not empty partitions
     assert any(not torch.equal(trained[n], base[n]) for n in trained)
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_on_cpu_processes_is_refused_before_writing(tmp_path):
+    """`train.fsdp` (the Trainer's FSDP, from the training arguments) under torchrun on CPU processes wrote the run
+    folder (config.yaml, base_model/, tensorboard/) and then every rank failed with "unexpected error: ValueError:
+    Inconsistent compute device and `device_id`". Now each rank stops with one line naming train.fsdp and the
+    launcher config that does run FSDP on CPU processes, and nothing is written."""
+    out = tmp_path / "fsdp"
+    proc = torchrun(["-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}",
+                     "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0", "data.max_records=4",
+                     "train.fsdp=full_shard"], env={"TMPDIR": str(tmp_path)}, timeout=300)
+    assert proc.returncode != 0 and not proc.timed_out, proc.failure(3000)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]  # one per rank that
+    #   printed before torchrun ended the other
+    assert 1 <= len(lines) <= 2 and all(line.startswith("alignkit sft: error: train.fsdp: ") and
+                                   "configs/accelerate/fsdp2.yaml" in line for line in lines), proc.failure(3000)
+    assert not out.exists()

@@ -74,6 +74,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.training_args import ParallelMode
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
@@ -82,7 +83,7 @@ from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
     deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
-    load_full_optimizer_state,
+    load_full_optimizer_state, requested_engine,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
@@ -148,6 +149,15 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
             and hasattr(train_dataset, "__len__") and len(train_dataset) and "input_ids" not in train_dataset[0]:
         raise ConfigError("train.train_sampling_strategy='batch_rebalance' reads an input_ids column, which "
                           "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
+    if getattr(args, "fsdp", None) and not args.fsdp_config.get("xla", False):
+        if args.parallel_mode != ParallelMode.DISTRIBUTED:  # the Trainer's own refusal, as a config error
+            raise ConfigError("train.fsdp: FSDP shards the model over several processes and this run "
+                              "has one; remove train.fsdp, or launch several processes (torchrun / accelerate launch)")
+        if not torch.cuda.is_available() and requested_engine() != "fsdp":
+            raise ConfigError("train.fsdp: the Trainer's FSDP from the training arguments does not run on CPU "
+                              "processes (it failed once training began, after the run folder was written); remove "
+                              "train.fsdp and launch with `accelerate launch --config_file "
+                              "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
 
 
 class AlignTrainer(BatchSampling, Trainer):
