@@ -82,7 +82,7 @@ from alignkit.adapters import enable_gradient_checkpointing, load_adapter_weight
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
-    deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
+    deepspeed_cannot_start, deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
     load_full_optimizer_state, requested_engine,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
@@ -149,6 +149,12 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
             and hasattr(train_dataset, "__len__") and len(train_dataset) and "input_ids" not in train_dataset[0]:
         raise ConfigError("train.train_sampling_strategy='batch_rebalance' reads an input_ids column, which "
                           "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
+    if getattr(args, "deepspeed", None) and deepspeed_cannot_start():
+        raise ConfigError("train.deepspeed: DeepSpeed starts only under a launcher (torchrun, accelerate launch, "
+                          "deepspeed), even for one process; without one it looks for MPI (mpi4py, not installed) and "
+                          "failed once training began, after the run folder was written; launch with `torchrun "
+                          "--nproc_per_node N -m alignkit ...`, or use an accelerate DeepSpeed config "
+                          "(configs/accelerate/zero2-cpu.yaml, zero2.yaml) instead of train.deepspeed")
     if getattr(args, "fsdp", None) and not args.fsdp_config.get("xla", False):
         if args.parallel_mode != ParallelMode.DISTRIBUTED:  # the Trainer's own refusal, as a config error
             raise ConfigError("train.fsdp: FSDP shards the model over several processes and this run "
