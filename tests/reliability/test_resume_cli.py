@@ -251,3 +251,21 @@ def test_resume_from_another_runs_checkpoint_never_mixes_two_runs(tmp_path, caps
     assert cli("sft", "sft-tiny.yaml", b, [f"train.resume_from_checkpoint={ckpt}"], "--overwrite") == 0
     assert losses(b) == {k: v for k, v in want.items() if k > 2}  # a's continuation alone, none of b's old rows
     assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["checkpoint-4"]
+
+
+def test_resume_that_lengthens_a_decaying_schedule_warns(tmp_path, caplog):
+    """Extending a run (--resume with a larger train.max_steps) under a linear schedule: the Trainer rebuilds the
+    schedule for the new length, while the first resumed step still uses the rate the checkpoint's optimizer state
+    holds. Each row logs the rate its update used, lr0 * (1 - (step - 1) / T): steps 1-2 on the 2-step line (1e-3,
+    5e-4), step 3 that line's next value 1e-3 * (1 - 2/2) = 0 (an update that does nothing), step 4 the 8-step
+    line's 1e-3 * (1 - 3/8): neither schedule. Allowed, as before, but no longer without a word."""
+    out = tmp_path / "run"
+    assert cli("sft", "sft-tiny.yaml", out, ["train.lr_scheduler_type=linear", "train.max_steps=2"]) == 0
+    with caplog.at_level("WARNING"):
+        assert cli("sft", "sft-tiny.yaml", out, ["train.lr_scheduler_type=linear", "train.max_steps=8"], "--resume") == 0
+    warned = [r.getMessage() for r in caplog.records if "schedule is rebuilt" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("--resume: train.max_steps changes from 2 to 8 under "
+                                                     "train.lr_scheduler_type=linear"), warned
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rate = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
+    assert [rate[2], rate[3], rate[4]] == pytest.approx([1e-3 * (1 - 1 / 2), 1e-3 * (1 - 2 / 2), 1e-3 * (1 - 3 / 8)])
