@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import importlib.util
 import logging
 import os
 import sys
@@ -74,6 +75,20 @@ def requested_engine() -> str | None:
     if _flag("ACCELERATE_USE_DEEPSPEED"):
         return "deepspeed"
     return None
+
+
+# what `deepspeed.comm.init_distributed` reads from a launcher (torchrun, accelerate launch, deepspeed); without all of
+# them, outside AzureML / SageMaker (whose variables it maps itself), it looks for MPI through mpi4py
+DEEPSPEED_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+DEEPSPEED_CLOUD_ENV = ("AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV")
+
+
+def deepspeed_cannot_start() -> bool:
+    """True when DeepSpeed, asked for, would fail to start its communication when training begins: no launcher's
+    environment (`DEEPSPEED_LAUNCH_ENV`), no cloud environment DeepSpeed maps itself, and mpi4py not installed."""
+    return (not all(k in os.environ for k in DEEPSPEED_LAUNCH_ENV)
+            and not any(k in os.environ for k in DEEPSPEED_CLOUD_ENV)
+            and importlib.util.find_spec("mpi4py") is None)
 
 
 def enable_sharding_on_cpu(accelerator: Any) -> bool:
@@ -331,4 +346,4 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
-__all__ = ["copy_full_into", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "requested_engine", "shard_reference", "storage_key", "zero_stage"]
+__all__ = ["DEEPSPEED_LAUNCH_ENV", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "requested_engine", "shard_reference", "storage_key", "zero_stage"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import torchrun
+from tests.distributed.launch import SRC, torchrun
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -79,3 +79,48 @@ def test_accelerate_launch_deepspeed_zero3_on_cpu(tmp_path):
     assert trained.keys() == base.keys()
     assert all(p.shape == base[n].shape for n, p in trained.items())  # gathered, not empty partitions
     assert any(not torch.equal(trained[n], base[n]) for n in trained)
+
+
+@pytest.mark.slow
+def test_trainer_fsdp_on_cpu_processes_is_refused_before_writing(tmp_path):
+    """`train.fsdp` (the Trainer's FSDP, from the training arguments) under torchrun on CPU processes wrote the run
+    folder (config.yaml, base_model/, tensorboard/) and then every rank failed with "unexpected error: ValueError:
+    Inconsistent compute device and `device_id`". Now each rank stops with one line naming train.fsdp and the
+    launcher config that does run FSDP on CPU processes, and nothing is written."""
+    out = tmp_path / "fsdp"
+    proc = torchrun(["-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}",
+                     "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0", "data.max_records=4",
+                     "train.fsdp=full_shard"], env={"TMPDIR": str(tmp_path)}, timeout=300)
+    assert proc.returncode != 0 and not proc.timed_out, proc.failure(3000)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]  # one per rank that
+    #   printed before torchrun ended the other
+    assert 1 <= len(lines) <= 2 and all(line.startswith("alignkit sft: error: train.fsdp: ") and
+                                   "configs/accelerate/fsdp2.yaml" in line for line in lines), proc.failure(3000)
+    assert not out.exists()
+
+
+def test_train_deepspeed_without_a_launcher_is_refused_before_writing(tmp_path):
+    """`train.deepspeed=<json>` in a plain `python -m alignkit` process: DeepSpeed, finding no launcher's RANK /
+    WORLD_SIZE / MASTER_ADDR / ..., looks for MPI when training begins; without mpi4py the run folder (config.yaml,
+    base_model/, tensorboard/) was written and then "error: No module named 'mpi4py'". Now one line naming
+    train.deepspeed and the launchers, before anything is written."""
+    pytest.importorskip("deepspeed")
+    from alignkit.distributed import DEEPSPEED_LAUNCH_ENV, deepspeed_cannot_start
+
+    if not deepspeed_cannot_start():  # mpi4py installed, or a cloud environment: DeepSpeed may start
+        pytest.skip("DeepSpeed can start here without a launcher")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                              "gradient_accumulation_steps": "auto"}))
+    env = {k: v for k, v in os.environ.items() if k not in DEEPSPEED_LAUNCH_ENV}
+    env.update(PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p), TMPDIR=str(tmp_path))
+    out = tmp_path / "ds"
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
+                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
+                           "data.max_records=4", f"train.deepspeed={ds}"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("alignkit sft: error: train.deepspeed: DeepSpeed starts only under a launcher") \
+        and "torchrun --nproc_per_node N" in lines[0], lines
+    assert not out.exists()

@@ -209,3 +209,34 @@ def test_torch_module_internals_for_full_parameters():
         from torch.distributed.tensor import DTensor  # noqa: F401
     check('"FSDP"' in inspect.getsource(impl), "torch", "fully_shard no longer names its dynamic classes "
           "FSDP<Class> (use isinstance(module, FSDPModule) instead of the name)", where)
+
+
+def test_deepspeed_needs_a_launcher_or_mpi4py(monkeypatch):
+    """`deepspeed.comm.init_distributed` (called when training begins) without every one of a launcher's variables
+    (`DEEPSPEED_LAUNCH_ENV`), outside AzureML / SageMaker (`DEEPSPEED_CLOUD_ENV`, which it maps itself), looks for
+    MPI by importing mpi4py: what `deepspeed_cannot_start` predicts before the run folder is written."""
+    where = "alignkit/distributed.py:deepspeed_cannot_start (trainers/base.py:refuse_ignored_arguments)"
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.comm import comm
+
+    from alignkit.distributed import DEEPSPEED_CLOUD_ENV, DEEPSPEED_LAUNCH_ENV
+
+    for name, fn in zip(DEEPSPEED_CLOUD_ENV, (comm.in_aml, comm.in_aws_sm)):
+        monkeypatch.setenv(name, "1")
+        check(fn(), "deepspeed", f"{fn.__name__}() no longer reads {name}", where)
+        monkeypatch.delenv(name)
+    if importlib.util.find_spec("mpi4py") is not None:
+        pytest.skip("mpi4py is installed: DeepSpeed would use MPI")
+    env = {k: v for k, v in os.environ.items() if k not in (*DEEPSPEED_LAUNCH_ENV, *DEEPSPEED_CLOUD_ENV)}
+    code = ("import deepspeed.comm as c\ntry:\n    c.init_distributed(dist_backend='gloo')\n"
+            "except ImportError as e:\n    print('ImportError', e.name)\nelse:\n    print('started')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    check(proc.stdout.strip().splitlines()[-1:] == ["ImportError mpi4py"], "deepspeed", "init_distributed without a "
+          "launcher's variables no longer stops at `import mpi4py`", where, proc.stdout[-500:] + proc.stderr[-1500:])

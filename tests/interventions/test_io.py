@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from alignkit.interventions import INTERVENTIONS
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import ReftConfig, RepresentationConfig
-from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME, save_reft
+from alignkit.interventions.io import CONFIG_NAME, WEIGHTS_NAME, read_reft_weights, save_reft
 from alignkit.interventions.loading import load_pyreft, load_reft
 from alignkit.models.loading import load_model
 from tests.adapters.table import perturb
@@ -138,6 +138,24 @@ def test_damaged_folders_fail_with_the_file_and_the_reason(tiny_lm, tmp_path):
         load_reft(tiny_lm(), folder)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_reft(tiny_lm(), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("version, message", [(2, "saved by a newer alignkit: upgrade alignkit"),
+                                              (None, "damaged or was not written by alignkit's save_reft"),
+                                              ("1", "damaged or was not written by alignkit's save_reft")])
+def test_another_format_version_is_refused(version, message, tiny_lm, tmp_path):
+    """reft_config.json's `version` was written and never read: a folder of another layout (a newer alignkit's) was
+    read as version 1. Now loading it (a new ReftModel or a resume's in-place read) names the file and the version."""
+    reft, folder = saved(tiny_lm, tmp_path)
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    assert meta["version"] == 1
+    meta["version"] = version
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    want = rf"{CONFIG_NAME}: format version {version!r}, this alignkit reads version 1 only; .*{message}"
+    with pytest.raises(ValueError, match=want):
+        load_reft(tiny_lm(), folder)
+    with pytest.raises(ValueError, match=want):
+        read_reft_weights(reft, folder)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_lm, tmp_path, monkeypatch):

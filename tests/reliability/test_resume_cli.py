@@ -187,3 +187,85 @@ def test_resume_refuses_a_changed_setting_and_leaves_the_run_alone(tmp_path, cap
     longer = [s.replace("max_steps=2", "max_steps=3") for s in steps] + ["train.logging_steps=2"]
     assert main([*base, "--resume", f"output_dir={out}", *longer]) == 0
     assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(tmp_path, capsys):
+    """A checkpoint saved with train.save_only_model=true holds the weights but no optimizer.pt / scheduler.pt. The
+    Trainer resumed from it without a word, with Adam's moments and the learning-rate schedule started again from
+    zero (and exit 0). Now --resume and train.resume_from_checkpoint stop before anything is written."""
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2", "train.save_only_model=true"]) == 0
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert not (ckpt / "optimizer.pt").exists()
+    shutil.rmtree(run / "model")  # as after a kill before the end
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", run, ["train.save_only_model=true"], "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} holds no optimizer.pt / "
+                                               "scheduler.pt (a checkpoint saved with train.save_only_model=true"), err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "b", ["train.save_only_model=true",
+                                                         f"train.resume_from_checkpoint={ckpt}"]) == 2
+    assert "train.resume_from_checkpoint: " in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, capsys, monkeypatch):
+    """Resuming a one-process run's checkpoint with two processes (torchrun / accelerate launch set WORLD_SIZE)
+    doubles the batch of an optimizer step and skips other records than the ones trained on; it was accepted
+    without a word. Now the checkpoint records its world size and a resume with another one stops at once."""
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert json.loads((ckpt / "alignkit_state.json").read_text())["world_size"] == 1
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} was written by a run of 1 "
+                                               "process(es), this one has 2"), err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_from_another_runs_checkpoint_never_mixes_two_runs(tmp_path, capsys):
+    """train.resume_from_checkpoint=<run a's checkpoint> with output_dir = run b, a folder holding another run: b's
+    metrics.jsonl was cut to b's own steps 1-2 and a's continuation appended after them, b's config.yaml and model/
+    replaced, b's checkpoint-2 kept beside the new checkpoint-4: two runs mixed in one folder, exit 0 (--overwrite
+    was accepted and ignored). Now without --overwrite it stops, b untouched; with --overwrite the resumed run
+    replaces b as a whole; --overwrite of the folder the checkpoint lies in is refused."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("sft", "sft-tiny.yaml", a, []) == 0
+    want = losses(a)
+    assert cli("sft", "sft-tiny.yaml", b, ["train.seed=7"]) == 0  # another run
+    before = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    ckpt = a / "checkpoints" / "checkpoint-2"
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", b, [f"train.resume_from_checkpoint={ckpt}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: output_dir: {b} already holds files") \
+        and f"train.resume_from_checkpoint={ckpt} is not one of its checkpoints; pass --overwrite" in err[0], err
+    assert {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
+    assert cli("sft", "sft-tiny.yaml", a, [f"train.resume_from_checkpoint={ckpt}"], "--overwrite") == 2
+    assert "lies inside output_dir" in capsys.readouterr().err and losses(a) == want
+    assert cli("sft", "sft-tiny.yaml", b, [f"train.resume_from_checkpoint={ckpt}"], "--overwrite") == 0
+    assert losses(b) == {k: v for k, v in want.items() if k > 2}  # a's continuation alone, none of b's old rows
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["checkpoint-4"]
+
+
+def test_resume_that_lengthens_a_decaying_schedule_warns(tmp_path, caplog):
+    """Extending a run (--resume with a larger train.max_steps) under a linear schedule: the Trainer rebuilds the
+    schedule for the new length, while the first resumed step still uses the rate the checkpoint's optimizer state
+    holds. Each row logs the rate its update used, lr0 * (1 - (step - 1) / T): steps 1-2 on the 2-step line (1e-3,
+    5e-4), step 3 that line's next value 1e-3 * (1 - 2/2) = 0 (an update that does nothing), step 4 the 8-step
+    line's 1e-3 * (1 - 3/8): neither schedule. Allowed, as before, but no longer without a word."""
+    out = tmp_path / "run"
+    assert cli("sft", "sft-tiny.yaml", out, ["train.lr_scheduler_type=linear", "train.max_steps=2"]) == 0
+    with caplog.at_level("WARNING"):
+        assert cli("sft", "sft-tiny.yaml", out, ["train.lr_scheduler_type=linear", "train.max_steps=8"], "--resume") == 0
+    warned = [r.getMessage() for r in caplog.records if "schedule is rebuilt" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("--resume: train.max_steps changes from 2 to 8 under "
+                                                     "train.lr_scheduler_type=linear"), warned
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rate = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
+    assert [rate[2], rate[3], rate[4]] == pytest.approx([1e-3 * (1 - 1 / 2), 1e-3 * (1 - 2 / 2), 1e-3 * (1 - 3 / 8)])

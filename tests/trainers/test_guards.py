@@ -102,6 +102,8 @@ def test_a_short_zero_gradient_spell_only_warns(make_model, features, collators,
 @pytest.mark.parametrize("override, says", [
     ({"label_smoothing_factor": 0.1}, "train.label_smoothing_factor=0.1: the Trainer applies it in its own loss"),
     ({"train_sampling_strategy": "batch_rebalance"}, "reads an input_ids column, which preference"),
+    ({"fsdp": "full_shard"}, "train.fsdp: FSDP shards the model over several processes and this run has "
+                             "one; remove train.fsdp, or launch several processes"),
 ])
 def test_training_arguments_that_would_be_ignored_are_refused(override, says):
     """Accepted by TrainingArguments, silently not applied by alignkit's objectives (label smoothing: the loss is

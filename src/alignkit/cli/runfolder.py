@@ -21,6 +21,7 @@ from alignkit.runs import (
     latest_complete_checkpoint, remove_own, truncate_metrics,
 )
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
+from alignkit.settings.train import OFFLINE_DEFAULTS, TRAIN_COMMANDS
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ class RunPlan:
 
     mode "new": `final` is absent or empty; "resume": continue `final` from `checkpoint`; "overwrite": `final`
     holds a run and the user asked to replace it: the new run is written to `root` (a staging folder beside
-    it, `.<name>.staging`) and renamed over `final` only when it has finished."""
+    it, `.<name>.staging`) and renamed over `final` only when it has finished. `checkpoint`: what the run resumes
+    from (mode "resume"; or "overwrite" with `train.resume_from_checkpoint` from another run)."""
 
     final: Path
     root: Path
@@ -135,6 +137,15 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         if reason is not None:
             raise ConfigError(f"train.resume_from_checkpoint: cannot resume: {reason}; pick a complete checkpoint "
                               "folder, or use --resume for the newest complete one")
+        inside = final.resolve() in ckpt.resolve().parents
+        if inside and overwrite:
+            raise ConfigError(f"train.resume_from_checkpoint: {ckpt} lies inside output_dir {final}, which --overwrite "
+                              "would replace; drop --overwrite to continue that run from it, or choose another "
+                              "output_dir")
+        if holds and not inside and not overwrite:  # else the resumed run would be mixed into another run's files
+            raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}) and "
+                              f"train.resume_from_checkpoint={ckpt} is not one of its checkpoints; pass --overwrite to "
+                              "replace it with the resumed run, or choose another output_dir")
         saved = checkpoint_run_config(ckpt)
         if saved is None:
             logger.warning("train.resume_from_checkpoint: %s is not inside a run folder with a config.yaml "
@@ -156,14 +167,13 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
                           "that run from its newest complete checkpoint, --overwrite to replace it as a whole, or "
                           "choose another output_dir")
-    if ckpt is not None:
+    if ckpt is not None and not (holds and overwrite):
         return RunPlan(final, final, "resume", ckpt, existed=existed)
-    if holds:  # --overwrite
-
+    if holds:  # --overwrite (with train.resume_from_checkpoint: another run's checkpoint, resumed into the new run)
         staging = final.parent / f".{final.name}.staging"
         if is_main_process():
             remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
-        return RunPlan(final, staging, "overwrite", existed=True)
+        return RunPlan(final, staging, "overwrite", ckpt, existed=True)
     return RunPlan(final, final, "new", existed=existed)
 
 
@@ -214,11 +224,14 @@ def check_resume_config(cfg: Any, saved: Path, label: str = "--resume") -> None:
     except yaml.YAMLError as e:
         raise ConfigError(f"{label}: {saved} is not valid YAML ({e}); it records how the run was trained, so "
                           "restore it or start again with --overwrite") from None
-    changes = config_changes(old, yaml.safe_load(dump_config(cfg)))
+    new = yaml.safe_load(dump_config(cfg))
+    changes = config_changes(old, new)
     allowed = [c for c in changes if c[0].rsplit(".", 1)[-1] in RESUMABLE_CHANGES]
     refused = [c for c in changes if c not in allowed]
     for key, before, after in allowed:
         logger.info("%s: %s changes from %r to %r", label, key, before, after)
+    if not refused:
+        warn_schedule_length(new.get("train") or {}, allowed, label, command_of(cfg))
     if refused:
         shown = "; ".join(f"{k}: {_show(v0)} in the run, {_show(v1)} now" for k, v0, v1 in refused[:4])
         more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
@@ -227,6 +240,28 @@ def check_resume_config(cfg: Any, saved: Path, label: str = "--resume") -> None:
                           "values); only how long it runs and what it logs, evaluates and saves may change. Use the "
                           "run's settings, or start a new run (another output_dir, model.path=<its model/ or a "
                           "checkpoint>)")
+
+
+def warn_schedule_length(train: dict[str, Any], allowed: list[tuple[str, Any, Any]], label: str, command: str) -> None:
+    """A resumed offline run whose length changes (max_steps, num_train_epochs) under a learning-rate schedule that
+    depends on it: the Trainer rebuilds the schedule for the new length and takes only the step count from the
+    checkpoint, while the first resumed step still uses the rate in the checkpoint's optimizer state; the rates are
+    then neither run's schedule (extending a finished linear run: one update at rate 0, then a jump up). Legitimate
+    (extending a run), so one warning, not a refusal."""
+    if command not in TRAIN_COMMANDS:  # the online loop has no learning-rate schedule
+        return
+    schedule = train.get("lr_scheduler_type") or OFFLINE_DEFAULTS["lr_scheduler_type"]
+    warmup = train.get("warmup_steps") or 0
+    if schedule == "constant" or (schedule == "constant_with_warmup" and not 0 < warmup < 1):
+        return
+    for key, before, after in allowed:
+        if key in ("train.max_steps", "train.num_train_epochs"):
+            logger.warning("%s: %s changes from %s to %s under train.lr_scheduler_type=%s: the schedule is rebuilt for "
+                           "the new length, while the first resumed step still takes the old schedule's next rate, so "
+                           "the learning rates follow neither run's schedule; to extend a run smoothly, train with "
+                           "lr_scheduler_type constant, or start a new run", label, key, _show(before), _show(after),
+                           schedule)
+            return
 
 
 def _show(value: Any) -> str:

@@ -44,6 +44,7 @@ from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
 from alignkit.trainers import TRAINERS
+from alignkit.trainers.base import check_resumable
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,9 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
     Everything that can be checked (output folder, data, model, adapter, tokenization, training arguments, the
     Trainer) is checked before the run folder is written; `model/` and checkpoints are written atomically."""
     plan = plan_run(cfg, resume=resume, overwrite=overwrite, checkpoint=cfg.train.get("resume_from_checkpoint"))
+    if plan.checkpoint is not None:  # before loading anything: a checkpoint the Trainer would not truly resume
+        check_resumable(plan.checkpoint, int(os.environ.get("WORLD_SIZE", "1")),
+                        "--resume" if cfg.train.get("resume_from_checkpoint") is None else "train.resume_from_checkpoint")
     try:
         return _train(cfg, command, plan, quiet=quiet, command_line=command_line)
     except BaseException:

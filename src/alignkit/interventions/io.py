@@ -96,6 +96,12 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not an alignkit ReFT config (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                          f"expected {FORMAT!r}); for a pyreft checkpoint use load_pyreft")
+    if meta.get("version") != VERSION:  # another layout: read as this one, it would load wrong or fail later
+        version = meta.get("version")
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > VERSION
+        raise ValueError(f"{path}: format version {version!r}, this alignkit reads version {VERSION} only; "
+                         + ("the adapter was saved by a newer alignkit: upgrade alignkit to load it" if newer else
+                            "the file is damaged or was not written by alignkit's save_reft: save the adapter again"))
     missing = [k for k in ("base_model", "reft_config", "interventions") if k not in meta]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}")

@@ -75,6 +75,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.training_args import ParallelMode
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
@@ -82,8 +83,8 @@ from alignkit.adapters import enable_gradient_checkpointing, load_adapter_weight
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
-    deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
-    load_full_optimizer_state,
+    deepspeed_cannot_start, deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
+    load_full_optimizer_state, requested_engine,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
@@ -122,7 +123,32 @@ def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, 
     raise ConfigError(f"{where}metric_for_best_model: {name!r} is not logged by {who}'s evaluation{hint}, so the "
                       f"first evaluation would stop the run (transformers' KeyError); use one of: {', '.join(spelled)}")
 TRAINING_ARGS_JSON = "training_args.json"
-STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep (num_tokens)
+STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep
+#   (num_tokens; world_size, the processes that wrote it)
+
+
+def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str = "resume_from_checkpoint") -> None:
+    """Refuse (CheckpointError, one line naming `label` and the folder) a complete checkpoint that the Trainer would
+    resume without continuing the same training: one without the optimizer / scheduler states (saved with
+    `save_only_model`, or under DeepSpeed; the Trainer then restarts Adam's moments and the learning-rate schedule
+    from zero without a word), or one written by another number of processes (the batch of an optimizer step and
+    which records count as already seen depend on it). A checkpoint that does not record its world size (older
+    alignkit) is not compared."""
+    folder = Path(checkpoint)
+    missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{label}: {folder} holds no {' / '.join(missing)} (a checkpoint saved with "
+                              "train.save_only_model=true, or under DeepSpeed): the resumed run would restart the "
+                              "optimizer and the learning-rate schedule from zero, not continue them; start a new "
+                              "run from its weights in another output_dir, or resume from a checkpoint saved "
+                              "without train.save_only_model")
+    saved = _saved_state(folder).get("world_size")
+    if isinstance(saved, int) and saved != world_size:
+        raise CheckpointError(f"{label}: {folder} was written by a run of {saved} process(es), this one has "
+                              f"{world_size}: the batch of an optimizer step (per_device_train_batch_size x "
+                              "gradient_accumulation_steps x processes) and which records count as already seen "
+                              f"depend on it, so the run would not continue the same training; launch {saved} "
+                              "process(es), or start a new run from its weights in another output_dir")
 
 
 def turn_off_dropout(model: nn.Module) -> None:
@@ -147,6 +173,21 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
             and hasattr(train_dataset, "__len__") and len(train_dataset) and "input_ids" not in train_dataset[0]:
         raise ConfigError("train.train_sampling_strategy='batch_rebalance' reads an input_ids column, which "
                           "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
+    if getattr(args, "deepspeed", None) and deepspeed_cannot_start():
+        raise ConfigError("train.deepspeed: DeepSpeed starts only under a launcher (torchrun, accelerate launch, "
+                          "deepspeed), even for one process; without one it looks for MPI (mpi4py, not installed) and "
+                          "failed once training began, after the run folder was written; launch with `torchrun "
+                          "--nproc_per_node N -m alignkit ...`, or use an accelerate DeepSpeed config "
+                          "(configs/accelerate/zero2-cpu.yaml, zero2.yaml) instead of train.deepspeed")
+    if getattr(args, "fsdp", None) and not args.fsdp_config.get("xla", False):
+        if args.parallel_mode != ParallelMode.DISTRIBUTED:  # the Trainer's own refusal, as a config error
+            raise ConfigError("train.fsdp: FSDP shards the model over several processes and this run "
+                              "has one; remove train.fsdp, or launch several processes (torchrun / accelerate launch)")
+        if not torch.cuda.is_available() and requested_engine() != "fsdp":
+            raise ConfigError("train.fsdp: the Trainer's FSDP from the training arguments does not run on CPU "
+                              "processes (it failed once training began, after the run folder was written); remove "
+                              "train.fsdp and launch with `accelerate launch --config_file "
+                              "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
 
 
 class AlignTrainer(BatchSampling, Trainer):
@@ -520,7 +561,8 @@ class AlignTrainer(BatchSampling, Trainer):
 
     def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
         final = Path(run_dir) / name
-        Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None)}))
+        Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None),
+                                                                    "world_size": self.args.world_size}))
         commit_staging(staging_root / name, final, step=self.state.global_step)
         try:
             staging_root.rmdir()  # only when empty
@@ -582,6 +624,7 @@ class AlignTrainer(BatchSampling, Trainer):
                                       f"(DeepSpeed reloads its optimizer state from torch pickles, which alignkit "
                                       f"does not load); {resume_from_checkpoint}/ holds an ordinary model folder: "
                                       f"start a new run from it, or resume under FSDP2 / DDP")
+            check_resumable(resume_from_checkpoint, self.args.world_size)
             logger.info("resuming from %s", resume_from_checkpoint)
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
@@ -641,14 +684,19 @@ def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
                               f"{(unexpected or untied)[:3]}); resume with the config that wrote it")
 
 
+def _saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `STATE_JSON` ({} when it has none: a checkpoint of an older alignkit)."""
+    path = Path(checkpoint, STATE_JSON)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _saved_num_tokens(checkpoint: str | os.PathLike) -> float | None:
     """The cumulative `num_tokens` a checkpoint was written at (None: a checkpoint without it, counted from 0)."""
-    path = Path(checkpoint, STATE_JSON)
-    if not path.is_file():
+    if not Path(checkpoint, STATE_JSON).is_file():
         logger.warning("%s has no %s: num_tokens counts from 0 again in this run", checkpoint, STATE_JSON)
         return None
-    return json.loads(path.read_text()).get("num_tokens")
+    return _saved_state(checkpoint).get("num_tokens")
 
 
 # packed_collator / shared_prompt_collator live in trainers/data_prep.py; still importable from here (preference.py)
-__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "shared_prompt_collator", "turn_off_dropout"]
+__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "check_resumable", "packed_collator", "shared_prompt_collator", "turn_off_dropout"]
