@@ -122,6 +122,8 @@ def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, 
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"{where}metric_for_best_model: {name!r} is not logged by {who}'s evaluation{hint}, so the "
                       f"first evaluation would stop the run (transformers' KeyError); use one of: {', '.join(spelled)}")
+
+
 TRAINING_ARGS_JSON = "training_args.json"
 STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep
 #   (num_tokens; world_size, the processes that wrote it)
