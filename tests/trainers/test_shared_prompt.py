@@ -159,3 +159,26 @@ def test_trainers_refuse_a_layout_reft_cannot_run_when_built(kind, trainer, layo
         cls(make_model(kind, classifier=trainer == "rm"), fast_args(tmp_path), train_dataset=features["preference"][:4],
             data_collator=PreferenceCollator(tokenizer.pad_token_id), **{layout: True})
     assert str(built.value) == str(cli.value)[len("train."):]
+
+
+@pytest.mark.parametrize("layout", ["share_prompt", "padding_free"])
+@pytest.mark.parametrize("data", ["collator", "features", "records"])
+def test_reward_trainer_refuses_a_pair_layout_for_ranked_data_when_built(layout, data, make_model, features, collators,
+                                                                        tokenizer, tmp_path):
+    """RewardTrainer built in Python on ranked data (a RankedCollator, tokenized ranked examples, or raw
+    RankedRecords) with share_prompt=True / padding_free=True was built, and the run stopped at its first step
+    (share_prompt: the collator's ValueError; padding_free: PackedPreferenceCollator on K-reply examples); the CLI
+    refused method.ranked with the layout when loaded. Now the trainer refuses when built, with the CLI's check."""
+    from tests.trainers.conftest import GOOD, BAD, PROMPTS
+    from alignkit.data import RankedRecord
+    kw = {"collator": {"train_dataset": features["ranked"], "data_collator": collators["ranked"]},
+          "features": {"train_dataset": features["ranked"]},
+          "records": {"train_dataset": [RankedRecord(p, [g, b], id=f"r{i}")
+                                        for i, (p, g, b) in enumerate(zip(PROMPTS, GOOD, BAD))],
+                      "processing_class": tokenizer}}[data]
+    with pytest.raises(ConfigError) as cli:
+        load_config(None, ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl",
+                           "method.ranked=true", f"train.{layout}=true"], command="rm")
+    assert str(cli.value).startswith(f"train.{layout}: true lays out chosen / rejected pairs, and method.ranked")
+    with pytest.raises(ConfigError, match=f"^{layout}: true lays out chosen / rejected pairs, and the data"):
+        RewardTrainer(make_model("full", classifier=True), fast_args(tmp_path), **kw, **{layout: True})

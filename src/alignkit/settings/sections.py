@@ -211,7 +211,8 @@ class TrainConfig:
                                   f"this config's is {self.adapter.kind!r}); remove it")
         check_pair_layout(self.train.get("share_prompt"), self.train.get("padding_free"),
                           reft_kind=self.adapter.kind if self.adapter.has_reft else None,
-                          attention=self.model.attn_implementation, reward_model=self.command == "rm")
+                          attention=self.model.attn_implementation, reward_model=self.command == "rm",
+                          ranked="method.ranked is true" if getattr(self.method, "ranked", False) else None)
         if self.command != "sft" and self.data.loss_on != DataSettings.loss_on:
             raise ConfigError(f"data.loss_on: read only by alignkit sft (which tokens of a conversation are trained), "
                               f"so alignkit {self.command} would ignore it; remove it")
@@ -233,17 +234,23 @@ class TrainConfig:
 
 
 def check_pair_layout(share_prompt: bool | None, padding_free: bool | None, *, reft_kind: str | None,
-                      attention: str | None, reward_model: bool, where: str = "train.") -> None:
+                      attention: str | None, reward_model: bool, where: str = "train.",
+                      ranked: str | None = None) -> None:
     """The layouts of preference pairs a run cannot use, which would stop the first training step: both at once,
     share_prompt
     with a ReFT adapter (its positions are placed in the padded rows) or with attention other than sdpa / eager (a
     custom 4D mask), padding_free with a ReFT reward model (a classifier's positions are placed over the whole padded
-    row). `reft_kind`: the adapter's kind when it has a ReFT part, else None; `attention`: the attention
+    row), either with ranked reward data (`ranked`: why the data is ranked, e.g. "method.ranked is true"; None for
+    pairs). `reft_kind`: the adapter's kind when it has a ReFT part, else None; `attention`: the attention
     implementation (None: the default, sdpa). One check, one message, for the CLI's config (`where` "train.", when it
     is loaded) and for the DPO and reward trainers (`where` "", when they are built)."""
     fails = "so the first training step would stop"
     if share_prompt and padding_free:
         raise ConfigError(f"{where}share_prompt and {where}padding_free are two different layouts: set one of them")
+    for key, on in (("share_prompt", share_prompt), ("padding_free", padding_free)):
+        if on and ranked is not None:
+            raise ConfigError(f"{where}{key}: true lays out chosen / rejected pairs, and {ranked} (ranked records, K "
+                              f"replies each), {fails}; remove it (or set it to false)")
     if share_prompt and reft_kind is not None:
         raise ConfigError(f"{where}share_prompt: true does not run a ReFT adapter (adapter.kind {reft_kind!r}: its "
                           f"positions are placed in the padded rows), {fails}; remove it (or set it to false)")
@@ -268,14 +275,6 @@ class SFTConfig(TrainConfig):
 class RewardConfig(TrainConfig):
     method: RewardMethod = field(default_factory=RewardMethod)
     command = "rm"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("share_prompt", "padding_free"):  # layouts of chosen / rejected pairs
-            if self.method.ranked and self.train.get(key):
-                raise ConfigError(f"train.{key}: true lays out chosen / rejected pairs, and method.ranked is true "
-                                  "(ranked records, K replies each), so the run would stop before its first step; "
-                                  "remove it (or set it to false)")
 
 
 @dataclass

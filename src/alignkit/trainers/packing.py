@@ -58,15 +58,16 @@ def resolve_padding_free(padding_free: bool | None, model: nn.Module, args: Any,
                            "per batch, no padding in the linear layers; padding_free=False keeps padded batches")
 
 
-def check_layout(model: nn.Module, share_prompt: bool | None, padding_free: bool | None, reward_model: bool) -> None:
+def check_layout(model: nn.Module, share_prompt: bool | None, padding_free: bool | None, reward_model: bool,
+                 ranked: str | None = None) -> None:
     """An explicit `share_prompt` / `padding_free` the model cannot run (a ReFT model, attention other than sdpa /
     eager), refused when the DPO / reward trainer is built instead of at its first step: the CLI's check and
     message (`alignkit.settings.sections.check_pair_layout`). A ReFT model is one that edits positions
-    (`span_locations`)."""
+    (`span_locations`). `ranked`: why the reward data is ranked (None for pairs)."""
     edits = getattr(unwrap_parallel(model), "span_locations", None) is not None
     check_pair_layout(share_prompt, padding_free, reft_kind=adapter_kind(model) if edits else None,
                       attention=attn_implementation(unwrap_lm(model).config) or None, reward_model=reward_model,
-                      where="")
+                      where="", ranked=ranked)
 
 
 def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, model: nn.Module, args: Any,

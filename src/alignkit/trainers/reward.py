@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data import PreferenceCollator, RankedCollator
+from alignkit.data.prepare import feature_kind, is_tokenized
 from alignkit.losses import REWARD_LOSSES, LossOutput, bradley_terry_loss, ranking_loss
 from alignkit.models import last_layer
 from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
@@ -143,7 +144,9 @@ class RewardTrainer(AlignTrainer):
         if not is_classifier(model):
             raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
                              f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
-        check_layout(model, share_prompt, padding_free, reward_model=True)
+        check_layout(model, share_prompt, padding_free, reward_model=True,
+                     ranked=ranked_data(kwargs.get("data_collator"), kwargs.get("train_dataset"),
+                                        kwargs.get("eval_dataset")))
         lm = unwrap_lm(model)
         cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         share_prompt = resolve_share_prompt(share_prompt, padding_free, model, args, kwargs.get("data_collator"),
@@ -159,6 +162,9 @@ class RewardTrainer(AlignTrainer):
             kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model, paired=True,
                                                       checkpointing=bool(args.activation_checkpointing))
         super().__init__(model, args, **kwargs)
+        if share_prompt or padding_free:  # raw ranked rows, known once tokenized: refused before the first step
+            check_layout(model, share_prompt, padding_free, reward_model=True,
+                         ranked=ranked_data(None, self.train_dataset, self.eval_dataset))
         if share_prompt:
             self.data_collator = shared_prompt_collator(self.data_collator)
 
@@ -180,6 +186,19 @@ class RewardTrainer(AlignTrainer):
         return bradley_terry_loss(r[:B], r[B:], margin=margin, center_rewards_coefficient=self.center_rewards_coefficient)
 
 
+def ranked_data(collator: Any, *datasets: Any) -> str | None:
+    """Why a reward trainer's data is ranked (`collator` a RankedCollator, or the first tokenized example of
+    `datasets` one of K replies), None for pairs or raw data not yet tokenized: the pair layouts (share_prompt,
+    padding_free) cannot lay it out."""
+    if isinstance(collator, RankedCollator):
+        return "the data_collator is a RankedCollator"
+    for ds in datasets:
+        ds = next(iter(ds.values()), None) if isinstance(ds, dict) else ds
+        if ds is not None and is_tokenized(ds) and len(ds) and feature_kind(ds[0]) == "ranked":
+            return "the data is ranked"
+    return None
+
+
 def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """A ranked batch's row rewards `(N,)` scattered to `(B, K_max)` tables, best first: rewards, the mask of real
     replies and the replies' ranks (ties equal; `RankedCollator`'s `rank`)."""
@@ -191,4 +210,4 @@ def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tens
     return table, mask, ranks
 
 
-__all__ = ["RewardTrainer", "ranked_table", "sequence_rewards"]
+__all__ = ["RewardTrainer", "ranked_data", "ranked_table", "sequence_rewards"]
