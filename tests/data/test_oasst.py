@@ -193,3 +193,27 @@ def test_options_at_their_defaults_and_options_that_apply_are_accepted():
     assert load_records(str(TREES), "ranked", mode="leaves", prompts="roots", tree_states=["ready_for_export"])
     assert load_records(str(TREES), "sft", preset="oasst", drop_deleted=True)
     assert len(load_records(str(TREES), "prompt", prompts="all")) == 175  # the module docstring's table
+
+
+def test_tree_states_as_one_string_is_one_state_not_a_substring(tmp_path):
+    """YAML `tree_states: ready_for_export` (a string) was matched as a substring: a tree in state "export" (or
+    "ready") was kept. Now a string is one state, as for `langs`."""
+    rows = [t for t in trees() if t["tree_state"] == "ready_for_export" and keep(t["prompt"])][:3]
+    rows[1]["tree_state"] = "export"
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    ids = {r.meta["tree_id"] for r in read_oasst(f, kind="prompt", tree_states="ready_for_export")}
+    assert ids == {rows[0]["message_tree_id"], rows[2]["message_tree_id"]}
+
+
+def test_langs_match_case_insensitively_and_a_language_matching_no_tree_is_named(caplog):
+    """`langs: [EN]` removed every (English) tree, with only an INFO log. Now languages match case-insensitively;
+    languages matching no tree's first message log a warning naming those present."""
+    roots = [t["prompt"] for t in trees() if t["tree_state"] == "ready_for_export" and keep(t["prompt"])]
+    assert len(read_oasst(TREES, kind="prompt", langs=["EN"])) == len(roots) == 37
+    assert len(read_oasst(TREES, kind="prompt", langs=["EN"], preset="oasst")) == 175  # the docstring's table
+    assert read_oasst(TREES, kind="prompt", langs="En") == read_oasst(TREES, kind="prompt", langs=["en"])
+    with caplog.at_level("WARNING"):
+        assert read_oasst(TREES, kind="prompt", langs=["english"]) == []
+    assert "reader_options.langs ['english'] matches no tree's first message (their languages: {'en': 40})" \
+        in caplog.text

@@ -5,10 +5,11 @@ A line is `{"message_tree_id", "tree_state", "prompt": <message>}`, a message be
 "replies": [<message>, ...]}`. Roles become "user" / "assistant" messages.
 
 Filters (applied first): trees whose `tree_state` is not in `tree_states` (default: only
-"ready_for_export"; None keeps all) are skipped; a message that is deleted (`drop_deleted`), synthetic
-(`drop_synthetic`), not reviewed positively (`review_result` False or missing/None, `drop_unreviewed`)
-or not in `langs` (None keeps every language) is removed **with its whole subtree**, since its replies
-answer it. A summary of what each filter removed is logged.
+"ready_for_export"; None keeps all; a string is one state) are skipped; a message that is deleted
+(`drop_deleted`), synthetic (`drop_synthetic`), not reviewed positively (`review_result` False or
+missing/None, `drop_unreviewed`) or not in `langs` (None keeps every language; a string is one; matched
+case-insensitively) is removed **with its whole subtree**, since its replies answer it. `langs` that match
+no tree's first message log a warning naming the languages there. A summary of what each filter removed is logged.
 
 SFT (`kind="sft"`, `mode`):
 - "leaves" (default): one thread per distinct conversation end. Every leaf gives the path from the root
@@ -98,9 +99,14 @@ class Filters:
             return "synthetic"
         if self.drop_unreviewed and not msg.get("review_result"):
             return "unreviewed"
-        if self.langs is not None and msg.get("lang") not in self.langs:
+        if self.langs is not None and message_lang(msg) not in self.langs:
             return "lang"
         return None
+
+
+def message_lang(msg: dict) -> str:
+    """A message's language, lower-cased: `langs` match it case-insensitively ("EN" keeps "en" messages)."""
+    return str(msg.get("lang") or "").lower()
 
 
 def _size(msg: dict) -> int:
@@ -247,7 +253,7 @@ def oa_threads(root: dict, kind: str) -> list[list[dict]]:
 def _oa_convert(row: dict, where: str, kind: str, langs: Sequence[str], tree_id: str, root: dict,
                 removed: Counter) -> list:
     states = ("ready_for_export", "prompt_lottery_waiting") if kind == "prompt" else ("ready_for_export",)
-    if row.get("tree_state") not in states or not root.get("review_result") or root.get("lang") not in langs:
+    if row.get("tree_state") not in states or not root.get("review_result") or message_lang(root) not in langs:
         removed["tree (state, root review or language)"] += 1
         return []
     for m in _walk(root):
@@ -328,17 +334,23 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
     if kind not in ("sft", "ranked", "prompt"):
         raise DataError(f"the OASST reader gives 'sft', 'ranked' or 'prompt' records, not {kind!r} "
                         f"(use load_records(..., kind={kind!r}) to convert)")
-    filters = Filters([langs] if isinstance(langs, str) else langs, drop_deleted, drop_synthetic, drop_unreviewed)
+    if isinstance(tree_states, str):  # one state, as `langs` (YAML `tree_states: ready_for_export`), not a substring
+        tree_states = [tree_states]
+    if langs is not None:
+        langs = [str(lang).lower() for lang in ([langs] if isinstance(langs, str) else langs)]
+    filters = Filters(langs, drop_deleted, drop_synthetic, drop_unreviewed)
     removed: Counter = Counter()
     if preset not in PRESETS:
         raise DataError(f"unknown OASST preset {preset!r}; valid: {', '.join(PRESETS)} (reader_options.preset)")
     check_applies(kind, preset, mode=mode, prompts=prompts, drop_deleted=drop_deleted, drop_synthetic=drop_synthetic,
                   drop_unreviewed=drop_unreviewed, tree_states=tree_states)
-    oa_langs = (["en"] if langs is None else [langs] if isinstance(langs, str) else list(langs))
+    oa_langs = ["en"] if langs is None else langs
+    root_langs: Counter = Counter()
 
     def convert(row: dict, where: str) -> list:
         tree_id = get_field(row, "message_tree_id", where, str, "the tree's id")
         root_msg = get_field(row, "prompt", where, dict, "the tree's root message")
+        root_langs[root_msg.get("lang")] += 1
         if preset == "oasst":
             return _oa_convert(row, where, kind, oa_langs, tree_id, root_msg, removed)
         if tree_states is not None and row.get("tree_state") not in tree_states:
@@ -371,4 +383,8 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
     records = collect(rows, convert, on_invalid, name=str(source))
     if removed:
         logger.info("%s: OASST filters removed %s", source, dict(removed))
+    wanted = oa_langs if preset == "oasst" else langs
+    if wanted is not None and root_langs and not any(str(lang or "").lower() in wanted for lang in root_langs):
+        logger.warning("%s: reader_options.langs %s matches no tree's first message (their languages: %s), so "
+                       "every tree was removed; set langs to some of those", source, wanted, dict(root_langs))
     return records
