@@ -103,6 +103,16 @@ def test_from_mask_left_and_right():
     assert locations_from_mask("f1+l2", left, 1).tolist() == [[[2, 3, 4]], [[0, 3, 4]]]
 
 
+def test_from_mask_refuses_a_row_with_holes():
+    """A mask with a 0 between attended tokens gave start = first 1, length = number of 1s: row [0,1,1,0,1,1] put
+    "l1" at index 4 (start 1 + 4 - 1), not on its last token 5. Now refused, naming the row and the hole."""
+    holes = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 0, 1, 1]])
+    with pytest.raises(ValueError, match=r"^attention_mask row 1 is not one contiguous span of attended tokens "
+                                         r"\(0 at index 3, between attended tokens 2 and 4\)"):
+        locations_from_mask("l1", holes, 1)
+    assert prompt_spans_from_mask(torch.tensor([[0, 0, 0], [0, 1, 1]]))[1].tolist() == [0, 2]  # all-pad row: fine
+
+
 def test_indices_point_inside_prompt_randomised():
     # Independent naive reference: a Python loop over rows builds the same sets of positions.
     g = torch.Generator().manual_seed(0)

@@ -148,9 +148,19 @@ def locations_from_spans(spec: "str | Positions", start: torch.Tensor, length: t
 def prompt_spans_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(start, length) of the non-pad span of each row of a prompt-only batch, left or right padded.
 
-    attention_mask: (B, T) of 0/1. The span is assumed contiguous (true for left and right padding).
+    attention_mask: (B, T) of 0/1, one contiguous span of 1s per row (left or right padding); a row with holes
+    (a 0 between 1s) is refused, since its positions would be placed off its tokens.
     """
     mask = attention_mask.to(torch.long)
+    starts = (torch.diff(mask, dim=1, prepend=mask.new_zeros(mask.shape[0], 1)) > 0).sum(dim=1)  # (B,) spans
+    if bool((starts > 1).any()):
+        row = int((starts > 1).nonzero()[0, 0])
+        on = mask[row].nonzero()[:, 0].tolist()
+        gap = next(i for i in range(len(on) - 1) if on[i + 1] > on[i] + 1)
+        raise ValueError(f"attention_mask row {row} is not one contiguous span of attended tokens (0 at index "
+                         f"{on[gap] + 1}, between attended tokens {on[gap]} and {on[gap + 1]}), so ReFT positions "
+                         f"(counted from its first attended token over {len(on)} tokens) would miss its tokens; pad "
+                         f"each row on one side only (left or right), with 0 only in the padding")
     length = mask.sum(dim=1)  # (B,)
     start = mask.argmax(dim=1)  # (B,) first 1 (0 for an all-pad row)
     return start, length
