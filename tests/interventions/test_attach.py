@@ -3,6 +3,7 @@ belong, per-row routing, padding, hooks registered once, checkpointing, config r
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -277,6 +278,24 @@ def test_config_round_trips_and_errors(tmp_path):
         RepresentationConfig(layer=0, component="mlp_out")
     with pytest.raises(ValueError, match=r"'consreft' does not take argument 'act_fn'; valid: \['embed_dim'"):
         RepresentationConfig(layer=0, intervention="consreft", low_rank_dimension=2, act_fn="relu").intervention_kwargs(8)
+
+
+@pytest.mark.parametrize("key, where", [("share_weights", ""), ("add_bias", "representations[0]: ")])
+def test_a_quoted_bool_in_a_config_file_is_refused(key, where, tmp_path):
+    """`bool(share_weights)` made a hand-written "false" True (pyreft's split silently off); add_bias "false" went to
+    the constructor as a truthy string. Now a non-bool is refused, naming the file and the key."""
+    data = {"representations": [{"layer": i, "low_rank_dimension": 2, "intervention": "noreft"} for i in (0, 1)],
+            "positions": "f1+l1", "share_weights": True}
+    (data if key == "share_weights" else data["representations"][0])[key] = "false"
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError) as e:
+        ReftConfig.load(tmp_path / "c.json")
+    assert str(e.value) == (f"{tmp_path / 'c.json'}: {where}{key} must be true or false, got 'false' (a str); write it "
+                            "without quotes")
+    (data if key == "share_weights" else data["representations"][0])[key] = False
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    assert getattr(ReftConfig.load(tmp_path / "c.json") if key == "share_weights"
+                   else ReftConfig.load(tmp_path / "c.json").representations[0], key) is False
 
 
 @pytest.mark.parametrize("name", ["c.json", "c.yaml"])

@@ -124,6 +124,9 @@ class RepresentationConfig:
         if self.low_rank_dimension is not None and (not isinstance(self.low_rank_dimension, int)
                                                     or self.low_rank_dimension <= 0):
             raise ValueError(f"low_rank_dimension must be a positive int, got {self.low_rank_dimension!r}")
+        if self.add_bias is not None and not isinstance(self.add_bias, bool):
+            raise ValueError(f"add_bias must be true or false, got {self.add_bias!r} (a {type(self.add_bias).__name__});"
+                             f" write it without quotes")
         if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.extra, dict):
@@ -142,7 +145,10 @@ class RepresentationConfig:
         _check_keys(data, cls, where)
         if "layer" not in data:
             raise ValueError(f"{where}: missing required key 'layer'")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as e:  # name the representation (a file's ReftConfig.from_dict adds the file before it)
+            raise ValueError(f"{where}: {e}") from None
 
     def intervention_kwargs(self, embed_dim: int, dtype: str | None = None) -> dict[str, Any]:
         """Constructor arguments for this representation's type, checked against its signature.
@@ -193,6 +199,9 @@ class ReftConfig:
     share_weights: bool = True  # False: pyreft's split (first half of the interventions on f, second on l)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.share_weights, bool):  # a JSON "false" would be truthy
+            raise ValueError(f"share_weights must be true or false, got {self.share_weights!r} (a "
+                             f"{type(self.share_weights).__name__}); write it without quotes")
         if self.positions is not None:
             pos = Positions.parse(self.positions)  # ValueError naming the bad term
             self.positions = str(pos)
@@ -238,7 +247,7 @@ class ReftConfig:
         try:
             return cls([RepresentationConfig.from_dict(r, where=f"{where}: representations[{i}]")
                         for i, r in enumerate(reps)], positions=data.get("positions"),
-                       share_weights=bool(data.get("share_weights", True)))
+                       share_weights=data.get("share_weights", True))
         except ValueError as e:
             raise ValueError(e.args[0] if str(e.args[0]).startswith(where) else f"{where}: {e}") from None
 
