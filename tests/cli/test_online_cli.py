@@ -143,6 +143,32 @@ def test_a_kept_round_made_with_other_settings_is_refused(tmp_path, capsys):
     assert (rnd / "samples.jsonl").read_bytes() == before[Path("samples.jsonl")]
 
 
+def test_a_kept_round_sampled_from_other_prompts_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The prompt file edited between two `alignkit sample` runs (same config): sample_round refused the kept samples,
+    but only after the model was loaded and sample.yaml rewritten. Now the prompts are compared first: one line,
+    no model loaded, nothing in the folder changed."""
+    import alignkit.cli.rounds as rounds
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Why is the sky blue?"}) + "\n" + json.dumps({"prompt": "Name a fruit."}))
+    rnd = tmp_path / "round"
+    base = ["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={rnd}", f"data.path={data}",
+            "sampling.max_new_tokens=3"]
+    assert main(base) == 0
+    before = {p.relative_to(rnd): (p.read_bytes(), p.stat().st_mtime_ns) for p in rnd.rglob("*") if p.is_file()}
+    data.write_text(json.dumps({"prompt": "Why is the sea blue?"}) + "\n" + json.dumps({"prompt": "Name a fruit."}))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(rounds, "load_for_sampling", no_model)
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "samples.jsonl: complete, and sampled from other prompts (2 then, 2 now" in err[0], err
+    assert {p.relative_to(rnd): (p.read_bytes(), p.stat().st_mtime_ns) for p in rnd.rglob("*") if p.is_file()} \
+        == before
+
+
 def test_annotate_without_samples_fails_before_loading_anything(tmp_path, capsys):
     rc = main(["annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={tmp_path / 'empty'}"])
     assert rc == 2 and "has no samples.jsonl; run `alignkit sample`" in capsys.readouterr().err

@@ -31,8 +31,8 @@ import yaml
 from alignkit.cli.models import check_formats, load_for_sampling
 from alignkit.cli.online import make_annotator, read_prompts
 from alignkit.cli.runfolder import add_config_command, config_changes
-from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, read_jsonl,
-                                    read_manifest, read_samples, sample_round)
+from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, check_kept_samples,
+                                    read_jsonl, read_manifest, read_samples, sample_round)
 from alignkit.runs import RunFolder, write_command_outputs
 from alignkit.settings import ConfigError, dump_config, save_config
 
@@ -91,6 +91,7 @@ def sample(cfg: Any) -> Path:
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
     check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml")
+    check_kept_samples(cfg.output_dir, prompts, cfg.overwrite)  # kept samples of other prompts: before the model
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
     run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
     if run.main:

@@ -106,6 +106,23 @@ def round_dir(out_dir: str | Path, round_index: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------- stages
 
+def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bool = False,
+                       made_from: dict[str, Any] | None = None) -> bool:
+    """True when `folder` holds a complete samples.jsonl that `sample_round` would keep (resume), False when it
+    would sample; a kept one sampled from other prompts than `prompts` is a DataError. No model needed: the
+    `alignkit sample` command calls it before loading one (`made_from`: the prompts' fingerprint, if computed)."""
+    folder = Path(folder)
+    if overwrite or not _complete(folder, "samples", SAMPLES_FILE):
+        return False
+    made_from = made_from or prompts_fingerprint(as_prompt_records(prompts))
+    kept = read_manifest(folder)["samples"]
+    if kept.get("prompts_sha256", made_from["sha256"]) != made_from["sha256"]:  # older manifests: not compared
+        raise DataError(f"{folder / SAMPLES_FILE}: complete, and sampled from other prompts ({kept.get('prompts')} "
+                        f"then, {made_from['count']} now, or the same number changed): it would be kept as it is, "
+                        "not redone. Pass overwrite=true to sample these prompts, or choose another output_dir")
+    return True
+
+
 def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str | Path, cfg: SamplingConfig, *,
                  batch_size: int = 8, overwrite: bool = False, **generate_kwargs: Any) -> Path:
     """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete). Returns its path.
@@ -114,12 +131,7 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
     folder = Path(folder)
     path = folder / SAMPLES_FILE
     made_from = prompts_fingerprint(as_prompt_records(prompts))
-    if not overwrite and _complete(folder, "samples", SAMPLES_FILE):
-        kept = read_manifest(folder)["samples"]
-        if kept.get("prompts_sha256", made_from["sha256"]) != made_from["sha256"]:  # older manifests: not compared
-            raise DataError(f"{path}: complete, and sampled from other prompts ({kept.get('prompts')} then, "
-                            f"{made_from['count']} now, or the same number changed): it would be kept as it is, not "
-                            "redone. Pass overwrite=true to sample these prompts, or choose another output_dir")
+    if check_kept_samples(folder, prompts, overwrite, made_from):
         logger.info("%s: complete, not sampled again", path)
         return path
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
@@ -223,5 +235,5 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
-           "read_manifest", "record_to_row", "read_samples", "round_dir", "sample_round", "score_stats",
+           "check_kept_samples", "read_manifest", "record_to_row", "read_samples", "round_dir", "sample_round", "score_stats",
            "annotate_round", "train_round", "run_offline_rounds"]
