@@ -217,3 +217,13 @@ def test_langs_match_case_insensitively_and_a_language_matching_no_tree_is_named
         assert read_oasst(TREES, kind="prompt", langs=["english"]) == []
     assert "reader_options.langs ['english'] matches no tree's first message (their languages: {'en': 40})" \
         in caplog.text
+
+
+@pytest.mark.parametrize("key", ["drop_deleted", "drop_synthetic", "drop_unreviewed"])
+def test_a_quoted_bool_filter_option_is_refused(key):
+    """reader_options `drop_deleted: "false"` (a string) was truthy: the filter stayed on, the same records as the
+    default, without a word. Now refused, naming the key."""
+    with pytest.raises(DataError) as e:
+        read_oasst(TREES, kind="sft", **{key: "false"})
+    assert str(e.value) == (f"data.reader_options.{key}: must be true or false, got 'false' (a str); write it "
+                            "without quotes")

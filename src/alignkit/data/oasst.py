@@ -334,6 +334,11 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
     if kind not in ("sft", "ranked", "prompt"):
         raise DataError(f"the OASST reader gives 'sft', 'ranked' or 'prompt' records, not {kind!r} "
                         f"(use load_records(..., kind={kind!r}) to convert)")
+    for key, value in (("drop_deleted", drop_deleted), ("drop_synthetic", drop_synthetic),
+                       ("drop_unreviewed", drop_unreviewed)):
+        if not isinstance(value, bool):  # a quoted "false" would be truthy: the filter kept on
+            raise DataError(f"data.reader_options.{key}: must be true or false, got {value!r} (a "
+                            f"{type(value).__name__}); write it without quotes")
     if isinstance(tree_states, str):  # one state, as `langs` (YAML `tree_states: ready_for_export`), not a substring
         tree_states = [tree_states]
     if langs is not None:
