@@ -298,6 +298,22 @@ def test_a_quoted_bool_in_a_config_file_is_refused(key, where, tmp_path):
                    else ReftConfig.load(tmp_path / "c.json").representations[0], key) is False
 
 
+@pytest.mark.parametrize("where, key, value, message", [
+    ("representations[0]: ", "low_rank_dimension", True, "low_rank_dimension must be a positive int, got True"),
+    ("representations[0]: ", "dropout", "0.1", "dropout must be in [0, 1), got '0.1'"),
+    ("", "positions", 3, "positions must be a string like 'f3+l3' or a Positions, got int"),
+])
+def test_a_mistyped_value_in_a_config_file_is_refused_naming_the_file(where, key, value, message, tmp_path):
+    """low_rank_dimension: true was read as rank 1, dropout "0.1" was passed on as a string, and positions: 3 was a
+    TypeError without the file. Now each is one ValueError naming the file (and the representation)."""
+    data = {"representations": [{"layer": 0, "low_rank_dimension": 2}]}
+    (data if key == "positions" else data["representations"][0])[key] = value
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError) as e:
+        ReftConfig.load(tmp_path / "c.json")
+    assert str(e.value) == f"{tmp_path / 'c.json'}: {where}{message}"
+
+
 @pytest.mark.parametrize("name", ["c.json", "c.yaml"])
 def test_config_save_is_atomic(name, tmp_path, monkeypatch):
     """A save that fails after the new text was written (here fsync, before the rename) leaves the previous

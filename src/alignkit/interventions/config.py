@@ -122,12 +122,14 @@ class RepresentationConfig:
             raise ValueError(f"unknown component {self.component!r}; valid: {list(COMPONENTS)} "
                              "or an explicit module path such as 'model.layers[3].mlp'")
         if self.low_rank_dimension is not None and (not isinstance(self.low_rank_dimension, int)
+                                                    or isinstance(self.low_rank_dimension, bool)  # true: rank 1
                                                     or self.low_rank_dimension <= 0):
             raise ValueError(f"low_rank_dimension must be a positive int, got {self.low_rank_dimension!r}")
         if self.add_bias is not None and not isinstance(self.add_bias, bool):
             raise ValueError(f"add_bias must be true or false, got {self.add_bias!r} (a {type(self.add_bias).__name__});"
                              f" write it without quotes")
-        if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
+        if self.dropout is not None and (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
+                                         or not 0.0 <= float(self.dropout) < 1.0):  # "0.1" reached nn.Dropout
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict of constructor arguments, got {type(self.extra).__name__}")
@@ -248,7 +250,7 @@ class ReftConfig:
             return cls([RepresentationConfig.from_dict(r, where=f"{where}: representations[{i}]")
                         for i, r in enumerate(reps)], positions=data.get("positions"),
                        share_weights=data.get("share_weights", True))
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: positions not a string
             raise ValueError(e.args[0] if str(e.args[0]).startswith(where) else f"{where}: {e}") from None
 
     def to_json(self) -> str:
