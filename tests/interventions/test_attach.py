@@ -300,7 +300,7 @@ def test_a_quoted_bool_in_a_config_file_is_refused(key, where, tmp_path):
 
 @pytest.mark.parametrize("where, key, value, message", [
     ("representations[0]: ", "low_rank_dimension", True, "low_rank_dimension must be a positive int, got True"),
-    ("representations[0]: ", "dropout", "0.1", "dropout must be in [0, 1), got '0.1'"),
+    ("representations[0]: ", "dropout", "0.1", "dropout must be a number in [0, 1) (YAML reads 1e-1 as text: write 0.1), got '0.1'"),
     ("", "positions", 3, "positions must be a string like 'f3+l3' or a Positions, got int"),
 ])
 def test_a_mistyped_value_in_a_config_file_is_refused_naming_the_file(where, key, value, message, tmp_path):

@@ -130,7 +130,8 @@ class RepresentationConfig:
                              f" write it without quotes")
         if self.dropout is not None and (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
                                          or not 0.0 <= float(self.dropout) < 1.0):  # "0.1" reached nn.Dropout
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"dropout must be a number in [0, 1) (YAML reads 1e-1 as text: write 0.1), "
+                             f"got {self.dropout!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict of constructor arguments, got {type(self.extra).__name__}")
         types = known_intervention_types()
