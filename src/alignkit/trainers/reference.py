@@ -36,12 +36,13 @@ The batches then carry the cached values (`ReferenceCollator`), which `Reference
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -118,7 +119,7 @@ class Reference:
         score = score if score is not None else self._sequence_logps
         if self.mode == "copy":
             return score(self.model, batch)
-        with reference_off(policy):
+        with reference_off(policy), embeddings_at_rest(policy):
             return score(policy, batch)
 
     def _sequence_logps(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -154,6 +155,21 @@ class HasReference:
         """The reference model ("copy"; "precomputed": what the cache is computed with), None when the reference
         is the policy's adapter switched off."""
         return self.reference.model
+
+
+@contextlib.contextmanager
+def embeddings_at_rest(policy: nn.Module) -> Iterator[None]:
+    """The policy's input-embedding module in eval mode for the block (that module only). NEFTune
+    (`neftune_noise_alpha`: transformers' `neftune_post_forward_hook` on that module) adds noise while the module
+    is training, so an "adapter_off" reference taken during training was the base model plus fresh noise each call
+    (DPO's loss at step 0 was not log 2), while a "copy" reference (eval mode) had none; now neither has any."""
+    emb = unwrap_lm(policy).get_input_embeddings()
+    was = emb.training
+    emb.training = False
+    try:
+        yield
+    finally:
+        emb.training = was
 
 
 def _cached(batch: dict[str, Any]) -> Tensor:
