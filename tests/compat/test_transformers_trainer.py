@@ -264,6 +264,8 @@ def test_step_hooks_are_called(tiny_dir, tokenizer, sft_features, tmp_path):
 def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sft_features, tmp_path):
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, per_device_eval_batch_size=8)
     calls = spy(trainer, "prediction_step")
+    metric_calls: list = []
+    trainer.compute_metrics = lambda p: metric_calls.append(p) or {}  # set after __init__, which refuses it
     with guard(TF, "Trainer.evaluate() failed through AlignTrainer.prediction_step (Trainer._prepare_inputs?)",
                "alignkit/trainers/base.py:AlignTrainer.prediction_step"):
         metrics = trainer.evaluate()
@@ -273,6 +275,9 @@ def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sf
     check("eval_loss" in metrics and ours, TF, "Trainer.evaluate no longer passes its metrics through self.log(logs, "
           "start_time) (alignkit's eval_ metrics are missing)", "alignkit/trainers/base.py:AlignTrainer.log",
           f"metrics: {sorted(metrics)}")
+    check(not metric_calls, TF, "Trainer.evaluate now calls compute_metrics without logits / labels from "
+          "prediction_step: AlignTrainer refuses compute_metrics as never called, which is no longer true",
+          "alignkit/trainers/base.py:refuse_metric_functions")
 
 
 # T9 ------------------------------------------------------------------------------------------------------
@@ -320,6 +325,7 @@ def test_reft_trainer_keeps_rotations_out_of_weight_decay(tiny_dir, tokenizer, t
 ARG_FIELDS = ("activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
               "remove_unused_columns", "train_sampling_strategy", "eval_strategy", "save_strategy", "use_cpu",
               "ddp_backend", "dataloader_pin_memory", "report_to", "disable_tqdm", "data_seed", "seed", "max_grad_norm",
+              "average_tokens_across_devices",
               "output_dir", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
               "lr_scheduler_type", "warmup_steps", "weight_decay", "logging_steps", "dataloader_num_workers",
               "num_train_epochs", "gradient_accumulation_steps", "bf16")

@@ -132,3 +132,30 @@ def test_group_by_length_sampling_works_for_preference_evaluation(tiny_lm, token
                              report_to="none", train_sampling_strategy="group_by_length", use_cpu=True)
     trainer = DPOTrainer(tiny_lm("llama"), args, train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer)
     assert math.isfinite(trainer.evaluate()["eval_loss"])
+
+
+@pytest.mark.parametrize("name", ["compute_metrics", "preprocess_logits_for_metrics"])
+def test_metric_functions_are_refused_not_silently_skipped(name, make_model, features, collators, tmp_path):
+    """The Trainer calls compute_metrics only with an evaluation's logits and labels, which alignkit's prediction_step
+    does not return: evaluate() gave eval_loss and never called it. Refused when the trainer is built."""
+    from alignkit.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=f"SFTTrainer: {name} would never be called: alignkit's evaluation"):
+        SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"], eval_dataset=features["sft"],
+                   data_collator=collators["sft"], **{name: lambda *a: {"x": 1.0}})
+
+
+def test_average_tokens_across_devices_off_is_refused_under_several_processes(monkeypatch):
+    """alignkit divides every micro-batch by the count summed over all processes whatever the argument says, so
+    average_tokens_across_devices=False changed nothing under several processes: refused there; one process (where
+    it means nothing for the Trainer either) and the default pass."""
+    from transformers import TrainingArguments
+
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.base import refuse_ignored_arguments
+
+    refuse_ignored_arguments(TrainingArguments("unused", report_to="none", average_tokens_across_devices=False))
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    refuse_ignored_arguments(TrainingArguments("unused", report_to="none"))
+    with pytest.raises(ConfigError, match="train.average_tokens_across_devices=false: alignkit's objectives always"):
+        refuse_ignored_arguments(TrainingArguments("unused", report_to="none", average_tokens_across_devices=False))

@@ -53,7 +53,10 @@ under `max_length`, `max_prompt_length`, `formatter`, `loss_on` (SFT), and picks
 kind when `data_collator` is not given.
 
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
-not name); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
+not name); `max_grad_norm=None` is no clipping (as 0; the Trainer itself would stop at the first step);
+`compute_metrics` / `preprocess_logits_for_metrics` are refused (evaluation returns no logits or labels, so the
+Trainer never calls them), so are `label_smoothing_factor` and, under several processes,
+`average_tokens_across_devices=False` (the objectives always divide by the all-process count); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
 """
 
@@ -167,6 +170,10 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
         raise ConfigError(f"train.label_smoothing_factor={args.label_smoothing_factor}: the Trainer applies it in "
                           "its own loss, which alignkit's objectives replace, so it would be ignored; remove it "
                           "(preference losses take method.label_smoothing: cDPO / robust / exo_pair)")
+    if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
+        raise ConfigError("train.average_tokens_across_devices=false: alignkit's objectives always divide by the "
+                          "count summed over all processes (the exact mean of the optimizer step's batch), so it "
+                          "would be ignored; remove it")
     if getattr(args, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("train.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel; its "
                           "kernels need CUDA); the Trainer would fail only when training starts, after the run "
@@ -192,6 +199,17 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
                               "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
 
 
+def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
+    """`compute_metrics` / `preprocess_logits_for_metrics` given to an alignkit trainer: the Trainer calls them only
+    with an evaluation's logits and labels, which alignkit's `prediction_step` does not return (its losses and
+    metrics are the objective's), so they were never called, without a word. One ConfigError naming the argument."""
+    for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+        if kwargs.get(name) is not None:
+            raise ConfigError(f"{owner}: {name} would never be called: alignkit's evaluation returns the objective's "
+                              f"loss and metrics (logged as eval_<name>, listed by {owner}.eval_metrics()), no logits "
+                              f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
+
+
 class AlignTrainer(BatchSampling, Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
@@ -207,6 +225,7 @@ class AlignTrainer(BatchSampling, Trainer):
                  formatter: str = "auto", loss_on: str = "all_assistant", add_eos: bool | None = None,
                  dataset_num_proc: int | None = None, reft_prefix_cache: bool | None = None, **kwargs: Any) -> None:
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
+        refuse_metric_functions(kwargs, type(self).__name__)
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
         prepare_data(kwargs, self.record_kinds, self.tokenize_config, dataset_num_proc, type(self).__name__)
@@ -223,6 +242,8 @@ class AlignTrainer(BatchSampling, Trainer):
         changes: dict[str, Any] = {}
         if args.remove_unused_columns:
             changes["remove_unused_columns"] = False
+        if args.max_grad_norm is None:  # no clipping, as alignkit's online trainers (the Trainer compares it with 0)
+            changes["max_grad_norm"] = 0.0
         gc_kwargs = None
         if args.activation_checkpointing:
             gc_kwargs = dict(args.activation_checkpointing_kwargs or {})
