@@ -1,4 +1,4 @@
-"""transformers.Trainer internals alignkit overrides or calls (rows T1-T12 of the table in docs/architecture.md).
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T14 of the table in docs/architecture.md).
 
 Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
 time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -375,3 +376,25 @@ def test_callbacks_and_public_trainer_names():
     check(need <= state_fields, TF, f"TrainerState lost {sorted(need - state_fields)}", where)
     check(transformers.__version__.split(".")[0] == "5", TF, "major version is no longer 5 (pyproject allows <6)",
           "pyproject.toml")
+
+
+# T14 -----------------------------------------------------------------------------------------------------
+
+def test_optimizer_is_resolved_from_the_arguments_alone(tmp_path):
+    """`Trainer.get_optimizer_cls_and_kwargs(args)` (a static method, no model) gives the optimizer's keyword
+    arguments with `optim_args` applied by the names the optimizer reads, and raises ImportError for a package it
+    needs and lacks: alignkit's check_optimizer refuses both cases by asking it before the run folder is written."""
+    where = "alignkit/trainers/base.py:check_optimizer"
+    with guard(TF, "Trainer.get_optimizer_cls_and_kwargs(args) no longer works without a model", where):
+        _, sgd = Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="sgd", optim_args="momentum=0.5"))
+        _, adamw = Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="adamw_torch", optim_args="momentum=0.5"))
+    check(sgd.get("momentum") == 0.5 and "momentum" not in adamw, TF, "optim_args no longer reach the optimizer's "
+          "keyword arguments by the names it reads (sgd: momentum; adamw_torch: none)", where, f"{sgd} / {adamw}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="adamw_bnb_8bit"))
+        except ImportError:
+            pass
+        else:
+            fail(TF, "get_optimizer_cls_and_kwargs no longer raises ImportError for adamw_bnb_8bit without "
+                 "bitsandbytes", where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -159,3 +160,37 @@ def test_average_tokens_across_devices_off_is_refused_under_several_processes(mo
     refuse_ignored_arguments(TrainingArguments("unused", report_to="none"))
     with pytest.raises(ConfigError, match="train.average_tokens_across_devices=false: alignkit's objectives always"):
         refuse_ignored_arguments(TrainingArguments("unused", report_to="none", average_tokens_across_devices=False))
+
+
+@pytest.mark.parametrize("optim, optim_args, says", [
+    ("adamw_bnb_8bit", None, "train.optim='adamw_bnb_8bit': the Trainer cannot build it: You need to install "
+                             "`bitsandbytes`"),
+    ("adamw_torch", "foo", "train.optim_args='foo': 'foo' is not key=value"),
+    ("adamw_torch", "weight_decay=0.1", "train.optim_args: weight_decay is not read by optim='adamw_torch'"),
+    ("sgd", "momentum=0.9,foo=1", "train.optim_args: foo is not read by optim='sgd'"),
+    ("adamw_torch", None, None), ("sgd", "momentum=0.9,nesterov=false", None), ("rmsprop", "alpha=0.9", None),
+    ("adafactor", None, None),
+])
+def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, optim_args, says, make_model, features,
+                                                                    collators, tmp_path):
+    """The Trainer builds its optimizer in train(): a missing package (bitsandbytes) failed there, after the CLI wrote
+    the run folder, and optim_args keys an optimizer does not read (adamw_torch reads none; sgd its own names) were
+    dropped without a word. Refused when the trainer is built (not when it is given its own optimizer); what the
+    optimizer reads passes."""
+    import importlib.util
+
+    from alignkit.settings import ConfigError
+
+    if optim == "adamw_bnb_8bit" and importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    args = fast_args(tmp_path, optim=optim, optim_args=optim_args)
+    if says is None:
+        from alignkit.trainers.base import check_optimizer
+
+        check_optimizer(args, {})
+        return
+    model = make_model("lora")
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])
+    own = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=(own, None))

@@ -56,12 +56,14 @@ Other switches: `remove_unused_columns` is forced off (collators carry keys the 
 not name); `max_grad_norm=None` is no clipping (as 0; the Trainer itself would stop at the first step);
 `compute_metrics` / `preprocess_logits_for_metrics` are refused (evaluation returns no logits or labels, so the
 Trainer never calls them), so are `label_smoothing_factor` and, under several processes,
-`average_tokens_across_devices=False` (the objectives always divide by the all-process count); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
+`average_tokens_across_devices=False` (the objectives always divide by the all-process count); `optim` /
+`optim_args` are resolved when the trainer is built (`check_optimizer`: a missing package, an unread key); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -210,6 +212,62 @@ def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
                               f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
 
 
+def check_optimizer(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
+    """`optim` / `optim_args` the Trainer would not apply as written, found before anything is written (the Trainer
+    builds its optimizer only in `train()`, after the CLI wrote the run folder); one ConfigError each:
+    a package `optim` needs that is not installed (bitsandbytes for adamw_bnb_8bit, ...); `optim_args` that is not
+    `key=value,...`; an `optim_args` key the optimizer never reads (transformers passes optim_args to a few optimizers
+    only, by the names each knows: adamw_torch and adafactor read none, sgd only its own, so the setting vanished).
+    Skipped when the caller passes its own optimizer. Asked without the model (no side effects: GaLore's layerwise
+    hooks are made only with one); what needs the model is left to the Trainer."""
+    if (kwargs.get("optimizers") or (None, None))[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
+        return
+    optim = str(getattr(args.optim, "value", args.optim))
+    pairs = [m for m in str(args.optim_args or "").replace(" ", "").split(",") if m]
+    bad = [m for m in pairs if m.count("=") != 1]
+    if bad:
+        raise ConfigError(f"train.optim_args={args.optim_args!r}: {bad[0]!r} is not key=value; write it as "
+                          "'key=value,key2=value2'")
+    try:
+        built = _optimizer_kwargs(args, args.optim_args)
+    except ImportError as e:
+        missing = str(e).split("\n")[0]
+    except ValueError as e:  # some optimizers say "Please install ..." as a ValueError; others need the model
+        if "install" not in str(e).lower():
+            return
+        missing = str(e).split("\n")[0]
+    else:
+        unread = [key for key, _ in (m.split("=") for m in pairs) if _ignores(args, pairs, key, built)]
+        if unread:
+            raise ConfigError(f"train.optim_args: {', '.join(unread)} is not read by optim={optim!r} (transformers "
+                              "passes optim_args only to some optimizers, by the names each knows), so it would be "
+                              "ignored; remove it, or use the train key for it (adam_beta1, adam_beta2, adam_epsilon, "
+                              "weight_decay)")
+        return
+    raise ConfigError(f"train.optim={optim!r}: the Trainer cannot build it: {missing.rstrip('.')}; install that "
+                      "package, or choose another train.optim (the default adamw_torch needs nothing)")
+
+
+def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
+    """The Trainer's optimizer (class, keyword arguments) for `args` with `optim_args` in place of its own."""
+    probe = copy.copy(args)  # a plain copy: no __post_init__ again
+    probe.optim_args = optim_args
+    return Trainer.get_optimizer_cls_and_kwargs(probe)
+
+
+def _ignores(args: TrainingArguments, pairs: list[str], key: str, built: Any) -> bool:
+    """Whether the optimizer's kwargs stay `built` whatever `key` says in optim_args (two other values, one numeric,
+    one boolean; a value it fails to parse means it is read)."""
+    for value in ("2", "true"):
+        changed = ",".join(f"{key}={value}" if m.split("=")[0] == key else m for m in pairs)
+        try:
+            if _optimizer_kwargs(args, changed) != built:
+                return False
+        except Exception:  # noqa: BLE001 -- it tried to read the value
+            return False
+    return True
+
+
 class AlignTrainer(BatchSampling, Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
@@ -239,6 +297,7 @@ class AlignTrainer(BatchSampling, Trainer):
         self.weight_normalization = weight_normalization
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         refuse_ignored_arguments(args, kwargs.get("train_dataset"))
+        check_optimizer(args, kwargs)
         changes: dict[str, Any] = {}
         if args.remove_unused_columns:
             changes["remove_unused_columns"] = False
