@@ -1,4 +1,4 @@
-"""transformers.Trainer internals alignkit overrides or calls (rows T1-T14 of the table in docs/architecture.md).
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T15 of the table in docs/architecture.md).
 
 Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
 time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps
@@ -398,3 +398,31 @@ def test_optimizer_is_resolved_from_the_arguments_alone(tmp_path):
         else:
             fail(TF, "get_optimizer_cls_and_kwargs no longer raises ImportError for adamw_bnb_8bit without "
                  "bitsandbytes", where)
+
+
+# T15 -----------------------------------------------------------------------------------------------------
+
+def test_schedule_is_built_by_get_scheduler_from_the_arguments(tiny_dir, tokenizer, sft_features, tmp_path):
+    """`Trainer.create_scheduler` builds `transformers.get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=
+    args.get_warmup_steps(n), num_training_steps=n, scheduler_specific_kwargs=args.lr_scheduler_kwargs)`, which takes
+    the kwargs as the schedule's keyword arguments and drops them for `constant`: alignkit's check_scheduler tries the
+    same call on a one-parameter optimizer before the run folder is written."""
+    where = "alignkit/trainers/base.py:check_scheduler"
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, learning_rate=1.0, warmup_steps=0,
+                          lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 0.25})
+    with guard(TF, "Trainer.create_optimizer_and_scheduler(num_training_steps) failed", where):
+        trainer.create_optimizer_and_scheduler(num_training_steps=4)
+        for _ in range(4):
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    check(abs(lr - 0.25) < 1e-9, TF, "Trainer.create_scheduler no longer passes args.lr_scheduler_kwargs to the "
+          "schedule (cosine_with_min_lr ended away from min_lr)", where, f"lr after 4 of 4 steps: {lr}")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        transformers.get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=4,
+                                   scheduler_specific_kwargs={"alignkit_probe": 1})
+    except TypeError:
+        pass
+    else:
+        fail(TF, "get_scheduler no longer passes scheduler_specific_kwargs to the schedule as keyword arguments", where)

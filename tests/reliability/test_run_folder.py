@@ -107,3 +107,13 @@ def test_an_optimizer_that_cannot_be_built_writes_nothing(tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the tiny model's progress
     assert len(err) == 1 and "train.optim='adamw_bnb_8bit': the Trainer cannot build it" in err[0]
     assert not (tmp_path / "new").exists()
+
+
+def test_a_schedule_that_cannot_be_built_writes_nothing(tmp_path, capsys):
+    """train.lr_scheduler_type=cosine_with_min_lr without lr_scheduler_kwargs.min_lr stopped at train() with
+    'unexpected error: ValueError' and the run folder already written; now one line before anything is created."""
+    assert sft(tmp_path / "new", "train.lr_scheduler_type=cosine_with_min_lr") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the tiny model's progress
+    assert len(err) == 1 and "train.lr_scheduler_type='cosine_with_min_lr' with train.lr_scheduler_kwargs={}" in err[0]
+    assert "unexpected" not in err[0]
+    assert not (tmp_path / "new").exists()

@@ -194,3 +194,33 @@ def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, opti
         SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])
     own = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=(own, None))
+
+
+@pytest.mark.parametrize("schedule, kwargs, says", [
+    ("constant", {"min_lr": 1e-6}, "train.lr_scheduler_kwargs={'min_lr': 1e-06}: lr_scheduler_type='constant' takes "
+                                   "no arguments"),
+    ("linear", {"min_lr": 1e-6}, "train.lr_scheduler_type='linear' with train.lr_scheduler_kwargs={'min_lr': 1e-06}: "
+                                 "transformers cannot build the schedule: get_linear_schedule_with_warmup() got an "
+                                 "unexpected keyword argument 'min_lr'"),
+    ("cosine_with_min_lr", None, "train.lr_scheduler_type='cosine_with_min_lr' with train.lr_scheduler_kwargs={}: "
+                                 "transformers cannot build the schedule: One of min_lr or min_lr_rate"),
+    ("cosine_with_min_lr", {"min_lr": 1e-6}, None), ("cosine", {"num_cycles": 0.3}, None), ("constant", None, None),
+    ("warmup_stable_decay", {"num_decay_steps": 1}, None),
+])
+def test_schedules_the_trainer_would_not_build_or_apply_are_refused(schedule, kwargs, says, make_model, features,
+                                                                   collators, tmp_path):
+    """The Trainer builds its schedule in train(): kwargs it does not take, or none where it needs some, stopped the
+    run there (the CLI: 'unexpected error', after writing the run folder); kwargs given to constant were dropped
+    without a word. Refused when the trainer is built (not when it is given its own scheduler)."""
+    from alignkit.settings import ConfigError
+
+    args = fast_args(tmp_path, lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs)
+    model = make_model("lora")
+    if says is None:
+        SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])
+        return
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    own = (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+    SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=own)

@@ -57,7 +57,8 @@ not name); `max_grad_norm=None` is no clipping (as 0; the Trainer itself would s
 `compute_metrics` / `preprocess_logits_for_metrics` are refused (evaluation returns no logits or labels, so the
 Trainer never calls them), so are `label_smoothing_factor` and, under several processes,
 `average_tokens_across_devices=False` (the objectives always divide by the all-process count); `optim` /
-`optim_args` are resolved when the trainer is built (`check_optimizer`: a missing package, an unread key); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
+`optim_args` and `lr_scheduler_type` / `lr_scheduler_kwargs` are tried when the trainer is built (`check_optimizer`:
+a missing package, an unread key; `check_scheduler`: kwargs the schedule does not take, needs, or ignores); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
 """
 
@@ -78,7 +79,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, get_scheduler
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.training_args import ParallelMode
 from transformers.trainer_utils import rotate_checkpoints
@@ -248,6 +249,31 @@ def check_optimizer(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
                       "package, or choose another train.optim (the default adamw_torch needs nothing)")
 
 
+def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
+    """`lr_scheduler_type` + `lr_scheduler_kwargs` the Trainer would not apply as written, found before anything is
+    written (it builds the schedule in `train()`, after the CLI wrote the run folder): kwargs the schedule does not take
+    (TypeError), a schedule missing its kwargs (cosine_with_min_lr without min_lr), or kwargs given to `constant` /
+    `constant_with_warmup`, which transformers builds without them (dropped without a word). One ConfigError each,
+    from a trial schedule over a one-parameter optimizer. Skipped when the caller passes its own scheduler."""
+    if (kwargs.get("optimizers") or (None, None))[1] is not None:
+        return
+    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    given = args.lr_scheduler_kwargs or {}
+    if given and name in ("constant", "constant_with_warmup"):
+        raise ConfigError(f"train.lr_scheduler_kwargs={given}: lr_scheduler_type={name!r} takes no arguments "
+                          "(transformers builds it without them), so they would be ignored; remove them, or choose "
+                          "the schedule that reads them (e.g. cosine_with_min_lr for min_lr)")
+    steps = args.max_steps if args.max_steps and args.max_steps > 0 else 100
+    trial = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(name, trial, num_warmup_steps=args.get_warmup_steps(steps), num_training_steps=steps,
+                      scheduler_specific_kwargs=given)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.lr_scheduler_type={name!r} with train.lr_scheduler_kwargs={given}: transformers "
+                          f"cannot build the schedule: {str(e).splitlines()[0].rstrip('.')}; give "
+                          f"train.lr_scheduler_kwargs the arguments of its {name} schedule") from None
+
+
 def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
     """The Trainer's optimizer (class, keyword arguments) for `args` with `optim_args` in place of its own."""
     probe = copy.copy(args)  # a plain copy: no __post_init__ again
@@ -298,6 +324,7 @@ class AlignTrainer(BatchSampling, Trainer):
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         refuse_ignored_arguments(args, kwargs.get("train_dataset"))
         check_optimizer(args, kwargs)
+        check_scheduler(args, kwargs)
         changes: dict[str, Any] = {}
         if args.remove_unused_columns:
             changes["remove_unused_columns"] = False
