@@ -1,4 +1,4 @@
-"""transformers.Trainer internals alignkit overrides or calls (rows T1-T12 of the table in docs/architecture.md).
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T15 of the table in docs/architecture.md).
 
 Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
 time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -264,6 +265,8 @@ def test_step_hooks_are_called(tiny_dir, tokenizer, sft_features, tmp_path):
 def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sft_features, tmp_path):
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, per_device_eval_batch_size=8)
     calls = spy(trainer, "prediction_step")
+    metric_calls: list = []
+    trainer.compute_metrics = lambda p: metric_calls.append(p) or {}  # set after __init__, which refuses it
     with guard(TF, "Trainer.evaluate() failed through AlignTrainer.prediction_step (Trainer._prepare_inputs?)",
                "alignkit/trainers/base.py:AlignTrainer.prediction_step"):
         metrics = trainer.evaluate()
@@ -273,6 +276,9 @@ def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sf
     check("eval_loss" in metrics and ours, TF, "Trainer.evaluate no longer passes its metrics through self.log(logs, "
           "start_time) (alignkit's eval_ metrics are missing)", "alignkit/trainers/base.py:AlignTrainer.log",
           f"metrics: {sorted(metrics)}")
+    check(not metric_calls, TF, "Trainer.evaluate now calls compute_metrics without logits / labels from "
+          "prediction_step: AlignTrainer refuses compute_metrics as never called, which is no longer true",
+          "alignkit/trainers/base.py:refuse_metric_functions")
 
 
 # T9 ------------------------------------------------------------------------------------------------------
@@ -320,6 +326,7 @@ def test_reft_trainer_keeps_rotations_out_of_weight_decay(tiny_dir, tokenizer, t
 ARG_FIELDS = ("activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
               "remove_unused_columns", "train_sampling_strategy", "eval_strategy", "save_strategy", "use_cpu",
               "ddp_backend", "dataloader_pin_memory", "report_to", "disable_tqdm", "data_seed", "seed", "max_grad_norm",
+              "average_tokens_across_devices",
               "output_dir", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
               "lr_scheduler_type", "warmup_steps", "weight_decay", "logging_steps", "dataloader_num_workers",
               "num_train_epochs", "gradient_accumulation_steps", "bf16")
@@ -369,3 +376,53 @@ def test_callbacks_and_public_trainer_names():
     check(need <= state_fields, TF, f"TrainerState lost {sorted(need - state_fields)}", where)
     check(transformers.__version__.split(".")[0] == "5", TF, "major version is no longer 5 (pyproject allows <6)",
           "pyproject.toml")
+
+
+# T14 -----------------------------------------------------------------------------------------------------
+
+def test_optimizer_is_resolved_from_the_arguments_alone(tmp_path):
+    """`Trainer.get_optimizer_cls_and_kwargs(args)` (a static method, no model) gives the optimizer's keyword
+    arguments with `optim_args` applied by the names the optimizer reads, and raises ImportError for a package it
+    needs and lacks: alignkit's check_optimizer refuses both cases by asking it before the run folder is written."""
+    where = "alignkit/trainers/base.py:check_optimizer"
+    with guard(TF, "Trainer.get_optimizer_cls_and_kwargs(args) no longer works without a model", where):
+        _, sgd = Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="sgd", optim_args="momentum=0.5"))
+        _, adamw = Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="adamw_torch", optim_args="momentum=0.5"))
+    check(sgd.get("momentum") == 0.5 and "momentum" not in adamw, TF, "optim_args no longer reach the optimizer's "
+          "keyword arguments by the names it reads (sgd: momentum; adamw_torch: none)", where, f"{sgd} / {adamw}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="adamw_bnb_8bit"))
+        except ImportError:
+            pass
+        else:
+            fail(TF, "get_optimizer_cls_and_kwargs no longer raises ImportError for adamw_bnb_8bit without "
+                 "bitsandbytes", where)
+
+
+# T15 -----------------------------------------------------------------------------------------------------
+
+def test_schedule_is_built_by_get_scheduler_from_the_arguments(tiny_dir, tokenizer, sft_features, tmp_path):
+    """`Trainer.create_scheduler` builds `transformers.get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=
+    args.get_warmup_steps(n), num_training_steps=n, scheduler_specific_kwargs=args.lr_scheduler_kwargs)`, which takes
+    the kwargs as the schedule's keyword arguments and drops them for `constant`: alignkit's check_scheduler tries the
+    same call on a one-parameter optimizer before the run folder is written."""
+    where = "alignkit/trainers/base.py:check_scheduler"
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, learning_rate=1.0, warmup_steps=0,
+                          lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 0.25})
+    with guard(TF, "Trainer.create_optimizer_and_scheduler(num_training_steps) failed", where):
+        trainer.create_optimizer_and_scheduler(num_training_steps=4)
+        for _ in range(4):
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    check(abs(lr - 0.25) < 1e-9, TF, "Trainer.create_scheduler no longer passes args.lr_scheduler_kwargs to the "
+          "schedule (cosine_with_min_lr ended away from min_lr)", where, f"lr after 4 of 4 steps: {lr}")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        transformers.get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=4,
+                                   scheduler_specific_kwargs={"alignkit_probe": 1})
+    except TypeError:
+        pass
+    else:
+        fail(TF, "get_scheduler no longer passes scheduler_specific_kwargs to the schedule as keyword arguments", where)

@@ -94,3 +94,26 @@ def test_output_dir_under_a_file_is_refused_before_loading(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"lies under {tmp_path / 'notes.txt'}, which is a file, not a folder" in err[0], err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_optimizer_that_cannot_be_built_writes_nothing(tmp_path, capsys):
+    """train.optim=adamw_bnb_8bit without bitsandbytes stopped at train() with the run folder (config.yaml,
+    base_model/, tensorboard/) already written; now one line before anything is created."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    assert sft(tmp_path / "new", "train.optim=adamw_bnb_8bit") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the tiny model's progress
+    assert len(err) == 1 and "train.optim='adamw_bnb_8bit': the Trainer cannot build it" in err[0]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_schedule_that_cannot_be_built_writes_nothing(tmp_path, capsys):
+    """train.lr_scheduler_type=cosine_with_min_lr without lr_scheduler_kwargs.min_lr stopped at train() with
+    'unexpected error: ValueError' and the run folder already written; now one line before anything is created."""
+    assert sft(tmp_path / "new", "train.lr_scheduler_type=cosine_with_min_lr") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the tiny model's progress
+    assert len(err) == 1 and "train.lr_scheduler_type='cosine_with_min_lr' with train.lr_scheduler_kwargs={}" in err[0]
+    assert "unexpected" not in err[0]
+    assert not (tmp_path / "new").exists()

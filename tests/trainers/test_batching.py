@@ -8,7 +8,7 @@ import random
 import pytest
 
 from alignkit.data.batching import LengthGroupedSampler, example_length, padding_fraction
-from alignkit.trainers import PreferenceTrainer
+from alignkit.trainers import PreferenceTrainer, SFTTrainer
 
 from .conftest import fast_args
 
@@ -80,3 +80,26 @@ def test_trainer_switch_uses_the_sampler(make_model, features, collators, tmp_pa
     plain = PreferenceTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["preference"],
                               data_collator=collators["preference"])
     assert not isinstance(plain._get_train_sampler(), LengthGroupedSampler)
+
+
+def test_data_seed_zero_decides_the_length_grouped_order(make_model, features, collators, tmp_path):
+    """data_seed=0 is a seed (the Trainer reads `data_seed if not None else seed`); `data_seed or seed` took it for
+    unset, so the length-grouped order followed `seed` instead. The order is the one of LengthGroupedSampler(seed=0)
+    for any seed, and seed decides it only when data_seed is None."""
+    lengths = [example_length(f) for f in features["sft"]]
+
+    def order(**seeds):
+        t = SFTTrainer(make_model("lora"), fast_args(tmp_path, per_device_train_batch_size=1, **seeds),
+                       train_dataset=features["sft"], data_collator=collators["sft"], group_by_length=True)
+        sampler = t._get_train_sampler()
+        sampler.set_epoch(0)
+        return list(sampler)
+
+    def reference(seed):
+        sampler = LengthGroupedSampler(lengths, 1, seed=seed)
+        sampler.set_epoch(0)
+        return list(sampler)
+
+    assert reference(0) != reference(5)  # the two seeds give different orders, so the asserts below decide
+    assert order(seed=5, data_seed=0) == reference(0)
+    assert order(seed=5, data_seed=None) == reference(5)

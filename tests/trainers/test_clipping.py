@@ -36,3 +36,14 @@ def test_fast_clipping_equals_trainer_clipping(kind, make_model, features, colla
     assert abs(update.item() - 1e-3) < 1e-6
     unclipped = torch.sqrt(sum(((free[n] - init[n]) ** 2).sum() for n in free))
     assert unclipped.item() > 1e-2  # so the clipping above was active
+
+
+def test_max_grad_norm_none_means_no_clipping(make_model, features, collators, tmp_path):
+    """max_grad_norm=None (no clipping, as the online trainers take it) stopped at the first optimizer step with the
+    Trainer's TypeError ('>' between None and int); now the update is exactly the unclipped one (max_grad_norm=0)."""
+    init = {n: p.detach().clone() for n, p in make_model("full").named_parameters() if p.requires_grad}
+    none, _ = _step(make_model, "full", features, collators, tmp_path / "none", None)
+    free, _ = _step(make_model, "full", features, collators, tmp_path / "free", 0.0)
+    for n in free:
+        torch.testing.assert_close(none[n], free[n], rtol=0, atol=0, msg=n)
+    assert torch.sqrt(sum(((none[n] - init[n]) ** 2).sum() for n in none)).item() > 1.0  # not clipped at the default 1

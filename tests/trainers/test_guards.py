@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -132,3 +133,94 @@ def test_group_by_length_sampling_works_for_preference_evaluation(tiny_lm, token
                              report_to="none", train_sampling_strategy="group_by_length", use_cpu=True)
     trainer = DPOTrainer(tiny_lm("llama"), args, train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer)
     assert math.isfinite(trainer.evaluate()["eval_loss"])
+
+
+@pytest.mark.parametrize("name", ["compute_metrics", "preprocess_logits_for_metrics"])
+def test_metric_functions_are_refused_not_silently_skipped(name, make_model, features, collators, tmp_path):
+    """The Trainer calls compute_metrics only with an evaluation's logits and labels, which alignkit's prediction_step
+    does not return: evaluate() gave eval_loss and never called it. Refused when the trainer is built."""
+    from alignkit.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=f"SFTTrainer: {name} would never be called: alignkit's evaluation"):
+        SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"], eval_dataset=features["sft"],
+                   data_collator=collators["sft"], **{name: lambda *a: {"x": 1.0}})
+
+
+def test_average_tokens_across_devices_off_is_refused_under_several_processes(monkeypatch):
+    """alignkit divides every micro-batch by the count summed over all processes whatever the argument says, so
+    average_tokens_across_devices=False changed nothing under several processes: refused there; one process (where
+    it means nothing for the Trainer either) and the default pass."""
+    from transformers import TrainingArguments
+
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.base import refuse_ignored_arguments
+
+    refuse_ignored_arguments(TrainingArguments("unused", report_to="none", average_tokens_across_devices=False))
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    refuse_ignored_arguments(TrainingArguments("unused", report_to="none"))
+    with pytest.raises(ConfigError, match="train.average_tokens_across_devices=false: alignkit's objectives always"):
+        refuse_ignored_arguments(TrainingArguments("unused", report_to="none", average_tokens_across_devices=False))
+
+
+@pytest.mark.parametrize("optim, optim_args, says", [
+    ("adamw_bnb_8bit", None, "train.optim='adamw_bnb_8bit': the Trainer cannot build it: You need to install "
+                             "`bitsandbytes`"),
+    ("adamw_torch", "foo", "train.optim_args='foo': 'foo' is not key=value"),
+    ("adamw_torch", "weight_decay=0.1", "train.optim_args: weight_decay is not read by optim='adamw_torch'"),
+    ("sgd", "momentum=0.9,foo=1", "train.optim_args: foo is not read by optim='sgd'"),
+    ("adamw_torch", None, None), ("sgd", "momentum=0.9,nesterov=false", None), ("rmsprop", "alpha=0.9", None),
+    ("adafactor", None, None),
+])
+def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, optim_args, says, make_model, features,
+                                                                    collators, tmp_path):
+    """The Trainer builds its optimizer in train(): a missing package (bitsandbytes) failed there, after the CLI wrote
+    the run folder, and optim_args keys an optimizer does not read (adamw_torch reads none; sgd its own names) were
+    dropped without a word. Refused when the trainer is built (not when it is given its own optimizer); what the
+    optimizer reads passes."""
+    import importlib.util
+
+    from alignkit.settings import ConfigError
+
+    if optim == "adamw_bnb_8bit" and importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed")
+    args = fast_args(tmp_path, optim=optim, optim_args=optim_args)
+    if says is None:
+        from alignkit.trainers.base import check_optimizer
+
+        check_optimizer(args, {})
+        return
+    model = make_model("lora")
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])
+    own = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=(own, None))
+
+
+@pytest.mark.parametrize("schedule, kwargs, says", [
+    ("constant", {"min_lr": 1e-6}, "train.lr_scheduler_kwargs={'min_lr': 1e-06}: lr_scheduler_type='constant' takes "
+                                   "no arguments"),
+    ("linear", {"min_lr": 1e-6}, "train.lr_scheduler_type='linear' with train.lr_scheduler_kwargs={'min_lr': 1e-06}: "
+                                 "transformers cannot build the schedule: get_linear_schedule_with_warmup() got an "
+                                 "unexpected keyword argument 'min_lr'"),
+    ("cosine_with_min_lr", None, "train.lr_scheduler_type='cosine_with_min_lr' with train.lr_scheduler_kwargs={}: "
+                                 "transformers cannot build the schedule: One of min_lr or min_lr_rate"),
+    ("cosine_with_min_lr", {"min_lr": 1e-6}, None), ("cosine", {"num_cycles": 0.3}, None), ("constant", None, None),
+    ("warmup_stable_decay", {"num_decay_steps": 1}, None),
+])
+def test_schedules_the_trainer_would_not_build_or_apply_are_refused(schedule, kwargs, says, make_model, features,
+                                                                   collators, tmp_path):
+    """The Trainer builds its schedule in train(): kwargs it does not take, or none where it needs some, stopped the
+    run there (the CLI: 'unexpected error', after writing the run folder); kwargs given to constant were dropped
+    without a word. Refused when the trainer is built (not when it is given its own scheduler)."""
+    from alignkit.settings import ConfigError
+
+    args = fast_args(tmp_path, lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs)
+    model = make_model("lora")
+    if says is None:
+        SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])
+        return
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    own = (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+    SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=own)

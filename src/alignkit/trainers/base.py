@@ -53,12 +53,18 @@ under `max_length`, `max_prompt_length`, `formatter`, `loss_on` (SFT), and picks
 kind when `data_collator` is not given.
 
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
-not name); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
+not name); `max_grad_norm=None` is no clipping (as 0; the Trainer itself would stop at the first step);
+`compute_metrics` / `preprocess_logits_for_metrics` are refused (evaluation returns no logits or labels, so the
+Trainer never calls them), so are `label_smoothing_factor` and, under several processes,
+`average_tokens_across_devices=False` (the objectives always divide by the all-process count); `optim` /
+`optim_args` and `lr_scheduler_type` / `lr_scheduler_kwargs` are tried when the trainer is built (`check_optimizer`:
+a missing package, an unread key; `check_scheduler`: kwargs the schedule does not take, needs, or ignores); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -73,7 +79,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, get_scheduler
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.training_args import ParallelMode
 from transformers.trainer_utils import rotate_checkpoints
@@ -167,6 +173,10 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
         raise ConfigError(f"train.label_smoothing_factor={args.label_smoothing_factor}: the Trainer applies it in "
                           "its own loss, which alignkit's objectives replace, so it would be ignored; remove it "
                           "(preference losses take method.label_smoothing: cDPO / robust / exo_pair)")
+    if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
+        raise ConfigError("train.average_tokens_across_devices=false: alignkit's objectives always divide by the "
+                          "count summed over all processes (the exact mean of the optimizer step's batch), so it "
+                          "would be ignored; remove it")
     if getattr(args, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("train.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel; its "
                           "kernels need CUDA); the Trainer would fail only when training starts, after the run "
@@ -192,6 +202,98 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
                               "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
 
 
+def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
+    """`compute_metrics` / `preprocess_logits_for_metrics` given to an alignkit trainer: the Trainer calls them only
+    with an evaluation's logits and labels, which alignkit's `prediction_step` does not return (its losses and
+    metrics are the objective's), so they were never called, without a word. One ConfigError naming the argument."""
+    for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+        if kwargs.get(name) is not None:
+            raise ConfigError(f"{owner}: {name} would never be called: alignkit's evaluation returns the objective's "
+                              f"loss and metrics (logged as eval_<name>, listed by {owner}.eval_metrics()), no logits "
+                              f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
+
+
+def check_optimizer(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
+    """`optim` / `optim_args` the Trainer would not apply as written, found before anything is written (the Trainer
+    builds its optimizer only in `train()`, after the CLI wrote the run folder); one ConfigError each:
+    a package `optim` needs that is not installed (bitsandbytes for adamw_bnb_8bit, ...); `optim_args` that is not
+    `key=value,...`; an `optim_args` key the optimizer never reads (transformers passes optim_args to a few optimizers
+    only, by the names each knows: adamw_torch and adafactor read none, sgd only its own, so the setting vanished).
+    Skipped when the caller passes its own optimizer. Asked without the model (no side effects: GaLore's layerwise
+    hooks are made only with one); what needs the model is left to the Trainer."""
+    if (kwargs.get("optimizers") or (None, None))[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
+        return
+    optim = str(getattr(args.optim, "value", args.optim))
+    pairs = [m for m in str(args.optim_args or "").replace(" ", "").split(",") if m]
+    bad = [m for m in pairs if m.count("=") != 1]
+    if bad:
+        raise ConfigError(f"train.optim_args={args.optim_args!r}: {bad[0]!r} is not key=value; write it as "
+                          "'key=value,key2=value2'")
+    try:
+        built = _optimizer_kwargs(args, args.optim_args)
+    except ImportError as e:
+        missing = str(e).split("\n")[0]
+    except ValueError as e:  # some optimizers say "Please install ..." as a ValueError; others need the model
+        if "install" not in str(e).lower():
+            return
+        missing = str(e).split("\n")[0]
+    else:
+        unread = [key for key, _ in (m.split("=") for m in pairs) if _ignores(args, pairs, key, built)]
+        if unread:
+            raise ConfigError(f"train.optim_args: {', '.join(unread)} is not read by optim={optim!r} (transformers "
+                              "passes optim_args only to some optimizers, by the names each knows), so it would be "
+                              "ignored; remove it, or use the train key for it (adam_beta1, adam_beta2, adam_epsilon, "
+                              "weight_decay)")
+        return
+    raise ConfigError(f"train.optim={optim!r}: the Trainer cannot build it: {missing.rstrip('.')}; install that "
+                      "package, or choose another train.optim (the default adamw_torch needs nothing)")
+
+
+def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
+    """`lr_scheduler_type` + `lr_scheduler_kwargs` the Trainer would not apply as written, found before anything is
+    written (it builds the schedule in `train()`, after the CLI wrote the run folder): kwargs the schedule does not take
+    (TypeError), a schedule missing its kwargs (cosine_with_min_lr without min_lr), or kwargs given to `constant` /
+    `constant_with_warmup`, which transformers builds without them (dropped without a word). One ConfigError each,
+    from a trial schedule over a one-parameter optimizer. Skipped when the caller passes its own scheduler."""
+    if (kwargs.get("optimizers") or (None, None))[1] is not None:
+        return
+    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    given = args.lr_scheduler_kwargs or {}
+    if given and name in ("constant", "constant_with_warmup"):
+        raise ConfigError(f"train.lr_scheduler_kwargs={given}: lr_scheduler_type={name!r} takes no arguments "
+                          "(transformers builds it without them), so they would be ignored; remove them, or choose "
+                          "the schedule that reads them (e.g. cosine_with_min_lr for min_lr)")
+    steps = args.max_steps if args.max_steps and args.max_steps > 0 else 100
+    trial = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(name, trial, num_warmup_steps=args.get_warmup_steps(steps), num_training_steps=steps,
+                      scheduler_specific_kwargs=given)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.lr_scheduler_type={name!r} with train.lr_scheduler_kwargs={given}: transformers "
+                          f"cannot build the schedule: {str(e).splitlines()[0].rstrip('.')}; give "
+                          f"train.lr_scheduler_kwargs the arguments of its {name} schedule") from None
+
+
+def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
+    """The Trainer's optimizer (class, keyword arguments) for `args` with `optim_args` in place of its own."""
+    probe = copy.copy(args)  # a plain copy: no __post_init__ again
+    probe.optim_args = optim_args
+    return Trainer.get_optimizer_cls_and_kwargs(probe)
+
+
+def _ignores(args: TrainingArguments, pairs: list[str], key: str, built: Any) -> bool:
+    """Whether the optimizer's kwargs stay `built` whatever `key` says in optim_args (two other values, one numeric,
+    one boolean; a value it fails to parse means it is read)."""
+    for value in ("2", "true"):
+        changed = ",".join(f"{key}={value}" if m.split("=")[0] == key else m for m in pairs)
+        try:
+            if _optimizer_kwargs(args, changed) != built:
+                return False
+        except Exception:  # noqa: BLE001 -- it tried to read the value
+            return False
+    return True
+
+
 class AlignTrainer(BatchSampling, Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
@@ -207,6 +309,7 @@ class AlignTrainer(BatchSampling, Trainer):
                  formatter: str = "auto", loss_on: str = "all_assistant", add_eos: bool | None = None,
                  dataset_num_proc: int | None = None, reft_prefix_cache: bool | None = None, **kwargs: Any) -> None:
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
+        refuse_metric_functions(kwargs, type(self).__name__)
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
         prepare_data(kwargs, self.record_kinds, self.tokenize_config, dataset_num_proc, type(self).__name__)
@@ -220,9 +323,13 @@ class AlignTrainer(BatchSampling, Trainer):
         self.weight_normalization = weight_normalization
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         refuse_ignored_arguments(args, kwargs.get("train_dataset"))
+        check_optimizer(args, kwargs)
+        check_scheduler(args, kwargs)
         changes: dict[str, Any] = {}
         if args.remove_unused_columns:
             changes["remove_unused_columns"] = False
+        if args.max_grad_norm is None:  # no clipping, as alignkit's online trainers (the Trainer compares it with 0)
+            changes["max_grad_norm"] = 0.0
         gc_kwargs = None
         if args.activation_checkpointing:
             gc_kwargs = dict(args.activation_checkpointing_kwargs or {})

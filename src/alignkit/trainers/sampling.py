@@ -35,6 +35,12 @@ class KeepRecordIds:
         return batch
 
 
+def data_seed(args: Any) -> int:
+    """The seed of the data order: `data_seed`, or `seed` when it is None (as the Trainer reads them; `data_seed=0`
+    is a seed, not "unset")."""
+    return args.seed if args.data_seed is None else args.data_seed
+
+
 class BatchSampling:
     """The Trainer's `_get_dataloader`, `_get_train_sampler`, `_get_eval_sampler`, overridden (see the module
     docstring). Reads `self.group_by_length` (set by `AlignTrainer.__init__`) and `self.share_prompt` if any."""
@@ -57,7 +63,7 @@ class BatchSampling:
                 or not hasattr(eval_dataset, "__len__"):
             return super()._get_eval_sampler(eval_dataset)
         lengths = [example_length(eval_dataset[i]) for i in range(len(eval_dataset))]
-        return LengthGroupedSampler(lengths, self.args.eval_batch_size, seed=self.args.data_seed or self.args.seed)
+        return LengthGroupedSampler(lengths, self.args.eval_batch_size, seed=data_seed(self.args))
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         """`LengthGroupedSampler` over our tokenized examples when `group_by_length`; else the Trainer's."""
@@ -66,7 +72,7 @@ class BatchSampling:
             return super()._get_train_sampler(train_dataset)
         shared = bool(getattr(self, "share_prompt", False))  # group by the length of the rows the model runs
         lengths = [example_length(dataset[i], shared) for i in range(len(dataset))]
-        return LengthGroupedSampler(lengths, self.args.train_batch_size, seed=self.args.data_seed or self.args.seed)
+        return LengthGroupedSampler(lengths, self.args.train_batch_size, seed=data_seed(self.args))
 
 
-__all__ = ["RECORD_IDS", "BatchSampling", "KeepRecordIds"]
+__all__ = ["RECORD_IDS", "BatchSampling", "KeepRecordIds", "data_seed"]
