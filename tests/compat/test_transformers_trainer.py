@@ -426,3 +426,21 @@ def test_schedule_is_built_by_get_scheduler_from_the_arguments(tiny_dir, tokeniz
         pass
     else:
         fail(TF, "get_scheduler no longer passes scheduler_specific_kwargs to the schedule as keyword arguments", where)
+
+
+def test_neftune_noise_follows_the_embedding_modules_training_flag(tiny_dir):
+    """T16: the NEFTune hook the Trainer adds (`activate_neftune`) perturbs the embeddings while the embedding module
+    trains, and not when only that module is put in eval mode (what `embeddings_at_rest` does for the reference)."""
+    from transformers.integrations.neftune import activate_neftune
+
+    model = load_model(tiny_dir("llama")).train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    emb = model.get_input_embeddings()
+    plain = emb(ids)
+    handle = activate_neftune(model, 5.0)
+    try:
+        assert (emb(ids) - plain).abs().max() > 1e-4  # noise while training
+        emb.training = False
+        torch.testing.assert_close(emb(ids), plain, rtol=0, atol=0)  # none with the module at rest
+    finally:
+        handle.remove()

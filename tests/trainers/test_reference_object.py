@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from alignkit.adapters import unwrap_lm
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
@@ -47,6 +48,27 @@ def test_adapter_off_is_the_base_model(kind, make_model, tiny_dir, pairs):
     with torch.no_grad():
         assert (completion_logps(policy, pairs)[0] - want).abs().max() > 1e-2  # the policy itself differs
     _close(ref.logps(policy, pairs), want)
+
+
+@pytest.mark.parametrize("kind", ["lora", "reft", "reft+lora"])
+def test_adapter_off_reference_takes_no_neftune_noise(kind, make_model, tiny_dir, pairs):
+    """NEFTune (`neftune_noise_alpha`) hooks the input embeddings and adds noise while they train: the "adapter_off"
+    reference, taken with the policy in training mode, was the base model plus fresh noise on every call (DPO's
+    step-0 loss was not log 2; a "copy" reference, in eval mode, had none). It is the base model; the policy's own
+    forward keeps its noise."""
+    from transformers.integrations.neftune import activate_neftune
+
+    policy = make_model(kind).train()
+    ref = build_reference(policy)
+    want = _naive(load_model(tiny_dir("llama")), pairs)
+    handle = activate_neftune(unwrap_lm(policy), 5.0)
+    try:
+        _close(ref.logps(policy, pairs), want)
+        with torch.no_grad():
+            assert (completion_logps(policy, pairs)[0] - completion_logps(policy, pairs)[0]).abs().max() > 1e-4
+    finally:
+        handle.remove()
+    assert unwrap_lm(policy).get_input_embeddings().training  # restored
 
 
 def test_copy_is_the_initial_model_and_a_passed_model_is_used(make_model, tiny_dir, pairs):
