@@ -20,7 +20,7 @@ from alignkit.data.chat import check_prompt_formats, prompt_formats
 from alignkit.models.efficiency import apply_kernels, check_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
-from alignkit.online.generation import check_sampler, lean_reason
+from alignkit.online.generation import check_sampler, check_stop_strings, lean_reason
 from alignkit.runs import COMPLETE_MARKER, RunFolder, incomplete_reason
 from alignkit.settings import ConfigError, ModelSettings
 from alignkit.settings.tiny import is_tiny, tiny_arch
@@ -255,6 +255,7 @@ def load_for_sampling(ms: ModelSettings, output_dir: str | Path, sampling: Any, 
     model = to_device(model)
     try:
         check_sampler(sampling, lean_reason(model, tok, sampling), section)
+        check_stop_strings(tok, sampling, section)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return model, tok, desc
