@@ -68,21 +68,21 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, None, task)  # before anything is written: a model
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
-    try:
+    per_pair: dict[str, list[float]] = {}
+    try:  # scored before the run folder is touched: a failure leaves an earlier run's config and metrics as they were
         features, _ = tokenize(records, tok, cfg.data, "data.path")
+        if cfg.method.kind == "reward":
+            metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
+        else:
+            metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
+        metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
+        check_finite_scores(metrics, per_pair, features, desc)
     except BaseException:
         adopt_tiny(base_path, Path(cfg.output_dir) / "base_model", main=False)  # a tiny base built for the load
         raise
     run = start_run(cfg)
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
     rename_base(model, loaded_from, base_path)
-    per_pair: dict[str, list[float]] = {}
-    if cfg.method.kind == "reward":
-        metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
-    else:
-        metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
-    metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
-    check_finite_scores(metrics, per_pair, features, desc)
     if run.main:
         atomic_write_text(run.root / "metrics.json",
                           json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
