@@ -79,3 +79,22 @@ def test_eval_data_the_length_limits_drop_entirely_writes_nothing(tiny_dir, tmp_
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
     assert len(err) == 1 and "data.path: every record was dropped" in err[0] and "raise data.max_length" in err[0]
     assert not out.exists()
+
+
+def test_sample_that_fails_keeps_the_settings_of_the_samples_it_did_not_replace(tiny_dir, tmp_path, capsys):
+    """sample.yaml was written before sampling: an `overwrite=true` run that failed left it describing settings the
+    kept samples.jsonl was not made with, so the next run with those settings kept the old samples (exit 0) instead
+    of refusing them (check_kept_stage)."""
+    src = Path(tiny_dir("llama"))
+    folder = inf_model(src, tmp_path / "inf-model")
+    out = tmp_path / "round"
+    args = ["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={out}", "data.max_records=2",
+            "sampling.max_new_tokens=3", "sampling.num_samples=2"]
+    assert main([*args, f"model.path={src}"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, f"model.path={folder}", "overwrite=true"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main([*args, f"model.path={folder}"]) == 2  # the kept samples are of model.path={src}: refused
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sample")]
+    assert "made with other settings" in err[-1] and f"model.path: '{src}' then" in err[-1], err
