@@ -3,7 +3,9 @@ events in `tensorboard/eval/` and a histogram per per-pair value in `plots/eval-
 
 method.kind = "reward": a reward model (`model.path` a 1-label classifier, `model.adapter_path` its
     adapter): accuracy = fraction of pairs with r(chosen) > r(rejected), mean scores and margin
-    (`alignkit.trainers.evaluation.evaluate_reward_model`; ranked data adds Kendall tau).
+    (`alignkit.trainers.evaluation.evaluate_reward_model`). Ranked records are scored as their pairs (every two
+    replies of different rank: `alignkit.data.records.ranked_to_pairs`), so `pairs` counts those and no Kendall
+    tau is computed (the library's evaluate_reward_model gives it on ranked features).
 method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finetuned folder) against its
     reference (the adapter switched off, or `method.reference_path` / `model.path` for a full model):
     implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = mean[r_w > r_l], margin =
