@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in
 from alignkit.cli.data import read_records, tokenize
-from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_model_folder, load_for_inference,
-                                 rename_base, to_device)
+from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
+                                 head_folder, load_for_inference, rename_base, to_device)
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceParams, preference_loss
@@ -67,6 +67,7 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         records = records[:cfg.data.max_records]
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     check_reference(cfg)
+    check_heads(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, None, task)  # before anything is written: a model
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
@@ -117,6 +118,27 @@ def check_reference(cfg: Any) -> None:
                       "model.adapter_path, no method.reference_path), so every implicit reward would be 0 and the "
                       "accuracy 0 whatever it learned; set method.reference_path to the model it was trained from "
                       "(or model.adapter_path to its adapter); nothing was written")
+
+
+def check_heads(cfg: Any) -> None:
+    """ConfigError before anything is loaded when a model folder that scores lacks the head of `method.kind`
+    (`models.check_head`): a causal LM evaluated as a reward model got a random score head (accuracy of chance,
+    another on every run, exit 0), a reward model evaluated with kind dpo a random LM head. The folders: the
+    whole model in `model.adapter_path`, else `model.path` (`models.head_folder`; an adapter on `model.path`
+    brings its own head), and a DPO reference (`method.reference_path`, or `model.path` under a whole model)."""
+    ms, m = cfg.model, cfg.method
+    scorer = head_folder(ms.path, ms.adapter_path)
+    if m.kind == "reward":
+        if scorer is not None:
+            check_head(scorer[1], "classifier", scorer[0], "give the reward model (model.path, or model.adapter_path "
+                       "for an alignkit rm run's model/), or set method.kind=dpo to evaluate a policy")
+        return
+    fix = "point it at a causal LM (the policy or the model it was trained from), or set method.kind=reward"
+    key, policy = scorer or ("model.path", ms.path)
+    check_head(policy, "causal_lm", key, fix)
+    if m.reference_path is not None or key == "model.adapter_path":
+        check_head(m.reference_path or ms.path, "causal_lm",
+                   "method.reference_path" if m.reference_path is not None else "model.path", fix)
 
 
 def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]], features: list[dict],
