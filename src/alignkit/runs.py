@@ -160,11 +160,16 @@ def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any
     TensorBoard events in `<root>/tensorboard/<command>` (the summary's numbers as scalars at step 0 and one
     histogram per distribution; when tensorboard is installed) and `<root>/plots/<command>-<name>.png`, a
     histogram per distribution with its mean marked. Both are namespaced by the command, so running it in a
-    training run's folder leaves that run's `tensorboard/` events and `plots/` untouched. Main process only.
-    Returns the files written."""
+    training run's folder leaves that run's `tensorboard/` events and `plots/` untouched. What an earlier run of the
+    same command left there is replaced, as its results file is: its events were kept beside the new ones (two
+    values of every scalar at step 0, TensorBoard showing either) and a histogram this run does not draw stayed
+    beside the new results. Main process only. Returns the files written."""
     if not is_main_process():
         return []
     root = Path(root)
+    for old in [*(root / "tensorboard" / command).glob("events.out.tfevents.*"),
+                *(root / "plots").glob(f"{command}-*.png")]:
+        old.unlink()
     dists = {k: [float(x) for x in v if _numeric(x)] for k, v in (distributions or {}).items()}
     dists = {k: v for k, v in dists.items() if v}
     written: list[Path] = []

@@ -90,3 +90,23 @@ def test_sample_and_annotate_write_their_histograms(tmp_path):
     assert scalars["annotate/reward/mean"] == pytest.approx(manifest["metrics"]["reward/mean"], abs=1e-6)
     for name in ("sample-response_length", "annotate-reward"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:8] == PNG
+
+
+def test_a_command_run_again_replaces_its_own_events_and_plots(tmp_path):
+    """Each run added an events file to tensorboard/<command>/ (the old run's scalars stayed beside the new ones at
+    step 0) and left the histograms it did not draw again (a dpo eval's plots beside a reward eval's metrics)."""
+    pytest.importorskip("tensorboard")
+    from alignkit.runs import write_command_outputs
+
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "loss.png").write_bytes(PNG + b"train")  # a training run's plot: not the command's
+    write_command_outputs(tmp_path, "eval", {"accuracy": 0.25}, {"margin": [1.0, 2.0], "rewards/chosen": [3.0]})
+    write_command_outputs(tmp_path, "eval", {"accuracy": 0.75}, {"margin": [5.0, 6.0, 7.0]})
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["eval-margin.png", "loss.png"]
+    assert len(list((tmp_path / "tensorboard" / "eval").iterdir())) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "eval"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("eval/accuracy")] == [(0, 0.75)]
+    assert acc.Tags()["histograms"] == ["eval/margin"] and acc.Histograms("eval/margin")[0].histogram_value.num == 3

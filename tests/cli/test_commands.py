@@ -115,6 +115,22 @@ def test_inverse_cdf_with_a_reft_adapter_is_refused_before_anything_is_written(r
     assert (out / "config.yaml").read_text() == "command: generate\nkept: true\n"
 
 
+@pytest.mark.parametrize("command, config, section", [("generate", "generate-tiny.yaml", "generation"),
+                                                      ("sample", "sample-tiny.yaml", "sampling")])
+def test_a_stop_string_of_special_token_text_is_refused_before_anything_is_written(tmp_path, capsys, command, config,
+                                                                                  section):
+    """Responses are decoded without special tokens: stop=["<|im_end|>"] never matched, generate halted on the token
+    and the row was written as finish_reason 'length' with the token in its ids. One line now, before the folder."""
+    out = tmp_path / "gen"
+    rc = main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", "model.path=tiny:llama",
+               "model.adapter_path=null", f"{section}.max_new_tokens=4", "data.max_records=2",
+               f'{section}.stop=["<|im_end|>"]'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"alignkit {command}: error: {section}.stop: '<|im_end|>' holds the special "
+                                          "token '<|im_end|>' (id 4)"), err
+    assert f"{section}.stop_token_ids=[4]" in err[-1] and not out.exists()
+
+
 def test_ls_lists_every_registered_name(capsys):
     from alignkit.data import FORMATTERS, READERS
     from alignkit.interventions import INTERVENTIONS

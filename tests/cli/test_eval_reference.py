@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from alignkit.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -64,3 +66,40 @@ def test_a_reference_path_beside_an_adapter_that_switches_off_is_refused(tiny_di
     assert "method.reference_path" in err[0] and "model.adapter_path" in err[0] and "lora" in err[0], err
     assert not out.exists()
     assert main(args) == 0  # the adapter switched off is the reference
+
+
+def test_a_model_without_the_head_that_scores_is_refused_before_anything_is_written(tiny_dir, tmp_path, capsys):
+    """A causal LM evaluated as a reward model was loaded with a newly initialised score head: exit 0 and an accuracy
+    of chance that changed from run to run (0.67, then 0.17 on the bundled pairs). A reward model evaluated with kind
+    dpo, or as a DPO reference, got a random LM head. One line now naming the key; the right heads still run."""
+    lm, rm = tiny_dir("llama"), tiny_dir("llama", classifier=True)
+    out = tmp_path / "eval"
+    base = ["-q", "eval", f"data.path={DATA}", f"output_dir={out}", "model.adapter_path=null"]
+    cases = [(["--config", str(CONFIGS / "eval-rm-tiny.yaml"), f"model.path={lm}"], "model.path", lm,
+              "is not a sequence classifier", "method.kind=dpo"),
+             (["--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={rm}", f"method.reference_path={lm}"],
+              "model.path", rm, "is a sequence classifier", "method.kind=reward"),
+             (["--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={lm}", f"method.reference_path={rm}"],
+              "method.reference_path", rm, "is a sequence classifier", "method.kind=reward")]
+    for args, key, folder, what, fix in cases:
+        capsys.readouterr()
+        assert main(base + args) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
+        assert len(err) == 1 and err[0].startswith(f"alignkit eval: error: {key}: {folder} {what}"), err
+        assert fix in err[0] and "newly initialised at random" in err[0], err
+        assert not out.exists()
+    assert main(base + ["--config", str(CONFIGS / "eval-rm-tiny.yaml"), f"model.path={rm}"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["pairs"] == 6
+
+
+def test_a_reward_model_annotator_without_a_score_head_is_refused(tiny_dir):
+    """The same for `annotate` (and best-of-n, online runs): a causal LM as annotator.path scored every sample with
+    a random head; the records were built from those scores."""
+    from alignkit.cli.online import make_annotator
+    from alignkit.settings import ConfigError
+    from alignkit.settings.online import AnnotatorSettings
+
+    lm = tiny_dir("llama")
+    with pytest.raises(ConfigError, match=rf"annotator\.path: {lm} is not a sequence classifier .*annotator\.path"):
+        make_annotator(AnnotatorSettings(kind="reward_model", path=lm), None)
+    make_annotator(AnnotatorSettings(kind="reward_model", path=tiny_dir("llama", classifier=True)), None)

@@ -138,6 +138,22 @@ def test_best_of_n_keeps_the_best_as_sft_records():
         best_of_n(samples, scores, k=0)
 
 
+def test_best_of_n_that_keeps_every_sample_warns(caplog):
+    """k >= the samples per prompt without min_score: every response is kept, the scores select nothing (the
+    records are the samples, silently). One warning; k below the largest group, or a min_score, is quiet."""
+    samples = make_samples([["a", "b", "c", "d"], ["e", "f"]])
+    scores = [0.1, 0.8, 0.8, 0.3, -1.0, -2.0]
+    with caplog.at_level("WARNING", logger="alignkit.online.feedback"):
+        assert len(best_of_n(samples, scores, k=4)) == 6
+    assert [r.getMessage()[:61] for r in caplog.records] == [
+        "best_of_n: k=4 keeps every response of each prompt (at most 4"], caplog.records
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignkit.online.feedback"):
+        best_of_n(samples, scores, k=3)
+        best_of_n(samples, scores, k=4, min_score=0.0)
+    assert not caplog.records
+
+
 def test_build_records_dispatch_and_errors():
     samples = make_samples([["a", "b"]])
     assert [r.chosen for r in build_records("best_worst", samples, [0.0, 1.0])] == ["b"]

@@ -454,3 +454,25 @@ def test_prompts_cut_to_max_prompt_length_are_warned_about(tiny_lm, tokenizer, c
             f"last 2 (their start is lost), e.g. prompt[{long[0]}] of {lengths[long[0]]} tokens; raise "
             "max_prompt_length (data.max_prompt_length on the command line) to keep whole prompts")
     assert said == [("WARNING", want), ("INFO", want)]
+
+
+def test_a_stop_string_of_special_token_text_is_refused_naming_its_id(tiny_lm, tokenizer):
+    """Responses are decoded without special tokens, so stop=["<|im_end|>"] never matched the text, while
+    model.generate's stop-string criterion (token strings) halted the row on that token: the sample came back
+    finish_reason 'length' with the token in response_ids. Refused now, naming the id for stop_token_ids."""
+    from alignkit.settings import ConfigError
+
+    model = tiny_lm("llama")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # the policy now answers <|im_end|> first, whatever the prompt
+        model.get_output_embeddings().weight[im_end] *= 0
+        model.get_output_embeddings().weight[im_end] += 50 * model.get_output_embeddings().weight.abs().max()
+    for stop in ("<|im_end|>", "done<|im_end|>"):
+        with pytest.raises(ConfigError, match=rf"sampling\.stop: .*special token '<\|im_end\|>' \(id {im_end}\).*"
+                                              rf"stop_token_ids=\[{im_end}\]"):
+            generate_responses(model, tokenizer, [PROMPTS[1]], SamplingConfig(do_sample=False, max_new_tokens=4,
+                                                                              stop=[stop]))
+    # the fix the message names: the token ends the row as an end token
+    got = generate_responses(model, tokenizer, [PROMPTS[1]], SamplingConfig(do_sample=False, max_new_tokens=4,
+                                                                            stop_token_ids=[im_end]))[0]
+    assert got.response_ids[-1] == im_end and got.finish_reason == "eos" and "<|im_end|>" not in got.response

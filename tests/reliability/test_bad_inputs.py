@@ -80,6 +80,12 @@ ONLINE_CASES = [
     ("clip_eps_high zero", "grpo", ["method.clip_eps_high=0"], ["method.clip_eps_high", "> 0"]),
     ("ppo clip_eps zero", "ppo", ["method.clip_eps=0"], ["method.clip_eps", "> 0"]),
     ("ppo vf_coef negative", "ppo", ["method.vf_coef=-0.1"], ["method.vf_coef", ">= 0"]),
+    # "unexpected error: ValueError" once the model was loaded (sample: "batch_size must be >= 1"; grpo, after writing
+    # the run folder: "range() arg 3 must not be zero")
+    ("sample batch_size zero", "sample", ["batch_size=0"], ["batch_size: 0 is out of range", ">= 1"]),
+    ("annotator batch_size zero", "grpo", ["annotator.kind=reward_model", "annotator.path=tiny:llama",
+                                           "annotator.function=null", "annotator.batch_size=0"],
+     ["annotator.batch_size", ">= 1"]),
 ]
 
 

@@ -96,6 +96,21 @@ def test_output_dir_under_a_file_is_refused_before_loading(tmp_path, capsys):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("command, config", [("eval", "eval-rm-tiny.yaml"), ("generate", "generate-tiny.yaml"),
+                                             ("sample", "sample-tiny.yaml"), ("annotate", "annotate-tiny.yaml")])
+@pytest.mark.parametrize("under", [False, True])
+def test_a_one_shot_command_into_a_file_is_refused_before_its_work(tmp_path, capsys, command, config, under):
+    """The same for eval / generate / sample / annotate: they did all their work (generating, scoring), then
+    stopped with 'unexpected error: FileExistsError' (output_dir a file) or NotADirectoryError (under one), exit 1."""
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "run" if under else tmp_path / "notes.txt"
+    model = [] if command == "annotate" else ["model.path=tiny:llama", "model.adapter_path=null"]
+    assert main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", *model]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert len(err) == 1 and err[0].startswith(f"alignkit {command}: error: output_dir: {out} "), err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_an_optimizer_that_cannot_be_built_writes_nothing(tmp_path, capsys):
     """train.optim=adamw_bnb_8bit without bitsandbytes stopped at train() with the run folder (config.yaml,
     base_model/, tensorboard/) already written; now one line before anything is created."""

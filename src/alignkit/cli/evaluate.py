@@ -3,7 +3,9 @@ events in `tensorboard/eval/` and a histogram per per-pair value in `plots/eval-
 
 method.kind = "reward": a reward model (`model.path` a 1-label classifier, `model.adapter_path` its
     adapter): accuracy = fraction of pairs with r(chosen) > r(rejected), mean scores and margin
-    (`alignkit.trainers.evaluation.evaluate_reward_model`; ranked data adds Kendall tau).
+    (`alignkit.trainers.evaluation.evaluate_reward_model`). Ranked records are scored as their pairs (every two
+    replies of different rank: `alignkit.data.records.ranked_to_pairs`), so `pairs` counts those and no Kendall
+    tau is computed (the library's evaluate_reward_model gives it on ranked features).
 method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finetuned folder) against its
     reference (the adapter switched off, or `method.reference_path` / `model.path` for a full model):
     implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = mean[r_w > r_l], margin =
@@ -26,8 +28,8 @@ from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in
 from alignkit.cli.data import read_records, tokenize
-from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_model_folder, load_for_inference,
-                                 rename_base, to_device)
+from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
+                                 head_folder, load_for_inference, rename_base, to_device)
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator
 from alignkit.losses import PreferenceParams, preference_loss
@@ -65,24 +67,25 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         records = records[:cfg.data.max_records]
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     check_reference(cfg)
+    check_heads(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, None, task)  # before anything is written: a model
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
-    try:
+    per_pair: dict[str, list[float]] = {}
+    try:  # scored before the run folder is touched: a failure leaves an earlier run's config and metrics as they were
         features, _ = tokenize(records, tok, cfg.data, "data.path")
+        if cfg.method.kind == "reward":
+            metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
+        else:
+            metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
+        metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
+        check_finite_scores(metrics, per_pair, features, desc)
     except BaseException:
         adopt_tiny(base_path, Path(cfg.output_dir) / "base_model", main=False)  # a tiny base built for the load
         raise
     run = start_run(cfg)
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
     rename_base(model, loaded_from, base_path)
-    per_pair: dict[str, list[float]] = {}
-    if cfg.method.kind == "reward":
-        metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
-    else:
-        metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
-    metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
-    check_finite_scores(metrics, per_pair, features, desc)
     if run.main:
         atomic_write_text(run.root / "metrics.json",
                           json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
@@ -115,6 +118,27 @@ def check_reference(cfg: Any) -> None:
                       "model.adapter_path, no method.reference_path), so every implicit reward would be 0 and the "
                       "accuracy 0 whatever it learned; set method.reference_path to the model it was trained from "
                       "(or model.adapter_path to its adapter); nothing was written")
+
+
+def check_heads(cfg: Any) -> None:
+    """ConfigError before anything is loaded when a model folder that scores lacks the head of `method.kind`
+    (`models.check_head`): a causal LM evaluated as a reward model got a random score head (accuracy of chance,
+    another on every run, exit 0), a reward model evaluated with kind dpo a random LM head. The folders: the
+    whole model in `model.adapter_path`, else `model.path` (`models.head_folder`; an adapter on `model.path`
+    brings its own head), and a DPO reference (`method.reference_path`, or `model.path` under a whole model)."""
+    ms, m = cfg.model, cfg.method
+    scorer = head_folder(ms.path, ms.adapter_path)
+    if m.kind == "reward":
+        if scorer is not None:
+            check_head(scorer[1], "classifier", scorer[0], "give the reward model (model.path, or model.adapter_path "
+                       "for an alignkit rm run's model/), or set method.kind=dpo to evaluate a policy")
+        return
+    fix = "point it at a causal LM (the policy or the model it was trained from), or set method.kind=reward"
+    key, policy = scorer or ("model.path", ms.path)
+    check_head(policy, "causal_lm", key, fix)
+    if m.reference_path is not None or key == "model.adapter_path":
+        check_head(m.reference_path or ms.path, "causal_lm",
+                   "method.reference_path" if m.reference_path is not None else "model.path", fix)
 
 
 def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]], features: list[dict],

@@ -52,7 +52,6 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         records = records[:cfg.data.max_records]
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.generation, "generation")
-    run = start_run(cfg)  # after every check: a refused run leaves output_dir as it was
     rows: list[dict[str, Any]] = []
     done: list[Sample] = []
     t0 = time.perf_counter()
@@ -67,6 +66,7 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
                   "index": x.index} for x in samples]
         done += samples
     seconds = time.perf_counter() - t0
+    run = start_run(cfg)  # after generating: a refused or failed run leaves output_dir as it was
     if run.main:
         atomic_write_jsonl(run.root / "generations.jsonl", rows)
         lengths = [len(x.response_ids) for x in done]

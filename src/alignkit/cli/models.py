@@ -5,6 +5,7 @@ and moved to the device; load errors explained in one line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ from alignkit.data.chat import check_prompt_formats, prompt_formats
 from alignkit.models.efficiency import apply_kernels, check_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
-from alignkit.online.generation import check_sampler, lean_reason
+from alignkit.online.generation import check_sampler, check_stop_strings, lean_reason
 from alignkit.runs import COMPLETE_MARKER, RunFolder, incomplete_reason
 from alignkit.settings import ConfigError, ModelSettings
 from alignkit.settings.tiny import is_tiny, tiny_arch
@@ -103,6 +104,40 @@ def check_model_folder(path: str, key: str, adapter: bool = False) -> None:
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{key}: {path} has no config.json, so it is not a saved model folder; point it at the "
                           "folder save_pretrained wrote (or a run's base_model/ or model/)")
+
+
+CLASSIFIER_SUFFIX = "ForSequenceClassification"  # transformers' class names of a model with a score head
+
+
+def check_head(path: str | None, task: str, key: str, fix: str) -> None:
+    """ConfigError when the saved model at `path` (its config.json `architectures`) lacks the head `task` scores
+    with: a causal LM loaded as a classifier gets a newly initialised, random score head (transformers reports
+    it and loads on), and a sequence classifier loaded as a causal LM a random LM head, so every score is chance.
+    `fix`: what to give instead. Tiny models, hub ids and folders without `architectures` are not checked."""
+    if path is None or is_tiny(path) or not (Path(path).expanduser() / "config.json").is_file():
+        return
+    try:
+        archs = json.loads((Path(path).expanduser() / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return
+    classifier = any(a.endswith(CLASSIFIER_SUFFIX) for a in archs)
+    if not archs or classifier == (task == "classifier"):
+        return
+    has, needs = (("a sequence classifier", "an LM head") if classifier
+                  else ("not a sequence classifier", "a trained score head"))
+    raise ConfigError(f"{key}: {path} is {has} (config.json architectures: {', '.join(archs)}), and scoring here "
+                      f"needs {needs}: it would be newly initialised at random and every score chance; {fix}; "
+                      "nothing was written")
+
+
+def head_folder(path: str, adapter_path: str | None, section: str = "model") -> tuple[str, str] | None:
+    """(key, folder) of the saved model whose head scores after `load_for_inference`: `adapter_path` when it holds
+    a whole model, `path` without an adapter; None for an adapter on `path` (it brings its own head)."""
+    if adapter_path is None:
+        return f"{section}.path", path
+    check_model_folder(adapter_path, f"{section}.adapter_path", adapter=True)
+    check_adapter_files(Path(adapter_path), f"{section}.adapter_path")
+    return (f"{section}.adapter_path", adapter_path) if adapter_in(Path(adapter_path)).saves_whole_model else None
 
 
 def damaged_safetensors(folder: str | Path) -> tuple[Path, str] | None:
@@ -255,6 +290,7 @@ def load_for_sampling(ms: ModelSettings, output_dir: str | Path, sampling: Any, 
     model = to_device(model)
     try:
         check_sampler(sampling, lean_reason(model, tok, sampling), section)
+        check_stop_strings(tok, sampling, section)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return model, tok, desc

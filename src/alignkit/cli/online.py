@@ -26,7 +26,8 @@ from transformers import set_seed
 from alignkit.adapters import adapter_of, unwrap_lm
 from alignkit.cli.data import read_splits
 from alignkit.cli.models import (
-    adopt_tiny, apply_configured_adapter, check_formats, check_model_folder, load_base, load_for_inference, rename_base,
+    adopt_tiny, apply_configured_adapter, check_formats, check_head, check_model_folder, head_folder, load_base,
+    load_for_inference, rename_base,
 )
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.models.rope import check_context, learned_positions
@@ -98,6 +99,10 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
         check_model_folder(settings.adapter_path, "annotator.adapter_path", adapter=True)
     ms = ModelSettings(path=settings.path, dtype=settings.dtype, adapter_path=settings.adapter_path)
     task = "classifier" if settings.kind == "reward_model" else "causal_lm"
+    scorer = head_folder(settings.path, settings.adapter_path, "annotator")
+    if scorer is not None:  # a judge generates with the LM head, a reward model scores with its score head
+        check_head(scorer[1], task, scorer[0], "give a reward model (annotator.path, or annotator.adapter_path for an "
+                   "alignkit rm run's model/)" if task == "classifier" else "give a causal LM as the judge")
     model, tok, path, desc = load_for_inference(
         ms, RunFolder(run.root / "annotator", main=run.main) if run is not None else None, task)
     if settings.device is not None:

@@ -94,12 +94,12 @@ def sample(cfg: Any) -> Path:
     check_kept_samples(cfg.output_dir, prompts, cfg.overwrite)  # kept samples of other prompts: before the model
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
     run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
-    if run.main:
-        save_config(cfg, run.root / "sample.yaml")
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
                         overwrite=cfg.overwrite, formatter=cfg.data.formatter,
                         max_prompt_length=cfg.data.max_prompt_length)
+    if run.main:  # with the samples it describes: a run that failed leaves the kept stage's settings (check_kept_stage)
+        save_config(cfg, run.root / "sample.yaml")
     samples = read_samples(path)
     manifest = json.loads((run.root / MANIFEST_FILE).read_text())["samples"]
     write_command_outputs(run.root, "sample", {"samples": len(samples), **manifest.get("metrics", {})},
@@ -114,11 +114,11 @@ def annotate(cfg: Any, allow_code: bool = False) -> Path:
         raise FileNotFoundError(f"output_dir: {run.root} has no {SAMPLES_FILE}; run `alignkit sample` with "
                                 f"output_dir={run.root} first")
     check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml")
-    annotator = make_annotator(cfg.annotator, run, allow_code)  # a refused annotator leaves no annotate.yaml
-    if run.main:
-        save_config(cfg, run.root / "annotate.yaml")
+    annotator = make_annotator(cfg.annotator, run, allow_code)
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True)
+    if run.main:  # with the records it describes (as sample.yaml)
+        save_config(cfg, run.root / "annotate.yaml")
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]
     write_command_outputs(run.root, "annotate", entry.get("metrics", {}),  # (failed scores are null: not drawn)
                           {"reward": entry.get("scores") or [],

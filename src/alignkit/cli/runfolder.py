@@ -39,6 +39,7 @@ def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
         cfg = config_from_args(args, command)
         if args.dry_run:
             return dry_run(cfg)
+        check_output_dir(Path(cfg.output_dir))  # every config command writes there: before any work
         return work(cfg, args)
 
     p = add_command_parser(sub, command, text)
@@ -108,6 +109,18 @@ def _listing(folder: Path, limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
+def check_output_dir(final: Path) -> None:
+    """ConfigError when `output_dir` is a file or lies under one: else the command loads its model and data (and
+    `eval` / `generate` / `sample` / `annotate` do all their work), then dies making the folder with an unexpected
+    FileExistsError / NotADirectoryError."""
+    if final.exists() and not final.is_dir():
+        raise ConfigError(f"output_dir: {final} is a file, not a folder; choose another output_dir")
+    above = next((p for p in final.absolute().parents if p.exists() and not p.is_dir()), None)
+    if above is not None:
+        raise ConfigError(f"output_dir: {final} lies under {above}, which is a file, not a folder; choose another "
+                          "output_dir")
+
+
 def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpoint: str | None = None,
              can_resume: bool = True) -> RunPlan:
     """Check `output_dir` against the user's intent; writes nothing. `checkpoint`: `train.resume_from_checkpoint`."""
@@ -118,12 +131,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
     if (resume or checkpoint is not None) and not can_resume:
         raise ConfigError("--resume: online runs write no checkpoints yet, so they cannot be resumed (not yet "
                           "built); start again with --overwrite or another output_dir")
-    if final.exists() and not final.is_dir():
-        raise ConfigError(f"output_dir: {final} is a file, not a folder; choose another output_dir")
-    above = next((p for p in final.absolute().parents if p.exists() and not p.is_dir()), None)
-    if above is not None:  # else the run loads its model and data, then dies making the folder
-        raise ConfigError(f"output_dir: {final} lies under {above}, which is a file, not a folder; choose another "
-                          "output_dir")
+    check_output_dir(final)
     existed = final.is_dir()
     holds = existed and any(final.iterdir())
     ckpt: Path | None = None

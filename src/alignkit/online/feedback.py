@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Sequence
 
 import torch
@@ -181,6 +181,11 @@ def best_of_n(samples: Sequence[Sample], scores: Scores | torch.Tensor | Sequenc
     """The `k` best responses of each prompt (stable order on ties), each scoring >= `min_score` if given."""
     if k < 1:
         raise ValueError(f"best_of_n needs k >= 1, got {k}")
+    most = max(Counter(s.group for s in samples).values(), default=0)
+    if min_score is None and 0 < most <= k:
+        logger.warning("best_of_n: k=%d keeps every response of each prompt (at most %d sampled per prompt), so the "
+                       "scores select nothing and the records are all the samples; lower k (feedback_kwargs.k) below "
+                       "the samples per prompt (sampling.num_samples), or set min_score", k, most)
     out = []
     for g, items in usable_groups(samples, scores, "best-of-n").items():
         ranked = sorted(items, key=lambda x: -x[1])[:k]  # sorted is stable: earlier samples win ties

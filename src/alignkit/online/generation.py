@@ -63,6 +63,7 @@ from alignkit.online.decode import (inference_context, lean_generate, lean_unsup
                                    sharded_over_processes)
 from alignkit.models.rope import check_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
+from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,21 @@ def check_sampler(cfg: SamplingConfig, why_not: str | None, section: str = "samp
                          f"draws with torch.multinomial; remove {section}.sampler (or set it to multinomial)")
 
 
+def check_stop_strings(tokenizer: Any, cfg: SamplingConfig, section: str = "sampling") -> None:
+    """ConfigError for a stop string holding a special token's text (`<|im_end|>`, `</s>`, ...): responses are
+    decoded without special tokens (`finish_response`), so it never matches the text, while `model.generate`'s
+    stop-string criterion, which reads token strings, halts the row on that token: the row was reported 'length'
+    with the token kept in `response_ids`. The token's id belongs in `stop_token_ids` (finish reason 'eos')."""
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+    for s in cfg.stop:
+        held = next((t for t in special if t in s), None)
+        if held is not None:
+            raise ConfigError(f"{section}.stop: {s!r} holds the special token {held!r} (id {special[held]}), and "
+                             "responses are decoded without special tokens, so it would never match; put its id in "
+                             f"{section}.stop_token_ids (e.g. {section}.stop_token_ids=[{special[held]}]) and remove "
+                             f"it from {section}.stop")
+
+
 def lean_reason(model: Any, tokenizer: Any, cfg: SamplingConfig) -> str | None:
     """Why `generate_responses` would sample this model with `model.generate` rather than the lean loop (None: it
     would not)."""
@@ -316,6 +332,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     if why_not and lean is None:
         logger.debug("sampling with model.generate: %s", why_not)
     check_sampler(cfg, why_not)
+    check_stop_strings(tokenizer, cfg)
     sampler = cfg.sampler or "inverse_cdf"
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
@@ -378,4 +395,4 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
-           "finish_response", "end_token_ids", "check_sampler", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]
+           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]

@@ -69,7 +69,7 @@ from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
 from alignkit.online.evaluation import HeldOutEvaluation
-from alignkit.online.generation import as_prompt_records, check_sampler, lean_reason
+from alignkit.online.generation import as_prompt_records, check_sampler, check_stop_strings, lean_reason
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
@@ -173,6 +173,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                                  f"method.generation_backend=transformers with several processes")
         else:
             check_sampler(self.config.sampling, lean_reason(model, tokenizer, self.config.sampling))
+        check_stop_strings(tokenizer, self.config.sampling)  # vLLM too decodes without special tokens
         self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,

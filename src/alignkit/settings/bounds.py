@@ -65,9 +65,15 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("generation", "max_new_tokens", _ge1, ">= 1"),
     ("generation", "temperature", _pos, "> 0"),
     ("generation", "top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("annotator", "batch_size", _ge1, ">= 1"),
     # adapter
     ("adapter.lora", "r", _ge1, ">= 1"),
     ("adapter.lora", "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+]
+
+# keys at the top of a config (generate, sample): (key, test, what is allowed)
+TOP_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("batch_size", _ge1, ">= 1"),
 ]
 
 # train keys (TrainingArguments' and the online commands' alike): checked when the config sets them
@@ -137,6 +143,8 @@ def check_bounds(cfg: Any) -> None:
         parent = _get(cfg, section)
         if parent is not None:
             check_section(parent, section)
+    for key, test, allowed in TOP_BOUNDS:
+        _check(key, getattr(cfg, key, None), test, allowed)
     train = getattr(cfg, "train", None)
     if isinstance(train, dict):
         for key, test, allowed in TRAIN_BOUNDS:
@@ -174,4 +182,4 @@ def check_precision(train: dict) -> None:
                           "to train in bf16 on the CPU, or train.bf16=false (fp32)")
 
 
-__all__ = ["BOUNDS", "TRAIN_BOUNDS", "check_bounds", "check_precision", "check_section"]
+__all__ = ["BOUNDS", "TOP_BOUNDS", "TRAIN_BOUNDS", "check_bounds", "check_precision", "check_section"]
