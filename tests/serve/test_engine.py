@@ -142,6 +142,35 @@ def test_n_choices_and_stop_strings(engine, stack):
     assert len({tuple(c["token_ids"]) for c in res["choices"]}) > 1  # different streams per choice
 
 
+def test_a_stop_string_of_special_token_text_stops_on_that_token(engine, stack, monkeypatch):
+    """Text is decoded without special tokens, so a stop string naming a special token that is not one of the
+    engine's end tokens (`<|im_start|>`) never matched and the row ran on past the token. It now ends the row on that
+    token (finish "stop", the token not in the text); one holding a special token with other text is refused."""
+    tok = stack.tokenizer
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    assert special not in engine.end_ids
+    prompt = tok("Hello")["input_ids"]
+    greedy = engine.generate("base", prompt, SamplingParams(max_tokens=6, temperature=0.0))["choices"][0]["token_ids"]
+    sample = engine._sample
+
+    def third_is_special(logits, rows):  # the model draws <|im_start|> as its third token
+        out = sample(logits, rows)
+        for b, r in enumerate(rows):
+            if len(r.tokens) == 2:
+                out[b] = special
+        return out
+
+    monkeypatch.setattr(engine, "_sample", third_is_special)
+    ran_on = engine.generate("base", prompt, SamplingParams(max_tokens=6, temperature=0.0))["choices"][0]
+    assert ran_on["token_ids"][2] == special and len(ran_on["token_ids"]) > 3  # no stop: the row goes past it
+    cut = engine.generate("base", prompt, SamplingParams(max_tokens=6, temperature=0.0, stop=["<|im_start|>"]))
+    choice = cut["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["token_ids"][:2] == greedy[:2]
+    assert choice["text"] == tok.decode(greedy[:2], skip_special_tokens=True)
+    with pytest.raises(RequestError, match=r"stop: '\\n<\|im_start\|>' holds the special token '<\|im_start\|>'"):
+        engine.generate("base", prompt, SamplingParams(max_tokens=6, stop=["\n<|im_start|>"]))
+
+
 def test_limits_and_errors(engine, stack):
     tok = stack.tokenizer
     with pytest.raises(KeyError, match="unknown model 'nope'"):

@@ -112,6 +112,25 @@ class SamplingParams:
                                f"(n={self.n} choices use seed .. seed + n - 1), got {self.seed!r}")
 
 
+def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> frozenset:
+    """The ids of the special tokens that stop strings name exactly (`<|im_start|>`): the engine decodes without
+    special tokens, so such a stop string never matches the text; it ends the row when its token is drawn (finish
+    reason "stop", the token not in the text, as an end token). A stop string holding a special token's text with
+    other text around it (`"\\n<|im_end|>"`) could never match: a RequestError naming `stop`."""
+    special = {t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+    ids = set()
+    for s in stop:
+        if s in special:
+            ids.add(int(special[s]))
+            continue
+        held = next((t for t in special if t in s), None)
+        if held is not None:
+            raise RequestError(f"stop: {s!r} holds the special token {held!r} with other text; generated text is "
+                               f"decoded without special tokens, so it would never match: give {held!r} alone "
+                               f"(it stops on that token) or the text without it")
+    return frozenset(ids)
+
+
 @dataclass
 class Event:
     """What the engine tells a request's consumer. kind: "token" (text delta of choice `index`), "done"
@@ -140,6 +159,7 @@ class Request:
     rows_left: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    stop_ids: frozenset = frozenset()  # tokens a stop string names exactly (`special_stop_ids`): end the row as "stop"
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (client went away)."""
@@ -215,6 +235,7 @@ class Engine:
         Raises KeyError (unknown model), RequestError (limits, bad values), QueueFullError."""
         route = self.stack.route(model)
         params.check(self.config)
+        stop_ids = special_stop_ids(self.tokenizer, params.stop)
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt has no tokens")
@@ -229,7 +250,7 @@ class Engine:
                 self.stats.rejected += 1
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
             self._ids += 1
-            req = Request(f"req-{self._ids}", route, prompt_ids, params, sink)
+            req = Request(f"req-{self._ids}", route, prompt_ids, params, sink, stop_ids=stop_ids)
             req.deadline = req.created + self.config.request_timeout
             req.rows_left = params.n
             self._waiting.append(req)
@@ -416,7 +437,7 @@ class Engine:
             req.completion_tokens += 1
             self.stats.add_tokens(req.route.name, 1)
             r.tokens.append(t)
-            is_end = t in self.end_ids
+            is_end = t in self.end_ids or t in req.stop_ids
             final = is_end or len(r.tokens) >= req.params.max_tokens
             stopped = self._flush(r, final)
             if is_end or stopped or final:
@@ -425,7 +446,7 @@ class Engine:
 
     def _flush(self, r: _Row, final: bool) -> bool:
         """Send one token event with the text that is safe to send now; True if a stop string ended the row."""
-        body = r.tokens[:-1] if r.tokens[-1] in self.end_ids else r.tokens
+        body = r.tokens[:-1] if r.tokens[-1] in self.end_ids or r.tokens[-1] in r.request.stop_ids else r.tokens
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         stops = r.request.params.stop
         hits = [i for i in (text.find(s, max(0, r.emitted - len(s) + 1)) for s in stops) if i >= 0]
@@ -577,4 +598,4 @@ class EngineStats:
 
 
 __all__ = ["SEED_MAX", "SEED_MIN", "Engine", "EngineConfig", "EngineStats", "Event", "QueueFullError", "Request", "RequestError",
-           "SamplingParams", "default_end_ids"]
+           "SamplingParams", "default_end_ids", "special_stop_ids"]
