@@ -492,8 +492,8 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     return len(kept)
 
 
-__all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "commit_staging",
-           "push_folder",
+__all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "checkpoint_step",
+           "commit_staging", "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
            "plot_metrics", "read_metrics", "remove_own", "staged", "truncate_metrics", "versions", "write_command_outputs",
            "write_marker"]

@@ -269,3 +269,35 @@ def test_resume_that_lengthens_a_decaying_schedule_warns(tmp_path, caplog):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rate = {r["step"]: r["learning_rate"] for r in rows if "learning_rate" in r}
     assert [rate[2], rate[3], rate[4]] == pytest.approx([1e-3 * (1 - 1 / 2), 1e-3 * (1 - 2 / 2), 1e-3 * (1 - 3 / 8)])
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` as TensorBoard shows the run folder's events (its own purge rules applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_resume_purges_the_killed_runs_tensorboard_steps_after_the_checkpoint(tmp_path, monkeypatch):
+    """Killed after logging step 3 (checkpoint-2 the newest): metrics.jsonl was trimmed to step 2 on resume, but the
+    killed run's TensorBoard events for step 3 stayed beside the resumed run's, so TensorBoard showed two losses at
+    step 3. The resumed writer purges them (`purge_step`): one value per step, the resumed run's."""
+    real_step = AlignTrainer.training_step
+
+    def dies_at_step_4(self, *a, **kw):
+        if self.state.global_step == 3:
+            raise Killed()
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(AlignTrainer, "training_step", dies_at_step_4)
+    with pytest.raises(Killed):
+        cli("sft", "sft-tiny.yaml", tmp_path / "cut", [])
+    monkeypatch.setattr(AlignTrainer, "training_step", real_step)
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "cut" / "tensorboard", "train/loss")] == [1, 2, 3]
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "cut", [], "--resume") == 0
+    shown = tensorboard_scalars(tmp_path / "cut" / "tensorboard", "train/loss")
+    want = losses(tmp_path / "cut")
+    assert [s for s, _ in shown] == [1, 2, 3, 4], shown
+    assert shown == [(s, pytest.approx(want[s], rel=1e-6)) for s in (1, 2, 3, 4)]

@@ -58,3 +58,38 @@ def test_online_kill_then_resume_equals_uninterrupted(case, tmp_path, monkeypatc
     assert cli(tmp_path / "cut", "--resume") == 0
     assert rows(tmp_path / "cut") == want
     assert (tmp_path / "cut" / "model" / "alignkit_complete.json").is_file()
+
+
+def test_online_resume_purges_the_killed_runs_tensorboard_steps(tmp_path, monkeypatch):
+    """Killed in step 4 (index 3) after logging step index 2, the newest checkpoint after 2 steps: the resumed run
+    logs step 2 again; the killed run's event for it is purged, so TensorBoard shows one value per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    command, config, extra = CASES["grpo-lora"]
+
+    def cli(out, *flags):
+        return main(["-q", command, "--config", str(CONFIGS / config), *flags, f"output_dir={out}", *SMALL, *extra])
+
+    def shown(run: Path) -> list[tuple[int, float]]:
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        tag = next(t for t in acc.Tags()["scalars"] if t.endswith("reward"))
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    real = OnlineTrainer.generate
+
+    def dies_in_step_4(self, prompts, step):
+        if step == 3:
+            raise Killed()
+        return real(self, prompts, step)
+
+    monkeypatch.setattr(OnlineTrainer, "generate", dies_in_step_4)
+    with pytest.raises(Killed):
+        cli(tmp_path / "cut")
+    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    assert [s for s, _ in shown(tmp_path / "cut")] == [0, 1, 2]
+    assert cli(tmp_path / "cut", "--resume") == 0
+    want = {r["step"]: r["reward"] for r in rows(tmp_path / "cut")}
+    got = shown(tmp_path / "cut")
+    assert [s for s, _ in got] == [0, 1, 2, 3], got
+    assert got == [(s, pytest.approx(want[s], rel=1e-6, abs=1e-7)) for s in (0, 1, 2, 3)]

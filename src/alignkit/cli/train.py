@@ -37,8 +37,8 @@ from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import compile_layers
 from alignkit.models.rope import check_context
 from alignkit.runs import (
-    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, staged, versions,
-    write_prompt_formats,
+    MetricsJsonl, ModelCard, RunFolder, checkpoint_step, final_metrics, plot_metrics, push_folder, read_metrics, staged,
+    versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
@@ -160,13 +160,16 @@ def push_model(push: dict[str, Any], model_dir: Any, run_root: Any, api: Any = N
                        private=bool(push.get("hub_private_repo")), token=push.get("hub_token"), api=api)
 
 
-def tensorboard_callback(args: Any, run: RunFolder) -> Any:
-    """Our TensorBoard writer into <run>/tensorboard (it creates the folder, so only once the run has begun)."""
+def tensorboard_callback(args: Any, run: RunFolder, resumed_at: int | None = None) -> Any:
+    """Our TensorBoard writer into <run>/tensorboard (it creates the folder, so only once the run has begun).
+    `resumed_at`: the step of the checkpoint a resumed run continues from; the killed run's events after it are
+    purged (`purge_step`), else TensorBoard showed both runs' values for those steps."""
     if not getattr(args, "alignkit_tensorboard", False) or not run.main:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    cb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard)))
+    purge = None if resumed_at is None else resumed_at + 1  # the checkpoint's own step was logged before it was saved
+    cb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run.tensorboard), purge_step=purge))
     cb.logging_dir = str(run.tensorboard)  # a writer re-opened after training (final evaluate) stays in the run
     return cb
 
@@ -252,7 +255,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if base_path != loaded_from:  # a tiny model, now in <run>/base_model: name it where it will stay
         base_path = str(plan.named().root / "base_model")
         rename_base(model, loaded_from, base_path)
-    tb = tensorboard_callback(args, run)
+    tb = tensorboard_callback(args, run, None if plan.checkpoint is None else checkpoint_step(Path(plan.checkpoint)))
     if tb is not None:
         trainer.add_callback(tb)
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)

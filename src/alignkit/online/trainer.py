@@ -252,8 +252,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
-        if self.trackers:  # opened here, not in __init__: nothing is written before training starts
-            self.accelerator.init_trackers("tensorboard")
+        if self.trackers:  # opened here, not in __init__: nothing is written before training starts; resumed: the
+            # killed run's TensorBoard events from this step on are purged (else both runs' values showed)
+            purge = {"tensorboard": {"purge_step": start}} if start else None
+            self.accelerator.init_trackers("tensorboard", init_kwargs=purge)
         bar = tqdm(total=self.config.steps, initial=start, desc=type(self).__name__.replace("Trainer", ""),
                    unit="step", disable=not (self.config.progress_bar and self.accelerator.is_main_process))
         try:
