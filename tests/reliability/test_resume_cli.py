@@ -301,3 +301,28 @@ def test_resume_purges_the_killed_runs_tensorboard_steps_after_the_checkpoint(tm
     want = losses(tmp_path / "cut")
     assert [s for s, _ in shown] == [1, 2, 3, 4], shown
     assert shown == [(s, pytest.approx(want[s], rel=1e-6)) for s in (1, 2, 3, 4)]
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_examples(tmp_path, capsys):
+    """config.yaml names the data file, not its contents: a file edited (or regenerated) between the kill and
+    --resume was accepted, and the Trainer skipped the checkpoint's batches counted in the new data (exit 0).
+    Checkpoints now record the SHA-256 of the tokenized training examples; another one stops before anything is
+    written. The same file resumes (the digest is reproducible)."""
+    from importlib.resources import files
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(files("alignkit").joinpath("resources/data/hh_rlhf_sample.jsonl").read_text())
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, [f"data.path={data}"]) == 0
+    shutil.rmtree(run / "model")  # as after a kill before the end
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # two records swapped: same config
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", run, [f"data.path={data}"], "--resume") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and f"--resume: {run / 'checkpoints' / 'checkpoint-4'} was trained on other training " \
+                               "examples" in err[0], err
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    data.write_text("\n".join(lines) + "\n")
+    assert cli("sft", "sft-tiny.yaml", run, [f"data.path={data}"], "--resume") == 0

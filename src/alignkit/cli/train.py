@@ -246,6 +246,9 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
                   data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
                   **kwargs)
+    if plan.checkpoint is not None:  # trained on other examples (an edited data file): refused before writing
+        trainer.check_resume(plan.checkpoint, "--resume" if cfg.train.get("resume_from_checkpoint") is None
+                             else "train.resume_from_checkpoint")
     if quiet:  # with tqdm off, the Trainer would print every log dict instead
 
         trainer.remove_callback(PrinterCallback)

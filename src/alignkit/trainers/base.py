@@ -67,6 +67,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -135,13 +136,28 @@ STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's tra
 #   (num_tokens; world_size, the processes that wrote it)
 
 
-def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str = "resume_from_checkpoint") -> None:
+def data_digest(dataset: Any) -> str | None:
+    """SHA-256 of the training examples in their order (every field but the record `id`: token ids, masks, weights,
+    ...), recorded in each checkpoint (`STATE_JSON`). None for data without a length (an iterable dataset: reading it
+    here would consume it)."""
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return None
+    h = hashlib.sha256()
+    for ex in dataset:
+        h.update(json.dumps({k: v for k, v in dict(ex).items() if k != "id"}, sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str = "resume_from_checkpoint",
+                    digest: str | None = None) -> None:
     """Refuse (CheckpointError, one line naming `label` and the folder) a complete checkpoint that the Trainer would
     resume without continuing the same training: one without the optimizer / scheduler states (saved with
     `save_only_model`, or under DeepSpeed; the Trainer then restarts Adam's moments and the learning-rate schedule
     from zero without a word), or one written by another number of processes (the batch of an optimizer step and
-    which records count as already seen depend on it). A checkpoint that does not record its world size (older
-    alignkit) is not compared."""
+    which records count as already seen depend on it), or, given this run's `digest` (`data_digest` of its
+    training examples), one trained on other data (the Trainer skips the batches the checkpoint had seen, counted
+    in the new data: an edited or regenerated data file, another data.max_records or max_length). A checkpoint
+    that does not record its world size or data (older alignkit) is not compared on it."""
     folder = Path(checkpoint)
     missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (folder / n).is_file()]
     if missing:
@@ -157,6 +173,14 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str =
                               "gradient_accumulation_steps x processes) and which records count as already seen "
                               f"depend on it, so the run would not continue the same training; launch {saved} "
                               "process(es), or start a new run from its weights in another output_dir")
+    trained = _saved_state(folder).get("data_sha256")
+    if digest is not None and isinstance(trained, str) and trained != digest:
+        raise CheckpointError(f"{label}: {folder} was trained on other training examples than this run's (SHA-256 "
+                              f"of the tokenized examples {trained[:12]}... there, {digest[:12]}... here: the data "
+                              "file changed, or data.max_records / max_length / the formatter / the tokenizer did), "
+                              "so the resumed run would skip the batches it had seen counted in other data; resume "
+                              "with the data it was trained on, or start a new run from its weights in another "
+                              "output_dir")
 
 
 def turn_off_dropout(model: nn.Module) -> None:
@@ -668,10 +692,21 @@ class AlignTrainer(BatchSampling, Trainer):
             self._commit_checkpoint(run_dir, staging_root, name)
         self.accelerator.wait_for_everyone()  # EVERY process (an early return here hung the next step's collective)
 
+    def data_digest(self) -> str | None:
+        """`data_digest` of this trainer's training examples (computed once)."""
+        if "_data_digest" not in self.__dict__:
+            self._data_digest = data_digest(self.train_dataset)
+        return self._data_digest
+
+    def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
+        """`check_resumable` for this trainer: its processes and its training examples against the checkpoint's."""
+        check_resumable(checkpoint, self.args.world_size, label, self.data_digest())
+
     def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
         final = Path(run_dir) / name
         Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None),
-                                                                    "world_size": self.args.world_size}))
+                                                                    "world_size": self.args.world_size,
+                                                                    "data_sha256": self.data_digest()}))
         commit_staging(staging_root / name, final, step=self.state.global_step)
         try:
             staging_root.rmdir()  # only when empty
@@ -733,7 +768,7 @@ class AlignTrainer(BatchSampling, Trainer):
                                       f"(DeepSpeed reloads its optimizer state from torch pickles, which alignkit "
                                       f"does not load); {resume_from_checkpoint}/ holds an ordinary model folder: "
                                       f"start a new run from it, or resume under FSDP2 / DDP")
-            check_resumable(resume_from_checkpoint, self.args.world_size)
+            self.check_resume(resume_from_checkpoint)
             logger.info("resuming from %s", resume_from_checkpoint)
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
