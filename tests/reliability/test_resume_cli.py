@@ -44,6 +44,21 @@ def cli(command, config, out, extra, *flags):
     return main(["-q", command, "--config", str(CONFIGS / config), *flags, f"output_dir={out}", *STEPS, *extra])
 
 
+def killed_after(monkeypatch, steps: int, *run) -> None:
+    """`cli(*run)` killed inside optimizer step `steps + 1`, after `steps` steps were logged."""
+    real_step = AlignTrainer.training_step
+
+    def dies(self, *a, **kw):
+        if self.state.global_step == steps:
+            raise Killed()
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(AlignTrainer, "training_step", dies)
+    with pytest.raises(Killed):
+        cli(*run)
+    monkeypatch.setattr(AlignTrainer, "training_step", real_step)
+
+
 KILLED = ("sft-full", "dpo-lora", "dpo-reft")  # the others resume from the uninterrupted run's checkpoint-2 (cheaper)
 
 
@@ -59,17 +74,7 @@ def test_kill_then_resume_equals_uninterrupted(case, tmp_path, monkeypatch):
         assert losses(tmp_path / "again") == {k: v for k, v in want.items() if k > 2}
         return
 
-    real_step = AlignTrainer.training_step
-
-    def dies_at_step_3(self, *a, **kw):
-        if self.state.global_step == 2:
-            raise Killed()
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(AlignTrainer, "training_step", dies_at_step_3)
-    with pytest.raises(Killed):
-        cli(command, config, tmp_path / "cut", extra)
-    monkeypatch.setattr(AlignTrainer, "training_step", real_step)
+    killed_after(monkeypatch, 2, command, config, tmp_path / "cut", extra)
     assert sorted(losses(tmp_path / "cut")) == [1, 2] and not (tmp_path / "cut" / "model").exists()
 
     assert cli(command, config, tmp_path / "cut", extra, "--resume") == 0
@@ -284,17 +289,7 @@ def test_resume_purges_the_killed_runs_tensorboard_steps_after_the_checkpoint(tm
     """Killed after logging step 3 (checkpoint-2 the newest): metrics.jsonl was trimmed to step 2 on resume, but the
     killed run's TensorBoard events for step 3 stayed beside the resumed run's, so TensorBoard showed two losses at
     step 3. The resumed writer purges them (`purge_step`): one value per step, the resumed run's."""
-    real_step = AlignTrainer.training_step
-
-    def dies_at_step_4(self, *a, **kw):
-        if self.state.global_step == 3:
-            raise Killed()
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(AlignTrainer, "training_step", dies_at_step_4)
-    with pytest.raises(Killed):
-        cli("sft", "sft-tiny.yaml", tmp_path / "cut", [])
-    monkeypatch.setattr(AlignTrainer, "training_step", real_step)
+    killed_after(monkeypatch, 3, "sft", "sft-tiny.yaml", tmp_path / "cut", [])
     assert [s for s, _ in tensorboard_scalars(tmp_path / "cut" / "tensorboard", "train/loss")] == [1, 2, 3]
     assert cli("sft", "sft-tiny.yaml", tmp_path / "cut", [], "--resume") == 0
     shown = tensorboard_scalars(tmp_path / "cut" / "tensorboard", "train/loss")

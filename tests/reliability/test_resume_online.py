@@ -27,6 +27,21 @@ class Killed(BaseException):
     pass
 
 
+def killed_in_step(monkeypatch, step: int, cli, out: Path) -> None:
+    """`cli(out)` killed when it starts step index `step` (its generation), after `step` steps were logged."""
+    real = OnlineTrainer.generate
+
+    def dies(self, prompts, at):
+        if at == step:
+            raise Killed()
+        return real(self, prompts, at)
+
+    monkeypatch.setattr(OnlineTrainer, "generate", dies)
+    with pytest.raises(Killed):
+        cli(out)
+    monkeypatch.setattr(OnlineTrainer, "generate", real)
+
+
 def rows(run: Path) -> list[dict]:
     out = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in SKIP} for r in out]
@@ -43,17 +58,7 @@ def test_online_kill_then_resume_equals_uninterrupted(case, tmp_path, monkeypatc
     want = rows(tmp_path / "whole")
     assert [r["step"] for r in want] == [0, 1, 2, 3]
 
-    real = OnlineTrainer.generate
-
-    def dies_in_step_3(self, prompts, step):
-        if step == 2:
-            raise Killed()
-        return real(self, prompts, step)
-
-    monkeypatch.setattr(OnlineTrainer, "generate", dies_in_step_3)
-    with pytest.raises(Killed):
-        cli(tmp_path / "cut")
-    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    killed_in_step(monkeypatch, 2, cli, tmp_path / "cut")
     assert [r["step"] for r in rows(tmp_path / "cut")] == [0, 1]
     assert cli(tmp_path / "cut", "--resume") == 0
     assert rows(tmp_path / "cut") == want
@@ -76,17 +81,7 @@ def test_online_resume_purges_the_killed_runs_tensorboard_steps(tmp_path, monkey
         tag = next(t for t in acc.Tags()["scalars"] if t.endswith("reward"))
         return [(e.step, e.value) for e in acc.Scalars(tag)]
 
-    real = OnlineTrainer.generate
-
-    def dies_in_step_4(self, prompts, step):
-        if step == 3:
-            raise Killed()
-        return real(self, prompts, step)
-
-    monkeypatch.setattr(OnlineTrainer, "generate", dies_in_step_4)
-    with pytest.raises(Killed):
-        cli(tmp_path / "cut")
-    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    killed_in_step(monkeypatch, 3, cli, tmp_path / "cut")
     assert [s for s, _ in shown(tmp_path / "cut")] == [0, 1, 2]
     assert cli(tmp_path / "cut", "--resume") == 0
     want = {r["step"]: r["reward"] for r in rows(tmp_path / "cut")}
