@@ -230,14 +230,25 @@ def check_sampler(cfg: SamplingConfig, why_not: str | None, section: str = "samp
                          f"draws with torch.multinomial; remove {section}.sampler (or set it to multinomial)")
 
 
+def special_tokens(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's special tokens' texts and ids (`<|im_end|>` -> 4): text decoded without special tokens never
+    holds them, so a stop string holding one cannot match it (`check_stop_strings`; serve's `special_stop_ids`)."""
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+
+
+def special_token_in(special: dict[str, int], text: str) -> str | None:
+    """The first special token (of `special_tokens`) whose text is in `text`, or None."""
+    return next((t for t in special if t in text), None)
+
+
 def check_stop_strings(tokenizer: Any, cfg: SamplingConfig, section: str = "sampling") -> None:
     """ConfigError for a stop string holding a special token's text (`<|im_end|>`, `</s>`, ...): responses are
     decoded without special tokens (`finish_response`), so it never matches the text, while `model.generate`'s
     stop-string criterion, which reads token strings, halts the row on that token: the row was reported 'length'
     with the token kept in `response_ids`. The token's id belongs in `stop_token_ids` (finish reason 'eos')."""
-    special = {t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+    special = special_tokens(tokenizer)
     for s in cfg.stop:
-        held = next((t for t in special if t in s), None)
+        held = special_token_in(special, s)
         if held is not None:
             raise ConfigError(f"{section}.stop: {s!r} holds the special token {held!r} (id {special[held]}), and "
                              "responses are decoded without special tokens, so it would never match; put its id in "
@@ -395,4 +406,4 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
-           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]
+           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]

@@ -52,7 +52,7 @@ from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
 from alignkit.models.rope import trained_context
 from alignkit.online.decode import inverse_cdf_sample
-from alignkit.online.generation import end_token_ids
+from alignkit.online.generation import end_token_ids, special_token_in, special_tokens
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.serve.stack import Route, Stack
 
@@ -117,13 +117,13 @@ def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> frozenset:
     special tokens, so such a stop string never matches the text; it ends the row when its token is drawn (finish
     reason "stop", the token not in the text, as an end token). A stop string holding a special token's text with
     other text around it (`"\\n<|im_end|>"`) could never match: a RequestError naming `stop`."""
-    special = {t: tokenizer.convert_tokens_to_ids(t) for t in getattr(tokenizer, "all_special_tokens", ()) if t}
+    special = special_tokens(tokenizer)
     ids = set()
     for s in stop:
         if s in special:
             ids.add(int(special[s]))
             continue
-        held = next((t for t in special if t in s), None)
+        held = special_token_in(special, s)
         if held is not None:
             raise RequestError(f"stop: {s!r} holds the special token {held!r} with other text; generated text is "
                                f"decoded without special tokens, so it would never match: give {held!r} alone "

@@ -166,14 +166,15 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str =
                               "optimizer and the learning-rate schedule from zero, not continue them; start a new "
                               "run from its weights in another output_dir, or resume from a checkpoint saved "
                               "without train.save_only_model")
-    saved = _saved_state(folder).get("world_size")
+    state = _saved_state(folder)
+    saved = state.get("world_size")
     if isinstance(saved, int) and saved != world_size:
         raise CheckpointError(f"{label}: {folder} was written by a run of {saved} process(es), this one has "
                               f"{world_size}: the batch of an optimizer step (per_device_train_batch_size x "
                               "gradient_accumulation_steps x processes) and which records count as already seen "
                               f"depend on it, so the run would not continue the same training; launch {saved} "
                               "process(es), or start a new run from its weights in another output_dir")
-    trained = _saved_state(folder).get("data_sha256")
+    trained = state.get("data_sha256")
     if digest is not None and isinstance(trained, str) and trained != digest:
         raise CheckpointError(f"{label}: {folder} was trained on other training examples than this run's (SHA-256 "
                               f"of the tokenized examples {trained[:12]}... there, {digest[:12]}... here: the data "
