@@ -125,15 +125,18 @@ def check_heads(cfg: Any) -> None:
     (`models.check_head`): a causal LM evaluated as a reward model got a random score head (accuracy of chance,
     another on every run, exit 0), a reward model evaluated with kind dpo a random LM head. The folders: the
     whole model in `model.adapter_path`, else `model.path` (`models.head_folder`; an adapter on `model.path`
-    brings its own head), and a DPO reference (`method.reference_path`, or `model.path` under a whole model)."""
+    brings its own head, and is refused when it was saved for the other head: an SFT LoRA as a reward model), and a
+    DPO reference (`method.reference_path`, or `model.path` under a whole model)."""
     ms, m = cfg.model, cfg.method
-    scorer = head_folder(ms.path, ms.adapter_path)
     if m.kind == "reward":
+        fix = ("give the reward model (model.path, or model.adapter_path for an alignkit rm run's model/), or set "
+               "method.kind=dpo to evaluate a policy")
+        scorer = head_folder(ms.path, ms.adapter_path, task="classifier", fix=fix)
         if scorer is not None:
-            check_head(scorer[1], "classifier", scorer[0], "give the reward model (model.path, or model.adapter_path "
-                       "for an alignkit rm run's model/), or set method.kind=dpo to evaluate a policy")
+            check_head(scorer[1], "classifier", scorer[0], fix)
         return
     fix = "point it at a causal LM (the policy or the model it was trained from), or set method.kind=reward"
+    scorer = head_folder(ms.path, ms.adapter_path, task="causal_lm", fix=fix)
     key, policy = scorer or ("model.path", ms.path)
     check_head(policy, "causal_lm", key, fix)
     if m.reference_path is not None or key == "model.adapter_path":
