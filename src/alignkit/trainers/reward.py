@@ -137,6 +137,7 @@ class RewardTrainer(AlignTrainer):
 
     record_kinds = ("preference", "ranked")
     trl_learning_rate = ("RewardConfig", 1e-4)
+    unweighted_metrics = ("num_pairs",)  # a count per prompt
 
     def __init__(self, model: nn.Module, args: Any, *, center_rewards_coefficient: float | None = None,
                  use_margin: bool = True, l2_coefficient: float = 0.0, share_prompt: bool | None = None,
