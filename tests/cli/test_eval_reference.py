@@ -144,3 +144,24 @@ def test_an_adapter_saved_for_the_other_head_is_refused_before_anything_is_writt
 
     with pytest.raises(ConfigError, match=r"annotator\.adapter_path: .* task_type CAUSAL_LM"):
         make_annotator(AnnotatorSettings(kind="reward_model", path=base, adapter_path=str(sft_lora)), None)
+
+
+def test_a_full_policy_reference_is_loaded_with_the_policys_rope_scaling(tiny_dir, tmp_path):
+    """DPO eval of a fully finetuned policy under model.rope_scaling: the policy was loaded with the scaling, its
+    reference (model.path) without it, so a policy equal to its base got implicit rewards != 0 (accuracy 1/3, loss
+    != ln 2 on three pairs). The reference is now loaded as the policy is: a policy with its base's weights has every
+    implicit reward 0, so accuracy 0 and loss ln 2."""
+    import math
+
+    from alignkit.adapters import AdapterConfig, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    base, full, out = tiny_dir("llama"), tmp_path / "full", tmp_path / "eval"
+    save_adapter(apply_adapter(load_model(base, rope_scaling={"type": "linear", "factor": 4.0}),
+                               AdapterConfig(kind="full")), full)
+    assert main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={base}",
+                 f"model.adapter_path={full}", "model.rope_scaling={type: linear, factor: 4.0}", f"data.path={DATA}",
+                 f"output_dir={out}", "data.max_records=3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rewards/accuracies"] == 0 and abs(metrics["rewards/margins"]) < 1e-7
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -221,8 +221,10 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
                 progress: bool, per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
     m = cfg.method
 
-    def load_reference() -> Any:  # a full model's reference: method.reference_path, else the base it started from
-        return load_model(m.reference_path or base_path, dtype=cfg.model.dtype)
+    def load_reference() -> Any:  # a full model's reference: method.reference_path, else the base it started from,
+        ms = cfg.model  # loaded as the policy is (its RoPE scaling: training's reference ran with it)
+        return load_model(m.reference_path or base_path, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
+                          trust_remote_code=ms.trust_remote_code, rope_scaling=ms.rope_scaling)
 
     # the adapter switched off, or (full finetuning) the reference model loaded from disk
     reference = build_reference(model, "auto", make_copy=load_reference, chunk_size=m.chunk_size,
