@@ -247,3 +247,21 @@ def test_reward_eval_weighted_and_ranking_figures_by_hand(monkeypatch):
     assert got["weighted/kendall_tau"] == pytest.approx((1 / 3 + 3 * 1) / 4)
     assert got["weighted/exact_match"] == pytest.approx(3 / 4)
     assert got["weighted/accuracy"] == pytest.approx((1 * 2 + 3 * 2) / (1 * 3 + 3 * 2))
+
+
+def test_generation_report_reads_what_it_is_given(make_model, tiny_lm, tokenizer):
+    """Two arguments were accepted and ignored: a temperature / top_p / top_k without do_sample=True (transformers
+    warned and decoded greedily), and `base_model` beside an adapter (the adapter switched off was the base
+    anyway). Now the first is a ValueError naming it, and a given base_model is the base column: checked against
+    that model's own greedy generation."""
+    model = make_model("lora")  # zero-initialised LoRA: switched off or not, the tiny llama
+    for key, value in (("temperature", 0.7), ("top_p", 0.9), ("top_k", 5)):
+        with pytest.raises(ValueError, match=rf"generation_report: {key}={value!r} is read only when sampling"):
+            generation_report(model, tokenizer, ["Hello"], max_new_tokens=2, **{key: value})
+    generation_report(model, tokenizer, ["Hello"], max_new_tokens=2, do_sample=True, temperature=0.7)
+    other = tiny_lm("llama", hidden_size=32)  # another model on the same tokenizer
+    (row,) = generation_report(model, tokenizer, ["The quick brown"], max_new_tokens=6, base_model=other)
+    ids = tokenizer("The quick brown", return_tensors="pt")
+    want = other.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert row["base"] == tokenizer.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert row["base"] != row["adapted"]

@@ -8,8 +8,9 @@ rewards/chosen and rewards/rejected = mean scores, margin = mean r(chosen) - r(r
 (RankedCollator): accuracy over all ordered pairs, the mean Kendall tau and full-ranking exact match per prompt.
 Records weighted other than 1 also give the weighted figures, `weighted/<name>` = sum w v / sum w.
 
-`generation_report` generates greedily (unless sampling is asked for) for each prompt with the base model
-and with the adapted one: for adapters the base is the same model with its adapter switched off
+`generation_report` generates greedily (unless sampling is asked for: `do_sample=True`; a temperature, top_p or
+top_k without it is refused, greedy decoding would ignore it) for each prompt with the base model and with the
+adapted one: `base_model` when given, else for adapters the same model with its adapter switched off
 (`reference_off`); for full finetuning pass `base_model`. A ReFT model intervenes on the prompt positions
 of its spec. Rows {"prompt", "base", "adapted"} are returned and, with `out_dir`, written to
 `generations.jsonl` and `generations.md`.
@@ -30,6 +31,7 @@ from alignkit.adapters import can_switch_off, reference_off
 from alignkit.data import PromptRecord, tokenize_records
 from alignkit.data.collators import PromptCollator
 from alignkit.losses import kendall_tau
+from alignkit.settings.sampling import SamplingConfig
 from alignkit.trainers.logps import prompt_locations
 from alignkit.trainers.reward import ranked_table, sequence_rewards
 
@@ -129,13 +131,20 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
                       max_new_tokens: int = 64, batch_size: int = 8, out_dir: str | Path | None = None,
                       formatter: str = "auto", **generate_kwargs: Any) -> list[dict[str, str]]:
     """Side-by-side base vs adapted generations for `prompts` (strings, message lists or PromptRecords)."""
-    records = [p if isinstance(p, PromptRecord) else PromptRecord(p, id=f"prompt-{i}") for i, p in enumerate(prompts)]
-    features, _ = tokenize_records(records, tokenizer, formatter=formatter)
-    switchable = can_switch_off(model)
-    if not switchable and base_model is None:
-        logger.warning("generation_report: a fully finetuned model and no base_model: the 'base' column is empty")
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
            **generate_kwargs}
+    sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+    ignored = [] if gen["do_sample"] else SamplingConfig(do_sample=False, **sampling).greedy_ignored()
+    if ignored:  # transformers would only warn and decode greedily
+        key, value = ignored[0]
+        raise ValueError(f"generation_report: {key}={value!r} is read only when sampling, and do_sample is False "
+                         "(greedy decoding, the default), so it would be ignored; pass do_sample=True to sample, or "
+                         f"remove {key}")
+    records = [p if isinstance(p, PromptRecord) else PromptRecord(p, id=f"prompt-{i}") for i, p in enumerate(prompts)]
+    features, _ = tokenize_records(records, tokenizer, formatter=formatter)
+    switchable = can_switch_off(model) and base_model is None  # a base_model given is the base
+    if not switchable and base_model is None:
+        logger.warning("generation_report: a fully finetuned model and no base_model: the 'base' column is empty")
     collate = PromptCollator(tokenizer.pad_token_id, padding_side="left")
     dev = _device(model)
     rows: list[dict[str, str]] = []
