@@ -265,3 +265,19 @@ def test_generation_report_reads_what_it_is_given(make_model, tiny_lm, tokenizer
     want = other.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert row["base"] == tokenizer.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert row["base"] != row["adapted"]
+
+
+def test_reward_loss_settings_the_data_never_reads_are_refused(make_model, features, collators, tmp_path):
+    """RewardTrainer(l2_coefficient=...) on pairs, or center_rewards_coefficient on ranked data: the loss the data
+    gets never reads it (the CLI refused both; the trainer trained without them). Now a ConfigError when built;
+    each on its own loss's data still builds."""
+    def build(data, **kw):
+        return RewardTrainer(make_model("lora", classifier=True), fast_args(tmp_path), train_dataset=features[data],
+                             data_collator=collators[data], **kw)
+
+    with pytest.raises(ConfigError, match=r"l2_coefficient=0\.1 is read only by the K-wise ranking loss"):
+        build("preference", l2_coefficient=0.1)
+    with pytest.raises(ConfigError, match=r"center_rewards_coefficient=0\.01 is read only by the Bradley-Terry"):
+        build("ranked", center_rewards_coefficient=0.01)
+    build("ranked", l2_coefficient=0.1)
+    build("preference", center_rewards_coefficient=0.01)
