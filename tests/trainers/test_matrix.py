@@ -146,3 +146,27 @@ def test_evaluation_of_weighted_data_logs_the_weighted_figures(name, make_model,
         want = sum(w * a[f"eval_{m}"] for w, a in zip(weights, alone)) / sum(weights)
         assert got[f"eval_weighted/{m}"] == pytest.approx(want, rel=1e-4, abs=1e-6), m
     assert not any(k.startswith("eval_weighted/") for k in trainer.evaluate(eval_dataset=features[data][:3]))
+
+
+@pytest.mark.parametrize("normalization", ["count", "weighted"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "reward", "reward_ranked"])
+def test_eval_loss_is_one_reduction_over_the_whole_evaluation_set(name, normalization, make_model, features,
+                                                                  collators, tmp_path):
+    """eval_loss was the Trainer's mean of per-batch losses, each batch reduced by its own N: with
+    weight_normalization="weighted" and weights [1, 0, 0] evaluated one example per batch, the two weight-0 batches
+    counted as losses of 0 (a third of example 0's loss, not its loss), and it changed with the batch size. Now
+    sum w L / N over the whole set: "weighted" gives example 0's loss evaluated alone, "count" the same value
+    for every evaluation batch size."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+    three = [{**f, "weight": w} for f, w in zip(features[data][:3], [1.0, 0.0, 0.0])]
+
+    def eval_loss(batch_size: int, dataset: list) -> float:
+        trainer = cls(make_model("lora", classifier=classifier), fast_args(tmp_path, per_device_eval_batch_size=batch_size),
+                      train_dataset=features[data], eval_dataset=dataset, data_collator=collators[data],
+                      weight_normalization=normalization, **extra)
+        return trainer.evaluate()["eval_loss"]
+
+    one = eval_loss(1, three)
+    assert eval_loss(3, three) == pytest.approx(one, rel=1e-5)
+    if normalization == "weighted":
+        assert one == pytest.approx(eval_loss(1, three[:1]), rel=1e-5)

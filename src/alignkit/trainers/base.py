@@ -19,7 +19,10 @@ Gradient accumulation. N is counted over ALL micro-batches of the optimizer step
 processes; each micro-batch's loss is its partial sum divided by that global N, multiplied by the
 number of processes (DDP averages gradients), and `loss_is_scaled_for_ga = True` stops the Trainer from
 dividing by the accumulation steps again. So batch 8 x accumulation 1 and batch 1 x accumulation 8
-give the same update. Evaluation normalises each batch by its own N.
+give the same update. Evaluation: `eval_loss` = sum_i w_i L_i / N over the whole evaluation set (all its batches
+and processes), whatever the evaluation batch size (the Trainer's mean of per-batch losses weighted every batch by
+its examples, so under "weighted" a batch of weight-0 examples counted as a loss of 0, and SFT's token mean
+depended on how tokens fell into batches).
 
 Metrics. Each step's metrics are accumulated as (sum, count) per name (`metric_totals`), summed across
 processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`. When the
@@ -137,6 +140,7 @@ def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, 
 
 WEIGHTED_PREFIX = "weighted/"  # evaluation: weighted/<name> = sum w_i v_i / sum w_i (AlignTrainer.weighted_totals)
 WEIGHTS_NOT_ONE = "\0weights_not_one"  # internal total, never logged
+EVAL_LOSS = "\0eval_loss"  # internal total (sum_i w_i L_i, N) of an evaluation, logged as its eval_loss
 
 TRAINING_ARGS_JSON = "training_args.json"
 STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep
@@ -574,7 +578,11 @@ class AlignTrainer(BatchSampling, Trainer):
         if w is not None:
             w = w.to(out.losses.device, out.losses.dtype)
         if num_items_in_batch is None:  # evaluation, or a direct call: this batch alone
-            loss = reduce_loss(out.losses, w, normalizer=self.count_items(inputs))
+            norm = self.count_items(inputs)
+            loss = reduce_loss(out.losses, w, normalizer=norm)
+            if not model.training:  # eval_loss over the whole evaluation set (`log`)
+                total = reduce_loss(out.losses.detach(), w, normalizer=1.0).float()
+                self._add_totals({EVAL_LOSS: (total, norm.detach().float().to(total.device))}, "eval")
         else:  # training: the global count of the optimizer step; DDP averages, so scale by processes
             loss = reduce_loss(out.losses, w, normalizer=num_items_in_batch) * self.args.world_size
         self._record(out.metrics, "train" if model.training else "eval")
@@ -657,6 +665,10 @@ class AlignTrainer(BatchSampling, Trainer):
             values = {k: s / n for k, (s, n) in zip(names, totals.tolist()) if n > 0}
             if not values.pop(WEIGHTS_NOT_ONE, 0.0):  # every evaluation weight 1: the weighted figures are the same
                 values = {k: v for k, v in values.items() if not k.startswith(WEIGHTED_PREFIX)}
+            exact = dict(zip(names, totals.tolist())).get(EVAL_LOSS)
+            values.pop(EVAL_LOSS, None)
+            for k in [k for k in logs if k.endswith("_loss")] if exact is not None else []:  # the Trainer's mean of
+                logs[k] = exact[0] / max(exact[1], torch.finfo(torch.float32).tiny)  # batch losses: one N for all
             logs.update({prefix + k: v for k, v in values.items()})
             store.clear()
         if mode == "train":
