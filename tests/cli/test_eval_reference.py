@@ -103,3 +103,65 @@ def test_a_reward_model_annotator_without_a_score_head_is_refused(tiny_dir):
     with pytest.raises(ConfigError, match=rf"annotator\.path: {lm} is not a sequence classifier .*annotator\.path"):
         make_annotator(AnnotatorSettings(kind="reward_model", path=lm), None)
     make_annotator(AnnotatorSettings(kind="reward_model", path=tiny_dir("llama", classifier=True)), None)
+
+
+def test_an_adapter_saved_for_the_other_head_is_refused_before_anything_is_written(tiny_dir, tmp_path, capsys):
+    """A LoRA trained with SFT (peft task_type CAUSAL_LM) given as the reward model's `model.adapter_path`: the base
+    was loaded as a classifier with a newly initialised score head, the LoRA has none, so every score was chance
+    (exit 0, metrics.json). The same for a ReFT saved without a score head, and a reward model's LoRA (SEQ_CLS)
+    evaluated as a DPO policy. One line naming the key and the adapter's saved task; a reward-model LoRA still runs."""
+    import torch
+
+    from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    base = tiny_dir("llama")
+    lora_cfg = AdapterConfig(kind="lora", lora=LoraSettings(r=2, alpha=4.0))
+    reft_cfg = AdapterConfig(kind="reft", reft=ReftSettings(config={"representations": [
+        {"layer": 0, "low_rank_dimension": 2}]}, positions="l1"))
+    torch.manual_seed(0)
+    sft_lora, sft_reft, rm_lora = tmp_path / "sft-lora", tmp_path / "sft-reft", tmp_path / "rm-lora"
+    save_adapter(apply_adapter(load_model(base), lora_cfg), sft_lora)
+    save_adapter(apply_adapter(load_model(base), reft_cfg), sft_reft)
+    save_adapter(apply_adapter(load_model(base, task="classifier", num_labels=1), lora_cfg), rm_lora)
+    out = tmp_path / "eval"
+    common = ["-q", "eval", f"model.path={base}", f"data.path={DATA}", f"output_dir={out}", "data.max_records=2"]
+    rm = ["--config", str(CONFIGS / "eval-rm-tiny.yaml")]
+    dpo = ["--config", str(CONFIGS / "eval-dpo-tiny.yaml")]
+    for config, folder, saved in ((rm, sft_lora, "task_type CAUSAL_LM"), (rm, sft_reft, "no trained score head"),
+                                  (dpo, rm_lora, "task_type SEQ_CLS")):
+        capsys.readouterr()
+        assert main(common + config + [f"model.adapter_path={folder}"]) == 2, folder
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
+        assert len(err) == 1 and err[0].startswith(f"alignkit eval: error: model.adapter_path: {folder} holds a "), err
+        assert saved in err[0] and "newly initialised at random" in err[0] and "nothing was written" in err[0], err
+        assert not out.exists()
+    assert main(common + rm + [f"model.adapter_path={rm_lora}"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["pairs"] == 2
+    from alignkit.cli.online import make_annotator  # a reward-model annotator reads the same check
+    from alignkit.settings import ConfigError
+    from alignkit.settings.online import AnnotatorSettings
+
+    with pytest.raises(ConfigError, match=r"annotator\.adapter_path: .* task_type CAUSAL_LM"):
+        make_annotator(AnnotatorSettings(kind="reward_model", path=base, adapter_path=str(sft_lora)), None)
+
+
+def test_a_full_policy_reference_is_loaded_with_the_policys_rope_scaling(tiny_dir, tmp_path):
+    """DPO eval of a fully finetuned policy under model.rope_scaling: the policy was loaded with the scaling, its
+    reference (model.path) without it, so a policy equal to its base got implicit rewards != 0 (accuracy 1/3, loss
+    != ln 2 on three pairs). The reference is now loaded as the policy is: a policy with its base's weights has every
+    implicit reward 0, so accuracy 0 and loss ln 2."""
+    import math
+
+    from alignkit.adapters import AdapterConfig, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    base, full, out = tiny_dir("llama"), tmp_path / "full", tmp_path / "eval"
+    save_adapter(apply_adapter(load_model(base, rope_scaling={"type": "linear", "factor": 4.0}),
+                               AdapterConfig(kind="full")), full)
+    assert main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={base}",
+                 f"model.adapter_path={full}", "model.rope_scaling={type: linear, factor: 4.0}", f"data.path={DATA}",
+                 f"output_dir={out}", "data.max_records=3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rewards/accuracies"] == 0 and abs(metrics["rewards/margins"]) < 1e-7
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -322,6 +322,8 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
 @pytest.mark.parametrize("command,config,overrides,message,fix", [
     ("dpo", "dpo-tiny.yaml", ["data.loss_on=all"], "data.loss_on: read only by alignkit sft", None),
     ("rm", "rm-tiny.yaml", ["data.loss_on=last_assistant"], "data.loss_on: read only by alignkit sft", None),
+    ("eval", "eval-rm-tiny.yaml", ["data.loss_on=all"], "data.loss_on: read only by alignkit sft", None),
+    ("eval", "eval-dpo-tiny.yaml", ["data.loss_on=last_assistant"], "data.loss_on: read only by alignkit sft", None),
     ("sft", "sft-tiny.yaml", ["adapter.lora.r=16"], "adapter.lora: read only by adapter.kind lora or reft+lora, and "
      "kind is 'full'", ["adapter.kind=lora"]),
     ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "adapter.lora={r: 2}"], "adapter.lora: read only by "
@@ -336,7 +338,7 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
      ["method.reference=precomputed"]),
 ])
 def test_keys_one_kind_reads_are_refused_under_another(command, config, overrides, message, fix):
-    """Each was accepted and had no effect: data.loss_on under dpo / rm (only SFT masks conversation turns),
+    """Each was accepted and had no effect: data.loss_on under dpo / rm / eval (only SFT masks conversation turns),
     adapter.lora under a full or ReFT adapter (TRL's --lora_r without --use_peft), adapter.reft under LoRA,
     adapter.reft.share_weights=false with a position spec of one group (f<n> or l<n>: nothing to split),
     method.reference_cache_dir with a reference that is not precomputed. Now one line naming the key; with the

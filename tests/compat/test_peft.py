@@ -216,3 +216,17 @@ def test_a_target_module_of_a_list_that_matches_nothing_is_refused(tiny_lm):
     check(bool(adapted) and all(n.endswith((".q_proj", ".v_proj")) for n in adapted)
           and any(n.endswith(".v_proj") for n in adapted), PEFT,
           f"target_modules ['q_proj', 'self_attn.v_proj'] adapted {sorted(adapted)}", where)
+
+
+def test_a_saved_lora_says_which_head_it_was_trained_with(tiny_lm, tiny_classifier, tmp_path):
+    """`Lora.trained_task` reads peft's `task_type` in the saved adapter_config.json (SEQ_CLS for a classifier,
+    CAUSAL_LM for a causal LM, as Lora.wrap sets it): eval refuses an SFT LoRA as a reward model by it."""
+    from alignkit.adapters import adapter_in
+
+    where = "alignkit/adapters/lora.py:Lora.trained_task"
+    for model, want in ((tiny_lm("llama"), "causal_lm"), (tiny_classifier("llama", num_labels=1), "classifier")):
+        folder = tmp_path / want
+        save_adapter(lora(model), folder)
+        got = adapter_in(folder).trained_task(folder)
+        check(got is not None and got[0] == want, PEFT, f"a LoRA saved on a {want} no longer records peft's task_type "
+              f"as alignkit reads it (got {got})", where)

@@ -265,6 +265,7 @@ def test_step_hooks_are_called(tiny_dir, tokenizer, sft_features, tmp_path):
 def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sft_features, tmp_path):
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, per_device_eval_batch_size=8)
     calls = spy(trainer, "prediction_step")
+    logged = spy(trainer, "log")
     metric_calls: list = []
     trainer.compute_metrics = lambda p: metric_calls.append(p) or {}  # set after __init__, which refuses it
     with guard(TF, "Trainer.evaluate() failed through AlignTrainer.prediction_step (Trainer._prepare_inputs?)",
@@ -276,6 +277,9 @@ def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sf
     check("eval_loss" in metrics and ours, TF, "Trainer.evaluate no longer passes its metrics through self.log(logs, "
           "start_time) (alignkit's eval_ metrics are missing)", "alignkit/trainers/base.py:AlignTrainer.log",
           f"metrics: {sorted(metrics)}")
+    check(any(a and a[0] is metrics for a, _ in logged), TF, "Trainer.evaluate no longer logs the metrics dict it "
+          "returns (self.log(metrics)): the eval_loss AlignTrainer.log computes over the whole evaluation set would "
+          "not be the one evaluate() returns (metric_for_best_model reads that)", "alignkit/trainers/base.py:AlignTrainer.log")
     check(not metric_calls, TF, "Trainer.evaluate now calls compute_metrics without logits / labels from "
           "prediction_step: AlignTrainer refuses compute_metrics as never called, which is no longer true",
           "alignkit/trainers/base.py:refuse_metric_functions")

@@ -227,3 +227,47 @@ def test_a_quoted_bool_filter_option_is_refused(key):
         read_oasst(TREES, kind="sft", **{key: "false"})
     assert str(e.value) == (f"data.reader_options.{key}: must be true or false, got 'false' (a str); write it "
                             "without quotes")
+
+
+def ranked_counts(caplog) -> tuple[int, ...]:
+    """(records, unanswered turns, turns with < 2 ranked replies, tied pairs) from the reader's log line."""
+    import re
+
+    (line,) = [r.getMessage() for r in caplog.records if "OASST ranked records" in r.getMessage()]
+    m = re.search(r"records: (\d+), none from (\d+) .* without an assistant reply and (\d+) .* fewer than 2 ranked "
+                  r"replies; (\d+) tied", line)
+    return tuple(int(x) for x in m.groups())
+
+
+@pytest.mark.parametrize("preset", ["strict", "oasst"])
+def test_turns_without_a_ranked_record_and_tied_pairs_are_counted(preset, tmp_path, caplog):
+    """Prompter turns with fewer than 2 ranked replies gave no ranked record, and tied replies no pair, without a
+    count. Now one INFO line with the filters' gives each count. By hand: P's replies ranked 0, 1, 1 (and one
+    unranked): a record, 1 tied pair; P2 one ranked reply: none; P3 unanswered: none; P4 three replies ranked 0:
+    a record, 3 tied pairs. On the shared sample: the counts of a naive walk of the filtered trees."""
+    def msg(mid, role, rank=None, replies=()):
+        return {"message_id": mid, "text": mid, "role": role, "review_result": True, "lang": "en", "rank": rank,
+                "replies": list(replies)}
+
+    tree = msg("P", "prompter", replies=[
+        msg("A", "assistant", 0, [msg("P2", "prompter", replies=[msg("E", "assistant", 0)])]),
+        msg("B", "assistant", 1, [msg("P3", "prompter")]),
+        msg("C", "assistant", 1, [msg("P4", "prompter", replies=[msg(x, "assistant", 0) for x in "FGH"])]),
+        msg("D", "assistant")])
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"message_tree_id": "t", "tree_state": "ready_for_export", "prompt": tree}) + "\n")
+    with caplog.at_level("INFO", logger="alignkit.data.oasst"):
+        assert len(read_oasst(f, kind="ranked", preset=preset)) == 2
+    assert ranked_counts(caplog) == (2, 1, 1, 4)
+    if preset == "oasst":
+        return
+    caplog.clear()
+    turns = [n for t in trees() if t["tree_state"] == "ready_for_export" and (root := filtered(t["prompt"]))
+             for n in nodes(root) if n["role"] == "prompter"]
+    ranks = [[r["rank"] for r in n["replies"] if r.get("rank") is not None] for n in turns]
+    want = (sum(len(r) >= 2 for r in ranks), sum(not n["replies"] for n in turns),
+            sum(len(r) < 2 and bool(n["replies"]) for n, r in zip(turns, ranks)),
+            sum(a == b for r in ranks if len(r) >= 2 for i, a in enumerate(r) for b in r[i + 1:]))
+    with caplog.at_level("INFO", logger="alignkit.data.oasst"):
+        assert len(read_oasst(TREES, kind="ranked")) == want[0]
+    assert ranked_counts(caplog) == want and sum(want[:3]) == len(turns)

@@ -203,3 +203,81 @@ def test_kto_best_model_metric_of_a_side_the_evaluation_set_lacks_is_refused_whe
                                           r"examples, and the evaluation set \(4 examples\) has none"):
         build(metric)
     build(metric.replace("chosen", "rejected"))
+
+
+def test_reward_eval_weighted_and_ranking_figures_by_hand(monkeypatch):
+    """evaluate_reward_model on scores fixed by hand (the model's rewards replaced by the batch's `scores`).
+    Pairs: chosen [2, 1, 0], rejected [1, 3, 0.5], weights [1, 0, 3] -> accuracy 1/3, weighted/accuracy
+    (1*1 + 0 + 3*0) / 4 = 0.25, weighted/margin (1*1 + 0*(-2) + 3*(-0.5)) / 4 = -0.125. Ranked: A ranks [0, 1, 2]
+    scores [3, 1, 2] (2 of 3 pairs in order, tau 1/3, not exact), B ranks [0, 0, 1] scores [1, 5, 0] (the tie is
+    no pair: 2 of 2, tau 1, exact), C ranks [0, 0] (no pair: left out of the prompt means); weights A 1, B 3, C 5.
+    Before: no weighted figure, no exact_match, and C counted as tau 0 (mean 4/9 instead of 2/3)."""
+    import alignkit.trainers.evaluation as ev
+
+    monkeypatch.setattr(ev, "sequence_rewards", lambda model, batch: batch["scores"])
+    model = torch.nn.Linear(1, 1)
+
+    def pairs(feats):
+        return {"weight": torch.tensor([f["w"] for f in feats]),
+                "scores": torch.tensor([f["c"] for f in feats] + [f["r"] for f in feats])}
+
+    feats = [{"c": 2.0, "r": 1.0, "w": 1.0}, {"c": 1.0, "r": 3.0, "w": 0.0}, {"c": 0.0, "r": 0.5, "w": 3.0}]
+    got = evaluate_reward_model(model, feats, pairs, batch_size=2)
+    assert got["accuracy"] == pytest.approx(1 / 3) and got["margin"] == pytest.approx(-0.5)
+    assert got["weighted/accuracy"] == pytest.approx(0.25)
+    assert got["weighted/margin"] == pytest.approx(-0.125)
+    assert got["weighted/rewards/chosen"] == pytest.approx(0.5)
+    assert got["weighted/rewards/rejected"] == pytest.approx(0.625)
+    assert not any(k.startswith("weighted/") for k in
+                   evaluate_reward_model(model, [{**f, "w": 1.0} for f in feats], pairs, batch_size=2))
+
+    def ranked(feats):
+        sizes = [len(f["s"]) for f in feats]
+        return {"weight": torch.tensor([f["w"] for f in feats]), "num_responses": torch.tensor(sizes),
+                "group_index": torch.repeat_interleave(torch.arange(len(feats)), torch.tensor(sizes)),
+                "position_in_group": torch.cat([torch.arange(k) for k in sizes]),
+                "rank": torch.tensor([r for f in feats for r in f["ranks"]]),
+                "scores": torch.tensor([x for f in feats for x in f["s"]])}
+
+    groups = [{"s": [3.0, 1.0, 2.0], "ranks": [0, 1, 2], "w": 1.0}, {"s": [1.0, 5.0, 0.0], "ranks": [0, 0, 1], "w": 3.0},
+              {"s": [4.0, 2.0], "ranks": [0, 0], "w": 5.0}]
+    got = evaluate_reward_model(model, groups, ranked, batch_size=2)
+    assert got["accuracy"] == pytest.approx(4 / 5) and got["num_pairs"] == 5 and got["num_prompts"] == 2
+    assert got["kendall_tau"] == pytest.approx(2 / 3) and got["exact_match"] == pytest.approx(0.5)
+    assert got["weighted/kendall_tau"] == pytest.approx((1 / 3 + 3 * 1) / 4)
+    assert got["weighted/exact_match"] == pytest.approx(3 / 4)
+    assert got["weighted/accuracy"] == pytest.approx((1 * 2 + 3 * 2) / (1 * 3 + 3 * 2))
+
+
+def test_generation_report_reads_what_it_is_given(make_model, tiny_lm, tokenizer):
+    """Two arguments were accepted and ignored: a temperature / top_p / top_k without do_sample=True (transformers
+    warned and decoded greedily), and `base_model` beside an adapter (the adapter switched off was the base
+    anyway). Now the first is a ValueError naming it, and a given base_model is the base column: checked against
+    that model's own greedy generation."""
+    model = make_model("lora")  # zero-initialised LoRA: switched off or not, the tiny llama
+    for key, value in (("temperature", 0.7), ("top_p", 0.9), ("top_k", 5)):
+        with pytest.raises(ValueError, match=rf"generation_report: {key}={value!r} is read only when sampling"):
+            generation_report(model, tokenizer, ["Hello"], max_new_tokens=2, **{key: value})
+    generation_report(model, tokenizer, ["Hello"], max_new_tokens=2, do_sample=True, temperature=0.7)
+    other = tiny_lm("llama", hidden_size=32)  # another model on the same tokenizer
+    (row,) = generation_report(model, tokenizer, ["The quick brown"], max_new_tokens=6, base_model=other)
+    ids = tokenizer("The quick brown", return_tensors="pt")
+    want = other.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert row["base"] == tokenizer.decode(want[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert row["base"] != row["adapted"]
+
+
+def test_reward_loss_settings_the_data_never_reads_are_refused(make_model, features, collators, tmp_path):
+    """RewardTrainer(l2_coefficient=...) on pairs, or center_rewards_coefficient on ranked data: the loss the data
+    gets never reads it (the CLI refused both; the trainer trained without them). Now a ConfigError when built;
+    each on its own loss's data still builds."""
+    def build(data, **kw):
+        return RewardTrainer(make_model("lora", classifier=True), fast_args(tmp_path), train_dataset=features[data],
+                             data_collator=collators[data], **kw)
+
+    with pytest.raises(ConfigError, match=r"l2_coefficient=0\.1 is read only by the K-wise ranking loss"):
+        build("preference", l2_coefficient=0.1)
+    with pytest.raises(ConfigError, match=r"center_rewards_coefficient=0\.01 is read only by the Bradley-Terry"):
+        build("ranked", center_rewards_coefficient=0.01)
+    build("ranked", l2_coefficient=0.1)
+    build("preference", center_rewards_coefficient=0.01)

@@ -117,3 +117,56 @@ def test_trainer_adapter(name, kind, make_model, features, collators, tokenizer,
     assert ("adapter_model.safetensors" in files) == ("lora" in kind)
     assert ("interventions.safetensors" in files) == ("reft" in kind)
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+
+
+@pytest.mark.parametrize("name", [n for n in TRAINERS if TRAINERS[n][0] is not KTOTrainer])
+def test_evaluation_of_weighted_data_logs_the_weighted_figures(name, make_model, features, collators, tmp_path):
+    """Evaluation data with record weights: the Trainer's evaluation logged only the unweighted means (every metric
+    but the loss ignored the weights). Now each metric with one value per example is also logged as
+    eval_weighted/<name> = sum w v / sum w; checked with weights [1, 0, 3] against each example evaluated alone
+    (v_i), and absent when every weight is 1. (KTO's metrics are per-side sums, not one value per example.)"""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+    model = make_model("lora", classifier=classifier)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a LoRA away from its reference: DPO's implicit rewards are not all 0
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    weights = [1.0, 0.0, 3.0]
+    three = [{**f, "weight": w} for f, w in zip(features[data][:3], weights)]
+    coupled = "sft" in list(extra.get("loss_type", []))  # DPO's sft term divides by the batch's chosen tokens
+    trainer = cls(model, fast_args(tmp_path, per_device_eval_batch_size=1 if coupled else 2), train_dataset=features[data],
+                  eval_dataset=three, data_collator=collators[data], **extra)
+    got = trainer.evaluate()
+    alone = [trainer.evaluate(eval_dataset=[f]) for f in three]
+    names = [m for m in cls.objective_metrics(**extra, ranked=data == "ranked")
+             if m not in getattr(cls, "unweighted_metrics", ())]
+    assert {k for k in got if k.startswith("eval_weighted/")} == {f"eval_weighted/{m}" for m in names}
+    for m in names:
+        want = sum(w * a[f"eval_{m}"] for w, a in zip(weights, alone)) / sum(weights)
+        assert got[f"eval_weighted/{m}"] == pytest.approx(want, rel=1e-4, abs=1e-6), m
+    assert not any(k.startswith("eval_weighted/") for k in trainer.evaluate(eval_dataset=features[data][:3]))
+
+
+@pytest.mark.parametrize("normalization", ["count", "weighted"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "reward", "reward_ranked"])
+def test_eval_loss_is_one_reduction_over_the_whole_evaluation_set(name, normalization, make_model, features,
+                                                                  collators, tmp_path):
+    """eval_loss was the Trainer's mean of per-batch losses, each batch reduced by its own N: with
+    weight_normalization="weighted" and weights [1, 0, 0] evaluated one example per batch, the two weight-0 batches
+    counted as losses of 0 (a third of example 0's loss, not its loss), and it changed with the batch size. Now
+    sum w L / N over the whole set: "weighted" gives example 0's loss evaluated alone, "count" the same value
+    for every evaluation batch size."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+    three = [{**f, "weight": w} for f, w in zip(features[data][:3], [1.0, 0.0, 0.0])]
+
+    def eval_loss(batch_size: int, dataset: list) -> float:
+        trainer = cls(make_model("lora", classifier=classifier), fast_args(tmp_path, per_device_eval_batch_size=batch_size),
+                      train_dataset=features[data], eval_dataset=dataset, data_collator=collators[data],
+                      weight_normalization=normalization, **extra)
+        return trainer.evaluate()["eval_loss"]
+
+    one = eval_loss(1, three)
+    assert eval_loss(3, three) == pytest.approx(one, rel=1e-5)
+    if normalization == "weighted":
+        assert one == pytest.approx(eval_loss(1, three[:1]), rel=1e-5)

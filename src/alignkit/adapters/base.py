@@ -14,6 +14,8 @@ An `Adapter` is how a model is changed, as an object: one per kind (`full.py`, `
 | `can_switch_off`            | `off` works (every kind but full finetuning)                                |
 | `saves_whole_model`         | the trainable state is the whole model (its checkpoints are the Trainer's)  |
 | `weight_files`              | (file, what) a saved folder must hold                                       |
+| `trained_task(folder)`      | what a saved folder was trained to score with: ("classifier" / "causal_lm", |
+|                             | the evidence), None when the folder does not say                            |
 | `vllm_sync`                 | how vLLM gets the weights: "weights" (whole state dict), "lora_request"     |
 |                             | (peft's files as a vLLM LoRA), None (vLLM cannot run this kind: ReFT)       |
 
@@ -71,6 +73,9 @@ def is_classifier(model: nn.Module) -> bool:
     return type(unwrap_lm(model)).__name__.endswith("ForSequenceClassification")
 
 
+SCORE_HEADS = ("score", "classifier")  # what transformers' *ForSequenceClassification models call their head
+
+
 def head_names(model: nn.Module, names: list[str] | None) -> list[str]:
     """The modules trained with a frozen-base adapter: `names`, or a sequence classifier's head."""
     if names is not None:
@@ -78,7 +83,7 @@ def head_names(model: nn.Module, names: list[str] | None) -> list[str]:
     if not is_classifier(model):
         return []
     lm = unwrap_lm(model)
-    return [n for n in ("score", "classifier") if isinstance(getattr(lm, n, None), nn.Module)][:1]
+    return [n for n in SCORE_HEADS if isinstance(getattr(lm, n, None), nn.Module)][:1]
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -147,6 +152,12 @@ class Adapter:
     def own_config(self, model: nn.Module) -> AdapterConfig:
         """The config of a model built without `apply_adapter` (enough for kinds that need no settings)."""
         return AdapterConfig(kind=self.kind)
+
+    def trained_task(self, folder: Path) -> tuple[str, str] | None:
+        """("classifier" or "causal_lm", the evidence in `folder`) for the head this saved adapter was trained
+        with (a reward model's score head or an LM head), None when the folder does not say (a whole model says it
+        in its config.json: `alignkit.cli.models.check_head`)."""
+        return None
 
     def describe(self, model: nn.Module | None = None) -> dict[str, Any]:
         """The model card's adapter table: the kind, its settings, and parameter counts of `model`."""

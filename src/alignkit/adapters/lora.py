@@ -88,6 +88,17 @@ class Lora(Adapter):
         path = folder / WEIGHTS_NAME
         check_peft_load(set_peft_model_state_dict(model, load_file(str(path))), str(path))
 
+    def trained_task(self, folder: Path) -> tuple[str, str] | None:
+        """peft's `task_type` in adapter_config.json: SEQ_CLS (a classifier, its head in modules_to_save) or
+        CAUSAL_LM, as `wrap` set it from the model it was trained on."""
+        path = Path(folder) / "adapter_config.json"
+        try:
+            task_type = json.loads(path.read_text()).get("task_type")
+        except (OSError, ValueError):
+            return None
+        task = {"SEQ_CLS": "classifier", "CAUSAL_LM": "causal_lm"}.get(str(task_type))
+        return None if task is None else (task, f"{path.name} task_type {task_type}")
+
     def settings_summary(self) -> dict[str, Any]:
         lora = self.config.lora if self.config is not None else None
         return {f"lora.{k}": v for k, v in dataclasses.asdict(lora).items() if v is not None} if lora else {}

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignkit.adapters.base import Adapter, Route, head_names, is_reft, register_adapter, unwrap_lm, unwrap_parallel
+from alignkit.adapters.base import SCORE_HEADS, Adapter, Route, head_names, is_reft, register_adapter, unwrap_lm, unwrap_parallel
 from alignkit.adapters.config import AdapterConfig, ReftSettings
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import Positions
@@ -121,6 +121,17 @@ class Reft(Adapter):
         reft_settings = ReftSettings(config=dataclasses.replace(rc, positions=None, share_weights=True),
                                      positions=rc.positions, share_weights=rc.share_weights)
         return AdapterConfig(kind=self.kind, reft=reft_settings)
+
+    def trained_task(self, folder: Path) -> tuple[str, str] | None:
+        """A classifier's head is trained and saved with the interventions (`modules_to_save`, "score" by default):
+        none saved means an LM's ReFT (a classifier's would come back with a new random head)."""
+        heads = self._heads()
+        scores = [h for h in heads if h.rsplit(".", 1)[-1] in SCORE_HEADS]
+        if scores and (Path(folder) / HEAD_WEIGHTS_NAME).is_file():
+            return "classifier", f"{HEAD_WEIGHTS_NAME} holds the trained head {', '.join(scores)}"
+        if heads:  # other trained modules (an LM's lm_head, ...): the folder does not say
+            return None
+        return "causal_lm", f"no trained score head saved (reft.modules_to_save {heads or None}, no {HEAD_WEIGHTS_NAME})"
 
     def settings_summary(self) -> dict[str, Any]:
         s = self.config.reft if self.config is not None else None

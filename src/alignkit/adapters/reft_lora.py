@@ -66,5 +66,8 @@ class ReftLora(Adapter):
         raise ValueError(f"save_adapter: cannot describe this {self.kind} model (it was not built by "
                          "apply_adapter/load_adapter); build it with alignkit.adapters.apply_adapter")
 
+    def trained_task(self, folder: Path) -> tuple[str, str] | None:
+        return self.lora.trained_task(folder)  # peft's modules_to_save trains the classifier head here
+
     def settings_summary(self) -> dict[str, Any]:
         return {**self.lora.settings_summary(), **self.reft.settings_summary()}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_records, split_records, tokenize_records
+from alignkit.data.readers import native_kind, reader_of
 from alignkit.data.readers.rows import has_splits, looks_like_hub_id
 from alignkit.data.splits import source_group
 from alignkit.data.records import DataError
@@ -53,6 +54,12 @@ def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, spl
     if paths is not None and not records:
         raise ConfigError(f"{where}: {paths} holds no {kind} records")
     return records
+
+
+def native_kinds(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None) -> set[str]:
+    """The kinds `read_records(paths, ds, kind, split, ...)` reads its records as before converting them to `kind`
+    (one per source; e.g. {"ranked"} for Open-Assistant trees read as preference pairs)."""
+    return {native_kind(reader_of(data_path(p), ds.reader, split), kind, p) for p in _paths(paths)}
 
 
 def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:

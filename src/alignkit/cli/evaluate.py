@@ -3,15 +3,22 @@ events in `tensorboard/eval/` and a histogram per per-pair value in `plots/eval-
 
 method.kind = "reward": a reward model (`model.path` a 1-label classifier, `model.adapter_path` its
     adapter): accuracy = fraction of pairs with r(chosen) > r(rejected), mean scores and margin
-    (`alignkit.trainers.evaluation.evaluate_reward_model`). Ranked records are scored as their pairs (every two
-    replies of different rank: `alignkit.data.records.ranked_to_pairs`), so `pairs` counts those and no Kendall
-    tau is computed (the library's evaluate_reward_model gives it on ranked features).
+    (`alignkit.trainers.evaluation.evaluate_reward_model`). Ranked records (Open-Assistant trees, ranked columns)
+    are scored as their pairs (every two replies of different rank: `alignkit.data.records.ranked_to_pairs`), so
+    `pairs` counts those, and also as rankings: `prompts` (records with at least one ordered pair), the mean per
+    prompt of `kendall_tau` (Kendall's tau-a of the scores against the ranks, tied ranks no pair) and of
+    `exact_match` (1 when every ordered pair of the prompt is scored in order: the whole ranking reproduced).
 method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finetuned folder) against its
     reference (the adapter switched off, or `method.reference_path` / `model.path` for a full model):
     implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = mean[r_w > r_l], margin =
     mean[r_w - r_l], and the DPO (sigmoid) loss, with TRL's metric names. Without `model.adapter_path` the
     reference must be named (`method.reference_path`): the model as its own reference is refused before anything
     is written (every reward would be 0).
+
+Record weights: every figure above is unweighted (each pair, or ranked prompt, counts once). When a record has a
+weight other than 1, each also comes weighted, `weighted/<name>` = sum_i w_i v_i / sum_i w_i over the pairs (a
+ranked record's weight on each of its pairs, as training gives it) or ranked prompts, beside the unweighted one
+(`alignkit.trainers.evaluation.weighted_means`).
 """
 
 from __future__ import annotations
@@ -27,17 +34,18 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in
-from alignkit.cli.data import read_records, tokenize
+from alignkit.cli.data import native_kinds, read_records, tokenize
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
                                  head_folder, load_for_inference, rename_base, to_device)
 from alignkit.cli.runfolder import add_config_command, start_run
-from alignkit.data import PreferenceCollator
+from alignkit.data import PreferenceCollator, RankedCollator
+from alignkit.data.records import convert, ranked_to_pairs
 from alignkit.losses import PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
 from alignkit.files import atomic_write_text
 from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError
-from alignkit.trainers.evaluation import evaluate_reward_model
+from alignkit.trainers.evaluation import evaluate_reward_model, weighted_means
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.pairs import pair_batch
 from alignkit.trainers.reference import build_reference
@@ -62,9 +70,7 @@ def _bar(total: int, desc: str, progress: bool):
 
 
 def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
-    records = read_records(cfg.data.path, cfg.data, "preference", cfg.data.split, "data.path")
-    if cfg.data.max_records is not None:
-        records = records[:cfg.data.max_records]
+    records, ranked = read_eval_records(cfg)
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     check_reference(cfg)
     check_heads(cfg)
@@ -79,6 +85,8 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         else:
             metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
         metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
+        if ranked:
+            metrics.update(ranking_metrics(model, ranked, tok, cfg, progress))
         check_finite_scores(metrics, per_pair, features, desc)
     except BaseException:
         adopt_tiny(base_path, Path(cfg.output_dir) / "base_model", main=False)  # a tiny base built for the load
@@ -91,6 +99,39 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
                           json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
         write_command_outputs(run.root, "eval", metrics, per_pair)
     return metrics
+
+
+def read_eval_records(cfg: Any) -> tuple[list, list]:
+    """(the preference pairs to score, the ranked records they came from). The ranked records are read when
+    every source of a reward-model eval holds ranked data (Open-Assistant trees, ranked columns): its pairs are
+    theirs (`alignkit.data.records.ranked_to_pairs`, as a preference read gives), and the ranked records kept are
+    the leading ones whose pairs are all within `data.max_records` (a record cut there is not ranked); [] else."""
+    ds = cfg.data
+    if cfg.method.kind != "reward" or native_kinds(ds.path, ds, "preference", ds.split) != {"ranked"}:
+        records = read_records(ds.path, ds, "preference", ds.split, "data.path")
+        return (records if ds.max_records is None else records[:ds.max_records]), []
+    ranked = read_records(ds.path, ds, "ranked", ds.split, "data.path")
+    records = convert(ranked, "preference")
+    if ds.max_records is None:
+        return records, ranked
+    kept, n = [], 0
+    for r in ranked:
+        n += len(ranked_to_pairs(r))
+        if n > ds.max_records:
+            break
+        kept.append(r)
+    return records[:ds.max_records], kept
+
+
+def ranking_metrics(model: Any, ranked: list, tok: Any, cfg: Any, progress: bool) -> dict[str, Any]:
+    """The ranking figures of a reward model on ranked records (`evaluate_reward_model` on their K-wise features):
+    `prompts` (ranked records with at least one ordered pair), mean `kendall_tau` and `exact_match` (whole ranking
+    reproduced) per prompt, and their weighted means when records are weighted."""
+    features, _ = tokenize(ranked, tok, cfg.data, "data.path (ranked)")
+    out = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress,
+                         collator=RankedCollator(tok.pad_token_id))
+    keys = ("kendall_tau", "exact_match", "weighted/kendall_tau", "weighted/exact_match")
+    return {"prompts": int(out["num_prompts"]), **{k: out[k] for k in keys if k in out}}
 
 
 def check_reference(cfg: Any) -> None:
@@ -125,15 +166,18 @@ def check_heads(cfg: Any) -> None:
     (`models.check_head`): a causal LM evaluated as a reward model got a random score head (accuracy of chance,
     another on every run, exit 0), a reward model evaluated with kind dpo a random LM head. The folders: the
     whole model in `model.adapter_path`, else `model.path` (`models.head_folder`; an adapter on `model.path`
-    brings its own head), and a DPO reference (`method.reference_path`, or `model.path` under a whole model)."""
+    brings its own head, and is refused when it was saved for the other head: an SFT LoRA as a reward model), and a
+    DPO reference (`method.reference_path`, or `model.path` under a whole model)."""
     ms, m = cfg.model, cfg.method
-    scorer = head_folder(ms.path, ms.adapter_path)
     if m.kind == "reward":
+        fix = ("give the reward model (model.path, or model.adapter_path for an alignkit rm run's model/), or set "
+               "method.kind=dpo to evaluate a policy")
+        scorer = head_folder(ms.path, ms.adapter_path, task="classifier", fix=fix)
         if scorer is not None:
-            check_head(scorer[1], "classifier", scorer[0], "give the reward model (model.path, or model.adapter_path "
-                       "for an alignkit rm run's model/), or set method.kind=dpo to evaluate a policy")
+            check_head(scorer[1], "classifier", scorer[0], fix)
         return
     fix = "point it at a causal LM (the policy or the model it was trained from), or set method.kind=reward"
+    scorer = head_folder(ms.path, ms.adapter_path, task="causal_lm", fix=fix)
     key, policy = scorer or ("model.path", ms.path)
     check_head(policy, "causal_lm", key, fix)
     if m.reference_path is not None or key == "model.adapter_path":
@@ -162,8 +206,8 @@ def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]
 
 
 def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool,
-                   per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
-    collate = PreferenceCollator(pad_id)
+                   per_pair: dict[str, list[float]] | None = None, collator: Any = None) -> dict[str, float]:
+    collate = collator or PreferenceCollator(pad_id)
     with _bar(len(features), "reward eval", progress) as bar:
         def counted(batch: list[dict]) -> dict[str, Any]:
             bar.update(len(batch))
@@ -177,8 +221,10 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
                 progress: bool, per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
     m = cfg.method
 
-    def load_reference() -> Any:  # a full model's reference: method.reference_path, else the base it started from
-        return load_model(m.reference_path or base_path, dtype=cfg.model.dtype)
+    def load_reference() -> Any:  # a full model's reference: method.reference_path, else the base it started from,
+        ms = cfg.model  # loaded as the policy is (its RoPE scaling: training's reference ran with it)
+        return load_model(m.reference_path or base_path, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
+                          trust_remote_code=ms.trust_remote_code, rope_scaling=ms.rope_scaling)
 
     # the adapter switched off, or (full finetuning) the reference model loaded from disk
     reference = build_reference(model, "auto", make_copy=load_reference, chunk_size=m.chunk_size,
@@ -188,6 +234,8 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
     reference.place(device)
     sums: dict[str, float] = {}
     n = 0
+    each: dict[str, list[torch.Tensor]] = {}  # one value per pair, for the weighted means
+    weights = []
     model.eval()
     with _bar(len(features), "dpo eval", progress) as bar:
         for s in range(0, len(features), m.batch_size):
@@ -198,13 +246,17 @@ def dpo_metrics(model: Any, features: list[dict], pad_id: int, cfg: Any, base_pa
             out = preference_loss(pair_batch(logps, lengths, reference.logps(model, batch)),  # ref: (2B,)
                                   PreferenceParams(beta=m.beta), ["sigmoid"])
             values = {"loss": out.losses, **out.metrics}
+            weights.append(batch["weight"].float().cpu())
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + float(v.float().sum())
-                if per_pair is not None and v.dim() == 1 and v.shape[0] == B:  # one value per pair
-                    per_pair.setdefault(k, []).extend(v.float().tolist())
+                if v.dim() == 1 and v.shape[0] == B:  # one value per pair
+                    each.setdefault(k, []).append(v.detach().float().cpu())
+                    if per_pair is not None:
+                        per_pair.setdefault(k, []).extend(v.float().tolist())
             n += B
             bar.update(B)
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    weighted = weighted_means({k: torch.cat(v) for k, v in each.items()}, torch.cat(weights), "data.path")
+    return {**{k: v / max(n, 1) for k, v in sums.items()}, **weighted}
 
 
 __all__ = ["add_parser", "dpo_metrics", "evaluate", "reward_metrics", "run"]

@@ -130,14 +130,29 @@ def check_head(path: str | None, task: str, key: str, fix: str) -> None:
                       "nothing was written")
 
 
-def head_folder(path: str, adapter_path: str | None, section: str = "model") -> tuple[str, str] | None:
+def head_folder(path: str, adapter_path: str | None, section: str = "model", task: str | None = None,
+                fix: str = "") -> tuple[str, str] | None:
     """(key, folder) of the saved model whose head scores after `load_for_inference`: `adapter_path` when it holds
-    a whole model, `path` without an adapter; None for an adapter on `path` (it brings its own head)."""
+    a whole model, `path` without an adapter; None for an adapter on `path` (it brings its own head). Given the
+    `task` that will score ("classifier" or "causal_lm"), an adapter saved for the other one is a ConfigError (one
+    line, `fix` what to give instead): a causal-LM LoRA / ReFT used as a reward model scored with a new random head,
+    a reward model's adapter used as a policy with its LM head untrained (`Adapter.trained_task`)."""
     if adapter_path is None:
         return f"{section}.path", path
-    check_model_folder(adapter_path, f"{section}.adapter_path", adapter=True)
-    check_adapter_files(Path(adapter_path), f"{section}.adapter_path")
-    return (f"{section}.adapter_path", adapter_path) if adapter_in(Path(adapter_path)).saves_whole_model else None
+    key = f"{section}.adapter_path"
+    check_model_folder(adapter_path, key, adapter=True)
+    check_adapter_files(Path(adapter_path), key)
+    adapter = adapter_in(Path(adapter_path))
+    if adapter.saves_whole_model:
+        return key, adapter_path
+    trained = adapter.trained_task(Path(adapter_path))
+    if task is not None and trained is not None and trained[0] != task:
+        was, needs = (("a reward model (sequence classifier)", "an LM head") if trained[0] == "classifier"
+                      else ("a causal LM (sft / dpo / ...)", "a trained score head"))
+        raise ConfigError(f"{key}: {adapter_path} holds a {adapter.kind} adapter trained as {was} ({trained[1]}), "
+                          f"and scoring here needs {needs}: it would be newly initialised at random and every score "
+                          f"chance; {fix}; nothing was written")
+    return None
 
 
 def damaged_safetensors(folder: str | Path) -> tuple[Path, str] | None:

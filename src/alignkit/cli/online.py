@@ -99,10 +99,11 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
         check_model_folder(settings.adapter_path, "annotator.adapter_path", adapter=True)
     ms = ModelSettings(path=settings.path, dtype=settings.dtype, adapter_path=settings.adapter_path)
     task = "classifier" if settings.kind == "reward_model" else "causal_lm"
-    scorer = head_folder(settings.path, settings.adapter_path, "annotator")
+    fix = ("give a reward model (annotator.path, or annotator.adapter_path for an alignkit rm run's model/)"
+           if task == "classifier" else "give a causal LM as the judge")
+    scorer = head_folder(settings.path, settings.adapter_path, "annotator", task, fix)
     if scorer is not None:  # a judge generates with the LM head, a reward model scores with its score head
-        check_head(scorer[1], task, scorer[0], "give a reward model (annotator.path, or annotator.adapter_path for an "
-                   "alignkit rm run's model/)" if task == "classifier" else "give a causal LM as the judge")
+        check_head(scorer[1], task, scorer[0], fix)
     model, tok, path, desc = load_for_inference(
         ms, RunFolder(run.root / "annotator", main=run.main) if run is not None else None, task)
     if settings.device is not None:

@@ -27,7 +27,8 @@ Ranked (`kind="ranked"`, for reward modeling): for every prompter turn with at l
 assistant replies (after filtering), the conversation up to that turn and those replies ordered by rank
 (0 = best). Replies without a rank were never compared and are left out (a turn with fewer than two
 ranked replies gives no record). Equal ranks are kept as ties (`RankedRecord.ranks`), so pair views skip
-them. Ranks are OASST's, computed before filtering, so they may have gaps; only their order matters.
+them. The turns that give no record (unanswered, fewer than 2 ranked replies) and the tied pairs are counted and
+logged with the record count (as the filters' removals are). Ranks are OASST's, computed before filtering, so they may have gaps; only their order matters.
 
 Prompts (`kind="prompt"`, for online training): `prompts="roots"` (default) gives each tree's initial
 prompt; `prompts="all"` every prompter turn with the conversation before it.
@@ -184,16 +185,34 @@ def sft_threads(root: Node, mode: str = "leaves") -> list[list[Node]]:
     return [path[:last_assistant]] if last_assistant else []
 
 
-def ranked_groups(root: Node) -> list[tuple[list[Node], list[Node]]]:
-    """(path ending on a prompter turn, its ranked assistant replies best first) with >= 2 replies."""
+NO_REPLY, ONE_RANKED, TIED = ("prompter turn(s) without an assistant reply", "prompter turn(s) with fewer than 2 "
+                               "ranked replies", "tied reply pair(s) (kept as ties; pair views skip them)")
+
+
+def count_ranked(ranks: list[int | None], answered: bool, skipped: Counter) -> bool:
+    """Whether a prompter turn whose assistant replies have `ranks` (None: unranked) gives a ranked record; counts
+    in `skipped` a turn that does not (`NO_REPLY` when nobody answered, `ONE_RANKED`) and the tied pairs of one that
+    does (`TIED`)."""
+    ranked = sorted(r for r in ranks if r is not None)
+    if len(ranked) < 2:
+        skipped[ONE_RANKED if answered else NO_REPLY] += 1
+        return False
+    skipped[TIED] += sum(a == b for i, a in enumerate(ranked) for b in ranked[i + 1:])
+    return True
+
+
+def ranked_groups(root: Node, skipped: Counter | None = None) -> list[tuple[list[Node], list[Node]]]:
+    """(path ending on a prompter turn, its ranked assistant replies best first) with >= 2 replies; the turns
+    without and the tied pairs counted in `skipped` (`count_ranked`)."""
     out = []
+    skipped = Counter() if skipped is None else skipped
 
     def walk(node: Node, path: list[Node]) -> None:
         path = path + [node]
         if node.role == "user":
-            ranked = _by_rank([r for r in node.replies if r.role == "assistant" and r.rank is not None])
-            if len(ranked) >= 2:
-                out.append((path, ranked))
+            answers = [r for r in node.replies if r.role == "assistant"]
+            if count_ranked([r.rank for r in answers], bool(answers), skipped):
+                out.append((path, _by_rank([r for r in answers if r.rank is not None])))
         for r in node.replies:
             walk(r, path)
 
@@ -223,11 +242,13 @@ def _oa_message(m: dict) -> dict:
     return {"role": ROLES[m["role"]], "content": m["text"]}
 
 
-def oa_threads(root: dict, kind: str) -> list[list[dict]]:
+def oa_threads(root: dict, kind: str, skipped: Counter | None = None) -> list[list[dict]]:
     """Open-Assistant's threads of one (unfiltered) tree as raw message dicts, for `preset="oasst"`:
     SFT paths (prompter leaf kept only as its parent's first reply, then cut), or prompter-ending paths
-    ("ranked": with >= 2 ranked replies; "prompt": all), none containing a deleted or synthetic message."""
+    ("ranked": with >= 2 ranked replies, the others and tied pairs counted in `skipped`; "prompt": all), none
+    containing a deleted or synthetic message."""
     out: list[list[dict]] = []
+    skipped = Counter() if skipped is None else skipped
 
     def clean(thread: list[dict]) -> bool:
         return not any(m.get("deleted") or m.get("synthetic") for m in thread)
@@ -241,7 +262,8 @@ def oa_threads(root: dict, kind: str) -> list[list[dict]]:
             if take:
                 out.append(thread[:-1] if node["role"] == "prompter" else thread)
         elif node["role"] == "prompter" and clean(thread):
-            if kind == "prompt" or sum(r.get("rank") is not None for r in replies) > 1:
+            answers = [r for r in replies if r.get("role") == "assistant"]
+            if kind == "prompt" or count_ranked([r.get("rank") for r in answers], bool(answers), skipped):
                 out.append(thread)
         for r in replies:
             visit(r, thread)
@@ -251,7 +273,7 @@ def oa_threads(root: dict, kind: str) -> list[list[dict]]:
 
 
 def _oa_convert(row: dict, where: str, kind: str, langs: Sequence[str], tree_id: str, root: dict,
-                removed: Counter) -> list:
+                removed: Counter, skipped: Counter) -> list:
     states = ("ready_for_export", "prompt_lottery_waiting") if kind == "prompt" else ("ready_for_export",)
     if row.get("tree_state") not in states or not root.get("review_result") or message_lang(root) not in langs:
         removed["tree (state, root review or language)"] += 1
@@ -262,7 +284,7 @@ def _oa_convert(row: dict, where: str, kind: str, langs: Sequence[str], tree_id:
                 raise DataError(f"{where}: message {m.get('message_id', '?')} has no valid {key!r}; is this an "
                                 f"Open-Assistant tree export?")
     out = []
-    for t in oa_threads(root, kind):
+    for t in oa_threads(root, kind, skipped):
         rid = f"{where} tree={tree_id} message={t[-1].get('message_id', '?')}"
         meta = {"tree_id": tree_id, "message_id": t[-1].get("message_id"), "lang": t[-1].get("lang"),
                 "thread": [m.get("message_id") for m in t]}
@@ -345,6 +367,7 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
         langs = [str(lang).lower() for lang in ([langs] if isinstance(langs, str) else langs)]
     filters = Filters(langs, drop_deleted, drop_synthetic, drop_unreviewed)
     removed: Counter = Counter()
+    skipped: Counter = Counter()  # ranked records: prompter turns that give none, tied pairs
     if preset not in PRESETS:
         raise DataError(f"unknown OASST preset {preset!r}; valid: {', '.join(PRESETS)} (reader_options.preset)")
     check_applies(kind, preset, mode=mode, prompts=prompts, drop_deleted=drop_deleted, drop_synthetic=drop_synthetic,
@@ -357,7 +380,7 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
         root_msg = get_field(row, "prompt", where, dict, "the tree's root message")
         root_langs[root_msg.get("lang")] += 1
         if preset == "oasst":
-            return _oa_convert(row, where, kind, oa_langs, tree_id, root_msg, removed)
+            return _oa_convert(row, where, kind, oa_langs, tree_id, root_msg, removed, skipped)
         if tree_states is not None and row.get("tree_state") not in tree_states:
             removed[f"tree_state={row.get('tree_state')}"] += 1
             return []
@@ -381,13 +404,16 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
         if kind == "ranked":
             return [RankedRecord([n.message() for n in p], [[r.message()] for r in replies],
                                  ranks=[r.rank for r in replies], id=rid(p[-1]), meta=meta(p[-1]))
-                    for p, replies in ranked_groups(root)]
+                    for p, replies in ranked_groups(root, skipped)]
         return [PromptRecord([n.message() for n in p], id=rid(p[-1]), meta=meta(p[-1]))
                 for p in prompter_paths(root, prompts)]
 
     records = collect(rows, convert, on_invalid, name=str(source))
     if removed:
         logger.info("%s: OASST filters removed %s", source, dict(removed))
+    if kind == "ranked":
+        logger.info("%s: OASST ranked records: %d, none from %d %s and %d %s; %d %s", source, len(records),
+                    skipped[NO_REPLY], NO_REPLY, skipped[ONE_RANKED], ONE_RANKED, skipped[TIED], TIED)
     wanted = oa_langs if preset == "oasst" else langs
     if wanted is not None and root_langs and not any(str(lang or "").lower() in wanted for lang in root_langs):
         logger.warning("%s: reader_options.langs %s matches no tree's first message (their languages: %s), so "

@@ -213,9 +213,7 @@ class TrainConfig:
                           reft_kind=self.adapter.kind if self.adapter.has_reft else None,
                           attention=self.model.attn_implementation, reward_model=self.command == "rm",
                           ranked="method.ranked is true" if getattr(self.method, "ranked", False) else None)
-        if self.command != "sft" and self.data.loss_on != DataSettings.loss_on:
-            raise ConfigError(f"data.loss_on: read only by alignkit sft (which tokens of a conversation are trained), "
-                              f"so alignkit {self.command} would ignore it; remove it")
+        refuse_loss_on(self.data, self.command)
         if self.train.get("eval_steps") is not None and "eval_strategy" not in chosen:  # an explicit no / epoch is
             # a choice that makes eval_steps moot (e.g. an override turning evaluation off); an unset one is not
             raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} is read only with "
@@ -346,6 +344,14 @@ def check_model_reads(model: ModelSettings, command: str) -> None:
                           "set, so it would be ignored; remove it")
 
 
+def refuse_loss_on(data: DataSettings, command: str) -> None:
+    """ConfigError for `data.loss_on` set under a command other than sft: only SFT records have a loss mask of
+    conversation turns (pairs are scored on their completions whatever it says)."""
+    if command != "sft" and data.loss_on != DataSettings.loss_on:
+        raise ConfigError(f"data.loss_on: read only by alignkit sft (which tokens of a conversation are trained), "
+                          f"so alignkit {command} would ignore it; remove it")
+
+
 def refuse_ignored_data(data: DataSettings, ignored: Any, message: str) -> None:
     """ConfigError `message` (its `{key}` filled) for the first `data` field with `ignored(name)` true that is set
     away from its default."""
@@ -377,6 +383,7 @@ class EvalConfig:
                         "{key}: alignkit eval scores every record of data.path (it makes no evaluation split), so it "
                         "would ignore {key}; remove it, and put the records to score in data.path "
                         "(data.split / data.max_records choose among them)")
+        refuse_loss_on(self.data, "eval")
 
 
 @dataclass

@@ -19,10 +19,17 @@ Gradient accumulation. N is counted over ALL micro-batches of the optimizer step
 processes; each micro-batch's loss is its partial sum divided by that global N, multiplied by the
 number of processes (DDP averages gradients), and `loss_is_scaled_for_ga = True` stops the Trainer from
 dividing by the accumulation steps again. So batch 8 x accumulation 1 and batch 1 x accumulation 8
-give the same update. Evaluation normalises each batch by its own N.
+give the same update. Evaluation: `eval_loss` = sum_i w_i L_i / N over the whole evaluation set (all its batches
+and processes), whatever the evaluation batch size (the Trainer's mean of per-batch losses weighted every batch by
+its examples, so under "weighted" a batch of weight-0 examples counted as a loss of 0, and SFT's token mean
+depended on how tokens fell into batches).
 
 Metrics. Each step's metrics are accumulated as (sum, count) per name (`metric_totals`), summed across
-processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`. Training
+processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`. When the
+evaluation data has a weight other than 1, each metric with one value per example (accuracy, margins, rewards,
+...; not token-level ones, nor KTO's per-side sums) is also logged weighted, `eval_weighted/<name>` =
+sum_i w_i v_i / sum_i w_i, beside the unweighted `eval_<name>` (`eval_loss` is the loss as trained: weighted,
+reduced by `weight_normalization`). Training
 logs also carry TRL's `num_tokens`: the cumulative count of input (non-padding) tokens trained on, all
 processes. Checkpoints keep it (`alignkit_state.json`), so a resumed run continues the count (TRL's SFT / DPO
 trainers start again from 0).
@@ -130,6 +137,10 @@ def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, 
     raise ConfigError(f"{where}metric_for_best_model: {name!r} is not logged by {who}'s evaluation{hint}, so the "
                       f"first evaluation would stop the run (transformers' KeyError); use one of: {', '.join(spelled)}")
 
+
+WEIGHTED_PREFIX = "weighted/"  # evaluation: weighted/<name> = sum w_i v_i / sum w_i (AlignTrainer.weighted_totals)
+WEIGHTS_NOT_ONE = "\0weights_not_one"  # internal total, never logged
+EVAL_LOSS = "\0eval_loss"  # internal total (sum_i w_i L_i, N) of an evaluation, logged as its eval_loss
 
 TRAINING_ARGS_JSON = "training_args.json"
 STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep
@@ -326,6 +337,7 @@ class AlignTrainer(BatchSampling, Trainer):
     record_kinds: tuple[str, ...] = ("sft",)  # the record kinds raw data is read as, preferred first
     trl_learning_rate: tuple[str, float] | None = None  # (TRL config, its default) for this objective, see __init__
     rows_per_example: int = 1  # 2 for the chosen/rejected layout (used only when a batch has no `weight`)
+    unweighted_metrics: tuple[str, ...] = ()  # (B,)-shaped metrics that are not one value per example (see weighted_totals)
     loss_is_scaled_for_ga = True
 
     def __init__(self, model: nn.Module, args: TrainingArguments, *,
@@ -566,12 +578,18 @@ class AlignTrainer(BatchSampling, Trainer):
         if w is not None:
             w = w.to(out.losses.device, out.losses.dtype)
         if num_items_in_batch is None:  # evaluation, or a direct call: this batch alone
-            loss = reduce_loss(out.losses, w, normalizer=self.count_items(inputs))
+            norm = self.count_items(inputs)
+            loss = reduce_loss(out.losses, w, normalizer=norm)
+            if not model.training:  # eval_loss over the whole evaluation set (`log`)
+                total = reduce_loss(out.losses.detach(), w, normalizer=1.0).float()
+                self._add_totals({EVAL_LOSS: (total, norm.detach().float().to(total.device))}, "eval")
         else:  # training: the global count of the optimizer step; DDP averages, so scale by processes
             loss = reduce_loss(out.losses, w, normalizer=num_items_in_batch) * self.args.world_size
         self._record(out.metrics, "train" if model.training else "eval")
         if model.training:
             self._count_tokens(inputs)
+        elif w is not None:
+            self._add_totals(self.weighted_totals(out.metrics, w), "eval")
         return (loss, out) if return_outputs else loss
 
     def _count_tokens(self, inputs: dict[str, Any]) -> None:
@@ -609,9 +627,25 @@ class AlignTrainer(BatchSampling, Trainer):
             out[k] = (v.sum(), torch.tensor(float(v.numel()), device=v.device))
         return out
 
+    def weighted_totals(self, metrics: dict[str, Tensor], w: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """`weighted/<name>` -> (sum_i w_i v_i, sum_i w_i) of an evaluation batch's metrics that hold one value per
+        example (shape (B,), as the weights; not `unweighted_metrics`), and `WEIGHTS_NOT_ONE` -> (examples whose
+        weight is not 1, 1): `log` shows the weighted figures only when the evaluation data has such weights."""
+        w = w.detach().float()
+        out = {}
+        for k, v in metrics.items():
+            v = torch.as_tensor(v).detach().float()
+            if k not in self.unweighted_metrics and v.dim() == 1 and v.shape == w.shape:
+                out[f"{WEIGHTED_PREFIX}{k}"] = ((v * w.to(v.device)).sum(), w.sum().to(v.device))
+        out[WEIGHTS_NOT_ONE] = ((w != 1).sum().float(), torch.ones((), device=w.device))
+        return out
+
     def _record(self, metrics: dict[str, Tensor], mode: str) -> None:
+        self._add_totals(self.metric_totals(metrics), mode)
+
+    def _add_totals(self, totals: dict[str, tuple[Tensor, Tensor]], mode: str) -> None:
         store = self._metrics[mode]
-        for k, (s, n) in self.metric_totals(metrics).items():
+        for k, (s, n) in totals.items():
             if k in store:
                 store[k][0] += s
                 store[k][1] += n
@@ -628,9 +662,14 @@ class AlignTrainer(BatchSampling, Trainer):
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
             prefix = "eval_" if mode == "eval" else ""
-            for k, (s, n) in zip(names, totals.tolist()):
-                if n > 0:
-                    logs[prefix + k] = s / n
+            values = {k: s / n for k, (s, n) in zip(names, totals.tolist()) if n > 0}
+            if not values.pop(WEIGHTS_NOT_ONE, 0.0):  # every evaluation weight 1: the weighted figures are the same
+                values = {k: v for k, v in values.items() if not k.startswith(WEIGHTED_PREFIX)}
+            exact = dict(zip(names, totals.tolist())).get(EVAL_LOSS)
+            values.pop(EVAL_LOSS, None)
+            for k in [k for k in logs if k.endswith("_loss")] if exact is not None else []:  # the Trainer's mean of
+                logs[k] = exact[0] / max(exact[1], torch.finfo(torch.float32).tiny)  # batch losses: one N for all
+            logs.update({prefix + k: v for k, v in values.items()})
             store.clear()
         if mode == "train":
             self._flush_tokens()

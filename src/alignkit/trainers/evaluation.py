@@ -5,10 +5,12 @@
 
 `evaluate_reward_model` on pairwise data: accuracy = fraction of pairs with r(chosen) > r(rejected),
 rewards/chosen and rewards/rejected = mean scores, margin = mean r(chosen) - r(rejected). On ranked data
-(RankedCollator): accuracy over all ordered pairs and the mean Kendall tau per prompt.
+(RankedCollator): accuracy over all ordered pairs, the mean Kendall tau and full-ranking exact match per prompt.
+Records weighted other than 1 also give the weighted figures, `weighted/<name>` = sum w v / sum w.
 
-`generation_report` generates greedily (unless sampling is asked for) for each prompt with the base model
-and with the adapted one: for adapters the base is the same model with its adapter switched off
+`generation_report` generates greedily (unless sampling is asked for: `do_sample=True`; a temperature, top_p or
+top_k without it is refused, greedy decoding would ignore it) for each prompt with the base model and with the
+adapted one: `base_model` when given, else for adapters the same model with its adapter switched off
 (`reference_off`); for full finetuning pass `base_model`. A ReFT model intervenes on the prompt positions
 of its spec. Rows {"prompt", "base", "adapted"} are returned and, with `out_dir`, written to
 `generations.jsonl` and `generations.md`.
@@ -29,6 +31,7 @@ from alignkit.adapters import can_switch_off, reference_off
 from alignkit.data import PromptRecord, tokenize_records
 from alignkit.data.collators import PromptCollator
 from alignkit.losses import kendall_tau
+from alignkit.settings.sampling import SamplingConfig
 from alignkit.trainers.logps import prompt_locations
 from alignkit.trainers.reward import ranked_table, sequence_rewards
 
@@ -49,38 +52,70 @@ def _eval_mode(model: nn.Module):
         model.train(was)
 
 
+def weighted_means(values: dict[str, torch.Tensor], weights: torch.Tensor, where: str = "evaluation"
+                   ) -> dict[str, float]:
+    """`weighted/<name>` = sum_i w_i v_i / sum_i w_i of each `(n,)` value of `values`, with the records' weights
+    `(n,)`; {} when every weight is 1 (the same as the unweighted means) or every weight is 0 (no weighted mean;
+    warned, naming `where`)."""
+    w = weights.detach().double().cpu()
+    if w.numel() == 0 or bool((w == 1).all()):
+        return {}
+    if float(w.sum()) == 0:
+        logger.warning("%s: every record has weight 0, so no weighted figure is reported (the unweighted ones are)",
+                       where)
+        return {}
+    return {f"weighted/{k}": float((v.detach().double().cpu() * w).sum() / w.sum()) for k, v in values.items()}
+
+
 @torch.no_grad()
 def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: Callable, batch_size: int = 8,
                           per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Accuracy and score means of a reward model over tokenized pairwise (or ranked) features. `per_pair`, if
-    given, receives each pair's `margin`, `rewards/chosen` and `rewards/rejected` (pairwise data)."""
+    given, receives each pair's `margin`, `rewards/chosen` and `rewards/rejected` (pairwise data).
+
+    Ranked features (a RankedCollator): `accuracy` over every ordered pair of replies (tied ones are no pair),
+    per prompt `kendall_tau` and `exact_match` (every pair of the prompt ordered right: the whole ranking
+    reproduced) averaged over the prompts with at least one pair, and their counts. Records with a weight other
+    than 1 also give `weighted/<name>` (`weighted_means`; ranked `weighted/accuracy` weights each pair by its
+    prompt's weight)."""
     dev = _device(model)
-    chosen, rejected, taus, correct, pairs = [], [], [], 0.0, 0.0
+    chosen, rejected, weights = [], [], []
+    correct, pairs, taus = [], [], []  # ranked: per prompt
     with _eval_mode(model):
         for s in range(0, len(features), batch_size):
             batch = collator(list(features[s:s + batch_size]))
             batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             r = sequence_rewards(model, batch)  # (rows,)
+            weights.append(batch["weight"].float().cpu())  # (B,) one per pair / prompt
             if "group_index" in batch:
                 table, mask, ranks = ranked_table(r, batch)
                 K = table.shape[1]
                 i, j = torch.triu_indices(K, K, offset=1, device=dev)
                 valid = mask[:, i] & mask[:, j] & (ranks[:, i] < ranks[:, j])  # tied replies: no comparison
-                correct += float(((table[:, i] > table[:, j]) & valid).sum())
-                pairs += float(valid.sum())
-                taus.append(kendall_tau(table, mask, ranks).cpu())
+                correct.append(((table[:, i] > table[:, j]) & valid).sum(-1).double().cpu())  # (B,)
+                pairs.append(valid.sum(-1).double().cpu())  # (B,)
+                taus.append(kendall_tau(table, mask, ranks).double().cpu())  # (B,)
             else:
                 B = r.shape[0] // 2
                 chosen.append(r[:B].cpu())
                 rejected.append(r[B:].cpu())
+    w = torch.cat(weights) if weights else torch.zeros(0)
     if taus:
-        return {"accuracy": correct / max(pairs, 1.0), "kendall_tau": float(torch.cat(taus).mean()),
-                "num_prompts": float(sum(t.numel() for t in taus)), "num_pairs": pairs}
+        ok, n, tau = torch.cat(correct), torch.cat(pairs), torch.cat(taus)
+        keep = n > 0  # a prompt whose replies all tie has nothing to order
+        ranked = {"kendall_tau": tau[keep], "exact_match": (ok[keep] == n[keep]).double()}
+        out = {"accuracy": float(ok.sum() / n.sum().clamp(min=1.0)), **{k: float(v.mean()) for k, v in ranked.items()},
+               "num_prompts": float(keep.sum()), "num_pairs": float(n.sum())}
+        weighted = weighted_means(ranked, w[keep])
+        if weighted:  # a prompt's weight on each of its pairs
+            weighted["weighted/accuracy"] = float((w * ok).sum() / (w * n).sum().clamp(min=1e-30))
+        return {**out, **dict(sorted(weighted.items()))}
     c, r = torch.cat(chosen), torch.cat(rejected)
     if per_pair is not None:
         per_pair.update({"margin": (c - r).tolist(), "rewards/chosen": c.tolist(), "rewards/rejected": r.tolist()})
-    return {"accuracy": float((c > r).float().mean()), "rewards/chosen": float(c.mean()),
-            "rewards/rejected": float(r.mean()), "margin": float((c - r).mean()), "num_pairs": float(c.numel())}
+    values = {"accuracy": (c > r).double(), "rewards/chosen": c, "rewards/rejected": r, "margin": c - r}
+    return {**{k: float(v.double().mean()) for k, v in values.items()}, "num_pairs": float(c.numel()),
+            **weighted_means(values, w)}
 
 
 def _generate(model: nn.Module, batch: dict[str, torch.Tensor], gen_kwargs: dict[str, Any]) -> torch.Tensor:
@@ -96,13 +131,20 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
                       max_new_tokens: int = 64, batch_size: int = 8, out_dir: str | Path | None = None,
                       formatter: str = "auto", **generate_kwargs: Any) -> list[dict[str, str]]:
     """Side-by-side base vs adapted generations for `prompts` (strings, message lists or PromptRecords)."""
-    records = [p if isinstance(p, PromptRecord) else PromptRecord(p, id=f"prompt-{i}") for i, p in enumerate(prompts)]
-    features, _ = tokenize_records(records, tokenizer, formatter=formatter)
-    switchable = can_switch_off(model)
-    if not switchable and base_model is None:
-        logger.warning("generation_report: a fully finetuned model and no base_model: the 'base' column is empty")
     gen = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
            **generate_kwargs}
+    sampling = {k: gen[k] for k in ("temperature", "top_p", "top_k") if k in gen}
+    ignored = [] if gen["do_sample"] else SamplingConfig(do_sample=False, **sampling).greedy_ignored()
+    if ignored:  # transformers would only warn and decode greedily
+        key, value = ignored[0]
+        raise ValueError(f"generation_report: {key}={value!r} is read only when sampling, and do_sample is False "
+                         "(greedy decoding, the default), so it would be ignored; pass do_sample=True to sample, or "
+                         f"remove {key}")
+    records = [p if isinstance(p, PromptRecord) else PromptRecord(p, id=f"prompt-{i}") for i, p in enumerate(prompts)]
+    features, _ = tokenize_records(records, tokenizer, formatter=formatter)
+    switchable = can_switch_off(model) and base_model is None  # a base_model given is the base
+    if not switchable and base_model is None:
+        logger.warning("generation_report: a fully finetuned model and no base_model: the 'base' column is empty")
     collate = PromptCollator(tokenizer.pad_token_id, padding_side="left")
     dev = _device(model)
     rows: list[dict[str, str]] = []
@@ -143,4 +185,4 @@ def write_report(rows: Sequence[dict[str, str]], out_dir: str | Path) -> None:
     logger.info("wrote %d generations to %s", len(rows), out)
 
 
-__all__ = ["evaluate_reward_model", "generation_report", "write_report"]
+__all__ = ["evaluate_reward_model", "generation_report", "weighted_means", "write_report"]

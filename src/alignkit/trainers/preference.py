@@ -57,6 +57,7 @@ class PreferenceTrainer(HasReference, AlignTrainer):
     rows_per_example = 2
 
     record_kinds = ("preference",)
+    unweighted_metrics = ("logits/chosen", "logits/rejected")  # one value per completion token
     trl_learning_rate = ("DPOConfig", 1e-6)
 
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str | Sequence[str] = "sigmoid",

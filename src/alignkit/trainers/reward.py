@@ -26,6 +26,7 @@ from alignkit.data.prepare import feature_kind, is_tokenized
 from alignkit.losses import REWARD_LOSSES, LossOutput, bradley_terry_loss, ranking_loss
 from alignkit.models import last_layer
 from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
+from alignkit.settings import ConfigError
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.data_prep import packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import (
@@ -137,6 +138,7 @@ class RewardTrainer(AlignTrainer):
 
     record_kinds = ("preference", "ranked")
     trl_learning_rate = ("RewardConfig", 1e-4)
+    unweighted_metrics = ("num_pairs",)  # a count per prompt
 
     def __init__(self, model: nn.Module, args: Any, *, center_rewards_coefficient: float | None = None,
                  use_margin: bool = True, l2_coefficient: float = 0.0, share_prompt: bool | None = None,
@@ -162,6 +164,8 @@ class RewardTrainer(AlignTrainer):
             kwargs["data_collator"] = packed_collator(kwargs.get("data_collator"), model, paired=True,
                                                       checkpointing=bool(args.activation_checkpointing))
         super().__init__(model, args, **kwargs)
+        check_loss_settings(center_rewards_coefficient, l2_coefficient, self.data_collator, self.train_dataset,
+                            self.eval_dataset)
         if share_prompt or padding_free:  # raw ranked rows, known once tokenized: refused before the first step
             check_layout(model, share_prompt, padding_free, reward_model=True,
                          ranked=ranked_data(None, self.train_dataset, self.eval_dataset))
@@ -192,11 +196,33 @@ def ranked_data(collator: Any, *datasets: Any) -> str | None:
     padding_free) cannot lay it out."""
     if isinstance(collator, RankedCollator):
         return "the data_collator is a RankedCollator"
+    return "the data is ranked" if "ranked" in _feature_kinds(datasets) else None
+
+
+def _feature_kinds(datasets: tuple[Any, ...]) -> set[str]:
+    """The kinds (`feature_kind`) of the first example of each tokenized dataset of `datasets` (a dict: its first)."""
+    kinds = set()
     for ds in datasets:
         ds = next(iter(ds.values()), None) if isinstance(ds, dict) else ds
-        if ds is not None and is_tokenized(ds) and len(ds) and feature_kind(ds[0]) == "ranked":
-            return "the data is ranked"
-    return None
+        if ds is not None and is_tokenized(ds) and hasattr(ds, "__len__") and len(ds):
+            kinds.add(feature_kind(ds[0]))
+    return kinds
+
+
+def check_loss_settings(center_rewards_coefficient: float | None, l2_coefficient: float, collator: Any,
+                        *datasets: Any) -> None:
+    """ConfigError for a loss setting the data's loss never reads: `l2_coefficient` (the K-wise ranking loss's
+    regulariser) on pairs, `center_rewards_coefficient` (the pair loss's) on ranked data. Data whose kind is not
+    known yet (raw, iterable) is not checked."""
+    kinds = _feature_kinds(datasets) | ({"ranked"} if isinstance(collator, RankedCollator) else set())
+    if center_rewards_coefficient and "ranked" in kinds:
+        raise ConfigError(f"RewardTrainer: center_rewards_coefficient={center_rewards_coefficient} is read only by the "
+                          "Bradley-Terry pair loss, and the data is ranked (the K-wise ranking loss), so it would be "
+                          "ignored; remove it, or use l2_coefficient, the ranking loss's regulariser")
+    if l2_coefficient and "preference" in kinds:
+        raise ConfigError(f"RewardTrainer: l2_coefficient={l2_coefficient} is read only by the K-wise ranking loss, and "
+                          "the data is preference pairs (the Bradley-Terry loss), so it would be ignored; remove it, "
+                          "or use center_rewards_coefficient with pairs")
 
 
 def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,4 +236,4 @@ def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tens
     return table, mask, ranks
 
 
-__all__ = ["RewardTrainer", "ranked_data", "ranked_table", "sequence_rewards"]
+__all__ = ["RewardTrainer", "check_loss_settings", "ranked_data", "ranked_table", "sequence_rewards"]

@@ -34,6 +34,7 @@ class SFTTrainer(AlignTrainer):
     """
 
     normalizer = "tokens"
+    unweighted_metrics = ("mean_token_accuracy",)  # one value per target token, not per example
     trl_learning_rate = ("SFTConfig", 2e-5)
 
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "nll", chunk_size: int = 1024,

@@ -32,19 +32,8 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
     """
     if kind is not None and kind not in KINDS:
         raise DataError(f"unknown record kind {kind!r}; valid: {', '.join(KINDS)}")
-    if reader is not None:
-        if reader not in READERS:
-            raise DataError(f"unknown reader {reader!r}; registered: {', '.join(READERS)}")
-        info = READERS[reader]
-    else:
-        info = detect_reader(*first_row(source, split))
-    if kind is None or kind in info.kinds:
-        native = kind or info.kinds[0]
-    else:
-        native = next((k for k in info.kinds if can_convert(k, kind)), None)
-        if native is None:
-            raise DataError(f"{source_name(source)}: reader {info.name!r} gives {'/'.join(info.kinds)} records, and "
-                            f"none of them converts to {kind!r}; pick another kind or convert the data yourself")
+    info = reader_of(source, reader, split)
+    native = native_kind(info, kind, source)
     check_options(info, options)
     records = info.fn(source, kind=native, on_invalid=on_invalid, split=split, **options)
     logger.info("%s: read %d %s record(s) with reader %r", source_name(source), len(records), native, info.name)
@@ -52,6 +41,27 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
         records = convert(records, kind)
         logger.info("%s: converted to %d %s record(s)", source_name(source), len(records), kind)
     return records
+
+
+def reader_of(source: Any, reader: str | None = None, split: str | None = None) -> ReaderInfo:
+    """The registered reader `load_records` reads `source` with: `reader` by name, else the one its first row fits."""
+    if reader is not None:
+        if reader not in READERS:
+            raise DataError(f"unknown reader {reader!r}; registered: {', '.join(READERS)}")
+        return READERS[reader]
+    return detect_reader(*first_row(source, split))
+
+
+def native_kind(info: ReaderInfo, kind: str | None, source: Any = None) -> str:
+    """The kind reader `info` reads records as for `kind` (None: its own), before they are converted to `kind`:
+    e.g. "ranked" for Open-Assistant trees or ranked columns read as preference pairs."""
+    if kind is None or kind in info.kinds:
+        return kind or info.kinds[0]
+    native = next((k for k in info.kinds if can_convert(k, kind)), None)
+    if native is None:
+        raise DataError(f"{source_name(source)}: reader {info.name!r} gives {'/'.join(info.kinds)} records, and "
+                        f"none of them converts to {kind!r}; pick another kind or convert the data yourself")
+    return native
 
 
 def check_options(info: ReaderInfo, options: dict[str, Any]) -> None:
@@ -71,4 +81,4 @@ def check_options(info: ReaderInfo, options: dict[str, Any]) -> None:
 
 
 __all__ = ["READERS", "ReaderInfo", "register_reader", "detect_reader", "load_records", "iter_rows", "first_row",
-           "collect", "get_field", "source_name", "check_options"]
+           "collect", "get_field", "source_name", "check_options", "native_kind", "reader_of"]
