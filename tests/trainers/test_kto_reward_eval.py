@@ -155,6 +155,38 @@ def test_kto_label_balance_is_warned_as_the_kto_paper_advises(caplog):
     assert check_label_balance(Dataset.from_list(rows(3, 2)), 1.0, 1.0) == (3, 2)
 
 
+def test_kto_weights_of_zero_warn_or_are_refused_before_the_run(caplog, tmp_path, capsys):
+    """method.undesirable_weight=0 (or desirable_weight=0; the bounds allow >= 0) stopped `alignkit kto` with
+    'unexpected error: ZeroDivisionError' (the balance check divided by it). A side of weight 0 beside a side that
+    trains is now one warning; weights that give every example a loss of 0 (both 0, or 0 on the only side the data
+    has: nothing would ever be trained) are one line before anything is written."""
+    import logging
+    from pathlib import Path
+
+    from alignkit.cli import main
+    from alignkit.trainers.kto import check_label_balance
+
+    rows = lambda d, u: [{"label": True}] * d + [{"label": False}] * u  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="alignkit.trainers.kto"):
+        assert check_label_balance(rows(4, 4), 1.0, 0.0) == (4, 4)
+        msg = caplog.records[-1].getMessage()
+        assert "method.undesirable_weight is 0, so the 4 undesirable training example(s) add no loss" in msg
+        assert check_label_balance(rows(3, 5), 0.0, 2.0) == (3, 5)
+        assert "method.desirable_weight is 0, so the 3 desirable" in caplog.records[-1].getMessage()
+    for d, u, dw, uw in ((4, 4, 0.0, 0.0), (6, 0, 0.0, 1.0), (0, 6, 1.0, 0.0)):
+        with pytest.raises(ConfigError, match=rf"method.desirable_weight={dw:g} and method.undesirable_weight={uw:g}: "
+                                              rf"the {d} desirable and {u} undesirable training example\(s\) all have "
+                                              r"their KTO loss multiplied by 0, so nothing would be trained"):
+            check_label_balance(rows(d, u), dw, uw)
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "kto-tiny.yaml")
+    out = tmp_path / "run"
+    code = main(["-q", "kto", "--config", config, f"output_dir={out}", "train.max_steps=1",
+                 "method.desirable_weight=0", "method.undesirable_weight=0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit kto:")]
+    assert code == 2 and len(err) == 1 and "nothing would be trained" in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("overrides, says", [
     (["train.per_device_train_batch_size=1"], "train.per_device_train_batch_size=1: KTO estimates its KL reference "
                                               "point from mismatched pairs within a batch, which needs >= 2 examples"),

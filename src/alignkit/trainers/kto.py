@@ -65,18 +65,30 @@ def label_counts(dataset: Any) -> tuple[int, int] | None:
 
 
 def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weight: float) -> tuple[int, int] | None:
-    """Warn when the labels are one-sided or the weighted balance is off (the KTO paper's and TRL's rule: keep
-    desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]). Returns the counts."""
+    """Warn when the labels are one-sided, a side present in the data has weight 0, or the weighted balance is off
+    (the KTO paper's and TRL's rule: keep desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in
+    [1, 4/3]). A ConfigError when the weights give every example a loss of 0 (nothing would be trained). Returns the
+    counts."""
     counts = label_counts(dataset)
     if counts is None:
         return None
     n_des, n_und = counts
     if not n_des + n_und:
         return 0, 0
+    if desirable_weight * n_des + undesirable_weight * n_und == 0:
+        raise ConfigError(f"method.desirable_weight={desirable_weight:g} and method.undesirable_weight="
+                          f"{undesirable_weight:g}: the {n_des} desirable and {n_und} undesirable training example(s) "
+                          "all have their KTO loss multiplied by 0, so nothing would be trained; set the weight of a "
+                          "side the data has above 0")
     if n_des == 0 or n_und == 0:
         logger.warning("KTO: every one of the %d training example(s) is %s: the loss then only moves them against "
                        "the KL reference point (no contrast); check the label column if both kinds were expected",
                        n_des + n_und, "desirable" if n_und == 0 else "undesirable")
+        return n_des, n_und
+    if desirable_weight == 0 or undesirable_weight == 0:
+        side, n = ("desirable", n_des) if desirable_weight == 0 else ("undesirable", n_und)
+        logger.warning("KTO: method.%s_weight is 0, so the %d %s training example(s) add no loss and only the other "
+                       "side trains (no contrast); remove the weight of 0 if both sides should train", side, n, side)
         return n_des, n_und
     ratio = desirable_weight * n_des / (undesirable_weight * n_und)
     if not 1.0 <= ratio <= 4 / 3:
