@@ -289,8 +289,9 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"AdaptiveKLController: target ({target}) and horizon ({horizon}) must be > 0")
+        if target <= 0 or horizon <= 0 or init_kl_coef <= 0:
+            raise ValueError(f"AdaptiveKLController: init_kl_coef ({init_kl_coef}; the updates multiply it, so 0 stays "
+                             f"0), target ({target}) and horizon ({horizon}) must be > 0")
         self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:

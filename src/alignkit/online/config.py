@@ -128,6 +128,11 @@ class OnlineConfig:
             unread += [(k, "vllm_mode='server'") for k in ("vllm_server_url", "vllm_server_timeout")]
         if self.kl_target is None:
             unread.append(("kl_horizon", "an adaptive kl_target"))
+        elif self.kl_coef == 0:  # the adaptive controller scales the coefficient: from 0 it stays 0
+            raise ValueError(f"online config: kl_target={self.kl_target!r} adapts kl_coef by multiplying it (kl_coef <- "
+                             "kl_coef * (1 + e), Ziegler et al. 2019), and kl_coef is 0, so it would stay 0 and "
+                             "kl_target would be ignored; set kl_coef > 0 (the starting coefficient) or remove "
+                             "kl_target")
         if self.generation_backend == "vllm" and self.sampling.sampler is not None:
             raise ValueError(f"online config: sampling.sampler={self.sampling.sampler!r} is read only by "
                              "transformers generation; vLLM draws tokens with its own sampler, so it would be "
