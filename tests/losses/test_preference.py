@@ -264,7 +264,7 @@ def test_new_objectives_hand_values_and_limits():
         assert torch.isfinite(PREFERENCE_LOSSES[name](huge, PreferenceParams(beta=1.0)).losses).all(), name
 
 
-@pytest.mark.parametrize("key", ["discopop_tau", "f_alpha"])
+@pytest.mark.parametrize("key", ["beta", "discopop_tau", "f_alpha"])
 def test_new_objective_parameters_must_be_positive(key):
     with pytest.raises(ValueError, match=f"{key} must be > 0"):
         PreferenceParams(**{key: 0.0})

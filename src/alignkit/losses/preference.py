@@ -90,9 +90,23 @@ class PreferenceParams:
     f_alpha: float = 0.5  # f-DPO alpha-divergence coefficient (fdpo_alpha)
 
     def __post_init__(self) -> None:
-        for key in ("discopop_tau", "f_alpha"):
+        # beta <= 0 trains toward the rejected answers (IPO, SPPO: 1 / beta is infinite), as the CLI's bounds say
+        for key in ("beta", "discopop_tau", "f_alpha"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+
+
+def resolve_params(params: PreferenceParams | None, beta: float, who: str) -> PreferenceParams:
+    """The preference hyper-parameters of a trainer or config that takes both `params` and the `beta` shortcut:
+    `params` when given, else `PreferenceParams(beta=beta)`. A `beta` other than the default beside `params` with
+    another beta would be ignored (`params` holds every hyper-parameter): a ValueError naming `who`."""
+    if params is None:
+        return PreferenceParams(beta=beta)
+    if beta != PreferenceParams.beta and beta != params.beta:
+        raise ValueError(f"{who}: beta={beta:g} and params.beta={params.beta:g} disagree; params holds every preference "
+                         f"hyper-parameter, so beta would be ignored: give PreferenceParams(beta={beta:g}, ...) as "
+                         "params, or leave beta out")
+    return params
 
 
 def _output(batch: PreferenceBatch, params: PreferenceParams, losses: Tensor,
