@@ -94,6 +94,11 @@ class OnlineConfig:
                 raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
                                  f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
                                  f"would be learned); set sampling.do_sample=true")
+        if self.reward_normalization == "group" and self.sampling.num_samples < 2:
+            raise ValueError(f"online config: reward_normalization='group' normalises each prompt's rewards within its "
+                             f"sampling.num_samples samples, and num_samples is {self.sampling.num_samples}: a group of "
+                             "one has no spread, so every reward would become 0 and only the KL term would train; set "
+                             "sampling.num_samples >= 2, or reward_normalization 'running'")
         if self.generation_backend not in ("transformers", "vllm"):
             raise ValueError(f"online config: generation_backend must be 'transformers' or 'vllm', got "
                              f"{self.generation_backend!r}")
