@@ -170,6 +170,7 @@ def test_online_dpo_refuses_the_kl_penalty_it_never_reads(kwargs, says):
     with pytest.raises(ValueError, match=re.escape(says)):
         OnlineDPOConfig(**kwargs)
     assert GRPOConfig(**kwargs).kl_coef == kwargs.get("kl_coef", 0.05)
+    assert OnlineDPOConfig(kl_coef=0.0).kl_coef == 0.0  # no KL penalty: what online DPO does anyway
 
 
 def test_adaptive_kl_from_a_zero_coefficient_is_refused():

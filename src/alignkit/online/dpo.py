@@ -59,8 +59,8 @@ class OnlineDPOConfig(OnlineConfig):
             self.params = PreferenceParams(**self.params)
         resolve_params(self.params, self.beta, "OnlineDPOConfig")
         for key in ("kl_coef", "kl_target"):  # OnlineConfig's KL penalty: GRPO / RLOO / PPO add it, no preference loss does
-            default = OnlineConfig.__dataclass_fields__[key].default
-            if getattr(self, key) != default:
+            value = getattr(self, key)  # kl_coef=0 (no penalty: what online DPO does) is fine
+            if value != OnlineConfig.__dataclass_fields__[key].default and not (key == "kl_coef" and value == 0):
                 raise ValueError(f"online DPO config: {key}={getattr(self, key)!r} sets the KL penalty of GRPO / RLOO / "
                                  "PPO, and online DPO's preference loss has none (its pull toward the reference is "
                                  "beta), so it would be ignored; remove it (set beta, or params.beta, instead)")
