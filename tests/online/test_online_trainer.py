@@ -4,8 +4,10 @@ PPO's value head (loss drops on a fixed batch, safetensors round trip)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -93,7 +95,7 @@ def test_failed_annotations_get_weight_zero(tiny_dir, tokenizer):
 
     def flaky(prompt, response):
         calls.append(response)
-        return None if len(calls) % 4 == 1 else digit_fraction(prompt, response)
+        return None if len(calls) % 4 == 1 else float(len(calls) % 3)  # groups [-, 2, 0, 1], [-, 0, 1, 2]
 
     model = toy_policy(tiny_dir("llama"), "lora")
     trainer = GRPOTrainer(model, tokenizer, PROMPTS, {"type": "function", "fn": flaky}, small(GRPOConfig))
@@ -101,8 +103,19 @@ def test_failed_annotations_get_weight_zero(tiny_dir, tokenizer):
     failed = torch.isnan(rollout.scores)
     assert failed.tolist() == [True, False, False, False] * 2
     assert rollout.weights[failed].tolist() == [0.0, 0.0] and (rollout.weights[~failed] == 1).all()
-    for g in range(2):  # filled with the group's mean, so its group advantage is 0
+    for g in range(2):  # filled with the group's mean
         assert rollout.rewards[4 * g] == pytest.approx(float(rollout.rewards[4 * g + 1:4 * g + 4].mean()))
+    # the advantages are over each group's three scored rewards (statistics module), the failed one's is 0
+    for advantage in ("grpo", "rloo"):
+        trainer.config = dataclasses.replace(trainer.config, advantage=advantage)
+        adv = trainer.advantages(rollout).tolist()
+        for g in range(2):
+            vals = rollout.rewards[4 * g + 1:4 * g + 4].tolist()
+            if advantage == "grpo":
+                want = [(v - statistics.mean(vals)) / (statistics.stdev(vals) + 1e-4) for v in vals]
+            else:
+                want = [v - (sum(vals) - v) / 2 for v in vals]
+            assert adv[4 * g:4 * g + 4] == pytest.approx([0.0, *want], abs=1e-5), advantage
     assert rollout.metrics["reward/failed"] == 2.0 and rollout.metrics["function/failures"] == 2.0
 
 

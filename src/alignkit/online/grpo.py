@@ -78,11 +78,15 @@ class GRPOTrainer(OnlineTrainer):
                 and not self.needs_hidden)
 
     def advantages(self, rollout: Rollout) -> Tensor:
+        """Group advantages over each prompt's scored samples: a failed annotation (NaN score; weight 0) is left out
+        of its group's statistics (its filled-in reward, the group's mean, would shrink GRPO's std and put each
+        sample's own reward into RLOO's leave-one-out baseline) and gets advantage 0."""
         c: GRPOConfig = self.config
         k = c.sampling.num_samples
+        rewards = torch.where(torch.isnan(rollout.scores), float("nan"), rollout.rewards)
         if c.advantage == "grpo":
-            return ADVANTAGES["grpo"](rollout.rewards, k, scale_by_std=c.scale_by_std)
-        return ADVANTAGES["rloo"](rollout.rewards, k)
+            return ADVANTAGES["grpo"](rewards, k, scale_by_std=c.scale_by_std)
+        return ADVANTAGES["rloo"](rewards, k)
 
     def build_batch(self, rollout: Rollout) -> PolicyBatch:
         return PolicyBatch(rollout, self.advantages(rollout))

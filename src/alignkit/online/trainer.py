@@ -39,8 +39,8 @@ step, the same normaliser, so the update is the minibatch's). Metrics are reduce
 statistics from every rank's scores; counts summed; the rest averaged) and only the main process writes
 `metrics.jsonl` and the saved model.
 
-Failed annotations (NaN scores) get weight 0 (they do not train) and, for group statistics, the mean of
-their group's valid rewards.
+Failed annotations (NaN scores) get weight 0 (they do not train) and the mean of their group's valid rewards as
+their reward; GRPO / RLOO advantages leave them out of their group's statistics (`alignkit.online.grpo`).
 
 The class is assembled from one module per part: this one holds the set-up and the loop (`train`); `config.py`
 the settings (`OnlineConfig`); `step.py` prompts, generation, annotation and the `Rollout` (`RolloutSteps`);
