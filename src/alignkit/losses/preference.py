@@ -409,12 +409,15 @@ def fdpo_alpha_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOut
 
 def check_loss_weights(names: Sequence[str], loss_weights: Sequence[float] | None, who: str) -> list[float]:
     """The weight of each loss of `names` (1 each when `loss_weights` is None); a ValueError naming `who` when
-    `loss_weights` does not give exactly one weight per loss type. Trainers call it when they are built, so a
-    mismatch stops before the first step."""
+    `loss_weights` does not give exactly one weight per loss type, or gives a negative one or only zeros. Trainers
+    call it when they are built, so a mismatch stops before the first step."""
     weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
     if len(weights) != len(names):
         raise ValueError(f"{who}: {len(names)} loss types {list(names)} but {len(weights)} loss_weights; "
                          "give one weight per loss type")
+    if any(w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"{who}: loss_weights {weights} for loss types {list(names)}: each must be >= 0 (< 0 trains "
+                         "that loss the other way) and one > 0 (all 0: nothing would be trained)")
     return weights
 
 

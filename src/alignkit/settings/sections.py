@@ -117,6 +117,10 @@ class PreferenceObjective:
             raise ConfigError(f"method.loss_weights: {len(self.loss_weights)} weight(s) for the {len(names)} loss "
                               f"type(s) {names} of method.loss_type; give one weight per loss type (or remove "
                               "method.loss_weights: 1 each)")
+        if self.loss_weights is not None and not any(self.loss_weights):
+            raise ConfigError(f"method.loss_weights: {self.loss_weights} gives every loss type of method.loss_type "
+                              f"{names} weight 0, so the loss is 0 and nothing would be trained; give the loss types "
+                              "to train a weight > 0")
         defaults = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
         for key, readers in self.READ_ONLY_BY.items():
             if getattr(self, key) != defaults[key] and not set(readers) & set(names):
