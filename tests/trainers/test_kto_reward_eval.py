@@ -216,6 +216,40 @@ def test_kto_batches_without_a_mismatched_pair_are_refused_before_the_run(overri
                  "train.dataloader_drop_last=true"]) == 0 or says.startswith("train.per_device_train_batch_size=1")
 
 
+def test_a_loss_without_the_kl_reference_point_scores_no_mismatched_pairs(make_model, features, collators, tmp_path,
+                                                                       monkeypatch):
+    """apo_zero_unpaired never reads z_ref (TRL computes no KL for it), but KTOTrainer scored the mismatched pairs
+    every step (two more forwards) and refused batches of 1 ('KTO estimates its KL reference point ... needs >= 2
+    examples'). Now it builds and trains with batches of 1, scores no mismatched pair, logs kl 0, and its loss is
+    the formula's: lambda_D (1 - sigma(beta rho)) / lambda_U sigma(beta rho), rho = log pi - log pi_ref."""
+    import alignkit.trainers.kto as kto
+
+    called = []
+    monkeypatch.setattr(kto, "mismatched_batch", lambda batch: called.append(1) or mismatched_batch(batch))
+    model = make_model("lora")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    trainer = KTOTrainer(model, fast_args(tmp_path, per_device_train_batch_size=1, max_steps=1),
+                         train_dataset=features["unpaired"][:3], data_collator=collators["unpaired"],
+                         loss_type="apo_zero_unpaired", beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    model.train()
+    batch = collators["unpaired"](features["unpaired"][:2])
+    with torch.no_grad():
+        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+        pi, _ = completion_logps(model, batch)
+        with reference_off(model):
+            ref, _ = completion_logps(model, batch)
+    rho = (pi - ref).tolist()
+    want = [(1 - 1 / (1 + math.exp(-0.5 * r))) if lab else 2.0 / (1 + math.exp(-0.5 * r))
+            for r, lab in zip(rho, batch["label"].tolist())]
+    assert batch["label"].tolist() == [True, False]
+    assert float(loss) == pytest.approx(sum(want) / 2, rel=1e-5) and float(out.metrics["kl"]) == 0.0
+    trainer.train()
+    assert not called
+
+
 @pytest.mark.parametrize("metric", ["eval_rewards/chosen", "logps/chosen"])
 def test_kto_best_model_metric_of_a_side_the_evaluation_set_lacks_is_refused_when_built(metric, make_model, features,
                                                                                          collators, tmp_path):
