@@ -236,6 +236,37 @@ def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
 
 
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
+def test_sample_weights_give_a_weighted_mean_under_both_aggregations(tiny_dir, tokenizer, aggregation):
+    """GRPO's "token_sum" normaliser counted the tokens of the samples with weight > 0, whatever their weight, so
+    prompt records of weight 0.5 halved the loss (and the update) while "sequence_mean", PPO and online DPO divide
+    by the weights. Now both aggregations are weighted means: sum_i w_i L_i / sum_i w_i n_i (n_i: tokens of
+    sample i for token_sum, 1 for sequence_mean), checked by hand from the per-sample losses."""
+    from alignkit.losses import clipped_policy_loss
+
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                          small(GRPOConfig, aggregation=aggregation, share_prompt=False))
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0), policy_pass=True)
+    rollout.rewards = torch.arange(8, dtype=torch.float32)  # a spread, so the advantages are not 0
+    pb = trainer.build_batch(rollout)
+    idx = torch.arange(8)
+    with torch.no_grad():
+        ones, _ = trainer.policy_loss(pb, idx)
+        rollout.weights = torch.full((8,), 0.5)
+        halves, _ = trainer.policy_loss(pb, idx)
+        rollout.weights = torch.tensor([2.0, 0.0, 1.0, 1.0, 0.5, 1.0, 3.0, 1.0])
+        weighted, _ = trainer.policy_loss(pb, idx)
+        stats = trainer.token_stats(rollout.batch)
+        per = clipped_policy_loss(stats.logps, rollout.old_logps[:, :stats.logps.shape[1]], pb.advantages, stats.mask,
+                                  ref_logps=rollout.ref_logps[:, :stats.logps.shape[1]], kl_coef=trainer.kl_ctl.value,
+                                  aggregation=aggregation).losses.tolist()
+    n = stats.mask.sum(-1).tolist() if aggregation == "token_sum" else [1.0] * 8
+    w = rollout.weights.tolist()
+    assert float(weighted) == pytest.approx(sum(a * b for a, b in zip(w, per)) / sum(a * b for a, b in zip(w, n)),
+                                            rel=1e-5)
+    assert float(halves) == pytest.approx(float(ones), rel=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
 def test_gradient_accumulation_gives_the_minibatch_update(tiny_dir, tokenizer, aggregation):
     """Minibatches of 4 of the step's 8 samples, split into 3 micro-batches (2+1+1 samples, one backward each),
     give the parameters of one backward per minibatch: every micro-batch is divided by its minibatch's

@@ -32,7 +32,7 @@ contiguous share (rank r of W: prompts [r n/W, (r+1) n/W)), samples it with its 
 All K samples of a prompt live on one rank, so group statistics (GRPO/RLOO baselines, "group" reward
 normalisation, online-DPO pairs) are local; statistics over the whole batch are reduced across ranks:
 "running" reward moments (updated with every rank's scores), PPO's advantage whitening, and each update's
-loss normaliser (sum of weights, or of tokens for "token_sum"), so that DDP's gradient average equals the
+loss normaliser (sum of weights, or of weighted tokens for "token_sum"), so that DDP's gradient average equals the
 one-process gradient of the same global batch. `mini_batch_size` is global (each rank takes its share);
 `gradient_accumulation_steps` splits each minibatch into micro-batches (one backward each, one optimizer
 step, the same normaliser, so the update is the minibatch's). Metrics are reduced across ranks (reward
