@@ -145,6 +145,8 @@ def test_online_dpo_loss_is_the_weighted_mean_of_pair_losses(tiny_dir, tokenizer
         loss, _ = trainer.pair_loss(pairs, torch.arange(P))
     w = pairs.weights
     assert float(loss) == pytest.approx(float((w * per_pair).sum() / w.sum()), rel=1e-4)
+    # the logged kl_coef is the loss's beta (it was OnlineConfig's unread kl_coef, 0.05)
+    assert pairs.rollout.metrics["kl_coef"] == 0.5
 
 
 class LengthJudge(Annotator):

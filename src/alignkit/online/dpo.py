@@ -103,6 +103,12 @@ class OnlineDPOTrainer(OnlineTrainer):
         return (f"no preference pair was formed: {why}, so this step trained nothing; {fix}",
                 "formed a preference pair (pairs = 0 at all {steps} step(s)): the feedback did not move the policy")
 
+    def logged_kl_coef(self) -> float:
+        """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the
+        preference loss's beta (TRL's online DPO logs it as `beta`)."""
+        c: OnlineDPOConfig = self.config
+        return float(resolve_params(c.params, c.beta, "OnlineDPOConfig").beta)
+
     def reuses_training_pass(self) -> bool:
         """The preference losses never read log pi_old: the rollout's no-grad policy pass only gave the "kl" and
         "entropy" metrics, which then come from the training forward over the paired rows (all rows when no
