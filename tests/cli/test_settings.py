@@ -245,6 +245,18 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
      ["method.kl_target=6.0"]),
     ("rloo", "rloo-tiny.yaml", ["method.scale_by_std=false"], "scale_by_std=False (Dr. GRPO) is read only by GRPO",
      None),
+    # the adaptive controller multiplies kl_coef: from 0 it stayed 0 at every step
+    ("grpo", "grpo-tiny.yaml", ["method.kl_coef=0", "method.kl_target=6.0"],
+     "kl_target=6.0 adapts kl_coef by multiplying it", ["method.kl_coef=0.05"]),
+    # PPO may sample once per prompt: a group of one normalised every reward to 0 (only the KL term trained)
+    ("ppo", "ppo-tiny.yaml", ["sampling.num_samples=1", "method.reward_normalization=group"],
+     "reward_normalization='group' normalises each prompt's rewards within its sampling.num_samples samples, and "
+     "num_samples is 1", ["sampling.num_samples=2"]),
+    # SLiC's hinge / regulariser and the sft term have no beta (it only scaled the logged rewards)
+    ("dpo", "dpo-tiny.yaml", ["method.loss_type=slic", "method.beta=0.5"],
+     "method.beta: no loss of loss_type ['slic'] reads it", ["method.loss_type=[slic, sigmoid]"]),
+    ("dpo", "dpo-tiny.yaml", ["method.loss_type=[slic, sft]", "method.beta=0.5"],
+     "method.beta: no loss of loss_type ['slic', 'sft'] reads it", ["method.loss_type=[sft, ipo]"]),
     ("grpo", "grpo-tiny.yaml", ["method.generation_backend=vllm", "sampling.sampler=multinomial"],
      "sampling.sampler='multinomial' is read only by transformers generation", ["method.generation_backend=transformers"]),
     # generate decodes greedily by default: a temperature / top_k / top_p / sampler alone gave the greedy answer

@@ -28,6 +28,21 @@ def test_group_advantages_hand():
     assert group_advantages(torch.ones(4), 4).abs().max().item() == 0.0
 
 
+def test_advantages_leave_unscored_rewards_out_by_hand():
+    """A failed annotation (NaN reward) used to be filled with its group's mean before the advantages: GRPO's std
+    then shrank (valid [0, 1, 2] + fill 1: std sqrt(2/3), advantages +-1.22 instead of +-1) and RLOO's
+    leave-one-out baseline held the mean, i.e. each sample's own reward (for 0: (1 + 1 + 2) / 3 = 4/3 instead of
+    (1 + 2) / 2 = 1.5). Now the statistics are over the scored rewards; the unscored one gets 0."""
+    nan = float("nan")
+    r = torch.tensor([0.0, nan, 1.0, 2.0, 5.0, nan, nan, nan])  # the second group has one scored reward
+    # group 1: scored [0, 1, 2], mean 1, unbiased std 1 (+ eps 1e-4); group 2: no spread and no other reward -> 0
+    a = 1 / (1 + 1e-4)
+    assert group_advantages(r, 4).tolist() == pytest.approx([-a, 0.0, 0.0, a, 0.0, 0.0, 0.0, 0.0])
+    assert group_advantages(r, 4, scale_by_std=False).tolist() == pytest.approx([-1.0, 0, 0, 1.0, 0, 0, 0, 0])
+    # RLOO: 0 - (1 + 2)/2, 1 - (0 + 2)/2, 2 - (0 + 1)/2
+    assert rloo_advantages(r, 4).tolist() == pytest.approx([-1.5, 0.0, 0.0, 1.5, 0.0, 0.0, 0.0, 0.0])
+
+
 def test_rloo_vs_loop():
     rng = random.Random(0)
     K = 4

@@ -264,7 +264,21 @@ def test_new_objectives_hand_values_and_limits():
         assert torch.isfinite(PREFERENCE_LOSSES[name](huge, PreferenceParams(beta=1.0)).losses).all(), name
 
 
-@pytest.mark.parametrize("key", ["discopop_tau", "f_alpha"])
+@pytest.mark.parametrize("key", ["beta", "discopop_tau", "f_alpha"])
 def test_new_objective_parameters_must_be_positive(key):
     with pytest.raises(ValueError, match=f"{key} must be > 0"):
         PreferenceParams(**{key: 0.0})
+
+
+@pytest.mark.parametrize("weights", [[1.0, -0.5], [0.0, 0.0]])
+def test_loss_weights_that_train_the_other_way_or_nothing_are_refused(weights):
+    """preference_loss(..., ["sigmoid", "sft"], [1, -0.5]) raised the chosen answers' NLL; [0, 0] made every loss 0
+    (nothing trained, and the zero-gradient guard only fires on a positive loss). Both were accepted by the trainers
+    (check_loss_weights only counted them); now refused, and a weight of 0 beside a positive one still combines."""
+    from alignkit.losses import check_loss_weights
+
+    with pytest.raises(ValueError, match=r"each must be >= 0 .* and one > 0"):
+        check_loss_weights(["sigmoid", "sft"], weights, "PreferenceTrainer")
+    batch, _ = random_batch(B=4)
+    out = preference_loss(batch, PreferenceParams(), ["sigmoid", "sft"], [1.0, 0.0])
+    assert torch.equal(out.losses, PREFERENCE_LOSSES["sigmoid"](batch, PreferenceParams()).losses)

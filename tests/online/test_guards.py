@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -154,3 +155,35 @@ def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override
     with pytest.raises(CheckpointError, match=r"has done 1 step\(s\), more than steps=0 \(train.max_steps\)"):
         trainer(PROMPTS, steps=0).train(resume_from_checkpoint=ckpt)
     assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # the same run: step 2 runs
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"kl_coef": 0.5}, "kl_coef=0.5 sets the KL penalty of GRPO / RLOO / PPO, and online DPO's preference loss has none"),
+    ({"kl_target": 6.0}, "kl_target=6.0 sets the KL penalty of GRPO / RLOO / PPO"),
+])
+def test_online_dpo_refuses_the_kl_penalty_it_never_reads(kwargs, says):
+    """OnlineDPOConfig inherits OnlineConfig's kl_coef / kl_target (the KL penalty GRPO, RLOO and PPO add to their
+    loss); online DPO's preference loss never reads them (an adaptive kl_target even moved the logged kl_coef), so
+    OnlineDPOConfig(kl_coef=0.5) trained exactly as without it. Now a ValueError naming the key; GRPO still takes it."""
+    from alignkit.online import OnlineDPOConfig
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        OnlineDPOConfig(**kwargs)
+    assert GRPOConfig(**kwargs).kl_coef == kwargs.get("kl_coef", 0.05)
+    assert OnlineDPOConfig(kl_coef=0.0).kl_coef == 0.0  # no KL penalty: what online DPO does anyway
+
+
+def test_adaptive_kl_from_a_zero_coefficient_is_refused():
+    """The adaptive KL controller multiplies its coefficient (Ziegler et al. 2019), so kl_coef=0 with a kl_target
+    stayed 0 at every step (checked by hand below) while the config said the KL was controlled. Now refused, in the
+    library config and the controller; kl_coef=0 alone (no KL penalty) and a positive start still build."""
+    from alignkit.losses import AdaptiveKLController
+
+    c = AdaptiveKLController(0.1, target=1.0, horizon=10)
+    assert c.update(2.0, 5) == pytest.approx(0.1 * (1 + 0.2 * 5 / 10))  # e = clip(2/1 - 1) = 0.2
+    with pytest.raises(ValueError, match=re.escape("kl_target=6.0 adapts kl_coef by multiplying it")):
+        GRPOConfig(kl_coef=0.0, kl_target=6.0)
+    with pytest.raises(ValueError, match=r"init_kl_coef \(0.0; the updates multiply it, so 0 stays 0\)"):
+        AdaptiveKLController(0.0, target=6.0, horizon=10)
+    assert GRPOConfig(kl_coef=0.0).kl_target is None and GRPOConfig(kl_coef=0.01, kl_target=6.0).kl_target == 6.0
+

@@ -4,8 +4,10 @@ PPO's value head (loss drops on a fixed batch, safetensors round trip)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -93,7 +95,7 @@ def test_failed_annotations_get_weight_zero(tiny_dir, tokenizer):
 
     def flaky(prompt, response):
         calls.append(response)
-        return None if len(calls) % 4 == 1 else digit_fraction(prompt, response)
+        return None if len(calls) % 4 == 1 else float(len(calls) % 3)  # groups [-, 2, 0, 1], [-, 0, 1, 2]
 
     model = toy_policy(tiny_dir("llama"), "lora")
     trainer = GRPOTrainer(model, tokenizer, PROMPTS, {"type": "function", "fn": flaky}, small(GRPOConfig))
@@ -101,8 +103,19 @@ def test_failed_annotations_get_weight_zero(tiny_dir, tokenizer):
     failed = torch.isnan(rollout.scores)
     assert failed.tolist() == [True, False, False, False] * 2
     assert rollout.weights[failed].tolist() == [0.0, 0.0] and (rollout.weights[~failed] == 1).all()
-    for g in range(2):  # filled with the group's mean, so its group advantage is 0
+    for g in range(2):  # filled with the group's mean
         assert rollout.rewards[4 * g] == pytest.approx(float(rollout.rewards[4 * g + 1:4 * g + 4].mean()))
+    # the advantages are over each group's three scored rewards (statistics module), the failed one's is 0
+    for advantage in ("grpo", "rloo"):
+        trainer.config = dataclasses.replace(trainer.config, advantage=advantage)
+        adv = trainer.advantages(rollout).tolist()
+        for g in range(2):
+            vals = rollout.rewards[4 * g + 1:4 * g + 4].tolist()
+            if advantage == "grpo":
+                want = [(v - statistics.mean(vals)) / (statistics.stdev(vals) + 1e-4) for v in vals]
+            else:
+                want = [v - (sum(vals) - v) / 2 for v in vals]
+            assert adv[4 * g:4 * g + 4] == pytest.approx([0.0, *want], abs=1e-5), advantage
     assert rollout.metrics["reward/failed"] == 2.0 and rollout.metrics["function/failures"] == 2.0
 
 
@@ -132,6 +145,8 @@ def test_online_dpo_loss_is_the_weighted_mean_of_pair_losses(tiny_dir, tokenizer
         loss, _ = trainer.pair_loss(pairs, torch.arange(P))
     w = pairs.weights
     assert float(loss) == pytest.approx(float((w * per_pair).sum() / w.sum()), rel=1e-4)
+    # the logged kl_coef is the loss's beta (it was OnlineConfig's unread kl_coef, 0.05)
+    assert pairs.rollout.metrics["kl_coef"] == 0.5
 
 
 class LengthJudge(Annotator):
@@ -220,6 +235,37 @@ def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
         loss, _ = trainer.policy_loss(trainer.build_batch(r), torch.arange(len(r.samples)))
     lens = r.mask.sum(-1).tolist()
     assert float(loss) == pytest.approx(0.2 * sum(s / n for s, n in zip(per_seq, lens)) / len(lens), rel=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
+def test_sample_weights_give_a_weighted_mean_under_both_aggregations(tiny_dir, tokenizer, aggregation):
+    """GRPO's "token_sum" normaliser counted the tokens of the samples with weight > 0, whatever their weight, so
+    prompt records of weight 0.5 halved the loss (and the update) while "sequence_mean", PPO and online DPO divide
+    by the weights. Now both aggregations are weighted means: sum_i w_i L_i / sum_i w_i n_i (n_i: tokens of
+    sample i for token_sum, 1 for sequence_mean), checked by hand from the per-sample losses."""
+    from alignkit.losses import clipped_policy_loss
+
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                          small(GRPOConfig, aggregation=aggregation, share_prompt=False))
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0), policy_pass=True)
+    rollout.rewards = torch.arange(8, dtype=torch.float32)  # a spread, so the advantages are not 0
+    pb = trainer.build_batch(rollout)
+    idx = torch.arange(8)
+    with torch.no_grad():
+        ones, _ = trainer.policy_loss(pb, idx)
+        rollout.weights = torch.full((8,), 0.5)
+        halves, _ = trainer.policy_loss(pb, idx)
+        rollout.weights = torch.tensor([2.0, 0.0, 1.0, 1.0, 0.5, 1.0, 3.0, 1.0])
+        weighted, _ = trainer.policy_loss(pb, idx)
+        stats = trainer.token_stats(rollout.batch)
+        per = clipped_policy_loss(stats.logps, rollout.old_logps[:, :stats.logps.shape[1]], pb.advantages, stats.mask,
+                                  ref_logps=rollout.ref_logps[:, :stats.logps.shape[1]], kl_coef=trainer.kl_ctl.value,
+                                  aggregation=aggregation).losses.tolist()
+    n = stats.mask.sum(-1).tolist() if aggregation == "token_sum" else [1.0] * 8
+    w = rollout.weights.tolist()
+    assert float(weighted) == pytest.approx(sum(a * b for a, b in zip(w, per)) / sum(a * b for a, b in zip(w, n)),
+                                            rel=1e-5)
+    assert float(halves) == pytest.approx(float(ones), rel=1e-6)
 
 
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])

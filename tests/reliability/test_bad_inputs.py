@@ -58,6 +58,17 @@ CONFIG_CASES = [
     ("unknown key", ["method.bta=0.1"], ["method.bta", "did you mean 'beta'"]),
     ("ReFT prefix cache on a LoRA model", ["train.reft_prefix_cache=true"], ["train.reft_prefix_cache",
                                                                              "needs a ReFT adapter"]),
+    # the preference losses' own numbers: a temperature of 0 stopped the run with "unexpected error: ValueError"
+    # (PreferenceParams, after the config was accepted); the negative weights were trained the other way (exit 0)
+    ("discopop_tau zero", ["method.loss_type=discopop", "method.discopop_tau=0"], ["method.discopop_tau", "> 0"]),
+    ("f_alpha negative", ["method.loss_type=fdpo_alpha", "method.f_alpha=-0.5"], ["method.f_alpha", "> 0"]),
+    ("orpo_lambda negative", ["method.loss_type=orpo", "method.orpo_lambda=-1"], ["method.orpo_lambda", ">= 0"]),
+    ("cpo_alpha negative", ["method.loss_type=cpo", "method.cpo_alpha=-1"], ["method.cpo_alpha", ">= 0"]),
+    ("slic_lambda negative", ["method.loss_type=slic", "method.slic_lambda=-0.1"], ["method.slic_lambda", ">= 0"]),
+    ("loss weight negative", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[1, -1]"],
+     ["method.loss_weights: -1.0", ">= 0 for each loss type"]),
+    ("loss weights all zero", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[0, 0]"],
+     ["method.loss_weights: [0.0, 0.0] gives every loss type", "nothing would be trained"]),
 ]
 
 
@@ -83,6 +94,10 @@ ONLINE_CASES = [
     # "unexpected error: ValueError" once the model was loaded (sample: "batch_size must be >= 1"; grpo, after writing
     # the run folder: "range() arg 3 must not be zero")
     ("sample batch_size zero", "sample", ["batch_size=0"], ["batch_size: 0 is out of range", ">= 1"]),
+    ("online-dpo loss weight negative", "online-dpo", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[1, -1]"],
+     ["method.loss_weights: -1.0", ">= 0 for each loss type"]),
+    ("rm centering negative", "rm", ["method.center_rewards_coefficient=-0.5"],
+     ["method.center_rewards_coefficient: -0.5", ">= 0, or null"]),
     ("annotator batch_size zero", "grpo", ["annotator.kind=reward_model", "annotator.path=tiny:llama",
                                            "annotator.function=null", "annotator.batch_size=0"],
      ["annotator.batch_size", ">= 1"]),

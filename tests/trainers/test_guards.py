@@ -120,6 +120,31 @@ def test_training_arguments_that_would_be_ignored_are_refused(override, says):
     refuse_ignored_arguments(TrainingArguments("unused", report_to="none"), pairs)  # the defaults pass
 
 
+def test_beta_beside_params_with_another_beta_is_refused(make_model, features, collators, tmp_path):
+    """PreferenceTrainer(beta=0.5, params=PreferenceParams(label_smoothing=0.1)) trained with params' beta 0.1, and
+    OnlineDPOConfig likewise: the beta shortcut was dropped without a word. Now a ValueError naming both; beta beside
+    params with the same beta (what the CLI passes), or left at its default, still builds; params.beta must be > 0
+    (<= 0 trains toward the rejected answers), as the CLI's bounds say."""
+    from alignkit.losses import PreferenceParams
+    from alignkit.online import OnlineDPOConfig
+    from alignkit.trainers import PreferenceTrainer
+
+    smooth = PreferenceParams(label_smoothing=0.1)
+    says = r"beta=0.5 and params.beta=0.1 disagree; params holds every preference hyper-parameter, so beta would be "
+    with pytest.raises(ValueError, match="PreferenceTrainer: " + says):
+        PreferenceTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["preference"],
+                          data_collator=collators["preference"], beta=0.5, params=smooth)
+    with pytest.raises(ValueError, match="OnlineDPOConfig: " + says):
+        OnlineDPOConfig(beta=0.5, params=smooth)
+    trainer = PreferenceTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["preference"],
+                                data_collator=collators["preference"], beta=0.5,
+                                params=PreferenceParams(beta=0.5, label_smoothing=0.1))
+    assert (trainer.params.beta, trainer.params.label_smoothing) == (0.5, 0.1)
+    assert OnlineDPOConfig(params=smooth).params is smooth and OnlineDPOConfig(beta=0.5).beta == 0.5
+    with pytest.raises(ValueError, match="beta must be > 0, got -0.1"):
+        PreferenceParams(beta=-0.1)
+
+
 def test_group_by_length_sampling_works_for_preference_evaluation(tiny_lm, tokenizer, tmp_path):
     """transformers length-groups evaluation batches under train_sampling_strategy='group_by_length' from an
     input_ids column preference features lack (it raised at the first evaluation); alignkit's lengths are used."""

@@ -155,6 +155,38 @@ def test_kto_label_balance_is_warned_as_the_kto_paper_advises(caplog):
     assert check_label_balance(Dataset.from_list(rows(3, 2)), 1.0, 1.0) == (3, 2)
 
 
+def test_kto_weights_of_zero_warn_or_are_refused_before_the_run(caplog, tmp_path, capsys):
+    """method.undesirable_weight=0 (or desirable_weight=0; the bounds allow >= 0) stopped `alignkit kto` with
+    'unexpected error: ZeroDivisionError' (the balance check divided by it). A side of weight 0 beside a side that
+    trains is now one warning; weights that give every example a loss of 0 (both 0, or 0 on the only side the data
+    has: nothing would ever be trained) are one line before anything is written."""
+    import logging
+    from pathlib import Path
+
+    from alignkit.cli import main
+    from alignkit.trainers.kto import check_label_balance
+
+    rows = lambda d, u: [{"label": True}] * d + [{"label": False}] * u  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="alignkit.trainers.kto"):
+        assert check_label_balance(rows(4, 4), 1.0, 0.0) == (4, 4)
+        msg = caplog.records[-1].getMessage()
+        assert "method.undesirable_weight is 0, so the 4 undesirable training example(s) add no loss" in msg
+        assert check_label_balance(rows(3, 5), 0.0, 2.0) == (3, 5)
+        assert "method.desirable_weight is 0, so the 3 desirable" in caplog.records[-1].getMessage()
+    for d, u, dw, uw in ((4, 4, 0.0, 0.0), (6, 0, 0.0, 1.0), (0, 6, 1.0, 0.0)):
+        with pytest.raises(ConfigError, match=rf"method.desirable_weight={dw:g} and method.undesirable_weight={uw:g}: "
+                                              rf"the {d} desirable and {u} undesirable training example\(s\) all have "
+                                              r"their KTO loss multiplied by 0, so nothing would be trained"):
+            check_label_balance(rows(d, u), dw, uw)
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "kto-tiny.yaml")
+    out = tmp_path / "run"
+    code = main(["-q", "kto", "--config", config, f"output_dir={out}", "train.max_steps=1",
+                 "method.desirable_weight=0", "method.undesirable_weight=0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit kto:")]
+    assert code == 2 and len(err) == 1 and "nothing would be trained" in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("overrides, says", [
     (["train.per_device_train_batch_size=1"], "train.per_device_train_batch_size=1: KTO estimates its KL reference "
                                               "point from mismatched pairs within a batch, which needs >= 2 examples"),
@@ -182,6 +214,40 @@ def test_kto_batches_without_a_mismatched_pair_are_refused_before_the_run(overri
     assert not out.exists()
     assert main(["-q", "kto", "--config", config, f"output_dir={out}", "train.max_steps=2", *overrides,
                  "train.dataloader_drop_last=true"]) == 0 or says.startswith("train.per_device_train_batch_size=1")
+
+
+def test_a_loss_without_the_kl_reference_point_scores_no_mismatched_pairs(make_model, features, collators, tmp_path,
+                                                                       monkeypatch):
+    """apo_zero_unpaired never reads z_ref (TRL computes no KL for it), but KTOTrainer scored the mismatched pairs
+    every step (two more forwards) and refused batches of 1 ('KTO estimates its KL reference point ... needs >= 2
+    examples'). Now it builds and trains with batches of 1, scores no mismatched pair, logs kl 0, and its loss is
+    the formula's: lambda_D (1 - sigma(beta rho)) / lambda_U sigma(beta rho), rho = log pi - log pi_ref."""
+    import alignkit.trainers.kto as kto
+
+    called = []
+    monkeypatch.setattr(kto, "mismatched_batch", lambda batch: called.append(1) or mismatched_batch(batch))
+    model = make_model("lora")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    trainer = KTOTrainer(model, fast_args(tmp_path, per_device_train_batch_size=1, max_steps=1),
+                         train_dataset=features["unpaired"][:3], data_collator=collators["unpaired"],
+                         loss_type="apo_zero_unpaired", beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    model.train()
+    batch = collators["unpaired"](features["unpaired"][:2])
+    with torch.no_grad():
+        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+        pi, _ = completion_logps(model, batch)
+        with reference_off(model):
+            ref, _ = completion_logps(model, batch)
+    rho = (pi - ref).tolist()
+    want = [(1 - 1 / (1 + math.exp(-0.5 * r))) if lab else 2.0 / (1 + math.exp(-0.5 * r))
+            for r, lab in zip(rho, batch["label"].tolist())]
+    assert batch["label"].tolist() == [True, False]
+    assert float(loss) == pytest.approx(sum(want) / 2, rel=1e-5) and float(out.metrics["kl"]) == 0.0
+    trainer.train()
+    assert not called
 
 
 @pytest.mark.parametrize("metric", ["eval_rewards/chosen", "logps/chosen"])

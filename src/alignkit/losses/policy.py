@@ -65,18 +65,26 @@ def _groups(rewards: Tensor, group_size: int, where: str) -> Tensor:
     return rewards.view(-1, group_size)  # (G, K)
 
 
+def _valid(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(G, K) rewards, NaN = unscored -> (mask of scored rewards, their count (G, 1), their sum (G, 1))."""
+    ok = ~torch.isnan(g)
+    return ok, ok.sum(-1, keepdim=True).to(g.dtype), torch.where(ok, g, 0.0).sum(-1, keepdim=True)
+
+
 @ADVANTAGES.register("grpo")
 def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
     """GRPO (Shao et al. 2024, "DeepSeekMath"): A_i = (r_i - mean_group) / (std_group + eps).
 
     Groups are contiguous blocks of `group_size` completions of one prompt; std is the unbiased
     sample std (torch.std, as TRL). `scale_by_std=False` gives r_i - mean_group (Dr. GRPO,
-    Liu et al. 2025). Returns `(B,)`.
+    Liu et al. 2025). NaN rewards (failed annotations) are left out of their group's mean and std
+    and get advantage 0. Returns `(B,)`.
     """
     g = _groups(rewards, group_size, "group_advantages")
-    adv = g - g.mean(-1, keepdim=True)
+    ok, n, total = _valid(g)
+    adv = torch.where(ok, g - total / n.clamp(min=1.0), 0.0)
     if scale_by_std:
-        adv = adv / (g.std(-1, keepdim=True) + eps)
+        adv = adv / (((adv ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1.0)).sqrt() + eps)
     return adv.reshape(-1)
 
 
@@ -84,13 +92,17 @@ def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024, "Back to Basics"): A_i = r_i - 1/(K-1) sum_{j != i} r_j.
 
-    Equivalently K/(K-1) (r_i - mean_group). Needs group_size >= 2. Returns `(B,)`.
+    Equivalently K/(K-1) (r_i - mean_group). Needs group_size >= 2. NaN rewards (failed
+    annotations) are left out: the baseline is the mean of the group's OTHER scored rewards (K the
+    scored count), and a NaN reward, or one without another scored reward, gets advantage 0.
+    Returns `(B,)`.
     """
     if group_size < 2:
         raise ValueError(f"rloo_advantages needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
     g = _groups(rewards, group_size, "rloo_advantages")
-    baseline = (g.sum(-1, keepdim=True) - g) / (group_size - 1)
-    return (g - baseline).reshape(-1)
+    ok, n, total = _valid(g)
+    baseline = (total - torch.where(ok, g, 0.0)) / (n - 1).clamp(min=1.0)
+    return torch.where(ok & (n > 1), g - baseline, 0.0).reshape(-1)
 
 
 @ADVANTAGES.register("gae")
@@ -289,8 +301,9 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"AdaptiveKLController: target ({target}) and horizon ({horizon}) must be > 0")
+        if target <= 0 or horizon <= 0 or init_kl_coef <= 0:
+            raise ValueError(f"AdaptiveKLController: init_kl_coef ({init_kl_coef}; the updates multiply it, so 0 stays "
+                             f"0), target ({target}) and horizon ({horizon}) must be > 0")
         self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:

@@ -90,9 +90,23 @@ class PreferenceParams:
     f_alpha: float = 0.5  # f-DPO alpha-divergence coefficient (fdpo_alpha)
 
     def __post_init__(self) -> None:
-        for key in ("discopop_tau", "f_alpha"):
+        # beta <= 0 trains toward the rejected answers (IPO, SPPO: 1 / beta is infinite), as the CLI's bounds say
+        for key in ("beta", "discopop_tau", "f_alpha"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+
+
+def resolve_params(params: PreferenceParams | None, beta: float, who: str) -> PreferenceParams:
+    """The preference hyper-parameters of a trainer or config that takes both `params` and the `beta` shortcut:
+    `params` when given, else `PreferenceParams(beta=beta)`. A `beta` other than the default beside `params` with
+    another beta would be ignored (`params` holds every hyper-parameter): a ValueError naming `who`."""
+    if params is None:
+        return PreferenceParams(beta=beta)
+    if beta != PreferenceParams.beta and beta != params.beta:
+        raise ValueError(f"{who}: beta={beta:g} and params.beta={params.beta:g} disagree; params holds every preference "
+                         f"hyper-parameter, so beta would be ignored: give PreferenceParams(beta={beta:g}, ...) as "
+                         "params, or leave beta out")
+    return params
 
 
 def _output(batch: PreferenceBatch, params: PreferenceParams, losses: Tensor,
@@ -395,12 +409,15 @@ def fdpo_alpha_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOut
 
 def check_loss_weights(names: Sequence[str], loss_weights: Sequence[float] | None, who: str) -> list[float]:
     """The weight of each loss of `names` (1 each when `loss_weights` is None); a ValueError naming `who` when
-    `loss_weights` does not give exactly one weight per loss type. Trainers call it when they are built, so a
-    mismatch stops before the first step."""
+    `loss_weights` does not give exactly one weight per loss type, or gives a negative one or only zeros. Trainers
+    call it when they are built, so a mismatch stops before the first step."""
     weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
     if len(weights) != len(names):
         raise ValueError(f"{who}: {len(names)} loss types {list(names)} but {len(weights)} loss_weights; "
                          "give one weight per loss type")
+    if any(w < 0 for w in weights) or not any(weights):
+        raise ValueError(f"{who}: loss_weights {weights} for loss types {list(names)}: each must be >= 0 (< 0 trains "
+                         "that loss the other way) and one > 0 (all 0: nothing would be trained)")
     return weights
 
 

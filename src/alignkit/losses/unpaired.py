@@ -26,6 +26,10 @@ from torch import Tensor
 
 from .registry import UNPAIRED_LOSSES, LossOutput
 
+# the unpaired losses that read z_ref (`kl`): a trainer computes the mismatched pairs' KL estimate only for these (TRL's
+# KTOTrainer `calculate_KL`, off for apo_zero_unpaired)
+KL_LOSSES = frozenset({"kto"})
+
 
 def kto_kl_estimate(policy_kl_logps: Tensor, reference_kl_logps: Tensor) -> Tensor:
     """z_ref = max(0, mean(policy_kl_logps - reference_kl_logps)), detached, scalar.
@@ -90,7 +94,7 @@ def apo_zero_unpaired_loss(policy_logps: Tensor, reference_logps: Tensor, desira
 
         L = lambda_D (1 - sigma(beta rho)) if desirable,  lambda_U sigma(beta rho) if undesirable
 
-    `kl` is not used by the loss (only logged), as in TRL.
+    `kl` is not used by the loss (only logged; not in KL_LOSSES, so trainers pass 0), as in TRL.
     """
     _check(policy_logps, reference_logps, desirable, "apo_zero_unpaired_loss")
     rho = policy_logps - reference_logps

@@ -94,6 +94,11 @@ class OnlineConfig:
                 raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
                                  f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
                                  f"would be learned); set sampling.do_sample=true")
+        if self.reward_normalization == "group" and self.sampling.num_samples < 2:
+            raise ValueError(f"online config: reward_normalization='group' normalises each prompt's rewards within its "
+                             f"sampling.num_samples samples, and num_samples is {self.sampling.num_samples}: a group of "
+                             "one has no spread, so every reward would become 0 and only the KL term would train; set "
+                             "sampling.num_samples >= 2, or reward_normalization 'running'")
         if self.generation_backend not in ("transformers", "vllm"):
             raise ValueError(f"online config: generation_backend must be 'transformers' or 'vllm', got "
                              f"{self.generation_backend!r}")
@@ -128,6 +133,11 @@ class OnlineConfig:
             unread += [(k, "vllm_mode='server'") for k in ("vllm_server_url", "vllm_server_timeout")]
         if self.kl_target is None:
             unread.append(("kl_horizon", "an adaptive kl_target"))
+        elif self.kl_coef == 0:  # the adaptive controller scales the coefficient: from 0 it stays 0
+            raise ValueError(f"online config: kl_target={self.kl_target!r} adapts kl_coef by multiplying it (kl_coef <- "
+                             "kl_coef * (1 + e), Ziegler et al. 2019), and kl_coef is 0, so it would stay 0 and "
+                             "kl_target would be ignored; set kl_coef > 0 (the starting coefficient) or remove "
+                             "kl_target")
         if self.generation_backend == "vllm" and self.sampling.sampler is not None:
             raise ValueError(f"online config: sampling.sampler={self.sampling.sampler!r} is read only by "
                              "transformers generation; vLLM draws tokens with its own sampler, so it would be "

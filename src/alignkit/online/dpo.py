@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from alignkit.losses import (KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, check_loss_weights, preference_loss,
-                             reduce_loss)
+                             reduce_loss, resolve_params)
 from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample
@@ -57,6 +57,13 @@ class OnlineDPOConfig(OnlineConfig):
             raise ValueError(f"online DPO feedback must be one of {PAIR_MODES}, got {self.feedback!r}")
         if isinstance(self.params, dict):
             self.params = PreferenceParams(**self.params)
+        resolve_params(self.params, self.beta, "OnlineDPOConfig")
+        for key in ("kl_coef", "kl_target"):  # OnlineConfig's KL penalty: GRPO / RLOO / PPO add it, no preference loss does
+            value = getattr(self, key)  # kl_coef=0 (no penalty: what online DPO does) is fine
+            if value != OnlineConfig.__dataclass_fields__[key].default and not (key == "kl_coef" and value == 0):
+                raise ValueError(f"online DPO config: {key}={getattr(self, key)!r} sets the KL penalty of GRPO / RLOO / "
+                                 "PPO, and online DPO's preference loss has none (its pull toward the reference is "
+                                 "beta), so it would be ignored; remove it (set beta, or params.beta, instead)")
 
 
 @dataclass
@@ -95,6 +102,12 @@ class OnlineDPOTrainer(OnlineTrainer):
                    "a reward that never varies is usually a bug in the annotator")
         return (f"no preference pair was formed: {why}, so this step trained nothing; {fix}",
                 "formed a preference pair (pairs = 0 at all {steps} step(s)): the feedback did not move the policy")
+
+    def logged_kl_coef(self) -> float:
+        """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the
+        preference loss's beta (TRL's online DPO logs it as `beta`)."""
+        c: OnlineDPOConfig = self.config
+        return float(resolve_params(c.params, c.beta, "OnlineDPOConfig").beta)
 
     def reuses_training_pass(self) -> bool:
         """The preference losses never read log pi_old: the rollout's no-grad policy pass only gave the "kl" and
@@ -139,7 +152,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         logps, lengths = sequence_sums(stats.logps, stats.mask), stats.mask.sum(-1)  # (2M,), (2M,)
         ref = None if pairs.ref_chosen is None else torch.cat([pairs.ref_chosen[idx], pairs.ref_rejected[idx]])
         batch = pair_batch(logps, lengths, ref)  # rows: the M chosen, then the M rejected
-        params = c.params if c.params is not None else PreferenceParams(beta=c.beta)
+        params = resolve_params(c.params, c.beta, "OnlineDPOConfig")
         out = preference_loss(batch, params, c.loss_type, c.loss_weights)
         loss = reduce_loss(out.losses, pairs.weights[idx], normalizer)
         if on_policy:  # per-row values of the rollout's "kl" / "entropy" (`_rollout_pass_metrics`)

@@ -39,7 +39,7 @@ class GRPOConfig(OnlineConfig):
     clip_eps_high: float | None = None
     dual_clip: float | None = None
     entropy_coef: float = 0.0
-    aggregation: str = "sequence_mean"  # or "token_sum" (per-sequence sums, normalised by the minibatch's tokens)
+    aggregation: str = "sequence_mean"  # or "token_sum" (per-sequence sums, over the minibatch's weighted tokens)
 
     @property
     def compares_samples(self) -> str:  # group advantages: >= 2 sampled responses per prompt (OnlineConfig)
@@ -78,21 +78,26 @@ class GRPOTrainer(OnlineTrainer):
                 and not self.needs_hidden)
 
     def advantages(self, rollout: Rollout) -> Tensor:
+        """Group advantages over each prompt's scored samples: a failed annotation (NaN score; weight 0) is left out
+        of its group's statistics (its filled-in reward, the group's mean, would shrink GRPO's std and put each
+        sample's own reward into RLOO's leave-one-out baseline) and gets advantage 0."""
         c: GRPOConfig = self.config
         k = c.sampling.num_samples
+        rewards = torch.where(torch.isnan(rollout.scores), float("nan"), rollout.rewards)
         if c.advantage == "grpo":
-            return ADVANTAGES["grpo"](rollout.rewards, k, scale_by_std=c.scale_by_std)
-        return ADVANTAGES["rloo"](rollout.rewards, k)
+            return ADVANTAGES["grpo"](rewards, k, scale_by_std=c.scale_by_std)
+        return ADVANTAGES["rloo"](rewards, k)
 
     def build_batch(self, rollout: Rollout) -> PolicyBatch:
         return PolicyBatch(rollout, self.advantages(rollout))
 
     def normalizer(self, pb: PolicyBatch, idx: Tensor) -> Tensor:
-        """What samples `idx` add to their minibatch's normaliser: weights ("sequence_mean"), or tokens of
-        the samples with weight > 0 ("token_sum")."""
+        """What samples `idx` add to their minibatch's normaliser: weights ("sequence_mean"), or each sample's tokens
+        times its weight ("token_sum"): both are weighted means (sum w loss / sum w, of sequences or of tokens), as
+        PPO's and online DPO's, so a weight scales a sample against the others and uniform weights change nothing."""
         w = pb.rollout.weights[idx]
         if self.config.aggregation == "token_sum":
-            return (pb.rollout.mask[idx].sum(-1) * (w > 0)).sum()
+            return (pb.rollout.mask[idx].sum(-1) * w).sum()
         return w.sum()
 
     def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None

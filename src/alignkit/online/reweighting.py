@@ -6,9 +6,11 @@ records it is given (one round's dataset):
     f_i = r_i * N / sum_j r_j              (mean_i f_i = 1; a constant r leaves every weight unchanged)
     weight_i <- weight_i * f_i             (meta["reweight"] = f_i)
 
-so the average example keeps weight 1 and the learning rate keeps its meaning; the trainer base then reduces
-with `sum_i w_i l_i / sum_i w_i` (`alignkit.losses.registry.reduce_loss`). Applying several reweighters
-multiplies their factors (each normalised on its own).
+so the average example keeps weight 1 and the learning rate keeps its meaning. The online trainers then reduce
+with `sum_i w_i l_i / sum_i w_i` (`alignkit.losses.registry.reduce_loss`); the offline ones (records of
+`alignkit annotate` trained by `alignkit dpo` / `rm` / `sft`) with their `weight_normalization`: "count" (the default,
+`sum_i w_i l_i / N`) or "weighted" (`/ sum_i w_i`, as online), the same in expectation since the factors have
+mean 1 over the round. Applying several reweighters multiplies their factors (each normalised on its own).
 
 | name                       | r_i                                                                       |
 |----------------------------|---------------------------------------------------------------------------|

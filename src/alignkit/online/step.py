@@ -193,7 +193,7 @@ class RolloutSteps:
                    "reward_std": float(v.std()) if v.numel() > 1 else float("nan"),
                    "frac_reward_zero_std": float(zero_std.double().mean()),
                    "reward/failed": float(scores.failed.sum()),  # summed over ranks (SUMMED_METRICS)
-                   "reward/normalized_mean": float(rewards.mean()), "kl_coef": float(self.kl_ctl.value),
+                   "reward/normalized_mean": float(rewards.mean()), "kl_coef": self.logged_kl_coef(),
                    "completions/mean_length": float(length.mean()), "completions/min_length": float(length.min()),
                    "completions/max_length": float(length.max()), "completions/clipped_ratio": float(clipped.mean()),
                    "num_tokens": float(self._num_tokens)}
@@ -203,6 +203,10 @@ class RolloutSteps:
         gen = generation_metrics(samples)
         gen.pop("generation/response_length")  # completions/mean_length, over all processes
         return {**metrics, **gen, **{k_: float(v_) for k_, v_ in scores.metrics.items()}}
+
+    def logged_kl_coef(self) -> float:
+        """The `kl_coef` metric: this step's KL coefficient, the KL controller's value (docs/metrics.md)."""
+        return float(self.kl_ctl.value)
 
     def pass_sums(self, logps: Tensor, ref_logps: Tensor, entropy: Tensor, mask: Tensor) -> Tensor:
         """(4,) float64 of one policy pass's (B, T-1) values: the summed KL estimator (`kl_estimator`) and entropy

@@ -32,15 +32,15 @@ contiguous share (rank r of W: prompts [r n/W, (r+1) n/W)), samples it with its 
 All K samples of a prompt live on one rank, so group statistics (GRPO/RLOO baselines, "group" reward
 normalisation, online-DPO pairs) are local; statistics over the whole batch are reduced across ranks:
 "running" reward moments (updated with every rank's scores), PPO's advantage whitening, and each update's
-loss normaliser (sum of weights, or of tokens for "token_sum"), so that DDP's gradient average equals the
+loss normaliser (sum of weights, or of weighted tokens for "token_sum"), so that DDP's gradient average equals the
 one-process gradient of the same global batch. `mini_batch_size` is global (each rank takes its share);
 `gradient_accumulation_steps` splits each minibatch into micro-batches (one backward each, one optimizer
 step, the same normaliser, so the update is the minibatch's). Metrics are reduced across ranks (reward
 statistics from every rank's scores; counts summed; the rest averaged) and only the main process writes
 `metrics.jsonl` and the saved model.
 
-Failed annotations (NaN scores) get weight 0 (they do not train) and, for group statistics, the mean of
-their group's valid rewards.
+Failed annotations (NaN scores) get weight 0 (they do not train) and the mean of their group's valid rewards as
+their reward; GRPO / RLOO advantages leave them out of their group's statistics (`alignkit.online.grpo`).
 
 The class is assembled from one module per part: this one holds the set-up and the loop (`train`); `config.py`
 the settings (`OnlineConfig`); `step.py` prompts, generation, annotation and the `Rollout` (`RolloutSteps`);

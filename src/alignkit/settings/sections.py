@@ -109,21 +109,31 @@ class PreferenceObjective:
                     "label_smoothing": ("sigmoid", "robust", "exo_pair", "simpo", "cpo", "fdpo_js", "fdpo_forward_kl",
                                         "fdpo_alpha")}
 
+    BETA_UNREAD = frozenset({"orpo", "slic", "sft"})  # losses without beta (it only scales their logged rewards)
+
     def __post_init__(self) -> None:
         names = loss_names(self.loss_type)
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
             raise ConfigError(f"method.loss_weights: {len(self.loss_weights)} weight(s) for the {len(names)} loss "
                               f"type(s) {names} of method.loss_type; give one weight per loss type (or remove "
                               "method.loss_weights: 1 each)")
+        if self.loss_weights is not None and not any(self.loss_weights):
+            raise ConfigError(f"method.loss_weights: {self.loss_weights} gives every loss type of method.loss_type "
+                              f"{names} weight 0, so the loss is 0 and nothing would be trained; give the loss types "
+                              "to train a weight > 0")
         defaults = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
         for key, readers in self.READ_ONLY_BY.items():
             if getattr(self, key) != defaults[key] and not set(readers) & set(names):
                 raise ConfigError(f"method.{key}: only loss_type {' / '.join(readers)} reads it, and loss_type is "
                                   f"{names}, so it would be ignored; remove it or add that loss type")
-        if self.beta != defaults["beta"] and set(names) <= {"orpo"}:
-            raise ConfigError(f"method.beta: loss_type orpo does not read it (ORPO's weight, beta in TRL's ORPOConfig, "
-                              f"is method.orpo_lambda here), so it would be ignored; set method.orpo_lambda="
-                              f"{self.beta:g} instead")
+        if self.beta != defaults["beta"] and set(names) <= self.BETA_UNREAD:
+            if "orpo" in names:
+                raise ConfigError(f"method.beta: loss_type orpo does not read it (ORPO's weight, beta in TRL's "
+                                  f"ORPOConfig, is method.orpo_lambda here), so it would be ignored; set "
+                                  f"method.orpo_lambda={self.beta:g} instead")
+            raise ConfigError(f"method.beta: no loss of loss_type {names} reads it (SLiC's hinge and regulariser and "
+                              "the sft term have no beta; it would only scale the logged rewards/*), so it would be "
+                              "ignored; remove it, or add a loss type that reads it (e.g. sigmoid)")
 
 
 REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft", "cpo"})  # preference losses that read no reference

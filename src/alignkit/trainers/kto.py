@@ -10,7 +10,8 @@ and by the reference:
     losses = kto_loss(pi, pi_ref, desirable, z_ref, beta, lambda_D, lambda_U)      (B,)
 
 The reference is the adapter switched off or a frozen copy (precomputed log-probs are not offered:
-the mismatched pairs depend on how batches are drawn). Needs batches of at least 2 examples.
+the mismatched pairs depend on how batches are drawn). KTO needs batches of at least 2 examples; a loss that does not
+read z_ref (`alignkit.losses.KL_LOSSES`: apo_zero_unpaired) scores no mismatched pairs and logs kl 0, as TRL's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.losses import UNPAIRED_LOSSES, LossOutput
+from alignkit.losses import KL_LOSSES, UNPAIRED_LOSSES, LossOutput
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.logps import completion_logps, prompt_spans
@@ -65,18 +66,30 @@ def label_counts(dataset: Any) -> tuple[int, int] | None:
 
 
 def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weight: float) -> tuple[int, int] | None:
-    """Warn when the labels are one-sided or the weighted balance is off (the KTO paper's and TRL's rule: keep
-    desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]). Returns the counts."""
+    """Warn when the labels are one-sided, a side present in the data has weight 0, or the weighted balance is off
+    (the KTO paper's and TRL's rule: keep desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in
+    [1, 4/3]). A ConfigError when the weights give every example a loss of 0 (nothing would be trained). Returns the
+    counts."""
     counts = label_counts(dataset)
     if counts is None:
         return None
     n_des, n_und = counts
     if not n_des + n_und:
         return 0, 0
+    if desirable_weight * n_des + undesirable_weight * n_und == 0:
+        raise ConfigError(f"method.desirable_weight={desirable_weight:g} and method.undesirable_weight="
+                          f"{undesirable_weight:g}: the {n_des} desirable and {n_und} undesirable training example(s) "
+                          "all have their KTO loss multiplied by 0, so nothing would be trained; set the weight of a "
+                          "side the data has above 0")
     if n_des == 0 or n_und == 0:
         logger.warning("KTO: every one of the %d training example(s) is %s: the loss then only moves them against "
                        "the KL reference point (no contrast); check the label column if both kinds were expected",
                        n_des + n_und, "desirable" if n_und == 0 else "undesirable")
+        return n_des, n_und
+    if desirable_weight == 0 or undesirable_weight == 0:
+        side, n = ("desirable", n_des) if desirable_weight == 0 else ("undesirable", n_und)
+        logger.warning("KTO: method.%s_weight is 0, so the %d %s training example(s) add no loss and only the other "
+                       "side trains (no contrast); remove the weight of 0 if both sides should train", side, n, side)
         return n_des, n_und
     ratio = desirable_weight * n_des / (undesirable_weight * n_und)
     if not 1.0 <= ratio <= 4 / 3:
@@ -117,15 +130,17 @@ class KTOTrainer(HasReference, AlignTrainer):
                  **kwargs: Any) -> None:
         UNPAIRED_LOSSES[loss_type]
         self.loss_type, self.beta, self.chunk_size = loss_type, beta, chunk_size
+        self.reads_kl = loss_type in KL_LOSSES  # else no mismatched pairs are scored (kl 0)
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         # its KL pairs depend on how batches are drawn, so they cannot be precomputed
         self.reference: Reference = build_reference(model, reference, ref_model=ref_model, chunk_size=chunk_size,
                                                     supports=("adapter_off", "copy"), owner="KTOTrainer")
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
         a = self.args
-        check_kl_batches(self.train_dataset, a.per_device_train_batch_size, a.world_size, a.dataloader_drop_last,
-                         "per_device_train_batch_size", "training")
-        if a.eval_strategy != "no" or self.eval_dataset is not None:
+        if self.reads_kl:
+            check_kl_batches(self.train_dataset, a.per_device_train_batch_size, a.world_size, a.dataloader_drop_last,
+                             "per_device_train_batch_size", "training")
+        if self.reads_kl and (a.eval_strategy != "no" or self.eval_dataset is not None):
             check_kl_batches(self.eval_dataset, a.per_device_eval_batch_size, a.world_size, a.dataloader_drop_last,
                              "per_device_eval_batch_size", "evaluation")
         check_label_balance(self.train_dataset, desirable_weight, undesirable_weight)
@@ -171,22 +186,27 @@ class KTOTrainer(HasReference, AlignTrainer):
         if "label" not in inputs:
             raise ValueError("KTOTrainer needs a boolean `label` per example (desirable or not): tokenize "
                              "UnpairedRecord data and collate with SFTCollator")
-        if inputs["input_ids"].shape[0] < 2:
+        if self.reads_kl and inputs["input_ids"].shape[0] < 2:
             raise ValueError("KTOTrainer needs at least 2 examples per batch to form mismatched KL pairs")
         policy, _ = completion_logps(model, inputs, self.chunk_size)  # (B,)
-        kl_batch = mismatched_batch(inputs)
-        with torch.no_grad():
-            policy_kl, _ = completion_logps(model, kl_batch, self.chunk_size)  # (B,)
         unwrapped = self.accelerator.unwrap_model(model)
         ref = self.reference.logps(unwrapped, inputs)  # (B,)
-        ref_kl = self.reference.logps(unwrapped, kl_batch)  # (B,)
-        kl = (policy_kl - ref_kl).mean().detach()
-        if self.args.world_size > 1:
-            kl = self.accelerator.gather(kl.reshape(1)).mean()
-        kl = kl.clamp(min=0)
+        kl = self.kl_estimate(model, inputs) if self.reads_kl else policy.new_zeros(())
         return UNPAIRED_LOSSES[self.loss_type](policy, ref, inputs["label"].bool(), kl, beta=self.beta,
                                                desirable_weight=self.desirable_weight,
                                                undesirable_weight=self.undesirable_weight)
+
+    def kl_estimate(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
+        """z_ref of the batch: the mismatched pairs' mean policy-minus-reference log-ratio (over every process),
+        clamped at 0, without gradient."""
+        kl_batch = mismatched_batch(inputs)
+        with torch.no_grad():
+            policy_kl, _ = completion_logps(model, kl_batch, self.chunk_size)  # (B,)
+        ref_kl = self.reference.logps(self.accelerator.unwrap_model(model), kl_batch)  # (B,)
+        kl = (policy_kl - ref_kl).mean().detach()
+        if self.args.world_size > 1:
+            kl = self.accelerator.gather(kl.reshape(1)).mean()
+        return kl.clamp(min=0)
 
 
 __all__ = ["KTOTrainer", "mismatched_batch"]

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from alignkit.losses import PREFERENCE_LOSSES, LossOutput, PreferenceParams, check_loss_weights, preference_loss
+from alignkit.losses import (PREFERENCE_LOSSES, LossOutput, PreferenceParams, check_loss_weights, preference_loss,
+                             resolve_params)
 from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
@@ -79,7 +80,7 @@ class PreferenceTrainer(HasReference, AlignTrainer):
             PREFERENCE_LOSSES[name]  # unknown names fail here, listing the valid ones
         check_loss_weights(names, loss_weights, type(self).__name__)  # before the first step, not at it
         self.loss_type, self.loss_weights, self.chunk_size = names, loss_weights, chunk_size
-        self.params = params if params is not None else PreferenceParams(beta=beta)
+        self.params = resolve_params(params, beta, type(self).__name__)
         self.reference: Reference = build_reference(model, reference, ref_model=ref_model,
                                                     reference_free=reference_free(names),
                                                     cache_dir=reference_cache_dir, chunk_size=chunk_size)
