@@ -398,3 +398,69 @@ def test_a_seed_torch_cannot_take_is_refused_and_the_engine_keeps_serving(stack)
         assert len(res["choices"][0]["token_ids"]) == 2
     finally:
         eng.stop()
+
+
+def test_non_finite_logits_end_their_own_request_and_the_batch_is_served(stack, monkeypatch):
+    """Rows routed to 'polite' (greedy) and 'both' (sampled, n=2) get NaN logits from their first decode step on, in
+    one batch with a greedy 'base' row and a seeded sampled 'terse' row. Before: the greedy NaN row answered argmax
+    over NaN (token 0, garbage, finish "length") and the sampled one raised in the draw, failing the whole batch
+    (the healthy requests too) with "internal error". Now the two poisoned requests end with an error naming their
+    model after their one good token, and the healthy requests get the tokens they get alone."""
+    prompt = stack.tokenizer("The quick brown fox")["input_ids"]
+    jobs = {"base": SamplingParams(max_tokens=6, temperature=0.0),
+            "terse": SamplingParams(max_tokens=6, temperature=1.0, seed=5),
+            "polite": SamplingParams(max_tokens=6, temperature=0.0),
+            "both": SamplingParams(max_tokens=6, temperature=1.0, seed=9, n=2)}
+    clean = Engine(stack, EngineConfig(max_new_tokens=8)).start()
+    try:
+        alone = {m: clean.generate(m, prompt, SamplingParams(**vars(p)), timeout=30)["choices"]
+                 for m, p in jobs.items() if m in ("base", "terse")}
+    finally:
+        clean.stop()
+    eng = Engine(stack, EngineConfig(max_new_tokens=8))  # not started: the four requests share one prefill
+    real = eng._forward
+
+    def nan_for_polite_and_both(input_ids, mask, position_ids, cache, routes, locations):
+        logits, cache = real(input_ids, mask, position_ids, cache, routes, locations)
+        if input_ids.shape[1] == 1:  # decode steps: the prefill's first token is still good
+            for b, r in enumerate(routes):
+                if r.name in ("polite", "both"):
+                    logits[b] = float("nan")
+        return logits, cache
+
+    monkeypatch.setattr(eng, "_forward", nan_for_polite_and_both)
+    events = {m: [] for m in jobs}
+    for m, p in jobs.items():
+        eng.submit(m, prompt, p, events[m].append)
+    eng.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not all(e and e[-1].kind == "end" for e in events.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+    for m in ("polite", "both"):
+        kinds = [e.kind for e in events[m]]
+        assert kinds[-2:] == ["error", "end"] and "done" not in kinds, (m, kinds)
+        assert f"model '{m}'" in events[m][-2].message and "NaN or inf" in events[m][-2].message
+        assert "completion token 2" in events[m][-2].message
+        assert len([e for e in events[m] if e.kind == "token"]) == jobs[m].n  # one good token per choice
+    for m in ("base", "terse"):
+        got = [e.token_id for e in events[m] if e.kind == "token"]
+        assert got == alone[m][0]["token_ids"] and len(got) == 6, m
+        assert [e.kind for e in events[m]][-2:] == ["done", "end"]
+    assert eng.stats.errors == 2 and eng.alive is False
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+def test_a_tiny_temperature_samples_the_greedy_token_and_fails_nothing(engine, stack, serve_dirs, temperature):
+    """logits / 1e-40 overflows float32 to inf and softmax(inf - inf) is NaN: before, a request with temperature
+    1e-40 (valid: the API takes [0, 2]) raised inside the draw and failed its whole batch ("internal error:
+    NonFiniteLogitsError"). As the temperature goes to 0 the distribution goes to a one-hot on the largest logit,
+    so such a request must draw the greedy tokens (of the independent reference: the adapter loaded alone, greedy
+    without cache)."""
+    prompt = stack.tokenizer("Hello")["input_ids"]
+    ref = reference_greedy(*reference_model(serve_dirs, "terse"), prompt, 8, engine.end_ids)
+    cold = engine.generate("terse", prompt, SamplingParams(max_tokens=8, temperature=temperature, seed=3), timeout=30)
+    assert greedy_matches(cold["choices"][0]["token_ids"], ref, 8)[0]
+    assert engine.alive

@@ -31,7 +31,9 @@ Sampling is per row: greedy (temperature 0) is argmax; otherwise temperature, th
 (`online.decode.inverse_cdf_sample`: 1-2 uniforms, not torch.multinomial's exponential per vocabulary entry)
 from the row's own `torch.Generator` (seeded from the request's `seed` and the choice index), so a seeded
 request gives the same tokens whatever else is in the batch. Greedy rows equal the same request run
-alone, token for token (tested with 32 concurrent requests over four adapters).
+alone, token for token (tested with 32 concurrent requests over four adapters). A row whose logits are NaN / inf
+ends its own request with an error naming its model (greedy would emit argmax over NaN, a draw would raise and fail
+the whole batch); the other rows go on.
 """
 
 from __future__ import annotations
@@ -405,14 +407,24 @@ class Engine:
         self._emit(self._rows, tokens)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """(B, V) float logits -> (B,) tokens, per row (module docstring)."""
+        """(B, V) float logits -> (B,) tokens, per row (module docstring). A row whose logits are not finite (NaN or
+        +inf anywhere, or all -inf) draws nothing: its request gets `error` (`non_finite_message`) and ends at
+        `_emit`, alone: argmax would be the first NaN's index (garbage as an answer) and a draw would raise, failing
+        every request of the batch."""
         logits = logits.cpu()
+        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)  # (B,)
         out = logits.argmax(dim=-1)  # (B,) greedy
         for b, r in enumerate(rows):
             p = r.request.params
+            if bad[b]:
+                r.request.error = r.request.error or non_finite_message(r)
+                continue
             if p.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[b] / p.temperature, dim=-1)  # (V,)
+            # shifted by the row's largest logit and in float64: a tiny temperature (1e-40, 5e-324) gives -inf for
+            # the others and 0 for the largest (one-hot, greedy's limit), never inf - inf = NaN
+            z = logits[b].double()
+            probs = torch.softmax((z - z.max()) / p.temperature, dim=-1)  # (V,)
             if p.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p  # the smallest prefix reaching top_p
@@ -427,6 +439,9 @@ class Engine:
         for r, t in zip(rows, tokens.tolist()):
             req = r.request
             if r.done:
+                continue
+            if req.error is not None:  # non-finite logits in one of its rows (`_sample`): every choice ends
+                self._end_row(r, None)
                 continue
             if req.cancelled or now > req.deadline:
                 r.done = True
@@ -486,6 +501,9 @@ class Engine:
             if req.cancelled:
                 self.stats.cancelled += 1
                 self._safe_sink(req, Event("error", message="cancelled"))
+            elif req.error is not None:
+                self.stats.errors += 1
+                self._safe_sink(req, Event("error", message=req.error))
             elif reason is None:
                 self.stats.timeouts += 1
                 self._safe_sink(req, Event("error", message=f"timed out after {self.config.request_timeout:g} s"))
@@ -533,6 +551,15 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._next_pos, self._last = [], None, None, None, None
+
+
+def non_finite_message(row: Any) -> str:
+    """The error a request gets when its row's next-token logits are not finite (`Engine._sample`)."""
+    req = row.request
+    return (f"the model's next-token logits for this request (model {req.route.name!r}, choice {row.index}, completion "
+            f"token {len(row.tokens) + 1}) are NaN or inf, so no token drawn from them means anything; the request "
+            "ended there (the other requests of its batch are served). Check the adapter's weights, or serve with "
+            "--dtype float32 / bfloat16 if it ran in float16 (overflow)")
 
 
 def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
