@@ -9,10 +9,12 @@
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
 (string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
-stream_options.include_usage. Fields that would change the answer but are not implemented (logprobs, 0 included,
-best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix, response_format, tools, vLLM's
-top_k / min_p / repetition_penalty / min_tokens / ignore_eos / stop_token_ids / guided_* / ...:
-`IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
+stream_options.include_usage (with stream only), vLLM's add_special_tokens. Fields that would change the answer but
+are not implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias,
+suffix, response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
+min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
+`IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user,
+metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits; 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
 over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
@@ -72,6 +74,15 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
     "stop_token_ids": (None, []), "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True),
+    # tools are refused above, so "auto" / "none" choose nothing; "required" or a named function would
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "bad_words": (None, []), "allowed_token_ids": (None,), "length_penalty": (None, 1, 1.0),
+    "logits_processors": (None, []), "structured_outputs": (None,), "return_tokens_as_token_ids": (None, False),
+    "prompt_embeds": (None,), "modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "verbosity": (None, "medium"),
+    # the chat prompt is the tokenizer's own template with the generation prompt, as given
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "documents": (None,),
 }
 # logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
@@ -124,7 +135,20 @@ def _model(body: dict) -> str:
     return m
 
 
+def _add_special_tokens(body: dict, default: bool) -> bool:
+    """vLLM's `add_special_tokens` (BOS and the like around a text prompt): completions default true, chat false
+    (the template writes them)."""
+    v = body.get("add_special_tokens")
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'add_special_tokens' must be true or false, got {json.dumps(v)[:40]}",
+                       param="add_special_tokens")
+    return v
+
+
 def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
+    special = _add_special_tokens(body, True)
     p = body.get("prompt")
     if isinstance(p, str):
         p = [p]
@@ -135,7 +159,7 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
     out = []
     for x in p:
         if isinstance(x, str):
-            out.append(list(tokenizer(x)["input_ids"]))
+            out.append(list(tokenizer(x, add_special_tokens=special)["input_ids"]))
         elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             if any(t < 0 or t >= len(tokenizer) for t in x):
                 raise ApiError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", param="prompt")
@@ -172,7 +196,7 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         if not type(e).__module__.startswith("jinja2"):  # jinja2.TemplateError and its kinds; anything else is ours
             raise
         raise ApiError(400, f"this model's chat template refuses these messages: {e}", param="messages") from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=_add_special_tokens(body, False))["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,8 +289,15 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false", param="stream")
-        opts = body.get("stream_options") or {}
-        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        opts = body.get("stream_options")
+        if opts is not None and not stream:  # as OpenAI and vLLM answer: it would be ignored
+            raise ApiError(400, "'stream_options' is only allowed with 'stream': true (a response that is not "
+                                "streamed always carries usage); remove it or set stream", param="stream_options")
+        opts = opts or {}
+        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+            raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                           param="stream_options")
+        include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         reqs = submit_all(model, prompts, params, loop, q)
