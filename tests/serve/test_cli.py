@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+
 import pytest
 
 from alignkit.cli import main
@@ -27,6 +30,9 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
     # before: accepted, and a request without max_tokens got max_new_tokens (the engine clamped it without a word)
     (["--base", "tiny:llama", "--default-max-tokens", "100", "--max-new-tokens", "50"],
      "default_max_tokens: 100 exceeds max_new_tokens (50)"),
+    # before: the base was built and loaded, then torch's own error as an 'unexpected error' (exit 1)
+    (["--base", "tiny:llama", "--device", "banana"], "device: 'banana' is not a torch device"),
+    (["--base", "tiny:llama", "--device", "cuda:99"], "device: 'cuda:99', but this torch sees"),
 ])
 def test_errors_name_the_problem(argv, message, capsys):
     assert main(["serve", *argv]) == 2
@@ -45,3 +51,60 @@ def test_engine_vllm_refuses_what_only_alignkits_engine_reads(argv, key, capsys)
     assert main(["serve", "--base", "tiny:llama", "--engine", "vllm", *argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
     assert len(err) == 1 and err[0].startswith(f"alignkit serve: error: {key}: ") and "engine=vllm" in err[0], err
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lora-no-weights", "adapter 'a': {folder} has no adapter_model.safetensors (the LoRA weights)"),
+    ("lora-truncated", "adapter 'a': {folder}/adapter_model.safetensors cannot be read"),
+    ("reft-truncated", "adapter 'a': {folder}/interventions.safetensors cannot be read"),
+    ("base-truncated", "base: {folder}/model.safetensors cannot be read"),
+])
+def test_a_folder_the_server_cannot_load_is_refused_before_loading(serve_dirs, tmp_path, monkeypatch, capsys, case,
+                                                                   message):
+    """Before: the base model was loaded, then peft / safetensors failed: a LoRA folder without its weights gave
+    huggingface_hub's "Repo id must be in the form 'repo_name'..." and a truncated weights file an "unexpected error:
+    SafetensorError" (exit 1). Now one line naming the served name and the file, before any model is loaded."""
+    import alignkit.serve.stack as stack_module
+
+    kind = case.split("-")[0]
+    src = serve_dirs["base"] if kind == "base" else serve_dirs["adapters"]["terse" if kind == "lora" else "polite"]
+    folder = tmp_path / case
+    shutil.copytree(src, folder)
+    weights = folder / {"lora": "adapter_model", "reft": "interventions", "base": "model"}[kind]
+    weights = weights.with_suffix(".safetensors")
+    if case == "lora-no-weights":
+        weights.unlink()
+    else:
+        _truncate(weights)
+    base, adapter = (folder, serve_dirs["adapters"]["terse"]) if kind == "base" else (serve_dirs["base"], folder)
+    monkeypatch.setattr(stack_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["serve", "--base", str(base), "--adapter", f"a={adapter}", "--port", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
+    assert len(err) == 1 and message.format(folder=folder) in err[0], err
+
+
+def test_a_port_in_use_is_refused_before_loading_or_writing(serve_dirs, tmp_path, monkeypatch, capsys):
+    """Before: the model was loaded, 'alignkit serve: ... on http://...' printed, the --output-dir got a start and a
+    stop row and its plots/ were drawn over the previous server's, then uvicorn's "address already in use" and exit 3
+    (SystemExit). Now the port is bound first: one line naming it, nothing loaded, the output folder untouched."""
+    import alignkit.serve.stack as stack_module
+
+    out = tmp_path / "served"
+    (out / "plots").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"event": "start"}\n')
+    (out / "plots" / "serve-load.png").write_bytes(b"previous plot")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(stack_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--base", str(serve_dirs["base"]), "--port", str(port), "--output-dir", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
+    assert code == 2 and len(err) == 1 and f"port: cannot listen on 127.0.0.1:{port}" in err[0], err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

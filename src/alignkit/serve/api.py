@@ -494,15 +494,19 @@ def prometheus_text(engine: Engine, http_errors: dict[int, int] | None = None) -
 
 
 def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                  log_level: str = "info", output_dir: str | None = None, log_every: float = 30.0) -> None:
+                  log_level: str = "info", output_dir: str | None = None, log_every: float = 30.0,
+                  sock: Any = None) -> None:
     """Start the engine and run uvicorn until interrupted; with `output_dir`, a `ServeLog` writes the server's
-    metrics, TensorBoard scalars and (at the end) plots there."""
+    metrics, TensorBoard scalars and (at the end) plots there. `sock`: a socket already bound to host:port (the CLI
+    binds before loading the model, so a port in use stops it before anything is loaded or written)."""
     import uvicorn
 
     engine.start()
     log = ServeLog(engine, output_dir, log_every).start() if output_dir is not None else None
     try:
-        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level=log_level, access_log=False)
+        config = uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level=log_level,
+                                access_log=False)
+        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     finally:
         if log is not None:
             log.stop()
