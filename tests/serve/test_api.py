@@ -139,11 +139,15 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         ({"model": "base"}, 400, "prompt"),
         ({"prompt": "Hi"}, 400, "model"),
         ({"model": "base", "prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
-        ({"model": "base", "prompt": "Hi", "max_tokens": 65}, 400, None),
+        ({"model": "base", "prompt": "Hi", "max_tokens": 65}, 400, "max_tokens"),
+        ({"model": "base", "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "base", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "base", "prompt": ""}, 400, "prompt"),
+        ({"model": "base", "prompt": ["Hi", ""]}, 400, "prompt"),
         ({"model": "base", "prompt": "Hi", "max_tokens": 2.5}, 400, "max_tokens"),
         ({"model": "base", "prompt": "Hi", "stop": [1]}, 400, "stop"),
         ({"model": "base", "prompt": "Hi", "n": 0}, 400, "n"),
-        ({"model": "base", "prompt": "Hi " * 60}, 400, None),
+        ({"model": "base", "prompt": "Hi " * 60}, 400, "prompt"),
         ({"model": "base", "prompt": [99999]}, 400, "prompt"),
     ]
     for body, status, param in cases:
@@ -153,6 +157,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert err["error"]["param"] == param, body
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]})
     assert got == 400 and "role" in err["error"]["message"]
+    # the engine's limits name the field too (before: param null); a chat prompt's field is messages
+    got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi " * 60}]})
+    assert got == 400 and err["error"]["param"] == "messages" and "tokens" in err["error"]["message"], err
+    got, err = raw(url, "/v1/completions", {"model": "base", "prompt": ["Hi", ""]})
+    assert "'prompt'[1] is empty" in err["error"]["message"], err
     got, err = raw(url, "/v1/nothing-here")
     assert got == 404 and "error" in err
     # prompt and max_tokens limits say the limit

@@ -157,9 +157,12 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
     if not isinstance(p, list) or not p or len(p) > 16:
         raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids", param="prompt")
     out = []
-    for x in p:
+    for i, x in enumerate(p):
         if isinstance(x, str):
             out.append(list(tokenizer(x, add_special_tokens=special)["input_ids"]))
+            if not out[-1]:
+                raise ApiError(400, f"'prompt'{f'[{i}]' if len(p) > 1 else ''} is empty (no tokens): send the text "
+                                    "to continue", param="prompt")
         elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             if any(t < 0 or t >= len(tokenizer) for t in x):
                 raise ApiError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", param="prompt")
@@ -259,7 +262,8 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue) -> list:
+    def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue,
+                   prompt_field: str) -> list:
         if model not in engine.stack.routes:
             raise ApiError(404, f"the model '{model}' does not exist; served: {engine.stack.names}",
                            param="model", code="model_not_found")
@@ -275,7 +279,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         except RequestError as e:
             for r in reqs:
                 r.cancel()
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=prompt_field if e.param == "prompt" else e.param) from None
         return reqs
 
     def end_error(message: str) -> ApiError:
@@ -300,7 +304,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        reqs = submit_all(model, prompts, params, loop, q)
+        reqs = submit_all(model, prompts, params, loop, q, "messages" if chat else "prompt")
         n = params.n
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         now = int(time.time())

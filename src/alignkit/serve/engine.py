@@ -69,7 +69,12 @@ class QueueFullError(RuntimeError):
 
 
 class RequestError(ValueError):
-    """A request the engine cannot take (prompt or max_tokens past the limits, bad sampling values): HTTP 400."""
+    """A request the engine cannot take (prompt or max_tokens past the limits, bad sampling values): HTTP 400.
+    `param`: the request field at fault ("prompt", "max_tokens", ...), the API error's `param`."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -96,22 +101,23 @@ class SamplingParams:
         if self.max_tokens is None:
             self.max_tokens = min(cfg.default_max_tokens, cfg.max_new_tokens)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if self.max_tokens > cfg.max_new_tokens:
-            raise RequestError(f"max_tokens={self.max_tokens} exceeds this server's limit of {cfg.max_new_tokens}")
+            raise RequestError(f"max_tokens={self.max_tokens} exceeds this server's limit of {cfg.max_new_tokens}",
+                               "max_tokens")
         if not 0.0 <= float(self.temperature) <= 100.0:
-            raise RequestError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise RequestError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
         if not 0.0 < float(self.top_p) <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not isinstance(self.n, int) or not 1 <= self.n <= cfg.max_batch_rows:
-            raise RequestError(f"n must be an integer in [1, {cfg.max_batch_rows}], got {self.n!r}")
+            raise RequestError(f"n must be an integer in [1, {cfg.max_batch_rows}], got {self.n!r}", "n")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError("stop must be at most 4 non-empty strings")
+            raise RequestError("stop must be at most 4 non-empty strings", "stop")
         if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed
                                           and self.seed + self.n - 1 <= SEED_MAX):
             # choice i draws from seed + i (a 64-bit torch.Generator seed)
             raise RequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX - self.n + 1}] "
-                               f"(n={self.n} choices use seed .. seed + n - 1), got {self.seed!r}")
+                               f"(n={self.n} choices use seed .. seed + n - 1), got {self.seed!r}", "seed")
 
 
 def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> frozenset:
@@ -129,7 +135,7 @@ def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> frozenset:
         if held is not None:
             raise RequestError(f"stop: {s!r} holds the special token {held!r} with other text; generated text is "
                                f"decoded without special tokens, so it would never match: give {held!r} alone "
-                               f"(it stops on that token) or the text without it")
+                               f"(it stops on that token) or the text without it", "stop")
     return frozenset(ids)
 
 
@@ -240,13 +246,14 @@ class Engine:
         stop_ids = special_stop_ids(self.tokenizer, params.stop)
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
-            raise RequestError("the prompt has no tokens")
+            raise RequestError("the prompt has no tokens", "prompt")
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
-                               f"{self.config.max_prompt_tokens}")
+                               f"{self.config.max_prompt_tokens}", "prompt")
         if self._context is not None and len(prompt_ids) + params.max_tokens > self._context:
             raise RequestError(f"this model's context is {self._context} tokens; the prompt has {len(prompt_ids)} "
-                               f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt")
+                               f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt",
+                               "max_tokens")
         with self._lock:
             if len(self._waiting) >= self.config.max_queue:
                 self.stats.rejected += 1
