@@ -21,6 +21,15 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
     assert "api_key: '***'" in out and ": k\n" not in out  # the key is never echoed
 
 
+def test_an_api_key_override_is_used(capsys):
+    """`api_key=KEY` (a key=value override, as every other key takes) was dropped without a word: the server ran
+    with no key at all while its user believed it protected."""
+    assert main(["serve", "--base", "tiny:llama", "api_key=s3cret", "--dry-run"]) == 0
+    assert "api_key: '***'" in capsys.readouterr().out
+    assert main(["serve", "--base", "tiny:llama", "--api-key", "123", "--dry-run"]) == 0  # a flag's key stays text
+    assert "api_key: '***'" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--base", "tiny:llama", "--adapter", "noequals"], "--adapter 'noequals': expected NAME=DIR"),
     (["--base", "tiny:llama", "--engine", "vllm", "--adapter", "r=/no/such"], "adapter 'r': folder /no/such does not exist"),
@@ -33,6 +42,11 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
     # before: the base was built and loaded, then torch's own error as an 'unexpected error' (exit 1)
     (["--base", "tiny:llama", "--device", "banana"], "device: 'banana' is not a torch device"),
     (["--base", "tiny:llama", "--device", "cuda:99"], "device: 'cuda:99', but this torch sees"),
+    # before: the model was loaded and the engine started, then an 'unexpected error: FileExistsError' (exit 1)
+    (["--base", "tiny:llama", "--output-dir", "/dev/null"], "output_dir: /dev/null is a file, not a folder"),
+    # before: accepted (e.g. --api-key "$KEY" with KEY unset): 'Bearer ' was the key, and no warning off localhost
+    (["--base", "tiny:llama", "--api-key", "", "--dry-run"], "api_key: empty"),
+    (["--base", "tiny:llama", "--dry-run", "api_key=' '"], "api_key: empty"),
 ])
 def test_errors_name_the_problem(argv, message, capsys):
     assert main(["serve", *argv]) == 2
@@ -108,3 +122,17 @@ def test_a_port_in_use_is_refused_before_loading_or_writing(serve_dirs, tmp_path
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
     assert code == 2 and len(err) == 1 and f"port: cannot listen on 127.0.0.1:{port}" in err[0], err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_log_every_without_output_dir_warns(serve_dirs, caplog, monkeypatch):
+    """log_every spaces the metrics rows written to output_dir; set without output_dir it was read by nothing, without
+    a word. Now a warning naming both (the server still starts: a config may set it for runs with output_dir)."""
+    import alignkit.cli.serve as serve_cli
+
+    def stop_here(host, port):  # the warning comes before the port is bound: nothing is served
+        raise serve_cli.ConfigError("stopped before binding")
+
+    monkeypatch.setattr(serve_cli, "bind", stop_here)
+    with caplog.at_level("WARNING"):
+        assert main(["serve", "--base", str(serve_dirs["base"]), "log_every=5"]) == 2
+    assert any("log_every=5 is read only with output_dir" in r.getMessage() for r in caplog.records), caplog.text

@@ -66,7 +66,7 @@ def config_from(args: argparse.Namespace) -> Any:
     overrides = list(args.overrides)
     for key in FLAGS:
         value = getattr(args, key, None)
-        if value is not None:
+        if value is not None and key != "api_key":  # --api-key is set below as given: a key is text, not YAML
             overrides.append(f"{key}={value}")
     adapters = {}
     for spec in args.adapter:
@@ -76,14 +76,16 @@ def config_from(args: argparse.Namespace) -> Any:
         if name in adapters:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = folder
-    data_overrides = [o for o in overrides if not o.startswith("api_key=")]
-    cfg = load_config(args.config, data_overrides, command="serve")
+    cfg = load_config(args.config, overrides, command="serve")  # an api_key=KEY override too (it was dropped)
     if args.api_key is not None:
         cfg.api_key = args.api_key
     if adapters:
         cfg.adapters = {**cfg.adapters, **adapters}
     if cfg.api_key is None and os.environ.get("ALIGNKIT_API_KEY"):
         cfg.api_key = os.environ["ALIGNKIT_API_KEY"]
+    if cfg.api_key is not None and not cfg.api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
+        raise ConfigError("api_key: empty, so the server would take 'Authorization: Bearer ' as the key (and not warn "
+                          "when it listens beyond this machine); give a real key, or drop api_key to serve without one")
     return cfg
 
 
@@ -158,15 +160,17 @@ def bind(host: str, port: int) -> Any:
     return sock
 
 
-def build_engine(cfg: Any):
-    """The engine for a `ServeConfig` (not started)."""
+def build_engine(cfg: Any, device: str | None = None):
+    """The engine for a `ServeConfig` (not started). `device`: the one `check_device` returned, with the folders
+    already checked (`check_folders`); None: both are checked here."""
     from alignkit.serve.engine import Engine, EngineConfig
     from alignkit.serve.stack import load_stack
 
     if cfg.engine == "vllm":
         raise ConfigError("engine: vllm runs vLLM's own server (alignkit serve --engine vllm), not this engine")
-    device = check_device(cfg.device)
-    check_folders(cfg)
+    if device is None:
+        device = check_device(cfg.device)
+        check_folders(cfg)
     base, base_name = resolve_base(cfg)
     try:
         stack = load_stack(base, cfg.adapters, base_name=base_name, dtype=cfg.dtype, device=device,
@@ -197,11 +201,19 @@ def run(args: argparse.Namespace) -> int:
         shown = cfg if cfg.api_key is None else type(cfg)(**{**vars(cfg), "api_key": "***"})
         print(dump_config(shown), end="")
         return 0
+    from alignkit.cli.runfolder import check_output_dir
     from alignkit.serve.api import serve_forever
 
+    if cfg.output_dir is not None:  # a file there failed after the model was loaded (FileExistsError)
+        check_output_dir(Path(cfg.output_dir))
+    elif cfg.log_every != type(cfg).log_every:
+        logger.warning("log_every=%g is read only with output_dir (the metrics rows it spaces are written there); "
+                       "without output_dir nothing is written: set output_dir or drop log_every", cfg.log_every)
+    device = check_device(cfg.device)
+    check_folders(cfg)
     sock = bind(cfg.host, cfg.port)
     try:
-        engine = build_engine(cfg)
+        engine = build_engine(cfg, device)
         if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
             logger.warning("serving on %s without --api-key: anyone who can reach this address can use the models",
                            cfg.host)
