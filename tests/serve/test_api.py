@@ -353,3 +353,24 @@ def test_add_special_tokens_is_honoured(serve_stack):
     with pytest.raises(ApiError) as e:
         completion_prompts({"prompt": "Hi", "add_special_tokens": "no"}, tok)
     assert e.value.param == "add_special_tokens"
+
+
+def test_a_message_name_reaches_the_template_and_tool_calls_are_refused(serve_stack):
+    """A message's `name` was dropped before the chat template saw it (a template that writes the speaker's name got
+    none); it is passed on. An assistant message carrying tool_calls lost them without a word (tools are not
+    served): a 400 naming the message."""
+    import copy
+
+    from alignkit.serve.api import ApiError, chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = ("{% for m in messages %}[{{ m['name'] if 'name' in m else m['role'] }}] {{ m['content'] }}"
+                         "{% endfor %}")
+    got = chat_prompt({"messages": [{"role": "user", "content": "Hi", "name": "ada"},
+                                    {"role": "user", "content": "Yo"}]}, tok)
+    assert got == tok("[ada] Hi[user] Yo", add_special_tokens=False)["input_ids"]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    with pytest.raises(ApiError) as e:
+        chat_prompt({"messages": [{"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "", "tool_calls": calls}]}, tok)
+    assert e.value.status == 400 and e.value.param == "messages[1]" and "tool_calls" in e.value.message

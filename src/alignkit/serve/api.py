@@ -189,8 +189,15 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
             c = "".join(x["text"] for x in c)
         if not isinstance(c, str):
             raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
+        for key in ("tool_calls", "function_call"):  # tools are not served: the template would render these
+            if m.get(key):
+                raise ApiError(400, f"messages[{i}].{key}: tool calls are not supported by this server; remove them",
+                               param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": c})
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, f"messages[{i}].name must be a string", param=f"messages[{i}]")
+        clean.append({"role": role, "content": c, **({"name": name} if name else {})})  # a template may use name
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
     try:
