@@ -181,6 +181,12 @@ def test_limits_and_errors(engine, stack):
         engine.generate("base", [5], SamplingParams(max_tokens=33))
     with pytest.raises(RequestError, match="top_p"):
         engine.generate("base", [5], SamplingParams(top_p=0.0))
+    # a token id past the embedding table: before, accepted, then the prefill's lookup raised in the engine thread
+    # and failed every request of its batch ("internal error: IndexError")
+    rows = stack.model.get_input_embeddings().num_embeddings
+    with pytest.raises(RequestError, match=rf"token id {rows}; this model's token ids are 0 \.\. {rows - 1}") as e:
+        engine.generate("base", [5, rows], SamplingParams(max_tokens=2))
+    assert e.value.param == "prompt"
     # still serving
     assert engine.generate("base", tok("Hello")["input_ids"], SamplingParams(max_tokens=2))["choices"][0]["token_ids"]
 

@@ -195,6 +195,7 @@ class Engine:
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kw = cache_keyword(stack.model)  # `cache` or `past_key_values`, as transformers names it
         self._context = trained_context(unwrap_lm(stack.model).config)  # positions past it are refused
+        self._vocab = unwrap_lm(stack.model).get_input_embeddings().num_embeddings  # token ids past it are refused
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -247,6 +248,10 @@ class Engine:
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt has no tokens", "prompt")
+        bad = next((t for t in prompt_ids if not 0 <= t < self._vocab), None)
+        if bad is not None:  # the embedding lookup would raise in the engine thread and fail the whole batch
+            raise RequestError(f"the prompt holds token id {bad}; this model's token ids are 0 .. {self._vocab - 1}",
+                               "prompt")
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                                f"{self.config.max_prompt_tokens}", "prompt")
