@@ -470,3 +470,42 @@ def test_a_tiny_temperature_samples_the_greedy_token_and_fails_nothing(engine, s
     cold = engine.generate("terse", prompt, SamplingParams(max_tokens=8, temperature=temperature, seed=3), timeout=30)
     assert greedy_matches(cold["choices"][0]["token_ids"], ref, 8)[0]
     assert engine.alive
+
+
+def test_reft_adapters_of_different_positions_and_layers_in_one_batch_equal_alone(serve_dirs, tmp_path):
+    """The shared adapters all edit 'f1+l2' on layers 0 and 1; here each ReFT adapter has its own position spec, layers
+    and weight sharing (last 3 on layer 1, first 2 on layer 0, 'f1+l2' split between two interventions, 'f3+l3'), so
+    one batch's intervention_locations mix slot widths and adapter slices. Every request, all submitted together
+    (one prefill), equals the independent reference of its adapter alone (greedy, no cache, no padding)."""
+    from .conftest import make_adapter
+
+    specs = {"l3": ("l3", (1,), True), "f2": ("f2", (0,), True), "split": ("f1+l2", (0, 1), False),
+             "f3l3": ("f3+l3", (0, 1), True)}
+    folders = {}
+    for seed, (name, (positions, layers, share)) in enumerate(specs.items()):
+        folders[name] = tmp_path / name
+        make_adapter(serve_dirs["base"], folders[name], "reft", 20 + seed, positions, layers, share)
+    stack = load_stack(serve_dirs["base"], folders, base_name="base")
+    dirs = {"base": serve_dirs["base"], "adapters": folders}
+    eng = Engine(stack, EngineConfig())
+    tok = stack.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[1:4]]
+    ref = {}
+    for name in ["base", *specs]:
+        model, cfg = reference_model(dirs, name)
+        for i, p in enumerate(prompts):
+            ref[(name, i)] = reference_greedy(model, cfg, p, 6, eng.end_ids)
+    assert len({tuple(t for t, _, _ in ref[(m, 1)]) for m in ["base", *specs]}) >= 4  # the adapters do differ
+    events = {k: [] for k in ref}
+    for (name, i), evs in events.items():  # submitted before the engine starts: one prefill of 15 rows
+        eng.submit(name, prompts[i], SamplingParams(max_tokens=6, temperature=0.0), evs.append)
+    eng.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(e and e[-1].kind == "end" for e in events.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+    for k, evs in events.items():
+        got = [e.token_id for e in evs if e.kind == "token"]
+        assert greedy_matches(got, ref[k], 6)[0], (k, got, ref[k])
