@@ -406,6 +406,22 @@ def test_a_seed_torch_cannot_take_is_refused_and_the_engine_keeps_serving(stack)
         eng.stop()
 
 
+def run_together(eng, jobs, timeout=60):
+    """Submit every job {key: (prompt ids, SamplingParams)} (key[0] or key: the model) to the engine before it starts,
+    so they share one prefill; run until each has ended, stop the engine. Returns {key: [events]}."""
+    events = {k: [] for k in jobs}
+    for k, (prompt, params) in jobs.items():
+        eng.submit(k[0] if isinstance(k, tuple) else k, prompt, params, events[k].append)
+    eng.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not all(e and e[-1].kind == "end" for e in events.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+    return events
+
+
 def test_non_finite_logits_end_their_own_request_and_the_batch_is_served(stack, monkeypatch):
     """Rows routed to 'polite' (greedy) and 'both' (sampled, n=2) get NaN logits from their first decode step on, in
     one batch with a greedy 'base' row and a seeded sampled 'terse' row. Before: the greedy NaN row answered argmax
@@ -435,16 +451,7 @@ def test_non_finite_logits_end_their_own_request_and_the_batch_is_served(stack, 
         return logits, cache
 
     monkeypatch.setattr(eng, "_forward", nan_for_polite_and_both)
-    events = {m: [] for m in jobs}
-    for m, p in jobs.items():
-        eng.submit(m, prompt, p, events[m].append)
-    eng.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not all(e and e[-1].kind == "end" for e in events.values()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        eng.stop()
+    events = run_together(eng, {m: (prompt, p) for m, p in jobs.items()})
     for m in ("polite", "both"):
         kinds = [e.kind for e in events[m]]
         assert kinds[-2:] == ["error", "end"] and "done" not in kinds, (m, kinds)
@@ -496,16 +503,7 @@ def test_reft_adapters_of_different_positions_and_layers_in_one_batch_equal_alon
         for i, p in enumerate(prompts):
             ref[(name, i)] = reference_greedy(model, cfg, p, 6, eng.end_ids)
     assert len({tuple(t for t, _, _ in ref[(m, 1)]) for m in ["base", *specs]}) >= 4  # the adapters do differ
-    events = {k: [] for k in ref}
-    for (name, i), evs in events.items():  # submitted before the engine starts: one prefill of 15 rows
-        eng.submit(name, prompts[i], SamplingParams(max_tokens=6, temperature=0.0), evs.append)
-    eng.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not all(e and e[-1].kind == "end" for e in events.values()) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    finally:
-        eng.stop()
+    events = run_together(eng, {k: (prompts[k[1]], SamplingParams(max_tokens=6, temperature=0.0)) for k in ref})
     for k, evs in events.items():
         got = [e.token_id for e in evs if e.kind == "token"]
         assert greedy_matches(got, ref[k], 6)[0], (k, got, ref[k])
