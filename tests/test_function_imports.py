@@ -39,6 +39,8 @@ ALLOWED = {
                                       "compiled chat template is needed only when records are tokenized",
     ("cli/serve.py", "alignkit.serve"): "`alignkit serve --help` " + STARTUP,
     ("cli/serve.py", "alignkit.models.tiny"): "`alignkit serve --help` " + STARTUP,
+    ("cli/serve.py", "alignkit.cli.models"): "`alignkit serve --help` " + STARTUP + " (cli/models imports torch)",
+    ("cli/serve.py", "alignkit.cli.runfolder"): "`alignkit serve --help` " + STARTUP + " (cli/runfolder imports torch)",
     ("cli/serve.py", "torch"): "`alignkit serve --help` " + STARTUP,
     ("cli/vllm_serve.py", "alignkit"): "`alignkit vllm-serve --help` " + STARTUP,
     ("cli/flags.py", "transformers"): "TRL-style --flags are translated before the command's module loads; "

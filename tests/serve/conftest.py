@@ -20,11 +20,12 @@ from alignkit.models.loading import load_model
 from alignkit.models.tiny import save_tiny
 
 
-def make_adapter(base, folder, kind: str, seed: int, positions: str = "f1+l2") -> None:
+def make_adapter(base, folder, kind: str, seed: int, positions: str = "f1+l2", layers=(0, 1),
+                 share_weights: bool = True) -> None:
     torch.manual_seed(seed)
     model = load_model(base)
-    reft = ReftSettings(config=ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2).to_dict(),
-                        positions=positions) if ROWS[kind].reft else None
+    reft = ReftSettings(config=ReftConfig.uniform(list(layers), "loreft", low_rank_dimension=2).to_dict(),
+                        positions=positions, share_weights=share_weights) if ROWS[kind].reft else None
     wrapped = apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4), reft=reft))
     with torch.no_grad():
         for n, p in wrapped.named_parameters():

@@ -139,11 +139,15 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         ({"model": "base"}, 400, "prompt"),
         ({"prompt": "Hi"}, 400, "model"),
         ({"model": "base", "prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
-        ({"model": "base", "prompt": "Hi", "max_tokens": 65}, 400, None),
+        ({"model": "base", "prompt": "Hi", "max_tokens": 65}, 400, "max_tokens"),
+        ({"model": "base", "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "base", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"model": "base", "prompt": ""}, 400, "prompt"),
+        ({"model": "base", "prompt": ["Hi", ""]}, 400, "prompt"),
         ({"model": "base", "prompt": "Hi", "max_tokens": 2.5}, 400, "max_tokens"),
         ({"model": "base", "prompt": "Hi", "stop": [1]}, 400, "stop"),
         ({"model": "base", "prompt": "Hi", "n": 0}, 400, "n"),
-        ({"model": "base", "prompt": "Hi " * 60}, 400, None),
+        ({"model": "base", "prompt": "Hi " * 60}, 400, "prompt"),
         ({"model": "base", "prompt": [99999]}, 400, "prompt"),
     ]
     for body, status, param in cases:
@@ -153,6 +157,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert err["error"]["param"] == param, body
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]})
     assert got == 400 and "role" in err["error"]["message"]
+    # the engine's limits name the field too (before: param null); a chat prompt's field is messages
+    got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi " * 60}]})
+    assert got == 400 and err["error"]["param"] == "messages" and "tokens" in err["error"]["message"], err
+    got, err = raw(url, "/v1/completions", {"model": "base", "prompt": ["Hi", ""]})
+    assert "'prompt'[1] is empty" in err["error"]["message"], err
     got, err = raw(url, "/v1/nothing-here")
     assert got == 404 and "error" in err
     # prompt and max_tokens limits say the limit
@@ -172,11 +181,21 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
                                          ("stop_token_ids", [5]), ("include_stop_str_in_output", True),
                                          ("use_beam_search", True), ("guided_json", {"type": "object"}),
                                          ("guided_regex", "a+"), ("guided_choice", ["a"]), ("prompt_logprobs", 1),
-                                         ("truncate_prompt_tokens", 8), ("skip_special_tokens", False)])
+                                         ("truncate_prompt_tokens", 8), ("skip_special_tokens", False),
+                                         ("tool_choice", "required"), ("function_call", {"name": "f"}),
+                                         ("bad_words", ["a"]), ("allowed_token_ids", [5]), ("length_penalty", 2.0),
+                                         ("logits_processors", ["m.P"]), ("structured_outputs", {"json": {}}),
+                                         ("return_tokens_as_token_ids", True), ("prompt_embeds", "AAAA"),
+                                         ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy"}),
+                                         ("web_search_options", {}), ("reasoning_effort", "high"),
+                                         ("verbosity", "low"), ("add_generation_prompt", False),
+                                         ("continue_final_message", True), ("chat_template", "{{ 'x' }}"),
+                                         ("chat_template_kwargs", {"enable_thinking": False}),
+                                         ("documents", [{"text": "x"}])])
 def test_sampling_fields_the_engine_does_not_implement_are_refused(client, server, field, value):
     """Before, these were accepted and the answer sampled without them (a 200 that looked like it honoured the
-    request). Now a 400 naming the field, on both endpoints; their neutral values and fields that do not change
-    the answer (user) are still served."""
+    request; tool_choice .. documents until the second audit). Now a 400 naming the field, on both endpoints; their
+    neutral values and fields that do not change the answer (user) are still served."""
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="base", prompt="Hi", max_tokens=2, extra_body={field: value})
     assert e.value.body["param"] == field and "not supported" in e.value.body["message"], e.value.body
@@ -184,7 +203,10 @@ def test_sampling_fields_the_engine_does_not_implement_are_refused(client, serve
                                                       "max_tokens": 2, field: value})
     assert got == 400 and err["error"]["param"] == field, err
     out = client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, presence_penalty=0,
-                                    frequency_penalty=0, user="u1", extra_body={"top_k": -1, "repetition_penalty": 1})
+                                    frequency_penalty=0, user="u1", extra_body={"top_k": -1, "repetition_penalty": 1,
+                                                                                "tool_choice": "auto",
+                                                                                "add_generation_prompt": True,
+                                                                                "modalities": ["text"]})
     assert out.choices[0].finish_reason in ("length", "stop")
 
 
@@ -289,3 +311,66 @@ def test_messages_the_chat_template_refuses_are_a_400_with_its_reason(serve_stac
         chat_prompt({"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Hi"}]}, tok)
     assert e.value.status == 400 and e.value.param == "messages" and "System role not supported" in e.value.message
     assert chat_prompt({"messages": [{"role": "user", "content": "Hi"}]}, tok)
+
+
+def test_stream_options_without_stream_is_a_400_naming_it(client, server):
+    """OpenAI and vLLM refuse stream_options on a request that is not streamed; it was accepted and ignored. A
+    malformed one (include_usage not a boolean) was read as truthy. Both are 400s naming stream_options now; with
+    stream it still adds the usage chunk."""
+    url, _ = server
+    hi = {"model": "base", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    for body in ({**hi, "stream_options": {"include_usage": True}},
+                 {**hi, "stream": True, "stream_options": {"include_usage": "yes"}},
+                 {**hi, "stream": True, "stream_options": ["include_usage"]}):
+        got, err = raw(url, "/v1/completions", body)
+        assert got == 400 and err["error"]["param"] == "stream_options", (body, err)
+    chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+def test_add_special_tokens_is_honoured(serve_stack):
+    """vLLM's add_special_tokens was accepted and ignored: a completion prompt always got the tokenizer's special
+    tokens (a second BOS for a prompt already formatted with one) and a chat prompt never did. Checked with a
+    tokenizer that adds a BOS: completions default on, chat default off, each as the field says."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from alignkit.serve.api import ApiError, chat_prompt, completion_prompts
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    bos = tok.convert_tokens_to_ids("<|bos|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
+    plain = tok("Hi there", add_special_tokens=False)["input_ids"]
+    assert completion_prompts({"prompt": "Hi there"}, tok) == [[bos] + plain]
+    assert completion_prompts({"prompt": "Hi there", "add_special_tokens": False}, tok) == [plain]
+    msgs = [{"role": "user", "content": "Hi"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    templated = tok(text, add_special_tokens=False)["input_ids"]
+    assert chat_prompt({"messages": msgs}, tok) == templated
+    assert chat_prompt({"messages": msgs, "add_special_tokens": True}, tok) == [bos] + templated
+    with pytest.raises(ApiError) as e:
+        completion_prompts({"prompt": "Hi", "add_special_tokens": "no"}, tok)
+    assert e.value.param == "add_special_tokens"
+
+
+def test_a_message_name_reaches_the_template_and_tool_calls_are_refused(serve_stack):
+    """A message's `name` was dropped before the chat template saw it (a template that writes the speaker's name got
+    none); it is passed on. An assistant message carrying tool_calls lost them without a word (tools are not
+    served): a 400 naming the message."""
+    import copy
+
+    from alignkit.serve.api import ApiError, chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = ("{% for m in messages %}[{{ m['name'] if 'name' in m else m['role'] }}] {{ m['content'] }}"
+                         "{% endfor %}")
+    got = chat_prompt({"messages": [{"role": "user", "content": "Hi", "name": "ada"},
+                                    {"role": "user", "content": "Yo"}]}, tok)
+    assert got == tok("[ada] Hi[user] Yo", add_special_tokens=False)["input_ids"]
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    with pytest.raises(ApiError) as e:
+        chat_prompt({"messages": [{"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "", "tool_calls": calls}]}, tok)
+    assert e.value.status == 400 and e.value.param == "messages[1]" and "tool_calls" in e.value.message

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+
 import pytest
 
 from alignkit.cli import main
@@ -18,6 +21,15 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
     assert "api_key: '***'" in out and ": k\n" not in out  # the key is never echoed
 
 
+def test_an_api_key_override_is_used(capsys):
+    """`api_key=KEY` (a key=value override, as every other key takes) was dropped without a word: the server ran
+    with no key at all while its user believed it protected."""
+    assert main(["serve", "--base", "tiny:llama", "api_key=s3cret", "--dry-run"]) == 0
+    assert "api_key: '***'" in capsys.readouterr().out
+    assert main(["serve", "--base", "tiny:llama", "--api-key", "123", "--dry-run"]) == 0  # a flag's key stays text
+    assert "api_key: '***'" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--base", "tiny:llama", "--adapter", "noequals"], "--adapter 'noequals': expected NAME=DIR"),
     (["--base", "tiny:llama", "--engine", "vllm", "--adapter", "r=/no/such"], "adapter 'r': folder /no/such does not exist"),
@@ -27,6 +39,14 @@ def test_dry_run_merges_config_flags_and_overrides(capsys, tmp_path):
     # before: accepted, and a request without max_tokens got max_new_tokens (the engine clamped it without a word)
     (["--base", "tiny:llama", "--default-max-tokens", "100", "--max-new-tokens", "50"],
      "default_max_tokens: 100 exceeds max_new_tokens (50)"),
+    # before: the base was built and loaded, then torch's own error as an 'unexpected error' (exit 1)
+    (["--base", "tiny:llama", "--device", "banana"], "device: 'banana' is not a torch device"),
+    (["--base", "tiny:llama", "--device", "cuda:99"], "device: 'cuda:99', but this torch sees"),
+    # before: the model was loaded and the engine started, then an 'unexpected error: FileExistsError' (exit 1)
+    (["--base", "tiny:llama", "--output-dir", "/dev/null"], "output_dir: /dev/null is a file, not a folder"),
+    # before: accepted (e.g. --api-key "$KEY" with KEY unset): 'Bearer ' was the key, and no warning off localhost
+    (["--base", "tiny:llama", "--api-key", "", "--dry-run"], "api_key: empty"),
+    (["--base", "tiny:llama", "--dry-run", "api_key=' '"], "api_key: empty"),
 ])
 def test_errors_name_the_problem(argv, message, capsys):
     assert main(["serve", *argv]) == 2
@@ -45,3 +65,74 @@ def test_engine_vllm_refuses_what_only_alignkits_engine_reads(argv, key, capsys)
     assert main(["serve", "--base", "tiny:llama", "--engine", "vllm", *argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
     assert len(err) == 1 and err[0].startswith(f"alignkit serve: error: {key}: ") and "engine=vllm" in err[0], err
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("lora-no-weights", "adapter 'a': {folder} has no adapter_model.safetensors (the LoRA weights)"),
+    ("lora-truncated", "adapter 'a': {folder}/adapter_model.safetensors cannot be read"),
+    ("reft-truncated", "adapter 'a': {folder}/interventions.safetensors cannot be read"),
+    ("base-truncated", "base: {folder}/model.safetensors cannot be read"),
+])
+def test_a_folder_the_server_cannot_load_is_refused_before_loading(serve_dirs, tmp_path, monkeypatch, capsys, case,
+                                                                   message):
+    """Before: the base model was loaded, then peft / safetensors failed: a LoRA folder without its weights gave
+    huggingface_hub's "Repo id must be in the form 'repo_name'..." and a truncated weights file an "unexpected error:
+    SafetensorError" (exit 1). Now one line naming the served name and the file, before any model is loaded."""
+    import alignkit.serve.stack as stack_module
+
+    kind = case.split("-")[0]
+    src = serve_dirs["base"] if kind == "base" else serve_dirs["adapters"]["terse" if kind == "lora" else "polite"]
+    folder = tmp_path / case
+    shutil.copytree(src, folder)
+    weights = folder / {"lora": "adapter_model", "reft": "interventions", "base": "model"}[kind]
+    weights = weights.with_suffix(".safetensors")
+    if case == "lora-no-weights":
+        weights.unlink()
+    else:
+        _truncate(weights)
+    base, adapter = (folder, serve_dirs["adapters"]["terse"]) if kind == "base" else (serve_dirs["base"], folder)
+    monkeypatch.setattr(stack_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["serve", "--base", str(base), "--adapter", f"a={adapter}", "--port", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
+    assert len(err) == 1 and message.format(folder=folder) in err[0], err
+
+
+def test_a_port_in_use_is_refused_before_loading_or_writing(serve_dirs, tmp_path, monkeypatch, capsys):
+    """Before: the model was loaded, 'alignkit serve: ... on http://...' printed, the --output-dir got a start and a
+    stop row and its plots/ were drawn over the previous server's, then uvicorn's "address already in use" and exit 3
+    (SystemExit). Now the port is bound first: one line naming it, nothing loaded, the output folder untouched."""
+    import alignkit.serve.stack as stack_module
+
+    out = tmp_path / "served"
+    (out / "plots").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"event": "start"}\n')
+    (out / "plots" / "serve-load.png").write_bytes(b"previous plot")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    monkeypatch.setattr(stack_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--base", str(serve_dirs["base"]), "--port", str(port), "--output-dir", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
+    assert code == 2 and len(err) == 1 and f"port: cannot listen on 127.0.0.1:{port}" in err[0], err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_log_every_without_output_dir_warns(serve_dirs, caplog, monkeypatch):
+    """log_every spaces the metrics rows written to output_dir; set without output_dir it was read by nothing, without
+    a word. Now a warning naming both (the server still starts: a config may set it for runs with output_dir)."""
+    import alignkit.cli.serve as serve_cli
+
+    def stop_here(host, port):  # the warning comes before the port is bound: nothing is served
+        raise serve_cli.ConfigError("stopped before binding")
+
+    monkeypatch.setattr(serve_cli, "bind", stop_here)
+    with caplog.at_level("WARNING"):
+        assert main(["serve", "--base", str(serve_dirs["base"]), "log_every=5"]) == 2
+    assert any("log_every=5 is read only with output_dir" in r.getMessage() for r in caplog.records), caplog.text

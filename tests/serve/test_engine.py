@@ -181,6 +181,12 @@ def test_limits_and_errors(engine, stack):
         engine.generate("base", [5], SamplingParams(max_tokens=33))
     with pytest.raises(RequestError, match="top_p"):
         engine.generate("base", [5], SamplingParams(top_p=0.0))
+    # a token id past the embedding table: before, accepted, then the prefill's lookup raised in the engine thread
+    # and failed every request of its batch ("internal error: IndexError")
+    rows = stack.model.get_input_embeddings().num_embeddings
+    with pytest.raises(RequestError, match=rf"token id {rows}; this model's token ids are 0 \.\. {rows - 1}") as e:
+        engine.generate("base", [5, rows], SamplingParams(max_tokens=2))
+    assert e.value.param == "prompt"
     # still serving
     assert engine.generate("base", tok("Hello")["input_ids"], SamplingParams(max_tokens=2))["choices"][0]["token_ids"]
 
@@ -398,3 +404,106 @@ def test_a_seed_torch_cannot_take_is_refused_and_the_engine_keeps_serving(stack)
         assert len(res["choices"][0]["token_ids"]) == 2
     finally:
         eng.stop()
+
+
+def run_together(eng, jobs, timeout=60):
+    """Submit every job {key: (prompt ids, SamplingParams)} (key[0] or key: the model) to the engine before it starts,
+    so they share one prefill; run until each has ended, stop the engine. Returns {key: [events]}."""
+    events = {k: [] for k in jobs}
+    for k, (prompt, params) in jobs.items():
+        eng.submit(k[0] if isinstance(k, tuple) else k, prompt, params, events[k].append)
+    eng.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not all(e and e[-1].kind == "end" for e in events.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        eng.stop()
+    return events
+
+
+def test_non_finite_logits_end_their_own_request_and_the_batch_is_served(stack, monkeypatch):
+    """Rows routed to 'polite' (greedy) and 'both' (sampled, n=2) get NaN logits from their first decode step on, in
+    one batch with a greedy 'base' row and a seeded sampled 'terse' row. Before: the greedy NaN row answered argmax
+    over NaN (token 0, garbage, finish "length") and the sampled one raised in the draw, failing the whole batch
+    (the healthy requests too) with "internal error". Now the two poisoned requests end with an error naming their
+    model after their one good token, and the healthy requests get the tokens they get alone."""
+    prompt = stack.tokenizer("The quick brown fox")["input_ids"]
+    jobs = {"base": SamplingParams(max_tokens=6, temperature=0.0),
+            "terse": SamplingParams(max_tokens=6, temperature=1.0, seed=5),
+            "polite": SamplingParams(max_tokens=6, temperature=0.0),
+            "both": SamplingParams(max_tokens=6, temperature=1.0, seed=9, n=2)}
+    clean = Engine(stack, EngineConfig(max_new_tokens=8)).start()
+    try:
+        alone = {m: clean.generate(m, prompt, SamplingParams(**vars(p)), timeout=30)["choices"]
+                 for m, p in jobs.items() if m in ("base", "terse")}
+    finally:
+        clean.stop()
+    eng = Engine(stack, EngineConfig(max_new_tokens=8))  # not started: the four requests share one prefill
+    real = eng._forward
+
+    def nan_for_polite_and_both(input_ids, mask, position_ids, cache, routes, locations):
+        logits, cache = real(input_ids, mask, position_ids, cache, routes, locations)
+        if input_ids.shape[1] == 1:  # decode steps: the prefill's first token is still good
+            for b, r in enumerate(routes):
+                if r.name in ("polite", "both"):
+                    logits[b] = float("nan")
+        return logits, cache
+
+    monkeypatch.setattr(eng, "_forward", nan_for_polite_and_both)
+    events = run_together(eng, {m: (prompt, p) for m, p in jobs.items()})
+    for m in ("polite", "both"):
+        kinds = [e.kind for e in events[m]]
+        assert kinds[-2:] == ["error", "end"] and "done" not in kinds, (m, kinds)
+        assert f"model '{m}'" in events[m][-2].message and "NaN or inf" in events[m][-2].message
+        assert "completion token 2" in events[m][-2].message
+        assert len([e for e in events[m] if e.kind == "token"]) == jobs[m].n  # one good token per choice
+    for m in ("base", "terse"):
+        got = [e.token_id for e in events[m] if e.kind == "token"]
+        assert got == alone[m][0]["token_ids"] and len(got) == 6, m
+        assert [e.kind for e in events[m]][-2:] == ["done", "end"]
+    assert eng.stats.errors == 2 and eng.alive is False
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+def test_a_tiny_temperature_samples_the_greedy_token_and_fails_nothing(engine, stack, serve_dirs, temperature):
+    """logits / 1e-40 overflows float32 to inf and softmax(inf - inf) is NaN: before, a request with temperature
+    1e-40 (valid: the API takes [0, 2]) raised inside the draw and failed its whole batch ("internal error:
+    NonFiniteLogitsError"). As the temperature goes to 0 the distribution goes to a one-hot on the largest logit,
+    so such a request must draw the greedy tokens (of the independent reference: the adapter loaded alone, greedy
+    without cache)."""
+    prompt = stack.tokenizer("Hello")["input_ids"]
+    ref = reference_greedy(*reference_model(serve_dirs, "terse"), prompt, 8, engine.end_ids)
+    cold = engine.generate("terse", prompt, SamplingParams(max_tokens=8, temperature=temperature, seed=3), timeout=30)
+    assert greedy_matches(cold["choices"][0]["token_ids"], ref, 8)[0]
+    assert engine.alive
+
+
+def test_reft_adapters_of_different_positions_and_layers_in_one_batch_equal_alone(serve_dirs, tmp_path):
+    """The shared adapters all edit 'f1+l2' on layers 0 and 1; here each ReFT adapter has its own position spec, layers
+    and weight sharing (last 3 on layer 1, first 2 on layer 0, 'f1+l2' split between two interventions, 'f3+l3'), so
+    one batch's intervention_locations mix slot widths and adapter slices. Every request, all submitted together
+    (one prefill), equals the independent reference of its adapter alone (greedy, no cache, no padding)."""
+    from .conftest import make_adapter
+
+    specs = {"l3": ("l3", (1,), True), "f2": ("f2", (0,), True), "split": ("f1+l2", (0, 1), False),
+             "f3l3": ("f3+l3", (0, 1), True)}
+    folders = {}
+    for seed, (name, (positions, layers, share)) in enumerate(specs.items()):
+        folders[name] = tmp_path / name
+        make_adapter(serve_dirs["base"], folders[name], "reft", 20 + seed, positions, layers, share)
+    stack = load_stack(serve_dirs["base"], folders, base_name="base")
+    dirs = {"base": serve_dirs["base"], "adapters": folders}
+    eng = Engine(stack, EngineConfig())
+    tok = stack.tokenizer
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[1:4]]
+    ref = {}
+    for name in ["base", *specs]:
+        model, cfg = reference_model(dirs, name)
+        for i, p in enumerate(prompts):
+            ref[(name, i)] = reference_greedy(model, cfg, p, 6, eng.end_ids)
+    assert len({tuple(t for t, _, _ in ref[(m, 1)]) for m in ["base", *specs]}) >= 4  # the adapters do differ
+    events = run_together(eng, {k: (prompts[k[1]], SamplingParams(max_tokens=6, temperature=0.0)) for k in ref})
+    for k, evs in events.items():
+        got = [e.token_id for e in evs if e.kind == "token"]
+        assert greedy_matches(got, ref[k], 6)[0], (k, got, ref[k])

@@ -65,6 +65,42 @@ def test_a_restart_appends_and_keeps_the_previous_rows(serve_stack, tmp_path):
     assert after.startswith(before) and [r.get("event") for r in _rows(tmp_path)] == ["start", "stop"] * 2
 
 
+def test_a_restart_continues_the_tensorboard_steps_and_the_plots(serve_stack, tmp_path, monkeypatch):
+    """TensorBoard steps were seconds since each start, so a restart into the same folder wrote its rows at steps
+    0, 1, ... again beside the previous start's (TensorBoard shows two values per step), and the plots were drawn
+    from the last start's rows alone, over the previous start's. The clock is the test's: a start at t=1000 that
+    stops at 1010, a restart at 1100 that stops at 1105; steps count from the folder's first row (0, 10, 100, 105)
+    and the plots hold all four rows."""
+    import alignkit.serve.log as log_module
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(log_module.time, "time", lambda: clock["t"])
+    drawn = []
+    real_plot = log_module.plot_metrics
+
+    def plot(rows, *a, **k):
+        drawn.append(rows)
+        return real_plot(rows, *a, **k)
+
+    monkeypatch.setattr(log_module, "plot_metrics", plot)
+    engine = Engine(serve_stack, EngineConfig()).start()
+    try:
+        for start, stop in ((1000.0, 1010.0), (1100.0, 1105.0)):
+            clock["t"] = start
+            log = ServeLog(engine, tmp_path, every=3600).start()
+            clock["t"] = stop
+            log.stop()
+    finally:
+        engine.stop()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "serve"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert sorted(e.step for e in acc.Scalars("serve/queue_depth")) == [0, 10, 100, 105]
+    assert [r["elapsed_s"] for r in drawn[-1]] == [0, 10, 100, 105]
+
+
 def test_output_dir_with_the_vllm_engine_is_refused(capsys):
     assert main(["serve", "--base", "tiny:llama", "--engine", "vllm", "--output-dir", "/tmp/x"]) == 2
     assert "output_dir: the serve log" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ def config_from(args: argparse.Namespace) -> Any:
     overrides = list(args.overrides)
     for key in FLAGS:
         value = getattr(args, key, None)
-        if value is not None:
+        if value is not None and key != "api_key":  # --api-key is set below as given: a key is text, not YAML
             overrides.append(f"{key}={value}")
     adapters = {}
     for spec in args.adapter:
@@ -75,14 +76,16 @@ def config_from(args: argparse.Namespace) -> Any:
         if name in adapters:
             raise ConfigError(f"--adapter: the name {name!r} is given twice")
         adapters[name] = folder
-    data_overrides = [o for o in overrides if not o.startswith("api_key=")]
-    cfg = load_config(args.config, data_overrides, command="serve")
+    cfg = load_config(args.config, overrides, command="serve")  # an api_key=KEY override too (it was dropped)
     if args.api_key is not None:
         cfg.api_key = args.api_key
     if adapters:
         cfg.adapters = {**cfg.adapters, **adapters}
     if cfg.api_key is None and os.environ.get("ALIGNKIT_API_KEY"):
         cfg.api_key = os.environ["ALIGNKIT_API_KEY"]
+    if cfg.api_key is not None and not cfg.api_key.strip():  # e.g. --api-key "$KEY" with KEY unset
+        raise ConfigError("api_key: empty, so the server would take 'Authorization: Bearer ' as the key (and not warn "
+                          "when it listens beyond this machine); give a real key, or drop api_key to serve without one")
     return cfg
 
 
@@ -100,17 +103,75 @@ def resolve_base(cfg: Any) -> tuple[str, str | None]:
     return base, base_name
 
 
-def build_engine(cfg: Any):
-    """The engine for a `ServeConfig` (not started)."""
+def check_device(device: str | None) -> str:
+    """The torch device `device` names (None: cuda if available, else cpu); ConfigError naming the key when torch
+    cannot place a model there (a typo, no CUDA in this torch, a GPU index past the GPUs it sees)."""
     import torch
 
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {device!r} is not a torch device; use cpu, cuda, cuda:1 ... (or leave it unset: "
+                          "cuda if available, else cpu)") from None
+    if dev.type == "cuda":
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not seen or (dev.index is not None and dev.index >= seen):
+            seen_text = f"{seen} CUDA GPU(s) (cuda:0 .. cuda:{seen - 1}); pick one of them" if seen else \
+                "no CUDA GPU; use device cpu"
+            raise ConfigError(f"device: {device!r}, but this torch sees {seen_text} (or leave device unset: cuda if "
+                              "available, else cpu)")
+    return device
+
+
+def check_folders(cfg: Any) -> None:
+    """Every folder the server loads holds what it needs, whole, before anything is loaded: a missing or truncated
+    weights file failed inside peft or safetensors after the base was loaded, as an 'unexpected error'."""
+    from alignkit.cli.models import check_adapter_files, check_model_folder, damaged_safetensors
+
+    check_model_folder(cfg.base, "base")
+    folders = {"base": cfg.base} if tiny_arch(cfg.base, "base") is None else {}
+    for name, folder in cfg.adapters.items():
+        key = f"adapter {name!r}"
+        check_model_folder(folder, key, adapter=True)
+        check_adapter_files(Path(folder), key)
+        folders[key] = folder
+    for key, folder in folders.items():
+        bad = damaged_safetensors(folder)
+        if bad is not None:
+            raise ConfigError(f"{key}: {bad[0]} cannot be read ({bad[1]}): the file is truncated or damaged; save it "
+                              "again (or copy it again from where it came from)")
+
+
+def bind(host: str, port: int) -> Any:
+    """The listening socket of the server, bound before the model is loaded or anything is written: a port in use
+    used to surface after loading, from uvicorn, with the output folder's rows and plots already written."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"port: cannot listen on {host}:{port} ({e.strerror or e}): another server holds it, or "
+                          "the address is not this machine's; stop it or pick another --port / --host (nothing was "
+                          "loaded or written)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def build_engine(cfg: Any, device: str | None = None):
+    """The engine for a `ServeConfig` (not started). `device`: the one `check_device` returned, with the folders
+    already checked (`check_folders`); None: both are checked here."""
     from alignkit.serve.engine import Engine, EngineConfig
     from alignkit.serve.stack import load_stack
 
     if cfg.engine == "vllm":
         raise ConfigError("engine: vllm runs vLLM's own server (alignkit serve --engine vllm), not this engine")
+    if device is None:
+        device = check_device(cfg.device)
+        check_folders(cfg)
     base, base_name = resolve_base(cfg)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         stack = load_stack(base, cfg.adapters, base_name=base_name, dtype=cfg.dtype, device=device,
                            rope_scaling=cfg.rope_scaling)
@@ -140,16 +201,29 @@ def run(args: argparse.Namespace) -> int:
         shown = cfg if cfg.api_key is None else type(cfg)(**{**vars(cfg), "api_key": "***"})
         print(dump_config(shown), end="")
         return 0
+    from alignkit.cli.runfolder import check_output_dir
     from alignkit.serve.api import serve_forever
 
-    engine = build_engine(cfg)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
-        logger.warning("serving on %s without --api-key: anyone who can reach this address can use the models",
-                       cfg.host)
-    print(f"alignkit serve: {', '.join(engine.stack.names)} on http://{cfg.host}:{cfg.port}/ (chat page at /)")
-    serve_forever(engine, cfg.host, cfg.port, cfg.api_key, log_level="warning" if args.quiet else "info",
-                  output_dir=cfg.output_dir, log_every=cfg.log_every)
+    if cfg.output_dir is not None:  # a file there failed after the model was loaded (FileExistsError)
+        check_output_dir(Path(cfg.output_dir))
+    elif cfg.log_every != type(cfg).log_every:
+        logger.warning("log_every=%g is read only with output_dir (the metrics rows it spaces are written there); "
+                       "without output_dir nothing is written: set output_dir or drop log_every", cfg.log_every)
+    device = check_device(cfg.device)
+    check_folders(cfg)
+    sock = bind(cfg.host, cfg.port)
+    try:
+        engine = build_engine(cfg, device)
+        if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+            logger.warning("serving on %s without --api-key: anyone who can reach this address can use the models",
+                           cfg.host)
+        port = sock.getsockname()[1]  # port 0: the free one the system gave
+        print(f"alignkit serve: {', '.join(engine.stack.names)} on http://{cfg.host}:{port}/ (chat page at /)")
+        serve_forever(engine, cfg.host, port, cfg.api_key, log_level="warning" if args.quiet else "info",
+                      output_dir=cfg.output_dir, log_every=cfg.log_every, sock=sock)
+    finally:
+        sock.close()
     return 0
 
 
-__all__ = ["add_parser", "build_engine", "resolve_base", "config_from", "run"]
+__all__ = ["add_parser", "bind", "build_engine", "check_device", "check_folders", "resolve_base", "config_from", "run"]

@@ -9,10 +9,12 @@
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
 (string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
-stream_options.include_usage. Fields that would change the answer but are not implemented (logprobs, 0 included,
-best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix, response_format, tools, vLLM's
-top_k / min_p / repetition_penalty / min_tokens / ignore_eos / stop_token_ids / guided_* / ...:
-`IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
+stream_options.include_usage (with stream only), vLLM's add_special_tokens. Fields that would change the answer but
+are not implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias,
+suffix, response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
+min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
+`IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user,
+metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits; 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
 over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
@@ -72,6 +74,15 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
     "stop_token_ids": (None, []), "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True),
+    # tools are refused above, so "auto" / "none" choose nothing; "required" or a named function would
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "bad_words": (None, []), "allowed_token_ids": (None,), "length_penalty": (None, 1, 1.0),
+    "logits_processors": (None, []), "structured_outputs": (None,), "return_tokens_as_token_ids": (None, False),
+    "prompt_embeds": (None,), "modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "verbosity": (None, "medium"),
+    # the chat prompt is the tokenizer's own template with the generation prompt, as given
+    "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
+    "chat_template_kwargs": (None, {}), "documents": (None,),
 }
 # logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
@@ -124,7 +135,20 @@ def _model(body: dict) -> str:
     return m
 
 
+def _add_special_tokens(body: dict, default: bool) -> bool:
+    """vLLM's `add_special_tokens` (BOS and the like around a text prompt): completions default true, chat false
+    (the template writes them)."""
+    v = body.get("add_special_tokens")
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(400, f"'add_special_tokens' must be true or false, got {json.dumps(v)[:40]}",
+                       param="add_special_tokens")
+    return v
+
+
 def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
+    special = _add_special_tokens(body, True)
     p = body.get("prompt")
     if isinstance(p, str):
         p = [p]
@@ -133,9 +157,12 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
     if not isinstance(p, list) or not p or len(p) > 16:
         raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids", param="prompt")
     out = []
-    for x in p:
+    for i, x in enumerate(p):
         if isinstance(x, str):
-            out.append(list(tokenizer(x)["input_ids"]))
+            out.append(list(tokenizer(x, add_special_tokens=special)["input_ids"]))
+            if not out[-1]:
+                raise ApiError(400, f"'prompt'{f'[{i}]' if len(p) > 1 else ''} is empty (no tokens): send the text "
+                                    "to continue", param="prompt")
         elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             if any(t < 0 or t >= len(tokenizer) for t in x):
                 raise ApiError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", param="prompt")
@@ -162,8 +189,15 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
             c = "".join(x["text"] for x in c)
         if not isinstance(c, str):
             raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
+        for key in ("tool_calls", "function_call"):  # tools are not served: the template would render these
+            if m.get(key):
+                raise ApiError(400, f"messages[{i}].{key}: tool calls are not supported by this server; remove them",
+                               param=f"messages[{i}]")
         role = "system" if m["role"] == "developer" else m["role"]
-        clean.append({"role": role, "content": c})
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ApiError(400, f"messages[{i}].name must be a string", param=f"messages[{i}]")
+        clean.append({"role": role, "content": c, **({"name": name} if name else {})})  # a template may use name
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
     try:
@@ -172,7 +206,7 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         if not type(e).__module__.startswith("jinja2"):  # jinja2.TemplateError and its kinds; anything else is ours
             raise
         raise ApiError(400, f"this model's chat template refuses these messages: {e}", param="messages") from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=_add_special_tokens(body, False))["input_ids"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +269,8 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             raise ApiError(400, "the body must be a JSON object")
         return body
 
-    def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue) -> list:
+    def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue,
+                   prompt_field: str) -> list:
         if model not in engine.stack.routes:
             raise ApiError(404, f"the model '{model}' does not exist; served: {engine.stack.names}",
                            param="model", code="model_not_found")
@@ -251,7 +286,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         except RequestError as e:
             for r in reqs:
                 r.cancel()
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param=prompt_field if e.param == "prompt" else e.param) from None
         return reqs
 
     def end_error(message: str) -> ApiError:
@@ -265,11 +300,18 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be true or false", param="stream")
-        opts = body.get("stream_options") or {}
-        include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        opts = body.get("stream_options")
+        if opts is not None and not stream:  # as OpenAI and vLLM answer: it would be ignored
+            raise ApiError(400, "'stream_options' is only allowed with 'stream': true (a response that is not "
+                                "streamed always carries usage); remove it or set stream", param="stream_options")
+        opts = opts or {}
+        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+            raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                           param="stream_options")
+        include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        reqs = submit_all(model, prompts, params, loop, q)
+        reqs = submit_all(model, prompts, params, loop, q, "messages" if chat else "prompt")
         n = params.n
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         now = int(time.time())
@@ -463,15 +505,19 @@ def prometheus_text(engine: Engine, http_errors: dict[int, int] | None = None) -
 
 
 def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                  log_level: str = "info", output_dir: str | None = None, log_every: float = 30.0) -> None:
+                  log_level: str = "info", output_dir: str | None = None, log_every: float = 30.0,
+                  sock: Any = None) -> None:
     """Start the engine and run uvicorn until interrupted; with `output_dir`, a `ServeLog` writes the server's
-    metrics, TensorBoard scalars and (at the end) plots there."""
+    metrics, TensorBoard scalars and (at the end) plots there. `sock`: a socket already bound to host:port (the CLI
+    binds before loading the model, so a port in use stops it before anything is loaded or written)."""
     import uvicorn
 
     engine.start()
     log = ServeLog(engine, output_dir, log_every).start() if output_dir is not None else None
     try:
-        uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level=log_level, access_log=False)
+        config = uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level=log_level,
+                                access_log=False)
+        uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     finally:
         if log is not None:
             log.stop()

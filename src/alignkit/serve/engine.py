@@ -31,7 +31,9 @@ Sampling is per row: greedy (temperature 0) is argmax; otherwise temperature, th
 (`online.decode.inverse_cdf_sample`: 1-2 uniforms, not torch.multinomial's exponential per vocabulary entry)
 from the row's own `torch.Generator` (seeded from the request's `seed` and the choice index), so a seeded
 request gives the same tokens whatever else is in the batch. Greedy rows equal the same request run
-alone, token for token (tested with 32 concurrent requests over four adapters).
+alone, token for token (tested with 32 concurrent requests over four adapters). A row whose logits are NaN / inf
+ends its own request with an error naming its model (greedy would emit argmax over NaN, a draw would raise and fail
+the whole batch); the other rows go on.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ class QueueFullError(RuntimeError):
 
 
 class RequestError(ValueError):
-    """A request the engine cannot take (prompt or max_tokens past the limits, bad sampling values): HTTP 400."""
+    """A request the engine cannot take (prompt or max_tokens past the limits, bad sampling values): HTTP 400.
+    `param`: the request field at fault ("prompt", "max_tokens", ...), the API error's `param`."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -94,22 +101,23 @@ class SamplingParams:
         if self.max_tokens is None:
             self.max_tokens = min(cfg.default_max_tokens, cfg.max_new_tokens)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if self.max_tokens > cfg.max_new_tokens:
-            raise RequestError(f"max_tokens={self.max_tokens} exceeds this server's limit of {cfg.max_new_tokens}")
+            raise RequestError(f"max_tokens={self.max_tokens} exceeds this server's limit of {cfg.max_new_tokens}",
+                               "max_tokens")
         if not 0.0 <= float(self.temperature) <= 100.0:
-            raise RequestError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise RequestError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
         if not 0.0 < float(self.top_p) <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if not isinstance(self.n, int) or not 1 <= self.n <= cfg.max_batch_rows:
-            raise RequestError(f"n must be an integer in [1, {cfg.max_batch_rows}], got {self.n!r}")
+            raise RequestError(f"n must be an integer in [1, {cfg.max_batch_rows}], got {self.n!r}", "n")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError("stop must be at most 4 non-empty strings")
+            raise RequestError("stop must be at most 4 non-empty strings", "stop")
         if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed
                                           and self.seed + self.n - 1 <= SEED_MAX):
             # choice i draws from seed + i (a 64-bit torch.Generator seed)
             raise RequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX - self.n + 1}] "
-                               f"(n={self.n} choices use seed .. seed + n - 1), got {self.seed!r}")
+                               f"(n={self.n} choices use seed .. seed + n - 1), got {self.seed!r}", "seed")
 
 
 def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> frozenset:
@@ -127,7 +135,7 @@ def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> frozenset:
         if held is not None:
             raise RequestError(f"stop: {s!r} holds the special token {held!r} with other text; generated text is "
                                f"decoded without special tokens, so it would never match: give {held!r} alone "
-                               f"(it stops on that token) or the text without it")
+                               f"(it stops on that token) or the text without it", "stop")
     return frozenset(ids)
 
 
@@ -187,6 +195,7 @@ class Engine:
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kw = cache_keyword(stack.model)  # `cache` or `past_key_values`, as transformers names it
         self._context = trained_context(unwrap_lm(stack.model).config)  # positions past it are refused
+        self._vocab = unwrap_lm(stack.model).get_input_embeddings().num_embeddings  # token ids past it are refused
         self._waiting: collections.deque[Request] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -238,13 +247,18 @@ class Engine:
         stop_ids = special_stop_ids(self.tokenizer, params.stop)
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
-            raise RequestError("the prompt has no tokens")
+            raise RequestError("the prompt has no tokens", "prompt")
+        bad = next((t for t in prompt_ids if not 0 <= t < self._vocab), None)
+        if bad is not None:  # the embedding lookup would raise in the engine thread and fail the whole batch
+            raise RequestError(f"the prompt holds token id {bad}; this model's token ids are 0 .. {self._vocab - 1}",
+                               "prompt")
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
-                               f"{self.config.max_prompt_tokens}")
+                               f"{self.config.max_prompt_tokens}", "prompt")
         if self._context is not None and len(prompt_ids) + params.max_tokens > self._context:
             raise RequestError(f"this model's context is {self._context} tokens; the prompt has {len(prompt_ids)} "
-                               f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt")
+                               f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt",
+                               "max_tokens")
         with self._lock:
             if len(self._waiting) >= self.config.max_queue:
                 self.stats.rejected += 1
@@ -405,14 +419,24 @@ class Engine:
         self._emit(self._rows, tokens)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """(B, V) float logits -> (B,) tokens, per row (module docstring)."""
+        """(B, V) float logits -> (B,) tokens, per row (module docstring). A row whose logits are not finite (NaN or
+        +inf anywhere, or all -inf) draws nothing: its request gets `error` (`non_finite_message`) and ends at
+        `_emit`, alone: argmax would be the first NaN's index (garbage as an answer) and a draw would raise, failing
+        every request of the batch."""
         logits = logits.cpu()
+        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)  # (B,)
         out = logits.argmax(dim=-1)  # (B,) greedy
         for b, r in enumerate(rows):
             p = r.request.params
+            if bad[b]:
+                r.request.error = r.request.error or non_finite_message(r)
+                continue
             if p.temperature <= 0:
                 continue
-            probs = torch.softmax(logits[b] / p.temperature, dim=-1)  # (V,)
+            # shifted by the row's largest logit and in float64: a tiny temperature (1e-40, 5e-324) gives -inf for
+            # the others and 0 for the largest (one-hot, greedy's limit), never inf - inf = NaN
+            z = logits[b].double()
+            probs = torch.softmax((z - z.max()) / p.temperature, dim=-1)  # (V,)
             if p.top_p < 1.0:
                 sorted_p, order = probs.sort(descending=True)
                 keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p  # the smallest prefix reaching top_p
@@ -427,6 +451,9 @@ class Engine:
         for r, t in zip(rows, tokens.tolist()):
             req = r.request
             if r.done:
+                continue
+            if req.error is not None:  # non-finite logits in one of its rows (`_sample`): every choice ends
+                self._end_row(r, None)
                 continue
             if req.cancelled or now > req.deadline:
                 r.done = True
@@ -486,6 +513,9 @@ class Engine:
             if req.cancelled:
                 self.stats.cancelled += 1
                 self._safe_sink(req, Event("error", message="cancelled"))
+            elif req.error is not None:
+                self.stats.errors += 1
+                self._safe_sink(req, Event("error", message=req.error))
             elif reason is None:
                 self.stats.timeouts += 1
                 self._safe_sink(req, Event("error", message=f"timed out after {self.config.request_timeout:g} s"))
@@ -533,6 +563,15 @@ class Engine:
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask, self._next_pos, self._last = [], None, None, None, None
+
+
+def non_finite_message(row: Any) -> str:
+    """The error a request gets when its row's next-token logits are not finite (`Engine._sample`)."""
+    req = row.request
+    return (f"the model's next-token logits for this request (model {req.route.name!r}, choice {row.index}, completion "
+            f"token {len(row.tokens) + 1}) are NaN or inf, so no token drawn from them means anything; the request "
+            "ended there (the other requests of its batch are served). Check the adapter's weights, or serve with "
+            "--dtype float32 / bfloat16 if it ran in float16 (overflow)")
 
 
 def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:

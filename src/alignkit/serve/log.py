@@ -4,8 +4,10 @@ A `ServeLog` thread samples the engine's counters every `every` seconds and writ
 
     DIR/metrics.jsonl                   one JSON object per sample, appended (a restart adds rows, never truncates);
                                         the first row of each start has "event": "start"
-    DIR/tensorboard/serve/              the same numbers as scalars, step = seconds since this start
-    DIR/plots/serve-*.png               drawn when the server stops: tokens/s, requests, latency over uptime
+    DIR/tensorboard/serve/              the same numbers as scalars, step = seconds since the folder's first start
+                                        (its first row's `time`), so a restart continues the curves
+    DIR/plots/serve-*.png               drawn when the server stops, from every row of metrics.jsonl (every start):
+                                        tokens/s, requests, latency against `elapsed_s`, seconds since the first start
 
 A row holds the totals since this start (`requests`, `generated_tokens`, per model under `requests/<name>` and
 `tokens/<name>`, failures by reason) and what happened in the interval since the previous row: `tokens_per_second`,
@@ -60,6 +62,7 @@ class ServeLog:
         self._writer: Any = None
         self._rows: list[dict[str, Any]] = []
         self._t0 = self._last_t = 0.0
+        self._origin = 0.0  # time.time() of the folder's first row: TensorBoard steps and plots count from it
         self._last: dict[str, float] = {}
 
     def _totals(self) -> dict[str, float]:
@@ -95,7 +98,7 @@ class ServeLog:
         if self._writer is not None:
             for k, v in row.items():
                 if k not in ("time", "uptime_s", "event") and isinstance(v, (int, float)):
-                    self._writer.add_scalar(f"serve/{k}", v, int(round(row["uptime_s"])))
+                    self._writer.add_scalar(f"serve/{k}", v, int(round(row["time"] - self._origin)))
             self._writer.flush()
         self._rows.append(row)
         return row
@@ -107,6 +110,8 @@ class ServeLog:
 
             self._writer = SummaryWriter(log_dir=str(self.folder / "tensorboard" / "serve"))
         self._t0 = self._last_t = time.monotonic()
+        previous = self._read_rows(first_only=True)  # a restart: steps go on from the first start's, not from 0 again
+        self._origin = float(previous[0]["time"]) if previous else time.time()
         self._last = {}
         self.sample("start")
         self._thread = threading.Thread(target=self._loop, name="alignkit-serve-log", daemon=True)
@@ -131,7 +136,26 @@ class ServeLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        return plot_metrics(self._rows, self.folder / "plots", plots=SERVE_PLOTS, x="uptime_s")
+        rows = [{**r, "elapsed_s": r["time"] - self._origin} for r in self._read_rows() or self._rows]
+        return plot_metrics(rows, self.folder / "plots", plots=SERVE_PLOTS, x="elapsed_s")
+
+    def _read_rows(self, first_only: bool = False) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl that carry a numeric `time` (every start's; a damaged line is skipped)."""
+        rows: list[dict[str, Any]] = []
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get("time"), (int, float)):
+                        rows.append(row)
+                        if first_only:
+                            break
+        except OSError:
+            pass
+        return rows
 
 
 __all__ = ["SERVE_PLOTS", "ServeLog"]
