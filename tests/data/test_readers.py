@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,31 @@ def test_an_optional_column_given_in_some_rows_only_is_said_once(tmp_path, caplo
         load_records(write_jsonl(tmp_path / "all.jsonl", [dict(r, **{column: 1.0}) for r in rows]))
         load_records(write_jsonl(tmp_path / "none.jsonl", [{k: v for k, v in r.items() if k != column} for r in rows]))
     assert not [r for r in caplog.records if "is given in" in r.getMessage()]
+
+
+@pytest.mark.parametrize("content", [b"", b"not parquet at all\n", "truncated"], ids=["empty", "other", "truncated"])
+def test_a_damaged_parquet_file_is_one_data_error_naming_it(tmp_path, capsys, content):
+    """An empty, truncated or non-Parquet `.parquet` file stopped every command on "unexpected error: ArrowInvalid:
+    ... (please report it)", exit 1, naming no file setting. Now a DataError naming the file (exit 2, one line),
+    before the run folder exists; a complete file still reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignkit.cli import main
+
+    rows = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), good)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2] if content == "truncated" else content)
+    with pytest.raises(DataError, match=rf"^{bad}: not a readable Parquet file \(.+\); the file is empty, truncated "
+                                        r"or not Parquet: write it again"):
+        load_records(bad, "sft")
+    assert len(load_records(good, "sft")) == 20
+    run = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
+    assert main(["-q", "sft", "--config", str(root / "configs" / "sft-tiny.yaml"), f"data.path={bad}",
+                 f"output_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: {bad}: not a readable Parquet file")
+    assert not run.exists()

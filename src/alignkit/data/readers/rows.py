@@ -127,6 +127,21 @@ def looks_like_hub_id(value: str) -> bool:
         Path(value).suffix not in (".jsonl", ".json", ".parquet")
 
 
+def read_parquet(path: Path) -> list[dict]:
+    """The rows of a Parquet file; a file pyarrow cannot read (empty, truncated, not Parquet) is a DataError naming
+    it (it stopped the command on an "unexpected error: ArrowInvalid", naming no setting)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({first}); the file is empty, truncated or not Parquet: "
+                        "write it again (e.g. pandas' to_parquet / datasets' to_parquet), or point data.path at the "
+                        "complete file") from None
+
+
 class NamedRows(list):
     """A list of (row dict, where) pairs: rows that already know their place (e.g. one batch of a
     `datasets.map`, named by their index in the whole dataset)."""
@@ -163,9 +178,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
                     raise DataError(f"{path} item {i}: expected an object, got {type(row).__name__}")
                 yield row, f"{path} item {i}"
         elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            yield from _iter_table(pq.read_table(path).to_pylist(), str(path))
+            yield from _iter_table(read_parquet(path), str(path))
         else:
             raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or a "
                             f"save_to_disk folder")
