@@ -216,6 +216,8 @@ def test_config_errors_name_the_key(overrides, message):
      "options: template: unknown placeholder {entities}; it can use {text}, {types} (a literal brace is {{ or }})"),
     ("instructions", "answer_template: 'Answer: {task'", "options: answer_template: 'Answer: {task' is not a format "
      "string ("),
+    # no type to keep an entity of: every reply dropped, after every request was paid for
+    ("entities", "types: []", "options: types: []; name at least one entity type (e.g. [PERSON, LOCATION])"),
 ])
 def test_options_a_strategy_cannot_run_with_are_refused_at_load(tmp_path, strategy, options, message):
     config = tmp_path / "c.yaml"

@@ -86,3 +86,26 @@ def test_code_bugs_differing_by_an_operator_are_not_duplicates(tmp_path):
     twice = [Source("f.py:1", {"code": code}, "py"), Source("g.py:1", {"code": code}, "py")]
     res = augment(twice, "code_bugs", opts, None, Filters(), tmp_path / "b.jsonl")
     assert (res.written, res.dropped) == (2, {"duplicate": 2})
+
+
+def test_entity_types_match_whatever_their_case(tmp_path):
+    """`options.types` written in lower case ([person, place]: the prompt asks the model for those) kept no entity:
+    the reply's type was upper-cased and compared with the configured spelling, so every record was dropped ("no
+    entity ... with a valid type") after every request. Types now compare case-insensitively and are written as
+    configured; the default upper-case types read a lower-case reply as before."""
+    from alignkit.augment.strategies import EntitiesOptions
+
+    text = "Ada Lovelace met Babbage in London."
+    reply = '[{"text": "Ada Lovelace", "type": "person"}, {"text": "London", "type": "Place"}, ' \
+            '{"text": "Babbage", "type": "robot"}]'
+    res = augment([Source("d.jsonl:1", {"text": text})], "entities", EntitiesOptions(types=["person", "place"]),
+                  Stub([reply]), Filters(), tmp_path / "a.jsonl")
+    (row,) = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert (res.written, res.dropped) == (1, {})
+    assert "(one of person, place)" in row["prompt"]
+    assert json.loads(row["completion"]) == [{"text": "Ada Lovelace", "type": "person"},
+                                             {"text": "London", "type": "place"}]
+    augment([Source("d.jsonl:1", {"text": text})], "entities", EntitiesOptions(), Stub([reply]), Filters(),
+            tmp_path / "b.jsonl")
+    (row,) = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert json.loads(row["completion"]) == [{"text": "Ada Lovelace", "type": "PERSON"}]

@@ -468,11 +468,15 @@ class EntitiesOptions:
 
     def __post_init__(self) -> None:
         check_templates(self, template=("text", "types"), prompt_template=("text", "types"))
+        if not self.types or not all(isinstance(t, str) and t.strip() for t in self.types):
+            raise ValueError(f"types: {self.types!r}; name at least one entity type (e.g. [PERSON, LOCATION]), each a "
+                             "non-empty string: an entity is kept only if its type is one of them")
 
 
 def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[str, str]], str | None]:
     """(entities, None) from a model's reply, or ([], reason). Kept: objects with a string `text` found
-    verbatim in the source text and a `type` in `types`; duplicates removed, order kept."""
+    verbatim in the source text and a `type` in `types` (compared case-insensitively, written as `types` spells
+    it: the prompt shows the model the configured spelling); duplicates removed, order kept."""
     match = re.search(r"\[.*\]", reply, re.S)
     if match is None:
         return [], "no JSON array in the reply"
@@ -481,11 +485,12 @@ def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[s
     except json.JSONDecodeError as e:
         return [], f"reply is not valid JSON ({e.msg})"
     out, seen = [], set()
+    spelled = {t.strip().upper(): t.strip() for t in types}
     for item in items if isinstance(items, list) else []:
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
             continue
-        name, kind = item["text"].strip(), str(item.get("type", "")).upper()
-        if name and name in text and kind in types and (name, kind) not in seen:
+        name, kind = item["text"].strip(), spelled.get(str(item.get("type", "")).strip().upper())
+        if name and name in text and kind is not None and (name, kind) not in seen:
             seen.add((name, kind))
             out.append({"text": name, "type": kind})
     return (out, None) if out else ([], "no entity of the reply occurs in the text with a valid type")
