@@ -109,3 +109,29 @@ def test_entity_types_match_whatever_their_case(tmp_path):
             tmp_path / "b.jsonl")
     (row,) = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert json.loads(row["completion"]) == [{"text": "Ada Lovelace", "type": "PERSON"}]
+
+
+def test_paraphrase_of_a_conversation_keeps_its_earlier_turns_and_answer(tmp_path):
+    """A conversational row (TRL: prompt and completion lists of messages) was written as its rewritten last user
+    turn alone ("Multiply that by three?" -> "12": the turns the answer follows were lost, exit 0), and a
+    conversational completion (no user turn in it) dropped every row as "source text is empty". Now the last user
+    turn is rewritten in place, the turns before it kept, and the answer kept whole; the file reads back as SFT."""
+    from alignkit.data import SFTRecord, load_records
+
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+              {"role": "user", "content": "And times 3?"}]
+    answer = [{"role": "assistant", "content": "12"}]
+    sources = [Source("d.jsonl:1", {"prompt": prompt, "completion": answer}),
+               Source("d.jsonl:2", {"prompt": prompt, "completion": "It is 12."})]
+    res = augment(sources, "paraphrase", ParaphraseOptions(), Stub(["Multiply that by three?"] * 2), Filters(),
+                  tmp_path / "out.jsonl")
+    assert (res.written, res.dropped) == (2, {})
+    rewritten = prompt[:2] + [{"role": "user", "content": "Multiply that by three?"}]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"], r["meta"]["original"]) for r in rows] == [
+        (rewritten, answer, "And times 3?"), (rewritten, "It is 12.", "And times 3?")]
+    assert load_records(tmp_path / "out.jsonl", "sft") == [SFTRecord(rewritten, answer), SFTRecord(rewritten, "It is 12.")]
+    empty = [Source("d.jsonl:3", {"prompt": prompt, "completion": [{"role": "assistant", "content": " "}]}),
+             Source("d.jsonl:4", {"prompt": "Hi there", "completion": "Hello"})]
+    res = augment(empty, "paraphrase", ParaphraseOptions(), Stub(["Hello there"]), Filters(), tmp_path / "b.jsonl")
+    assert (res.written, res.dropped) == (1, {"source text is empty": 1})

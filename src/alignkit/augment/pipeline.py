@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from alignkit.augment.code_bugs import split_functions
-from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns
+from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns, texts_of
 from alignkit.files import DataError, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def _length_problem(cand: Candidate, filters: Filters) -> str | None:
         value = cand.record.get(key)
         if value is None:
             continue
+        value = "\n".join(texts_of(value))  # a conversation (paraphrase of a conversational row): its messages' text
         if len(value.strip()) < filters.min_chars:
             return f"{key} shorter than {filters.min_chars} characters"
         if filters.max_chars is not None and len(value) > filters.max_chars:

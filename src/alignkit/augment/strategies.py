@@ -175,6 +175,37 @@ def _text(row: dict[str, Any], key: str, source: Source, option: str = "field") 
     return value
 
 
+def _answer(row: dict[str, Any], key: str, source: Source, option: str) -> str | list:
+    """The value of column `key` kept as an answer: text, or a conversation (a list of messages: the assistant
+    reply of a TRL conversational row) kept whole. EmptySource when it holds nothing."""
+    msg = missing_column(source, key, option)
+    if msg:
+        raise ValueError(msg)
+    value = row.get(key)
+    if value is None or (isinstance(value, (str, list)) and not "".join(texts_of(value)).strip()):
+        raise EmptySource(f"{source.id}: column {key!r} (options.{option}) is empty; fill it in or remove the row")
+    if not isinstance(value, (str, list)):
+        raise ValueError(f"{source.id}: column {key!r} (options.{option}) holds {type(value).__name__} "
+                         f"{str(value)[:40]!r}, not text or a conversation; set options.{option} to the answer column")
+    return value
+
+
+def texts_of(value: str | list) -> list[str]:
+    """The text of a value: itself, or the contents of a conversation's messages."""
+    if isinstance(value, str):
+        return [value]
+    return [str(m.get("content") or "") for m in value if isinstance(m, dict)]
+
+
+def _with_last_user_turn(value: str | list, text: str) -> str | list:
+    """`value` with the text `_text` read from it replaced by `text`: the text itself, or a conversation with its
+    last user turn rewritten (the turns before it kept, so the answer still follows the conversation it answers)."""
+    if not isinstance(value, list):
+        return text
+    last = max(i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user")
+    return [*value[:last], {**value[last], "content": text}, *value[last + 1:]]
+
+
 def _texts(sources: list[Source], key: str) -> Iterator[tuple[Source, str | None]]:
     """(source, its text in column `key`), None for the text of an empty source (`EmptySource`)."""
     for src in sources:
@@ -280,8 +311,8 @@ def _balanced_sample(found: list, k: int, rng: random.Random) -> list[int]:
 
 @dataclass
 class ParaphraseOptions:
-    field: str = "prompt"  # the column to rewrite (text, or a conversation: its last user turn)
-    answer_field: str = "completion"  # the column kept as the answer
+    field: str = "prompt"  # the column to rewrite (text, or a conversation: its last user turn, the turns before kept)
+    answer_field: str = "completion"  # the column kept as the answer (text, or a conversation kept whole)
     n: int = 1  # rewrites per row (different seeds)
     template: str = ("Rewrite the following request in different words, keeping exactly its meaning. "
                      "Reply with the rewritten request only.\n\n{text}")
@@ -292,24 +323,25 @@ class ParaphraseOptions:
 
 
 def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> Iterator[Candidate]:
-    def jobs() -> Iterator[tuple[Source, str | None, str, int]]:
+    def jobs() -> Iterator[tuple[Source, str | None, str | list, int]]:
         for src in sources:
             try:
                 text = _text(src.row, opt.field, src)
-                answer = _text(src.row, opt.answer_field, src, "answer_field")
+                answer = _answer(src.row, opt.answer_field, src, "answer_field")
             except EmptySource:
                 yield src, None, "", 0
                 continue
             for k in range(opt.n):
                 yield src, text, answer, k
 
-    def rewrite(job: tuple[Source, str | None, str, int]) -> Candidate:
+    def rewrite(job: tuple[Source, str | None, str | list, int]) -> Candidate:
         src, text, answer, k = job
         if text is None:
             return Candidate({}, src.id, drop=EMPTY_SOURCE)
         new = _strip_quotes(ctx.ask(opt.template.format(text=text), seed=ctx.seed + k))
         drop = "same as the original" if _norm(new) == _norm(text) else None
-        return Candidate({"prompt": new, "completion": answer}, src.id, {"original": text, "sample": k}, drop)
+        return Candidate({"prompt": _with_last_user_turn(src.row[opt.field], new), "completion": answer}, src.id,
+                         {"original": text, "sample": k}, drop)
 
     yield from ctx.map(rewrite, jobs())
 
@@ -555,4 +587,5 @@ def _strip_numbering(text: str) -> str:
 
 __all__ = ["Candidate", "CodeBugsOptions", "Context", "EMPTY_SOURCE", "EmptySource", "EntitiesOptions",
            "InstructionsOptions", "ParaphraseOptions", "STRATEGIES", "Source", "Strategy", "SummarizeOptions",
-           "check_columns", "check_templates", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l"]
+           "check_columns", "check_templates", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l",
+           "texts_of"]
