@@ -135,3 +135,24 @@ def test_paraphrase_of_a_conversation_keeps_its_earlier_turns_and_answer(tmp_pat
              Source("d.jsonl:4", {"prompt": "Hi there", "completion": "Hello"})]
     res = augment(empty, "paraphrase", ParaphraseOptions(), Stub(["Hello there"]), Filters(), tmp_path / "b.jsonl")
     assert (res.written, res.dropped) == (1, {"source text is empty": 1})
+
+
+def test_an_empty_task_proposal_is_not_one_of_the_tasks_made(tmp_path):
+    """instructions counted an empty proposal as one of `num` new tasks (ROUGE-L of nothing is 0, never too similar),
+    asked the model to answer it, and the pipeline then dropped the record as 'prompt shorter than 1 characters': a
+    run asked for 2 tasks wrote 1 while attempts were left. Now an empty proposal is dropped as such, not counted and
+    not answered; the next attempt makes the second task (requests by hand: propose '', propose, answer, propose,
+    answer)."""
+    from alignkit.augment.strategies import InstructionsOptions
+
+    seeds = [Source(f"s.jsonl:{i + 1}", {"prompt": p}) for i, p in enumerate(["Name a colour.", "Count to three."])]
+    llm = Replies("1. ", "Write a haiku about rain.", "Rain taps on the roof.", "List three fruits.",
+                  "Apple, pear, plum.")
+    llm.name = "replies"
+    res = augment(seeds, "instructions", InstructionsOptions(num=2, seeds_per_prompt=1), llm, Filters(),
+                  tmp_path / "out.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in rows] == [("Write a haiku about rain.", "Rain taps on the roof."),
+                                                             ("List three fruits.", "Apple, pear, plum.")]
+    assert (res.written, res.candidates, res.dropped) == (2, 3, {"empty task from the model": 1})
+    assert not llm.replies

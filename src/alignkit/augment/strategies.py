@@ -47,6 +47,7 @@ class Source:
 
 FIXED_COLUMN = {"py": ("code", "a .py file's functions are"), "text": ("text", "a .txt / .md document is")}
 EMPTY_SOURCE = "source text is empty"  # the drop reason of a row / file with nothing in its column
+EMPTY_TASK = "empty task from the model"  # instructions: a proposal with no text
 
 
 @dataclass
@@ -391,6 +392,9 @@ def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) 
         attempt += len(batch)
         out: list[Candidate] = []
         for (a, _, source), task in zip(batch, list(ctx.map(propose, batch))):  # in order: each compared with
+            if not task.strip():  # no task to answer: not one of the num made, and no answer asked for it
+                out.append(Candidate({"prompt": task, "completion": ""}, source, {"attempt": a}, EMPTY_TASK))
+                continue
             similar = max((rouge_l(task, t) for t in pool), default=0.0)    # the tasks kept before it
             if similar > opt.max_similarity:
                 out.append(Candidate({"prompt": task, "completion": ""}, source, {"attempt": a},
