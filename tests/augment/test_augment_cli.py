@@ -54,6 +54,28 @@ def test_code_bugs_config_writes_sft_records_alignkit_reads(tmp_path):
         assert acc.Histograms("augment/record_chars")[-1].histogram_value.num == 20
 
 
+@pytest.mark.parametrize("name", ["snippets.py", "notes.txt", "notes.md"])
+def test_a_source_file_not_in_utf8_is_one_line_naming_it(tmp_path, capsys, name):
+    """A .py / .txt / .md source saved in Latin-1 stopped `alignkit augment` on "unexpected error: UnicodeDecodeError
+    ... please report it" (exit 1, naming no file). Now one line naming the file, where the byte is and the fix
+    (exit 2), before the output folder is made."""
+    from alignkit.augment.pipeline import read_sources
+    from alignkit.data import DataError
+
+    src = tmp_path / name
+    src.write_bytes("def cafe(x):\n    return x  # caf\u00e9\n".encode("latin-1"))  # 0xe9: line 2, col 20
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src))}: not UTF-8 text \(byte 0xe9 at line 2, column 20\); "
+                                        r"save the file as UTF-8"):
+        read_sources([str(src)])
+    out = tmp_path / "out"
+    assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"data.path={src}",
+                 f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"alignkit augment: error: {src}: not UTF-8 text (byte 0xe9 at line 2, column 20); save the file "
+                   "as UTF-8 (e.g. iconv -f latin1 -t utf-8)"]
+    assert not out.exists()
+
+
 def test_code_bugs_preference_output_reads_as_preference(tmp_path):
     assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"output_dir={tmp_path}",
                  "options.output=preference", "options.per_snippet=1"]) == 0

@@ -130,7 +130,8 @@ def test_paraphrase_of_a_conversation_keeps_its_earlier_turns_and_answer(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["completion"], r["meta"]["original"]) for r in rows] == [
         (rewritten, answer, "And times 3?"), (rewritten, "It is 12.", "And times 3?")]
-    assert load_records(tmp_path / "out.jsonl", "sft") == [SFTRecord(rewritten, answer), SFTRecord(rewritten, "It is 12.")]
+    assert load_records(tmp_path / "out.jsonl", "sft") == [SFTRecord(rewritten, answer),
+                                                           SFTRecord(rewritten, "It is 12.")]
     empty = [Source("d.jsonl:3", {"prompt": prompt, "completion": [{"role": "assistant", "content": " "}]}),
              Source("d.jsonl:4", {"prompt": "Hi there", "completion": "Hello"})]
     res = augment(empty, "paraphrase", ParaphraseOptions(), Stub(["Hello there"]), Filters(), tmp_path / "b.jsonl")

@@ -34,11 +34,14 @@ def source_name(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _decode(raw: bytes, where: str) -> str:
+def decode_utf8(raw: bytes, where: str) -> str:
+    """`raw` as UTF-8 text; a DataError naming `where`, the byte and the fix when it is not."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file "
+        line, col = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        at = f"line {line}, column {col}" if line > 1 else f"column {col}"  # a JSON line's `where` names its line
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at {at}); save the file "
                         f"as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
@@ -46,7 +49,7 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            line = _decode(raw, where)
+            line = decode_utf8(raw, where)
             if not line.strip():
                 continue
             try:
@@ -167,7 +170,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
             yield from _iter_jsonl(path)
         elif path.suffix == ".json":
             try:
-                value = json.loads(_decode(path.read_bytes(), str(path)))
+                value = json.loads(decode_utf8(path.read_bytes(), str(path)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}); fix the file "
                                 f"(or write one object per line as .jsonl)") from None
