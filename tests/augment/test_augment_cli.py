@@ -207,6 +207,9 @@ def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
     assert served == {"base": 2}
 
 
+LOCAL = ["llm.kind=local", "llm.path=tiny:llama", "llm.base_url=null", "llm.requests_per_minute=null"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["strategy=shuffle"], "strategy: 'shuffle' is not registered; valid: code_bugs, paraphrase"),
     (["llm=null"], "llm: strategy 'paraphrase' prompts a language model"),
@@ -215,11 +218,19 @@ def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
     (["strategy=code_bugs"], "llm: strategy 'code_bugs' uses no language model; remove the llm section"),
     (["llm.kind=local"], "llm.path: required for kind 'local'"),
     (["options.n=0"], "options: n: 0; it must be an integer >= 1"),  # asked nothing
+    # settings of the other kind of llm, and a cache folder with the cache off, were accepted and never read
+    ([*LOCAL, "llm.retries=9"], "llm.retries: 9 is read only by kind 'openai' (an HTTP endpoint's requests)"),
+    ([*LOCAL, "llm.timeout=5"], "llm.timeout: 5.0 is read only by kind 'openai'"),
+    (["llm.dtype=bfloat16"], "llm.dtype: bfloat16 is read only by kind 'local' (the model loaded in this process)"),
+    (["llm.cache=false", "llm.cache_dir=/tmp/c"], "llm.cache_dir: /tmp/c is where answers are cached, and llm.cache is "
+                                                 "false, so it would be ignored"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "augment-paraphrase.yaml", overrides)
     assert message in str(e.value)
+    if overrides[0] == LOCAL[0]:  # the defaults of the openai-only keys are fine
+        assert load_config(CONFIGS / "augment-paraphrase.yaml", LOCAL).llm.kind == "local"
 
 
 @pytest.mark.parametrize("strategy, options, message", [
