@@ -299,6 +299,26 @@ def test_a_tokenizer_larger_than_the_models_embedding_is_refused_before_the_run_
                  f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no"]) == 0
 
 
+def test_a_tokenizer_a_whole_model_adapter_path_would_replace_is_refused(tiny_dir, tmp_path):
+    """model.adapter_path holding a whole model with its own tokenizer runs with that tokenizer, and an explicit
+    model.tokenizer was then ignored without a word. Now a ConfigError naming model.tokenizer when the two differ;
+    the same tokenizer given explicitly loads as before."""
+    from alignkit.adapters import AdapterConfig, apply_adapter, save_adapter
+    from alignkit.cli.models import load_for_inference
+    from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.settings import ModelSettings
+
+    base, other = tiny_dir("llama"), tiny_dir("llama", vocab_size=128)
+    whole = save_adapter(apply_adapter(load_model(base), AdapterConfig(kind="full")), tmp_path / "full")
+    load_tokenizer(base).save_pretrained(str(whole))
+    with pytest.raises(ConfigError, match=rf"^model\.tokenizer: {other} is not the tokenizer saved with "
+                                          rf"model\.adapter_path \({whole}: a whole model, run with its own tokenizer\), "
+                                          "so it would be ignored; remove model.tokenizer"):
+        load_for_inference(ModelSettings(path=str(base), tokenizer=str(other), adapter_path=str(whole)), None)
+    _, tok, _, _ = load_for_inference(ModelSettings(path=str(base), tokenizer=str(base), adapter_path=str(whole)), None)
+    assert tok.get_vocab() == load_tokenizer(whole).get_vocab()
+
+
 def test_reft_positions_longer_than_the_prompts_are_warned_before_training(tmp_path, caplog):
     """f40+l40 needs 80 prompt tokens; the bundled HH prompts are shorter: one warning naming the spec, counts and
     the key, before training (the run still trains: the same rule holds at inference)."""

@@ -287,8 +287,14 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
                                num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
                                rope_scaling=ms.rope_scaling)
             if (folder / "tokenizer_config.json").is_file():
-                tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
+                own = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
                                          str(folder))
+                if ms.tokenizer is not None and own.get_vocab() != tok.get_vocab():
+                    raise ConfigError(f"model.tokenizer: {ms.tokenizer} is not the tokenizer saved with "
+                                      f"model.adapter_path ({folder}: a whole model, run with its own tokenizer), so "
+                                      "it would be ignored; remove model.tokenizer, or save the model with the "
+                                      "tokenizer it should run with")
+                tok = own
             check_vocab(model, tok, "model.adapter_path", str(folder))
             if ms.kernels is not None:  # the model that runs is this one, not the base load_base patched
                 apply_kernels(model, ms.kernels)
