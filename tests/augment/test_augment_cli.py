@@ -54,6 +54,42 @@ def test_code_bugs_config_writes_sft_records_alignkit_reads(tmp_path):
         assert acc.Histograms("augment/record_chars")[-1].histogram_value.num == 20
 
 
+@pytest.mark.parametrize("kind, says", [
+    ("missing", "llm.path: {p} does not exist; point it at a folder written by save_pretrained"),
+    ("file", "llm.path: {p} is a file; point it at the folder that holds it"),
+    ("no-config", "llm.path: {p} has no config.json, so it is not a saved model folder"),
+    ("no-weights", "llm.path: cannot load {p}: "),  # a config without weights: transformers' reason, on one line
+])
+def test_a_local_llm_path_that_is_not_a_model_is_one_line_before_the_output_folder(tmp_path, capsys, kind, says):
+    """llm.kind local with a path that holds no model stopped on "unexpected error: OSError: Repo id must be in the
+    form 'repo_name' ..." (exit 1, naming no key) after the output folder was made. Now one line naming llm.path
+    (exit 2) and no output folder."""
+    path = tmp_path / "m"
+    if kind != "missing":
+        path.mkdir()
+    if kind == "file":
+        path = path / "f.txt"
+        path.write_text("x")
+    if kind == "no-weights":
+        (path / "config.json").write_text(tiny_config_json())
+    out = tmp_path / "out"
+    assert run_local(out, f"llm.path={path}") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]
+    assert len(err) == 1 and err[0].startswith("alignkit augment: error: " + says.format(p=path)), err
+    assert not out.exists()
+
+
+def tiny_config_json() -> str:
+    from alignkit.models.tiny import tiny_config
+
+    return tiny_config("llama", vocab_size=64).to_json_string()
+
+
+def run_local(out: Path, *overrides: str) -> int:
+    return main(["-q", "augment", "--config", str(CONFIGS / "augment-paraphrase.yaml"), f"output_dir={out}",
+                 "llm.kind=local", "llm.base_url=null", "llm.requests_per_minute=null", *overrides])
+
+
 @pytest.mark.parametrize("name", ["snippets.py", "notes.txt", "notes.md"])
 def test_a_source_file_not_in_utf8_is_one_line_naming_it(tmp_path, capsys, name):
     """A .py / .txt / .md source saved in Latin-1 stopped `alignkit augment` on "unexpected error: UnicodeDecodeError
