@@ -119,6 +119,23 @@ def test_compile_options_torch_refuses_are_one_line_before_the_run_folder(tmp_pa
     assert not out.exists()
 
 
+def test_fullgraph_with_padding_free_batches_is_refused_before_the_run_folder(tmp_path, capsys):
+    """`train.compile: {fullgraph: true}` on padding-free batches (the CPU default): their attention breaks the graph,
+    and the run stopped at its first step on "unexpected error: Unsupported ..." with base_model/, config.yaml and
+    tensorboard/ written. Now one line naming train.compile.fullgraph, nothing written; padded batches train."""
+    out = tmp_path / "run"
+    args = ["-q", "sft", "--config", str(ROOT / "configs" / "sft-tiny.yaml"), f"output_dir={out}", "train.max_steps=1",
+            "train.eval_strategy=no", "data.eval_fraction=0", "train.compile={backend: aot_eager, fullgraph: true}"]
+    assert main([*args, "train.padding_free=true"]) == 2  # what null resolves to on CPU, on any machine
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]
+    assert err == ["alignkit sft: error: train.compile.fullgraph: true needs one graph per decoder layer, and this run "
+                   "packs its batches without padding (train.padding_free, on by default on CPU), whose attention "
+                   "breaks the graph (dynamo would stop at the first step); remove train.compile.fullgraph, or set "
+                   "train.padding_free: false"]
+    assert not out.exists()
+    assert main([*args, "train.padding_free=false"]) == 0
+
+
 def test_compile_and_torch_compile_are_exclusive():
     with pytest.raises(ConfigError, match="train.compile and train.torch_compile: choose one"):
         load_config(ROOT / "configs" / "sft-tiny.yaml", ["train.compile=true", "train.torch_compile=true"])

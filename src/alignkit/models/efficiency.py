@@ -82,6 +82,17 @@ def compile_layers(model: nn.Module, where: str = "train.compile", **compile_kwa
     return len(layers)
 
 
+def check_fullgraph(option: Any, padding_free: bool, where: str = "train.compile") -> None:
+    """ConfigError when `fullgraph: true` meets padding-free batches: their attention (`alignkit.models.varlen`) reads
+    the batch's layout in Python, a graph break that fullgraph turns into dynamo's "Unsupported" error at the first
+    step, after the run folder was written."""
+    if isinstance(option, dict) and option.get("fullgraph") is True and padding_free:
+        raise ConfigError(f"{where}.fullgraph: true needs one graph per decoder layer, and this run packs its batches "
+                          "without padding (train.padding_free, on by default on CPU), whose attention breaks the graph "
+                          f"(dynamo would stop at the first step); remove {where}.fullgraph, or set "
+                          "train.padding_free: false")
+
+
 def check_kernels(kind: str | None, where: str = "model.kernels") -> None:
     """Raise a `ConfigError` naming `where` and what is missing if kernels `kind` cannot run here."""
     if kind is None:
@@ -120,4 +131,4 @@ def apply_kernels(model: nn.Module, kind: str | None, where: str = "model.kernel
     return model
 
 
-__all__ = ["KERNELS", "apply_kernels", "check_compile_options", "check_kernels", "compile_layers", "decoder_layers"]
+__all__ = ["KERNELS", "apply_kernels", "check_compile_options", "check_fullgraph", "check_kernels", "compile_layers", "decoder_layers"]
