@@ -54,6 +54,64 @@ def test_code_bugs_config_writes_sft_records_alignkit_reads(tmp_path):
         assert acc.Histograms("augment/record_chars")[-1].histogram_value.num == 20
 
 
+@pytest.mark.parametrize("kind, says", [
+    ("missing", "llm.path: {p} does not exist; point it at a folder written by save_pretrained"),
+    ("file", "llm.path: {p} is a file; point it at the folder that holds it"),
+    ("no-config", "llm.path: {p} has no config.json, so it is not a saved model folder"),
+    ("no-weights", "llm.path: cannot load {p}: "),  # a config without weights: transformers' reason, on one line
+])
+def test_a_local_llm_path_that_is_not_a_model_is_one_line_before_the_output_folder(tmp_path, capsys, kind, says):
+    """llm.kind local with a path that holds no model stopped on "unexpected error: OSError: Repo id must be in the
+    form 'repo_name' ..." (exit 1, naming no key) after the output folder was made. Now one line naming llm.path
+    (exit 2) and no output folder."""
+    path = tmp_path / "m"
+    if kind != "missing":
+        path.mkdir()
+    if kind == "file":
+        path = path / "f.txt"
+        path.write_text("x")
+    if kind == "no-weights":
+        (path / "config.json").write_text(tiny_config_json())
+    out = tmp_path / "out"
+    assert run_local(out, f"llm.path={path}") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]
+    assert len(err) == 1 and err[0].startswith("alignkit augment: error: " + says.format(p=path)), err
+    assert not out.exists()
+
+
+def tiny_config_json() -> str:
+    from alignkit.models.tiny import tiny_config
+
+    return tiny_config("llama", vocab_size=64).to_json_string()
+
+
+def run_local(out: Path, *overrides: str) -> int:
+    return main(["-q", "augment", "--config", str(CONFIGS / "augment-paraphrase.yaml"), f"output_dir={out}",
+                 "llm.kind=local", "llm.base_url=null", "llm.requests_per_minute=null", *overrides])
+
+
+@pytest.mark.parametrize("name", ["snippets.py", "notes.txt", "notes.md"])
+def test_a_source_file_not_in_utf8_is_one_line_naming_it(tmp_path, capsys, name):
+    """A .py / .txt / .md source saved in Latin-1 stopped `alignkit augment` on "unexpected error: UnicodeDecodeError
+    ... please report it" (exit 1, naming no file). Now one line naming the file, where the byte is and the fix
+    (exit 2), before the output folder is made."""
+    from alignkit.augment.pipeline import read_sources
+    from alignkit.data import DataError
+
+    src = tmp_path / name
+    src.write_bytes("def cafe(x):\n    return x  # caf\u00e9\n".encode("latin-1"))  # 0xe9: line 2, col 20
+    with pytest.raises(DataError, match=rf"^{re.escape(str(src))}: not UTF-8 text \(byte 0xe9 at line 2, column 20\); "
+                                        r"save the file as UTF-8"):
+        read_sources([str(src)])
+    out = tmp_path / "out"
+    assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"data.path={src}",
+                 f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"alignkit augment: error: {src}: not UTF-8 text (byte 0xe9 at line 2, column 20); save the file "
+                   "as UTF-8 (e.g. iconv -f latin1 -t utf-8)"]
+    assert not out.exists()
+
+
 def test_code_bugs_preference_output_reads_as_preference(tmp_path):
     assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"output_dir={tmp_path}",
                  "options.output=preference", "options.per_snippet=1"]) == 0
@@ -185,6 +243,9 @@ def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
     assert served == {"base": 2}
 
 
+LOCAL = ["llm.kind=local", "llm.path=tiny:llama", "llm.base_url=null", "llm.requests_per_minute=null"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["strategy=shuffle"], "strategy: 'shuffle' is not registered; valid: code_bugs, paraphrase"),
     (["llm=null"], "llm: strategy 'paraphrase' prompts a language model"),
@@ -193,11 +254,19 @@ def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
     (["strategy=code_bugs"], "llm: strategy 'code_bugs' uses no language model; remove the llm section"),
     (["llm.kind=local"], "llm.path: required for kind 'local'"),
     (["options.n=0"], "options: n: 0; it must be an integer >= 1"),  # asked nothing
+    # settings of the other kind of llm, and a cache folder with the cache off, were accepted and never read
+    ([*LOCAL, "llm.retries=9"], "llm.retries: 9 is read only by kind 'openai' (an HTTP endpoint's requests)"),
+    ([*LOCAL, "llm.timeout=5"], "llm.timeout: 5.0 is read only by kind 'openai'"),
+    (["llm.dtype=bfloat16"], "llm.dtype: bfloat16 is read only by kind 'local' (the model loaded in this process)"),
+    (["llm.cache=false", "llm.cache_dir=/tmp/c"], "llm.cache_dir: /tmp/c is where answers are cached, and llm.cache is "
+                                                 "false, so it would be ignored"),
 ])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(CONFIGS / "augment-paraphrase.yaml", overrides)
     assert message in str(e.value)
+    if overrides[0] == LOCAL[0]:  # the defaults of the openai-only keys are fine
+        assert load_config(CONFIGS / "augment-paraphrase.yaml", LOCAL).llm.kind == "local"
 
 
 @pytest.mark.parametrize("strategy, options, message", [
@@ -216,6 +285,8 @@ def test_config_errors_name_the_key(overrides, message):
      "options: template: unknown placeholder {entities}; it can use {text}, {types} (a literal brace is {{ or }})"),
     ("instructions", "answer_template: 'Answer: {task'", "options: answer_template: 'Answer: {task' is not a format "
      "string ("),
+    # no type to keep an entity of: every reply dropped, after every request was paid for
+    ("entities", "types: []", "options: types: []; name at least one entity type (e.g. [PERSON, LOCATION])"),
 ])
 def test_options_a_strategy_cannot_run_with_are_refused_at_load(tmp_path, strategy, options, message):
     config = tmp_path / "c.yaml"

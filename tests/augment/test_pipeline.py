@@ -86,3 +86,74 @@ def test_code_bugs_differing_by_an_operator_are_not_duplicates(tmp_path):
     twice = [Source("f.py:1", {"code": code}, "py"), Source("g.py:1", {"code": code}, "py")]
     res = augment(twice, "code_bugs", opts, None, Filters(), tmp_path / "b.jsonl")
     assert (res.written, res.dropped) == (2, {"duplicate": 2})
+
+
+def test_entity_types_match_whatever_their_case(tmp_path):
+    """`options.types` written in lower case ([person, place]: the prompt asks the model for those) kept no entity:
+    the reply's type was upper-cased and compared with the configured spelling, so every record was dropped ("no
+    entity ... with a valid type") after every request. Types now compare case-insensitively and are written as
+    configured; the default upper-case types read a lower-case reply as before."""
+    from alignkit.augment.strategies import EntitiesOptions
+
+    text = "Ada Lovelace met Babbage in London."
+    reply = '[{"text": "Ada Lovelace", "type": "person"}, {"text": "London", "type": "Place"}, ' \
+            '{"text": "Babbage", "type": "robot"}]'
+    res = augment([Source("d.jsonl:1", {"text": text})], "entities", EntitiesOptions(types=["person", "place"]),
+                  Stub([reply]), Filters(), tmp_path / "a.jsonl")
+    (row,) = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert (res.written, res.dropped) == (1, {})
+    assert "(one of person, place)" in row["prompt"]
+    assert json.loads(row["completion"]) == [{"text": "Ada Lovelace", "type": "person"},
+                                             {"text": "London", "type": "place"}]
+    augment([Source("d.jsonl:1", {"text": text})], "entities", EntitiesOptions(), Stub([reply]), Filters(),
+            tmp_path / "b.jsonl")
+    (row,) = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert json.loads(row["completion"]) == [{"text": "Ada Lovelace", "type": "PERSON"}]
+
+
+def test_paraphrase_of_a_conversation_keeps_its_earlier_turns_and_answer(tmp_path):
+    """A conversational row (TRL: prompt and completion lists of messages) was written as its rewritten last user
+    turn alone ("Multiply that by three?" -> "12": the turns the answer follows were lost, exit 0), and a
+    conversational completion (no user turn in it) dropped every row as "source text is empty". Now the last user
+    turn is rewritten in place, the turns before it kept, and the answer kept whole; the file reads back as SFT."""
+    from alignkit.data import SFTRecord, load_records
+
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+              {"role": "user", "content": "And times 3?"}]
+    answer = [{"role": "assistant", "content": "12"}]
+    sources = [Source("d.jsonl:1", {"prompt": prompt, "completion": answer}),
+               Source("d.jsonl:2", {"prompt": prompt, "completion": "It is 12."})]
+    res = augment(sources, "paraphrase", ParaphraseOptions(), Stub(["Multiply that by three?"] * 2), Filters(),
+                  tmp_path / "out.jsonl")
+    assert (res.written, res.dropped) == (2, {})
+    rewritten = prompt[:2] + [{"role": "user", "content": "Multiply that by three?"}]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"], r["meta"]["original"]) for r in rows] == [
+        (rewritten, answer, "And times 3?"), (rewritten, "It is 12.", "And times 3?")]
+    assert load_records(tmp_path / "out.jsonl", "sft") == [SFTRecord(rewritten, answer),
+                                                           SFTRecord(rewritten, "It is 12.")]
+    empty = [Source("d.jsonl:3", {"prompt": prompt, "completion": [{"role": "assistant", "content": " "}]}),
+             Source("d.jsonl:4", {"prompt": "Hi there", "completion": "Hello"})]
+    res = augment(empty, "paraphrase", ParaphraseOptions(), Stub(["Hello there"]), Filters(), tmp_path / "b.jsonl")
+    assert (res.written, res.dropped) == (1, {"source text is empty": 1})
+
+
+def test_an_empty_task_proposal_is_not_one_of_the_tasks_made(tmp_path):
+    """instructions counted an empty proposal as one of `num` new tasks (ROUGE-L of nothing is 0, never too similar),
+    asked the model to answer it, and the pipeline then dropped the record as 'prompt shorter than 1 characters': a
+    run asked for 2 tasks wrote 1 while attempts were left. Now an empty proposal is dropped as such, not counted and
+    not answered; the next attempt makes the second task (requests by hand: propose '', propose, answer, propose,
+    answer)."""
+    from alignkit.augment.strategies import InstructionsOptions
+
+    seeds = [Source(f"s.jsonl:{i + 1}", {"prompt": p}) for i, p in enumerate(["Name a colour.", "Count to three."])]
+    llm = Replies("1. ", "Write a haiku about rain.", "Rain taps on the roof.", "List three fruits.",
+                  "Apple, pear, plum.")
+    llm.name = "replies"
+    res = augment(seeds, "instructions", InstructionsOptions(num=2, seeds_per_prompt=1), llm, Filters(),
+                  tmp_path / "out.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in rows] == [("Write a haiku about rain.", "Rain taps on the roof."),
+                                                             ("List three fruits.", "Apple, pear, plum.")]
+    assert (res.written, res.candidates, res.dropped) == (2, 3, {"empty task from the model": 1})
+    assert not llm.replies

@@ -276,6 +276,49 @@ def test_training_rows_past_a_learned_position_table_are_refused_before_the_run_
     assert not out.exists()
 
 
+def test_a_tokenizer_larger_than_the_models_embedding_is_refused_before_the_run_folder(tiny_dir, tmp_path, capsys):
+    """model.tokenizer with more tokens than the model's embedding rows: training stopped at its first batch with
+    "unexpected error: IndexError: index out of range in self" after the run folder was written. One line now
+    naming model.tokenizer and both sizes (read here from the saved files), before anything is written; the model's
+    own tokenizer (as many tokens as rows) trains as before."""
+    small, big = tiny_dir("llama", vocab_size=128), tiny_dir("llama", vocab_size=1024)
+    rows = json.loads((small / "config.json").read_text())["vocab_size"]
+    tokens = len(json.loads((big / "tokenizer.json").read_text())["model"]["vocab"])
+    assert tokens > rows
+    out = tmp_path / "r"
+    rc = main(["-q", "sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"model.path={small}", f"model.tokenizer={big}",
+               f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]
+    assert rc == 2 and err == [
+        f"alignkit sft: error: model.tokenizer: the tokenizer at {big} has {tokens} tokens and the model embeds {rows}, "
+        f"so token ids {rows}..{tokens - 1} have no embedding row (the forward would stop with an IndexError at the "
+        "first one); use the model's own tokenizer (remove model.tokenizer) or one made for it, or resize the model's "
+        "embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer))) and save it"], err
+    assert not out.exists()
+    assert main(["-q", "sft", "-c", str(CONFIGS / "sft-tiny.yaml"), f"model.path={small}", f"model.tokenizer={small}",
+                 f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no"]) == 0
+
+
+def test_a_tokenizer_a_whole_model_adapter_path_would_replace_is_refused(tiny_dir, tmp_path):
+    """model.adapter_path holding a whole model with its own tokenizer runs with that tokenizer, and an explicit
+    model.tokenizer was then ignored without a word. Now a ConfigError naming model.tokenizer when the two differ;
+    the same tokenizer given explicitly loads as before."""
+    from alignkit.adapters import AdapterConfig, apply_adapter, save_adapter
+    from alignkit.cli.models import load_for_inference
+    from alignkit.models.loading import load_model, load_tokenizer
+    from alignkit.settings import ModelSettings
+
+    base, other = tiny_dir("llama"), tiny_dir("llama", vocab_size=128)
+    whole = save_adapter(apply_adapter(load_model(base), AdapterConfig(kind="full")), tmp_path / "full")
+    load_tokenizer(base).save_pretrained(str(whole))
+    with pytest.raises(ConfigError, match=rf"^model\.tokenizer: {other} is not the tokenizer saved with "
+                                          rf"model\.adapter_path \({whole}: a whole model, run with its own tokenizer\), "
+                                          "so it would be ignored; remove model.tokenizer"):
+        load_for_inference(ModelSettings(path=str(base), tokenizer=str(other), adapter_path=str(whole)), None)
+    _, tok, _, _ = load_for_inference(ModelSettings(path=str(base), tokenizer=str(base), adapter_path=str(whole)), None)
+    assert tok.get_vocab() == load_tokenizer(whole).get_vocab()
+
+
 def test_reft_positions_longer_than_the_prompts_are_warned_before_training(tmp_path, caplog):
     """f40+l40 needs 80 prompt tokens; the bundled HH prompts are shorter: one warning naming the spec, counts and
     the key, before training (the run still trains: the same rule holds at inference)."""

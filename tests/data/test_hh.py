@@ -84,3 +84,18 @@ def test_a_weight_given_in_some_rows_only_is_said_once(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records if "is given in" in r.getMessage()] == [
         f"{str(f)[:80]}: column 'weight' is given in 1 of 2 rows; the other 1 weigh 1 (the default) (the first: "
         f"{f}:2). Give every row a weight if they should not"]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("Hi there\n\nAssistant:", r"HH text must start with '\\n\\nHuman:', found 'Hi there' before the first turn"),
+    ("\n\nHuman: a\n\nAssistant: b\n\nAssistant:", "the HH prompt must end with a Human turn before the final "
+                                                    "Assistant reply"),
+])
+@pytest.mark.parametrize("conversational", [True, False])
+def test_a_malformed_dialogue_is_refused_in_both_modes(prompt, message, conversational):
+    """conversational=False (text kept byte for byte) never parsed the dialogue: text before the first Human turn,
+    or two Assistant turns in a row, became a prompt that conversational mode refuses (exit 0). Both modes now
+    refuse it, naming the row."""
+    row = {"chosen": prompt + " yes", "rejected": prompt + " no"}
+    with pytest.raises(DataError, match=rf"^<list>\[0\]: {message}"):
+        load_records([row], reader="hh-rlhf", conversational=conversational)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +176,62 @@ def test_an_optional_column_given_in_some_rows_only_is_said_once(tmp_path, caplo
         load_records(write_jsonl(tmp_path / "all.jsonl", [dict(r, **{column: 1.0}) for r in rows]))
         load_records(write_jsonl(tmp_path / "none.jsonl", [{k: v for k, v in r.items() if k != column} for r in rows]))
     assert not [r for r in caplog.records if "is given in" in r.getMessage()]
+
+
+@pytest.mark.parametrize("content", [b"", b"not parquet at all\n", "truncated"], ids=["empty", "other", "truncated"])
+def test_a_damaged_parquet_file_is_one_data_error_naming_it(tmp_path, capsys, content):
+    """An empty, truncated or non-Parquet `.parquet` file stopped every command on "unexpected error: ArrowInvalid:
+    ... (please report it)", exit 1, naming no file setting. Now a DataError naming the file (exit 2, one line),
+    before the run folder exists; a complete file still reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignkit.cli import main
+
+    rows = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(20)]
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), good)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2] if content == "truncated" else content)
+    with pytest.raises(DataError, match=rf"^{bad}: not a readable Parquet file \(.+\); the file is empty, truncated "
+                                        r"or not Parquet: write it again"):
+        load_records(bad, "sft")
+    assert len(load_records(good, "sft")) == 20
+    run = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
+    assert main(["-q", "sft", "--config", str(root / "configs" / "sft-tiny.yaml"), f"data.path={bad}",
+                 f"output_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: {bad}: not a readable Parquet file")
+    assert not run.exists()
+
+
+def test_message_keys_other_than_role_and_content_are_warned_once(tmp_path, caplog):
+    """A message's other keys (`name`, `tool_calls`, ...) were dropped without a word: records keep role and
+    content, so the chat template never saw them. Now one warning per file naming the keys and their counts; the
+    records are read as before. A Parquet file pads every message of a struct column with the keys any message has
+    (null): those say nothing, nor does a file of plain role / content messages."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    user = {"role": "user", "content": "Hi"}
+    rows = [{"messages": [user, {"role": "assistant", "content": "Hello", "name": "bot"}]},
+            {"messages": [{**user, "name": "ann"}, {"role": "assistant", "content": "Hey", "name": "bot"}]},
+            {"messages": [user, {"role": "assistant", "content": "Yo"}]}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        recs = load_records(f, "sft")
+    assert [r.completion for r in recs] == [[{"role": "assistant", "content": c}] for c in ("Hello", "Hey", "Yo")]
+    msgs = [r.getMessage() for r in caplog.records if "message key(s)" in r.getMessage()]
+    assert msgs == [f"{f}: message key(s) ['name'] dropped (each message keeps its role and content only, so the chat "
+                    "template never sees them; counts: name in 3 message(s)); fold what matters into the content, or "
+                    "drop those keys from the data"]
+    caplog.clear()
+    pq.write_table(pa.Table.from_pylist([rows[2], rows[2]]), tmp_path / "plain.parquet")
+    padded = [{"messages": [{**m, "name": None} for m in rows[2]["messages"]]}] * 2  # as a struct column reads back
+    with caplog.at_level(logging.WARNING):
+        assert len(load_records(tmp_path / "plain.parquet", "sft")) == len(load_records(padded, "sft")) == 2
+        load_records([{"prompt": [user], "chosen": "a", "rejected": "b"}], "preference")
+    assert "message key(s)" not in caplog.text

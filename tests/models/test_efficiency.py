@@ -96,6 +96,46 @@ def test_train_compile_key_checked(override, message):
         load_config(ROOT / "configs" / "sft-tiny.yaml", [override])
 
 
+@pytest.mark.parametrize("options, message", [
+    ("{backend: nope}", "train.compile: torch.compile refused {'backend': 'nope'} (InvalidBackend: Invalid backend: "
+                        "'nope'"),
+    ("{mode: fastest}", "train.compile: torch.compile refused {'mode': 'fastest'} (RuntimeError: Unrecognized "
+                        "mode=fastest"),
+    ("{mode: default, options: {}}", "train.compile: torch.compile refused {'mode': 'default', 'options': {}} "
+                                     "(RuntimeError: Either mode or options can be specified"),
+    ("{bogus_key: 1}", "train.compile.bogus_key: not a torch.compile option; valid: fullgraph, dynamic, backend, "),
+    ("{fullgraph: maybe}", "train.compile.fullgraph: expected true or false, got 'maybe'"),
+])
+def test_compile_options_torch_refuses_are_one_line_before_the_run_folder(tmp_path, capsys, options, message):
+    """Options torch.compile refuses stopped the command on "unexpected error: InvalidBackend / RuntimeError /
+    TypeError ... please report it" (exit 1, naming no key); a string flag (`fullgraph: maybe`) was passed on as
+    true, and the run folder was written before dynamo refused the first graph break. Now one ConfigError line
+    naming train.compile (exit 2), before the run folder exists."""
+    out = tmp_path / "run"
+    assert main(["-q", "sft", "--config", str(ROOT / "configs" / "sft-tiny.yaml"), f"output_dir={out}",
+                 f"train.compile={options}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]  # not tqdm's bars
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: {message}"), err
+    assert not out.exists()
+
+
+def test_fullgraph_with_padding_free_batches_is_refused_before_the_run_folder(tmp_path, capsys):
+    """`train.compile: {fullgraph: true}` on padding-free batches (the CPU default): their attention breaks the graph,
+    and the run stopped at its first step on "unexpected error: Unsupported ..." with base_model/, config.yaml and
+    tensorboard/ written. Now one line naming train.compile.fullgraph, nothing written; padded batches train."""
+    out = tmp_path / "run"
+    args = ["-q", "sft", "--config", str(ROOT / "configs" / "sft-tiny.yaml"), f"output_dir={out}", "train.max_steps=1",
+            "train.eval_strategy=no", "data.eval_fraction=0", "train.compile={backend: aot_eager, fullgraph: true}"]
+    assert main([*args, "train.padding_free=true"]) == 2  # what null resolves to on CPU, on any machine
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]
+    assert err == ["alignkit sft: error: train.compile.fullgraph: true needs one graph per decoder layer, and this run "
+                   "packs its batches without padding (train.padding_free, on by default on CPU), whose attention "
+                   "breaks the graph (dynamo would stop at the first step); remove train.compile.fullgraph, or set "
+                   "train.padding_free: false"]
+    assert not out.exists()
+    assert main([*args, "train.padding_free=false"]) == 0
+
+
 def test_compile_and_torch_compile_are_exclusive():
     with pytest.raises(ConfigError, match="train.compile and train.torch_compile: choose one"):
         load_config(ROOT / "configs" / "sft-tiny.yaml", ["train.compile=true", "train.torch_compile=true"])

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from alignkit.augment.code_bugs import split_functions
-from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns
+from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns, texts_of
 from alignkit.files import DataError, atomic_write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -59,21 +59,21 @@ class AugmentResult:
 def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Source]:
     """Sources from files: tables by row (alignkit's row readers), `.py` by top-level function or class
     (column "code"), `.txt` / `.md` whole (column "text")."""
-    from alignkit.data.readers.rows import iter_rows
+    from alignkit.data.readers.rows import decode_utf8, iter_rows
 
     out: list[Source] = []
     for p in paths:
         path = Path(p)
         if path.suffix == ".py":
             try:
-                functions = split_functions(path.read_text())
+                functions = split_functions(decode_utf8(path.read_bytes(), str(path)))
             except SyntaxError as e:  # a .py source is split by parsing it: a file that does not parse gives nothing
                 raise DataError(f"{path}:{e.lineno}: not valid Python ({e.msg}), so it cannot be split into its "
                                 "functions; fix the file, or give the snippets as JSONL rows (a row that does not "
                                 "parse is dropped and counted)") from None
             out += [Source(f"{path}:{line}", {"code": code}, "py") for code, line in functions]
         elif path.suffix in (".txt", ".md"):
-            out.append(Source(str(path), {"text": path.read_text()}, "text"))
+            out.append(Source(str(path), {"text": decode_utf8(path.read_bytes(), str(path))}, "text"))
         else:
             out += [Source(where, row) for row, where in iter_rows(str(path))]
     return out[:max_rows] if max_rows is not None else out
@@ -138,6 +138,7 @@ def _length_problem(cand: Candidate, filters: Filters) -> str | None:
         value = cand.record.get(key)
         if value is None:
             continue
+        value = "\n".join(texts_of(value))  # a conversation (paraphrase of a conversational row): its messages' text
         if len(value.strip()) < filters.min_chars:
             return f"{key} shorter than {filters.min_chars} characters"
         if filters.max_chars is not None and len(value) > filters.max_chars:

@@ -47,6 +47,7 @@ class Source:
 
 FIXED_COLUMN = {"py": ("code", "a .py file's functions are"), "text": ("text", "a .txt / .md document is")}
 EMPTY_SOURCE = "source text is empty"  # the drop reason of a row / file with nothing in its column
+EMPTY_TASK = "empty task from the model"  # instructions: a proposal with no text
 
 
 @dataclass
@@ -175,6 +176,37 @@ def _text(row: dict[str, Any], key: str, source: Source, option: str = "field") 
     return value
 
 
+def _answer(row: dict[str, Any], key: str, source: Source, option: str) -> str | list:
+    """The value of column `key` kept as an answer: text, or a conversation (a list of messages: the assistant
+    reply of a TRL conversational row) kept whole. EmptySource when it holds nothing."""
+    msg = missing_column(source, key, option)
+    if msg:
+        raise ValueError(msg)
+    value = row.get(key)
+    if value is None or (isinstance(value, (str, list)) and not "".join(texts_of(value)).strip()):
+        raise EmptySource(f"{source.id}: column {key!r} (options.{option}) is empty; fill it in or remove the row")
+    if not isinstance(value, (str, list)):
+        raise ValueError(f"{source.id}: column {key!r} (options.{option}) holds {type(value).__name__} "
+                         f"{str(value)[:40]!r}, not text or a conversation; set options.{option} to the answer column")
+    return value
+
+
+def texts_of(value: str | list) -> list[str]:
+    """The text of a value: itself, or the contents of a conversation's messages."""
+    if isinstance(value, str):
+        return [value]
+    return [str(m.get("content") or "") for m in value if isinstance(m, dict)]
+
+
+def _with_last_user_turn(value: str | list, text: str) -> str | list:
+    """`value` with the text `_text` read from it replaced by `text`: the text itself, or a conversation with its
+    last user turn rewritten (the turns before it kept, so the answer still follows the conversation it answers)."""
+    if not isinstance(value, list):
+        return text
+    last = max(i for i, m in enumerate(value) if isinstance(m, dict) and m.get("role") == "user")
+    return [*value[:last], {**value[last], "content": text}, *value[last + 1:]]
+
+
 def _texts(sources: list[Source], key: str) -> Iterator[tuple[Source, str | None]]:
     """(source, its text in column `key`), None for the text of an empty source (`EmptySource`)."""
     for src in sources:
@@ -280,8 +312,8 @@ def _balanced_sample(found: list, k: int, rng: random.Random) -> list[int]:
 
 @dataclass
 class ParaphraseOptions:
-    field: str = "prompt"  # the column to rewrite (text, or a conversation: its last user turn)
-    answer_field: str = "completion"  # the column kept as the answer
+    field: str = "prompt"  # the column to rewrite (text, or a conversation: its last user turn, the turns before kept)
+    answer_field: str = "completion"  # the column kept as the answer (text, or a conversation kept whole)
     n: int = 1  # rewrites per row (different seeds)
     template: str = ("Rewrite the following request in different words, keeping exactly its meaning. "
                      "Reply with the rewritten request only.\n\n{text}")
@@ -292,24 +324,25 @@ class ParaphraseOptions:
 
 
 def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> Iterator[Candidate]:
-    def jobs() -> Iterator[tuple[Source, str | None, str, int]]:
+    def jobs() -> Iterator[tuple[Source, str | None, str | list, int]]:
         for src in sources:
             try:
                 text = _text(src.row, opt.field, src)
-                answer = _text(src.row, opt.answer_field, src, "answer_field")
+                answer = _answer(src.row, opt.answer_field, src, "answer_field")
             except EmptySource:
                 yield src, None, "", 0
                 continue
             for k in range(opt.n):
                 yield src, text, answer, k
 
-    def rewrite(job: tuple[Source, str | None, str, int]) -> Candidate:
+    def rewrite(job: tuple[Source, str | None, str | list, int]) -> Candidate:
         src, text, answer, k = job
         if text is None:
             return Candidate({}, src.id, drop=EMPTY_SOURCE)
         new = _strip_quotes(ctx.ask(opt.template.format(text=text), seed=ctx.seed + k))
         drop = "same as the original" if _norm(new) == _norm(text) else None
-        return Candidate({"prompt": new, "completion": answer}, src.id, {"original": text, "sample": k}, drop)
+        return Candidate({"prompt": _with_last_user_turn(src.row[opt.field], new), "completion": answer}, src.id,
+                         {"original": text, "sample": k}, drop)
 
     yield from ctx.map(rewrite, jobs())
 
@@ -359,6 +392,9 @@ def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) 
         attempt += len(batch)
         out: list[Candidate] = []
         for (a, _, source), task in zip(batch, list(ctx.map(propose, batch))):  # in order: each compared with
+            if not task.strip():  # no task to answer: not one of the num made, and no answer asked for it
+                out.append(Candidate({"prompt": task, "completion": ""}, source, {"attempt": a}, EMPTY_TASK))
+                continue
             similar = max((rouge_l(task, t) for t in pool), default=0.0)    # the tasks kept before it
             if similar > opt.max_similarity:
                 out.append(Candidate({"prompt": task, "completion": ""}, source, {"attempt": a},
@@ -468,11 +504,15 @@ class EntitiesOptions:
 
     def __post_init__(self) -> None:
         check_templates(self, template=("text", "types"), prompt_template=("text", "types"))
+        if not self.types or not all(isinstance(t, str) and t.strip() for t in self.types):
+            raise ValueError(f"types: {self.types!r}; name at least one entity type (e.g. [PERSON, LOCATION]), each a "
+                             "non-empty string: an entity is kept only if its type is one of them")
 
 
 def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[str, str]], str | None]:
     """(entities, None) from a model's reply, or ([], reason). Kept: objects with a string `text` found
-    verbatim in the source text and a `type` in `types`; duplicates removed, order kept."""
+    verbatim in the source text and a `type` in `types` (compared case-insensitively, written as `types` spells
+    it: the prompt shows the model the configured spelling); duplicates removed, order kept."""
     match = re.search(r"\[.*\]", reply, re.S)
     if match is None:
         return [], "no JSON array in the reply"
@@ -481,11 +521,12 @@ def parse_entities(reply: str, text: str, types: list[str]) -> tuple[list[dict[s
     except json.JSONDecodeError as e:
         return [], f"reply is not valid JSON ({e.msg})"
     out, seen = [], set()
+    spelled = {t.strip().upper(): t.strip() for t in types}
     for item in items if isinstance(items, list) else []:
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
             continue
-        name, kind = item["text"].strip(), str(item.get("type", "")).upper()
-        if name and name in text and kind in types and (name, kind) not in seen:
+        name, kind = item["text"].strip(), spelled.get(str(item.get("type", "")).strip().upper())
+        if name and name in text and kind is not None and (name, kind) not in seen:
             seen.add((name, kind))
             out.append({"text": name, "type": kind})
     return (out, None) if out else ([], "no entity of the reply occurs in the text with a valid type")
@@ -550,4 +591,5 @@ def _strip_numbering(text: str) -> str:
 
 __all__ = ["Candidate", "CodeBugsOptions", "Context", "EMPTY_SOURCE", "EmptySource", "EntitiesOptions",
            "InstructionsOptions", "ParaphraseOptions", "STRATEGIES", "Source", "Strategy", "SummarizeOptions",
-           "check_columns", "check_templates", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l"]
+           "check_columns", "check_templates", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l",
+           "texts_of"]

@@ -26,6 +26,7 @@ from alignkit.augment.pipeline import Filters, read_sources
 from alignkit.augment.pipeline import augment as run_augment
 from alignkit.augment.strategies import check_columns
 from alignkit.cli.data import data_path
+from alignkit.cli.models import check_model_folder, explaining_load
 from alignkit.cli.runfolder import add_config_command
 from alignkit.models.tiny import save_tiny
 from alignkit.settings.tiny import tiny_arch
@@ -63,7 +64,8 @@ def build_llm(cfg: Any) -> Any:
         arch = tiny_arch(path, "llm.path")
         if arch is not None:
             path = str(save_tiny(Path(cfg.output_dir) / "llm_model", arch))
-        llm = LocalChat.from_path(path, dtype=s.dtype, name=s.path)
+        with explaining_load("llm.path", path):  # a folder without weights, a damaged file: one line naming the key
+            llm = LocalChat.from_path(path, dtype=s.dtype, name=s.path)
     if s.cache:
         llm = Cached(llm, s.cache_dir or Path(cfg.output_dir) / "cache")
     return llm
@@ -78,9 +80,11 @@ def augment(cfg: Any) -> int:
         check_columns(sources, cfg.strategy_options())
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.llm is not None and cfg.llm.kind == "local":  # a missing or non-model folder, before the output folder
+        check_model_folder(cfg.llm.path, "llm.path")
+    llm = build_llm(cfg)  # a model that does not load stops here, before the output folder (a tiny one is built in it)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    llm = build_llm(cfg)
     s = cfg.llm
     kw = {} if s is None else {"max_tokens": s.max_tokens, "temperature": s.temperature, "seed": s.seed,
                                "concurrency": s.concurrency}

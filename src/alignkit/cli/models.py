@@ -246,6 +246,21 @@ def rename_base(model: Any, old: str, new: str) -> None:
                 pc.base_model_name_or_path = new
 
 
+def check_vocab(model: Any, tok: Any, key: str, where: str) -> None:
+    """ConfigError naming `key` when the tokenizer (loaded from `where`) holds more tokens than `model` has embedding
+    rows: a token id past the table has no row, and the forward stopped on "IndexError: index out of range in self"
+    at the first batch holding one, after the run folder was written. Fewer tokens than rows (a table padded to a
+    multiple of 64 or 128) is fine."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and len(tok) > rows:
+        raise ConfigError(f"{key}: the tokenizer at {where} has {len(tok)} tokens and the model embeds {rows}, so "
+                          f"token ids {rows}..{len(tok) - 1} have no embedding row (the forward would stop with an "
+                          "IndexError at the first one); use the model's own tokenizer (remove model.tokenizer) or one "
+                          "made for it, or resize the model's embeddings to the tokenizer "
+                          "(model.resize_token_embeddings(len(tokenizer))) and save it")
+
+
 def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
     """(model, tokenizer, loaded path, description) for `task` "causal_lm" or "classifier" (1 label).
     `run` None: nothing is written to a run folder (a tiny model stays in a temporary folder for `adopt_tiny`)."""
@@ -263,6 +278,7 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
         model = load_model(path, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
                            num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
                            rope_scaling=ms.rope_scaling)
+    check_vocab(model, tok, "model.tokenizer" if ms.tokenizer else "model.path", ms.tokenizer or ms.path)
     if run is not None and path in _CREATED:  # this process's private copy of a tiny model: loaded, so not needed
         path = adopt_tiny(path, run.root / "base_model", main=False)
     if task == "classifier" and model.config.pad_token_id is None:
@@ -286,8 +302,15 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
                                num_labels=1 if task == "classifier" else None, trust_remote_code=ms.trust_remote_code,
                                rope_scaling=ms.rope_scaling)
             if (folder / "tokenizer_config.json").is_file():
-                tok = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
+                own = load_tokenizer_for(ModelSettings(path=str(folder), trust_remote_code=ms.trust_remote_code),
                                          str(folder))
+                if ms.tokenizer is not None and own.get_vocab() != tok.get_vocab():
+                    raise ConfigError(f"model.tokenizer: {ms.tokenizer} is not the tokenizer saved with "
+                                      f"model.adapter_path ({folder}: a whole model, run with its own tokenizer), so "
+                                      "it would be ignored; remove model.tokenizer, or save the model with the "
+                                      "tokenizer it should run with")
+                tok = own
+            check_vocab(model, tok, "model.adapter_path", str(folder))
             if ms.kernels is not None:  # the model that runs is this one, not the base load_base patched
                 apply_kernels(model, ms.kernels)
         else:

@@ -34,7 +34,7 @@ from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.interventions.positions import check_prompt_lengths
 from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
-from alignkit.models.efficiency import compile_layers
+from alignkit.models.efficiency import check_fullgraph, compile_layers
 from alignkit.models.rope import check_context
 from alignkit.runs import (
     MetricsJsonl, ModelCard, RunFolder, checkpoint_step, final_metrics, plot_metrics, push_folder, read_metrics, staged,
@@ -249,6 +249,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if plan.checkpoint is not None:  # trained on other examples (an edited data file): refused before writing
         trainer.check_resume(plan.checkpoint, "--resume" if cfg.train.get("resume_from_checkpoint") is None
                              else "train.resume_from_checkpoint")
+    check_fullgraph(cfg.train.get("compile"), bool(getattr(trainer, "padding_free", False)))
     if quiet:  # with tqdm off, the Trainer would print every log dict instead
 
         trainer.remove_callback(PrinterCallback)

@@ -60,11 +60,13 @@ def hh_to_preference(row: dict, where: str, conversational: bool = True) -> Pref
         raise DataError(f"{where}: 'chosen' and 'rejected' differ before their last {ASSISTANT!r}; HH pairs must share "
                         f"the dialogue and differ only in the final reply")
     weight = {"weight": row["weight"]} if row.get("weight") is not None else {}
-    if not conversational:
-        return PreferenceRecord(prompt, chosen_rest, rejected_rest, margin=row.get("margin"), id=where, **weight)
+    # the dialogue's shape is checked in both modes (text mode kept text before the first Human turn, or two
+    # Assistant turns in a row, that conversational mode refuses)
     messages = parse_dialogue(prompt, where)[:-1]  # drop the final, empty assistant marker
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the HH prompt must end with a Human turn before the final Assistant reply")
+    if not conversational:
+        return PreferenceRecord(prompt, chosen_rest, rejected_rest, margin=row.get("margin"), id=where, **weight)
     return PreferenceRecord(messages, chosen_rest.strip(), rejected_rest.strip(), margin=row.get("margin"), id=where,
                             **weight)
 

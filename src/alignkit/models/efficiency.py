@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from typing import Any
 
@@ -45,16 +46,51 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      f"nn.ModuleList of {n} identical modules)")
 
 
-def compile_layers(model: nn.Module, **compile_kwargs: Any) -> int:
+def check_compile_options(options: dict[str, Any], where: str = "train.compile") -> None:
+    """ConfigError naming `where.<key>` for an option `torch.compile` does not take, or a flag that is not true /
+    false (a string such as `fullgraph: "no"` was passed on and read as true)."""
+    params = {n: p for n, p in inspect.signature(torch.compile).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    for key, value in options.items():
+        if key not in params:
+            raise ConfigError(f"{where}.{key}: not a torch.compile option; valid: {', '.join(params)} (or "
+                              f"{where}: true for its defaults)")
+        default = params[key].default
+        if isinstance(default, bool) or key == "dynamic":
+            if not isinstance(value, bool) and not (key == "dynamic" and value is None):
+                raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+
+
+def compile_layers(model: nn.Module, where: str = "train.compile", **compile_kwargs: Any) -> int:
     """`torch.compile` every decoder layer of `model` in place (`nn.Module.compile`). Returns the layer count.
 
     `compile_kwargs` go to `torch.compile` (e.g. `backend`, `mode`, `dynamic`). Sequence lengths vary from
-    batch to batch: torch recompiles once with dynamic shapes after the first change, then reuses the graph."""
+    batch to batch: torch recompiles once with dynamic shapes after the first change, then reuses the graph.
+    Options torch refuses (an unknown backend or mode, mode with options, ...) are one ConfigError naming `where`,
+    raised before any layer is compiled."""
+    check_compile_options(compile_kwargs, where)
     layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(**compile_kwargs)
+    for i, layer in enumerate(layers):
+        try:
+            layer.compile(**compile_kwargs)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as e:
+            if i:  # the same options worked on the first layer: not a setting's fault
+                raise
+            first = " ".join(str(e).split())[:300] or type(e).__name__
+            raise ConfigError(f"{where}: torch.compile refused {compile_kwargs} ({type(e).__name__}: {first}); "
+                              f"fix the options, or set {where}: true for torch.compile's defaults") from None
     logger.info("torch.compile: %d decoder layers (%s) compiled regionally", len(layers), type(layers[0]).__name__)
     return len(layers)
+
+
+def check_fullgraph(option: Any, padding_free: bool, where: str = "train.compile") -> None:
+    """ConfigError when `fullgraph: true` meets padding-free batches: their attention (`alignkit.models.varlen`) reads
+    the batch's layout in Python, a graph break that fullgraph turns into dynamo's "Unsupported" error at the first
+    step, after the run folder was written."""
+    if isinstance(option, dict) and option.get("fullgraph") is True and padding_free:
+        raise ConfigError(f"{where}.fullgraph: true needs one graph per decoder layer, and this run packs its batches "
+                          "without padding (train.padding_free, on by default on CPU), whose attention breaks the graph "
+                          f"(dynamo would stop at the first step); remove {where}.fullgraph, or set "
+                          "train.padding_free: false")
 
 
 def check_kernels(kind: str | None, where: str = "model.kernels") -> None:
@@ -95,4 +131,4 @@ def apply_kernels(model: nn.Module, kind: str | None, where: str = "model.kernel
     return model
 
 
-__all__ = ["KERNELS", "apply_kernels", "check_kernels", "compile_layers", "decoder_layers"]
+__all__ = ["KERNELS", "apply_kernels", "check_compile_options", "check_fullgraph", "check_kernels", "compile_layers", "decoder_layers"]

@@ -56,6 +56,10 @@ class LLMSettings:
                                       " model: the served model's name)")
             if self.path is not None:
                 raise ConfigError("llm.path: only for kind 'local'; an openai endpoint is set by base_url and model")
+            if self.dtype != LLM_DEFAULTS["dtype"]:
+                raise ConfigError(f"llm.dtype: {self.dtype} is read only by kind 'local' (the model loaded in this "
+                                  "process); an openai endpoint serves its model in its own dtype, so it would be "
+                                  "ignored; remove llm.dtype")
         else:
             if self.path is None:
                 raise ConfigError("llm.path: required for kind 'local' (a model folder, or tiny:llama to try it)")
@@ -63,6 +67,11 @@ class LLMSettings:
             for key in ("base_url", "api_key_env", "requests_per_minute"):
                 if getattr(self, key) is not None:
                     raise ConfigError(f"llm.{key}: only for kind 'openai'")
+            for key in ("timeout", "retries", "backoff"):  # the HTTP client's: a local model sends no request
+                if getattr(self, key) != LLM_DEFAULTS[key]:
+                    raise ConfigError(f"llm.{key}: {getattr(self, key)} is read only by kind 'openai' (an HTTP "
+                                      "endpoint's requests), and kind 'local' runs the model in this process, so it "
+                                      f"would be ignored; remove llm.{key}")
             if self.concurrency > 1:
                 raise ConfigError(f"llm.concurrency: {self.concurrency}; a local model answers one request at a "
                                   "time (concurrency is for kind 'openai': alignkit serve, vLLM, a hosted API); set "
@@ -72,6 +81,13 @@ class LLMSettings:
                               "(1: one at a time)")
         if self.max_tokens < 1 or self.temperature < 0 or self.retries < 0:
             raise ConfigError("llm: max_tokens must be >= 1, temperature >= 0, retries >= 0")
+        if not self.cache and self.cache_dir is not None:
+            raise ConfigError(f"llm.cache_dir: {self.cache_dir} is where answers are cached, and llm.cache is false, "
+                              "so it would be ignored (nothing read or written there); remove llm.cache_dir or set "
+                              "llm.cache: true")
+
+
+LLM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LLMSettings)}
 
 
 @dataclass

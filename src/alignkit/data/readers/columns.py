@@ -10,7 +10,8 @@
 | `ranked`             | prompt, responses (best first) [, ranks]  | RankedRecord      |
 | `prompt`             | prompt                                    | PromptRecord      |
 
-Every value may be plain text or a conversation (a list of {"role", "content"} messages). Optional
+Every value may be plain text or a conversation (a list of {"role", "content"} messages; a message's other keys,
+such as `name` or `tool_calls`, are dropped with one warning per file). Optional
 columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
 are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
 `answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`).
@@ -160,6 +161,31 @@ def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
             ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))
 
 
+MESSAGE_KEYS = ("role", "content")  # what a record keeps of each message (alignkit.data.records.check_messages)
+
+
+def count_message_keys(row: dict, dropped: dict[str, int]) -> None:
+    """Count into `dropped` the keys of the row's messages (in any column holding a conversation, or a list of
+    them: `responses`) other than role and content that hold a value: the records keep role and content only, so
+    `name`, `tool_calls`, ... never reach the chat template. A null value (a Parquet struct's padding) is not one."""
+    for value in row.values():
+        for item in value if isinstance(value, list) else ():
+            for m in item if isinstance(item, list) else [item]:
+                if isinstance(m, dict) and "role" in m:
+                    for key, v in m.items():
+                        if key not in MESSAGE_KEYS and v is not None:
+                            dropped[key] = dropped.get(key, 0) + 1
+
+
+def warn_dropped_message_keys(source: Any, dropped: dict[str, int]) -> None:
+    """One warning per source for the message keys `count_message_keys` counted (none: nothing said)."""
+    if dropped:
+        logging.getLogger(__name__).warning(
+            "%s: message key(s) %s dropped (each message keeps its role and content only, so the chat template never "
+            "sees them; counts: %s); fold what matters into the content, or drop those keys from the data",
+            str(source)[:80], sorted(dropped), ", ".join(f"{k} in {v} message(s)" for k, v in sorted(dropped.items())))
+
+
 # optional columns whose absence means a default: a file that gives one in some rows only gets one warning
 DEFAULTED = {"weight": "weigh 1 (the default)", "margin": "have margin 0 (the default)"}
 
@@ -199,18 +225,21 @@ def read_checked(source: Any, split: str | None, convert: Any, known: tuple[str,
     (`check_columns`), then one warning per file for the columns no reader read (unless `warn_unknown` is False)
     and for an optional column given in some rows only (`PartialColumns`). Every column reader runs through it."""
     unknown: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     partial = PartialColumns(tuple(c for c in DEFAULTED if c in known))
 
     def checked(row: dict, where: str) -> Any:
         check_columns(row, where, known, unknown)
         record = convert(row, where)
         partial.add(row, where)
+        count_message_keys({k: v for k, v in row.items() if k in known}, dropped)
         return record
 
     out = collect(iter_rows(source, split), checked, on_invalid, name=name)
     if warn_unknown:
         warn_ignored(source, unknown)
     partial.warn(source)
+    warn_dropped_message_keys(source, dropped)
     return out
 
 

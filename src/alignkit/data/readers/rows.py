@@ -34,11 +34,14 @@ def source_name(source: Any) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _decode(raw: bytes, where: str) -> str:
+def decode_utf8(raw: bytes, where: str) -> str:
+    """`raw` as UTF-8 text; a DataError naming `where`, the byte and the fix when it is not."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file "
+        line, col = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        at = f"line {line}, column {col}" if line > 1 else f"column {col}"  # a JSON line's `where` names its line
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at {at}); save the file "
                         f"as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
@@ -46,7 +49,7 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            line = _decode(raw, where)
+            line = decode_utf8(raw, where)
             if not line.strip():
                 continue
             try:
@@ -127,6 +130,21 @@ def looks_like_hub_id(value: str) -> bool:
         Path(value).suffix not in (".jsonl", ".json", ".parquet")
 
 
+def read_parquet(path: Path) -> list[dict]:
+    """The rows of a Parquet file; a file pyarrow cannot read (empty, truncated, not Parquet) is a DataError naming
+    it (it stopped the command on an "unexpected error: ArrowInvalid", naming no setting)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({first}); the file is empty, truncated or not Parquet: "
+                        "write it again (e.g. pandas' to_parquet / datasets' to_parquet), or point data.path at the "
+                        "complete file") from None
+
+
 class NamedRows(list):
     """A list of (row dict, where) pairs: rows that already know their place (e.g. one batch of a
     `datasets.map`, named by their index in the whole dataset)."""
@@ -152,7 +170,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
             yield from _iter_jsonl(path)
         elif path.suffix == ".json":
             try:
-                value = json.loads(_decode(path.read_bytes(), str(path)))
+                value = json.loads(decode_utf8(path.read_bytes(), str(path)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}); fix the file "
                                 f"(or write one object per line as .jsonl)") from None
@@ -163,9 +181,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
                     raise DataError(f"{path} item {i}: expected an object, got {type(row).__name__}")
                 yield row, f"{path} item {i}"
         elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            yield from _iter_table(pq.read_table(path).to_pylist(), str(path))
+            yield from _iter_table(read_parquet(path), str(path))
         else:
             raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or a "
                             f"save_to_disk folder")
