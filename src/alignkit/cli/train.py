@@ -44,7 +44,7 @@ from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
 from alignkit.trainers import TRAINERS
-from alignkit.trainers.base import check_resumable
+from alignkit.trainers.checks import check_resumable
 
 logger = logging.getLogger(__name__)
 

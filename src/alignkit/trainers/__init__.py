@@ -3,8 +3,8 @@
 Every trainer works with every adapter kind (`alignkit.adapters`: full, lora, reft, reft+lora).
 """
 
-from alignkit.trainers.base import (TRAINER_EVAL_METRICS, AlignTrainer, check_best_metric_name, lower_is_better,
-                                    turn_off_dropout)
+from alignkit.trainers.base import TRAINER_EVAL_METRICS, AlignTrainer, turn_off_dropout
+from alignkit.trainers.checks import check_best_metric_name, lower_is_better
 from alignkit.trainers.kto import KTOTrainer, mismatched_batch
 from alignkit.trainers.logps import completion_logps, completion_token_logps, prompt_locations, prompt_spans
 from alignkit.trainers.preference import REFERENCE_FREE, DPOTrainer, PreferenceTrainer
