@@ -206,7 +206,7 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(tmp_path, capsys):
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert cli("sft", "sft-tiny.yaml", run, ["train.save_only_model=true"], "--resume") == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
     assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} holds no optimizer.pt / "
                                                "scheduler.pt (a checkpoint saved with train.save_only_model=true"), err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
@@ -215,21 +215,24 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(tmp_path, capsys):
     assert "train.resume_from_checkpoint: " in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
-def test_resume_refuses_another_number_of_processes(tmp_path, capsys, monkeypatch):
-    """Resuming a one-process run's checkpoint with two processes (torchrun / accelerate launch set WORLD_SIZE)
-    doubles the batch of an optimizer step and skips other records than the ones trained on; it was accepted
-    without a word. Now the checkpoint records its world size and a resume with another one stops at once."""
+def test_resume_refuses_another_number_of_processes(tmp_path, capsys):
+    """Resuming a checkpoint with another number of processes than wrote it (torchrun / accelerate launch) changes
+    the batch of an optimizer step and skips other records than the ones trained on; it was accepted without a word.
+    Now the checkpoint records its world size and a resume with another one stops before anything is written. (The
+    check runs on the trainer's processes, so the two-process side is the checkpoint's here: a one-process test
+    cannot build a two-process trainer.)"""
     run = tmp_path / "a"
     assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
     ckpt = run / "checkpoints" / "checkpoint-2"
-    assert json.loads((ckpt / "alignkit_state.json").read_text())["world_size"] == 1
+    state = json.loads((ckpt / "alignkit_state.json").read_text())
+    assert state["world_size"] == 1
+    (ckpt / "alignkit_state.json").write_text(json.dumps({**state, "world_size": 2}))  # as a 2-process run writes it
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
-    monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} was written by a run of 1 "
-                                               "process(es), this one has 2"), err
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} was written by a run of 2 "
+                                               "process(es), this one has 1"), err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -321,3 +324,37 @@ def test_resume_refuses_a_checkpoint_trained_on_other_examples(tmp_path, capsys)
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     data.write_text("\n".join(lines) + "\n")
     assert cli("sft", "sft-tiny.yaml", run, [f"data.path={data}"], "--resume") == 0
+
+
+def test_a_cli_resume_checks_the_checkpoint_once_before_writing(tmp_path, monkeypatch):
+    """The CLI checked a checkpoint up to three times (before loading without the data, with the data before the run
+    folder, again in AlignTrainer.train) under a label written twice. Now one check, the trainer's, before the run
+    folder is touched, naming what asked for the resume; train() does not repeat it."""
+    import alignkit.trainers.base as base
+
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
+    shutil.rmtree(run / "model")  # as after a kill before the end
+    calls, real = [], base.check_resumable
+    monkeypatch.setattr(base, "check_resumable", lambda *a: (calls.append(a[2]), real(*a))[1])
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=3"], "--resume") == 0
+    assert calls == ["--resume"]
+
+
+def test_resume_under_deepspeed_is_refused_before_the_run_folder_is_touched(tmp_path, monkeypatch, capsys):
+    """A resume under DeepSpeed (which alignkit cannot resume) was refused only in AlignTrainer.train, after the CLI
+    had begun the run: metrics.jsonl already cut to the checkpoint's step (the killed run's step 3 lost) and a
+    TensorBoard writer opened. Now the refusal is part of the one resume check, before anything is written."""
+    import alignkit.trainers.base as base
+
+    run = tmp_path / "cut"
+    killed_after(monkeypatch, 3, "sft", "sft-tiny.yaml", run, [])
+    assert sorted(losses(run)) == [1, 2, 3]
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.setattr(base, "is_deepspeed", lambda accelerator: True)  # as under an accelerate DeepSpeed config
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 2
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert len(err) == 1 and err[0].startswith("alignkit sft: error: --resume: resuming under DeepSpeed is not "
+                                               "supported by alignkit"), err

@@ -86,12 +86,14 @@ class RunPlan:
     mode "new": `final` is absent or empty; "resume": continue `final` from `checkpoint`; "overwrite": `final`
     holds a run and the user asked to replace it: the new run is written to `root` (a staging folder beside
     it, `.<name>.staging`) and renamed over `final` only when it has finished. `checkpoint`: what the run resumes
-    from (mode "resume"; or "overwrite" with `train.resume_from_checkpoint` from another run)."""
+    from (mode "resume"; or "overwrite" with `train.resume_from_checkpoint` from another run); `label`: what asked
+    for it, as refusals name it ("--resume" or "train.resume_from_checkpoint")."""
 
     final: Path
     root: Path
     mode: str
     checkpoint: Path | None = None
+    label: str = "--resume"
     main: bool = field(default_factory=is_main_process)
     existed: bool = False
 
@@ -135,6 +137,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
     existed = final.is_dir()
     holds = existed and any(final.iterdir())
     ckpt: Path | None = None
+    label = "--resume" if checkpoint is None else "train.resume_from_checkpoint"  # what refusals name
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         if not ckpt.exists():
@@ -160,7 +163,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
                            "(<run>/checkpoints/checkpoint-N), so its settings cannot be compared with these; the "
                            "checkpoint's optimizer and scheduler keep the values it was trained with", ckpt)
         else:
-            check_resume_config(cfg, saved, "train.resume_from_checkpoint")
+            check_resume_config(cfg, saved, label)
     elif resume:
         if not holds:
             raise ConfigError(f"--resume: {final} holds no run to resume; run once without --resume first")
@@ -169,19 +172,19 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
             raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (training commands write "
                               "them with train.save_strategy=steps and train.save_steps=N, online commands with "
                               "train.save_steps=N); start again with --overwrite")
-        check_resume_config(cfg, final / "config.yaml")
+        check_resume_config(cfg, final / "config.yaml", label)
         logger.info("resuming %s from %s", final, ckpt)
     elif holds and not overwrite:
         raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
                           "that run from its newest complete checkpoint, --overwrite to replace it as a whole, or "
                           "choose another output_dir")
     if ckpt is not None and not (holds and overwrite):
-        return RunPlan(final, final, "resume", ckpt, existed=existed)
+        return RunPlan(final, final, "resume", ckpt, label, existed=existed)
     if holds:  # --overwrite (with train.resume_from_checkpoint: another run's checkpoint, resumed into the new run)
         staging = final.parent / f".{final.name}.staging"
         if is_main_process():
             remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
-        return RunPlan(final, staging, "overwrite", ckpt, existed=True)
+        return RunPlan(final, staging, "overwrite", ckpt, label, existed=True)
     return RunPlan(final, final, "new", existed=existed)
 
 

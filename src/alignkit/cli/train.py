@@ -44,7 +44,6 @@ from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
 from alignkit.trainers import TRAINERS
-from alignkit.trainers.checks import check_resumable
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +204,6 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
     Everything that can be checked (output folder, data, model, adapter, tokenization, training arguments, the
     Trainer) is checked before the run folder is written; `model/` and checkpoints are written atomically."""
     plan = plan_run(cfg, resume=resume, overwrite=overwrite, checkpoint=cfg.train.get("resume_from_checkpoint"))
-    if plan.checkpoint is not None:  # before loading anything: a checkpoint the Trainer would not truly resume
-        check_resumable(plan.checkpoint, int(os.environ.get("WORLD_SIZE", "1")),
-                        "--resume" if cfg.train.get("resume_from_checkpoint") is None else "train.resume_from_checkpoint")
     try:
         return _train(cfg, command, plan, quiet=quiet, command_line=command_line)
     except BaseException:
@@ -246,9 +242,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
                   data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
                   **kwargs)
-    if plan.checkpoint is not None:  # trained on other examples (an edited data file): refused before writing
-        trainer.check_resume(plan.checkpoint, "--resume" if cfg.train.get("resume_from_checkpoint") is None
-                             else "train.resume_from_checkpoint")
+    if plan.checkpoint is not None:  # the one check of the checkpoint (train() does not repeat it): before writing
+        trainer.check_resume(plan.checkpoint, plan.label)
     if quiet:  # with tqdm off, the Trainer would print every log dict instead
 
         trainer.remove_callback(PrinterCallback)

@@ -500,8 +500,16 @@ class AlignTrainer(BatchSampling, Trainer):
         return self._data_digest
 
     def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
-        """`check_resumable` for this trainer: its processes and its training examples against the checkpoint's."""
+        """Refuse (CheckpointError naming `label`) a checkpoint this trainer would not truly resume: any under DeepSpeed
+        (it restores its engine from its own pickled files, which alignkit does not write or load), else
+        `check_resumable` with this trainer's processes and training examples. Once per checkpoint: `train()` does
+        not check again the one a caller (the CLI, before its run folder is written) has checked."""
+        if is_deepspeed(self.accelerator):
+            raise CheckpointError(f"{label}: resuming under DeepSpeed is not supported by alignkit (DeepSpeed reloads "
+                                  f"its optimizer state from torch pickles, which alignkit does not load); {checkpoint}/ "
+                                  "holds an ordinary model folder: start a new run from it, or resume under FSDP2 / DDP")
         check_resumable(checkpoint, self.args.world_size, label, self.data_digest())
+        self._resume_checked = Path(checkpoint).resolve()
 
     def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
         final = Path(run_dir) / name
@@ -564,12 +572,8 @@ class AlignTrainer(BatchSampling, Trainer):
                 raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
                                       "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
         if resume_from_checkpoint:
-            if is_deepspeed(self.accelerator):  # DeepSpeed restores its engine from its own pickled files
-                raise CheckpointError(f"resume_from_checkpoint: resuming under DeepSpeed is not supported by alignkit "
-                                      f"(DeepSpeed reloads its optimizer state from torch pickles, which alignkit "
-                                      f"does not load); {resume_from_checkpoint}/ holds an ordinary model folder: "
-                                      f"start a new run from it, or resume under FSDP2 / DDP")
-            self.check_resume(resume_from_checkpoint)
+            if getattr(self, "_resume_checked", None) != Path(resume_from_checkpoint).resolve():
+                self.check_resume(resume_from_checkpoint)
             logger.info("resuming from %s", resume_from_checkpoint)
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
