@@ -358,3 +358,36 @@ def test_resume_under_deepspeed_is_refused_before_the_run_folder_is_touched(tmp_
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
     assert len(err) == 1 and err[0].startswith("alignkit sft: error: --resume: resuming under DeepSpeed is not "
                                                "supported by alignkit"), err
+
+
+def test_a_resume_whose_data_cannot_be_compared_says_so(tmp_path, caplog):
+    """The training examples are compared with the checkpoint's by their digest; where one side has none (a
+    checkpoint of an older alignkit, or this run's data without a length, whose digest is None) the resume went on
+    without a word. Legitimate, so not refused: one warning naming why and that the data must be the same."""
+    from alignkit.trainers.checks import check_resumable
+
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
+    shutil.rmtree(run / "model")  # as after a kill before the end
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    state = json.loads((ckpt / "alignkit_state.json").read_text())
+    with caplog.at_level("WARNING"):
+        check_resumable(ckpt, 1, "resume_from_checkpoint", state["data_sha256"])  # comparable: nothing said
+        assert not [r for r in caplog.records if "could not be compared" in r.getMessage()]
+        check_resumable(ckpt, 1, "resume_from_checkpoint", None)
+    said = [r.getMessage() for r in caplog.records if "could not be compared" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"resume_from_checkpoint: the training examples could not be "
+                                                 f"compared with the ones {ckpt} was trained on: this run's training "
+                                                 "data has no length"), said
+    del state["data_sha256"]  # as an older alignkit wrote it (the completeness marker lists the new size)
+    (ckpt / "alignkit_state.json").write_text(json.dumps(state))
+    marker = json.loads((ckpt / "alignkit_complete.json").read_text())
+    marker["files"]["alignkit_state.json"] = (ckpt / "alignkit_state.json").stat().st_size
+    (ckpt / "alignkit_complete.json").write_text(json.dumps(marker))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=3"], "--resume") == 0
+    said = [r.getMessage() for r in caplog.records if "could not be compared" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"--resume: the training examples could not be compared with the "
+                                                 f"ones {ckpt} was trained on: it records no digest"), said
+    assert "resume on the same data in the same order" in said[0]

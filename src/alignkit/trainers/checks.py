@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from transformers.training_args import ParallelMode
 from alignkit.distributed import deepspeed_cannot_start, requested_engine
 from alignkit.runs import CheckpointError
 from alignkit.settings import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # logged metrics whose smaller values are the better ones besides the losses (names ending in "loss", and loss/<name>)
 LOWER_IS_BETTER = ("runtime", "nll/token", "hinge")
@@ -63,16 +66,17 @@ def data_digest(dataset: Any) -> str | None:
     return h.hexdigest()
 
 
-def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str = "resume_from_checkpoint",
-                    digest: str | None = None) -> None:
+def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, digest: str | None) -> None:
     """Refuse (CheckpointError, one line naming `label` and the folder) a complete checkpoint that the Trainer would
     resume without continuing the same training: one without the optimizer / scheduler states (saved with
     `save_only_model`, or under DeepSpeed; the Trainer then restarts Adam's moments and the learning-rate schedule
     from zero without a word), or one written by another number of processes (the batch of an optimizer step and
-    which records count as already seen depend on it), or, given this run's `digest` (`data_digest` of its
-    training examples), one trained on other data (the Trainer skips the batches the checkpoint had seen, counted
-    in the new data: an edited or regenerated data file, another data.max_records or max_length). A checkpoint
-    that does not record its world size or data (older alignkit) is not compared on it."""
+    which records count as already seen depend on it), or one trained on other data than this run's `digest`
+    (`data_digest` of its training examples: the Trainer skips the batches the checkpoint had seen, counted in the
+    new data: an edited or regenerated data file, another data.max_records or max_length). A checkpoint that does
+    not record its world size (older alignkit) is not compared on it; data that cannot be compared (this run's
+    has no length, so `digest` is None, or the checkpoint records no digest) is said in one warning: only the user
+    can make sure the resumed run reads the same examples in the same order."""
     folder = Path(checkpoint)
     missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (folder / n).is_file()]
     if missing:
@@ -90,7 +94,15 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str =
                               f"depend on it, so the run would not continue the same training; launch {saved} "
                               "process(es), or start a new run from its weights in another output_dir")
     trained = state.get("data_sha256")
-    if digest is not None and isinstance(trained, str) and trained != digest:
+    if digest is None or not isinstance(trained, str):
+        why = ("this run's training data has no length (an IterableDataset or a streaming dataset, which reading "
+               "here would consume)" if digest is None else "it records no digest of its training examples (an "
+               "older alignkit wrote it)")
+        logger.warning("%s: the training examples could not be compared with the ones %s was trained on: %s. The "
+                       "resumed run skips the batches the checkpoint had seen, counted in this run's data: resume on "
+                       "the same data in the same order, or the run silently trains on other examples",
+                       label, folder, why)
+    elif trained != digest:
         raise CheckpointError(f"{label}: {folder} was trained on other training examples than this run's (SHA-256 "
                               f"of the tokenized examples {trained[:12]}... there, {digest[:12]}... here: the data "
                               "file changed, or data.max_records / max_length / the formatter / the tokenizer did), "
