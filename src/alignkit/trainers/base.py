@@ -95,7 +95,7 @@ from alignkit.runs import (
     STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, remove_own,
 )
 from alignkit.trainers.checks import (
-    STATE_JSON, check_best_metric_name, check_optimizer, check_resumable, check_scheduler, data_digest,
+    STATE_JSON, check_best_model_metric, check_optimizer, check_resumable, check_scheduler, data_digest,
     refuse_deepspeed_mismatches, refuse_ignored_arguments, refuse_metric_functions, saved_state,
 )
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
@@ -178,7 +178,8 @@ class AlignTrainer(BatchSampling, Trainer):
         if logged is not None and isinstance(self.eval_dataset, dict):  # the Trainer's per set: eval_<set>_loss, ...
             logged += tuple(f"{name}_{m}" for name in self.eval_dataset for m in TRAINER_EVAL_METRICS)
         if logged is not None:
-            check_best_metric_name(self.args.metric_for_best_model, logged, type(self).__name__)
+            check_best_model_metric(self.args.metric_for_best_model, self.args.greater_is_better, logged,
+                                    type(self).__name__)
 
     # -- optimizer ---------------------------------------------------------------------------------------
 

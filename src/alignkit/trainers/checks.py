@@ -50,6 +50,27 @@ def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, 
                       f"first evaluation would stop the run (transformers' KeyError); use one of: {', '.join(spelled)}")
 
 
+def check_best_model_metric(name: str | None, greater_is_better: bool | None, logged: tuple[str, ...], who: str,
+                            where: str = "") -> None:
+    """`check_best_metric_name`, then a ConfigError when `name` is better when lower (`lower_is_better`) and
+    `greater_is_better` is True, or None where transformers makes it True (a name that does not end in 'loss'):
+    the Trainer would keep (and load at the end) the checkpoint where the metric is highest, the worst one, without
+    a word. TrainingArguments fills None in itself, so a Python-built trainer sees True whoever set it."""
+    check_best_metric_name(name, logged, who, where)
+    if name is None or not lower_is_better(metric := str(name).removeprefix("eval_")):
+        return
+    if greater_is_better is None and not metric.endswith("loss"):
+        said = ("is not set: transformers then takes a metric whose name does not end in 'loss' as better when "
+                "higher")
+    elif greater_is_better:  # a Python caller's TrainingArguments hold True when it was not given: say so
+        said = "is true" + ("" if where else " (TrainingArguments' default when it is not given, for a metric whose "
+                                             "name does not end in 'loss')")
+    else:
+        return
+    raise ConfigError(f"{where}metric_for_best_model: {name!r} is better when lower, and {where}greater_is_better "
+                      f"{said}, so the 'best' checkpoint would be the worst one; set {where}greater_is_better=false")
+
+
 STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep
 #   (num_tokens; world_size, the processes that wrote it)
 
@@ -256,6 +277,7 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
     path = Path(checkpoint, STATE_JSON)
     return json.loads(path.read_text()) if path.is_file() else {}
 
-__all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_optimizer", "check_resumable", "check_scheduler",
-           "data_digest", "lower_is_better", "refuse_deepspeed_mismatches", "refuse_ignored_arguments",
+
+__all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
+           "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches", "refuse_ignored_arguments",
            "refuse_metric_functions", "saved_state"]
