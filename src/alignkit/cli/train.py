@@ -290,10 +290,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
                                                                         task == "classifier", cfg.model.rope_scaling))
             card.write(run.card, model_dir / "README.md")
     if trainer.is_world_process_zero():
-        try:
-            plot_metrics(rows, run.plots)
-        except ImportError:
-            logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
+        plot_metrics(rows, run.plots)  # none, with a warning, without matplotlib
     finish_run(plan)
     if trainer.is_world_process_zero() and args.alignkit_push:
         push_model(args.alignkit_push, named.model, named.root)
