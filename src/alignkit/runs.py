@@ -458,6 +458,21 @@ def checkpoint_step(path: Path) -> int | None:
     return None
 
 
+def resumed_step(checkpoint: str | Path) -> int | None:
+    """The optimizer steps a checkpoint had done, where a resume continues: its trainer_state.json's (`global_step`
+    of the Trainer's, `step` of an online checkpoint), else the N of its `checkpoint-N` name (None: neither). Not
+    the name first: a checkpoint folder copied or renamed (`checkpoints/best`) and resumed with
+    train.resume_from_checkpoint kept the killed run's metrics.jsonl rows and TensorBoard events after its step
+    beside the resumed run's."""
+    path = Path(checkpoint) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        state = {}
+    step = state.get("global_step", state.get("step")) if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else checkpoint_step(Path(checkpoint))
+
+
 def latest_complete_checkpoint(folder: str | Path) -> Path | None:
     """The newest `checkpoint-N` in `folder` that is complete; each newer incomplete one is skipped with a warning."""
     folder = Path(folder)
@@ -510,5 +525,5 @@ __all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "P
            "can_plot", "checkpoint_step",
            "commit_staging", "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
-           "plot_metrics", "read_metrics", "remove_own", "staged", "truncate_metrics", "versions", "write_command_outputs",
+           "plot_metrics", "read_metrics", "remove_own", "resumed_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
            "write_marker"]

@@ -391,3 +391,20 @@ def test_a_resume_whose_data_cannot_be_compared_says_so(tmp_path, caplog):
     assert len(said) == 1 and said[0].startswith(f"--resume: the training examples could not be compared with the "
                                                  f"ones {ckpt} was trained on: it records no digest"), said
     assert "resume on the same data in the same order" in said[0]
+
+
+def test_resume_from_a_renamed_checkpoint_of_the_run_keeps_one_row_per_step(tmp_path, monkeypatch):
+    """A checkpoint folder copied under another name (`checkpoints/kept`) and resumed with
+    train.resume_from_checkpoint in its own run: the step was read from the folder's name only, so metrics.jsonl was
+    not cut (the killed run's step 3 stayed, the resumed run's 3 and 4 were appended after it: two rows for step 3)
+    and TensorBoard kept both too. The step now comes from the checkpoint's trainer_state.json."""
+    run = tmp_path / "cut"
+    killed_after(monkeypatch, 3, "sft", "sft-tiny.yaml", run, [])
+    assert sorted(losses(run)) == [1, 2, 3]
+    kept = run / "checkpoints" / "kept"
+    shutil.copytree(run / "checkpoints" / "checkpoint-2", kept)
+    assert cli("sft", "sft-tiny.yaml", run, [f"train.resume_from_checkpoint={kept}"]) == 0
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "whole", []) == 0
+    assert losses(run) == losses(tmp_path / "whole")  # one row per step, each the uninterrupted run's
+    shown = tensorboard_scalars(run / "tensorboard", "train/loss")
+    assert [s for s, _ in shown] == [1, 2, 3, 4], shown

@@ -17,8 +17,8 @@ import yaml
 
 from alignkit.cli.helptext import add_command_parser
 from alignkit.runs import (
-    STAGING_MARK, RunFolder, checkpoint_step, commit_staging, incomplete_reason, is_main_process,
-    latest_complete_checkpoint, remove_own, truncate_metrics,
+    STAGING_MARK, RunFolder, commit_staging, incomplete_reason, is_main_process, latest_complete_checkpoint,
+    remove_own, resumed_step, truncate_metrics,
 )
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
 from alignkit.settings.train import OFFLINE_DEFAULTS, TRAIN_COMMANDS
@@ -290,7 +290,7 @@ def begin_run(plan: RunPlan, cfg: Any, zero_based_steps: bool = False) -> RunFol
         save_config(cfg, tmp)
         os.replace(tmp, run.config)
         if plan.mode == "resume" and plan.checkpoint is not None:
-            step = checkpoint_step(plan.checkpoint)
+            step = resumed_step(plan.checkpoint)
             if step is not None and zero_based_steps:  # online rows: "step" 0..N-1 are the N steps done
                 step -= 1
             if step is not None:

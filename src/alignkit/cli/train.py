@@ -37,7 +37,7 @@ from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import compile_layers
 from alignkit.models.rope import check_context
 from alignkit.runs import (
-    MetricsJsonl, ModelCard, RunFolder, checkpoint_step, final_metrics, plot_metrics, push_folder, read_metrics, staged,
+    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, resumed_step, staged,
     versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError
@@ -253,7 +253,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if base_path != loaded_from:  # a tiny model, now in <run>/base_model: name it where it will stay
         base_path = str(plan.named().root / "base_model")
         rename_base(model, loaded_from, base_path)
-    tb = tensorboard_callback(args, run, None if plan.checkpoint is None else checkpoint_step(Path(plan.checkpoint)))
+    tb = tensorboard_callback(args, run, None if plan.checkpoint is None else resumed_step(plan.checkpoint))
     if tb is not None:
         trainer.add_callback(tb)
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
