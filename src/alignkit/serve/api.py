@@ -468,8 +468,10 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
     metrics, TensorBoard scalars and (at the end) plots there."""
     import uvicorn
 
+    log = ServeLog(engine, output_dir, log_every) if output_dir is not None else None  # checks the folder first
     engine.start()
-    log = ServeLog(engine, output_dir, log_every).start() if output_dir is not None else None
+    if log is not None:
+        log.start()
     try:
         uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level=log_level, access_log=False)
     finally:
