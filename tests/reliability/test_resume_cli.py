@@ -408,3 +408,22 @@ def test_resume_from_a_renamed_checkpoint_of_the_run_keeps_one_row_per_step(tmp_
     assert losses(run) == losses(tmp_path / "whole")  # one row per step, each the uninterrupted run's
     shown = tensorboard_scalars(run / "tensorboard", "train/loss")
     assert [s for s, _ in shown] == [1, 2, 3, 4], shown
+
+
+def test_overwrite_refuses_inputs_inside_the_folder_it_replaces(tmp_path, capsys):
+    """`--overwrite output_dir=a model.path=a/model` (train on from the run's own model, replacing the run): the new
+    run read a/model, then the swap deleted it; a LoRA adapter records its base model by path, so the new adapter
+    named a/model, which now held the adapter itself (exit 0, unusable). Now refused before anything is written,
+    naming the key; the same model copied out of the folder trains."""
+    a = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", a, ["train.max_steps=1"]) == 0
+    before = {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    lora = ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}", "train.max_steps=1"]
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", a, [f"model.path={a / 'model'}", *lora], "--overwrite") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: model.path: {a / 'model'} lies inside "
+                                               f"output_dir {a}, which --overwrite replaces as a whole"), err
+    assert {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
+    shutil.copytree(a / "model", tmp_path / "base")
+    assert cli("sft", "sft-tiny.yaml", a, [f"model.path={tmp_path / 'base'}", *lora], "--overwrite") == 0

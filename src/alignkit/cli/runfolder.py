@@ -181,11 +181,30 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
     if ckpt is not None and not (holds and overwrite):
         return RunPlan(final, final, "resume", ckpt, label, existed=existed)
     if holds:  # --overwrite (with train.resume_from_checkpoint: another run's checkpoint, resumed into the new run)
+        refuse_inputs_inside(cfg, final)
         staging = final.parent / f".{final.name}.staging"
         if is_main_process():
             remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
         return RunPlan(final, staging, "overwrite", ckpt, label, existed=True)
     return RunPlan(final, final, "new", existed=existed)
+
+
+def refuse_inputs_inside(cfg: Any, final: Path) -> None:
+    """--overwrite replaces `final` as a whole once the new run has finished: a setting naming a file or folder in
+    it (model.path=<run>/model to train on from the run's own model, data.path=<run>/generations.jsonl, ...) was
+    read by the new run and then deleted with the old folder, so the new run's model card, config.yaml and a LoRA
+    adapter's base model (recorded by path) named what no longer existed, or what the new run put there. One
+    ConfigError naming the key, before anything is written."""
+    inside = final.resolve()
+    for key, value in _flatten(yaml.safe_load(dump_config(cfg)) or {}).items():
+        for v in value if isinstance(value, list) else [value]:
+            if key == "output_dir" or not isinstance(v, str) or not v or not Path(v).exists():
+                continue
+            p = Path(v).resolve()
+            if p == inside or inside in p.parents:
+                raise ConfigError(f"{key}: {v} lies inside output_dir {final}, which --overwrite replaces as a whole "
+                                  "(deleted once the new run finishes, while the new run's model and config.yaml "
+                                  f"name it); copy it out of {final} first, or choose another output_dir")
 
 
 # Settings a resumed run may change: how long it runs and what it logs, evaluates, saves and reports. Anything
