@@ -1,7 +1,7 @@
 """The checks `AlignTrainer` runs on its arguments and checkpoints before anything is written: settings the Trainer
 would accept and then not apply (`refuse_ignored_arguments`, `refuse_metric_functions`, `check_optimizer`,
-`check_scheduler`, `refuse_deepspeed_mismatches`), a `metric_for_best_model` the objective's evaluation does not log
-(`check_best_metric_name`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
+`check_scheduler`, `refuse_deepspeed_mismatches`), a `metric_for_best_model` the objective's evaluation does not log,
+or one better when lower taken as better when higher (`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
 `data_digest` of the training examples and the checkpoint's `STATE_JSON`). Each refusal is one ConfigError /
 CheckpointError line naming the setting and how to fix it; the CLI runs the same checks when it loads a config."""
 
@@ -279,5 +279,5 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
-           "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches", "refuse_ignored_arguments",
-           "refuse_metric_functions", "saved_state"]
+           "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
+           "refuse_ignored_arguments", "refuse_metric_functions", "saved_state"]
