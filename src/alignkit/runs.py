@@ -111,13 +111,32 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return read_jsonl(path, "the run's metrics file is damaged: delete that line")
 
 
-def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[str, tuple[str, ...]] | None = None,
-                 x: str = "step") -> list[Path]:
-    """Draw one PNG per entry of `plots` (default `PLOTS`) that has data, against the rows' `x` (train solid, eval
-    dashed). Returns the files."""
+def can_plot() -> bool:
+    """Whether matplotlib (the optional `cli` extra) is installed; where it is not, one warning that the plots are
+    left out (the commands' results are still written: `eval`, `generate`, `sample`, `annotate`, `augment` and
+    `serve`'s shutdown stopped with an unexpected ImportError after writing theirs)."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
+    return False
+
+
+def agg_figure() -> Any:
+    """A 6 x 4 in, 100 dpi matplotlib Figure on the Agg canvas (no pyplot state); after `can_plot`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[str, tuple[str, ...]] | None = None,
+                 x: str = "step") -> list[Path]:
+    """Draw one PNG per entry of `plots` (default `PLOTS`) that has data, against the rows' `x` (train solid, eval
+    dashed). Returns the files (none, with a warning, without matplotlib)."""
+    if not can_plot():
+        return []
     out_dir = Path(out_dir)
     written = []
     for name, keys in (PLOTS if plots is None else plots).items():
@@ -130,8 +149,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[st
                     series.append((prefix + key, style, pts))
         if not series:
             continue
-        fig = Figure(figsize=(6, 4), dpi=100)
-        FigureCanvasAgg(fig)
+        fig = agg_figure()
         ax = fig.add_subplot()
         for label, style, pts in series:
             xs, ys = zip(*pts)
@@ -187,14 +205,10 @@ def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any
         finally:
             writer.close()
         written += sorted(log_dir.glob("events.out.tfevents.*"))
-    if dists:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
+    if dists and can_plot():
         (root / "plots").mkdir(parents=True, exist_ok=True)
         for k, v in dists.items():
-            fig = Figure(figsize=(6, 4), dpi=100)
-            FigureCanvasAgg(fig)
+            fig = agg_figure()
             ax = fig.add_subplot()
             ax.hist(v, bins=min(30, max(5, len(v) // 3)), alpha=0.8, edgecolor="white")
             mean = float(np.mean(v))
@@ -444,6 +458,21 @@ def checkpoint_step(path: Path) -> int | None:
     return None
 
 
+def resumed_step(checkpoint: str | Path) -> int | None:
+    """The optimizer steps a checkpoint had done, where a resume continues: its trainer_state.json's (`global_step`
+    of the Trainer's, `step` of an online checkpoint), else the N of its `checkpoint-N` name (None: neither). Not
+    the name first: a checkpoint folder copied or renamed (`checkpoints/best`) and resumed with
+    train.resume_from_checkpoint kept the killed run's metrics.jsonl rows and TensorBoard events after its step
+    beside the resumed run's."""
+    path = Path(checkpoint) / "trainer_state.json"
+    try:
+        state = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        state = {}
+    step = state.get("global_step", state.get("step")) if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else checkpoint_step(Path(checkpoint))
+
+
 def latest_complete_checkpoint(folder: str | Path) -> Path | None:
     """The newest `checkpoint-N` in `folder` that is complete; each newer incomplete one is skipped with a warning."""
     folder = Path(folder)
@@ -492,8 +521,9 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     return len(kept)
 
 
-__all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "checkpoint_step",
+__all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "agg_figure",
+           "can_plot", "checkpoint_step",
            "commit_staging", "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
-           "plot_metrics", "read_metrics", "remove_own", "staged", "truncate_metrics", "versions", "write_command_outputs",
+           "plot_metrics", "read_metrics", "remove_own", "resumed_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
            "write_marker"]

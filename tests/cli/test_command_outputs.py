@@ -110,3 +110,23 @@ def test_a_command_run_again_replaces_its_own_events_and_plots(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("eval/accuracy")] == [(0, 0.75)]
     assert acc.Tags()["histograms"] == ["eval/margin"] and acc.Histograms("eval/margin")[0].histogram_value.num == 3
+
+
+def test_without_matplotlib_a_command_writes_its_results_and_says_the_plots_are_left_out(tmp_path, monkeypatch,
+                                                                                           caplog, capsys):
+    """matplotlib is an optional extra (`alignkit[cli]`): training commands left the plots out with a warning, but
+    `eval` (and generate, sample, annotate, augment, serve's shutdown) wrote its results, then failed on the
+    ImportError ('alignkit eval: error: No module named matplotlib...', exit 2) as if they were not written. Now the
+    training commands' warning, exit 0, the results and TensorBoard events written, no plots."""
+    pytest.importorskip("tensorboard")
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)  # as if not installed
+    out = tmp_path / "e"
+    with caplog.at_level("WARNING"):
+        assert main(["-q", "eval", "-c", str(CONFIGS / "eval-rm-tiny.yaml"), "model.path=tiny:llama",
+                     "model.adapter_path=null", f"output_dir={out}"]) == 0
+    assert "error" not in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()] == [
+        "matplotlib is not installed: no plots (pip install 'alignkit[cli]')"]
+    assert json.loads((out / "metrics.json").read_text())["pairs"] > 0
+    assert list((out / "tensorboard" / "eval").glob("events.out.tfevents.*")) and not (out / "plots").exists()

@@ -564,6 +564,9 @@ def test_a_lower_is_better_best_model_metric_needs_greater_is_better(command, co
         load_config(CONFIGS / config, args)
     cfg = load_config(CONFIGS / config, [*args, "train.greater_is_better=false"])
     assert cfg.train["metric_for_best_model"] == metric and cfg.train["greater_is_better"] is False
+    with pytest.raises(ConfigError, match=rf"train\.metric_for_best_model: '{metric}' is better when lower, and "
+                                          r"train\.greater_is_better is true.*set train\.greater_is_better=false"):
+        load_config(CONFIGS / config, [*args, "train.greater_is_better=true"])  # set by hand: as wrong
 
 
 def test_num_train_epochs_beside_max_steps_is_refused_before_anything_is_written(tmp_path, capsys):

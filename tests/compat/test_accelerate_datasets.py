@@ -215,7 +215,7 @@ def test_deepspeed_needs_a_launcher_or_mpi4py(monkeypatch):
     """`deepspeed.comm.init_distributed` (called when training begins) without every one of a launcher's variables
     (`DEEPSPEED_LAUNCH_ENV`), outside AzureML / SageMaker (`DEEPSPEED_CLOUD_ENV`, which it maps itself), looks for
     MPI by importing mpi4py: what `deepspeed_cannot_start` predicts before the run folder is written."""
-    where = "alignkit/distributed.py:deepspeed_cannot_start (trainers/base.py:refuse_ignored_arguments)"
+    where = "alignkit/distributed.py:deepspeed_cannot_start (trainers/checks.py:refuse_ignored_arguments)"
     import importlib.util
     import os
     import subprocess

@@ -282,7 +282,7 @@ def test_evaluation_goes_through_prediction_step_and_log(tiny_dir, tokenizer, sf
           "not be the one evaluate() returns (metric_for_best_model reads that)", "alignkit/trainers/base.py:AlignTrainer.log")
     check(not metric_calls, TF, "Trainer.evaluate now calls compute_metrics without logits / labels from "
           "prediction_step: AlignTrainer refuses compute_metrics as never called, which is no longer true",
-          "alignkit/trainers/base.py:refuse_metric_functions")
+          "alignkit/trainers/checks.py:refuse_metric_functions")
 
 
 # T9 ------------------------------------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_optimizer_is_resolved_from_the_arguments_alone(tmp_path):
     """`Trainer.get_optimizer_cls_and_kwargs(args)` (a static method, no model) gives the optimizer's keyword
     arguments with `optim_args` applied by the names the optimizer reads, and raises ImportError for a package it
     needs and lacks: alignkit's check_optimizer refuses both cases by asking it before the run folder is written."""
-    where = "alignkit/trainers/base.py:check_optimizer"
+    where = "alignkit/trainers/checks.py:check_optimizer"
     with guard(TF, "Trainer.get_optimizer_cls_and_kwargs(args) no longer works without a model", where):
         _, sgd = Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="sgd", optim_args="momentum=0.5"))
         _, adamw = Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="adamw_torch", optim_args="momentum=0.5"))
@@ -411,7 +411,7 @@ def test_schedule_is_built_by_get_scheduler_from_the_arguments(tiny_dir, tokeniz
     args.get_warmup_steps(n), num_training_steps=n, scheduler_specific_kwargs=args.lr_scheduler_kwargs)`, which takes
     the kwargs as the schedule's keyword arguments and drops them for `constant`: alignkit's check_scheduler tries the
     same call on a one-parameter optimizer before the run folder is written."""
-    where = "alignkit/trainers/base.py:check_scheduler"
+    where = "alignkit/trainers/checks.py:check_scheduler"
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, learning_rate=1.0, warmup_steps=0,
                           lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 0.25})
     with guard(TF, "Trainer.create_optimizer_and_scheduler(num_training_steps) failed", where):

@@ -206,7 +206,7 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(tmp_path, capsys):
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert cli("sft", "sft-tiny.yaml", run, ["train.save_only_model=true"], "--resume") == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
     assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} holds no optimizer.pt / "
                                                "scheduler.pt (a checkpoint saved with train.save_only_model=true"), err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
@@ -215,21 +215,24 @@ def test_resume_refuses_a_checkpoint_without_optimizer_state(tmp_path, capsys):
     assert "train.resume_from_checkpoint: " in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
-def test_resume_refuses_another_number_of_processes(tmp_path, capsys, monkeypatch):
-    """Resuming a one-process run's checkpoint with two processes (torchrun / accelerate launch set WORLD_SIZE)
-    doubles the batch of an optimizer step and skips other records than the ones trained on; it was accepted
-    without a word. Now the checkpoint records its world size and a resume with another one stops at once."""
+def test_resume_refuses_another_number_of_processes(tmp_path, capsys):
+    """Resuming a checkpoint with another number of processes than wrote it (torchrun / accelerate launch) changes
+    the batch of an optimizer step and skips other records than the ones trained on; it was accepted without a word.
+    Now the checkpoint records its world size and a resume with another one stops before anything is written. (The
+    check runs on the trainer's processes, so the two-process side is the checkpoint's here: a one-process test
+    cannot build a two-process trainer.)"""
     run = tmp_path / "a"
     assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
     ckpt = run / "checkpoints" / "checkpoint-2"
-    assert json.loads((ckpt / "alignkit_state.json").read_text())["world_size"] == 1
+    state = json.loads((ckpt / "alignkit_state.json").read_text())
+    assert state["world_size"] == 1
+    (ckpt / "alignkit_state.json").write_text(json.dumps({**state, "world_size": 2}))  # as a 2-process run writes it
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
-    monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} was written by a run of 1 "
-                                               "process(es), this one has 2"), err
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: --resume: {ckpt} was written by a run of 2 "
+                                               "process(es), this one has 1"), err
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
@@ -321,3 +324,106 @@ def test_resume_refuses_a_checkpoint_trained_on_other_examples(tmp_path, capsys)
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     data.write_text("\n".join(lines) + "\n")
     assert cli("sft", "sft-tiny.yaml", run, [f"data.path={data}"], "--resume") == 0
+
+
+def test_a_cli_resume_checks_the_checkpoint_once_before_writing(tmp_path, monkeypatch):
+    """The CLI checked a checkpoint up to three times (before loading without the data, with the data before the run
+    folder, again in AlignTrainer.train) under a label written twice. Now one check, the trainer's, before the run
+    folder is touched, naming what asked for the resume; train() does not repeat it."""
+    import alignkit.trainers.base as base
+
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
+    shutil.rmtree(run / "model")  # as after a kill before the end
+    calls, real = [], base.check_resumable
+    monkeypatch.setattr(base, "check_resumable", lambda *a: (calls.append(a[2]), real(*a))[1])
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=3"], "--resume") == 0
+    assert calls == ["--resume"]
+
+
+def test_resume_under_deepspeed_is_refused_before_the_run_folder_is_touched(tmp_path, monkeypatch, capsys):
+    """A resume under DeepSpeed (which alignkit cannot resume) was refused only in AlignTrainer.train, after the CLI
+    had begun the run: metrics.jsonl already cut to the checkpoint's step (the killed run's step 3 lost) and a
+    TensorBoard writer opened. Now the refusal is part of the one resume check, before anything is written."""
+    import alignkit.trainers.base as base
+
+    run = tmp_path / "cut"
+    killed_after(monkeypatch, 3, "sft", "sft-tiny.yaml", run, [])
+    assert sorted(losses(run)) == [1, 2, 3]
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    monkeypatch.setattr(base, "is_deepspeed", lambda accelerator: True)  # as under an accelerate DeepSpeed config
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 2
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert len(err) == 1 and err[0].startswith("alignkit sft: error: --resume: resuming under DeepSpeed is not "
+                                               "supported by alignkit"), err
+
+
+def test_a_resume_whose_data_cannot_be_compared_says_so(tmp_path, caplog):
+    """The training examples are compared with the checkpoint's by their digest; where one side has none (a
+    checkpoint of an older alignkit, or this run's data without a length, whose digest is None) the resume went on
+    without a word. Legitimate, so not refused: one warning naming why and that the data must be the same."""
+    from alignkit.trainers.checks import check_resumable
+
+    run = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
+    shutil.rmtree(run / "model")  # as after a kill before the end
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    state = json.loads((ckpt / "alignkit_state.json").read_text())
+    with caplog.at_level("WARNING"):
+        check_resumable(ckpt, 1, "resume_from_checkpoint", state["data_sha256"])  # comparable: nothing said
+        assert not [r for r in caplog.records if "could not be compared" in r.getMessage()]
+        check_resumable(ckpt, 1, "resume_from_checkpoint", None)
+    said = [r.getMessage() for r in caplog.records if "could not be compared" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"resume_from_checkpoint: the training examples could not be "
+                                                 f"compared with the ones {ckpt} was trained on: this run's training "
+                                                 "data has no length"), said
+    del state["data_sha256"]  # as an older alignkit wrote it (the completeness marker lists the new size)
+    (ckpt / "alignkit_state.json").write_text(json.dumps(state))
+    marker = json.loads((ckpt / "alignkit_complete.json").read_text())
+    marker["files"]["alignkit_state.json"] = (ckpt / "alignkit_state.json").stat().st_size
+    (ckpt / "alignkit_complete.json").write_text(json.dumps(marker))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=3"], "--resume") == 0
+    said = [r.getMessage() for r in caplog.records if "could not be compared" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"--resume: the training examples could not be compared with the "
+                                                 f"ones {ckpt} was trained on: it records no digest"), said
+    assert "resume on the same data in the same order" in said[0]
+
+
+def test_resume_from_a_renamed_checkpoint_of_the_run_keeps_one_row_per_step(tmp_path, monkeypatch):
+    """A checkpoint folder copied under another name (`checkpoints/kept`) and resumed with
+    train.resume_from_checkpoint in its own run: the step was read from the folder's name only, so metrics.jsonl was
+    not cut (the killed run's step 3 stayed, the resumed run's 3 and 4 were appended after it: two rows for step 3)
+    and TensorBoard kept both too. The step now comes from the checkpoint's trainer_state.json."""
+    run = tmp_path / "cut"
+    killed_after(monkeypatch, 3, "sft", "sft-tiny.yaml", run, [])
+    assert sorted(losses(run)) == [1, 2, 3]
+    kept = run / "checkpoints" / "kept"
+    shutil.copytree(run / "checkpoints" / "checkpoint-2", kept)
+    assert cli("sft", "sft-tiny.yaml", run, [f"train.resume_from_checkpoint={kept}"]) == 0
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "whole", []) == 0
+    assert losses(run) == losses(tmp_path / "whole")  # one row per step, each the uninterrupted run's
+    shown = tensorboard_scalars(run / "tensorboard", "train/loss")
+    assert [s for s, _ in shown] == [1, 2, 3, 4], shown
+
+
+def test_overwrite_refuses_inputs_inside_the_folder_it_replaces(tmp_path, capsys):
+    """`--overwrite output_dir=a model.path=a/model` (train on from the run's own model, replacing the run): the new
+    run read a/model, then the swap deleted it; a LoRA adapter records its base model by path, so the new adapter
+    named a/model, which now held the adapter itself (exit 0, unusable). Now refused before anything is written,
+    naming the key; the same model copied out of the folder trains."""
+    a = tmp_path / "a"
+    assert cli("sft", "sft-tiny.yaml", a, ["train.max_steps=1"]) == 0
+    before = {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    lora = ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}", "train.max_steps=1"]
+    capsys.readouterr()
+    assert cli("sft", "sft-tiny.yaml", a, [f"model.path={a / 'model'}", *lora], "--overwrite") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: model.path: {a / 'model'} lies inside "
+                                               f"output_dir {a}, which --overwrite replaces as a whole"), err
+    assert {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
+    shutil.copytree(a / "model", tmp_path / "base")
+    assert cli("sft", "sft-tiny.yaml", a, [f"model.path={tmp_path / 'base'}", *lora], "--overwrite") == 0

@@ -128,3 +128,26 @@ def test_serving_an_adapter_trained_without_the_chat_template_is_warned(serve_di
     msgs = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
     assert len(msgs) == 1 and msgs[0].startswith("serve: 'p' was trained on prompts formatted as 'plain'")
     assert "/v1/completions" in msgs[0]
+
+
+def test_an_output_dir_holding_another_runs_metrics_is_refused(serve_stack, tmp_path):
+    """`serve --output-dir <a training run's folder>` appended the server's rows to the run's metrics.jsonl: two
+    runs' rows in one file, read back as one (final metrics, plots, a --resume's cut). Now refused before the log
+    writes anything, naming the file and another folder to use; the serve log's own file is still appended to."""
+    from alignkit.settings import ConfigError
+
+    training = '{"step": 1, "epoch": 0.5, "loss": 2.0}\n'
+    (tmp_path / "metrics.jsonl").write_text(training)
+    engine = Engine(serve_stack, EngineConfig())
+    with pytest.raises(ConfigError, match=rf"^output_dir: {tmp_path / 'metrics.jsonl'} holds rows that are not the "
+                                          rf"serve log's .*choose another --output-dir \(e\.g\. {tmp_path / 'serve'}\)"):
+        ServeLog(engine, tmp_path, every=3600)
+    assert (tmp_path / "metrics.jsonl").read_text() == training
+    assert not (tmp_path / "tensorboard").exists()
+    engine.start()
+    try:
+        ServeLog(engine, tmp_path / "serve", every=3600).start().stop()
+        ServeLog(engine, tmp_path / "serve", every=3600).start().stop()  # its own rows: appended
+    finally:
+        engine.stop()
+    assert [r.get("event") for r in _rows(tmp_path / "serve")] == ["start", "stop"] * 2

@@ -112,7 +112,7 @@ def test_training_arguments_that_would_be_ignored_are_refused(override, says):
     from transformers import TrainingArguments
 
     from alignkit.settings import ConfigError
-    from alignkit.trainers.base import refuse_ignored_arguments
+    from alignkit.trainers.checks import refuse_ignored_arguments
 
     pairs = [{"chosen_input_ids": [1, 2], "rejected_input_ids": [1, 3]}]
     with pytest.raises(ConfigError, match=says):
@@ -178,7 +178,7 @@ def test_average_tokens_across_devices_off_is_refused_under_several_processes(mo
     from transformers import TrainingArguments
 
     from alignkit.settings import ConfigError
-    from alignkit.trainers.base import refuse_ignored_arguments
+    from alignkit.trainers.checks import refuse_ignored_arguments
 
     refuse_ignored_arguments(TrainingArguments("unused", report_to="none", average_tokens_across_devices=False))
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
@@ -210,7 +210,7 @@ def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, opti
         pytest.skip("bitsandbytes is installed")
     args = fast_args(tmp_path, optim=optim, optim_args=optim_args)
     if says is None:
-        from alignkit.trainers.base import check_optimizer
+        from alignkit.trainers.checks import check_optimizer
 
         check_optimizer(args, {})
         return

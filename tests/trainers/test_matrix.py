@@ -10,7 +10,7 @@ import torch
 
 from alignkit.losses import PREFERENCE_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES
 from alignkit.settings import ConfigError
-from alignkit.trainers import AlignTrainer, KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer
+from alignkit.trainers import AlignTrainer, KTOTrainer, PreferenceTrainer, RewardTrainer, SFTTrainer, lower_is_better
 
 from .conftest import ADAPTER_KINDS, fast_args, snapshot
 
@@ -55,7 +55,8 @@ def test_a_best_model_metric_the_objective_never_logs_is_refused_when_built(name
 
     def build(metric, eval_dataset=None):
         args = fast_args(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-                         load_best_model_at_end=True, metric_for_best_model=metric)
+                         load_best_model_at_end=True, metric_for_best_model=metric,
+                         greater_is_better=not lower_is_better(metric.removeprefix("eval_")))
         return cls(make_model("lora", classifier=classifier), args, train_dataset=features[data],
                    eval_dataset=eval_dataset or features[data], data_collator=collators[data], **extra)
 
@@ -65,6 +66,37 @@ def test_a_best_model_metric_the_objective_never_logs_is_refused_when_built(name
     for metric in cls.eval_metrics(**extra, ranked=data == "ranked")[::3]:  # a third of them: building is the cost
         build(metric), build(f"eval_{metric}")
     build("eval_held_loss", {"held": features[data], "more": features[data]})
+
+
+# the rows' metrics that are better when lower (by their meaning: a negative log-likelihood, one loss of a sum)
+LOWER_METRICS = {"sft": "nll/token", "simpo+sft": "loss/simpo"}
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_a_lower_is_better_best_model_metric_taken_as_higher_is_better_is_refused_when_built(
+        name, make_model, features, collators, tmp_path):
+    """TrainingArguments fills greater_is_better=True for a metric_for_best_model not ending in 'loss': with
+    eval_runtime, or nll/token / loss/<name>, the Trainer kept and loaded the checkpoint where it was highest, the
+    worst one, without a word (the CLI refused it at load; Python callers were not refused). Now refused when built,
+    with the CLI's line, whoever set it; greater_is_better=False builds, and so does eval_loss by default."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+
+    def build(metric, **kw):
+        args = fast_args(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                         load_best_model_at_end=True, metric_for_best_model=metric, **kw)
+        return cls(make_model("lora", classifier=classifier), args, train_dataset=features[data],
+                   eval_dataset=features[data], data_collator=collators[data], **extra)
+
+    for metric in ("eval_runtime", *([f"eval_{LOWER_METRICS[name]}"] if name in LOWER_METRICS else [])):
+        with pytest.raises(ConfigError, match=rf"^metric_for_best_model: '{metric}' is better when lower, and "
+                                              r"greater_is_better is true \(TrainingArguments' default when it is "
+                                              r"not given, .*set greater_is_better=false$"):
+            build(metric)
+        build(metric, greater_is_better=False)
+    with pytest.raises(ConfigError, match=r"^metric_for_best_model: 'eval_loss' is better when lower, and "
+                                          r"greater_is_better is true"):
+        build("eval_loss", greater_is_better=True)
+    build("eval_loss")  # transformers' default for a name ending in 'loss': greater_is_better=False
 
 
 

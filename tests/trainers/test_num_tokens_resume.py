@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.trainers import SFTTrainer
-from alignkit.trainers.base import STATE_JSON
+from alignkit.trainers.checks import STATE_JSON
 
 ROWS = [{"prompt": "The sky is", "completion": " blue today."}, {"prompt": "Grass", "completion": " is green."},
         {"prompt": "Snow is", "completion": " white."}, {"prompt": "Coal", "completion": " is black, yes indeed."}]

@@ -87,3 +87,17 @@ def test_transformers_default_learning_rate_is_named(tiny_dir, tmp_path, caplog)
     DPOTrainer(load_model(path), plain, train_dataset=[{"prompt": "a", "chosen": " b", "rejected": " c"}],
                processing_class=tok)
     assert "learning_rate is transformers' default 5e-05; TRL's DPOConfig uses 1e-06" in caplog.text
+
+
+def test_data_without_a_length_is_refused_in_one_line(tiny_dir, tmp_path):
+    """An iterable / streaming dataset (raw rows or features) stopped the trainer's construction with a bare
+    `TypeError: object of type 'IterableDataset' has no len()`; now one line naming the argument and the fix."""
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    rows = Dataset.from_list([{"prompt": "The sky is", "completion": " blue."}])
+    feats = Dataset.from_list(list(SFTTrainer(load_model(path), args(tmp_path), train_dataset=rows,
+                                              processing_class=tok).train_dataset))
+    for data in (rows.to_iterable_dataset(), feats.to_iterable_dataset()):
+        with pytest.raises(ValueError, match=r"SFTTrainer: train_dataset \(IterableDataset\) has no length \(an "
+                                             r"iterable or streaming dataset\).*pass map-style data"):
+            SFTTrainer(load_model(path), args(tmp_path), train_dataset=data, processing_class=tok)

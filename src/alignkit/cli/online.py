@@ -34,7 +34,9 @@ from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
 from alignkit.online.generation import encode_prompts
-from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
+from alignkit.runs import (
+    ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, staged, versions, write_prompt_formats,
+)
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
 
@@ -121,30 +123,9 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
 
 
 def plot_online(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per `ONLINE_PLOTS` entry with data (the Agg canvas, as `alignkit.runs.plot_metrics`)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    written = []
-    for name, keys in ONLINE_PLOTS.items():
-        series = [(k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]) for k in keys]
-        series = [(k, pts) for k, pts in series if pts]
-        if not series:
-            continue
-        fig = Figure(figsize=(6, 4), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for label, pts in series:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=label)
-        ax.set(xlabel="step", ylabel=name, title=name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_dir / f"{name}.png")
-        written.append(out_dir / f"{name}.png")
-    return written
+    """One PNG per `ONLINE_PLOTS` entry with data (`alignkit.runs.plot_metrics`: none, with a warning, without
+    matplotlib)."""
+    return plot_metrics(rows, out_dir, plots=ONLINE_PLOTS)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -229,10 +210,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         card.write(model_dir / "README.md")
         write_prompt_formats(model_dir, formats, cfg.data.formatter)
     card.write(run.card)
-    try:
-        plot_online(rows, run.plots)
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
+    plot_online(rows, run.plots)
     finish_run(plan)
     if tcfg.push_to_hub:
         trainer.push_to_hub(tcfg.hub_model_id or Path(named.root).name, folder=named.model)  # model/ + card only

@@ -17,8 +17,8 @@ import yaml
 
 from alignkit.cli.helptext import add_command_parser
 from alignkit.runs import (
-    STAGING_MARK, RunFolder, checkpoint_step, commit_staging, incomplete_reason, is_main_process,
-    latest_complete_checkpoint, remove_own, truncate_metrics,
+    STAGING_MARK, RunFolder, commit_staging, incomplete_reason, is_main_process, latest_complete_checkpoint,
+    remove_own, resumed_step, truncate_metrics,
 )
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
 from alignkit.settings.train import OFFLINE_DEFAULTS, TRAIN_COMMANDS
@@ -86,12 +86,14 @@ class RunPlan:
     mode "new": `final` is absent or empty; "resume": continue `final` from `checkpoint`; "overwrite": `final`
     holds a run and the user asked to replace it: the new run is written to `root` (a staging folder beside
     it, `.<name>.staging`) and renamed over `final` only when it has finished. `checkpoint`: what the run resumes
-    from (mode "resume"; or "overwrite" with `train.resume_from_checkpoint` from another run)."""
+    from (mode "resume"; or "overwrite" with `train.resume_from_checkpoint` from another run); `label`: what asked
+    for it, as refusals name it ("--resume" or "train.resume_from_checkpoint")."""
 
     final: Path
     root: Path
     mode: str
     checkpoint: Path | None = None
+    label: str = "--resume"
     main: bool = field(default_factory=is_main_process)
     existed: bool = False
 
@@ -135,6 +137,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
     existed = final.is_dir()
     holds = existed and any(final.iterdir())
     ckpt: Path | None = None
+    label = "--resume" if checkpoint is None else "train.resume_from_checkpoint"  # what refusals name
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         if not ckpt.exists():
@@ -160,7 +163,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
                            "(<run>/checkpoints/checkpoint-N), so its settings cannot be compared with these; the "
                            "checkpoint's optimizer and scheduler keep the values it was trained with", ckpt)
         else:
-            check_resume_config(cfg, saved, "train.resume_from_checkpoint")
+            check_resume_config(cfg, saved, label)
     elif resume:
         if not holds:
             raise ConfigError(f"--resume: {final} holds no run to resume; run once without --resume first")
@@ -169,20 +172,39 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
             raise ConfigError(f"--resume: no complete checkpoint in {final / 'checkpoints'} (training commands write "
                               "them with train.save_strategy=steps and train.save_steps=N, online commands with "
                               "train.save_steps=N); start again with --overwrite")
-        check_resume_config(cfg, final / "config.yaml")
+        check_resume_config(cfg, final / "config.yaml", label)
         logger.info("resuming %s from %s", final, ckpt)
     elif holds and not overwrite:
         raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}); pass --resume to continue "
                           "that run from its newest complete checkpoint, --overwrite to replace it as a whole, or "
                           "choose another output_dir")
     if ckpt is not None and not (holds and overwrite):
-        return RunPlan(final, final, "resume", ckpt, existed=existed)
+        return RunPlan(final, final, "resume", ckpt, label, existed=existed)
     if holds:  # --overwrite (with train.resume_from_checkpoint: another run's checkpoint, resumed into the new run)
+        refuse_inputs_inside(cfg, final)
         staging = final.parent / f".{final.name}.staging"
         if is_main_process():
             remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
-        return RunPlan(final, staging, "overwrite", ckpt, existed=True)
+        return RunPlan(final, staging, "overwrite", ckpt, label, existed=True)
     return RunPlan(final, final, "new", existed=existed)
+
+
+def refuse_inputs_inside(cfg: Any, final: Path) -> None:
+    """--overwrite replaces `final` as a whole once the new run has finished: a setting naming a file or folder in
+    it (model.path=<run>/model to train on from the run's own model, data.path=<run>/generations.jsonl, ...) was
+    read by the new run and then deleted with the old folder, so the new run's model card, config.yaml and a LoRA
+    adapter's base model (recorded by path) named what no longer existed, or what the new run put there. One
+    ConfigError naming the key, before anything is written."""
+    inside = final.resolve()
+    for key, value in _flatten(yaml.safe_load(dump_config(cfg)) or {}).items():
+        for v in value if isinstance(value, list) else [value]:
+            if key == "output_dir" or not isinstance(v, str) or not v or not Path(v).exists():
+                continue
+            p = Path(v).resolve()
+            if p == inside or inside in p.parents:
+                raise ConfigError(f"{key}: {v} lies inside output_dir {final}, which --overwrite replaces as a whole "
+                                  "(deleted once the new run finishes, while the new run's model and config.yaml "
+                                  f"name it); copy it out of {final} first, or choose another output_dir")
 
 
 # Settings a resumed run may change: how long it runs and what it logs, evaluates, saves and reports. Anything
@@ -287,7 +309,7 @@ def begin_run(plan: RunPlan, cfg: Any, zero_based_steps: bool = False) -> RunFol
         save_config(cfg, tmp)
         os.replace(tmp, run.config)
         if plan.mode == "resume" and plan.checkpoint is not None:
-            step = checkpoint_step(plan.checkpoint)
+            step = resumed_step(plan.checkpoint)
             if step is not None and zero_based_steps:  # online rows: "step" 0..N-1 are the N steps done
                 step -= 1
             if step is not None:

@@ -37,14 +37,13 @@ from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import check_fullgraph, compile_layers
 from alignkit.models.rope import check_context
 from alignkit.runs import (
-    MetricsJsonl, ModelCard, RunFolder, checkpoint_step, final_metrics, plot_metrics, push_folder, read_metrics, staged,
+    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, resumed_step, staged,
     versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
 from alignkit.trainers import TRAINERS
-from alignkit.trainers.base import check_resumable
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +204,6 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
     Everything that can be checked (output folder, data, model, adapter, tokenization, training arguments, the
     Trainer) is checked before the run folder is written; `model/` and checkpoints are written atomically."""
     plan = plan_run(cfg, resume=resume, overwrite=overwrite, checkpoint=cfg.train.get("resume_from_checkpoint"))
-    if plan.checkpoint is not None:  # before loading anything: a checkpoint the Trainer would not truly resume
-        check_resumable(plan.checkpoint, int(os.environ.get("WORLD_SIZE", "1")),
-                        "--resume" if cfg.train.get("resume_from_checkpoint") is None else "train.resume_from_checkpoint")
     try:
         return _train(cfg, command, plan, quiet=quiet, command_line=command_line)
     except BaseException:
@@ -246,9 +242,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
                   data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
                   **kwargs)
-    if plan.checkpoint is not None:  # trained on other examples (an edited data file): refused before writing
-        trainer.check_resume(plan.checkpoint, "--resume" if cfg.train.get("resume_from_checkpoint") is None
-                             else "train.resume_from_checkpoint")
+    if plan.checkpoint is not None:  # the one check of the checkpoint (train() does not repeat it): before writing
+        trainer.check_resume(plan.checkpoint, plan.label)
     check_fullgraph(cfg.train.get("compile"), bool(getattr(trainer, "padding_free", False)))
     if quiet:  # with tqdm off, the Trainer would print every log dict instead
 
@@ -259,7 +254,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if base_path != loaded_from:  # a tiny model, now in <run>/base_model: name it where it will stay
         base_path = str(plan.named().root / "base_model")
         rename_base(model, loaded_from, base_path)
-    tb = tensorboard_callback(args, run, None if plan.checkpoint is None else checkpoint_step(Path(plan.checkpoint)))
+    tb = tensorboard_callback(args, run, None if plan.checkpoint is None else resumed_step(plan.checkpoint))
     if tb is not None:
         trainer.add_callback(tb)
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
@@ -296,10 +291,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
                                                                         task == "classifier", cfg.model.rope_scaling))
             card.write(run.card, model_dir / "README.md")
     if trainer.is_world_process_zero():
-        try:
-            plot_metrics(rows, run.plots)
-        except ImportError:
-            logger.warning("matplotlib is not installed: no plots (pip install 'alignkit[cli]')")
+        plot_metrics(rows, run.plots)  # none, with a warning, without matplotlib
     finish_run(plan)
     if trainer.is_world_process_zero() and args.alignkit_push:
         push_model(args.alignkit_push, named.model, named.root)

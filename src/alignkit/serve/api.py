@@ -512,8 +512,10 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
     binds before loading the model, so a port in use stops it before anything is loaded or written)."""
     import uvicorn
 
+    log = ServeLog(engine, output_dir, log_every) if output_dir is not None else None  # checks the folder first
     engine.start()
-    log = ServeLog(engine, output_dir, log_every).start() if output_dir is not None else None
+    if log is not None:
+        log.start()
     try:
         config = uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level=log_level,
                                 access_log=False)

@@ -29,6 +29,7 @@ from typing import Any
 
 from alignkit.runs import plot_metrics
 from alignkit.serve.engine import Engine
+from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,25 @@ def _copy(counter: Any) -> dict[str, int]:
     return dict(counter)
 
 
+def check_log_file(path: Path) -> None:
+    """ConfigError when `path` (the serve log's metrics.jsonl) already holds rows that are not the serve log's (its
+    first row has no `uptime_s`): another command's, e.g. a training run's when --output-dir names the run folder.
+    The server appended its rows to them, so that run's metrics.jsonl held two runs' rows, read back as one (final
+    metrics, plots, a --resume's cut). The serve log's own file is appended to, as before."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), None)
+    try:
+        row = json.loads(first) if first is not None else {}
+    except ValueError:
+        row = None
+    if not isinstance(row, dict) or (first is not None and "uptime_s" not in row):
+        raise ConfigError(f"output_dir: {path} holds rows that are not the serve log's (another run's metrics, e.g. "
+                          "a training run's folder); the server would append its rows to them; choose another "
+                          f"--output-dir (e.g. {path.parent / 'serve'})")
+
+
 class ServeLog:
     """Samples `engine.stats` every `every` seconds into `folder` (see the module docstring)."""
 
@@ -57,6 +77,7 @@ class ServeLog:
             raise ValueError(f"log_every: must be > 0 seconds, got {every}")
         self.engine, self.folder, self.every = engine, Path(folder), float(every)
         self.path = self.folder / "metrics.jsonl"
+        check_log_file(self.path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._writer: Any = None

@@ -57,22 +57,16 @@ def check_best_metric(cfg: Any, command: str) -> None:
     the objective's evaluation logs (`alignkit.trainers.TRAINERS[command].eval_metrics`, from the method's
     settings): a name it never logs passed, the run folder was written, and transformers stopped at the first
     evaluation with a KeyError. `eval_x` and `x` are the same metric, as transformers reads them. A metric better when
-    lower (`alignkit.trainers.lower_is_better`) without train.greater_is_better is refused too when transformers'
-    default (higher is better unless the name ends in 'loss') would keep the worst checkpoint as the best."""
+    lower (`alignkit.trainers.lower_is_better`) is refused too with train.greater_is_better true, or unset where
+    transformers' default (higher is better unless the name ends in 'loss') would keep the worst checkpoint as the
+    best (`alignkit.trainers.check_best_model_metric`, also run when a trainer is built in Python)."""
     name = cfg.train.get("metric_for_best_model")
     if name is None:
         return
-    from alignkit.trainers import TRAINERS, check_best_metric_name, lower_is_better
+    from alignkit.trainers import TRAINERS, check_best_model_metric
 
     logged = TRAINERS[command].eval_metrics(**dataclasses.asdict(cfg.method))
-    metric = str(name).removeprefix("eval_")
-    if metric in logged and cfg.train.get("greater_is_better") is None and not metric.endswith("loss") \
-            and lower_is_better(metric):
-        raise ConfigError(f"train.metric_for_best_model: {name!r} is better when lower, and train.greater_is_better "
-                          "is not set: transformers then takes a metric whose name does not end in 'loss' as better "
-                          "when higher, so the 'best' checkpoint would be the worst one; set "
-                          "train.greater_is_better=false")
-    check_best_metric_name(name, logged, f"alignkit {command}", "train.")
+    check_best_model_metric(name, cfg.train.get("greater_is_better"), logged, f"alignkit {command}", "train.")
 
 
 def check_report_to(report_to: Any, where: str = "train") -> None:

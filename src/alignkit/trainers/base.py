@@ -65,17 +65,14 @@ not name); `max_grad_norm=None` is no clipping (as 0; the Trainer itself would s
 Trainer never calls them), so are `label_smoothing_factor` and, under several processes,
 `average_tokens_across_devices=False` (the objectives always divide by the all-process count); `optim` /
 `optim_args` and `lr_scheduler_type` / `lr_scheduler_kwargs` are tried when the trainer is built (`check_optimizer`:
-a missing package, an unread key; `check_scheduler`: kwargs the schedule does not take, needs, or ignores); `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
+a missing package, an unread key; `check_scheduler`: kwargs the schedule does not take, needs, or ignores); these
+argument checks, `metric_for_best_model`'s and the resume checks live in `alignkit.trainers.checks`; `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
-import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -87,9 +84,8 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments, get_scheduler
+from transformers import Trainer, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.training_args import ParallelMode
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
@@ -97,15 +93,18 @@ from alignkit.adapters import enable_gradient_checkpointing, load_adapter_weight
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
-    deepspeed_cannot_start, deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
-    load_full_optimizer_state, requested_engine,
+    deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
+    load_full_optimizer_state,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.runs import (
     STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, remove_own,
 )
-from alignkit.settings import ConfigError
+from alignkit.trainers.checks import (
+    STATE_JSON, check_best_model_metric, check_optimizer, check_resumable, check_scheduler, data_digest,
+    refuse_deepspeed_mismatches, refuse_ignored_arguments, refuse_metric_functions, saved_state,
+)
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
 from alignkit.trainers.precision import warn_low_precision
@@ -116,83 +115,11 @@ logger = logging.getLogger(__name__)
 # what transformers' Trainer.evaluate logs of its own, as eval_<name> (besides eval_model_preparation_time, only when
 # the model is evaluated before any training, so never at a training run's evaluations)
 TRAINER_EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
-# logged metrics whose smaller values are the better ones besides the losses (names ending in "loss", and loss/<name>)
-LOWER_IS_BETTER = ("runtime", "nll/token", "hinge")
-
-
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of the logged metric `metric` (without `eval_`) is the better one."""
-    return metric.endswith("loss") or metric.startswith("loss/") or metric in LOWER_IS_BETTER
-
-
-def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, where: str = "") -> None:
-    """A ConfigError when `name` (metric_for_best_model: `eval_x` or `x`, as transformers reads it) is not one of
-    `logged` (an objective's `eval_metrics`): transformers would stop the run with a KeyError at its first
-    evaluation. `who` names the objective, `where` prefixes the key (the CLI's "train.")."""
-    if name is None or str(name).removeprefix("eval_") in logged:
-        return
-    spelled = [f"eval_{m}" for m in logged] if str(name).startswith("eval_") else list(logged)
-    close = difflib.get_close_matches(str(name), spelled, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"{where}metric_for_best_model: {name!r} is not logged by {who}'s evaluation{hint}, so the "
-                      f"first evaluation would stop the run (transformers' KeyError); use one of: {', '.join(spelled)}")
-
-
 WEIGHTED_PREFIX = "weighted/"  # evaluation: weighted/<name> = sum w_i v_i / sum w_i (AlignTrainer.weighted_totals)
 WEIGHTS_NOT_ONE = "\0weights_not_one"  # internal total, never logged
 EVAL_LOSS = "\0eval_loss"  # internal total (sum_i w_i L_i, N) of an evaluation, logged as its eval_loss
 
 TRAINING_ARGS_JSON = "training_args.json"
-STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep
-#   (num_tokens; world_size, the processes that wrote it)
-
-
-def data_digest(dataset: Any) -> str | None:
-    """SHA-256 of the training examples in their order (every field but the record `id`: token ids, masks, weights,
-    ...), recorded in each checkpoint (`STATE_JSON`). None for data without a length (an iterable dataset: reading it
-    here would consume it)."""
-    if dataset is None or not hasattr(dataset, "__len__"):
-        return None
-    h = hashlib.sha256()
-    for ex in dataset:
-        h.update(json.dumps({k: v for k, v in dict(ex).items() if k != "id"}, sort_keys=True, default=repr).encode())
-    return h.hexdigest()
-
-
-def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str = "resume_from_checkpoint",
-                    digest: str | None = None) -> None:
-    """Refuse (CheckpointError, one line naming `label` and the folder) a complete checkpoint that the Trainer would
-    resume without continuing the same training: one without the optimizer / scheduler states (saved with
-    `save_only_model`, or under DeepSpeed; the Trainer then restarts Adam's moments and the learning-rate schedule
-    from zero without a word), or one written by another number of processes (the batch of an optimizer step and
-    which records count as already seen depend on it), or, given this run's `digest` (`data_digest` of its
-    training examples), one trained on other data (the Trainer skips the batches the checkpoint had seen, counted
-    in the new data: an edited or regenerated data file, another data.max_records or max_length). A checkpoint
-    that does not record its world size or data (older alignkit) is not compared on it."""
-    folder = Path(checkpoint)
-    missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (folder / n).is_file()]
-    if missing:
-        raise CheckpointError(f"{label}: {folder} holds no {' / '.join(missing)} (a checkpoint saved with "
-                              "train.save_only_model=true, or under DeepSpeed): the resumed run would restart the "
-                              "optimizer and the learning-rate schedule from zero, not continue them; start a new "
-                              "run from its weights in another output_dir, or resume from a checkpoint saved "
-                              "without train.save_only_model")
-    state = _saved_state(folder)
-    saved = state.get("world_size")
-    if isinstance(saved, int) and saved != world_size:
-        raise CheckpointError(f"{label}: {folder} was written by a run of {saved} process(es), this one has "
-                              f"{world_size}: the batch of an optimizer step (per_device_train_batch_size x "
-                              "gradient_accumulation_steps x processes) and which records count as already seen "
-                              f"depend on it, so the run would not continue the same training; launch {saved} "
-                              "process(es), or start a new run from its weights in another output_dir")
-    trained = state.get("data_sha256")
-    if digest is not None and isinstance(trained, str) and trained != digest:
-        raise CheckpointError(f"{label}: {folder} was trained on other training examples than this run's (SHA-256 "
-                              f"of the tokenized examples {trained[:12]}... there, {digest[:12]}... here: the data "
-                              "file changed, or data.max_records / max_length / the formatter / the tokenizer did), "
-                              "so the resumed run would skip the batches it had seen counted in other data; resume "
-                              "with the data it was trained on, or start a new run from its weights in another "
-                              "output_dir")
 
 
 def turn_off_dropout(model: nn.Module) -> None:
@@ -201,133 +128,6 @@ def turn_off_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
-
-
-def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None) -> None:
-    """TrainingArguments that alignkit's trainers would accept and silently not apply: one ConfigError each."""
-    if getattr(args, "label_smoothing_factor", 0.0):
-        raise ConfigError(f"train.label_smoothing_factor={args.label_smoothing_factor}: the Trainer applies it in "
-                          "its own loss, which alignkit's objectives replace, so it would be ignored; remove it "
-                          "(preference losses take method.label_smoothing: cDPO / robust / exo_pair)")
-    if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
-        raise ConfigError("train.average_tokens_across_devices=false: alignkit's objectives always divide by the "
-                          "count summed over all processes (the exact mean of the optimizer step's batch), so it "
-                          "would be ignored; remove it")
-    if getattr(args, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("train.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel; its "
-                          "kernels need CUDA); the Trainer would fail only when training starts, after the run "
-                          "folder was written")
-    if getattr(args, "train_sampling_strategy", None) == "batch_rebalance" and train_dataset is not None \
-            and hasattr(train_dataset, "__len__") and len(train_dataset) and "input_ids" not in train_dataset[0]:
-        raise ConfigError("train.train_sampling_strategy='batch_rebalance' reads an input_ids column, which "
-                          "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
-    if getattr(args, "deepspeed", None) and deepspeed_cannot_start():
-        raise ConfigError("train.deepspeed: DeepSpeed starts only under a launcher (torchrun, accelerate launch, "
-                          "deepspeed), even for one process; without one it looks for MPI (mpi4py, not installed) and "
-                          "failed once training began, after the run folder was written; launch with `torchrun "
-                          "--nproc_per_node N -m alignkit ...`, or use an accelerate DeepSpeed config "
-                          "(configs/accelerate/zero2-cpu.yaml, zero2.yaml) instead of train.deepspeed")
-    if getattr(args, "fsdp", None) and not args.fsdp_config.get("xla", False):
-        if args.parallel_mode != ParallelMode.DISTRIBUTED:  # the Trainer's own refusal, as a config error
-            raise ConfigError("train.fsdp: FSDP shards the model over several processes and this run "
-                              "has one; remove train.fsdp, or launch several processes (torchrun / accelerate launch)")
-        if not torch.cuda.is_available() and requested_engine() != "fsdp":
-            raise ConfigError("train.fsdp: the Trainer's FSDP from the training arguments does not run on CPU "
-                              "processes (it failed once training began, after the run folder was written); remove "
-                              "train.fsdp and launch with `accelerate launch --config_file "
-                              "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
-
-
-def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
-    """`compute_metrics` / `preprocess_logits_for_metrics` given to an alignkit trainer: the Trainer calls them only
-    with an evaluation's logits and labels, which alignkit's `prediction_step` does not return (its losses and
-    metrics are the objective's), so they were never called, without a word. One ConfigError naming the argument."""
-    for name in ("compute_metrics", "preprocess_logits_for_metrics"):
-        if kwargs.get(name) is not None:
-            raise ConfigError(f"{owner}: {name} would never be called: alignkit's evaluation returns the objective's "
-                              f"loss and metrics (logged as eval_<name>, listed by {owner}.eval_metrics()), no logits "
-                              f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
-
-
-def check_optimizer(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
-    """`optim` / `optim_args` the Trainer would not apply as written, found before anything is written (the Trainer
-    builds its optimizer only in `train()`, after the CLI wrote the run folder); one ConfigError each:
-    a package `optim` needs that is not installed (bitsandbytes for adamw_bnb_8bit, ...); `optim_args` that is not
-    `key=value,...`; an `optim_args` key the optimizer never reads (transformers passes optim_args to a few optimizers
-    only, by the names each knows: adamw_torch and adafactor read none, sgd only its own, so the setting vanished).
-    Skipped when the caller passes its own optimizer. Asked without the model (no side effects: GaLore's layerwise
-    hooks are made only with one); what needs the model is left to the Trainer."""
-    if (kwargs.get("optimizers") or (None, None))[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
-        return
-    optim = str(getattr(args.optim, "value", args.optim))
-    pairs = [m for m in str(args.optim_args or "").replace(" ", "").split(",") if m]
-    bad = [m for m in pairs if m.count("=") != 1]
-    if bad:
-        raise ConfigError(f"train.optim_args={args.optim_args!r}: {bad[0]!r} is not key=value; write it as "
-                          "'key=value,key2=value2'")
-    try:
-        built = _optimizer_kwargs(args, args.optim_args)
-    except ImportError as e:
-        missing = str(e).split("\n")[0]
-    except ValueError as e:  # some optimizers say "Please install ..." as a ValueError; others need the model
-        if "install" not in str(e).lower():
-            return
-        missing = str(e).split("\n")[0]
-    else:
-        unread = [key for key, _ in (m.split("=") for m in pairs) if _ignores(args, pairs, key, built)]
-        if unread:
-            raise ConfigError(f"train.optim_args: {', '.join(unread)} is not read by optim={optim!r} (transformers "
-                              "passes optim_args only to some optimizers, by the names each knows), so it would be "
-                              "ignored; remove it, or use the train key for it (adam_beta1, adam_beta2, adam_epsilon, "
-                              "weight_decay)")
-        return
-    raise ConfigError(f"train.optim={optim!r}: the Trainer cannot build it: {missing.rstrip('.')}; install that "
-                      "package, or choose another train.optim (the default adamw_torch needs nothing)")
-
-
-def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
-    """`lr_scheduler_type` + `lr_scheduler_kwargs` the Trainer would not apply as written, found before anything is
-    written (it builds the schedule in `train()`, after the CLI wrote the run folder): kwargs the schedule does not take
-    (TypeError), a schedule missing its kwargs (cosine_with_min_lr without min_lr), or kwargs given to `constant` /
-    `constant_with_warmup`, which transformers builds without them (dropped without a word). One ConfigError each,
-    from a trial schedule over a one-parameter optimizer. Skipped when the caller passes its own scheduler."""
-    if (kwargs.get("optimizers") or (None, None))[1] is not None:
-        return
-    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    given = args.lr_scheduler_kwargs or {}
-    if given and name in ("constant", "constant_with_warmup"):
-        raise ConfigError(f"train.lr_scheduler_kwargs={given}: lr_scheduler_type={name!r} takes no arguments "
-                          "(transformers builds it without them), so they would be ignored; remove them, or choose "
-                          "the schedule that reads them (e.g. cosine_with_min_lr for min_lr)")
-    steps = args.max_steps if args.max_steps and args.max_steps > 0 else 100
-    trial = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    try:
-        get_scheduler(name, trial, num_warmup_steps=args.get_warmup_steps(steps), num_training_steps=steps,
-                      scheduler_specific_kwargs=given)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.lr_scheduler_type={name!r} with train.lr_scheduler_kwargs={given}: transformers "
-                          f"cannot build the schedule: {str(e).splitlines()[0].rstrip('.')}; give "
-                          f"train.lr_scheduler_kwargs the arguments of its {name} schedule") from None
-
-
-def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
-    """The Trainer's optimizer (class, keyword arguments) for `args` with `optim_args` in place of its own."""
-    probe = copy.copy(args)  # a plain copy: no __post_init__ again
-    probe.optim_args = optim_args
-    return Trainer.get_optimizer_cls_and_kwargs(probe)
-
-
-def _ignores(args: TrainingArguments, pairs: list[str], key: str, built: Any) -> bool:
-    """Whether the optimizer's kwargs stay `built` whatever `key` says in optim_args (two other values, one numeric,
-    one boolean; a value it fails to parse means it is read)."""
-    for value in ("2", "true"):
-        changed = ",".join(f"{key}={value}" if m.split("=")[0] == key else m for m in pairs)
-        try:
-            if _optimizer_kwargs(args, changed) != built:
-                return False
-        except Exception:  # noqa: BLE001 -- it tried to read the value
-            return False
-    return True
 
 
 class AlignTrainer(BatchSampling, Trainer):
@@ -377,7 +177,7 @@ class AlignTrainer(BatchSampling, Trainer):
         if disable_dropout:
             turn_off_dropout(model)
         super().__init__(model=model, args=args, **kwargs)
-        _refuse_deepspeed_mismatches(self)
+        refuse_deepspeed_mismatches(self)
         if gc_kwargs is not None:
             enable_gradient_checkpointing(self.model, gc_kwargs)
             logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})
@@ -390,7 +190,8 @@ class AlignTrainer(BatchSampling, Trainer):
         if logged is not None and isinstance(self.eval_dataset, dict):  # the Trainer's per set: eval_<set>_loss, ...
             logged += tuple(f"{name}_{m}" for name in self.eval_dataset for m in TRAINER_EVAL_METRICS)
         if logged is not None:
-            check_best_metric_name(self.args.metric_for_best_model, logged, type(self).__name__)
+            check_best_model_metric(self.args.metric_for_best_model, self.args.greater_is_better, logged,
+                                    type(self).__name__)
 
     # -- optimizer ---------------------------------------------------------------------------------------
 
@@ -739,8 +540,16 @@ class AlignTrainer(BatchSampling, Trainer):
         return self._data_digest
 
     def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
-        """`check_resumable` for this trainer: its processes and its training examples against the checkpoint's."""
+        """Refuse (CheckpointError naming `label`) a checkpoint this trainer would not truly resume: any under DeepSpeed
+        (it restores its engine from its own pickled files, which alignkit does not write or load), else
+        `check_resumable` with this trainer's processes and training examples. Once per checkpoint: `train()` does
+        not check again the one a caller (the CLI, before its run folder is written) has checked."""
+        if is_deepspeed(self.accelerator):
+            raise CheckpointError(f"{label}: resuming under DeepSpeed is not supported by alignkit (DeepSpeed reloads "
+                                  f"its optimizer state from torch pickles, which alignkit does not load); {checkpoint}/ "
+                                  "holds an ordinary model folder: start a new run from it, or resume under FSDP2 / DDP")
         check_resumable(checkpoint, self.args.world_size, label, self.data_digest())
+        self._resume_checked = Path(checkpoint).resolve()
 
     def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
         final = Path(run_dir) / name
@@ -803,12 +612,8 @@ class AlignTrainer(BatchSampling, Trainer):
                 raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
                                       "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
         if resume_from_checkpoint:
-            if is_deepspeed(self.accelerator):  # DeepSpeed restores its engine from its own pickled files
-                raise CheckpointError(f"resume_from_checkpoint: resuming under DeepSpeed is not supported by alignkit "
-                                      f"(DeepSpeed reloads its optimizer state from torch pickles, which alignkit "
-                                      f"does not load); {resume_from_checkpoint}/ holds an ordinary model folder: "
-                                      f"start a new run from it, or resume under FSDP2 / DDP")
-            self.check_resume(resume_from_checkpoint)
+            if getattr(self, "_resume_checked", None) != Path(resume_from_checkpoint).resolve():
+                self.check_resume(resume_from_checkpoint)
             logger.info("resuming from %s", resume_from_checkpoint)
             self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
             self._tokens_pending = None
@@ -837,19 +642,6 @@ class AlignTrainer(BatchSampling, Trainer):
         load_adapter_weights(model, self.state.best_model_checkpoint)
 
 
-def _refuse_deepspeed_mismatches(trainer: Any) -> None:
-    """A DeepSpeed config value (accelerate's `deepspeed_config`, or a DeepSpeed JSON) that disagrees with
-    the training arguments (gradient_accumulation_steps, batch size, learning rate, clipping, ...): one line
-    naming both at construction, instead of transformers' multi-line ValueError when training starts."""
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
-    ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
-    found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
-    if found:
-        raise ConfigError(f"the DeepSpeed config disagrees with the training settings: {'; '.join(found)}; set "
-                          f"those DeepSpeed values to 'auto' (the train.* keys then decide) or give the train.* "
-                          f"keys the same values")
-
-
 def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
     """A whole model's safetensors (one file or shards) into `model`, in place; every saved tensor must
     name a parameter or buffer, and every one not saved must be tied to a saved one (save_pretrained drops
@@ -868,19 +660,13 @@ def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
                               f"{(unexpected or untied)[:3]}); resume with the config that wrote it")
 
 
-def _saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's `STATE_JSON` ({} when it has none: a checkpoint of an older alignkit)."""
-    path = Path(checkpoint, STATE_JSON)
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _saved_num_tokens(checkpoint: str | os.PathLike) -> float | None:
     """The cumulative `num_tokens` a checkpoint was written at (None: a checkpoint without it, counted from 0)."""
     if not Path(checkpoint, STATE_JSON).is_file():
         logger.warning("%s has no %s: num_tokens counts from 0 again in this run", checkpoint, STATE_JSON)
         return None
-    return _saved_state(checkpoint).get("num_tokens")
+    return saved_state(checkpoint).get("num_tokens")
 
 
 # packed_collator / shared_prompt_collator live in trainers/data_prep.py; still importable from here (preference.py)
-__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "check_resumable", "packed_collator", "shared_prompt_collator", "turn_off_dropout"]
+__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "shared_prompt_collator", "turn_off_dropout"]

@@ -33,13 +33,18 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
                  num_proc: int | None, owner: str) -> None:
     """Tokenize raw `train_dataset` / `eval_dataset` in place in the Trainer's `kwargs` (as records of
     `record_kinds`, preferred first) and default `data_collator` for the data's kind. `owner` (the trainer's
-    class name) starts the error for raw rows without a tokenizer."""
+    class name) starts the error for raw rows without a tokenizer, or for data without a length (refused)."""
     tok = kwargs.get("processing_class")
     kind = None
     for key in ("train_dataset", "eval_dataset"):
         ds = kwargs.get(key)
         if ds is None or isinstance(ds, dict):
             continue
+        if not hasattr(ds, "__len__"):  # else a TypeError from len() below, or from datasets.map
+            raise ValueError(f"{owner}: {key} ({type(ds).__name__}) has no length (an iterable or streaming "
+                             "dataset), which alignkit's trainers do not read: they tokenize and count the examples, "
+                             "and a resumed run compares them with its checkpoint's; pass map-style data (a list of "
+                             "rows, a datasets.Dataset: Dataset.from_generator, or list() of the rows)")
         if not is_tokenized(ds):
             if tok is None:
                 raise ValueError(f"{owner}: {key} holds raw rows {_describe(ds)}; pass the tokenizer "

@@ -1,0 +1,283 @@
+"""The checks `AlignTrainer` runs on its arguments and checkpoints before anything is written: settings the Trainer
+would accept and then not apply (`refuse_ignored_arguments`, `refuse_metric_functions`, `check_optimizer`,
+`check_scheduler`, `refuse_deepspeed_mismatches`), a `metric_for_best_model` the objective's evaluation does not log,
+or one better when lower taken as better when higher (`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
+`data_digest` of the training examples and the checkpoint's `STATE_JSON`). Each refusal is one ConfigError /
+CheckpointError line naming the setting and how to fix it; the CLI runs the same checks when it loads a config."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments, get_scheduler
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.training_args import ParallelMode
+
+from alignkit.distributed import deepspeed_cannot_start, requested_engine
+from alignkit.runs import CheckpointError
+from alignkit.settings import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# logged metrics whose smaller values are the better ones besides the losses (names ending in "loss", and loss/<name>)
+LOWER_IS_BETTER = ("runtime", "nll/token", "hinge")
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of the logged metric `metric` (without `eval_`) is the better one."""
+    return metric.endswith("loss") or metric.startswith("loss/") or metric in LOWER_IS_BETTER
+
+
+def check_best_metric_name(name: str | None, logged: tuple[str, ...], who: str, where: str = "") -> None:
+    """A ConfigError when `name` (metric_for_best_model: `eval_x` or `x`, as transformers reads it) is not one of
+    `logged` (an objective's `eval_metrics`): transformers would stop the run with a KeyError at its first
+    evaluation. `who` names the objective, `where` prefixes the key (the CLI's "train.")."""
+    if name is None or str(name).removeprefix("eval_") in logged:
+        return
+    spelled = [f"eval_{m}" for m in logged] if str(name).startswith("eval_") else list(logged)
+    close = difflib.get_close_matches(str(name), spelled, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where}metric_for_best_model: {name!r} is not logged by {who}'s evaluation{hint}, so the "
+                      f"first evaluation would stop the run (transformers' KeyError); use one of: {', '.join(spelled)}")
+
+
+def check_best_model_metric(name: str | None, greater_is_better: bool | None, logged: tuple[str, ...], who: str,
+                            where: str = "") -> None:
+    """`check_best_metric_name`, then a ConfigError when `name` is better when lower (`lower_is_better`) and
+    `greater_is_better` is True, or None where transformers makes it True (a name that does not end in 'loss'):
+    the Trainer would keep (and load at the end) the checkpoint where the metric is highest, the worst one, without
+    a word. TrainingArguments fills None in itself, so a Python-built trainer sees True whoever set it."""
+    check_best_metric_name(name, logged, who, where)
+    if name is None or not lower_is_better(metric := str(name).removeprefix("eval_")):
+        return
+    if greater_is_better is None and not metric.endswith("loss"):
+        said = ("is not set: transformers then takes a metric whose name does not end in 'loss' as better when "
+                "higher")
+    elif greater_is_better:  # a Python caller's TrainingArguments hold True when it was not given: say so
+        said = "is true" + ("" if where else " (TrainingArguments' default when it is not given, for a metric whose "
+                                             "name does not end in 'loss')")
+    else:
+        return
+    raise ConfigError(f"{where}metric_for_best_model: {name!r} is better when lower, and {where}greater_is_better "
+                      f"{said}, so the 'best' checkpoint would be the worst one; set {where}greater_is_better=false")
+
+
+STATE_JSON = "alignkit_state.json"  # in each checkpoint: what the Trainer's trainer_state.json does not keep
+#   (num_tokens; world_size, the processes that wrote it)
+
+
+def data_digest(dataset: Any) -> str | None:
+    """SHA-256 of the training examples in their order (every field but the record `id`: token ids, masks, weights,
+    ...), recorded in each checkpoint (`STATE_JSON`). None for data without a length (an iterable dataset: reading it
+    here would consume it)."""
+    if dataset is None or not hasattr(dataset, "__len__"):
+        return None
+    h = hashlib.sha256()
+    for ex in dataset:
+        h.update(json.dumps({k: v for k, v in dict(ex).items() if k != "id"}, sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, digest: str | None) -> None:
+    """Refuse (CheckpointError, one line naming `label` and the folder) a complete checkpoint that the Trainer would
+    resume without continuing the same training: one without the optimizer / scheduler states (saved with
+    `save_only_model`, or under DeepSpeed; the Trainer then restarts Adam's moments and the learning-rate schedule
+    from zero without a word), or one written by another number of processes (the batch of an optimizer step and
+    which records count as already seen depend on it), or one trained on other data than this run's `digest`
+    (`data_digest` of its training examples: the Trainer skips the batches the checkpoint had seen, counted in the
+    new data: an edited or regenerated data file, another data.max_records or max_length). A checkpoint that does
+    not record its world size (older alignkit) is not compared on it; data that cannot be compared (this run's
+    has no length, so `digest` is None, or the checkpoint records no digest) is said in one warning: only the user
+    can make sure the resumed run reads the same examples in the same order."""
+    folder = Path(checkpoint)
+    missing = [n for n in (OPTIMIZER_NAME, SCHEDULER_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{label}: {folder} holds no {' / '.join(missing)} (a checkpoint saved with "
+                              "train.save_only_model=true, or under DeepSpeed): the resumed run would restart the "
+                              "optimizer and the learning-rate schedule from zero, not continue them; start a new "
+                              "run from its weights in another output_dir, or resume from a checkpoint saved "
+                              "without train.save_only_model")
+    state = saved_state(folder)
+    saved = state.get("world_size")
+    if isinstance(saved, int) and saved != world_size:
+        raise CheckpointError(f"{label}: {folder} was written by a run of {saved} process(es), this one has "
+                              f"{world_size}: the batch of an optimizer step (per_device_train_batch_size x "
+                              "gradient_accumulation_steps x processes) and which records count as already seen "
+                              f"depend on it, so the run would not continue the same training; launch {saved} "
+                              "process(es), or start a new run from its weights in another output_dir")
+    trained = state.get("data_sha256")
+    if digest is None or not isinstance(trained, str):
+        why = ("this run's training data has no length (an IterableDataset or a streaming dataset, which reading "
+               "here would consume)" if digest is None else "it records no digest of its training examples (an "
+               "older alignkit wrote it)")
+        logger.warning("%s: the training examples could not be compared with the ones %s was trained on: %s. The "
+                       "resumed run skips the batches the checkpoint had seen, counted in this run's data: resume on "
+                       "the same data in the same order, or the run silently trains on other examples",
+                       label, folder, why)
+    elif trained != digest:
+        raise CheckpointError(f"{label}: {folder} was trained on other training examples than this run's (SHA-256 "
+                              f"of the tokenized examples {trained[:12]}... there, {digest[:12]}... here: the data "
+                              "file changed, or data.max_records / max_length / the formatter / the tokenizer did), "
+                              "so the resumed run would skip the batches it had seen counted in other data; resume "
+                              "with the data it was trained on, or start a new run from its weights in another "
+                              "output_dir")
+
+
+def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None) -> None:
+    """TrainingArguments that alignkit's trainers would accept and silently not apply: one ConfigError each."""
+    if getattr(args, "label_smoothing_factor", 0.0):
+        raise ConfigError(f"train.label_smoothing_factor={args.label_smoothing_factor}: the Trainer applies it in "
+                          "its own loss, which alignkit's objectives replace, so it would be ignored; remove it "
+                          "(preference losses take method.label_smoothing: cDPO / robust / exo_pair)")
+    if getattr(args, "average_tokens_across_devices", True) is False and getattr(args, "world_size", 1) > 1:
+        raise ConfigError("train.average_tokens_across_devices=false: alignkit's objectives always divide by the "
+                          "count summed over all processes (the exact mean of the optimizer step's batch), so it "
+                          "would be ignored; remove it")
+    if getattr(args, "use_liger_kernel", False) and importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.use_liger_kernel: liger-kernel is not installed (pip install liger-kernel; its "
+                          "kernels need CUDA); the Trainer would fail only when training starts, after the run "
+                          "folder was written")
+    if getattr(args, "train_sampling_strategy", None) == "batch_rebalance" and train_dataset is not None \
+            and hasattr(train_dataset, "__len__") and len(train_dataset) and "input_ids" not in train_dataset[0]:
+        raise ConfigError("train.train_sampling_strategy='batch_rebalance' reads an input_ids column, which "
+                          "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
+    if getattr(args, "deepspeed", None) and deepspeed_cannot_start():
+        raise ConfigError("train.deepspeed: DeepSpeed starts only under a launcher (torchrun, accelerate launch, "
+                          "deepspeed), even for one process; without one it looks for MPI (mpi4py, not installed) and "
+                          "failed once training began, after the run folder was written; launch with `torchrun "
+                          "--nproc_per_node N -m alignkit ...`, or use an accelerate DeepSpeed config "
+                          "(configs/accelerate/zero2-cpu.yaml, zero2.yaml) instead of train.deepspeed")
+    if getattr(args, "fsdp", None) and not args.fsdp_config.get("xla", False):
+        if args.parallel_mode != ParallelMode.DISTRIBUTED:  # the Trainer's own refusal, as a config error
+            raise ConfigError("train.fsdp: FSDP shards the model over several processes and this run "
+                              "has one; remove train.fsdp, or launch several processes (torchrun / accelerate launch)")
+        if not torch.cuda.is_available() and requested_engine() != "fsdp":
+            raise ConfigError("train.fsdp: the Trainer's FSDP from the training arguments does not run on CPU "
+                              "processes (it failed once training began, after the run folder was written); remove "
+                              "train.fsdp and launch with `accelerate launch --config_file "
+                              "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
+
+
+def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
+    """`compute_metrics` / `preprocess_logits_for_metrics` given to an alignkit trainer: the Trainer calls them only
+    with an evaluation's logits and labels, which alignkit's `prediction_step` does not return (its losses and
+    metrics are the objective's), so they were never called, without a word. One ConfigError naming the argument."""
+    for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+        if kwargs.get(name) is not None:
+            raise ConfigError(f"{owner}: {name} would never be called: alignkit's evaluation returns the objective's "
+                              f"loss and metrics (logged as eval_<name>, listed by {owner}.eval_metrics()), no logits "
+                              f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
+
+
+def check_optimizer(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
+    """`optim` / `optim_args` the Trainer would not apply as written, found before anything is written (the Trainer
+    builds its optimizer only in `train()`, after the CLI wrote the run folder); one ConfigError each:
+    a package `optim` needs that is not installed (bitsandbytes for adamw_bnb_8bit, ...); `optim_args` that is not
+    `key=value,...`; an `optim_args` key the optimizer never reads (transformers passes optim_args to a few optimizers
+    only, by the names each knows: adamw_torch and adafactor read none, sgd only its own, so the setting vanished).
+    Skipped when the caller passes its own optimizer. Asked without the model (no side effects: GaLore's layerwise
+    hooks are made only with one); what needs the model is left to the Trainer."""
+    if (kwargs.get("optimizers") or (None, None))[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
+        return
+    optim = str(getattr(args.optim, "value", args.optim))
+    pairs = [m for m in str(args.optim_args or "").replace(" ", "").split(",") if m]
+    bad = [m for m in pairs if m.count("=") != 1]
+    if bad:
+        raise ConfigError(f"train.optim_args={args.optim_args!r}: {bad[0]!r} is not key=value; write it as "
+                          "'key=value,key2=value2'")
+    try:
+        built = _optimizer_kwargs(args, args.optim_args)
+    except ImportError as e:
+        missing = str(e).split("\n")[0]
+    except ValueError as e:  # some optimizers say "Please install ..." as a ValueError; others need the model
+        if "install" not in str(e).lower():
+            return
+        missing = str(e).split("\n")[0]
+    else:
+        unread = [key for key, _ in (m.split("=") for m in pairs) if _ignores(args, pairs, key, built)]
+        if unread:
+            raise ConfigError(f"train.optim_args: {', '.join(unread)} is not read by optim={optim!r} (transformers "
+                              "passes optim_args only to some optimizers, by the names each knows), so it would be "
+                              "ignored; remove it, or use the train key for it (adam_beta1, adam_beta2, adam_epsilon, "
+                              "weight_decay)")
+        return
+    raise ConfigError(f"train.optim={optim!r}: the Trainer cannot build it: {missing.rstrip('.')}; install that "
+                      "package, or choose another train.optim (the default adamw_torch needs nothing)")
+
+
+def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
+    """`lr_scheduler_type` + `lr_scheduler_kwargs` the Trainer would not apply as written, found before anything is
+    written (it builds the schedule in `train()`, after the CLI wrote the run folder): kwargs the schedule does not take
+    (TypeError), a schedule missing its kwargs (cosine_with_min_lr without min_lr), or kwargs given to `constant` /
+    `constant_with_warmup`, which transformers builds without them (dropped without a word). One ConfigError each,
+    from a trial schedule over a one-parameter optimizer. Skipped when the caller passes its own scheduler."""
+    if (kwargs.get("optimizers") or (None, None))[1] is not None:
+        return
+    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    given = args.lr_scheduler_kwargs or {}
+    if given and name in ("constant", "constant_with_warmup"):
+        raise ConfigError(f"train.lr_scheduler_kwargs={given}: lr_scheduler_type={name!r} takes no arguments "
+                          "(transformers builds it without them), so they would be ignored; remove them, or choose "
+                          "the schedule that reads them (e.g. cosine_with_min_lr for min_lr)")
+    steps = args.max_steps if args.max_steps and args.max_steps > 0 else 100
+    trial = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(name, trial, num_warmup_steps=args.get_warmup_steps(steps), num_training_steps=steps,
+                      scheduler_specific_kwargs=given)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.lr_scheduler_type={name!r} with train.lr_scheduler_kwargs={given}: transformers "
+                          f"cannot build the schedule: {str(e).splitlines()[0].rstrip('.')}; give "
+                          f"train.lr_scheduler_kwargs the arguments of its {name} schedule") from None
+
+
+def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
+    """The Trainer's optimizer (class, keyword arguments) for `args` with `optim_args` in place of its own."""
+    probe = copy.copy(args)  # a plain copy: no __post_init__ again
+    probe.optim_args = optim_args
+    return Trainer.get_optimizer_cls_and_kwargs(probe)
+
+
+def _ignores(args: TrainingArguments, pairs: list[str], key: str, built: Any) -> bool:
+    """Whether the optimizer's kwargs stay `built` whatever `key` says in optim_args (two other values, one numeric,
+    one boolean; a value it fails to parse means it is read)."""
+    for value in ("2", "true"):
+        changed = ",".join(f"{key}={value}" if m.split("=")[0] == key else m for m in pairs)
+        try:
+            if _optimizer_kwargs(args, changed) != built:
+                return False
+        except Exception:  # noqa: BLE001 -- it tried to read the value
+            return False
+    return True
+
+
+def refuse_deepspeed_mismatches(trainer: Any) -> None:
+    """A DeepSpeed config value (accelerate's `deepspeed_config`, or a DeepSpeed JSON) that disagrees with
+    the training arguments (gradient_accumulation_steps, batch size, learning rate, clipping, ...): one line
+    naming both at construction, instead of transformers' multi-line ValueError when training starts."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
+    ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
+    found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
+    if found:
+        raise ConfigError(f"the DeepSpeed config disagrees with the training settings: {'; '.join(found)}; set "
+                          f"those DeepSpeed values to 'auto' (the train.* keys then decide) or give the train.* "
+                          f"keys the same values")
+
+
+def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `STATE_JSON` ({} when it has none: a checkpoint of an older alignkit)."""
+    path = Path(checkpoint, STATE_JSON)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+__all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
+           "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
+           "refuse_ignored_arguments", "refuse_metric_functions", "saved_state"]
