@@ -63,7 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_of
-from alignkit.distributed import enable_sharding_on_cpu, is_fsdp2, requested_engine
+from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
@@ -142,6 +142,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                                        project_dir=str(self.output_dir) if self.trackers else None)
         fsdp2 = enable_sharding_on_cpu(self.accelerator) or is_fsdp2(self.accelerator)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        check_process_count(self.world, type(self).__name__)  # the processes asked for are the ones training
         n_step = min(self.config.prompts_per_step, len(self.prompts))
         if n_step < self.config.prompts_per_step:  # the step's batch (and every mean over it) is smaller than asked
             logger.warning("prompts_per_step (method.prompts_per_step on the command line) is %d, and the data holds "
