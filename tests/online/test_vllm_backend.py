@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
@@ -23,6 +23,26 @@ def test_reft_policy_is_refused_in_one_line(tiny_dir, tokenizer, kind):
     msg = str(e.value)
     assert "\n" not in msg and f"this one is {kind}" in msg
     assert "generation_backend='transformers' for ReFT policies" in msg
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+@pytest.mark.parametrize("lora, why", [({"use_dora": True}, "uses DoRA (use_dora)"),
+                                       ({"modules_to_save": ["lm_head"]}, "trains extra modules (")])
+def test_lora_features_vllm_lacks_are_refused_before_any_engine(tiny_dir, tokenizer, lora, why, mode):
+    """A LoRA policy vLLM's LoRA cannot load (DoRA, extra trained modules): the online trainer started, wrote the run
+    folder, and vLLM's loader refused the adapter at the first generation (colocated: its PEFTHelper 'vLLM does not
+    yet support DoRA'; server mode: vllm-serve's 400 on the first push). Now one line when the trainer is built, before
+    an engine starts or a server is contacted; the plain LoRA passes that check."""
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none", vllm_mode=mode, vllm_server_timeout=0.1 if mode == "server" else 300.0)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2, **lora)))
+    with pytest.raises(ValueError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"generation_backend='vllm': the LoRA policy {why}"), msg
+    assert "generation_backend='transformers'" in msg
+    plain = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    GRPOTrainer(plain, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)  # no engine until generation
 
 
 def test_unknown_backend_names_the_key():

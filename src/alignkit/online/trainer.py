@@ -159,7 +159,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
-            refuse_unsupported(adapter_of(model))
+            refuse_unsupported(adapter_of(model), model)  # ReFT; LoRA features vLLM's LoRA lacks
             if self.config.vllm_mode == "server" and self.world > 1:
                 raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
                                  "each process would push its own weights to the one server; run it in one process "

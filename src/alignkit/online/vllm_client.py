@@ -162,7 +162,7 @@ class VllmServerGenerator:
 
     def __init__(self, policy: Any, tokenizer: Any, url: str, timeout: float = 300.0) -> None:
         adapter = adapter_of(policy)
-        refuse_unsupported(adapter)
+        refuse_unsupported(adapter, policy)
         self.kind, self.sync_mode = adapter.kind, adapter.vllm_sync
         self.tokenizer = tokenizer
         self.client = VllmServerClient(url, timeout)

@@ -40,6 +40,8 @@ from alignkit.online.generation import (
     FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompts, end_token_ids, finish_response,
     uses_chat_template,
 )
+from alignkit.serve.vllm_server import lora_unsupported
+from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +49,21 @@ BACKENDS = ("transformers", "vllm")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 
 
-def refuse_unsupported(adapter: Any) -> None:
-    """One line when vLLM cannot run this policy's adapter (`Adapter.vllm_sync` is None: ReFT kinds)."""
+def refuse_unsupported(adapter: Any, policy: Any = None) -> None:
+    """One line when vLLM cannot run this policy's adapter (`Adapter.vllm_sync` is None: ReFT kinds), or, given the
+    `policy`, a LoRA whose peft features vLLM's LoRA does not have (`lora_unsupported`): vLLM refused it only when
+    the first generation loaded it, after the run folder was written."""
     if adapter.vllm_sync is None:
-        raise ValueError(f"generation_backend='vllm' needs a full or LoRA policy; this one is {adapter.kind} (vLLM "
-                         "cannot run ReFT interventions): use generation_backend='transformers' for ReFT policies")
+        raise ConfigError(f"generation_backend='vllm' needs a full or LoRA policy; this one is {adapter.kind} (vLLM "
+                          "cannot run ReFT interventions): use generation_backend='transformers' for ReFT policies")
+    if policy is None or adapter.vllm_sync != "lora_request":
+        return
+    for cfg in getattr(policy, "peft_config", {}).values():
+        why = lora_unsupported(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+        if why:
+            raise ConfigError(f"generation_backend='vllm': the LoRA policy {why}, which vLLM's LoRA does not run (it "
+                              "would stop the first generation, after the run folder was written); train a plain LoRA "
+                              "(adapter.lora without use_dora / modules_to_save) or use generation_backend='transformers'")
 
 
 def sampling_request(cfg: SamplingConfig, eos: Sequence[int], seed: int | None) -> dict[str, Any]:
@@ -145,7 +157,7 @@ class VllmGenerator:
             raise ImportError("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm "
                               "with the CPU build; on a GPU: pip install vllm)") from None
         adapter = adapter_of(policy)
-        refuse_unsupported(adapter)
+        refuse_unsupported(adapter, policy)
         self.kind, self.sync_mode = adapter.kind, adapter.vllm_sync
         lm = unwrap_lm(policy)
         self.model_path = str(model or getattr(lm.config, "name_or_path", "") or "")
