@@ -10,6 +10,7 @@ from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.online.ppo import PPOConfig
+from alignkit.settings import ConfigError
 
 
 @pytest.mark.parametrize("kind", ["reft", "reft+lora"])
@@ -43,6 +44,50 @@ def test_lora_features_vllm_lacks_are_refused_before_any_engine(tiny_dir, tokeni
     assert "generation_backend='transformers'" in msg
     plain = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
     GRPOTrainer(plain, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)  # no engine until generation
+
+
+def test_max_model_len_shorter_than_prompt_and_response_is_refused_before_the_engine(tiny_dir, tokenizer):
+    """method.vllm.max_model_len below the longest prompt + sampling.max_new_tokens: vLLM's scheduler ends a request at
+    max_model_len tokens in all (FINISHED_LENGTH_CAPPED), which alignkit read as finish 'length', so the run trained on
+    shorter responses than asked, exit 0. Now one line when the trainer is built (the CLI: before the run folder),
+    naming the prompt and the length needed. The prompt's length comes from the tokenizer itself (BOS + tokens)."""
+    prompts = ["hi", "the quick brown fox jumps"]
+    longest = len(tokenizer(prompts[1])["input_ids"])
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="full"))
+
+    def build(limit: int) -> None:
+        cfg = GRPOConfig(steps=1, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=5),
+                         generation_backend="vllm", report_to="none", vllm={"max_model_len": limit}, formatter="plain")
+        GRPOTrainer(policy, tokenizer, prompts, {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    with pytest.raises(ConfigError) as e:
+        build(longest + 5 - 1)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"method.vllm.max_model_len {longest + 4} is shorter than prompt "
+                                              f"'prompt[1]' ({longest} tokens, the longest) + sampling.max_new_tokens (5) = "
+                                              f"{longest + 5}"), msg
+    build(longest + 5)  # fits exactly: no engine is started before the first generation
+
+
+def test_generation_checks_the_engines_max_model_len_before_any_request(tokenizer):
+    """The engine's own max_model_len (vllm.LLM's, derived from the model when not set; the server's /info) is checked
+    by every generation before a request goes out."""
+    from alignkit.online.vllm_generation import generate_with
+
+    asked = []
+
+    def complete(encoded, requests):
+        asked.append(encoded)
+        return [[[5] * r["max_tokens"]] for r in requests]
+
+    n = len(tokenizer("hello there")["input_ids"])
+    cfg = SamplingConfig(num_samples=1, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ConfigError, match=rf"^the engine's limit {n + 2} is shorter than prompt 'prompt\[0\]' \({n} tokens"):
+        generate_with(complete, tokenizer, ["hello there"], cfg, formatter="plain", max_model_len=n + 2,
+                      max_model_len_key="the engine's limit")
+    assert asked == []
+    samples = generate_with(complete, tokenizer, ["hello there"], cfg, formatter="plain", max_model_len=n + 3)
+    assert len(asked) == 1 and len(samples[0].response_ids) == 3
 
 
 def test_unknown_backend_names_the_key():

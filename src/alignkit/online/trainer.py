@@ -69,12 +69,12 @@ from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
 from alignkit.online.evaluation import HeldOutEvaluation
-from alignkit.online.generation import as_prompt_records, check_sampler, check_stop_strings, lean_reason
+from alignkit.online.generation import as_prompt_records, check_sampler, check_stop_strings, encode_prompts, lean_reason
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_generation import refuse_unsupported
+from alignkit.online.vllm_generation import check_model_len, refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.packing import resolve_online_share_prompt
@@ -160,6 +160,11 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
             refuse_unsupported(adapter_of(model), model)  # ReFT; LoRA features vLLM's LoRA lacks
+            if self.config.vllm_mode == "colocate" and self.config.vllm.get("max_model_len") is not None:
+                records = [*self.prompts, *self.eval_prompts]  # before the engine starts (server mode: at its /info)
+                check_model_len(records, encode_prompts(records, tokenizer, self.config.formatter,
+                                                        self.config.max_prompt_length),
+                                self.config.sampling.max_new_tokens, int(self.config.vllm["max_model_len"]))
             if self.config.vllm_mode == "server" and self.world > 1:
                 raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
                                  "each process would push its own weights to the one server; run it in one process "

@@ -200,9 +200,11 @@ class VllmServerGenerator:
 
     def generate(self, prompts: Sequence[Any], cfg: Any = None, *, formatter: str = "auto",
                  max_prompt_length: int | None = None, eos_source: Any = None) -> list:
+        limit = self.info.get("max_model_len")
         return generate_with(self._complete, self.tokenizer, prompts, cfg, formatter=formatter,
                              max_prompt_length=max_prompt_length, eos_source=eos_source,
-                             source=f"vLLM server {self.client.url}")
+                             source=f"vLLM server {self.client.url}", max_model_len=int(limit) if limit else None,
+                             max_model_len_key="the vLLM server's max_model_len (alignkit vllm-serve --max-model-len)")
 
     def _complete(self, encoded: list[list[int]], requests: list[dict]) -> list[list[list[int]]]:
         answer = self.client.generate(encoded, requests, lora=self.sync_mode == "lora_request" and self.version > 0)

@@ -113,14 +113,35 @@ def prompt_seeds(cfg: SamplingConfig, n_prompts: int) -> list[int | None]:
     return [(base * 1_000_003 + g * cfg.num_samples) % (2 ** 31) if cfg.do_sample else None for g in range(n_prompts)]
 
 
+def check_model_len(records: Sequence[Any], encoded: Sequence[Sequence[int]], max_new_tokens: int,
+                    max_model_len: int | None, where: str = "method.vllm.max_model_len") -> None:
+    """ConfigError when a prompt (its ids in `encoded`, as generation encodes the prompt `records`) + `max_new_tokens`
+    does not fit the engine's `max_model_len`: vLLM ends such a response at max_model_len tokens in all, as if
+    max_new_tokens were reached (finish 'length': shorter responses than asked, without a word), and refuses a
+    prompt that fills it. `where`: the setting that fixes the limit (named in the message)."""
+    if max_model_len is None or not encoded:
+        return
+    i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
+    need = len(encoded[i]) + max_new_tokens
+    if need > max_model_len:
+        name = getattr(records[i], "id", "") or f"#{i}"
+        raise ConfigError(f"{where} {max_model_len} is shorter than prompt {name!r} ({len(encoded[i])} tokens, the "
+                          f"longest) + sampling.max_new_tokens ({max_new_tokens}) = {need}: vLLM would end its "
+                          f"responses early as if max_new_tokens were reached; raise {where} to {need}, or lower "
+                          "sampling.max_new_tokens or data.max_prompt_length (prompts keep their last tokens)")
+
+
 def generate_with(complete: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
                   formatter: str = "auto", max_prompt_length: int | None = None, eos_source: Any = None,
-                  source: str = "vLLM") -> list[Sample]:
+                  source: str = "vLLM", max_model_len: int | None = None,
+                  max_model_len_key: str = "method.vllm.max_model_len") -> list[Sample]:
     """Samples built as `generate_responses` builds them, with the token ids that `complete(encoded, requests)`
-    returns: for each prompt, its `num_samples` lists of generated ids (the colocated engine, or the server)."""
+    returns: for each prompt, its `num_samples` lists of generated ids (the colocated engine, or the server).
+    `max_model_len`: the engine's (prompt + response tokens), checked with `check_model_len` before any request."""
     cfg = cfg if cfg is not None else SamplingConfig()
     records = as_prompt_records(prompts)
     encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
+    check_model_len(records, encoded, cfg.max_new_tokens, max_model_len, max_model_len_key)
     eos = end_token_ids(eos_source, tokenizer, cfg, chat=uses_chat_template(records, formatter))
     requests = [sampling_request(cfg, eos, seed) for seed in prompt_seeds(cfg, len(records))]
     outs = complete([list(ids) for ids in encoded], requests)
@@ -175,6 +196,7 @@ class VllmGenerator:
         kw.update(engine_kwargs)
         t0 = time.perf_counter()
         self.llm = LLM(**kw)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)  # prompt + response tokens
         logger.info("vLLM engine for the %s policy (%s) started in %.1f s", self.kind, self.model_path,
                     time.perf_counter() - t0)
         self.version = 0  # syncs done
@@ -207,7 +229,7 @@ class VllmGenerator:
         """`cfg.num_samples` responses per prompt, ordered and cut as `generate_responses` does.
         `eos_source`: the model whose generation config names the end tokens (default: none, the tokenizer's)."""
         return generate_with(self._complete, self.tokenizer, prompts, cfg, formatter=formatter,
-                             max_prompt_length=max_prompt_length, eos_source=eos_source)
+                             max_prompt_length=max_prompt_length, eos_source=eos_source, max_model_len=self.max_model_len)
 
     def _complete(self, encoded: list[list[int]], requests: list[dict]) -> list[list[list[int]]]:
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
@@ -224,5 +246,5 @@ class VllmGenerator:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["BACKENDS", "REQUEST_KEYS", "VllmGenerator", "generate_with", "prompt_seeds", "refuse_unsupported",
+__all__ = ["BACKENDS", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with", "prompt_seeds", "refuse_unsupported",
            "sampling_params", "sampling_request"]
