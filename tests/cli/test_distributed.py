@@ -209,3 +209,22 @@ def test_use_cpu_false_under_torchrun_is_refused_before_writing(tmp_path):
                                                         "processes") and "train.use_cpu=false" in line
                                         for line in lines), proc.failure(3000)
     assert not out.exists()
+
+
+def test_online_loop_under_accelerate_mixed_precision_is_refused_before_writing(tmp_path):
+    """An accelerate launch with mixed_precision bf16 (a config file's, --mixed_precision, or `accelerate config`'s
+    default) reaches the online loop as ACCELERATE_MIXED_PRECISION: accelerate wrapped the policy's forward in bf16
+    autocast, and the first generation stopped with 'unexpected error: RuntimeError: Expected query, key, and value
+    to have the same dtype' after the run folder was written. Now one line naming mixed_precision, nothing written.
+    (The offline trainers apply it: the model card records it.)"""
+    out = tmp_path / "mp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "ACCELERATE_MIXED_PRECISION": "bf16",
+           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"),
+                           f"output_dir={out}", "train.max_steps=1"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit grpo: ")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("alignkit grpo: error: GRPOTrainer: accelerate's mixed_precision is 'bf16'") \
+        and "--mixed_precision no" in lines[0], lines
+    assert not out.exists()

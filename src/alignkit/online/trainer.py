@@ -141,6 +141,14 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=self.trackers or None,
                                        project_dir=str(self.output_dir) if self.trackers else None)
         fsdp2 = enable_sharding_on_cpu(self.accelerator) or is_fsdp2(self.accelerator)
+        if self.accelerator.mixed_precision != "no":  # accelerate's, from its config / ACCELERATE_MIXED_PRECISION
+            raise ConfigError(f"{type(self).__name__}: accelerate's mixed_precision is "
+                              f"{self.accelerator.mixed_precision!r} (an accelerate launch config, --mixed_precision, "
+                              "ACCELERATE_MIXED_PRECISION, or a bf16 Trainer earlier in this Python process), and the "
+                              "online loop does not run mixed precision (its "
+                              "first generation failed with a dtype error, after the run folder was written); launch "
+                              "with mixed_precision 'no' (configs/accelerate/*-cpu.yaml, fsdp2.yaml, or "
+                              "--mixed_precision no), and load the model in bf16 (model.dtype=bfloat16) for bf16 compute")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         check_process_count(self.world, type(self).__name__)  # the processes asked for are the ones training
         n_step = min(self.config.prompts_per_step, len(self.prompts))
