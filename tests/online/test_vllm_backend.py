@@ -90,6 +90,28 @@ def test_generation_checks_the_engines_max_model_len_before_any_request(tokenize
     assert len(asked) == 1 and len(samples[0].response_ids) == 3
 
 
+def test_model_generation_config_options_vllm_would_ignore_are_refused(tiny_dir, tokenizer):
+    """A generation_config.json option beyond sampling.* (here suppress_tokens): transformers generation applies it
+    (shown: the suppressed greedy token is not drawn), vLLM's SamplingParams got sampling.* only, so the vLLM backend
+    sampled from another distribution than the transformers backend, without a word. Now one line when the trainer
+    is built, naming the option; the model without it builds."""
+    from alignkit.online.generation import generate_responses
+
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    greedy = SamplingConfig(do_sample=False, max_new_tokens=1)
+    first = generate_responses(policy, tokenizer, ["hello there"], greedy, formatter="plain")[0].response_ids[0]
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none")
+    GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    policy.generation_config.suppress_tokens = [first]
+    assert generate_responses(policy, tokenizer, ["hello there"], greedy, formatter="plain")[0].response_ids[0] != first
+    with pytest.raises(ConfigError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    assert "\n" not in str(e.value) and str(e.value).startswith(
+        f"generation_backend='vllm': the model's generation_config sets suppress_tokens=[{first}], which transformers "
+        "generation applies and vLLM's sampling (sampling.* only) would ignore"), str(e.value)
+
+
 def test_unknown_backend_names_the_key():
     with pytest.raises(ValueError, match="generation_backend must be 'transformers' or 'vllm', got 'sglang'"):
         GRPOConfig(generation_backend="sglang")

@@ -69,7 +69,8 @@ from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
 from alignkit.online.evaluation import HeldOutEvaluation
-from alignkit.online.generation import as_prompt_records, check_sampler, check_stop_strings, encode_prompts, lean_reason
+from alignkit.online.generation import (as_prompt_records, check_sampler, check_stop_strings, encode_prompts, lean_reason,
+                                       model_generation_options)
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
@@ -168,6 +169,12 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
             refuse_unsupported(adapter_of(model), model)  # ReFT; LoRA features vLLM's LoRA lacks
+            extra = model_generation_options(model, tokenizer, self.config.sampling)
+            if extra:  # transformers generation applies them, vLLM's SamplingParams get sampling.* only
+                raise ConfigError(f"generation_backend='vllm': the model's generation_config sets "
+                                  f"{', '.join(f'{k}={v!r}' for k, v in extra)}, which transformers generation applies "
+                                  "and vLLM's sampling (sampling.* only) would ignore; remove it from the model "
+                                  "folder's generation_config.json, or use generation_backend='transformers'")
             if self.config.vllm_mode == "colocate" and self.config.vllm.get("max_model_len") is not None:
                 records = [*self.prompts, *self.eval_prompts]  # before the engine starts (server mode: at its /info)
                 check_model_len(records, encode_prompts(records, tokenizer, self.config.formatter,
