@@ -16,6 +16,17 @@ from tests.distributed.launch import SRC, torchrun
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+def refused(cmd: list[str], command: str, env: dict, out: Path, code: int | None = 2) -> str:
+    """Run `cmd` (alignkit, or a launcher around it); assert it stopped (with exit `code`; None: any failure) with
+    exactly one 'alignkit <command>: ' line on stderr and wrote nothing at `out`; return that line."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"alignkit {command}: ")]
+    assert (proc.returncode != 0 if code is None else proc.returncode == code) and len(lines) == 1, \
+        proc.stderr[-3000:]
+    assert not out.exists()
+    return lines[0]
+
+
 @pytest.mark.slow
 def test_two_process_run_writes_once(tmp_path):
     out = tmp_path / "ddp"
@@ -115,15 +126,11 @@ def test_train_deepspeed_without_a_launcher_is_refused_before_writing(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DEEPSPEED_LAUNCH_ENV}
     env.update(PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p), TMPDIR=str(tmp_path))
     out = tmp_path / "ds"
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
-                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
-                           "data.max_records=4", f"train.deepspeed={ds}"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("alignkit sft: error: train.deepspeed: DeepSpeed starts only under a launcher") \
-        and "torchrun --nproc_per_node N" in lines[0], lines
-    assert not out.exists()
+    line = refused([sys.executable, "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
+                    f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
+                    "data.max_records=4", f"train.deepspeed={ds}"], "sft", env, out)
+    assert line.startswith("alignkit sft: error: train.deepspeed: DeepSpeed starts only under a launcher") \
+        and "torchrun --nproc_per_node N" in line, line
 
 
 # what each launcher puts in a process's environment (besides the variables of the shell that started it)
@@ -186,12 +193,9 @@ def test_accelerate_simple_launcher_with_two_processes_is_refused_before_writing
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2",
            "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}",
            "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0", "data.max_records=4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
-    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("alignkit sft: error: SFTTrainer: accelerate launch was asked for several processes") \
-        and "configs/accelerate/ddp-cpu.yaml" in lines[0], lines
-    assert not out.exists()
+    line = refused(cmd, "sft", env, out, code=None)  # accelerate launch's own exit code
+    assert line.startswith("alignkit sft: error: SFTTrainer: accelerate launch was asked for several processes") \
+        and "configs/accelerate/ddp-cpu.yaml" in line, line
 
 
 @pytest.mark.slow
@@ -220,11 +224,7 @@ def test_online_loop_under_accelerate_mixed_precision_is_refused_before_writing(
     out = tmp_path / "mp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "ACCELERATE_MIXED_PRECISION": "bf16",
            "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"),
-                           f"output_dir={out}", "train.max_steps=1"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit grpo: ")]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("alignkit grpo: error: GRPOTrainer: accelerate's mixed_precision is 'bf16'") \
-        and "--mixed_precision no" in lines[0], lines
-    assert not out.exists()
+    line = refused([sys.executable, "-m", "alignkit", "-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"),
+                    f"output_dir={out}", "train.max_steps=1"], "grpo", env, out)
+    assert line.startswith("alignkit grpo: error: GRPOTrainer: accelerate's mixed_precision is 'bf16'") \
+        and "--mixed_precision no" in line, line
