@@ -3,6 +3,9 @@ starts, and an unknown backend names the key. (vLLM's generation itself: tests/v
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
@@ -110,6 +113,51 @@ def test_model_generation_config_options_vllm_would_ignore_are_refused(tiny_dir,
     assert "\n" not in str(e.value) and str(e.value).startswith(
         f"generation_backend='vllm': the model's generation_config sets suppress_tokens=[{first}], which transformers "
         "generation applies and vLLM's sampling (sampling.* only) would ignore"), str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this Python")
+def test_cli_without_vllm_is_refused_before_the_run_folder(tmp_path, capsys):
+    """method.generation_backend=vllm (colocated) where vLLM is not installed: the engine is made at the first step,
+    so the run folder (config.yaml, base_model/, tensorboard/) was written and then the ImportError stopped it; the
+    same command again then needed --overwrite. Now the one line comes before anything is written."""
+    from alignkit.cli import main
+
+    out = tmp_path / "run"
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"
+    code = main(["-q", "grpo", "--config", str(config), f"output_dir={out}", "train.max_steps=1",
+                 "method.generation_backend=vllm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("alignkit grpo: error: method.generation_backend='vllm' needs vLLM in this "
+                                            "Python"), err
+    assert "method.vllm_mode=server" in err[-1] and not out.exists()
+
+
+def test_vllm_seed_is_the_engines_and_does_not_collide(tiny_dir, tokenizer, monkeypatch):
+    """method.vllm.seed (a vllm.LLM argument) beside the run's seed: the engine was built as
+    VllmGenerator(..., seed=train.seed, **method.vllm), a TypeError ('multiple values for keyword argument seed') at
+    the first generation, after the run folder was written. The engine now gets method.vllm.seed (else train.seed)."""
+    import alignkit.online.step as step
+
+    made = []
+
+    class Engine:
+        def __init__(self, policy, tok, **kw):
+            made.append(kw)
+
+        def sync(self, policy):
+            pass
+
+        def generate(self, prompts, cfg, **kw):
+            return []
+
+    monkeypatch.setattr(step, "VllmGenerator", Engine)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="full"))
+    for vllm, seed in (({"seed": 5, "max_model_len": 64}, 5), ({}, 3)):
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", seed=3, vllm=vllm)
+        trainer = GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+        trainer.sample_prompts(["hi"], 0)
+        assert made[-1] == {**vllm, "seed": seed}
 
 
 def test_unknown_backend_names_the_key():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
 from alignkit.online.generation import encode_prompts
+from alignkit.online.vllm_generation import NO_VLLM
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
@@ -183,6 +185,9 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     prompts, held_out = read_prompt_splits(cfg.data)  # data errors come before any model is built
     formats = check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)  # recorded in model/
     tcfg = cfg.trainer_config()
+    if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"method.{NO_VLLM}, or method.vllm_mode=server with alignkit vllm-serve running in vLLM's "
+                          "environment (the engine starts at the first step, after the run folder is written)")
     set_seed(tcfg.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_configured_adapter(model, cfg.adapter)

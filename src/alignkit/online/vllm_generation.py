@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "vllm")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+NO_VLLM = ("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm with the CPU build; "
+           "on a GPU: pip install vllm)")
 
 
 def refuse_unsupported(adapter: Any, policy: Any = None) -> None:
@@ -175,8 +177,7 @@ class VllmGenerator:
         try:
             from vllm import LLM
         except ImportError:
-            raise ImportError("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm "
-                              "with the CPU build; on a GPU: pip install vllm)") from None
+            raise ImportError(NO_VLLM) from None
         adapter = adapter_of(policy)
         refuse_unsupported(adapter, policy)
         self.kind, self.sync_mode = adapter.kind, adapter.vllm_sync
@@ -246,5 +247,5 @@ class VllmGenerator:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["BACKENDS", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with", "prompt_seeds", "refuse_unsupported",
+__all__ = ["BACKENDS", "NO_VLLM", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with", "prompt_seeds", "refuse_unsupported",
            "sampling_params", "sampling_request"]
