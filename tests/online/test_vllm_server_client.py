@@ -300,6 +300,7 @@ def test_cli_prints_one_line_for_a_down_server(tmp_path, capsys):
                  "method.vllm_mode=server", f"method.vllm_server_url={url}", "method.vllm_server_timeout=0.3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"alignkit grpo: error: vLLM server {url}: no answer after"), err
+    assert not (tmp_path / "run").exists()  # contacted before the run folder (config.yaml, base_model/) is written
 
 
 def test_api_key_is_required_when_set(tiny_dir, serve_engine, monkeypatch):

@@ -35,6 +35,7 @@ from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
 from alignkit.online.generation import encode_prompts
+from alignkit.online.vllm_client import VllmServerGenerator
 from alignkit.online.vllm_generation import NO_VLLM
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
@@ -200,6 +201,9 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     if plan.checkpoint is not None:  # a checkpoint of other prompts or restored settings: refused before writing
         trainer.check_resume(plan.checkpoint)
     check_generation_context(model, tok, [*prompts, *held_out], tcfg)
+    if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "server":  # the trainer contacts it at the first step:
+        VllmServerGenerator(model, tok, tcfg.vllm_server_url, timeout=tcfg.vllm_server_timeout)  # down / another model
+        #   / no LoRA there: one line now, not after the run folder was written
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
