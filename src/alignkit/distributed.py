@@ -120,6 +120,17 @@ def deepspeed_cannot_start() -> bool:
             and importlib.util.find_spec("mpi4py") is None)
 
 
+def refuse_fsdp1_on_cpu() -> None:
+    """ConfigError when `accelerate launch` asks for FSDP version 1 (FSDP_VERSION, "1" when its config names no
+    fsdp_version) on a machine without CUDA: accelerate's FSDP1 plugin needs a GPU-like device and stopped with
+    "RuntimeError: There are currently no available devices found" (an unexpected error); FSDP2 runs on CPU."""
+    if requested_engine() == "fsdp" and not torch.cuda.is_available() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')} "
+                          "(fsdp_version; 1 when the config names none), which needs a GPU, and this machine has "
+                          "none; set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp2.yaml): "
+                          "alignkit runs FSDP2 on CPU processes")
+
+
 def enable_sharding_on_cpu(accelerator: Any) -> bool:
     """Attach the FSDP plugin the launcher asked for when accelerate dropped it on CPU processes (see the
     module docstring). Returns True when it did. Call right after creating the `Accelerator`, before any
@@ -133,6 +144,7 @@ def enable_sharding_on_cpu(accelerator: Any) -> bool:
                            "process runs with use_cpu / a CPU accelerator state, where accelerate skips DeepSpeed: "
                            "on CPU processes alignkit runs DeepSpeed for the offline trainers (sft, dpo, ...) only; "
                            "for the online loop use configs/accelerate/fsdp2.yaml")
+    refuse_fsdp1_on_cpu()
     if getattr(state, "fsdp_plugin", None) is None:
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
         state.fsdp_plugin = plugin
@@ -375,4 +387,4 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
-__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "requested_engine", "shard_reference", "storage_key", "zero_stage"]
+__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "requested_engine", "shard_reference", "storage_key", "zero_stage"]

@@ -228,3 +228,46 @@ def test_online_loop_under_accelerate_mixed_precision_is_refused_before_writing(
                     f"output_dir={out}", "train.max_steps=1"], "grpo", env, out)
     assert line.startswith("alignkit grpo: error: GRPOTrainer: accelerate's mixed_precision is 'bf16'") \
         and "--mixed_precision no" in line, line
+
+
+@pytest.mark.parametrize("env, refused_version", [({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "1"),
+                                                   ({"ACCELERATE_USE_FSDP": "true"}, "1"),  # accelerate's default
+                                                   ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, None),
+                                                   ({}, None)])
+def test_fsdp1_is_refused_on_a_machine_without_gpus(env, refused_version, monkeypatch):
+    import torch
+
+    from alignkit.distributed import refuse_fsdp1_on_cpu
+    from alignkit.settings import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP1 runs on GPUs")
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if refused_version is None:
+        refuse_fsdp1_on_cpu()
+    else:
+        with pytest.raises(ConfigError, match=rf"asks for FSDP version {refused_version} .*set fsdp_version: 2"):
+            refuse_fsdp1_on_cpu()
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp1_config_on_cpu_processes_is_refused_in_one_line(tmp_path):
+    """An accelerate FSDP config with fsdp_version: 1 (or none: accelerate's default) on CPU processes: every rank
+    stopped with 'unexpected error: RuntimeError: There are currently no available devices found, must be one of
+    XPU, CUDA, ...' (accelerate's FSDP1 plugin). Now the one line says which setting and the fix; nothing written."""
+    config = tmp_path / "fsdp1.yaml"
+    config.write_text((CONFIGS / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    out = tmp_path / "fsdp1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                           str(config), "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
+                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
+                           "data.max_records=4"], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
+    assert proc.returncode != 0 and 1 <= len(lines) <= 2, proc.stderr[-3000:]  # one per rank that printed
+    assert all(line.startswith("alignkit sft: error: the accelerate config asks for FSDP version 1") for line in lines)
+    assert not out.exists()
