@@ -303,6 +303,25 @@ def test_cli_prints_one_line_for_a_down_server(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # contacted before the run folder (config.yaml, base_model/) is written
 
 
+def test_cli_checks_the_servers_max_model_len_before_the_run_folder(tiny_dir, serve_engine, tmp_path, capsys):
+    """The CLI's first contact with the server (before the run folder) also checks every prompt + max_new_tokens
+    against the server's max_model_len: an 8-token limit cannot hold any prompt + sampling.max_new_tokens (8)."""
+    from alignkit.cli import main
+
+    url = serve_engine(FakeEngine(policy_of(tiny_dir).config, max_model_len=8))
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"
+    code = main(["-q", "grpo", "--config", str(config), f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                 "method.generation_backend=vllm", "method.vllm_mode=server", f"method.vllm_server_url={url}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("alignkit grpo: error: the vLLM server's max_model_len (alignkit vllm-serve "
+                                            "--max-model-len) 8 is shorter than prompt "), err
+    assert not (tmp_path / "run").exists()
+    url = serve_engine(FakeEngine(policy_of(tiny_dir).config, max_model_len=4096))  # fits: the run trains
+    assert main(["-q", "grpo", "--config", str(config), f"output_dir={tmp_path / 'ok'}", "train.max_steps=1",
+                 "method.generation_backend=vllm", "method.vllm_mode=server", f"method.vllm_server_url={url}"]) == 0
+    assert (tmp_path / "ok" / "model").is_dir()
+
+
 def test_api_key_is_required_when_set(tiny_dir, serve_engine, monkeypatch):
     from alignkit.online.vllm_client import API_KEY_ENV
 

@@ -35,8 +35,8 @@ from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
 from alignkit.online.generation import encode_prompts
-from alignkit.online.vllm_client import VllmServerGenerator
-from alignkit.online.vllm_generation import NO_VLLM
+from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerator
+from alignkit.online.vllm_generation import NO_VLLM, check_model_len
 from alignkit.runs import ModelCard, RunFolder, final_metrics, read_metrics, staged, versions, write_prompt_formats
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
@@ -202,8 +202,12 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         trainer.check_resume(plan.checkpoint)
     check_generation_context(model, tok, [*prompts, *held_out], tcfg)
     if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "server":  # the trainer contacts it at the first step:
-        VllmServerGenerator(model, tok, tcfg.vllm_server_url, timeout=tcfg.vllm_server_timeout)  # down / another model
-        #   / no LoRA there: one line now, not after the run folder was written
+        server = VllmServerGenerator(model, tok, tcfg.vllm_server_url, timeout=tcfg.vllm_server_timeout)  # down /
+        #   another model / no LoRA there / too short a max_model_len: one line now, not after the run folder is written
+        records = [*prompts, *held_out]
+        limit = server.info.get("max_model_len")
+        check_model_len(records, encode_prompts(records, tok, tcfg.formatter, tcfg.max_prompt_length),
+                        tcfg.sampling.max_new_tokens, int(limit) if limit else None, SERVER_MAX_MODEL_LEN)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
