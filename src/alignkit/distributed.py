@@ -122,8 +122,9 @@ def deepspeed_cannot_start() -> bool:
 
 def refuse_fsdp1_on_cpu() -> None:
     """ConfigError when `accelerate launch` asks for FSDP version 1 (FSDP_VERSION, "1" when its config names no
-    fsdp_version) on a machine without CUDA: accelerate's FSDP1 plugin needs a GPU-like device and stopped with
-    "RuntimeError: There are currently no available devices found" (an unexpected error); FSDP2 runs on CPU."""
+    fsdp_version) on a machine without CUDA: accelerate's FSDP1 stopped with "RuntimeError: There are currently no
+    available devices found" (its plugin, with sync_module_states) or, without it, "Inconsistent compute device and
+    `device_id`" when the model was prepared (unexpected errors); FSDP2 runs on CPU."""
     if requested_engine() == "fsdp" and not torch.cuda.is_available() and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')} "
                           "(fsdp_version; 1 when the config names none), which needs a GPU, and this machine has "
