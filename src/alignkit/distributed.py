@@ -31,6 +31,8 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
+from alignkit.settings import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -83,12 +85,51 @@ DEEPSPEED_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOC
 DEEPSPEED_CLOUD_ENV = ("AZUREML_EXPERIMENT_ID", "SM_TRAINING_ENV")
 
 
+# what an MPI launcher (mpirun, accelerate launch --mpirun_hostfile) sets; accelerate reads the world size from them
+MPI_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_process_count(world_size: int, owner: str) -> None:
+    """ConfigError when the processes that will train are not those the launcher asked for (`world_size`: what
+    this process's trainer counts). Two ways a run asked for N processes and trained otherwise, exit 0:
+    - a launcher started N processes (torchrun / accelerate launch: WORLD_SIZE=N) and each trains ALONE (world
+      size 1): TrainingArguments on CPU processes without use_cpu (train.use_cpu=false);
+    - `accelerate launch --num_processes N` picked its simple launcher (for --cpu, or without --multi_gpu / a
+      config file's distributed_type on a machine without GPUs), which starts ONE process: it sets MASTER_ADDR
+      (only for N > 1) and ACCELERATE_USE_CPU, and no WORLD_SIZE / RANK, nor an MPI launcher's variables."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and world_size != launched:
+        raise ConfigError(f"{owner}: the launcher started {launched} processes (WORLD_SIZE={launched}) but this one "
+                          f"counts {world_size} (each process would run the whole training alone); on "
+                          "CPU processes the training arguments need use_cpu=True: remove train.use_cpu=false (alignkit "
+                          "sets use_cpu=true with gloo for CPU processes)")
+    if ("ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
+            and not any(k in os.environ for k in MPI_SIZE_ENV)):
+        raise ConfigError(f"{owner}: accelerate launch was asked for several processes (--num_processes > 1) but "
+                          "started ONE (its simple launcher, used for --cpu or without --multi_gpu / a config file's "
+                          "distributed_type), so this run would train alone; use accelerate launch --config_file "
+                          "configs/accelerate/ddp-cpu.yaml (CPU), --multi_gpu (GPUs) or torchrun --nproc_per_node N, "
+                          "or --num_processes 1 for one process")
+
+
 def deepspeed_cannot_start() -> bool:
     """True when DeepSpeed, asked for, would fail to start its communication when training begins: no launcher's
     environment (`DEEPSPEED_LAUNCH_ENV`), no cloud environment DeepSpeed maps itself, and mpi4py not installed."""
     return (not all(k in os.environ for k in DEEPSPEED_LAUNCH_ENV)
             and not any(k in os.environ for k in DEEPSPEED_CLOUD_ENV)
             and importlib.util.find_spec("mpi4py") is None)
+
+
+def refuse_fsdp1_on_cpu() -> None:
+    """ConfigError when `accelerate launch` asks for FSDP version 1 (FSDP_VERSION, "1" when its config names no
+    fsdp_version) on a machine without CUDA: accelerate's FSDP1 stopped with "RuntimeError: There are currently no
+    available devices found" (its plugin, with sync_module_states) or, without it, "Inconsistent compute device and
+    `device_id`" when the model was prepared (unexpected errors); FSDP2 runs on CPU."""
+    if requested_engine() == "fsdp" and not torch.cuda.is_available() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')} "
+                          "(fsdp_version; 1 when the config names none), which needs a GPU, and this machine has "
+                          "none; set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp2.yaml): "
+                          "alignkit runs FSDP2 on CPU processes")
 
 
 def enable_sharding_on_cpu(accelerator: Any) -> bool:
@@ -104,6 +145,7 @@ def enable_sharding_on_cpu(accelerator: Any) -> bool:
                            "process runs with use_cpu / a CPU accelerator state, where accelerate skips DeepSpeed: "
                            "on CPU processes alignkit runs DeepSpeed for the offline trainers (sft, dpo, ...) only; "
                            "for the online loop use configs/accelerate/fsdp2.yaml")
+    refuse_fsdp1_on_cpu()
     if getattr(state, "fsdp_plugin", None) is None:
         plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
         state.fsdp_plugin = plugin
@@ -346,4 +388,4 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
-__all__ = ["DEEPSPEED_LAUNCH_ENV", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "requested_engine", "shard_reference", "storage_key", "zero_stage"]
+__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "requested_engine", "shard_reference", "storage_key", "zero_stage"]

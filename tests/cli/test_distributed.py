@@ -16,6 +16,17 @@ from tests.distributed.launch import SRC, torchrun
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+def refused(cmd: list[str], command: str, env: dict, out: Path, code: int | None = 2) -> str:
+    """Run `cmd` (alignkit, or a launcher around it); assert it stopped (with exit `code`; None: any failure) with
+    exactly one 'alignkit <command>: ' line on stderr and wrote nothing at `out`; return that line."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"alignkit {command}: ")]
+    assert (proc.returncode != 0 if code is None else proc.returncode == code) and len(lines) == 1, \
+        proc.stderr[-3000:]
+    assert not out.exists()
+    return lines[0]
+
+
 @pytest.mark.slow
 def test_two_process_run_writes_once(tmp_path):
     out = tmp_path / "ddp"
@@ -34,7 +45,7 @@ def test_two_process_run_writes_once(tmp_path):
 def test_accelerate_launch_config_starts_two_ranks(tmp_path):
     """The README's `accelerate launch` line for CPU processes (configs/accelerate/ddp-cpu.yaml): two processes
     really join one gloo group. World size 2 is read back from the model card (the Trainer's world size, known
-    only once the process group has formed); `accelerate launch --cpu --num_processes 2` gives 1 there (it
+    only once the process group has formed); `accelerate launch --cpu --num_processes 2` is refused (it
     starts one process without an MPI hostfile, see the config file's comment)."""
     out = tmp_path / "acc"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
@@ -115,12 +126,148 @@ def test_train_deepspeed_without_a_launcher_is_refused_before_writing(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DEEPSPEED_LAUNCH_ENV}
     env.update(PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p), TMPDIR=str(tmp_path))
     out = tmp_path / "ds"
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
-                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
-                           "data.max_records=4", f"train.deepspeed={ds}"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    line = refused([sys.executable, "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
+                    f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
+                    "data.max_records=4", f"train.deepspeed={ds}"], "sft", env, out)
+    assert line.startswith("alignkit sft: error: train.deepspeed: DeepSpeed starts only under a launcher") \
+        and "torchrun --nproc_per_node N" in line, line
+
+
+# what each launcher puts in a process's environment (besides the variables of the shell that started it)
+LAUNCH_ENVS = {
+    "plain python": ({}, None),
+    "torchrun, 2 processes": ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": "29500"}, None),
+    "accelerate launch --num_processes 1": ({"ACCELERATE_USE_CPU": "False"}, None),
+    "accelerate launch --cpu --num_processes 2": ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1",
+                                                   "MASTER_PORT": "29500"}, "started ONE"),
+    "accelerate launch --num_processes 2 (no GPU)": ({"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1",
+                                                      "MASTER_PORT": "29500"}, "started ONE"),
+    "accelerate launch --mpirun_hostfile": ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1",
+                                             "MASTER_PORT": "29500", "PMI_SIZE": "2"}, None),
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCH_ENVS)
+def test_launchers_that_start_other_process_counts_are_told_apart(launcher, monkeypatch):
+    """The environments printed by `accelerate launch` 1.x (`prepare_simple_launcher_cmd_env`) and torchrun: only
+    accelerate's simple launcher asked for 2 processes (MASTER_ADDR set, no WORLD_SIZE / MPI size) is refused."""
+    from alignkit.distributed import DEEPSPEED_LAUNCH_ENV, MPI_SIZE_ENV, check_process_count
+    from alignkit.settings import ConfigError
+
+    for key in {*DEEPSPEED_LAUNCH_ENV, *MPI_SIZE_ENV, "ACCELERATE_USE_CPU"}:
+        monkeypatch.delenv(key, raising=False)
+    env, refused = LAUNCH_ENVS[launcher]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    world = int(env.get("WORLD_SIZE", env.get("PMI_SIZE", 1)))
+    if refused is None:
+        check_process_count(world, "SFTTrainer")
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            check_process_count(world, "SFTTrainer")
+
+
+def test_each_process_training_alone_is_refused(monkeypatch):
+    """torchrun started 2 processes and the training arguments count 1 (use_cpu=false on CPU processes)."""
+    from alignkit.distributed import check_process_count
+    from alignkit.settings import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^SFTTrainer: the launcher started 2 processes .* counts 1 .*"
+                                          r"remove train.use_cpu=false"):
+        check_process_count(1, "SFTTrainer")
+    check_process_count(2, "SFTTrainer")
+
+
+@pytest.mark.slow
+def test_accelerate_simple_launcher_with_two_processes_is_refused_before_writing(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple launcher; the README says
+    so): that process trained the whole run alone, world size 1 in the card, exit 0. Now one line naming the
+    launchers that do start two, and no run folder."""
+    out = tmp_path / "one"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2",
+           "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}",
+           "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0", "data.max_records=4"]
+    line = refused(cmd, "sft", env, out, code=None)  # accelerate launch's own exit code
+    assert line.startswith("alignkit sft: error: SFTTrainer: accelerate launch was asked for several processes") \
+        and "configs/accelerate/ddp-cpu.yaml" in line, line
+
+
+@pytest.mark.slow
+def test_use_cpu_false_under_torchrun_is_refused_before_writing(tmp_path):
+    """`train.use_cpu=false` under torchrun on CPU processes: transformers then ran each rank alone (world size 1,
+    the same whole run twice, rank 0 writing), exit 0. Now every rank stops with one line naming train.use_cpu,
+    and nothing is written."""
+    out = tmp_path / "alone"
+    proc = torchrun(["-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}",
+                     "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0", "data.max_records=4",
+                     "train.use_cpu=false"], env={"TMPDIR": str(tmp_path)}, timeout=300)
+    assert proc.returncode != 0 and not proc.timed_out, proc.failure(3000)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("alignkit sft: error: train.deepspeed: DeepSpeed starts only under a launcher") \
-        and "torchrun --nproc_per_node N" in lines[0], lines
+    assert 1 <= len(lines) <= 2 and all(line.startswith("alignkit sft: error: SFTTrainer: the launcher started 2 "
+                                                        "processes") and "train.use_cpu=false" in line
+                                        for line in lines), proc.failure(3000)
+    assert not out.exists()
+
+
+def test_online_loop_under_accelerate_mixed_precision_is_refused_before_writing(tmp_path):
+    """An accelerate launch with mixed_precision bf16 (a config file's, --mixed_precision, or `accelerate config`'s
+    default) reaches the online loop as ACCELERATE_MIXED_PRECISION: accelerate wrapped the policy's forward in bf16
+    autocast, and the first generation stopped with 'unexpected error: RuntimeError: Expected query, key, and value
+    to have the same dtype' after the run folder was written. Now one line naming mixed_precision, nothing written.
+    (The offline trainers apply it: the model card records it.)"""
+    out = tmp_path / "mp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "ACCELERATE_MIXED_PRECISION": "bf16",
+           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
+    line = refused([sys.executable, "-m", "alignkit", "-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"),
+                    f"output_dir={out}", "train.max_steps=1"], "grpo", env, out)
+    assert line.startswith("alignkit grpo: error: GRPOTrainer: accelerate's mixed_precision is 'bf16'") \
+        and "--mixed_precision no" in line, line
+
+
+@pytest.mark.parametrize("env, refused_version", [({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "1"),
+                                                   ({"ACCELERATE_USE_FSDP": "true"}, "1"),  # accelerate's default
+                                                   ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, None),
+                                                   ({}, None)])
+def test_fsdp1_is_refused_on_a_machine_without_gpus(env, refused_version, monkeypatch):
+    import torch
+
+    from alignkit.distributed import refuse_fsdp1_on_cpu
+    from alignkit.settings import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("FSDP1 runs on GPUs")
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if refused_version is None:
+        refuse_fsdp1_on_cpu()
+    else:
+        with pytest.raises(ConfigError, match=rf"asks for FSDP version {refused_version} .*set fsdp_version: 2"):
+            refuse_fsdp1_on_cpu()
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp1_config_on_cpu_processes_is_refused_in_one_line(tmp_path):
+    """An accelerate FSDP config with fsdp_version: 1 (or none: accelerate's default) on CPU processes: every rank
+    stopped with 'unexpected error: RuntimeError: There are currently no available devices found, must be one of
+    XPU, CUDA, ...' (accelerate's FSDP1 plugin). Now the one line says which setting and the fix; nothing written."""
+    config = tmp_path / "fsdp1.yaml"
+    config.write_text((CONFIGS / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
+    out = tmp_path / "fsdp1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                           str(config), "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
+                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
+                           "data.max_records=4"], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
+    assert proc.returncode != 0 and 1 <= len(lines) <= 2, proc.stderr[-3000:]  # one per rank that printed
+    assert all(line.startswith("alignkit sft: error: the accelerate config asks for FSDP version 1") for line in lines)
     assert not out.exists()

@@ -241,6 +241,14 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
      "vllm={'max_model_len': 64} is read only with generation_backend='vllm'", ["method.generation_backend=vllm"]),
     ("grpo", "grpo-tiny.yaml", ["method.generation_backend=vllm", "method.vllm_server_url=http://h:1"],
      "vllm_server_url='http://h:1' is read only with vllm_mode='server'", ["method.vllm_mode=server"]),
+    # the online loops checkpoint / evaluate when (step + 1) % N == 0: a fraction (TrainingArguments' share of the
+    #   run) made every step a checkpoint / evaluation step
+    ("grpo", "grpo-tiny.yaml", ["train.max_steps=8", "train.save_steps=0.25"],
+     "train.save_steps: 0.25 is not a whole number of steps; grpo counts whole steps and does not read a fraction as "
+     "a share of the run (as TrainingArguments does: every step was then a save step); give a step count (0.25 of 8 "
+     "steps: 2)", ["train.save_steps=2"]),
+    ("rloo", "rloo-tiny.yaml", ["train.eval_steps=1.5"], "train.eval_steps: 1.5 is not a whole number of steps",
+     ["train.eval_steps=2.0", "data.eval_fraction=0.25"]),
     ("grpo", "grpo-tiny.yaml", ["method.kl_horizon=50"], "kl_horizon=50 is read only with an adaptive kl_target",
      ["method.kl_target=6.0"]),
     ("rloo", "rloo-tiny.yaml", ["method.scale_by_std=false"], "scale_by_std=False (Dr. GRPO) is read only by GRPO",

@@ -1,4 +1,4 @@
-"""accelerate and datasets behaviour alignkit relies on (rows A1-A3 and D1 of the table in docs/architecture.md)."""
+"""accelerate and datasets behaviour alignkit relies on (rows A1-A9 and D1-D2 of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -240,3 +240,39 @@ def test_deepspeed_needs_a_launcher_or_mpi4py(monkeypatch):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     check(proc.stdout.strip().splitlines()[-1:] == ["ImportError mpi4py"], "deepspeed", "init_distributed without a "
           "launcher's variables no longer stops at `import mpi4py`", where, proc.stdout[-500:] + proc.stderr[-1500:])
+
+
+def test_accelerate_simple_launcher_environment():
+    """`accelerate launch --cpu --num_processes 2` (and --num_processes 2 without --multi_gpu on a machine without
+    GPUs) uses the simple launcher: ONE process, whose environment has ACCELERATE_USE_CPU and, for N > 1, MASTER_ADDR
+    / MASTER_PORT, and no WORLD_SIZE / RANK: the signature `check_process_count` refuses."""
+    where = "alignkit/distributed.py:check_process_count"
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    for argv, master in ((["--cpu", "--num_processes", "2"], True), (["--cpu", "--num_processes", "1"], False)):
+        with guard(ACC, "accelerate launch's argument parsing / simple launcher environment changed", where):
+            args, _, _ = _validate_launch_command(launch_command_parser().parse_args([*argv, "train.py"]))
+            cmd, env = prepare_simple_launcher_cmd_env(args)
+        check(cmd[-1] == "train.py" and cmd.count("train.py") == 1 and "torch.distributed.run" not in " ".join(cmd),
+              ACC, "the simple launcher no longer starts the script once, directly", where, str(cmd))
+        check("ACCELERATE_USE_CPU" in env and ("MASTER_ADDR" in env) == master, ACC, "the simple launcher's "
+              "environment no longer marks a multi-process request (ACCELERATE_USE_CPU, MASTER_ADDR)", where, str(argv))
+
+
+def test_accelerate_fsdp_version_defaults_to_one():
+    """An FSDP launch whose config names no fsdp_version gets FSDP_VERSION=1 (accelerate's default), which
+    `refuse_fsdp1_on_cpu` reads: accelerate's FSDP1 does not run on CPU processes (its plugin needs a device with
+    sync_module_states, 'no available devices'; without it FSDP1 stops at 'Inconsistent compute device and
+    device_id' when the model is prepared: both seen under accelerate launch, tests/cli/test_distributed.py)."""
+    where = "alignkit/distributed.py:refuse_fsdp1_on_cpu"
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    with guard(ACC, "accelerate launch's FSDP environment changed", where):
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(
+            ["--use_fsdp", "--num_processes", "2", "train.py"]))
+        env = prepare_multi_gpu_env(args)
+    check(env.get("ACCELERATE_USE_FSDP") == "true" and env.get("FSDP_VERSION") == "1", ACC, "an FSDP launch without "
+          "fsdp_version no longer sets FSDP_VERSION=1", where, str({k: env.get(k) for k in ("ACCELERATE_USE_FSDP",
+                                                                                          "FSDP_VERSION")}))

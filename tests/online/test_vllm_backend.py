@@ -3,13 +3,17 @@ starts, and an unknown backend names the key. (vLLM's generation itself: tests/v
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
-from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter
+from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.online.ppo import PPOConfig
+from alignkit.settings import ConfigError
 
 
 @pytest.mark.parametrize("kind", ["reft", "reft+lora"])
@@ -23,6 +27,137 @@ def test_reft_policy_is_refused_in_one_line(tiny_dir, tokenizer, kind):
     msg = str(e.value)
     assert "\n" not in msg and f"this one is {kind}" in msg
     assert "generation_backend='transformers' for ReFT policies" in msg
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+@pytest.mark.parametrize("lora, why", [({"use_dora": True}, "uses DoRA (use_dora)"),
+                                       ({"modules_to_save": ["lm_head"]}, "trains extra modules (")])
+def test_lora_features_vllm_lacks_are_refused_before_any_engine(tiny_dir, tokenizer, lora, why, mode):
+    """A LoRA policy vLLM's LoRA cannot load (DoRA, extra trained modules): the online trainer started, wrote the run
+    folder, and vLLM's loader refused the adapter at the first generation (colocated: its PEFTHelper 'vLLM does not
+    yet support DoRA'; server mode: vllm-serve's 400 on the first push). Now one line when the trainer is built, before
+    an engine starts or a server is contacted; the plain LoRA passes that check."""
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none", vllm_mode=mode, vllm_server_timeout=0.1 if mode == "server" else 300.0)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2, **lora)))
+    with pytest.raises(ValueError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"generation_backend='vllm': the LoRA policy {why}"), msg
+    assert "generation_backend='transformers'" in msg
+    plain = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    GRPOTrainer(plain, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)  # no engine until generation
+
+
+def test_max_model_len_shorter_than_prompt_and_response_is_refused_before_the_engine(tiny_dir, tokenizer):
+    """method.vllm.max_model_len below the longest prompt + sampling.max_new_tokens: vLLM's scheduler ends a request at
+    max_model_len tokens in all (FINISHED_LENGTH_CAPPED), which alignkit read as finish 'length', so the run trained on
+    shorter responses than asked, exit 0. Now one line when the trainer is built (the CLI: before the run folder),
+    naming the prompt and the length needed. The prompt's length comes from the tokenizer itself (BOS + tokens)."""
+    prompts = ["hi", "the quick brown fox jumps"]
+    longest = len(tokenizer(prompts[1])["input_ids"])
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="full"))
+
+    def build(limit: int) -> None:
+        cfg = GRPOConfig(steps=1, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=5),
+                         generation_backend="vllm", report_to="none", vllm={"max_model_len": limit}, formatter="plain")
+        GRPOTrainer(policy, tokenizer, prompts, {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    with pytest.raises(ConfigError) as e:
+        build(longest + 5 - 1)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"method.vllm.max_model_len {longest + 4} is shorter than prompt "
+                                              f"'prompt[1]' ({longest} tokens, the longest) + sampling.max_new_tokens (5) = "
+                                              f"{longest + 5}"), msg
+    build(longest + 5)  # fits exactly: no engine is started before the first generation
+
+
+def test_generation_checks_the_engines_max_model_len_before_any_request(tokenizer):
+    """The engine's own max_model_len (vllm.LLM's, derived from the model when not set; the server's /info) is checked
+    by every generation before a request goes out."""
+    from alignkit.online.vllm_generation import generate_with
+
+    asked = []
+
+    def complete(encoded, requests):
+        asked.append(encoded)
+        return [[[5] * r["max_tokens"]] for r in requests]
+
+    n = len(tokenizer("hello there")["input_ids"])
+    cfg = SamplingConfig(num_samples=1, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ConfigError, match=rf"^the engine's limit {n + 2} is shorter than prompt 'prompt\[0\]' \({n} tokens"):
+        generate_with(complete, tokenizer, ["hello there"], cfg, formatter="plain", max_model_len=n + 2,
+                      max_model_len_key="the engine's limit")
+    assert asked == []
+    samples = generate_with(complete, tokenizer, ["hello there"], cfg, formatter="plain", max_model_len=n + 3)
+    assert len(asked) == 1 and len(samples[0].response_ids) == 3
+
+
+def test_model_generation_config_options_vllm_would_ignore_are_refused(tiny_dir, tokenizer):
+    """A generation_config.json option beyond sampling.* (here suppress_tokens): transformers generation applies it
+    (shown: the suppressed greedy token is not drawn), vLLM's SamplingParams got sampling.* only, so the vLLM backend
+    sampled from another distribution than the transformers backend, without a word. Now one line when the trainer
+    is built, naming the option; the model without it builds."""
+    from alignkit.online.generation import generate_responses
+
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    greedy = SamplingConfig(do_sample=False, max_new_tokens=1)
+    first = generate_responses(policy, tokenizer, ["hello there"], greedy, formatter="plain")[0].response_ids[0]
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none")
+    GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    policy.generation_config.suppress_tokens = [first]
+    assert generate_responses(policy, tokenizer, ["hello there"], greedy, formatter="plain")[0].response_ids[0] != first
+    with pytest.raises(ConfigError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    assert "\n" not in str(e.value) and str(e.value).startswith(
+        f"generation_backend='vllm': the model's generation_config sets suppress_tokens=[{first}], which transformers "
+        "generation applies and vLLM's sampling (sampling.* only) would ignore"), str(e.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this Python")
+def test_cli_without_vllm_is_refused_before_the_run_folder(tmp_path, capsys):
+    """method.generation_backend=vllm (colocated) where vLLM is not installed: the engine is made at the first step,
+    so the run folder (config.yaml, base_model/, tensorboard/) was written and then the ImportError stopped it; the
+    same command again then needed --overwrite. Now the one line comes before anything is written."""
+    from alignkit.cli import main
+
+    out = tmp_path / "run"
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"
+    code = main(["-q", "grpo", "--config", str(config), f"output_dir={out}", "train.max_steps=1",
+                 "method.generation_backend=vllm"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("alignkit grpo: error: method.generation_backend='vllm' needs vLLM in this "
+                                            "Python"), err
+    assert "method.vllm_mode=server" in err[-1] and not out.exists()
+
+
+def test_vllm_seed_is_the_engines_and_does_not_collide(tiny_dir, tokenizer, monkeypatch):
+    """method.vllm.seed (a vllm.LLM argument) beside the run's seed: the engine was built as
+    VllmGenerator(..., seed=train.seed, **method.vllm), a TypeError ('multiple values for keyword argument seed') at
+    the first generation, after the run folder was written. The engine now gets method.vllm.seed (else train.seed)."""
+    import alignkit.online.step as step
+
+    made = []
+
+    class Engine:
+        def __init__(self, policy, tok, **kw):
+            made.append(kw)
+
+        def sync(self, policy):
+            pass
+
+        def generate(self, prompts, cfg, **kw):
+            return []
+
+    monkeypatch.setattr(step, "VllmGenerator", Engine)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="full"))
+    for vllm, seed in (({"seed": 5, "max_model_len": 64}, 5), ({}, 3)):
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", seed=3, vllm=vllm)
+        trainer = GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+        trainer.sample_prompts(["hi"], 0)
+        assert made[-1] == {**vllm, "seed": seed}
 
 
 def test_unknown_backend_names_the_key():

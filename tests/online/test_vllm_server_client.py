@@ -29,7 +29,8 @@ REWARD = {"type": "function", "fn": lambda p, r: float(len(r))}
 class FakeEngine:
     """What `VllmServeEngine` answers, without vLLM: the policy's config, fixed tokens, pushes recorded."""
 
-    def __init__(self, lm_config, enable_lora=True, max_lora_rank=8, fail_generate_after=None, vocab_size=None):
+    def __init__(self, lm_config, enable_lora=True, max_lora_rank=8, fail_generate_after=None, vocab_size=None,
+                 max_model_len=None):
         self.config = {k: getattr(lm_config, k, None) for k in ("model_type", "vocab_size", "hidden_size",
                                                                  "num_hidden_layers", "num_attention_heads")}
         self.config["architectures"] = list(lm_config.architectures or [])
@@ -37,12 +38,13 @@ class FakeEngine:
             self.config["vocab_size"] = vocab_size
         self.enable_lora, self.max_lora_rank = enable_lora, max_lora_rank
         self.fail_generate_after = fail_generate_after
+        self.max_model_len = max_model_len  # None: not in /info (as an older server)
         self.weights, self.loras, self.generated = [], [], []
 
     def info(self):
         return {"protocol": PROTOCOL, "model": "/fake/base", "config": self.config, "enable_lora": self.enable_lora,
                 "max_lora_rank": self.max_lora_rank, "weights_version": len(self.weights),
-                "lora_version": len(self.loras)}
+                "lora_version": len(self.loras), **({"max_model_len": self.max_model_len} if self.max_model_len else {})}
 
     def generate(self, body):
         if self.fail_generate_after is not None and len(self.generated) >= self.fail_generate_after:
@@ -267,6 +269,27 @@ def test_training_pushes_before_every_generation_and_stops_on_a_failure(tiny_dir
     assert s0["n"] == 2 and s0["max_tokens"] == 3 and s0["temperature"] == 1.0 and s1["seed"] - s0["seed"] == 2
 
 
+def test_a_server_whose_max_model_len_cannot_hold_prompt_and_response_is_refused(tiny_dir, tokenizer, serve_engine):
+    """The server's max_model_len (its /info) below the longest prompt + sampling.max_new_tokens: vLLM would have cut
+    the responses short (finish 'length'). Now the generation stops in one line naming the server's setting before
+    any request; a server whose limit fits generates as before. Prompt length from the tokenizer (plain text)."""
+    policy = policy_of(tiny_dir)
+    n = len(tokenizer("hello there")["input_ids"])
+    cfg = SamplingConfig(num_samples=1, max_new_tokens=4, do_sample=False)
+    for limit, fits in ((n + 3, False), (n + 4, True)):
+        engine = FakeEngine(policy.config, max_model_len=limit)
+        gen = VllmServerGenerator(policy, tokenizer, serve_engine(engine), timeout=5)
+        if fits:
+            assert [len(s.response_ids) for s in gen.generate(["hello there"], cfg, formatter="plain")] == [4]
+            continue
+        with pytest.raises(ValueError) as e:
+            gen.generate(["hello there"], cfg, formatter="plain")
+        assert one_line(e).startswith(f"the vLLM server's max_model_len (alignkit vllm-serve --max-model-len) {limit} "
+                                      f"is shorter than prompt 'prompt[0]' ({n} tokens, the longest) + "
+                                      f"sampling.max_new_tokens (4) = {n + 4}")
+        assert engine.generated == []
+
+
 def test_cli_prints_one_line_for_a_down_server(tmp_path, capsys):
     from alignkit.cli import main
 
@@ -277,6 +300,26 @@ def test_cli_prints_one_line_for_a_down_server(tmp_path, capsys):
                  "method.vllm_mode=server", f"method.vllm_server_url={url}", "method.vllm_server_timeout=0.3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"alignkit grpo: error: vLLM server {url}: no answer after"), err
+    assert not (tmp_path / "run").exists()  # contacted before the run folder (config.yaml, base_model/) is written
+
+
+def test_cli_checks_the_servers_max_model_len_before_the_run_folder(tiny_dir, serve_engine, tmp_path, capsys):
+    """The CLI's first contact with the server (before the run folder) also checks every prompt + max_new_tokens
+    against the server's max_model_len: an 8-token limit cannot hold any prompt + sampling.max_new_tokens (8)."""
+    from alignkit.cli import main
+
+    url = serve_engine(FakeEngine(policy_of(tiny_dir).config, max_model_len=8))
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"
+    code = main(["-q", "grpo", "--config", str(config), f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                 "method.generation_backend=vllm", "method.vllm_mode=server", f"method.vllm_server_url={url}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("alignkit grpo: error: the vLLM server's max_model_len (alignkit vllm-serve "
+                                            "--max-model-len) 8 is shorter than prompt "), err
+    assert not (tmp_path / "run").exists()
+    url = serve_engine(FakeEngine(policy_of(tiny_dir).config, max_model_len=4096))  # fits: the run trains
+    assert main(["-q", "grpo", "--config", str(config), f"output_dir={tmp_path / 'ok'}", "train.max_steps=1",
+                 "method.generation_backend=vllm", "method.vllm_mode=server", f"method.vllm_server_url={url}"]) == 0
+    assert (tmp_path / "ok" / "model").is_dir()
 
 
 def test_api_key_is_required_when_set(tiny_dir, serve_engine, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
 from alignkit.online.generation import encode_prompts
+from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerator
+from alignkit.online.vllm_generation import NO_VLLM, check_model_len
 from alignkit.runs import (
     ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, staged, versions, write_prompt_formats,
 )
@@ -165,6 +168,9 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     prompts, held_out = read_prompt_splits(cfg.data)  # data errors come before any model is built
     formats = check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)  # recorded in model/
     tcfg = cfg.trainer_config()
+    if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"method.{NO_VLLM}, or method.vllm_mode=server with alignkit vllm-serve running in vLLM's "
+                          "environment (the engine starts at the first step, after the run folder is written)")
     set_seed(tcfg.seed)  # the adapter's initialisation follows the run's seed
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_configured_adapter(model, cfg.adapter)
@@ -177,6 +183,13 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     if plan.checkpoint is not None:  # a checkpoint of other prompts or restored settings: refused before writing
         trainer.check_resume(plan.checkpoint)
     check_generation_context(model, tok, [*prompts, *held_out], tcfg)
+    if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "server":  # the trainer contacts it at the first step:
+        server = VllmServerGenerator(model, tok, tcfg.vllm_server_url, timeout=tcfg.vllm_server_timeout)  # down /
+        #   another model / no LoRA there / too short a max_model_len: one line now, not after the run folder is written
+        records = [*prompts, *held_out]
+        limit = server.info.get("max_model_len")
+        check_model_len(records, encode_prompts(records, tok, tcfg.formatter, tcfg.max_prompt_length),
+                        tcfg.sampling.max_new_tokens, int(limit) if limit else None, SERVER_MAX_MODEL_LEN)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)

@@ -191,12 +191,20 @@ def lean_unsupported(model: Any, cfg: GenerationConfig) -> str | None:
     eff = _effective_config(model, cfg)
     if eff.get("max_new_tokens") is None:
         return "no max_new_tokens"
-    for k, v in eff.items():
+    extra = generation_options(model, cfg)
+    return f"generation option {extra[0][0]}={extra[0][1]!r}" if extra else None
+
+
+def generation_options(model: Any, cfg: GenerationConfig) -> list[tuple[str, Any]]:
+    """(option, value) of `model.generate(..., generation_config=cfg)` beyond alignkit's sampling settings (`USED`)
+    that change what is generated: the call's own, and the model's generation_config ones it leaves unset
+    (`_effective_config`), e.g. min_new_tokens, no_repeat_ngram_size, min_p, suppress_tokens, stop_strings."""
+    out = []
+    for k, v in _effective_config(model, cfg).items():
         ok = NEUTRAL.get(k)
-        if k in USED or (ok is not None and (ok[0] is ANY or v in ok)):
-            continue
-        return f"generation option {k}={v!r}"
-    return None
+        if not (k in USED or (ok is not None and (ok[0] is ANY or v in ok))):
+            out.append((k, v))
+    return out
 
 
 def _warpers(eff: dict[str, Any]) -> LogitsProcessorList:
@@ -437,5 +445,5 @@ def _checked_step(model: Any, fast: DecodeStep, ids: torch.Tensor, pos: torch.Te
     return got
 
 
-__all__ = ["lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context", "preallocated_cache", "PreallocatedLayer",
+__all__ = ["generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context", "preallocated_cache", "PreallocatedLayer",
            "sharded_over_processes"]

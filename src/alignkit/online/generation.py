@@ -59,8 +59,8 @@ from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
 from alignkit.guards import NonFiniteLogitsError
 from alignkit.interventions.attach import ReftModel
-from alignkit.online.decode import (inference_context, lean_generate, lean_unsupported, preallocated_cache,
-                                   sharded_over_processes)
+from alignkit.online.decode import (generation_options, inference_context, lean_generate, lean_unsupported,
+                                   preallocated_cache, sharded_over_processes)
 from alignkit.models.rope import check_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 from alignkit.settings.typed import ConfigError
@@ -262,6 +262,14 @@ def lean_reason(model: Any, tokenizer: Any, cfg: SamplingConfig) -> str | None:
     return lean_unsupported(model, _generation_kwargs(cfg, tokenizer, [])["generation_config"])
 
 
+def model_generation_options(model: Any, tokenizer: Any, cfg: SamplingConfig) -> list[tuple[str, Any]]:
+    """(option, value) that transformers generation of `model` with `cfg` applies beyond `cfg`'s own settings: the
+    model's generation_config fields `cfg` leaves unset (min_new_tokens, no_repeat_ngram_size, min_p, ...;
+    `decode.generation_options`), without the stop strings `cfg.stop` asks for."""
+    return [(k, v) for k, v in generation_options(model, _generation_kwargs(cfg, tokenizer, [])["generation_config"])
+            if k != "stop_strings"]
+
+
 def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: SamplingConfig) -> tuple[list[int], str, str]:
     """Generated ids of one row -> (response ids, response text, finish reason); rules in the module docstring."""
     cut = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -406,4 +414,4 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
-           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "uses_chat_template", "model_device", "generation_metrics"]
+           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options", "uses_chat_template", "model_device", "generation_metrics"]

@@ -100,8 +100,8 @@ class RolloutSteps:
             self.vllm_generator = VllmServerGenerator(self.policy, self.tokenizer, self.config.vllm_server_url,
                                                       timeout=self.config.vllm_server_timeout)
         elif self.vllm_generator is None:
-            self.vllm_generator = VllmGenerator(self.policy, self.tokenizer, seed=self.config.seed,
-                                                **self.config.vllm)
+            self.vllm_generator = VllmGenerator(self.policy, self.tokenizer,  # method.vllm.seed: the engine's own
+                                                **{"seed": self.config.seed, **self.config.vllm})
         self.vllm_generator.sync(self.policy)  # the weights of the last optimizer step
         return self.vllm_generator.generate(prompts, cfg, formatter=self.config.formatter,
                                             max_prompt_length=self.config.max_prompt_length, eos_source=self.policy)

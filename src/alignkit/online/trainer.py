@@ -63,18 +63,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_of
-from alignkit.distributed import enable_sharding_on_cpu, is_fsdp2, requested_engine
+from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
 from alignkit.online.evaluation import HeldOutEvaluation
-from alignkit.online.generation import as_prompt_records, check_sampler, check_stop_strings, lean_reason
+from alignkit.online.generation import (as_prompt_records, check_sampler, check_stop_strings, encode_prompts, lean_reason,
+                                       model_generation_options)
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_generation import refuse_unsupported
+from alignkit.online.vllm_generation import check_model_len, refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.packing import resolve_online_share_prompt
@@ -141,7 +142,16 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=self.trackers or None,
                                        project_dir=str(self.output_dir) if self.trackers else None)
         fsdp2 = enable_sharding_on_cpu(self.accelerator) or is_fsdp2(self.accelerator)
+        if self.accelerator.mixed_precision != "no":  # accelerate's, from its config / ACCELERATE_MIXED_PRECISION
+            raise ConfigError(f"{type(self).__name__}: accelerate's mixed_precision is "
+                              f"{self.accelerator.mixed_precision!r} (an accelerate launch config, --mixed_precision, "
+                              "ACCELERATE_MIXED_PRECISION, or a bf16 Trainer earlier in this Python process), and the "
+                              "online loop does not run mixed precision (its "
+                              "first generation failed with a dtype error, after the run folder was written); launch "
+                              "with mixed_precision 'no' (configs/accelerate/*-cpu.yaml, fsdp2.yaml, or "
+                              "--mixed_precision no), and load the model in bf16 (model.dtype=bfloat16) for bf16 compute")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        check_process_count(self.world, type(self).__name__)  # the processes asked for are the ones training
         n_step = min(self.config.prompts_per_step, len(self.prompts))
         if n_step < self.config.prompts_per_step:  # the step's batch (and every mean over it) is smaller than asked
             logger.warning("prompts_per_step (method.prompts_per_step on the command line) is %d, and the data holds "
@@ -158,7 +168,18 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
         if self.config.generation_backend == "vllm":
-            refuse_unsupported(adapter_of(model))
+            refuse_unsupported(adapter_of(model), model)  # ReFT; LoRA features vLLM's LoRA lacks
+            extra = model_generation_options(model, tokenizer, self.config.sampling)
+            if extra:  # transformers generation applies them, vLLM's SamplingParams get sampling.* only
+                raise ConfigError(f"generation_backend='vllm': the model's generation_config sets "
+                                  f"{', '.join(f'{k}={v!r}' for k, v in extra)}, which transformers generation applies "
+                                  "and vLLM's sampling (sampling.* only) would ignore; remove it from the model "
+                                  "folder's generation_config.json, or use generation_backend='transformers'")
+            if self.config.vllm_mode == "colocate" and self.config.vllm.get("max_model_len") is not None:
+                records = [*self.prompts, *self.eval_prompts]  # before the engine starts (server mode: at its /info)
+                check_model_len(records, encode_prompts(records, tokenizer, self.config.formatter,
+                                                        self.config.max_prompt_length),
+                                self.config.sampling.max_new_tokens, int(self.config.vllm["max_model_len"]))
             if self.config.vllm_mode == "server" and self.world > 1:
                 raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
                                  "each process would push its own weights to the one server; run it in one process "

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "ALIGNKIT_VLLM_API_KEY"  # the server's --api-key, read from the environment (never a config value)
 PROTOCOL = 1  # bumped when the wire format changes; the server says which it speaks in /info
+SERVER_MAX_MODEL_LEN = "the vLLM server's max_model_len (alignkit vllm-serve --max-model-len)"  # named in refusals
 START_HINT = "start it with: alignkit vllm-serve --model <the policy's base folder> (in vLLM's environment)"
 # what the policy and the served model must agree on (transformers config keys)
 MATCH_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -162,7 +163,7 @@ class VllmServerGenerator:
 
     def __init__(self, policy: Any, tokenizer: Any, url: str, timeout: float = 300.0) -> None:
         adapter = adapter_of(policy)
-        refuse_unsupported(adapter)
+        refuse_unsupported(adapter, policy)
         self.kind, self.sync_mode = adapter.kind, adapter.vllm_sync
         self.tokenizer = tokenizer
         self.client = VllmServerClient(url, timeout)
@@ -200,9 +201,11 @@ class VllmServerGenerator:
 
     def generate(self, prompts: Sequence[Any], cfg: Any = None, *, formatter: str = "auto",
                  max_prompt_length: int | None = None, eos_source: Any = None) -> list:
+        limit = self.info.get("max_model_len")
         return generate_with(self._complete, self.tokenizer, prompts, cfg, formatter=formatter,
                              max_prompt_length=max_prompt_length, eos_source=eos_source,
-                             source=f"vLLM server {self.client.url}")
+                             source=f"vLLM server {self.client.url}", max_model_len=int(limit) if limit else None,
+                             max_model_len_key=SERVER_MAX_MODEL_LEN)
 
     def _complete(self, encoded: list[list[int]], requests: list[dict]) -> list[list[list[int]]]:
         answer = self.client.generate(encoded, requests, lora=self.sync_mode == "lora_request" and self.version > 0)
@@ -241,5 +244,5 @@ def lora_blob(policy: Any) -> bytes:
     return save(tensors, metadata={"format": "pt", "adapter_config": config})
 
 
-__all__ = ["API_KEY_ENV", "PROTOCOL", "VllmServerClient", "VllmServerError", "VllmServerGenerator", "check_compatible",
+__all__ = ["API_KEY_ENV", "PROTOCOL", "SERVER_MAX_MODEL_LEN", "VllmServerClient", "VllmServerError", "VllmServerGenerator", "check_compatible",
            "full_weights_blob", "lora_blob"]

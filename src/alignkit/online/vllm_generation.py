@@ -40,18 +40,32 @@ from alignkit.online.generation import (
     FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompts, end_token_ids, finish_response,
     uses_chat_template,
 )
+from alignkit.serve.vllm_server import lora_unsupported
+from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "vllm")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
+NO_VLLM = ("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm with the CPU build; "
+           "on a GPU: pip install vllm)")
 
 
-def refuse_unsupported(adapter: Any) -> None:
-    """One line when vLLM cannot run this policy's adapter (`Adapter.vllm_sync` is None: ReFT kinds)."""
+def refuse_unsupported(adapter: Any, policy: Any = None) -> None:
+    """One line when vLLM cannot run this policy's adapter (`Adapter.vllm_sync` is None: ReFT kinds), or, given the
+    `policy`, a LoRA whose peft features vLLM's LoRA does not have (`lora_unsupported`): vLLM refused it only when
+    the first generation loaded it, after the run folder was written."""
     if adapter.vllm_sync is None:
-        raise ValueError(f"generation_backend='vllm' needs a full or LoRA policy; this one is {adapter.kind} (vLLM "
-                         "cannot run ReFT interventions): use generation_backend='transformers' for ReFT policies")
+        raise ConfigError(f"generation_backend='vllm' needs a full or LoRA policy; this one is {adapter.kind} (vLLM "
+                          "cannot run ReFT interventions): use generation_backend='transformers' for ReFT policies")
+    if policy is None or adapter.vllm_sync != "lora_request":
+        return
+    for cfg in getattr(policy, "peft_config", {}).values():
+        why = lora_unsupported(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+        if why:
+            raise ConfigError(f"generation_backend='vllm': the LoRA policy {why}, which vLLM's LoRA does not run (it "
+                              "would stop the first generation, after the run folder was written); train a plain LoRA "
+                              "(adapter.lora without use_dora / modules_to_save) or use generation_backend='transformers'")
 
 
 def sampling_request(cfg: SamplingConfig, eos: Sequence[int], seed: int | None) -> dict[str, Any]:
@@ -101,14 +115,35 @@ def prompt_seeds(cfg: SamplingConfig, n_prompts: int) -> list[int | None]:
     return [(base * 1_000_003 + g * cfg.num_samples) % (2 ** 31) if cfg.do_sample else None for g in range(n_prompts)]
 
 
+def check_model_len(records: Sequence[Any], encoded: Sequence[Sequence[int]], max_new_tokens: int,
+                    max_model_len: int | None, where: str = "method.vllm.max_model_len") -> None:
+    """ConfigError when a prompt (its ids in `encoded`, as generation encodes the prompt `records`) + `max_new_tokens`
+    does not fit the engine's `max_model_len`: vLLM ends such a response at max_model_len tokens in all, as if
+    max_new_tokens were reached (finish 'length': shorter responses than asked, without a word), and refuses a
+    prompt that fills it. `where`: the setting that fixes the limit (named in the message)."""
+    if max_model_len is None or not encoded:
+        return
+    i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
+    need = len(encoded[i]) + max_new_tokens
+    if need > max_model_len:
+        name = getattr(records[i], "id", "") or f"#{i}"
+        raise ConfigError(f"{where} {max_model_len} is shorter than prompt {name!r} ({len(encoded[i])} tokens, the "
+                          f"longest) + sampling.max_new_tokens ({max_new_tokens}) = {need}: vLLM would end its "
+                          f"responses early as if max_new_tokens were reached; raise {where} to {need}, or lower "
+                          "sampling.max_new_tokens or data.max_prompt_length (prompts keep their last tokens)")
+
+
 def generate_with(complete: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
                   formatter: str = "auto", max_prompt_length: int | None = None, eos_source: Any = None,
-                  source: str = "vLLM") -> list[Sample]:
+                  source: str = "vLLM", max_model_len: int | None = None,
+                  max_model_len_key: str = "method.vllm.max_model_len") -> list[Sample]:
     """Samples built as `generate_responses` builds them, with the token ids that `complete(encoded, requests)`
-    returns: for each prompt, its `num_samples` lists of generated ids (the colocated engine, or the server)."""
+    returns: for each prompt, its `num_samples` lists of generated ids (the colocated engine, or the server).
+    `max_model_len`: the engine's (prompt + response tokens), checked with `check_model_len` before any request."""
     cfg = cfg if cfg is not None else SamplingConfig()
     records = as_prompt_records(prompts)
     encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
+    check_model_len(records, encoded, cfg.max_new_tokens, max_model_len, max_model_len_key)
     eos = end_token_ids(eos_source, tokenizer, cfg, chat=uses_chat_template(records, formatter))
     requests = [sampling_request(cfg, eos, seed) for seed in prompt_seeds(cfg, len(records))]
     outs = complete([list(ids) for ids in encoded], requests)
@@ -142,10 +177,9 @@ class VllmGenerator:
         try:
             from vllm import LLM
         except ImportError:
-            raise ImportError("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm "
-                              "with the CPU build; on a GPU: pip install vllm)") from None
+            raise ImportError(NO_VLLM) from None
         adapter = adapter_of(policy)
-        refuse_unsupported(adapter)
+        refuse_unsupported(adapter, policy)
         self.kind, self.sync_mode = adapter.kind, adapter.vllm_sync
         lm = unwrap_lm(policy)
         self.model_path = str(model or getattr(lm.config, "name_or_path", "") or "")
@@ -163,6 +197,7 @@ class VllmGenerator:
         kw.update(engine_kwargs)
         t0 = time.perf_counter()
         self.llm = LLM(**kw)
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)  # prompt + response tokens
         logger.info("vLLM engine for the %s policy (%s) started in %.1f s", self.kind, self.model_path,
                     time.perf_counter() - t0)
         self.version = 0  # syncs done
@@ -195,7 +230,7 @@ class VllmGenerator:
         """`cfg.num_samples` responses per prompt, ordered and cut as `generate_responses` does.
         `eos_source`: the model whose generation config names the end tokens (default: none, the tokenizer's)."""
         return generate_with(self._complete, self.tokenizer, prompts, cfg, formatter=formatter,
-                             max_prompt_length=max_prompt_length, eos_source=eos_source)
+                             max_prompt_length=max_prompt_length, eos_source=eos_source, max_model_len=self.max_model_len)
 
     def _complete(self, encoded: list[list[int]], requests: list[dict]) -> list[list[list[int]]]:
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
@@ -212,5 +247,5 @@ class VllmGenerator:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["BACKENDS", "REQUEST_KEYS", "VllmGenerator", "generate_with", "prompt_seeds", "refuse_unsupported",
+__all__ = ["BACKENDS", "NO_VLLM", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with", "prompt_seeds", "refuse_unsupported",
            "sampling_params", "sampling_request"]

@@ -164,6 +164,16 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     if command in ONLINE_COMMANDS and train.get("optim") is not None and train["optim"] not in ONLINE_OPTIMIZERS:
         raise ConfigError(f"{where}.optim: {train['optim']!r} is not available for {command}; choose one of: "
                           f"{', '.join(ONLINE_OPTIMIZERS)}")
+    for key in ("save_steps", "eval_steps"):  # online loops test (step + 1) % N == 0: whole steps only
+        value = train.get(key)
+        if command in ONLINE_COMMANDS and isinstance(value, float) and not value.is_integer():
+            steps = train.get("max_steps") or ONLINE_DEFAULTS["max_steps"]
+            hint = f" ({value:g} of {steps} steps: {max(1, round(value * steps))})" if 0 < value < 1 else ""
+            raise ConfigError(f"{where}.{key}: {value:g} is not a whole number of steps; {command} counts whole steps "
+                              "and does not read a fraction as a share of the run (as TrainingArguments does: every "
+                              f"step was then a {key[:4]} step); give a step count{hint}")
+        if command in ONLINE_COMMANDS and isinstance(value, float):
+            train[key] = int(value)
     if command in ONLINE_COMMANDS and isinstance(train.get("max_steps"), int) and train["max_steps"] < 1:
         raise ConfigError(f"{where}.max_steps: {train['max_steps']} is out of range; it must be >= 1 for {command} "
                           "(online runs count steps, not epochs)")

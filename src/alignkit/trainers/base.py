@@ -93,8 +93,8 @@ from alignkit.adapters import enable_gradient_checkpointing, load_adapter_weight
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
-    deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2,
-    load_full_optimizer_state,
+    check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed,
+    is_fsdp2, load_full_optimizer_state, refuse_fsdp1_on_cpu,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
@@ -174,6 +174,8 @@ class AlignTrainer(BatchSampling, Trainer):
         if changes:
             args = dataclasses.replace(args, **changes)
         deepspeed_on_cpu(args)  # DeepSpeed on CPU processes: accelerate's process count (alignkit.distributed)
+        check_process_count(args.world_size, type(self).__name__)  # the processes asked for are the ones training
+        refuse_fsdp1_on_cpu()  # before the Trainer's Accelerator, whose FSDP1 plugin would stop without a word of why
         if disable_dropout:
             turn_off_dropout(model)
         super().__init__(model=model, args=args, **kwargs)
