@@ -374,6 +374,21 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def batch_tokens(args: tuple, kwargs: dict, pad_token_id: int | None = None) -> int:
+    """Non-pad tokens of one forward's batch (a forward pre-hook's `args`, `kwargs`): the sum of a 2-D attention mask;
+    without one (packed rows) or with a 4-D one (shared-prompt rows carry a (B, 1, T, T) mask, whose sum counts
+    T^2 per row), the input ids that are not `pad_token_id` (all of them when None)."""
+    # pyvene-style wrappers take the batch as a dict in the first argument: forward(base, ...)
+    batch = args[0] if args and isinstance(args[0], dict) else kwargs
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids", args[0] if args and not isinstance(args[0], dict) else None)
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    if ids is not None and pad_token_id is not None:
+        return int((ids != pad_token_id).sum())
+    return int(ids.numel()) if ids is not None else 0
+
+
 class Meter:
     """Times steps warmup+1 .. warmup+steps and counts non-pad tokens fed to `module` meanwhile.
 
@@ -400,18 +415,8 @@ class Meter:
     def _count(self, module, args, kwargs):
         import torch
 
-        if not torch.is_grad_enabled():
-            return None
-        # pyvene-style wrappers take the batch as a dict in the first argument: forward(base, ...)
-        batch = args[0] if args and isinstance(args[0], dict) else kwargs
-        mask = batch.get("attention_mask")
-        ids = batch.get("input_ids", args[0] if args and not isinstance(args[0], dict) else None)
-        if mask is not None and mask.dim() == 2:
-            self.tokens += int(mask.sum())
-        elif ids is not None and self.pad_token_id is not None:
-            self.tokens += int((ids != self.pad_token_id).sum())
-        elif ids is not None:
-            self.tokens += int(ids.numel())
+        if torch.is_grad_enabled():
+            self.tokens += batch_tokens(args, kwargs, self.pad_token_id)
         return None
 
     def step_end(self, step: int) -> None:
