@@ -142,3 +142,26 @@ def test_online_pairs_check_generated_tokens_and_dpo_loss():
         "final loss 0.6931 vs 0.9000 (apart by more than 5% / 0.02)"]
     assert online.same_work(r("alignkit", 3026, 0.6931), r("trl", 3042, 0.6931, num_samples=2), "grpo") == [
         "num_samples 4 vs 2"]
+
+
+def test_reft_overhead_refuses_to_time_an_intervention_that_edits_nothing():
+    """bench/reft_overhead.py times 'reft' against 'plain': a ReFT model whose intervention changes no logit (here the
+    plain model itself stands in for it) would time no edit, so the script stops before timing."""
+    import torch
+
+    from alignkit.interventions.attach import get_reft_model
+    from alignkit.interventions.config import ReftConfig
+
+    ro = _load("reft_overhead")
+    plain = ro.build_model()
+    reft = get_reft_model(ro.build_model(), ReftConfig.uniform([2], "loreft", low_rank_dimension=4)).eval()
+    ids = torch.randint(3, ro.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask, loc = torch.ones_like(ids), torch.full((2, 1, 1), 15)
+    assert ro.check_edit(plain, reft, ids, mask, loc) > 0
+
+    class NoEdit(torch.nn.Module):  # takes the locations and ignores them
+        def forward(self, intervention_locations=None, **kw):
+            return plain(**kw)
+
+    with pytest.raises(SystemExit, match="changed no logit"):
+        ro.check_edit(plain, NoEdit(), ids, mask, loc)
