@@ -248,7 +248,7 @@ def chart(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few steps: a smoke check, not a measurement")
     ap.add_argument("--tasks", nargs="*", choices=common.TASKS, default=list(common.TASKS))
@@ -263,15 +263,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every (library, variant) this many times, interleaved; the table shows medians")
     ap.add_argument("--results", default=str(BENCH / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    every = cases(args.quick)
+    todo = [c for c in every if c.task in args.tasks and (
+        not args.only or any(o in f"{c.task}/{c.scenario}/{c.label}" for o in args.only))]
+    if not todo:  # before anything is written: an empty table and a results file would look like a run
+        names = sorted({f"{c.task}/{c.scenario}/{c.label}" for c in every})
+        raise SystemExit(f"run_cpu.py: --tasks {' '.join(args.tasks) or '(none)'} --only {' '.join(args.only or [])} "
+                         f"select no comparison; --only matches part of one of: {', '.join(names)}")
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.results)
     run_dir = out_dir / f"cpu-{stamp}"
-    todo = [c for c in cases(args.quick) if c.task in args.tasks and (
-        not args.only or any(o in f"{c.task}/{c.scenario}/{c.label}" for o in args.only))]
     specs = {}
     for name in sorted({c.scenario for c in todo}):
         specs[name] = common.prepare_scenario(common.SCENARIOS[name], run_dir)

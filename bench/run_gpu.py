@@ -345,6 +345,7 @@ def run_grpo(name: str, args: argparse.Namespace, cfg: dict) -> dict:
            "generated_tokens": gen["tokens"], "generated_tokens_per_s": gen["tokens"] / dt,
            "generation_share": gen["seconds"] / dt, "tokens": gen["trained"], "tokens_per_s": gen["trained"] / dt,
            "total_s": time.perf_counter() - t_setup, "mfu": None, "not_applied": ignored,
+           "generation_backend": gcfg.generation_backend,  # transformers: vLLM is not wired into this script
            "param_dtypes": param_dtypes(model), "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
            "allocated_before_gb": mem_before}
     del trainer, model

@@ -165,3 +165,21 @@ def test_reft_overhead_refuses_to_time_an_intervention_that_edits_nothing():
 
     with pytest.raises(SystemExit, match="changed no logit"):
         ro.check_edit(plain, NoEdit(), ids, mask, loc)
+
+
+def test_median_result_by_hand(run_cpu):
+    """Repeats at 10, 20 and 12 samples/s, one more that crashed: medians 12 samples/s (tokens/s 12 x 8946 / 160 =
+    670.95), spread (20 - 10) / 12 = 0.8333, the crash counted."""
+    rs = [_res("alignkit", 10.0), _res("alignkit", 0, status="error"), _res("alignkit", 20.0), _res("alignkit", 12.0)]
+    out = run_cpu.median_result(rs)
+    assert out["samples_per_s"] == 12.0 and out["tokens_per_s"] == pytest.approx(670.95)
+    assert out["spread"] == pytest.approx(10 / 12)
+    assert out["repeats"] == {"samples_per_s": [10.0, 20.0, 12.0], "peak_rss_mb": [500.0] * 3, "failed": 1}
+    assert run_cpu.side_spread(out) == "83% (n=3, 1 FAILED)"
+
+
+def test_run_cpu_refuses_a_selection_of_nothing_before_writing(run_cpu, tmp_path):
+    """--only with a typo selected no comparison: the old script wrote an empty table, a results JSON and a chart."""
+    with pytest.raises(SystemExit, match=r"select no comparison; --only matches part of one of: .*sft/small/"):
+        run_cpu.main(["--only", "smal/l1", "--results", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
