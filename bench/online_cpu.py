@@ -72,7 +72,7 @@ def spread(xs: list[float]) -> str:
     return common.paired_summary(xs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--sides", nargs="*", choices=[f"{lib}-{v}" for lib, v in SIDES], default=None,
@@ -85,7 +85,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--results", default=str(BENCH / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    order = [side for side in SIDES if args.sides is None or f"{side[0]}-{side[1]}" in args.sides]
+    if not args.methods or not order or args.repeats < 1:  # before the run folder is written
+        raise SystemExit(f"online_cpu.py: nothing to run (--methods {' '.join(args.methods) or '(none)'}, --sides "
+                         f"{' '.join(args.sides) if args.sides is not None else '(all)'} "
+                         f"{'(none)' if not order else ''}, --repeats {args.repeats}); give at least one method, "
+                         "one side and one repeat")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.results) / f"online-{stamp}"
     spec = common.prepare_scenario(common.SCENARIOS["small"], run_dir)
@@ -93,7 +99,6 @@ def main() -> None:
               "--max-new-tokens", str(args.max_new_tokens)]
     load_start = os.getloadavg()
     runs: dict[tuple[str, str, str], list[dict]] = {}
-    order = [side for side in SIDES if args.sides is None or f"{side[0]}-{side[1]}" in args.sides]
     for rep in range(args.repeats):
         for method in args.methods:
             for lib, variant in order[rep % len(order):] + order[:rep % len(order)]:

@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     every = cases(args.quick)
     todo = [c for c in every if c.task in args.tasks and (
         not args.only or any(o in f"{c.task}/{c.scenario}/{c.label}" for o in args.only))]
+    if args.repeats < 1:
+        raise SystemExit(f"run_cpu.py: --repeats {args.repeats} runs nothing; give 1 or more")
     if not todo:  # before anything is written: an empty table and a results file would look like a run
         names = sorted({f"{c.task}/{c.scenario}/{c.label}" for c in every})
         raise SystemExit(f"run_cpu.py: --tasks {' '.join(args.tasks) or '(none)'} --only {' '.join(args.only or [])} "

@@ -259,6 +259,9 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     timer = _Timer(model, args.warmup, args.steps, torch.cuda.synchronize if cuda else (lambda: None))
     trainer.add_callback(timer.callback())
     trainer.train()
+    if timer.t0 is None or timer.t1 is None:
+        raise RuntimeError(f"timing incomplete: steps {args.warmup} and {args.warmup + args.steps} not both seen "
+                           f"(t0 {timer.t0}, t1 {timer.t1}); did training stop early?")
     dt = timer.t1 - timer.t0
     tokens = timer.tok1 - timer.tok0
     tps = tokens / dt

@@ -183,3 +183,11 @@ def test_run_cpu_refuses_a_selection_of_nothing_before_writing(run_cpu, tmp_path
     with pytest.raises(SystemExit, match=r"select no comparison; --only matches part of one of: .*sft/small/"):
         run_cpu.main(["--only", "smal/l1", "--results", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_online_cpu_refuses_nothing_to_run_before_writing(tmp_path):
+    online = _load("online_cpu")
+    for argv in (["--methods"], ["--sides"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit, match="online_cpu.py: nothing to run"):
+            online.main([*argv, "--results", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
