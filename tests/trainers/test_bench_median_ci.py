@@ -1,5 +1,8 @@
-"""bench/common.median_ci: the distribution-free interval the suites print for the median paired ratio. Expected
-order statistics and coverages worked out by hand from the binomial(n, 1/2) distribution."""
+"""The checks of the side-by-side suites' own figures. bench/common.median_ci: the distribution-free interval the
+suites print for the median paired ratio (order statistics and coverages worked out by hand from the binomial(n,
+1/2) distribution); run_cpu / online_cpu: a ratio only where both sides did the same work, failed repeats counted,
+spreads by hand, selections of nothing refused before writing; reft_overhead: an intervention that edits nothing
+refused."""
 
 import importlib.util
 import sys
