@@ -76,10 +76,16 @@ def _knobs(args) -> dict:
 
 
 def _train(args, trainer, meter_module, extra: dict | None = None) -> dict:
+    import torch
+
     meter = common.Meter(meter_module, args.warmup, args.steps, args.batch_size, pad_token_id=0)  # SPECIALS[0]
     trainer.add_callback(common.trainer_callback(meter))
     trainer.train()
-    eff = {"effective": {"gradient_checkpointing": args.grad_ckpt == "on", "bf16": args.precision == "bf16",
+    (unwrap_lm,) = _import(args, "alignkit.adapters", "unwrap_lm")
+    lm = unwrap_lm(trainer.model)
+    # what ran, read off the trained model and the trainer (not the flags asked): common.fallbacks compares the two
+    eff = {"effective": {"gradient_checkpointing": bool(getattr(lm, "is_gradient_checkpointing", False)),
+                         "bf16": bool(trainer.args.bf16) or next(lm.parameters()).dtype == torch.bfloat16,
                          "padding_free": bool(getattr(trainer, "padding_free", args.padding_free)),
                          "group_by_length": bool(args.group_by_length),
                          "share_prompt": bool(getattr(trainer, "share_prompt", args.share_prompt)),

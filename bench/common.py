@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -288,9 +289,104 @@ def paired_summary(xs: list[float] | None) -> str:
     return out + (f"; median's CI{100 * ci[2]:.1f}% {ci[0]:.2f}-{ci[1]:.2f})" if ci else ")")
 
 
+# ----------------------------------------------------------------------------- same work on both sides
+# A ratio of two runs means something only when both did the same work. `work_mismatches` lists what differs.
+# (setting as parse_args / parse_online_args name it, value asked) -> (key of the run's "effective" block, value)
+_ASKED = {("grad_ckpt", "on"): ("gradient_checkpointing", True), ("grad_ckpt", "off"): ("gradient_checkpointing", False),
+          ("precision", "fp32"): ("bf16", False), ("precision", "bf16"): ("bf16", True),
+          ("padding_free", True): ("padding_free", True), ("share_prompt", True): ("share_prompt", True)}
+
+
+def fallbacks(r: dict) -> list[str]:
+    """The settings a run asked for (its "settings") that its library did not run with (its "effective" block, what
+    the trainer reports after its own defaults), e.g. padding-free asked and padded batches run."""
+    eff, out = r.get("effective") or {}, []
+    for k, v in (r.get("settings") or {}).items():
+        want = _ASKED.get((k, v)) if k in ("grad_ckpt", "precision", "padding_free", "share_prompt") else None
+        if want and want[0] in eff and bool(eff[want[0]]) != want[1]:
+            out.append(f"{r.get('library', '?')} asked {k}={v} but ran {want[0]}={eff[want[0]]}")
+    return out
+
+
+def _apart(x: float, y: float, rtol: float, atol: float = 0.0) -> bool:
+    return abs(x - y) > max(atol, rtol * max(abs(x), abs(y)))
+
+
+def work_mismatches(a: dict, p: dict, same: tuple[str, ...] = ("steps", "warmup"),
+                    settings: tuple[str, ...] = ("batch_size",), tokens: str = "timed_tokens", tokens_rtol: float = 0.05,
+                    compare_loss: bool = True, loss_rtol: float = 0.05, loss_atol: float = 0.02,
+                    prompt_once_counts_less: bool = True) -> list[str]:
+    """What makes two ok results (alignkit `a`, peer `p`) not the same work, as short reasons ([] = comparable):
+    different `same` fields or `settings`; a side that counted no `tokens`, or token counts more than `tokens_rtol`
+    apart (with `prompt_once_counts_less`, not checked when a side ran share_prompt: it feeds each pair's prompt
+    once, by design); a non-finite
+    final loss; final losses apart by more than max(`loss_atol`, `loss_rtol` x the larger) (`compare_loss`); a
+    setting asked for and not run (`fallbacks`)."""
+    out = [f"{k} {a.get(k)} vs {p.get(k)}" for k in same if a.get(k) != p.get(k)]
+    sa, sp = a.get("settings") or {}, p.get("settings") or {}
+    out += [f"{k} {sa.get(k)} vs {sp.get(k)}" for k in settings if sa.get(k) != sp.get(k)]
+    ta, tp = a.get(tokens), p.get(tokens)
+    if tokens and ta is not None and tp is not None:
+        if not ta or not tp:
+            out.append(f"{tokens} {ta} vs {tp}: a side counted no tokens")
+        elif not (prompt_once_counts_less and any((r.get("effective") or {}).get("share_prompt") for r in (a, p))) \
+                and _apart(ta, tp, tokens_rtol):
+            out.append(f"{tokens} {ta} vs {tp} ({100 * abs(ta - tp) / max(ta, tp):.1f}% apart, over "
+                       f"{100 * tokens_rtol:g}%)")
+    la, lp = a.get("final_loss"), p.get("final_loss")
+    out += [f"{r.get('library', '?')} final loss {x}" for r, x in ((a, la), (p, lp))
+            if x is not None and not math.isfinite(x)]
+    if (compare_loss and la is not None and lp is not None and math.isfinite(la) and math.isfinite(lp)
+            and _apart(la, lp, loss_rtol, loss_atol)):
+        out.append(f"final loss {la:.4f} vs {lp:.4f} (apart by more than {100 * loss_rtol:g}% / {loss_atol:g})")
+    return out + fallbacks(a) + fallbacks(p)
+
+
+def pair_repeats(ra: list[dict], rp: list[dict], check=work_mismatches) -> tuple[list[tuple[dict, dict]], list[str], list[str]]:
+    """Repeat i of one side with repeat i of the other (they ran together). Returns the pairs where both ran ok and
+    `check` finds the same work; why the other ok pairs were left out ("rI: reason"); and every repeat that did
+    not run ("<library> rI: status: reason"), so that a crash is counted, not dropped from the spread."""
+    kept, excluded, failed = [], [], []
+    for i, (x, y) in enumerate(zip(ra, rp)):
+        bad = [f"{r.get('library', side)} r{i}: {r.get('status')}: {r.get('reason', '')}"
+               for r, side in ((x, "alignkit"), (y, "peer")) if r.get("status") != "ok"]
+        failed += bad
+        if bad:
+            continue
+        why = check(x, y)
+        if why:
+            excluded.append(f"r{i}: " + "; ".join(why))
+        else:
+            kept.append((x, y))
+    return kept, excluded, failed
+
+
+def repeats_note(kept: int, n: int, excluded: list[str], failed: list[str]) -> str:
+    """'' when all `n` repeats paired, else how many of them made the paired ratios (`kept`) and why the others did
+    not (one line)."""
+    parts = ([f"{len(failed)} run(s) without a result ({'; '.join(failed)})"] if failed else []) + (
+        [f"{len(excluded)} pair(s) NOT the same work ({'; '.join(excluded)})"] if excluded else [])
+    return f"  [{kept} of {n} pairs; " + "; ".join(parts) + "]" if parts else ""
+
+
 def rss_mb() -> float:
     """Peak resident set size of this process so far, MB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def batch_tokens(args: tuple, kwargs: dict, pad_token_id: int | None = None) -> int:
+    """Non-pad tokens of one forward's batch (a forward pre-hook's `args`, `kwargs`): the sum of a 2-D attention mask;
+    without one (packed rows) or with a 4-D one (shared-prompt rows carry a (B, 1, T, T) mask, whose sum counts
+    T^2 per row), the input ids that are not `pad_token_id` (all of them when None)."""
+    # pyvene-style wrappers take the batch as a dict in the first argument: forward(base, ...)
+    batch = args[0] if args and isinstance(args[0], dict) else kwargs
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids", args[0] if args and not isinstance(args[0], dict) else None)
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    if ids is not None and pad_token_id is not None:
+        return int((ids != pad_token_id).sum())
+    return int(ids.numel()) if ids is not None else 0
 
 
 class Meter:
@@ -319,18 +415,8 @@ class Meter:
     def _count(self, module, args, kwargs):
         import torch
 
-        if not torch.is_grad_enabled():
-            return None
-        # pyvene-style wrappers take the batch as a dict in the first argument: forward(base, ...)
-        batch = args[0] if args and isinstance(args[0], dict) else kwargs
-        mask = batch.get("attention_mask")
-        ids = batch.get("input_ids", args[0] if args and not isinstance(args[0], dict) else None)
-        if mask is not None and mask.dim() == 2:
-            self.tokens += int(mask.sum())
-        elif ids is not None and self.pad_token_id is not None:
-            self.tokens += int((ids != self.pad_token_id).sum())
-        elif ids is not None:
-            self.tokens += int(ids.numel())
+        if torch.is_grad_enabled():
+            self.tokens += batch_tokens(args, kwargs, self.pad_token_id)
         return None
 
     def step_end(self, step: int) -> None:

@@ -59,11 +59,20 @@ def run_side(lib: str, variant: str, method: str, spec: Path, run_dir: Path, sha
     return res
 
 
+def same_work(a: dict, t: dict, method: str) -> list[str]:
+    """`common.work_mismatches` of an online pair: the same steps, prompts, samples and token budget, generated
+    tokens within 10 % (sampled, so not equal), finite losses, and equal ones for online DPO only (GRPO's losses are
+    different normalisations on the two sides, both ~0)."""
+    return common.work_mismatches(a, t, settings=("prompts_per_step", "num_samples", "max_new_tokens"),
+                                  tokens="generated_tokens", tokens_rtol=0.10, compare_loss=method == "online_dpo",
+                                  prompt_once_counts_less=False)
+
+
 def spread(xs: list[float]) -> str:
     return common.paired_summary(xs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--sides", nargs="*", choices=[f"{lib}-{v}" for lib, v in SIDES], default=None,
@@ -76,7 +85,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--results", default=str(BENCH / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    order = [side for side in SIDES if args.sides is None or f"{side[0]}-{side[1]}" in args.sides]
+    if not args.methods or not order or args.repeats < 1:  # before the run folder is written
+        raise SystemExit(f"online_cpu.py: nothing to run (--methods {' '.join(args.methods) or '(none)'}, --sides "
+                         f"{' '.join(args.sides) if args.sides is not None else '(all)'} "
+                         f"{'(none)' if not order else ''}, --repeats {args.repeats}); give at least one method, "
+                         "one side and one repeat")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.results) / f"online-{stamp}"
     spec = common.prepare_scenario(common.SCENARIOS["small"], run_dir)
@@ -84,7 +99,6 @@ def main() -> None:
               "--max-new-tokens", str(args.max_new_tokens)]
     load_start = os.getloadavg()
     runs: dict[tuple[str, str, str], list[dict]] = {}
-    order = [side for side in SIDES if args.sides is None or f"{side[0]}-{side[1]}" in args.sides]
     for rep in range(args.repeats):
         for method in args.methods:
             for lib, variant in order[rep % len(order):] + order[:rep % len(order)]:
@@ -102,7 +116,8 @@ def main() -> None:
         for ak_variant, variant in ROWS:
             ak = runs.get((method, "alignkit", ak_variant), [])
             tr = runs.get((method, "trl", variant), [])
-            pairs = [(a, t) for a, t in zip(ak, tr) if a.get("status") == "ok" and t.get("status") == "ok"]
+            # repeat i of each side; failed runs and pairs that did not do the same work are named, not dropped
+            pairs, excluded, failed = common.pair_repeats(ak, tr, lambda a, t, m=method: same_work(a, t, m))
             wall = [a["steps_per_s"] / t["steps_per_s"] for a, t in pairs]
             cpu = [t["cpu_seconds"] / a["cpu_seconds"] for a, t in pairs]
             med = lambda rs, k: statistics.median(r[k] for r in rs if r.get("status") == "ok") if any(  # noqa: E731
@@ -111,11 +126,14 @@ def main() -> None:
                    "cpu_ratios": cpu,
                    "alignkit_steps_per_s": med(ak, "steps_per_s"), "trl_steps_per_s": med(tr, "steps_per_s"),
                    "alignkit_gen_tok_s": med(ak, "generated_tokens_per_s"), "trl_gen_tok_s": med(tr, "generated_tokens_per_s"),
-                   "alignkit_final_loss": [a.get("final_loss") for a in ak], "trl_final_loss": [t.get("final_loss") for t in tr]}
+                   "alignkit_final_loss": [a.get("final_loss") for a in ak], "trl_final_loss": [t.get("final_loss") for t in tr],
+                   "not_comparable": excluded, "failed_runs": failed}
             rows.append(row)
-            lines.append(f"{method:<11} {ak_variant + ' / ' + variant:<17} | {row['alignkit_steps_per_s']:>10.3f} {row['trl_steps_per_s']:>7.3f} | "
-                         f"{spread(wall):>20} | {spread(cpu):>22} | {row['alignkit_gen_tok_s']:>12.0f} "
-                         f"{row['trl_gen_tok_s']:>7.0f}")
+            f = lambda k, fmt: "—" if row[k] != row[k] else format(row[k], fmt)  # noqa: E731  (nan: no ok run)
+            lines.append(f"{method:<11} {ak_variant + ' / ' + variant:<17} | {f('alignkit_steps_per_s', '.3f'):>10} "
+                         f"{f('trl_steps_per_s', '.3f'):>7} | {spread(wall):>20} | {spread(cpu):>22} | "
+                         f"{f('alignkit_gen_tok_s', '.0f'):>12} {f('trl_gen_tok_s', '.0f'):>7}"
+                         f"{common.repeats_note(len(pairs), min(len(ak), len(tr)), excluded, failed)}")
     lines.append("x = alignkit / TRL (> 1: alignkit faster), median (min-max; the median's distribution-free CI) over the paired repeats; CPU ratio = "
                  "TRL CPU s / alignkit CPU s over the same timed steps.")
     report = "\n".join(lines)

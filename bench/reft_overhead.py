@@ -83,6 +83,23 @@ def summary(samples: dict[str, list[float]], base: str = "plain") -> dict[str, d
     return out
 
 
+def check_edit(plain, reft, ids, mask, loc) -> float:
+    """The largest logit change the intervention makes (`reft` wraps a copy of `plain`'s weights). Refuses when it
+    makes none, or when the hooks without locations change anything: the "reft" timings would then time no edit,
+    or the "hooks_only" ones an edit."""
+    with torch.inference_mode():
+        base = plain(input_ids=ids, attention_mask=mask).logits
+        edited = (reft(input_ids=ids, attention_mask=mask, intervention_locations=loc).logits - base).abs().max().item()
+        hooks = (reft(input_ids=ids, attention_mask=mask).logits - base).abs().max().item()
+    if not edited > 0:
+        raise SystemExit(f"reft_overhead: the LoReFT intervention changed no logit (max change {edited}): the 'reft' "
+                         "rows would time no edit; check the intervention locations")
+    if hooks != 0:
+        raise SystemExit(f"reft_overhead: the hooks without locations changed the logits by {hooks:.3g}: the "
+                         "'hooks_only' row would time an edit")
+    return edited
+
+
 def bench_train(model, steps: int) -> float:
     torch.manual_seed(0)
     reft = get_reft_model(model, ReftConfig.uniform([2], "loreft", low_rank_dimension=4))
@@ -134,6 +151,7 @@ def main() -> None:
     plain = build_model()
     reft_base = build_model()
     reft = get_reft_model(reft_base, ReftConfig.uniform([2], "loreft", low_rank_dimension=4)).eval()
+    edit = check_edit(plain, reft, ids, mask, loc)
     gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     with torch.inference_mode():
         fwd = summary(paired({"plain": lambda: plain(input_ids=ids, attention_mask=mask),
@@ -148,7 +166,7 @@ def main() -> None:
         "model": f"llama hidden={HIDDEN} layers={LAYERS} vocab={VOCAB} (random ids)",
         "reft": "1 x LoReFT rank 4, layer 2 block_output, 1 position",
         "threads": a.threads, "repeats": a.repeats, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "train_samples_per_s": train_sps,
+        "train_samples_per_s": train_sps, "max_logit_edit": edit,
         "forward": fwd,
         "generate": gen_t,
         "targets": {"forward_overhead_pct": 3.0, "generate_overhead_pct": 5.0},

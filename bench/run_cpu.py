@@ -144,14 +144,20 @@ def comparisons(all_cases: list[Case], settings: tuple[str, ...] = ("default", "
                    "alignkit": a, "peer_result": p}
             ra = c.reps.get(("alignkit", variant)) or c.reps.get(("alignkit", "default"), [])
             rp = c.reps.get((c.peer, variant)) or c.reps.get((c.peer, "default"), [])
-            pairs = [(x, y) for x, y in zip(ra, rp) if _ok(x) and _ok(y)]  # repeat i of each side: run together
+            # repeat i of each side ran together; pairs that did not do the same work, and runs that failed, are
+            # left out of the ratios and named (row["not_comparable"], row["failed_runs"])
+            pairs, excluded, failed = common.pair_repeats(ra, rp)
             row["paired_wall"] = [x["samples_per_s"] / y["samples_per_s"] for x, y in pairs]
             row["paired_cpu"] = [x["samples_per_cpu_s"] / y["samples_per_cpu_s"] for x, y in pairs
                                  if x.get("samples_per_cpu_s") and y.get("samples_per_cpu_s")]
+            row["repeats_note"] = common.repeats_note(len(pairs), min(len(ra), len(rp)), excluded, failed)
+            row["failed_runs"] = failed
             if _ok(a) and _ok(p):
-                row["speed_ratio"] = a["samples_per_s"] / p["samples_per_s"]
-                row["tokens_ratio"] = a["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None
-                row["memory_ratio"] = a["peak_rss_mb"] / p["peak_rss_mb"]
+                row["not_comparable"] = common.work_mismatches(a, p)
+                if not row["not_comparable"]:  # else no ratio: the two sides did not do the same work
+                    row["speed_ratio"] = a["samples_per_s"] / p["samples_per_s"]
+                    row["tokens_ratio"] = a["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None
+                    row["memory_ratio"] = a["peak_rss_mb"] / p["peak_rss_mb"]
             rows.append(row)
     return rows
 
@@ -170,7 +176,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         a, p = r["alignkit"], r["peer_result"]
         sc = r["scenario"] + (f" {r['label']}" if r["label"] else "")
-        fx = lambda k: format(r[k], ".2f") if r.get(k) is not None else "—"  # noqa: E731
+        fx = lambda k: format(r[k], ".2f") if r.get(k) is not None else ("n/c" if r.get("not_comparable") else "—")  # noqa: E731
         lines.append(f"{r['task']:<5} {sc[:22]:<22} {r['setting']:<8} {r['peer']:<7} | "
                      f"{_cell(a, 'samples_per_s', '.1f'):>12} {_cell(p, 'samples_per_s', '.1f'):>8} "
                      f"{fx('speed_ratio'):>6} | {_cell(a, 'tokens_per_s', '.0f'):>11} {_cell(p, 'tokens_per_s', '.0f'):>8} "
@@ -179,6 +185,9 @@ def table(rows: list[dict]) -> str:
         for side in (a, p):
             if side and not _ok(side):
                 notes.append(f"  {r['task']}/{sc}/{r['setting']}: {side['library']} {side['status']}: {side['reason']}")
+        if r.get("not_comparable"):
+            notes.append(f"  NOT COMPARABLE {r['task']}/{sc}/{r['setting']} (n/c: no ratio): "
+                         + "; ".join(r["not_comparable"]))
     spreads = [f"{r['task']}/{r['scenario']}/{r['setting']}: ak {side_spread(r['alignkit'])}, "
                f"{r['peer']} {side_spread(r['peer_result'])}" for r in rows]
     lines.append("x = alignkit / peer (speed: > 1 is alignkit faster; memory: < 1 is alignkit leaner). "
@@ -189,7 +198,7 @@ def table(rows: list[dict]) -> str:
         sc = r["scenario"] + (f" {r['label']}" if r["label"] else "")
         lines.append(f"  {r['task']:<5} {sc[:22]:<22} {r['setting']:<8} wall {_paired(r.get('paired_wall'))}  "
                      f"CPU {_paired(r.get('paired_cpu'))}  final loss ak {_loss(r['alignkit'])} / peer "
-                     f"{_loss(r['peer_result'])}")
+                     f"{_loss(r['peer_result'])}{r.get('repeats_note', '')}")
     return "\n".join(lines + ["noise, (max - min) / median of samples/s over repeats:"] + ["  " + x for x in spreads]
                      + sorted(set(notes)))
 
@@ -205,7 +214,8 @@ def _loss(r: dict | None) -> str:
 def side_spread(r: dict | None) -> str:
     if not _ok(r) or "repeats" not in r:
         return "—"
-    return f"{100 * r['spread']:.0f}% (n={len(r['repeats']['samples_per_s'])})"
+    failed = r["repeats"].get("failed")
+    return f"{100 * r['spread']:.0f}% (n={len(r['repeats']['samples_per_s'])}" + (f", {failed} FAILED)" if failed else ")")
 
 
 def chart(rows: list[dict], path: Path) -> Path | None:
@@ -216,7 +226,8 @@ def chart(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib not installed: no chart")
         return None
-    names = [f"{r['task']} {r['label'] or r['scenario']}\n{r['setting']} vs {r['peer']}" for r in rows]
+    names = [f"{r['task']} {r['label'] or r['scenario']}\n{r['setting']} vs {r['peer']}"
+             + ("\nNOT COMPARABLE" if r.get("not_comparable") else "") for r in rows]
     series = [("samples/s (alignkit ÷ peer)", "speed_ratio"), ("tokens/s (alignkit ÷ peer)", "tokens_ratio"),
               ("leaner: peak RSS (peer ÷ alignkit)", "memory_ratio")]
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.8))
@@ -237,7 +248,7 @@ def chart(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few steps: a smoke check, not a measurement")
     ap.add_argument("--tasks", nargs="*", choices=common.TASKS, default=list(common.TASKS))
@@ -252,15 +263,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every (library, variant) this many times, interleaved; the table shows medians")
     ap.add_argument("--results", default=str(BENCH / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    every = cases(args.quick)
+    todo = [c for c in every if c.task in args.tasks and (
+        not args.only or any(o in f"{c.task}/{c.scenario}/{c.label}" for o in args.only))]
+    if args.repeats < 1:
+        raise SystemExit(f"run_cpu.py: --repeats {args.repeats} runs nothing; give 1 or more")
+    if not todo:  # before anything is written: an empty table and a results file would look like a run
+        names = sorted({f"{c.task}/{c.scenario}/{c.label}" for c in every})
+        raise SystemExit(f"run_cpu.py: --tasks {' '.join(args.tasks) or '(none)'} --only {' '.join(args.only or [])} "
+                         f"select no comparison; --only matches part of one of: {', '.join(names)}")
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = Path(args.results)
     run_dir = out_dir / f"cpu-{stamp}"
-    todo = [c for c in cases(args.quick) if c.task in args.tasks and (
-        not args.only or any(o in f"{c.task}/{c.scenario}/{c.label}" for o in args.only))]
     specs = {}
     for name in sorted({c.scenario for c in todo}):
         specs[name] = common.prepare_scenario(common.SCENARIOS[name], run_dir)

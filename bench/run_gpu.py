@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+import common as bench_common  # noqa: E402  (bench/common.py: token counting, the GRPO reward and tokenizer)
 
 # Dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets, without sparsity), matched on the device name.
 PEAK_TFLOPS: list[tuple[str, float]] = [
@@ -80,6 +83,42 @@ def matmul_params(model: Any) -> int:
     head = lm.get_output_embeddings().weight
     total = sum(p.numel() for n, p in lm.named_parameters() if "lora_" not in n)
     return total - emb.numel() + (head.numel() if head is emb else 0)
+
+
+def mfu(n_params: int, tokens_per_s: float, peak: float | None, kind: str, objective: str,
+        reference: str | None) -> tuple[float | None, float | None]:
+    """(MFU, mfu_hw) of the module docstring: 6N FLOPs per trained token; the hardware count adds 2N per token for a
+    DPO reference forward run every step (not when precomputed) and takes 4N instead of 6N for a frozen base (no
+    weight gradients). None without a known peak (TFLOP/s)."""
+    if not peak:
+        return None, None
+    hw = (6.0 if kind == "full" else 4.0) + (2.0 if objective == "dpo" and reference != "precomputed" else 0.0)
+    return 6 * n_params * tokens_per_s / (peak * 1e12), hw * n_params * tokens_per_s / (peak * 1e12)
+
+
+def fresh_peak_memory(cuda: bool) -> float | None:
+    """Free what the previous workload left (its trainer and model hold reference cycles: `del` alone frees nothing
+    until the garbage collector runs), then restart the peak counter. Returns the GB still allocated: the next
+    workload's peak includes them, so they are reported beside it."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if not cuda:
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def param_dtypes(model: Any) -> dict[str, int]:
+    """Parameters by dtype (numel): what the run actually trained and ran in (bf16 on a GPU; LoRA / ReFT weights
+    may stay float32)."""
+    out: dict[str, int] = {}
+    for prm in model.parameters():
+        out[str(prm.dtype).replace("torch.", "")] = out.get(str(prm.dtype).replace("torch.", ""), 0) + prm.numel()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -153,8 +192,8 @@ class _Timer:
         import torch
 
         if torch.is_grad_enabled():  # the policy's training forward, not reference passes under no_grad
-            mask = kwargs.get("attention_mask")
-            self.tokens += int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
+            # pad id 0 (make_features draws ids from 3 up); a shared-prompt batch's 4-D mask is not a token count
+            self.tokens += bench_common.batch_tokens(args, kwargs, pad_token_id=0)
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -187,9 +226,7 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
         return run_grpo(name, args, cfg)
     cuda = args.device == "cuda"
     dtype = torch.float32 if args.dry_run else torch.bfloat16
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    mem_before = fresh_peak_memory(cuda)
     base = build_model(cfg, dtype, args.device, args.attn)
     if args.kernels_ok:
         from alignkit.models.efficiency import apply_kernels
@@ -222,21 +259,23 @@ def run_workload(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     timer = _Timer(model, args.warmup, args.steps, torch.cuda.synchronize if cuda else (lambda: None))
     trainer.add_callback(timer.callback())
     trainer.train()
+    if timer.t0 is None or timer.t1 is None:
+        raise RuntimeError(f"timing incomplete: steps {args.warmup} and {args.warmup + args.steps} not both seen "
+                           f"(t0 {timer.t0}, t1 {timer.t1}); did training stop early?")
     dt = timer.t1 - timer.t0
     tokens = timer.tok1 - timer.tok0
     tps = tokens / dt
-    ref_tokens_per_token = 1.0 if (objective == "dpo" and reference != "precomputed") else 0.0
-    per_token_hw = (6.0 if kind == "full" else 4.0) + 2.0 * ref_tokens_per_token
     peak = peak_tflops(args.gpu_name) if cuda else None
+    mfu_6n, mfu_hw = mfu(n_params, tps, peak, kind, objective, reference)
     res = {"workload": name, "objective": objective, "adapter": kind, "reference": reference,
            "kernels": args.kernels if args.kernels_ok else None, "compile": args.compile,
            "params_matmul": n_params, "batch_size": args.batch_size, "steps": args.steps,
            "padding_free": args.padding_free, "grad_ckpt": args.grad_ckpt, "attn": args.attn,
            "seconds": dt, "tokens": tokens, "tokens_per_s": tps, "samples_per_s": args.batch_size * args.steps / dt,
            "setup_s": setup_s, "model_tflops_per_s": 6 * n_params * tps / 1e12,
-           "mfu": 6 * n_params * tps / (peak * 1e12) if peak else None,
-           "mfu_hw": per_token_hw * n_params * tps / (peak * 1e12) if peak else None,
-           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+           "mfu": mfu_6n, "mfu_hw": mfu_hw, "param_dtypes": param_dtypes(model),
+           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "allocated_before_gb": mem_before}
     del trainer, model
     return res
 
@@ -250,9 +289,6 @@ def run_grpo(name: str, args: argparse.Namespace, cfg: dict) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(BENCH))
-    import common
-
     from alignkit.adapters import apply_adapter
     from alignkit.online.generation import SamplingConfig
     from alignkit.online.grpo import GRPOConfig, GRPOTrainer
@@ -260,14 +296,18 @@ def run_grpo(name: str, args: argparse.Namespace, cfg: dict) -> dict:
     _, kind, reference = WORKLOADS[name]
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    # the offline workloads' knobs: this loop does not read them, so say so rather than label them applied
+    ignored = [flag for flag, on in (("--padding-free", args.padding_free), ("--grad-ckpt", args.grad_ckpt),
+                                     ("--compile", args.compile), ("--kernels", args.kernels_ok)) if on]
+    if ignored:
+        logging.warning("%s: %s not applied (GRPO runs without them here): its figures are without them", name,
+                        " ".join(ignored))
+    mem_before = fresh_peak_memory(cuda)
     base = build_model(cfg, torch.float32 if args.dry_run else torch.bfloat16, args.device, args.attn)
     model = apply_adapter(base, adapter(kind, cfg["num_hidden_layers"] // 2))
-    tok = common.build_tokenizer(cfg["vocab_size"])  # word-level: "t17" is one token, ids = 4 + 17
+    tok = bench_common.build_tokenizer(cfg["vocab_size"])  # word-level: "t17" is one token, ids = 4 + 17
     rng = random.Random(3)
-    n_words = cfg["vocab_size"] - len(common.SPECIALS)
+    n_words = cfg["vocab_size"] - len(bench_common.SPECIALS)
     prompts = [" ".join(f"t{rng.randrange(n_words)}" for _ in range(max(2, int(args.prompt_len * rng.uniform(0.75, 1.25)))))
                for _ in range(args.batch_size * (args.warmup + args.steps))]
     k = 2 if args.dry_run else GRPO_SAMPLES
@@ -275,7 +315,7 @@ def run_grpo(name: str, args: argparse.Namespace, cfg: dict) -> dict:
                       sampling=SamplingConfig(num_samples=k, max_new_tokens=args.completion_len), learning_rate=1e-6,
                       kl_coef=0.04, reference=reference, progress_bar=False, report_to="none", save_at_end=False,
                       generation_batch_size=args.batch_size * k)
-    trainer = GRPOTrainer(model, tok, prompts, {"type": "function", "fn": common.even_fraction}, gcfg)
+    trainer = GRPOTrainer(model, tok, prompts, {"type": "function", "fn": bench_common.even_fraction}, gcfg)
     marks: dict[int, float] = {}
     gen = {"tokens": 0, "seconds": 0.0, "trained": 0}
     generate, log = trainer.generate, trainer.log
@@ -307,8 +347,10 @@ def run_grpo(name: str, args: argparse.Namespace, cfg: dict) -> dict:
            "max_new_tokens": args.completion_len, "steps": args.steps, "seconds": dt, "steps_per_s": args.steps / dt,
            "generated_tokens": gen["tokens"], "generated_tokens_per_s": gen["tokens"] / dt,
            "generation_share": gen["seconds"] / dt, "tokens": gen["trained"], "tokens_per_s": gen["trained"] / dt,
-           "total_s": time.perf_counter() - t_setup, "mfu": None,
-           "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+           "total_s": time.perf_counter() - t_setup, "mfu": None, "not_applied": ignored,
+           "generation_backend": gcfg.generation_backend,  # transformers: vLLM is not wired into this script
+           "param_dtypes": param_dtypes(model), "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "allocated_before_gb": mem_before}
     del trainer, model
     return res
 
@@ -378,6 +420,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     cfg = dict(LLAMA_1B)
     if args.dry_run:
+        given = [f"--{k.replace('_', '-')}" for k in ("steps", "warmup", "batch_size", "prompt_len", "completion_len")
+                 if getattr(args, k) != ap.get_default(k)]
+        if given:
+            logging.warning("--dry-run runs its own tiny sizes (2 steps, 1 warm-up, batch 2, 12 + 12 tokens): %s "
+                            "ignored", " ".join(given))
         cfg, args.device, args.gpu_name = dict(TINY), "cpu", "cpu (dry run)"
         args.steps, args.warmup, args.batch_size = 2, 1, 2
         args.prompt_len, args.completion_len = 12, 12
@@ -407,6 +454,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except Exception as e:  # one failing workload (e.g. out of memory) must not lose the others
             res = {"workload": name, "status": "error", "reason": f"{type(e).__name__}: {e}"[:400]}
         res["device"] = args.gpu_name
+        dtypes = res.get("param_dtypes") or {}
+        if not args.dry_run and dtypes and dtypes.get("bfloat16", 0) < 0.9 * sum(dtypes.values()):
+            logging.warning("%s: only %d of %d parameters in bfloat16 (%s): not the bf16 run it is labelled as", name,
+                            dtypes.get("bfloat16", 0), sum(dtypes.values()), dtypes)
         print(json.dumps(res), flush=True)
         results.append(res)
     out = Path(args.out) if args.out else BENCH / "results" / f"gpu-{stamp}.json"

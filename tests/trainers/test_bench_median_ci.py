@@ -1,5 +1,8 @@
-"""bench/common.median_ci: the distribution-free interval the suites print for the median paired ratio. Expected
-order statistics and coverages worked out by hand from the binomial(n, 1/2) distribution."""
+"""The checks of the side-by-side suites' own figures. bench/common.median_ci: the distribution-free interval the
+suites print for the median paired ratio (order statistics and coverages worked out by hand from the binomial(n,
+1/2) distribution); run_cpu / online_cpu: a ratio only where both sides did the same work, failed repeats counted,
+spreads by hand, selections of nothing refused before writing; reft_overhead: an intervention that edits nothing
+refused."""
 
 import importlib.util
 import sys
@@ -40,3 +43,154 @@ def test_too_few_repeats_give_no_interval(common):
     assert common.paired_summary([1.0, 2.0, 3.0, 4.0]) == "2.50 (1.00-4.00, n=4)"
     assert common.paired_summary([]) == "—"
     assert common.paired_summary([2.0] * 9) == "2.00 (2.00-2.00, n=9; median's CI96.1% 2.00-2.00)"
+
+
+# ----------------------------------------------------------------------------- same work on both sides (run_cpu, online_cpu)
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def run_cpu():
+    return _load("run_cpu")
+
+
+def _res(library, sps, tokens=8946, loss=6.9579, status="ok", settings=None, effective=None, cpu_s=None):
+    """One side's result JSON as the side scripts write it (only the fields the report reads)."""
+    if status != "ok":
+        return {"library": library, "status": status, "reason": "Traceback ... RuntimeError: boom"}
+    return {"library": library, "status": "ok", "samples_per_s": sps, "samples_per_cpu_s": cpu_s or sps,
+            "tokens_per_s": tokens * sps / 160, "timed_tokens": tokens, "peak_rss_mb": 500.0, "final_loss": loss,
+            "steps": 20, "warmup": 3, "settings": {"batch_size": 8, "padding_free": False, **(settings or {})},
+            "effective": effective or {}}
+
+
+def _row(run_cpu, ak: list[dict], peer: list[dict], setting="default"):
+    case = run_cpu.Case("sft", "small", "trl", [])
+    case.reps = {("alignkit", setting): ak, ("trl", setting): peer}
+    case.runs = {k: run_cpu.median_result(v) for k, v in case.reps.items()}
+    (row,) = run_cpu.comparisons([case], (setting,))
+    return row, run_cpu.table([row])
+
+
+def test_same_work_gives_the_ratio(run_cpu):
+    row, text = _row(run_cpu, [_res("alignkit", 20.0)], [_res("trl", 10.0)])
+    assert row["speed_ratio"] == 2.0 and row["paired_wall"] == [2.0] and row["not_comparable"] == []
+    assert "NOT COMPARABLE" not in text and "n/c" not in text
+
+
+def test_different_token_counts_withhold_the_ratio(run_cpu):
+    """alignkit trained 8946 tokens, the peer 8000 (10.6 % apart): samples/s do not compare the same work."""
+    row, text = _row(run_cpu, [_res("alignkit", 20.0, tokens=8946)], [_res("trl", 10.0, tokens=8000)])
+    assert row.get("speed_ratio") is None and row["paired_wall"] == []
+    assert row["not_comparable"] == ["timed_tokens 8946 vs 8000 (10.6% apart, over 5%)"]
+    assert "n/c" in text and "NOT COMPARABLE sft/small/default" in text
+    # share_prompt feeds each pair's prompt once, by design: token counts then differ and are not a mismatch
+    row, _ = _row(run_cpu, [_res("alignkit", 20.0, tokens=6000, effective={"share_prompt": True})],
+                  [_res("trl", 10.0, tokens=8000)])
+    assert row["speed_ratio"] == 2.0
+
+
+def test_non_finite_or_distant_final_loss_withholds_the_ratio(run_cpu):
+    row, _ = _row(run_cpu, [_res("alignkit", 20.0, loss=float("nan"))], [_res("trl", 10.0)])
+    assert row.get("speed_ratio") is None and row["not_comparable"] == ["alignkit final loss nan"]
+    row, _ = _row(run_cpu, [_res("alignkit", 20.0, loss=6.0)], [_res("trl", 10.0, loss=6.9579)])
+    assert row.get("speed_ratio") is None and row["not_comparable"][0].startswith("final loss 6.0000 vs 6.9579")
+    # within 5 %: 6.9579 * 0.96 = 6.68
+    row, _ = _row(run_cpu, [_res("alignkit", 20.0, loss=6.68)], [_res("trl", 10.0, loss=6.9579)])
+    assert row["speed_ratio"] == 2.0
+
+
+def test_a_setting_asked_and_not_run_withholds_the_ratio(run_cpu):
+    """TRL asked --padding-free --precision fp32 and reports padded batches in bf16: a fallback, not its fastest."""
+    peer = _res("trl", 10.0, settings={"padding_free": True, "precision": "fp32", "grad_ckpt": "off"},
+                effective={"padding_free": False, "bf16": True, "gradient_checkpointing": False})
+    row, _ = _row(run_cpu, [_res("alignkit", 20.0)], [peer], setting="fastest")
+    assert row.get("speed_ratio") is None
+    assert sorted(row["not_comparable"]) == ["trl asked padding_free=True but ran padding_free=False",
+                                             "trl asked precision=fp32 but ran bf16=True"]
+
+
+def test_a_failed_repeat_is_counted_not_dropped(run_cpu):
+    """3 repeats, alignkit's second crashed: 2 paired ratios (20/10, 22/10) and the crash named beside them."""
+    ak = [_res("alignkit", 20.0), _res("alignkit", 0, status="error"), _res("alignkit", 22.0)]
+    row, text = _row(run_cpu, ak, [_res("trl", 10.0)] * 3)
+    assert row["paired_wall"] == [2.0, 2.2]
+    assert row["failed_runs"] == ["alignkit r1: error: Traceback ... RuntimeError: boom"]
+    assert "[2 of 3 pairs; 1 run(s) without a result (alignkit r1: error:" in text
+    assert "(n=2, 1 FAILED)" in text  # alignkit's spread over its repeats
+
+
+def test_online_pairs_check_generated_tokens_and_dpo_loss():
+    online = _load("online_cpu")
+
+    def r(lib, gen, loss, **settings):
+        return {"library": lib, "status": "ok", "steps": 4, "warmup": 1, "generated_tokens": gen, "final_loss": loss,
+                "settings": {"prompts_per_step": 8, "num_samples": 4, "max_new_tokens": 32, **settings},
+                "effective": {"share_prompt": True} if lib == "alignkit" else {}}
+
+    assert online.same_work(r("alignkit", 6070, 1e-8), r("trl", 5972, 5e-9), "grpo") == []  # 1.6 % apart
+    # 4.6 % short of the budget on one side: 5000 vs 6070 generated is 17.6 % apart (share_prompt is no excuse here)
+    assert online.same_work(r("alignkit", 6070, 1e-8), r("trl", 5000, 5e-9), "grpo") == [
+        "generated_tokens 6070 vs 5000 (17.6% apart, over 10%)"]
+    assert online.same_work(r("alignkit", 3026, 0.6931), r("trl", 3042, 0.9), "online_dpo") == [
+        "final loss 0.6931 vs 0.9000 (apart by more than 5% / 0.02)"]
+    assert online.same_work(r("alignkit", 3026, 0.6931), r("trl", 3042, 0.6931, num_samples=2), "grpo") == [
+        "num_samples 4 vs 2"]
+
+
+def test_reft_overhead_refuses_to_time_an_intervention_that_edits_nothing():
+    """bench/reft_overhead.py times 'reft' against 'plain': a ReFT model whose intervention changes no logit (here the
+    plain model itself stands in for it) would time no edit, so the script stops before timing."""
+    import torch
+
+    from alignkit.interventions.attach import get_reft_model
+    from alignkit.interventions.config import ReftConfig
+
+    ro = _load("reft_overhead")
+    plain = ro.build_model()
+    reft = get_reft_model(ro.build_model(), ReftConfig.uniform([2], "loreft", low_rank_dimension=4)).eval()
+    ids = torch.randint(3, ro.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask, loc = torch.ones_like(ids), torch.full((2, 1, 1), 15)
+    assert ro.check_edit(plain, reft, ids, mask, loc) > 0
+
+    class NoEdit(torch.nn.Module):  # takes the locations and ignores them
+        def forward(self, intervention_locations=None, **kw):
+            return plain(**kw)
+
+    with pytest.raises(SystemExit, match="changed no logit"):
+        ro.check_edit(plain, NoEdit(), ids, mask, loc)
+
+
+def test_median_result_by_hand(run_cpu):
+    """Repeats at 10, 20 and 12 samples/s, one more that crashed: medians 12 samples/s (tokens/s 12 x 8946 / 160 =
+    670.95), spread (20 - 10) / 12 = 0.8333, the crash counted."""
+    rs = [_res("alignkit", 10.0), _res("alignkit", 0, status="error"), _res("alignkit", 20.0), _res("alignkit", 12.0)]
+    out = run_cpu.median_result(rs)
+    assert out["samples_per_s"] == 12.0 and out["tokens_per_s"] == pytest.approx(670.95)
+    assert out["spread"] == pytest.approx(10 / 12)
+    assert out["repeats"] == {"samples_per_s": [10.0, 20.0, 12.0], "peak_rss_mb": [500.0] * 3, "failed": 1}
+    assert run_cpu.side_spread(out) == "83% (n=3, 1 FAILED)"
+
+
+def test_run_cpu_refuses_a_selection_of_nothing_before_writing(run_cpu, tmp_path):
+    """--only with a typo selected no comparison: the old script wrote an empty table, a results JSON and a chart."""
+    with pytest.raises(SystemExit, match=r"select no comparison; --only matches part of one of: .*sft/small/"):
+        run_cpu.main(["--only", "smal/l1", "--results", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_online_cpu_refuses_nothing_to_run_before_writing(tmp_path):
+    online = _load("online_cpu")
+    for argv in (["--methods"], ["--sides"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit, match="online_cpu.py: nothing to run"):
+            online.main([*argv, "--results", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []

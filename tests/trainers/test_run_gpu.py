@@ -74,3 +74,48 @@ def test_dry_run_grpo_step(run_gpu, tmp_path):
     assert r["objective"] == "grpo" and r["steps"] == 2 and r["samples_per_prompt"] == 2
     assert 0 < r["generated_tokens"] <= 2 * 2 * 2 * 12  # steps x prompts x samples x max_new_tokens
     assert r["steps_per_s"] > 0 and 0 < r["generation_share"] < 1
+
+
+def test_mfu_by_hand(run_gpu):
+    """N = 1e9 matmul parameters at 1e4 tokens/s on a 989 TFLOP/s GPU: 6e13 FLOP/s is 6.0667 % MFU. The hardware
+    count: full DPO with its reference every step 8N, precomputed 6N, LoRA (frozen base) 4N (+2N with a reference)."""
+    assert run_gpu.mfu(10**9, 1e4, 989.0, "full", "sft", None) == pytest.approx((6e13 / 989e12, 6e13 / 989e12))
+    assert run_gpu.mfu(10**9, 1e4, 989.0, "full", "dpo", "auto")[1] == pytest.approx(8e13 / 989e12)
+    assert run_gpu.mfu(10**9, 1e4, 989.0, "full", "dpo", "precomputed")[1] == pytest.approx(6e13 / 989e12)
+    assert run_gpu.mfu(10**9, 1e4, 989.0, "lora", "dpo", "auto")[1] == pytest.approx(6e13 / 989e12)
+    assert run_gpu.mfu(10**9, 1e4, 989.0, "lora", "dpo", "precomputed")[1] == pytest.approx(4e13 / 989e12)
+    assert run_gpu.mfu(10**9, 1e4, None, "full", "sft", None) == (None, None)
+
+
+def test_token_count_reads_a_shared_prompt_mask_as_no_count(run_gpu):
+    """Shared-prompt DPO rows carry a (B, 1, T, T) mask: its sum is T^2 per row, not tokens. Two rows, pad id 0:
+    3 + 2 = 5 tokens; a 2-D mask is summed as is."""
+    import torch
+
+    timer = run_gpu._Timer(torch.nn.Identity(), warmup=0, steps=1, sync=lambda: None)
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 0, 0]])
+    timer._count(None, (), {"input_ids": ids, "attention_mask": torch.ones(2, 1, 4, 4, dtype=torch.bool)})
+    assert timer.tokens == 5
+    timer._count(None, (), {"input_ids": ids, "attention_mask": (ids != 0).long()})
+    assert timer.tokens == 10
+
+
+def test_dry_run_dpo_tokens_within_the_data(run_gpu, tmp_path):
+    """dpo_full on CPU runs shared-prompt rows (4-D masks). Prompts and completions are 12 +- 25 %: 9..15 tokens.
+    2 timed steps x 2 pairs: at most 2 x 2 x (15 + 15 + 15 + 15) = 240 tokens (prompt in both rows), at least
+    2 x 2 x (9 + 9 + 9) = 108 (prompt once). Summing the 4-D masks counted 1646."""
+    (r,) = run_gpu.main(["--dry-run", "--workloads", "dpo_full", "--out", str(tmp_path / "g.json"),
+                         "--work-dir", str(tmp_path / "work")])
+    assert 108 <= r["tokens"] <= 240, r["tokens"]
+    assert r["param_dtypes"] == {"float32": r["param_dtypes"]["float32"]}  # the dry run is float32 throughout
+
+
+def test_dry_run_grpo_names_the_knobs_it_does_not_apply(run_gpu, tmp_path, caplog):
+    """--compile / --padding-free / --grad-ckpt are the offline workloads' knobs: the GRPO loop runs without them
+    and its result says so, rather than standing in a --compile run's results as a compiled figure."""
+    with caplog.at_level("WARNING"):
+        (r,) = run_gpu.main(["--dry-run", "--workloads", "grpo_full", "--compile", "--padding-free", "--steps", "7",
+                             "--out", str(tmp_path / "g.json"), "--work-dir", str(tmp_path / "work")])
+    assert r["not_applied"] == ["--padding-free", "--compile"]
+    assert "grpo_full: --padding-free --compile not applied" in caplog.text
+    assert "--steps ignored" in caplog.text  # --dry-run's own sizes
