@@ -211,6 +211,25 @@ def test_ppo_value_loss_drops_on_a_fixed_batch_and_head_round_trips(tiny_dir, to
     assert torch.equal(head.linear.weight, trainer.value_head.linear.weight.detach())
 
 
+def test_ppo_whitening_is_over_the_scored_samples(tiny_dir, tokenizer):
+    """A failed annotation (NaN score, weight 0) used to enter PPO's advantage whitening with its filled-in reward.
+    No KL, a zero-initialised value head, gamma = lam = 1: each token's advantage before whitening is its row's
+    reward, so the whitened ones are the statistics module's z-scores over the scored rows' tokens."""
+    cfg = small(PPOConfig, kl_coef=0.0, gamma=1.0, lam=1.0)
+    trainer = PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0))
+    rollout.scores[[0, 5]] = float("nan")
+    rollout.rewards = torch.tensor([0.0, 1.0, 2.0, 4.0, 0.5, 1.5, -1.0, 3.0])  # 0.0, 1.5: filled-in values
+    adv = trainer.build_batch(rollout).advantages
+    lengths = rollout.mask.sum(-1).tolist()
+    scored = [i for i in range(8) if i not in (0, 5)]
+    tokens = [float(rollout.rewards[i]) for i in scored for _ in range(int(lengths[i]))]
+    mu, sd = statistics.mean(tokens), statistics.stdev(tokens)
+    for i in range(8):
+        want = [(float(rollout.rewards[i]) - mu) / sd if i in scored else 0.0] * int(lengths[i])
+        assert adv[i][rollout.mask[i]].tolist() == pytest.approx(want, abs=1e-5), i
+
+
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
     # a LoReFT adapter is not the identity at init, so the policy already differs from its reference
