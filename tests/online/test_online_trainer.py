@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from alignkit.adapters import load_adapter, reference_off
 from alignkit.models.loading import load_model
-from alignkit.online.annotators import Annotator
+from alignkit.online.annotators import Annotator, JudgeAnnotator
 from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -170,6 +170,22 @@ def test_online_dpo_with_judge_pairs(tiny_dir, tokenizer):
         assert samples[c].group == samples[r].group
     history = trainer.train()
     assert all(h["pairs"] > 0 and h["reward/failed"] == 0 for h in history)
+
+
+def test_online_dpo_logs_the_judges_undecided_comparisons(tiny_dir, tokenizer):
+    """JudgeAnnotator counted its unparseable pair answers (judge/pair_parse_failures) and nothing logged them: a
+    step's comparisons that gave no pair were invisible. Now in the step's row: 2 prompts x 3 pairs = 6 comparisons,
+    each a pair or a failure."""
+    from .scripted import ScriptedJudge
+
+    def script(text):  # an answer only for some comparisons (by the prompt's length parity)
+        return "Winner: A" if len(text) % 2 else "I cannot tell."
+
+    judge = JudgeAnnotator(ScriptedJudge(tokenizer, script), tokenizer)
+    cfg = small(OnlineDPOConfig, feedback="judge_pairs", feedback_kwargs={"pairs_per_prompt": 3}, steps=2)
+    history = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, judge, cfg).train()
+    assert all(h["pairs"] + h["judge/pair_parse_failures"] == 6 for h in history)
+    assert any(h["judge/pair_parse_failures"] > 0 for h in history)
 
 
 def test_rloo_trainer_uses_leave_one_out_advantages(tiny_dir, tokenizer):

@@ -117,9 +117,11 @@ def response_text(response: Completion) -> str:
 
 
 class Annotator:
-    """Base class: subclasses implement `annotate`; pairwise judges also override `prefer_batch`."""
+    """Base class: subclasses implement `annotate`; pairwise judges also override `prefer_batch`, and may report
+    counts of their last `prefer_batch` call in `last_pair_metrics` (logged by online DPO's "judge_pairs")."""
 
     name = "annotator"
+    last_pair_metrics: dict[str, float] = {}  # read-only default; a judge assigns its own dict
 
     def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
                  metas: Sequence[dict] | None = None) -> Scores:
