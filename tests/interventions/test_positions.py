@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.data.positions import Positions, locations_from_mask, locations_from_spans, prompt_spans_from_mask
+from alignkit.data.positions import (
+    Positions, locations_from_mask, locations_from_spans, prompt_spans, prompt_spans_from_mask,
+)
 
 
 @pytest.mark.parametrize("spec,first,last", [("l1", 0, 1), ("f1", 1, 0), ("f3+l3", 3, 3), ("f5+l5", 5, 5),
@@ -111,6 +113,14 @@ def test_from_mask_refuses_a_row_with_holes():
                                          r"\(0 at index 3, between attended tokens 2 and 4\)"):
         locations_from_mask("l1", holes, 1)
     assert prompt_spans_from_mask(torch.tensor([[0, 0, 0], [0, 1, 1]]))[1].tolist() == [0, 2]  # all-pad row: fine
+    # with a completion mask (training batches, KTO's mismatched pairs): row 1's prompt [1, 2] + completion [4, 5]
+    # gave start 1, prompt length 3 (up to the first completion token), so "l1" fell on index 3, the hole, not the
+    # prompt's last token 2; a caller's own batch is now refused the same way (collators' masks pass)
+    completion = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]])
+    with pytest.raises(ValueError, match=r"^attention_mask row 1 is not one contiguous span .*0 at index 3"):
+        prompt_spans(holes, completion)
+    right = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    assert [t.tolist() for t in prompt_spans(right, completion)] == [[0, 0], [2, 4]]  # hand: [start], [prompt length]
 
 
 def test_indices_point_inside_prompt_randomised():

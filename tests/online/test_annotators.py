@@ -180,9 +180,12 @@ def test_pointwise_prefer_and_registry(rewards_module):
 # ---------------------------------------------------------------------------------------------- judge
 
 def judge_script(text: str) -> str:
+    if "Response A: twice" in text:  # pairwise, two winners named
+        return "Winner: A. On reflection, Winner: B"
     if "Response A:" in text:  # pairwise: the better is the one saying "good"
         return "Winner: A" if text.index("good") < text.index("bad") else "Winner: B"
-    for key, reply in (("good", "Thoughts... Score: 9"), ("bad", "Score: 2"), ("huge", "Score: 42")):
+    for key, reply in (("good", "Thoughts... Score: 9"), ("bad", "Score: 2"), ("huge", "Score: 42"),
+                       ("twice", "Score: 3, no: Score: 8"), ("again", "Score: 7. Final Score: 7.0")):
         if f"Response: {key}" in text:
             return reply
     return "I cannot rate this."
@@ -204,11 +207,16 @@ def test_judge_parses_normalises_and_counts_failures(tokenizer):
     assert "Question: user: What is 2 + 2?\nResponse: bad" in model.seen[1]
     raw = JudgeAnnotator(model, tokenizer, normalize=False, on_failure="default", default_score=5.0)
     assert raw.annotate(["q"] * 3, ["good", "meh", "bad"]).values.tolist() == [9.0, 5.0, 2.0]
+    # two different verdicts in one answer: no single score (the first, 3, was taken); the same one twice is fine
+    two = raw.annotate(["q"] * 2, ["twice", "again"])
+    assert two.values.tolist() == [5.0, 7.0] and two.failed.tolist() == [True, False]
+    assert two.meta[0]["judge_error"] == "ambiguous" and two.metrics["judge/parse_failures"] == 1.0
 
 
 def test_judge_pairwise(tokenizer):
     judge = JudgeAnnotator(ScriptedJudge(tokenizer, judge_script), tokenizer)
     assert judge.prefer_batch(["q", "q"], ["good", "bad"], ["bad", "good"]) == [0, 1]
+    assert judge.prefer_batch(["q"], ["twice"], ["good"]) == [None]  # both winners named: undecided (was A)
 
 
 def test_judge_template_checked(tokenizer):

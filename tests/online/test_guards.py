@@ -129,7 +129,8 @@ def test_online_dpo_steps_without_pairs_are_reported(tiny_dir, tokenizer, feedba
                                   "feedback did not move the policy"]
 
 
-def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override(tiny_dir, tokenizer, tmp_path):
+def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override(tiny_dir, tokenizer, tmp_path,
+                                                                                  caplog):
     """A checkpoint's prompt order indexes its run's prompts: resumed over fewer prompts it died at the next step
     with "IndexError: list index out of range", over others it ran them under the old order without a word; and a
     changed learning_rate / kl_coef / seed was silently replaced by the checkpoint's optimizer / KL / RNG state.
@@ -155,6 +156,16 @@ def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override
     with pytest.raises(CheckpointError, match=r"has done 1 step\(s\), more than steps=0 \(train.max_steps\)"):
         trainer(PROMPTS, steps=0).train(resume_from_checkpoint=ckpt)
     assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # the same run: step 2 runs
+    # another number of processes: the prompt order and global batches are the same, the per-process sampling seeds
+    # are not; resumed with a warning that says so (it resumed without a word, and the number was not recorded)
+    text = (ckpt / "trainer_state.json").read_text()
+    assert json.loads(text)["world_size"] == 1
+    (ckpt / "trainer_state.json").write_text(text.replace('"world_size": 1', '"world_size": 2'))  # same size
+    with caplog.at_level("WARNING", logger="alignkit.online.checkpoint"):
+        assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1
+    said = [r.getMessage() for r in caplog.records if "process(es)" in r.getMessage()]
+    assert len(said) == 1 and "written by a run of 2 process(es), this one has 1" in said[0]
+    assert "sampling seeds" in said[0]
 
 
 @pytest.mark.parametrize("kwargs, says", [

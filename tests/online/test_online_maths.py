@@ -82,3 +82,16 @@ def test_ppo_advantages_on_three_tokens_by_hand():
     a1 = 0.5 * 0.6 - 0.4 + 0.5 * a2
     a0 = 0.5 * 0.4 - 0.2 + 0.5 * a1
     assert adv2[0, 1:4].tolist() == pytest.approx([a0, a1, a2])
+
+
+def test_ppo_whitening_leaves_failed_annotations_out():
+    """A failed annotation (weight 0) used to enter the whitening with its filled-in score, moving the scored
+    samples' advantages. No KL, values 0, gamma = lam = 1: every token's advantage is its row's score."""
+    mask = torch.ones(3, 2)
+    zeros = torch.zeros(3, 2)
+    scores = torch.tensor([1.0, 3.0, 0.0])  # the third failed: 0 is its filled-in reward
+    adv, _, _ = ppo_advantages(scores, zeros, zeros, zeros, mask, kl_coef=0.0, gamma=1.0, lam=1.0,
+                               scored=torch.tensor([True, True, False]))
+    # scored tokens [1, 1, 3, 3]: mean 2, unbiased variance 4 / 3 -> -+ 1 / sqrt(4 / 3) = -+ 0.8660
+    z = 1 / math.sqrt(4 / 3)
+    assert adv.tolist() == [pytest.approx([-z, -z], abs=1e-6), pytest.approx([z, z], abs=1e-6), [0.0, 0.0]]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from alignkit.adapters import load_adapter, reference_off
 from alignkit.models.loading import load_model
-from alignkit.online.annotators import Annotator
+from alignkit.online.annotators import Annotator, JudgeAnnotator
 from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -172,6 +172,22 @@ def test_online_dpo_with_judge_pairs(tiny_dir, tokenizer):
     assert all(h["pairs"] > 0 and h["reward/failed"] == 0 for h in history)
 
 
+def test_online_dpo_logs_the_judges_undecided_comparisons(tiny_dir, tokenizer):
+    """JudgeAnnotator counted its unparseable pair answers (judge/pair_parse_failures) and nothing logged them: a
+    step's comparisons that gave no pair were invisible. Now in the step's row: 2 prompts x 3 pairs = 6 comparisons,
+    each a pair or a failure."""
+    from .scripted import ScriptedJudge
+
+    def script(text):  # an answer only for some comparisons (by the prompt's length parity)
+        return "Winner: A" if len(text) % 2 else "I cannot tell."
+
+    judge = JudgeAnnotator(ScriptedJudge(tokenizer, script), tokenizer)
+    cfg = small(OnlineDPOConfig, feedback="judge_pairs", feedback_kwargs={"pairs_per_prompt": 3}, steps=2)
+    history = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, judge, cfg).train()
+    assert all(h["pairs"] + h["judge/pair_parse_failures"] == 6 for h in history)
+    assert any(h["judge/pair_parse_failures"] > 0 for h in history)
+
+
 def test_rloo_trainer_uses_leave_one_out_advantages(tiny_dir, tokenizer):
     with pytest.raises(ValueError, match="num_samples >= 2"):
         RLOOConfig(sampling=SamplingConfig(num_samples=1))
@@ -209,6 +225,25 @@ def test_ppo_value_loss_drops_on_a_fixed_batch_and_head_round_trips(tiny_dir, to
     trainer.save(tmp_path)
     head = ValueHead.load(tmp_path)
     assert torch.equal(head.linear.weight, trainer.value_head.linear.weight.detach())
+
+
+def test_ppo_whitening_is_over_the_scored_samples(tiny_dir, tokenizer):
+    """A failed annotation (NaN score, weight 0) used to enter PPO's advantage whitening with its filled-in reward.
+    No KL, a zero-initialised value head, gamma = lam = 1: each token's advantage before whitening is its row's
+    reward, so the whitened ones are the statistics module's z-scores over the scored rows' tokens."""
+    cfg = small(PPOConfig, kl_coef=0.0, gamma=1.0, lam=1.0)
+    trainer = PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+    rollout = trainer.score(trainer.generate(PROMPTS[:2], 0))
+    rollout.scores[[0, 5]] = float("nan")
+    rollout.rewards = torch.tensor([0.0, 1.0, 2.0, 4.0, 0.5, 1.5, -1.0, 3.0])  # 0.0, 1.5: filled-in values
+    adv = trainer.build_batch(rollout).advantages
+    lengths = rollout.mask.sum(-1).tolist()
+    scored = [i for i in range(8) if i not in (0, 5)]
+    tokens = [float(rollout.rewards[i]) for i in scored for _ in range(int(lengths[i]))]
+    mu, sd = statistics.mean(tokens), statistics.stdev(tokens)
+    for i in range(8):
+        want = [(float(rollout.rewards[i]) - mu) / sd if i in scored else 0.0] * int(lengths[i])
+        assert adv[i][rollout.mask[i]].tolist() == pytest.approx(want, abs=1e-5), i
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])

@@ -105,6 +105,9 @@ def test_a_short_zero_gradient_spell_only_warns(make_model, features, collators,
     ({"train_sampling_strategy": "batch_rebalance"}, "reads an input_ids column, which preference"),
     ({"fsdp": "full_shard"}, "train.fsdp: FSDP shards the model over several processes and this run has "
                              "one; remove train.fsdp, or launch several processes"),
+    ({"length_column_name": "n_tokens"}, "train.length_column_name='n_tokens': alignkit's length grouping"),
+    ({"length_column_name": "n_tokens", "train_sampling_strategy": "group_by_length"},
+     "train.length_column_name='n_tokens': alignkit's length grouping"),
 ])
 def test_training_arguments_that_would_be_ignored_are_refused(override, says):
     """Accepted by TrainingArguments, silently not applied by alignkit's objectives (label smoothing: the loss is
@@ -118,6 +121,9 @@ def test_training_arguments_that_would_be_ignored_are_refused(override, says):
     with pytest.raises(ConfigError, match=says):
         refuse_ignored_arguments(TrainingArguments("unused", report_to="none", **override), pairs)
     refuse_ignored_arguments(TrainingArguments("unused", report_to="none"), pairs)  # the defaults pass
+    # the Trainer's batch_rebalance sampler reads the column (of a datasets.Dataset): kept
+    refuse_ignored_arguments(TrainingArguments("unused", report_to="none", length_column_name="n_tokens",
+                                               train_sampling_strategy="batch_rebalance"), [{"input_ids": [1, 2]}])
 
 
 def test_beta_beside_params_with_another_beta_is_refused(make_model, features, collators, tmp_path):

@@ -248,6 +248,14 @@ def test_a_loss_without_the_kl_reference_point_scores_no_mismatched_pairs(make_m
     assert float(loss) == pytest.approx(sum(want) / 2, rel=1e-5) and float(out.metrics["kl"]) == 0.0
     trainer.train()
     assert not called
+    # the 0 it got for z_ref is not a KL: not logged (it was, as kl 0), and not a metric_for_best_model
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert logged and all("rewards/chosen" in row and "kl" not in row for row in logged)
+    with pytest.raises(ConfigError, match="kl"):
+        KTOTrainer(make_model("lora"), fast_args(tmp_path, per_device_train_batch_size=1, max_steps=1,
+                                                 eval_strategy="steps", eval_steps=1, metric_for_best_model="kl"),
+                   train_dataset=features["unpaired"][:3], eval_dataset=features["unpaired"][:3],
+                   data_collator=collators["unpaired"], loss_type="apo_zero_unpaired")
 
 
 @pytest.mark.parametrize("metric", ["eval_rewards/chosen", "logps/chosen"])

@@ -145,12 +145,10 @@ def locations_from_spans(spec: "str | Positions", start: torch.Tensor, length: t
     return slots[:, None, :].expand(-1, k, -1).contiguous()  # (B, K, P)
 
 
-def prompt_spans_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(start, length) of the non-pad span of each row of a prompt-only batch, left or right padded.
-
-    attention_mask: (B, T) of 0/1, one contiguous span of 1s per row (left or right padding); a row with holes
-    (a 0 between 1s) is refused, since its positions would be placed off its tokens.
-    """
+def check_one_span(attention_mask: torch.Tensor) -> None:
+    """Refuse (ValueError, one line naming the row and the hole) a (B, T) attention mask whose row is not one
+    contiguous span of 1s (a 0 between attended tokens): positions counted from a row's first attended token
+    (ReFT positions, the prompt / completion split) would be placed off its tokens. A GPU sync on accelerators."""
     mask = attention_mask.to(torch.long)
     starts = (torch.diff(mask, dim=1, prepend=mask.new_zeros(mask.shape[0], 1)) > 0).sum(dim=1)  # (B,) spans
     if bool((starts > 1).any()):
@@ -158,17 +156,38 @@ def prompt_spans_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, 
         on = mask[row].nonzero()[:, 0].tolist()
         gap = next(i for i in range(len(on) - 1) if on[i + 1] > on[i] + 1)
         raise ValueError(f"attention_mask row {row} is not one contiguous span of attended tokens (0 at index "
-                         f"{on[gap] + 1}, between attended tokens {on[gap]} and {on[gap + 1]}), so ReFT positions "
-                         f"(counted from its first attended token over {len(on)} tokens) would miss its tokens; pad "
-                         f"each row on one side only (left or right), with 0 only in the padding")
+                         f"{on[gap] + 1}, between attended tokens {on[gap]} and {on[gap + 1]}), so positions counted "
+                         f"from its first attended token over {len(on)} tokens (ReFT positions, its prompt / "
+                         f"completion split) would miss its tokens; pad each row on one side only (left or right), "
+                         f"with 0 only in the padding")
+
+
+def prompt_spans_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) of the non-pad span of each row of a prompt-only batch, left or right padded.
+
+    attention_mask: (B, T) of 0/1, one contiguous span of 1s per row (left or right padding); a row with holes
+    (a 0 between 1s) is refused (`check_one_span`), since its positions would be placed off its tokens.
+    """
+    check_one_span(attention_mask)
+    mask = attention_mask.to(torch.long)
     length = mask.sum(dim=1)  # (B,)
     start = mask.argmax(dim=1)  # (B,) first 1 (0 for an all-pad row)
     return start, length
 
 
+_SPANS_CHECKED_ON: set[torch.device] = set()  # accelerators whose first prompt_spans mask was checked
+
+
 def prompt_spans(attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(start, length) `(B,)` of each row's prompt: from its first attended token to its first completion
-    token (or to its last attended token when the row has no completion). Left or right padding."""
+    token (or to its last attended token when the row has no completion). Left or right padding; one contiguous
+    span of attended tokens per row (alignkit's collators build such masks; a mask with holes is refused by
+    `check_one_span`: on CPU tensors at every call, on an accelerator at the first call of the process only, which
+    avoids a GPU sync per batch)."""
+    if attention_mask.device.type == "cpu" or attention_mask.device not in _SPANS_CHECKED_ON:
+        check_one_span(attention_mask)
+        if attention_mask.device.type != "cpu":
+            _SPANS_CHECKED_ON.add(attention_mask.device)
     att = attention_mask.long()
     comp = completion_mask.long() * att
     start = att.argmax(dim=1)  # (B,) first real token
@@ -184,4 +203,4 @@ def locations_from_mask(spec: "str | Positions", attention_mask: torch.Tensor, n
     return locations_from_spans(spec, start, length, num_interventions, share_weights)
 
 
-__all__ = ["Positions", "check_prompt_lengths", "locations_from_spans", "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]
+__all__ = ["Positions", "check_one_span", "check_prompt_lengths", "locations_from_spans", "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]

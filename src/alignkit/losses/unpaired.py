@@ -94,7 +94,7 @@ def apo_zero_unpaired_loss(policy_logps: Tensor, reference_logps: Tensor, desira
 
         L = lambda_D (1 - sigma(beta rho)) if desirable,  lambda_U sigma(beta rho) if undesirable
 
-    `kl` is not used by the loss (only logged; not in KL_LOSSES, so trainers pass 0), as in TRL.
+    `kl` is not used by the loss (not in KL_LOSSES: KTOTrainer passes 0 and does not log it; TRL logs the 0).
     """
     _check(policy_logps, reference_logps, desirable, "apo_zero_unpaired_loss")
     rho = policy_logps - reference_logps

@@ -117,9 +117,11 @@ def response_text(response: Completion) -> str:
 
 
 class Annotator:
-    """Base class: subclasses implement `annotate`; pairwise judges also override `prefer_batch`."""
+    """Base class: subclasses implement `annotate`; pairwise judges also override `prefer_batch`, and may report
+    counts of their last `prefer_batch` call in `last_pair_metrics` (logged by online DPO's "judge_pairs")."""
 
     name = "annotator"
+    last_pair_metrics: dict[str, float] = {}  # read-only default; a judge assigns its own dict
 
     def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
                  metas: Sequence[dict] | None = None) -> Scores:
@@ -474,10 +476,12 @@ class JudgeAnnotator(Annotator):
 
     `template` holds {prompt} and {response}; it is sent as one user message through the tokenizer's chat template
     when there is one (`chat=None`, auto), always (`chat=True`: a tokenizer without one is a ValueError) or never
-    (`chat=False`: plain text). Greedy answers of up to `max_new_tokens`; `pattern`'s first group is the score
-    (first match). A score outside `score_range` counts as a failure; with `normalize`, s -> (s - lo) / (hi - lo)
-    in [0, 1]. Metrics: judge/parse_failures (no match), judge/out_of_range, judge/failure_rate.
-    Pairwise: `pair_template` ({prompt}, {response_a}, {response_b}) and `pair_pattern` capturing "A" or "B".
+    (`chat=False`: plain text). Greedy answers of up to `max_new_tokens`; `pattern`'s first group is the score.
+    An answer whose matches give different scores ("Score: 3 ... Score: 8") has no single verdict and counts as a
+    failure ("ambiguous"), as does a score outside `score_range`; with `normalize`, s -> (s - lo) / (hi - lo)
+    in [0, 1]. Metrics: judge/parse_failures (no match, or disagreeing matches), judge/out_of_range,
+    judge/failure_rate. Pairwise: `pair_template` ({prompt}, {response_a}, {response_b}) and `pair_pattern`
+    capturing "A" or "B" (an answer naming both winners is undecided, None).
     """
 
     name = "judge"
@@ -521,14 +525,17 @@ class JudgeAnnotator(Annotator):
         return [s.response for s in samples]
 
     def parse(self, answer: str) -> tuple[float | None, str | None]:
-        """(score in output scale, None) or (None, "unparseable" | "out_of_range")."""
-        m = self.regex.search(answer)
-        if m is None:
-            return None, "unparseable"
+        """(score in output scale, None) or (None, "unparseable" | "ambiguous" | "out_of_range"). Every match is
+        read: matches that give different scores (the first used to win) are "ambiguous"."""
         try:
-            s = float(m.group(1))
-        except ValueError:
+            found = {float(m.group(1)) for m in self.regex.finditer(answer)}
+        except (TypeError, ValueError):
             return None, "unparseable"
+        if not found:
+            return None, "unparseable"
+        if len(found) > 1:
+            return None, "ambiguous"
+        s = found.pop()
         lo, hi = self.range
         if not lo <= s <= hi:
             return None, "out_of_range"
@@ -542,10 +549,11 @@ class JudgeAnnotator(Annotator):
         answers = self._ask(asks)
         parsed = [self.parse(a) for a in answers]
         meta = [{"judge_output": a, **({"judge_error": err} if err else {})} for a, (_, err) in zip(answers, parsed)]
-        n_parse = sum(err == "unparseable" for _, err in parsed)
+        n_parse = sum(err in ("unparseable", "ambiguous") for _, err in parsed)
         n_range = sum(err == "out_of_range" for _, err in parsed)
         if n_parse or n_range:
-            logger.warning("judge: %d/%d answer(s) unparseable (pattern %r), %d out of range %s; policy %r; e.g. %r",
+            logger.warning("judge: %d/%d answer(s) unparseable or with disagreeing scores (pattern %r), %d out of "
+                           "range %s; policy %r; e.g. %r",
                            n_parse, len(answers), self.pattern, n_range, self.range, self.on_failure,
                            next(m["judge_output"] for m in meta if "judge_error" in m)[:80])
         metrics = {"judge/parse_failures": float(n_parse), "judge/out_of_range": float(n_range),
@@ -558,8 +566,8 @@ class JudgeAnnotator(Annotator):
                        response_b=response_text(y)) for p, x, y in zip(prompts, a, b)]
         out: list[int | None] = []
         for ans in self._ask(asks):
-            m = self.pair_regex.search(ans)
-            out.append(None if m is None or m.group(1) not in ("A", "B") else (0 if m.group(1) == "A" else 1))
+            named = {m.group(1) for m in self.pair_regex.finditer(ans)}  # "Winner: A ... Winner: B": no verdict
+            out.append(None if len(named) != 1 or not named <= {"A", "B"} else (0 if named == {"A"} else 1))
         self.last_pair_metrics = {"judge/pair_parse_failures": float(sum(o is None for o in out))}
         return out
 

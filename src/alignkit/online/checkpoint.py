@@ -75,7 +75,7 @@ class Checkpoints:
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
                          "kl_coef": float(self.kl_ctl.value), "num_tokens": self._num_tokens,
                          "moments": [self.moments.count, self.moments.mean, self.moments.m2],
-                         "prompts": prompts_fingerprint(self.prompts),
+                         "prompts": prompts_fingerprint(self.prompts), "world_size": self.world,
                          "settings": {k: getattr(self.config, k) for k in self.RESTORED_SETTINGS}}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
@@ -144,6 +144,15 @@ class Checkpoints:
         self._num_tokens = int(state.get("num_tokens", 0))  # older checkpoints: counted from 0 again
         self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
         logger.info("resumed from %s (step %d)", folder, state["step"])
+        saved_world = state.get("world_size")  # not recorded before: not compared
+        if isinstance(saved_world, int) and saved_world != self.world:
+            # the prompt order, prompts_per_step and mini_batch_size are global and every reduction is over all
+            # processes, so the steps are the same training; only the per-process random streams differ
+            logger.warning("resume: %s was written by a run of %d process(es), this one has %d: the run continues with "
+                           "the same prompt order and global batches (prompts_per_step, mini_batch_size), but the "
+                           "sampling seeds ((seed * 100003 + step) * processes + rank) and minibatch shuffles differ "
+                           "from those of an uninterrupted run, so its samples will not be the ones that run would "
+                           "have drawn", folder, saved_world, self.world)
         return int(state["step"])
 
     def save(self, folder: str | Path) -> Path:

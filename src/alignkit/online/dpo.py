@@ -130,6 +130,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         scores = torch.where(torch.isnan(rollout.scores), rollout.scores, rollout.rewards).tolist()  # NaN: failed
         records = build_records(c.feedback, samples, None if c.feedback == "judge_pairs" else scores,
                                 self.annotator, **c.feedback_kwargs)
+        if c.feedback == "judge_pairs":  # the judge's own counts (judge/pair_parse_failures): logged with the step's
+            rollout.metrics.update(self.annotator.last_pair_metrics)
         if records and c.reweighters:
             records = reweight(records, c.reweighters)
         row = {(s.group, s.index): i for i, s in enumerate(samples)}

@@ -36,7 +36,7 @@ class ProcessMetrics:
             return t
         return self.accelerator.reduce(t.to(self.accelerator.device).clone(), reduction="sum")
 
-    SUMMED_METRICS = ("reward/failed", "pairs")
+    SUMMED_METRICS = ("reward/failed", "pairs", "judge/pair_parse_failures")
     GLOBAL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                       "completions/mean_length", "completions/min_length", "completions/max_length",
                       "completions/clipped_ratio", "num_tokens")

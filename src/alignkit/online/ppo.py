@@ -8,7 +8,8 @@ Rollout (no gradient), per sample with response tokens t = 0..L-1:
     V_t    = value_head(h_t)                                     (old values)
     delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1}  (V_L = 0)   (`gae`)
     R_t    = A_t + V_t                                           (value targets)
-    A      <- whiten(A) over the batch's response tokens         (`whiten_advantages`)
+    A      <- whiten(A) over the batch's response tokens         (`whiten_advantages`; a failed annotation's
+                                                                 tokens are left out and get A = 0)
 
 Update (`epochs_per_step` passes, minibatches of samples):
 
@@ -54,14 +55,17 @@ class PPOBatch:
 
 def ppo_advantages(scores: Tensor, old_logps: Tensor, ref_logps: Tensor, values: Tensor, mask: Tensor, *,
                    kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
-                   whiten: bool = True, sum_fn=None) -> tuple[Tensor, Tensor, Tensor]:
+                   whiten: bool = True, sum_fn=None, scored: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(advantages, returns, token rewards), all (B, T), from scores (B,) and per-token tensors (B, T).
-    `sum_fn` (e.g. a sum over processes) makes the whitening statistics global."""
+    `sum_fn` (e.g. a sum over processes) makes the whitening statistics global. `scored` (B,) bool marks the
+    samples the annotator scored: a failed one (False; weight 0, its score a filled-in value) is left out of the
+    whitening statistics, which would otherwise move every other sample's advantages, and gets advantage 0."""
     rewards, _ = per_token_rewards(scores, old_logps, ref_logps, mask, kl_coef, kl_estimator)
     adv, returns = gae(rewards, values, mask, gamma, lam)
+    keep = mask if scored is None else mask * scored.to(mask.dtype)[:, None]
     if whiten:
-        adv = masked_whiten(adv, mask, sum_fn=sum_fn) * mask
-    return adv, returns, rewards
+        adv = masked_whiten(adv, keep, sum_fn=sum_fn)
+    return adv * keep, returns, rewards
 
 
 class PPOTrainer(OnlineTrainer):
@@ -88,7 +92,8 @@ class PPOTrainer(OnlineTrainer):
         adv, returns, _ = ppo_advantages(r.rewards, r.old_logps, r.ref_logps, old_values, m,
                                          kl_coef=self.kl_ctl.value, kl_estimator=c.kl_estimator, gamma=c.gamma,
                                          lam=c.lam, whiten=c.whiten_advantages,
-                                         sum_fn=self.reduce_sum if self.world > 1 else None)
+                                         sum_fn=self.reduce_sum if self.world > 1 else None,
+                                         scored=~torch.isnan(r.scores))
         r.hidden = None  # not needed any more
         return PPOBatch(r, adv, returns, old_values)
 
@@ -111,7 +116,7 @@ class PPOTrainer(OnlineTrainer):
         return loss, metrics
 
     def optimise(self, pb: PPOBatch) -> dict[str, float]:
-        m = pb.rollout.mask.float()
+        m = pb.rollout.mask.float() * (~torch.isnan(pb.rollout.scores)).float()[:, None]  # scored samples' tokens
         n = m.sum().clamp(min=1)
         out = self.run_minibatches(len(pb.rollout.samples), lambda idx, norm: self.ppo_loss(pb, idx, norm),
                                    lambda idx: pb.rollout.weights[idx].sum())

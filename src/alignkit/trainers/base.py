@@ -159,7 +159,7 @@ class AlignTrainer(BatchSampling, Trainer):
             raise ValueError(f"weight_normalization must be 'count' or 'weighted', got {weight_normalization!r}")
         self.weight_normalization = weight_normalization
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
-        refuse_ignored_arguments(args, kwargs.get("train_dataset"))
+        refuse_ignored_arguments(args, kwargs.get("train_dataset"), self.group_by_length)
         check_optimizer(args, kwargs)
         check_scheduler(args, kwargs)
         changes: dict[str, Any] = {}

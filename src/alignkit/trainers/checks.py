@@ -132,8 +132,9 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, 
                               "output_dir")
 
 
-def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None) -> None:
-    """TrainingArguments that alignkit's trainers would accept and silently not apply: one ConfigError each."""
+def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None, group_by_length: bool = False) -> None:
+    """TrainingArguments that alignkit's trainers would accept and silently not apply: one ConfigError each.
+    `group_by_length`: the trainer's own length grouping (`BatchSampling`) is on."""
     if getattr(args, "label_smoothing_factor", 0.0):
         raise ConfigError(f"train.label_smoothing_factor={args.label_smoothing_factor}: the Trainer applies it in "
                           "its own loss, which alignkit's objectives replace, so it would be ignored; remove it "
@@ -150,6 +151,11 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None)
             and hasattr(train_dataset, "__len__") and len(train_dataset) and "input_ids" not in train_dataset[0]:
         raise ConfigError("train.train_sampling_strategy='batch_rebalance' reads an input_ids column, which "
                           "preference / ranked features do not have; use 'group_by_length' (train.group_by_length)")
+    column = getattr(args, "length_column_name", "length")
+    if column != "length" and (group_by_length or getattr(args, "train_sampling_strategy", None) != "batch_rebalance"):
+        raise ConfigError(f"train.length_column_name={column!r}: alignkit's length grouping (group_by_length) measures "
+                          "each tokenized example itself, and only train_sampling_strategy='batch_rebalance' (the "
+                          "Trainer's sampler) reads a length column, so it would be ignored; remove it")
     if getattr(args, "deepspeed", None) and deepspeed_cannot_start():
         raise ConfigError("train.deepspeed: DeepSpeed starts only under a launcher (torchrun, accelerate launch, "
                           "deepspeed), even for one process; without one it looks for MPI (mpi4py, not installed) and "

@@ -11,7 +11,8 @@ and by the reference:
 
 The reference is the adapter switched off or a frozen copy (precomputed log-probs are not offered:
 the mismatched pairs depend on how batches are drawn). KTO needs batches of at least 2 examples; a loss that does not
-read z_ref (`alignkit.losses.KL_LOSSES`: apo_zero_unpaired) scores no mismatched pairs and logs kl 0, as TRL's.
+read z_ref (`alignkit.losses.KL_LOSSES`: apo_zero_unpaired) scores no mismatched pairs and logs no `kl` (TRL logs
+0 there, a figure that is not a KL; metric_for_best_model "kl" is refused for it).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class KTOTrainer(HasReference, AlignTrainer):
                  **kwargs: Any) -> None:
         UNPAIRED_LOSSES[loss_type]
         self.loss_type, self.beta, self.chunk_size = loss_type, beta, chunk_size
-        self.reads_kl = loss_type in KL_LOSSES  # else no mismatched pairs are scored (kl 0)
+        self.reads_kl = loss_type in KL_LOSSES  # else no mismatched pairs are scored (no kl logged)
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         # its KL pairs depend on how batches are drawn, so they cannot be precomputed
         self.reference: Reference = build_reference(model, reference, ref_model=ref_model, chunk_size=chunk_size,
@@ -149,11 +150,15 @@ class KTOTrainer(HasReference, AlignTrainer):
 
     PER_SIDE = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")  # logged as <name>_sum / count
 
+    def objective_settings(self) -> dict[str, Any]:
+        return {"loss_type": self.loss_type}
+
     @classmethod
-    def objective_metrics(cls, **_: Any) -> tuple[str, ...]:
-        """`metric_totals`' names. An evaluation whose examples are all of one side (desirable or not) has no count
-        for the other, and does not log that side's two metrics."""
-        return (*cls.PER_SIDE, "kl")
+    def objective_metrics(cls, loss_type: str = "kto", **_: Any) -> tuple[str, ...]:
+        """`metric_totals`' names: `kl` only for a loss that reads z_ref (`KL_LOSSES`). An evaluation whose examples
+        are all of one side (desirable or not) has no count for the other, and does not log that side's two
+        metrics."""
+        return (*cls.PER_SIDE, "kl") if loss_type in KL_LOSSES else cls.PER_SIDE
 
     def _check_best_metric_side(self) -> None:
         """A metric_for_best_model of one side (rewards/chosen, logps/rejected, ...) with an evaluation set that has
@@ -178,8 +183,9 @@ class KTOTrainer(HasReference, AlignTrainer):
         for name in self.PER_SIDE:
             side = name.split("/")[1]
             out[name] = (metrics[f"{name}_sum"].float(), metrics[f"count/{side}"].float())
-        kl = metrics["kl"].float()
-        out["kl"] = (kl, torch.ones_like(kl))
+        if self.reads_kl:  # else the loss got 0 for z_ref: not a KL, not logged
+            kl = metrics["kl"].float()
+            out["kl"] = (kl, torch.ones_like(kl))
         return out
 
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
