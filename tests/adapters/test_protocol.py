@@ -5,6 +5,7 @@ kind's parts."""
 
 from __future__ import annotations
 
+import shutil
 import typing
 
 import pytest
@@ -164,3 +165,40 @@ def test_an_adapter_holding_a_non_finite_weight_is_refused_at_load(row, value, t
     with torch.no_grad():
         param.view(-1)[0] = 0.0
     load_adapter(load_model(tiny_dir("llama")), save_adapter(model, tmp_path / "b"))  # finite again: loads
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+@pytest.mark.parametrize("other", [{"hidden_size": 96}, {"arch": "gpt2"}], ids=["hidden-96", "gpt2"])
+def test_an_adapter_on_a_base_of_another_shape_is_refused_in_one_line_before_loading(row, other, tiny_dir, tmp_path):
+    """Before: check_base ran after peft / ReFT had loaded the folder, so a LoRA on a wider base failed first with
+    peft's multi-line "size mismatch for base_model.model...", one on a GPT-2 with NoMatchingPeftModuleError, and a
+    ReFT with its own wording. Now every kind says the same, before loading: what differs and which base the folder
+    was trained on (the fingerprint records its path), and the base model is left unwrapped."""
+    base = tiny_dir("llama")
+    folder = save_adapter(apply_adapter(load_model(base), row.config()), tmp_path / "a")
+    wrong = load_model(tiny_dir(other.get("arch", "llama"), **{k: v for k, v in other.items() if k != "arch"}))
+    want = "hidden_size 96 here, 64 when trained" if "hidden_size" in other else "model_type gpt2 here, llama when trained"
+    with pytest.raises(ValueError) as e:
+        load_adapter(wrong, folder)
+    assert str(e.value) == (f"{folder}: this adapter was trained on a different base model ({want}; it was trained on "
+                            f"{base}); load it on the base it was trained with (the training run's base_model/ or "
+                            "model.path), or pass check_base=False (model.check_base: false) if that is what you mean")
+    assert adapter_of(wrong).kind == "full"  # nothing was wrapped around it
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_a_folder_missing_one_of_its_files_is_refused_naming_it(row, tiny_dir, tmp_path):
+    """Each file of the row (reft_config.json, adapter_config.json, the weights) is required by the kind's
+    `weight_files`. Before: a ReFT folder without reft_config.json failed inside load_reft, a LoRA folder without
+    adapter_config.json inside peft (huggingface_hub's repo-id error), after the base had loaded."""
+    saved = save_adapter(apply_adapter(load_model(tiny_dir("llama")), row.config()), tmp_path / "saved")
+    for name in row.files:
+        folder = tmp_path / f"without-{name}"
+        shutil.copytree(saved, folder)
+        (folder / name).unlink()
+        with pytest.raises(FileNotFoundError) as e:
+            adapter_in(folder).require_files(folder)
+        assert str(e.value).startswith(f"{folder} has no {name} ("), str(e.value)
+        with pytest.raises(FileNotFoundError, match=f"has no {name} "):
+            load_adapter(load_model(tiny_dir("llama")), folder)
+    adapter_in(saved).require_files(saved)  # the whole folder passes

@@ -91,15 +91,17 @@ def save_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None,
 def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False, check_base: bool = True) -> nn.Module:
     """Wrap the base transformers `model` with the adapter saved in `folder` (by `save_adapter`).
 
-    `check_base`: refuse (ValueError) a base that is not the one the adapter was trained on (`alignkit_base.json`:
-    shapes and an embedding probe); an adapter on another base with the same shapes would otherwise load without
-    a word and compute something else. Full finetuning folders are complete models: load them with `load_model`."""
+    `check_base`: refuse (ValueError), before loading, a base that is not the one the adapter was trained on
+    (`alignkit_base.json`: shapes and an embedding probe); an adapter on another base with the same shapes would
+    otherwise load without a word and compute something else. A folder missing one of the kind's files
+    (`Adapter.weight_files`): FileNotFoundError naming it. Full finetuning folders are complete models: load them with `load_model`."""
     adapter = adapter_in(folder)
+    adapter.require_files(folder)
+    if check_base:  # before loading: a base of another shape fails inside peft / ReFT with their own errors
+        check_saved_base(model, folder)
     base_ids = {id(p) for p in model.parameters()}
     loaded = adapter.record(adapter.load(model, Path(folder), trainable), adapter.config)
     check_finite([(n, p) for n, p in loaded.named_parameters() if id(p) not in base_ids], folder)
-    if check_base:
-        check_saved_base(loaded, folder)
     return loaded
 
 

@@ -13,7 +13,8 @@ An `Adapter` is how a model is changed, as an object: one per kind (`full.py`, `
 | `describe(model)`           | the model card's adapter table; `info` its Hub library name and tags        |
 | `can_switch_off`            | `off` works (every kind but full finetuning)                                |
 | `saves_whole_model`         | the trainable state is the whole model (its checkpoints are the Trainer's)  |
-| `weight_files`              | (file, what) a saved folder must hold                                       |
+| `weight_files`              | (file, what) a saved folder must hold; `require_files(folder)` refuses one  |
+|                             | lacking any (before a model is loaded)                                      |
 | `trained_task(folder)`      | what a saved folder was trained to score with: ("classifier" / "causal_lm", |
 |                             | the evidence), None when the folder does not say                            |
 | `vllm_sync`                 | how vLLM gets the weights: "weights" (whole state dict), "lora_request"     |
@@ -153,6 +154,14 @@ class Adapter:
         """The config of a model built without `apply_adapter` (enough for kinds that need no settings)."""
         return AdapterConfig(kind=self.kind)
 
+    def require_files(self, folder: str | Path) -> None:
+        """FileNotFoundError naming the first of `weight_files` that `folder` lacks: checked before any model is
+        loaded (a ReFT folder without its reft_config.json used to fail only after the base had loaded)."""
+        for name, what in self.weight_files:
+            if not (Path(folder) / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name} ({what}), which a {self.kind} folder holds; point it "
+                                        "at the complete folder save_adapter wrote (a finished run's model/)")
+
     def trained_task(self, folder: Path) -> tuple[str, str] | None:
         """("classifier" or "causal_lm", the evidence in `folder`) for the head this saved adapter was trained
         with (a reward model's score head or an LM head), None when the folder does not say (a whole model says it
@@ -225,7 +234,8 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     probe = w.detach()[rows, :PROBE_COLUMNS].float().cpu()  # (3, 8)
     return {"model_type": getattr(cfg, "model_type", None),
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
-            "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg)}
+            "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg),
+            "name_or_path": getattr(lm.config, "name_or_path", None) or None}
 
 
 def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
@@ -256,7 +266,8 @@ def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope
     saved = json.loads(path.read_text())
     why = base_mismatch(saved, found)
     if why is not None:
-        raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}); load it on the "
+        trained_on = f"; it was trained on {saved['name_or_path']}" if saved.get("name_or_path") else ""
+        raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}{trained_on}); load it on the "
                          f"base it was trained with (the training run's base_model/ or model.path), or pass "
                          f"check_base=False (model.check_base: false) if that is what you mean")
     # None for folders saved before the RoPE settings were recorded
