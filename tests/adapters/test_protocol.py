@@ -5,6 +5,7 @@ kind's parts."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import typing
 
@@ -202,3 +203,26 @@ def test_a_folder_missing_one_of_its_files_is_refused_naming_it(row, tiny_dir, t
         with pytest.raises(FileNotFoundError, match=f"has no {name} "):
             load_adapter(load_model(tiny_dir("llama")), folder)
     adapter_in(saved).require_files(saved)  # the whole folder passes
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_an_adapter_that_trains_the_embedding_names_the_base_it_started_from(row, tiny_dir, tmp_path):
+    """alignkit_base.json was taken at save time, after training, so an adapter training the input embedding (LoRA's
+    modules_to_save [embed_tokens]; a ReFT head) recorded its trained embedding: loaded, the check compared that with
+    the trained copy it had just loaded, and passed on any base of the same shapes (here one of another seed). The
+    fingerprint is now the base's, taken before wrapping: the own base loads (same logits), the other is refused."""
+    cfg = row.config()
+    if row.lora:  # the LoRA part trains the extra modules (in reft+lora too)
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, modules_to_save=["embed_tokens"]))
+    else:
+        cfg = dataclasses.replace(cfg, reft=dataclasses.replace(cfg.reft, modules_to_save=["model.embed_tokens"]))
+    model = perturb(apply_adapter(load_model(tiny_dir("llama")), cfg), scale=0.5)
+    assert any("embed_tokens" in n for n, p in model.named_parameters() if p.requires_grad)
+    want = _logits(model)
+    folder = save_adapter(model, tmp_path / "a")
+    loaded = load_adapter(load_model(tiny_dir("llama")), folder)
+    torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="trained on a different base model .its input embedding weights differ"):
+        load_adapter(load_model(tiny_dir("llama", seed=1)), folder)
+    again = save_adapter(loaded, tmp_path / "b")  # re-saved from a loaded model: still the base's fingerprint
+    assert (again / "alignkit_base.json").read_text() == (folder / "alignkit_base.json").read_text()

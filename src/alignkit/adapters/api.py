@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 import alignkit.adapters as _package
-from alignkit.adapters.base import ADAPTERS, adapter_for, adapter_in, adapter_of, unwrap_lm, unwrap_parallel
+from alignkit.adapters.base import (ADAPTERS, adapter_for, adapter_in, adapter_of, base_fingerprint, unwrap_lm,
+                                    unwrap_parallel)
 from alignkit.adapters.base import check_base as check_saved_base
 from alignkit.adapters.config import AdapterConfig, ReftSettings, read_adapter_config
 
@@ -42,7 +43,8 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     Dtypes are left as they are.
     """
     adapter = adapter_for(cfg)
-    out = adapter.record(adapter.wrap(model), adapter.config)
+    base = None if adapter.saves_whole_model else base_fingerprint(model)  # before training can change it
+    out = adapter.record(adapter.wrap(model), adapter.config, base)
     n_train = sum(p.numel() for p in out.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in out.parameters())
     logger.info("adapter %s: %d trainable of %d parameters (%.4f%%)", adapter.kind, n_train, n_all,
@@ -100,7 +102,8 @@ def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False, 
     if check_base:  # before loading: a base of another shape fails inside peft / ReFT with their own errors
         check_saved_base(model, folder)
     base_ids = {id(p) for p in model.parameters()}
-    loaded = adapter.record(adapter.load(model, Path(folder), trainable), adapter.config)
+    base = base_fingerprint(model)  # re-saved (a resumed or continued run), the folder still names this base
+    loaded = adapter.record(adapter.load(model, Path(folder), trainable), adapter.config, base)
     check_finite([(n, p) for n, p in loaded.named_parameters() if id(p) not in base_ids], folder)
     return loaded
 

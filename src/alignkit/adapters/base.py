@@ -197,7 +197,7 @@ class Adapter:
         config = self.config if self.config is not None else self.own_config(model)
         self.save_weights(model, folder, config, state_dict)
         (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        fingerprint = None if self.saves_whole_model else base_fingerprint(model)
+        fingerprint = None if self.saves_whole_model else recorded_base(model)
         if fingerprint is not None:
             (folder / BASE_FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2) + "\n")
         if tokenizer is not None:
@@ -205,9 +205,12 @@ class Adapter:
         logger.info("saved %s adapter to %s", self.kind, folder)
         return folder
 
-    def record(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
-        """Remember on `model` the config it was built from (what `adapter_of` and `save` read back)."""
+    def record(self, model: nn.Module, config: AdapterConfig, base: dict[str, Any] | None = None) -> nn.Module:
+        """Remember on `model` the config it was built from (what `adapter_of` and `save` read back) and `base`, the
+        `base_fingerprint` of the model before it was wrapped (what `save` writes: see `recorded_base`)."""
         model.alignkit_adapter_config = config
+        if base is not None:
+            model.alignkit_base_fingerprint = base
         self.config = config
         return model
 
@@ -236,6 +239,15 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
             "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg),
             "name_or_path": getattr(lm.config, "name_or_path", None) or None}
+
+
+def recorded_base(model: nn.Module) -> dict[str, Any] | None:
+    """The fingerprint of the base `model` was built on, taken by `apply_adapter` / `load_adapter` before wrapping it:
+    an adapter that trains the input embedding (`modules_to_save: [embed_tokens]`, a ReFT head) changes it, so one
+    taken at save time would describe no base (the folder refused on its own base, accepted on any other of its
+    shapes). `base_fingerprint(model)` when none was recorded (a model wrapped by hand)."""
+    recorded = getattr(unwrap_parallel(model), "alignkit_base_fingerprint", None)
+    return recorded if recorded is not None else base_fingerprint(model)
 
 
 def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
@@ -322,5 +334,5 @@ def adapter_in(folder: str | Path) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_fingerprint",
-           "base_mismatch", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "base_mismatch", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]
