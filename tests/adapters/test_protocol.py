@@ -226,3 +226,28 @@ def test_an_adapter_that_trains_the_embedding_names_the_base_it_started_from(row
         load_adapter(load_model(tiny_dir("llama", seed=1)), folder)
     again = save_adapter(loaded, tmp_path / "b")  # re-saved from a loaded model: still the base's fingerprint
     assert (again / "alignkit_base.json").read_text() == (folder / "alignkit_base.json").read_text()
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_resuming_from_a_checkpoint_of_another_base_is_refused(row, tiny_dir, tmp_path):
+    """load_adapter_weights (checkpoint resume, the best model at the end) copied a folder's weights into the model
+    without looking at alignkit_base.json, so a checkpoint trained on another base of the same shapes resumed
+    without a word. Now the folder's base is compared with the one the model was built on, and the kind's files are
+    required, before anything is copied; the model's own checkpoint still loads (same logits)."""
+    from alignkit.adapters import load_adapter_weights
+
+    model = perturb(apply_adapter(load_model(tiny_dir("llama")), row.config()))
+    want = _logits(model)
+    own = save_adapter(model, tmp_path / "own")
+    other = save_adapter(perturb(apply_adapter(load_model(tiny_dir("llama", seed=1)), row.config()), seed=2),
+                         tmp_path / "other")
+    with pytest.raises(ValueError, match="trained on a different base model .its input embedding weights differ"):
+        load_adapter_weights(model, other)
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)  # nothing was copied
+    fresh = apply_adapter(load_model(tiny_dir("llama")), row.config())
+    load_adapter_weights(fresh, own)
+    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=1e-6)
+    shutil.copytree(own, tmp_path / "partial")
+    (tmp_path / "partial" / row.files[0]).unlink()
+    with pytest.raises(FileNotFoundError, match=f"has no {row.files[0]} "):
+        load_adapter_weights(fresh, tmp_path / "partial")

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import alignkit.adapters as _package
-from alignkit.adapters.base import (ADAPTERS, adapter_for, adapter_in, adapter_of, base_fingerprint, unwrap_lm,
-                                    unwrap_parallel)
+from alignkit.adapters.base import (ADAPTERS, adapter_for, adapter_in, adapter_of, base_fingerprint, recorded_base,
+                                    unwrap_lm, unwrap_parallel)
 from alignkit.adapters.base import check_base as check_saved_base
 from alignkit.adapters.config import AdapterConfig, ReftSettings, read_adapter_config
 
@@ -121,12 +121,17 @@ def check_finite(named: list[tuple[str, torch.Tensor]], folder: str | Path) -> N
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     """Copy the weights saved in `folder` into an already wrapped `model`, in place (checkpoint resume:
-    the optimizer state then lines up with the same parameters)."""
+    the optimizer state then lines up with the same parameters). A folder lacking one of its kind's files, or saved
+    from a run on another base than the one `model` was built on (`check_base`), is refused first."""
     folder = Path(folder)
     adapter, cfg = adapter_of(model), read_adapter_config(folder)
     if cfg.kind != adapter.kind:
         raise ValueError(f"{folder}: holds a {cfg.kind!r} adapter but the model is {adapter.kind!r}")
-    adapter_for(cfg).load_weights(unwrap_parallel(model), folder)
+    saved = adapter_for(cfg)
+    saved.require_files(folder)
+    if not saved.saves_whole_model:  # a checkpoint of a run on another base would resume without a word
+        check_saved_base(model, folder, found=recorded_base(model))
+    saved.load_weights(unwrap_parallel(model), folder)
 
 
 def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) -> None:

@@ -264,15 +264,17 @@ def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
     return None
 
 
-def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope_scaling") -> None:
+def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope_scaling",
+               found: dict[str, Any] | None = None) -> None:
     """Raise ValueError when `folder`'s adapter was trained on another base than `model` (its
     `alignkit_base.json`; folders saved before it existed, and sharded bases, are not checked), ConfigError
     (naming `rope_key`) when it was trained with a RoPE scaling `model` lacks or has otherwise; a warning when
-    `model` adds a scaling to an adapter trained without one."""
+    `model` adds a scaling to an adapter trained without one. `found`: `model`'s base fingerprint when known (a
+    wrapped model's `recorded_base`), else it is taken from `model` (a bare base)."""
     path = Path(folder) / BASE_FINGERPRINT_NAME
     if not path.is_file():
         return
-    found = base_fingerprint(model)
+    found = found if found is not None else base_fingerprint(model)
     if found is None:
         return
     saved = json.loads(path.read_text())
