@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import alignkit.cli.models as cli_models
-from alignkit.adapters import apply_adapter, save_adapter
+from alignkit.adapters import AdapterConfig, apply_adapter, save_adapter
 from alignkit.cli import main
 from alignkit.models.loading import load_model
 
@@ -74,4 +74,17 @@ def test_an_adapter_on_a_base_of_another_shape_is_one_line_naming_its_base(row, 
     assert len(err) == 1, err
     assert ("trained on a different base model (hidden_size 96 here, 64 when trained; it was trained on "
             f"{tiny_dir('llama')}); load it on the base it was trained with") in err[0], err
+    assert not out.exists()
+
+
+def test_check_base_beside_a_fully_finetuned_folder_is_refused(tiny_dir, tmp_path, monkeypatch, capsys):
+    """model.check_base: false was accepted beside a model.adapter_path holding a fully finetuned model, which is
+    loaded whole (no alignkit_base.json, nothing compared), so the key did nothing. One line before anything loads."""
+    folder = save_adapter(apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="full")), tmp_path / "full")
+    monkeypatch.setattr(cli_models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert _generate(tiny_dir("llama"), folder, out, "model.check_base=false") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit generate")]
+    assert len(err) == 1 and "model.check_base: false is read only for an adapter" in err[0], err
     assert not out.exists()

@@ -265,6 +265,10 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
     if ms.adapter_path is not None:  # its files, before the base loads (the adapter is loaded after it)
         check_model_folder(ms.adapter_path, "model.adapter_path", adapter=True)
         check_adapter_files(Path(ms.adapter_path), "model.adapter_path")
+        if not ms.check_base and adapter_in(Path(ms.adapter_path)).saves_whole_model:
+            raise ConfigError(f"model.check_base: false is read only for an adapter, and model.adapter_path="
+                              f"{ms.adapter_path} holds a fully finetuned model (loaded whole, no base to check), so "
+                              "it would be ignored; remove model.check_base")
     if ms.kernels is not None:
         check_kernels(ms.kernels)  # before anything is built
     path, desc = resolve_model_path(ms, run, task)
