@@ -96,7 +96,8 @@ def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False, 
     `check_base`: refuse (ValueError), before loading, a base that is not the one the adapter was trained on
     (`alignkit_base.json`: shapes and an embedding probe); an adapter on another base with the same shapes would
     otherwise load without a word and compute something else. A folder missing one of the kind's files
-    (`Adapter.weight_files`): FileNotFoundError naming it. Full finetuning folders are complete models: load them with `load_model`."""
+    (`Adapter.weight_files`): FileNotFoundError naming it. Full finetuning folders are complete models: load them
+    with `load_model`."""
     adapter = adapter_in(folder)
     adapter.require_files(folder)
     if check_base:  # before loading: a base of another shape fails inside peft / ReFT with their own errors
