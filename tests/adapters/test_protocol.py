@@ -5,6 +5,8 @@ kind's parts."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import typing
 
 import pytest
@@ -164,3 +166,88 @@ def test_an_adapter_holding_a_non_finite_weight_is_refused_at_load(row, value, t
     with torch.no_grad():
         param.view(-1)[0] = 0.0
     load_adapter(load_model(tiny_dir("llama")), save_adapter(model, tmp_path / "b"))  # finite again: loads
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+@pytest.mark.parametrize("other", [{"hidden_size": 96}, {"arch": "gpt2"}], ids=["hidden-96", "gpt2"])
+def test_an_adapter_on_a_base_of_another_shape_is_refused_in_one_line_before_loading(row, other, tiny_dir, tmp_path):
+    """Before: check_base ran after peft / ReFT had loaded the folder, so a LoRA on a wider base failed first with
+    peft's multi-line "size mismatch for base_model.model...", one on a GPT-2 with NoMatchingPeftModuleError, and a
+    ReFT with its own wording. Now every kind says the same, before loading: what differs and which base the folder
+    was trained on (the fingerprint records its path), and the base model is left unwrapped."""
+    base = tiny_dir("llama")
+    folder = save_adapter(apply_adapter(load_model(base), row.config()), tmp_path / "a")
+    wrong = load_model(tiny_dir(other.get("arch", "llama"), **{k: v for k, v in other.items() if k != "arch"}))
+    want = "hidden_size 96 here, 64 when trained" if "hidden_size" in other else "model_type gpt2 here, llama when trained"
+    with pytest.raises(ValueError) as e:
+        load_adapter(wrong, folder)
+    assert str(e.value) == (f"{folder}: this adapter was trained on a different base model ({want}; it was trained on "
+                            f"{base}); load it on the base it was trained with (the training run's base_model/ or "
+                            "model.path), or pass check_base=False (model.check_base: false) if that is what you mean")
+    assert adapter_of(wrong).kind == "full"  # nothing was wrapped around it
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_a_folder_missing_one_of_its_files_is_refused_naming_it(row, tiny_dir, tmp_path):
+    """Each file of the row (reft_config.json, adapter_config.json, the weights) is required by the kind's
+    `weight_files`. Before: a ReFT folder without reft_config.json failed inside load_reft, a LoRA folder without
+    adapter_config.json inside peft (huggingface_hub's repo-id error), after the base had loaded."""
+    saved = save_adapter(apply_adapter(load_model(tiny_dir("llama")), row.config()), tmp_path / "saved")
+    for name in row.files:
+        folder = tmp_path / f"without-{name}"
+        shutil.copytree(saved, folder)
+        (folder / name).unlink()
+        with pytest.raises(FileNotFoundError) as e:
+            adapter_in(folder).require_files(folder)
+        assert str(e.value).startswith(f"{folder} has no {name} ("), str(e.value)
+        with pytest.raises(FileNotFoundError, match=f"has no {name} "):
+            load_adapter(load_model(tiny_dir("llama")), folder)
+    adapter_in(saved).require_files(saved)  # the whole folder passes
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_an_adapter_that_trains_the_embedding_names_the_base_it_started_from(row, tiny_dir, tmp_path):
+    """alignkit_base.json was taken at save time, after training, so an adapter training the input embedding (LoRA's
+    modules_to_save [embed_tokens]; a ReFT head) recorded its trained embedding: loaded, the check compared that with
+    the trained copy it had just loaded, and passed on any base of the same shapes (here one of another seed). The
+    fingerprint is now the base's, taken before wrapping: the own base loads (same logits), the other is refused."""
+    cfg = row.config()
+    if row.lora:  # the LoRA part trains the extra modules (in reft+lora too)
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, modules_to_save=["embed_tokens"]))
+    else:
+        cfg = dataclasses.replace(cfg, reft=dataclasses.replace(cfg.reft, modules_to_save=["model.embed_tokens"]))
+    model = perturb(apply_adapter(load_model(tiny_dir("llama")), cfg), scale=0.5)
+    assert any("embed_tokens" in n for n, p in model.named_parameters() if p.requires_grad)
+    want = _logits(model)
+    folder = save_adapter(model, tmp_path / "a")
+    loaded = load_adapter(load_model(tiny_dir("llama")), folder)
+    torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="trained on a different base model .its input embedding weights differ"):
+        load_adapter(load_model(tiny_dir("llama", seed=1)), folder)
+    again = save_adapter(loaded, tmp_path / "b")  # re-saved from a loaded model: still the base's fingerprint
+    assert (again / "alignkit_base.json").read_text() == (folder / "alignkit_base.json").read_text()
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_resuming_from_a_checkpoint_of_another_base_is_refused(row, tiny_dir, tmp_path):
+    """load_adapter_weights (checkpoint resume, the best model at the end) copied a folder's weights into the model
+    without looking at alignkit_base.json, so a checkpoint trained on another base of the same shapes resumed
+    without a word. Now the folder's base is compared with the one the model was built on, and the kind's files are
+    required, before anything is copied; the model's own checkpoint still loads (same logits)."""
+    from alignkit.adapters import load_adapter_weights
+
+    model = perturb(apply_adapter(load_model(tiny_dir("llama")), row.config()))
+    want = _logits(model)
+    own = save_adapter(model, tmp_path / "own")
+    other = save_adapter(perturb(apply_adapter(load_model(tiny_dir("llama", seed=1)), row.config()), seed=2),
+                         tmp_path / "other")
+    with pytest.raises(ValueError, match="trained on a different base model .its input embedding weights differ"):
+        load_adapter_weights(model, other)
+    torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)  # nothing was copied
+    fresh = apply_adapter(load_model(tiny_dir("llama")), row.config())
+    load_adapter_weights(fresh, own)
+    torch.testing.assert_close(_logits(fresh), want, rtol=0, atol=1e-6)
+    shutil.copytree(own, tmp_path / "partial")
+    (tmp_path / "partial" / row.files[0]).unlink()
+    with pytest.raises(FileNotFoundError, match=f"has no {row.files[0]} "):
+        load_adapter_weights(fresh, tmp_path / "partial")

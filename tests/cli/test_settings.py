@@ -353,6 +353,10 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
     ("sft", "sft-reft-tiny.yaml", ["adapter.reft.positions=l2", "adapter.reft.share_weights=false"],
      "adapter.reft.share_weights: false splits the interventions between the first and the last positions, and "
      "adapter.reft.positions 'l2' names only one group", ["adapter.reft.positions=f2+l2"]),
+    ("sft", "sft-reft-tiny.yaml", ["adapter.kind=reft+lora", "adapter.reft.modules_to_save=[model.norm]"],
+     "adapter.reft.modules_to_save: with adapter.kind 'reft+lora' the LoRA part trains the modules besides the "
+     "adapter (peft's modules_to_save), so it would be ignored; set adapter.lora.modules_to_save instead",
+     ["adapter.kind=reft"]),
     ("dpo", "dpo-tiny.yaml", ["method.reference=copy", "method.reference_cache_dir=cache"],
      "method.reference_cache_dir: read only with method.reference precomputed (or auto), and it is 'copy'",
      ["method.reference=precomputed"]),
@@ -360,6 +364,7 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
 def test_keys_one_kind_reads_are_refused_under_another(command, config, overrides, message, fix):
     """Each was accepted and had no effect: data.loss_on under dpo / rm / eval (only SFT masks conversation turns),
     adapter.lora under a full or ReFT adapter (TRL's --lora_r without --use_peft), adapter.reft under LoRA,
+    adapter.reft.modules_to_save under reft+lora (its LoRA part trains the extra modules: nothing trained them),
     adapter.reft.share_weights=false with a position spec of one group (f<n> or l<n>: nothing to split),
     method.reference_cache_dir with a reference that is not precomputed. Now one line naming the key; with the
     setting that reads it, the same key loads."""

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 import alignkit.adapters as _package
-from alignkit.adapters.base import ADAPTERS, adapter_for, adapter_in, adapter_of, unwrap_lm, unwrap_parallel
+from alignkit.adapters.base import (ADAPTERS, adapter_for, adapter_in, adapter_of, base_fingerprint, recorded_base,
+                                    unwrap_lm, unwrap_parallel)
 from alignkit.adapters.base import check_base as check_saved_base
 from alignkit.adapters.config import AdapterConfig, ReftSettings, read_adapter_config
 
@@ -42,7 +43,8 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     Dtypes are left as they are.
     """
     adapter = adapter_for(cfg)
-    out = adapter.record(adapter.wrap(model), adapter.config)
+    base = None if adapter.saves_whole_model else base_fingerprint(model)  # before training can change it
+    out = adapter.record(adapter.wrap(model), adapter.config, base)
     n_train = sum(p.numel() for p in out.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in out.parameters())
     logger.info("adapter %s: %d trainable of %d parameters (%.4f%%)", adapter.kind, n_train, n_all,
@@ -91,15 +93,19 @@ def save_adapter(model: nn.Module, folder: str | Path, tokenizer: Any = None,
 def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False, check_base: bool = True) -> nn.Module:
     """Wrap the base transformers `model` with the adapter saved in `folder` (by `save_adapter`).
 
-    `check_base`: refuse (ValueError) a base that is not the one the adapter was trained on (`alignkit_base.json`:
-    shapes and an embedding probe); an adapter on another base with the same shapes would otherwise load without
-    a word and compute something else. Full finetuning folders are complete models: load them with `load_model`."""
+    `check_base`: refuse (ValueError), before loading, a base that is not the one the adapter was trained on
+    (`alignkit_base.json`: shapes and an embedding probe); an adapter on another base with the same shapes would
+    otherwise load without a word and compute something else. A folder missing one of the kind's files
+    (`Adapter.weight_files`): FileNotFoundError naming it. Full finetuning folders are complete models: load them
+    with `load_model`."""
     adapter = adapter_in(folder)
+    adapter.require_files(folder)
+    if check_base:  # before loading: a base of another shape fails inside peft / ReFT with their own errors
+        check_saved_base(model, folder)
     base_ids = {id(p) for p in model.parameters()}
-    loaded = adapter.record(adapter.load(model, Path(folder), trainable), adapter.config)
+    base = base_fingerprint(model)  # re-saved (a resumed or continued run), the folder still names this base
+    loaded = adapter.record(adapter.load(model, Path(folder), trainable), adapter.config, base)
     check_finite([(n, p) for n, p in loaded.named_parameters() if id(p) not in base_ids], folder)
-    if check_base:
-        check_saved_base(loaded, folder)
     return loaded
 
 
@@ -116,12 +122,17 @@ def check_finite(named: list[tuple[str, torch.Tensor]], folder: str | Path) -> N
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     """Copy the weights saved in `folder` into an already wrapped `model`, in place (checkpoint resume:
-    the optimizer state then lines up with the same parameters)."""
+    the optimizer state then lines up with the same parameters). A folder lacking one of its kind's files, or saved
+    from a run on another base than the one `model` was built on (`check_base`), is refused first."""
     folder = Path(folder)
     adapter, cfg = adapter_of(model), read_adapter_config(folder)
     if cfg.kind != adapter.kind:
         raise ValueError(f"{folder}: holds a {cfg.kind!r} adapter but the model is {adapter.kind!r}")
-    adapter_for(cfg).load_weights(unwrap_parallel(model), folder)
+    saved = adapter_for(cfg)
+    saved.require_files(folder)
+    if not saved.saves_whole_model:  # a checkpoint of a run on another base would resume without a word
+        check_saved_base(model, folder, found=recorded_base(model))
+    saved.load_weights(unwrap_parallel(model), folder)
 
 
 def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) -> None:

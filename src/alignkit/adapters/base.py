@@ -13,7 +13,8 @@ An `Adapter` is how a model is changed, as an object: one per kind (`full.py`, `
 | `describe(model)`           | the model card's adapter table; `info` its Hub library name and tags        |
 | `can_switch_off`            | `off` works (every kind but full finetuning)                                |
 | `saves_whole_model`         | the trainable state is the whole model (its checkpoints are the Trainer's)  |
-| `weight_files`              | (file, what) a saved folder must hold                                       |
+| `weight_files`              | (file, what) a saved folder must hold; `require_files(folder)` refuses one  |
+|                             | lacking any (before a model is loaded)                                      |
 | `trained_task(folder)`      | what a saved folder was trained to score with: ("classifier" / "causal_lm", |
 |                             | the evidence), None when the folder does not say                            |
 | `vllm_sync`                 | how vLLM gets the weights: "weights" (whole state dict), "lora_request"     |
@@ -153,6 +154,14 @@ class Adapter:
         """The config of a model built without `apply_adapter` (enough for kinds that need no settings)."""
         return AdapterConfig(kind=self.kind)
 
+    def require_files(self, folder: str | Path) -> None:
+        """FileNotFoundError naming the first of `weight_files` that `folder` lacks: checked before any model is
+        loaded (a ReFT folder without its reft_config.json used to fail only after the base had loaded)."""
+        for name, what in self.weight_files:
+            if not (Path(folder) / name).is_file():
+                raise FileNotFoundError(f"{folder} has no {name} ({what}), which a {self.kind} folder holds; point it "
+                                        "at the complete folder save_adapter wrote (a finished run's model/)")
+
     def trained_task(self, folder: Path) -> tuple[str, str] | None:
         """("classifier" or "causal_lm", the evidence in `folder`) for the head this saved adapter was trained
         with (a reward model's score head or an LM head), None when the folder does not say (a whole model says it
@@ -188,7 +197,7 @@ class Adapter:
         config = self.config if self.config is not None else self.own_config(model)
         self.save_weights(model, folder, config, state_dict)
         (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        fingerprint = None if self.saves_whole_model else base_fingerprint(model)
+        fingerprint = None if self.saves_whole_model else recorded_base(model)
         if fingerprint is not None:
             (folder / BASE_FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2) + "\n")
         if tokenizer is not None:
@@ -196,9 +205,12 @@ class Adapter:
         logger.info("saved %s adapter to %s", self.kind, folder)
         return folder
 
-    def record(self, model: nn.Module, config: AdapterConfig) -> nn.Module:
-        """Remember on `model` the config it was built from (what `adapter_of` and `save` read back)."""
+    def record(self, model: nn.Module, config: AdapterConfig, base: dict[str, Any] | None = None) -> nn.Module:
+        """Remember on `model` the config it was built from (what `adapter_of` and `save` read back) and `base`, the
+        `base_fingerprint` of the model before it was wrapped (what `save` writes: see `recorded_base`)."""
         model.alignkit_adapter_config = config
+        if base is not None:
+            model.alignkit_base_fingerprint = base
         self.config = config
         return model
 
@@ -225,7 +237,17 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     probe = w.detach()[rows, :PROBE_COLUMNS].float().cpu()  # (3, 8)
     return {"model_type": getattr(cfg, "model_type", None),
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
-            "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg)}
+            "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg),
+            "name_or_path": getattr(lm.config, "name_or_path", None) or None}
+
+
+def recorded_base(model: nn.Module) -> dict[str, Any] | None:
+    """The fingerprint of the base `model` was built on, taken by `apply_adapter` / `load_adapter` before wrapping it:
+    an adapter that trains the input embedding (`modules_to_save: [embed_tokens]`, a ReFT head) changes it, so one
+    taken at save time would describe no base (the folder refused on its own base, accepted on any other of its
+    shapes). `base_fingerprint(model)` when none was recorded (a model wrapped by hand)."""
+    recorded = getattr(unwrap_parallel(model), "alignkit_base_fingerprint", None)
+    return recorded if recorded is not None else base_fingerprint(model)
 
 
 def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
@@ -242,21 +264,24 @@ def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
     return None
 
 
-def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope_scaling") -> None:
+def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope_scaling",
+               found: dict[str, Any] | None = None) -> None:
     """Raise ValueError when `folder`'s adapter was trained on another base than `model` (its
     `alignkit_base.json`; folders saved before it existed, and sharded bases, are not checked), ConfigError
     (naming `rope_key`) when it was trained with a RoPE scaling `model` lacks or has otherwise; a warning when
-    `model` adds a scaling to an adapter trained without one."""
+    `model` adds a scaling to an adapter trained without one. `found`: `model`'s base fingerprint when known (a
+    wrapped model's `recorded_base`), else it is taken from `model` (a bare base)."""
     path = Path(folder) / BASE_FINGERPRINT_NAME
     if not path.is_file():
         return
-    found = base_fingerprint(model)
+    found = found if found is not None else base_fingerprint(model)
     if found is None:
         return
     saved = json.loads(path.read_text())
     why = base_mismatch(saved, found)
     if why is not None:
-        raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}); load it on the "
+        trained_on = f"; it was trained on {saved['name_or_path']}" if saved.get("name_or_path") else ""
+        raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}{trained_on}); load it on the "
                          f"base it was trained with (the training run's base_model/ or model.path), or pass "
                          f"check_base=False (model.check_base: false) if that is what you mean")
     # None for folders saved before the RoPE settings were recorded
@@ -311,5 +336,5 @@ def adapter_in(folder: str | Path) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_fingerprint",
-           "base_mismatch", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "base_mismatch", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -100,13 +100,18 @@ class AdapterConfig:
     def check(self) -> None:
         """Check what can be checked without a model (ValueError naming the key). A ReFT part's `ReftConfig`
         checked its keys and intervention types when it was built. Left: a part's settings given to a kind
-        without that part, which would be ignored (not checked when a saved folder's config is read back)."""
+        without that part, or the ReFT part's modules_to_save in a stack whose LoRA trains them, which would be
+        ignored (not checked when a saved folder's config is read back)."""
         if "lora" not in self.parts and self.lora != LoraSettings():
             raise ValueError(f"adapter.lora: read only by adapter.kind lora or reft+lora, and kind is {self.kind!r}, "
                              "so it would be ignored; set adapter.kind or remove adapter.lora (adapter.lora=null)")
         if "reft" not in self.parts and self.reft is not None:
             raise ValueError(f"adapter.reft: read only by adapter.kind reft or reft+lora, and kind is {self.kind!r}, "
                              "so it would be ignored; set adapter.kind or remove adapter.reft (adapter.reft=null)")
+        if "lora" in self.parts and self.reft is not None and self.reft.modules_to_save is not None:
+            raise ValueError(f"adapter.reft.modules_to_save: with adapter.kind {self.kind!r} the LoRA part trains the "
+                             "modules besides the adapter (peft's modules_to_save), so it would be ignored; set "
+                             "adapter.lora.modules_to_save instead")
         if self.reft is not None and not self.reft.share_weights:
             pos = Positions.parse(self.reft.positions)
             if not (pos.first_n and pos.last_n):

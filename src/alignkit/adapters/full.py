@@ -24,6 +24,7 @@ class Full(Adapter):
     can_switch_off = False
     saves_whole_model = True
     vllm_sync = "weights"
+    weight_files = (("config.json", "the model's transformers config"),)
 
     @classmethod
     def wraps(cls, model: nn.Module) -> bool:

@@ -43,7 +43,7 @@ class Lora(Adapter):
     """LoRA on the model it is given (in the ReFT+LoRA stack: the model inside the `ReftModel`)."""
 
     kind = "lora"
-    weight_files = ((WEIGHTS_NAME, "the LoRA weights"),)
+    weight_files = (("adapter_config.json", "peft's LoRA config"), (WEIGHTS_NAME, "the LoRA weights"))
     vllm_sync = "lora_request"
 
     @classmethod

@@ -33,7 +33,8 @@ class Reft(Adapter):
     the classifier head, so `trains_head` is off there)."""
 
     kind = "reft"
-    weight_files = (("interventions.safetensors", "the ReFT weights"),)
+    weight_files = (("reft_config.json", "the ReFT interventions and positions"),
+                    ("interventions.safetensors", "the ReFT weights"))
     trains_head = True
 
     @classmethod

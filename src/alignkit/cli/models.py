@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from alignkit.adapters import adapter_in, apply_adapter, load_adapter
+from alignkit.adapters import adapter_in, apply_adapter, check_base, load_adapter
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME
 from alignkit.data.chat import check_prompt_formats, prompt_formats
 from alignkit.models.efficiency import apply_kernels, check_kernels
@@ -209,10 +209,20 @@ def check_adapter_files(folder: Path, key: str) -> None:
             raise ConfigError(f"{key}: {reason}; the save did not finish: use a complete model/ folder")
     with explaining_load(key, folder):
         adapter = adapter_in(folder)
-    for name, what in adapter.weight_files:
-        if not (folder / name).is_file():
-            raise ConfigError(f"{key}: {folder} has no {name} ({what}); point it at the complete model/ folder of "
-                              "a finished run")
+    try:
+        adapter.require_files(folder)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    check_readable(folder, key)
+
+
+def check_readable(folder: str | Path, key: str) -> None:
+    """ConfigError naming the first `*.safetensors` file of `folder` that cannot be read whole (truncated, bad
+    header), before any model is loaded."""
+    bad = damaged_safetensors(folder)
+    if bad is not None:
+        raise ConfigError(f"{key}: {bad[0]} cannot be read ({bad[1]}): the file is truncated or damaged; save it "
+                          "again (or copy it again from where it came from)")
 
 
 def load_tokenizer_for(ms: ModelSettings, path: str):
@@ -267,8 +277,13 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
     check_model_folder(ms.path, "model.path")
     if ms.tokenizer is not None:
         check_model_folder(ms.tokenizer, "model.tokenizer")
-    if ms.adapter_path is not None:
+    if ms.adapter_path is not None:  # its files, before the base loads (the adapter is loaded after it)
         check_model_folder(ms.adapter_path, "model.adapter_path", adapter=True)
+        check_adapter_files(Path(ms.adapter_path), "model.adapter_path")
+        if not ms.check_base and adapter_in(Path(ms.adapter_path)).saves_whole_model:
+            raise ConfigError(f"model.check_base: false is read only for an adapter, and model.adapter_path="
+                              f"{ms.adapter_path} holds a fully finetuned model (loaded whole, no base to check), so "
+                              "it would be ignored; remove model.check_base")
     if ms.kernels is not None:
         check_kernels(ms.kernels)  # before anything is built
     path, desc = resolve_model_path(ms, run, task)
@@ -294,8 +309,7 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
     model, tok, path, desc = load_base(ms, run, task)
     if ms.adapter_path is None:
         return model, tok, path, desc
-    folder = Path(ms.adapter_path)
-    check_adapter_files(folder, "model.adapter_path")
+    folder = Path(ms.adapter_path)  # its files were checked by load_base
     with explaining_load("model.adapter_path", folder):
         if adapter_in(folder).saves_whole_model:  # a complete model, not an adapter
             model = load_model(folder, task=task, dtype=ms.dtype, attn_implementation=ms.attn_implementation,
@@ -314,7 +328,14 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
             if ms.kernels is not None:  # the model that runs is this one, not the base load_base patched
                 apply_kernels(model, ms.kernels)
         else:
-            model = load_adapter(model, folder, check_base=ms.check_base)
+            if ms.check_base:  # whole, not cut to "cannot load ...: ValueError: <300 characters>"
+                try:
+                    check_base(model, folder)
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(f"model.adapter_path: {e}") from None
+            model = load_adapter(model, folder, check_base=False)  # just checked
     return model, tok, path, f"{desc} + {folder}"
 
 

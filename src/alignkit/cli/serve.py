@@ -128,20 +128,15 @@ def check_device(device: str | None) -> str:
 def check_folders(cfg: Any) -> None:
     """Every folder the server loads holds what it needs, whole, before anything is loaded: a missing or truncated
     weights file failed inside peft or safetensors after the base was loaded, as an 'unexpected error'."""
-    from alignkit.cli.models import check_adapter_files, check_model_folder, damaged_safetensors
+    from alignkit.cli.models import check_adapter_files, check_model_folder, check_readable
 
     check_model_folder(cfg.base, "base")
-    folders = {"base": cfg.base} if tiny_arch(cfg.base, "base") is None else {}
+    if tiny_arch(cfg.base, "base") is None:
+        check_readable(cfg.base, "base")
     for name, folder in cfg.adapters.items():
         key = f"adapter {name!r}"
         check_model_folder(folder, key, adapter=True)
-        check_adapter_files(Path(folder), key)
-        folders[key] = folder
-    for key, folder in folders.items():
-        bad = damaged_safetensors(folder)
-        if bad is not None:
-            raise ConfigError(f"{key}: {bad[0]} cannot be read ({bad[1]}): the file is truncated or damaged; save it "
-                              "again (or copy it again from where it came from)")
+        check_adapter_files(Path(folder), key)  # its files, whole
 
 
 def bind(host: str, port: int) -> Any:

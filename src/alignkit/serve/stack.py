@@ -121,7 +121,9 @@ def _check_cache(lm: nn.Module, base: Path) -> None:
 def _adapter(folder: Path) -> Adapter:
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
-    return adapter_in(folder)
+    adapter = adapter_in(folder)
+    adapter.require_files(folder)  # before the base loads
+    return adapter
 
 
 def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) -> None:
