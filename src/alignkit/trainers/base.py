@@ -99,7 +99,8 @@ from alignkit.distributed import (
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.runs import (
-    STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, remove_own,
+    STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap,
+    remove_own,
 )
 from alignkit.trainers.checks import (
     STATE_JSON, check_best_model_metric, check_optimizer, check_resumable, check_scheduler, data_digest,
@@ -520,6 +521,7 @@ class AlignTrainer(BatchSampling, Trainer):
         name = f"checkpoint-{self.state.global_step}"
         staging_root = Path(run_dir) / ".staging"
         if self.args.should_save:
+            recover_swap(Path(run_dir) / name, staging_root / name)  # a replacement killed half-way
             remove_own(staging_root / name)  # a leftover of an interrupted save
             (staging_root / name).mkdir(parents=True)
             (staging_root / name / STAGING_MARK).touch()
