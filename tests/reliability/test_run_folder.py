@@ -174,3 +174,17 @@ def test_a_model_save_killed_between_its_renames_is_completed_by_the_next_save(t
     assert set(snapshot(final)) == {"config.yaml", "alignkit_complete.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert any("renamed into place" in r.getMessage() for r in caplog.records)
+
+
+def test_quiet_shows_no_library_progress_bar_and_restores_the_switches(tmp_path, capfd):
+    import importlib
+
+    import transformers.utils.logging as tf_logging
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    before = (tf_logging.is_progress_bar_enabled(), dict(hub_tqdm.progress_bar_states))
+    assert sft(tmp_path / "run") == 0  # full finetuning: transformers writes model.safetensors under a bar
+    err = capfd.readouterr().err
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "Writing model shards" not in err and "it/s]" not in err, err[-500:]
+    assert (tf_logging.is_progress_bar_enabled(), dict(hub_tqdm.progress_bar_states)) == before
