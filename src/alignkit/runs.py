@@ -402,10 +402,36 @@ def remove_own(folder: Path) -> None:
     shutil.rmtree(folder)
 
 
+def recover_swap(final: str | Path, staging: str | Path | None = None) -> str | None:
+    """Undo what a kill between `commit_staging`'s two renames left: `final` absent, `.<name>.old` (the previous
+    folder, marked) and the finished staging folder (unmarked; `.<name>.staging` unless given) beside it. A finished
+    staging folder is renamed into place (the swap completed), else the previous folder is restored; the leftover
+    `.old` is removed. Logs one warning naming what was done; returns it (None when there was nothing to do)."""
+    final = Path(final)
+    old = final.parent / f".{final.name}.old"
+    staging = Path(staging) if staging is not None else final.parent / f".{final.name}.staging"
+    if final.exists() or not (old / STAGING_MARK).is_file():
+        return None
+    if staging.is_dir() and not (staging / STAGING_MARK).exists() and (
+            not (staging / COMPLETE_MARKER).exists() or incomplete_reason(staging) is None):
+        os.rename(staging, final)
+        shutil.rmtree(old)
+        done = (f"{final} was missing after an interrupted replacement: the finished new folder {staging} was renamed "
+                f"into place and the previous one ({old}) removed")
+    else:
+        os.rename(old, final)
+        (final / STAGING_MARK).unlink(missing_ok=True)
+        done = f"{final} was missing after an interrupted replacement: the previous folder was restored from {old}"
+    _fsync_dir(final.parent)
+    logger.warning("%s", done)
+    return done
+
+
 def new_staging(final: str | Path) -> Path:
     """An empty folder beside `final` to write into (`.<name>.staging`, marked as alignkit's own)."""
     final = Path(final)
     staging = final.parent / f".{final.name}.staging"
+    recover_swap(final, staging)  # a replacement killed half-way: completed before anything new is written
     remove_own(staging)  # a leftover of an interrupted save
     staging.mkdir(parents=True)
     (staging / STAGING_MARK).touch()
@@ -416,9 +442,9 @@ def commit_staging(staging: Path, final: str | Path, marker: bool = True, **info
     """Rename a finished staging folder to `final` (replacing a previous `final` as a whole), marker written
     last into it first. Between the two renames a kill leaves `final` absent and `.<name>.old` complete."""
     final = Path(final)
-    (staging / STAGING_MARK).unlink(missing_ok=True)
     if marker:
         write_marker(staging, **info)
+    (staging / STAGING_MARK).unlink(missing_ok=True)  # after the marker: an unmarked staging folder is finished
     if final.exists():
         old = final.parent / f".{final.name}.old"
         remove_own(old)
@@ -525,5 +551,6 @@ __all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "P
            "can_plot", "checkpoint_step",
            "commit_staging", "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
+           "recover_swap",
            "plot_metrics", "read_metrics", "remove_own", "resumed_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
            "write_marker"]

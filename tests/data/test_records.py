@@ -34,6 +34,9 @@ def test_conversational_normalisation():
      r"f:8: 'chosen' starts with the whole prompt \(1 message\(s\)\), so the model would read the prompt twice"),
     (lambda: SFTRecord(CONV, CONV + [ASSISTANT], id="f:9"), "f:9: 'completion' starts with the whole prompt"),
     (lambda: RankedRecord(CONV, [[ASSISTANT], CONV + [ASSISTANT]], id="f:10"), "f:10: 'responses.1.' starts with"),
+    # a completion of user turns only: nothing for the model to say (TRL's completions are assistant turns)
+    (lambda: SFTRecord(CONV, [{"role": "user", "content": "And?"}], id="f:11"),
+     r"f:11: 'completion' has no assistant message \(only user\), so there is nothing for the model to learn"),
 ])
 def test_validation_errors(make, message):
     with pytest.raises(DataError, match=message):

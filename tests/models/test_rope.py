@@ -202,6 +202,9 @@ def test_supported_types_come_from_the_architecture():
     ("model.rope_scaling={type: dynamic, factor: 0.5}", "model.rope_scaling.factor: expected a number >= 1"),
     ("model.rope_scaling={type: linear, factor: 2, beta_fast: 8}", "model.rope_scaling: Unrecognized keys"),
     ("model.rope_scaling=linear", "model.rope_scaling: expected"),
+    *((f"model.rope_scaling={{type: {kind}, factor: 2, max_position_embeddings: 256}}",
+       "model.rope_scaling.max_position_embeddings: 256 is below the model's original context of 512 positions")
+      for kind in ("linear", "yarn")),  # the tiny base model has 512 positions
 ])
 def test_bad_rope_scaling_is_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:

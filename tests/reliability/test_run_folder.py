@@ -132,3 +132,59 @@ def test_a_schedule_that_cannot_be_built_writes_nothing(tmp_path, capsys):
     assert len(err) == 1 and "train.lr_scheduler_type='cosine_with_min_lr' with train.lr_scheduler_kwargs={}" in err[0]
     assert "unexpected" not in err[0]
     assert not (tmp_path / "new").exists()
+
+
+def half_swapped(tmp_path, new_finished: bool) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
+    """The disk as `commit_staging` leaves it when killed between its two renames: `run` absent, `.run.old` (the
+    previous run, marked as alignkit's to remove) and `.run.staging` (the new run: unmarked once finished)."""
+    final = tmp_path / "run"
+    old, staging = tmp_path / ".run.old", tmp_path / ".run.staging"
+    for folder, text in ((old, "previous run"), (staging, "new run")):
+        (folder / "model").mkdir(parents=True)
+        (folder / "config.yaml").write_text(f"# {text}\n")
+        (folder / "model" / "weights.bin").write_bytes(text.encode())
+    (old / ".alignkit-staging").touch()
+    if not new_finished:
+        (staging / ".alignkit-staging").touch()
+    return final, snapshot(old), snapshot(staging)
+
+
+@pytest.mark.parametrize("new_finished", [True, False])
+def test_a_replacement_killed_between_its_renames_is_recovered_by_the_next_run(tmp_path, capsys, caplog, new_finished):
+    final, previous, new = half_swapped(tmp_path, new_finished)
+    # the next run (no --overwrite) finds the run again instead of starting afresh beside two hidden folders
+    assert sft(final) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds files" in err[0], err
+    expected = {k: v for k, v in (new if new_finished else previous).items() if k != ".alignkit-staging"}
+    assert snapshot(final) == expected
+    assert not (tmp_path / ".run.old").exists()
+    assert (tmp_path / ".run.staging").exists() == (not new_finished)  # an unfinished new run: the next --overwrite
+    said = [r.getMessage() for r in caplog.records if "interrupted replacement" in r.getMessage()]
+    assert len(said) == 1 and str(final) in said[0]
+    assert ("renamed into place" if new_finished else "restored") in said[0]
+
+
+def test_a_model_save_killed_between_its_renames_is_completed_by_the_next_save(tmp_path, caplog):
+    from alignkit.runs import staged
+
+    final = half_swapped(tmp_path, new_finished=True)[0]
+    with staged(final) as tmp:
+        (tmp / "config.yaml").write_text("# newest\n")
+    assert set(snapshot(final)) == {"config.yaml", "alignkit_complete.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert any("renamed into place" in r.getMessage() for r in caplog.records)
+
+
+def test_quiet_shows_no_library_progress_bar_and_restores_the_switches(tmp_path, capfd):
+    import importlib
+
+    import transformers.utils.logging as tf_logging
+
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    before = (tf_logging.is_progress_bar_enabled(), dict(hub_tqdm.progress_bar_states))
+    assert sft(tmp_path / "run") == 0  # full finetuning: transformers writes model.safetensors under a bar
+    err = capfd.readouterr().err
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "Writing model shards" not in err and "it/s]" not in err, err[-500:]
+    assert (tf_logging.is_progress_bar_enabled(), dict(hub_tqdm.progress_bar_states)) == before

@@ -66,6 +66,23 @@ def test_a_best_model_metric_the_objective_never_logs_is_refused_when_built(name
     for metric in cls.eval_metrics(**extra, ranked=data == "ranked")[::3]:  # a third of them: building is the cost
         build(metric), build(f"eval_{metric}")
     build("eval_held_loss", {"held": features[data], "more": features[data]})
+    first = cls.eval_metrics(**extra, ranked=data == "ranked")[0]
+    build(f"eval_held_{first}", {"held": features[data], "more": features[data]})  # the objective's, per set too
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_several_evaluation_sets_log_the_objective_metrics_per_set(name, make_model, features, collators, tokenizer,
+                                                                   tmp_path):
+    """An eval_dataset dict: transformers logs eval_<set>_loss; alignkit's own figures were all logged as
+    eval_<name> for every set (two sets' figures under one name). Now eval_<set>_<name>, as transformers does."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+    trainer = cls(make_model("lora", classifier=classifier), fast_args(tmp_path), train_dataset=features[data],
+                  eval_dataset={"a": features[data], "b": features[data]}, data_collator=collators[data],
+                  processing_class=tokenizer, **extra)
+    logged = set(trainer.evaluate())
+    declared = cls.eval_metrics(**extra, ranked=False)
+    for m in declared:
+        assert {f"eval_a_{m}", f"eval_b_{m}"} <= logged and f"eval_{m}" not in logged, (m, sorted(logged))
 
 
 # the rows' metrics that are better when lower (by their meaning: a negative log-likelihood, one loss of a sum)

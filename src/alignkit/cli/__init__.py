@@ -22,6 +22,7 @@ Only this package prints (results tables); the library logs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -151,7 +152,8 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        with quiet_progress(args.quiet):
+            return args.func(args)
     except expected as e:
         if args.verbose or args.debug:
             raise
@@ -185,6 +187,33 @@ def outside_errors() -> tuple[type[BaseException], ...]:
         if mod is not None:
             found.append(getattr(mod, name))
     return tuple(found)
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool):
+    """--quiet: no progress bar from transformers / huggingface_hub / datasets either ("Writing model shards",
+    "Loading weights", map bars) for the command, their process-wide switches restored when it returns (an
+    in-process caller keeps its own)."""
+    if not quiet:
+        yield
+        return
+    # read only under --quiet, when the command is about to load them anyway (the entry point stays light)
+    tf_logging = importlib.import_module("transformers.utils.logging")
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module (utils.tqdm is its class)
+    ds_tqdm = importlib.import_module("datasets.utils.tqdm")
+    hub_states, tf_on, ds_off = dict(hub_tqdm.progress_bar_states), tf_logging.is_progress_bar_enabled(), \
+        ds_tqdm.are_progress_bars_disabled()
+    tf_logging.disable_progress_bar()  # also huggingface_hub's (and so datasets', which are a group of them)
+    ds_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if tf_on:
+            tf_logging.enable_progress_bar()
+        hub_tqdm.progress_bar_states.clear()
+        hub_tqdm.progress_bar_states.update(hub_states)
+        if not ds_off and ds_tqdm.are_progress_bars_disabled():
+            ds_tqdm.enable_progress_bars()
 
 
 DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"

@@ -18,7 +18,7 @@ import yaml
 from alignkit.cli.helptext import add_command_parser
 from alignkit.runs import (
     STAGING_MARK, RunFolder, commit_staging, incomplete_reason, is_main_process, latest_complete_checkpoint,
-    remove_own, resumed_step, truncate_metrics,
+    recover_swap, remove_own, resumed_step, truncate_metrics,
 )
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
 from alignkit.settings.train import OFFLINE_DEFAULTS, TRAIN_COMMANDS
@@ -134,6 +134,8 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         raise ConfigError("--resume: online runs write no checkpoints yet, so they cannot be resumed (not yet "
                           "built); start again with --overwrite or another output_dir")
     check_output_dir(final)
+    if is_main_process():
+        recover_swap(final)  # an --overwrite killed between its two renames: completed (or undone) first
     existed = final.is_dir()
     holds = existed and any(final.iterdir())
     ckpt: Path | None = None

@@ -81,6 +81,11 @@ def _check_response(resp: Any, prompt: Prompt, rid: str, key: str) -> Completion
     if isinstance(prompt, str):
         raise DataError(f"{_where(rid)}: {key!r} is a conversation but the prompt is plain text; make both "
                         f"conversations (prompt=[{{'role': 'user', 'content': ...}}]) or both strings")
+    if not any(m["role"] == "assistant" for m in msgs):  # TRL: a conversational response is the assistant's turn(s)
+        roles = sorted({m["role"] for m in msgs})
+        raise DataError(f"{_where(rid)}: {key!r} has no assistant message (only {', '.join(roles)}), so there is "
+                        f"nothing for the model to learn to say; put those messages in the prompt and add the "
+                        f"assistant's reply to {key!r}, or drop the record")
     if len(msgs) > len(prompt) and msgs[:len(prompt)] == prompt:
         raise DataError(f"{_where(rid)}: {key!r} starts with the whole prompt ({len(prompt)} message(s)), so the model "
                         f"would read the prompt twice and be trained on the copy inside {key!r}; drop the prompt's "

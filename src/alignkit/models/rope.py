@@ -17,8 +17,8 @@ validates the result against the architecture, so every problem is one `ConfigEr
   transformers' own validation reports missing.
 
 Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn,
-llama3 and longrope (or the `max_position_embeddings` the config gives). Dynamic NTK keeps the original: its
-formula reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it (so
+llama3 and longrope (or the `max_position_embeddings` the config gives, refused below the original). Dynamic
+NTK keeps the original: its formula reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it (so
 another `max_position_embeddings` is refused, and replacing a saved scaling sets it back to the original).
 Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing. A
 model whose saved config has another scaling (a YaRN model asked for linear, or the same type with another
@@ -201,6 +201,11 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
                               f"between run unscaled or scaled inside the trained context); remove it: {kind} extends "
                               f"past {original} positions by itself")
         new_length = original
+    elif new_length is not None and new_length < original:  # transformers reads it as the new context (yarn /
+        # longrope derive their attention factor from new / original), and no type shrinks the context
+        raise ConfigError(f"{where}.max_position_embeddings: {new_length} is below the model's original context of "
+                          f"{original} positions, so type {kind!r} would record a shorter context than the model "
+                          f"has; remove it (then {original} x factor) or give at least {original}")
     elif new_length is None:
         new_length = config.max_position_embeddings if factor is None \
             else int(params.get("original_max_position_embeddings", original) * factor)

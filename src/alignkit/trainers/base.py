@@ -99,7 +99,8 @@ from alignkit.distributed import (
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.runs import (
-    STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, remove_own,
+    STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap,
+    remove_own,
 )
 from alignkit.trainers.checks import (
     STATE_JSON, check_best_model_metric, check_optimizer, check_resumable, check_scheduler, data_digest,
@@ -189,8 +190,8 @@ class AlignTrainer(BatchSampling, Trainer):
         self.reft_prefix_cache = reft_prefix_cache
         check_prefix_cache(self.model, reft_prefix_cache)  # before anything is written
         logged = self.eval_metrics(**self.objective_settings())
-        if logged is not None and isinstance(self.eval_dataset, dict):  # the Trainer's per set: eval_<set>_loss, ...
-            logged += tuple(f"{name}_{m}" for name in self.eval_dataset for m in TRAINER_EVAL_METRICS)
+        if logged is not None and isinstance(self.eval_dataset, dict):  # per set: eval_<set>_loss, eval_<set>_accuracy
+            logged = tuple(f"{name}_{m}" for name in self.eval_dataset for m in logged + TRAINER_EVAL_METRICS)
         if logged is not None:
             check_best_model_metric(self.args.metric_for_best_model, self.args.greater_is_better, logged,
                                     type(self).__name__)
@@ -464,7 +465,9 @@ class AlignTrainer(BatchSampling, Trainer):
             totals = torch.stack([torch.stack([store[k][0].to(dev), store[k][1].to(dev)]) for k in names])  # (M, 2)
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
-            prefix = "eval_" if mode == "eval" else ""
+            # the Trainer's metric_key_prefix (eval_<set>_ for each set of an eval_dataset dict), read off its runtime
+            prefix = next((k[:-len("runtime")] for k in logs if k.startswith("eval_") and k.endswith("_runtime")),
+                          "eval_") if mode == "eval" else ""
             values = {k: s / n for k, (s, n) in zip(names, totals.tolist()) if n > 0}
             if not values.pop(WEIGHTS_NOT_ONE, 0.0):  # every evaluation weight 1: the weighted figures are the same
                 values = {k: v for k, v in values.items() if not k.startswith(WEIGHTED_PREFIX)}
@@ -520,6 +523,7 @@ class AlignTrainer(BatchSampling, Trainer):
         name = f"checkpoint-{self.state.global_step}"
         staging_root = Path(run_dir) / ".staging"
         if self.args.should_save:
+            recover_swap(Path(run_dir) / name, staging_root / name)  # a replacement killed half-way
             remove_own(staging_root / name)  # a leftover of an interrupted save
             (staging_root / name).mkdir(parents=True)
             (staging_root / name / STAGING_MARK).touch()
