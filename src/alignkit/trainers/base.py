@@ -440,8 +440,7 @@ class AlignTrainer(BatchSampling, Trainer):
         if model.training:
             self._count_tokens(inputs)
         elif w is not None:
-            w = w.detach().float()
-            self._eval_totals.add_weighted(self.weighted_totals(out.metrics, w), (w != 1).sum().float())
+            self._eval_totals.add_weighted(self.weighted_totals(out.metrics, w), (w.detach() != 1).sum().float())
         return (loss, out) if return_outputs else loss
 
     def _count_tokens(self, inputs: dict[str, Any]) -> None:
