@@ -369,6 +369,18 @@ def repeats_note(kept: int, n: int, excluded: list[str], failed: list[str]) -> s
     return f"  [{kept} of {n} pairs; " + "; ".join(parts) + "]" if parts else ""
 
 
+def generation_mismatch(a: list[list[int]], b: list[list[int]]) -> str:
+    """'' when two generations did the same work (as many rows, each as long: the same decode steps and row-steps),
+    else why, in short (for a NOT COMPARABLE line: no ratio of their times is the cost of the same work)."""
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} rows"
+    la, lb = [len(x) for x in a], [len(x) for x in b]
+    if la != lb:
+        return (f"{sum(la)} vs {sum(lb)} tokens generated ({sum(x != y for x, y in zip(la, lb))} of {len(la)} rows "
+                "of other lengths)")
+    return ""
+
+
 def rss_mb() -> float:
     """Peak resident set size of this process so far, MB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -49,8 +49,7 @@ def one_run(spec_path: str, run_dir: str, compiled: bool, warmup: int, steps: in
                                 tok, max_length=spec["max_length"], max_prompt_length=None)
     torch.manual_seed(0)
     model = load_model(common.model_dir(run_dir, spec), dtype="float32")
-    if compiled:
-        compile_layers(model)
+    layers = compile_layers(model) if compiled else 0
     args = TrainingArguments(output_dir=str(Path(out).with_suffix("")) + "-trainer", per_device_train_batch_size=batch,
                              max_steps=warmup + steps, learning_rate=1e-4, logging_steps=1, report_to=[],
                              save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
@@ -70,9 +69,28 @@ def one_run(spec_path: str, run_dir: str, compiled: bool, warmup: int, steps: in
     trainer.train()
     res = meter.result()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    Path(out).write_text(json.dumps({"compiled": compiled, "steps_per_s": steps / res["seconds"],
-                                     "tokens_per_s": res["tokens_per_s"], "warmup_s": marks["warm"] - marks["start"],
-                                     "losses": losses}))
+    Path(out).write_text(json.dumps({"library": "compiled" if compiled else "eager", "status": "ok",
+                                     "compiled": compiled, "compiled_layers": layers, "steps": steps, "warmup": warmup,
+                                     "settings": {"batch_size": batch}, "steps_per_s": steps / res["seconds"],
+                                     "tokens_per_s": res["tokens_per_s"], "timed_tokens": res["timed_tokens"],
+                                     "final_loss": losses[-1] if losses else None,
+                                     "warmup_s": marks["warm"] - marks["start"], "losses": losses}))
+
+
+def same_work(e: dict, c: dict) -> list[str]:
+    """Why an eager run and a compiled run did not do the same work ([] = they did): `common.work_mismatches` (steps,
+    warm-up, batch, timed tokens, final losses), losses apart at some step (the same seed and batches: they must
+    match step for step), or a compiled side that compiled no layer."""
+    out = common.work_mismatches(e, c, tokens_rtol=0.0)
+    if len(e["losses"]) != len(c["losses"]):
+        out.append(f"{len(e['losses'])} vs {len(c['losses'])} logged losses")
+    far = [i + 1 for i, (a, b) in enumerate(zip(e["losses"], c["losses"]))
+           if not abs(a - b) <= 1e-3 * max(1.0, abs(a), abs(b))]  # NaN too
+    if far:
+        out.append(f"losses apart at step(s) {far[:5]}")
+    if not c.get("compiled_layers"):
+        out.append("the compiled run compiled no layer")
+    return out
 
 
 def spread(values: list[float], fmt: str = ".2f") -> str:
@@ -114,10 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
             results[mode].append(json.loads(out.read_text()))
             print(f"pair {pair} {mode:>8}: {results[mode][-1]['steps_per_s']:.2f} steps/s, "
                   f"warmup {results[mode][-1]['warmup_s']:.1f} s", flush=True)
-    ratios = [c["steps_per_s"] / e["steps_per_s"] for e, c in zip(results["eager"], results["compiled"])]
-    compile_s = [c["warmup_s"] - e["warmup_s"] for e, c in zip(results["eager"], results["compiled"])]
-    max_loss_diff = max(abs(a - b) for e, c in zip(results["eager"], results["compiled"])
-                        for a, b in zip(e["losses"], c["losses"]))
+    kept, excluded, failed = common.pair_repeats(results["eager"], results["compiled"], check=same_work)
+    ratios = [c["steps_per_s"] / e["steps_per_s"] for e, c in kept]
+    compile_s = [c["warmup_s"] - e["warmup_s"] for e, c in kept]
+    max_loss_diff = max((abs(a - b) for e, c in zip(results["eager"], results["compiled"])
+                         for a, b in zip(e["losses"], c["losses"])), default=float("nan"))
     summary = {
         "scenario": "small", "batch_size": args.batch_size, "threads": args.threads, "pairs": args.pairs,
         "warmup": args.warmup, "steps": args.steps, "versions": common.versions("alignkit"),
@@ -126,13 +145,19 @@ def main(argv: list[str] | None = None) -> dict:
         "eager_tokens_per_s": [r["tokens_per_s"] for r in results["eager"]],
         "compiled_tokens_per_s": [r["tokens_per_s"] for r in results["compiled"]],
         "ratio_compiled_over_eager": ratios, "compile_seconds_in_warmup": compile_s,
-        "max_abs_loss_difference": max_loss_diff, "runs": results,
+        "max_abs_loss_difference": max_loss_diff, "pairs_kept": len(kept), "pairs_not_comparable": excluded,
+        "runs": results,
     }
     print(f"eager    steps/s {spread(summary['eager_steps_per_s'])}, tokens/s {spread(summary['eager_tokens_per_s'], '.0f')}")
     print(f"compiled steps/s {spread(summary['compiled_steps_per_s'])}, tokens/s "
           f"{spread(summary['compiled_tokens_per_s'], '.0f')}")
-    print(f"paired ratio compiled/eager {spread(ratios, '.3f')}; compile time in warmup {spread(compile_s, '.1f')} s; "
-          f"max |loss difference| {max_loss_diff:.2e}")
+    if ratios:
+        print(f"paired ratio compiled/eager {spread(ratios, '.3f')}; compile time in warmup {spread(compile_s, '.1f')} "
+              f"s; max |loss difference| {max_loss_diff:.2e}"
+              f"{common.repeats_note(len(kept), args.pairs, excluded, failed)}")
+    else:
+        print(f"NOT COMPARABLE (no ratio): no pair did the same work: {'; '.join(excluded + failed)}; max |loss "
+              f"difference| {max_loss_diff:.2e}")
     res_dir = BENCH / "results"
     res_dir.mkdir(exist_ok=True)
     path = res_dir / f"compile_ab-{time.strftime('%Y%m%d-%H%M%S')}.json"

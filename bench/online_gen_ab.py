@@ -12,8 +12,12 @@ each layer's q/k/v, gate/up, norms called one module at a time).
 Each call's CPU seconds (time.process_time, 1 thread); prints min and median per variant and the paired ratio
 generate / variant (median, min-max over the repeats). Checks first that every multinomial variant gives
 generate's tokens, and that the inverse-CDF variant gives as many tokens per call within 25 % (other draws).
+A ratio is printed only where both sides generated rows of the same lengths (the same decode work,
+`common.generation_mismatch`; the inverse-CDF variants draw other tokens, so with stop tokens their rows end
+elsewhere): otherwise "n/c" and a NOT COMPARABLE line saying how the generations differ.
 `--stop-tokens K`: K vocabulary ids become stop tokens (rows end at different steps) and the variant
-`lean, inverse cdf, rows kept` (decode.DROP_FINISHED off: ended rows stay in the batch, as in generate) joins.
+`lean, inverse cdf, rows kept` (decode.DROP_FINISHED off: ended rows stay in the batch, as in generate) joins,
+with the paired ratio rows kept / rows leaving (the same sampler: the same tokens).
 """
 
 from __future__ import annotations
@@ -82,19 +86,33 @@ def main() -> None:
         for r in range(args.repeats):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                 t = time.process_time()
-                call(v, cfg)
+                out = call(v, cfg)
                 cpu[v].append(time.process_time() - t)
+                if [s.response_ids for s in out] != toks[v]:  # a seeded call draws what the checked one drew
+                    raise SystemExit(f"NOT COMPARABLE: {v!r} generated other tokens in repeat {r} than in the "
+                                     "checked call (its seeded draws are not reproducible); no ratio")
         print(f"8 prompts x {k} samples x 32 tokens ({sum(map(len, toks['generate']))} generated), CPU ms per call:")
+        notes = []
+
+        def ratio(a: str, b: str) -> str:
+            """median (min-max) of the paired CPU ratios a / b, or n/c with a NOT COMPARABLE note."""
+            why = common.generation_mismatch(toks[a], toks[b])
+            if why:
+                notes.append(f"  NOT COMPARABLE {a!r} vs {b!r} (n/c: no ratio): {why}")
+                return "n/c"
+            ratios = [x / y for x, y in zip(cpu[a], cpu[b])]
+            return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
         for v in variants:
-            ratios = [g / x for g, x in zip(cpu["generate"], cpu[v])]
             print(f"  {v:<20} min {min(cpu[v]) * 1e3:6.1f}  median {statistics.median(cpu[v]) * 1e3:6.1f}   "
-                  f"generate / this: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
-        if "lean, inverse cdf, model's step" in cpu:
-            ratios = [a / b for a, b in zip(cpu["lean, inverse cdf, model's step"], cpu["lean, inverse cdf"])]
-            print(f"  fast decode step: model's step / fast step {statistics.median(ratios):.2f} "
-                  f"({min(ratios):.2f}-{max(ratios):.2f})")
-            ratios = [a / b for a, b in zip(cpu["lean, inverse cdf, unfused"], cpu["lean, inverse cdf"])]
-            print(f"  fused layers: unfused / fused {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+                  f"generate / this: {ratio('generate', v)}")
+        default = "lean, inverse cdf"
+        print(f"  fast decode step: model's step / fast step {ratio(variants[3], default)}")
+        print(f"  fused layers: unfused / fused {ratio(variants[4], default)}")
+        if "lean, inverse cdf, rows kept" in cpu:
+            print(f"  ended rows: kept / leaving {ratio('lean, inverse cdf, rows kept', default)}")
+        for line in notes:
+            print(line)
     print(f"load average {__import__('os').getloadavg()}")
 
 

@@ -38,9 +38,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from parity.fixture import (CASES, DATASETS, METRICS, MODEL_ARGS, PERTURB,  # noqa: E402
-                            alignkit_case, alignkit_features, build_models, tokenizer_checksum, trl_settings,
-                            weights_checksum)
+from parity.fixture import (CASES, DATASETS, LOGP_KEYS, METRICS, MODEL_ARGS, PERTURB,  # noqa: E402
+                            alignkit_case, alignkit_features, build_models, parity_problems, tokenizer_checksum,
+                            trl_settings, weights_checksum)
 
 GOLDEN = ROOT / "tests" / "parity" / "golden_trl.json"
 RESULTS = ROOT / "bench" / "results" / "parity_trl.json"
@@ -188,7 +188,7 @@ def main() -> None:
         "torch_version": torch.__version__, "model_args": MODEL_ARGS, "perturb": PERTURB,
         "reference_checksum": weights_checksum(reference), "policy_checksum": weights_checksum(policy),
         "tokenizer_checksum": tokenizer_checksum(tok), "datasets": {}}
-    table, token_problems = [], {}
+    table, token_problems, problems = [], {}, []
     for dname, rows in DATASETS.items():
         golden["datasets"][dname] = {"rows": rows, "cases": {}}
         for cname, case in CASES.items():
@@ -202,10 +202,9 @@ def main() -> None:
             row = {"dataset": dname, "case": cname, "trl_loss": t["loss"], "alignkit_loss": a["loss"],
                    "loss_abs_diff": abs(t["loss"] - a["loss"]), "loss_rel_diff": rel(a["loss"], t["loss"]),
                    "metric_abs_diffs": {m: abs(t["metrics"][m] - a["metrics"][m]) for m in METRICS},
-                   "logps_max_abs_diff": max(abs(x - y) for k in ("policy_chosen_logps", "policy_rejected_logps",
-                                                                   "reference_chosen_logps", "reference_rejected_logps")
-                                             for x, y in zip(t[k], a[k]))}
+                   "logps_max_abs_diff": max(abs(x - y) for k in LOGP_KEYS for x, y in zip(t[k], a[k]))}
             table.append(row)
+            problems += [f"{dname}/{cname} {p}" for p in parity_problems(a, t)]
     print("token ids:", {d: (p or "identical") for d, p in token_problems.items()})
     head = f"{'dataset':<15}{'case':<24}{'TRL loss':>14}{'alignkit':>14}{'abs diff':>10}" + "".join(
         f"{m.split('/')[1][:9]:>11}" for m in METRICS)
@@ -215,10 +214,20 @@ def main() -> None:
               f"{r['loss_abs_diff']:>10.1e}" + "".join(f"{r['metric_abs_diffs'][m]:>11.1e}" for m in METRICS))
     worst = max(r["loss_rel_diff"] for r in table)
     print(f"worst relative loss difference: {worst:.2e}")
-    result = {"table": table, "token_problems": token_problems, "checksums": {k: golden[k] for k in (
-        "reference_checksum", "policy_checksum", "tokenizer_checksum")}}
+    # the exit status checks what tests/parity checks (log-probs, loss, metrics; a NaN on either side fails), not
+    # the loss alone: a NaN relative difference compared False with the threshold and passed
+    trl_bad = [f"{d}/{c} TRL {k}" for d, ds in golden["datasets"].items() for c, v in ds["cases"].items()
+               for k, x in [("loss", v["loss"]), *v["metrics"].items(), *((f"{k}[{i}]", y) for k in LOGP_KEYS
+                                                                          for i, y in enumerate(v[k]))]
+               if not math.isfinite(x)]
+    for p in trl_bad + problems:
+        print(f"DIFFERS: {p}")
+    result = {"table": table, "token_problems": token_problems, "differences": trl_bad + problems,
+              "checksums": {k: golden[k] for k in ("reference_checksum", "policy_checksum", "tokenizer_checksum")}}
     if opts.write_golden and opts.no_probes:
         ap.error("--write-golden needs the probes (their TRL side is part of the golden file)")
+    if opts.write_golden and trl_bad:
+        ap.error(f"--write-golden: TRL's own figures are not finite ({'; '.join(trl_bad[:3])}); not recorded")
     if not opts.no_probes:
         result["probes"] = probes(tok, policy, reference, golden)
         print(json.dumps(result["probes"], indent=2))
@@ -228,7 +237,7 @@ def main() -> None:
     if opts.write_golden:
         GOLDEN.write_text(dumps(golden) + "\n")
         print(f"wrote {GOLDEN}")
-    if any(token_problems.values()) or worst > 1e-5 or not all(math.isfinite(r["trl_loss"]) for r in table):
+    if any(token_problems.values()) or trl_bad or problems:
         sys.exit(1)
 
 

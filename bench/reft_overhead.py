@@ -100,6 +100,15 @@ def check_edit(plain, reft, ids, mask, loc) -> float:
     return edited
 
 
+def check_same_generation(outs: dict[str, torch.Tensor]) -> None:
+    """(c) compares the two generations' times: both must be BATCH rows of SEQ prompt + NEW new tokens (the same
+    decode work), else the script stops before timing."""
+    shapes = {k: tuple(v.shape) for k, v in outs.items()}
+    if any(s != (BATCH, SEQ + NEW) for s in shapes.values()):
+        raise SystemExit(f"reft_overhead: NOT COMPARABLE: the generations are {shapes}, not {BATCH} rows of {SEQ} + "
+                         f"{NEW} tokens each: (c) would time different work")
+
+
 def bench_train(model, steps: int) -> float:
     torch.manual_seed(0)
     reft = get_reft_model(model, ReftConfig.uniform([2], "loreft", low_rank_dimension=4))
@@ -153,14 +162,14 @@ def main() -> None:
     reft = get_reft_model(reft_base, ReftConfig.uniform([2], "loreft", low_rank_dimension=4)).eval()
     edit = check_edit(plain, reft, ids, mask, loc)
     gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    gens = {"plain": lambda: plain.generate(input_ids=ids, attention_mask=mask, **gen),
+            "reft": lambda: reft.generate(input_ids=ids, attention_mask=mask, intervention_locations=loc, **gen)}
     with torch.inference_mode():
+        check_same_generation({k: fn() for k, fn in gens.items()})
         fwd = summary(paired({"plain": lambda: plain(input_ids=ids, attention_mask=mask),
                               "reft": lambda: reft(input_ids=ids, attention_mask=mask, intervention_locations=loc),
                               "hooks_only": lambda: reft(input_ids=ids, attention_mask=mask)}, a.repeats, inner=10))
-        gen_t = summary(paired({"plain": lambda: plain.generate(input_ids=ids, attention_mask=mask, **gen),
-                                "reft": lambda: reft.generate(input_ids=ids, attention_mask=mask,
-                                                              intervention_locations=loc, **gen)},
-                               a.repeats, inner=1, warmup=2))
+        gen_t = summary(paired(gens, a.repeats, inner=1, warmup=2))
 
     result = {
         "model": f"llama hidden={HIDDEN} layers={LAYERS} vocab={VOCAB} (random ids)",

@@ -14,8 +14,10 @@ accumulation is the same for every engine), fixed data order, seed and dropout o
 loss curve should match the one-process run's up to reduction order (bf16: a few 1e-3). Each rank writes
 its losses and `torch.cuda.max_memory_allocated()`; the report (one JSON line per engine, and
 bench/results/scale-<timestamp>.json) holds the max |loss - one-process loss| over the steps and the peak
-memory per rank in GiB (`--cpu`: peak resident set size per process). ZeRO-2/3 need
-`pip install 'alignkit[deepspeed]'`.
+memory per rank in GiB (`--cpu`: peak resident set size per process). The loss difference is given only where the
+engine did the one-process run's work (the same global batch, steps and mixed precision: `same_work`), else
+`not_comparable` says what differs. The one-process run uses one GPU (on several, the Trainer's DataParallel would
+train a larger batch). ZeRO-2/3 need `pip install 'alignkit[deepspeed]'`.
 """
 
 from __future__ import annotations
@@ -104,7 +106,12 @@ def worker(model: str, out_dir: str, steps: int, global_batch: int, dtype: str, 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     Path(out_dir, f"rank{rank}-of{world}.json").write_text(json.dumps(
         {"rank": rank, "world": world, "losses": losses, "peak_gib": peak,
-         "distributed_type": str(trainer.accelerator.distributed_type)}))
+         "distributed_type": str(trainer.accelerator.distributed_type),
+         # the work done, as the Trainer ran it (`same_work`): examples per optimizer step over all ranks (the
+         # Trainer's own batch: x GPUs under DataParallel), optimizer steps, mixed precision (an accelerate config's)
+         "global_batch": trainer.args.train_batch_size * world * trainer.args.gradient_accumulation_steps,
+         "steps_done": trainer.state.global_step,
+         "mixed_precision": str(trainer.accelerator.state.mixed_precision)}))
     from alignkit.distributed import exit_after_distributed_run
 
     exit_after_distributed_run(0)  # several processes: leave without interpreter teardown (see there)
@@ -124,17 +131,42 @@ def launch(engine: str | None, n: int, args: argparse.Namespace, out: Path,
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     if args.cpu:
         env.setdefault("OMP_NUM_THREADS", "1")
+    elif engine is None:  # the one-process reference on one GPU: on several, the Trainer would wrap the model in
+        #   DataParallel and train a batch of --global-batch per GPU (not the engines' global batch)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     subprocess.run(cmd, check=True, env=env)
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*-of*.json"))]
 
 
-def report(engine: str, ranks: list[dict], ref: list[float]) -> dict:
-    losses = ranks[0]["losses"]
-    diffs = [abs(a - b) for a, b in zip(losses, ref)]
-    return {"engine": engine, "world": ranks[0]["world"], "distributed_type": ranks[0]["distributed_type"],
-            "steps": len(losses), "max_abs_loss_diff": max(diffs) if diffs else None,
-            "final_loss": losses[-1] if losses else None, "reference_final_loss": ref[-1] if ref else None,
-            "peak_gib_per_rank": [r["peak_gib"] for r in ranks]}
+def same_work(ranks: list[dict], ref: dict) -> list[str]:
+    """Why an engine's run (`ranks`, one result per rank) did not do the one-process run's (`ref`) work: another
+    global batch, step count or mixed precision, a rank that wrote no result, or fewer / more logged losses. [] = it
+    did, and its loss curve can be compared with the reference's."""
+    r = ranks[0]
+    out = [f"{k} {r.get(k)} vs {ref.get(k)} (one process)" for k in ("global_batch", "steps_done", "mixed_precision")
+           if r.get(k) != ref.get(k)]
+    if len(ranks) != r["world"]:
+        out.append(f"{len(ranks)} of {r['world']} ranks wrote a result")
+    if len(r["losses"]) != len(ref["losses"]):
+        out.append(f"{len(r['losses'])} vs {len(ref['losses'])} logged losses (one process)")
+    return out
+
+
+def report(engine: str, ranks: list[dict], ref: dict) -> dict:
+    """One engine's row: its losses against the one-process run's (`ref`, its rank-0 result) and its peak memory.
+    The loss difference is left out (None, with `not_comparable`) when the two did not do the same work."""
+    losses, ref_losses = ranks[0]["losses"], ref["losses"]
+    why = same_work(ranks, ref)
+    diffs = [abs(a - b) for a, b in zip(losses, ref_losses)]
+    row = {"engine": engine, "world": ranks[0]["world"], "distributed_type": ranks[0]["distributed_type"],
+           "steps": len(losses), "max_abs_loss_diff": max(diffs) if diffs and not why else None,
+           "final_loss": losses[-1] if losses else None,
+           "reference_final_loss": ref_losses[-1] if ref_losses else None,
+           "peak_gib_per_rank": [r["peak_gib"] for r in ranks]}
+    if why:
+        row["not_comparable"] = why
+        print(f"NOT COMPARABLE {engine} (no loss difference): {'; '.join(why)}", file=sys.stderr, flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             worker("tiny:llama", tmp, 2, 4, "float32", "cpu")
             ranks = [json.loads(x.read_text()) for x in Path(tmp).glob("rank*.json")]
-        row = report("one-process (dry run)", ranks, ranks[0]["losses"])
+        row = report("one-process (dry run)", ranks, ranks[0])
         print(json.dumps({"dry_run": True, "configs": configs,
                           "cpu_configs": check_configs(list(CPU_ENGINES), CPU_ENGINES), "one_process": row}))
         return 0
@@ -174,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(tempfile.mkdtemp(prefix="alignkit-scale-"))
     one = launch(None, 1, args, base / "one")
-    ref = one[0]["losses"]
+    ref = one[0]
     rows = [report("one-process", one, ref)]
     for e in args.engines:
         try:

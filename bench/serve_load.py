@@ -130,7 +130,7 @@ async def drive(port: int, models: list[str], clients: int, requests: int, max_t
                 results.append({"ok": False, "ttft": 0.0, "latency": 0.0, "tokens": 0})
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return summarize(results, time.perf_counter() - start)
+    return summarize(results, time.perf_counter() - start, requests, max_tokens)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -140,10 +140,13 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q / 100 * len(xs) + 0.5)) - 1))]
 
 
-def summarize(results: list[dict], wall: float) -> dict:
+def summarize(results: list[dict], wall: float, asked: int, max_tokens: int) -> dict:
+    """One run's figures; `asked` requests of `max_tokens` new tokens each were to be sent (`same_work` reads
+    `asked`, `requests`, `errors` and `short`: requests that ended before max_tokens)."""
     good = [r for r in results if r["ok"]]
     lat, ttft = [r["latency"] for r in good], [r["ttft"] for r in good]
-    return {"requests": len(results), "errors": len(results) - len(good), "wall_s": round(wall, 3),
+    return {"asked": asked, "requests": len(results), "errors": len(results) - len(good),
+            "short": sum(r["tokens"] != max_tokens for r in good), "wall_s": round(wall, 3),
             "req_per_s": round(len(good) / wall, 3), "out_tok_per_s": round(sum(r["tokens"] for r in good) / wall, 2),
             "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "ttft_p99": pct(ttft, 99),
             "lat_p50": pct(lat, 50), "lat_p95": pct(lat, 95), "lat_p99": pct(lat, 99)}
@@ -220,7 +223,23 @@ def naive(dirs: dict[str, Path], name: str, requests: int, max_tokens: int, thre
         lat = time.perf_counter() - t0
         results.append({"ok": True, "ttft": (streamer.first or time.perf_counter()) - t0, "latency": lat,
                         "tokens": out.shape[1] - ids.shape[1]})
-    return summarize(results, time.perf_counter() - start)
+    return summarize(results, time.perf_counter() - start, requests, max_tokens)
+
+
+def same_work(a: dict, b: dict) -> list[str]:
+    """Why two runs' tokens/s do not compare the same work ([] = they do): a run with failed requests (its tok/s
+    counts only the others), one stopped by --time-cap before it sent what it was asked, or requests that ended
+    before max_tokens (another amount of decoding per request)."""
+    out = []
+    for r in (a, b):
+        name = f"{r['scenario']} x{r['clients']}"
+        if r["errors"]:
+            out.append(f"{name}: {r['errors']} of {r['requests']} requests failed")
+        if r["requests"] < r["asked"]:
+            out.append(f"{name}: {r['requests']} of {r['asked']} requests sent before --time-cap")
+        if r["short"]:
+            out.append(f"{name}: {r['short']} request(s) ended before max_tokens")
+    return out
 
 
 def main() -> int:
@@ -268,7 +287,7 @@ def main() -> int:
         for _, proc in servers.values():
             proc.terminate()
             proc.wait(30)
-    keys = ["requests", "errors", "req_per_s", "out_tok_per_s", "ttft_p50", "ttft_p95", "ttft_p99", "lat_p50",
+    keys = ["requests", "errors", "short", "req_per_s", "out_tok_per_s", "ttft_p50", "ttft_p95", "ttft_p99", "lat_p50",
             "lat_p95", "lat_p99"]
     rows = []
     for sc in args.scenarios:
@@ -276,7 +295,7 @@ def main() -> int:
             rs = [r for r in runs if r["scenario"] == sc and r["clients"] == c]
             if rs:
                 rows.append({"scenario": sc, "clients": c, "runs": len(rs),
-                             **{k: (sum(r[k] for r in rs) if k in ("requests", "errors")
+                             **{k: (sum(r[k] for r in rs) if k in ("requests", "errors", "short")
                                     else statistics.median(r[k] for r in rs)) for k in keys}})
     print(f"\nmedians over {args.repeats} interleaved rounds, {args.max_tokens} new tokens per request")
     print(f"{'scenario':<10}{'clients':>8}{'req':>6}{'err':>5}{'req/s':>8}{'tok/s':>9}"
@@ -288,20 +307,33 @@ def main() -> int:
               f"{ms(r['lat_p50'], r['lat_p95'], r['lat_p99']):>25}")
     ratios = {}
 
+    notes = []
+
     def paired(a: str, b: str, c: int, cb: int | None = None) -> float | None:
-        xs = [ra["out_tok_per_s"] / rb["out_tok_per_s"] for ra in runs for rb in runs
-              if ra["scenario"] == a and ra["clients"] == c and rb["scenario"] == b
-              and rb["clients"] == (c if cb is None else cb) and ra["repeat"] == rb["repeat"] and rb["out_tok_per_s"]]
+        """Median over the rounds of a's tok/s over b's, from the rounds where both did the same work (`same_work`);
+        the others are named in a NOT COMPARABLE line."""
+        xs = []
+        for ra, rb in [(ra, rb) for ra in runs for rb in runs
+                       if ra["scenario"] == a and ra["clients"] == c and rb["scenario"] == b
+                       and rb["clients"] == (c if cb is None else cb) and ra["repeat"] == rb["repeat"]]:
+            why = same_work(ra, rb)
+            if why:
+                notes.append(f"  NOT COMPARABLE {a} / {b}, round {ra['repeat']} (left out): {'; '.join(why)}")
+            elif rb["out_tok_per_s"]:
+                xs.append(ra["out_tok_per_s"] / rb["out_tok_per_s"])
         return round(statistics.median(xs), 3) if xs else None
 
     for c in args.clients:
-        ratios[f"reft4/one tok/s, {c} clients"] = paired("reft4", "one", c)
-        ratios[f"lora4/one tok/s, {c} clients"] = paired("lora4", "one", c)
-    for sc in served:
+        for sc in ("reft4", "lora4"):
+            if sc in served and "one" in served:
+                ratios[f"{sc}/one tok/s, {c} clients"] = paired(sc, "one", c)
+    for sc in served if "naive" in args.scenarios else []:
         ratios[f"{sc} at {max(args.clients)} clients / naive tok/s"] = paired(sc, "naive", max(args.clients), 1)
-    print("\npaired ratios (median over rounds):")
+    print("\npaired ratios (median over the rounds where both sides did the same work):")
     for k, v in ratios.items():
-        print(f"  {k}: {v}")
+        print(f"  {k}: {'n/c (no round did the same work)' if v is None else v}")
+    for line in notes:
+        print(line)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -309,7 +341,7 @@ def main() -> int:
     import transformers
 
     path.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "transformers": transformers.__version__,
-                                "load_average_end": os.getloadavg(), "rows": rows, "ratios": ratios, "runs": runs},
+                                "load_average_end": os.getloadavg(), "rows": rows, "ratios": ratios, "not_comparable": notes, "runs": runs},
                                indent=2))
     print(f"\nwrote {path}")
     return 0

@@ -233,14 +233,20 @@ def write_prompt_formats(folder: str | Path, formats: dict[str, int], setting: s
     return path
 
 
-def final_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The last logged value of every metric (train and eval), without bookkeeping keys."""
+def final_metrics(rows: list[dict[str, Any]], eval_step: int | None = None) -> dict[str, float]:
+    """The last logged value of every metric (train and eval), without bookkeeping keys (the Trainer's speed figures
+    of every evaluation set too: eval_runtime, or eval_<set>_runtime with several). With `eval_step` (the step of
+    the best checkpoint a run's model holds, load_best_model_at_end), the evaluation figures are those of that step's
+    evaluation: the saved model's, not the last evaluated one's."""
     skip = {"step", "epoch", "learning_rate", "grad_norm", "total_flos", "train_runtime", "train_samples_per_second",
-            "train_steps_per_second", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
+            "train_steps_per_second"}
+    speed = ("_runtime", "_samples_per_second", "_steps_per_second")
     out: dict[str, float] = {}
     for r in rows:
         for k, v in r.items():
-            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k in skip or (k.startswith("eval_") and (k.endswith(speed) or eval_step not in (None, r.get("step")))):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = v
     return out
 

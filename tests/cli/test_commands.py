@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from alignkit.cli import main
@@ -547,6 +548,30 @@ def test_a_best_model_metric_the_objective_logs_runs_in_either_spelling(tmp_path
     assert (out / "model").is_dir()
     for metric in ("eval_mean_token_accuracy", "eval_loss", "loss"):
         load_config(CONFIGS / "sft-tiny.yaml", [*BEST, f"train.metric_for_best_model={metric}"])
+
+
+def test_a_best_checkpoint_before_the_last_step_is_what_the_card_and_summary_describe(tmp_path, capsys):
+    """train.load_best_model_at_end with the best checkpoint before the last step: model/ held that checkpoint's
+    weights, while the card's metrics and the last line showed the last evaluation's figures (another model's) without
+    a word. The card and the summary now give the best step's evaluation figures (read here off metrics.jsonl) and say
+    which checkpoint model/ is. The margins grow as DPO trains, so the lowest (greater_is_better false) is step 1's."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    assert main(["-q", "dpo", "-c", str(CONFIGS / "dpo-lora-tiny.yaml"), f"output_dir={out}", *BEST,
+                 "train.metric_for_best_model=eval_rewards/margins", "train.greater_is_better=false",
+                 "train.learning_rate=0.05"]) == 0
+    printed = capsys.readouterr().out
+    evals = {r["step"]: r for r in _rows(out) if "eval_rewards/margins" in r}
+    assert sorted(evals) == [1, 2] and evals[1]["eval_rewards/margins"] < evals[2]["eval_rewards/margins"]
+    saved, first = (load_file(out / d / "adapter_model.safetensors") for d in ("model", "checkpoints/checkpoint-1"))
+    assert all(torch.equal(saved[k], first[k]) for k in saved)  # model/ is step 1's checkpoint
+    card = (out / "README.md").read_text()
+    for k in ("eval_loss", "eval_rewards/margins"):
+        assert f"| `{k}` | {evals[1][k]:.6g} |" in card, k
+        assert f"{k} {evals[1][k]:.4f}" in printed, k
+    assert "the best checkpoint: step 1 (eval_rewards/margins" in card
+    assert "model/ is the best checkpoint, step 1 of 2" in printed
 
 
 @pytest.mark.parametrize("command,config,metric", [("sft", "sft-tiny.yaml", "nll/token"),

@@ -39,6 +39,26 @@ def test_final_metrics_are_last_values_without_bookkeeping():
     assert final_metrics(rows) == {"loss": 2.0, "eval_loss": 2.5, "train_loss": 2.5}
 
 
+def test_summary_shows_each_evaluation_set():
+    """An eval_dataset dict logs eval_<set>_<name> (the Trainer's metric_key_prefix): the last line showed no
+    evaluation figure at all (it looked for eval_loss only). Each set's figures now follow the training one, in the
+    sets' order; the sets' speed figures stay out of the card's metrics."""
+    from alignkit.cli.train import summary_figures
+
+    rows = [{"step": 2, "loss": 0.5, "rewards/accuracies": 0.75},
+            {"step": 2, "eval_hh_loss": 0.6, "eval_hh_rewards/accuracies": 1.0, "eval_hh_runtime": 0.2,
+             "eval_hh_samples_per_second": 10.0, "eval_hh_steps_per_second": 5.0},
+            {"step": 2, "eval_oa_loss": 0.7, "eval_oa_rewards/accuracies": 0.5, "eval_oa_runtime": 0.3}]
+    metrics = final_metrics(rows)
+    assert metrics == {"loss": 0.5, "rewards/accuracies": 0.75, "eval_hh_loss": 0.6,
+                       "eval_hh_rewards/accuracies": 1.0, "eval_oa_loss": 0.7, "eval_oa_rewards/accuracies": 0.5}
+    assert summary_figures(metrics, ["oa", "hh"]) == [
+        ("loss", 0.5), ("eval_oa_loss", 0.7), ("eval_hh_loss", 0.6), ("rewards/accuracies", 0.75),
+        ("eval_oa_rewards/accuracies", 0.5), ("eval_hh_rewards/accuracies", 1.0)]
+    one = {"loss": 0.5, "eval_loss": 0.6, "accuracy": 0.25, "eval_accuracy": 1.0}  # one set: as before
+    assert summary_figures(one) == [("loss", 0.5), ("eval_loss", 0.6), ("accuracy", 0.25), ("eval_accuracy", 1.0)]
+
+
 def test_model_card_says_how_the_model_was_made(tmp_path):
     card = ModelCard(title="dpo of base", base_model="org/base-1b", adapter={"kind": "lora", "lora.r": 8},
                      objective={"objective": "preference optimisation (loss sigmoid)", "beta": 0.1},

@@ -23,13 +23,33 @@ def _module():
     return mod
 
 
+WORK = {"global_batch": 8, "steps_done": 3, "mixed_precision": "bf16"}
+
+
 def test_report_parity_by_hand():
     mod = _module()
-    ranks = [{"world": 2, "losses": [1.0, 2.0, 3.25], "peak_gib": 1.5, "distributed_type": "FSDP"},
-             {"world": 2, "losses": [1.0, 2.0, 3.25], "peak_gib": 1.25, "distributed_type": "FSDP"}]
-    row = mod.report("fsdp2", ranks, [1.5, 2.0, 3.0])
-    assert row["max_abs_loss_diff"] == 0.5 and row["steps"] == 3
+    ranks = [{"world": 2, "losses": [1.0, 2.0, 3.25], "peak_gib": 1.5, "distributed_type": "FSDP", **WORK},
+             {"world": 2, "losses": [1.0, 2.0, 3.25], "peak_gib": 1.25, "distributed_type": "FSDP", **WORK}]
+    row = mod.report("fsdp2", ranks, {"world": 1, "losses": [1.5, 2.0, 3.0], **WORK})
+    assert row["max_abs_loss_diff"] == 0.5 and row["steps"] == 3 and "not_comparable" not in row
     assert row["peak_gib_per_rank"] == [1.5, 1.25] and row["final_loss"] == 3.25
+
+
+def test_report_gives_no_loss_difference_for_other_work(capsys):
+    """The one-process reference on a machine of 8 GPUs trained under the Trainer's DataParallel: 8 examples per GPU,
+    64 per step, against the engines' 8; and an engine whose rank 1 wrote nothing, or that logged 2 of 3 losses. The
+    loss difference (here 0.5 over the first two steps) compared other work: it is now None, and the row and a
+    NOT COMPARABLE line say why."""
+    mod = _module()
+    rank = {"world": 2, "losses": [1.0, 2.0, 3.25], "peak_gib": 1.5, "distributed_type": "FSDP", **WORK}
+    ref = {"world": 1, "losses": [1.5, 2.0, 3.0], **WORK, "global_batch": 64}
+    row = mod.report("fsdp2", [rank, rank], ref)
+    assert row["max_abs_loss_diff"] is None and row["not_comparable"] == ["global_batch 8 vs 64 (one process)"]
+    assert "NOT COMPARABLE fsdp2 (no loss difference): global_batch 8 vs 64" in capsys.readouterr().err
+    short = {**rank, "losses": [1.0, 2.0], "steps_done": 2}
+    row = mod.report("zero3", [short], {**ref, "global_batch": 8})
+    assert row["max_abs_loss_diff"] is None and row["not_comparable"] == [
+        "steps_done 2 vs 3 (one process)", "1 of 2 ranks wrote a result", "2 vs 3 logged losses (one process)"]
 
 
 def test_dry_run_on_cpu(tmp_path):

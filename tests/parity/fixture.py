@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import tempfile
 from typing import Any
 
@@ -29,6 +30,29 @@ PERTURB: dict[str, Any] = {"seed": 1234, "scale": 0.05}
 BETA = 0.1
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
+
+LOGP_KEYS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+
+
+def close(got: float, want: float, rtol: float = 1e-5, atol: float = 1e-6) -> bool:
+    """alignkit's figure `got` is TRL's `want` (the parity tolerance; a non-finite `got` never is)."""
+    return math.isfinite(got) and abs(got - want) <= atol + rtol * abs(want)
+
+
+def parity_problems(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """Where alignkit's case result `got` (`alignkit_case`) differs from TRL's `want`: each per-pair log-prob, the
+    loss, each of METRICS (atol 1e-5), as tests/parity/test_trl_parity.py checks them; [] = the same."""
+    out = []
+    for key in LOGP_KEYS:
+        if len(got[key]) != len(want[key]):
+            out.append(f"{key}: {len(got[key])} vs {len(want[key])} values")
+        out += [f"{key}[{i}]: alignkit {g} != TRL {w}" for i, (g, w) in enumerate(zip(got[key], want[key]))
+                if not close(g, w)]
+    if not close(got["loss"], want["loss"]):
+        out.append(f"loss: alignkit {got['loss']} != TRL {want['loss']}")
+    return out + [f"{m}: alignkit {got['metrics'][m]} != TRL {want['metrics'][m]}" for m in METRICS
+                  if not close(got["metrics"][m], want["metrics"][m], atol=1e-5)]
+
 
 PLAIN_ROWS: list[dict[str, Any]] = [
     {"prompt": "Question: what is the capital of France? Answer:", "chosen": " Paris.", "rejected": " Lazy dog."},

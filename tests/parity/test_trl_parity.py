@@ -50,17 +50,11 @@ import torch
 
 from alignkit.data import DataError
 
-from .fixture import (CASES, DATASETS, METRICS, MODEL_ARGS, PERTURB, alignkit_case, alignkit_features, build_models,
-                      tokenizer_checksum, trl_settings, weights_checksum)
+from .fixture import (CASES, DATASETS, LOGP_KEYS, METRICS, MODEL_ARGS, PERTURB, alignkit_case, alignkit_features,
+                      build_models, close, parity_problems, tokenizer_checksum, trl_settings, weights_checksum)
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_trl.json").read_text())
 RERECORD = "rerun `PYTHONPATH=src bench/.envs/trl/bin/python bench/parity_trl.py --write-golden` (TRL venv)"
-LOGP_KEYS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
-
-
-def close(got: float, want: float, rtol: float = 1e-5, atol: float = 1e-6) -> bool:
-    return math.isfinite(got) and abs(got - want) <= atol + rtol * abs(want)
-
 
 @pytest.fixture(scope="module")
 def models():
@@ -172,3 +166,18 @@ def test_exo_pair_without_label_smoothing_uses_1e_3(models):
     assert GOLDEN["probes"]["exo_pair_eps0"]["trl"].startswith("ValueError")
     got = alignkit_case(tok, policy, reference, DATASETS["plain"], {"loss_type": ["exo_pair"], "label_smoothing": 0.0})
     assert close(got["loss"], GOLDEN["datasets"]["plain"]["cases"]["exo_pair_ls1e-3"]["loss"])
+
+
+def test_the_recording_scripts_check_fails_on_any_difference_or_nan():
+    """bench/parity_trl.py's exit status read only the worst relative loss difference: a NaN alignkit loss made it NaN,
+    which compares False with the threshold (and max() can drop it), and metric or log-prob differences were printed
+    but passed. It now fails on what this module checks (`parity_problems`)."""
+    want = GOLDEN["datasets"]["plain"]["cases"]["sigmoid"]
+    assert parity_problems(json.loads(json.dumps(want)), want) == []
+    nan_loss = {**want, "loss": float("nan")}
+    assert parity_problems(nan_loss, want) == [f"loss: alignkit nan != TRL {want['loss']}"]
+    margin = {**want, "metrics": {**want["metrics"], "rewards/margins": want["metrics"]["rewards/margins"] + 1e-3}}
+    assert [p.split(":")[0] for p in parity_problems(margin, want)] == ["rewards/margins"]
+    short = {**want, "policy_chosen_logps": want["policy_chosen_logps"][:-1]}
+    assert parity_problems(short, want) == [f"policy_chosen_logps: {len(want['policy_chosen_logps']) - 1} vs "
+                                            f"{len(want['policy_chosen_logps'])} values"]

@@ -2,7 +2,8 @@
 suites print for the median paired ratio (order statistics and coverages worked out by hand from the binomial(n,
 1/2) distribution); run_cpu / online_cpu: a ratio only where both sides did the same work, failed repeats counted,
 spreads by hand, selections of nothing refused before writing; reft_overhead: an intervention that edits nothing
-refused."""
+refused, generations of other lengths too; the A/B scripts (compile_ab, online_gen_ab, serve_load): no ratio of runs
+that did other work."""
 
 import importlib.util
 import sys
@@ -194,3 +195,67 @@ def test_online_cpu_refuses_nothing_to_run_before_writing(tmp_path):
         with pytest.raises(SystemExit, match="online_cpu.py: nothing to run"):
             online.main([*argv, "--results", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the A/B scripts: the same work too
+def test_compile_ab_pairs_only_runs_of_the_same_work(common):
+    """compile_ab printed compiled/eager steps/s whatever the runs did: a compiled run whose losses went elsewhere (or
+    NaN), that timed other tokens, or that compiled nothing. Such a pair now gives no ratio."""
+    ab = _load("compile_ab")
+
+    def run(library, losses, tokens=4000, layers=4):
+        return {"library": library, "status": "ok", "steps": 2, "warmup": 2, "settings": {"batch_size": 8},
+                "timed_tokens": tokens, "final_loss": losses[-1], "losses": losses,
+                "compiled_layers": layers if library == "compiled" else 0, "steps_per_s": 10.0}
+
+    eager = run("eager", [6.93, 6.92, 6.91, 6.90])
+    assert ab.same_work(eager, run("compiled", [6.93, 6.92, 6.91, 6.9000004])) == []  # float noise only
+    assert ab.same_work(eager, run("compiled", [6.93, 6.92, 6.95, 6.90])) == ["losses apart at step(s) [3]"]
+    assert ab.same_work(eager, run("compiled", [6.93, 6.92, 6.91, float("nan")])) == [
+        "compiled final loss nan", "losses apart at step(s) [4]"]
+    assert ab.same_work(eager, run("compiled", [6.93, 6.92, 6.91, 6.90], tokens=3990)) == [
+        "timed_tokens 4000 vs 3990 (0.2% apart, over 0%)"]
+    assert ab.same_work(eager, run("compiled", [6.93, 6.92, 6.91, 6.90], layers=0)) == [
+        "the compiled run compiled no layer"]
+    kept, excluded, failed = common.pair_repeats(
+        [eager, eager], [run("compiled", eager["losses"]), run("compiled", [6.93, 6.92, 6.95, 6.90])],
+        check=ab.same_work)
+    assert len(kept) == 1 and excluded == ["r1: losses apart at step(s) [3]"] and failed == []
+
+
+def test_generations_of_other_lengths_are_not_the_same_work(common):
+    """online_gen_ab compared CPU per call of generate and the inverse-CDF variants, whose draws differ: with stop
+    tokens 376 vs 292 tokens were generated (rows ending elsewhere). A ratio needs rows of the same lengths."""
+    assert common.generation_mismatch([[1, 2, 3], [4, 5]], [[7, 8, 9], [1, 1]]) == ""  # other tokens, same work
+    assert common.generation_mismatch([[1, 2, 3], [4, 5]], [[7, 8], [1, 1]]) == (
+        "5 vs 4 tokens generated (1 of 2 rows of other lengths)")
+    assert common.generation_mismatch([[1]], [[1], [2]]) == "1 vs 2 rows"
+
+
+def test_serve_load_ratios_need_the_same_work():
+    """serve_load's tok/s ratios counted only the requests that succeeded, and runs cut by --time-cap or whose
+    requests ended early: such a round is now left out of the ratio and named."""
+    sl = _load("serve_load")
+
+    def run(sc, **kw):
+        return {"scenario": sc, "clients": 8, "asked": 32, "requests": 32, "errors": 0, "short": 0, **kw}
+
+    assert sl.same_work(run("reft4"), run("one")) == []
+    assert sl.same_work(run("reft4", errors=3), run("one", requests=20, short=1)) == [
+        "reft4 x8: 3 of 32 requests failed", "one x8: 20 of 32 requests sent before --time-cap",
+        "one x8: 1 request(s) ended before max_tokens"]
+    summary = sl.summarize([{"ok": True, "ttft": 0.1, "latency": 0.5, "tokens": 4},
+                            {"ok": True, "ttft": 0.1, "latency": 0.5, "tokens": 2},
+                            {"ok": False, "ttft": 0.0, "latency": 0.0, "tokens": 0}], 2.0, 4, 4)
+    assert (summary["asked"], summary["requests"], summary["errors"], summary["short"]) == (4, 3, 1, 1)
+    assert summary["out_tok_per_s"] == 3.0  # (4 + 2) / 2 s
+
+
+def test_reft_overhead_refuses_generations_of_other_lengths():
+    import torch
+
+    ro = _load("reft_overhead")
+    full = torch.zeros(ro.BATCH, ro.SEQ + ro.NEW, dtype=torch.long)
+    ro.check_same_generation({"plain": full, "reft": full})
+    with pytest.raises(SystemExit, match="NOT COMPARABLE"):
+        ro.check_same_generation({"plain": full, "reft": full[:, :-1]})

@@ -280,11 +280,15 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
             hyper.update({"world size": args.world_size, "engine": str(state.distributed_type).split(".")[-1],
                           "mixed precision": str(state.mixed_precision),
                           "optimizer steps done": trainer.state.global_step})
+            best = best_step(args, trainer.state)
+            if best is not None:  # model/ is that checkpoint: the card's evaluation figures are its own
+                hyper["model/ holds"] = (f"the best checkpoint: step {best} ({args.metric_for_best_model} "
+                                         f"{trainer.state.best_metric:.6g}), not the last step's weights")
             card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
                              base_model=base_desc, adapter=adapter_of(model).describe(model),
                              objective={"objective": objective_name(command, cfg.method), "command": command,
                                         **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
-                             data=data_info, hyperparameters=hyper, metrics=final_metrics(rows),
+                             data=data_info, hyperparameters=hyper, metrics=final_metrics(rows, best),
                              command_line=command_line or f"alignkit {command}", versions=versions(),
                              base_model_id=cfg.model.path,
                              how_to_load=adapter_of(model).how_to_load(str(named.model), base_path,
@@ -296,15 +300,34 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if trainer.is_world_process_zero() and args.alignkit_push:
         push_model(args.alignkit_push, named.model, named.root)
     if trainer.is_world_process_zero():
-        _print_summary(command, named, card.metrics)
+        sets = list(trainer.eval_dataset) if isinstance(trainer.eval_dataset, dict) else None
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in summary_figures(card.metrics, sets))
+        kept = "" if best is None else (f"\n  model/ is the best checkpoint, step {best} of "
+                                        f"{trainer.state.global_step} (train.load_best_model_at_end); the evaluation "
+                                        "figures are that step's")
+        print(f"alignkit {command}: done. {shown}{kept}\n  run folder: {named.root} (model/, README.md, metrics.jsonl, "
+              "plots/)")
     return 0
 
 
-def _print_summary(command: str, run: RunFolder, metrics: dict[str, float]) -> None:
-    keys = [k for k in ("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies", "rewards/margins",
-                        "eval_rewards/margins", "accuracy", "eval_accuracy") if k in metrics]
-    shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
-    print(f"alignkit {command}: done. {shown}\n  run folder: {run.root} (model/, README.md, metrics.jsonl, plots/)")
+def best_step(args: Any, state: Any) -> int | None:
+    """The step of the best checkpoint the Trainer loaded at the end (train.load_best_model_at_end), which model/
+    then holds; None when it loaded none or the best is the last step."""
+    if not args.load_best_model_at_end or state.best_model_checkpoint is None or state.best_global_step is None:
+        return None
+    return None if state.best_global_step == state.global_step else int(state.best_global_step)
 
 
-__all__ = ["add_parser", "run", "train"]
+SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "accuracy")  # what the last line shows
+
+
+def summary_figures(metrics: dict[str, float], eval_sets: list[str] | None = None) -> list[tuple[str, float]]:
+    """The figures of a run's last line: each of SUMMARY_METRICS as last logged in training, then as evaluated:
+    `eval_<name>`, or with several evaluation sets (an eval_dataset dict: `eval_sets`, its names) `eval_<set>_<name>`
+    for each set, in the sets' order (the Trainer's metric_key_prefix). Names not logged are left out."""
+    prefixes = [f"eval_{name}_" for name in eval_sets] if eval_sets else ["eval_"]
+    keys = [key for name in SUMMARY_METRICS for key in (name, *(p + name for p in prefixes))]
+    return [(k, metrics[k]) for k in keys if k in metrics]
+
+
+__all__ = ["SUMMARY_METRICS", "add_parser", "best_step", "run", "summary_figures", "train"]

@@ -117,10 +117,56 @@ logger = logging.getLogger(__name__)
 # the model is evaluated before any training, so never at a training run's evaluations)
 TRAINER_EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
 WEIGHTED_PREFIX = "weighted/"  # evaluation: weighted/<name> = sum w_i v_i / sum w_i (AlignTrainer.weighted_totals)
-WEIGHTS_NOT_ONE = "\0weights_not_one"  # internal total, never logged
-EVAL_LOSS = "\0eval_loss"  # internal total (sum_i w_i L_i, N) of an evaluation, logged as its eval_loss
 
 TRAINING_ARGS_JSON = "training_args.json"
+
+
+Totals = dict[str, list[Tensor]]  # name -> [sum, count], summed over batches (and processes, at logging)
+
+
+@dataclasses.dataclass
+class EvalTotals:
+    """What an evaluation accumulates besides its metrics (`AlignTrainer._metrics["eval"]`): `loss` = (sum_i w_i L_i,
+    N) over the whole set, logged as its eval_loss; `weighted` = name -> (sum_i w_i v_i, sum_i w_i), logged as
+    eval_weighted/<name> only when `weights_not_one` (examples whose weight is not 1) is not 0."""
+
+    loss: list[Tensor] | None = None
+    weighted: Totals = dataclasses.field(default_factory=dict)
+    weights_not_one: Tensor | None = None
+
+    def add_loss(self, total: Tensor, n: Tensor) -> None:
+        self.loss = [total.clone(), n.clone()] if self.loss is None else [self.loss[0] + total, self.loss[1] + n]
+
+    def add_weighted(self, totals: dict[str, tuple[Tensor, Tensor]], not_one: Tensor) -> None:
+        add_totals(self.weighted, totals)
+        self.weights_not_one = not_one.clone() if self.weights_not_one is None else self.weights_not_one + not_one
+
+    def parts(self) -> list[Totals]:
+        """The totals as stores for `AlignTrainer._sum_over_processes` (`from_parts` reads them back)."""
+        ones = torch.ones(())
+        return [{"loss": self.loss} if self.loss is not None else {}, self.weighted,
+                {"weights_not_one": [self.weights_not_one, ones]} if self.weights_not_one is not None else {}]
+
+    @staticmethod
+    def from_parts(parts: list[dict[str, tuple[float, float]]]) -> tuple[tuple[float, float] | None, dict[str, float]]:
+        """(the loss's (sum, N) or None, the weighted figures to log: {} when every weight is 1)."""
+        loss, weighted, not_one = parts
+        if not not_one.get("weights_not_one", (0.0, 1.0))[0]:  # every weight 1: the weighted figures are the same
+            return loss.get("loss"), {}
+        return loss.get("loss"), {f"{WEIGHTED_PREFIX}{k}": s / n for k, (s, n) in weighted.items() if n > 0}
+
+    def clear(self) -> None:
+        self.loss, self.weights_not_one = None, None
+        self.weighted.clear()
+
+
+def add_totals(store: Totals, totals: dict[str, tuple[Tensor, Tensor]]) -> None:
+    for k, (s, n) in totals.items():
+        if k in store:
+            store[k][0] += s
+            store[k][1] += n
+        else:
+            store[k] = [s.clone(), n.clone()]
 
 
 def turn_off_dropout(model: nn.Module) -> None:
@@ -184,7 +230,8 @@ class AlignTrainer(BatchSampling, Trainer):
         if gc_kwargs is not None:
             enable_gradient_checkpointing(self.model, gc_kwargs)
             logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})
-        self._metrics: dict[str, dict[str, list[Tensor]]] = {"train": {}, "eval": {}}
+        self._metrics: dict[str, Totals] = {"train": {}, "eval": {}}
+        self._eval_totals = EvalTotals()  # the whole-set eval_loss and the weighted figures
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
         warn_low_precision(self.model, self.args.learning_rate)  # bf16 weights: updates round away
         self.reft_prefix_cache = reft_prefix_cache
@@ -386,14 +433,14 @@ class AlignTrainer(BatchSampling, Trainer):
             loss = reduce_loss(out.losses, w, normalizer=norm)
             if not model.training:  # eval_loss over the whole evaluation set (`log`)
                 total = reduce_loss(out.losses.detach(), w, normalizer=1.0).float()
-                self._add_totals({EVAL_LOSS: (total, norm.detach().float().to(total.device))}, "eval")
+                self._eval_totals.add_loss(total, norm.detach().float().to(total.device))
         else:  # training: the global count of the optimizer step; DDP averages, so scale by processes
             loss = reduce_loss(out.losses, w, normalizer=num_items_in_batch) * self.args.world_size
         self._record(out.metrics, "train" if model.training else "eval")
         if model.training:
             self._count_tokens(inputs)
         elif w is not None:
-            self._add_totals(self.weighted_totals(out.metrics, w), "eval")
+            self._eval_totals.add_weighted(self.weighted_totals(out.metrics, w), (w.detach() != 1).sum().float())
         return (loss, out) if return_outputs else loss
 
     def _count_tokens(self, inputs: dict[str, Any]) -> None:
@@ -432,49 +479,50 @@ class AlignTrainer(BatchSampling, Trainer):
         return out
 
     def weighted_totals(self, metrics: dict[str, Tensor], w: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        """`weighted/<name>` -> (sum_i w_i v_i, sum_i w_i) of an evaluation batch's metrics that hold one value per
-        example (shape (B,), as the weights; not `unweighted_metrics`), and `WEIGHTS_NOT_ONE` -> (examples whose
-        weight is not 1, 1): `log` shows the weighted figures only when the evaluation data has such weights."""
+        """name -> (sum_i w_i v_i, sum_i w_i) of an evaluation batch's metrics that hold one value per example (shape
+        (B,), as the weights; not `unweighted_metrics`), logged as eval_weighted/<name> (`EvalTotals`)."""
         w = w.detach().float()
         out = {}
         for k, v in metrics.items():
             v = torch.as_tensor(v).detach().float()
             if k not in self.unweighted_metrics and v.dim() == 1 and v.shape == w.shape:
-                out[f"{WEIGHTED_PREFIX}{k}"] = ((v * w.to(v.device)).sum(), w.sum().to(v.device))
-        out[WEIGHTS_NOT_ONE] = ((w != 1).sum().float(), torch.ones((), device=w.device))
+                out[k] = ((v * w.to(v.device)).sum(), w.sum().to(v.device))
         return out
 
     def _record(self, metrics: dict[str, Tensor], mode: str) -> None:
-        self._add_totals(self.metric_totals(metrics), mode)
+        add_totals(self._metrics[mode], self.metric_totals(metrics))
 
-    def _add_totals(self, totals: dict[str, tuple[Tensor, Tensor]], mode: str) -> None:
-        store = self._metrics[mode]
-        for k, (s, n) in totals.items():
-            if k in store:
-                store[k][0] += s
-                store[k][1] += n
-            else:
-                store[k] = [s.clone(), n.clone()]
+    def _sum_over_processes(self, stores: list[Totals]) -> list[dict[str, tuple[float, float]]]:
+        """Each store's name -> (sum, count), summed over processes in one collective (every process holds the same
+        names: they come from the objective and the data's columns)."""
+        keys = [(i, k) for i, store in enumerate(stores) for k in sorted(store)]
+        out: list[dict[str, tuple[float, float]]] = [{} for _ in stores]
+        if not keys:
+            return out
+        dev = stores[keys[0][0]][keys[0][1]][0].device
+        totals = torch.stack([torch.stack([stores[i][k][0].to(dev), stores[i][k][1].to(dev)]) for i, k in keys])
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        for (i, k), (s, n) in zip(keys, totals.tolist()):
+            out[i][k] = (s, n)
+        return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         store = self._metrics[mode]
-        if store:
-            names = sorted(store)
-            dev = store[names[0]][0].device
-            totals = torch.stack([torch.stack([store[k][0].to(dev), store[k][1].to(dev)]) for k in names])  # (M, 2)
-            if self.args.world_size > 1:
-                totals = self.accelerator.reduce(totals, reduction="sum")
+        extra = self._eval_totals.parts() if mode == "eval" else []
+        if store or any(extra):
+            metrics, *extra_sums = self._sum_over_processes([store, *extra])
+            values = {k: s / n for k, (s, n) in metrics.items() if n > 0}
+            if mode == "eval":
+                exact, weighted = EvalTotals.from_parts(extra_sums)
+                values.update(weighted)
+                for k in [k for k in logs if k.endswith("_loss")] if exact is not None else []:  # the Trainer's mean
+                    logs[k] = exact[0] / max(exact[1], torch.finfo(torch.float32).tiny)  # of batch losses: one N
+                self._eval_totals.clear()
             # the Trainer's metric_key_prefix (eval_<set>_ for each set of an eval_dataset dict), read off its runtime
             prefix = next((k[:-len("runtime")] for k in logs if k.startswith("eval_") and k.endswith("_runtime")),
                           "eval_") if mode == "eval" else ""
-            values = {k: s / n for k, (s, n) in zip(names, totals.tolist()) if n > 0}
-            if not values.pop(WEIGHTS_NOT_ONE, 0.0):  # every evaluation weight 1: the weighted figures are the same
-                values = {k: v for k, v in values.items() if not k.startswith(WEIGHTED_PREFIX)}
-            exact = dict(zip(names, totals.tolist())).get(EVAL_LOSS)
-            values.pop(EVAL_LOSS, None)
-            for k in [k for k in logs if k.endswith("_loss")] if exact is not None else []:  # the Trainer's mean of
-                logs[k] = exact[0] / max(exact[1], torch.finfo(torch.float32).tiny)  # batch losses: one N for all
             logs.update({prefix + k: v for k, v in values.items()})
             store.clear()
         if mode == "train":
