@@ -74,3 +74,19 @@ def test_cache_answers_a_repeated_request_without_asking(tmp_path):
     files = sorted((tmp_path / "cache").rglob("*.json"))
     assert len(files) == 2 and not list((tmp_path / "cache").rglob("*.tmp"))
     assert json.loads(files[0].read_text())["model"] == "m"
+
+
+def test_cache_keeps_two_endpoints_serving_one_model_name_apart(tmp_path):
+    """The key was the model name: a second server answering under the same name (another model behind
+    llm.model: base, a vLLM and an alignkit serve) got the first one's cached answers, never asked. Now the
+    endpoint is part of the key: each is asked once, and each rerun is a hit on its own answer."""
+    cache = tmp_path / "cache"
+    with serving(echo) as (one, url_one), serving(lambda m: "other: " + m[-1]["content"]) as (two, url_two):
+        a = Cached(OpenAIChat(url_one, "base"), cache).chat(MSG, max_tokens=8, temperature=0.0, seed=0)
+        b = Cached(OpenAIChat(url_two, "base"), cache).chat(MSG, max_tokens=8, temperature=0.0, seed=0)
+        again = Cached(OpenAIChat(url_two + "/", "base"), cache)  # the same endpoint written with a slash
+        c = again.chat(MSG, max_tokens=8, temperature=0.0, seed=0)
+    assert (a, b, c) == ("echo: hi", "other: hi", "other: hi")
+    assert (len(one.requests), len(two.requests), again.hits) == (1, 1, 1)
+    entries = sorted(json.loads(f.read_text())["endpoint"] for f in cache.rglob("*.json"))
+    assert entries == sorted([url_one + "/chat/completions", url_two + "/chat/completions"])
