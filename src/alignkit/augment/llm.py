@@ -9,7 +9,7 @@
 retries (HTTP 429 / 5xx / connection errors, exponential backoff honouring `Retry-After`), a rate limit
 (at most `requests_per_minute`, spaced evenly) and a timeout. The API key is read from an environment
 variable (`api_key_env`), never from a config file. `Cached` keys each request on (the client's `identity`:
-endpoint and model for `OpenAIChat`, the model for `LocalChat`; messages, sampling settings, seed) -> a JSON file
+endpoint and model for `OpenAIChat`, the model and its dtype (unless float32) for `LocalChat`; messages, sampling settings, seed) -> a JSON file
 written atomically under the cache folder; a cache hit makes no request. Every client has a `name` (the model,
 recorded in each output record's provenance).
 
@@ -154,6 +154,10 @@ class LocalChat:
     def __init__(self, model: Any, tokenizer: Any, name: str) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.requests = 0
+        # the cache key's model part; a dtype other than float32 answers otherwise (llm.dtype: bfloat16 used to read
+        # back the float32 run's cached answers)
+        dtype = str(getattr(model, "dtype", "torch.float32")).removeprefix("torch.")
+        self.identity = {"model": name} if dtype == "float32" else {"model": name, "dtype": dtype}
 
     @classmethod
     def from_path(cls, path: str, *, dtype: str = "float32", name: str | None = None) -> "LocalChat":
