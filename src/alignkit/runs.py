@@ -399,13 +399,32 @@ def incomplete_reason(folder: str | Path) -> str | None:
     return None
 
 
+def _remove_marked(folder: Path) -> None:
+    """Remove a folder that carries `STAGING_MARK`, the mark last: a kill part-way leaves it marked (the next
+    `remove_own` finishes it) or empty, never an unmarked remainder. (`shutil.rmtree` removes in directory order: a
+    kill after it had taken the mark left `.<name>.old` / `.<name>.staging` for the user to remove by hand.)"""
+    for entry in folder.iterdir():
+        if entry.name == STAGING_MARK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (folder / STAGING_MARK).unlink(missing_ok=True)
+    folder.rmdir()
+
+
 def remove_own(folder: Path) -> None:
-    """Remove `folder` only if alignkit made it for itself (it carries `STAGING_MARK`); else refuse."""
+    """Remove `folder` only if alignkit made it for itself (it carries `STAGING_MARK`) or it is empty (what a kill
+    at the very end of a removal leaves: nothing to lose); else refuse."""
     if not folder.exists():
+        return
+    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+        folder.rmdir()
         return
     if not (folder / STAGING_MARK).is_file():
         raise CheckpointError(f"{folder} is in the way and was not made by alignkit; move or remove it yourself")
-    shutil.rmtree(folder)
+    _remove_marked(folder)
 
 
 def recover_swap(final: str | Path, staging: str | Path | None = None) -> str | None:
@@ -416,12 +435,18 @@ def recover_swap(final: str | Path, staging: str | Path | None = None) -> str | 
     final = Path(final)
     old = final.parent / f".{final.name}.old"
     staging = Path(staging) if staging is not None else final.parent / f".{final.name}.staging"
+    if final.is_dir():  # what a kill left after the swap (the previous folder, part-removed) or before it (a mark)
+        if old.is_dir() and ((old / STAGING_MARK).is_file() or not any(old.iterdir())):
+            remove_own(old)
+            logger.info("removed %s, left by an interrupted replacement of %s", old, final)
+        (final / STAGING_MARK).unlink(missing_ok=True)
+        return None
     if final.exists() or not (old / STAGING_MARK).is_file():
         return None
     if staging.is_dir() and not (staging / STAGING_MARK).exists() and (
             not (staging / COMPLETE_MARKER).exists() or incomplete_reason(staging) is None):
         os.rename(staging, final)
-        shutil.rmtree(old)
+        _remove_marked(old)
         done = (f"{final} was missing after an interrupted replacement: the finished new folder {staging} was renamed "
                 f"into place and the previous one ({old}) removed")
     else:
@@ -446,20 +471,24 @@ def new_staging(final: str | Path) -> Path:
 
 def commit_staging(staging: Path, final: str | Path, marker: bool = True, **info: Any) -> Path:
     """Rename a finished staging folder to `final` (replacing a previous `final` as a whole), marker written
-    last into it first. Between the two renames a kill leaves `final` absent and `.<name>.old` complete."""
+    last into it first. A kill at any point leaves what `recover_swap` / `remove_own` complete or undo: before the
+    swap the previous `final` (the staging folder still marked, removed by the next save); between the two renames
+    `final` absent and `.<name>.old` complete; after them `.<name>.old` marked or empty, removed by the next save or
+    `recover_swap`."""
     final = Path(final)
     if marker:
         write_marker(staging, **info)
-    (staging / STAGING_MARK).unlink(missing_ok=True)  # after the marker: an unmarked staging folder is finished
     if final.exists():
         old = final.parent / f".{final.name}.old"
         remove_own(old)
         (final / STAGING_MARK).touch()  # from here on it is ours to remove
         os.rename(final, old)
+        (staging / STAGING_MARK).unlink(missing_ok=True)  # after the marker: an unmarked staging folder is finished
         os.rename(staging, final)
-        shutil.rmtree(old)
+        _remove_marked(old)
     else:
         os.rename(staging, final)
+        (final / STAGING_MARK).unlink(missing_ok=True)  # a kill before this: recover_swap removes the mark
     _fsync_dir(final.parent)
     return final
 

@@ -228,6 +228,80 @@ def test_an_adapter_that_trains_the_embedding_names_the_base_it_started_from(row
     assert (again / "alignkit_base.json").read_text() == (folder / "alignkit_base.json").read_text()
 
 
+def _probe(folder):
+    """The embedding probe alignkit_base.json should hold for the tiny base in `folder`, read off its weights."""
+    w = load_model(folder).get_input_embeddings().weight.detach()
+    rows = [0, w.shape[0] // 2, w.shape[0] - 1]
+    return rows, [round(float(x), 6) for x in w[rows, :8].float().flatten()]
+
+
+def test_a_lora_wrapped_by_hand_that_trains_the_embedding_names_the_base_it_started_from(tiny_dir, tmp_path):
+    """peft's get_peft_model by hand (no apply_adapter, so no fingerprint recorded before wrapping) with
+    modules_to_save [embed_tokens]: alignkit_base.json was taken at save time from the wrapper's `.weight`, the
+    trained copy, so the folder was refused on its own base ('its input embedding weights differ'). Now the
+    fingerprint reads peft's frozen original_module: the own base loads (same logits), another seed is refused."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_dir("llama")
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    perturb(model, scale=0.5)
+    want = _logits(model)
+    folder = save_adapter(model, tmp_path / "a")
+    saved = json.loads((folder / "alignkit_base.json").read_text())
+    assert (saved["probe_rows"], saved["embedding_probe"]) == _probe(base)
+    torch.testing.assert_close(_logits(load_adapter(load_model(base), folder)), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="trained on a different base model .its input embedding weights differ"):
+        load_adapter(load_model(tiny_dir("llama", seed=1)), folder)
+
+
+def test_a_reft_wrapped_by_hand_that_trains_the_embedding_records_its_base_or_says_it_cannot(tiny_dir, tmp_path,
+                                                                                               caplog):
+    """get_reft_model by hand, with the input embedding made trainable: the fingerprint taken at save time probed
+    the trained embedding, which names no base. With record_base before training (what alignkit's trainers now do
+    with a model they are given) the folder names the base it started from; without it, the save warns and records
+    the shapes only (an embedding probe of a trained copy would refuse the own base)."""
+    import json
+
+    from alignkit.adapters import record_base
+    from alignkit.interventions.attach import get_reft_model
+    from alignkit.interventions.config import ReftConfig
+
+    base = tiny_dir("llama")
+
+    def by_hand():
+        rc = dataclasses.replace(ReftConfig.uniform([0], intervention="loreft", low_rank_dimension=2), positions="f1+l1")
+        m = get_reft_model(load_model(base), rc)
+        m.model.get_input_embeddings().weight.requires_grad_(True)
+        return m
+
+    recorded = by_hand()
+    record_base(recorded)
+    folder = save_adapter(perturb(recorded, scale=0.5), tmp_path / "recorded")
+    saved = json.loads((folder / "alignkit_base.json").read_text())
+    assert (saved["probe_rows"], saved["embedding_probe"]) == _probe(base)
+    unknown = save_adapter(perturb(by_hand(), scale=0.5), tmp_path / "unknown")
+    saved = json.loads((unknown / "alignkit_base.json").read_text())
+    assert "embedding_probe" not in saved and saved["vocab_size"] == load_model(base).config.vocab_size
+    said = [r.getMessage() for r in caplog.records if "alignkit_base.json records its shapes only" in r.getMessage()]
+    assert len(said) == 1 and "record_base(model)" in said[0]
+
+
+def test_a_trainer_records_the_base_of_a_model_wrapped_by_hand(tiny_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from alignkit.trainers import SFTTrainer
+
+    base = tiny_dir("llama")
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    SFTTrainer(model=model, args=TrainingArguments(output_dir="unused", use_cpu=True, report_to=[]),
+               train_dataset=[{"prompt": "a", "completion": "b"}], processing_class=load_tokenizer(base))
+    got = model.alignkit_base_fingerprint
+    assert (got["probe_rows"], got["embedding_probe"]) == _probe(base)
+
+
 @pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
 def test_resuming_from_a_checkpoint_of_another_base_is_refused(row, tiny_dir, tmp_path):
     """load_adapter_weights (checkpoint resume, the best model at the end) copied a folder's weights into the model

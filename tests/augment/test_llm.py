@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -74,3 +75,35 @@ def test_cache_answers_a_repeated_request_without_asking(tmp_path):
     files = sorted((tmp_path / "cache").rglob("*.json"))
     assert len(files) == 2 and not list((tmp_path / "cache").rglob("*.tmp"))
     assert json.loads(files[0].read_text())["model"] == "m"
+
+
+def test_cache_keeps_two_endpoints_serving_one_model_name_apart(tmp_path):
+    """The key was the model name: a second server answering under the same name (another model behind
+    llm.model: base, a vLLM and an alignkit serve) got the first one's cached answers, never asked. Now the
+    endpoint is part of the key: each is asked once, and each rerun is a hit on its own answer."""
+    cache = tmp_path / "cache"
+    with serving(echo) as (one, url_one), serving(lambda m: "other: " + m[-1]["content"]) as (two, url_two):
+        a = Cached(OpenAIChat(url_one, "base"), cache).chat(MSG, max_tokens=8, temperature=0.0, seed=0)
+        b = Cached(OpenAIChat(url_two, "base"), cache).chat(MSG, max_tokens=8, temperature=0.0, seed=0)
+        again = Cached(OpenAIChat(url_two + "/", "base"), cache)  # the same endpoint written with a slash
+        c = again.chat(MSG, max_tokens=8, temperature=0.0, seed=0)
+    assert (a, b, c) == ("echo: hi", "other: hi", "other: hi")
+    assert (len(one.requests), len(two.requests), again.hits) == (1, 1, 1)
+    entries = sorted(json.loads(f.read_text())["endpoint"] for f in cache.rglob("*.json"))
+    assert entries == sorted([url_one + "/chat/completions", url_two + "/chat/completions"])
+
+
+def test_cache_keeps_a_local_models_dtypes_apart(tmp_path, tiny_dir):
+    """llm.kind local: the key was the model path alone, so a rerun with llm.dtype: bfloat16 read back the float32
+    run's answers (the setting did nothing for anything cached). The dtype is now in the key (float32 keys as before:
+    earlier caches still hit)."""
+    from alignkit.augment.llm import LocalChat
+
+    path, cache = str(tiny_dir("llama")), tmp_path / "cache"
+    runs = [Cached(LocalChat.from_path(path, dtype=d), cache) for d in ("float32", "bfloat16", "float32")]
+    for llm in runs:
+        llm.chat(MSG, max_tokens=3, temperature=0.0)
+    assert [(llm.hits, llm.misses) for llm in runs] == [(0, 1), (0, 1), (1, 0)]
+    assert runs[0].key(MSG, 3, 0.0, None) == hashlib.sha256(json.dumps(
+        {"model": path, "messages": MSG, "max_tokens": 3, "temperature": 0.0, "seed": None}, sort_keys=True,
+        ensure_ascii=False).encode()).hexdigest()  # the key an earlier alignkit wrote

@@ -230,3 +230,22 @@ def test_a_saved_lora_says_which_head_it_was_trained_with(tiny_lm, tiny_classifi
         got = adapter_in(folder).trained_task(folder)
         check(got is not None and got[0] == want, PEFT, f"a LoRA saved on a {want} no longer records peft's task_type "
               f"as alignkit reads it (got {got})", where)
+
+
+def test_modules_to_save_keeps_the_base_module_as_original_module(tiny_lm):
+    """alignkit's base fingerprint of a LoRA that trains the input embedding (made by hand or by apply_adapter) reads
+    the wrapper's `original_module`: the frozen module peft copied, which training leaves as the base had it."""
+    from peft import LoraConfig, get_peft_model
+
+    where = "alignkit/adapters/base.py:base_embedding"
+    base = tiny_lm("llama")
+    before = base.get_input_embeddings().weight.detach().clone()
+    m = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    perturb(m, 0.5)
+    emb = unwrap_lm(m).get_input_embeddings()
+    original = getattr(emb, "original_module", None)
+    check(isinstance(original, torch.nn.Module) and torch.equal(original.weight, before), PEFT, "a modules_to_save "
+          "wrapper no longer keeps the untrained module as original_module (the base fingerprint would probe the "
+          "trained copy)", where)
+    check(not torch.equal(emb.weight, before) and not original.weight.requires_grad, PEFT, "a modules_to_save "
+          "wrapper's .weight is no longer the trained copy, or its original_module is trained", where)

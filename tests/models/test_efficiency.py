@@ -83,6 +83,22 @@ def test_train_compile_from_the_cli(tmp_path, monkeypatch):
     assert [r["step"] for r in rows if "loss" in r] == [1]
 
 
+def test_an_empty_compile_mapping_compiles_with_the_defaults(monkeypatch, tiny_lm):
+    """`train.compile: {}` (torch.compile options, none changed) was read as false: nothing compiled, no word, and
+    beside `train.torch_compile: true` not refused as the two together are. Now {} compiles with torch's defaults,
+    as true does, and meets the same refusal."""
+    import alignkit.cli.train as train_cli
+
+    calls = []
+    monkeypatch.setattr(train_cli, "compile_layers", lambda model, **kw: calls.append(kw))
+    model = tiny_lm("llama")
+    for option in (None, False, True, {}, {"backend": "aot_eager"}):
+        train_cli.compile_model(model, option)
+    assert calls == [{}, {}, {"backend": "aot_eager"}]
+    with pytest.raises(ConfigError, match="train.compile and train.torch_compile: choose one"):
+        load_config(ROOT / "configs" / "sft-tiny.yaml", ["train.compile={}", "train.torch_compile=true"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.compile=fast", "train.compile: expected bool or dict"),
     ("train.compile=true", None),

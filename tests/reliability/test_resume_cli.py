@@ -427,3 +427,26 @@ def test_overwrite_refuses_inputs_inside_the_folder_it_replaces(tmp_path, capsys
     assert {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
     shutil.copytree(a / "model", tmp_path / "base")
     assert cli("sft", "sft-tiny.yaml", a, [f"model.path={tmp_path / 'base'}", *lora], "--overwrite") == 0
+
+
+def test_resume_from_a_checkpoint_of_another_base_is_refused_before_anything_is_written(tmp_path, tiny_dir, capsys):
+    """train.resume_from_checkpoint=<a LoRA checkpoint copied out of its run> (so no config.yaml to compare) with
+    model.path another base of the same shapes: refused only when the Trainer loaded the checkpoint, after the new
+    run folder (config.yaml, base_model/, tensorboard/) was written. Now one line naming the key, the base the
+    checkpoint was trained on and what differs, before the folder exists; the checkpoint's own base resumes."""
+    lora = ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}", "train.max_steps=2"]
+    base, other = tiny_dir("llama"), tiny_dir("llama", seed=1)
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "a", [f"model.path={base}", *lora]) == 0
+    ckpt = tmp_path / "kept" / "checkpoint-2"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-2", ckpt)
+    capsys.readouterr()
+    resume = [*lora, "train.max_steps=3", f"train.resume_from_checkpoint={ckpt}"]
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "b", [f"model.path={other}", *resume]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith(f"alignkit sft: error: train.resume_from_checkpoint: {ckpt}: this "
+                                               "adapter was trained on a different base model (its input embedding "
+                                               "weights differ (another model or revision with the same shapes); it "
+                                               f"was trained on {base})"), err
+    assert "check_base" not in err[0] and "start a new run from its weights" in err[0]  # no switch a resume reads
+    assert not (tmp_path / "b").exists()
+    assert cli("sft", "sft-tiny.yaml", tmp_path / "b", [f"model.path={base}", *resume]) == 0

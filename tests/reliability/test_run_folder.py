@@ -176,6 +176,73 @@ def test_a_model_save_killed_between_its_renames_is_completed_by_the_next_save(t
     assert any("renamed into place" in r.getMessage() for r in caplog.records)
 
 
+class Killed(BaseException):
+    """A kill -9 at one file-system step: nothing after it runs (no except / finally of alignkit's catches it)."""
+
+
+def killed_at(monkeypatch, step: int | None) -> list[str]:
+    """Count every rename / unlink / rmdir (shutil.rmtree's too); raise `Killed` at the `step`-th (None: never)."""
+    done: list[str] = []
+    for name in ("rename", "unlink", "rmdir"):
+        real = getattr(os, name)
+
+        def op(*args, _real=real, _name=name, **kwargs):
+            if step is not None and len(done) == step:
+                raise Killed(_name)
+            done.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, op)
+    return done
+
+
+def two_runs(tmp_path: Path, marker: bool) -> tuple[Path, Path, dict[str, bytes], dict[str, bytes]]:
+    """`run` (the previous one, eight files in two folders) and its finished replacement in a staging folder."""
+    from alignkit.runs import new_staging, write_marker
+
+    final = tmp_path / "run"
+    for i in range(4):
+        for sub in ("", "model/"):
+            (final / sub).mkdir(parents=True, exist_ok=True)
+            (final / f"{sub}previous-{i}.bin").write_bytes(b"previous %d" % i)
+    if marker:
+        write_marker(final)
+    staging = new_staging(final)
+    for i in range(3):
+        (staging / f"new-{i}.bin").write_bytes(b"new %d" % i)
+    return final, staging, snapshot(final), {k: v for k, v in snapshot(staging).items() if k != ".alignkit-staging"}
+
+
+@pytest.mark.parametrize("marker", [True, False])  # a saved model / checkpoint; a whole run folder (--overwrite)
+def test_a_replacement_killed_at_any_step_never_loses_the_previous_folder_nor_blocks_the_next(tmp_path, monkeypatch,
+                                                                                                marker):
+    """commit_staging removed `.run.old` with shutil.rmtree, which may take the mark first: a kill there left it
+    unmarked, and every later replacement stopped with '.run.old is in the way and was not made by alignkit'.
+    Killed at each of its steps in turn, the next save now finds the previous or the new folder in place, completes
+    or undoes what was left, and leaves only `run`."""
+    from alignkit.runs import commit_staging, staged
+
+    final, staging, _, _ = two_runs(tmp_path / "count", marker)
+    steps = killed_at(monkeypatch, None)
+    commit_staging(staging, final, marker=marker)
+    monkeypatch.undo()
+    assert len(steps) >= 10, steps  # the two renames and the removal of the eight files, two folders and the mark
+    for step in range(len(steps)):
+        root = tmp_path / f"kill-{step}"
+        final, staging, previous, new = two_runs(root, marker)
+        killed_at(monkeypatch, step)
+        with pytest.raises(Killed):
+            commit_staging(staging, final, marker=marker)
+        monkeypatch.undo()
+        with staged(final, enabled=True) as tmp:  # the next save (new_staging recovers what the kill left)
+            there = {k: v for k, v in snapshot(final).items() if k not in (".alignkit-staging", "alignkit_complete.json")}
+            assert there in ({k: v for k, v in previous.items() if k != "alignkit_complete.json"},
+                             {k: v for k, v in new.items() if k != "alignkit_complete.json"}), (step, sorted(there))
+            (tmp / "newest.bin").write_bytes(b"newest")
+        assert sorted(p.name for p in root.iterdir()) == ["run"], (step, sorted(p.name for p in root.iterdir()))
+        assert set(snapshot(final)) == {"newest.bin", "alignkit_complete.json"}, step
+
+
 def test_quiet_shows_no_library_progress_bar_and_restores_the_switches(tmp_path, capfd):
     import importlib
 

@@ -203,6 +203,27 @@ def test_prompt_plus_max_tokens_past_the_models_context_is_refused(stack):
     eng.submit("base", [5] * (ctx - 10), SamplingParams(max_tokens=10), lambda e: None).cancel()  # exactly fits
 
 
+def test_the_default_max_tokens_shrinks_to_the_context_left(stack):
+    """Without max_tokens, a prompt leaving fewer than the default 64 positions was refused ('max_tokens is 64',
+    a field the client never sent); vLLM and OpenAI shrink the default to the context left. So does the engine
+    now: ctx - 10 prompt tokens get 10 new ones at most; a prompt filling the context is refused naming the
+    prompt; an explicit max_tokens that does not fit stays refused (the test above); a short prompt keeps 64."""
+    from alignkit.adapters import unwrap_lm
+
+    ctx = unwrap_lm(stack.model).config.max_position_embeddings
+    assert ctx - 10 > 0 and 10 < 64
+    eng = Engine(stack, EngineConfig(max_prompt_tokens=4 * ctx, max_new_tokens=4 * ctx))  # not started
+    req = eng.submit("base", [5] * (ctx - 10), SamplingParams(), lambda e: None)
+    assert req.params.max_tokens == 10
+    req.cancel()
+    req = eng.submit("base", [5] * 3, SamplingParams(), lambda e: None)
+    assert req.params.max_tokens == 64  # EngineConfig.default_max_tokens
+    req.cancel()
+    with pytest.raises(RequestError, match=f"context is {ctx} tokens and the prompt has {ctx}: no room") as e:
+        eng.submit("base", [5] * ctx, SamplingParams(), lambda e: None)
+    assert e.value.param == "prompt"
+
+
 def test_queue_full_and_cancel(stack):
     eng = Engine(stack, EngineConfig(max_batch_rows=1, max_queue=1, max_new_tokens=64))  # not started: nothing drains
     events = []

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import alignkit.adapters as _package
-from alignkit.adapters.base import (ADAPTERS, adapter_for, adapter_in, adapter_of, base_fingerprint, recorded_base,
-                                    unwrap_lm, unwrap_parallel)
+from alignkit.adapters.base import (ADAPTERS, Adapter, adapter_for, adapter_in, adapter_of, base_fingerprint,
+                                    recorded_base, unwrap_lm, unwrap_parallel)
 from alignkit.adapters.base import check_base as check_saved_base
 from alignkit.adapters.config import AdapterConfig, ReftSettings, read_adapter_config
 
@@ -125,14 +125,24 @@ def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:
     the optimizer state then lines up with the same parameters). A folder lacking one of its kind's files, or saved
     from a run on another base than the one `model` was built on (`check_base`), is refused first."""
     folder = Path(folder)
+    check_adapter_weights(model, folder).load_weights(unwrap_parallel(model), folder)
+
+
+def check_adapter_weights(model: nn.Module, folder: str | Path) -> Adapter:
+    """What `load_adapter_weights` checks before copying anything, returning the folder's adapter: the same kind as
+    `model`'s (ValueError), the kind's files (FileNotFoundError), and, for the kinds on a frozen base, the base it was
+    trained on (`alignkit_base.json`) against the one `model` was built on (ValueError). Callable before a run writes
+    anything (a resume of a checkpoint trained on another base was refused only once the Trainer loaded it)."""
+    folder = Path(folder)
     adapter, cfg = adapter_of(model), read_adapter_config(folder)
     if cfg.kind != adapter.kind:
         raise ValueError(f"{folder}: holds a {cfg.kind!r} adapter but the model is {adapter.kind!r}")
     saved = adapter_for(cfg)
     saved.require_files(folder)
     if not saved.saves_whole_model:  # a checkpoint of a run on another base would resume without a word
-        check_saved_base(model, folder, found=recorded_base(model))
-    saved.load_weights(unwrap_parallel(model), folder)
+        check_saved_base(model, folder, found=recorded_base(model),
+                         off="start a new run from its weights (model.path=<that base>, model.adapter_path=<it>)")
+    return saved
 
 
 def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) -> None:
@@ -152,6 +162,7 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) 
         lm.config.use_cache = False
 
 
-__all__ = ["ADAPTERS", "adapter_kind", "apply_adapter", "can_switch_off", "enable_gradient_checkpointing",
+__all__ = ["ADAPTERS", "adapter_kind", "apply_adapter", "can_switch_off", "check_adapter_weights",
+           "enable_gradient_checkpointing",
            "load_adapter", "load_adapter_weights", "reference_off", "reft_settings", "save_adapter",
            "saves_whole_model"]

@@ -227,8 +227,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). None when the
     embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
     lm = unwrap_lm(model)
-    emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
-    w = getattr(emb, "weight", None)
+    w = base_embedding(lm)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0 or w.is_meta \
             or type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
         return None
@@ -241,13 +240,49 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
             "name_or_path": getattr(lm.config, "name_or_path", None) or None}
 
 
+def base_embedding(lm: nn.Module) -> torch.Tensor | None:
+    """The input-embedding weight of the transformers model `lm` as its base had it: under peft's `modules_to_save`
+    wrapper (`get_peft_model` with `modules_to_save=["embed_tokens"]`, by hand or by `apply_adapter`) the frozen
+    `original_module`, whose `.weight` training leaves alone (the wrapper's own `.weight` is the trained copy)."""
+    emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    original = getattr(emb, "original_module", None)
+    emb = original if isinstance(original, nn.Module) else emb
+    w = getattr(emb, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
 def recorded_base(model: nn.Module) -> dict[str, Any] | None:
-    """The fingerprint of the base `model` was built on, taken by `apply_adapter` / `load_adapter` before wrapping it:
-    an adapter that trains the input embedding (`modules_to_save: [embed_tokens]`, a ReFT head) changes it, so one
-    taken at save time would describe no base (the folder refused on its own base, accepted on any other of its
-    shapes). `base_fingerprint(model)` when none was recorded (a model wrapped by hand)."""
+    """The fingerprint of the base `model` was built on, taken by `apply_adapter` / `load_adapter` before wrapping it
+    (or by `record_base` when a trainer gets a model wrapped by hand): an adapter that trains the input embedding
+    (`modules_to_save: [embed_tokens]`, a ReFT head) changes it, so one taken at save time would describe no base (the
+    folder refused on its own base, accepted on any other of its shapes). None recorded: `base_fingerprint(model)`,
+    without its embedding probe (and a warning) when that embedding is trained, so only the shapes are checked."""
     recorded = getattr(unwrap_parallel(model), "alignkit_base_fingerprint", None)
-    return recorded if recorded is not None else base_fingerprint(model)
+    if recorded is not None:
+        return recorded
+    found = base_fingerprint(model)
+    w = base_embedding(unwrap_lm(model))
+    if found is not None and w is not None and w.requires_grad:
+        logger.warning("saving an adapter of a model wrapped without apply_adapter / load_adapter whose input "
+                       "embedding is trained: the base it started from is unknown, so alignkit_base.json records its "
+                       "shapes only and an adapter folder loaded onto another base of the same shapes is not "
+                       "refused; wrap the base with alignkit.adapters.apply_adapter, or call "
+                       "alignkit.adapters.record_base(model) before training")
+        found = {k: v for k, v in found.items() if k not in ("embedding_probe", "probe_rows")}
+    return found
+
+
+def record_base(model: nn.Module) -> None:
+    """Record on `model` the fingerprint of its base now, when `apply_adapter` / `load_adapter` did not (a model
+    wrapped by hand: pyreft-style `get_reft_model`, peft's `get_peft_model`): what `save_adapter` writes as
+    `alignkit_base.json`. Call it before training; alignkit's trainers do. Nothing for full finetuning, a model
+    that has one, or a base not readable here (sharded)."""
+    target = unwrap_parallel(model)
+    if getattr(target, "alignkit_base_fingerprint", None) is not None or adapter_of(target).saves_whole_model:
+        return
+    found = base_fingerprint(target)
+    if found is not None:
+        target.alignkit_base_fingerprint = found
 
 
 def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
@@ -264,13 +299,17 @@ def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
     return None
 
 
+CHECK_BASE_OFF = "pass check_base=False (model.check_base: false) if that is what you mean"
+
+
 def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope_scaling",
-               found: dict[str, Any] | None = None) -> None:
+               found: dict[str, Any] | None = None, off: str = CHECK_BASE_OFF) -> None:
     """Raise ValueError when `folder`'s adapter was trained on another base than `model` (its
     `alignkit_base.json`; folders saved before it existed, and sharded bases, are not checked), ConfigError
     (naming `rope_key`) when it was trained with a RoPE scaling `model` lacks or has otherwise; a warning when
     `model` adds a scaling to an adapter trained without one. `found`: `model`'s base fingerprint when known (a
-    wrapped model's `recorded_base`), else it is taken from `model` (a bare base)."""
+    wrapped model's `recorded_base`), else it is taken from `model` (a bare base). `off`: how the caller's user
+    skips the check (a resume has no such switch: it says what to do instead)."""
     path = Path(folder) / BASE_FINGERPRINT_NAME
     if not path.is_file():
         return
@@ -282,15 +321,13 @@ def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope
     if why is not None:
         trained_on = f"; it was trained on {saved['name_or_path']}" if saved.get("name_or_path") else ""
         raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}{trained_on}); load it on the "
-                         f"base it was trained with (the training run's base_model/ or model.path), or pass "
-                         f"check_base=False (model.check_base: false) if that is what you mean")
+                         f"base it was trained with (the training run's base_model/ or model.path), or {off}")
     # None for folders saved before the RoPE settings were recorded
     change = rope_change(saved.get("rope_parameters"), found.get("rope_parameters"), rope_key)
     if change is not None and change[0] == "warning":
         logger.warning("%s: %s", folder, change[1])
     elif change is not None:  # a ConfigError: the CLI shows it whole (it names the key to set)
-        raise ConfigError(f"{folder}: {change[1]}; or pass check_base=False (model.check_base: false) if that is "
-                          f"what you mean")
+        raise ConfigError(f"{folder}: {change[1]}; or {off}")
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -335,6 +372,6 @@ def adapter_in(folder: str | Path) -> Adapter:
     return adapter_for(read_adapter_config(folder))
 
 
-__all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_fingerprint",
-           "base_mismatch", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+__all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_embedding",
+           "base_fingerprint", "base_mismatch", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -8,9 +8,10 @@
 `OpenAIChat` speaks `POST {base_url}/chat/completions` over plain HTTP (urllib, no extra dependency), with
 retries (HTTP 429 / 5xx / connection errors, exponential backoff honouring `Retry-After`), a rate limit
 (at most `requests_per_minute`, spaced evenly) and a timeout. The API key is read from an environment
-variable (`api_key_env`), never from a config file. `Cached` keys each request on (model, messages,
-sampling settings, seed) -> a JSON file written atomically under the cache folder; a cache hit makes no
-request. Every client has a `name` (the model, recorded in each output record's provenance).
+variable (`api_key_env`), never from a config file. `Cached` keys each request on (the client's `identity`:
+endpoint and model for `OpenAIChat`, the model and its dtype (unless float32) for `LocalChat`; messages, sampling settings, seed) -> a JSON file
+written atomically under the cache folder; a cache hit makes no request. Every client has a `name` (the model,
+recorded in each output record's provenance).
 
 Concurrency (`llm.concurrency`, the pipeline's `Context.map`): `OpenAIChat` and `Cached` may be called from
 several threads at once. The rate limit is one limit for all of them (each call reserves the next free slot),
@@ -81,6 +82,8 @@ class OpenAIChat:
                  sleep=time.sleep, clock=time.monotonic) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = self.name = model
+        # what answers: two servers may serve different models under one name (cache entries were shared)
+        self.identity = {"endpoint": self.url, "model": model}
         self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
         self.limiter = RateLimiter(requests_per_minute, clock=clock, sleep=sleep)
         self.sleep = sleep
@@ -151,6 +154,10 @@ class LocalChat:
     def __init__(self, model: Any, tokenizer: Any, name: str) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.requests = 0
+        # the cache key's model part; a dtype other than float32 answers otherwise (llm.dtype: bfloat16 used to read
+        # back the float32 run's cached answers)
+        dtype = str(getattr(model, "dtype", "torch.float32")).removeprefix("torch.")
+        self.identity = {"model": name} if dtype == "float32" else {"model": name, "dtype": dtype}
 
     @classmethod
     def from_path(cls, path: str, *, dtype: str = "float32", name: str | None = None) -> "LocalChat":
@@ -193,7 +200,9 @@ class Cached:
         self._inflight: dict[str, list] = {}  # key -> [its lock, threads using it]
 
     def key(self, messages: Messages, max_tokens: int, temperature: float, seed: int | None) -> str:
-        blob = json.dumps({"model": self.inner.name, "messages": messages, "max_tokens": max_tokens,
+        """The request's cache key: the client's `identity` (default: its name as the model), messages, settings."""
+        identity = getattr(self.inner, "identity", None) or {"model": self.inner.name}
+        blob = json.dumps({**identity, "messages": messages, "max_tokens": max_tokens,
                            "temperature": temperature, "seed": seed}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -227,7 +236,8 @@ class Cached:
                 logger.warning("%s: unreadable cache entry, asking again", path)
         self._count(misses=1)
         content = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        entry = {"model": self.inner.name, "messages": messages, "content": content}
+        entry = {**(getattr(self.inner, "identity", None) or {"model": self.inner.name}), "messages": messages,
+                 "content": content}
         atomic_write_text(path, json.dumps(entry, ensure_ascii=False))  # the umask's mode, not 0600
         return content
 

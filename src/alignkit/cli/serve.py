@@ -35,7 +35,7 @@ FLAG_HELP = {
     "port": "port", "api_key": "require 'Authorization: Bearer KEY' (or set ALIGNKIT_API_KEY)", "dtype": "model dtype",
     "device": "cpu, cuda, cuda:1 ... (null: cuda if available)", "max_batch_rows": "rows decoded together at most",
     "max_queue": "requests waiting at most", "max_prompt_tokens": "longest prompt accepted",
-    "max_new_tokens": "most tokens a request may ask for", "default_max_tokens": "max_tokens of a request that sets none",
+    "max_new_tokens": "most tokens a request may ask for", "default_max_tokens": "max_tokens of a request that sets none (at most the context left after its prompt)",
     "request_timeout": "seconds a request may take",
     "output_dir": "write metrics.jsonl, tensorboard/serve/ and plots/ of the server here",
     "log_every": "seconds between two metrics rows",

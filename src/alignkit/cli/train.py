@@ -174,8 +174,9 @@ def tensorboard_callback(args: Any, run: RunFolder, resumed_at: int | None = Non
 
 
 def compile_model(model: Any, option: bool | dict[str, Any] | None) -> None:
-    """`train.compile`: true, or a mapping of torch.compile options -> each decoder layer compiled in place."""
-    if not option:
+    """`train.compile`: true, or a mapping of torch.compile options (`{}`: its defaults, as true; it used to be read
+    as false, so nothing was compiled without a word) -> each decoder layer compiled in place."""
+    if option is None or option is False:
         return
 
     compile_layers(model, **(option if isinstance(option, dict) else {}))

@@ -85,7 +85,10 @@ def compile_layers(model: nn.Module, where: str = "train.compile", **compile_kwa
 def check_fullgraph(option: Any, padding_free: bool, where: str = "train.compile") -> None:
     """ConfigError when `fullgraph: true` meets padding-free batches: their attention (`alignkit.models.varlen`) reads
     the batch's layout in Python, a graph break that fullgraph turns into dynamo's "Unsupported" error at the first
-    step, after the run folder was written."""
+    step, after the run folder was written. Not lifted: with that break gone (`cached_property`'s lock in
+    `VarlenLayout`), the layout's split sizes are Python ints that dynamo specialises on, so each batch of other
+    sequence lengths recompiles every layer and fullgraph fails hard at the recompile limit (torch 2.13, tried with
+    backend="eager"); a whole graph needs the layout as tensors (cu_seqlens) and a varlen kernel."""
     if isinstance(option, dict) and option.get("fullgraph") is True and padding_free:
         raise ConfigError(f"{where}.fullgraph: true needs one graph per decoder layer, and this run packs its batches "
                           "without padding (train.padding_free, on by default on CPU), whose attention breaks the graph "

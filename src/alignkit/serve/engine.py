@@ -99,11 +99,11 @@ class SamplingParams:
     n: int = 1
 
     def check(self, cfg: EngineConfig) -> None:
-        if self.max_tokens is None:
-            self.max_tokens = min(cfg.default_max_tokens, cfg.max_new_tokens)
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        """Refuse values no request may have (RequestError naming the field); `max_tokens` None is left for
+        `Engine.submit`, which knows the prompt (the default shrinks to the context left after it)."""
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
-        if self.max_tokens > cfg.max_new_tokens:
+        if self.max_tokens is not None and self.max_tokens > cfg.max_new_tokens:
             raise RequestError(f"max_tokens={self.max_tokens} exceeds this server's limit of {cfg.max_new_tokens}",
                                "max_tokens")
         if not 0.0 <= float(self.temperature) <= 100.0:
@@ -256,7 +256,14 @@ class Engine:
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                                f"{self.config.max_prompt_tokens}", "prompt")
-        if self._context is not None and len(prompt_ids) + params.max_tokens > self._context:
+        room = None if self._context is None else self._context - len(prompt_ids)
+        if params.max_tokens is None:  # the default, as vLLM / OpenAI do: shrunk to the context left after the prompt
+            if room is not None and room < 1:
+                raise RequestError(f"this model's context is {self._context} tokens and the prompt has "
+                                   f"{len(prompt_ids)}: no room for a new token; shorten the prompt", "prompt")
+            params.max_tokens = min(self.config.default_max_tokens, self.config.max_new_tokens,
+                                    *(() if room is None else (room,)))
+        elif room is not None and params.max_tokens > room:
             raise RequestError(f"this model's context is {self._context} tokens; the prompt has {len(prompt_ids)} "
                                f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt",
                                "max_tokens")

@@ -46,7 +46,7 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
                               "output_dir instead")
         coerce(value, hints.get(key, Any), join_key(where, key))  # validation only: TrainingArguments converts
     check_report_to(train.get("report_to"), where)
-    if train.get("compile") and train.get("torch_compile"):
+    if train.get("compile") not in (None, False) and train.get("torch_compile"):  # {}: compile with torch's defaults
         raise ConfigError(f"{where}.compile and {where}.torch_compile: choose one (compile: each decoder layer, "
                           "regionally; torch_compile: the whole model, by the Trainer)")
     return train

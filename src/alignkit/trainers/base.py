@@ -89,7 +89,8 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
-from alignkit.adapters import enable_gradient_checkpointing, load_adapter_weights, save_adapter, saves_whole_model
+from alignkit.adapters import (check_adapter_weights, enable_gradient_checkpointing, load_adapter_weights, record_base,
+                               save_adapter, saves_whole_model)
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
@@ -225,6 +226,7 @@ class AlignTrainer(BatchSampling, Trainer):
         refuse_fsdp1_on_cpu()  # before the Trainer's Accelerator, whose FSDP1 plugin would stop without a word of why
         if disable_dropout:
             turn_off_dropout(model)
+        record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
         super().__init__(model=model, args=args, **kwargs)
         refuse_deepspeed_mismatches(self)
         if gc_kwargs is not None:
@@ -603,6 +605,11 @@ class AlignTrainer(BatchSampling, Trainer):
                                   f"its optimizer state from torch pickles, which alignkit does not load); {checkpoint}/ "
                                   "holds an ordinary model folder: start a new run from it, or resume under FSDP2 / DDP")
         check_resumable(checkpoint, self.args.world_size, label, self.data_digest())
+        if not saves_whole_model(self.model):  # the Trainer's load refused a checkpoint of another base, too late
+            try:
+                check_adapter_weights(self.model, checkpoint)
+            except (ValueError, FileNotFoundError) as e:
+                raise CheckpointError(f"{label}: {e}") from None
         self._resume_checked = Path(checkpoint).resolve()
 
     def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
