@@ -480,7 +480,8 @@ class JudgeAnnotator(Annotator):
     An answer whose matches give different scores ("Score: 3 ... Score: 8") has no single verdict and counts as a
     failure ("ambiguous"), as does a score outside `score_range`; with `normalize`, s -> (s - lo) / (hi - lo)
     in [0, 1]. Metrics: judge/parse_failures (no match, or disagreeing matches), judge/out_of_range,
-    judge/failure_rate. Pairwise: `pair_template` ({prompt}, {response_a}, {response_b}) and `pair_pattern`
+    judge/answers, judge/failure_rate (over processes the counts are summed, the rate recomputed from them).
+    Pairwise: `pair_template` ({prompt}, {response_a}, {response_b}) and `pair_pattern`
     capturing "A" or "B" (an answer naming both winners is undecided, None).
     """
 
@@ -557,6 +558,7 @@ class JudgeAnnotator(Annotator):
                            n_parse, len(answers), self.pattern, n_range, self.range, self.on_failure,
                            next(m["judge_output"] for m in meta if "judge_error" in m)[:80])
         metrics = {"judge/parse_failures": float(n_parse), "judge/out_of_range": float(n_range),
+                   "judge/answers": float(len(answers)),
                    "judge/failure_rate": (n_parse + n_range) / max(len(answers), 1)}
         return finalize_scores([s for s, _ in parsed], self.on_failure, self.default_score, meta, metrics)
 
