@@ -188,6 +188,32 @@ def test_online_dpo_logs_the_judges_undecided_comparisons(tiny_dir, tokenizer):
     assert any(h["judge/pair_parse_failures"] > 0 for h in history)
 
 
+@pytest.mark.parametrize("feedback", ["random_pairs", "judge_pairs"])
+def test_online_dpo_draws_new_pairs_each_step_reproducibly(tiny_dir, tokenizer, monkeypatch, feedback):
+    """random_pairs / judge_pairs drew their pairs (and the judge's A/B order) with seed 0 at every step unless
+    feedback_kwargs set one: the same pattern each step. Now the seed is (seed * 100003 + step) (one process):
+    the run's seed 7 gives 700021, 700022; feedback_kwargs.seed 3 gives 300009, 300010."""
+    import alignkit.online.dpo as dpo
+
+    seen = []
+
+    def spy(mode, *args, **kwargs):
+        seen.append(kwargs.get("seed"))
+        return build_records(mode, *args, **kwargs)
+
+    build_records = dpo.build_records
+    monkeypatch.setattr(dpo, "build_records", spy)
+    from .scripted import ScriptedJudge
+
+    annotator = JudgeAnnotator(ScriptedJudge(tokenizer, lambda text: "Winner: A"), tokenizer) \
+        if feedback == "judge_pairs" else DIGITS
+    for extra, want in (({}, [700021, 700022]), ({"seed": 3}, [300009, 300010])):
+        seen.clear()
+        cfg = small(OnlineDPOConfig, feedback=feedback, feedback_kwargs=extra, seed=7)
+        OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, annotator, cfg).train()
+        assert seen == want
+
+
 def test_rloo_trainer_uses_leave_one_out_advantages(tiny_dir, tokenizer):
     with pytest.raises(ValueError, match="num_samples >= 2"):
         RLOOConfig(sampling=SamplingConfig(num_samples=1))
