@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from alignkit.adapters import load_adapter, reference_off
 from alignkit.models.loading import load_model
-from alignkit.online.annotators import Annotator, JudgeAnnotator
+from alignkit.online.annotators import Annotator
+from alignkit.online.judge import JudgeAnnotator
 from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
