@@ -215,6 +215,25 @@ def test_online_dpo_draws_new_pairs_each_step_reproducibly(tiny_dir, tokenizer, 
         assert seen == want
 
 
+def test_a_run_whose_every_response_is_cut_off_says_so(tiny_dir, tokenizer, caplog):
+    """Every response of every step reached max_new_tokens (completions/clipped_ratio 1 each step): the run trained
+    on cut-off responses without a word. Now one warning at the end of the run, naming the setting. (Precondition
+    read off the samples themselves: 1 new token each, none an end token.)"""
+    cfg = small(GRPOConfig, sampling=SamplingConfig(num_samples=2, max_new_tokens=1))
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+    seen = []
+    sample_prompts = trainer.sample_prompts
+    trainer.sample_prompts = lambda prompts, seed: seen.extend(sample_prompts(prompts, seed)) or seen[-len(prompts) * 2:]
+    with caplog.at_level("WARNING", logger="alignkit.online.trainer"):
+        trainer.train()
+    assert len(seen) == 8 and all(len(s.response_ids) == 1 and s.response_ids[0] != tokenizer.eos_token_id
+                                  for s in seen), "the test needs every response cut off"
+    warned = [r.getMessage() for r in caplog.records if "reached sampling.max_new_tokens" in r.getMessage()]
+    assert warned == ["every response of this run's 2 step(s) reached sampling.max_new_tokens (1) without an end "
+                      "token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off responses, "
+                      "and a reward that reads a response's end never saw one; raise sampling.max_new_tokens"]
+
+
 def test_rloo_trainer_uses_leave_one_out_advantages(tiny_dir, tokenizer):
     with pytest.raises(ValueError, match="num_samples >= 2"):
         RLOOConfig(sampling=SamplingConfig(num_samples=1))

@@ -294,6 +294,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
+        self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts; resumed: the
             # killed run's TensorBoard events from this step on are purged (else both runs' values showed)
             purge = {"tensorboard": {"purge_step": start}} if start else None
@@ -310,6 +311,11 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         flat, ran = self._flat_steps, self.config.steps - start
         if ran > 0 and flat == ran:
             logger.warning("no step of this run %s", self._no_signal[1].format(steps=ran))
+        if ran > 0 and self._clipped_steps == ran:
+            logger.warning("every response of this run's %d step(s) reached sampling.max_new_tokens (%d) without an "
+                           "end token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off "
+                           "responses, and a reward that reads a response's end never saw one; raise "
+                           "sampling.max_new_tokens", ran, self.config.sampling.max_new_tokens)
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
             if self.config.push_to_hub and self.accelerator.is_main_process:
@@ -332,6 +338,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             if self.eval_due(step):  # after the step's update; not counted in time/step_s
                 metrics.update(self.evaluate())
             self.log(metrics)
+            self._clipped_steps += metrics.get("completions/clipped_ratio") == 1.0
             none = self.no_signal(metrics)
             if none is not None:
                 self._no_signal = none
