@@ -199,8 +199,9 @@ def test_unknown_vllm_engine_arguments_are_refused_when_the_config_is_built():
 
 def test_a_max_lora_rank_below_the_policys_rank_is_refused_before_the_engine(tiny_dir, tokenizer):
     """method.vllm.max_lora_rank 8 with a LoRA of rank 16: vLLM refused the adapter when it loaded it, at the first
-    generation (after the run folder was written); 12, not a rank vLLM takes, failed when the engine started. Now
-    one line each when the trainer is built; 16 passes."""
+    generation (after the run folder was written); 12, not a rank vLLM takes, failed when the engine started, and so
+    did a LoRA of rank 520 (above vLLM's largest, 512) without max_lora_rank. Now one line each when the trainer is
+    built; 16 passes."""
     policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=16)))
 
     def build(**vllm):
@@ -215,6 +216,9 @@ def test_a_max_lora_rank_below_the_policys_rank_is_refused_before_the_engine(tin
             build(**vllm)
         assert "\n" not in str(e.value) and str(e.value).startswith(start), str(e.value)
     build(max_lora_rank=16)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=520)))
+    with pytest.raises(ConfigError, match=r"^the LoRA policy's rank 520 \(adapter.lora.r\) is above 512, the largest"):
+        build()
 
 
 def test_the_engines_own_max_model_len_is_derived_and_checked_before_the_engine(tiny_dir, tokenizer, tmp_path):

@@ -7,7 +7,8 @@ step, after the run folder was written.
   name is looked up in vLLM's own `EngineArgs` fields and `LLM` parameters where vLLM is importable (where a
   colocated engine runs), and refused otherwise. A typo (`max_model_lenn`) is one line with the close names.
 - `check_lora_rank`: a LoRA policy's rank against `max_lora_rank` (vLLM refuses an adapter above it when it loads
-  it; it accepts only the ranks `LORA_RANKS` lists), and `enable_lora: false` beside a LoRA policy.
+  it; it accepts only the ranks `ACCEPTED_LORA_RANKS` lists, so a rank above 512 cannot run), and
+  `enable_lora: false` beside a LoRA policy.
 - `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
   folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not scale `max_position_embeddings` themselves), and a `max_model_len`
@@ -90,6 +91,11 @@ def check_lora_rank(rank: int, vllm: dict[str, Any]) -> None:
         raise ConfigError("method.vllm.enable_lora is false, and the policy is a LoRA, which the colocated engine runs "
                           "as a LoRA adapter (it needs enable_lora): remove method.vllm.enable_lora")
     asked = vllm.get("max_lora_rank")
+    if asked is None and rank > LORA_RANKS[-1]:
+        raise ConfigError(f"the LoRA policy's rank {rank} (adapter.lora.r) is above {LORA_RANKS[-1]}, the largest "
+                          "max_lora_rank vLLM takes: it would refuse the adapter when the engine starts, after the "
+                          f"run folder is written; lower adapter.lora.r to {LORA_RANKS[-1]} or less, or use "
+                          "method.generation_backend=transformers")
     if asked is None:
         return
     if asked not in ACCEPTED_LORA_RANKS:
