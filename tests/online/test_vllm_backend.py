@@ -254,3 +254,23 @@ def test_the_engines_own_max_model_len_is_derived_and_checked_before_the_engine(
     config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "linear", "factor": 2.0}
     (scaled / "config.json").write_text(json.dumps(config))
     build(scaled)
+
+
+def test_a_policy_whose_rope_the_engines_folder_lacks_is_refused(tiny_dir, tokenizer):
+    """model.rope_scaling changes the loaded config, not config.json, which the colocated engine reads: vLLM sampled
+    with the folder's unscaled RoPE while the policy trained with linear x2, without a word. Now one line when the
+    trainer is built; the policy loaded as the folder is builds."""
+    folder = tiny_dir("llama")
+
+    def build(**load):
+        policy = apply_adapter(load_model(folder, **load), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none")
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    with pytest.raises(ConfigError) as e:
+        build(rope_scaling={"type": "linear", "factor": 2.0})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("generation_backend='vllm': the policy's RoPE is {") and \
+        "'factor': 2.0" in msg and f"{folder / 'config.json'}, whose RoPE is {{" in msg, msg
+    build()

@@ -9,6 +9,8 @@ step, after the run folder was written.
 - `check_lora_rank`: a LoRA policy's rank against `max_lora_rank` (vLLM refuses an adapter above it when it loads
   it; it accepts only the ranks `ACCEPTED_LORA_RANKS` lists, so a rank above 512 cannot run), and
   `enable_lora: false` beside a LoRA policy.
+- `check_engine_rope`: the policy's RoPE (`model.rope_scaling` changes the loaded config, not config.json)
+  against the folder's, which the engine reads.
 - `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
   folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not scale `max_position_embeddings` themselves), and a `max_model_len`
@@ -28,6 +30,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from alignkit.models.rope import rope_record
 from alignkit.settings import ConfigError
 
 # vllm.LLM arguments alignkit knows for a colocated engine (all are vLLM EngineArgs fields; tests/compat/test_vllm.py)
@@ -111,6 +114,24 @@ def check_lora_rank(rank: int, vllm: dict[str, Any]) -> None:
                              f"vLLM takes ranks up to {LORA_RANKS[-1]}: lower adapter.lora.r"))
 
 
+def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
+    """The transformers config of the model folder the engine loads (as vLLM reads it: config.json)."""
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(vllm.get("trust_remote_code", False)))
+
+
+def check_engine_rope(policy_config: Any, folder: str | Path, vllm: dict[str, Any]) -> None:
+    """ConfigError when the policy encodes positions otherwise than the model folder the engine loads: its RoPE set
+    by `model.rope_scaling` (alignkit changes the loaded config, not config.json), so vLLM, which reads
+    config.json, would sample from another model than the one trained (every position encoded otherwise)."""
+    ours, theirs = rope_record(policy_config), rope_record(folder_config(folder, vllm))
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ConfigError(f"generation_backend='vllm': the policy's RoPE is {ours} (model.rope_scaling), and the "
+                          f"colocated engine loads {Path(folder) / 'config.json'}, whose RoPE is {theirs}: vLLM would "
+                          "sample from a model whose positions are encoded otherwise than the policy's; remove "
+                          "model.rope_scaling, save the base with that scaling in its config.json and load it from "
+                          "there, or use method.generation_backend=transformers")
+
+
 def _rope_parameters(config: Any) -> list[dict[str, Any]]:
     rp = getattr(config, "rope_parameters", None)
     if not isinstance(rp, dict) or not rp:
@@ -124,7 +145,7 @@ def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int,
     """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (module docstring),
     with `vllm.max_model_len` when set; a ConfigError when that is above the model's own length (vLLM refuses it
     when the engine starts, unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(vllm.get("trust_remote_code", False)))
+    config = folder_config(folder, vllm)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     derived, key = math.inf, None
     for k in MAX_LEN_KEYS:
@@ -166,4 +187,4 @@ def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int,
 
 
 __all__ = ["ACCEPTED_LORA_RANKS", "ENGINE_ARGS", "LORA_RANKS", "MAX_LEN_KEYS", "PRESCALED_ROPE", "check_engine_args",
-           "check_lora_rank", "engine_max_model_len", "vllm_argument_names"]
+           "check_engine_rope", "check_lora_rank", "engine_max_model_len", "folder_config", "vllm_argument_names"]
