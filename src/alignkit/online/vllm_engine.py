@@ -122,7 +122,10 @@ def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
 def check_engine_rope(policy_config: Any, folder: str | Path, vllm: dict[str, Any]) -> None:
     """ConfigError when the policy encodes positions otherwise than the model folder the engine loads: its RoPE set
     by `model.rope_scaling` (alignkit changes the loaded config, not config.json), so vLLM, which reads
-    config.json, would sample from another model than the one trained (every position encoded otherwise)."""
+    config.json, would sample from another model than the one trained (every position encoded otherwise). Not
+    checked with `method.vllm.hf_overrides`, through which the caller sets vLLM's config itself."""
+    if vllm.get("hf_overrides"):  # the caller changes vLLM's config itself (e.g. its rope_parameters)
+        return
     ours, theirs = rope_record(policy_config), rope_record(folder_config(folder, vllm))
     if ours is not None and theirs is not None and ours != theirs:
         raise ConfigError(f"generation_backend='vllm': the policy's RoPE is {ours} (model.rope_scaling), and the "
