@@ -50,13 +50,15 @@ CASES = {  # name -> (config.json edits, tokenizer_config.json edits, method.vll
     "sliding window disabled": ({"sliding_window": 8}, {}, {"disable_sliding_window": True}),
     "sliding window kept": ({"sliding_window": 8}, {}, {}),
     "max_model_len given": ({}, {}, {"max_model_len": 10}),
+    "hf_overrides": ({}, {}, {"hf_overrides": {"max_position_embeddings": 8}}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_max_model_len_is_vllms(tiny_dir, tmp_path, case):
     """`engine_max_model_len` gives the max_model_len vLLM's `ModelConfig` derives for the model folder (its
-    config's length keys, RoPE scaling, a disabled sliding window; not the tokenizer's model_max_length), and a
+    config's length keys, RoPE scaling, a disabled sliding window, a dict of hf_overrides; not the tokenizer's
+    model_max_length), and a
     max_model_len above the model's is refused by both."""
     from vllm.config import ModelConfig
 
@@ -72,13 +74,13 @@ def test_engine_max_model_len_is_vllms(tiny_dir, tmp_path, case):
             (folder / name).write_text(json.dumps(data))
     with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=, max_model_len=, disable_sliding_window=) changed", where):
         theirs = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32",
-                             **{k: v for k, v in vllm.items() if k in ("max_model_len", "disable_sliding_window")})
+                             **{k: v for k, v in vllm.items() if k in ("max_model_len", "disable_sliding_window", "hf_overrides")})
     ours, _ = engine_max_model_len(folder, vllm)
     check(ours == theirs.max_model_len, VLLM, f"{case}: vLLM derives max_model_len {theirs.max_model_len}, alignkit "
           f"{ours}", where)
     with pytest.raises(Exception, match="max_model_len"):  # above the model's: refused by vLLM when it starts ...
         ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32", max_model_len=ours * 4 + 1,
-                    **{k: v for k, v in vllm.items() if k == "disable_sliding_window"})
+                    **{k: v for k, v in vllm.items() if k in ("disable_sliding_window", "hf_overrides")})
     from alignkit.settings import ConfigError
 
     with pytest.raises(ConfigError, match="is above the model's context"):  # ... and by alignkit before

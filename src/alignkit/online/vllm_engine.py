@@ -144,11 +144,17 @@ def _rope_parameters(config: Any) -> list[dict[str, Any]]:
     return [rp]
 
 
-def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int, str]:
+def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int | None, str]:
     """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (module docstring),
-    with `vllm.max_model_len` when set; a ConfigError when that is above the model's own length (vLLM refuses it
-    when the engine starts, unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
+    with `vllm.max_model_len` when set (a dict of `vllm.hf_overrides` applied first; None with a callable one); a
+    ConfigError when that is above the model's own length (vLLM refuses it when the engine starts, unless
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
     config = folder_config(folder, vllm)
+    overrides = vllm.get("hf_overrides")
+    if callable(overrides):  # vLLM calls it on its config: not derived here (the engine checks at generation)
+        return None, "method.vllm.hf_overrides"
+    for k, v in (overrides or {}).items():  # vLLM applies a dict of overrides onto the config
+        setattr(config, k, v)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     derived, key = math.inf, None
     for k in MAX_LEN_KEYS:
