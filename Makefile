@@ -102,4 +102,4 @@ test-vllm: $(VLLM_VENV)/.built
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend \
 		tests/compat/test_transformers_generation.py tests/online/test_generation.py tests/interventions/test_generate.py \
 		tests/compat/test_fast_decode_step.py tests/online/test_fast_step.py \
-		tests/online/test_vllm_server_client.py
+		tests/online/test_vllm_server_client.py tests/compat/test_vllm.py

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from alignkit.online.annotators import (ANNOTATORS, AnnotatorArgumentError, AnnotatorError, FunctionAnnotator,
-                                        JudgeAnnotator, RewardModelAnnotator, build_annotator)
+                                        RewardModelAnnotator, build_annotator)
+from alignkit.online.judge import JudgeAnnotator
 from .scripted import ScriptedJudge
 
 CHAT = [{"role": "user", "content": "What is 2 + 2?"}]

@@ -95,3 +95,28 @@ def test_ppo_whitening_leaves_failed_annotations_out():
     # scored tokens [1, 1, 3, 3]: mean 2, unbiased variance 4 / 3 -> -+ 1 / sqrt(4 / 3) = -+ 0.8660
     z = 1 / math.sqrt(4 / 3)
     assert adv.tolist() == [pytest.approx([-z, -z], abs=1e-6), pytest.approx([z, z], abs=1e-6), [0.0, 0.0]]
+
+
+def test_annotator_counts_are_summed_over_processes_and_rates_recomputed(monkeypatch):
+    """Two processes' rows, by hand: the annotators' counts (judge/parse_failures, function/failures, ...) were
+    averaged like any metric, logging half the step's failures; now they are summed, and judge/failure_rate is
+    (2 + 0 + 1 + 1) / (4 + 4) = 0.5, not the mean of the two rates; other metrics stay averaged."""
+    import alignkit.online.metrics as m
+
+    rank0 = {"step": 3.0, "judge/parse_failures": 2.0, "judge/out_of_range": 0.0, "judge/answers": 4.0,
+             "judge/failure_rate": 0.5, "function/failures": 3.0, "reward_model/truncated": 1.0, "loss": 1.0}
+    rank1 = {"step": 3.0, "judge/parse_failures": 1.0, "judge/out_of_range": 1.0, "judge/answers": 4.0,
+             "judge/failure_rate": 0.5, "function/failures": 0.0, "reward_model/truncated": 2.0, "loss": 3.0}
+    monkeypatch.setattr(m, "gather_objects", lambda obj, world: [rank0, rank1])
+
+    class Two(m.ProcessMetrics):
+        world = 2
+
+    out = Two().reduce_metrics(rank0)
+    assert out["judge/parse_failures"] == 3.0 and out["judge/out_of_range"] == 1.0 and out["judge/answers"] == 8.0
+    assert out["function/failures"] == 3.0 and out["reward_model/truncated"] == 3.0
+    assert out["judge/failure_rate"] == pytest.approx(4 / 8)
+    rank1["judge/answers"], rank1["judge/failure_rate"] = 2.0, 1.0  # unequal shares: 4 failures of 6 answers
+    out = Two().reduce_metrics(rank0)
+    assert out["judge/failure_rate"] == pytest.approx(4 / 6)
+    assert out["loss"] == 2.0 and out["step"] == 3.0

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from alignkit.adapters import load_adapter, reference_off
 from alignkit.models.loading import load_model
-from alignkit.online.annotators import Annotator, JudgeAnnotator
+from alignkit.online.annotators import Annotator
+from alignkit.online.judge import JudgeAnnotator
 from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -186,6 +187,51 @@ def test_online_dpo_logs_the_judges_undecided_comparisons(tiny_dir, tokenizer):
     history = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, judge, cfg).train()
     assert all(h["pairs"] + h["judge/pair_parse_failures"] == 6 for h in history)
     assert any(h["judge/pair_parse_failures"] > 0 for h in history)
+
+
+@pytest.mark.parametrize("feedback", ["random_pairs", "judge_pairs"])
+def test_online_dpo_draws_new_pairs_each_step_reproducibly(tiny_dir, tokenizer, monkeypatch, feedback):
+    """random_pairs / judge_pairs drew their pairs (and the judge's A/B order) with seed 0 at every step unless
+    feedback_kwargs set one: the same pattern each step. Now the seed is (seed * 100003 + step) (one process):
+    the run's seed 7 gives 700021, 700022; feedback_kwargs.seed 3 gives 300009, 300010."""
+    import alignkit.online.dpo as dpo
+
+    seen = []
+
+    def spy(mode, *args, **kwargs):
+        seen.append(kwargs.get("seed"))
+        return build_records(mode, *args, **kwargs)
+
+    build_records = dpo.build_records
+    monkeypatch.setattr(dpo, "build_records", spy)
+    from .scripted import ScriptedJudge
+
+    annotator = JudgeAnnotator(ScriptedJudge(tokenizer, lambda text: "Winner: A"), tokenizer) \
+        if feedback == "judge_pairs" else DIGITS
+    for extra, want in (({}, [700021, 700022]), ({"seed": 3}, [300009, 300010])):
+        seen.clear()
+        cfg = small(OnlineDPOConfig, feedback=feedback, feedback_kwargs=extra, seed=7)
+        OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, annotator, cfg).train()
+        assert seen == want
+
+
+def test_a_run_whose_every_response_is_cut_off_says_so(tiny_dir, tokenizer, caplog):
+    """Every response of every step reached max_new_tokens (completions/clipped_ratio 1 each step): the run trained
+    on cut-off responses without a word. Now one warning at the end of the run, naming the setting. (Precondition
+    read off the samples themselves: 1 new token each, none an end token.)"""
+    cfg = small(GRPOConfig, sampling=SamplingConfig(num_samples=2, max_new_tokens=1))
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+    seen = []
+    sample_prompts = trainer.sample_prompts
+    trainer.sample_prompts = lambda prompts, seed: seen.extend(sample_prompts(prompts, seed)) or seen[-len(prompts) * 2:]
+    with caplog.at_level("WARNING", logger="alignkit.online.trainer"):
+        trainer.train()
+    assert len(seen) == 8 and all(len(s.response_ids) == 1 and s.response_ids[0] != tokenizer.eos_token_id
+                                  for s in seen), "the test needs every response cut off"
+    warned = [r.getMessage() for r in caplog.records if "reached sampling.max_new_tokens" in r.getMessage()]
+    assert warned == ["every response of this run's 2 step(s) reached sampling.max_new_tokens (1) without an end "
+                      "token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off responses, "
+                      "and a reward that reads a response's end never saw one; raise sampling.max_new_tokens"]
 
 
 def test_rloo_trainer_uses_leave_one_out_advantages(tiny_dir, tokenizer):

@@ -112,6 +112,32 @@ def test_annotate_before_sampling_is_an_error(tmp_path):
 
 
 
+def short_score(prompt, response: str) -> float:
+    return -float(len(response))
+
+
+def test_a_kept_annotation_made_by_another_annotator_is_refused(tiny_lm, tokenizer, tmp_path):
+    """annotate_round kept a complete annotation whatever annotator (feedback, reweighters) was passed: records
+    of length_score stood for short_score's, exit 0. Now a DataError naming the file and what differs; the same
+    settings keep it, overwrite=True redoes it."""
+    from alignkit.data.records import DataError
+
+    sample_round(tiny_lm("llama"), tokenizer, PROMPTS, tmp_path, SAMPLING)
+    annotate_round(tmp_path, {"type": "function", "fn": length_score}, "best_worst")
+    kept = (tmp_path / RECORDS_FILE).read_text()
+    annotate_round(tmp_path, {"type": "function", "fn": length_score}, "best_worst")  # the same: kept
+    for args, kwargs, what in (
+            (({"type": "function", "fn": short_score}, "best_worst"), {}, "short_score"),
+            (({"type": "function", "fn": length_score}, "best_of_n"), {}, "feedback"),
+            (({"type": "function", "fn": length_score}, "best_worst"), {"feedback_kwargs": {"min_margin": 2}},
+             "min_margin")):
+        with pytest.raises(DataError, match=f"{RECORDS_FILE}: complete, and annotated with other settings .*{what}"):
+            annotate_round(tmp_path, *args, **kwargs)
+        assert (tmp_path / RECORDS_FILE).read_text() == kept
+    annotate_round(tmp_path, {"type": "function", "fn": short_score}, "best_worst", overwrite=True)
+    assert read_manifest(tmp_path)["annotation"]["annotator"]["fn"].endswith(":short_score")
+
+
 def test_new_samples_do_not_keep_records_of_the_old_ones(tiny_lm, tokenizer, tmp_path):
     """Sampling a round again (overwrite) left records.jsonl and its manifest entry from the OLD samples: the next
     annotation kept them as complete (records of responses no longer in samples.jsonl, exit 0). Now new samples

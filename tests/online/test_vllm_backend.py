@@ -181,3 +181,96 @@ def test_temperature_above_vllms_range_is_refused_before_training():
     GRPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=2.0, num_samples=2))  # the bound itself is vLLM's
     GRPOConfig(generation_backend="transformers", sampling=SamplingConfig(temperature=2.5, num_samples=2))
     PPOConfig(generation_backend="vllm", sampling=SamplingConfig(temperature=3.0, do_sample=False))  # greedy (PPO: GRPO refuses it)
+
+
+def test_unknown_vllm_engine_arguments_are_refused_when_the_config_is_built():
+    """A misspelt method.vllm key (max_model_lenn) was passed to vllm.LLM, which refused it only when the engine
+    started at the first step, after the run folder was written. Now one line when the config is built, naming the
+    key and the close name; the arguments alignkit knows pass."""
+    sampling = SamplingConfig(num_samples=2)
+    with pytest.raises(ValueError) as e:
+        GRPOConfig(generation_backend="vllm", sampling=sampling, vllm={"max_model_lenn": 64, "dtype": "float32"})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("online config: vllm: 'max_model_lenn' (did you mean 'max_model_len'?) "
+                                              "is not an engine argument"), msg
+    GRPOConfig(generation_backend="vllm", sampling=sampling,
+               vllm={"max_model_len": 64, "gpu_memory_utilization": 0.5, "max_lora_rank": 16, "enforce_eager": True})
+
+
+def test_a_max_lora_rank_below_the_policys_rank_is_refused_before_the_engine(tiny_dir, tokenizer):
+    """method.vllm.max_lora_rank 8 with a LoRA of rank 16: vLLM refused the adapter when it loaded it, at the first
+    generation (after the run folder was written); 12, not a rank vLLM takes, failed when the engine started, and so
+    did a LoRA of rank 520 (above vLLM's largest, 512) without max_lora_rank. Now one line each when the trainer is
+    built; 16 passes."""
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=16)))
+
+    def build(**vllm):
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", vllm=vllm)
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    for vllm, start in (({"max_lora_rank": 8}, "method.vllm.max_lora_rank 8 is below the LoRA policy's rank 16 "),
+                        ({"max_lora_rank": 12}, "method.vllm.max_lora_rank 12 is not a rank vLLM accepts"),
+                        ({"enable_lora": False}, "method.vllm.enable_lora is false")):
+        with pytest.raises(ConfigError) as e:
+            build(**vllm)
+        assert "\n" not in str(e.value) and str(e.value).startswith(start), str(e.value)
+    build(max_lora_rank=16)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=520)))
+    with pytest.raises(ConfigError, match=r"^the LoRA policy's rank 520 \(adapter.lora.r\) is above 512, the largest"):
+        build()
+
+
+def test_the_engines_own_max_model_len_is_derived_and_checked_before_the_engine(tiny_dir, tokenizer, tmp_path):
+    """Without method.vllm.max_model_len the engine takes the model's own (vLLM derives it from config.json): a
+    prompt + max_new_tokens past it was refused only at the first generation. Now when the trainer is built: 16
+    positions (max_position_embeddings) < 8 prompt tokens + 10; linear RoPE scaling x2 gives 32, which fits; a
+    max_model_len of 64 above the model's 16 (vLLM refuses it at start) is one line too."""
+    prompt = "the quick brown fox jumps over"
+    n = len(tokenizer(prompt)["input_ids"])
+    assert n + 10 > 16 and n + 10 <= 32, "the test needs a prompt of 7 to 22 tokens"
+    short = tiny_dir("llama", max_positions=16)
+
+    def build(folder, **vllm):
+        policy = apply_adapter(load_model(folder), AdapterConfig(kind="full"))
+        cfg = GRPOConfig(steps=1, prompts_per_step=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=10),
+                         generation_backend="vllm", report_to="none", formatter="plain", vllm=vllm)
+        GRPOTrainer(policy, tokenizer, [prompt], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    with pytest.raises(ConfigError) as e:
+        build(short)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        f"the engine's max_model_len (from max_position_embeddings in {short / 'config.json'}) 16 is shorter than "
+        f"prompt 'prompt[0]' ({n} tokens, the longest) + sampling.max_new_tokens (10) = {n + 10}"), msg
+    assert "raise" not in msg and "lower sampling.max_new_tokens" in msg
+    with pytest.raises(ConfigError, match=r"^method.vllm.max_model_len 64 is above the model's context 16 "):
+        build(short, max_model_len=64)
+    import json
+    import shutil
+
+    scaled = shutil.copytree(short, tmp_path / "scaled")
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "linear", "factor": 2.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    build(scaled)
+
+
+def test_a_policy_whose_rope_the_engines_folder_lacks_is_refused(tiny_dir, tokenizer):
+    """model.rope_scaling changes the loaded config, not config.json, which the colocated engine reads: vLLM sampled
+    with the folder's unscaled RoPE while the policy trained with linear x2, without a word. Now one line when the
+    trainer is built; the policy loaded as the folder is builds."""
+    folder = tiny_dir("llama")
+
+    def build(**load):
+        policy = apply_adapter(load_model(folder, **load), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none")
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    with pytest.raises(ConfigError) as e:
+        build(rope_scaling={"type": "linear", "factor": 2.0})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("generation_backend='vllm': the policy's RoPE is {") and \
+        "'factor': 2.0" in msg and f"{folder / 'config.json'}, whose RoPE is {{" in msg, msg
+    build()

@@ -19,8 +19,9 @@ Online optimizers (one loop, `trainer.OnlineTrainer`: generate -> annotate -> bu
 """
 
 from alignkit.online.annotators import (ANNOTATORS, Annotator, AnnotatorArgumentError, AnnotatorError,
-                                        FunctionAnnotator, JudgeAnnotator, RewardModelAnnotator, Scores,
-                                        build_annotator, load_function)
+                                        FunctionAnnotator, RewardModelAnnotator, Scores, build_annotator,
+                                        load_function)
+from alignkit.online.judge import JudgeAnnotator  # registers the "judge" annotator
 from alignkit.online.feedback import (FEEDBACK_MODES, best_of_n, best_worst_pairs, build_records, judge_pairs,
                                       pointwise, random_pairs)
 from alignkit.online.generation import (FINISH_REASONS, Sample, SamplingConfig, generate_responses,

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from alignkit.losses import KL_ESTIMATORS
 from alignkit.online.generation import SamplingConfig
+from alignkit.online.vllm_engine import check_engine_args
 from alignkit.settings.bounds import check_section
 
 
@@ -112,6 +113,8 @@ class OnlineConfig:
             raise ValueError(f"online config: vllm ({', '.join(sorted(self.vllm))}: vllm.LLM arguments) is for "
                              "vllm_mode='colocate'; in server mode give them to alignkit vllm-serve (--max-model-len, "
                              "--dtype, ...)")
+        if self.generation_backend == "vllm" and self.vllm:  # a typo failed only when the engine started
+            check_engine_args(self.vllm)
         if self.vllm_server_timeout <= 0:
             raise ValueError(f"online config: vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
         self._refuse_unread()

@@ -34,6 +34,7 @@ from alignkit.trainers.pairs import pair_batch
 from alignkit.settings.sections import loss_names, reference_free
 
 PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
+SEEDED_MODES = ("random_pairs", "judge_pairs")  # draw their pairs with a seed: a new one per step (feedback_kwargs)
 
 
 @dataclass
@@ -124,12 +125,23 @@ class OnlineDPOTrainer(OnlineTrainer):
         n = len(samples)
         return Scores(torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.bool), [{} for _ in samples])
 
+    def feedback_kwargs(self) -> dict[str, Any]:
+        """`feedback_kwargs` for this step. "random_pairs" / "judge_pairs" draw pairs (and the judge's A/B order)
+        with a seed, which defaulted to 0 at every step: each step drew the same pair pattern. Now the seed is
+        derived from `feedback_kwargs.seed` (default: the run's `seed`), the step and the rank (`step_seed`):
+        it varies by step, and a rerun (or a resumed run) draws the same pairs."""
+        c: OnlineDPOConfig = self.config
+        kwargs = dict(c.feedback_kwargs)
+        if c.feedback in SEEDED_MODES:
+            kwargs["seed"] = self.step_seed(kwargs.get("seed", c.seed), getattr(self, "_step", 0))
+        return kwargs
+
     def build_batch(self, rollout: Rollout) -> PairBatch:
         c: OnlineDPOConfig = self.config
         samples = rollout.samples
         scores = torch.where(torch.isnan(rollout.scores), rollout.scores, rollout.rewards).tolist()  # NaN: failed
         records = build_records(c.feedback, samples, None if c.feedback == "judge_pairs" else scores,
-                                self.annotator, **c.feedback_kwargs)
+                                self.annotator, **self.feedback_kwargs())
         if c.feedback == "judge_pairs":  # the judge's own counts (judge/pair_parse_failures): logged with the step's
             rollout.metrics.update(self.annotator.last_pair_metrics)
         if records and c.reweighters:

@@ -36,14 +36,19 @@ class ProcessMetrics:
             return t
         return self.accelerator.reduce(t.to(self.accelerator.device).clone(), reduction="sum")
 
-    SUMMED_METRICS = ("reward/failed", "pairs", "judge/pair_parse_failures")
+    # counts: summed over processes (averaging them logged a count 1/world of the step's). The annotators' counts
+    # too (judge/parse_failures, ...); a rate among them is recomputed from the summed counts (`RATE_METRICS`)
+    SUMMED_METRICS = ("reward/failed", "pairs", "judge/pair_parse_failures", "judge/parse_failures",
+                      "judge/out_of_range", "judge/answers", "function/failures", "reward_model/truncated")
+    # rate -> (its summed numerator counts, its summed denominator count)
+    RATE_METRICS = {"judge/failure_rate": (("judge/parse_failures", "judge/out_of_range"), "judge/answers")}
     GLOBAL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                       "completions/mean_length", "completions/min_length", "completions/max_length",
                       "completions/clipped_ratio", "num_tokens")
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """One row for all processes: counts (`SUMMED_METRICS`) summed, the rest averaged over the processes
-        that report them; the metrics `rollout_metrics` computes over all processes are the same on every rank."""
+        """One row for all processes: counts (`SUMMED_METRICS`) summed and rates (`RATE_METRICS`) recomputed from
+        them, the rest averaged over the processes that report them; the metrics `rollout_metrics` computes over all processes are the same on every rank."""
         if self.world == 1:
             return metrics
         rows: list[dict[str, float]] = gather_objects(metrics, self.world)
@@ -56,6 +61,9 @@ class ProcessMetrics:
                 out[k] = sum(vals)
             else:
                 out[k] = sum(vals) / len(vals)
+        for rate, (parts, total) in self.RATE_METRICS.items():
+            if rate in out and total in out and all(p in out for p in parts):
+                out[rate] = sum(out[p] for p in parts) / max(out[total], 1.0)
         return out
 
     def _trackers(self) -> list[str]:

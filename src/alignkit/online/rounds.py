@@ -12,7 +12,8 @@ Each stage reads and writes files, so annotation can run as a separate job (anot
 Crash safety: every file is written to a temporary name in the same folder, flushed, fsynced and renamed
 over the target (`os.replace` is atomic), data file first, manifest entry last. A stage is complete when
 its data file AND its manifest entry exist; a complete stage is not redone (resume), an incomplete one is
-redone from scratch (`overwrite=True` forces it). New samples first remove the annotation made from the old
+redone from scratch (`overwrite=True` forces it). A complete annotation made by another annotator, feedback or
+reweighters than the call's is refused (`check_kept_annotation`), not kept. New samples first remove the annotation made from the old
 ones (its manifest entry and records.jsonl), so the round is annotated again rather than kept as complete.
 
 Metrics per round (in the manifest and returned): reward/mean, reward/std, reward/min, reward/max,
@@ -152,6 +153,22 @@ def score_stats(scores: Scores) -> dict[str, float]:
             "reward/valid": float(n), "reward/failed": float(scores.failed.sum())}
 
 
+def check_kept_annotation(folder: str | Path, made_by: dict[str, Any]) -> None:
+    """A complete annotation is kept, not redone (resume): a DataError when its manifest entry says it was made by
+    another annotator, feedback, feedback_kwargs or reweighters than `made_by` (these keys, as `annotate_round`
+    records them). It was kept whatever annotator was passed, and its records silently stood for the new one's.
+    Entries without a key (older manifests) are not compared on it."""
+    kept = read_manifest(folder).get("annotation", {})
+    now = json.loads(json.dumps(made_by, sort_keys=True, default=str))  # as the manifest stores it
+    differ = [k for k, v in now.items() if k in kept and kept[k] != v]
+    if differ:
+        shown = "; ".join(f"{k}: {json.dumps(kept[k], sort_keys=True)} then, {json.dumps(now[k], sort_keys=True)} "
+                          "now" for k in differ)
+        raise DataError(f"{Path(folder) / RECORDS_FILE}: complete, and annotated with other settings ({shown}): it "
+                        "would be kept as it is, not redone. Pass overwrite=True to annotate the round again with "
+                        "these, or pass the settings it was made with")
+
+
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
                    overwrite: bool = False, refuse_empty: bool = False) -> Path:
@@ -161,13 +178,17 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
     before anything is written."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
+    annotator = build_annotator(annotator)
+    reweighters = [build_reweighter(r) for r in reweighters]
+    made_by = {"annotator": annotator.describe(), "feedback": feedback, "feedback_kwargs": feedback_kwargs or {},
+               "reweighters": [r.describe() for r in reweighters]}
     if not overwrite and _complete(folder, "annotation", RECORDS_FILE):
+        check_kept_annotation(folder, made_by)
         logger.info("%s: complete, not annotated again", path)
         return path
     if not _complete(folder, "samples", SAMPLES_FILE):
         raise FileNotFoundError(f"{folder}: no complete {SAMPLES_FILE} (with its manifest entry); run sample_round "
                                 f"first")
-    annotator = build_annotator(annotator)
     samples = read_samples(folder / SAMPLES_FILE)
     scores = None
     metrics: dict[str, float] = dict(generation_metrics(samples))
@@ -177,7 +198,6 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
         metrics.update(score_stats(scores))
         metrics.update(scores.metrics)
     records = build_records(feedback, samples, scores, annotator, **(feedback_kwargs or {}))
-    reweighters = [build_reweighter(r) for r in reweighters]
     if records and reweighters:
         records = reweight(records, reweighters)
     metrics["records/count"] = float(len(records))
@@ -187,9 +207,7 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
                         f"feedback_kwargs (e.g. a lower min_margin) or sample more responses per prompt")
     atomic_write_jsonl(path, (record_to_row(r) for r in records))
     _update_manifest(folder, "annotation", {
-        "file": RECORDS_FILE, "annotator": annotator.describe(), "feedback": feedback,
-        "feedback_kwargs": feedback_kwargs or {}, "reweighters": [r.describe() for r in reweighters],
-        "kinds": sorted({r.kind for r in records}), "metrics": metrics,
+        "file": RECORDS_FILE, **made_by, "kinds": sorted({r.kind for r in records}), "metrics": metrics,
         "scores": None if scores is None else [None if math.isnan(x) else x for x in scores.values.tolist()]})
     logger.info("%s: %d record(s) from %d sample(s); %s", path, len(records), len(samples),
                 {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")})
@@ -235,5 +253,5 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
-           "check_kept_samples", "read_manifest", "record_to_row", "read_samples", "round_dir", "sample_round", "score_stats",
+           "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples", "round_dir", "sample_round", "score_stats",
            "annotate_round", "train_round", "run_offline_rounds"]

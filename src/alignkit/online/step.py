@@ -73,10 +73,14 @@ class RolloutSteps:
         n = len(prompts) // self.world
         return prompts[self.rank * n:(self.rank + 1) * n]
 
+    def step_seed(self, base: int, step: int) -> int:
+        """A seed derived from `base`, distinct per step and per rank; one process: base * 100003 + step."""
+        return (int(base) * 100_003 + step) * self.world + self.rank
+
     def sampling_seed(self, step: int) -> int:
         """Distinct per step and per rank; one process: seed * 100003 + step."""
         s = self.config.sampling
-        return ((s.seed if s.seed is not None else self.config.seed) * 100_003 + step) * self.world + self.rank
+        return self.step_seed(s.seed if s.seed is not None else self.config.seed, step)
 
     def generate(self, prompts: list, step: int) -> list[Sample]:
         """The step's samples: `sampling.num_samples` per prompt, from the current policy."""

@@ -62,7 +62,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from alignkit.adapters import adapter_of
+from alignkit.adapters import adapter_of, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.online.annotators import Annotator, build_annotator
@@ -75,6 +75,7 @@ from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
+from alignkit.online.vllm_engine import check_engine_rope, check_lora_rank, engine_max_model_len
 from alignkit.online.vllm_generation import check_model_len, refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
@@ -175,11 +176,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                                   f"{', '.join(f'{k}={v!r}' for k, v in extra)}, which transformers generation applies "
                                   "and vLLM's sampling (sampling.* only) would ignore; remove it from the model "
                                   "folder's generation_config.json, or use generation_backend='transformers'")
-            if self.config.vllm_mode == "colocate" and self.config.vllm.get("max_model_len") is not None:
-                records = [*self.prompts, *self.eval_prompts]  # before the engine starts (server mode: at its /info)
-                check_model_len(records, encode_prompts(records, tokenizer, self.config.formatter,
-                                                        self.config.max_prompt_length),
-                                self.config.sampling.max_new_tokens, int(self.config.vllm["max_model_len"]))
+            if self.config.vllm_mode == "colocate":  # before the engine starts (server mode: at its /info)
+                self.check_colocated_engine(model, tokenizer)
             if self.config.vllm_mode == "server" and self.world > 1:
                 raise ValueError(f"vllm_mode='server' (method.vllm_mode) runs in ONE process ({self.world} here): "
                                  "each process would push its own weights to the one server; run it in one process "
@@ -232,6 +230,31 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.steps_done = 0  # steps of the whole run, those before a resumed checkpoint included
         self._num_tokens = 0  # TRL's num_tokens: prompt + completion tokens sampled so far, all processes
 
+    def check_colocated_engine(self, model: nn.Module, tokenizer: Any) -> None:
+        """What the colocated engine would refuse, or cut short, only when it starts at the first step (after the
+        run folder is written) or run otherwise than the policy: the model folder it loads (and its RoPE), a LoRA
+        rank above `method.vllm.max_lora_rank`, and the
+        longest prompt + max_new_tokens past its max_model_len (`method.vllm.max_model_len`, else the one vLLM
+        derives from the model folder: `vllm_engine.engine_max_model_len`)."""
+        vllm = self.config.vllm
+        folder = str(vllm.get("model") or getattr(unwrap_lm(model).config, "name_or_path", "") or "")
+        if not folder or not Path(folder, "config.json").is_file():
+            raise ConfigError(f"generation_backend='vllm': the colocated engine loads the policy's model folder, and "
+                              f"{folder!r} is none (no config.json); set method.vllm.model to the folder the "
+                              "policy's base was loaded from")
+        ranks = [int(c.r) for c in getattr(model, "peft_config", {}).values() if hasattr(c, "r")]
+        if ranks and adapter_of(model).vllm_sync == "lora_request":
+            check_lora_rank(max(ranks), vllm)
+        check_engine_rope(unwrap_lm(model).config, folder, vllm)
+        limit, source = engine_max_model_len(folder, vllm)
+        records = [*self.prompts, *self.eval_prompts]
+        given = vllm.get("max_model_len") is not None
+        check_model_len(records, encode_prompts(records, tokenizer, self.config.formatter,
+                                                self.config.max_prompt_length),
+                        self.config.sampling.max_new_tokens, limit,
+                        "method.vllm.max_model_len" if given else f"the engine's max_model_len (from {source})",
+                        fixed=not given)
+
     # -- hooks for subclasses -----------------------------------------------------------------------
 
     def build_extra_modules(self) -> list[nn.Module]:
@@ -273,6 +296,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
+        self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts; resumed: the
             # killed run's TensorBoard events from this step on are purged (else both runs' values showed)
             purge = {"tensorboard": {"purge_step": start}} if start else None
@@ -289,6 +313,11 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         flat, ran = self._flat_steps, self.config.steps - start
         if ran > 0 and flat == ran:
             logger.warning("no step of this run %s", self._no_signal[1].format(steps=ran))
+        if ran > 0 and self._clipped_steps == ran:
+            logger.warning("every response of this run's %d step(s) reached sampling.max_new_tokens (%d) without an "
+                           "end token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off "
+                           "responses, and a reward that reads a response's end never saw one; raise "
+                           "sampling.max_new_tokens", ran, self.config.sampling.max_new_tokens)
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
             if self.config.push_to_hub and self.accelerator.is_main_process:
@@ -311,6 +340,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             if self.eval_due(step):  # after the step's update; not counted in time/step_s
                 metrics.update(self.evaluate())
             self.log(metrics)
+            self._clipped_steps += metrics.get("completions/clipped_ratio") == 1.0
             none = self.no_signal(metrics)
             if none is not None:
                 self._no_signal = none

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.adapters.base import adapter_of, unwrap_lm
+from alignkit.online.vllm_engine import LORA_RANKS
 from alignkit.online.generation import (
     FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompts, end_token_ids, finish_response,
     uses_chat_template,
@@ -46,7 +47,6 @@ from alignkit.settings import ConfigError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "vllm")
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 NO_VLLM = ("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm with the CPU build; "
            "on a GPU: pip install vllm)")
 
@@ -116,11 +116,13 @@ def prompt_seeds(cfg: SamplingConfig, n_prompts: int) -> list[int | None]:
 
 
 def check_model_len(records: Sequence[Any], encoded: Sequence[Sequence[int]], max_new_tokens: int,
-                    max_model_len: int | None, where: str = "method.vllm.max_model_len") -> None:
+                    max_model_len: int | None, where: str = "method.vllm.max_model_len",
+                    fixed: bool = False) -> None:
     """ConfigError when a prompt (its ids in `encoded`, as generation encodes the prompt `records`) + `max_new_tokens`
     does not fit the engine's `max_model_len`: vLLM ends such a response at max_model_len tokens in all, as if
     max_new_tokens were reached (finish 'length': shorter responses than asked, without a word), and refuses a
-    prompt that fills it. `where`: the setting that fixes the limit (named in the message)."""
+    prompt that fills it. `where`: the setting that fixes the limit (named in the message); `fixed`: the limit is
+    the model's own, which cannot be raised (the message then says what can be lowered)."""
     if max_model_len is None or not encoded:
         return
     i = max(range(len(encoded)), key=lambda k: len(encoded[k]))
@@ -129,8 +131,9 @@ def check_model_len(records: Sequence[Any], encoded: Sequence[Sequence[int]], ma
         name = getattr(records[i], "id", "") or f"#{i}"
         raise ConfigError(f"{where} {max_model_len} is shorter than prompt {name!r} ({len(encoded[i])} tokens, the "
                           f"longest) + sampling.max_new_tokens ({max_new_tokens}) = {need}: vLLM would end its "
-                          f"responses early as if max_new_tokens were reached; raise {where} to {need}, or lower "
-                          "sampling.max_new_tokens or data.max_prompt_length (prompts keep their last tokens)")
+                          "responses early as if max_new_tokens were reached; "
+                          + ("" if fixed else f"raise {where} to {need}, or ") +
+                          "lower sampling.max_new_tokens or data.max_prompt_length (prompts keep their last tokens)")
 
 
 def generate_with(complete: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,

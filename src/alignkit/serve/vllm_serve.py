@@ -49,12 +49,12 @@ from transformers import AutoConfig
 
 import alignkit
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
+from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
 from alignkit.serve.vllm_server import lora_unsupported
 
 logger = logging.getLogger(__name__)
 
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 
 
 class RequestError(Exception):

@@ -1,0 +1,199 @@
+"""What a colocated vLLM engine will make of `method.vllm` (its `vllm.LLM` arguments) and of the model folder,
+worked out before it starts: a wrong argument used to stop the run only when the engine started, at the first
+step, after the run folder was written.
+
+- `check_engine_args`: every key must be an engine argument. `ENGINE_ARGS` lists those alignkit knows (pinned
+  against vLLM's `EngineArgs` fields by tests/compat/test_vllm.py, row V1 of docs/architecture.md); any other
+  name is looked up in vLLM's own `EngineArgs` fields and `LLM` parameters where vLLM is importable (where a
+  colocated engine runs), and refused otherwise. A typo (`max_model_lenn`) is one line with the close names.
+- `check_lora_rank`: a LoRA policy's rank against `max_lora_rank` (vLLM refuses an adapter above it when it loads
+  it; it accepts only the ranks `ACCEPTED_LORA_RANKS` lists, so a rank above 512 cannot run), and
+  `enable_lora: false` beside a LoRA policy.
+- `check_engine_rope`: the policy's RoPE (`model.rope_scaling` changes the loaded config, not config.json)
+  against the folder's, which the engine reads.
+- `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
+  folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
+  keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not scale `max_position_embeddings` themselves), and a `max_model_len`
+  above it, which vLLM refuses at start. Pinned against vLLM's `ModelConfig` (row V2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from alignkit.models.rope import rope_record
+from alignkit.settings import ConfigError
+
+# vllm.LLM arguments alignkit knows for a colocated engine (all are vLLM EngineArgs fields; tests/compat/test_vllm.py)
+ENGINE_ARGS = (
+    "model", "dtype", "seed", "max_model_len", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
+    "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill", "kv_cache_memory_bytes",
+    "kv_cache_dtype", "block_size", "cpu_offload_gb", "quantization", "enable_lora", "max_lora_rank", "max_loras",
+    "max_cpu_loras", "lora_dtype", "trust_remote_code", "revision", "tokenizer", "tokenizer_revision",
+    "load_format", "download_dir", "disable_sliding_window", "hf_overrides", "compilation_config",
+    "attention_backend", "disable_log_stats", "max_logprobs", "enable_sleep_mode",
+)
+# the values vLLM's --max-lora-rank accepts (its MaxLoRARanks; alignkit picks the smallest >= the policy's rank)
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+ACCEPTED_LORA_RANKS = (1, *LORA_RANKS)
+# the config keys vLLM reads a model's length from (the smallest wins), and the RoPE types whose
+# max_position_embeddings is already the scaled context (vLLM does not multiply it by `factor`)
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+NO_LENGTH_DEFAULT = 2048  # vLLM's guess when the config names no length
+
+
+def vllm_argument_names() -> frozenset[str] | None:
+    """The names vLLM's `LLM(...)` takes (its parameters and, through **kwargs, `EngineArgs` fields); None where
+    vLLM is not importable."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    params = {p.name for p in inspect.signature(LLM.__init__).parameters.values()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    return frozenset(params | {f.name for f in dataclasses.fields(EngineArgs)})
+
+
+def check_engine_args(vllm: dict[str, Any], where: str = "online config: vllm") -> None:
+    """ValueError (one line) for a key of `vllm` that is no engine argument (module docstring)."""
+    unknown = sorted(k for k in vllm if k not in ENGINE_ARGS)
+    if not unknown:
+        return
+    known = vllm_argument_names()
+    if known is not None:
+        unknown = [k for k in unknown if k not in known]
+        if not unknown:
+            return
+    pool = sorted(set(ENGINE_ARGS) | (known or set()))
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), pool, n=1, cutoff=0.75)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    against = ("vLLM's EngineArgs fields and LLM parameters" if known is not None else
+               f"the vllm.LLM arguments alignkit knows without vLLM here ({', '.join(ENGINE_ARGS)})")
+    raise ValueError(f"{where}: {', '.join(hints)} is not an engine argument (checked against {against}); vLLM "
+                     "would refuse it when the engine starts, after the run folder is written: fix or remove it")
+
+
+def check_lora_rank(rank: int, vllm: dict[str, Any]) -> None:
+    """ConfigError when `method.vllm` cannot serve a LoRA of `rank`: `max_lora_rank` not one vLLM accepts, or below
+    the rank (vLLM refuses the adapter when it loads it, at the first generation), or `enable_lora: false`."""
+    if vllm.get("enable_lora", True) is False:
+        raise ConfigError("method.vllm.enable_lora is false, and the policy is a LoRA, which the colocated engine runs "
+                          "as a LoRA adapter (it needs enable_lora): remove method.vllm.enable_lora")
+    asked = vllm.get("max_lora_rank")
+    if asked is None and rank > LORA_RANKS[-1]:
+        raise ConfigError(f"the LoRA policy's rank {rank} (adapter.lora.r) is above {LORA_RANKS[-1]}, the largest "
+                          "max_lora_rank vLLM takes: it would refuse the adapter when the engine starts, after the "
+                          f"run folder is written; lower adapter.lora.r to {LORA_RANKS[-1]} or less, or use "
+                          "method.generation_backend=transformers")
+    if asked is None:
+        return
+    if asked not in ACCEPTED_LORA_RANKS:
+        raise ConfigError(f"method.vllm.max_lora_rank {asked!r} is not a rank vLLM accepts "
+                          f"({', '.join(map(str, ACCEPTED_LORA_RANKS))}): use "
+                          f"{next((x for x in LORA_RANKS if x >= rank), LORA_RANKS[-1])}, or remove it (alignkit "
+                          f"picks the smallest that fits the policy's rank)")
+    if asked < rank:
+        fit = next((x for x in LORA_RANKS if x >= rank), None)
+        raise ConfigError(f"method.vllm.max_lora_rank {asked} is below the LoRA policy's rank {rank} (adapter.lora.r): "
+                          "vLLM would refuse the adapter at the first generation, after the run folder is written; "
+                          + (f"set it to {fit} or remove it (alignkit then picks {fit})" if fit is not None else
+                             f"vLLM takes ranks up to {LORA_RANKS[-1]}: lower adapter.lora.r"))
+
+
+def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
+    """The transformers config of the model folder the engine loads (as vLLM reads it: config.json)."""
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(vllm.get("trust_remote_code", False)))
+
+
+def check_engine_rope(policy_config: Any, folder: str | Path, vllm: dict[str, Any]) -> None:
+    """ConfigError when the policy encodes positions otherwise than the model folder the engine loads: its RoPE set
+    by `model.rope_scaling` (alignkit changes the loaded config, not config.json), so vLLM, which reads
+    config.json, would sample from another model than the one trained (every position encoded otherwise). Not
+    checked with `method.vllm.hf_overrides`, through which the caller sets vLLM's config itself."""
+    if vllm.get("hf_overrides"):  # the caller changes vLLM's config itself (e.g. its rope_parameters)
+        return
+    ours, theirs = rope_record(policy_config), rope_record(folder_config(folder, vllm))
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ConfigError(f"generation_backend='vllm': the policy's RoPE is {ours} (model.rope_scaling), and the "
+                          f"colocated engine loads {Path(folder) / 'config.json'}, whose RoPE is {theirs}: vLLM would "
+                          "sample from a model whose positions are encoded otherwise than the policy's; remove "
+                          "model.rope_scaling, save the base with that scaling in its config.json and load it from "
+                          "there, or use method.generation_backend=transformers")
+
+
+def _rope_parameters(config: Any) -> list[dict[str, Any]]:
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict) or not rp:
+        return []
+    if all(isinstance(v, dict) for v in rp.values()):  # one per layer type
+        return [v for v in rp.values() if v]
+    return [rp]
+
+
+def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int | None, str]:
+    """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (module docstring),
+    with `vllm.max_model_len` when set (a dict of `vllm.hf_overrides` applied first; None with a callable one); a
+    ConfigError when that is above the model's own length (vLLM refuses it when the engine starts, unless
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
+    config = folder_config(folder, vllm)
+    overrides = vllm.get("hf_overrides")
+    if callable(overrides):  # vLLM calls it on its config: not derived here (the engine checks at generation)
+        return None, "method.vllm.hf_overrides"
+    for k, v in (overrides or {}).items():  # vLLM applies a dict of overrides onto the config
+        setattr(config, k, v)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    derived, key = math.inf, None
+    for k in MAX_LEN_KEYS:
+        v = getattr(text, k, None)
+        if v is not None and v < derived:
+            derived, key = v, k
+    if getattr(text, "model_max_length", None):  # vLLM's Command-R rule: this key wins when set
+        derived, key = text.model_max_length, "model_max_length"
+    window = getattr(text, "sliding_window", None)
+    if vllm.get("disable_sliding_window") and window and window < derived:
+        derived, key = window, "sliding_window"
+    # (the tokenizer's model_max_length: vLLM reads it for pooling models only, not for generation)
+    asked = vllm.get("max_model_len")
+    if derived == math.inf:
+        if asked is not None:
+            return int(asked), "method.vllm.max_model_len"
+        derived, key = NO_LENGTH_DEFAULT, "vLLM's default (the config names no length)"
+    rope = _rope_parameters(config)
+    if rope and "gemma3" not in str(getattr(config, "model_type", "")):
+        factor = 1.0
+        for rp in rope:
+            if rp.get("rope_type", rp.get("type")) not in PRESCALED_ROPE:
+                factor = rp.get("factor", factor)
+        if factor != 1.0 and factor is not None:
+            derived, key = derived * factor, f"{key} x rope factor {factor}"
+    where = f"{key} in {Path(folder) / 'config.json'}" if "default" not in str(key) else key
+    if asked is None or asked == -1:
+        if any(rp.get("rope_type") == "longrope" for rp in rope):
+            orig = getattr(config, "original_max_position_embeddings", None)
+            if orig is not None:
+                return int(orig), f"original_max_position_embeddings in {Path(folder) / 'config.json'} (longrope)"
+        return int(derived), where
+    allow_long = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true")
+    if asked > derived and not (getattr(config, "model_max_length", None) or 0) >= asked and not allow_long:
+        raise ConfigError(f"method.vllm.max_model_len {asked} is above the model's context {int(derived)} ({where}): "
+                          "vLLM refuses it when the engine starts, after the run folder is written; lower "
+                          f"method.vllm.max_model_len to {int(derived)} or less")
+    return int(asked), "method.vllm.max_model_len"
+
+
+__all__ = ["ACCEPTED_LORA_RANKS", "ENGINE_ARGS", "LORA_RANKS", "MAX_LEN_KEYS", "PRESCALED_ROPE", "check_engine_args",
+           "check_engine_rope", "check_lora_rank", "engine_max_model_len", "folder_config", "vllm_argument_names"]

@@ -1,0 +1,87 @@
+"""vLLM's engine arguments and its max_model_len derivation, which alignkit checks before a colocated engine starts
+(rows V1, V2 of the table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`:
+.venv-vllm); elsewhere they are skipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+import typing
+
+import pytest
+
+from .guards import check, guard, params
+
+VLLM = "vllm"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec(VLLM) is None,
+                                reason="vLLM is not installed in this Python (make test-vllm runs these in .venv-vllm)")
+
+
+def test_engine_argument_names_are_vllms():
+    """Every name `ENGINE_ARGS` accepts in method.vllm (and those VllmGenerator sets) is a field of vLLM's
+    `EngineArgs`, which `LLM(**kwargs)` builds from its keywords; `LORA_RANKS` are vLLM's `MaxLoRARanks`."""
+    where = "alignkit/online/vllm_engine.py:ENGINE_ARGS/check_engine_args, vllm_generation.py:VllmGenerator"
+    with guard(VLLM, "vllm.engine.arg_utils.EngineArgs / vllm.config.lora.MaxLoRARanks moved", where):
+        from vllm import LLM
+        from vllm.config.lora import MaxLoRARanks
+        from vllm.engine.arg_utils import EngineArgs
+    from alignkit.online.vllm_engine import ACCEPTED_LORA_RANKS, ENGINE_ARGS, LORA_RANKS, vllm_argument_names
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    gone = sorted(set(ENGINE_ARGS) - fields)
+    check(not gone, VLLM, f"EngineArgs lost field(s) {gone} that method.vllm accepts", where)
+    check(any(p.kind is p.VAR_KEYWORD for p in __import__("inspect").signature(LLM.__init__).parameters.values()),
+          VLLM, "LLM(...) no longer passes its other keywords on to EngineArgs", where)
+    check(set(params(LLM.__init__)) | fields == vllm_argument_names(), VLLM, "vllm_argument_names differs", where)
+    ranks = set(typing.get_args(MaxLoRARanks))
+    check(ranks == set(ACCEPTED_LORA_RANKS) and set(LORA_RANKS) <= ranks, VLLM,
+          f"vLLM's max_lora_rank values are {sorted(ranks)}, alignkit's {ACCEPTED_LORA_RANKS}", where)
+
+
+CASES = {  # name -> (config.json edits, tokenizer_config.json edits, method.vllm)
+    "plain": ({}, {}, {}),
+    "linear x2": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, {}, {}),
+    "dynamic x3": ({"rope_parameters": {"rope_type": "dynamic", "factor": 3.0, "rope_theta": 10000.0}}, {}, {}),
+    "yarn (prescaled)": ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                              "original_max_position_embeddings": 16}}, {}, {}),
+    "tokenizer model_max_length (not read)": ({}, {"model_max_length": 12}, {}),
+    "sliding window disabled": ({"sliding_window": 8}, {}, {"disable_sliding_window": True}),
+    "sliding window kept": ({"sliding_window": 8}, {}, {}),
+    "max_model_len given": ({}, {}, {"max_model_len": 10}),
+    "hf_overrides": ({}, {}, {"hf_overrides": {"max_position_embeddings": 8}}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_max_model_len_is_vllms(tiny_dir, tmp_path, case):
+    """`engine_max_model_len` gives the max_model_len vLLM's `ModelConfig` derives for the model folder (its
+    config's length keys, RoPE scaling, a disabled sliding window, a dict of hf_overrides; not the tokenizer's
+    model_max_length), and a
+    max_model_len above the model's is refused by both."""
+    from vllm.config import ModelConfig
+
+    from alignkit.online.vllm_engine import engine_max_model_len
+
+    where = "alignkit/online/vllm_engine.py:engine_max_model_len (online/trainer.py:check_colocated_engine)"
+    edit, tok_edit, vllm = CASES[case]
+    folder = shutil.copytree(tiny_dir("llama", max_positions=16), tmp_path / "model")
+    for name, changes in (("config.json", edit), ("tokenizer_config.json", tok_edit)):
+        if changes:
+            data = json.loads((folder / name).read_text())
+            data.update(changes)
+            (folder / name).write_text(json.dumps(data))
+    with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=, max_model_len=, disable_sliding_window=) changed", where):
+        theirs = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32",
+                             **{k: v for k, v in vllm.items() if k in ("max_model_len", "disable_sliding_window", "hf_overrides")})
+    ours, _ = engine_max_model_len(folder, vllm)
+    check(ours == theirs.max_model_len, VLLM, f"{case}: vLLM derives max_model_len {theirs.max_model_len}, alignkit "
+          f"{ours}", where)
+    with pytest.raises(Exception, match="max_model_len"):  # above the model's: refused by vLLM when it starts ...
+        ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32", max_model_len=ours * 4 + 1,
+                    **{k: v for k, v in vllm.items() if k in ("disable_sliding_window", "hf_overrides")})
+    from alignkit.settings import ConfigError
+
+    with pytest.raises(ConfigError, match="is above the model's context"):  # ... and by alignkit before
+        engine_max_model_len(folder, {**vllm, "max_model_len": ours * 4 + 1})
