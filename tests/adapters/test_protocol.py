@@ -302,6 +302,22 @@ def test_a_trainer_records_the_base_of_a_model_wrapped_by_hand(tiny_dir):
     assert (got["probe_rows"], got["embedding_probe"]) == _probe(base)
 
 
+def test_an_online_trainer_records_the_base_of_a_model_wrapped_by_hand(tiny_dir):
+    """The online trainers, as the offline ones: a model wrapped by hand gets its base's fingerprint when the trainer
+    is built, before an update can change a trained embedding (else alignkit_base.json would probe the trained copy)."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+
+    base = tiny_dir("llama")
+    model = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    assert getattr(model, "alignkit_base_fingerprint", None) is None
+    GRPOTrainer(model, load_tokenizer(base), ["a", "b"], {"type": "function", "fn": lambda prompts, responses, **k: [0.0] * len(prompts)},
+                GRPOConfig(steps=1, prompts_per_step=2, report_to="none", progress_bar=False, save_at_end=False))
+    got = model.alignkit_base_fingerprint
+    assert (got["probe_rows"], got["embedding_probe"]) == _probe(base)
+
+
 @pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
 def test_resuming_from_a_checkpoint_of_another_base_is_refused(row, tiny_dir, tmp_path):
     """load_adapter_weights (checkpoint resume, the best model at the end) copied a folder's weights into the model

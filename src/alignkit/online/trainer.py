@@ -62,7 +62,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from alignkit.adapters import adapter_of, unwrap_lm
+from alignkit.adapters import adapter_of, record_base, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.online.annotators import Annotator, build_annotator
@@ -195,6 +195,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         check_stop_strings(tokenizer, self.config.sampling)  # vLLM too decodes without special tokens
         self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
+        record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
         self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,
                                                     chunk_size=self.config.chunk_size, supports=("adapter_off", "copy"),
                                                     owner=type(self).__name__)
