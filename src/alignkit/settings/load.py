@@ -40,7 +40,7 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
             coerce(value, ALIGNKIT_TRAIN_KEYS[key], join_key(where, key))
             continue
         if key not in fields:
-            raise unknown_key_error(where, str(key), [*fields, *ALIGNKIT_TRAIN_KEYS])
+            raise unknown_key_error(where, str(key), [*fields, *ALIGNKIT_TRAIN_KEYS], value)
         if key == "output_dir":
             raise ConfigError(f"{where}.output_dir: set by alignkit (<output_dir>/checkpoints); set the top-level "
                               "output_dir instead")
