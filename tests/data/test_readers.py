@@ -94,6 +94,15 @@ def test_kind_conversion():
     (['{"prompt": "a", "responses": [" x"]}'], r"d\.jsonl:1: 'responses' must be a list of at least 2"),
     (['{"chosen": "same", "rejected": "same more"}'], r"d\.jsonl:1: one of 'chosen'/'rejected' is a prefix"),
     (['[1, 2]'], r"d\.jsonl:1: expected a JSON object per line"),
+    # TRL's vision rows: the images column was ignored with a warning and the text trained without its image
+    (['{"images": ["cat.png"], "prompt": "What is in the image?", "completion": " A cat."}'],
+     r"d\.jsonl:1: column 'images' holds images \(TRL's vision-language format\), and alignkit trains text-only "
+     r"models, so the text would be trained without the images it refers to; .* drop the 'images' column"),
+    (['{"prompt": "Describe it.", "chosen": " red", "rejected": " blue", "image": "x.png"}'],
+     r"d\.jsonl:1: column 'image' holds images"),
+    # TRL's language-modeling rows: one line naming the format and the columns to give instead
+    (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
+     r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),
 ])
 def test_bad_input_names_file_and_line(tmp_path, lines, message):
     f = tmp_path / "d.jsonl"

@@ -14,7 +14,8 @@ Every value may be plain text or a conversation (a list of {"role", "content"} m
 such as `name` or `tool_calls`, are dropped with one warning per file). Optional
 columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
 are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
-`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`).
+`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`). TRL's vision
+columns (`images`, `image`) holding a value are an error: alignkit trains text-only models.
 
 Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
 longest run of equal leading messages; for text, the longest common character prefix, moved back to the
@@ -140,13 +141,22 @@ COLUMNS = {"messages": ("messages", "weight"), "prompt_completion": ("prompt", "
            "prompt": ("prompt", "weight")}
 
 
+# TRL's vision columns: the text of such a row refers to images alignkit never reads (it trains text-only models)
+IMAGE_COLUMNS = ("images", "image")
+
+
 def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[str, int]) -> None:
-    """Policy for columns a reader does not read: one whose name is close to a column it reads (`weigth`,
-    `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported in one
-    warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
+    """Policy for columns a reader does not read: images (`IMAGE_COLUMNS`, holding a value) are an error, the text
+    would be trained or sampled without the images it describes; one whose name is close to a column it reads
+    (`weigth`, `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported
+    in one warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
     for col in row:
         if col in known:
             continue
+        if col in IMAGE_COLUMNS and row[col] not in (None, [], ""):
+            raise DataError(f"{where}: column {col!r} holds images (TRL's vision-language format), and alignkit trains "
+                            f"text-only models, so the text would be trained without the images it refers to; use "
+                            f"rows without images, or drop the {col!r} column to train on the text alone")
         close = difflib.get_close_matches(str(col), known, n=1, cutoff=0.75)
         if close:
             raise DataError(f"{where}: unknown column {col!r} (did you mean {close[0]!r}?); rename it, or remove it")
