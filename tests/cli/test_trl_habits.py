@@ -338,3 +338,27 @@ def test_docs_for_trl_users_list_every_trl_name():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "trl.md").read_text()
     missing = [k for k, v in TRL_NAMES.items() if f"| `{k}` | {v.replace('|', '/')} |" not in doc]
     assert not missing, f"docs/trl.md lacks (or states otherwise) {missing}"
+
+
+def test_margins_in_dpo_data_are_said_to_be_ignored(tmp_path, caplog):
+    """A preference file with a margin column (the same file as for alignkit rm) trained alignkit dpo with the margins
+    read into every record and never used, without a word: the DPO losses take no margin (TRL's neither). Now one
+    warning naming how many pairs have one; rm, whose pair loss reads them, says nothing."""
+    import logging
+
+    rows = [{"prompt": f"{i}+{i}=", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}", "margin": 1.5}
+            for i in range(4)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = lambda: [r.getMessage() for r in caplog.records if "have a margin" in r.getMessage()]  # noqa: E731
+    for command in ("dpo", "rm"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignkit.cli.data"):
+            assert main(["-q", command, "model.path=tiny:llama", f"data.path={f}", f"output_dir={tmp_path / command}",
+                         "train.max_steps=1", "train.per_device_train_batch_size=2", "train.save_strategy=no"]) == 0
+        if command == "dpo":
+            assert said() == ["data: 4 of 4 pair(s) have a margin (e.g. " + f"{f}:1, {f}:2, {f}:3), and alignkit dpo's "
+                              "losses do not read margins (only alignkit rm's pair loss does, with method.use_margin), "
+                              "so they are ignored; drop the margin column if that is not meant to be"], said()
+        else:
+            assert said() == []

@@ -132,6 +132,20 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     return records, evals
 
 
+def warn_unread_margins(records: list, command: str) -> None:
+    """One warning when preference records carry a `margin` and `command` trains a loss that never reads one: margins
+    enter only the reward model's Bradley-Terry loss (alignkit rm, method.use_margin); the DPO losses (TRL's too) take
+    none, so `alignkit dpo` on a file with margins ignored them without a word."""
+    if command == "rm":
+        return
+    given = [r.id or "?" for r in records if getattr(r, "margin", None) is not None]
+    if given:
+        logger.warning("data: %d of %d pair(s) have a margin (e.g. %s), and alignkit %s's losses do not read margins "
+                       "(only alignkit rm's pair loss does, with method.use_margin), so they are ignored; drop the "
+                       "margin column if that is not meant to be", len(given), len(records), ", ".join(given[:3]),
+                       command)
+
+
 def _degenerate(r: Any) -> bool:
     """No preference signal: a pair whose chosen equals rejected, or a ranked record whose replies all tie."""
     if isinstance(r, PreferenceRecord):
