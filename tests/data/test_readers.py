@@ -244,3 +244,22 @@ def test_message_keys_other_than_role_and_content_are_warned_once(tmp_path, capl
         assert len(load_records(tmp_path / "plain.parquet", "sft")) == len(load_records(padded, "sft")) == 2
         load_records([{"prompt": [user], "chosen": "a", "rejected": "b"}], "preference")
     assert "message key(s)" not in caplog.text
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "2+2=", "completion": " 4", "solution": "4"},
+    {"prompt": CONV_P, "chosen": [{"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "assistant", "content": "5"}], "solution": "4"},
+    {"prompt": "2+2=", "completion": " 4", "label": True, "solution": "4"},
+    {"prompt": "2+2=", "responses": [" 4", " 5"], "solution": "4"},
+])
+def test_prompts_from_trl_rows_keep_their_other_columns(tmp_path, row):
+    """TRL's GRPOTrainer passes every column of a prompt's row but prompt and completion to the reward functions. Read
+    for prompts, a row with responses was read as completions or pairs and cut to its prompt, so its 'solution' was
+    dropped (one 'ignored column' warning) and a reward function taking it stopped the first step, after the run
+    folder was written. Now such rows are read by the prompt reader, which keeps the other columns."""
+    f = write_jsonl(tmp_path / "d.jsonl", [row])
+    (record,) = load_records(f, "prompt")
+    assert record.prompt == row["prompt"]
+    assert record.meta["columns"] == {k: v for k, v in row.items() if k != "prompt"}
+    assert type(load_records(f)[0]) is not PromptRecord  # read for training, the row is what it was

@@ -59,7 +59,7 @@ def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, spl
 def native_kinds(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None) -> set[str]:
     """The kinds `read_records(paths, ds, kind, split, ...)` reads its records as before converting them to `kind`
     (one per source; e.g. {"ranked"} for Open-Assistant trees read as preference pairs)."""
-    return {native_kind(reader_of(data_path(p), ds.reader, split), kind, p) for p in _paths(paths)}
+    return {native_kind(reader_of(data_path(p), ds.reader, split, kind), kind, p) for p in _paths(paths)}
 
 
 def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:

@@ -32,7 +32,7 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
     """
     if kind is not None and kind not in KINDS:
         raise DataError(f"unknown record kind {kind!r}; valid: {', '.join(KINDS)}")
-    info = reader_of(source, reader, split)
+    info = reader_of(source, reader, split, kind)
     native = native_kind(info, kind, source)
     check_options(info, options)
     records = info.fn(source, kind=native, on_invalid=on_invalid, split=split, **options)
@@ -43,13 +43,18 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
     return records
 
 
-def reader_of(source: Any, reader: str | None = None, split: str | None = None) -> ReaderInfo:
-    """The registered reader `load_records` reads `source` with: `reader` by name, else the one its first row fits."""
+def reader_of(source: Any, reader: str | None = None, split: str | None = None, kind: str | None = None) -> ReaderInfo:
+    """The registered reader `load_records` reads `source` with: `reader` by name, else the one its first row fits.
+    Prompts (`kind` "prompt") from TRL-style rows with a `prompt` column beside their responses are read by the
+    `prompt` reader, which keeps every other column for reward functions, as TRL's GRPOTrainer passes them (all but
+    prompt and completion): read as completions or pairs first and then cut to their prompts, a row's `solution` or
+    `answer` was dropped, and a reward function that takes it failed at the first step."""
     if reader is not None:
         if reader not in READERS:
             raise DataError(f"unknown reader {reader!r}; registered: {', '.join(READERS)}")
         return READERS[reader]
-    return detect_reader(*first_row(source, split))
+    info = detect_reader(*first_row(source, split))
+    return READERS["prompt"] if kind == "prompt" and info.name in columns.WITH_PROMPT_COLUMN else info
 
 
 def native_kind(info: ReaderInfo, kind: str | None, source: Any = None) -> str:

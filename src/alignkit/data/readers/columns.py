@@ -14,7 +14,8 @@ Every value may be plain text or a conversation (a list of {"role", "content"} m
 such as `name` or `tool_calls`, are dropped with one warning per file). Optional
 columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
 are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
-`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`). TRL's vision
+`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`); prompts read
+from rows with responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision
 columns (`images`, `image`) holding a value are an error: alignkit trains text-only models.
 
 Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
@@ -280,6 +281,9 @@ COLUMN_READERS = (
     ("prompt", "prompt", 0, lambda r: _is_value(r.get("prompt")) and not any(c in r for c in _RESPONSE_COLS),
      _prompt, "prompt only (a JSONL of strings too) -> prompt"),
 )
+# the readers of rows with a `prompt` column beside their responses: read for prompts, such rows go to the `prompt`
+# reader, which keeps the other columns (alignkit.data.readers.reader_of)
+WITH_PROMPT_COLUMN = ("prompt-completion", "preference", "unpaired", "ranked")
 for _name, _kind, _priority, _detect, _convert, _description in COLUMN_READERS:
     register_reader(_name, kinds=(_kind,), priority=_priority, detect=_detect,
                     description=_description)(_reader(_convert))
