@@ -75,6 +75,14 @@ def test_kind_conversion():
     assert load_records([row], kind="sft") == [SFTRecord("Q", " a")]
     with pytest.raises(DataError, match="gives sft records, and none of them converts to 'preference'"):
         load_records([{"prompt": "Q", "completion": " a"}], kind="preference")
+    # TRL's stepwise supervision (a process reward model's rows) or a prompt set, given to a training command: the line
+    # said "reader 'prompt' gives prompt records", naming neither the missing responses nor TRL's format
+    stepwise = {"prompt": "Q", "completions": [" step 1", " step 2"], "labels": [True, False]}
+    for kind in ("sft", "preference", "unpaired"):
+        with pytest.raises(DataError, match=rf"the rows have a prompt and none of the responses alignkit trains {kind} "
+                                            r"records on \(columns completion, chosen, rejected, responses, messages\).* "
+                                            r"TRL's stepwise-supervision rows \(completions \+ labels"):
+            load_records([stepwise], kind=kind)
 
 
 @pytest.mark.parametrize("lines, message", [

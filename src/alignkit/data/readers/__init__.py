@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from alignkit.data.readers import columns  # noqa: F401  (registers the column readers)
+from alignkit.data.readers.columns import RESPONSE_COLUMNS
 from alignkit.data.readers.registry import READERS, ReaderInfo, detect_reader, register_reader
 from alignkit.data.readers.rows import collect, first_row, get_field, iter_rows, source_name
 from alignkit.data.records import KINDS, DataError, Record, can_convert, convert
@@ -63,6 +64,12 @@ def native_kind(info: ReaderInfo, kind: str | None, source: Any = None) -> str:
     if kind is None or kind in info.kinds:
         return kind or info.kinds[0]
     native = next((k for k in info.kinds if can_convert(k, kind)), None)
+    if native is None and info.kinds == ("prompt",):  # prompts only, e.g. TRL's stepwise rows or a GRPO prompt set
+        raise DataError(f"{source_name(source)}: the rows have a prompt and none of the responses alignkit trains "
+                        f"{kind} records on (columns {', '.join(RESPONSE_COLUMNS)}), so there is nothing to train; "
+                        "TRL's stepwise-supervision rows (completions + labels: process reward data) are not read "
+                        "for training; give the responses in those columns, or use these prompts with an online "
+                        "command (grpo, rloo, online-dpo, ppo)")
     if native is None:
         raise DataError(f"{source_name(source)}: reader {info.name!r} gives {'/'.join(info.kinds)} records, and "
                         f"none of them converts to {kind!r}; pick another kind or convert the data yourself")

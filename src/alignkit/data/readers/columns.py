@@ -37,7 +37,7 @@ from alignkit.data.records import (
     DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord, check_messages,
 )
 
-_RESPONSE_COLS = ("completion", "chosen", "rejected", "responses", "messages")
+RESPONSE_COLUMNS = ("completion", "chosen", "rejected", "responses", "messages")  # a row without them is prompts
 
 
 def _opt(row: dict) -> dict:
@@ -278,7 +278,7 @@ COLUMN_READERS = (
      _unpaired, "prompt, completion, label -> unpaired"),
     ("ranked", "ranked", 10, lambda r: _is_value(r.get("prompt")) and "responses" in r,
      _ranked, "prompt, responses (best first) [, ranks] -> ranked"),
-    ("prompt", "prompt", 0, lambda r: _is_value(r.get("prompt")) and not any(c in r for c in _RESPONSE_COLS),
+    ("prompt", "prompt", 0, lambda r: _is_value(r.get("prompt")) and not any(c in r for c in RESPONSE_COLUMNS),
      _prompt, "prompt only (a JSONL of strings too) -> prompt"),
 )
 # the readers of rows with a `prompt` column beside their responses: read for prompts, such rows go to the `prompt`
