@@ -199,6 +199,12 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tup
     logger.info("%s: %s", where, stats.summary())
     if records and not features:
         raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")
+    if features and stats.prompt_truncated * 2 > len(features):  # as the completions below: said when most are cut
+        logger.warning("%s: %d of %d record(s) lose the start of their prompt to data.max_prompt_length=%s (each keeps "
+                       "its last tokens, so the model trains without the beginning of the conversation: system "
+                       "message, first turns; TRL's SFT and DPO have no prompt limit); raise data.max_prompt_length, "
+                       "or set it to null to cut only at data.max_length", where, stats.prompt_truncated,
+                       len(features), ds.max_prompt_length)
     if features and stats.completion_truncated * 2 > len(features):
         logger.warning("%s: %d of %d record(s) lose the end of their completion to data.max_length=%s (those "
                        "tokens are never trained on); raise data.max_length if that is not intended", where,
