@@ -22,6 +22,7 @@ _TR_DPO = f"{_NOT_HERE} (TR-DPO reference syncing: the reference stays the initi
 TRL_NAMES: dict[str, str] = {
     # data and tokenization (SFTConfig, DPOConfig, RewardConfig, KTOConfig)
     "max_length": "data.max_length (prompt + completion tokens of the offline commands)",
+    "max_seq_length": "data.max_length (TRL's older SFTConfig name: prompt + completion tokens)",
     "max_prompt_length": "data.max_prompt_length (a longer prompt keeps its last tokens)",
     "max_completion_length": "sampling.max_new_tokens for the online commands; offline, data.max_length caps prompt "
                              "+ completion",
@@ -38,6 +39,8 @@ TRL_NAMES: dict[str, str] = {
                           "text column has no prompt to tell from the completion",
     "eos_token": "data.add_eos (an EOS after each plain-text completion; a chat template ends the turn itself)",
     "chat_template_path": "model.tokenizer (a tokenizer folder: its chat template is used)",
+    "model_init_kwargs": "model.dtype, model.attn_implementation and model.trust_remote_code (from_pretrained's "
+                         "arguments alignkit reads)",
     # DPOConfig
     "precompute_ref_log_probs": "method.reference=precomputed (dpo)",
     "reference_free": "method.reference=none (dpo)",
@@ -93,6 +96,8 @@ TRL_NAMES: dict[str, str] = {
     "dataset_name": "data.path",
     "dataset_train_split": "data.split",
     "dataset_test_split": "data.eval_split (with data.eval_path)",
+    "dataset_config": "no key: data.path names one dataset (a file, a folder or a saved dataset); point it at the "
+                      "configuration's own files",
 }
 
 _F_DIVERGENCES = {"js_divergence": "fdpo_js", "forward_kl": "fdpo_forward_kl", "alpha_divergence": "fdpo_alpha"}
