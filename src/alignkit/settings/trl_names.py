@@ -29,10 +29,10 @@ TRL_NAMES: dict[str, str] = {
     "truncation_mode": "no key: a prompt longer than data.max_prompt_length keeps its last tokens, then each "
                        "completion keeps its first data.max_length - prompt tokens (data.max_prompt_length=null: TRL's "
                        "keep_start)",
-    "completion_only_loss": "data.loss_on (sft trains the completion only, as TRL's completion_only_loss=true; "
-                            "data.loss_on=all trains the prompt too)",
-    "assistant_only_loss": "data.loss_on=all_assistant, the default (every assistant turn; data.loss_on=all trains "
-                           "the whole conversation, TRL's default)",
+    "completion_only_loss": "data.loss_on (a prompt-completion row trains its completion only, as TRL's "
+                            "completion_only_loss=true; data.loss_on=all trains the prompt too)",
+    "assistant_only_loss": "data.loss_on=all_assistant, the default (every assistant turn of a messages "
+                           "conversation; data.loss_on=all trains the whole conversation, TRL's default)",
     "packing": "train.padding_free (each batch's sequences in rows without padding)",
     "packing_strategy": "train.padding_free (each batch is packed; there is no strategy to choose)",
     "dataset_text_field": "no key: alignkit reads TRL's prompt / completion and messages columns (data.reader); a plain "

@@ -34,7 +34,7 @@ from typing import Any
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
 from alignkit.data.records import (
-    DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord, check_messages,
+    PROMPT_IS_CONTEXT, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord, check_messages,
 )
 
 RESPONSE_COLUMNS = ("completion", "chosen", "rejected", "responses", "messages")  # a row without them is prompts
@@ -42,6 +42,12 @@ RESPONSE_COLUMNS = ("completion", "chosen", "rejected", "responses", "messages")
 
 def _opt(row: dict) -> dict:
     return {"weight": row["weight"]} if row.get("weight") is not None else {}
+
+
+def _given(row: dict) -> dict:
+    """The keyword arguments of a record whose row gives its prompt in a column of its own: `_opt`, and the prompt
+    marked as context (`PROMPT_IS_CONTEXT`: its assistant turns are not trained by default, TRL's meaning)."""
+    return {**_opt(row), "meta": {PROMPT_IS_CONTEXT: True}}
 
 
 def _req(row: dict, key: str, where: str) -> Any:
@@ -101,12 +107,12 @@ def _messages(row: dict, where: str) -> SFTRecord:
 
 
 def _prompt_completion(row: dict, where: str) -> SFTRecord:
-    return SFTRecord(_req(row, "prompt", where), _req(row, "completion", where), id=where, **_opt(row))
+    return SFTRecord(_req(row, "prompt", where), _req(row, "completion", where), id=where, **_given(row))
 
 
 def _preference(row: dict, where: str) -> PreferenceRecord:
     return PreferenceRecord(_req(row, "prompt", where), _req(row, "chosen", where), _req(row, "rejected", where),
-                            margin=row.get("margin"), id=where, **_opt(row))
+                            margin=row.get("margin"), id=where, **_given(row))
 
 
 def _preference_implicit(row: dict, where: str) -> PreferenceRecord:
@@ -120,12 +126,12 @@ def _unpaired(row: dict, where: str) -> UnpairedRecord:
     if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
         label = bool(label)
     return UnpairedRecord(_req(row, "prompt", where), _req(row, "completion", where), label, id=where,
-                          **_opt(row))
+                          **_given(row))
 
 
 def _ranked(row: dict, where: str) -> RankedRecord:
     responses = get_field(row, "responses", where, list, "a list of responses, best first")
-    return RankedRecord(_req(row, "prompt", where), responses, ranks=row.get("ranks"), id=where, **_opt(row))
+    return RankedRecord(_req(row, "prompt", where), responses, ranks=row.get("ranks"), id=where, **_given(row))
 
 
 def _prompt(row: dict, where: str) -> PromptRecord:
