@@ -333,10 +333,10 @@ def test_loss_weights_of_another_length_than_loss_type_are_refused_before_the_ru
 
 def test_docs_for_trl_users_list_every_trl_name():
     """docs/trl.md is the table users read: every TRL name the settings answer for is in it, with alignkit's key."""
-    from alignkit.settings.trl_names import TRL_NAMES
+    from alignkit.settings.trl_names import TRL_LOSS_TYPES, TRL_NAMES
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "trl.md").read_text()
-    missing = [k for k, v in TRL_NAMES.items() if f"| `{k}` | {v.replace('|', '/')} |" not in doc]
+    missing = [k for k, v in {**TRL_NAMES, **TRL_LOSS_TYPES}.items() if f"| `{k}` | {v.replace('|', '/')} |" not in doc]
     assert not missing, f"docs/trl.md lacks (or states otherwise) {missing}"
 
 
@@ -362,3 +362,23 @@ def test_margins_in_dpo_data_are_said_to_be_ignored(tmp_path, caplog):
                               "so they are ignored; drop the margin column if that is not meant to be"], said()
         else:
             assert said() == []
+
+
+@pytest.mark.parametrize("command, value, says", [
+    ("dpo", "kto_pair", "alignkit kto (preference rows are read as desirable chosen / undesirable rejected"),
+    ("dpo", "[sigmoid, aot]", "alignkit has no equivalent (AOT"),
+    ("online-dpo", "aot_unpaired", "alignkit has no equivalent (AOT"),
+    ("sft", "dft", "alignkit has no equivalent (TRL's SFT loss_type dft); use nll")])
+def test_trls_loss_types_alignkit_lacks_say_so(command, value, says):
+    """TRL's loss_type kto_pair was 'not registered (did you mean 'exo_pair'?)': a neighbour's name, not alignkit's
+    equivalent (alignkit kto on the same rows). TRL's loss types alignkit lacks now say what it has instead."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    if command == "online-dpo":
+        base.append("annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}")
+    name = value.strip("[]").split(", ")[-1]
+    with pytest.raises(ConfigError, match=rf"^method.loss_type(\[1\])?: '{name}' is TRL's loss type, not registered "
+                                          rf"here; alignkit: {re.escape(says)}") as e:
+        load_config(None, [*base, f"method.loss_type={value}"], command=command)
+    assert "did you mean" not in str(e.value)

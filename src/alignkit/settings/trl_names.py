@@ -100,6 +100,21 @@ TRL_NAMES: dict[str, str] = {
                       "configuration's own files",
 }
 
+# TRL's loss_type values alignkit has not registered, with what it has instead (a did-you-mean would name a neighbour:
+# kto_pair -> exo_pair)
+TRL_LOSS_TYPES: dict[str, str] = {
+    "kto_pair": "alignkit kto (preference rows are read as desirable chosen / undesirable rejected examples; TRL's "
+                "older DPO kto_pair)",
+    "aot": f"{_NOT_HERE} (AOT sorts log-ratios across the batch; see README, objectives not yet)",
+    "aot_unpaired": f"{_NOT_HERE} (AOT sorts log-ratios across the batch; see README, objectives not yet)",
+    "dft": f"{_NOT_HERE} (TRL's SFT loss_type dft); use nll",
+    "grpo": "method.aggregation=sequence_mean (alignkit grpo's loss_type is not a key)",
+    "dapo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
+    "bnpo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
+    "dr_grpo": f"{_NOT_HERE} (a constant max_completion_length normaliser); method.scale_by_std=false gives Dr. GRPO's "
+               "advantage",
+}
+
 _F_DIVERGENCES = {"js_divergence": "fdpo_js", "forward_kl": "fdpo_forward_kl", "alpha_divergence": "fdpo_alpha"}
 
 
@@ -117,6 +132,14 @@ def trl_equivalent(key: str, value: Any = None) -> str | None:
     return TRL_NAMES.get(key)
 
 
+def trl_loss_type_message(where: str, name: str) -> str | None:
+    """The one-line ConfigError text for TRL's loss type `name`, not registered, under key `where` (None: not one of
+    TRL_LOSS_TYPES)."""
+    if name not in TRL_LOSS_TYPES:
+        return None
+    return f"{where}: {name!r} is TRL's loss type, not registered here; alignkit: {TRL_LOSS_TYPES[name]}"
+
+
 def trl_key_message(where: str, key: str, value: Any = None) -> str | None:
     """The one-line ConfigError text for TRL's `key` unknown under section `where` (None: `where` is not one of
     SECTIONS, or `key` is not TRL's)."""
@@ -128,4 +151,4 @@ def trl_key_message(where: str, key: str, value: Any = None) -> str | None:
     return f"{where}.{key}: unknown key here ({key} is TRL's name); alignkit: {instead}"
 
 
-__all__ = ["SECTIONS", "TRL_NAMES", "trl_equivalent", "trl_key_message"]
+__all__ = ["SECTIONS", "TRL_LOSS_TYPES", "TRL_NAMES", "trl_equivalent", "trl_key_message", "trl_loss_type_message"]
