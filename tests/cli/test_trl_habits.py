@@ -142,15 +142,88 @@ def test_local_dataset_folder_with_trl_flags_and_batching(tmp_path, monkeypatch)
     assert any(r.get("step") == 2 and "loss" in r for r in rows)
 
 
-@pytest.mark.parametrize("key, says", [("f_divergence_type=js_divergence", "method.loss_type=fdpo_js"),
-                                       ("f_alpha_divergence_coef=0.3", "method.f_alpha")])
+@pytest.mark.parametrize("key, says", [
+    ("f_divergence_type=js_divergence", "method.loss_type=fdpo_js"),
+    ("f_divergence_type=reverse_kl", "is DPO itself (method.loss_type=sigmoid); remove it"),
+    ("f_alpha_divergence_coef=0.3", "method.f_alpha=0.7 (1 - 0.3) with method.loss_type=fdpo_alpha"),
+    ("f_alpha_divergence_coef=0.8", "method.f_alpha=0.2 (1 - 0.8)")])
 def test_trls_f_divergence_keys_name_the_loss_types(key, says):
-    """TRL's DPOConfig sets f-DPO with f_divergence_type; here they are loss types: one line that says which."""
+    """TRL's DPOConfig sets f-DPO with f_divergence_type; here they are loss types: one line that says which. TRL 1.16's
+    alpha_divergence coefficient a is 1 - method.f_alpha (see test_trls_alpha_divergence_is_one_minus_f_alpha): the
+    line used to say "use method.f_alpha", and f_alpha=0.3 trained TRL's a=0.7."""
     from alignkit.settings import ConfigError
 
-    with pytest.raises(ConfigError, match=rf"method.{key.split('=')[0]}: renamed; use {re.escape(says)}"):
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^method.{name}: unknown key here \({name} is TRL's name\); alignkit: "
+                                          rf".*{re.escape(says)}"):
         load_config(None, ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl", f"method.{key}"],
                     command="dpo")
+
+
+def test_trls_alpha_divergence_is_one_minus_f_alpha():
+    """TRL 1.16's DPOTrainer, f_divergence_type alpha_divergence, coefficient a (dpo_trainer.py, written out here in
+    plain floats): score(rho) = (exp((a - 1) rho) - 1) / (a - 1), loss = -log sigmoid(beta (score(rho_w) -
+    score(rho_l))). alignkit's fdpo_alpha with f_alpha = 1 - a gives the same loss; with f_alpha = a it does not."""
+    import math
+
+    import torch
+
+    from alignkit.losses import PreferenceParams
+    from alignkit.losses.preference import PreferenceBatch, fdpo_alpha_loss
+
+    a, beta, rw, rl = 0.3, 0.1, 0.4, -0.2  # log-ratios: policy 0.4 above the reference on chosen, 0.2 below on rejected
+    score = lambda rho: (math.exp((a - 1) * rho) - 1) / (a - 1)  # noqa: E731
+    trl = -math.log(1 / (1 + math.exp(-beta * (score(rw) - score(rl)))))
+    batch = PreferenceBatch(torch.tensor([rw], dtype=torch.float64), torch.tensor([rl], dtype=torch.float64),
+                            torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))
+    ours = fdpo_alpha_loss(batch, PreferenceParams(beta=beta, f_alpha=1 - a)).losses.item()
+    assert ours == pytest.approx(trl, abs=1e-12)
+    assert fdpo_alpha_loss(batch, PreferenceParams(beta=beta, f_alpha=a)).losses.item() != pytest.approx(trl, abs=1e-6)
+
+
+@pytest.mark.parametrize("command, key, says", [
+    ("sft", "train.max_length=2048", "data.max_length"),
+    ("sft", "train.completion_only_loss=true", "data.loss_on"),
+    ("sft", "train.packing=true", "train.padding_free"),
+    ("dpo", "method.rpo_alpha=0.5", "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>]"),
+    ("dpo", "method.precompute_ref_log_probs=true", "method.reference=precomputed"),
+    ("dpo", "method.sync_ref_model=true", "alignkit has no equivalent"),
+    ("dpo", "model.torch_dtype=bfloat16", "model.dtype"),
+    ("grpo", "method.num_generations=8", "sampling.num_samples"),
+    ("grpo", "method.beta=0.04", "method.kl_coef"),
+    ("grpo", "method.epsilon=0.3", "method.clip_eps"),
+    ("grpo", "method.loss_type=dapo", "method.aggregation"),
+    ("grpo", "method.scale_rewards=false", "method.scale_by_std"),
+    ("grpo", "method.mask_truncated_completions=true", "alignkit has no equivalent"),
+    ("rloo", "method.use_vllm=true", "method.generation_backend=vllm"),
+    ("online-dpo", "train.beta=0.2", "method.beta for dpo, kto and online-dpo")])
+def test_trls_config_names_say_what_alignkit_has_instead(command, key, says):
+    """A TRL config key alignkit spells otherwise (or lacks) was refused as 'unknown key' with the list of valid ones,
+    naming nothing a TRL user could map it to; now one line saying it is TRL's name and alignkit's equivalent."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    if command in ("grpo", "rloo", "online-dpo"):
+        base.append("annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}")
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(name)}: unknown key here \({name.split('.')[1]} is TRL's "
+                                          rf"name\); alignkit: .*{re.escape(says)}") as e:
+        load_config(None, [*base, key], command=command)
+    assert "\n" not in str(e.value) and "Valid keys" not in str(e.value)
+
+
+def test_trl_flags_alignkit_spells_otherwise_say_what_it_has():
+    from alignkit.cli.flags import translate
+    from alignkit.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--num_generations: not a setting of alignkit grpo \(num_generations is "
+                                          r"TRL's name\); alignkit: sampling.num_samples"):
+        translate(["--num_generations", "8"], "grpo", set())
+    with pytest.raises(ConfigError, match=r"^--f_alpha_divergence_coef: .*alignkit: method.f_alpha=0.75 \(1 - 0.25\)"):
+        translate(["--f_alpha_divergence_coef=0.25"], "dpo", set())
+    # the names alignkit shares with TRL still resolve
+    assert translate(["--beta", "0.2", "--max_length", "512"], "dpo", set()) == ["method.beta=0.2",
+                                                                                   "data.max_length=512"]
 
 
 @pytest.mark.parametrize("command", ["dpo", "online-dpo"])
@@ -256,3 +329,56 @@ def test_loss_weights_of_another_length_than_loss_type_are_refused_before_the_ru
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
     assert len(err) == 1 and "method.loss_weights" in err[0], err
     assert not out.exists()
+
+
+def test_docs_for_trl_users_list_every_trl_name():
+    """docs/trl.md is the table users read: every TRL name the settings answer for is in it, with alignkit's key."""
+    from alignkit.settings.trl_names import TRL_LOSS_TYPES, TRL_NAMES
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "trl.md").read_text()
+    missing = [k for k, v in {**TRL_NAMES, **TRL_LOSS_TYPES}.items() if f"| `{k}` | {v.replace('|', '/')} |" not in doc]
+    assert not missing, f"docs/trl.md lacks (or states otherwise) {missing}"
+
+
+def test_margins_in_dpo_data_are_said_to_be_ignored(tmp_path, caplog):
+    """A preference file with a margin column (the same file as for alignkit rm) trained alignkit dpo with the margins
+    read into every record and never used, without a word: the DPO losses take no margin (TRL's neither). Now one
+    warning naming how many pairs have one; rm, whose pair loss reads them, says nothing."""
+    import logging
+
+    rows = [{"prompt": f"{i}+{i}=", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}", "margin": 1.5}
+            for i in range(4)]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = lambda: [r.getMessage() for r in caplog.records if "have a margin" in r.getMessage()]  # noqa: E731
+    for command in ("dpo", "rm"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignkit.cli.data"):
+            assert main(["-q", command, "model.path=tiny:llama", f"data.path={f}", f"output_dir={tmp_path / command}",
+                         "train.max_steps=1", "train.per_device_train_batch_size=2", "train.save_strategy=no"]) == 0
+        if command == "dpo":
+            assert said() == ["data: 4 of 4 pair(s) have a margin (e.g. " + f"{f}:1, {f}:2, {f}:3), and alignkit dpo's "
+                              "losses do not read margins (only alignkit rm's pair loss does, with method.use_margin), "
+                              "so they are ignored; drop the margin column if that is not meant to be"], said()
+        else:
+            assert said() == []
+
+
+@pytest.mark.parametrize("command, value, says", [
+    ("dpo", "kto_pair", "alignkit kto (preference rows are read as desirable chosen / undesirable rejected"),
+    ("dpo", "[sigmoid, aot]", "alignkit has no equivalent (AOT"),
+    ("online-dpo", "aot_unpaired", "alignkit has no equivalent (AOT"),
+    ("sft", "dft", "alignkit has no equivalent (TRL's SFT loss_type dft); use nll")])
+def test_trls_loss_types_alignkit_lacks_say_so(command, value, says):
+    """TRL's loss_type kto_pair was 'not registered (did you mean 'exo_pair'?)': a neighbour's name, not alignkit's
+    equivalent (alignkit kto on the same rows). TRL's loss types alignkit lacks now say what it has instead."""
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    if command == "online-dpo":
+        base.append("annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}")
+    name = value.strip("[]").split(", ")[-1]
+    with pytest.raises(ConfigError, match=rf"^method.loss_type(\[1\])?: '{name}' is TRL's loss type, not registered "
+                                          rf"here; alignkit: {re.escape(says)}") as e:
+        load_config(None, [*base, f"method.loss_type={value}"], command=command)
+    assert "did you mean" not in str(e.value)

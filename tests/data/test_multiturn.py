@@ -153,3 +153,23 @@ def test_reft_positions_stay_in_the_prompt_before_the_final_turn(tiny_dir, packe
     assert torch.equal(got, want)
     p = every[0]["prompt_length"]  # l1 of the multi-turn row is the prompt's last token (the generation prompt)
     assert (p - 1) in got[0].flatten().tolist() or packed
+
+
+def test_a_prompt_column_is_context_as_in_trl(tokenizer, tmp_path):
+    """TRL's prompt-completion rows: SFTTrainer trains the completion only (completion_only_loss), never an assistant
+    turn inside the prompt. Read from such a row, alignkit's default (all_assistant) trained the prompt's 'Hello' too,
+    so the same file trained other tokens than in TRL. Now a row with a prompt column keeps its prompt as context by
+    default; the same conversation as `messages` still trains every assistant turn, and loss_on=all trains all."""
+    texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Hello<|im_end|>\n",
+             "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", "Ciao<|im_end|>\n"]  # ChatML, by hand
+    segs, full = segments(tokenizer, texts)
+    n = [len(s) for s in segs]
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": CHAT[:3], "completion": [CHAT[3]]}) + "\n")
+    (f,), _ = tokenize_records(load_records(str(path), "sft"), tokenizer)
+    assert f["input_ids"] == full and f["completion_mask"] == [0] * (n[0] + n[1] + n[2]) + [1] * n[3]
+    (g,), _ = tokenize_records(load_records(str(path), "sft"), tokenizer, loss_on="all")
+    assert g["completion_mask"] == [1] * sum(n)
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    (h,), _ = tokenize_records(load_records(str(path), "sft"), tokenizer)
+    assert h["completion_mask"] == [0] * n[0] + [1] * n[1] + [0] * n[2] + [1] * n[3]

@@ -75,6 +75,14 @@ def test_kind_conversion():
     assert load_records([row], kind="sft") == [SFTRecord("Q", " a")]
     with pytest.raises(DataError, match="gives sft records, and none of them converts to 'preference'"):
         load_records([{"prompt": "Q", "completion": " a"}], kind="preference")
+    # TRL's stepwise supervision (a process reward model's rows) or a prompt set, given to a training command: the line
+    # said "reader 'prompt' gives prompt records", naming neither the missing responses nor TRL's format
+    stepwise = {"prompt": "Q", "completions": [" step 1", " step 2"], "labels": [True, False]}
+    for kind in ("sft", "preference", "unpaired"):
+        with pytest.raises(DataError, match=rf"the rows have a prompt and none of the responses alignkit trains {kind} "
+                                            r"records on \(columns completion, chosen, rejected, responses, messages\).* "
+                                            r"TRL's stepwise-supervision rows \(completions \+ labels"):
+            load_records([stepwise], kind=kind)
 
 
 @pytest.mark.parametrize("lines, message", [
@@ -94,6 +102,15 @@ def test_kind_conversion():
     (['{"prompt": "a", "responses": [" x"]}'], r"d\.jsonl:1: 'responses' must be a list of at least 2"),
     (['{"chosen": "same", "rejected": "same more"}'], r"d\.jsonl:1: one of 'chosen'/'rejected' is a prefix"),
     (['[1, 2]'], r"d\.jsonl:1: expected a JSON object per line"),
+    # TRL's vision rows: the images column was ignored with a warning and the text trained without its image
+    (['{"images": ["cat.png"], "prompt": "What is in the image?", "completion": " A cat."}'],
+     r"d\.jsonl:1: column 'images' holds images \(TRL's vision-language format\), and alignkit trains text-only "
+     r"models, so the text would be trained without the images it refers to; .* drop the 'images' column"),
+    (['{"prompt": "Describe it.", "chosen": " red", "rejected": " blue", "image": "x.png"}'],
+     r"d\.jsonl:1: column 'image' holds images"),
+    # TRL's language-modeling rows: one line naming the format and the columns to give instead
+    (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
+     r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),
 ])
 def test_bad_input_names_file_and_line(tmp_path, lines, message):
     f = tmp_path / "d.jsonl"
@@ -235,3 +252,22 @@ def test_message_keys_other_than_role_and_content_are_warned_once(tmp_path, capl
         assert len(load_records(tmp_path / "plain.parquet", "sft")) == len(load_records(padded, "sft")) == 2
         load_records([{"prompt": [user], "chosen": "a", "rejected": "b"}], "preference")
     assert "message key(s)" not in caplog.text
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "2+2=", "completion": " 4", "solution": "4"},
+    {"prompt": CONV_P, "chosen": [{"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "assistant", "content": "5"}], "solution": "4"},
+    {"prompt": "2+2=", "completion": " 4", "label": True, "solution": "4"},
+    {"prompt": "2+2=", "responses": [" 4", " 5"], "solution": "4"},
+])
+def test_prompts_from_trl_rows_keep_their_other_columns(tmp_path, row):
+    """TRL's GRPOTrainer passes every column of a prompt's row but prompt and completion to the reward functions. Read
+    for prompts, a row with responses was read as completions or pairs and cut to its prompt, so its 'solution' was
+    dropped (one 'ignored column' warning) and a reward function taking it stopped the first step, after the run
+    folder was written. Now such rows are read by the prompt reader, which keeps the other columns."""
+    f = write_jsonl(tmp_path / "d.jsonl", [row])
+    (record,) = load_records(f, "prompt")
+    assert record.prompt == row["prompt"]
+    assert record.meta["columns"] == {k: v for k, v in row.items() if k != "prompt"}
+    assert type(load_records(f)[0]) is not PromptRecord  # read for training, the row is what it was

@@ -203,3 +203,28 @@ def test_prompts_plain_in_some_records_and_conversations_in_others_are_warned(to
         with caplog.at_level(logging.WARNING):
             tokenize_records(recs, tokenizer, **kw)
         assert "two ways" not in caplog.text
+
+
+def test_most_prompts_cut_by_max_prompt_length_are_warned(tokenizer, caplog, monkeypatch):
+    """data.max_prompt_length (512 by default; TRL's SFT and DPO have none) cut the start of most prompts with only an
+    info line among the counts, while cut completions were warned; multi-turn SFT lost its first turns silently. Now
+    a warning when more than half of the records lose the start of their prompt, as for completions."""
+    from alignkit.cli.data import tokenize
+    from alignkit.settings.sections import DataSettings
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", "off")
+    long_prompt = " ".join(["word"] * 12)  # 12 words: more than 4 tokens whatever the tokenizer merges
+    records = [SFTRecord(long_prompt, " yes", id="a"), SFTRecord(long_prompt + " again", " no", id="b"),
+               SFTRecord("hi", " ok", id="c")]
+    said = lambda: [r.getMessage() for r in caplog.records if "lose the start of their prompt" in r.getMessage()]  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="alignkit.cli.data"):
+        tokenize(records, tokenizer, DataSettings(max_length=64, max_prompt_length=4), "data.path")
+    assert said() == ["data.path: 2 of 3 record(s) lose the start of their prompt to data.max_prompt_length=4 (each "
+                      "keeps its last tokens, so the model trains without the beginning of the conversation: system "
+                      "message, first turns; TRL's SFT and DPO have no prompt limit); raise data.max_prompt_length, or "
+                      "set it to null to cut only at data.max_length"], said()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignkit.cli.data"):
+        tokenize(records[1:], tokenizer, DataSettings(max_length=64, max_prompt_length=4), "data.path")  # 1 of 2
+        tokenize(records, tokenizer, DataSettings(max_length=64, max_prompt_length=None), "data.path")
+    assert said() == []

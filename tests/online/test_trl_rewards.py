@@ -111,3 +111,29 @@ def test_config_accepts_a_list_and_rejects_a_bad_signature(trl_module):
     with pytest.raises(ConfigError, match=r"annotator\.weights: 1 weight\(s\) for 2 function"):
         AnnotatorSettings(kind="function", function=["ak_trl_rewards:reward_len", "ak_trl_rewards:reward_len"],
                           weights=[1.0])
+
+
+def test_a_column_the_prompts_lack_is_refused_before_the_run_folder(trl_module, tmp_path, capsys):
+    """`correctness(prompts, completions, answer, **kwargs)` on prompts without an 'answer' column: the run folder
+    (config.yaml, base_model/, tensorboard/) was written and the first step stopped with "missing 1 required positional
+    argument: 'answer'". Now one line naming the parameter and the columns the rows have, and nothing written."""
+    from alignkit.cli import main
+
+    ann = FunctionAnnotator("ak_trl_rewards:correctness")
+    ann.check_columns({"answer", "level"}, "data.path")  # the column is there
+    FunctionAnnotator("ak_trl_rewards:correctness", kwargs={"answer": "4"}).check_columns(set(), "data.path")
+    FunctionAnnotator("ak_trl_rewards:reward_len").check_columns(set(), "data.path")  # **kwargs only: nothing needed
+    with pytest.raises(ValueError, match=r"reward function ak_trl_rewards:correctness takes 'answer', which the prompt "
+                                         r"rows of data.path do not have \(their other columns: \['solution'\]"):
+        ann.check_columns({"solution"}, "data.path")
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "completion": f" {2 * i}", "solution": str(2 * i)})
+                            + "\n" for i in range(2)))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["-q", "grpo", "--allow-code", "model.path=tiny:llama", f"data.path={path}", "annotator.kind=function",
+                 "annotator.function=ak_trl_rewards:correctness", f"output_dir={out}", "train.max_steps=1",
+                 "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=4"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit grpo")]
+    assert len(err) == 1 and "annotator.function: reward function ak_trl_rewards:correctness takes 'answer'" in err[0]
+    assert "['completion', 'solution']" in err[0] and not out.exists()

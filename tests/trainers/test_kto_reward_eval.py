@@ -355,3 +355,25 @@ def test_reward_loss_settings_the_data_never_reads_are_refused(make_model, featu
         build("ranked", center_rewards_coefficient=0.01)
     build("ranked", l2_coefficient=0.1)
     build("preference", center_rewards_coefficient=0.01)
+
+
+def test_rm_turns_dropout_off_as_trls_reward_config(make_model, features, collators, tmp_path):
+    """TRL's RewardConfig.disable_dropout is true by default (as DPOConfig / KTOConfig, and method.disable_dropout of
+    alignkit dpo / kto); alignkit rm had no such key (method.disable_dropout was 'unknown key') and trained with the
+    model's dropout on, so a TRL user's reward model (e.g. GPT-2, dropout 0.1) trained another way. Now the key, with
+    TRL's default; false keeps the model's dropout."""
+    from alignkit.cli.train import trainer_class_and_kwargs
+    from alignkit.settings import load_config
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    for overrides, p in (([], 0.0), (["method.disable_dropout=false"], 0.1)):
+        cls, kw = trainer_class_and_kwargs("rm", load_config(None, base + overrides, command="rm").method)
+        model = make_model("full", classifier=True)
+        drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)] or [torch.nn.Dropout(0.0)]
+        if not any(m in drops for m in model.modules()):  # a tiny model without dropout layers: give it one
+            model.add_module("extra_dropout", drops[0])
+        for m in drops:
+            m.p = 0.1
+        cls(model, fast_args(tmp_path), train_dataset=features["preference"], data_collator=collators["preference"],
+            **kw)
+        assert [m.p for m in drops] == [p] * len(drops)

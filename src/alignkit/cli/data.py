@@ -59,7 +59,7 @@ def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, spl
 def native_kinds(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None) -> set[str]:
     """The kinds `read_records(paths, ds, kind, split, ...)` reads its records as before converting them to `kind`
     (one per source; e.g. {"ranked"} for Open-Assistant trees read as preference pairs)."""
-    return {native_kind(reader_of(data_path(p), ds.reader, split), kind, p) for p in _paths(paths)}
+    return {native_kind(reader_of(data_path(p), ds.reader, split, kind), kind, p) for p in _paths(paths)}
 
 
 def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
@@ -132,6 +132,20 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     return records, evals
 
 
+def warn_unread_margins(records: list, command: str) -> None:
+    """One warning when preference records carry a `margin` and `command` trains a loss that never reads one: margins
+    enter only the reward model's Bradley-Terry loss (alignkit rm, method.use_margin); the DPO losses (TRL's too) take
+    none, so `alignkit dpo` on a file with margins ignored them without a word."""
+    if command == "rm":
+        return
+    given = [r.id or "?" for r in records if getattr(r, "margin", None) is not None]
+    if given:
+        logger.warning("data: %d of %d pair(s) have a margin (e.g. %s), and alignkit %s's losses do not read margins "
+                       "(only alignkit rm's pair loss does, with method.use_margin), so they are ignored; drop the "
+                       "margin column if that is not meant to be", len(given), len(records), ", ".join(given[:3]),
+                       command)
+
+
 def _degenerate(r: Any) -> bool:
     """No preference signal: a pair whose chosen equals rejected, or a ranked record whose replies all tie."""
     if isinstance(r, PreferenceRecord):
@@ -185,6 +199,12 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tup
     logger.info("%s: %s", where, stats.summary())
     if records and not features:
         raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")
+    if features and stats.prompt_truncated * 2 > len(features):  # as the completions below: said when most are cut
+        logger.warning("%s: %d of %d record(s) lose the start of their prompt to data.max_prompt_length=%s (each keeps "
+                       "its last tokens, so the model trains without the beginning of the conversation: system "
+                       "message, first turns; TRL's SFT and DPO have no prompt limit); raise data.max_prompt_length, "
+                       "or set it to null to cut only at data.max_length", where, stats.prompt_truncated,
+                       len(features), ds.max_prompt_length)
     if features and stats.completion_truncated * 2 > len(features):
         logger.warning("%s: %d of %d record(s) lose the end of their completion to data.max_length=%s (those "
                        "tokens are never trained on); raise data.max_length if that is not intended", where,

@@ -20,6 +20,8 @@ from typing import Any, get_type_hints
 
 from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
+from alignkit.settings.trl_names import trl_equivalent
+from alignkit.settings.typed import parse_value
 
 ALIASES = {
     "model_name_or_path": "model.path",
@@ -58,8 +60,9 @@ def _section_fields(cfg_cls: type) -> dict[str, set[str]]:
     return out
 
 
-def resolve_flag(name: str, command: str) -> str:
-    """The dotted key a TRL-style flag `--name` sets for `command` (see the module docstring)."""
+def resolve_flag(name: str, command: str, value: str | None = None) -> str:
+    """The dotted key a TRL-style flag `--name` sets for `command` (see the module docstring); TRL's name for a setting
+    alignkit spells otherwise is a ConfigError naming alignkit's (`value`, the flag's, where the answer depends on it)."""
     if name in ALIASES:
         return ALIASES[name]
     cfg_cls = CONFIG_CLASSES[command]
@@ -81,6 +84,9 @@ def resolve_flag(name: str, command: str) -> str:
         if name in targs:
             return f"train.{name}"
         candidates += sorted(targs)
+    instead = trl_equivalent(name, None if value is None else parse_value(value))
+    if instead is not None:
+        raise ConfigError(f"--{name}: not a setting of alignkit {command} ({name} is TRL's name); alignkit: {instead}")
     close = difflib.get_close_matches(name, candidates, n=3)
     hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
     raise ConfigError(f"--{name}: not a setting of alignkit {command} (TRL-style flags name a key of train, method, "
@@ -106,7 +112,7 @@ def translate(argv: list[str], command: str, known: set[str]) -> list[str]:
             else:
                 value = nxt
                 i += 1
-        key = resolve_flag(name, command)
+        key = resolve_flag(name, command, value)
         if name == "use_peft":
             value = "lora" if value.lower() in ("true", "1", "yes") else "full"
         out.append(f"{key}={value}")

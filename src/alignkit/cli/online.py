@@ -175,6 +175,12 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_configured_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None, allow_code)
+    try:  # a reward function taking a column the prompts lack stopped the first step, after the run folder
+        annotator.check_columns({k for r in [*prompts, *held_out] for k in r.meta.get("columns", {})},
+                                "data.path" if not held_out or cfg.data.eval_path is None else
+                                "data.path / data.eval_path")
+    except ValueError as e:
+        raise ConfigError(f"annotator.function: {e}") from None
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged); set on this
         tcfg.progress_bar = False  # object (a copy would be built, and checked, again)
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,

@@ -27,7 +27,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
-from alignkit.cli.data import load_data, tokenize
+from alignkit.cli.data import load_data, tokenize, warn_unread_margins
 from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
@@ -216,6 +216,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     check_precision(cfg.train)
     kind = record_kind(command, cfg.method)
     train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
+    warn_unread_margins(train_records + eval_records, command)
     # training on from a trained model: warned when its format changes; the formats are recorded in model/
     formats = check_formats(cfg.model, (r.prompt for r in train_records), cfg.data.formatter)
     set_seed(int(cfg.train.get("seed", 42)))  # the adapter's initialisation follows the run's seed

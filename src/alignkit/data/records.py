@@ -37,6 +37,10 @@ Prompt = Union[str, list[Message]]
 Completion = Union[str, list[Message]]
 
 KINDS = ("sft", "preference", "ranked", "unpaired", "prompt")
+# meta key set by the readers of rows that give the prompt in a column of its own (TRL's prompt-completion, preference,
+# unpaired, ranked rows): the prompt is context, so loss_on all_assistant trains none of its assistant turns (TRL's
+# completion_only_loss); a `messages` conversation or an Open-Assistant thread has every assistant turn trained
+PROMPT_IS_CONTEXT = "prompt_is_context"
 
 
 def _where(rid: str) -> str:

@@ -7,7 +7,9 @@ boundary, or a chat template rewrote earlier turns) is an ERROR naming the recor
 
 Multi-turn SFT (`loss_on`, SFT records only; TRL's `assistant_only_loss`, Open-Assistant's trainer):
 - "all_assistant" (default): every assistant turn is trained, the final completion AND each assistant
-  message inside a conversational prompt (with its end-of-turn marker, as the final turn);
+  message inside a conversational prompt (with its end-of-turn marker, as the final turn), except where the row
+  gave the prompt in a column of its own (`records.PROMPT_IS_CONTEXT`: TRL's prompt-completion rows, whose prompt
+  TRL never trains: completion_only_loss): there the completion alone;
 - "last_assistant": only the final completion (earlier assistant turns are context);
 - "all": the whole sequence (prompt included), TRL's language-modelling loss.
 An earlier assistant turn i is located in token space like the completion: the conversation up to turn i
@@ -447,7 +449,8 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     full_prompt_ids, comp_ids = encode(record.prompt, comps, tokenizer, cfg, record.id)
     prompt_ids, comp_ids = truncate(full_prompt_ids, comp_ids, cfg, stats)
     seqs = [_seq(prompt_ids, c) for c in comp_ids]
-    if isinstance(record, SFTRecord) and cfg.loss_on != "last_assistant":
+    if isinstance(record, SFTRecord) and cfg.loss_on != "last_assistant" and not (
+            cfg.loss_on == "all_assistant" and record.meta.get(records_module.PROMPT_IS_CONTEXT)):
         pmask = prompt_mask(record.prompt, full_prompt_ids, tokenizer, cfg, record.id)
         pmask = pmask[len(pmask) - len(prompt_ids):]  # left-truncated with the prompt
         seqs = [(seqs[0][0], pmask + seqs[0][1][len(prompt_ids):])]

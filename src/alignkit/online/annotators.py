@@ -144,6 +144,10 @@ class Annotator:
         """What this annotator is, for a round's manifest."""
         return {"type": self.name}
 
+    def check_columns(self, columns: set[str], where: str) -> None:
+        """A ValueError when scoring prompts whose rows have `columns` (their extra dataset columns, as the `prompt`
+        reader keeps them) would fail on every batch; `where` names the data. Nothing to check here."""
+
 
 # ---------------------------------------------------------------------------------------------- reward model
 
@@ -429,6 +433,27 @@ class FunctionAnnotator(Annotator):
         metrics["function/failures"] = float(sum(r is None for r in raw))
         return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
                                who=f"reward function {self.spec}")
+
+    def check_columns(self, columns: set[str], where: str) -> None:
+        """A TRL-style function with a required parameter that neither TRL's call (prompts, completions), the
+        rows' columns nor annotator.kwargs give (a dataset column the data lacks, or TRL's completion_ids /
+        trainer_state, not passed here) fails on every batch: a ValueError now, before a run folder is written."""
+        given = {"prompts", "completions", *columns, *self.kwargs}
+        for f in self.fns:
+            if f.convention != "trl":
+                continue
+            try:
+                params = inspect.signature(f.fn).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            needed = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in given
+                      and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+            if needed:
+                raise ValueError(f"reward function {f.spec} takes {', '.join(map(repr, needed))}, which the prompt rows "
+                                 f"of {where} do not have (their other columns: {sorted(columns) or 'none'}; TRL's "
+                                 "completion_ids and trainer_state are not passed), so the first step would stop; "
+                                 "add the column to the data, give the parameter a default, or set it in "
+                                 "annotator.kwargs")
 
     def describe(self) -> dict[str, Any]:
         out = {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure,

@@ -21,6 +21,7 @@ from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod,
                                        TrainConfig, check_model_reads, check_split_data, loss_names)
 from alignkit.settings.tiny import is_tiny, tiny_arch
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
+from alignkit.settings.trl_names import trl_loss_type_message
 from alignkit.settings.typed import (ConfigError, build, coerce, join_key, merge, parse_overrides, read_yaml,
                                      unknown_key_error)
 
@@ -40,7 +41,7 @@ def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str
             coerce(value, ALIGNKIT_TRAIN_KEYS[key], join_key(where, key))
             continue
         if key not in fields:
-            raise unknown_key_error(where, str(key), [*fields, *ALIGNKIT_TRAIN_KEYS])
+            raise unknown_key_error(where, str(key), [*fields, *ALIGNKIT_TRAIN_KEYS], value)
         if key == "output_dir":
             raise ConfigError(f"{where}.output_dir: set by alignkit (<output_dir>/checkpoints); set the top-level "
                               "output_dir instead")
@@ -88,6 +89,9 @@ def _check_names(cfg: Any) -> None:
     from alignkit.losses import PREFERENCE_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES
 
     def check(name: str | None, valid: Any, where: str, extra: tuple[str, ...] = ()) -> None:
+        trl = trl_loss_type_message(where, name) if where.startswith("method.loss_type") and name else None
+        if name is not None and name not in valid and name not in extra and trl is not None:
+            raise ConfigError(trl)
         if name is not None and name not in valid and name not in extra:
             names = [*extra, *sorted(valid)]
             raise ConfigError(f"{where}: {name!r} is not registered{_suggest(name, names)}; valid: {', '.join(names)}")

@@ -37,6 +37,7 @@ from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, M
                                        PreferenceObjective, check_prompt_data, loss_names)
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
+from alignkit.settings.trl_names import trl_loss_type_message
 from alignkit.settings.typed import ConfigError, unknown_key_error
 
 # alignkit.online.feedback.FEEDBACK_MODES and alignkit.online.dpo.PAIR_MODES (a test checks they agree)
@@ -413,6 +414,9 @@ class OnlineRunConfig:
             names["loss_type"] = (loss_names(m.loss_type), PREFERENCE_LOSSES)
         for key, (values, registry) in names.items():
             for v in values:
+                trl = trl_loss_type_message(f"method.{key}", v) if key == "loss_type" else None
+                if v not in registry and trl is not None:
+                    raise ConfigError(trl)
                 if v not in registry:
                     raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
         check_bounds(self)  # out-of-range values first, named as the config spells them (then the trainer's checks)

@@ -129,11 +129,7 @@ RENAMED: dict[str, dict[str, str | None]] = {
                       "advantage": "the command (alignkit grpo or alignkit rloo)",
                       "save_at_end": None},  # removed: the run always writes model/
     "*:data": {"padding_free": "train.padding_free", "group_by_length": "train.group_by_length"},
-    # TRL's DPOConfig spellings of objectives that are loss types here
-    "*:method": {"f_divergence_type": "method.loss_type=fdpo_js, fdpo_forward_kl or fdpo_alpha (TRL's "
-                 "f_divergence_type js_divergence / forward_kl / alpha_divergence)",
-                 "f_alpha_divergence_coef": "method.f_alpha (with method.loss_type=fdpo_alpha)"},
-}
+}  # TRL's own names (f_divergence_type, num_generations, ...): alignkit.settings.trl_names
 
 
 def check_renamed(data: dict[str, Any], command: str) -> None:
@@ -158,7 +154,7 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     against TrainingArguments by `alignkit.settings.load.check_training_args`)."""
     for key, value in train.items():
         if command in ONLINE_COMMANDS and key not in ONLINE_TRAIN_KEYS:
-            raise unknown_key_error(where, str(key), list(ONLINE_TRAIN_KEYS))
+            raise unknown_key_error(where, str(key), list(ONLINE_TRAIN_KEYS), value)
         if key in TRAIN_KEYS:
             train[key] = coerce(value, TRAIN_KEYS[key][0], f"{where}.{key}")
     if command in ONLINE_COMMANDS and train.get("optim") is not None and train["optim"] not in ONLINE_OPTIMIZERS:

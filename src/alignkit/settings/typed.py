@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from alignkit.settings.trl_names import trl_key_message
+
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key and how to fix it."""
@@ -90,7 +92,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 # Typed construction with errors that name the key
 # ----------------------------------------------------------------------------------------------------
 
-def unknown_key_error(where: str, key: str, valid: list[str]) -> ConfigError:
+def unknown_key_error(where: str, key: str, valid: list[str], value: Any = None) -> ConfigError:
+    """ConfigError for `key`, not one of `valid` under `where`: TRL's name for a setting (`value`: what it was set to)
+    names alignkit's equivalent (alignkit.settings.trl_names), anything else the closest valid keys."""
+    trl = trl_key_message(where, key, value)
+    if trl is not None:
+        return ConfigError(trl)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return ConfigError(f"{join_key(where, key)}: unknown key{hint} Valid keys: {', '.join(valid)}")
@@ -224,7 +231,7 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise unknown_key_error(where, str(key), list(fields))
+            raise unknown_key_error(where, str(key), list(fields), data[key])
     kwargs = {k: coerce(_over_default(fields[k], v), hints[k], join_key(where, k)) for k, v in data.items()}
     missing = [k for k, f in fields.items() if k not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

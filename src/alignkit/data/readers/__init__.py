@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from alignkit.data.readers import columns  # noqa: F401  (registers the column readers)
+from alignkit.data.readers.columns import RESPONSE_COLUMNS
 from alignkit.data.readers.registry import READERS, ReaderInfo, detect_reader, register_reader
 from alignkit.data.readers.rows import collect, first_row, get_field, iter_rows, source_name
 from alignkit.data.records import KINDS, DataError, Record, can_convert, convert
@@ -32,7 +33,7 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
     """
     if kind is not None and kind not in KINDS:
         raise DataError(f"unknown record kind {kind!r}; valid: {', '.join(KINDS)}")
-    info = reader_of(source, reader, split)
+    info = reader_of(source, reader, split, kind)
     native = native_kind(info, kind, source)
     check_options(info, options)
     records = info.fn(source, kind=native, on_invalid=on_invalid, split=split, **options)
@@ -43,13 +44,18 @@ def load_records(source: Any, kind: str | None = None, *, reader: str | None = N
     return records
 
 
-def reader_of(source: Any, reader: str | None = None, split: str | None = None) -> ReaderInfo:
-    """The registered reader `load_records` reads `source` with: `reader` by name, else the one its first row fits."""
+def reader_of(source: Any, reader: str | None = None, split: str | None = None, kind: str | None = None) -> ReaderInfo:
+    """The registered reader `load_records` reads `source` with: `reader` by name, else the one its first row fits.
+    Prompts (`kind` "prompt") from TRL-style rows with a `prompt` column beside their responses are read by the
+    `prompt` reader, which keeps every other column for reward functions, as TRL's GRPOTrainer passes them (all but
+    prompt and completion): read as completions or pairs first and then cut to their prompts, a row's `solution` or
+    `answer` was dropped, and a reward function that takes it failed at the first step."""
     if reader is not None:
         if reader not in READERS:
             raise DataError(f"unknown reader {reader!r}; registered: {', '.join(READERS)}")
         return READERS[reader]
-    return detect_reader(*first_row(source, split))
+    info = detect_reader(*first_row(source, split))
+    return READERS["prompt"] if kind == "prompt" and info.name in columns.WITH_PROMPT_COLUMN else info
 
 
 def native_kind(info: ReaderInfo, kind: str | None, source: Any = None) -> str:
@@ -58,6 +64,12 @@ def native_kind(info: ReaderInfo, kind: str | None, source: Any = None) -> str:
     if kind is None or kind in info.kinds:
         return kind or info.kinds[0]
     native = next((k for k in info.kinds if can_convert(k, kind)), None)
+    if native is None and info.kinds == ("prompt",):  # prompts only, e.g. TRL's stepwise rows or a GRPO prompt set
+        raise DataError(f"{source_name(source)}: the rows have a prompt and none of the responses alignkit trains "
+                        f"{kind} records on (columns {', '.join(RESPONSE_COLUMNS)}), so there is nothing to train; "
+                        "TRL's stepwise-supervision rows (completions + labels: process reward data) are not read "
+                        "for training; give the responses in those columns, or use these prompts with an online "
+                        "command (grpo, rloo, online-dpo, ppo)")
     if native is None:
         raise DataError(f"{source_name(source)}: reader {info.name!r} gives {'/'.join(info.kinds)} records, and "
                         f"none of them converts to {kind!r}; pick another kind or convert the data yourself")

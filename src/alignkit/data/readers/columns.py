@@ -14,7 +14,9 @@ Every value may be plain text or a conversation (a list of {"role", "content"} m
 such as `name` or `tool_calls`, are dropped with one warning per file). Optional
 columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
 are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
-`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`).
+`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`); prompts read
+from rows with responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision
+columns (`images`, `image`) holding a value are an error: alignkit trains text-only models.
 
 Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
 longest run of equal leading messages; for text, the longest common character prefix, moved back to the
@@ -32,14 +34,20 @@ from typing import Any
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
 from alignkit.data.records import (
-    DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord, check_messages,
+    PROMPT_IS_CONTEXT, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord, check_messages,
 )
 
-_RESPONSE_COLS = ("completion", "chosen", "rejected", "responses", "messages")
+RESPONSE_COLUMNS = ("completion", "chosen", "rejected", "responses", "messages")  # a row without them is prompts
 
 
 def _opt(row: dict) -> dict:
     return {"weight": row["weight"]} if row.get("weight") is not None else {}
+
+
+def _given(row: dict) -> dict:
+    """The keyword arguments of a record whose row gives its prompt in a column of its own: `_opt`, and the prompt
+    marked as context (`PROMPT_IS_CONTEXT`: its assistant turns are not trained by default, TRL's meaning)."""
+    return {**_opt(row), "meta": {PROMPT_IS_CONTEXT: True}}
 
 
 def _req(row: dict, key: str, where: str) -> Any:
@@ -99,12 +107,12 @@ def _messages(row: dict, where: str) -> SFTRecord:
 
 
 def _prompt_completion(row: dict, where: str) -> SFTRecord:
-    return SFTRecord(_req(row, "prompt", where), _req(row, "completion", where), id=where, **_opt(row))
+    return SFTRecord(_req(row, "prompt", where), _req(row, "completion", where), id=where, **_given(row))
 
 
 def _preference(row: dict, where: str) -> PreferenceRecord:
     return PreferenceRecord(_req(row, "prompt", where), _req(row, "chosen", where), _req(row, "rejected", where),
-                            margin=row.get("margin"), id=where, **_opt(row))
+                            margin=row.get("margin"), id=where, **_given(row))
 
 
 def _preference_implicit(row: dict, where: str) -> PreferenceRecord:
@@ -118,12 +126,12 @@ def _unpaired(row: dict, where: str) -> UnpairedRecord:
     if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
         label = bool(label)
     return UnpairedRecord(_req(row, "prompt", where), _req(row, "completion", where), label, id=where,
-                          **_opt(row))
+                          **_given(row))
 
 
 def _ranked(row: dict, where: str) -> RankedRecord:
     responses = get_field(row, "responses", where, list, "a list of responses, best first")
-    return RankedRecord(_req(row, "prompt", where), responses, ranks=row.get("ranks"), id=where, **_opt(row))
+    return RankedRecord(_req(row, "prompt", where), responses, ranks=row.get("ranks"), id=where, **_given(row))
 
 
 def _prompt(row: dict, where: str) -> PromptRecord:
@@ -140,13 +148,22 @@ COLUMNS = {"messages": ("messages", "weight"), "prompt_completion": ("prompt", "
            "prompt": ("prompt", "weight")}
 
 
+# TRL's vision columns: the text of such a row refers to images alignkit never reads (it trains text-only models)
+IMAGE_COLUMNS = ("images", "image")
+
+
 def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[str, int]) -> None:
-    """Policy for columns a reader does not read: one whose name is close to a column it reads (`weigth`,
-    `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported in one
-    warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
+    """Policy for columns a reader does not read: images (`IMAGE_COLUMNS`, holding a value) are an error, the text
+    would be trained or sampled without the images it describes; one whose name is close to a column it reads
+    (`weigth`, `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported
+    in one warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
     for col in row:
         if col in known:
             continue
+        if col in IMAGE_COLUMNS and row[col] not in (None, [], ""):
+            raise DataError(f"{where}: column {col!r} holds images (TRL's vision-language format), and alignkit trains "
+                            f"text-only models, so the text would be trained without the images it refers to; use "
+                            f"rows without images, or drop the {col!r} column to train on the text alone")
         close = difflib.get_close_matches(str(col), known, n=1, cutoff=0.75)
         if close:
             raise DataError(f"{where}: unknown column {col!r} (did you mean {close[0]!r}?); rename it, or remove it")
@@ -267,9 +284,12 @@ COLUMN_READERS = (
      _unpaired, "prompt, completion, label -> unpaired"),
     ("ranked", "ranked", 10, lambda r: _is_value(r.get("prompt")) and "responses" in r,
      _ranked, "prompt, responses (best first) [, ranks] -> ranked"),
-    ("prompt", "prompt", 0, lambda r: _is_value(r.get("prompt")) and not any(c in r for c in _RESPONSE_COLS),
+    ("prompt", "prompt", 0, lambda r: _is_value(r.get("prompt")) and not any(c in r for c in RESPONSE_COLUMNS),
      _prompt, "prompt only (a JSONL of strings too) -> prompt"),
 )
+# the readers of rows with a `prompt` column beside their responses: read for prompts, such rows go to the `prompt`
+# reader, which keeps the other columns (alignkit.data.readers.reader_of)
+WITH_PROMPT_COLUMN = ("prompt-completion", "preference", "unpaired", "ranked")
 for _name, _kind, _priority, _detect, _convert, _description in COLUMN_READERS:
     register_reader(_name, kinds=(_kind,), priority=_priority, detect=_detect,
                     description=_description)(_reader(_convert))

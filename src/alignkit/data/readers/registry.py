@@ -42,6 +42,11 @@ def detect_reader(row: dict, where: str) -> ReaderInfo:
     """The registered reader that recognises `row`, or a DataError listing the known formats."""
     matches = [r for r in READERS.values() if _safe(r.detect, row)]
     if not matches:
+        if "text" in row:  # TRL's language-modeling rows: say so rather than list every format
+            raise DataError(f"{where}: a 'text' column is TRL's language-modeling format (columns {sorted(row)}), "
+                            "which has no prompt to tell from the completion, and alignkit trains completions after "
+                            "their prompt; give each row 'prompt' and 'completion' columns, or a 'messages' "
+                            "conversation")
         known = "; ".join(f"{r.name}: {r.description}" for r in READERS.values())
         raise DataError(f"{where}: unknown combination of columns {sorted(row)}; no reader recognises it. "
                         f"Rename the columns to one of the known formats ({known}) or pass reader=<name>")

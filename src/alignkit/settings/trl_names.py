@@ -1,0 +1,154 @@
+"""TRL's config keys that alignkit spells differently or does not have, each with what alignkit has instead.
+
+TRL puts every setting in one config (SFTConfig, DPOConfig, RewardConfig, KTOConfig, GRPOConfig, RLOOConfig,
+OnlineDPOConfig, PPOConfig, plus ModelConfig and ScriptArguments; names as of TRL 1.16). A TRL user who writes one
+of `TRL_NAMES` where alignkit has no such key (under train, method, data, model, sampling or adapter, in a config
+file, a dotted override or a TRL-style --flag) gets one line saying it is TRL's name and what alignkit has instead,
+rather than "unknown key" and the list of valid ones. A key alignkit has under the same name and meaning (beta,
+loss_type, label_smoothing under dpo's method, max_length under data, ...) is read as usual and never gets here.
+docs/trl.md is the same table for readers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# where a TRL name is looked up when a key is unknown: the top-level sections a TRL user's keys land in
+SECTIONS = ("train", "method", "data", "model", "sampling", "adapter")
+
+_NOT_HERE = "alignkit has no equivalent"
+_TR_DPO = f"{_NOT_HERE} (TR-DPO reference syncing: the reference stays the initial model); remove it"
+
+TRL_NAMES: dict[str, str] = {
+    # data and tokenization (SFTConfig, DPOConfig, RewardConfig, KTOConfig)
+    "max_length": "data.max_length (prompt + completion tokens of the offline commands)",
+    "max_seq_length": "data.max_length (TRL's older SFTConfig name: prompt + completion tokens)",
+    "max_prompt_length": "data.max_prompt_length (a longer prompt keeps its last tokens)",
+    "max_completion_length": "sampling.max_new_tokens for the online commands; offline, data.max_length caps prompt "
+                             "+ completion",
+    "truncation_mode": "no key: a prompt longer than data.max_prompt_length keeps its last tokens, then each "
+                       "completion keeps its first data.max_length - prompt tokens (data.max_prompt_length=null: TRL's "
+                       "keep_start)",
+    "completion_only_loss": "data.loss_on (a prompt-completion row trains its completion only, as TRL's "
+                            "completion_only_loss=true; data.loss_on=all trains the prompt too)",
+    "assistant_only_loss": "data.loss_on=all_assistant, the default (every assistant turn of a messages "
+                           "conversation; data.loss_on=all trains the whole conversation, TRL's default)",
+    "packing": "train.padding_free (each batch's sequences in rows without padding)",
+    "packing_strategy": "train.padding_free (each batch is packed; there is no strategy to choose)",
+    "dataset_text_field": "no key: alignkit reads TRL's prompt / completion and messages columns (data.reader); a plain "
+                          "text column has no prompt to tell from the completion",
+    "eos_token": "data.add_eos (an EOS after each plain-text completion; a chat template ends the turn itself)",
+    "chat_template_path": "model.tokenizer (a tokenizer folder: its chat template is used)",
+    "model_init_kwargs": "model.dtype, model.attn_implementation and model.trust_remote_code (from_pretrained's "
+                         "arguments alignkit reads)",
+    # DPOConfig
+    "precompute_ref_log_probs": "method.reference=precomputed (dpo)",
+    "reference_free": "method.reference=none (dpo)",
+    "rpo_alpha": "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>] (the chosen NLL term)",
+    "use_weighting": f"{_NOT_HERE} (WPO weighting); remove it",
+    "ld_alpha": f"{_NOT_HERE} (LD-DPO); remove it",
+    "sync_ref_model": _TR_DPO,
+    "ref_model_mixup_alpha": _TR_DPO,
+    "ref_model_sync_steps": _TR_DPO,
+    "f_divergence_type": "method.loss_type fdpo_js, fdpo_forward_kl or fdpo_alpha for TRL's js_divergence, forward_kl "
+                         "or alpha_divergence with loss_type sigmoid (reverse_kl, TRL's default, is loss_type sigmoid "
+                         "itself: remove it)",
+    "f_alpha_divergence_coef": "method.f_alpha = 1 - f_alpha_divergence_coef, with method.loss_type=fdpo_alpha (TRL "
+                               "1.16 writes f'(t) = (t^(a-1) - 1)/(a-1); method.f_alpha is the f-DPO paper's alpha, "
+                               "f'(t) = (1 - t^-alpha)/alpha, which is 1 - TRL's a)",
+    # GRPOConfig, RLOOConfig, OnlineDPOConfig, PPOConfig
+    "num_generations": "sampling.num_samples (completions per prompt)",
+    "beta": "method.beta for dpo, kto and online-dpo; method.kl_coef (the KL-to-reference coefficient) for grpo, rloo "
+            "and ppo",
+    "loss_type": "method.loss_type for sft, dpo, kto and online-dpo; for grpo and rloo, method.aggregation "
+                 "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; TRL's dr_grpo has "
+                 "no equivalent)",
+    "epsilon": "method.clip_eps",
+    "epsilon_high": "method.clip_eps_high",
+    "cliprange": "method.clip_eps",
+    "num_iterations": "method.epochs_per_step",
+    "num_ppo_epochs": "method.epochs_per_step",
+    "num_mini_batches": "method.mini_batch_size (items per optimizer step, not a number of mini-batches)",
+    "scale_rewards": "method.scale_by_std (true: TRL's group; false: TRL's none; TRL's batch has no equivalent)",
+    "reward_clip_range": "method.reward_clip (one bound c: rewards clipped to [-c, c])",
+    "reward_weights": "annotator.weights",
+    "response_length": "sampling.max_new_tokens",
+    "mask_truncated_completions": f"{_NOT_HERE} (a completion cut at sampling.max_new_tokens is trained like the "
+                                  "others, TRL's default); remove it",
+    "missing_eos_penalty": f"{_NOT_HERE}; write it into the reward function (annotator.function)",
+    "use_vllm": "method.generation_backend=vllm",
+    "vllm_server_base_url": "method.vllm_server_url",
+    "vllm_server_host": "method.vllm_server_url (http://host:port)",
+    "vllm_server_port": "method.vllm_server_url (http://host:port)",
+    "vllm_gpu_memory_utilization": "method.vllm: {gpu_memory_utilization: ...} (vllm.LLM's arguments)",
+    "vllm_tensor_parallel_size": "method.vllm: {tensor_parallel_size: ...} (vllm.LLM's arguments)",
+    "top_entropy_quantile": f"{_NOT_HERE}; remove it",
+    "importance_sampling_level": f"{_NOT_HERE} (the ratio is per token, TRL's default); remove it",
+    "steps_per_generation": "method.epochs_per_step with method.mini_batch_size (several updates per generation step)",
+    # ModelConfig, ScriptArguments (the --flags of TRL's scripts map these themselves: alignkit.cli.flags.ALIASES)
+    "model_name_or_path": "model.path",
+    "torch_dtype": "model.dtype",
+    "use_peft": "adapter.kind=lora",
+    "lora_r": "adapter.lora.r",
+    "lora_alpha": "adapter.lora.alpha",
+    "lora_dropout": "adapter.lora.dropout",
+    "lora_target_modules": "adapter.lora.target_modules",
+    "dataset_name": "data.path",
+    "dataset_train_split": "data.split",
+    "dataset_test_split": "data.eval_split (with data.eval_path)",
+    "dataset_config": "no key: data.path names one dataset (a file, a folder or a saved dataset); point it at the "
+                      "configuration's own files",
+}
+
+# TRL's loss_type values alignkit has not registered, with what it has instead (a did-you-mean would name a neighbour:
+# kto_pair -> exo_pair)
+TRL_LOSS_TYPES: dict[str, str] = {
+    "kto_pair": "alignkit kto (preference rows are read as desirable chosen / undesirable rejected examples; TRL's "
+                "older DPO kto_pair)",
+    "aot": f"{_NOT_HERE} (AOT sorts log-ratios across the batch; see README, objectives not yet)",
+    "aot_unpaired": f"{_NOT_HERE} (AOT sorts log-ratios across the batch; see README, objectives not yet)",
+    "dft": f"{_NOT_HERE} (TRL's SFT loss_type dft); use nll",
+    "grpo": "method.aggregation=sequence_mean (alignkit grpo's loss_type is not a key)",
+    "dapo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
+    "bnpo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
+    "dr_grpo": f"{_NOT_HERE} (a constant max_completion_length normaliser); method.scale_by_std=false gives Dr. GRPO's "
+               "advantage",
+}
+
+_F_DIVERGENCES = {"js_divergence": "fdpo_js", "forward_kl": "fdpo_forward_kl", "alpha_divergence": "fdpo_alpha"}
+
+
+def trl_equivalent(key: str, value: Any = None) -> str | None:
+    """What alignkit has instead of TRL's `key` (None: not one of TRL_NAMES); `value`, TRL's value when known, makes
+    the answer exact where it depends on it (f_divergence_type, f_alpha_divergence_coef)."""
+    if key == "f_divergence_type" and value in _F_DIVERGENCES:
+        return f"method.loss_type={_F_DIVERGENCES[value]} (TRL's {value} with loss_type sigmoid)"
+    if key == "f_divergence_type" and value == "reverse_kl":
+        return "none needed: reverse_kl, TRL's default, is DPO itself (method.loss_type=sigmoid); remove it"
+    if key == "f_alpha_divergence_coef" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (f"method.f_alpha={1 - value:g} (1 - {value:g}) with method.loss_type=fdpo_alpha: TRL 1.16 writes "
+                f"f'(t) = (t^(a-1) - 1)/(a-1), and method.f_alpha is the f-DPO paper's alpha, f'(t) = (1 - t^-alpha)"
+                f"/alpha, which is 1 - TRL's a")
+    return TRL_NAMES.get(key)
+
+
+def trl_loss_type_message(where: str, name: str) -> str | None:
+    """The one-line ConfigError text for TRL's loss type `name`, not registered, under key `where` (None: not one of
+    TRL_LOSS_TYPES)."""
+    if name not in TRL_LOSS_TYPES:
+        return None
+    return f"{where}: {name!r} is TRL's loss type, not registered here; alignkit: {TRL_LOSS_TYPES[name]}"
+
+
+def trl_key_message(where: str, key: str, value: Any = None) -> str | None:
+    """The one-line ConfigError text for TRL's `key` unknown under section `where` (None: `where` is not one of
+    SECTIONS, or `key` is not TRL's)."""
+    if where not in SECTIONS:
+        return None
+    instead = trl_equivalent(key, value)
+    if instead is None:
+        return None
+    return f"{where}.{key}: unknown key here ({key} is TRL's name); alignkit: {instead}"
+
+
+__all__ = ["SECTIONS", "TRL_LOSS_TYPES", "TRL_NAMES", "trl_equivalent", "trl_key_message", "trl_loss_type_message"]
