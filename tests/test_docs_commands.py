@@ -91,12 +91,28 @@ class Command:
 
 
 
+def inline_commands() -> list[Block]:
+    """Backticked commands in the docs' prose (`alignkit demo --reft`, `make test-newest`,
+    `python bench/tokenize_speed.py --rows 20000`), as bash blocks marked to be parsed, not run; spans with a
+    placeholder (`<command>`, `...`, `N`) are left out."""
+    out = []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for m in re.finditer(r"`((?:alignkit|make|python|\.venv/bin/python) [^`]*)`", text):
+            span = m.group(1)
+            if re.search(r"<|\.\.\.| N\b| / | -c$", span) or (span.startswith(("python", ".venv")) and " bench/" not in span):
+                continue
+            out.append(Block(doc, text[:m.start()].count("\n"), "bash", span, "inline mention: parsed, not run"))
+    return out
+
+
 def commands(every: list[Block] | None = None) -> list[Command]:
     """Every command line of every bash block (of the docs and the configs' comments): continuations joined,
     comments and a trailing `&` dropped."""
     if every is None:
         every = [b for doc in DOCS for b in blocks(doc)]
         every += [b for path in sorted((ROOT / "configs").rglob("*.yaml")) for b in config_comment_blocks(path)]
+        every += inline_commands()
     out = []
     for block in (b for b in every if b.lang in ("bash", "sh", "shell")):
         lines = block.body.splitlines()
@@ -198,14 +214,23 @@ def test_a_shell_line_names_real_things(cmd, monkeypatch, capsys):
     argv = alignkit_argv(words)
     assert argv is not None, f"{cmd.where}: a command this test does not know how to check: {cmd.text}"
     from alignkit.cli import COMMANDS, build_parser, main
+    from alignkit.cli.flags import translate_argv
     from alignkit.cli.helptext import CONFIG_COMMANDS
 
+    parser = build_parser(argv)
+    if cmd.skip and cmd.skip.startswith("inline"):  # a mention (`alignkit demo --reft`, `alignkit --help`): its
+        sub = parser._subparsers._group_actions[0].choices.get(argv[0]) if argv and argv[0] in COMMANDS else None
+        options = {o for p in (parser, sub) if p for a in p._actions for o in a.option_strings}
+        flags = {w for w in argv if w.startswith("-")}
+        assert (sub or argv == ["--help"]) and flags <= options, f"{cmd.where}: {cmd.text}: {sorted(flags - options)}"
+        return
     assert argv and argv[0] in COMMANDS, f"{cmd.where}: no alignkit command {argv[:1]}: {cmd.text}"
-    try:
-        build_parser(argv).parse_args(argv)  # unknown flags: argparse's SystemExit(2)
+    try:  # as main() parses: TRL-style flags become overrides, then argparse (an unknown flag: SystemExit(2))
+        args, extra = parser.parse_known_args(translate_argv(parser, argv))
     except SystemExit as e:
         pytest.fail(f"{cmd.where}: alignkit {argv[0]} refuses the flags: {cmd.text}\n{capsys.readouterr().err}"
                     if e.code else f"{cmd.where}: {cmd.text} exits at parse time")
+    assert not [x for x in extra if x.startswith("-") or "=" not in x], f"{cmd.where}: unknown {extra}: {cmd.text}"
     if cmd.skip or not (argv[0] in CONFIG_COMMANDS or argv[0] == "serve"):
         return
     rc = main([*argv, "--dry-run"])
