@@ -243,7 +243,7 @@ def every_block(lang: str) -> list[Block]:
     return [b for doc in DOCS for b in blocks(doc) if b.lang == lang]
 
 
-def test_python_json_and_yaml_blocks_parse():
+def test_python_json_and_yaml_blocks_parse(tmp_path):
     """```python blocks compile, ```json blocks parse, ```yaml blocks load as the config their `command:` names
     (unless marked: a deliberately partial block)."""
     from alignkit.settings import ConfigError, load_config
@@ -259,14 +259,12 @@ def test_python_json_and_yaml_blocks_parse():
         if block.skip:
             continue
         assert isinstance(data, dict) and "command" in data, f"{block.doc}:{block.line}: a config names its command"
-        path = ROOT / ".docs-check.yaml"
+        path = tmp_path / "block.yaml"
+        path.write_text(block.body)
         try:
-            path.write_text(block.body)
             load_config(path, command=data["command"])
         except ConfigError as e:
             pytest.fail(f"{block.doc}:{block.line}: {e}")
-        finally:
-            path.unlink(missing_ok=True)
 
 
 def test_the_augment_example_writes_what_the_readme_shows(tmp_path, monkeypatch):
