@@ -28,22 +28,4 @@ def test_readme_python_snippets_run(tiny_dir, tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "readme-dpo").exists()
 
 
-def test_readme_shell_commands_check(monkeypatch, capsys):
-    """Every `alignkit ...` line of the section's shell block, from the repository root, passes the command's own
-    checks with --dry-run (configs, dotted keys, registry names); `alignkit ls` runs. The launcher lines
-    (accelerate) name a config of the reader's own and are not run."""
-    import shlex
-
-    from alignkit.cli import main
-
-    text = README.read_text()
-    section = text[text.index("## Using it"):]
-    section = section[:section.index("\n## ", 1)]
-    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-             for line in block.splitlines()]
-    commands = [shlex.split(line)[1:] for line in lines if line.startswith("alignkit ")]
-    assert len(commands) >= 5 and ["ls"] in commands
-    monkeypatch.chdir(README.parent)
-    for args in commands:
-        rc = main(args if args == ["ls"] else [*args, "--dry-run"])
-        assert rc == 0, (args, capsys.readouterr())
+# The shell lines of this section (and of every doc) are checked by tests/test_docs_commands.py.

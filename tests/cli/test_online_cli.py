@@ -73,7 +73,7 @@ def _by_group(samples: list[dict]) -> dict[int, list[dict]]:
     return out
 
 
-def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path):
+def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path, capsys):
     from alignkit.cli.data import load_data
     from alignkit.data import load_records
     from alignkit.data.records import PreferenceRecord, SFTRecord
@@ -104,8 +104,13 @@ def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path):
 
     # best-of-n with a reward model (a tiny 1-label classifier): one SFT record per prompt, the argmax score
     rm = tiny_dir("llama", classifier=True, num_labels=1)
+    # the round holds the pairs above: the example config keeps them (it replaced them silently, `overwrite: true`)
+    kept = (rnd / "records.jsonl").read_bytes()
     assert main(["-q", "annotate", "--config", str(CONFIGS / "best-of-n-tiny.yaml"), f"output_dir={rnd}",
-                 f"annotator.path={rm}"]) == 0
+                 f"annotator.path={rm}"]) == 2
+    assert "overwrite=true to redo it" in capsys.readouterr().err and (rnd / "records.jsonl").read_bytes() == kept
+    assert main(["-q", "annotate", "--config", str(CONFIGS / "best-of-n-tiny.yaml"), f"output_dir={rnd}",
+                 f"annotator.path={rm}", "overwrite=true"]) == 0
     manifest = json.loads((rnd / "manifest.json").read_text())
     scores = manifest["annotation"]["scores"]
     assert manifest["annotation"]["feedback"] == "best_of_n" and len(scores) == len(samples)

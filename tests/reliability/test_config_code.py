@@ -32,10 +32,21 @@ def foreign(tmp_path, monkeypatch):
 
 def test_dry_run_and_config_loading_import_nothing(foreign, tmp_path, capsys):
     spec, trace = foreign
-    assert main(["-q", "grpo", "--config", GRPO, "--dry-run", f"annotator.function={spec}"]) == 0
+    assert main(["-q", "grpo", "--config", GRPO, "--dry-run", "--allow-code", f"annotator.function={spec}"]) == 0
     assert spec in capsys.readouterr().out
     load_config(GRPO, [f"annotator.function={spec}"])
     assert not trace.exists()
+
+
+@pytest.mark.parametrize("command, config", [("grpo", GRPO), ("annotate", str(CONFIGS / "annotate-tiny.yaml"))])
+def test_dry_run_refuses_foreign_code_without_allow_code_as_the_run_does(command, config, foreign, capsys):
+    """A dry run said the config was fine (exit 0) for code outside alignkit.rewards without --allow-code, which the
+    run itself then refused: the same one line now, from the name alone (nothing imported)."""
+    spec, trace = foreign
+    rc = main(["-q", command, "--config", config, "--dry-run", "annotator.kind=function", f"annotator.function={spec}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"annotator.function: '{spec}' is code outside" in err
+    assert "--allow-code" in err and not trace.exists()
 
 
 def test_foreign_code_needs_allow_code(foreign, tmp_path, capsys):

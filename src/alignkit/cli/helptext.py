@@ -25,7 +25,19 @@ CONFIG_COMMANDS: dict[str, tuple[bool, bool]] = {
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, run_folder: bool = False) -> None:
+# example overrides for `key=value`'s help, the first two that `command` takes (`override_example`)
+EXAMPLE_OVERRIDES = ("method.beta=0.05", "method.kl_coef=0.05", "train.learning_rate=1e-4", "generation.max_new_tokens=32",
+                     "sampling.max_new_tokens=32", "annotator.batch_size=8", "port=8080", "data.max_records=100",
+                     "output_dir=runs/x")
+
+
+def override_example(command: str) -> str:
+    """Two `key=value` overrides `command`'s config takes (the help showed method.beta to eval and serve)."""
+    keys = {k for k, _, _ in settable_keys(command)}
+    return " ".join([e for e in EXAMPLE_OVERRIDES if e.split("=")[0] in keys][:2])
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, command: str, run_folder: bool = False) -> None:
     parser.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (imports no "
                         "code named in the config, loads no model)")
@@ -37,7 +49,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, run_folder: bool = Fal
                             help="replace an existing output_dir as a whole: the new run is written beside it and "
                                  "swapped in when it finishes (the old run stays untouched if the new one fails)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides parsed as YAML scalars, e.g. method.beta=0.05 train.learning_rate=1e-4")
+                        help=f"dotted overrides parsed as YAML scalars, e.g. {override_example(command)}")
 
 
 def add_allow_code(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +64,7 @@ def add_command_parser(sub: argparse._SubParsersAction, name: str, text: str) ->
     description = f"alignkit {name}: {text}." + (" Strategies: alignkit ls augment." if name == "augment" else "")
     p = sub.add_parser(name, help=text, description=description, epilog=keys_epilog(name),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p, run_folder=run_folder)
+    add_config_arguments(p, name, run_folder=run_folder)
     if allow_code:
         add_allow_code(p)
     return p
@@ -124,5 +136,5 @@ def keys_epilog(command: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONFIG_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments", "keys_epilog",
+__all__ = ["CONFIG_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments", "keys_epilog", "override_example",
            "settable_keys"]

@@ -21,6 +21,7 @@ from alignkit.runs import (
     recover_swap, remove_own, resumed_step, truncate_metrics,
 )
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
+from alignkit.settings.online import check_code_allowed
 from alignkit.settings.train import OFFLINE_DEFAULTS, TRAIN_COMMANDS
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
     def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, command)
         if args.dry_run:
+            if not getattr(args, "allow_code", True):  # --allow-code's name check (imports nothing): a dry run
+                check_code_allowed(getattr(cfg, "annotator", None), allow_code=False)  # that passes, runs
             return dry_run(cfg)
         check_output_dir(Path(cfg.output_dir))  # every config command writes there: before any work
         return work(cfg, args)

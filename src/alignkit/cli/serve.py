@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help=text, description=f"alignkit serve: {text}. A flag wins over the config file, "
                        "key=value overrides over both.", epilog=keys_epilog("serve"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(p)
+    add_config_arguments(p, "serve")
     keys = {k: (t, d) for k, t, d in settable_keys("serve")}
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter folder served as model NAME (repeat for more; config key adapters)")
