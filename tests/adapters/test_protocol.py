@@ -137,6 +137,26 @@ def test_an_adapter_on_another_base_with_the_same_shapes_is_refused(row, tiny_di
     load_adapter(load_model(other), folder)  # an older folder: nothing to check against
 
 
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_an_adapter_trained_on_a_finetuned_copy_of_the_base_is_refused_on_the_base(row, tiny_dir, tmp_path):
+    """The embedding probe reads 3 rows (0, V/2, V-1): tokens a finetune may never see, so a fully finetuned copy of a
+    base passed as the base (a ReFT trained on the base served on the SFT model without a word). The final norm,
+    which full finetuning moves at every step and adapters leave frozen, is probed too: read in one dtype it must be
+    the same bits; across dtypes, within bf16 rounding."""
+    base = tiny_dir("llama")
+    tuned_dir = tmp_path / "tuned"
+    tuned = load_model(base)
+    with torch.no_grad():
+        tuned.model.norm.weight.add_(1e-3)  # a small finetune: the embedding's probed rows untouched
+    tuned.save_pretrained(tuned_dir)
+    load_tokenizer(base).save_pretrained(tuned_dir)
+    folder = save_adapter(perturb(apply_adapter(load_model(tuned_dir), row.config())), tmp_path / "a")
+    with pytest.raises(ValueError, match="trained on a different base model .its final norm weights differ"):
+        load_adapter(load_model(base), folder)
+    load_adapter(load_model(tuned_dir), folder)  # its own base
+    load_adapter(load_model(tuned_dir, dtype="bfloat16"), folder)  # the same weights, rounded
+
+
 def test_base_mismatch_names_the_shape_that_differs():
     from alignkit.adapters import base_mismatch
 
@@ -146,6 +166,15 @@ def test_base_mismatch_names_the_shape_that_differs():
     assert base_mismatch(saved, {**saved, "vocab_size": 520}) == "vocab_size 520 here, 512 when trained"
     assert base_mismatch(saved, {**saved, "embedding_probe": [0.503, -0.2505]}) is None  # bf16 rounding
     assert "embedding weights differ" in base_mismatch(saved, {**saved, "embedding_probe": [0.6, -0.25]})
+    normed = {**saved, "norm_probe": [1.0, 0.5], "norm_dtype": "float32"}
+    assert base_mismatch(normed, dict(normed)) is None
+    assert base_mismatch(normed, saved) is None and base_mismatch(saved, normed) is None  # a folder saved before it
+    # one dtype: 1e-6 relative + 1e-7; 1.0 + 2e-6 is another weight, 1.0 + 5e-7 the same one re-read
+    assert "final norm weights differ" in base_mismatch(normed, {**normed, "norm_probe": [1.000002, 0.5]})
+    assert base_mismatch(normed, {**normed, "norm_probe": [1.0000005, 0.5]}) is None
+    # across dtypes (trained in bf16, loaded in float32): bf16's rounding of 0.5 + 1e-3 is 0.5 (8 mantissa bits)
+    assert base_mismatch(normed, {**normed, "norm_probe": [1.0, 0.501], "norm_dtype": "bfloat16"}) is None
+    assert "final norm" in base_mismatch(normed, {**normed, "norm_probe": [1.0, 0.53], "norm_dtype": "bfloat16"})
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

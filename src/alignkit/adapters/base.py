@@ -223,8 +223,8 @@ PROBE_COLUMNS = 8
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     """What identifies the base model an adapter was trained on: its shape (model type, layers, hidden size,
-    vocabulary), a probe of its input embedding (3 rows x 8 columns, as float32), which adapters leave
-    frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). None when the
+    vocabulary), a probe of its input embedding (3 rows x 8 columns, as float32) and of its final norm (8 values,
+    `final_norm_weight`), which adapters leave frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). None when the
     embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
     lm = unwrap_lm(model)
     w = base_embedding(lm)
@@ -234,10 +234,33 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     rows = sorted({0, w.shape[0] // 2, w.shape[0] - 1})
     probe = w.detach()[rows, :PROBE_COLUMNS].float().cpu()  # (3, 8)
-    return {"model_type": getattr(cfg, "model_type", None),
-            "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
-            "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg),
-            "name_or_path": getattr(lm.config, "name_or_path", None) or None}
+    found = {"model_type": getattr(cfg, "model_type", None),
+             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
+             "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg),
+             "name_or_path": getattr(lm.config, "name_or_path", None) or None}
+    norm = final_norm_weight(lm)
+    if norm is not None:  # exact float32 values, with the dtype they were read in (`base_mismatch`)
+        found.update(norm_probe=[float(x) for x in norm.detach().flatten()[:PROBE_COLUMNS].float().cpu()],
+                     norm_dtype=str(norm.dtype).removeprefix("torch."))
+    return found
+
+
+def final_norm_weight(lm: nn.Module) -> torch.Tensor | None:
+    """The last parameter of the transformers model `lm`'s backbone (`base_model`): its final norm (llama / qwen2
+    `norm.weight`, gpt2 `ln_f.bias`, gpt_neox `final_layer_norm.bias`). Full finetuning moves it at every step and
+    adapters leave it frozen, so it tells a finetuned copy of a base from the base where the embedding probe's rows
+    (tokens training may never see) do not. The frozen original under peft's `modules_to_save`; None when not
+    readable here (sharded, meta) or `lm` has no separate backbone."""
+    backbone = getattr(lm, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is lm:
+        return None
+    named = [(n, p) for n, p in backbone.named_parameters() if "modules_to_save." not in n]
+    if not named:
+        return None
+    w = named[-1][1]
+    if w.is_meta or w.numel() == 0 or type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
+        return None
+    return w
 
 
 def base_embedding(lm: nn.Module) -> torch.Tensor | None:
@@ -269,6 +292,9 @@ def recorded_base(model: nn.Module) -> dict[str, Any] | None:
                        "refused; wrap the base with alignkit.adapters.apply_adapter, or call "
                        "alignkit.adapters.record_base(model) before training")
         found = {k: v for k, v in found.items() if k not in ("embedding_probe", "probe_rows")}
+    norm = final_norm_weight(unwrap_lm(model))
+    if found is not None and norm is not None and norm.requires_grad:  # trained (modules_to_save): not the base's
+        found = {k: v for k, v in found.items() if k not in ("norm_probe", "norm_dtype")}
     return found
 
 
@@ -296,6 +322,13 @@ def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
         worst = max(abs(x - y) - (1e-2 * abs(x) + 1e-4) for x, y in zip(a, b))
         if worst > 0:
             return "its input embedding weights differ (another model or revision with the same shapes)"
+    a, b = saved.get("norm_probe") or [], found.get("norm_probe") or []
+    if len(a) == len(b) and a:  # read in one dtype: the same bits; across dtypes: bf16 / fp16 rounding
+        same = saved.get("norm_dtype") is not None and saved.get("norm_dtype") == found.get("norm_dtype")
+        rel, tol = (1e-6, 1e-7) if same else (1e-2, 1e-4)
+        if max(abs(x - y) - (rel * abs(x) + tol) for x, y in zip(a, b)) > 0:
+            return ("its final norm weights differ (a finetuned copy of the base, or another model or revision with "
+                    "the same shapes)")
     return None
 
 
