@@ -216,3 +216,25 @@ def test_tensorboard_named_but_not_installed_is_refused_before_anything_is_writt
     assert len(err) == 1 and "train.report_to: tensorboard is named but not installed" in err[0], err
     assert "pip install tensorboard" in err[0] and not out.exists()
     assert main(args) == 0 and not (out / "tensorboard").exists()
+
+
+# command -> (config, overrides, its progress bar's label): the one-shot commands' long work
+PROGRESS = {
+    "sample": ("sample-tiny.yaml", ["sampling.max_new_tokens=2", "data.max_records=2", "sampling.num_samples=2"],
+               "sampling: 100%"),
+    "generate": ("generate-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null",
+                                        "generation.max_new_tokens=2"], "generate: 100%"),
+    "eval": ("eval-rm-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null"], "reward eval: 100%"),
+}
+
+
+@pytest.mark.parametrize("command", list(PROGRESS))
+def test_one_shot_commands_show_a_progress_bar_that_quiet_hides(command, tmp_path, capfd):
+    """`sample` generated every prompt's responses without a progress bar (generate and eval had one); now a bar
+    over the batches, hidden by -q as the others'."""
+    config, overrides, label = PROGRESS[command]
+    for quiet, out in ((False, tmp_path / "loud"), (True, tmp_path / "quiet")):
+        args = [command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides]
+        assert main(["-q", *args] if quiet else args) == 0
+        err = capfd.readouterr().err
+        assert (label not in err) if quiet else (label in err), err[-500:]
