@@ -225,13 +225,15 @@ PROGRESS = {
     "generate": ("generate-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null",
                                         "generation.max_new_tokens=2"], "generate: 100%"),
     "eval": ("eval-rm-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null"], "reward eval: 100%"),
+    "augment": ("augment-code-bugs.yaml", [], "candidate/s]"),  # a count: the candidates are not known ahead
 }
 
 
 @pytest.mark.parametrize("command", list(PROGRESS))
 def test_one_shot_commands_show_a_progress_bar_that_quiet_hides(command, tmp_path, capfd):
-    """`sample` generated every prompt's responses without a progress bar (generate and eval had one); now a bar
-    over the batches, hidden by -q as the others'."""
+    """`sample` generated every prompt's responses and `augment` made its candidates (an LLM request each, for most
+    strategies) without a progress bar (generate and eval had one); now a bar over the batches / a count of the
+    candidates, hidden by -q as the others'."""
     config, overrides, label = PROGRESS[command]
     for quiet, out in ((False, tmp_path / "loud"), (True, tmp_path / "quiet")):
         args = [command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides]
