@@ -90,6 +90,7 @@ TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "_save_optimizer_and_scheduler": ("output_dir",),
     "_load_optimizer_and_scheduler": ("checkpoint",),
     "train": ("resume_from_checkpoint",),
+    "_run_epoch": ("model", "epoch"),
 }
 
 # class attributes of Trainer that alignkit sets to change the Trainer's behaviour

@@ -39,6 +39,7 @@ import transformers
 import yaml
 from huggingface_hub import ModelCard as HubCard
 from transformers import TrainerCallback
+from transformers.integrations import get_available_reporting_integrations
 
 import alignkit
 from alignkit.adapters.config import KINDS
@@ -46,6 +47,7 @@ from alignkit.data.chat import PROMPT_FORMAT_FILE
 from alignkit.data.readers.rows import looks_like_hub_id
 from alignkit.files import atomic_write_text, read_jsonl
 from alignkit.settings.tiny import is_tiny
+from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,26 @@ class MetricsJsonl(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def trackers(report_to: str | list[str] | None, where: str = "train.report_to", expand_all: bool = False) -> list[str]:
+    """The trackers `report_to` names: None is TensorBoard (alignkit's own writer into <run>/tensorboard) when
+    tensorboard is installed, else none; "none" names none. TensorBoard named while tensorboard is not installed is
+    a ConfigError, before anything is written: the offline commands wrote the run folder and then stopped on the
+    ImportError, the online ones ran without TensorBoard events (accelerate drops a tracker it cannot import with a
+    warning). `expand_all`: "all" becomes every installed integration (transformers' list), with TensorBoard among
+    them, as the Trainer expands a lone "all" itself; there its own TensorBoard callback wrote the events to
+    <run>/checkpoints/runs/<date>/ instead of <run>/tensorboard (and beside ["all", ...] it refused "all")."""
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if report_to is None:
+        return ["tensorboard"] if installed else []
+    names = [t for t in ([report_to] if isinstance(report_to, str) else list(report_to)) if t != "none"]
+    if expand_all and "all" in names:
+        names = [n for t in names for n in (get_available_reporting_integrations() if t == "all" else [t])]
+    if "tensorboard" in names and not installed:
+        raise ConfigError(f"{where}: tensorboard is named but not installed, so no TensorBoard events could be "
+                          "written; pip install tensorboard (or alignkit[cli]), or remove it from report_to")
+    return list(dict.fromkeys(names))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -586,6 +608,6 @@ __all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "P
            "can_plot", "checkpoint_step",
            "commit_staging", "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
-           "recover_swap",
+           "recover_swap", "trackers",
            "plot_metrics", "read_metrics", "remove_own", "resumed_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
            "write_marker"]

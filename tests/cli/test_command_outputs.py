@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,112 @@ def test_without_matplotlib_a_command_writes_its_results_and_says_the_plots_are_
         "matplotlib is not installed: no plots (pip install 'alignkit[cli]')"]
     assert json.loads((out / "metrics.json").read_text())["pairs"] > 0
     assert list((out / "tensorboard" / "eval").glob("events.out.tfevents.*")) and not (out / "plots").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every training command, offline and online: one table, one generic test of what the run folder holds
+# ------------------------------------------------------------------------------------------------------------------
+
+OFFLINE = ["train.max_steps=2", "train.logging_steps=1", "train.gradient_accumulation_steps=2",
+           "train.eval_strategy=no", "train.save_strategy=no"]
+ONLINE = ["train.max_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]
+OFFLINE_PLOTS, ONLINE_PLOTS = {"loss.png"}, {"reward.png", "kl.png", "loss.png"}
+
+# id -> (command, config, overrides, optimizer steps as metrics.jsonl / TensorBoard count them, the loss's
+# TensorBoard tag, the plots drawn). Offline: 2 optimizer steps of 2 micro-batches each (steps 1, 2, not 1..4);
+# online rows count steps from 0 (docs/metrics.md).
+TRAINING_OUTPUTS = {
+    "sft": ("sft", "sft-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS),
+    "rm": ("rm", "rm-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png", "rewards.png"}),
+    "dpo": ("dpo", "dpo-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png", "rewards.png"}),
+    "kto": ("kto", "kto-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"rewards.png"}),
+    "grpo": ("grpo", "grpo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
+    "rloo": ("rloo", "rloo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
+    "ppo": ("ppo", "ppo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
+    "online-dpo": ("online-dpo", "online-dpo-tiny.yaml", [*ONLINE, "sampling.num_samples=4"], [0, 1], "loss",
+                   ONLINE_PLOTS),
+    # report_to all: transformers' "every installed tracker" sent the TensorBoard events to
+    # <run>/checkpoints/runs/<date>/ (its own logging_dir), none to <run>/tensorboard
+    "sft report_to=all": ("sft", "sft-tiny.yaml", [*OFFLINE, "train.report_to=all"], [1, 2], "train/loss",
+                          OFFLINE_PLOTS),
+    "grpo report_to=all": ("grpo", "grpo-tiny.yaml", [*ONLINE, "train.report_to=all"], [0, 1], "loss", ONLINE_PLOTS),
+}
+
+
+def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` as TensorBoard shows the folder's events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not folder.is_dir():
+        return []
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+@pytest.mark.parametrize("case", list(TRAINING_OUTPUTS))
+def test_every_training_command_writes_metrics_tensorboard_and_plots_on_one_step_axis(case, tmp_path):
+    """metrics.jsonl, <run>/tensorboard and plots/ of each training command: the rows' steps are the optimizer
+    steps (gradient accumulation does not multiply them), TensorBoard holds the same loss at the same steps, once
+    each, every value finite, and the plots are drawn; no events anywhere else in the run folder."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    command, config, overrides, steps, tag, plots = TRAINING_OUTPUTS[case]
+    out = tmp_path / "run"
+    assert main(["-q", command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert [s for s, _ in losses] == steps
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    shown = scalars(out / "tensorboard", tag)
+    assert [s for s, _ in shown] == steps  # one value per step, the rows' steps
+    assert [v for _, v in shown] == pytest.approx([v for _, v in losses], rel=1e-6)  # float32 in the events
+    assert {p.parent for p in out.rglob("events.out.tfevents.*")} == {out / "tensorboard"}
+    assert {p.name for p in (out / "plots").iterdir()} == plots
+    assert all(p.read_bytes()[:8] == PNG for p in (out / "plots").iterdir())
+
+
+@pytest.mark.parametrize("case", ["sft", "grpo"])
+def test_tensorboard_named_but_not_installed_is_refused_before_anything_is_written(case, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """train.report_to=tensorboard without tensorboard installed: sft wrote the run folder (config.yaml,
+    base_model/) and then stopped on the ImportError, a folder the next run refused to reuse; grpo ran to the end
+    without TensorBoard events (accelerate dropped the tracker with a warning). Now one line naming the key and the
+    fix, nothing written; report_to null (the default) still runs without TensorBoard, as documented."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "tensorboard" or m.startswith(("tensorboard.", "torch.utils.tensorboard"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    command, config, overrides, *_ = TRAINING_OUTPUTS[case]
+    out = tmp_path / "run"
+    args = ["-q", command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides]
+    assert main([*args, "train.report_to=tensorboard"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert len(err) == 1 and "train.report_to: tensorboard is named but not installed" in err[0], err
+    assert "pip install tensorboard" in err[0] and not out.exists()
+    assert main(args) == 0 and not (out / "tensorboard").exists()
+
+
+# command -> (config, overrides, its progress bar's label): the one-shot commands' long work
+PROGRESS = {
+    "sample": ("sample-tiny.yaml", ["sampling.max_new_tokens=2", "data.max_records=2", "sampling.num_samples=2"],
+               "sampling: 100%"),
+    "generate": ("generate-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null",
+                                        "generation.max_new_tokens=2"], "generate: 100%"),
+    "eval": ("eval-rm-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null"], "reward eval: 100%"),
+    "augment": ("augment-code-bugs.yaml", [], "candidate/s]"),  # a count: the candidates are not known ahead
+}
+
+
+@pytest.mark.parametrize("command", list(PROGRESS))
+def test_one_shot_commands_show_a_progress_bar_that_quiet_hides(command, tmp_path, capfd):
+    """`sample` generated every prompt's responses and `augment` made its candidates (an LLM request each, for most
+    strategies) without a progress bar (generate and eval had one); now a bar over the batches / a count of the
+    candidates, hidden by -q as the others'."""
+    config, overrides, label = PROGRESS[command]
+    for quiet, out in ((False, tmp_path / "loud"), (True, tmp_path / "quiet")):
+        args = [command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides]
+        assert main(["-q", *args] if quiet else args) == 0
+        err = capfd.readouterr().err
+        assert (label not in err) if quiet else (label in err), err[-500:]

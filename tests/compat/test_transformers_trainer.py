@@ -356,15 +356,16 @@ def test_training_arguments_fields(tmp_path):
 # T12 -----------------------------------------------------------------------------------------------------
 
 def test_callbacks_and_public_trainer_names():
-    where = "alignkit/runs.py:MetricsJsonl, cli/train.py, demos/pipeline.py:_quiet, demos/reft.py"
+    where = "alignkit/runs.py:MetricsJsonl, runs.py:trackers, cli/train.py, demos/pipeline.py:_quiet, demos/reft.py"
     with guard(TF, "a callback class or helper alignkit imports moved", where):
         from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed  # noqa: F401
-        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations import TensorBoardCallback, get_available_reporting_integrations
         from transformers.trainer_callback import PrinterCallback as P2, TrainerState
         from transformers.utils import is_sagemaker_mp_enabled  # noqa: F401
         from transformers.utils import logging as hf_logging
 
         assert P2 is PrinterCallback
+        assert "tensorboard" in get_available_reporting_integrations()  # runs.py:trackers expands report_to all
         assert callable(hf_logging.set_verbosity_error)
     check(params(TrainerCallback.on_log)[:3] == ["args", "state", "control"], TF,
           f"TrainerCallback.on_log now takes {params(TrainerCallback.on_log)}", where)

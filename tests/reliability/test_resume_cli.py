@@ -450,3 +450,39 @@ def test_resume_from_a_checkpoint_of_another_base_is_refused_before_anything_is_
     assert "check_base" not in err[0] and "start a new run from its weights" in err[0]  # no switch a resume reads
     assert not (tmp_path / "b").exists()
     assert cli("sft", "sft-tiny.yaml", tmp_path / "b", [f"model.path={base}", *resume]) == 0
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_with_every_step_done_is_not_resumed_past_max_steps(tmp_path, monkeypatch, finished):
+    """Killed while saving model/ (after checkpoint-4, the last of max_steps=4), or resumed when it had finished:
+    --resume trained a 5th optimizer step (checkpoint-4 ends inside an epoch, and the Trainer checks max_steps only
+    after a step), wrote checkpoint-5 and saved that model as the run's ("optimizer steps done 5" in its card).
+    Now it trains nothing: model/ holds checkpoint-4's weights, and the resumed run's summary carries no train_loss
+    (the Trainer's 0.0 for a call that trained no step)."""
+    from safetensors.torch import load_file
+
+    import alignkit.cli.train as train_cli
+
+    run, extra = tmp_path / "run", ["data.eval_fraction=0.25"]  # 6 training records, batch 2: 3 steps an epoch
+    if finished:
+        assert cli("sft", "sft-tiny.yaml", run, extra) == 0
+    else:
+        def killed(*a, **kw):
+            raise Killed()
+
+        monkeypatch.setattr(train_cli, "write_prompt_formats", killed)
+        with pytest.raises(Killed):
+            cli("sft", "sft-tiny.yaml", run, extra)
+        monkeypatch.undo()
+    assert cli("sft", "sft-tiny.yaml", run, extra, "--resume") == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r.get("train_loss") for r in rows if "train_runtime" in r][-1] is None
+    assert "| `optimizer steps done` | 4 |" in (run / "README.md").read_text()
+    saved = load_file(str(run / "model" / "model.safetensors"))
+    at_4 = load_file(str(run / "checkpoints" / "checkpoint-4" / "model.safetensors"))
+    assert saved.keys() == at_4.keys() and all(bool((saved[k] == at_4[k]).all()) for k in saved)
+    assert cli("sft", "sft-tiny.yaml", run, [*extra, "train.max_steps=6"], "--resume") == 0  # training on: as before
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -51,6 +51,9 @@ def test_serve_log_counts_what_was_served(serve_stack, tmp_path):
     acc.Reload()
     assert [e.value for e in acc.Scalars("serve/generated_tokens")] == [0, served, served]
     assert [e.value for e in acc.Scalars("serve/requests/polite")] == [1, 1]
+    # start, sample and stop within one second: they took step 0 all three (TensorBoard showed one of them at
+    # step 0); now each row its own step, the next one when they share a second
+    assert [e.step for e in acc.Scalars("serve/generated_tokens")] == [0, 1, 2]
 
 
 def test_a_restart_appends_and_keeps_the_previous_rows(serve_stack, tmp_path):
@@ -65,15 +68,12 @@ def test_a_restart_appends_and_keeps_the_previous_rows(serve_stack, tmp_path):
     assert after.startswith(before) and [r.get("event") for r in _rows(tmp_path)] == ["start", "stop"] * 2
 
 
-def test_a_restart_continues_the_tensorboard_steps_and_the_plots(serve_stack, tmp_path, monkeypatch):
-    """TensorBoard steps were seconds since each start, so a restart into the same folder wrote its rows at steps
-    0, 1, ... again beside the previous start's (TensorBoard shows two values per step), and the plots were drawn
-    from the last start's rows alone, over the previous start's. The clock is the test's: a start at t=1000 that
-    stops at 1010, a restart at 1100 that stops at 1105; steps count from the folder's first row (0, 10, 100, 105)
-    and the plots hold all four rows."""
+def _two_starts(serve_stack, folder, monkeypatch, starts):
+    """ServeLog started and stopped into `folder` at the test's clock times `starts` ((start, stop), ...); returns
+    the TensorBoard steps of serve/queue_depth and the rows the last stop drew its plots from."""
     import alignkit.serve.log as log_module
 
-    clock = {"t": 1000.0}
+    clock = {"t": 0.0}
     monkeypatch.setattr(log_module.time, "time", lambda: clock["t"])
     drawn = []
     real_plot = log_module.plot_metrics
@@ -85,9 +85,9 @@ def test_a_restart_continues_the_tensorboard_steps_and_the_plots(serve_stack, tm
     monkeypatch.setattr(log_module, "plot_metrics", plot)
     engine = Engine(serve_stack, EngineConfig()).start()
     try:
-        for start, stop in ((1000.0, 1010.0), (1100.0, 1105.0)):
+        for start, stop in starts:
             clock["t"] = start
-            log = ServeLog(engine, tmp_path, every=3600).start()
+            log = ServeLog(engine, folder, every=3600).start()
             clock["t"] = stop
             log.stop()
     finally:
@@ -95,10 +95,28 @@ def test_a_restart_continues_the_tensorboard_steps_and_the_plots(serve_stack, tm
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "tensorboard" / "serve"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(folder / "tensorboard" / "serve"), size_guidance={"scalars": 0})
     acc.Reload()
-    assert sorted(e.step for e in acc.Scalars("serve/queue_depth")) == [0, 10, 100, 105]
-    assert [r["elapsed_s"] for r in drawn[-1]] == [0, 10, 100, 105]
+    return sorted(e.step for e in acc.Scalars("serve/queue_depth")), drawn[-1]
+
+
+def test_a_restart_continues_the_tensorboard_steps_and_the_plots(serve_stack, tmp_path, monkeypatch):
+    """TensorBoard steps were seconds since each start, so a restart into the same folder wrote its rows at steps
+    0, 1, ... again beside the previous start's (TensorBoard shows two values per step), and the plots were drawn
+    from the last start's rows alone, over the previous start's. The clock is the test's: a start at t=1000 that
+    stops at 1010, a restart at 1100 that stops at 1105; steps count from the folder's first row (0, 10, 100, 105)
+    and the plots hold all four rows."""
+    steps, drawn = _two_starts(serve_stack, tmp_path, monkeypatch, ((1000.0, 1010.0), (1100.0, 1105.0)))
+    assert steps == [0, 10, 100, 105]
+    assert [r["elapsed_s"] for r in drawn] == [0, 10, 100, 105]
+
+
+def test_rows_in_one_second_take_one_tensorboard_step_each_across_a_restart(serve_stack, tmp_path, monkeypatch):
+    """The step was the row's whole second since the first start, so rows less than a second apart (a stop right
+    after the start, a restart in the second the previous start stopped) shared a step: several values at one step.
+    Clock: a start at t=1000.2 stopping at 1000.4, a restart at 1000.6 stopping at 1003.0: steps 0, 1, 2, 3."""
+    steps, _ = _two_starts(serve_stack, tmp_path, monkeypatch, ((1000.2, 1000.4), (1000.6, 1003.0)))
+    assert steps == [0, 1, 2, 3]
 
 
 def test_output_dir_with_the_vllm_engine_is_refused(capsys):
@@ -106,9 +124,12 @@ def test_output_dir_with_the_vllm_engine_is_refused(capsys):
     assert "output_dir: the serve log" in capsys.readouterr().err
 
 
-def test_log_every_must_be_positive(capsys):
-    assert main(["serve", "--base", "tiny:llama", "log_every=0", "--dry-run"]) == 2
-    assert "log_every: must be > 0" in capsys.readouterr().err
+@pytest.mark.parametrize("every", ["0", "0.5"])
+def test_log_every_must_be_a_second_or_more(capsys, every):
+    """Rows closer than a second would share the TensorBoard steps (whole seconds): 0.5 was accepted."""
+    assert main(["serve", "--base", "tiny:llama", f"log_every={every}", "--dry-run"]) == 2
+    assert "log_every: must be >= 1 second" in capsys.readouterr().err
+    assert main(["serve", "--base", "tiny:llama", "log_every=1", "--dry-run"]) == 0
 
 
 def test_serving_an_adapter_trained_without_the_chat_template_is_warned(serve_dirs, tmp_path, caplog):

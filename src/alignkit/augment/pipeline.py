@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tqdm.auto import tqdm
+
 from alignkit.augment.code_bugs import split_functions
 from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns, texts_of
 from alignkit.files import DataError, atomic_write_jsonl
@@ -87,12 +89,13 @@ TEXT_KEYS = ("prompt", "completion", "chosen", "rejected")
 
 
 def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filters: Filters, out_path: str | Path,
-            *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0, concurrency: int = 1) -> AugmentResult:
+            *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0, concurrency: int = 1,
+            progress: bool = False) -> AugmentResult:
     """Run `strategy` over `sources` and write the kept records to `out_path` (atomically). `options` is the
     strategy's options dataclass; `llm` a ChatModel (None for code_bugs); `concurrency` the requests in flight
     at once (ValueError above the client's `max_concurrency`: a local model's is 1). DataError, and `out_path`
     left as it was, when no record is kept (an empty file would replace an earlier run's records and train
-    nothing)."""
+    nothing). `progress`: a bar counting the candidates (`alignkit augment`, where each may be an LLM request)."""
     spec = STRATEGIES[strategy]
     if spec.needs_llm and llm is None:
         raise ValueError(f"strategy {strategy!r} prompts a language model: configure llm")
@@ -108,7 +111,7 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
     seen: set[str] = set()
     rows: list[dict] = []
     n = 0
-    for cand in spec.run(sources, ctx, options):
+    for cand in tqdm(spec.run(sources, ctx, options), desc="augment", unit="candidate", disable=not progress):
         n += 1
         reason = cand.drop or _length_problem(cand, filters)
         if reason is None and filters.dedup:

@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:
-    return augment(cfg)
+    return augment(cfg, progress=not args.quiet)
 
 
 def build_llm(cfg: Any) -> Any:
@@ -71,7 +71,7 @@ def build_llm(cfg: Any) -> Any:
     return llm
 
 
-def augment(cfg: Any) -> int:
+def augment(cfg: Any, progress: bool = True) -> int:
     paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
     sources = read_sources([data_path(p) for p in paths], cfg.data.max_records)
     if not sources:
@@ -92,7 +92,7 @@ def augment(cfg: Any) -> int:
         result = run_augment(sources, cfg.strategy, cfg.strategy_options(), llm,
                              Filters(cfg.filters.min_chars, cfg.filters.max_chars, cfg.filters.dedup,
                                      cfg.filters.printable),
-                             out / "augmented.jsonl", **kw)
+                             out / "augmented.jsonl", progress=progress, **kw)
     except ValueError as e:  # e.g. an empty seed task (instructions)
         raise ConfigError(str(e)) from None
     inner = getattr(llm, "inner", llm)

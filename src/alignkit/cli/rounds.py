@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_sample(cfg: Any, args: argparse.Namespace) -> int:
-    path = sample(cfg)
+    path = sample(cfg, progress=not args.quiet)
     n = sum(1 for line in path.read_text().splitlines() if line.strip())
     print(f"alignkit sample: {n} sample(s) in {path}\n  next: alignkit annotate --config <annotate config> "
           f"output_dir={path.parent}")
@@ -86,8 +86,9 @@ def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str) ->
                           f"overwrite=true to redo it, or choose another output_dir")
 
 
-def sample(cfg: Any) -> Path:
-    """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl`. Returns its path."""
+def sample(cfg: Any, progress: bool = True) -> Path:
+    """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl` (a progress bar over
+    the batches unless `progress` is off: `--quiet`). Returns its path."""
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
     check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml")
@@ -97,7 +98,7 @@ def sample(cfg: Any) -> Path:
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
                         overwrite=cfg.overwrite, formatter=cfg.data.formatter,
-                        max_prompt_length=cfg.data.max_prompt_length)
+                        max_prompt_length=cfg.data.max_prompt_length, progress=progress)
     if run.main:  # with the samples it describes: a run that failed leaves the kept stage's settings (check_kept_stage)
         save_config(cfg, run.root / "sample.yaml")
     samples = read_samples(path)

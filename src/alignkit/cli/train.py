@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -38,7 +37,7 @@ from alignkit.models.efficiency import check_fullgraph, compile_layers
 from alignkit.models.rope import check_context
 from alignkit.runs import (
     MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, resumed_step, staged,
-    versions, write_prompt_formats,
+    trackers, versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
@@ -129,11 +128,7 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
         logger.info("%s CPU processes: DDP with use_cpu=True, ddp_backend=%s", os.environ["WORLD_SIZE"], kw["ddp_backend"])
     if not torch.cuda.is_available() and "dataloader_pin_memory" not in kw:
         kw["dataloader_pin_memory"] = False  # nothing to pin to on a CPU-only machine (and torch warns)
-    report = kw.get("report_to")
-    if report is None:
-        report = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    report = [report] if isinstance(report, str) else list(report)
-    report = [r for r in report if r != "none"]
+    report = trackers(kw.get("report_to"), expand_all=True)
     callbacks: list = [MetricsJsonl(run.metrics), log_last_step()]
     tensorboard = "tensorboard" in report  # our own writer, so the events land in <run>/tensorboard
     if tensorboard:

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 
@@ -318,7 +319,8 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
                        intervene_on_generated: bool = False, formatter: str = "auto",
-                       max_prompt_length: int | None = None, lean: bool | None = None) -> list[Sample]:
+                       max_prompt_length: int | None = None, lean: bool | None = None,
+                       progress: bool = False) -> list[Sample]:
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
@@ -326,7 +328,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     with `decode.lean_generate` (`generate`'s loop with less work per step) where the call's options allow it
     (None: whenever they do; False: always `model.generate`; True: raise where they do not). There it draws with
     `cfg.sampler` (None: the inverse-CDF sampler, same distribution, other draws than `generate`; "multinomial":
-    `generate`'s own draws under the same seed).
+    `generate`'s own draws under the same seed). `progress`: a progress bar over the batches (`alignkit sample`).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
     if batch_size < 1:
@@ -363,7 +365,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
         with rng:
             if cfg.seed is not None:
                 torch.manual_seed(cfg.seed)
-            for s in range(0, len(rows), batch_size):
+            for s in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", disable=not progress):
                 chunk = rows[s:s + batch_size]
                 ids = [encoded[g] for g, _ in chunk]
                 input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)

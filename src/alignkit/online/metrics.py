@@ -8,13 +8,13 @@ process, and the accelerate trackers: TensorBoard events in `<output_dir>/tensor
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 
 from torch import Tensor
 
 from alignkit.distributed import gather_objects
+from alignkit.runs import trackers
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,7 @@ class ProcessMetrics:
         return out
 
     def _trackers(self) -> list[str]:
-        r = self.config.report_to
-        if r is None:
-            r = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-        r = [r] if isinstance(r, str) else list(r)
-        return [t for t in r if t != "none"]
+        return trackers(self.config.report_to)
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)

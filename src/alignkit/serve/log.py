@@ -5,7 +5,9 @@ A `ServeLog` thread samples the engine's counters every `every` seconds and writ
     DIR/metrics.jsonl                   one JSON object per sample, appended (a restart adds rows, never truncates);
                                         the first row of each start has "event": "start"
     DIR/tensorboard/serve/              the same numbers as scalars, step = seconds since the folder's first start
-                                        (its first row's `time`), so a restart continues the curves
+                                        (its first row's `time`), so a restart continues the curves; a row in the
+                                        same whole second as the one before (the stop right after a sample) takes
+                                        the next step, so each step holds one value
     DIR/plots/serve-*.png               drawn when the server stops, from every row of metrics.jsonl (every start):
                                         tokens/s, requests, latency against `elapsed_s`, seconds since the first start
 
@@ -84,6 +86,7 @@ class ServeLog:
         self._rows: list[dict[str, Any]] = []
         self._t0 = self._last_t = 0.0
         self._origin = 0.0  # time.time() of the folder's first row: TensorBoard steps and plots count from it
+        self._step = -1  # the TensorBoard step of the folder's last row
         self._last: dict[str, float] = {}
 
     def _totals(self) -> dict[str, float]:
@@ -117,9 +120,10 @@ class ServeLog:
             f.flush()
             os.fsync(f.fileno())
         if self._writer is not None:
+            self._step = max(int(round(row["time"] - self._origin)), self._step + 1)  # rows in one second: one step each
             for k, v in row.items():
                 if k not in ("time", "uptime_s", "event") and isinstance(v, (int, float)):
-                    self._writer.add_scalar(f"serve/{k}", v, int(round(row["time"] - self._origin)))
+                    self._writer.add_scalar(f"serve/{k}", v, self._step)
             self._writer.flush()
         self._rows.append(row)
         return row
@@ -131,8 +135,11 @@ class ServeLog:
 
             self._writer = SummaryWriter(log_dir=str(self.folder / "tensorboard" / "serve"))
         self._t0 = self._last_t = time.monotonic()
-        previous = self._read_rows(first_only=True)  # a restart: steps go on from the first start's, not from 0 again
+        previous = self._read_rows()  # a restart: steps go on from the first start's, not from 0 again
         self._origin = float(previous[0]["time"]) if previous else time.time()
+        self._step = -1
+        for r in previous:  # the steps the previous starts' rows took
+            self._step = max(int(round(float(r["time"]) - self._origin)), self._step + 1)
         self._last = {}
         self.sample("start")
         self._thread = threading.Thread(target=self._loop, name="alignkit-serve-log", daemon=True)
@@ -160,7 +167,7 @@ class ServeLog:
         rows = [{**r, "elapsed_s": r["time"] - self._origin} for r in self._read_rows() or self._rows]
         return plot_metrics(rows, self.folder / "plots", plots=SERVE_PLOTS, x="elapsed_s")
 
-    def _read_rows(self, first_only: bool = False) -> list[dict[str, Any]]:
+    def _read_rows(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl that carry a numeric `time` (every start's; a damaged line is skipped)."""
         rows: list[dict[str, Any]] = []
         try:
@@ -172,8 +179,6 @@ class ServeLog:
                         continue
                     if isinstance(row, dict) and isinstance(row.get("time"), (int, float)):
                         rows.append(row)
-                        if first_only:
-                            break
         except OSError:
             pass
         return rows

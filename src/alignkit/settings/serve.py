@@ -49,8 +49,9 @@ class ServeConfig:
         for key in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.log_every <= 0:
-            raise ConfigError(f"log_every: must be > 0 seconds, got {self.log_every}")
+        if not self.log_every >= 1:  # TensorBoard's steps are whole seconds (serve/log.py): closer rows shared them
+            raise ConfigError(f"log_every: must be >= 1 second (the TensorBoard steps of the serve log are whole "
+                              f"seconds since its first start), got {self.log_every}")
         if self.request_timeout <= 0:
             raise ConfigError(f"request_timeout: must be > 0 seconds, got {self.request_timeout}")
         if self.engine == "vllm":

@@ -384,6 +384,18 @@ class AlignTrainer(BatchSampling, Trainer):
         self._step_loss = max(getattr(self, "_step_loss", 0.0), value)
         return loss
 
+    def _run_epoch(self, model: nn.Module, epoch: int, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's pass over one epoch, skipped when every optimizer step of the run is done already: resumed
+        from a checkpoint of step max_steps (a finished run, or one killed after its last checkpoint, in the final
+        evaluation or save) that ends inside an epoch, the Trainer trained one step past max_steps (it checks the
+        count only after a step), wrote checkpoint-<max_steps + 1> and saved that model as the run's."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            logger.info("all %d optimizer steps are done: nothing left to train", self.state.max_steps)
+            self.control.should_training_stop = True
+            self._trained_nothing = True
+            return None
+        return super()._run_epoch(model, epoch, *args, **kwargs)
+
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         ids, self._batch_ids = getattr(self, "_batch_ids", None), []
@@ -527,6 +539,8 @@ class AlignTrainer(BatchSampling, Trainer):
                           "eval_") if mode == "eval" else ""
             logs.update({prefix + k: v for k, v in values.items()})
             store.clear()
+        if "train_loss" in logs and getattr(self, "_trained_nothing", False):
+            logs.pop("train_loss")  # the mean over this call's steps: the Trainer's 0.0 when it trained none
         if mode == "train":
             self._flush_tokens()
             if getattr(self, "_num_tokens", None) is not None:
