@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -259,3 +260,21 @@ def test_reft_overhead_refuses_generations_of_other_lengths():
     ro.check_same_generation({"plain": full, "reft": full})
     with pytest.raises(SystemExit, match="NOT COMPARABLE"):
         ro.check_same_generation({"plain": full, "reft": full[:, :-1]})
+
+
+# ----------------------------------------------------------------------------- attention_ab: the layouts it times agree
+def test_attention_ab_variants_compute_causal_attention_per_sequence():
+    """bench/attention_ab.py times layouts of the same attention; each must be causal attention over each sequence
+    alone with GQA (query head h reads key/value head h // 2). Checked against that written out per head, in float64."""
+    ab = _load("attention_ab")
+    lens, q, k, v = ab.make_batches(1, seed=3)[0]
+    want, s = [], 0
+    for n in lens:
+        for h in range(ab.H):
+            qh, kh, vh = (x[0, i, s:s + n].double() for x, i in ((q, h), (k, h // 2), (v, h // 2)))
+            att = (qh @ kh.T) / ab.D ** 0.5 + torch.full((n, n), float("-inf"), dtype=torch.float64).triu(1)
+            want.append(att.softmax(-1) @ vh)
+        s += n
+    ref = torch.stack([torch.cat(want[h::ab.H]) for h in range(ab.H)])  # (H, S, D)
+    for name, fn in ab.VARIANTS.items():
+        torch.testing.assert_close(fn(lens, q, k, v)[0].double(), ref, rtol=1e-5, atol=1e-5, msg=name)
