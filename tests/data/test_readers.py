@@ -362,3 +362,24 @@ def test_chat_template_columns_stop_the_command_before_its_run_folder(tmp_path, 
     assert len(err) == 1 and err[0].startswith(f"alignkit {command}: error: {f}:1: column {col!r} holds a value TRL "
                                                "passes to the chat template")
     assert not run.exists()
+
+
+def test_json_lines_in_a_json_file_and_a_byte_order_mark_are_read(tmp_path):
+    """`datasets.Dataset.to_json("d.json")` writes one object per line (and `datasets.load_dataset("json")` reads it
+    back), but a `.json` file was read as one JSON value only: "broken JSON (Extra data)". A file saved by Notepad or
+    Excel starts with a UTF-8 byte order mark: "broken JSON line (Unexpected UTF-8 BOM ...)". Both are now read; a
+    broken file is still refused."""
+    import datasets
+
+    rows = [{"prompt": "Q", "completion": " A"}, {"prompt": "Q2", "completion": " B"}]
+    want = [SFTRecord("Q", " A"), SFTRecord("Q2", " B")]
+    datasets.Dataset.from_list(rows).to_json(tmp_path / "d.json")
+    recs = load_records(tmp_path / "d.json")
+    assert recs == want and recs[1].id == f"{tmp_path / 'd.json'}:2"
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "b.jsonl").write_bytes(bom + b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    (tmp_path / "b.json").write_bytes(bom + json.dumps(rows).encode())
+    assert load_records(tmp_path / "b.jsonl") == load_records(tmp_path / "b.json") == want
+    (tmp_path / "bad.json").write_text(json.dumps(rows) + "\n]")
+    with pytest.raises(DataError, match=r"bad\.json:2: broken JSON \(Extra data\)"):
+        load_records(tmp_path / "bad.json")
