@@ -216,8 +216,9 @@ def _holds(value: Any) -> bool:
 
 
 def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[str, int]) -> None:
-    """Policy for columns a reader does not read: images (`IMAGE_COLUMNS`, holding a value) are an error, the text
-    would be trained or sampled without the images it describes; one whose name is close to a column it reads
+    """Policy for columns a reader does not read: alignkit's own (`OWN_COLUMNS`) are skipped; chat-template columns
+    (`TEMPLATE_COLUMNS`) and images (`IMAGE_COLUMNS`) holding a value are an error, the text would be trained or
+    sampled rendered without them / without the images it describes; one whose name is close to a column it reads
     (`weigth`, `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported
     in one warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
     for col in row:
