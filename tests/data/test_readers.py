@@ -108,6 +108,22 @@ def test_kind_conversion():
      r"models, so the text would be trained without the images it refers to; .* drop the 'images' column"),
     (['{"prompt": "Describe it.", "chosen": " red", "rejected": " blue", "image": "x.png"}'],
      r"d\.jsonl:1: column 'image' holds images"),
+    # TRL's chat-template columns: dropped with the general "ignored column" warning, the text rendered without them
+    (['{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}], '
+      '"tools": [{"type": "function", "function": {"name": "get_weather"}}]}'],
+     r"d\.jsonl:1: column 'tools' holds a value TRL passes to the chat template \(apply_chat_template\(\.\.\., "
+     r"tools=tools\)\), .* fold it into the messages .* or drop the 'tools' column$"),
+    (['{"prompt": "Q", "completion": " A", "chat_template_kwargs": {"enable_thinking": false}}'],
+     r"d\.jsonl:1: column 'chat_template_kwargs' holds a value TRL passes to the chat template "
+     r"\(apply_chat_template\(\.\.\., \*\*chat_template_kwargs\)\)"),
+    (['{"prompt": "Q", "tools": [{"type": "function", "function": {"name": "f"}}]}'],  # prompts for online training
+     r"d\.jsonl:1: column 'tools' holds a value TRL passes"),
+    # ShareGPT rows: a speaker with no chat role
+    (['{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}'],
+     r"d\.jsonl:1: conversations\[1\] has 'from' 'bot', not a ShareGPT speaker alignkit maps to a chat role "
+     r"\(human -> user, .*\); change it to one of them, or give the message a 'role'$"),
+    (['{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "messages": []}'],
+     r"d\.jsonl:1: the row has both 'messages' and 'conversations'"),
     # TRL's language-modeling rows: one line naming the format and the columns to give instead
     (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
      r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),
@@ -271,3 +287,99 @@ def test_prompts_from_trl_rows_keep_their_other_columns(tmp_path, row):
     assert record.prompt == row["prompt"]
     assert record.meta["columns"] == {k: v for k, v in row.items() if k != "prompt"}
     assert type(load_records(f)[0]) is not PromptRecord  # read for training, the row is what it was
+
+
+def sharegpt(conversation):
+    """A conversation of {"role", "content"} messages in ShareGPT's form (human / gpt / system speakers)."""
+    speakers = {"user": "human", "assistant": "gpt", "system": "system"}
+    return [{"from": speakers[m["role"]], "value": m["content"]} for m in conversation]
+
+
+def test_sharegpt_rows_are_read_as_the_same_rows_in_messages(tmp_path, tokenizer):
+    """ShareGPT rows (`conversations` of {"from", "value"} messages: most SFT sets on the Hub; TRL converts them) were
+    refused ('unknown combination of columns'). Now they are read as the same rows written as `messages`, with
+    human -> user, gpt -> assistant, system -> system, in every column that holds a conversation; the features are
+    those of the `messages` rows (compared with rows written by hand, not converted by the code under test)."""
+    from alignkit.data import tokenize_records
+
+    convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4"}],
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+              {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}]]
+    share = write_jsonl(tmp_path / "share.jsonl", [{"conversations": sharegpt(c)} for c in convs])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
+    assert load_records(share) == load_records(chat) == [SFTRecord(c[:-1], [c[-1]]) for c in convs]
+    got, want = tokenize_records(load_records(share), tokenizer)[0], tokenize_records(load_records(chat), tokenizer)[0]
+    assert [{k: v for k, v in f.items() if k != "id"} for f in got] == \
+        [{k: v for k, v in f.items() if k != "id"} for f in want]
+    # "user" / "assistant" / "model" speakers too, and pairs whose conversations are in ShareGPT's form
+    other = [{"from": "user", "value": "Hi"}, {"from": "model", "value": "Hello"}]
+    assert load_records([{"conversations": other}]) == [SFTRecord(CONV_P, "Hello")]
+    pair = {"chosen": sharegpt(convs[0]), "rejected": sharegpt(convs[0][:-1] + [{"role": "assistant", "content": "5"}])}
+    assert load_records([pair]) == [PreferenceRecord(convs[0][:-1], "4", "5")]
+    pair = {"prompt": sharegpt(convs[0][:-1]), "chosen": sharegpt(convs[0][-1:]), "rejected": [{"from": "gpt", "value": "5"}]}
+    assert load_records([pair]) == [PreferenceRecord(convs[0][:-1], "4", "5")]
+
+
+def test_columns_alignkit_writes_are_read_without_a_warning(tmp_path, caplog):
+    """Reading alignkit's own records (annotate's records.jsonl: prompt, completion / chosen, rejected, weight, id,
+    meta; augment's output: the row plus meta) warned "ignored column(s) ['id', 'meta']" on every file. Now those
+    columns are skipped silently; a truly unknown column is still warned."""
+    import logging
+
+    rows = [{"prompt": "Q", "chosen": " a", "rejected": " b", "margin": None, "weight": 1.0,
+             "id": "prompts.jsonl:1 sample 0", "meta": {"scores": [1.0, 0.0]}},
+            {"prompt": "Q2", "chosen": " c", "rejected": " d", "margin": None, "weight": 1.0,
+             "id": "prompts.jsonl:2 sample 0", "meta": {"scores": [1.0, 0.0]}}]
+    f = write_jsonl(tmp_path / "records.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        assert [(r.prompt, r.chosen) for r in load_records(f)] == [("Q", " a"), ("Q2", " c")]
+        load_records(write_jsonl(tmp_path / "aug.jsonl", [{"prompt": "Q", "completion": " a", "meta": {"strategy": "x"}}]))
+    assert "ignored column" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        load_records(write_jsonl(tmp_path / "other.jsonl", [dict(rows[0], source="web")]))
+    assert "ignored column(s) ['source']" in caplog.text
+
+
+@pytest.mark.parametrize("command, config, row", [
+    ("sft", "sft-tiny.yaml", {"messages": CONV_P + [{"role": "assistant", "content": "Hello"}],
+                              "tools": [{"type": "function", "function": {"name": "get_weather"}}]}),
+    ("grpo", "grpo-tiny.yaml", {"prompt": CONV_P, "chat_template_kwargs": {"enable_thinking": False}}),
+])
+def test_chat_template_columns_stop_the_command_before_its_run_folder(tmp_path, capsys, command, config, row):
+    """A `tools` / `chat_template_kwargs` column was dropped with the general "ignored column" warning and the run
+    trained (or sampled) text rendered without them. Now the command stops with one line naming the row and column,
+    before the run folder exists."""
+    from alignkit.cli import main
+
+    f = write_jsonl(tmp_path / "d.jsonl", [row] * 4)
+    run = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
+    assert main(["-q", command, "--config", str(root / "configs" / config), f"data.path={f}",
+                 f"output_dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    col = "tools" if "tools" in row else "chat_template_kwargs"
+    assert len(err) == 1 and err[0].startswith(f"alignkit {command}: error: {f}:1: column {col!r} holds a value TRL "
+                                               "passes to the chat template")
+    assert not run.exists()
+
+
+def test_json_lines_in_a_json_file_and_a_byte_order_mark_are_read(tmp_path):
+    """`datasets.Dataset.to_json("d.json")` writes one object per line (and `datasets.load_dataset("json")` reads it
+    back), but a `.json` file was read as one JSON value only: "broken JSON (Extra data)". A file saved by Notepad or
+    Excel starts with a UTF-8 byte order mark: "broken JSON line (Unexpected UTF-8 BOM ...)". Both are now read; a
+    broken file is still refused."""
+    import datasets
+
+    rows = [{"prompt": "Q", "completion": " A"}, {"prompt": "Q2", "completion": " B"}]
+    want = [SFTRecord("Q", " A"), SFTRecord("Q2", " B")]
+    datasets.Dataset.from_list(rows).to_json(tmp_path / "d.json")
+    recs = load_records(tmp_path / "d.json")
+    assert recs == want and recs[1].id == f"{tmp_path / 'd.json'}:2"
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "b.jsonl").write_bytes(bom + b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    (tmp_path / "b.json").write_bytes(bom + json.dumps(rows).encode())
+    assert load_records(tmp_path / "b.jsonl") == load_records(tmp_path / "b.json") == want
+    (tmp_path / "bad.json").write_text(json.dumps(rows) + "\n]")
+    with pytest.raises(DataError, match=r"bad\.json:2: broken JSON \(Extra data\)"):
+        load_records(tmp_path / "bad.json")

@@ -16,7 +16,14 @@ columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference
 are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
 `answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`); prompts read
 from rows with responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision
-columns (`images`, `image`) holding a value are an error: alignkit trains text-only models.
+columns (`images`, `image`) holding a value are an error: alignkit trains text-only models; so are `tools` and
+`chat_template_kwargs` holding a value (TRL passes them to the chat template; records keep messages only). The columns
+alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, augment's output) are skipped silently.
+
+ShareGPT rows (`conversations`: [{"from": "human" | "gpt" | "system", "value": ...}]) are read as TRL reads them
+(`maybe_convert_to_chatml`): `conversations` is `messages`, and a {"from", "value"} message in any column is
+{"role", "content"}, the speaker mapped to its role (human/user -> user, gpt/assistant/model -> assistant,
+system -> system; any other is an error naming the row and the value).
 
 Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
 longest run of equal leading messages; for text, the longest common character prefix, moved back to the
@@ -94,6 +101,51 @@ def split_shared_prefix(chosen: Any, rejected: Any, where: str) -> tuple[Any, An
                     f"{type(chosen).__name__} and {type(rejected).__name__}")
 
 
+# ShareGPT's speakers (`conversations`: [{"from": ..., "value": ...}]) -> chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+# the columns that may hold a conversation (or, `responses`, a list of them)
+CONVERSATION_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
+
+
+def _from_sharegpt(messages: Any, where: str, col: str) -> Any:
+    """`messages` with each ShareGPT message ({"from", "value"}, no "role") as {"role", "content"} (other keys kept:
+    they are counted as dropped keys like any message's); anything else unchanged."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and "from" in m and m.get("role") is None:
+            speaker = m["from"]
+            if speaker not in SHAREGPT_ROLES:
+                raise DataError(f"{where}: {col}[{i}] has 'from' {str(speaker)[:40]!r}, not a ShareGPT speaker alignkit "
+                                f"maps to a chat role ({', '.join(f'{k} -> {v}' for k, v in SHAREGPT_ROLES.items())}); "
+                                f"change it to one of them, or give the message a 'role'")
+            rest = {k: v for k, v in m.items() if k not in ("from", "value", "role", "content")}
+            m = {"role": SHAREGPT_ROLES[speaker], "content": m.get("value", m.get("content")), **rest}
+        out.append(m)
+    return out
+
+
+def from_sharegpt(row: dict, where: str) -> dict:
+    """A row in ShareGPT's form as the same row in TRL's (TRL's `maybe_convert_to_chatml`, with the speakers mapped to
+    chat roles: `SHAREGPT_ROLES`): `conversations` becomes `messages`, and every {"from", "value"} message of a column
+    holding a conversation becomes {"role", "content"}. Rows without them are returned as they are."""
+    if "conversations" in row and "messages" in row:
+        raise DataError(f"{where}: the row has both 'messages' and 'conversations' (ShareGPT's name for them); keep "
+                        f"one of the two columns")
+    if not any(c in row for c in (*CONVERSATION_COLUMNS, "responses")):
+        return row
+    out = {("messages" if k == "conversations" else k): v for k, v in row.items()}
+    for col in CONVERSATION_COLUMNS:
+        if col in row:
+            key = "messages" if col == "conversations" else col
+            out[key] = _from_sharegpt(row[col], where, col)
+    if isinstance(row.get("responses"), list):
+        out["responses"] = [_from_sharegpt(r, where, f"responses[{i}]") for i, r in enumerate(row["responses"])]
+    return out
+
+
 def _messages(row: dict, where: str) -> SFTRecord:
     msgs = check_messages(get_field(row, "messages", where, list, "a list of {'role', 'content'} messages"),
                           where, "messages")
@@ -150,17 +202,37 @@ COLUMNS = {"messages": ("messages", "weight"), "prompt_completion": ("prompt", "
 
 # TRL's vision columns: the text of such a row refers to images alignkit never reads (it trains text-only models)
 IMAGE_COLUMNS = ("images", "image")
+# columns TRL passes to the chat template (apply_chat_template(messages, tools=..., **chat_template_kwargs)): records
+# keep messages only, so the text would be rendered without what these add (tool definitions, enable_thinking, ...)
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")
+# columns alignkit itself writes beside the record's (`annotate`'s records.jsonl: id, meta; `augment`: meta): the
+# reader names a record by its place in the file, so they are skipped without the "ignored column" warning
+OWN_COLUMNS = ("id", "meta")
+
+
+def _holds(value: Any) -> bool:
+    """Whether a column's value says something (a Parquet null or an empty list / dict / string does not)."""
+    return value not in (None, [], {}, "")
 
 
 def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[str, int]) -> None:
-    """Policy for columns a reader does not read: images (`IMAGE_COLUMNS`, holding a value) are an error, the text
-    would be trained or sampled without the images it describes; one whose name is close to a column it reads
+    """Policy for columns a reader does not read: alignkit's own (`OWN_COLUMNS`) are skipped; chat-template columns
+    (`TEMPLATE_COLUMNS`) and images (`IMAGE_COLUMNS`) holding a value are an error, the text would be trained or
+    sampled rendered without them / without the images it describes; one whose name is close to a column it reads
     (`weigth`, `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported
     in one warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
     for col in row:
-        if col in known:
+        if col in known or col in OWN_COLUMNS:
             continue
-        if col in IMAGE_COLUMNS and row[col] not in (None, [], ""):
+        if col in TEMPLATE_COLUMNS:
+            if not _holds(row[col]):
+                continue  # null or empty (a Parquet column's padding): nothing to render
+            raise DataError(f"{where}: column {col!r} holds a value TRL passes to the chat template "
+                            f"(apply_chat_template(..., {'tools=' if col == 'tools' else '**'}{col})), and alignkit "
+                            f"renders each conversation's messages alone, so the {col!r} of this row would be dropped "
+                            f"and the model trained on text rendered without it; fold it into the messages (e.g. the "
+                            f"tool descriptions into the system message), or drop the {col!r} column")
+        if col in IMAGE_COLUMNS and _holds(row[col]):
             raise DataError(f"{where}: column {col!r} holds images (TRL's vision-language format), and alignkit trains "
                             f"text-only models, so the text would be trained without the images it refers to; use "
                             f"rows without images, or drop the {col!r} column to train on the text alone")
@@ -246,6 +318,7 @@ def read_checked(source: Any, split: str | None, convert: Any, known: tuple[str,
     partial = PartialColumns(tuple(c for c in DEFAULTED if c in known))
 
     def checked(row: dict, where: str) -> Any:
+        row = from_sharegpt(row, where)
         check_columns(row, where, known, unknown)
         record = convert(row, where)
         partial.add(row, where)
@@ -272,8 +345,8 @@ def _reader(convert):
 
 # the readers of this module: name, record kind, priority, detect(row), columns -> record, description
 COLUMN_READERS = (
-    ("messages", "sft", 10, lambda r: "messages" in r and "prompt" not in r, _messages,
-     "messages (conversation ending on the assistant turn) -> sft"),
+    ("messages", "sft", 10, lambda r: ("messages" in r or "conversations" in r) and "prompt" not in r, _messages,
+     "messages (conversation ending on the assistant turn; ShareGPT's conversations too) -> sft"),
     ("prompt-completion", "sft", 10, lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" not in r,
      _prompt_completion, "prompt, completion -> sft"),
     ("preference", "preference", 10, lambda r: _is_value(r.get("prompt")) and "chosen" in r and "rejected" in r,

@@ -2,7 +2,8 @@
 
 Sources: a `.jsonl` file (one JSON value per line; blank lines skipped; a line holding a bare JSON
 string is read as `{"prompt": <string>}`, so a file of prompts is a prompt dataset), a `.json` file
-holding a list of objects, a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a
+holding a list of objects (or one object per line, as `datasets.Dataset.to_json` writes: read as `.jsonl`; a
+UTF-8 byte order mark at the start of a file is skipped), a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a
 `datasets.Dataset`, or an in-memory list of dicts. Any other folder is read the way `datasets.load_dataset(folder)`
 reads a dataset repository (its data files, or the configs its README declares), and an "org/name" that is
 not a local path as a Hugging Face dataset name; both take split "train" unless `split` says otherwise. Places are "path:LINE" (1-based) for JSON lines and
@@ -49,7 +50,7 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
-            line = decode_utf8(raw, where)
+            line = decode_utf8(raw[3:] if lineno == 1 and raw.startswith(BOM) else raw, where)
             if not line.strip():
                 continue
             try:
@@ -63,6 +64,22 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
                 raise DataError(f"{where}: expected a JSON object per line, got {type(value).__name__}; "
                                 f"write one {{...}} object per line")
             yield value, where
+
+
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some editors (Notepad, Excel) write at the start of a file
+
+
+def _is_json_lines(path: Path) -> bool:
+    """Whether a `.json` file holds one JSON object per line (what `datasets.Dataset.to_json` writes by default, and
+    `datasets.load_dataset("json")` reads) rather than one JSON value: its first non-blank line is an object."""
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return isinstance(json.loads(raw.removeprefix(BOM)), dict)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return False
+    return False
 
 
 def _iter_table(table: Any, name: str) -> Iterator[Row]:
@@ -170,8 +187,11 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
             yield from _iter_jsonl(path)
         elif path.suffix == ".json":
             try:
-                value = json.loads(decode_utf8(path.read_bytes(), str(path)))
+                value = json.loads(decode_utf8(path.read_bytes().removeprefix(BOM), str(path)))
             except json.JSONDecodeError as e:
+                if e.msg == "Extra data" and _is_json_lines(path):  # JSON lines in a .json file (Dataset.to_json)
+                    yield from _iter_jsonl(path)
+                    return
                 raise DataError(f"{path}:{e.lineno}: broken JSON ({e.msg}); fix the file "
                                 f"(or write one object per line as .jsonl)") from None
             if not isinstance(value, list):
