@@ -218,6 +218,24 @@ def test_tensorboard_named_but_not_installed_is_refused_before_anything_is_writt
     assert main(args) == 0 and not (out / "tensorboard").exists()
 
 
+@pytest.mark.parametrize("case", ["sft", "grpo"])
+def test_tracker_named_but_not_installed_is_refused_before_anything_is_written(case, tmp_path, capsys):
+    """train.report_to=wandb without wandb installed: sft wrote the run folder and then stopped with 'unexpected
+    error: RuntimeError' (transformers' WandbCallback), grpo ran without the tracker (accelerate dropped it with a
+    warning). Now one line naming the key, the tracker and the fix, nothing written (as for tensorboard)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    if "wandb" in get_available_reporting_integrations():
+        pytest.skip("wandb is installed here")
+    command, config, overrides, *_ = TRAINING_OUTPUTS[case]
+    out = tmp_path / "run"
+    assert main(["-q", command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides,
+                 "train.report_to=wandb"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert len(err) == 1 and "train.report_to: wandb named but not installed" in err[0], err
+    assert "pip install wandb" in err[0] and "unexpected" not in err[0] and not out.exists()
+
+
 # command -> (config, overrides, its progress bar's label): the one-shot commands' long work
 PROGRESS = {
     "sample": ("sample-tiny.yaml", ["sampling.max_new_tokens=2", "data.max_records=2", "sampling.num_samples=2"],
