@@ -244,16 +244,23 @@ PROGRESS = {
                                         "generation.max_new_tokens=2"], "generate: 100%"),
     "eval": ("eval-rm-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null"], "reward eval: 100%"),
     "augment": ("augment-code-bugs.yaml", [], "candidate/s]"),  # a count: the candidates are not known ahead
+    # annotate scores the samples a quiet sample run (its 4th item) wrote first
+    "annotate": ("annotate-tiny.yaml", [], "annotate: 100%",
+                 ["sample", "-c", str(CONFIGS / "sample-tiny.yaml"), "sampling.max_new_tokens=2", "data.max_records=2",
+                  "sampling.num_samples=2"]),
 }
 
 
 @pytest.mark.parametrize("command", list(PROGRESS))
 def test_one_shot_commands_show_a_progress_bar_that_quiet_hides(command, tmp_path, capfd):
     """`sample` generated every prompt's responses and `augment` made its candidates (an LLM request each, for most
-    strategies) without a progress bar (generate and eval had one); now a bar over the batches / a count of the
-    candidates, hidden by -q as the others'."""
-    config, overrides, label = PROGRESS[command]
+    strategies) and `annotate` scored them without a progress bar (generate and eval had one); now a bar over the
+    batches / a count of the candidates, hidden by -q as the others'."""
+    config, overrides, label, *before = PROGRESS[command]
     for quiet, out in ((False, tmp_path / "loud"), (True, tmp_path / "quiet")):
+        if before:
+            assert main(["-q", *before[0], f"output_dir={out}"]) == 0
+            capfd.readouterr()
         args = [command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides]
         assert main(["-q", *args] if quiet else args) == 0
         err = capfd.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from typing import Sequence
 
 import torch
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker
@@ -22,6 +23,25 @@ from alignkit.runs import trackers
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def moment_stats(moments: dict[str, Sequence[float]]) -> dict[str, float]:
+    """`<key>/mean` and `<key>/std` (Bessel-corrected; NaN below 2 items) from each key's (count, sum, sum of
+    squares)."""
+    out: dict[str, float] = {}
+    for key, (n, s, ss) in moments.items():
+        mean = s / n if n else float("nan")
+        out[f"{key}/mean"] = mean
+        out[f"{key}/std"] = math.sqrt(max(ss - n * mean * mean, 0.0) / (n - 1)) if n > 1 else float("nan")
+    return out
+
+
+def recompute_rates(metrics: dict[str, float], rates: dict[str, tuple[tuple[str, ...], str]]) -> None:
+    """Each rate of `rates` (rate -> (its numerator counts, its denominator count)) from the summed counts of
+    `metrics`, in place, where they are all there."""
+    for rate, (parts, total) in rates.items():
+        if rate in metrics and total in metrics and all(p in metrics for p in parts):
+            metrics[rate] = sum(metrics[p] for p in parts) / max(metrics[total], 1.0)
 
 
 class ProcessMetrics:
@@ -64,9 +84,7 @@ class ProcessMetrics:
                 out[k] = vals[0]
             else:
                 out[k] = sum(vals) / len(vals)
-        for rate, (parts, total) in self.RATE_METRICS.items():
-            if rate in out and total in out and all(p in out for p in parts):
-                out[rate] = sum(out[p] for p in parts) / max(out[total], 1.0)
+        recompute_rates(out, self.RATE_METRICS)
         return out
 
     def reward_moments(self, moments: dict[str, tuple[float, float, float]]) -> dict[str, float]:
@@ -77,12 +95,7 @@ class ProcessMetrics:
         if not keys:
             return {}
         total = self.reduce_sum(torch.tensor([list(moments[k]) for k in keys], dtype=torch.float64))  # (K, 3)
-        out: dict[str, float] = {}
-        for key, (n, s, ss) in zip(keys, total.tolist()):
-            mean = s / n if n else float("nan")
-            out[f"{key}/mean"] = mean
-            out[f"{key}/std"] = math.sqrt(max(ss - n * mean * mean, 0.0) / (n - 1)) if n > 1 else float("nan")
-        return out
+        return moment_stats(dict(zip(keys, total.tolist())))
 
     def _trackers(self) -> list[str]:
         """The accelerate trackers of `report_to`; "all": every installed one accelerate has (TensorBoard among
@@ -118,4 +131,4 @@ class ProcessMetrics:
             self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
 
-__all__ = ["METRICS_FILE", "ProcessMetrics"]
+__all__ = ["METRICS_FILE", "ProcessMetrics", "moment_stats", "recompute_rates"]
