@@ -40,6 +40,7 @@ import yaml
 from huggingface_hub import ModelCard as HubCard
 from transformers import TrainerCallback
 from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
 import alignkit
 from alignkit.adapters.config import KINDS
@@ -123,6 +124,14 @@ def trackers(report_to: str | list[str] | None, where: str = "train.report_to", 
     if "tensorboard" in names and not installed:
         raise ConfigError(f"{where}: tensorboard is named but not installed, so no TensorBoard events could be "
                           "written; pip install tensorboard (or alignkit[cli]), or remove it from report_to")
+    # transformers' integrations whose package is missing: the offline commands stopped on an unexpected
+    # RuntimeError after writing the run folder, the online ones ran without the tracker (accelerate drops it)
+    missing = [n for n in names if n in INTEGRATION_TO_CALLBACK and n != "tensorboard"
+               and n not in get_available_reporting_integrations()]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} named but not installed, so nothing could be reported "
+                          f"there; install it (pip install {' '.join(m.replace('_', '-') for m in missing)}), or "
+                          "remove it from report_to")
     return list(dict.fromkeys(names))
 
 

@@ -218,6 +218,24 @@ def test_tensorboard_named_but_not_installed_is_refused_before_anything_is_writt
     assert main(args) == 0 and not (out / "tensorboard").exists()
 
 
+@pytest.mark.parametrize("case", ["sft", "grpo"])
+def test_tracker_named_but_not_installed_is_refused_before_anything_is_written(case, tmp_path, capsys):
+    """train.report_to=wandb without wandb installed: sft wrote the run folder and then stopped with 'unexpected
+    error: RuntimeError' (transformers' WandbCallback), grpo ran without the tracker (accelerate dropped it with a
+    warning). Now one line naming the key, the tracker and the fix, nothing written (as for tensorboard)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    if "wandb" in get_available_reporting_integrations():
+        pytest.skip("wandb is installed here")
+    command, config, overrides, *_ = TRAINING_OUTPUTS[case]
+    out = tmp_path / "run"
+    assert main(["-q", command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides,
+                 "train.report_to=wandb"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert len(err) == 1 and "train.report_to: wandb named but not installed" in err[0], err
+    assert "pip install wandb" in err[0] and "unexpected" not in err[0] and not out.exists()
+
+
 # command -> (config, overrides, its progress bar's label): the one-shot commands' long work
 PROGRESS = {
     "sample": ("sample-tiny.yaml", ["sampling.max_new_tokens=2", "data.max_records=2", "sampling.num_samples=2"],
@@ -226,16 +244,23 @@ PROGRESS = {
                                         "generation.max_new_tokens=2"], "generate: 100%"),
     "eval": ("eval-rm-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null"], "reward eval: 100%"),
     "augment": ("augment-code-bugs.yaml", [], "candidate/s]"),  # a count: the candidates are not known ahead
+    # annotate scores the samples a quiet sample run (its 4th item) wrote first
+    "annotate": ("annotate-tiny.yaml", [], "annotate: 100%",
+                 ["sample", "-c", str(CONFIGS / "sample-tiny.yaml"), "sampling.max_new_tokens=2", "data.max_records=2",
+                  "sampling.num_samples=2"]),
 }
 
 
 @pytest.mark.parametrize("command", list(PROGRESS))
 def test_one_shot_commands_show_a_progress_bar_that_quiet_hides(command, tmp_path, capfd):
     """`sample` generated every prompt's responses and `augment` made its candidates (an LLM request each, for most
-    strategies) without a progress bar (generate and eval had one); now a bar over the batches / a count of the
-    candidates, hidden by -q as the others'."""
-    config, overrides, label = PROGRESS[command]
+    strategies) and `annotate` scored them without a progress bar (generate and eval had one); now a bar over the
+    batches / a count of the candidates, hidden by -q as the others'."""
+    config, overrides, label, *before = PROGRESS[command]
     for quiet, out in ((False, tmp_path / "loud"), (True, tmp_path / "quiet")):
+        if before:
+            assert main(["-q", *before[0], f"output_dir={out}"]) == 0
+            capfd.readouterr()
         args = [command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides]
         assert main(["-q", *args] if quiet else args) == 0
         err = capfd.readouterr().err

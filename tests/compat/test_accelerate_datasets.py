@@ -1,4 +1,4 @@
-"""accelerate and datasets behaviour alignkit relies on (rows A1-A9 and D1-D2 of the table in docs/architecture.md)."""
+"""accelerate and datasets behaviour alignkit relies on (rows A1-A10 and D1-D2 of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,29 @@ def test_accelerator_calls_alignkit_makes():
           "log_with= / project_dir=", "alignkit/online/trainer.py", str(got))
     for name in ("init_trackers", "log", "end_training", "wait_for_everyone"):  # decorated: (*args, **kwargs)
         check(callable(getattr(A, name, None)), ACC, f"Accelerator.{name} is gone", "alignkit/online/trainer.py")
+
+
+def test_a_started_tracker_appended_to_trackers_is_logged_to(tmp_path):
+    """The online loop opens TensorBoard itself (`TensorBoardTracker(run_name, logging_dir, **SummaryWriter
+    kwargs)`: events in <logging_dir>/<run_name>) and appends it to `accelerator.trackers`, which
+    `Accelerator.log` writes to."""
+    where = "alignkit/online/metrics.py:ProcessMetrics.start_trackers"
+    from accelerate import Accelerator
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker
+
+    check({"tensorboard", "wandb"} <= set(LOGGER_TYPE_TO_CLASS), ACC, "accelerate.tracking.LOGGER_TYPE_TO_CLASS no "
+          "longer maps tracker names (report_to: all keeps the names it holds)", where, str(list(LOGGER_TYPE_TO_CLASS)))
+    with guard(ACC, "TensorBoardTracker(run_name, logging_dir, purge_step=) / init_trackers / log moved", where):
+        acc = Accelerator(cpu=True, project_dir=str(tmp_path))
+        acc.init_trackers("my-run")
+        tracker = TensorBoardTracker("tensorboard", str(tmp_path), purge_step=0)
+        tracker.start()
+        acc.trackers.append(tracker)
+        acc.log({"x": 1.0}, step=0)
+        tracker.finish()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    check(len(events) == 1 and events[0].stat().st_size > 0, ACC, "a tracker appended to accelerator.trackers is "
+          "not written to by Accelerator.log, or TensorBoardTracker writes elsewhere", where, str(events))
 
 
 def test_datasets_folders_rows_and_columns(tmp_path):

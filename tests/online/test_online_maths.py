@@ -120,3 +120,36 @@ def test_annotator_counts_are_summed_over_processes_and_rates_recomputed(monkeyp
     out = Two().reduce_metrics(rank0)
     assert out["judge/failure_rate"] == pytest.approx(4 / 6)
     assert out["loss"] == 2.0 and out["step"] == 3.0
+
+
+def test_reward_function_mean_and_std_are_exact_over_processes(monkeypatch):
+    """rewards/<fn>/mean and /std were each process's, averaged over processes: exact only when every process
+    scored as many items. Rank 0 scores 1, 2, 3 (and one failure), rank 1 scores 5: the step's values are
+    1, 2, 3, 5, mean 11 / 4 = 2.75, Bessel variance (1.75² + 0.75² + 0.25² + 2.25²) / 3 = 8.75 / 3 (the averages
+    were (2 + 5) / 2 = 3.5, and a NaN std from rank 1's single score)."""
+    import alignkit.online.metrics as m
+    from alignkit.online.annotators import FunctionAnnotator
+
+    def digits(prompt, response):
+        return None if response == "x" else float(response)
+
+    s0 = FunctionAnnotator(digits).annotate(["p"] * 4, ["1", "2", "3", "x"])
+    s1 = FunctionAnnotator(digits).annotate(["p"], ["5"])
+    (key,) = s0.moments  # rewards/<the function's name>
+    assert key.endswith("digits") and s0.moments[key] == (3.0, 6.0, 14.0) and s1.moments == {key: (1.0, 5.0, 25.0)}
+    other = torch.tensor([list(s1.moments[key])], dtype=torch.float64)
+
+    class Two(m.ProcessMetrics):
+        world = 2
+
+        def reduce_sum(self, t):
+            return t + other
+
+    out = Two().reward_moments(s0.moments)
+    assert out[f"{key}/mean"] == pytest.approx(2.75) and out[f"{key}/std"] == pytest.approx(math.sqrt(8.75 / 3))
+    # every rank then holds the same value, which reduce_metrics keeps as it is (averaging it is exact only for 2)
+    rows = [{"step": 1.0, "rewards/digits/mean": 0.1, "loss": 1.0}, {"step": 1.0, "rewards/digits/mean": 0.1, "loss": 2.0}]
+    rows.append(dict(rows[0]))
+    monkeypatch.setattr(m, "gather_objects", lambda obj, world: rows)
+    reduced = Two().reduce_metrics(rows[0])
+    assert reduced["rewards/digits/mean"] == 0.1 and reduced["loss"] == pytest.approx(4 / 3)

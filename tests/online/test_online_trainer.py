@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignkit.adapters import load_adapter, reference_off
+from alignkit.adapters import load_adapter, reference_off, unwrap_lm
 from alignkit.models.loading import load_model
 from alignkit.online.annotators import Annotator
 from alignkit.online.judge import JudgeAnnotator
@@ -541,3 +541,56 @@ def test_policy_is_unwrapped_once_per_model_object(tiny_dir, tokenizer):
     other = toy_policy(tiny_dir("llama"), "full")
     trainer.model = torch.nn.DataParallel(other)  # a wrapper accelerate unwraps
     assert trainer.policy is other and trainer.policy is other and len(calls) == 3
+
+
+def forward_counter(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("cls,config", [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig), (PPOTrainer, PPOConfig)])
+def test_kl_coef_zero_builds_no_reference(tiny_dir, tokenizer, cls, config):
+    """kl_coef 0 (fixed) multiplies the KL term by 0, yet the loop built the reference (a full copy of a fully
+    finetuned policy) and ran its forward every step only to log the KL; TRL's beta 0 loads none. Now no
+    reference is built or run, the "kl" metrics are absent, and the losses equal a run that asked for the
+    reference (reference="adapter_off": the old path) exactly; kl_coef > 0 still builds and logs it."""
+    full = cls(toy_policy(tiny_dir("llama"), "full"), tokenizer, PROMPTS, DIGITS, small(config, kl_coef=0.0))
+    assert full.reference_mode == "none" and full.ref_model is None
+    kept = cls(toy_policy(tiny_dir("llama"), "full"), tokenizer, PROMPTS, DIGITS, small(config, kl_coef=0.05))
+    assert kept.reference_mode == "copy" and kept.ref_model is not None
+    ref_calls = forward_counter(kept.ref_model)
+    assert "kl" in kept.train()[0] and ref_calls[0] == 2  # one reference forward per step
+
+    runs = {}
+    for reference in ("auto", "adapter_off"):
+        trainer = cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                      small(config, kl_coef=0.0, reference=reference, progress_bar=False))
+        calls = forward_counter(unwrap_lm(trainer.policy))
+        runs[reference] = (trainer.train(), calls[0], trainer.reference_mode)
+    (h0, n0, mode0), (h1, n1, mode1) = runs["auto"], runs["adapter_off"]
+    assert (mode0, mode1) == ("none", "adapter_off")
+    assert n1 - n0 == 2  # the reference forward (adapter off) of each of the 2 steps, and nothing else
+    assert not any(k.startswith("kl") and k != "kl_coef" for row in h0 for k in row)
+    assert all("kl" in row and "kl/sequence_sum" in row for row in h1)
+    for a, b in zip(h0, h1):
+        for key in ("loss", "reward", "entropy", "policy_loss", "value_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+
+
+def test_trackers_project_is_the_run_folder(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """accelerate names each tracker's project (W&B's project, MLflow's experiment, ...) by init_trackers'
+    project_name, and the loop passed "tensorboard": a W&B run landed in a project called "tensorboard". Now the
+    run folder's name; TensorBoard's events stay in <run>/tensorboard."""
+    from accelerate import Accelerator
+
+    seen = []
+    init = Accelerator.init_trackers
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, name, *a, **kw: (seen.append(name),
+                                                                                    init(self, name, *a, **kw)))
+    out = tmp_path / "my-run"
+    GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                small(GRPOConfig, steps=1, report_to="tensorboard", progress_bar=False), output_dir=out).train()
+    assert seen == ["my-run"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")) and not (out / "my-run").exists()

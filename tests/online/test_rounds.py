@@ -176,3 +176,28 @@ def test_a_kept_round_sampled_from_other_prompts_is_refused(tiny_lm, tokenizer, 
     assert (tmp_path / SAMPLES_FILE).read_bytes() == before
     sample_round(model, tokenizer, other, tmp_path, SAMPLING, overwrite=True)
     assert {s.prompt for s in read_samples(tmp_path / SAMPLES_FILE)} == set(other)
+
+
+def test_annotate_samples_in_chunks_equals_one_call(monkeypatch):
+    """`annotate_round` now scores ANNOTATE_CHUNK samples per annotator call (its progress bar's steps): the
+    scores, failure counts and rewards/<fn>/mean|std of 3 chunks equal the statistics module's over all items."""
+    import statistics
+
+    import alignkit.online.rounds as r
+    from alignkit.online.annotators import FunctionAnnotator
+    from alignkit.online.generation import Sample
+
+    monkeypatch.setattr(r, "ANNOTATE_CHUNK", 4)
+
+    def length(prompt, response):
+        return None if response.endswith("!") else float(len(response))
+
+    responses = ["a", "bb", "c!", "dddd", "ee", "f", "ggggg!", "hhh", "ii", "j"]
+    samples = [Sample(prompt="p", response=t, prompt_ids=[1], response_ids=[2], finish_reason="stop") for t in responses]
+    got = r.annotate_samples(FunctionAnnotator(length), samples)
+    ok = [float(len(t)) for t in responses if not t.endswith("!")]
+    assert [v for v in got.values.tolist() if v == v] == ok and got.failed.tolist() == [t.endswith("!") for t in responses]
+    name = next(k for k in got.metrics if k.endswith("/mean"))
+    assert got.metrics[name] == pytest.approx(statistics.mean(ok))
+    assert got.metrics[name.replace("/mean", "/std")] == pytest.approx(statistics.stdev(ok))
+    assert got.metrics["function/failures"] == 2.0 and len(got.meta) == 10

@@ -58,7 +58,7 @@ def run_sample(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def run_annotate(cfg: Any, args: argparse.Namespace) -> int:
-    path = annotate(cfg, allow_code=args.allow_code)
+    path = annotate(cfg, allow_code=args.allow_code, progress=not args.quiet)
     m = json.loads((path.parent / "manifest.json").read_text())["annotation"]["metrics"]
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("reward/mean", "reward/std") if isinstance(m.get(k), float))
     print(f"alignkit annotate: {int(m.get('records/count', 0))} {cfg.feedback} record(s) in {path}. {shown}\n"
@@ -108,8 +108,9 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     return path
 
 
-def annotate(cfg: Any, allow_code: bool = False) -> Path:
-    """Score `<output_dir>/samples.jsonl` and write `<output_dir>/records.jsonl`. Returns its path."""
+def annotate(cfg: Any, allow_code: bool = False, progress: bool = True) -> Path:
+    """Score `<output_dir>/samples.jsonl` (a progress bar over the scoring unless `progress` is off: `--quiet`) and
+    write `<output_dir>/records.jsonl`. Returns its path."""
     run = RunFolder(Path(cfg.output_dir))
     if not (run.root / SAMPLES_FILE).is_file():  # before any annotator model is loaded
         raise FileNotFoundError(f"output_dir: {run.root} has no {SAMPLES_FILE}; run `alignkit sample` with "
@@ -117,7 +118,8 @@ def annotate(cfg: Any, allow_code: bool = False) -> Path:
     check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml")
     annotator = make_annotator(cfg.annotator, run, allow_code)
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
-                          reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True)
+                          reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True,
+                          progress=progress)
     if run.main:  # with the records it describes (as sample.yaml)
         save_config(cfg, run.root / "annotate.yaml")
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]

@@ -156,14 +156,17 @@ def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
     return torch.expm1(log_r) - log_r
 
 
-def per_token_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor,
+def per_token_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor | None, mask: Tensor,
                       kl_coef: float, kl_estimator: str = "k1") -> tuple[Tensor, Tensor]:
     """PPO-RLHF token rewards (Ziegler et al. 2019): -kl_coef * KL_t, plus the score on the last token.
 
-    scores `(B,)`; logps, ref_logps, mask `(B, T)`. Returns (rewards (B, T), kl (B, T)), detached.
+    scores `(B,)`; logps, ref_logps, mask `(B, T)`; ref_logps None (no reference) only with kl_coef 0, the KL
+    then 0. Returns (rewards (B, T), kl (B, T)), detached.
     """
+    if ref_logps is None and kl_coef:
+        raise ValueError("per_token_rewards: kl_coef > 0 needs ref_logps (reference token log-probs)")
     with torch.no_grad():
-        kl = KL_ESTIMATORS[kl_estimator](logps, ref_logps) * mask
+        kl = (torch.zeros_like(logps) if ref_logps is None else KL_ESTIMATORS[kl_estimator](logps, ref_logps)) * mask
         rewards = -kl_coef * kl
         last = (mask.long().cumsum(-1).argmax(-1))  # index of the last valid token, (B,)
         has = mask.bool().any(-1)

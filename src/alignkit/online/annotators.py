@@ -72,6 +72,9 @@ class Scores:
     failed: torch.Tensor  # (N,) bool
     meta: list[dict] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # "rewards/<function>" -> (count, sum, sum of squares) of the function's scored items: the online loop reduces
+    # them over processes into exact `rewards/<function>/mean` and `/std` (`ProcessMetrics.reward_moments`)
+    moments: dict[str, tuple[float, float, float]] = field(default_factory=dict)
 
     @property
     def valid(self) -> torch.Tensor:
@@ -416,6 +419,7 @@ class FunctionAnnotator(Annotator):
         per_fn = [self._trl(f, prompts, list(responses), texts, metas) if f.convention == "trl"
                   else self._alignkit(f, prompts, texts, metas) for f in self.fns]
         metrics: dict[str, float] = {}
+        moments: dict[str, tuple[float, float, float]] = {}
         if len(self.fns) == 1:
             raw = per_fn[0]
         else:
@@ -430,9 +434,12 @@ class FunctionAnnotator(Annotator):
             metrics[f"rewards/{name}/mean"] = mean
             metrics[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1))
                                               if len(ok) > 1 else float("nan"))
+            moments[f"rewards/{name}"] = (float(len(ok)), sum(ok), sum(v * v for v in ok))
         metrics["function/failures"] = float(sum(r is None for r in raw))
-        return finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
-                               who=f"reward function {self.spec}")
+        scores = finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
+                                 who=f"reward function {self.spec}")
+        scores.moments = moments
+        return scores
 
     def check_columns(self, columns: set[str], where: str) -> None:
         """A TRL-style function with a required parameter that neither TRL's call (prompts, completions), the

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from alignkit.losses import (KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, check_loss_weights, preference_loss,
                              reduce_loss, resolve_params)
@@ -103,6 +103,10 @@ class OnlineDPOTrainer(OnlineTrainer):
                    "a reward that never varies is usually a bug in the annotator")
         return (f"no preference pair was formed: {why}, so this step trained nothing; {fix}",
                 "formed a preference pair (pairs = 0 at all {steps} step(s)): the feedback did not move the policy")
+
+    def uses_reference(self, ref_model: nn.Module | None) -> bool:
+        """The preference loss reads the reference whatever kl_coef (which online DPO never reads) is."""
+        return True
 
     def logged_kl_coef(self) -> float:
         """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the

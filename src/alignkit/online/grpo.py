@@ -110,19 +110,21 @@ class GRPOTrainer(OnlineTrainer):
         stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0 or on_policy)
         w = stats.logps.shape[1]  # the selected rows' width (T'-1)
         old = stats.logps.detach() if on_policy else r.old_logps[idx, :w]
+        ref = None if r.ref_logps is None else r.ref_logps[idx, :w]  # None: no reference (a fixed kl_coef of 0)
         out = clipped_policy_loss(stats.logps, old, pb.advantages[idx], stats.mask,
                                   clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-                                  ref_logps=r.ref_logps[idx, :w], kl_coef=self.kl_ctl.value,
+                                  ref_logps=ref, kl_coef=self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
                                   entropy_coef=c.entropy_coef, aggregation=c.aggregation)
         loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
         tokens = float(stats.mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
         metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()
                                    if k not in ("kl", "entropy")}
-        metrics["kl/token"] = (float(out.metrics["kl"]), tokens)
+        if "kl" in out.metrics:
+            metrics["kl/token"] = (float(out.metrics["kl"]), tokens)
         if on_policy:  # the rollout's "kl" / "entropy", from this pass (its rows are the whole step's)
-            self._pass_total = getattr(self, "_pass_total", 0) + self.pass_sums(stats.logps, r.ref_logps[idx, :w], stats.entropy,
-                                                                 stats.mask)
+            self._pass_total = getattr(self, "_pass_total", 0) + self.pass_sums(stats.logps, ref, stats.entropy,
+                                                                                 stats.mask)
         return loss, metrics
 
     def optimise(self, pb: PolicyBatch) -> dict[str, float]:

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from typing import Sequence
 
+import torch
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker
 from torch import Tensor
 
 from alignkit.distributed import gather_objects
@@ -19,6 +23,25 @@ from alignkit.runs import trackers
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def moment_stats(moments: dict[str, Sequence[float]]) -> dict[str, float]:
+    """`<key>/mean` and `<key>/std` (Bessel-corrected; NaN below 2 items) from each key's (count, sum, sum of
+    squares)."""
+    out: dict[str, float] = {}
+    for key, (n, s, ss) in moments.items():
+        mean = s / n if n else float("nan")
+        out[f"{key}/mean"] = mean
+        out[f"{key}/std"] = math.sqrt(max(ss - n * mean * mean, 0.0) / (n - 1)) if n > 1 else float("nan")
+    return out
+
+
+def recompute_rates(metrics: dict[str, float], rates: dict[str, tuple[tuple[str, ...], str]]) -> None:
+    """Each rate of `rates` (rate -> (its numerator counts, its denominator count)) from the summed counts of
+    `metrics`, in place, where they are all there."""
+    for rate, (parts, total) in rates.items():
+        if rate in metrics and total in metrics and all(p in metrics for p in parts):
+            metrics[rate] = sum(metrics[p] for p in parts) / max(metrics[total], 1.0)
 
 
 class ProcessMetrics:
@@ -55,19 +78,45 @@ class ProcessMetrics:
         out: dict[str, float] = {}
         for k in dict.fromkeys(k for r in rows for k in r):
             vals = [float(r[k]) for r in rows if k in r]
-            if k in ("step", *self.GLOBAL_METRICS):
-                out[k] = vals[0]
-            elif k in self.SUMMED_METRICS:
+            if k in self.SUMMED_METRICS:
                 out[k] = sum(vals)
+            elif k in ("step", *self.GLOBAL_METRICS) or all(v == vals[0] for v in vals):  # equal on every rank
+                out[k] = vals[0]
             else:
                 out[k] = sum(vals) / len(vals)
-        for rate, (parts, total) in self.RATE_METRICS.items():
-            if rate in out and total in out and all(p in out for p in parts):
-                out[rate] = sum(out[p] for p in parts) / max(out[total], 1.0)
+        recompute_rates(out, self.RATE_METRICS)
         return out
 
+    def reward_moments(self, moments: dict[str, tuple[float, float, float]]) -> dict[str, float]:
+        """`<key>/mean` and `<key>/std` (Bessel-corrected) over every process, from each process's (count, sum, sum
+        of squares) per key (`Scores.moments`; a collective: call it on every rank with the same keys). The
+        per-process means and stds were averaged, exact only when every process scored as many items."""
+        keys = sorted(moments)
+        if not keys:
+            return {}
+        total = self.reduce_sum(torch.tensor([list(moments[k]) for k in keys], dtype=torch.float64))  # (K, 3)
+        return moment_stats(dict(zip(keys, total.tolist())))
+
     def _trackers(self) -> list[str]:
-        return trackers(self.config.report_to)
+        """The accelerate trackers of `report_to`; "all": every installed one accelerate has (TensorBoard among
+        them, then opened by `start_trackers` into <output_dir>/tensorboard)."""
+        names = trackers(self.config.report_to, expand_all=True)
+        every = "all" in ([self.config.report_to] if isinstance(self.config.report_to, str) else
+                          list(self.config.report_to or []))
+        return [n for n in names if n in LOGGER_TYPE_TO_CLASS] if every else names
+
+    def start_trackers(self, start: int = 0) -> None:
+        """Open the trackers (`self.trackers`, the Accelerator made with those other than TensorBoard), their project
+        named after the run folder (`output_dir`'s name): accelerate names a tracker's project (W&B, Comet, MLflow's
+        experiment, ...) by `init_trackers`' project_name, which was "tensorboard", so every W&B run landed in a
+        project called "tensorboard". TensorBoard's events stay in <output_dir>/tensorboard (accelerate's own
+        TensorBoard tracker writes into <project_dir>/<project_name>); a run resumed at step `start` purges the
+        killed run's events from that step on (else both runs' values showed)."""
+        self.accelerator.init_trackers(self.output_dir.name)
+        if "tensorboard" in self.trackers:
+            tensorboard = TensorBoardTracker("tensorboard", str(self.output_dir), **({"purge_step": start} if start else {}))
+            tensorboard.start()
+            self.accelerator.trackers.append(tensorboard)  # `accelerator.log` writes to every tracker of this list
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
@@ -82,4 +131,4 @@ class ProcessMetrics:
             self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=int(metrics["step"]))
 
 
-__all__ = ["METRICS_FILE", "ProcessMetrics"]
+__all__ = ["METRICS_FILE", "ProcessMetrics", "moment_stats", "recompute_rates"]

@@ -53,7 +53,7 @@ class PPOBatch:
     old_values: Tensor  # (B, T-1)
 
 
-def ppo_advantages(scores: Tensor, old_logps: Tensor, ref_logps: Tensor, values: Tensor, mask: Tensor, *,
+def ppo_advantages(scores: Tensor, old_logps: Tensor, ref_logps: Tensor | None, values: Tensor, mask: Tensor, *,
                    kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95,
                    whiten: bool = True, sum_fn=None, scored: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(advantages, returns, token rewards), all (B, T), from scores (B,) and per-token tensors (B, T).

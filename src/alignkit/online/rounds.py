@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.data import load_records
 from alignkit.data.records import DataError, Record
@@ -39,6 +40,7 @@ from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import (Sample, SamplingConfig, as_prompt_records, generate_responses,
                                        generation_metrics, prompts_fingerprint)
+from alignkit.online.metrics import ProcessMetrics, moment_stats, recompute_rates
 from alignkit.online.reweighting import build_reweighter, reweight
 
 logger = logging.getLogger(__name__)
@@ -169,13 +171,49 @@ def check_kept_annotation(folder: str | Path, made_by: dict[str, Any]) -> None:
                         "these, or pass the settings it was made with")
 
 
+ANNOTATE_CHUNK = 64  # samples per annotator call in `annotate_round` (one step of its progress bar)
+
+
+def merge_scores(parts: Sequence[Scores]) -> Scores:
+    """The `Scores` of consecutive chunks of items as one: values, failures and metas concatenated; counts
+    (`ProcessMetrics.SUMMED_METRICS`) summed and rates (`RATE_METRICS`) recomputed from them, `rewards/<fn>/mean`
+    and `/std` from the summed moments (`Scores.moments`), any other metric averaged weighted by the chunks' items."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = [len(p) for p in parts]
+    metrics: dict[str, float] = {}
+    for key in dict.fromkeys(k for p in parts for k in p.metrics):
+        got = [(p.metrics[key], n) for p, n in zip(parts, sizes) if key in p.metrics]
+        metrics[key] = (sum(v for v, _ in got) if key in ProcessMetrics.SUMMED_METRICS
+                        else sum(v * n for v, n in got) / max(sum(n for _, n in got), 1))
+    recompute_rates(metrics, ProcessMetrics.RATE_METRICS)
+    moments = {k: tuple(map(sum, zip(*(p.moments[k] for p in parts if k in p.moments))))
+               for k in dict.fromkeys(k for p in parts for k in p.moments)}
+    metrics.update(moment_stats(moments))
+    return Scores(torch.cat([p.values for p in parts]), torch.cat([p.failed for p in parts]),
+                  [m for p in parts for m in p.meta], metrics, moments)
+
+
+def annotate_samples(annotator: Annotator, samples: Sequence[Sample], progress: bool = False) -> Scores:
+    """The annotator's pointwise scores of `samples`, `ANNOTATE_CHUNK` at a time (a tqdm bar over them unless
+    `progress` is off), merged (`merge_scores`)."""
+    parts = []
+    with tqdm(total=len(samples), desc="annotate", unit="sample", disable=not progress) as bar:
+        for i in range(0, len(samples), ANNOTATE_CHUNK):
+            chunk = samples[i:i + ANNOTATE_CHUNK]
+            parts.append(annotator.annotate([s.prompt for s in chunk], [s.response for s in chunk],
+                                            [s.meta for s in chunk]))
+            bar.update(len(chunk))
+    return merge_scores(parts)
+
+
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
-                   overwrite: bool = False, refuse_empty: bool = False) -> Path:
+                   overwrite: bool = False, refuse_empty: bool = False, progress: bool = False) -> Path:
     """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
     write `folder/records.jsonl` (skipped when complete). Returns its path. A round no record passes writes an empty
     file (a rounds loop skips it); `refuse_empty=True` (the `alignkit annotate` command) raises `DataError` instead,
-    before anything is written."""
+    before anything is written. `progress`: a bar over the scoring (`annotate_samples`)."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
     annotator = build_annotator(annotator)
@@ -193,8 +231,7 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
     scores = None
     metrics: dict[str, float] = dict(generation_metrics(samples))
     if feedback != "judge_pairs":
-        scores = annotator.annotate([s.prompt for s in samples], [s.response for s in samples],
-                                    [s.meta for s in samples])
+        scores = annotate_samples(annotator, samples, progress)
         metrics.update(score_stats(scores))
         metrics.update(scores.metrics)
     records = build_records(feedback, samples, scores, annotator, **(feedback_kwargs or {}))
@@ -254,4 +291,4 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
            "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples", "round_dir", "sample_round", "score_stats",
-           "annotate_round", "train_round", "run_offline_rounds"]
+           "annotate_samples", "merge_scores", "annotate_round", "train_round", "run_offline_rounds"]

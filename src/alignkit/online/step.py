@@ -38,7 +38,7 @@ class Rollout:
     rewards: Tensor  # (B,) normalised + clipped; failed ones filled with their group's mean
     weights: Tensor  # (B,) the prompt records' weights, 0 for failed annotations
     old_logps: Tensor | None  # (B, T-1) log pi_old of the sampled tokens; None: the training forward's (below)
-    ref_logps: Tensor  # (B, T-1) log pi_ref
+    ref_logps: Tensor | None  # (B, T-1) log pi_ref; None without a reference (a fixed kl_coef of 0)
     mask: Tensor  # (B, T-1) bool
     entropy: Tensor | None  # (B, T-1); None with old_logps
     hidden: Tensor | None = None  # (B, T-1, d), when the trainer asks (PPO's value head)
@@ -152,11 +152,11 @@ class RolloutSteps:
         batch = samples_batch(samples, self.tokenizer.pad_token_id, self.accelerator.device)
         if self.share_prompt:  # every forward over these rows (or a selection of them) shares each group's prompt
             batch["share_groups"] = torch.tensor([s.group for s in samples], dtype=torch.long, device=batch["input_ids"].device)
-        ref = self.reference.logps(self.policy, batch, self.reference_token_logps)  # (B, T-1)
+        ref = self.reference.logps(self.policy, batch, self.reference_token_logps)  # (B, T-1); None: no reference
         if policy_pass:
             stats = self.token_stats(batch, entropy=True, hidden=self.needs_hidden)
-            kl_tok = KL_ESTIMATORS[c.kl_estimator](stats.logps, ref)  # (B, T-1)
-            kl = sequence_sums(kl_tok, stats.mask)  # (B,)
+            kl_tok = None if ref is None else KL_ESTIMATORS[c.kl_estimator](stats.logps, ref)  # (B, T-1)
+            kl = None if ref is None else sequence_sums(kl_tok, stats.mask)  # (B,)
         else:  # old log-probs, entropy and the kl / entropy metrics: from the training forward (`pass_sums`)
             mask = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()  # (B, T-1)
             stats, kl_tok, kl = TokenStats(None, mask), None, None
@@ -187,8 +187,9 @@ class RolloutSteps:
         g_std = (torch.where(ok, (g - g_mean) ** 2, 0.0).sum(-1) / (n_ok - 1).clamp(min=1)).sqrt()  # (G,) Bessel
         zero_std = (n_ok > 1) & torch.isclose(g_std, torch.zeros_like(g_std))  # TRL: NaN std (< 2 scores) is not 0
         m = mask.float()
-        if kl_tok is not None:  # else the policy pass was skipped: the training forward gives them (`pass_sums`)
-            sums = self.reduce_sum(torch.stack([(kl_tok * m).sum(), (entropy * m).sum(), m.sum()]).double())  # (3,)
+        if entropy is not None:  # else the policy pass was skipped: the training forward gives them (`pass_sums`)
+            kl_sum = (kl_tok * m).sum() if kl_tok is not None else m.new_zeros(())  # no reference: no "kl"
+            sums = self.reduce_sum(torch.stack([kl_sum, (entropy * m).sum(), m.sum()]).double())  # (3,)
         length = self.gather(torch.tensor([float(len(s.response_ids)) for s in samples]))  # (W B,)
         clipped = self.gather(torch.tensor([float(s.finish_reason == "length") for s in samples]))
         self._num_tokens += int(self.reduce_sum(torch.tensor(
@@ -201,21 +202,25 @@ class RolloutSteps:
                    "completions/mean_length": float(length.mean()), "completions/min_length": float(length.min()),
                    "completions/max_length": float(length.max()), "completions/clipped_ratio": float(clipped.mean()),
                    "num_tokens": float(self._num_tokens)}
+        if entropy is not None:
+            metrics["entropy"] = float(sums[1] / sums[2].clamp(min=1))
         if kl_tok is not None:
-            metrics.update({"kl": float(sums[0] / sums[2].clamp(min=1)), "kl/sequence_sum": float(kl.mean()),
-                            "entropy": float(sums[1] / sums[2].clamp(min=1))})
+            metrics.update({"kl": float(sums[0] / sums[2].clamp(min=1)), "kl/sequence_sum": float(kl.mean())})
         gen = generation_metrics(samples)
         gen.pop("generation/response_length")  # completions/mean_length, over all processes
-        return {**metrics, **gen, **{k_: float(v_) for k_, v_ in scores.metrics.items()}}
+        # rewards/<function>/mean, /std: exact over every process (the per-process values were averaged)
+        return {**metrics, **gen, **{k_: float(v_) for k_, v_ in scores.metrics.items()},
+                **self.reward_moments(scores.moments)}
 
     def logged_kl_coef(self) -> float:
         """The `kl_coef` metric: this step's KL coefficient, the KL controller's value (docs/metrics.md)."""
         return float(self.kl_ctl.value)
 
-    def pass_sums(self, logps: Tensor, ref_logps: Tensor, entropy: Tensor, mask: Tensor) -> Tensor:
-        """(4,) float64 of one policy pass's (B, T-1) values: the summed KL estimator (`kl_estimator`) and entropy
-        over response tokens, the response tokens, the sequences. See `metrics_from_sums`."""
-        kl_tok = KL_ESTIMATORS[self.config.kl_estimator](logps.detach(), ref_logps)
+    def pass_sums(self, logps: Tensor, ref_logps: Tensor | None, entropy: Tensor, mask: Tensor) -> Tensor:
+        """(4,) float64 of one policy pass's (B, T-1) values: the summed KL estimator (`kl_estimator`; 0 without a
+        reference) and entropy over response tokens, the response tokens, the sequences. See `metrics_from_sums`."""
+        kl_tok = (torch.zeros_like(logps) if ref_logps is None
+                  else KL_ESTIMATORS[self.config.kl_estimator](logps.detach(), ref_logps))
         m = mask.to(kl_tok.dtype)
         return torch.stack([(kl_tok * m).sum(), (entropy.detach() * m).sum(), m.sum(),
                             torch.tensor(float(mask.shape[0]), device=m.device)]).double().cpu()
@@ -224,6 +229,8 @@ class RolloutSteps:
         """The rollout's "kl", "entropy" (token means over every process: a collective, call it on every rank) and
         "kl/sequence_sum" (this process's mean over sequences) from this process's `pass_sums` total."""
         g = self.reduce_sum(sums[:3].clone())
+        if self.reference.mode == "none":  # no reference (a fixed kl_coef of 0): no "kl" to log
+            return {"entropy": float(g[1] / g[2].clamp(min=1))}
         return {"kl": float(g[0] / g[2].clamp(min=1)), "entropy": float(g[1] / g[2].clamp(min=1)),
                 "kl/sequence_sum": float(sums[0] / sums[3].clamp(min=1))}
 

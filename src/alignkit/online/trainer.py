@@ -140,7 +140,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the accelerate "
                               "config says distributed_type: DEEPSPEED): launch it with configs/accelerate/fsdp2.yaml "
                               "(sharded) or configs/accelerate/ddp-cpu.yaml / torchrun (DDP)")
-        self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=self.trackers or None,
+        others = [t for t in self.trackers if t != "tensorboard"]  # TensorBoard: `start_trackers`
+        self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=others or None,
                                        project_dir=str(self.output_dir) if self.trackers else None)
         fsdp2 = enable_sharding_on_cpu(self.accelerator) or is_fsdp2(self.accelerator)
         if self.accelerator.mixed_precision != "no":  # accelerate's, from its config / ACCELERATE_MIXED_PRECISION
@@ -196,9 +197,12 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
-        self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,
-                                                    chunk_size=self.config.chunk_size, supports=("adapter_off", "copy"),
-                                                    owner=type(self).__name__)
+        if self.uses_reference(ref_model):
+            self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,
+                                                        chunk_size=self.config.chunk_size,
+                                                        supports=("adapter_off", "copy"), owner=type(self).__name__)
+        else:  # kl_coef 0, fixed: the KL term is multiplied by 0 (TRL's beta 0 loads no reference either)
+            self.reference = Reference("none")
         self.reference.place(self.accelerator.device, self.accelerator)  # FSDP2: a copy sharded like the policy
         self.model = model
         # None: each prompt's samples as one row where that runs as varlen rows (CPU, sdpa, no ReFT)
@@ -261,6 +265,13 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
     def build_extra_modules(self) -> list[nn.Module]:
         return []
 
+    def uses_reference(self, ref_model: nn.Module | None) -> bool:
+        """Whether the loop builds a reference and runs its forward each step. Not with a fixed kl_coef of 0 (the KL
+        term is multiplied by 0; TRL's beta 0 loads none either), unless asked for one (a `ref_model`, or
+        `reference` other than "auto"): it then only gives the "kl" metrics (docs/metrics.md)."""
+        c = self.config
+        return c.kl_coef != 0 or c.kl_target is not None or ref_model is not None or c.reference != "auto"
+
     def build_batch(self, rollout: Rollout) -> Any:
         raise NotImplementedError
 
@@ -298,10 +309,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
-        if self.trackers:  # opened here, not in __init__: nothing is written before training starts; resumed: the
-            # killed run's TensorBoard events from this step on are purged (else both runs' values showed)
-            purge = {"tensorboard": {"purge_step": start}} if start else None
-            self.accelerator.init_trackers("tensorboard", init_kwargs=purge)
+        if self.trackers:  # opened here, not in __init__: nothing is written before training starts
+            self.start_trackers(start)
         bar = tqdm(total=self.config.steps, initial=start, desc=type(self).__name__.replace("Trainer", ""),
                    unit="step", disable=not (self.config.progress_bar and self.accelerator.is_main_process))
         try:
@@ -336,7 +345,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             self._policy_pass = True
             batch = self.build_batch(rollout)
             metrics = self.reduce_metrics({"step": float(step), **rollout.metrics, **self.optimise(batch)})
-            self.kl_ctl.update(metrics["kl/sequence_sum"], len(samples) * self.world)
+            if "kl/sequence_sum" in metrics:  # absent without a reference (then the controller is a fixed 0)
+                self.kl_ctl.update(metrics["kl/sequence_sum"], len(samples) * self.world)
             metrics["time/step_s"] = time.perf_counter() - t0
             if self.eval_due(step):  # after the step's update; not counted in time/step_s
                 metrics.update(self.evaluate())
