@@ -281,8 +281,8 @@ def test_an_engine_folder_holding_another_model_is_refused(tiny_dir, tokenizer, 
     """method.vllm.model naming a folder of the same architecture but other weights (a finetuned copy of the base:
     an SFT run's model under a LoRA trained on the base; another model of the same shapes): a LoRA policy's engine
     gets only the adapter, so vLLM sampled from the folder's other weights, without a word. Now one line naming the
-    key, both folders and what differs, when the trainer is built (the folder's safetensors read in slices). The
-    base folder itself, the base saved again in bf16, and a full-finetuning policy (the engine gets every weight)
+    key, both folders and what differs, when the trainer is built (the folder's safetensors read in slices); so is
+    method.vllm.load_format='dummy' (vLLM's random weights) under a LoRA. The base folder itself, the base saved again in bf16, and a full-finetuning policy (the engine gets every weight)
     still build."""
     import torch
 
@@ -296,10 +296,10 @@ def test_an_engine_folder_holding_another_model_is_refused(tiny_dir, tokenizer, 
     save_tiny(other, "llama", seed=1)  # same shapes, other weights
     narrower = tiny_dir("llama", hidden_size=32)
 
-    def build(folder, kind="lora"):
+    def build(folder, kind="lora", **vllm):
         policy = apply_adapter(load_model(base), AdapterConfig(kind=kind, lora=LoraSettings(r=2)))
         cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
-                         report_to="none", vllm={"model": str(folder)})
+                         report_to="none", vllm={"model": str(folder), **vllm})
         GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
 
     for folder, why in [(finetuned, "its final norm weights differ"), (other, "its input embedding weights differ"),
@@ -309,6 +309,9 @@ def test_an_engine_folder_holding_another_model_is_refused(tiny_dir, tokenizer, 
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(f"method.vllm.model: the colocated engine would load {folder}, ") \
             and f"trained on ({base})" in msg and why in msg and msg.endswith(f"policy's base folder ({base})"), msg
+    with pytest.raises(ConfigError, match=r"^method.vllm.load_format='dummy': the colocated engine would start from "
+                                          r"random weights, .*; remove method.vllm.load_format$"):
+        build(base, load_format="dummy")  # vLLM's random weights under the LoRA
     build(base)
     build(bf16)
     build(finetuned, kind="full")

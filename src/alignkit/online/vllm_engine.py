@@ -145,9 +145,13 @@ def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any]) -> N
     under a LoRA trained on the base) made vLLM sample from other weights, without a word. The policy's base
     fingerprint (`recorded_base`, taken before training) against the folder's, read from its safetensors
     (`folder_fingerprint`: a few slices). Not checked for full finetuning (the engine gets every weight) or a
-    folder without safetensors."""
+    folder without safetensors. `load_format: dummy` (random weights) is refused for an adapter policy."""
     if adapter_of(model).saves_whole_model:
         return
+    if vllm.get("load_format") == "dummy":  # vLLM's random initialisation (for profiling): nothing read from folder
+        raise ConfigError("method.vllm.load_format='dummy': the colocated engine would start from random weights, "
+                          "and an adapter policy's engine gets only the adapter (a full policy pushes every weight), "
+                          "so vLLM would sample from random weights; remove method.vllm.load_format")
     ours = recorded_base(model)
     theirs = folder_fingerprint(folder, model, ours, folder_config(folder, vllm)) if ours is not None else None
     why = base_mismatch(ours, theirs) if theirs is not None else None
