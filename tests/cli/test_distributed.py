@@ -271,3 +271,31 @@ def test_accelerate_fsdp1_config_on_cpu_processes_is_refused_in_one_line(tmp_pat
     assert proc.returncode != 0 and 1 <= len(lines) <= 2, proc.stderr[-3000:]  # one per rank that printed
     assert all(line.startswith("alignkit sft: error: the accelerate config asks for FSDP version 1") for line in lines)
     assert not out.exists()
+
+
+def test_several_gpus_without_a_launcher_are_refused_before_writing(tmp_path, monkeypatch, capsys):
+    """A plain `alignkit sft` in a process that sees several GPUs: transformers' Trainer (n_gpu > 1, parallel_mode
+    NOT_DISTRIBUTED) wrapped the model in torch.nn.DataParallel, per_device_train_batch_size on each GPU, so another
+    effective batch than the config's, without a word. Now one line naming the launchers and CUDA_VISIBLE_DEVICES=0,
+    nothing written. The GPUs are faked: transformers counts them with torch.cuda.device_count (no CUDA here, so
+    the device stays the CPU)."""
+    import torch
+    from transformers.training_args import ParallelMode, TrainingArguments
+
+    from alignkit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the fake GPU count is for a machine without CUDA")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    args = TrainingArguments(str(tmp_path / "unused"), report_to="none")
+    assert (args.n_gpu, args.parallel_mode) == (3, ParallelMode.NOT_DISTRIBUTED)  # what makes the Trainer wrap
+    out = tmp_path / "dp"
+    code = main(["-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", "train.max_steps=1",
+                 "train.eval_strategy=no", "data.eval_fraction=0.0", "data.max_records=4"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft: ")]
+    assert code == 2 and len(lines) == 1 and not out.exists(), lines
+    assert lines[0].startswith("alignkit sft: error: this process sees 3 GPUs and was started without a launcher") \
+        and "torch.nn.DataParallel" in lines[0] and "3x the batch" in lines[0] \
+        and "torchrun --nproc_per_node 3" in lines[0] and "CUDA_VISIBLE_DEVICES=0" in lines[0], lines

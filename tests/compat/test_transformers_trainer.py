@@ -1,4 +1,4 @@
-"""transformers.Trainer internals alignkit overrides or calls (rows T1-T15 of the table in docs/architecture.md).
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T17 of the table in docs/architecture.md).
 
 Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
 time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps
@@ -449,3 +449,27 @@ def test_neftune_noise_follows_the_embedding_modules_training_flag(tiny_dir):
         torch.testing.assert_close(emb(ids), plain, rtol=0, atol=0)  # none with the module at rest
     finally:
         handle.remove()
+
+
+# T17 -----------------------------------------------------------------------------------------------------
+
+def test_several_gpus_in_one_process_mean_data_parallel(tmp_path, monkeypatch):
+    """A process without a launcher that sees several GPUs: `n_gpu` is `torch.cuda.device_count()`, `parallel_mode`
+    NOT_DISTRIBUTED, the batch `per_device_train_batch_size x n_gpu`, and `_wrap_model` puts the model in
+    `nn.DataParallel`: what trainers/checks.py:refuse_ignored_arguments refuses by `parallel_mode`."""
+    from transformers.training_args import ParallelMode
+
+    if torch.cuda.is_available():
+        pytest.skip("the fake GPU count is for a machine without CUDA")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    where = "alignkit/trainers/checks.py:refuse_ignored_arguments"
+    a = TrainingArguments(str(tmp_path / "out"), report_to=[], per_device_train_batch_size=4)
+    with guard(TF, "several GPUs in one process no longer read as NOT_DISTRIBUTED (DataParallel)", where):
+        assert (a.n_gpu, a.parallel_mode, a.train_batch_size) == (2, ParallelMode.NOT_DISTRIBUTED, 8)
+        wrapped = Trainer(model=torch.nn.Linear(2, 2), args=a)._wrap_model(torch.nn.Linear(2, 2))
+        assert isinstance(wrapped, torch.nn.DataParallel)
+    one = TrainingArguments(str(tmp_path / "out"), report_to=[], use_cpu=True)
+    check(one.parallel_mode == ParallelMode.NOT_PARALLEL and one.n_gpu == 0, TF,
+          "use_cpu no longer means one process without DataParallel", where)

@@ -10,6 +10,7 @@ import pytest
 
 from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
 from alignkit.models.loading import load_model
+from alignkit.models.tiny import save_tiny
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.online.ppo import PPOConfig
@@ -274,3 +275,59 @@ def test_a_policy_whose_rope_the_engines_folder_lacks_is_refused(tiny_dir, token
     assert "\n" not in msg and msg.startswith("generation_backend='vllm': the policy's RoPE is {") and \
         "'factor': 2.0" in msg and f"{folder / 'config.json'}, whose RoPE is {{" in msg, msg
     build()
+
+
+def test_an_engine_folder_holding_another_model_is_refused(tiny_dir, tokenizer, tmp_path):
+    """method.vllm.model naming a folder of the same architecture but other weights (a finetuned copy of the base:
+    an SFT run's model under a LoRA trained on the base; another model of the same shapes): a LoRA policy's engine
+    gets only the adapter, so vLLM sampled from the folder's other weights, without a word. Now one line naming the
+    key, both folders and what differs, when the trainer is built (the folder's safetensors read in slices); so is
+    method.vllm.load_format='dummy' (vLLM's random weights) under a LoRA. The base folder itself, the base saved again in bf16, and a full-finetuning policy (the engine gets every weight)
+    still build."""
+    import torch
+
+    base = tiny_dir("llama")
+    finetuned, other, bf16 = tmp_path / "sft", tmp_path / "other", tmp_path / "bf16"
+    model = load_model(base)
+    with torch.no_grad():  # what SFT steps do to the final norm (the embedding rows probed may stay as they were)
+        model.model.norm.weight.add_(1e-3)
+    model.save_pretrained(finetuned)
+    load_model(base).to(torch.bfloat16).save_pretrained(bf16)
+    save_tiny(other, "llama", seed=1)  # same shapes, other weights
+    narrower = tiny_dir("llama", hidden_size=32)
+
+    def build(folder, kind="lora", **vllm):
+        policy = apply_adapter(load_model(base), AdapterConfig(kind=kind, lora=LoraSettings(r=2)))
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", vllm={"model": str(folder), **vllm})
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    for folder, why in [(finetuned, "its final norm weights differ"), (other, "its input embedding weights differ"),
+                        (narrower, f"hidden_size 32 in {narrower}, 64 in the policy's base")]:
+        with pytest.raises(ConfigError) as e:
+            build(folder)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"method.vllm.model: the colocated engine would load {folder}, ") \
+            and f"trained on ({base})" in msg and why in msg and msg.endswith(f"policy's base folder ({base})"), msg
+    with pytest.raises(ConfigError, match=r"^method.vllm.load_format='dummy': the colocated engine would start from "
+                                          r"random weights, .*; remove method.vllm.load_format$"):
+        build(base, load_format="dummy")  # vLLM's random weights under the LoRA
+    build(base)
+    build(bf16)
+    build(finetuned, kind="full")
+
+
+def test_a_folders_fingerprint_is_read_where_the_policys_was_taken(tiny_dir, arch):
+    """`folder_fingerprint` finds, in every tiny architecture's safetensors, the tensors the policy's fingerprint
+    probed (input embedding rows, final norm: llama `model.norm.weight`, gpt2 `transformer.ln_f.bias`, ...) under a
+    LoRA wrapper, and reads the same float32 values as the loaded model holds."""
+    from alignkit.adapters.base import base_mismatch, folder_fingerprint, recorded_base
+
+    folder = tiny_dir(arch)
+    policy = apply_adapter(load_model(folder), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    ours = recorded_base(policy)
+    theirs = folder_fingerprint(folder, policy, ours)
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "probe_rows", "embedding_probe",
+                "norm_probe", "norm_dtype"):
+        assert theirs[key] == ours[key], key
+    assert base_mismatch(ours, theirs) is None

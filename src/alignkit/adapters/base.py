@@ -26,15 +26,18 @@ An `Adapter` is how a model is changed, as an object: one per kind (`full.py`, `
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, ContextManager
+from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig
 
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME, AdapterConfig, KindInfo, KINDS, read_adapter_config
 from alignkit.interventions.attach import ReftModel
@@ -311,6 +314,67 @@ def record_base(model: nn.Module) -> None:
         target.alignkit_base_fingerprint = found
 
 
+def folder_fingerprint(folder: str | Path, model: nn.Module, like: dict[str, Any],
+                       config: Any = None) -> dict[str, Any] | None:
+    """`base_fingerprint` of the model saved in `folder` (its `config`, else its config.json, and safetensors), probed where `like` (the
+    fingerprint of `model`'s base) was: the input embedding's rows `like["probe_rows"]` and the final norm, found in
+    the checkpoint by their names in `model`'s transformers model (peft's `base_layer` / `original_module` dropped).
+    Only those slices are read (safetensors' `get_slice`, no full load). None when the folder has no safetensors;
+    a tensor not found there (another naming) leaves its probe out, so `base_mismatch` compares the rest."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: folder / f for k, f in json.loads(index.read_text()).get("weight_map", {}).items()}
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            where = dict.fromkeys(f.keys(), folder / "model.safetensors")
+    else:
+        return None
+    if config is None:
+        config = AutoConfig.from_pretrained(str(folder))
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found: dict[str, Any] = {"model_type": getattr(cfg, "model_type", None), "name_or_path": str(folder),
+                             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None)}
+    lm = unwrap_lm(model)
+    emb, norm = _checkpoint_name(lm, base_embedding(lm), where), _checkpoint_name(lm, final_norm_weight(lm), where)
+    if emb is not None:
+        with _slice(where[emb], emb) as w:
+            vocab, hidden = w.get_shape()
+            rows = like.get("probe_rows") or sorted({0, vocab // 2, vocab - 1})
+            found.update(vocab_size=vocab, hidden_size=hidden)
+            if max(rows) < vocab:
+                probe = torch.cat([w[r:r + 1, :PROBE_COLUMNS] for r in rows]).float()
+                found.update(probe_rows=rows, embedding_probe=[round(float(x), 6) for x in probe.flatten()])
+    if norm is not None:
+        with _slice(where[norm], norm) as w:
+            values = w[:PROBE_COLUMNS] if len(w.get_shape()) == 1 else None
+            if values is not None:
+                found.update(norm_probe=[float(x) for x in values.float()],
+                             norm_dtype=str(values.dtype).removeprefix("torch."))
+    return found
+
+
+def _checkpoint_name(lm: nn.Module, tensor: torch.Tensor | None, where: dict[str, Path]) -> str | None:
+    """The name `tensor` (a parameter of `lm`) has among a checkpoint's keys `where`: its name in `lm` without
+    peft's wrapper segments, or the one key that name ends with (or that ends with it: another prefix)."""
+    if tensor is None:
+        return None
+    name = next((n for n, p in lm.named_parameters(remove_duplicate=False) if p is tensor), None)
+    if name is None:
+        return None
+    name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+    if name in where:
+        return name
+    near = [k for k in where if k.endswith("." + name) or name.endswith("." + k)]
+    return near[0] if len(near) == 1 else None
+
+
+@contextlib.contextmanager
+def _slice(file: Path, key: str) -> Iterator[Any]:
+    with safe_open(str(file), framework="pt") as f:
+        yield f.get_slice(key)
+
+
 def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
     """How `found` (this base) differs from `saved` (the base the adapter was trained on), or None. The probe is
     compared with a tolerance that bf16 / fp16 loading of the same weights stays within."""
@@ -406,5 +470,5 @@ def adapter_in(folder: str | Path) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_embedding",
-           "base_fingerprint", "base_mismatch", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "base_fingerprint", "base_mismatch", "folder_fingerprint", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -75,7 +75,7 @@ from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_engine import check_engine_rope, check_lora_rank, engine_max_model_len
+from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, check_lora_rank, engine_max_model_len
 from alignkit.online.vllm_generation import check_model_len, refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
@@ -237,7 +237,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
 
     def check_colocated_engine(self, model: nn.Module, tokenizer: Any) -> None:
         """What the colocated engine would refuse, or cut short, only when it starts at the first step (after the
-        run folder is written) or run otherwise than the policy: the model folder it loads (and its RoPE), a LoRA
+        run folder is written) or run otherwise than the policy: the model folder it loads (its RoPE, its weights: the
+        policy's base), a LoRA
         rank above `method.vllm.max_lora_rank`, and the
         longest prompt + max_new_tokens past its max_model_len (`method.vllm.max_model_len`, else the one vLLM
         derives from the model folder: `vllm_engine.engine_max_model_len`)."""
@@ -251,6 +252,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         if ranks and adapter_of(model).vllm_sync == "lora_request":
             check_lora_rank(max(ranks), vllm)
         check_engine_rope(unwrap_lm(model).config, folder, vllm)
+        check_engine_base(model, folder, vllm)
         limit, source = engine_max_model_len(folder, vllm)
         records = [*self.prompts, *self.eval_prompts]
         given = vllm.get("max_model_len") is not None

@@ -11,6 +11,8 @@ step, after the run folder was written.
   `enable_lora: false` beside a LoRA policy.
 - `check_engine_rope`: the policy's RoPE (`model.rope_scaling` changes the loaded config, not config.json)
   against the folder's, which the engine reads.
+- `check_engine_base`: the folder's weights (a few safetensors slices) against the policy's base fingerprint
+  (`alignkit_base.json`'s probes): an adapter policy samples through the folder's other weights.
 - `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
   folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not scale `max_position_embeddings` themselves), and a `max_model_len`
@@ -30,6 +32,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from alignkit.adapters.base import adapter_of, base_mismatch, folder_fingerprint, recorded_base
 from alignkit.models.rope import rope_record
 from alignkit.settings import ConfigError
 
@@ -133,6 +136,31 @@ def check_engine_rope(policy_config: Any, folder: str | Path, vllm: dict[str, An
                           "sample from a model whose positions are encoded otherwise than the policy's; remove "
                           "model.rope_scaling, save the base with that scaling in its config.json and load it from "
                           "there, or use method.generation_backend=transformers")
+
+
+def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any]) -> None:
+    """ConfigError when the model folder the colocated engine loads is not the policy's base: an adapter policy gets
+    only its adapter into the engine (a LoRA request, or its merged layers), the rest of the weights are the
+    folder's, so another model of the same architecture there (a finetuned copy of the base: an SFT run's folder
+    under a LoRA trained on the base) made vLLM sample from other weights, without a word. The policy's base
+    fingerprint (`recorded_base`, taken before training) against the folder's, read from its safetensors
+    (`folder_fingerprint`: a few slices). Not checked for full finetuning (the engine gets every weight) or a
+    folder without safetensors. `load_format: dummy` (random weights) is refused for an adapter policy."""
+    if adapter_of(model).saves_whole_model:
+        return
+    if vllm.get("load_format") == "dummy":  # vLLM's random initialisation (for profiling): nothing read from folder
+        raise ConfigError("method.vllm.load_format='dummy': the colocated engine would start from random weights, "
+                          "and an adapter policy's engine gets only the adapter (a full policy pushes every weight), "
+                          "so vLLM would sample from random weights; remove method.vllm.load_format")
+    ours = recorded_base(model)
+    theirs = folder_fingerprint(folder, model, ours, folder_config(folder, vllm)) if ours is not None else None
+    why = base_mismatch(ours, theirs) if theirs is not None else None
+    if why is not None:
+        base = ours.get("name_or_path") or "the policy's base"
+        why = why.replace(" here, ", f" in {folder}, ").replace(" when trained", " in the policy's base")
+        raise ConfigError(f"method.vllm.model: the colocated engine would load {folder}, which is not the model the "
+                          f"policy's adapter is trained on ({base}): {why}, so vLLM would sample from other weights "
+                          f"than the policy's; set method.vllm.model to the policy's base folder ({base})")
 
 
 def _rope_parameters(config: Any) -> list[dict[str, Any]]:

@@ -135,6 +135,13 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, 
 def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None, group_by_length: bool = False) -> None:
     """TrainingArguments that alignkit's trainers would accept and silently not apply: one ConfigError each.
     `group_by_length`: the trainer's own length grouping (`BatchSampling`) is on."""
+    if getattr(args, "parallel_mode", None) == ParallelMode.NOT_DISTRIBUTED:  # several GPUs, one process: the Trainer's DataParallel
+        raise ConfigError(f"this process sees {args.n_gpu} GPUs and was started without a launcher, so the Trainer "
+                          "would wrap the model in torch.nn.DataParallel: per_device_train_batch_size on each GPU "
+                          f"({args.n_gpu}x the batch this config asks for), a path alignkit does not run; launch one "
+                          f"process per GPU (`accelerate launch --multi_gpu --num_processes {args.n_gpu} -m alignkit "
+                          "...` or `torchrun --nproc_per_node "
+                          f"{args.n_gpu} -m alignkit ...`), or train on one GPU (CUDA_VISIBLE_DEVICES=0)")
     if getattr(args, "label_smoothing_factor", 0.0):
         raise ConfigError(f"train.label_smoothing_factor={args.label_smoothing_factor}: the Trainer applies it in "
                           "its own loss, which alignkit's objectives replace, so it would be ignored; remove it "
