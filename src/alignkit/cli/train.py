@@ -43,6 +43,7 @@ from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
 from alignkit.trainers import TRAINERS
+from alignkit.trainers.checks import refuse_trainer_fsdp_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     for key in ALIGNKIT_TRAIN_KEYS:  # alignkit's own keys (compile_model, batching_kwargs), not TrainingArguments fields
         kw.pop(key, None)
     kw["output_dir"] = str(run.checkpoints)
+    refuse_trainer_fsdp_on_cpu(kw.get("fsdp"))  # every rank on its own, before any collective
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and requested_engine() == "deepspeed":
         # DeepSpeed on CPU processes (accelerate launch with a DEEPSPEED config): use_cpu would make accelerate

@@ -173,11 +173,19 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None,
         if args.parallel_mode != ParallelMode.DISTRIBUTED:  # the Trainer's own refusal, as a config error
             raise ConfigError("train.fsdp: FSDP shards the model over several processes and this run "
                               "has one; remove train.fsdp, or launch several processes (torchrun / accelerate launch)")
-        if not torch.cuda.is_available() and requested_engine() != "fsdp":
-            raise ConfigError("train.fsdp: the Trainer's FSDP from the training arguments does not run on CPU "
-                              "processes (it failed once training began, after the run folder was written); remove "
-                              "train.fsdp and launch with `accelerate launch --config_file "
-                              "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
+        refuse_trainer_fsdp_on_cpu(args.fsdp)
+
+
+def refuse_trainer_fsdp_on_cpu(fsdp: Any) -> None:
+    """ConfigError when `train.fsdp` (the Trainer's FSDP, from the training arguments) is set on a machine without
+    CUDA and the launcher asked for no FSDP of its own. The CLI calls it before building the TrainingArguments, so
+    that every rank refuses on its own before any collective (a rank refusing later, after the process group
+    formed, left its peer failing in gloo's connect with an "unexpected error")."""
+    if fsdp and not torch.cuda.is_available() and requested_engine() != "fsdp":
+        raise ConfigError("train.fsdp: the Trainer's FSDP from the training arguments does not run on CPU "
+                          "processes (it failed once training began, after the run folder was written); remove "
+                          "train.fsdp and launch with `accelerate launch --config_file "
+                          "configs/accelerate/fsdp2.yaml` (FSDP2, which alignkit runs on CPU processes)")
 
 
 def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
@@ -293,4 +301,4 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
            "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
-           "refuse_ignored_arguments", "refuse_metric_functions", "saved_state"]
+           "refuse_ignored_arguments", "refuse_metric_functions", "refuse_trainer_fsdp_on_cpu", "saved_state"]
