@@ -191,7 +191,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
                                          ("verbosity", "low"), ("add_generation_prompt", False),
                                          ("continue_final_message", True), ("chat_template", "{{ 'x' }}"),
                                          ("chat_template_kwargs", {"enable_thinking": False}),
-                                         ("documents", [{"text": "x"}])])
+                                         ("documents", [{"text": "x"}]), ("structural_tag", "{}"),
+                                         ("return_token_ids", True)])
 def test_sampling_fields_the_engine_does_not_implement_are_refused(client, server, field, value):
     """Before, these were accepted and the answer sampled without them (a 200 that looked like it honoured the
     request; tool_choice .. documents until the second audit). Now a 400 naming the field, on both endpoints; their
@@ -316,16 +317,30 @@ def test_messages_the_chat_template_refuses_are_a_400_with_its_reason(serve_stac
 def test_stream_options_without_stream_is_a_400_naming_it(client, server):
     """OpenAI and vLLM refuse stream_options on a request that is not streamed; it was accepted and ignored. A
     malformed one (include_usage not a boolean) was read as truthy. Both are 400s naming stream_options now; with
-    stream it still adds the usage chunk."""
+    stream it still adds the usage chunk. Its other keys were accepted and ignored too (vLLM's continuous_usage_stats:
+    every chunk got usage null; OpenAI's include_obfuscation: no padding field; a typo): a 400 naming the key, unless
+    at their neutral false."""
     url, _ = server
     hi = {"model": "base", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
     for body in ({**hi, "stream_options": {"include_usage": True}},
                  {**hi, "stream": True, "stream_options": {"include_usage": "yes"}},
-                 {**hi, "stream": True, "stream_options": ["include_usage"]}):
-        got, err = raw(url, "/v1/completions", body)
-        assert got == 400 and err["error"]["param"] == "stream_options", (body, err)
+                 {**hi, "stream": True, "stream_options": ["include_usage"]},
+                 {**hi, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+                 {**hi, "stream": True, "stream_options": {"include_obfuscation": True}},
+                 {**hi, "stream": True, "stream_options": {"include_usgae": True}}):
+        chat = {k: v for k, v in body.items() if k != "prompt"} | {"messages": [{"role": "user", "content": "Hi"}]}
+        for path, request in (("/v1/completions", body), ("/v1/chat/completions", chat)):
+            got, err = raw(url, path, request)
+            assert got == 400 and err["error"]["param"] == "stream_options", (path, body, err)
+            key = next((k for k in body["stream_options"] if k != "include_usage"), None) \
+                if isinstance(body["stream_options"], dict) else None
+            assert key is None or f"stream_options.{key}" in err["error"]["message"], err
     chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2
+    chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, stream=True,
+                                            extra_body={"stream_options": {"include_usage": True, "include_obfuscation":
+                                                                           False, "continuous_usage_stats": False}}))
     assert chunks[-1].usage.completion_tokens == 2
 
 

@@ -9,8 +9,8 @@
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
 (string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
-stream_options.include_usage (with stream only), vLLM's add_special_tokens. Fields that would change the answer but
-are not implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias,
+stream_options.include_usage (with stream only; its other keys, e.g. vLLM's continuous_usage_stats, are a 400 unless
+false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the answer but are not implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias,
 suffix, response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
 `IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user,
@@ -79,11 +79,15 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
     "bad_words": (None, []), "allowed_token_ids": (None,), "length_penalty": (None, 1, 1.0),
     "logits_processors": (None, []), "structured_outputs": (None,), "return_tokens_as_token_ids": (None, False),
     "prompt_embeds": (None,), "modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,),
-    "reasoning_effort": (None,), "verbosity": (None, "medium"),
+    "reasoning_effort": (None,), "verbosity": (None, "medium"), "structural_tag": (None,),
+    "return_token_ids": (None, False),  # vLLM: the answer's token ids beside its text (this server sends text only)
     # the chat prompt is the tokenizer's own template with the generation prompt, as given
     "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "documents": (None,),
 }
+# stream_options besides include_usage, accepted only at these values: vLLM's continuous_usage_stats (usage in every
+# chunk) and OpenAI's include_obfuscation (a random padding field in every chunk, against length side channels)
+STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, False), "include_obfuscation": (None, False)}
 # logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
 
@@ -308,6 +312,11 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
             raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
                            param="stream_options")
+        for key, value in opts.items():  # what else would be accepted and ignored: a 400 naming it
+            if key != "include_usage" and value not in STREAM_OPTIONS_NEUTRAL.get(key, ()):
+                raise ApiError(400, f"'stream_options.{key}' is not supported by this server (the stream would "
+                                    f"silently go without it); stream_options takes include_usage only",
+                               param="stream_options")
         include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
