@@ -389,3 +389,44 @@ def test_a_message_name_reaches_the_template_and_tool_calls_are_refused(serve_st
         chat_prompt({"messages": [{"role": "user", "content": "Hi"},
                                   {"role": "assistant", "content": "", "tool_calls": calls}]}, tok)
     assert e.value.status == 400 and e.value.param == "messages[1]" and "tool_calls" in e.value.message
+
+
+def test_an_adapter_trained_with_another_chat_template_is_refused_on_the_chat_endpoint(serve_dirs, tmp_path, caplog):
+    """A trainer saves its tokenizer with the adapter (`model.tokenizer` one included), and the server formats chat
+    messages with the base's alone: an adapter trained through another chat template was served prompts in a format
+    it never saw (200s, silently). Now a warning naming the folder at load and a 400 naming the model on the chat
+    endpoint; /v1/completions serves it as before, and an adapter saved with the base's own tokenizer is unchanged.
+    A saved tokenizer with another vocabulary is refused at load (every prompt's ids would be another text)."""
+    import logging
+    import shutil
+
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.models.tiny import build_tiny_tokenizer
+    from alignkit.serve.stack import load_stack
+
+    base_tok = load_tokenizer(serve_dirs["base"])
+    same, other = tmp_path / "same", tmp_path / "other"
+    for folder in (same, other):
+        shutil.copytree(serve_dirs["adapters"]["terse"], folder)
+    base_tok.save_pretrained(same)
+    base_tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    base_tok.save_pretrained(other)
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.stack"):
+        stack = load_stack(serve_dirs["base"], {"same": same, "other": other}, base_name="base")
+    assert [r.getMessage() for r in caplog.records if str(other) in r.getMessage()], caplog.text
+    msgs = [{"role": "user", "content": "Hi"}]
+    with running_server(Engine(stack, EngineConfig(max_new_tokens=8))) as url:
+        got, err = raw(url, "/v1/chat/completions", {"model": "other", "messages": msgs, "max_tokens": 2})
+        assert got == 400 and err["error"]["param"] == "model" and "chat template" in err["error"]["message"], err
+        for model in ("same", "base"):
+            got, out = raw(url, "/v1/chat/completions", {"model": model, "messages": msgs, "max_tokens": 2})
+            assert got == 200, out
+        got, out = raw(url, "/v1/completions", {"model": "other", "prompt": "### user: Hi\n### assistant:",
+                                                "max_tokens": 2})
+        assert got == 200 and out["usage"]["prompt_tokens"] == len(stack.tokenizer("### user: Hi\n### assistant:")
+                                                                   ["input_ids"]), out
+    foreign = tmp_path / "foreign"
+    shutil.copytree(serve_dirs["adapters"]["terse"], foreign)
+    build_tiny_tokenizer(["a b c d e f g " * 20, "zz yy xx"]).save_pretrained(foreign)
+    with pytest.raises(ValueError, match=r"adapter 'foreign': the tokenizer saved with it .* has another vocabulary"):
+        load_stack(serve_dirs["base"], {"foreign": foreign}, base_name="base")

@@ -442,7 +442,12 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        _model(body)
+        model = _model(body)
+        if model in engine.stack.other_template:  # the server's template is not the one it was trained with
+            raise ApiError(400, f"'{model}' was trained with another chat template than the one this server formats "
+                                "messages with, so its answers here would follow prompts it never saw; send prompts "
+                                "formatted as in training to /v1/completions (the server's log names the tokenizer)",
+                           param="model")
         return await run(request, body, [chat_prompt(body, tokenizer)], chat=True)
 
     @app.get("/health")
