@@ -155,6 +155,20 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert got == status, (body, got, err)
         assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"], body
         assert err["error"]["param"] == param, body
+    # JSON's NaN parses: a 400 with the API's own range (was the engine's 'temperature must be in [0, 100]'). A lone
+    # UTF-16 surrogate escape (a JavaScript string cut inside an emoji) was a 500 'internal error: TypeError' from the
+    # tokenizer (UnicodeEncodeError for the model name), and a stop string holding one never matched
+    surrogate = "lone UTF-16 surrogate"
+    for path, body, param, says in (
+            ("completions", b'{"model": "base", "prompt": "Hi", "temperature": NaN}', "temperature", "[0.0, 2.0]"),
+            ("completions", b'{"model": "base", "prompt": "Hi \\ud83d"}', "prompt", surrogate),
+            ("completions", b'{"model": "base", "prompt": "Hi", "stop": ["x", "\\udc00"]}', "stop[1]", surrogate),
+            ("completions", b'{"model": "base\\ud800", "prompt": "Hi"}', "model", surrogate),
+            ("chat/completions", b'{"model": "base", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+             "messages[0].content", surrogate)):
+        got, err = raw(url, "/v1/" + path, body)
+        assert (got, err["error"]["param"], err["error"]["type"]) == (400, param, "invalid_request_error"), (body, err)
+        assert says in err["error"]["message"], err
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]})
     assert got == 400 and "role" in err["error"]["message"]
     # the engine's limits name the field too (before: param null); a chat prompt's field is messages

@@ -15,7 +15,7 @@ suffix, response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / m
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
 `IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user,
 metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
-JSON, wrong types, limits; 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
+JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape); 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
 over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
 """
@@ -59,7 +59,7 @@ def _num(body: dict, key: str, default: Any, kind: type, lo: float | None = None
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
         raise ApiError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}, got {json.dumps(v)[:40]}",
                        param=key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
+    if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN too (JSON's NaN parses)
         raise ApiError(400, f"'{key}' must be in [{lo}, {hi}], got {v}", param=key)
     return kind(v)
 
@@ -90,6 +90,27 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
 STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, False), "include_obfuscation": (None, False)}
 # logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
+
+
+def not_unicode(value: Any, where: str = "") -> str | None:
+    """The path (`messages[0].content`) of the first string in a parsed JSON body that UTF-8 cannot encode: JSON's
+    escapes can write a lone surrogate (`"\\ud83d"`, half an emoji: a UTF-16 string cut inside a character), which
+    Python's json takes and the tokenizer then refuses with a TypeError. None when every string is text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        path = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
+        if isinstance(k, str) and not_unicode(k) is not None:
+            return path
+        found = not_unicode(v, path)
+        if found is not None:
+            return found
+    return None
 
 
 def sampling_params(body: dict) -> SamplingParams:
@@ -271,6 +292,10 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
+        where = not_unicode(body)
+        if where is not None:  # the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
+            raise ApiError(400, f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate escape (\\ud800 .. "
+                                "\\udfff alone: a string cut inside a character); send whole characters", param=where)
         return body
 
     def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue,
