@@ -423,7 +423,8 @@ def test_an_adapter_trained_with_another_chat_template_is_refused_on_the_chat_en
     for folder in (same, other):
         shutil.copytree(serve_dirs["adapters"]["terse"], folder)
     base_tok.save_pretrained(same)
-    base_tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    base_tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                              "### assistant:")
     base_tok.save_pretrained(other)
     with caplog.at_level(logging.WARNING, logger="alignkit.serve.stack"):
         stack = load_stack(serve_dirs["base"], {"same": same, "other": other}, base_name="base")

@@ -10,13 +10,16 @@
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
 (string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
 stream_options.include_usage (with stream only; its other keys, e.g. vLLM's continuous_usage_stats, are a 400 unless
-false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the answer but are not implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias,
-suffix, response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
+false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the answer but are not
+implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix,
+response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
 `IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user,
 metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
-JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape); 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
-over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
+JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape), a chat request to an adapter trained
+with another chat template than the base's (`Stack.other_template`); 401 bad/missing bearer token (with --api-key); 404
+unknown model; 413 a body over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps
+serving).
 A client that disconnects cancels its generation at the engine's next step.
 """
 
@@ -87,7 +90,8 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
 }
 # stream_options besides include_usage, accepted only at these values: vLLM's continuous_usage_stats (usage in every
 # chunk) and OpenAI's include_obfuscation (a random padding field in every chunk, against length side channels)
-STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, False), "include_obfuscation": (None, False)}
+STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, False),
+                                            "include_obfuscation": (None, False)}
 # logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
 
