@@ -164,6 +164,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
             ("completions", b'{"model": "base", "prompt": "Hi \\ud83d"}', "prompt", surrogate),
             ("completions", b'{"model": "base", "prompt": "Hi", "stop": ["x", "\\udc00"]}', "stop[1]", surrogate),
             ("completions", b'{"model": "base\\ud800", "prompt": "Hi"}', "model", surrogate),
+            ("completions", b'{"model": "base", "prompt": "Hi", "user\\ud800": 1}', "user\\ud800", surrogate),
             ("chat/completions", b'{"model": "base", "messages": [{"role": "user", "content": "\\ud83d"}]}',
              "messages[0].content", surrogate)):
         got, err = raw(url, "/v1/" + path, body)

@@ -96,25 +96,34 @@ STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, Fal
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
 
 
-def not_unicode(value: Any, where: str = "") -> str | None:
+def not_unicode(body: Any) -> str | None:
     """The path (`messages[0].content`) of the first string in a parsed JSON body that UTF-8 cannot encode: JSON's
     escapes can write a lone surrogate (`"\\ud83d"`, half an emoji: a UTF-16 string cut inside a character), which
-    Python's json takes and the tokenizer then refuses with a TypeError. None when every string is text."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "body"
-        return None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        path = f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k)
-        if isinstance(k, str) and not_unicode(k) is not None:
-            return path
-        found = not_unicode(v, path)
-        if found is not None:
-            return found
+    Python's json takes and the tokenizer then refuses with a TypeError. None when every string is text. Walked
+    without recursion (a deeply nested body is no reason for a RecursionError)."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            if _not_text(value):
+                return where or "body"
+        elif isinstance(value, dict):
+            for k in reversed(list(value)):
+                path = f"{where}.{k}" if where else k
+                if _not_text(k):
+                    return path
+                todo.append((path, value[k]))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
     return None
+
+
+def _not_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def sampling_params(body: dict) -> SamplingParams:
@@ -297,7 +306,8 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         where = not_unicode(body)
-        if where is not None:  # the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
+        if where is not None:
+            where = where.encode("utf-8", "backslashreplace").decode()  # a key may hold the surrogate  # the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
             raise ApiError(400, f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate escape (\\ud800 .. "
                                 "\\udfff alone: a string cut inside a character); send whole characters", param=where)
         return body
