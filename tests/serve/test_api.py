@@ -136,6 +136,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     cases = [
         (b"{not json", 400, None),
         (b"[1, 2]", 400, None),
+        (b'{"model": "base", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),  # was a 500
         ({"model": "base"}, 400, "prompt"),
         ({"prompt": "Hi"}, 400, "model"),
         ({"model": "base", "prompt": "Hi", "temperature": "hot"}, 400, "temperature"),

@@ -303,6 +303,8 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # json's own limit on nesting (was a 500 'internal error: RecursionError')
+            raise ApiError(400, "the body is nested too deeply to be a request") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         where = not_unicode(body)
