@@ -136,6 +136,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     cases = [
         (b"{not json", 400, None),
         (b"[1, 2]", 400, None),
+        (b'{"model": "base", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),  # was a 500
         ({"model": "base"}, 400, "prompt"),
         ({"prompt": "Hi"}, 400, "model"),
         ({"model": "base", "prompt": "Hi", "temperature": "hot"}, 400, "temperature"),
@@ -155,6 +156,21 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert got == status, (body, got, err)
         assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"], body
         assert err["error"]["param"] == param, body
+    # JSON's NaN parses: a 400 with the API's own range (was the engine's 'temperature must be in [0, 100]'). A lone
+    # UTF-16 surrogate escape (a JavaScript string cut inside an emoji) was a 500 'internal error: TypeError' from the
+    # tokenizer (UnicodeEncodeError for the model name), and a stop string holding one never matched
+    surrogate = "lone UTF-16 surrogate"
+    for path, body, param, says in (
+            ("completions", b'{"model": "base", "prompt": "Hi", "temperature": NaN}', "temperature", "[0.0, 2.0]"),
+            ("completions", b'{"model": "base", "prompt": "Hi \\ud83d"}', "prompt", surrogate),
+            ("completions", b'{"model": "base", "prompt": "Hi", "stop": ["x", "\\udc00"]}', "stop[1]", surrogate),
+            ("completions", b'{"model": "base\\ud800", "prompt": "Hi"}', "model", surrogate),
+            ("completions", b'{"model": "base", "prompt": "Hi", "user\\ud800": 1}', "user\\ud800", surrogate),
+            ("chat/completions", b'{"model": "base", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+             "messages[0].content", surrogate)):
+        got, err = raw(url, "/v1/" + path, body)
+        assert (got, err["error"]["param"], err["error"]["type"]) == (400, param, "invalid_request_error"), (body, err)
+        assert says in err["error"]["message"], err
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]})
     assert got == 400 and "role" in err["error"]["message"]
     # the engine's limits name the field too (before: param null); a chat prompt's field is messages
@@ -191,7 +207,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
                                          ("verbosity", "low"), ("add_generation_prompt", False),
                                          ("continue_final_message", True), ("chat_template", "{{ 'x' }}"),
                                          ("chat_template_kwargs", {"enable_thinking": False}),
-                                         ("documents", [{"text": "x"}])])
+                                         ("documents", [{"text": "x"}]), ("structural_tag", "{}"),
+                                         ("return_token_ids", True)])
 def test_sampling_fields_the_engine_does_not_implement_are_refused(client, server, field, value):
     """Before, these were accepted and the answer sampled without them (a 200 that looked like it honoured the
     request; tool_choice .. documents until the second audit). Now a 400 naming the field, on both endpoints; their
@@ -316,16 +333,30 @@ def test_messages_the_chat_template_refuses_are_a_400_with_its_reason(serve_stac
 def test_stream_options_without_stream_is_a_400_naming_it(client, server):
     """OpenAI and vLLM refuse stream_options on a request that is not streamed; it was accepted and ignored. A
     malformed one (include_usage not a boolean) was read as truthy. Both are 400s naming stream_options now; with
-    stream it still adds the usage chunk."""
+    stream it still adds the usage chunk. Its other keys were accepted and ignored too (vLLM's continuous_usage_stats:
+    every chunk got usage null; OpenAI's include_obfuscation: no padding field; a typo): a 400 naming the key, unless
+    at their neutral false."""
     url, _ = server
     hi = {"model": "base", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
     for body in ({**hi, "stream_options": {"include_usage": True}},
                  {**hi, "stream": True, "stream_options": {"include_usage": "yes"}},
-                 {**hi, "stream": True, "stream_options": ["include_usage"]}):
-        got, err = raw(url, "/v1/completions", body)
-        assert got == 400 and err["error"]["param"] == "stream_options", (body, err)
+                 {**hi, "stream": True, "stream_options": ["include_usage"]},
+                 {**hi, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+                 {**hi, "stream": True, "stream_options": {"include_obfuscation": True}},
+                 {**hi, "stream": True, "stream_options": {"include_usgae": True}}):
+        chat = {k: v for k, v in body.items() if k != "prompt"} | {"messages": [{"role": "user", "content": "Hi"}]}
+        for path, request in (("/v1/completions", body), ("/v1/chat/completions", chat)):
+            got, err = raw(url, path, request)
+            assert got == 400 and err["error"]["param"] == "stream_options", (path, body, err)
+            key = next((k for k in body["stream_options"] if k != "include_usage"), None) \
+                if isinstance(body["stream_options"], dict) else None
+            assert key is None or f"stream_options.{key}" in err["error"]["message"], err
     chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2
+    chunks = list(client.completions.create(model="base", prompt="Hi", max_tokens=2, temperature=0, stream=True,
+                                            extra_body={"stream_options": {"include_usage": True, "include_obfuscation":
+                                                                           False, "continuous_usage_stats": False}}))
     assert chunks[-1].usage.completion_tokens == 2
 
 
@@ -374,3 +405,45 @@ def test_a_message_name_reaches_the_template_and_tool_calls_are_refused(serve_st
         chat_prompt({"messages": [{"role": "user", "content": "Hi"},
                                   {"role": "assistant", "content": "", "tool_calls": calls}]}, tok)
     assert e.value.status == 400 and e.value.param == "messages[1]" and "tool_calls" in e.value.message
+
+
+def test_an_adapter_trained_with_another_chat_template_is_refused_on_the_chat_endpoint(serve_dirs, tmp_path, caplog):
+    """A trainer saves its tokenizer with the adapter (`model.tokenizer` one included), and the server formats chat
+    messages with the base's alone: an adapter trained through another chat template was served prompts in a format
+    it never saw (200s, silently). Now a warning naming the folder at load and a 400 naming the model on the chat
+    endpoint; /v1/completions serves it as before, and an adapter saved with the base's own tokenizer is unchanged.
+    A saved tokenizer with another vocabulary is refused at load (every prompt's ids would be another text)."""
+    import logging
+    import shutil
+
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.models.tiny import build_tiny_tokenizer
+    from alignkit.serve.stack import load_stack
+
+    base_tok = load_tokenizer(serve_dirs["base"])
+    same, other = tmp_path / "same", tmp_path / "other"
+    for folder in (same, other):
+        shutil.copytree(serve_dirs["adapters"]["terse"], folder)
+    base_tok.save_pretrained(same)
+    base_tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                              "### assistant:")
+    base_tok.save_pretrained(other)
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.stack"):
+        stack = load_stack(serve_dirs["base"], {"same": same, "other": other}, base_name="base")
+    assert [r.getMessage() for r in caplog.records if str(other) in r.getMessage()], caplog.text
+    msgs = [{"role": "user", "content": "Hi"}]
+    with running_server(Engine(stack, EngineConfig(max_new_tokens=8))) as url:
+        got, err = raw(url, "/v1/chat/completions", {"model": "other", "messages": msgs, "max_tokens": 2})
+        assert got == 400 and err["error"]["param"] == "model" and "chat template" in err["error"]["message"], err
+        for model in ("same", "base"):
+            got, out = raw(url, "/v1/chat/completions", {"model": model, "messages": msgs, "max_tokens": 2})
+            assert got == 200, out
+        got, out = raw(url, "/v1/completions", {"model": "other", "prompt": "### user: Hi\n### assistant:",
+                                                "max_tokens": 2})
+        assert got == 200 and out["usage"]["prompt_tokens"] == len(stack.tokenizer("### user: Hi\n### assistant:")
+                                                                   ["input_ids"]), out
+    foreign = tmp_path / "foreign"
+    shutil.copytree(serve_dirs["adapters"]["terse"], foreign)
+    build_tiny_tokenizer(["a b c d e f g " * 20, "zz yy xx"]).save_pretrained(foreign)
+    with pytest.raises(ValueError, match=r"adapter 'foreign': the tokenizer saved with it .* has another vocabulary"):
+        load_stack(serve_dirs["base"], {"foreign": foreign}, base_name="base")

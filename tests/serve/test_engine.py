@@ -142,6 +142,32 @@ def test_n_choices_and_stop_strings(engine, stack):
     assert len({tuple(c["token_ids"]) for c in res["choices"]}) > 1  # different streams per choice
 
 
+def test_a_stop_string_ending_in_a_character_split_over_byte_tokens_does_not_leak(engine, stack, monkeypatch):
+    """A character the byte-level tokenizer splits over several tokens ("€": three bytes) decodes to U+FFFD until its
+    last byte; the engine held that tail back but looked for stop-string prefixes at the very end of the text (after
+    the U+FFFD), so the "a" of a stop string "a€" was sent before the "€" completed it: "Ok a", not "Ok ". The
+    text (the concatenation of the token events, as streamed) is cut before the stop string, as OpenAI and vLLM do."""
+    tok = stack.tokenizer
+    forced = tok("Ok a€ b", add_special_tokens=False)["input_ids"]
+    assert len(forced) >= 6 and tok.decode(forced[:3]) == "Ok a"  # "€" is split over (at least two) byte tokens
+    sample = engine._sample
+
+    def forced_sample(logits, rows):  # the model writes "Ok a€ b"
+        out = sample(logits, rows)
+        for b, r in enumerate(rows):
+            out[b] = forced[min(len(r.tokens), len(forced) - 1)]
+        return out
+
+    monkeypatch.setattr(engine, "_sample", forced_sample)
+    prompt = tok("Hello")["input_ids"]
+    for stop, text in ((["a€"], "Ok "), ([" a€"], "Ok"), (["€"], "Ok a"), (["zz", "a€ b"], "Ok ")):
+        choice = engine.generate("base", prompt, SamplingParams(max_tokens=len(forced), temperature=0.0,
+                                                                stop=stop))["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (text, "stop"), stop
+    whole = engine.generate("base", prompt, SamplingParams(max_tokens=len(forced), temperature=0.0))["choices"][0]
+    assert (whole["text"], whole["finish_reason"]) == ("Ok a€ b", "length")
+
+
 def test_a_stop_string_of_special_token_text_stops_on_that_token(engine, stack, monkeypatch):
     """Text is decoded without special tokens, so a stop string naming a special token that is not one of the
     engine's end tokens (`<|im_start|>`) never matched and the row ran on past the token. It now ends the row on that

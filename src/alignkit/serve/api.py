@@ -9,14 +9,17 @@
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
 (string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
-stream_options.include_usage (with stream only), vLLM's add_special_tokens. Fields that would change the answer but
-are not implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias,
-suffix, response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
+stream_options.include_usage (with stream only; its other keys, e.g. vLLM's continuous_usage_stats, are a 400 unless
+false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the answer but are not
+implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix,
+response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
 `IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user,
 metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
-JSON, wrong types, limits; 401 bad/missing bearer token (with --api-key); 404 unknown model; 413 a body
-over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps serving).
+JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape), a chat request to an adapter trained
+with another chat template than the base's (`Stack.other_template`); 401 bad/missing bearer token (with --api-key); 404
+unknown model; 413 a body over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps
+serving).
 A client that disconnects cancels its generation at the engine's next step.
 """
 
@@ -59,7 +62,7 @@ def _num(body: dict, key: str, default: Any, kind: type, lo: float | None = None
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
         raise ApiError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}, got {json.dumps(v)[:40]}",
                        param=key)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
+    if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN too (JSON's NaN parses)
         raise ApiError(400, f"'{key}' must be in [{lo}, {hi}], got {v}", param=key)
     return kind(v)
 
@@ -79,13 +82,48 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
     "bad_words": (None, []), "allowed_token_ids": (None,), "length_penalty": (None, 1, 1.0),
     "logits_processors": (None, []), "structured_outputs": (None,), "return_tokens_as_token_ids": (None, False),
     "prompt_embeds": (None,), "modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,),
-    "reasoning_effort": (None,), "verbosity": (None, "medium"),
+    "reasoning_effort": (None,), "verbosity": (None, "medium"), "structural_tag": (None,),
+    "return_token_ids": (None, False),  # vLLM: the answer's token ids beside its text (this server sends text only)
     # the chat prompt is the tokenizer's own template with the generation prompt, as given
     "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "documents": (None,),
 }
+# stream_options besides include_usage, accepted only at these values: vLLM's continuous_usage_stats (usage in every
+# chunk) and OpenAI's include_obfuscation (a random padding field in every chunk, against length side channels)
+STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, False),
+                                            "include_obfuscation": (None, False)}
 # logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
+
+
+def not_unicode(body: Any) -> str | None:
+    """The path (`messages[0].content`) of the first string in a parsed JSON body that UTF-8 cannot encode: JSON's
+    escapes can write a lone surrogate (`"\\ud83d"`, half an emoji: a UTF-16 string cut inside a character), which
+    Python's json takes and the tokenizer then refuses with a TypeError. None when every string is text. Walked
+    without recursion (a deeply nested body is no reason for a RecursionError)."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            if _not_text(value):
+                return where or "body"
+        elif isinstance(value, dict):
+            for k in reversed(list(value)):
+                path = f"{where}.{k}" if where else k
+                if _not_text(k):
+                    return path
+                todo.append((path, value[k]))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _not_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def sampling_params(body: dict) -> SamplingParams:
@@ -265,8 +303,15 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:  # json's own limit on nesting (was a 500 'internal error: RecursionError')
+            raise ApiError(400, "the body is nested too deeply to be a request") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
+        where = not_unicode(body)
+        if where is not None:
+            where = where.encode("utf-8", "backslashreplace").decode()  # a key may hold the surrogate  # the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
+            raise ApiError(400, f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate escape (\\ud800 .. "
+                                "\\udfff alone: a string cut inside a character); send whole characters", param=where)
         return body
 
     def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue,
@@ -308,6 +353,11 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
             raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
                            param="stream_options")
+        for key, value in opts.items():  # what else would be accepted and ignored: a 400 naming it
+            if key != "include_usage" and value not in STREAM_OPTIONS_NEUTRAL.get(key, ()):
+                raise ApiError(400, f"'stream_options.{key}' is not supported by this server (the stream would "
+                                    f"silently go without it); stream_options takes include_usage only",
+                               param="stream_options")
         include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
@@ -433,7 +483,12 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        _model(body)
+        model = _model(body)
+        if model in engine.stack.other_template:  # the server's template is not the one it was trained with
+            raise ApiError(400, f"'{model}' was trained with another chat template than the one this server formats "
+                                "messages with, so its answers here would follow prompts it never saw; send prompts "
+                                "formatted as in training to /v1/completions (the server's log names the tokenizer)",
+                           param="model")
         return await run(request, body, [chat_prompt(body, tokenizer)], chat=True)
 
     @app.get("/health")

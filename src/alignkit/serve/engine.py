@@ -492,12 +492,14 @@ class Engine:
             return True
         safe = len(text)
         if not final:
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-                safe = len(text.rstrip("\ufffd"))
+            # an incomplete UTF-8 sequence at the end (a character split over byte tokens) waits for its next bytes,
+            # and the stop strings' prefixes are looked for before it: a stop string whose later character is
+            # still incomplete ("a" of "a€" before the last byte of "€") must not be sent
+            whole = safe = len(text.rstrip("\ufffd"))
             for s in stops:  # hold back a tail that could start a stop string
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
+                for k in range(min(len(s) - 1, whole), 0, -1):
+                    if text.startswith(s[:k], whole - k):
+                        safe = min(safe, whole - k)
                         break
         safe = max(safe, r.emitted)
         self._send(r, text[r.emitted:safe], r.tokens[-1])

@@ -56,6 +56,9 @@ class Stack:
     routes: dict[str, Route] = field(default_factory=dict)
     has_lora: bool = False
     lora: Any = None  # StackedLora (serve/lora.py), or None: peft's `adapter_names` routes the LoRA rows
+    # served name -> the adapter folder whose saved tokenizer has another chat template than `tokenizer`'s (trained
+    # with `model.tokenizer`): the chat endpoint would format its messages with a template it never saw
+    other_template: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -162,6 +165,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
         except ValueError as e:  # e.g. a fully finetuned model: not an adapter
             raise ValueError(f"{folder}: {e}") from None
     tokenizer = load_tokenizer(base)
+    other_template = saved_tokenizers_differ(tokenizer, base, adapters)  # before the model is loaded
     lm = load_model(base, dtype=dtype, attn_implementation=attn_implementation, rope_scaling=rope_scaling,
                     rope_key="rope_scaling")
     if is_classifier(lm):
@@ -212,7 +216,31 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     reft.eval()
     if device is not None:
         reft.to(device)
-    return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora), lora=stacked)
+    return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora), lora=stacked, other_template=other_template)
 
 
-__all__ = ["Route", "Stack", "load_stack", "PEFT_BASE", "NAME_RE"]
+def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, str | Path]) -> dict[str, str]:
+    """{served name: folder} of the adapters saved with a tokenizer whose chat template is not the base's (`tokenizer`,
+    the one the server formats and tokenizes with); each is a warning here and the chat endpoint refuses it. A saved
+    tokenizer with another vocabulary is a ValueError: every prompt would be tokenized with ids it was not trained
+    on. Adapters saved without a tokenizer, or with one without a chat template, are not checked."""
+    out: dict[str, str] = {}
+    for name, folder in adapters.items():
+        if not (Path(folder) / "tokenizer_config.json").is_file():
+            continue
+        own = load_tokenizer(folder)
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"adapter {name!r}: the tokenizer saved with it ({folder}) has another vocabulary than "
+                             f"the base's ({base}), which the server tokenizes with: serve it on a copy of the base "
+                             f"folder holding the tokenizer it was trained with")
+        template = getattr(own, "chat_template", None)
+        if template and template != getattr(tokenizer, "chat_template", None):
+            out[name] = str(folder)
+            logger.warning("serve: %r was trained with the chat template of the tokenizer saved in %s, not the one of "
+                           "the base %s that /v1/chat/completions formats messages with: its chat requests are "
+                           "refused (400); send prompts formatted as in training to /v1/completions, or serve it on "
+                           "a copy of the base folder holding that tokenizer", name, folder, base)
+    return out
+
+
+__all__ = ["Route", "Stack", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]
