@@ -283,38 +283,41 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS)[1:], default=list(VARIANTS)[1:],
+                    help="the variants timed against transformers' layers (default: all)")
     args = ap.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in ["transformers", *args.variants]}
     torch.set_num_threads(args.threads)
     model, batches = setup(Path(args.run_dir or tempfile.mkdtemp(prefix="fused_layer_ab-")), args.batches,
                            args.batch_size)
-    for name, levers in VARIANTS.items():  # the same work, checked before anything is timed
+    for name, levers in variants.items():  # the same work, checked before anything is timed
         bad = [] if levers is None else same_work(model, batches[:2], levers)
         if bad:
             sys.exit(f"fused_layer_ab: {name} is not transformers' step (no timing): {'; '.join(bad[:4])}")
-    sides = {name: copy.deepcopy(model) for name in VARIANTS}
+    sides = {name: copy.deepcopy(model) for name in variants}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in sides.items()}
 
     def train(name: str, bs: list[dict]) -> list[float]:
         losses = []
         for b in bs:
-            loss = loss_of(sides[name], b, VARIANTS[name])
+            loss = loss_of(sides[name], b, variants[name])
             loss.backward()
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
             losses.append(loss.item())
         return losses
 
-    for name in VARIANTS:  # warm-up, untimed (first-call costs); every copy takes the same step
+    for name in variants:  # warm-up, untimed (first-call costs); every copy takes the same step
         train(name, batches[:1])
-    ms: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    losses: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    ms: dict[str, list[float]] = {name: [] for name in variants}
+    losses: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
-        for name in (list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))):
+        for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
             t = time.process_time()
             losses[name] += train(name, batches)
             ms[name].append((time.process_time() - t) / len(batches) * 1000)
     base = ms["transformers"]
-    drift = max(abs(a - b) / max(1.0, abs(a)) for name in VARIANTS for a, b in zip(losses["transformers"],
+    drift = max(abs(a - b) / max(1.0, abs(a)) for name in variants for a, b in zip(losses["transformers"],
                                                                                    losses[name]))
     print(f"CPU ms per SFT step (one packed row, varlen sdpa, AdamW), {args.rounds} rounds x {args.batches} steps, "
           f"{args.threads} thread(s); max relative loss difference over the timed steps {drift:.1e}")
