@@ -2,9 +2,11 @@
 suites print for the median paired ratio (order statistics and coverages worked out by hand from the binomial(n,
 1/2) distribution); run_cpu / online_cpu: a ratio only where both sides did the same work, failed repeats counted,
 spreads by hand, selections of nothing refused before writing; reft_overhead: an intervention that edits nothing
-refused, generations of other lengths too; the A/B scripts (compile_ab, online_gen_ab, serve_load): no ratio of runs
-that did other work."""
+refused, generations of other lengths too; the A/B scripts (compile_ab, online_gen_ab, serve_load, fused_layer_ab):
+no ratio of runs that did other work; fused_layer_ab's re-stated decoder layer computes transformers' (values and
+gradients) and refuses where it does not apply."""
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -278,3 +280,101 @@ def test_attention_ab_variants_compute_causal_attention_per_sequence():
     ref = torch.stack([torch.cat(want[h::ab.H]) for h in range(ab.H)])  # (H, S, D)
     for name, fn in ab.VARIANTS.items():
         torch.testing.assert_close(fn(lens, q, k, v)[0].double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------- fused_layer_ab: the layer it times
+def _fused_ab_model(arch, rope=False):
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.models.tiny import tiny_config
+
+    cfg = tiny_config(arch, vocab_size=211, num_layers=2)
+    if rope:  # linear rope scaling: positions halved (cos / sin come from the model's own rotary module)
+        cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "linear", "factor": 2.0}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").train()
+
+
+def _fused_ab_layouts():
+    from alignkit.models import varlen
+
+    g = torch.Generator().manual_seed(3)
+    padded = torch.randint(5, 200, (3, 9), generator=g)
+    padded[1, 6:] = 0
+    padded[2, 4:] = 0
+    lengths = [5, 3, 6]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    return {"padded": {"input_ids": padded, "attention_mask": (padded != 0).long()},
+            "varlen": {"input_ids": torch.randint(5, 200, (1, 14), generator=g), "position_ids": pos,
+                       varlen.LAYOUT_KEY: varlen.varlen_layout(lengths)}}
+
+
+@pytest.mark.parametrize("arch,rope", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_fused_layer_ab_layer_is_transformers_layer(arch, rope):
+    """bench/fused_layer_ab.py times a re-stated decoder layer; it must compute transformers' layer: the logits and
+    the gradients of every parameter and of the input embeddings equal the model's own (llama; qwen2, whose q/k/v
+    have biases; linear rope scaling), on padded rows with their mask and on one packed varlen row, with every
+    lever on and with none. Tolerance: float32 rounding of other op orders (1e-5 of the largest value)."""
+    from alignkit.models import varlen
+
+    ab = _load("fused_layer_ab")
+    lm = _fused_ab_model(arch, rope)
+    assert lm.model.layers[0].self_attn.q_proj.bias is not None or arch != "qwen2"
+    varlen.register()
+    for layout, kw in _fused_ab_layouts().items():
+        kw = {**kw, "use_cache": False}
+        emb = lm.model.embed_tokens(kw.pop("input_ids")).detach()
+
+        def run(levers):
+            lm.zero_grad(set_to_none=True)
+            x = emb.clone().requires_grad_()
+            with contextlib.ExitStack() as stack:
+                if varlen.LAYOUT_KEY in kw:
+                    stack.enter_context(varlen.varlen_attention(lm))
+                if levers is not None:
+                    stack.enter_context(ab.fused(lm, kw, levers))
+                logits = lm(inputs_embeds=x, **kw).logits
+            (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+            grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+            return logits.detach(), x.grad, grads
+
+        want, want_dx, want_g = run(None)
+        for levers in ((), ab.LEVERS):
+            got, got_dx, got_g = run(levers)
+            what = f"{arch} rope={rope} {layout} levers={levers}"
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=what)
+            assert got_g.keys() == want_g.keys() and len(want_g) == len(list(lm.parameters())) - 1, what  # no embed
+            for n, g in [("inputs_embeds", want_dx), *want_g.items()]:
+                d = float(((got_dx if n == "inputs_embeds" else got_g[n]) - g).abs().max())
+                assert d <= 1e-5 * float(g.abs().max()), f"{what}: gradient of {n} apart by {d:.2e}"
+        assert all("forward" not in x.__dict__ for x in lm.model.layers)  # restored
+
+
+def test_fused_layer_ab_refuses_where_the_layer_is_not_transformers_own():
+    """A hook inside a layer (a ReFT intervention, offload) or another attention: the script would time another
+    computation, so `fused` refuses instead of measuring it."""
+    ab = _load("fused_layer_ab")
+    lm = _fused_ab_model("llama")
+    kw = {"use_cache": False}
+    assert ab.unusable_reason(lm, kw) is None
+    handle = lm.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="a hook on LlamaMLP in a decoder layer"):
+        with ab.fused(lm, kw):
+            pass
+    handle.remove()
+    assert "KV cache" in ab.unusable_reason(lm, {})
+    lm.config._attn_implementation = "eager"
+    assert "attention implementation 'eager'" in ab.unusable_reason(lm, kw)
+
+
+def test_fused_layer_ab_runs_tiny_and_stops_on_other_work(tmp_path, monkeypatch):
+    """The script end to end on 2 batches of the suite's small SFT data (every variant timed, paired ratios per
+    variant), and its same-work check: a SiLU backward that is off by 1 % stops it before any timing."""
+    ab = _load("fused_layer_ab")
+    summary = ab.main(["--rounds", "1", "--batches", "2", "--run-dir", str(tmp_path)])
+    assert set(summary["ratios"]) == set(ab.VARIANTS) and summary["ratios"]["transformers"] == [1.0]
+    assert summary["max_rel_loss_difference"] < 1e-5
+    wrong = ab.SiluMul.backward
+    monkeypatch.setattr(ab.SiluMul, "backward", staticmethod(lambda ctx, g: tuple(1.01 * x for x in wrong(ctx, g))))
+    with pytest.raises(SystemExit, match="fused\\+silu is not transformers' step .*gradient of model.layers"):
+        ab.main(["--rounds", "1", "--batches", "2", "--run-dir", str(tmp_path)])
