@@ -124,6 +124,12 @@ def test_kind_conversion():
      r"\(human -> user, .*\); change it to one of them, or give the message a 'role'$"),
     (['{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "messages": []}'],
      r"d\.jsonl:1: the row has both 'messages' and 'conversations'"),
+    # a key given twice in one object: json.loads kept the last value without a word ("b" trained, "a" lost)
+    (['{"prompt": "q", "completion": " a"}', '{"prompt": "a", "prompt": "b", "completion": " c"}'],
+     r"d\.jsonl:2: an object holds the key 'prompt' twice, and only its last value would be read; keep one 'prompt' "
+     r"in it \(the export that wrote the file repeated the key\)$"),
+    (['{"messages": [{"role": "user", "content": "Hi", "content": "Hey"}, {"role": "assistant", "content": "x"}]}'],
+     r"d\.jsonl:1: an object holds the key 'content' twice"),
     # TRL's language-modeling rows: one line naming the format and the columns to give instead
     (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
      r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),
@@ -383,3 +389,21 @@ def test_json_lines_in_a_json_file_and_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(rows) + "\n]")
     with pytest.raises(DataError, match=r"bad\.json:2: broken JSON \(Extra data\)"):
         load_records(tmp_path / "bad.json")
+
+
+def test_a_key_given_twice_in_a_json_file_is_refused_naming_the_item(tmp_path):
+    """In a `.json` list (or a `.json` of JSON lines, as Dataset.to_json writes) a repeated key was read as its last
+    value too. Now one line names the item and its line, or the line; rows without a repeated key read as before."""
+    good = '{"prompt": "q", "completion": " a"}'
+    (tmp_path / "list.json").write_text(f'[{good},\n {good},\n {{"prompt": "q", "completion": " a", "completion": " b"}}]')
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'list.json'} item 2 \(line 3\): an object holds the key "
+                                        r"'completion' twice"):
+        load_records(tmp_path / "list.json")
+    for bad_line in (1, 3):
+        lines = [good] * 3
+        lines[bad_line - 1] = '{"prompt": "q", "prompt": "r", "completion": " a"}'
+        (tmp_path / "lines.json").write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=rf"^{tmp_path / 'lines.json'}:{bad_line}: an object holds the key 'prompt'"):
+            load_records(tmp_path / "lines.json")
+    (tmp_path / "ok.json").write_text(f"[{good}, {good}]")
+    assert load_records(tmp_path / "ok.json") == [SFTRecord("q", " a")] * 2
