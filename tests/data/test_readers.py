@@ -122,6 +122,11 @@ def test_kind_conversion():
     (['{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}'],
      r"d\.jsonl:1: conversations\[1\] has 'from' 'bot', not a ShareGPT speaker alignkit maps to a chat role "
      r"\(human -> user, .*\); change it to one of them, or give the message a 'role'$"),
+    # a tool call (LLaMA-Factory's function_call) read as an assistant turn would train the bare call text
+    (['{"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"}, '
+      '{"from": "observation", "value": "Sunny"}, {"from": "gpt", "value": "Sunny."}]}'],
+     r"d\.jsonl:1: conversations\[1\] has 'from' 'function_call', a tool call, .* write the call into an assistant "
+     r"\('gpt'\) message as the model should output it, or drop the row$"),
     (['{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "messages": []}'],
      r"d\.jsonl:1: the row has both 'messages' and 'conversations'"),
     # a key given twice in one object: json.loads kept the last value without a word ("b" trained, "a" lost)
@@ -297,7 +302,7 @@ def test_prompts_from_trl_rows_keep_their_other_columns(tmp_path, row):
 
 def sharegpt(conversation):
     """A conversation of {"role", "content"} messages in ShareGPT's form (human / gpt / system speakers)."""
-    speakers = {"user": "human", "assistant": "gpt", "system": "system"}
+    speakers = {"user": "human", "assistant": "gpt", "system": "system", "tool": "tool"}
     return [{"from": speakers[m["role"]], "value": m["content"]} for m in conversation]
 
 
@@ -311,14 +316,21 @@ def test_sharegpt_rows_are_read_as_the_same_rows_in_messages(tmp_path, tokenizer
     convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
               {"role": "assistant", "content": "4"}],
              [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-              {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}]]
+              {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}],
+             [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Calling the weather tool."},
+              {"role": "tool", "content": "Sunny, 21C"}, {"role": "assistant", "content": "Sunny."}]]
     share = write_jsonl(tmp_path / "share.jsonl", [{"conversations": sharegpt(c)} for c in convs])
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
     assert load_records(share) == load_records(chat) == [SFTRecord(c[:-1], [c[-1]]) for c in convs]
     got, want = tokenize_records(load_records(share), tokenizer)[0], tokenize_records(load_records(chat), tokenizer)[0]
     assert [{k: v for k, v in f.items() if k != "id"} for f in got] == \
         [{k: v for k, v in f.items() if k != "id"} for f in want]
-    # "user" / "assistant" / "model" speakers too, and pairs whose conversations are in ShareGPT's form
+    # the tool's result is rendered as the template's tool turn (the tiny ChatML template: role name, content)
+    assert "<|im_start|>tool\nSunny, 21C<|im_end|>\n" in tokenizer.decode(got[2]["input_ids"])
+    # "user" / "assistant" / "model" speakers too, LLaMA-Factory's "observation" (a tool's result), and pairs whose
+    # conversations are in ShareGPT's form
+    obs = [{"from": "human", "value": "Hi"}, {"from": "observation", "value": "42"}, {"from": "gpt", "value": "Ok"}]
+    assert load_records([{"conversations": obs}]) == [SFTRecord([*CONV_P, {"role": "tool", "content": "42"}], "Ok")]
     other = [{"from": "user", "value": "Hi"}, {"from": "model", "value": "Hello"}]
     assert load_records([{"conversations": other}]) == [SFTRecord(CONV_P, "Hello")]
     pair = {"chosen": sharegpt(convs[0]), "rejected": sharegpt(convs[0][:-1] + [{"role": "assistant", "content": "5"}])}

@@ -23,7 +23,8 @@ alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, 
 ShareGPT rows (`conversations`: [{"from": "human" | "gpt" | "system", "value": ...}]) are read as TRL reads them
 (`maybe_convert_to_chatml`): `conversations` is `messages`, and a {"from", "value"} message in any column is
 {"role", "content"}, the speaker mapped to its role (human/user -> user, gpt/assistant/model -> assistant,
-system -> system; any other is an error naming the row and the value).
+system -> system, tool/observation (a tool's result) -> tool; a tool call (`function_call`) is an error saying how to
+write it, and so is any other speaker, naming the row and the value).
 
 Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
 longest run of equal leading messages; for text, the longest common character prefix, moved back to the
@@ -103,7 +104,11 @@ def split_shared_prefix(chosen: Any, rejected: Any, where: str) -> tuple[Any, An
 
 # ShareGPT's speakers (`conversations`: [{"from": ..., "value": ...}]) -> chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system"}
+                  "model": "assistant", "system": "system", "tool": "tool", "observation": "tool"}
+# speakers of a tool CALL (LLaMA-Factory's function_call: the assistant's call as JSON text, which it renders in the
+# template's tool-call format): records keep role and content only, so read as an assistant turn the model would be
+# trained to write the bare JSON, not the call the template (and the serving stack) expects
+SHAREGPT_TOOL_CALLS = ("function_call",)
 # the columns that may hold a conversation (or, `responses`, a list of them)
 CONVERSATION_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
 
@@ -117,6 +122,11 @@ def _from_sharegpt(messages: Any, where: str, col: str) -> Any:
     for i, m in enumerate(messages):
         if isinstance(m, dict) and "from" in m and m.get("role") is None:
             speaker = m["from"]
+            if speaker in SHAREGPT_TOOL_CALLS:
+                raise DataError(f"{where}: {col}[{i}] has 'from' {speaker!r}, a tool call, and alignkit keeps each "
+                                f"message's role and content only: it would train the bare call text, not the chat "
+                                f"template's tool-call format; write the call into an assistant ('gpt') message as the "
+                                f"model should output it, or drop the row")
             if speaker not in SHAREGPT_ROLES:
                 raise DataError(f"{where}: {col}[{i}] has 'from' {str(speaker)[:40]!r}, not a ShareGPT speaker alignkit "
                                 f"maps to a chat role ({', '.join(f'{k} -> {v}' for k, v in SHAREGPT_ROLES.items())}); "
