@@ -7,8 +7,9 @@ boundary, or a chat template rewrote earlier turns) is an ERROR naming the recor
 
 Multi-turn SFT (`loss_on`, SFT records only; TRL's `assistant_only_loss`, Open-Assistant's trainer):
 - "all_assistant" (default): every assistant turn is trained, the final completion AND each assistant
-  message inside a conversational prompt (with its end-of-turn marker, as the final turn), except where the row
-  gave the prompt in a column of its own (`records.PROMPT_IS_CONTEXT`: TRL's prompt-completion rows, whose prompt
+  message inside a conversational prompt (with its end-of-turn marker, as the final turn), except the turns a
+  conversation gave weight 0 (`records.UNTRAINED_TURNS`; "all" refuses such a record: it would train them) and
+  where the row gave the prompt in a column of its own (`records.PROMPT_IS_CONTEXT`: TRL's prompt-completion rows, whose prompt
   TRL never trains: completion_only_loss): there the completion alone;
 - "last_assistant": only the final completion (earlier assistant turns are context);
 - "all": the whole sequence (prompt included), TRL's language-modelling loss.
@@ -52,7 +53,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from alignkit.data import chat
 from alignkit.data import records as records_module
@@ -399,15 +400,18 @@ def _prefix_or_error(short: list[int], long: list[int], rid: str, what: str) -> 
                         f"data.loss_on=last_assistant (TokenizeConfig.loss_on) to train the final turn only")
 
 
-def prompt_mask(prompt: Prompt, prompt_ids: list[int], tokenizer: Any, cfg: TokenizeConfig, rid: str) -> list[int]:
-    """1 on the prompt tokens trained under `cfg.loss_on` (earlier assistant turns, or all), else 0."""
+def prompt_mask(prompt: Prompt, prompt_ids: list[int], tokenizer: Any, cfg: TokenizeConfig, rid: str,
+                untrained: Iterable[int] = ()) -> list[int]:
+    """1 on the prompt tokens trained under `cfg.loss_on` (earlier assistant turns but those `untrained`, or all),
+    else 0."""
     if cfg.loss_on == "all":
         return [1] * len(prompt_ids)
     mask = [0] * len(prompt_ids)
     if cfg.loss_on == "last_assistant" or not isinstance(prompt, list):
         return mask
+    untrained = set(untrained)
     for i, m in enumerate(prompt):
-        if m["role"] != "assistant" or not m["content"]:
+        if m["role"] != "assistant" or not m["content"] or i in untrained:
             continue
         f = format_record(prompt[:i], [m], tokenizer, cfg.formatter)
         before = _ids(tokenizer, f.prompt, f.add_special_tokens)
@@ -451,7 +455,12 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     seqs = [_seq(prompt_ids, c) for c in comp_ids]
     if isinstance(record, SFTRecord) and cfg.loss_on != "last_assistant" and not (
             cfg.loss_on == "all_assistant" and record.meta.get(records_module.PROMPT_IS_CONTEXT)):
-        pmask = prompt_mask(record.prompt, full_prompt_ids, tokenizer, cfg, record.id)
+        untrained = record.meta.get(records_module.UNTRAINED_TURNS, ())
+        if untrained and cfg.loss_on == "all":
+            raise DataError(f"{record.id or 'record'}: the conversation gives assistant turn(s) {list(untrained)} "
+                            f"'weight' 0, and data.loss_on=all (TokenizeConfig.loss_on) trains every token, them "
+                            f"included; set data.loss_on=all_assistant to leave them untrained, or drop their weights")
+        pmask = prompt_mask(record.prompt, full_prompt_ids, tokenizer, cfg, record.id, untrained)
         pmask = pmask[len(pmask) - len(prompt_ids):]  # left-truncated with the prompt
         seqs = [(seqs[0][0], pmask + seqs[0][1][len(prompt_ids):])]
     if isinstance(record, PreferenceRecord):
