@@ -22,7 +22,9 @@ are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]
 from rows with responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision
 columns (`images`, `image`) holding a value are an error: alignkit trains text-only models; so are `tools` and
 `chat_template_kwargs` holding a value (TRL passes them to the chat template; records keep messages only). The columns
-alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, augment's output) are skipped silently.
+alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, augment's output) are skipped silently
+by the training readers; the `prompt` reader keeps them with the other columns, as TRL's GRPOTrainer passes every
+column but prompt and completion (a reward function without `**kwargs` gets only the keywords it names).
 
 ShareGPT rows (`conversations`: [{"from": "human" | "gpt" | "system", "value": ...}]) are read as TRL reads them
 (`maybe_convert_to_chatml`): `conversations` is `messages`, and a {"from", "value"} message in any column is
