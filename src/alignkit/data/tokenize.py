@@ -98,8 +98,9 @@ class TokenizeStats:
     completion_truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     dropped_ids: dict = field(default_factory=dict)  # reason -> first ids (up to 5)
-    system_unrendered: int = 0  # records whose system message the formatter did not render (`unrendered_system`)
+    system_unrendered: int = 0  # records with a system / tool message the formatter did not render (`unrendered_roles`)
     system_unrendered_ids: list = field(default_factory=list)  # their first ids (up to 5)
+    unrendered_roles: list = field(default_factory=list)  # the roles of those messages
 
     def drop(self, reason: str, rid: str) -> None:
         self.dropped[reason] += 1
@@ -107,8 +108,9 @@ class TokenizeStats:
         if len(self.dropped_ids[reason]) < 5:
             self.dropped_ids[reason].append(rid)
 
-    def note_system_unrendered(self, rid: str) -> None:
+    def note_system_unrendered(self, rid: str, roles: list[str]) -> None:
         self.system_unrendered += 1
+        self.unrendered_roles = sorted({*self.unrendered_roles, *roles})
         if len(self.system_unrendered_ids) < 5:
             self.system_unrendered_ids.append(rid)
 
@@ -123,9 +125,11 @@ class TokenizeStats:
         for reason, n in self.dropped.items():
             s += f"; dropped {n} ({reason}), e.g. {self.dropped_ids[reason]}"
         if self.system_unrendered:
-            s += (f"; {self.system_unrendered} record(s) have a system message the formatter (data.formatter: the "
+            roles = " or ".join(self.unrendered_roles) or "system"
+            s += (f"; {self.system_unrendered} record(s) have a {roles} message the formatter (data.formatter: the "
                   f"chat template) does not render, so the model never reads it, e.g. {self.system_unrendered_ids}: "
-                  f"fold it into the first user message, or use a template that renders system messages")
+                  f"fold it into the first user message (a tool's result: into a user message after the call), or "
+                  f"use a template that renders {roles} messages")
         return s
 
 
@@ -439,9 +443,10 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     if not comps:
         raise DataError(f"cannot tokenize a {type(record).__name__}; expected one of the alignkit.data.records classes")
     base = {"weight": record.weight, "id": record.id}
-    if chat.system_messages(record.prompt) and chat.unrendered_system(
-            record.prompt, _format(record.prompt, comps[0], tokenizer, cfg.formatter).prompt):
-        stats.note_system_unrendered(record.id)
+    if isinstance(record.prompt, list) and any(m["role"] in chat.CONTEXT_ROLES for m in record.prompt):
+        roles = chat.unrendered_roles(record.prompt, _format(record.prompt, comps[0], tokenizer, cfg.formatter).prompt)
+        if roles:
+            stats.note_system_unrendered(record.id, roles)
     if isinstance(record, PromptRecord):
         f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
