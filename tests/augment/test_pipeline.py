@@ -157,3 +157,30 @@ def test_an_empty_task_proposal_is_not_one_of_the_tasks_made(tmp_path):
                                                              ("List three fruits.", "Apple, pear, plum.")]
     assert (res.written, res.candidates, res.dropped) == (2, 3, {"empty task from the model": 1})
     assert not llm.replies
+
+
+def test_a_sharegpt_file_is_read_as_training_reads_it(tmp_path):
+    """Augment read a table's rows as they were, so a ShareGPT file (`conversations` of {"from", "value"}) had no
+    user turn to find: every row was dropped as "source text is empty" (instructions: "column ... is empty"), though
+    training reads the same file. Now its rows are those training reads: `messages` of {"role", "content"}, and a
+    setting naming ShareGPT's column is one line saying what it is read as."""
+    import pytest
+
+    from alignkit.augment.pipeline import read_sources
+    from alignkit.augment.strategies import EntitiesOptions
+
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Ada met Bob."},
+                               {"from": "gpt", "value": "Nice."}]}]
+    (tmp_path / "share.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (src,) = read_sources([str(tmp_path / "share.jsonl")])
+    assert src.row == {"messages": [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Ada met Bob."},
+                                    {"role": "assistant", "content": "Nice."}]}
+    res = augment([src], "entities", EntitiesOptions(field="messages"), Stub(['[{"text": "Ada", "type": "PERSON"}]']),
+                  Filters(), tmp_path / "out.jsonl")
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert (res.dropped, row["completion"]) == ({}, '[{"text": "Ada", "type": "PERSON"}]')
+    assert row["prompt"].endswith("Text: Ada met Bob.")
+    with pytest.raises(ValueError, match=r"share\.jsonl:1: no column 'conversations' \(options\.field\); the row has "
+                                         r"\['messages'\] \(ShareGPT's 'conversations' column is read as 'messages'"):
+        augment([src], "entities", EntitiesOptions(field="conversations"), Stub([]), Filters(), tmp_path / "o.jsonl")

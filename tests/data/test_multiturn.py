@@ -173,3 +173,51 @@ def test_a_prompt_column_is_context_as_in_trl(tokenizer, tmp_path):
     path.write_text(json.dumps({"messages": CHAT}) + "\n")
     (h,), _ = tokenize_records(load_records(str(path), "sft"), tokenizer)
     assert h["completion_mask"] == [0] * n[0] + [1] * n[1] + [0] * n[2] + [1] * n[3]
+
+
+def test_per_turn_weights_leave_weight_0_assistant_turns_untrained(tokenizer, tmp_path, caplog):
+    """ShareGPT's / axolotl's per-turn `weight` (1 train the turn, 0 do not) was dropped with the "message key(s)
+    ['weight'] dropped" warning, and every assistant turn trained, those the data said not to train included. Now a
+    weight-0 assistant turn is context; a conversation whose last assistant turn has weight 0 ends at its last trained
+    turn. Masks derived by hand from the fixture's ChatML template."""
+    import logging
+
+    texts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "Hello<|im_end|>\n",
+             "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", "Ciao<|im_end|>\n"]
+    segs, full = segments(tokenizer, texts)
+    n = [len(s) for s in segs]
+    speakers = {"user": "human", "assistant": "gpt"}
+
+    def share(weights):  # CHAT in ShareGPT's form, SlimOrca-style weights (0.0 / 1.0 floats, null)
+        return {"conversations": [{"from": speakers[m["role"]], "value": m["content"], "weight": w}
+                                  for m, w in zip(CHAT, weights)]}
+
+    rows = [share([0.0, 0.0, 0.0, 1.0]), share([None, 1.0, None, 0.0]), share([0.0, 1.0, 0.0, 1.0])]
+    path = tmp_path / "share.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        records = load_records(str(path), "sft")
+    assert "message key" not in caplog.text  # the weights are read, not dropped
+    feats, _ = tokenize_records(records, tokenizer)
+    assert [f["input_ids"] for f in feats] == [full, segs[0] + segs[1], full]
+    assert feats[0]["completion_mask"] == [0] * (n[0] + n[1] + n[2]) + [1] * n[3]  # "Hello" has weight 0
+    assert feats[1]["completion_mask"] == [0] * n[0] + [1] * n[1]  # "Ciao" has weight 0: the row ends at "Hello"
+    assert feats[2]["completion_mask"] == [0] * n[0] + [1] * n[1] + [0] * n[2] + [1] * n[3]  # both trained
+    (f,), _ = tokenize_records(records[:1], tokenizer, loss_on="last_assistant")
+    assert f["completion_mask"] == feats[0]["completion_mask"]
+    with pytest.raises(DataError, match=r"share\.jsonl:1: the conversation gives assistant turn\(s\) \[1\] 'weight' 0, "
+                                        r"and data\.loss_on=all .* set data\.loss_on=all_assistant"):
+        tokenize_records(records[:1], tokenizer, loss_on="all")
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([0, 0.5, 0, 1], r"d\.jsonl:1: messages\[1\] has 'weight' 0\.5; a turn's weight is 0 \(not trained\) or 1"),
+    ([0, 1, "1", 1], r"d\.jsonl:1: messages\[2\] has 'weight' '1'"),
+    ([1, 1, 0, 1], r"d\.jsonl:1: messages\[0\] is a 'user' turn with 'weight' 1, and alignkit trains assistant turns"),
+    ([0, 0, 0, 0], r"d\.jsonl:1: every assistant turn of 'messages' has 'weight' 0, so nothing would be trained"),
+])
+def test_a_per_turn_weight_alignkit_cannot_honour_is_refused_at_its_row(tmp_path, weights, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": [{**m, "weight": w} for m, w in zip(CHAT, weights)]}) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_records(str(path), "sft")

@@ -122,8 +122,19 @@ def test_kind_conversion():
     (['{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Hello"}]}'],
      r"d\.jsonl:1: conversations\[1\] has 'from' 'bot', not a ShareGPT speaker alignkit maps to a chat role "
      r"\(human -> user, .*\); change it to one of them, or give the message a 'role'$"),
+    # a tool call (LLaMA-Factory's function_call) read as an assistant turn would train the bare call text
+    (['{"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call", "value": "{}"}, '
+      '{"from": "observation", "value": "Sunny"}, {"from": "gpt", "value": "Sunny."}]}'],
+     r"d\.jsonl:1: conversations\[1\] has 'from' 'function_call', a tool call, .* write the call into an assistant "
+     r"\('gpt'\) message as the model should output it, or drop the row$"),
     (['{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}], "messages": []}'],
      r"d\.jsonl:1: the row has both 'messages' and 'conversations'"),
+    # a key given twice in one object: json.loads kept the last value without a word ("b" trained, "a" lost)
+    (['{"prompt": "q", "completion": " a"}', '{"prompt": "a", "prompt": "b", "completion": " c"}'],
+     r"d\.jsonl:2: an object holds the key 'prompt' twice, and only its last value would be read; keep one 'prompt' "
+     r"in it \(the export that wrote the file repeated the key\)$"),
+    (['{"messages": [{"role": "user", "content": "Hi", "content": "Hey"}, {"role": "assistant", "content": "x"}]}'],
+     r"d\.jsonl:1: an object holds the key 'content' twice"),
     # TRL's language-modeling rows: one line naming the format and the columns to give instead
     (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
      r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),
@@ -291,7 +302,7 @@ def test_prompts_from_trl_rows_keep_their_other_columns(tmp_path, row):
 
 def sharegpt(conversation):
     """A conversation of {"role", "content"} messages in ShareGPT's form (human / gpt / system speakers)."""
-    speakers = {"user": "human", "assistant": "gpt", "system": "system"}
+    speakers = {"user": "human", "assistant": "gpt", "system": "system", "tool": "tool"}
     return [{"from": speakers[m["role"]], "value": m["content"]} for m in conversation]
 
 
@@ -305,14 +316,21 @@ def test_sharegpt_rows_are_read_as_the_same_rows_in_messages(tmp_path, tokenizer
     convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
               {"role": "assistant", "content": "4"}],
              [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-              {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}]]
+              {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue"}],
+             [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Calling the weather tool."},
+              {"role": "tool", "content": "Sunny, 21C"}, {"role": "assistant", "content": "Sunny."}]]
     share = write_jsonl(tmp_path / "share.jsonl", [{"conversations": sharegpt(c)} for c in convs])
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in convs])
     assert load_records(share) == load_records(chat) == [SFTRecord(c[:-1], [c[-1]]) for c in convs]
     got, want = tokenize_records(load_records(share), tokenizer)[0], tokenize_records(load_records(chat), tokenizer)[0]
     assert [{k: v for k, v in f.items() if k != "id"} for f in got] == \
         [{k: v for k, v in f.items() if k != "id"} for f in want]
-    # "user" / "assistant" / "model" speakers too, and pairs whose conversations are in ShareGPT's form
+    # the tool's result is rendered as the template's tool turn (the tiny ChatML template: role name, content)
+    assert "<|im_start|>tool\nSunny, 21C<|im_end|>\n" in tokenizer.decode(got[2]["input_ids"])
+    # "user" / "assistant" / "model" speakers too, LLaMA-Factory's "observation" (a tool's result), and pairs whose
+    # conversations are in ShareGPT's form
+    obs = [{"from": "human", "value": "Hi"}, {"from": "observation", "value": "42"}, {"from": "gpt", "value": "Ok"}]
+    assert load_records([{"conversations": obs}]) == [SFTRecord([*CONV_P, {"role": "tool", "content": "42"}], "Ok")]
     other = [{"from": "user", "value": "Hi"}, {"from": "model", "value": "Hello"}]
     assert load_records([{"conversations": other}]) == [SFTRecord(CONV_P, "Hello")]
     pair = {"chosen": sharegpt(convs[0]), "rejected": sharegpt(convs[0][:-1] + [{"role": "assistant", "content": "5"}])}
@@ -383,3 +401,21 @@ def test_json_lines_in_a_json_file_and_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(rows) + "\n]")
     with pytest.raises(DataError, match=r"bad\.json:2: broken JSON \(Extra data\)"):
         load_records(tmp_path / "bad.json")
+
+
+def test_a_key_given_twice_in_a_json_file_is_refused_naming_the_item(tmp_path):
+    """In a `.json` list (or a `.json` of JSON lines, as Dataset.to_json writes) a repeated key was read as its last
+    value too. Now one line names the item and its line, or the line; rows without a repeated key read as before."""
+    good = '{"prompt": "q", "completion": " a"}'
+    (tmp_path / "list.json").write_text(f'[{good},\n {good},\n {{"prompt": "q", "completion": " a", "completion": " b"}}]')
+    with pytest.raises(DataError, match=rf"^{tmp_path / 'list.json'} item 2 \(line 3\): an object holds the key "
+                                        r"'completion' twice"):
+        load_records(tmp_path / "list.json")
+    for bad_line in (1, 3):
+        lines = [good] * 3
+        lines[bad_line - 1] = '{"prompt": "q", "prompt": "r", "completion": " a"}'
+        (tmp_path / "lines.json").write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=rf"^{tmp_path / 'lines.json'}:{bad_line}: an object holds the key 'prompt'"):
+            load_records(tmp_path / "lines.json")
+    (tmp_path / "ok.json").write_text(f"[{good}, {good}]")
+    assert load_records(tmp_path / "ok.json") == [SFTRecord("q", " a")] * 2

@@ -161,3 +161,25 @@ def test_repeated_training_records_are_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load_data(DataSettings(path=str(path)), "sft")
     assert "repeat an earlier record" not in caplog.text
+
+
+def test_repeated_prompts_of_an_online_command_are_warned(tmp_path, caplog):
+    """annotate's records.jsonl (a row per pair) read back as the prompts of an online command gave each prompt once
+    per row, each copy sampled and trained on as a prompt of its own, without a word. Now one warning with the count
+    and the first repeats; distinct prompts say nothing."""
+    from alignkit.cli.online import read_prompt_splits
+    rows = [{"prompt": "q1", "chosen": " a", "rejected": " b", "id": "p:1 (0,1)"},
+            {"prompt": "q1", "chosen": " a", "rejected": " c", "id": "p:1 (0,2)"},
+            {"prompt": "q2", "chosen": " a", "rejected": " b", "id": "p:2 (0,1)"},
+            {"prompt": "q1", "chosen": " b", "rejected": " c", "id": "p:1 (1,2)"}]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        prompts, _ = read_prompt_splits(DataSettings(path=str(path)))
+    assert [p.prompt for p in prompts] == ["q1", "q1", "q2", "q1"]
+    assert f"data.path: 2 prompt(s) repeat an earlier prompt, e.g. {path}:2, {path}:4: each copy is sampled" in caplog.text
+    caplog.clear()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:3]))
+    with caplog.at_level(logging.WARNING):
+        read_prompt_splits(DataSettings(path=str(path)))
+    assert "repeat an earlier" not in caplog.text

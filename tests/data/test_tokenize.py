@@ -171,6 +171,32 @@ def test_a_system_message_the_template_drops_is_counted_and_warned(tokenizer, ca
     assert stats.system_unrendered == 0 and not caplog.text
 
 
+def test_a_tool_message_the_template_drops_is_counted_and_warned(tokenizer, caplog):
+    """A tool's result (role "tool": a `messages` row's, or ShareGPT's tool / observation speaker) that a chat template
+    renders no branch for (Phi-3-like: `if user ... elif assistant`) was dropped without a word, the answer trained
+    after a result the model never read. Now counted and warned like a system message; the tiny ChatML template and
+    a template writing the result JSON-escaped (Llama 3.1's `tojson`) count nothing."""
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    body = "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    tail = "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    tool = [*CONV, {"role": "assistant", "content": "Calling."}, {"role": "tool", "content": "Sunny,\n21C"},
+            {"role": "user", "content": "So?"}]
+    recs = [SFTRecord(tool, "Sunny.", id="d.jsonl:1"), SFTRecord(CONV, "Hello", id="d.jsonl:2")]
+    tok.chat_template = "{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}" + body + "{% endif %}" + tail
+    with caplog.at_level(logging.WARNING):
+        out, stats = tokenize_records(recs, tok)
+    assert "Sunny,\n21C" not in tok.decode(out[0]["input_ids"])  # dropped by the template
+    assert "1 record(s) have a tool message the formatter" in caplog.text
+    assert (stats.system_unrendered, stats.system_unrendered_ids, stats.unrendered_roles) == (1, ["d.jsonl:1"], ["tool"])
+    caplog.clear()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}<|im_start|>tool\n{{ m['content'] | tojson }}"
+                         "<|im_end|>\n{% else %}" + body + "{% endif %}" + tail)
+    with caplog.at_level(logging.WARNING):
+        _, stats = tokenize_records(recs, tok)
+        _, plain = tokenize_records(recs, tokenizer)
+    assert stats.system_unrendered == plain.system_unrendered == 0 and not caplog.text
+
+
 @pytest.mark.parametrize("key, value", [("max_prompt_length", 0), ("max_prompt_length", -2), ("max_length", 0),
                                         ("max_length", 2.5)])
 def test_a_length_limit_below_one_is_refused_naming_the_key(tokenizer, key, value):

@@ -137,3 +137,30 @@ def test_a_column_the_prompts_lack_is_refused_before_the_run_folder(trl_module, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit grpo")]
     assert len(err) == 1 and "annotator.function: reward function ak_trl_rewards:correctness takes 'answer'" in err[0]
     assert "['completion', 'solution']" in err[0] and not out.exists()
+
+
+def test_annotate_records_read_back_as_prompts_pass_their_columns_as_trl_does(trl_module, tmp_path):
+    """annotate's records.jsonl (prompt, chosen, rejected, margin, weight, id, meta) read back as prompts for an online
+    command: TRL's GRPOTrainer passes every dataset column but prompt and completion to the reward functions, so a
+    function with **kwargs gets chosen, rejected, margin, id and meta, as it would under TRL (weight is read as the
+    prompt's weight); a function naming only what it uses gets that alone. Decided: kept as TRL's convention."""
+    from alignkit.data import PreferenceRecord
+    from alignkit.online.rounds import RECORDS_FILE, record_to_row
+
+    recs = [PreferenceRecord("2+2=", " 4", " 5", margin=1.0, weight=0.5, id="p.jsonl:1 best(0,1)",
+                             meta={"group": 0, "prompt_id": "p.jsonl:1"}),
+            PreferenceRecord("3+3=", " 6", " 7", margin=2.0, id="p.jsonl:2 best(0,1)",
+                             meta={"group": 1, "prompt_id": "p.jsonl:2"})]
+    path = tmp_path / RECORDS_FILE
+    path.write_text("".join(json.dumps(record_to_row(r)) + "\n" for r in recs))
+    prompts = load_records(str(path), "prompt")
+    assert [(p.prompt, p.weight) for p in prompts] == [("2+2=", 0.5), ("3+3=", 1.0)]
+    FunctionAnnotator("ak_trl_rewards:seen").annotate([p.prompt for p in prompts], ["a", "b"], [p.meta for p in prompts])
+    last = trl_module.LAST
+    assert {k: v for k, v in last.items() if k not in ("prompts", "completions")} == {
+        "chosen": [" 4", " 6"], "rejected": [" 5", " 7"], "margin": [1.0, 2.0],
+        "id": ["p.jsonl:1 best(0,1)", "p.jsonl:2 best(0,1)"],
+        "meta": [{"group": 0, "prompt_id": "p.jsonl:1"}, {"group": 1, "prompt_id": "p.jsonl:2"}]}
+    s = FunctionAnnotator("ak_trl_rewards:reward_len").annotate([p.prompt for p in prompts], ["x" * 19, "x" * 20],
+                                                                 [p.meta for p in prompts])
+    assert s.values.tolist() == [-1.0, 0.0]  # -|20 - len|: the extra columns go to **kwargs, unused

@@ -59,8 +59,10 @@ class AugmentResult:
 
 
 def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Source]:
-    """Sources from files: tables by row (alignkit's row readers), `.py` by top-level function or class
-    (column "code"), `.txt` / `.md` whole (column "text")."""
+    """Sources from files: tables by row (alignkit's row readers, each row in TRL's form as training reads it:
+    ShareGPT's `conversations` of {"from", "value"} messages become `messages` of {"role", "content"}), `.py` by
+    top-level function or class (column "code"), `.txt` / `.md` whole (column "text")."""
+    from alignkit.data.readers.columns import from_sharegpt
     from alignkit.data.readers.rows import decode_utf8, iter_rows
 
     out: list[Source] = []
@@ -77,7 +79,7 @@ def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Sour
         elif path.suffix in (".txt", ".md"):
             out.append(Source(str(path), {"text": decode_utf8(path.read_bytes(), str(path))}, "text"))
         else:
-            out += [Source(where, row) for row, where in iter_rows(str(path))]
+            out += [Source(where, from_sharegpt(row, where)) for row, where in iter_rows(str(path))]
     return out[:max_rows] if max_rows is not None else out
 
 

@@ -144,7 +144,9 @@ def missing_column(source: Source, key: str, option: str) -> str | None:
         column, what = FIXED_COLUMN[source.kind]
         return (f"{source.id}: options.{option} is {key!r}, but {what} read into column {column!r}; set "
                 f"options.{option}: {column} (or give the sources as JSONL rows with a {key!r} column)")
-    return (f"{source.id}: no column {key!r} (options.{option}); the row has {sorted(source.row)}: set "
+    read_as = (" (ShareGPT's 'conversations' column is read as 'messages', as for training)"
+               if key == "conversations" and "messages" in source.row else "")
+    return (f"{source.id}: no column {key!r} (options.{option}); the row has {sorted(source.row)}{read_as}: set "
             f"options.{option} to the column that holds the text")
 
 

@@ -81,6 +81,7 @@ def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
                               f"{'no evaluation' if not evals else 'no training'} record (records sharing a prompt or "
                               f"an OASST tree stay on one side: {groups} such group(s)); set it so both parts get "
                               "at least one record, set data.eval_fraction=0 (no evaluation) or give data.eval_path")
+    warn_repeated(records, "data.path")
     return records, evals
 
 
@@ -105,7 +106,9 @@ def warn_trained_evals(records: list, evals: list) -> None:
 
 def warn_repeated(records: list, where: str) -> None:
     """One warning when records repeat an earlier one (the same prompt and responses: a file concatenated twice, a
-    join that duplicated rows): each copy is trained on as a record of its own, so it weighs double."""
+    join that duplicated rows): each copy is trained on as a record of its own, so it weighs double. Prompts (of an
+    online command or `sample`) repeat when the same prompt is given twice, e.g. read back from annotate's
+    records.jsonl (a row per pair) or from rows with several completions per prompt: each copy is sampled again."""
     seen: set[str] = set()
     repeated = []
     for r in records:
@@ -113,7 +116,12 @@ def warn_repeated(records: list, where: str) -> None:
         if key in seen:
             repeated.append(r.id or "?")
         seen.add(key)
-    if repeated:
+    if repeated and all(r.kind == "prompt" for r in records):
+        logger.warning("%s: %d prompt(s) repeat an earlier prompt, e.g. %s: each copy is sampled and trained on as a "
+                       "prompt of its own (rows with several responses per prompt, such as annotate's records.jsonl, "
+                       "give their prompt once per row); de-duplicate the prompts if that is not meant", where,
+                       len(repeated), ", ".join(repeated[:3]))
+    elif repeated:
         logger.warning("%s: %d record(s) repeat an earlier record (same prompt and responses), e.g. %s: each copy is "
                        "trained on as a record of its own; de-duplicate the data if that is not meant", where,
                        len(repeated), ", ".join(repeated[:3]))
@@ -123,7 +131,6 @@ def load_data(ds: DataSettings, kind: str) -> tuple[list, list]:
     """(train records, eval records) of `kind`; eval from `data.eval_path` or an `eval_fraction` split; pairs
     with nothing to prefer dropped (`drop_degenerate`)."""
     records, evals = read_splits(ds, kind)
-    warn_repeated(records, "data.path")
     records = drop_degenerate(records, "data.path")
     evals = drop_degenerate(evals, "data.eval_path" if ds.eval_path is not None else "evaluation split")
     check_weights(records, "data.path")

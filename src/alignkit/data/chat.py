@@ -94,16 +94,19 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
 SYSTEM_ROLES = ("system", "developer")
 
 
-def system_messages(prompt: Prompt) -> list[str]:
-    """The non-blank texts of the system (or developer) messages of a conversational prompt (none for plain text)."""
-    return [m["content"].strip() for m in prompt if m["role"] in SYSTEM_ROLES and m["content"].strip()] \
-        if isinstance(prompt, list) else []
+# roles a chat template may leave out without refusing (one that renders only user and assistant turns, e.g. with
+# `if role == 'user' ... elif role == 'assistant'`): what such a message says never reaches the model
+CONTEXT_ROLES = (*SYSTEM_ROLES, "tool")
 
 
-def unrendered_system(prompt: Prompt, text: str) -> bool:
-    """Whether the conversation `prompt` has a system (or developer) message whose text is not in `text`, its
-    rendering: a chat template that renders only user and assistant turns drops it, and the model never reads it."""
-    return any(t not in text for t in system_messages(prompt))
+def unrendered_roles(prompt: Prompt, text: str) -> list[str]:
+    """The roles of `CONTEXT_ROLES` (system, developer, tool) of the conversation `prompt` with a non-blank message
+    whose text is not in `text`, its rendering, as written or JSON-escaped (Llama 3.1's template renders a tool's
+    result with `tojson`): the chat template dropped it, and the model never reads it."""
+    if not isinstance(prompt, list):
+        return []
+    return sorted({m["role"] for m in prompt if m["role"] in CONTEXT_ROLES and (t := m["content"].strip())
+                   and t not in text and json.dumps(t, ensure_ascii=False)[1:-1] not in text})
 
 
 def tokenizer_name(tokenizer: Any) -> str:

@@ -41,6 +41,9 @@ KINDS = ("sft", "preference", "ranked", "unpaired", "prompt")
 # unpaired, ranked rows): the prompt is context, so loss_on all_assistant trains none of its assistant turns (TRL's
 # completion_only_loss); a `messages` conversation or an Open-Assistant thread has every assistant turn trained
 PROMPT_IS_CONTEXT = "prompt_is_context"
+# meta key of an SFT record whose conversation gave some assistant turns weight 0 (ShareGPT's / axolotl's per-turn
+# `weight`, read by the `messages` reader): the indices, in the record's prompt, of the assistant turns not trained
+UNTRAINED_TURNS = "untrained_turns"
 
 
 def _where(rid: str) -> str:

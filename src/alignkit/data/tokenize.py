@@ -7,8 +7,9 @@ boundary, or a chat template rewrote earlier turns) is an ERROR naming the recor
 
 Multi-turn SFT (`loss_on`, SFT records only; TRL's `assistant_only_loss`, Open-Assistant's trainer):
 - "all_assistant" (default): every assistant turn is trained, the final completion AND each assistant
-  message inside a conversational prompt (with its end-of-turn marker, as the final turn), except where the row
-  gave the prompt in a column of its own (`records.PROMPT_IS_CONTEXT`: TRL's prompt-completion rows, whose prompt
+  message inside a conversational prompt (with its end-of-turn marker, as the final turn), except the turns a
+  conversation gave weight 0 (`records.UNTRAINED_TURNS`; "all" refuses such a record: it would train them) and
+  where the row gave the prompt in a column of its own (`records.PROMPT_IS_CONTEXT`: TRL's prompt-completion rows, whose prompt
   TRL never trains: completion_only_loss): there the completion alone;
 - "last_assistant": only the final completion (earlier assistant turns are context);
 - "all": the whole sequence (prompt included), TRL's language-modelling loss.
@@ -52,7 +53,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from alignkit.data import chat
 from alignkit.data import records as records_module
@@ -97,8 +98,9 @@ class TokenizeStats:
     completion_truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     dropped_ids: dict = field(default_factory=dict)  # reason -> first ids (up to 5)
-    system_unrendered: int = 0  # records whose system message the formatter did not render (`unrendered_system`)
+    system_unrendered: int = 0  # records with a system / tool message the formatter did not render (`unrendered_roles`)
     system_unrendered_ids: list = field(default_factory=list)  # their first ids (up to 5)
+    unrendered_roles: list = field(default_factory=list)  # the roles of those messages
 
     def drop(self, reason: str, rid: str) -> None:
         self.dropped[reason] += 1
@@ -106,8 +108,9 @@ class TokenizeStats:
         if len(self.dropped_ids[reason]) < 5:
             self.dropped_ids[reason].append(rid)
 
-    def note_system_unrendered(self, rid: str) -> None:
+    def note_system_unrendered(self, rid: str, roles: list[str]) -> None:
         self.system_unrendered += 1
+        self.unrendered_roles = sorted({*self.unrendered_roles, *roles})
         if len(self.system_unrendered_ids) < 5:
             self.system_unrendered_ids.append(rid)
 
@@ -122,9 +125,11 @@ class TokenizeStats:
         for reason, n in self.dropped.items():
             s += f"; dropped {n} ({reason}), e.g. {self.dropped_ids[reason]}"
         if self.system_unrendered:
-            s += (f"; {self.system_unrendered} record(s) have a system message the formatter (data.formatter: the "
+            roles = " or ".join(self.unrendered_roles) or "system"
+            s += (f"; {self.system_unrendered} record(s) have a {roles} message the formatter (data.formatter: the "
                   f"chat template) does not render, so the model never reads it, e.g. {self.system_unrendered_ids}: "
-                  f"fold it into the first user message, or use a template that renders system messages")
+                  f"fold it into the first user message (a tool's result: into a user message after the call), or "
+                  f"use a template that renders {roles} messages")
         return s
 
 
@@ -399,15 +404,18 @@ def _prefix_or_error(short: list[int], long: list[int], rid: str, what: str) -> 
                         f"data.loss_on=last_assistant (TokenizeConfig.loss_on) to train the final turn only")
 
 
-def prompt_mask(prompt: Prompt, prompt_ids: list[int], tokenizer: Any, cfg: TokenizeConfig, rid: str) -> list[int]:
-    """1 on the prompt tokens trained under `cfg.loss_on` (earlier assistant turns, or all), else 0."""
+def prompt_mask(prompt: Prompt, prompt_ids: list[int], tokenizer: Any, cfg: TokenizeConfig, rid: str,
+                untrained: Iterable[int] = ()) -> list[int]:
+    """1 on the prompt tokens trained under `cfg.loss_on` (earlier assistant turns but those `untrained`, or all),
+    else 0."""
     if cfg.loss_on == "all":
         return [1] * len(prompt_ids)
     mask = [0] * len(prompt_ids)
     if cfg.loss_on == "last_assistant" or not isinstance(prompt, list):
         return mask
+    untrained = set(untrained)
     for i, m in enumerate(prompt):
-        if m["role"] != "assistant" or not m["content"]:
+        if m["role"] != "assistant" or not m["content"] or i in untrained:
             continue
         f = format_record(prompt[:i], [m], tokenizer, cfg.formatter)
         before = _ids(tokenizer, f.prompt, f.add_special_tokens)
@@ -435,9 +443,10 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     if not comps:
         raise DataError(f"cannot tokenize a {type(record).__name__}; expected one of the alignkit.data.records classes")
     base = {"weight": record.weight, "id": record.id}
-    if chat.system_messages(record.prompt) and chat.unrendered_system(
-            record.prompt, _format(record.prompt, comps[0], tokenizer, cfg.formatter).prompt):
-        stats.note_system_unrendered(record.id)
+    if isinstance(record.prompt, list) and any(m["role"] in chat.CONTEXT_ROLES for m in record.prompt):
+        roles = chat.unrendered_roles(record.prompt, _format(record.prompt, comps[0], tokenizer, cfg.formatter).prompt)
+        if roles:
+            stats.note_system_unrendered(record.id, roles)
     if isinstance(record, PromptRecord):
         f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
@@ -451,7 +460,12 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     seqs = [_seq(prompt_ids, c) for c in comp_ids]
     if isinstance(record, SFTRecord) and cfg.loss_on != "last_assistant" and not (
             cfg.loss_on == "all_assistant" and record.meta.get(records_module.PROMPT_IS_CONTEXT)):
-        pmask = prompt_mask(record.prompt, full_prompt_ids, tokenizer, cfg, record.id)
+        untrained = record.meta.get(records_module.UNTRAINED_TURNS, ())
+        if untrained and cfg.loss_on == "all":
+            raise DataError(f"{record.id or 'record'}: the conversation gives assistant turn(s) {list(untrained)} "
+                            f"'weight' 0, and data.loss_on=all (TokenizeConfig.loss_on) trains every token, them "
+                            f"included; set data.loss_on=all_assistant to leave them untrained, or drop their weights")
+        pmask = prompt_mask(record.prompt, full_prompt_ids, tokenizer, cfg, record.id, untrained)
         pmask = pmask[len(pmask) - len(prompt_ids):]  # left-truncated with the prompt
         seqs = [(seqs[0][0], pmask + seqs[0][1][len(prompt_ids):])]
     if isinstance(record, PreferenceRecord):

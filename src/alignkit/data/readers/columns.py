@@ -11,19 +11,26 @@
 | `prompt`             | prompt                                    | PromptRecord      |
 
 Every value may be plain text or a conversation (a list of {"role", "content"} messages; a message's other keys,
-such as `name` or `tool_calls`, are dropped with one warning per file). Optional
+such as `name` or `tool_calls`, are dropped with one warning per file). A `messages` conversation's messages may
+carry a per-turn `weight` (ShareGPT's / axolotl's: 1 train the turn, 0 do not; null: the default): an assistant
+turn with weight 0 is context (`records.UNTRAINED_TURNS`), the turns after the last trained one are left out (a
+causal LM's loss on the turns before does not depend on them); another value, weight 1 on a turn that is not the
+assistant's, or no trained turn is an error naming the row. Optional
 columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
 are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
 `answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`); prompts read
 from rows with responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision
 columns (`images`, `image`) holding a value are an error: alignkit trains text-only models; so are `tools` and
 `chat_template_kwargs` holding a value (TRL passes them to the chat template; records keep messages only). The columns
-alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, augment's output) are skipped silently.
+alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, augment's output) are skipped silently
+by the training readers; the `prompt` reader keeps them with the other columns, as TRL's GRPOTrainer passes every
+column but prompt and completion (a reward function without `**kwargs` gets only the keywords it names).
 
 ShareGPT rows (`conversations`: [{"from": "human" | "gpt" | "system", "value": ...}]) are read as TRL reads them
 (`maybe_convert_to_chatml`): `conversations` is `messages`, and a {"from", "value"} message in any column is
 {"role", "content"}, the speaker mapped to its role (human/user -> user, gpt/assistant/model -> assistant,
-system -> system; any other is an error naming the row and the value).
+system -> system, tool/observation (a tool's result) -> tool; a tool call (`function_call`) is an error saying how to
+write it, and so is any other speaker, naming the row and the value).
 
 Implicit prompts (TRL's `extract_prompt` convention, made token-friendly): for conversations, the
 longest run of equal leading messages; for text, the longest common character prefix, moved back to the
@@ -41,7 +48,8 @@ from typing import Any
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
 from alignkit.data.records import (
-    PROMPT_IS_CONTEXT, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord, check_messages,
+    PROMPT_IS_CONTEXT, UNTRAINED_TURNS, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord,
+    check_messages,
 )
 
 RESPONSE_COLUMNS = ("completion", "chosen", "rejected", "responses", "messages")  # a row without them is prompts
@@ -103,7 +111,11 @@ def split_shared_prefix(chosen: Any, rejected: Any, where: str) -> tuple[Any, An
 
 # ShareGPT's speakers (`conversations`: [{"from": ..., "value": ...}]) -> chat roles
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system"}
+                  "model": "assistant", "system": "system", "tool": "tool", "observation": "tool"}
+# speakers of a tool CALL (LLaMA-Factory's function_call: the assistant's call as JSON text, which it renders in the
+# template's tool-call format): records keep role and content only, so read as an assistant turn the model would be
+# trained to write the bare JSON, not the call the template (and the serving stack) expects
+SHAREGPT_TOOL_CALLS = ("function_call",)
 # the columns that may hold a conversation (or, `responses`, a list of them)
 CONVERSATION_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
 
@@ -117,6 +129,11 @@ def _from_sharegpt(messages: Any, where: str, col: str) -> Any:
     for i, m in enumerate(messages):
         if isinstance(m, dict) and "from" in m and m.get("role") is None:
             speaker = m["from"]
+            if speaker in SHAREGPT_TOOL_CALLS:
+                raise DataError(f"{where}: {col}[{i}] has 'from' {speaker!r}, a tool call, and alignkit keeps each "
+                                f"message's role and content only: it would train the bare call text, not the chat "
+                                f"template's tool-call format; write the call into an assistant ('gpt') message as the "
+                                f"model should output it, or drop the row")
             if speaker not in SHAREGPT_ROLES:
                 raise DataError(f"{where}: {col}[{i}] has 'from' {str(speaker)[:40]!r}, not a ShareGPT speaker alignkit "
                                 f"maps to a chat role ({', '.join(f'{k} -> {v}' for k, v in SHAREGPT_ROLES.items())}); "
@@ -146,16 +163,45 @@ def from_sharegpt(row: dict, where: str) -> dict:
     return out
 
 
+def turn_weights(raw: list, msgs: list[dict], where: str) -> list[bool]:
+    """Whether each message of a conversation is trained by its own `weight` key (ShareGPT's / axolotl's per-turn
+    weight: 1 train, 0 do not; missing or null: the default, an assistant turn trained and any other turn not). A
+    weight other than 0 / 1, or 1 on a turn that is not the assistant's, is a DataError naming the message."""
+    out = []
+    for i, (m, msg) in enumerate(zip(raw, msgs)):
+        w = m.get("weight")
+        assistant = msg["role"] == "assistant"
+        if w is None:
+            out.append(assistant)
+            continue
+        if not isinstance(w, (int, float)) or w not in (0, 1):
+            raise DataError(f"{where}: messages[{i}] has 'weight' {repr(w)[:40]}; a turn's weight is 0 (not trained) "
+                            f"or 1 (trained): give a whole row a weight with the row's 'weight' column")
+        if w == 1 and not assistant:
+            raise DataError(f"{where}: messages[{i}] is a {msg['role']!r} turn with 'weight' 1, and alignkit trains "
+                            f"assistant turns (data.loss_on); set it to 0 or null (or data.loss_on=all to train "
+                            f"every token)")
+        out.append(w == 1)
+    return out
+
+
 def _messages(row: dict, where: str) -> SFTRecord:
-    msgs = check_messages(get_field(row, "messages", where, list, "a list of {'role', 'content'} messages"),
-                          where, "messages")
+    raw = get_field(row, "messages", where, list, "a list of {'role', 'content'} messages")
+    msgs = check_messages(raw, where, "messages")
     last = msgs[-1] if msgs else None
     if not isinstance(last, dict) or last.get("role") != "assistant":
         raise DataError(f"{where}: the last message of 'messages' must be the assistant turn to train on, got "
                         f"{str(last)[:60]!r}; end each conversation with an assistant message")
     if len(msgs) < 2:
         raise DataError(f"{where}: 'messages' needs at least one message before the final assistant turn")
-    return SFTRecord(msgs[:-1], [last], id=where, **_opt(row))
+    trained = turn_weights(raw, msgs, where)
+    if not any(trained):
+        raise DataError(f"{where}: every assistant turn of 'messages' has 'weight' 0, so nothing would be trained; "
+                        f"give the turns to train 'weight' 1, or remove the row")
+    end = max(i for i, t in enumerate(trained) if t)  # the turns after the last trained one add nothing to train
+    untrained = [i for i, (m, t) in enumerate(zip(msgs[:end], trained)) if m["role"] == "assistant" and not t]
+    return SFTRecord(msgs[:end], [msgs[end]], id=where, meta={UNTRAINED_TURNS: untrained} if untrained else {},
+                     **_opt(row))
 
 
 def _prompt_completion(row: dict, where: str) -> SFTRecord:
@@ -253,16 +299,17 @@ def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
 MESSAGE_KEYS = ("role", "content")  # what a record keeps of each message (alignkit.data.records.check_messages)
 
 
-def count_message_keys(row: dict, dropped: dict[str, int]) -> None:
+def count_message_keys(row: dict, dropped: dict[str, int], read: tuple[str, ...] = MESSAGE_KEYS) -> None:
     """Count into `dropped` the keys of the row's messages (in any column holding a conversation, or a list of
-    them: `responses`) other than role and content that hold a value: the records keep role and content only, so
-    `name`, `tool_calls`, ... never reach the chat template. A null value (a Parquet struct's padding) is not one."""
+    them: `responses`) other than those `read` (role and content; the `messages` reader's per-turn weight too) that
+    hold a value: the records keep role and content only, so `name`, `tool_calls`, ... never reach the chat
+    template. A null value (a Parquet struct's padding) is not one."""
     for value in row.values():
         for item in value if isinstance(value, list) else ():
             for m in item if isinstance(item, list) else [item]:
                 if isinstance(m, dict) and "role" in m:
                     for key, v in m.items():
-                        if key not in MESSAGE_KEYS and v is not None:
+                        if key not in read and v is not None:
                             dropped[key] = dropped.get(key, 0) + 1
 
 
@@ -309,7 +356,7 @@ class PartialColumns:
 
 
 def read_checked(source: Any, split: str | None, convert: Any, known: tuple[str, ...], on_invalid: str, *,
-                 name: str, warn_unknown: bool = True) -> list:
+                 name: str, warn_unknown: bool = True, message_keys: tuple[str, ...] = MESSAGE_KEYS) -> list:
     """`convert(row, where)` over the rows of `source`, each row's columns checked against `known`
     (`check_columns`), then one warning per file for the columns no reader read (unless `warn_unknown` is False)
     and for an optional column given in some rows only (`PartialColumns`). Every column reader runs through it."""
@@ -322,7 +369,7 @@ def read_checked(source: Any, split: str | None, convert: Any, known: tuple[str,
         check_columns(row, where, known, unknown)
         record = convert(row, where)
         partial.add(row, where)
-        count_message_keys({k: v for k, v in row.items() if k in known}, dropped)
+        count_message_keys({k: v for k, v in row.items() if k in known}, dropped, message_keys)
         return record
 
     out = collect(iter_rows(source, split), checked, on_invalid, name=name)
@@ -338,7 +385,8 @@ def _reader(convert):
 
     def read(source: Any, *, kind: str | None = None, on_invalid: str = "raise", split: str | None = None) -> list:
         return read_checked(source, split, convert, known, on_invalid, name=str(source)[:80],
-                            warn_unknown=convert is not _prompt)
+                            warn_unknown=convert is not _prompt,
+                            message_keys=(*MESSAGE_KEYS, "weight") if convert is _messages else MESSAGE_KEYS)
     read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."
     return read
 

@@ -7,7 +7,8 @@ UTF-8 byte order mark at the start of a file is skipped), a `.parquet` file, a f
 `datasets.Dataset`, or an in-memory list of dicts. Any other folder is read the way `datasets.load_dataset(folder)`
 reads a dataset repository (its data files, or the configs its README declares), and an "org/name" that is
 not a local path as a Hugging Face dataset name; both take split "train" unless `split` says otherwise. Places are "path:LINE" (1-based) for JSON lines and
-"path row N" (0-based) for tables.
+"path row N" (0-based) for tables. A JSON object that holds a key twice is a DataError naming the place and the key
+(`json.loads` keeps the last value without a word).
 
 `collect` runs a row -> record(s) conversion with one policy for bad rows: `on_invalid="raise"` (the
 default) stops at the first bad row with its place; `"skip"` drops it, counts it and logs a warning
@@ -46,6 +47,37 @@ def decode_utf8(raw: bytes, where: str) -> str:
                         f"as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
+class DuplicateKey(ValueError):
+    """A JSON object holding one key twice (`json.loads` keeps the last value silently)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    """`object_pairs_hook` of every JSON value read as data: the object as a dict, or DuplicateKey naming the first
+    key it holds twice ({"prompt": "a", "prompt": "b"}: an export bug json.loads would settle on "b" without a word)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def duplicate_key_error(where: str, key: str) -> DataError:
+    return DataError(f"{where}: an object holds the key {key!r} twice, and only its last value would be read; keep "
+                     f"one {key!r} in it (the export that wrote the file repeated the key)")
+
+
+def _loads(text: str | bytes, where: str) -> Any:
+    """json.loads of a value read as data: a DataError naming `where` and the key when an object repeats a key."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as e:
+        raise duplicate_key_error(where, e.key) from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[Row]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -54,7 +86,7 @@ def _iter_jsonl(path: Path) -> Iterator[Row]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = _loads(line, where)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: broken JSON line ({e.msg} at column {e.colno}); each line must hold one "
                                 f"complete JSON object: fix or delete this line") from None
@@ -80,6 +112,26 @@ def _is_json_lines(path: Path) -> bool:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     return False
     return False
+
+
+def _json_item_of_duplicate(path: Path, text: str) -> str:
+    """Where in a `.json` file the first object repeating a key is: "path item I (line L)" in a list of objects,
+    "path:L" in one object per line (only on that error: the file is decoded item by item)."""
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    ws = re.compile(r"[\s,]*")
+    listed = text.lstrip().startswith("[")
+    pos = ws.match(text, text.index("[") + 1).end() if listed else ws.match(text).end()
+    i = 0
+    while pos < len(text):
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except DuplicateKey:
+            line = text.count("\n", 0, pos) + 1
+            return f"{path} item {i} (line {line})" if listed else f"{path}:{line}"
+        except json.JSONDecodeError:
+            break
+        pos, i = ws.match(text, end).end(), i + 1
+    return str(path)
 
 
 def _iter_table(table: Any, name: str) -> Iterator[Row]:
@@ -187,7 +239,10 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
             yield from _iter_jsonl(path)
         elif path.suffix == ".json":
             try:
-                value = json.loads(decode_utf8(path.read_bytes().removeprefix(BOM), str(path)))
+                text = decode_utf8(path.read_bytes().removeprefix(BOM), str(path))
+                value = json.loads(text, object_pairs_hook=_unique_keys)
+            except DuplicateKey as e:
+                raise duplicate_key_error(_json_item_of_duplicate(path, text), e.key) from None
             except json.JSONDecodeError as e:
                 if e.msg == "Extra data" and _is_json_lines(path):  # JSON lines in a .json file (Dataset.to_json)
                     yield from _iter_jsonl(path)
