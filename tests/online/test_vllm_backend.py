@@ -17,6 +17,16 @@ from alignkit.online.ppo import PPOConfig
 from alignkit.settings import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def vllm_importable(monkeypatch):
+    """These trainers are built where vLLM may be absent (`make test`): the colocated engine starts only at the first
+    generation, so the trainer's own checks are what is tested; `vllm_installed` is pretended true for them (the
+    refusal when it is false: test_a_colocated_trainer_without_vllm_is_refused_when_built)."""
+    import alignkit.online.trainer as trainer
+
+    monkeypatch.setattr(trainer, "vllm_installed", lambda: True, raising=False)
+
+
 @pytest.mark.parametrize("kind", ["reft", "reft+lora"])
 def test_reft_policy_is_refused_in_one_line(tiny_dir, tokenizer, kind):
     reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="l1")
@@ -131,6 +141,27 @@ def test_cli_without_vllm_is_refused_before_the_run_folder(tmp_path, capsys):
     assert code == 2 and err[-1].startswith("alignkit grpo: error: method.generation_backend='vllm' needs vLLM in this "
                                             "Python"), err
     assert "method.vllm_mode=server" in err[-1] and not out.exists()
+
+
+def test_a_colocated_trainer_without_vllm_is_refused_when_built(tiny_dir, tokenizer, monkeypatch):
+    """A colocated vLLM trainer built from Python where vLLM is not installed: the trainer was built, train() wrote
+    its output folder and the engine's import failed at the first step. Now one line when the trainer is built
+    (install vLLM, or use transformers generation); server mode needs no vLLM in the trainer's Python."""
+    import alignkit.online.trainer as trainer
+
+    monkeypatch.setattr(trainer, "vllm_installed", lambda: False, raising=False)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    for mode in ("colocate", "server"):
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", vllm_mode=mode)
+        if mode == "server":  # its server is contacted at the first step (the CLI contacts it before writing)
+            GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+            continue
+        with pytest.raises(ConfigError) as e:
+            GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("generation_backend='vllm' needs vLLM in this Python (make vllm-env ")
+        assert "pip install vllm" in msg and "use generation_backend='transformers'" in msg, msg
 
 
 def test_vllm_seed_is_the_engines_and_does_not_collide(tiny_dir, tokenizer, monkeypatch):
