@@ -348,6 +348,42 @@ def test_an_engine_folder_holding_another_model_is_refused(tiny_dir, tokenizer, 
     build(finetuned, kind="full")
 
 
+def test_an_engine_folder_whose_weights_cannot_be_compared_is_a_warning(tiny_dir, tokenizer, tmp_path, caplog):
+    """The weight check of method.vllm.model read nothing in a folder without safetensors (.bin weights) or whose
+    tensors have other names, and went on as if the folder were the policy's base, without a word. Now a warning
+    naming the folder and saying its weights were not compared (not refused: such a folder may hold the base);
+    the base folder itself, whose probes are read and compared, gives none."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_dir("llama")
+    renamed, binary = tmp_path / "renamed", tmp_path / "bin"
+    for folder in (renamed, binary):
+        shutil.copytree(base, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    weights = load_file(str(base / "model.safetensors"))
+    assert "model.embed_tokens.weight" in weights and "model.norm.weight" in weights
+    save_file({k.replace("model.", "backbone.", 1): v for k, v in weights.items()}, str(renamed / "model.safetensors"))
+    torch.save(weights, binary / "pytorch_model.bin")
+
+    def warnings_for(folder):
+        policy = apply_adapter(load_model(base), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", vllm={"model": str(folder)})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignkit.online.vllm_engine"):
+            GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+        return [r.getMessage() for r in caplog.records if "were not compared" in r.getMessage()]
+
+    for folder, why in ((renamed, "its safetensors hold no input embedding / final norm under the policy's names"),
+                        (binary, "it has no model.safetensors (or its index)")):
+        got = warnings_for(folder)
+        assert len(got) == 1 and got[0].startswith(f"method.vllm.model: the weights of {folder}, ") \
+            and f"not compared with the policy's base ({base}): {why}" in got[0] and "\n" not in got[0], got
+    assert warnings_for(base) == []
+
+
 def test_a_folders_fingerprint_is_read_where_the_policys_was_taken(tiny_dir, arch):
     """`folder_fingerprint` finds, in every tiny architecture's safetensors, the tensors the policy's fingerprint
     probed (input embedding rows, final norm: llama `model.norm.weight`, gpt2 `transformer.ln_f.bias`, ...) under a
