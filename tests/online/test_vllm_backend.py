@@ -164,6 +164,35 @@ def test_a_colocated_trainer_without_vllm_is_refused_when_built(tiny_dir, tokeni
         assert "pip install vllm" in msg and "use generation_backend='transformers'" in msg, msg
 
 
+def test_a_head_size_vllms_attention_lacks_is_refused_when_the_trainer_is_built(tiny_dir, tokenizer, monkeypatch):
+    """vLLM's CPU build started its engine on a tiny Llama with head_dim 16 and failed the first generation
+    ('Unsupported CPU attention configuration: head_dim=16'), after the run folder was written. Now one line when the
+    trainer is built, naming the folder, the head size and the sizes vLLM takes (vLLM's own answer:
+    `attention_head_sizes`, pinned in tests/compat/test_vllm.py; stood in for here, where vLLM may be absent).
+    The tiny Llama's size: hidden 64 / 4 heads = 16; hidden 128 / 2 heads = 64 builds."""
+    import alignkit.serve.vllm_server as vs
+
+    cpu = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vLLM 0.32's CPUAttentionBackend
+    monkeypatch.setattr(vs, "attention_head_sizes", lambda size: None if size in cpu else ("CPU_ATTN", cpu),
+                        raising=False)
+
+    def build(folder):
+        policy = apply_adapter(load_model(folder), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none")
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    small = tiny_dir("llama")
+    with pytest.raises(ConfigError) as e:
+        build(small)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"generation_backend='vllm': the model in {small} has attention head "
+                                              "size 16 (head_dim, else hidden_size / num_attention_heads), and vLLM's "
+                                              "CPU_ATTN attention here takes 32, 64, 80, "), msg
+    assert msg.endswith("or method.generation_backend=transformers"), msg
+    build(tiny_dir("llama", hidden_size=128, num_heads=2))
+
+
 def test_vllm_seed_is_the_engines_and_does_not_collide(tiny_dir, tokenizer, monkeypatch):
     """method.vllm.seed (a vllm.LLM argument) beside the run's seed: the engine was built as
     VllmGenerator(..., seed=train.seed, **method.vllm), a TypeError ('multiple values for keyword argument seed') at
