@@ -85,3 +85,44 @@ def test_engine_max_model_len_is_vllms(tiny_dir, tmp_path, case):
 
     with pytest.raises(ConfigError, match="is above the model's context"):  # ... and by alignkit before
         engine_max_model_len(folder, {**vllm, "max_model_len": ours * 4 + 1})
+
+
+def test_attention_head_sizes_are_vllms(tiny_dir, tokenizer, tmp_path):
+    """`attention_head_sizes` is vLLM's own answer on its CPU platform: the backend its `get_attn_backend_cls`
+    picks (CPU_ATTN) and that backend's `supports_head_size` / `get_supported_head_sizes` (16 not among them: the
+    tiny default, whose engine starts and fails the first generation; 64 is); `head_size` is vLLM's
+    `ModelConfig.get_head_size()` (hidden_size / num_attention_heads, or an explicit head_dim). A colocated trainer on
+    the head_dim 16 model is refused when built, with no stand-in for vLLM's answer."""
+    where = "alignkit/serve/vllm_server.py:attention_head_sizes/head_size (trainer, serve --engine vllm, vllm-serve)"
+    with guard(VLLM, "vllm.platforms.current_platform / vllm.v1.attention.backends.cpu_attn moved", where):
+        from vllm.config import ModelConfig
+        from vllm.platforms import current_platform
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    from transformers import AutoConfig
+
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
+    from alignkit.models.loading import load_model
+    from alignkit.online.generation import SamplingConfig
+    from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+    from alignkit.serve.vllm_server import attention_head_sizes, head_size
+    from alignkit.settings import ConfigError
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's GPU build: attention_head_sizes answers on its CPU platform only")
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    check(attention_head_sizes(16) == ("CPU_ATTN", sizes) and 16 not in sizes, VLLM,
+          f"vLLM's CPU attention takes {sizes}; attention_head_sizes(16) is {attention_head_sizes(16)}", where)
+    check(attention_head_sizes(64) is None and 64 in sizes, VLLM, f"vLLM's CPU attention takes {sizes}", where)
+    explicit = shutil.copytree(tiny_dir("llama"), tmp_path / "head_dim32")  # head_dim given (not hidden / heads)
+    data = json.loads((explicit / "config.json").read_text())
+    (explicit / "config.json").write_text(json.dumps({**data, "head_dim": 32}))
+    for folder in (tiny_dir("llama"), tiny_dir("llama", hidden_size=128, num_heads=2), tiny_dir("gpt2"), explicit):
+        with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=).get_head_size() changed", where):
+            theirs = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32").get_head_size()
+        ours = head_size(AutoConfig.from_pretrained(str(folder)))
+        check(ours == theirs, VLLM, f"{folder.name}: vLLM's head size {theirs}, alignkit's {ours}", where)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none")
+    with pytest.raises(ConfigError, match=r"has attention head size 16 .* takes 32, 64, 80, "):
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)

@@ -17,6 +17,16 @@ from alignkit.online.ppo import PPOConfig
 from alignkit.settings import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def vllm_importable(monkeypatch):
+    """These trainers are built where vLLM may be absent (`make test`): the colocated engine starts only at the first
+    generation, so the trainer's own checks are what is tested; `vllm_installed` is pretended true for them (the
+    refusal when it is false: test_a_colocated_trainer_without_vllm_is_refused_when_built)."""
+    import alignkit.online.trainer as trainer
+
+    monkeypatch.setattr(trainer, "vllm_installed", lambda: True, raising=False)
+
+
 @pytest.mark.parametrize("kind", ["reft", "reft+lora"])
 def test_reft_policy_is_refused_in_one_line(tiny_dir, tokenizer, kind):
     reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="l1")
@@ -131,6 +141,56 @@ def test_cli_without_vllm_is_refused_before_the_run_folder(tmp_path, capsys):
     assert code == 2 and err[-1].startswith("alignkit grpo: error: method.generation_backend='vllm' needs vLLM in this "
                                             "Python"), err
     assert "method.vllm_mode=server" in err[-1] and not out.exists()
+
+
+def test_a_colocated_trainer_without_vllm_is_refused_when_built(tiny_dir, tokenizer, monkeypatch):
+    """A colocated vLLM trainer built from Python where vLLM is not installed: the trainer was built, train() wrote
+    its output folder and the engine's import failed at the first step. Now one line when the trainer is built
+    (install vLLM, or use transformers generation); server mode needs no vLLM in the trainer's Python."""
+    import alignkit.online.trainer as trainer
+
+    monkeypatch.setattr(trainer, "vllm_installed", lambda: False, raising=False)
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    for mode in ("colocate", "server"):
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", vllm_mode=mode)
+        if mode == "server":  # its server is contacted at the first step (the CLI contacts it before writing)
+            GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+            continue
+        with pytest.raises(ConfigError) as e:
+            GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("generation_backend='vllm' needs vLLM in this Python (make vllm-env ")
+        assert "pip install vllm" in msg and "use generation_backend='transformers'" in msg, msg
+
+
+def test_a_head_size_vllms_attention_lacks_is_refused_when_the_trainer_is_built(tiny_dir, tokenizer, monkeypatch):
+    """vLLM's CPU build started its engine on a tiny Llama with head_dim 16 and failed the first generation
+    ('Unsupported CPU attention configuration: head_dim=16'), after the run folder was written. Now one line when the
+    trainer is built, naming the folder, the head size and the sizes vLLM takes (vLLM's own answer:
+    `attention_head_sizes`, pinned in tests/compat/test_vllm.py; stood in for here, where vLLM may be absent).
+    The tiny Llama's size: hidden 64 / 4 heads = 16; hidden 128 / 2 heads = 64 builds."""
+    import alignkit.serve.vllm_server as vs
+
+    cpu = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vLLM 0.32's CPUAttentionBackend
+    monkeypatch.setattr(vs, "attention_head_sizes", lambda size: None if size in cpu else ("CPU_ATTN", cpu),
+                        raising=False)
+
+    def build(folder):
+        policy = apply_adapter(load_model(folder), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none")
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+    small = tiny_dir("llama")
+    with pytest.raises(ConfigError) as e:
+        build(small)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"generation_backend='vllm': the model in {small} has attention head "
+                                              "size 16 (head_dim, else hidden_size / num_attention_heads), and vLLM's "
+                                              "CPU_ATTN attention here takes 32, 64, 80, "), msg
+    assert msg.endswith("or method.generation_backend=transformers"), msg
+    build(tiny_dir("llama", hidden_size=128, num_heads=2))
 
 
 def test_vllm_seed_is_the_engines_and_does_not_collide(tiny_dir, tokenizer, monkeypatch):
@@ -315,6 +375,42 @@ def test_an_engine_folder_holding_another_model_is_refused(tiny_dir, tokenizer, 
     build(base)
     build(bf16)
     build(finetuned, kind="full")
+
+
+def test_an_engine_folder_whose_weights_cannot_be_compared_is_a_warning(tiny_dir, tokenizer, tmp_path, caplog):
+    """The weight check of method.vllm.model read nothing in a folder without safetensors (.bin weights) or whose
+    tensors have other names, and went on as if the folder were the policy's base, without a word. Now a warning
+    naming the folder and saying its weights were not compared (not refused: such a folder may hold the base);
+    the base folder itself, whose probes are read and compared, gives none."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_dir("llama")
+    renamed, binary = tmp_path / "renamed", tmp_path / "bin"
+    for folder in (renamed, binary):
+        shutil.copytree(base, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    weights = load_file(str(base / "model.safetensors"))
+    assert "model.embed_tokens.weight" in weights and "model.norm.weight" in weights
+    save_file({k.replace("model.", "backbone.", 1): v for k, v in weights.items()}, str(renamed / "model.safetensors"))
+    torch.save(weights, binary / "pytorch_model.bin")
+
+    def warnings_for(folder):
+        policy = apply_adapter(load_model(base), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+        cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                         report_to="none", vllm={"model": str(folder)})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignkit.online.vllm_engine"):
+            GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+        return [r.getMessage() for r in caplog.records if "were not compared" in r.getMessage()]
+
+    for folder, why in ((renamed, "its safetensors hold no input embedding / final norm under the policy's names"),
+                        (binary, "it has no model.safetensors (or its index)")):
+        got = warnings_for(folder)
+        assert len(got) == 1 and got[0].startswith(f"method.vllm.model: the weights of {folder}, ") \
+            and f"not compared with the policy's base ({base}): {why}" in got[0] and "\n" not in got[0], got
+    assert warnings_for(base) == []
 
 
 def test_a_folders_fingerprint_is_read_where_the_policys_was_taken(tiny_dir, arch):

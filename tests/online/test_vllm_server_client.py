@@ -21,6 +21,7 @@ from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.online.vllm_client import (PROTOCOL, VllmServerClient, VllmServerError, VllmServerGenerator,
                                          full_weights_blob, lora_blob)
 from alignkit.serve.vllm_serve import RequestError, make_handler, safetensors_metadata
+from alignkit.settings import ConfigError
 
 SERVER = dict(generation_backend="vllm", vllm_mode="server")
 REWARD = {"type": "function", "fn": lambda p, r: float(len(r))}
@@ -194,6 +195,48 @@ def test_another_model_is_refused(tiny_dir, tokenizer, serve_engine):
         VllmServerGenerator(policy, tokenizer, url, timeout=5)
     msg = one_line(e)
     assert f"vocab_size 999 (policy {policy.config.vocab_size})" in msg and "alignkit vllm-serve --model" in msg
+
+
+def test_a_server_folder_holding_other_weights_than_the_lora_policys_base_is_refused(tiny_dir, tokenizer,
+                                                                                     serve_engine, tmp_path, caplog):
+    """Server mode compared architecture and sizes only: alignkit vllm-serve --model on a finetuned copy of the base
+    (an SFT run's model under a LoRA trained on the base) sampled through other weights, without a word. The
+    server now names its folder (/info model_path); on this machine its weights are compared as the colocated
+    engine's folder (one line naming the server, the folder and what differs); elsewhere, or from an older server,
+    a warning that they were not compared. The base folder itself passes without one."""
+    base = tiny_dir("llama")
+    finetuned = tmp_path / "sft"
+    model = load_model(base)
+    with torch.no_grad():  # what SFT steps do to the final norm
+        model.model.norm.weight.add_(1e-3)
+    model.save_pretrained(finetuned)
+
+    class Serving(FakeEngine):
+        def __init__(self, config, path):
+            super().__init__(config)
+            self.path = path
+
+        def info(self):
+            return {**super().info(), **({"model_path": str(self.path)} if self.path else {})}
+
+    def build(path):
+        policy = policy_of(tiny_dir, "lora")
+        url = serve_engine(Serving(policy.config, path))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignkit"):
+            VllmServerGenerator(policy, tokenizer, url, timeout=5)
+        return url, [r.getMessage() for r in caplog.records if "not compared" in r.getMessage()]
+
+    with pytest.raises(ConfigError) as e:
+        build(finetuned)
+    msg = one_line(e)
+    assert msg.startswith("vLLM server http://127.0.0.1:") and f" serves {finetuned}, which is not the model the " \
+        f"policy's adapter is trained on ({base}): its final norm weights differ" in msg, msg
+    assert msg.endswith(f"restart alignkit vllm-serve with --model set to the policy's base folder ({base})"), msg
+    assert build(base)[1] == []
+    url, warned = build(None)  # an older server / a folder on another machine
+    assert len(warned) == 1 and warned[0].startswith(f"vLLM server {url}: its model folder (/fake/base) is not on "
+                                                     "this machine, so its weights were not compared"), warned
 
 
 @pytest.mark.parametrize("enable_lora, rank, why", [(False, 0, "restart it with alignkit vllm-serve ... --enable-lora"),

@@ -84,3 +84,33 @@ def test_lora_folders_and_command(serve_dirs, tmp_path):
     assert cmd[cmd.index("--lora-modules") + 1:] == [f"terse={plan.loras['terse']}",
                                                      f"org/second={plan.loras['org/second']}"]
     assert "--api-key" not in cmd  # the key travels in VLLM_API_KEY, not on the command line
+
+
+def test_a_base_whose_head_size_vllm_lacks_is_refused_before_vllm_starts(serve_dirs, monkeypatch):
+    """serve --engine vllm and vllm-serve on a base with head_dim 16 (the tiny default: hidden 64 / 4 heads): vLLM's
+    CPU build started its server / engine, said it was ready, and failed every generation ('Unsupported CPU
+    attention configuration: head_dim=16'). Now one line before vLLM's server or engine starts (vLLM's own answer,
+    `attention_head_sizes`, is pinned in tests/compat/test_vllm.py and stood in for here, where vLLM is absent)."""
+    import subprocess
+    import types
+
+    import alignkit.serve.vllm_server as vs
+    from alignkit.serve.vllm_serve import EngineSettings, VllmServeEngine
+
+    cpu = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vLLM 0.32's CPUAttentionBackend
+    monkeypatch.setattr(vs, "attention_head_sizes", lambda size: None if size in cpu else ("CPU_ATTN", cpu),
+                        raising=False)
+    monkeypatch.setattr(vs, "vllm_installed", lambda: True)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("vLLM's server was started"))
+    base = serve_dirs["base"]
+    cfg = types.SimpleNamespace(adapters={}, max_prompt_tokens=8, max_new_tokens=8, host="127.0.0.1", port=0,
+                                dtype="float32", api_key=None)
+    for start, where, fix in ((lambda: vs.serve_with_vllm(cfg, str(base), "tiny"), "serve --engine vllm",
+                               "serve it with --engine alignkit"),
+                              (lambda: VllmServeEngine(EngineSettings(model=str(base))), "vllm-serve --model",
+                               "or train with method.generation_backend=transformers")):
+        with pytest.raises(ConfigError) as e:
+            start()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{where}: the model in {base} has attention head size 16 ") \
+            and "CPU_ATTN attention here takes 32, 64, 80, " in msg and msg.endswith(fix), msg

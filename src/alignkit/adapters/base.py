@@ -375,19 +375,33 @@ def _slice(file: Path, key: str) -> Iterator[Any]:
         yield f.get_slice(key)
 
 
+def compared_probes(saved: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """The weight probes `base_mismatch` compares between two fingerprints (`embedding_probe`: the same rows in
+    both; `norm_probe`); empty when only shapes can be compared (a probe missing on either side)."""
+    out = []
+    a, b = saved.get("embedding_probe") or [], found.get("embedding_probe") or []
+    if saved.get("probe_rows") == found.get("probe_rows") and len(a) == len(b) and a:
+        out.append("embedding_probe")
+    a, b = saved.get("norm_probe") or [], found.get("norm_probe") or []
+    if len(a) == len(b) and a:
+        out.append("norm_probe")
+    return out
+
+
 def base_mismatch(saved: dict[str, Any], found: dict[str, Any]) -> str | None:
     """How `found` (this base) differs from `saved` (the base the adapter was trained on), or None. The probe is
     compared with a tolerance that bf16 / fp16 loading of the same weights stays within."""
     for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
         if saved.get(key) is not None and found.get(key) is not None and saved[key] != found[key]:
             return f"{key} {found[key]} here, {saved[key]} when trained"
+    compared = compared_probes(saved, found)
     a, b = saved.get("embedding_probe") or [], found.get("embedding_probe") or []
-    if saved.get("probe_rows") == found.get("probe_rows") and len(a) == len(b) and a:
+    if "embedding_probe" in compared:
         worst = max(abs(x - y) - (1e-2 * abs(x) + 1e-4) for x, y in zip(a, b))
         if worst > 0:
             return "its input embedding weights differ (another model or revision with the same shapes)"
     a, b = saved.get("norm_probe") or [], found.get("norm_probe") or []
-    if len(a) == len(b) and a:  # read in one dtype: the same bits; across dtypes: bf16 / fp16 rounding
+    if "norm_probe" in compared:  # read in one dtype: the same bits; across dtypes: bf16 / fp16 rounding
         same = saved.get("norm_dtype") is not None and saved.get("norm_dtype") == found.get("norm_dtype")
         rel, tol = (1e-6, 1e-7) if same else (1e-2, 1e-4)
         if max(abs(x - y) - (rel * abs(x) + tol) for x, y in zip(a, b)) > 0:
@@ -470,5 +484,5 @@ def adapter_in(folder: str | Path) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_embedding",
-           "base_fingerprint", "base_mismatch", "folder_fingerprint", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "base_fingerprint", "base_mismatch", "compared_probes", "folder_fingerprint", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -91,7 +91,7 @@ def config_from(args: argparse.Namespace) -> Any:
 
 def resolve_base(cfg: Any) -> tuple[str, str | None]:
     """(base folder, served base name) of a `ServeConfig`; `tiny:<arch>` builds a random tiny model first
-    (head_dim 64 for engine=vllm: vLLM's CPU attention needs head_dim >= 64)."""
+    (head_dim 64 for engine=vllm: a size vLLM's CPU attention runs; the tiny default 16 is refused)."""
     base, base_name = cfg.base, cfg.base_name
     arch = tiny_arch(base, "base")
     if arch is not None:

@@ -75,8 +75,10 @@ from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, check_lora_rank, engine_max_model_len
-from alignkit.online.vllm_generation import check_model_len, refuse_unsupported
+from alignkit.online.vllm_engine import (check_engine_base, check_engine_rope, check_lora_rank, engine_max_model_len,
+                                        folder_config)
+from alignkit.online.vllm_generation import NO_VLLM, check_model_len, refuse_unsupported
+from alignkit.serve.vllm_server import check_head_size, vllm_installed
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.packing import resolve_online_share_prompt
@@ -191,6 +193,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                                  f"{' under FSDP' if fsdp2 else ''}, and several processes with vLLM are not "
                                  f"supported yet: run it in one process (no torchrun / accelerate launch), or use "
                                  f"method.generation_backend=transformers with several processes")
+            if self.config.vllm_mode == "colocate" and not vllm_installed():  # the engine is made at the first step
+                raise ConfigError(f"{NO_VLLM}, or use generation_backend='transformers' (or vllm_mode='server' with "
+                                  "alignkit vllm-serve running in vLLM's environment); the colocated engine starts "
+                                  "at the first step, where vLLM's absence stopped the run")
         else:
             check_sampler(self.config.sampling, lean_reason(model, tokenizer, self.config.sampling))
         check_stop_strings(tokenizer, self.config.sampling)  # vLLM too decodes without special tokens
@@ -253,6 +259,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             check_lora_rank(max(ranks), vllm)
         check_engine_rope(unwrap_lm(model).config, folder, vllm)
         check_engine_base(model, folder, vllm)
+        check_head_size(folder_config(folder, vllm), folder, "generation_backend='vllm'",
+                        "use a model whose head size vLLM takes, or method.generation_backend=transformers")
         limit, source = engine_max_model_len(folder, vllm)
         records = [*self.prompts, *self.eval_prompts]
         given = vllm.get("max_model_len") is not None

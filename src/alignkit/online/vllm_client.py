@@ -15,7 +15,9 @@ the server may be on another machine (no NCCL; these machines have none):
 
 At the first contact the client waits for the server (`vllm_server_timeout`) and checks its `/info` against
 the policy: architecture, vocabulary, hidden size, layers; for LoRA also --enable-lora, the rank and that no
-full-weights push has replaced the base. A server that is down, answers an error or serves another model
+full-weights push has replaced the base; for an adapter policy, the weights of the server's model folder against
+the policy's base (as the colocated engine's folder: a few safetensors slices) where that folder is on this
+machine (/info `model_path`), else a warning that they were not compared. A server that is down, answers an error or serves another model
 stops training with one line (`VllmServerError`: the URL, what failed, the fix); nothing falls back to
 transformers generation. The wire format is `alignkit.serve.vllm_serve`'s (module docstring there).
 
@@ -40,7 +42,8 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save
 
-from alignkit.adapters.base import adapter_of, unwrap_lm
+from alignkit.adapters.base import adapter_of, recorded_base, unwrap_lm
+from alignkit.online.vllm_engine import check_engine_base
 from alignkit.online.vllm_generation import generate_with, refuse_unsupported
 
 logger = logging.getLogger(__name__)
@@ -182,11 +185,28 @@ class VllmServerGenerator:
                 raise VllmServerError(f"vLLM server {self.client.url}: its base weights were replaced by "
                                       f"{self.info['weights_version']} full-weights push(es); a LoRA policy needs "
                                       "the frozen base: restart alignkit vllm-serve")
+        if not adapter.saves_whole_model:  # the server runs the adapter over its own folder's weights
+            self.check_base(policy)
         logger.info("vLLM server %s (%s) ready for the %s policy after %.1f s", self.client.url,
                     self.info.get("model"), self.kind, time.perf_counter() - t0)
         self.version = 0  # pushes done
         self.sync_seconds = 0.0
         self.pushed_bytes = 0
+
+    def check_base(self, policy: Any) -> None:
+        """The server's model folder (/info `model_path`) against the adapter policy's base, as the colocated
+        engine's (`check_engine_base`: refused when its weights differ, a warning when they cannot be compared),
+        where that folder is on this machine; elsewhere (another machine, an older server) a warning: only the
+        architecture and sizes were compared."""
+        path = self.info.get("model_path")
+        if path and Path(path, "config.json").is_file():
+            check_engine_base(policy, path, {}, key=f"vLLM server {self.client.url}", engine="serves",
+                              fix="restart alignkit vllm-serve with --model set to the policy's base folder")
+            return
+        logger.warning("vLLM server %s: its model folder (%s) is not on this machine, so its weights were not "
+                       "compared with the adapter policy's base (%s), only its architecture and sizes; make sure "
+                       "alignkit vllm-serve --model is that base (vLLM samples through its weights)", self.client.url,
+                       path or self.info.get("model"), (recorded_base(policy) or {}).get("name_or_path") or "unknown")
 
     def sync(self, policy: Any) -> None:
         """Push the policy's current weights (full: the state dict; LoRA: the adapter, served under a new id)."""

@@ -12,7 +12,8 @@ step, after the run folder was written.
 - `check_engine_rope`: the policy's RoPE (`model.rope_scaling` changes the loaded config, not config.json)
   against the folder's, which the engine reads.
 - `check_engine_base`: the folder's weights (a few safetensors slices) against the policy's base fingerprint
-  (`alignkit_base.json`'s probes): an adapter policy samples through the folder's other weights.
+  (`alignkit_base.json`'s probes): an adapter policy samples through the folder's other weights. A warning (naming
+  the folder) where no probe could be read there (no safetensors, other tensor names): nothing but shapes compared.
 - `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
   folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not scale `max_position_embeddings` themselves), and a `max_model_len`
@@ -25,6 +26,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import logging
 import math
 import os
 from pathlib import Path
@@ -32,9 +34,11 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from alignkit.adapters.base import adapter_of, base_mismatch, folder_fingerprint, recorded_base
+from alignkit.adapters.base import adapter_of, base_mismatch, compared_probes, folder_fingerprint, recorded_base
 from alignkit.models.rope import rope_record
 from alignkit.settings import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # vllm.LLM arguments alignkit knows for a colocated engine (all are vLLM EngineArgs fields; tests/compat/test_vllm.py)
 ENGINE_ARGS = (
@@ -138,14 +142,18 @@ def check_engine_rope(policy_config: Any, folder: str | Path, vllm: dict[str, An
                           "there, or use method.generation_backend=transformers")
 
 
-def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any]) -> None:
+def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any], key: str = "method.vllm.model",
+                      engine: str = "the colocated engine would load",
+                      fix: str = "set method.vllm.model to the policy's base folder") -> None:
     """ConfigError when the model folder the colocated engine loads is not the policy's base: an adapter policy gets
     only its adapter into the engine (a LoRA request, or its merged layers), the rest of the weights are the
     folder's, so another model of the same architecture there (a finetuned copy of the base: an SFT run's folder
     under a LoRA trained on the base) made vLLM sample from other weights, without a word. The policy's base
     fingerprint (`recorded_base`, taken before training) against the folder's, read from its safetensors
-    (`folder_fingerprint`: a few slices). Not checked for full finetuning (the engine gets every weight) or a
-    folder without safetensors. `load_format: dummy` (random weights) is refused for an adapter policy."""
+    (`folder_fingerprint`: a few slices). Not checked for full finetuning (the engine gets every weight); a folder
+    whose weights cannot be compared (no safetensors, no probed tensor under the policy's names) is a warning.
+    `load_format: dummy` (random weights) is refused for an adapter policy. `key`, `engine`, `fix`: the setting,
+    what loads the folder and the way out, as the message names them (server mode: the server's folder)."""
     if adapter_of(model).saves_whole_model:
         return
     if vllm.get("load_format") == "dummy":  # vLLM's random initialisation (for profiling): nothing read from folder
@@ -155,12 +163,20 @@ def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any]) -> N
     ours = recorded_base(model)
     theirs = folder_fingerprint(folder, model, ours, folder_config(folder, vllm)) if ours is not None else None
     why = base_mismatch(ours, theirs) if theirs is not None else None
+    base = (ours or {}).get("name_or_path") or "the policy's base"
     if why is not None:
-        base = ours.get("name_or_path") or "the policy's base"
         why = why.replace(" here, ", f" in {folder}, ").replace(" when trained", " in the policy's base")
-        raise ConfigError(f"method.vllm.model: the colocated engine would load {folder}, which is not the model the "
-                          f"policy's adapter is trained on ({base}): {why}, so vLLM would sample from other weights "
-                          f"than the policy's; set method.vllm.model to the policy's base folder ({base})")
+        raise ConfigError(f"{key}: {engine} {folder}, which is not the model the policy's adapter is trained on "
+                          f"({base}): {why}, so vLLM would sample from other weights than the policy's; {fix} ({base})")
+    if theirs is None or not compared_probes(ours, theirs):  # nothing read to compare: say so (not refused: the
+        #   folder may be the base saved otherwise, e.g. .bin files or other tensor names)
+        unread = ("the policy's base fingerprint is not readable here" if ours is None else
+                  "it has no model.safetensors (or its index)" if theirs is None else
+                  "its safetensors hold no input embedding / final norm under the policy's names (or the policy's "
+                  "fingerprint has no probe)")
+        logger.warning("%s: the weights of %s, which vLLM runs under the adapter policy, were not compared with the "
+                       "policy's base (%s): %s; only its shapes were checked, so make sure it holds that base (vLLM "
+                       "samples through its other weights)", key, folder, base, unread)
 
 
 def _rope_parameters(config: Any) -> list[dict[str, Any]]:
@@ -223,5 +239,5 @@ def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int 
     return int(asked), "method.vllm.max_model_len"
 
 
-__all__ = ["ACCEPTED_LORA_RANKS", "ENGINE_ARGS", "LORA_RANKS", "MAX_LEN_KEYS", "PRESCALED_ROPE", "check_engine_args",
-           "check_engine_rope", "check_lora_rank", "engine_max_model_len", "folder_config", "vllm_argument_names"]
+__all__ = ["ACCEPTED_LORA_RANKS", "ENGINE_ARGS", "LORA_RANKS", "MAX_LEN_KEYS", "PRESCALED_ROPE",
+           "check_engine_args", "check_engine_base", "check_engine_rope", "check_lora_rank", "engine_max_model_len", "folder_config", "vllm_argument_names"]

@@ -9,7 +9,8 @@ The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, created in th
 time, in order (one trainer per server). The API (protocol 1; errors are HTTP 4xx/5xx with {"error": one line}):
 
     GET  /health    {"status": "ok"}
-    GET  /info      {"protocol", "alignkit", "model", "config": {model_type, architectures, vocab_size,
+    GET  /info      {"protocol", "alignkit", "model", "model_path" (the --model folder, absolute: a trainer on
+                     this machine compares its weights with a LoRA policy's base), "config": {model_type, architectures, vocab_size,
                      hidden_size, num_hidden_layers, num_attention_heads}, "dtype", "max_model_len",
                      "enable_lora", "max_lora_rank", "weights_version", "lora_version"}
     POST /generate  {"prompt_token_ids": [[int]], "sampling": [one dict per prompt: n, max_tokens, temperature,
@@ -51,7 +52,7 @@ import alignkit
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
-from alignkit.serve.vllm_server import lora_unsupported
+from alignkit.serve.vllm_server import check_head_size, lora_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ class VllmServeEngine:
 
     def __init__(self, settings: EngineSettings, workdir: str | Path | None = None) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        from vllm import LLM
-
         folder = Path(settings.model)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"--model {settings.model}: no config.json there; give a transformers model folder "
@@ -103,6 +102,10 @@ class VllmServeEngine:
         if settings.enable_lora and settings.max_lora_rank not in LORA_RANKS:
             raise ValueError(f"--max-lora-rank {settings.max_lora_rank}: vLLM accepts {', '.join(map(str, LORA_RANKS))}")
         hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        check_head_size(hf, folder, "vllm-serve --model", "give --model a model whose head size vLLM takes (the "
+                        "policy's base), or train with method.generation_backend=transformers")
+        from vllm import LLM  # (after the checks: they need no engine)
+
         self.config = {k: getattr(hf, k, None) for k in MATCH_KEYS}
         self.config["architectures"] = list(getattr(hf, "architectures", None) or [])
         self.settings = settings
@@ -127,7 +130,8 @@ class VllmServeEngine:
 
     def info(self) -> dict:
         s = self.settings
-        return {"protocol": PROTOCOL, "alignkit": alignkit.__version__, "model": s.model, "config": self.config,
+        return {"protocol": PROTOCOL, "alignkit": alignkit.__version__, "model": s.model,
+                "model_path": str(Path(s.model).resolve()), "config": self.config,
                 "dtype": self.dtype, "max_model_len": self.max_model_len, "enable_lora": s.enable_lora,
                 "max_lora_rank": s.max_lora_rank if s.enable_lora else 0, "weights_version": self.weights_version,
                 "lora_version": self.lora_version}

