@@ -430,6 +430,15 @@ def incomplete_reason(folder: str | Path) -> str | None:
     return None
 
 
+def saved_step(folder: str | Path) -> int | None:
+    """The optimizer step a complete folder was saved at (its marker's `step`); None when it is incomplete or
+    records none."""
+    if incomplete_reason(folder) is not None:
+        return None
+    step = json.loads((Path(folder) / COMPLETE_MARKER).read_text()).get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _remove_marked(folder: Path) -> None:
     """Remove a folder that carries `STAGING_MARK`, the mark last: a kill part-way leaves it marked (the next
     `remove_own` finishes it) or empty, never an unmarked remainder. (`shutil.rmtree` removes in directory order: a
@@ -618,5 +627,5 @@ __all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "P
            "commit_staging", "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
            "recover_swap", "trackers",
-           "plot_metrics", "read_metrics", "remove_own", "resumed_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
+           "plot_metrics", "read_metrics", "remove_own", "resumed_step", "saved_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
            "write_marker"]

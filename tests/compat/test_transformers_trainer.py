@@ -373,6 +373,9 @@ def test_callbacks_and_public_trainer_names():
           "alignkit/cli/train.py:training_arguments")
     check("processing_class" in params(Trainer.__init__), TF, "Trainer(...) no longer takes processing_class=",
           "alignkit/cli/train.py:train, demos/*")
+    check(params(Trainer.set_initial_training_values)[:2] == ["args", "dataloader"], TF,
+          "Trainer.set_initial_training_values no longer takes (args, dataloader)",
+          "alignkit/trainers/base.py:AlignTrainer.planned_steps")
     for name in ("remove_callback", "add_callback", "is_world_process_zero", "create_optimizer"):
         check(callable(getattr(Trainer, name, None)), TF, f"Trainer.{name} is gone", where)
     state_fields = {f.name for f in dataclasses.fields(TrainerState)}
