@@ -236,6 +236,20 @@ def test_tracker_named_but_not_installed_is_refused_before_anything_is_written(c
     assert "pip install wandb" in err[0] and "unexpected" not in err[0] and not out.exists()
 
 
+@pytest.mark.parametrize("case", ["sft", "grpo"])
+def test_a_run_without_progress_bar_prints_only_its_own_lines(case, tmp_path, capsys):
+    """train.disable_tqdm=true without -q: the offline commands printed every Trainer log dict to stdout
+    ({'loss': '2.345', 'grad_norm': ...}: transformers' PrinterCallback, added when tqdm is off; only -q removed
+    it). Now stdout holds alignkit's own closing lines only, as under -q; the rows are in metrics.jsonl."""
+    command, config, overrides, steps, *_ = TRAINING_OUTPUTS[case]
+    out = tmp_path / "run"
+    assert main([command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides, "train.disable_tqdm=true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"alignkit {command}: done") and lines[1].startswith("  run folder:"), lines
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == steps
+
+
 # command -> (config, overrides, its progress bar's label): the one-shot commands' long work
 PROGRESS = {
     "sample": ("sample-tiny.yaml", ["sampling.max_new_tokens=2", "data.max_records=2", "sampling.num_samples=2"],

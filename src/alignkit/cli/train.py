@@ -244,9 +244,9 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if plan.checkpoint is not None:  # the one check of the checkpoint (train() does not repeat it): before writing
         trainer.check_resume(plan.checkpoint, plan.label)
     check_fullgraph(cfg.train.get("compile"), bool(getattr(trainer, "padding_free", False)))
-    if quiet:  # with tqdm off, the Trainer would print every log dict instead
-
-        trainer.remove_callback(PrinterCallback)
+    # with tqdm off (-q, or train.disable_tqdm), transformers' PrinterCallback printed every log dict to stdout; the
+    # metrics go to metrics.jsonl / TensorBoard, and stdout keeps only alignkit's own lines
+    trainer.remove_callback(PrinterCallback)
 
     done = nothing_to_do(trainer, plan, run)
     if done is not None:
