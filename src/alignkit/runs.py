@@ -38,6 +38,7 @@ import torch
 import transformers
 import yaml
 from huggingface_hub import ModelCard as HubCard
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import TrainerCallback
 from transformers.integrations import get_available_reporting_integrations
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
@@ -119,15 +120,18 @@ def trackers(report_to: str | list[str] | None, where: str = "train.report_to", 
     if report_to is None:
         return ["tensorboard"] if installed else []
     names = [t for t in ([report_to] if isinstance(report_to, str) else list(report_to)) if t != "none"]
+    available = get_available_reporting_integrations() if names else []  # read once (it probes every package)
     if expand_all and "all" in names:
-        names = [n for t in names for n in (get_available_reporting_integrations() if t == "all" else [t])]
+        names = [n for t in names for n in (available if t == "all" else [t])]
     if "tensorboard" in names and not installed:
         raise ConfigError(f"{where}: tensorboard is named but not installed, so no TensorBoard events could be "
                           "written; pip install tensorboard (or alignkit[cli]), or remove it from report_to")
     # transformers' integrations whose package is missing: the offline commands stopped on an unexpected
-    # RuntimeError after writing the run folder, the online ones ran without the tracker (accelerate drops it)
-    missing = [n for n in names if n in INTEGRATION_TO_CALLBACK and n != "tensorboard"
-               and n not in get_available_reporting_integrations()]
+    # RuntimeError after writing the run folder, the online ones ran without the tracker (accelerate drops it);
+    # trackers only accelerate knows (aim; online commands): the run went on without them after a warning
+    by_accelerate = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    missing = [n for n in names if n != "tensorboard" and (
+        n not in available if n in INTEGRATION_TO_CALLBACK else n in LOGGER_TYPE_TO_CLASS and n not in by_accelerate)]
     if missing:
         raise ConfigError(f"{where}: {', '.join(missing)} named but not installed, so nothing could be reported "
                           f"there; install it (pip install {' '.join(m.replace('_', '-') for m in missing)}), or "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from alignkit.runs import MetricsJsonl, ModelCard, final_metrics, plot_metrics, read_metrics
+import alignkit.runs
+from alignkit.runs import MetricsJsonl, ModelCard, final_metrics, plot_metrics, read_metrics, trackers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -72,3 +73,17 @@ def test_model_card_says_how_the_model_was_made(tmp_path):
                    "| `learning_rate` | 0.0001 |", "| `eval_rewards/accuracies` | 0.75 |", "alignkit dpo --config x.yaml",
                    "alignkit 9.9", "| `lora.r` | 8 |"):
         assert needle in text, needle
+
+
+def test_trackers_reads_the_installed_integrations_once(monkeypatch):
+    """`trackers` asked transformers for the installed integrations (a probe of every tracker package) once per
+    named integration and again for "all"; now once per call, with the same answer."""
+    calls = []
+
+    def available():
+        calls.append(1)
+        return ["tensorboard", "mlflow", "comet_ml"]
+
+    monkeypatch.setattr(alignkit.runs, "get_available_reporting_integrations", available)
+    assert trackers(["mlflow", "comet_ml", "all"], expand_all=True) == ["mlflow", "comet_ml", "tensorboard"]
+    assert len(calls) == 1
