@@ -5,7 +5,8 @@
       metrics.jsonl       one JSON row per Trainer log event: {"step", "epoch", "loss", "rewards/margins", ...}
                           (a non-finite value is written NaN / Infinity, never null or 0)
       tensorboard/        TensorBoard event files (when tensorboard is installed)
-      plots/*.png         loss, rewards and accuracy curves, drawn at the end from metrics.jsonl
+      plots/*.png         loss, rewards, accuracy, logps and kl curves (`PLOTS`; evaluation dashed, each set's with
+                          several), drawn at the end from metrics.jsonl
                           (one-shot commands: tensorboard/<command>/ and plots/<command>-*.png histograms,
                           `write_command_outputs`)
       README.md           a model card: base model, adapter, objective, data, hyper-parameters, final metrics
@@ -53,11 +54,16 @@ from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# plot file -> metric names drawn on it (train names; "eval_<name>" is drawn too, dashed)
+# plot file -> metric names drawn on it (train names; "eval_<name>" is drawn too, dashed, or with several evaluation
+# sets each set's "eval_<set>_<name>"): every figure an offline objective logs (docs/metrics.md) but bookkeeping
+# (learning_rate, grad_norm, num_tokens, target_tokens, ...): sft's mean_token_accuracy, rm's margin and dpo / kto's
+# logps and kl were on no plot
 PLOTS: dict[str, tuple[str, ...]] = {
     "loss": ("loss",),
-    "rewards": ("rewards/chosen", "rewards/rejected", "rewards/margins"),
-    "accuracy": ("rewards/accuracies", "accuracy"),
+    "rewards": ("rewards/chosen", "rewards/rejected", "rewards/margins", "margin"),
+    "accuracy": ("rewards/accuracies", "accuracy", "mean_token_accuracy"),
+    "logps": ("logps/chosen", "logps/rejected"),
+    "kl": ("kl",),
 }
 
 
@@ -166,6 +172,22 @@ def agg_figure() -> Any:
     return fig
 
 
+def plot_series(rows: list[dict[str, Any]], keys: tuple[str, ...], x: str = "step") -> list[tuple[str, str, list]]:
+    """(label, line style, [(x, value), ...]) of each of `keys` the rows hold a number for: the training figure
+    (solid), then its evaluation (dashed): `eval_<key>`, or with several evaluation sets `eval_<set>_<key>` for each
+    set, named by the rows' `eval_<set>_runtime` (only `eval_<key>` was read, so those were on no plot)."""
+    sets = dict.fromkeys(k[len("eval_"):-len("_runtime")] for r in rows for k in r
+                         if k.startswith("eval_") and k.endswith("_runtime") and k != "eval_runtime")
+    prefixes = [("", "-"), ("eval_", "--"), *((f"eval_{s}_", "--") for s in sets)]
+    series = []
+    for key in keys:
+        for prefix, style in prefixes:
+            pts = [(r[x], r[prefix + key]) for r in rows if x in r and _numeric(r.get(prefix + key))]
+            if pts:
+                series.append((prefix + key, style, pts))
+    return series
+
+
 def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[str, tuple[str, ...]] | None = None,
                  x: str = "step") -> list[Path]:
     """Draw one PNG per entry of `plots` (default `PLOTS`) that has data, against the rows' `x` (train solid, eval
@@ -175,13 +197,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[st
     out_dir = Path(out_dir)
     written = []
     for name, keys in (PLOTS if plots is None else plots).items():
-        series = []
-        for key in keys:
-            for prefix, style in (("", "-"), ("eval_", "--")):
-                pts = [(r[x], r[prefix + key]) for r in rows
-                       if x in r and isinstance(r.get(prefix + key), (int, float)) and not isinstance(r.get(prefix + key), bool)]
-                if pts:
-                    series.append((prefix + key, style, pts))
+        series = plot_series(rows, keys, x)
         if not series:
             continue
         fig = agg_figure()
@@ -631,5 +647,5 @@ __all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "P
            "commit_staging", "push_folder",
            "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
            "recover_swap", "trackers",
-           "plot_metrics", "read_metrics", "remove_own", "resumed_step", "saved_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
+           "plot_metrics", "plot_series", "read_metrics", "remove_own", "resumed_step", "saved_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
            "write_marker"]

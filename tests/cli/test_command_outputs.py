@@ -141,15 +141,16 @@ OFFLINE = ["train.max_steps=2", "train.logging_steps=1", "train.gradient_accumul
            "train.eval_strategy=no", "train.save_strategy=no"]
 ONLINE = ["train.max_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]
 OFFLINE_PLOTS, ONLINE_PLOTS = {"loss.png"}, {"reward.png", "kl.png", "loss.png"}
+PAIRS_PLOTS = OFFLINE_PLOTS | {"rewards.png", "logps.png"}  # dpo, kto (its kl too): logps/* and kl were on no plot
 
 # id -> (command, config, overrides, optimizer steps as metrics.jsonl / TensorBoard count them, the loss's
 # TensorBoard tag, the plots drawn). Offline: 2 optimizer steps of 2 micro-batches each (steps 1, 2, not 1..4);
 # online rows count steps from 0 (docs/metrics.md).
 TRAINING_OUTPUTS = {
-    "sft": ("sft", "sft-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS),
+    "sft": ("sft", "sft-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png"}),
     "rm": ("rm", "rm-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png", "rewards.png"}),
-    "dpo": ("dpo", "dpo-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png", "rewards.png"}),
-    "kto": ("kto", "kto-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"rewards.png"}),
+    "dpo": ("dpo", "dpo-tiny.yaml", OFFLINE, [1, 2], "train/loss", PAIRS_PLOTS | {"accuracy.png"}),
+    "kto": ("kto", "kto-tiny.yaml", OFFLINE, [1, 2], "train/loss", PAIRS_PLOTS | {"kl.png"}),
     "grpo": ("grpo", "grpo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
     "rloo": ("rloo", "rloo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
     "ppo": ("ppo", "ppo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
@@ -158,7 +159,7 @@ TRAINING_OUTPUTS = {
     # report_to all: transformers' "every installed tracker" sent the TensorBoard events to
     # <run>/checkpoints/runs/<date>/ (its own logging_dir), none to <run>/tensorboard
     "sft report_to=all": ("sft", "sft-tiny.yaml", [*OFFLINE, "train.report_to=all"], [1, 2], "train/loss",
-                          OFFLINE_PLOTS),
+                          OFFLINE_PLOTS | {"accuracy.png"}),
     "grpo report_to=all": ("grpo", "grpo-tiny.yaml", [*ONLINE, "train.report_to=all"], [0, 1], "loss", ONLINE_PLOTS),
 }
 
