@@ -164,7 +164,7 @@ def test_checkpoints_are_staged_then_rotated(tiny_dir, tokenizer, sft_features, 
                                                            "use_mtime"], TF,
           "transformers.trainer_utils.rotate_checkpoints moved or changed its parameters", where)
     check(getattr(trainer_utils, "PREFIX_CHECKPOINT_DIR", None) == "checkpoint", TF, "checkpoint folders are no "
-          "longer named checkpoint-N", where + ", runs.py:CHECKPOINT_PREFIX")
+          "longer named checkpoint-N", where + ", run_commit.py:CHECKPOINT_PREFIX")
     check("best_global_step" in {f.name for f in dataclasses.fields(TrainerState)}, TF,
           "TrainerState.best_global_step is gone", where)
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_steps=3, save_strategy="steps", save_steps=1,

@@ -35,9 +35,10 @@ from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import check_fullgraph, compile_layers
 from alignkit.models.rope import check_context
+from alignkit.run_commit import resumed_step, saved_step, staged
 from alignkit.runs import (
-    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, resumed_step, saved_step,
-    staged, trackers, versions, write_prompt_formats,
+    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, trackers, versions,
+    write_prompt_formats,
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision

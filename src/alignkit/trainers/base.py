@@ -99,7 +99,7 @@ from alignkit.distributed import (
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
-from alignkit.runs import (
+from alignkit.run_commit import (
     STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap,
     remove_own,
 )
