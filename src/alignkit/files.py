@@ -1,8 +1,8 @@
 """Files alignkit writes and reads back itself: atomic writes (temporary file + fsync + rename, so a reader sees
 the old file or the new one, never half of one) and JSON Lines.
 
-Used by the ReFT checkpoint writer (`interventions/io.py`), the run folder (`runs.py`: config, metrics, the
-completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache, and the
+Used by the ReFT checkpoint writer (`interventions/io.py`), the run folder (`runs.py`: config, metrics;
+`run_commit.py`: the completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache, and the
 tokenization cache. Imports no other alignkit module (and so no torch): the torch-free settings and ReFT config
 (`interventions/config.py`) write through it too. `DataError` is defined here, with the JSONL reader that raises
 it; `alignkit.data.records` (and `alignkit.data`) export it.

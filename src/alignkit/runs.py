@@ -5,16 +5,16 @@
       metrics.jsonl       one JSON row per Trainer log event: {"step", "epoch", "loss", "rewards/margins", ...}
                           (a non-finite value is written NaN / Infinity, never null or 0)
       tensorboard/        TensorBoard event files (when tensorboard is installed)
-      plots/*.png         loss, rewards and accuracy curves, drawn at the end from metrics.jsonl
+      plots/*.png         loss, rewards, accuracy, logps and kl curves (`PLOTS`; evaluation dashed, each set's with
+                          several), drawn at the end from metrics.jsonl
                           (one-shot commands: tensorboard/<command>/ and plots/<command>-*.png histograms,
                           `write_command_outputs`)
       README.md           a model card: base model, adapter, objective, data, hyper-parameters, final metrics
       model/              the trained adapter (or full model) + tokenizer; its own copy of README.md
       checkpoints/        TrainingArguments' output_dir (intermediate checkpoints, if saving is on)
 
-`model/` and every `checkpoints/checkpoint-N` are written into a staging folder and renamed into place with
-`alignkit_complete.json` (each file's size) written last, so a kill leaves either the previous state or a
-complete folder; `latest_complete_checkpoint` skips (and names) any checkpoint without a valid marker.
+`model/` and every `checkpoints/checkpoint-N` are committed atomically (staging folder, completeness marker):
+`alignkit.run_commit`.
 
 Only the main process writes (under `accelerate launch`, `is_main_process()`), and matplotlib is
 imported only when plots are drawn (Agg canvas, no pyplot state), so the library never needs it.
@@ -27,7 +27,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 import transformers
 import yaml
 from huggingface_hub import ModelCard as HubCard
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import TrainerCallback
 from transformers.integrations import get_available_reporting_integrations
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
@@ -52,11 +52,16 @@ from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# plot file -> metric names drawn on it (train names; "eval_<name>" is drawn too, dashed)
+# plot file -> metric names drawn on it (train names; "eval_<name>" is drawn too, dashed, or with several evaluation
+# sets each set's "eval_<set>_<name>"): every figure an offline objective logs (docs/metrics.md) but bookkeeping
+# (learning_rate, grad_norm, num_tokens, target_tokens, ...): sft's mean_token_accuracy, rm's margin and dpo / kto's
+# logps and kl were on no plot
 PLOTS: dict[str, tuple[str, ...]] = {
     "loss": ("loss",),
-    "rewards": ("rewards/chosen", "rewards/rejected", "rewards/margins"),
-    "accuracy": ("rewards/accuracies", "accuracy"),
+    "rewards": ("rewards/chosen", "rewards/rejected", "rewards/margins", "margin"),
+    "accuracy": ("rewards/accuracies", "accuracy", "mean_token_accuracy"),
+    "logps": ("logps/chosen", "logps/rejected"),
+    "kl": ("kl",),
 }
 
 
@@ -119,15 +124,18 @@ def trackers(report_to: str | list[str] | None, where: str = "train.report_to", 
     if report_to is None:
         return ["tensorboard"] if installed else []
     names = [t for t in ([report_to] if isinstance(report_to, str) else list(report_to)) if t != "none"]
+    available = get_available_reporting_integrations() if names else []  # read once (it probes every package)
     if expand_all and "all" in names:
-        names = [n for t in names for n in (get_available_reporting_integrations() if t == "all" else [t])]
+        names = [n for t in names for n in (available if t == "all" else [t])]
     if "tensorboard" in names and not installed:
         raise ConfigError(f"{where}: tensorboard is named but not installed, so no TensorBoard events could be "
                           "written; pip install tensorboard (or alignkit[cli]), or remove it from report_to")
     # transformers' integrations whose package is missing: the offline commands stopped on an unexpected
-    # RuntimeError after writing the run folder, the online ones ran without the tracker (accelerate drops it)
-    missing = [n for n in names if n in INTEGRATION_TO_CALLBACK and n != "tensorboard"
-               and n not in get_available_reporting_integrations()]
+    # RuntimeError after writing the run folder, the online ones ran without the tracker (accelerate drops it);
+    # trackers only accelerate knows (aim; online commands): the run went on without them after a warning
+    by_accelerate = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    missing = [n for n in names if n != "tensorboard" and (
+        n not in available if n in INTEGRATION_TO_CALLBACK else n in LOGGER_TYPE_TO_CLASS and n not in by_accelerate)]
     if missing:
         raise ConfigError(f"{where}: {', '.join(missing)} named but not installed, so nothing could be reported "
                           f"there; install it (pip install {' '.join(m.replace('_', '-') for m in missing)}), or "
@@ -162,6 +170,22 @@ def agg_figure() -> Any:
     return fig
 
 
+def plot_series(rows: list[dict[str, Any]], keys: tuple[str, ...], x: str = "step") -> list[tuple[str, str, list]]:
+    """(label, line style, [(x, value), ...]) of each of `keys` the rows hold a number for: the training figure
+    (solid), then its evaluation (dashed): `eval_<key>`, or with several evaluation sets `eval_<set>_<key>` for each
+    set, named by the rows' `eval_<set>_runtime` (only `eval_<key>` was read, so those were on no plot)."""
+    sets = dict.fromkeys(k[len("eval_"):-len("_runtime")] for r in rows for k in r
+                         if k.startswith("eval_") and k.endswith("_runtime") and k != "eval_runtime")
+    prefixes = [("", "-"), ("eval_", "--"), *((f"eval_{s}_", "--") for s in sets)]
+    series = []
+    for key in keys:
+        for prefix, style in prefixes:
+            pts = [(r[x], r[prefix + key]) for r in rows if x in r and _numeric(r.get(prefix + key))]
+            if pts:
+                series.append((prefix + key, style, pts))
+    return series
+
+
 def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[str, tuple[str, ...]] | None = None,
                  x: str = "step") -> list[Path]:
     """Draw one PNG per entry of `plots` (default `PLOTS`) that has data, against the rows' `x` (train solid, eval
@@ -171,13 +195,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[st
     out_dir = Path(out_dir)
     written = []
     for name, keys in (PLOTS if plots is None else plots).items():
-        series = []
-        for key in keys:
-            for prefix, style in (("", "-"), ("eval_", "--")):
-                pts = [(r[x], r[prefix + key]) for r in rows
-                       if x in r and isinstance(r.get(prefix + key), (int, float)) and not isinstance(r.get(prefix + key), bool)]
-                if pts:
-                    series.append((prefix + key, style, pts))
+        series = plot_series(rows, keys, x)
         if not series:
             continue
         fig = agg_figure()
@@ -373,213 +391,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-
-
-# ----------------------------------------------------------------------------------------------------
-# Atomic folders: model/, every checkpoint, and a whole run folder under --overwrite
-# ----------------------------------------------------------------------------------------------------
-
-COMPLETE_MARKER = "alignkit_complete.json"  # written last into a finished folder: file names and sizes
-STAGING_MARK = ".alignkit-staging"  # inside folders alignkit made for itself (staging, to be removed)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or saved folder that cannot be used (incomplete, truncated, missing); names the folder."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_marker(folder: str | Path, **info: Any) -> Path:
-    """Write `COMPLETE_MARKER` into `folder`: every file's relative path and size (checked on load)."""
-    folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name not in (COMPLETE_MARKER, STAGING_MARK)}
-    return atomic_write_text(folder / COMPLETE_MARKER,
-                             json.dumps({"complete": True, **info, "files": files}, indent=1, default=str) + "\n")
-
-
-def incomplete_reason(folder: str | Path) -> str | None:
-    """None when `folder` holds a complete save (marker present, every listed file with its size); else why not."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"{folder} is not a folder"
-    marker = folder / COMPLETE_MARKER
-    if not marker.is_file():
-        return f"{folder} has no {COMPLETE_MARKER} (written last: the save was interrupted or never finished)"
-    try:
-        files = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"{marker} is damaged (not the JSON alignkit writes)"
-    for name, size in files.items():
-        p = folder / name
-        if not p.is_file():
-            return f"{p} is missing"
-        if p.stat().st_size != size:
-            return f"{p} has {p.stat().st_size} bytes, {size} were written (truncated or changed)"
-    return None
-
-
-def _remove_marked(folder: Path) -> None:
-    """Remove a folder that carries `STAGING_MARK`, the mark last: a kill part-way leaves it marked (the next
-    `remove_own` finishes it) or empty, never an unmarked remainder. (`shutil.rmtree` removes in directory order: a
-    kill after it had taken the mark left `.<name>.old` / `.<name>.staging` for the user to remove by hand.)"""
-    for entry in folder.iterdir():
-        if entry.name == STAGING_MARK:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    (folder / STAGING_MARK).unlink(missing_ok=True)
-    folder.rmdir()
-
-
-def remove_own(folder: Path) -> None:
-    """Remove `folder` only if alignkit made it for itself (it carries `STAGING_MARK`) or it is empty (what a kill
-    at the very end of a removal leaves: nothing to lose); else refuse."""
-    if not folder.exists():
-        return
-    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
-        folder.rmdir()
-        return
-    if not (folder / STAGING_MARK).is_file():
-        raise CheckpointError(f"{folder} is in the way and was not made by alignkit; move or remove it yourself")
-    _remove_marked(folder)
-
-
-def recover_swap(final: str | Path, staging: str | Path | None = None) -> str | None:
-    """Undo what a kill between `commit_staging`'s two renames left: `final` absent, `.<name>.old` (the previous
-    folder, marked) and the finished staging folder (unmarked; `.<name>.staging` unless given) beside it. A finished
-    staging folder is renamed into place (the swap completed), else the previous folder is restored; the leftover
-    `.old` is removed. Logs one warning naming what was done; returns it (None when there was nothing to do)."""
-    final = Path(final)
-    old = final.parent / f".{final.name}.old"
-    staging = Path(staging) if staging is not None else final.parent / f".{final.name}.staging"
-    if final.is_dir():  # what a kill left after the swap (the previous folder, part-removed) or before it (a mark)
-        if old.is_dir() and ((old / STAGING_MARK).is_file() or not any(old.iterdir())):
-            remove_own(old)
-            logger.info("removed %s, left by an interrupted replacement of %s", old, final)
-        (final / STAGING_MARK).unlink(missing_ok=True)
-        return None
-    if final.exists() or not (old / STAGING_MARK).is_file():
-        return None
-    if staging.is_dir() and not (staging / STAGING_MARK).exists() and (
-            not (staging / COMPLETE_MARKER).exists() or incomplete_reason(staging) is None):
-        os.rename(staging, final)
-        _remove_marked(old)
-        done = (f"{final} was missing after an interrupted replacement: the finished new folder {staging} was renamed "
-                f"into place and the previous one ({old}) removed")
-    else:
-        os.rename(old, final)
-        (final / STAGING_MARK).unlink(missing_ok=True)
-        done = f"{final} was missing after an interrupted replacement: the previous folder was restored from {old}"
-    _fsync_dir(final.parent)
-    logger.warning("%s", done)
-    return done
-
-
-def new_staging(final: str | Path) -> Path:
-    """An empty folder beside `final` to write into (`.<name>.staging`, marked as alignkit's own)."""
-    final = Path(final)
-    staging = final.parent / f".{final.name}.staging"
-    recover_swap(final, staging)  # a replacement killed half-way: completed before anything new is written
-    remove_own(staging)  # a leftover of an interrupted save
-    staging.mkdir(parents=True)
-    (staging / STAGING_MARK).touch()
-    return staging
-
-
-def commit_staging(staging: Path, final: str | Path, marker: bool = True, **info: Any) -> Path:
-    """Rename a finished staging folder to `final` (replacing a previous `final` as a whole), marker written
-    last into it first. A kill at any point leaves what `recover_swap` / `remove_own` complete or undo: before the
-    swap the previous `final` (the staging folder still marked, removed by the next save); between the two renames
-    `final` absent and `.<name>.old` complete; after them `.<name>.old` marked or empty, removed by the next save or
-    `recover_swap`."""
-    final = Path(final)
-    if marker:
-        write_marker(staging, **info)
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        remove_own(old)
-        (final / STAGING_MARK).touch()  # from here on it is ours to remove
-        os.rename(final, old)
-        (staging / STAGING_MARK).unlink(missing_ok=True)  # after the marker: an unmarked staging folder is finished
-        os.rename(staging, final)
-        _remove_marked(old)
-    else:
-        os.rename(staging, final)
-        (final / STAGING_MARK).unlink(missing_ok=True)  # a kill before this: recover_swap removes the mark
-    _fsync_dir(final.parent)
-    return final
-
-
-class staged:
-    """`with staged(run.model) as tmp: save(tmp)`: written to a staging folder, renamed into place with a
-    completeness marker only when the block succeeds (an exception leaves `final` as it was)."""
-
-    def __init__(self, final: str | Path, enabled: bool = True, **info: Any) -> None:
-        self.final, self.enabled, self.info = Path(final), enabled, info
-
-    def __enter__(self) -> Path:
-        self.tmp = new_staging(self.final) if self.enabled else self.final
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-        if exc_type is None and self.enabled:
-            commit_staging(self.tmp, self.final, **self.info)
-
-
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
-def checkpoint_step(path: Path) -> int | None:
-    name = path.name
-    if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
-        return int(name[len(CHECKPOINT_PREFIX):])
-    return None
-
-
-def resumed_step(checkpoint: str | Path) -> int | None:
-    """The optimizer steps a checkpoint had done, where a resume continues: its trainer_state.json's (`global_step`
-    of the Trainer's, `step` of an online checkpoint), else the N of its `checkpoint-N` name (None: neither). Not
-    the name first: a checkpoint folder copied or renamed (`checkpoints/best`) and resumed with
-    train.resume_from_checkpoint kept the killed run's metrics.jsonl rows and TensorBoard events after its step
-    beside the resumed run's."""
-    path = Path(checkpoint) / "trainer_state.json"
-    try:
-        state = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        state = {}
-    step = state.get("global_step", state.get("step")) if isinstance(state, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else checkpoint_step(Path(checkpoint))
-
-
-def latest_complete_checkpoint(folder: str | Path) -> Path | None:
-    """The newest `checkpoint-N` in `folder` that is complete; each newer incomplete one is skipped with a warning."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    found = sorted(((checkpoint_step(p), p) for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-                   reverse=True)
-    for _, path in found:
-        reason = incomplete_reason(path)
-        if reason is None:
-            return path
-        logger.warning("skipping incomplete checkpoint %s: %s", path, reason)
-    return None
-
-
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
                 ignore_patterns: list[str] | None = None, api: Any = None) -> str:
     """Upload `folder` (a final model / adapter folder and its README.md card) to the Hub model repo `repo_id`,
@@ -594,29 +405,6 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, toke
     return repo_id
 
 
-def truncate_metrics(path: str | Path, step: int) -> int:
-    """Keep only the rows of metrics.jsonl up to `step` (a resume continues after them). Returns rows kept."""
-    path = Path(path)
-    if not path.is_file():
-        return 0
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a row cut by a kill: it and anything after it are dropped
-        if isinstance(row.get("step"), (int, float)) and row["step"] > step:
-            break
-        kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-    return len(kept)
-
-
-__all__ = ["COMPLETE_MARKER", "CheckpointError", "MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "agg_figure",
-           "can_plot", "checkpoint_step",
-           "commit_staging", "push_folder",
-           "final_metrics", "incomplete_reason", "is_main_process", "latest_complete_checkpoint", "new_staging",
-           "recover_swap", "trackers",
-           "plot_metrics", "read_metrics", "remove_own", "resumed_step", "staged", "truncate_metrics", "versions", "write_command_outputs",
-           "write_marker"]
+__all__ = ["MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "agg_figure", "can_plot", "final_metrics",
+           "is_main_process", "plot_metrics", "plot_series", "push_folder", "read_metrics", "trackers", "versions",
+           "write_command_outputs", "write_prompt_formats"]

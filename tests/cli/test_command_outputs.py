@@ -141,15 +141,16 @@ OFFLINE = ["train.max_steps=2", "train.logging_steps=1", "train.gradient_accumul
            "train.eval_strategy=no", "train.save_strategy=no"]
 ONLINE = ["train.max_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]
 OFFLINE_PLOTS, ONLINE_PLOTS = {"loss.png"}, {"reward.png", "kl.png", "loss.png"}
+PAIRS_PLOTS = OFFLINE_PLOTS | {"rewards.png", "logps.png"}  # dpo, kto (its kl too): logps/* and kl were on no plot
 
 # id -> (command, config, overrides, optimizer steps as metrics.jsonl / TensorBoard count them, the loss's
 # TensorBoard tag, the plots drawn). Offline: 2 optimizer steps of 2 micro-batches each (steps 1, 2, not 1..4);
 # online rows count steps from 0 (docs/metrics.md).
 TRAINING_OUTPUTS = {
-    "sft": ("sft", "sft-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS),
+    "sft": ("sft", "sft-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png"}),
     "rm": ("rm", "rm-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png", "rewards.png"}),
-    "dpo": ("dpo", "dpo-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png", "rewards.png"}),
-    "kto": ("kto", "kto-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"rewards.png"}),
+    "dpo": ("dpo", "dpo-tiny.yaml", OFFLINE, [1, 2], "train/loss", PAIRS_PLOTS | {"accuracy.png"}),
+    "kto": ("kto", "kto-tiny.yaml", OFFLINE, [1, 2], "train/loss", PAIRS_PLOTS | {"kl.png"}),
     "grpo": ("grpo", "grpo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
     "rloo": ("rloo", "rloo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
     "ppo": ("ppo", "ppo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
@@ -158,7 +159,7 @@ TRAINING_OUTPUTS = {
     # report_to all: transformers' "every installed tracker" sent the TensorBoard events to
     # <run>/checkpoints/runs/<date>/ (its own logging_dir), none to <run>/tensorboard
     "sft report_to=all": ("sft", "sft-tiny.yaml", [*OFFLINE, "train.report_to=all"], [1, 2], "train/loss",
-                          OFFLINE_PLOTS),
+                          OFFLINE_PLOTS | {"accuracy.png"}),
     "grpo report_to=all": ("grpo", "grpo-tiny.yaml", [*ONLINE, "train.report_to=all"], [0, 1], "loss", ONLINE_PLOTS),
 }
 
@@ -218,22 +219,39 @@ def test_tensorboard_named_but_not_installed_is_refused_before_anything_is_writt
     assert main(args) == 0 and not (out / "tensorboard").exists()
 
 
-@pytest.mark.parametrize("case", ["sft", "grpo"])
-def test_tracker_named_but_not_installed_is_refused_before_anything_is_written(case, tmp_path, capsys):
+@pytest.mark.parametrize("case, tracker", [("sft", "wandb"), ("grpo", "wandb"), ("grpo", "aim")])
+def test_tracker_named_but_not_installed_is_refused_before_anything_is_written(case, tracker, tmp_path, capsys):
     """train.report_to=wandb without wandb installed: sft wrote the run folder and then stopped with 'unexpected
     error: RuntimeError' (transformers' WandbCallback), grpo ran without the tracker (accelerate dropped it with a
-    warning). Now one line naming the key, the tracker and the fix, nothing written (as for tensorboard)."""
+    warning). A tracker only accelerate knows (aim; the online commands take it) was not checked at all: grpo ran to
+    the end logging to no tracker, after accelerate's warning that none is installed. Now one line naming the key,
+    the tracker and the fix, nothing written (as for tensorboard)."""
+    from accelerate.tracking import get_available_trackers
     from transformers.integrations import get_available_reporting_integrations
 
-    if "wandb" in get_available_reporting_integrations():
-        pytest.skip("wandb is installed here")
+    if tracker in {*get_available_reporting_integrations(), *(str(t.value) for t in get_available_trackers())}:
+        pytest.skip(f"{tracker} is installed here")
     command, config, overrides, *_ = TRAINING_OUTPUTS[case]
     out = tmp_path / "run"
     assert main(["-q", command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides,
-                 "train.report_to=wandb"]) == 2
+                 f"train.report_to={tracker}"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
-    assert len(err) == 1 and "train.report_to: wandb named but not installed" in err[0], err
-    assert "pip install wandb" in err[0] and "unexpected" not in err[0] and not out.exists()
+    assert len(err) == 1 and f"train.report_to: {tracker} named but not installed" in err[0], err
+    assert f"pip install {tracker}" in err[0] and "unexpected" not in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["sft", "grpo"])
+def test_a_run_without_progress_bar_prints_only_its_own_lines(case, tmp_path, capsys):
+    """train.disable_tqdm=true without -q: the offline commands printed every Trainer log dict to stdout
+    ({'loss': '2.345', 'grad_norm': ...}: transformers' PrinterCallback, added when tqdm is off; only -q removed
+    it). Now stdout holds alignkit's own closing lines only, as under -q; the rows are in metrics.jsonl."""
+    command, config, overrides, steps, *_ = TRAINING_OUTPUTS[case]
+    out = tmp_path / "run"
+    assert main([command, "-c", str(CONFIGS / config), f"output_dir={out}", *overrides, "train.disable_tqdm=true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"alignkit {command}: done") and lines[1].startswith("  run folder:"), lines
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == steps
 
 
 # command -> (config, overrides, its progress bar's label): the one-shot commands' long work

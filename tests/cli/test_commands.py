@@ -42,7 +42,8 @@ def test_run_folder_has_every_output(runs, name):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in train_rows)
     assert any("eval_loss" in r for r in rows)
-    expected = {"loss.png"} if name == "sft" else {"loss.png", "rewards.png", "accuracy.png"}
+    # sft's mean_token_accuracy and dpo's logps/* were on no plot
+    expected = {"loss.png", "accuracy.png"} if name == "sft" else {"loss.png", "rewards.png", "accuracy.png", "logps.png"}
     assert {p.name for p in (run / "plots").iterdir()} == expected
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in (run / "plots").iterdir())
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())

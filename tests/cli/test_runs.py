@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from alignkit.runs import MetricsJsonl, ModelCard, final_metrics, plot_metrics, read_metrics
+import alignkit.runs
+from alignkit.runs import MetricsJsonl, ModelCard, final_metrics, plot_metrics, plot_series, read_metrics, trackers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,6 +32,17 @@ def test_plots_only_for_metrics_present(tmp_path):
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in written)
     assert [p.name for p in plot_metrics([{"step": 1, "loss": 2.0}], tmp_path / "sft")] == ["loss.png"]
     assert plot_metrics([{"step": 1, "grad_norm": 2.0}], tmp_path / "none") == []
+
+
+def test_plots_draw_each_evaluation_set(tmp_path):
+    """With several evaluation sets the rows carry eval_<set>_<name> (transformers' metric_key_prefix); the plots
+    read only eval_<name>, so no evaluation was drawn and a figure only evaluated (rm's accuracy here) had no plot."""
+    rows = [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6},
+            {"step": 2, "eval_a_loss": 0.65, "eval_a_accuracy": 0.5, "eval_a_runtime": 0.1},
+            {"step": 2, "eval_b_loss": 0.68, "eval_b_accuracy": 1.0, "eval_b_runtime": 0.1}]
+    assert [(label, style, pts) for label, style, pts in plot_series(rows, ("loss",))] == [
+        ("loss", "-", [(1, 0.7), (2, 0.6)]), ("eval_a_loss", "--", [(2, 0.65)]), ("eval_b_loss", "--", [(2, 0.68)])]
+    assert [p.name for p in plot_metrics(rows, tmp_path / "plots")] == ["loss.png", "accuracy.png"]
 
 
 def test_final_metrics_are_last_values_without_bookkeeping():
@@ -72,3 +84,17 @@ def test_model_card_says_how_the_model_was_made(tmp_path):
                    "| `learning_rate` | 0.0001 |", "| `eval_rewards/accuracies` | 0.75 |", "alignkit dpo --config x.yaml",
                    "alignkit 9.9", "| `lora.r` | 8 |"):
         assert needle in text, needle
+
+
+def test_trackers_reads_the_installed_integrations_once(monkeypatch):
+    """`trackers` asked transformers for the installed integrations (a probe of every tracker package) once per
+    named integration and again for "all"; now once per call, with the same answer."""
+    calls = []
+
+    def available():
+        calls.append(1)
+        return ["tensorboard", "mlflow", "comet_ml"]
+
+    monkeypatch.setattr(alignkit.runs, "get_available_reporting_integrations", available)
+    assert trackers(["mlflow", "comet_ml", "all"], expand_all=True) == ["mlflow", "comet_ml", "tensorboard"]
+    assert len(calls) == 1

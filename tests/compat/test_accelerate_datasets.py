@@ -86,10 +86,14 @@ def test_a_started_tracker_appended_to_trackers_is_logged_to(tmp_path):
     `Accelerator.log` writes to."""
     where = "alignkit/online/metrics.py:ProcessMetrics.start_trackers"
     from accelerate import Accelerator
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker, get_available_trackers
 
     check({"tensorboard", "wandb"} <= set(LOGGER_TYPE_TO_CLASS), ACC, "accelerate.tracking.LOGGER_TYPE_TO_CLASS no "
           "longer maps tracker names (report_to: all keeps the names it holds)", where, str(list(LOGGER_TYPE_TO_CLASS)))
+    names = {str(getattr(t, "value", t)) for t in get_available_trackers()}  # runs.py:trackers (installed or not)
+    check("tensorboard" in names and names <= set(LOGGER_TYPE_TO_CLASS), ACC, "accelerate.tracking."
+          "get_available_trackers no longer lists the installed trackers by LOGGER_TYPE_TO_CLASS's names",
+          "alignkit/runs.py:trackers", str(names))
     with guard(ACC, "TensorBoardTracker(run_name, logging_dir, purge_step=) / init_trackers / log moved", where):
         acc = Accelerator(cpu=True, project_dir=str(tmp_path))
         acc.init_trackers("my-run")

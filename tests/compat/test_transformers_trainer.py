@@ -164,7 +164,7 @@ def test_checkpoints_are_staged_then_rotated(tiny_dir, tokenizer, sft_features, 
                                                            "use_mtime"], TF,
           "transformers.trainer_utils.rotate_checkpoints moved or changed its parameters", where)
     check(getattr(trainer_utils, "PREFIX_CHECKPOINT_DIR", None) == "checkpoint", TF, "checkpoint folders are no "
-          "longer named checkpoint-N", where + ", runs.py:CHECKPOINT_PREFIX")
+          "longer named checkpoint-N", where + ", run_commit.py:CHECKPOINT_PREFIX")
     check("best_global_step" in {f.name for f in dataclasses.fields(TrainerState)}, TF,
           "TrainerState.best_global_step is gone", where)
     trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_steps=3, save_strategy="steps", save_steps=1,
@@ -373,6 +373,9 @@ def test_callbacks_and_public_trainer_names():
           "alignkit/cli/train.py:training_arguments")
     check("processing_class" in params(Trainer.__init__), TF, "Trainer(...) no longer takes processing_class=",
           "alignkit/cli/train.py:train, demos/*")
+    check(params(Trainer.set_initial_training_values)[:2] == ["args", "dataloader"], TF,
+          "Trainer.set_initial_training_values no longer takes (args, dataloader)",
+          "alignkit/trainers/base.py:AlignTrainer.planned_steps")
     for name in ("remove_callback", "add_callback", "is_world_process_zero", "create_optimizer"):
         check(callable(getattr(Trainer, name, None)), TF, f"Trainer.{name} is gone", where)
     state_fields = {f.name for f in dataclasses.fields(TrainerState)}

@@ -136,7 +136,7 @@ def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override
     with "IndexError: list index out of range", over others it ran them under the old order without a word; and a
     changed learning_rate / kl_coef / seed was silently replaced by the checkpoint's optimizer / KL / RNG state.
     Now one CheckpointError naming what differs; the same prompts and settings still resume."""
-    from alignkit.runs import CheckpointError
+    from alignkit.run_commit import CheckpointError
 
     def trainer(prompts, steps=1, **kw):
         cfg = GRPOConfig(steps=steps, prompts_per_step=2, save_steps=1, learning_rate=kw.pop("learning_rate", 1e-2),

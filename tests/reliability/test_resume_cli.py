@@ -453,12 +453,14 @@ def test_resume_from_a_checkpoint_of_another_base_is_refused_before_anything_is_
 
 
 @pytest.mark.parametrize("finished", [False, True])
-def test_a_run_with_every_step_done_is_not_resumed_past_max_steps(tmp_path, monkeypatch, finished):
+def test_a_run_with_every_step_done_is_not_resumed_past_max_steps(tmp_path, monkeypatch, capsys, finished):
     """Killed while saving model/ (after checkpoint-4, the last of max_steps=4), or resumed when it had finished:
     --resume trained a 5th optimizer step (checkpoint-4 ends inside an epoch, and the Trainer checks max_steps only
     after a step), wrote checkpoint-5 and saved that model as the run's ("optimizer steps done 5" in its card).
-    Now it trains nothing: model/ holds checkpoint-4's weights, and the resumed run's summary carries no train_loss
-    (the Trainer's 0.0 for a call that trained no step)."""
+    Then it trained nothing but logged a second training summary and a second evaluation at step 4 (two of each in
+    metrics.jsonl and on the plots), and a finished run's folder was rewritten. Now the killed run saves model/
+    (checkpoint-4's weights) and logs no row; the finished one says in one line that there is nothing to do and
+    leaves every file as it was."""
     from safetensors.torch import load_file
 
     import alignkit.cli.train as train_cli
@@ -474,11 +476,20 @@ def test_a_run_with_every_step_done_is_not_resumed_past_max_steps(tmp_path, monk
         with pytest.raises(Killed):
             cli("sft", "sft-tiny.yaml", run, extra)
         monkeypatch.undo()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
     assert cli("sft", "sft-tiny.yaml", run, extra, "--resume") == 0
+    out = capsys.readouterr().out.splitlines()
+    if finished:
+        assert out == [f"alignkit sft: nothing to do: all 4 optimizer steps are done (checkpoint-4) and model/ holds "
+                       f"step 4; {run} is left as it was (raise train.max_steps or train.num_train_epochs to train "
+                       "on)"], out
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert [r.get("train_loss") for r in rows if "train_runtime" in r][-1] is None
+    assert [r["step"] for r in rows if "train_runtime" in r] == [4]  # the first run's summary, once
+    assert [r["step"] for r in rows if "eval_runtime" in r] == [4]  # its final evaluation, once
     assert "| `optimizer steps done` | 4 |" in (run / "README.md").read_text()
     saved = load_file(str(run / "model" / "model.safetensors"))
     at_4 = load_file(str(run / "checkpoints" / "checkpoint-4" / "model.safetensors"))

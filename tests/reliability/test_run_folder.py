@@ -166,7 +166,7 @@ def test_a_replacement_killed_between_its_renames_is_recovered_by_the_next_run(t
 
 
 def test_a_model_save_killed_between_its_renames_is_completed_by_the_next_save(tmp_path, caplog):
-    from alignkit.runs import staged
+    from alignkit.run_commit import staged
 
     final = half_swapped(tmp_path, new_finished=True)[0]
     with staged(final) as tmp:
@@ -198,7 +198,7 @@ def killed_at(monkeypatch, step: int | None) -> list[str]:
 
 def two_runs(tmp_path: Path, marker: bool) -> tuple[Path, Path, dict[str, bytes], dict[str, bytes]]:
     """`run` (the previous one, eight files in two folders) and its finished replacement in a staging folder."""
-    from alignkit.runs import new_staging, write_marker
+    from alignkit.run_commit import new_staging, write_marker
 
     final = tmp_path / "run"
     for i in range(4):
@@ -220,7 +220,7 @@ def test_a_replacement_killed_at_any_step_never_loses_the_previous_folder_nor_bl
     unmarked, and every later replacement stopped with '.run.old is in the way and was not made by alignkit'.
     Killed at each of its steps in turn, the next save now finds the previous or the new folder in place, completes
     or undoes what was left, and leaves only `run`."""
-    from alignkit.runs import commit_staging, staged
+    from alignkit.run_commit import commit_staging, staged
 
     final, staging, _, _ = two_runs(tmp_path / "count", marker)
     steps = killed_at(monkeypatch, None)

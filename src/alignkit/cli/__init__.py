@@ -97,7 +97,7 @@ def expected_errors() -> tuple[type, ...]:
     package a setting needs that is not installed: ImportError)."""
     from alignkit.data.records import DataError
     from alignkit.guards import NonFiniteError, NonFiniteLogitsError, StalledTrainingError
-    from alignkit.runs import CheckpointError
+    from alignkit.run_commit import CheckpointError
     from alignkit.settings import ConfigError
 
     return (ConfigError, DataError, FileNotFoundError, NonFiniteError, NonFiniteLogitsError, StalledTrainingError,

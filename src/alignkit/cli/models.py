@@ -22,7 +22,8 @@ from alignkit.models.efficiency import apply_kernels, check_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
 from alignkit.online.generation import check_sampler, check_stop_strings, lean_reason
-from alignkit.runs import COMPLETE_MARKER, RunFolder, incomplete_reason
+from alignkit.run_commit import COMPLETE_MARKER, incomplete_reason
+from alignkit.runs import RunFolder
 from alignkit.settings import ConfigError, ModelSettings
 from alignkit.settings.tiny import is_tiny, tiny_arch
 

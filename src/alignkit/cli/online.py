@@ -37,8 +37,9 @@ from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, On
 from alignkit.online.generation import encode_prompts
 from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerator
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len
+from alignkit.run_commit import staged
 from alignkit.runs import (
-    ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, staged, versions, write_prompt_formats,
+    ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed

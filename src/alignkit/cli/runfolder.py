@@ -16,10 +16,11 @@ from typing import Any, Callable
 import yaml
 
 from alignkit.cli.helptext import add_command_parser
-from alignkit.runs import (
-    STAGING_MARK, RunFolder, commit_staging, incomplete_reason, is_main_process, latest_complete_checkpoint,
-    recover_swap, remove_own, resumed_step, truncate_metrics,
+from alignkit.run_commit import (
+    STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap, remove_own,
+    resumed_step, truncate_metrics,
 )
+from alignkit.runs import RunFolder, is_main_process
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
 from alignkit.settings.online import check_code_allowed
 from alignkit.settings.train import OFFLINE_DEFAULTS, TRAIN_COMMANDS

@@ -35,9 +35,10 @@ from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import check_fullgraph, compile_layers
 from alignkit.models.rope import check_context
+from alignkit.run_commit import resumed_step, saved_step, staged
 from alignkit.runs import (
-    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, resumed_step, staged,
-    trackers, versions, write_prompt_formats,
+    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, trackers, versions,
+    write_prompt_formats,
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
@@ -244,10 +245,14 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if plan.checkpoint is not None:  # the one check of the checkpoint (train() does not repeat it): before writing
         trainer.check_resume(plan.checkpoint, plan.label)
     check_fullgraph(cfg.train.get("compile"), bool(getattr(trainer, "padding_free", False)))
-    if quiet:  # with tqdm off, the Trainer would print every log dict instead
+    # with tqdm off (-q, or train.disable_tqdm), transformers' PrinterCallback printed every log dict to stdout; the
+    # metrics go to metrics.jsonl / TensorBoard, and stdout keeps only alignkit's own lines
+    trainer.remove_callback(PrinterCallback)
 
-        trainer.remove_callback(PrinterCallback)
-
+    done = nothing_to_do(trainer, plan, run)
+    if done is not None:
+        print(f"alignkit {command}: {done}")
+        return 0
     run = begin_run(plan, cfg)  # -------------------------------- from here on the run folder is written
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
     if base_path != loaded_from:  # a tiny model, now in <run>/base_model: name it where it will stay
@@ -257,8 +262,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     if tb is not None:
         trainer.add_callback(tb)
     trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
-    if eval_feats and args.eval_strategy == "no":
-        trainer.evaluate()
+    if eval_feats and args.eval_strategy == "no" and not evaluated_at(read_metrics(run.metrics), trainer.state.global_step):
+        trainer.evaluate()  # (a resume killed after it, with every step done, has its row already)
     named = plan.named()
     with staged(run.model, enabled=trainer.is_world_process_zero(), step=trainer.state.global_step) as model_dir:
         trainer.save_model(str(model_dir))
@@ -309,6 +314,25 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     return 0
 
 
+def nothing_to_do(trainer: Any, plan: Any, run: RunFolder) -> str | None:
+    """Why a resume has nothing to do (None: it has): every optimizer step of the run is done at the checkpoint and
+    model/ was saved at that step. Such a --resume rewrote config.yaml, model/, README.md and plots/ and logged a
+    second training summary at the last step (two in metrics.jsonl and on the plots); now the folder is left as it
+    was. A run killed after its last checkpoint but before model/ was saved still saves it (and logs nothing)."""
+    if plan.mode != "resume" or plan.checkpoint is None:
+        return None
+    step, planned = resumed_step(plan.checkpoint), trainer.planned_steps()
+    if step is None or step < planned or saved_step(run.model) != step:
+        return None
+    return (f"nothing to do: all {planned} optimizer steps are done ({Path(plan.checkpoint).name}) and model/ holds step "
+            f"{step}; {plan.final} is left as it was (raise train.max_steps or train.num_train_epochs to train on)")
+
+
+def evaluated_at(rows: list[dict[str, Any]], step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation row (`eval_runtime`, or `eval_<set>_runtime`) at `step`."""
+    return any(r.get("step") == step and any(k.startswith("eval_") and k.endswith("_runtime") for k in r) for r in rows)
+
+
 def best_step(args: Any, state: Any) -> int | None:
     """The step of the best checkpoint the Trainer loaded at the end (train.load_best_model_at_end), which model/
     then holds; None when it loaded none or the best is the last step."""
@@ -329,4 +353,4 @@ def summary_figures(metrics: dict[str, float], eval_sets: list[str] | None = Non
     return [(k, metrics[k]) for k in keys if k in metrics]
 
 
-__all__ = ["SUMMARY_METRICS", "add_parser", "best_step", "run", "summary_figures", "train"]
+__all__ = ["SUMMARY_METRICS", "add_parser", "best_step", "evaluated_at", "nothing_to_do", "run", "summary_figures", "train"]

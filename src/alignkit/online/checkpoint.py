@@ -24,7 +24,8 @@ from alignkit.distributed import (
 from alignkit.guards import NonFiniteError
 from alignkit.online.generation import prompts_fingerprint
 from alignkit.online.metrics import METRICS_FILE
-from alignkit.runs import CheckpointError, incomplete_reason, push_folder, staged
+from alignkit.run_commit import CheckpointError, incomplete_reason, staged
+from alignkit.runs import push_folder
 
 logger = logging.getLogger(__name__)
 

@@ -99,7 +99,7 @@ from alignkit.distributed import (
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
 from alignkit.losses import LossOutput, reduce_loss
-from alignkit.runs import (
+from alignkit.run_commit import (
     STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap,
     remove_own,
 )
@@ -539,8 +539,12 @@ class AlignTrainer(BatchSampling, Trainer):
                           "eval_") if mode == "eval" else ""
             logs.update({prefix + k: v for k, v in values.items()})
             store.clear()
-        if "train_loss" in logs and getattr(self, "_trained_nothing", False):
-            logs.pop("train_loss")  # the mean over this call's steps: the Trainer's 0.0 when it trained none
+        if "train_runtime" in logs and getattr(self, "_trained_nothing", False):
+            # the summary of a call that trained no step (resumed with every step done): the run's own summary was
+            # logged when those steps were; a second row at the same step put two summaries in metrics.jsonl, the
+            # plots and TensorBoard (its train_loss the Trainer's 0.0 over no step)
+            logger.info("no optimizer step was trained: no training summary is logged")
+            return
         if mode == "train":
             self._flush_tokens()
             if getattr(self, "_num_tokens", None) is not None:
@@ -602,6 +606,11 @@ class AlignTrainer(BatchSampling, Trainer):
         if self.args.should_save:
             self._commit_checkpoint(run_dir, staging_root, name)
         self.accelerator.wait_for_everyone()  # EVERY process (an early return here hung the next step's collective)
+
+    def planned_steps(self) -> int:
+        """The optimizer steps the run has in all, as `train()` counts them: `max_steps`, or the epochs' steps over
+        this trainer's training data (the Trainer's `set_initial_training_values`)."""
+        return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])
 
     def data_digest(self) -> str | None:
         """`data_digest` of this trainer's training examples (computed once)."""

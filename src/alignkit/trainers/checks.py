@@ -23,7 +23,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.training_args import ParallelMode
 
 from alignkit.distributed import deepspeed_cannot_start, requested_engine
-from alignkit.runs import CheckpointError
+from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
