@@ -201,7 +201,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,
                                                         chunk_size=self.config.chunk_size,
                                                         supports=("adapter_off", "copy"), owner=type(self).__name__)
-        else:  # kl_coef 0, fixed: the KL term is multiplied by 0 (TRL's beta 0 loads no reference either)
+        else:  # kl_coef 0, fixed: the KL term is multiplied by 0 (TRL's beta 0 loads none); online DPO: reference-free
             self.reference = Reference("none")
         self.reference.place(self.accelerator.device, self.accelerator)  # FSDP2: a copy sharded like the policy
         self.model = model
