@@ -591,6 +591,24 @@ def test_a_loss_without_reference_builds_none(tiny_dir, tokenizer, cls, config, 
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
 
 
+@pytest.mark.parametrize("cls,config,free,reads", NO_REFERENCE)
+def test_a_kl_estimator_without_reference_is_refused(tiny_dir, tokenizer, cls, config, free, reads):
+    """method.kl_estimator picks the estimator of the logged KL; where no reference is built (a fixed kl_coef 0, a
+    reference-free loss) no KL is computed, and a kl_estimator set away from its default was ignored without a
+    word. Now refused in one line naming the key and what to do; with a reference asked for it is read."""
+    from alignkit.settings import ConfigError
+
+    other = "k2" if config.__dataclass_fields__["kl_estimator"].default != "k2" else "k1"
+    with pytest.raises(ConfigError, match=rf"^method.kl_estimator: '{other}' is the estimator of the logged KL to "
+                                          r"the reference, and no reference is built \(.*\), so it would be ignored; "
+                                          r"set method.reference to adapter_off or copy"):
+        cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, small(config, **free, kl_estimator=other))
+    kept = cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+               small(config, **free, kl_estimator=other, reference="adapter_off"))
+    assert kept.reference_mode == "adapter_off"
+    cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, small(config, **reads, kl_estimator=other))
+
+
 def test_trackers_project_is_the_run_folder(tiny_dir, tokenizer, tmp_path, monkeypatch):
     """accelerate names each tracker's project (W&B's project, MLflow's experiment, ...) by init_trackers'
     project_name, and the loop passed "tensorboard": a W&B run landed in a project called "tensorboard". Now the

@@ -117,6 +117,9 @@ class OnlineDPOTrainer(OnlineTrainer):
         c: OnlineDPOConfig = self.config
         return not reference_free(c.loss_type) or ref_model is not None or c.reference != "auto"
 
+    def why_no_reference(self) -> str:
+        return f"method.loss_type {loss_names(self.config.loss_type)} reads none"
+
     def logged_kl_coef(self) -> float:
         """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the
         preference loss's beta (TRL's online DPO logs it as `beta`)."""
