@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create the peer environments for the side-by-side CPU benchmark (bench/run_cpu.py):
 #
-#   bench/.envs/trl     TRL 1.16 on transformers 5.23 (same transformers as alignkit)
+#   bench/.envs/trl     TRL 1.16 on transformers 5.23 (same transformers as alignkit), with peft (TRL's optional
+#                       dependency, alignkit's own: the adapter registry imports it, so parity_trl.py needs it;
+#                       the version constraints.txt pins)
 #   bench/.envs/pyreft  pyreft 0.1.0 + pyvene 0.1.8 on transformers 4.45.1 (pyreft pins it)
 #
 # TRL and pyreft are peers we measure against, never alignkit dependencies: they live only here.
@@ -26,7 +28,7 @@ FORCE=0
 [[ "${1:-}" == "--force" ]] && FORCE=1
 
 TORCH_SPEC="torch==2.13.0"
-TRL_SPEC=("trl==1.16.0" "transformers==5.23.0")
+TRL_SPEC=("trl==1.16.0" "transformers==5.23.0" "peft==0.21.2")  # peft: constraints.txt's pin
 PYREFT_DEPS=("transformers==4.45.1" "accelerate==0.34.2" "datasets==3.0.1" "huggingface-hub<1.0"
              "numpy<2.3" "tqdm" "networkx" "matplotlib" "protobuf" "sentencepiece")
 PYREFT_NODEPS=("pyvene==0.1.8" "pyreft==0.1.0")
@@ -65,6 +67,6 @@ start=$(date +%s)
 make_env trl "$TORCH_SPEC ${TRL_SPEC[*]}" install_trl
 make_env pyreft "$TORCH_SPEC ${PYREFT_DEPS[*]} --no-deps ${PYREFT_NODEPS[*]}" install_pyreft
 # Smoke: the trainers the benchmark uses import in their envs.
-"$ENVS/trl/bin/python" -c "from trl import SFTTrainer, RewardTrainer, DPOTrainer; print('    trl imports ok')"
+"$ENVS/trl/bin/python" -c "from trl import SFTTrainer, RewardTrainer, DPOTrainer; import peft; print('    trl imports ok')"
 "$ENVS/pyreft/bin/python" -c "import pyreft; from pyreft import ReftTrainerForCausalLM, LoreftIntervention; print('    pyreft imports ok')"
 echo "[setup_peers] done in $(( $(date +%s) - start )) s"

@@ -6,6 +6,7 @@ kind's parts."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import typing
 
@@ -137,6 +138,52 @@ def test_an_adapter_on_another_base_with_the_same_shapes_is_refused(row, tiny_di
     load_adapter(load_model(other), folder)  # an older folder: nothing to check against
 
 
+def finetuned_copy(base, folder):
+    """`base` saved to `folder` after a small finetune of its final norm (the embedding's probed rows untouched)."""
+    tuned = load_model(base)
+    with torch.no_grad():
+        tuned.model.norm.weight.add_(1e-3)
+    tuned.save_pretrained(folder)
+    load_tokenizer(base).save_pretrained(folder)
+    return folder
+
+
+def zero3_partitioned(model):
+    """What DeepSpeed ZeRO-3 leaves in a process of a model it partitioned at load (from_pretrained under
+    HfDeepSpeedConfig or ZeRO-3 TrainingArguments: zero.Init): every parameter has a `ds_id` and an empty `.data`
+    (deepspeed's free_param; the shard lives in `ds_tensor`), config.name_or_path the folder it was loaded from."""
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i
+        p.data = torch.empty(0, dtype=p.dtype)
+    return model
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_a_base_partitioned_at_load_by_zero3_is_fingerprinted_from_its_folder(row, tiny_dir, tmp_path, caplog):
+    """A base ZeRO-3 partitioned at load had no fingerprint (its embedding reads empty), without a word: adapters
+    saved from it recorded no alignkit_base.json and adapters loaded onto it were not checked. Now it is read from
+    the folder the base was loaded from: the loaded weights' values exactly, so an adapter trained on a finetuned
+    copy is refused on it as on the unsharded base. Loaded from no local folder: one warning saying what is not
+    checked."""
+    from alignkit.adapters import base_fingerprint, base_mismatch
+
+    base = tiny_dir("llama")
+    assert base_fingerprint(zero3_partitioned(load_model(base))) == base_fingerprint(load_model(base))
+    tuned_dir = finetuned_copy(base, tmp_path / "tuned")
+    folder = save_adapter(perturb(apply_adapter(load_model(tuned_dir), row.config())), tmp_path / "a")
+    with pytest.raises(ValueError, match="trained on a different base model .its final norm weights differ"):
+        load_adapter(zero3_partitioned(load_model(base)), folder)
+    saved = json.loads((folder / "alignkit_base.json").read_text())
+    assert base_mismatch(saved, base_fingerprint(zero3_partitioned(load_model(tuned_dir)))) is None  # its own base
+
+    hub = zero3_partitioned(load_model(base))
+    hub.config.name_or_path = "org/a-hub-model"  # not a local folder: nothing to read the probes from
+    with caplog.at_level("WARNING", logger="alignkit.adapters.base"):
+        assert base_fingerprint(hub) is None and base_fingerprint(hub) is None
+    said = [r.getMessage() for r in caplog.records if "fingerprint is not taken" in r.getMessage()]
+    assert len(said) == 1 and "'org/a-hub-model'" in said[0] and "is not checked" in said[0]
+
+
 @pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
 def test_an_adapter_trained_on_a_finetuned_copy_of_the_base_is_refused_on_the_base(row, tiny_dir, tmp_path):
     """The embedding probe reads 3 rows (0, V/2, V-1): tokens a finetune may never see, so a fully finetuned copy of a
@@ -144,12 +191,7 @@ def test_an_adapter_trained_on_a_finetuned_copy_of_the_base_is_refused_on_the_ba
     which full finetuning moves at every step and adapters leave frozen, is probed too: read in one dtype it must be
     the same bits; across dtypes, within bf16 rounding."""
     base = tiny_dir("llama")
-    tuned_dir = tmp_path / "tuned"
-    tuned = load_model(base)
-    with torch.no_grad():
-        tuned.model.norm.weight.add_(1e-3)  # a small finetune: the embedding's probed rows untouched
-    tuned.save_pretrained(tuned_dir)
-    load_tokenizer(base).save_pretrained(tuned_dir)
+    tuned_dir = finetuned_copy(base, tmp_path / "tuned")
     folder = save_adapter(perturb(apply_adapter(load_model(tuned_dir), row.config())), tmp_path / "a")
     with pytest.raises(ValueError, match="trained on a different base model .its final norm weights differ"):
         load_adapter(load_model(base), folder)

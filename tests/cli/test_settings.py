@@ -241,6 +241,10 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
      "vllm={'max_model_len': 64} is read only with generation_backend='vllm'", ["method.generation_backend=vllm"]),
     ("grpo", "grpo-tiny.yaml", ["method.generation_backend=vllm", "method.vllm_server_url=http://h:1"],
      "vllm_server_url='http://h:1' is read only with vllm_mode='server'", ["method.vllm_mode=server"]),
+    # vLLM schedules its own batches: transformers generation's batch size was ignored
+    ("online-dpo", "online-dpo-tiny.yaml", ["method.generation_batch_size=16", "method.generation_backend=vllm"],
+     "generation_batch_size=16 is read only with generation_backend='transformers'",
+     ["method.generation_backend=transformers"]),
     # the online loops checkpoint / evaluate when (step + 1) % N == 0: a fraction (TrainingArguments' share of the
     #   run) made every step a checkpoint / evaluation step
     ("grpo", "grpo-tiny.yaml", ["train.max_steps=8", "train.save_steps=0.25"],

@@ -303,3 +303,22 @@ def test_accelerate_fsdp_version_defaults_to_one():
     check(env.get("ACCELERATE_USE_FSDP") == "true" and env.get("FSDP_VERSION") == "1", ACC, "an FSDP launch without "
           "fsdp_version no longer sets FSDP_VERSION=1", where, str({k: env.get(k) for k in ("ACCELERATE_USE_FSDP",
                                                                                           "FSDP_VERSION")}))
+
+
+def test_a_zero3_partitioned_parameter_has_a_ds_id_and_empty_data():
+    """DeepSpeed ZeRO-3 (a model partitioned at load under HfDeepSpeedConfig / zero.Init, or by the engine) leaves each
+    parameter with a `ds_id` and an empty `.data` (free_param; the shard in `ds_tensor`): how `is_sharded` tells a
+    base whose embedding cannot be read here, whose fingerprint is then read from its folder. Checked in DeepSpeed's
+    source (a real partition needs a process group); a real ZeRO-3 load was compared by hand."""
+    import inspect
+
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    where = "alignkit/adapters/base.py:is_sharded (base_fingerprint, sharded_fingerprint)"
+    with guard("deepspeed", "deepspeed.runtime.zero.partition_parameters moved", where):
+        from deepspeed.runtime.zero import partition_parameters as pp
+    source = inspect.getsource(pp)  # free_param itself is wrapped (instrument_w_nvtx)
+    check(callable(pp.free_param) and "param.data = torch.empty(0, dtype=param.dtype" in source, "deepspeed",
+          "free_param no longer empties a partitioned parameter's .data", where)
+    check("param.ds_id = " in source, "deepspeed", "ZeRO-3 parameters no longer get a ds_id", where)

@@ -53,6 +53,8 @@ def CASES(case: str):
         return GRPOTrainer, "full", GRPOConfig(kl_coef=0.2, gradient_accumulation_steps=3, **common)
     if case == "dpo":  # full finetuning, frozen-copy reference, pair counts differ per rank
         return OnlineDPOTrainer, "full", OnlineDPOConfig(beta=0.5, **common)
+    if case == "dpo-simpo":  # a reference-free loss, full finetuning: no reference on either rank
+        return OnlineDPOTrainer, "full", OnlineDPOConfig(beta=0.5, loss_type="simpo", **common)
     if case == "grpo-eval":  # held-out evaluation after every step, each rank on its share of EVAL_PROMPTS
         return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, eval_steps=1, **common)
     if case == "grpo-adam":  # AdamW (optimizer state to checkpoint), "running" reward moments (their state too)
@@ -131,7 +133,7 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
             with open(f"{out_dir}/{case}.json", "w") as f:
                 json.dump({"world": trainer.world, "steps": steps, "evals": every_eval, "history": trainer.history,
                            "sharded": sharded,
-                       "reference_sharded": ref_sharded,
+                       "reference_sharded": ref_sharded, "reference_mode": trainer.reference_mode,
                        "distributed_type": str(trainer.accelerator.distributed_type)}, f)
             save_file(params, f"{out_dir}/{case}.safetensors")
         dist.barrier()

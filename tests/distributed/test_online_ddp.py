@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from online_worker import EVAL_PROMPTS, PROMPTS, STEPS, build, reward, trainable  # noqa: E402
 
 WORKER = Path(__file__).with_name("online_worker.py")
-CASES = {"ddp": ["rloo", "grpo-token", "dpo", "ppo"], "fsdp": ["grpo-full", "rloo", "dpo"]}
+CASES = {"ddp": ["rloo", "grpo-token", "dpo", "dpo-simpo", "ppo"], "fsdp": ["grpo-full", "rloo", "dpo"]}
 EXTRA = {"ddp": ["grpo-eval"], "fsdp": []}  # run in the same launch, checked by their own tests
 _RUNS: dict = {}
 
@@ -68,6 +68,7 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
         assert run["sharded"] > 0  # the policy's parameters were DTensor shards
         if case == "grpo-full":  # full finetuning: the frozen reference is sharded by the same engine
             assert run["reference_sharded"] > 0
+    assert (run["reference_mode"] == "none") == (case == "dpo-simpo")  # a reference-free loss: none on any rank
     for step in run["steps"]:
         s0, s1 = step["seeds"]
         assert s0 != s1  # per-rank sampling seeds
@@ -93,11 +94,11 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
         by_hand = sum(reward(s["prompt"], s["response"]) for s in step["samples"]) / len(step["samples"])
         assert row["reward"] == pytest.approx(by_hand, rel=1e-6)
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
-        if case == "dpo":
+        if case.startswith("dpo"):
             assert row["pairs"] == ref["pairs"]
     # the saved folder is a plain one (safetensors + JSON) holding the trained weights
     saved = two_ranks / f"{case}.saved"
-    loaded = (load_model(saved) if case in ("grpo-full", "dpo") else
+    loaded = (load_model(saved) if case in ("grpo-full", "dpo", "dpo-simpo") else
               load_adapter(load_model(tiny_dir("llama")), saved))
     got = dict(loaded.named_parameters())
     for n in after:

@@ -549,15 +549,26 @@ def forward_counter(module: torch.nn.Module) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("cls,config", [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig), (PPOTrainer, PPOConfig)])
-def test_kl_coef_zero_builds_no_reference(tiny_dir, tokenizer, cls, config):
-    """kl_coef 0 (fixed) multiplies the KL term by 0, yet the loop built the reference (a full copy of a fully
-    finetuned policy) and ran its forward every step only to log the KL; TRL's beta 0 loads none. Now no
-    reference is built or run, the "kl" metrics are absent, and the losses equal a run that asked for the
-    reference (reference="adapter_off": the old path) exactly; kl_coef > 0 still builds and logs it."""
-    full = cls(toy_policy(tiny_dir("llama"), "full"), tokenizer, PROMPTS, DIGITS, small(config, kl_coef=0.0))
+# (trainer, config, settings whose loss reads no reference, settings whose loss reads one)
+NO_REFERENCE = [(GRPOTrainer, GRPOConfig, {"kl_coef": 0.0}, {"kl_coef": 0.05}),
+                (RLOOTrainer, RLOOConfig, {"kl_coef": 0.0}, {"kl_coef": 0.05}),
+                (PPOTrainer, PPOConfig, {"kl_coef": 0.0}, {"kl_coef": 0.05}),
+                # online DPO's reference-free losses (REFERENCE_FREE): its loss never reads the reference
+                (OnlineDPOTrainer, OnlineDPOConfig, {"loss_type": "simpo"}, {"loss_type": "sigmoid"}),
+                (OnlineDPOTrainer, OnlineDPOConfig, {"loss_type": "orpo"}, {"loss_type": ["sigmoid", "orpo"]}),
+                (OnlineDPOTrainer, OnlineDPOConfig, {"loss_type": "cpo"}, {"loss_type": "sigmoid"})]
+
+
+@pytest.mark.parametrize("cls,config,free,reads", NO_REFERENCE)
+def test_a_loss_without_reference_builds_none(tiny_dir, tokenizer, cls, config, free, reads):
+    """kl_coef 0 (fixed) multiplies the KL term by 0, and online DPO's reference-free losses (simpo, orpo, cpo)
+    never read the reference, yet the loop built the reference (a full copy of a fully finetuned policy) and ran
+    its forward every step only to log the KL; TRL's beta 0 loads none. Now no reference is built or run, the "kl"
+    metrics are absent, and the losses equal a run that asked for the reference (reference="adapter_off": the old
+    path) exactly; a loss that reads it still builds and logs it."""
+    full = cls(toy_policy(tiny_dir("llama"), "full"), tokenizer, PROMPTS, DIGITS, small(config, **free))
     assert full.reference_mode == "none" and full.ref_model is None
-    kept = cls(toy_policy(tiny_dir("llama"), "full"), tokenizer, PROMPTS, DIGITS, small(config, kl_coef=0.05))
+    kept = cls(toy_policy(tiny_dir("llama"), "full"), tokenizer, PROMPTS, DIGITS, small(config, **reads))
     assert kept.reference_mode == "copy" and kept.ref_model is not None
     ref_calls = forward_counter(kept.ref_model)
     assert "kl" in kept.train()[0] and ref_calls[0] == 2  # one reference forward per step
@@ -565,7 +576,7 @@ def test_kl_coef_zero_builds_no_reference(tiny_dir, tokenizer, cls, config):
     runs = {}
     for reference in ("auto", "adapter_off"):
         trainer = cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
-                      small(config, kl_coef=0.0, reference=reference, progress_bar=False))
+                      small(config, **free, reference=reference, progress_bar=False))
         calls = forward_counter(unwrap_lm(trainer.policy))
         runs[reference] = (trainer.train(), calls[0], trainer.reference_mode)
     (h0, n0, mode0), (h1, n1, mode1) = runs["auto"], runs["adapter_off"]
@@ -574,9 +585,28 @@ def test_kl_coef_zero_builds_no_reference(tiny_dir, tokenizer, cls, config):
     assert not any(k.startswith("kl") and k != "kl_coef" for row in h0 for k in row)
     assert all("kl" in row and "kl/sequence_sum" in row for row in h1)
     for a, b in zip(h0, h1):
-        for key in ("loss", "reward", "entropy", "policy_loss", "value_loss"):
+        assert set(a) == set(b) - {"kl", "kl/sequence_sum", "kl/token"}
+        for key in ("loss", "reward", "entropy", "policy_loss", "value_loss", "rewards/margins", "logps/chosen"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("cls,config,free,reads", NO_REFERENCE)
+def test_a_kl_estimator_without_reference_is_refused(tiny_dir, tokenizer, cls, config, free, reads):
+    """method.kl_estimator picks the estimator of the logged KL; where no reference is built (a fixed kl_coef 0, a
+    reference-free loss) no KL is computed, and a kl_estimator set away from its default was ignored without a
+    word. Now refused in one line naming the key and what to do; with a reference asked for it is read."""
+    from alignkit.settings import ConfigError
+
+    other = "k2" if config.__dataclass_fields__["kl_estimator"].default != "k2" else "k1"
+    with pytest.raises(ConfigError, match=rf"^method.kl_estimator: '{other}' is the estimator of the logged KL to "
+                                          r"the reference, and no reference is built \(.*\), so it would be ignored; "
+                                          r"set method.reference to adapter_off or copy"):
+        cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, small(config, **free, kl_estimator=other))
+    kept = cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+               small(config, **free, kl_estimator=other, reference="adapter_off"))
+    assert kept.reference_mode == "adapter_off"
+    cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, small(config, **reads, kl_estimator=other))
 
 
 def test_trackers_project_is_the_run_folder(tiny_dir, tokenizer, tmp_path, monkeypatch):

@@ -227,14 +227,17 @@ PROBE_COLUMNS = 8
 def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     """What identifies the base model an adapter was trained on: its shape (model type, layers, hidden size,
     vocabulary), a probe of its input embedding (3 rows x 8 columns, as float32) and of its final norm (8 values,
-    `final_norm_weight`), which adapters leave frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). None when the
-    embedding is not readable here (sharded by ZeRO-3 / FSDP, or meta)."""
+    `final_norm_weight`), which adapters leave frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). Weights
+    sharded here (ZeRO-3 partitions, loaded so when HfDeepSpeedConfig / ZeRO-3 TrainingArguments exist before
+    `from_pretrained`; FSDP DTensors): read from the folder the base was loaded from (`sharded_fingerprint`). None
+    when the embedding is not readable here (meta, or sharded and no such folder: then with a warning)."""
     lm = unwrap_lm(model)
     w = base_embedding(lm)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0 or w.is_meta \
-            or type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
-        return None
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if isinstance(w, torch.Tensor) and is_sharded(w):
+        return sharded_fingerprint(lm, cfg)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0 or w.is_meta:
+        return None
     rows = sorted({0, w.shape[0] // 2, w.shape[0] - 1})
     probe = w.detach()[rows, :PROBE_COLUMNS].float().cpu()  # (3, 8)
     found = {"model_type": getattr(cfg, "model_type", None),
@@ -248,20 +251,53 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     return found
 
 
-def final_norm_weight(lm: nn.Module) -> torch.Tensor | None:
+def is_sharded(w: torch.Tensor) -> bool:
+    """Whether parameter `w` holds only this process's part here: a DeepSpeed ZeRO-3 partition (`ds_id`; its
+    `.data` is empty) or an FSDP2 DTensor."""
+    return getattr(w, "ds_id", None) is not None or type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor"
+
+
+def sharded_fingerprint(lm: nn.Module, cfg: Any) -> dict[str, Any] | None:
+    """`base_fingerprint` of a base whose weights are sharded here, read from the local folder it was loaded from
+    (`config.name_or_path`: `folder_fingerprint`, the probed slices of its safetensors files; each process reads
+    them, no collective). A base loaded sharded by ZeRO-3 had no fingerprint, without a word, so adapter folders
+    saved from it recorded no base and adapters loaded onto it (`load_adapter`, resume) were not checked. None,
+    with a warning, when there is no such folder (a Hub name, a folder without safetensors)."""
+    name = str(getattr(lm.config, "name_or_path", None) or "")
+    found = folder_fingerprint(name, lm, {}, lm.config) if name and Path(name).is_dir() else None
+    if found is None or "embedding_probe" not in found:
+        if not getattr(lm, "alignkit_unfingerprinted", False):
+            lm.alignkit_unfingerprinted = True  # once per model: the fingerprint is asked for at wrap, save and load
+            logger.warning("the base model's weights are sharded in this process (DeepSpeed ZeRO-3 partitioned them "
+                           "at load: HfDeepSpeedConfig / ZeRO-3 TrainingArguments built before from_pretrained; or "
+                           "FSDP) and it was not loaded from a local folder with safetensors files (name_or_path %r), "
+                           "so its fingerprint is not taken: an adapter saved from it records no alignkit_base.json, "
+                           "and an adapter folder loaded onto it (load_adapter, a resume) is not checked against the "
+                           "base it was trained on; load the base from a local folder (save_pretrained it once), or "
+                           "build the DeepSpeed config after from_pretrained", name)
+        return None
+    found["rope_parameters"] = rope_record(cfg)
+    return found
+
+
+def final_norm_parameter(lm: nn.Module) -> torch.Tensor | None:
     """The last parameter of the transformers model `lm`'s backbone (`base_model`): its final norm (llama / qwen2
-    `norm.weight`, gpt2 `ln_f.bias`, gpt_neox `final_layer_norm.bias`). Full finetuning moves it at every step and
-    adapters leave it frozen, so it tells a finetuned copy of a base from the base where the embedding probe's rows
-    (tokens training may never see) do not. The frozen original under peft's `modules_to_save`; None when not
-    readable here (sharded, meta) or `lm` has no separate backbone."""
+    `norm.weight`, gpt2 `ln_f.bias`, gpt_neox `final_layer_norm.bias`); the frozen original under peft's
+    `modules_to_save`. None when `lm` has no separate backbone. Readable here or not (`final_norm_weight`)."""
     backbone = getattr(lm, "base_model", None)
     if not isinstance(backbone, nn.Module) or backbone is lm:
         return None
     named = [(n, p) for n, p in backbone.named_parameters() if "modules_to_save." not in n]
-    if not named:
-        return None
-    w = named[-1][1]
-    if w.is_meta or w.numel() == 0 or type(w).__name__ == "DTensor" or type(w.data).__name__ == "DTensor":
+    return named[-1][1] if named else None
+
+
+def final_norm_weight(lm: nn.Module) -> torch.Tensor | None:
+    """`final_norm_parameter` when its values are readable here. Full finetuning moves it at every step and
+    adapters leave it frozen, so it tells a finetuned copy of a base from the base where the embedding probe's rows
+    (tokens training may never see) do not. None when not readable here (sharded, meta) or `lm` has no separate
+    backbone."""
+    w = final_norm_parameter(lm)
+    if w is None or w.is_meta or w.numel() == 0 or is_sharded(w):
         return None
     return w
 
@@ -305,7 +341,7 @@ def record_base(model: nn.Module) -> None:
     """Record on `model` the fingerprint of its base now, when `apply_adapter` / `load_adapter` did not (a model
     wrapped by hand: pyreft-style `get_reft_model`, peft's `get_peft_model`): what `save_adapter` writes as
     `alignkit_base.json`. Call it before training; alignkit's trainers do. Nothing for full finetuning, a model
-    that has one, or a base not readable here (sharded)."""
+    that has one, or a base not readable here (meta; sharded and loaded from no local folder: `sharded_fingerprint`)."""
     target = unwrap_parallel(model)
     if getattr(target, "alignkit_base_fingerprint", None) is not None or adapter_of(target).saves_whole_model:
         return
@@ -336,7 +372,7 @@ def folder_fingerprint(folder: str | Path, model: nn.Module, like: dict[str, Any
     found: dict[str, Any] = {"model_type": getattr(cfg, "model_type", None), "name_or_path": str(folder),
                              "num_hidden_layers": getattr(cfg, "num_hidden_layers", None)}
     lm = unwrap_lm(model)
-    emb, norm = _checkpoint_name(lm, base_embedding(lm), where), _checkpoint_name(lm, final_norm_weight(lm), where)
+    emb, norm = _checkpoint_name(lm, base_embedding(lm), where), _checkpoint_name(lm, final_norm_parameter(lm), where)
     if emb is not None:
         with _slice(where[emb], emb) as w:
             vocab, hidden = w.get_shape()
@@ -416,7 +452,8 @@ CHECK_BASE_OFF = "pass check_base=False (model.check_base: false) if that is wha
 def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope_scaling",
                found: dict[str, Any] | None = None, off: str = CHECK_BASE_OFF) -> None:
     """Raise ValueError when `folder`'s adapter was trained on another base than `model` (its
-    `alignkit_base.json`; folders saved before it existed, and sharded bases, are not checked), ConfigError
+    `alignkit_base.json`; folders saved before it existed are not checked, nor sharded bases loaded from no local
+    folder: `sharded_fingerprint`), ConfigError
     (naming `rope_key`) when it was trained with a RoPE scaling `model` lacks or has otherwise; a warning when
     `model` adds a scaling to an adapter trained without one. `found`: `model`'s base fingerprint when known (a
     wrapped model's `recorded_base`), else it is taken from `model` (a bare base). `off`: how the caller's user

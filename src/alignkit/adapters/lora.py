@@ -2,7 +2,8 @@
 classifier peft also trains the head, `modules_to_save`).
 
 A saved folder holds peft's `adapter_config.json` + `adapter_model.safetensors` (its base path made
-absolute). peft is imported when a LoRA is built or loaded (it costs seconds to import), not before.
+absolute). peft, a dependency of alignkit, is imported with this module, which the adapter registry imports
+(`alignkit.adapters`): an environment without peft cannot import alignkit's adapters or trainers.
 """
 
 from __future__ import annotations

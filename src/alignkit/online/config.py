@@ -124,8 +124,8 @@ class OnlineConfig:
 
     def _refuse_unread(self) -> None:
         """Keys set away from their defaults that the chosen settings never read (they were accepted and silently
-        ignored): vLLM keys with transformers generation, server keys in colocate mode, kl_horizon without an
-        adaptive kl_target."""
+        ignored): vLLM keys with transformers generation, server keys in colocate mode, transformers generation's
+        batch size with vLLM, kl_horizon without an adaptive kl_target."""
         own = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
                for f in fields(OnlineConfig)}
         unread = []
@@ -134,6 +134,8 @@ class OnlineConfig:
                                                                   "vllm_server_timeout")]
         elif self.vllm_mode != "server":
             unread += [(k, "vllm_mode='server'") for k in ("vllm_server_url", "vllm_server_timeout")]
+        if self.generation_backend == "vllm":  # vLLM schedules its own batches
+            unread.append(("generation_batch_size", "generation_backend='transformers'"))
         if self.kl_target is None:
             unread.append(("kl_horizon", "an adaptive kl_target"))
         elif self.kl_coef == 0:  # the adaptive controller scales the coefficient: from 0 it stays 0

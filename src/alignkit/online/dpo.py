@@ -77,6 +77,11 @@ class PairBatch:
     ref_rejected: Tensor | None
 
 
+def rows_of(values: Tensor | None, rows: Tensor) -> Tensor | None:
+    """`values[rows]`; None (no reference) stays None."""
+    return None if values is None else values[rows]
+
+
 class OnlineDPOTrainer(OnlineTrainer):
     """Online DPO (any preference loss) for every adapter kind; see the module docstring."""
 
@@ -105,8 +110,15 @@ class OnlineDPOTrainer(OnlineTrainer):
                 "formed a preference pair (pairs = 0 at all {steps} step(s)): the feedback did not move the policy")
 
     def uses_reference(self, ref_model: nn.Module | None) -> bool:
-        """The preference loss reads the reference whatever kl_coef (which online DPO never reads) is."""
-        return True
+        """The preference loss reads the reference whatever kl_coef (which online DPO never reads) is, unless every
+        loss of `loss_type` is reference-free (simpo, orpo, cpo, slic, sft): then, as GRPO's fixed kl_coef 0, none
+        is built or run unless asked for (a `ref_model`, or `reference` other than "auto"), which only gives the
+        "kl" metrics (docs/metrics.md). It was built (a copy of a fully finetuned policy) and run every step."""
+        c: OnlineDPOConfig = self.config
+        return not reference_free(c.loss_type) or ref_model is not None or c.reference != "auto"
+
+    def why_no_reference(self) -> str:
+        return f"method.loss_type {loss_names(self.config.loss_type)} reads none"
 
     def logged_kl_coef(self) -> float:
         """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the
@@ -175,13 +187,15 @@ class OnlineDPOTrainer(OnlineTrainer):
         loss = reduce_loss(out.losses, pairs.weights[idx], normalizer)
         if on_policy:  # per-row values of the rollout's "kl" / "entropy" (`_rollout_pass_metrics`)
             self.__dict__.setdefault("_pass_rows", {}).update(
-                zip(rows.tolist(), zip(*self._row_values(stats, pairs.rollout.ref_logps[rows]))))
+                zip(rows.tolist(), zip(*self._row_values(stats, rows_of(pairs.rollout.ref_logps, rows)))))
         return loss, {k: float(v.float().mean()) for k, v in out.metrics.items()}
 
-    def _row_values(self, stats: Any, ref_logps: Tensor) -> tuple[list[float], list[float], list[float]]:
-        """Per row: the summed KL estimator, summed entropy and response tokens of one policy pass."""
+    def _row_values(self, stats: Any, ref_logps: Tensor | None) -> tuple[list[float], list[float], list[float]]:
+        """Per row: the summed KL estimator (0 without a reference: no "kl" is logged), summed entropy and response
+        tokens of one policy pass."""
         w = stats.logps.shape[1]
-        est = KL_ESTIMATORS[self.config.kl_estimator](stats.logps.detach(), ref_logps[:, :w])
+        est = (torch.zeros_like(stats.logps) if ref_logps is None
+               else KL_ESTIMATORS[self.config.kl_estimator](stats.logps.detach(), ref_logps[:, :w]))
         m = stats.mask.to(est.dtype)
         return ((est * m).sum(-1).tolist(), (stats.entropy.detach() * m).sum(-1).tolist(), m.sum(-1).tolist())
 
@@ -208,7 +222,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         if missing:
             idx = torch.tensor(missing, dtype=torch.long, device=r.rewards.device)
             stats = self.token_stats(select(r.batch, idx), entropy=True)
-            self._pass_rows.update(zip(missing, zip(*self._row_values(stats, r.ref_logps[idx]))))
+            self._pass_rows.update(zip(missing, zip(*self._row_values(stats, rows_of(r.ref_logps, idx)))))
 
     def optimise(self, pairs: PairBatch) -> dict[str, float]:
         self._pass_rows: dict[int, tuple[float, float, float]] = {}

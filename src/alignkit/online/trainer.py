@@ -207,8 +207,13 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,
                                                         chunk_size=self.config.chunk_size,
                                                         supports=("adapter_off", "copy"), owner=type(self).__name__)
-        else:  # kl_coef 0, fixed: the KL term is multiplied by 0 (TRL's beta 0 loads no reference either)
+        else:  # kl_coef 0, fixed: the KL term is multiplied by 0 (TRL's beta 0 loads none); online DPO: reference-free
             self.reference = Reference("none")
+            if self.config.kl_estimator != type(self.config).__dataclass_fields__["kl_estimator"].default:
+                raise ConfigError(f"method.kl_estimator: {self.config.kl_estimator!r} is the estimator of the logged "
+                                  f"KL to the reference, and no reference is built ({self.why_no_reference()}), so "
+                                  "it would be ignored; set method.reference to adapter_off or copy to build one and "
+                                  "log the KL with it, or remove method.kl_estimator")
         self.reference.place(self.accelerator.device, self.accelerator)  # FSDP2: a copy sharded like the policy
         self.model = model
         # None: each prompt's samples as one row where that runs as varlen rows (CPU, sdpa, no ReFT)
@@ -281,6 +286,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         `reference` other than "auto"): it then only gives the "kl" metrics (docs/metrics.md)."""
         c = self.config
         return c.kl_coef != 0 or c.kl_target is not None or ref_model is not None or c.reference != "auto"
+
+    def why_no_reference(self) -> str:
+        """Why `uses_reference` is False, for messages."""
+        return "a fixed method.kl_coef of 0 multiplies the KL term by 0"
 
     def build_batch(self, rollout: Rollout) -> Any:
         raise NotImplementedError
