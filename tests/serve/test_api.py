@@ -314,6 +314,21 @@ def test_queue_full_timeout_and_api_key(serve_stack):
         assert status == 504 and "timed out" in err["error"]["message"]
 
 
+def test_a_server_shutting_down_answers_503(serve_stack):
+    """OpenAI clients retry a 503; a request the stopping engine ended was a 500, and one sent after the engine had
+    stopped was queued for a loop that had ended (no answer until the client's own timeout)."""
+    from alignkit.serve.api import end_error
+
+    err = end_error("the server is shutting down")
+    assert (err.status, err.code, err.message) == (503, "unavailable", "the server is shutting down; retry the request")
+    assert end_error("internal error: ValueError: x").status == 500 and end_error("timed out after 1 s").status == 504
+    engine = Engine(serve_stack, EngineConfig())
+    with running_server(engine) as url:
+        engine.stop()  # what the server does first when it shuts down
+        status, err = raw(url, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and err["error"]["message"] == "the server is shutting down; retry the request", err
+
+
 def test_messages_the_chat_template_refuses_are_a_400_with_its_reason(serve_stack):
     """A chat template that raises (e.g. 'Conversation roles must alternate', no system role) is a 400 naming
     messages with the template's own message. Before: a 500 'internal error: TemplateError'."""
