@@ -178,6 +178,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     assert got == 400 and err["error"]["param"] == "messages" and "tokens" in err["error"]["message"], err
     got, err = raw(url, "/v1/completions", {"model": "base", "prompt": ["Hi", ""]})
     assert "'prompt'[1] is empty" in err["error"]["message"], err
+    # a prompt of a list past a limit is named by its index (before: 'the prompt has N tokens', which of them unsaid)
+    got, err = raw(url, "/v1/completions", {"model": "base", "prompt": ["Hi", "Ho", "Hi " * 60], "max_tokens": 2})
+    assert got == 400 and err["error"]["param"] == "prompt", err
+    assert re.fullmatch(r"'prompt'\[2\]: the prompt has \d+ tokens; this server takes at most 48",
+                        err["error"]["message"]), err
+    got, err = raw(url, "/v1/completions", {"model": "base", "prompt": [[1, 2], [1, 99999]], "max_tokens": 2})
+    assert got == 400 and err["error"]["message"].startswith("'prompt'[1]: token ids must be in [0, "), err
     got, err = raw(url, "/v1/nothing-here")
     assert got == 404 and "error" in err
     # prompt and max_tokens limits say the limit

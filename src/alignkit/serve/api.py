@@ -204,7 +204,8 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
                                     "to continue", param="prompt")
         elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             if any(t < 0 or t >= len(tokenizer) for t in x):
-                raise ApiError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", param="prompt")
+                raise ApiError(400, f"'prompt'{f'[{i}]' if len(p) > 1 else ''}: token ids must be in "
+                                    f"[0, {len(tokenizer)})", param="prompt")
             out.append(list(x))
         else:
             raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids",
@@ -346,7 +347,10 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         except RequestError as e:
             for r in reqs:
                 r.cancel()
-            raise ApiError(400, str(e), param=prompt_field if e.param == "prompt" else e.param) from None
+            if e.param != "prompt":
+                raise ApiError(400, str(e), param=e.param) from None
+            which = f"'{prompt_field}'[{len(reqs)}]: " if len(prompts) > 1 else ""  # the prompt of a list at fault
+            raise ApiError(400, which + str(e), param=prompt_field) from None
         return reqs
 
     async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
