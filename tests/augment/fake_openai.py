@@ -1,6 +1,6 @@
 """A tiny OpenAI-compatible chat server on 127.0.0.1 (a free port), in a thread, for the augment tests.
 
-`responder(messages) -> str` answers each request; `fail` is a list of HTTP statuses to return first, one per
+`responder(messages) -> str` answers each request (finish_reason "stop"; a (content, finish_reason) tuple sets it); `fail` is a list of HTTP statuses to return first, one per
 request (429 with Retry-After: 0), then normal answers; `fail_when(messages)` true: that request is answered 503,
 every time. `requests` records every request body received; `max_in_flight` the most requests handled at once.
 `hold(n)`: the first requests wait (up to `timeout` s) until n are in flight together, so a client that sends n at
@@ -77,8 +77,11 @@ class FakeOpenAI:
                 if status != 200:
                     return status, json.dumps({"error": {"message": f"fake error {status}"}}).encode()
                 content = fake.responder(body["messages"])
+                finish = "stop"
+                if isinstance(content, tuple):  # (content, finish_reason): e.g. "length", or None (not sent)
+                    content, finish = content
                 return 200, json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                                        "choices": [{"index": 0, "finish_reason": "stop",
+                                        "choices": [{"index": 0, "finish_reason": finish,
                                                      "message": {"role": "assistant", "content": content}}]}).encode()
 
         return Handler

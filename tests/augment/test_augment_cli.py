@@ -208,39 +208,39 @@ def test_entities_keeps_only_entities_found_in_the_text_with_a_valid_type(tmp_pa
     assert summary(tmp_path / "out")["dropped"] == {"no entity of the reply occurs in the text with a valid type": 1}
 
 
-def test_local_tiny_model_in_process(tmp_path):
-    args = ["-q", "augment", "strategy=paraphrase", "data.path=bundled:data/seed_tasks.jsonl", f"output_dir={tmp_path}",
+def test_local_tiny_model_in_process(tmp_path, capsys):
+    """The random tiny model never ends an answer within max_tokens: every candidate is cut off, dropped and counted
+    (it used to be written as a record), the run keeps none (exit 2, one line); the rerun asks nothing (cached)."""
+    args = ["augment", "strategy=paraphrase", "data.path=bundled:data/seed_tasks.jsonl", f"output_dir={tmp_path}",
             "llm={kind: local, path: 'tiny:llama', max_tokens: 6, temperature: 0.0}", "data.max_records=3"]
-    assert main(args) == 0
-    s = summary(tmp_path)
-    assert s["model"] == "tiny:llama" and s["sources"] == 3 and s["candidates"] == 3 and s["requests"] == 3
-    assert s["written"] + sum(s["dropped"].values()) == 3
-    for row in rows(tmp_path):
-        assert row["meta"]["model"] == "tiny:llama" and row["meta"]["strategy"] == "paraphrase"
-    assert main(args) == 0
-    assert summary(tmp_path)["requests"] == 0 and summary(tmp_path)["cache_hits"] == 3
+    for _ in range(2):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]
+        assert err == ["alignkit augment: error: augment paraphrase: no record to write: every one of the 3 candidate(s) "
+                       "was dropped (answer cut off at max_tokens: 3); loosen the filters or check the sources "
+                       f"({tmp_path / 'augmented.jsonl'} was not written)"]
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 3  # asked once each, then read from the cache
 
 
-def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir):
+def test_against_alignkit_serve_on_loopback(tmp_path, tiny_dir, capsys):
     from alignkit.serve.engine import Engine
     from alignkit.serve.stack import load_stack
     from tests.serve.conftest import running_server
 
     engine = Engine(load_stack(tiny_dir("llama"), {}, base_name="base"))
     with running_server(engine) as url:
-        args = ["-q", "augment", "--config", str(CONFIGS / "augment-paraphrase.yaml"), f"output_dir={tmp_path}",
+        args = ["augment", "--config", str(CONFIGS / "augment-paraphrase.yaml"), f"output_dir={tmp_path}",
                 f"llm.base_url={url}/v1", "llm.model=base", "llm.max_tokens=6", "llm.temperature=0.0",
                 "options.n=1", "data.max_records=2", "filters.min_chars=1",
                 "filters.printable=false"]  # the random model's bytes: the transport is tested, not the text
-        assert main(args) == 0
-        first = summary(tmp_path)
+        # the random model's answers reach max_tokens: serve says finish_reason "length", so none is kept
+        assert main(args) == 2
+        assert "(answer cut off at max_tokens: 2)" in capsys.readouterr().err
         served = dict(engine.stats.requests)  # finished requests per served model
-        assert main(args) == 0
-    assert first["requests"] == 2 and first["candidates"] == 2 and first["model"] == "base"
-    assert summary(tmp_path)["requests"] == 0 and summary(tmp_path)["cache_hits"] == 2
-    for row in rows(tmp_path):
-        assert row["meta"]["model"] == "base"
-    assert served == {"base": 2}
+        assert main(args) == 2  # from the cache: no request
+        assert dict(engine.stats.requests) == served == {"base": 2}
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 2
 
 
 LOCAL = ["llm.kind=local", "llm.path=tiny:llama", "llm.base_url=null", "llm.requests_per_minute=null"]
@@ -392,3 +392,35 @@ def test_a_python_source_that_does_not_parse_is_one_line_naming_its_line(tmp_pat
                  f"output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"alignkit augment: error: {data}:5: not valid Python (")
+
+
+def test_answers_cut_off_at_max_tokens_are_dropped_counted_and_warned_about(tmp_path, caplog):
+    """An answer the endpoint ended with finish_reason "length" was written as a whole record (a truncated training
+    target). It is dropped now, counted by its reason in summary.json, with a warning naming llm.max_tokens; for
+    summarize, one unfinished chunk summary drops the document; for instructions, an unfinished answer its task."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "completion": "A."}) for i in range(3)) + "\n")
+
+    def answer(messages):  # the row of question 1 is cut off, the others finish
+        text = messages[-1]["content"]
+        return ("Kindly: question 1, and th", "length") if "Question 1?" in text else ("Kindly: " + text[-12:], "stop")
+
+    with serving(answer) as (fake, url), caplog.at_level("WARNING", logger="alignkit.augment.pipeline"):
+        assert run_llm(tmp_path / "out", url, "paraphrase", data) == 0
+    assert summary(tmp_path / "out")["dropped"] == {"answer cut off at max_tokens": 1}
+    assert [r["meta"]["source"] for r in rows(tmp_path / "out")] == [f"{data}:1", f"{data}:3"]
+    assert "1 of 3 candidate(s) dropped: answer cut off at max_tokens (max_tokens 256); raise llm.max_tokens" \
+        in caplog.text
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Paragraph one. " + "word " * 40 + "\n\nParagraph two. " + "word " * 40)
+    with serving(lambda m: ("ALL", "stop") if "Paragraph one" in m[-1]["content"] else ("Part", "length")) as (f, url):
+        assert main(["-q", "augment", "strategy=summarize", f"data.path={doc}", f"output_dir={tmp_path / 's'}",
+                     f"llm={{kind: openai, base_url: '{url}', model: fake}}", "options.chunk_chars=250"]) == 2
+        assert len(f.requests) == 2  # two chunks; no combining asked for a document already dropped
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(json.dumps({"prompt": "Name a colour."}) + "\n")
+    with serving(lambda m: ("Name a fruit.", "stop") if "example tasks" in m[-1]["content"] else
+                 ("A fruit is an apple, a pe", "length")) as (f, url):
+        assert main(["-q", "augment", "strategy=instructions", f"data.path={seeds}", f"output_dir={tmp_path / 'i'}",
+                     f"llm={{kind: openai, base_url: '{url}', model: fake}}", "options.num=1"]) == 2
+        assert len(f.requests) == 2  # the task, then its answer: cut off, so nothing to write

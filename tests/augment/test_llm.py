@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from alignkit.augment.llm import Cached, LLMError, OpenAIChat, RateLimiter
+from alignkit.augment.llm import (CONTENT_FILTERED, CUT_AT_MAX_TOKENS, AnswerCutOff, Cached, LLMError, OpenAIChat,
+                                 RateLimiter)
 from tests.augment.fake_openai import serving
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -101,9 +102,49 @@ def test_cache_keeps_a_local_models_dtypes_apart(tmp_path, tiny_dir):
 
     path, cache = str(tiny_dir("llama")), tmp_path / "cache"
     runs = [Cached(LocalChat.from_path(path, dtype=d), cache) for d in ("float32", "bfloat16", "float32")]
-    for llm in runs:
-        llm.chat(MSG, max_tokens=3, temperature=0.0)
+    for llm in runs:  # the random model's 3 tokens never end its answer: cut off, cached as such
+        with pytest.raises(AnswerCutOff):
+            llm.chat(MSG, max_tokens=3, temperature=0.0)
     assert [(llm.hits, llm.misses) for llm in runs] == [(0, 1), (0, 1), (1, 0)]
     assert runs[0].key(MSG, 3, 0.0, None) == hashlib.sha256(json.dumps(
         {"model": path, "messages": MSG, "max_tokens": 3, "temperature": 0.0, "seed": None}, sort_keys=True,
         ensure_ascii=False).encode()).hexdigest()  # the key an earlier alignkit wrote
+
+
+def test_an_unfinished_answer_is_not_returned_as_whole_and_the_cache_keeps_why(tmp_path):
+    """finish_reason "length" (cut at max_tokens) or "content_filter": the answer was used as if complete (a
+    truncated training target). It raises AnswerCutOff now; a missing finish_reason (some servers send none) is
+    taken as finished; the cache keeps the reason, so a rerun drops it again without asking."""
+    finish = {"cut": "length", "filtered": "content_filter", "none": None, "done": "stop"}
+    with serving(lambda m: ("half an ans", finish[m[-1]["content"]])) as (fake, url):
+        llm = Cached(OpenAIChat(url, "m"), tmp_path / "cache")
+
+        def ask(what):
+            return llm.chat([{"role": "user", "content": what}], max_tokens=3, temperature=0.0)
+
+        for what, reason in (("cut", CUT_AT_MAX_TOKENS), ("filtered", CONTENT_FILTERED)):
+            for _ in range(2):  # asked, then read from the cache: the same refusal
+                with pytest.raises(AnswerCutOff) as e:
+                    ask(what)
+                assert (e.value.reason, e.value.content) == (reason, "half an ans")
+        assert ask("none") == ask("done") == "half an ans"
+        assert len(fake.requests) == 4 and (llm.hits, llm.misses) == (2, 4)
+    assert (CUT_AT_MAX_TOKENS, CONTENT_FILTERED) == ("answer cut off at max_tokens",
+                                                     "answer stopped by the endpoint's content filter")
+
+
+def test_a_local_model_stopped_by_max_tokens_is_cut_off(tiny_dir):
+    """LocalChat: max_tokens tokens made without the end token is an unfinished answer; ended by it, a whole one."""
+    import torch
+
+    from alignkit.augment.llm import LocalChat
+
+    llm = LocalChat.from_path(str(tiny_dir("llama")))
+    eos = llm.tokenizer.eos_token_id
+    msgs = [{"role": "user", "content": "Hello there"}]
+    with pytest.raises(AnswerCutOff, match="answer cut off at max_tokens"):  # the tiny random model's 3 greedy
+        llm.chat(msgs, max_tokens=3, temperature=0.0)                         # tokens are not its end token
+    bias = torch.full((llm.model.config.vocab_size,), -1e9)
+    bias[eos] = 0.0
+    llm.model.get_output_embeddings().bias = torch.nn.Parameter(bias)  # the model can only say the end token
+    assert llm.chat(msgs, max_tokens=3, temperature=0.0) == ""

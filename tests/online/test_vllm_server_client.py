@@ -5,6 +5,7 @@ engine: tests/vllm_backend/test_server_mode.py, `make test-vllm`.)"""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from pathlib import Path
@@ -265,6 +266,20 @@ def test_handler_answers_engine_errors_as_one_line_json(serve_engine, tiny_dir):
     with pytest.raises(VllmServerError, match=r"HTTP 400: the body is not a safetensors blob \(its header is not JSON"):
         # the server's safetensors check (the fake engine's load_lora calls it): 8 bytes, then no JSON
         client.push_lora(b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}")
+    # /generate is strict: a key the protocol does not have, or a lora that is not a JSON boolean (the string
+    # "false" was read with bool(): true), is a 400 naming it, and the engine is not asked
+    engine = Refusing(policy_of(tiny_dir).config)
+    url = serve_engine(engine)
+    client = VllmServerClient(url)
+    body = {"prompt_token_ids": [[1, 2]], "sampling": [{"n": 1, "max_tokens": 2}]}
+    for extra, why in (({"lora": "false"}, "/generate: lora is 'false'; it must be a JSON boolean (true / false)"),
+                       ({"lora": 0}, "/generate: lora is 0; it must be a JSON boolean"),
+                       ({"loras": True, "adapter": "x"}, "/generate: unknown key(s) 'adapter', 'loras'; protocol 1 "
+                                                         "reads prompt_token_ids, sampling, lora")):
+        with pytest.raises(VllmServerError, match="HTTP 400: " + re.escape(why)):
+            client._call("POST", "/generate", json.dumps({**body, **extra}).encode())
+    assert engine.generated == []
+    assert client._call("POST", "/generate", json.dumps({**body, "lora": False}).encode())["outputs"]
 
 
 # ---------------------------------------------------------------------------------------------- what travels

@@ -178,6 +178,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     assert got == 400 and err["error"]["param"] == "messages" and "tokens" in err["error"]["message"], err
     got, err = raw(url, "/v1/completions", {"model": "base", "prompt": ["Hi", ""]})
     assert "'prompt'[1] is empty" in err["error"]["message"], err
+    # a prompt of a list past a limit is named by its index (before: 'the prompt has N tokens', which of them unsaid)
+    got, err = raw(url, "/v1/completions", {"model": "base", "prompt": ["Hi", "Ho", "Hi " * 60], "max_tokens": 2})
+    assert got == 400 and err["error"]["param"] == "prompt", err
+    assert re.fullmatch(r"'prompt'\[2\]: the prompt has \d+ tokens; this server takes at most 48",
+                        err["error"]["message"]), err
+    got, err = raw(url, "/v1/completions", {"model": "base", "prompt": [[1, 2], [1, 99999]], "max_tokens": 2})
+    assert got == 400 and err["error"]["message"].startswith("'prompt'[1]: token ids must be in [0, "), err
     got, err = raw(url, "/v1/nothing-here")
     assert got == 404 and "error" in err
     # prompt and max_tokens limits say the limit
@@ -312,6 +319,21 @@ def test_queue_full_timeout_and_api_key(serve_stack):
     with running_server(slow) as url:
         status, err = raw(url, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2})
         assert status == 504 and "timed out" in err["error"]["message"]
+
+
+def test_a_server_shutting_down_answers_503(serve_stack):
+    """OpenAI clients retry a 503; a request the stopping engine ended was a 500, and one sent after the engine had
+    stopped was queued for a loop that had ended (no answer until the client's own timeout)."""
+    from alignkit.serve.api import end_error
+
+    err = end_error("the server is shutting down")
+    assert (err.status, err.code, err.message) == (503, "unavailable", "the server is shutting down; retry the request")
+    assert end_error("internal error: ValueError: x").status == 500 and end_error("timed out after 1 s").status == 504
+    engine = Engine(serve_stack, EngineConfig())
+    with running_server(engine) as url:
+        engine.stop()  # what the server does first when it shuts down
+        status, err = raw(url, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 2})
+        assert status == 503 and err["error"]["message"] == "the server is shutting down; retry the request", err
 
 
 def test_messages_the_chat_template_refuses_are_a_400_with_its_reason(serve_stack):

@@ -114,3 +114,35 @@ def test_a_base_whose_head_size_vllm_lacks_is_refused_before_vllm_starts(serve_d
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(f"{where}: the model in {base} has attention head size 16 ") \
             and "CPU_ATTN attention here takes 32, 64, 80, " in msg and msg.endswith(fix), msg
+
+
+def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start(monkeypatch, caplog):
+    """max_prompt_tokens / max_new_tokens reach vLLM only as their sum (--max-model-len): a longer prompt with a
+    shorter completion was served without a word, where alignkit's engine refuses it. Set away from their defaults,
+    a warning says so when the server starts (vLLM replaced by a child that exits at once, through the module's
+    seams); at the defaults nothing is said."""
+    import sys
+    import types
+
+    from alignkit.serve import vllm_server as vs
+
+    monkeypatch.setattr(vs, "require_vllm", lambda: None)
+    monkeypatch.setattr(vs, "prepare", lambda base, adapters, base_name, workdir: None)
+    monkeypatch.setattr(vs, "_max_len", lambda base, wanted: wanted)
+    started = []
+    monkeypatch.setattr(vs, "command", lambda plan, host, port, dtype, max_model_len=None:
+                        started.append(max_model_len) or [sys.executable, "-c", "pass"])
+
+    def run(prompt, new):
+        caplog.clear()
+        cfg = types.SimpleNamespace(adapters={}, max_prompt_tokens=prompt, max_new_tokens=new, host="127.0.0.1",
+                                    port=0, dtype="float32", api_key=None)
+        with caplog.at_level("WARNING", logger="alignkit.serve.vllm_server"):
+            assert vs.serve_with_vllm(cfg, "unused", "tiny", quiet=True) == 0
+        return [r.getMessage() for r in caplog.records]
+
+    assert run(100, 28) == [
+        "serve --engine vllm: max_prompt_tokens 100 and max_new_tokens 28 reach vLLM only as their sum "
+        "(--max-model-len 128, prompt + completion): vLLM caps neither on its own (a prompt over 100 tokens with a "
+        "shorter completion is served, and so is max_tokens over 28), where engine=alignkit refuses both"]
+    assert run(2048, 512) == [] and started == [128, 2560]

@@ -18,6 +18,13 @@ several threads at once. The rate limit is one limit for all of them (each call 
 the request / hit counters are locked, and `Cached` lets one thread ask for a given request while another
 asking the same waits for its answer (one request, then a cache hit: the counts of a sequential run).
 `LocalChat` answers one request at a time (`max_concurrency = 1`: the pipeline refuses more).
+
+An answer the model did not finish (the endpoint's `finish_reason` "length": cut at max_tokens; "content_filter":
+stopped by the endpoint's filter; a local model that made max_tokens tokens without its end token) is not returned
+as if whole: `chat` raises `AnswerCutOff` (its `reason`, its `content`), the strategies drop that candidate and the
+pipeline counts it under the reason in summary.json, with a warning. `Cached` keeps such an answer with its reason,
+so a rerun drops it again without asking (raise max_tokens: another cache key, a new request). A finish_reason
+that is missing (some servers send none) or anything else ("stop", "tool_calls") counts as finished.
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ Messages = list[dict[str, str]]
 
 class LLMError(RuntimeError):
     """A request that failed for good (after retries), with the endpoint's own message."""
+
+
+CUT_AT_MAX_TOKENS = "answer cut off at max_tokens"  # the drop reasons (summary.json) of an unfinished answer
+CONTENT_FILTERED = "answer stopped by the endpoint's content filter"
+UNFINISHED = {"length": CUT_AT_MAX_TOKENS, "content_filter": CONTENT_FILTERED}  # finish_reason -> drop reason
+
+
+class AnswerCutOff(Exception):
+    """An answer the model did not finish (`UNFINISHED`): `reason` is the drop reason, `content` what came back."""
+
+    def __init__(self, reason: str, content: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.content = reason, content
 
 
 class ChatModel(Protocol):
@@ -141,7 +161,11 @@ def _content(reply: dict, url: str) -> str:
     except (KeyError, IndexError, TypeError):
         raise LLMError(f"{url}: reply is not a chat completion (no choices[0].message.content): "
                        f"{json.dumps(reply)[:200]}") from None
-    return content if isinstance(content, str) else ""
+    content = content if isinstance(content, str) else ""
+    finish = reply["choices"][0].get("finish_reason") if isinstance(reply["choices"][0], dict) else None
+    if finish in UNFINISHED:  # not whole: a truncated training target if it were used
+        raise AnswerCutOff(UNFINISHED[finish], content)
+    return content
 
 
 class LocalChat:
@@ -184,7 +208,13 @@ class LocalChat:
         kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        new = out[0, input_ids.shape[1]:].tolist()
+        text = tok.decode(new, skip_special_tokens=True)
+        ends = getattr(self.model.generation_config, "eos_token_id", None)
+        ends = set(ends if isinstance(ends, (list, tuple)) else [ends if ends is not None else tok.eos_token_id])
+        if len(new) >= max_tokens and new[-1] not in ends:  # stopped by max_new_tokens, not by its end token
+            raise AnswerCutOff(CUT_AT_MAX_TOKENS, text)
+        return text
 
 
 class Cached:
@@ -229,17 +259,28 @@ class Cached:
         path = self.folder / key[:2] / f"{key}.json"
         if path.is_file():
             try:
-                content = json.loads(path.read_text())["content"]
-                self._count(hits=1)
-                return content
+                cached = json.loads(path.read_text())
+                content, cut = cached["content"], cached.get("cut_off")
             except (json.JSONDecodeError, KeyError):
                 logger.warning("%s: unreadable cache entry, asking again", path)
+            else:
+                self._count(hits=1)
+                if cut:
+                    raise AnswerCutOff(cut, content)
+                return content
         self._count(misses=1)
-        content = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        unfinished = None
+        try:
+            content = self.inner.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        except AnswerCutOff as e:  # kept with its reason: a rerun drops it again without asking
+            content, unfinished = e.content, e
         entry = {**(getattr(self.inner, "identity", None) or {"model": self.inner.name}), "messages": messages,
-                 "content": content}
+                 "content": content, **({"cut_off": unfinished.reason} if unfinished else {})}
         atomic_write_text(path, json.dumps(entry, ensure_ascii=False))  # the umask's mode, not 0600
+        if unfinished is not None:
+            raise unfinished
         return content
 
 
-__all__ = ["Cached", "ChatModel", "LLMError", "LocalChat", "OpenAIChat", "RateLimiter"]
+__all__ = ["AnswerCutOff", "CONTENT_FILTERED", "CUT_AT_MAX_TOKENS", "Cached", "ChatModel", "LLMError", "LocalChat",
+           "OpenAIChat", "RateLimiter", "UNFINISHED"]

@@ -2,7 +2,8 @@
 
     sources (JSONL/JSON/Parquet rows, .py files split into functions, .txt/.md files as one document)
       -> STRATEGIES[name].run(sources, Context(llm), options)       candidates
-      -> format rule (the strategy's own), length and printable-text filters, de-duplication
+      -> format rule (the strategy's own), an answer the model did not finish (cut at max_tokens, content filter:
+       dropped, counted and warned about), length and printable-text filters, de-duplication
       -> <output_dir>/augmented.jsonl  (+ summary.json: counts, drops by reason, requests, cache hits)
 
 Each output line is an alignkit record (the `prompt-completion` or `preference` reader reads it) plus
@@ -29,6 +30,7 @@ from typing import Any, Iterable
 from tqdm.auto import tqdm
 
 from alignkit.augment.code_bugs import split_functions
+from alignkit.augment.llm import UNFINISHED
 from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns, texts_of
 from alignkit.files import DataError, atomic_write_jsonl
 
@@ -127,6 +129,12 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
         rows.append({**cand.record, "meta": {"strategy": strategy, "source": cand.source, "model": model,
                                              **cand.extra}})
     result = AugmentResult(Path(out_path), len(rows), n, dict(dropped))
+    for reason in UNFINISHED.values():  # legitimate, but it costs records: say so, and what to change
+        if dropped[reason]:
+            logger.warning("augment %s: %d of %d candidate(s) dropped: %s (max_tokens %d); %s", strategy,
+                           dropped[reason], n, reason, max_tokens,
+                           "raise llm.max_tokens to keep them" if "max_tokens" in reason else
+                           "the endpoint withheld these answers")
     if not rows:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
         why = (f"every one of the {n} candidate(s) was dropped ({reasons}); loosen the filters or check the sources"

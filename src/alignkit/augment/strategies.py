@@ -13,6 +13,9 @@ is yielded with `drop=<reason>` so the pipeline counts it (summary.json) instead
 source whose column is empty (`EMPTY_SOURCE`; instructions' seeds refuse one instead: a seed task is hand-written);
 a source without the column is a wrong `options.field` and stops the run before any model call (`check_columns`).
 Options are a dataclass per strategy (`OPTIONS`), built from the config's `options:` with errors naming the key.
+An answer the model did not finish (`AnswerCutOff`: cut at max_tokens, or stopped by a content filter) drops the
+candidate it was for with that reason (`dropping_unfinished`; a summary: the whole document; instructions: the task
+proposed, or the answer to a task, which still counts as one of the `num` made).
 
 Concurrency (`Context.concurrency`, `llm.concurrency`): a strategy sends its independent requests through
 `Context.map`, which runs up to `concurrency` of them at once and returns their results in input order, so the
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from alignkit.augment.code_bugs import MUTATIONS, mutants, split_functions
+from alignkit.augment.llm import AnswerCutOff
 
 
 @dataclass
@@ -128,6 +132,17 @@ class Context:
 
 
 _END = object()
+
+
+def dropping_unfinished(fn: Callable[[Any], Candidate]) -> Callable[[Any], Candidate]:
+    """`fn(job)` (a job whose first item is its Source), or a candidate dropped with the reason of an answer the model
+    did not finish (raised inside fn, where a `Context.map` would have stopped the run on it)."""
+    def run(job: Any) -> Candidate:
+        try:
+            return fn(job)
+        except AnswerCutOff as e:
+            return Candidate({}, job[0].id, drop=e.reason)
+    return run
 
 
 class EmptySource(ValueError):
@@ -346,7 +361,7 @@ def paraphrase(sources: list[Source], ctx: Context, opt: ParaphraseOptions) -> I
         return Candidate({"prompt": _with_last_user_turn(src.row[opt.field], new), "completion": answer}, src.id,
                          {"original": text, "sample": k}, drop)
 
-    yield from ctx.map(rewrite, jobs())
+    yield from ctx.map(dropping_unfinished(rewrite), jobs())
 
 
 # ------------------------------------------------------------------------------------------------ instructions
@@ -375,11 +390,18 @@ def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) 
     rng = random.Random(ctx.seed)
     pool = [t for t, _ in seeds]
 
-    def propose(job: tuple[int, str, str]) -> str:  # (attempt, examples, source) -> a new task
-        return _strip_quotes(_strip_numbering(ctx.ask(opt.template.format(examples=job[1]), seed=ctx.seed + job[0])))
+    def propose(job: tuple[int, str, str]) -> str | AnswerCutOff:  # (attempt, examples, source) -> a new task
+        try:
+            task = ctx.ask(opt.template.format(examples=job[1]), seed=ctx.seed + job[0])
+            return _strip_quotes(_strip_numbering(task))
+        except AnswerCutOff as e:  # returned, not raised: ctx.map would stop the run on it
+            return e
 
-    def solve(job: tuple[int, str]) -> str:  # (attempt, task) -> its answer
-        return ctx.ask(opt.answer_template.format(task=job[1]), seed=ctx.seed + job[0])
+    def solve(job: tuple[int, str]) -> str | AnswerCutOff:  # (attempt, task) -> its answer
+        try:
+            return ctx.ask(opt.answer_template.format(task=job[1]), seed=ctx.seed + job[0])
+        except AnswerCutOff as e:
+            return e
 
     made = attempt = 0
     limit = 3 * opt.num
@@ -394,6 +416,9 @@ def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) 
         attempt += len(batch)
         out: list[Candidate] = []
         for (a, _, source), task in zip(batch, list(ctx.map(propose, batch))):  # in order: each compared with
+            if isinstance(task, AnswerCutOff):  # an unfinished task: not one of the num made
+                out.append(Candidate({"prompt": task.content, "completion": ""}, source, {"attempt": a}, task.reason))
+                continue
             if not task.strip():  # no task to answer: not one of the num made, and no answer asked for it
                 out.append(Candidate({"prompt": task, "completion": ""}, source, {"attempt": a}, EMPTY_TASK))
                 continue
@@ -407,7 +432,10 @@ def instructions(sources: list[Source], ctx: Context, opt: InstructionsOptions) 
             out.append(Candidate({"prompt": task, "completion": None}, source, {"attempt": a, "similarity": similar}))
         kept = [c for c in out if c.drop is None]
         for cand, answer in zip(kept, list(ctx.map(solve, [(c.extra["attempt"], c.record["prompt"]) for c in kept]))):
-            cand.record["completion"] = answer
+            if isinstance(answer, AnswerCutOff):
+                cand.record["completion"], cand.drop = answer.content, answer.reason
+            else:
+                cand.record["completion"] = answer
         yield from out
 
 
@@ -489,7 +517,7 @@ def summarize(sources: list[Source], ctx: Context, opt: SummarizeOptions) -> Ite
                           "completion": summaries[0] if drop is None else ""}, src.id,
                          {"chunks": len(chunks), "levels": levels}, drop)
 
-    yield from ctx.map(one, _texts(sources, opt.field))
+    yield from ctx.map(dropping_unfinished(one), _texts(sources, opt.field))
 
 
 # ------------------------------------------------------------------------------------------------ entities
@@ -545,7 +573,7 @@ def entities(sources: list[Source], ctx: Context, opt: EntitiesOptions) -> Itera
         return Candidate({"prompt": opt.prompt_template.format(text=text, types=types),
                           "completion": json.dumps(found, ensure_ascii=False)}, src.id, {"entities": len(found)}, drop)
 
-    yield from ctx.map(one, _texts(sources, opt.field))
+    yield from ctx.map(dropping_unfinished(one), _texts(sources, opt.field))
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -593,5 +621,5 @@ def _strip_numbering(text: str) -> str:
 
 __all__ = ["Candidate", "CodeBugsOptions", "Context", "EMPTY_SOURCE", "EmptySource", "EntitiesOptions",
            "InstructionsOptions", "ParaphraseOptions", "STRATEGIES", "Source", "Strategy", "SummarizeOptions",
-           "check_columns", "check_templates", "chunk_text", "missing_column", "parse_entities", "register_strategy", "rouge_l",
+           "check_columns", "check_templates", "chunk_text", "dropping_unfinished", "missing_column", "parse_entities", "register_strategy", "rouge_l",
            "texts_of"]

@@ -18,8 +18,8 @@ min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template 
 metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape), a chat request to an adapter trained
 with another chat template than the base's (`Stack.other_template`); 401 bad/missing bearer token (with --api-key); 404
-unknown model; 413 a body over 1 MiB; 429 queue full; 504 request timeout; 500 an internal error (the server keeps
-serving).
+unknown model; 413 a body over 1 MiB; 429 queue full; 503 the server is shutting down (a request it stopped or will not
+take); 504 request timeout; 500 an internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
 """
 
@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from alignkit.serve.engine import SEED_MAX, SEED_MIN, Engine, Event, QueueFullError, RequestError, SamplingParams
+from alignkit.serve.engine import (SEED_MAX, SEED_MIN, SHUTTING_DOWN, Engine, EngineStopped, Event, QueueFullError,
+                                   RequestError, SamplingParams)
 from alignkit.serve.log import ServeLog
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
                                     "to continue", param="prompt")
         elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             if any(t < 0 or t >= len(tokenizer) for t in x):
-                raise ApiError(400, f"'prompt': token ids must be in [0, {len(tokenizer)})", param="prompt")
+                raise ApiError(400, f"'prompt'{f'[{i}]' if len(p) > 1 else ''}: token ids must be in "
+                                    f"[0, {len(tokenizer)})", param="prompt")
             out.append(list(x))
         else:
             raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids",
@@ -245,6 +247,16 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
             raise
         raise ApiError(400, f"this model's chat template refuses these messages: {e}", param="messages") from None
     return list(tokenizer(text, add_special_tokens=_add_special_tokens(body, False))["input_ids"])
+
+
+def end_error(message: str) -> ApiError:
+    """The API error of a request the engine ended with `message`: 504 a timeout, 503 a server shutting down (OpenAI
+    clients retry it; it was a 500), 500 anything else."""
+    if message.startswith("timed out"):
+        return ApiError(504, f"the request {message}", "timeout", code="timeout")
+    if message.startswith(SHUTTING_DOWN):
+        return ApiError(503, f"{message}; retry the request", "server_error", code="unavailable")
+    return ApiError(500, message, "server_error")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,16 +340,18 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             for r in reqs:
                 r.cancel()
             raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except EngineStopped as e:
+            for r in reqs:
+                r.cancel()
+            raise ApiError(503, str(e), "server_error", code="unavailable") from None
         except RequestError as e:
             for r in reqs:
                 r.cancel()
-            raise ApiError(400, str(e), param=prompt_field if e.param == "prompt" else e.param) from None
+            if e.param != "prompt":
+                raise ApiError(400, str(e), param=e.param) from None
+            which = f"'{prompt_field}'[{len(reqs)}]: " if len(prompts) > 1 else ""  # the prompt of a list at fault
+            raise ApiError(400, which + str(e), param=prompt_field) from None
         return reqs
-
-    def end_error(message: str) -> ApiError:
-        if message.startswith("timed out"):
-            return ApiError(504, f"the request {message}", "timeout", code="timeout")
-        return ApiError(500, message, "server_error")
 
     async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
         model = _model(body)
@@ -581,4 +595,4 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
         engine.stop()
 
 
-__all__ = ["ApiError", "create_app", "prometheus_text", "serve_forever", "sampling_params"]
+__all__ = ["ApiError", "create_app", "end_error", "prometheus_text", "serve_forever", "sampling_params"]

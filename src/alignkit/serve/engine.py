@@ -69,6 +69,13 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at `max_queue`: try again later (HTTP 429)."""
 
 
+SHUTTING_DOWN = "the server is shutting down"  # the message of a request it stopped or will not take: HTTP 503
+
+
+class EngineStopped(RuntimeError):
+    """The engine was stopped: no request is taken (HTTP 503, which OpenAI clients retry)."""
+
+
 class RequestError(ValueError):
     """A request the engine cannot take (prompt or max_tokens past the limits, bad sampling values): HTTP 400.
     `param`: the request field at fault ("prompt", "max_tokens", ...), the API error's `param`."""
@@ -242,7 +249,7 @@ class Engine:
     def submit(self, model: str, prompt_ids: Sequence[int], params: SamplingParams,
                sink: Callable[[Event], None]) -> Request:
         """Queue a request; `sink` receives its events from the engine thread (keep it cheap and thread-safe).
-        Raises KeyError (unknown model), RequestError (limits, bad values), QueueFullError."""
+        Raises KeyError (unknown model), RequestError (limits, bad values), QueueFullError, EngineStopped."""
         route = self.stack.route(model)
         params.check(self.config)
         stop_ids = special_stop_ids(self.tokenizer, params.stop)
@@ -268,6 +275,8 @@ class Engine:
                                f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt",
                                "max_tokens")
         with self._lock:
+            if self._stop:  # queued, it would wait for a loop that has ended (no answer, no timeout)
+                raise EngineStopped(f"{SHUTTING_DOWN}; retry the request")
             if len(self._waiting) >= self.config.max_queue:
                 self.stats.rejected += 1
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
@@ -324,10 +333,10 @@ class Engine:
                     self._fail(r, f"internal error: {type(e).__name__}: {e}")
                 self._reset_batch()
         for r in list(self._waiting):
-            self._fail(r, "the server is shutting down")
+            self._fail(r, SHUTTING_DOWN)
         self._waiting.clear()
         for r in {id(x.request): x.request for x in self._rows}.values():
-            self._fail(r, "the server is shutting down")
+            self._fail(r, SHUTTING_DOWN)
         self._reset_batch()
 
     def _admit(self) -> list[_Row]:
@@ -598,5 +607,5 @@ def default_end_ids(stack: Stack) -> list[int]:
     return sorted(set(end_token_ids(unwrap_lm(stack.model), stack.tokenizer, SamplingConfig())))
 
 
-__all__ = ["SEED_MAX", "SEED_MIN", "Engine", "EngineConfig", "Event", "QueueFullError", "Request", "RequestError",
-           "SamplingParams", "default_end_ids", "special_stop_ids"]
+__all__ = ["SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "Engine", "EngineConfig", "EngineStopped", "Event",
+           "QueueFullError", "Request", "RequestError", "SamplingParams", "default_end_ids", "special_stop_ids"]

