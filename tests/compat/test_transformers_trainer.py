@@ -1,4 +1,4 @@
-"""transformers.Trainer internals alignkit overrides or calls (rows T1-T17 of the table in docs/architecture.md).
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T18 of the table in docs/architecture.md).
 
 Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
 time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps
@@ -473,3 +473,37 @@ def test_several_gpus_in_one_process_mean_data_parallel(tmp_path, monkeypatch):
     one = TrainingArguments(str(tmp_path / "out"), report_to=[], use_cpu=True)
     check(one.parallel_mode == ParallelMode.NOT_PARALLEL and one.n_gpu == 0, TF,
           "use_cpu no longer means one process without DataParallel", where)
+
+
+# T18 -----------------------------------------------------------------------------------------------------
+
+class _Off:
+    """A false value that is recognisably ours."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def test_accelerator_is_built_by_create_accelerator_and_postprocess(tmp_path):
+    """`Trainer.__init__` builds its accelerator by calling `self.create_accelerator_and_postprocess()` once, which
+    sets `self.is_fsdp_enabled`, and nothing later in `__init__` sets that flag again: alignkit's override attaches
+    the FSDP plugin on CPU processes after the Trainer's and then sets the flag the Trainer reads."""
+    where = "alignkit/trainers/base.py:AlignTrainer.create_accelerator_and_postprocess (distributed.py:enable_sharding_on_cpu)"
+    seen: list = []
+    off = _Off()
+
+    class Probe(Trainer):
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            seen.append((hasattr(self, "accelerator"), vars(self).get("is_fsdp_enabled", "unset")))
+            self.is_fsdp_enabled = off
+
+    with guard(TF, "a Trainer whose create_accelerator_and_postprocess is overridden could not be built", where):
+        trainer = Probe(model=torch.nn.Linear(2, 2), args=args(tmp_path))
+    check(len(seen) == 1, TF, "Trainer.__init__ no longer calls self.create_accelerator_and_postprocess() once",
+          where, f"calls: {len(seen)}")
+    check(seen[0] == (True, False), TF, "create_accelerator_and_postprocess no longer builds self.accelerator and "
+          "sets self.is_fsdp_enabled (False on one CPU process)", where, f"(has accelerator, is_fsdp_enabled): {seen[0]}")
+    check(trainer.is_fsdp_enabled is off, TF, "Trainer.__init__ sets is_fsdp_enabled again after "
+          "create_accelerator_and_postprocess (alignkit's value would be overwritten)", where,
+          f"is_fsdp_enabled: {trainer.is_fsdp_enabled!r}")
