@@ -1,4 +1,4 @@
-"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A14 and D1-D2 of
+"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A15 and D1-D2 of
 the table in docs/architecture.md)."""
 
 from __future__ import annotations
@@ -398,3 +398,35 @@ def test_fsdp2_root_state_can_be_initialised_early():
           "torch", "FSDPModule._get_fsdp_state() is gone or takes arguments", where)
     check(callable(getattr(FSDPState, "_lazy_init", None)) and params(FSDPState._lazy_init) == [], "torch",
           "FSDPState._lazy_init() is gone or takes arguments", where)
+
+
+def test_deepspeeds_cpu_notice_is_dropped_by_its_logger_filter():
+    """With DeepSpeed installed and no CUDA, importing it prints "Setting accelerator to CPU ..." on stdout through
+    its own "DeepSpeed" logger; the CLI adds a filter on that logger that drops that notice (by its text) and nothing
+    else. (Moved here from tests/cli/test_startup.py: it pins DeepSpeed's logger name and message.)"""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    where = "alignkit/cli/__init__.py:quiet_deepspeed_cpu_notice (DEEPSPEED_CPU_NOTICE)"
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    code = ("import logging; from alignkit.cli import quiet_deepspeed_cpu_notice as q; q(); import deepspeed; "
+            "logging.getLogger('DeepSpeed').warning('another DeepSpeed warning')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    check(out.returncode == 0, "deepspeed", "importing deepspeed after the CLI's logger filter failed", where,
+          out.stderr[-2000:])
+    text = out.stdout + out.stderr
+    check("another DeepSpeed warning" in text, "deepspeed", "the 'DeepSpeed' logger no longer prints (the filter "
+          "sits on a logger DeepSpeed does not use)", where, text[-2000:])
+    check("Setting accelerator to CPU" not in text, "deepspeed", "DeepSpeed's CPU notice now bypasses the 'DeepSpeed' "
+          "logger's filter (printed amid alignkit's output)", where, text[-2000:])
+    import torch
+
+    if not torch.cuda.is_available():  # the notice this filter exists for is still what DeepSpeed prints
+        bare = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, timeout=300,
+                              env=env)
+        check("Setting accelerator to CPU" in bare.stdout + bare.stderr, "deepspeed", "DeepSpeed's CPU notice has "
+              "another text: DEEPSPEED_CPU_NOTICE no longer matches it", where, (bare.stdout + bare.stderr)[-2000:])

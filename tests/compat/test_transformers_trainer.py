@@ -507,3 +507,28 @@ def test_accelerator_is_built_by_create_accelerator_and_postprocess(tmp_path):
     check(trainer.is_fsdp_enabled is off, TF, "Trainer.__init__ sets is_fsdp_enabled again after "
           "create_accelerator_and_postprocess (alignkit's value would be overwritten)", where,
           f"is_fsdp_enabled: {trainer.is_fsdp_enabled!r}")
+
+
+# T19 -----------------------------------------------------------------------------------------------------
+
+def test_scheduler_and_optimizer_names_are_the_enums_training_arguments_takes(tmp_path):
+    """The config check validates `train.lr_scheduler_type` / `train.optim` (with a "did you mean") against
+    `transformers.trainer_utils.SchedulerType` and `transformers.training_args.OptimizerNames`, read by those module
+    paths: `TrainingArguments` must convert the two fields to exactly those enums and refuse a name outside them."""
+    import importlib
+
+    where = "alignkit/settings/bounds.py:check_bounds/_check_choice"
+    with guard(TF, "SchedulerType / OptimizerNames are no longer at the module paths alignkit reads", where):
+        sched = importlib.import_module("transformers.trainer_utils").SchedulerType
+        optim = importlib.import_module("transformers.training_args").OptimizerNames
+    a = args(tmp_path, optim="adamw_torch", lr_scheduler_type="cosine")
+    check(isinstance(a.lr_scheduler_type, sched) and isinstance(a.optim, optim), TF, "TrainingArguments no longer "
+          "converts lr_scheduler_type / optim to SchedulerType / OptimizerNames (alignkit would refuse valid names "
+          "or pass invalid ones)", where, f"{type(a.lr_scheduler_type)}, {type(a.optim)}")
+    for field in ("optim", "lr_scheduler_type"):
+        try:
+            args(tmp_path, **{field: "not_a_known_name"})
+        except ValueError:
+            continue
+        fail(TF, f"TrainingArguments accepts a {field} outside its enum (alignkit's check would refuse a name the "
+             "Trainer takes)", where)
