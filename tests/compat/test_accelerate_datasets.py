@@ -1,4 +1,4 @@
-"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A15 and D1-D2 of
+"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A15 and D1-D3 of
 the table in docs/architecture.md)."""
 
 from __future__ import annotations
@@ -430,3 +430,42 @@ def test_deepspeeds_cpu_notice_is_dropped_by_its_logger_filter():
                               env=env)
         check("Setting accelerator to CPU" in bare.stdout + bare.stderr, "deepspeed", "DeepSpeed's CPU notice has "
               "another text: DEEPSPEED_CPU_NOTICE no longer matches it", where, (bare.stdout + bare.stderr)[-2000:])
+
+
+def test_progress_bar_switches_quiet_progress_flips_and_restores():
+    """`--quiet` turns off the progress bars of transformers, huggingface_hub and datasets for one command and puts
+    their process-wide switches back after: transformers' `disable_progress_bar()` also turns off huggingface_hub's
+    (its state is the dict `huggingface_hub.utils.tqdm.progress_bar_states`, restored by clear + update), and
+    datasets' `disable_progress_bars` / `are_progress_bars_disabled` / `enable_progress_bars` round-trip."""
+    import importlib
+
+    where = "alignkit/cli/__init__.py:quiet_progress"
+    with guard("transformers", "the progress-bar switches moved", where):
+        tf_logging = importlib.import_module("transformers.utils.logging")
+        hub = importlib.import_module("huggingface_hub.utils.tqdm")
+        ds = importlib.import_module("datasets.utils.tqdm")
+        saved, tf_on, ds_off = dict(hub.progress_bar_states), tf_logging.is_progress_bar_enabled(), \
+            ds.are_progress_bars_disabled()
+    try:
+        tf_logging.enable_progress_bar()
+        hub.progress_bar_states.clear()
+        hub.progress_bar_states.update({"_global": True})
+        forced = hub.HF_HUB_DISABLE_PROGRESS_BARS is True  # the user's environment turns them off for good
+        check(forced or not hub.are_progress_bars_disabled(), "huggingface_hub", "progress_bar_states is no longer "
+              "the state are_progress_bars_disabled() reads (restoring it would not restore the bars)", where)
+        tf_logging.disable_progress_bar()
+        check(hub.are_progress_bars_disabled(), "transformers", "disable_progress_bar() no longer turns off "
+              "huggingface_hub's progress bars (download / 'Writing model shards' bars under --quiet)", where)
+        check(not tf_logging.is_progress_bar_enabled(), "transformers", "is_progress_bar_enabled() does not follow "
+              "disable_progress_bar()", where)
+        ds.enable_progress_bars()
+        check(not ds.are_progress_bars_disabled() or ds.HF_DATASETS_DISABLE_PROGRESS_BARS is True, "datasets",
+              "enable_progress_bars() / are_progress_bars_disabled() no longer round-trip", where)
+        ds.disable_progress_bars()
+        check(ds.are_progress_bars_disabled(), "datasets", "disable_progress_bars() no longer turns off datasets' "
+              "bars (map bars under --quiet)", where)
+    finally:
+        (tf_logging.enable_progress_bar if tf_on else tf_logging.disable_progress_bar)()
+        hub.progress_bar_states.clear()
+        hub.progress_bar_states.update(saved)
+        (ds.disable_progress_bars if ds_off else ds.enable_progress_bars)()
