@@ -1,5 +1,5 @@
-"""vLLM's engine arguments and its max_model_len derivation, which alignkit checks before a colocated engine starts
-(rows V1, V2 of the table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`:
+"""vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit checks before a colocated engine starts
+(rows V1-V3 of the table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`:
 .venv-vllm); elsewhere they are skipped."""
 
 from __future__ import annotations
@@ -85,3 +85,23 @@ def test_engine_max_model_len_is_vllms(tiny_dir, tmp_path, case):
 
     with pytest.raises(ConfigError, match="is above the model's context"):  # ... and by alignkit before
         engine_max_model_len(folder, {**vllm, "max_model_len": ours * 4 + 1})
+
+
+def test_allow_long_max_model_len_lets_a_longer_length_start(tiny_dir, tmp_path, monkeypatch):
+    """With VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 in the environment vLLM's `ModelConfig` takes a max_model_len above the
+    model's own, so alignkit's check (which reads the same variable) lets it through too instead of refusing a run
+    vLLM would start."""
+    from vllm.config import ModelConfig
+
+    from alignkit.online.vllm_engine import engine_max_model_len
+
+    where = "alignkit/online/vllm_engine.py:engine_max_model_len (VLLM_ALLOW_LONG_MAX_MODEL_LEN)"
+    folder = shutil.copytree(tiny_dir("llama", max_positions=16), tmp_path / "model")
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    with guard(VLLM, "ModelConfig refuses a max_model_len above the model's under VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 "
+               "(alignkit lets it through to fail when the engine starts)", where):
+        theirs = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32", max_model_len=64)
+    check(theirs.max_model_len == 64, VLLM, "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 no longer keeps the max_model_len asked "
+          "for", where, f"max_model_len: {theirs.max_model_len}")
+    check(engine_max_model_len(folder, {"max_model_len": 64})[0] == 64, VLLM, "alignkit no longer follows "
+          "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1", where)
