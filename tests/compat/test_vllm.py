@@ -111,8 +111,9 @@ def test_allow_long_max_model_len_lets_a_longer_length_start(tiny_dir, tmp_path,
 def test_weight_and_lora_pushes_use_these_engine_calls():
     """A weight push is `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": [(name, tensor)]})` (the
     CPU worker's model runner takes `weights_iterator`), followed by `LLM.reset_prefix_cache()` (read through
-    `getattr` in the server: a rename would keep prompt KV of the old weights without a word); a LoRA push is a new
-    `LoRARequest(lora_name, lora_int_id, lora_path)`, the old one dropped with `llm_engine.remove_lora(lora_id)`."""
+    `getattr` in the server: a rename would keep prompt KV of the old weights there without a word; the colocated
+    engine calls it directly); a LoRA push is a new `LoRARequest(lora_name, lora_int_id, lora_path)`, the old one
+    dropped with `llm_engine.remove_lora(lora_id)`."""
     where = ("alignkit/online/vllm_generation.py:VllmGenerator.sync, "
              "serve/vllm_serve.py:VllmServeEngine.load_weights/load_lora")
     with guard(VLLM, "the engine, worker or LoRA classes moved", where):
@@ -126,8 +127,8 @@ def test_weight_and_lora_pushes_use_these_engine_calls():
     check(callable(getattr(CPUWorker, "reload_weights", None)), VLLM, "the CPU worker has no reload_weights", where)
     check("weights_iterator" in params(CPUModelRunner.reload_weights), VLLM, "the model runner's reload_weights no "
           "longer takes weights_iterator", where, str(params(CPUModelRunner.reload_weights)))
-    check(callable(getattr(LLM, "reset_prefix_cache", None)), VLLM, "LLM.reset_prefix_cache is gone (the server "
-          "would keep serving prompt KV computed with the old weights)", where)
+    check(callable(getattr(LLM, "reset_prefix_cache", None)), VLLM, "LLM.reset_prefix_cache is gone (the colocated "
+          "engine and the server would continue prompts from KV computed with the old weights)", where)
     check(params(LLMEngine.remove_lora)[:1] == ["lora_id"], VLLM, "LLMEngine.remove_lora no longer takes lora_id",
           where, str(params(LLMEngine.remove_lora)))
     with guard(VLLM, "LoRARequest(lora_name, lora_int_id, lora_path) changed", where):
