@@ -91,6 +91,8 @@ TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "_load_optimizer_and_scheduler": ("checkpoint",),
     "train": ("resume_from_checkpoint",),
     "_run_epoch": ("model", "epoch"),
+    "save_model": ("output_dir", "_internal_call"),
+    "create_accelerator_and_postprocess": (),
 }
 
 # class attributes of Trainer that alignkit sets to change the Trainer's behaviour

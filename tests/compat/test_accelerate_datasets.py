@@ -1,4 +1,5 @@
-"""accelerate and datasets behaviour alignkit relies on (rows A1-A10 and D1-D2 of the table in docs/architecture.md)."""
+"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A16 and D1-D3 of
+the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -303,6 +304,175 @@ def test_accelerate_fsdp_version_defaults_to_one():
     check(env.get("ACCELERATE_USE_FSDP") == "true" and env.get("FSDP_VERSION") == "1", ACC, "an FSDP launch without "
           "fsdp_version no longer sets FSDP_VERSION=1", where, str({k: env.get(k) for k in ("ACCELERATE_USE_FSDP",
                                                                                           "FSDP_VERSION")}))
+
+
+def test_module_hooks_are_where_restate_looks():
+    """Every hook torch's public API registers on a module (forward, forward-pre, full backward, backward-pre, with
+    kwargs or always_call) lands in the module's `_forward_hooks` / `_forward_pre_hooks` / `_backward_hooks` /
+    `_backward_pre_hooks`, and the global ones (`register_module_*`) in `torch.nn.modules.module._global_*`: what
+    `has_hooks` / `global_hooks` read before a decode step or the last layer is re-stated instead of called."""
+    from alignkit.models.restate import global_hooks, has_hooks
+
+    where = "alignkit/models/restate.py:has_hooks/global_hooks (online/fast_step.py, models/last_layer.py)"
+    noop = lambda *a, **k: None  # noqa: E731
+    registrations = {"register_forward_hook": {}, "register_forward_pre_hook": {},
+                     "register_full_backward_hook": {}, "register_full_backward_pre_hook": {},
+                     "register_forward_hook(with_kwargs, always_call)": dict(with_kwargs=True, always_call=True),
+                     "register_forward_pre_hook(with_kwargs)": dict(with_kwargs=True)}
+    for label, kw in registrations.items():
+        m = nn.Linear(2, 2)
+        check(not has_hooks(m), "torch", "a fresh module reads as hooked", where)
+        handle = getattr(m, label.split("(")[0])(noop, **kw)
+        check(has_hooks(m), "torch", f"a hook from Module.{label} is not in the hook dicts alignkit reads", where)
+        handle.remove()
+        check(not has_hooks(m), "torch", f"a removed Module.{label} hook still reads as registered", where)
+    mm = torch.nn.modules.module
+    check(not global_hooks(), "torch", "global module hooks read as registered with none registered", where)
+    for name in ("register_module_forward_hook", "register_module_forward_pre_hook",
+                 "register_module_full_backward_hook", "register_module_full_backward_pre_hook"):
+        handle = getattr(mm, name)(noop)
+        try:
+            check(global_hooks(), "torch", f"a hook from torch.nn.modules.module.{name} is not in the global hook "
+                  "dicts alignkit reads", where)
+        finally:
+            handle.remove()
+        check(not global_hooks(), "torch", f"a removed {name} hook still reads as registered", where)
+
+
+def test_compiled_and_offloaded_modules_are_marked():
+    """`nn.Module.compile()` sets the module's `_compiled_call_impl` (None before) and accelerate's
+    `add_hook_to_module` (device maps, offload) sets `_hf_hook`, removed by `remove_hook_from_module`: how the ReFT
+    prefix cache and the last-layer re-statement see layers they must not skip or re-state."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    where = "alignkit/interventions/prefix_cache.py:unusable_reason, models/last_layer.py:unusable_reason"
+    m = nn.Linear(2, 2)
+    check(getattr(m, "_compiled_call_impl", "missing") is None, "torch", "a module that is not compiled no longer "
+          "has _compiled_call_impl = None", where)
+    m.compile()
+    check(getattr(m, "_compiled_call_impl", None) is not None, "torch", "Module.compile() no longer sets "
+          "_compiled_call_impl (a compiled layer would be skipped or re-stated)", where)
+    m = nn.Linear(2, 2)
+    add_hook_to_module(m, ModelHook())
+    check(isinstance(getattr(m, "_hf_hook", None), ModelHook), ACC, "add_hook_to_module no longer sets the module's "
+          "_hf_hook (an offloaded layer would be skipped or re-stated)", where)
+    remove_hook_from_module(m)
+    check(getattr(m, "_hf_hook", None) is None, ACC, "remove_hook_from_module leaves _hf_hook set", where)
+
+
+def test_in_place_parameter_updates_bump_the_version_counter():
+    """The ReFT prefix cache drops its cached states when the sum of the frozen layers' `Parameter._version`
+    changes: an optimizer step (per-tensor and foreach), `load_state_dict` and an in-place op under `no_grad` must
+    each bump it. (A write through `.data` does not; alignkit writes no parameter that way.)"""
+    where = "alignkit/interventions/prefix_cache.py:PrefixCache._version_sum/around"
+
+    def bumped(m: nn.Linear, update) -> bool:
+        before = m.weight._version
+        update(m)
+        return m.weight._version > before
+
+    def step(foreach: bool):
+        def run(m: nn.Linear) -> None:
+            opt = torch.optim.AdamW(m.parameters(), lr=0.1, foreach=foreach)
+            m(torch.ones(1, 2)).sum().backward()
+            opt.step()
+        return run
+
+    def no_grad_mul(m: nn.Linear) -> None:
+        with torch.no_grad():
+            m.weight.mul_(2.0)
+
+    updates = {"AdamW.step (per tensor)": step(False), "AdamW.step (foreach)": step(True),
+               "load_state_dict": lambda m: m.load_state_dict({"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}),
+               "an in-place op under no_grad": no_grad_mul}
+    for label, update in updates.items():
+        check(bumped(nn.Linear(2, 2), update), "torch", f"{label} no longer bumps the parameter's _version (the "
+              "prefix cache would serve states of the old weights)", where)
+
+
+def test_fsdp2_root_state_can_be_initialised_early():
+    """`full_parameters` makes an FSDP2 module its root before anything runs: `FSDPModule._get_fsdp_state()` gives
+    the module's state and `FSDPState._lazy_init()` takes no argument. Both are read through `hasattr` there, so a
+    rename would skip the early root set-up without a word (a nested unit called first makes itself the root)."""
+    where = "alignkit/distributed.py:full_parameters"
+    with guard("torch", "FSDP2's module / state classes moved", where):
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    check(callable(getattr(FSDPModule, "_get_fsdp_state", None)) and params(FSDPModule._get_fsdp_state) == [],
+          "torch", "FSDPModule._get_fsdp_state() is gone or takes arguments", where)
+    check(callable(getattr(FSDPState, "_lazy_init", None)) and params(FSDPState._lazy_init) == [], "torch",
+          "FSDPState._lazy_init() is gone or takes arguments", where)
+
+
+def test_deepspeeds_cpu_notice_is_dropped_by_its_logger_filter():
+    """With DeepSpeed installed and no CUDA, importing it prints "Setting accelerator to CPU ..." on stdout through
+    its own "DeepSpeed" logger; the CLI adds a filter on that logger that drops that notice (by its text) and nothing
+    else. (Moved here from tests/cli/test_startup.py: it pins DeepSpeed's logger name and message.)"""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("deepspeed")
+    where = "alignkit/cli/__init__.py:quiet_deepspeed_cpu_notice (DEEPSPEED_CPU_NOTICE)"
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    code = ("import logging; from alignkit.cli import quiet_deepspeed_cpu_notice as q; q(); import deepspeed; "
+            "logging.getLogger('DeepSpeed').warning('another DeepSpeed warning')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    check(out.returncode == 0, "deepspeed", "importing deepspeed after the CLI's logger filter failed", where,
+          out.stderr[-2000:])
+    text = out.stdout + out.stderr
+    check("another DeepSpeed warning" in text, "deepspeed", "the 'DeepSpeed' logger no longer prints (the filter "
+          "sits on a logger DeepSpeed does not use)", where, text[-2000:])
+    check("Setting accelerator to CPU" not in text, "deepspeed", "DeepSpeed's CPU notice now bypasses the 'DeepSpeed' "
+          "logger's filter (printed amid alignkit's output)", where, text[-2000:])
+    import torch
+
+    if not torch.cuda.is_available():  # the notice this filter exists for is still what DeepSpeed prints
+        bare = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, timeout=300,
+                              env=env)
+        check("Setting accelerator to CPU" in bare.stdout + bare.stderr, "deepspeed", "DeepSpeed's CPU notice has "
+              "another text: DEEPSPEED_CPU_NOTICE no longer matches it", where, (bare.stdout + bare.stderr)[-2000:])
+
+
+def test_progress_bar_switches_quiet_progress_flips_and_restores():
+    """`--quiet` turns off the progress bars of transformers, huggingface_hub and datasets for one command and puts
+    their process-wide switches back after: transformers' `disable_progress_bar()` also turns off huggingface_hub's
+    (its state is the dict `huggingface_hub.utils.tqdm.progress_bar_states`, restored by clear + update), and
+    datasets' `disable_progress_bars` / `are_progress_bars_disabled` / `enable_progress_bars` round-trip."""
+    import importlib
+
+    where = "alignkit/cli/__init__.py:quiet_progress"
+    with guard("transformers", "the progress-bar switches moved", where):
+        tf_logging = importlib.import_module("transformers.utils.logging")
+        hub = importlib.import_module("huggingface_hub.utils.tqdm")
+        ds = importlib.import_module("datasets.utils.tqdm")
+        saved, tf_on, ds_off = dict(hub.progress_bar_states), tf_logging.is_progress_bar_enabled(), \
+            ds.are_progress_bars_disabled()
+    try:
+        tf_logging.enable_progress_bar()
+        hub.progress_bar_states.clear()
+        hub.progress_bar_states.update({"_global": True})
+        forced = hub.HF_HUB_DISABLE_PROGRESS_BARS is True  # the user's environment turns them off for good
+        check(forced or not hub.are_progress_bars_disabled(), "huggingface_hub", "progress_bar_states is no longer "
+              "the state are_progress_bars_disabled() reads (restoring it would not restore the bars)", where)
+        tf_logging.disable_progress_bar()
+        check(hub.are_progress_bars_disabled(), "transformers", "disable_progress_bar() no longer turns off "
+              "huggingface_hub's progress bars (download / 'Writing model shards' bars under --quiet)", where)
+        check(not tf_logging.is_progress_bar_enabled(), "transformers", "is_progress_bar_enabled() does not follow "
+              "disable_progress_bar()", where)
+        ds.enable_progress_bars()
+        check(not ds.are_progress_bars_disabled() or ds.HF_DATASETS_DISABLE_PROGRESS_BARS is True, "datasets",
+              "enable_progress_bars() / are_progress_bars_disabled() no longer round-trip", where)
+        ds.disable_progress_bars()
+        check(ds.are_progress_bars_disabled(), "datasets", "disable_progress_bars() no longer turns off datasets' "
+              "bars (map bars under --quiet)", where)
+    finally:
+        (tf_logging.enable_progress_bar if tf_on else tf_logging.disable_progress_bar)()
+        hub.progress_bar_states.clear()
+        hub.progress_bar_states.update(saved)
+        (ds.disable_progress_bars if ds_off else ds.enable_progress_bars)()
 
 
 def test_a_zero3_partitioned_parameter_has_a_ds_id_and_empty_data():

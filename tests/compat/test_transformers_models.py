@@ -1,4 +1,4 @@
-"""transformers model internals alignkit relies on (rows M1-M10 of the table in docs/architecture.md), checked on
+"""transformers model internals alignkit relies on (rows M1-M15 of the table in docs/architecture.md), checked on
 the tiny architectures alignkit builds locally (llama, qwen2, gpt2, gpt_neox)."""
 
 from __future__ import annotations
@@ -358,3 +358,16 @@ def test_last_layer_sees_a_sliding_window_layer():
           f"sliding_window={getattr(attn, 'sliding_window', '<missing>')!r}, layer_types={lm.config.layer_types}")
     check("sliding" in str(last_layer.unusable_reason(lm, {"use_cache": False})), TF,
           "a sliding-window last layer is not refused", where)
+
+
+# M15 -----------------------------------------------------------------------------------------------------
+
+def test_no_split_modules_name_the_decoder_layer_class(lm):
+    """Under FSDP2 the frozen reference is sharded with `fully_shard` on each module whose class name is in the
+    model's private `_no_split_modules`: it must name the decoder layer class, or no layer becomes a unit of its own
+    and each process gathers the whole reference at once (results unchanged, memory of an unsharded copy)."""
+    where = "alignkit/distributed.py:shard_reference"
+    _, layers = find_decoder_layers(lm)
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    check(type(layers[0]).__name__ in names, TF, f"{type(lm).__name__}._no_split_modules no longer names its decoder "
+          "layer class", where, f"_no_split_modules: {sorted(names)}, layer class: {type(layers[0]).__name__}")

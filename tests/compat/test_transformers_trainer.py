@@ -1,4 +1,4 @@
-"""transformers.Trainer internals alignkit overrides or calls (rows T1-T17 of the table in docs/architecture.md).
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T18 of the table in docs/architecture.md).
 
 Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
 time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps
@@ -476,3 +476,62 @@ def test_several_gpus_in_one_process_mean_data_parallel(tmp_path, monkeypatch):
     one = TrainingArguments(str(tmp_path / "out"), report_to=[], use_cpu=True)
     check(one.parallel_mode == ParallelMode.NOT_PARALLEL and one.n_gpu == 0, TF,
           "use_cpu no longer means one process without DataParallel", where)
+
+
+# T18 -----------------------------------------------------------------------------------------------------
+
+class _Off:
+    """A false value that is recognisably ours."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def test_accelerator_is_built_by_create_accelerator_and_postprocess(tmp_path):
+    """`Trainer.__init__` builds its accelerator by calling `self.create_accelerator_and_postprocess()` once, which
+    sets `self.is_fsdp_enabled`, and nothing later in `__init__` sets that flag again: alignkit's override attaches
+    the FSDP plugin on CPU processes after the Trainer's and then sets the flag the Trainer reads."""
+    where = "alignkit/trainers/base.py:AlignTrainer.create_accelerator_and_postprocess (distributed.py:enable_sharding_on_cpu)"
+    seen: list = []
+    off = _Off()
+
+    class Probe(Trainer):
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            seen.append((hasattr(self, "accelerator"), vars(self).get("is_fsdp_enabled", "unset")))
+            self.is_fsdp_enabled = off
+
+    with guard(TF, "a Trainer whose create_accelerator_and_postprocess is overridden could not be built", where):
+        trainer = Probe(model=torch.nn.Linear(2, 2), args=args(tmp_path))
+    check(len(seen) == 1, TF, "Trainer.__init__ no longer calls self.create_accelerator_and_postprocess() once",
+          where, f"calls: {len(seen)}")
+    check(seen[0] == (True, False), TF, "create_accelerator_and_postprocess no longer builds self.accelerator and "
+          "sets self.is_fsdp_enabled (False on one CPU process)", where, f"(has accelerator, is_fsdp_enabled): {seen[0]}")
+    check(trainer.is_fsdp_enabled is off, TF, "Trainer.__init__ sets is_fsdp_enabled again after "
+          "create_accelerator_and_postprocess (alignkit's value would be overwritten)", where,
+          f"is_fsdp_enabled: {trainer.is_fsdp_enabled!r}")
+
+
+# T19 -----------------------------------------------------------------------------------------------------
+
+def test_scheduler_and_optimizer_names_are_the_enums_training_arguments_takes(tmp_path):
+    """The config check validates `train.lr_scheduler_type` / `train.optim` (with a "did you mean") against
+    `transformers.trainer_utils.SchedulerType` and `transformers.training_args.OptimizerNames`, read by those module
+    paths: `TrainingArguments` must convert the two fields to exactly those enums and refuse a name outside them."""
+    import importlib
+
+    where = "alignkit/settings/bounds.py:check_bounds/_check_choice"
+    with guard(TF, "SchedulerType / OptimizerNames are no longer at the module paths alignkit reads", where):
+        sched = importlib.import_module("transformers.trainer_utils").SchedulerType
+        optim = importlib.import_module("transformers.training_args").OptimizerNames
+    a = args(tmp_path, optim="adamw_torch", lr_scheduler_type="cosine")
+    check(isinstance(a.lr_scheduler_type, sched) and isinstance(a.optim, optim), TF, "TrainingArguments no longer "
+          "converts lr_scheduler_type / optim to SchedulerType / OptimizerNames (alignkit would refuse valid names "
+          "or pass invalid ones)", where, f"{type(a.lr_scheduler_type)}, {type(a.optim)}")
+    for field in ("optim", "lr_scheduler_type"):
+        try:
+            args(tmp_path, **{field: "not_a_known_name"})
+        except ValueError:
+            continue
+        fail(TF, f"TrainingArguments accepts a {field} outside its enum (alignkit's check would refuse a name the "
+             "Trainer takes)", where)

@@ -1,6 +1,7 @@
-"""vLLM's engine arguments and its max_model_len derivation, which alignkit checks before a colocated engine starts
-(rows V1, V2 of the table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`:
-.venv-vllm); elsewhere they are skipped."""
+"""vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit
+checks before a colocated engine starts, and the engine calls of a weight / LoRA push (rows V1, V2, V11, V12 of the
+table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they are
+skipped."""
 
 from __future__ import annotations
 
@@ -126,3 +127,51 @@ def test_attention_head_sizes_are_vllms(tiny_dir, tokenizer, tmp_path):
                      report_to="none")
     with pytest.raises(ConfigError, match=r"has attention head size 16 .* takes 32, 64, 80, "):
         GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+
+
+def test_allow_long_max_model_len_lets_a_longer_length_start(tiny_dir, tmp_path, monkeypatch):
+    """With VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 in the environment vLLM's `ModelConfig` takes a max_model_len above the
+    model's own, so alignkit's check (which reads the same variable) lets it through too instead of refusing a run
+    vLLM would start."""
+    from vllm.config import ModelConfig
+
+    from alignkit.online.vllm_engine import engine_max_model_len
+
+    where = "alignkit/online/vllm_engine.py:engine_max_model_len (VLLM_ALLOW_LONG_MAX_MODEL_LEN)"
+    folder = shutil.copytree(tiny_dir("llama", max_positions=16), tmp_path / "model")
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    with guard(VLLM, "ModelConfig refuses a max_model_len above the model's under VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 "
+               "(alignkit lets it through to fail when the engine starts)", where):
+        theirs = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32", max_model_len=64)
+    check(theirs.max_model_len == 64, VLLM, "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 no longer keeps the max_model_len asked "
+          "for", where, f"max_model_len: {theirs.max_model_len}")
+    check(engine_max_model_len(folder, {"max_model_len": 64})[0] == 64, VLLM, "alignkit no longer follows "
+          "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1", where)
+
+
+def test_weight_and_lora_pushes_use_these_engine_calls():
+    """A weight push is `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": [(name, tensor)]})` (the
+    CPU worker's model runner takes `weights_iterator`), followed by `LLM.reset_prefix_cache()` (read through
+    `getattr` in the server: a rename would keep prompt KV of the old weights there without a word; the colocated
+    engine calls it directly); a LoRA push is a new `LoRARequest(lora_name, lora_int_id, lora_path)`, the old one
+    dropped with `llm_engine.remove_lora(lora_id)`."""
+    where = ("alignkit/online/vllm_generation.py:VllmGenerator.sync, "
+             "serve/vllm_serve.py:VllmServeEngine.load_weights/load_lora")
+    with guard(VLLM, "the engine, worker or LoRA classes moved", where):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.llm_engine import LLMEngine
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+        from vllm.v1.worker.cpu_worker import CPUWorker
+    check(params(LLM.collective_rpc)[:4] == ["method", "timeout", "args", "kwargs"], VLLM,
+          "LLM.collective_rpc no longer takes (method, timeout, args, kwargs)", where, str(params(LLM.collective_rpc)))
+    check(callable(getattr(CPUWorker, "reload_weights", None)), VLLM, "the CPU worker has no reload_weights", where)
+    check("weights_iterator" in params(CPUModelRunner.reload_weights), VLLM, "the model runner's reload_weights no "
+          "longer takes weights_iterator", where, str(params(CPUModelRunner.reload_weights)))
+    check(callable(getattr(LLM, "reset_prefix_cache", None)), VLLM, "LLM.reset_prefix_cache is gone (the colocated "
+          "engine and the server would continue prompts from KV computed with the old weights)", where)
+    check(params(LLMEngine.remove_lora)[:1] == ["lora_id"], VLLM, "LLMEngine.remove_lora no longer takes lora_id",
+          where, str(params(LLMEngine.remove_lora)))
+    with guard(VLLM, "LoRARequest(lora_name, lora_int_id, lora_path) changed", where):
+        r = LoRARequest("policy-1", 1, "/tmp/x")
+        assert (r.lora_name, r.lora_int_id, r.lora_path) == ("policy-1", 1, "/tmp/x")

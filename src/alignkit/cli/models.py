@@ -250,8 +250,8 @@ def rename_base(model: Any, old: str, new: str) -> None:
         return
     for m in model.modules():
         cfg = getattr(m, "config", None)
-        if cfg is not None and getattr(cfg, "_name_or_path", None) == old:
-            cfg._name_or_path = new
+        if cfg is not None and getattr(cfg, "name_or_path", None) == old:
+            cfg.name_or_path = new
         for pc in (getattr(m, "peft_config", None) or {}).values():
             if getattr(pc, "base_model_name_or_path", None) == old:
                 pc.base_model_name_or_path = new

@@ -50,7 +50,7 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     cfg = getattr(base, "config", None)
     return {"model_type": getattr(cfg, "model_type", type(base).__name__), "hidden_size": hidden_size(base),
             "num_layers": len(layers), "dtype": str(ref.dtype if ref is not None else torch.float32).removeprefix("torch."),
-            "name_or_path": str(getattr(cfg, "_name_or_path", "") or "")}
+            "name_or_path": str(getattr(cfg, "name_or_path", "") or "")}
 
 
 

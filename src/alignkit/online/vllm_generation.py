@@ -7,7 +7,9 @@ How the weights get there, by adapter kind:
 - full:  the policy's transformers state dict is pushed with vLLM's in-place `reload_weights` (a worker call,
          `LLM.collective_rpc`): it restores the checkpoint layout of every layer, loads, and re-runs the
          post-load processing, so it also works on the CPU build whose linear layers are repacked for oneDNN
-         after loading (where `model.load_weights` alone fails: `bench/vllm_probe.py`).
+         after loading (where `model.load_weights` alone fails: `bench/vllm_probe.py`). The prefix cache is
+         reset after it: `reload_weights` keeps prompt KV computed with the old weights, which a prompt seen
+         before the sync would be continued from (tests/vllm_backend/test_sync.py).
 - lora:  the engine runs the frozen base with `enable_lora`; each sync saves the policy's LoRA (peft's two
          files) to a fresh folder and generation passes a `LoRARequest` with a NEW adapter id, so vLLM loads
          it instead of reusing a cached one. The base weights come from the model folder the policy was
@@ -215,6 +217,7 @@ class VllmGenerator:
             with torch.no_grad():
                 weights = [(n, t.detach()) for n, t in unwrap_lm(policy).state_dict().items()]
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.reset_prefix_cache()  # reload_weights keeps the prompt KV cached with the old weights
         else:
             from vllm.lora.request import LoRARequest
 
