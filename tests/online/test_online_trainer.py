@@ -624,3 +624,19 @@ def test_trackers_project_is_the_run_folder(tiny_dir, tokenizer, tmp_path, monke
                 small(GRPOConfig, steps=1, report_to="tensorboard", progress_bar=False), output_dir=out).train()
     assert seen == ["my-run"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*")) and not (out / "my-run").exists()
+
+
+# online DPO's loss_type -> the logged kl_coef: the beta the loss applies, or none where no loss reads beta
+# (PreferenceObjective.BETA_UNREAD: orpo weighs by orpo_lambda, slic by slic_lambda, sft by nothing)
+KL_COEF_LOGGED = [("sigmoid", 0.3), ("simpo", 0.3), (["sigmoid", "orpo"], 0.3), ("orpo", None), ("slic", None),
+                  (["orpo", "sft"], None)]
+
+
+@pytest.mark.parametrize("loss_type,logged", KL_COEF_LOGGED)
+def test_online_dpo_logs_the_kl_coef_its_loss_applies(tiny_dir, tokenizer, loss_type, logged):
+    """Online DPO logged kl_coef = beta for every loss_type, also for losses that never read beta (orpo, slic, sft):
+    a logged figure that was not what was applied. Now the rows carry kl_coef only where a loss reads beta."""
+    trainer = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                               small(OnlineDPOConfig, steps=1, loss_type=loss_type, beta=0.3, progress_bar=False))
+    (row,) = trainer.train()
+    assert row.get("kl_coef") == logged
