@@ -197,6 +197,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         limit = server.info.get("max_model_len")
         check_model_len(records, encode_prompts(records, tok, tcfg.formatter, tcfg.max_prompt_length),
                         tcfg.sampling.max_new_tokens, int(limit) if limit else None, SERVER_MAX_MODEL_LEN)
+        trainer.vllm_generator = server  # checked: the trainer samples through it (it built a second one at its
+        #   first step, so /info was checked twice and a remote server's "weights were not compared" warned twice)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
