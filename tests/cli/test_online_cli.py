@@ -57,7 +57,10 @@ def test_tiny_online_run_writes_the_run_folder(command, config, extra, tmp_path,
     saved = {p.name for p in (out / "model").iterdir()}
     assert {"adapter_model.safetensors", "alignkit_adapter.json", "online_config.json", "README.md"} <= saved
     assert json.loads((out / "model" / "online_config.json").read_text())["steps"] == 2
-    assert {p.name for p in (out / "plots").iterdir()} == {"reward.png", "kl.png", "loss.png"}
+    # completion lengths, finish reasons, entropy and the policy ratio's / the pairs' figures were on no plot
+    drawn = {"reward.png", "kl.png", "loss.png", "completions.png", "finish.png", "entropy.png"}
+    drawn |= {"rewards.png", "accuracy.png", "logps.png"} if command == "online-dpo" else {"policy.png"}
+    assert {p.name for p in (out / "plots").iterdir()} == drawn
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in (out / "plots").iterdir())
     assert load_config(out / "config.yaml") == load_config(args[3], args[4:])
     card = (out / "README.md").read_text()
@@ -500,3 +503,22 @@ def test_generation_past_a_learned_position_table_is_refused_before_the_run_fold
     assert "past the model's 16 learned positions" in err[0] and "data.max_prompt_length" in err[0], err
     assert not out.exists()
     assert main([*args, f"output_dir={tmp_path / 'fits'}", "data.max_prompt_length=8"]) == 0  # 8 + 8 = 16 rows
+
+
+def test_online_plots_draw_every_logged_figure_but_bookkeeping():
+    """Each figure of a row lands on one plot: a reward function's mean / std on reward, a loss of a loss_type list on
+    loss, a loss's own figure (orpo's log_odds_ratio) on other; counts, totals and timings on none."""
+    from alignkit.cli.online import online_plots
+
+    rows = [{"step": 0, "reward": 0.5, "rewards/len/mean": 0.5, "rewards/len/std": 0.1, "loss": 1.0,
+             "loss/sigmoid": 0.7, "loss/orpo": 0.3, "log_odds_ratio": -0.6, "entropy": 2.0, "grad_norm": 3.0,
+             "num_tokens": 40.0, "time/step_s": 0.2, "pairs": 2.0, "judge/answers": 4.0, "judge/failure_rate": 0.0,
+             "reward/failed": 0.0, "flag": True, "note": "x"}]
+    plots = online_plots(rows)
+    assert {"rewards/len/mean", "rewards/len/std", "reward"} <= set(plots["reward"])
+    assert {"loss", "loss/sigmoid", "loss/orpo"} <= set(plots["loss"])
+    assert plots["other"] == ("log_odds_ratio",)
+    drawn = {k for keys in plots.values() for k in keys}
+    assert drawn.isdisjoint({"step", "grad_norm", "num_tokens", "time/step_s", "pairs", "judge/answers",
+                             "judge/failure_rate", "reward/failed", "flag", "note"})
+    assert "other" not in online_plots([{"step": 0, "reward": 1.0, "grad_norm": 1.0}])
