@@ -448,6 +448,37 @@ def test_clip_settings_that_cannot_act_are_refused_before_the_run_folder(command
     load_config(CONFIGS / base[0], extra)  # the default clip settings are never refused
 
 
+# (command, overrides, gradient_accumulation_steps refused, what a minibatch holds at most: items and the message's
+# words): 2 prompts per step; grpo 4 samples each, ppo 2, online DPO best_worst 1 pair each, random_pairs C(4, 2)
+ACCUMULATION = [
+    ("grpo", [], 8, "8 sample(s) (method.prompts_per_step 2 x sampling.num_samples 4)"),
+    ("grpo", ["method.mini_batch_size=2"], 2, "2 item(s) (method.mini_batch_size)"),
+    ("ppo", [], 4, "4 sample(s) (method.prompts_per_step 2 x sampling.num_samples 2)"),
+    ("online-dpo", [], 2, "2 pair(s) (method.prompts_per_step 2 x 1 for method.feedback best_worst)"),
+    ("online-dpo", ["method.feedback=random_pairs"], 12,
+     "12 pair(s) (method.prompts_per_step 2 x at most 6 of sampling.num_samples 4)"),
+]
+
+
+@pytest.mark.parametrize("command, extra, items, what", ACCUMULATION)
+def test_more_accumulation_steps_than_a_minibatch_has_items_is_refused(command, extra, items, what, tmp_path, capsys):
+    """train.gradient_accumulation_steps above the items a minibatch can hold split it into empty micro-batches that
+    ran a zero-weight forward and backward each, on every update, exit 0 (the gradient was right). One line now,
+    before the run folder, naming both numbers and the fix; as many steps as items still load."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "--config", str(CONFIGS / f"{command}-tiny.yaml"), f"output_dir={out}", *extra,
+               f"train.gradient_accumulation_steps={items + 1}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert rc == 2 and err == [
+        f"alignkit {command}: error: {CONFIGS / f'{command}-tiny.yaml'}: train.gradient_accumulation_steps: "
+        f"{items + 1} splits each minibatch into "
+        f"{items + 1} micro-batches, and a minibatch holds at most {what}, so at least 1 of them would be empty "
+        f"zero-weight passes on every update (the gradient is the same); set train.gradient_accumulation_steps to "
+        f"{items} or less"], err
+    assert not out.exists()
+    load_config(CONFIGS / f"{command}-tiny.yaml", [*extra, f"train.gradient_accumulation_steps={items}"])
+
+
 def test_the_bundled_online_configs_load():
     for config in ("grpo-tiny.yaml", "rloo-tiny.yaml", "ppo-tiny.yaml", "online-dpo-tiny.yaml"):
         load_config(CONFIGS / config)

@@ -640,3 +640,17 @@ def test_online_dpo_logs_the_kl_coef_its_loss_applies(tiny_dir, tokenizer, loss_
                                small(OnlineDPOConfig, steps=1, loss_type=loss_type, beta=0.3, progress_bar=False))
     (row,) = trainer.train()
     assert row.get("kl_coef") == logged
+
+
+def test_more_accumulation_steps_than_the_minibatch_has_items_warns_once(tiny_dir, tokenizer, caplog):
+    """Minibatches of 4 of the step's 8 samples split into 6 micro-batches: 2 are empty zero-weight passes on each of
+    the 4 updates (the CLI refuses this from the config; a library caller, several processes or online DPO's fewer
+    pairs are not refused). It ran without a word; now one warning for the run naming both numbers."""
+    cfg = small(GRPOConfig, mini_batch_size=4, gradient_accumulation_steps=6, progress_bar=False)
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+    with caplog.at_level("WARNING", logger="alignkit"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "gradient_accumulation_steps" in r.getMessage()]
+    assert warned == ["gradient_accumulation_steps (train.gradient_accumulation_steps) is 6, and this process's "
+                      "minibatch holds 4 item(s): 2 micro-batch(es) are empty zero-weight passes on every update (the "
+                      "gradient is the same); lower it to 4"], warned

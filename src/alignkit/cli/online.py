@@ -52,9 +52,9 @@ HELP = {"online-dpo": "online DPO: pairs from the policy's own samples each step
         "ppo": "PPO with a value head and GAE (RLHF step 3)"}
 
 # plot file -> metric names drawn on it (the online trainers' row keys, docs/metrics.md): every figure they log but
-# bookkeeping (ONLINE_BOOKKEEPING); `online_plots` adds the figures named by the rows. Only reward, kl and loss were drawn before:
-# completion lengths, entropy, finish reasons, the policy-ratio and value figures and online DPO's pair figures
-# were logged but on no plot.
+# bookkeeping (ONLINE_BOOKKEEPING); `online_plots` adds the figures named by the rows. Only reward, kl and loss
+# were drawn before: completion lengths, entropy, finish reasons, the policy-ratio and value figures and online
+# DPO's pair figures were logged but on no plot.
 ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
     "reward": ("reward", "reward_std", "reward/normalized_mean", "eval/reward", "eval/reward_std"),
     "kl": ("kl", "kl/sequence_sum", "kl/token", "kl_coef"),
