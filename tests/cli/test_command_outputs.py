@@ -140,7 +140,11 @@ def test_without_matplotlib_a_command_writes_its_results_and_says_the_plots_are_
 OFFLINE = ["train.max_steps=2", "train.logging_steps=1", "train.gradient_accumulation_steps=2",
            "train.eval_strategy=no", "train.save_strategy=no"]
 ONLINE = ["train.max_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2", "sampling.max_new_tokens=3"]
-OFFLINE_PLOTS, ONLINE_PLOTS = {"loss.png"}, {"reward.png", "kl.png", "loss.png"}
+OFFLINE_PLOTS = {"loss.png"}
+# online: completion lengths, finish reasons, entropy, the policy ratio's, PPO's value and online DPO's pair figures
+# were logged but on no plot (reward, kl and loss only)
+ONLINE_PLOTS = {"reward.png", "kl.png", "loss.png", "completions.png", "finish.png", "entropy.png"}
+CLIPPED_PLOTS = ONLINE_PLOTS | {"policy.png"}  # grpo, rloo, ppo
 PAIRS_PLOTS = OFFLINE_PLOTS | {"rewards.png", "logps.png"}  # dpo, kto (its kl too): logps/* and kl were on no plot
 
 # id -> (command, config, overrides, optimizer steps as metrics.jsonl / TensorBoard count them, the loss's
@@ -151,16 +155,17 @@ TRAINING_OUTPUTS = {
     "rm": ("rm", "rm-tiny.yaml", OFFLINE, [1, 2], "train/loss", OFFLINE_PLOTS | {"accuracy.png", "rewards.png"}),
     "dpo": ("dpo", "dpo-tiny.yaml", OFFLINE, [1, 2], "train/loss", PAIRS_PLOTS | {"accuracy.png"}),
     "kto": ("kto", "kto-tiny.yaml", OFFLINE, [1, 2], "train/loss", PAIRS_PLOTS | {"kl.png"}),
-    "grpo": ("grpo", "grpo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
-    "rloo": ("rloo", "rloo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
-    "ppo": ("ppo", "ppo-tiny.yaml", ONLINE, [0, 1], "loss", ONLINE_PLOTS),
+    "grpo": ("grpo", "grpo-tiny.yaml", ONLINE, [0, 1], "loss", CLIPPED_PLOTS),
+    "rloo": ("rloo", "rloo-tiny.yaml", ONLINE, [0, 1], "loss", CLIPPED_PLOTS),
+    "ppo": ("ppo", "ppo-tiny.yaml", ONLINE, [0, 1], "loss", CLIPPED_PLOTS | {"value.png"}),
     "online-dpo": ("online-dpo", "online-dpo-tiny.yaml", [*ONLINE, "sampling.num_samples=4"], [0, 1], "loss",
-                   ONLINE_PLOTS),
+                   ONLINE_PLOTS | {"rewards.png", "accuracy.png", "logps.png"}),
     # report_to all: transformers' "every installed tracker" sent the TensorBoard events to
     # <run>/checkpoints/runs/<date>/ (its own logging_dir), none to <run>/tensorboard
     "sft report_to=all": ("sft", "sft-tiny.yaml", [*OFFLINE, "train.report_to=all"], [1, 2], "train/loss",
                           OFFLINE_PLOTS | {"accuracy.png"}),
-    "grpo report_to=all": ("grpo", "grpo-tiny.yaml", [*ONLINE, "train.report_to=all"], [0, 1], "loss", ONLINE_PLOTS),
+    "grpo report_to=all": ("grpo", "grpo-tiny.yaml", [*ONLINE, "train.report_to=all"], [0, 1], "loss",
+                           CLIPPED_PLOTS),
 }
 
 

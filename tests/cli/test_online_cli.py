@@ -57,7 +57,10 @@ def test_tiny_online_run_writes_the_run_folder(command, config, extra, tmp_path,
     saved = {p.name for p in (out / "model").iterdir()}
     assert {"adapter_model.safetensors", "alignkit_adapter.json", "online_config.json", "README.md"} <= saved
     assert json.loads((out / "model" / "online_config.json").read_text())["steps"] == 2
-    assert {p.name for p in (out / "plots").iterdir()} == {"reward.png", "kl.png", "loss.png"}
+    # completion lengths, finish reasons, entropy and the policy ratio's / the pairs' figures were on no plot
+    drawn = {"reward.png", "kl.png", "loss.png", "completions.png", "finish.png", "entropy.png"}
+    drawn |= {"rewards.png", "accuracy.png", "logps.png"} if command == "online-dpo" else {"policy.png"}
+    assert {p.name for p in (out / "plots").iterdir()} == drawn
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in (out / "plots").iterdir())
     assert load_config(out / "config.yaml") == load_config(args[3], args[4:])
     card = (out / "README.md").read_text()
@@ -445,6 +448,37 @@ def test_clip_settings_that_cannot_act_are_refused_before_the_run_folder(command
     load_config(CONFIGS / base[0], extra)  # the default clip settings are never refused
 
 
+# (command, overrides, gradient_accumulation_steps refused, what a minibatch holds at most: items and the message's
+# words): 2 prompts per step; grpo 4 samples each, ppo 2, online DPO best_worst 1 pair each, random_pairs C(4, 2)
+ACCUMULATION = [
+    ("grpo", [], 8, "8 sample(s) (method.prompts_per_step 2 x sampling.num_samples 4)"),
+    ("grpo", ["method.mini_batch_size=2"], 2, "2 item(s) (method.mini_batch_size)"),
+    ("ppo", [], 4, "4 sample(s) (method.prompts_per_step 2 x sampling.num_samples 2)"),
+    ("online-dpo", [], 2, "2 pair(s) (method.prompts_per_step 2 x 1 for method.feedback best_worst)"),
+    ("online-dpo", ["method.feedback=random_pairs"], 12,
+     "12 pair(s) (method.prompts_per_step 2 x at most 6 of sampling.num_samples 4)"),
+]
+
+
+@pytest.mark.parametrize("command, extra, items, what", ACCUMULATION)
+def test_more_accumulation_steps_than_a_minibatch_has_items_is_refused(command, extra, items, what, tmp_path, capsys):
+    """train.gradient_accumulation_steps above the items a minibatch can hold split it into empty micro-batches that
+    ran a zero-weight forward and backward each, on every update, exit 0 (the gradient was right). One line now,
+    before the run folder, naming both numbers and the fix; as many steps as items still load."""
+    out = tmp_path / "run"
+    rc = main(["-q", command, "--config", str(CONFIGS / f"{command}-tiny.yaml"), f"output_dir={out}", *extra,
+               f"train.gradient_accumulation_steps={items + 1}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert rc == 2 and err == [
+        f"alignkit {command}: error: {CONFIGS / f'{command}-tiny.yaml'}: train.gradient_accumulation_steps: "
+        f"{items + 1} splits each minibatch into "
+        f"{items + 1} micro-batches, and a minibatch holds at most {what}, so at least 1 of them would be empty "
+        f"zero-weight passes on every update (the gradient is the same); set train.gradient_accumulation_steps to "
+        f"{items} or less"], err
+    assert not out.exists()
+    load_config(CONFIGS / f"{command}-tiny.yaml", [*extra, f"train.gradient_accumulation_steps={items}"])
+
+
 def test_the_bundled_online_configs_load():
     for config in ("grpo-tiny.yaml", "rloo-tiny.yaml", "ppo-tiny.yaml", "online-dpo-tiny.yaml"):
         load_config(CONFIGS / config)
@@ -500,3 +534,22 @@ def test_generation_past_a_learned_position_table_is_refused_before_the_run_fold
     assert "past the model's 16 learned positions" in err[0] and "data.max_prompt_length" in err[0], err
     assert not out.exists()
     assert main([*args, f"output_dir={tmp_path / 'fits'}", "data.max_prompt_length=8"]) == 0  # 8 + 8 = 16 rows
+
+
+def test_online_plots_draw_every_logged_figure_but_bookkeeping():
+    """Each figure of a row lands on one plot: a reward function's mean / std on reward, a loss of a loss_type list on
+    loss, a loss's own figure (orpo's log_odds_ratio) on other; counts, totals and timings on none."""
+    from alignkit.cli.online import online_plots
+
+    rows = [{"step": 0, "reward": 0.5, "rewards/len/mean": 0.5, "rewards/len/std": 0.1, "loss": 1.0,
+             "loss/sigmoid": 0.7, "loss/orpo": 0.3, "log_odds_ratio": -0.6, "entropy": 2.0, "grad_norm": 3.0,
+             "num_tokens": 40.0, "time/step_s": 0.2, "pairs": 2.0, "judge/answers": 4.0, "judge/failure_rate": 0.0,
+             "reward/failed": 0.0, "flag": True, "note": "x"}]
+    plots = online_plots(rows)
+    assert {"rewards/len/mean", "rewards/len/std", "reward"} <= set(plots["reward"])
+    assert {"loss", "loss/sigmoid", "loss/orpo"} <= set(plots["loss"])
+    assert plots["other"] == ("log_odds_ratio",)
+    drawn = {k for keys in plots.values() for k in keys}
+    assert drawn.isdisjoint({"step", "grad_norm", "num_tokens", "time/step_s", "pairs", "judge/answers",
+                             "judge/failure_rate", "reward/failed", "flag", "note"})
+    assert "other" not in online_plots([{"step": 0, "reward": 1.0, "grad_norm": 1.0}])

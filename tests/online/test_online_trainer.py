@@ -624,3 +624,33 @@ def test_trackers_project_is_the_run_folder(tiny_dir, tokenizer, tmp_path, monke
                 small(GRPOConfig, steps=1, report_to="tensorboard", progress_bar=False), output_dir=out).train()
     assert seen == ["my-run"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*")) and not (out / "my-run").exists()
+
+
+# online DPO's loss_type -> the logged kl_coef: the beta the loss applies, or none where no loss reads beta
+# (PreferenceObjective.BETA_UNREAD: orpo weighs by orpo_lambda, slic by slic_lambda, sft by nothing)
+KL_COEF_LOGGED = [("sigmoid", 0.3), ("simpo", 0.3), (["sigmoid", "orpo"], 0.3), ("orpo", None), ("slic", None),
+                  (["orpo", "sft"], None)]
+
+
+@pytest.mark.parametrize("loss_type,logged", KL_COEF_LOGGED)
+def test_online_dpo_logs_the_kl_coef_its_loss_applies(tiny_dir, tokenizer, loss_type, logged):
+    """Online DPO logged kl_coef = beta for every loss_type, also for losses that never read beta (orpo, slic, sft):
+    a logged figure that was not what was applied. Now the rows carry kl_coef only where a loss reads beta."""
+    trainer = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                               small(OnlineDPOConfig, steps=1, loss_type=loss_type, beta=0.3, progress_bar=False))
+    (row,) = trainer.train()
+    assert row.get("kl_coef") == logged
+
+
+def test_more_accumulation_steps_than_the_minibatch_has_items_warns_once(tiny_dir, tokenizer, caplog):
+    """Minibatches of 4 of the step's 8 samples split into 6 micro-batches: 2 are empty zero-weight passes on each of
+    the 4 updates (the CLI refuses this from the config; a library caller, several processes or online DPO's fewer
+    pairs are not refused). It ran without a word; now one warning for the run naming both numbers."""
+    cfg = small(GRPOConfig, mini_batch_size=4, gradient_accumulation_steps=6, progress_bar=False)
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+    with caplog.at_level("WARNING", logger="alignkit"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "gradient_accumulation_steps" in r.getMessage()]
+    assert warned == ["gradient_accumulation_steps (train.gradient_accumulation_steps) is 6, and this process's "
+                      "minibatch holds 4 item(s): 2 micro-batch(es) are empty zero-weight passes on every update (the "
+                      "gradient is the same); lower it to 4"], warned

@@ -380,6 +380,30 @@ def test_cli_checks_the_servers_max_model_len_before_the_run_folder(tiny_dir, se
     assert (tmp_path / "ok" / "model").is_dir()
 
 
+def test_cli_contacts_the_server_once(tiny_dir, serve_engine, tmp_path, caplog):
+    """The CLI checked the server before the run folder (a VllmServerGenerator) and the trainer built another at its
+    first step: /info asked and checked twice, and a remote server's "weights were not compared" warning logged twice.
+    Now the trainer samples through the CLI's checked client: one /info, one warning, the run trains as before (a
+    push before each of the 2 generations)."""
+    from alignkit.cli import main
+
+    class Counting(FakeEngine):
+        asked = 0
+
+        def info(self):
+            Counting.asked += 1
+            return super().info()
+
+    engine = Counting(policy_of(tiny_dir).config, max_model_len=4096)
+    url = serve_engine(engine)
+    config = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"  # a LoRA policy: its base is checked
+    assert main(["-q", "grpo", "--config", str(config), f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                 "method.generation_backend=vllm", "method.vllm_mode=server", f"method.vllm_server_url={url}"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "weights were not compared" in r.getMessage()]
+    assert Counting.asked == 1 and len(warned) == 1, (Counting.asked, warned)
+    assert len(engine.loras) == 2 and len(engine.generated) == 2 and (tmp_path / "run" / "model").is_dir()
+
+
 def test_api_key_is_required_when_set(tiny_dir, serve_engine, monkeypatch):
     from alignkit.online.vllm_client import API_KEY_ENV
 

@@ -3,7 +3,7 @@
     config -> prompts (data.path) -> run folder (config.yaml) -> policy (+ adapter) -> annotator
            -> OnlineDPOTrainer / GRPOTrainer / RLOOTrainer / PPOTrainer (metrics.jsonl, one row per step)
            -> model/ (adapter or full model + online_config.json; PPO: value_head.safetensors)
-           -> plots/{reward,kl,loss}.png, README.md
+           -> plots/*.png (every logged figure: ONLINE_PLOTS), README.md
 
 Sections (`alignkit.settings.online`): model, data (the prompts: any records, their prompts are used; held-out
 prompts from `eval_path` or `eval_fraction`, evaluated every `train.eval_steps` steps and after the last one),
@@ -51,11 +51,24 @@ HELP = {"online-dpo": "online DPO: pairs from the policy's own samples each step
         "rloo": "RLOO: GRPO's loop with the leave-one-out baseline",
         "ppo": "PPO with a value head and GAE (RLHF step 3)"}
 
-# plot file -> metric names drawn on it (the online trainers' row keys)
+# plot file -> metric names drawn on it (the online trainers' row keys, docs/metrics.md): every figure they log but
+# bookkeeping (ONLINE_BOOKKEEPING); `online_plots` adds the figures named by the rows. Only reward, kl and loss
+# were drawn before: completion lengths, entropy, finish reasons, the policy-ratio and value figures and online
+# DPO's pair figures were logged but on no plot.
 ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
-    "reward": ("reward", "reward_std", "reward/normalized_mean", "eval/reward"),
+    "reward": ("reward", "reward_std", "reward/normalized_mean", "eval/reward", "eval/reward_std"),
     "kl": ("kl", "kl/sequence_sum", "kl/token", "kl_coef"),
     "loss": ("loss", "policy_loss", "value_loss"),
+    "completions": ("completions/mean_length", "completions/min_length", "completions/max_length",
+                    "eval/mean_length"),
+    "finish": ("completions/clipped_ratio", "generation/finish_eos", "generation/finish_stop",
+               "generation/finish_length", "frac_reward_zero_std", "eval/clipped_ratio"),
+    "entropy": ("entropy",),
+    "policy": ("clip_ratio/region_mean", "approx_kl", "ratio/mean"),
+    "value": ("value/mean", "returns/mean", "advantages/std", "explained_variance", "vf_clip_fraction"),
+    "rewards": ("rewards/chosen", "rewards/rejected", "rewards/margins"),  # online DPO's pairs, as offline DPO
+    "accuracy": ("rewards/accuracies",),
+    "logps": ("logps/chosen", "logps/rejected"),
 }
 
 
@@ -126,10 +139,30 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
     return annotator
 
 
+# row keys drawn on no plot: counts, totals and timings (a key starting with "judge/" too: the judge's counts)
+ONLINE_BOOKKEEPING = frozenset({"step", "grad_norm", "num_tokens", "time/step_s", "pairs", "reward/failed",
+                                "function/failures", "reward_model/truncated", "eval/failed", "eval/prompts"})
+
+
+def online_plots(rows: list[dict[str, Any]]) -> dict[str, tuple[str, ...]]:
+    """`ONLINE_PLOTS` with the figures the rows name: each reward function's `rewards/<function>/mean` and `/std` on
+    the reward plot, each loss of an online DPO loss_type list (`loss/<name>`) on the loss plot, and any other
+    number the rows hold but bookkeeping (`ONLINE_BOOKKEEPING`; a loss's own figures: orpo's log_odds_ratio,
+    slic's hinge, ...) on `other`, so that every logged figure is drawn."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    functions = tuple(k for k in keys if k.startswith("rewards/") and k.endswith(("/mean", "/std")))
+    losses = tuple(k for k in keys if k.startswith("loss/"))
+    plots = {**ONLINE_PLOTS, "reward": ONLINE_PLOTS["reward"] + functions, "loss": ONLINE_PLOTS["loss"] + losses}
+    drawn = {k for names in plots.values() for k in names}
+    other = tuple(k for k in keys if k not in drawn and k not in ONLINE_BOOKKEEPING and not k.startswith("judge/"))
+    return {**plots, "other": other} if other else plots
+
+
 def plot_online(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per `ONLINE_PLOTS` entry with data (`alignkit.runs.plot_metrics`: none, with a warning, without
-    matplotlib)."""
-    return plot_metrics(rows, out_dir, plots=ONLINE_PLOTS)
+    """One PNG per `online_plots(rows)` entry with data (`alignkit.runs.plot_metrics`: none, with a warning,
+    without matplotlib)."""
+    return plot_metrics(rows, out_dir, plots=online_plots(rows))
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -197,6 +230,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         limit = server.info.get("max_model_len")
         check_model_len(records, encode_prompts(records, tok, tcfg.formatter, tcfg.max_prompt_length),
                         tcfg.sampling.max_new_tokens, int(limit) if limit else None, SERVER_MAX_MODEL_LEN)
+        trainer.vllm_generator = server  # checked: the trainer samples through it (it built a second one at its
+        #   first step, so /info was checked twice and a remote server's "weights were not compared" warned twice)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
@@ -242,4 +277,4 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     return 0
 
 
-__all__ = ["ONLINE_PLOTS", "add_parser", "make_annotator", "plot_online", "read_prompt_splits", "read_prompts", "run", "train_online"]
+__all__ = ["ONLINE_BOOKKEEPING", "ONLINE_PLOTS", "add_parser", "make_annotator", "online_plots", "plot_online", "read_prompt_splits", "read_prompts", "run", "train_online"]

@@ -31,7 +31,7 @@ from alignkit.online.reweighting import reweight
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.trainers.pairs import pair_batch
-from alignkit.settings.sections import loss_names, reference_free
+from alignkit.settings.sections import PreferenceObjective, loss_names, reference_free
 
 PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
 SEEDED_MODES = ("random_pairs", "judge_pairs")  # draw their pairs with a seed: a new one per step (feedback_kwargs)
@@ -120,10 +120,14 @@ class OnlineDPOTrainer(OnlineTrainer):
     def why_no_reference(self) -> str:
         return f"method.loss_type {loss_names(self.config.loss_type)} reads none"
 
-    def logged_kl_coef(self) -> float:
+    def logged_kl_coef(self) -> float | None:
         """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the
-        preference loss's beta (TRL's online DPO logs it as `beta`)."""
+        preference loss's beta (TRL's online DPO logs it as `beta`). None (no `kl_coef` logged) when no loss of
+        `loss_type` reads beta (orpo, slic, sft: `PreferenceObjective.BETA_UNREAD`): the beta was logged beside a
+        loss that never applied it (orpo's weight is its orpo_lambda)."""
         c: OnlineDPOConfig = self.config
+        if set(loss_names(c.loss_type)) <= PreferenceObjective.BETA_UNREAD:
+            return None
         return float(resolve_params(c.params, c.beta, "OnlineDPOConfig").beta)
 
     def reuses_training_pass(self) -> bool:

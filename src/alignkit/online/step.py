@@ -198,10 +198,13 @@ class RolloutSteps:
                    "reward_std": float(v.std()) if v.numel() > 1 else float("nan"),
                    "frac_reward_zero_std": float(zero_std.double().mean()),
                    "reward/failed": float(scores.failed.sum()),  # summed over ranks (SUMMED_METRICS)
-                   "reward/normalized_mean": float(rewards.mean()), "kl_coef": self.logged_kl_coef(),
+                   "reward/normalized_mean": float(rewards.mean()),
                    "completions/mean_length": float(length.mean()), "completions/min_length": float(length.min()),
                    "completions/max_length": float(length.max()), "completions/clipped_ratio": float(clipped.mean()),
                    "num_tokens": float(self._num_tokens)}
+        kl_coef = self.logged_kl_coef()
+        if kl_coef is not None:  # None: the loss reads no such coefficient (online DPO's orpo, slic, sft)
+            metrics["kl_coef"] = kl_coef
         if entropy is not None:
             metrics["entropy"] = float(sums[1] / sums[2].clamp(min=1))
         if kl_tok is not None:
@@ -212,8 +215,9 @@ class RolloutSteps:
         return {**metrics, **gen, **{k_: float(v_) for k_, v_ in scores.metrics.items()},
                 **self.reward_moments(scores.moments)}
 
-    def logged_kl_coef(self) -> float:
-        """The `kl_coef` metric: this step's KL coefficient, the KL controller's value (docs/metrics.md)."""
+    def logged_kl_coef(self) -> float | None:
+        """The `kl_coef` metric: this step's KL coefficient, the KL controller's value (docs/metrics.md); None: not
+        logged (the objective applies none)."""
         return float(self.kl_ctl.value)
 
     def pass_sums(self, logps: Tensor, ref_logps: Tensor | None, entropy: Tensor, mask: Tensor) -> Tensor:

@@ -201,6 +201,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             check_sampler(self.config.sampling, lean_reason(model, tokenizer, self.config.sampling))
         check_stop_strings(tokenizer, self.config.sampling)  # vLLM too decodes without special tokens
         self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
+        #   unless the caller hands one in (the CLI: the VllmServerGenerator it checked before the run folder)
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
         if self.uses_reference(ref_model):

@@ -9,6 +9,7 @@ number of forwards on every process, and a stop before the optimizer step on a n
 
 from __future__ import annotations
 
+import logging
 from contextlib import ExitStack
 from typing import Any, Callable
 
@@ -17,6 +18,8 @@ from torch import Tensor
 
 from alignkit.distributed import gather_objects
 from alignkit.guards import NonFiniteError, as_float, is_finite
+
+logger = logging.getLogger(__name__)
 
 
 class MetricSums:
@@ -88,6 +91,12 @@ class MinibatchUpdates:
             return {}
         size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
         n_mini = -(-n_max // size)
+        if c.gradient_accumulation_steps > min(size, n_max) and not getattr(self, "_warned_accumulation", False):
+            self._warned_accumulation = True  # once: a config the CLI could not refuse (several processes, few pairs)
+            logger.warning("gradient_accumulation_steps (train.gradient_accumulation_steps) is %d, and this process's "
+                           "minibatch holds %d item(s): %d micro-batch(es) are empty zero-weight passes on every update "
+                           "(the gradient is the same); lower it to %d", c.gradient_accumulation_steps,
+                           min(size, n_max), c.gradient_accumulation_steps - min(size, n_max), min(size, n_max))
         sums = MetricSums()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         dev = self.accelerator.device

@@ -365,6 +365,31 @@ def check_clip_acts(method: Any, samples_per_step: int) -> None:
                               "step's method.prompts_per_step x sampling.num_samples samples)")
 
 
+def check_accumulation(method: Any, accumulation: int, num_samples: int, command: str) -> None:
+    """ConfigError when `train.gradient_accumulation_steps` is above the most items a minibatch can hold (the step's
+    samples, online DPO's pairs: one per prompt for best_worst, at most num_samples x (num_samples - 1) / 2 for the
+    other feedback; `method.mini_batch_size` when smaller): each minibatch is split into that many micro-batches, so
+    the extra ones were empty and ran a zero-weight forward and backward each, on every update (the gradient is the
+    same). On several processes a minibatch's share is smaller still: the trainer warns (`MinibatchUpdates`)."""
+    prompts = method.prompts_per_step
+    if command == "online-dpo":
+        per_prompt = 1 if method.feedback == "best_worst" else num_samples * (num_samples - 1) // 2
+        items = prompts * per_prompt
+        what = (f"{items} pair(s) (method.prompts_per_step {prompts} x "
+                + ("1 for method.feedback best_worst)" if per_prompt == 1 else
+                   f"at most {per_prompt} of sampling.num_samples {num_samples})"))
+    else:
+        items = prompts * num_samples
+        what = f"{items} sample(s) (method.prompts_per_step {prompts} x sampling.num_samples {num_samples})"
+    if method.mini_batch_size is not None and method.mini_batch_size < items:
+        items, what = method.mini_batch_size, f"{method.mini_batch_size} item(s) (method.mini_batch_size)"
+    if accumulation > items:
+        raise ConfigError(f"train.gradient_accumulation_steps: {accumulation} splits each minibatch into {accumulation} "
+                          f"micro-batches, and a minibatch holds at most {what}, so at least {accumulation - items} "
+                          f"of them would be empty zero-weight passes on every update (the gradient is the same); "
+                          f"set train.gradient_accumulation_steps to {items} or less")
+
+
 @dataclass
 class OnlineRunConfig:
     """Sections shared by the online commands; subclasses add `method` and name the trainer config class."""
@@ -426,6 +451,8 @@ class OnlineRunConfig:
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
         check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
+        check_accumulation(m, self.train.get("gradient_accumulation_steps", 1), self.sampling.num_samples,
+                           self.command)
         if hasattr(m, "feedback"):
             check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
@@ -512,4 +539,4 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
 
 __all__ = ["JUDGE_PAIR_KEYS", "JUDGE_POINTWISE_KEYS", "check_judge_reads", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
            "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
-           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "CLIP_KEYS", "check_clip_acts", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
+           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "CLIP_KEYS", "check_accumulation", "check_clip_acts", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
