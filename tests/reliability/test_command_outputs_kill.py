@@ -54,3 +54,67 @@ def test_a_config_write_that_fails_half_way_leaves_the_previous_config_whole(tmp
     assert done.returncode == 3, done.stdout + done.stderr  # the write failed, loudly
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def cache_entries(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.glob("cache/*/*.json"))}
+
+
+def test_augment_killed_while_asking_keeps_the_previous_run_and_its_rerun_equals_an_unkilled_one(tmp_path):
+    """A real SIGKILL of `alignkit augment` over a finished run in the same output_dir, while it is asking the LLM
+    (its cache has grown by an entry and the next answer is held): the previous run's augmented.jsonl, summary.json
+    and config.yaml are byte-equal, every cache entry is whole JSON, and the rerun (answered from the cache for what
+    the killed run had paid for) writes what an unkilled run into a fresh folder writes."""
+    import threading
+
+    from tests.augment.fake_openai import serving
+    from tests.augment.test_augment_cli import fake_answer, run_llm
+
+    gate = threading.Event()
+    answered = {"n": 0, "hold_after": None}
+    lock = threading.Lock()
+
+    def responder(messages):
+        with lock:
+            answered["n"] += 1
+            held = answered["hold_after"] is not None and answered["n"] > answered["hold_after"]
+        if held:
+            gate.wait(120)  # until the child has been killed
+        return fake_answer(messages)
+
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    data = "data.path=bundled:data/seed_tasks.jsonl"
+    with serving(responder) as (fake, url):
+        assert run_llm(out, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=2") == 0
+        before = {n: (out / n).read_bytes() for n in ("augmented.jsonl", "summary.json", "config.yaml")}
+        cached = cache_entries(out)
+        with lock:
+            answered["hold_after"] = answered["n"] + 1  # the killed run: one new answer cached, the next one held
+        llm = f"llm={{kind: openai, base_url: '{url}', model: fake, concurrency: 1}}"
+        child = subprocess.Popen([sys.executable, "-m", "alignkit", "-q", "augment", "strategy=paraphrase", data,
+                                  f"output_dir={out}", llm, "options.n=3"], env=child_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while len(cache_entries(out)) <= len(cached):
+                assert child.poll() is None, child.stdout.read().decode()
+                assert time.monotonic() < deadline, "the child never wrote a cache entry"
+                time.sleep(0.05)
+            child.send_signal(signal.SIGKILL)
+            child.wait(60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(60)
+            gate.set()
+        assert child.returncode == -signal.SIGKILL
+        assert {n: (out / n).read_bytes() for n in before} == before
+        entries = cache_entries(out)
+        assert len(entries) == len(cached) + 1 and all(entries[k] == v for k, v in cached.items())
+        assert all(json.loads(v)["content"] for v in entries.values())
+        paid = len(fake.requests)
+        assert run_llm(out, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=3") == 0
+        assert json.loads((out / "summary.json").read_text())["cache_hits"] == len(entries)  # nothing asked twice
+        assert run_llm(fresh, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=3") == 0
+        assert len(fake.requests) - paid == 24 + 24 - len(entries)  # 8 rows x 3, once each run, less the cached
+    assert (out / "augmented.jsonl").read_bytes() == (fresh / "augmented.jsonl").read_bytes()
