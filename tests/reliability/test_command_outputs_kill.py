@@ -118,3 +118,32 @@ def test_augment_killed_while_asking_keeps_the_previous_run_and_its_rerun_equals
         assert run_llm(fresh, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=3") == 0
         assert len(fake.requests) - paid == 24 + 24 - len(entries)  # 8 rows x 3, once each run, less the cached
     assert (out / "augmented.jsonl").read_bytes() == (fresh / "augmented.jsonl").read_bytes()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command, config, extra", [
+    ("generate", "generate-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null", "generation.max_new_tokens=4"]),
+    ("eval", "eval-rm-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null"]),
+    ("sample", "sample-tiny.yaml", ["sampling.num_samples=2", "sampling.max_new_tokens=4", "overwrite=true"]),
+])
+def test_a_bad_record_half_way_leaves_the_previous_run_byte_equal(tmp_path, capsys, command, config, extra):
+    """A rerun over a finished run whose input breaks at row 3: one line naming the file and line (exit 2), and
+    every file the previous run wrote byte-equal (nothing is written before the whole input is read)."""
+    from alignkit.cli import main
+
+    rows = (ROOT / "src/alignkit/resources/data/hh_rlhf_sample.jsonl").read_text().splitlines()[:4]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("\n".join(rows) + "\n")
+    bad.write_text("\n".join([*rows[:2], rows[2][:40], rows[3]]) + "\n")  # row 3 cut: not JSON
+    out = tmp_path / "out"
+    base = ["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", *extra]
+    assert main([*base, f"data.path={good}"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*base, f"data.path={bad}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{bad}:3" in err[0], err
+    assert snapshot(out) == before
