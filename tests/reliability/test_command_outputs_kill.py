@@ -147,3 +147,35 @@ def test_a_bad_record_half_way_leaves_the_previous_run_byte_equal(tmp_path, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and f"{bad}:3" in err[0], err
     assert snapshot(out) == before
+
+
+def test_sample_killed_before_its_settings_are_written_is_redone_not_kept_as_the_old_ones(tmp_path, monkeypatch):
+    """`alignkit sample overwrite=true` wrote samples.jsonl and its manifest entry, then sample.yaml: killed between,
+    the round was complete with the NEW samples under the OLD sample.yaml, so a rerun with the old settings kept
+    them as the old settings' (exit 0, another seed's samples). Now sample.yaml is written before the manifest
+    entry: the killed stage is incomplete, and the rerun samples what the old settings give, byte-equal."""
+    import alignkit.cli.rounds as cli_rounds
+    from alignkit.cli import main
+
+    rows = (ROOT / "src/alignkit/resources/data/hh_rlhf_sample.jsonl").read_text().splitlines()[:4]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "round"
+    base = ["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={out}", f"data.path={data}",
+            "sampling.num_samples=2", "sampling.max_new_tokens=6", "sampling.do_sample=true"]
+    assert main([*base, "sampling.seed=0"]) == 0
+    first = (out / "samples.jsonl").read_bytes()
+
+    class Killed(BaseException):
+        """Stands for SIGKILL: not an Exception."""
+
+    def killed(*args, **kwargs):
+        raise Killed()
+
+    monkeypatch.setattr(cli_rounds, "save_config", killed)
+    with pytest.raises(Killed):
+        main([*base, "sampling.seed=1", "overwrite=true"])
+    monkeypatch.undo()
+    assert (out / "samples.jsonl").read_bytes() != first, "the test needs seed 1 to sample otherwise"
+    assert main([*base, "sampling.seed=0"]) == 0
+    assert (out / "samples.jsonl").read_bytes() == first

@@ -137,9 +137,12 @@ def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bo
 
 
 def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str | Path, cfg: SamplingConfig, *,
-                 batch_size: int = 8, overwrite: bool = False, **generate_kwargs: Any) -> Path:
+                 batch_size: int = 8, overwrite: bool = False, before_entry: Callable[[], Any] | None = None,
+                 **generate_kwargs: Any) -> Path:
     """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete). Returns its path.
 
+    `before_entry`: called after the file is written and before its manifest entry (what completes the stage), to
+    write what describes it (the CLI's sample.yaml), so a kill never leaves a complete stage with the old one.
     `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length)."""
     folder = Path(folder)
     path = folder / SAMPLES_FILE
@@ -150,6 +153,8 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
     _forget_annotation(folder)
     atomic_write_jsonl(path, (s.to_dict() for s in samples))
+    if before_entry is not None:
+        before_entry()
     _update_manifest(folder, "samples", {"file": SAMPLES_FILE, "count": len(samples), "prompts": len(prompts),
                                          "prompts_sha256": made_from["sha256"], "sampling": cfg.to_dict(),
                                          "metrics": generation_metrics(samples)})
@@ -219,11 +224,13 @@ def annotate_samples(annotator: Annotator, samples: Sequence[Sample], progress: 
 
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
-                   overwrite: bool = False, refuse_empty: bool = False, progress: bool = False) -> Path:
+                   overwrite: bool = False, refuse_empty: bool = False, progress: bool = False,
+                   before_entry: Callable[[], Any] | None = None) -> Path:
     """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
     write `folder/records.jsonl` (skipped when complete). Returns its path. A round no record passes writes an empty
     file (a rounds loop skips it); `refuse_empty=True` (the `alignkit annotate` command) raises `DataError` instead,
-    before anything is written. `progress`: a bar over the scoring (`annotate_samples`)."""
+    before anything is written. `progress`: a bar over the scoring (`annotate_samples`). `before_entry`: as
+    `sample_round`'s (the CLI's annotate.yaml)."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
     annotator = build_annotator(annotator)
@@ -254,6 +261,8 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
                         f"feedback_kwargs (e.g. a lower min_margin) or sample more responses per prompt")
     _forget(folder, "annotation")
     atomic_write_jsonl(path, (record_to_row(r) for r in records))
+    if before_entry is not None:
+        before_entry()
     _update_manifest(folder, "annotation", {
         "file": RECORDS_FILE, **made_by, "kinds": sorted({r.kind for r in records}), "metrics": metrics,
         "scores": None if scores is None else [None if math.isnan(x) else x for x in scores.values.tolist()]})
