@@ -33,6 +33,10 @@ except OSError as e:
 """
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing catches it on the way out."""
+
+
 def child_env() -> dict[str, str]:
     src = str(Path(__import__("alignkit").__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)])}
@@ -120,6 +124,10 @@ def test_augment_killed_while_asking_keeps_the_previous_run_and_its_rerun_equals
     assert (out / "augmented.jsonl").read_bytes() == (fresh / "augmented.jsonl").read_bytes()
 
 
+def first_rows(n: int) -> list[str]:
+    return (ROOT / "src/alignkit/resources/data/hh_rlhf_sample.jsonl").read_text().splitlines()[:n]
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -134,7 +142,7 @@ def test_a_bad_record_half_way_leaves_the_previous_run_byte_equal(tmp_path, caps
     every file the previous run wrote byte-equal (nothing is written before the whole input is read)."""
     from alignkit.cli import main
 
-    rows = (ROOT / "src/alignkit/resources/data/hh_rlhf_sample.jsonl").read_text().splitlines()[:4]
+    rows = first_rows(4)
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text("\n".join(rows) + "\n")
     bad.write_text("\n".join([*rows[:2], rows[2][:40], rows[3]]) + "\n")  # row 3 cut: not JSON
@@ -157,7 +165,7 @@ def test_sample_killed_before_its_settings_are_written_is_redone_not_kept_as_the
     import alignkit.cli.rounds as cli_rounds
     from alignkit.cli import main
 
-    rows = (ROOT / "src/alignkit/resources/data/hh_rlhf_sample.jsonl").read_text().splitlines()[:4]
+    rows = first_rows(4)
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "round"
@@ -165,9 +173,6 @@ def test_sample_killed_before_its_settings_are_written_is_redone_not_kept_as_the
             "sampling.num_samples=2", "sampling.max_new_tokens=6", "sampling.do_sample=true"]
     assert main([*base, "sampling.seed=0"]) == 0
     first = (out / "samples.jsonl").read_bytes()
-
-    class Killed(BaseException):
-        """Stands for SIGKILL: not an Exception."""
 
     def killed(*args, **kwargs):
         raise Killed()
