@@ -41,6 +41,8 @@ from transformers import AutoConfig
 
 from alignkit.adapters import adapter_in
 from alignkit.adapters.api import check_finite
+from alignkit.models.loading import load_tokenizer
+from alignkit.serve.stack import saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
 
@@ -173,13 +175,24 @@ def check_adapters(adapters: Mapping[str, str | Path]) -> dict[str, Path]:
     return out
 
 
+# what vLLM's server does with the chat requests of an adapter trained with another chat template than the base's
+VLLM_CHAT = "vLLM formats its chat requests with the base's template and answers them (engine=alignkit refuses them)"
+
+
 def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str, workdir: str | Path) -> VllmPlan:
-    """Check `adapters` (served name -> alignkit adapter folder) and write vLLM's LoRA folders under `workdir`."""
+    """Check `adapters` (served name -> alignkit adapter folder) and write vLLM's LoRA folders under `workdir`. The
+    tokenizer saved with an adapter is checked as alignkit's engine does (`saved_tokenizers_differ`): another
+    vocabulary is refused, another chat template a warning."""
     base = Path(base).resolve()
     if not (base / "config.json").is_file():
         raise ConfigError(f"base: {base} has no config.json; --engine vllm needs a transformers model folder")
     plan = VllmPlan(str(base), base_name)
-    for name, folder in check_adapters(adapters).items():
+    checked = check_adapters(adapters)
+    try:  # vLLM tokenizes (and formats chat) with the base's tokenizer alone: its LoRA folders hold no tokenizer
+        saved_tokenizers_differ(load_tokenizer(base), base, checked, chat=VLLM_CHAT)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name, folder in checked.items():
         dest, r = _lora_folder(name, folder, base, Path(workdir))
         plan.loras[name] = str(dest)
         plan.max_lora_rank = max(plan.max_lora_rank, r)
