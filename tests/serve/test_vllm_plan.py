@@ -177,3 +177,20 @@ def test_an_adapters_saved_tokenizer_is_checked_as_alignkits_engine_does(serve_d
     with pytest.raises(ConfigError, match=r"^adapter 'foreign': the tokenizer saved with it .* has another vocabulary"):
         prepare(serve_dirs["base"], {"foreign": foreign}, "base", tmp_path / "w2")
     assert not (tmp_path / "w2").exists()
+
+
+def test_an_adapter_trained_on_another_base_is_refused_as_alignkits_engine_does(serve_dirs, tmp_path):
+    """alignkit's engine checks each adapter's alignkit_base.json against the base (load_stack: check_base); the vLLM
+    plan did not, so a LoRA trained on another model of the same shapes (here a tiny Llama of another seed: other
+    input embeddings) was served over the wrong weights, 200s without a word. Now refused in one line naming the
+    adapter folder before vLLM starts (the base read from its safetensors, no model loaded); its own base passes."""
+    from alignkit.models.tiny import save_tiny
+
+    other = save_tiny(tmp_path / "other-base", "llama", hidden_size=64, num_layers=2, seed=7)
+    make_adapter(other, tmp_path / "on-other", "lora", seed=3)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'on-other'}: this adapter was trained on a different base "
+                                          r"model \(its input embedding weights differ"):
+        prepare(serve_dirs["base"], {"x": tmp_path / "on-other"}, "base", tmp_path / "w1")
+    assert sorted(prepare(other, {"x": tmp_path / "on-other"}, "base", tmp_path / "w2").loras) == ["x"]
+    assert sorted(prepare(serve_dirs["base"], {"terse": serve_dirs["adapters"]["terse"]}, "base",
+                          tmp_path / "w3").loras) == ["terse"]
