@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
-from alignkit.models.loading import load_model
+from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer
@@ -411,6 +411,27 @@ def test_an_engine_folder_whose_weights_cannot_be_compared_is_a_warning(tiny_dir
         assert len(got) == 1 and got[0].startswith(f"method.vllm.model: the weights of {folder}, ") \
             and f"not compared with the policy's base ({base}): {why}" in got[0] and "\n" not in got[0], got
     assert warnings_for(base) == []
+
+
+def test_the_policys_own_base_folder_is_no_warning_whatever_its_weight_files(tiny_dir, tmp_path, caplog):
+    """A policy loaded from a folder of .bin weights (no safetensors) and sampled by the engine from that same folder
+    (method.vllm.model not set: the policy's own name_or_path) warned at every run that the folder's weights were
+    not compared with the policy's base and to make sure it holds that base: the policy's base was read from that
+    very folder. Now no warning there; a copy of it elsewhere still warns (previous test)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    binary = tmp_path / "bin"
+    shutil.copytree(tiny_dir("llama"), binary, ignore=shutil.ignore_patterns("*.safetensors*"))
+    torch.save(load_file(str(tiny_dir("llama") / "model.safetensors")), binary / "pytorch_model.bin")
+    policy = apply_adapter(load_model(binary), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none")
+    with caplog.at_level("WARNING", logger="alignkit.online.vllm_engine"):
+        GRPOTrainer(policy, load_tokenizer(binary), ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    assert not [r.getMessage() for r in caplog.records if "were not compared" in r.getMessage()]
 
 
 def test_a_folders_fingerprint_is_read_where_the_policys_was_taken(tiny_dir, arch):

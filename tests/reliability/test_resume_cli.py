@@ -485,6 +485,12 @@ def test_a_run_with_every_step_done_is_not_resumed_past_max_steps(tmp_path, monk
                        f"step 4; {run} is left as it was (raise train.max_steps or train.num_train_epochs to train "
                        "on)"], out
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        # a process other than the main one (torchrun) says nothing: one line per run, as the closing "done" line
+        from alignkit.trainers.base import AlignTrainer
+        with monkeypatch.context() as m:
+            m.setattr(AlignTrainer, "is_world_process_zero", lambda self: False)
+            assert cli("sft", "sft-tiny.yaml", run, extra, "--resume") == 0
+        assert capsys.readouterr().out == ""
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]

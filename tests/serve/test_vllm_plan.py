@@ -146,3 +146,51 @@ def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start
         "(--max-model-len 128, prompt + completion): vLLM caps neither on its own (a prompt over 100 tokens with a "
         "shorter completion is served, and so is max_tokens over 28), where engine=alignkit refuses both"]
     assert run(2048, 512) == [] and started == [128, 2560]
+
+
+def test_an_adapters_saved_tokenizer_is_checked_as_alignkits_engine_does(serve_dirs, tmp_path, caplog):
+    """vLLM's LoRA folders hold no tokenizer, so vLLM tokenizes and formats chat with the base's: an adapter saved with
+    a tokenizer of another vocabulary was served every prompt as ids it was not trained on, and one trained through
+    another chat template its chat requests in a format it never saw, without a word, where engine=alignkit refuses
+    the first at load and warns about the second (test_api.py). Now the same here: one line naming the adapter and
+    the folder, before vLLM starts; a warning naming the folder for the template; the base's own tokenizer is quiet."""
+    import logging
+    import shutil
+
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.models.tiny import build_tiny_tokenizer
+
+    tok = load_tokenizer(serve_dirs["base"])
+    same, other, foreign = tmp_path / "same", tmp_path / "other", tmp_path / "foreign"
+    for folder in (same, other, foreign):
+        shutil.copytree(serve_dirs["adapters"]["terse"], folder)
+    tok.save_pretrained(same)
+    tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
+    tok.save_pretrained(other)
+    build_tiny_tokenizer(["a b c d e f g " * 20, "zz yy xx"]).save_pretrained(foreign)
+    with caplog.at_level(logging.WARNING):
+        plan = prepare(serve_dirs["base"], {"same": same, "other": other}, "base", tmp_path / "w1")
+    assert sorted(plan.loras) == ["other", "same"]
+    said = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
+    assert len(said) == 1 and str(other) in said[0] and "vLLM formats its chat requests with the base's template" \
+        in said[0], said
+    with pytest.raises(ConfigError, match=r"^adapter 'foreign': the tokenizer saved with it .* has another vocabulary"):
+        prepare(serve_dirs["base"], {"foreign": foreign}, "base", tmp_path / "w2")
+    assert not (tmp_path / "w2").exists()
+
+
+def test_an_adapter_trained_on_another_base_is_refused_as_alignkits_engine_does(serve_dirs, tmp_path):
+    """alignkit's engine checks each adapter's alignkit_base.json against the base (load_stack: check_base); the vLLM
+    plan did not, so a LoRA trained on another model of the same shapes (here a tiny Llama of another seed: other
+    input embeddings) was served over the wrong weights, 200s without a word. Now refused in one line naming the
+    adapter folder before vLLM starts (the base read from its safetensors, no model loaded); its own base passes."""
+    from alignkit.models.tiny import save_tiny
+
+    other = save_tiny(tmp_path / "other-base", "llama", hidden_size=64, num_layers=2, seed=7)
+    make_adapter(other, tmp_path / "on-other", "lora", seed=3)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'on-other'}: this adapter was trained on a different base "
+                                          r"model \(its input embedding weights differ"):
+        prepare(serve_dirs["base"], {"x": tmp_path / "on-other"}, "base", tmp_path / "w1")
+    assert sorted(prepare(other, {"x": tmp_path / "on-other"}, "base", tmp_path / "w2").loras) == ["x"]
+    assert sorted(prepare(serve_dirs["base"], {"terse": serve_dirs["adapters"]["terse"]}, "base",
+                          tmp_path / "w3").loras) == ["terse"]

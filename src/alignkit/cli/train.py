@@ -251,7 +251,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
 
     done = nothing_to_do(trainer, plan, run)
     if done is not None:
-        print(f"alignkit {command}: {done}")
+        if trainer.is_world_process_zero():  # one line per run, as the closing "done" line (torchrun: N processes)
+            print(f"alignkit {command}: {done}")
         return 0
     run = begin_run(plan, cfg)  # -------------------------------- from here on the run folder is written
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)

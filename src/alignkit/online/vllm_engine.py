@@ -13,7 +13,8 @@ step, after the run folder was written.
   against the folder's, which the engine reads.
 - `check_engine_base`: the folder's weights (a few safetensors slices) against the policy's base fingerprint
   (`alignkit_base.json`'s probes): an adapter policy samples through the folder's other weights. A warning (naming
-  the folder) where no probe could be read there (no safetensors, other tensor names): nothing but shapes compared.
+  the folder) where no probe could be read there (no safetensors, other tensor names): nothing but shapes compared;
+  none for the folder the policy's base was loaded from.
 - `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
   folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not scale `max_position_embeddings` themselves), and a `max_model_len`
@@ -151,7 +152,8 @@ def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any], key:
     under a LoRA trained on the base) made vLLM sample from other weights, without a word. The policy's base
     fingerprint (`recorded_base`, taken before training) against the folder's, read from its safetensors
     (`folder_fingerprint`: a few slices). Not checked for full finetuning (the engine gets every weight); a folder
-    whose weights cannot be compared (no safetensors, no probed tensor under the policy's names) is a warning.
+    whose weights cannot be compared (no safetensors, no probed tensor under the policy's names) is a warning, but
+    the folder the policy's base was loaded from (its fingerprint's name_or_path), which holds that base.
     `load_format: dummy` (random weights) is refused for an adapter policy. `key`, `engine`, `fix`: the setting,
     what loads the folder and the way out, as the message names them (server mode: the server's folder)."""
     if adapter_of(model).saves_whole_model:
@@ -168,8 +170,11 @@ def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any], key:
         why = why.replace(" here, ", f" in {folder}, ").replace(" when trained", " in the policy's base")
         raise ConfigError(f"{key}: {engine} {folder}, which is not the model the policy's adapter is trained on "
                           f"({base}): {why}, so vLLM would sample from other weights than the policy's; {fix} ({base})")
-    if theirs is None or not compared_probes(ours, theirs):  # nothing read to compare: say so (not refused: the
-        #   folder may be the base saved otherwise, e.g. .bin files or other tensor names)
+    loaded_from = (ours or {}).get("name_or_path")
+    own = bool(loaded_from) and Path(loaded_from).resolve() == Path(folder).resolve()
+    if not own and (theirs is None or not compared_probes(ours, theirs)):  # nothing read to compare: say so (not
+        #   refused: the folder may be the base saved otherwise, e.g. .bin files or other tensor names); the folder
+        #   the policy's base was loaded from holds that base, whatever its files
         unread = ("the policy's base fingerprint is not readable here" if ours is None else
                   "it has no model.safetensors (or its index)" if theirs is None else
                   "its safetensors hold no input embedding / final norm under the policy's names (or the policy's "

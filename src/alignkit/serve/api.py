@@ -319,9 +319,9 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             raise ApiError(400, "the body is nested too deeply to be a request") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
-        where = not_unicode(body)
+        where = not_unicode(body)  # else the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
         if where is not None:
-            where = where.encode("utf-8", "backslashreplace").decode()  # a key may hold the surrogate  # the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
+            where = where.encode("utf-8", "backslashreplace").decode()  # a key of the path may hold the surrogate
             raise ApiError(400, f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate escape (\\ud800 .. "
                                 "\\udfff alone: a string cut inside a character); send whole characters", param=where)
         return body

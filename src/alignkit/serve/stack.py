@@ -219,9 +219,15 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora), lora=stacked, other_template=other_template)
 
 
-def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, str | Path]) -> dict[str, str]:
+# what happens to the chat requests of an adapter trained with another chat template (alignkit's engine: refused)
+CHAT_REFUSED = "its chat requests are refused (400)"
+
+
+def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, str | Path],
+                            chat: str = CHAT_REFUSED) -> dict[str, str]:
     """{served name: folder} of the adapters saved with a tokenizer whose chat template is not the base's (`tokenizer`,
-    the one the server formats and tokenizes with); each is a warning here and the chat endpoint refuses it. A saved
+    the one the server formats and tokenizes with); each is a warning saying what happens to its chat requests
+    (`chat`: alignkit's chat endpoint refuses it; vLLM's server formats them with the base's template). A saved
     tokenizer with another vocabulary is a ValueError: every prompt would be tokenized with ids it was not trained
     on. Adapters saved without a tokenizer, or with one without a chat template, are not checked."""
     out: dict[str, str] = {}
@@ -237,10 +243,10 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
         if template and template != getattr(tokenizer, "chat_template", None):
             out[name] = str(folder)
             logger.warning("serve: %r was trained with the chat template of the tokenizer saved in %s, not the one of "
-                           "the base %s that /v1/chat/completions formats messages with: its chat requests are "
-                           "refused (400); send prompts formatted as in training to /v1/completions, or serve it on "
-                           "a copy of the base folder holding that tokenizer", name, folder, base)
+                           "the base %s that /v1/chat/completions formats messages with: %s; send prompts "
+                           "formatted as in training to /v1/completions, or serve it on a copy of the base folder "
+                           "holding that tokenizer", name, folder, base, chat)
     return out
 
 
-__all__ = ["Route", "Stack", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]
+__all__ = ["CHAT_REFUSED", "Route", "Stack", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]

@@ -37,10 +37,14 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.adapters import adapter_in
 from alignkit.adapters.api import check_finite
+from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
+from alignkit.models.loading import load_tokenizer
+from alignkit.models.rope import rope_record
+from alignkit.serve.stack import saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
 
@@ -173,17 +177,60 @@ def check_adapters(adapters: Mapping[str, str | Path]) -> dict[str, Path]:
     return out
 
 
+# what vLLM's server does with the chat requests of an adapter trained with another chat template than the base's
+VLLM_CHAT = "vLLM formats its chat requests with the base's template and answers them (engine=alignkit refuses them)"
+
+
 def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str, workdir: str | Path) -> VllmPlan:
-    """Check `adapters` (served name -> alignkit adapter folder) and write vLLM's LoRA folders under `workdir`."""
+    """Check `adapters` (served name -> alignkit adapter folder) and write vLLM's LoRA folders under `workdir`. The
+    tokenizer saved with an adapter is checked as alignkit's engine does (`saved_tokenizers_differ`): another
+    vocabulary is refused, another chat template a warning."""
     base = Path(base).resolve()
     if not (base / "config.json").is_file():
         raise ConfigError(f"base: {base} has no config.json; --engine vllm needs a transformers model folder")
     plan = VllmPlan(str(base), base_name)
-    for name, folder in check_adapters(adapters).items():
+    checked = check_adapters(adapters)
+    try:  # vLLM tokenizes (and formats chat) with the base's tokenizer alone: its LoRA folders hold no tokenizer
+        saved_tokenizers_differ(load_tokenizer(base), base, checked, chat=VLLM_CHAT)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_bases(base, checked)
+    for name, folder in checked.items():
         dest, r = _lora_folder(name, folder, base, Path(workdir))
         plan.loras[name] = str(dest)
         plan.max_lora_rank = max(plan.max_lora_rank, r)
     return plan
+
+
+def check_bases(base: Path, adapters: Mapping[str, Path]) -> None:
+    """ConfigError when an adapter's `alignkit_base.json` names another base than `base`, as alignkit's engine checks
+    it (`check_base`): vLLM runs the LoRA over `base`'s weights. The base's fingerprint is read from its safetensors
+    (`folder_fingerprint`: a few slices), the tensor names from its architecture built on the meta device (no
+    weights loaded); a base without safetensors, or adapters saved without the file, are not checked."""
+    recorded = {name: folder for name, folder in adapters.items() if (folder / BASE_FINGERPRINT_NAME).is_file()}
+    if not recorded:
+        return
+    config = AutoConfig.from_pretrained(str(base))
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:  # an architecture transformers builds no causal LM for: vLLM may still serve it
+        logger.warning("serve --engine vllm: the adapters' recorded base (%s) was not compared with %s (%s); make sure "
+                       "they were trained on it", BASE_FINGERPRINT_NAME, base, e)
+        return
+    for folder in recorded.values():
+        saved = json.loads((folder / BASE_FINGERPRINT_NAME).read_text())
+        found = folder_fingerprint(base, skeleton, saved, config)
+        if found is None:
+            logger.warning("serve --engine vllm: %s has no model.safetensors (or its index), so the adapters' recorded "
+                           "base (%s) was not compared with it; make sure they were trained on it", base,
+                           BASE_FINGERPRINT_NAME)
+            return
+        found["rope_parameters"] = rope_record(config)  # vLLM runs the base's config as is (rope_scaling refused)
+        try:
+            check_base(skeleton, folder, rope_key="rope_scaling", found=found, off="serve it without this adapter")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def command(plan: VllmPlan, host: str, port: int, dtype: str, max_model_len: int | None = None) -> list[str]:
@@ -260,5 +307,5 @@ def _max_len(base: Path, wanted: int) -> int:
     return min(wanted, int(own)) if own else wanted
 
 
-__all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_adapters", "check_head_size", "command", "head_size",
+__all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_adapters", "check_bases", "check_head_size", "command", "head_size",
            "lora_unsupported", "prepare", "require_vllm", "serve_with_vllm", "unenforced_limits", "vllm_installed"]
