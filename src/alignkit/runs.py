@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ import alignkit
 from alignkit.adapters.config import KINDS
 from alignkit.data.chat import PROMPT_FORMAT_FILE
 from alignkit.data.readers.rows import looks_like_hub_id
-from alignkit.files import atomic_write_text, read_jsonl
+from alignkit.files import atomic_write, atomic_write_text, read_jsonl
 from alignkit.settings.tiny import is_tiny
 from alignkit.settings.typed import ConfigError
 
@@ -170,6 +171,13 @@ def agg_figure() -> Any:
     return fig
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """`fig` as a PNG at `path`, written atomically (a kill leaves the previous plot or the new one, never half)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write(path, buf.getvalue())
+
+
 def plot_series(rows: list[dict[str, Any]], keys: tuple[str, ...], x: str = "step") -> list[tuple[str, str, list]]:
     """(label, line style, [(x, value), ...]) of each of `keys` the rows hold a number for: the training figure
     (solid), then its evaluation (dashed): `eval_<key>`, or with several evaluation sets `eval_<set>_<key>` for each
@@ -210,9 +218,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: str | Path, plots: dict[st
         ax.legend(fontsize=8)
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{name}.png"
-        fig.savefig(path)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / f"{name}.png"))
     logger.info("wrote %d plot(s) to %s", len(written), out_dir)
     return written
 
@@ -230,13 +236,13 @@ def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any
     training run's folder leaves that run's `tensorboard/` events and `plots/` untouched. What an earlier run of the
     same command left there is replaced, as its results file is: its events were kept beside the new ones (two
     values of every scalar at step 0, TensorBoard showing either) and a histogram this run does not draw stayed
-    beside the new results. Main process only. Returns the files written."""
+    beside the new results. The previous files go only after the new ones are written (each plot atomically): a kill
+part-way leaves each of them whole, the previous or the new. Main process only. Returns the files written."""
     if not is_main_process():
         return []
     root = Path(root)
-    for old in [*(root / "tensorboard" / command).glob("events.out.tfevents.*"),
-                *(root / "plots").glob(f"{command}-*.png")]:
-        old.unlink()
+    old_events = list((root / "tensorboard" / command).glob("events.out.tfevents.*"))
+    old_plots = list((root / "plots").glob(f"{command}-*.png"))
     dists = {k: [float(x) for x in v if _numeric(x)] for k, v in (distributions or {}).items()}
     dists = {k: v for k, v in dists.items() if v}
     written: list[Path] = []
@@ -253,7 +259,9 @@ def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any
                 writer.add_histogram(f"{command}/{k}", np.asarray(v), 0)
         finally:
             writer.close()
-        written += sorted(log_dir.glob("events.out.tfevents.*"))
+        written += sorted(set(log_dir.glob("events.out.tfevents.*")) - set(old_events))
+    for old in old_events:  # after the new events are written: a kill before leaves the previous ones
+        old.unlink()
     if dists and can_plot():
         (root / "plots").mkdir(parents=True, exist_ok=True)
         for k, v in dists.items():
@@ -267,9 +275,9 @@ def write_command_outputs(root: str | Path, command: str, summary: dict[str, Any
             ax.set_title(f"alignkit {command}: {k}")
             ax.legend(fontsize=8)
             fig.tight_layout()
-            path = root / "plots" / f"{command}-{k.replace('/', '_')}.png"
-            fig.savefig(path)
-            written.append(path)
+            written.append(save_figure(fig, root / "plots" / f"{command}-{k.replace('/', '_')}.png"))
+    for old in set(old_plots) - set(written):  # a previous run's histogram this run does not draw
+        old.unlink()
     logger.info("alignkit %s: wrote %d TensorBoard / plot file(s) under %s", command, len(written), root)
     return written
 
@@ -406,5 +414,5 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, toke
 
 
 __all__ = ["MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "agg_figure", "can_plot", "final_metrics",
-           "is_main_process", "plot_metrics", "plot_series", "push_folder", "read_metrics", "trackers", "versions",
-           "write_command_outputs", "write_prompt_formats"]
+           "is_main_process", "plot_metrics", "plot_series", "push_folder", "read_metrics", "save_figure", "trackers",
+           "versions", "write_command_outputs", "write_prompt_formats"]

@@ -288,3 +288,25 @@ def test_one_shot_commands_show_a_progress_bar_that_quiet_hides(command, tmp_pat
         assert main(["-q", *args] if quiet else args) == 0
         err = capfd.readouterr().err
         assert (label not in err) if quiet else (label in err), err[-500:]
+
+
+def test_a_command_killed_while_it_draws_keeps_the_previous_plots(tmp_path, monkeypatch):
+    """write_command_outputs removed the previous run's events and plots first, then imported TensorBoard and drew
+    the new ones (seconds): a kill (or a crash) in between left the folder with neither. Now the previous files go
+    only after the new ones are written: killed while drawing, the previous plots are byte-equal."""
+    import alignkit.runs as runs
+
+    runs.write_command_outputs(tmp_path, "eval", {"accuracy": 0.25}, {"margin": [1.0, 2.0], "rewards/chosen": [3.0]})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "plots").iterdir()}
+    assert sorted(before) == ["eval-margin.png", "eval-rewards_chosen.png"]
+
+    class Killed(BaseException):
+        """Stands for SIGKILL: not an Exception."""
+
+    def killed():
+        raise Killed()
+
+    monkeypatch.setattr(runs, "agg_figure", killed)
+    with pytest.raises(Killed):
+        runs.write_command_outputs(tmp_path, "eval", {"accuracy": 0.75}, {"margin": [5.0, 6.0, 7.0]})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "plots").iterdir()} == before

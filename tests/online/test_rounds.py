@@ -201,3 +201,52 @@ def test_annotate_samples_in_chunks_equals_one_call(monkeypatch):
     assert got.metrics[name] == pytest.approx(statistics.mean(ok))
     assert got.metrics[name.replace("/mean", "/std")] == pytest.approx(statistics.stdev(ok))
     assert got.metrics["function/failures"] == 2.0 and len(got.meta) == 10
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing catches it on the way out."""
+
+
+@pytest.mark.parametrize("stage", ["samples", "annotation"])
+def test_a_redo_killed_between_its_file_and_its_manifest_entry_is_redone_not_kept(tiny_lm, tokenizer, tmp_path,
+                                                                                monkeypatch, stage):
+    """A stage redone with overwrite=True replaced its data file first and its manifest entry last, so a kill between
+    the two left the NEW file under the OLD entry: complete to the next run, which kept it as the old settings' (the
+    old seed's samples, the old annotator's records) without a word, or refused it as made by other settings than
+    the ones that made it. Now the old entry goes before the file is replaced: the round is incomplete and the next
+    call redoes it, as an unkilled one would have written."""
+    import alignkit.online.rounds as rounds
+
+    model = tiny_lm("llama")
+    fn = {"type": "function", "fn": length_score}
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+    annotate_round(tmp_path, fn, "best_worst")
+    new_sampling = SamplingConfig(num_samples=3, max_new_tokens=4, seed=6)
+    new_fn = {"type": "function", "fn": short_score}
+
+    def redo():
+        if stage == "samples":
+            sample_round(model, tokenizer, PROMPTS, tmp_path, new_sampling, overwrite=True)
+        else:
+            annotate_round(tmp_path, new_fn, "best_worst", overwrite=True)
+
+    def killed(folder, key, entry):
+        raise Killed()
+
+    monkeypatch.setattr(rounds, "_update_manifest", killed)
+    with pytest.raises(Killed):
+        redo()
+    monkeypatch.undo()
+    assert stage not in read_manifest(tmp_path)  # incomplete: nothing claims the new file was made the old way
+    if stage == "samples":
+        sample_round(model, tokenizer, PROMPTS, tmp_path, new_sampling)  # no overwrite: redone, not kept
+        assert read_manifest(tmp_path)["samples"]["sampling"]["seed"] == 6
+    else:
+        annotate_round(tmp_path, new_fn, "best_worst")  # no overwrite: redone, not refused as another annotator's
+        assert read_manifest(tmp_path)["annotation"]["annotator"]["fn"].endswith(":short_score")
+    got = (tmp_path / (SAMPLES_FILE if stage == "samples" else RECORDS_FILE)).read_bytes()
+    clean = tmp_path / "clean"
+    sample_round(model, tokenizer, PROMPTS, clean, new_sampling if stage == "samples" else SAMPLING)
+    if stage == "annotation":
+        annotate_round(clean, new_fn, "best_worst")
+    assert got == (clean / (SAMPLES_FILE if stage == "samples" else RECORDS_FILE)).read_bytes()

@@ -172,3 +172,67 @@ def test_an_output_dir_holding_another_runs_metrics_is_refused(serve_stack, tmp_
     finally:
         engine.stop()
     assert [r.get("event") for r in _rows(tmp_path / "serve")] == ["start", "stop"] * 2
+
+
+@pytest.mark.parametrize("previous", ["rows", "none"])
+def test_a_row_cut_by_a_kill_is_dropped_at_the_next_start(serve_stack, tmp_path, caplog, previous):
+    """A kill (or a full disk) while a row was appended left it without its newline; the next start's first row ran
+    on from it: one line holding both, unreadable, so that start's "start" row was lost to every reader (and a cut
+    FIRST row made the next start refuse the folder as another run's). Now the cut row is dropped with one warning
+    and every earlier byte is kept."""
+    import logging
+
+    engine = Engine(serve_stack, EngineConfig()).start()
+    try:
+        if previous == "rows":
+            ServeLog(engine, tmp_path, every=3600).start().stop()
+        whole = (tmp_path / "metrics.jsonl").read_bytes() if previous == "rows" else b""
+        cut = b'{"time": 1764680000.5, "uptime_s": 0.0, "event": "sta'  # what the kill left of the next row
+        (tmp_path / "metrics.jsonl").write_bytes(whole + cut)
+        with caplog.at_level(logging.WARNING, logger="alignkit.serve.log"):
+            ServeLog(engine, tmp_path, every=3600).start().stop()
+    finally:
+        engine.stop()
+    after = (tmp_path / "metrics.jsonl").read_bytes()
+    assert after.startswith(whole) and cut not in after
+    events = ["start", "stop"] * (2 if previous == "rows" else 1)
+    assert [r.get("event") for r in _rows(tmp_path)] == events
+    said = [r.getMessage() for r in caplog.records if "cut part-way" in r.getMessage()]
+    assert len(said) == 1 and f"({len(cut)} byte(s) without a newline" in said[0]
+
+
+def test_a_row_write_that_fails_part_way_is_cut_back(serve_stack, tmp_path, monkeypatch):
+    """A full disk part-way through a row (the sampling thread logs the OSError and goes on) left half a row; the
+    next row ran on from it. Now the failed write is cut back to the rows before it."""
+    import alignkit.serve.log as log_module
+
+    engine = Engine(serve_stack, EngineConfig()).start()
+    try:
+        log = ServeLog(engine, tmp_path, every=3600).start()
+        before = (tmp_path / "metrics.jsonl").read_bytes()
+        real_open = open
+
+        class HalfFull:  # writes half of what it is given, then the disk is full
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, text):
+                self.f.write(text[:len(text) // 2])
+                self.f.flush()
+                raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(log_module, "open", lambda *a, **k: HalfFull(real_open(*a, **k)), raising=False)
+        with pytest.raises(OSError):
+            log.sample()
+        monkeypatch.undo()
+        assert (tmp_path / "metrics.jsonl").read_bytes() == before
+        log.stop()
+    finally:
+        engine.stop()
+    assert [r.get("event") for r in _rows(tmp_path)] == ["start", "stop"]

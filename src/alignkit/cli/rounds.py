@@ -21,6 +21,7 @@ by reward-model filtering, as Open-Assistant does).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
@@ -96,11 +97,13 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
     run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
+    describe = functools.partial(save_config, cfg, run.root / "sample.yaml") if run.main else None
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
-                        overwrite=cfg.overwrite, formatter=cfg.data.formatter,
+                        overwrite=cfg.overwrite, formatter=cfg.data.formatter, before_entry=describe,
                         max_prompt_length=cfg.data.max_prompt_length, progress=progress)
-    if run.main:  # with the samples it describes: a run that failed leaves the kept stage's settings (check_kept_stage)
-        save_config(cfg, run.root / "sample.yaml")
+    if describe is not None:  # (again when the stage was kept: the same settings, check_kept_stage)
+        describe()  # with the samples it describes, before their manifest entry: a failed or killed run leaves the
+        # kept stage's settings (check_kept_stage), never a complete stage with the previous run's
     samples = read_samples(path)
     manifest = json.loads((run.root / MANIFEST_FILE).read_text())["samples"]
     write_command_outputs(run.root, "sample", {"samples": len(samples), **manifest.get("metrics", {})},
@@ -117,11 +120,12 @@ def annotate(cfg: Any, allow_code: bool = False, progress: bool = True) -> Path:
                                 f"output_dir={run.root} first")
     check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml")
     annotator = make_annotator(cfg.annotator, run, allow_code)
+    describe = functools.partial(save_config, cfg, run.root / "annotate.yaml") if run.main else None
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True,
-                          progress=progress)
-    if run.main:  # with the records it describes (as sample.yaml)
-        save_config(cfg, run.root / "annotate.yaml")
+                          progress=progress, before_entry=describe)
+    if describe is not None:  # with the records it describes (as sample.yaml)
+        describe()
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]
     write_command_outputs(run.root, "annotate", entry.get("metrics", {}),  # (failed scores are null: not drawn)
                           {"reward": entry.get("scores") or [],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,9 +310,7 @@ def begin_run(plan: RunPlan, cfg: Any, zero_based_steps: bool = False) -> RunFol
     if run.main:
         if plan.mode == "overwrite":
             (run.root / STAGING_MARK).touch()
-        tmp = run.config.with_name(run.config.name + ".tmp")
-        save_config(cfg, tmp)
-        os.replace(tmp, run.config)
+        save_config(cfg, run.config)
         if plan.mode == "resume" and plan.checkpoint is not None:
             step = resumed_step(plan.checkpoint)
             if step is not None and zero_based_steps:  # online rows: "step" 0..N-1 are the N steps done

@@ -14,7 +14,9 @@ over the target (`os.replace` is atomic), data file first, manifest entry last. 
 its data file AND its manifest entry exist; a complete stage is not redone (resume), an incomplete one is
 redone from scratch (`overwrite=True` forces it). A complete annotation made by another annotator, feedback or
 reweighters than the call's is refused (`check_kept_annotation`), not kept. New samples first remove the annotation made from the old
-ones (its manifest entry and records.jsonl), so the round is annotated again rather than kept as complete.
+ones (its manifest entry and records.jsonl), so the round is annotated again rather than kept as complete. A stage
+redone (overwrite) drops its own manifest entry before its file is replaced: a kill between the two writes leaves it
+incomplete (redone next time), never the new file under the old entry.
 
 Metrics per round (in the manifest and returned): reward/mean, reward/std, reward/min, reward/max,
 reward/valid, reward/failed, generation/response_length, generation/finish_*, the annotator's own
@@ -70,14 +72,22 @@ def _complete(round_dir: Path, key: str, file: str) -> bool:
     return (round_dir / file).is_file() and key in read_manifest(round_dir)
 
 
-def _forget_annotation(round_dir: Path) -> None:
-    """Before new samples are written: drop the annotation's manifest entry and records.jsonl, made from the samples
-    being replaced. Otherwise they stayed marked complete and `annotate` kept records of responses no longer in
-    samples.jsonl (exit 0)."""
+def _forget(round_dir: Path, *keys: str) -> None:
+    """Drop the manifest entries `keys` before their stage's data file is replaced: the file is written first and
+    its entry last, so a kill between the two left the new file under the old entry, complete to the next run (kept
+    as made with the old settings, or refused as made with other ones). Without its entry the stage is redone."""
     manifest = read_manifest(round_dir)
-    if "annotation" in manifest:
-        del manifest["annotation"]
+    if any(k in manifest for k in keys):
+        for k in keys:
+            manifest.pop(k, None)
         atomic_write_text(round_dir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+
+def _forget_annotation(round_dir: Path) -> None:
+    """Before new samples are written: drop the samples' and the annotation's manifest entries (`_forget`) and
+    records.jsonl, made from the samples being replaced. Otherwise they stayed marked complete and `annotate` kept
+    records of responses no longer in samples.jsonl (exit 0)."""
+    _forget(round_dir, "samples", "annotation")
     if (round_dir / RECORDS_FILE).is_file():
         (round_dir / RECORDS_FILE).unlink()
         logger.warning("%s: removed %s, made from the samples this run replaces; annotate the round again",
@@ -127,9 +137,12 @@ def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bo
 
 
 def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str | Path, cfg: SamplingConfig, *,
-                 batch_size: int = 8, overwrite: bool = False, **generate_kwargs: Any) -> Path:
+                 batch_size: int = 8, overwrite: bool = False, before_entry: Callable[[], Any] | None = None,
+                 **generate_kwargs: Any) -> Path:
     """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete). Returns its path.
 
+    `before_entry`: called after the file is written and before its manifest entry (what completes the stage), to
+    write what describes it (the CLI's sample.yaml), so a kill never leaves a complete stage with the old one.
     `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length)."""
     folder = Path(folder)
     path = folder / SAMPLES_FILE
@@ -140,6 +153,8 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
     _forget_annotation(folder)
     atomic_write_jsonl(path, (s.to_dict() for s in samples))
+    if before_entry is not None:
+        before_entry()
     _update_manifest(folder, "samples", {"file": SAMPLES_FILE, "count": len(samples), "prompts": len(prompts),
                                          "prompts_sha256": made_from["sha256"], "sampling": cfg.to_dict(),
                                          "metrics": generation_metrics(samples)})
@@ -209,11 +224,13 @@ def annotate_samples(annotator: Annotator, samples: Sequence[Sample], progress: 
 
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
-                   overwrite: bool = False, refuse_empty: bool = False, progress: bool = False) -> Path:
+                   overwrite: bool = False, refuse_empty: bool = False, progress: bool = False,
+                   before_entry: Callable[[], Any] | None = None) -> Path:
     """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
     write `folder/records.jsonl` (skipped when complete). Returns its path. A round no record passes writes an empty
     file (a rounds loop skips it); `refuse_empty=True` (the `alignkit annotate` command) raises `DataError` instead,
-    before anything is written. `progress`: a bar over the scoring (`annotate_samples`)."""
+    before anything is written. `progress`: a bar over the scoring (`annotate_samples`). `before_entry`: as
+    `sample_round`'s (the CLI's annotate.yaml)."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
     annotator = build_annotator(annotator)
@@ -242,7 +259,10 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
         raise DataError(f"{folder / SAMPLES_FILE}: no {feedback} record passed from its {len(samples)} scored "
                         f"sample(s) (feedback_kwargs: {feedback_kwargs or {}}); no {RECORDS_FILE} was written. Loosen "
                         f"feedback_kwargs (e.g. a lower min_margin) or sample more responses per prompt")
+    _forget(folder, "annotation")
     atomic_write_jsonl(path, (record_to_row(r) for r in records))
+    if before_entry is not None:
+        before_entry()
     _update_manifest(folder, "annotation", {
         "file": RECORDS_FILE, **made_by, "kinds": sorted({r.kind for r in records}), "metrics": metrics,
         "scores": None if scores is None else [None if math.isnan(x) else x for x in scores.values.tolist()]})

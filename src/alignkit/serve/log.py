@@ -61,6 +61,8 @@ def check_log_file(path: Path) -> None:
         return
     with open(path, encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), None)
+    if first is not None and not first.endswith("\n") and first.startswith('{"time": '):
+        return  # the serve log's first row, cut by a kill while it was written (`ServeLog.start` drops it)
     try:
         row = json.loads(first) if first is not None else {}
     except ValueError:
@@ -115,10 +117,7 @@ class ServeLog:
                 row["mean_latency_s"] = (totals["latency_sum"] - self._last["latency_sum"]) / done
                 row["mean_ttft_s"] = (totals["ttft_sum"] - self._last["ttft_sum"]) / done
         self._last, self._last_t = totals, now
-        with open(self.path, "a", encoding="utf-8") as f:  # append: a previous start's rows stay
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append(json.dumps(row) + "\n")
         if self._writer is not None:
             self._step = max(int(round(row["time"] - self._origin)), self._step + 1)  # rows in one second: one step each
             for k, v in row.items():
@@ -128,8 +127,41 @@ class ServeLog:
         self._rows.append(row)
         return row
 
+    def _append(self, line: str) -> None:
+        """Append one row (a previous start's rows stay). A write that fails part-way (a full disk) is cut back to
+        the rows before it, so the next row does not run on from half of this one (both unreadable)."""
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass
+            raise
+
+    def _cut_tail(self) -> None:
+        """A row cut by a kill (or a full disk) while it was written is the file's last line without its newline:
+        the next start's first row ran on from it, so both were unreadable. Dropped, with one warning."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return
+        if not data or data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        os.truncate(self.path, keep)
+        logger.warning("serve metrics: %s ended in a row cut part-way (%d byte(s) without a newline: a kill or a full "
+                       "disk while it was written); that row was dropped, the %d byte(s) before it are kept",
+                       self.path, len(data) - keep, keep)
+
     def start(self) -> "ServeLog":
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._cut_tail()
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from alignkit.adapters.config import without_null_parts
+from alignkit.files import atomic_write_text
 from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod, KTOMethod, ModelSettings, SFTMethod,
                                        TrainConfig, check_model_reads, check_split_data, loss_names)
@@ -197,10 +198,8 @@ def dump_config(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_config(cfg))
-    return path
+    """Write the resolved config to `path` atomically (a kill or a full disk leaves the previous file whole)."""
+    return atomic_write_text(path, dump_config(cfg))
 
 
 __all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config",
