@@ -166,6 +166,20 @@ def test_hand_values():
     assert PREFERENCE_LOSSES["slic"](b, PreferenceParams(slic_lambda=0.1)).losses.item() == pytest.approx(0.85)
 
 
+# loss_type -> rewards/chosen of one pair (log pi(y_w) = -6 over 3 tokens, log pi_ref(y_w) = -5) with beta 0.1 and
+# orpo_lambda 0.2, by hand: TRL's implicit reward beta * rho (also where beta is not read: sft, as TRL's DPOTrainer,
+# and slic, at beta's default, a non-default one being refused by PreferenceObjective), SimPO / CPO beta * the
+# (length-averaged / summed) policy log-prob, ORPO its lambda (the beta it applies) * the length-averaged log-prob
+REWARDS_CHOSEN = [("sigmoid", 0.1 * (-6 + 5)), ("sft", 0.1 * (-6 + 5)), ("slic", 0.1 * (-6 + 5)),
+                  ("simpo", 0.1 * -6 / 3), ("cpo", 0.1 * -6), ("orpo", 0.2 * -6 / 3)]
+
+
+@pytest.mark.parametrize("name, want", REWARDS_CHOSEN)
+def test_the_logged_rewards_are_what_docs_metrics_says(name, want):
+    out = PREFERENCE_LOSSES[name](one(-6, -9, -5, -7, 3, 3), PreferenceParams(beta=0.1, orpo_lambda=0.2))
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(want)
+
+
 def test_reference_free_uses_policy_logps():
     b = one(-1.0, -3.0)
     out = PREFERENCE_LOSSES["sigmoid"](b, PreferenceParams(beta=0.5))

@@ -157,11 +157,17 @@ def test_a_bad_record_half_way_leaves_the_previous_run_byte_equal(tmp_path, caps
     assert snapshot(out) == before
 
 
-def test_sample_killed_before_its_settings_are_written_is_redone_not_kept_as_the_old_ones(tmp_path, monkeypatch):
-    """`alignkit sample overwrite=true` wrote samples.jsonl and its manifest entry, then sample.yaml: killed between,
-    the round was complete with the NEW samples under the OLD sample.yaml, so a rerun with the old settings kept
-    them as the old settings' (exit 0, another seed's samples). Now sample.yaml is written before the manifest
-    entry: the killed stage is incomplete, and the rerun samples what the old settings give, byte-equal."""
+@pytest.mark.parametrize("command, config, file, old, new", [
+    ("sample", "sample-tiny.yaml", "samples.jsonl", "sampling.seed=0", "sampling.seed=1"),
+    ("annotate", "annotate-tiny.yaml", "records.jsonl", "annotator.kwargs.target=24", "annotator.kwargs.target=100"),
+])
+def test_a_stage_killed_before_its_settings_are_written_is_redone_not_kept_as_the_old_ones(
+        tmp_path, monkeypatch, command, config, file, old, new):
+    """`alignkit sample` / `annotate` overwrite=true wrote samples.jsonl / records.jsonl and its manifest entry, then
+    sample.yaml / annotate.yaml: killed between, the round was complete with the NEW file under the OLD settings
+    file, so a rerun with the old settings kept it as the old settings' (exit 0: another seed's samples, records
+    without the old run's weights). Now the settings file is written before the manifest entry: the killed stage is
+    incomplete, and the rerun makes what the old settings give, byte-equal."""
     import alignkit.cli.rounds as cli_rounds
     from alignkit.cli import main
 
@@ -169,18 +175,20 @@ def test_sample_killed_before_its_settings_are_written_is_redone_not_kept_as_the
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "round"
-    base = ["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={out}", f"data.path={data}",
-            "sampling.num_samples=2", "sampling.max_new_tokens=6", "sampling.do_sample=true"]
-    assert main([*base, "sampling.seed=0"]) == 0
-    first = (out / "samples.jsonl").read_bytes()
+    sampling = ["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={out}",
+                f"data.path={data}", "sampling.num_samples=2", "sampling.max_new_tokens=6", "sampling.do_sample=true"]
+    assert main([*sampling, "sampling.seed=0"]) == 0
+    base = sampling if command == "sample" else ["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}"]
+    assert main([*base, old]) == 0  # (sample: the same settings again, the stage kept)
+    first = (out / file).read_bytes()
 
     def killed(*args, **kwargs):
         raise Killed()
 
     monkeypatch.setattr(cli_rounds, "save_config", killed)
     with pytest.raises(Killed):
-        main([*base, "sampling.seed=1", "overwrite=true"])
+        main([*base, new, "overwrite=true"])
     monkeypatch.undo()
-    assert (out / "samples.jsonl").read_bytes() != first, "the test needs seed 1 to sample otherwise"
-    assert main([*base, "sampling.seed=0"]) == 0
-    assert (out / "samples.jsonl").read_bytes() == first
+    assert (out / file).read_bytes() != first, f"the test needs {new} to make another {file}"
+    assert main([*base, old]) == 0
+    assert (out / file).read_bytes() == first
