@@ -2,8 +2,10 @@
 the old file or the new one, never half of one) and JSON Lines.
 
 Used by the ReFT checkpoint writer (`interventions/io.py`), the run folder (`runs.py`: config, metrics;
-`run_commit.py`: the completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache, and the
-tokenization cache. Imports no other alignkit module (and so no torch): the torch-free settings and ReFT config
+`run_commit.py`: the completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache.
+The tokenization cache (`data/tokenize.py`) renames its own process-named temp files without fsync: a lost or
+damaged entry is tokenized again, and the fsync of a large features file made the cache write ~5% slower.
+Imports no other alignkit module (and so no torch): the torch-free settings and ReFT config
 (`interventions/config.py`) write through it too. `DataError` is defined here, with the JSONL reader that raises
 it; `alignkit.data.records` (and `alignkit.data`) export it.
 """

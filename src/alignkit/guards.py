@@ -31,21 +31,29 @@ class NonFiniteError(RuntimeError):
                          f"(no weights written after it; earlier checkpoints are kept). Likely causes: {causes}")
 
 
-LIKELY_CAUSES = ("a learning rate too high (train.learning_rate), a loss scale too large (method.beta and similar), "
-                 "extreme data weights or margins in the records named, or fp16 overflow (use bf16 or fp32); "
-                 "lower the culprit and rerun (or resume from the last checkpoint)")
+def likely_causes(scale: str | None = "method.beta and similar") -> str:
+    """The causes a `NonFiniteError` names; `scale`: the setting that scales the objective's loss (None: no such
+    setting, e.g. SFT, or an ORPO / SLiC preference loss, which refuse method.beta)."""
+    scaled = f", a loss scale too large ({scale})" if scale else ""
+    return (f"a learning rate too high (train.learning_rate){scaled}, extreme data weights or margins in the records "
+            "named, or fp16 overflow (use bf16 or fp32); lower the culprit and rerun (or resume from the last "
+            "checkpoint)")
+
+
+LIKELY_CAUSES = likely_causes()
 
 
 class StalledTrainingError(RuntimeError):
     """The gradient norm was exactly 0 for `steps` optimizer steps in a row while the loss stayed positive:
     nothing can learn any more, so the run stops instead of saving a model it cannot have trained."""
 
-    def __init__(self, first: int, last: int, loss: float) -> None:
+    def __init__(self, first: int, last: int, loss: float, scale: str | None = None) -> None:
         self.first, self.last, self.loss = first, last, loss
+        lower = f"train.learning_rate (or {scale})" if scale else "train.learning_rate"
         super().__init__(f"the gradient norm has been exactly 0 at optimizer steps {first}-{last} while the loss is "
                          f"{loss:.6g} > 0: the model no longer learns (weights saturated, e.g. by a learning rate far "
                          "too high, or a loss scale so large that the loss saturates); the run stopped before saving "
-                         "(earlier checkpoints are kept). Lower train.learning_rate (or method.beta) and rerun")
+                         f"(earlier checkpoints are kept). Lower {lower} and rerun")
 
 
 class NonFiniteLogitsError(ValueError):
@@ -81,4 +89,4 @@ def as_float(value: Any) -> float:
     return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
 
 
-__all__ = ["LIKELY_CAUSES", "NonFiniteError", "NonFiniteLogitsError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]
+__all__ = ["LIKELY_CAUSES", "likely_causes", "NonFiniteError", "NonFiniteLogitsError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]

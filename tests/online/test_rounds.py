@@ -138,6 +138,34 @@ def test_a_kept_annotation_made_by_another_annotator_is_refused(tiny_lm, tokeniz
     assert read_manifest(tmp_path)["annotation"]["annotator"]["fn"].endswith(":short_score")
 
 
+def near_score(prompt, response: str, target: int = 24) -> float:
+    return -abs(len(response) - target)
+
+
+def test_a_kept_annotation_made_with_other_function_kwargs_is_refused(tiny_lm, tokenizer, tmp_path):
+    """FunctionAnnotator.describe() had no kwargs, so target=100 kept the target=24 records (exit 0). Now the
+    manifest entry records them and other kwargs are a DataError; an entry written without them (older round
+    folders) still keeps the same function, and another function is still refused."""
+    from alignkit.data.records import DataError
+
+    sample_round(tiny_lm("llama"), tokenizer, PROMPTS, tmp_path, SAMPLING)
+    fn = {"type": "function", "fn": near_score, "kwargs": {"target": 24}}
+    annotate_round(tmp_path, fn, "best_worst")
+    kept = (tmp_path / RECORDS_FILE).read_text()
+    assert read_manifest(tmp_path)["annotation"]["annotator"]["kwargs"] == {"target": 24}
+    annotate_round(tmp_path, fn, "best_worst")  # the same: kept
+    with pytest.raises(DataError, match=f"{RECORDS_FILE}: complete, and annotated with other settings .*\"target\": 100"):
+        annotate_round(tmp_path, {**fn, "kwargs": {"target": 100}}, "best_worst")
+    assert (tmp_path / RECORDS_FILE).read_text() == kept
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())  # as written before kwargs were recorded
+    del manifest["annotation"]["annotator"]["kwargs"], manifest["annotation"]["annotator"]["default_score"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    annotate_round(tmp_path, fn, "best_worst")  # kept
+    assert (tmp_path / RECORDS_FILE).read_text() == kept
+    with pytest.raises(DataError, match="annotated with other settings .*length_score"):
+        annotate_round(tmp_path, {"type": "function", "fn": length_score}, "best_worst")
+
+
 def test_new_samples_do_not_keep_records_of_the_old_ones(tiny_lm, tokenizer, tmp_path):
     """Sampling a round again (overwrite) left records.jsonl and its manifest entry from the OLD samples: the next
     annotation kept them as complete (records of responses no longer in samples.jsonl, exit 0). Now new samples

@@ -38,6 +38,7 @@ def test_nan_loss_stops_at_its_step_keeps_last_good_checkpoint(make_model, featu
     with pytest.raises(NonFiniteError) as err:
         trainer.train()
     assert err.value.step == 3 and "optimizer step 3" in str(err.value)
+    assert "train.learning_rate" in str(err.value) and "beta" not in str(err.value)  # SFT reads no beta
     assert len(err.value.record_ids) == 2 and all(i.startswith("s") for i in err.value.record_ids)  # the batch's ids
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
@@ -84,6 +85,7 @@ def test_zero_gradient_with_positive_loss_stops_after_patience(make_model, featu
         trainer.train()
     assert (err.value.first, err.value.last) == (1, 3) and err.value.loss > 0
     assert "optimizer steps 1-3" in str(err.value) and "train.learning_rate" in str(err.value)
+    assert "beta" not in str(err.value)  # SFT has none: following the old advice was a ConfigError
     assert any("exactly 0 at optimizer step 1" in r.getMessage() for r in caplog.records)  # warned first
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     assert not (tmp_path / "out" / "model").exists()
@@ -98,6 +100,31 @@ def test_a_short_zero_gradient_spell_only_warns(make_model, features, collators,
     assert trainer.state.global_step == 5
     warned = [r.getMessage() for r in caplog.records if "exactly 0 at optimizer step" in r.getMessage()]
     assert len(warned) == 2 and "step 2" in warned[0] and "step 5" in warned[1]
+
+
+@pytest.mark.parametrize("trainer, loss_type, scale", [
+    ("SFTTrainer", None, None), ("RewardTrainer", None, None), ("KTOTrainer", "kto", "method.beta"),
+    ("PreferenceTrainer", "sigmoid", "method.beta"), ("DPOTrainer", "ipo", "method.beta"),
+    ("PreferenceTrainer", "orpo", None), ("PreferenceTrainer", "slic", None), ("PreferenceTrainer", "sft", None),
+    ("PreferenceTrainer", ["orpo", "sft"], None), ("PreferenceTrainer", ["sigmoid", "sft"], "method.beta"),
+])
+def test_the_advice_names_beta_only_where_the_objective_reads_it(trainer, loss_type, scale):
+    """The non-finite / stalled advice said "Lower train.learning_rate (or method.beta)" for every objective;
+    for SFT, reward and the losses that refuse method.beta (PreferenceObjective.BETA_UNREAD) following it was a
+    ConfigError. Now each trainer names the setting that scales its loss, or none."""
+    import alignkit.trainers as trainers
+    from alignkit.guards import StalledTrainingError, likely_causes
+
+    cls = getattr(trainers, trainer)
+    got = cls.loss_scale(**({} if loss_type is None else {"loss_type": loss_type}))
+    assert got == scale
+    stalled = str(StalledTrainingError(1, 3, 0.5, got))
+    causes = str(NonFiniteError("the training loss", float("nan"), 1, causes=likely_causes(got)))
+    if scale is None:
+        assert "Lower train.learning_rate and rerun" in stalled and "beta" not in stalled + causes
+    else:
+        assert "Lower train.learning_rate (or method.beta) and rerun" in stalled
+        assert "a loss scale too large (method.beta)" in causes
 
 
 @pytest.mark.parametrize("override, says", [

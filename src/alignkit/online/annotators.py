@@ -464,7 +464,8 @@ class FunctionAnnotator(Annotator):
 
     def describe(self) -> dict[str, Any]:
         out = {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure,
-               "conventions": [f.convention for f in self.fns]}
+               "conventions": [f.convention for f in self.fns], "kwargs": self.kwargs,
+               "default_score": self.default_score}
         if len(self.fns) > 1:
             out["weights"] = self.weights
         return out

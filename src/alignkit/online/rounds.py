@@ -170,14 +170,21 @@ def score_stats(scores: Scores) -> dict[str, float]:
             "reward/valid": float(n), "reward/failed": float(scores.failed.sum())}
 
 
+def _same_settings(key: str, kept: Any, now: Any) -> bool:
+    if key == "annotator" and isinstance(kept, dict) and isinstance(now, dict):
+        return all(k in now and now[k] == v for k, v in kept.items())  # a key only `now` has: an older entry
+    return kept == now
+
+
 def check_kept_annotation(folder: str | Path, made_by: dict[str, Any]) -> None:
     """A complete annotation is kept, not redone (resume): a DataError when its manifest entry says it was made by
     another annotator, feedback, feedback_kwargs or reweighters than `made_by` (these keys, as `annotate_round`
     records them). It was kept whatever annotator was passed, and its records silently stood for the new one's.
-    Entries without a key (older manifests) are not compared on it."""
+    Entries without a key (older manifests) are not compared on it, nor annotator descriptions without one of
+    today's keys (a function annotator's kwargs and default_score, recorded since): every key they have must match."""
     kept = read_manifest(folder).get("annotation", {})
     now = json.loads(json.dumps(made_by, sort_keys=True, default=str))  # as the manifest stores it
-    differ = [k for k, v in now.items() if k in kept and kept[k] != v]
+    differ = [k for k, v in now.items() if k in kept and not _same_settings(k, kept[k], v)]
     if differ:
         shown = "; ".join(f"{k}: {json.dumps(kept[k], sort_keys=True)} then, {json.dumps(now[k], sort_keys=True)} "
                           "now" for k in differ)

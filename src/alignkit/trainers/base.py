@@ -97,7 +97,7 @@ from alignkit.distributed import (
     check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed,
     is_fsdp2, load_full_optimizer_state, refuse_fsdp1_on_cpu,
 )
-from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float
+from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float, likely_causes
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.run_commit import (
     STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap,
@@ -273,6 +273,12 @@ class AlignTrainer(BatchSampling, Trainer):
         return {}
 
     @classmethod
+    def loss_scale(cls, **method: Any) -> str | None:
+        """The setting that scales this objective's loss with the settings `method`, named in the advice of a
+        non-finite loss or a stalled run (`alignkit.guards`); None where there is none to lower (SFT, reward)."""
+        return None
+
+    @classmethod
     def eval_metrics(cls, **method: Any) -> tuple[str, ...] | None:
         """Every metric an evaluation of this objective logs, without the `eval_` prefix: the Trainer's own
         (`TRAINER_EVAL_METRICS`: loss, runtime, ...) and `objective_metrics` (None when those are unknown). What
@@ -419,7 +425,7 @@ class AlignTrainer(BatchSampling, Trainer):
                            "learning at this step (the run stops if this lasts %d steps)", step, loss,
                            ZERO_GRAD_PATIENCE)
         if step - self._zero_grad_since + 1 >= ZERO_GRAD_PATIENCE:
-            raise StalledTrainingError(self._zero_grad_since, step, loss)
+            raise StalledTrainingError(self._zero_grad_since, step, loss, self.loss_scale(**self.objective_settings()))
 
     def _stop_non_finite(self, what: str, value: float, ids: list[str] | None) -> None:
         """Log the bad value as NaN / inf (metrics.jsonl keeps it), then stop before the optimizer step."""
@@ -430,7 +436,7 @@ class AlignTrainer(BatchSampling, Trainer):
             self.log({key: value})
         except Exception:  # the error below matters more than the log row  # noqa: BLE001
             logger.debug("could not log the non-finite %s", key, exc_info=True)
-        err = NonFiniteError(what, value, step, ids)
+        err = NonFiniteError(what, value, step, ids, causes=likely_causes(self.loss_scale(**self.objective_settings())))
         raise err
 
     # -- loss ------------------------------------------------------------------------------------------

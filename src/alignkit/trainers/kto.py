@@ -154,6 +154,10 @@ class KTOTrainer(HasReference, AlignTrainer):
         return {"loss_type": self.loss_type}
 
     @classmethod
+    def loss_scale(cls, **_: Any) -> str | None:
+        return "method.beta"
+
+    @classmethod
     def objective_metrics(cls, loss_type: str = "kto", **_: Any) -> tuple[str, ...]:
         """`metric_totals`' names: `kl` only for a loss that reads z_ref (`KL_LOSSES`). An evaluation whose examples
         are all of one side (desirable or not) has no count for the other, and does not log that side's two

@@ -27,7 +27,7 @@ from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
-from alignkit.settings.sections import REFERENCE_FREE, loss_names, reference_free
+from alignkit.settings.sections import REFERENCE_FREE, PreferenceObjective, loss_names, reference_free
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 
@@ -105,6 +105,11 @@ class PreferenceTrainer(HasReference, AlignTrainer):
 
     def objective_settings(self) -> dict[str, Any]:
         return {"loss_type": self.loss_type}
+
+    @classmethod
+    def loss_scale(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> str | None:
+        """method.beta, except for losses that do not read it (orpo, slic, sft: method.beta is refused there)."""
+        return None if set(loss_names(loss_type)) <= PreferenceObjective.BETA_UNREAD else "method.beta"
 
     @classmethod
     def objective_metrics(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> tuple[str, ...]:
