@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
@@ -94,12 +94,13 @@ TEXT_KEYS = ("prompt", "completion", "chosen", "rejected")
 
 def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filters: Filters, out_path: str | Path,
             *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0, concurrency: int = 1,
-            progress: bool = False) -> AugmentResult:
+            progress: bool = False, before_write: Callable[[], Any] | None = None) -> AugmentResult:
     """Run `strategy` over `sources` and write the kept records to `out_path` (atomically). `options` is the
     strategy's options dataclass; `llm` a ChatModel (None for code_bugs); `concurrency` the requests in flight
     at once (ValueError above the client's `max_concurrency`: a local model's is 1). DataError, and `out_path`
     left as it was, when no record is kept (an empty file would replace an earlier run's records and train
-    nothing). `progress`: a bar counting the candidates (`alignkit augment`, where each may be an LLM request)."""
+    nothing). `progress`: a bar counting the candidates (`alignkit augment`, where each may be an LLM request).
+    `before_write`: called just before `out_path` is written (`alignkit augment` begins its output set there)."""
     spec = STRATEGIES[strategy]
     if spec.needs_llm and llm is None:
         raise ValueError(f"strategy {strategy!r} prompts a language model: configure llm")
@@ -141,6 +142,8 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
                if n else
                f"the strategy made no candidate from the {len(sources)} source(s); check data.path and options")
         raise DataError(f"augment {strategy}: no record to write: {why} ({out_path} was not written)")
+    if before_write is not None:
+        before_write()
     result.path = atomic_write_jsonl(out_path, rows)
     logger.info("augment %s: %s", strategy, result.summary())
     return result
