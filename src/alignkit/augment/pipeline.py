@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from alignkit.augment.code_bugs import split_functions
 from alignkit.augment.llm import UNFINISHED
+from alignkit.augment.sources import norm_words
 from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns, texts_of
 from alignkit.files import DataError, atomic_write_jsonl
 
@@ -85,10 +86,6 @@ def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Sour
     return out[:max_rows] if max_rows is not None else out
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 TEXT_KEYS = ("prompt", "completion", "chosen", "rejected")
 
 
@@ -111,7 +108,7 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
                          f"request(s) at a time; set concurrency {limit}")
     check_columns(sources, options)
     model = getattr(llm, "name", None) if spec.needs_llm else None
-    norm = str if spec.exact_dedup else _norm  # code: punctuation is meaning (a flipped `<` is another bug)
+    norm = str if spec.exact_dedup else norm_words  # code: punctuation is meaning (a flipped `<` is another bug)
     dropped: Counter = Counter()
     seen: set[str] = set()
     rows: list[dict] = []
