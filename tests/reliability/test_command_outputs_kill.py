@@ -291,3 +291,22 @@ def test_a_write_killed_part_way_leaves_a_temp_file_the_next_write_removes_once_
     finally:
         live.kill()
         live.wait(60)
+
+
+def test_a_finished_sets_file_edited_after_the_run_reads_with_a_warning(tmp_path, caplog):
+    """A hand-edited augmented.jsonl is legitimate data: read, with one warning that summary.json and config.yaml
+    beside it describe what augment wrote, not this file."""
+    import logging
+
+    from alignkit.cli import main
+    from alignkit.cli.data import data_path
+
+    out = tmp_path / "out"
+    assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"output_dir={out}"]) == 0
+    with caplog.at_level(logging.WARNING, logger="alignkit.run_commit"):
+        data_path(str(out / "augmented.jsonl"))
+        assert not caplog.records
+        rows = (out / "augmented.jsonl").read_text().splitlines()
+        (out / "augmented.jsonl").write_text("\n".join(rows[:2]) + "\n")  # kept two records by hand
+        assert data_path(str(out / "augmented.jsonl")) == str(out / "augmented.jsonl")
+    assert len(caplog.records) == 1 and "changed after `alignkit augment` wrote it" in caplog.records[0].message
