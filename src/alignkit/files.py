@@ -12,12 +12,19 @@ it; `alignkit.data.records` (and `alignkit.data`) export it.
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable
+
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -37,11 +44,52 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _host() -> str:
+    """This machine's name as a temp file carries it: no dots (the name is split on them)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+def remove_dead_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files `atomic_write` left beside `path` from processes killed part-way: those named for
+    this host with a pid that is no longer running (never a live process's write in progress, never another
+    host's, never a name of another form). Returns what was removed."""
+    path = Path(path)
+    host, prefix, removed = _host(), f".{path.name}.", []
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        parts = tmp.name[len(prefix):-len(".tmp")].split(".")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue  # another target's temp file, another host's, or a name without a pid
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            continue
+        removed.append(tmp)
+    if removed:
+        logger.info("removed %d temporary file(s) of %s left by killed processes", len(removed), path)
+    return removed
+
+
 def atomic_write(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file + fsync + rename (a reader sees the old file or the new
-    one), with the permission bits `open()` would give. The one atomic writer."""
+    one), with the permission bits `open()` would give. The one atomic writer. The temporary file is
+    `.<name>.<host>.<pid>.<random>.tmp`: a kill leaves it, and the next write to `path` removes it once its process
+    is gone (`remove_dead_temps`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a written file gets the mode open() would give
     try:
         with os.fdopen(fd, "wb") as f:
@@ -85,4 +133,5 @@ def read_jsonl(path: str | Path, fix: str = "fix or delete that line") -> list[A
     return rows
 
 
-__all__ = ["atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl"]
+__all__ = ["atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl",
+           "remove_dead_temps"]

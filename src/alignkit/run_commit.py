@@ -4,11 +4,16 @@
 `alignkit_complete.json` (each file's size) written last, so a kill leaves either the previous state or a
 complete folder; `latest_complete_checkpoint` skips (and names) any checkpoint without a valid marker. A resume
 continues from a checkpoint's step (`resumed_step`) and keeps metrics.jsonl up to it (`truncate_metrics`).
+The files a one-shot command (generate, eval, augment) writes beside each other are a set (`output_set`): a
+manifest, `alignkit_<command>_outputs.json`, is marked unfinished before the first of them is written and lists
+each file's size and sha256 after the last; `check_output_file` (every data file a command reads) refuses a file of
+an unfinished set (a kill between two writes left new files beside old ones) and warns about one changed since.
 The rest of the run folder (config, metrics, plots, model card) is `alignkit.runs`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from alignkit.files import atomic_write_text
+from alignkit.files import DataError, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +255,100 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     return len(kept)
 
 
-__all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARKER", "STAGING_MARK", "CheckpointError", "checkpoint_step",
-           "commit_staging", "incomplete_reason", "latest_complete_checkpoint", "new_staging", "recover_swap",
-           "remove_own", "resumed_step", "saved_step", "staged", "truncate_metrics", "write_marker"]
+OUTPUTS_MANIFEST = "alignkit_{command}_outputs.json"  # one per command, beside the files it lists
+
+
+def outputs_manifest(folder: str | Path, command: str) -> Path:
+    return Path(folder) / OUTPUTS_MANIFEST.format(command=command)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
+
+
+class output_set:
+    """`with output_set(folder, "generate", names) as outs: outs.add(write(...))`: the files one command writes
+    into `folder`, as a set. `begin()` (on entry, or where the first write is when `lazy`) replaces the manifest by
+    an unfinished one naming `names` and the previous set's files: a kill from there on leaves a set
+    `check_output_file` refuses, one before it the previous set as it was. A clean exit lists each added file's
+    size and sha256; an exception after `begin()` leaves the set unfinished (it is). `enabled=False` (not the main
+    process): nothing is written."""
+
+    def __init__(self, folder: str | Path, command: str, names: list[str], enabled: bool = True,
+                 lazy: bool = False) -> None:
+        self.folder, self.command, self.names, self.enabled, self.lazy = Path(folder), command, names, enabled, lazy
+        self.manifest = outputs_manifest(folder, command)
+        self.files: list[Path] = []
+        self.begun = False
+
+    def begin(self) -> None:
+        if self.begun or not self.enabled:
+            return
+        previous = _read_manifest(self.manifest) if self.manifest.is_file() else None
+        if previous is not None and not previous.get("complete"):
+            logger.warning("the previous `alignkit %s` in %s did not finish (its files are a mixed set); they are "
+                           "replaced now", self.command, self.folder)
+        listed = sorted({*self.names, *((previous or {}).get("files") or {})})
+        atomic_write_text(self.manifest, json.dumps({"command": self.command, "complete": False,
+                                                     "files": {n: None for n in listed}}, indent=1) + "\n")
+        self.begun = True
+
+    def add(self, path: str | Path) -> Path:
+        """Record a file written into the set (after `begin()`); returns it."""
+        if self.enabled and not self.begun:
+            raise RuntimeError(f"{path} was written before output_set.begin()")
+        self.files.append(Path(path))
+        return Path(path)
+
+    def __enter__(self) -> output_set:
+        if not self.lazy:
+            self.begin()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is not None or not self.begun:
+            return
+        files = {p.relative_to(self.folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(set(self.files))}
+        atomic_write_text(self.manifest, json.dumps({"command": self.command, "complete": True, "files": files},
+                                                    indent=1) + "\n")
+
+
+def check_output_file(path: str | Path) -> None:
+    """Before reading `path` as data: a `DataError` when a manifest beside it lists it in a set that did not
+    finish (a kill or failure between two of the command's writes: files of two runs side by side); a warning
+    when it differs from what the finished set recorded (changed since, e.g. edited by hand)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    for manifest in sorted(path.parent.glob(OUTPUTS_MANIFEST.format(command="*"))):
+        m = _read_manifest(manifest)
+        if m is None or path.name not in m["files"]:
+            continue
+        command = m.get("command", "?")
+        if not m.get("complete"):
+            raise DataError(f"{path}: the `alignkit {command}` that wrote it did not finish ({manifest} is marked "
+                            f"unfinished: the files in {path.parent} may be from two runs); rerun `alignkit {command}` "
+                            f"with output_dir={path.parent}")
+        want = m["files"][path.name] or {}
+        if want.get("bytes") != path.stat().st_size or want.get("sha256") != _sha256(path):
+            logger.warning("%s was changed after `alignkit %s` wrote it (its size / sha256 differ from %s): the files "
+                           "beside it describe what was written, not this file", path, command, manifest)
+
+
+__all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARKER", "OUTPUTS_MANIFEST", "STAGING_MARK", "CheckpointError",
+           "check_output_file", "checkpoint_step", "commit_staging", "incomplete_reason", "latest_complete_checkpoint",
+           "new_staging", "output_set", "outputs_manifest", "recover_swap", "remove_own", "resumed_step", "saved_step",
+           "staged", "truncate_metrics", "write_marker"]

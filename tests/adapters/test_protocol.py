@@ -412,3 +412,16 @@ def test_resuming_from_a_checkpoint_of_another_base_is_refused(row, tiny_dir, tm
     (tmp_path / "partial" / row.files[0]).unlink()
     with pytest.raises(FileNotFoundError, match=f"has no {row.files[0]} "):
         load_adapter_weights(fresh, tmp_path / "partial")
+
+
+def test_a_save_that_records_no_base_removes_the_base_an_earlier_save_left(tiny_dir, tmp_path):
+    """save_adapter into a folder an earlier save wrote: a save that records no base (a whole model) left the
+    earlier adapter's alignkit_base.json beside it, read on load as this folder's base. It is removed now."""
+    from alignkit.adapters import BASE_FINGERPRINT_NAME
+
+    part = next(row for row in ADAPTERS if not row.whole_model)
+    whole = next(row for row in ADAPTERS if row.whole_model)
+    folder = save_adapter(apply_adapter(load_model(tiny_dir("llama")), part.config()), tmp_path / "a")
+    assert (folder / BASE_FINGERPRINT_NAME).is_file()
+    save_adapter(apply_adapter(load_model(tiny_dir("llama")), whole.config()), folder)
+    assert not (folder / BASE_FINGERPRINT_NAME).exists()

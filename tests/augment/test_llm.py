@@ -148,3 +148,23 @@ def test_a_local_model_stopped_by_max_tokens_is_cut_off(tiny_dir):
     bias[eos] = 0.0
     llm.model.get_output_embeddings().bias = torch.nn.Parameter(bias)  # the model can only say the end token
     assert llm.chat(msgs, max_tokens=3, temperature=0.0) == ""
+
+
+def test_a_cache_entry_written_before_finish_reasons_were_recorded_is_asked_again(tmp_path, caplog):
+    """Cache entries written before finish reasons were recorded carry no `cut_off`: one holding an answer cut at
+    max_tokens counted as finished, and its text was kept as a record. Such an entry (neither `finished` nor
+    `cut_off`) is asked again now, with one warning, and rewritten; the answer cut at max_tokens is dropped."""
+    import logging
+
+    with serving(lambda m: ("half an ans", "length")) as (fake, url):
+        llm = Cached(OpenAIChat(url, "m"), tmp_path / "cache")
+        key = llm.key(MSG, 8, 0.0, 0)
+        entry = tmp_path / "cache" / key[:2] / f"{key}.json"
+        entry.parent.mkdir(parents=True)
+        entry.write_text(json.dumps({"model": "m", "messages": MSG, "content": "half an ans"}))  # the old form
+        with caplog.at_level(logging.WARNING, logger="alignkit.augment.llm"):
+            with pytest.raises(AnswerCutOff, match="cut off at max_tokens"):
+                llm.chat(MSG, max_tokens=8, temperature=0.0, seed=0)
+        assert len(fake.requests) == 1 and (llm.hits, llm.misses) == (0, 1)
+        assert json.loads(entry.read_text())["cut_off"] == CUT_AT_MAX_TOKENS
+        assert [r.message for r in caplog.records if "asked again" in r.message]

@@ -113,6 +113,8 @@ def test_augment_killed_while_asking_keeps_the_previous_run_and_its_rerun_equals
             gate.set()
         assert child.returncode == -signal.SIGKILL
         assert {n: (out / n).read_bytes() for n in before} == before
+        from alignkit.cli.data import data_path
+        data_path(str(out / "augmented.jsonl"))  # killed before its first write: the previous set is still finished
         entries = cache_entries(out)
         assert len(entries) == len(cached) + 1 and all(entries[k] == v for k, v in cached.items())
         assert all(json.loads(v)["content"] for v in entries.values())
@@ -192,3 +194,121 @@ def test_a_stage_killed_before_its_settings_are_written_is_redone_not_kept_as_th
     assert (out / file).read_bytes() != first, f"the test needs {new} to make another {file}"
     assert main([*base, old]) == 0
     assert (out / file).read_bytes() == first
+
+
+KILL_BETWEEN_WRITES = """
+import os, signal, sys
+import importlib
+module = importlib.import_module(sys.argv[1])
+setattr(module, sys.argv[2], lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL))
+from alignkit.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("command, extra, results, killed_at, other", [
+    ("generate", ["--config", str(CONFIGS / "generate-tiny.yaml"), "model.path=tiny:llama", "model.adapter_path=null",
+                  "generation.max_new_tokens=4"],
+     "generations.jsonl", ("alignkit.cli.generate", "atomic_write_text"), "generation_metrics.json"),
+    ("eval", ["--config", str(CONFIGS / "eval-rm-tiny.yaml"), "model.path=tiny:llama", "model.adapter_path=null"],
+     "metrics.json", ("alignkit.cli.evaluate", "write_command_outputs"), "plots/eval-margin.png"),
+    ("augment", ["--config", str(CONFIGS / "augment-code-bugs.yaml")],
+     "augmented.jsonl", ("alignkit.cli.augment", "atomic_write_text"), "summary.json"),
+])
+def test_a_command_killed_between_two_writes_leaves_a_set_its_readers_refuse(tmp_path, capsys, command, extra,
+                                                                              results, killed_at, other):
+    """generate / eval / augment wrote their files one by one, each atomically: a real SIGKILL after the results
+    file and before the next one left the new results beside the previous run's files (generation_metrics.json /
+    summary.json counting other rows), and a command reading the results (data.path=<out>/generations.jsonl) took
+    them silently. Now the set's manifest is unfinished: reading the results is refused with one line naming the
+    manifest and the rerun, and the rerun makes a finished set that reads again."""
+    from alignkit.cli import main
+    from alignkit.cli.data import data_path
+    from alignkit.files import DataError
+
+    out = tmp_path / "out"
+    base = ["-q", command, *extra, f"output_dir={out}"]
+    assert main([*base, "data.max_records=3"]) == 0
+    before = {n: (out / n).read_bytes() for n in (results, other)}
+    data_path(str(out / results))  # a finished set reads
+    child = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITES, *killed_at, *base, "data.max_records=2"],
+                           env=child_env(), capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    assert (out / results).read_bytes() != before[results]  # the new results ...
+    assert (out / other).read_bytes() == before[other]  # ... beside the previous run's
+    with pytest.raises(DataError, match=f"alignkit_{command}_outputs.json.*rerun `alignkit {command}`"):
+        data_path(str(out / results))
+    if command != "eval":  # a command reading it: one line, exit 2
+        capsys.readouterr()
+        assert main(["-q", "generate", "--config", str(CONFIGS / "generate-tiny.yaml"), "model.path=tiny:llama",
+                     "model.adapter_path=null", f"data.path={out / results}", f"output_dir={tmp_path / 'g'}"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and f"{out / results}" in err[0] and "did not finish" in err[0], err
+    assert main([*base, "data.max_records=2"]) == 0  # the rerun finishes the set
+    data_path(str(out / results))
+
+
+STOPPED_IN_WRITE = """
+import os, signal, sys, time
+from alignkit.files import atomic_write
+
+def stop(fd):
+    print("in write", flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(600)
+
+os.fsync = stop
+atomic_write(sys.argv[1], b"new")
+"""
+
+
+def test_a_write_killed_part_way_leaves_a_temp_file_the_next_write_removes_once_its_process_is_gone(tmp_path):
+    """atomic_write's temporary file was `.<name>.<random>.tmp`: a process killed inside the write left it beside
+    the target forever, and nothing told it from another process's write in progress. Now it is named for the host
+    and pid: the next write to the target removes the leftover of a dead process on this host, and keeps a live
+    process's and another host's."""
+    from alignkit.files import atomic_write
+
+    target = tmp_path / "summary.json"
+    atomic_write(target, b"old")
+    dead = subprocess.run([sys.executable, "-c", STOPPED_IN_WRITE, str(target), "kill"], env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert dead.returncode == -signal.SIGKILL and "in write" in dead.stdout, dead.stdout + dead.stderr
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and target.read_bytes() == b"old"
+    dead_pid = left[0].name.split(".")[-3]  # .summary.json.<host>.<pid>.<random>.tmp (old code: no pid)
+    other_host = tmp_path / f".summary.json.some-other-host.{dead_pid}.abcdefgh.tmp"  # that pid, on another host
+    other_host.write_bytes(b"x")
+    live = subprocess.Popen([sys.executable, "-c", STOPPED_IN_WRITE, str(target), "hold"], env=child_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "in write"
+        held = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") and p not in left and p != other_host]
+        assert len(held) == 1 and f".{live.pid}." in held[0].name
+        atomic_write(target, b"newer")
+        assert target.read_bytes() == b"newer"
+        assert not left[0].exists()  # the killed process's leftover
+        assert held[0].exists() and other_host.exists()  # a live write in progress, another host's
+    finally:
+        live.kill()
+        live.wait(60)
+
+
+def test_a_finished_sets_file_edited_after_the_run_reads_with_a_warning(tmp_path, caplog):
+    """A hand-edited augmented.jsonl is legitimate data: read, with one warning that summary.json and config.yaml
+    beside it describe what augment wrote, not this file."""
+    import logging
+
+    from alignkit.cli import main
+    from alignkit.cli.data import data_path
+
+    out = tmp_path / "out"
+    assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"output_dir={out}"]) == 0
+    with caplog.at_level(logging.WARNING, logger="alignkit.run_commit"):
+        data_path(str(out / "augmented.jsonl"))
+        assert not caplog.records
+        rows = (out / "augmented.jsonl").read_text().splitlines()
+        (out / "augmented.jsonl").write_text("\n".join(rows[:2]) + "\n")  # kept two records by hand
+        assert data_path(str(out / "augmented.jsonl")) == str(out / "augmented.jsonl")
+    assert len(caplog.records) == 1 and "changed after `alignkit augment` wrote it" in caplog.records[0].message

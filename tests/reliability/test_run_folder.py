@@ -4,6 +4,7 @@ once the new run has finished; a run that fails its checks writes nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -82,8 +83,11 @@ def test_eval_into_a_training_run_keeps_its_config(finished, capsys):
     after = snapshot(finished)
     assert all(after[k] == v for k, v in before.items())  # nothing of the run changed or went missing
     new = set(after) - set(before)  # eval's own files, its TensorBoard events and plots namespaced by the command
-    assert {"eval.yaml", "metrics.json", "plots/eval-loss.png"} <= new
-    assert all(k in ("eval.yaml", "metrics.json") or k.startswith(("plots/eval-", "tensorboard/eval/")) for k in new)
+    assert {"eval.yaml", "metrics.json", "alignkit_eval_outputs.json", "plots/eval-loss.png"} <= new
+    assert all(k in ("eval.yaml", "metrics.json", "alignkit_eval_outputs.json")
+               or k.startswith(("plots/eval-", "tensorboard/eval/")) for k in new)
+    listed = json.loads((finished / "alignkit_eval_outputs.json").read_text())  # the set eval wrote, each file
+    assert listed["complete"] and set(listed["files"]) == new - {"alignkit_eval_outputs.json"}
 
 
 def test_output_dir_under_a_file_is_refused_before_loading(tmp_path, capsys):

@@ -377,3 +377,16 @@ def test_rm_turns_dropout_off_as_trls_reward_config(make_model, features, collat
         cls(model, fast_args(tmp_path), train_dataset=features["preference"], data_collator=collators["preference"],
             **kw)
         assert [m.p for m in drops] == [p] * len(drops)
+
+
+def test_a_report_that_fails_part_way_leaves_the_previous_report_whole(tmp_path):
+    """write_report opened generations.jsonl for writing, then wrote row by row: a row that does not serialize (or
+    a kill) left the previous report's generations.jsonl cut to the rows before it. Both files are made first and
+    written atomically now: the previous report is byte-equal."""
+    from alignkit.trainers.evaluation import write_report
+
+    write_report([{"prompt": "p", "base": "b", "adapted": "a"}], tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in ("generations.jsonl", "generations.md")}
+    with pytest.raises(TypeError):
+        write_report([{"prompt": "p2", "base": "b2", "adapted": "a2"}, {"prompt": "p3", "base": object()}], tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before

@@ -203,6 +203,8 @@ class Adapter:
         fingerprint = None if self.saves_whole_model else recorded_base(model)
         if fingerprint is not None:
             (folder / BASE_FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2) + "\n")
+        else:  # an earlier save's into this folder would describe another model's base (checked on load)
+            (folder / BASE_FINGERPRINT_NAME).unlink(missing_ok=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         logger.info("saved %s adapter to %s", self.kind, folder)

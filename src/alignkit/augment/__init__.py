@@ -1,7 +1,9 @@
 """Data augmentation: new SFT / preference records from existing data (`alignkit augment`).
 
-- `strategies.py`: the registry (`STRATEGIES`): code_bugs, paraphrase, instructions, summarize, entities;
-  `Context.map` sends a strategy's independent requests concurrently (`llm.concurrency`), results in input order
+- `strategies.py`: the registry (`STRATEGIES`): code_bugs, paraphrase, instructions, summarize, entities
+  (`llm_strategies.py`: the four that prompt a model); `sources.py`: what they share (`Source`, `Candidate`,
+  `Context`: `Context.map` sends a strategy's independent requests concurrently (`llm.concurrency`), results in
+  input order; reading a row's column; option checks)
 - `code_bugs.py`: deterministic AST mutations of Python snippets
 - `llm.py`: the model a strategy prompts: an OpenAI-compatible endpoint (`OpenAIChat`: retries, rate limit)
   or a local model (`LocalChat`), behind an on-disk cache (`Cached`)

@@ -23,8 +23,10 @@ An answer the model did not finish (the endpoint's `finish_reason` "length": cut
 stopped by the endpoint's filter; a local model that made max_tokens tokens without its end token) is not returned
 as if whole: `chat` raises `AnswerCutOff` (its `reason`, its `content`), the strategies drop that candidate and the
 pipeline counts it under the reason in summary.json, with a warning. `Cached` keeps such an answer with its reason,
-so a rerun drops it again without asking (raise max_tokens: another cache key, a new request). A finish_reason
-that is missing (some servers send none) or anything else ("stop", "tool_calls") counts as finished.
+so a rerun drops it again without asking (raise max_tokens: another cache key, a new request), and a finished one
+with `finished: true`; an entry with neither (written before finish reasons were recorded: it may hold a cut
+answer) is asked again, with a warning. A finish_reason that is missing (some servers send none) or anything else
+("stop", "tool_calls") counts as finished.
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ class Cached:
         self.inner, self.folder = inner, Path(folder)
         self.name = inner.name
         self.max_concurrency = getattr(inner, "max_concurrency", None)
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.unchecked = 0
         self._lock = threading.Lock()  # the counters and the table of requests in flight
         self._inflight: dict[str, list] = {}  # key -> [its lock, threads using it]
 
@@ -250,6 +252,17 @@ class Cached:
                 if not entry[1]:
                     del self._inflight[key]
 
+    def _unchecked(self, path: Path) -> None:
+        """An entry with neither `finished` nor `cut_off`: written before alignkit recorded whether an answer was
+        finished, so it may hold one cut at max_tokens. Asked again (and rewritten), with one warning a client."""
+        with self._lock:
+            self.unchecked += 1
+            first = self.unchecked == 1
+        if first:
+            logger.warning("%s: cache entries written before alignkit recorded whether an answer was finished (this "
+                           "one: %s) are asked again: an answer cut at max_tokens would be kept as a record",
+                           self.folder, path.name)
+
     def _count(self, hits: int = 0, misses: int = 0) -> None:
         with self._lock:
             self.hits += hits
@@ -264,10 +277,12 @@ class Cached:
             except (json.JSONDecodeError, KeyError):
                 logger.warning("%s: unreadable cache entry, asking again", path)
             else:
-                self._count(hits=1)
-                if cut:
-                    raise AnswerCutOff(cut, content)
-                return content
+                if cut or cached.get("finished") is True:
+                    self._count(hits=1)
+                    if cut:
+                        raise AnswerCutOff(cut, content)
+                    return content
+                self._unchecked(path)
         self._count(misses=1)
         unfinished = None
         try:
@@ -275,7 +290,7 @@ class Cached:
         except AnswerCutOff as e:  # kept with its reason: a rerun drops it again without asking
             content, unfinished = e.content, e
         entry = {**(getattr(self.inner, "identity", None) or {"model": self.inner.name}), "messages": messages,
-                 "content": content, **({"cut_off": unfinished.reason} if unfinished else {})}
+                 "content": content, **({"cut_off": unfinished.reason} if unfinished else {"finished": True})}
         atomic_write_text(path, json.dumps(entry, ensure_ascii=False))  # the umask's mode, not 0600
         if unfinished is not None:
             raise unfinished

@@ -25,12 +25,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm.auto import tqdm
 
 from alignkit.augment.code_bugs import split_functions
 from alignkit.augment.llm import UNFINISHED
+from alignkit.augment.sources import norm_words
 from alignkit.augment.strategies import STRATEGIES, Candidate, Context, Source, check_columns, texts_of
 from alignkit.files import DataError, atomic_write_jsonl
 
@@ -85,21 +86,18 @@ def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Sour
     return out[:max_rows] if max_rows is not None else out
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 TEXT_KEYS = ("prompt", "completion", "chosen", "rejected")
 
 
 def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filters: Filters, out_path: str | Path,
             *, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0, concurrency: int = 1,
-            progress: bool = False) -> AugmentResult:
+            progress: bool = False, before_write: Callable[[], Any] | None = None) -> AugmentResult:
     """Run `strategy` over `sources` and write the kept records to `out_path` (atomically). `options` is the
     strategy's options dataclass; `llm` a ChatModel (None for code_bugs); `concurrency` the requests in flight
     at once (ValueError above the client's `max_concurrency`: a local model's is 1). DataError, and `out_path`
     left as it was, when no record is kept (an empty file would replace an earlier run's records and train
-    nothing). `progress`: a bar counting the candidates (`alignkit augment`, where each may be an LLM request)."""
+    nothing). `progress`: a bar counting the candidates (`alignkit augment`, where each may be an LLM request).
+    `before_write`: called just before `out_path` is written (`alignkit augment` begins its output set there)."""
     spec = STRATEGIES[strategy]
     if spec.needs_llm and llm is None:
         raise ValueError(f"strategy {strategy!r} prompts a language model: configure llm")
@@ -110,7 +108,7 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
                          f"request(s) at a time; set concurrency {limit}")
     check_columns(sources, options)
     model = getattr(llm, "name", None) if spec.needs_llm else None
-    norm = str if spec.exact_dedup else _norm  # code: punctuation is meaning (a flipped `<` is another bug)
+    norm = str if spec.exact_dedup else norm_words  # code: punctuation is meaning (a flipped `<` is another bug)
     dropped: Counter = Counter()
     seen: set[str] = set()
     rows: list[dict] = []
@@ -141,6 +139,8 @@ def augment(sources: list[Source], strategy: str, options: Any, llm: Any, filter
                if n else
                f"the strategy made no candidate from the {len(sources)} source(s); check data.path and options")
         raise DataError(f"augment {strategy}: no record to write: {why} ({out_path} was not written)")
+    if before_write is not None:
+        before_write()
     result.path = atomic_write_jsonl(out_path, rows)
     logger.info("augment %s: %s", strategy, result.summary())
     return result

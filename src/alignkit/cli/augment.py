@@ -9,7 +9,10 @@ records' sizes (plots/augment-record_chars.png). The LLM's answers are cached in
 `llm.cache_dir`): running the same config again sends no request for what it already asked. Unlike the
 training commands, reusing an output_dir is expected (that is how the cache pays off); augmented.jsonl is
 replaced atomically, and only by a run that writes records: a run that fails, or keeps no record, leaves the
-folder's augmented.jsonl, summary.json and config.yaml as the previous run wrote them.
+folder's augmented.jsonl, summary.json and config.yaml as the previous run wrote them. They are one set
+(`run_commit.output_set`): alignkit_augment_outputs.json is marked unfinished just before augmented.jsonl is
+written and lists every file last, so a run killed between two writes leaves a set a command reading
+augmented.jsonl refuses (rerun augment: the cache answers what was paid for).
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from alignkit.cli.runfolder import add_config_command
 from alignkit.models.tiny import save_tiny
 from alignkit.settings.tiny import tiny_arch
 from alignkit.files import atomic_write_text, read_jsonl
+from alignkit.run_commit import output_set
 from alignkit.runs import write_command_outputs
 from alignkit.settings import ConfigError, save_config
 
 logger = logging.getLogger(__name__)
+
+OUTPUTS = ["augmented.jsonl", "summary.json", "config.yaml"]  # the set's files a reader may take (`output_set`)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -88,24 +94,27 @@ def augment(cfg: Any, progress: bool = True) -> int:
     s = cfg.llm
     kw = {} if s is None else {"max_tokens": s.max_tokens, "temperature": s.temperature, "seed": s.seed,
                                "concurrency": s.concurrency}
-    try:
-        result = run_augment(sources, cfg.strategy, cfg.strategy_options(), llm,
-                             Filters(cfg.filters.min_chars, cfg.filters.max_chars, cfg.filters.dedup,
-                                     cfg.filters.printable),
-                             out / "augmented.jsonl", progress=progress, **kw)
-    except ValueError as e:  # e.g. an empty seed task (instructions)
-        raise ConfigError(str(e)) from None
-    inner = getattr(llm, "inner", llm)
-    summary = {"strategy": cfg.strategy, "sources": len(sources), "candidates": result.candidates,
-               "written": result.written, "dropped": result.dropped, "model": getattr(llm, "name", None),
-               "requests": getattr(inner, "requests", 0), "cache_hits": getattr(llm, "hits", 0),
-               "cache_misses": getattr(llm, "misses", 0)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    save_config(cfg, out / "config.yaml")  # after the records: config.yaml describes the augmented.jsonl beside it
-    scalars = {**summary, **{f"dropped/{k}": v for k, v in result.dropped.items()}}  # numbers only are written
-    chars = [sum(len(json.dumps(v, ensure_ascii=False)) for k, v in row.items() if k != "meta")
-             for row in read_jsonl(result.path)]
-    write_command_outputs(out, "augment", scalars, {"record_chars": chars})
+    with output_set(out, "augment", OUTPUTS, lazy=True) as outs:  # begun where augmented.jsonl is written
+        try:
+            result = run_augment(sources, cfg.strategy, cfg.strategy_options(), llm,
+                                 Filters(cfg.filters.min_chars, cfg.filters.max_chars, cfg.filters.dedup,
+                                         cfg.filters.printable),
+                                 out / "augmented.jsonl", progress=progress, before_write=outs.begin, **kw)
+        except ValueError as e:  # e.g. an empty seed task (instructions)
+            raise ConfigError(str(e)) from None
+        outs.add(result.path)
+        inner = getattr(llm, "inner", llm)
+        summary = {"strategy": cfg.strategy, "sources": len(sources), "candidates": result.candidates,
+                   "written": result.written, "dropped": result.dropped, "model": getattr(llm, "name", None),
+                   "requests": getattr(inner, "requests", 0), "cache_hits": getattr(llm, "hits", 0),
+                   "cache_misses": getattr(llm, "misses", 0)}
+        outs.add(atomic_write_text(out / "summary.json", json.dumps(summary, indent=2)))
+        outs.add(save_config(cfg, out / "config.yaml"))  # after the records: it describes the augmented.jsonl
+        scalars = {**summary, **{f"dropped/{k}": v for k, v in result.dropped.items()}}  # numbers only are written
+        chars = [sum(len(json.dumps(v, ensure_ascii=False)) for k, v in row.items() if k != "meta")
+                 for row in read_jsonl(result.path)]
+        for path in write_command_outputs(out, "augment", scalars, {"record_chars": chars}):
+            outs.add(path)
     print(f"alignkit augment: {cfg.strategy}: {result.summary()}; {summary['requests']} request(s), "
           f"{summary['cache_hits']} cache hit(s)\n  wrote {result.path}")
     return 0

@@ -43,7 +43,8 @@ from alignkit.data.records import convert, ranked_to_pairs
 from alignkit.losses import PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
 from alignkit.files import atomic_write_text
-from alignkit.runs import write_command_outputs
+from alignkit.run_commit import output_set
+from alignkit.runs import is_main_process, write_command_outputs
 from alignkit.settings import ConfigError
 from alignkit.trainers.evaluation import evaluate_reward_model, weighted_means
 from alignkit.trainers.logps import completion_logps
@@ -91,13 +92,15 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     except BaseException:
         adopt_tiny(base_path, Path(cfg.output_dir) / "base_model", main=False)  # a tiny base built for the load
         raise
-    run = start_run(cfg)
-    loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
-    rename_base(model, loaded_from, base_path)
-    if run.main:
-        atomic_write_text(run.root / "metrics.json",
-                          json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2))
-        write_command_outputs(run.root, "eval", metrics, per_pair)
+    with output_set(cfg.output_dir, "eval", ["metrics.json"], enabled=is_main_process()) as outs:
+        run = start_run(cfg, outs)
+        loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
+        rename_base(model, loaded_from, base_path)
+        if run.main:
+            outs.add(atomic_write_text(run.root / "metrics.json",
+                                       json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2)))
+            for path in write_command_outputs(run.root, "eval", metrics, per_pair):
+                outs.add(path)
     return metrics
 
 

@@ -6,7 +6,9 @@ greedy by default). A ReFT adapter intervenes on the prompt positions it was tra
 Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index;
 `generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s), TensorBoard events in
 `tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written
-atomically: a kill leaves the previous file or the complete new one.
+atomically (a kill leaves the previous file or the complete new one) as one set: `alignkit_generate_outputs.json`
+is marked unfinished first and lists every file last, and a command reading generations.jsonl from an unfinished
+set refuses it (`run_commit.output_set`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.online import generate_responses
 from alignkit.online.generation import Sample, generation_metrics
 from alignkit.files import atomic_write_jsonl, atomic_write_text
-from alignkit.runs import write_command_outputs
+from alignkit.run_commit import output_set
+from alignkit.runs import is_main_process, write_command_outputs
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
+
+OUTPUTS = ["generations.jsonl", "generation_metrics.json"]  # the set's files a reader may take (`output_set`)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,15 +71,19 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
                   "index": x.index} for x in samples]
         done += samples
     seconds = time.perf_counter() - t0
-    run = start_run(cfg)  # after generating: a refused or failed run leaves output_dir as it was
-    if run.main:
-        atomic_write_jsonl(run.root / "generations.jsonl", rows)
-        lengths = [len(x.response_ids) for x in done]
-        metrics = {"prompts": len(records), "responses": len(rows), **generation_metrics(done),
-                   "generation/tokens": sum(lengths), "generation/seconds": seconds,
-                   "generation/tokens_per_second": sum(lengths) / max(seconds, 1e-9)}
-        atomic_write_text(run.root / "generation_metrics.json", json.dumps({"model": desc, **metrics}, indent=2))
-        write_command_outputs(run.root, "generate", metrics, {"response_length": lengths})
+    with output_set(cfg.output_dir, "generate", OUTPUTS, enabled=is_main_process()) as outs:
+        run = start_run(cfg, outs)  # after generating: a refused or failed run leaves output_dir as it was
+        if run.main:
+            outs.add(atomic_write_jsonl(run.root / "generations.jsonl", rows))
+            lengths = [len(x.response_ids) for x in done]
+            metrics = {"prompts": len(records), "responses": len(rows), **generation_metrics(done),
+                       "generation/tokens": sum(lengths), "generation/seconds": seconds,
+                       "generation/tokens_per_second": sum(lengths) / max(seconds, 1e-9)}
+            outs.add(atomic_write_text(run.root / "generation_metrics.json",
+                                       json.dumps({"model": desc, **metrics}, indent=2)))
+            for path in write_command_outputs(run.root, "generate", metrics, {"response_length": lengths}):
+                outs.add(path)
+    if is_main_process():
         logger.info("wrote %d generation(s) from %s to %s", len(rows), desc, run.root / "generations.jsonl")
     return rows
 

@@ -59,9 +59,10 @@ def command_line(args: argparse.Namespace) -> str:
     return "alignkit " + shlex.join(getattr(args, "argv", []))
 
 
-def start_run(cfg: Any) -> RunFolder:
-    """The output folder of `eval` / `generate`, with the resolved config written (main process). Nothing else
-    in it is removed (training commands use `plan_run` / `begin_run` instead)."""
+def start_run(cfg: Any, outs: Any = None) -> RunFolder:
+    """The output folder of `eval` / `generate`, with the resolved config written (main process; added to `outs`,
+    the command's `run_commit.output_set`). Nothing else in it is removed (training commands use `plan_run` /
+    `begin_run` instead)."""
     run = RunFolder(Path(cfg.output_dir))
     if run.main:
         target = run.config
@@ -75,6 +76,8 @@ def start_run(cfg: Any) -> RunFolder:
                 logger.info("%s holds the config of `alignkit %s`; this command's config goes to %s", run.config,
                             written_for, target.name)
         save_config(cfg, target)
+        if outs is not None:
+            outs.add(target)
     return run
 
 

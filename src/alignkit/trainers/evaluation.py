@@ -19,7 +19,6 @@ of its spec. Rows {"prompt", "base", "adapted"} are returned and, with `out_dir`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,6 +29,7 @@ from torch import nn
 from alignkit.adapters import can_switch_off, reference_off
 from alignkit.data import PromptRecord, tokenize_records
 from alignkit.data.collators import PromptCollator
+from alignkit.files import atomic_write_text, jsonl_text
 from alignkit.losses import kendall_tau
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.trainers.logps import prompt_locations
@@ -171,17 +171,17 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
 
 
 def write_report(rows: Sequence[dict[str, str]], out_dir: str | Path) -> None:
-    """`generations.jsonl` (one row per line) and `generations.md` (one section per prompt)."""
+    """`generations.jsonl` (one row per line) and `generations.md` (one section per prompt), both made before either
+    is written and each written atomically: a row that does not serialize, or a kill, leaves the previous report's
+    files whole (they were opened for writing first, so a failure part-way left a cut generations.jsonl)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "generations.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    lines = jsonl_text(rows)
     parts = ["# Generations: base vs adapted\n"]
     for i, r in enumerate(rows):
         parts += [f"## Prompt {i + 1}\n", "```\n" + r["prompt"] + "\n```\n", "**Base**\n", "```\n" + r["base"] + "\n```\n",
                   "**Adapted**\n", "```\n" + r["adapted"] + "\n```\n"]
-    (out / "generations.md").write_text("\n".join(parts))
+    atomic_write_text(out / "generations.jsonl", lines)
+    atomic_write_text(out / "generations.md", "\n".join(parts))
     logger.info("wrote %d generations to %s", len(rows), out)
 
 
