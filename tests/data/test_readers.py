@@ -419,3 +419,31 @@ def test_a_key_given_twice_in_a_json_file_is_refused_naming_the_item(tmp_path):
             load_records(tmp_path / "lines.json")
     (tmp_path / "ok.json").write_text(f"[{good}, {good}]")
     assert load_records(tmp_path / "ok.json") == [SFTRecord("q", " a")] * 2
+
+
+def test_a_key_given_twice_in_a_dataset_folder_is_refused_naming_file_line_and_key(tmp_path):
+    """A folder is read by `datasets.load_dataset`, whose JSON builder kept the last value of a key given twice in a
+    `.json` list without a word ("b" trained, "a" lost), and failed on one in a JSON line with "An error occurred
+    while generating the dataset" (no file, line or key). The JSON data files of every split (load_dataset prepares
+    them all) are now checked as our own files are: one line naming file, line (or item) and key."""
+    good = '{"prompt": "q", "completion": " a"}'
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "train.json").write_text(f'[{good},\n {{"prompt": "a", "prompt": "b", "completion": " c"}}]')
+    with pytest.raises(DataError, match=rf"^{listed / 'train.json'} item 1 \(line 2\): an object holds the key "
+                                        r"'prompt' twice, and only its last value would be read"):
+        load_records(listed)
+    lines = tmp_path / "lines"
+    (lines / "data").mkdir(parents=True)
+    (lines / "data" / "train.jsonl").write_text(
+        f"{good}\n{good}\n"
+        '{"prompt": "q", "completion": " a", "completion": " b"}\n')
+    (lines / "data" / "test.jsonl").write_text('{"prompt": "q", "prompt": "r", "completion": " a"}\n')
+    with pytest.raises(DataError, match=rf"^{lines / 'data' / 'train.jsonl'}:3: an object holds the key 'completion' "
+                                        r"twice"):
+        load_records(lines)
+    (lines / "data" / "train.jsonl").write_text(f"{good}\n{good}\n")
+    with pytest.raises(DataError, match=rf"^{lines / 'data' / 'test.jsonl'}:1: an object holds the key 'prompt'"):
+        load_records(lines)  # the train split's rows are fine, but load_dataset reads the test split's file too
+    (lines / "data" / "test.jsonl").write_text(f"{good}\n")
+    assert load_records(lines) == [SFTRecord("q", " a")] * 2 and load_records(lines, split="test") == [SFTRecord("q", " a")]
