@@ -44,6 +44,9 @@ PROMPT_IS_CONTEXT = "prompt_is_context"
 # meta key of an SFT record whose conversation gave some assistant turns weight 0 (ShareGPT's / axolotl's per-turn
 # `weight`, read by the `messages` reader): the indices, in the record's prompt, of the assistant turns not trained
 UNTRAINED_TURNS = "untrained_turns"
+# the meta keys tokenization reads (which tokens are trained): two records with the same text that differ in one of
+# them are trained differently, so they are not repeats of each other (alignkit.cli.data.warn_repeated)
+TRAINING_META = (PROMPT_IS_CONTEXT, UNTRAINED_TURNS)
 
 
 def _where(rid: str) -> str:
