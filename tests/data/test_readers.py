@@ -398,6 +398,8 @@ def test_json_lines_in_a_json_file_and_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(bom + b"".join(json.dumps(r).encode() + b"\n" for r in rows))
     (tmp_path / "b.json").write_bytes(bom + json.dumps(rows).encode())
     assert load_records(tmp_path / "b.jsonl") == load_records(tmp_path / "b.json") == want
+    datasets.Dataset.from_list(rows[:1]).to_json(tmp_path / "one.json")  # one row: one object, read as one row too
+    assert load_records(tmp_path / "one.json") == want[:1]
     (tmp_path / "bad.json").write_text(json.dumps(rows) + "\n]")
     with pytest.raises(DataError, match=r"bad\.json:2: broken JSON \(Extra data\)"):
         load_records(tmp_path / "bad.json")

@@ -143,7 +143,9 @@ def _json_value(path: Path) -> Any:
     writes); a DataError naming the place for text that is not UTF-8, broken JSON or an object repeating a key."""
     try:
         text = decode_utf8(path.read_bytes().removeprefix(BOM), str(path))
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+        # one object on its line: what Dataset.to_json writes for a single row (datasets.load_dataset reads it back)
+        return JSON_LINES if isinstance(value, dict) and _is_json_lines(path) else value
     except DuplicateKey as e:
         raise duplicate_key_error(_json_item_of_duplicate(path, text), e.key) from None
     except json.JSONDecodeError as e:
