@@ -135,6 +135,14 @@ def test_kind_conversion():
      r"in it \(the export that wrote the file repeated the key\)$"),
     (['{"messages": [{"role": "user", "content": "Hi", "content": "Hey"}, {"role": "assistant", "content": "x"}]}'],
      r"d\.jsonl:1: an object holds the key 'content' twice"),
+    # a prompt ending on the assistant's message: TRL continues it (a prefill); alignkit rendered a new assistant turn
+    # after it, for training rows and for the prompts of the online commands alike
+    (['{"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>"}], '
+      '"completion": [{"role": "assistant", "content": "4"}]}'],
+     r"d\.jsonl:1: 'prompt' ends with an assistant message, which TRL reads as the start of the reply for the model "
+     r"to continue \(a prefill\); alignkit renders no prefill, .* end the prompt with the user's turn"),
+    (['{"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Let me think."}]}'],
+     r"d\.jsonl:1: 'prompt' ends with an assistant message"),
     # TRL's language-modeling rows: one line naming the format and the columns to give instead
     (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
      r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),

@@ -75,6 +75,19 @@ def _req(row: dict, key: str, where: str) -> Any:
     return row[key]
 
 
+def _prompt_column(row: dict, where: str) -> Any:
+    """The `prompt` column's value (`_req`); a conversation ending on an assistant message is a DataError: TRL reads
+    it as the start of the reply, for the model to continue (apply_chat_template's continue_final_message), and
+    alignkit renders no such prefill: each response (or sample) would follow it as a new assistant turn."""
+    prompt = _req(row, "prompt", where)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        raise DataError(f"{where}: 'prompt' ends with an assistant message, which TRL reads as the start of the reply "
+                        f"for the model to continue (a prefill); alignkit renders no prefill, so the reply would be "
+                        f"trained and sampled as a new assistant turn after it; end the prompt with the user's turn "
+                        f"(a prefill's text goes at the start of each response), or drop the row")
+    return prompt
+
+
 def _is_value(v: Any) -> bool:
     return isinstance(v, (str, list))
 
@@ -220,11 +233,11 @@ def _messages(row: dict, where: str) -> SFTRecord:
 
 
 def _prompt_completion(row: dict, where: str) -> SFTRecord:
-    return SFTRecord(_req(row, "prompt", where), _req(row, "completion", where), id=where, **_given(row))
+    return SFTRecord(_prompt_column(row, where), _req(row, "completion", where), id=where, **_given(row))
 
 
 def _preference(row: dict, where: str) -> PreferenceRecord:
-    return PreferenceRecord(_req(row, "prompt", where), _req(row, "chosen", where), _req(row, "rejected", where),
+    return PreferenceRecord(_prompt_column(row, where), _req(row, "chosen", where), _req(row, "rejected", where),
                             margin=row.get("margin"), id=where, **_given(row))
 
 
@@ -238,18 +251,18 @@ def _unpaired(row: dict, where: str) -> UnpairedRecord:
     label = _req(row, "label", where)
     if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
         label = bool(label)
-    return UnpairedRecord(_req(row, "prompt", where), _req(row, "completion", where), label, id=where,
+    return UnpairedRecord(_prompt_column(row, where), _req(row, "completion", where), label, id=where,
                           **_given(row))
 
 
 def _ranked(row: dict, where: str) -> RankedRecord:
     responses = get_field(row, "responses", where, list, "a list of responses, best first")
-    return RankedRecord(_req(row, "prompt", where), responses, ranks=row.get("ranks"), id=where, **_given(row))
+    return RankedRecord(_prompt_column(row, where), responses, ranks=row.get("ranks"), id=where, **_given(row))
 
 
 def _prompt(row: dict, where: str) -> PromptRecord:
     columns = {k: v for k, v in row.items() if k not in ("prompt", "weight")}
-    return PromptRecord(_req(row, "prompt", where), id=where, meta={"columns": columns} if columns else {},
+    return PromptRecord(_prompt_column(row, where), id=where, meta={"columns": columns} if columns else {},
                         **_opt(row))
 
 
