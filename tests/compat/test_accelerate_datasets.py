@@ -136,6 +136,14 @@ def test_datasets_folders_rows_and_columns(tmp_path):
         rows = [r for r, _ in iter_rows(repo)]
     check(rows == want, "datasets", "load_dataset(folder, split='train') no longer gives the folder's rows",
           "alignkit/data/readers/rows.py:load_hf_dataset", str(rows))
+    where = "alignkit/data/readers/rows.py:check_json_data_files"
+    with guard("datasets", "load_dataset_builder(folder).config.data_files failed", where):
+        from datasets import load_dataset_builder
+
+        files = {str(k): list(v) for k, v in load_dataset_builder(str(repo)).config.data_files.items()}
+    check(files == {"train": [str(repo / "train.jsonl")]}, "datasets", "load_dataset_builder(folder).config.data_files "
+          "no longer lists the folder's data files per split (the JSON files alignkit checks for repeated keys)", where,
+          str(files))
 
 
 def test_dataset_map_as_prepare_calls_it():

@@ -34,6 +34,22 @@ def test_text_mode_keeps_bytes():
     assert r.prompt + r.chosen == row["chosen"]
 
 
+def test_dialogues_stripped_of_their_leading_blank_line_are_read_as_hh(tmp_path):
+    """An HH export whose texts were stripped ("Human: ..." without the leading "\\n\\n") was not recognised as
+    HH: the preference-implicit reader took it, split each pair at the first differing word (" 17 times 6 is" went to
+    the prompt) and trained the dialogue as raw text, not through the chat template, without a word. It is now read
+    as HH, the same records as the unstripped text in conversational mode; text mode keeps its bytes."""
+    rows = [json.loads(line) for line in HH.read_text().splitlines()]
+    stripped = [{k: v.lstrip() if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+    assert all(r["chosen"].startswith("Human:") for r in stripped)
+    path = tmp_path / "stripped.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    assert [(r.prompt, r.chosen, r.rejected) for r in load_records(path)] == \
+        [(r.prompt, r.chosen, r.rejected) for r in load_records(HH)]
+    (r,) = read_hh(stripped[4:5], conversational=False)
+    assert (r.prompt, r.chosen) == ("Human: What is 17 times 6?\n\nAssistant:", " 17 times 6 is 102.")
+
+
 def test_errors(tmp_path):
     p = "\n\nHuman: hi\n\nAssistant:"
     rows = [{"chosen": p + " hello", "rejected": p + " hey"},

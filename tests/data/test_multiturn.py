@@ -210,6 +210,25 @@ def test_per_turn_weights_leave_weight_0_assistant_turns_untrained(tokenizer, tm
         tokenize_records(records[:1], tokenizer, loss_on="all")
 
 
+def test_a_weighted_conversation_read_as_prompts_is_the_conversation_before_its_final_turn(tmp_path):
+    """Read as prompts (online commands, sample, generate), a conversation whose last assistant turn has weight 0 was
+    cut at its last trained turn, as SFT reads it: the prompt lost the turns after it, the last question included
+    ("Bye"), and the policy answered "Hi" instead, without a word. A prompt trains no reply, so now every row's
+    prompt is the conversation before its final assistant turn, as for rows without weights; SFT reading unchanged."""
+    from alignkit.cli.data import load_data
+    from alignkit.settings import DataSettings
+
+    rows = [{"messages": [{**m, "weight": w} for m, w in zip(CHAT, ws)]}
+            for ws in ([None, 1, None, 0], [0, 0, 0, 1], [None, 0, None, 0])]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"messages": CHAT}]))
+    prompts = load_records(str(path), "prompt")
+    assert [p.prompt for p in prompts] == [CHAT[:3]] * 4 and [p.id for p in prompts] == [f"{path}:{i}" for i in (1, 2, 3, 4)]
+    assert [r.prompt for r in load_records(str(path), "sft", on_invalid="skip")] == [CHAT[:1], CHAT[:3], CHAT[:3]]
+    train, _ = load_data(DataSettings(path=str(path)), "prompt")  # what the online commands read
+    assert [p.prompt for p in train] == [CHAT[:3]] * 4
+
+
 @pytest.mark.parametrize("weights, message", [
     ([0, 0.5, 0, 1], r"d\.jsonl:1: messages\[1\] has 'weight' 0\.5; a turn's weight is 0 \(not trained\) or 1"),
     ([0, 1, "1", 1], r"d\.jsonl:1: messages\[2\] has 'weight' '1'"),

@@ -85,6 +85,16 @@ def test_two_roots_and_duplicates(tmp_path):
         read_oasst_messages(write(tmp_path / "b.jsonl", [_msg("p", None), _msg("p", None)]))
 
 
+@pytest.mark.parametrize("loop", [[_msg("s", "s")], [_msg("x", "y"), _msg("y", "x", role="assistant")]])
+def test_a_message_whose_parents_loop_is_refused_at_its_line(tmp_path, loop):
+    """A message whose parent_id chain loops (onto itself, or two messages onto each other) hangs from no root: the
+    tree was read from its root and those messages were left out without a word. Now the row is named."""
+    rows = [_msg("p", None), _msg("a", "p", role="assistant"), *loop]
+    with pytest.raises(DataError, match=rf"m\.jsonl:3: message {loop[0]['message_id']} of tree t1 does not lead back "
+                                        rf"to its root p \(its parent_id chain loops; {len(loop)} such message"):
+        read_oasst_messages(write(tmp_path / "m.jsonl", rows))
+
+
 def test_skip_keeps_the_good_trees(tmp_path):
     rows = [_msg("p", None), _msg("a", "p", role="assistant"), _msg("x", "missing", tree="t2", role="assistant")]
     recs = read_oasst_messages(write(tmp_path / "m.jsonl", rows), on_invalid="skip")

@@ -135,6 +135,14 @@ def test_kind_conversion():
      r"in it \(the export that wrote the file repeated the key\)$"),
     (['{"messages": [{"role": "user", "content": "Hi", "content": "Hey"}, {"role": "assistant", "content": "x"}]}'],
      r"d\.jsonl:1: an object holds the key 'content' twice"),
+    # a prompt ending on the assistant's message: TRL continues it (a prefill); alignkit rendered a new assistant turn
+    # after it, for training rows and for the prompts of the online commands alike
+    (['{"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>"}], '
+      '"completion": [{"role": "assistant", "content": "4"}]}'],
+     r"d\.jsonl:1: 'prompt' ends with an assistant message, which TRL reads as the start of the reply for the model "
+     r"to continue \(a prefill\); alignkit renders no prefill, .* end the prompt with the user's turn"),
+    (['{"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Let me think."}]}'],
+     r"d\.jsonl:1: 'prompt' ends with an assistant message"),
     # TRL's language-modeling rows: one line naming the format and the columns to give instead
     (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
      r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),
@@ -398,6 +406,8 @@ def test_json_lines_in_a_json_file_and_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(bom + b"".join(json.dumps(r).encode() + b"\n" for r in rows))
     (tmp_path / "b.json").write_bytes(bom + json.dumps(rows).encode())
     assert load_records(tmp_path / "b.jsonl") == load_records(tmp_path / "b.json") == want
+    datasets.Dataset.from_list(rows[:1]).to_json(tmp_path / "one.json")  # one row: one object, read as one row too
+    assert load_records(tmp_path / "one.json") == want[:1]
     (tmp_path / "bad.json").write_text(json.dumps(rows) + "\n]")
     with pytest.raises(DataError, match=r"bad\.json:2: broken JSON \(Extra data\)"):
         load_records(tmp_path / "bad.json")
@@ -419,3 +429,31 @@ def test_a_key_given_twice_in_a_json_file_is_refused_naming_the_item(tmp_path):
             load_records(tmp_path / "lines.json")
     (tmp_path / "ok.json").write_text(f"[{good}, {good}]")
     assert load_records(tmp_path / "ok.json") == [SFTRecord("q", " a")] * 2
+
+
+def test_a_key_given_twice_in_a_dataset_folder_is_refused_naming_file_line_and_key(tmp_path):
+    """A folder is read by `datasets.load_dataset`, whose JSON builder kept the last value of a key given twice in a
+    `.json` list without a word ("b" trained, "a" lost), and failed on one in a JSON line with "An error occurred
+    while generating the dataset" (no file, line or key). The JSON data files of every split (load_dataset prepares
+    them all) are now checked as our own files are: one line naming file, line (or item) and key."""
+    good = '{"prompt": "q", "completion": " a"}'
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "train.json").write_text(f'[{good},\n {{"prompt": "a", "prompt": "b", "completion": " c"}}]')
+    with pytest.raises(DataError, match=rf"^{listed / 'train.json'} item 1 \(line 2\): an object holds the key "
+                                        r"'prompt' twice, and only its last value would be read"):
+        load_records(listed)
+    lines = tmp_path / "lines"
+    (lines / "data").mkdir(parents=True)
+    (lines / "data" / "train.jsonl").write_text(
+        f"{good}\n{good}\n"
+        '{"prompt": "q", "completion": " a", "completion": " b"}\n')
+    (lines / "data" / "test.jsonl").write_text('{"prompt": "q", "prompt": "r", "completion": " a"}\n')
+    with pytest.raises(DataError, match=rf"^{lines / 'data' / 'train.jsonl'}:3: an object holds the key 'completion' "
+                                        r"twice"):
+        load_records(lines)
+    (lines / "data" / "train.jsonl").write_text(f"{good}\n{good}\n")
+    with pytest.raises(DataError, match=rf"^{lines / 'data' / 'test.jsonl'}:1: an object holds the key 'prompt'"):
+        load_records(lines)  # the train split's rows are fine, but load_dataset reads the test split's file too
+    (lines / "data" / "test.jsonl").write_text(f"{good}\n")
+    assert load_records(lines) == [SFTRecord("q", " a")] * 2 and load_records(lines, split="test") == [SFTRecord("q", " a")]

@@ -37,6 +37,14 @@ def test_conversational_normalisation():
     # a completion of user turns only: nothing for the model to say (TRL's completions are assistant turns)
     (lambda: SFTRecord(CONV, [{"role": "user", "content": "And?"}], id="f:11"),
      r"f:11: 'completion' has no assistant message \(only user\), so there is nothing for the model to learn"),
+    # a response starting with a user turn (chosen / rejected differing in the user's question, a completion holding
+    # the next question): a token-boundary error blaming BPE merges, or, with a template that renders no generation
+    # prompt, the user's turn trained as the assistant's
+    (lambda: SFTRecord(CONV, [{"role": "user", "content": "And?"}, ASSISTANT], id="f:12"),
+     r"f:12: 'completion' starts with a 'user' message, and a response is the assistant's reply: .* move "
+     r"completion\[:1\] into the prompt"),
+    (lambda: PreferenceRecord(CONV, [ASSISTANT], [{"role": "system", "content": "x"}, ASSISTANT], id="f:13"),
+     r"f:13: 'rejected' starts with a 'system' message"),
 ])
 def test_validation_errors(make, message):
     with pytest.raises(DataError, match=message):
@@ -60,6 +68,24 @@ def test_convert_views():
     assert convert([RankedRecord("Q", ["x", "y"])], "sft") == [SFTRecord("Q", "x")]
     with pytest.raises(DataError, match="p: cannot turn a 'sft' record into 'preference'"):
         convert([SFTRecord("Q", "x", id="p")], "preference")
+
+
+def test_implicit_pairs_differing_in_a_user_turn_are_refused_at_their_row(tmp_path):
+    """chosen / rejected conversations that differ in the user's last question (a join that paired replies to
+    different questions): their shared prefix stopped before that question, so each response started with it, and
+    tokenization stopped on "the tokenizer merged text across the boundary". Now the row is refused naming the
+    response, the messages to move and that the pair answers different conversations."""
+    import json
+
+    from alignkit.data import load_records
+    turn = [*CONV, ASSISTANT]
+    row = {"chosen": turn + [{"role": "user", "content": "A joke?"}, {"role": "assistant", "content": "Ha"}],
+           "rejected": turn + [{"role": "user", "content": "A poem?"}, {"role": "assistant", "content": "Roses"}]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:1: 'chosen' starts with a 'user' message, .* answer different "
+                                        r"conversations: fix the pair or drop it\)$"):
+        load_records(path)
 
 
 def test_a_response_repeating_the_prompt_is_refused_at_its_row(tmp_path):

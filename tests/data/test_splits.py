@@ -163,6 +163,27 @@ def test_repeated_training_records_are_warned(tmp_path, caplog):
     assert "repeat an earlier record" not in caplog.text
 
 
+def test_conversations_differing_only_in_turn_weights_are_not_repeats(tmp_path, caplog):
+    """Two conversations with the same messages but another per-turn `weight` train different tokens (turn 1 trained
+    in one, context in the other), yet were warned as "repeat an earlier record": the repeat key left out the
+    record's untrained turns. Now they say nothing; the same conversation with the same weights is still a repeat."""
+    from alignkit.cli.data import load_data
+
+    def row(w):
+        return {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": w},
+                             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [row(0), row(1)]))
+    with caplog.at_level(logging.WARNING):
+        train, _ = load_data(DataSettings(path=str(path)), "sft")
+    assert len(train) == 2 and "repeat an earlier record" not in caplog.text
+    path.write_text("".join(json.dumps(r) + "\n" for r in [row(0), row(1), row(0), row(None)]))  # null: the default, 1
+    with caplog.at_level(logging.WARNING):
+        load_data(DataSettings(path=str(path)), "sft")
+    assert f"data.path: 2 record(s) repeat an earlier record (same prompt and responses), e.g. {path}:3, {path}:4:" \
+        in caplog.text
+
+
 def test_repeated_prompts_of_an_online_command_are_warned(tmp_path, caplog):
     """annotate's records.jsonl (a row per pair) read back as the prompts of an online command gave each prompt once
     per row, each copy sampled and trained on as a prompt of its own, without a word. Now one warning with the count

@@ -16,7 +16,7 @@ from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_r
 from alignkit.data.readers import native_kind, reader_of
 from alignkit.data.readers.rows import has_splits, looks_like_hub_id
 from alignkit.data.splits import source_group
-from alignkit.data.records import DataError
+from alignkit.data.records import TRAINING_META, DataError
 from alignkit.run_commit import check_output_file
 from alignkit.settings import ConfigError, DataSettings
 
@@ -87,10 +87,11 @@ def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
     return records, evals
 
 
-def _content(record: Any) -> str:
-    """A record's compared fields (prompt, responses, label, weight, ...; not its id or meta) as one string."""
-    return json.dumps([record.kind] + [getattr(record, f.name) for f in dataclasses.fields(record) if f.compare],
-                      sort_keys=True, default=str)
+def _content(record: Any, meta: tuple[str, ...] = ()) -> str:
+    """A record's compared fields (prompt, responses, label, weight, ...; not its id, nor its meta but the keys in
+    `meta`) as one string."""
+    return json.dumps([record.kind] + [getattr(record, f.name) for f in dataclasses.fields(record) if f.compare] +
+                      [{k: record.meta[k] for k in meta if k in record.meta}], sort_keys=True, default=str)
 
 
 def warn_trained_evals(records: list, evals: list) -> None:
@@ -110,11 +111,13 @@ def warn_repeated(records: list, where: str) -> None:
     """One warning when records repeat an earlier one (the same prompt and responses: a file concatenated twice, a
     join that duplicated rows): each copy is trained on as a record of its own, so it weighs double. Prompts (of an
     online command or `sample`) repeat when the same prompt is given twice, e.g. read back from annotate's
-    records.jsonl (a row per pair) or from rows with several completions per prompt: each copy is sampled again."""
+    records.jsonl (a row per pair) or from rows with several completions per prompt: each copy is sampled again.
+    Records whose text is the same but whose trained tokens differ (another per-turn `weight` in a conversation:
+    `records.TRAINING_META`) are not repeats."""
     seen: set[str] = set()
     repeated = []
     for r in records:
-        key = _content(r)
+        key = _content(r, TRAINING_META)
         if key in seen:
             repeated.append(r.id or "?")
         seen.add(key)

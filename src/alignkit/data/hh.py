@@ -1,6 +1,7 @@
 """Anthropic HH-RLHF text ("\\n\\nHuman: ...\\n\\nAssistant: ...") -> preference records.
 
-Each row has `chosen` and `rejected`, two whole dialogues that differ only in the final assistant turn
+Each row has `chosen` and `rejected`, two whole dialogues that differ only in the final assistant turn (a dialogue
+may start with "Human:" without the blank line before it, as exports that strip the text write it)
 (optional `weight` and `margin` columns are read as the column readers read them; a column close to one of
 these is an error, any other is ignored with one warning).
 The prompt is their shared prefix up to and including the **last** "\\n\\nAssistant:" (both texts must
@@ -30,7 +31,7 @@ _ROLES = {"Human": "user", "Assistant": "assistant"}
 
 def parse_dialogue(text: str, where: str) -> list[Message]:
     """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
-    parts = _TURN.split(text)
+    parts = _TURN.split("\n\n" + text.lstrip() if text.lstrip().startswith(HUMAN.strip()) else text)
     if parts[0].strip():
         raise DataError(f"{where}: HH text must start with {HUMAN!r}, found {parts[0][:40]!r} before the first turn")
     return [{"role": _ROLES[role], "content": body.strip()} for role, body in zip(parts[1::2], parts[2::2])]
@@ -76,7 +77,7 @@ COLUMNS = ("chosen", "rejected", "margin", "weight")  # what an HH row may hold 
 
 @register_reader("hh-rlhf", kinds=("preference",), priority=20,
                  detect=lambda r: "prompt" not in r and isinstance(r.get("chosen"), str)
-                 and r["chosen"].lstrip(" ").startswith(HUMAN) and ASSISTANT in r["chosen"],
+                 and r["chosen"].lstrip().startswith(HUMAN.strip()) and ASSISTANT in r["chosen"],
                  description="Anthropic HH-RLHF text: chosen, rejected dialogues -> preference")
 def read_hh(source: Any, *, kind: str = "preference", conversational: bool = True, on_invalid: str = "raise",
             split: str | None = None) -> list[PreferenceRecord]:

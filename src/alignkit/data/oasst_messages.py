@@ -9,7 +9,7 @@ exactly the tree reader's (see that module's docstring for their rules). A tree'
 messages is the file and line of its root message.
 
 Errors name the row: a message whose `parent_id` is not in the file, a tree without a root or with
-two, a repeated `message_id`. With `on_invalid="skip"` the broken tree is skipped and counted instead.
+two, a repeated `message_id`, a message whose `parent_id` chain loops instead of reaching the root. With `on_invalid="skip"` the broken tree is skipped and counted instead.
 """
 
 from __future__ import annotations
@@ -66,6 +66,16 @@ def _build(tree_id: str, members: list[tuple[dict, str]]) -> tuple[dict, str]:
         first = members[0][1]
         raise DataError(f"{first}: tree {tree_id} has {len(roots)} root messages (parent_id null): "
                         f"{roots[:3]}; a tree has exactly one")
+    reached, todo = set(), [roots[0]]
+    while todo:  # a message whose parent_id chain loops (onto itself, or two onto each other) hangs from no root
+        mid = todo.pop()
+        reached.add(mid)
+        todo += [r["message_id"] for r in nodes[mid]["replies"] if r["message_id"] not in reached]
+    lost = [mid for mid in nodes if mid not in reached]
+    if lost:
+        raise DataError(f"{places[lost[0]]}: message {lost[0]} of tree {tree_id} does not lead back to its root "
+                        f"{roots[0]} (its parent_id chain loops; {len(lost)} such message(s)), so it would be left "
+                        f"out without a word; fix its parent_id")
     root_row, root_where = next((r, w) for r, w in members if r["message_id"] == roots[0])
     return {"message_tree_id": tree_id, "tree_state": root_row.get("tree_state"), "prompt": nodes[roots[0]]}, root_where
 

@@ -44,6 +44,9 @@ PROMPT_IS_CONTEXT = "prompt_is_context"
 # meta key of an SFT record whose conversation gave some assistant turns weight 0 (ShareGPT's / axolotl's per-turn
 # `weight`, read by the `messages` reader): the indices, in the record's prompt, of the assistant turns not trained
 UNTRAINED_TURNS = "untrained_turns"
+# the meta keys tokenization reads (which tokens are trained): two records with the same text that differ in one of
+# them are trained differently, so they are not repeats of each other (alignkit.cli.data.warn_repeated)
+TRAINING_META = (PROMPT_IS_CONTEXT, UNTRAINED_TURNS)
 
 
 def _where(rid: str) -> str:
@@ -93,6 +96,13 @@ def _check_response(resp: Any, prompt: Prompt, rid: str, key: str) -> Completion
         raise DataError(f"{_where(rid)}: {key!r} has no assistant message (only {', '.join(roles)}), so there is "
                         f"nothing for the model to learn to say; put those messages in the prompt and add the "
                         f"assistant's reply to {key!r}, or drop the record")
+    if msgs[0]["role"] != "assistant" and not (len(msgs) > len(prompt) and msgs[:len(prompt)] == prompt):
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        raise DataError(f"{_where(rid)}: {key!r} starts with a {msgs[0]['role']!r} message, and a response is the "
+                        f"assistant's reply: the prompt is rendered up to the assistant's turn, so this record either "
+                        f"stopped on a misleading token-boundary error or trained the model to write the "
+                        f"{msgs[0]['role']!r} turn; move {key}[:{first}] into the prompt (chosen / rejected that differ "
+                        f"before their reply answer different conversations: fix the pair or drop it)")
     if len(msgs) > len(prompt) and msgs[:len(prompt)] == prompt:
         raise DataError(f"{_where(rid)}: {key!r} starts with the whole prompt ({len(prompt)} message(s)), so the model "
                         f"would read the prompt twice and be trained on the copy inside {key!r}; drop the prompt's "

@@ -38,16 +38,15 @@ Outputs (plain Python lists; `alignkit.data.collators` pads them), by record kin
 - ranked:     input_ids / completion_mask (lists of K sequences, best first), ranks, prompt_length,
               length (= sum of the K lengths), weight, id
 - prompt:     prompt_input_ids, length, prompt (the record's prompt, for generation/annotation), weight, id
+
+The on-disk cache of these features (`tokenize_records(..., cache_dir=)`) is `alignkit.data.tokenize_cache`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import sys
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -61,6 +60,7 @@ from alignkit.data.chat import Formatted, fast_chat_rendering, format_record
 from alignkit.data.records import (
     Completion, DataError, PreferenceRecord, Prompt, PromptRecord, RankedRecord, Record, SFTRecord, UnpairedRecord,
 )
+from alignkit.data.tokenize_cache import cache_key, read_cache, write_cache
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,17 @@ class TokenizeStats:
         self.unrendered_roles = sorted({*self.unrendered_roles, *roles})
         if len(self.system_unrendered_ids) < 5:
             self.system_unrendered_ids.append(rid)
+
+    def as_summary(self) -> dict:
+        """The stats as JSON (the tokenization cache's `<key>.json`)."""
+        return {**dataclasses.asdict(self), "dropped": dict(self.dropped)}
+
+    @classmethod
+    def from_summary(cls, info: dict) -> "TokenizeStats":
+        """The stats `as_summary` wrote (TypeError on a key they do not have: a damaged cache entry)."""
+        stats = cls(**{k: v for k, v in info.items() if k != "dropped"})
+        stats.dropped = Counter(info.get("dropped", {}))
+        return stats
 
     @property
     def warns(self) -> bool:
@@ -483,68 +494,6 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     return out
 
 
-def _sha(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """What the token ids depend on: the vocabulary/merges/normalizer (the backend's full JSON for a fast
-    tokenizer, else the vocabulary), special tokens and the chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None and hasattr(backend, "to_str") else sorted(tokenizer.get_vocab().items())
-    specials = getattr(tokenizer, "special_tokens_map", {})
-    return _sha(type(tokenizer).__name__, body, sorted(specials.items()), getattr(tokenizer, "chat_template", None),
-                tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
-
-
-def _code_fingerprint() -> str:
-    """The source of the modules that decide the features: a cache never outlives a change to them."""
-    return _sha(*(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], chat, records_module)))
-
-
-def cache_key(records: list[Record], tokenizer: Any, cfg: TokenizeConfig) -> str:
-    """Key of the features of `records` under `tokenizer` and `cfg`: every input they depend on, hashed."""
-    return _sha(_code_fingerprint(), tokenizer_fingerprint(tokenizer), sorted(dataclasses.asdict(cfg).items()),
-                len(records), *(repr(r) for r in records))
-
-
-def _read_cache(folder: Path, key: str) -> tuple[list[dict], TokenizeStats] | None:
-    feats, meta = folder / f"{key}.jsonl", folder / f"{key}.json"
-    if not (feats.is_file() and meta.is_file()):
-        return None
-    try:
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        with feats.open(encoding="utf-8") as f:
-            out = [json.loads(line) for line in f]
-        if len(out) != info["kept"]:
-            raise ValueError(f"{len(out)} features for {info['kept']} kept records")
-        stats = TokenizeStats(**{k: v for k, v in info.items() if k != "dropped"})
-        stats.dropped = Counter(info.get("dropped", {}))
-        return out, stats
-    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged entry is recomputed, never trusted
-        logger.warning("tokenization cache %s: unreadable (%s); tokenizing again", feats, e)
-        return None
-
-
-def _write_cache(folder: Path, key: str, feats: list[dict], stats: TokenizeStats) -> None:
-    """Features then their summary, each through a temp file named by the process, renamed into place (the
-    summary last: an entry without it is never read). Not `files.atomic_write`: no fsync (a lost or damaged entry is
-    tokenized again, and fsync made a 20k-row write ~5% slower); concurrent processes write their own temp files."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in ((f"{key}.jsonl", "".join(json.dumps(x) + "\n" for x in feats)),
-                           (f"{key}.json", json.dumps({**dataclasses.asdict(stats), "dropped": dict(stats.dropped)}))):
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, folder / name)
-    except (OSError, TypeError, ValueError) as e:  # a feature that is not JSON (e.g. a custom meta): no cache
-        logger.info("tokenization cache not written (%s)", e)
-
-
 def warn_mixed_formats(records: list[Record], formatter: str) -> None:
     """One warning when `formatter` ("auto") formats the records two ways: a file whose prompts are plain text in
     some rows and conversations in others trains the plain ones as verbatim text and the others through the chat
@@ -569,8 +518,9 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
 
     Records are formatted, then tokenized in batches (`_prefetch`), with exactly the ids of one call per
     text. With `cache_dir`, the features are kept there under a key of everything they depend on (the
-    records, the tokenizer's vocabulary/template/specials, `cfg`, and the source of this module and the
-    formatters), so a second run with the same inputs reads them back instead of tokenizing again."""
+    records, the tokenizer's vocabulary/template/specials, `cfg`, and the source of this module, the
+    formatters and the cache: `tokenize_cache.cache_key`), so a second run with the same inputs reads them back
+    instead of tokenizing again."""
     unknown = set(overrides) - set(TokenizeConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown tokenize option(s) {sorted(unknown)}; valid: "
@@ -582,7 +532,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     warn_mixed_formats(records, cfg.formatter)
     key = cache_key(records, tokenizer, cfg) if cache_dir is not None else None
     if key is not None:
-        cached = _read_cache(Path(cache_dir), key)
+        cached = read_cache(Path(cache_dir), key, TokenizeStats.from_summary)
         if cached is not None:
             logger.info("tokenized features read from the cache (%s)", Path(cache_dir) / f"{key}.jsonl")
             (logger.warning if cached[1].warns else logger.info)("%s", cached[1].summary())
@@ -606,5 +556,5 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     stats.kept = len(out)
     (logger.warning if stats.warns else logger.info)("%s", stats.summary())
     if key is not None:
-        _write_cache(Path(cache_dir), key, out, stats)
+        write_cache(Path(cache_dir), key, out, stats.as_summary())
     return out, stats

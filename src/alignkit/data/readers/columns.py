@@ -14,7 +14,8 @@ Every value may be plain text or a conversation (a list of {"role", "content"} m
 such as `name` or `tool_calls`, are dropped with one warning per file). A `messages` conversation's messages may
 carry a per-turn `weight` (ShareGPT's / axolotl's: 1 train the turn, 0 do not; null: the default): an assistant
 turn with weight 0 is context (`records.UNTRAINED_TURNS`), the turns after the last trained one are left out (a
-causal LM's loss on the turns before does not depend on them); another value, weight 1 on a turn that is not the
+causal LM's loss on the turns before does not depend on them; read as prompts, a conversation is every message
+before its final assistant turn, whatever the weights); another value, weight 1 on a turn that is not the
 assistant's, or no trained turn is an error naming the row. Optional
 columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
 are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
@@ -72,6 +73,19 @@ def _req(row: dict, key: str, where: str) -> Any:
         raise DataError(f"{where}: missing field {key!r} (row has {sorted(row)}); every row of this file needs "
                         f"{key!r} like the first row, or remove the row")
     return row[key]
+
+
+def _prompt_column(row: dict, where: str) -> Any:
+    """The `prompt` column's value (`_req`); a conversation ending on an assistant message is a DataError: TRL reads
+    it as the start of the reply, for the model to continue (apply_chat_template's continue_final_message), and
+    alignkit renders no such prefill: each response (or sample) would follow it as a new assistant turn."""
+    prompt = _req(row, "prompt", where)
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+        raise DataError(f"{where}: 'prompt' ends with an assistant message, which TRL reads as the start of the reply "
+                        f"for the model to continue (a prefill); alignkit renders no prefill, so the reply would be "
+                        f"trained and sampled as a new assistant turn after it; end the prompt with the user's turn "
+                        f"(a prefill's text goes at the start of each response), or drop the row")
+    return prompt
 
 
 def _is_value(v: Any) -> bool:
@@ -185,7 +199,8 @@ def turn_weights(raw: list, msgs: list[dict], where: str) -> list[bool]:
     return out
 
 
-def _messages(row: dict, where: str) -> SFTRecord:
+def _conversation(row: dict, where: str) -> tuple[list[dict], list[bool]]:
+    """A `messages` row's checked messages and whether each is trained (`turn_weights`)."""
     raw = get_field(row, "messages", where, list, "a list of {'role', 'content'} messages")
     msgs = check_messages(raw, where, "messages")
     last = msgs[-1] if msgs else None
@@ -194,7 +209,20 @@ def _messages(row: dict, where: str) -> SFTRecord:
                         f"{str(last)[:60]!r}; end each conversation with an assistant message")
     if len(msgs) < 2:
         raise DataError(f"{where}: 'messages' needs at least one message before the final assistant turn")
-    trained = turn_weights(raw, msgs, where)
+    return msgs, turn_weights(raw, msgs, where)
+
+
+def _messages_prompt(row: dict, where: str) -> PromptRecord:
+    """A `messages` row read as a prompt (online commands, sample, generate): the conversation before its final
+    assistant turn, which the policy answers anew. Per-turn weights say which replies supervised training imitates,
+    and a prompt trains none, so they do not cut it (read as SFT, a conversation ends at its last trained turn: its
+    prompt would have dropped the turns after, the last question included)."""
+    msgs, _ = _conversation(row, where)
+    return PromptRecord(msgs[:-1], id=where, **_opt(row))
+
+
+def _messages(row: dict, where: str) -> SFTRecord:
+    msgs, trained = _conversation(row, where)
     if not any(trained):
         raise DataError(f"{where}: every assistant turn of 'messages' has 'weight' 0, so nothing would be trained; "
                         f"give the turns to train 'weight' 1, or remove the row")
@@ -205,11 +233,11 @@ def _messages(row: dict, where: str) -> SFTRecord:
 
 
 def _prompt_completion(row: dict, where: str) -> SFTRecord:
-    return SFTRecord(_req(row, "prompt", where), _req(row, "completion", where), id=where, **_given(row))
+    return SFTRecord(_prompt_column(row, where), _req(row, "completion", where), id=where, **_given(row))
 
 
 def _preference(row: dict, where: str) -> PreferenceRecord:
-    return PreferenceRecord(_req(row, "prompt", where), _req(row, "chosen", where), _req(row, "rejected", where),
+    return PreferenceRecord(_prompt_column(row, where), _req(row, "chosen", where), _req(row, "rejected", where),
                             margin=row.get("margin"), id=where, **_given(row))
 
 
@@ -223,18 +251,18 @@ def _unpaired(row: dict, where: str) -> UnpairedRecord:
     label = _req(row, "label", where)
     if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
         label = bool(label)
-    return UnpairedRecord(_req(row, "prompt", where), _req(row, "completion", where), label, id=where,
+    return UnpairedRecord(_prompt_column(row, where), _req(row, "completion", where), label, id=where,
                           **_given(row))
 
 
 def _ranked(row: dict, where: str) -> RankedRecord:
     responses = get_field(row, "responses", where, list, "a list of responses, best first")
-    return RankedRecord(_req(row, "prompt", where), responses, ranks=row.get("ranks"), id=where, **_given(row))
+    return RankedRecord(_prompt_column(row, where), responses, ranks=row.get("ranks"), id=where, **_given(row))
 
 
 def _prompt(row: dict, where: str) -> PromptRecord:
     columns = {k: v for k, v in row.items() if k not in ("prompt", "weight")}
-    return PromptRecord(_req(row, "prompt", where), id=where, meta={"columns": columns} if columns else {},
+    return PromptRecord(_prompt_column(row, where), id=where, meta={"columns": columns} if columns else {},
                         **_opt(row))
 
 
@@ -384,7 +412,8 @@ def _reader(convert):
     known = COLUMNS[convert.__name__.strip("_")]
 
     def read(source: Any, *, kind: str | None = None, on_invalid: str = "raise", split: str | None = None) -> list:
-        return read_checked(source, split, convert, known, on_invalid, name=str(source)[:80],
+        fn = _messages_prompt if convert is _messages and kind == "prompt" else convert
+        return read_checked(source, split, fn, known, on_invalid, name=str(source)[:80],
                             warn_unknown=convert is not _prompt,
                             message_keys=(*MESSAGE_KEYS, "weight") if convert is _messages else MESSAGE_KEYS)
     read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."
@@ -393,8 +422,9 @@ def _reader(convert):
 
 # the readers of this module: name, record kind, priority, detect(row), columns -> record, description
 COLUMN_READERS = (
-    ("messages", "sft", 10, lambda r: ("messages" in r or "conversations" in r) and "prompt" not in r, _messages,
-     "messages (conversation ending on the assistant turn; ShareGPT's conversations too) -> sft"),
+    ("messages", ("sft", "prompt"), 10, lambda r: ("messages" in r or "conversations" in r) and "prompt" not in r, _messages,
+     "messages (conversation ending on the assistant turn; ShareGPT's conversations too) -> sft (prompt: the "
+     "messages before the final assistant turn)"),
     ("prompt-completion", "sft", 10, lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" not in r,
      _prompt_completion, "prompt, completion -> sft"),
     ("preference", "preference", 10, lambda r: _is_value(r.get("prompt")) and "chosen" in r and "rejected" in r,
@@ -412,5 +442,5 @@ COLUMN_READERS = (
 # reader, which keeps the other columns (alignkit.data.readers.reader_of)
 WITH_PROMPT_COLUMN = ("prompt-completion", "preference", "unpaired", "ranked")
 for _name, _kind, _priority, _detect, _convert, _description in COLUMN_READERS:
-    register_reader(_name, kinds=(_kind,), priority=_priority, detect=_detect,
+    register_reader(_name, kinds=_kind if isinstance(_kind, tuple) else (_kind,), priority=_priority, detect=_detect,
                     description=_description)(_reader(_convert))

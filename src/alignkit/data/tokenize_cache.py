@@ -1,0 +1,93 @@
+"""The on-disk cache of tokenized features (`tokenize_records(..., cache_dir=)`): keys and entries.
+
+An entry is two files under the cache folder, named by `cache_key`: `<key>.jsonl` (one feature dict per line) and
+`<key>.json` (the run's `TokenizeStats` as JSON, written last: an entry without it is never read). The key hashes
+every input the features depend on: the source of the modules that decide them (`FEATURE_MODULES`: the encoding,
+the formatters, the records, and this module, which reads entries back), the tokenizer (`tokenizer_fingerprint`),
+the tokenize config, and the records. A damaged entry (cut short, unreadable) is tokenized again, never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+# the modules whose source decides the features (and how an entry is read back): a cache never outlives a change
+FEATURE_MODULES = ("alignkit.data.tokenize", "alignkit.data.chat", "alignkit.data.records", __name__)
+
+
+def sha(*parts: Any) -> str:
+    """sha256 of `parts` (bytes as they are, anything else as its UTF-8 str), each followed by a NUL."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What the token ids depend on: the vocabulary/merges/normalizer (the backend's full JSON for a fast
+    tokenizer, else the vocabulary), special tokens and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None and hasattr(backend, "to_str") else sorted(tokenizer.get_vocab().items())
+    specials = getattr(tokenizer, "special_tokens_map", {})
+    return sha(type(tokenizer).__name__, body, sorted(specials.items()), getattr(tokenizer, "chat_template", None),
+               tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
+
+
+def code_fingerprint() -> str:
+    """The source of `FEATURE_MODULES`, hashed."""
+    return sha(*(Path(importlib.import_module(m).__file__).read_bytes() for m in FEATURE_MODULES))
+
+
+def cache_key(records: list, tokenizer: Any, cfg: Any) -> str:
+    """Key of the features of `records` under `tokenizer` and `cfg` (a TokenizeConfig): every input they depend on,
+    hashed."""
+    return sha(code_fingerprint(), tokenizer_fingerprint(tokenizer), sorted(dataclasses.asdict(cfg).items()),
+               len(records), *(repr(r) for r in records))
+
+
+def read_cache(folder: Path, key: str, stats_of: Callable[[dict], Any]) -> tuple[list[dict], Any] | None:
+    """The features and stats (`stats_of(summary)`) of entry `key` in `folder`; None when there is none, or when it
+    is damaged (a warning: it is tokenized again)."""
+    feats, meta = folder / f"{key}.jsonl", folder / f"{key}.json"
+    if not (feats.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        with feats.open(encoding="utf-8") as f:
+            out = [json.loads(line) for line in f]
+        if len(out) != info["kept"]:
+            raise ValueError(f"{len(out)} features for {info['kept']} kept records")
+        return out, stats_of(info)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged entry is recomputed, never trusted
+        logger.warning("tokenization cache %s: unreadable (%s); tokenizing again", feats, e)
+        return None
+
+
+def write_cache(folder: Path, key: str, feats: list[dict], summary: dict) -> None:
+    """Features then their summary (the stats as JSON), each through a temp file named by the process, renamed into
+    place (the summary last: an entry without it is never read). Not `files.atomic_write`: no fsync (a lost or damaged
+    entry is tokenized again, and fsync made a 20k-row write ~5% slower); concurrent processes write their own temp
+    files."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in ((f"{key}.jsonl", "".join(json.dumps(x) + "\n" for x in feats)),
+                           (f"{key}.json", json.dumps(summary))):
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, folder / name)
+    except (OSError, TypeError, ValueError) as e:  # a feature that is not JSON (e.g. a custom meta): no cache
+        logger.info("tokenization cache not written (%s)", e)
+
+
+__all__ = ["FEATURE_MODULES", "cache_key", "code_fingerprint", "read_cache", "sha", "tokenizer_fingerprint",
+           "write_cache"]
