@@ -120,13 +120,18 @@ class OnlineDPOTrainer(OnlineTrainer):
     def why_no_reference(self) -> str:
         return f"method.loss_type {loss_names(self.config.loss_type)} reads none"
 
+    @classmethod
+    def loss_scale(cls, config: OnlineDPOConfig) -> str | None:
+        """method.beta where a loss of loss_type reads it; none for orpo / slic / sft (as the offline trainer's)."""
+        return PreferenceObjective.beta_scale(config.loss_type)
+
     def logged_kl_coef(self) -> float | None:
         """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the
         preference loss's beta (TRL's online DPO logs it as `beta`). None (no `kl_coef` logged) when no loss of
         `loss_type` reads beta (orpo, slic, sft: `PreferenceObjective.BETA_UNREAD`): the beta was logged beside a
         loss that never applied it (orpo's weight is its orpo_lambda)."""
         c: OnlineDPOConfig = self.config
-        if set(loss_names(c.loss_type)) <= PreferenceObjective.BETA_UNREAD:
+        if self.loss_scale(c) is None:
             return None
         return float(resolve_params(c.params, c.beta, "OnlineDPOConfig").beta)
 

@@ -87,6 +87,9 @@ from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 logger = logging.getLogger(__name__)
 
+# a `loss_scale` part: the rewards scale a loss whose advantages (or value targets) are not normalised
+REWARD_SCALE = "the rewards' scale (method.reward_normalization, method.reward_clip)"
+
 
 def _has_accelerator() -> bool:
     """A GPU (or other accelerator) torch can use. Without one, `Accelerator` must be told `cpu=True`: under
@@ -292,6 +295,20 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         """Why `uses_reference` is False, for messages."""
         return "a fixed method.kl_coef of 0 multiplies the KL term by 0"
 
+    @classmethod
+    def loss_scale(cls, config: OnlineConfig) -> str | None:
+        """The settings that scale this method's loss under `config`, named by the advice of a non-finite loss or
+        gradient norm (`alignkit.guards.likely_causes`, as the offline trainers' `loss_scale`); None: none to lower.
+        Each method names what its loss reads (online DPO: method.beta, or none for orpo / slic / sft)."""
+        return None
+
+    @classmethod
+    def penalty_scales(cls, config: OnlineConfig) -> list[str]:
+        """The KL penalty's and entropy bonus's coefficients where they act: method.kl_coef unless a fixed 0 (no
+        reference is run), method.entropy_coef when above 0 (GRPO / RLOO / PPO's `loss_scale`)."""
+        scales = ["method.kl_coef"] if config.kl_coef != 0 or config.kl_target is not None else []
+        return scales + (["method.entropy_coef"] if getattr(config, "entropy_coef", 0.0) > 0 else [])
+
     def build_batch(self, rollout: Rollout) -> Any:
         raise NotImplementedError
 
@@ -385,4 +402,4 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 self.save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{step + 1}", step + 1)
 
 
-__all__ = ["METRICS_FILE", "OnlineConfig", "OnlineTrainer", "Rollout", "zero_spread_fraction"]
+__all__ = ["METRICS_FILE", "OnlineConfig", "REWARD_SCALE", "OnlineTrainer", "Rollout", "zero_spread_fraction"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from alignkit.distributed import gather_objects
-from alignkit.guards import NonFiniteError, as_float, is_finite
+from alignkit.guards import NonFiniteError, as_float, is_finite, likely_causes
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +153,12 @@ class MinibatchUpdates:
         return sums.means()
 
     def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
-        """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step."""
+        """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step; the advice names
+        the method's own loss scale (`OnlineTrainer.loss_scale`)."""
         step = getattr(self, "_step", 0)
         self.log({"step": float(step), **{k: as_float(v) for k, v in metrics.items()}})
-        err = NonFiniteError(what, value, step + 1, getattr(self, "_step_ids", None))
-        raise err
+        raise NonFiniteError(what, value, step + 1, getattr(self, "_step_ids", None),
+                             causes=likely_causes(self.loss_scale(self.config)))
 
 
 __all__ = ["MetricSums", "MinibatchUpdates"]
