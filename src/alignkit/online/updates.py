@@ -92,7 +92,8 @@ class MinibatchUpdates:
         size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
         n_mini = -(-n_max // size)
         if c.gradient_accumulation_steps > min(size, n_max) and not getattr(self, "_warned_accumulation", False):
-            self._warned_accumulation = True  # once: a config the CLI could not refuse (several processes, few pairs)
+            self._warned_accumulation = True  # once: what OnlineConfig (settings.online.check_accumulation) could not
+            #   refuse from the config: a process's share on several processes, fewer pairs than online DPO can form
             logger.warning("gradient_accumulation_steps (train.gradient_accumulation_steps) is %d, and this process's "
                            "minibatch holds %d item(s): %d micro-batch(es) are empty zero-weight passes on every update "
                            "(the gradient is the same); lower it to %d", c.gradient_accumulation_steps,

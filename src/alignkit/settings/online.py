@@ -365,29 +365,40 @@ def check_clip_acts(method: Any, samples_per_step: int) -> None:
                               "step's method.prompts_per_step x sampling.num_samples samples)")
 
 
-def check_accumulation(method: Any, accumulation: int, num_samples: int, command: str) -> None:
-    """ConfigError when `train.gradient_accumulation_steps` is above the most items a minibatch can hold (the step's
-    samples, online DPO's pairs: one per prompt for best_worst, at most num_samples x (num_samples - 1) / 2 for the
-    other feedback; `method.mini_batch_size` when smaller): each minibatch is split into that many micro-batches, so
-    the extra ones were empty and ran a zero-weight forward and backward each, on every update (the gradient is the
-    same). On several processes a minibatch's share is smaller still: the trainer warns (`MinibatchUpdates`)."""
-    prompts = method.prompts_per_step
-    if command == "online-dpo":
-        per_prompt = 1 if method.feedback == "best_worst" else num_samples * (num_samples - 1) // 2
+def check_accumulation(settings: Any, accumulation: int, num_samples: int, *, train: str = "train.",
+                       method: str = "method.") -> None:
+    """ConfigError when `gradient_accumulation_steps` is above the most items a minibatch can hold (the step's
+    samples; online DPO's pairs (`settings.feedback`): one per prompt for best_worst, feedback_kwargs.pairs_per_prompt
+    (default 1; all when <= 0) of the num_samples x (num_samples - 1) / 2 for the other feedback;
+    `mini_batch_size` when smaller): each minibatch is split into that many micro-batches, so the extra ones were
+    empty and ran a zero-weight forward and backward each, on every update (the gradient is the same). The one check
+    of the run config (`train` / `method`: the prefixes its keys are spelled with) and of the library's
+    `alignkit.online.OnlineConfig` (bare keys), before anything is written. On several processes a minibatch's share
+    is smaller still: the trainer warns (`MinibatchUpdates`)."""
+    prompts = settings.prompts_per_step
+    feedback = getattr(settings, "feedback", None)  # online DPO's: its items are pairs
+    if feedback is not None:
+        every = num_samples * (num_samples - 1) // 2
+        asked = (settings.feedback_kwargs or {}).get("pairs_per_prompt", 1)
+        asked = asked if isinstance(asked, int) else 0  # not a count: bound by every pair (refused elsewhere)
+        if feedback == "best_worst":
+            per_prompt, why = 1, f"1 for {method}feedback best_worst"
+        elif 0 < asked < every:
+            per_prompt, why = asked, f"{method}feedback_kwargs.pairs_per_prompt {asked} (1 by default) for {feedback}"
+        else:
+            per_prompt, why = every, f"the {every} pairs of sampling.num_samples {num_samples}"
         items = prompts * per_prompt
-        what = (f"{items} pair(s) (method.prompts_per_step {prompts} x "
-                + ("1 for method.feedback best_worst)" if per_prompt == 1 else
-                   f"at most {per_prompt} of sampling.num_samples {num_samples})"))
+        what = f"{items} pair(s) ({method}prompts_per_step {prompts} x {why})"
     else:
         items = prompts * num_samples
-        what = f"{items} sample(s) (method.prompts_per_step {prompts} x sampling.num_samples {num_samples})"
-    if method.mini_batch_size is not None and method.mini_batch_size < items:
-        items, what = method.mini_batch_size, f"{method.mini_batch_size} item(s) (method.mini_batch_size)"
+        what = f"{items} sample(s) ({method}prompts_per_step {prompts} x sampling.num_samples {num_samples})"
+    if settings.mini_batch_size is not None and settings.mini_batch_size < items:
+        items, what = settings.mini_batch_size, f"{settings.mini_batch_size} item(s) ({method}mini_batch_size)"
     if accumulation > items:
-        raise ConfigError(f"train.gradient_accumulation_steps: {accumulation} splits each minibatch into {accumulation} "
-                          f"micro-batches, and a minibatch holds at most {what}, so at least {accumulation - items} "
-                          f"of them would be empty zero-weight passes on every update (the gradient is the same); "
-                          f"set train.gradient_accumulation_steps to {items} or less")
+        raise ConfigError(f"{train}gradient_accumulation_steps: {accumulation} splits each minibatch into "
+                          f"{accumulation} micro-batches, and a minibatch holds at most {what}, so at least "
+                          f"{accumulation - items} of them would be empty zero-weight passes on every update (the "
+                          f"gradient is the same); set {train}gradient_accumulation_steps to {items} or less")
 
 
 @dataclass
@@ -446,13 +457,13 @@ class OnlineRunConfig:
                     raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
         check_bounds(self)  # out-of-range values first, named as the config spells them (then the trainer's checks)
         self._bounds_checked_method = copy.deepcopy(self.method)  # trainer_config: these values need no second check
+        # the library config's own check (OnlineConfig), first here to name the keys as this config spells them
+        check_accumulation(m, self.train.get("gradient_accumulation_steps", 1), self.sampling.num_samples)
         try:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
         check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
-        check_accumulation(m, self.train.get("gradient_accumulation_steps", 1), self.sampling.num_samples,
-                           self.command)
         if hasattr(m, "feedback"):
             check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
