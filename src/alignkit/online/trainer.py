@@ -139,6 +139,11 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.prompts = as_prompt_records(prompts)
         if not self.prompts:
             raise ValueError("online training needs at least one prompt")
+        # a reward function's parameter no prompt row gives (a dataset column the data lacks) stopped the first step,
+        # after the run folder's trackers were started: refused here, as `alignkit <command>` does before loading
+        held_out = as_prompt_records(eval_prompts) if eval_prompts is not None else []
+        self.annotator.check_columns({k for r in [*self.prompts, *held_out] for k in r.meta.get("columns", {})},
+                                     "the prompts" + (" and held-out prompts" if held_out else ""))
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.trackers = self._trackers() if self.output_dir is not None else []
         if requested_engine() == "deepspeed":  # accelerate would drop it on CPU (plain DDP) or need its batch config
