@@ -31,6 +31,7 @@ from alignkit.online.reweighting import reweight
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.trainers.pairs import pair_batch
+from alignkit.settings.online import check_feedback
 from alignkit.settings.sections import PreferenceObjective, loss_names, reference_free
 
 PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
@@ -56,6 +57,9 @@ class OnlineDPOConfig(OnlineConfig):
         check_loss_weights(loss_names(self.loss_type), self.loss_weights, "online DPO config")
         if self.feedback not in PAIR_MODES:
             raise ValueError(f"online DPO feedback must be one of {PAIR_MODES}, got {self.feedback!r}")
+        # feedback_kwargs the pair builder does not take, or a reweighter these pairs cannot feed, stopped the first
+        # step (after the trainer's folder was written): refused here, as `alignkit online-dpo` does
+        check_feedback(self.feedback, self.feedback_kwargs, self.reweighters)
         if isinstance(self.params, dict):
             self.params = PreferenceParams(**self.params)
         resolve_params(self.params, self.beta, "OnlineDPOConfig")

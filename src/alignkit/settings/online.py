@@ -462,15 +462,16 @@ class OnlineRunConfig:
                     raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
         check_bounds(self)  # out-of-range values first, named as the config spells them (then the trainer's checks)
         self._bounds_checked_method = copy.deepcopy(self.method)  # trainer_config: these values need no second check
-        # the library config's own check (OnlineConfig), first here to name the keys as this config spells them
+        # the library configs' own checks (OnlineConfig, OnlineDPOConfig), first here to name the keys as this config
+        # spells them
         check_accumulation(m, self.train.get("gradient_accumulation_steps", 1), self.sampling.num_samples)
+        if hasattr(m, "feedback"):
+            check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         try:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
         check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
-        if hasattr(m, "feedback"):
-            check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
                           "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
         if getattr(m, "feedback", None) == "judge_pairs":  # no pointwise score: nothing to normalise or clip
