@@ -145,6 +145,14 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.annotator.check_columns({k for r in [*self.prompts, *held_out] for k in r.meta.get("columns", {})},
                                      "the prompts" + (" and held-out prompts" if held_out else ""))
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        if self.output_dir is None:  # what only writes into output_dir: set without one, it was never read
+            c = self.config
+            unread = [(k, getattr(c, k)) for k in ("save_steps", "push_to_hub") if getattr(c, k)]
+            unread += [("report_to", c.report_to)] if c.report_to not in (None, "none", []) else []
+            if unread:
+                key, value = unread[0]
+                raise ValueError(f"{type(self).__name__}: {key}={value!r} writes into (or uploads) output_dir, and no "
+                                 f"output_dir was given, so it would be ignored; pass output_dir=..., or remove {key}")
         self.trackers = self._trackers() if self.output_dir is not None else []
         if requested_engine() == "deepspeed":  # accelerate would drop it on CPU (plain DDP) or need its batch config
             raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the accelerate "
