@@ -59,6 +59,18 @@ def test_metrics_jsonl_and_saved_adapter(tiny_dir, tokenizer, tmp_path):
     assert json.loads((tmp_path / "online_config.json").read_text())["steps"] == 2
 
 
+@pytest.mark.parametrize("key, value", [("save_steps", 1), ("push_to_hub", True), ("report_to", "tensorboard")])
+def test_settings_that_write_into_output_dir_are_refused_without_one(tiny_dir, tokenizer, key, value):
+    """save_steps, push_to_hub and report_to act through output_dir; a trainer built without one ran every step and
+    wrote no checkpoint, uploaded nothing, logged to no tracker, without a word. Now refused when built; the
+    defaults (save_at_end, report_to None) still build without a folder."""
+    model = toy_policy(tiny_dir("llama"), "lora")
+    with pytest.raises(ValueError, match=re.escape(f"GRPOTrainer: {key}={value!r} writes into (or uploads) output_dir, "
+                                                   "and no output_dir was given, so it would be ignored")):
+        GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, small(GRPOConfig, **{key: value}))
+    GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, small(GRPOConfig, report_to="none"))
+
+
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_reference_is_the_start_policy_and_adaptive_kl(tiny_dir, tokenizer, kind):
     model = toy_policy(tiny_dir("llama"), kind)
@@ -680,3 +692,21 @@ def test_more_accumulation_steps_than_a_step_has_pairs_warns_once(tiny_dir, toke
     assert warned == ["gradient_accumulation_steps (train.gradient_accumulation_steps) is 4, and this process's "
                       "minibatch holds 3 item(s): 1 micro-batch(es) are empty zero-weight passes on every update (the "
                       "gradient is the same); lower it to 3"], warned
+
+
+@pytest.mark.parametrize("config, key, value, extra", [
+    (GRPOConfig, "clip_eps", 0.3, {}),
+    (RLOOConfig, "dual_clip", 3.0, {}),
+    (PPOConfig, "cliprange_value", 0.1, {"epochs_per_step": 1}),  # PPO's default is 4 epochs
+])
+def test_clip_settings_that_cannot_act_are_refused_by_the_library_config(config, key, value, extra):
+    """One update per generation step: the policy (and PPO's value head) is still the one that sampled, so a clip
+    never acts. The CLI refused it from its config; GRPOConfig(clip_eps=0.3) built in Python trained as with the
+    default, without a word. Now the library config refuses it with the same check; several updates still build."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"{key}: {value!r} ") + r".*one update per generation step \(epochs_per_step=1, mini_batch_size None "
+            r"\(the whole step\)\) the policy is still the one that sampled, so it would never act; remove it, or "
+            r"make several updates per step: epochs_per_step >= 2 or mini_batch_size < 8"):
+        small(config, **{key: value, **extra})
+    assert getattr(small(config, **{key: value, **extra, "epochs_per_step": 2}), key) == value
+    assert getattr(small(config, **{key: value, **extra, "mini_batch_size": 4}), key) == value

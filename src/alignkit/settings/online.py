@@ -344,10 +344,12 @@ CLIP_KEYS = {"clip_eps": "clips the policy ratio pi / pi_old", "clip_eps_high": 
              "advantages)", "cliprange_value": "clips the value head's change from its rollout values"}
 
 
-def check_clip_acts(method: Any, samples_per_step: int) -> None:
+def check_clip_acts(method: Any, samples_per_step: int, where: str = "method.") -> None:
     """ConfigError naming a clip key (`CLIP_KEYS`) set to a value other than its default (and not null: off) when the
     step makes one update (method.epochs_per_step 1, method.mini_batch_size null or >= the step's samples): the
-    first update's policy is the one that sampled, so nothing is ever clipped (TRL's num_iterations=1 alike)."""
+    first update's policy is the one that sampled, so nothing is ever clipped (TRL's num_iterations=1 alike). The
+    run config's check (`where`: its keys' prefix) and the library configs' (`alignkit.online.OnlineConfig`: bare
+    keys), before anything is written."""
     updates = method.epochs_per_step * (1 if method.mini_batch_size is None
                                         else -(-samples_per_step // method.mini_batch_size))
     if updates > 1:
@@ -356,13 +358,13 @@ def check_clip_acts(method: Any, samples_per_step: int) -> None:
     for key, what in CLIP_KEYS.items():
         value = getattr(method, key, None)
         if key in defaults and value is not None and value != defaults[key]:
-            batch = ("null (the whole step)" if method.mini_batch_size is None else
+            batch = (f"{'null' if where else 'None'} (the whole step)" if method.mini_batch_size is None else
                      f"{method.mini_batch_size} >= the step's {samples_per_step}")
-            raise ConfigError(f"method.{key}: {value!r} {what}, and with one update per generation step "
-                              f"(method.epochs_per_step=1, method.mini_batch_size {batch}) the policy is still the one "
+            raise ConfigError(f"{where}{key}: {value!r} {what}, and with one update per generation step "
+                              f"({where}epochs_per_step=1, {where}mini_batch_size {batch}) the policy is still the one "
                               "that sampled, so it would never act; remove it, or make several updates per step: "
-                              f"method.epochs_per_step >= 2 or method.mini_batch_size < {samples_per_step} (the "
-                              "step's method.prompts_per_step x sampling.num_samples samples)")
+                              f"{where}epochs_per_step >= 2 or {where}mini_batch_size < {samples_per_step} (the "
+                              f"step's {where}prompts_per_step x sampling.num_samples samples)")
 
 
 def check_accumulation(settings: Any, accumulation: int, num_samples: int, *, train: str = "train.",
@@ -465,13 +467,13 @@ class OnlineRunConfig:
         # the library configs' own checks (OnlineConfig, OnlineDPOConfig), first here to name the keys as this config
         # spells them
         check_accumulation(m, self.train.get("gradient_accumulation_steps", 1), self.sampling.num_samples)
+        check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
         if hasattr(m, "feedback"):
             check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         try:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
-        check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
                           "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
         if getattr(m, "feedback", None) == "judge_pairs":  # no pointwise score: nothing to normalise or clip
