@@ -202,7 +202,17 @@ def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override
     # fewer steps than the checkpoint has done: nothing would run, and the saved model had trained longer than asked
     with pytest.raises(CheckpointError, match=r"has done 1 step\(s\), more than steps=0 \(train.max_steps\)"):
         trainer(PROMPTS, steps=0).train(resume_from_checkpoint=ckpt)
+    # the killed run's rows after the checkpoint (here: step 1 of the first resume) stayed beside the resumed run's
+    # rows of the same step; a resume now keeps the rows up to its checkpoint; a run from step 0 into the folder is
+    # refused
     assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # the same run: step 2 runs
+    assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # again, as after a kill
+    rows = [json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert rows == [0.0, 1.0], rows  # was [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"metrics.jsonl already holds 2 row\(s\) of an earlier run, and this run "
+                                         r"starts at step 0, so its rows would be appended to that run's; pass "
+                                         r"resume_from_checkpoint= to continue that run, or another output_dir"):
+        trainer(PROMPTS).train()
     # another number of processes: the prompt order and global batches are the same, the per-process sampling seeds
     # are not; resumed with a warning that says so (it resumed without a word, and the number was not recorded)
     text = (ckpt / "trainer_state.json").read_text()
