@@ -267,7 +267,7 @@ def test_annotate_that_keeps_no_record_is_one_line_and_writes_nothing(tmp_path, 
     assert (rnd / "manifest.json").read_bytes() == manifest
     # a margin some pair can pass writes the round as before
     assert main(["-q", "annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={rnd}",
-                 "feedback_kwargs.min_margin=-1.0", "reweighters=[]"]) == 0
+                 "feedback_kwargs.min_margin=0.0", "reweighters=[]"]) == 0
     assert len(_rows(rnd / "records.jsonl")) == 2
 
 

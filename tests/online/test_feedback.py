@@ -185,6 +185,11 @@ def test_record_meta_lists_what_each_builder_writes():
 @pytest.mark.parametrize("keys, said", [
     ({"feedback_kwargs": {"min_margn": 0.1}}, "feedback_kwargs.min_margn: unknown key; did you mean 'min_margin'?"),
     ({"feedback_kwargs": {"pairs_per_prompt": 2}}, "feedback_kwargs.pairs_per_prompt: unknown key"),  # best_worst's
+    # best_worst paired an all-equal group's first sample with itself (chosen = rejected), silently
+    ({"feedback_kwargs": {"min_margin": -1.0}}, "feedback_kwargs.min_margin: -1.0 must be a number >= 0"),
+    # random_pairs formed no pair at all (ok[:0]), and the no-pair warning blamed the rewards
+    ({"feedback": "random_pairs", "feedback_kwargs": {"pairs_per_prompt": 0}},
+     "feedback_kwargs.pairs_per_prompt: 0 must be a whole number >= 1"),
     ({"feedback": "judge_pairs", "reweighters": ["margin_sigmoid"]},
      "reweighters[0]: margin_sigmoid weighs records by their margin, and feedback=judge_pairs gives records with no "
      "margin"),

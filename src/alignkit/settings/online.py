@@ -231,6 +231,18 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
     for key in kwargs:
         if key not in params:
             raise unknown_key_error(f"{where}feedback_kwargs", str(key), params)
+    margin = kwargs.get("min_margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0):
+        raise ConfigError(f"{where}feedback_kwargs.min_margin: {margin!r} must be a number >= 0: a pair's margin (its "
+                          "chosen score minus its rejected score) is never negative, so a negative one passes pairs "
+                          "of equal scores, whose chosen side is arbitrary (best_worst pairs an all-equal group's first "
+                          "sample with itself); use 0 (pairs with any score difference) or more")
+    count = kwargs.get("pairs_per_prompt")
+    if mode == "random_pairs" and count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                                         or count < 1):
+        raise ConfigError(f"{where}feedback_kwargs.pairs_per_prompt: {count!r} must be a whole number >= 1: "
+                          "random_pairs forms up to that many pairs a prompt (0 formed none, a negative count left "
+                          "out that many of the candidate pairs)")
     for i, spec in enumerate(reweighters):
         try:
             reweighter = build_reweighter(spec)
