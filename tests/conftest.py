@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -61,3 +62,25 @@ def tiny_classifier(tiny_dir):
                           num_labels=num_labels).eval()
 
     return make
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A local Hugging Face cache in tmp_path (HF_HUB_CACHE, and huggingface_hub's constant read at import), holding
+    what `hub_cache(repo, folder)` copies into it: the layout a download leaves (`models--org--name/refs/main` naming
+    the commit, `snapshots/<commit>/` the files). Returns the snapshot folder. No network is used."""
+    import huggingface_hub.constants as hub_constants
+
+    root = tmp_path / "hf-cache" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(root))
+
+    def add(repo: str, folder, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+        repo_dir = root / f"models--{repo.replace('/', '--')}"
+        (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+        (repo_dir / "refs" / "main").write_text(commit)
+        snapshot = repo_dir / "snapshots" / commit
+        shutil.copytree(folder, snapshot)
+        return snapshot
+
+    return add

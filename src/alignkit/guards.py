@@ -21,26 +21,23 @@ from typing import Any, Sequence
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm; the run stopped at `step` (1-based optimizer step)."""
 
-    def __init__(self, what: str, value: float, step: int, record_ids: Sequence[str] | None = None,
-                 causes: str = "") -> None:
+    def __init__(self, what: str, value: float, step: int, record_ids: Sequence[str] | None = None, *,
+                 causes: str) -> None:
         self.what, self.value, self.step = what, value, step
         self.record_ids = [str(r) for r in record_ids or [] if str(r)]
         ids = _show_ids(self.record_ids)
-        causes = causes or LIKELY_CAUSES
         super().__init__(f"{what} is {value} at optimizer step {step}{ids}; the run stopped before this update "
                          f"(no weights written after it; earlier checkpoints are kept). Likely causes: {causes}")
 
 
-def likely_causes(scale: str | None = "method.beta and similar") -> str:
-    """The causes a `NonFiniteError` names; `scale`: the setting that scales the objective's loss (None: no such
-    setting, e.g. SFT, or an ORPO / SLiC preference loss, which refuse method.beta)."""
+def likely_causes(scale: str | None) -> str:
+    """The causes a `NonFiniteError` names; `scale`: the setting(s) that scale the objective's loss, as the trainer's
+    `loss_scale` names them (None: no such setting, e.g. SFT, or an ORPO / SLiC preference loss, which refuse
+    method.beta). No generic default: a trainer names its own objective's knob, never another's."""
     scaled = f", a loss scale too large ({scale})" if scale else ""
     return (f"a learning rate too high (train.learning_rate){scaled}, extreme data weights or margins in the records "
             "named, or fp16 overflow (use bf16 or fp32); lower the culprit and rerun (or resume from the last "
             "checkpoint)")
-
-
-LIKELY_CAUSES = likely_causes()
 
 
 class StalledTrainingError(RuntimeError):
@@ -89,4 +86,4 @@ def as_float(value: Any) -> float:
     return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
 
 
-__all__ = ["LIKELY_CAUSES", "likely_causes", "NonFiniteError", "NonFiniteLogitsError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]
+__all__ = ["likely_causes", "NonFiniteError", "NonFiniteLogitsError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]

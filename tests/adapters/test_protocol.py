@@ -177,11 +177,37 @@ def test_a_base_partitioned_at_load_by_zero3_is_fingerprinted_from_its_folder(ro
     assert base_mismatch(saved, base_fingerprint(zero3_partitioned(load_model(tuned_dir)))) is None  # its own base
 
     hub = zero3_partitioned(load_model(base))
-    hub.config.name_or_path = "org/a-hub-model"  # not a local folder: nothing to read the probes from
+    hub.config.name_or_path = "org/a-hub-model"  # not a local folder, not cached: nothing to read the probes from
     with caplog.at_level("WARNING", logger="alignkit.adapters.base"):
         assert base_fingerprint(hub) is None and base_fingerprint(hub) is None
     said = [r.getMessage() for r in caplog.records if "fingerprint is not taken" in r.getMessage()]
     assert len(said) == 1 and "'org/a-hub-model'" in said[0] and "is not checked" in said[0]
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
+def test_a_zero3_base_named_by_hub_id_is_fingerprinted_from_the_local_cache(row, tiny_dir, tmp_path, hub_cache,
+                                                                            caplog):
+    """A ZeRO-3 base loaded by Hub name (from_pretrained("org/name"), read from the local Hugging Face cache) was only
+    warned about: adapters saved from it recorded no base, an adapter trained on another base loaded onto it without
+    a word. Now its cached snapshot (no network) is read like a local folder: the same probes as the unsharded base,
+    the Hub name recorded, and an adapter trained on a finetuned copy refused; no warning."""
+    from alignkit.adapters import base_fingerprint
+
+    base = tiny_dir("llama")
+    hub_cache("org/a-cached-model", base)
+    hub = zero3_partitioned(load_model(base))
+    hub.config.name_or_path = "org/a-cached-model"  # what from_pretrained("org/a-cached-model") sets
+    with caplog.at_level("WARNING", logger="alignkit.adapters.base"):
+        found = base_fingerprint(hub)
+    assert found is not None and found.pop("name_or_path") == "org/a-cached-model"
+    want = base_fingerprint(load_model(base))
+    want.pop("name_or_path")
+    assert found == want
+    assert not [r for r in caplog.records if "fingerprint is not taken" in r.getMessage()]
+    folder = save_adapter(perturb(apply_adapter(load_model(finetuned_copy(base, tmp_path / "tuned")), row.config())),
+                          tmp_path / "a")
+    with pytest.raises(ValueError, match="trained on a different base model .its final norm weights differ"):
+        load_adapter(hub, folder)
 
 
 @pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)

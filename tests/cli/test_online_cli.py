@@ -267,7 +267,7 @@ def test_annotate_that_keeps_no_record_is_one_line_and_writes_nothing(tmp_path, 
     assert (rnd / "manifest.json").read_bytes() == manifest
     # a margin some pair can pass writes the round as before
     assert main(["-q", "annotate", "--config", str(CONFIGS / "annotate-tiny.yaml"), f"output_dir={rnd}",
-                 "feedback_kwargs.min_margin=-1.0", "reweighters=[]"]) == 0
+                 "feedback_kwargs.min_margin=0.0", "reweighters=[]"]) == 0
     assert len(_rows(rnd / "records.jsonl")) == 2
 
 
@@ -449,14 +449,19 @@ def test_clip_settings_that_cannot_act_are_refused_before_the_run_folder(command
 
 
 # (command, overrides, gradient_accumulation_steps refused, what a minibatch holds at most: items and the message's
-# words): 2 prompts per step; grpo 4 samples each, ppo 2, online DPO best_worst 1 pair each, random_pairs C(4, 2)
+# words): 2 prompts per step; grpo 4 samples each, ppo 2, online DPO 1 pair each (best_worst; random_pairs by
+# default), random_pairs with pairs_per_prompt 10: all C(4, 2) = 6
 ACCUMULATION = [
     ("grpo", [], 8, "8 sample(s) (method.prompts_per_step 2 x sampling.num_samples 4)"),
     ("grpo", ["method.mini_batch_size=2"], 2, "2 item(s) (method.mini_batch_size)"),
     ("ppo", [], 4, "4 sample(s) (method.prompts_per_step 2 x sampling.num_samples 2)"),
     ("online-dpo", [], 2, "2 pair(s) (method.prompts_per_step 2 x 1 for method.feedback best_worst)"),
-    ("online-dpo", ["method.feedback=random_pairs"], 12,
-     "12 pair(s) (method.prompts_per_step 2 x at most 6 of sampling.num_samples 4)"),
+    # random_pairs forms feedback_kwargs.pairs_per_prompt pairs a prompt (1 by default): 12 (every pair) passed
+    ("online-dpo", ["method.feedback=random_pairs"], 2,
+     "2 pair(s) (method.prompts_per_step 2 x method.feedback_kwargs.pairs_per_prompt 1 (1 by default) for "
+     "random_pairs)"),
+    ("online-dpo", ["method.feedback=random_pairs", "method.feedback_kwargs.pairs_per_prompt=10"], 12,
+     "12 pair(s) (method.prompts_per_step 2 x the 6 pairs of sampling.num_samples 4)"),
 ]
 
 

@@ -500,3 +500,27 @@ def test_a_zero3_partitioned_parameter_has_a_ds_id_and_empty_data():
     check(callable(pp.free_param) and "param.data = torch.empty(0, dtype=param.dtype" in source, "deepspeed",
           "free_param no longer empties a partitioned parameter's .data", where)
     check("param.ds_id = " in source, "deepspeed", "ZeRO-3 parameters no longer get a ds_id", where)
+
+
+def test_a_hub_name_resolves_to_its_cached_snapshot_offline(tiny_dir, hub_cache):
+    """huggingface_hub's cache layout, as `hub_cache_snapshot` reads it for a ZeRO-3 base named by Hub id: with
+    `models--org--name/refs/main` naming a commit and `snapshots/<commit>/` its files, `try_to_load_from_cache(name,
+    "config.json")` gives that snapshot's file without the network (and None for a name not cached), and
+    transformers' `from_pretrained(name)` reads the same snapshot (huggingface_hub's HF_HUB_CACHE) and sets
+    `config.name_or_path` to the name."""
+    where = "alignkit/adapters/base.py:hub_cache_snapshot (sharded_fingerprint)"
+    snapshot = hub_cache("org/a-cached-model", tiny_dir("llama"))
+    with guard("huggingface_hub", "try_to_load_from_cache moved or changed", where):
+        from huggingface_hub import try_to_load_from_cache
+
+        got = try_to_load_from_cache("org/a-cached-model", "config.json")
+        missing = try_to_load_from_cache("org/not-cached", "config.json")
+    check(got == str(snapshot / "config.json") and missing is None, "huggingface_hub",
+          "the cache's refs/main -> snapshots/<commit>/ layout is no longer what try_to_load_from_cache reads", where,
+          f"got {got!r}, {missing!r}")
+    with guard("transformers", "from_pretrained no longer reads huggingface_hub's cache", where):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained("org/a-cached-model", local_files_only=True)
+    check(config.name_or_path == "org/a-cached-model", "transformers",
+          "from_pretrained(hub name) no longer sets config.name_or_path to the name", where, config.name_or_path)

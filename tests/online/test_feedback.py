@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 
@@ -179,3 +180,27 @@ def test_record_meta_lists_what_each_builder_writes():
         has_margin = all((getattr(r, "margin", None) if getattr(r, "margin", None) is not None
                           else r.meta.get("margin")) is not None for r in records)
         assert has_margin == (mode in MARGIN_MODES), mode
+
+
+@pytest.mark.parametrize("keys, said", [
+    ({"feedback_kwargs": {"min_margn": 0.1}}, "feedback_kwargs.min_margn: unknown key; did you mean 'min_margin'?"),
+    ({"feedback_kwargs": {"pairs_per_prompt": 2}}, "feedback_kwargs.pairs_per_prompt: unknown key"),  # best_worst's
+    # best_worst paired an all-equal group's first sample with itself (chosen = rejected), silently
+    ({"feedback_kwargs": {"min_margin": -1.0}}, "feedback_kwargs.min_margin: -1.0 must be a number >= 0"),
+    # random_pairs formed no pair at all (ok[:0]), and the no-pair warning blamed the rewards
+    ({"feedback": "random_pairs", "feedback_kwargs": {"pairs_per_prompt": 0}},
+     "feedback_kwargs.pairs_per_prompt: 0 must be a whole number >= 1"),
+    ({"feedback": "judge_pairs", "reweighters": ["margin_sigmoid"]},
+     "reweighters[0]: margin_sigmoid weighs records by their margin, and feedback=judge_pairs gives records with no "
+     "margin"),
+])
+def test_online_dpo_config_refuses_feedback_settings_its_pairs_cannot_take(keys, said):
+    """OnlineDPOConfig built in Python took feedback_kwargs the pair builder has no parameter for, and reweighters its
+    records cannot feed: the trainer was built and the first step stopped (TypeError / ValueError) after its folder was
+    written. The CLI refused them from its config; the library config now runs the same check when built."""
+    from alignkit.online import OnlineDPOConfig
+
+    with pytest.raises(ValueError, match="^" + re.escape(said)):
+        OnlineDPOConfig(**keys)
+    assert OnlineDPOConfig(feedback="random_pairs", feedback_kwargs={"pairs_per_prompt": 2, "min_margin": 0.1},
+                           reweighters=["margin_sigmoid"]).feedback_kwargs["pairs_per_prompt"] == 2

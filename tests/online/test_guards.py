@@ -12,28 +12,74 @@ import pytest
 from alignkit.guards import NonFiniteError
 from alignkit.online.annotators import Annotator
 from alignkit.online.generation import SamplingConfig
-from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
+from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from alignkit.online.ppo import PPOConfig, PPOTrainer
 from alignkit.online.trainer import METRICS_FILE
 
 from .toy import PROMPTS, digit_fraction, toy_policy
 
 
-def test_online_nan_loss_stops_and_logs_nan(tiny_dir, tokenizer, tmp_path):
+def distinct(prompt, response: str) -> float:
+    """A reward that ties two responses only when they are equal (online DPO then forms a pair per prompt)."""
+    return sum(ord(c) * (i + 1) for i, c in enumerate(response)) % 997 / 997
+
+
+# (trainer, config class, config keys, its loss method, the loss scale its non-finite advice names; None: none).
+# Written out by hand from what each loss reads (docs in each module): GRPO's loss adds kl_coef x KL (none with a
+# fixed 0) and entropy_coef x H; RLOO's leave-one-out advantages (and GRPO's without scale_by_std) keep the rewards'
+# scale; PPO adds vf_coef x its value loss on returns of the rewards' scale and the KL through the rewards; online
+# DPO's preference loss reads beta, except orpo / slic / sft. The advice named "method.beta and similar" for all.
+REWARDS = "the rewards' scale (method.reward_normalization, method.reward_clip)"
+NON_FINITE = [
+    (GRPOTrainer, GRPOConfig, {}, "policy_loss", "method.kl_coef"),
+    (GRPOTrainer, GRPOConfig, {"kl_coef": 0.0, "entropy_coef": 0.01, "scale_by_std": False}, "policy_loss",
+     f"method.entropy_coef, {REWARDS}"),
+    (GRPOTrainer, GRPOConfig, {"kl_coef": 0.0}, "policy_loss", None),
+    (RLOOTrainer, RLOOConfig, {}, "policy_loss", f"method.kl_coef, {REWARDS}"),
+    (PPOTrainer, PPOConfig, {"epochs_per_step": 1}, "ppo_loss", f"method.vf_coef, method.kl_coef, {REWARDS}"),
+    (OnlineDPOTrainer, OnlineDPOConfig, {}, "pair_loss", "method.beta"),
+    (OnlineDPOTrainer, OnlineDPOConfig, {"loss_type": "orpo"}, "pair_loss", None),
+]
+
+
+@pytest.mark.parametrize("cls, config, keys, loss_fn, scale", NON_FINITE)
+def test_online_nan_loss_stops_and_logs_nan(tiny_dir, tokenizer, tmp_path, cls, config, keys, loss_fn, scale,
+                                            monkeypatch):
+    """A NaN loss stops the run at its step, names the step's records and the method's own loss scale (the advice
+    named method.beta for every online method, also those that read none), logs NaN and saves nothing."""
     model = toy_policy(tiny_dir("llama"), "lora")
-    cfg = GRPOConfig(steps=3, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2),
-                     learning_rate=1e-2)
-    cfg.kl_coef = float("nan")  # after construction: GRPOConfig refuses a non-finite kl_coef when built
-    trainer = GRPOTrainer(model, tokenizer, PROMPTS,
-                          {"type": "function", "fn": digit_fraction}, cfg, output_dir=tmp_path)
+    cfg = config(steps=3, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2),
+                 learning_rate=1e-2, **keys)
+    real = getattr(cls, loss_fn)
+    monkeypatch.setattr(cls, loss_fn, lambda self, *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(
+        real(self, *a, **k)))
+    trainer = cls(model, tokenizer, PROMPTS, {"type": "function", "fn": distinct}, cfg, output_dir=tmp_path)
     with pytest.raises(NonFiniteError) as err:
         trainer.train()
     assert err.value.step == 1 and err.value.what == "the training loss"
     assert err.value.record_ids and set(err.value.record_ids) <= {f"prompt[{i}]" for i in range(4)}
+    said = str(err.value)
+    if scale is None:
+        assert "loss scale" not in said and "method." not in said.replace("(train.learning_rate)", ""), said
+    else:
+        assert f"a loss scale too large ({scale}), extreme" in said, said
     text = (tmp_path / METRICS_FILE).read_text()
     rows = [json.loads(line) for line in text.splitlines()]
     assert len(rows) == 1 and math.isnan(rows[0]["loss"]) and "null" not in text
     assert not (tmp_path / "adapter_model.safetensors").exists()  # nothing saved
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_a_non_finite_kl_coef_stops_the_run(tiny_dir, tokenizer, tmp_path):
+    model = toy_policy(tiny_dir("llama"), "lora")
+    cfg = GRPOConfig(steps=3, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2),
+                     learning_rate=1e-2)
+    cfg.kl_coef = float("nan")  # after construction: GRPOConfig refuses a non-finite kl_coef when built
+    trainer = GRPOTrainer(model, tokenizer, PROMPTS, {"type": "function", "fn": digit_fraction}, cfg,
+                          output_dir=tmp_path)
+    with pytest.raises(NonFiniteError, match=r"the training loss is nan at optimizer step 1 .*\(method.kl_coef\)"):
+        trainer.train()
 
 
 def test_zero_spread_fraction_by_hand():
@@ -156,7 +202,17 @@ def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override
     # fewer steps than the checkpoint has done: nothing would run, and the saved model had trained longer than asked
     with pytest.raises(CheckpointError, match=r"has done 1 step\(s\), more than steps=0 \(train.max_steps\)"):
         trainer(PROMPTS, steps=0).train(resume_from_checkpoint=ckpt)
+    # the killed run's rows after the checkpoint (here: step 1 of the first resume) stayed beside the resumed run's
+    # rows of the same step; a resume now keeps the rows up to its checkpoint; a run from step 0 into the folder is
+    # refused
     assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # the same run: step 2 runs
+    assert len(trainer(PROMPTS, steps=2).train(resume_from_checkpoint=ckpt)) == 1  # again, as after a kill
+    rows = [json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert rows == [0.0, 1.0], rows  # was [0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"metrics.jsonl already holds 2 row\(s\) of an earlier run, and this run "
+                                         r"starts at step 0, so its rows would be appended to that run's; pass "
+                                         r"resume_from_checkpoint= to continue that run, or another output_dir"):
+        trainer(PROMPTS).train()
     # another number of processes: the prompt order and global batches are the same, the per-process sampling seeds
     # are not; resumed with a warning that says so (it resumed without a word, and the number was not recorded)
     text = (ckpt / "trainer_state.json").read_text()

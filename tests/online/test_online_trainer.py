@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -56,6 +57,18 @@ def test_metrics_jsonl_and_saved_adapter(tiny_dir, tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, trainer.policy(input_ids=ids).logits, atol=1e-5)
     assert json.loads((tmp_path / "online_config.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("key, value", [("save_steps", 1), ("push_to_hub", True), ("report_to", "tensorboard")])
+def test_settings_that_write_into_output_dir_are_refused_without_one(tiny_dir, tokenizer, key, value):
+    """save_steps, push_to_hub and report_to act through output_dir; a trainer built without one ran every step and
+    wrote no checkpoint, uploaded nothing, logged to no tracker, without a word. Now refused when built; the
+    defaults (save_at_end, report_to None) still build without a folder."""
+    model = toy_policy(tiny_dir("llama"), "lora")
+    with pytest.raises(ValueError, match=re.escape(f"GRPOTrainer: {key}={value!r} writes into (or uploads) output_dir, "
+                                                   "and no output_dir was given, so it would be ignored")):
+        GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, small(GRPOConfig, **{key: value}))
+    GRPOTrainer(model, tokenizer, PROMPTS, DIGITS, small(GRPOConfig, report_to="none"))
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
@@ -642,15 +655,58 @@ def test_online_dpo_logs_the_kl_coef_its_loss_applies(tiny_dir, tokenizer, loss_
     assert row.get("kl_coef") == logged
 
 
-def test_more_accumulation_steps_than_the_minibatch_has_items_warns_once(tiny_dir, tokenizer, caplog):
-    """Minibatches of 4 of the step's 8 samples split into 6 micro-batches: 2 are empty zero-weight passes on each of
-    the 4 updates (the CLI refuses this from the config; a library caller, several processes or online DPO's fewer
-    pairs are not refused). It ran without a word; now one warning for the run naming both numbers."""
-    cfg = small(GRPOConfig, mini_batch_size=4, gradient_accumulation_steps=6, progress_bar=False)
-    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg)
+@pytest.mark.parametrize("config, keys, most, said", [
+    # minibatches of 4 of the step's 8 samples (2 prompts x 4) split into 6 micro-batches: 2 empty on every update
+    (GRPOConfig, {"mini_batch_size": 4, "gradient_accumulation_steps": 6}, 4,
+     "gradient_accumulation_steps: 6 splits each minibatch into 6 micro-batches, and a minibatch holds at most 4 "
+     "item(s) (mini_batch_size), so at least 2 of them would be empty zero-weight passes on every update (the gradient "
+     "is the same); set gradient_accumulation_steps to 4 or less"),
+    # online DPO, best_worst: one pair per prompt, 2 a step
+    (OnlineDPOConfig, {"gradient_accumulation_steps": 3}, 2,
+     "gradient_accumulation_steps: 3 splits each minibatch into 3 micro-batches, and a minibatch holds at most 2 "
+     "pair(s) (prompts_per_step 2 x 1 for feedback best_worst), so at least 1 of them"),
+])
+def test_more_accumulation_steps_than_the_minibatch_has_items_is_refused(config, keys, most, said):
+    """The CLI refused this from its config; a library caller got a warning at the first update, after the run
+    folder was written. Now the library config refuses it (the same check as the CLI's) before a trainer exists;
+    as many micro-batches as items still build."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        small(config, **keys)
+    assert small(config, **{**keys, "gradient_accumulation_steps": most}).gradient_accumulation_steps == most
+
+
+def test_more_accumulation_steps_than_a_step_has_pairs_warns_once(tiny_dir, tokenizer, caplog):
+    """The config allows 4 micro-batches for 4 prompts' best_worst pairs, and one prompt's samples always tie (no
+    pair): each update's minibatch holds 3 pairs, so one micro-batch is an empty zero-weight pass. What the config
+    cannot know is warned about once, at the first update."""
+    def reward(prompt, response):
+        return 0.0 if prompt == PROMPTS[0] else sum(ord(c) * (i + 1) for i, c in enumerate(response)) % 997 / 997
+
+    cfg = small(OnlineDPOConfig, prompts_per_step=4, gradient_accumulation_steps=4, progress_bar=False)
+    trainer = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS,
+                               {"type": "function", "fn": reward}, cfg)
     with caplog.at_level("WARNING", logger="alignkit"):
-        trainer.train()
+        history = trainer.train()
+    assert [h["pairs"] for h in history] == [3.0, 3.0]
     warned = [r.getMessage() for r in caplog.records if "gradient_accumulation_steps" in r.getMessage()]
-    assert warned == ["gradient_accumulation_steps (train.gradient_accumulation_steps) is 6, and this process's "
-                      "minibatch holds 4 item(s): 2 micro-batch(es) are empty zero-weight passes on every update (the "
-                      "gradient is the same); lower it to 4"], warned
+    assert warned == ["gradient_accumulation_steps (train.gradient_accumulation_steps) is 4, and this process's "
+                      "minibatch holds 3 item(s): 1 micro-batch(es) are empty zero-weight passes on every update (the "
+                      "gradient is the same); lower it to 3"], warned
+
+
+@pytest.mark.parametrize("config, key, value, extra", [
+    (GRPOConfig, "clip_eps", 0.3, {}),
+    (RLOOConfig, "dual_clip", 3.0, {}),
+    (PPOConfig, "cliprange_value", 0.1, {"epochs_per_step": 1}),  # PPO's default is 4 epochs
+])
+def test_clip_settings_that_cannot_act_are_refused_by_the_library_config(config, key, value, extra):
+    """One update per generation step: the policy (and PPO's value head) is still the one that sampled, so a clip
+    never acts. The CLI refused it from its config; GRPOConfig(clip_eps=0.3) built in Python trained as with the
+    default, without a word. Now the library config refuses it with the same check; several updates still build."""
+    with pytest.raises(ValueError, match=re.escape(
+            f"{key}: {value!r} ") + r".*one update per generation step \(epochs_per_step=1, mini_batch_size None "
+            r"\(the whole step\)\) the policy is still the one that sampled, so it would never act; remove it, or "
+            r"make several updates per step: epochs_per_step >= 2 or mini_batch_size < 8"):
+        small(config, **{key: value, **extra})
+    assert getattr(small(config, **{key: value, **extra, "epochs_per_step": 2}), key) == value
+    assert getattr(small(config, **{key: value, **extra, "mini_batch_size": 4}), key) == value

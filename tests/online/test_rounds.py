@@ -111,6 +111,18 @@ def test_annotate_before_sampling_is_an_error(tmp_path):
         annotate_round(tmp_path, {"type": "function", "fn": length_score})
 
 
+def test_annotate_round_refuses_feedback_kwargs_that_make_wrong_pairs(tmp_path):
+    """annotate_round (the library's offline round) took a negative min_margin (best_worst then paired an all-equal
+    group's first sample with itself) and any feedback_kwargs key: the CLI's check_feedback now runs here too,
+    before the samples are read or scored."""
+    from alignkit.settings import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^feedback_kwargs.min_margin: -1.0 must be a number >= 0"):
+        annotate_round(tmp_path, {"type": "function", "fn": length_score}, feedback_kwargs={"min_margin": -1.0})
+    with pytest.raises(ConfigError, match=r"^feedback_kwargs.min_margn: unknown key"):
+        annotate_round(tmp_path, {"type": "function", "fn": length_score}, feedback_kwargs={"min_margn": 0.1})
+
+
 
 def short_score(prompt, response: str) -> float:
     return -float(len(response))

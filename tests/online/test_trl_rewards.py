@@ -139,6 +139,24 @@ def test_a_column_the_prompts_lack_is_refused_before_the_run_folder(trl_module, 
     assert "['completion', 'solution']" in err[0] and not out.exists()
 
 
+def test_a_column_the_prompts_lack_is_refused_by_the_library_trainer(trl_module, tiny_dir, tokenizer, tmp_path):
+    """The same function given to GRPOTrainer in Python, over plain-string prompts: the trainer was built, train()
+    started the trackers (tensorboard/ in output_dir) and the first step stopped with an AnnotatorError. Now the
+    trainer refuses it when built, naming the parameter; nothing is written."""
+    from alignkit.online import GRPOConfig, GRPOTrainer
+    from alignkit.online.generation import SamplingConfig
+
+    from .toy import PROMPTS, toy_policy
+
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=2))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"reward function ak_trl_rewards:correctness takes 'answer', which the prompt "
+                                         r"rows of the prompts do not have \(their other columns: none"):
+        GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS,
+                    {"type": "function", "fn": "ak_trl_rewards:correctness"}, cfg, output_dir=out)
+    assert not out.exists()
+
+
 def test_annotate_records_read_back_as_prompts_pass_their_columns_as_trl_does(trl_module, tmp_path):
     """annotate's records.jsonl (prompt, chosen, rejected, margin, weight, id, meta) read back as prompts for an online
     command: TRL's GRPOTrainer passes every dataset column but prompt and completion to the reward functions, so a

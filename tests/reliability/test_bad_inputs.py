@@ -98,6 +98,11 @@ ONLINE_CASES = [
      ["method.loss_weights: -1.0", ">= 0 for each loss type"]),
     ("rm centering negative", "rm", ["method.center_rewards_coefficient=-0.5"],
      ["method.center_rewards_coefficient: -0.5", ">= 0, or null"]),
+    # read only by the upload: without train.push_to_hub the run ended, exit 0, with nothing uploaded and no word
+    ("hub_model_id without push_to_hub", "grpo", ["train.hub_model_id=me/grpo"],
+     ["train.hub_model_id: 'me/grpo' is read only when the run uploads its model", "set train.push_to_hub=true"]),
+    ("hub_private_repo without push_to_hub", "online-dpo", ["train.hub_private_repo=true"],
+     ["train.hub_private_repo: True is read only when", "or remove train.hub_private_repo"]),
     ("annotator batch_size zero", "grpo", ["annotator.kind=reward_model", "annotator.path=tiny:llama",
                                            "annotator.function=null", "annotator.batch_size=0"],
      ["annotator.batch_size", ">= 1"]),

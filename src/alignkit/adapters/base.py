@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
@@ -262,17 +263,22 @@ def is_sharded(w: torch.Tensor) -> bool:
 def sharded_fingerprint(lm: nn.Module, cfg: Any) -> dict[str, Any] | None:
     """`base_fingerprint` of a base whose weights are sharded here, read from the local folder it was loaded from
     (`config.name_or_path`: `folder_fingerprint`, the probed slices of its safetensors files; each process reads
-    them, no collective). A base loaded sharded by ZeRO-3 had no fingerprint, without a word, so adapter folders
-    saved from it recorded no base and adapters loaded onto it (`load_adapter`, resume) were not checked. None,
-    with a warning, when there is no such folder (a Hub name, a folder without safetensors)."""
+    them, no collective), or for a Hub name from its snapshot in the local Hugging Face cache (`hub_cache_snapshot`,
+    no network). A base loaded sharded by ZeRO-3 had no fingerprint, without a word, so adapter folders saved from
+    it recorded no base and adapters loaded onto it (`load_adapter`, resume) were not checked. None, with a
+    warning, when there is no such folder (a Hub name not in the cache, a folder without safetensors)."""
     name = str(getattr(lm.config, "name_or_path", None) or "")
-    found = folder_fingerprint(name, lm, {}, lm.config) if name and Path(name).is_dir() else None
+    folder = name if name and Path(name).is_dir() else hub_cache_snapshot(name)
+    found = folder_fingerprint(folder, lm, {}, lm.config) if folder else None
+    if found is not None:
+        found["name_or_path"] = name  # a Hub name stays the name (the cache's folder is where it was read)
     if found is None or "embedding_probe" not in found:
         if not getattr(lm, "alignkit_unfingerprinted", False):
             lm.alignkit_unfingerprinted = True  # once per model: the fingerprint is asked for at wrap, save and load
             logger.warning("the base model's weights are sharded in this process (DeepSpeed ZeRO-3 partitioned them "
                            "at load: HfDeepSpeedConfig / ZeRO-3 TrainingArguments built before from_pretrained; or "
-                           "FSDP) and it was not loaded from a local folder with safetensors files (name_or_path %r), "
+                           "FSDP) and it was not loaded from a local folder with safetensors files, nor is it a Hub "
+                           "name whose safetensors are in the local Hugging Face cache (name_or_path %r), "
                            "so its fingerprint is not taken: an adapter saved from it records no alignkit_base.json, "
                            "and an adapter folder loaded onto it (load_adapter, a resume) is not checked against the "
                            "base it was trained on; load the base from a local folder (save_pretrained it once), or "
@@ -280,6 +286,20 @@ def sharded_fingerprint(lm: nn.Module, cfg: Any) -> dict[str, Any] | None:
         return None
     found["rope_parameters"] = rope_record(cfg)
     return found
+
+
+def hub_cache_snapshot(name: str) -> str | None:
+    """The folder of Hub model `name`'s "main" snapshot in the local Hugging Face cache (HF_HUB_CACHE, the one
+    `from_pretrained(name)` reads from; `huggingface_hub.try_to_load_from_cache`: no network), or None: not a Hub
+    name, not cached. A base loaded at another `revision` is not told apart (its config does not record it): its
+    fingerprint is then main's. tests/compat pins the cache layout this reads."""
+    if not name or name.startswith((".", "/")) or name.count("/") > 1:
+        return None
+    try:
+        got = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # HFValidationError: not a repo id
+        return None
+    return str(Path(got).parent) if isinstance(got, str) else None
 
 
 def final_norm_parameter(lm: nn.Module) -> torch.Tensor | None:
@@ -523,5 +543,5 @@ def adapter_in(folder: str | Path) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_embedding",
-           "base_fingerprint", "base_mismatch", "compared_probes", "folder_fingerprint", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "base_fingerprint", "base_mismatch", "compared_probes", "folder_fingerprint", "hub_cache_snapshot", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -10,6 +10,7 @@ from alignkit.losses import KL_ESTIMATORS
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.vllm_engine import check_engine_args
 from alignkit.settings.bounds import check_section
+from alignkit.settings.online import check_accumulation, check_clip_acts
 
 
 @dataclass
@@ -86,6 +87,11 @@ class OnlineConfig:
                              f"{self.gradient_accumulation_steps}")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"online config: mini_batch_size must be >= 1 or None, got {self.mini_batch_size}")
+        # more micro-batches than a minibatch can hold items: refused before a trainer writes anything (the run
+        # config's check, with bare keys)
+        check_accumulation(self, self.gradient_accumulation_steps, self.sampling.num_samples, train="", method="")
+        # a clip (GRPO / RLOO / PPO) set with one update per step never acts: the run config's check, bare keys
+        check_clip_acts(self, self.prompts_per_step * self.sampling.num_samples, where="")
         if self.compares_samples is not None:
             what = self.compares_samples
             if self.sampling.num_samples < 2:

@@ -31,6 +31,7 @@ from alignkit.online.reweighting import reweight
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.trainers.pairs import pair_batch
+from alignkit.settings.online import check_feedback
 from alignkit.settings.sections import PreferenceObjective, loss_names, reference_free
 
 PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
@@ -56,6 +57,9 @@ class OnlineDPOConfig(OnlineConfig):
         check_loss_weights(loss_names(self.loss_type), self.loss_weights, "online DPO config")
         if self.feedback not in PAIR_MODES:
             raise ValueError(f"online DPO feedback must be one of {PAIR_MODES}, got {self.feedback!r}")
+        # feedback_kwargs the pair builder does not take, or a reweighter these pairs cannot feed, stopped the first
+        # step (after the trainer's folder was written): refused here, as `alignkit online-dpo` does
+        check_feedback(self.feedback, self.feedback_kwargs, self.reweighters)
         if isinstance(self.params, dict):
             self.params = PreferenceParams(**self.params)
         resolve_params(self.params, self.beta, "OnlineDPOConfig")
@@ -120,13 +124,18 @@ class OnlineDPOTrainer(OnlineTrainer):
     def why_no_reference(self) -> str:
         return f"method.loss_type {loss_names(self.config.loss_type)} reads none"
 
+    @classmethod
+    def loss_scale(cls, config: OnlineDPOConfig) -> str | None:
+        """method.beta where a loss of loss_type reads it; none for orpo / slic / sft (as the offline trainer's)."""
+        return PreferenceObjective.beta_scale(config.loss_type)
+
     def logged_kl_coef(self) -> float | None:
         """Online DPO has no KL penalty term (its controller's kl_coef is never read): its KL coefficient is the
         preference loss's beta (TRL's online DPO logs it as `beta`). None (no `kl_coef` logged) when no loss of
         `loss_type` reads beta (orpo, slic, sft: `PreferenceObjective.BETA_UNREAD`): the beta was logged beside a
         loss that never applied it (orpo's weight is its orpo_lambda)."""
         c: OnlineDPOConfig = self.config
-        if set(loss_names(c.loss_type)) <= PreferenceObjective.BETA_UNREAD:
+        if self.loss_scale(c) is None:
             return None
         return float(resolve_params(c.params, c.beta, "OnlineDPOConfig").beta)
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from alignkit.losses import ADVANTAGES, clipped_policy_loss, reduce_loss
 from alignkit.online.rollout import select
-from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
+from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
 
 
 @dataclass
@@ -87,6 +87,15 @@ class GRPOTrainer(OnlineTrainer):
         if c.advantage == "grpo":
             return ADVANTAGES["grpo"](rewards, k, scale_by_std=c.scale_by_std)
         return ADVANTAGES["rloo"](rewards, k)
+
+    @classmethod
+    def loss_scale(cls, config: GRPOConfig) -> str | None:
+        """The KL and entropy coefficients where they act, and the rewards' scale where the advantages keep it (RLOO's
+        leave-one-out differences, GRPO with scale_by_std=False: not divided by the group's std)."""
+        scales = cls.penalty_scales(config)
+        if config.advantage == "rloo" or not config.scale_by_std:
+            scales.append(REWARD_SCALE)
+        return ", ".join(scales) or None
 
     def build_batch(self, rollout: Rollout) -> PolicyBatch:
         return PolicyBatch(rollout, self.advantages(rollout))

@@ -18,6 +18,7 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker
 from torch import Tensor
 
 from alignkit.distributed import gather_objects
+from alignkit.run_commit import truncate_metrics
 from alignkit.runs import trackers
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,25 @@ class ProcessMetrics:
             tensorboard = TensorBoardTracker("tensorboard", str(self.output_dir), **({"purge_step": start} if start else {}))
             tensorboard.start()
             self.accelerator.trackers.append(tensorboard)  # `accelerator.log` writes to every tracker of this list
+
+    def prepare_metrics_file(self, start: int) -> None:
+        """Before a `train` call writes anything: resumed after `start` steps, keep `<output_dir>/metrics.jsonl`'s rows
+        up to its checkpoint (rows "step" 0 .. start - 1; the killed run's later rows stayed beside the resumed run's
+        rows of the same steps; `alignkit <command> --resume` truncated, a library resume did not). From step 0, a
+        metrics.jsonl that already holds rows (an earlier run into this output_dir) is refused: the new rows were
+        appended to it, two runs in one file, without a word."""
+        path = self.output_dir / METRICS_FILE if self.output_dir is not None else None
+        if path is None or not path.is_file():
+            return
+        if start == 0:
+            rows = sum(1 for line in path.read_text().splitlines() if line.strip())
+            if rows:
+                raise ValueError(f"{type(self).__name__}: {path} already holds {rows} row(s) of an earlier run, and "
+                                 "this run starts at step 0, so its rows would be appended to that run's; pass "
+                                 "resume_from_checkpoint= to continue that run, or another output_dir (or remove the "
+                                 "file)")
+        elif self.accelerator.is_main_process:
+            truncate_metrics(path, start - 1)
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)

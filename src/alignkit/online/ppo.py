@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from alignkit.losses import clipped_policy_loss, gae, masked_whiten, per_token_rewards, reduce_loss, value_loss
 from alignkit.adapters import unwrap_lm
 from alignkit.online.rollout import select
-from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
+from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
 from alignkit.online.value_head import ValueHead
 from alignkit.settings.online import PPOObjective
 
@@ -83,6 +83,12 @@ class PPOTrainer(OnlineTrainer):
     def value_head(self) -> nn.Module:
         """The value head as prepared by the accelerator (DDP-wrapped when distributed)."""
         return self.extra_modules[0]
+
+    @classmethod
+    def loss_scale(cls, config: PPOConfig) -> str | None:
+        """method.vf_coef (the value loss, whose returns are on the rewards' scale), the KL and entropy coefficients
+        where they act (the KL through the rewards), and the rewards' scale."""
+        return ", ".join(["method.vf_coef", *cls.penalty_scales(config), REWARD_SCALE])
 
     @torch.no_grad()
     def build_batch(self, r: Rollout) -> PPOBatch:

@@ -39,11 +39,12 @@ from alignkit.data import load_records
 from alignkit.data.records import DataError, Record
 from alignkit.files import atomic_write_jsonl, atomic_write_text, read_jsonl
 from alignkit.online.annotators import Annotator, Scores, build_annotator
-from alignkit.online.feedback import build_records
+from alignkit.online.feedback import FEEDBACK_MODES, build_records
 from alignkit.online.generation import (Sample, SamplingConfig, as_prompt_records, generate_responses,
                                        generation_metrics, prompts_fingerprint)
 from alignkit.online.metrics import ProcessMetrics, moment_stats, recompute_rates
 from alignkit.online.reweighting import build_reweighter, reweight
+from alignkit.settings.online import check_feedback
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +243,8 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
     path = folder / RECORDS_FILE
     annotator = build_annotator(annotator)
     reweighters = [build_reweighter(r) for r in reweighters]
+    if feedback in FEEDBACK_MODES:  # (another name: build_records' own error) before the samples are scored
+        check_feedback(feedback, feedback_kwargs or {}, reweighters)
     made_by = {"annotator": annotator.describe(), "feedback": feedback, "feedback_kwargs": feedback_kwargs or {},
                "reweighters": [r.describe() for r in reweighters]}
     if not overwrite and _complete(folder, "annotation", RECORDS_FILE):

@@ -87,6 +87,9 @@ from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 logger = logging.getLogger(__name__)
 
+# a `loss_scale` part: the rewards scale a loss whose advantages (or value targets) are not normalised
+REWARD_SCALE = "the rewards' scale (method.reward_normalization, method.reward_clip)"
+
 
 def _has_accelerator() -> bool:
     """A GPU (or other accelerator) torch can use. Without one, `Accelerator` must be told `cpu=True`: under
@@ -136,7 +139,20 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.prompts = as_prompt_records(prompts)
         if not self.prompts:
             raise ValueError("online training needs at least one prompt")
+        # a reward function's parameter no prompt row gives (a dataset column the data lacks) stopped the first step,
+        # after the run folder's trackers were started: refused here, as `alignkit <command>` does before loading
+        held_out = as_prompt_records(eval_prompts) if eval_prompts is not None else []
+        self.annotator.check_columns({k for r in [*self.prompts, *held_out] for k in r.meta.get("columns", {})},
+                                     "the prompts" + (" and held-out prompts" if held_out else ""))
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        if self.output_dir is None:  # what only writes into output_dir: set without one, it was never read
+            c = self.config
+            unread = [(k, getattr(c, k)) for k in ("save_steps", "push_to_hub") if getattr(c, k)]
+            unread += [("report_to", c.report_to)] if c.report_to not in (None, "none", []) else []
+            if unread:
+                key, value = unread[0]
+                raise ValueError(f"{type(self).__name__}: {key}={value!r} writes into (or uploads) output_dir, and no "
+                                 f"output_dir was given, so it would be ignored; pass output_dir=..., or remove {key}")
         self.trackers = self._trackers() if self.output_dir is not None else []
         if requested_engine() == "deepspeed":  # accelerate would drop it on CPU (plain DDP) or need its batch config
             raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the accelerate "
@@ -292,6 +308,20 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         """Why `uses_reference` is False, for messages."""
         return "a fixed method.kl_coef of 0 multiplies the KL term by 0"
 
+    @classmethod
+    def loss_scale(cls, config: OnlineConfig) -> str | None:
+        """The settings that scale this method's loss under `config`, named by the advice of a non-finite loss or
+        gradient norm (`alignkit.guards.likely_causes`, as the offline trainers' `loss_scale`); None: none to lower.
+        Each method names what its loss reads (online DPO: method.beta, or none for orpo / slic / sft)."""
+        return None
+
+    @classmethod
+    def penalty_scales(cls, config: OnlineConfig) -> list[str]:
+        """The KL penalty's and entropy bonus's coefficients where they act: method.kl_coef unless a fixed 0 (no
+        reference is run), method.entropy_coef when above 0 (GRPO / RLOO / PPO's `loss_scale`)."""
+        scales = ["method.kl_coef"] if config.kl_coef != 0 or config.kl_target is not None else []
+        return scales + (["method.entropy_coef"] if getattr(config, "entropy_coef", 0.0) > 0 else [])
+
     def build_batch(self, rollout: Rollout) -> Any:
         raise NotImplementedError
 
@@ -324,8 +354,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         """Run `config.steps` steps; returns each step's metrics (also in `history`, `metrics.jsonl` and the
         trackers: TensorBoard events in <output_dir>/tensorboard by default). With `resume_from_checkpoint` (a
         folder written by `save_checkpoint`), continue after its step: on a CPU in fp32 the later steps equal an
-        uninterrupted run's exactly."""
+        uninterrupted run's exactly; metrics.jsonl keeps its rows up to that step. Without it, an output_dir whose
+        metrics.jsonl already holds rows is refused (`prepare_metrics_file`)."""
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
+        self.prepare_metrics_file(start)  # an earlier run's rows: kept up to the checkpoint, or refused from step 0
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
@@ -385,4 +417,4 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 self.save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{step + 1}", step + 1)
 
 
-__all__ = ["METRICS_FILE", "OnlineConfig", "OnlineTrainer", "Rollout", "zero_spread_fraction"]
+__all__ = ["METRICS_FILE", "OnlineConfig", "REWARD_SCALE", "OnlineTrainer", "Rollout", "zero_spread_fraction"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from alignkit.distributed import gather_objects
-from alignkit.guards import NonFiniteError, as_float, is_finite
+from alignkit.guards import NonFiniteError, as_float, is_finite, likely_causes
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class MinibatchUpdates:
         size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
         n_mini = -(-n_max // size)
         if c.gradient_accumulation_steps > min(size, n_max) and not getattr(self, "_warned_accumulation", False):
-            self._warned_accumulation = True  # once: a config the CLI could not refuse (several processes, few pairs)
+            self._warned_accumulation = True  # once: what OnlineConfig (settings.online.check_accumulation) could not
+            #   refuse from the config: a process's share on several processes, fewer pairs than online DPO can form
             logger.warning("gradient_accumulation_steps (train.gradient_accumulation_steps) is %d, and this process's "
                            "minibatch holds %d item(s): %d micro-batch(es) are empty zero-weight passes on every update "
                            "(the gradient is the same); lower it to %d", c.gradient_accumulation_steps,
@@ -153,11 +154,12 @@ class MinibatchUpdates:
         return sums.means()
 
     def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
-        """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step."""
+        """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step; the advice names
+        the method's own loss scale (`OnlineTrainer.loss_scale`)."""
         step = getattr(self, "_step", 0)
         self.log({"step": float(step), **{k: as_float(v) for k, v in metrics.items()}})
-        err = NonFiniteError(what, value, step + 1, getattr(self, "_step_ids", None))
-        raise err
+        raise NonFiniteError(what, value, step + 1, getattr(self, "_step_ids", None),
+                             causes=likely_causes(self.loss_scale(self.config)))
 
 
 __all__ = ["MetricSums", "MinibatchUpdates"]

@@ -231,6 +231,18 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
     for key in kwargs:
         if key not in params:
             raise unknown_key_error(f"{where}feedback_kwargs", str(key), params)
+    margin = kwargs.get("min_margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0):
+        raise ConfigError(f"{where}feedback_kwargs.min_margin: {margin!r} must be a number >= 0: a pair's margin (its "
+                          "chosen score minus its rejected score) is never negative, so a negative one passes pairs "
+                          "of equal scores, whose chosen side is arbitrary (best_worst pairs an all-equal group's first "
+                          "sample with itself); use 0 (pairs with any score difference) or more")
+    count = kwargs.get("pairs_per_prompt")
+    if mode == "random_pairs" and count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                                         or count < 1):
+        raise ConfigError(f"{where}feedback_kwargs.pairs_per_prompt: {count!r} must be a whole number >= 1: "
+                          "random_pairs forms up to that many pairs a prompt (0 formed none, a negative count left "
+                          "out that many of the candidate pairs)")
     for i, spec in enumerate(reweighters):
         try:
             reweighter = build_reweighter(spec)
@@ -344,10 +356,12 @@ CLIP_KEYS = {"clip_eps": "clips the policy ratio pi / pi_old", "clip_eps_high": 
              "advantages)", "cliprange_value": "clips the value head's change from its rollout values"}
 
 
-def check_clip_acts(method: Any, samples_per_step: int) -> None:
+def check_clip_acts(method: Any, samples_per_step: int, where: str = "method.") -> None:
     """ConfigError naming a clip key (`CLIP_KEYS`) set to a value other than its default (and not null: off) when the
     step makes one update (method.epochs_per_step 1, method.mini_batch_size null or >= the step's samples): the
-    first update's policy is the one that sampled, so nothing is ever clipped (TRL's num_iterations=1 alike)."""
+    first update's policy is the one that sampled, so nothing is ever clipped (TRL's num_iterations=1 alike). The
+    run config's check (`where`: its keys' prefix) and the library configs' (`alignkit.online.OnlineConfig`: bare
+    keys), before anything is written."""
     updates = method.epochs_per_step * (1 if method.mini_batch_size is None
                                         else -(-samples_per_step // method.mini_batch_size))
     if updates > 1:
@@ -356,38 +370,49 @@ def check_clip_acts(method: Any, samples_per_step: int) -> None:
     for key, what in CLIP_KEYS.items():
         value = getattr(method, key, None)
         if key in defaults and value is not None and value != defaults[key]:
-            batch = ("null (the whole step)" if method.mini_batch_size is None else
+            batch = (f"{'null' if where else 'None'} (the whole step)" if method.mini_batch_size is None else
                      f"{method.mini_batch_size} >= the step's {samples_per_step}")
-            raise ConfigError(f"method.{key}: {value!r} {what}, and with one update per generation step "
-                              f"(method.epochs_per_step=1, method.mini_batch_size {batch}) the policy is still the one "
+            raise ConfigError(f"{where}{key}: {value!r} {what}, and with one update per generation step "
+                              f"({where}epochs_per_step=1, {where}mini_batch_size {batch}) the policy is still the one "
                               "that sampled, so it would never act; remove it, or make several updates per step: "
-                              f"method.epochs_per_step >= 2 or method.mini_batch_size < {samples_per_step} (the "
-                              "step's method.prompts_per_step x sampling.num_samples samples)")
+                              f"{where}epochs_per_step >= 2 or {where}mini_batch_size < {samples_per_step} (the "
+                              f"step's {where}prompts_per_step x sampling.num_samples samples)")
 
 
-def check_accumulation(method: Any, accumulation: int, num_samples: int, command: str) -> None:
-    """ConfigError when `train.gradient_accumulation_steps` is above the most items a minibatch can hold (the step's
-    samples, online DPO's pairs: one per prompt for best_worst, at most num_samples x (num_samples - 1) / 2 for the
-    other feedback; `method.mini_batch_size` when smaller): each minibatch is split into that many micro-batches, so
-    the extra ones were empty and ran a zero-weight forward and backward each, on every update (the gradient is the
-    same). On several processes a minibatch's share is smaller still: the trainer warns (`MinibatchUpdates`)."""
-    prompts = method.prompts_per_step
-    if command == "online-dpo":
-        per_prompt = 1 if method.feedback == "best_worst" else num_samples * (num_samples - 1) // 2
+def check_accumulation(settings: Any, accumulation: int, num_samples: int, *, train: str = "train.",
+                       method: str = "method.") -> None:
+    """ConfigError when `gradient_accumulation_steps` is above the most items a minibatch can hold (the step's
+    samples; online DPO's pairs (`settings.feedback`): one per prompt for best_worst, feedback_kwargs.pairs_per_prompt
+    (default 1; all when <= 0) of the num_samples x (num_samples - 1) / 2 for the other feedback;
+    `mini_batch_size` when smaller): each minibatch is split into that many micro-batches, so the extra ones were
+    empty and ran a zero-weight forward and backward each, on every update (the gradient is the same). The one check
+    of the run config (`train` / `method`: the prefixes its keys are spelled with) and of the library's
+    `alignkit.online.OnlineConfig` (bare keys), before anything is written. On several processes a minibatch's share
+    is smaller still: the trainer warns (`MinibatchUpdates`)."""
+    prompts = settings.prompts_per_step
+    feedback = getattr(settings, "feedback", None)  # online DPO's: its items are pairs
+    if feedback is not None:
+        every = num_samples * (num_samples - 1) // 2
+        asked = (settings.feedback_kwargs or {}).get("pairs_per_prompt", 1)
+        asked = asked if isinstance(asked, int) else 0  # not a count: bound by every pair (refused elsewhere)
+        if feedback == "best_worst":
+            per_prompt, why = 1, f"1 for {method}feedback best_worst"
+        elif 0 < asked < every:
+            per_prompt, why = asked, f"{method}feedback_kwargs.pairs_per_prompt {asked} (1 by default) for {feedback}"
+        else:
+            per_prompt, why = every, f"the {every} pairs of sampling.num_samples {num_samples}"
         items = prompts * per_prompt
-        what = (f"{items} pair(s) (method.prompts_per_step {prompts} x "
-                + ("1 for method.feedback best_worst)" if per_prompt == 1 else
-                   f"at most {per_prompt} of sampling.num_samples {num_samples})"))
+        what = f"{items} pair(s) ({method}prompts_per_step {prompts} x {why})"
     else:
         items = prompts * num_samples
-        what = f"{items} sample(s) (method.prompts_per_step {prompts} x sampling.num_samples {num_samples})"
-    if method.mini_batch_size is not None and method.mini_batch_size < items:
-        items, what = method.mini_batch_size, f"{method.mini_batch_size} item(s) (method.mini_batch_size)"
+        what = f"{items} sample(s) ({method}prompts_per_step {prompts} x sampling.num_samples {num_samples})"
+    if settings.mini_batch_size is not None and settings.mini_batch_size < items:
+        items, what = settings.mini_batch_size, f"{settings.mini_batch_size} item(s) ({method}mini_batch_size)"
     if accumulation > items:
-        raise ConfigError(f"train.gradient_accumulation_steps: {accumulation} splits each minibatch into {accumulation} "
-                          f"micro-batches, and a minibatch holds at most {what}, so at least {accumulation - items} "
-                          f"of them would be empty zero-weight passes on every update (the gradient is the same); "
-                          f"set train.gradient_accumulation_steps to {items} or less")
+        raise ConfigError(f"{train}gradient_accumulation_steps: {accumulation} splits each minibatch into "
+                          f"{accumulation} micro-batches, and a minibatch holds at most {what}, so at least "
+                          f"{accumulation - items} of them would be empty zero-weight passes on every update (the "
+                          f"gradient is the same); set {train}gradient_accumulation_steps to {items} or less")
 
 
 @dataclass
@@ -427,6 +452,11 @@ class OnlineRunConfig:
     def __post_init__(self) -> None:
         self.train = {"learning_rate": ONLINE_LEARNING_RATES[self.command], **(self.train or {})}
         check_train(self.train, self.command)
+        for key in ("hub_model_id", "hub_private_repo"):  # read only by the upload, which the run makes only then
+            if self.train.get(key) not in (None, False) and not self.train.get("push_to_hub"):
+                raise ConfigError(f"train.{key}: {self.train[key]!r} is read only when the run uploads its model "
+                                  "(train.push_to_hub: true, or --push_to_hub), which is not set, so it would be "
+                                  f"ignored; set train.push_to_hub=true, or remove train.{key}")
         check_prompt_data(self.data, self.command)
         if self.train.get("eval_steps") is not None and self.data.eval_path is None and not self.data.eval_fraction:
             raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} evaluates on held-out prompts, and data "
@@ -446,15 +476,16 @@ class OnlineRunConfig:
                     raise ConfigError(f"method.{key}: {v!r} is not registered; valid: {', '.join(sorted(registry))}")
         check_bounds(self)  # out-of-range values first, named as the config spells them (then the trainer's checks)
         self._bounds_checked_method = copy.deepcopy(self.method)  # trainer_config: these values need no second check
+        # the library configs' own checks (OnlineConfig, OnlineDPOConfig), first here to name the keys as this config
+        # spells them
+        check_accumulation(m, self.train.get("gradient_accumulation_steps", 1), self.sampling.num_samples)
+        check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
+        if hasattr(m, "feedback"):
+            check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         try:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
-        check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
-        check_accumulation(m, self.train.get("gradient_accumulation_steps", 1), self.sampling.num_samples,
-                           self.command)
-        if hasattr(m, "feedback"):
-            check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
                           "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
         if getattr(m, "feedback", None) == "judge_pairs":  # no pointwise score: nothing to normalise or clip

@@ -112,6 +112,13 @@ class PreferenceObjective:
 
     BETA_UNREAD = frozenset({"orpo", "slic", "sft"})  # losses without beta (it only scales their logged rewards)
 
+    @classmethod
+    def beta_scale(cls, loss_type: str | list[str] | tuple[str, ...]) -> str | None:
+        """"method.beta" where a loss of `loss_type` reads it (it scales that loss), None where none does (orpo, slic,
+        sft: `BETA_UNREAD`): the knob the non-finite / stalled advice names (the offline and online preference
+        trainers' `loss_scale`)."""
+        return None if set(loss_names(loss_type)) <= cls.BETA_UNREAD else "method.beta"
+
     def __post_init__(self) -> None:
         names = loss_names(self.loss_type)
         if self.loss_weights is not None and len(self.loss_weights) != len(names):

@@ -109,7 +109,7 @@ class PreferenceTrainer(HasReference, AlignTrainer):
     @classmethod
     def loss_scale(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> str | None:
         """method.beta, except for losses that do not read it (orpo, slic, sft: method.beta is refused there)."""
-        return None if set(loss_names(loss_type)) <= PreferenceObjective.BETA_UNREAD else "method.beta"
+        return PreferenceObjective.beta_scale(loss_type)
 
     @classmethod
     def objective_metrics(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> tuple[str, ...]:
