@@ -248,18 +248,23 @@ def command(plan: VllmPlan, host: str, port: int, dtype: str, max_model_len: int
     return cmd
 
 
-def unenforced_limits(cfg) -> str | None:
+def unenforced_limits(cfg, max_model_len: int | None = None, capped_by: str | None = None) -> str | None:
     """The warning for `max_prompt_tokens` / `max_new_tokens` set away from their defaults with engine=vllm (None:
     both at their defaults). vLLM's server has no per-request cap on either: they reach it only as their sum
     (--max-model-len), so a longer prompt with a shorter completion is served, and so is a max_tokens above
-    max_new_tokens while the prompt leaves room; alignkit's engine refuses both (HTTP 400)."""
+    max_new_tokens while the prompt leaves room; alignkit's engine refuses both (HTTP 400). `max_model_len`: the
+    --max-model-len vLLM is started with (default the sum), `capped_by`: what capped the sum to it (the model's
+    context, `_max_len`), so the warning quotes what vLLM runs with."""
     defaults = {f.name: f.default for f in fields(ServeConfig)}
     if (cfg.max_prompt_tokens, cfg.max_new_tokens) == (defaults["max_prompt_tokens"], defaults["max_new_tokens"]):
         return None
+    wanted = cfg.max_prompt_tokens + cfg.max_new_tokens
+    runs = wanted if max_model_len is None else max_model_len
+    capped = f"; capped from their sum {wanted} at the model's context, {capped_by}" if runs < wanted else ""
     return (f"max_prompt_tokens {cfg.max_prompt_tokens} and max_new_tokens {cfg.max_new_tokens} reach vLLM only as "
-            f"their sum (--max-model-len {cfg.max_prompt_tokens + cfg.max_new_tokens}, prompt + completion): vLLM "
-            f"caps neither on its own (a prompt over {cfg.max_prompt_tokens} tokens with a shorter completion is "
-            f"served, and so is max_tokens over {cfg.max_new_tokens}), where engine=alignkit refuses both")
+            f"their sum (--max-model-len {runs}, prompt + completion{capped}): vLLM caps neither on its own (a prompt "
+            f"over {cfg.max_prompt_tokens} tokens with a shorter completion is served, and so is max_tokens over "
+            f"{cfg.max_new_tokens}), where engine=alignkit refuses both")
 
 
 def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
@@ -271,11 +276,11 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
     try:
         plan = prepare(base, cfg.adapters, base_name, workdir)
-        max_len = cfg.max_prompt_tokens + cfg.max_new_tokens
-        note = unenforced_limits(cfg)
+        max_len, capped_by = _max_len(Path(base), cfg.max_prompt_tokens + cfg.max_new_tokens)
+        note = unenforced_limits(cfg, max_len, capped_by)
         if note:
             logger.warning("serve --engine vllm: %s", note)
-        cmd = command(plan, cfg.host, cfg.port, cfg.dtype, max_model_len=_max_len(Path(base), max_len))
+        cmd = command(plan, cfg.host, cfg.port, cfg.dtype, max_model_len=max_len)
         env = dict(os.environ)
         if cfg.api_key is not None:
             env["VLLM_API_KEY"] = cfg.api_key
@@ -300,11 +305,13 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _max_len(base: Path, wanted: int) -> int:
-    """`wanted` capped by the model's own context (vLLM refuses a longer --max-model-len)."""
-    cfg = json.loads((base / "config.json").read_text())
-    own = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return min(wanted, int(own)) if own else wanted
+def _max_len(base: Path, wanted: int) -> tuple[int, str]:
+    """(`wanted` capped by the model's own context as vLLM derives it: `engine_max_model_len`, pinned by row V2 of
+    docs/architecture.md; vLLM refuses a longer --max-model-len), what the context comes from)."""
+    from alignkit.online.vllm_engine import engine_max_model_len  # (online imports this module: not at the top)
+
+    own, where = engine_max_model_len(base, {})
+    return (min(wanted, int(own)) if own else wanted), where
 
 
 __all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_adapters", "check_bases", "check_head_size", "command", "head_size",
