@@ -1,5 +1,6 @@
 """vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit
-checks before a colocated engine starts, and the engine calls of a weight / LoRA push (rows V1, V2, V11, V12 of the
+checks before a colocated engine starts, the engine calls of a weight / LoRA push, and how its OpenAI server joins
+a chat message's text parts (rows V1, V2, V11, V12, V13 of the
 table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they are
 skipped."""
 
@@ -175,3 +176,36 @@ def test_weight_and_lora_pushes_use_these_engine_calls():
     with guard(VLLM, "LoRARequest(lora_name, lora_int_id, lora_path) changed", where):
         r = LoRARequest("policy-1", 1, "/tmp/x")
         assert (r.lora_name, r.lora_int_id, r.lora_path) == ("policy-1", 1, "/tmp/x")
+
+
+def test_text_parts_are_joined_as_vllms_openai_server_joins_them(tiny_dir):
+    """vLLM's OpenAI server renders a chat request whose content is a list of text parts with the parts joined by
+    "\\n" (`parse_chat_messages` with the content format it detects for a template that reads content as a string:
+    "string"), then the tokenizer's template; alignkit's API (`content_text`, `PART_SEPARATOR`) renders the same
+    prompt for the same request (it joined with "" before)."""
+    where = "alignkit/serve/api.py:content_text/PART_SEPARATOR (chat_prompt, POST /v1/chat/completions)"
+    with guard(VLLM, "vllm.renderers.chat_utils.parse_chat_messages / renderers.hf moved", where):
+        from vllm.config import ModelConfig
+        from vllm.renderers.chat_utils import parse_chat_messages
+        from vllm.renderers.hf import resolve_chat_template_content_format, safe_apply_chat_template
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.serve.api import PART_SEPARATOR, chat_prompt
+
+    folder = tiny_dir("llama")
+    tok = load_tokenizer(folder)
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"},
+                                             {"type": "text", "text": "you"}]}]
+    with guard(VLLM, "ModelConfig / resolve_chat_template_content_format / parse_chat_messages / "
+               "safe_apply_chat_template changed their signatures", where):
+        config = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32")
+        fmt = resolve_chat_template_content_format(None, None, "auto", tok, model_config=config)
+        conversation, _, _ = parse_chat_messages(messages, config, fmt)
+        theirs = safe_apply_chat_template(config, tok, conversation, tokenize=False, add_generation_prompt=True)
+    check(fmt == "string", VLLM, f"vLLM detects the content format {fmt!r} for alignkit's chat template (it passes "
+          "the parts to the template as a list, not joined)", where)
+    check([m["content"] for m in conversation] == ["Be brief.", "Hi\nthere\nyou"] and PART_SEPARATOR == "\n", VLLM,
+          "vLLM no longer joins a message's text parts with '\\n'", where, str(conversation))
+    ours = tok.decode(chat_prompt({"messages": messages}, tok))
+    check(ours == theirs, VLLM, "vLLM renders this chat request otherwise than alignkit's API", where,
+          f"vLLM: {theirs!r}, alignkit: {ours!r}")

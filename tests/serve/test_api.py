@@ -429,6 +429,24 @@ def test_a_message_name_reaches_the_template_and_tool_calls_are_refused(serve_st
     assert e.value.status == 400 and e.value.param == "messages[1]" and "tool_calls" in e.value.message
 
 
+def test_text_parts_of_a_message_are_joined_with_a_newline_as_vllm_joins_them(serve_stack):
+    """Content given as text parts was joined with "" here and with "\n" by vLLM's OpenAI server (the template reads
+    content as a string; pinned in tests/compat/test_vllm.py, row V13): one request, two prompts on the two engines.
+    Now "\n" here too; a part that is not text is a 400 naming the message."""
+    import copy
+
+    from alignkit.serve.api import ApiError, chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    got = chat_prompt({"messages": [{"role": "user", "content": parts}]}, tok)
+    assert got == tok("[user] Hi\nthere|", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ApiError) as e:
+        chat_prompt({"messages": [{"role": "user", "content": [*parts, {"type": "image_url", "image_url": {}}]}]}, tok)
+    assert e.value.status == 400 and e.value.param == "messages[0]" and "only text parts" in e.value.message
+
+
 def test_an_adapter_trained_with_another_chat_template_is_refused_on_the_chat_endpoint(serve_dirs, tmp_path, caplog):
     """A trainer saves its tokenizer with the adapter (`model.tokenizer` one included), and the server formats chat
     messages with the base's alone: an adapter trained through another chat template was served prompts in a format

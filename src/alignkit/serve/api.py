@@ -2,7 +2,8 @@
 
     GET  /v1/models              the base (under its own name) and every adapter
     POST /v1/completions         prompt (string, list of strings, or token ids) -> text; `model` picks the adapter
-    POST /v1/chat/completions    messages through the tokenizer's chat template
+    POST /v1/chat/completions    messages through the tokenizer's chat template (content: a string or a list of
+                                 text parts, joined with a newline as vLLM's OpenAI server joins them)
     GET  /health                 {"status": "ok", ...}; 503 when the engine thread is gone
     GET  /metrics                Prometheus text: queue depth, running rows, tokens/s, per-model counts, latency
     GET  /                       the chat page (static files in serve/static, no build step)
@@ -213,6 +214,24 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
     return out
 
 
+PART_SEPARATOR = "\n"  # what joins a message's text parts: vLLM's OpenAI server's (row V13 of docs/architecture.md)
+
+
+def content_text(content: Any, i: int) -> str:
+    """The text of `messages[i].content`: a string as is, a list of text parts (`{"type": "text", "text": ...}`)
+    joined with a newline as vLLM's OpenAI server joins them for a template that reads content as a string
+    (`PART_SEPARATOR`), so one request renders one prompt on either engine; ApiError 400 naming the message for
+    anything else (other part types: images, audio, ... are not served)."""
+    if isinstance(content, list):
+        if not all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str)
+                   for x in content):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
+        return PART_SEPARATOR.join(x["text"] for x in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
+    return content
+
+
 def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -222,13 +241,7 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise ApiError(400, f"messages[{i}]: needs 'role' (system, user or assistant) and 'content'",
                            param=f"messages[{i}]")
-        c = m.get("content")
-        if isinstance(c, list):  # content parts: only text
-            if not all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str) for x in c):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
-            c = "".join(x["text"] for x in c)
-        if not isinstance(c, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
+        c = content_text(m.get("content"), i)
         for key in ("tool_calls", "function_call"):  # tools are not served: the template would render these
             if m.get(key):
                 raise ApiError(400, f"messages[{i}].{key}: tool calls are not supported by this server; remove them",
@@ -595,4 +608,4 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
         engine.stop()
 
 
-__all__ = ["ApiError", "create_app", "end_error", "prometheus_text", "serve_forever", "sampling_params"]
+__all__ = ["PART_SEPARATOR", "ApiError", "chat_prompt", "content_text", "create_app", "end_error", "prometheus_text", "serve_forever", "sampling_params"]
