@@ -43,9 +43,6 @@ ALLOWED = {
     ("cli/serve.py", "alignkit.cli.runfolder"): "`alignkit serve --help` " + STARTUP + " (cli/runfolder imports torch)",
     ("cli/serve.py", "torch"): "`alignkit serve --help` " + STARTUP,
     ("cli/vllm_serve.py", "alignkit"): "`alignkit vllm-serve --help` " + STARTUP,
-    ("serve/vllm_server.py", "alignkit.online.vllm_engine"): "the alignkit.online package imports online/trainer.py, "
-                                                            "which imports this module (check_head_size): a cycle "
-                                                            "at the top; read for --max-model-len at start only",
     ("cli/flags.py", "transformers"): "TRL-style --flags are translated before the command's module loads; "
                                       "TrainingArguments' fields are read only for a flag settings do not know",
     ("settings/load.py", "alignkit"): SETTINGS,

@@ -61,7 +61,8 @@ def test_models_completions_chat_and_usage(client, server):
     assert [m.id for m in client.models.list().data] == NAMES
     tok = engine.tokenizer
     prompt = "The quick brown fox"
-    direct = engine.generate("polite", tok(prompt)["input_ids"], SamplingParams(max_tokens=9, temperature=0.0))
+    direct = engine.generate("polite", tok(prompt)["input_ids"], SamplingParams(max_tokens=9, temperature=0.0),
+                             chat=False)
     r = client.completions.create(model="polite", prompt=prompt, max_tokens=9, temperature=0)
     assert r.object == "text_completion" and r.model == "polite"
     assert r.choices[0].text == direct["choices"][0]["text"]
@@ -101,6 +102,37 @@ def test_models_completions_chat_and_usage(client, server):
     assert cut.choices[0].text == full[:full.find(full[2:4])] and cut.choices[0].finish_reason == "stop"
 
 
+def test_completions_do_not_stop_on_the_chat_templates_turn_end(server, monkeypatch):
+    """/v1/completions (plain text, no template) stopped on the template's turn-end token <|im_end|> as chat does;
+    vLLM's completions stop on EOS alone (the generation config's and the tokenizer's), and the token means nothing
+    outside the template. The model is made to write "Ok", "then", <|im_end|>, "more", ...: completions now go on
+    past it (the special token not in the text, finish "length"); chat still ends there (finish "stop")."""
+    url, engine = server
+    tok = engine.tokenizer
+    head, tail = (tok(t, add_special_tokens=False)["input_ids"] for t in ("Ok then", " more words"))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != im_end and tok.decode(head + tail) == "Ok then more words"
+    forced = head + [im_end] + tail
+    sample = engine._sample
+
+    def forced_sample(logits, rows):
+        out = sample(logits, rows)
+        for b, r in enumerate(rows):
+            out[b] = forced[min(len(r.tokens), len(forced) - 1)]
+        return out
+
+    monkeypatch.setattr(engine, "_sample", forced_sample)
+    status, body = raw(url, "/v1/completions", {"model": "base", "prompt": "Hello", "max_tokens": len(forced),
+                                                "temperature": 0})
+    assert status == 200, body
+    assert (body["choices"][0]["text"], body["choices"][0]["finish_reason"]) == ("Ok then more words", "length")
+    assert body["usage"]["completion_tokens"] == len(forced)
+    status, body = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi"}],
+                                                     "max_tokens": len(forced), "temperature": 0})
+    assert status == 200, body
+    assert (body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]) == ("Ok then", "stop")
+
+
 def test_32_concurrent_clients_over_three_adapters_and_base(server, serve_dirs):
     """32 concurrent clients get what each request gets alone, token for token, except where the greedy
     choice is a near-tie (top-2 logits within 1e-4 in the independent reference: either token is greedy)."""
@@ -121,7 +153,8 @@ def test_32_concurrent_clients_over_three_adapters_and_base(server, serve_dirs):
     assert [x for x in together if isinstance(x, BaseException)] == []
     models = {m: reference_model(serve_dirs, m) for m in NAMES}
     tok = engine.tokenizer
-    tie = [any(gap < NEAR_TIE for _, _, gap in reference_greedy(*models[m], tok(p)["input_ids"], n, engine.end_ids))
+    tie = [any(gap < NEAR_TIE for _, _, gap in reference_greedy(*models[m], tok(p)["input_ids"], n,
+                                                                  engine.text_end_ids))
            for m, p, n in jobs]
     assert sum(tie) <= 4
     assert [t for t, x in zip(together, tie) if not x] == [a for a, x in zip(alone, tie) if not x]

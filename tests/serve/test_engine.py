@@ -396,11 +396,13 @@ def test_an_adapter_with_non_finite_weights_is_refused_at_load(serve_dirs, tmp_p
 
 
 def test_serve_stops_where_generation_does(serve_stack):
-    """The engine's ends are training-time generation's: EOS and the chat template's turn end (tests/online/test_turn_end.py)."""
+    """The engine's ends are training-time generation's: EOS and, for a chat prompt, the chat template's turn end
+    (tests/online/test_turn_end.py)."""
     from alignkit.serve.engine import default_end_ids
 
     tok = serve_stack.tokenizer
     assert default_end_ids(serve_stack) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+    assert default_end_ids(serve_stack, chat=False) == [tok.eos_token_id]  # plain text (completions): EOS alone
 
 
 def test_row_sampling_draws_the_temperature_and_top_p_distribution():

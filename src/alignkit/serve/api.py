@@ -1,9 +1,11 @@
 """The HTTP side of `alignkit serve`: an OpenAI-compatible API, health, metrics and the chat page (FastAPI).
 
     GET  /v1/models              the base (under its own name) and every adapter
-    POST /v1/completions         prompt (string, list of strings, or token ids) -> text; `model` picks the adapter
+    POST /v1/completions         prompt (string, list of strings, or token ids) -> text; `model` picks the adapter;
+                                 ends on EOS alone (the generation config's and the tokenizer's, as vLLM's)
     POST /v1/chat/completions    messages through the tokenizer's chat template (content: a string or a list of
-                                 text parts, joined with a newline as vLLM's OpenAI server joins them)
+                                 text parts, joined with a newline as vLLM's OpenAI server joins them); ends on
+                                 EOS and on the template's turn-end token (`<|im_end|>`), as training-time generation
     GET  /health                 {"status": "ok", ...}; 503 when the engine thread is gone
     GET  /metrics                Prometheus text: queue depth, running rows, tokens/s, per-model counts, latency
     GET  /                       the chat page (static files in serve/static, no build step)
@@ -340,7 +342,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         return body
 
     def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue,
-                   prompt_field: str) -> list:
+                   chat: bool) -> list:
         if model not in engine.stack.routes:
             raise ApiError(404, f"the model '{model}' does not exist; served: {engine.stack.names}",
                            param="model", code="model_not_found")
@@ -348,7 +350,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         try:
             for j, ids in enumerate(prompts):
                 sink = (lambda ev, j=j: loop.call_soon_threadsafe(q.put_nowait, (j, ev)))
-                reqs.append(engine.submit(model, ids, SamplingParams(**vars(params)), sink))
+                reqs.append(engine.submit(model, ids, SamplingParams(**vars(params)), sink, chat=chat))
         except QueueFullError as e:
             for r in reqs:
                 r.cancel()
@@ -362,8 +364,9 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
                 r.cancel()
             if e.param != "prompt":
                 raise ApiError(400, str(e), param=e.param) from None
-            which = f"'{prompt_field}'[{len(reqs)}]: " if len(prompts) > 1 else ""  # the prompt of a list at fault
-            raise ApiError(400, which + str(e), param=prompt_field) from None
+            field = "messages" if chat else "prompt"
+            which = f"'{field}'[{len(reqs)}]: " if len(prompts) > 1 else ""  # the prompt of a list at fault
+            raise ApiError(400, which + str(e), param=field) from None
         return reqs
 
     async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
@@ -388,7 +391,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        reqs = submit_all(model, prompts, params, loop, q, "messages" if chat else "prompt")
+        reqs = submit_all(model, prompts, params, loop, q, chat)
         n = params.n
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         now = int(time.time())

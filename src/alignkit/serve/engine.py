@@ -176,6 +176,7 @@ class Request:
     completion_tokens: int = 0
     error: str | None = None
     stop_ids: frozenset = frozenset()  # tokens a stop string names exactly (`special_stop_ids`): end the row as "stop"
+    end_ids: frozenset = frozenset()  # the end tokens of this request (`Engine.end_ids` for chat, else `text_end_ids`)
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (client went away)."""
@@ -199,7 +200,10 @@ class Engine:
         self.stack = stack
         self.config = config or EngineConfig()
         self.tokenizer = stack.tokenizer
+        # a chat prompt's ends (EOS and the template's turn end) and a plain-text prompt's (EOS alone, as vLLM's
+        # completions: the turn-end token means nothing outside the template); `end_token_ids` given: both
         self.end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack))
+        self.text_end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack, chat=False))
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kw = cache_keyword(stack.model)  # `cache` or `past_key_values`, as transformers names it
         self._context = trained_context(unwrap_lm(stack.model).config)  # positions past it are refused
@@ -247,8 +251,10 @@ class Engine:
         return len(self._rows)
 
     def submit(self, model: str, prompt_ids: Sequence[int], params: SamplingParams,
-               sink: Callable[[Event], None]) -> Request:
+               sink: Callable[[Event], None], chat: bool = True) -> Request:
         """Queue a request; `sink` receives its events from the engine thread (keep it cheap and thread-safe).
+        `chat`: the prompt was formatted by the chat template, so the template's turn-end token ends it too
+        (`end_ids`); False for plain text (`text_end_ids`: EOS only, as vLLM's completions).
         Raises KeyError (unknown model), RequestError (limits, bad values), QueueFullError, EngineStopped."""
         route = self.stack.route(model)
         params.check(self.config)
@@ -281,7 +287,8 @@ class Engine:
                 self.stats.rejected += 1
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
             self._ids += 1
-            req = Request(f"req-{self._ids}", route, prompt_ids, params, sink, stop_ids=stop_ids)
+            req = Request(f"req-{self._ids}", route, prompt_ids, params, sink, stop_ids=stop_ids,
+                          end_ids=frozenset(self.end_ids if chat else self.text_end_ids))
             req.deadline = req.created + self.config.request_timeout
             req.rows_left = params.n
             self._waiting.append(req)
@@ -289,11 +296,11 @@ class Engine:
         return req
 
     def generate(self, model: str, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                 timeout: float | None = None) -> dict[str, Any]:
+                 timeout: float | None = None, chat: bool = True) -> dict[str, Any]:
         """Blocking helper: submit and wait. Returns {"choices": [{"token_ids", "text", "finish_reason"}], ...}."""
         params = params or SamplingParams()
         events: queue.Queue[Event] = queue.Queue()
-        req = self.submit(model, prompt_ids, params, events.put)
+        req = self.submit(model, prompt_ids, params, events.put, chat=chat)
         choices = [{"token_ids": [], "text": "", "finish_reason": None} for _ in range(params.n)]
         while True:
             ev = events.get(timeout=timeout)
@@ -481,7 +488,7 @@ class Engine:
             req.completion_tokens += 1
             self.stats.add_tokens(req.route.name, 1)
             r.tokens.append(t)
-            is_end = t in self.end_ids or t in req.stop_ids
+            is_end = t in req.end_ids or t in req.stop_ids
             final = is_end or len(r.tokens) >= req.params.max_tokens
             stopped = self._flush(r, final)
             if is_end or stopped or final:
@@ -490,7 +497,7 @@ class Engine:
 
     def _flush(self, r: _Row, final: bool) -> bool:
         """Send one token event with the text that is safe to send now; True if a stop string ended the row."""
-        body = r.tokens[:-1] if r.tokens[-1] in self.end_ids or r.tokens[-1] in r.request.stop_ids else r.tokens
+        body = r.tokens[:-1] if r.tokens[-1] in r.request.end_ids or r.tokens[-1] in r.request.stop_ids else r.tokens
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         stops = r.request.params.stop
         hits = [i for i in (text.find(s, max(0, r.emitted - len(s) + 1)) for s in stops) if i >= 0]
@@ -601,10 +608,10 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def default_end_ids(stack: Stack) -> list[int]:
-    """EOS of the tokenizer and the generation config, plus the chat template's turn-end token: the same ends as
-    training-time generation (`online.generation.end_token_ids`)."""
-    return sorted(set(end_token_ids(unwrap_lm(stack.model), stack.tokenizer, SamplingConfig())))
+def default_end_ids(stack: Stack, chat: bool = True) -> list[int]:
+    """EOS of the tokenizer and the generation config, plus (`chat`) the chat template's turn-end token: the same
+    ends as training-time generation (`online.generation.end_token_ids`)."""
+    return sorted(set(end_token_ids(unwrap_lm(stack.model), stack.tokenizer, SamplingConfig(), chat=chat)))
 
 
 __all__ = ["SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "Engine", "EngineConfig", "EngineStopped", "Event",

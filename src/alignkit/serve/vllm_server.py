@@ -306,12 +306,11 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
 
 
 def _max_len(base: Path, wanted: int) -> tuple[int, str]:
-    """(`wanted` capped by the model's own context as vLLM derives it: `engine_max_model_len`, pinned by row V2 of
-    docs/architecture.md; vLLM refuses a longer --max-model-len), what the context comes from)."""
-    from alignkit.online.vllm_engine import engine_max_model_len  # (online imports this module: not at the top)
-
-    own, where = engine_max_model_len(base, {})
-    return (min(wanted, int(own)) if own else wanted), where
+    """(`wanted` capped by the model's own context, the config key that gives it): vLLM refuses a longer
+    --max-model-len, and runs with the one it is given, which the start-up warning quotes."""
+    cfg = json.loads((base / "config.json").read_text())
+    key = next((k for k in ("max_position_embeddings", "n_positions") if cfg.get(k)), None)
+    return (min(wanted, int(cfg[key])) if key else wanted), f"{key} in {base / 'config.json'}"
 
 
 __all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_adapters", "check_bases", "check_head_size", "command", "head_size",
