@@ -1,6 +1,6 @@
 """vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit
 checks before a colocated engine starts, the engine calls of a weight / LoRA push, and how its OpenAI server joins
-a chat message's text parts (rows V1, V2, V11, V12, V13 of the
+a chat message's text parts and developer messages (rows V1, V2, V11, V12, V13 of the
 table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they are
 skipped."""
 
@@ -209,3 +209,40 @@ def test_text_parts_are_joined_as_vllms_openai_server_joins_them(tiny_dir):
     ours = tok.decode(chat_prompt({"messages": messages}, tok))
     check(ours == theirs, VLLM, "vLLM renders this chat request otherwise than alignkit's API", where,
           f"vLLM: {theirs!r}, alignkit: {ours!r}")
+
+
+def test_developer_messages_reach_the_template_as_vllm_gives_them(tiny_dir):
+    """vLLM's OpenAI server gives a `developer` message to a template that names the role as is; for one that does
+    not (alignkit's tiny ChatML template) it makes it a system message and merges every system message into one at
+    the front, joined with a blank line (`renderers.hf.safe_apply_chat_template`); alignkit's API
+    (`developer_as_system`) renders the same prompts (it made each developer message a system message in place)."""
+    import copy
+
+    where = "alignkit/serve/api.py:developer_as_system (chat_prompt, POST /v1/chat/completions)"
+    with guard(VLLM, "vllm.renderers.chat_utils.parse_chat_messages / renderers.hf moved", where):
+        from vllm.config import ModelConfig
+        from vllm.renderers.chat_utils import parse_chat_messages
+        from vllm.renderers.hf import safe_apply_chat_template
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.serve.api import chat_prompt
+
+    folder = tiny_dir("llama")
+    plain = load_tokenizer(folder)
+    named = copy.deepcopy(plain)
+    named.chat_template = ("{% for m in messages %}{{ 'D' if m['role'] == 'developer' else m['role'] }}: "
+                           "{{ m['content'] }}|{% endfor %}")
+    conversations = ([{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"},
+                      {"role": "system", "content": "B"}, {"role": "developer", "content": ""}],
+                     [{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"}],
+                     [{"role": "user", "content": "Hi"}, {"role": "system", "content": "B"}])
+    with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=) changed", where):
+        config = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32")
+    for tok in (plain, named):
+        for messages in conversations:
+            with guard(VLLM, "parse_chat_messages / safe_apply_chat_template changed their signatures", where):
+                conversation, _, _ = parse_chat_messages(messages, config, "string")
+                theirs = safe_apply_chat_template(config, tok, conversation, tokenize=False,
+                                                  add_generation_prompt=True)
+            ours = tok.decode(chat_prompt({"messages": messages}, tok))
+            check(ours == theirs, VLLM, "vLLM gives developer / system messages to the template otherwise than "
+                  "alignkit's API", where, f"messages {messages}: vLLM {theirs!r}, alignkit {ours!r}")

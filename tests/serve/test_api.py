@@ -480,6 +480,32 @@ def test_text_parts_of_a_message_are_joined_with_a_newline_as_vllm_joins_them(se
     assert e.value.status == 400 and e.value.param == "messages[0]" and "only text parts" in e.value.message
 
 
+def test_developer_messages_reach_the_template_as_vllm_gives_them(serve_stack):
+    """A developer message became a system message in place here; vLLM's OpenAI server (row V13) passes the role on
+    to a template that names it, and for one that does not makes it a system message and merges every system
+    message into one at the front (contents joined with a blank line): one request, two prompts on the two engines.
+    Now as vLLM does; a lone system message first is left alone."""
+    import copy
+
+    from alignkit.serve.api import chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
+    msgs = [{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"},
+            {"role": "system", "content": "B"}, {"role": "developer", "content": ""}]
+
+    def text(messages, template=None):
+        if template:
+            tok.chat_template = template
+        return tok.decode(chat_prompt({"messages": messages}, tok))
+
+    assert text(msgs) == "[system] A\n\nB|[user] Hi|"
+    assert text([{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"}]) == "[system] A|[user] Hi|"
+    assert text([{"role": "user", "content": "Hi"}, {"role": "system", "content": "B"}]) == "[user] Hi|[system] B|"
+    named = "{% for m in messages %}{{ 'D' if m['role'] == 'developer' else m['role'] }}: {{ m['content'] }}|{% endfor %}"
+    assert text(msgs, named) == "D: A|user: Hi|system: B|D: |"
+
+
 def test_an_adapter_trained_with_another_chat_template_is_refused_on_the_chat_endpoint(serve_dirs, tmp_path, caplog):
     """A trainer saves its tokenizer with the adapter (`model.tokenizer` one included), and the server formats chat
     messages with the base's alone: an adapter trained through another chat template was served prompts in a format

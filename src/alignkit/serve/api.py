@@ -4,7 +4,8 @@
     POST /v1/completions         prompt (string, list of strings, or token ids) -> text; `model` picks the adapter;
                                  ends on EOS alone (the generation config's and the tokenizer's, as vLLM's)
     POST /v1/chat/completions    messages through the tokenizer's chat template (content: a string or a list of
-                                 text parts, joined with a newline as vLLM's OpenAI server joins them); ends on
+                                 text parts, joined with a newline as vLLM's OpenAI server joins them; developer
+                                 messages as vLLM gives them to the template: `developer_as_system`); ends on
                                  EOS and on the template's turn-end token (`<|im_end|>`), as training-time generation
     GET  /health                 {"status": "ok", ...}; 503 when the engine thread is gone
     GET  /metrics                Prometheus text: queue depth, running rows, tokens/s, per-model counts, latency
@@ -35,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from alignkit.serve.engine import (SEED_MAX, SEED_MIN, SHUTTING_DOWN, Engine, EngineStopped, Event, QueueFullError,
-                                   RequestError, SamplingParams)
+from alignkit.serve.engine import Engine
+from alignkit.serve.request import (SEED_MAX, SEED_MIN, SHUTTING_DOWN, EngineStopped, Event, QueueFullError,
+                                    RequestError, SamplingParams)
 from alignkit.serve.log import ServeLog
 
 logger = logging.getLogger(__name__)
@@ -234,6 +236,23 @@ def content_text(content: Any, i: int) -> str:
     return content
 
 
+def developer_as_system(messages: list[dict], template: Any) -> list[dict]:
+    """The messages as vLLM's OpenAI server gives them to a chat template (row V13 of docs/architecture.md): with a
+    `developer` message and a template that does not name the role (neither 'developer' nor "developer" in its
+    text), developer messages become system messages, and then every system message is merged into one at the
+    front, their non-empty contents joined with a blank line, when one is not first or there are several (some
+    templates take a system message first only). Otherwise as given: a template that names the role gets it."""
+    text = template if isinstance(template, str) else json.dumps(template)
+    if not any(m["role"] == "developer" for m in messages) or "'developer'" in text or '"developer"' in text:
+        return messages
+    msgs = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+    system = [i for i, m in enumerate(msgs) if m["role"] == "system"]
+    if system == [0]:
+        return msgs
+    merged = {"role": "system", "content": "\n\n".join(msgs[i]["content"] for i in system if msgs[i]["content"])}
+    return [merged, *(m for m in msgs if m["role"] != "system")]
+
+
 def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -248,13 +267,13 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
             if m.get(key):
                 raise ApiError(400, f"messages[{i}].{key}: tool calls are not supported by this server; remove them",
                                param=f"messages[{i}]")
-        role = "system" if m["role"] == "developer" else m["role"]
         name = m.get("name")
         if name is not None and not isinstance(name, str):
             raise ApiError(400, f"messages[{i}].name must be a string", param=f"messages[{i}]")
-        clean.append({"role": role, "content": c, **({"name": name} if name else {})})  # a template may use name
+        clean.append({"role": m["role"], "content": c, **({"name": name} if name else {})})  # a template may use name
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+    clean = developer_as_system(clean, tokenizer.chat_template)
     try:
         text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # the template's own refusal (raise_exception), e.g. roles that must alternate
@@ -611,4 +630,5 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
         engine.stop()
 
 
-__all__ = ["PART_SEPARATOR", "ApiError", "chat_prompt", "content_text", "create_app", "end_error", "prometheus_text", "serve_forever", "sampling_params"]
+__all__ = ["PART_SEPARATOR", "ApiError", "chat_prompt", "content_text", "create_app", "developer_as_system", "end_error",
+           "prometheus_text", "serve_forever", "sampling_params"]
