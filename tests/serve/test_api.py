@@ -248,7 +248,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
                                          ("continue_final_message", True), ("chat_template", "{{ 'x' }}"),
                                          ("chat_template_kwargs", {"enable_thinking": False}),
                                          ("documents", [{"text": "x"}]), ("structural_tag", "{}"),
-                                         ("return_token_ids", True)])
+                                         ("return_token_ids", True),
+                                         # vLLM 0.32's (accepted and ignored until session 17)
+                                         ("repetition_detection", {"max_pattern_size": 4}),
+                                         ("thinking_token_budget", 16), ("watermarking", True),
+                                         ("logprob_token_ids", [5]), ("vllm_xargs", {"k": 1}),
+                                         ("return_token_offsets", True), ("return_prompt_text", True)])
 def test_sampling_fields_the_engine_does_not_implement_are_refused(client, server, field, value):
     """Before, these were accepted and the answer sampled without them (a 200 that looked like it honoured the
     request; tool_choice .. documents until the second audit). Now a 400 naming the field, on both endpoints; their

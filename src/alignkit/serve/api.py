@@ -93,6 +93,11 @@ IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
     # the chat prompt is the tokenizer's own template with the generation prompt, as given
     "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
     "chat_template_kwargs": (None, {}), "documents": (None,),
+    # vLLM 0.32's: end on repeated n-grams, cap reasoning tokens, watermark the draw, custom extensions' arguments;
+    # logprobs of given ids, character offsets of tokens, the templated prompt text (this server sends none of them)
+    "repetition_detection": (None,), "thinking_token_budget": (None,), "watermarking": (None, False),
+    "vllm_xargs": (None, {}), "logprob_token_ids": (None,), "return_token_offsets": (None, False),
+    "return_prompt_text": (None, False),
 }
 # stream_options besides include_usage, accepted only at these values: vLLM's continuous_usage_stats (usage in every
 # chunk) and OpenAI's include_obfuscation (a random padding field in every chunk, against length side channels)
