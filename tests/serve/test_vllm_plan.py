@@ -202,3 +202,19 @@ def test_an_adapter_trained_on_another_base_is_refused_as_alignkits_engine_does(
     assert sorted(prepare(other, {"x": tmp_path / "on-other"}, "base", tmp_path / "w2").loras) == ["x"]
     assert sorted(prepare(serve_dirs["base"], {"terse": serve_dirs["adapters"]["terse"]}, "base",
                           tmp_path / "w3").loras) == ["terse"]
+
+
+def test_an_adapter_named_as_the_base_is_refused_as_alignkits_engine_does(serve_dirs, tmp_path):
+    """alignkit's engine refuses an adapter served under the base's name (load_stack); the vLLM plan did not, and
+    vLLM's server looks a request's model up among its LoRA modules first, so every request for the base was answered
+    by the adapter, 200s without a word (e.g. --base runs/sft/model --adapter model=runs/dpo/model: both 'model').
+    Now one line before anything is written; so is a name a client cannot send ('a=b' would also split vLLM's
+    --lora-modules name=path)."""
+    terse = serve_dirs["adapters"]["terse"]
+    with pytest.raises(ConfigError, match=r"^adapter name 'model' is the base model's served name; pick another "
+                                          r"name \(or set the base's name with --base-name\)$"):
+        prepare(serve_dirs["base"], {"model": terse}, "model", tmp_path / "w1")
+    with pytest.raises(ConfigError, match=r"^served model name 'a=b': use letters, digits"):
+        prepare(serve_dirs["base"], {"a=b": terse}, "model", tmp_path / "w2")
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
+    assert sorted(prepare(serve_dirs["base"], {"terse": terse}, "model", tmp_path / "w3").loras) == ["terse"]

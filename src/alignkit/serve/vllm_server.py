@@ -44,7 +44,7 @@ from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
-from alignkit.serve.stack import saved_tokenizers_differ
+from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
 
@@ -189,6 +189,10 @@ def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str
     if not (base / "config.json").is_file():
         raise ConfigError(f"base: {base} has no config.json; --engine vllm needs a transformers model folder")
     plan = VllmPlan(str(base), base_name)
+    try:  # as alignkit's engine: an adapter named as the base would take every request for the base in vLLM
+        check_served_names(base_name, adapters)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     checked = check_adapters(adapters)
     try:  # vLLM tokenizes (and formats chat) with the base's tokenizer alone: its LoRA folders hold no tokenizer
         saved_tokenizers_differ(load_tokenizer(base), base, checked, chat=VLLM_CHAT)
