@@ -556,3 +556,26 @@ def test_reft_adapters_of_different_positions_and_layers_in_one_batch_equal_alon
     for k, evs in events.items():
         got = [e.token_id for e in evs if e.kind == "token"]
         assert greedy_matches(got, ref[k], 6)[0], (k, got, ref[k])
+
+
+def test_sampling_defaults_of_the_generation_config_the_engine_does_not_apply_are_a_warning(tmp_path, stack, caplog):
+    """vLLM's server samples a request that leaves temperature / top_p / top_k / ... out with the values of the model's
+    generation_config.json (its --generation-config auto); alignkit's engine samples it at temperature 1.0, top_p 1.0
+    (OpenAI's defaults), without a word: one request, two distributions on the two engines. A base whose generation
+    config sets them away from neutral (temperature 0.7, top_k 50; top_p 1.0 is neutral) is now a warning naming
+    them when the engine is built; the tiny base (none set) is quiet."""
+    import json
+    import logging
+
+    from alignkit.models.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama", hidden_size=64, num_layers=2)
+    path = base / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**gen, "temperature": 0.7, "top_k": 50, "top_p": 1.0, "do_sample": True}))
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.engine"):
+        Engine(load_stack(base, {}, base_name="b"))
+        Engine(stack)
+    said = [r.getMessage() for r in caplog.records if "generation config" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("serve: the base's generation config sets the sampling defaults "
+                                                 "temperature=0.7, top_k=50, which alignkit's engine does not apply"), said

@@ -104,6 +104,13 @@ class Engine:
         self._next_pos: torch.Tensor | None = None  # (B,) position id of each row's pending token
         self._last: torch.Tensor | None = None  # (B,) each row's pending (sampled, not yet cached) token
         self.stats = EngineStats()
+        unapplied = generation_defaults(stack.model)
+        if unapplied:
+            logger.warning("serve: the base's generation config sets the sampling defaults %s, which alignkit's engine "
+                           "does not apply (a request without temperature / top_p samples at 1.0, as OpenAI's API "
+                           "does; top_k, min_p and the penalties are not implemented) where vLLM's server (--engine "
+                           "vllm) applies them to requests that leave them out; send temperature / top_p with each "
+                           "request", ", ".join(f"{k}={v}" for k, v in unapplied.items()))
 
     # -- public ------------------------------------------------------------------------------------------
 
@@ -463,6 +470,20 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
+# the generation config's sampling keys vLLM's server takes as request defaults (`--generation-config auto`,
+# ModelConfig.get_diff_sampling_param), at the value that changes nothing here
+NEUTRAL_SAMPLING = {"temperature": (1.0,), "top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,),
+                    "repetition_penalty": (1.0,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,)}
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """The sampling defaults `model`'s generation config sets away from `NEUTRAL_SAMPLING` (its `to_diff_dict`, as
+    vLLM reads them): vLLM's server samples a request that leaves them out with them, alignkit's engine does not."""
+    gen = getattr(unwrap_lm(model), "generation_config", None)
+    diff = gen.to_diff_dict() if gen is not None else {}
+    return {k: diff[k] for k, neutral in NEUTRAL_SAMPLING.items() if diff.get(k) is not None and diff[k] not in neutral}
+
+
 def default_end_ids(stack: Stack, chat: bool = True) -> list[int]:
     """EOS of the tokenizer and the generation config, plus (`chat`) the chat template's turn-end token: the same
     ends as training-time generation (`online.generation.end_token_ids`)."""
@@ -470,4 +491,5 @@ def default_end_ids(stack: Stack, chat: bool = True) -> list[int]:
 
 
 __all__ = ["SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "Engine", "EngineConfig", "EngineStopped", "Event",
-           "QueueFullError", "Request", "RequestError", "SamplingParams", "default_end_ids", "special_stop_ids"]
+           "QueueFullError", "Request", "RequestError", "SamplingParams", "default_end_ids", "generation_defaults",
+           "special_stop_ids"]
