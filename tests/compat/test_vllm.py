@@ -1,6 +1,6 @@
 """vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit
 checks before a colocated engine starts, the engine calls of a weight / LoRA push, and how its OpenAI server joins
-a chat message's text parts and developer messages (rows V1, V2, V11, V12, V13 of the
+a chat message's text parts and developer messages, and its request defaults (rows V1, V2, V11, V12, V13, V14 of the
 table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they are
 skipped."""
 
@@ -246,3 +246,31 @@ def test_developer_messages_reach_the_template_as_vllm_gives_them(tiny_dir):
             ours = tok.decode(chat_prompt({"messages": messages}, tok))
             check(ours == theirs, VLLM, "vLLM gives developer / system messages to the template otherwise than "
                   "alignkit's API", where, f"messages {messages}: vLLM {theirs!r}, alignkit {ours!r}")
+
+
+def test_the_generation_configs_sampling_defaults_are_vllms_request_defaults(tiny_dir, tmp_path):
+    """vLLM's server (generation_config "auto", its default) takes the sampling keys of the model's
+    generation_config.json as the defaults of a request that leaves them out (`ModelConfig.get_diff_sampling_param`):
+    the keys of alignkit's `NEUTRAL_SAMPLING` (and max_new_tokens, as max_tokens); alignkit's engine warns about the
+    ones set away from neutral (`generation_defaults`), which it does not apply."""
+    where = "alignkit/serve/engine.py:generation_defaults/NEUTRAL_SAMPLING (Engine: the start-up warning)"
+    with guard(VLLM, "vllm.config.ModelConfig moved", where):
+        from vllm.config import ModelConfig
+    from alignkit.models.loading import load_model
+    from alignkit.serve.engine import NEUTRAL_SAMPLING, generation_defaults
+
+    folder = shutil.copytree(tiny_dir("llama"), tmp_path / "model")
+    path = folder / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    values = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05}
+    # presence / frequency penalties are on vLLM's list too, but not generation config fields: never read from it
+    path.write_text(json.dumps({**gen, **values, "presence_penalty": 0.5, "max_new_tokens": 99, "do_sample": True}))
+    with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=).get_diff_sampling_param() changed", where):
+        config = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32")
+        theirs = config.get_diff_sampling_param()
+    check(config.generation_config == "auto", VLLM, "vLLM's default generation_config is no longer 'auto'", where,
+          config.generation_config)
+    check(theirs == {**values, "max_tokens": 99}, VLLM, "vLLM takes other request defaults from generation_config.json",
+          where, str(theirs))
+    check(set(NEUTRAL_SAMPLING) == set(values) and generation_defaults(load_model(folder)) == values, VLLM,
+          "alignkit's generation_defaults names other keys than vLLM applies", where)

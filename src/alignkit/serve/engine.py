@@ -108,7 +108,7 @@ class Engine:
         if unapplied:
             logger.warning("serve: the base's generation config sets the sampling defaults %s, which alignkit's engine "
                            "does not apply (a request without temperature / top_p samples at 1.0, as OpenAI's API "
-                           "does; top_k, min_p and the penalties are not implemented) where vLLM's server (--engine "
+                           "does; top_k, min_p and repetition_penalty are not implemented) where vLLM's server (--engine "
                            "vllm) applies them to requests that leave them out; send temperature / top_p with each "
                            "request", ", ".join(f"{k}={v}" for k, v in unapplied.items()))
 
@@ -473,7 +473,7 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 # the generation config's sampling keys vLLM's server takes as request defaults (`--generation-config auto`,
 # ModelConfig.get_diff_sampling_param), at the value that changes nothing here
 NEUTRAL_SAMPLING = {"temperature": (1.0,), "top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,),
-                    "repetition_penalty": (1.0,), "presence_penalty": (0.0,), "frequency_penalty": (0.0,)}
+                    "repetition_penalty": (1.0,)}
 
 
 def generation_defaults(model: Any) -> dict[str, Any]:
