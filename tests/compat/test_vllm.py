@@ -183,13 +183,13 @@ def test_text_parts_are_joined_as_vllms_openai_server_joins_them(tiny_dir):
     "\\n" (`parse_chat_messages` with the content format it detects for a template that reads content as a string:
     "string"), then the tokenizer's template; alignkit's API (`content_text`, `PART_SEPARATOR`) renders the same
     prompt for the same request (it joined with "" before)."""
-    where = "alignkit/serve/api.py:content_text/PART_SEPARATOR (chat_prompt, POST /v1/chat/completions)"
+    where = "alignkit/serve/parsing.py:content_text/PART_SEPARATOR (chat_prompt, POST /v1/chat/completions)"
     with guard(VLLM, "vllm.renderers.chat_utils.parse_chat_messages / renderers.hf moved", where):
         from vllm.config import ModelConfig
         from vllm.renderers.chat_utils import parse_chat_messages
         from vllm.renderers.hf import resolve_chat_template_content_format, safe_apply_chat_template
     from alignkit.models.loading import load_tokenizer
-    from alignkit.serve.api import PART_SEPARATOR, chat_prompt
+    from alignkit.serve.parsing import PART_SEPARATOR, chat_prompt
 
     folder = tiny_dir("llama")
     tok = load_tokenizer(folder)
@@ -218,13 +218,13 @@ def test_developer_messages_reach_the_template_as_vllm_gives_them(tiny_dir):
     (`developer_as_system`) renders the same prompts (it made each developer message a system message in place)."""
     import copy
 
-    where = "alignkit/serve/api.py:developer_as_system (chat_prompt, POST /v1/chat/completions)"
+    where = "alignkit/serve/parsing.py:developer_as_system (chat_prompt, POST /v1/chat/completions)"
     with guard(VLLM, "vllm.renderers.chat_utils.parse_chat_messages / renderers.hf moved", where):
         from vllm.config import ModelConfig
         from vllm.renderers.chat_utils import parse_chat_messages
         from vllm.renderers.hf import safe_apply_chat_template
     from alignkit.models.loading import load_tokenizer
-    from alignkit.serve.api import chat_prompt
+    from alignkit.serve.parsing import chat_prompt
 
     folder = tiny_dir("llama")
     plain = load_tokenizer(folder)
