@@ -1,5 +1,6 @@
 """vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit
-checks before a colocated engine starts, and the engine calls of a weight / LoRA push (rows V1, V2, V11, V12 of the
+checks before a colocated engine starts, the engine calls of a weight / LoRA push, and how its OpenAI server joins
+a chat message's text parts and developer messages, and its request defaults (rows V1, V2, V11, V12, V13, V14 of the
 table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they are
 skipped."""
 
@@ -175,3 +176,101 @@ def test_weight_and_lora_pushes_use_these_engine_calls():
     with guard(VLLM, "LoRARequest(lora_name, lora_int_id, lora_path) changed", where):
         r = LoRARequest("policy-1", 1, "/tmp/x")
         assert (r.lora_name, r.lora_int_id, r.lora_path) == ("policy-1", 1, "/tmp/x")
+
+
+def test_text_parts_are_joined_as_vllms_openai_server_joins_them(tiny_dir):
+    """vLLM's OpenAI server renders a chat request whose content is a list of text parts with the parts joined by
+    "\\n" (`parse_chat_messages` with the content format it detects for a template that reads content as a string:
+    "string"), then the tokenizer's template; alignkit's API (`content_text`, `PART_SEPARATOR`) renders the same
+    prompt for the same request (it joined with "" before)."""
+    where = "alignkit/serve/parsing.py:content_text/PART_SEPARATOR (chat_prompt, POST /v1/chat/completions)"
+    with guard(VLLM, "vllm.renderers.chat_utils.parse_chat_messages / renderers.hf moved", where):
+        from vllm.config import ModelConfig
+        from vllm.renderers.chat_utils import parse_chat_messages
+        from vllm.renderers.hf import resolve_chat_template_content_format, safe_apply_chat_template
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.serve.parsing import PART_SEPARATOR, chat_prompt
+
+    folder = tiny_dir("llama")
+    tok = load_tokenizer(folder)
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"},
+                                             {"type": "text", "text": "you"}]}]
+    with guard(VLLM, "ModelConfig / resolve_chat_template_content_format / parse_chat_messages / "
+               "safe_apply_chat_template changed their signatures", where):
+        config = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32")
+        fmt = resolve_chat_template_content_format(None, None, "auto", tok, model_config=config)
+        conversation, _, _ = parse_chat_messages(messages, config, fmt)
+        theirs = safe_apply_chat_template(config, tok, conversation, tokenize=False, add_generation_prompt=True)
+    check(fmt == "string", VLLM, f"vLLM detects the content format {fmt!r} for alignkit's chat template (it passes "
+          "the parts to the template as a list, not joined)", where)
+    check([m["content"] for m in conversation] == ["Be brief.", "Hi\nthere\nyou"] and PART_SEPARATOR == "\n", VLLM,
+          "vLLM no longer joins a message's text parts with '\\n'", where, str(conversation))
+    ours = tok.decode(chat_prompt({"messages": messages}, tok))
+    check(ours == theirs, VLLM, "vLLM renders this chat request otherwise than alignkit's API", where,
+          f"vLLM: {theirs!r}, alignkit: {ours!r}")
+
+
+def test_developer_messages_reach_the_template_as_vllm_gives_them(tiny_dir):
+    """vLLM's OpenAI server gives a `developer` message to a template that names the role as is; for one that does
+    not (alignkit's tiny ChatML template) it makes it a system message and merges every system message into one at
+    the front, joined with a blank line (`renderers.hf.safe_apply_chat_template`); alignkit's API
+    (`developer_as_system`) renders the same prompts (it made each developer message a system message in place)."""
+    import copy
+
+    where = "alignkit/serve/parsing.py:developer_as_system (chat_prompt, POST /v1/chat/completions)"
+    with guard(VLLM, "vllm.renderers.chat_utils.parse_chat_messages / renderers.hf moved", where):
+        from vllm.config import ModelConfig
+        from vllm.renderers.chat_utils import parse_chat_messages
+        from vllm.renderers.hf import safe_apply_chat_template
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.serve.parsing import chat_prompt
+
+    folder = tiny_dir("llama")
+    plain = load_tokenizer(folder)
+    named = copy.deepcopy(plain)
+    named.chat_template = ("{% for m in messages %}{{ 'D' if m['role'] == 'developer' else m['role'] }}: "
+                           "{{ m['content'] }}|{% endfor %}")
+    conversations = ([{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"},
+                      {"role": "system", "content": "B"}, {"role": "developer", "content": ""}],
+                     [{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"}],
+                     [{"role": "user", "content": "Hi"}, {"role": "system", "content": "B"}])
+    with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=) changed", where):
+        config = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32")
+    for tok in (plain, named):
+        for messages in conversations:
+            with guard(VLLM, "parse_chat_messages / safe_apply_chat_template changed their signatures", where):
+                conversation, _, _ = parse_chat_messages(messages, config, "string")
+                theirs = safe_apply_chat_template(config, tok, conversation, tokenize=False,
+                                                  add_generation_prompt=True)
+            ours = tok.decode(chat_prompt({"messages": messages}, tok))
+            check(ours == theirs, VLLM, "vLLM gives developer / system messages to the template otherwise than "
+                  "alignkit's API", where, f"messages {messages}: vLLM {theirs!r}, alignkit {ours!r}")
+
+
+def test_the_generation_configs_sampling_defaults_are_vllms_request_defaults(tiny_dir, tmp_path):
+    """vLLM's server (generation_config "auto", its default) takes the sampling keys of the model's
+    generation_config.json as the defaults of a request that leaves them out (`ModelConfig.get_diff_sampling_param`):
+    the keys of alignkit's `NEUTRAL_SAMPLING` (and max_new_tokens, as max_tokens); alignkit's engine warns about the
+    ones set away from neutral (`generation_defaults`), which it does not apply."""
+    where = "alignkit/serve/engine.py:generation_defaults/NEUTRAL_SAMPLING (Engine: the start-up warning)"
+    with guard(VLLM, "vllm.config.ModelConfig moved", where):
+        from vllm.config import ModelConfig
+    from alignkit.models.loading import load_model
+    from alignkit.serve.engine import NEUTRAL_SAMPLING, generation_defaults
+
+    folder = shutil.copytree(tiny_dir("llama"), tmp_path / "model")
+    path = folder / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    values = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05}
+    # presence / frequency penalties are on vLLM's list too, but not generation config fields: never read from it
+    path.write_text(json.dumps({**gen, **values, "presence_penalty": 0.5, "max_new_tokens": 99, "do_sample": True}))
+    with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=).get_diff_sampling_param() changed", where):
+        config = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32")
+        theirs = config.get_diff_sampling_param()
+    check(config.generation_config == "auto", VLLM, "vLLM's default generation_config is no longer 'auto'", where,
+          config.generation_config)
+    check(theirs == {**values, "max_tokens": 99}, VLLM, "vLLM takes other request defaults from generation_config.json",
+          where, str(theirs))
+    check(set(NEUTRAL_SAMPLING) == set(values) and generation_defaults(load_model(folder)) == values, VLLM,
+          "alignkit's generation_defaults names other keys than vLLM applies", where)

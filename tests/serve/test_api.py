@@ -61,7 +61,8 @@ def test_models_completions_chat_and_usage(client, server):
     assert [m.id for m in client.models.list().data] == NAMES
     tok = engine.tokenizer
     prompt = "The quick brown fox"
-    direct = engine.generate("polite", tok(prompt)["input_ids"], SamplingParams(max_tokens=9, temperature=0.0))
+    direct = engine.generate("polite", tok(prompt)["input_ids"], SamplingParams(max_tokens=9, temperature=0.0),
+                             chat=False)
     r = client.completions.create(model="polite", prompt=prompt, max_tokens=9, temperature=0)
     assert r.object == "text_completion" and r.model == "polite"
     assert r.choices[0].text == direct["choices"][0]["text"]
@@ -101,6 +102,37 @@ def test_models_completions_chat_and_usage(client, server):
     assert cut.choices[0].text == full[:full.find(full[2:4])] and cut.choices[0].finish_reason == "stop"
 
 
+def test_completions_do_not_stop_on_the_chat_templates_turn_end(server, monkeypatch):
+    """/v1/completions (plain text, no template) stopped on the template's turn-end token <|im_end|> as chat does;
+    vLLM's completions stop on EOS alone (the generation config's and the tokenizer's), and the token means nothing
+    outside the template. The model is made to write "Ok", "then", <|im_end|>, "more", ...: completions now go on
+    past it (the special token not in the text, finish "length"); chat still ends there (finish "stop")."""
+    url, engine = server
+    tok = engine.tokenizer
+    head, tail = (tok(t, add_special_tokens=False)["input_ids"] for t in ("Ok then", " more words"))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id != im_end and tok.decode(head + tail) == "Ok then more words"
+    forced = head + [im_end] + tail
+    sample = engine._sample
+
+    def forced_sample(logits, rows):
+        out = sample(logits, rows)
+        for b, r in enumerate(rows):
+            out[b] = forced[min(len(r.tokens), len(forced) - 1)]
+        return out
+
+    monkeypatch.setattr(engine, "_sample", forced_sample)
+    status, body = raw(url, "/v1/completions", {"model": "base", "prompt": "Hello", "max_tokens": len(forced),
+                                                "temperature": 0})
+    assert status == 200, body
+    assert (body["choices"][0]["text"], body["choices"][0]["finish_reason"]) == ("Ok then more words", "length")
+    assert body["usage"]["completion_tokens"] == len(forced)
+    status, body = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi"}],
+                                                     "max_tokens": len(forced), "temperature": 0})
+    assert status == 200, body
+    assert (body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"]) == ("Ok then", "stop")
+
+
 def test_32_concurrent_clients_over_three_adapters_and_base(server, serve_dirs):
     """32 concurrent clients get what each request gets alone, token for token, except where the greedy
     choice is a near-tie (top-2 logits within 1e-4 in the independent reference: either token is greedy)."""
@@ -121,7 +153,8 @@ def test_32_concurrent_clients_over_three_adapters_and_base(server, serve_dirs):
     assert [x for x in together if isinstance(x, BaseException)] == []
     models = {m: reference_model(serve_dirs, m) for m in NAMES}
     tok = engine.tokenizer
-    tie = [any(gap < NEAR_TIE for _, _, gap in reference_greedy(*models[m], tok(p)["input_ids"], n, engine.end_ids))
+    tie = [any(gap < NEAR_TIE for _, _, gap in reference_greedy(*models[m], tok(p)["input_ids"], n,
+                                                                  engine.text_end_ids))
            for m, p, n in jobs]
     assert sum(tie) <= 4
     assert [t for t, x in zip(together, tie) if not x] == [a for a, x in zip(alone, tie) if not x]
@@ -215,7 +248,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
                                          ("continue_final_message", True), ("chat_template", "{{ 'x' }}"),
                                          ("chat_template_kwargs", {"enable_thinking": False}),
                                          ("documents", [{"text": "x"}]), ("structural_tag", "{}"),
-                                         ("return_token_ids", True)])
+                                         ("return_token_ids", True),
+                                         # vLLM 0.32's (accepted and ignored until session 17)
+                                         ("repetition_detection", {"max_pattern_size": 4}),
+                                         ("thinking_token_budget", 16), ("watermarking", True),
+                                         ("logprob_token_ids", [5]), ("vllm_xargs", {"k": 1}),
+                                         ("return_token_offsets", True), ("return_prompt_text", True)])
 def test_sampling_fields_the_engine_does_not_implement_are_refused(client, server, field, value):
     """Before, these were accepted and the answer sampled without them (a 200 that looked like it honoured the
     request; tool_choice .. documents until the second audit). Now a 400 naming the field, on both endpoints; their
@@ -427,6 +465,50 @@ def test_a_message_name_reaches_the_template_and_tool_calls_are_refused(serve_st
         chat_prompt({"messages": [{"role": "user", "content": "Hi"},
                                   {"role": "assistant", "content": "", "tool_calls": calls}]}, tok)
     assert e.value.status == 400 and e.value.param == "messages[1]" and "tool_calls" in e.value.message
+
+
+def test_text_parts_of_a_message_are_joined_with_a_newline_as_vllm_joins_them(serve_stack):
+    """Content given as text parts was joined with "" here and with "\n" by vLLM's OpenAI server (the template reads
+    content as a string; pinned in tests/compat/test_vllm.py, row V13): one request, two prompts on the two engines.
+    Now "\n" here too; a part that is not text is a 400 naming the message."""
+    import copy
+
+    from alignkit.serve.api import ApiError, chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    got = chat_prompt({"messages": [{"role": "user", "content": parts}]}, tok)
+    assert got == tok("[user] Hi\nthere|", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ApiError) as e:
+        chat_prompt({"messages": [{"role": "user", "content": [*parts, {"type": "image_url", "image_url": {}}]}]}, tok)
+    assert e.value.status == 400 and e.value.param == "messages[0]" and "only text parts" in e.value.message
+
+
+def test_developer_messages_reach_the_template_as_vllm_gives_them(serve_stack):
+    """A developer message became a system message in place here; vLLM's OpenAI server (row V13) passes the role on
+    to a template that names it, and for one that does not makes it a system message and merges every system
+    message into one at the front (contents joined with a blank line): one request, two prompts on the two engines.
+    Now as vLLM does; a lone system message first is left alone."""
+    import copy
+
+    from alignkit.serve.api import chat_prompt
+
+    tok = copy.deepcopy(serve_stack.tokenizer)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}|{% endfor %}"
+    msgs = [{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"},
+            {"role": "system", "content": "B"}, {"role": "developer", "content": ""}]
+
+    def text(messages, template=None):
+        if template:
+            tok.chat_template = template
+        return tok.decode(chat_prompt({"messages": messages}, tok))
+
+    assert text(msgs) == "[system] A\n\nB|[user] Hi|"
+    assert text([{"role": "developer", "content": "A"}, {"role": "user", "content": "Hi"}]) == "[system] A|[user] Hi|"
+    assert text([{"role": "user", "content": "Hi"}, {"role": "system", "content": "B"}]) == "[user] Hi|[system] B|"
+    named = "{% for m in messages %}{{ 'D' if m['role'] == 'developer' else m['role'] }}: {{ m['content'] }}|{% endfor %}"
+    assert text(msgs, named) == "D: A|user: Hi|system: B|D: |"
 
 
 def test_an_adapter_trained_with_another_chat_template_is_refused_on_the_chat_endpoint(serve_dirs, tmp_path, caplog):

@@ -396,11 +396,13 @@ def test_an_adapter_with_non_finite_weights_is_refused_at_load(serve_dirs, tmp_p
 
 
 def test_serve_stops_where_generation_does(serve_stack):
-    """The engine's ends are training-time generation's: EOS and the chat template's turn end (tests/online/test_turn_end.py)."""
+    """The engine's ends are training-time generation's: EOS and, for a chat prompt, the chat template's turn end
+    (tests/online/test_turn_end.py)."""
     from alignkit.serve.engine import default_end_ids
 
     tok = serve_stack.tokenizer
     assert default_end_ids(serve_stack) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+    assert default_end_ids(serve_stack, chat=False) == [tok.eos_token_id]  # plain text (completions): EOS alone
 
 
 def test_row_sampling_draws_the_temperature_and_top_p_distribution():
@@ -554,3 +556,26 @@ def test_reft_adapters_of_different_positions_and_layers_in_one_batch_equal_alon
     for k, evs in events.items():
         got = [e.token_id for e in evs if e.kind == "token"]
         assert greedy_matches(got, ref[k], 6)[0], (k, got, ref[k])
+
+
+def test_sampling_defaults_of_the_generation_config_the_engine_does_not_apply_are_a_warning(tmp_path, stack, caplog):
+    """vLLM's server samples a request that leaves temperature / top_p / top_k / ... out with the values of the model's
+    generation_config.json (its --generation-config auto); alignkit's engine samples it at temperature 1.0, top_p 1.0
+    (OpenAI's defaults), without a word: one request, two distributions on the two engines. A base whose generation
+    config sets them away from neutral (temperature 0.7, top_k 50; top_p 1.0 is neutral) is now a warning naming
+    them when the engine is built; the tiny base (none set) is quiet."""
+    import json
+    import logging
+
+    from alignkit.models.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama", hidden_size=64, num_layers=2)
+    path = base / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**gen, "temperature": 0.7, "top_k": 50, "top_p": 1.0, "do_sample": True}))
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.engine"):
+        Engine(load_stack(base, {}, base_name="b"))
+        Engine(stack)
+    said = [r.getMessage() for r in caplog.records if "generation config" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("serve: the base's generation config sets the sampling defaults "
+                                                 "temperature=0.7, top_k=50, which alignkit's engine does not apply"), said

@@ -116,19 +116,22 @@ def test_a_base_whose_head_size_vllm_lacks_is_refused_before_vllm_starts(serve_d
             and "CPU_ATTN attention here takes 32, 64, 80, " in msg and msg.endswith(fix), msg
 
 
-def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start(monkeypatch, caplog):
+def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start(monkeypatch, caplog, tiny_dir):
     """max_prompt_tokens / max_new_tokens reach vLLM only as their sum (--max-model-len): a longer prompt with a
     shorter completion was served without a word, where alignkit's engine refuses it. Set away from their defaults,
     a warning says so when the server starts (vLLM replaced by a child that exits at once, through the module's
-    seams); at the defaults nothing is said."""
+    seams); at the defaults nothing is said. The sum is capped at the model's context (max_position_embeddings 64
+    here): the warning quoted the uncapped sum (128) where vLLM was started with 64; it now quotes 64 and says what
+    capped it."""
     import sys
     import types
 
     from alignkit.serve import vllm_server as vs
 
+    base = tiny_dir("llama", max_positions=64)
     monkeypatch.setattr(vs, "require_vllm", lambda: None)
+    monkeypatch.setattr(vs, "check_head_size", lambda *a: None)
     monkeypatch.setattr(vs, "prepare", lambda base, adapters, base_name, workdir: None)
-    monkeypatch.setattr(vs, "_max_len", lambda base, wanted: wanted)
     started = []
     monkeypatch.setattr(vs, "command", lambda plan, host, port, dtype, max_model_len=None:
                         started.append(max_model_len) or [sys.executable, "-c", "pass"])
@@ -138,14 +141,19 @@ def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start
         cfg = types.SimpleNamespace(adapters={}, max_prompt_tokens=prompt, max_new_tokens=new, host="127.0.0.1",
                                     port=0, dtype="float32", api_key=None)
         with caplog.at_level("WARNING", logger="alignkit.serve.vllm_server"):
-            assert vs.serve_with_vllm(cfg, "unused", "tiny", quiet=True) == 0
+            assert vs.serve_with_vllm(cfg, str(base), "tiny", quiet=True) == 0
         return [r.getMessage() for r in caplog.records]
 
+    assert run(40, 20) == [
+        "serve --engine vllm: max_prompt_tokens 40 and max_new_tokens 20 reach vLLM only as their sum "
+        "(--max-model-len 60, prompt + completion): vLLM caps neither on its own (a prompt over 40 tokens with a "
+        "shorter completion is served, and so is max_tokens over 20), where engine=alignkit refuses both"]
     assert run(100, 28) == [
         "serve --engine vllm: max_prompt_tokens 100 and max_new_tokens 28 reach vLLM only as their sum "
-        "(--max-model-len 128, prompt + completion): vLLM caps neither on its own (a prompt over 100 tokens with a "
-        "shorter completion is served, and so is max_tokens over 28), where engine=alignkit refuses both"]
-    assert run(2048, 512) == [] and started == [128, 2560]
+        "(--max-model-len 64, prompt + completion; capped from their sum 128 at the model's context, "
+        f"max_position_embeddings in {base / 'config.json'}): vLLM caps neither on its own (a prompt over 100 tokens "
+        "with a shorter completion is served, and so is max_tokens over 28), where engine=alignkit refuses both"]
+    assert run(2048, 512) == [] and started == [60, 64, 64]
 
 
 def test_an_adapters_saved_tokenizer_is_checked_as_alignkits_engine_does(serve_dirs, tmp_path, caplog):
@@ -194,3 +202,19 @@ def test_an_adapter_trained_on_another_base_is_refused_as_alignkits_engine_does(
     assert sorted(prepare(other, {"x": tmp_path / "on-other"}, "base", tmp_path / "w2").loras) == ["x"]
     assert sorted(prepare(serve_dirs["base"], {"terse": serve_dirs["adapters"]["terse"]}, "base",
                           tmp_path / "w3").loras) == ["terse"]
+
+
+def test_an_adapter_named_as_the_base_is_refused_as_alignkits_engine_does(serve_dirs, tmp_path):
+    """alignkit's engine refuses an adapter served under the base's name (load_stack); the vLLM plan did not, and
+    vLLM's server looks a request's model up among its LoRA modules first, so every request for the base was answered
+    by the adapter, 200s without a word (e.g. --base runs/sft/model --adapter model=runs/dpo/model: both 'model').
+    Now one line before anything is written; so is a name a client cannot send ('a=b' would also split vLLM's
+    --lora-modules name=path)."""
+    terse = serve_dirs["adapters"]["terse"]
+    with pytest.raises(ConfigError, match=r"^adapter name 'model' is the base model's served name; pick another "
+                                          r"name \(or set the base's name with --base-name\)$"):
+        prepare(serve_dirs["base"], {"model": terse}, "model", tmp_path / "w1")
+    with pytest.raises(ConfigError, match=r"^served model name 'a=b': use letters, digits"):
+        prepare(serve_dirs["base"], {"a=b": terse}, "model", tmp_path / "w2")
+    assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
+    assert sorted(prepare(serve_dirs["base"], {"terse": terse}, "model", tmp_path / "w3").loras) == ["terse"]

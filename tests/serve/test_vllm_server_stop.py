@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent("""
     pidfile = sys.argv[1]
     vs.require_vllm = lambda: None
     vs.prepare = lambda base, adapters, base_name, workdir: None
-    vs._max_len = lambda base, wanted: wanted
+    vs._max_len = lambda base, wanted: (wanted, "")
     child = ("import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(120)" % pidfile)
     vs.command = lambda plan, host, port, dtype, max_model_len=None: [sys.executable, "-c", child]
     cfg = types.SimpleNamespace(adapters={}, max_prompt_tokens=8, max_new_tokens=8, host="127.0.0.1", port=0,

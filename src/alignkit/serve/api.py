@@ -1,8 +1,12 @@
 """The HTTP side of `alignkit serve`: an OpenAI-compatible API, health, metrics and the chat page (FastAPI).
 
     GET  /v1/models              the base (under its own name) and every adapter
-    POST /v1/completions         prompt (string, list of strings, or token ids) -> text; `model` picks the adapter
-    POST /v1/chat/completions    messages through the tokenizer's chat template
+    POST /v1/completions         prompt (string, list of strings, or token ids) -> text; `model` picks the adapter;
+                                 ends on EOS alone (the generation config's and the tokenizer's, as vLLM's)
+    POST /v1/chat/completions    messages through the tokenizer's chat template (content: a string or a list of
+                                 text parts, joined with a newline as vLLM's OpenAI server joins them; developer
+                                 messages as vLLM gives them to the template: `developer_as_system`); ends on
+                                 EOS and on the template's turn-end token (`<|im_end|>`), as training-time generation
     GET  /health                 {"status": "ok", ...}; 503 when the engine thread is gone
     GET  /metrics                Prometheus text: queue depth, running rows, tokens/s, per-model counts, latency
     GET  /                       the chat page (static files in serve/static, no build step)
@@ -14,8 +18,8 @@ false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would c
 implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix,
 response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
-`IGNORED_UNLESS_NEUTRAL`) are a 400 naming the field unless at their neutral value; other unknown fields (user,
-metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
+`IGNORED_UNLESS_NEUTRAL`, both in serve/parsing.py) are a 400 naming the field unless at their neutral value; other
+unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape), a chat request to an adapter trained
 with another chat template than the base's (`Stack.other_template`); 401 bad/missing bearer token (with --api-key); 404
 unknown model; 413 a body over 1 MiB; 429 queue full; 503 the server is shutting down (a request it stopped or will not
@@ -32,221 +36,16 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from alignkit.serve.engine import (SEED_MAX, SEED_MIN, SHUTTING_DOWN, Engine, EngineStopped, Event, QueueFullError,
-                                   RequestError, SamplingParams)
+from alignkit.serve.engine import Engine
 from alignkit.serve.log import ServeLog
+from alignkit.serve.parsing import (PART_SEPARATOR, STREAM_OPTIONS_NEUTRAL, ApiError, chat_prompt, completion_prompts,
+                                    content_text, developer_as_system, not_unicode, request_model, sampling_params)
+from alignkit.serve.request import SHUTTING_DOWN, EngineStopped, Event, QueueFullError, RequestError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Request parsing: every field checked, errors name the field
-# ----------------------------------------------------------------------------------------------------
-
-def _num(body: dict, key: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-        raise ApiError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}, got {json.dumps(v)[:40]}",
-                       param=key)
-    if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN too (JSON's NaN parses)
-        raise ApiError(400, f"'{key}' must be in [{lo}, {hi}], got {v}", param=key)
-    return kind(v)
-
-
-# Request fields of the OpenAI API (and vLLM's extensions, which OpenAI clients send through extra_body) that would
-# change the answer but that this engine does not implement: accepted only at their neutral value (first None).
-IGNORED_UNLESS_NEUTRAL: dict[str, tuple] = {
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-    "suffix": (None, ""), "top_logprobs": (None, 0), "response_format": (None, {"type": "text"}),
-    "tools": (None, []), "functions": (None, []), "top_k": (None, -1, 0), "min_p": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "ignore_eos": (None, False),
-    "stop_token_ids": (None, []), "include_stop_str_in_output": (None, False), "use_beam_search": (None, False),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "prompt_logprobs": (None,), "truncate_prompt_tokens": (None,), "skip_special_tokens": (None, True),
-    # tools are refused above, so "auto" / "none" choose nothing; "required" or a named function would
-    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
-    "bad_words": (None, []), "allowed_token_ids": (None,), "length_penalty": (None, 1, 1.0),
-    "logits_processors": (None, []), "structured_outputs": (None,), "return_tokens_as_token_ids": (None, False),
-    "prompt_embeds": (None,), "modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,),
-    "reasoning_effort": (None,), "verbosity": (None, "medium"), "structural_tag": (None,),
-    "return_token_ids": (None, False),  # vLLM: the answer's token ids beside its text (this server sends text only)
-    # the chat prompt is the tokenizer's own template with the generation prompt, as given
-    "add_generation_prompt": (None, True), "continue_final_message": (None, False), "chat_template": (None,),
-    "chat_template_kwargs": (None, {}), "documents": (None,),
-}
-# stream_options besides include_usage, accepted only at these values: vLLM's continuous_usage_stats (usage in every
-# chunk) and OpenAI's include_obfuscation (a random padding field in every chunk, against length side channels)
-STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, False),
-                                            "include_obfuscation": (None, False)}
-# logprobs (completions: an integer, 0 included; chat: a boolean), best_of and echo: accepted only at these values
-NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
-
-
-def not_unicode(body: Any) -> str | None:
-    """The path (`messages[0].content`) of the first string in a parsed JSON body that UTF-8 cannot encode: JSON's
-    escapes can write a lone surrogate (`"\\ud83d"`, half an emoji: a UTF-16 string cut inside a character), which
-    Python's json takes and the tokenizer then refuses with a TypeError. None when every string is text. Walked
-    without recursion (a deeply nested body is no reason for a RecursionError)."""
-    todo: list[tuple[str, Any]] = [("", body)]
-    while todo:
-        where, value = todo.pop()
-        if isinstance(value, str):
-            if _not_text(value):
-                return where or "body"
-        elif isinstance(value, dict):
-            for k in reversed(list(value)):
-                path = f"{where}.{k}" if where else k
-                if _not_text(k):
-                    return path
-                todo.append((path, value[k]))
-        elif isinstance(value, list):
-            todo.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
-    return None
-
-
-def _not_text(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def sampling_params(body: dict) -> SamplingParams:
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    for key in ("max_tokens", "max_completion_tokens"):
-        v = body.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ApiError(400, f"'{key}' must be an integer, got {json.dumps(v)[:40]}", param=key)
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:  # an explicit null max_completion_tokens beside max_tokens: max_tokens
-        max_tokens = body.get("max_tokens")
-    if None not in (body.get("max_tokens"), body.get("max_completion_tokens")) \
-            and body["max_tokens"] != body["max_completion_tokens"]:
-        raise ApiError(400, f"'max_completion_tokens' ({body['max_completion_tokens']}) and 'max_tokens' "
-                            f"({body['max_tokens']}) disagree; send one of them", param="max_completion_tokens")
-    for key, allowed in NOT_SUPPORTED.items():  # identity, not ==: logprobs 0 (== False) asks for logprobs
-        if not any(body.get(key) is a or (a is not None and type(body.get(key)) is type(a) and body.get(key) == a)
-                   for a in allowed):
-            raise ApiError(400, f"'{key}' is not supported by this server; remove it", param=key)
-    for key, neutral in IGNORED_UNLESS_NEUTRAL.items():
-        if body.get(key) not in neutral:
-            raise ApiError(400, f"'{key}' is not supported by this server (the answer would silently be sampled "
-                                f"without it); remove it" + (f" or set it to {json.dumps(neutral[1])}"
-                                                                    if len(neutral) > 1 else ""), param=key)
-    return SamplingParams(max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
-                          top_p=_top_p(body), stop=stop, seed=_num(body, "seed", None, int, SEED_MIN, SEED_MAX),
-                          n=_num(body, "n", 1, int, 1, 16))
-
-
-def _top_p(body: dict) -> float:
-    top_p = _num(body, "top_p", 1.0, float, 0.0, 1.0)
-    if top_p <= 0:
-        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    return top_p
-
-
-def _model(body: dict) -> str:
-    m = body.get("model")
-    if not isinstance(m, str) or not m:
-        raise ApiError(400, "'model' is required: the name of a served model (GET /v1/models)", param="model")
-    return m
-
-
-def _add_special_tokens(body: dict, default: bool) -> bool:
-    """vLLM's `add_special_tokens` (BOS and the like around a text prompt): completions default true, chat false
-    (the template writes them)."""
-    v = body.get("add_special_tokens")
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise ApiError(400, f"'add_special_tokens' must be true or false, got {json.dumps(v)[:40]}",
-                       param="add_special_tokens")
-    return v
-
-
-def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
-    special = _add_special_tokens(body, True)
-    p = body.get("prompt")
-    if isinstance(p, str):
-        p = [p]
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        p = [p]
-    if not isinstance(p, list) or not p or len(p) > 16:
-        raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids", param="prompt")
-    out = []
-    for i, x in enumerate(p):
-        if isinstance(x, str):
-            out.append(list(tokenizer(x, add_special_tokens=special)["input_ids"]))
-            if not out[-1]:
-                raise ApiError(400, f"'prompt'{f'[{i}]' if len(p) > 1 else ''} is empty (no tokens): send the text "
-                                    "to continue", param="prompt")
-        elif isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
-            if any(t < 0 or t >= len(tokenizer) for t in x):
-                raise ApiError(400, f"'prompt'{f'[{i}]' if len(p) > 1 else ''}: token ids must be in "
-                                    f"[0, {len(tokenizer)})", param="prompt")
-            out.append(list(x))
-        else:
-            raise ApiError(400, "'prompt' must be a string, a list of 1-16 strings, or a list of token ids",
-                           param="prompt")
-    return out
-
-
-def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", param="messages")
-    clean = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}]: needs 'role' (system, user or assistant) and 'content'",
-                           param=f"messages[{i}]")
-        c = m.get("content")
-        if isinstance(c, list):  # content parts: only text
-            if not all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str) for x in c):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}]")
-            c = "".join(x["text"] for x in c)
-        if not isinstance(c, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", param=f"messages[{i}]")
-        for key in ("tool_calls", "function_call"):  # tools are not served: the template would render these
-            if m.get(key):
-                raise ApiError(400, f"messages[{i}].{key}: tool calls are not supported by this server; remove them",
-                               param=f"messages[{i}]")
-        role = "system" if m["role"] == "developer" else m["role"]
-        name = m.get("name")
-        if name is not None and not isinstance(name, str):
-            raise ApiError(400, f"messages[{i}].name must be a string", param=f"messages[{i}]")
-        clean.append({"role": role, "content": c, **({"name": name} if name else {})})  # a template may use name
-    if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
-    try:
-        text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # the template's own refusal (raise_exception), e.g. roles that must alternate
-        if not type(e).__module__.startswith("jinja2"):  # jinja2.TemplateError and its kinds; anything else is ours
-            raise
-        raise ApiError(400, f"this model's chat template refuses these messages: {e}", param="messages") from None
-    return list(tokenizer(text, add_special_tokens=_add_special_tokens(body, False))["input_ids"])
 
 
 def end_error(message: str) -> ApiError:
@@ -327,7 +126,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         return body
 
     def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue,
-                   prompt_field: str) -> list:
+                   chat: bool) -> list:
         if model not in engine.stack.routes:
             raise ApiError(404, f"the model '{model}' does not exist; served: {engine.stack.names}",
                            param="model", code="model_not_found")
@@ -335,7 +134,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         try:
             for j, ids in enumerate(prompts):
                 sink = (lambda ev, j=j: loop.call_soon_threadsafe(q.put_nowait, (j, ev)))
-                reqs.append(engine.submit(model, ids, SamplingParams(**vars(params)), sink))
+                reqs.append(engine.submit(model, ids, SamplingParams(**vars(params)), sink, chat=chat))
         except QueueFullError as e:
             for r in reqs:
                 r.cancel()
@@ -349,12 +148,13 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
                 r.cancel()
             if e.param != "prompt":
                 raise ApiError(400, str(e), param=e.param) from None
-            which = f"'{prompt_field}'[{len(reqs)}]: " if len(prompts) > 1 else ""  # the prompt of a list at fault
-            raise ApiError(400, which + str(e), param=prompt_field) from None
+            field = "messages" if chat else "prompt"
+            which = f"'{field}'[{len(reqs)}]: " if len(prompts) > 1 else ""  # the prompt of a list at fault
+            raise ApiError(400, which + str(e), param=field) from None
         return reqs
 
     async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
-        model = _model(body)
+        model = request_model(body)
         params = sampling_params(body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -375,7 +175,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        reqs = submit_all(model, prompts, params, loop, q, "messages" if chat else "prompt")
+        reqs = submit_all(model, prompts, params, loop, q, chat)
         n = params.n
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         now = int(time.time())
@@ -497,7 +297,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        model = _model(body)
+        model = request_model(body)
         if model in engine.stack.other_template:  # the server's template is not the one it was trained with
             raise ApiError(400, f"'{model}' was trained with another chat template than the one this server formats "
                                 "messages with, so its answers here would follow prompts it never saw; send prompts "
@@ -595,4 +395,5 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
         engine.stop()
 
 
-__all__ = ["ApiError", "create_app", "end_error", "prometheus_text", "serve_forever", "sampling_params"]
+__all__ = ["PART_SEPARATOR", "ApiError", "chat_prompt", "completion_prompts", "content_text", "create_app",
+           "developer_as_system", "end_error", "prometheus_text", "serve_forever", "sampling_params"]

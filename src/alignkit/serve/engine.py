@@ -34,6 +34,9 @@ request gives the same tokens whatever else is in the batch. Greedy rows equal t
 alone, token for token (tested with 32 concurrent requests over four adapters). A row whose logits are NaN / inf
 ends its own request with an error naming its model (greedy would emit argmax over NaN, a draw would raise and fail
 the whole batch); the other rows go on.
+
+What a request is and what refuses it (`SamplingParams`, `EngineConfig`, `Request`, `Event`, the errors,
+`check_prompt`) lives in `serve/request.py`; its names are importable from here too.
 """
 
 from __future__ import annotations
@@ -54,133 +57,15 @@ from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
 from alignkit.models.rope import trained_context
 from alignkit.online.decode import inverse_cdf_sample
-from alignkit.online.generation import end_token_ids, special_token_in, special_tokens
+from alignkit.online.generation import end_token_ids
 from alignkit.settings.sampling import SamplingConfig
+from alignkit.serve.request import (FINISH_LENGTH, FINISH_STOP, SEED_MAX, SEED_MIN, SHUTTING_DOWN, EngineConfig,
+                                    EngineStopped, Event, QueueFullError, Request, RequestError, SamplingParams,
+                                    check_prompt, non_finite_message, special_stop_ids)
 from alignkit.serve.stack import Route, Stack
 from alignkit.serve.stats import EngineStats
 
 logger = logging.getLogger(__name__)
-
-FINISH_STOP, FINISH_LENGTH = "stop", "length"
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # a signed 64-bit seed, as OpenAI's and vLLM's APIs take
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at `max_queue`: try again later (HTTP 429)."""
-
-
-SHUTTING_DOWN = "the server is shutting down"  # the message of a request it stopped or will not take: HTTP 503
-
-
-class EngineStopped(RuntimeError):
-    """The engine was stopped: no request is taken (HTTP 503, which OpenAI clients retry)."""
-
-
-class RequestError(ValueError):
-    """A request the engine cannot take (prompt or max_tokens past the limits, bad sampling values): HTTP 400.
-    `param`: the request field at fault ("prompt", "max_tokens", ...), the API error's `param`."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@dataclass
-class EngineConfig:
-    max_batch_rows: int = 32  # rows decoded together (a request with n choices takes n)
-    max_queue: int = 256  # waiting requests; more -> QueueFullError
-    max_prompt_tokens: int = 2048
-    max_new_tokens: int = 512  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 64
-    request_timeout: float = 120.0  # seconds from submission; past it the request ends with an error
-    max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward (admission stops there)
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: Sequence[str] = ()
-    seed: int | None = None
-    n: int = 1
-
-    def check(self, cfg: EngineConfig) -> None:
-        """Refuse values no request may have (RequestError naming the field); `max_tokens` None is left for
-        `Engine.submit`, which knows the prompt (the default shrinks to the context left after it)."""
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
-        if self.max_tokens is not None and self.max_tokens > cfg.max_new_tokens:
-            raise RequestError(f"max_tokens={self.max_tokens} exceeds this server's limit of {cfg.max_new_tokens}",
-                               "max_tokens")
-        if not 0.0 <= float(self.temperature) <= 100.0:
-            raise RequestError(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if not isinstance(self.n, int) or not 1 <= self.n <= cfg.max_batch_rows:
-            raise RequestError(f"n must be an integer in [1, {cfg.max_batch_rows}], got {self.n!r}", "n")
-        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError("stop must be at most 4 non-empty strings", "stop")
-        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed
-                                          and self.seed + self.n - 1 <= SEED_MAX):
-            # choice i draws from seed + i (a 64-bit torch.Generator seed)
-            raise RequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX - self.n + 1}] "
-                               f"(n={self.n} choices use seed .. seed + n - 1), got {self.seed!r}", "seed")
-
-
-def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> frozenset:
-    """The ids of the special tokens that stop strings name exactly (`<|im_start|>`): the engine decodes without
-    special tokens, so such a stop string never matches the text; it ends the row when its token is drawn (finish
-    reason "stop", the token not in the text, as an end token). A stop string holding a special token's text with
-    other text around it (`"\\n<|im_end|>"`) could never match: a RequestError naming `stop`."""
-    special = special_tokens(tokenizer)
-    ids = set()
-    for s in stop:
-        if s in special:
-            ids.add(int(special[s]))
-            continue
-        held = special_token_in(special, s)
-        if held is not None:
-            raise RequestError(f"stop: {s!r} holds the special token {held!r} with other text; generated text is "
-                               f"decoded without special tokens, so it would never match: give {held!r} alone "
-                               f"(it stops on that token) or the text without it", "stop")
-    return frozenset(ids)
-
-
-@dataclass
-class Event:
-    """What the engine tells a request's consumer. kind: "token" (text delta of choice `index`), "done"
-    (choice `index` finished with `finish_reason`), "end" (the whole request is over), "error"."""
-
-    kind: str
-    index: int = 0
-    text: str = ""
-    token_id: int | None = None
-    finish_reason: str | None = None
-    message: str | None = None
-
-
-@dataclass
-class Request:
-    id: str
-    route: Route
-    prompt_ids: list[int]
-    params: SamplingParams
-    sink: Callable[[Event], None]
-    created: float = field(default_factory=time.monotonic)
-    deadline: float = 0.0
-    cancelled: bool = False
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    rows_left: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    stop_ids: frozenset = frozenset()  # tokens a stop string names exactly (`special_stop_ids`): end the row as "stop"
-
-    def cancel(self) -> None:
-        """Ask the engine to drop this request at its next step (client went away)."""
-        self.cancelled = True
-
 
 @dataclass
 class _Row:
@@ -199,7 +84,10 @@ class Engine:
         self.stack = stack
         self.config = config or EngineConfig()
         self.tokenizer = stack.tokenizer
+        # a chat prompt's ends (EOS and the template's turn end) and a plain-text prompt's (EOS alone, as vLLM's
+        # completions: the turn-end token means nothing outside the template); `end_token_ids` given: both
         self.end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack))
+        self.text_end_ids = set(end_token_ids if end_token_ids is not None else default_end_ids(stack, chat=False))
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kw = cache_keyword(stack.model)  # `cache` or `past_key_values`, as transformers names it
         self._context = trained_context(unwrap_lm(stack.model).config)  # positions past it are refused
@@ -216,6 +104,13 @@ class Engine:
         self._next_pos: torch.Tensor | None = None  # (B,) position id of each row's pending token
         self._last: torch.Tensor | None = None  # (B,) each row's pending (sampled, not yet cached) token
         self.stats = EngineStats()
+        unapplied = generation_defaults(stack.model)
+        if unapplied:
+            logger.warning("serve: the base's generation config sets the sampling defaults %s, which alignkit's engine "
+                           "does not apply (a request without temperature / top_p samples at 1.0, as OpenAI's API "
+                           "does; top_k, min_p and repetition_penalty are not implemented) where vLLM's server (--engine "
+                           "vllm) applies them to requests that leave them out; send temperature / top_p with each "
+                           "request", ", ".join(f"{k}={v}" for k, v in unapplied.items()))
 
     # -- public ------------------------------------------------------------------------------------------
 
@@ -247,33 +142,15 @@ class Engine:
         return len(self._rows)
 
     def submit(self, model: str, prompt_ids: Sequence[int], params: SamplingParams,
-               sink: Callable[[Event], None]) -> Request:
+               sink: Callable[[Event], None], chat: bool = True) -> Request:
         """Queue a request; `sink` receives its events from the engine thread (keep it cheap and thread-safe).
+        `chat`: the prompt was formatted by the chat template, so the template's turn-end token ends it too
+        (`end_ids`); False for plain text (`text_end_ids`: EOS only, as vLLM's completions).
         Raises KeyError (unknown model), RequestError (limits, bad values), QueueFullError, EngineStopped."""
         route = self.stack.route(model)
         params.check(self.config)
         stop_ids = special_stop_ids(self.tokenizer, params.stop)
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise RequestError("the prompt has no tokens", "prompt")
-        bad = next((t for t in prompt_ids if not 0 <= t < self._vocab), None)
-        if bad is not None:  # the embedding lookup would raise in the engine thread and fail the whole batch
-            raise RequestError(f"the prompt holds token id {bad}; this model's token ids are 0 .. {self._vocab - 1}",
-                               "prompt")
-        if len(prompt_ids) > self.config.max_prompt_tokens:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
-                               f"{self.config.max_prompt_tokens}", "prompt")
-        room = None if self._context is None else self._context - len(prompt_ids)
-        if params.max_tokens is None:  # the default, as vLLM / OpenAI do: shrunk to the context left after the prompt
-            if room is not None and room < 1:
-                raise RequestError(f"this model's context is {self._context} tokens and the prompt has "
-                                   f"{len(prompt_ids)}: no room for a new token; shorten the prompt", "prompt")
-            params.max_tokens = min(self.config.default_max_tokens, self.config.max_new_tokens,
-                                    *(() if room is None else (room,)))
-        elif room is not None and params.max_tokens > room:
-            raise RequestError(f"this model's context is {self._context} tokens; the prompt has {len(prompt_ids)} "
-                               f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt",
-                               "max_tokens")
+        prompt_ids = check_prompt(prompt_ids, params, self.config, self._context, self._vocab)
         with self._lock:
             if self._stop:  # queued, it would wait for a loop that has ended (no answer, no timeout)
                 raise EngineStopped(f"{SHUTTING_DOWN}; retry the request")
@@ -281,7 +158,8 @@ class Engine:
                 self.stats.rejected += 1
                 raise QueueFullError(f"the queue is full ({self.config.max_queue} waiting requests); retry later")
             self._ids += 1
-            req = Request(f"req-{self._ids}", route, prompt_ids, params, sink, stop_ids=stop_ids)
+            req = Request(f"req-{self._ids}", route, prompt_ids, params, sink, stop_ids=stop_ids,
+                          end_ids=frozenset(self.end_ids if chat else self.text_end_ids))
             req.deadline = req.created + self.config.request_timeout
             req.rows_left = params.n
             self._waiting.append(req)
@@ -289,11 +167,11 @@ class Engine:
         return req
 
     def generate(self, model: str, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                 timeout: float | None = None) -> dict[str, Any]:
+                 timeout: float | None = None, chat: bool = True) -> dict[str, Any]:
         """Blocking helper: submit and wait. Returns {"choices": [{"token_ids", "text", "finish_reason"}], ...}."""
         params = params or SamplingParams()
         events: queue.Queue[Event] = queue.Queue()
-        req = self.submit(model, prompt_ids, params, events.put)
+        req = self.submit(model, prompt_ids, params, events.put, chat=chat)
         choices = [{"token_ids": [], "text": "", "finish_reason": None} for _ in range(params.n)]
         while True:
             ev = events.get(timeout=timeout)
@@ -481,7 +359,7 @@ class Engine:
             req.completion_tokens += 1
             self.stats.add_tokens(req.route.name, 1)
             r.tokens.append(t)
-            is_end = t in self.end_ids or t in req.stop_ids
+            is_end = t in req.end_ids or t in req.stop_ids
             final = is_end or len(r.tokens) >= req.params.max_tokens
             stopped = self._flush(r, final)
             if is_end or stopped or final:
@@ -490,7 +368,7 @@ class Engine:
 
     def _flush(self, r: _Row, final: bool) -> bool:
         """Send one token event with the text that is safe to send now; True if a stop string ended the row."""
-        body = r.tokens[:-1] if r.tokens[-1] in self.end_ids or r.tokens[-1] in r.request.stop_ids else r.tokens
+        body = r.tokens[:-1] if r.tokens[-1] in r.request.end_ids or r.tokens[-1] in r.request.stop_ids else r.tokens
         text = self.tokenizer.decode(body, skip_special_tokens=True)
         stops = r.request.params.stop
         hits = [i for i in (text.find(s, max(0, r.emitted - len(s) + 1)) for s in stops) if i >= 0]
@@ -584,15 +462,6 @@ class Engine:
         self._rows, self._cache, self._mask, self._next_pos, self._last = [], None, None, None, None
 
 
-def non_finite_message(row: Any) -> str:
-    """The error a request gets when its row's next-token logits are not finite (`Engine._sample`)."""
-    req = row.request
-    return (f"the model's next-token logits for this request (model {req.route.name!r}, choice {row.index}, completion "
-            f"token {len(row.tokens) + 1}) are NaN or inf, so no token drawn from them means anything; the request "
-            "ended there (the other requests of its batch are served). Check the adapter's weights, or serve with "
-            "--dtype float32 / bfloat16 if it ran in float16 (overflow)")
-
-
 def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     if n == 0:
         return x
@@ -601,11 +470,26 @@ def _left_pad(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def default_end_ids(stack: Stack) -> list[int]:
-    """EOS of the tokenizer and the generation config, plus the chat template's turn-end token: the same ends as
-    training-time generation (`online.generation.end_token_ids`)."""
-    return sorted(set(end_token_ids(unwrap_lm(stack.model), stack.tokenizer, SamplingConfig())))
+# the generation config's sampling keys vLLM's server takes as request defaults (`--generation-config auto`,
+# ModelConfig.get_diff_sampling_param), at the value that changes nothing here
+NEUTRAL_SAMPLING = {"temperature": (1.0,), "top_p": (1.0,), "top_k": (0, -1), "min_p": (0.0,),
+                    "repetition_penalty": (1.0,)}
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """The sampling defaults `model`'s generation config sets away from `NEUTRAL_SAMPLING` (its `to_diff_dict`, as
+    vLLM reads them): vLLM's server samples a request that leaves them out with them, alignkit's engine does not."""
+    gen = getattr(unwrap_lm(model), "generation_config", None)
+    diff = gen.to_diff_dict() if gen is not None else {}
+    return {k: diff[k] for k, neutral in NEUTRAL_SAMPLING.items() if diff.get(k) is not None and diff[k] not in neutral}
+
+
+def default_end_ids(stack: Stack, chat: bool = True) -> list[int]:
+    """EOS of the tokenizer and the generation config, plus (`chat`) the chat template's turn-end token: the same
+    ends as training-time generation (`online.generation.end_token_ids`)."""
+    return sorted(set(end_token_ids(unwrap_lm(stack.model), stack.tokenizer, SamplingConfig(), chat=chat)))
 
 
 __all__ = ["SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "Engine", "EngineConfig", "EngineStopped", "Event",
-           "QueueFullError", "Request", "RequestError", "SamplingParams", "default_end_ids", "special_stop_ids"]
+           "QueueFullError", "Request", "RequestError", "SamplingParams", "default_end_ids", "generation_defaults",
+           "special_stop_ids"]

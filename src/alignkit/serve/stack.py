@@ -135,6 +135,18 @@ def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) ->
     check_finite([(n, p) for n, p in model.named_parameters() if id(p) not in before], folder)
 
 
+def check_served_names(base_name: str, adapters: Mapping[str, Any]) -> None:
+    """ValueError when a served name is not one a client can send (`NAME_RE`) or an adapter takes the base's name
+    (a request for it would reach one of the two only: vLLM's server gives it to the adapter)."""
+    for name in [base_name, *adapters]:
+        if not NAME_RE.match(name):
+            raise ValueError(f"served model name {name!r}: use letters, digits and _.:/- (at most 128, starting "
+                             "with a letter or digit)")
+    if base_name in adapters:
+        raise ValueError(f"adapter name {base_name!r} is the base model's served name; pick another name "
+                         "(or set the base's name with --base-name)")
+
+
 def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = None, *, base_name: str | None = None,
                dtype: str = "float32", device: str | torch.device | None = None,
                attn_implementation: str | None = None, stacked_lora: bool = True,
@@ -150,13 +162,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
         raise FileNotFoundError(f"base model folder {base} does not exist")
     adapters = dict(adapters or {})
     base_name = base_name or base.resolve().name
-    for name in [base_name, *adapters]:
-        if not NAME_RE.match(name):
-            raise ValueError(f"served model name {name!r}: use letters, digits and _.:/- (at most 128, starting "
-                             "with a letter or digit)")
-    if base_name in adapters:
-        raise ValueError(f"adapter name {base_name!r} is the base model's served name; pick another name "
-                         "(or set the base's name with --base-name)")
+    check_served_names(base_name, adapters)
     served: dict[str, Route] = {}
     for name, folder in adapters.items():
         adapter = _adapter(Path(folder))
@@ -249,4 +255,4 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
     return out
 
 
-__all__ = ["CHAT_REFUSED", "Route", "Stack", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]
+__all__ = ["CHAT_REFUSED", "Route", "Stack", "check_served_names", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]

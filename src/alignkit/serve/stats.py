@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from alignkit.serve.engine import Request
+    from alignkit.serve.request import Request
 
 
 class EngineStats:

@@ -44,7 +44,7 @@ from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
-from alignkit.serve.stack import saved_tokenizers_differ
+from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
 
@@ -189,6 +189,10 @@ def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str
     if not (base / "config.json").is_file():
         raise ConfigError(f"base: {base} has no config.json; --engine vllm needs a transformers model folder")
     plan = VllmPlan(str(base), base_name)
+    try:  # as alignkit's engine: an adapter named as the base would take every request for the base in vLLM
+        check_served_names(base_name, adapters)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     checked = check_adapters(adapters)
     try:  # vLLM tokenizes (and formats chat) with the base's tokenizer alone: its LoRA folders hold no tokenizer
         saved_tokenizers_differ(load_tokenizer(base), base, checked, chat=VLLM_CHAT)
@@ -248,18 +252,23 @@ def command(plan: VllmPlan, host: str, port: int, dtype: str, max_model_len: int
     return cmd
 
 
-def unenforced_limits(cfg) -> str | None:
+def unenforced_limits(cfg, max_model_len: int | None = None, capped_by: str | None = None) -> str | None:
     """The warning for `max_prompt_tokens` / `max_new_tokens` set away from their defaults with engine=vllm (None:
     both at their defaults). vLLM's server has no per-request cap on either: they reach it only as their sum
     (--max-model-len), so a longer prompt with a shorter completion is served, and so is a max_tokens above
-    max_new_tokens while the prompt leaves room; alignkit's engine refuses both (HTTP 400)."""
+    max_new_tokens while the prompt leaves room; alignkit's engine refuses both (HTTP 400). `max_model_len`: the
+    --max-model-len vLLM is started with (default the sum), `capped_by`: what capped the sum to it (the model's
+    context, `_max_len`), so the warning quotes what vLLM runs with."""
     defaults = {f.name: f.default for f in fields(ServeConfig)}
     if (cfg.max_prompt_tokens, cfg.max_new_tokens) == (defaults["max_prompt_tokens"], defaults["max_new_tokens"]):
         return None
+    wanted = cfg.max_prompt_tokens + cfg.max_new_tokens
+    runs = wanted if max_model_len is None else max_model_len
+    capped = f"; capped from their sum {wanted} at the model's context, {capped_by}" if runs < wanted else ""
     return (f"max_prompt_tokens {cfg.max_prompt_tokens} and max_new_tokens {cfg.max_new_tokens} reach vLLM only as "
-            f"their sum (--max-model-len {cfg.max_prompt_tokens + cfg.max_new_tokens}, prompt + completion): vLLM "
-            f"caps neither on its own (a prompt over {cfg.max_prompt_tokens} tokens with a shorter completion is "
-            f"served, and so is max_tokens over {cfg.max_new_tokens}), where engine=alignkit refuses both")
+            f"their sum (--max-model-len {runs}, prompt + completion{capped}): vLLM caps neither on its own (a prompt "
+            f"over {cfg.max_prompt_tokens} tokens with a shorter completion is served, and so is max_tokens over "
+            f"{cfg.max_new_tokens}), where engine=alignkit refuses both")
 
 
 def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
@@ -271,11 +280,11 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
     try:
         plan = prepare(base, cfg.adapters, base_name, workdir)
-        max_len = cfg.max_prompt_tokens + cfg.max_new_tokens
-        note = unenforced_limits(cfg)
+        max_len, capped_by = _max_len(Path(base), cfg.max_prompt_tokens + cfg.max_new_tokens)
+        note = unenforced_limits(cfg, max_len, capped_by)
         if note:
             logger.warning("serve --engine vllm: %s", note)
-        cmd = command(plan, cfg.host, cfg.port, cfg.dtype, max_model_len=_max_len(Path(base), max_len))
+        cmd = command(plan, cfg.host, cfg.port, cfg.dtype, max_model_len=max_len)
         env = dict(os.environ)
         if cfg.api_key is not None:
             env["VLLM_API_KEY"] = cfg.api_key
@@ -300,11 +309,12 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _max_len(base: Path, wanted: int) -> int:
-    """`wanted` capped by the model's own context (vLLM refuses a longer --max-model-len)."""
+def _max_len(base: Path, wanted: int) -> tuple[int, str]:
+    """(`wanted` capped by the model's own context, the config key that gives it): vLLM refuses a longer
+    --max-model-len, and runs with the one it is given, which the start-up warning quotes."""
     cfg = json.loads((base / "config.json").read_text())
-    own = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return min(wanted, int(own)) if own else wanted
+    key = next((k for k in ("max_position_embeddings", "n_positions") if cfg.get(k)), None)
+    return (min(wanted, int(cfg[key])) if key else wanted), f"{key} in {base / 'config.json'}"
 
 
 __all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_adapters", "check_bases", "check_head_size", "command", "head_size",
