@@ -79,6 +79,17 @@ def test_config_mistakes(case, overrides, needles, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_lora_on_the_lm_head_is_refused_before_anything_is_written(tmp_path, capsys):
+    """target_modules naming lm_head (a TRL / peft habit) wrote config.yaml, base_model/ and tensorboard/, then
+    stopped at the first step: "unexpected error: ValueError: the LM head is wrapped by a LoRA layer" (exit 1).
+    Now one line naming the key, before the run folder is made."""
+    rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", *QUICK,
+                               "adapter.lora.target_modules=[q_proj, lm_head]"])
+    assert_one_line(rc, err, "adapter.lora.target_modules: ['q_proj', 'lm_head'] puts LoRA on the LM head",
+                    "adapter.lora.modules_to_save")
+    assert not (tmp_path / "run").exists()
+
+
 # (case, command, extra overrides, what the line must contain) -- the online objectives' own numbers. Before, each
 # was accepted: dual_clip <= 1 wrote the run folder and stopped at the first step ("unexpected error: ValueError");
 # reward_clip -1 clamped every reward to -1 (clamp(1, -1)) and clip_eps -0.2 clipped the ratio to [1.2, 0.8], both
