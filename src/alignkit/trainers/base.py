@@ -92,8 +92,8 @@ from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingE
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.trainers.checkpointing import TRAINING_ARGS_JSON, Checkpointing
 from alignkit.trainers.checks import (
-    check_best_model_metric, check_optimizer, check_scheduler, refuse_deepspeed_mismatches, refuse_ignored_arguments,
-    refuse_metric_functions,
+    check_best_model_metric, check_optimizer, check_scheduler, refuse_deepspeed_mismatches, refuse_empty_batches,
+    refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
 )
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
@@ -133,6 +133,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
                  dataset_num_proc: int | None = None, reft_prefix_cache: bool | None = None, **kwargs: Any) -> None:
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
         refuse_metric_functions(kwargs, type(self).__name__)
+        refuse_unread_fields(args, type(self))  # TRL's SFTConfig(max_length=...) as args: read nowhere
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
         prepare_data(kwargs, self.record_kinds, self.tokenize_config, dataset_num_proc, type(self).__name__)
@@ -146,6 +147,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         self.weight_normalization = weight_normalization
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         refuse_ignored_arguments(args, kwargs.get("train_dataset"), self.group_by_length)
+        refuse_empty_batches(args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         check_optimizer(args, kwargs)
         check_scheduler(args, kwargs)
         changes: dict[str, Any] = {}
