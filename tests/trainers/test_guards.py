@@ -245,6 +245,23 @@ def test_fields_of_a_trl_style_config_are_refused_not_silently_skipped(make_mode
         "SFTTrainer: my_flag of SFTConfig is not read by alignkit (only transformers.TrainingArguments' fields are)"]
 
 
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_examples_all_weighted_zero_are_refused(which, make_model, features, collators, tmp_path):
+    """A trainer given data whose weights are all 0 (TRL-style rows with a weight column of 0s, or features) trained
+    with loss 0.0 and learned nothing, exit 0 (the CLI refused such records, the trainers did not); an evaluation set
+    of them gave eval_loss 0. Now a DataError when the trainer is built; some zero weights still pass."""
+    from alignkit.files import DataError
+
+    zero = [{**f, "weight": 0.0} for f in features["sft"]]
+    some = [{**f, "weight": float(i % 2)} for i, f in enumerate(features["sft"])]
+    data = {"train_dataset": zero if which == "train" else some, "eval_dataset": zero if which == "eval" else some}
+    what = "training" if which == "train" else "evaluation"
+    with pytest.raises(DataError, match=rf"^SFTTrainer: every one of the {len(zero)} {what} example\(s\) has weight 0"):
+        SFTTrainer(make_model("lora"), fast_args(tmp_path), data_collator=collators["sft"], **data)
+    SFTTrainer(make_model("lora"), fast_args(tmp_path), data_collator=collators["sft"], train_dataset=some,
+               eval_dataset=some)
+
+
 def test_average_tokens_across_devices_off_is_refused_under_several_processes(monkeypatch):
     """alignkit divides every micro-batch by the count summed over all processes whatever the argument says, so
     average_tokens_across_devices=False changed nothing under several processes: refused there; one process (where

@@ -92,8 +92,8 @@ from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingE
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.trainers.checkpointing import TRAINING_ARGS_JSON, Checkpointing
 from alignkit.trainers.checks import (
-    check_best_model_metric, check_optimizer, check_scheduler, refuse_deepspeed_mismatches, refuse_empty_batches,
-    refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
+    check_best_model_metric, check_optimizer, check_scheduler, refuse_all_zero_weights, refuse_deepspeed_mismatches,
+    refuse_empty_batches, refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
 )
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
@@ -148,6 +148,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         refuse_ignored_arguments(args, kwargs.get("train_dataset"), self.group_by_length)
         refuse_empty_batches(args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        refuse_all_zero_weights(type(self).__name__, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         check_optimizer(args, kwargs)
         check_scheduler(args, kwargs)
         changes: dict[str, Any] = {}

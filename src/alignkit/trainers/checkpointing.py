@@ -8,7 +8,8 @@ FSDP2 checkpoints hold the full optimizer state by parameter names; DeepSpeed on
 
 Resuming (`resume_point`, called by `AlignTrainer.train`): `True` is the newest complete checkpoint, a path must be
 a complete one, and `check_resume` refuses one this trainer would not truly resume; loading goes through the
-adapter's own files (`load_adapter_weights`) or the whole model's safetensors.
+adapter's own files (`load_adapter_weights`) or the whole model's safetensors. A run that is not resumed into an
+`output_dir` holding checkpoints says once that it replaces them (the Trainer writes over them silently).
 
 A mixin, not a trainer: `alignkit.compat.check_trainer` checks these overrides with the trainer's own.
 """
@@ -33,8 +34,8 @@ from alignkit.distributed import (
 )
 from alignkit.guards import NonFiniteError
 from alignkit.run_commit import (
-    STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap,
-    remove_own,
+    STAGING_MARK, CheckpointError, checkpoint_step, commit_staging, incomplete_reason, latest_complete_checkpoint,
+    recover_swap, remove_own,
 )
 from alignkit.trainers.checks import STATE_JSON, check_resumable, data_digest, saved_state
 
@@ -183,6 +184,15 @@ class Checkpointing:
             if reason is not None:
                 raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
                                       "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
+        elif not resume_from_checkpoint and self.args.should_save and Path(self.args.output_dir).is_dir() \
+                and getattr(self.args.save_strategy, "value", self.args.save_strategy) != "no":
+            earlier = sorted((p for p in Path(self.args.output_dir).iterdir()
+                              if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
+            if earlier:  # the Trainer writes over them without a word (a checkpoint-N at a step this run saves too)
+                logger.warning("%s holds %s of an earlier run, and this run is not resumed: it trains from step 0 and "
+                               "replaces the checkpoint of each step it saves (and save_total_limit rotates the others "
+                               "away); pass resume_from_checkpoint=True to continue that run, or use another "
+                               "output_dir", self.args.output_dir, ", ".join(p.name for p in earlier))
         if resume_from_checkpoint:
             if getattr(self, "_resume_checked", None) != Path(resume_from_checkpoint).resolve():
                 self.check_resume(resume_from_checkpoint)

@@ -1,7 +1,8 @@
 """The checks `AlignTrainer` runs on its arguments and checkpoints before anything is written: settings the Trainer
 would accept and then not apply (`refuse_ignored_arguments`, `refuse_metric_functions`, `check_optimizer`,
 `check_scheduler`, `refuse_deepspeed_mismatches`; fields of a TrainingArguments subclass such as TRL's configs:
-`refuse_unread_fields`; batches `dataloader_drop_last` would all drop: `refuse_empty_batches`), a `metric_for_best_model` the objective's evaluation does not log,
+`refuse_unread_fields`; batches `dataloader_drop_last` would all drop: `refuse_empty_batches`; data all weighted 0:
+`refuse_all_zero_weights`), a `metric_for_best_model` the objective's evaluation does not log,
 or one better when lower taken as better when higher (`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
 `data_digest` of the training examples and the checkpoint's `STATE_JSON`). Each refusal is one ConfigError /
 CheckpointError line naming the setting and how to fix it; the CLI runs the same checks when it loads a config."""
@@ -26,6 +27,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.training_args import ParallelMode
 
 from alignkit.distributed import deepspeed_cannot_start, requested_engine
+from alignkit.files import DataError
 from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 from alignkit.settings.trl_names import TRL_NAMES
@@ -200,6 +202,24 @@ def refuse_empty_batches(args: TrainingArguments, train_dataset: Any = None, eva
                               f"train.{key} to at most {n}, or train.dataloader_drop_last=false")
 
 
+def refuse_all_zero_weights(owner: str, train_dataset: Any = None, eval_dataset: Any = None) -> None:
+    """Examples all weighted 0 (a `weight` column of 0s): every loss term is 0, so training logged loss 0.0 and learned
+    nothing (the zero-gradient guard fires only on a positive loss), and an evaluation's eval_loss was 0. The CLI
+    refuses such records when it reads them; this is the same refusal for the trainers' own callers (DataError)."""
+    evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+    for what, data in [("training", train_dataset), *((f"evaluation{f' ({k})' if k else ''}", v)
+                                                         for k, v in evals.items())]:
+        try:
+            weights = (list(data["weight"]) if hasattr(data, "column_names") else [f.get("weight", 1.0) for f in data]
+                       ) if data is not None else []
+        except (KeyError, TypeError, AttributeError):  # no weight column, or not a dataset of mappings: weight 1
+            continue
+        if weights and not any(weights):
+            raise DataError(f"{owner}: every one of the {len(weights)} {what} example(s) has weight 0, so every loss "
+                            f"term is 0 and nothing would be {'learned' if what == 'training' else 'measured'}; give "
+                            "examples a weight > 0 (or drop the weight column: the default is 1)")
+
+
 def refuse_trainer_fsdp_on_cpu(fsdp: Any) -> None:
     """ConfigError when `train.fsdp` (the Trainer's FSDP, from the training arguments) is set on a machine without
     CUDA and the launcher asked for no FSDP of its own. The CLI calls it before building the TrainingArguments, so
@@ -367,5 +387,5 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
            "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
-           "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
+           "refuse_all_zero_weights", "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
            "refuse_trainer_fsdp_on_cpu", "refuse_unread_fields", "saved_state"]
