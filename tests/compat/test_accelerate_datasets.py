@@ -20,7 +20,7 @@ ACC = "accelerate"
 
 
 def test_unwrap_model_returns_our_wrapper(tiny_lm):
-    where = "alignkit/trainers/base.py:_save/_load_from_checkpoint, online/trainer.py:policy"
+    where = "alignkit/trainers/checkpointing.py:Checkpointing._save/_load_from_checkpoint, online/trainer.py:policy"
     from accelerate import Accelerator
 
     reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0], "loreft", low_rank_dimension=2))

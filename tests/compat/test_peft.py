@@ -218,6 +218,28 @@ def test_a_target_module_of_a_list_that_matches_nothing_is_refused(tiny_lm):
           f"target_modules ['q_proj', 'self_attn.v_proj'] adapted {sorted(adapted)}", where)
 
 
+def test_a_lora_on_the_lm_head_is_refused_when_it_is_made(tiny_lm):
+    """peft puts a LoRA layer (with `base_layer`) on lm_head when target_modules names it, as a list entry or by a
+    regex; alignkit's objectives apply the head's plain weight (trainers/logps.py:_head), so such a run wrote its run
+    folder and stopped at the first step ("unexpected error: ValueError: the LM head is wrapped by a LoRA layer").
+    Lora.wrap now refuses it, naming the key; modules_to_save=[lm_head] (the head trained whole) still works."""
+    from alignkit.trainers import completion_logps
+
+    where = "alignkit/adapters/lora.py:Lora.wrap (LM head check), trainers/logps.py:_head"
+    for targets in (["q_proj", "lm_head"], ".*(q_proj|lm_head)"):
+        with pytest.raises(ValueError, match=r"^adapter.lora.target_modules: .* puts LoRA on the LM head"):
+            lora(tiny_lm("llama"), target_modules=targets)
+    from peft import LoraConfig, get_peft_model
+    raw = get_peft_model(tiny_lm("llama"), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    check(hasattr(raw.get_output_embeddings(), "base_layer"), PEFT, "target_modules=[..., 'lm_head'] no longer "
+          "wraps the head in a LoRA layer with base_layer (the check would let a wrapped head through)", where)
+    m = lora(tiny_lm("llama"), modules_to_save=["lm_head"])
+    batch = {"input_ids": IDS[:, :4], "completion_mask": torch.tensor([[0, 0, 1, 1]])}
+    logps, n = completion_logps(m, batch)
+    check(bool(torch.isfinite(logps).all()) and n.tolist() == [2], PEFT, "a LoRA with modules_to_save=['lm_head'] "
+          "no longer scores completions", where, f"{logps} {n}")
+
+
 def test_a_saved_lora_says_which_head_it_was_trained_with(tiny_lm, tiny_classifier, tmp_path):
     """`Lora.trained_task` reads peft's `task_type` in the saved adapter_config.json (SEQ_CLS for a classifier,
     CAUSAL_LM for a causal LM, as Lora.wrap sets it): eval refuses an SFT LoRA as a reward model by it."""

@@ -98,7 +98,7 @@ def test_save_model_goes_through_our_save(tiny_dir, tokenizer, sft_features, tmp
     calls = spy(trainer, "_save")
     out = tmp_path / "saved"
     trainer.save_model(str(out))
-    where = "alignkit/trainers/base.py:AlignTrainer._save"
+    where = "alignkit/trainers/checkpointing.py:Checkpointing._save"
     check(calls, TF, "Trainer.save_model no longer calls self._save(output_dir, ...)", where)
     files = sorted(p.name for p in out.iterdir())
     check("alignkit_adapter.json" in files and "interventions.safetensors" in files, TF,
@@ -120,7 +120,7 @@ def test_reft_trainer_save_writes_only_interventions(tiny_dir, tokenizer, tmp_pa
     calls = spy(trainer, "_save")
     trainer.save_model(str(tmp_path / "reft"))
     files = sorted(p.name for p in (tmp_path / "reft").iterdir())
-    where = "alignkit/trainers/base.py:AlignTrainer._save (ReftTrainer is an SFTTrainer)"
+    where = "alignkit/trainers/checkpointing.py:Checkpointing._save (ReftTrainer is an SFTTrainer)"
     check(calls, TF, "Trainer.save_model no longer calls self._save", where)
     check("interventions.safetensors" in files and "training_args.bin" not in files, TF,
           "ReftTrainer.save_model did not write only the interventions", where, f"files: {files}")
@@ -134,20 +134,20 @@ def test_resume_and_best_model_go_through_our_loaders(tiny_dir, tokenizer, sft_f
     first = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, **kw)
     best_calls = spy(first, "_load_best_model")
     with guard(TF, "a one-step run with checkpoints and load_best_model_at_end failed",
-               "alignkit/trainers/base.py:AlignTrainer._save/_load_best_model"):
+               "alignkit/trainers/checkpointing.py:Checkpointing._save/_load_best_model"):
         first.train()
     check(best_calls, TF, "Trainer.train(load_best_model_at_end=True) no longer calls self._load_best_model()",
-          "alignkit/trainers/base.py:AlignTrainer._load_best_model")
+          "alignkit/trainers/checkpointing.py:Checkpointing._load_best_model")
     ckpt = tmp_path / "out" / "checkpoint-1"
     check((ckpt / "alignkit_adapter.json").is_file(), TF, "checkpoints are no longer written through self._save",
-          "alignkit/trainers/base.py:AlignTrainer._save", f"{ckpt}: {sorted(p.name for p in ckpt.iterdir())}")
+          "alignkit/trainers/checkpointing.py:Checkpointing._save", f"{ckpt}: {sorted(p.name for p in ckpt.iterdir())}")
     second = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_steps=2)
     load_calls = spy(second, "_load_from_checkpoint")
-    with guard(TF, "resuming from an alignkit checkpoint failed", "alignkit/trainers/base.py:AlignTrainer._load_from_checkpoint"):
+    with guard(TF, "resuming from an alignkit checkpoint failed", "alignkit/trainers/checkpointing.py:Checkpointing._load_from_checkpoint"):
         second.train(resume_from_checkpoint=str(ckpt))
     check(load_calls and str(load_calls[0][0][0]) == str(ckpt), TF,
           "Trainer.train(resume_from_checkpoint=...) no longer calls self._load_from_checkpoint(path)",
-          "alignkit/trainers/base.py:AlignTrainer._load_from_checkpoint", f"calls: {load_calls}")
+          "alignkit/trainers/checkpointing.py:Checkpointing._load_from_checkpoint", f"calls: {load_calls}")
 
 
 def test_checkpoints_are_staged_then_rotated(tiny_dir, tokenizer, sft_features, tmp_path):
@@ -155,7 +155,7 @@ def test_checkpoints_are_staged_then_rotated(tiny_dir, tokenizer, sft_features, 
     `_get_output_dir(trial)` (the Trainer writes `<_get_output_dir()>/checkpoint-<global_step>`), renames it into
     place with `alignkit_complete.json`, and rotates with `trainer_utils.rotate_checkpoints(output_dir=,
     save_total_limit=, best_model_checkpoint=, use_mtime=)`."""
-    where = "alignkit/trainers/base.py:AlignTrainer._save_checkpoint/_get_output_dir"
+    where = "alignkit/trainers/checkpointing.py:Checkpointing._save_checkpoint/_get_output_dir"
     from transformers import trainer_utils
     from transformers.trainer_callback import TrainerState
 

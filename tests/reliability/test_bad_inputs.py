@@ -79,6 +79,33 @@ def test_config_mistakes(case, overrides, needles, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_lora_on_the_lm_head_is_refused_before_anything_is_written(tmp_path, capsys):
+    """target_modules naming lm_head (a TRL / peft habit) wrote config.yaml, base_model/ and tensorboard/, then
+    stopped at the first step: "unexpected error: ValueError: the LM head is wrapped by a LoRA layer" (exit 1).
+    Now one line naming the key, before the run folder is made."""
+    rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", *QUICK,
+                               "adapter.lora.target_modules=[q_proj, lm_head]"])
+    assert_one_line(rc, err, "adapter.lora.target_modules: ['q_proj', 'lm_head'] puts LoRA on the LM head",
+                    "adapter.lora.modules_to_save")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key,overrides", [
+    ("per_device_train_batch_size", [*QUICK, "train.per_device_train_batch_size=64"]),
+    ("per_device_eval_batch_size", ["train.max_steps=1", "train.per_device_eval_batch_size=64"]),
+])
+def test_dataloader_drop_last_with_no_full_batch_is_refused(key, overrides, tmp_path, capsys):
+    """train.dataloader_drop_last with a batch larger than the data dropped every batch: training ended at step 0
+    ("done.", exit 0, the untrained model saved as model/); an evaluation logged rows without eval_loss. Now one line
+    naming the batch size, before the run folder is made (the bundled sample: 4 training and 2 evaluation pairs)."""
+    rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", *overrides,
+                               "train.dataloader_drop_last=true"])
+    n = 6 if key.startswith("per_device_train") else 2  # QUICK holds nothing out: all 6 pairs train
+    assert_one_line(rc, err, f"train.dataloader_drop_last: the {n} ", f"no full batch of train.{key}=64",
+                    f"set train.{key} to at most {n}")
+    assert not (tmp_path / "run").exists()
+
+
 # (case, command, extra overrides, what the line must contain) -- the online objectives' own numbers. Before, each
 # was accepted: dual_clip <= 1 wrote the run folder and stopped at the first step ("unexpected error: ValueError");
 # reward_clip -1 clamped every reward to -1 (clamp(1, -1)) and clip_eps -0.2 clipped the ratio to [1.2, 0.8], both

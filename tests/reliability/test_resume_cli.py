@@ -330,13 +330,13 @@ def test_a_cli_resume_checks_the_checkpoint_once_before_writing(tmp_path, monkey
     """The CLI checked a checkpoint up to three times (before loading without the data, with the data before the run
     folder, again in AlignTrainer.train) under a label written twice. Now one check, the trainer's, before the run
     folder is touched, naming what asked for the resume; train() does not repeat it."""
-    import alignkit.trainers.base as base
+    import alignkit.trainers.checkpointing as checkpointing
 
     run = tmp_path / "a"
     assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=2"]) == 0
     shutil.rmtree(run / "model")  # as after a kill before the end
-    calls, real = [], base.check_resumable
-    monkeypatch.setattr(base, "check_resumable", lambda *a: (calls.append(a[2]), real(*a))[1])
+    calls, real = [], checkpointing.check_resumable
+    monkeypatch.setattr(checkpointing, "check_resumable", lambda *a: (calls.append(a[2]), real(*a))[1])
     assert cli("sft", "sft-tiny.yaml", run, ["train.max_steps=3"], "--resume") == 0
     assert calls == ["--resume"]
 
@@ -345,13 +345,13 @@ def test_resume_under_deepspeed_is_refused_before_the_run_folder_is_touched(tmp_
     """A resume under DeepSpeed (which alignkit cannot resume) was refused only in AlignTrainer.train, after the CLI
     had begun the run: metrics.jsonl already cut to the checkpoint's step (the killed run's step 3 lost) and a
     TensorBoard writer opened. Now the refusal is part of the one resume check, before anything is written."""
-    import alignkit.trainers.base as base
+    import alignkit.trainers.checkpointing as checkpointing
 
     run = tmp_path / "cut"
     killed_after(monkeypatch, 3, "sft", "sft-tiny.yaml", run, [])
     assert sorted(losses(run)) == [1, 2, 3]
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    monkeypatch.setattr(base, "is_deepspeed", lambda accelerator: True)  # as under an accelerate DeepSpeed config
+    monkeypatch.setattr(checkpointing, "is_deepspeed", lambda accelerator: True)  # as under an accelerate DeepSpeed config
     capsys.readouterr()
     assert cli("sft", "sft-tiny.yaml", run, [], "--resume") == 2
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -204,6 +204,64 @@ def test_metric_functions_are_refused_not_silently_skipped(name, make_model, fea
                    data_collator=collators["sft"], **{name: lambda *a: {"x": 1.0}})
 
 
+def test_fields_of_a_trl_style_config_are_refused_not_silently_skipped(make_model, features, collators, tmp_path,
+                                                                      caplog):
+    """TRL's SFTConfig / DPOConfig are TrainingArguments subclasses carrying max_length, packing, beta, ...; passed as
+    args, their fields were read nowhere: SFTConfig(max_length=16) trained at the trainer's max_length=1024, exit 0.
+    A field set away from its default is refused when the trainer takes a keyword of that name or TRL has the setting;
+    the defaults pass; a script's own field is warned about."""
+    import dataclasses
+    import logging
+
+    from transformers import TrainingArguments
+
+    from alignkit.settings import ConfigError
+
+    @dataclasses.dataclass
+    class SFTConfig(TrainingArguments):  # TRL's fields of that name (TRL 1.x defaults), plus a script's own
+        max_length: int | None = 1024
+        packing: bool = False
+        my_flag: bool = False
+        loss_type: str | list[str] = "nll"  # TRL's DPOConfig made a str loss_type a list in __post_init__
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.loss_type = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    build = lambda args: SFTTrainer(make_model("lora"), args, train_dataset=features["sft"],  # noqa: E731
+                                    data_collator=collators["sft"])
+    with pytest.raises(ConfigError, match=re.escape("SFTTrainer: args.max_length=16 is a field of SFTConfig, which "
+                                                    "alignkit never reads") + r".*SFTTrainer\(\.\.\., max_length=16\)$"):
+        build(SFTConfig(**base, max_length=16))
+    with pytest.raises(ConfigError, match=r"args.packing=True .* alignkit's equivalent .*: train.padding_free"):
+        build(SFTConfig(**base, packing=True))
+    assert not (tmp_path / "out").exists()
+    with caplog.at_level(logging.WARNING, logger="alignkit.trainers.checks"):
+        build(SFTConfig(**base))  # TRL's defaults (loss_type as __post_init__ leaves it): nothing to ignore
+        assert not [r for r in caplog.records if "not read by alignkit" in r.message]
+        build(SFTConfig(**base, my_flag=True))
+    assert [r.message for r in caplog.records if "not read by alignkit" in r.message] == [
+        "SFTTrainer: my_flag of SFTConfig is not read by alignkit (only transformers.TrainingArguments' fields are)"]
+
+
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_examples_all_weighted_zero_are_refused(which, make_model, features, collators, tmp_path):
+    """A trainer given data whose weights are all 0 (TRL-style rows with a weight column of 0s, or features) trained
+    with loss 0.0 and learned nothing, exit 0 (the CLI refused such records, the trainers did not); an evaluation set
+    of them gave eval_loss 0. Now a DataError when the trainer is built; some zero weights still pass."""
+    from alignkit.files import DataError
+
+    zero = [{**f, "weight": 0.0} for f in features["sft"]]
+    some = [{**f, "weight": float(i % 2)} for i, f in enumerate(features["sft"])]
+    data = {"train_dataset": zero if which == "train" else some, "eval_dataset": zero if which == "eval" else some}
+    what = "training" if which == "train" else "evaluation"
+    with pytest.raises(DataError, match=rf"^SFTTrainer: every one of the {len(zero)} {what} example\(s\) has weight 0"):
+        SFTTrainer(make_model("lora"), fast_args(tmp_path), data_collator=collators["sft"], **data)
+    SFTTrainer(make_model("lora"), fast_args(tmp_path), data_collator=collators["sft"], train_dataset=some,
+               eval_dataset=some)
+
+
 def test_average_tokens_across_devices_off_is_refused_under_several_processes(monkeypatch):
     """alignkit divides every micro-batch by the count summed over all processes whatever the argument says, so
     average_tokens_across_devices=False changed nothing under several processes: refused there; one process (where

@@ -42,3 +42,25 @@ def test_resumed_run_continues_num_tokens(tiny_dir, tmp_path):
     b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert _logged(b)[3] == uninterrupted  # from 0 again it would be one row's tokens, < ck2
     assert json.loads((tmp_path / "b" / "checkpoint-4" / STATE_JSON).read_text())["num_tokens"] == total
+
+
+def test_a_new_run_into_a_folder_of_checkpoints_says_it_replaces_them(tiny_dir, tmp_path, caplog):
+    """A second train() (not resumed) into an output_dir of an earlier run's checkpoints wrote its checkpoint-2 and -4
+    over the earlier run's without a word (the Trainer's behaviour). Now one warning naming them and the way to
+    continue instead; a resumed run and a run into an empty folder say nothing."""
+    import logging
+
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    first = SFTTrainer(load_model(path), _args(tmp_path / "a"), train_dataset=ROWS, processing_class=tok)
+    with caplog.at_level(logging.WARNING, logger="alignkit.trainers.checkpointing"):
+        first.train()
+        assert not [r for r in caplog.records if "of an earlier run" in r.message]
+        SFTTrainer(load_model(path), _args(tmp_path / "a"), train_dataset=ROWS, processing_class=tok).train()
+        said = [r.message for r in caplog.records if "of an earlier run" in r.message]
+        assert len(said) == 1 and said[0].startswith(f"{tmp_path / 'a'} holds checkpoint-2, checkpoint-4 of an "
+                                                     "earlier run, and this run is not resumed"), said
+        caplog.clear()
+        SFTTrainer(load_model(path), _args(tmp_path / "a"), train_dataset=ROWS,
+                   processing_class=tok).train(resume_from_checkpoint=True)
+        assert not [r for r in caplog.records if "of an earlier run" in r.message]

@@ -69,7 +69,14 @@ class Lora(Adapter):
                                      f"would get no LoRA; the model's linear layers are named {leaves[:12]}")
         cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
                          use_dora=s.use_dora, modules_to_save=s.modules_to_save, task_type=task)
-        return get_peft_model(model, cfg)
+        wrapped = get_peft_model(model, cfg)
+        head = None if task == "SEQ_CLS" else wrapped.get_output_embeddings()
+        if head is not None and hasattr(head, "base_layer"):  # trainers.logps applies the head's own weight
+            raise ValueError(f"adapter.lora.target_modules: {s.target_modules!r} puts LoRA on the LM head, which "
+                             "alignkit's objectives apply as its plain weight (trainers/logps.py), so that LoRA would "
+                             "never run and the first step would stop; leave the head out ('all-linear' does), or "
+                             "list it in adapter.lora.modules_to_save to train it whole")
+        return wrapped
 
     def off(self, model: nn.Module) -> ContextManager[Any]:
         return model.disable_adapter()

@@ -24,8 +24,8 @@ and processes), whatever the evaluation batch size (the Trainer's mean of per-ba
 its examples, so under "weighted" a batch of weight-0 examples counted as a loss of 0, and SFT's token mean
 depended on how tokens fell into batches).
 
-Metrics. Each step's metrics are accumulated as (sum, count) per name (`metric_totals`), summed across
-processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`. When the
+Metrics. Each step's metrics are accumulated as (sum, count) per name (`metric_totals`; `alignkit.trainers.totals`),
+summed across processes at logging time, and logged as sum / count under their names (train) or `eval_<name>`. When the
 evaluation data has a weight other than 1, each metric with one value per example (accuracy, margins, rewards,
 ...; not token-level ones, nor KTO's per-side sums) is also logged weighted, `eval_weighted/<name>` =
 sum_i w_i v_i / sum_i w_i, beside the unweighted `eval_<name>` (`eval_loss` is the loss as trained: weighted,
@@ -36,7 +36,8 @@ trainers start again from 0).
 
 Saving. Only the trainable state (`alignkit.adapters.save_adapter`): peft files for LoRA,
 ReFT safetensors + json for ReFT, the full model (safetensors) for full finetuning, plus the
-tokenizer and `training_args.json`. Never a pickle of the arguments.
+tokenizer and `training_args.json`. Never a pickle of the arguments. Saving, the staged checkpoint commit and
+resuming live in `alignkit.trainers.checkpointing.Checkpointing`, a mixin of this class.
 
 Weight decay: the Trainer's parameter split (no decay on biases and norms), and also none on what a module
 lists in `no_weight_decay`: ReFT's orthonormal projections R (`interventions.base.LowRankRotation`) are stored
@@ -73,101 +74,38 @@ mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss),
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
-from transformers.trainer_utils import rotate_checkpoints
 from transformers.utils import is_sagemaker_mp_enabled
 
-from alignkit.adapters import (check_adapter_weights, enable_gradient_checkpointing, load_adapter_weights, record_base,
-                               save_adapter, saves_whole_model)
+from alignkit.adapters import enable_gradient_checkpointing, record_base
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
-from alignkit.distributed import (
-    check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, full_optimizer_state, full_parameters, is_deepspeed,
-    is_fsdp2, load_full_optimizer_state, refuse_fsdp1_on_cpu,
-)
+from alignkit.distributed import check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, refuse_fsdp1_on_cpu
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float, likely_causes
 from alignkit.losses import LossOutput, reduce_loss
-from alignkit.run_commit import (
-    STAGING_MARK, CheckpointError, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap,
-    remove_own,
-)
+from alignkit.trainers.checkpointing import TRAINING_ARGS_JSON, Checkpointing
 from alignkit.trainers.checks import (
-    STATE_JSON, check_best_model_metric, check_optimizer, check_resumable, check_scheduler, data_digest,
-    refuse_deepspeed_mismatches, refuse_ignored_arguments, refuse_metric_functions, saved_state,
+    check_best_model_metric, check_optimizer, check_scheduler, refuse_all_zero_weights, refuse_deepspeed_mismatches,
+    refuse_empty_batches, refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
 )
 from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
 from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
+from alignkit.trainers.totals import EvalTotals, Totals, add_totals
 
 logger = logging.getLogger(__name__)
 
 # what transformers' Trainer.evaluate logs of its own, as eval_<name> (besides eval_model_preparation_time, only when
 # the model is evaluated before any training, so never at a training run's evaluations)
 TRAINER_EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
-WEIGHTED_PREFIX = "weighted/"  # evaluation: weighted/<name> = sum w_i v_i / sum w_i (AlignTrainer.weighted_totals)
-
-TRAINING_ARGS_JSON = "training_args.json"
-
-
-Totals = dict[str, list[Tensor]]  # name -> [sum, count], summed over batches (and processes, at logging)
-
-
-@dataclasses.dataclass
-class EvalTotals:
-    """What an evaluation accumulates besides its metrics (`AlignTrainer._metrics["eval"]`): `loss` = (sum_i w_i L_i,
-    N) over the whole set, logged as its eval_loss; `weighted` = name -> (sum_i w_i v_i, sum_i w_i), logged as
-    eval_weighted/<name> only when `weights_not_one` (examples whose weight is not 1) is not 0."""
-
-    loss: list[Tensor] | None = None
-    weighted: Totals = dataclasses.field(default_factory=dict)
-    weights_not_one: Tensor | None = None
-
-    def add_loss(self, total: Tensor, n: Tensor) -> None:
-        self.loss = [total.clone(), n.clone()] if self.loss is None else [self.loss[0] + total, self.loss[1] + n]
-
-    def add_weighted(self, totals: dict[str, tuple[Tensor, Tensor]], not_one: Tensor) -> None:
-        add_totals(self.weighted, totals)
-        self.weights_not_one = not_one.clone() if self.weights_not_one is None else self.weights_not_one + not_one
-
-    def parts(self) -> list[Totals]:
-        """The totals as stores for `AlignTrainer._sum_over_processes` (`from_parts` reads them back)."""
-        ones = torch.ones(())
-        return [{"loss": self.loss} if self.loss is not None else {}, self.weighted,
-                {"weights_not_one": [self.weights_not_one, ones]} if self.weights_not_one is not None else {}]
-
-    @staticmethod
-    def from_parts(parts: list[dict[str, tuple[float, float]]]) -> tuple[tuple[float, float] | None, dict[str, float]]:
-        """(the loss's (sum, N) or None, the weighted figures to log: {} when every weight is 1)."""
-        loss, weighted, not_one = parts
-        if not not_one.get("weights_not_one", (0.0, 1.0))[0]:  # every weight 1: the weighted figures are the same
-            return loss.get("loss"), {}
-        return loss.get("loss"), {f"{WEIGHTED_PREFIX}{k}": s / n for k, (s, n) in weighted.items() if n > 0}
-
-    def clear(self) -> None:
-        self.loss, self.weights_not_one = None, None
-        self.weighted.clear()
-
-
-def add_totals(store: Totals, totals: dict[str, tuple[Tensor, Tensor]]) -> None:
-    for k, (s, n) in totals.items():
-        if k in store:
-            store[k][0] += s
-            store[k][1] += n
-        else:
-            store[k] = [s.clone(), n.clone()]
 
 
 def turn_off_dropout(model: nn.Module) -> None:
@@ -178,7 +116,7 @@ def turn_off_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
-class AlignTrainer(BatchSampling, Trainer):
+class AlignTrainer(BatchSampling, Checkpointing, Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
     normalizer: Literal["examples", "tokens"] = "examples"
@@ -195,6 +133,7 @@ class AlignTrainer(BatchSampling, Trainer):
                  dataset_num_proc: int | None = None, reft_prefix_cache: bool | None = None, **kwargs: Any) -> None:
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
         refuse_metric_functions(kwargs, type(self).__name__)
+        refuse_unread_fields(args, type(self))  # TRL's SFTConfig(max_length=...) as args: read nowhere
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
         prepare_data(kwargs, self.record_kinds, self.tokenize_config, dataset_num_proc, type(self).__name__)
@@ -208,6 +147,8 @@ class AlignTrainer(BatchSampling, Trainer):
         self.weight_normalization = weight_normalization
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         refuse_ignored_arguments(args, kwargs.get("train_dataset"), self.group_by_length)
+        refuse_empty_batches(args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        refuse_all_zero_weights(type(self).__name__, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         check_optimizer(args, kwargs)
         check_scheduler(args, kwargs)
         changes: dict[str, Any] = {}
@@ -351,16 +292,6 @@ class AlignTrainer(BatchSampling, Trainer):
         super().create_accelerator_and_postprocess()
         if enable_sharding_on_cpu(self.accelerator):
             self.is_fsdp_enabled = True
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under FSDP2 and DeepSpeed every process gathers the shards (`alignkit.distributed.full_parameters`;
-        ZeRO-3 partitions too) and the main one writes the usual folder (safetensors + JSON, adapters as
-        adapters), not DeepSpeed's own checkpoint format; otherwise the Trainer's."""
-        if not (is_fsdp2(self.accelerator) or is_deepspeed(self.accelerator)):
-            return super().save_model(output_dir, _internal_call)
-        with full_parameters(self.model):
-            self._save(output_dir if output_dir is not None else self.args.output_dir)
-        self.accelerator.wait_for_everyone()
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
         """Clip over the optimizer's parameters instead of all of `model.parameters()` (a frozen base never
@@ -568,194 +499,17 @@ class AlignTrainer(BatchSampling, Trainer):
         self._num_tokens = (getattr(self, "_num_tokens", None) or 0.0) + float(pending)
         self._tokens_pending = None
 
-    # -- saving ----------------------------------------------------------------------------------------
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
-        if bad:
-            raise NonFiniteError(f"trainable weight {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
-                                 float("nan"), self.state.global_step,
-                                 causes="an earlier update diverged; nothing was saved to " + str(output_dir))
-        os.makedirs(output_dir, exist_ok=True)
-        save_adapter(model, output_dir, tokenizer=self.processing_class, state_dict=state_dict)
-        Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
-        logger.info("saved trainable state to %s", output_dir)
-
-    def _get_output_dir(self, trial: Any) -> str:
-        staging = getattr(self, "_staging_run_dir", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The Trainer's checkpoint, written into `<output_dir>/.staging/checkpoint-N` and renamed into place with
-        `alignkit_complete.json` (file names and sizes) once every process has written its part: a kill leaves
-        either the previous checkpoints alone or a complete new one, never a half-written `checkpoint-N`."""
-        run_dir = super()._get_output_dir(trial)
-        name = f"checkpoint-{self.state.global_step}"
-        staging_root = Path(run_dir) / ".staging"
-        if self.args.should_save:
-            recover_swap(Path(run_dir) / name, staging_root / name)  # a replacement killed half-way
-            remove_own(staging_root / name)  # a leftover of an interrupted save
-            (staging_root / name).mkdir(parents=True)
-            (staging_root / name / STAGING_MARK).touch()
-        self._flush_tokens()  # every process: the checkpoint's num_tokens includes steps not logged yet
-        self.accelerator.wait_for_everyone()
-        self._staging_run_dir = str(staging_root)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_run_dir = None
-        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
-        if self.args.should_save:
-            self._commit_checkpoint(run_dir, staging_root, name)
-        self.accelerator.wait_for_everyone()  # EVERY process (an early return here hung the next step's collective)
-
     def planned_steps(self) -> int:
         """The optimizer steps the run has in all, as `train()` counts them: `max_steps`, or the epochs' steps over
         this trainer's training data (the Trainer's `set_initial_training_values`)."""
         return int(self.set_initial_training_values(self.args, self.get_train_dataloader())[-1])
 
-    def data_digest(self) -> str | None:
-        """`data_digest` of this trainer's training examples (computed once)."""
-        if "_data_digest" not in self.__dict__:
-            self._data_digest = data_digest(self.train_dataset)
-        return self._data_digest
-
-    def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
-        """Refuse (CheckpointError naming `label`) a checkpoint this trainer would not truly resume: any under DeepSpeed
-        (it restores its engine from its own pickled files, which alignkit does not write or load), else
-        `check_resumable` with this trainer's processes and training examples. Once per checkpoint: `train()` does
-        not check again the one a caller (the CLI, before its run folder is written) has checked."""
-        if is_deepspeed(self.accelerator):
-            raise CheckpointError(f"{label}: resuming under DeepSpeed is not supported by alignkit (DeepSpeed reloads "
-                                  f"its optimizer state from torch pickles, which alignkit does not load); {checkpoint}/ "
-                                  "holds an ordinary model folder: start a new run from it, or resume under FSDP2 / DDP")
-        check_resumable(checkpoint, self.args.world_size, label, self.data_digest())
-        if not saves_whole_model(self.model):  # the Trainer's load refused a checkpoint of another base, too late
-            try:
-                check_adapter_weights(self.model, checkpoint)
-            except (ValueError, FileNotFoundError) as e:
-                raise CheckpointError(f"{label}: {e}") from None
-        self._resume_checked = Path(checkpoint).resolve()
-
-    def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
-        final = Path(run_dir) / name
-        Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None),
-                                                                    "world_size": self.args.world_size,
-                                                                    "data_sha256": self.data_digest()}))
-        commit_staging(staging_root / name, final, step=self.state.global_step)
-        try:
-            staging_root.rmdir()  # only when empty
-        except OSError:
-            pass
-        best = self.state.best_global_step
-        if best and (Path(run_dir) / f"checkpoint-{best}").is_dir():
-            self.state.best_model_checkpoint = str(Path(run_dir) / f"checkpoint-{best}")
-        elif self.state.best_model_checkpoint and str(staging_root) in str(self.state.best_model_checkpoint):
-            self.state.best_model_checkpoint = str(final)
-        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """FSDP2: the full optimizer state by parameter names (`distributed.full_optimizer_state`) in
-        `optimizer.pt` and the scheduler in `scheduler.pt`, beside the gathered safetensors `save_model`
-        wrote; not accelerate's FSDP files (a pickled second copy of the model, `pytorch_model_fsdp.bin`).
-        DeepSpeed: nothing (its `global_stepN/` files are pickles alignkit does not resume from; a DeepSpeed
-        checkpoint is the model folder and the trainer state, logged once). Otherwise the Trainer's."""
-        if is_deepspeed(self.accelerator):
-            if not getattr(self, "_warned_ds_checkpoint", False):
-                self._warned_ds_checkpoint = True
-                logger.warning("DeepSpeed: checkpoints hold the model (safetensors) and trainer state, not the "
-                               "optimizer state (DeepSpeed writes it as pickles alignkit does not load): a "
-                               "checkpoint starts a new run, it is not resumed (resume under FSDP2 or DDP)")
-            return
-        if not is_fsdp2(self.accelerator):
-            return super()._save_optimizer_and_scheduler(output_dir)
-        state = full_optimizer_state(self.model, self.optimizer)  # every process: a collective
-        if self.args.should_save:
-            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None or not is_fsdp2(self.accelerator):
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        # map_location "cpu": state saved on CPU processes is tagged "cpu:0", which torch.load cannot map back
-        state = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
-        load_full_optimizer_state(self.model, self.optimizer, state)
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
-
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's `train`; `resume_from_checkpoint=True` takes the newest COMPLETE checkpoint of
-        `output_dir` (incomplete ones are skipped with a warning), and a path must be a complete checkpoint."""
-        if resume_from_checkpoint is True:
-            found = latest_complete_checkpoint(self.args.output_dir)
-            if found is None:
-                raise CheckpointError(f"resume: no complete checkpoint in {self.args.output_dir} (save some with "
-                                      "save_strategy='steps' and save_steps=N)")
-            resume_from_checkpoint = str(found)
-        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            reason = incomplete_reason(resume_from_checkpoint)
-            if reason is not None:
-                raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
-                                      "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
-        if resume_from_checkpoint:
-            if getattr(self, "_resume_checked", None) != Path(resume_from_checkpoint).resolve():
-                self.check_resume(resume_from_checkpoint)
-            logger.info("resuming from %s", resume_from_checkpoint)
-            self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
-            self._tokens_pending = None
+        """The Trainer's `train`, from `resume_point(resume_from_checkpoint)` (trainers/checkpointing.py), under
+        the ReFT prefix cache."""
+        resume_from_checkpoint = self.resume_point(resume_from_checkpoint)
         with prefix_cache(self.model, self.reft_prefix_cache, data_passes(self.args, self.train_dataset)):
             return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if is_fsdp2(self.accelerator):  # the checkpoint's plain files into full tensors, then into the shards
-            with full_parameters(model, write_back=True):
-                if saves_whole_model(model):
-                    _load_whole_model(model, resume_from_checkpoint)
-                else:
-                    load_adapter_weights(model, resume_from_checkpoint)
-            logger.info("loaded %s into the FSDP2 shards", resume_from_checkpoint)
-            return
-        if saves_whole_model(model):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info("loading adapter weights from %s", resume_from_checkpoint)
-        load_adapter_weights(model, resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        if saves_whole_model(model):
-            return super()._load_best_model()
-        load_adapter_weights(model, self.state.best_model_checkpoint)
-
-
-def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
-    """A whole model's safetensors (one file or shards) into `model`, in place; every saved tensor must
-    name a parameter or buffer, and every one not saved must be tied to a saved one (save_pretrained drops
-    the tied copies)."""
-    files = sorted(Path(folder).glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"resume: {folder} has no model*.safetensors (not a full-model checkpoint)")
-    state: dict[str, Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
-    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
-    if unexpected or untied:
-        raise CheckpointError(f"resume: {folder} was written for another model (e.g. "
-                              f"{(unexpected or untied)[:3]}); resume with the config that wrote it")
-
-
-def _saved_num_tokens(checkpoint: str | os.PathLike) -> float | None:
-    """The cumulative `num_tokens` a checkpoint was written at (None: a checkpoint without it, counted from 0)."""
-    if not Path(checkpoint, STATE_JSON).is_file():
-        logger.warning("%s has no %s: num_tokens counts from 0 again in this run", checkpoint, STATE_JSON)
-        return None
-    return saved_state(checkpoint).get("num_tokens")
 
 
 # packed_collator / shared_prompt_collator live in trainers/data_prep.py; still importable from here (preference.py)

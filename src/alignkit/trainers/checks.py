@@ -1,6 +1,8 @@
 """The checks `AlignTrainer` runs on its arguments and checkpoints before anything is written: settings the Trainer
 would accept and then not apply (`refuse_ignored_arguments`, `refuse_metric_functions`, `check_optimizer`,
-`check_scheduler`, `refuse_deepspeed_mismatches`), a `metric_for_best_model` the objective's evaluation does not log,
+`check_scheduler`, `refuse_deepspeed_mismatches`; fields of a TrainingArguments subclass such as TRL's configs:
+`refuse_unread_fields`; batches `dataloader_drop_last` would all drop: `refuse_empty_batches`; data all weighted 0:
+`refuse_all_zero_weights`), a `metric_for_best_model` the objective's evaluation does not log,
 or one better when lower taken as better when higher (`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
 `data_digest` of the training examples and the checkpoint's `STATE_JSON`). Each refusal is one ConfigError /
 CheckpointError line naming the setting and how to fix it; the CLI runs the same checks when it loads a config."""
@@ -8,9 +10,11 @@ CheckpointError line naming the setting and how to fix it; the CLI runs the same
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -23,8 +27,10 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.training_args import ParallelMode
 
 from alignkit.distributed import deepspeed_cannot_start, requested_engine
+from alignkit.files import DataError
 from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
+from alignkit.settings.trl_names import TRL_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +182,44 @@ def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None,
         refuse_trainer_fsdp_on_cpu(args.fsdp)
 
 
+def refuse_empty_batches(args: TrainingArguments, train_dataset: Any = None, eval_dataset: Any = None) -> None:
+    """`dataloader_drop_last` with a batch larger than the data: every batch is dropped. Training ended at step 0 with
+    the untrained model saved as the run's, exit 0; an evaluation logged rows without eval_loss (a runtime and a
+    rate of samples it never scored). One ConfigError naming the batch size, before anything is written."""
+    if not getattr(args, "dataloader_drop_last", False):
+        return
+    evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+    sets = [("training", train_dataset, "per_device_train_batch_size", args.per_device_train_batch_size)]
+    sets += [(f"evaluation{f' ({k})' if k else ''}", v, "per_device_eval_batch_size", args.per_device_eval_batch_size)
+             for k, v in evals.items()]
+    for what, data, key, batch in sets:
+        n = len(data) if hasattr(data, "__len__") else 0
+        if 0 < n < batch:
+            lost = ("trained (the run ends at step 0, its model the untrained one)" if key.endswith("train_batch_size")
+                    else "evaluated (rows without eval_loss)")
+            raise ConfigError(f"train.dataloader_drop_last: the {n} {what} example(s) make no full batch of "
+                              f"train.{key}={batch}, so every batch would be dropped and nothing {lost}; set "
+                              f"train.{key} to at most {n}, or train.dataloader_drop_last=false")
+
+
+def refuse_all_zero_weights(owner: str, train_dataset: Any = None, eval_dataset: Any = None) -> None:
+    """Examples all weighted 0 (a `weight` column of 0s): every loss term is 0, so training logged loss 0.0 and learned
+    nothing (the zero-gradient guard fires only on a positive loss), and an evaluation's eval_loss was 0. The CLI
+    refuses such records when it reads them; this is the same refusal for the trainers' own callers (DataError)."""
+    evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
+    for what, data in [("training", train_dataset), *((f"evaluation{f' ({k})' if k else ''}", v)
+                                                         for k, v in evals.items())]:
+        try:
+            weights = (list(data["weight"]) if hasattr(data, "column_names") else [f.get("weight", 1.0) for f in data]
+                       ) if data is not None else []
+        except (KeyError, TypeError, AttributeError):  # no weight column, or not a dataset of mappings: weight 1
+            continue
+        if weights and not any(weights):
+            raise DataError(f"{owner}: every one of the {len(weights)} {what} example(s) has weight 0, so every loss "
+                            f"term is 0 and nothing would be {'learned' if what == 'training' else 'measured'}; give "
+                            "examples a weight > 0 (or drop the weight column: the default is 1)")
+
+
 def refuse_trainer_fsdp_on_cpu(fsdp: Any) -> None:
     """ConfigError when `train.fsdp` (the Trainer's FSDP, from the training arguments) is set on a machine without
     CUDA and the launcher asked for no FSDP of its own. The CLI calls it before building the TrainingArguments, so
@@ -197,6 +241,48 @@ def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
             raise ConfigError(f"{owner}: {name} would never be called: alignkit's evaluation returns the objective's "
                               f"loss and metrics (logged as eval_<name>, listed by {owner}.eval_metrics()), no logits "
                               f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
+
+
+def refuse_unread_fields(args: Any, owner: type) -> None:
+    """`args` of a TrainingArguments subclass with fields of its own (a TRL user's habit: TRL's SFTConfig, DPOConfig,
+    ... carry max_length, packing, beta, ...): alignkit's trainers read only TrainingArguments' fields from `args`, so
+    those were ignored without a word (SFTConfig(max_length=256) trained at the trainer's max_length=1024). A field
+    set to other than its default is refused when the trainer takes a keyword of that name (pass it there) or TRL
+    has a setting of that name (`alignkit.settings.trl_names`); any other (a script's own field) is warned about."""
+    if not dataclasses.is_dataclass(args) or type(args) is TrainingArguments:
+        return
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    keywords = {name for k in owner.__mro__[:owner.__mro__.index(Trainer)] if "__init__" in vars(k)
+                for name in inspect.signature(vars(k)["__init__"]).parameters} - {"self", "model", "args", "kwargs"}
+    try:  # the class's own defaults as its __post_init__ leaves them (e.g. a loss_type "sigmoid" made ["sigmoid"])
+        fresh = type(args)(output_dir=args.output_dir)
+    except Exception:  # a class that needs more to be built: its fields' declared defaults only  # noqa: BLE001
+        fresh = None
+    unread = []
+    for f in dataclasses.fields(args):
+        if f.name in known or not f.init:
+            continue
+        value = getattr(args, f.name, None)
+        defaults = [f.default if f.default is not dataclasses.MISSING else
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else object()]
+        if fresh is not None:
+            defaults.append(getattr(fresh, f.name, None))
+        try:
+            same = any(bool(value == d) for d in defaults)
+        except Exception:  # values that do not compare (arrays, tensors): count as set  # noqa: BLE001
+            same = False
+        if same:
+            continue
+        where = f"{owner.__name__}: args.{f.name}={value!r} is a field of {type(args).__name__}, which alignkit never " \
+                "reads (its trainers take only transformers.TrainingArguments' fields from args), so it would be ignored"
+        if f.name in keywords:
+            raise ConfigError(f"{where}; pass it to the trainer: {owner.__name__}(..., {f.name}={value!r})")
+        if f.name in TRL_NAMES:
+            raise ConfigError(f"{where}; alignkit's equivalent (the CLI's config key): {TRL_NAMES[f.name]}")
+        unread.append(f.name)
+    if unread:
+        logger.warning("%s: %s of %s %s not read by alignkit (only transformers.TrainingArguments' fields are)",
+                       owner.__name__, ", ".join(unread), type(args).__name__, "is" if len(unread) == 1 else "are")
 
 
 def check_optimizer(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
@@ -301,4 +387,5 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
            "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
-           "refuse_ignored_arguments", "refuse_metric_functions", "refuse_trainer_fsdp_on_cpu", "saved_state"]
+           "refuse_all_zero_weights", "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
+           "refuse_trainer_fsdp_on_cpu", "refuse_unread_fields", "saved_state"]

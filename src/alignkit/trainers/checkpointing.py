@@ -1,0 +1,252 @@
+"""`Checkpointing`: how `AlignTrainer` saves, commits checkpoints and resumes (a mixin of it, before `Trainer`).
+
+Saving (`_save`, every `save_model` and checkpoint): only the trainable state (`alignkit.adapters.save_adapter`),
+the tokenizer and `training_args.json`; trainable weights that are not finite are refused. Checkpoints are written
+into `<output_dir>/.staging/checkpoint-N` and renamed into place with `alignkit_complete.json`
+(`alignkit.run_commit`) and `alignkit_state.json` (num_tokens, processes, the training data's digest), then rotated.
+FSDP2 checkpoints hold the full optimizer state by parameter names; DeepSpeed ones no optimizer state.
+
+Resuming (`resume_point`, called by `AlignTrainer.train`): `True` is the newest complete checkpoint, a path must be
+a complete one, and `check_resume` refuses one this trainer would not truly resume; loading goes through the
+adapter's own files (`load_adapter_weights`) or the whole model's safetensors. A run that is not resumed into an
+`output_dir` holding checkpoints says once that it replaces them (the Trainer writes over them silently).
+
+A mixin, not a trainer: `alignkit.compat.check_trainer` checks these overrides with the trainer's own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer_utils import rotate_checkpoints
+
+from alignkit.adapters import check_adapter_weights, load_adapter_weights, save_adapter, saves_whole_model
+from alignkit.distributed import (
+    full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2, load_full_optimizer_state,
+)
+from alignkit.guards import NonFiniteError
+from alignkit.run_commit import (
+    STAGING_MARK, CheckpointError, checkpoint_step, commit_staging, incomplete_reason, latest_complete_checkpoint,
+    recover_swap, remove_own,
+)
+from alignkit.trainers.checks import STATE_JSON, check_resumable, data_digest, saved_state
+
+logger = logging.getLogger(__name__)
+
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+class Checkpointing:
+    """`AlignTrainer`'s saving, checkpoint and resume overrides; see the module docstring."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 and DeepSpeed every process gathers the shards (`alignkit.distributed.full_parameters`;
+        ZeRO-3 partitions too) and the main one writes the usual folder (safetensors + JSON, adapters as
+        adapters), not DeepSpeed's own checkpoint format; otherwise the Trainer's."""
+        if not (is_fsdp2(self.accelerator) or is_deepspeed(self.accelerator)):
+            return super().save_model(output_dir, _internal_call)
+        with full_parameters(self.model):
+            self._save(output_dir if output_dir is not None else self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
+        if bad:
+            raise NonFiniteError(f"trainable weight {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                                 float("nan"), self.state.global_step,
+                                 causes="an earlier update diverged; nothing was saved to " + str(output_dir))
+        os.makedirs(output_dir, exist_ok=True)
+        save_adapter(model, output_dir, tokenizer=self.processing_class, state_dict=state_dict)
+        Path(output_dir, TRAINING_ARGS_JSON).write_text(self.args.to_json_string())
+        logger.info("saved trainable state to %s", output_dir)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        staging = getattr(self, "_staging_run_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, written into `<output_dir>/.staging/checkpoint-N` and renamed into place with
+        `alignkit_complete.json` (file names and sizes) once every process has written its part: a kill leaves
+        either the previous checkpoints alone or a complete new one, never a half-written `checkpoint-N`."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging_root = Path(run_dir) / ".staging"
+        if self.args.should_save:
+            recover_swap(Path(run_dir) / name, staging_root / name)  # a replacement killed half-way
+            remove_own(staging_root / name)  # a leftover of an interrupted save
+            (staging_root / name).mkdir(parents=True)
+            (staging_root / name / STAGING_MARK).touch()
+        self._flush_tokens()  # every process: the checkpoint's num_tokens includes steps not logged yet
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
+        if self.args.should_save:
+            self._commit_checkpoint(run_dir, staging_root, name)
+        self.accelerator.wait_for_everyone()  # EVERY process (an early return here hung the next step's collective)
+
+    def data_digest(self) -> str | None:
+        """`data_digest` of this trainer's training examples (computed once)."""
+        if "_data_digest" not in self.__dict__:
+            self._data_digest = data_digest(self.train_dataset)
+        return self._data_digest
+
+    def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
+        """Refuse (CheckpointError naming `label`) a checkpoint this trainer would not truly resume: any under DeepSpeed
+        (it restores its engine from its own pickled files, which alignkit does not write or load), else
+        `check_resumable` with this trainer's processes and training examples. Once per checkpoint: `train()` does
+        not check again the one a caller (the CLI, before its run folder is written) has checked."""
+        if is_deepspeed(self.accelerator):
+            raise CheckpointError(f"{label}: resuming under DeepSpeed is not supported by alignkit (DeepSpeed reloads "
+                                  f"its optimizer state from torch pickles, which alignkit does not load); {checkpoint}/ "
+                                  "holds an ordinary model folder: start a new run from it, or resume under FSDP2 / DDP")
+        check_resumable(checkpoint, self.args.world_size, label, self.data_digest())
+        if not saves_whole_model(self.model):  # the Trainer's load refused a checkpoint of another base, too late
+            try:
+                check_adapter_weights(self.model, checkpoint)
+            except (ValueError, FileNotFoundError) as e:
+                raise CheckpointError(f"{label}: {e}") from None
+        self._resume_checked = Path(checkpoint).resolve()
+
+    def _commit_checkpoint(self, run_dir: str, staging_root: Path, name: str) -> None:
+        final = Path(run_dir) / name
+        Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None),
+                                                                    "world_size": self.args.world_size,
+                                                                    "data_sha256": self.data_digest()}))
+        commit_staging(staging_root / name, final, step=self.state.global_step)
+        try:
+            staging_root.rmdir()  # only when empty
+        except OSError:
+            pass
+        best = self.state.best_global_step
+        if best and (Path(run_dir) / f"checkpoint-{best}").is_dir():
+            self.state.best_model_checkpoint = str(Path(run_dir) / f"checkpoint-{best}")
+        elif self.state.best_model_checkpoint and str(staging_root) in str(self.state.best_model_checkpoint):
+            self.state.best_model_checkpoint = str(final)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """FSDP2: the full optimizer state by parameter names (`distributed.full_optimizer_state`) in
+        `optimizer.pt` and the scheduler in `scheduler.pt`, beside the gathered safetensors `save_model`
+        wrote; not accelerate's FSDP files (a pickled second copy of the model, `pytorch_model_fsdp.bin`).
+        DeepSpeed: nothing (its `global_stepN/` files are pickles alignkit does not resume from; a DeepSpeed
+        checkpoint is the model folder and the trainer state, logged once). Otherwise the Trainer's."""
+        if is_deepspeed(self.accelerator):
+            if not getattr(self, "_warned_ds_checkpoint", False):
+                self._warned_ds_checkpoint = True
+                logger.warning("DeepSpeed: checkpoints hold the model (safetensors) and trainer state, not the "
+                               "optimizer state (DeepSpeed writes it as pickles alignkit does not load): a "
+                               "checkpoint starts a new run, it is not resumed (resume under FSDP2 or DDP)")
+            return
+        if not is_fsdp2(self.accelerator):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = full_optimizer_state(self.model, self.optimizer)  # every process: a collective
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not is_fsdp2(self.accelerator):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # map_location "cpu": state saved on CPU processes is tagged "cpu:0", which torch.load cannot map back
+        state = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
+        load_full_optimizer_state(self.model, self.optimizer, state)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def resume_point(self, resume_from_checkpoint: str | bool | None) -> str | bool | None:
+        """What `train(resume_from_checkpoint)` resumes from: `True` is the newest COMPLETE checkpoint of
+        `output_dir` (incomplete ones are skipped with a warning), and a path must be a complete checkpoint that
+        `check_resume` accepts; the cumulative `num_tokens` continues from it."""
+        if resume_from_checkpoint is True:
+            found = latest_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise CheckpointError(f"resume: no complete checkpoint in {self.args.output_dir} (save some with "
+                                      "save_strategy='steps' and save_steps=N)")
+            resume_from_checkpoint = str(found)
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            reason = incomplete_reason(resume_from_checkpoint)
+            if reason is not None:
+                raise CheckpointError(f"resume_from_checkpoint: cannot resume from {resume_from_checkpoint}: {reason}; "
+                                      "pick a complete checkpoint-N folder (or --resume for the newest complete one)")
+        elif not resume_from_checkpoint and self.args.should_save and Path(self.args.output_dir).is_dir() \
+                and getattr(self.args.save_strategy, "value", self.args.save_strategy) != "no":
+            earlier = sorted((p for p in Path(self.args.output_dir).iterdir()
+                              if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step)
+            if earlier:  # the Trainer writes over them without a word (a checkpoint-N at a step this run saves too)
+                logger.warning("%s holds %s of an earlier run, and this run is not resumed: it trains from step 0 and "
+                               "replaces the checkpoint of each step it saves (and save_total_limit rotates the others "
+                               "away); pass resume_from_checkpoint=True to continue that run, or use another "
+                               "output_dir", self.args.output_dir, ", ".join(p.name for p in earlier))
+        if resume_from_checkpoint:
+            if getattr(self, "_resume_checked", None) != Path(resume_from_checkpoint).resolve():
+                self.check_resume(resume_from_checkpoint)
+            logger.info("resuming from %s", resume_from_checkpoint)
+            self._num_tokens = _saved_num_tokens(resume_from_checkpoint)
+            self._tokens_pending = None
+        return resume_from_checkpoint
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if is_fsdp2(self.accelerator):  # the checkpoint's plain files into full tensors, then into the shards
+            with full_parameters(model, write_back=True):
+                if saves_whole_model(model):
+                    _load_whole_model(model, resume_from_checkpoint)
+                else:
+                    load_adapter_weights(model, resume_from_checkpoint)
+            logger.info("loaded %s into the FSDP2 shards", resume_from_checkpoint)
+            return
+        if saves_whole_model(model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("loading adapter weights from %s", resume_from_checkpoint)
+        load_adapter_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if saves_whole_model(model):
+            return super()._load_best_model()
+        load_adapter_weights(model, self.state.best_model_checkpoint)
+
+
+def _load_whole_model(model: nn.Module, folder: str | os.PathLike) -> None:
+    """A whole model's safetensors (one file or shards) into `model`, in place; every saved tensor must
+    name a parameter or buffer, and every one not saved must be tied to a saved one (save_pretrained drops
+    the tied copies)."""
+    files = sorted(Path(folder).glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"resume: {folder} has no model*.safetensors (not a full-model checkpoint)")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in state}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise CheckpointError(f"resume: {folder} was written for another model (e.g. "
+                              f"{(unexpected or untied)[:3]}); resume with the config that wrote it")
+
+
+def _saved_num_tokens(checkpoint: str | os.PathLike) -> float | None:
+    """The cumulative `num_tokens` a checkpoint was written at (None: a checkpoint without it, counted from 0)."""
+    if not Path(checkpoint, STATE_JSON).is_file():
+        logger.warning("%s has no %s: num_tokens counts from 0 again in this run", checkpoint, STATE_JSON)
+        return None
+    return saved_state(checkpoint).get("num_tokens")
+
+
+__all__ = ["Checkpointing", "TRAINING_ARGS_JSON"]
