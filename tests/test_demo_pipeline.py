@@ -89,7 +89,7 @@ def test_pipeline_demo_moves_every_number_the_right_way(tmp_path):
     assert "DPO+ReFT: rule score, greedy" in table and "reward-model accuracy" in table
 
 
-@pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"threads": 0}])
+@pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"scale": float("nan")}, {"threads": 0}])
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         run_pipeline_demo(tmp_path, **kwargs)
