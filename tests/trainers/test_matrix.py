@@ -219,3 +219,20 @@ def test_eval_loss_is_one_reduction_over_the_whole_evaluation_set(name, normaliz
     assert eval_loss(3, three) == pytest.approx(one, rel=1e-5)
     if normalization == "weighted":
         assert one == pytest.approx(eval_loss(1, three[:1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_loss_on_is_refused_by_every_trainer_but_sft(name, make_model, features, collators, tokenizer, tmp_path):
+    """`loss_on` (which turns of a conversation SFT trains) given to a preference / KTO / reward trainer: accepted and
+    ignored (the CLI refuses data.loss_on under those commands). Now one ConfigError naming the trainer; SFT takes it."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+
+    def build():
+        return cls(make_model("lora", classifier=classifier), fast_args(tmp_path), train_dataset=features[data],
+                   data_collator=collators[data], processing_class=tokenizer, loss_on="all", **extra)
+
+    if cls is SFTTrainer:
+        assert build().tokenize_config.loss_on == "all"
+        return
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: loss_on='all' is read only by SFTTrainer .* remove it$"):
+        build()

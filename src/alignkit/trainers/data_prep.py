@@ -22,6 +22,7 @@ from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator, packed_version
 from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
 from alignkit.data.tokenize import TokenizeConfig
+from alignkit.settings import ConfigError
 from alignkit.models import varlen
 
 # feature kind (alignkit.data.prepare.feature_kind) -> the collator a trainer uses when none is given
@@ -34,6 +35,10 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
     """Tokenize raw `train_dataset` / `eval_dataset` in place in the Trainer's `kwargs` (as records of
     `record_kinds`, preferred first) and default `data_collator` for the data's kind. `owner` (the trainer's
     class name) starts the error for raw rows without a tokenizer, or for data without a length (refused)."""
+    if "sft" not in record_kinds and config.loss_on != TokenizeConfig.loss_on:  # the CLI refuses data.loss_on alike
+        raise ConfigError(f"{owner}: loss_on={config.loss_on!r} is read only by SFTTrainer (which tokens of a "
+                          f"conversation are trained); {owner} scores its completions whatever it says, so it would "
+                          f"be ignored; remove it")
     tok = kwargs.get("processing_class")
     kind = None
     for key in ("train_dataset", "eval_dataset"):
