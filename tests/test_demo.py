@@ -7,6 +7,7 @@ import json
 import pytest
 
 from alignkit.cli import main
+from alignkit.cli.demo import REFT_WRITES
 from alignkit.demos.reft import load_demo_pairs
 
 
@@ -27,6 +28,8 @@ def test_demo_cli_reproduces_answers(tmp_path, capsys):
         ["alignkit_adapter.json", "alignkit_base.json", "interventions.safetensors", "reft_config.json", "tokenizer.json",
          "tokenizer_config.json", "training_args.json"]
     assert (out / "base" / "model.safetensors").is_file()
+    assert {p.name for p in out.iterdir()} <= set(REFT_WRITES)  # what `demo --reft` takes back as its own folder
+    assert main(["-q", "demo", "--reft", "--output-dir", str(out), "--max-steps", "1"]) == 1  # over it: runs
     assert json.loads((out / "reft" / "reft_config.json").read_text())["base_model"]["num_layers"] == 4
 
 
@@ -50,6 +53,8 @@ BAD_DEMO_ARGS = [  # (arguments, what the one line names): each was taken, then 
     (["--pairs", "{completion}"], "line 1: expected a JSON object with 'prompt' and 'response' (KeyError: 'response')"),
     (["--pairs", "{empty}"], "no records; --pairs takes"),
     (["--output-dir", "{file}"], "is a file, not a folder"),
+    (["--output-dir", "{run}"], "holds config.yaml, metrics.jsonl, which the demo does not write"),  # a training run's
+    (["--reft", "--output-dir", "{run}"], "holds config.yaml, metrics.jsonl, which the demo does not write"),
 ]
 
 
@@ -59,7 +64,10 @@ def test_demo_refuses_a_bad_option_in_one_line_before_writing(argv, says, tmp_pa
     (tmp_path / "completion.jsonl").write_text('{"prompt": "Hi", "completion": " Hello"}\n')  # TRL's column name
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "file").write_text("not a folder")
-    argv = [a.format(completion="completion.jsonl", empty="empty.jsonl", file="file") for a in argv]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("command: sft\n")
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    argv = [a.format(completion="completion.jsonl", empty="empty.jsonl", file="file", run="run") for a in argv]
     out = [] if "--output-dir" in argv else ["--output-dir", "out"]
     before = sorted(tmp_path.rglob("*"))
     assert main(["-q", "demo", *argv, *out]) == 2

@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 
+from alignkit.cli.demo import PIPELINE_WRITES
 from alignkit.demos import pipeline_data as task
 from alignkit.demos.pipeline import load_task, run_pipeline_demo
 
@@ -58,6 +59,7 @@ def test_pipeline_demo_moves_every_number_the_right_way(tmp_path):
     result = run_pipeline_demo(tmp_path, scale=0.4, seed=0, progress=False)
     assert result.shortfalls() == [], result.shortfalls()
     assert torch.get_num_threads() == threads  # restored
+    assert {p.name for p in tmp_path.iterdir()} <= set(PIPELINE_WRITES)  # what `alignkit demo` takes back as its own
     assert result.steps == {"sft": 120, "reward_model": 40, "dpo": 40}
 
     assert result.sft_loss.before > 4.0  # about ln(vocabulary) for the random base

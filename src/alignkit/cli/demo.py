@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 # the smallest --scale whose run the reduced floors were measured at (alignkit.demos.pipeline_report.REDUCED_FLOORS)
 MEASURED_SCALE = 0.4
+# what each demo writes in its folder (tests check it): a folder holding anything else is refused
+PIPELINE_WRITES = ("base", "sft", "reward_model", "dpo_reft", "dpo_lora", "results.json", "table.txt")
+REFT_WRITES = ("base", "reft", "run")
 REFT_DEFAULTS = {"max_steps": 300, "target_loss": 0.05, "learning_rate": 2e-2, "pairs": None}
 
 
@@ -73,9 +76,15 @@ def check_args(args: argparse.Namespace, wants_reft: bool) -> None:
     if args.pairs is not None and not Path(args.pairs).is_file():
         raise ConfigError(f"--pairs {args.pairs}: no such file (a JSONL of {{\"prompt\": ..., \"response\": ...}} "
                           f"lines; relative paths are read from {Path.cwd()})")
-    out = args.output_dir
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
+    out = Path(args.output_dir or ("runs/demo-reft" if wants_reft else "runs/demo"))
+    if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir {out}: is a file, not a folder; name a folder (created if missing)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (REFT_WRITES if wants_reft else PIPELINE_WRITES)) \
+        if out.is_dir() else []
+    if foreign:
+        raise ConfigError(f"--output-dir {out}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                          f"which the demo does not write: its folders would be mixed into another run's; choose a "
+                          f"new or empty folder (or an earlier demo's, which it writes over)")
     if not wants_reft and args.scale is not None and args.scale < MEASURED_SCALE:
         logger.warning("--scale %g is below %g, the smallest scale the demo's reduced floors were measured at: "
                        "a healthy run this short can fall below them", args.scale, MEASURED_SCALE)
