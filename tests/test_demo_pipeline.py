@@ -149,3 +149,21 @@ def test_demo_cli_exits_nonzero_when_a_figure_falls_short(monkeypatch, tmp_path,
     assert "FAILED" in err and "DPO+ReFT: greedy on-topic rate 0.25 < floor 0.9" in err
     monkeypatch.setattr(pipeline, "run_pipeline_demo", lambda *a, **k: _result())
     assert main(["-q", "demo", "--output-dir", str(tmp_path)]) == 0
+    assert "something in the stack is wrong" in err
+
+
+def test_a_run_below_the_measured_scale_does_not_blame_the_stack(monkeypatch, tmp_path, capsys, caplog):
+    """--scale 0.05 trains too little for the reduced floors (measured at 0.4): its FAILED line said "a healthy run of
+    this demo never falls below these floors, so something in the stack is wrong". Now it warns before the run and
+    says the scale is the reason."""
+    import alignkit.demos.pipeline as pipeline
+    from alignkit.cli import main
+
+    short = _result(scale=0.05, reft={"rule": 0.0, "topic": 0.0})
+    short.output_dir = str(tmp_path)
+    monkeypatch.setattr(pipeline, "run_pipeline_demo", lambda *a, **k: short)
+    assert main(["-q", "demo", "--scale", "0.05", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--scale 0.05 is below 0.4, the smallest scale the demo's reduced floors were measured at" in caplog.text
+    assert "FAILED: DPO+ReFT: greedy style score 0.00 < floor 0.5" in err and "stack is wrong" not in err
+    assert "--scale 0.05 is below 0.4, where the reduced floors were measured" in err
