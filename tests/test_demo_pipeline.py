@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 
+from alignkit.cli.demo import PIPELINE_WRITES
 from alignkit.demos import pipeline_data as task
 from alignkit.demos.pipeline import load_task, run_pipeline_demo
 
@@ -58,6 +59,7 @@ def test_pipeline_demo_moves_every_number_the_right_way(tmp_path):
     result = run_pipeline_demo(tmp_path, scale=0.4, seed=0, progress=False)
     assert result.shortfalls() == [], result.shortfalls()
     assert torch.get_num_threads() == threads  # restored
+    assert {p.name for p in tmp_path.iterdir()} <= set(PIPELINE_WRITES)  # what `alignkit demo` takes back as its own
     assert result.steps == {"sft": 120, "reward_model": 40, "dpo": 40}
 
     assert result.sft_loss.before > 4.0  # about ln(vocabulary) for the random base
@@ -89,7 +91,7 @@ def test_pipeline_demo_moves_every_number_the_right_way(tmp_path):
     assert "DPO+ReFT: rule score, greedy" in table and "reward-model accuracy" in table
 
 
-@pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"threads": 0}])
+@pytest.mark.parametrize("kwargs", [{"scale": 0.0}, {"scale": float("nan")}, {"threads": 0}])
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         run_pipeline_demo(tmp_path, **kwargs)
@@ -147,3 +149,21 @@ def test_demo_cli_exits_nonzero_when_a_figure_falls_short(monkeypatch, tmp_path,
     assert "FAILED" in err and "DPO+ReFT: greedy on-topic rate 0.25 < floor 0.9" in err
     monkeypatch.setattr(pipeline, "run_pipeline_demo", lambda *a, **k: _result())
     assert main(["-q", "demo", "--output-dir", str(tmp_path)]) == 0
+    assert "something in the stack is wrong" in err
+
+
+def test_a_run_below_the_measured_scale_does_not_blame_the_stack(monkeypatch, tmp_path, capsys, caplog):
+    """--scale 0.05 trains too little for the reduced floors (measured at 0.4): its FAILED line said "a healthy run of
+    this demo never falls below these floors, so something in the stack is wrong". Now it warns before the run and
+    says the scale is the reason."""
+    import alignkit.demos.pipeline as pipeline
+    from alignkit.cli import main
+
+    short = _result(scale=0.05, reft={"rule": 0.0, "topic": 0.0})
+    short.output_dir = str(tmp_path)
+    monkeypatch.setattr(pipeline, "run_pipeline_demo", lambda *a, **k: short)
+    assert main(["-q", "demo", "--scale", "0.05", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--scale 0.05 is below 0.4, the smallest scale the demo's reduced floors were measured at" in caplog.text
+    assert "FAILED: DPO+ReFT: greedy style score 0.00 < floor 0.5" in err and "stack is wrong" not in err
+    assert "--scale 0.05 is below 0.4, where the reduced floors were measured" in err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import typing
 
@@ -15,6 +16,7 @@ import torch
 
 from alignkit.adapters import (KINDS, Adapter, AdapterConfig, adapter_for, adapter_in, adapter_of, apply_adapter, load_adapter,
                                reference_off, register_adapter, registry, save_adapter)
+from alignkit.adapters.config import ReftSettings
 from alignkit.interventions.config import Positions
 from alignkit.models.loading import load_model, load_tokenizer
 
@@ -451,3 +453,26 @@ def test_a_save_that_records_no_base_removes_the_base_an_earlier_save_left(tiny_
     assert (folder / BASE_FINGERPRINT_NAME).is_file()
     save_adapter(apply_adapter(load_model(tiny_dir("llama")), whole.config()), folder)
     assert not (folder / BASE_FINGERPRINT_NAME).exists()
+
+
+@pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
+def test_apply_refuses_reft_settings_the_kind_would_ignore(row, tiny_lm):
+    """README's ReFT snippet with kind="lora" (or "full") and its reft=ReftSettings(...) left in: apply_adapter
+    wrapped the kind and dropped the ReFT settings without a word (the CLI refused adapter.reft there). Now the
+    CLI's line; a kind with a ReFT part takes them, and refuses those it would not read (share_weights=False
+    with one group of positions; modules_to_save beside a LoRA part, which trains them)."""
+    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="f1+l1")
+    cfg = dataclasses.replace(row.config(), reft=reft)
+    if not row.reft:
+        with pytest.raises(ValueError, match=rf"^adapter.reft: read only by adapter.kind reft or reft\+lora, and kind "
+                                             rf"is '{re.escape(row.kind)}', so it would be ignored"):
+            apply_adapter(tiny_lm("llama"), cfg)
+        return
+    assert adapter_of(apply_adapter(tiny_lm("llama"), cfg)).kind == row.kind
+    one_group = dataclasses.replace(cfg, reft=dataclasses.replace(reft, positions="l1", share_weights=False))
+    with pytest.raises(ValueError, match=r"^adapter.reft.share_weights: false splits"):
+        apply_adapter(tiny_lm("llama"), one_group)
+    if row.lora:
+        with pytest.raises(ValueError, match=r"^adapter.reft.modules_to_save: with adapter.kind 'reft\+lora'"):
+            apply_adapter(tiny_lm("llama"), dataclasses.replace(cfg, reft=dataclasses.replace(
+                reft, modules_to_save=["model.norm"])))

@@ -58,16 +58,21 @@ def test_typed_sections_and_widening(tmp_path):
                                                                  "logging_steps": 10}  # the dpo default added
 
 
-@pytest.mark.parametrize("data, key, hint", [
-    ({**BASE, "method": {"betaa": 0.1}}, "method.betaa", "'beta'"),
-    ({**BASE, "adapter": {"kind": "lora", "lora": {"rr": 2}}}, "adapter.lora.rr", "'r'"),
-    ({**BASE, "train": {"lerning_rate": 1e-4}}, "train.lerning_rate", "'learning_rate'"),
-    ({**BASE, "dataa": {}}, "dataa", "'data'"),
-    ({"model": {"path": "x", "dtyp": "bf16"}}, "model.dtyp", "'dtype'"),
+@pytest.mark.parametrize("data, key, hint, command", [
+    ({**BASE, "method": {"betaa": 0.1}}, "method.betaa", "'beta'", "dpo"),
+    ({**BASE, "adapter": {"kind": "lora", "lora": {"rr": 2}}}, "adapter.lora.rr", "'r'", "dpo"),
+    ({**BASE, "train": {"lerning_rate": 1e-4}}, "train.lerning_rate", "'learning_rate'", "dpo"),
+    ({**BASE, "dataa": {}}, "dataa", "'data'", "dpo"),
+    ({"model": {"path": "x", "dtyp": "bf16"}}, "model.dtyp", "'dtype'", "dpo"),
+    # the section of the neighbouring config (sample-tiny / grpo-tiny: sampling; generate-tiny: generation): the
+    # line listed the valid keys without a hint ("unknown key Valid keys: ...")
+    ({**BASE, "sampling": {"max_new_tokens": 32}}, "sampling", "'generation'? (this command's name for the sampling "
+     "section, with the same keys)", "generate"),
+    ({**BASE, "generation": {"max_new_tokens": 32}}, "generation", "'sampling'?", "sample"),
 ])
-def test_unknown_key_names_dotted_key_suggests_and_lists_valid(data, key, hint):
+def test_unknown_key_names_dotted_key_suggests_and_lists_valid(data, key, hint, command):
     with pytest.raises(ConfigError) as e:
-        config_from_dict(data, "dpo")
+        config_from_dict(data, command)
     msg = str(e.value)
     assert msg.startswith(f"{key}: unknown key"), msg
     assert f"did you mean {hint}" in msg
@@ -80,7 +85,7 @@ def test_unknown_key_lists_every_valid_key():
     valid = e.value.args[0].split("Valid keys: ")[1].split(", ")
     assert valid == ["loss_type", "beta", "desirable_weight", "undesirable_weight", "reference", "chunk_size",
                      "disable_dropout", "weight_normalization"]
-    assert "did you mean" not in str(e.value)  # nothing close to "zzz"
+    assert "did you mean" not in str(e.value) and "zzz: unknown key. Valid keys" in str(e.value)  # nothing close
 
 
 @pytest.mark.parametrize("data, key, expected", [

@@ -219,3 +219,39 @@ def test_eval_loss_is_one_reduction_over_the_whole_evaluation_set(name, normaliz
     assert eval_loss(3, three) == pytest.approx(one, rel=1e-5)
     if normalization == "weighted":
         assert one == pytest.approx(eval_loss(1, three[:1]), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_loss_on_is_refused_by_every_trainer_but_sft(name, make_model, features, collators, tokenizer, tmp_path):
+    """`loss_on` (which turns of a conversation SFT trains) given to a preference / KTO / reward trainer: accepted and
+    ignored (the CLI refuses data.loss_on under those commands). Now one ConfigError naming the trainer; SFT takes it."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+
+    def build(rows=features[data]):
+        return cls(make_model("lora", classifier=classifier), fast_args(tmp_path), train_dataset=rows,
+                   data_collator=collators[data], processing_class=tokenizer, loss_on="all", **extra)
+
+    if cls is SFTTrainer:  # raw rows, which it tokenizes (tokenized ones: the test below)
+        assert build([{"prompt": "Hi", "completion": " Hello"}] * 2).tokenize_config.loss_on == "all"
+        return
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: loss_on='all' is read only by SFTTrainer .* remove it$"):
+        build()
+
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_tokenization_settings_with_tokenized_data_are_refused(name, make_model, features, collators, tokenizer,
+                                                              tmp_path):
+    """max_length / max_prompt_length / formatter / add_eos apply when a trainer tokenizes raw rows; given beside data
+    already tokenized (tokenize_records' features) they were accepted and ignored. Now one ConfigError naming them;
+    the defaults, and the same settings with raw rows, still build."""
+    cls, data, classifier, extra = TRAINERS[name][:4]
+
+    def build(**kw):
+        return cls(make_model("lora", classifier=classifier), fast_args(tmp_path), train_dataset=features[data],
+                   eval_dataset=features[data], data_collator=collators[data], processing_class=tokenizer, **extra, **kw)
+
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: max_length=16, formatter='plain' would be ignored: "
+                                          r"tokenization settings apply only when the trainer tokenizes raw rows, and "
+                                          r"train_dataset and eval_dataset are already tokenized"):
+        build(max_length=16, formatter="plain")
+    build()

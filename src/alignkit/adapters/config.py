@@ -105,6 +105,12 @@ class AdapterConfig:
         if "lora" not in self.parts and self.lora != LoraSettings():
             raise ValueError(f"adapter.lora: read only by adapter.kind lora or reft+lora, and kind is {self.kind!r}, "
                              "so it would be ignored; set adapter.kind or remove adapter.lora (adapter.lora=null)")
+        self.check_reft_part()
+
+    def check_reft_part(self) -> None:
+        """`check` less the LoRA settings (a default-filled field that Python callers pass to every kind), so what
+        `apply_adapter` asks too: ReFT settings given to a kind without a ReFT part (`AdapterConfig(kind="lora",
+        reft=...)`), or ReFT settings that part would not read; each would be ignored."""
         if "reft" not in self.parts and self.reft is not None:
             raise ValueError(f"adapter.reft: read only by adapter.kind reft or reft+lora, and kind is {self.kind!r}, "
                              "so it would be ignored; set adapter.kind or remove adapter.reft (adapter.reft=null)")

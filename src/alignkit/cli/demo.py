@@ -10,12 +10,20 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from alignkit.settings import ConfigError
+
 logger = logging.getLogger(__name__)
 
+# the smallest --scale whose run the reduced floors were measured at (alignkit.demos.pipeline_report.REDUCED_FLOORS)
+MEASURED_SCALE = 0.4
+# what each demo writes in its folder (tests check it): a folder holding anything else is refused
+PIPELINE_WRITES = ("base", "sft", "reward_model", "dpo_reft", "dpo_lora", "results.json", "table.txt")
+REFT_WRITES = ("base", "reft", "run")
 REFT_DEFAULTS = {"max_steps": 300, "target_loss": 0.05, "learning_rate": 2e-2, "pairs": None}
 
 
@@ -27,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--output-dir", default=None, metavar="DIR",
                       help="run folder (str, default runs/demo, or runs/demo-reft)")
     demo.add_argument("--seed", type=int, default=0, metavar="INT", help="random seed (int, default 0)")
-    demo.add_argument("--scale", type=float, default=1.0, metavar="FLOAT",
+    demo.add_argument("--scale", type=float, default=None, metavar="FLOAT",
                       help="pipeline: multiply every stage's steps, e.g. 0.2 (float, default 1.0)")
     demo.add_argument("--threads", type=int, default=None, metavar="INT",
                       help="torch CPU threads (int, default 1 for the pipeline, which is fastest at this size; "
@@ -48,12 +56,47 @@ def pipeline_available() -> bool:
     return importlib.util.find_spec("alignkit.demos.pipeline") is not None
 
 
+def check_args(args: argparse.Namespace, wants_reft: bool) -> None:
+    """Refuse, in one line naming the flag, a value the demo would fail on after writing its folder (a negative
+    --threads or --learning-rate, --scale 0), or would take without it meaning anything (--threads 0 ran on the
+    default; --target-loss nan never stops; --max-steps -1 is the Trainer's "use epochs")."""
+    if wants_reft and args.scale is not None:
+        raise ConfigError(f"--scale {args.scale:g}: the pipeline demo's option, which the ReFT demo does not read; "
+                          "its length is --max-steps (and --target-loss)")
+    checks = [("--threads", args.threads, lambda v: v >= 1, "an integer >= 1"),
+              ("--scale", args.scale, lambda v: math.isfinite(v) and v > 0, "a finite number > 0, e.g. 0.4")]
+    if wants_reft:
+        checks += [("--max-steps", args.max_steps, lambda v: v >= 1, "an integer >= 1"),
+                   ("--target-loss", args.target_loss, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+                   ("--learning-rate", args.learning_rate, lambda v: math.isfinite(v) and v > 0,
+                    "a finite number > 0, e.g. 0.02")]
+    for flag, value, ok, want in checks:
+        if value is not None and not ok(value):
+            raise ConfigError(f"{flag} {value}: must be {want}")
+    if args.pairs is not None and not Path(args.pairs).is_file():
+        raise ConfigError(f"--pairs {args.pairs}: no such file (a JSONL of {{\"prompt\": ..., \"response\": ...}} "
+                          f"lines; relative paths are read from {Path.cwd()})")
+    out = Path(args.output_dir or ("runs/demo-reft" if wants_reft else "runs/demo"))
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out}: is a file, not a folder; name a folder (created if missing)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in (REFT_WRITES if wants_reft else PIPELINE_WRITES)) \
+        if out.is_dir() else []
+    if foreign:
+        raise ConfigError(f"--output-dir {out}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                          f"which the demo does not write: its folders would be mixed into another run's; choose a "
+                          f"new or empty folder (or an earlier demo's, which it writes over)")
+    if not wants_reft and args.scale is not None and args.scale < MEASURED_SCALE:
+        logger.warning("--scale %g is below %g, the smallest scale the demo's reduced floors were measured at: "
+                       "a healthy run this short can fall below them", args.scale, MEASURED_SCALE)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    wants_reft = args.reft or any(getattr(args, k) is not None for k in REFT_DEFAULTS)
+    check_args(args, wants_reft)
     if args.threads:
         torch.set_num_threads(args.threads)
-    wants_reft = args.reft or any(getattr(args, k) is not None for k in REFT_DEFAULTS)
     if not wants_reft and pipeline_available():
         return run_pipeline(args)
     if not wants_reft:
@@ -80,7 +123,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(INTRO, flush=True)
     extra = {"threads": args.threads} if args.threads else {}
-    res = run_pipeline_demo(args.output_dir or "runs/demo", scale=args.scale, seed=args.seed,
+    scale = 1.0 if args.scale is None else args.scale
+    res = run_pipeline_demo(args.output_dir or "runs/demo", scale=scale, seed=args.seed,
                             progress=not args.quiet, **extra)
     print(res.table())
     print(examples(res.output_dir))
@@ -91,9 +135,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
           f"with each adapter reward accuracy >= {floors['dpo_reward_accuracy']:g}, greedy style score >= "
           f"{floors['rule_greedy']:g} and on-topic rate >= {floors['on_topic_greedy']:g}")
     if short:
-        print("alignkit demo: FAILED: " + "; ".join(short) + f" (outputs kept in {res.output_dir}; a healthy run of this "
-              "demo never falls below these floors, so something in the stack is wrong: check the versions with "
-              "`pip list` against constraints.txt)", file=sys.stderr)
+        why = (f"--scale {res.scale:g} is below {MEASURED_SCALE:g}, where the reduced floors were measured: a run "
+               f"this short can fall below them; run with --scale {MEASURED_SCALE:g} or more to check the stack"
+               if res.scale < MEASURED_SCALE else "a healthy run of this demo never falls below these floors, so "
+               "something in the stack is wrong: check the versions with `pip list` against constraints.txt")
+        print("alignkit demo: FAILED: " + "; ".join(short) + f" (outputs kept in {res.output_dir}; {why})",
+              file=sys.stderr)
         return 1
     print("all held-out figures at or above their floors")
     return 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -312,8 +313,8 @@ def run_pipeline_demo(output_dir: str | Path, *, scale: float = 1.0, seed: int =
     barriers make 2 threads ~30x slower per step (measured on 2 shared cores: 12 ms vs 340-450 ms per SFT
     step), so the whole demo takes ~20 s with 1 thread and 4-9 minutes with 2 on a busy 2-core machine.
     """
-    if scale <= 0:
-        raise ValueError(f"scale must be > 0 (it multiplies every step count), got {scale}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0 (it multiplies every step count), got {scale}")
     old_threads = torch.get_num_threads()
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 (or None for 1), got {threads}")

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, PrinterCallback, ProgressCallback
 from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter, load_adapter
 from alignkit.data import PromptRecord, SFTCollator, SFTRecord, tokenize_records
 from alignkit.data.collators import PromptCollator
+from alignkit.files import DataError
 from alignkit.interventions.config import ReftConfig
 from alignkit.interventions.training import StopAtLoss
 from alignkit.models.loading import load_model, load_tokenizer
@@ -75,9 +76,10 @@ def load_demo_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
             rec = json.loads(line)
             pairs.append((str(rec["prompt"]), str(rec["response"])))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{where}, line {n}: expected a JSON object with 'prompt' and 'response' ({e})") from e
+            raise DataError(f"{where}, line {n}: expected a JSON object with 'prompt' and 'response' ({type(e).__name__}: "
+                            f"{e}); --pairs takes {{\"prompt\": ..., \"response\": ...}} lines") from e
     if not pairs:
-        raise ValueError(f"{where}: no records")
+        raise DataError(f"{where}: no records; --pairs takes {{\"prompt\": ..., \"response\": ...}} lines")
     return pairs
 
 

@@ -99,8 +99,17 @@ def unknown_key_error(where: str, key: str, valid: list[str], value: Any = None)
     if trl is not None:
         return ConfigError(trl)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    if not close and SAME_SECTION.get(key) in valid:  # a neighbouring command's name for this command's section
+        close = [SAME_SECTION[key]]
+        hint = f"; did you mean {close[0]!r}? (this command's name for the {key} section, with the same keys)"
+    else:
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     return ConfigError(f"{join_key(where, key)}: unknown key{hint} Valid keys: {', '.join(valid)}")
+
+
+# sections two commands spell otherwise with the same keys: `sample` and the online commands' sampling, `generate`'s
+# generation (a reader copying a key from the neighbouring config)
+SAME_SECTION = {"sampling": "generation", "generation": "sampling"}
 
 
 def join_key(where: str, key: str) -> str:

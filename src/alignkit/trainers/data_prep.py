@@ -12,6 +12,7 @@ The two alternative batch layouts an objective can ask for: `packed_collator` (`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from torch import nn
@@ -22,6 +23,7 @@ from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.data.collators import PackedPreferenceCollator, PackedSFTCollator, SharedPromptCollator, packed_version
 from alignkit.data.prepare import feature_kind, is_tokenized, prepare_dataset
 from alignkit.data.tokenize import TokenizeConfig
+from alignkit.settings import ConfigError
 from alignkit.models import varlen
 
 # feature kind (alignkit.data.prepare.feature_kind) -> the collator a trainer uses when none is given
@@ -34,12 +36,18 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
     """Tokenize raw `train_dataset` / `eval_dataset` in place in the Trainer's `kwargs` (as records of
     `record_kinds`, preferred first) and default `data_collator` for the data's kind. `owner` (the trainer's
     class name) starts the error for raw rows without a tokenizer, or for data without a length (refused)."""
+    if "sft" not in record_kinds and config.loss_on != TokenizeConfig.loss_on:  # the CLI refuses data.loss_on alike
+        raise ConfigError(f"{owner}: loss_on={config.loss_on!r} is read only by SFTTrainer (which tokens of a "
+                          f"conversation are trained); {owner} scores its completions whatever it says, so it would "
+                          f"be ignored; remove it")
     tok = kwargs.get("processing_class")
     kind = None
+    given, tokenized_here = [], False
     for key in ("train_dataset", "eval_dataset"):
         ds = kwargs.get(key)
         if ds is None or isinstance(ds, dict):
             continue
+        given.append(key)
         if not hasattr(ds, "__len__"):  # else a TypeError from len() below, or from datasets.map
             raise ValueError(f"{owner}: {key} ({type(ds).__name__}) has no length (an iterable or streaming "
                              "dataset), which alignkit's trainers do not read: they tokenize and count the examples, "
@@ -51,9 +59,16 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
                                  f"as processing_class=tokenizer so the trainer can tokenize them")
             ds, k = prepare_dataset(ds, tok, record_kinds, config, num_proc=num_proc, name=key)
             kwargs[key] = ds
+            tokenized_here = True
         else:
             k = feature_kind(ds[0]) if len(ds) else None
         kind = kind or k
+    changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(TokenizeConfig)
+               if getattr(config, f.name) != f.default]
+    if given and not tokenized_here and changed:
+        raise ConfigError(f"{owner}: {', '.join(changed)} would be ignored: tokenization settings apply only when the trainer tokenizes raw "
+                          f"rows, and {' and '.join(given)} {'is' if len(given) == 1 else 'are'} already tokenized; "
+                          f"pass them to tokenize_records instead, or give the raw rows")
     if kwargs.get("data_collator") is None and kind is not None and tok is not None:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         cls = DEFAULT_COLLATORS.get(kind)
