@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from alignkit.adapters import adapter_of, record_base, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.losses import AdaptiveKLController, FixedKLController
+from alignkit.models.vllm_support import check_head_size, engine_max_model_len, folder_config, vllm_installed
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
@@ -75,10 +76,8 @@ from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_engine import (check_engine_base, check_engine_rope, check_lora_rank, engine_max_model_len,
-                                        folder_config)
+from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, check_lora_rank
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len, refuse_unsupported
-from alignkit.serve.vllm_server import check_head_size, vllm_installed
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.packing import resolve_online_share_prompt
@@ -269,7 +268,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         policy's base), a LoRA
         rank above `method.vllm.max_lora_rank`, and the
         longest prompt + max_new_tokens past its max_model_len (`method.vllm.max_model_len`, else the one vLLM
-        derives from the model folder: `vllm_engine.engine_max_model_len`)."""
+        derives from the model folder: `vllm_support.engine_max_model_len`)."""
         vllm = self.config.vllm
         folder = str(vllm.get("model") or getattr(unwrap_lm(model).config, "name_or_path", "") or "")
         if not folder or not Path(folder, "config.json").is_file():
