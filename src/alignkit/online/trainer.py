@@ -354,9 +354,11 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         trackers: TensorBoard events in <output_dir>/tensorboard by default). With `resume_from_checkpoint` (a
         folder written by `save_checkpoint`), continue after its step: on a CPU in fp32 the later steps equal an
         uninterrupted run's exactly; metrics.jsonl keeps its rows up to that step. Without it, an output_dir whose
-        metrics.jsonl already holds rows is refused (`prepare_metrics_file`)."""
+        metrics.jsonl already holds rows, or whose checkpoints/ holds an earlier run's checkpoints, is refused
+        (`prepare_metrics_file`, `check_fresh_checkpoints`)."""
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self.prepare_metrics_file(start)  # an earlier run's rows: kept up to the checkpoint, or refused from step 0
+        self.check_fresh_checkpoints(start)  # an earlier run's checkpoints: refused from step 0 (after its rows)
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
