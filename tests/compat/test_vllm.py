@@ -64,9 +64,10 @@ def test_engine_max_model_len_is_vllms(tiny_dir, tmp_path, case):
     max_model_len above the model's is refused by both."""
     from vllm.config import ModelConfig
 
-    from alignkit.online.vllm_engine import engine_max_model_len
+    from alignkit.models.vllm_support import engine_max_model_len
 
-    where = "alignkit/online/vllm_engine.py:engine_max_model_len (online/trainer.py:check_colocated_engine)"
+    where = ("alignkit/models/vllm_support.py:engine_max_model_len (online/trainer.py:check_colocated_engine, "
+             "serve/vllm_server.py:_max_len)")
     edit, tok_edit, vllm = CASES[case]
     folder = shutil.copytree(tiny_dir("llama", max_positions=16), tmp_path / "model")
     for name, changes in (("config.json", edit), ("tokenizer_config.json", tok_edit)):
@@ -95,7 +96,7 @@ def test_attention_head_sizes_are_vllms(tiny_dir, tokenizer, tmp_path):
     tiny default, whose engine starts and fails the first generation; 64 is); `head_size` is vLLM's
     `ModelConfig.get_head_size()` (hidden_size / num_attention_heads, or an explicit head_dim). A colocated trainer on
     the head_dim 16 model is refused when built, with no stand-in for vLLM's answer."""
-    where = "alignkit/serve/vllm_server.py:attention_head_sizes/head_size (trainer, serve --engine vllm, vllm-serve)"
+    where = "alignkit/models/vllm_support.py:attention_head_sizes/head_size (trainer, serve --engine vllm, vllm-serve)"
     with guard(VLLM, "vllm.platforms.current_platform / vllm.v1.attention.backends.cpu_attn moved", where):
         from vllm.config import ModelConfig
         from vllm.platforms import current_platform
@@ -106,7 +107,7 @@ def test_attention_head_sizes_are_vllms(tiny_dir, tokenizer, tmp_path):
     from alignkit.models.loading import load_model
     from alignkit.online.generation import SamplingConfig
     from alignkit.online.grpo import GRPOConfig, GRPOTrainer
-    from alignkit.serve.vllm_server import attention_head_sizes, head_size
+    from alignkit.models.vllm_support import attention_head_sizes, head_size
     from alignkit.settings import ConfigError
 
     if not current_platform.is_cpu():
@@ -136,9 +137,9 @@ def test_allow_long_max_model_len_lets_a_longer_length_start(tiny_dir, tmp_path,
     vLLM would start."""
     from vllm.config import ModelConfig
 
-    from alignkit.online.vllm_engine import engine_max_model_len
+    from alignkit.models.vllm_support import engine_max_model_len
 
-    where = "alignkit/online/vllm_engine.py:engine_max_model_len (VLLM_ALLOW_LONG_MAX_MODEL_LEN)"
+    where = "alignkit/models/vllm_support.py:engine_max_model_len (VLLM_ALLOW_LONG_MAX_MODEL_LEN)"
     folder = shutil.copytree(tiny_dir("llama", max_positions=16), tmp_path / "model")
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     with guard(VLLM, "ModelConfig refuses a max_model_len above the model's under VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 "

@@ -225,6 +225,35 @@ def test_resume_refuses_other_prompts_and_settings_the_checkpoint_would_override
     assert "sampling seeds" in said[0]
 
 
+def test_a_run_from_step_0_into_an_earlier_runs_checkpoints_is_refused(tiny_dir, tokenizer, tmp_path):
+    """An output_dir holding an earlier run's checkpoints/ but no metrics.jsonl (removed, as the metrics refusal's
+    advice said): a new GRPOTrainer(...).train() from step 0 replaced that run's checkpoint-1 / checkpoint-2 with
+    its own, without a word. Now a CheckpointError naming the folder and the fix, before anything is written; the
+    earlier run's files are as they were, and resuming from its checkpoint still runs."""
+    from alignkit.run_commit import CheckpointError
+
+    def trainer(steps=2, learning_rate=1e-2):
+        cfg = GRPOConfig(steps=steps, prompts_per_step=2, save_steps=1, learning_rate=learning_rate,
+                         sampling=SamplingConfig(num_samples=2, max_new_tokens=2))
+        return GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS,
+                           {"type": "function", "fn": digit_fraction}, cfg, output_dir=tmp_path)
+
+    trainer().train()
+    (tmp_path / METRICS_FILE).unlink()
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "checkpoints").rglob("*")) if p.is_file()}
+    assert {p.parent.name for p in before} == {"checkpoint-1", "checkpoint-2"}
+    with pytest.raises(CheckpointError) as e:
+        trainer(learning_rate=5e-2).train()
+    assert str(e.value) == (
+        f"GRPOTrainer: {tmp_path / 'checkpoints'} already holds 2 checkpoint(s) of an earlier run (checkpoint-1, "
+        "checkpoint-2), and this run starts at step 0, so its checkpoints would replace that run's of the same step; "
+        f"pass resume_from_checkpoint= (e.g. {tmp_path / 'checkpoints' / 'checkpoint-2'}) to continue that run, or "
+        "another output_dir (or remove that run's files)")
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "checkpoints").rglob("*")) if p.is_file()} == before
+    assert not (tmp_path / METRICS_FILE).exists()
+    assert len(trainer(steps=3).train(resume_from_checkpoint=tmp_path / "checkpoints" / "checkpoint-2")) == 1
+
+
 @pytest.mark.parametrize("kwargs, says", [
     ({"kl_coef": 0.5}, "kl_coef=0.5 sets the KL penalty of GRPO / RLOO / PPO, and online DPO's preference loss has none"),
     ({"kl_target": 6.0}, "kl_target=6.0 sets the KL penalty of GRPO / RLOO / PPO"),

@@ -170,11 +170,10 @@ def test_a_head_size_vllms_attention_lacks_is_refused_when_the_trainer_is_built(
     trainer is built, naming the folder, the head size and the sizes vLLM takes (vLLM's own answer:
     `attention_head_sizes`, pinned in tests/compat/test_vllm.py; stood in for here, where vLLM may be absent).
     The tiny Llama's size: hidden 64 / 4 heads = 16; hidden 128 / 2 heads = 64 builds."""
-    import alignkit.serve.vllm_server as vs
+    import alignkit.models.vllm_support as support
 
     cpu = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vLLM 0.32's CPUAttentionBackend
-    monkeypatch.setattr(vs, "attention_head_sizes", lambda size: None if size in cpu else ("CPU_ATTN", cpu),
-                        raising=False)
+    monkeypatch.setattr(support, "attention_head_sizes", lambda size: None if size in cpu else ("CPU_ATTN", cpu))
 
     def build(folder):
         policy = apply_adapter(load_model(folder), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))

@@ -94,13 +94,13 @@ def test_a_base_whose_head_size_vllm_lacks_is_refused_before_vllm_starts(serve_d
     import subprocess
     import types
 
+    import alignkit.models.vllm_support as support
     import alignkit.serve.vllm_server as vs
     from alignkit.serve.vllm_serve import EngineSettings, VllmServeEngine
 
     cpu = [32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512]  # vLLM 0.32's CPUAttentionBackend
-    monkeypatch.setattr(vs, "attention_head_sizes", lambda size: None if size in cpu else ("CPU_ATTN", cpu),
-                        raising=False)
-    monkeypatch.setattr(vs, "vllm_installed", lambda: True)
+    monkeypatch.setattr(support, "attention_head_sizes", lambda size: None if size in cpu else ("CPU_ATTN", cpu))
+    monkeypatch.setattr(support, "vllm_installed", lambda: True)
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("vLLM's server was started"))
     base = serve_dirs["base"]
     cfg = types.SimpleNamespace(adapters={}, max_prompt_tokens=8, max_new_tokens=8, host="127.0.0.1", port=0,
@@ -116,13 +116,17 @@ def test_a_base_whose_head_size_vllm_lacks_is_refused_before_vllm_starts(serve_d
             and "CPU_ATTN attention here takes 32, 64, 80, " in msg and msg.endswith(fix), msg
 
 
-def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start(monkeypatch, caplog, tiny_dir):
+def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start(monkeypatch, caplog, tiny_dir,
+                                                                                  tmp_path):
     """max_prompt_tokens / max_new_tokens reach vLLM only as their sum (--max-model-len): a longer prompt with a
     shorter completion was served without a word, where alignkit's engine refuses it. Set away from their defaults,
     a warning says so when the server starts (vLLM replaced by a child that exits at once, through the module's
     seams); at the defaults nothing is said. The sum is capped at the model's context (max_position_embeddings 64
     here): the warning quoted the uncapped sum (128) where vLLM was started with 64; it now quotes 64 and says what
-    capped it."""
+    capped it. The context is vLLM's (`engine_max_model_len`, row V2): a base with linear RoPE scaling, factor 2,
+    runs 64 x 2 = 128 positions in vLLM, and was started with --max-model-len 64 (max_position_embeddings alone)."""
+    import json
+    import shutil
     import sys
     import types
 
@@ -136,7 +140,7 @@ def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start
     monkeypatch.setattr(vs, "command", lambda plan, host, port, dtype, max_model_len=None:
                         started.append(max_model_len) or [sys.executable, "-c", "pass"])
 
-    def run(prompt, new):
+    def run(prompt, new, base=base):
         caplog.clear()
         cfg = types.SimpleNamespace(adapters={}, max_prompt_tokens=prompt, max_new_tokens=new, host="127.0.0.1",
                                     port=0, dtype="float32", api_key=None)
@@ -154,6 +158,17 @@ def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start
         f"max_position_embeddings in {base / 'config.json'}): vLLM caps neither on its own (a prompt over 100 tokens "
         "with a shorter completion is served, and so is max_tokens over 28), where engine=alignkit refuses both"]
     assert run(2048, 512) == [] and started == [60, 64, 64]
+
+    scaled = shutil.copytree(base, tmp_path / "scaled")
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    started.clear()
+    assert run(100, 20, scaled) != [] and started == [120]  # within 128: not capped
+    assert run(100, 60, scaled)[0].startswith(
+        "serve --engine vllm: max_prompt_tokens 100 and max_new_tokens 60 reach vLLM only as their sum "
+        "(--max-model-len 128, prompt + completion; capped from their sum 160 at the model's context, "
+        f"max_position_embeddings x rope factor 2.0 in {scaled / 'config.json'}): ") and started == [120, 128]
 
 
 def test_an_adapters_saved_tokenizer_is_checked_as_alignkits_engine_does(serve_dirs, tmp_path, caplog):

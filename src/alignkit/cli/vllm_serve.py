@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alignkit.serve.vllm_server import vllm_installed
+    from alignkit.models.vllm_support import vllm_installed
     from alignkit.settings import ConfigError
 
     if not vllm_installed():

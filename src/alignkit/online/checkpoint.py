@@ -24,7 +24,7 @@ from alignkit.distributed import (
 from alignkit.guards import NonFiniteError
 from alignkit.online.generation import prompts_fingerprint
 from alignkit.online.metrics import METRICS_FILE
-from alignkit.run_commit import CheckpointError, incomplete_reason, staged
+from alignkit.run_commit import CheckpointError, checkpoint_step, incomplete_reason, staged
 from alignkit.runs import push_folder
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,25 @@ class Checkpoints:
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
         return folder
+
+    def check_fresh_checkpoints(self, start: int) -> None:
+        """Before a `train` call writes anything: from step 0 (no resume), an output_dir whose `checkpoints/` holds
+        `checkpoint-N` folders of an earlier run is refused (`CheckpointError`, one line naming the folder): this
+        run's checkpoint-N replaced that run's of the same step, and its model and metrics sat beside the other
+        run's checkpoints (a later resume continued the earlier run), without a word. metrics.jsonl of such a run
+        is refused by `prepare_metrics_file`; this covers the folder without it (removed, or never written)."""
+        folder = self.output_dir / "checkpoints" if self.output_dir is not None and start == 0 else None
+        if folder is None or not folder.is_dir():
+            return
+        found = sorted((step, p.name) for p in folder.iterdir()
+                       if p.is_dir() and (step := checkpoint_step(p)) is not None)
+        if found:
+            names = ", ".join(name for _, name in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise CheckpointError(f"{type(self).__name__}: {folder} already holds {len(found)} checkpoint(s) of an "
+                                  f"earlier run ({names}), and this run starts at step 0, so its checkpoints would "
+                                  "replace that run's of the same step; pass resume_from_checkpoint= (e.g. "
+                                  f"{folder / found[-1][1]}) to continue that run, or another output_dir (or "
+                                  "remove that run's files)")
 
     def check_resume(self, folder: str | Path) -> None:
         """Refuse (`CheckpointError`, one line) to resume from `folder` when it is incomplete, or when this trainer's

@@ -133,8 +133,8 @@ class ProcessMetrics:
             if rows:
                 raise ValueError(f"{type(self).__name__}: {path} already holds {rows} row(s) of an earlier run, and "
                                  "this run starts at step 0, so its rows would be appended to that run's; pass "
-                                 "resume_from_checkpoint= to continue that run, or another output_dir (or remove the "
-                                 "file)")
+                                 "resume_from_checkpoint= to continue that run, or another output_dir (or remove that "
+                                 "run's files)")
         elif self.accelerator.is_main_process:
             truncate_metrics(path, start - 1)
 

@@ -65,6 +65,7 @@ from tqdm.auto import tqdm
 from alignkit.adapters import adapter_of, record_base, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.losses import AdaptiveKLController, FixedKLController
+from alignkit.models.vllm_support import check_head_size, engine_max_model_len, folder_config, vllm_installed
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
@@ -75,10 +76,8 @@ from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
-from alignkit.online.vllm_engine import (check_engine_base, check_engine_rope, check_lora_rank, engine_max_model_len,
-                                        folder_config)
+from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, check_lora_rank
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len, refuse_unsupported
-from alignkit.serve.vllm_server import check_head_size, vllm_installed
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.packing import resolve_online_share_prompt
@@ -269,7 +268,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         policy's base), a LoRA
         rank above `method.vllm.max_lora_rank`, and the
         longest prompt + max_new_tokens past its max_model_len (`method.vllm.max_model_len`, else the one vLLM
-        derives from the model folder: `vllm_engine.engine_max_model_len`)."""
+        derives from the model folder: `vllm_support.engine_max_model_len`)."""
         vllm = self.config.vllm
         folder = str(vllm.get("model") or getattr(unwrap_lm(model).config, "name_or_path", "") or "")
         if not folder or not Path(folder, "config.json").is_file():
@@ -355,9 +354,11 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         trackers: TensorBoard events in <output_dir>/tensorboard by default). With `resume_from_checkpoint` (a
         folder written by `save_checkpoint`), continue after its step: on a CPU in fp32 the later steps equal an
         uninterrupted run's exactly; metrics.jsonl keeps its rows up to that step. Without it, an output_dir whose
-        metrics.jsonl already holds rows is refused (`prepare_metrics_file`)."""
+        metrics.jsonl already holds rows, or whose checkpoints/ holds an earlier run's checkpoints, is refused
+        (`prepare_metrics_file`, `check_fresh_checkpoints`)."""
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self.prepare_metrics_file(start)  # an earlier run's rows: kept up to the checkpoint, or refused from step 0
+        self.check_fresh_checkpoints(start)  # an earlier run's checkpoints: refused from step 0 (after its rows)
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
         self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)

@@ -15,10 +15,7 @@ step, after the run folder was written.
   (`alignkit_base.json`'s probes): an adapter policy samples through the folder's other weights. A warning (naming
   the folder) where no probe could be read there (no safetensors, other tensor names): nothing but shapes compared;
   none for the folder the policy's base was loaded from.
-- `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
-  folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
-  keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not scale `max_position_embeddings` themselves), and a `max_model_len`
-  above it, which vLLM refuses at start. Pinned against vLLM's `ModelConfig` (row V2).
+- the engine's max_model_len: `models/vllm_support.py:engine_max_model_len` (shared with serve --engine vllm).
 """
 
 from __future__ import annotations
@@ -28,15 +25,12 @@ import difflib
 import importlib.util
 import inspect
 import logging
-import math
-import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
-
 from alignkit.adapters.base import adapter_of, base_mismatch, compared_probes, folder_fingerprint, recorded_base
 from alignkit.models.rope import rope_record
+from alignkit.models.vllm_support import folder_config
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -53,12 +47,6 @@ ENGINE_ARGS = (
 # the values vLLM's --max-lora-rank accepts (its MaxLoRARanks; alignkit picks the smallest >= the policy's rank)
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 ACCEPTED_LORA_RANKS = (1, *LORA_RANKS)
-# the config keys vLLM reads a model's length from (the smallest wins), and the RoPE types whose
-# max_position_embeddings is already the scaled context (vLLM does not multiply it by `factor`)
-MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
-PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
-NO_LENGTH_DEFAULT = 2048  # vLLM's guess when the config names no length
 
 
 def vllm_argument_names() -> frozenset[str] | None:
@@ -122,11 +110,6 @@ def check_lora_rank(rank: int, vllm: dict[str, Any]) -> None:
                              f"vLLM takes ranks up to {LORA_RANKS[-1]}: lower adapter.lora.r"))
 
 
-def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
-    """The transformers config of the model folder the engine loads (as vLLM reads it: config.json)."""
-    return AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(vllm.get("trust_remote_code", False)))
-
-
 def check_engine_rope(policy_config: Any, folder: str | Path, vllm: dict[str, Any]) -> None:
     """ConfigError when the policy encodes positions otherwise than the model folder the engine loads: its RoPE set
     by `model.rope_scaling` (alignkit changes the loaded config, not config.json), so vLLM, which reads
@@ -184,65 +167,5 @@ def check_engine_base(model: Any, folder: str | Path, vllm: dict[str, Any], key:
                        "samples through its other weights)", key, folder, base, unread)
 
 
-def _rope_parameters(config: Any) -> list[dict[str, Any]]:
-    rp = getattr(config, "rope_parameters", None)
-    if not isinstance(rp, dict) or not rp:
-        return []
-    if all(isinstance(v, dict) for v in rp.values()):  # one per layer type
-        return [v for v in rp.values() if v]
-    return [rp]
-
-
-def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int | None, str]:
-    """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (module docstring),
-    with `vllm.max_model_len` when set (a dict of `vllm.hf_overrides` applied first; None with a callable one); a
-    ConfigError when that is above the model's own length (vLLM refuses it when the engine starts, unless
-    VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
-    config = folder_config(folder, vllm)
-    overrides = vllm.get("hf_overrides")
-    if callable(overrides):  # vLLM calls it on its config: not derived here (the engine checks at generation)
-        return None, "method.vllm.hf_overrides"
-    for k, v in (overrides or {}).items():  # vLLM applies a dict of overrides onto the config
-        setattr(config, k, v)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    derived, key = math.inf, None
-    for k in MAX_LEN_KEYS:
-        v = getattr(text, k, None)
-        if v is not None and v < derived:
-            derived, key = v, k
-    if getattr(text, "model_max_length", None):  # vLLM's Command-R rule: this key wins when set
-        derived, key = text.model_max_length, "model_max_length"
-    window = getattr(text, "sliding_window", None)
-    if vllm.get("disable_sliding_window") and window and window < derived:
-        derived, key = window, "sliding_window"
-    # (the tokenizer's model_max_length: vLLM reads it for pooling models only, not for generation)
-    asked = vllm.get("max_model_len")
-    if derived == math.inf:
-        if asked is not None:
-            return int(asked), "method.vllm.max_model_len"
-        derived, key = NO_LENGTH_DEFAULT, "vLLM's default (the config names no length)"
-    rope = _rope_parameters(config)
-    if rope and "gemma3" not in str(getattr(config, "model_type", "")):
-        factor = 1.0
-        for rp in rope:
-            if rp.get("rope_type", rp.get("type")) not in PRESCALED_ROPE:
-                factor = rp.get("factor", factor)
-        if factor != 1.0 and factor is not None:
-            derived, key = derived * factor, f"{key} x rope factor {factor}"
-    where = f"{key} in {Path(folder) / 'config.json'}" if "default" not in str(key) else key
-    if asked is None or asked == -1:
-        if any(rp.get("rope_type") == "longrope" for rp in rope):
-            orig = getattr(config, "original_max_position_embeddings", None)
-            if orig is not None:
-                return int(orig), f"original_max_position_embeddings in {Path(folder) / 'config.json'} (longrope)"
-        return int(derived), where
-    allow_long = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true")
-    if asked > derived and not (getattr(config, "model_max_length", None) or 0) >= asked and not allow_long:
-        raise ConfigError(f"method.vllm.max_model_len {asked} is above the model's context {int(derived)} ({where}): "
-                          "vLLM refuses it when the engine starts, after the run folder is written; lower "
-                          f"method.vllm.max_model_len to {int(derived)} or less")
-    return int(asked), "method.vllm.max_model_len"
-
-
-__all__ = ["ACCEPTED_LORA_RANKS", "ENGINE_ARGS", "LORA_RANKS", "MAX_LEN_KEYS", "PRESCALED_ROPE",
-           "check_engine_args", "check_engine_base", "check_engine_rope", "check_lora_rank", "engine_max_model_len", "folder_config", "vllm_argument_names"]
+__all__ = ["ACCEPTED_LORA_RANKS", "ENGINE_ARGS", "LORA_RANKS", "check_engine_args", "check_engine_base",
+           "check_engine_rope", "check_lora_rank", "vllm_argument_names"]

@@ -38,12 +38,12 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.adapters.base import adapter_of, unwrap_lm
+from alignkit.models.vllm_support import lora_unsupported
 from alignkit.online.vllm_engine import LORA_RANKS
 from alignkit.online.generation import (
     FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompts, end_token_ids, finish_response,
     uses_chat_template,
 )
-from alignkit.serve.vllm_server import lora_unsupported
 from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)

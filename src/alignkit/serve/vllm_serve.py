@@ -50,10 +50,10 @@ from safetensors.torch import load
 from transformers import AutoConfig
 
 import alignkit
+from alignkit.models.vllm_support import check_head_size, lora_unsupported
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
-from alignkit.serve.vllm_server import check_head_size, lora_unsupported
 
 logger = logging.getLogger(__name__)
 

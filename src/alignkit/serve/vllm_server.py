@@ -21,7 +21,6 @@ with another is refused before vLLM starts).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -44,6 +43,8 @@ from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
+from alignkit.models.vllm_support import (check_head_size, engine_max_model_len, lora_unsupported,
+                                          require_vllm)
 from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
@@ -62,70 +63,6 @@ class VllmPlan:
     served_name: str
     loras: dict[str, str] = field(default_factory=dict)
     max_lora_rank: int = 0
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def require_vllm() -> None:
-    if not vllm_installed():
-        raise ConfigError("engine: vllm needs vLLM installed in this Python (make vllm-env builds .venv-vllm with "
-                          "the CPU build; on a GPU: pip install vllm); or use engine=alignkit")
-
-
-def head_size(config: Any) -> int | None:
-    """The attention head size of a transformers `config` as vLLM reads it (its `head_dim`, else hidden_size /
-    num_attention_heads); None for MLA models (`kv_lora_rank`: vLLM's MLA backends, other sizes) or where not given."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "kv_lora_rank", None) is not None:
-        return None
-    size = getattr(text, "head_dim", None)
-    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
-    return int(size) if size else hidden // heads if hidden and heads else None
-
-
-def attention_head_sizes(size: int) -> tuple[str, list[int]] | None:
-    """(vLLM's attention backend on this platform, the head sizes it takes) when it does not take `size`; None when
-    it does, where vLLM is not importable, or off its CPU platform (vLLM's GPU selector picks among several backends
-    and refuses itself at start). vLLM's own answer: its platform's `get_attn_backend_cls`, the backend's
-    `supports_head_size` / `get_supported_head_sizes` (tests/compat/test_vllm.py, row V3)."""
-    if not vllm_installed():
-        return None
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return None
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-    from vllm.v1.attention.selector import AttentionSelectorConfig
-
-    path = current_platform.get_attn_backend_cls(None, AttentionSelectorConfig(
-        head_size=size, dtype=torch.float32, kv_cache_dtype=None, block_size=None))
-    backend = resolve_obj_by_qualname(path)
-    if backend.supports_head_size(size):
-        return None
-    return backend.get_name(), list(backend.get_supported_head_sizes())
-
-
-def check_head_size(config: Any, folder: str | Path, where: str, fix: str) -> None:
-    """ConfigError when vLLM's attention here cannot run the model `folder` (its `config`): the CPU build's engine
-    starts and its first generation fails ('Unsupported CPU attention configuration: head_dim=16'), after a run
-    folder was written or a server said it was ready. `where`: what starts the engine; `fix`: the way out."""
-    size = head_size(config)
-    refused = attention_head_sizes(size) if size is not None else None
-    if refused is not None:
-        backend, sizes = refused
-        raise ConfigError(f"{where}: the model in {folder} has attention head size {size} (head_dim, else "
-                          f"hidden_size / num_attention_heads), and vLLM's {backend} attention here takes "
-                          f"{', '.join(map(str, sizes))}: its first generation would fail, after the engine started; "
-                          f"{fix}")
-
-
-def lora_unsupported(peft_cfg: Mapping) -> str | None:
-    """Why vLLM's LoRA cannot serve this peft adapter_config (DoRA, LoRA biases, extra trained modules), or None."""
-    return ("uses DoRA (use_dora)" if peft_cfg.get("use_dora") else
-            f"trains LoRA biases (bias={peft_cfg.get('bias')!r})" if peft_cfg.get("bias", "none") != "none" else
-            f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else None)
 
 
 def _lora_folder(name: str, folder: Path, base: Path, out: Path) -> tuple[Path, int]:
@@ -310,12 +247,13 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
 
 
 def _max_len(base: Path, wanted: int) -> tuple[int, str]:
-    """(`wanted` capped by the model's own context, the config key that gives it): vLLM refuses a longer
-    --max-model-len, and runs with the one it is given, which the start-up warning quotes."""
-    cfg = json.loads((base / "config.json").read_text())
-    key = next((k for k in ("max_position_embeddings", "n_positions") if cfg.get(k)), None)
-    return (min(wanted, int(cfg[key])) if key else wanted), f"{key} in {base / 'config.json'}"
+    """(`wanted` capped by the model's own context as vLLM derives it, what gives it): vLLM refuses a longer
+    --max-model-len, and runs with the one it is given, which the start-up warning quotes. The context is
+    `engine_max_model_len`'s (row V2): the config's length keys times a RoPE scaling factor (a linear factor 2 on
+    max_position_embeddings 64 is 128), not max_position_embeddings alone."""
+    limit, source = engine_max_model_len(base, {})
+    return (wanted if limit is None else min(wanted, limit)), source
 
 
-__all__ = ["REFT_REFUSAL", "VllmPlan", "attention_head_sizes", "check_adapters", "check_bases", "check_head_size", "command", "head_size",
-           "lora_unsupported", "prepare", "require_vllm", "serve_with_vllm", "unenforced_limits", "vllm_installed"]
+__all__ = ["REFT_REFUSAL", "VllmPlan", "check_adapters", "check_bases", "command", "prepare", "serve_with_vllm",
+           "unenforced_limits"]

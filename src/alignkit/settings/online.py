@@ -452,11 +452,6 @@ class OnlineRunConfig:
     def __post_init__(self) -> None:
         self.train = {"learning_rate": ONLINE_LEARNING_RATES[self.command], **(self.train or {})}
         check_train(self.train, self.command)
-        for key in ("hub_model_id", "hub_private_repo"):  # read only by the upload, which the run makes only then
-            if self.train.get(key) not in (None, False) and not self.train.get("push_to_hub"):
-                raise ConfigError(f"train.{key}: {self.train[key]!r} is read only when the run uploads its model "
-                                  "(train.push_to_hub: true, or --push_to_hub), which is not set, so it would be "
-                                  f"ignored; set train.push_to_hub=true, or remove train.{key}")
         check_prompt_data(self.data, self.command)
         if self.train.get("eval_steps") is not None and self.data.eval_path is None and not self.data.eval_fraction:
             raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} evaluates on held-out prompts, and data "

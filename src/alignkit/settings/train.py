@@ -151,7 +151,8 @@ def check_renamed(data: dict[str, Any], command: str) -> None:
 
 def check_train(train: dict[str, Any], command: str, where: str = "train") -> dict[str, Any]:
     """Types of the shared keys; for online commands, only `ONLINE_TRAIN_KEYS` (offline: the rest is checked
-    against TrainingArguments by `alignkit.settings.load.check_training_args`)."""
+    against TrainingArguments by `alignkit.settings.load.check_training_args`). For every command: the Hub keys
+    read only by the upload (`hub_model_id`, `hub_private_repo`) without `push_to_hub` are refused."""
     for key, value in train.items():
         if command in ONLINE_COMMANDS and key not in ONLINE_TRAIN_KEYS:
             raise unknown_key_error(where, str(key), list(ONLINE_TRAIN_KEYS), value)
@@ -173,6 +174,11 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     if command in ONLINE_COMMANDS and isinstance(train.get("max_steps"), int) and train["max_steps"] < 1:
         raise ConfigError(f"{where}.max_steps: {train['max_steps']} is out of range; it must be >= 1 for {command} "
                           "(online runs count steps, not epochs)")
+    for key in ("hub_model_id", "hub_private_repo"):  # read only by the upload, which the run makes only then
+        if train.get(key) not in (None, False) and not train.get("push_to_hub"):
+            raise ConfigError(f"{where}.{key}: {train[key]!r} is read only when the run uploads its model "
+                              f"({where}.push_to_hub: true, or --push_to_hub), which is not set, so it would be "
+                              f"ignored; set {where}.push_to_hub=true, or remove {where}.{key}")
     if train.get("padding_free") and command not in ("sft", "dpo", "rm"):
         raise ConfigError(f"{where}.padding_free: not available for {command} (only sft, dpo and rm); remove it")
     if train.get("share_prompt") and command not in ("rm", "dpo"):

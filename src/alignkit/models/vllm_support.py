@@ -1,0 +1,166 @@
+"""What vLLM makes of a model folder, worked out before an engine or server starts: whether vLLM is here and can
+run the model, and the context it derives for it. Shared by `alignkit serve --engine vllm` (serve/vllm_server.py),
+`alignkit vllm-serve` (serve/vllm_serve.py) and the online trainers' vLLM generation (online/trainer.py,
+online/vllm_generation.py), so neither package imports the other for it.
+
+- `vllm_installed` / `require_vllm`; `head_size`, `attention_head_sizes`, `check_head_size`: a model vLLM's CPU
+  attention cannot run (row V3 of docs/architecture.md); `lora_unsupported`: peft features vLLM's LoRA lacks.
+- `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
+  folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
+  keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not
+  scale `max_position_embeddings` themselves), and a `max_model_len` above it, which vLLM refuses at start. Pinned
+  against vLLM's `ModelConfig` (rows V2, V11).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import AutoConfig
+
+from alignkit.settings import ConfigError
+
+# the config keys vLLM reads a model's length from (the smallest wins), and the RoPE types whose
+# max_position_embeddings is already the scaled context (vLLM does not multiply it by `factor`)
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+NO_LENGTH_DEFAULT = 2048  # vLLM's guess when the config names no length
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> None:
+    if not vllm_installed():
+        raise ConfigError("engine: vllm needs vLLM installed in this Python (make vllm-env builds .venv-vllm with "
+                          "the CPU build; on a GPU: pip install vllm); or use engine=alignkit")
+
+
+def head_size(config: Any) -> int | None:
+    """The attention head size of a transformers `config` as vLLM reads it (its `head_dim`, else hidden_size /
+    num_attention_heads); None for MLA models (`kv_lora_rank`: vLLM's MLA backends, other sizes) or where not given."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None) is not None:
+        return None
+    size = getattr(text, "head_dim", None)
+    hidden, heads = getattr(text, "hidden_size", None), getattr(text, "num_attention_heads", None)
+    return int(size) if size else hidden // heads if hidden and heads else None
+
+
+def attention_head_sizes(size: int) -> tuple[str, list[int]] | None:
+    """(vLLM's attention backend on this platform, the head sizes it takes) when it does not take `size`; None when
+    it does, where vLLM is not importable, or off its CPU platform (vLLM's GPU selector picks among several backends
+    and refuses itself at start). vLLM's own answer: its platform's `get_attn_backend_cls`, the backend's
+    `supports_head_size` / `get_supported_head_sizes` (tests/compat/test_vllm.py, row V3)."""
+    if not vllm_installed():
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    path = current_platform.get_attn_backend_cls(None, AttentionSelectorConfig(
+        head_size=size, dtype=torch.float32, kv_cache_dtype=None, block_size=None))
+    backend = resolve_obj_by_qualname(path)
+    if backend.supports_head_size(size):
+        return None
+    return backend.get_name(), list(backend.get_supported_head_sizes())
+
+
+def check_head_size(config: Any, folder: str | Path, where: str, fix: str) -> None:
+    """ConfigError when vLLM's attention here cannot run the model `folder` (its `config`): the CPU build's engine
+    starts and its first generation fails ('Unsupported CPU attention configuration: head_dim=16'), after a run
+    folder was written or a server said it was ready. `where`: what starts the engine; `fix`: the way out."""
+    size = head_size(config)
+    refused = attention_head_sizes(size) if size is not None else None
+    if refused is not None:
+        backend, sizes = refused
+        raise ConfigError(f"{where}: the model in {folder} has attention head size {size} (head_dim, else "
+                          f"hidden_size / num_attention_heads), and vLLM's {backend} attention here takes "
+                          f"{', '.join(map(str, sizes))}: its first generation would fail, after the engine started; "
+                          f"{fix}")
+
+
+def lora_unsupported(peft_cfg: Mapping) -> str | None:
+    """Why vLLM's LoRA cannot serve this peft adapter_config (DoRA, LoRA biases, extra trained modules), or None."""
+    return ("uses DoRA (use_dora)" if peft_cfg.get("use_dora") else
+            f"trains LoRA biases (bias={peft_cfg.get('bias')!r})" if peft_cfg.get("bias", "none") != "none" else
+            f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else None)
+
+
+def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
+    """The transformers config of the model folder the engine loads (as vLLM reads it: config.json)."""
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(vllm.get("trust_remote_code", False)))
+
+
+def _rope_parameters(config: Any) -> list[dict[str, Any]]:
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict) or not rp:
+        return []
+    if all(isinstance(v, dict) for v in rp.values()):  # one per layer type
+        return [v for v in rp.values() if v]
+    return [rp]
+
+
+def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int | None, str]:
+    """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (the module docstring),
+    with `vllm.max_model_len` when set (a dict of `vllm.hf_overrides` applied first; None with a callable one); a
+    ConfigError when that is above the model's own length (vLLM refuses it when the engine starts, unless
+    VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
+    config = folder_config(folder, vllm)
+    overrides = vllm.get("hf_overrides")
+    if callable(overrides):  # vLLM calls it on its config: not derived here (the engine checks at generation)
+        return None, "method.vllm.hf_overrides"
+    for k, v in (overrides or {}).items():  # vLLM applies a dict of overrides onto the config
+        setattr(config, k, v)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    derived, key = math.inf, None
+    for k in MAX_LEN_KEYS:
+        v = getattr(text, k, None)
+        if v is not None and v < derived:
+            derived, key = v, k
+    if getattr(text, "model_max_length", None):  # vLLM's Command-R rule: this key wins when set
+        derived, key = text.model_max_length, "model_max_length"
+    window = getattr(text, "sliding_window", None)
+    if vllm.get("disable_sliding_window") and window and window < derived:
+        derived, key = window, "sliding_window"
+    # (the tokenizer's model_max_length: vLLM reads it for pooling models only, not for generation)
+    asked = vllm.get("max_model_len")
+    if derived == math.inf:
+        if asked is not None:
+            return int(asked), "method.vllm.max_model_len"
+        derived, key = NO_LENGTH_DEFAULT, "vLLM's default (the config names no length)"
+    rope = _rope_parameters(config)
+    if rope and "gemma3" not in str(getattr(config, "model_type", "")):
+        factor = 1.0
+        for rp in rope:
+            if rp.get("rope_type", rp.get("type")) not in PRESCALED_ROPE:
+                factor = rp.get("factor", factor)
+        if factor != 1.0 and factor is not None:
+            derived, key = derived * factor, f"{key} x rope factor {factor}"
+    where = f"{key} in {Path(folder) / 'config.json'}" if "default" not in str(key) else key
+    if asked is None or asked == -1:
+        if any(rp.get("rope_type") == "longrope" for rp in rope):
+            orig = getattr(config, "original_max_position_embeddings", None)
+            if orig is not None:
+                return int(orig), f"original_max_position_embeddings in {Path(folder) / 'config.json'} (longrope)"
+        return int(derived), where
+    allow_long = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true")
+    if asked > derived and not (getattr(config, "model_max_length", None) or 0) >= asked and not allow_long:
+        raise ConfigError(f"method.vllm.max_model_len {asked} is above the model's context {int(derived)} ({where}): "
+                          "vLLM refuses it when the engine starts, after the run folder is written; lower "
+                          f"method.vllm.max_model_len to {int(derived)} or less")
+    return int(asked), "method.vllm.max_model_len"
+
+
+__all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "attention_head_sizes", "check_head_size",
+           "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "require_vllm", "vllm_installed"]
