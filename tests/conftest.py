@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 import pytest
 import torch
@@ -84,3 +85,18 @@ def hub_cache(tmp_path, monkeypatch):
         return snapshot
 
     return add
+
+
+@pytest.fixture
+def next_event_file_second():
+    """Call it before a resume whose TensorBoard events a test reads: it sleeps until the wall clock's whole second
+    changes. TensorBoard reads a folder's event files in name order, and the names of the files one process writes
+    differ only in the whole-second time and then an unpadded counter ('...<pid>.10' sorts before '...<pid>.9'), so a
+    resumed run whose writer opened in the killed run's second could be read first, and its purge_step then could not
+    hide the killed run's later steps (a real resume, another process seconds later, never meets that)."""
+
+    def wait() -> None:
+        now = time.time()
+        time.sleep(int(now) + 1 - now + 0.01)
+
+    return wait

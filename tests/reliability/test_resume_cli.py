@@ -288,12 +288,13 @@ def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def test_resume_purges_the_killed_runs_tensorboard_steps_after_the_checkpoint(tmp_path, monkeypatch):
+def test_resume_purges_the_killed_runs_tensorboard_steps_after_the_checkpoint(tmp_path, monkeypatch, next_event_file_second):
     """Killed after logging step 3 (checkpoint-2 the newest): metrics.jsonl was trimmed to step 2 on resume, but the
     killed run's TensorBoard events for step 3 stayed beside the resumed run's, so TensorBoard showed two losses at
     step 3. The resumed writer purges them (`purge_step`): one value per step, the resumed run's."""
     killed_after(monkeypatch, 3, "sft", "sft-tiny.yaml", tmp_path / "cut", [])
     assert [s for s, _ in tensorboard_scalars(tmp_path / "cut" / "tensorboard", "train/loss")] == [1, 2, 3]
+    next_event_file_second()
     assert cli("sft", "sft-tiny.yaml", tmp_path / "cut", [], "--resume") == 0
     shown = tensorboard_scalars(tmp_path / "cut" / "tensorboard", "train/loss")
     want = losses(tmp_path / "cut")

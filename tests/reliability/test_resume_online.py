@@ -65,7 +65,7 @@ def test_online_kill_then_resume_equals_uninterrupted(case, tmp_path, monkeypatc
     assert (tmp_path / "cut" / "model" / "alignkit_complete.json").is_file()
 
 
-def test_online_resume_purges_the_killed_runs_tensorboard_steps(tmp_path, monkeypatch):
+def test_online_resume_purges_the_killed_runs_tensorboard_steps(tmp_path, monkeypatch, next_event_file_second):
     """Killed in step 4 (index 3) after logging step index 2, the newest checkpoint after 2 steps: the resumed run
     logs step 2 again; the killed run's event for it is purged, so TensorBoard shows one value per step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -83,6 +83,7 @@ def test_online_resume_purges_the_killed_runs_tensorboard_steps(tmp_path, monkey
 
     killed_in_step(monkeypatch, 3, cli, tmp_path / "cut")
     assert [s for s, _ in shown(tmp_path / "cut")] == [0, 1, 2]
+    next_event_file_second()
     assert cli(tmp_path / "cut", "--resume") == 0
     want = {r["step"]: r["reward"] for r in rows(tmp_path / "cut")}
     got = shown(tmp_path / "cut")
