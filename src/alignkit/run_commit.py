@@ -6,8 +6,9 @@ complete folder; `latest_complete_checkpoint` skips (and names) any checkpoint w
 continues from a checkpoint's step (`resumed_step`) and keeps metrics.jsonl up to it (`truncate_metrics`).
 The files a one-shot command (generate, eval, augment) writes beside each other are a set (`output_set`): a
 manifest, `alignkit_<command>_outputs.json`, is marked unfinished before the first of them is written and lists
-each file's size and sha256 after the last; `check_output_file` (every data file a command reads) refuses a file of
-an unfinished set (a kill between two writes left new files beside old ones) and warns about one changed since.
+each file's size and sha256 after the last; `check_output_file` (every data file alignkit reads, library or CLI:
+`alignkit.data.readers.rows.iter_rows`) refuses a file of an unfinished set (a kill between two writes left new files
+beside old ones) and warns about one changed since.
 The rest of the run folder (config, metrics, plots, model card) is `alignkit.runs`.
 """
 
@@ -326,6 +327,9 @@ class output_set:
                                                     indent=1) + "\n")
 
 
+_WARNED_CHANGED: set[tuple[str, int, int]] = set()  # (file, size, mtime) already warned about in this process
+
+
 def check_output_file(path: str | Path) -> None:
     """Before reading `path` as data: a `DataError` when a manifest beside it lists it in a set that did not
     finish (a kill or failure between two of the command's writes: files of two runs side by side); a warning
@@ -343,7 +347,11 @@ def check_output_file(path: str | Path) -> None:
                             f"unfinished: the files in {path.parent} may be from two runs); rerun `alignkit {command}` "
                             f"with output_dir={path.parent}")
         want = m["files"][path.name] or {}
+        seen = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+        if seen in _WARNED_CHANGED:  # read twice by one load (its first row, then every row): one warning
+            continue
         if want.get("bytes") != path.stat().st_size or want.get("sha256") != _sha256(path):
+            _WARNED_CHANGED.add(seen)
             logger.warning("%s was changed after `alignkit %s` wrote it (its size / sha256 differ from %s): the files "
                            "beside it describe what was written, not this file", path, command, manifest)
 

@@ -113,8 +113,8 @@ def test_augment_killed_while_asking_keeps_the_previous_run_and_its_rerun_equals
             gate.set()
         assert child.returncode == -signal.SIGKILL
         assert {n: (out / n).read_bytes() for n in before} == before
-        from alignkit.cli.data import data_path
-        data_path(str(out / "augmented.jsonl"))  # killed before its first write: the previous set is still finished
+        from alignkit.data import load_records
+        load_records(out / "augmented.jsonl")  # killed before its first write: the previous set is still finished
         entries = cache_entries(out)
         assert len(entries) == len(cached) + 1 and all(entries[k] == v for k, v in cached.items())
         assert all(json.loads(v)["content"] for v in entries.values())
@@ -223,21 +223,25 @@ def test_a_command_killed_between_two_writes_leaves_a_set_its_readers_refuse(tmp
     them silently. Now the set's manifest is unfinished: reading the results is refused with one line naming the
     manifest and the rerun, and the rerun makes a finished set that reads again."""
     from alignkit.cli import main
-    from alignkit.cli.data import data_path
+    from alignkit.data.readers import iter_rows
     from alignkit.files import DataError
+    from alignkit.run_commit import check_output_file
+
+    def read(path: Path) -> None:  # how alignkit reads a data file (metrics.json is no rows: only its check)
+        list(iter_rows(path)) if path.suffix == ".jsonl" else check_output_file(path)
 
     out = tmp_path / "out"
     base = ["-q", command, *extra, f"output_dir={out}"]
     assert main([*base, "data.max_records=3"]) == 0
     before = {n: (out / n).read_bytes() for n in (results, other)}
-    data_path(str(out / results))  # a finished set reads
+    read(out / results)  # a finished set reads
     child = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITES, *killed_at, *base, "data.max_records=2"],
                            env=child_env(), capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     assert (out / results).read_bytes() != before[results]  # the new results ...
     assert (out / other).read_bytes() == before[other]  # ... beside the previous run's
     with pytest.raises(DataError, match=f"alignkit_{command}_outputs.json.*rerun `alignkit {command}`"):
-        data_path(str(out / results))
+        read(out / results)
     if command != "eval":  # a command reading it: one line, exit 2
         capsys.readouterr()
         assert main(["-q", "generate", "--config", str(CONFIGS / "generate-tiny.yaml"), "model.path=tiny:llama",
@@ -245,7 +249,7 @@ def test_a_command_killed_between_two_writes_leaves_a_set_its_readers_refuse(tmp
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and f"{out / results}" in err[0] and "did not finish" in err[0], err
     assert main([*base, "data.max_records=2"]) == 0  # the rerun finishes the set
-    data_path(str(out / results))
+    read(out / results)
 
 
 STOPPED_IN_WRITE = """
@@ -296,19 +300,46 @@ def test_a_write_killed_part_way_leaves_a_temp_file_the_next_write_removes_once_
 
 
 def test_a_finished_sets_file_edited_after_the_run_reads_with_a_warning(tmp_path, caplog):
-    """A hand-edited augmented.jsonl is legitimate data: read, with one warning that summary.json and config.yaml
-    beside it describe what augment wrote, not this file."""
+    """A hand-edited augmented.jsonl is legitimate data: read (by the library's `load_records` as by a command),
+    with one warning that summary.json and config.yaml beside it describe what augment wrote, not this file."""
     import logging
 
     from alignkit.cli import main
-    from alignkit.cli.data import data_path
+    from alignkit.data import load_records
 
     out = tmp_path / "out"
     assert main(["-q", "augment", "--config", str(CONFIGS / "augment-code-bugs.yaml"), f"output_dir={out}"]) == 0
     with caplog.at_level(logging.WARNING, logger="alignkit.run_commit"):
-        data_path(str(out / "augmented.jsonl"))
+        load_records(out / "augmented.jsonl")
         assert not caplog.records
         rows = (out / "augmented.jsonl").read_text().splitlines()
         (out / "augmented.jsonl").write_text("\n".join(rows[:2]) + "\n")  # kept two records by hand
-        assert data_path(str(out / "augmented.jsonl")) == str(out / "augmented.jsonl")
+        assert len(load_records(out / "augmented.jsonl")) == 2  # the first row, then every row: one warning
     assert len(caplog.records) == 1 and "changed after `alignkit augment` wrote it" in caplog.records[0].message
+
+
+def test_the_librarys_reader_refuses_a_file_of_an_unfinished_output_set(tmp_path):
+    """`alignkit.data.load_records` (the library's reader) did not look at the output set a file belongs to: only
+    the CLI's data_path did, so a script reading generations.jsonl from a set a kill left mixed (new generations
+    beside the previous run's generation_metrics.json) read it without a word. Now every read of a file checks it:
+    refused with one line naming the manifest and the rerun; the finished set reads."""
+    from alignkit.data import load_records
+    from alignkit.files import DataError
+    from alignkit.run_commit import output_set
+
+    out = tmp_path / "gen"
+    out.mkdir()
+    rows = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
+    (out / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with output_set(out, "generate", ["generations.jsonl", "generation_metrics.json"]) as outs:
+        outs.add(out / "generations.jsonl")
+    assert len(load_records(out / "generations.jsonl")) == 2
+    with pytest.raises(Killed), output_set(out, "generate", ["generations.jsonl", "generation_metrics.json"]) as outs:
+        (out / "generations.jsonl").write_text(json.dumps(rows[0]) + "\n")
+        outs.add(out / "generations.jsonl")
+        raise Killed  # before generation_metrics.json: the set is unfinished
+    with pytest.raises(DataError, match=r"generations.jsonl: the `alignkit generate` that wrote it did not finish "
+                                        r".*alignkit_generate_outputs.json.*rerun `alignkit generate`"):
+        load_records(out / "generations.jsonl")
+    with pytest.raises(DataError, match="did not finish"):
+        load_records(str(out / "generations.jsonl"), "sft")

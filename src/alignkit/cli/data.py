@@ -17,7 +17,6 @@ from alignkit.data.readers import native_kind, reader_of
 from alignkit.data.readers.rows import has_splits, looks_like_hub_id
 from alignkit.data.splits import source_group
 from alignkit.data.records import TRAINING_META, DataError
-from alignkit.run_commit import check_output_file
 from alignkit.settings import ConfigError, DataSettings
 
 logger = logging.getLogger(__name__)
@@ -34,7 +33,6 @@ def data_path(path: str) -> str:
 
     if not Path(path).exists() and not looks_like_hub_id(path):
         raise FileNotFoundError(f"{path}: no such data file or folder (relative paths are from the current directory)")
-    check_output_file(path)  # one of a command's output set a kill left mixed (generations.jsonl, augmented.jsonl)
     return path
 
 

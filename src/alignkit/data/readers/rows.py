@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from alignkit.data.records import DataError
+from alignkit.run_commit import check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
             return
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
+        check_output_file(path)  # one of a command's output set a kill left mixed (generations.jsonl, augmented.jsonl)
         if not path.is_dir() and path.suffix in (".jsonl", ".json", ".parquet"):
             check_single_split(path, split, f"a {path.suffix} file")
         if path.is_dir():  # save_to_disk output, or a dataset repository folder (datasets.load_dataset)
