@@ -32,7 +32,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import load_file
