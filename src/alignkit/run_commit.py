@@ -327,7 +327,8 @@ class output_set:
                                                     indent=1) + "\n")
 
 
-_WARNED_CHANGED: set[tuple[str, int, int]] = set()  # (file, size, mtime) already warned about in this process
+_COMPARED: set[tuple[str, int, int, str, int]] = set()  # (file, size, mtime, manifest, its mtime) compared in this
+#   process: a load reads a file twice (its first row, then every row); one sha256 and at most one warning a state
 
 
 def check_output_file(path: str | Path) -> None:
@@ -347,11 +348,13 @@ def check_output_file(path: str | Path) -> None:
                             f"unfinished: the files in {path.parent} may be from two runs); rerun `alignkit {command}` "
                             f"with output_dir={path.parent}")
         want = m["files"][path.name] or {}
-        seen = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
-        if seen in _WARNED_CHANGED:  # read twice by one load (its first row, then every row): one warning
+        stat = path.stat()
+        seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(manifest.resolve()), manifest.stat().st_mtime_ns)
+        if seen in _COMPARED:
             continue
-        if want.get("bytes") != path.stat().st_size or want.get("sha256") != _sha256(path):
-            _WARNED_CHANGED.add(seen)
+        changed = want.get("bytes") != stat.st_size or want.get("sha256") != _sha256(path)
+        _COMPARED.add(seen)
+        if changed:
             logger.warning("%s was changed after `alignkit %s` wrote it (its size / sha256 differ from %s): the files "
                            "beside it describe what was written, not this file", path, command, manifest)
 
