@@ -535,3 +535,36 @@ def test_scheduler_and_optimizer_names_are_the_enums_training_arguments_takes(tm
             continue
         fail(TF, f"TrainingArguments accepts a {field} outside its enum (alignkit's check would refuse a name the "
              "Trainer takes)", where)
+
+
+# T20 -----------------------------------------------------------------------------------------------------
+
+def test_training_fields_are_arguments_the_checkpoint_records(tmp_path):
+    """`check_resumable` compares the checkpoint's `training_args.json` with this run's arguments on the names in
+    `trainers/checks.py:TRAINING_FIELDS`: each must be a `TrainingArguments` field that `to_json_string()` writes
+    (a renamed field would silently drop out of the comparison). And the premise of the check: the resumed Trainer's
+    scheduler state brings back the checkpoint's learning rate (`LambdaLR.load_state_dict` restores `base_lrs`),
+    not the one this run asks for."""
+    import json
+
+    from alignkit.trainers.checks import TRAINING_FIELDS
+    from transformers import get_scheduler
+
+    where = "alignkit/trainers/checks.py:TRAINING_FIELDS/training_changes"
+    written = json.loads(args(tmp_path).to_json_string())
+    missing = [k for k in TRAINING_FIELDS if k not in written]
+    check(not missing, TF, "TrainingArguments no longer has (or no longer writes to JSON) fields a resume compares",
+          where, f"missing: {missing}")
+
+    def schedule(lr):
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=lr)
+        return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=10)
+
+    _, old = schedule(1e-3)
+    old.step()
+    opt, new = schedule(5e-4)
+    new.load_state_dict(old.state_dict())
+    new.step()
+    check(abs(opt.param_groups[0]["lr"] - 1e-3 * 8 / 10) < 1e-12, TF, "a loaded scheduler state no longer brings "
+          "back the checkpoint's learning rate (the resume check's reason would be wrong)", where,
+          f"lr after two steps: {opt.param_groups[0]['lr']}")

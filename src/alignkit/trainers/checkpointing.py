@@ -106,6 +106,11 @@ class Checkpointing:
             self._data_digest = data_digest(self.train_dataset)
         return self._data_digest
 
+    def training_settings(self) -> dict[str, Any]:
+        """The objective's settings a resumed run must keep (recorded in each checkpoint's `STATE_JSON`, compared by
+        `check_resume`): the trainer's keyword arguments that change the loss. Subclasses add theirs to these."""
+        return {"weight_normalization": self.weight_normalization}
+
     def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
         """Refuse (CheckpointError naming `label`) a checkpoint this trainer would not truly resume: any under DeepSpeed
         (it restores its engine from its own pickled files, which alignkit does not write or load), else
@@ -115,7 +120,8 @@ class Checkpointing:
             raise CheckpointError(f"{label}: resuming under DeepSpeed is not supported by alignkit (DeepSpeed reloads "
                                   f"its optimizer state from torch pickles, which alignkit does not load); {checkpoint}/ "
                                   "holds an ordinary model folder: start a new run from it, or resume under FSDP2 / DDP")
-        check_resumable(checkpoint, self.args.world_size, label, self.data_digest())
+        check_resumable(checkpoint, self.args.world_size, label, self.data_digest(), self.args.to_json_string(),
+                        self.training_settings())
         if not saves_whole_model(self.model):  # the Trainer's load refused a checkpoint of another base, too late
             try:
                 check_adapter_weights(self.model, checkpoint)
@@ -127,7 +133,9 @@ class Checkpointing:
         final = Path(run_dir) / name
         Path(staging_root, name, STATE_JSON).write_text(json.dumps({"num_tokens": getattr(self, "_num_tokens", None),
                                                                     "world_size": self.args.world_size,
-                                                                    "data_sha256": self.data_digest()}))
+                                                                    "data_sha256": self.data_digest(),
+                                                                    "training_settings": self.training_settings()},
+                                                                   default=repr))
         commit_staging(staging_root / name, final, step=self.state.global_step)
         try:
             staging_root.rmdir()  # only when empty

@@ -93,7 +93,37 @@ def data_digest(dataset: Any) -> str | None:
     return h.hexdigest()
 
 
-def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, digest: str | None) -> None:
+# TrainingArguments that define the training a checkpoint continues. Resumed with another value, the Trainer takes
+# the checkpoint's optimizer and scheduler states (the scheduler restores the old learning rate) and skips the batches
+# seen, counted in batches of the new size and order: no longer the same training, and nothing says so. (How long the
+# run goes, what it logs, evaluates and saves may change: the CLI's RESUMABLE_CHANGES; so may precision.)
+TRAINING_FIELDS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+    "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "seed", "data_seed", "dataloader_drop_last", "train_sampling_strategy",
+    "length_column_name", "average_tokens_across_devices", "neftune_noise_alpha")
+
+
+def training_changes(checkpoint: str | os.PathLike, args_json: str, settings: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each of `TRAINING_FIELDS` that differs between the checkpoint's `training_args.json` and
+    this run's arguments (`args_json`: `TrainingArguments.to_json_string()`), and each objective setting that differs
+    from the `settings` recorded in its `STATE_JSON` (the trainer's `training_settings()`). A field either side does
+    not record (another transformers version, an older alignkit) is not compared."""
+    folder = Path(checkpoint)
+    old_args = json.loads((folder / "training_args.json").read_text()) if (folder / "training_args.json").is_file() else {}
+    new_args = json.loads(args_json)
+    changes = [f"{k}: {old_args[k]!r} -> {new_args[k]!r}" for k in TRAINING_FIELDS
+               if k in old_args and k in new_args and old_args[k] != new_args[k]]
+    old_settings = saved_state(folder).get("training_settings")
+    if isinstance(old_settings, dict):
+        now = json.loads(json.dumps(settings, default=repr))  # as recorded: tuples as lists
+        changes += [f"{k}: {old_settings[k]!r} -> {now[k]!r}" for k in sorted(set(old_settings) & set(now))
+                    if old_settings[k] != now[k]]
+    return changes
+
+
+def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, digest: str | None,
+                    args_json: str | None = None, settings: dict[str, Any] | None = None) -> None:
     """Refuse (CheckpointError, one line naming `label` and the folder) a complete checkpoint that the Trainer would
     resume without continuing the same training: one without the optimizer / scheduler states (saved with
     `save_only_model`, or under DeepSpeed; the Trainer then restarts Adam's moments and the learning-rate schedule
@@ -120,6 +150,13 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, 
                               "gradient_accumulation_steps x processes) and which records count as already seen "
                               f"depend on it, so the run would not continue the same training; launch {saved} "
                               "process(es), or start a new run from its weights in another output_dir")
+    changes = training_changes(folder, args_json, settings or {}) if args_json is not None else []
+    if changes:
+        raise CheckpointError(f"{label}: {folder} was trained with other settings than this run's ({'; '.join(changes)}):"
+                              " the resumed run would take its optimizer and scheduler states (the old learning rate "
+                              "schedule) and skip the batches it had seen, so it would neither continue that training "
+                              "nor run the new one; resume with the checkpoint's settings, or start a new run from its "
+                              "weights in another output_dir")
     trained = state.get("data_sha256")
     if digest is None or not isinstance(trained, str):
         why = ("this run's training data has no length (an IterableDataset or a streaming dataset, which reading "
@@ -386,6 +423,6 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
-           "check_resumable", "check_scheduler", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
+           "check_resumable", "check_scheduler", "TRAINING_FIELDS", "training_changes", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
            "refuse_all_zero_weights", "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
            "refuse_trainer_fsdp_on_cpu", "refuse_unread_fields", "saved_state"]

@@ -153,6 +153,10 @@ class KTOTrainer(HasReference, AlignTrainer):
     def objective_settings(self) -> dict[str, Any]:
         return {"loss_type": self.loss_type}
 
+    def training_settings(self) -> dict[str, Any]:
+        return {**super().training_settings(), "loss_type": self.loss_type, "beta": self.beta,
+                "desirable_weight": self.desirable_weight, "undesirable_weight": self.undesirable_weight}
+
     @classmethod
     def loss_scale(cls, **_: Any) -> str | None:
         return "method.beta"

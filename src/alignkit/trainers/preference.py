@@ -17,6 +17,7 @@ default (TRL's `disable_dropout`), so the policy and its reference see the same 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 from torch import nn
@@ -105,6 +106,11 @@ class PreferenceTrainer(HasReference, AlignTrainer):
 
     def objective_settings(self) -> dict[str, Any]:
         return {"loss_type": self.loss_type}
+
+    def training_settings(self) -> dict[str, Any]:
+        params = {k: v for k, v in dataclasses.asdict(self.params).items() if k != "bco_delta"}  # bco_delta: state
+        return {**super().training_settings(), "loss_type": list(self.loss_type), "loss_weights":
+                None if self.loss_weights is None else list(self.loss_weights), **params}
 
     @classmethod
     def loss_scale(cls, loss_type: str | Sequence[str] = "sigmoid", **_: Any) -> str | None:

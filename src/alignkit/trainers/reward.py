@@ -175,6 +175,10 @@ class RewardTrainer(AlignTrainer):
     def objective_settings(self) -> dict[str, Any]:
         return {"ranked": isinstance(self.data_collator, RankedCollator)}
 
+    def training_settings(self) -> dict[str, Any]:
+        return {**super().training_settings(), "center_rewards_coefficient": self.center_rewards_coefficient,
+                "use_margin": self.use_margin, "l2_coefficient": self.l2_coefficient}
+
     @classmethod
     def objective_metrics(cls, ranked: bool = False, **_: Any) -> tuple[str, ...]:
         """The ranking loss's metrics on ranked data (`ranked`), the Bradley-Terry pair loss's otherwise."""

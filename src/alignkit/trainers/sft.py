@@ -50,6 +50,9 @@ class SFTTrainer(AlignTrainer):
     def objective_settings(self) -> dict[str, Any]:
         return {"loss_type": self.loss_type}
 
+    def training_settings(self) -> dict[str, Any]:
+        return {**super().training_settings(), "loss_type": self.loss_type}
+
     @classmethod
     def objective_metrics(cls, loss_type: str = "nll", **_: Any) -> tuple[str, ...]:
         return SFT_LOSSES.metrics[loss_type] + ("mean_token_accuracy",)
