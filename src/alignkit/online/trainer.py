@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_of, record_base, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
+from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.models.vllm_support import check_head_size, engine_max_model_len, folder_config, vllm_installed
 from alignkit.online.annotators import Annotator, build_annotator
@@ -88,6 +89,13 @@ logger = logging.getLogger(__name__)
 
 # a `loss_scale` part: the rewards scale a loss whose advantages (or value targets) are not normalised
 REWARD_SCALE = "the rewards' scale (method.reward_normalization, method.reward_clip)"
+
+
+def seen_scores(lo: float | None, hi: float | None) -> str:
+    """The scores of a stretch of steps, for a message: (lowest, highest), None: none scored."""
+    if lo is None:
+        return "no response was scored"
+    return f"every score was {lo:g}" if lo == hi else f"scores from {lo:g} to {hi:g}"
 
 
 def _has_accelerator() -> bool:
@@ -338,6 +346,36 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 "had a reward spread inside any prompt's group (frac_reward_zero_std = 1 at all {steps} step(s)): "
                 "the rewards did not move the policy")
 
+    def stall_cause(self, seen: str) -> tuple[str, str]:
+        """(why `stall_steps` steps in a row had no reward signal, what to do about it) for `RewardStallError`;
+        `seen`: the scores of those steps (`seen_scores`). Here (GRPO / RLOO): every group scored alike."""
+        source = self.annotator.source()
+        return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward from {source} ({seen}), "
+                "so every group advantage was 0 and the reward moved nothing (only the KL / entropy terms trained)",
+                f"check {source} on a few responses (e.g. a format they never match, a judge that always answers the "
+                "same)")
+
+    def check_stall(self, step: int, flat: bool) -> None:
+        """Count the steps in a row without reward signal (`no_signal`, `flat`); at `config.stall_steps` of them stop
+        with a `RewardStallError` naming the steps, the reward source, the scores seen and the fix (after the step's
+        metrics row, before its checkpoint or the saved model). 0 steps: never stop (the run's warnings remain)."""
+        if not flat:
+            self._stall = None
+            return
+        first, lo, hi = self._stall or (step, None, None)
+        got = getattr(self, "_step_range", None)  # (min, max) of the step's scores; None: none scored
+        if got is not None:
+            lo, hi = got if lo is None else (min(lo, got[0]), max(hi, got[1]))
+        self._stall = (first, lo, hi)
+        n = self.config.stall_steps
+        if n and step + 1 - first >= n:
+            why, fix = self.stall_cause(seen_scores(lo, hi))
+            raise RewardStallError(first + 1, step + 1, (
+                f"{type(self).__name__}: no reward signal at steps {first + 1}-{step + 1} ({n} in a row, "
+                f"method.stall_steps={n}): {why}; the run stopped before saving the model (its metrics.jsonl rows and "
+                f"earlier checkpoints are kept). {fix[0].upper()}{fix[1:]}, or set method.stall_steps=0 to train on "
+                "anyway"))
+
     # -- the loop ---------------------------------------------------------------------------------------
 
     @property
@@ -361,6 +399,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.check_fresh_checkpoints(start)  # an earlier run's checkpoints: refused from step 0 (after its rows)
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
+        self._stall = None  # (first step, lowest, highest score) of the steps in a row without one (`check_stall`)
         self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.start_trackers(start)
@@ -411,6 +450,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 self._flat_steps += 1
                 if self._flat_steps == 1:
                     logger.warning("step %d: %s", step + 1, none[0])
+            self.check_stall(step, none is not None)
             self.steps_done = step + 1
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "loss") if k in metrics})
@@ -418,4 +458,5 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 self.save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{step + 1}", step + 1)
 
 
-__all__ = ["METRICS_FILE", "OnlineConfig", "REWARD_SCALE", "OnlineTrainer", "Rollout", "zero_spread_fraction"]
+__all__ = ["METRICS_FILE", "OnlineConfig", "REWARD_SCALE", "OnlineTrainer", "Rollout", "seen_scores",
+           "zero_spread_fraction"]
