@@ -53,6 +53,16 @@ class StalledTrainingError(RuntimeError):
                          f"(earlier checkpoints are kept). Lower {lower} and rerun")
 
 
+class RewardStallError(RuntimeError):
+    """An online run's feedback gave no signal (`OnlineTrainer.no_signal`: every prompt's samples scored alike, no
+    preference pair formed) at `method.stall_steps` steps in a row: the run stops instead of spending its compute
+    on updates the reward cannot steer. `first`, `last`: the 1-based steps of that stretch."""
+
+    def __init__(self, first: int, last: int, message: str) -> None:
+        self.first, self.last = first, last
+        super().__init__(message)
+
+
 class NonFiniteLogitsError(ValueError):
     """Generation met NaN / inf next-token logits: a sampled token cannot be drawn, and a greedy one would be the
     first NaN's index (argmax treats NaN as the largest value), i.e. garbage written as an answer."""

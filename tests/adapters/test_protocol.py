@@ -212,6 +212,30 @@ def test_a_zero3_base_named_by_hub_id_is_fingerprinted_from_the_local_cache(row,
         load_adapter(hub, folder)
 
 
+def test_a_zero3_base_whose_hub_name_is_cached_at_several_revisions_gets_no_fingerprint(tiny_dir, tmp_path, hub_cache,
+                                                                                         caplog):
+    """A ZeRO-3 base loaded by Hub name at another revision (from_pretrained("org/name", revision="v1")) was
+    fingerprinted from main's cached snapshot (transformers records no revision): an adapter trained on v1 refused on
+    v1, one trained on main accepted on it. With several snapshots cached it now takes none, with one warning naming
+    the snapshots and the fix; one snapshot is read as before (the test above)."""
+    import shutil
+
+    from alignkit.adapters import base_fingerprint
+
+    base = tiny_dir("llama")
+    main = hub_cache("org/two-revisions", base)
+    shutil.copytree(finetuned_copy(base, tmp_path / "v1"), main.parent / ("f" * 40))  # revision v1: other weights
+    (main.parents[1] / "refs" / "v1").write_text("f" * 40)
+    hub = zero3_partitioned(load_model(tmp_path / "v1"))  # loaded at v1
+    hub.config.name_or_path = "org/two-revisions"  # what from_pretrained("org/two-revisions", revision="v1") sets
+    with caplog.at_level("WARNING", logger="alignkit.adapters.base"):
+        assert base_fingerprint(hub) is None and base_fingerprint(hub) is None
+    said = [r.getMessage() for r in caplog.records if "fingerprint is not taken" in r.getMessage()]
+    assert len(said) == 1 and "'org/two-revisions' is in the local Hugging Face cache at 2 revisions" in said[0]
+    assert f"(snapshots {main.name[:12]}, ffffffffffff; main: {main.name[:12]})" in said[0], said[0]
+    assert "snapshot_download(name, revision=...)" in said[0]
+
+
 @pytest.mark.parametrize("row", [r for r in ADAPTERS if not r.whole_model], ids=lambda r: r.kind)
 def test_an_adapter_trained_on_a_finetuned_copy_of_the_base_is_refused_on_the_base(row, tiny_dir, tmp_path):
     """The embedding probe reads 3 rows (0, V/2, V-1): tokens a finetune may never see, so a fully finetuned copy of a

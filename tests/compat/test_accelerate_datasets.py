@@ -524,3 +524,32 @@ def test_a_hub_name_resolves_to_its_cached_snapshot_offline(tiny_dir, hub_cache)
         config = AutoConfig.from_pretrained("org/a-cached-model", local_files_only=True)
     check(config.name_or_path == "org/a-cached-model", "transformers",
           "from_pretrained(hub name) no longer sets config.name_or_path to the name", where, config.name_or_path)
+
+
+def test_a_model_loaded_at_another_revision_records_none(tiny_dir, hub_cache, tmp_path):
+    """What `hub_cache_snapshot` cannot tell: transformers' `from_pretrained(name, revision=r)` reads `refs/<r>`'s
+    snapshot from the cache, and neither the model nor its config records r or its commit (config.name_or_path is
+    the bare name; no `_commit_hash`), so the snapshot a ZeRO-3 base was loaded from is not known when the cache holds
+    several (one `snapshots/<commit>/` per revision fetched): alignkit then takes no fingerprint rather than main's."""
+    import json
+    import shutil
+
+    where = "alignkit/adapters/base.py:hub_cache_snapshot, cached_snapshots (sharded_fingerprint)"
+    main = hub_cache("org/two-revisions", tiny_dir("llama"))
+    other = main.parent / ("f" * 40)
+    shutil.copytree(main, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 0.125  # tells the two snapshots apart
+    (other / "config.json").write_text(json.dumps(cfg))
+    (main.parents[1] / "refs" / "v1").write_text("f" * 40)
+    with guard("transformers", "from_pretrained(name, revision=) no longer reads the cache offline", where):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained("org/two-revisions", revision="v1", local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained("org/two-revisions", revision="v1", local_files_only=True)
+    check(config.rms_norm_eps == 0.125 and model.config.rms_norm_eps == 0.125, "transformers",
+          "from_pretrained(name, revision='v1') did not read refs/v1's snapshot", where, str(config.rms_norm_eps))
+    recorded = [k for k, v in {**vars(config), **vars(model.config)}.items() if "f" * 40 in str(v) or v == "v1"]
+    check(config.name_or_path == "org/two-revisions" and not hasattr(config, "_commit_hash") and not recorded,
+          "transformers", "a loaded model now records its revision: hub_cache_snapshot could read that snapshot "
+          "instead of taking no fingerprint", where, f"{config.name_or_path!r}, {recorded}")

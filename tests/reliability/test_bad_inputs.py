@@ -112,6 +112,7 @@ def test_dataloader_drop_last_with_no_full_batch_is_refused(key, overrides, tmp_
 # exit 0 with a saved model. BOUNDS named `cliprange`, a key no config has (PPO's is clip_eps).
 ONLINE_CASES = [
     ("dual_clip below one", "grpo", ["method.dual_clip=0.5"], ["method.dual_clip", "> 1"]),
+    ("stall_steps negative", "grpo", ["method.stall_steps=-1"], ["method.stall_steps", ">= 0 (0: never stop"]),
     ("reward_clip negative", "grpo", ["method.reward_clip=-1"], ["method.reward_clip", "> 0"]),
     ("reward_clip zero", "grpo", ["method.reward_clip=0"], ["method.reward_clip", "> 0"]),
     ("clip_eps negative", "grpo", ["method.clip_eps=-0.2"], ["method.clip_eps", "> 0"]),
@@ -159,6 +160,7 @@ def test_online_config_mistakes(case, command, overrides, needles, tmp_path, cap
     ("PPOConfig", "clip_eps", -0.2, "> 0"),
     ("PPOConfig", "lam", 1.5, "in [0, 1]"),
     ("OnlineDPOConfig", "kl_horizon", 0, ">= 1"),
+    ("GRPOConfig", "stall_steps", -1, ">= 0 (0: never stop a run without reward signal, only warn)"),
 ])
 def test_online_library_configs_check_the_cli_bounds_when_built(cls, key, value, allowed):
     """Direct library use: GRPOConfig(dual_clip=0.5) was built, and the run stopped at its first step with

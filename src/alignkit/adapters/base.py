@@ -272,6 +272,18 @@ def sharded_fingerprint(lm: nn.Module, cfg: Any) -> dict[str, Any] | None:
     found = folder_fingerprint(folder, lm, {}, lm.config) if folder else None
     if found is not None:
         found["name_or_path"] = name  # a Hub name stays the name (the cache's folder is where it was read)
+    revisions = [p.name for p in cached_snapshots(name)] if folder is None else []
+    if found is None and len(revisions) > 1:  # which snapshot from_pretrained read is not recorded
+        if not getattr(lm, "alignkit_unfingerprinted", False):
+            lm.alignkit_unfingerprinted = True
+            logger.warning("the base model's weights are sharded in this process (DeepSpeed ZeRO-3 / FSDP) and its Hub "
+                           "name %r is in the local Hugging Face cache at %d revisions (snapshots %s; main: %s), and "
+                           "transformers does not record the revision it loaded, so its fingerprint is not taken "
+                           "(main's could be another revision's): an adapter saved from it records no "
+                           "alignkit_base.json and one loaded onto it is not checked; load the base from a local folder "
+                           "(huggingface_hub.snapshot_download(name, revision=...), or save_pretrained it once)",
+                           name, len(revisions), ", ".join(r[:12] for r in revisions), revisions[0][:12])
+        return None
     if found is None or "embedding_probe" not in found:
         if not getattr(lm, "alignkit_unfingerprinted", False):
             lm.alignkit_unfingerprinted = True  # once per model: the fingerprint is asked for at wrap, save and load
@@ -291,15 +303,27 @@ def sharded_fingerprint(lm: nn.Module, cfg: Any) -> dict[str, Any] | None:
 def hub_cache_snapshot(name: str) -> str | None:
     """The folder of Hub model `name`'s "main" snapshot in the local Hugging Face cache (HF_HUB_CACHE, the one
     `from_pretrained(name)` reads from; `huggingface_hub.try_to_load_from_cache`: no network), or None: not a Hub
-    name, not cached. A base loaded at another `revision` is not told apart (its config does not record it): its
-    fingerprint is then main's. tests/compat pins the cache layout this reads."""
+    name, not cached, or cached at several revisions (`cached_snapshots`). transformers records no revision in the
+    model it loads (`from_pretrained(name, revision=r)` leaves config.name_or_path = name), so with several snapshots
+    main's may not hold the loaded weights: its fingerprint was main's, and an adapter trained on revision r was
+    refused on r (or one trained on main accepted on r). tests/compat pins the cache layout and the missing record."""
+    snapshots = cached_snapshots(name)
+    return str(snapshots[0]) if len(snapshots) == 1 else None
+
+
+def cached_snapshots(name: str) -> list[Path]:
+    """The `snapshots/<commit>/` folders of Hub model `name` in the local Hugging Face cache, main's first (one per
+    revision fetched); [] when `name` is not a Hub name or is not cached."""
     if not name or name.startswith((".", "/")) or name.count("/") > 1:
-        return None
+        return []
     try:
         got = try_to_load_from_cache(name, "config.json")
     except ValueError:  # HFValidationError: not a repo id
-        return None
-    return str(Path(got).parent) if isinstance(got, str) else None
+        return []
+    if not isinstance(got, str):
+        return []
+    main = Path(got).parent
+    return [main] + sorted(p for p in main.parent.iterdir() if p.is_dir() and p != main)
 
 
 def final_norm_parameter(lm: nn.Module) -> torch.Tensor | None:
@@ -543,5 +567,5 @@ def adapter_in(folder: str | Path) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_embedding",
-           "base_fingerprint", "base_mismatch", "compared_probes", "folder_fingerprint", "hub_cache_snapshot", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "base_fingerprint", "base_mismatch", "compared_probes", "folder_fingerprint", "hub_cache_snapshot", "cached_snapshots", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

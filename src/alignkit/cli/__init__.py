@@ -96,12 +96,12 @@ def expected_errors() -> tuple[type, ...]:
     """The failures a user can cause and fix (bad config, data, paths, checkpoints, a diverging run, an optional
     package a setting needs that is not installed: ImportError)."""
     from alignkit.data.records import DataError
-    from alignkit.guards import NonFiniteError, NonFiniteLogitsError, StalledTrainingError
+    from alignkit.guards import NonFiniteError, NonFiniteLogitsError, RewardStallError, StalledTrainingError
     from alignkit.run_commit import CheckpointError
     from alignkit.settings import ConfigError
 
     return (ConfigError, DataError, FileNotFoundError, NonFiniteError, NonFiniteLogitsError, StalledTrainingError,
-            CheckpointError, ImportError)
+            RewardStallError, CheckpointError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:

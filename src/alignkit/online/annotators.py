@@ -147,6 +147,14 @@ class Annotator:
         """What this annotator is, for a round's manifest."""
         return {"type": self.name}
 
+    def source(self) -> str:
+        """This annotator in a message: its kind and what it runs (the reward function(s), the model's path)."""
+        d = self.describe()
+        what = d.get("fn") or d.get("path")
+        if d.get("type") in (None, Annotator.name):  # a subclass of the caller's own, not registered
+            return f"the annotator {type(self).__name__}"
+        return f"the {d['type']} annotator" + (f" {str(what)!r}" if what else "")
+
     def check_columns(self, columns: set[str], where: str) -> None:
         """A ValueError when scoring prompts whose rows have `columns` (their extra dataset columns, as the `prompt`
         reader keeps them) would fail on every batch; `where` names the data. Nothing to check here."""

@@ -56,6 +56,8 @@ class OnlineConfig:
     #   None: on where those rows run as varlen rows (CPU, sdpa, a tested architecture, no ReFT;
     #   alignkit.trainers.packing.resolve_online_share_prompt), off elsewhere
     seed: int = 0
+    stall_steps: int = 20  # stop after this many steps in a row without reward signal (`OnlineTrainer.no_signal`:
+    #   every prompt's samples scored alike, no preference pair); 0: never stop (the run only warns)
     eval_steps: int | None = None  # with held-out prompts (OnlineTrainer's eval_prompts): evaluate every N steps;
     #   held-out prompts are always evaluated after the last step (alignkit.online.evaluation)
     save_at_end: bool = True

@@ -100,18 +100,32 @@ class OnlineDPOTrainer(OnlineTrainer):
         pointwise rewards to call flat: the judge's verdicts decide."""
         if metrics.get("pairs", 0.0) > 0:
             return None
-        c: OnlineDPOConfig = self.config
-        if c.feedback == "judge_pairs":
-            why, fix = ("the judge decided none of its comparisons (every verdict was a tie or unparseable)",
-                        "check the judge (annotator) on a few pairs")
-        else:
-            margin = c.feedback_kwargs.get("min_margin", 0.0)
-            why = (f"no prompt's samples differ in reward by more than method.feedback_kwargs.min_margin ({margin})"
-                   if margin else "every prompt's samples got the same reward")
-            fix = ("lower method.feedback_kwargs.min_margin, or sample more responses per prompt" if margin else
-                   "a reward that never varies is usually a bug in the annotator")
+        why, fix = self.no_pair_reason()
         return (f"no preference pair was formed: {why}, so this step trained nothing; {fix}",
                 "formed a preference pair (pairs = 0 at all {steps} step(s)): the feedback did not move the policy")
+
+    def no_pair_reason(self, seen: str | None = None) -> tuple[str, str]:
+        """(why a step formed no pair, the fix); `seen`: the scores of the steps concerned (a stall's message)."""
+        c: OnlineDPOConfig = self.config
+        if c.feedback == "judge_pairs":  # ties: the judge's None verdicts (and pointwise annotators' equal scores)
+            who = "the judge" if seen is None else f"the judge ({self.annotator.source()})"
+            return (f"{who} decided none of its comparisons (every verdict was a tie or unparseable)",
+                    "check the judge (annotator) on a few pairs")
+        margin = c.feedback_kwargs.get("min_margin", 0.0)
+        scores = f" ({self.annotator.source()}: {seen})" if seen else ""
+        if margin:
+            return (f"no prompt's samples differ in reward by more than method.feedback_kwargs.min_margin "
+                    f"({margin}){scores}", "lower method.feedback_kwargs.min_margin, or sample more responses per "
+                    "prompt")
+        # best_worst / random_pairs pair only samples whose scores differ: an all-equal group gives none (a tie)
+        return (f"every prompt's samples got the same reward{scores}",
+                "a reward that never varies is usually a bug in the annotator" if seen is None else
+                f"check {self.annotator.source()} on a few responses (e.g. a format they never match, a judge that "
+                "always answers the same)")
+
+    def stall_cause(self, seen: str) -> tuple[str, str]:
+        why, fix = self.no_pair_reason(seen)
+        return f"no preference pair was formed ({why}), so nothing trained", fix
 
     def uses_reference(self, ref_model: nn.Module | None) -> bool:
         """The preference loss reads the reference whatever kl_coef (which online DPO never reads) is, unless every

@@ -79,6 +79,30 @@ class PPOTrainer(OnlineTrainer):
         hidden = cfg.get_text_config().hidden_size if hasattr(cfg, "get_text_config") else cfg.hidden_size
         return [ValueHead(hidden).to(self.accelerator.device)]
 
+    def flat_scores(self, everyone: Tensor) -> bool:
+        """PPO's advantages come from the value head (GAE), not from groups: a reward that differs between prompts
+        but not between one prompt's samples still gives advantages (until the value head has learned it), so
+        the step counts as flat only when every scored response of it (>= 2, over all processes) got the same
+        score: a reward that is constant (which the value head learns, leaving only the KL penalty)."""
+        scored = everyone[~torch.isnan(everyone)]
+        return scored.numel() > 1 and bool((scored == scored[0]).all())
+
+    def no_signal(self, metrics: dict[str, float]) -> tuple[str, str] | None:
+        if not getattr(self, "_step_flat", False):
+            return None
+        return ("every response of this step got the same reward, so the reward tells no response from another "
+                "(the value head learns the constant; only the KL penalty moves the policy); a reward that never "
+                "varies is usually a bug in the annotator",
+                "had responses with different rewards (every response scored alike at all {steps} step(s)): the "
+                "rewards did not move the policy")
+
+    def stall_cause(self, seen: str) -> tuple[str, str]:
+        source = self.annotator.source()
+        return (f"every response got the same reward from {source} ({seen}): the value head learns that constant and "
+                "the advantages then carry only the KL penalty, nothing from the reward",
+                f"check {source} on a few responses (e.g. a format they never match, a judge that always answers the "
+                "same)")
+
     @property
     def value_head(self) -> nn.Module:
         """The value head as prepared by the accelerator (DDP-wrapped when distributed)."""

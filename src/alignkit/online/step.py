@@ -164,12 +164,20 @@ class RolloutSteps:
             raise AnnotatorError(f"step {getattr(self, '_step', 0) + 1}: the annotator scored none of the {everyone.numel()} "
                                  "response(s) (every score failed or was None), so there is nothing to learn from; "
                                  "check the annotator (its function, model or judge) on a few of the responses")
-        # no reward signal in any group (a group with < 2 scores counts as flat here; TRL's metric does not)
-        self._step_flat = k > 1 and zero_spread_fraction(everyone.view(-1, k)) == 1.0
+        self._step_flat = self.flat_scores(everyone)  # read by `no_signal`
+        scored = everyone[~torch.isnan(everyone)]  # the scores a stall's message names (`check_stall`)
+        self._step_range = (float(scored.min()), float(scored.max())) if scored.numel() else None
         metrics = self.rollout_metrics(samples, everyone, rewards, scores, kl_tok, kl, stats.entropy, stats.mask)
         dev = self.accelerator.device
         return Rollout(samples, batch, raw.to(dev), rewards.to(dev), weights.to(dev), stats.logps, ref, stats.mask,
                        stats.entropy, stats.hidden, metrics)
+
+    def flat_scores(self, everyone: Tensor) -> bool:
+        """Whether the step's raw scores (every process's, rank-major; NaN = unscored) give the objective no reward
+        signal: every prompt's samples scored alike (a group with < 2 scores counts as flat here; TRL's
+        `frac_reward_zero_std` does not). PPO overrides it (its advantages come from a value head, not groups)."""
+        k = self.config.sampling.num_samples
+        return k > 1 and zero_spread_fraction(everyone.view(-1, k)) == 1.0
 
     def rollout_metrics(self, samples: list[Sample], everyone: Tensor, rewards: Tensor, scores: Scores, kl_tok: Tensor,
                         kl: Tensor, entropy: Tensor, mask: Tensor) -> dict[str, float]:

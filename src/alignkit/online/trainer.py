@@ -64,6 +64,7 @@ from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_of, record_base, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
+from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.models.vllm_support import check_head_size, engine_max_model_len, folder_config, vllm_installed
 from alignkit.online.annotators import Annotator, build_annotator
@@ -88,6 +89,13 @@ logger = logging.getLogger(__name__)
 
 # a `loss_scale` part: the rewards scale a loss whose advantages (or value targets) are not normalised
 REWARD_SCALE = "the rewards' scale (method.reward_normalization, method.reward_clip)"
+
+
+def seen_scores(lo: float | None, hi: float | None) -> str:
+    """The scores of a stretch of steps, for a message: (lowest, highest), None: none scored."""
+    if lo is None:
+        return "no response was scored"
+    return f"every score was {lo:g}" if lo == hi else f"scores from {lo:g} to {hi:g}"
 
 
 def _has_accelerator() -> bool:
@@ -132,6 +140,30 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         if not isinstance(self.config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got "
                             f"{type(self.config).__name__}")
+        fsdp2 = self.check_before_writing(model, tokenizer, prompts, annotator, output_dir, eval_prompts)
+        self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
+        #   unless the caller hands one in (the CLI: the VllmServerGenerator it checked before the run folder)
+        self.prepare_model(model, ref_model, fsdp2)  # the reference, extra modules, optimizer, accelerate's wrapping
+        self.reset_loop_state()
+
+    def check_before_writing(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Any],
+                             annotator: Annotator | dict, output_dir: str | Path | None,
+                             eval_prompts: Sequence[Any] | None) -> bool:
+        """The library's refusals, made before anything is written or trained (as `alignkit <command>` makes its own
+        before it writes the run folder): the inputs, the launch (DeepSpeed, mixed precision, process count), the
+        step's shares over the processes and the generation backend. On the way it sets `tokenizer`, `annotator`,
+        `prompts`, `output_dir`, `trackers`, `accelerator`, `world` / `rank` and the held-out prompts. Returns
+        whether FSDP2 shards the model."""
+        self.check_inputs(tokenizer, prompts, annotator, output_dir, eval_prompts)
+        fsdp2 = self.start_accelerator()
+        self.check_batch_shares(eval_prompts)
+        self.check_generation(model, tokenizer, fsdp2)
+        return fsdp2
+
+    def check_inputs(self, tokenizer: Any, prompts: Sequence[Any], annotator: Annotator | dict,
+                     output_dir: str | Path | None, eval_prompts: Sequence[Any] | None) -> None:
+        """The tokenizer's pad token, the prompts (and the columns the annotator reads), the settings that only write
+        into an output_dir."""
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
         self.tokenizer, self.annotator = tokenizer, build_annotator(annotator)
@@ -152,6 +184,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 key, value = unread[0]
                 raise ValueError(f"{type(self).__name__}: {key}={value!r} writes into (or uploads) output_dir, and no "
                                  f"output_dir was given, so it would be ignored; pass output_dir=..., or remove {key}")
+
+    def start_accelerator(self) -> bool:
+        """The trackers and the `Accelerator`, refusing a launch the loop does not run (DeepSpeed, mixed precision,
+        other processes than asked for); returns whether FSDP2 shards the model."""
         self.trackers = self._trackers() if self.output_dir is not None else []
         if requested_engine() == "deepspeed":  # accelerate would drop it on CPU (plain DDP) or need its batch config
             raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the accelerate "
@@ -171,6 +207,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                               "--mixed_precision no), and load the model in bf16 (model.dtype=bfloat16) for bf16 compute")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         check_process_count(self.world, type(self).__name__)  # the processes asked for are the ones training
+        return fsdp2
+
+    def check_batch_shares(self, eval_prompts: Sequence[Any] | None) -> None:
+        """The step's prompts, the held-out prompts and the minibatch divide over the processes."""
         n_step = min(self.config.prompts_per_step, len(self.prompts))
         if n_step < self.config.prompts_per_step:  # the step's batch (and every mean over it) is smaller than asked
             logger.warning("prompts_per_step (method.prompts_per_step on the command line) is %d, and the data holds "
@@ -186,6 +226,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         if self.config.mini_batch_size is not None and self.config.mini_batch_size % self.world:
             raise ValueError(f"online config: mini_batch_size ({self.config.mini_batch_size}) must be a multiple "
                              f"of the number of processes ({self.world}) or None")
+
+    def check_generation(self, model: nn.Module, tokenizer: Any, fsdp2: bool) -> None:
+        """What the generation backend would refuse or ignore only at the first step (vLLM: the model, its
+        generation_config, the engine, the processes; transformers: the sampler), and the stop strings."""
         if self.config.generation_backend == "vllm":
             refuse_unsupported(adapter_of(model), model)  # ReFT; LoRA features vLLM's LoRA lacks
             extra = model_generation_options(model, tokenizer, self.config.sampling)
@@ -215,8 +259,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         else:
             check_sampler(self.config.sampling, lean_reason(model, tokenizer, self.config.sampling))
         check_stop_strings(tokenizer, self.config.sampling)  # vLLM too decodes without special tokens
-        self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
-        #   unless the caller hands one in (the CLI: the VllmServerGenerator it checked before the run folder)
+
+    def prepare_model(self, model: nn.Module, ref_model: nn.Module | None, fsdp2: bool) -> None:
+        """Dropout off, the base's fingerprint, the reference, the extra modules (PPO's value head), the optimizer,
+        and accelerate's wrapping (FSDP2: model and optimizer sharded together)."""
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
         record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
         if self.uses_reference(ref_model):
@@ -251,6 +297,9 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             self.model = self.accelerator.prepare(model)
             self.optimizer = self.accelerator.prepare(optimizer)
         self.extra_modules = [self.accelerator.prepare(m) for m in self.extra_modules]
+
+    def reset_loop_state(self) -> None:
+        """The KL controller, reward moments, RNGs and counters of the loop (a resumed run restores them)."""
         c = self.config
         self.kl_ctl = (AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.kl_target is not None
                        else FixedKLController(c.kl_coef))
@@ -338,6 +387,36 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 "had a reward spread inside any prompt's group (frac_reward_zero_std = 1 at all {steps} step(s)): "
                 "the rewards did not move the policy")
 
+    def stall_cause(self, seen: str) -> tuple[str, str]:
+        """(why `stall_steps` steps in a row had no reward signal, what to do about it) for `RewardStallError`;
+        `seen`: the scores of those steps (`seen_scores`). Here (GRPO / RLOO): every group scored alike."""
+        source = self.annotator.source()
+        return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward from {source} ({seen}), "
+                "so every group advantage was 0 and the reward moved nothing (only the KL / entropy terms trained)",
+                f"check {source} on a few responses (e.g. a format they never match, a judge that always answers the "
+                "same)")
+
+    def check_stall(self, step: int, flat: bool) -> None:
+        """Count the steps in a row without reward signal (`no_signal`, `flat`); at `config.stall_steps` of them stop
+        with a `RewardStallError` naming the steps, the reward source, the scores seen and the fix (after the step's
+        metrics row, before its checkpoint or the saved model). 0 steps: never stop (the run's warnings remain)."""
+        if not flat:
+            self._stall = None
+            return
+        first, lo, hi = self._stall or (step, None, None)
+        got = getattr(self, "_step_range", None)  # (min, max) of the step's scores; None: none scored
+        if got is not None:
+            lo, hi = got if lo is None else (min(lo, got[0]), max(hi, got[1]))
+        self._stall = (first, lo, hi)
+        n = self.config.stall_steps
+        if n and step + 1 - first >= n:
+            why, fix = self.stall_cause(seen_scores(lo, hi))
+            raise RewardStallError(first + 1, step + 1, (
+                f"{type(self).__name__}: no reward signal at steps {first + 1}-{step + 1} ({n} in a row, "
+                f"method.stall_steps={n}): {why}; the run stopped before saving the model (its metrics.jsonl rows and "
+                f"earlier checkpoints are kept). {fix[0].upper()}{fix[1:]}, or set method.stall_steps=0 to train on "
+                "anyway"))
+
     # -- the loop ---------------------------------------------------------------------------------------
 
     @property
@@ -361,6 +440,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.check_fresh_checkpoints(start)  # an earlier run's checkpoints: refused from step 0 (after its rows)
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
+        self._stall = None  # (first step, lowest, highest score) of the steps in a row without one (`check_stall`)
         self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.start_trackers(start)
@@ -411,6 +491,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 self._flat_steps += 1
                 if self._flat_steps == 1:
                     logger.warning("step %d: %s", step + 1, none[0])
+            self.check_stall(step, none is not None)
             self.steps_done = step + 1
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "kl", "loss") if k in metrics})
@@ -418,4 +499,5 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 self.save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{step + 1}", step + 1)
 
 
-__all__ = ["METRICS_FILE", "OnlineConfig", "REWARD_SCALE", "OnlineTrainer", "Rollout", "zero_spread_fraction"]
+__all__ = ["METRICS_FILE", "OnlineConfig", "REWARD_SCALE", "OnlineTrainer", "Rollout", "seen_scores",
+           "zero_spread_fraction"]

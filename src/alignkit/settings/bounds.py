@@ -48,6 +48,7 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("method", "kl_coef", _nonneg, ">= 0"),
     ("method", "kl_target", _pos, "> 0, or null for a fixed KL coefficient"),
     ("method", "kl_horizon", _ge1, ">= 1"),
+    ("method", "stall_steps", _nonneg, ">= 0 (0: never stop a run without reward signal, only warn)"),
     ("method", "generation_batch_size", _ge1, ">= 1"),
     ("method", "batch_size", _ge1, ">= 1"),
     ("method", "desirable_weight", _nonneg, ">= 0"),

@@ -295,6 +295,8 @@ class OnlineMethod:
     vllm_mode: Literal["colocate", "server"] = "colocate"  # server: `alignkit vllm-serve` in another process
     vllm_server_url: str = "http://127.0.0.1:8000"  # server mode: the vllm-serve URL (alignkit.online.vllm_client)
     vllm_server_timeout: float = 300.0  # server mode: seconds to wait for it to come up, and for each answer
+    stall_steps: int = 20  # stop after this many steps in a row without reward signal (every prompt's samples
+    #   scored alike; online DPO: no pair formed; PPO: every response scored alike); 0: never stop, only warn
 
 
 @dataclass
