@@ -110,6 +110,33 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, text.encode("utf-8"))
 
 
+FileState = tuple[tuple[str, int, int], ...]
+
+
+class UnchangedSinceChecked:
+    """A memo of the files a check has passed in this process, keyed by their state (resolved path, size, mtime_ns):
+    the check runs again only when one of the files changed (or moved). Used by the JSON data files check
+    (`data/readers/rows.py`) and the output-set comparison (`run_commit.py`): a load reads a file more than once."""
+
+    def __init__(self) -> None:
+        self._states: set[FileState] = set()
+
+    @staticmethod
+    def state(*paths: str | Path) -> FileState:
+        """The state of `paths` now (taken before the check: a change during it is checked again next time)."""
+        out = []
+        for path in map(Path, paths):
+            stat = path.stat()
+            out.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        return tuple(out)
+
+    def __contains__(self, state: FileState) -> bool:
+        return state in self._states
+
+    def add(self, state: FileState) -> None:
+        self._states.add(state)
+
+
 def jsonl_text(rows: Iterable[Any]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -133,5 +160,5 @@ def read_jsonl(path: str | Path, fix: str = "fix or delete that line") -> list[A
     return rows
 
 
-__all__ = ["atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl",
+__all__ = ["UnchangedSinceChecked", "atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl",
            "remove_dead_temps"]
