@@ -20,6 +20,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -59,18 +60,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+OLD_TEMP_AGE_S = 24 * 3600  # an old-form temp file (no host, no pid) this much older than now is a crash's leftover
+_OLD_RANDOM = re.compile(r"[a-z0-9_]{8}")  # tempfile.mkstemp's random part, the whole middle of an old-form name
+
+
+def _is_dead_temp(tmp: Path, middle: str, host: str) -> bool:
+    """Whether `tmp`, `.<name>.<middle>.tmp` beside a target, is a leftover of a killed write: `<host>.<pid>.<random>`
+    for this host and a pid no longer running, or the form alignkit wrote before it named host and pid
+    (`<random>` only: mkstemp's 8 characters) last changed more than `OLD_TEMP_AGE_S` ago (a write takes seconds;
+    its process cannot be told, so age stands in)."""
+    parts = middle.split(".")
+    if len(parts) == 1 and _OLD_RANDOM.fullmatch(parts[0]):
+        try:
+            return time.time() - tmp.stat().st_mtime > OLD_TEMP_AGE_S
+        except OSError:
+            return False
+    if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+        return False  # another target's temp file, another host's, or a name of another form
+    pid = int(parts[1])
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
 def remove_dead_temps(path: str | Path) -> list[Path]:
     """Remove the temporary files `atomic_write` left beside `path` from processes killed part-way: those named for
-    this host with a pid that is no longer running (never a live process's write in progress, never another
-    host's, never a name of another form). Returns what was removed."""
+    this host with a pid that is no longer running, and those of the older form without host and pid that are over
+    a day old (`_is_dead_temp`); never a live process's write in progress, never another host's, never a name of
+    another form. Returns what was removed."""
     path = Path(path)
     host, prefix, removed = _host(), f".{path.name}.", []
     for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
-        parts = tmp.name[len(prefix):-len(".tmp")].split(".")
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue  # another target's temp file, another host's, or a name without a pid
-        pid = int(parts[1])
-        if pid == os.getpid() or _pid_alive(pid):
+        if not _is_dead_temp(tmp, tmp.name[len(prefix):-len(".tmp")], host):
             continue
         try:
             tmp.unlink()
@@ -86,7 +105,7 @@ def atomic_write(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file + fsync + rename (a reader sees the old file or the new
     one), with the permission bits `open()` would give. The one atomic writer. The temporary file is
     `.<name>.<host>.<pid>.<random>.tmp`: a kill leaves it, and the next write to `path` removes it once its process
-    is gone (`remove_dead_temps`)."""
+    is gone, as it does an older alignkit's (no host, no pid) over a day old (`remove_dead_temps`)."""
     path = Path(path)
     remove_dead_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -108,6 +127,33 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, text.encode("utf-8"))
+
+
+FileState = tuple[tuple[str, int, int], ...]
+
+
+class UnchangedSinceChecked:
+    """A memo of the files a check has passed in this process, keyed by their state (resolved path, size, mtime_ns):
+    the check runs again only when one of the files changed (or moved). Used by the JSON data files check
+    (`data/readers/rows.py`) and the output-set comparison (`run_commit.py`): a load reads a file more than once."""
+
+    def __init__(self) -> None:
+        self._states: set[FileState] = set()
+
+    @staticmethod
+    def state(*paths: str | Path) -> FileState:
+        """The state of `paths` now (taken before the check: a change during it is checked again next time)."""
+        out = []
+        for path in map(Path, paths):
+            stat = path.stat()
+            out.append((str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+        return tuple(out)
+
+    def __contains__(self, state: FileState) -> bool:
+        return state in self._states
+
+    def add(self, state: FileState) -> None:
+        self._states.add(state)
 
 
 def jsonl_text(rows: Iterable[Any]) -> str:
@@ -133,5 +179,5 @@ def read_jsonl(path: str | Path, fix: str = "fix or delete that line") -> list[A
     return rows
 
 
-__all__ = ["atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl",
+__all__ = ["UnchangedSinceChecked", "atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl",
            "remove_dead_temps"]

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from alignkit.files import DataError, atomic_write_text
+from alignkit.files import DataError, UnchangedSinceChecked, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -327,8 +327,8 @@ class output_set:
                                                     indent=1) + "\n")
 
 
-_COMPARED: set[tuple[str, int, int, str, int]] = set()  # (file, size, mtime, manifest, its mtime) compared in this
-#   process: a load reads a file twice (its first row, then every row); one sha256 and at most one warning a state
+_COMPARED = UnchangedSinceChecked()  # (file, its manifest) states compared in this process: a load reads a file
+#   twice (its first row, then every row); one sha256 and at most one warning a state
 
 
 def check_output_file(path: str | Path) -> None:
@@ -348,11 +348,10 @@ def check_output_file(path: str | Path) -> None:
                             f"unfinished: the files in {path.parent} may be from two runs); rerun `alignkit {command}` "
                             f"with output_dir={path.parent}")
         want = m["files"][path.name] or {}
-        stat = path.stat()
-        seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(manifest.resolve()), manifest.stat().st_mtime_ns)
+        seen = _COMPARED.state(path, manifest)
         if seen in _COMPARED:
             continue
-        changed = want.get("bytes") != stat.st_size or want.get("sha256") != _sha256(path)
+        changed = want.get("bytes") != seen[0][1] or want.get("sha256") != _sha256(path)
         _COMPARED.add(seen)
         if changed:
             logger.warning("%s was changed after `alignkit %s` wrote it (its size / sha256 differ from %s): the files "

@@ -500,3 +500,66 @@ def test_apply_refuses_reft_settings_the_kind_would_ignore(row, tiny_lm):
         with pytest.raises(ValueError, match=r"^adapter.reft.modules_to_save: with adapter.kind 'reft\+lora'"):
             apply_adapter(tiny_lm("llama"), dataclasses.replace(cfg, reft=dataclasses.replace(
                 reft, modules_to_save=["model.norm"])))
+
+
+def test_saves_of_other_kinds_into_one_folder_leave_only_the_last_save(tiny_lm, tiny_dir, tmp_path):
+    """save_adapter into a folder an earlier save of another kind (or part set) wrote left the earlier weight files
+    beside the new ones: a LoRA then a ReFT left adapter_model.safetensors, which a later whole-model save then
+    carried (transformers' from_pretrained loads a folder's adapter_config.json as a peft adapter). Each save now
+    removes the earlier save's files it did not write, and nothing else (a user's README, metrics, TensorBoard)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    mine = {"README.md": "my notes\n", "metrics.jsonl": '{"step": 1}\n', "events.out.tfevents.1.host": "tb"}
+    for name, text in mine.items():
+        (folder / name).write_text(text)
+    every = {f for row in ADAPTERS for f in row.files} | {"modules_to_save.safetensors", "generation_config.json"}
+    for seed, kind in enumerate(("lora", "reft", "reft+lora", "full", "lora", "reft"), start=1):
+        row = ROWS[kind]
+        model = perturb(apply_adapter(tiny_lm("llama"), row.config()), seed=seed)
+        want = _logits(model)
+        save_adapter(model, folder)
+        left = {p.name for p in folder.iterdir()} & every
+        assert left - {"generation_config.json"} == set(row.files), kind
+        assert adapter_in(folder).kind == kind
+        if row.whole_model:
+            loaded = load_model(folder).eval()
+        else:
+            loaded = load_adapter(load_model(tiny_dir("llama")).eval(), folder)
+            assert adapter_of(loaded).kind == kind
+        torch.testing.assert_close(_logits(loaded), want, rtol=0, atol=1e-6)
+    readme = (folder / "README.md").read_text()  # peft's save_pretrained adds its model card to a README.md
+    assert "my notes\n" in readme and {n: (folder / n).read_text() for n in mine if n != "README.md"} == {
+        n: t for n, t in mine.items() if n != "README.md"}
+
+
+def test_a_reft_save_without_a_head_removes_the_head_an_earlier_reft_save_left(tiny_classifier, tmp_path):
+    reft = ROWS["reft"]
+    save_adapter(apply_adapter(tiny_classifier(), reft.config()), tmp_path / "out")
+    assert (tmp_path / "out" / "modules_to_save.safetensors").is_file()  # a classifier's ReFT trains its head
+    both = ROWS["reft+lora"]  # its LoRA part trains the head (peft's modules_to_save), in adapter_model.safetensors
+    save_adapter(apply_adapter(tiny_classifier(), both.config()), tmp_path / "out")
+    assert not (tmp_path / "out" / "modules_to_save.safetensors").exists()
+    assert set(both.files) <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_a_folder_holding_another_tools_save_or_an_unreadable_alignkit_save_is_refused(tiny_lm, tmp_path):
+    """A folder with peft's files and no alignkit_adapter.json (a save by peft itself) was written into, its files
+    mixed with this save's. Refused in one line now, before anything is written; so is a folder whose earlier
+    alignkit_adapter.json cannot be read (which files it wrote is unknown)."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = tmp_path / "theirs"
+    get_peft_model(tiny_lm("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(theirs)
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    model = apply_adapter(tiny_lm("llama"), ROWS["reft"].config())
+    with pytest.raises(ValueError, match=r"^save_adapter: .*theirs holds adapter_config.json, "
+                                         r"adapter_model.safetensors but no alignkit_adapter.json, so not an "
+                                         r"alignkit save.*; save into an empty or new folder"):
+        save_adapter(model, theirs)
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    broken = save_adapter(model, tmp_path / "broken")
+    (broken / "alignkit_adapter.json").write_text("{")
+    before = {p.name: p.read_bytes() for p in broken.iterdir()}
+    with pytest.raises(ValueError, match=r"alignkit_adapter.json cannot be read \(.*not valid JSON"):
+        save_adapter(model, broken)
+    assert {p.name: p.read_bytes() for p in broken.iterdir()} == before

@@ -148,22 +148,29 @@ def test_datasets_folders_rows_and_columns(tmp_path):
 
 def test_dataset_map_as_prepare_calls_it():
     """Raw TRL-style rows are tokenized with `Dataset.from_list(...).map(fn, batched=True, with_indices=True,
-    remove_columns=..., num_proc=, desc=, fn_kwargs=)`, where a batch may come back shorter (dropped rows)."""
+    remove_columns=..., num_proc=, desc=, features=, fn_kwargs=)`, one output row per input row, a dropped row's
+    features None (typed by `features=` even where a whole first batch is None), then `remove_columns` of the note
+    columns and `select` of the kept rows."""
     where = "alignkit/data/prepare.py:prepare_dataset"
-    from datasets import Dataset
+    from datasets import Dataset, Features, List, Value
 
     def fn(batch, indices, keep):
-        rows = [(t, i) for t, i in zip(batch["text"], indices) if len(t) >= keep]
-        return {"n": [len(t) for t, _ in rows], "index": [i for _, i in rows]}
+        fits = [len(t) >= keep for t in batch["text"]]
+        return {"n": [[len(t)] if f else None for t, f in zip(batch["text"], fits)],
+                "index": list(indices), "drop": ["" if f else "short" for f in fits]}
 
+    features = Features({"n": List(Value("int64")), "index": Value("int64"), "drop": Value("string")})
     with guard("datasets", "Dataset.from_list / Dataset.map(batched, with_indices, remove_columns, num_proc, desc, "
-               "fn_kwargs) failed", where):
-        ds = Dataset.from_list([{"text": "a", "x": 1}, {"text": "bbb", "x": 2}, {"text": "cc", "x": 3}])
-        out = ds.map(fn, batched=True, with_indices=True, remove_columns=ds.column_names, num_proc=None,
-                     desc="Tokenizing test", fn_kwargs={"keep": 2})
-    check(sorted(out.column_names) == ["index", "n"] and out["n"] == [3, 2] and out["index"] == [1, 2], "datasets",
-          "a batched map with indices that drops rows no longer gives the kept rows only", where,
-          f"{out.column_names}: {out[:]}")
+               "features, fn_kwargs) / remove_columns / select failed", where):
+        ds = Dataset.from_list([{"text": "a", "x": 1}, {"text": "b", "x": 2}, {"text": "bbb", "x": 3},
+                                {"text": "cc", "x": 4}])
+        out = ds.map(fn, batched=True, batch_size=2, with_indices=True, remove_columns=ds.column_names, num_proc=None,
+                     desc="Tokenizing test", features=features, fn_kwargs={"keep": 2})  # batch 1: all None
+        drops = out["drop"]
+        kept = out.remove_columns(["drop"]).select([i for i, d in enumerate(drops) if not d])
+    check(kept.column_names == ["n", "index"] and kept["n"] == [[3], [2]] and kept["index"] == [2, 3] and
+          drops == ["short", "short", "", ""], "datasets", "a batched map with features= whose first batch is all None, "
+          "then remove_columns and select, no longer gives the kept rows", where, f"{kept.column_names}: {kept[:]}")
 
 
 def test_accelerate_state_internals_for_cpu_fsdp(monkeypatch):
@@ -508,7 +515,7 @@ def test_a_hub_name_resolves_to_its_cached_snapshot_offline(tiny_dir, hub_cache)
     "config.json")` gives that snapshot's file without the network (and None for a name not cached), and
     transformers' `from_pretrained(name)` reads the same snapshot (huggingface_hub's HF_HUB_CACHE) and sets
     `config.name_or_path` to the name."""
-    where = "alignkit/adapters/base.py:hub_cache_snapshot (sharded_fingerprint)"
+    where = "alignkit/models/hub_cache.py:hub_cache_snapshot (sharded_fingerprint)"
     snapshot = hub_cache("org/a-cached-model", tiny_dir("llama"))
     with guard("huggingface_hub", "try_to_load_from_cache moved or changed", where):
         from huggingface_hub import try_to_load_from_cache
@@ -534,7 +541,7 @@ def test_a_model_loaded_at_another_revision_records_none(tiny_dir, hub_cache, tm
     import json
     import shutil
 
-    where = "alignkit/adapters/base.py:hub_cache_snapshot, cached_snapshots (sharded_fingerprint)"
+    where = "alignkit/models/hub_cache.py:hub_cache_snapshot, cached_snapshots (sharded_fingerprint)"
     main = hub_cache("org/two-revisions", tiny_dir("llama"))
     other = main.parent / ("f" * 40)
     shutil.copytree(main, other)

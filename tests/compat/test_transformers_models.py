@@ -371,3 +371,30 @@ def test_no_split_modules_name_the_decoder_layer_class(lm):
     names = set(getattr(lm, "_no_split_modules", None) or [])
     check(type(layers[0]).__name__ in names, TF, f"{type(lm).__name__}._no_split_modules no longer names its decoder "
           "layer class", where, f"_no_split_modules: {sorted(names)}, layer class: {type(layers[0]).__name__}")
+
+
+# M16 -----------------------------------------------------------------------------------------------------
+
+def test_save_pretrained_writes_the_files_a_full_save_names(tiny_lm, tmp_path):
+    """`Full.other_files` names what transformers' `save_pretrained` writes besides config.json (model.safetensors,
+    or shards and their index, and generation_config.json), and `Lora.weight_files` what peft's writes: a later
+    save of another kind into the folder removes those, so a file of either named otherwise would stay beside it
+    (a whole model's weights next to an adapter, read by from_pretrained)."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.adapters.full import Full
+    from alignkit.adapters.lora import Lora
+
+    where = "alignkit/adapters/full.py:Full.other_files, adapters/lora.py:Lora.weight_files (base.py:Adapter.save)"
+    for shard in (None, "20KB"):
+        folder = tmp_path / f"full-{shard}"
+        tiny_lm("llama").save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+        written = {p.name for p in folder.iterdir()}
+        check(written == Full.saved_files(folder) and len(written) > (3 if shard else 2), TF,
+              "save_pretrained writes files Full.other_files does not name", where,
+              f"written {sorted(written)}, named {sorted(Full.saved_files(folder))}")
+    folder = tmp_path / "lora"
+    get_peft_model(tiny_lm("llama"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    written = {p.name for p in folder.iterdir()} - {"README.md"}  # peft's model card: a README is the user's too
+    check(written == Lora.saved_files(folder), "peft", "peft's save_pretrained writes files Lora does not name",
+          where, f"written {sorted(written)}")

@@ -457,3 +457,30 @@ def test_a_key_given_twice_in_a_dataset_folder_is_refused_naming_file_line_and_k
         load_records(lines)  # the train split's rows are fine, but load_dataset reads the test split's file too
     (lines / "data" / "test.jsonl").write_text(f"{good}\n")
     assert load_records(lines) == [SFTRecord("q", " a")] * 2 and load_records(lines, split="test") == [SFTRecord("q", " a")]
+
+
+def test_a_dataset_folders_json_is_checked_once_while_unchanged_and_again_once_edited(tmp_path, monkeypatch):
+    """check_json_data_files and run_commit.check_output_file share one memo (`files.UnchangedSinceChecked`, keyed by
+    path, size and mtime_ns): an unchanged file is parsed once a process; an edit of the same size (a repeated key
+    put in by hand) has another mtime and is checked, and refused, again."""
+    import os
+
+    from alignkit.data.readers import rows
+
+    parsed = []
+    real = rows._iter_jsonl
+    monkeypatch.setattr(rows, "_iter_jsonl", lambda f, *a, **k: (parsed.append(Path(f).name), real(f, *a, **k))[1])
+    folder = tmp_path / "set"
+    folder.mkdir()
+    path = folder / "train.jsonl"
+    path.write_text('{"prompt": "q", "completion": " a"}\n')
+    rows.check_json_data_files(folder)
+    rows.check_json_data_files(folder)
+    assert parsed == ["train.jsonl"]
+    stat = path.stat()
+    path.write_text('{"prompt": "q", "prompt": " a"}\n'.ljust(stat.st_size - 1) + "\n")  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert path.stat().st_size == stat.st_size
+    with pytest.raises(DataError, match=r"train\.jsonl:1: an object holds the key 'prompt' twice"):
+        rows.check_json_data_files(folder)
+    assert parsed == ["train.jsonl", "train.jsonl"]

@@ -343,3 +343,23 @@ def test_the_librarys_reader_refuses_a_file_of_an_unfinished_output_set(tmp_path
         load_records(out / "generations.jsonl")
     with pytest.raises(DataError, match="did not finish"):
         load_records(str(out / "generations.jsonl"), "sft")
+
+
+def test_an_old_form_temp_file_left_by_an_older_alignkit_is_removed_once_over_a_day_old(tmp_path):
+    """Before temp files named host and pid, atomic_write's was `.<name>.<mkstemp's 8 characters>.tmp`: one left by
+    an older alignkit's crash was never removed (no pid to test). Now one over a day old is removed by the next write
+    to its target; a newer one (a write may be in progress), another target's and a name of another form stay."""
+    from alignkit.files import atomic_write
+
+    target = tmp_path / "summary.json"
+    names = {"old": ".summary.json.k3x_9qaz.tmp", "new": ".summary.json.a1b2c3d4.tmp",
+             "other target": ".metrics.json.k3x_9qaz.tmp", "other form": ".summary.json.K3X-9QAZ.tmp",
+             "seven characters": ".summary.json.k3x_9qa.tmp"}
+    two_days = time.time() - 2 * 24 * 3600
+    for key, name in names.items():
+        (tmp_path / name).write_bytes(b"half")
+        if key != "new":
+            os.utime(tmp_path / name, (two_days, two_days))
+    atomic_write(target, b"x")
+    left = {key for key, name in names.items() if (tmp_path / name).exists()}
+    assert left == {"new", "other target", "other form", "seven characters"} and target.read_bytes() == b"x"

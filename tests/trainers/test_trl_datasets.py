@@ -101,3 +101,31 @@ def test_data_without_a_length_is_refused_in_one_line(tiny_dir, tmp_path):
         with pytest.raises(ValueError, match=r"SFTTrainer: train_dataset \(IterableDataset\) has no length \(an "
                                              r"iterable or streaming dataset\).*pass map-style data"):
             SFTTrainer(load_model(path), args(tmp_path), train_dataset=data, processing_class=tok)
+
+
+def test_a_data_problem_is_one_warning_per_dataset_across_map_batches_processes_and_the_cache(tiny_dir, tmp_path,
+                                                                                               caplog):
+    """prepare_dataset logged its summary once per datasets.map batch (1,000 rows), so one problem in a large dataset
+    repeated its warning thousands of times, and a cached map (no batch run) said nothing. Now one line per kind of
+    warning per dataset, with the count and the first records, from the map's output: the same with num_proc and on
+    a cache hit; a first batch whose records are all dropped still maps (its features typed from a kept row)."""
+    import logging
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    data = tmp_path / "d.jsonl"
+    long_rows = {i for i in range(2500) if i % 7 == 3 or i < 1000}  # every row of the first map batch, then 1 in 7
+    data.write_text("".join(json.dumps({"prompt": "Q " * (60 if i in long_rows else 2), "completion": " A."}) + "\n"
+                            for i in range(2500)))
+    ds = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    n_long = 1000 + sum(1 for i in range(1000, 2500) if i % 7 == 3)  # 1000 + 214
+    for num_proc in (None, None, 2):  # the second call reads datasets' cache
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="alignkit.data.prepare"):
+            out, _ = prepare_dataset(ds, tok, ("sft",), TokenizeConfig(max_length=40), num_proc=num_proc)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warnings == [f"train_dataset: 1,214 of 2,500 record(s) dropped (prompt_too_long) (first: "
+                            f"{', '.join(f'train_dataset row {i}' for i in range(5))})"], (num_proc, warnings)
+        assert n_long == 1214
+        assert list(out["id"]) == [f"train_dataset row {i}" for i in range(2500) if i not in long_rows]
+        assert out.column_names == ["input_ids", "completion_mask", "prompt_length", "length", "weight", "id"]
+        assert all(len(ids) <= 40 for ids in out["input_ids"])

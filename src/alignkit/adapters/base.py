@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, ClassVar, ContextManager, Iterator
 
 import torch
-from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
@@ -44,6 +43,7 @@ from alignkit.adapters.config import ADAPTER_CONFIG_NAME, AdapterConfig, KindInf
 from alignkit.interventions.attach import ReftModel
 from alignkit.interventions.config import Positions
 from alignkit.interventions.locate import hf_model, is_peft_model
+from alignkit.models.hub_cache import cached_snapshots, hub_cache_snapshot
 from alignkit.models.rope import rope_change, rope_record
 from alignkit.settings.typed import ConfigError
 
@@ -121,6 +121,7 @@ class Adapter:
     can_switch_off: ClassVar[bool] = True
     saves_whole_model: ClassVar[bool] = False
     weight_files: ClassVar[tuple[tuple[str, str], ...]] = ()
+    other_files: ClassVar[tuple[str, ...]] = ()  # glob patterns of the other files a save may write (`saved_files`)
     vllm_sync: ClassVar[str | None] = None  # serve --engine vllm / generation_backend vllm (module docstring)
 
     def __init__(self, config: AdapterConfig | None = None) -> None:
@@ -166,6 +167,17 @@ class Adapter:
                 raise FileNotFoundError(f"{folder} has no {name} ({what}), which a {self.kind} folder holds; point it "
                                         "at the complete folder save_adapter wrote (a finished run's model/)")
 
+    @classmethod
+    def saved_files(cls, folder: Path) -> set[str]:
+        """The names of the files in `folder` that a save of this kind writes (`weight_files`, `other_files`)."""
+        names = {n for n, _ in cls.weight_files} | {p.name for g in cls.other_files for p in folder.glob(g)}
+        return {n for n in names if (folder / n).is_file()}
+
+    def written_files(self, folder: Path, config: AdapterConfig) -> set[str]:
+        """The names of the files the save of `config` into `folder` just wrote (`save`: what an earlier save of
+        another kind or part set left is removed)."""
+        return self.saved_files(folder)
+
     def trained_task(self, folder: Path) -> tuple[str, str] | None:
         """("classifier" or "causal_lm", the evidence in `folder`) for the head this saved adapter was trained
         with (a reward model's score head or an LM head), None when the folder does not say (a whole model says it
@@ -197,8 +209,9 @@ class Adapter:
     def save(self, model: nn.Module, folder: str | Path, tokenizer: Any = None,
              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         config = self.config if self.config is not None else self.own_config(model)
+        earlier = earlier_save(folder)  # before anything is written: refuses a folder holding another tool's save
+        folder.mkdir(parents=True, exist_ok=True)
         self.save_weights(model, folder, config, state_dict)
         (folder / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         fingerprint = None if self.saves_whole_model else recorded_base(model)
@@ -208,6 +221,12 @@ class Adapter:
             (folder / BASE_FINGERPRINT_NAME).unlink(missing_ok=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        if earlier is not None:  # its files this save did not replace: a later load could read them with these
+            stale = sorted(earlier.saved_files(folder) - self.written_files(folder, config))
+            for name in stale:
+                (folder / name).unlink(missing_ok=True)
+            if stale:
+                logger.info("%s: removed %s, left by the earlier %s save there", folder, ", ".join(stale), earlier.kind)
         logger.info("saved %s adapter to %s", self.kind, folder)
         return folder
 
@@ -298,32 +317,6 @@ def sharded_fingerprint(lm: nn.Module, cfg: Any) -> dict[str, Any] | None:
         return None
     found["rope_parameters"] = rope_record(cfg)
     return found
-
-
-def hub_cache_snapshot(name: str) -> str | None:
-    """The folder of Hub model `name`'s "main" snapshot in the local Hugging Face cache (HF_HUB_CACHE, the one
-    `from_pretrained(name)` reads from; `huggingface_hub.try_to_load_from_cache`: no network), or None: not a Hub
-    name, not cached, or cached at several revisions (`cached_snapshots`). transformers records no revision in the
-    model it loads (`from_pretrained(name, revision=r)` leaves config.name_or_path = name), so with several snapshots
-    main's may not hold the loaded weights: its fingerprint was main's, and an adapter trained on revision r was
-    refused on r (or one trained on main accepted on r). tests/compat pins the cache layout and the missing record."""
-    snapshots = cached_snapshots(name)
-    return str(snapshots[0]) if len(snapshots) == 1 else None
-
-
-def cached_snapshots(name: str) -> list[Path]:
-    """The `snapshots/<commit>/` folders of Hub model `name` in the local Hugging Face cache, main's first (one per
-    revision fetched); [] when `name` is not a Hub name or is not cached."""
-    if not name or name.startswith((".", "/")) or name.count("/") > 1:
-        return []
-    try:
-        got = try_to_load_from_cache(name, "config.json")
-    except ValueError:  # HFValidationError: not a repo id
-        return []
-    if not isinstance(got, str):
-        return []
-    main = Path(got).parent
-    return [main] + sorted(p for p in main.parent.iterdir() if p.is_dir() and p != main)
 
 
 def final_norm_parameter(lm: nn.Module) -> torch.Tensor | None:
@@ -561,11 +554,30 @@ def adapter_of(model: nn.Module) -> Adapter:
     return found[0](cfg if cfg is not None and cfg.kind == found[0].kind else None)
 
 
+def earlier_save(folder: Path) -> Adapter | None:
+    """The adapter of the alignkit save already in `folder` (its `alignkit_adapter.json`), None when there is none.
+    ValueError when `folder` holds files a save writes (any kind's `saved_files`) without one (another tool's
+    save: this one would be mixed into it), or an `alignkit_adapter.json` that cannot be read."""
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        found = sorted({n for cls in registry().values() for n in cls.saved_files(folder)}) if folder.is_dir() else []
+        if found:
+            raise ValueError(f"save_adapter: {folder} holds {', '.join(found)} but no {ADAPTER_CONFIG_NAME}, so not an "
+                             "alignkit save, and this save would be mixed into it; save into an empty or new folder, "
+                             "or move those files away")
+        return None
+    try:
+        return adapter_in(folder)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"save_adapter: {folder / ADAPTER_CONFIG_NAME} cannot be read ({e}), so the files of the "
+                         "earlier save there are unknown and this save would be mixed into them; save into an "
+                         "empty or new folder, or remove the earlier save") from None
+
+
 def adapter_in(folder: str | Path) -> Adapter:
     """The adapter a saved folder holds (from its `alignkit_adapter.json`)."""
     return adapter_for(read_adapter_config(folder))
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_embedding",
-           "base_fingerprint", "base_mismatch", "compared_probes", "folder_fingerprint", "hub_cache_snapshot", "cached_snapshots", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
+           "base_fingerprint", "base_mismatch", "compared_probes", "earlier_save", "folder_fingerprint", "hub_cache_snapshot", "cached_snapshots", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
            "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

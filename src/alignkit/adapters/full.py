@@ -25,6 +25,9 @@ class Full(Adapter):
     saves_whole_model = True
     vllm_sync = "weights"
     weight_files = (("config.json", "the model's transformers config"),)
+    # transformers' save_pretrained: one safetensors file, or shards and their index
+    other_files = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                   "generation_config.json")
 
     @classmethod
     def wraps(cls, model: nn.Module) -> bool:

@@ -35,6 +35,7 @@ class Reft(Adapter):
     kind = "reft"
     weight_files = (("reft_config.json", "the ReFT interventions and positions"),
                     ("interventions.safetensors", "the ReFT weights"))
+    other_files = (HEAD_WEIGHTS_NAME,)
     trains_head = True
 
     @classmethod
@@ -78,6 +79,10 @@ class Reft(Adapter):
             tensors = {f"{h}.{k}": v.detach().cpu().contiguous() for h in heads
                        for k, v in lm.get_submodule(h).state_dict().items()}
             save_file(tensors, str(folder / HEAD_WEIGHTS_NAME), metadata={"format": "alignkit-heads"})
+
+    def written_files(self, folder: Path, config: AdapterConfig) -> set[str]:
+        heads = (config.reft.modules_to_save or []) if self.trains_head else []
+        return self.saved_files(folder) - (set() if heads else {HEAD_WEIGHTS_NAME})
 
     def _load_heads(self, model: nn.Module, folder: Path, trainable: bool) -> None:
         heads = self._heads()

@@ -25,6 +25,7 @@ from alignkit.interventions.locate import is_peft_model
 class ReftLora(Adapter):
     kind = "reft+lora"
     weight_files = Lora.weight_files + Reft.weight_files
+    other_files = Lora.other_files + Reft.other_files
 
     def __init__(self, config: AdapterConfig | None = None) -> None:
         super().__init__(config)
@@ -54,6 +55,9 @@ class ReftLora(Adapter):
                      state_dict: dict[str, torch.Tensor] | None) -> None:
         self.lora.save_weights(self._inner(model), folder, config, state_dict)
         self.reft.save_weights(model, folder, config, state_dict)
+
+    def written_files(self, folder: Path, config: AdapterConfig) -> set[str]:
+        return self.lora.written_files(folder, config) | self.reft.written_files(folder, config)
 
     def load(self, model: nn.Module, folder: Path, trainable: bool) -> nn.Module:
         return self.reft.load(self.lora.load(model, folder, trainable), folder, trainable)

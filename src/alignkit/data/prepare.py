@@ -12,7 +12,8 @@ trainer's kind, and tokenized with `alignkit.data.tokenize` under one `TokenizeC
 A `datasets.Dataset` is tokenized with `Dataset.map` (batched, with a progress bar, `num_proc` worker
 processes, and datasets' own cache when the dataset comes from files: a second run with the same data,
 tokenizer and settings loads the cached result instead of tokenizing again). Rows that do not fit the
-length limits are dropped (logged with a count, as `tokenize_records` does). Already tokenized data
+length limits are dropped (logged once per dataset, one line per reason with a count and the first records,
+from the map's output, so also with `num_proc` and on a cache hit). Already tokenized data
 (`input_ids` / `chosen_input_ids` / `prompt_input_ids` columns) is returned unchanged.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
 from alignkit.data.readers.rows import NamedRows
@@ -80,24 +81,81 @@ def _pick_kind(native: Sequence[str], kinds: Sequence[str], where: str) -> str:
                     f"{' or '.join(kinds)}; pass data with the trainer's columns (e.g. prompt/chosen/rejected for DPO)")
 
 
+# per-record columns the map adds (removed before the dataset is returned): why it was dropped ("" kept), how many
+# of its sequences were truncated, the roles of messages the formatter did not render ("" none). Every record gets
+# a row (dropped ones with None features), so the dataset's summary is read from the map's output: the same with
+# num_proc workers and with datasets' cache (where the batch function does not run at all).
+DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED = "_alignkit_drop", "_alignkit_prompt_cut", "_alignkit_completion_cut", \
+    "_alignkit_unrendered"
+NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED)
+
+
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any, cfg: TokenizeConfig, kind: str,
                     reader: str, name: str, options: dict) -> dict[str, list]:
     keys = list(batch)
     rows = NamedRows(({k: batch[k][j] for k in keys}, f"{name} row {i}") for j, i in enumerate(indices))
     records = load_records(rows, kind, reader=reader, **options)
-    out: dict[str, list] = {k: [] for k in FEATURE_KEYS[kind]}
-    stats = TokenizeStats(total=len(records))
+    out: dict[str, list] = {k: [] for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)}
     for r in records:
+        one = TokenizeStats(total=1)
         try:
-            f = tokenize_record(r, tokenizer, cfg, stats)
+            f, drop = tokenize_record(r, tokenizer, cfg, one), ""
         except Unfit as e:
-            stats.drop(e.reason, r.id)
-            continue
-        for k in out:
-            out[k].append(f[k])
-    if stats.warns:
-        logger.warning("%s: %s", name, stats.summary())
+            f, drop = {"id": r.id}, e.reason
+        for k in FEATURE_KEYS[kind]:
+            out[k].append(f.get(k))
+        out[DROP].append(drop)
+        out[PROMPT_CUT].append(one.prompt_truncated)
+        out[COMPLETION_CUT].append(one.completion_truncated)
+        out[UNRENDERED].append(",".join(one.unrendered_roles) if one.system_unrendered else "")
     return out
+
+
+def _features(dataset: Any, fn_kwargs: dict) -> Features:
+    """The map's output features, from its first rows (the first 64, more until one is kept): a first batch whose
+    records are all dropped (None features) would otherwise fix its columns' type as null."""
+    size = 64
+    while True:
+        part = dataset.select(range(min(size, len(dataset))))
+        probe = _tokenize_batch(part[:], list(range(len(part))), **fn_kwargs)
+        if "" in probe[DROP] or len(part) == len(dataset):
+            features = Dataset.from_dict(probe).features
+            for key in ("margin", "weight"):  # None in every probed row (no margins given): a float column
+                if key in features and getattr(features[key], "dtype", None) == "null":
+                    features[key] = Value("float64")
+            return features
+        size *= 16
+
+
+def _summarize(out: Any, name: str) -> list[int]:
+    """The rows of the map's output `out` that were kept. The dataset's `TokenizeStats`, from its note columns, are
+    logged as one line per kind of warning (each reason records were dropped for, messages not rendered) with its
+    count and first records, and the totals (info)."""
+    column = {k: out.data.column(k).to_pylist() for k in (*NOTE_COLUMNS, "id")}  # the map's own table: no indices
+    ids, keep = column["id"], [i for i, reason in enumerate(column[DROP]) if not reason]
+    kept = len(keep)
+    stats = TokenizeStats(total=len(ids), kept=kept, prompt_truncated=sum(column[PROMPT_CUT]),
+                          completion_truncated=sum(column[COMPLETION_CUT]))
+    for i, reason in enumerate(column[DROP]):
+        if reason:
+            stats.drop(reason, ids[i])
+    for i, roles in enumerate(column[UNRENDERED]):
+        if roles:
+            stats.note_system_unrendered(ids[i], roles.split(","))
+    for reason, n in stats.dropped.items():
+        logger.warning("%s: %s of %s record(s) dropped (%s) (first: %s)", name, f"{n:,}", f"{stats.total:,}", reason,
+                       ", ".join(stats.dropped_ids[reason]))
+    if stats.system_unrendered:
+        roles = " or ".join(stats.unrendered_roles) or "system"
+        logger.warning("%s: %s of %s record(s) have a %s message the formatter (data.formatter: the chat template) "
+                       "does not render, so the model never reads it (first: %s): fold it into the first user message "
+                       "(a tool's result: into a user message after the call), or use a template that renders %s "
+                       "messages",
+                       name, f"{stats.system_unrendered:,}", f"{stats.total:,}", roles,
+                       ", ".join(stats.system_unrendered_ids), roles)
+    logger.info("%s: tokenized %s/%s record(s); prompt truncated: %d, completion truncated: %d", name, f"{kept:,}",
+                f"{stats.total:,}", stats.prompt_truncated, stats.completion_truncated)
+    return keep
 
 
 def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: TokenizeConfig | None = None, *,
@@ -130,10 +188,14 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     info = READERS[reader] if reader is not None else detect_reader(row, f"{name} row 0")
     kind = _pick_kind(info.kinds, kinds, name)
     n = len(dataset)
+    fn_kwargs = {"tokenizer": tokenizer, "cfg": cfg, "kind": kind, "reader": info.name, "name": name,
+                 "options": dict(reader_options or {})}
     out = dataset.map(_tokenize_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                      num_proc=num_proc, desc=f"Tokenizing {name}",
-                      fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "kind": kind, "reader": info.name,
-                                 "name": name, "options": dict(reader_options or {})})
+                      num_proc=num_proc, desc=f"Tokenizing {name}", features=_features(dataset, fn_kwargs),
+                      fn_kwargs=fn_kwargs)
+    keep = _summarize(out, name)
+    out = out.remove_columns(list(NOTE_COLUMNS))
+    out = out.select(keep) if len(keep) < len(out) else out
     if len(out) == 0:
         raise DataError(f"{name}: every row was dropped by the length limits (max_length={cfg.max_length}); raise "
                         f"max_length")

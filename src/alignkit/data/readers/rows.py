@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from alignkit.data.records import DataError
+from alignkit.files import UnchangedSinceChecked
 from alignkit.run_commit import check_output_file
 
 logger = logging.getLogger(__name__)
@@ -174,8 +175,7 @@ def check_json_data_files(folder: Path) -> None:
         for f in map(Path, paths):
             if f.suffix not in (".json", ".jsonl") or not f.is_file():
                 continue
-            stat = f.stat()
-            seen = (str(f.resolve()), stat.st_size, stat.st_mtime_ns)
+            seen = _CHECKED.state(f)
             if seen in _CHECKED:  # the same file, unchanged: a source is read more than once (first row, all rows)
                 continue
             if f.suffix == ".jsonl" or _json_value(f) is JSON_LINES:
@@ -184,7 +184,7 @@ def check_json_data_files(folder: Path) -> None:
             _CHECKED.add(seen)
 
 
-_CHECKED: set[tuple[str, int, int]] = set()  # (file, size, mtime) that check_json_data_files found sound
+_CHECKED = UnchangedSinceChecked()  # the files check_json_data_files found sound, in the state it read them
 
 
 def _iter_table(table: Any, name: str) -> Iterator[Row]:
