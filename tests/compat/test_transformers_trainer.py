@@ -54,7 +54,8 @@ def model_of(tiny_dir, kind: str):
     torch.manual_seed(0)
     reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="l1")
     return apply_adapter(load_model(tiny_dir("llama")),
-                         AdapterConfig(kind=kind, lora=LoraSettings(r=2), reft=reft if "reft" in kind else None))
+                         AdapterConfig(kind=kind, lora=LoraSettings(r=2) if "lora" in kind else LoraSettings(),
+                                       reft=reft if "reft" in kind else None))
 
 
 def sft_trainer(tiny_dir, tokenizer, feats, tmp_path, kind="lora", **kw):
