@@ -42,7 +42,7 @@ from alignkit.runs import (
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
-from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
+from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, HUB_KEYS
 from alignkit.trainers import TRAINERS
 from alignkit.trainers.checks import refuse_trainer_fsdp_on_cpu
 
@@ -139,7 +139,7 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     kw["report_to"] = report or "none"
     if quiet:
         kw["disable_tqdm"] = True
-    push = {k: kw.pop(k) for k in ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token") if k in kw}
+    push = {k: kw.pop(k) for k in ("push_to_hub", *HUB_KEYS) if k in kw}  # checked by check_train (settings/train.py)
     try:
         args = TrainingArguments(**kw)  # without push_to_hub: the Trainer would push checkpoints/, not model/
     except ValueError as e:  # transformers' own checks of combinations (e.g. load_best_model_at_end's strategies)
@@ -152,9 +152,11 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
 
 def push_model(push: dict[str, Any], model_dir: Any, run_root: Any, api: Any = None) -> str:
     """Upload the final model / adapter folder (with its model card) to the Hub repo `hub_model_id` (default: the
-    run folder's name), creating the repo; checkpoints are not pushed. Returns the repo id."""
+    run folder's name), creating the repo, on the branch `hub_revision` (default: main); checkpoints are not pushed.
+    Returns the repo id."""
     return push_folder(model_dir, push.get("hub_model_id") or Path(run_root).name,
-                       private=bool(push.get("hub_private_repo")), token=push.get("hub_token"), api=api)
+                       private=bool(push.get("hub_private_repo")), token=push.get("hub_token"),
+                       revision=push.get("hub_revision"), api=api)
 
 
 def tensorboard_callback(args: Any, run: RunFolder, resumed_at: int | None = None) -> Any:
