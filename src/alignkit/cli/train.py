@@ -26,7 +26,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
-from alignkit.cli.data import load_data, tokenize, warn_unread_margins
+from alignkit.cli.data import load_data, record_kind, tokenize, warn_unread_margins
 from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
@@ -61,11 +61,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(cfg: Any, args: argparse.Namespace) -> int:
     return train(cfg, args.command, quiet=args.quiet, command_line=command_line(args),
                  resume=args.resume, overwrite=args.overwrite)
-
-
-def record_kind(command: str, method: Any) -> str:
-    return {"sft": "sft", "dpo": "preference", "kto": "unpaired"}.get(command) or \
-        ("ranked" if method.ranked else "preference")
 
 
 def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str, Any]]:
