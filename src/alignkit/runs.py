@@ -400,15 +400,19 @@ def versions() -> dict[str, str]:
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
-                ignore_patterns: list[str] | None = None, api: Any = None) -> str:
+                ignore_patterns: list[str] | None = None, revision: str | None = None, api: Any = None) -> str:
     """Upload `folder` (a final model / adapter folder and its README.md card) to the Hub model repo `repo_id`,
-    creating the repo; `ignore_patterns` (fnmatch, relative paths) leave files out. Returns the repo id."""
+    creating the repo; `ignore_patterns` (fnmatch, relative paths) leave files out; `revision`: the branch to commit
+    to (created from main when missing, as transformers' push does; None: main). Returns the repo id."""
     if api is None:
         api = huggingface_hub.HfApi(token=token)  # looked up at call time (tests replace the Hub client)
     folder = Path(folder)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    branch = {} if revision is None else {"revision": revision}
+    if revision is not None and not revision.startswith("refs/pr"):  # upload_folder to a missing branch: 404
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", ignore_patterns=ignore_patterns,
-                      commit_message=f"alignkit: upload {folder.name}/")
+                      commit_message=f"alignkit: upload {folder.name}/", **branch)
     logger.info("pushed %s to the Hub repo %s", folder, repo_id)
     return repo_id
 

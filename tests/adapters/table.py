@@ -30,9 +30,10 @@ class AdapterRow:
 
     def config(self, positions: str = "f1+l1", lora_r: int = 2, lora_alpha: float = 4.0, reft_rank: int = 2,
                layers: tuple[int, ...] = (0, 1)) -> AdapterConfig:
-        """A small config of this kind: LoRA rank `lora_r`, ReFT rank `reft_rank` on `layers` at `positions`."""
+        """A small config of this kind: LoRA rank `lora_r`, ReFT rank `reft_rank` on `layers` at `positions` (each only
+        for a kind with that part: apply_adapter refuses settings of a part the kind lacks)."""
         reps = [{"layer": layer, "low_rank_dimension": reft_rank} for layer in layers]
-        return AdapterConfig(kind=self.kind, lora=LoraSettings(r=lora_r, alpha=lora_alpha),
+        return AdapterConfig(kind=self.kind, lora=LoraSettings(r=lora_r, alpha=lora_alpha) if self.lora else LoraSettings(),
                              reft=ReftSettings(config={"representations": reps}, positions=positions) if self.reft else None)
 
 

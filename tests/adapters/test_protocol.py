@@ -16,7 +16,7 @@ import torch
 
 from alignkit.adapters import (KINDS, Adapter, AdapterConfig, adapter_for, adapter_in, adapter_of, apply_adapter, load_adapter,
                                reference_off, register_adapter, registry, save_adapter)
-from alignkit.adapters.config import ReftSettings
+from alignkit.adapters.config import LoraSettings, ReftSettings
 from alignkit.interventions.config import Positions
 from alignkit.models.loading import load_model, load_tokenizer
 
@@ -563,3 +563,20 @@ def test_a_folder_holding_another_tools_save_or_an_unreadable_alignkit_save_is_r
     with pytest.raises(ValueError, match=r"alignkit_adapter.json cannot be read \(.*not valid JSON"):
         save_adapter(model, broken)
     assert {p.name: p.read_bytes() for p in broken.iterdir()} == before
+
+
+@pytest.mark.parametrize("row", ADAPTERS, ids=IDS)
+def test_apply_refuses_lora_settings_the_kind_would_ignore(row, tiny_lm):
+    """`AdapterConfig(kind="reft" or "full", lora=LoraSettings(r=16))` in Python: the CLI refused adapter.lora there,
+    but apply_adapter checked only the ReFT settings, so it trained a ReFT adapter (or the whole model) with no LoRA
+    and dropped r=16 without a word. Now the CLI's line; a kind with a LoRA part uses them (rank 16 on its peft
+    modules)."""
+    cfg = dataclasses.replace(row.config(), lora=LoraSettings(r=16, alpha=32.0))
+    if not row.lora:
+        with pytest.raises(ValueError, match=rf"^adapter.lora: read only by adapter.kind lora or reft\+lora, and kind "
+                                             rf"is '{re.escape(row.kind)}', so it would be ignored; set adapter.kind"):
+            apply_adapter(tiny_lm("llama"), cfg)
+        return
+    model = apply_adapter(tiny_lm("llama"), cfg)
+    ranks = {p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+    assert ranks == {16}, ranks

@@ -422,7 +422,8 @@ def test_every_command_refuses_split_keys_the_data_never_reads(command, override
         return
     assert f"{key}: " in err, err
     assert "so it would be ignored" in err, err  # the shared check (the others refuse every split key themselves)
-    read = {"data.eval_split": ["data.eval_path=e.jsonl", "data.eval_split=test"],
+    read = {"data.eval_split": ["data.eval_path=someone/evals", "data.eval_split=test"],  # (a dry run does not look a
+            # Hub dataset up; a missing local file is refused by its data check)
             "data.split_seed": ["data.eval_fraction=0.25", "data.split_seed=3"],
             "data.eval_fraction": ["data.eval_fraction=0.25"]}[key]
     assert main([*base, *read]) == 0

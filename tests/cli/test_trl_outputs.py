@@ -100,6 +100,33 @@ def test_push_uploads_the_final_model_folder_only(lora_run):
     assert "README.md" in files and "adapter_model.safetensors" in files and "checkpoints" not in files
 
 
+@pytest.mark.parametrize("revision", [None, "dev"])
+def test_push_commits_to_the_hub_revision(revision, tmp_path):
+    """train.hub_revision was accepted and ignored: the upload went to main. Now it names the branch the upload
+    commits to, created first when missing (upload_folder to a branch that does not exist is a 404), as
+    transformers' own push does; without it nothing changes (main, no branch made)."""
+    from alignkit.cli.train import push_model
+
+    class Api(FakeApi):
+        def create_branch(self, repo_id, **kw):
+            FakeApi.calls.append(("create_branch", repo_id, kw))
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            FakeApi.calls.append(("upload_folder", repo_id, kw.get("revision", "<main>")))
+
+    (tmp_path / "model").mkdir()
+    FakeApi.calls = []
+    push = {"push_to_hub": True, "hub_model_id": "me/m", **({"hub_revision": revision} if revision else {})}
+    assert push_model(push, tmp_path / "model", tmp_path, api=Api()) == "me/m"
+    names = [c[0] for c in FakeApi.calls]
+    if revision is None:
+        assert names == ["create_repo", "upload_folder"] and FakeApi.calls[1][2] == "<main>"
+        return
+    assert names == ["create_repo", "create_branch", "upload_folder"]
+    assert FakeApi.calls[1] == ("create_branch", "me/m", {"branch": "dev", "exist_ok": True, "repo_type": "model"})
+    assert FakeApi.calls[2] == ("upload_folder", "me/m", "dev")
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
     from alignkit.augment.llm import Cached

@@ -86,7 +86,8 @@ def test_alignkit_calls_no_deprecated_api(tiny_dir, tokenizer, tmp_path, monkeyp
         for kind in ("reft+lora",):  # peft, ReFT and the Trainer in one pass
             torch.manual_seed(0)
             model = apply_adapter(load_model(tiny_dir("llama")),
-                                  AdapterConfig(kind=kind, lora=LoraSettings(r=2), reft=reft if "reft" in kind else None))
+                                  AdapterConfig(kind=kind, lora=LoraSettings(r=2) if "lora" in kind else LoraSettings(),
+                                                reft=reft if "reft" in kind else None))
             args = TrainingArguments(output_dir=str(tmp_path / kind), per_device_train_batch_size=2, max_steps=1,
                                      report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
                                      activation_checkpointing=True, logging_steps=1)

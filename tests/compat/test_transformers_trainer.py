@@ -54,7 +54,8 @@ def model_of(tiny_dir, kind: str):
     torch.manual_seed(0)
     reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="l1")
     return apply_adapter(load_model(tiny_dir("llama")),
-                         AdapterConfig(kind=kind, lora=LoraSettings(r=2), reft=reft if "reft" in kind else None))
+                         AdapterConfig(kind=kind, lora=LoraSettings(r=2) if "lora" in kind else LoraSettings(),
+                                       reft=reft if "reft" in kind else None))
 
 
 def sft_trainer(tiny_dir, tokenizer, feats, tmp_path, kind="lora", **kw):
@@ -568,3 +569,40 @@ def test_training_fields_are_arguments_the_checkpoint_records(tmp_path):
     check(abs(opt.param_groups[0]["lr"] - 1e-3 * 8 / 10) < 1e-12, TF, "a loaded scheduler state no longer brings "
           "back the checkpoint's learning rate (the resume check's reason would be wrong)", where,
           f"lr after two steps: {opt.param_groups[0]['lr']}")
+
+
+# T21 -----------------------------------------------------------------------------------------------------
+
+def test_trainer_reads_no_script_flags_and_hub_fields_are_the_ones_alignkit_checks():
+    """alignkit refuses `train.do_train: false`, `train.do_predict: true` and a `train.do_eval` the data contradicts
+    as "not read (transformers' Trainer leaves it to scripts)": no module of the Trainer may read them (only the Ray
+    Tune search, which alignkit does not run). Its Hub fields must be `HUB_KEYS` (with push_to_hub), which the offline
+    run takes out of TrainingArguments and checks (settings/train.py), and `hub_strategy` the four HubStrategy values
+    whose 'end' is what alignkit's one upload after the last step does."""
+    import dataclasses
+    import importlib
+    import inspect
+    import re
+
+    from alignkit.settings.train import HUB_KEYS
+
+    where = "alignkit/settings/train.py:refuse_unread_fields, settings/sections.py:refuse_do_eval"
+    names = ("trainer", "trainer_callback", "trainer_utils", "trainer_pt_utils", "trainer_optimizer", "trainer_seq2seq")
+    for name in names:
+        try:
+            source = inspect.getsource(importlib.import_module(f"transformers.{name}"))
+        except ModuleNotFoundError:
+            continue
+        reads = re.findall(r"\.(do_train|do_eval|do_predict)\b", source)
+        check(not reads, TF, f"transformers.{name} now reads {sorted(set(reads))} (alignkit refuses them as never read)",
+              where)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    hub = {n for n in fields if n.startswith("hub_")}
+    check(hub == set(HUB_KEYS), TF, "TrainingArguments' hub_* fields changed (each must be honoured or refused by "
+          "alignkit's upload)", where, f"fields {sorted(hub)}, HUB_KEYS {sorted(HUB_KEYS)}")
+    check({"do_train", "do_eval", "do_predict", "push_to_hub"} <= fields, TF, "TrainingArguments lost a script flag "
+          "or push_to_hub", where)
+    with guard(TF, "transformers.trainer_utils.HubStrategy is gone", where):
+        values = {s.value for s in importlib.import_module("transformers.trainer_utils").HubStrategy}
+    check(values == {"end", "every_save", "checkpoint", "all_checkpoints"}, TF, "HubStrategy's values changed",
+          where, str(sorted(values)))

@@ -34,7 +34,7 @@ def build(model_dir: str, out: str, kind: str, objective: str, use_cpu: bool):
 
     tok = load_tokenizer(model_dir)
     torch.manual_seed(0)
-    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0)))
+    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0) if "lora" in kind else LoraSettings()))
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3, optim="adamw_torch",
                              learning_rate=1e-2, max_grad_norm=0.0, lr_scheduler_type="linear", weight_decay=0.0,
                              report_to=[], save_strategy="steps", save_steps=2, logging_steps=1, disable_tqdm=True,

@@ -35,7 +35,7 @@ def train_one(model_dir: str, out: str, kind: str, objective: str, on_trainer=No
     tok = load_tokenizer(model_dir)
     torch.manual_seed(0)
     reft = ReftSettings(config={"representations": [{"layer": 1, "low_rank_dimension": 2}]}, positions="f1+l1")
-    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0),
+    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0) if "lora" in kind else LoraSettings(),
                                                                reft=reft if "reft" in kind else None))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = TrainingArguments(output_dir=out + ".run", per_device_train_batch_size=4 // world, max_steps=steps,

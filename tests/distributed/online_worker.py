@@ -70,7 +70,7 @@ def CASES(case: str):
 def build(model_dir: str, case: str, output_dir: str | None = None):
     cls, kind, cfg = CASES(case)
     torch.manual_seed(0)
-    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0)))
+    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0) if "lora" in kind else LoraSettings()))
     cfg.learning_rate = 0.5 if kind == "lora" else 0.05
     return cls(model, load_tokenizer(model_dir), PROMPTS, reward, cfg, output_dir=output_dir,
                eval_prompts=EVAL_PROMPTS if case == "grpo-eval" else None)

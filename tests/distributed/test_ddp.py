@@ -48,6 +48,6 @@ def _initial(model_dir: Path, kind: str) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(0)
     reft = ReftSettings(config={"representations": [{"layer": 1, "low_rank_dimension": 2}]}, positions="f1+l1")
-    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0),
+    model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0) if "lora" in kind else LoraSettings(),
                                                                reft=reft if "reft" in kind else None))
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -356,7 +356,7 @@ def test_an_engine_folder_holding_another_model_is_refused(tiny_dir, tokenizer, 
     narrower = tiny_dir("llama", hidden_size=32)
 
     def build(folder, kind="lora", **vllm):
-        policy = apply_adapter(load_model(base), AdapterConfig(kind=kind, lora=LoraSettings(r=2)))
+        policy = apply_adapter(load_model(base), AdapterConfig(kind=kind, lora=LoraSettings(r=2) if "lora" in kind else LoraSettings()))
         cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
                          report_to="none", vllm={"model": str(folder), **vllm})
         GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)

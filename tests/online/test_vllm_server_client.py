@@ -91,7 +91,7 @@ def closed_port_url() -> str:
 
 def policy_of(tiny_dir, kind="full"):
     torch.manual_seed(0)
-    return apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0)))
+    return apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0) if "lora" in kind else LoraSettings()))
 
 
 def one_line(e) -> str:

@@ -140,6 +140,27 @@ ONLINE_CASES = [
      ["train.hub_model_id: 'me/dpo' is read only when", "or remove train.hub_model_id"]),
     ("kto hub_model_id without push_to_hub", "kto", ["train.hub_model_id=me/kto", "train.push_to_hub=false"],
      ["train.hub_model_id: 'me/kto' is read only when", "set train.push_to_hub=true"]),
+    # TrainingArguments fields the offline run accepted and nobody read (exit 0, no word): the upload's schedule (one
+    # upload of model/ after the last step) and the script flags transformers' Trainer leaves to scripts
+    ("sft hub_revision without push_to_hub", "sft", ["train.hub_revision=dev"],
+     ["train.hub_revision: 'dev' is read only when the run uploads its model", "set train.push_to_hub=true"]),
+    ("dpo hub_strategy checkpoint", "dpo", ["train.push_to_hub=true", "train.hub_strategy=checkpoint"],
+     ["train.hub_strategy: 'checkpoint' is not read", "only the final model/ folder", "remove train.hub_strategy"]),
+    ("rm hub_strategy every_save", "rm", ["train.push_to_hub=true", "train.hub_strategy=every_save"],
+     ["train.hub_strategy: 'every_save' is not read", "set it to end"]),
+    ("kto hub_always_push", "kto", ["train.push_to_hub=true", "train.hub_always_push=true"],
+     ["train.hub_always_push: true is not read", "remove train.hub_always_push"]),
+    ("sft do_train false", "sft", ["train.do_train=false"],
+     ["train.do_train: false is not read", "alignkit sft always trains", "alignkit eval"]),
+    ("dpo do_predict true", "dpo", ["train.do_predict=true"],
+     ["train.do_predict: true is not read", "alignkit generate", "remove train.do_predict"]),
+    ("sft do_eval false with held-out data", "sft", ["train.do_eval=false"],
+     ["train.do_eval: false is not read", "train.eval_strategy", "data.eval_fraction=0", "remove train.do_eval"]),
+    ("dpo do_eval true without held-out data", "dpo", ["train.do_eval=true", "data.eval_fraction=0",
+                                                      "train.eval_strategy=no"],
+     ["train.do_eval: true is not read", "holds no records out", "set data.eval_path or data.eval_fraction"]),
+    ("grpo hub_strategy", "grpo", ["train.hub_strategy=end"], ["train.hub_strategy: unknown key"]),
+    ("online-dpo do_eval", "online-dpo", ["train.do_eval=false"], ["train.do_eval: unknown key"]),
     ("annotator batch_size zero", "grpo", ["annotator.kind=reward_model", "annotator.path=tiny:llama",
                                            "annotator.function=null", "annotator.batch_size=0"],
      ["annotator.batch_size", ">= 1"]),
@@ -327,3 +348,99 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="method.beta"):
         main(["--debug", "dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", "method.beta=-1"])
+
+
+# (case, file name, its bytes (None: absent), what the line must contain) -- data a run stops at: `--dry-run` said
+# nothing of data.path (it printed the config, exit 0), and the run then failed at the data. The dry run now checks
+# each data path (exists, readable, a format alignkit reads, its first row fits a reader of the command's records;
+# not a full read) and refuses these in the run's own words.
+DRY_RUN_DATA_CASES = [
+    ("missing file", "nope.jsonl", None, ["nope.jsonl: no such data file or folder"]),
+    ("unknown file type", "pairs.csv", b"prompt,chosen,rejected\nQ,a,b\n", ["pairs.csv: unknown file type '.csv'"]),
+    ("empty file", "empty.jsonl", b"", ["empty.jsonl: no rows; the source is empty"]),
+    ("broken first line", "broken.jsonl", b'{"prompt": "Q", "chosen": \n', ["broken.jsonl:1", "broken JSON"]),
+    ("not Parquet", "pairs.parquet", b"PAR1 this is not parquet", ["pairs.parquet: not a readable Parquet file"]),
+    ("rows no reader takes", "odd.jsonl", b'{"question": "Q", "good": "a", "bad": "b"}\n', ["odd.jsonl:1"]),
+    ("prompts only for dpo", "prompts.jsonl", b'{"prompt": "Q"}\n', ["prompts.jsonl", "nothing to train"]),
+]
+
+
+@pytest.mark.parametrize("case,name,content,needles", DRY_RUN_DATA_CASES, ids=[c[0] for c in DRY_RUN_DATA_CASES])
+@pytest.mark.parametrize("key", ["data.path", "data.eval_path"])
+def test_dry_run_refuses_the_data_the_run_stops_at(case, name, content, needles, key, tmp_path, capsys):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    args = ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", "train.max_steps=1", f"{key}={path}"]
+    if key == "data.eval_path":
+        args.append("data.eval_fraction=0")  # (the config splits data.path; eval_path replaces that split)
+    rc, err = run_cli(capsys, [*args, "--dry-run"])
+    assert_one_line(rc, err, *needles)
+    rc, err = run_cli(capsys, args)  # the run stops at the same data, saying the same
+    assert_one_line(rc, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_refuses_an_unreadable_data_file(tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path = tmp_path / "pairs.jsonl"
+    shutil.copy(CORPUS / "good_pairs.jsonl", path)
+    path.chmod(0)
+    try:
+        rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"data.path={path}", "--dry-run"])
+    finally:
+        path.chmod(0o644)
+    assert_one_line(rc, err, f"{path}: cannot be read (Permission denied)", "fix its permissions")
+
+
+def test_dry_run_says_what_it_checked_of_each_data_path(tmp_path, capsys):
+    """Each data path in the dry run's output (YAML comments: the output still loads as the config), with what it is
+    and the reader of its first row; a Hugging Face dataset name is not looked up (no download)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in (CORPUS / "good_pairs.jsonl").read_text().splitlines() if line.strip()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "repo").mkdir()
+    shutil.copy(CORPUS / "good_pairs.jsonl", tmp_path / "repo" / "train.jsonl")
+    cases = {str(CORPUS / "good_pairs.jsonl"): "a .jsonl file; its first row is read by reader",
+             str(tmp_path / "pairs.parquet"): f"a .parquet file of {len(rows)} rows; its first row is read by reader",
+             str(tmp_path / "pairs.json"): "a .json file; its first row is read by reader",
+             str(tmp_path / "saved"): "a save_to_disk folder; its first row is read by reader",
+             str(tmp_path / "repo"): "a dataset folder (1 data file(s), split(s) train), read by datasets.load_dataset",
+             "someone/some-pairs": "a Hugging Face dataset name, not looked up by a dry run"}
+    for path, said in cases.items():
+        capsys.readouterr()
+        assert main(["-q", "dpo", "--config", DPO, f"data.path={path}", f"data.eval_path={CORPUS / 'one_row.jsonl'}",
+                     "data.eval_fraction=0", "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert yaml.safe_load(out)["data"]["path"] == path  # the comments leave the config loadable
+        assert f"#   data.path {path}: {said}" in out, out
+        assert f"#   data.eval_path {CORPUS / 'one_row.jsonl'}: a .jsonl file; its first row is read by reader" in out
+        assert "--dry-run checked the data" in out
+
+
+@pytest.mark.parametrize("config", ["sft-tiny", "rm-tiny", "kto-tiny", "grpo-tiny", "online-dpo-tiny", "ppo-tiny",
+                                    "sample-tiny", "generate-tiny", "eval-dpo-tiny"])
+def test_every_command_that_reads_data_checks_it_at_a_dry_run(config, tmp_path, capsys):
+    command = yaml_command(CONFIGS / f"{config}.yaml")
+    rc, err = run_cli(capsys, [command, "--config", str(CONFIGS / f"{config}.yaml"),
+                               f"data.path={tmp_path / 'nope.jsonl'}", "--dry-run"])
+    assert_one_line(rc, err, "nope.jsonl: no such data file or folder")
+    rc, err = run_cli(capsys, [command, "--config", str(CONFIGS / f"{config}.yaml"), "--dry-run"])
+    assert rc == 0 and not err.strip(), err
+
+
+def yaml_command(path: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["command"]

@@ -26,7 +26,8 @@ def make_adapter(base, folder, kind: str, seed: int, positions: str = "f1+l2", l
     model = load_model(base)
     reft = ReftSettings(config=ReftConfig.uniform(list(layers), "loreft", low_rank_dimension=2).to_dict(),
                         positions=positions, share_weights=share_weights) if ROWS[kind].reft else None
-    wrapped = apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4), reft=reft))
+    wrapped = apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4) if ROWS[kind].lora else LoraSettings(),
+                                                 reft=reft))
     with torch.no_grad():
         for n, p in wrapped.named_parameters():
             if "lora_B" in n:

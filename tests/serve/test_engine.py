@@ -384,7 +384,8 @@ def test_an_adapter_with_non_finite_weights_is_refused_at_load(serve_dirs, tmp_p
     model = load_model(serve_dirs["base"])
     reft = ReftSettings(config=ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2).to_dict(),
                         positions="f1+l2") if "reft" in kind else None
-    wrapped = apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4), reft=reft))
+    wrapped = apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=4) if "lora" in kind else LoraSettings(),
+                                                 reft=reft))
     name = next(n for n, p in wrapped.named_parameters() if part in n and p.requires_grad and p.dim() == 2)
     with torch.no_grad():
         dict(wrapped.named_parameters())[name].view(-1)[3] = value

@@ -59,7 +59,7 @@ def main(kind: str, out: str) -> None:
     row: dict = {"kind": kind}
     for backend in ("transformers", "vllm"):
         torch.manual_seed(0)
-        policy = apply_adapter(load_model(folder), AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0)))
+        policy = apply_adapter(load_model(folder), AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0) if "lora" in kind else LoraSettings()))
         if backend == "vllm":
             row["greedy_initial"] = greedy(generate_responses(policy, tok, PROMPTS, greedy_cfg))
         before = mean_reward(policy, tok)

@@ -78,7 +78,7 @@ def test_grpo_with_vllm_server(served, kind):
     tok = load_tokenizer(folder)
     greedy_cfg = SamplingConfig(do_sample=False, max_new_tokens=8)
     torch.manual_seed(0)
-    policy = apply_adapter(load_model(folder), AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0)))
+    policy = apply_adapter(load_model(folder), AdapterConfig(kind=kind, lora=LoraSettings(r=4, alpha=8.0) if "lora" in kind else LoraSettings()))
     initial = greedy(generate_responses(policy, tok, PROMPTS, greedy_cfg))
     before = mean_reward(policy, tok)
     cfg = GRPOConfig(steps=STEPS, prompts_per_step=4, learning_rate=LR[kind], seed=0, kl_coef=0.0, epochs_per_step=2,

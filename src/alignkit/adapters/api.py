@@ -42,7 +42,7 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     frozen; a sequence classifier's head stays trainable). reft+lora: `ReftModel(PeftModel(model))`.
     Dtypes are left as they are.
     """
-    cfg.check_reft_part()  # settings it would ignore (the CLI checked them with the rest)
+    cfg.check()  # settings its kind would ignore: the CLI's check, so the same line
     adapter = adapter_for(cfg)
     base = None if adapter.saves_whole_model else base_fingerprint(model)  # before training can change it
     out = adapter.record(adapter.wrap(model), adapter.config, base)

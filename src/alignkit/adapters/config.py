@@ -98,19 +98,15 @@ class AdapterConfig:
         return "reft" in self.parts
 
     def check(self) -> None:
-        """Check what can be checked without a model (ValueError naming the key). A ReFT part's `ReftConfig`
-        checked its keys and intervention types when it was built. Left: a part's settings given to a kind
-        without that part, or the ReFT part's modules_to_save in a stack whose LoRA trains them, which would be
-        ignored (not checked when a saved folder's config is read back)."""
+        """Check what can be checked without a model (ValueError naming the key), for the CLI's config loader and
+        `apply_adapter` alike (the one check of both). A ReFT part's `ReftConfig` checked its keys and intervention
+        types when it was built. Left: a part's settings given to a kind without that part (`AdapterConfig(kind=
+        "reft", lora=LoraSettings(r=16))` trained a ReFT adapter and dropped the LoRA settings), or the ReFT part's
+        modules_to_save in a stack whose LoRA trains them, or share_weights=False with one group of positions; each
+        would be ignored (not checked when a saved folder's config is read back)."""
         if "lora" not in self.parts and self.lora != LoraSettings():
             raise ValueError(f"adapter.lora: read only by adapter.kind lora or reft+lora, and kind is {self.kind!r}, "
                              "so it would be ignored; set adapter.kind or remove adapter.lora (adapter.lora=null)")
-        self.check_reft_part()
-
-    def check_reft_part(self) -> None:
-        """`check` less the LoRA settings (a default-filled field that Python callers pass to every kind), so what
-        `apply_adapter` asks too: ReFT settings given to a kind without a ReFT part (`AdapterConfig(kind="lora",
-        reft=...)`), or ReFT settings that part would not read; each would be ignored."""
         if "reft" not in self.parts and self.reft is not None:
             raise ValueError(f"adapter.reft: read only by adapter.kind reft or reft+lora, and kind is {self.kind!r}, "
                              "so it would be ignored; set adapter.kind or remove adapter.reft (adapter.reft=null)")

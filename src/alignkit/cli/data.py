@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_records, split_records, tokenize_records
-from alignkit.data.readers import native_kind, reader_of
-from alignkit.data.readers.rows import has_splits, looks_like_hub_id
+from alignkit.data.readers import check_options, native_kind, reader_of
+from alignkit.data.readers.rows import (NamedRows, dataset_data_files, first_row, has_splits, is_saved_dataset,
+                                        looks_like_hub_id, parquet_error)
 from alignkit.data.splits import source_group
 from alignkit.data.records import TRAINING_META, DataError
-from alignkit.settings import ConfigError, DataSettings
+from alignkit.settings import ONLINE_COMMANDS, TRAIN_COMMANDS, ConfigError, DataSettings
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,91 @@ def native_kinds(paths: str | list[str] | None, ds: DataSettings, kind: str, spl
     """The kinds `read_records(paths, ds, kind, split, ...)` reads its records as before converting them to `kind`
     (one per source; e.g. {"ranked"} for Open-Assistant trees read as preference pairs)."""
     return {native_kind(reader_of(data_path(p), ds.reader, split, kind), kind, p) for p in _paths(paths)}
+
+
+def record_kind(command: str, method: Any) -> str:
+    """The kind of records a training command reads from data.path."""
+    return {"sft": "sft", "dpo": "preference", "kto": "unpaired"}.get(command) or \
+        ("ranked" if method.ranked else "preference")
+
+
+def command_record_kind(command: str, cfg: Any) -> str | None:
+    """The kind of records `command` reads from `cfg.data` through the readers (None: it reads none that way:
+    annotate reads its round folder, augment its own sources)."""
+    if command in TRAIN_COMMANDS:
+        return record_kind(command, cfg.method)
+    if command == "eval":
+        return "preference"  # (ranked records of a reward model convert to pairs as well)
+    return "prompt" if command in (*ONLINE_COMMANDS, "sample", "generate") else None
+
+
+JSON_PROBE_BYTES = 64 << 20  # a .json file is one JSON value: up to this size a dry run parses it for its first row
+
+
+def check_sources(ds: DataSettings, kind: str) -> list[str]:
+    """What a dry run can check of `data.path` and `data.eval_path` without reading their records: each exists
+    (bundled, a local file or folder), can be read, is a format alignkit reads, and its first row fits a reader that
+    gives `kind` records (with `data.reader` / `data.reader_options`). A Hugging Face dataset name is not looked up
+    (no download). Errors are the run's own (DataError / ConfigError / FileNotFoundError naming the path); returns
+    one line per source, saying what was checked."""
+    out = []
+    for key, paths, split in (("data.path", ds.path, ds.split), ("data.eval_path", ds.eval_path, ds.eval_split)):
+        for p in _paths(paths):
+            source = data_path(p)
+            which = split if split is not None else ds.split if key == "data.eval_path" and has_splits(source) else None
+            out.append(f"{key} {p}: {probe_source(Path(source), ds, kind, which)}")
+    return out
+
+
+def probe_source(path: Path, ds: DataSettings, kind: str, split: str | None) -> str:
+    """`check_sources` for one resolved path: what it is and which reader its first row fits."""
+    if not path.exists():  # data_path let it through: a Hugging Face dataset name
+        return "a Hugging Face dataset name, not looked up by a dry run (no download); read when the run starts"
+    try:
+        os.listdir(path) if path.is_dir() else path.open("rb").close()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); fix its permissions or point data.path at a "
+                        "readable copy") from None
+    if path.is_dir() and not is_saved_dataset(path):
+        return dataset_folder(path)
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .json, .parquet or a save_to_disk "
+                        "folder")
+    what = "a save_to_disk folder" if path.is_dir() else f"a {path.suffix} file"
+    if path.suffix == ".parquet":
+        row, what = parquet_first_row(path)
+    elif path.suffix == ".json" and path.stat().st_size > JSON_PROBE_BYTES:
+        return f"{what} of {path.stat().st_size >> 20} MB, not parsed by a dry run; read when the run starts"
+    else:
+        row = first_row(path, split)
+    info = reader_of(NamedRows([row]), ds.reader, None, kind)
+    check_options(info, ds.reader_options)
+    native = native_kind(info, kind, path)
+    got = f"{native} records" + (f", converted to {kind}" if native != kind else "")
+    return f"{what}; its first row is read by reader {info.name!r} as {got}"
+
+
+def parquet_first_row(path: Path) -> tuple[tuple[dict, str], str]:
+    """The first row of a Parquet file and what it is, from its footer and first batch (not the whole table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        rows = next(pf.iter_batches(batch_size=1), None)
+    except (pa.ArrowException, OSError) as e:
+        raise parquet_error(path, e) from None
+    if rows is None or rows.num_rows == 0:
+        raise DataError(f"{path}: no rows; the source is empty")
+    return (rows.to_pylist()[0], f"{path} row 0"), f"a .parquet file of {pf.metadata.num_rows} rows"
+
+
+def dataset_folder(path: Path) -> str:
+    """A folder `datasets.load_dataset` reads (a dataset repository): its data files are listed, not read."""
+    files = dataset_data_files(path)
+    n = sum(len(v) for v in files.values())
+    return (f"a dataset folder ({n} data file(s), split(s) {', '.join(files)}), read by datasets.load_dataset when "
+            "the run starts (not by a dry run)")
 
 
 def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:

@@ -40,7 +40,8 @@ def override_example(command: str) -> str:
 def add_config_arguments(parser: argparse.ArgumentParser, command: str, run_folder: bool = False) -> None:
     parser.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (imports no "
-                        "code named in the config, loads no model)")
+                        "code named in the config, loads no model; checks that each data path exists and that its "
+                        "first row fits a reader)")
     if run_folder:
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in output_dir from its newest complete checkpoint "

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
+from alignkit.cli.data import check_sources, command_record_kind
 from alignkit.cli.helptext import add_command_parser
 from alignkit.run_commit import (
     STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap, remove_own,
@@ -51,7 +52,17 @@ def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
 
 
 def dry_run(cfg: Any) -> int:
+    """Print the resolved config, then what was checked of its data (`alignkit.cli.data.check_sources`: each data
+    path exists, can be read and its first row fits a reader of the command's records) as YAML comments, so the
+    output still loads as a config. A data path the run would fail on is refused here, in the run's own words (a dry
+    run that said OK while the run stopped at its data was a wrong answer)."""
+    data, kind = getattr(cfg, "data", None), command_record_kind(command_of(cfg), cfg)
+    lines = check_sources(data, kind) if kind is not None and getattr(data, "path", None) is not None else []
     print(dump_config(cfg), end="")
+    if lines:
+        print("# --dry-run checked the data (each path exists, can be read, and its first row fits a reader of "
+              f"{kind} records; the records themselves are read when the run starts):")
+        print("\n".join(f"#   {line}" for line in lines))
     return 0
 
 

@@ -26,7 +26,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
-from alignkit.cli.data import load_data, tokenize, warn_unread_margins
+from alignkit.cli.data import load_data, record_kind, tokenize, warn_unread_margins
 from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
@@ -42,7 +42,7 @@ from alignkit.runs import (
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
-from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS
+from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, HUB_KEYS
 from alignkit.trainers import TRAINERS
 from alignkit.trainers.checks import refuse_trainer_fsdp_on_cpu
 
@@ -61,11 +61,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(cfg: Any, args: argparse.Namespace) -> int:
     return train(cfg, args.command, quiet=args.quiet, command_line=command_line(args),
                  resume=args.resume, overwrite=args.overwrite)
-
-
-def record_kind(command: str, method: Any) -> str:
-    return {"sft": "sft", "dpo": "preference", "kto": "unpaired"}.get(command) or \
-        ("ranked" if method.ranked else "preference")
 
 
 def trainer_class_and_kwargs(command: str, method: Any) -> tuple[type, dict[str, Any]]:
@@ -139,7 +134,7 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     kw["report_to"] = report or "none"
     if quiet:
         kw["disable_tqdm"] = True
-    push = {k: kw.pop(k) for k in ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_token") if k in kw}
+    push = {k: kw.pop(k) for k in ("push_to_hub", *HUB_KEYS) if k in kw}  # checked by check_train (settings/train.py)
     try:
         args = TrainingArguments(**kw)  # without push_to_hub: the Trainer would push checkpoints/, not model/
     except ValueError as e:  # transformers' own checks of combinations (e.g. load_best_model_at_end's strategies)
@@ -152,9 +147,11 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
 
 def push_model(push: dict[str, Any], model_dir: Any, run_root: Any, api: Any = None) -> str:
     """Upload the final model / adapter folder (with its model card) to the Hub repo `hub_model_id` (default: the
-    run folder's name), creating the repo; checkpoints are not pushed. Returns the repo id."""
+    run folder's name), creating the repo, on the branch `hub_revision` (default: main); checkpoints are not pushed.
+    Returns the repo id."""
     return push_folder(model_dir, push.get("hub_model_id") or Path(run_root).name,
-                       private=bool(push.get("hub_private_repo")), token=push.get("hub_token"), api=api)
+                       private=bool(push.get("hub_private_repo")), token=push.get("hub_token"),
+                       revision=push.get("hub_revision"), api=api)
 
 
 def tensorboard_callback(args: Any, run: RunFolder, resumed_at: int | None = None) -> Any:

@@ -247,6 +247,25 @@ class TrainConfig:
         if strategy != "no" and self.data.eval_path is None and not self.data.eval_fraction:
             raise ConfigError(f"train.eval_strategy: {strategy!r} evaluates on held-out records, and data gives none: "
                               "set data.eval_path or data.eval_fraction, or set train.eval_strategy=no")
+        if "do_eval" in chosen:
+            refuse_do_eval(self.train["do_eval"], held_out=self.data.eval_path is not None or bool(self.data.eval_fraction))
+
+
+def refuse_do_eval(do_eval: Any, held_out: bool) -> None:
+    """`train.do_eval`, a TrainingArguments flag transformers' Trainer leaves to scripts: a run evaluates when data
+    holds records out (after the last step, and during training as train.eval_strategy says) whatever it says. A value
+    that says otherwise (false with held-out data, true without) was accepted and ignored."""
+    if bool(do_eval) == held_out:
+        return
+    if held_out:
+        raise ConfigError(f"train.do_eval: {str(bool(do_eval)).lower()} is not read (transformers' Trainer leaves it to scripts): the run "
+                          "evaluates on the held-out records of data.eval_path / data.eval_fraction after the last step "
+                          "(and during training as train.eval_strategy says), so it would be ignored; to train without "
+                          "evaluating, hold no records out (data.eval_fraction=0, no data.eval_path); remove "
+                          "train.do_eval")
+    raise ConfigError(f"train.do_eval: {str(bool(do_eval)).lower()} is not read (transformers' Trainer leaves it to scripts), and data "
+                      "holds no records out, so nothing would be evaluated; set data.eval_path or data.eval_fraction "
+                      "(and train.eval_strategy for evaluations during training); remove train.do_eval")
 
 
 def check_pair_layout(share_prompt: bool | None, padding_free: bool | None, *, reft_kind: str | None,

@@ -72,6 +72,9 @@ ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_fr
 ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_decay", "max_grad_norm",
                      "gradient_accumulation_steps", "eval_steps", "save_steps", "report_to", "disable_tqdm", "push_to_hub",
                      "hub_model_id", "hub_private_repo")
+# TrainingArguments' Hub keys: read only by the upload (push_to_hub); alignkit's upload reads hub_model_id,
+# hub_private_repo, hub_token and hub_revision, and refuses a hub_strategy / hub_always_push it does not follow
+HUB_KEYS = ("hub_model_id", "hub_private_repo", "hub_token", "hub_revision", "hub_strategy", "hub_always_push")
 ONLINE_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}  # train.optim -> the online trainer's optimizer
 
 TRAIN_COMMANDS = ("sft", "rm", "dpo", "kto")
@@ -152,7 +155,8 @@ def check_renamed(data: dict[str, Any], command: str) -> None:
 def check_train(train: dict[str, Any], command: str, where: str = "train") -> dict[str, Any]:
     """Types of the shared keys; for online commands, only `ONLINE_TRAIN_KEYS` (offline: the rest is checked
     against TrainingArguments by `alignkit.settings.load.check_training_args`). For every command: the Hub keys
-    read only by the upload (`hub_model_id`, `hub_private_repo`) without `push_to_hub` are refused."""
+    read only by the upload (`HUB_KEYS`) without `push_to_hub` are refused, and the fields no one reads
+    (`refuse_unread_fields`)."""
     for key, value in train.items():
         if command in ONLINE_COMMANDS and key not in ONLINE_TRAIN_KEYS:
             raise unknown_key_error(where, str(key), list(ONLINE_TRAIN_KEYS), value)
@@ -174,16 +178,42 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     if command in ONLINE_COMMANDS and isinstance(train.get("max_steps"), int) and train["max_steps"] < 1:
         raise ConfigError(f"{where}.max_steps: {train['max_steps']} is out of range; it must be >= 1 for {command} "
                           "(online runs count steps, not epochs)")
-    for key in ("hub_model_id", "hub_private_repo"):  # read only by the upload, which the run makes only then
+    for key in HUB_KEYS:  # read only by the upload, which the run makes only then
         if train.get(key) not in (None, False) and not train.get("push_to_hub"):
             raise ConfigError(f"{where}.{key}: {train[key]!r} is read only when the run uploads its model "
                               f"({where}.push_to_hub: true, or --push_to_hub), which is not set, so it would be "
                               f"ignored; set {where}.push_to_hub=true, or remove {where}.{key}")
+    refuse_unread_fields(train, command, where)
     if train.get("padding_free") and command not in ("sft", "dpo", "rm"):
         raise ConfigError(f"{where}.padding_free: not available for {command} (only sft, dpo and rm); remove it")
     if train.get("share_prompt") and command not in ("rm", "dpo"):
         raise ConfigError(f"{where}.share_prompt: not available for {command} (only rm and dpo); remove it")
     return train
+
+
+def refuse_unread_fields(train: dict[str, Any], command: str, where: str = "train") -> None:
+    """TrainingArguments fields an offline run accepts and nobody reads, at a value that asks for something the run
+    does not do: the Hub upload's schedule (alignkit pushes the final model/ folder once, after the last step, with
+    the Trainer's own push switched off) and the script flags transformers' Trainer leaves to scripts (`do_train`,
+    `do_predict`; `do_eval` is checked against the data by `TrainConfig`). Each was accepted and ignored."""
+    strategy = train.get("hub_strategy")
+    strategy = None if strategy is None else str(getattr(strategy, "value", strategy))
+    if strategy not in (None, "end"):
+        raise ConfigError(f"{where}.hub_strategy: {strategy!r} is not read: alignkit uploads only the final model/ "
+                          "folder, once, after the last step (no checkpoint and no upload at each save), so it would "
+                          f"be ignored; remove {where}.hub_strategy (or set it to end, what the upload does)")
+    if train.get("hub_always_push"):
+        raise ConfigError(f"{where}.hub_always_push: true is not read: alignkit makes one upload, after the last step, "
+                          f"so no push is ever skipped for an unfinished one, and it would be ignored; remove "
+                          f"{where}.hub_always_push")
+    if train.get("do_train") is False:
+        raise ConfigError(f"{where}.do_train: false is not read (transformers' Trainer leaves it to scripts) and "
+                          f"alignkit {command} always trains, so it would be ignored; to score a model without "
+                          f"training it use alignkit eval; remove {where}.do_train")
+    if train.get("do_predict"):
+        raise ConfigError(f"{where}.do_predict: true is not read (transformers' Trainer leaves it to scripts) and "
+                          f"alignkit {command} predicts on no test set, so it would be ignored; write a model's "
+                          f"responses with alignkit generate after training; remove {where}.do_predict")
 
 
 def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
@@ -204,6 +234,6 @@ def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ALIGNKIT_TRAIN_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS", "ONLINE_TRAIN_KEYS",
+__all__ = ["ALIGNKIT_TRAIN_KEYS", "HUB_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS", "ONLINE_TRAIN_KEYS",
            "RENAMED", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "TRAIN_KEYS", "check_renamed", "check_train",
-           "online_trainer_kwargs", "train_defaults"]
+           "online_trainer_kwargs", "refuse_unread_fields", "train_defaults"]

@@ -187,6 +187,20 @@ def check_json_data_files(folder: Path) -> None:
 _CHECKED = UnchangedSinceChecked()  # the files check_json_data_files found sound, in the state it read them
 
 
+def dataset_data_files(folder: Path) -> dict[str, list]:
+    """The data files, by split, `datasets.load_dataset(folder)` would read from a dataset repository folder (listed,
+    not read); a folder it finds no dataset in is a DataError naming it, as load_dataset's failure would be."""
+    from datasets import load_dataset_builder
+
+    try:
+        files = load_dataset_builder(str(folder)).config.data_files or {}
+    except Exception as e:  # noqa: BLE001  (what load_dataset would fail on: one line naming the folder)
+        raise DataError(f"{folder}: datasets.load_dataset finds no dataset in this folder ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); point data.path at a dataset folder, a "
+                        ".jsonl/.json/.parquet file or a save_to_disk folder") from None
+    return {str(split): list(paths) for split, paths in files.items()}
+
+
 def _iter_table(table: Any, name: str) -> Iterator[Row]:
     for i, row in enumerate(table):
         yield dict(row), f"{name} row {i}"
@@ -262,10 +276,15 @@ def read_parquet(path: Path) -> list[dict]:
     try:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{path}: not a readable Parquet file ({first}); the file is empty, truncated or not Parquet: "
-                        "write it again (e.g. pandas' to_parquet / datasets' to_parquet), or point data.path at the "
-                        "complete file") from None
+        raise parquet_error(path, e) from None
+
+
+def parquet_error(path: Path, e: Exception) -> DataError:
+    """The DataError for a file pyarrow could not read as Parquet (the run's, and a dry run's)."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return DataError(f"{path}: not a readable Parquet file ({first}); the file is empty, truncated or not Parquet: "
+                     "write it again (e.g. pandas' to_parquet / datasets' to_parquet), or point data.path at the "
+                     "complete file")
 
 
 class NamedRows(list):
