@@ -254,3 +254,24 @@ def test_most_prompts_cut_by_max_prompt_length_are_warned(tokenizer, caplog, mon
         tokenize(records[1:], tokenizer, DataSettings(max_length=64, max_prompt_length=4), "data.path")  # 1 of 2
         tokenize(records, tokenizer, DataSettings(max_length=64, max_prompt_length=None), "data.path")
     assert said() == []
+
+
+PARTS_ONLY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}"
+                       "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_renders_content_only_as_parts_is_refused(tokenizer, monkeypatch):
+    """A multimodal-style template reads message['content'] as a list of parts; given alignkit's string contents it
+    iterates characters, finds no text part and renders every message empty (hand-checked below), and training went
+    on with prompts and completions of template markers only. Now a DataError naming the record and the fix."""
+    from alignkit.data import chat
+
+    monkeypatch.setattr(tokenizer, "chat_template", PARTS_ONLY_TEMPLATE)
+    monkeypatch.setattr(chat, "_CHECKED_TEMPLATES", set())
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == (
+        "<|im_start|>user\n<|im_end|>\n")
+    with pytest.raises(DataError, match=r"^r-1: formatter 'chat-template': the chat template of the tokenizer .* "
+                                        r"renders a message's content only as a list of parts .* rendered empty; make "
+                                        r"the template take string content too"):
+        tokenize_records([SFTRecord([{"role": "user", "content": "Hi"}], "Hello", id="r-1")], tokenizer)
