@@ -357,3 +357,33 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="method.beta"):
         main(["--debug", "dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", "method.beta=-1"])
+
+
+@pytest.mark.parametrize("kind", ["reft", "reft+lora"])
+@pytest.mark.parametrize("reps,message", [
+    ([{"layer": 0, "low_rank_dimension": 2}, {"layer": 9, "low_rank_dimension": 2}], "layer 9 is out of range"),
+    ([{"layer": 0, "low_rank_dimension": 2, "embed_dim": 7}], "the intervention has embed_dim=7"),
+])
+def test_a_refused_reft_config_leaves_the_callers_model_as_it_was(kind, reps, message, tmp_path):
+    """A ReFT config refused by ReftModel (a layer the model does not have, a wrong embed_dim) left the caller's
+    model with every parameter frozen and ReftModel's forward pre-hook registered on it, and under reft+lora with
+    peft's LoRA layers injected too (LoRA is wrapped first). Now both are undone before the error is raised: the
+    same modules, state_dict, requires_grad, no hook, and the same outputs."""
+    from alignkit.adapters import ReftSettings
+
+    model = load_model(save_tiny(tmp_path / "tiny", "llama"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=message):
+        apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=2),
+                                           reft=ReftSettings(config={"representations": reps})))
+    assert [(n, type(m)) for n, m in model.named_modules()] == types and not hasattr(model, "peft_config")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
