@@ -275,3 +275,16 @@ def test_a_template_that_renders_content_only_as_parts_is_refused(tokenizer, mon
                                         r"renders a message's content only as a list of parts .* rendered empty; make "
                                         r"the template take string content too"):
         tokenize_records([SFTRecord([{"role": "user", "content": "Hi"}], "Hello", id="r-1")], tokenizer)
+
+
+def test_a_record_dropped_for_its_prompt_is_not_also_counted_as_a_cut_prompt(tokenizer):
+    """max_prompt_length=4 >= max_length=4: the ten-token prompt is cut to 4 tokens and leaves no room, so the
+    record is dropped (prompt_too_long); it was also counted as a kept record whose prompt was cut (1 of 1 cut while
+    0 were kept), which the ReFT warning about cut prompts then quoted."""
+    (kept,), stats = tokenize_records([SFTRecord("0 1 2 3 4 5 6 7 8 9", " 10", id="fits")], tokenizer,
+                                      max_prompt_length=4, max_length=6)
+    assert kept["id"] == "fits" and (stats.prompt_truncated, stats.prompt_truncated_ids) == (1, ["fits"])
+    out, stats = tokenize_records([SFTRecord("0 1 2 3 4 5 6 7 8 9", " 10", id="long")], tokenizer,
+                                  max_prompt_length=4, max_length=4)
+    assert out == [] and stats.dropped == {"prompt_too_long": 1}
+    assert (stats.prompt_truncated, stats.prompt_truncated_ids) == (0, [])

@@ -397,13 +397,15 @@ def truncate(prompt_ids: list[int], completions: list[list[int]], cfg: TokenizeC
     """Apply the truncation policy of the module docstring; raise `Unfit` if nothing trainable is left."""
     if any(len(c) == 0 for c in completions):
         raise Unfit("empty_completion")
-    if cfg.max_prompt_length is not None and len(prompt_ids) > cfg.max_prompt_length:
+    cut = cfg.max_prompt_length is not None and len(prompt_ids) > cfg.max_prompt_length
+    if cut:
         prompt_ids = prompt_ids[len(prompt_ids) - cfg.max_prompt_length:]
+    if cfg.max_length is not None and cfg.max_length - len(prompt_ids) <= 0:
+        raise Unfit("prompt_too_long")  # dropped, counted as such (not as a kept record with a cut prompt)
+    if cut:
         stats.note_prompt_truncated(rid)
     if cfg.max_length is not None:
         room = cfg.max_length - len(prompt_ids)
-        if room <= 0:
-            raise Unfit("prompt_too_long")
         if any(len(c) > room for c in completions):
             stats.completion_truncated += 1
             completions = [c[:room] for c in completions]
