@@ -50,7 +50,8 @@ def linear_leaves(model: nn.Module) -> list[str]:
 def _head_message(target_modules: Any) -> str:
     return (f"adapter.lora.target_modules: {target_modules!r} puts LoRA on the LM head, which alignkit's objectives "
             "apply as its plain weight (trainers/logps.py), so that LoRA would never run and the first step would "
-            "stop; leave the head out ('all-linear' does), or list it in adapter.lora.modules_to_save to train it whole")
+            "stop; leave the head out ('all-linear' does), or list it in adapter.lora.modules_to_save to train it "
+            "whole")
 
 
 LAYER_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
@@ -130,7 +131,7 @@ class Lora(Adapter):
         check_lora_targets(model, cfg, s.target_modules)
         wrapped = get_peft_model(model, cfg)
         head = None if task == "SEQ_CLS" else wrapped.get_output_embeddings()
-        if head is not None and hasattr(head, "base_layer"):  # check_lora_targets foresees it (compat row); kept as a net
+        if head is not None and hasattr(head, "base_layer"):  # foreseen by check_lora_targets (row P12): a net
             raise ValueError(_head_message(s.target_modules))
         return wrapped
 

@@ -231,7 +231,8 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
 
     reft = reft_settings(model)
     if reft is not None:  # before anything is written: an empty prompt stops, short ones are said once
-        for feats, stats, where in ((train_feats, train_stats, "data.path"), (eval_feats, eval_stats, "evaluation data")):
+        for feats, stats, where in ((train_feats, train_stats, "data.path"),
+                                    (eval_feats, eval_stats, "evaluation data")):
             check_prompt_lengths(reft.positions, reft.share_weights, [f["prompt_length"] for f in feats],
                                  [f.get("id", i) for i, f in enumerate(feats)], where)
             if stats is not None:  # a prompt cut at its start: "first" positions land mid-prompt
