@@ -336,6 +336,25 @@ def test_reft_positions_longer_than_the_prompts_are_warned_before_training(tmp_p
     assert len(msgs) == 2 and msgs[0].startswith("data.path: ") and msgs[1].startswith("evaluation data: "), msgs
 
 
+def test_reft_first_positions_on_prompts_cut_by_max_prompt_length_are_warned_before_training(tmp_path, caplog):
+    """data.max_prompt_length=8 cuts the bundled HH prompts to their last 8 tokens, so 'f1+l1' edits a token from the
+    middle of each: one warning per data set naming the key, the count and the fix (before any run folder exists);
+    'l1' (the end is always kept) gets none."""
+    import logging
+
+    for spec, expect in (("f1+l1", 2), ("l1", 0)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignkit.interventions.positions"):
+            assert main(["-q", "sft", "-c", str(CONFIGS / "sft-reft-tiny.yaml"), f"output_dir={tmp_path / spec}",
+                         "train.max_steps=1", "train.eval_strategy=no", "data.max_prompt_length=8",
+                         f"adapter.reft.positions={spec}"]) == 0
+        msgs = [r.getMessage() for r in caplog.records if "edit their first KEPT tokens" in r.getMessage()]
+        assert len(msgs) == expect, msgs
+        if expect:
+            assert msgs[0].startswith("data.path: ") and msgs[1].startswith("evaluation data: ")
+            assert "longer than data.max_prompt_length=8" in msgs[0] and "raise data.max_prompt_length" in msgs[0]
+
+
 def test_training_records_its_prompt_format_and_a_new_format_is_warned(runs, tmp_path, caplog):
     """The HH reader turns the bundled "Human: / Assistant:" texts into conversations, formatted by the chat template;
     a model trained on them and then given text prompts (the 'plain' formatter under data.formatter=auto) never saw

@@ -165,3 +165,32 @@ def test_a_full_policy_reference_is_loaded_with_the_policys_rope_scaling(tiny_di
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rewards/accuracies"] == 0 and abs(metrics["rewards/margins"]) < 1e-7
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_reft_eval_on_prompts_cut_at_their_start_warns_that_first_positions_moved(tiny_dir, tmp_path, caplog):
+    """eval of a ReFT policy ('f1+l1') with data.max_prompt_length=8: the prompts keep their last 8 tokens, so the
+    'f1' intervention edits a token from the middle of each; the same warning as training gives (count, key, fix),
+    and none for 'l1' (the end of a prompt is always kept)."""
+    import logging
+
+    import torch
+
+    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    base = tiny_dir("llama")
+    for spec, expect in (("f1+l1", 1), ("l1", 0)):
+        torch.manual_seed(0)
+        folder = tmp_path / f"reft-{spec}"
+        save_adapter(apply_adapter(load_model(base), AdapterConfig(kind="reft", reft=ReftSettings(
+            config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions=spec))), folder)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignkit.interventions.positions"):
+            assert main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={base}",
+                         f"model.adapter_path={folder}", f"data.path={DATA}", f"output_dir={tmp_path / spec}",
+                         "data.max_prompt_length=8"]) == 0
+        msgs = [r.getMessage() for r in caplog.records if "edit their first KEPT tokens" in r.getMessage()]
+        assert len(msgs) == expect, msgs
+        if expect:
+            assert msgs[0].startswith("data.path: ") and "of 6 record(s) have a prompt longer than " \
+                "data.max_prompt_length=8" in msgs[0]

@@ -558,3 +558,21 @@ def test_online_plots_draw_every_logged_figure_but_bookkeeping():
     assert drawn.isdisjoint({"step", "grad_norm", "num_tokens", "time/step_s", "pairs", "judge/answers",
                              "judge/failure_rate", "reward/failed", "flag", "note"})
     assert "other" not in online_plots([{"step": 0, "reward": 1.0, "grad_norm": 1.0}])
+
+
+def test_a_reft_policy_with_first_positions_on_prompts_cut_at_their_start_is_warned_before_the_run(tmp_path, caplog):
+    """online-dpo-tiny ('f1+l1') with data.max_prompt_length=8: generation keeps each prompt's last 8 tokens, so
+    'f1' edits a token from the middle of every bundled prompt; one warning naming the key, the count and the fix,
+    before the run folder is written (as training and eval give it), and none for 'l1'."""
+    import logging
+
+    for spec, expect in (("f1+l1", 1), ("l1", 0)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="alignkit.interventions.positions"):
+            assert main(["-q", "online-dpo", "--config", str(CONFIGS / "online-dpo-tiny.yaml"),
+                         f"output_dir={tmp_path / spec}", *FAST, "data.max_prompt_length=8",
+                         f"adapter.reft.positions={spec}"]) == 0
+        msgs = [r.getMessage() for r in caplog.records if "edit their first KEPT tokens" in r.getMessage()]
+        assert len(msgs) == expect, msgs
+        if expect:
+            assert msgs[0].startswith("data.path: ") and "longer than data.max_prompt_length=8" in msgs[0]

@@ -271,3 +271,27 @@ def test_modules_to_save_keeps_the_base_module_as_original_module(tiny_lm):
           "trained copy)", where)
     check(not torch.equal(emb.weight, before) and not original.weight.requires_grad, PEFT, "a modules_to_save "
           "wrapper's .weight is no longer the trained copy, or its original_module is trained", where)
+
+
+@pytest.mark.parametrize("target_modules,modules_to_save", [
+    (["q_proj", "lm_head"], None), (r".*\.(q|v)_proj", None), (r".*lm_head", None),
+    (["q_proj", "lm_head"], ["lm_head"]), (["self_attn.k_proj", "down_proj"], None), (r"model\.layers\.1\..*_proj", None),
+])
+def test_lora_targets_are_foreseen_with_peft_s_matcher(tiny_lm, target_modules, modules_to_save):
+    """Lora.wrap decides its refusals (the LM head, a block of layers) before get_peft_model changes the model, from
+    the modules `lora_targets` says peft will adapt (peft's `check_target_module_exists` over the module names): it
+    must name exactly the modules that get_peft_model gives a LoRA layer (list: name or '.'-suffix; string: full
+    regex match; modules_to_save excluded). 'all-linear' (foreseen as None: no head, no block) is row P2."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignkit.adapters.lora import lora_targets
+
+    where = "alignkit/adapters/lora.py:lora_targets (check_lora_targets, Lora.wrap)"
+    cfg = LoraConfig(r=2, target_modules=target_modules, modules_to_save=modules_to_save, task_type="CAUSAL_LM")
+    base = tiny_lm("llama")
+    with guard(PEFT, "peft.tuners.tuners_utils.check_target_module_exists is gone or takes other arguments", where):
+        foreseen = lora_targets(base, cfg)
+    get_peft_model(base, cfg)
+    adapted = sorted(n for n, m in base.named_modules() if hasattr(m, "lora_A"))
+    check(sorted(foreseen) == adapted, PEFT, f"target_modules={target_modules!r}: peft adapted {adapted}, its matcher "
+          f"foresaw {sorted(foreseen)}", where)

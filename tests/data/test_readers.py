@@ -143,6 +143,21 @@ def test_kind_conversion():
      r"to continue \(a prefill\); alignkit renders no prefill, .* end the prompt with the user's turn"),
     (['{"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Let me think."}]}'],
      r"d\.jsonl:1: 'prompt' ends with an assistant message"),
+    # content as a list of parts (OpenAI / TRL): text parts are read (joined as serving joins them); another part
+    # was refused as "must be a dict with string 'role' and 'content'" even when all text, and is now named itself
+    (['{"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", '
+      '"image_url": {"url": "x.png"}}]}, {"role": "assistant", "content": "A cat."}]}'],
+     r"d\.jsonl:1: messages\[0\]\.content\[1\] is a 'image_url' part, and alignkit trains on text only .* remove the "
+     r"non-text parts from the record's messages, or drop the record$"),
+    (['{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}], '
+      '"completion": [{"role": "assistant", "content": "A cat."}]}'],
+     r"d\.jsonl:1: prompt\[0\]\.content\[0\] is a 'image' part"),
+    (['{"prompt": "q", "completion": " a"}', '{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": '
+      '"assistant", "content": [{"type": "text", "text": "Hello"}, {"type": "input_audio", "input_audio": {}}]}]}'],
+     r"d\.jsonl:2: completion\[0\]\.content\[1\] is a 'input_audio' part"),
+    (['{"messages": [{"role": "user", "content": [{"text": "Hi"}]}, {"role": "assistant", "content": "Hello"}]}'],
+     r"d\.jsonl:1: messages\[0\]\.content\[0\] must be a text part \{'type': 'text', 'text': str\}, got "
+     r"\"\{'text': 'Hi'\}\"; fix the part or give the content as a string$"),
     # TRL's language-modeling rows: one line naming the format and the columns to give instead
     (['{"text": "The sky is blue."}'], r"d\.jsonl:1: a 'text' column is TRL's language-modeling format \(columns "
      r"\['text'\]\), which has no prompt .* give each row 'prompt' and 'completion' columns, or a 'messages'"),
@@ -484,3 +499,23 @@ def test_a_dataset_folders_json_is_checked_once_while_unchanged_and_again_once_e
     with pytest.raises(DataError, match=r"train\.jsonl:1: an object holds the key 'prompt' twice"):
         rows.check_json_data_files(folder)
     assert parsed == ["train.jsonl", "train.jsonl"]
+
+
+def test_text_parts_are_read_as_the_text_serving_renders(tmp_path, tokenizer):
+    """A message whose content is a list of text parts (the OpenAI / TRL convention) trains on the parts joined by
+    a newline, the text the server renders for a request with the same parts (row V13), so the model is trained on
+    the prompt it is served; the record equals the one written with string contents."""
+    from alignkit.data import tokenize_records
+    from alignkit.serve.parsing import chat_prompt
+
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]
+    rows = [{"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [
+        {"type": "text", "text": "4"}]}]},
+            {"messages": [{"role": "user", "content": "What is\n2+2?"}, {"role": "assistant", "content": "4"}]}]
+    with_parts, with_strings = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert with_parts.prompt == with_strings.prompt == [{"role": "user", "content": "What is\n2+2?"}]
+    assert with_parts.completion == with_strings.completion == [{"role": "assistant", "content": "4"}]
+    (f,), _ = tokenize_records([with_parts], tokenizer)
+    served = chat_prompt({"messages": [{"role": "user", "content": parts}]}, tokenizer)
+    assert f["input_ids"][:f["prompt_length"]] == served == tokenizer(
+        "<|im_start|>user\nWhat is\n2+2?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]

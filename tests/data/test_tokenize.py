@@ -254,3 +254,37 @@ def test_most_prompts_cut_by_max_prompt_length_are_warned(tokenizer, caplog, mon
         tokenize(records[1:], tokenizer, DataSettings(max_length=64, max_prompt_length=4), "data.path")  # 1 of 2
         tokenize(records, tokenizer, DataSettings(max_length=64, max_prompt_length=None), "data.path")
     assert said() == []
+
+
+PARTS_ONLY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}"
+                       "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_renders_content_only_as_parts_is_refused(tokenizer, monkeypatch):
+    """A multimodal-style template reads message['content'] as a list of parts; given alignkit's string contents it
+    iterates characters, finds no text part and renders every message empty (hand-checked below), and training went
+    on with prompts and completions of template markers only. Now a DataError naming the record and the fix."""
+    from alignkit.data import chat
+
+    monkeypatch.setattr(tokenizer, "chat_template", PARTS_ONLY_TEMPLATE)
+    monkeypatch.setattr(chat, "_CHECKED_TEMPLATES", set())
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == (
+        "<|im_start|>user\n<|im_end|>\n")
+    with pytest.raises(DataError, match=r"^r-1: formatter 'chat-template': the chat template of the tokenizer .* "
+                                        r"renders a message's content only as a list of parts .* rendered empty; make "
+                                        r"the template take string content too"):
+        tokenize_records([SFTRecord([{"role": "user", "content": "Hi"}], "Hello", id="r-1")], tokenizer)
+
+
+def test_a_record_dropped_for_its_prompt_is_not_also_counted_as_a_cut_prompt(tokenizer):
+    """max_prompt_length=4 >= max_length=4: the ten-token prompt is cut to 4 tokens and leaves no room, so the
+    record is dropped (prompt_too_long); it was also counted as a kept record whose prompt was cut (1 of 1 cut while
+    0 were kept), which the ReFT warning about cut prompts then quoted."""
+    (kept,), stats = tokenize_records([SFTRecord("0 1 2 3 4 5 6 7 8 9", " 10", id="fits")], tokenizer,
+                                      max_prompt_length=4, max_length=6)
+    assert kept["id"] == "fits" and (stats.prompt_truncated, stats.prompt_truncated_ids) == (1, ["fits"])
+    out, stats = tokenize_records([SFTRecord("0 1 2 3 4 5 6 7 8 9", " 10", id="long")], tokenizer,
+                                  max_prompt_length=4, max_length=4)
+    assert out == [] and stats.dropped == {"prompt_too_long": 1}
+    assert (stats.prompt_truncated, stats.prompt_truncated_ids) == (0, [])

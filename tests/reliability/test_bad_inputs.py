@@ -79,15 +79,47 @@ def test_config_mistakes(case, overrides, needles, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_lora_on_the_lm_head_is_refused_before_anything_is_written(tmp_path, capsys):
-    """target_modules naming lm_head (a TRL / peft habit) wrote config.yaml, base_model/ and tensorboard/, then
-    stopped at the first step: "unexpected error: ValueError: the LM head is wrapped by a LoRA layer" (exit 1).
-    Now one line naming the key, before the run folder is made."""
+LORA_TARGET_CASES = [  # (target_modules override, what the line must contain)
+    # a TRL / peft habit: wrote config.yaml, base_model/ and tensorboard/, then stopped at the first step with
+    # "unexpected error: ValueError: the LM head is wrapped by a LoRA layer" (exit 1)
+    ("[q_proj, lm_head]", ["adapter.lora.target_modules: ['q_proj', 'lm_head'] puts LoRA on the LM head",
+                           "adapter.lora.modules_to_save"]),
+    (".*lm_head", ["adapter.lora.target_modules: '.*lm_head' puts LoRA on the LM head"]),
+    # a block of layers: peft's own multi-line error ("Target module LlamaMLP(...) is not supported"), raised after
+    # the q_proj layers before it had their LoRA
+    ("[q_proj, mlp]", ["adapter.lora.target_modules: 'mlp' matches model.layers.0.mlp (LlamaMLP), a block of layers",
+                       "'gate_proj'"]),
+]
+
+
+@pytest.mark.parametrize("target,needles", LORA_TARGET_CASES, ids=[c[0] for c in LORA_TARGET_CASES])
+def test_a_lora_target_peft_or_alignkit_cannot_use_is_refused_before_anything_is_written(target, needles, tmp_path,
+                                                                                        capsys):
     rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", *QUICK,
-                               "adapter.lora.target_modules=[q_proj, lm_head]"])
-    assert_one_line(rc, err, "adapter.lora.target_modules: ['q_proj', 'lm_head'] puts LoRA on the LM head",
-                    "adapter.lora.modules_to_save")
+                               f"adapter.lora.target_modules={target}"])
+    assert_one_line(rc, err, *needles)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["lora", "reft+lora"])
+@pytest.mark.parametrize("target", [["q_proj", "lm_head"], ".*lm_head", ["q_proj", "mlp"], ["q_proj", "model.layers.1"]])
+def test_a_refused_lora_target_leaves_the_callers_model_as_it_was(kind, target, tmp_path):
+    """Lora.wrap refused the LM head only after get_peft_model had injected LoRA layers into the caller's model (and
+    peft refused a block of layers after adapting the modules before it): a caller that caught the error held a
+    changed model. Now the refusal comes first: same modules, same state_dict keys and values, no lora_ module."""
+    from alignkit.adapters import ReftSettings
+
+    model = load_model(save_tiny(tmp_path / "tiny", "llama"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}) if "reft" in kind else None
+    with pytest.raises(ValueError, match=r"^adapter\.lora\.target_modules: ") as e:
+        apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=2, target_modules=target), reft=reft))
+    assert "\n" not in str(e.value)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+    assert not any("lora_" in n for n, _ in model.named_modules()) and not hasattr(model, "peft_config")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("key,overrides", [
@@ -444,3 +476,33 @@ def yaml_command(path: Path) -> str:
     import yaml
 
     return yaml.safe_load(path.read_text())["command"]
+
+
+@pytest.mark.parametrize("kind", ["reft", "reft+lora"])
+@pytest.mark.parametrize("reps,message", [
+    ([{"layer": 0, "low_rank_dimension": 2}, {"layer": 9, "low_rank_dimension": 2}], "layer 9 is out of range"),
+    ([{"layer": 0, "low_rank_dimension": 2, "embed_dim": 7}], "the intervention has embed_dim=7"),
+])
+def test_a_refused_reft_config_leaves_the_callers_model_as_it_was(kind, reps, message, tmp_path):
+    """A ReFT config refused by ReftModel (a layer the model does not have, a wrong embed_dim) left the caller's
+    model with every parameter frozen and ReftModel's forward pre-hook registered on it, and under reft+lora with
+    peft's LoRA layers injected too (LoRA is wrapped first). Now both are undone before the error is raised: the
+    same modules, state_dict, requires_grad, no hook, and the same outputs."""
+    from alignkit.adapters import ReftSettings
+
+    model = load_model(save_tiny(tmp_path / "tiny", "llama"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=message):
+        apply_adapter(model, AdapterConfig(kind=kind, lora=LoraSettings(r=2) if "lora" in kind else LoraSettings(),
+                                           reft=ReftSettings(config={"representations": reps})))
+    assert [(n, type(m)) for n, m in model.named_modules()] == types and not hasattr(model, "peft_config")
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)

@@ -15,9 +15,12 @@ from typing import Any, ContextManager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import set_peft_model_state_dict
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from alignkit.adapters.base import Adapter, Route, is_classifier, is_reft, register_adapter
 from alignkit.adapters.config import AdapterConfig
@@ -39,6 +42,62 @@ def absolute_base_path(peft_config: Path) -> None:
         peft_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def linear_leaves(model: nn.Module) -> list[str]:
+    """The last name parts of the model's linear layers (what target_modules usually lists), at most 12."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n})[:12]
+
+
+def _head_message(target_modules: Any) -> str:
+    return (f"adapter.lora.target_modules: {target_modules!r} puts LoRA on the LM head, which alignkit's objectives "
+            "apply as its plain weight (trainers/logps.py), so that LoRA would never run and the first step would "
+            "stop; leave the head out ('all-linear' does), or list it in adapter.lora.modules_to_save to train it "
+            "whole")
+
+
+LAYER_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+
+
+def lora_targets(model: nn.Module, cfg: LoraConfig) -> list[str] | None:
+    """The names of the modules of `model` that `get_peft_model(model, cfg)` gives a LoRA layer, found with peft's
+    own matcher (`check_target_module_exists`: a list entry is a name or a suffix after a dot, a string a regex
+    matched in full, modules_to_save excluded); None for target_modules 'all-linear' (every linear layer but the
+    output embedding: peft's `_maybe_include_all_linear_layers`) or None (peft's per-model default). Compat row P12."""
+    target = cfg.target_modules
+    if target is None or (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return None
+    return [n for n, _ in model.named_modules() if n and check_target_module_exists(cfg, n)]
+
+
+def check_lora_targets(model: nn.Module, cfg: LoraConfig, given: Any = None) -> None:
+    """ValueError (one line, naming adapter.lora.target_modules and the fix) for a target that peft would refuse or
+    alignkit could not use, decided from the names alone so that nothing of `model` has changed yet: the LM head
+    (alignkit's objectives apply its plain weight), or a block of layers (peft adapts layers such as nn.Linear; on
+    a block, e.g. 'mlp', it raises only after the modules before it in the model already got their LoRA layers).
+    `given`: target_modules as the user wrote them, for the message (LoraConfig turns a list into a set)."""
+    shown = cfg.target_modules if given is None else given
+    targets = lora_targets(model, cfg)
+    if not targets:
+        return
+    modules = dict(model.named_modules())
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if cfg.task_type != "SEQ_CLS" and callable(get_head) else None
+    if head is not None and any(modules[n] is head for n in targets):
+        raise ValueError(_head_message(shown))
+    for n in targets:
+        m = modules[n]
+        if not isinstance(m, (*LAYER_TYPES, BaseTunerLayer)) and next(m.children(), None) is not None:
+            raise ValueError(f"adapter.lora.target_modules: {_entry(shown, n)!r} matches {n} "
+                             f"({type(m).__name__}), a block of layers, not a layer LoRA can adapt; name the layers "
+                             f"inside it instead (the model's linear layers are named {linear_leaves(model)})")
+
+
+def _entry(target_modules: Any, name: str) -> Any:
+    """The entry of `target_modules` that matched module `name` (the regex itself when it is a string)."""
+    if isinstance(target_modules, str):
+        return target_modules
+    return next((k for k in target_modules if name == k or name.endswith("." + k)), target_modules)
+
+
 @register_adapter
 class Lora(Adapter):
     """LoRA on the model it is given (in the ReFT+LoRA stack: the model inside the `ReftModel`)."""
@@ -52,6 +111,8 @@ class Lora(Adapter):
         return not is_reft(model) and is_peft_model(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        """`model` wrapped by peft. Every refusal comes BEFORE `get_peft_model`, which injects LoRA layers into
+        `model` itself: a caller that catches the error keeps its model as it was."""
         s = self.config.lora
         task = "SEQ_CLS" if is_classifier(model) else "CAUSAL_LM"
         names = [n for n, _ in model.named_modules() if n]
@@ -63,19 +124,15 @@ class Lora(Adapter):
         if isinstance(s.target_modules, (list, tuple)):  # peft refuses a list none of whose names match, not one
             for key in s.target_modules:  # name of several that matches nothing (it adapts the others, silently)
                 if not any(n == key or n.endswith("." + key) for n in names):
-                    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                     if isinstance(m, nn.Linear) and n})
                     raise ValueError(f"adapter.lora.target_modules: {key!r} matches no module of the model, so it "
-                                     f"would get no LoRA; the model's linear layers are named {leaves[:12]}")
+                                     f"would get no LoRA; the model's linear layers are named {linear_leaves(model)}")
         cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
                          use_dora=s.use_dora, modules_to_save=s.modules_to_save, task_type=task)
+        check_lora_targets(model, cfg, s.target_modules)
         wrapped = get_peft_model(model, cfg)
         head = None if task == "SEQ_CLS" else wrapped.get_output_embeddings()
-        if head is not None and hasattr(head, "base_layer"):  # trainers.logps applies the head's own weight
-            raise ValueError(f"adapter.lora.target_modules: {s.target_modules!r} puts LoRA on the LM head, which "
-                             "alignkit's objectives apply as its plain weight (trainers/logps.py), so that LoRA would "
-                             "never run and the first step would stop; leave the head out ('all-linear' does), or "
-                             "list it in adapter.lora.modules_to_save to train it whole")
+        if head is not None and hasattr(head, "base_layer"):  # foreseen by check_lora_targets (row P12): a net
+            raise ValueError(_head_message(s.target_modules))
         return wrapped
 
     def off(self, model: nn.Module) -> ContextManager[Any]:

@@ -41,7 +41,18 @@ class ReftLora(Adapter):
         return unwrap_parallel(model).model  # the PeftModel
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        return self.reft.wrap(self.lora.wrap(model))
+        """LoRA, then ReFT on the PeftModel. A ReFT part refused after the LoRA part changed `model` (peft injects its
+        layers into it) is undone: peft's `unload()` puts the model's own modules back, and every parameter gets its
+        requires_grad back, so a caller that catches the error keeps its model as it was."""
+        grads = [(p, p.requires_grad) for p in model.parameters()]
+        wrapped = self.lora.wrap(model)
+        try:
+            return self.reft.wrap(wrapped)
+        except BaseException:
+            wrapped.unload()
+            for p, trainable in grads:
+                p.requires_grad_(trainable)
+            raise
 
     @contextlib.contextmanager
     def off(self, model: nn.Module) -> Iterator[nn.Module]:

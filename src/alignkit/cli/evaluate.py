@@ -33,13 +33,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.adapters import adapter_in
+from alignkit.adapters import adapter_in, reft_settings
 from alignkit.cli.data import native_kinds, read_records, tokenize
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
                                  head_folder, load_for_inference, rename_base, to_device)
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator, RankedCollator
 from alignkit.data.records import convert, ranked_to_pairs
+from alignkit.interventions.positions import check_truncated_prompts
 from alignkit.losses import PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
 from alignkit.files import atomic_write_text
@@ -80,7 +81,11 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
     per_pair: dict[str, list[float]] = {}
     try:  # scored before the run folder is touched: a failure leaves an earlier run's config and metrics as they were
-        features, _ = tokenize(records, tok, cfg.data, "data.path")
+        features, stats = tokenize(records, tok, cfg.data, "data.path")
+        reft = reft_settings(model)
+        if reft is not None:  # a prompt cut at its start: "first" positions land mid-prompt (as training says)
+            check_truncated_prompts(reft.positions, stats.prompt_truncated, len(features), stats.prompt_truncated_ids,
+                                    cfg.data.max_prompt_length, "data.path")
         if cfg.method.kind == "reward":
             metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
         else:

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import set_seed
 
-from alignkit.adapters import adapter_of, unwrap_lm
+from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
 from alignkit.cli.data import read_splits
 from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_head, check_model_folder, head_folder, load_base,
@@ -34,7 +34,8 @@ from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, c
 from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
-from alignkit.online.generation import encode_prompts
+from alignkit.interventions.positions import Positions, check_truncated_prompts
+from alignkit.online.generation import encode_prompt, encode_prompts
 from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerator
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len
 from alignkit.run_commit import staged
@@ -180,6 +181,20 @@ def check_generation_context(model: Any, tok: Any, prompts: list, tcfg: Any) -> 
                   "lower sampling.max_new_tokens or data.max_prompt_length (prompts keep their last tokens)")
 
 
+def check_reft_prompt_cuts(model: Any, tok: Any, prompts: list, tcfg: Any) -> None:
+    """Before the run folder: a policy with a ReFT part whose positions name first tokens, and prompts longer than
+    data.max_prompt_length (generation keeps their last tokens), so those positions land mid-prompt: one warning
+    (count, prompts, key, fix), as training and eval give (`positions.check_truncated_prompts`). The prompts are
+    encoded once for this, and only then."""
+    reft = reft_settings(model)
+    limit = tcfg.max_prompt_length
+    if reft is None or limit is None or not Positions.parse(reft.positions).first_n:
+        return
+    cut = [r.id or f"prompt {i}" for i, r in enumerate(prompts)
+           if len(encode_prompt(r.prompt, tok, tcfg.formatter)) > limit]
+    check_truncated_prompts(reft.positions, len(cut), len(prompts), cut[:5], limit, "data.path")
+
+
 def trainer_class(command: str) -> type:
     return {"online-dpo": OnlineDPOTrainer, "grpo": GRPOTrainer, "rloo": RLOOTrainer, "ppo": PPOTrainer}[command]
 
@@ -223,6 +238,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     if plan.checkpoint is not None:  # a checkpoint of other prompts or restored settings: refused before writing
         trainer.check_resume(plan.checkpoint)
     check_generation_context(model, tok, [*prompts, *held_out], tcfg)
+    check_reft_prompt_cuts(model, tok, [*prompts, *held_out], tcfg)
     if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "server":  # the trainer contacts it at the first step:
         server = VllmServerGenerator(model, tok, tcfg.vllm_server_url, timeout=tcfg.vllm_server_timeout)  # down /
         #   another model / no LoRA there / too short a max_model_len: one line now, not after the run folder is written

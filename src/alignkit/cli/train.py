@@ -30,7 +30,7 @@ from alignkit.cli.data import load_data, record_kind, tokenize, warn_unread_marg
 from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
-from alignkit.interventions.positions import check_prompt_lengths
+from alignkit.interventions.positions import check_prompt_lengths, check_truncated_prompts
 from alignkit.distributed import requested_engine
 from alignkit.losses import PreferenceParams
 from alignkit.models.efficiency import check_fullgraph, compile_layers
@@ -220,7 +220,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
     model = apply_configured_adapter(model, cfg.adapter)
     compile_model(model, cfg.train.get("compile"))
     train_feats, train_stats = tokenize(train_records, tok, cfg.data, "data.path")
-    eval_feats, _ = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
+    eval_feats, eval_stats = tokenize(eval_records, tok, cfg.data, "evaluation data") if eval_records else ([], None)
     longest = max((len(v) for f in (*train_feats, *eval_feats) for k, v in f.items()
                    if k.endswith("input_ids") and hasattr(v, "__len__")), default=0)
     check_context(unwrap_lm(model).config, longest, f"the longest tokenized row (data.max_length="
@@ -228,9 +228,13 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
 
     reft = reft_settings(model)
     if reft is not None:  # before anything is written: an empty prompt stops, short ones are said once
-        for feats, where in ((train_feats, "data.path"), (eval_feats, "evaluation data")):
+        for feats, stats, where in ((train_feats, train_stats, "data.path"),
+                                    (eval_feats, eval_stats, "evaluation data")):
             check_prompt_lengths(reft.positions, reft.share_weights, [f["prompt_length"] for f in feats],
                                  [f.get("id", i) for i, f in enumerate(feats)], where)
+            if stats is not None:  # a prompt cut at its start: "first" positions land mid-prompt
+                check_truncated_prompts(reft.positions, stats.prompt_truncated, len(feats), stats.prompt_truncated_ids,
+                                        cfg.data.max_prompt_length, where)
 
     run = RunFolder(plan.root, main=False)  # paths only: nothing is created before begin_run
     args, callbacks = training_arguments(cfg.train, run, quiet)

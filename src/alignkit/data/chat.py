@@ -198,6 +198,7 @@ def check_generation_prompt(tokenizer: Any) -> None:
     template = tokenizer.chat_template
     if template in _CHECKED_TEMPLATES:
         return
+    check_string_content(tokenizer)
     user = [{"role": "user", "content": "hi"}]
     try:
         with_prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
@@ -215,6 +216,32 @@ def check_generation_prompt(tokenizer: Any) -> None:
                         f"{full[len(with_prompt):at]!r}{{% endif %}} at the end of the template (chat_template.jinja "
                         f"/ tokenizer_config.json of the model), or use data.formatter=plain or oasst")
     _CHECKED_TEMPLATES.add(template)
+
+
+_CONTENT_PROBE = "alignkitContentProbe"
+
+
+def check_string_content(tokenizer: Any) -> None:
+    """Records hold each message's content as a string (text parts are joined: `records.content_text`). A template
+    written for content as a list of parts (`{% for part in message['content'] %}{{ part['text'] }}`) renders a
+    string's characters as parts with no text: every message would be trained and generated EMPTY, without an
+    error. DataError naming the template when a probe's string content is missing from the rendering but the same
+    text given as a text part is there. Called by `check_generation_prompt` (once per template)."""
+    def rendered(content: Any) -> bool:
+        conv = [{"role": "user", "content": content}]
+        return _CONTENT_PROBE in tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+    try:
+        if rendered(_CONTENT_PROBE) or not rendered([{"type": "text", "text": _CONTENT_PROBE}]):
+            return
+    except Exception as e:  # noqa: BLE001 - a template that cannot render a probe: the records will say more
+        logger.debug("chat template could not render the content probe (%s)", e)
+        return
+    raise DataError(f"formatter 'chat-template': the chat template of the tokenizer {tokenizer_name(tokenizer)} "
+                    f"renders a message's content only as a list of parts ([{{'type': 'text', 'text': ...}}]), and "
+                    f"alignkit gives it strings, so every message would be rendered empty; make the template take "
+                    f"string content too ({{% if message['content'] is string %}}{{{{ message['content'] }}}}"
+                    f"{{% else %}}...{{% endif %}}), or use data.formatter=plain or oasst")
 
 
 OASST_ROLES = {"user": "<|prompter|>", "assistant": "<|assistant|>", "system": "<|system|>"}

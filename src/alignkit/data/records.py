@@ -56,11 +56,41 @@ def _where(rid: str) -> str:
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")  # roles chat templates know
 
 
+PART_SEPARATOR = "\n"  # joins a message's text parts: as vLLM's OpenAI server does (row V13 of docs/architecture.md)
+
+
+def content_text(content: Any, rid: str, where: str) -> Any:
+    """A message's content as text: a string as is; a list of text parts (`[{"type": "text", "text": ...}]`, the
+    OpenAI / TRL convention) joined with `PART_SEPARATOR`, as serving joins them (`alignkit.serve.parsing`), so a
+    record trains on the prompt a request of the same parts is served with. A part of another type (image, audio,
+    ...) is a DataError naming the record, the message and the part: alignkit trains on text, and the part would
+    otherwise be dropped or written into the prompt as a string. Anything else is returned as is (check_messages
+    refuses it)."""
+    if not isinstance(content, list) or not content:
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(kind, str) and kind != "text":
+            raise DataError(f"{_where(rid)}: {where}.content[{j}] is a {kind!r} part, and alignkit trains on text "
+                            f"only (the part would be dropped, or written into the prompt as text); remove the "
+                            f"non-text parts from the record's messages, or drop the record")
+        else:
+            raise DataError(f"{_where(rid)}: {where}.content[{j}] must be a text part {{'type': 'text', 'text': "
+                            f"str}}, got {str(part)[:80]!r}; fix the part or give the content as a string")
+    return PART_SEPARATOR.join(texts)
+
+
 def check_messages(value: Any, rid: str, key: str) -> list[Message]:
-    """Validate a conversation: a non-empty list of {"role": str, "content": str} dicts."""
+    """Validate a conversation: a non-empty list of {"role": str, "content": str} dicts (a content given as a list
+    of text parts is joined into a string: `content_text`)."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{_where(rid)}: {key!r} must be a string or a non-empty list of "
                         f"{{'role', 'content'}} messages, got {type(value).__name__} {str(value)[:60]!r}")
+    value = [{**m, "content": content_text(m.get("content"), rid, f"{key}[{i}]")} if isinstance(m, dict) else m
+             for i, m in enumerate(value)]
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{_where(rid)}: {key}[{i}] must be a dict with string 'role' and 'content', got "

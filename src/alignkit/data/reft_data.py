@@ -141,10 +141,13 @@ class ClassificationReftDataset(Dataset):
         if len(texts) != len(labels):
             raise ValueError(f"{len(texts)} texts but {len(labels)} labels; they must pair up")
         self.items = []
+        self.truncated: list[int] = []  # records cut to max_length (on the tokenizer's truncation_side)
         for i, (t, y) in enumerate(zip(texts, labels)):
             ids = list(tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"])
             if not ids:
                 raise ValueError(f"record {i}: text produced no tokens")
+            if max_length is not None and len(ids) >= max_length and len(tokenizer(t)["input_ids"]) > max_length:
+                self.truncated.append(i)
             self.items.append({"input_ids": torch.tensor(ids, dtype=torch.long), "labels": int(y),
                                "prompt_length": len(ids)})
 
@@ -229,7 +232,23 @@ def make_classification_data_module(tokenizer: Any, texts: Sequence[str], labels
                                     max_length: int | None = None) -> dict[str, Any]:
     """(text, class id) pairs for a ReFT on a sequence classifier; positions taken from the text."""
     ds = ClassificationReftDataset(tokenizer, texts, labels, max_length=max_length)
+    warn_truncated_texts(positions, ds.truncated, len(ds), getattr(tokenizer, "truncation_side", "right"), max_length)
     return _module(ds, tokenizer, positions, num_interventions, share_weights, padding_side)
+
+
+def warn_truncated_texts(positions: str | Positions, truncated: Sequence[int], total: int, side: str,
+                         max_length: int | None) -> None:
+    """One warning when texts cut to `max_length` on `side` (the tokenizer's truncation_side) lose the tokens that
+    `positions` name: their positions are counted on the tokens kept (as pyreft does), so 'left' makes the first
+    positions land mid-text and 'right' makes the last positions land before the text's real end."""
+    pos = Positions.parse(positions)
+    group = "first" if side == "left" else "last"
+    if not truncated or not (pos.first_n if side == "left" else pos.last_n):
+        return
+    logger.warning("%d of %d text(s) are longer than max_length=%s tokens (e.g. record %d) and lose their %s tokens "
+                   "(tokenizer.truncation_side=%r), so ReFT positions %r edit their %s KEPT tokens, not the text's %s "
+                   "ones; raise max_length to keep whole texts", len(truncated), total, max_length, truncated[0],
+                   group, side, str(pos), group, group)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, positions: str | Positions = "l1",
@@ -254,4 +273,5 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, positions: str | P
 
 __all__ = ["IGNORE_INDEX", "format_prompt_response", "encode_prompt_response", "SupervisedReftDataset",
            "ClassificationReftDataset", "ReftDataCollator", "make_last_position_supervised_data_module",
-           "make_multiple_position_supervised_data_module", "make_classification_data_module", "encode_prompts"]
+           "make_multiple_position_supervised_data_module", "make_classification_data_module", "encode_prompts",
+           "warn_truncated_texts"]

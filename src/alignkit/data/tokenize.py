@@ -95,6 +95,7 @@ class TokenizeStats:
     total: int = 0
     kept: int = 0
     prompt_truncated: int = 0
+    prompt_truncated_ids: list = field(default_factory=list)  # the first ids (up to 5) of prompts cut at the start
     completion_truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     dropped_ids: dict = field(default_factory=dict)  # reason -> first ids (up to 5)
@@ -107,6 +108,11 @@ class TokenizeStats:
         self.dropped_ids.setdefault(reason, [])
         if len(self.dropped_ids[reason]) < 5:
             self.dropped_ids[reason].append(rid)
+
+    def note_prompt_truncated(self, rid: str) -> None:
+        self.prompt_truncated += 1
+        if len(self.prompt_truncated_ids) < 5:
+            self.prompt_truncated_ids.append(rid)
 
     def note_system_unrendered(self, rid: str, roles: list[str]) -> None:
         self.system_unrendered += 1
@@ -387,17 +393,19 @@ def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: T
 
 
 def truncate(prompt_ids: list[int], completions: list[list[int]], cfg: TokenizeConfig,
-             stats: TokenizeStats) -> tuple[list[int], list[list[int]]]:
+             stats: TokenizeStats, rid: str = "") -> tuple[list[int], list[list[int]]]:
     """Apply the truncation policy of the module docstring; raise `Unfit` if nothing trainable is left."""
     if any(len(c) == 0 for c in completions):
         raise Unfit("empty_completion")
-    if cfg.max_prompt_length is not None and len(prompt_ids) > cfg.max_prompt_length:
+    cut = cfg.max_prompt_length is not None and len(prompt_ids) > cfg.max_prompt_length
+    if cut:
         prompt_ids = prompt_ids[len(prompt_ids) - cfg.max_prompt_length:]
-        stats.prompt_truncated += 1
+    if cfg.max_length is not None and cfg.max_length - len(prompt_ids) <= 0:
+        raise Unfit("prompt_too_long")  # dropped, counted as such (not as a kept record with a cut prompt)
+    if cut:
+        stats.note_prompt_truncated(rid)
     if cfg.max_length is not None:
         room = cfg.max_length - len(prompt_ids)
-        if room <= 0:
-            raise Unfit("prompt_too_long")
         if any(len(c) > room for c in completions):
             stats.completion_truncated += 1
             completions = [c[:room] for c in completions]
@@ -464,10 +472,10 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
         limit = cfg.max_prompt_length if cfg.max_prompt_length is not None else cfg.max_length
         if limit is not None and len(ids) > limit:
             ids = ids[len(ids) - limit:]
-            stats.prompt_truncated += 1
+            stats.note_prompt_truncated(record.id)
         return {"prompt_input_ids": ids, "length": len(ids), "prompt": record.prompt, **base}
     full_prompt_ids, comp_ids = encode(record.prompt, comps, tokenizer, cfg, record.id)
-    prompt_ids, comp_ids = truncate(full_prompt_ids, comp_ids, cfg, stats)
+    prompt_ids, comp_ids = truncate(full_prompt_ids, comp_ids, cfg, stats, record.id)
     seqs = [_seq(prompt_ids, c) for c in comp_ids]
     if isinstance(record, SFTRecord) and cfg.loss_on != "last_assistant" and not (
             cfg.loss_on == "all_assistant" and record.meta.get(records_module.PROMPT_IS_CONTEXT)):

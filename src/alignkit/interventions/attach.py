@@ -79,12 +79,19 @@ class ReftModel(nn.Module):
         self._recompute = WeakIdKeyDictionary()  # layer input tensor -> Step (checkpoint replay)
         self._prefix_cache: PrefixCache | None = None  # enable_prefix_cache
         self._warned_bare: set[str] = set()  # adapters without a spec already warned about (_check_specs)
+        grads = [(p, p.requires_grad) for p in model.parameters()]
         self._freeze_base()
         self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
         self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
                                                                        prepend=True))
         if config is not None:
-            self.add_adapter(adapter_name, config)
+            try:
+                self.add_adapter(adapter_name, config)
+            except BaseException:  # a refused config (a layer out of range, ...): the caller's model as it was
+                self.remove_hooks()
+                for p, trainable in grads:
+                    p.requires_grad_(trainable)
+                raise
 
     def __getattr__(self, name: str) -> Any:
         try:

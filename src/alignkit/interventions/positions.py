@@ -82,6 +82,24 @@ def check_prompt_lengths(spec: "str | Positions", share_weights: bool, lengths: 
         logger.warning("%s: %s", where, _short_text(pos, share_weights, len(short), len(lengths), min(short)))
 
 
+def check_truncated_prompts(spec: "str | Positions", truncated: int, total: int, ids: Sequence[object],
+                            limit: int | None, where: str = "data.path") -> None:
+    """Before training: one warning when `truncated` of `total` records had their prompt cut to its LAST `limit`
+    tokens (data.max_prompt_length, `alignkit.data.tokenize`) and `spec` edits first positions. Positions are
+    counted on the tokens kept (as pyreft counts them on its truncated prompt), so their "first" tokens are
+    tokens from the middle of the prompt, while generation and serving of the whole prompt edit its real first
+    tokens. Last positions are unaffected (the end of a prompt is always kept), so `l<n>` specs are not warned."""
+    pos = Positions.parse(spec)
+    if not truncated or not pos.first_n:
+        return
+    logger.warning("%s: %d of %d record(s) have a prompt longer than data.max_prompt_length=%s that keeps only its "
+                   "last %s tokens (e.g. %s), so ReFT positions %r edit their first KEPT tokens, from the middle of "
+                   "the prompt, not its first ones (generation and serving of the whole prompt edit its real first "
+                   "tokens); raise data.max_prompt_length (or set it to null) to keep whole prompts, or use last "
+                   "positions only (adapter.reft.positions, e.g. 'l%d')", where, truncated, total, limit, limit,
+                   ", ".join(str(i) for i in ids) or "?", str(pos), max(pos.last_n, 1))
+
+
 def _warn_short(pos: Positions, share_weights: bool, length: torch.Tensor) -> None:
     key = (str(pos), bool(share_weights))
     if key in _WARNED or length.numel() == 0:
@@ -203,4 +221,4 @@ def locations_from_mask(spec: "str | Positions", attention_mask: torch.Tensor, n
     return locations_from_spans(spec, start, length, num_interventions, share_weights)
 
 
-__all__ = ["Positions", "check_one_span", "check_prompt_lengths", "locations_from_spans", "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]
+__all__ = ["Positions", "check_one_span", "check_prompt_lengths", "check_truncated_prompts", "locations_from_spans", "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from alignkit.data.records import PART_SEPARATOR  # what joins a message's text parts (row V13), as in training data
 from alignkit.serve.request import SEED_MAX, SEED_MIN, SamplingParams
 
 
@@ -184,7 +185,6 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
     return out
 
 
-PART_SEPARATOR = "\n"  # what joins a message's text parts: vLLM's OpenAI server's (row V13 of docs/architecture.md)
 
 
 def content_text(content: Any, i: int) -> str:
