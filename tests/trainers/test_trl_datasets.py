@@ -147,3 +147,18 @@ def test_evaluate_takes_raw_rows(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"PreferenceTrainer.evaluate: eval_dataset holds sft examples, and this trainer's "
                                          r"collator takes preference ones"):
         trainer.evaluate(sft_feats)
+
+
+def test_ignored_columns_of_a_trainers_rows_name_the_rows(tiny_dir, caplog):
+    """A TRL dataset's extra columns (UltraFeedback's score_chosen, ...) were reported by a repr of the map batch's
+    first row cut at 80 characters ("[({'prompt': 'The sky is', 'chosen': ... 'score_cho: ignored column(s)"), not
+    by where they are; the warning now names the argument and the rows."""
+    import logging
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = [dict(p, score_chosen=8.0, score_rejected=3.0) for p in PAIRS]
+    with caplog.at_level(logging.WARNING):
+        prepare_dataset(Dataset.from_list(rows), tok, ("preference",), name="eval_dataset")
+    said = [r.getMessage() for r in caplog.records if "ignored column" in r.getMessage()]
+    assert said == ["eval_dataset rows 0-1: ignored column(s) ['score_chosen', 'score_rejected'] (not read by this "
+                    "reader; counts: score_chosen in 2 row(s), score_rejected in 2 row(s))"]
