@@ -426,3 +426,18 @@ def test_trls_lora_flags_train_those_modules_and_say_where_defaults_differ(tmp_p
     assert ("alignkit's defaults, which are not TRL's ModelConfig ones: adapter.lora.alpha 16.0 (TRL's lora_alpha 32); "
             "adapter.lora.dropout 0.0 (TRL's lora_dropout 0.05); pass --lora_alpha 32 --lora_dropout 0.05" in said[0])
     assert "lora_r" not in said[0] and "target_modules" not in said[0]  # given as flags: TRL's meaning, no word
+
+
+@pytest.mark.parametrize("key, says", [
+    ("model_name_or_path", "alignkit: model.path, nested in its section (model: {path: ...})"),
+    ("lora_r", "alignkit: adapter.lora.r, nested in its section (adapter: {lora: {r: ...}})"),
+    ("use_peft", "alignkit: adapter.kind, nested in its section (adapter: {kind: lora})")])
+def test_a_flat_trl_config_names_where_its_keys_go(tmp_path, capsys, key, says):
+    """A flat TRL config (`trl sft --config sft.yaml`: every key at the top level) stopped at its first key with
+    "model_name_or_path: unknown key. Valid keys: model, data, ...", naming neither alignkit's key nor the layout."""
+    cfg = tmp_path / "trl.yaml"
+    cfg.write_text(f"{key}: x\nlearning_rate: 1.0e-4\n")
+    assert main(["sft", "--config", str(cfg), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{key}: unknown key at the top level ({key} is TRL's name" in err and says in err
+    assert "or give TRL's names as flags" in err

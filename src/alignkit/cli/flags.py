@@ -23,27 +23,12 @@ from typing import Any, get_type_hints
 
 from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError, LoraSettings
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
-from alignkit.settings.trl_names import trl_equivalent
+from alignkit.settings.trl_names import TRL_FLAG_KEYS, trl_equivalent
 from alignkit.settings.typed import parse_value
 
 logger = logging.getLogger(__name__)
 
-ALIASES = {
-    "model_name_or_path": "model.path",
-    "dataset_name": "data.path",
-    "dataset_train_split": "data.split",
-    "dataset_test_split": "data.eval_split",
-    "torch_dtype": "model.dtype",
-    "dtype": "model.dtype",
-    "packing": "train.padding_free",
-    "padding_free": "train.padding_free",
-    "group_by_length": "train.group_by_length",
-    "use_peft": "adapter.kind",
-    "lora_r": "adapter.lora.r",
-    "lora_alpha": "adapter.lora.alpha",
-    "lora_dropout": "adapter.lora.dropout",
-    "lora_target_modules": "adapter.lora.target_modules",
-}
+ALIASES = TRL_FLAG_KEYS  # TRL's names for alignkit keys (alignkit.settings.trl_names)
 SECTIONS = ("method", "data", "model", "sampling", "annotator")
 
 
