@@ -382,3 +382,62 @@ def test_trls_loss_types_alignkit_lacks_say_so(command, value, says):
                                           rf"here; alignkit: {re.escape(says)}") as e:
         load_config(None, [*base, f"method.loss_type={value}"], command=command)
     assert "did you mean" not in str(e.value)
+
+
+def test_trls_lora_target_modules_flag_takes_module_names():
+    """TRL's --lora_target_modules takes names (nargs, a list): `q_proj v_proj` stopped at argparse ("unrecognized
+    arguments: ... adapter.lora.target_modules=q_proj v_proj"), and one name (`q_proj`, or `q_proj,v_proj`) reached
+    peft as a regex over the full module path, "Target modules q_proj not found". Names are now a list; a pattern
+    or all-linear stays as given (peft's string)."""
+    from alignkit.cli.flags import translate
+
+    known = {"--config", "--dry-run"}
+    assert translate(["--use_peft", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "16"], "sft", known) == [
+        "adapter.kind=lora", "adapter.lora.target_modules=[q_proj, v_proj]", "adapter.lora.r=16"]
+    assert translate(["--lora_target_modules", "q_proj", "method.loss_type=nll"], "sft", known) == [
+        "adapter.lora.target_modules=[q_proj]", "method.loss_type=nll"]
+    assert translate(["--lora_target_modules=q_proj,o_proj", "--dry-run"], "sft", known) == [
+        "adapter.lora.target_modules=[q_proj, o_proj]", "--dry-run"]
+    for given in ("all-linear", r".*\.(q|v)_proj"):
+        assert translate(["--lora_target_modules", given], "dpo", known) == [f"adapter.lora.target_modules={given}"]
+
+
+def test_trls_lora_flags_train_those_modules_and_say_where_defaults_differ(tmp_path, caplog):
+    """`--use_peft` gave alignkit's LoRA defaults (r 8, alpha 16, dropout 0, all-linear) where TRL's ModelConfig
+    has r 16, alpha 32, dropout 0.05 and peft's targets for the model, without a word: now one warning names each
+    default not given as a flag, and the flags given train exactly the modules named."""
+    import logging
+
+    from alignkit.adapters.config import LoraSettings
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "The sky is", "completion": " blue."}) + "\n")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        rc = main(["-q", "sft", "--model_name_or_path", "tiny:llama", "--dataset_name", str(tmp_path / "d.jsonl"),
+                   "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "1",
+                   "--save_strategy", "no", "--report_to", "none", "--use_peft", "--lora_r", "16",
+                   "--lora_target_modules", "q_proj", "v_proj"])
+    assert rc == 0
+    saved = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"] and saved["r"] == 16
+    assert (saved["lora_alpha"], saved["lora_dropout"]) == (LoraSettings.alpha, LoraSettings.dropout)
+    said = [r.getMessage() for r in caplog.records if "--use_peft" in r.getMessage()]
+    assert len(said) == 1
+    assert ("alignkit's defaults, which are not TRL's ModelConfig ones: adapter.lora.alpha 16.0 (TRL's lora_alpha 32); "
+            "adapter.lora.dropout 0.0 (TRL's lora_dropout 0.05); pass --lora_alpha 32 --lora_dropout 0.05" in said[0])
+    assert "lora_r" not in said[0] and "target_modules" not in said[0]  # given as flags: TRL's meaning, no word
+
+
+@pytest.mark.parametrize("key, says", [
+    ("model_name_or_path", "alignkit: model.path, nested in its section (model: {path: ...})"),
+    ("lora_r", "alignkit: adapter.lora.r, nested in its section (adapter: {lora: {r: ...}})"),
+    ("use_peft", "alignkit: adapter.kind, nested in its section (adapter: {kind: lora})")])
+def test_a_flat_trl_config_names_where_its_keys_go(tmp_path, capsys, key, says):
+    """A flat TRL config (`trl sft --config sft.yaml`: every key at the top level) stopped at its first key with
+    "model_name_or_path: unknown key. Valid keys: model, data, ...", naming neither alignkit's key nor the layout."""
+    cfg = tmp_path / "trl.yaml"
+    cfg.write_text(f"{key}: x\nlearning_rate: 1.0e-4\n")
+    assert main(["sft", "--config", str(cfg), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{key}: unknown key at the top level ({key} is TRL's name" in err and says in err
+    assert "or give TRL's names as flags" in err

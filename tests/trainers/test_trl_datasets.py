@@ -129,3 +129,64 @@ def test_a_data_problem_is_one_warning_per_dataset_across_map_batches_processes_
         assert list(out["id"]) == [f"train_dataset row {i}" for i in range(2500) if i not in long_rows]
         assert out.column_names == ["input_ids", "completion_mask", "prompt_length", "length", "weight", "id"]
         assert all(len(ids) <= 40 for ids in out["input_ids"])
+
+
+PAIRS = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+         {"prompt": "Grass is", "chosen": " green.", "rejected": " red."}]
+CONV = [{"prompt": [{"role": "user", "content": "Sky?"}], "chosen": [{"role": "assistant", "content": "Blue."}],
+         "rejected": [{"role": "assistant", "content": "Green."}]}] * 2
+
+
+def test_several_raw_evaluation_sets_are_each_tokenized(tiny_dir, tmp_path):
+    """eval_dataset={"name": raw rows, ...} (TRL's trainers tokenize each set): the sets were left raw, and building
+    the trainer stopped with datasets' `ValueError: Column 'weight' doesn't exist`. Each set is now tokenized under
+    the trainer's settings, its ids naming the set, and scored as the same rows tokenized by hand."""
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    trainer = DPOTrainer(load_model(path), args(tmp_path), train_dataset=Dataset.from_list(PAIRS),
+                         eval_dataset={"plain": Dataset.from_list(PAIRS), "chat": CONV}, processing_class=tok)
+    assert list(trainer.eval_dataset["chat"]["id"]) == ["eval_dataset['chat'] row 0", "eval_dataset['chat'] row 1"]
+    got = trainer.evaluate()
+    for name, rows in (("plain", PAIRS), ("chat", CONV)):
+        feats, _ = tokenize_records(load_records(rows, "preference"), tok)
+        assert list(trainer.eval_dataset[name]["chosen_input_ids"]) == [f["chosen_input_ids"] for f in feats]
+        by_hand = trainer.evaluate(feats)
+        for metric in ("loss", "logps/chosen", "logps/rejected"):
+            assert got[f"eval_{name}_{metric}"] == pytest.approx(by_hand[f"eval_{metric}"], rel=1e-6)
+    assert got["eval_plain_logps/rejected"] != pytest.approx(got["eval_chat_logps/rejected"])  # two sets, two figures
+
+
+def test_evaluate_takes_raw_rows(tiny_dir, tmp_path):
+    """trainer.evaluate(eval_dataset=raw rows) reached the collator untokenized: `KeyError: 'chosen_input_ids'`. The
+    rows are now tokenized as the trainer's own data (same settings), and score as the same rows tokenized by hand;
+    rows of a kind the trainer's collator does not take are refused in one line."""
+    path = tiny_dir("llama")
+    tok = load_tokenizer(path)
+    trainer = DPOTrainer(load_model(path), args(tmp_path), train_dataset=Dataset.from_list(PAIRS),
+                         processing_class=tok, max_prompt_length=4)
+    feats, _ = tokenize_records(load_records(CONV, "preference"), tok, TokenizeConfig(max_prompt_length=4))
+    got, by_hand = trainer.evaluate(Dataset.from_list(CONV)), trainer.evaluate(feats)
+    for metric in ("loss", "logps/chosen", "logps/rejected"):
+        assert got[f"eval_{metric}"] == pytest.approx(by_hand[f"eval_{metric}"], rel=1e-6)
+    sft_rows = [{"prompt": "The sky is", "completion": " blue."}]
+    with pytest.raises(ValueError, match=r"eval_dataset: its rows give sft records, and this trainer needs preference"):
+        trainer.evaluate(sft_rows)
+    sft_feats, _ = tokenize_records(load_records(sft_rows, "sft"), tok)  # tokenized: the collator's KeyError before
+    with pytest.raises(ValueError, match=r"PreferenceTrainer.evaluate: eval_dataset holds sft examples, and this trainer's "
+                                         r"collator takes preference ones"):
+        trainer.evaluate(sft_feats)
+
+
+def test_ignored_columns_of_a_trainers_rows_name_the_rows(tiny_dir, caplog):
+    """A TRL dataset's extra columns (UltraFeedback's score_chosen, ...) were reported by a repr of the map batch's
+    first row cut at 80 characters ("[({'prompt': 'The sky is', 'chosen': ... 'score_cho: ignored column(s)"), not
+    by where they are; the warning now names the argument and the rows."""
+    import logging
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = [dict(p, score_chosen=8.0, score_rejected=3.0) for p in PAIRS]
+    with caplog.at_level(logging.WARNING):
+        prepare_dataset(Dataset.from_list(rows), tok, ("preference",), name="eval_dataset")
+    said = [r.getMessage() for r in caplog.records if "ignored column" in r.getMessage()]
+    assert said == ["eval_dataset rows 0-1: ignored column(s) ['score_chosen', 'score_rejected'] (not read by this "
+                    "reader; counts: score_chosen in 2 row(s), score_rejected in 2 row(s))"]

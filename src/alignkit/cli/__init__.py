@@ -130,7 +130,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         from alignkit.cli.flags import translate_argv
 
-        parsed_argv = translate_argv(parser, argv)  # TRL-style --flags -> key=value overrides
+        notes: list[str] = []  # what the flags call for a warning about, logged once logging is set up
+        parsed_argv = translate_argv(parser, argv, notes)  # TRL-style --flags -> key=value overrides
     except ConfigError as e:
         print(f"alignkit: error: {one_line(e)}", file=sys.stderr)
         return 2
@@ -146,6 +147,8 @@ def _main(argv: list[str] | None) -> int:
     args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for note in notes:
+        logging.getLogger("alignkit.cli.flags").warning("%s", note)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_deepspeed_cpu_notice()
     if args.command is None:

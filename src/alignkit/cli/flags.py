@@ -9,36 +9,26 @@ a top-level key (`output_dir`); a key of the shared `train` vocabulary (`alignki
 `method`, `data`, `model`, `sampling` or `annotator`; for the offline training commands, any
 `transformers.TrainingArguments` field (-> `train.<name>`). A flag without
 a value (followed by another flag, a `key=value` override or nothing) means true. An unknown flag is a
-ConfigError naming it and the closest valid names.
+ConfigError naming it and the closest valid names. `--lora_target_modules` takes module names as TRL's (several
+tokens or comma-separated: a list); `--use_peft` warns about each LoRA default of TRL's not given as a flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+import re
 from typing import Any, get_type_hints
 
-from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError
+from alignkit.settings import CONFIG_CLASSES, TRAIN_COMMANDS, ConfigError, LoraSettings
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_TRAIN_KEYS, TRAIN_KEYS
-from alignkit.settings.trl_names import trl_equivalent
+from alignkit.settings.trl_names import TRL_FLAG_KEYS, trl_equivalent
 from alignkit.settings.typed import parse_value
 
-ALIASES = {
-    "model_name_or_path": "model.path",
-    "dataset_name": "data.path",
-    "dataset_train_split": "data.split",
-    "dataset_test_split": "data.eval_split",
-    "torch_dtype": "model.dtype",
-    "dtype": "model.dtype",
-    "packing": "train.padding_free",
-    "padding_free": "train.padding_free",
-    "group_by_length": "train.group_by_length",
-    "use_peft": "adapter.kind",
-    "lora_r": "adapter.lora.r",
-    "lora_alpha": "adapter.lora.alpha",
-    "lora_dropout": "adapter.lora.dropout",
-    "lora_target_modules": "adapter.lora.target_modules",
-}
+logger = logging.getLogger(__name__)
+
+ALIASES = TRL_FLAG_KEYS  # TRL's names for alignkit keys (alignkit.settings.trl_names)
 SECTIONS = ("method", "data", "model", "sampling", "annotator")
 
 
@@ -93,9 +83,13 @@ def resolve_flag(name: str, command: str, value: str | None = None) -> str:
                       f"data, model{', or transformers.TrainingArguments' if command in TRAIN_COMMANDS else ''}){hint}")
 
 
-def translate(argv: list[str], command: str, known: set[str]) -> list[str]:
-    """`argv` with every unknown `--flag [value]` after the command replaced by a `key=value` override."""
+def translate(argv: list[str], command: str, known: set[str], notes: list[str] | None = None) -> list[str]:
+    """`argv` with every unknown `--flag [value]` after the command replaced by a `key=value` override. What the
+    flags call for a warning about goes to `notes` when given (the CLI logs them once logging is set up), else to
+    the log now."""
     out: list[str] = []
+    given: set[str] = set()
+    peft = False
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -114,10 +108,55 @@ def translate(argv: list[str], command: str, known: set[str]) -> list[str]:
                 i += 1
         key = resolve_flag(name, command, value)
         if name == "use_peft":
-            value = "lora" if value.lower() in ("true", "1", "yes") else "full"
+            peft = value.lower() in ("true", "1", "yes")
+            value = "lora" if peft else "full"
+        if name == "lora_target_modules":
+            i, value = module_names(argv, i, value, eq)
+        given.add(name)
         out.append(f"{key}={value}")
         i += 1
+    said = lora_defaults_note(given) if peft else None
+    if said is not None and notes is not None:
+        notes.append(said)
+    elif said is not None:
+        logger.warning("%s", said)
     return out
+
+
+# TRL's ModelConfig LoRA flags whose defaults differ from alignkit's adapter.lora ones:
+# flag -> (alignkit's key, TRL's default, the flag's value that gives it)
+TRL_LORA_DEFAULTS = {"lora_r": ("r", "16", "16"), "lora_alpha": ("alpha", "32", "32"),
+                     "lora_dropout": ("dropout", "0.05", "0.05"),
+                     "lora_target_modules": ("target_modules", "peft's default modules for the architecture, q_proj and "
+                                                               "v_proj for Llama", "q_proj v_proj")}
+
+
+def lora_defaults_note(given: set[str]) -> str | None:
+    """The warning for `--use_peft` (None: nothing to say): each LoRA setting not given as a flag takes alignkit's
+    default (or the config's), which is not TRL's ModelConfig default; a TRL user got another adapter without a
+    word."""
+    missing = [flag for flag in TRL_LORA_DEFAULTS if flag not in given]
+    if missing:
+        differ = "; ".join(f"adapter.lora.{TRL_LORA_DEFAULTS[f][0]} {getattr(LoraSettings, TRL_LORA_DEFAULTS[f][0])} "
+                           f"(TRL's {f} {TRL_LORA_DEFAULTS[f][1]})" for f in missing)
+        flags = " ".join(f"--{f} {TRL_LORA_DEFAULTS[f][2]}" for f in missing)
+        return (f"--use_peft: the LoRA settings not given as flags take the config's values, else alignkit's "
+                f"defaults, which are not TRL's ModelConfig ones: {differ}; pass {flags} for TRL's adapter")
+    return None
+
+
+def module_names(argv: list[str], i: int, value: str, eq: str) -> tuple[int, str]:
+    """(index of the last token read, the value) of `--lora_target_modules`: TRL's flag takes module names (nargs,
+    a list); given as one string, peft reads it as a regex over the full module path, so `q_proj` matched nothing.
+    Names (several tokens, or comma-separated) become a YAML list; `all-linear` or a pattern stays as given."""
+    names = [n for n in value.split(",") if n]
+    if not eq:
+        while i + 1 < len(argv) and re.fullmatch(r"[A-Za-z_][\w.]*", argv[i + 1]) and "=" not in argv[i + 1]:
+            i += 1
+            names.append(argv[i])
+    if names and all(re.fullmatch(r"[A-Za-z_][\w.]*", n) for n in names):
+        return i, f"[{', '.join(names)}]"
+    return i, value
 
 
 def _is_number(s: str) -> bool:
@@ -128,15 +167,16 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def translate_argv(parser: Any, argv: list[str]) -> list[str]:
-    """Apply `translate` to the part after the command name, for config-driven commands."""
+def translate_argv(parser: Any, argv: list[str], notes: list[str] | None = None) -> list[str]:
+    """Apply `translate` to the part after the command name, for config-driven commands (`notes`: `translate`'s)."""
     sub = next((a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"), None)
     idx = next((i for i, t in enumerate(argv) if sub is not None and t in sub.choices), None)
     if idx is None or argv[idx] not in CONFIG_CLASSES:
         return argv
     command = argv[idx]
     known = set(sub.choices[command]._option_string_actions)
-    return argv[:idx + 1] + translate(argv[idx + 1:], command, known)
+    return argv[:idx + 1] + translate(argv[idx + 1:], command, known, notes)
 
 
-__all__ = ["ALIASES", "resolve_flag", "translate", "translate_argv"]
+__all__ = ["ALIASES", "TRL_LORA_DEFAULTS", "module_names", "resolve_flag", "translate", "translate_argv",
+           "lora_defaults_note"]

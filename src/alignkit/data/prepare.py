@@ -20,7 +20,8 @@ from the map's output, so also with `num_proc` and on a cache hit). Already toke
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 from datasets import Dataset, Features, Value
 
@@ -111,13 +112,27 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     return out
 
 
+@contextmanager
+def quiet_readers() -> Iterator[None]:
+    """The readers' and records' warnings held back (alignkit.data's loggers at ERROR) for a pass over rows that
+    another pass reads again and reports on."""
+    log = logging.getLogger("alignkit.data")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _features(dataset: Any, fn_kwargs: dict) -> Features:
     """The map's output features, from its first rows (the first 64, more until one is kept): a first batch whose
     records are all dropped (None features) would otherwise fix its columns' type as null."""
     size = 64
     while True:
         part = dataset.select(range(min(size, len(dataset))))
-        probe = _tokenize_batch(part[:], list(range(len(part))), **fn_kwargs)
+        with quiet_readers():  # the map reads these rows again and says what they hold: once, not twice
+            probe = _tokenize_batch(part[:], list(range(len(part))), **fn_kwargs)
         if "" in probe[DROP] or len(part) == len(dataset):
             features = Dataset.from_dict(probe).features
             for key in ("margin", "weight"):  # None in every probed row (no margins given): a float column

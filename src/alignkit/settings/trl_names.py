@@ -14,6 +14,24 @@ from __future__ import annotations
 from typing import Any
 
 # where a TRL name is looked up when a key is unknown: the top-level sections a TRL user's keys land in
+# TRL's ModelConfig / ScriptArguments names (its scripts' --flags, a flat TRL config's keys) for alignkit's dotted keys:
+# alignkit.cli.flags maps the flags, and a flat config's top-level key names the key it should be nested as
+TRL_FLAG_KEYS = {
+    "model_name_or_path": "model.path",
+    "dataset_name": "data.path",
+    "dataset_train_split": "data.split",
+    "dataset_test_split": "data.eval_split",
+    "torch_dtype": "model.dtype",
+    "dtype": "model.dtype",
+    "packing": "train.padding_free",
+    "padding_free": "train.padding_free",
+    "group_by_length": "train.group_by_length",
+    "use_peft": "adapter.kind",
+    "lora_r": "adapter.lora.r",
+    "lora_alpha": "adapter.lora.alpha",
+    "lora_dropout": "adapter.lora.dropout",
+    "lora_target_modules": "adapter.lora.target_modules",
+}
 SECTIONS = ("train", "method", "data", "model", "sampling", "adapter")
 
 _NOT_HERE = "alignkit has no equivalent"
@@ -140,6 +158,21 @@ def trl_loss_type_message(where: str, name: str) -> str | None:
     return f"{where}: {name!r} is TRL's loss type, not registered here; alignkit: {TRL_LOSS_TYPES[name]}"
 
 
+def trl_top_level_message(key: str) -> str | None:
+    """The one-line ConfigError text for a flat TRL config's key at the top level of an alignkit config (None: not
+    one of TRL_FLAG_KEYS): alignkit's configs nest each key in its section."""
+    if key not in TRL_FLAG_KEYS:
+        return None
+    dotted = TRL_FLAG_KEYS[key]
+    parts = dotted.split(".")
+    nested = "lora" if key == "use_peft" else "..."  # use_peft: true is adapter.kind lora
+    for part in reversed(parts[1:]):
+        nested = f"{{{part}: {nested}}}"
+    return (f"{key}: unknown key at the top level ({key} is TRL's name, as in a flat TRL config); alignkit: {dotted}, "
+            f"nested in its section ({parts[0]}: {nested}), as is every setting but output_dir (training arguments "
+            f"under train:); or give TRL's names as flags (--{key} ...)")
+
+
 def trl_key_message(where: str, key: str, value: Any = None) -> str | None:
     """The one-line ConfigError text for TRL's `key` unknown under section `where` (None: `where` is not one of
     SECTIONS, or `key` is not TRL's)."""
@@ -151,4 +184,5 @@ def trl_key_message(where: str, key: str, value: Any = None) -> str | None:
     return f"{where}.{key}: unknown key here ({key} is TRL's name); alignkit: {instead}"
 
 
-__all__ = ["SECTIONS", "TRL_LOSS_TYPES", "TRL_NAMES", "trl_equivalent", "trl_key_message", "trl_loss_type_message"]
+__all__ = ["SECTIONS", "TRL_FLAG_KEYS", "TRL_LOSS_TYPES", "TRL_NAMES", "trl_equivalent", "trl_key_message",
+           "trl_loss_type_message", "trl_top_level_message"]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from alignkit.settings.trl_names import trl_key_message
+from alignkit.settings.trl_names import trl_key_message, trl_top_level_message
 
 
 class ConfigError(ValueError):
@@ -95,7 +95,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def unknown_key_error(where: str, key: str, valid: list[str], value: Any = None) -> ConfigError:
     """ConfigError for `key`, not one of `valid` under `where`: TRL's name for a setting (`value`: what it was set to)
     names alignkit's equivalent (alignkit.settings.trl_names), anything else the closest valid keys."""
-    trl = trl_key_message(where, key, value)
+    trl = trl_key_message(where, key, value) if where else trl_top_level_message(key)
     if trl is not None:
         return ConfigError(trl)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)

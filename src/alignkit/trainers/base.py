@@ -58,7 +58,8 @@ the batch's record ids, before the optimizer applies it. Saving refuses trainabl
 Raw data (TRL-style, `alignkit.trainers.data_prep`): `train_dataset` / `eval_dataset` may be raw rows with
 TRL's columns or alignkit records, with the tokenizer as `processing_class`; the trainer tokenizes them itself
 under `max_length`, `max_prompt_length`, `formatter`, `loss_on` (SFT), and picks the collator for the data's
-kind when `data_collator` is not given.
+kind when `data_collator` is not given. Several evaluation sets (`eval_dataset={"name": rows, ...}`) are tokenized set by
+set, and so are raw rows given to `evaluate(eval_dataset=...)`.
 
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
 not name); `max_grad_norm=None` is no clipping (as 0; the Trainer itself would stop at the first step);
@@ -95,7 +96,8 @@ from alignkit.trainers.checks import (
     check_best_model_metric, check_optimizer, check_scheduler, refuse_all_zero_weights, refuse_deepspeed_mismatches,
     refuse_empty_batches, refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
 )
-from alignkit.trainers.data_prep import packed_collator, prepare_data, shared_prompt_collator
+from alignkit.data.prepare import feature_kind
+from alignkit.trainers.data_prep import packed_collator, prepare_data, prepare_one, shared_prompt_collator
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
 from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
@@ -137,6 +139,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
                                               formatter=formatter, add_eos=add_eos, loss_on=loss_on)
         prepare_data(kwargs, self.record_kinds, self.tokenize_config, dataset_num_proc, type(self).__name__)
+        self.dataset_num_proc = dataset_num_proc  # evaluate(eval_dataset=raw rows) tokenizes them alike
         default_lr = TrainingArguments.__dataclass_fields__["learning_rate"].default
         if self.trl_learning_rate is not None and args.learning_rate == default_lr:
             logger.warning("%s: learning_rate is transformers' default %g; TRL's %s uses %g for this objective "
@@ -409,6 +412,22 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         stack = super().compute_loss_context_manager()
         stack.enter_context(self.accelerator.autocast())  # bf16/fp16 per TrainingArguments; else a no-op
         return stack
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The Trainer's, with raw rows given here (TRL's columns, as the trainer's own data) tokenized first under
+        the trainer's settings; they reached the collator untokenized (`KeyError: 'chosen_input_ids'`). A dict is
+        the Trainer's several sets: it calls this method for each."""
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
+            owner = f"{type(self).__name__}.evaluate"
+            eval_dataset, kind, _ = prepare_one("eval_dataset", eval_dataset, self.processing_class, self.record_kinds,
+                                                self.tokenize_config, self.dataset_num_proc, owner)
+            trained = feature_kind(self.train_dataset[0]) if self.train_dataset is not None and len(
+                self.train_dataset) else None
+            if trained is not None and kind is not None and kind != trained:
+                raise ValueError(f"{owner}: eval_dataset holds {kind} examples, and this trainer's collator takes "
+                                 f"{trained} ones (its train_dataset's); pass rows of the training data's format")
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Tensor, None, None]:

@@ -4,7 +4,9 @@ Raw data (TRL-style). `train_dataset` / `eval_dataset` may be raw rows with TRL'
 or a list of dicts) or alignkit records, with the tokenizer as `processing_class`: `prepare_data` tokenizes them
 (`alignkit.data.prepare`: `datasets.map`, cached, `dataset_num_proc` processes, a progress bar) under the
 trainer's `TokenizeConfig` (max_length, max_prompt_length, formatter, loss_on) and picks the collator for the
-data's kind (`DEFAULT_COLLATORS`) when `data_collator` is not given.
+data's kind (`DEFAULT_COLLATORS`) when `data_collator` is not given. A dict `eval_dataset` (several evaluation
+sets) is tokenized set by set, as TRL's trainers do; `prepare_one` is one dataset's step, also used by
+`AlignTrainer.evaluate` for raw rows given to it.
 
 The two alternative batch layouts an objective can ask for: `packed_collator` (`padding_free=True`) and
 `shared_prompt_collator` (`share_prompt=True`).
@@ -45,24 +47,18 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
     given, tokenized_here = [], False
     for key in ("train_dataset", "eval_dataset"):
         ds = kwargs.get(key)
-        if ds is None or isinstance(ds, dict):
+        if ds is None:
             continue
         given.append(key)
-        if not hasattr(ds, "__len__"):  # else a TypeError from len() below, or from datasets.map
-            raise ValueError(f"{owner}: {key} ({type(ds).__name__}) has no length (an iterable or streaming "
-                             "dataset), which alignkit's trainers do not read: they tokenize and count the examples, "
-                             "and a resumed run compares them with its checkpoint's; pass map-style data (a list of "
-                             "rows, a datasets.Dataset: Dataset.from_generator, or list() of the rows)")
-        if not is_tokenized(ds):
-            if tok is None:
-                raise ValueError(f"{owner}: {key} holds raw rows {_describe(ds)}; pass the tokenizer "
-                                 f"as processing_class=tokenizer so the trainer can tokenize them")
-            ds, k = prepare_dataset(ds, tok, record_kinds, config, num_proc=num_proc, name=key)
-            kwargs[key] = ds
-            tokenized_here = True
-        else:
-            k = feature_kind(ds[0]) if len(ds) else None
-        kind = kind or k
+        if isinstance(ds, dict):  # several evaluation sets (eval_<name>_loss): each one tokenized, as TRL's trainers
+            sets = {name: prepare_one(f"{key}[{name!r}]", d, tok, record_kinds, config, num_proc, owner)
+                    for name, d in ds.items()}
+            kwargs[key] = {name: d for name, (d, _, _) in sets.items()}
+            tokenized_here = tokenized_here or any(here for _, _, here in sets.values())
+            kind = kind or next((k for _, k, _ in sets.values() if k is not None), None)
+            continue
+        ds, k, here = prepare_one(key, ds, tok, record_kinds, config, num_proc, owner)
+        kwargs[key], tokenized_here, kind = ds, tokenized_here or here, kind or k
     changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(TokenizeConfig)
                if getattr(config, f.name) != f.default]
     if given and not tokenized_here and changed:
@@ -74,6 +70,24 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
         cls = DEFAULT_COLLATORS.get(kind)
         if cls is not None:
             kwargs["data_collator"] = cls(pad_id)
+
+
+def prepare_one(name: str, ds: Any, tok: Any, record_kinds: tuple[str, ...], config: TokenizeConfig,
+                num_proc: int | None, owner: str) -> tuple[Any, str | None, bool]:
+    """(tokenized `ds`, its feature kind, whether it was tokenized here) for one dataset named `name` (the key of
+    the trainer's argument, `eval_dataset['<set>']` for one of several evaluation sets, or `evaluate`'s)."""
+    if not hasattr(ds, "__len__"):  # else a TypeError from len() below, or from datasets.map
+        raise ValueError(f"{owner}: {name} ({type(ds).__name__}) has no length (an iterable or streaming "
+                         "dataset), which alignkit's trainers do not read: they tokenize and count the examples, "
+                         "and a resumed run compares them with its checkpoint's; pass map-style data (a list of "
+                         "rows, a datasets.Dataset: Dataset.from_generator, or list() of the rows)")
+    if is_tokenized(ds):
+        return ds, (feature_kind(ds[0]) if len(ds) else None), False
+    if tok is None:
+        raise ValueError(f"{owner}: {name} holds raw rows {_describe(ds)}; pass the tokenizer "
+                         f"as processing_class=tokenizer so the trainer can tokenize them")
+    ds, kind = prepare_dataset(ds, tok, record_kinds, config, num_proc=num_proc, name=name)
+    return ds, kind, True
 
 
 def packed_collator(collator: Any, model: nn.Module, paired: bool, checkpointing: bool = False) -> Any:
@@ -104,4 +118,4 @@ def _describe(ds: Any) -> str:
     return f"(columns {cols})" if cols else f"({type(ds).__name__})"
 
 
-__all__ = ["DEFAULT_COLLATORS", "packed_collator", "prepare_data", "shared_prompt_collator"]
+__all__ = ["DEFAULT_COLLATORS", "packed_collator", "prepare_data", "prepare_one", "shared_prompt_collator"]

@@ -47,7 +47,7 @@ import logging
 from typing import Any
 
 from alignkit.data.readers.registry import register_reader
-from alignkit.data.readers.rows import collect, get_field, iter_rows
+from alignkit.data.readers.rows import NamedRows, collect, get_field, iter_rows, source_name
 from alignkit.data.records import (
     PROMPT_IS_CONTEXT, UNTRAINED_TURNS, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord,
     check_messages,
@@ -316,11 +316,18 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
         unknown[col] = unknown.get(col, 0) + 1
 
 
+def where_of(source: Any) -> str:
+    """How the readers' warnings name `source`: a trainer's map batch (`NamedRows`) by its rows ("train_dataset rows
+    0-999"; its repr was the first row's text), anything else by its text, cut at 80 characters."""
+    return source_name(source) if isinstance(source, NamedRows) else str(source)[:80]
+
+
 def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
     """One warning per source for the columns `check_columns` counted into `unknown` (none: nothing said)."""
     if unknown:
         logging.getLogger(__name__).warning(
-            "%s: ignored column(s) %s (not read by this reader; counts: %s)", str(source)[:80], sorted(unknown),
+            "%s: ignored column(s) %s (not read by this reader; counts: %s)",
+            where_of(source), sorted(unknown),
             ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))
 
 
@@ -347,7 +354,7 @@ def warn_dropped_message_keys(source: Any, dropped: dict[str, int]) -> None:
         logging.getLogger(__name__).warning(
             "%s: message key(s) %s dropped (each message keeps its role and content only, so the chat template never "
             "sees them; counts: %s); fold what matters into the content, or drop those keys from the data",
-            str(source)[:80], sorted(dropped), ", ".join(f"{k} in {v} message(s)" for k, v in sorted(dropped.items())))
+            where_of(source), sorted(dropped), ", ".join(f"{k} in {v} message(s)" for k, v in sorted(dropped.items())))
 
 
 # optional columns whose absence means a default: a file that gives one in some rows only gets one warning
@@ -379,7 +386,7 @@ class PartialColumns:
             if 0 < self.given[c] < self.rows:
                 logging.getLogger(__name__).warning(
                     "%s: column %r is given in %d of %d rows; the other %d %s (the first: %s). Give every row a "
-                    "%s if they should not", str(source)[:80], c, self.given[c], self.rows, self.rows - self.given[c],
+                    "%s if they should not", where_of(source), c, self.given[c], self.rows, self.rows - self.given[c],
                     DEFAULTED[c], self.first_without[c], c)
 
 
@@ -413,7 +420,7 @@ def _reader(convert):
 
     def read(source: Any, *, kind: str | None = None, on_invalid: str = "raise", split: str | None = None) -> list:
         fn = _messages_prompt if convert is _messages and kind == "prompt" else convert
-        return read_checked(source, split, fn, known, on_invalid, name=str(source)[:80],
+        return read_checked(source, split, fn, known, on_invalid, name=where_of(source),
                             warn_unknown=convert is not _prompt,
                             message_keys=(*MESSAGE_KEYS, "weight") if convert is _messages else MESSAGE_KEYS)
     read.__doc__ = f"Read rows with {convert.__name__.strip('_')} columns into records."

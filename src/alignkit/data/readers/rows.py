@@ -34,8 +34,16 @@ Row = tuple[dict, str]  # (row, where)
 
 
 def source_name(source: Any) -> str:
+    """How a message names `source`: a path as given; rows that know their place (`NamedRows`, one batch of a
+    trainer's `datasets.map`) by their first and last place ("train_dataset rows 0-999"); else its type."""
     if isinstance(source, (str, Path)):
         return str(source)
+    if isinstance(source, NamedRows) and source:
+        first, last = source[0][1], source[-1][1]
+        head, sep, start = first.rpartition(" row ")
+        end = last.rpartition(" row ")[2]
+        return first if first == last else f"{head} rows {start}-{end}" if sep and last.startswith(head) else \
+            f"{first} to {last}"
     return f"<{type(source).__name__}>"
 
 
