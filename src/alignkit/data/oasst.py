@@ -27,7 +27,8 @@ Ranked (`kind="ranked"`, for reward modeling): for every prompter turn with at l
 assistant replies (after filtering), the conversation up to that turn and those replies ordered by rank
 (0 = best). Replies without a rank were never compared and are left out (a turn with fewer than two
 ranked replies gives no record). Equal ranks are kept as ties (`RankedRecord.ranks`), so pair views skip
-them. The turns that give no record (unanswered, fewer than 2 ranked replies) and the tied pairs are counted and
+them. The turns that give no record (unanswered, fewer than 2 ranked replies), the tied pairs and the unranked
+replies left out of a record are counted and
 logged with the record count (as the filters' removals are). Ranks are OASST's, computed before filtering, so they may have gaps; only their order matters.
 
 Prompts (`kind="prompt"`, for online training): `prompts="roots"` (default) gives each tree's initial
@@ -191,17 +192,19 @@ DIRTY, LATE_LEAF = ("path(s) through a deleted or synthetic message",
                     "prompter leaf (leaves) not its parent's first reply")
 NO_REPLY, ONE_RANKED, TIED = ("prompter turn(s) without an assistant reply", "prompter turn(s) with fewer than 2 "
                                "ranked replies", "tied reply pair(s) (kept as ties; pair views skip them)")
+UNRANKED = "unranked assistant reply(ies) of those turns left out (never compared)"
 
 
 def count_ranked(ranks: list[int | None], answered: bool, skipped: Counter) -> bool:
     """Whether a prompter turn whose assistant replies have `ranks` (None: unranked) gives a ranked record; counts
-    in `skipped` a turn that does not (`NO_REPLY` when nobody answered, `ONE_RANKED`) and the tied pairs of one that
-    does (`TIED`)."""
+    in `skipped` a turn that does not (`NO_REPLY` when nobody answered, `ONE_RANKED`), and the tied pairs (`TIED`) and
+    unranked replies, which its record leaves out (`UNRANKED`), of one that does."""
     ranked = sorted(r for r in ranks if r is not None)
     if len(ranked) < 2:
         skipped[ONE_RANKED if answered else NO_REPLY] += 1
         return False
     skipped[TIED] += sum(a == b for i, a in enumerate(ranked) for b in ranked[i + 1:])
+    skipped[UNRANKED] += len(ranks) - len(ranked)
     return True
 
 
@@ -421,8 +424,9 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
     if removed:
         logger.info("%s: OASST filters removed %s", source, dict(removed))
     if kind == "ranked":
-        logger.info("%s: OASST ranked records: %d, none from %d %s and %d %s; %d %s", source, len(records),
-                    skipped[NO_REPLY], NO_REPLY, skipped[ONE_RANKED], ONE_RANKED, skipped[TIED], TIED)
+        logger.info("%s: OASST ranked records: %d, none from %d %s and %d %s; %d %s; %d %s", source, len(records),
+                    skipped[NO_REPLY], NO_REPLY, skipped[ONE_RANKED], ONE_RANKED, skipped[TIED], TIED,
+                    skipped[UNRANKED], UNRANKED)
     if preset == "oasst":
         late = f" and {skipped[LATE_LEAF]} {LATE_LEAF}" if kind == "sft" else ""
         logger.info("%s: OASST preset 'oasst' left out %d %s%s (Open-Assistant's rules; %d %s records)", source,
