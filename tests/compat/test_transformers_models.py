@@ -398,3 +398,36 @@ def test_save_pretrained_writes_the_files_a_full_save_names(tiny_lm, tmp_path):
     written = {p.name for p in folder.iterdir()} - {"README.md"}  # peft's model card: a README is the user's too
     check(written == Lora.saved_files(folder), "peft", "peft's save_pretrained writes files Lora does not name",
           where, f"written {sorted(written)}")
+
+
+def test_dynamic_ntk_frequencies_follow_the_longest_sequence_run_since_a_short_one():
+    """transformers' dynamic NTK RoPE (`modeling_rope_utils.dynamic_rope_update`) rescales the base for
+    max(position_ids) + 1 of the call when that grows past what it has cached, keeps those frequencies for later, shorter
+    calls, and resets them only for a call shorter than max_position_embeddings; so a sequence past that length is
+    encoded by the longest one run since (and by the rows batched with it), which `check_context` warns about.
+    Frequencies by hand: theta * (factor * L / L0 - (factor - 1)) ** (d / (d - 2))."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    where = "alignkit/models/rope.py:check_context (dynamic NTK warning)"
+    theta, d, l0, factor = 10000.0, 16, 16, 2.0
+    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=l0,
+                      rope_parameters={"rope_type": "dynamic", "factor": factor, "rope_theta": theta})
+    model = LlamaForCausalLM(cfg).eval()
+
+    def inv(length: int | None) -> torch.Tensor:
+        base = theta if length is None else theta * (factor * length / l0 - (factor - 1)) ** (d / (d - 2))
+        return base ** (-torch.arange(0, d, 2).double() / d)
+
+    with guard("transformers", "LlamaRotaryEmbedding.inv_freq after a dynamic forward changed", where):
+        seen = []
+        for length in (24, 40, 24, 8, 24):
+            with torch.no_grad():
+                model(torch.zeros(1, length, dtype=torch.long))
+            seen.append(model.model.rotary_emb.inv_freq.double())
+    for got, want, what in zip(seen, (inv(24), inv(40), inv(40), inv(None), inv(24)),
+                               ("24 tokens: rescaled for 24", "40 tokens: for 40", "24 after 40: still for 40",
+                                "8 tokens (below 16): reset", "24 after the reset: for 24")):
+        check(torch.allclose(got, want, rtol=1e-5), "transformers", f"dynamic NTK frequencies, {what}, changed", where,
+              f"got {got.tolist()}, by hand {want.tolist()}")

@@ -275,3 +275,26 @@ def test_the_generation_configs_sampling_defaults_are_vllms_request_defaults(tin
           where, str(theirs))
     check(set(NEUTRAL_SAMPLING) == set(values) and generation_defaults(load_model(folder)) == values, VLLM,
           "alignkit's generation_defaults names other keys than vLLM applies", where)
+
+
+def test_dynamic_ntk_rope_is_one_fixed_table_unlike_transformers():
+    """vLLM's dynamic NTK RoPE (`DynamicNTKScalingRotaryEmbedding`) is one cos/sin table fixed at construction for
+    every position; transformers rescales the base by the sequence's length once it grows past
+    max_position_embeddings (`_compute_dynamic_ntk_parameters`: base * (factor * seq / mpe - (factor - 1)) **
+    (d / (d - 2)), written out here by hand). At a position past mpe the two differ, which is why `check_rope_type`
+    refuses dynamic scaling for a vLLM engine; if this fails, vLLM follows transformers there and the refusal can go."""
+    import torch
+
+    where = "alignkit/models/vllm_support.py:check_rope_type/ROPE_NOT_AS_TRANSFORMERS"
+    head, mpe, base, factor = 16, 32, 10000.0, 2.0
+    with guard(VLLM, "DynamicNTKScalingRotaryEmbedding(head_size, rotary_dim, max_position_embeddings, base, "
+                     "is_neox_style, scaling_factor, dtype) / its cos_sin_cache changed", where):
+        from vllm.model_executor.layers.rotary_embedding.dynamic_ntk_scaling_rope import (
+            DynamicNTKScalingRotaryEmbedding)
+        rope = DynamicNTKScalingRotaryEmbedding(head, head, mpe, base, True, factor, torch.float32)
+        cache = rope.cos_sin_cache.float()
+    pos = mpe + 8  # a sequence of pos + 1 tokens: transformers rescales for that length
+    hf_base = base * (factor * (pos + 1) / mpe - (factor - 1)) ** (head / (head - 2))
+    hf_cos = torch.cos(pos / hf_base ** (torch.arange(0, head, 2).float() / head))
+    check(not torch.allclose(cache[pos, : head // 2], hf_cos, atol=1e-4), VLLM,
+          "vLLM's dynamic NTK cos at a position past max_position_embeddings now equals transformers'", where)

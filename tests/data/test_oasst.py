@@ -271,3 +271,25 @@ def test_turns_without_a_ranked_record_and_tied_pairs_are_counted(preset, tmp_pa
     with caplog.at_level("INFO", logger="alignkit.data.oasst"):
         assert len(read_oasst(TREES, kind="ranked")) == want[0]
     assert ranked_counts(caplog) == want and sum(want[:3]) == len(turns)
+
+
+@pytest.mark.parametrize("preset", ["strict", "oasst"])
+def test_unranked_replies_beside_ranked_ones_are_counted(preset, tmp_path, caplog):
+    """A turn with >= 2 ranked replies gives a ranked record of those; its unranked replies (never compared) were
+    left out of it without a count. By hand: P's replies ranked 0, 1 and two unranked (C, D): 2 left out; P2's
+    only reply is unranked (no record: counted as a turn with fewer than 2 ranked replies, not here)."""
+    def msg(mid, role, rank=None, replies=()):
+        return {"message_id": mid, "text": mid, "role": role, "review_result": True, "lang": "en", "rank": rank,
+                "replies": list(replies)}
+
+    tree = msg("P", "prompter", replies=[msg("A", "assistant", 0), msg("B", "assistant", 1),
+                                         msg("C", "assistant", None, [msg("P2", "prompter", replies=[msg("E", "assistant")])]),
+                                         msg("D", "assistant")])
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps({"message_tree_id": "t", "tree_state": "ready_for_export", "prompt": tree}) + "\n")
+    with caplog.at_level("INFO", logger="alignkit.data.oasst"):
+        (record,) = read_oasst(f, kind="ranked", preset=preset)
+    assert [r[0]["content"] for r in record.responses] == ["A", "B"]
+    assert ranked_counts(caplog) == (1, 0, 1, 0)
+    (line,) = [r.getMessage() for r in caplog.records if "OASST ranked records" in r.getMessage()]
+    assert "; 2 unranked assistant reply(ies) of those turns left out (never compared)" in line, line

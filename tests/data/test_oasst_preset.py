@@ -72,3 +72,45 @@ def test_shared_sample_counts_and_threads():
     counts = {p: (len(load_records(str(OASST), "ranked", preset=p)), len(load_records(str(OASST), "prompt", preset=p)))
               for p in ("strict", "oasst")}
     assert counts == {"strict": (73, 37), "oasst": (73, 175)}  # the table in alignkit/data/oasst.py
+
+
+def left_out_line(caplog) -> str:
+    (line,) = [r.getMessage() for r in caplog.records if "preset 'oasst' left out" in r.getMessage()]
+    return line
+
+
+@pytest.mark.parametrize("kind, expected", [
+    # by hand from TREES: the path R-A4-P5-A6 runs through the synthetic A4; P3 is R-A1's second reply, a leaf
+    ("sft", "1 path(s) through a deleted or synthetic message and 1 prompter leaf (leaves) not its parent's first reply"),
+    ("ranked", "1 path(s) through a deleted or synthetic message"),  # P5, under A4
+    ("prompt", "1 path(s) through a deleted or synthetic message"),
+])
+def test_oasst_preset_counts_the_paths_it_leaves_out(trees_file, caplog, kind, expected):
+    """Open-Assistant's rules drop a thread through a deleted / synthetic message, and a prompter leaf that is not its
+    parent's first reply; both used to go without a word (the strict preset's filters are counted)."""
+    with caplog.at_level("INFO", logger="alignkit.data.oasst"):
+        load_records(trees_file, kind, preset="oasst")
+    assert expected in left_out_line(caplog)
+
+
+@pytest.mark.skipif(not OASST.exists(), reason="shared OASST sample not present")
+def test_oasst_preset_left_out_count_on_the_shared_sample(caplog):
+    """Every leaf path of the sample is a record or counted: counted independently from the raw JSON."""
+    trees = [json.loads(line) for line in OASST.read_text().splitlines()]
+    dirty = late = 0
+    for tr in trees:
+        stack = [(tr["prompt"], [], None)]
+        while stack:
+            m, path, parent = stack.pop()
+            path = path + [m]
+            if not m["replies"] and len(path) > 1:
+                if m["role"] == "prompter" and parent["replies"][0] is not m:
+                    late += 1
+                elif any(x["deleted"] or x["synthetic"] for x in path):
+                    dirty += 1
+            stack += [(r, path, m) for r in m["replies"]]
+    with caplog.at_level("INFO", logger="alignkit.data.oasst"):
+        assert len(load_records(str(OASST), "sft", preset="oasst")) == 197
+    assert dirty > 0 and late > 0
+    assert (f"{dirty} path(s) through a deleted or synthetic message and {late} prompter leaf (leaves) not its "
+            f"parent's first reply") in left_out_line(caplog)

@@ -304,3 +304,22 @@ def test_the_model_card_of_an_adapter_trained_with_rope_scaling_loads_it(tmp_pat
     scope: dict = {}
     exec(code, scope)
     assert scope["model"].config.rope_parameters["rope_type"] == "linear"
+
+
+def test_dynamic_ntk_past_its_threshold_is_a_warning_naming_the_order_dependence(caplog):
+    """Dynamic NTK: transformers encodes a sequence past max_position_embeddings with frequencies rescaled for the
+    longest sequence run since a shorter-than-original one (row T22), so a training row or a prompt past it is encoded
+    by what ran before and beside it; check_context said nothing for dynamic (its length is no limit). Now one
+    warning naming it; within the original context nothing is said."""
+    from alignkit.models.rope import check_context
+
+    cfg = apply_rope_scaling(tiny_config("llama", vocab_size=64), {"type": "dynamic", "factor": 2.0})
+    with caplog.at_level(logging.WARNING, logger="alignkit.models.rope"):
+        assert check_context(cfg, ORIGINAL, "the longest row", "set data.max_length") is False
+        assert not caplog.records
+        assert check_context(cfg, ORIGINAL + 1, "the longest row", "set data.max_length") is False
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"the longest row reaches {ORIGINAL + 1} tokens, past the {ORIGINAL} positions where dynamic "
+                          "RoPE scaling starts: transformers then encodes positions with frequencies rescaled for the "
+                          "longest sequence run since a shorter one"), msg
+    assert "use model.rope_scaling type yarn or linear" in msg and "set data.max_length" in msg

@@ -447,3 +447,27 @@ def test_a_folders_fingerprint_is_read_where_the_policys_was_taken(tiny_dir, arc
                 "norm_probe", "norm_dtype"):
         assert theirs[key] == ours[key], key
     assert base_mismatch(ours, theirs) is None
+
+
+def test_a_policy_with_dynamic_rope_is_refused_for_the_vllm_engine(tiny_dir, tokenizer, tmp_path):
+    """A policy and engine folder that agree on dynamic NTK scaling (the folder saved with it) passed
+    check_engine_rope, but vLLM uses one fixed table of frequencies where transformers rescales them by the sequence's
+    length past the original context (row V15): rollouts past it sampled from another model than the one whose
+    log-probabilities are trained. Now one line
+    when the trainer is built."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_dir("llama"), tmp_path / "dyn")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "dynamic", "factor": 2.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    policy = apply_adapter(load_model(folder), AdapterConfig(kind="lora", lora=LoraSettings(r=2)))
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), generation_backend="vllm",
+                     report_to="none")
+    with pytest.raises(ConfigError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"generation_backend='vllm': the model in {folder} has dynamic RoPE "
+                                              "scaling"), msg
+    assert "method.generation_backend=transformers" in msg

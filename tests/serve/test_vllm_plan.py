@@ -233,3 +233,43 @@ def test_an_adapter_named_as_the_base_is_refused_as_alignkits_engine_does(serve_
         prepare(serve_dirs["base"], {"a=b": terse}, "model", tmp_path / "w2")
     assert not (tmp_path / "w1").exists() and not (tmp_path / "w2").exists()
     assert sorted(prepare(serve_dirs["base"], {"terse": terse}, "model", tmp_path / "w3").loras) == ["terse"]
+
+
+def test_a_base_with_dynamic_rope_is_refused_before_vllm_starts(monkeypatch, tiny_dir, tmp_path):
+    """Dynamic NTK scaling: transformers rescales the frequencies by the sequence's length past max_position_embeddings,
+    vLLM uses one fixed table for every position (row V15), so `--engine vllm` served another model than
+    engine=alignkit for a base saved with dynamic scaling past those positions, without a word. Now one line before vLLM starts; linear
+    scaling (the same positions in both) still starts."""
+    import shutil
+    import sys
+
+    from alignkit.serve import vllm_server as vs
+
+    monkeypatch.setattr(vs, "require_vllm", lambda: None)
+    monkeypatch.setattr(vs, "check_head_size", lambda *a: None)
+    monkeypatch.setattr(vs, "prepare", lambda base, adapters, base_name, workdir: None)
+    started = []
+    monkeypatch.setattr(vs, "command", lambda plan, host, port, dtype, max_model_len=None:
+                        started.append(max_model_len) or [sys.executable, "-c", "pass"])
+    cfg = __import__("types").SimpleNamespace(adapters={}, max_prompt_tokens=8, max_new_tokens=8, host="127.0.0.1",
+                                              port=0, dtype="float32", api_key=None)
+    for kind in ("dynamic", "linear"):
+        base = shutil.copytree(tiny_dir("llama", max_positions=64), tmp_path / kind)
+        config = json.loads((base / "config.json").read_text())
+        config["rope_parameters"] = {**config["rope_parameters"], "rope_type": kind, "factor": 2.0}
+        (base / "config.json").write_text(json.dumps(config))
+        if kind == "linear":
+            assert vs.serve_with_vllm(cfg, str(base), "tiny", quiet=True) == 0 and started
+            continue
+        with pytest.raises(ConfigError) as e:
+            vs.serve_with_vllm(cfg, str(base), "tiny", quiet=True)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(
+            f"serve --engine vllm: the model in {base} has dynamic RoPE scaling (rope_parameters in "
+            f"{base / 'config.json'})"), msg
+        assert "--engine alignkit" in msg and not started
+        from alignkit.serve.vllm_serve import EngineSettings, VllmServeEngine  # vllm-serve: before vLLM is imported
+
+        monkeypatch.setattr("alignkit.serve.vllm_serve.check_head_size", lambda *a: None)
+        with pytest.raises(ConfigError, match=rf"^vllm-serve --model: the model in {base} has dynamic RoPE scaling "):
+            VllmServeEngine(EngineSettings(model=str(base)))

@@ -27,7 +27,8 @@ Ranked (`kind="ranked"`, for reward modeling): for every prompter turn with at l
 assistant replies (after filtering), the conversation up to that turn and those replies ordered by rank
 (0 = best). Replies without a rank were never compared and are left out (a turn with fewer than two
 ranked replies gives no record). Equal ranks are kept as ties (`RankedRecord.ranks`), so pair views skip
-them. The turns that give no record (unanswered, fewer than 2 ranked replies) and the tied pairs are counted and
+them. The turns that give no record (unanswered, fewer than 2 ranked replies), the tied pairs and the unranked
+replies left out of a record are counted and
 logged with the record count (as the filters' removals are). Ranks are OASST's, computed before filtering, so they may have gaps; only their order matters.
 
 Prompts (`kind="prompt"`, for online training): `prompts="roots"` (default) gives each tree's initial
@@ -41,7 +42,8 @@ where a prompter leaf counts only when it is the FIRST reply of its parent (and 
 thread with any deleted or synthetic message is dropped (not the whole subtree: other branches stay);
 ranked groups are the prompter turns (with a clean path) with >= 2 ranked replies, sorted by rank; prompts
 (OA's "rl" mode) are every prompter-ending path without deleted or synthetic messages, in trees that are
-"ready_for_export" or "prompt_lottery_waiting". `mode`, `prompts`, `drop_*` and `tree_states` do not apply to
+"ready_for_export" or "prompt_lottery_waiting". The paths it leaves out (through a deleted or synthetic message;
+prompter leaves that are not the first reply) are counted in one logged line with the record count. `mode`, `prompts`, `drop_*` and `tree_states` do not apply to
 it. An option set away from its default that a read would ignore is refused (`check_applies`): those under
 "oasst", `mode` for other than SFT records, `prompts` for other than prompt records.
 On the shared 40-tree English sample (`../shared/data/oasst/oasst_en_trees_sample.jsonl`):
@@ -185,19 +187,24 @@ def sft_threads(root: Node, mode: str = "leaves") -> list[list[Node]]:
     return [path[:last_assistant]] if last_assistant else []
 
 
+# what preset "oasst" leaves out of its threads (Open-Assistant's rules), counted and logged with the records
+DIRTY, LATE_LEAF = ("path(s) through a deleted or synthetic message",
+                    "prompter leaf (leaves) not its parent's first reply")
 NO_REPLY, ONE_RANKED, TIED = ("prompter turn(s) without an assistant reply", "prompter turn(s) with fewer than 2 "
                                "ranked replies", "tied reply pair(s) (kept as ties; pair views skip them)")
+UNRANKED = "unranked assistant reply(ies) of those turns left out (never compared)"
 
 
 def count_ranked(ranks: list[int | None], answered: bool, skipped: Counter) -> bool:
     """Whether a prompter turn whose assistant replies have `ranks` (None: unranked) gives a ranked record; counts
-    in `skipped` a turn that does not (`NO_REPLY` when nobody answered, `ONE_RANKED`) and the tied pairs of one that
-    does (`TIED`)."""
+    in `skipped` a turn that does not (`NO_REPLY` when nobody answered, `ONE_RANKED`), and the tied pairs (`TIED`) and
+    unranked replies, which its record leaves out (`UNRANKED`), of one that does."""
     ranked = sorted(r for r in ranks if r is not None)
     if len(ranked) < 2:
         skipped[ONE_RANKED if answered else NO_REPLY] += 1
         return False
     skipped[TIED] += sum(a == b for i, a in enumerate(ranked) for b in ranked[i + 1:])
+    skipped[UNRANKED] += len(ranks) - len(ranked)
     return True
 
 
@@ -246,7 +253,8 @@ def oa_threads(root: dict, kind: str, skipped: Counter | None = None) -> list[li
     """Open-Assistant's threads of one (unfiltered) tree as raw message dicts, for `preset="oasst"`:
     SFT paths (prompter leaf kept only as its parent's first reply, then cut), or prompter-ending paths
     ("ranked": with >= 2 ranked replies, the others and tied pairs counted in `skipped`; "prompt": all), none
-    containing a deleted or synthetic message."""
+    containing a deleted or synthetic message (those counted in `skipped` as `DIRTY`, the prompter leaves that are not
+    their parent's first reply as `LATE_LEAF`)."""
     out: list[list[dict]] = []
     skipped = Counter() if skipped is None else skipped
 
@@ -256,12 +264,16 @@ def oa_threads(root: dict, kind: str, skipped: Counter | None = None) -> list[li
     def visit(node: dict, parents: list[dict]) -> None:
         thread = parents + [node]
         replies = node.get("replies") or []
-        if kind == "sft":
-            take = (len(thread) > 1 and not replies
-                    and (node["role"] == "assistant" or thread[-2]["replies"][0] is node) and clean(thread))
-            if take:
+        if kind == "sft" and len(thread) > 1 and not replies:
+            if node["role"] == "prompter" and thread[-2]["replies"][0] is not node:
+                skipped[LATE_LEAF] += 1
+            elif not clean(thread):
+                skipped[DIRTY] += 1
+            else:
                 out.append(thread[:-1] if node["role"] == "prompter" else thread)
-        elif node["role"] == "prompter" and clean(thread):
+        elif kind != "sft" and node["role"] == "prompter" and not clean(thread):
+            skipped[DIRTY] += 1
+        elif kind != "sft" and node["role"] == "prompter":
             answers = [r for r in replies if r.get("role") == "assistant"]
             if kind == "prompt" or count_ranked([r.get("rank") for r in answers], bool(answers), skipped):
                 out.append(thread)
@@ -412,8 +424,13 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
     if removed:
         logger.info("%s: OASST filters removed %s", source, dict(removed))
     if kind == "ranked":
-        logger.info("%s: OASST ranked records: %d, none from %d %s and %d %s; %d %s", source, len(records),
-                    skipped[NO_REPLY], NO_REPLY, skipped[ONE_RANKED], ONE_RANKED, skipped[TIED], TIED)
+        logger.info("%s: OASST ranked records: %d, none from %d %s and %d %s; %d %s; %d %s", source, len(records),
+                    skipped[NO_REPLY], NO_REPLY, skipped[ONE_RANKED], ONE_RANKED, skipped[TIED], TIED,
+                    skipped[UNRANKED], UNRANKED)
+    if preset == "oasst":
+        late = f" and {skipped[LATE_LEAF]} {LATE_LEAF}" if kind == "sft" else ""
+        logger.info("%s: OASST preset 'oasst' left out %d %s%s (Open-Assistant's rules; %d %s records)", source,
+                    skipped[DIRTY], DIRTY, late, len(records), kind)
     wanted = oa_langs if preset == "oasst" else langs
     if wanted is not None and root_langs and not any(str(lang or "").lower() in wanted for lang in root_langs):
         logger.warning("%s: reader_options.langs %s matches no tree's first message (their languages: %s), so "

@@ -105,7 +105,10 @@ def check_context(config: Any, longest: int, what: str, fix: str) -> bool:
     ConfigError (the forward would stop with "IndexError: index out of range in self" at the first such row, after
     the run folder is written). Past a RoPE model's positions: one warning (once per model type, context and
     length): the model keeps producing tokens, just not ones it was trained to, so the result is quietly worse.
-    Dynamic NTK scaling rescales past its length by design and is not warned about. Returns whether it is past."""
+    Dynamic NTK scaling rescales past its length by design, but transformers encodes such a sequence with the frequencies
+    of the longest one run since a shorter-than-original one (and batched with it): one warning says so (`dynamic_note`),
+    and it is not counted as past. Returns whether it is past."""
+    dynamic_note(config, longest, what, fix)
     ctx = trained_context(config)
     if ctx is None or longest <= ctx:
         return False
@@ -120,6 +123,23 @@ def check_context(config: Any, longest: int, what: str, fix: str) -> bool:
                        "the positions beyond it were never trained; %s, or extend the context (model.rope_scaling)",
                        what, longest, ctx, fix)
     return True
+
+
+def dynamic_note(config: Any, longest: int, what: str, fix: str) -> None:
+    """One warning (once per model type, context and length) when `longest` tokens pass the threshold of `config`'s
+    dynamic NTK scaling: transformers rescales the frequencies for max(position_ids) + 1 of a call when it grows past
+    what it has cached, keeps them for later, shorter calls and resets them only below the original length (row T22),
+    so such a sequence is encoded by what ran before and beside it, not by itself alone."""
+    params = getattr(config, "rope_parameters", None)
+    ctx = context_length(config) if isinstance(params, dict) and params.get("rope_type") in KEEPS_LENGTH else None
+    key = ("dynamic", str(getattr(config, "model_type", "")), ctx or 0, longest)
+    if ctx is None or longest <= ctx or key in _warned_context:
+        return
+    _warned_context.add(key)
+    logger.warning("%s reaches %d tokens, past the %d positions where dynamic RoPE scaling starts: transformers then "
+                   "encodes positions with frequencies rescaled for the longest sequence run since a shorter one (and "
+                   "batched with it), so the same sequence is encoded differently by the order and batches it runs in; "
+                   "use model.rope_scaling type yarn or linear for one fixed encoding, or %s", what, longest, ctx, fix)
 
 
 def original_context(config: Any) -> int:

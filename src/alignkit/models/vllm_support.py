@@ -4,7 +4,8 @@ run the model, and the context it derives for it. Shared by `alignkit serve --en
 online/vllm_generation.py), so neither package imports the other for it.
 
 - `vllm_installed` / `require_vllm`; `head_size`, `attention_head_sizes`, `check_head_size`: a model vLLM's CPU
-  attention cannot run (row V3 of docs/architecture.md); `lora_unsupported`: peft features vLLM's LoRA lacks.
+  attention cannot run (row V3 of docs/architecture.md); `check_rope_type`: a RoPE scaling vLLM computes otherwise
+  than transformers (dynamic NTK, row V15); `lora_unsupported`: peft features vLLM's LoRA lacks.
 - `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
   folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not
@@ -90,6 +91,24 @@ def check_head_size(config: Any, folder: str | Path, where: str, fix: str) -> No
                           f"{fix}")
 
 
+# RoPE types vLLM computes otherwise than transformers: dynamic NTK, which transformers rescales by the sequence's length
+# once it grows past max_position_embeddings, and vLLM computes as one fixed cos/sin table for every position (row V15)
+ROPE_NOT_AS_TRANSFORMERS = ("dynamic",)
+
+
+def check_rope_type(config: Any, folder: str | Path, where: str, fix: str) -> None:
+    """ConfigError when vLLM would encode the positions of the model `folder` (its `config`) otherwise than
+    transformers does (`ROPE_NOT_AS_TRANSFORMERS`): vLLM would generate from another model than the one trained or
+    served by alignkit's engine, without an error. `where`: what starts the engine; `fix`: the way out."""
+    kinds = {rp.get("rope_type", rp.get("type")) for rp in _rope_parameters(config)}
+    for kind in sorted(k for k in kinds if k in ROPE_NOT_AS_TRANSFORMERS):
+        raise ConfigError(f"{where}: the model in {folder} has {kind} RoPE scaling (rope_parameters in "
+                          f"{Path(folder) / 'config.json'}), which vLLM computes as one fixed set of frequencies for "
+                          f"every position where transformers rescales them by the sequence's length past "
+                          f"max_position_embeddings, so past those positions vLLM would generate from another model "
+                          f"than the one trained; {fix}")
+
+
 def lora_unsupported(peft_cfg: Mapping) -> str | None:
     """Why vLLM's LoRA cannot serve this peft adapter_config (DoRA, LoRA biases, extra trained modules), or None."""
     return ("uses DoRA (use_dora)" if peft_cfg.get("use_dora") else
@@ -162,5 +181,6 @@ def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int 
     return int(asked), "method.vllm.max_model_len"
 
 
-__all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "attention_head_sizes", "check_head_size",
+__all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "ROPE_NOT_AS_TRANSFORMERS", "attention_head_sizes",
+           "check_head_size", "check_rope_type",
            "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "require_vllm", "vllm_installed"]

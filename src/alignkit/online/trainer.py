@@ -66,7 +66,8 @@ from alignkit.adapters import adapter_of, record_base, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
-from alignkit.models.vllm_support import check_head_size, engine_max_model_len, folder_config, vllm_installed
+from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_max_model_len, folder_config,
+                                          vllm_installed)
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
@@ -331,6 +332,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         check_engine_base(model, folder, vllm)
         check_head_size(folder_config(folder, vllm), folder, "generation_backend='vllm'",
                         "use a model whose head size vLLM takes, or method.generation_backend=transformers")
+        check_rope_type(folder_config(folder, vllm), folder, "generation_backend='vllm'",
+                        "use method.generation_backend=transformers, or another model.rope_scaling type (linear, yarn)")
         limit, source = engine_max_model_len(folder, vllm)
         records = [*self.prompts, *self.eval_prompts]
         given = vllm.get("max_model_len") is not None

@@ -50,7 +50,7 @@ from safetensors.torch import load
 from transformers import AutoConfig
 
 import alignkit
-from alignkit.models.vllm_support import check_head_size, lora_unsupported
+from alignkit.models.vllm_support import check_head_size, check_rope_type, lora_unsupported
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
@@ -121,6 +121,7 @@ class VllmServeEngine:
         hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         check_head_size(hf, folder, "vllm-serve --model", "give --model a model whose head size vLLM takes (the "
                         "policy's base), or train with method.generation_backend=transformers")
+        check_rope_type(hf, folder, "vllm-serve --model", "train with method.generation_backend=transformers")
         from vllm import LLM  # (after the checks: they need no engine)
 
         self.config = {k: getattr(hf, k, None) for k in MATCH_KEYS}

@@ -43,7 +43,7 @@ from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
-from alignkit.models.vllm_support import (check_head_size, engine_max_model_len, lora_unsupported,
+from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_max_model_len, lora_unsupported,
                                           require_vllm)
 from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
@@ -212,8 +212,10 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     """Run vLLM's OpenAI server for a `ServeConfig` until it exits (Ctrl-C stops it); returns its exit code."""
     require_vllm()
     if (Path(base) / "config.json").is_file():  # (a folder without one is refused by prepare)
-        check_head_size(AutoConfig.from_pretrained(base), base, "serve --engine vllm",
+        config = AutoConfig.from_pretrained(base)
+        check_head_size(config, base, "serve --engine vllm",
                         "serve it with --engine alignkit")  # vLLM's server would start and fail every request
+        check_rope_type(config, base, "serve --engine vllm", "serve it with --engine alignkit")
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
     try:
         plan = prepare(base, cfg.adapters, base_name, workdir)
