@@ -248,3 +248,32 @@ def test_judge_chat_true_needs_a_chat_template(tokenizer):
     assert e.value.reason.startswith("true sends the judge's questions")
     assert JudgeAnnotator(model, plain).chat is False and JudgeAnnotator(model, plain, chat=False).chat is False
     assert JudgeAnnotator(model, tokenizer).chat is True and JudgeAnnotator(model, tokenizer, chat=False).chat is False
+
+
+def test_function_numpy_bools_weights_and_a_non_list_are_checked():
+    """A numpy bool (np.bool_, what `np.array(a) == b` gives; TRL takes it as 1.0 / 0.0) and a 0-d numpy array were
+    refused as "returned True; return a finite number". A NaN weight made every score NaN, which the feedback
+    builders dropped as unscored without a word (failed stayed False), an inf one stopped as "beyond float32's
+    range" blaming the score, and a bool weight was taken as 1 / 0. A TRL-style function returning one float
+    instead of a list stopped with a raw TypeError. Now scores as TRL, and one line for each of the others."""
+    np = pytest.importorskip("numpy")
+
+    def same(prompt, response):
+        return np.array(response) == np.array("a")
+
+    def zero_d(prompt, response):
+        return np.array(2.5)
+
+    assert FunctionAnnotator(same).annotate(["p", "p"], ["a", "b"]).values.tolist() == [1.0, 0.0]
+    assert FunctionAnnotator(zero_d).annotate(["p"], ["a"]).values.tolist() == [2.5]
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"function annotator .*: weights must be 2 finite number\(s\), one per "
+                                             r"function, got \[1\.0, " + repr(bad)):
+            FunctionAnnotator([same, zero_d], weights=[1.0, bad])
+
+    def one_float(prompts, completions, **kwargs):
+        return 1.0
+
+    with pytest.raises(AnnotatorError, match=r"reward function .*one_float returned a float, not a list of 2 "
+                                             r"score\(s\), one per item"):
+        FunctionAnnotator(one_float).annotate(["p", "q"], ["a", "b"])

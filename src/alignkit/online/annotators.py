@@ -34,6 +34,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Callable, Sequence
 
 import torch
@@ -270,10 +271,24 @@ def _as_score(value: Any, who: str, where: str) -> float | None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
+    elif getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        value = value.item()  # a numpy scalar or 0-d array (np.bool_ is no numbers.Real): its Python value, as TRL
     if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):  # numpy scalars too, as TRL
         raise AnnotatorError(f"{who} returned {value!r} for {where}; return a finite number (or None when the "
                              f"response cannot be scored)")
     return float(value)
+
+
+def returned_scores(out: Any, n: int, who: str) -> list[float | None]:
+    """A batch reward function's return value -> n scores (None = cannot score); anything but a sequence of n
+    numbers is an `AnnotatorError` naming `who` (a string or a mapping was iterated as characters or keys)."""
+    if isinstance(out, (str, bytes, dict)) or not isinstance(out, Iterable):
+        raise AnnotatorError(f"{who} returned a {type(out).__name__}, not a list of {n} score(s), one per item; "
+                             "return a list")
+    out = list(out)
+    if len(out) != n:
+        raise AnnotatorError(f"{who} returned {len(out)} scores for {n} item(s); return one per item")
+    return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
 
 
 def reward_convention(fn: Callable, kwargs: dict | None = None, spec: str = "") -> str:
@@ -335,9 +350,12 @@ class FunctionAnnotator(Annotator):
 
     Several functions (`fn` a list) with `weights` (default 1 each) give, like TRL, the weighted sum of the
     scores that are not None (NaN-sum); an item every function failed on is failed. Metrics report each
-    function's mean and std over the items it scored, under TRL's names (`rewards/<name>/mean`, `.../std`). None = cannot score (the failure policy applies); an
-    exception or a non-number is an `AnnotatorError` naming the function and the item; a signature that
-    fits neither convention is a ValueError when the annotator is built.
+    function's mean and std over the items it scored, under TRL's names (`rewards/<name>/mean`, `.../std`).
+    Weights must be finite numbers (a NaN one made every score NaN, dropped as unscored). A score may be a Python
+    or numpy number or bool, or a one-element tensor; None = cannot score (the failure policy applies); an
+    exception, a non-number, NaN / inf, or a batch result that is not a list of one score per item is an
+    `AnnotatorError` naming the function and the item; a signature that fits neither convention is a ValueError
+    when the annotator is built.
     """
 
     name = "function"
@@ -350,9 +368,11 @@ class FunctionAnnotator(Annotator):
             raise ValueError("function annotator: give at least one reward function")
         self.spec = ", ".join(_spec(f) for f in fns)
         check_policy(on_failure, default_score, f"function annotator {self.spec}")
-        if weights is not None and (len(weights) != len(fns) or not all(isinstance(w, (int, float)) for w in weights)):
-            raise ValueError(f"function annotator {self.spec}: weights must be {len(fns)} number(s), one per "
-                             f"function, got {weights!r}")
+        if weights is not None and (len(weights) != len(fns) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+            # a NaN weight made every score NaN, dropped as unscored without a word; inf stopped blaming the score
+            raise ValueError(f"function annotator {self.spec}: weights must be {len(fns)} finite number(s), one per "
+                             f"function, got {list(weights)!r}")
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(fns)
         self.batched, self.kwargs = batched, dict(kwargs or {})
         self.on_failure, self.default_score = on_failure, default_score
@@ -391,22 +411,17 @@ class FunctionAnnotator(Annotator):
                                  f"prompt rows have columns {sorted(cols)}") from e
         except Exception as e:
             raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
-        out = list(out)
-        if len(out) != len(texts):
-            raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
-        return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+        return returned_scores(out, len(texts), who)
 
     def _alignkit(self, f: _RewardFn, prompts: list, texts: list[str], metas: list[dict]) -> list:
         who = f"reward function {f.spec}"
         if self.batched:
             extra = {f.meta_arg: metas} if f.meta_arg else {}
             try:
-                out = list(f.fn(list(prompts), texts, **extra, **self.kwargs))
+                out = f.fn(list(prompts), texts, **extra, **self.kwargs)
             except Exception as e:
                 raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
-            if len(out) != len(texts):
-                raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
-            return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+            return returned_scores(out, len(texts), who)
         raw = []
         for i, (p, t, m) in enumerate(zip(prompts, texts, metas)):
             extra = {f.meta_arg: m} if f.meta_arg else {}
