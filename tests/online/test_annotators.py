@@ -277,3 +277,48 @@ def test_function_numpy_bools_weights_and_a_non_list_are_checked():
     with pytest.raises(AnnotatorError, match=r"reward function .*one_float returned a float, not a list of 2 "
                                              r"score\(s\), one per item"):
         FunctionAnnotator(one_float).annotate(["p", "q"], ["a", "b"])
+
+
+def test_reward_model_truncation_is_said_and_kept_within_its_positions(tiny_dir, tokenizer, caplog):
+    """A prompt + response over max_length was scored on its last max_length tokens and only counted in the
+    reward_model/truncated metric: a response longer than the limit was scored as its tail, without the prompt and
+    without a word. And max_length (default 1024) above the reward model's positions (512 here) let a long
+    sequence run past them (RoPE: scores of positions it never saw; GPT-2: an IndexError). Now the limit is the
+    smaller of the two, and each annotate call with cut items logs one warning: how many, whether responses
+    themselves were cut (reward_model/response_truncated), the limit and the fix. Checked against the model
+    called on the hand-built text's last tokens."""
+    folder = tiny_dir("llama", classifier=True, num_labels=1)
+    rm = RewardModelAnnotator(str(folder), max_length=12, device="cpu")
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    responses = [" yes", " a b c d e f g h i j k l m n o p q r s t"]
+
+    def direct(text: str, keep: int) -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        assert len(ids) > keep
+        with torch.no_grad():
+            return rm.model(input_ids=torch.tensor([ids[-keep:]])).logits[0, 0]
+
+    with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
+        s = rm.annotate([prompt, prompt], responses)
+    for i, r in enumerate(responses):
+        assert torch.allclose(s.values[i], direct(prompt + r, 12), atol=1e-5), i
+    assert s.metrics["reward_model/truncated"] == 2.0 and s.metrics["reward_model/response_truncated"] == 1.0
+    said = [r.getMessage() for r in caplog.records if "reward model" in r.getMessage()]
+    assert len(said) == 1, said
+    assert ("2 of 2 item(s) longer than 12 tokens (annotator.max_length) were scored on their last 12 tokens; in 1 "
+            "of them (e.g. item 1) the response itself was cut, so its score is of the response's end alone"
+            in said[0]), said[0]
+    assert "raise annotator.max_length" in said[0]
+
+    caplog.clear()
+    long = RewardModelAnnotator(rm.model, tokenizer, max_length=None)
+    assert long.limit == 512
+    text = " ".join(["word"] * 600)
+    with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
+        s = long.annotate(["q"], [" " + text])
+    assert torch.allclose(s.values[0], direct("q " + text, 512), atol=1e-4)
+    assert "longer than 512 tokens (the reward model's max_position_embeddings)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
+        s = rm.annotate(["q"], [" yes"])
+    assert s.metrics["reward_model/truncated"] == 0.0 and not caplog.records

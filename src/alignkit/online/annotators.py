@@ -44,6 +44,7 @@ from alignkit.data.collators import pad
 from alignkit.data.records import Completion, Prompt
 from alignkit.losses.registry import Registry
 from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.models.rope import trained_context
 from alignkit.online.generation import model_device
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,9 @@ class RewardModelAnnotator(Annotator):
 
     Text is built as the reward trainer builds it (`alignkit.data.tokenize`): `format_record(prompt, response)`'s
     full text, tokenized with the format's `add_special_tokens`, plus EOS when the format does not end the turn
-    itself (`add_eos=None`; force with True/False). A sequence over `max_length` keeps its last tokens. Batches
+    itself (`add_eos=None`; force with True/False). A sequence over `max_length` (or over the model's positions,
+    if fewer) keeps its last tokens, with one warning per call (a cut response is scored on its end; metrics
+    reward_model/truncated and reward_model/response_truncated). Batches
     are right-padded with the model config's `pad_token_id` (what transformers pools by: the rightmost token that
     is not it), so a batch scores as one response at a time; a config without one scores one at a time (warned).
     The score is the model's own pooled logit. `device` may differ from the policy's.
@@ -195,6 +198,11 @@ class RewardModelAnnotator(Annotator):
         self.model.eval()
         self.tokenizer, self.batch_size, self.formatter = tokenizer, batch_size, formatter
         self.max_length, self.add_eos = max_length, add_eos
+        # a sequence past the model's positions was scored anyway (RoPE: positions it never saw; GPT-2: IndexError)
+        positions = trained_context(getattr(model, "config", None))
+        self.limit = min(x for x in (max_length, positions) if x is not None) if (max_length or positions) else None
+        by_length = positions is None or (max_length is not None and max_length <= positions)
+        self.limit_name = "annotator.max_length" if by_length else "the reward model's max_position_embeddings"
         # transformers pools at the last token that is not the CONFIG's pad id: padding with another id (the
         # tokenizer's) made it pool on a pad of every shorter row (other scores than one at a time, silently), and
         # a config without one cannot pool a padded batch at all (ValueError at the first annotation)
@@ -204,17 +212,33 @@ class RewardModelAnnotator(Annotator):
                            "token of a padded row: it scores one response at a time (set pad_token_id in its "
                            "config.json to score in batches)", self.path or type(model).__name__)
 
-    def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], bool]:
-        """(token ids, truncated?) of one item."""
+    def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], str]:
+        """(token ids, what was cut: "" none, "prompt" the prompt's start, "response" the prompt and the
+        response's start) of one item: a sequence over `self.limit` keeps its last tokens."""
         f = format_record(prompt, response, self.tokenizer, self.formatter)
         ids = list(self.tokenizer(f.full, add_special_tokens=f.add_special_tokens)["input_ids"])
         eos = self.tokenizer.eos_token_id
         add_eos = self.add_eos if self.add_eos is not None else not f.ends_turn
         if add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        if self.max_length is not None and len(ids) > self.max_length:
-            return ids[len(ids) - self.max_length:], True
-        return ids, False
+        if self.limit is None or len(ids) <= self.limit:
+            return ids, ""
+        cut = len(ids) - self.limit
+        prompt_len = len(self.tokenizer(f.prompt, add_special_tokens=f.add_special_tokens)["input_ids"])
+        return ids[cut:], ("response" if cut > prompt_len else "prompt")
+
+    def warn_truncated(self, cuts: list[str]) -> None:
+        """One warning for the items `encode` cut (a score of a cut response is of its end alone)."""
+        n = sum(bool(c) for c in cuts)
+        if not n:
+            return
+        resp = [i for i, c in enumerate(cuts) if c == "response"]
+        what = (f"in {len(resp)} of them (e.g. item {resp[0]}) the response itself was cut, so its score is of the "
+                "response's end alone" if resp else "the prompts' starts were cut, every response is whole")
+        logger.warning("reward model %s: %d of %d item(s) longer than %d tokens (%s) were scored on their last %d "
+                       "tokens; %s; raise annotator.max_length (up to the reward model's positions) or lower "
+                       "sampling.max_new_tokens", self.path or type(self.model).__name__, n, len(cuts), self.limit,
+                       self.limit_name, self.limit, what)
 
     @torch.no_grad()
     def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
@@ -238,8 +262,11 @@ class RewardModelAnnotator(Annotator):
                 f"{response_text(responses[bad[0]])[:60]!r}): "
                 "its scores mean nothing; check the reward model's weights and how it was trained, or load it in "
                 "float32 if it ran in float16 (overflow)")
-        truncated = sum(e[1] for e in encoded)
-        return finalize_scores(values, "skip", None, metrics={"reward_model/truncated": float(truncated)})
+        cuts = [e[1] for e in encoded]
+        self.warn_truncated(cuts)
+        return finalize_scores(values, "skip", None, metrics={
+            "reward_model/truncated": float(sum(bool(c) for c in cuts)),
+            "reward_model/response_truncated": float(cuts.count("response"))})
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.name, "path": self.path, "formatter": self.formatter, "max_length": self.max_length}
