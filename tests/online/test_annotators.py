@@ -322,3 +322,50 @@ def test_reward_model_truncation_is_said_and_kept_within_its_positions(tiny_dir,
     with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
         s = rm.annotate(["q"], [" yes"])
     assert s.metrics["reward_model/truncated"] == 0.0 and not caplog.records
+
+
+def test_judge_score_cut_at_max_new_tokens_is_a_failure(tokenizer, caplog):
+    """A judge answer cut at max_new_tokens inside its score ("Score: 7" or "Score: 7." of "Score: 7.5") was read as
+    the number it had so far (7 instead of 7.5), without a word. Now a score that only digits or a point follow in
+    an answer cut at max_new_tokens counts as a failure ("cut_off", in judge/parse_failures), and the warning names
+    max_new_tokens; the same score with room to finish, or followed by more text in a cut answer, is read."""
+    reply = {"half": "Score: 7.5", "half-then": "Score: 7.5 because it is right and clear and complete"}
+
+    def script(text: str) -> str:
+        return next(v for k, v in reply.items() if text.rstrip().endswith(f"Response: {k}")
+                    or f"Response: {k}\n" in text)
+
+    ids = tokenizer("Score: 7.5", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[:-2]) == "Score: 7" and tokenizer.decode(ids[:-1]) == "Score: 7."
+    for keep, shown in ((len(ids) - 2, "Score: 7"), (len(ids) - 1, "Score: 7.")):
+        cut = JudgeAnnotator(ScriptedJudge(tokenizer, script, cut=True), tokenizer, normalize=False, max_new_tokens=keep)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignkit.online.judge"):
+            s = cut.annotate(["q"], ["half"])
+        assert s.meta[0]["judge_output"] == shown and s.failed.tolist() == [True], s
+        assert s.meta[0]["judge_error"] == "cut_off" and s.metrics["judge/parse_failures"] == 1.0
+        assert "cut at max_new_tokens" in caplog.text and "raise annotator.max_new_tokens" in caplog.text
+    roomy = JudgeAnnotator(ScriptedJudge(tokenizer, script, cut=True), tokenizer, normalize=False, max_new_tokens=64)
+    assert roomy.annotate(["q"], ["half"]).values.tolist() == [7.5]
+    later = JudgeAnnotator(ScriptedJudge(tokenizer, script, cut=True), tokenizer, normalize=False, max_new_tokens=len(ids) + 3)
+    s = later.annotate(["q"], ["half-then"])
+    assert s.values.tolist() == [7.5] and s.meta[0]["judge_output"].startswith("Score: 7.5 ")
+
+
+def test_judge_pair_failures_and_one_sided_verdicts_are_said(tokenizer, caplog):
+    """Pairwise answers naming no single winner were only counted (judge/pair_parse_failures) and logged at INFO by
+    judge_pairs; a judge that names the same position every time (position bias: with the coin-flipped order its
+    preferences are coin flips) went unnoticed. Now a warning for each, and judge/pair_first_wins counts the
+    verdicts for the response shown first."""
+    always_a = JudgeAnnotator(ScriptedJudge(tokenizer, lambda t: "Winner: A"), tokenizer)
+    with caplog.at_level("WARNING", logger="alignkit.online.judge"):
+        assert always_a.prefer_batch(["q"] * 8, ["good", "bad"] * 4, ["bad", "good"] * 4) == [0] * 8
+    assert always_a.last_pair_metrics == {"judge/pair_parse_failures": 0.0, "judge/pair_first_wins": 8.0}
+    assert "named A, the response shown first, in all 8 decided comparison(s)" in caplog.text
+    caplog.clear()
+    fair = JudgeAnnotator(ScriptedJudge(tokenizer, judge_script), tokenizer)
+    with caplog.at_level("WARNING", logger="alignkit.online.judge"):
+        assert fair.prefer_batch(["q"] * 8, ["good", "bad"] * 4, ["bad", "good"] * 4) == [0, 1] * 4
+        assert fair.prefer_batch(["q"] * 2, ["twice", "good"], ["good", "bad"]) == [None, 0]
+    assert fair.last_pair_metrics == {"judge/pair_parse_failures": 1.0, "judge/pair_first_wins": 1.0}
+    assert "1/2 pairwise answer(s) name no single winner" in caplog.text and "all 8" not in caplog.text
