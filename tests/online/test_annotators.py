@@ -369,3 +369,32 @@ def test_judge_pair_failures_and_one_sided_verdicts_are_said(tokenizer, caplog):
         assert fair.prefer_batch(["q"] * 2, ["twice", "good"], ["good", "bad"]) == [None, 0]
     assert fair.last_pair_metrics == {"judge/pair_parse_failures": 1.0, "judge/pair_first_wins": 1.0}
     assert "1/2 pairwise answer(s) name no single winner" in caplog.text and "all 8" not in caplog.text
+
+
+def test_function_none_scores_are_logged(caplog):
+    """An item every function returned None for was only counted (function/failures) and, with on_failure skip,
+    dropped from the feedback without a word (TRL warns: "All reward functions returned None"); an item some of
+    several functions returned None for got the weighted sum of the others (TRL's NaN-skipping sum), documented
+    but not logged. Now a warning for the first (function, count, an item, the policy) and an INFO line for the
+    second (which functions, an item)."""
+
+    def maths(prompt, response):
+        return 1.0 if prompt == "maths" else None
+
+    def code(prompt, response):
+        return 2.0 if prompt == "code" else None
+
+    ann = FunctionAnnotator([maths, code], weights=[1.0, 3.0])
+    with caplog.at_level("INFO", logger="alignkit.online.annotators"):
+        s = ann.annotate(["maths", "code", "poetry"], ["a", "b", "c"])
+    assert s.values[:2].tolist() == [1.0, 6.0] and math.isnan(s.values[2]) and s.failed.tolist() == [False, False, True]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "1 of 3 item(s) (e.g. item 2) got None from every reward function" in warned[0]
+    assert "on_failure 'skip': left out of the feedback" in warned[0]
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert any("2 of 3 item(s) scored by only some of the 2 reward functions (e.g. item 0: None from "
+               in m and "code" in m and "weighted sum of the others" in m for m in info), info
+    caplog.clear()
+    with caplog.at_level("INFO", logger="alignkit.online.annotators"):
+        FunctionAnnotator(maths).annotate(["maths", "maths"], ["a", "b"])
+    assert not caplog.records

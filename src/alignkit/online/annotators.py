@@ -376,7 +376,8 @@ class FunctionAnnotator(Annotator):
       `meta` (or `metas`) parameter also gets each prompt record's meta (e.g. the reference answer).
 
     Several functions (`fn` a list) with `weights` (default 1 each) give, like TRL, the weighted sum of the
-    scores that are not None (NaN-sum); an item every function failed on is failed. Metrics report each
+    scores that are not None (NaN-sum; logged at INFO); an item every function failed on is failed (a warning
+    per call). Metrics report each
     function's mean and std over the items it scored, under TRL's names (`rewards/<name>/mean`, `.../std`).
     Weights must be finite numbers (a NaN one made every score NaN, dropped as unscored). A score may be a Python
     or numpy number or bool, or a one-element tensor; None = cannot score (the failure policy applies); an
@@ -486,10 +487,30 @@ class FunctionAnnotator(Annotator):
                                               if len(ok) > 1 else float("nan"))
             moments[f"rewards/{name}"] = (float(len(ok)), sum(ok), sum(v * v for v in ok))
         metrics["function/failures"] = float(sum(r is None for r in raw))
+        self.log_missing(per_fn, raw)
         scores = finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
                                  who=f"reward function {self.spec}")
         scores.moments = moments
         return scores
+
+    def log_missing(self, per_fn: list[list], raw: list) -> None:
+        """A warning for items no function scored (as TRL's "All reward functions returned None"), an INFO line
+        for items only some of several functions scored (their reward: the weighted sum of the others)."""
+        failed = [i for i, r in enumerate(raw) if r is None]
+        if failed:
+            fate = ("left out of the feedback" if self.on_failure == "skip"
+                    else f"scored default_score {self.default_score}")
+            logger.warning("reward function %s: %d of %d item(s) (e.g. item %d) got None from every reward function "
+                           "(cannot score); on_failure %r: %s", self.spec, len(failed), len(raw), failed[0],
+                           self.on_failure, fate)
+        if len(per_fn) > 1:
+            partial = [i for i, r in enumerate(raw) if r is not None and any(col[i] is None for col in per_fn)]
+            if partial:
+                i = partial[0]
+                none = [f.spec for f, col in zip(self.fns, per_fn) if col[i] is None]
+                logger.info("reward functions: %d of %d item(s) scored by only some of the %d reward functions "
+                            "(e.g. item %d: None from %s): their reward is the weighted sum of the others (TRL's "
+                            "NaN-skipping sum)", len(partial), len(raw), len(per_fn), i, ", ".join(none))
 
     def check_columns(self, columns: set[str], where: str) -> None:
         """A TRL-style function with a required parameter that neither TRL's call (prompts, completions), the
