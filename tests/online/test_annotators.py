@@ -398,3 +398,20 @@ def test_function_none_scores_are_logged(caplog):
     with caplog.at_level("INFO", logger="alignkit.online.annotators"):
         FunctionAnnotator(maths).annotate(["maths", "maths"], ["a", "b"])
     assert not caplog.records
+
+
+def test_functions_of_the_same_name_keep_their_own_metrics(tmp_path, monkeypatch):
+    """Two reward functions of the same name (pkg_a:score and pkg_b:score, or one function given twice) shared
+    rewards/score/mean and /std: the second overwrote the first's, so the metrics showed one function as both.
+    Now a clashing name is the module-qualified one (rewards/pkg_a.score/mean), and the same function twice is
+    numbered (_1, _2); a name without a clash stays TRL's (the function's name)."""
+    (tmp_path / "ak_pkg_a.py").write_text("def score(prompt, response):\n    return 1.0\n")
+    (tmp_path / "ak_pkg_b.py").write_text("def score(prompt, response):\n    return 3.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = FunctionAnnotator(["ak_pkg_a:score", "ak_pkg_b:score", "alignkit.rewards:digit_fraction"]
+                          ).annotate(["p"], ["a1"]).metrics
+    assert m["rewards/ak_pkg_a.score/mean"] == 1.0 and m["rewards/ak_pkg_b.score/mean"] == 3.0
+    assert m["rewards/digit_fraction/mean"] == 0.5 and "rewards/score/mean" not in m
+    twice = FunctionAnnotator(["ak_pkg_a:score", "ak_pkg_a:score"], weights=[1.0, 2.0]).annotate(["p"], ["a"])
+    assert twice.values.tolist() == [3.0]
+    assert set(twice.moments) == {"rewards/ak_pkg_a.score_1", "rewards/ak_pkg_a.score_2"}

@@ -345,6 +345,14 @@ def reward_convention(fn: Callable, kwargs: dict | None = None, spec: str = "") 
             f"with kwargs {sorted(kwargs)} ({e}); rename its parameters to one of them") from None
 
 
+def metric_names(specs: list[str]) -> list[str]:
+    """Each function's name in its rewards/<name>/... metrics: TRL's (the function's name); where two share it, the
+    module-qualified spec ("pkg.mod.score"), numbered "_k" where one spec is given twice (one overwrote the other)."""
+    short = [s.split(":")[-1] for s in specs]
+    names = [n if short.count(n) == 1 else s.replace(":", ".") for n, s in zip(short, specs)]
+    return [n if names.count(n) == 1 else f"{n}_{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+
+
 @dataclass
 class _RewardFn:
     spec: str
@@ -417,6 +425,7 @@ class FunctionAnnotator(Annotator):
             self.fns.append(_RewardFn(spec, call, conv, next((k for k in ("metas", "meta") if k in params), None),
                                       None if var_kw else set(params)))
         self.fn = self.fns[0].fn  # the (first) function, as before
+        self.metric_names = metric_names([f.spec for f in self.fns])
         self.meta_arg = self.fns[0].meta_arg
 
     def _trl(self, f: _RewardFn, prompts: list, responses: list, texts: list[str], metas: list[dict]) -> list:
@@ -478,9 +487,8 @@ class FunctionAnnotator(Annotator):
             for i in range(len(texts)):
                 vals = [(w, col[i]) for w, col in zip(self.weights, per_fn) if col[i] is not None]
                 raw.append(sum(w * v for w, v in vals) if vals else None)
-        for f, col in zip(self.fns, per_fn):  # TRL's rewards/<function>/mean and /std (unweighted, scored items)
+        for name, col in zip(self.metric_names, per_fn):  # TRL's rewards/<function>/mean, /std (unweighted, scored)
             ok = [float(v) for v in col if v is not None]
-            name = f.spec.split(":")[-1]
             mean = sum(ok) / len(ok) if ok else float("nan")
             metrics[f"rewards/{name}/mean"] = mean
             metrics[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1))
@@ -561,5 +569,5 @@ def build_annotator(spec: dict[str, Any] | Annotator | Callable) -> Annotator:
 
 
 __all__ = ["ANNOTATORS", "Annotator", "AnnotatorArgumentError", "AnnotatorError", "Scores", "check_lengths",
-           "check_policy", "finalize_scores", "RewardModelAnnotator", "FunctionAnnotator", "load_function",
-           "build_annotator", "response_text"]
+           "check_policy", "finalize_scores", "metric_names", "RewardModelAnnotator", "FunctionAnnotator",
+           "load_function", "build_annotator", "response_text"]
