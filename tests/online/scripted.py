@@ -15,9 +15,9 @@ from alignkit.data.collators import pad
 
 
 class ScriptedJudge(torch.nn.Module):
-    def __init__(self, tokenizer, script: Callable[[str], str]):
+    def __init__(self, tokenizer, script: Callable[[str], str], cut: bool = False):
         super().__init__()
-        self.tok, self.script = tokenizer, script
+        self.tok, self.script, self.cut = tokenizer, script, cut  # cut: replies end at max_new_tokens, as generate's
         self.register_buffer("anchor", torch.zeros(1))  # gives the module a device
         self.seen: list[str] = []
 
@@ -26,6 +26,8 @@ class ScriptedJudge(torch.nn.Module):
         for ids, mask in zip(input_ids, attention_mask):
             text = self.tok.decode(ids[mask.bool()].tolist())
             self.seen.append(text)
-            rows.append(self.tok(self.script(text), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id])
+            row = self.tok(self.script(text), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            limit = kwargs.get("max_new_tokens", getattr(kwargs.get("generation_config"), "max_new_tokens", None))
+            rows.append(row[:limit] if self.cut and limit is not None else row)
         new = pad(rows, self.tok.pad_token_id, side="right")  # (B, R)
         return torch.cat([input_ids, new], dim=1)

@@ -248,3 +248,170 @@ def test_judge_chat_true_needs_a_chat_template(tokenizer):
     assert e.value.reason.startswith("true sends the judge's questions")
     assert JudgeAnnotator(model, plain).chat is False and JudgeAnnotator(model, plain, chat=False).chat is False
     assert JudgeAnnotator(model, tokenizer).chat is True and JudgeAnnotator(model, tokenizer, chat=False).chat is False
+
+
+def test_function_numpy_bools_weights_and_a_non_list_are_checked():
+    """A numpy bool (np.bool_, what `np.array(a) == b` gives; TRL takes it as 1.0 / 0.0) and a 0-d numpy array were
+    refused as "returned True; return a finite number". A NaN weight made every score NaN, which the feedback
+    builders dropped as unscored without a word (failed stayed False), an inf one stopped as "beyond float32's
+    range" blaming the score, and a bool weight was taken as 1 / 0. A TRL-style function returning one float
+    instead of a list stopped with a raw TypeError. Now scores as TRL, and one line for each of the others."""
+    np = pytest.importorskip("numpy")
+
+    def same(prompt, response):
+        return np.array(response) == np.array("a")
+
+    def zero_d(prompt, response):
+        return np.array(2.5)
+
+    assert FunctionAnnotator(same).annotate(["p", "p"], ["a", "b"]).values.tolist() == [1.0, 0.0]
+    assert FunctionAnnotator(zero_d).annotate(["p"], ["a"]).values.tolist() == [2.5]
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"function annotator .*: weights must be 2 finite number\(s\), one per "
+                                             r"function, got \[1\.0, " + repr(bad)):
+            FunctionAnnotator([same, zero_d], weights=[1.0, bad])
+
+    def one_float(prompts, completions, **kwargs):
+        return 1.0
+
+    with pytest.raises(AnnotatorError, match=r"reward function .*one_float returned a float, not a list of 2 "
+                                             r"score\(s\), one per item"):
+        FunctionAnnotator(one_float).annotate(["p", "q"], ["a", "b"])
+
+
+def test_reward_model_truncation_is_said_and_kept_within_its_positions(tiny_dir, tokenizer, caplog):
+    """A prompt + response over max_length was scored on its last max_length tokens and only counted in the
+    reward_model/truncated metric: a response longer than the limit was scored as its tail, without the prompt and
+    without a word. And max_length (default 1024) above the reward model's positions (512 here) let a long
+    sequence run past them (RoPE: scores of positions it never saw; GPT-2: an IndexError). Now the limit is the
+    smaller of the two, and each annotate call with cut items logs one warning: how many, whether responses
+    themselves were cut (reward_model/response_truncated), the limit and the fix. Checked against the model
+    called on the hand-built text's last tokens."""
+    folder = tiny_dir("llama", classifier=True, num_labels=1)
+    rm = RewardModelAnnotator(str(folder), max_length=12, device="cpu")
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    responses = [" yes", " a b c d e f g h i j k l m n o p q r s t"]
+
+    def direct(text: str, keep: int) -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+        assert len(ids) > keep
+        with torch.no_grad():
+            return rm.model(input_ids=torch.tensor([ids[-keep:]])).logits[0, 0]
+
+    with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
+        s = rm.annotate([prompt, prompt], responses)
+    for i, r in enumerate(responses):
+        assert torch.allclose(s.values[i], direct(prompt + r, 12), atol=1e-5), i
+    assert s.metrics["reward_model/truncated"] == 2.0 and s.metrics["reward_model/response_truncated"] == 1.0
+    said = [r.getMessage() for r in caplog.records if "reward model" in r.getMessage()]
+    assert len(said) == 1, said
+    assert ("2 of 2 item(s) longer than 12 tokens (annotator.max_length) were scored on their last 12 tokens; in 1 "
+            "of them (e.g. item 1) the response itself was cut, so its score is of the response's end alone"
+            in said[0]), said[0]
+    assert "raise annotator.max_length" in said[0]
+
+    caplog.clear()
+    long = RewardModelAnnotator(rm.model, tokenizer, max_length=None)
+    assert long.limit == 512
+    text = " ".join(["word"] * 600)
+    with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
+        s = long.annotate(["q"], [" " + text])
+    assert torch.allclose(s.values[0], direct("q " + text, 512), atol=1e-4)
+    assert "longer than 512 tokens (the reward model's max_position_embeddings)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignkit.online.annotators"):
+        s = rm.annotate(["q"], [" yes"])
+    assert s.metrics["reward_model/truncated"] == 0.0 and not caplog.records
+
+
+def test_judge_score_cut_at_max_new_tokens_is_a_failure(tokenizer, caplog):
+    """A judge answer cut at max_new_tokens inside its score ("Score: 7" or "Score: 7." of "Score: 7.5") was read as
+    the number it had so far (7 instead of 7.5), without a word. Now a score that only digits or a point follow in
+    an answer cut at max_new_tokens counts as a failure ("cut_off", in judge/parse_failures), and the warning names
+    max_new_tokens; the same score with room to finish, or followed by more text in a cut answer, is read."""
+    reply = {"half": "Score: 7.5", "half-then": "Score: 7.5 because it is right and clear and complete"}
+
+    def script(text: str) -> str:
+        return next(v for k, v in reply.items() if text.rstrip().endswith(f"Response: {k}")
+                    or f"Response: {k}\n" in text)
+
+    ids = tokenizer("Score: 7.5", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids[:-2]) == "Score: 7" and tokenizer.decode(ids[:-1]) == "Score: 7."
+    for keep, shown in ((len(ids) - 2, "Score: 7"), (len(ids) - 1, "Score: 7.")):
+        cut = JudgeAnnotator(ScriptedJudge(tokenizer, script, cut=True), tokenizer, normalize=False, max_new_tokens=keep)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="alignkit.online.judge"):
+            s = cut.annotate(["q"], ["half"])
+        assert s.meta[0]["judge_output"] == shown and s.failed.tolist() == [True], s
+        assert s.meta[0]["judge_error"] == "cut_off" and s.metrics["judge/parse_failures"] == 1.0
+        assert "cut at max_new_tokens" in caplog.text and "raise annotator.max_new_tokens" in caplog.text
+    roomy = JudgeAnnotator(ScriptedJudge(tokenizer, script, cut=True), tokenizer, normalize=False, max_new_tokens=64)
+    assert roomy.annotate(["q"], ["half"]).values.tolist() == [7.5]
+    later = JudgeAnnotator(ScriptedJudge(tokenizer, script, cut=True), tokenizer, normalize=False, max_new_tokens=len(ids) + 3)
+    s = later.annotate(["q"], ["half-then"])
+    assert s.values.tolist() == [7.5] and s.meta[0]["judge_output"].startswith("Score: 7.5 ")
+
+
+def test_judge_pair_failures_and_one_sided_verdicts_are_said(tokenizer, caplog):
+    """Pairwise answers naming no single winner were only counted (judge/pair_parse_failures) and logged at INFO by
+    judge_pairs; a judge that names the same position every time (position bias: with the coin-flipped order its
+    preferences are coin flips) went unnoticed. Now a warning for each, and judge/pair_first_wins counts the
+    verdicts for the response shown first."""
+    always_a = JudgeAnnotator(ScriptedJudge(tokenizer, lambda t: "Winner: A"), tokenizer)
+    with caplog.at_level("WARNING", logger="alignkit.online.judge"):
+        assert always_a.prefer_batch(["q"] * 8, ["good", "bad"] * 4, ["bad", "good"] * 4) == [0] * 8
+    assert always_a.last_pair_metrics == {"judge/pair_parse_failures": 0.0, "judge/pair_first_wins": 8.0}
+    assert "named A, the response shown first, in all 8 decided comparison(s)" in caplog.text
+    caplog.clear()
+    fair = JudgeAnnotator(ScriptedJudge(tokenizer, judge_script), tokenizer)
+    with caplog.at_level("WARNING", logger="alignkit.online.judge"):
+        assert fair.prefer_batch(["q"] * 8, ["good", "bad"] * 4, ["bad", "good"] * 4) == [0, 1] * 4
+        assert fair.prefer_batch(["q"] * 2, ["twice", "good"], ["good", "bad"]) == [None, 0]
+    assert fair.last_pair_metrics == {"judge/pair_parse_failures": 1.0, "judge/pair_first_wins": 1.0}
+    assert "1/2 pairwise answer(s) name no single winner" in caplog.text and "all 8" not in caplog.text
+
+
+def test_function_none_scores_are_logged(caplog):
+    """An item every function returned None for was only counted (function/failures) and, with on_failure skip,
+    dropped from the feedback without a word (TRL warns: "All reward functions returned None"); an item some of
+    several functions returned None for got the weighted sum of the others (TRL's NaN-skipping sum), documented
+    but not logged. Now a warning for the first (function, count, an item, the policy) and an INFO line for the
+    second (which functions, an item)."""
+
+    def maths(prompt, response):
+        return 1.0 if prompt == "maths" else None
+
+    def code(prompt, response):
+        return 2.0 if prompt == "code" else None
+
+    ann = FunctionAnnotator([maths, code], weights=[1.0, 3.0])
+    with caplog.at_level("INFO", logger="alignkit.online.annotators"):
+        s = ann.annotate(["maths", "code", "poetry"], ["a", "b", "c"])
+    assert s.values[:2].tolist() == [1.0, 6.0] and math.isnan(s.values[2]) and s.failed.tolist() == [False, False, True]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "1 of 3 item(s) (e.g. item 2) got None from every reward function" in warned[0]
+    assert "on_failure 'skip': left out of the feedback" in warned[0]
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert any("2 of 3 item(s) scored by only some of the 2 reward functions (e.g. item 0: None from "
+               in m and "code" in m and "weighted sum of the others" in m for m in info), info
+    caplog.clear()
+    with caplog.at_level("INFO", logger="alignkit.online.annotators"):
+        FunctionAnnotator(maths).annotate(["maths", "maths"], ["a", "b"])
+    assert not caplog.records
+
+
+def test_functions_of_the_same_name_keep_their_own_metrics(tmp_path, monkeypatch):
+    """Two reward functions of the same name (pkg_a:score and pkg_b:score, or one function given twice) shared
+    rewards/score/mean and /std: the second overwrote the first's, so the metrics showed one function as both.
+    Now a clashing name is the module-qualified one (rewards/pkg_a.score/mean), and the same function twice is
+    numbered (_1, _2); a name without a clash stays TRL's (the function's name)."""
+    (tmp_path / "ak_pkg_a.py").write_text("def score(prompt, response):\n    return 1.0\n")
+    (tmp_path / "ak_pkg_b.py").write_text("def score(prompt, response):\n    return 3.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = FunctionAnnotator(["ak_pkg_a:score", "ak_pkg_b:score", "alignkit.rewards:digit_fraction"]
+                          ).annotate(["p"], ["a1"]).metrics
+    assert m["rewards/ak_pkg_a.score/mean"] == 1.0 and m["rewards/ak_pkg_b.score/mean"] == 3.0
+    assert m["rewards/digit_fraction/mean"] == 0.5 and "rewards/score/mean" not in m
+    twice = FunctionAnnotator(["ak_pkg_a:score", "ak_pkg_a:score"], weights=[1.0, 2.0]).annotate(["p"], ["a"])
+    assert twice.values.tolist() == [3.0]
+    assert set(twice.moments) == {"rewards/ak_pkg_a.score_1", "rewards/ak_pkg_a.score_2"}

@@ -91,7 +91,7 @@ def test_several_functions_with_weights(trl_module):
     # item 0: len 20 -> 0 * 0.5 + 1 * 2 = 2; item 1: -10 * 0.5, format None (skipped, as TRL's nansum) = -5
     assert s.values.tolist() == [2.0, -5.0]
     assert s.metrics["rewards/reward_len/mean"] == -5.0 and s.metrics["rewards/format_reward/mean"] == 1.0
-    with pytest.raises(ValueError, match="weights must be 2 number"):
+    with pytest.raises(ValueError, match="weights must be 2 finite number"):
         FunctionAnnotator(["ak_trl_rewards:reward_len", "ak_trl_rewards:format_reward"], weights=[1.0])
 
 

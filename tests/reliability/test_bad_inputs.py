@@ -196,6 +196,12 @@ ONLINE_CASES = [
     ("annotator batch_size zero", "grpo", ["annotator.kind=reward_model", "annotator.path=tiny:llama",
                                            "annotator.function=null", "annotator.batch_size=0"],
      ["annotator.batch_size", ">= 1"]),
+    ("annotator weight nan", "grpo", ["annotator.function=[alignkit.rewards:digit_fraction,alignkit.rewards:length_target]",
+                                      "annotator.weights=[1.0,.nan]"],
+     ["annotator.weights[1]", "nan is not a finite number", "give each function a finite weight"]),
+    ("annotator weight bool", "grpo", ["annotator.function=[alignkit.rewards:digit_fraction,alignkit.rewards:length_target]",
+                                       "annotator.weights=[true,1.0]"],
+     ["annotator.weights[0]", "expected float, got bool True"]),
 ]
 
 

@@ -142,7 +142,8 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
 
 # row keys drawn on no plot: counts, totals and timings (a key starting with "judge/" too: the judge's counts)
 ONLINE_BOOKKEEPING = frozenset({"step", "grad_norm", "num_tokens", "time/step_s", "pairs", "reward/failed",
-                                "function/failures", "reward_model/truncated", "eval/failed", "eval/prompts"})
+                                "function/failures", "reward_model/truncated", "reward_model/response_truncated",
+                                "eval/failed", "eval/prompts"})
 
 
 def online_plots(rows: list[dict[str, Any]]) -> dict[str, tuple[str, ...]]:

@@ -34,6 +34,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,6 +44,7 @@ from alignkit.data.collators import pad
 from alignkit.data.records import Completion, Prompt
 from alignkit.losses.registry import Registry
 from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.models.rope import trained_context
 from alignkit.online.generation import model_device
 
 logger = logging.getLogger(__name__)
@@ -168,7 +170,9 @@ class RewardModelAnnotator(Annotator):
 
     Text is built as the reward trainer builds it (`alignkit.data.tokenize`): `format_record(prompt, response)`'s
     full text, tokenized with the format's `add_special_tokens`, plus EOS when the format does not end the turn
-    itself (`add_eos=None`; force with True/False). A sequence over `max_length` keeps its last tokens. Batches
+    itself (`add_eos=None`; force with True/False). A sequence over `max_length` (or over the model's positions,
+    if fewer) keeps its last tokens, with one warning per call (a cut response is scored on its end; metrics
+    reward_model/truncated and reward_model/response_truncated). Batches
     are right-padded with the model config's `pad_token_id` (what transformers pools by: the rightmost token that
     is not it), so a batch scores as one response at a time; a config without one scores one at a time (warned).
     The score is the model's own pooled logit. `device` may differ from the policy's.
@@ -194,6 +198,11 @@ class RewardModelAnnotator(Annotator):
         self.model.eval()
         self.tokenizer, self.batch_size, self.formatter = tokenizer, batch_size, formatter
         self.max_length, self.add_eos = max_length, add_eos
+        # a sequence past the model's positions was scored anyway (RoPE: positions it never saw; GPT-2: IndexError)
+        positions = trained_context(getattr(model, "config", None))
+        self.limit = min(x for x in (max_length, positions) if x is not None) if (max_length or positions) else None
+        by_length = positions is None or (max_length is not None and max_length <= positions)
+        self.limit_name = "annotator.max_length" if by_length else "the reward model's max_position_embeddings"
         # transformers pools at the last token that is not the CONFIG's pad id: padding with another id (the
         # tokenizer's) made it pool on a pad of every shorter row (other scores than one at a time, silently), and
         # a config without one cannot pool a padded batch at all (ValueError at the first annotation)
@@ -203,17 +212,33 @@ class RewardModelAnnotator(Annotator):
                            "token of a padded row: it scores one response at a time (set pad_token_id in its "
                            "config.json to score in batches)", self.path or type(model).__name__)
 
-    def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], bool]:
-        """(token ids, truncated?) of one item."""
+    def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], str]:
+        """(token ids, what was cut: "" none, "prompt" the prompt's start, "response" the prompt and the
+        response's start) of one item: a sequence over `self.limit` keeps its last tokens."""
         f = format_record(prompt, response, self.tokenizer, self.formatter)
         ids = list(self.tokenizer(f.full, add_special_tokens=f.add_special_tokens)["input_ids"])
         eos = self.tokenizer.eos_token_id
         add_eos = self.add_eos if self.add_eos is not None else not f.ends_turn
         if add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        if self.max_length is not None and len(ids) > self.max_length:
-            return ids[len(ids) - self.max_length:], True
-        return ids, False
+        if self.limit is None or len(ids) <= self.limit:
+            return ids, ""
+        cut = len(ids) - self.limit
+        prompt_len = len(self.tokenizer(f.prompt, add_special_tokens=f.add_special_tokens)["input_ids"])
+        return ids[cut:], ("response" if cut > prompt_len else "prompt")
+
+    def warn_truncated(self, cuts: list[str]) -> None:
+        """One warning for the items `encode` cut (a score of a cut response is of its end alone)."""
+        n = sum(bool(c) for c in cuts)
+        if not n:
+            return
+        resp = [i for i, c in enumerate(cuts) if c == "response"]
+        what = (f"in {len(resp)} of them (e.g. item {resp[0]}) the response itself was cut, so its score is of the "
+                "response's end alone" if resp else "the prompts' starts were cut, every response is whole")
+        logger.warning("reward model %s: %d of %d item(s) longer than %d tokens (%s) were scored on their last %d "
+                       "tokens; %s; raise annotator.max_length (up to the reward model's positions) or lower "
+                       "sampling.max_new_tokens", self.path or type(self.model).__name__, n, len(cuts), self.limit,
+                       self.limit_name, self.limit, what)
 
     @torch.no_grad()
     def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
@@ -237,8 +262,11 @@ class RewardModelAnnotator(Annotator):
                 f"{response_text(responses[bad[0]])[:60]!r}): "
                 "its scores mean nothing; check the reward model's weights and how it was trained, or load it in "
                 "float32 if it ran in float16 (overflow)")
-        truncated = sum(e[1] for e in encoded)
-        return finalize_scores(values, "skip", None, metrics={"reward_model/truncated": float(truncated)})
+        cuts = [e[1] for e in encoded]
+        self.warn_truncated(cuts)
+        return finalize_scores(values, "skip", None, metrics={
+            "reward_model/truncated": float(sum(bool(c) for c in cuts)),
+            "reward_model/response_truncated": float(cuts.count("response"))})
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.name, "path": self.path, "formatter": self.formatter, "max_length": self.max_length}
@@ -270,10 +298,24 @@ def _as_score(value: Any, who: str, where: str) -> float | None:
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
+    elif getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        value = value.item()  # a numpy scalar or 0-d array (np.bool_ is no numbers.Real): its Python value, as TRL
     if not isinstance(value, numbers.Real) or not math.isfinite(float(value)):  # numpy scalars too, as TRL
         raise AnnotatorError(f"{who} returned {value!r} for {where}; return a finite number (or None when the "
                              f"response cannot be scored)")
     return float(value)
+
+
+def returned_scores(out: Any, n: int, who: str) -> list[float | None]:
+    """A batch reward function's return value -> n scores (None = cannot score); anything but a sequence of n
+    numbers is an `AnnotatorError` naming `who` (a string or a mapping was iterated as characters or keys)."""
+    if isinstance(out, (str, bytes, dict)) or not isinstance(out, Iterable):
+        raise AnnotatorError(f"{who} returned a {type(out).__name__}, not a list of {n} score(s), one per item; "
+                             "return a list")
+    out = list(out)
+    if len(out) != n:
+        raise AnnotatorError(f"{who} returned {len(out)} scores for {n} item(s); return one per item")
+    return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
 
 
 def reward_convention(fn: Callable, kwargs: dict | None = None, spec: str = "") -> str:
@@ -301,6 +343,14 @@ def reward_convention(fn: Callable, kwargs: dict | None = None, spec: str = "") 
             f"(a parameter named 'completions'; called with keyword lists, dataset columns as keyword arguments) "
             f"nor alignkit's fn(prompt, response, **kwargs) (two positional arguments, per item or batched) "
             f"with kwargs {sorted(kwargs)} ({e}); rename its parameters to one of them") from None
+
+
+def metric_names(specs: list[str]) -> list[str]:
+    """Each function's name in its rewards/<name>/... metrics: TRL's (the function's name); where two share it, the
+    module-qualified spec ("pkg.mod.score"), numbered "_k" where one spec is given twice (one overwrote the other)."""
+    short = [s.split(":")[-1] for s in specs]
+    names = [n if short.count(n) == 1 else s.replace(":", ".") for n, s in zip(short, specs)]
+    return [n if names.count(n) == 1 else f"{n}_{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
 
 @dataclass
@@ -334,10 +384,14 @@ class FunctionAnnotator(Annotator):
       `meta` (or `metas`) parameter also gets each prompt record's meta (e.g. the reference answer).
 
     Several functions (`fn` a list) with `weights` (default 1 each) give, like TRL, the weighted sum of the
-    scores that are not None (NaN-sum); an item every function failed on is failed. Metrics report each
-    function's mean and std over the items it scored, under TRL's names (`rewards/<name>/mean`, `.../std`). None = cannot score (the failure policy applies); an
-    exception or a non-number is an `AnnotatorError` naming the function and the item; a signature that
-    fits neither convention is a ValueError when the annotator is built.
+    scores that are not None (NaN-sum; logged at INFO); an item every function failed on is failed (a warning
+    per call). Metrics report each
+    function's mean and std over the items it scored, under TRL's names (`rewards/<name>/mean`, `.../std`).
+    Weights must be finite numbers (a NaN one made every score NaN, dropped as unscored). A score may be a Python
+    or numpy number or bool, or a one-element tensor; None = cannot score (the failure policy applies); an
+    exception, a non-number, NaN / inf, or a batch result that is not a list of one score per item is an
+    `AnnotatorError` naming the function and the item; a signature that fits neither convention is a ValueError
+    when the annotator is built.
     """
 
     name = "function"
@@ -350,9 +404,11 @@ class FunctionAnnotator(Annotator):
             raise ValueError("function annotator: give at least one reward function")
         self.spec = ", ".join(_spec(f) for f in fns)
         check_policy(on_failure, default_score, f"function annotator {self.spec}")
-        if weights is not None and (len(weights) != len(fns) or not all(isinstance(w, (int, float)) for w in weights)):
-            raise ValueError(f"function annotator {self.spec}: weights must be {len(fns)} number(s), one per "
-                             f"function, got {weights!r}")
+        if weights is not None and (len(weights) != len(fns) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+            # a NaN weight made every score NaN, dropped as unscored without a word; inf stopped blaming the score
+            raise ValueError(f"function annotator {self.spec}: weights must be {len(fns)} finite number(s), one per "
+                             f"function, got {list(weights)!r}")
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(fns)
         self.batched, self.kwargs = batched, dict(kwargs or {})
         self.on_failure, self.default_score = on_failure, default_score
@@ -369,6 +425,7 @@ class FunctionAnnotator(Annotator):
             self.fns.append(_RewardFn(spec, call, conv, next((k for k in ("metas", "meta") if k in params), None),
                                       None if var_kw else set(params)))
         self.fn = self.fns[0].fn  # the (first) function, as before
+        self.metric_names = metric_names([f.spec for f in self.fns])
         self.meta_arg = self.fns[0].meta_arg
 
     def _trl(self, f: _RewardFn, prompts: list, responses: list, texts: list[str], metas: list[dict]) -> list:
@@ -391,22 +448,17 @@ class FunctionAnnotator(Annotator):
                                  f"prompt rows have columns {sorted(cols)}") from e
         except Exception as e:
             raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
-        out = list(out)
-        if len(out) != len(texts):
-            raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
-        return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+        return returned_scores(out, len(texts), who)
 
     def _alignkit(self, f: _RewardFn, prompts: list, texts: list[str], metas: list[dict]) -> list:
         who = f"reward function {f.spec}"
         if self.batched:
             extra = {f.meta_arg: metas} if f.meta_arg else {}
             try:
-                out = list(f.fn(list(prompts), texts, **extra, **self.kwargs))
+                out = f.fn(list(prompts), texts, **extra, **self.kwargs)
             except Exception as e:
                 raise AnnotatorError(f"{who} failed on a batch of {len(texts)} item(s): {e!r}") from e
-            if len(out) != len(texts):
-                raise AnnotatorError(f"{who} returned {len(out)} scores for {len(texts)} item(s); return one per item")
-            return [_as_score(v, who, f"item {i}") for i, v in enumerate(out)]
+            return returned_scores(out, len(texts), who)
         raw = []
         for i, (p, t, m) in enumerate(zip(prompts, texts, metas)):
             extra = {f.meta_arg: m} if f.meta_arg else {}
@@ -435,19 +487,38 @@ class FunctionAnnotator(Annotator):
             for i in range(len(texts)):
                 vals = [(w, col[i]) for w, col in zip(self.weights, per_fn) if col[i] is not None]
                 raw.append(sum(w * v for w, v in vals) if vals else None)
-        for f, col in zip(self.fns, per_fn):  # TRL's rewards/<function>/mean and /std (unweighted, scored items)
+        for name, col in zip(self.metric_names, per_fn):  # TRL's rewards/<function>/mean, /std (unweighted, scored)
             ok = [float(v) for v in col if v is not None]
-            name = f.spec.split(":")[-1]
             mean = sum(ok) / len(ok) if ok else float("nan")
             metrics[f"rewards/{name}/mean"] = mean
             metrics[f"rewards/{name}/std"] = (math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1))
                                               if len(ok) > 1 else float("nan"))
             moments[f"rewards/{name}"] = (float(len(ok)), sum(ok), sum(v * v for v in ok))
         metrics["function/failures"] = float(sum(r is None for r in raw))
+        self.log_missing(per_fn, raw)
         scores = finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
                                  who=f"reward function {self.spec}")
         scores.moments = moments
         return scores
+
+    def log_missing(self, per_fn: list[list], raw: list) -> None:
+        """A warning for items no function scored (as TRL's "All reward functions returned None"), an INFO line
+        for items only some of several functions scored (their reward: the weighted sum of the others)."""
+        failed = [i for i, r in enumerate(raw) if r is None]
+        if failed:
+            fate = ("left out of the feedback" if self.on_failure == "skip"
+                    else f"scored default_score {self.default_score}")
+            logger.warning("reward function %s: %d of %d item(s) (e.g. item %d) got None from every reward function "
+                           "(cannot score); on_failure %r: %s", self.spec, len(failed), len(raw), failed[0],
+                           self.on_failure, fate)
+        if len(per_fn) > 1:
+            partial = [i for i, r in enumerate(raw) if r is not None and any(col[i] is None for col in per_fn)]
+            if partial:
+                i = partial[0]
+                none = [f.spec for f, col in zip(self.fns, per_fn) if col[i] is None]
+                logger.info("reward functions: %d of %d item(s) scored by only some of the %d reward functions "
+                            "(e.g. item %d: None from %s): their reward is the weighted sum of the others (TRL's "
+                            "NaN-skipping sum)", len(partial), len(raw), len(per_fn), i, ", ".join(none))
 
     def check_columns(self, columns: set[str], where: str) -> None:
         """A TRL-style function with a required parameter that neither TRL's call (prompts, completions), the
@@ -498,5 +569,5 @@ def build_annotator(spec: dict[str, Any] | Annotator | Callable) -> Annotator:
 
 
 __all__ = ["ANNOTATORS", "Annotator", "AnnotatorArgumentError", "AnnotatorError", "Scores", "check_lengths",
-           "check_policy", "finalize_scores", "RewardModelAnnotator", "FunctionAnnotator", "load_function",
-           "build_annotator", "response_text"]
+           "check_policy", "finalize_scores", "metric_names", "RewardModelAnnotator", "FunctionAnnotator",
+           "load_function", "build_annotator", "response_text"]

@@ -19,6 +19,7 @@ from alignkit.online.generation import SamplingConfig, generate_responses
 
 logger = logging.getLogger(__name__)
 
+ONE_SIDED_MIN = 8  # decided comparisons all naming one position before a warning (chance: 2 / 2**8 for a fair judge)
 DEFAULT_TEMPLATE = ("Rate how helpful and correct the response is, from 1 (useless) to 10 (excellent).\n"
                     "Question: {prompt}\nResponse: {response}\nEnd your answer with 'Score: <1-10>'.")
 DEFAULT_PAIR_TEMPLATE = ("Which response answers the question better?\nQuestion: {prompt}\n"
@@ -57,11 +58,14 @@ class JudgeAnnotator(Annotator):
     when there is one (`chat=None`, auto), always (`chat=True`: a tokenizer without one is a ValueError) or never
     (`chat=False`: plain text). Greedy answers of up to `max_new_tokens`; `pattern`'s first group is the score.
     An answer whose matches give different scores ("Score: 3 ... Score: 8") has no single verdict and counts as a
-    failure ("ambiguous"), as does a score outside `score_range`; with `normalize`, s -> (s - lo) / (hi - lo)
-    in [0, 1]. Metrics: judge/parse_failures (no match, or disagreeing matches), judge/out_of_range,
+    failure ("ambiguous"), as does a score outside `score_range` or one an answer cut at `max_new_tokens` may
+    have cut ("cut_off": "Score: 7" of "Score: 7.5"); with `normalize`, s -> (s - lo) / (hi - lo)
+    in [0, 1]. Metrics: judge/parse_failures (no match, disagreeing matches, cut off), judge/out_of_range,
     judge/answers, judge/failure_rate (over processes the counts are summed, the rate recomputed from them).
     Pairwise: `pair_template` ({prompt}, {response_a}, {response_b}) and `pair_pattern`
-    capturing "A" or "B" (an answer naming both winners is undecided, None).
+    capturing "A" or "B" (an answer naming both winners is undecided, None); judge/pair_parse_failures and
+    judge/pair_first_wins (verdicts for the first shown) count them, with a warning for undecided answers and for
+    a judge naming one position in all of at least ONE_SIDED_MIN decided comparisons of a batch.
     """
 
     name = "judge"
@@ -99,20 +103,26 @@ class JudgeAnnotator(Annotator):
         self.sampling = SamplingConfig(do_sample=False, max_new_tokens=max_new_tokens)
         self.last_pair_metrics: dict[str, float] = {}
 
-    def _ask(self, texts: list[str]) -> list[str]:
+    def _ask(self, texts: list[str]) -> list[tuple[str, bool]]:
+        """(answer, cut at max_new_tokens?) of each question."""
         prompts = [[{"role": "user", "content": t}] if self.chat else t for t in texts]
         samples = generate_responses(self.model, self.tokenizer, prompts, self.sampling, batch_size=self.batch_size)
-        return [s.response for s in samples]
+        return [(s.response, s.finish_reason == "length") for s in samples]
 
-    def parse(self, answer: str) -> tuple[float | None, str | None]:
-        """(score in output scale, None) or (None, "unparseable" | "ambiguous" | "out_of_range"). Every match is
-        read: matches that give different scores (the first used to win) are "ambiguous"."""
+    def parse(self, answer: str, cut: bool = False) -> tuple[float | None, str | None]:
+        """(score in output scale, None) or (None, "unparseable" | "ambiguous" | "cut_off" | "out_of_range").
+        Every match is read: matches that give different scores (the first used to win) are "ambiguous". In an
+        answer `cut` at max_new_tokens, a last match followed by nothing but digits or a point ("Score: 7" of
+        "Score: 7.5") may be a cut number: "cut_off" (it was read as the number so far)."""
         try:
-            found = {float(m.group(1)) for m in self.regex.finditer(answer)}
+            matches = list(self.regex.finditer(answer))
+            found = {float(m.group(1)) for m in matches}
         except (TypeError, ValueError):
             return None, "unparseable"
         if not found:
             return None, "unparseable"
+        if cut and re.fullmatch(r"[\d.,]*", answer[matches[-1].end():]):
+            return None, "cut_off"
         if len(found) > 1:
             return None, "ambiguous"
         s = found.pop()
@@ -126,15 +136,19 @@ class JudgeAnnotator(Annotator):
         check_lengths(prompts, responses, "JudgeAnnotator")
         asks = [render(self.template, prompt=prompt_text(p), response=response_text(r))
                 for p, r in zip(prompts, responses)]
-        answers = self._ask(asks)
-        parsed = [self.parse(a) for a in answers]
+        asked = self._ask(asks)
+        answers = [a for a, _ in asked]
+        parsed = [self.parse(a, cut) for a, cut in asked]
         meta = [{"judge_output": a, **({"judge_error": err} if err else {})} for a, (_, err) in zip(answers, parsed)]
-        n_parse = sum(err in ("unparseable", "ambiguous") for _, err in parsed)
+        n_parse = sum(err in ("unparseable", "ambiguous", "cut_off") for _, err in parsed)
+        n_cut = sum(err == "cut_off" for _, err in parsed)
         n_range = sum(err == "out_of_range" for _, err in parsed)
         if n_parse or n_range:
-            logger.warning("judge: %d/%d answer(s) unparseable or with disagreeing scores (pattern %r), %d out of "
+            cut_note = (f", {n_cut} with the score cut at max_new_tokens={self.sampling.max_new_tokens} (raise "
+                        "annotator.max_new_tokens)" if n_cut else "")
+            logger.warning("judge: %d/%d answer(s) unparseable or with disagreeing scores (pattern %r)%s, %d out of "
                            "range %s; policy %r; e.g. %r",
-                           n_parse, len(answers), self.pattern, n_range, self.range, self.on_failure,
+                           n_parse, len(answers), self.pattern, cut_note, n_range, self.range, self.on_failure,
                            next(m["judge_output"] for m in meta if "judge_error" in m)[:80])
         metrics = {"judge/parse_failures": float(n_parse), "judge/out_of_range": float(n_range),
                    "judge/answers": float(len(answers)),
@@ -146,11 +160,29 @@ class JudgeAnnotator(Annotator):
         asks = [render(self.pair_template, prompt=prompt_text(p), response_a=response_text(x),
                        response_b=response_text(y)) for p, x, y in zip(prompts, a, b)]
         out: list[int | None] = []
-        for ans in self._ask(asks):
+        answers = [a for a, _ in self._ask(asks)]
+        for ans in answers:
             named = {m.group(1) for m in self.pair_regex.finditer(ans)}  # "Winner: A ... Winner: B": no verdict
             out.append(None if len(named) != 1 or not named <= {"A", "B"} else (0 if named == {"A"} else 1))
-        self.last_pair_metrics = {"judge/pair_parse_failures": float(sum(o is None for o in out))}
+        self.last_pair_metrics = {"judge/pair_parse_failures": float(sum(o is None for o in out)),
+                                  "judge/pair_first_wins": float(out.count(0))}
+        self.warn_pairs(out, answers)
         return out
+
+    def warn_pairs(self, out: list[int | None], answers: list[str]) -> None:
+        """A warning for pairwise answers naming no single winner, and for a judge naming the same position in
+        every one of at least `ONE_SIDED_MIN` decided comparisons (its preferences are then the caller's coin flips
+        of the A/B order, not judgements)."""
+        failed = [a for a, o in zip(answers, out) if o is None]
+        if failed:
+            logger.warning("judge: %d/%d pairwise answer(s) name no single winner (pair_pattern %r): those pairs give "
+                           "no record; e.g. %r", len(failed), len(out), self.pair_pattern, failed[0][:80])
+        decided = [o for o in out if o is not None]
+        if len(decided) >= ONE_SIDED_MIN and len(set(decided)) == 1:
+            side = "A, the response shown first" if decided[0] == 0 else "B, the response shown second"
+            logger.warning("judge: named %s, in all %d decided comparison(s) of this batch: a judge that always "
+                           "picks one position (position bias) gives preferences that are coin flips of the A/B "
+                           "order; check the judge model and its pair_template", side, len(decided))
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.name, "path": self.path, "pattern": self.pattern, "score_range": list(self.range),

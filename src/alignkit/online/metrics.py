@@ -62,8 +62,9 @@ class ProcessMetrics:
 
     # counts: summed over processes (averaging them logged a count 1/world of the step's). The annotators' counts
     # too (judge/parse_failures, ...); a rate among them is recomputed from the summed counts (`RATE_METRICS`)
-    SUMMED_METRICS = ("reward/failed", "pairs", "judge/pair_parse_failures", "judge/parse_failures",
-                      "judge/out_of_range", "judge/answers", "function/failures", "reward_model/truncated")
+    SUMMED_METRICS = ("reward/failed", "pairs", "judge/pair_parse_failures", "judge/pair_first_wins",
+                      "judge/parse_failures", "judge/out_of_range", "judge/answers", "function/failures",
+                      "reward_model/truncated", "reward_model/response_truncated")
     # rate -> (its summed numerator counts, its summed denominator count)
     RATE_METRICS = {"judge/failure_rate": (("judge/parse_failures", "judge/out_of_range"), "judge/answers")}
     GLOBAL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",

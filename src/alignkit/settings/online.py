@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -127,6 +128,10 @@ class AnnotatorSettings:
         if self.weights is not None and len(self.weights) != len(specs):
             raise ConfigError(f"annotator.weights: {len(self.weights)} weight(s) for {len(specs)} function(s); give "
                               f"one per entry of annotator.function")
+        for i, w in enumerate(self.weights or []):
+            if not math.isfinite(w):  # NaN made every score NaN, dropped as unscored without a word
+                raise ConfigError(f"annotator.weights[{i}]: {w} is not a finite number; the reward is the weighted "
+                                  "sum of the functions' scores, so give each function a finite weight")
         for spec in specs:
             if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
                 raise ConfigError(f"annotator.function: {spec!r} must be written 'module:function', e.g. "
