@@ -586,7 +586,7 @@ def test_trainer_reads_no_script_flags_and_hub_fields_are_the_ones_alignkit_chec
 
     from alignkit.settings.train import HUB_KEYS
 
-    where = "alignkit/settings/train.py:refuse_unread_fields, settings/sections.py:refuse_do_eval"
+    where = "alignkit/settings/train.py:refuse_unread_train_keys, settings/sections.py:refuse_do_eval"
     names = ("trainer", "trainer_callback", "trainer_utils", "trainer_pt_utils", "trainer_optimizer", "trainer_seq2seq")
     for name in names:
         try:

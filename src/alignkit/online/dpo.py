@@ -120,8 +120,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         # best_worst / random_pairs pair only samples whose scores differ: an all-equal group gives none (a tie)
         return (f"every prompt's samples got the same reward{scores}",
                 "a reward that never varies is usually a bug in the annotator" if seen is None else
-                f"check {self.annotator.source()} on a few responses (e.g. a format they never match, a judge that "
-                "always answers the same)")
+                self.check_annotator_advice())
 
     def stall_cause(self, seen: str) -> tuple[str, str]:
         why, fix = self.no_pair_reason(seen)

@@ -97,11 +97,9 @@ class PPOTrainer(OnlineTrainer):
                 "rewards did not move the policy")
 
     def stall_cause(self, seen: str) -> tuple[str, str]:
-        source = self.annotator.source()
-        return (f"every response got the same reward from {source} ({seen}): the value head learns that constant and "
-                "the advantages then carry only the KL penalty, nothing from the reward",
-                f"check {source} on a few responses (e.g. a format they never match, a judge that always answers the "
-                "same)")
+        return (f"every response got the same reward from {self.annotator.source()} ({seen}): the value head learns "
+                "that constant and the advantages then carry only the KL penalty, nothing from the reward",
+                self.check_annotator_advice())
 
     @property
     def value_head(self) -> nn.Module:

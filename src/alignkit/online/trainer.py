@@ -390,14 +390,17 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 "had a reward spread inside any prompt's group (frac_reward_zero_std = 1 at all {steps} step(s)): "
                 "the rewards did not move the policy")
 
+    def check_annotator_advice(self) -> str:
+        """The fix a stall's message gives when the scores never varied: look at the annotator itself."""
+        return (f"check {self.annotator.source()} on a few responses (e.g. a format they never match, a judge that "
+                "always answers the same)")
+
     def stall_cause(self, seen: str) -> tuple[str, str]:
         """(why `stall_steps` steps in a row had no reward signal, what to do about it) for `RewardStallError`;
         `seen`: the scores of those steps (`seen_scores`). Here (GRPO / RLOO): every group scored alike."""
-        source = self.annotator.source()
-        return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward from {source} ({seen}), "
-                "so every group advantage was 0 and the reward moved nothing (only the KL / entropy terms trained)",
-                f"check {source} on a few responses (e.g. a format they never match, a judge that always answers the "
-                "same)")
+        return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward from "
+                f"{self.annotator.source()} ({seen}), so every group advantage was 0 and the reward moved nothing "
+                "(only the KL / entropy terms trained)", self.check_annotator_advice())
 
     def check_stall(self, step: int, flat: bool) -> None:
         """Count the steps in a row without reward signal (`no_signal`, `flat`); at `config.stall_steps` of them stop

@@ -156,7 +156,7 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     """Types of the shared keys; for online commands, only `ONLINE_TRAIN_KEYS` (offline: the rest is checked
     against TrainingArguments by `alignkit.settings.load.check_training_args`). For every command: the Hub keys
     read only by the upload (`HUB_KEYS`) without `push_to_hub` are refused, and the fields no one reads
-    (`refuse_unread_fields`)."""
+    (`refuse_unread_train_keys`)."""
     for key, value in train.items():
         if command in ONLINE_COMMANDS and key not in ONLINE_TRAIN_KEYS:
             raise unknown_key_error(where, str(key), list(ONLINE_TRAIN_KEYS), value)
@@ -183,7 +183,7 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
             raise ConfigError(f"{where}.{key}: {train[key]!r} is read only when the run uploads its model "
                               f"({where}.push_to_hub: true, or --push_to_hub), which is not set, so it would be "
                               f"ignored; set {where}.push_to_hub=true, or remove {where}.{key}")
-    refuse_unread_fields(train, command, where)
+    refuse_unread_train_keys(train, command, where)
     if train.get("padding_free") and command not in ("sft", "dpo", "rm"):
         raise ConfigError(f"{where}.padding_free: not available for {command} (only sft, dpo and rm); remove it")
     if train.get("share_prompt") and command not in ("rm", "dpo"):
@@ -191,7 +191,7 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     return train
 
 
-def refuse_unread_fields(train: dict[str, Any], command: str, where: str = "train") -> None:
+def refuse_unread_train_keys(train: dict[str, Any], command: str, where: str = "train") -> None:
     """TrainingArguments fields an offline run accepts and nobody reads, at a value that asks for something the run
     does not do: the Hub upload's schedule (alignkit pushes the final model/ folder once, after the last step, with
     the Trainer's own push switched off) and the script flags transformers' Trainer leaves to scripts (`do_train`,
@@ -236,4 +236,4 @@ def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = ["ALIGNKIT_TRAIN_KEYS", "HUB_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS", "ONLINE_TRAIN_KEYS",
            "RENAMED", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "TRAIN_KEYS", "check_renamed", "check_train",
-           "online_trainer_kwargs", "refuse_unread_fields", "train_defaults"]
+           "online_trainer_kwargs", "refuse_unread_train_keys", "train_defaults"]
