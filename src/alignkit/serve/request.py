@@ -1,7 +1,7 @@
 """Request bookkeeping of the serving engine (`serve/engine.py` runs the batching loop): what a request asks for
 (`SamplingParams`, checked against the `EngineConfig` limits), what it holds while it runs (`Request`), what its
 consumer is told (`Event`), and the errors that refuse it (`RequestError` 400, `QueueFullError` 429, `EngineStopped`
-503). `check_prompt` checks a prompt against the limits and the model's context before it is queued (the default
+503, `ModelChanged` 409). `check_prompt` checks a prompt against the limits and the model's context before it is queued (the default
 max_tokens shrinks to the context left after it)."""
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ SHUTTING_DOWN = "the server is shutting down"  # the message of a request it sto
 
 class EngineStopped(RuntimeError):
     """The engine was stopped: no request is taken (HTTP 503, which OpenAI clients retry)."""
+
+
+class ModelChanged(RuntimeError):
+    """The files a served model was loaded from changed on disk since (`Stack.changed`): its answers would come from
+    the weights loaded before, not from the folder the name stands for (HTTP 409)."""
 
 
 class RequestError(ValueError):
@@ -175,5 +180,5 @@ def non_finite_message(row: Any) -> str:
 
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "EngineConfig", "EngineStopped",
-           "Event", "QueueFullError", "Request", "RequestError", "SamplingParams", "check_prompt", "non_finite_message",
+           "Event", "ModelChanged", "QueueFullError", "Request", "RequestError", "SamplingParams", "check_prompt", "non_finite_message",
            "special_stop_ids"]
