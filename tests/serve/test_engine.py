@@ -227,6 +227,13 @@ def test_prompt_plus_max_tokens_past_the_models_context_is_refused(stack):
     with pytest.raises(RequestError, match=f"context is {ctx} tokens; the prompt has {ctx - 10} and max_tokens is 11"):
         eng.submit("base", [5] * (ctx - 10), SamplingParams(max_tokens=11), lambda e: None)
     eng.submit("base", [5] * (ctx - 10), SamplingParams(max_tokens=10), lambda e: None).cancel()  # exactly fits
+    # a prompt that fills the context alone: the prompt is at fault, whatever max_tokens (it was a 400 naming
+    # max_tokens, 'lower max_tokens or shorten the prompt', though no max_tokens >= 1 fits)
+    for n in (ctx, ctx + 7):
+        with pytest.raises(RequestError, match=f"context is {ctx} tokens and the prompt has {n}: no room for a new "
+                                               f"token; shorten the prompt to at most {ctx - 1} tokens") as e:
+            eng.submit("base", [5] * n, SamplingParams(max_tokens=1), lambda e: None)
+        assert e.value.param == "prompt"
 
 
 def test_the_default_max_tokens_shrinks_to_the_context_left(stack):

@@ -157,10 +157,11 @@ def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, cfg: EngineC
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                            f"{cfg.max_prompt_tokens}", "prompt")
     room = None if context is None else context - len(prompt_ids)
+    if room is not None and room < 1:  # whatever max_tokens says (a 400 naming max_tokens told to lower it, in vain)
+        raise RequestError(f"this model's context is {context} tokens and the prompt has "
+                           f"{len(prompt_ids)}: no room for a new token; shorten the prompt to at most "
+                           f"{context - 1} tokens", "prompt")
     if params.max_tokens is None:  # the default, as vLLM / OpenAI do: shrunk to the context left after the prompt
-        if room is not None and room < 1:
-            raise RequestError(f"this model's context is {context} tokens and the prompt has "
-                               f"{len(prompt_ids)}: no room for a new token; shorten the prompt", "prompt")
         params.max_tokens = min(cfg.default_max_tokens, cfg.max_new_tokens,
                                 *(() if room is None else (room,)))
     elif room is not None and params.max_tokens > room:
