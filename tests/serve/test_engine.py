@@ -276,6 +276,47 @@ def test_queue_full_and_cancel(stack):
         eng.stop()
 
 
+def test_a_lora_that_trains_a_module_whole_is_served_with_it(serve_dirs, tmp_path):
+    """A LoRA adapter saved with `modules_to_save: [lm_head]`: the stacked per-row LoRA switched peft's layers off
+    with `disable_adapter_layers()`, which switches the modules_to_save copy off too, so its rows were answered with
+    the base's lm_head (other tokens than the adapter alone, no warning). Now such an adapter routes through peft's
+    mixed batches; each row of a batch of it, a plain LoRA and the base equals its model alone (`generate`)."""
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter, load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    m = apply_adapter(load_model(serve_dirs["base"]), AdapterConfig(kind="lora", lora=LoraSettings(
+        r=4, modules_to_save=["lm_head"])))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    save_adapter(m, tmp_path / "head")
+    folders = {"head": tmp_path / "head", "terse": serve_dirs["adapters"]["terse"]}
+    eng = Engine(load_stack(serve_dirs["base"], folders, base_name="base")).start()
+    prompt = [5, 17, 42, 9, 88]
+    res: dict = {}
+    run = [threading.Thread(target=lambda name=name: res.__setitem__(name, eng.generate(
+        name, prompt, SamplingParams(max_tokens=8, temperature=0.0), timeout=60)["choices"][0]["token_ids"]))
+        for name in ("head", "terse", "base", "head")]  # one batch, or joining it
+    try:
+        for t in run:
+            t.start()
+        for t in run:
+            t.join(60)
+    finally:
+        eng.stop()
+    want = {}
+    for name in res:
+        model = load_model(serve_dirs["base"]).eval()
+        model = load_adapter(model, folders[name]).eval() if name != "base" else model
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                 dtype=torch.long), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        want[name] = out[0, len(prompt):].tolist()
+    assert res == want
+    assert want["head"] != want["terse"] and want["head"] != want["base"]
+
+
 def test_stacked_lora_equals_peft_mixed_batches(serve_dirs):
     """The gathered per-row LoRA (serve/lora.py) computes what peft's own mixed-adapter batch computes."""
     from alignkit.serve.stack import PEFT_BASE
