@@ -317,6 +317,22 @@ def test_a_lora_that_trains_a_module_whole_is_served_with_it(serve_dirs, tmp_pat
     assert want["head"] != want["terse"] and want["head"] != want["base"]
 
 
+def test_a_reft_adapter_that_trained_a_module_whole_is_refused_at_load(serve_dirs, tmp_path):
+    """A ReFT adapter saved with `reft.modules_to_save: [lm_head]` was served with the base's lm_head (the stack
+    loads each ReFT's interventions, not its trained modules): its answers were not the adapter's, without a word.
+    Now load_stack refuses it, naming the folder and the module."""
+    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter, save_adapter
+    from alignkit.interventions import ReftConfig
+
+    reft = ReftSettings(config=ReftConfig.uniform([0], "loreft", low_rank_dimension=2).to_dict(), positions="l1",
+                        modules_to_save=["lm_head"])
+    m = apply_adapter(load_model(serve_dirs["base"]), AdapterConfig(kind="reft", reft=reft))
+    save_adapter(m, tmp_path / "head")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'head'}: this ReFT adapter also trained lm_head whole "
+                                         r"\(adapter.reft.modules_to_save\).*would answer with the base's"):
+        load_stack(serve_dirs["base"], {"head": tmp_path / "head"}, base_name="base")
+
+
 def test_stacked_lora_equals_peft_mixed_batches(serve_dirs):
     """The gathered per-row LoRA (serve/lora.py) computes what peft's own mixed-adapter batch computes."""
     from alignkit.serve.stack import PEFT_BASE
