@@ -1,4 +1,4 @@
-"""peft behaviour and names alignkit relies on (rows P1-P5 of the table in docs/architecture.md)."""
+"""peft behaviour and names alignkit relies on (rows P of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -295,3 +295,44 @@ def test_lora_targets_are_foreseen_with_peft_s_matcher(tiny_lm, target_modules, 
     adapted = sorted(n for n, m in base.named_modules() if hasattr(m, "lora_A"))
     check(sorted(foreseen) == adapted, PEFT, f"target_modules={target_modules!r}: peft adapted {adapted}, its matcher "
           f"foresaw {sorted(foreseen)}", where)
+
+
+def test_modules_to_save_copies_are_switched_off_with_the_lora_layers(tiny_dir, tmp_path):
+    """A LoRA trained with `modules_to_save: [lm_head]` holds the head in peft's `ModulesToSaveWrapper`
+    (`modules_to_save[name]` the trained copy, `original_module` the base's); `base_model.disable_adapter_layers()`,
+    which serve's stacked LoRA calls, switches it off too (the wrapper then gives the base's module), so the stacked
+    LoRA hooks the wrapper and gives each row its adapter's copy: its rows must equal the adapter alone."""
+    where = "alignkit/serve/lora.py:StackedLora.build/_saved_hook"
+    from peft import PeftModel
+    from peft.utils.other import ModulesToSaveWrapper
+
+    from alignkit.serve.lora import StackedLora
+
+    m = lora(load_model(tiny_dir("llama")), modules_to_save=["lm_head"])
+    perturb(m, 0.3, 5)
+    save_adapter(m, tmp_path / "head")
+    model = PeftModel.from_pretrained(load_model(tiny_dir("llama")), str(tmp_path / "head"), adapter_name="head",
+                                      is_trainable=False).eval()
+    with torch.no_grad():
+        alone = load_adapter(load_model(tiny_dir("llama")), tmp_path / "head").eval()(input_ids=MIXED_IDS).logits
+        base = load_model(tiny_dir("llama")).eval()(input_ids=MIXED_IDS).logits
+    wrappers = [w for w in model.modules() if isinstance(w, ModulesToSaveWrapper)]
+    check(len(wrappers) == 1 and "head" in wrappers[0].modules_to_save and hasattr(wrappers[0], "original_module"),
+          PEFT, "modules_to_save is no longer a ModulesToSaveWrapper holding modules_to_save[name] and "
+          "original_module", where)
+    with guard(PEFT, "StackedLora.build over a LoRA with modules_to_save failed", where):
+        stacked = StackedLora.build(model, ["head"])
+    try:
+        x = torch.randn(2, 1, wrappers[0].original_module.in_features)
+        with torch.no_grad():
+            off = wrappers[0](x)
+            check(torch.equal(off, wrappers[0].original_module(x)), PEFT, "disable_adapter_layers() no longer "
+                  "switches modules_to_save off with the LoRA layers (the stacked LoRA's hook would apply it twice)",
+                  where)
+            with stacked.route(["head", None, "head"], torch.device("cpu")):
+                got = model(input_ids=MIXED_IDS).logits
+    finally:
+        stacked.remove()
+    check(torch.allclose(got[0::2], alone[0::2], atol=1e-5) and torch.allclose(got[1], base[1], atol=1e-5), PEFT,
+          "rows of a LoRA with modules_to_save served by the stacked LoRA differ from the adapter alone (or the base "
+          "row from the base)", where, f"max diff {(got[0::2] - alone[0::2]).abs().max().item():.3g}")

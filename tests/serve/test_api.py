@@ -551,3 +551,37 @@ def test_an_adapter_trained_with_another_chat_template_is_refused_on_the_chat_en
     build_tiny_tokenizer(["a b c d e f g " * 20, "zz yy xx"]).save_pretrained(foreign)
     with pytest.raises(ValueError, match=r"adapter 'foreign': the tokenizer saved with it .* has another vocabulary"):
         load_stack(serve_dirs["base"], {"foreign": foreign}, base_name="base")
+
+
+def test_a_model_whose_files_changed_on_disk_is_refused_by_name(serve_dirs, tmp_path):
+    """A run saved over a served adapter's folder (or a file of it removed) while the server runs: the server still
+    holds the weights it loaded, so it answered that name with the old adapter without a word; now 409 naming the
+    file and the fix, the other names are served as before."""
+    import shutil
+
+    from alignkit.serve.request import ModelChanged
+    from alignkit.serve.stack import load_stack
+
+    from .conftest import make_adapter
+
+    folders = {name: shutil.copytree(serve_dirs["adapters"][name], tmp_path / name) for name in ("polite", "terse")}
+    engine = Engine(load_stack(serve_dirs["base"], folders, base_name="base"), EngineConfig())
+    body = {"prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0}
+    with running_server(engine) as url:
+        before = {m: raw(url, "/v1/completions", {**body, "model": m}) for m in ("base", "polite", "terse")}
+        assert all(status == 200 for status, _ in before.values()), before
+        make_adapter(serve_dirs["base"], folders["terse"], "lora", seed=99)  # a new run's save over the folder
+        status, err = raw(url, "/v1/completions", {**body, "model": "terse"})
+        assert status == 409, (status, err)
+        assert err["error"]["code"] == "model_changed" and err["error"]["param"] == "model"
+        assert "adapter 'terse'" in err["error"]["message"] and str(folders["terse"]) in err["error"]["message"]
+        assert "restart alignkit serve" in err["error"]["message"]
+        with pytest.raises(ModelChanged, match="adapter 'terse'"):  # the engine's own entry refuses it too
+            engine.generate("terse", [5, 6], SamplingParams(max_tokens=1))
+        for m in ("base", "polite"):  # unchanged: served, the same answer
+            status, again = raw(url, "/v1/completions", {**body, "model": m})
+            assert status == 200 and again["choices"] == before[m][1]["choices"]
+        (folders["polite"] / "interventions.safetensors").unlink()
+        status, err = raw(url, "/v1/completions", {**body, "model": "polite"})
+        assert status == 409 and "interventions.safetensors was removed" in err["error"]["message"], err
+        assert raw(url, "/v1/completions", {**body, "model": "base"})[0] == 200

@@ -227,6 +227,13 @@ def test_prompt_plus_max_tokens_past_the_models_context_is_refused(stack):
     with pytest.raises(RequestError, match=f"context is {ctx} tokens; the prompt has {ctx - 10} and max_tokens is 11"):
         eng.submit("base", [5] * (ctx - 10), SamplingParams(max_tokens=11), lambda e: None)
     eng.submit("base", [5] * (ctx - 10), SamplingParams(max_tokens=10), lambda e: None).cancel()  # exactly fits
+    # a prompt that fills the context alone: the prompt is at fault, whatever max_tokens (it was a 400 naming
+    # max_tokens, 'lower max_tokens or shorten the prompt', though no max_tokens >= 1 fits)
+    for n in (ctx, ctx + 7):
+        with pytest.raises(RequestError, match=f"context is {ctx} tokens and the prompt has {n}: no room for a new "
+                                               f"token; shorten the prompt to at most {ctx - 1} tokens") as e:
+            eng.submit("base", [5] * n, SamplingParams(max_tokens=1), lambda e: None)
+        assert e.value.param == "prompt"
 
 
 def test_the_default_max_tokens_shrinks_to_the_context_left(stack):
@@ -267,6 +274,63 @@ def test_queue_full_and_cancel(stack):
         assert eng.stats.cancelled == 1
     finally:
         eng.stop()
+
+
+def test_a_lora_that_trains_a_module_whole_is_served_with_it(serve_dirs, tmp_path):
+    """A LoRA adapter saved with `modules_to_save: [lm_head]`: the stacked per-row LoRA switched peft's layers off
+    with `disable_adapter_layers()`, which switches the modules_to_save copy off too, so its rows were answered with
+    the base's lm_head (other tokens than the adapter alone, no warning). Now such an adapter routes through peft's
+    mixed batches; each row of a batch of it, a plain LoRA and the base equals its model alone (`generate`)."""
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter, load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    m = apply_adapter(load_model(serve_dirs["base"]), AdapterConfig(kind="lora", lora=LoraSettings(
+        r=4, modules_to_save=["lm_head"])))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    save_adapter(m, tmp_path / "head")
+    folders = {"head": tmp_path / "head", "terse": serve_dirs["adapters"]["terse"]}
+    eng = Engine(load_stack(serve_dirs["base"], folders, base_name="base")).start()
+    prompt = [5, 17, 42, 9, 88]
+    res: dict = {}
+    run = [threading.Thread(target=lambda name=name: res.__setitem__(name, eng.generate(
+        name, prompt, SamplingParams(max_tokens=8, temperature=0.0), timeout=60)["choices"][0]["token_ids"]))
+        for name in ("head", "terse", "base", "head")]  # one batch, or joining it
+    try:
+        for t in run:
+            t.start()
+        for t in run:
+            t.join(60)
+    finally:
+        eng.stop()
+    want = {}
+    for name in res:
+        model = load_model(serve_dirs["base"]).eval()
+        model = load_adapter(model, folders[name]).eval() if name != "base" else model
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                 dtype=torch.long), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        want[name] = out[0, len(prompt):].tolist()
+    assert res == want
+    assert want["head"] != want["terse"] and want["head"] != want["base"]
+
+
+def test_a_reft_adapter_that_trained_a_module_whole_is_refused_at_load(serve_dirs, tmp_path):
+    """A ReFT adapter saved with `reft.modules_to_save: [lm_head]` was served with the base's lm_head (the stack
+    loads each ReFT's interventions, not its trained modules): its answers were not the adapter's, without a word.
+    Now load_stack refuses it, naming the folder and the module."""
+    from alignkit.adapters import AdapterConfig, ReftSettings, apply_adapter, save_adapter
+    from alignkit.interventions import ReftConfig
+
+    reft = ReftSettings(config=ReftConfig.uniform([0], "loreft", low_rank_dimension=2).to_dict(), positions="l1",
+                        modules_to_save=["lm_head"])
+    m = apply_adapter(load_model(serve_dirs["base"]), AdapterConfig(kind="reft", reft=reft))
+    save_adapter(m, tmp_path / "head")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'head'}: this ReFT adapter also trained lm_head whole "
+                                         r"\(adapter.reft.modules_to_save\).*would answer with the base's"):
+        load_stack(serve_dirs["base"], {"head": tmp_path / "head"}, base_name="base")
 
 
 def test_stacked_lora_equals_peft_mixed_batches(serve_dirs):

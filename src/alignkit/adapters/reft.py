@@ -68,6 +68,12 @@ class Reft(Adapter):
 
     def route(self, name: str) -> Route:
         s = self.config.reft
+        heads = self._heads()
+        if heads:  # the stack holds one copy of every module besides the interventions: the base's
+            raise ValueError(f"this ReFT adapter also trained {', '.join(heads)} whole (adapter.reft.modules_to_save), "
+                             "and alignkit serve routes each row's interventions but serves one copy of every other "
+                             "module, the base's, so it would answer with the base's; use alignkit generate, or train "
+                             "the module in a LoRA part (kind reft+lora with adapter.lora.modules_to_save)")
         return Route(name, self.kind, reft=name, positions=Positions.parse(s.positions), share_weights=s.share_weights)
 
     def save_weights(self, model: nn.Module, folder: Path, config: AdapterConfig,

@@ -22,7 +22,8 @@ min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template 
 unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape), a chat request to an adapter trained
 with another chat template than the base's (`Stack.other_template`); 401 bad/missing bearer token (with --api-key); 404
-unknown model; 413 a body over 1 MiB; 429 queue full; 503 the server is shutting down (a request it stopped or will not
+unknown model; 409 a model whose files changed on disk since the server loaded them (a run saved over the adapter
+or base folder: the server would answer with the weights it loaded; `Stack.changed`); 413 a body over 1 MiB; 429 queue full; 503 the server is shutting down (a request it stopped or will not
 take); 504 request timeout; 500 an internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
 """
@@ -40,7 +41,8 @@ from alignkit.serve.engine import Engine
 from alignkit.serve.log import ServeLog
 from alignkit.serve.parsing import (PART_SEPARATOR, STREAM_OPTIONS_NEUTRAL, ApiError, chat_prompt, completion_prompts,
                                     content_text, developer_as_system, not_unicode, request_model, sampling_params)
-from alignkit.serve.request import SHUTTING_DOWN, EngineStopped, Event, QueueFullError, RequestError, SamplingParams
+from alignkit.serve.request import (SHUTTING_DOWN, EngineStopped, Event, ModelChanged, QueueFullError, RequestError,
+                                    SamplingParams)
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,10 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
             for r in reqs:
                 r.cancel()
             raise ApiError(503, str(e), "server_error", code="unavailable") from None
+        except ModelChanged as e:
+            for r in reqs:
+                r.cancel()
+            raise ApiError(409, str(e), param="model", code="model_changed") from None
         except RequestError as e:
             for r in reqs:
                 r.cancel()

@@ -60,7 +60,7 @@ from alignkit.online.decode import inverse_cdf_sample
 from alignkit.online.generation import end_token_ids
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.serve.request import (FINISH_LENGTH, FINISH_STOP, SEED_MAX, SEED_MIN, SHUTTING_DOWN, EngineConfig,
-                                    EngineStopped, Event, QueueFullError, Request, RequestError, SamplingParams,
+                                    EngineStopped, Event, ModelChanged, QueueFullError, Request, RequestError, SamplingParams,
                                     check_prompt, non_finite_message, special_stop_ids)
 from alignkit.serve.stack import Route, Stack
 from alignkit.serve.stats import EngineStats
@@ -93,6 +93,7 @@ class Engine:
         self._context = trained_context(unwrap_lm(stack.model).config)  # positions past it are refused
         self._vocab = unwrap_lm(stack.model).get_input_embeddings().num_embeddings  # token ids past it are refused
         self._waiting: collections.deque[Request] = collections.deque()
+        self._changed: set[str] = set()  # `ModelChanged` messages already logged
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -146,8 +147,15 @@ class Engine:
         """Queue a request; `sink` receives its events from the engine thread (keep it cheap and thread-safe).
         `chat`: the prompt was formatted by the chat template, so the template's turn-end token ends it too
         (`end_ids`); False for plain text (`text_end_ids`: EOS only, as vLLM's completions).
-        Raises KeyError (unknown model), RequestError (limits, bad values), QueueFullError, EngineStopped."""
+        Raises KeyError (unknown model), ModelChanged (its files changed on disk since they were loaded: the answer
+        would come from the old weights), RequestError (limits, bad values), QueueFullError, EngineStopped."""
         route = self.stack.route(model)
+        changed = self.stack.changed(model)
+        if changed is not None:
+            if changed not in self._changed:  # the server's log says it once, every request for it is refused
+                self._changed.add(changed)
+                logger.warning("serve: %s", changed)
+            raise ModelChanged(changed)
         params.check(self.config)
         stop_ids = special_stop_ids(self.tokenizer, params.stop)
         prompt_ids = check_prompt(prompt_ids, params, self.config, self._context, self._vocab)
@@ -490,6 +498,6 @@ def default_end_ids(stack: Stack, chat: bool = True) -> list[int]:
     return sorted(set(end_token_ids(unwrap_lm(stack.model), stack.tokenizer, SamplingConfig(), chat=chat)))
 
 
-__all__ = ["SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "Engine", "EngineConfig", "EngineStopped", "Event",
+__all__ = ["SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "Engine", "EngineConfig", "EngineStopped", "Event", "ModelChanged",
            "QueueFullError", "Request", "RequestError", "SamplingParams", "default_end_ids", "generation_defaults",
            "special_stop_ids"]

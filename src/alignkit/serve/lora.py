@@ -15,8 +15,14 @@ product is cheap while n R is small, e.g. 4 adapters x r 8 = 32 columns; thousan
 a gathered kernel instead). When every row uses the same adapter only its block is used; when no row uses
 LoRA the hook returns at once.
 
-Only vanilla LoRA on `nn.Linear` qualifies; DoRA and other variants, LoRA biases, or adapters on other
-layer types make `StackedLora.build` return None, and the engine then uses peft's `adapter_names` path.
+A module an adapter trains whole (`modules_to_save`, e.g. `lm_head`) is peft's `ModulesToSaveWrapper`, which
+`disable_adapter_layers` switches off too (it then gives the base's module): a hook on it gives each row of such an
+adapter that adapter's trained copy (row P13; they were answered with the base's module). peft's own mixed batches
+cannot serve it beside an adapter without that module (a KeyError on the adapter's name).
+
+Only vanilla LoRA on `nn.Linear` qualifies; DoRA and other variants, LoRA biases, adapters on other
+layer types, or peft's other auxiliary wrappers (trainable tokens) make `StackedLora.build` return None, and the
+engine then uses peft's `adapter_names` path.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Iterator, Sequence
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -43,10 +50,16 @@ class StackedLora:
         self._single: int | None = None  # the adapter index every row uses (-1: none; None: mixed)
         self._single_scale: torch.Tensor | None = None
         self._handles: list = []
+        self._row_names: list[str | None] | None = None  # each row's adapter (None: none) while `route` is on
 
     @classmethod
     def build(cls, peft_model: nn.Module, names: Sequence[str]) -> "StackedLora | None":
         """Stack the LoRA weights of `names` from `peft_model`; None if any layer is not vanilla LoRA on Linear."""
+        saved = [m for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        if any(isinstance(m, AuxiliaryTrainingWrapper) and not isinstance(m, ModulesToSaveWrapper)
+               for m in peft_model.modules()):
+            logger.info("serve: a LoRA adapter has trainable tokens: peft's mixed batches are used")
+            return None
         layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
         for m in layers:
             if not isinstance(m, LoraLinear) or not isinstance(m.base_layer, nn.Linear):
@@ -85,6 +98,8 @@ class StackedLora:
         else:
             self._per_layer = False
         self._scale = scales[0]
+        for m in saved:  # disable_adapter_layers() below makes them give the base's module: each row gets its copy
+            self._handles.append(m.register_forward_hook(self._saved_hook(m), with_kwargs=True))
         peft_model.base_model.disable_adapter_layers()  # peft's own LoRA path off: the hooks add the deltas
         return self
 
@@ -104,6 +119,22 @@ class StackedLora:
             return out + delta.to(out.dtype)
         return hook
 
+    def _saved_hook(self, wrapper: ModulesToSaveWrapper):
+        copies = wrapper.modules_to_save  # adapter name -> its trained copy of the module
+
+        def hook(mod, args, kwargs, out):
+            rows_of = {n: [b for b, m in enumerate(self._row_names or ()) if m == n] for n in copies}
+            rows_of = {n: rows for n, rows in rows_of.items() if rows}
+            if not rows_of:
+                return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            out = out.clone()
+            for n, rows in rows_of.items():
+                idx = torch.tensor(rows, device=out.device)
+                out[idx] = copies[n](x[idx.to(x.device)], *args[1:], **kwargs).to(out.dtype)
+            return out
+        return hook
+
     def _layer_mask(self, scale: torch.Tensor) -> torch.Tensor:
         onehot = self._onehot  # (Bt, n)
         return (onehot * scale[None, :]).repeat_interleave(self.rank, dim=1)[:, None, :]
@@ -118,11 +149,12 @@ class StackedLora:
             if i >= 0:
                 onehot[b, i] = 1.0
         self._onehot = onehot
+        self._row_names = list(names)
         self._mask = (onehot * self._scale.to(device)[None, :]).repeat_interleave(self.rank, dim=1)[:, None, :]
         try:
             yield
         finally:
-            self._mask, self._single, self._onehot = None, None, None
+            self._mask, self._single, self._onehot, self._row_names = None, None, None, None
 
     def remove(self) -> None:
         for h in self._handles:

@@ -1,7 +1,7 @@
 """Request bookkeeping of the serving engine (`serve/engine.py` runs the batching loop): what a request asks for
 (`SamplingParams`, checked against the `EngineConfig` limits), what it holds while it runs (`Request`), what its
 consumer is told (`Event`), and the errors that refuse it (`RequestError` 400, `QueueFullError` 429, `EngineStopped`
-503). `check_prompt` checks a prompt against the limits and the model's context before it is queued (the default
+503, `ModelChanged` 409). `check_prompt` checks a prompt against the limits and the model's context before it is queued (the default
 max_tokens shrinks to the context left after it)."""
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ SHUTTING_DOWN = "the server is shutting down"  # the message of a request it sto
 
 class EngineStopped(RuntimeError):
     """The engine was stopped: no request is taken (HTTP 503, which OpenAI clients retry)."""
+
+
+class ModelChanged(RuntimeError):
+    """The files a served model was loaded from changed on disk since (`Stack.changed`): its answers would come from
+    the weights loaded before, not from the folder the name stands for (HTTP 409)."""
 
 
 class RequestError(ValueError):
@@ -152,10 +157,11 @@ def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, cfg: EngineC
         raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this server takes at most "
                            f"{cfg.max_prompt_tokens}", "prompt")
     room = None if context is None else context - len(prompt_ids)
+    if room is not None and room < 1:  # whatever max_tokens says (a 400 naming max_tokens told to lower it, in vain)
+        raise RequestError(f"this model's context is {context} tokens and the prompt has "
+                           f"{len(prompt_ids)}: no room for a new token; shorten the prompt to at most "
+                           f"{context - 1} tokens", "prompt")
     if params.max_tokens is None:  # the default, as vLLM / OpenAI do: shrunk to the context left after the prompt
-        if room is not None and room < 1:
-            raise RequestError(f"this model's context is {context} tokens and the prompt has "
-                               f"{len(prompt_ids)}: no room for a new token; shorten the prompt", "prompt")
         params.max_tokens = min(cfg.default_max_tokens, cfg.max_new_tokens,
                                 *(() if room is None else (room,)))
     elif room is not None and params.max_tokens > room:
@@ -175,5 +181,5 @@ def non_finite_message(row: Any) -> str:
 
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "EngineConfig", "EngineStopped",
-           "Event", "QueueFullError", "Request", "RequestError", "SamplingParams", "check_prompt", "non_finite_message",
+           "Event", "ModelChanged", "QueueFullError", "Request", "RequestError", "SamplingParams", "check_prompt", "non_finite_message",
            "special_stop_ids"]

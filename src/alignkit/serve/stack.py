@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,8 +35,11 @@ from transformers.cache_utils import DynamicLayer
 
 from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import Adapter, Route, adapter_in, check_base, is_classifier, unwrap_lm
+from alignkit.adapters.config import ADAPTER_CONFIG_NAME
+from alignkit.adapters.full import Full
 from alignkit.data.chat import PROMPT_FORMAT_FILE, format_mismatch, trained_prompt_formats
 from alignkit.data.positions import locations_from_spans
+from alignkit.files import FileState, UnchangedSinceChecked
 from alignkit.interventions.attach import ReftModel
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.serve.lora import StackedLora
@@ -44,6 +48,39 @@ logger = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
 PEFT_BASE = "__base__"  # peft's name for "no LoRA on this row" in mixed batches
+
+
+@dataclass(frozen=True)
+class Source:
+    """The files a served model was loaded from (`names` in `folder`) and their state (size, mtime) taken before
+    they were read: the server holds those weights in memory, so once the files change (a new run saved over the
+    folder) it would go on answering with the old ones under the same name (`changed`)."""
+
+    what: str  # "adapter 'terse'", "the base model"
+    folder: Path
+    names: tuple[str, ...]
+    state: FileState
+    loaded_at: float  # wall-clock time of the state
+
+    @classmethod
+    def of(cls, what: str, folder: Path, names: set[str]) -> "Source":
+        names_ = tuple(sorted(names))
+        return cls(what, folder, names_, UnchangedSinceChecked.state(*(folder / n for n in names_)), time.time())
+
+    def changed(self) -> str | None:
+        """None while every file is as it was loaded, else one line naming the file and what to do."""
+        for name, then in zip(self.names, self.state):
+            try:
+                now = UnchangedSinceChecked.state(self.folder / name)[0]
+            except OSError:
+                now = None
+            if now != then:
+                how = "was removed" if now is None else "changed"
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.loaded_at))
+                return (f"{self.what}: {self.folder / name} {how} on disk after the server loaded it ({when}), so "
+                        f"the server would answer with the weights it loaded then, not the folder's; restart alignkit "
+                        f"serve to serve the folder as it is now (or serve the new files under another name)")
+        return None
 
 
 @dataclass
@@ -59,6 +96,9 @@ class Stack:
     # served name -> the adapter folder whose saved tokenizer has another chat template than `tokenizer`'s (trained
     # with `model.tokenizer`): the chat endpoint would format its messages with a template it never saw
     other_template: dict[str, str] = field(default_factory=dict)
+    # served name -> the files it was loaded from (`Source`); the base's under `base_name`, and every adapter's
+    # answers depend on the base's too
+    sources: dict[str, Source] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -69,6 +109,16 @@ class Stack:
             return self.routes[name]
         except KeyError:
             raise KeyError(f"unknown model {name!r}; served: {self.names}") from None
+
+    def changed(self, name: str) -> str | None:
+        """One line when the files served name `name` (or the base under it) was loaded from changed on disk since
+        (`Source.changed`), else None."""
+        for key in dict.fromkeys([self.base_name, name]):
+            source = self.sources.get(key)
+            msg = source.changed() if source is not None else None
+            if msg is not None:
+                return msg
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -164,8 +214,11 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     base_name = base_name or base.resolve().name
     check_served_names(base_name, adapters)
     served: dict[str, Route] = {}
+    sources = {base_name: Source.of("the base model", base, Full.saved_files(base))}
     for name, folder in adapters.items():
         adapter = _adapter(Path(folder))
+        files = adapter.saved_files(Path(folder)) | {n for n in [ADAPTER_CONFIG_NAME] if (Path(folder) / n).is_file()}
+        sources[name] = Source.of(f"adapter {name!r}", Path(folder), files)
         try:
             served[name] = adapter.route(name)
         except ValueError as e:  # e.g. a fully finetuned model: not an adapter
@@ -222,7 +275,8 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     reft.eval()
     if device is not None:
         reft.to(device)
-    return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora), lora=stacked, other_template=other_template)
+    return Stack(reft, tokenizer, base_name, routes, has_lora=bool(lora), lora=stacked, other_template=other_template,
+                 sources=sources)
 
 
 # what happens to the chat requests of an adapter trained with another chat template (alignkit's engine: refused)
@@ -255,4 +309,4 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
     return out
 
 
-__all__ = ["CHAT_REFUSED", "Route", "Stack", "check_served_names", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]
+__all__ = ["CHAT_REFUSED", "Route", "Source", "Stack", "check_served_names", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]
