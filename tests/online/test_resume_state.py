@@ -132,12 +132,20 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tiny_dir, tokenizer
     assert (tmp_path / METRICS_FILE).read_text() == before  # refused before anything was written
 
 
-def test_how_long_and_what_is_logged_or_saved_may_change(tiny_dir, tokenizer, tmp_path):
-    """steps, save_steps, stall_steps, progress_bar are not training settings: the resume runs."""
+def test_how_long_and_what_is_logged_or_saved_may_change(tiny_dir, tokenizer, tmp_path, caplog, monkeypatch):
+    """steps, save_steps, stall_steps, progress_bar are not training settings: the resume runs. Its run-level
+    warnings count the steps since the resume, and say so (they said "no step of this run" of 2 of its 3 steps)."""
+    monkeypatch.setitem(SIGNAL, "on", False)
     grpo(tiny_dir, tokenizer, tmp_path, 1, save_steps=1).train()
-    rows = grpo(tiny_dir, tokenizer, tmp_path, 3, save_steps=2, stall_steps=7, progress_bar=False).train(
-        resume_from_checkpoint=tmp_path / "checkpoints" / "checkpoint-1")
+    with caplog.at_level("WARNING", logger="alignkit.online.trainer"):
+        rows = grpo(tiny_dir, tokenizer, tmp_path, 3, save_steps=2, stall_steps=7, progress_bar=False).train(
+            resume_from_checkpoint=tmp_path / "checkpoints" / "checkpoint-1")
     assert [r["step"] for r in rows] == [1, 2]
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("no step of this run since its resume after step 1 had a reward spread inside any "
+                            "prompt's group (frac_reward_zero_std = 1 at all 2 step(s))") for m in said), said
+    assert any(m.startswith("every response of this run's 2 step(s) since its resume after step 1 reached "
+                            "sampling.max_new_tokens (2)") for m in said), said
 
 
 def test_an_older_checkpoint_compares_what_it_recorded_and_says_the_stall_restarts(tiny_dir, tokenizer, tmp_path,

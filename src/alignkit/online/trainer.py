@@ -461,13 +461,15 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 for tracker in self.accelerator.trackers:  # saving (FSDP gathers) and the caller still need
                     tracker.finish()
         flat, ran = self._flat_steps, self.config.steps - start
+        # these count this call's steps: after a resume, the steps since it (the earlier ones are not in the count)
+        since = "" if start == 0 else f" since its resume after step {start}"
         if ran > 0 and flat == ran:
-            logger.warning("no step of this run %s", self._no_signal[1].format(steps=ran))
+            logger.warning("no step of this run%s %s", since, self._no_signal[1].format(steps=ran))
         if ran > 0 and self._clipped_steps == ran:
-            logger.warning("every response of this run's %d step(s) reached sampling.max_new_tokens (%d) without an "
+            logger.warning("every response of this run's %d step(s)%s reached sampling.max_new_tokens (%d) without an "
                            "end token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off "
                            "responses, and a reward that reads a response's end never saw one; raise "
-                           "sampling.max_new_tokens", ran, self.config.sampling.max_new_tokens)
+                           "sampling.max_new_tokens", ran, since, self.config.sampling.max_new_tokens)
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
             if self.config.push_to_hub and self.accelerator.is_main_process:
