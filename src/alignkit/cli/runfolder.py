@@ -179,8 +179,10 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         saved = checkpoint_run_config(ckpt)
         if saved is None:
             logger.warning("train.resume_from_checkpoint: %s is not inside a run folder with a config.yaml "
-                           "(<run>/checkpoints/checkpoint-N), so its settings cannot be compared with these; the "
-                           "checkpoint's optimizer and scheduler keep the values it was trained with", ckpt)
+                           "(<run>/checkpoints/checkpoint-N), so the settings only a config.yaml records (model.path, "
+                           "data.path, ...) cannot be compared with these; the training settings the checkpoint records "
+                           "itself are (a change is refused), and its optimizer state keeps the values it was "
+                           "trained with", ckpt)
         else:
             check_resume_config(cfg, saved, label)
     elif resume:
