@@ -89,3 +89,26 @@ def test_online_resume_purges_the_killed_runs_tensorboard_steps(tmp_path, monkey
     got = shown(tmp_path / "cut")
     assert [s for s, _ in got] == [0, 1, 2, 3], got
     assert got == [(s, pytest.approx(want[s], rel=1e-6, abs=1e-7)) for s in (0, 1, 2, 3)]
+
+
+def test_a_stall_spans_a_cli_resume_and_stall_steps_may_change_on_resume(tmp_path, capsys):
+    """A reward that never varies (a keyword no response holds), method.stall_steps=3: 2 such steps, checkpoint-2;
+    `--resume` to 6 steps stops after 1 more, at steps 1-3 (the count restarted at the resume: it stopped at 3-5).
+    The stop's advice, `--resume method.stall_steps=0`, was refused ("the settings differ from the run's"); it now
+    continues to step 6."""
+    flat = ["annotator.function=alignkit.rewards:contains_keyword", "annotator.kwargs={keyword: zqxjzqxj}"]
+    run = tmp_path / "run"
+    small = [s for s in SMALL if not s.startswith("train.max_steps=")]
+
+    def cli(steps, *flags, stall=3):
+        return main(["-q", "grpo", "--config", str(CONFIGS / "grpo-tiny.yaml"), *flags, f"output_dir={run}",
+                     *small, *flat, f"train.max_steps={steps}", f"method.stall_steps={stall}"])
+
+    assert cli(2) == 0
+    capsys.readouterr()
+    assert cli(6, "--resume") == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if "no reward signal at" in line]
+    assert len(said) == 1 and "no reward signal at steps 1-3 (3 in a row, method.stall_steps=3)" in said[0], said
+    assert [r["step"] for r in rows(run)] == [0, 1, 2]
+    assert cli(6, "--resume", stall=0) == 0
+    assert [r["step"] for r in rows(run)] == [0, 1, 2, 3, 4, 5]

@@ -179,8 +179,10 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         saved = checkpoint_run_config(ckpt)
         if saved is None:
             logger.warning("train.resume_from_checkpoint: %s is not inside a run folder with a config.yaml "
-                           "(<run>/checkpoints/checkpoint-N), so its settings cannot be compared with these; the "
-                           "checkpoint's optimizer and scheduler keep the values it was trained with", ckpt)
+                           "(<run>/checkpoints/checkpoint-N), so the settings only a config.yaml records (model.path, "
+                           "data.path, ...) cannot be compared with these; the training settings the checkpoint records "
+                           "itself are (a change is refused), and its optimizer state keeps the values it was "
+                           "trained with", ckpt)
         else:
             check_resume_config(cfg, saved, label)
     elif resume:
@@ -226,7 +228,9 @@ def refuse_inputs_inside(cfg: Any, final: Path) -> None:
                                   f"name it); copy it out of {final} first, or choose another output_dir")
 
 
-# Settings a resumed run may change: how long it runs and what it logs, evaluates, saves and reports. Anything
+# Settings a resumed run may change: how long it runs and what it logs, evaluates, saves and reports, and when an
+# online run stops without reward signal (method.stall_steps: its stop says "set method.stall_steps=0 to train on
+# anyway", and --resume refused that change; the count itself is in the checkpoint, so it spans the resume). Anything
 # else (model, data, adapter, objective, optimizer, schedule, batch, seed) would be silently ignored (the
 # optimizer and scheduler states of the checkpoint restore the old learning rate) or would make a different run
 # under the old name, so --resume refuses it.
@@ -236,7 +240,7 @@ RESUMABLE_CHANGES = frozenset({
     "save_steps", "save_total_limit", "save_only_model", "report_to", "run_name", "project", "disable_tqdm",
     "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
     "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy", "hub_token", "hub_always_push",
-    "hub_revision", "log_level", "resume_from_checkpoint", "torch_empty_cache_steps"})
+    "hub_revision", "log_level", "resume_from_checkpoint", "torch_empty_cache_steps", "stall_steps"})
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

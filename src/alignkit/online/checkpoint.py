@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from alignkit.adapters import save_adapter
+from alignkit.adapters import adapter_of, save_adapter
 from alignkit.distributed import (
     copy_full_into, full_optimizer_state, full_parameters, is_fsdp2, load_full_optimizer_state, storage_key,
 )
@@ -26,16 +27,62 @@ from alignkit.online.generation import prompts_fingerprint
 from alignkit.online.metrics import METRICS_FILE
 from alignkit.run_commit import CheckpointError, checkpoint_step, incomplete_reason, staged
 from alignkit.runs import push_folder
+from alignkit.trainers.checks import settings_changes
 
 logger = logging.getLogger(__name__)
+
+
+def recorded(value: Any) -> Any:
+    """How a checkpoint records a setting JSON cannot write: a path as its text, a function or class by
+    `module:qualname`, any other object by its type's name (its repr would hold a memory address, which differs in
+    every process, so every resume would be refused)."""
+    if isinstance(value, Path):
+        return str(value)
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str):
+        return f"{getattr(value, '__module__', '')}:{name}"
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def dotted(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as one level of dotted keys (`sampling.temperature`); an empty mapping stays a value."""
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def one_sided(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for the dotted keys one side has and the other lacks, under a setting both record (a
+    `vllm` / `feedback_kwargs` / annotator kwargs / adapter key added or removed); a setting only one side records at
+    all (another alignkit version's) is not compared."""
+    roots = {k.split(".")[0] for k in old} & {k.split(".")[0] for k in now}
+    return [f"{k}: {old[k]!r} -> (not set)" if k in old else f"{k}: (not set) -> {now[k]!r}"
+            for k in sorted(set(old) ^ set(now)) if k.split(".")[0] in roots]
 
 
 class Checkpoints:
     """Checkpoints, the saved model and its upload (see the module's docstring); a part of `OnlineTrainer`."""
 
-    # settings whose value a checkpoint's state replaces on resume (the optimizer's param groups, the KL
-    # controller's value, the RNGs): a resume that changes them would run with the checkpoint's values silently
-    RESTORED_SETTINGS = ("learning_rate", "weight_decay", "optimizer", "kl_coef", "kl_target", "seed")
+    # config fields a resumed run may change: how long it runs, what it logs, evaluates, saves and uploads, where the
+    # vLLM server answers, the reward-stall watchdog (the CLI's RESUMABLE_CHANGES). Every other field is recorded in
+    # each checkpoint (`training_settings`), and a resume with another value is refused
+    RESUMABLE_FIELDS = frozenset({"steps", "eval_steps", "save_steps", "save_at_end", "report_to", "progress_bar",
+                                  "push_to_hub", "hub_model_id", "hub_private_repo", "vllm_server_url",
+                                  "vllm_server_timeout", "stall_steps"})
+
+    def training_settings(self) -> dict[str, Any]:
+        """What a resumed run must keep, recorded in each checkpoint and compared by `check_resume` (`key: old -> new`,
+        `alignkit.trainers.checks.settings_changes`, as the offline trainers' `training_settings`): the method (the
+        trainer class), every config field but `RESUMABLE_FIELDS` (nested ones dotted: sampling.temperature,
+        params.beta, vllm.<argument>), the annotator's `describe()` under annotator.* (not its path: a reward model or
+        judge built from a model object has none, the CLI's tiny ones a temporary folder; `alignkit <command>
+        --resume` compares annotator.path in config.yaml) and the adapter's under adapter.* (kind, lora.*, reft.*)."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in self.RESUMABLE_FIELDS}
+        annotator = {k: v for k, v in self.annotator.describe().items() if k != "path"}
+        out = {"method": type(self).__name__, **dotted(config), **dotted(annotator, "annotator."),
+               **dotted(adapter_of(self.policy).describe(), "adapter.")}
+        return json.loads(json.dumps(out, default=recorded))
 
     def _trainable(self) -> dict[str, Tensor]:
         """Every trainable tensor by name (policy, then extra modules such as PPO's value head), shared storage once."""
@@ -77,7 +124,8 @@ class Checkpoints:
                          "kl_coef": float(self.kl_ctl.value), "num_tokens": self._num_tokens,
                          "moments": [self.moments.count, self.moments.mean, self.moments.m2],
                          "prompts": prompts_fingerprint(self.prompts), "world_size": self.world,
-                         "settings": {k: getattr(self.config, k) for k in self.RESTORED_SETTINGS}}
+                         "stall": list(stall) if (stall := getattr(self, "_stall", None)) else None,
+                         "training_settings": self.training_settings()}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
@@ -104,10 +152,13 @@ class Checkpoints:
 
     def check_resume(self, folder: str | Path) -> None:
         """Refuse (`CheckpointError`, one line) to resume from `folder` when it is incomplete, or when this trainer's
-        prompts or `RESTORED_SETTINGS` differ from the run that wrote it: the saved prompt order indexes the old
-        prompts (fewer now: IndexError at the first step; others: other prompts under the old order), and the saved
-        optimizer / KL / RNG state would silently keep the old settings. Writes nothing; the CLI calls it before
-        the run folder is touched. Checkpoints written before these were recorded are not compared."""
+        prompts or `training_settings()` differ from the run that wrote it: the saved prompt order indexes the old
+        prompts (fewer now: IndexError at the first step; others: other prompts under the old order), the saved
+        optimizer / KL / RNG state would silently keep the old learning rate, KL and seed, and the rest (another
+        method, annotator, adapter, num_samples, temperature, beta, loss_type, ...) would continue the checkpoint's
+        training under settings that did not make it. Writes nothing; the CLI calls it before the run folder is
+        touched. What a checkpoint does not record (an older alignkit: only learning_rate, weight_decay, optimizer,
+        kl_coef, kl_target and seed, or none) is not compared."""
         folder = Path(folder)
         reason = incomplete_reason(folder)
         if reason is not None:
@@ -125,14 +176,14 @@ class Checkpoints:
             raise CheckpointError(f"resume: {folder} was written by a run over {what}; the checkpoint's prompt order "
                                   "indexes its prompts. Resume with the same prompts (data.path, its contents, "
                                   "data.max_records, data.eval_fraction / eval_path), or start a new run")
-        old = state.get("settings") or {}
-        changed = [(k, old[k], getattr(self.config, k)) for k in self.RESTORED_SETTINGS
-                   if k in old and old[k] != getattr(self.config, k)]
+        old, now = state.get("training_settings", state.get("settings")), self.training_settings()
+        changed = settings_changes(old, now) + (one_sided(old, now) if isinstance(old, dict) else [])
         if changed:
-            shown = "; ".join(f"{k}: {v0!r} in the checkpoint, {v1!r} now" for k, v0, v1 in changed)
-            raise CheckpointError(f"resume: {folder}: {shown}. The checkpoint's optimizer, KL controller and random "
-                                  "state would keep the old value(s) silently; resume with the checkpoint's settings, "
-                                  "or start a new run")
+            raise CheckpointError(f"resume: {folder} was trained with other settings than this run's "
+                                  f"({'; '.join(changed)}): the resumed run would keep the checkpoint's optimizer, KL "
+                                  "controller and random state (the old values) and continue its training under "
+                                  "settings that did not make it; resume with the checkpoint's settings, or start a "
+                                  "new run (another output_dir)")
 
     def load_checkpoint(self, folder: str | Path) -> int:
         """Restore a `save_checkpoint` folder in place (after `check_resume`); returns the number of steps it had
@@ -163,6 +214,7 @@ class Checkpoints:
         self.kl_ctl.value = float(state["kl_coef"])
         self._num_tokens = int(state.get("num_tokens", 0))  # older checkpoints: counted from 0 again
         self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
+        self.restore_stall(folder, state)
         logger.info("resumed from %s (step %d)", folder, state["step"])
         saved_world = state.get("world_size")  # not recorded before: not compared
         if isinstance(saved_world, int) and saved_world != self.world:
@@ -174,6 +226,20 @@ class Checkpoints:
                            "from those of an uninterrupted run, so its samples will not be the ones that run would "
                            "have drawn", folder, saved_world, self.world)
         return int(state["step"])
+
+    def restore_stall(self, folder: Path, state: dict[str, Any]) -> None:
+        """The steps in a row without reward signal up to the checkpoint (`check_stall`'s first step, lowest and
+        highest score), so that `stall_steps` counts across the resume (a stall that began before a resume was
+        counted again from 0: stopped stall_steps steps after the resume, or never if the runs were shorter). A
+        checkpoint of an older alignkit, which did not record it: counted from the resume, with a warning."""
+        if "stall" in state:
+            self._stall = tuple(state["stall"]) if state["stall"] else None
+            return
+        self._stall = None
+        if self.config.stall_steps:
+            logger.warning("resume: %s records no count of steps without reward signal (an older alignkit wrote it): "
+                           "method.stall_steps=%d counts them from this resume, so a stall that began before it stops "
+                           "the run up to %d step(s) late", folder, self.config.stall_steps, self.config.stall_steps - 1)
 
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""

@@ -418,7 +418,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         if n and step + 1 - first >= n:
             why, fix = self.stall_cause(seen_scores(lo, hi))
             raise RewardStallError(first + 1, step + 1, (
-                f"{type(self).__name__}: no reward signal at steps {first + 1}-{step + 1} ({n} in a row, "
+                f"{type(self).__name__}: no reward signal at steps {first + 1}-{step + 1} ({step + 1 - first} in a row, "
                 f"method.stall_steps={n}): {why}; the run stopped before saving the model (its metrics.jsonl rows and "
                 f"earlier checkpoints are kept). {fix[0].upper()}{fix[1:]}, or set method.stall_steps=0 to train on "
                 "anyway"))
@@ -441,12 +441,13 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         uninterrupted run's exactly; metrics.jsonl keeps its rows up to that step. Without it, an output_dir whose
         metrics.jsonl already holds rows, or whose checkpoints/ holds an earlier run's checkpoints, is refused
         (`prepare_metrics_file`, `check_fresh_checkpoints`)."""
+        self._stall = None  # (first step, lowest, highest score) of the steps in a row without one (`check_stall`;
+        #   a resumed run: the checkpoint's, so that method.stall_steps counts across the resume)
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self.prepare_metrics_file(start)  # an earlier run's rows: kept up to the checkpoint, or refused from step 0
         self.check_fresh_checkpoints(start)  # an earlier run's checkpoints: refused from step 0 (after its rows)
         self.steps_done = start
         self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
-        self._stall = None  # (first step, lowest, highest score) of the steps in a row without one (`check_stall`)
         self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.start_trackers(start)
@@ -460,13 +461,15 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                 for tracker in self.accelerator.trackers:  # saving (FSDP gathers) and the caller still need
                     tracker.finish()
         flat, ran = self._flat_steps, self.config.steps - start
+        # these count this call's steps: after a resume, the steps since it (the earlier ones are not in the count)
+        since = "" if start == 0 else f" since its resume after step {start}"
         if ran > 0 and flat == ran:
-            logger.warning("no step of this run %s", self._no_signal[1].format(steps=ran))
+            logger.warning("no step of this run%s %s", since, self._no_signal[1].format(steps=ran))
         if ran > 0 and self._clipped_steps == ran:
-            logger.warning("every response of this run's %d step(s) reached sampling.max_new_tokens (%d) without an "
+            logger.warning("every response of this run's %d step(s)%s reached sampling.max_new_tokens (%d) without an "
                            "end token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off "
                            "responses, and a reward that reads a response's end never saw one; raise "
-                           "sampling.max_new_tokens", ran, self.config.sampling.max_new_tokens)
+                           "sampling.max_new_tokens", ran, since, self.config.sampling.max_new_tokens)
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
             if self.config.push_to_hub and self.accelerator.is_main_process:

@@ -114,12 +114,18 @@ def training_changes(checkpoint: str | os.PathLike, args_json: str, settings: di
     new_args = json.loads(args_json)
     changes = [f"{k}: {old_args[k]!r} -> {new_args[k]!r}" for k in TRAINING_FIELDS
                if k in old_args and k in new_args and old_args[k] != new_args[k]]
-    old_settings = saved_state(folder).get("training_settings")
-    if isinstance(old_settings, dict):
-        now = json.loads(json.dumps(settings, default=repr))  # as recorded: tuples as lists
-        changes += [f"{k}: {old_settings[k]!r} -> {now[k]!r}" for k in sorted(set(old_settings) & set(now))
-                    if old_settings[k] != now[k]]
-    return changes
+    return changes + settings_changes(saved_state(folder).get("training_settings"), settings)
+
+
+def settings_changes(old: Any, now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for each setting that a checkpoint recorded (`old`, as read back from its JSON) and that
+    differs in this run's `now` (a trainer's `training_settings()`: offline here, the online trainers'
+    `OnlineTrainer.training_settings`), compared as JSON records them (tuples as lists). A key one side does not
+    record (an older alignkit) is not compared; `old` that is not a mapping (none recorded): nothing is."""
+    if not isinstance(old, dict):
+        return []
+    now = json.loads(json.dumps(now, default=repr))
+    return [f"{k}: {old[k]!r} -> {now[k]!r}" for k in sorted(set(old) & set(now)) if old[k] != now[k]]
 
 
 def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, digest: str | None,
@@ -423,6 +429,6 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
-           "check_resumable", "check_scheduler", "TRAINING_FIELDS", "training_changes", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
+           "check_resumable", "check_scheduler", "TRAINING_FIELDS", "settings_changes", "training_changes", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
            "refuse_all_zero_weights", "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
            "refuse_trainer_fsdp_on_cpu", "refuse_unread_fields", "saved_state"]
