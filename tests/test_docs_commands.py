@@ -4,8 +4,8 @@ docs/*.md and bench/README.md is checked mechanically, without training.
 - fenced ```bash blocks: every `alignkit <command> ...` line (also behind `accelerate launch ... -m alignkit`,
   `torchrun ... -m alignkit`, `.venv-vllm/bin/alignkit`) names a real command, and its flags parse; a config
   command (and `serve`) answers `--dry-run` from the repository root, so its config file, dotted keys and
-  registry names are real, and so are its data paths (the dry run checks them; not those under runs/ or absolute,
-  which an earlier step of the docs writes or the reader supplies); `make <target>` names a Makefile target,
+  registry names are real, and so are its data paths and model folders (the dry run checks them; not for a line
+  whose inputs lie under runs/ or are absolute, which an earlier step of the docs writes or the reader supplies); `make <target>` names a Makefile target,
   `pip install 'alignkit[x]'` a real extra,
   a script or config file named on the line exists, and `python bench/x.py --flag` uses flags the script
   defines. bench/README.md's indented command lines are read the same way.
@@ -235,12 +235,37 @@ def test_a_shell_line_names_real_things(cmd, monkeypatch, capsys):
     assert not [x for x in extra if x.startswith("-") or "=" not in x], f"{cmd.where}: unknown {extra}: {cmd.text}"
     if cmd.skip or not (argv[0] in CONFIG_COMMANDS or argv[0] == "serve"):
         return
-    if any(re.match(r"^data\.(eval_)?path=(runs/|/)", w) for w in argv):  # data an earlier step of the docs writes
-        import alignkit.cli.runfolder  # (runs/...) or the reader's own (/data/...): not in a checkout, so the
-
-        monkeypatch.setattr(alignkit.cli.runfolder, "check_sources", lambda ds, kind: [])  # dry run's data check is off
+    skip_earlier_step_checks(argv, monkeypatch)
     rc = main([*argv, "--dry-run"])
     assert rc == 0, (cmd.where, cmd.text, capsys.readouterr())
+
+
+EARLIER_STEP = re.compile(r"(?:^|[\s=])['\"]?(?:runs/|/[\w.])")  # a path an earlier documented step writes (runs/...)
+
+
+def skip_earlier_step_checks(argv: list[str], monkeypatch) -> None:
+    """A line whose inputs an earlier step of the docs writes (runs/..., in its words or its config's values other
+    than output_dir; annotate's round folder, written by `alignkit sample`) or the reader supplies (/data/...): they
+    are not in a checkout, so the dry run's data check and the command's own checks (model / adapter / annotator
+    folders, round folder; serve's folders) are off for it; its config, keys and registry names are still checked."""
+    words = [w for w in argv if not w.startswith("output_dir=")]
+    config = next((argv[i + 1] for i, w in enumerate(argv[:-1]) if w in ("--config", "-c")), None)
+    if config is not None and (ROOT / config).is_file():
+        words += [line.split("#")[0] for line in (ROOT / config).read_text().splitlines()
+                  if not line.lstrip().startswith(("#", "output_dir"))]
+    import alignkit.cli.runfolder
+
+    if "--resume" in argv:  # the run folder it continues is the previous line's
+        monkeypatch.setattr(alignkit.cli.runfolder, "check_output", lambda cfg, args: "(the previous line's run)")
+    if argv[0] != "annotate" and not any(EARLIER_STEP.search(w) for w in words):
+        return
+    import alignkit.cli.serve
+    import alignkit.serve.vllm_server
+
+    monkeypatch.setattr(alignkit.cli.runfolder, "check_sources", lambda ds, kind: [])
+    monkeypatch.setattr(alignkit.cli.runfolder, "command_checks", lambda cfg, args, dry: [])
+    monkeypatch.setattr(alignkit.cli.serve, "check_folders", lambda cfg: None)
+    monkeypatch.setattr(alignkit.serve.vllm_server, "check_adapters", lambda adapters: {})
 
 
 # ---------------------------------------------------------------------------------------------- other blocks
@@ -409,4 +434,5 @@ def test_the_help_example_overrides_work_for_their_command(command, config, monk
     assert example, help_text[:500]
     overrides = example.group(1).split()
     assert len(overrides) == 2 and all("=" in o for o in overrides), overrides
+    skip_earlier_step_checks([command, "--config", f"configs/{config}.yaml"], monkeypatch)
     assert main([command, "--config", f"configs/{config}.yaml", *overrides, "--dry-run"]) == 0, capsys.readouterr()

@@ -42,6 +42,8 @@ ALLOWED = {
     ("cli/serve.py", "alignkit.cli.models"): "`alignkit serve --help` " + STARTUP + " (cli/models imports torch)",
     ("cli/serve.py", "alignkit.cli.runfolder"): "`alignkit serve --help` " + STARTUP + " (cli/runfolder imports torch)",
     ("cli/serve.py", "torch"): "`alignkit serve --help` " + STARTUP,
+    ("cli/serve.py", "alignkit.models.loading"): "`alignkit serve --help` " + STARTUP + " (--dry-run loads the base's "
+                                                 "tokenizer only, to check its chat template)",
     ("cli/vllm_serve.py", "alignkit"): "`alignkit vllm-serve --help` " + STARTUP,
     ("cli/flags.py", "transformers"): "TRL-style --flags are translated before the command's module loads; "
                                       "TrainingArguments' fields are read only for a flag settings do not know",

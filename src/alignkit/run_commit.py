@@ -102,16 +102,24 @@ def _remove_marked(folder: Path) -> None:
     folder.rmdir()
 
 
+def refuse_foreign(folder: Path) -> None:
+    """CheckpointError unless `remove_own` may remove `folder`: absent, empty, or made by alignkit for itself (it
+    carries `STAGING_MARK`). Removes nothing (`--dry-run` checks with it)."""
+    if not folder.exists() or (folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())):
+        return
+    if not (folder / STAGING_MARK).is_file():
+        raise CheckpointError(f"{folder} is in the way and was not made by alignkit; move or remove it yourself")
+
+
 def remove_own(folder: Path) -> None:
     """Remove `folder` only if alignkit made it for itself (it carries `STAGING_MARK`) or it is empty (what a kill
-    at the very end of a removal leaves: nothing to lose); else refuse."""
+    at the very end of a removal leaves: nothing to lose); else refuse (`refuse_foreign`)."""
+    refuse_foreign(folder)
     if not folder.exists():
         return
     if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
         folder.rmdir()
         return
-    if not (folder / STAGING_MARK).is_file():
-        raise CheckpointError(f"{folder} is in the way and was not made by alignkit; move or remove it yourself")
     _remove_marked(folder)
 
 
@@ -360,5 +368,5 @@ def check_output_file(path: str | Path) -> None:
 
 __all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARKER", "OUTPUTS_MANIFEST", "STAGING_MARK", "CheckpointError",
            "check_output_file", "checkpoint_step", "commit_staging", "incomplete_reason", "latest_complete_checkpoint",
-           "new_staging", "output_set", "outputs_manifest", "recover_swap", "remove_own", "resumed_step", "saved_step",
+           "new_staging", "output_set", "outputs_manifest", "recover_swap", "refuse_foreign", "remove_own", "resumed_step", "saved_step",
            "staged", "truncate_metrics", "write_marker"]

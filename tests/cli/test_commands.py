@@ -388,6 +388,9 @@ DRY_RUN_CONFIGS = {"sft": "sft-tiny", "rm": "rm-tiny", "dpo": "dpo-tiny", "kto":
                    "online-dpo": "online-dpo-tiny", "grpo": "grpo-tiny", "rloo": "rloo-tiny", "ppo": "ppo-tiny",
                    "eval": "eval-rm-tiny", "generate": "generate-tiny", "sample": "sample-tiny",
                    "annotate": "annotate-tiny", "augment": "augment-code-bugs"}
+# overrides for the configs whose model an earlier step trains (runs/...): --dry-run checks the model folders
+DRY_RUN_INPUTS = {"eval": ["model.path=tiny:llama", "model.adapter_path=null"],
+                  "generate": ["model.path=tiny:llama", "model.adapter_path=null"]}
 
 
 @pytest.mark.parametrize("command", sorted(DRY_RUN_CONFIGS))
@@ -402,11 +405,16 @@ def test_every_config_command_reads_its_config_through_one_runner(command, capsy
     func = sub.choices[command].get_default("func")
     assert getattr(func, "__wrapped__", None) is not None, f"`alignkit {command}` is not built by add_config_command"
     out = tmp_path / "run"
+    if command == "annotate":  # its input: a round folder with samples (tests/cli/test_dry_run.py: its refusals)
+        from tests.cli.test_dry_run import write_round
+
+        write_round(out)
+    before = sorted(tmp_path.rglob("*"))
     assert main([command, "-c", str(CONFIGS / f"{DRY_RUN_CONFIGS[command]}.yaml"), "--dry-run",
-                 f"output_dir={out}"]) == 0
+                 f"output_dir={out}", *DRY_RUN_INPUTS.get(command, [])]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
     assert data["command"] == command and data["output_dir"] == str(out)
-    assert not out.exists()
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
 SPLIT_COMMANDS = ("sft", "rm", "dpo", "kto", "online-dpo", "grpo", "rloo", "ppo")  # they read an evaluation split
@@ -462,10 +470,11 @@ def test_model_keys_a_command_never_reads_are_refused(command, capsys, tmp_path)
         assert main([*base, "model.adapter_path=x"]) == 2
         assert "model: unknown key" in capsys.readouterr().err
         return
-    adapter = main([*base, "model.adapter_path=x"])
+    adapter = main([*base, *DRY_RUN_INPUTS.get(command, []), f"model.adapter_path={tmp_path / 'x'}"])
     err = capsys.readouterr().err.strip()
-    if command in ("eval", "generate", "sample"):
-        assert adapter == 0 and err == "", err
+    if command in ("eval", "generate", "sample"):  # taken, and the dry run checks the folder as the run does
+        assert adapter == 2 and len(err.splitlines()) == 1, err
+        assert f"model.adapter_path: {tmp_path / 'x'} does not exist" in err, err
     else:
         assert adapter == 2 and len(err.splitlines()) == 1, err
         assert f"model.adapter_path: alignkit {command} trains a new adapter" in err and "ignored" in err, err

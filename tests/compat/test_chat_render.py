@@ -147,3 +147,31 @@ def test_what_the_renderer_does_not_serve(tok):
         assert chat._RENDERER.get() is None
     assert chat._RENDERER.get() is None  # the block's renderer does not outlive it
 
+
+
+# A template written for OpenAI content parts only: it iterates message['content'] and prints each part's 'text'.
+PARTS_ONLY = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}{{ p['text'] }}{% endfor %}\n"
+              "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def test_a_parts_only_template_drops_string_content_without_an_error(tokenizer):
+    """transformers renders chat templates in a non-strict jinja2 environment: a template that reads a string
+    `content` as parts iterates its characters, whose `['text']` is undefined and renders as nothing, so the message's
+    text is dropped and nothing is raised. alignkit's server passes every message's text as a string (parts joined),
+    so `serve.template.check_chat_template` looks for its probe text in the rendering (not for an error)."""
+    from alignkit.serve.template import TEMPLATE_PROBES, check_chat_template
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = PARTS_ONLY
+    where = "alignkit/serve/template.py:check_chat_template (serve: at load and --dry-run)"
+    text = tok.apply_chat_template([{"role": "user", "content": TEMPLATE_PROBES[0]}], tokenize=False,
+                                   add_generation_prompt=True)
+    check(TEMPLATE_PROBES[0] not in text and text.startswith("user: "), TF, "a parts-only template renders a string content as nothing, no error",
+          where, repr(text))
+    parts = tok.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": TEMPLATE_PROBES[0]}]}],
+                                    tokenize=False, add_generation_prompt=True)
+    check(TEMPLATE_PROBES[0] in parts, TF, "content parts reach the template as given", where, repr(parts))
+    with pytest.raises(ValueError, match="renders a user message without its text"):
+        check_chat_template(tok, "base x")
+    tok.chat_template = CHATML
+    assert "renders a message's text" in check_chat_template(tok, "base x")

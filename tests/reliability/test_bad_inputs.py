@@ -474,8 +474,14 @@ def test_every_command_that_reads_data_checks_it_at_a_dry_run(config, tmp_path, 
     rc, err = run_cli(capsys, [command, "--config", str(CONFIGS / f"{config}.yaml"),
                                f"data.path={tmp_path / 'nope.jsonl'}", "--dry-run"])
     assert_one_line(rc, err, "nope.jsonl: no such data file or folder")
-    rc, err = run_cli(capsys, [command, "--config", str(CONFIGS / f"{config}.yaml"), "--dry-run"])
+    rc, err = run_cli(capsys, [command, "--config", str(CONFIGS / f"{config}.yaml"), *TRAINED_INPUTS.get(config, []),
+                               f"output_dir={tmp_path / 'run'}", "--dry-run"])
     assert rc == 0 and not err.strip(), err
+
+
+# the configs whose model an earlier step trains (runs/...), on a tiny model: --dry-run checks the model folders
+TINY_MODEL = ["model.path=tiny:llama", "model.adapter_path=null"]
+TRAINED_INPUTS = {"generate-tiny": TINY_MODEL, "eval-dpo-tiny": [*TINY_MODEL, "method.reference_path=tiny:llama"]}
 
 
 def yaml_command(path: Path) -> str:

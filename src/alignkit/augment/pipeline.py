@@ -24,6 +24,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -61,10 +62,11 @@ class AugmentResult:
         return f"{self.written} record(s) written from {self.candidates} candidate(s); dropped: {drops}"
 
 
-def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Source]:
+def read_sources(paths: Iterable[str], max_rows: int | None = None, per_path: int | None = None) -> list[Source]:
     """Sources from files: tables by row (alignkit's row readers, each row in TRL's form as training reads it:
     ShareGPT's `conversations` of {"from", "value"} messages become `messages` of {"role", "content"}), `.py` by
-    top-level function or class (column "code"), `.txt` / `.md` whole (column "text")."""
+    top-level function or class (column "code"), `.txt` / `.md` whole (column "text"). `per_path`: at most that
+    many from each path (`alignkit augment --dry-run` reads the first of each; a table is not read further)."""
     from alignkit.data.readers.columns import from_sharegpt
     from alignkit.data.readers.rows import decode_utf8, iter_rows
 
@@ -78,11 +80,11 @@ def read_sources(paths: Iterable[str], max_rows: int | None = None) -> list[Sour
                 raise DataError(f"{path}:{e.lineno}: not valid Python ({e.msg}), so it cannot be split into its "
                                 "functions; fix the file, or give the snippets as JSONL rows (a row that does not "
                                 "parse is dropped and counted)") from None
-            out += [Source(f"{path}:{line}", {"code": code}, "py") for code, line in functions]
+            out += [Source(f"{path}:{line}", {"code": code}, "py") for code, line in functions][:per_path]
         elif path.suffix in (".txt", ".md"):
             out.append(Source(str(path), {"text": decode_utf8(path.read_bytes(), str(path))}, "text"))
         else:
-            out += [Source(where, from_sharegpt(row, where)) for row, where in iter_rows(str(path))]
+            out += [Source(where, from_sharegpt(row, where)) for row, where in islice(iter_rows(str(path)), per_path)]
     return out[:max_rows] if max_rows is not None else out
 
 

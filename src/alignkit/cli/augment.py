@@ -45,11 +45,45 @@ OUTPUTS = ["augmented.jsonl", "summary.json", "config.yaml"]  # the set's files 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_command(sub, "augment", "augment data: code bugs, paraphrases, self-instruct, summaries, entities",
-                       run)
+                       run, dry=dry_checks)
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:
     return augment(cfg, progress=not args.quiet)
+
+
+def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """`--dry-run`'s own checks of `augment`, as the run makes them before it writes: each data.path exists and its
+    first source (row, function, text) reads and has the columns the strategy's options name (`check_inputs`), and
+    the LLM (`check_llm`: a local model folder, the API key's variable set; no request sent, nothing loaded)."""
+    paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
+    check_inputs(cfg, read_sources([data_path(p) for p in paths], per_path=1))
+    return [f"data.path: {len(paths)} source file(s), the first source of each read and its columns fit strategy "
+            f"{cfg.strategy!r}", check_llm(cfg)]
+
+
+def check_inputs(cfg: Any, sources: list) -> None:
+    """The sources' columns against the strategy's options (a wrong options.field), before the output folder."""
+    if not sources:
+        raise ConfigError(f"data.path: {cfg.data.path} holds no rows")
+    try:
+        check_columns(sources, cfg.strategy_options())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_llm(cfg: Any) -> str:
+    """What `build_llm` checks before it builds the model: a local model's folder (llm.path), the environment
+    variable of the API key (llm.api_key_env). Returns one line saying what was checked."""
+    s = cfg.llm
+    if s is None:
+        return "llm: none (the strategy needs no language model)"
+    if s.kind == "local":
+        check_model_folder(s.path, "llm.path")
+        return f"llm.path {s.path}: a model folder (or a tiny model), loaded when the run starts"
+    if s.api_key_env is not None and not os.environ.get(s.api_key_env):
+        raise ConfigError(f"llm.api_key_env: the environment variable {s.api_key_env} is not set")
+    return f"llm: {s.base_url} (model {s.model}), not contacted by a dry run"
 
 
 def build_llm(cfg: Any) -> Any:
@@ -57,12 +91,9 @@ def build_llm(cfg: Any) -> Any:
     s = cfg.llm
     if s is None:
         return None
+    check_llm(cfg)
     if s.kind == "openai":
-        key = None
-        if s.api_key_env is not None:
-            key = os.environ.get(s.api_key_env)
-            if not key:
-                raise ConfigError(f"llm.api_key_env: the environment variable {s.api_key_env} is not set")
+        key = None if s.api_key_env is None else os.environ[s.api_key_env]
         llm: Any = OpenAIChat(s.base_url, s.model, api_key=key, timeout=s.timeout, retries=s.retries,
                               backoff=s.backoff, requests_per_minute=s.requests_per_minute)
     else:
@@ -80,14 +111,7 @@ def build_llm(cfg: Any) -> Any:
 def augment(cfg: Any, progress: bool = True) -> int:
     paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
     sources = read_sources([data_path(p) for p in paths], cfg.data.max_records)
-    if not sources:
-        raise ConfigError(f"data.path: {cfg.data.path} holds no rows")
-    try:  # a wrong options.field, before the output folder (or a local model in it) is made
-        check_columns(sources, cfg.strategy_options())
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.llm is not None and cfg.llm.kind == "local":  # a missing or non-model folder, before the output folder
-        check_model_folder(cfg.llm.path, "llm.path")
+    check_inputs(cfg, sources)  # a wrong options.field, before the output folder (or a local model in it) is made
     llm = build_llm(cfg)  # a model that does not load stops here, before the output folder (a tiny one is built in it)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from alignkit.adapters import adapter_in, reft_settings
 from alignkit.cli.data import native_kinds, read_records, tokenize
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
+                                 check_model_settings,
                                  head_folder, load_for_inference, rename_base, to_device)
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.data import PreferenceCollator, RankedCollator
@@ -56,7 +57,17 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    add_config_command(sub, "eval", "reward-model accuracy, or DPO implicit-reward accuracy, on preference data", run)
+    add_config_command(sub, "eval", "reward-model accuracy, or DPO implicit-reward accuracy, on preference data", run,
+                       dry=dry_checks)
+
+
+def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """`--dry-run`'s own checks of `eval`, as `evaluate` makes them before loading: the model folders, the reference
+    (`check_reference`) and the heads that score (`check_heads`)."""
+    line = check_model_settings(cfg.model)
+    check_reference(cfg)
+    check_heads(cfg)
+    return [line, "the reference and the scoring heads (method.reference_path, model.path's head)"]
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:

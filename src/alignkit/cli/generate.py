@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records
-from alignkit.cli.models import check_formats, load_for_sampling
+from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
 from alignkit.cli.runfolder import add_config_command, start_run
 from alignkit.online import generate_responses
 from alignkit.online.generation import Sample, generation_metrics
@@ -38,7 +38,19 @@ OUTPUTS = ["generations.jsonl", "generation_metrics.json"]  # the set's files a 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    add_config_command(sub, "generate", "generations from a model (+ adapter) for a prompts file, as JSONL", run)
+    add_config_command(sub, "generate", "generations from a model (+ adapter) for a prompts file, as JSONL", run,
+                       dry=dry_checks)
+
+
+def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """`--dry-run`'s own checks of `generate`: batch_size, and the model folders as `load_base` checks them."""
+    check_batch_size(cfg.batch_size)
+    return [check_model_settings(cfg.model)]
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:
@@ -50,8 +62,7 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
-    if cfg.batch_size < 1:
-        raise ConfigError(f"batch_size: must be >= 1, got {cfg.batch_size}")
+    check_batch_size(cfg.batch_size)
     records = read_records(cfg.data.path, cfg.data, "prompt", cfg.data.split, "data.path")
     if cfg.data.max_records is not None:
         records = records[:cfg.data.max_records]

@@ -39,9 +39,10 @@ def override_example(command: str) -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser, command: str, run_folder: bool = False) -> None:
     parser.add_argument("--config", "-c", default=None, help="YAML config file (see configs/)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit (imports no "
-                        "code named in the config, loads no model; checks that each data path exists and that its "
-                        "first row fits a reader)")
+    parser.add_argument("--dry-run", action="store_true", help="check what the run checks before it writes "
+                        "(config, output_dir, each data path and its first row, model / adapter / annotator folders; "
+                        "serve: the base's chat template), print the resolved config and what was checked, and exit; "
+                        "writes nothing, loads no model, imports no code named in the config")
     if run_folder:
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in output_dir from its newest complete checkpoint "

@@ -272,9 +272,10 @@ def check_vocab(model: Any, tok: Any, key: str, where: str) -> None:
                           "(model.resize_token_embeddings(len(tokenizer))) and save it")
 
 
-def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
-    """(model, tokenizer, loaded path, description) for `task` "causal_lm" or "classifier" (1 label).
-    `run` None: nothing is written to a run folder (a tiny model stays in a temporary folder for `adopt_tiny`)."""
+def check_model_settings(ms: ModelSettings) -> str:
+    """What `load_base` checks of the model section before loading anything (also `--dry-run`'s model check):
+    model.path, model.tokenizer and model.adapter_path are folders of the right kind, the adapter's files whole.
+    Returns one line saying what was checked (a hub id or tiny:<arch> is not looked up)."""
     check_model_folder(ms.path, "model.path")
     if ms.tokenizer is not None:
         check_model_folder(ms.tokenizer, "model.tokenizer")
@@ -285,6 +286,16 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
             raise ConfigError(f"model.check_base: false is read only for an adapter, and model.adapter_path="
                               f"{ms.adapter_path} holds a fully finetuned model (loaded whole, no base to check), so "
                               "it would be ignored; remove model.check_base")
+    keys = ["model.path", *(["model.tokenizer"] if ms.tokenizer else []),
+            *(["model.adapter_path (its files whole)"] if ms.adapter_path else [])]
+    return f"{', '.join(keys)}: " + ("a local model folder" if _looks_local(ms.path) and not is_tiny(ms.path) else
+                                     "a tiny model or a Hub id, not looked up by a dry run")
+
+
+def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm") -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, loaded path, description) for `task` "causal_lm" or "classifier" (1 label).
+    `run` None: nothing is written to a run folder (a tiny model stays in a temporary folder for `adopt_tiny`)."""
+    check_model_settings(ms)
     if ms.kernels is not None:
         check_kernels(ms.kernels)  # before anything is built
     path, desc = resolve_model_path(ms, run, task)

@@ -19,6 +19,8 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+from importlib.machinery import PathFinder
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,8 @@ from transformers import set_seed
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
 from alignkit.cli.data import read_splits
 from alignkit.cli.models import (
-    adopt_tiny, apply_configured_adapter, check_formats, check_head, check_model_folder, head_folder, load_base,
-    load_for_inference, rename_base,
+    adopt_tiny, apply_configured_adapter, check_formats, check_head, check_model_folder, check_model_settings,
+    head_folder, load_base, load_for_inference, rename_base,
 )
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.models.rope import check_context, learned_positions
@@ -75,7 +77,13 @@ ONLINE_PLOTS: dict[str, tuple[str, ...]] = {
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        add_config_command(sub, name, text, run)
+        add_config_command(sub, name, text, run, dry=dry_checks)
+
+
+def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """`--dry-run`'s own checks of an online command: the policy's folders (`load_base`'s checks) and the
+    annotator (`check_annotator`: nothing loaded, no code of the config imported)."""
+    return [check_model_settings(cfg.model), check_annotator(cfg.annotator, getattr(args, "allow_code", False))]
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:
@@ -106,6 +114,59 @@ def read_prompt_splits(ds: DataSettings) -> tuple[list, list]:
     return prompts, held_out
 
 
+def check_annotator_model(settings: Any) -> str:
+    """What `make_annotator` checks of a reward model's or judge's folders before loading them (also `--dry-run`'s
+    annotator check): annotator.path and annotator.adapter_path are model / adapter folders, with the head the
+    annotator scores with. Returns one line saying what was checked."""
+    check_model_folder(settings.path, "annotator.path")
+    if settings.adapter_path is not None:
+        check_model_folder(settings.adapter_path, "annotator.adapter_path", adapter=True)
+    task = "classifier" if settings.kind == "reward_model" else "causal_lm"
+    fix = ("give a reward model (annotator.path, or annotator.adapter_path for an alignkit rm run's model/)"
+           if task == "classifier" else "give a causal LM as the judge")
+    scorer = head_folder(settings.path, settings.adapter_path, "annotator", task, fix)
+    if scorer is not None:  # a judge generates with the LM head, a reward model scores with its score head
+        check_head(scorer[1], task, scorer[0], fix)
+    return (f"annotator ({settings.kind}): annotator.path" + (" and annotator.adapter_path" if settings.adapter_path
+                                                               else "") + " hold a model with the head it scores with")
+
+
+def function_module_findable(spec: str) -> None:
+    """ConfigError when the module of an `annotator.function` spec ('pkg.mod:name') cannot be found on sys.path,
+    found without importing (executing) anything: a dry run of a config with --allow-code code said OK, and the run
+    then stopped at the import. Whether `name` is in the module is known only once it is imported (the run)."""
+    module = spec.split(":", 1)[0]
+    parts, locations = module.split("."), None
+    for depth in range(len(parts)):
+        name = ".".join(parts[:depth + 1])
+        if name in sys.modules:
+            found = getattr(sys.modules[name], "__spec__", None)
+        else:  # a top-level name is looked up without importing it; a submodule in its package's folders
+            found = importlib.util.find_spec(name) if depth == 0 else PathFinder.find_spec(name, locations)
+        if found is None:
+            raise ConfigError(f"annotator.function: {spec!r}: no module {name!r} on the Python path (sys.path); "
+                              "install it or add its folder to PYTHONPATH, or fix the spelling")
+        locations = found.submodule_search_locations
+        if locations is None and depth < len(parts) - 1:
+            raise ConfigError(f"annotator.function: {spec!r}: {name!r} is a module, not a package, so it holds no "
+                              f"{module!r}; fix the module path")
+
+
+def check_annotator(settings: Any, allow_code: bool) -> str:
+    """`--dry-run`'s annotator check: the function specs (alignkit's are imported and checked when the config is
+    read; code outside it is refused without --allow-code, else only found on sys.path, not imported) or the
+    reward model's / judge's folders. Returns one line saying what was checked."""
+    if not allow_code:  # (add_config_command refuses such code before the dry run: the run's own line)
+        check_code_allowed(settings, allow_code=False)
+    if settings.kind != "function":
+        return check_annotator_model(settings)
+    specs = settings.function if isinstance(settings.function, list) else [settings.function]
+    for spec in specs:
+        function_module_findable(spec)
+    return (f"annotator.function: {', '.join(specs)} found (alignkit's imported and checked; other code is "
+            "imported when the run starts)")
+
+
 def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = False) -> Any:
     """An `alignkit.online.Annotator` from the `annotator` section. A reward model or judge is loaded like a
     policy (`tiny:<arch>` built in <run>/annotator/, or in a temporary folder when `run` is None, `adapter_path`
@@ -114,16 +175,9 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
     if settings.kind == "function":
         return build_annotator({"type": "function", **settings.arguments()})
 
-    check_model_folder(settings.path, "annotator.path")
-    if settings.adapter_path is not None:
-        check_model_folder(settings.adapter_path, "annotator.adapter_path", adapter=True)
+    check_annotator_model(settings)
     ms = ModelSettings(path=settings.path, dtype=settings.dtype, adapter_path=settings.adapter_path)
     task = "classifier" if settings.kind == "reward_model" else "causal_lm"
-    fix = ("give a reward model (annotator.path, or annotator.adapter_path for an alignkit rm run's model/)"
-           if task == "classifier" else "give a causal LM as the judge")
-    scorer = head_folder(settings.path, settings.adapter_path, "annotator", task, fix)
-    if scorer is not None:  # a judge generates with the LM head, a reward model scores with its score head
-        check_head(scorer[1], task, scorer[0], fix)
     model, tok, path, desc = load_for_inference(
         ms, RunFolder(run.root / "annotator", main=run.main) if run is not None else None, task)
     if settings.device is not None:

@@ -29,11 +29,13 @@ from typing import Any
 
 import yaml
 
-from alignkit.cli.models import check_formats, load_for_sampling
-from alignkit.cli.online import make_annotator, read_prompts
+from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
+from alignkit.cli.online import check_annotator, make_annotator, read_prompts
 from alignkit.cli.runfolder import add_config_command, config_changes
 from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, check_kept_samples,
                                     read_jsonl, read_manifest, read_samples, sample_round)
+from alignkit.data.records import DataError
+from alignkit.online.generation import Sample
 from alignkit.runs import RunFolder, write_command_outputs
 from alignkit.settings import ConfigError, dump_config, save_config
 
@@ -45,9 +47,48 @@ RECORD_COMMAND = {"best_worst": "dpo", "random_pairs": "dpo", "judge_pairs": "dp
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     add_config_command(sub, "sample", "offline round, job 1: the policy's responses to prompts -> samples.jsonl",
-                       run_sample)
+                       run_sample, dry=dry_sample)
     add_config_command(sub, "annotate", "offline round, job 2: score samples.jsonl, build records -> records.jsonl "
-                                        "(pairs, labels, or best-of-n SFT data)", run_annotate)
+                                        "(pairs, labels, or best-of-n SFT data)", run_annotate, dry=dry_annotate)
+
+
+def dry_sample(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """`--dry-run`'s own checks of `sample` (after output_dir and data.path): the model folders (`load_base`'s
+    checks) and a kept samples stage made with other settings (`check_kept_stage`)."""
+    line = check_model_settings(cfg.model)
+    check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml")
+    return [line]
+
+
+def dry_annotate(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """`--dry-run`'s own checks of `annotate`: the round folder (`check_round_folder`), a kept annotation stage made
+    with other settings, and the annotator (`online.check_annotator`: nothing loaded, no config code imported)."""
+    root = Path(cfg.output_dir)
+    line = check_round_folder(root)
+    check_kept_stage(cfg, root, "annotation", RECORDS_FILE, "annotate.yaml")
+    return [line, check_annotator(cfg.annotator, getattr(args, "allow_code", False))]
+
+
+def check_round_folder(root: Path) -> str:
+    """What `annotate` reads first: `root` holds a complete samples.jsonl (with its manifest entry) whose first row
+    is a sample. FileNotFoundError / DataError naming the file and the fix; returns one line saying what it is."""
+    path = root / SAMPLES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"output_dir: {root} has no {SAMPLES_FILE}; run `alignkit sample` with "
+                                f"output_dir={root} first")
+    if "samples" not in read_manifest(root):
+        raise FileNotFoundError(f"output_dir: {path} is not complete (no 'samples' entry in {root / MANIFEST_FILE}: "
+                                f"the sample job did not finish); run `alignkit sample` with output_dir={root} again")
+    with path.open(encoding="utf-8") as f:
+        first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), None)
+    if first is None:
+        raise DataError(f"{path}: no samples (the file is empty); run `alignkit sample` with output_dir={root} "
+                        "and overwrite=true")
+    try:
+        Sample.from_dict(json.loads(first[1]), where=f"{path}:{first[0]}")
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{first[0]}: broken JSON line ({e.msg}); delete the file to redo the stage") from None
+    return f"output_dir {root}: a round folder with a complete {SAMPLES_FILE}, its first row a sample"
 
 
 def run_sample(cfg: Any, args: argparse.Namespace) -> int:
@@ -115,9 +156,7 @@ def annotate(cfg: Any, allow_code: bool = False, progress: bool = True) -> Path:
     """Score `<output_dir>/samples.jsonl` (a progress bar over the scoring unless `progress` is off: `--quiet`) and
     write `<output_dir>/records.jsonl`. Returns its path."""
     run = RunFolder(Path(cfg.output_dir))
-    if not (run.root / SAMPLES_FILE).is_file():  # before any annotator model is loaded
-        raise FileNotFoundError(f"output_dir: {run.root} has no {SAMPLES_FILE}; run `alignkit sample` with "
-                                f"output_dir={run.root} first")
+    check_round_folder(run.root)  # before any annotator model is loaded
     check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml")
     annotator = make_annotator(cfg.annotator, run, allow_code)
     describe = functools.partial(save_config, cfg, run.root / "annotate.yaml") if run.main else None

@@ -17,13 +17,13 @@ import yaml
 from alignkit.cli.data import check_sources, command_record_kind
 from alignkit.cli.helptext import add_command_parser
 from alignkit.run_commit import (
-    STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap, remove_own,
-    resumed_step, truncate_metrics,
+    STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap, refuse_foreign,
+    remove_own, resumed_step, truncate_metrics,
 )
 from alignkit.runs import RunFolder, is_main_process
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
 from alignkit.settings.online import check_code_allowed
-from alignkit.settings.train import OFFLINE_DEFAULTS, TRAIN_COMMANDS
+from alignkit.settings.train import OFFLINE_DEFAULTS, ONLINE_COMMANDS, TRAIN_COMMANDS
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +32,22 @@ def config_from_args(args: argparse.Namespace, command: str) -> Any:
     return load_config(args.config, args.overrides, command=command)
 
 
+DryCheck = Callable[[Any, argparse.Namespace], list[str]]
+
+
 def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
-                       work: Callable[[Any, argparse.Namespace], int]) -> argparse.ArgumentParser:
+                       work: Callable[[Any, argparse.Namespace], int], dry: DryCheck | None = None
+                       ) -> argparse.ArgumentParser:
     """A config command's parser (`helptext.add_command_parser`: --config, overrides, --dry-run, ...) whose run
-    reads the typed config of `command`, prints it for --dry-run, and otherwise returns `work(cfg, args)`."""
+    reads the typed config of `command`, answers --dry-run (`dry_run`, with the command's own checks `dry`), and
+    otherwise returns `work(cfg, args)`."""
     @functools.wraps(work)  # the command's function still names its module (tests/cli/test_startup.py)
     def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, command)
         if args.dry_run:
             if not getattr(args, "allow_code", True):  # --allow-code's name check (imports nothing): a dry run
                 check_code_allowed(getattr(cfg, "annotator", None), allow_code=False)  # that passes, runs
-            return dry_run(cfg)
+            return dry_run(cfg, args, dry)
         check_output_dir(Path(cfg.output_dir))  # every config command writes there: before any work
         return work(cfg, args)
 
@@ -51,19 +56,51 @@ def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
     return p
 
 
-def dry_run(cfg: Any) -> int:
-    """Print the resolved config, then what was checked of its data (`alignkit.cli.data.check_sources`: each data
-    path exists, can be read and its first row fits a reader of the command's records) as YAML comments, so the
-    output still loads as a config. A data path the run would fail on is refused here, in the run's own words (a dry
-    run that said OK while the run stopped at its data was a wrong answer)."""
+def dry_run(cfg: Any, args: argparse.Namespace | None = None, dry: DryCheck | None = None) -> int:
+    """What the run checks before it writes anything, without writing anything, loading a model or importing code
+    the config names: the output folder (`check_output_dir`; a training command's `plan_run` as --resume /
+    --overwrite / train.resume_from_checkpoint ask, in its dry form), the data (`alignkit.cli.data.check_sources`:
+    each data path exists, can be read, and its first row fits a reader of the command's records), then the
+    command's own checks `dry(cfg, args)` (model and adapter folders, annotator, round folder, ...). The first
+    problem is the run's own error (one line naming the file or key and the fix). Prints the resolved config, what
+    was checked as YAML comments (the output still loads as a config), and a last line saying so."""
+    output = check_output(cfg, args)
     data, kind = getattr(cfg, "data", None), command_record_kind(command_of(cfg), cfg)
     lines = check_sources(data, kind) if kind is not None and getattr(data, "path", None) is not None else []
+    own = command_checks(cfg, args, dry)
     print(dump_config(cfg), end="")
     if lines:
         print("# --dry-run checked the data (each path exists, can be read, and its first row fits a reader of "
               f"{kind} records; the records themselves are read when the run starts):")
         print("\n".join(f"#   {line}" for line in lines))
+    print("\n".join(f"# --dry-run checked {line}" for line in [output, *own]))
+    print(f"# --dry-run: OK, {len(lines) + len(own) + 1} check(s) passed (output folder, "
+          f"{len(lines)} data path(s), {len(own)} of the command's own); nothing was written or loaded")
     return 0
+
+
+def command_checks(cfg: Any, args: argparse.Namespace | None, dry: DryCheck | None) -> list[str]:
+    """The command's own checks in `dry_run` (its `dry`: model / adapter / annotator folders, round folder, ...), one
+    line each. One function, so tests/test_docs_commands.py can leave them out for a documented command line whose
+    inputs an earlier documented step writes (runs/...), as it leaves out `check_sources` for such data."""
+    return dry(cfg, args) if dry is not None else []
+
+
+def check_output(cfg: Any, args: argparse.Namespace | None) -> str:
+    """`dry_run`'s check of `output_dir`, as the run makes it first (nothing written): a training command's
+    `plan_run` with the run's --resume / --overwrite, else `check_output_dir`. Returns one line."""
+    final = Path(cfg.output_dir)
+    if command_of(cfg) not in (*TRAIN_COMMANDS, *ONLINE_COMMANDS):
+        check_output_dir(final)
+        return f"output_dir {final}: " + ("a folder; this command adds its files to it" if final.is_dir() else
+                                          "created when the run starts")
+    resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
+    train = getattr(cfg, "train", {})
+    checkpoint = train.get("resume_from_checkpoint") if command_of(cfg) in TRAIN_COMMANDS else None  # (as the run)
+    plan = plan_run(cfg, resume=resume, overwrite=overwrite, checkpoint=checkpoint, dry=True)
+    said = {"new": "created when the run starts", "resume": f"continued from {plan.checkpoint}",
+            "overwrite": "replaced as a whole when the new run finishes (--overwrite)"}[plan.mode]
+    return f"output_dir {final}: {said}"
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -141,8 +178,10 @@ def check_output_dir(final: Path) -> None:
 
 
 def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpoint: str | None = None,
-             can_resume: bool = True) -> RunPlan:
-    """Check `output_dir` against the user's intent; writes nothing. `checkpoint`: `train.resume_from_checkpoint`."""
+             can_resume: bool = True, dry: bool = False) -> RunPlan:
+    """Check `output_dir` against the user's intent; writes nothing but, unless `dry` (--dry-run: nothing at all),
+    the completion of an --overwrite killed between its renames and the removal of its leftover staging folder.
+    `checkpoint`: `train.resume_from_checkpoint`."""
     final = Path(cfg.output_dir)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: --resume continues the run in output_dir, "
@@ -151,7 +190,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
         raise ConfigError("--resume: online runs write no checkpoints yet, so they cannot be resumed (not yet "
                           "built); start again with --overwrite or another output_dir")
     check_output_dir(final)
-    if is_main_process():
+    if is_main_process() and not dry:
         recover_swap(final)  # an --overwrite killed between its two renames: completed (or undone) first
     existed = final.is_dir()
     holds = existed and any(final.iterdir())
@@ -204,8 +243,8 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
     if holds:  # --overwrite (with train.resume_from_checkpoint: another run's checkpoint, resumed into the new run)
         refuse_inputs_inside(cfg, final)
         staging = final.parent / f".{final.name}.staging"
-        if is_main_process():
-            remove_own(staging)  # a leftover of an interrupted --overwrite (marked as ours), else refused
+        if is_main_process():  # a leftover of an interrupted --overwrite (marked as ours), else refused
+            (refuse_foreign if dry else remove_own)(staging)
         return RunPlan(final, staging, "overwrite", ckpt, label, existed=True)
     return RunPlan(final, final, "new", existed=existed)
 

@@ -178,6 +178,44 @@ def build_engine(cfg: Any, device: str | None = None):
                                       request_timeout=cfg.request_timeout))
 
 
+def dry_run(cfg: Any) -> int:
+    """`alignkit serve --dry-run`: what the server checks before it loads a model, without loading one, binding the
+    port or writing anything: output_dir, the base and adapter folders (`check_folders`; engine vllm: the adapters
+    vLLM serves), and the base's chat template against the messages /v1/chat/completions passes it
+    (`serve.template.check_chat_template`, with the base's tokenizer only). Prints the config (api_key hidden), what
+    was checked as YAML comments, and a last line saying so; the first problem is one line naming the key."""
+    from alignkit.cli.runfolder import check_output_dir
+
+    lines = []
+    if cfg.output_dir is not None:
+        check_output_dir(Path(cfg.output_dir))
+        lines.append(f"output_dir {cfg.output_dir}: metrics, TensorBoard events and plots go there")
+    check_folders(cfg)
+    lines.append(f"base {cfg.base} and {len(cfg.adapters)} adapter folder(s): their files whole")
+    if cfg.engine == "vllm":
+        from alignkit.serve.vllm_server import check_adapters
+
+        check_adapters(cfg.adapters)
+        lines.append("adapters: each one vLLM serves (LoRA); vLLM formats chat messages itself")
+    elif tiny_arch(cfg.base, "base") is None and Path(cfg.base).is_dir():
+        from alignkit.cli.models import explaining_load
+        from alignkit.models.loading import load_tokenizer
+        from alignkit.serve.template import check_chat_template
+
+        with explaining_load("base", cfg.base):  # its tokenizer only: no model loaded
+            tokenizer = load_tokenizer(cfg.base)
+        try:
+            lines.append(check_chat_template(tokenizer, f"base {cfg.base}"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    shown = cfg if cfg.api_key is None else type(cfg)(**{**vars(cfg), "api_key": "***"})
+    print(dump_config(shown), end="")
+    print("\n".join(f"# --dry-run checked {line}" for line in lines))
+    print(f"# --dry-run: OK, {len(lines)} check(s) passed; the device (device={cfg.device}) and port {cfg.port} are "
+          "checked when the server starts; nothing was written, no model loaded")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from(args)  # with engine=vllm, the keys only alignkit's engine reads are refused (ServeConfig)
     if cfg.engine == "vllm" and not args.dry_run:
@@ -193,9 +231,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("alignkit serve needs fastapi and uvicorn: pip install 'alignkit[serve]'") from None
     if args.dry_run:
-        shown = cfg if cfg.api_key is None else type(cfg)(**{**vars(cfg), "api_key": "***"})
-        print(dump_config(shown), end="")
-        return 0
+        return dry_run(cfg)
     from alignkit.cli.runfolder import check_output_dir
     from alignkit.serve.api import serve_forever
 

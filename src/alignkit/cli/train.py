@@ -27,7 +27,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
 from alignkit.cli.data import load_data, record_kind, tokenize, warn_unread_margins
-from alignkit.cli.models import adopt_tiny, apply_configured_adapter, check_formats, load_base, rename_base
+from alignkit.cli.models import (adopt_tiny, apply_configured_adapter, check_formats, check_model_settings, load_base,
+                                 rename_base)
 from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.interventions.positions import check_prompt_lengths, check_truncated_prompts
@@ -55,7 +56,14 @@ HELP = {"sft": "supervised finetuning", "rm": "train a reward model (pairwise Br
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in HELP.items():
-        add_config_command(sub, name, text, run)
+        add_config_command(sub, name, text, run, dry=dry_checks)
+
+
+def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
+    """`--dry-run`'s own checks of a training command (after the output folder and data): the model section's
+    folders, as `load_base` checks them before loading (train.bf16 / fp16 are not checked against this machine's
+    hardware: a GPU config dry-runs on a CPU machine)."""
+    return [check_model_settings(cfg.model)]
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from alignkit.files import FileState, UnchangedSinceChecked
 from alignkit.interventions.attach import ReftModel
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.serve.lora import StackedLora
+from alignkit.serve.template import check_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
         except ValueError as e:  # e.g. a fully finetuned model: not an adapter
             raise ValueError(f"{folder}: {e}") from None
     tokenizer = load_tokenizer(base)
-    other_template = saved_tokenizers_differ(tokenizer, base, adapters)  # before the model is loaded
+    check_chat_template(tokenizer, f"base {base}")  # before the model is loaded
+    other_template = saved_tokenizers_differ(tokenizer, base, adapters)
     lm = load_model(base, dtype=dtype, attn_implementation=attn_implementation, rope_scaling=rope_scaling,
                     rope_key="rope_scaling")
     if is_classifier(lm):
