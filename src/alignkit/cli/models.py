@@ -18,7 +18,7 @@ from safetensors import safe_open
 from alignkit.adapters import adapter_in, apply_adapter, check_base, load_adapter
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME
 from alignkit.data.chat import check_prompt_formats, prompt_formats
-from alignkit.models.efficiency import apply_kernels, check_kernels
+from alignkit.models.efficiency import apply_kernels, check_model_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
 from alignkit.online.generation import check_sampler, check_stop_strings, lean_reason
@@ -285,8 +285,7 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
             raise ConfigError(f"model.check_base: false is read only for an adapter, and model.adapter_path="
                               f"{ms.adapter_path} holds a fully finetuned model (loaded whole, no base to check), so "
                               "it would be ignored; remove model.check_base")
-    if ms.kernels is not None:
-        check_kernels(ms.kernels)  # before anything is built
+    check_model_kernels(ms)  # model.kernels: package, CUDA, architecture, before anything is built
     path, desc = resolve_model_path(ms, run, task)
     with explaining_load("model.tokenizer" if ms.tokenizer else "model.path", ms.tokenizer or path):
         tok = load_tokenizer_for(ms, path)

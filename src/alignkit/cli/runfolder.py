@@ -16,6 +16,7 @@ import yaml
 
 from alignkit.cli.data import check_sources, command_record_kind
 from alignkit.cli.helptext import add_command_parser
+from alignkit.models.efficiency import check_model_kernels
 from alignkit.run_commit import (
     STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap, remove_own,
     resumed_step, truncate_metrics,
@@ -55,7 +56,10 @@ def dry_run(cfg: Any) -> int:
     """Print the resolved config, then what was checked of its data (`alignkit.cli.data.check_sources`: each data
     path exists, can be read and its first row fits a reader of the command's records) as YAML comments, so the
     output still loads as a config. A data path the run would fail on is refused here, in the run's own words (a dry
-    run that said OK while the run stopped at its data was a wrong answer)."""
+    run that said OK while the run stopped at its data was a wrong answer), and so is a `model.kernels` this machine
+    or the model cannot run (`check_model_kernels`: package, CUDA, architecture)."""
+    if getattr(cfg, "model", None) is not None:  # model.kernels as load_base checks it first (no model is loaded)
+        check_model_kernels(cfg.model)
     data, kind = getattr(cfg, "data", None), command_record_kind(command_of(cfg), cfg)
     lines = check_sources(data, kind) if kind is not None and getattr(data, "path", None) is not None else []
     print(dump_config(cfg), end="")
