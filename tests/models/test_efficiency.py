@@ -197,7 +197,7 @@ def test_kernels_patch_the_model_a_whole_model_adapter_path_loads(tiny_dir, tmp_
 
     folder = save_adapter(apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="full")), tmp_path / "full")
     patched = []
-    monkeypatch.setattr(cli_models, "check_kernels", lambda kind, where="model.kernels": None)
+    monkeypatch.setattr(cli_models, "check_model_kernels", lambda ms, where="model.kernels": None)
     monkeypatch.setattr(cli_models, "apply_kernels", lambda model, kind, where="model.kernels": patched.append(model))
     model, *_ = cli_models.load_for_inference(ModelSettings(path=str(tiny_dir("llama")), adapter_path=str(folder),
                                                             kernels="liger"), None)

@@ -284,8 +284,9 @@ def test_a_max_lora_rank_below_the_policys_rank_is_refused_before_the_engine(tin
 def test_the_engines_own_max_model_len_is_derived_and_checked_before_the_engine(tiny_dir, tokenizer, tmp_path):
     """Without method.vllm.max_model_len the engine takes the model's own (vLLM derives it from config.json): a
     prompt + max_new_tokens past it was refused only at the first generation. Now when the trainer is built: 16
-    positions (max_position_embeddings) < 8 prompt tokens + 10; linear RoPE scaling x2 gives 32, which fits; a
-    max_model_len of 64 above the model's 16 (vLLM refuses it at start) is one line too."""
+    positions (max_position_embeddings) < 8 prompt tokens + 10; a max_model_len of 64 above the model's 16 (vLLM
+    refuses it at start) is one line too. Linear RoPE scaling x2 on those 16 positions is 32 in vLLM, but 16 in
+    alignkit's training and engine, so still too short (row V16); saved by model.rope_scaling (32 positions) it fits."""
     prompt = "the quick brown fox jumps over"
     n = len(tokenizer(prompt)["input_ids"])
     assert n + 10 > 16 and n + 10 <= 32, "the test needs a prompt of 7 to 22 tokens"
@@ -309,11 +310,16 @@ def test_the_engines_own_max_model_len_is_derived_and_checked_before_the_engine(
     import json
     import shutil
 
-    scaled = shutil.copytree(short, tmp_path / "scaled")
-    config = json.loads((scaled / "config.json").read_text())
+    scaled = shutil.copytree(short, tmp_path / "scaled")  # linear x2, max_position_embeddings 16: vLLM's own is 32,
+    config = json.loads((scaled / "config.json").read_text())  # but alignkit trains and serves 16 (row V16)
     config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "linear", "factor": 2.0}
     (scaled / "config.json").write_text(json.dumps(config))
-    build(scaled)
+    with pytest.raises(ConfigError, match=r"^the engine's max_model_len \(from max_position_embeddings 16 in .*, not "
+                                          r"vLLM's own 32: linear RoPE: vLLM multiplies it by the factor 2.0 again"):
+        build(scaled)
+    saved = tmp_path / "saved"  # as model.rope_scaling saves it: max_position_embeddings 32, which fits
+    load_model(short, rope_scaling={"type": "linear", "factor": 2.0}).save_pretrained(saved)
+    build(saved)
 
 
 def test_a_policy_whose_rope_the_engines_folder_lacks_is_refused(tiny_dir, tokenizer):
@@ -471,3 +477,95 @@ def test_a_policy_with_dynamic_rope_is_refused_for_the_vllm_engine(tiny_dir, tok
     assert "\n" not in msg and msg.startswith(f"generation_backend='vllm': the model in {folder} has dynamic RoPE "
                                               "scaling"), msg
     assert "method.generation_backend=transformers" in msg
+
+
+def test_a_rope_scaled_model_starts_vllm_at_the_context_alignkit_trains(tiny_dir, tokenizer, tmp_path, monkeypatch,
+                                                                         caplog):
+    """vLLM multiplies a linear model's max_position_embeddings by its factor, which model.rope_scaling has already
+    applied: a model saved with linear x2 on 16 positions (32) ran 64 in vLLM, prompts past the 32 it was trained on
+    (and that alignkit's engine refuses) taken without a word. A longrope model ran every position with the long
+    factors once vLLM's max_model_len was above its original 16 (transformers: short ones up to 16 tokens). Now the
+    engine starts with max_model_len 32 / 16 (`start_max_model_len`, which VllmGenerator passes); a given longer one
+    is refused for longrope and warned about for linear; yarn and llama3 (vLLM reads them as alignkit does) are left
+    to vLLM. Figures by hand; vLLM's own side: tests/compat/test_vllm.py (row V16)."""
+    import sys
+    import types
+
+    from transformers import AutoConfig
+
+    from alignkit.models.rope import apply_rope_scaling
+    from alignkit.models.vllm_support import engine_limit, engine_max_model_len, head_size, start_max_model_len
+
+    base = tiny_dir("llama", max_positions=16)
+    half = head_size(AutoConfig.from_pretrained(base)) // 2
+    cases = {  # kind: (model.rope_scaling, vLLM's own, alignkit's)
+        "linear": ({"type": "linear", "factor": 2.0}, 64, 32),
+        "yarn": ({"type": "yarn", "factor": 2.0}, 32, 32),
+        "llama3": ({"type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 32, 32),
+        "longrope": ({"type": "longrope", "factor": 2.0, "short_factor": [1.0] * half, "long_factor": [2.0] * half},
+                     None, 16),
+    }
+    for kind, (scaling, vllms, ours) in cases.items():
+        folder = tmp_path / kind
+        load_model(base, rope_scaling=scaling).save_pretrained(folder)
+        own = engine_max_model_len(folder, {})[0]
+        assert vllms is None or own == vllms, (kind, own)
+        assert engine_limit(folder, {})[0] == ours, kind
+        assert start_max_model_len(folder, {}) == (ours if own > ours else None), kind
+    with pytest.raises(ConfigError) as e:
+        engine_limit(tmp_path / "longrope", {"max_model_len": 32})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        f"method.vllm.max_model_len 32 is above original_max_position_embeddings 16 in "
+        f"{tmp_path / 'longrope' / 'config.json'} (longrope RoPE: above it vLLM rotates every position with the long "
+        "factors"), msg
+    assert msg.endswith("set method.vllm.max_model_len to 16 or less"), msg
+    with caplog.at_level("WARNING", logger="alignkit.models.vllm_support"):
+        assert engine_limit(tmp_path / "linear", {"max_model_len": 48})[0] == 48
+    assert [r.getMessage() for r in caplog.records] == [
+        f"method.vllm.max_model_len 48 is above max_position_embeddings 32 in {tmp_path / 'linear' / 'config.json'} "
+        "(linear RoPE: vLLM multiplies it by the factor 2.0 again, past the positions the model was trained on "
+        "(model.rope_scaling records the scaled length there)): positions past 32 were never trained; lower "
+        "method.vllm.max_model_len to 32"]
+
+    made = []  # the colocated engine is started with it (vllm.LLM replaced: its keywords recorded)
+
+    class LLM:
+        def __init__(self, **kw):
+            made.append(kw)
+            self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=kw.get(
+                "max_model_len", 64)))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    from alignkit.online.vllm_generation import VllmGenerator
+
+    policy = apply_adapter(load_model(tmp_path / "linear"), AdapterConfig(kind="full"))
+    for given, started in (({}, 32), ({"max_model_len": 48}, 48)):
+        engine = VllmGenerator(policy, tokenizer, model=str(tmp_path / "linear"), workdir=tmp_path / "w", **given)
+        assert made[-1]["max_model_len"] == started and engine.max_model_len == started
+    VllmGenerator(policy, tokenizer, model=str(tmp_path / "yarn"), workdir=tmp_path / "w")
+    assert "max_model_len" not in made[-1]
+
+
+def test_a_linear_factor_written_as_an_integer_is_saved_as_a_float_and_refused_in_a_folder(tiny_dir, tmp_path):
+    """`model.rope_scaling: {type: linear, factor: 2}` (an integer in YAML) was saved as `"factor": 2`, on which vLLM's
+    linear RoPE fails when the engine starts ('int' object is not iterable, after the run folder was written; row
+    V16). Now it is saved as 2.0, and a folder holding an integer one is refused in one line before vLLM starts."""
+    import json
+
+    from alignkit.models.vllm_support import check_rope_type, folder_config
+
+    folder = tmp_path / "int"
+    load_model(tiny_dir("llama"), rope_scaling={"type": "linear", "factor": 2}).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert repr(config["rope_parameters"]["factor"]) == "2.0"
+    check_rope_type(folder_config(folder, {}), folder, "serve --engine vllm", "serve it with --engine alignkit")
+    config["rope_parameters"]["factor"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as e:
+        check_rope_type(folder_config(folder, {}), folder, "serve --engine vllm", "serve it with --engine alignkit")
+    msg = str(e.value)
+    assert "\n" not in msg and msg == (
+        f"serve --engine vllm: the model in {folder} has linear RoPE scaling with the integer factor 2 (rope_parameters "
+        f"in {folder / 'config.json'}), on which vLLM's linear RoPE fails when the engine starts ('int' object is not "
+        "iterable: it takes a float); write factor: 2.0 there, or serve it with --engine alignkit"), msg

@@ -266,6 +266,52 @@ def test_bf16_on_a_cpu_machine(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+# (command, config, overrides): commands whose config has a model section (model.kernels)
+KERNEL_COMMANDS = [
+    ("sft", "sft-tiny.yaml", []),
+    ("dpo", "dpo-lora-tiny.yaml", []),
+    ("grpo", "grpo-tiny.yaml", []),
+    ("sample", "sample-tiny.yaml", []),
+    ("generate", "generate-tiny.yaml", ["model.path=tiny:llama", "model.adapter_path=null"]),
+]
+
+
+@pytest.mark.parametrize("command,config,overrides", KERNEL_COMMANDS, ids=[c[0] for c in KERNEL_COMMANDS])
+def test_kernels_this_machine_lacks_are_refused_by_the_dry_run_too(command, config, overrides, tmp_path, capsys):
+    """model.kernels=liger without the package or a GPU: the run refused it (one line, before the model was built),
+    and `--dry-run` printed the config and exit 0, an OK for a run that cannot start. Now the dry run says the run's
+    line, and writes nothing."""
+    from alignkit.models.efficiency import liger_missing
+
+    if not liger_missing():
+        pytest.skip("liger-kernel and a GPU are both here")
+    rc, err = run_cli(capsys, [command, "--config", str(CONFIGS / config), f"output_dir={tmp_path / 'run'}",
+                               *overrides, "model.kernels=liger", "--dry-run"])
+    assert_one_line(rc, err, "model.kernels: liger needs ", "remove model.kernels")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_architecture_liger_does_not_cover_is_refused_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    """With liger and a GPU present, a model type Liger has no kernels for was refused only by `apply_kernels`, after
+    the model was built (and never by --dry-run, which loads none). Now `check_model_kernels` reads the type from
+    model.path (tiny:<arch>, or the folder's config.json) first: the dry run and the run give the same one line, and
+    the run builds nothing. (Liger's presence stood in for: its package and a GPU, and the types it covers.)"""
+    from alignkit.models import efficiency
+
+    monkeypatch.setattr(efficiency, "liger_missing", lambda: [])
+    monkeypatch.setattr(efficiency, "liger_model_types", lambda: frozenset({"llama", "qwen2"}))
+    folder = save_tiny(tmp_path / "gpt2", "gpt2")
+    for path in ("tiny:gpt2", str(folder)):
+        for dry in (["--dry-run"], []):
+            rc, err = run_cli(capsys, ["sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+                                       f"model.path={path}", "model.kernels=liger", *dry])
+            assert_one_line(rc, err, "model.kernels: liger has no kernels for the gpt2 architecture (supported: "
+                                     "llama, qwen2); remove model.kernels")
+            assert not (tmp_path / "run").exists()
+    efficiency.check_model_kernels(__import__("alignkit.settings", fromlist=["ModelSettings"]).ModelSettings(
+        path="tiny:llama", kernels="liger"))  # a covered type passes
+
+
 # (case, data file, extra overrides, what the line must contain)
 DATA_CASES = [
     ("non-UTF-8", "latin1.jsonl", [], ["latin1.jsonl:2", "not UTF-8", "save the file as UTF-8"]),

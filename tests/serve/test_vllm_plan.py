@@ -123,8 +123,9 @@ def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start
     a warning says so when the server starts (vLLM replaced by a child that exits at once, through the module's
     seams); at the defaults nothing is said. The sum is capped at the model's context (max_position_embeddings 64
     here): the warning quoted the uncapped sum (128) where vLLM was started with 64; it now quotes 64 and says what
-    capped it. The context is vLLM's (`engine_max_model_len`, row V2): a base with linear RoPE scaling, factor 2,
-    runs 64 x 2 = 128 positions in vLLM, and was started with --max-model-len 64 (max_position_embeddings alone)."""
+    capped it. The context is vLLM's (`engine_max_model_len`, row V2) capped at alignkit's (row V16): a base with
+    linear RoPE scaling, factor 2, runs 64 x 2 = 128 positions in vLLM (which multiplies max_position_embeddings by the
+    factor model.rope_scaling has already applied), where alignkit's engine serves 64: vLLM is started with 64."""
     import json
     import shutil
     import sys
@@ -164,11 +165,12 @@ def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start
     config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     (scaled / "config.json").write_text(json.dumps(config))
     started.clear()
-    assert run(100, 20, scaled) != [] and started == [120]  # within 128: not capped
-    assert run(100, 60, scaled)[0].startswith(
-        "serve --engine vllm: max_prompt_tokens 100 and max_new_tokens 60 reach vLLM only as their sum "
-        "(--max-model-len 128, prompt + completion; capped from their sum 160 at the model's context, "
-        f"max_position_embeddings x rope factor 2.0 in {scaled / 'config.json'}): ") and started == [120, 128]
+    assert run(40, 20, scaled) != [] and started == [60]  # within 64: not capped
+    assert run(100, 20, scaled)[0].startswith(
+        "serve --engine vllm: max_prompt_tokens 100 and max_new_tokens 20 reach vLLM only as their sum "
+        "(--max-model-len 64, prompt + completion; capped from their sum 120 at the model's context, "
+        f"max_position_embeddings 64 in {scaled / 'config.json'}, not vLLM's own 128: linear RoPE: vLLM multiplies "
+        "it by the factor 2.0 again") and started == [60, 64]
 
 
 def test_an_adapters_saved_tokenizer_is_checked_as_alignkits_engine_does(serve_dirs, tmp_path, caplog):

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from alignkit.adapters import adapter_in, apply_adapter, check_base, load_adapter
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME
 from alignkit.data.chat import check_prompt_formats, prompt_formats
-from alignkit.models.efficiency import apply_kernels, check_kernels
+from alignkit.models.efficiency import apply_kernels, check_model_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
 from alignkit.online.generation import check_sampler, check_stop_strings, lean_reason
@@ -296,8 +296,7 @@ def load_base(ms: ModelSettings, run: RunFolder | None, task: str = "causal_lm")
     """(model, tokenizer, loaded path, description) for `task` "causal_lm" or "classifier" (1 label).
     `run` None: nothing is written to a run folder (a tiny model stays in a temporary folder for `adopt_tiny`)."""
     check_model_settings(ms)
-    if ms.kernels is not None:
-        check_kernels(ms.kernels)  # before anything is built
+    check_model_kernels(ms)  # model.kernels: package, CUDA, architecture, before anything is built
     path, desc = resolve_model_path(ms, run, task)
     with explaining_load("model.tokenizer" if ms.tokenizer else "model.path", ms.tokenizer or path):
         tok = load_tokenizer_for(ms, path)

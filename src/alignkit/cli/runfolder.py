@@ -16,6 +16,7 @@ import yaml
 
 from alignkit.cli.data import check_sources, command_record_kind
 from alignkit.cli.helptext import add_command_parser
+from alignkit.models.efficiency import check_model_kernels
 from alignkit.run_commit import (
     STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap, refuse_foreign,
     remove_own, resumed_step, truncate_metrics,
@@ -57,14 +58,17 @@ def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
 
 
 def dry_run(cfg: Any, args: argparse.Namespace | None = None, dry: DryCheck | None = None) -> int:
-    """What the run checks before it writes anything, without writing anything, loading a model or importing code
-    the config names: the output folder (`check_output_dir`; a training command's `plan_run` as --resume /
-    --overwrite / train.resume_from_checkpoint ask, in its dry form), the data (`alignkit.cli.data.check_sources`:
-    each data path exists, can be read, and its first row fits a reader of the command's records), then the
-    command's own checks `dry(cfg, args)` (model and adapter folders, annotator, round folder, ...). The first
-    problem is the run's own error (one line naming the file or key and the fix). Prints the resolved config, what
-    was checked as YAML comments (the output still loads as a config), and a last line saying so."""
+    """What the run checks before it writes anything, without writing anything, loading a model or importing code the
+    config names, in the run's order: the output folder (`check_output_dir`; a training command's `plan_run` as
+    --resume / --overwrite / train.resume_from_checkpoint ask, in its dry form), `model.kernels`
+    (`check_model_kernels`: package, CUDA, architecture), the data (`alignkit.cli.data.check_sources`: each data path
+    exists, can be read, and its first row fits a reader of the command's records), then the command's own checks
+    `dry(cfg, args)` (model and adapter folders, annotator, round folder, ...). The first problem is the run's own
+    error (one line naming the file or key and the fix). Prints the resolved config, what was checked as YAML
+    comments (the output still loads as a config), and a last line saying so."""
     output = check_output(cfg, args)
+    if getattr(cfg, "model", None) is not None:  # model.kernels as load_base checks it first (no model is loaded)
+        check_model_kernels(cfg.model)
     data, kind = getattr(cfg, "data", None), command_record_kind(command_of(cfg), cfg)
     lines = check_sources(data, kind) if kind is not None and getattr(data, "path", None) is not None else []
     own = command_checks(cfg, args, dry)

@@ -8,8 +8,9 @@
   layer; ReFT's hooks on a layer's output run within the compiled layer call (dynamo traces them or breaks
   the graph there; either way the losses equal eager's: tests/models/test_efficiency.py, full / LoRA / ReFT).
 - `apply_kernels(model, "liger")` (`model.kernels: liger`): Liger's Triton kernels (RMSNorm, SwiGLU, RoPE)
-  patched into the model instance. Needs the `liger-kernel` package and a CUDA GPU; anything missing is one
-  `ConfigError` naming both the key and what is missing. Liger's fused linear cross-entropy is not used:
+  patched into the model instance. Needs the `liger-kernel` package, a CUDA GPU and an architecture Liger covers;
+  anything missing is one `ConfigError` naming both the key and what is missing, raised by `check_model_kernels`
+  before the model loads (the run, and --dry-run, which loads none) and again by `apply_kernels` on the loaded model. Liger's fused linear cross-entropy is not used:
   alignkit never builds full logits (its LM head runs in chunks at completion positions only, recomputed
   in backward: `losses/logprobs.py`), which is the memory saving that kernel exists for.
 """
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -96,42 +100,76 @@ def check_fullgraph(option: Any, padding_free: bool, where: str = "train.compile
                           "train.padding_free: false")
 
 
-def check_kernels(kind: str | None, where: str = "model.kernels") -> None:
-    """Raise a `ConfigError` naming `where` and what is missing if kernels `kind` cannot run here."""
-    if kind is None:
-        return
-    if kind not in KERNELS:
-        raise ConfigError(f"{where}: {kind!r} is not a kernel set alignkit knows; valid: {', '.join(KERNELS)}")
+def liger_missing() -> list[str]:
+    """What this machine lacks for Liger's kernels: the package, a CUDA GPU (empty: both here)."""
     missing = []
     if importlib.util.find_spec("liger_kernel") is None:
         missing.append("the liger-kernel package (pip install liger-kernel)")
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU (Liger's kernels are Triton GPU kernels)")
+    return missing
+
+
+def liger_model_types() -> frozenset[str]:
+    """The model types Liger has kernels for (its `MODEL_TYPE_TO_APPLY_LIGER_FN`); needs liger-kernel."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def check_kernels(kind: str | None, where: str = "model.kernels", model_type: str | None = None) -> None:
+    """Raise a `ConfigError` naming `where` and what is missing if kernels `kind` cannot run here: the package, a
+    CUDA GPU, and (`model_type` given) kernels for that architecture."""
+    if kind is None:
+        return
+    if kind not in KERNELS:
+        raise ConfigError(f"{where}: {kind!r} is not a kernel set alignkit knows; valid: {', '.join(KERNELS)}")
+    missing = liger_missing()
     if missing:
         raise ConfigError(f"{where}: liger needs {' and '.join(missing)}, which this machine lacks; remove "
                           f"{where} to train without fused kernels")
+    if model_type is not None and model_type not in (types := liger_model_types()):
+        raise ConfigError(f"{where}: liger has no kernels for the {model_type} architecture (supported: "
+                          f"{', '.join(sorted(types))}); remove {where} to train without fused kernels")
+
+
+def settings_model_type(path: str) -> str | None:
+    """The model_type of the model `path` (a run config's model.path) read without loading it: `tiny:<arch>`'s arch,
+    a local folder's config.json; None for a hub id or a folder without a readable one (the load checks it)."""
+    arch = tiny_arch(path, "model.path")
+    if arch is not None:
+        return arch
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_model_kernels(ms: Any, where: str = "model.kernels") -> None:
+    """`check_kernels` for a run config's model section (`ms`: model.kernels, model.path), before anything is loaded
+    or written: what `apply_kernels` refuses once the model is loaded (the real run) or never reaches (--dry-run)."""
+    if getattr(ms, "kernels", None) is not None:
+        check_kernels(ms.kernels, where, settings_model_type(ms.path))
 
 
 def apply_kernels(model: nn.Module, kind: str | None, where: str = "model.kernels") -> nn.Module:
     """Patch fused kernels of `kind` ("liger") into `model` in place; None: unchanged. Returns the model."""
     if kind is None:
         return model
-    check_kernels(kind, where)
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
     base = model
     while not hasattr(base, "config") and hasattr(base, "model"):  # ReFT wrapper
         base = base.model
     if hasattr(base, "get_base_model"):  # peft
         base = base.get_base_model()
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        raise ConfigError(f"{where}: liger has no kernels for the {model_type} architecture; supported: "
-                          f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}")
+    check_kernels(kind, where, model_type)
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
     _apply_liger_kernel_to_instance(model=base, **LIGER_OPTIONS)
     logger.info("liger kernels applied to %s: %s", model_type, ", ".join(k for k, v in LIGER_OPTIONS.items() if v))
     return model
 
 
-__all__ = ["KERNELS", "apply_kernels", "check_compile_options", "check_fullgraph", "check_kernels", "compile_layers", "decoder_layers"]
+__all__ = ["KERNELS", "apply_kernels", "check_compile_options", "check_fullgraph", "check_kernels", "check_model_kernels",
+           "compile_layers", "decoder_layers", "liger_missing", "liger_model_types",
+           "settings_model_type"]

@@ -211,6 +211,8 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
                           f"(its factor then counts from the original {original} positions)")
     params = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
     params.update(scaling, rope_type=kind)
+    if factor is not None:  # a float as transformers' own configs write it: vLLM's linear RoPE fails on an int (V16)
+        params["factor"] = float(factor)
     if kind in NEEDS_ORIGINAL:
         params.setdefault("original_max_position_embeddings", original)
     if kind in KEEPS_LENGTH:  # its formula reads max_position_embeddings as the original length: scaling starts past it

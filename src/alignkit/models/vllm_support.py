@@ -11,11 +11,18 @@ online/vllm_generation.py), so neither package imports the other for it.
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not
   scale `max_position_embeddings` themselves), and a `max_model_len` above it, which vLLM refuses at start. Pinned
   against vLLM's `ModelConfig` (rows V2, V11).
+- `engine_limit` / `start_max_model_len`: that length capped where vLLM reads a RoPE-scaled model otherwise than
+  alignkit (`rope_length_cap`, row V16): linear scaling (vLLM multiplies `max_position_embeddings`, which
+  `model.rope_scaling` records already scaled, by the factor again: twice the positions the model was trained on) and
+  longrope (vLLM rotates every position with the long factors once max_model_len is above
+  `original_max_position_embeddings`, where transformers uses them only past it). The engine starters pass the
+  capped length as vLLM's max_model_len when none is given.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,7 +31,10 @@ from typing import Any, Mapping
 import torch
 from transformers import AutoConfig
 
+from alignkit.models.rope import context_length
 from alignkit.settings import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # the config keys vLLM reads a model's length from (the smallest wins), and the RoPE types whose
 # max_position_embeddings is already the scaled context (vLLM does not multiply it by `factor`)
@@ -99,7 +109,14 @@ ROPE_NOT_AS_TRANSFORMERS = ("dynamic",)
 def check_rope_type(config: Any, folder: str | Path, where: str, fix: str) -> None:
     """ConfigError when vLLM would encode the positions of the model `folder` (its `config`) otherwise than
     transformers does (`ROPE_NOT_AS_TRANSFORMERS`): vLLM would generate from another model than the one trained or
-    served by alignkit's engine, without an error. `where`: what starts the engine; `fix`: the way out."""
+    served by alignkit's engine, without an error; or cannot start on them (a linear factor written as an integer,
+    row V16). `where`: what starts the engine; `fix`: the way out."""
+    for rp in _rope_parameters(config):
+        if rp.get("rope_type", rp.get("type")) == "linear" and type(rp.get("factor")) is int:
+            raise ConfigError(f"{where}: the model in {folder} has linear RoPE scaling with the integer factor "
+                              f"{rp['factor']} (rope_parameters in {Path(folder) / 'config.json'}), on which vLLM's "
+                              f"linear RoPE fails when the engine starts ('int' object is not iterable: it takes a "
+                              f"float); write factor: {float(rp['factor'])} there, or {fix}")
     kinds = {rp.get("rope_type", rp.get("type")) for rp in _rope_parameters(config)}
     for kind in sorted(k for k in kinds if k in ROPE_NOT_AS_TRANSFORMERS):
         raise ConfigError(f"{where}: the model in {folder} has {kind} RoPE scaling (rope_parameters in "
@@ -130,7 +147,8 @@ def _rope_parameters(config: Any) -> list[dict[str, Any]]:
     return [rp]
 
 
-def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int | None, str]:
+def engine_max_model_len(folder: str | Path, vllm: dict[str, Any],
+                         setting: str = "method.vllm.max_model_len") -> tuple[int | None, str]:
     """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (the module docstring),
     with `vllm.max_model_len` when set (a dict of `vllm.hf_overrides` applied first; None with a callable one); a
     ConfigError when that is above the model's own length (vLLM refuses it when the engine starts, unless
@@ -175,12 +193,88 @@ def engine_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> tuple[int 
         return int(derived), where
     allow_long = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").lower() in ("1", "true")
     if asked > derived and not (getattr(config, "model_max_length", None) or 0) >= asked and not allow_long:
-        raise ConfigError(f"method.vllm.max_model_len {asked} is above the model's context {int(derived)} ({where}): "
+        raise ConfigError(f"{setting} {asked} is above the model's context {int(derived)} ({where}): "
                           "vLLM refuses it when the engine starts, after the run folder is written; lower "
-                          f"method.vllm.max_model_len to {int(derived)} or less")
-    return int(asked), "method.vllm.max_model_len"
+                          f"{setting} to {int(derived)} or less")
+    return int(asked), setting
+
+
+def rope_length_cap(config: Any) -> tuple[int, str, str] | None:
+    """(the longest max_model_len vLLM may run `config`'s model with, the config key that gives it, why vLLM's own is
+    longer) where vLLM reads a RoPE scaling otherwise than alignkit's engine and training (row V16); None otherwise.
+
+    - linear (any type vLLM multiplies by its `factor`, dynamic aside: refused by `check_rope_type`): vLLM takes
+      `max_position_embeddings` as the length before scaling; `model.rope_scaling` records the scaled length there,
+      which is what alignkit trains, generates and serves with (`rope.trained_context`).
+    - longrope: vLLM picks its long factors for every position, short sequences included, once max_model_len is
+      above `original_max_position_embeddings` (Phi3LongRoPEScaledRotaryEmbedding.use_long_rope); transformers uses
+      the short ones for any sequence up to that length."""
+    for rp in _rope_parameters(config):
+        kind, factor = rp.get("rope_type", rp.get("type")), rp.get("factor")
+        if kind == "longrope":
+            orig = rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
+                                                                         None)
+            if orig:
+                return int(orig), "original_max_position_embeddings", (
+                    "longrope RoPE: above it vLLM rotates every position with the long factors, where transformers "
+                    "uses the short ones for a sequence up to it")
+        elif kind not in (*PRESCALED_ROPE, *ROPE_NOT_AS_TRANSFORMERS, "default") and factor not in (None, 1, 1.0):
+            length = context_length(config)
+            if length:
+                return length, "max_position_embeddings", (
+                    f"{kind} RoPE: vLLM multiplies it by the factor {factor} again, past the positions the model was "
+                    "trained on (model.rope_scaling records the scaled length there)")
+    return None
+
+
+def _engine_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
+    """The folder's config as vLLM's engine sees it: a dict of `hf_overrides` applied; None with a callable one."""
+    overrides = vllm.get("hf_overrides")
+    if callable(overrides):
+        return None
+    config = folder_config(folder, vllm)
+    for k, v in (overrides or {}).items():
+        setattr(config, k, v)
+    return config
+
+
+def engine_limit(folder: str | Path, vllm: dict[str, Any],
+                 key: str = "method.vllm.max_model_len") -> tuple[int | None, str]:
+    """(the max_model_len a vLLM engine for the model `folder` runs with, what gives it): `engine_max_model_len`,
+    capped at `rope_length_cap` when `key` (`vllm["max_model_len"]`) is not given: the engine starters pass that
+    length to vLLM (`start_max_model_len`). A given length above the cap: a ConfigError for longrope (vLLM would
+    rotate with other frequencies than the trained model's), a warning for linear (positions past the trained
+    context, which alignkit's own generation warns about too)."""
+    limit, source = engine_max_model_len(folder, vllm, key)
+    config = _engine_config(folder, vllm) if limit is not None else None
+    cap = rope_length_cap(config) if config is not None else None
+    if cap is None or limit <= cap[0]:
+        return limit, source
+    length, cap_key, why = cap
+    asked = vllm.get("max_model_len")
+    where = f"{cap_key} {length} in {Path(folder) / 'config.json'}"
+    if asked is None or asked == -1:
+        return length, f"{where}, not vLLM's own {limit}: {why}"
+    if cap_key == "original_max_position_embeddings":
+        raise ConfigError(f"{key} {asked} is above {where} ({why}), so vLLM would generate from another model than "
+                          f"the one trained; set {key} to {length} or less")
+    logger.warning("%s %d is above %s (%s): positions past %d were never trained; lower %s to %d", key, asked, where,
+                   why, length, key, length)
+    return limit, source
+
+
+def start_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> int | None:
+    """The max_model_len to start vLLM with for the model `folder` when `vllm` gives none (or -1) and vLLM's own
+    would be longer than `rope_length_cap`; None: leave it to vLLM."""
+    if vllm.get("max_model_len") not in (None, -1):
+        return None
+    limit, _ = engine_max_model_len(folder, vllm)
+    config = _engine_config(folder, vllm) if limit is not None else None
+    cap = rope_length_cap(config) if config is not None else None
+    return cap[0] if cap is not None and limit > cap[0] else None
 
 
 __all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "ROPE_NOT_AS_TRANSFORMERS", "attention_head_sizes",
            "check_head_size", "check_rope_type",
-           "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "require_vllm", "vllm_installed"]
+           "engine_limit", "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "require_vllm",
+           "rope_length_cap", "start_max_model_len", "vllm_installed"]

@@ -66,7 +66,7 @@ from alignkit.adapters import adapter_of, record_base, unwrap_lm
 from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
 from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
-from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_max_model_len, folder_config,
+from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, folder_config,
                                           vllm_installed)
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
@@ -318,7 +318,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         policy's base), a LoRA
         rank above `method.vllm.max_lora_rank`, and the
         longest prompt + max_new_tokens past its max_model_len (`method.vllm.max_model_len`, else the one vLLM
-        derives from the model folder: `vllm_support.engine_max_model_len`)."""
+        derives from the model folder, capped at the context alignkit reads from a RoPE-scaled one:
+        `vllm_support.engine_limit`)."""
         vllm = self.config.vllm
         folder = str(vllm.get("model") or getattr(unwrap_lm(model).config, "name_or_path", "") or "")
         if not folder or not Path(folder, "config.json").is_file():
@@ -334,7 +335,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                         "use a model whose head size vLLM takes, or method.generation_backend=transformers")
         check_rope_type(folder_config(folder, vllm), folder, "generation_backend='vllm'",
                         "use method.generation_backend=transformers, or another model.rope_scaling type (linear, yarn)")
-        limit, source = engine_max_model_len(folder, vllm)
+        limit, source = engine_limit(folder, vllm)  # RoPE-capped (row V16): VllmGenerator starts vLLM with it
         records = [*self.prompts, *self.eval_prompts]
         given = vllm.get("max_model_len") is not None
         check_model_len(records, encode_prompts(records, tokenizer, self.config.formatter,

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.adapters.base import adapter_of, unwrap_lm
-from alignkit.models.vllm_support import lora_unsupported
+from alignkit.models.vllm_support import lora_unsupported, start_max_model_len
 from alignkit.online.vllm_engine import LORA_RANKS
 from alignkit.online.generation import (
     FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompts, end_token_ids, finish_response,
@@ -200,6 +200,9 @@ class VllmGenerator:
             r = max(int(c.r) for c in policy.peft_config.values())
             kw.update(enable_lora=True, max_loras=1, max_lora_rank=next((x for x in LORA_RANKS if x >= r), r))
         kw.update(engine_kwargs)
+        capped = start_max_model_len(self.model_path, kw)  # a RoPE-scaled model: vLLM's own is longer (row V16)
+        if capped is not None:
+            kw["max_model_len"] = capped
         t0 = time.perf_counter()
         self.llm = LLM(**kw)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)  # prompt + response tokens

@@ -50,7 +50,8 @@ from safetensors.torch import load
 from transformers import AutoConfig
 
 import alignkit
-from alignkit.models.vllm_support import check_head_size, check_rope_type, lora_unsupported
+from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
+                                          start_max_model_len)
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
@@ -129,8 +130,11 @@ class VllmServeEngine:
         self.settings = settings
         kw: dict[str, Any] = dict(model=str(folder), dtype=settings.dtype, seed=settings.seed,
                                   enforce_eager=settings.enforce_eager)
-        if settings.max_model_len is not None:
+        if settings.max_model_len is not None:  # refused / warned above a RoPE-scaled model's context (row V16)
+            engine_limit(folder, {"max_model_len": settings.max_model_len}, key="vllm-serve --max-model-len")
             kw["max_model_len"] = settings.max_model_len
+        elif (capped := start_max_model_len(folder, {})) is not None:  # vLLM's own is longer than that context
+            kw["max_model_len"] = capped
         if settings.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
         if settings.enable_lora:

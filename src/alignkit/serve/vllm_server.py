@@ -43,7 +43,7 @@ from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
-from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_max_model_len, lora_unsupported,
+from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
                                           require_vllm)
 from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
@@ -251,9 +251,10 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
 def _max_len(base: Path, wanted: int) -> tuple[int, str]:
     """(`wanted` capped by the model's own context as vLLM derives it, what gives it): vLLM refuses a longer
     --max-model-len, and runs with the one it is given, which the start-up warning quotes. The context is
-    `engine_max_model_len`'s (row V2): the config's length keys times a RoPE scaling factor (a linear factor 2 on
-    max_position_embeddings 64 is 128), not max_position_embeddings alone."""
-    limit, source = engine_max_model_len(base, {})
+    `engine_limit`'s: vLLM's (`engine_max_model_len`, row V2: the config's length keys times the RoPE scaling factor
+    of some types) capped at the context alignkit's engine serves (row V16: linear factor 2 with max_position_embeddings
+    64 is 64, where vLLM's own is 128 and alignkit's engine refuses prompts past 64)."""
+    limit, source = engine_limit(base, {})
     return (wanted if limit is None else min(wanted, limit)), source
 
 
