@@ -20,10 +20,9 @@ from the map's output, so also with `num_proc` and on a cache hit). Already toke
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, List, Value
 
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
 from alignkit.data.readers.rows import NamedRows
@@ -112,34 +111,37 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     return out
 
 
-@contextmanager
-def quiet_readers() -> Iterator[None]:
-    """The readers' and records' warnings held back (alignkit.data's loggers at ERROR) for a pass over rows that
-    another pass reads again and reports on."""
-    log = logging.getLogger("alignkit.data")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+def _int(bits: int = 64) -> Value:
+    return Value(f"int{bits}")
 
 
-def _features(dataset: Any, fn_kwargs: dict) -> Features:
-    """The map's output features, from its first rows (the first 64, more until one is kept): a first batch whose
-    records are all dropped (None features) would otherwise fix its columns' type as null."""
-    size = 64
-    while True:
-        part = dataset.select(range(min(size, len(dataset))))
-        with quiet_readers():  # the map reads these rows again and says what they hold: once, not twice
-            probe = _tokenize_batch(part[:], list(range(len(part))), **fn_kwargs)
-        if "" in probe[DROP] or len(part) == len(dataset):
-            features = Dataset.from_dict(probe).features
-            for key in ("margin", "weight"):  # None in every probed row (no margins given): a float column
-                if key in features and getattr(features[key], "dtype", None) == "null":
-                    features[key] = Value("float64")
-            return features
-        size *= 16
+def _ids(depth: int = 1, bits: int = 64) -> List:
+    return List(_ids(depth - 1, bits)) if depth > 1 else List(_int(bits))
+
+
+# the type of each feature `tokenize_record` gives (alignkit.data.tokenize's docstring: lists of ids and 0/1 masks,
+# int lengths, a float weight, a float or None margin, a bool label, int ranks, a str id), as datasets infers it from
+# kept rows: ints as int64, except in a column named `input_ids`, which datasets stores as int32 (its column-name
+# optimisation, compat row D4); a ranked record's input_ids / completion_mask are lists of sequences. Fresh objects
+# on every call: datasets hashes `features=` into the map's fingerprint (its cache file name), and a pickled object
+# used twice is written as a back-reference, so shared objects would hash otherwise than the inferred features did.
+FEATURE_TYPES = {
+    "input_ids": lambda depth=1: _ids(depth, 32), "completion_mask": _ids, "chosen_input_ids": _ids,
+    "chosen_completion_mask": _ids, "rejected_input_ids": _ids, "rejected_completion_mask": _ids, "ranks": _ids,
+    "prompt_length": _int, "length": _int, "weight": lambda: Value("float64"), "margin": lambda: Value("float64"),
+    "label": lambda: Value("bool"), "id": lambda: Value("string"),
+    DROP: lambda: Value("string"), PROMPT_CUT: _int, COMPLETION_CUT: _int, UNRENDERED: lambda: Value("string"),
+}
+
+
+def map_features(kind: str) -> Features:
+    """The features of the map's output for records of `kind` (FEATURE_KEYS, then the note columns), declared from
+    what `tokenize_record` gives. Before, they were inferred from the first 64 rows tokenized once more (and more
+    rows when all 64 were dropped: a first batch of None features would type its columns as null), so those rows
+    were tokenized twice."""
+    nested = {"input_ids", "completion_mask"} if kind == "ranked" else set()
+    return Features({k: FEATURE_TYPES[k](2) if k in nested else FEATURE_TYPES[k]()
+                     for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)})
 
 
 def _summarize(out: Any, name: str) -> list[int]:
@@ -206,7 +208,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     fn_kwargs = {"tokenizer": tokenizer, "cfg": cfg, "kind": kind, "reader": info.name, "name": name,
                  "options": dict(reader_options or {})}
     out = dataset.map(_tokenize_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                      num_proc=num_proc, desc=f"Tokenizing {name}", features=_features(dataset, fn_kwargs),
+                      num_proc=num_proc, desc=f"Tokenizing {name}", features=map_features(kind),
                       fn_kwargs=fn_kwargs)
     keep = _summarize(out, name)
     out = out.remove_columns(list(NOTE_COLUMNS))
