@@ -180,7 +180,7 @@ def test_evaluate_takes_raw_rows(tiny_dir, tmp_path):
 def test_ignored_columns_of_a_trainers_rows_name_the_rows(tiny_dir, caplog):
     """A TRL dataset's extra columns (UltraFeedback's score_chosen, ...) were reported by a repr of the map batch's
     first row cut at 80 characters ("[({'prompt': 'The sky is', 'chosen': ... 'score_cho: ignored column(s)"), not
-    by where they are; the warning now names the argument and the rows."""
+    by where they are; the warning now names the argument (once for the whole dataset)."""
     import logging
 
     tok = load_tokenizer(tiny_dir("llama"))
@@ -188,7 +188,7 @@ def test_ignored_columns_of_a_trainers_rows_name_the_rows(tiny_dir, caplog):
     with caplog.at_level(logging.WARNING):
         prepare_dataset(Dataset.from_list(rows), tok, ("preference",), name="eval_dataset")
     said = [r.getMessage() for r in caplog.records if "ignored column" in r.getMessage()]
-    assert said == ["eval_dataset rows 0-1: ignored column(s) ['score_chosen', 'score_rejected'] (not read by this "
+    assert said == ["eval_dataset: ignored column(s) ['score_chosen', 'score_rejected'] (not read by this "
                     "reader; counts: score_chosen in 2 row(s), score_rejected in 2 row(s))"]
 
 
@@ -236,3 +236,29 @@ def test_margins_given_in_no_row_are_a_float_column(tiny_dir):
     out, _ = prepare_dataset(Dataset.from_list(PAIRS), tok, ("preference",))
     assert out.features["margin"] == Value("float64") and list(out["margin"]) == [None, None]
     assert out.features["weight"] == Value("float64") and list(out["weight"]) == [1.0, 1.0]
+
+
+def test_ignored_columns_are_one_warning_per_dataset_across_map_batches_processes_and_the_cache(tiny_dir, tmp_path,
+                                                                                                caplog):
+    """A reader's "ignored column(s)" warning on a trainer's raw datasets.Dataset was said once per 1,000-row map
+    batch (3 warnings for 2,500 rows, each naming its batch's rows and counting them alone). Now once per dataset,
+    the counts summed over the batches, from the map's output (a note on each batch's first record): the same for an
+    in-memory dataset, with num_proc, and on a cache hit (where no batch runs)."""
+    import logging
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = [{"prompt": f"Q{i}?", "completion": f" A{i}.", "source": "web", "lang": "en" if i % 2 else None}
+            for i in range(2500)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    want = ("train_dataset: ignored column(s) ['lang', 'source'] (not read by this reader; counts: lang in 2500 row(s), "
+            "source in 2500 row(s))")
+    for data_set, num_proc in ((Dataset.from_list(rows), None), (ds, None), (ds, None), (ds, 2)):  # 3rd: the cache
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out, _ = prepare_dataset(data_set, tok, ("sft",), num_proc=num_proc)
+        said = [r.getMessage() for r in caplog.records if "ignored column" in r.getMessage()]
+        assert said == [want], (num_proc, said)
+        assert len(out) == 2500 and out.column_names == ["input_ids", "completion_mask", "prompt_length", "length",
+                                                          "weight", "id"]
