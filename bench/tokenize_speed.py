@@ -10,6 +10,13 @@ machine does not distort; it counts the Rust encoder's threads too), their media
 both paths give identical features. `TOKENIZERS_PARALLELISM=false` by default, as the CLI sets it: the old path
 never used threads, and `tokenize_records` turns them on for its own batches of >= 1,024 texts (restoring the
 setting after).
+
+    python bench/tokenize_speed.py --prepare --rows 20000 --repeats 1
+
+`--prepare` times the trainers' path instead: `prepare_dataset` (datasets.map over raw rows, as a TRL user's
+`train_dataset`) on the same rows as two `datasets.Dataset`s (prompt/completion, and messages), one JSON line per
+repeat, with a digest of the output datasets (their features and every value). To compare two versions of
+alignkit, run it with each one's `src` on PYTHONPATH, alternating processes.
 """
 
 from __future__ import annotations
@@ -59,6 +66,37 @@ def one_at_a_time(recs, tok, cfg):
     return out
 
 
+def rows(n: int) -> tuple[list[dict], list[dict]]:
+    """`records(n)` as TRL-style rows: the plain ones as prompt/completion, the chat ones as messages."""
+    plain, chat = [], []
+    for r in records(n):
+        if isinstance(r.prompt, str):
+            plain.append({"prompt": r.prompt, "completion": r.completion})
+        else:
+            chat.append({"messages": r.prompt + r.completion})
+    return plain, chat
+
+
+def time_prepare(n: int, repeats: int, tok, cfg) -> None:
+    """One JSON line per repeat: wall and CPU seconds of `prepare_dataset` over both datasets, the rows kept."""
+    import hashlib
+    import json
+
+    from datasets import Dataset
+
+    from alignkit.data.prepare import prepare_dataset
+
+    plain, chat = rows(n)
+    for _ in range(repeats):
+        sets = [Dataset.from_list(plain), Dataset.from_list(chat)]  # in memory: no datasets cache between repeats
+        w, c = time.perf_counter(), time.process_time()
+        outs = [prepare_dataset(ds, tok, ("sft",), cfg)[0] for ds in sets]
+        wall, cpu = time.perf_counter() - w, time.process_time() - c
+        digest = hashlib.sha256(json.dumps([[o.features.to_dict(), o.to_dict()] for o in outs]).encode()).hexdigest()
+        print(json.dumps({"rows": n, "kept": sum(map(len, outs)), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                          "load": round(os.getloadavg()[0], 2), "output_sha256": digest[:16]}))
+
+
 def main() -> int:
     import logging
 
@@ -70,10 +108,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=50000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prepare", action="store_true", help="time prepare_dataset (datasets.map) instead")
     args = ap.parse_args()
     tok = load_tokenizer(save_tiny(tempfile.mkdtemp(), "llama"))
-    recs = records(args.rows)
     cfg = TokenizeConfig(max_length=256, max_prompt_length=128)
+    if args.prepare:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+        time_prepare(args.rows, args.repeats, tok, cfg)
+        return 0
+    recs = records(args.rows)
     runs: dict[str, list[tuple[float, float]]] = {"one_at_a_time": [], "batched": [], "cached": []}
     results = {}
     cache = tempfile.mkdtemp()

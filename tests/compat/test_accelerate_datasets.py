@@ -173,6 +173,45 @@ def test_dataset_map_as_prepare_calls_it():
           "then remove_columns and select, no longer gives the kept rows", where, f"{kept.column_names}: {kept[:]}")
 
 
+def test_datasets_infers_the_features_prepare_declares():
+    """prepare_dataset declares its map's output features (`prepare.map_features`) instead of inferring them from rows
+    tokenized a second time. To keep the dtypes and datasets' cache file names of that inference, the declaration must
+    be what `Dataset.from_dict` infers from the map function's rows: int lists as int64, but a column named
+    `input_ids` as int32 (datasets' column-name optimisation, OptimizedTypedSequence), nested lists alike; and it
+    must hash (`Hasher`, the map's fingerprint) as the inferred features do."""
+    where = "alignkit/data/prepare.py:map_features"
+    from datasets import Dataset
+    from datasets.fingerprint import Hasher
+
+    from alignkit.data.prepare import NOTE_COLUMNS, map_features
+
+    notes = {"_alignkit_drop": ["", "prompt_too_long"], "_alignkit_prompt_cut": [0, 1], "_alignkit_completion_cut": [1, 0],
+             "_alignkit_unrendered": ["", "system"]}
+    assert set(notes) <= set(NOTE_COLUMNS)
+    notes.update({k: ["", ""] for k in NOTE_COLUMNS if k not in notes})
+    rows = {
+        "sft": {"input_ids": [[1, 5, 9], None], "completion_mask": [[0, 1, 1], None], "prompt_length": [1, None],
+                "length": [3, None], "weight": [1.0, None], "id": ["r0", "r1"]},
+        "ranked": {"input_ids": [[[1, 5], [1, 6, 7]], None], "completion_mask": [[[0, 1], [0, 1, 1]], None],
+                   "ranks": [[0, 1], None], "prompt_length": [1, None], "length": [5, None], "weight": [0.5, None],
+                   "id": ["r0", "r1"]},
+        "preference": {"chosen_input_ids": [[1, 5], None], "chosen_completion_mask": [[0, 1], None],
+                       "rejected_input_ids": [[1, 6], None], "rejected_completion_mask": [[0, 1], None],
+                       "prompt_length": [1, None], "length": [2, None], "margin": [0.5, None], "weight": [1.0, None],
+                       "id": ["r0", "r1"]},
+    }
+    for kind, columns in rows.items():
+        with guard("datasets", "Dataset.from_dict no longer infers features from python lists", where):
+            inferred = Dataset.from_dict({**columns, **notes}).features
+        declared = map_features(kind)
+        check(list(declared.items()) == list(inferred.items()), "datasets", f"{kind}: from_dict infers "
+              f"{dict(inferred)}, prepare declares {dict(declared)}", where)
+        check(Hasher.hash(declared) == Hasher.hash(inferred), "datasets", f"{kind}: equal Features hash apart: the "
+              "map's fingerprint (its cache file) differs from the inferred features'", where)
+    check(str(map_features("sft")["input_ids"].feature.dtype) == "int32", "datasets", "input_ids no longer int32",
+          where)
+
+
 def test_accelerate_state_internals_for_cpu_fsdp(monkeypatch):
     """On CPU processes alignkit attaches the FSDP plugin accelerate drops: it sets `state.fsdp_plugin`, builds
     `FullyShardedDataParallelPlugin()` from the launcher's FSDP_* variables, and writes `distributed_type` into the

@@ -297,6 +297,28 @@ def test_lora_targets_are_foreseen_with_peft_s_matcher(tiny_lm, target_modules, 
           f"foresaw {sorted(foreseen)}", where)
 
 
+def test_a_list_entry_matches_the_module_names_peft_matches_it_with(tiny_lm):
+    """`matches_entry` (Lora.wrap's check that each entry of a target_modules list matches a module, and the entry
+    named in a refusal) is peft's rule for a list entry: the whole module name or its end after a dot, not a bare
+    suffix ('proj' is no match for 'q_proj') and not a middle part."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from alignkit.adapters.lora import matches_entry
+
+    where = "alignkit/adapters/lora.py:matches_entry (Lora.wrap, _entry)"
+    names = [n for n, _ in tiny_lm("llama").named_modules() if n]
+    entries = ["q_proj", "proj", "self_attn.k_proj", "layers.1.mlp.down_proj", "mlp", "lm_head", "model", "layers.0",
+               "attn.q_proj"]
+    for entry in entries:
+        with guard(PEFT, "peft.tuners.tuners_utils.check_target_module_exists is gone or takes other arguments", where):
+            peft_says = [n for n in names if check_target_module_exists(LoraConfig(target_modules=[entry]), n)]
+        ours = [n for n in names if matches_entry(n, entry)]
+        check(ours == peft_says, PEFT, f"a target_modules entry {entry!r}: peft matches {peft_says}, matches_entry "
+              f"{ours}", where)
+    assert [n for n in names if matches_entry(n, "q_proj")] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+
+
 def test_modules_to_save_copies_are_switched_off_with_the_lora_layers(tiny_dir, tmp_path):
     """A LoRA trained with `modules_to_save: [lm_head]` holds the head in peft's `ModulesToSaveWrapper`
     (`modules_to_save[name]` the trained copy, `original_module` the base's); `base_model.disable_adapter_layers()`,

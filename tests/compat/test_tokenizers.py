@@ -1,4 +1,4 @@
-"""Tokenizer behaviour alignkit relies on (rows K1-K4 of the table in docs/architecture.md)."""
+"""Tokenizer behaviour alignkit relies on (rows K1-K9 of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -122,3 +122,46 @@ def test_added_tokens_split_the_text_into_independent_pieces(tokenizer):
         fast = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
     check(fast == [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)], "tokenizers",
           "encode_batch_fast ids differ from encode_batch's", where)
+
+
+def with_added_ends(tokenizer):
+    """A copy of `tokenizer` whose post-processor adds a token before and one after each text (BOS ... EOS)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tokenizer)
+    bos, eos = tok.bos_token, tok.eos_token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.bos_token_id), (eos, tok.eos_token_id)])
+    return tok
+
+
+def test_truncation_cuts_the_texts_own_ids_between_the_added_ones(tokenizer):
+    """ClassificationReftDataset encodes each text once, whole, and cuts an over-long one itself
+    (`TruncationAsTokenizer`): the text's own ids cut to max_length less the tokens the tokenizer adds, on its
+    truncation_side, with the added ones (read off a probe) around them. That must be what
+    `tokenizer(text, truncation=True, max_length=L)` gives, for a tokenizer adding nothing and one adding BOS + EOS,
+    on both sides; where no text token would be left the tokenizer cuts it itself."""
+    import copy
+
+    from alignkit.data.reft_data import TruncationAsTokenizer
+
+    where = "alignkit/data/reft_data.py:TruncationAsTokenizer (ClassificationReftDataset)"
+    text = "0 1 2 3 4 5 6 7 8 9 Hello world, what is 12?"
+    for tok, added in ((copy.deepcopy(tokenizer), 0), (with_added_ends(tokenizer), 2)):
+        whole = tok(text)["input_ids"]
+        cut = TruncationAsTokenizer(tok)
+        check(cut.ends() is not None and len(cut.ends()[0]) + len(cut.ends()[1]) == added, TF, "the ids a tokenizer "
+              f"adds around a text can no longer be read off a probe (read {cut.ends()}, {added} expected)", where)
+        for side in ("right", "left"):
+            tok.truncation_side = side
+            for max_length in range(1, len(whole)):
+                with guard(TF, "tokenizer(text, truncation=True, max_length=) failed", where):
+                    want = tok(text, truncation=True, max_length=max_length)["input_ids"]
+                got = cut(text, whole, max_length)
+                check(got == want, TF, f"truncation_side={side!r}, max_length={max_length}, {added} added token(s): "
+                      f"the tokenizer keeps {want}, the cut {got}", where)
+    ends = with_added_ends(tokenizer)("0 1")["input_ids"]
+    assert (ends[0], ends[-1]) == (tokenizer.bos_token_id, tokenizer.eos_token_id) and tokenizer("0 1")["input_ids"] \
+        == ends[1:-1]

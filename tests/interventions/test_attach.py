@@ -442,3 +442,36 @@ def test_embed_dim_is_the_components_width_and_a_wrong_one_is_refused_when_attac
             get_reft_model(tiny_lm("llama"), ReftConfig([RepresentationConfig(low_rank_dimension=2, **rep)]))
         msg = str(e.value)
         assert "representations[0]" in msg and f"embed_dim={rep['embed_dim']}" in msg, msg
+
+
+def test_requires_grad_is_restored_when_a_wrap_fails_and_kept_when_it_succeeds():
+    """ReftModel.__init__ and ReftLora.wrap share `requires_grad_restored_on_error`: a block that raises gives every
+    parameter back its own requires_grad (a mixed model stays mixed, not all trainable); a block that finishes keeps
+    what it set; the error itself goes through unchanged."""
+    from alignkit.interventions.attach import requires_grad_restored_on_error
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 1))
+    model[1].weight.requires_grad_(False)
+    want = [p.requires_grad for p in model.parameters()]
+    assert want == [True, True, False, True, True, True]
+    with pytest.raises(KeyError, match="refused"):
+        with requires_grad_restored_on_error(model):
+            model.requires_grad_(False)
+            raise KeyError("refused")
+    assert [p.requires_grad for p in model.parameters()] == want
+    with requires_grad_restored_on_error(model):
+        model[0].requires_grad_(False)
+    assert [p.requires_grad for p in model.parameters()] == [False, False, False, True, True, True]
+
+
+def test_a_refused_reft_config_gives_each_parameter_its_own_requires_grad_back(tiny_lm):
+    """A model whose embedding the caller froze keeps it frozen and the rest trainable after get_reft_model refuses
+    a layer it does not have (the base was frozen, then the config refused)."""
+    base = tiny_lm()
+    base.get_input_embeddings().weight.requires_grad_(False)
+    want, hooks = {n: p.requires_grad for n, p in base.named_parameters()}, hook_count(base)
+    assert not all(want.values()) and any(want.values())
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
+        get_reft_model(base, ReftConfig(representations=[RepresentationConfig(layer=9, low_rank_dimension=2)]))
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == want
+    assert hook_count(base) == hooks

@@ -95,3 +95,41 @@ def test_max_length_keeps_prompt(tokenizer):
 def test_collator_rejects_bad_padding_side():
     with pytest.raises(ValueError, match="padding_side"):
         ReftDataCollator(pad_token_id=0, num_interventions=1, padding_side="middle")
+
+
+class CountingTokenizer:
+    """`tokenizer`, counting its calls per text (attributes read through)."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.calls = tokenizer, {}
+
+    def __call__(self, text, **kw):
+        self.calls[text] = self.calls.get(text, 0) + 1
+        return self.inner(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_classification_texts_are_tokenized_once_and_cut_as_the_tokenizer_cuts(tokenizer, monkeypatch, side):
+    """A text that reached max_length was tokenized a second time, untruncated, to tell whether it had been cut. Now
+    each text is tokenized once, whole, and an over-long one cut from that encoding: the ids are the tokenizer's own
+    truncation (tokenizer(text, truncation=True, max_length=...)) and `truncated` names the texts longer than
+    max_length (not one that fits exactly)."""
+    from alignkit.data.reft_data import ClassificationReftDataset, TruncationAsTokenizer
+
+    monkeypatch.setattr(tokenizer, "truncation_side", side)
+    texts = ["0 1 2 3 4 5 6 7 8 9", "2 3", "0 1 2 3", "Hello world, what is 12?"]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert lengths[2] == 4 and lengths[0] > 4 and lengths[3] > 4 and lengths[1] < 4
+    counting = CountingTokenizer(tokenizer)
+    ds = ClassificationReftDataset(counting, texts, [1, 0, 1, 0], max_length=4)
+    assert {t: counting.calls.get(t, 0) for t in texts} == dict.fromkeys(texts, 1)
+    assert set(counting.calls) - set(texts) == {TruncationAsTokenizer.PROBE}  # read once, for the whole dataset
+    assert [ds[i]["input_ids"].tolist() for i in range(4)] == [
+        tokenizer(t, truncation=True, max_length=4)["input_ids"] for t in texts]
+    assert ds.truncated == [0, 3] and [ds[i]["prompt_length"] for i in range(4)] == [4, lengths[1], 4, 4]
+    whole = ClassificationReftDataset(tokenizer, texts, [1, 0, 1, 0])
+    assert [whole[i]["input_ids"].tolist() for i in range(4)] == [tokenizer(t)["input_ids"] for t in texts]
+    assert whole.truncated == []

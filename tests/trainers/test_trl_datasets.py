@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Features, Value, load_dataset
 from transformers import TrainingArguments
 
 from alignkit.data import TokenizeConfig, load_records, tokenize_records
@@ -180,7 +180,7 @@ def test_evaluate_takes_raw_rows(tiny_dir, tmp_path):
 def test_ignored_columns_of_a_trainers_rows_name_the_rows(tiny_dir, caplog):
     """A TRL dataset's extra columns (UltraFeedback's score_chosen, ...) were reported by a repr of the map batch's
     first row cut at 80 characters ("[({'prompt': 'The sky is', 'chosen': ... 'score_cho: ignored column(s)"), not
-    by where they are; the warning now names the argument and the rows."""
+    by where they are; the warning now names the argument (once for the whole dataset)."""
     import logging
 
     tok = load_tokenizer(tiny_dir("llama"))
@@ -188,5 +188,77 @@ def test_ignored_columns_of_a_trainers_rows_name_the_rows(tiny_dir, caplog):
     with caplog.at_level(logging.WARNING):
         prepare_dataset(Dataset.from_list(rows), tok, ("preference",), name="eval_dataset")
     said = [r.getMessage() for r in caplog.records if "ignored column" in r.getMessage()]
-    assert said == ["eval_dataset rows 0-1: ignored column(s) ['score_chosen', 'score_rejected'] (not read by this "
+    assert said == ["eval_dataset: ignored column(s) ['score_chosen', 'score_rejected'] (not read by this "
                     "reader; counts: score_chosen in 2 row(s), score_rejected in 2 row(s))"]
+
+
+KIND_ROWS = {
+    "sft": [{"messages": CHAT}, {"messages": CHAT[:2]}],
+    "unpaired": [{"prompt": "The sky is", "completion": " blue.", "label": True},
+                 {"prompt": "Grass is", "completion": " blue.", "label": False}],
+    "preference": [dict(p, margin=m) for p, m in zip(PAIRS, (1.5, 0.25))],
+    "ranked": [{"prompt": "The sky is", "responses": [" blue.", " grey.", " green."], "ranks": [0, 1, 1]}],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_ROWS))
+def test_the_map_tokenizes_each_record_once_into_the_features_datasets_infers(tiny_dir, monkeypatch, kind):
+    """prepare_dataset typed the map's output by tokenizing the dataset's first 64 rows once more (more rows when all
+    64 were dropped), so those rows were tokenized twice. The output features are now declared
+    (`prepare.map_features`): each record is tokenized once, and the declared features are, key for key and in
+    order, those datasets infers from the map function's own output (what the 64-row probe gave), so they hash
+    alike and a dataset cached by datasets before this change is still found in its cache."""
+    from datasets.fingerprint import Hasher
+
+    import alignkit.data.prepare as prepare
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = KIND_ROWS[kind] * 40
+    calls = []
+    real = prepare.tokenize_record
+    monkeypatch.setattr(prepare, "tokenize_record", lambda r, *a, **k: calls.append(r.id) or real(r, *a, **k))
+    out, got_kind = prepare_dataset(Dataset.from_list(rows), tok, (kind,))
+    assert got_kind == kind and sorted(calls) == sorted(f"train_dataset row {i}" for i in range(len(rows)))
+    probe = prepare._tokenize_batch(Dataset.from_list(rows)[:], list(range(len(rows))), tokenizer=tok,
+                                    cfg=TokenizeConfig(), kind=kind, reader=prepare.detect_reader(rows[0], "r").name,
+                                    name="train_dataset", options={})
+    inferred = Dataset.from_dict(probe).features
+    declared = prepare.map_features(kind)
+    assert list(declared.items()) == list(inferred.items())
+    assert Hasher.hash(declared) == Hasher.hash(inferred)
+    assert out.features == Features({k: inferred[k] for k in prepare.FEATURE_KEYS[kind]})
+
+
+def test_margins_given_in_no_row_are_a_float_column(tiny_dir):
+    """Preference rows without margins (None in every row) still get a float64 margin column (datasets would type
+    an all-None column as null), as the probe's fix-up gave them."""
+    tok = load_tokenizer(tiny_dir("llama"))
+    out, _ = prepare_dataset(Dataset.from_list(PAIRS), tok, ("preference",))
+    assert out.features["margin"] == Value("float64") and list(out["margin"]) == [None, None]
+    assert out.features["weight"] == Value("float64") and list(out["weight"]) == [1.0, 1.0]
+
+
+def test_ignored_columns_are_one_warning_per_dataset_across_map_batches_processes_and_the_cache(tiny_dir, tmp_path,
+                                                                                                caplog):
+    """A reader's "ignored column(s)" warning on a trainer's raw datasets.Dataset was said once per 1,000-row map
+    batch (3 warnings for 2,500 rows, each naming its batch's rows and counting them alone). Now once per dataset,
+    the counts summed over the batches, from the map's output (a note on each batch's first record): the same for an
+    in-memory dataset, with num_proc, and on a cache hit (where no batch runs)."""
+    import logging
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = [{"prompt": f"Q{i}?", "completion": f" A{i}.", "source": "web", "lang": "en" if i % 2 else None}
+            for i in range(2500)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    want = ("train_dataset: ignored column(s) ['lang', 'source'] (not read by this reader; counts: lang in 2500 row(s), "
+            "source in 2500 row(s))")
+    for data_set, num_proc in ((Dataset.from_list(rows), None), (ds, None), (ds, None), (ds, 2)):  # 3rd: the cache
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out, _ = prepare_dataset(data_set, tok, ("sft",), num_proc=num_proc)
+        said = [r.getMessage() for r in caplog.records if "ignored column" in r.getMessage()]
+        assert said == [want], (num_proc, said)
+        assert len(out) == 2500 and out.column_names == ["input_ids", "completion_mask", "prompt_length", "length",
+                                                          "weight", "id"]

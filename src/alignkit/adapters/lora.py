@@ -91,11 +91,17 @@ def check_lora_targets(model: nn.Module, cfg: LoraConfig, given: Any = None) -> 
                              f"inside it instead (the model's linear layers are named {linear_leaves(model)})")
 
 
+def matches_entry(name: str, entry: str) -> bool:
+    """Whether module `name` matches a list entry of target_modules as peft matches one: the whole name, or its
+    end after a dot (peft's `check_target_module_exists`, compat row P12)."""
+    return name == entry or name.endswith("." + entry)
+
+
 def _entry(target_modules: Any, name: str) -> Any:
     """The entry of `target_modules` that matched module `name` (the regex itself when it is a string)."""
     if isinstance(target_modules, str):
         return target_modules
-    return next((k for k in target_modules if name == k or name.endswith("." + k)), target_modules)
+    return next((k for k in target_modules if matches_entry(name, k)), target_modules)
 
 
 @register_adapter
@@ -123,7 +129,7 @@ class Lora(Adapter):
                                  f"would be trained for it; name modules of the model, e.g. {leaves[:8]}")
         if isinstance(s.target_modules, (list, tuple)):  # peft refuses a list none of whose names match, not one
             for key in s.target_modules:  # name of several that matches nothing (it adapts the others, silently)
-                if not any(n == key or n.endswith("." + key) for n in names):
+                if not any(matches_entry(n, key) for n in names):
                     raise ValueError(f"adapter.lora.target_modules: {key!r} matches no module of the model, so it "
                                      f"would get no LoRA; the model's linear layers are named {linear_leaves(model)}")
         cfg = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,

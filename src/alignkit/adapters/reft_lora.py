@@ -18,6 +18,7 @@ from alignkit.adapters.base import Adapter, Route, is_reft, register_adapter, un
 from alignkit.adapters.config import AdapterConfig
 from alignkit.adapters.lora import Lora
 from alignkit.adapters.reft import Reft
+from alignkit.interventions.attach import requires_grad_restored_on_error
 from alignkit.interventions.locate import is_peft_model
 
 
@@ -44,15 +45,13 @@ class ReftLora(Adapter):
         """LoRA, then ReFT on the PeftModel. A ReFT part refused after the LoRA part changed `model` (peft injects its
         layers into it) is undone: peft's `unload()` puts the model's own modules back, and every parameter gets its
         requires_grad back, so a caller that catches the error keeps its model as it was."""
-        grads = [(p, p.requires_grad) for p in model.parameters()]
-        wrapped = self.lora.wrap(model)
-        try:
-            return self.reft.wrap(wrapped)
-        except BaseException:
-            wrapped.unload()
-            for p, trainable in grads:
-                p.requires_grad_(trainable)
-            raise
+        with requires_grad_restored_on_error(model):
+            wrapped = self.lora.wrap(model)
+            try:
+                return self.reft.wrap(wrapped)
+            except BaseException:
+                wrapped.unload()
+                raise
 
     @contextlib.contextmanager
     def off(self, model: nn.Module) -> Iterator[nn.Module]:

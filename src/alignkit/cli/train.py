@@ -215,10 +215,30 @@ def train(cfg: Any, command: str, *, quiet: bool = False, command_line: str = ""
         raise
 
 
-def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
+@dataclasses.dataclass
+class _Inputs:
+    """What a run trains on, built and checked before anything is written (`_inputs`)."""
+
+    kind: str  # record kind
+    task: str  # "classifier" (rm) or "causal_lm"
+    train_records: list
+    eval_records: list
+    formats: Any  # the prompt formats (check_formats), recorded in model/
+    model: Any
+    tok: Any
+    base_path: str
+    base_desc: Any
+    train_feats: list
+    train_stats: Any
+    eval_feats: list
+    eval_stats: Any
+
+
+def _inputs(cfg: Any, command: str) -> _Inputs:
+    """Data, base model + adapter and features, each checked: data errors come before any model is built."""
     check_precision(cfg.train)
     kind = record_kind(command, cfg.method)
-    train_records, eval_records = load_data(cfg.data, kind)  # data errors come before any model is built
+    train_records, eval_records = load_data(cfg.data, kind)
     warn_unread_margins(train_records + eval_records, command)
     # training on from a trained model: warned when its format changes; the formats are recorded in model/
     formats = check_formats(cfg.model, (r.prompt for r in train_records), cfg.data.formatter)
@@ -233,81 +253,56 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
                    if k.endswith("input_ids") and hasattr(v, "__len__")), default=0)
     check_context(unwrap_lm(model).config, longest, f"the longest tokenized row (data.max_length="
                   f"{cfg.data.max_length})", "set data.max_length to the model's context")
+    check_reft_prompts(model, cfg.data, ((train_feats, train_stats, "data.path"),
+                                         (eval_feats, eval_stats, "evaluation data")))
+    return _Inputs(kind, task, train_records, eval_records, formats, model, tok, base_path, base_desc, train_feats,
+                   train_stats, eval_feats, eval_stats)
 
+
+def check_reft_prompts(model: Any, data: Any, sets: Any) -> None:
+    """For a ReFT model, before anything is written: an empty prompt stops, short ones are said once, and prompts cut
+    at their start ("first" positions land mid-prompt) are said. `sets`: (features, stats, where) of each data set."""
     reft = reft_settings(model)
-    if reft is not None:  # before anything is written: an empty prompt stops, short ones are said once
-        for feats, stats, where in ((train_feats, train_stats, "data.path"),
-                                    (eval_feats, eval_stats, "evaluation data")):
-            check_prompt_lengths(reft.positions, reft.share_weights, [f["prompt_length"] for f in feats],
-                                 [f.get("id", i) for i, f in enumerate(feats)], where)
-            if stats is not None:  # a prompt cut at its start: "first" positions land mid-prompt
-                check_truncated_prompts(reft.positions, stats.prompt_truncated, len(feats), stats.prompt_truncated_ids,
-                                        cfg.data.max_prompt_length, where)
+    if reft is None:
+        return
+    for feats, stats, where in sets:
+        check_prompt_lengths(reft.positions, reft.share_weights, [f["prompt_length"] for f in feats],
+                             [f.get("id", i) for i, f in enumerate(feats)], where)
+        if stats is not None:
+            check_truncated_prompts(reft.positions, stats.prompt_truncated, len(feats), stats.prompt_truncated_ids,
+                                    data.max_prompt_length, where)
 
-    run = RunFolder(plan.root, main=False)  # paths only: nothing is created before begin_run
+
+def _trainer(cfg: Any, command: str, plan: Any, inp: _Inputs, quiet: bool) -> tuple[Any, Any, RunFolder]:
+    """(trainer, its TrainingArguments, the run folder's paths): nothing is created before begin_run."""
+    run = RunFolder(plan.root, main=False)
     args, callbacks = training_arguments(cfg.train, run, quiet)
     cls, kwargs = trainer_class_and_kwargs(command, cfg.method)
     kwargs.update(batching_kwargs(command, cfg.train))
-    trainer = cls(model, args, train_dataset=train_feats, eval_dataset=eval_feats or None,
-                  data_collator=collator_for(kind, tok.pad_token_id), processing_class=tok, callbacks=callbacks,
-                  **kwargs)
+    trainer = cls(inp.model, args, train_dataset=inp.train_feats, eval_dataset=inp.eval_feats or None,
+                  data_collator=collator_for(inp.kind, inp.tok.pad_token_id), processing_class=inp.tok,
+                  callbacks=callbacks, **kwargs)
     if plan.checkpoint is not None:  # the one check of the checkpoint (train() does not repeat it): before writing
         trainer.check_resume(plan.checkpoint, plan.label)
     check_fullgraph(cfg.train.get("compile"), bool(getattr(trainer, "padding_free", False)))
     # with tqdm off (-q, or train.disable_tqdm), transformers' PrinterCallback printed every log dict to stdout; the
     # metrics go to metrics.jsonl / TensorBoard, and stdout keeps only alignkit's own lines
     trainer.remove_callback(PrinterCallback)
+    return trainer, args, run
 
+
+def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str) -> int:
+    inp = _inputs(cfg, command)
+    trainer, args, run = _trainer(cfg, command, plan, inp, quiet)
     done = nothing_to_do(trainer, plan, run)
     if done is not None:
         if trainer.is_world_process_zero():  # one line per run, as the closing "done" line (torchrun: N processes)
             print(f"alignkit {command}: {done}")
         return 0
     run = begin_run(plan, cfg)  # -------------------------------- from here on the run folder is written
-    loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
-    if base_path != loaded_from:  # a tiny model, now in <run>/base_model: name it where it will stay
-        base_path = str(plan.named().root / "base_model")
-        rename_base(model, loaded_from, base_path)
-    tb = tensorboard_callback(args, run, None if plan.checkpoint is None else resumed_step(plan.checkpoint))
-    if tb is not None:
-        trainer.add_callback(tb)
-    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
-    if eval_feats and args.eval_strategy == "no" and not evaluated_at(read_metrics(run.metrics), trainer.state.global_step):
-        trainer.evaluate()  # (a resume killed after it, with every step done, has its row already)
+    base_path = _fit(plan, inp, trainer, args, run)
     named = plan.named()
-    with staged(run.model, enabled=trainer.is_world_process_zero(), step=trainer.state.global_step) as model_dir:
-        trainer.save_model(str(model_dir))
-        if trainer.is_world_process_zero():
-            write_prompt_formats(model_dir, formats, cfg.data.formatter)
-            rows = read_metrics(run.metrics)
-            data_info = {"path": cfg.data.path, "reader": cfg.data.reader or "detected",
-                         "formatter": cfg.data.formatter, **({"loss_on": cfg.data.loss_on} if kind == "sft" else {}),
-                         "record kind": kind, "training records": len(train_records),
-                         "training examples (tokenized)": len(train_feats), "evaluation records": len(eval_records),
-                         "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
-                         "tokenization": train_stats.summary()}
-            if cfg.data.eval_path is not None:
-                data_info["eval_path"] = cfg.data.eval_path
-            hyper = {k: getattr(args, k) for k in HYPER}
-            state = trainer.accelerator.state  # what really ran: an accelerate config's engine and mixed precision
-            #   (ACCELERATE_MIXED_PRECISION) apply even when train.bf16 / train.fp16 are False
-            hyper.update({"world size": args.world_size, "engine": str(state.distributed_type).split(".")[-1],
-                          "mixed precision": str(state.mixed_precision),
-                          "optimizer steps done": trainer.state.global_step})
-            best = best_step(args, trainer.state)
-            if best is not None:  # model/ is that checkpoint: the card's evaluation figures are its own
-                hyper["model/ holds"] = (f"the best checkpoint: step {best} ({args.metric_for_best_model} "
-                                         f"{trainer.state.best_metric:.6g}), not the last step's weights")
-            card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
-                             base_model=base_desc, adapter=adapter_of(model).describe(model),
-                             objective={"objective": objective_name(command, cfg.method), "command": command,
-                                        **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
-                             data=data_info, hyperparameters=hyper, metrics=final_metrics(rows, best),
-                             command_line=command_line or f"alignkit {command}", versions=versions(),
-                             base_model_id=cfg.model.path,
-                             how_to_load=adapter_of(model).how_to_load(str(named.model), base_path,
-                                                                        task == "classifier", cfg.model.rope_scaling))
-            card.write(run.card, model_dir / "README.md")
+    card, best, rows = _save_model(cfg, command, inp, trainer, args, run, named, base_path, command_line)
     if trainer.is_world_process_zero():
         plot_metrics(rows, run.plots)  # none, with a warning, without matplotlib
     finish_run(plan)
@@ -322,6 +317,72 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
         print(f"alignkit {command}: done. {shown}{kept}\n  run folder: {named.root} (model/, README.md, metrics.jsonl, "
               "plots/)")
     return 0
+
+
+def _fit(plan: Any, inp: _Inputs, trainer: Any, args: Any, run: RunFolder) -> str:
+    """Train (from the checkpoint on a resume) and evaluate at the end when no evaluation ran; the base model's path
+    as the run folder names it (a tiny model is adopted into <run>/base_model)."""
+    loaded_from, base_path = inp.base_path, adopt_tiny(inp.base_path, run.root / "base_model", main=run.main)
+    if base_path != loaded_from:  # a tiny model, now in <run>/base_model: name it where it will stay
+        base_path = str(plan.named().root / "base_model")
+        rename_base(inp.model, loaded_from, base_path)
+    tb = tensorboard_callback(args, run, None if plan.checkpoint is None else resumed_step(plan.checkpoint))
+    if tb is not None:
+        trainer.add_callback(tb)
+    trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint is not None else None)
+    if inp.eval_feats and args.eval_strategy == "no" and not evaluated_at(read_metrics(run.metrics),
+                                                                          trainer.state.global_step):
+        trainer.evaluate()  # (a resume killed after it, with every step done, has its row already)
+    return base_path
+
+
+def _save_model(cfg: Any, command: str, inp: _Inputs, trainer: Any, args: Any, run: RunFolder, named: RunFolder,
+                base_path: str, command_line: str) -> tuple[Any, int | None, list]:
+    """model/ (staged), its prompt formats and model card (main process): (card, best step, metrics rows); (None,
+    None, []) on the other processes. `named`: the run folder as the card names it (plan.named())."""
+    card, best, rows = None, None, []
+    with staged(run.model, enabled=trainer.is_world_process_zero(), step=trainer.state.global_step) as model_dir:
+        trainer.save_model(str(model_dir))
+        if trainer.is_world_process_zero():
+            write_prompt_formats(model_dir, inp.formats, cfg.data.formatter)
+            rows = read_metrics(run.metrics)
+            best = best_step(args, trainer.state)
+            how_to_load = adapter_of(inp.model).how_to_load(str(named.model), base_path,
+                                                             inp.task == "classifier", cfg.model.rope_scaling)
+            card = ModelCard(title=f"{command}: {objective_name(command, cfg.method)} of {cfg.model.path}",
+                             base_model=inp.base_desc, adapter=adapter_of(inp.model).describe(inp.model),
+                             objective={"objective": objective_name(command, cfg.method), "command": command,
+                                        **{k: v for k, v in dataclasses.asdict(cfg.method).items() if v is not None}},
+                             data=data_info(cfg.data, inp), hyperparameters=hyperparameters(args, trainer, best),
+                             metrics=final_metrics(rows, best), command_line=command_line or f"alignkit {command}",
+                             versions=versions(), base_model_id=cfg.model.path, how_to_load=how_to_load)
+            card.write(run.card, model_dir / "README.md")
+    return card, best, rows
+
+
+def data_info(data: Any, inp: _Inputs) -> dict[str, Any]:
+    """The model card's data section."""
+    info = {"path": data.path, "reader": data.reader or "detected", "formatter": data.formatter,
+            **({"loss_on": data.loss_on} if inp.kind == "sft" else {}), "record kind": inp.kind,
+            "training records": len(inp.train_records), "training examples (tokenized)": len(inp.train_feats),
+            "evaluation records": len(inp.eval_records), "max_length": data.max_length,
+            "max_prompt_length": data.max_prompt_length, "tokenization": inp.train_stats.summary()}
+    if data.eval_path is not None:
+        info["eval_path"] = data.eval_path
+    return info
+
+
+def hyperparameters(args: Any, trainer: Any, best: int | None) -> dict[str, Any]:
+    """The model card's hyperparameters: the arguments of HYPER and what really ran."""
+    hyper = {k: getattr(args, k) for k in HYPER}
+    state = trainer.accelerator.state  # what really ran: an accelerate config's engine and mixed precision
+    #   (ACCELERATE_MIXED_PRECISION) apply even when train.bf16 / train.fp16 are False
+    hyper.update({"world size": args.world_size, "engine": str(state.distributed_type).split(".")[-1],
+                  "mixed precision": str(state.mixed_precision), "optimizer steps done": trainer.state.global_step})
+    if best is not None:  # model/ is that checkpoint: the card's evaluation figures are its own
+        hyper["model/ holds"] = (f"the best checkpoint: step {best} ({args.metric_for_best_model} "
+                                 f"{trainer.state.best_metric:.6g}), not the last step's weights")
+    return hyper
 
 
 def nothing_to_do(trainer: Any, plan: Any, run: RunFolder) -> str | None:

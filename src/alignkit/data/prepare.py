@@ -13,19 +13,21 @@ A `datasets.Dataset` is tokenized with `Dataset.map` (batched, with a progress b
 processes, and datasets' own cache when the dataset comes from files: a second run with the same data,
 tokenizer and settings loads the cached result instead of tokenizing again). Rows that do not fit the
 length limits are dropped (logged once per dataset, one line per reason with a count and the first records,
-from the map's output, so also with `num_proc` and on a cache hit). Already tokenized data
+from the map's output, so also with `num_proc` and on a cache hit); columns the reader does not read are named
+once per dataset the same way. Already tokenized data
 (`input_ids` / `chosen_input_ids` / `prompt_input_ids` columns) is returned unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from datasets import Dataset, Features, Value
+from datasets import Dataset, Features, List, Value
 
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
+from alignkit.data.readers.columns import held_ignored_columns, warn_ignored
 from alignkit.data.readers.rows import NamedRows
 from alignkit.data.records import RECORD_CLASSES, DataError, can_convert, convert
 from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
@@ -83,20 +85,25 @@ def _pick_kind(native: Sequence[str], kinds: Sequence[str], where: str) -> str:
 
 
 # per-record columns the map adds (removed before the dataset is returned): why it was dropped ("" kept), how many
-# of its sequences were truncated, the roles of messages the formatter did not render ("" none). Every record gets
-# a row (dropped ones with None features), so the dataset's summary is read from the map's output: the same with
-# num_proc workers and with datasets' cache (where the batch function does not run at all).
-DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED = "_alignkit_drop", "_alignkit_prompt_cut", "_alignkit_completion_cut", \
-    "_alignkit_unrendered"
-NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED)
+# of its sequences were truncated, the roles of messages the formatter did not render ("" none), and on the first
+# record of each map batch the columns the reader ignored in the batch's rows (JSON {column: rows}; "" none). Every
+# record gets a row (dropped ones with None features), so the dataset's summary is read from the map's output: the
+# same with num_proc workers and with datasets' cache (where the batch function does not run at all).
+DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, IGNORED = "_alignkit_drop", "_alignkit_prompt_cut", \
+    "_alignkit_completion_cut", "_alignkit_unrendered", "_alignkit_ignored"
+NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, IGNORED)
 
 
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any, cfg: TokenizeConfig, kind: str,
                     reader: str, name: str, options: dict) -> dict[str, list]:
     keys = list(batch)
     rows = NamedRows(({k: batch[k][j] for k in keys}, f"{name} row {i}") for j, i in enumerate(indices))
-    records = load_records(rows, kind, reader=reader, **options)
+    with held_ignored_columns() as ignored:  # said once per dataset (_summarize), not once per batch
+        records = load_records(rows, kind, reader=reader, **options)
+    if ignored and not records:  # no output row to carry them (e.g. ranked rows, all ranks tied, read as pairs)
+        warn_ignored(rows, ignored)
     out: dict[str, list] = {k: [] for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)}
+    out[IGNORED] = [json.dumps(ignored, sort_keys=True) if ignored and not j else "" for j in range(len(records))]
     for r in records:
         one = TokenizeStats(total=1)
         try:
@@ -112,41 +119,50 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     return out
 
 
-@contextmanager
-def quiet_readers() -> Iterator[None]:
-    """The readers' and records' warnings held back (alignkit.data's loggers at ERROR) for a pass over rows that
-    another pass reads again and reports on."""
-    log = logging.getLogger("alignkit.data")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+def _int(bits: int = 64) -> Value:
+    return Value(f"int{bits}")
 
 
-def _features(dataset: Any, fn_kwargs: dict) -> Features:
-    """The map's output features, from its first rows (the first 64, more until one is kept): a first batch whose
-    records are all dropped (None features) would otherwise fix its columns' type as null."""
-    size = 64
-    while True:
-        part = dataset.select(range(min(size, len(dataset))))
-        with quiet_readers():  # the map reads these rows again and says what they hold: once, not twice
-            probe = _tokenize_batch(part[:], list(range(len(part))), **fn_kwargs)
-        if "" in probe[DROP] or len(part) == len(dataset):
-            features = Dataset.from_dict(probe).features
-            for key in ("margin", "weight"):  # None in every probed row (no margins given): a float column
-                if key in features and getattr(features[key], "dtype", None) == "null":
-                    features[key] = Value("float64")
-            return features
-        size *= 16
+def _ids(depth: int = 1, bits: int = 64) -> List:
+    return List(_ids(depth - 1, bits)) if depth > 1 else List(_int(bits))
+
+
+# the type of each feature `tokenize_record` gives (alignkit.data.tokenize's docstring: lists of ids and 0/1 masks,
+# int lengths, a float weight, a float or None margin, a bool label, int ranks, a str id), as datasets infers it from
+# kept rows: ints as int64, except in a column named `input_ids`, which datasets stores as int32 (its column-name
+# optimisation, compat row D4); a ranked record's input_ids / completion_mask are lists of sequences. Fresh objects
+# on every call: datasets hashes `features=` into the map's fingerprint (its cache file name), and a pickled object
+# used twice is written as a back-reference, so shared objects would hash otherwise than the inferred features did.
+FEATURE_TYPES = {
+    "input_ids": lambda depth=1: _ids(depth, 32), "completion_mask": _ids, "chosen_input_ids": _ids,
+    "chosen_completion_mask": _ids, "rejected_input_ids": _ids, "rejected_completion_mask": _ids, "ranks": _ids,
+    "prompt_length": _int, "length": _int, "weight": lambda: Value("float64"), "margin": lambda: Value("float64"),
+    "label": lambda: Value("bool"), "id": lambda: Value("string"),
+    DROP: lambda: Value("string"), PROMPT_CUT: _int, COMPLETION_CUT: _int, UNRENDERED: lambda: Value("string"),
+    IGNORED: lambda: Value("string"),
+}
+
+
+def map_features(kind: str) -> Features:
+    """The features of the map's output for records of `kind` (FEATURE_KEYS, then the note columns), declared from
+    what `tokenize_record` gives. Before, they were inferred from the first 64 rows tokenized once more (and more
+    rows when all 64 were dropped: a first batch of None features would type its columns as null), so those rows
+    were tokenized twice."""
+    nested = {"input_ids", "completion_mask"} if kind == "ranked" else set()
+    return Features({k: FEATURE_TYPES[k](2) if k in nested else FEATURE_TYPES[k]()
+                     for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)})
 
 
 def _summarize(out: Any, name: str) -> list[int]:
     """The rows of the map's output `out` that were kept. The dataset's `TokenizeStats`, from its note columns, are
-    logged as one line per kind of warning (each reason records were dropped for, messages not rendered) with its
-    count and first records, and the totals (info)."""
+    logged as one line per kind of warning (columns the reader ignored, each reason records were dropped for,
+    messages not rendered) with its count and first records, and the totals (info)."""
     column = {k: out.data.column(k).to_pylist() for k in (*NOTE_COLUMNS, "id")}  # the map's own table: no indices
+    ignored: dict[str, int] = {}
+    for note in filter(None, column[IGNORED]):
+        for col, n in json.loads(note).items():
+            ignored[col] = ignored.get(col, 0) + n
+    warn_ignored(name, ignored)
     ids, keep = column["id"], [i for i, reason in enumerate(column[DROP]) if not reason]
     kept = len(keep)
     stats = TokenizeStats(total=len(ids), kept=kept, prompt_truncated=sum(column[PROMPT_CUT]),
@@ -206,7 +222,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     fn_kwargs = {"tokenizer": tokenizer, "cfg": cfg, "kind": kind, "reader": info.name, "name": name,
                  "options": dict(reader_options or {})}
     out = dataset.map(_tokenize_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                      num_proc=num_proc, desc=f"Tokenizing {name}", features=_features(dataset, fn_kwargs),
+                      num_proc=num_proc, desc=f"Tokenizing {name}", features=map_features(kind),
                       fn_kwargs=fn_kwargs)
     keep = _summarize(out, name)
     out = out.remove_columns(list(NOTE_COLUMNS))

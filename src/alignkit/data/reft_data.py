@@ -133,6 +133,42 @@ class SupervisedReftDataset(Dataset):
         return self.items[i]
 
 
+class TruncationAsTokenizer:
+    """`cut(text, ids, max_length)`: what `tokenizer(text, truncation=True, max_length=max_length)["input_ids"]`
+    gives, from `ids`, the text's whole encoding `tokenizer(text)["input_ids"]`, without encoding it again.
+
+    A tokenizer's truncation cuts the text's own tokens to `max_length` less the special tokens it adds, on its
+    `truncation_side`, then adds those tokens around them (`tokenizers`' post-processing; the slow tokenizers'
+    `truncate_sequences` then `build_inputs_with_special_tokens`). Which ids are added before and after the text's
+    own is read once, from a probe text encoded with and without them; where that cannot be read (the probe's own
+    ids are not one run inside its full encoding) or no text token would be left, the tokenizer cuts the text
+    itself (one more call)."""
+
+    PROBE = "a b"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._ends: tuple[list[int], list[int]] | None | bool = False  # (head, tail), None unreadable, False unread
+
+    def ends(self) -> tuple[list[int], list[int]] | None:
+        """(ids added before the text's own, ids added after), or None when the probe cannot say."""
+        if self._ends is False:
+            full = list(self.tokenizer(self.PROBE)["input_ids"])
+            own = list(self.tokenizer(self.PROBE, add_special_tokens=False)["input_ids"])
+            at = next((k for k in range(len(full) - len(own) + 1) if own and full[k:k + len(own)] == own), None)
+            self._ends = None if at is None else (full[:at], full[at + len(own):])
+        return self._ends
+
+    def __call__(self, text: str, ids: list[int], max_length: int) -> list[int]:
+        head, tail = self.ends() or (None, None)
+        room = max_length - len(head) - len(tail) if head is not None else 0
+        if room < 1 or ids[:len(head)] != head or ids[len(ids) - len(tail):] != tail:
+            return list(self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+        own = ids[len(head):len(ids) - len(tail)]
+        kept = own[len(own) - room:] if getattr(self.tokenizer, "truncation_side", "right") == "left" else own[:room]
+        return head + kept + tail
+
+
 class ClassificationReftDataset(Dataset):
     """(text, class id) pairs for a sequence classifier: the whole text is the prompt."""
 
@@ -142,12 +178,14 @@ class ClassificationReftDataset(Dataset):
             raise ValueError(f"{len(texts)} texts but {len(labels)} labels; they must pair up")
         self.items = []
         self.truncated: list[int] = []  # records cut to max_length (on the tokenizer's truncation_side)
+        cut = TruncationAsTokenizer(tokenizer)
         for i, (t, y) in enumerate(zip(texts, labels)):
-            ids = list(tokenizer(t, truncation=max_length is not None, max_length=max_length)["input_ids"])
+            ids = list(tokenizer(t)["input_ids"])  # once, whole: cut below as the tokenizer's truncation cuts
+            if max_length is not None and len(ids) > max_length:
+                ids = cut(t, ids, max_length)
+                self.truncated.append(i)
             if not ids:
                 raise ValueError(f"record {i}: text produced no tokens")
-            if max_length is not None and len(ids) >= max_length and len(tokenizer(t)["input_ids"]) > max_length:
-                self.truncated.append(i)
             self.items.append({"input_ids": torch.tensor(ids, dtype=torch.long), "labels": int(y),
                                "prompt_length": len(ids)})
 
@@ -272,6 +310,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, positions: str | P
 
 
 __all__ = ["IGNORE_INDEX", "format_prompt_response", "encode_prompt_response", "SupervisedReftDataset",
-           "ClassificationReftDataset", "ReftDataCollator", "make_last_position_supervised_data_module",
-           "make_multiple_position_supervised_data_module", "make_classification_data_module", "encode_prompts",
-           "warn_truncated_texts"]
+           "ClassificationReftDataset", "ReftDataCollator", "TruncationAsTokenizer",
+           "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
+           "make_classification_data_module", "encode_prompts", "warn_truncated_texts"]

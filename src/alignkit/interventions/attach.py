@@ -52,7 +52,21 @@ from alignkit.interventions.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 logger = logging.getLogger(__name__)
 
 __all__ = ["ReftModel", "ReftPositionError", "get_reft_model", "Slot", "edit_positions", "find_decoder_layers", "hf_model",
-           "hidden_size", "resolve_component"]
+           "hidden_size", "requires_grad_restored_on_error", "resolve_component"]
+
+
+@contextlib.contextmanager
+def requires_grad_restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Keep each parameter's `requires_grad` as it is on entry and set it back if the block raises: a wrap that
+    freezes the base (or lets peft do it) and is then refused leaves the caller's model trainable as it was
+    (`ReftModel.__init__`, `adapters.reft_lora.ReftLora.wrap`). Parameters added inside the block are not touched."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, trainable in grads:
+            p.requires_grad_(trainable)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,19 +93,18 @@ class ReftModel(nn.Module):
         self._recompute = WeakIdKeyDictionary()  # layer input tensor -> Step (checkpoint replay)
         self._prefix_cache: PrefixCache | None = None  # enable_prefix_cache
         self._warned_bare: set[str] = set()  # adapters without a spec already warned about (_check_specs)
-        grads = [(p, p.requires_grad) for p in model.parameters()]
-        self._freeze_base()
-        self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
-        self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
-                                                                       prepend=True))
-        if config is not None:
-            try:
-                self.add_adapter(adapter_name, config)
-            except BaseException:  # a refused config (a layer out of range, ...): the caller's model as it was
-                self.remove_hooks()
-                for p, trainable in grads:
-                    p.requires_grad_(trainable)
-                raise
+        # a refused config (a layer out of range, ...): the caller's model as it was (no hooks, requires_grad back)
+        with requires_grad_restored_on_error(model):
+            self._freeze_base()
+            self.training = model.training  # follow the base's mode (an eval-mode model stays in eval)
+            self._handles.append(hf_model(model).register_forward_pre_hook(self._top_pre_hook, with_kwargs=True,
+                                                                           prepend=True))
+            if config is not None:
+                try:
+                    self.add_adapter(adapter_name, config)
+                except BaseException:
+                    self.remove_hooks()
+                    raise
 
     def __getattr__(self, name: str) -> Any:
         try:

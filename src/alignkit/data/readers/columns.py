@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import NamedRows, collect, get_field, iter_rows, source_name
@@ -322,8 +324,30 @@ def where_of(source: Any) -> str:
     return source_name(source) if isinstance(source, NamedRows) else str(source)[:80]
 
 
+_HELD_IGNORED: ContextVar[dict[str, int] | None] = ContextVar("alignkit_held_ignored_columns", default=None)
+
+
+@contextmanager
+def held_ignored_columns() -> Iterator[dict[str, int]]:
+    """Within it, `warn_ignored` adds its counts to the dict it yields instead of warning: a trainer's rows are read
+    one datasets.map batch (1,000 rows) at a time, and `alignkit.data.prepare` sums the batches' counts into one
+    warning per dataset."""
+    held: dict[str, int] = {}
+    token = _HELD_IGNORED.set(held)
+    try:
+        yield held
+    finally:
+        _HELD_IGNORED.reset(token)
+
+
 def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
-    """One warning per source for the columns `check_columns` counted into `unknown` (none: nothing said)."""
+    """One warning per source for the columns `check_columns` counted into `unknown` (none: nothing said); inside
+    `held_ignored_columns`, the counts are added to its dict instead."""
+    held = _HELD_IGNORED.get()
+    if held is not None:
+        for col, n in unknown.items():
+            held[col] = held.get(col, 0) + n
+        return
     if unknown:
         logging.getLogger(__name__).warning(
             "%s: ignored column(s) %s (not read by this reader; counts: %s)",
