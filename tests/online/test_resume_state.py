@@ -25,7 +25,7 @@ from alignkit.online.trainer import METRICS_FILE, OnlineTrainer
 from alignkit.run_commit import COMPLETE_MARKER, CheckpointError
 from tests.adapters.table import ROWS
 
-from .toy import HEAD_SCALE, PROMPTS, digit_fraction, toy_policy
+from .toy import HEAD_SCALE, PROMPTS, toy_policy
 
 SIGNAL = {"on": False}  # switched by the tests: one reward function (one spec) with and without signal
 

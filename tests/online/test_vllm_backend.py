@@ -493,7 +493,6 @@ def test_a_rope_scaled_model_starts_vllm_at_the_context_alignkit_trains(tiny_dir
 
     from transformers import AutoConfig
 
-    from alignkit.models.rope import apply_rope_scaling
     from alignkit.models.vllm_support import engine_limit, engine_max_model_len, head_size, start_max_model_len
 
     base = tiny_dir("llama", max_positions=16)

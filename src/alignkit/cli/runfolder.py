@@ -181,6 +181,39 @@ def check_output_dir(final: Path) -> None:
                           "output_dir")
 
 
+def named_checkpoint(cfg: Any, checkpoint: str, final: Path, holds: bool, overwrite: bool, label: str) -> Path:
+    """`train.resume_from_checkpoint` checked for `plan_run`: it exists and is complete, --overwrite would not remove
+    it, it is not mixed into another run's output_dir, and its run's config.yaml (if any) agrees with `cfg`."""
+    ckpt = Path(checkpoint)
+    if not ckpt.exists():
+        raise ConfigError(f"train.resume_from_checkpoint: {ckpt} does not exist; give a checkpoint folder "
+                          f"(e.g. {final / 'checkpoints' / 'checkpoint-10'}) or use --resume for the newest "
+                          "complete one")
+    reason = incomplete_reason(ckpt)
+    if reason is not None:
+        raise ConfigError(f"train.resume_from_checkpoint: cannot resume: {reason}; pick a complete checkpoint "
+                          "folder, or use --resume for the newest complete one")
+    inside = final.resolve() in ckpt.resolve().parents
+    if inside and overwrite:
+        raise ConfigError(f"train.resume_from_checkpoint: {ckpt} lies inside output_dir {final}, which --overwrite "
+                          "would replace; drop --overwrite to continue that run from it, or choose another "
+                          "output_dir")
+    if holds and not inside and not overwrite:  # else the resumed run would be mixed into another run's files
+        raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}) and "
+                          f"train.resume_from_checkpoint={ckpt} is not one of its checkpoints; pass --overwrite to "
+                          "replace it with the resumed run, or choose another output_dir")
+    saved = checkpoint_run_config(ckpt)
+    if saved is None:
+        logger.warning("train.resume_from_checkpoint: %s is not inside a run folder with a config.yaml "
+                       "(<run>/checkpoints/checkpoint-N), so the settings only a config.yaml records (model.path, "
+                       "data.path, ...) cannot be compared with these; the training settings the checkpoint records "
+                       "itself are (a change is refused), and its optimizer state keeps the values it was "
+                       "trained with", ckpt)
+    else:
+        check_resume_config(cfg, saved, label)
+    return ckpt
+
+
 def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpoint: str | None = None,
              can_resume: bool = True, dry: bool = False) -> RunPlan:
     """Check `output_dir` against the user's intent; writes nothing but, unless `dry` (--dry-run: nothing at all),
@@ -201,33 +234,7 @@ def plan_run(cfg: Any, *, resume: bool = False, overwrite: bool = False, checkpo
     ckpt: Path | None = None
     label = "--resume" if checkpoint is None else "train.resume_from_checkpoint"  # what refusals name
     if checkpoint is not None:
-        ckpt = Path(checkpoint)
-        if not ckpt.exists():
-            raise ConfigError(f"train.resume_from_checkpoint: {ckpt} does not exist; give a checkpoint folder "
-                              f"(e.g. {final / 'checkpoints' / 'checkpoint-10'}) or use --resume for the newest "
-                              "complete one")
-        reason = incomplete_reason(ckpt)
-        if reason is not None:
-            raise ConfigError(f"train.resume_from_checkpoint: cannot resume: {reason}; pick a complete checkpoint "
-                              "folder, or use --resume for the newest complete one")
-        inside = final.resolve() in ckpt.resolve().parents
-        if inside and overwrite:
-            raise ConfigError(f"train.resume_from_checkpoint: {ckpt} lies inside output_dir {final}, which --overwrite "
-                              "would replace; drop --overwrite to continue that run from it, or choose another "
-                              "output_dir")
-        if holds and not inside and not overwrite:  # else the resumed run would be mixed into another run's files
-            raise ConfigError(f"output_dir: {final} already holds files ({_listing(final)}) and "
-                              f"train.resume_from_checkpoint={ckpt} is not one of its checkpoints; pass --overwrite to "
-                              "replace it with the resumed run, or choose another output_dir")
-        saved = checkpoint_run_config(ckpt)
-        if saved is None:
-            logger.warning("train.resume_from_checkpoint: %s is not inside a run folder with a config.yaml "
-                           "(<run>/checkpoints/checkpoint-N), so the settings only a config.yaml records (model.path, "
-                           "data.path, ...) cannot be compared with these; the training settings the checkpoint records "
-                           "itself are (a change is refused), and its optimizer state keeps the values it was "
-                           "trained with", ckpt)
-        else:
-            check_resume_config(cfg, saved, label)
+        ckpt = named_checkpoint(cfg, checkpoint, final, holds, overwrite, label)
     elif resume:
         if not holds:
             raise ConfigError(f"--resume: {final} holds no run to resume; run once without --resume first")
