@@ -98,8 +98,8 @@ def test_a_weight_given_in_some_rows_only_is_said_once(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert [r.weight for r in load_records(f)] == [2.0, 1.0]
     assert [r.getMessage() for r in caplog.records if "is given in" in r.getMessage()] == [
-        f"{str(f)[:80]}: column 'weight' is given in 1 of 2 rows; the other 1 weigh 1 (the default) (the first: "
-        f"{f}:2). Give every row a weight if they should not"]
+        f"{str(f)[:80]}: column 'weight' is given in 1 of 2 rows (the first: {f}:1); the other 1 weigh 1 (the "
+        f"default) (the first: {f}:2). Give every row a weight if they should not"]
 
 
 @pytest.mark.parametrize("prompt, message", [

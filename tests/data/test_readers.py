@@ -236,8 +236,8 @@ def test_an_optional_column_given_in_some_rows_only_is_said_once(tmp_path, caplo
     assert len(recs) == len(rows)
     lines = [r.getMessage() for r in caplog.records if f"column '{column}'" in r.getMessage()]
     n = len(rows)
-    assert lines == [f"{str(f)[:80]}: column '{column}' is given in 1 of {n} rows; the other {n - 1} {default} (the "
-                     f"first: {f}:2). Give every row a {column} if they should not"]
+    assert lines == [f"{str(f)[:80]}: column '{column}' is given in 1 of {n} rows (the first: {f}:1); the other "
+                     f"{n - 1} {default} (the first: {f}:2). Give every row a {column} if they should not"]
     caplog.clear()
     with caplog.at_level("WARNING"):  # every row, or none: nothing to say
         load_records(write_jsonl(tmp_path / "all.jsonl", [dict(r, **{column: 1.0}) for r in rows]))

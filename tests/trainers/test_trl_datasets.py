@@ -262,3 +262,71 @@ def test_ignored_columns_are_one_warning_per_dataset_across_map_batches_processe
         assert said == [want], (num_proc, said)
         assert len(out) == 2500 and out.column_names == ["input_ids", "completion_mask", "prompt_length", "length",
                                                           "weight", "id"]
+
+
+def _said(caplog, data_set, tok, what, num_proc=None, kinds=("sft",)):
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out, _ = prepare_dataset(data_set, tok, kinds, num_proc=num_proc)
+    return out, [r.getMessage() for r in caplog.records if what in r.getMessage()]
+
+
+def test_a_weight_given_in_some_rows_is_judged_over_the_whole_dataset_not_per_map_batch(tiny_dir, tmp_path, caplog):
+    """A trainer's raw dataset was read one 1,000-row map batch at a time and "column given in some rows only" was
+    judged per batch: rows 0-999 with a weight and rows 1000-2499 without it gave no batch a mix, so nothing was said
+    while 1,500 rows trained at the default weight 1. Now judged over the dataset (each batch's counts carried through
+    the map), in one line as a file read whole says it: in memory, from a file, on a cache hit and with num_proc=2;
+    a weight in every row says nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = [{"prompt": f"Q{i}?", "completion": f" A{i}.", **({"weight": 2.0} if i < 1000 else {})} for i in range(2500)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    tail = "the other 1500 weigh 1 (the default) (the first: {}). Give every row a weight if they should not"
+    want = ("train_dataset: column 'weight' is given in 1000 of 2500 rows (the first: train_dataset row 0); "
+            + tail.format("train_dataset row 1000"))
+    for data_set, num_proc in ((Dataset.from_list(rows), None), (ds, None), (ds, None), (ds, 2)):  # 3rd: the cache
+        out, said = _said(caplog, data_set, tok, "is given in", num_proc)
+        assert said == [want], (num_proc, said)
+        assert list(out["weight"]) == [2.0] * 1000 + [1.0] * 1500
+    # the same file read whole (JSONL, and Parquet, where the lost values are nulls) says the same, by its lines / rows
+    pq.write_table(pa.Table.from_pylist([{**r, "weight": r.get("weight")} for r in rows]), tmp_path / "d.parquet")
+    for f, first, other in ((data, f"{data}:1", f"{data}:1001"),
+                            (tmp_path / "d.parquet", f"{tmp_path / 'd.parquet'} row 0", f"{tmp_path / 'd.parquet'} row 1000")):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert len(load_records(f, "sft")) == 2500
+        said = [r.getMessage() for r in caplog.records if "is given in" in r.getMessage()]
+        assert said == [f"{f}: column 'weight' is given in 1000 of 2500 rows (the first: {first}); " + tail.format(other)]
+    # the first row giving it may come in a later batch; given in every row: nothing to say
+    late = [{"prompt": "Q", "completion": " A", "weight": 0.5 if i >= 1500 else None} for i in range(2500)]  # from_list
+    # takes its columns from the first row's keys: a null there, not a missing key, keeps the column
+    assert _said(caplog, Dataset.from_list(late), tok, "is given in")[1] == [
+        "train_dataset: column 'weight' is given in 1000 of 2500 rows (the first: train_dataset row 1500); the other "
+        "1500 weigh 1 (the default) (the first: train_dataset row 0). Give every row a weight if they should not"]
+    every = [{"prompt": "Q", "completion": " A", "weight": 2.0 if i < 1000 else 1.0} for i in range(2500)]
+    assert _said(caplog, Dataset.from_list(every), tok, "is given in")[1] == []
+
+
+def test_dropped_message_keys_are_one_warning_per_dataset_across_map_batches(tiny_dir, tmp_path, caplog):
+    """"message key(s) dropped" on a trainer's raw dataset was said once per 1,000-row map batch (3 lines for 2,500
+    rows, each counting its batch). Now one line per dataset with the summed count: in memory, from a file, on a
+    cache hit and with num_proc=2."""
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = [{"messages": [{"role": "user", "content": f"Hi {i}", "name": "ann" if i % 2 else None},
+                          {"role": "assistant", "content": "Hello", "name": "bot"}]} for i in range(2500)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+    want = ("train_dataset: message key(s) ['name'] dropped (each message keeps its role and content only, so the chat "
+            "template never sees them; counts: name in 3750 message(s)); fold what matters into the content, or drop "
+            "those keys from the data")
+    for data_set, num_proc in ((Dataset.from_list(rows), None), (ds, None), (ds, None), (ds, 2)):  # 3rd: the cache
+        out, said = _said(caplog, data_set, tok, "message key(s)", num_proc)
+        assert said == [want], (num_proc, said)
+        assert len(out) == 2500

@@ -13,21 +13,21 @@ A `datasets.Dataset` is tokenized with `Dataset.map` (batched, with a progress b
 processes, and datasets' own cache when the dataset comes from files: a second run with the same data,
 tokenizer and settings loads the cached result instead of tokenizing again). Rows that do not fit the
 length limits are dropped (logged once per dataset, one line per reason with a count and the first records,
-from the map's output, so also with `num_proc` and on a cache hit); columns the reader does not read are named
-once per dataset the same way. Already tokenized data
+from the map's output, so also with `num_proc` and on a cache hit); the reader's own warnings (columns it does not
+read, message keys it drops, an optional column given in some rows only) are said once per dataset the same way,
+judged over all its rows, as for a file read whole. Already tokenized data
 (`input_ids` / `chosen_input_ids` / `prompt_input_ids` columns) is returned unchanged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Sequence
 
 from datasets import Dataset, Features, List, Value
 
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
-from alignkit.data.readers.columns import held_ignored_columns, warn_ignored
+from alignkit.data.readers.columns import ReaderNotes, held_reader_notes
 from alignkit.data.readers.rows import NamedRows
 from alignkit.data.records import RECORD_CLASSES, DataError, can_convert, convert
 from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
@@ -86,24 +86,25 @@ def _pick_kind(native: Sequence[str], kinds: Sequence[str], where: str) -> str:
 
 # per-record columns the map adds (removed before the dataset is returned): why it was dropped ("" kept), how many
 # of its sequences were truncated, the roles of messages the formatter did not render ("" none), and on the first
-# record of each map batch the columns the reader ignored in the batch's rows (JSON {column: rows}; "" none). Every
+# record of each map batch what the reader would have said about the batch's rows (ReaderNotes.to_json; "" none:
+# ignored columns, dropped message keys, the rows giving each optional column). Every
 # record gets a row (dropped ones with None features), so the dataset's summary is read from the map's output: the
 # same with num_proc workers and with datasets' cache (where the batch function does not run at all).
-DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, IGNORED = "_alignkit_drop", "_alignkit_prompt_cut", \
-    "_alignkit_completion_cut", "_alignkit_unrendered", "_alignkit_ignored"
-NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, IGNORED)
+DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES = "_alignkit_drop", "_alignkit_prompt_cut", \
+    "_alignkit_completion_cut", "_alignkit_unrendered", "_alignkit_reader_notes"
+NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES)
 
 
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any, cfg: TokenizeConfig, kind: str,
                     reader: str, name: str, options: dict) -> dict[str, list]:
     keys = list(batch)
     rows = NamedRows(({k: batch[k][j] for k in keys}, f"{name} row {i}") for j, i in enumerate(indices))
-    with held_ignored_columns() as ignored:  # said once per dataset (_summarize), not once per batch
+    with held_reader_notes() as notes:  # said once per dataset (_summarize), not once per batch
         records = load_records(rows, kind, reader=reader, **options)
-    if ignored and not records:  # no output row to carry them (e.g. ranked rows, all ranks tied, read as pairs)
-        warn_ignored(rows, ignored)
+    if notes and not records:  # no output row to carry them (e.g. ranked rows, all ranks tied, read as pairs)
+        notes.warn(rows)
     out: dict[str, list] = {k: [] for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)}
-    out[IGNORED] = [json.dumps(ignored, sort_keys=True) if ignored and not j else "" for j in range(len(records))]
+    out[READER_NOTES] = [notes.to_json() if notes and not j else "" for j in range(len(records))]
     for r in records:
         one = TokenizeStats(total=1)
         try:
@@ -139,7 +140,7 @@ FEATURE_TYPES = {
     "prompt_length": _int, "length": _int, "weight": lambda: Value("float64"), "margin": lambda: Value("float64"),
     "label": lambda: Value("bool"), "id": lambda: Value("string"),
     DROP: lambda: Value("string"), PROMPT_CUT: _int, COMPLETION_CUT: _int, UNRENDERED: lambda: Value("string"),
-    IGNORED: lambda: Value("string"),
+    READER_NOTES: lambda: Value("string"),
 }
 
 
@@ -155,14 +156,14 @@ def map_features(kind: str) -> Features:
 
 def _summarize(out: Any, name: str) -> list[int]:
     """The rows of the map's output `out` that were kept. The dataset's `TokenizeStats`, from its note columns, are
-    logged as one line per kind of warning (columns the reader ignored, each reason records were dropped for,
-    messages not rendered) with its count and first records, and the totals (info)."""
+    logged as one line per kind of warning (the reader's, from its batches' notes merged: ignored columns, dropped
+    message keys, an optional column given in some rows only; each reason records were dropped for, messages not
+    rendered) with its count and first records, and the totals (info)."""
     column = {k: out.data.column(k).to_pylist() for k in (*NOTE_COLUMNS, "id")}  # the map's own table: no indices
-    ignored: dict[str, int] = {}
-    for note in filter(None, column[IGNORED]):
-        for col, n in json.loads(note).items():
-            ignored[col] = ignored.get(col, 0) + n
-    warn_ignored(name, ignored)
+    notes = ReaderNotes()
+    for note in filter(None, column[READER_NOTES]):  # in row order, with num_proc too: the first rows come first
+        notes.merge(ReaderNotes.from_json(note))
+    notes.warn(name)
     ids, keep = column["id"], [i for i, reason in enumerate(column[DROP]) if not reason]
     kept = len(keep)
     stats = TokenizeStats(total=len(ids), kept=kept, prompt_truncated=sum(column[PROMPT_CUT]),
