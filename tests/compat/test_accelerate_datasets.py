@@ -1,4 +1,4 @@
-"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A16 and D1-D3 of
+"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A16 and D1-D5 of
 the table in docs/architecture.md)."""
 
 from __future__ import annotations
@@ -171,6 +171,22 @@ def test_dataset_map_as_prepare_calls_it():
     check(kept.column_names == ["n", "index"] and kept["n"] == [[3], [2]] and kept["index"] == [2, 3] and
           drops == ["short", "short", "", ""], "datasets", "a batched map with features= whose first batch is all None, "
           "then remove_columns and select, no longer gives the kept rows", where, f"{kept.column_names}: {kept[:]}")
+
+
+def test_dataset_from_list_takes_the_first_rows_keys():
+    """`Dataset.from_list` builds its columns from the first row's keys and drops a key first given in a later row
+    without a word; prepare_dataset gives every row every key first, so a trainer's list of dicts keeps a `weight`
+    given from row 1 on (and its reader sees it)."""
+    where = "alignkit/data/prepare.py:prepare_dataset"
+    from datasets import Dataset
+
+    with guard("datasets", "Dataset.from_list of rows with different keys failed", where):
+        ds = Dataset.from_list([{"prompt": "a"}, {"prompt": "b", "weight": 2.0}])
+        filled = Dataset.from_list([{"prompt": "a", "weight": None}, {"prompt": "b", "weight": 2.0}])
+    check(ds.column_names == ["prompt"] and filled.column_names == ["prompt", "weight"] and
+          filled["weight"] == [None, 2.0], "datasets", "Dataset.from_list no longer takes the first row's keys only "
+          "(the filling in prepare_dataset is then redundant: drop it and this row)", where,
+          f"{ds.column_names} / {filled.column_names}")
 
 
 def test_datasets_infers_the_features_prepare_declares():

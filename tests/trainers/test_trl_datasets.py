@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset, Features, Value, load_dataset
 from transformers import TrainingArguments
 
-from alignkit.data import TokenizeConfig, load_records, tokenize_records
+from alignkit.data import DataError, TokenizeConfig, load_records, tokenize_records
 from alignkit.data.prepare import prepare_dataset
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.trainers import DPOTrainer, KTOTrainer, RewardTrainer, SFTTrainer
@@ -330,3 +330,19 @@ def test_dropped_message_keys_are_one_warning_per_dataset_across_map_batches(tin
         out, said = _said(caplog, data_set, tok, "message key(s)", num_proc)
         assert said == [want], (num_proc, said)
         assert len(out) == 2500
+
+
+def test_a_list_of_rows_keeps_a_column_first_given_in_a_later_row(tiny_dir, caplog):
+    """A trainer's list of dicts went through Dataset.from_list, which takes its columns from the first row's keys:
+    a `weight` given from row 1 on was dropped without a word (every row trained at weight 1), and a misspelt
+    column in a later row was never seen. Now every row gets every key first: the weights are kept and the rows
+    without one are said, as in a file; the misspelt column is refused."""
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = [{"prompt": "Q", "completion": " A"}, {"prompt": "Q", "completion": " B", "weight": 3.0}]
+    out, said = _said(caplog, rows, tok, "is given in")
+    assert list(out["weight"]) == [1.0, 3.0]
+    assert said == ["train_dataset: column 'weight' is given in 1 of 2 rows (the first: train_dataset row 1); the "
+                    "other 1 weigh 1 (the default) (the first: train_dataset row 0). Give every row a weight if they "
+                    "should not"]
+    with pytest.raises(DataError, match=r"unknown column 'weigth' \(did you mean 'weight'\?\)"):
+        prepare_dataset([rows[0], {**rows[1], "weigth": 3.0}], tok, ("sft",))

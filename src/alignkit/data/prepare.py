@@ -210,7 +210,10 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
             raise DataError(f"{name}: empty; pass at least one row")
         if not all(isinstance(r, dict) for r in dataset):
             raise DataError(f"{name}: a list must hold dicts (rows with TRL's columns) or alignkit records")
-        dataset = Dataset.from_list(list(dataset))
+        # every row given every key (None where it has none): Dataset.from_list takes its columns from the first
+        # row's keys and drops the others without a word (compat D5), e.g. a weight given from row 1 on
+        keys = list(dict.fromkeys(k for r in dataset for k in r))
+        dataset = Dataset.from_list([{k: r.get(k) for k in keys} for r in dataset])
     if not hasattr(dataset, "map") or not hasattr(dataset, "column_names"):
         raise DataError(f"{name}: cannot tokenize a {type(dataset).__name__}; pass a datasets.Dataset, a list of "
                         f"dicts with TRL's columns, or alignkit records")
