@@ -171,6 +171,11 @@ def test_dataset_map_as_prepare_calls_it():
     check(kept.column_names == ["n", "index"] and kept["n"] == [[3], [2]] and kept["index"] == [2, 3] and
           drops == ["short", "short", "", ""], "datasets", "a batched map with features= whose first batch is all None, "
           "then remove_columns and select, no longer gives the kept rows", where, f"{kept.column_names}: {kept[:]}")
+    seen = []  # batch_size=None: the whole dataset in one batch (a `whole` reader: Open-Assistant's flat trees)
+    with guard("datasets", "Dataset.map(batched=True, batch_size=None) failed", where):
+        ds.map(lambda batch: seen.append(len(batch["text"])) or batch, batched=True, batch_size=None)
+    check(seen == [4], "datasets", "a batched map with batch_size=None no longer gives the whole dataset as one batch",
+          where, f"batch sizes {seen}")
 
 
 def test_dataset_from_list_takes_the_first_rows_keys():

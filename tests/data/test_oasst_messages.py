@@ -99,3 +99,30 @@ def test_skip_keeps_the_good_trees(tmp_path):
     rows = [_msg("p", None), _msg("a", "p", role="assistant"), _msg("x", "missing", tree="t2", role="assistant")]
     recs = read_oasst_messages(write(tmp_path / "m.jsonl", rows), on_invalid="skip")
     assert [r.completion[0]["content"] for r in recs] == ["text a"]
+
+
+def test_a_trainers_flat_export_is_read_whole_not_per_map_batch(flat_file, tokenizer, caplog):
+    """A trainer given the flat export as a datasets.Dataset read it one 1,000-row map batch at a time, so a tree
+    whose messages fell in two batches stopped the run on "message ... replies to ..., which is not in tree ... in
+    this file; export whole trees" although the data was whole. The reader is now marked `whole` and its rows are
+    read in one batch (num_proc is not used for it, with a warning): the same records as the file read whole."""
+    from datasets import Dataset
+
+    from alignkit.data import tokenize_records
+    from alignkit.data.prepare import prepare_dataset
+
+    base = [json.loads(line) for line in flat_file.read_text().splitlines()]
+    rows = [{**r, **{k: f"{c}-{r[k]}" for k in ("message_id", "parent_id", "message_tree_id") if r[k] is not None}}
+            for c in range(4) for r in base]  # 1,736 rows, 4 copies of the trees, messages shuffled
+    random.Random(1).shuffle(rows)
+    expected, _ = tokenize_records(load_records(Dataset.from_list(rows), "sft"), tokenizer)
+    assert len(load_records(Dataset.from_list(rows), "sft")) == 4 * 202
+    for num_proc in (None, 2):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            out, kind = prepare_dataset(Dataset.from_list(rows), tokenizer, ("sft",), num_proc=num_proc)
+        assert kind == "sft" and sorted(map(tuple, out["input_ids"])) == sorted(tuple(e["input_ids"]) for e in expected)
+        said = [r.getMessage() for r in caplog.records if "num_proc" in r.getMessage()]
+        assert said == ([] if num_proc is None else [
+            "train_dataset: reader 'oasst-messages' joins rows from anywhere in the dataset (a tree's messages), so the "
+            "rows are read in one batch by one process: num_proc=2 is not used for it"])

@@ -84,7 +84,7 @@ def _build(tree_id: str, members: list[tuple[dict, str]]) -> tuple[dict, str]:
                  detect=lambda r: "message_tree_id" in r and "message_id" in r and "parent_id" in r
                  and "prompt" not in r,
                  description="Open-Assistant flat messages (message_id, parent_id, message_tree_id, role, text) "
-                             "-> sft | ranked | prompt")
+                             "-> sft | ranked | prompt", whole=True)
 def read_oasst_messages(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts: str = "roots",
                         langs: str | Sequence[str] | None = None, drop_deleted: bool = True,
                         drop_synthetic: bool = True, drop_unreviewed: bool = True,

@@ -15,7 +15,8 @@ tokenizer and settings loads the cached result instead of tokenizing again). Row
 length limits are dropped (logged once per dataset, one line per reason with a count and the first records,
 from the map's output, so also with `num_proc` and on a cache hit); the reader's own warnings (columns it does not
 read, message keys it drops, an optional column given in some rows only) are said once per dataset the same way,
-judged over all its rows, as for a file read whole. Already tokenized data
+judged over all its rows, as for a file read whole. A reader registered `whole` (its records join rows from anywhere:
+Open-Assistant's flat export) gets the dataset in one batch, one process. Already tokenized data
 (`input_ids` / `chosen_input_ids` / `prompt_input_ids` columns) is returned unchanged.
 """
 
@@ -225,9 +226,16 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     n = len(dataset)
     fn_kwargs = {"tokenizer": tokenizer, "cfg": cfg, "kind": kind, "reader": info.name, "name": name,
                  "options": dict(reader_options or {})}
-    out = dataset.map(_tokenize_batch, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                      num_proc=num_proc, desc=f"Tokenizing {name}", features=map_features(kind),
-                      fn_kwargs=fn_kwargs)
+    batch_size = 1000  # datasets' default
+    if info.whole:  # e.g. a tree's messages anywhere in the rows: read in one batch, one process
+        if num_proc not in (None, 1):
+            logger.warning("%s: reader %r joins rows from anywhere in the dataset (a tree's messages), so the rows are "
+                           "read in one batch by one process: num_proc=%s is not used for it", name, info.name,
+                           num_proc)
+        batch_size, num_proc = None, None
+    out = dataset.map(_tokenize_batch, batched=True, batch_size=batch_size, with_indices=True,
+                      remove_columns=dataset.column_names, num_proc=num_proc, desc=f"Tokenizing {name}",
+                      features=map_features(kind), fn_kwargs=fn_kwargs)
     keep = _summarize(out, name)
     out = out.remove_columns(list(NOTE_COLUMNS))
     out = out.select(keep) if len(keep) < len(out) else out

@@ -4,7 +4,10 @@ A reader is a function `fn(source, *, kind, on_invalid="raise", split=None, **op
 registered with `@register_reader(name, kinds=..., detect=..., priority=..., description=...)`.
 `kinds` lists the record kinds it produces natively (first = default); `detect(first_row) -> bool`
 says whether a row looks like its format, and among matching readers the highest `priority` wins
-(e.g. HH-RLHF text beats plain chosen/rejected columns). The CLI's `alignkit ls` prints `READERS`.
+(e.g. HH-RLHF text beats plain chosen/rejected columns). `whole=True` marks a reader whose records join rows
+(Open-Assistant's flat export: a tree's messages are rows anywhere in the source), so it must see every row at once:
+a trainer's dataset is then read in one map batch (`alignkit.data.prepare`), not 1,000 rows at a time. The CLI's
+`alignkit ls` prints `READERS`.
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ class ReaderInfo:
     detect: Callable[[dict], bool]
     priority: int
     description: str
+    whole: bool = False  # its records join rows from anywhere in the source: read it in one piece
 
 
 READERS: dict[str, ReaderInfo] = {}
 
 
 def register_reader(name: str, *, kinds: tuple[str, ...], detect: Callable[[dict], bool], priority: int = 0,
-                    description: str = "") -> Callable:
+                    description: str = "", whole: bool = False) -> Callable:
     def deco(fn: Callable) -> Callable:
         if name in READERS:
             raise ValueError(f"reader {name!r} is already registered (by {READERS[name].fn.__module__})")
-        READERS[name] = ReaderInfo(name, fn, tuple(kinds), detect, priority, description)
+        READERS[name] = ReaderInfo(name, fn, tuple(kinds), detect, priority, description, whole)
         return fn
     return deco
 
