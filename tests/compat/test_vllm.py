@@ -379,3 +379,62 @@ def test_vllms_context_for_a_rope_scaled_model_alignkit_saved(tiny_dir, tmp_path
                 long[n] = Phi3LongRoPEScaledRotaryEmbedding(16, 16, 32, 16, 10000.0, True, torch.float32, [1.0] * 8,
                                                             [2.0] * 8).use_long_rope
     check(long == {16: False, 32: True}, VLLM, f"vLLM's longrope use_long_rope by max_model_len: {long}", where)
+
+
+def test_yarn_table_holds_original_x_factor_rows_llama3_max_position_embeddings():
+    """vLLM's yarn RoPE (`get_rope` -> `YaRNScalingRotaryEmbedding`, built on rope_parameters'
+    original_max_position_embeddings) holds ceil(original x factor) cos/sin rows (16 x 2.0 = 32; 16 x 2.1 = 33.6 -> 34),
+    whatever max_position_embeddings is, and its max_model_len is max_position_embeddings (64 here, `ModelConfig`): a
+    position past the table has no row (its native path raises IndexError; the CPU / CUDA kernels read outside it).
+    Within the table its cos equals transformers' yarn (`ROPE_INIT_FUNCTIONS['yarn']`: cos(pos x inv_freq) x
+    attention_factor), so alignkit starts vLLM at 32 and refuses a longer max_model_len (row V17). Llama3's table holds
+    max_position (the model's max_position_embeddings) rows: 64, every position vLLM runs."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from alignkit.models.vllm_support import engine_limit
+
+    where = "alignkit/models/vllm_support.py:rope_length_cap/engine_limit/start_max_model_len"
+    head, rope = 16, {"rope_theta": 10000.0, "original_max_position_embeddings": 16}
+    with guard(VLLM, "get_rope(head_size, max_position, is_neox_style, rope_parameters, dtype) / cos_sin_cache / "
+                     "forward_native changed", where):
+        from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+        from vllm.model_executor.layers.rotary_embedding import get_rope
+        with set_current_vllm_config(VllmConfig()):
+            yarn = get_rope(head, 64, True, {**rope, "rope_type": "yarn", "factor": 2.0}, torch.float32)
+            rows = {f: get_rope(head, 64, True, {**rope, "rope_type": "yarn", "factor": f}, torch.float32)
+                    .cos_sin_cache.shape[0] for f in (2.0, 2.1)}
+            llama3 = get_rope(head, 64, True, {**rope, "rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0}, torch.float32).cos_sin_cache.shape[0]
+            with pytest.raises(IndexError):
+                yarn.forward_native(torch.tensor([40]), torch.zeros(1, head), torch.zeros(1, head))
+    check(rows == {2.0: 32, 2.1: 34}, VLLM, f"vLLM's yarn table rows for 16 x factor: {rows}", where)
+    check(llama3 == 64, VLLM, f"vLLM's llama3 table for max_position_embeddings 64 has {llama3} rows", where)
+    config = AutoConfig.for_model("llama", hidden_size=32, num_attention_heads=2, max_position_embeddings=64,
+                                  rope_parameters={**rope, "rope_type": "yarn", "factor": 2.0})
+    inv_freq, scale = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    pos = 20
+    check(torch.allclose(yarn.cos_sin_cache[pos, : head // 2], torch.cos(pos * inv_freq) * scale, atol=1e-5), VLLM,
+          "vLLM's yarn cos within its table differs from transformers'", where)
+
+
+def test_vllm_runs_a_yarn_folder_past_its_table_and_alignkit_caps_it(tiny_dir, tmp_path):
+    """A yarn x2 folder on 16 positions whose config.json says max_position_embeddings 64: vLLM's `ModelConfig`
+    derives max_model_len 64 (yarn: read as already scaled), past its 32-row table; alignkit's `engine_limit` gives
+    32, which vLLM takes (row V17)."""
+    where = "alignkit/models/vllm_support.py:rope_length_cap/engine_limit/start_max_model_len"
+    from alignkit.models.vllm_support import engine_limit, start_max_model_len
+
+    folder = shutil.copytree(tiny_dir("llama", max_positions=16), tmp_path / "yarn")
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "yarn", "factor": 2.0,
+                                 "original_max_position_embeddings": 16}
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    with guard(VLLM, "ModelConfig(model=, tokenizer=, dtype=, max_model_len=) changed", where):
+        from vllm.config import ModelConfig
+        theirs = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32").max_model_len
+        capped = ModelConfig(model=str(folder), tokenizer=str(folder), dtype="float32", max_model_len=32).max_model_len
+    check(theirs == 64, VLLM, f"vLLM derives max_model_len {theirs} for yarn with max_position_embeddings 64", where)
+    check(engine_limit(folder, {})[0] == 32 and start_max_model_len(folder, {}) == 32 and capped == 32, VLLM,
+          "alignkit's cap for the yarn folder is not 32, or vLLM refused it", where)

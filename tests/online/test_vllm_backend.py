@@ -546,6 +546,49 @@ def test_a_rope_scaled_model_starts_vllm_at_the_context_alignkit_trains(tiny_dir
     assert "max_model_len" not in made[-1]
 
 
+def test_yarn_with_more_positions_than_vllms_table_starts_vllm_at_the_table(tiny_dir, tmp_path):
+    """vLLM's yarn cos/sin table holds original_max_position_embeddings x factor rows, its max_model_len is
+    max_position_embeddings: a yarn x2 model on 16 positions whose config.json gives max_position_embeddings 64
+    (transformers only warns of it; model.rope_scaling refuses it) ran 64 in vLLM with a 32-row table, positions 32..63 read from memory outside it (other numbers every run, no error),
+    where transformers rotates them with the same frequencies. Now vLLM starts at 32 and a given 64 is refused in one
+    line. Within the table nothing changes: factor 2.1 has ceil(16 x 2.1) = 34 rows, so 34 positions run as vLLM's
+    own; llama3 (a table of max_position_embeddings rows) is left to vLLM at 64. Figures by hand; vLLM's side:
+    tests/compat/test_vllm.py (row V17)."""
+    import json
+    import shutil
+
+    from alignkit.models.vllm_support import engine_limit, engine_max_model_len, start_max_model_len
+
+    base = tiny_dir("llama", max_positions=16)
+    cases = {  # name: (rope_parameters, max_position_embeddings = vLLM's own max_model_len, alignkit's)
+        "yarn64": ({"rope_type": "yarn", "factor": 2.0}, 64, 32),
+        "yarn34": ({"rope_type": "yarn", "factor": 2.1}, 34, 34),
+        "llama3": ({"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 64, 64),
+    }
+    for name, (rope, vllms, ours) in cases.items():
+        folder = shutil.copytree(base, tmp_path / name)
+        config = json.loads((folder / "config.json").read_text())
+        config["rope_parameters"] = {**config["rope_parameters"], **rope, "original_max_position_embeddings": 16}
+        (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": vllms}))
+        assert engine_max_model_len(folder, {})[0] == vllms, name
+        assert engine_limit(folder, {})[0] == ours, name
+        assert start_max_model_len(folder, {}) == (ours if vllms > ours else None), name
+    config = tmp_path / "yarn64" / "config.json"
+    limit, source = engine_limit(tmp_path / "yarn64", {})
+    assert source.startswith(f"original_max_position_embeddings 16 x factor 2.0 (rope_parameters) = 32 in {config}, "
+                             "not vLLM's own 64: yarn RoPE: vLLM's cos/sin table has that many rows"), source
+    assert engine_limit(tmp_path / "yarn64", {"max_model_len": 32})[0] == 32
+    with pytest.raises(ConfigError) as e:
+        engine_limit(tmp_path / "yarn64", {"max_model_len": 64})
+    msg = str(e.value)
+    assert "\n" not in msg and msg == (
+        f"method.vllm.max_model_len 64 is above original_max_position_embeddings 16 x factor 2.0 (rope_parameters) = "
+        f"32 in {config} (yarn RoPE: vLLM's cos/sin table has that many rows while its max_model_len is "
+        "max_position_embeddings 64, so it would read a position past them from memory outside the table, where "
+        "transformers keeps rotating with the same frequencies), so vLLM would generate from another model than the one trained; set "
+        "method.vllm.max_model_len to 32 or less"), msg
+
+
 def test_a_linear_factor_written_as_an_integer_is_saved_as_a_float_and_refused_in_a_folder(tiny_dir, tmp_path):
     """`model.rope_scaling: {type: linear, factor: 2}` (an integer in YAML) was saved as `"factor": 2`, on which vLLM's
     linear RoPE fails when the engine starts ('int' object is not iterable, after the run folder was written; row

@@ -239,7 +239,7 @@ def test_an_adapter_named_as_the_base_is_refused_as_alignkits_engine_does(serve_
 
 def test_a_base_with_dynamic_rope_is_refused_before_vllm_starts(monkeypatch, tiny_dir, tmp_path):
     """Dynamic NTK scaling: transformers rescales the frequencies by the sequence's length past max_position_embeddings,
-    vLLM uses one fixed table for every position (row V15), so `--engine vllm` served another model than
+    vLLM uses one fixed table of max_position_embeddings rows (row V15), so `--engine vllm` served another model than
     engine=alignkit for a base saved with dynamic scaling past those positions, without a word. Now one line before vLLM starts; linear
     scaling (the same positions in both) still starts."""
     import shutil

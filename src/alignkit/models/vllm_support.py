@@ -15,8 +15,10 @@ online/vllm_generation.py), so neither package imports the other for it.
   alignkit (`rope_length_cap`, row V16): linear scaling (vLLM multiplies `max_position_embeddings`, which
   `model.rope_scaling` records already scaled, by the factor again: twice the positions the model was trained on) and
   longrope (vLLM rotates every position with the long factors once max_model_len is above
-  `original_max_position_embeddings`, where transformers uses them only past it). The engine starters pass the
-  capped length as vLLM's max_model_len when none is given.
+  `original_max_position_embeddings`, where transformers uses them only past it) and yarn with a
+  `max_position_embeddings` above `original_max_position_embeddings` x factor (vLLM's cos/sin table has that many rows,
+  and reads a later position from outside it). The engine starters pass the capped length as vLLM's max_model_len
+  when none is given.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def check_head_size(config: Any, folder: str | Path, where: str, fix: str) -> No
 
 
 # RoPE types vLLM computes otherwise than transformers: dynamic NTK, which transformers rescales by the sequence's length
-# once it grows past max_position_embeddings, and vLLM computes as one fixed cos/sin table for every position (row V15)
+# once it grows past max_position_embeddings, where vLLM's one fixed cos/sin table has max_position_embeddings rows only
+# (though it derives max_model_len as max_position_embeddings x factor: no row past them) (row V15)
 ROPE_NOT_AS_TRANSFORMERS = ("dynamic",)
 
 
@@ -120,10 +123,10 @@ def check_rope_type(config: Any, folder: str | Path, where: str, fix: str) -> No
     kinds = {rp.get("rope_type", rp.get("type")) for rp in _rope_parameters(config)}
     for kind in sorted(k for k in kinds if k in ROPE_NOT_AS_TRANSFORMERS):
         raise ConfigError(f"{where}: the model in {folder} has {kind} RoPE scaling (rope_parameters in "
-                          f"{Path(folder) / 'config.json'}), which vLLM computes as one fixed set of frequencies for "
-                          f"every position where transformers rescales them by the sequence's length past "
-                          f"max_position_embeddings, so past those positions vLLM would generate from another model "
-                          f"than the one trained; {fix}")
+                          f"{Path(folder) / 'config.json'}), which vLLM computes as one fixed table of "
+                          f"max_position_embeddings rows (though it runs max_position_embeddings x factor positions) "
+                          f"where transformers rescales the frequencies by the sequence's length past them, so past "
+                          f"those positions vLLM would generate from another model than the one trained; {fix}")
 
 
 def lora_unsupported(peft_cfg: Mapping) -> str | None:
@@ -208,12 +211,23 @@ def rope_length_cap(config: Any) -> tuple[int, str, str] | None:
       which is what alignkit trains, generates and serves with (`rope.trained_context`).
     - longrope: vLLM picks its long factors for every position, short sequences included, once max_model_len is
       above `original_max_position_embeddings` (Phi3LongRoPEScaledRotaryEmbedding.use_long_rope); transformers uses
-      the short ones for any sequence up to that length."""
+      the short ones for any sequence up to that length.
+    - yarn: vLLM's cos/sin table (YaRNScalingRotaryEmbedding) holds `original_max_position_embeddings` x factor rows,
+      and its max_model_len is `max_position_embeddings`; where that is longer (a saved config.json: transformers
+      only warns of it, `model.rope_scaling` refuses it), a position past the table reads memory outside it (no error on
+      CPU / GPU kernels: other numbers every run), where transformers rotates it with the same frequencies.
+    (llama3: vLLM's table holds `max_position_embeddings` rows, its max_model_len: every position covered.)"""
     for rp in _rope_parameters(config):
         kind, factor = rp.get("rope_type", rp.get("type")), rp.get("factor")
+        orig = rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+        if kind == "yarn" and factor and orig:
+            rows, length = math.ceil(orig * factor), context_length(config)
+            if length and length > rows:
+                return rows, f"original_max_position_embeddings {orig} x factor {factor} (rope_parameters)", (
+                    f"yarn RoPE: vLLM's cos/sin table has that many rows while its max_model_len is "
+                    f"max_position_embeddings {length}, so it would read a position past them from memory outside "
+                    f"the table, where transformers keeps rotating with the same frequencies")
         if kind == "longrope":
-            orig = rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings",
-                                                                         None)
             if orig:
                 return int(orig), "original_max_position_embeddings", (
                     "longrope RoPE: above it vLLM rotates every position with the long factors, where transformers "
@@ -243,8 +257,8 @@ def engine_limit(folder: str | Path, vllm: dict[str, Any],
     """(the max_model_len a vLLM engine for the model `folder` runs with, what gives it): `engine_max_model_len`,
     capped at `rope_length_cap` when `key` (`vllm["max_model_len"]`) is not given: the engine starters pass that
     length to vLLM (`start_max_model_len`). A given length above the cap: a ConfigError for longrope (vLLM would
-    rotate with other frequencies than the trained model's), a warning for linear (positions past the trained
-    context, which alignkit's own generation warns about too)."""
+    rotate with other frequencies than the trained model's) and yarn (positions past vLLM's cos/sin table), a warning
+    for linear (positions past the trained context, which alignkit's own generation warns about too)."""
     limit, source = engine_max_model_len(folder, vllm, key)
     config = _engine_config(folder, vllm) if limit is not None else None
     cap = rope_length_cap(config) if config is not None else None
@@ -252,10 +266,10 @@ def engine_limit(folder: str | Path, vllm: dict[str, Any],
         return limit, source
     length, cap_key, why = cap
     asked = vllm.get("max_model_len")
-    where = f"{cap_key} {length} in {Path(folder) / 'config.json'}"
+    where = f"{cap_key}{' =' if ' x factor ' in cap_key else ''} {length} in {Path(folder) / 'config.json'}"
     if asked is None or asked == -1:
         return length, f"{where}, not vLLM's own {limit}: {why}"
-    if cap_key == "original_max_position_embeddings":
+    if cap_key != "max_position_embeddings":  # (linear: positions past the trained ones, run as vLLM computes them)
         raise ConfigError(f"{key} {asked} is above {where} ({why}), so vLLM would generate from another model than "
                           f"the one trained; set {key} to {length} or less")
     logger.warning("%s %d is above %s (%s): positions past %d were never trained; lower %s to %d", key, asked, where,
