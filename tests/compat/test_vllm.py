@@ -393,13 +393,11 @@ def test_yarn_table_holds_original_x_factor_rows_llama3_max_position_embeddings(
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from alignkit.models.vllm_support import engine_limit
-
     where = "alignkit/models/vllm_support.py:rope_length_cap/engine_limit/start_max_model_len"
     head, rope = 16, {"rope_theta": 10000.0, "original_max_position_embeddings": 16}
     with guard(VLLM, "get_rope(head_size, max_position, is_neox_style, rope_parameters, dtype) / cos_sin_cache / "
                      "forward_native changed", where):
-        from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+        from vllm.config import VllmConfig, set_current_vllm_config
         from vllm.model_executor.layers.rotary_embedding import get_rope
         with set_current_vllm_config(VllmConfig()):
             yarn = get_rope(head, 64, True, {**rope, "rope_type": "yarn", "factor": 2.0}, torch.float32)
