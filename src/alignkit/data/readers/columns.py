@@ -45,6 +45,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator
@@ -321,8 +322,11 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
 
 def where_of(source: Any) -> str:
     """How the readers' warnings name `source`: a trainer's map batch (`NamedRows`) by its rows ("train_dataset rows
-    0-999"; its repr was the first row's text), anything else by its text, cut at 80 characters."""
-    return source_name(source) if isinstance(source, NamedRows) else str(source)[:80]
+    0-999"; its repr was the first row's text), a file by its whole path (cut, a long one named another file), anything
+    else by its text, cut at 80 characters."""
+    if isinstance(source, NamedRows):
+        return source_name(source)
+    return str(source) if isinstance(source, (str, os.PathLike)) else str(source)[:80]
 
 
 def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
