@@ -16,6 +16,20 @@ from alignkit.settings import ConfigError
 from .conftest import make_adapter
 
 
+def stub_vllm_start(monkeypatch, vs) -> list:
+    """`vllm_server` with vLLM's own steps stubbed out (no vLLM needed): its server command a no-op process; the
+    list returned gets the max_model_len of each start."""
+    import sys
+
+    monkeypatch.setattr(vs, "require_vllm", lambda: None)
+    monkeypatch.setattr(vs, "check_head_size", lambda *a: None)
+    monkeypatch.setattr(vs, "prepare", lambda base, adapters, base_name, workdir: None)
+    started = []
+    monkeypatch.setattr(vs, "command", lambda plan, host, port, dtype, max_model_len=None:
+                        started.append(max_model_len) or [sys.executable, "-c", "pass"])
+    return started
+
+
 def test_reft_adapters_are_refused_in_one_line_naming_the_adapter(serve_dirs, tmp_path):
     for name in ("polite", "both"):  # reft and reft+lora
         with pytest.raises(ConfigError) as e:
@@ -128,18 +142,12 @@ def test_prompt_and_completion_limits_vllm_cannot_enforce_are_a_warning_at_start
     factor model.rope_scaling has already applied), where alignkit's engine serves 64: vLLM is started with 64."""
     import json
     import shutil
-    import sys
     import types
 
     from alignkit.serve import vllm_server as vs
 
     base = tiny_dir("llama", max_positions=64)
-    monkeypatch.setattr(vs, "require_vllm", lambda: None)
-    monkeypatch.setattr(vs, "check_head_size", lambda *a: None)
-    monkeypatch.setattr(vs, "prepare", lambda base, adapters, base_name, workdir: None)
-    started = []
-    monkeypatch.setattr(vs, "command", lambda plan, host, port, dtype, max_model_len=None:
-                        started.append(max_model_len) or [sys.executable, "-c", "pass"])
+    started = stub_vllm_start(monkeypatch, vs)
 
     def run(prompt, new, base=base):
         caplog.clear()
@@ -240,19 +248,13 @@ def test_an_adapter_named_as_the_base_is_refused_as_alignkits_engine_does(serve_
 def test_a_base_with_dynamic_rope_is_refused_before_vllm_starts(monkeypatch, tiny_dir, tmp_path):
     """Dynamic NTK scaling: transformers rescales the frequencies by the sequence's length past max_position_embeddings,
     vLLM uses one fixed table of max_position_embeddings rows (row V15), so `--engine vllm` served another model than
-    engine=alignkit for a base saved with dynamic scaling past those positions, without a word. Now one line before vLLM starts; linear
-    scaling (the same positions in both) still starts."""
+    engine=alignkit for a base saved with dynamic scaling past those positions, without a word. Now one line before
+    vLLM starts; linear scaling (the same positions in both) still starts."""
     import shutil
-    import sys
 
     from alignkit.serve import vllm_server as vs
 
-    monkeypatch.setattr(vs, "require_vllm", lambda: None)
-    monkeypatch.setattr(vs, "check_head_size", lambda *a: None)
-    monkeypatch.setattr(vs, "prepare", lambda base, adapters, base_name, workdir: None)
-    started = []
-    monkeypatch.setattr(vs, "command", lambda plan, host, port, dtype, max_model_len=None:
-                        started.append(max_model_len) or [sys.executable, "-c", "pass"])
+    started = stub_vllm_start(monkeypatch, vs)
     cfg = __import__("types").SimpleNamespace(adapters={}, max_prompt_tokens=8, max_new_tokens=8, host="127.0.0.1",
                                               port=0, dtype="float32", api_key=None)
     for kind in ("dynamic", "linear"):

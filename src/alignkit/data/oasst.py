@@ -359,20 +359,41 @@ def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts:
                            tree_states=tree_states, on_invalid=on_invalid, preset=preset)
 
 
+def check_kind_and_flags(kind: str, **flags: Any) -> None:
+    """`read_oasst_rows`' first checks: a record kind the reader gives, and each `drop_*` flag a bool (a quoted
+    "false" would be truthy: the filter kept on)."""
+    if kind not in ("sft", "ranked", "prompt"):
+        raise DataError(f"the OASST reader gives 'sft', 'ranked' or 'prompt' records, not {kind!r} "
+                        f"(use load_records(..., kind={kind!r}) to convert)")
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise DataError(f"data.reader_options.{key}: must be true or false, got {value!r} (a "
+                            f"{type(value).__name__}); write it without quotes")
+
+
+def log_left_out(source: str, kind: str, preset: str, n_records: int, removed: Counter, skipped: Counter) -> None:
+    """One logged line each for what a read left out: the filters' removals, the prompter turns and replies that
+    give no ranked record, and the threads preset "oasst" drops (Open-Assistant's rules)."""
+    if removed:
+        logger.info("%s: OASST filters removed %s", source, dict(removed))
+    if kind == "ranked":
+        logger.info("%s: OASST ranked records: %d, none from %d %s and %d %s; %d %s; %d %s", source, n_records,
+                    skipped[NO_REPLY], NO_REPLY, skipped[ONE_RANKED], ONE_RANKED, skipped[TIED], TIED,
+                    skipped[UNRANKED], UNRANKED)
+    if preset == "oasst":
+        late = f" and {skipped[LATE_LEAF]} {LATE_LEAF}" if kind == "sft" else ""
+        logger.info("%s: OASST preset 'oasst' left out %d %s%s (Open-Assistant's rules; %d %s records)", source,
+                    skipped[DIRTY], DIRTY, late, n_records, kind)
+
+
 def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "leaves", prompts: str = "roots",
                     langs: str | Sequence[str] | None = None, drop_deleted: bool = True, drop_synthetic: bool = True,
                     drop_unreviewed: bool = True, tree_states: Sequence[str] | None = ("ready_for_export",),
                     on_invalid: str = "raise", preset: str = "strict") -> list:
     """`read_oasst` on an iterable of (tree row, where) pairs (also used by the flat-message reader)."""
     source = name
-    if kind not in ("sft", "ranked", "prompt"):
-        raise DataError(f"the OASST reader gives 'sft', 'ranked' or 'prompt' records, not {kind!r} "
-                        f"(use load_records(..., kind={kind!r}) to convert)")
-    for key, value in (("drop_deleted", drop_deleted), ("drop_synthetic", drop_synthetic),
-                       ("drop_unreviewed", drop_unreviewed)):
-        if not isinstance(value, bool):  # a quoted "false" would be truthy: the filter kept on
-            raise DataError(f"data.reader_options.{key}: must be true or false, got {value!r} (a "
-                            f"{type(value).__name__}); write it without quotes")
+    check_kind_and_flags(kind, drop_deleted=drop_deleted, drop_synthetic=drop_synthetic,
+                         drop_unreviewed=drop_unreviewed)
     if isinstance(tree_states, str):  # one state, as `langs` (YAML `tree_states: ready_for_export`), not a substring
         tree_states = [tree_states]
     if langs is not None:
@@ -421,16 +442,7 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
                 for p in prompter_paths(root, prompts)]
 
     records = collect(rows, convert, on_invalid, name=str(source))
-    if removed:
-        logger.info("%s: OASST filters removed %s", source, dict(removed))
-    if kind == "ranked":
-        logger.info("%s: OASST ranked records: %d, none from %d %s and %d %s; %d %s; %d %s", source, len(records),
-                    skipped[NO_REPLY], NO_REPLY, skipped[ONE_RANKED], ONE_RANKED, skipped[TIED], TIED,
-                    skipped[UNRANKED], UNRANKED)
-    if preset == "oasst":
-        late = f" and {skipped[LATE_LEAF]} {LATE_LEAF}" if kind == "sft" else ""
-        logger.info("%s: OASST preset 'oasst' left out %d %s%s (Open-Assistant's rules; %d %s records)", source,
-                    skipped[DIRTY], DIRTY, late, len(records), kind)
+    log_left_out(source, kind, preset, len(records), removed, skipped)
     wanted = oa_langs if preset == "oasst" else langs
     if wanted is not None and root_langs and not any(str(lang or "").lower() in wanted for lang in root_langs):
         logger.warning("%s: reader_options.langs %s matches no tree's first message (their languages: %s), so "

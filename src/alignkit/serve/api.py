@@ -64,6 +64,40 @@ def end_error(message: str) -> ApiError:
 # The app
 # ----------------------------------------------------------------------------------------------------
 
+def submission_error(e: Exception, submitted: int, n_prompts: int, chat: bool) -> ApiError:
+    """The API's answer to an error of `Engine.submit` on the prompt after the `submitted` first of `n_prompts`."""
+    if isinstance(e, QueueFullError):
+        return ApiError(429, str(e), "rate_limit_error", code="queue_full")
+    if isinstance(e, EngineStopped):
+        return ApiError(503, str(e), "server_error", code="unavailable")
+    if isinstance(e, ModelChanged):
+        return ApiError(409, str(e), param="model", code="model_changed")
+    if e.param != "prompt":
+        return ApiError(400, str(e), param=e.param)
+    field = "messages" if chat else "prompt"
+    which = f"'{field}'[{submitted}]: " if n_prompts > 1 else ""  # the prompt of a list at fault
+    return ApiError(400, which + str(e), param=field)
+
+
+def submit_all(engine: Engine, model: str, prompts: list[list[int]], params: SamplingParams, loop,
+               q: asyncio.Queue, chat: bool) -> list:
+    """Submit each prompt of a request to `engine`, its events put on `q` as (index, event); an error cancels the
+    ones already submitted and is the API's answer (`submission_error`)."""
+    if model not in engine.stack.routes:
+        raise ApiError(404, f"the model '{model}' does not exist; served: {engine.stack.names}",
+                       param="model", code="model_not_found")
+    reqs = []
+    try:
+        for j, ids in enumerate(prompts):
+            sink = (lambda ev, j=j: loop.call_soon_threadsafe(q.put_nowait, (j, ev)))
+            reqs.append(engine.submit(model, ids, SamplingParams(**vars(params)), sink, chat=chat))
+    except (QueueFullError, EngineStopped, ModelChanged, RequestError) as e:
+        for r in reqs:
+            r.cancel()
+        raise submission_error(e, len(reqs), len(prompts), chat) from None
+    return reqs
+
+
 def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: float = 0.1):
     """The FastAPI application over a started (or to-be-started) `engine`."""
     from fastapi import FastAPI, Request
@@ -127,38 +161,6 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
                                 "\\udfff alone: a string cut inside a character); send whole characters", param=where)
         return body
 
-    def submit_all(model: str, prompts: list[list[int]], params: SamplingParams, loop, q: asyncio.Queue,
-                   chat: bool) -> list:
-        if model not in engine.stack.routes:
-            raise ApiError(404, f"the model '{model}' does not exist; served: {engine.stack.names}",
-                           param="model", code="model_not_found")
-        reqs = []
-        try:
-            for j, ids in enumerate(prompts):
-                sink = (lambda ev, j=j: loop.call_soon_threadsafe(q.put_nowait, (j, ev)))
-                reqs.append(engine.submit(model, ids, SamplingParams(**vars(params)), sink, chat=chat))
-        except QueueFullError as e:
-            for r in reqs:
-                r.cancel()
-            raise ApiError(429, str(e), "rate_limit_error", code="queue_full") from None
-        except EngineStopped as e:
-            for r in reqs:
-                r.cancel()
-            raise ApiError(503, str(e), "server_error", code="unavailable") from None
-        except ModelChanged as e:
-            for r in reqs:
-                r.cancel()
-            raise ApiError(409, str(e), param="model", code="model_changed") from None
-        except RequestError as e:
-            for r in reqs:
-                r.cancel()
-            if e.param != "prompt":
-                raise ApiError(400, str(e), param=e.param) from None
-            field = "messages" if chat else "prompt"
-            which = f"'{field}'[{len(reqs)}]: " if len(prompts) > 1 else ""  # the prompt of a list at fault
-            raise ApiError(400, which + str(e), param=field) from None
-        return reqs
-
     async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
         model = request_model(body)
         params = sampling_params(body)
@@ -181,7 +183,7 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
         include_usage = bool(opts.get("include_usage"))
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        reqs = submit_all(model, prompts, params, loop, q, chat)
+        reqs = submit_all(engine, model, prompts, params, loop, q, chat)
         n = params.n
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         now = int(time.time())

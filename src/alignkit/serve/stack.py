@@ -198,6 +198,38 @@ def check_served_names(base_name: str, adapters: Mapping[str, Any]) -> None:
                          "(or set the base's name with --base-name)")
 
 
+def warn_prompt_formats(folders: Mapping[str, str | Path]) -> None:
+    """A warning for each served model (name -> folder) trained on prompts formatted otherwise than with the chat
+    template, which the chat endpoint formats with."""
+    for name, folder in folders.items():
+        trained = trained_prompt_formats(folder)
+        if format_mismatch(trained, {"chat-template": 1}):
+            logger.warning("serve: %r was trained on prompts formatted as %s (%s in %s), and /v1/chat/completions "
+                           "formats messages with the tokenizer's chat template, which it never saw: send prompts "
+                           "formatted as in training to /v1/completions", name, " / ".join(map(repr, sorted(trained))),
+                           PROMPT_FORMAT_FILE, folder)
+
+
+def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn.Module:
+    """`lm` as a PeftModel holding each LoRA adapter of `loras` (served name -> folder) under its name; one that does
+    not fit the base (shapes) or holds non-finite values is a ValueError naming its folder."""
+    model: nn.Module = lm
+    for i, (name, folder) in enumerate(loras.items()):
+        before = {id(p) for p in model.parameters()}
+        try:
+            if i == 0:
+                model = PeftModel.from_pretrained(lm, str(folder), adapter_name=name, is_trainable=False)
+            else:
+                model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        except RuntimeError as e:  # e.g. shape mismatch: an adapter trained on another base
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base} ({first}); "
+                             "serve it with the base it was trained on") from None
+        _check_new_finite(model, before, folder)
+        logger.info("serve: LoRA adapter %r from %s", name, folder)
+    return model
+
+
 def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = None, *, base_name: str | None = None,
                dtype: str = "float32", device: str | torch.device | None = None,
                attn_implementation: str | None = None, stacked_lora: bool = True,
@@ -237,30 +269,12 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     _check_cache(lm, base)
     for name in served:  # an adapter trained on another base with the same shapes would serve something else
         check_base(lm, adapters[name], rope_key="rope_scaling")
-    for name, folder in {base_name: base, **adapters}.items():  # the chat endpoint formats with the chat template
-        trained = trained_prompt_formats(folder)
-        if format_mismatch(trained, {"chat-template": 1}):
-            logger.warning("serve: %r was trained on prompts formatted as %s (%s in %s), and /v1/chat/completions "
-                           "formats messages with the tokenizer's chat template, which it never saw: send prompts "
-                           "formatted as in training to /v1/completions", name, " / ".join(map(repr, sorted(trained))),
-                           PROMPT_FORMAT_FILE, folder)
+    warn_prompt_formats({base_name: base, **adapters})
     routes: dict[str, Route] = {base_name: Route(base_name, "base")}
     model: nn.Module = lm
     lora = [n for n, r in served.items() if r.lora]
     if lora:
-        for i, name in enumerate(lora):
-            before = {id(p) for p in model.parameters()}
-            try:
-                if i == 0:
-                    model = PeftModel.from_pretrained(lm, str(adapters[name]), adapter_name=name, is_trainable=False)
-                else:
-                    model.load_adapter(str(adapters[name]), adapter_name=name, is_trainable=False)
-            except RuntimeError as e:  # e.g. shape mismatch: an adapter trained on another base
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"{adapters[name]}: this LoRA adapter does not fit the base model {base} ({first}); "
-                                 "serve it with the base it was trained on") from None
-            _check_new_finite(model, before, adapters[name])
-            logger.info("serve: LoRA adapter %r from %s", name, adapters[name])
+        model = load_loras(lm, {n: adapters[n] for n in lora}, base)
     stacked = None
     if lora and stacked_lora:
         stacked = StackedLora.build(model, lora)
@@ -311,4 +325,5 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
     return out
 
 
-__all__ = ["CHAT_REFUSED", "Route", "Source", "Stack", "check_served_names", "load_stack", "saved_tokenizers_differ", "PEFT_BASE", "NAME_RE"]
+__all__ = ["CHAT_REFUSED", "Route", "Source", "Stack", "check_served_names", "load_loras", "load_stack",
+           "saved_tokenizers_differ", "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
