@@ -3,6 +3,7 @@ the tiny architectures alignkit builds locally (llama, qwen2, gpt2, gpt_neox).""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -431,3 +432,78 @@ def test_dynamic_ntk_frequencies_follow_the_longest_sequence_run_since_a_short_o
                                 "8 tokens (below 16): reset", "24 after the reset: for 24")):
         check(torch.allclose(got, want, rtol=1e-5), "transformers", f"dynamic NTK frequencies, {what}, changed", where,
               f"got {got.tolist()}, by hand {want.tolist()}")
+
+
+# T24 -----------------------------------------------------------------------------------------------------
+
+def test_rope_validation_only_warns_and_the_formulas_ignore_what_alignkit_refuses():
+    """What `models/rope_checks.py` refuses in its own words, because transformers does not: its
+    `validate_rope()` takes exactly the keys of `TYPE_KEYS` per type (another one is only warned about), only warns
+    (with `warning_once` for the yarn factor / length mismatch) and then uses the explicit factor; the yarn formula
+    reads beta_fast 0 as 32 and uses mscale only with mscale_all_dim and without attention_factor."""
+    import copy
+    import logging
+
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from alignkit.models.rope_checks import TYPE_KEYS
+
+    where = "alignkit/models/rope_checks.py:check_keys/yarn_length/check_values"
+    base = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                       max_position_embeddings=512)
+    msgs: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            msgs.append(record.getMessage())
+
+    def trial(params: dict, length: int = 1024):
+        cfg = copy.deepcopy(base)
+        cfg.rope_parameters = {"rope_theta": 10000.0, **params}
+        cfg.max_position_embeddings = length
+        return cfg
+
+    def validate(params: dict, length: int = 1024) -> list[str]:
+        msgs.clear()
+        log = logging.getLogger("transformers.modeling_rope_utils")
+        handler = Keep()
+        log.addHandler(handler)
+        try:
+            with guard(TF, f"validate_rope() raised on {params}", where):
+                trial(params, length).validate_rope()
+        finally:
+            log.removeHandler(handler)
+        return list(msgs)
+
+    full = {"factor": 2.0, "original_max_position_embeddings": 512, "attention_factor": 1.0, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": True, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    for kind, keys in TYPE_KEYS.items():
+        said = validate({"rope_type": kind, **{k: full[k] for k in keys}})
+        check(not any("Unrecognized" in m for m in said), TF, f"validate_rope() no longer takes {kind} keys "
+              f"{keys} (alignkit would refuse keys transformers reads)", where, str(said))
+        said = validate({"rope_type": kind, **{k: full[k] for k in keys}, "bogus": 1})
+        check(any("Unrecognized" in m and "bogus" in m for m in said), TF, f"validate_rope() no longer reports "
+              f"unknown {kind} keys", where, str(said))
+    # 512 x 2.1 recorded as 1075: a warning (once per process), no error, and the explicit factor is used
+    yarn = {"rope_type": "yarn", "factor": 2.1, "original_max_position_embeddings": 512}
+    validate(yarn, 1075)
+    inv, scale = ROPE_INIT_FUNCTIONS["yarn"](trial(yarn, 1075), "cpu")
+    inv_exact, scale_exact = ROPE_INIT_FUNCTIONS["yarn"](trial(yarn, 1076), "cpu")
+    check(torch.equal(inv, inv_exact) and scale == scale_exact == 0.1 * math.log(2.1) + 1.0, TF, "yarn no longer "
+          "uses the explicit factor whatever max_position_embeddings says (alignkit refuses the mismatch)", where)
+    # llama3 with no longer context: a warning, no error
+    said = validate({"rope_type": "llama3", "factor": 1.0, "original_max_position_embeddings": 512,
+                     "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 512)
+    check(any("must be less than max_position_embeddings" in m for m in said), TF, "llama3's original >= max "
+          "warning changed", where, str(said))
+    two = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512}
+    plain, plain_scale = ROPE_INIT_FUNCTIONS["yarn"](trial(two), "cpu")
+    for extra in ({"beta_fast": 0}, {"mscale": 2.0}, {"mscale_all_dim": 2.0}):
+        inv, scale = ROPE_INIT_FUNCTIONS["yarn"](trial({**two, **extra}), "cpu")
+        check(torch.equal(inv, plain) and scale == plain_scale, TF, f"yarn now reads {extra} (alignkit refuses it as "
+              "ignored)", where)
+    inv, scale = ROPE_INIT_FUNCTIONS["yarn"](trial({**two, "attention_factor": 1.5, "mscale": 2.0,
+                                                   "mscale_all_dim": 1.0}), "cpu")
+    check(scale == 1.5, TF, "yarn's mscale now overrides attention_factor (alignkit refuses both)", where, str(scale))

@@ -200,7 +200,7 @@ def test_supported_types_come_from_the_architecture():
     ("model.rope_scaling.factor=null", "model.rope_scaling.factor: required for type 'linear'"),
     ("model.rope_scaling.type=null", "model.rope_scaling.type: required; one of "),
     ("model.rope_scaling={type: dynamic, factor: 0.5}", "model.rope_scaling.factor: expected a number >= 1"),
-    ("model.rope_scaling={type: linear, factor: 2, beta_fast: 8}", "model.rope_scaling: Unrecognized keys"),
+    ("model.rope_scaling={type: linear, factor: 2, beta_fast: 8}", "model.rope_scaling.beta_fast: type 'linear' does not read beta_fast"),
     ("model.rope_scaling=linear", "model.rope_scaling: expected"),
     *((f"model.rope_scaling={{type: {kind}, factor: 2, max_position_embeddings: 256}}",
        "model.rope_scaling.max_position_embeddings: 256 is below the model's original context of 512 positions")
@@ -323,3 +323,71 @@ def test_dynamic_ntk_past_its_threshold_is_a_warning_naming_the_order_dependence
                           "RoPE scaling starts: transformers then encodes positions with frequencies rescaled for the "
                           "longest sequence run since a shorter one"), msg
     assert "use model.rope_scaling type yarn or linear" in msg and "set data.max_length" in msg
+
+
+HALF = HEAD_DIM // 2  # the tiny Llama's rotary frequencies: 16-dim heads, 8 of them
+ROPE_REFUSALS = [  # (model.rope_scaling on the tiny Llama's 512 positions, the line's start / what it must say)
+    # 512 x 2.1 = 1075.2: transformers recorded int() = 1075 and warned once that 1075 / 512 != 2.1
+    ({"type": "yarn", "factor": 2.1}, "model.rope_scaling.factor: 2.1 x the model's original 512 positions = 1075.2 "
+     "positions, not a whole number", "use factor 2.099609375 (1075 positions) or 2.1015625 (1076 positions)"),
+    # 1000 / 512 = 1.953125, not the factor 2.0 transformers would use
+    ({"type": "yarn", "factor": 2.0, "max_position_embeddings": 1000}, "model.rope_scaling.max_position_embeddings: "
+     "1000 is not the original 512 positions x factor 2.0 = 1024.0", "set factor: 1.953125 for 1000 positions"),
+    ({"type": "yarn", "factor": 2.0, "beta_fast": 0}, "model.rope_scaling.beta_fast: expected a number > 0",
+     "reads 0 as unset and uses 32"),
+    ({"type": "yarn", "factor": 2.0, "beta_slow": 40}, "model.rope_scaling.beta_fast: 32 is not above beta_slow 40",
+     "give beta_fast > beta_slow"),
+    ({"type": "yarn", "factor": 2.0, "mscale": 1.0}, "model.rope_scaling.mscale: transformers uses it only together "
+     "with mscale_all_dim", "add mscale_all_dim or remove mscale"),
+    ({"type": "yarn", "factor": 2.0, "mscale": 1.0, "mscale_all_dim": 1.0, "attention_factor": 1.2},
+     "model.rope_scaling.mscale: transformers ignores it when attention_factor is given", "remove it"),
+    ({"type": "yarn", "factor": 2.0, "attention_factor": 0}, "model.rope_scaling.attention_factor: expected a number "
+     "> 0", "got 0"),
+    ({"type": "yarn", "factor": 2.0, "truncate": "no"}, "model.rope_scaling.truncate: expected true or false",
+     "got 'no'"),
+    ({"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 512.0},
+     "model.rope_scaling.original_max_position_embeddings: expected a positive integer", "got 512.0"),
+    ({"type": "dynamic", "factor": 2.0, "rope_theta": 5e5}, "model.rope_scaling.rope_theta: the architecture's own "
+     "RoPE setting", "remove it"),
+    ({"type": "linear", "factor": 2.0, "low_freq_factor": 1.0}, "model.rope_scaling.low_freq_factor: type 'linear' "
+     "does not read low_freq_factor", "(linear reads: factor)"),
+    ({"type": "llama3", "factor": 2.0, "high_freq_factor": 4.0}, "model.rope_scaling.low_freq_factor: required for "
+     "type 'llama3'", "add it"),
+    ({"type": "llama3", "factor": 2.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0},
+     "model.rope_scaling.high_freq_factor: 4.0 is not above low_freq_factor 4.0", "give high_freq_factor >"),
+    ({"type": "llama3", "factor": 1.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, "model.rope_scaling.factor: "
+     "1.0 gives 512 positions, not more than the original 512", "give a factor > 1"),
+    ({"type": "longrope", "short_factor": [1.0] * HALF, "long_factor": [2.0] * HALF},
+     "model.rope_scaling.factor: required for type 'longrope'", "factor: 2.0"),
+    ({"type": "longrope", "factor": 2.0, "short_factor": [1.0] * HALF, "long_factor": [2.0] * (HALF - 1)},
+     "model.rope_scaling.long_factor: expected a list of 8 numbers > 0", "16-dim heads"),
+    ({"type": "longrope", "factor": 2.0, "short_factor": [0.0] * HALF, "long_factor": [2.0] * HALF},
+     "model.rope_scaling.short_factor: expected a list of 8 numbers > 0", "got [0.0"),
+]
+
+
+@pytest.mark.parametrize("scaling, start, fix", ROPE_REFUSALS, ids=[str(r[0]) for r in ROPE_REFUSALS])
+def test_rope_values_transformers_warns_about_or_ignores_are_refused_in_alignkits_words(scaling, start, fix):
+    """transformers 5 only warns about these (the yarn factor mismatch with `warning_once`: said for the first model
+    of a process, silent after) or ignores them in its formulas (row T24). Each is refused, every time, naming the key,
+    the value and a fix; the caller's config is left as it was."""
+    for _ in range(2):  # the second time too: transformers' warning_once says nothing then
+        cfg = tiny_config("llama", vocab_size=64)
+        before = (dict(cfg.rope_parameters), cfg.max_position_embeddings)
+        with pytest.raises(ConfigError) as e:
+            apply_rope_scaling(cfg, scaling)
+        line = str(e.value)
+        assert line.startswith(start) and fix in line and "\n" not in line, line
+        assert (dict(cfg.rope_parameters), cfg.max_position_embeddings) == before
+
+
+def test_whole_yarn_factors_and_int_attention_factors_are_taken_as_given():
+    """The factors the yarn refusal suggests work: 512 x 2.0625 = 1056 positions (33 / 16), and an int
+    attention_factor (which transformers' yarn validation warns of, as not a float) is recorded as the same float."""
+    cfg = apply_rope_scaling(tiny_config("llama", vocab_size=64), {"type": "yarn", "factor": 2.0625,
+                                                                  "attention_factor": 1})
+    assert cfg.max_position_embeddings == 1056
+    assert cfg.rope_parameters["attention_factor"] == 1.0 and isinstance(cfg.rope_parameters["attention_factor"], float)
+    cfg = apply_rope_scaling(tiny_config("llama", vocab_size=64), {"type": "yarn", "factor": 2.0,
+                                                                  "max_position_embeddings": 1024, "truncate": False})
+    assert cfg.max_position_embeddings == 1024 and cfg.rope_parameters["truncate"] is False

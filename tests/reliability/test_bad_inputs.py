@@ -69,12 +69,31 @@ CONFIG_CASES = [
      ["method.loss_weights: -1.0", ">= 0 for each loss type"]),
     ("loss weights all zero", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[0, 0]"],
      ["method.loss_weights: [0.0, 0.0] gives every loss type", "nothing would be trained"]),
+    # model.rope_scaling values transformers only warns about (or ignores), on tiny:llama's 512 positions: were
+    # transformers' own text (or accepted silently once its warning_once had fired); now alignkit's line
+    ("yarn factor not whole", ["model.rope_scaling={type: yarn, factor: 2.1}"],  # 512 x 2.1 = 1075.2
+     ["model.rope_scaling.factor: 2.1", "1075.2 positions, not a whole number",
+      "use factor 2.099609375 (1075 positions) or 2.1015625 (1076 positions)"]),
+    ("yarn mscale alone", ["model.rope_scaling={type: yarn, factor: 2, mscale: 1.0}"],
+     ["model.rope_scaling.mscale:", "only together with mscale_all_dim"]),
+    ("linear with a yarn key", ["model.rope_scaling={type: linear, factor: 2, beta_fast: 8}"],
+     ["model.rope_scaling.beta_fast: type 'linear' does not read beta_fast", "remove it"]),
+    ("llama3 bounds reversed", ["model.rope_scaling={type: llama3, factor: 2, low_freq_factor: 4, high_freq_factor: 1}"],
+     ["model.rope_scaling.high_freq_factor: 1 is not above low_freq_factor 4"]),
 ]
+ROPE_CASES = [c for c in CONFIG_CASES if c[1][0].startswith("model.rope_scaling")]
 
 
 @pytest.mark.parametrize("case,overrides,needles", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_config_mistakes(case, overrides, needles, tmp_path, capsys):
     rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", *overrides])
+    assert_one_line(rc, err, *needles, "dpo-lora-tiny.yaml")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case,overrides,needles", ROPE_CASES, ids=[c[0] for c in ROPE_CASES])
+def test_rope_mistakes_stop_the_dry_run_too(case, overrides, needles, tmp_path, capsys):
+    rc, err = run_cli(capsys, ["dpo", "--config", DPO, f"output_dir={tmp_path / 'run'}", *overrides, "--dry-run"])
     assert_one_line(rc, err, *needles, "dpo-lora-tiny.yaml")
     assert not (tmp_path / "run").exists()
 

@@ -13,8 +13,9 @@ validates the result against the architecture, so every problem is one `ConfigEr
 
 - an architecture without RoPE (GPT-2: learned positions), or whose modeling code only knows plain RoPE;
 - a type transformers does not implement (the valid ones are listed);
-- a missing or non-numeric `factor` (< 1 would shrink the context), a key the type does not use, or a key
-  transformers' own validation reports missing.
+- a missing or non-numeric `factor` (< 1 would shrink the context), a key the type does not read, or a value
+  transformers only warns about or ignores (`rope_checks.py`: yarn's whole-number context, beta / mscale /
+  attention_factor, llama3 and longrope bounds); transformers' own validation then runs as a backstop.
 
 Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn,
 llama3 and longrope (or the `max_position_embeddings` the config gives, refused below the original). Dynamic
@@ -32,18 +33,20 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import json
 import logging
 from typing import Any
 
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from alignkit.models.rope_checks import check_keys, check_values, yarn_length
 from alignkit.settings.typed import ConfigError
 
 logger = logging.getLogger(__name__)
 
 WHERE = "model.rope_scaling"
-NEEDS_FACTOR = ("linear", "dynamic", "yarn", "llama3")  # longrope: factor optional (short/long factors instead)
+NEEDS_FACTOR = ("linear", "dynamic", "yarn", "llama3", "longrope")  # longrope: its attention scale derives from it
 NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")  # types that read original_max_position_embeddings
 KEEPS_LENGTH = ("dynamic",)  # max_position_embeddings stays the original length
 
@@ -192,10 +195,11 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     new_length = scaling.pop("max_position_embeddings", None)
     if new_length is not None and (not isinstance(new_length, int) or isinstance(new_length, bool) or new_length < 1):
         raise ConfigError(f"{where}.max_position_embeddings: expected a positive integer, got {new_length!r}")
+    check_keys(kind, scaling, where)
     factor = scaling.get("factor")
     if kind in NEEDS_FACTOR and factor is None:
         raise ConfigError(f"{where}.factor: required for type {kind!r} (the context multiplier, e.g. factor: 2.0)")
-    if factor is not None and (not _number(factor) or factor < 1):
+    if factor is not None and (not _number(factor) or not math.isfinite(factor) or factor < 1):
         raise ConfigError(f"{where}.factor: expected a number >= 1 (the context multiplier), got {factor!r}")
 
     old = dict(config.rope_parameters)
@@ -211,10 +215,23 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
                           f"(its factor then counts from the original {original} positions)")
     params = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
     params.update(scaling, rope_type=kind)
+    if _number(params.get("attention_factor")) and params["attention_factor"] > 0:  # yarn's validation warns of
+        # an int (not a float), though it is the same value
+        params["attention_factor"] = float(params["attention_factor"])
     if factor is not None:  # a float as transformers' own configs write it: vLLM's linear RoPE fails on an int (V16)
         params["factor"] = float(factor)
     if kind in NEEDS_ORIGINAL:
         params.setdefault("original_max_position_embeddings", original)
+    new_length = _context_after(config, kind, params, new_length, original, where)
+    check_values(config, kind, params, new_length, where)
+    _validate(config, params, new_length, where)
+    return params, new_length
+
+
+def _context_after(config: Any, kind: str, params: dict[str, Any], new_length: int | None, original: int,
+                   where: str) -> int:
+    """The `max_position_embeddings` to record for `params` (`new_length`: the one model.rope_scaling gives, or None)."""
+    given = new_length
     if kind in KEEPS_LENGTH:  # its formula reads max_position_embeddings as the original length: scaling starts past it
         if new_length is not None and new_length != original:
             raise ConfigError(f"{where}.max_position_embeddings: type {kind!r} reads max_position_embeddings as the "
@@ -229,10 +246,11 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
                           f"{original} positions, so type {kind!r} would record a shorter context than the model "
                           f"has; remove it (then {original} x factor) or give at least {original}")
     elif new_length is None:
-        new_length = config.max_position_embeddings if factor is None \
-            else int(params.get("original_max_position_embeddings", original) * factor)
-    _validate(config, params, new_length, where)
-    return params, new_length
+        new_length = config.max_position_embeddings if params.get("factor") is None \
+            else int(params.get("original_max_position_embeddings", original) * params["factor"])
+    if kind == "yarn":  # original x factor must be whole: transformers compares the ratio with the factor
+        return yarn_length(params["original_max_position_embeddings"], params["factor"], given, where)
+    return new_length
 
 
 class _Capture(logging.Handler):
