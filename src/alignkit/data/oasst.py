@@ -65,6 +65,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from alignkit.data.readers.columns import where_of
 from alignkit.data.readers.notes import ReaderNotes
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
@@ -355,7 +356,7 @@ def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts:
                on_invalid: str = "raise", split: str | None = None, preset: str = "strict") -> list:
     """Records of `kind` ("sft", "ranked" or "prompt") from an Open-Assistant tree export (`preset`: "strict"
     or "oasst", Open-Assistant's own rules; see the module docstring)."""
-    return read_oasst_rows(iter_rows(source, split), str(source), kind=kind, mode=mode, prompts=prompts, langs=langs,
+    return read_oasst_rows(iter_rows(source, split), where_of(source), kind=kind, mode=mode, prompts=prompts, langs=langs,
                            drop_deleted=drop_deleted, drop_synthetic=drop_synthetic, drop_unreviewed=drop_unreviewed,
                            tree_states=tree_states, on_invalid=on_invalid, preset=preset)
 
