@@ -293,3 +293,21 @@ def test_unranked_replies_beside_ranked_ones_are_counted(preset, tmp_path, caplo
     assert ranked_counts(caplog) == (1, 0, 1, 0)
     (line,) = [r.getMessage() for r in caplog.records if "OASST ranked records" in r.getMessage()]
     assert "; 2 unranked assistant reply(ies) of those turns left out (never compared)" in line, line
+
+
+def test_a_batch_of_tree_rows_read_alone_is_named_by_its_rows_not_its_text(caplog):
+    """read_oasst named its source by str(source): a trainer's map batch (NamedRows) by the repr of all its trees
+    ("[({'message_tree_id': ..."), built for every batch. Now as the column readers name it: by its rows."""
+    import logging
+
+    from alignkit.data.readers.rows import NamedRows
+
+    tree = {"message_tree_id": "t", "tree_state": "ready_for_export",
+            "prompt": {"message_id": "m", "text": "Q", "role": "prompter", "lang": "de", "review_result": True}}
+    rows = NamedRows((dict(tree, message_tree_id=f"t{i}"), f"train_dataset row {i}") for i in range(2))
+    with caplog.at_level(logging.INFO, logger="alignkit.data.oasst"):
+        assert read_oasst(rows, kind="prompt", langs="en") == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "train_dataset rows 0-1: OASST filters removed {'lang': 2, 'removed with their parent': 0}",
+        "train_dataset rows 0-1: reader_options.langs ['en'] matches no tree's first message (their languages: "
+        "{'de': 2}), so every tree was removed; set langs to some of those"]

@@ -346,3 +346,98 @@ def test_a_list_of_rows_keeps_a_column_first_given_in_a_later_row(tiny_dir, capl
                     "should not"]
     with pytest.raises(DataError, match=r"unknown column 'weigth' \(did you mean 'weight'\?\)"):
         prepare_dataset([rows[0], {**rows[1], "weigth": 3.0}], tok, ("sft",))
+
+
+def _logged(caplog, data_set, tok, what, level, num_proc=None, kinds=("sft",), **reader_options):
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(level, logger="alignkit"):
+        try:
+            out, _ = prepare_dataset(data_set, tok, kinds, num_proc=num_proc, reader_options=reader_options)
+        except DataError as e:
+            out = e
+    return out, [r.getMessage() for r in caplog.records if what in r.getMessage()]
+
+
+def _file_dataset(tmp_path, rows):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_dataset("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "hf"))
+
+
+def test_rows_skipped_as_invalid_are_one_warning_per_dataset_across_map_batches(tiny_dir, tmp_path, caplog):
+    """on_invalid='skip' said "skipped N invalid row(s)" once per 1,000-row map batch, each counting its batch. Now
+    one line per dataset: 3 rows without a completion (rows 5, 1500, 1501: batches 0 and 1) -> "skipped 3", quoting
+    the first three in row order; in memory, from a file, on a cache hit and with num_proc=2."""
+    tok = load_tokenizer(tiny_dir("llama"))
+    bad = (5, 1500, 1501)
+    rows = [{"prompt": f"Q{i}?", "completion": None if i in bad else f" A{i}."} for i in range(2500)]
+    ds = _file_dataset(tmp_path, rows)
+    for data_set, num_proc in ((Dataset.from_list(rows), None), (ds, None), (ds, None), (ds, 2)):  # 3rd: the cache
+        out, said = _logged(caplog, data_set, tok, "invalid row(s)", 30, num_proc, on_invalid="skip")
+        assert len(said) == 1, (num_proc, said)
+        assert said[0].startswith("train_dataset: skipped 3 invalid row(s) (on_invalid='skip'); first: "), said
+        assert [part.split(":")[0] for part in said[0].split("first: ")[1].split(" | ")] == [
+            f"train_dataset row {i}" for i in bad]
+        assert len(out) == 2500 - 3
+
+
+def _trees(n: int, lang_of, state_of=lambda i: "ready_for_export", rank2_of=lambda i: 1) -> list[dict]:
+    """`n` OASST trees: a reviewed prompter root in `lang_of(i)` with two reviewed assistant replies, ranked 0 and
+    `rank2_of(i)`."""
+    def msg(mid, role, lang, rank=None, replies=None):
+        m = {"message_id": mid, "text": f"{role} {mid}", "role": role, "lang": lang, "review_result": True,
+             "rank": rank}
+        return m | ({"replies": replies} if replies is not None else {})
+
+    return [{"message_tree_id": f"t{i}", "tree_state": state_of(i),
+             "prompt": msg(f"m{i}", "prompter", lang_of(i), None,
+                           [msg(f"a{i}", "assistant", lang_of(i), 0), msg(f"b{i}", "assistant", lang_of(i), rank2_of(i))])}
+            for i in range(n)]
+
+
+def test_oasst_langs_and_filter_counts_are_judged_and_said_once_per_dataset(tiny_dir, tmp_path, caplog):
+    """The OASST tree reader judged "langs matches no tree's first message" per 1,000-row map batch: with langs=['en']
+    a batch of German trees said every tree was removed while the other batches trained on English ones, and its
+    filter counts were one INFO line per batch. Now judged and counted over the dataset: 2,500 trees, 0-999 German
+    (batch 0 gives no record at all), the rest English, trees 7, 507, ... 2007 (5) in state 'growing'. By hand: lang
+    removes the 998 German roots still ready and their 2 replies each (1996); 1,497 English trees give 2 threads
+    each (2994 records); langs=['fr'] matches no tree: one warning. In memory, from a file, cache hit, num_proc=2."""
+    import logging
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = _trees(2500, lambda i: "de" if i < 1000 else "en", lambda i: "growing" if i % 500 == 7 else "ready_for_export")
+    ds = _file_dataset(tmp_path, rows)
+    want = ("train_dataset: OASST filters removed {'lang': 998, 'removed with their parent': 1996, "
+            "'tree_state=growing': 5}")
+    for data_set, num_proc in ((Dataset.from_list(rows), None), (ds, None), (ds, None), (ds, 2)):  # 3rd: the cache
+        out, said = _logged(caplog, data_set, tok, "OASST", logging.INFO, num_proc, langs=["en"])
+        assert said == [want], (num_proc, said)
+        assert len(out) == 2994 and not [r for r in caplog.records if "matches no tree" in r.getMessage()]
+        assert "tokenized 2,994/2,994 record(s)" in caplog.text  # the carrying row of batch 0 is no record
+        out, said = _logged(caplog, data_set, tok, "matches no tree", logging.WARNING, num_proc, langs="fr")
+        assert isinstance(out, DataError)
+        assert said == ["train_dataset: reader_options.langs ['fr'] matches no tree's first message (their languages: "
+                        "{'de': 1000, 'en': 1500}), so every tree was removed; set langs to some of those"], said
+
+
+def test_oasst_ranked_counts_are_summed_into_one_line_per_dataset(tiny_dir, tmp_path, caplog):
+    """The OASST ranked counts were one INFO line per map batch. The trees of the test above, every third one's second
+    reply unranked: by hand, of the 1,497 English trees still ready (1000-2499 less 1007, 1507, 2007), the 499 whose
+    number is a multiple of 3 (1002 ... 2499 is 500, 2007 among them) have a turn with fewer than 2 ranked replies;
+    the other 998 give a ranked record each. One line per dataset: in memory, from a file, cache hit, num_proc=2."""
+    import logging
+
+    from alignkit.data.oasst import NO_REPLY, ONE_RANKED, TIED, UNRANKED
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    rows = _trees(2500, lambda i: "de" if i < 1000 else "en", lambda i: "growing" if i % 500 == 7 else "ready_for_export",
+                  lambda i: None if i % 3 == 0 else 1)
+    ds = _file_dataset(tmp_path, rows)
+    want = (f"train_dataset: OASST ranked records: 998, none from 0 {NO_REPLY} and 499 {ONE_RANKED}; 0 {TIED}; "
+            f"0 {UNRANKED}")
+    for data_set, num_proc in ((Dataset.from_list(rows), None), (ds, None), (ds, None), (ds, 2)):  # 3rd: the cache
+        out, said = _logged(caplog, data_set, tok, "OASST ranked", logging.INFO, num_proc, ("ranked",), langs=["en"])
+        assert said == [want], (num_proc, said)
+        assert len(out) == 998

@@ -65,6 +65,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from alignkit.data.readers.columns import where_of
+from alignkit.data.readers.notes import ReaderNotes
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows
 from alignkit.data.records import DataError, PromptRecord, RankedRecord, SFTRecord
@@ -354,7 +356,7 @@ def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts:
                on_invalid: str = "raise", split: str | None = None, preset: str = "strict") -> list:
     """Records of `kind` ("sft", "ranked" or "prompt") from an Open-Assistant tree export (`preset`: "strict"
     or "oasst", Open-Assistant's own rules; see the module docstring)."""
-    return read_oasst_rows(iter_rows(source, split), str(source), kind=kind, mode=mode, prompts=prompts, langs=langs,
+    return read_oasst_rows(iter_rows(source, split), where_of(source), kind=kind, mode=mode, prompts=prompts, langs=langs,
                            drop_deleted=drop_deleted, drop_synthetic=drop_synthetic, drop_unreviewed=drop_unreviewed,
                            tree_states=tree_states, on_invalid=on_invalid, preset=preset)
 
@@ -369,6 +371,17 @@ def check_kind_and_flags(kind: str, **flags: Any) -> None:
         if not isinstance(value, bool):
             raise DataError(f"data.reader_options.{key}: must be true or false, got {value!r} (a "
                             f"{type(value).__name__}); write it without quotes")
+
+
+def say_oasst_notes(source: str, notes: dict) -> None:
+    """Say a read's notes (`ReaderNotes.oasst`, from `read_oasst_rows`; a trainer's map batches' summed): what it
+    left out (`log_left_out`), and a warning when the wanted languages match no tree's first message."""
+    removed, skipped = Counter(notes["removed"]), Counter(notes["skipped"])
+    log_left_out(source, notes["kind"], notes["preset"], notes["records"], removed, skipped)
+    wanted, root_langs = notes["wanted"], {lang: n for lang, n in notes["root_langs"]}
+    if wanted is not None and root_langs and not any(str(lang or "").lower() in wanted for lang in root_langs):
+        logger.warning("%s: reader_options.langs %s matches no tree's first message (their languages: %s), so "
+                       "every tree was removed; set langs to some of those", source, wanted, root_langs)
 
 
 def log_left_out(source: str, kind: str, preset: str, n_records: int, removed: Counter, skipped: Counter) -> None:
@@ -442,9 +455,10 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
                 for p in prompter_paths(root, prompts)]
 
     records = collect(rows, convert, on_invalid, name=str(source))
-    log_left_out(source, kind, preset, len(records), removed, skipped)
-    wanted = oa_langs if preset == "oasst" else langs
-    if wanted is not None and root_langs and not any(str(lang or "").lower() in wanted for lang in root_langs):
-        logger.warning("%s: reader_options.langs %s matches no tree's first message (their languages: %s), so "
-                       "every tree was removed; set langs to some of those", source, wanted, dict(root_langs))
+    # said by say_oasst_notes; a trainer's map batches' summed and said once per dataset (readers.notes)
+    notes = {"kind": kind, "preset": preset, "wanted": oa_langs if preset == "oasst" else langs,
+             "records": len(records), "removed": dict(removed), "skipped": dict(skipped),
+             "root_langs": [[lang, n] for lang, n in root_langs.items()]}
+    if not ReaderNotes(oasst=notes).held():
+        say_oasst_notes(source, notes)
     return records

@@ -27,8 +27,9 @@ from typing import Any, Sequence
 
 from datasets import Dataset, Features, List, Value
 
+from alignkit.data.oasst import say_oasst_notes
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
-from alignkit.data.readers.columns import ReaderNotes, held_reader_notes
+from alignkit.data.readers.notes import ReaderNotes, held_reader_notes
 from alignkit.data.readers.rows import NamedRows
 from alignkit.data.records import RECORD_CLASSES, DataError, can_convert, convert
 from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
@@ -88,12 +89,15 @@ def _pick_kind(native: Sequence[str], kinds: Sequence[str], where: str) -> str:
 # per-record columns the map adds (removed before the dataset is returned): why it was dropped ("" kept), how many
 # of its sequences were truncated, the roles of messages the formatter did not render ("" none), and on the first
 # record of each map batch what the reader would have said about the batch's rows (ReaderNotes.to_json; "" none:
-# ignored columns, dropped message keys, the rows giving each optional column). Every
+# ignored columns, dropped message keys, the rows giving each optional column, rows skipped as invalid, the OASST
+# reader's counts; a batch that gives no record writes one NOTES_ONLY row to carry them). Every
 # record gets a row (dropped ones with None features), so the dataset's summary is read from the map's output: the
 # same with num_proc workers and with datasets' cache (where the batch function does not run at all).
 DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES = "_alignkit_drop", "_alignkit_prompt_cut", \
     "_alignkit_completion_cut", "_alignkit_unrendered", "_alignkit_reader_notes"
 NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES)
+# the DROP of the row a map batch that gives no record writes to carry its reader notes: no record, not counted
+NOTES_ONLY = "\x00reader notes only"
 
 
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any, cfg: TokenizeConfig, kind: str,
@@ -102,10 +106,11 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     rows = NamedRows(({k: batch[k][j] for k in keys}, f"{name} row {i}") for j, i in enumerate(indices))
     with held_reader_notes() as notes:  # said once per dataset (_summarize), not once per batch
         records = load_records(rows, kind, reader=reader, **options)
-    if notes and not records:  # no output row to carry them (e.g. ranked rows, all ranks tied, read as pairs)
-        notes.warn(rows)
     out: dict[str, list] = {k: [] for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)}
     out[READER_NOTES] = [notes.to_json() if notes and not j else "" for j in range(len(records))]
+    if notes and not records:  # a row of its own carries them (e.g. an OASST batch whose trees are all filtered out)
+        out = {k: [None] for k in out} | {DROP: [NOTES_ONLY], PROMPT_CUT: [0], COMPLETION_CUT: [0], UNRENDERED: [""],
+                                         READER_NOTES: [notes.to_json()]}
     for r in records:
         one = TokenizeStats(total=1)
         try:
@@ -165,12 +170,14 @@ def _summarize(out: Any, name: str) -> list[int]:
     for note in filter(None, column[READER_NOTES]):  # in row order, with num_proc too: the first rows come first
         notes.merge(ReaderNotes.from_json(note))
     notes.warn(name)
+    if notes.oasst is not None:
+        say_oasst_notes(name, notes.oasst)
     ids, keep = column["id"], [i for i, reason in enumerate(column[DROP]) if not reason]
     kept = len(keep)
-    stats = TokenizeStats(total=len(ids), kept=kept, prompt_truncated=sum(column[PROMPT_CUT]),
+    stats = TokenizeStats(total=len(ids) - column[DROP].count(NOTES_ONLY), kept=kept, prompt_truncated=sum(column[PROMPT_CUT]),
                           completion_truncated=sum(column[COMPLETION_CUT]))
     for i, reason in enumerate(column[DROP]):
-        if reason:
+        if reason and reason != NOTES_ONLY:
             stats.drop(reason, ids[i])
     for i, roles in enumerate(column[UNRENDERED]):
         if roles:

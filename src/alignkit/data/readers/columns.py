@@ -43,13 +43,12 @@ across the boundary. No shared prefix, or one response being a prefix of the oth
 from __future__ import annotations
 
 import difflib
-import json
-import logging
 import os
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any
 
+from alignkit.data.readers.notes import (  # noqa: F401  (the notes' names, moved there, are imported from here too)
+    DEFAULTED, PartialColumns, ReaderNotes, held_reader_notes, warn_dropped_message_keys, warn_ignored,
+)
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import NamedRows, collect, get_field, iter_rows, source_name
 from alignkit.data.records import (
@@ -329,15 +328,6 @@ def where_of(source: Any) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else str(source)[:80]
 
 
-def warn_ignored(source: Any, unknown: dict[str, int]) -> None:
-    """One warning per source for the columns `check_columns` counted into `unknown` (none: nothing said)."""
-    if unknown:
-        logging.getLogger(__name__).warning(
-            "%s: ignored column(s) %s (not read by this reader; counts: %s)",
-            where_of(source), sorted(unknown),
-            ", ".join(f"{k} in {v} row(s)" for k, v in sorted(unknown.items())))
-
-
 MESSAGE_KEYS = ("role", "content")  # what a record keeps of each message (alignkit.data.records.check_messages)
 
 
@@ -353,128 +343,6 @@ def count_message_keys(row: dict, dropped: dict[str, int], read: tuple[str, ...]
                     for key, v in m.items():
                         if key not in read and v is not None:
                             dropped[key] = dropped.get(key, 0) + 1
-
-
-def warn_dropped_message_keys(source: Any, dropped: dict[str, int]) -> None:
-    """One warning per source for the message keys `count_message_keys` counted (none: nothing said)."""
-    if dropped:
-        logging.getLogger(__name__).warning(
-            "%s: message key(s) %s dropped (each message keeps its role and content only, so the chat template never "
-            "sees them; counts: %s); fold what matters into the content, or drop those keys from the data",
-            where_of(source), sorted(dropped), ", ".join(f"{k} in {v} message(s)" for k, v in sorted(dropped.items())))
-
-
-# optional columns whose absence means a default: a file that gives one in some rows only gets one warning
-DEFAULTED = {"weight": "weigh 1 (the default)", "margin": "have margin 0 (the default)"}
-
-
-class PartialColumns:
-    """Counts, per optional column of `DEFAULTED`, the rows that give it (not missing, not null) and the first row
-    that does and that does not. A column given in some rows of a file but not all is most often a join or export
-    that lost values (a Parquet null, a JSONL row written without it): the rows without it silently take the
-    default, so `warn` says so once per file, with the counts and the first row of each kind."""
-
-    def __init__(self, columns: tuple[str, ...] = ()) -> None:
-        self.rows = 0
-        self.given = dict.fromkeys(columns, 0)
-        self.first_with: dict[str, str] = {}
-        self.first_without: dict[str, str] = {}
-
-    def add(self, row: dict, where: str) -> None:
-        self.rows += 1
-        for c in self.given:
-            if row.get(c) is not None:
-                self.given[c] += 1
-                self.first_with.setdefault(c, where)
-            else:
-                self.first_without.setdefault(c, where)
-
-    def merge(self, other: PartialColumns) -> None:
-        """Add the counts of `other`, rows read after this one's (its first rows count only where this has none)."""
-        self.rows += other.rows
-        for c, n in other.given.items():
-            self.given[c] = self.given.get(c, 0) + n
-            for mine, theirs in ((self.first_with, other.first_with), (self.first_without, other.first_without)):
-                if c in theirs:
-                    mine.setdefault(c, theirs[c])
-
-    def warn(self, source: Any) -> None:
-        for c, n in self.given.items():
-            if 0 < n < self.rows:
-                logging.getLogger(__name__).warning(
-                    "%s: column %r is given in %d of %d rows (the first: %s); the other %d %s (the first: %s). Give "
-                    "every row a %s if they should not", where_of(source), c, n, self.rows, self.first_with[c],
-                    self.rows - n, DEFAULTED[c], self.first_without[c], c)
-
-
-class ReaderNotes:
-    """What `read_checked` says about a source once it is read: the columns no reader read (`ignored`: column ->
-    rows), the message keys dropped (`message_keys`: key -> messages) and the optional columns given in some rows
-    only (`partial`). A trainer's dataset is read one datasets.map batch (1,000 rows) at a time, so
-    `alignkit.data.prepare` holds each batch's notes (`held_reader_notes`), carries them through the map as JSON
-    and merges them, so that the dataset gets the warnings a file read whole gets, once and judged over every row:
-    a weight column given in rows 0-999 only is then said, where no batch alone saw a mix."""
-
-    def __init__(self, ignored: dict[str, int] | None = None, message_keys: dict[str, int] | None = None,
-                 partial: PartialColumns | None = None) -> None:
-        self.ignored = dict(ignored or {})
-        self.message_keys = dict(message_keys or {})
-        self.partial = partial if partial is not None else PartialColumns()
-
-    def __bool__(self) -> bool:
-        return bool(self.ignored or self.message_keys or self.partial.rows)
-
-    def merge(self, other: ReaderNotes) -> None:
-        """Add `other`'s counts (a source read after this one)."""
-        for mine, theirs in ((self.ignored, other.ignored), (self.message_keys, other.message_keys)):
-            for k, n in theirs.items():
-                mine[k] = mine.get(k, 0) + n
-        self.partial.merge(other.partial)
-
-    def to_json(self) -> str:
-        p = self.partial
-        return json.dumps({"ignored": self.ignored, "message_keys": self.message_keys, "rows": p.rows,
-                           "given": {c: [n, p.first_with.get(c), p.first_without.get(c)] for c, n in p.given.items()}},
-                          sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ReaderNotes:
-        note = json.loads(text)
-        partial = PartialColumns(tuple(note["given"]))
-        partial.rows = note["rows"]
-        for c, (n, first_with, first_without) in note["given"].items():
-            partial.given[c] = n
-            for firsts, where in ((partial.first_with, first_with), (partial.first_without, first_without)):
-                if where is not None:
-                    firsts[c] = where
-        return cls(note["ignored"], note["message_keys"], partial)
-
-    def warn(self, source: Any) -> None:
-        """One warning per kind for `source` (nothing to say: none); inside `held_reader_notes`, added to its notes
-        instead."""
-        held = _HELD_NOTES.get()
-        if held is not None:
-            held.merge(self)
-            return
-        warn_ignored(source, self.ignored)
-        self.partial.warn(source)
-        warn_dropped_message_keys(source, self.message_keys)
-
-
-_HELD_NOTES: ContextVar[ReaderNotes | None] = ContextVar("alignkit_held_reader_notes", default=None)
-
-
-@contextmanager
-def held_reader_notes() -> Iterator[ReaderNotes]:
-    """Within it, the readers' per-source warnings (`ReaderNotes.warn`) are added to the notes it yields instead of
-    said: `alignkit.data.prepare` reads a trainer's rows one datasets.map batch at a time and says the notes of all
-    its batches once per dataset."""
-    held = ReaderNotes()
-    token = _HELD_NOTES.set(held)
-    try:
-        yield held
-    finally:
-        _HELD_NOTES.reset(token)
 
 
 def read_checked(source: Any, split: str | None, convert: Any, known: tuple[str, ...], on_invalid: str, *,
@@ -496,7 +364,7 @@ def read_checked(source: Any, split: str | None, convert: Any, known: tuple[str,
         return record
 
     out = collect(iter_rows(source, split), checked, on_invalid, name=name)
-    ReaderNotes(unknown if warn_unknown else {}, dropped, partial).warn(source)
+    ReaderNotes(unknown if warn_unknown else {}, dropped, partial).warn(where_of(source))
     return out
 
 

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from alignkit.data.readers.notes import SKIPPED_SHOWN, ReaderNotes
 from alignkit.data.records import DataError
 from alignkit.files import UnchangedSinceChecked
 from alignkit.run_commit import check_output_file
@@ -384,9 +385,8 @@ def collect(rows: Iterable[Row], convert: Callable[[dict, str], Any], on_invalid
             out.extend(res)
         elif res is not None:
             out.append(res)
-    if skipped:
-        logger.warning("%s: skipped %d invalid row(s) (on_invalid='skip'); first: %s", name, len(skipped),
-                       " | ".join(skipped[:3]))
+    if skipped:  # one warning per source; a trainer's map batch adds them to its held notes (said once per dataset)
+        ReaderNotes(skipped=len(skipped), skipped_first=skipped[:SKIPPED_SHOWN]).warn(name)
     return out
 
 
