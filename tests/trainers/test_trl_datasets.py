@@ -349,8 +349,6 @@ def test_a_list_of_rows_keeps_a_column_first_given_in_a_later_row(tiny_dir, capl
 
 
 def _logged(caplog, data_set, tok, what, level, num_proc=None, kinds=("sft",), **reader_options):
-    import logging
-
     caplog.clear()
     with caplog.at_level(level, logger="alignkit"):
         try:
@@ -417,7 +415,10 @@ def test_oasst_langs_and_filter_counts_are_judged_and_said_once_per_dataset(tiny
         assert len(out) == 2994 and not [r for r in caplog.records if "matches no tree" in r.getMessage()]
         assert "tokenized 2,994/2,994 record(s)" in caplog.text  # the carrying row of batch 0 is no record
         out, said = _logged(caplog, data_set, tok, "matches no tree", logging.WARNING, num_proc, langs="fr")
-        assert isinstance(out, DataError)
+        # the run stops on the reader having given nothing, not on "the length limits" (no row was too long)
+        assert isinstance(out, DataError) and str(out) == (
+            "train_dataset: reader 'oasst' gave no record from its 2500 row(s) (see the warnings above); check the "
+            "rows and the reader's options (reader_options)"), out
         assert said == ["train_dataset: reader_options.langs ['fr'] matches no tree's first message (their languages: "
                         "{'de': 1000, 'en': 1500}), so every tree was removed; set langs to some of those"], said
 

@@ -160,8 +160,8 @@ def map_features(kind: str) -> Features:
                      for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)})
 
 
-def _summarize(out: Any, name: str) -> list[int]:
-    """The rows of the map's output `out` that were kept. The dataset's `TokenizeStats`, from its note columns, are
+def _summarize(out: Any, name: str) -> tuple[list[int], int]:
+    """(the rows of the map's output `out` that were kept, how many records the readers gave). The dataset's `TokenizeStats`, from its note columns, are
     logged as one line per kind of warning (the reader's, from its batches' notes merged: ignored columns, dropped
     message keys, an optional column given in some rows only; each reason records were dropped for, messages not
     rendered) with its count and first records, and the totals (info)."""
@@ -174,8 +174,8 @@ def _summarize(out: Any, name: str) -> list[int]:
         say_oasst_notes(name, notes.oasst)
     ids, keep = column["id"], [i for i, reason in enumerate(column[DROP]) if not reason]
     kept = len(keep)
-    stats = TokenizeStats(total=len(ids) - column[DROP].count(NOTES_ONLY), kept=kept, prompt_truncated=sum(column[PROMPT_CUT]),
-                          completion_truncated=sum(column[COMPLETION_CUT]))
+    stats = TokenizeStats(total=len(ids) - column[DROP].count(NOTES_ONLY), kept=kept,
+                          prompt_truncated=sum(column[PROMPT_CUT]), completion_truncated=sum(column[COMPLETION_CUT]))
     for i, reason in enumerate(column[DROP]):
         if reason and reason != NOTES_ONLY:
             stats.drop(reason, ids[i])
@@ -195,7 +195,7 @@ def _summarize(out: Any, name: str) -> list[int]:
                        ", ".join(stats.system_unrendered_ids), roles)
     logger.info("%s: tokenized %s/%s record(s); prompt truncated: %d, completion truncated: %d", name, f"{kept:,}",
                 f"{stats.total:,}", stats.prompt_truncated, stats.completion_truncated)
-    return keep
+    return keep, stats.total
 
 
 def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: TokenizeConfig | None = None, *,
@@ -243,9 +243,12 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     out = dataset.map(_tokenize_batch, batched=True, batch_size=batch_size, with_indices=True,
                       remove_columns=dataset.column_names, num_proc=num_proc, desc=f"Tokenizing {name}",
                       features=map_features(kind), fn_kwargs=fn_kwargs)
-    keep = _summarize(out, name)
+    keep, records = _summarize(out, name)
     out = out.remove_columns(list(NOTE_COLUMNS))
     out = out.select(keep) if len(keep) < len(out) else out
+    if len(out) == 0 and records == 0:  # the reader's filters (e.g. OASST langs / tree states) kept nothing
+        raise DataError(f"{name}: reader {info.name!r} gave no record from its {n} row(s) (see the warnings above); "
+                        "check the rows and the reader's options (reader_options)")
     if len(out) == 0:
         raise DataError(f"{name}: every row was dropped by the length limits (max_length={cfg.max_length}); raise "
                         f"max_length")

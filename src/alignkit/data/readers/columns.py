@@ -46,9 +46,7 @@ import difflib
 import os
 from typing import Any
 
-from alignkit.data.readers.notes import (  # noqa: F401  (the notes' names, moved there, are imported from here too)
-    DEFAULTED, PartialColumns, ReaderNotes, held_reader_notes, warn_dropped_message_keys, warn_ignored,
-)
+from alignkit.data.readers.notes import DEFAULTED, PartialColumns, ReaderNotes
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import NamedRows, collect, get_field, iter_rows, source_name
 from alignkit.data.records import (

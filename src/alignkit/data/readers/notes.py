@@ -16,7 +16,7 @@ import logging
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
