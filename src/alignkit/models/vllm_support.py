@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 from transformers import AutoConfig
@@ -202,9 +202,18 @@ def engine_max_model_len(folder: str | Path, vllm: dict[str, Any],
     return int(asked), setting
 
 
-def rope_length_cap(config: Any) -> tuple[int, str, str] | None:
-    """(the longest max_model_len vLLM may run `config`'s model with, the config key that gives it, why vLLM's own is
-    longer) where vLLM reads a RoPE scaling otherwise than alignkit's engine and training (row V16); None otherwise.
+class RopeCap(NamedTuple):
+    """The longest max_model_len vLLM may run a RoPE-scaled model with (`rope_length_cap`)."""
+
+    length: int
+    source: str  # what gives it, e.g. "original_max_position_embeddings 16 x factor 2.0 (rope_parameters) = 32"
+    why: str  # why vLLM's own length is longer
+    refuse: bool  # a longer max_model_len given: refused (other encodings than trained), else warned (linear)
+
+
+def rope_length_cap(config: Any) -> RopeCap | None:
+    """The longest max_model_len vLLM may run `config`'s model with (`RopeCap`: the length, what gives it, why vLLM's
+    own is longer, whether a longer one given is refused) where vLLM reads a RoPE scaling otherwise than alignkit's engine and training (row V16); None otherwise.
 
     - linear (any type vLLM multiplies by its `factor`, dynamic aside: refused by `check_rope_type`): vLLM takes
       `max_position_embeddings` as the length before scaling; `model.rope_scaling` records the scaled length there,
@@ -223,21 +232,21 @@ def rope_length_cap(config: Any) -> tuple[int, str, str] | None:
         if kind == "yarn" and factor and orig:
             rows, length = math.ceil(orig * factor), context_length(config)
             if length and length > rows:
-                return rows, f"original_max_position_embeddings {orig} x factor {factor} (rope_parameters)", (
-                    f"yarn RoPE: vLLM's cos/sin table has that many rows while its max_model_len is "
+                return RopeCap(rows, f"original_max_position_embeddings {orig} x factor {factor} (rope_parameters) = "
+                               f"{rows}", f"yarn RoPE: vLLM's cos/sin table has that many rows while its max_model_len is "
                     f"max_position_embeddings {length}, so it would read a position past them from memory outside "
-                    f"the table, where transformers keeps rotating with the same frequencies")
+                               f"the table, where transformers keeps rotating with the same frequencies", True)
         if kind == "longrope":
             if orig:
-                return int(orig), "original_max_position_embeddings", (
-                    "longrope RoPE: above it vLLM rotates every position with the long factors, where transformers "
-                    "uses the short ones for a sequence up to it")
+                return RopeCap(int(orig), f"original_max_position_embeddings {int(orig)}",
+                               "longrope RoPE: above it vLLM rotates every position with the long factors, where "
+                               "transformers uses the short ones for a sequence up to it", True)
         elif kind not in (*PRESCALED_ROPE, *ROPE_NOT_AS_TRANSFORMERS, "default") and factor not in (None, 1, 1.0):
             length = context_length(config)
             if length:
-                return length, "max_position_embeddings", (
-                    f"{kind} RoPE: vLLM multiplies it by the factor {factor} again, past the positions the model was "
-                    "trained on (model.rope_scaling records the scaled length there)")
+                return RopeCap(length, f"max_position_embeddings {length}",
+                               f"{kind} RoPE: vLLM multiplies it by the factor {factor} again, past the positions the "
+                               "model was trained on (model.rope_scaling records the scaled length there)", False)
     return None
 
 
@@ -252,6 +261,15 @@ def _engine_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
     return config
 
 
+def capped_length(folder: str | Path, vllm: dict[str, Any],
+                  key: str = "method.vllm.max_model_len") -> tuple[int | None, str, RopeCap | None]:
+    """(`engine_max_model_len`'s length and source, the `rope_length_cap` when that length is above it, else None)."""
+    limit, source = engine_max_model_len(folder, vllm, key)
+    config = _engine_config(folder, vllm) if limit is not None else None
+    cap = rope_length_cap(config) if config is not None else None
+    return limit, source, (cap if cap is not None and limit > cap.length else None)
+
+
 def engine_limit(folder: str | Path, vllm: dict[str, Any],
                  key: str = "method.vllm.max_model_len") -> tuple[int | None, str]:
     """(the max_model_len a vLLM engine for the model `folder` runs with, what gives it): `engine_max_model_len`,
@@ -259,21 +277,19 @@ def engine_limit(folder: str | Path, vllm: dict[str, Any],
     length to vLLM (`start_max_model_len`). A given length above the cap: a ConfigError for longrope (vLLM would
     rotate with other frequencies than the trained model's) and yarn (positions past vLLM's cos/sin table), a warning
     for linear (positions past the trained context, which alignkit's own generation warns about too)."""
-    limit, source = engine_max_model_len(folder, vllm, key)
-    config = _engine_config(folder, vllm) if limit is not None else None
-    cap = rope_length_cap(config) if config is not None else None
-    if cap is None or limit <= cap[0]:
+    limit, source, cap = capped_length(folder, vllm, key)
+    if cap is None:
         return limit, source
-    length, cap_key, why = cap
     asked = vllm.get("max_model_len")
-    where = f"{cap_key}{' =' if ' x factor ' in cap_key else ''} {length} in {Path(folder) / 'config.json'}"
+    where = f"{cap.source} in {Path(folder) / 'config.json'}"
     if asked is None or asked == -1:
-        return length, f"{where}, not vLLM's own {limit}: {why}"
-    if cap_key != "max_position_embeddings":  # (linear: positions past the trained ones, run as vLLM computes them)
-        raise ConfigError(f"{key} {asked} is above {where} ({why}), so vLLM would generate from another model than "
-                          f"the one trained; set {key} to {length} or less")
+        return cap.length, f"{where}, not vLLM's own {limit}: {cap.why}"
+    if cap.refuse:
+        raise ConfigError(f"{key} {asked} is above {where} ({cap.why}), so vLLM would generate from another model "
+                          f"than the one trained; set {key} to {cap.length} or less")
+    # linear: positions past the trained ones, run as vLLM computes them (alignkit's own generation warns too)
     logger.warning("%s %d is above %s (%s): positions past %d were never trained; lower %s to %d", key, asked, where,
-                   why, length, key, length)
+                   cap.why, cap.length, key, cap.length)
     return limit, source
 
 
@@ -282,13 +298,11 @@ def start_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> int | None:
     would be longer than `rope_length_cap`; None: leave it to vLLM."""
     if vllm.get("max_model_len") not in (None, -1):
         return None
-    limit, _ = engine_max_model_len(folder, vllm)
-    config = _engine_config(folder, vllm) if limit is not None else None
-    cap = rope_length_cap(config) if config is not None else None
-    return cap[0] if cap is not None and limit > cap[0] else None
+    cap = capped_length(folder, vllm)[2]
+    return cap.length if cap is not None else None
 
 
 __all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "ROPE_NOT_AS_TRANSFORMERS", "attention_head_sizes",
            "check_head_size", "check_rope_type",
            "engine_limit", "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "require_vllm",
-           "rope_length_cap", "start_max_model_len", "vllm_installed"]
+           "RopeCap", "capped_length", "rope_length_cap", "start_max_model_len", "vllm_installed"]
