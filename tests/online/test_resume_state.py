@@ -12,6 +12,7 @@ kill logs the uninterrupted run's rows (the reference: that run itself)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -210,3 +211,26 @@ def test_ppo_killed_and_resumed_logs_the_uninterrupted_runs_rows(tiny_dir, token
     for got, want in zip(resumed, whole[2:]):
         for key in ("loss", "value_loss", "kl_coef", "reward", "reward/normalized_mean", "kl"):
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+
+
+def scaled(prompt, response: str, scale: float = 1.0) -> float:
+    return scale * len(response)
+
+
+def test_a_partial_reward_function_resumes_and_its_arguments_are_compared(tiny_dir, tokenizer, tmp_path):
+    """A `functools.partial` reward function was recorded by its repr, which holds a memory address: the same
+    partial, built again in the resuming process, was refused as another function. It is recorded by its function's
+    name and its arguments now: the same arguments resume, another `scale` is refused naming both."""
+    import functools
+
+    grpo(tiny_dir, tokenizer, tmp_path, 1, save_steps=1, stall_steps=0, fn=functools.partial(scaled, scale=2.0)).train()
+    ckpt = tmp_path / "checkpoints" / "checkpoint-1"
+    name = f"{scaled.__module__}:scaled"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"annotator.fn: '{name}(scale=2.0)' -> '{name}(scale=3.0)'")):
+        grpo(tiny_dir, tokenizer, tmp_path, 2, save_steps=1, stall_steps=0,
+             fn=functools.partial(scaled, scale=3.0)).train(resume_from_checkpoint=ckpt)
+    rows = grpo(tiny_dir, tokenizer, tmp_path, 2, save_steps=1, stall_steps=0,
+                fn=functools.partial(scaled, scale=2.0)).train(resume_from_checkpoint=ckpt)
+    assert [r["step"] for r in rows] == [1]
+    assert "rewards/scaled(scale=2.0)/mean" in rows[0], sorted(rows[0])

@@ -45,6 +45,7 @@ from alignkit.data.records import Completion, Prompt
 from alignkit.losses.registry import Registry
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.rope import trained_context
+from alignkit.naming import stable_name
 from alignkit.online.generation import model_device
 
 logger = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ def reward_convention(fn: Callable, kwargs: dict | None = None, spec: str = "") 
     """Which calling convention `fn` follows: "trl" or "alignkit" (see `FunctionAnnotator`); a signature that
     fits neither is a ValueError naming the function and both conventions."""
     kwargs = dict(kwargs or {})
-    who = spec or getattr(fn, "__qualname__", repr(fn))
+    who = spec or stable_name(fn)
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -348,7 +349,7 @@ def reward_convention(fn: Callable, kwargs: dict | None = None, spec: str = "") 
 def metric_names(specs: list[str]) -> list[str]:
     """Each function's name in its rewards/<name>/... metrics: TRL's (the function's name); where two share it, the
     module-qualified spec ("pkg.mod.score"), numbered "_k" where one spec is given twice (one overwrote the other)."""
-    short = [s.split(":")[-1] for s in specs]
+    short = [s.split(":", 1)[-1] for s in specs]
     names = [n if short.count(n) == 1 else s.replace(":", ".") for n, s in zip(short, specs)]
     return [n if names.count(n) == 1 else f"{n}_{names[:i + 1].count(n)}" for i, n in enumerate(names)]
 
@@ -363,7 +364,9 @@ class _RewardFn:
 
 
 def _spec(fn: str | Callable) -> str:
-    return fn if isinstance(fn, str) else f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+    """The function's name in messages, metrics and checkpoints: the same in every process (`stable_name`: a partial
+    or callable object with its arguments; its repr held a memory address, so a resume with it was always refused)."""
+    return stable_name(fn)
 
 
 @ANNOTATORS.register("function")

@@ -23,6 +23,7 @@ from alignkit.distributed import (
     copy_full_into, full_optimizer_state, full_parameters, is_fsdp2, load_full_optimizer_state, storage_key,
 )
 from alignkit.guards import NonFiniteError
+from alignkit.naming import stable_name
 from alignkit.online.generation import prompts_fingerprint
 from alignkit.online.metrics import METRICS_FILE
 from alignkit.run_commit import CheckpointError, checkpoint_step, incomplete_reason, staged
@@ -33,15 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 def recorded(value: Any) -> Any:
-    """How a checkpoint records a setting JSON cannot write: a path as its text, a function or class by
-    `module:qualname`, any other object by its type's name (its repr would hold a memory address, which differs in
-    every process, so every resume would be refused)."""
-    if isinstance(value, Path):
-        return str(value)
-    name = getattr(value, "__qualname__", None)
-    if isinstance(name, str):
-        return f"{getattr(value, '__module__', '')}:{name}"
-    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+    """How a checkpoint records a setting JSON cannot write: by `alignkit.naming.stable_name` (a path as its text, a
+    function or class by `module:qualname`, a partial with its arguments, another object by its type and its public
+    attributes), never by a repr holding a memory address (it differs in every process: every resume was refused)."""
+    return stable_name(value)
 
 
 def dotted(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:

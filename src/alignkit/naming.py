@@ -1,0 +1,54 @@
+"""Names of Python objects that are the same in every process: what a checkpoint records for a setting JSON cannot
+write (a reward function, a callable object, a `functools.partial`) and what messages and metric names call it.
+
+`repr` is not such a name: a function's, a partial's or a plain object's repr holds a memory address, which differs
+in every process (a resume comparing it refused every run), and a type's name alone leaves out the arguments that
+make two settings differ (`partial(score, scale=1)` and `partial(score, scale=2)` were the same setting).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # what CPython's default reprs of functions and objects hold
+
+
+def stable_repr(value: Any) -> str:
+    """`repr(value)` where it holds no memory address (numbers, strings, containers of them, dataclasses), else
+    `stable_name(value)`; containers are written item by item so a function inside a list is named too."""
+    if isinstance(value, (list, tuple)):
+        items = ", ".join(stable_repr(v) for v in value)
+        return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{stable_repr(k)}: {stable_repr(v)}" for k, v in value.items()) + "}"
+    text = repr(value)
+    return text if ADDRESS.search(text) is None else stable_name(value)
+
+
+def stable_name(value: Any) -> str:
+    """A name for `value` that is the same in every process and differs where the settings differ: a string or path
+    as its text, a function or class as `module:qualname`, a `functools.partial` as its function's name with its
+    arguments (`pkg.mod:score(scale=2)`), an object with a repr free of addresses by its type and that repr, any other
+    object by its type and its public attributes (`pkg.mod:Scorer(threshold=0.5)`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, functools.partial):
+        args = [stable_repr(a) for a in value.args] + [f"{k}={stable_repr(v)}" for k, v in value.keywords.items()]
+        return f"{stable_name(value.func)}({', '.join(args)})"
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str):
+        return f"{getattr(value, '__module__', None) or '?'}:{name}"
+    kind = f"{type(value).__module__}:{type(value).__qualname__}"
+    text = repr(value)
+    if ADDRESS.search(text) is None:
+        return f"{kind} {text}" if not text.startswith(type(value).__qualname__) else f"{type(value).__module__}:{text}"
+    state = getattr(value, "__dict__", None)
+    if isinstance(state, dict):
+        attrs = [f"{k}={stable_repr(v)}" for k, v in sorted(state.items()) if not k.startswith("_")]
+        return f"{kind}({', '.join(attrs)})"
+    return f"<{kind}>"
