@@ -33,6 +33,7 @@ from alignkit.distributed import (
     full_optimizer_state, full_parameters, is_deepspeed, is_fsdp2, load_full_optimizer_state,
 )
 from alignkit.guards import NonFiniteError
+from alignkit.naming import stable_name
 from alignkit.run_commit import (
     STAGING_MARK, CheckpointError, checkpoint_step, commit_staging, incomplete_reason, latest_complete_checkpoint,
     recover_swap, remove_own,
@@ -135,7 +136,7 @@ class Checkpointing:
                                                                     "world_size": self.args.world_size,
                                                                     "data_sha256": self.data_digest(),
                                                                     "training_settings": self.training_settings()},
-                                                                   default=repr))
+                                                                   default=stable_name))
         commit_staging(staging_root / name, final, step=self.state.global_step)
         try:
             staging_root.rmdir()  # only when empty

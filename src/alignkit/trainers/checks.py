@@ -28,6 +28,7 @@ from transformers.training_args import ParallelMode
 
 from alignkit.distributed import deepspeed_cannot_start, requested_engine
 from alignkit.files import DataError
+from alignkit.naming import stable_name
 from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 from alignkit.settings.trl_names import TRL_NAMES
@@ -124,7 +125,7 @@ def settings_changes(old: Any, now: dict[str, Any]) -> list[str]:
     record (an older alignkit) is not compared; `old` that is not a mapping (none recorded): nothing is."""
     if not isinstance(old, dict):
         return []
-    now = json.loads(json.dumps(now, default=repr))
+    now = json.loads(json.dumps(now, default=stable_name))  # as checkpoints record them: no memory address
     return [f"{k}: {old[k]!r} -> {now[k]!r}" for k in sorted(set(old) & set(now)) if old[k] != now[k]]
 
 
