@@ -135,7 +135,8 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tiny_dir, tokenizer
 
 def test_how_long_and_what_is_logged_or_saved_may_change(tiny_dir, tokenizer, tmp_path, caplog, monkeypatch):
     """steps, save_steps, stall_steps, progress_bar are not training settings: the resume runs. Its run-level
-    warnings count the steps since the resume, and say so (they said "no step of this run" of 2 of its 3 steps)."""
+    warnings judge the whole run: the checkpoint's step had no signal and was cut too, so all 3 steps count (they
+    said "no step of this run" of 2 of its 3 steps, then "since its resume" of the last 2)."""
     monkeypatch.setitem(SIGNAL, "on", False)
     grpo(tiny_dir, tokenizer, tmp_path, 1, save_steps=1).train()
     with caplog.at_level("WARNING", logger="alignkit.online.trainer"):
@@ -143,10 +144,25 @@ def test_how_long_and_what_is_logged_or_saved_may_change(tiny_dir, tokenizer, tm
             resume_from_checkpoint=tmp_path / "checkpoints" / "checkpoint-1")
     assert [r["step"] for r in rows] == [1, 2]
     said = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("no step of this run since its resume after step 1 had a reward spread inside any "
-                            "prompt's group (frac_reward_zero_std = 1 at all 2 step(s))") for m in said), said
-    assert any(m.startswith("every response of this run's 2 step(s) since its resume after step 1 reached "
-                            "sampling.max_new_tokens (2)") for m in said), said
+    assert any(m.startswith("no step of this run had a reward spread inside any prompt's group "
+                            "(frac_reward_zero_std = 1 at all 3 step(s))") for m in said), said
+    assert any(m.startswith("every response of this run's 3 step(s) reached sampling.max_new_tokens (2)")
+               for m in said), said
+
+
+def test_a_step_with_signal_before_the_resume_keeps_the_no_signal_warning_away(tiny_dir, tokenizer, tmp_path, caplog,
+                                                                                monkeypatch):
+    """Step 1 had a reward spread, steps 2-3 (after the resume) had none: the run as a whole had signal, so no
+    "no step of this run" warning (it was given for the 2 steps since the resume, as if the run had none)."""
+    monkeypatch.setitem(SIGNAL, "on", True)
+    grpo(tiny_dir, tokenizer, tmp_path, 1, save_steps=1, stall_steps=0).train()
+    monkeypatch.setitem(SIGNAL, "on", False)
+    with caplog.at_level("WARNING", logger="alignkit.online.trainer"):
+        grpo(tiny_dir, tokenizer, tmp_path, 3, save_steps=2, stall_steps=0).train(
+            resume_from_checkpoint=tmp_path / "checkpoints" / "checkpoint-1")
+    said = [r.getMessage() for r in caplog.records]
+    assert not any(m.startswith("no step of this run") for m in said), said
+    assert any(m.startswith("step 2: ") for m in said), said  # the first step without signal is still said
 
 
 def test_an_older_checkpoint_compares_what_it_recorded_and_says_the_stall_restarts(tiny_dir, tokenizer, tmp_path,
@@ -156,7 +172,7 @@ def test_an_older_checkpoint_compares_what_it_recorded_and_says_the_stall_restar
     grpo(tiny_dir, tokenizer, tmp_path, 1, save_steps=1).train()
     ckpt = tmp_path / "checkpoints" / "checkpoint-1"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    del state["training_settings"], state["stall"]
+    del state["training_settings"], state["stall"], state["run_counts"]
     state["settings"] = {"learning_rate": 0.01, "weight_decay": 0.0, "optimizer": "adamw", "kl_coef": 0.05,
                          "kl_target": None, "seed": 0}
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
@@ -166,8 +182,10 @@ def test_an_older_checkpoint_compares_what_it_recorded_and_says_the_stall_restar
     with pytest.raises(CheckpointError, match=r"\(kl_coef: 0.05 -> 0.2\)"):
         grpo(tiny_dir, tokenizer, tmp_path, 2, kl_coef=0.2, sampling={"temperature": 0.5}).train(
             resume_from_checkpoint=ckpt)  # the temperature was not recorded: not compared
-    with caplog.at_level("WARNING", logger="alignkit.online.checkpoint"):
+    with caplog.at_level("WARNING"):
         assert len(grpo(tiny_dir, tokenizer, tmp_path, 2).train(resume_from_checkpoint=ckpt)) == 1
+    ends = [r.getMessage() for r in caplog.records if r.getMessage().startswith("every response of this run")]
+    assert ends and ends[-1].startswith("every response of this run's 1 step(s) since its resume after step 1 reached")
     said = [r.getMessage() for r in caplog.records if "records no count" in r.getMessage()]
     assert said == [f"resume: {ckpt} records no count of steps without reward signal (an older alignkit wrote it): "
                     "method.stall_steps=20 counts them from this resume, so a stall that began before it stops the run "

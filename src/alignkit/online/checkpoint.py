@@ -121,6 +121,8 @@ class Checkpoints:
                          "moments": [self.moments.count, self.moments.mean, self.moments.m2],
                          "prompts": prompts_fingerprint(self.prompts), "world_size": self.world,
                          "stall": list(stall) if (stall := getattr(self, "_stall", None)) else None,
+                         "run_counts": {"flat_steps": getattr(self, "_flat_steps", 0),
+                                        "clipped_steps": getattr(self, "_clipped_steps", 0)},
                          "training_settings": self.training_settings()}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
@@ -211,6 +213,7 @@ class Checkpoints:
         self._num_tokens = int(state.get("num_tokens", 0))  # older checkpoints: counted from 0 again
         self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
         self.restore_stall(folder, state)
+        self.restore_run_counts(state, int(state["step"]))
         logger.info("resumed from %s (step %d)", folder, state["step"])
         saved_world = state.get("world_size")  # not recorded before: not compared
         if isinstance(saved_world, int) and saved_world != self.world:
@@ -236,6 +239,19 @@ class Checkpoints:
             logger.warning("resume: %s records no count of steps without reward signal (an older alignkit wrote it): "
                            "method.stall_steps=%d counts them from this resume, so a stall that began before it stops "
                            "the run up to %d step(s) late", folder, self.config.stall_steps, self.config.stall_steps - 1)
+
+    def restore_run_counts(self, state: dict[str, Any], step: int) -> None:
+        """The steps up to the checkpoint without a reward spread and with every response cut at max_new_tokens, so
+        that the end-of-run warnings judge the whole run (`counted_from` 0), not only the steps since the resume. A
+        checkpoint of an older alignkit, which did not record them: counted from the resume (`counted_from` = its
+        step; the warnings say so)."""
+        counts = state.get("run_counts")
+        if isinstance(counts, dict):
+            self._flat_steps, self._clipped_steps = int(counts["flat_steps"]), int(counts["clipped_steps"])
+            self._counted_from = 0
+        else:
+            self._flat_steps = self._clipped_steps = 0
+            self._counted_from = step
 
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""

@@ -444,12 +444,13 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         (`prepare_metrics_file`, `check_fresh_checkpoints`)."""
         self._stall = None  # (first step, lowest, highest score) of the steps in a row without one (`check_stall`;
         #   a resumed run: the checkpoint's, so that method.stall_steps counts across the resume)
+        # steps of the run without a reward spread / whose every response reached max_new_tokens (warned about
+        # below), counted from step `_counted_from`: 0, or a resume's step when its checkpoint did not record them
+        self._flat_steps = self._clipped_steps = self._counted_from = 0
         start = self.load_checkpoint(resume_from_checkpoint) if resume_from_checkpoint is not None else 0
         self.prepare_metrics_file(start)  # an earlier run's rows: kept up to the checkpoint, or refused from step 0
         self.check_fresh_checkpoints(start)  # an earlier run's checkpoints: refused from step 0 (after its rows)
         self.steps_done = start
-        self._flat_steps = 0  # steps of this call without a reward spread (warned about below)
-        self._clipped_steps = 0  # steps of this call whose every response reached max_new_tokens (warned about below)
         if self.trackers:  # opened here, not in __init__: nothing is written before training starts
             self.start_trackers(start)
         bar = tqdm(total=self.config.steps, initial=start, desc=type(self).__name__.replace("Trainer", ""),
@@ -461,21 +462,28 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             if self.trackers:  # not accelerator.end_training(): it also destroys the process group, which
                 for tracker in self.accelerator.trackers:  # saving (FSDP gathers) and the caller still need
                     tracker.finish()
-        flat, ran = self._flat_steps, self.config.steps - start
-        # these count this call's steps: after a resume, the steps since it (the earlier ones are not in the count)
-        since = "" if start == 0 else f" since its resume after step {start}"
-        if ran > 0 and flat == ran:
-            logger.warning("no step of this run%s %s", since, self._no_signal[1].format(steps=ran))
-        if ran > 0 and self._clipped_steps == ran:
-            logger.warning("every response of this run's %d step(s)%s reached sampling.max_new_tokens (%d) without an "
-                           "end token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off "
-                           "responses, and a reward that reads a response's end never saw one; raise "
-                           "sampling.max_new_tokens", ran, since, self.config.sampling.max_new_tokens)
+        self.warn_whole_run(start)
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
             if self.config.push_to_hub and self.accelerator.is_main_process:
                 self.push_to_hub()
         return self.history
+
+    def warn_whole_run(self, start: int) -> None:
+        """The end-of-run warnings: no step had a reward spread, every response was cut at max_new_tokens. They judge
+        the whole run, a resumed one's earlier steps included (their counts come back with the checkpoint), or the
+        steps since the resume when the checkpoint did not record them (and say so). Only when this call ran a step."""
+        flat, ran = self._flat_steps, self.config.steps - self._counted_from
+        since = "" if self._counted_from == 0 else f" since its resume after step {self._counted_from}"
+        if self.config.steps - start <= 0:
+            return
+        if flat == ran:
+            logger.warning("no step of this run%s %s", since, self._no_signal[1].format(steps=ran))
+        if self._clipped_steps == ran:
+            logger.warning("every response of this run's %d step(s)%s reached sampling.max_new_tokens (%d) without an "
+                           "end token (completions/clipped_ratio = 1 at every step): the policy learned from cut-off "
+                           "responses, and a reward that reads a response's end never saw one; raise "
+                           "sampling.max_new_tokens", ran, since, self.config.sampling.max_new_tokens)
 
     def _train_steps(self, bar: Any, start: int = 0) -> None:
         for step in range(start, self.config.steps):
