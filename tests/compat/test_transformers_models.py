@@ -507,3 +507,13 @@ def test_rope_validation_only_warns_and_the_formulas_ignore_what_alignkit_refuse
     inv, scale = ROPE_INIT_FUNCTIONS["yarn"](trial({**two, "attention_factor": 1.5, "mscale": 2.0,
                                                    "mscale_all_dim": 1.0}), "cpu")
     check(scale == 1.5, TF, "yarn's mscale now overrides attention_factor (alignkit refuses both)", where, str(scale))
+    # "proportional" (refused as a scaling: models/rope.py LAYOUTS): no factor in its validation, and its
+    # partial_rotary_factor leaves that share of each head's frequencies at 0 (unrotated): a layout, not a scaling
+    said = validate({"rope_type": "proportional", "factor": 2.0})
+    check(any("Unrecognized" in m and "factor" in m for m in said), TF, "proportional RoPE's validation now takes a "
+          "factor (it may be a context scaling now: revisit models/rope.py LAYOUTS)", where, str(said))
+    inv, _ = ROPE_INIT_FUNCTIONS["proportional"](trial({"rope_type": "proportional", "partial_rotary_factor": 0.5}),
+                                                 "cpu")
+    check(inv.shape == (8,) and torch.count_nonzero(inv[4:]) == 0 and bool((inv[:4] > 0).all()), TF, "proportional "
+          "RoPE with partial_rotary_factor 0.5 no longer leaves half of a 16-dim head's 8 frequencies at 0", where,
+          str(inv.tolist()))

@@ -202,6 +202,12 @@ def test_supported_types_come_from_the_architecture():
     ("model.rope_scaling={type: dynamic, factor: 0.5}", "model.rope_scaling.factor: expected a number >= 1"),
     ("model.rope_scaling={type: linear, factor: 2, beta_fast: 8}", "model.rope_scaling.beta_fast: type 'linear' does not read beta_fast"),
     ("model.rope_scaling=linear", "model.rope_scaling: expected"),
+    # accepted before, and left half of every llama head unrotated: another model, the context unchanged
+    ("model.rope_scaling={type: proportional, partial_rotary_factor: 0.5}", "model.rope_scaling.type: 'proportional' "
+     "is a rotary layout some architectures are built with (Gemma 4: part of each head left unrotated, "
+     "partial_rotary_factor), not a context scaling (transformers takes no factor for it); set on this llama model it "
+     "would rotate its heads otherwise than in training, a different model; use one of dynamic, linear, llama3, "
+     "longrope, yarn"),
     *((f"model.rope_scaling={{type: {kind}, factor: 2, max_position_embeddings: 256}}",
        "model.rope_scaling.max_position_embeddings: 256 is below the model's original context of 512 positions")
       for kind in ("linear", "yarn")),  # the tiny base model has 512 positions

@@ -49,6 +49,9 @@ WHERE = "model.rope_scaling"
 NEEDS_FACTOR = ("linear", "dynamic", "yarn", "llama3", "longrope")  # longrope: its attention scale derives from it
 NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")  # types that read original_max_position_embeddings
 KEEPS_LENGTH = ("dynamic",)  # max_position_embeddings stays the original length
+# ROPE_INIT_FUNCTIONS types that are an architecture's rotary layout, not a scaling (row T24): "proportional" leaves
+# 1 - partial_rotary_factor of each head unrotated, and transformers' validation takes no factor for it
+LAYOUTS = ("proportional",)
 
 
 def has_rope(config: Any) -> bool:
@@ -185,7 +188,13 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     kind = scaling.pop("type", None) or scaling.pop("rope_type", None)
     valid = supported_rope_types(config)
     if kind is None:
-        raise ConfigError(f"{where}.type: required; one of {', '.join(t for t in valid if t != 'default')}")
+        raise ConfigError(f"{where}.type: required; one of {', '.join(t for t in valid if t not in ('default', *LAYOUTS))}")
+    if kind in LAYOUTS:
+        raise ConfigError(f"{where}.type: {kind!r} is a rotary layout some architectures are built with (Gemma 4: "
+                          "part of each head left unrotated, partial_rotary_factor), not a context scaling "
+                          f"(transformers takes no factor for it); set on this {arch} model it would rotate its heads "
+                          "otherwise than in training, a different model; use one of "
+                          f"{', '.join(t for t in valid if t not in ('default', *LAYOUTS))}")
     if kind not in valid:
         raise ConfigError(f"{where}.type: {kind!r} is not a RoPE type the {arch} architecture supports in this "
                           f"transformers; valid: {', '.join(valid)}")
