@@ -12,7 +12,8 @@ ran, the checkpoint's files, the refusal)
 and both runs' trainable parameters, gathered (KIND-OBJECTIVE-a.safetensors, -b.safetensors). Case
 "ds-mismatch" (zero3) only builds a trainer whose DeepSpeed config sets gradient_accumulation_steps 4 against the
 arguments' 1 and records the refusal (OUT_DIR/ds-mismatch.json); "ds-optimizer" likewise with a DeepSpeed JSON
-(deepspeed_config_file) that has its own optimizer and scheduler sections (OUT_DIR/ds-optimizer.json).
+(deepspeed_config_file) that has its own optimizer and scheduler sections (OUT_DIR/ds-optimizer.json), and
+"ds-precision" with accelerate's mixed_precision bf16 against train.bf16 unset (OUT_DIR/ds-precision.json).
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def main(engine: str, model_dir: str, out_dir: str, *cases: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     for case in cases:
-        if case in ("ds-mismatch", "ds-optimizer"):
+        if case in ("ds-mismatch", "ds-optimizer", "ds-precision"):
             if case == "ds-mismatch":  # accelerate's deepspeed_config gradient_accumulation_steps 4 vs the run's 1
                 key, value = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4"
+            elif case == "ds-precision":  # accelerate's mixed_precision: bf16 against train.bf16 unset
+                key, value = "ACCELERATE_MIXED_PRECISION", "bf16"
             else:  # a DeepSpeed-Chat style JSON with its own optimizer and schedule, "auto" values elsewhere
                 key, value = "ACCELERATE_DEEPSPEED_CONFIG_FILE", f"{out_dir}/ds_config.json"
                 if rank == 0:

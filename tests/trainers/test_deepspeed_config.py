@@ -63,3 +63,22 @@ def test_value_mismatches_come_first_and_a_config_of_auto_values_passes(args):
         refuse_deepspeed_mismatches(fake_trainer(CHAT_STYLE, args, ["- ds gradient_clipping=1.0 vs hf max_grad_norm=0.5"]))
     refuse_deepspeed_mismatches(fake_trainer({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}, args))
     refuse_deepspeed_mismatches(SimpleNamespace(is_deepspeed_enabled=False, accelerator=None, args=args))
+
+
+def test_a_precision_mismatch_from_accelerates_mixed_precision_says_where_it_came_from(args, monkeypatch):
+    """An accelerate config `mixed_precision: bf16` (ACCELERATE_MIXED_PRECISION) with train.bf16 unset: accelerate
+    writes bf16.enabled=true into a DeepSpeed config that names none, so "set it to 'auto'" alone was no fix."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError) as e:
+        refuse_deepspeed_mismatches(fake_trainer({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, args,
+                                                 ["- ds bf16.enabled=True vs hf bf16|bf16_full_eval=False"]))
+    message = str(e.value)
+    assert "\n" not in message
+    assert ("ds bf16.enabled=True vs train.bf16|bf16_full_eval=False (accelerate's mixed_precision: bf16 turned it on)"
+            in message)
+    assert message.endswith("set train.bf16=true, or mixed_precision: 'no' in the accelerate config (or "
+                            "--mixed_precision no)")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # a JSON's own bf16.enabled: only the general advice
+    with pytest.raises(ConfigError) as e:
+        refuse_deepspeed_mismatches(fake_trainer({}, args, ["- ds bf16.enabled=True vs hf bf16|bf16_full_eval=False"]))
+    assert "mixed_precision" not in str(e.value)

@@ -419,10 +419,18 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
     ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
     found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    fix = ""
+    if mixed != "no" and any(m.startswith(("ds bf16.enabled", "ds fp16.enabled")) for m in found):
+        # accelerate writes {"enabled": true} for its mixed_precision into a config that names none: no value to set
+        found = [f"{m} (accelerate's mixed_precision: {mixed} turned it on)"
+                 if m.startswith(("ds bf16.enabled", "ds fp16.enabled")) else m for m in found]
+        fix = (f"; for the precision: set train.{'fp16' if mixed == 'fp16' else 'bf16'}=true, or mixed_precision: "
+               "'no' in the accelerate config (or --mixed_precision no)")
     if found:
         raise ConfigError(f"the DeepSpeed config disagrees with the training settings: {'; '.join(found)}; set "
                           f"those DeepSpeed values to 'auto' (the train.* keys then decide) or give the train.* "
-                          f"keys the same values")
+                          f"keys the same values{fix}")
     replaced = deepspeed_replacements(getattr(ds, "config", None) or {}, trainer.args)
     if replaced:
         raise ConfigError(f"{deepspeed_config_source(trainer.args)}: {'; '.join(replaced)}; remove the section(s) "
