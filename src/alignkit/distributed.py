@@ -132,6 +132,28 @@ def refuse_fsdp1_on_cpu() -> None:
                           "alignkit runs FSDP2 on CPU processes")
 
 
+def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = False) -> None:
+    """ConfigError when an accelerate FSDP config asks for what alignkit would not do, said before anything is written:
+    - `fsdp_state_dict_type` other than FULL_STATE_DICT (FSDP_STATE_DICT_TYPE): alignkit's checkpoints and model/ are
+      always full safetensors gathered on rank 0 (`full_parameters`), so SHARDED / LOCAL was ignored without a word
+      (and rank 0 held the whole model where the config asked for per-process files);
+    - `fsdp_activation_checkpointing: true` with `activation_checkpointing` (train.activation_checkpointing): the
+      Trainer refuses the pair, but alignkit applies its own checkpointing after turning the argument off, which
+      hid that refusal: accelerate's checkpoint wrapper around alignkit's recomputed each layer twice."""
+    if requested_engine() != "fsdp":
+        return
+    kind = os.environ.get("FSDP_STATE_DICT_TYPE")
+    if kind is not None and kind.strip().upper() not in ("FULL_STATE_DICT", "1"):  # StateDictType.FULL_STATE_DICT == 1
+        raise ConfigError(f"{owner}: the accelerate config's fsdp_state_dict_type: {kind} would be ignored: alignkit "
+                          "writes checkpoints and model/ as full safetensors gathered on rank 0 (loadable without "
+                          "FSDP); set fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp2.yaml)")
+    if activation_checkpointing and _flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise ConfigError(f"{owner}: train.activation_checkpointing and the accelerate config's "
+                          "fsdp_activation_checkpointing: true are both on, so each layer would be recomputed twice "
+                          "(accelerate's checkpoint wrapper around alignkit's own checkpointing); keep one: remove "
+                          "train.activation_checkpointing or set fsdp_activation_checkpointing: false")
+
+
 def enable_sharding_on_cpu(accelerator: Any) -> bool:
     """Attach the FSDP plugin the launcher asked for when accelerate dropped it on CPU processes (see the
     module docstring). Returns True when it did. Call right after creating the `Accelerator`, before any
@@ -388,4 +410,4 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
-__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "requested_engine", "shard_reference", "storage_key", "zero_stage"]
+__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "requested_engine", "shard_reference", "storage_key", "zero_stage"]

@@ -11,7 +11,9 @@ Rank 0 writes OUT_DIR/KIND-OBJECTIVE.json (both runs' per-step losses, how many 
 ran, the checkpoint's files, the refusal)
 and both runs' trainable parameters, gathered (KIND-OBJECTIVE-a.safetensors, -b.safetensors). Case
 "ds-mismatch" (zero3) only builds a trainer whose DeepSpeed config sets gradient_accumulation_steps 4 against the
-arguments' 1 and records the refusal (OUT_DIR/ds-mismatch.json).
+arguments' 1 and records the refusal (OUT_DIR/ds-mismatch.json); "ds-optimizer" likewise with a DeepSpeed JSON
+(deepspeed_config_file) that has its own optimizer and scheduler sections (OUT_DIR/ds-optimizer.json), and
+"ds-precision" with accelerate's mixed_precision bf16 against train.bf16 unset (OUT_DIR/ds-precision.json).
 """
 
 from __future__ import annotations
@@ -66,15 +68,30 @@ def main(engine: str, model_dir: str, out_dir: str, *cases: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     for case in cases:
-        if case == "ds-mismatch":  # accelerate's deepspeed_config gradient_accumulation_steps 4 vs the run's 1
-            os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = "4"
+        if case in ("ds-mismatch", "ds-optimizer", "ds-precision"):
+            if case == "ds-mismatch":  # accelerate's deepspeed_config gradient_accumulation_steps 4 vs the run's 1
+                key, value = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4"
+            elif case == "ds-precision":  # accelerate's mixed_precision: bf16 against train.bf16 unset
+                key, value = "ACCELERATE_MIXED_PRECISION", "bf16"
+            else:  # a DeepSpeed-Chat style JSON with its own optimizer and schedule, "auto" values elsewhere
+                key, value = "ACCELERATE_DEEPSPEED_CONFIG_FILE", f"{out_dir}/ds_config.json"
+                if rank == 0:
+                    Path(value).write_text(json.dumps({
+                        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                        "zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+                        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}))
+                dist.barrier()
+            os.environ[key] = value
             try:
                 build(model_dir, f"{out_dir}/{case}", "lora", "sft", use_cpu=False)
                 message = None
             except ValueError as e:
                 message = f"{type(e).__name__}: {e}"
             finally:
-                del os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
+                del os.environ[key]
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()  # the refused trainer's ZeRO-3 config would shape the next case's loading
             if rank == 0:
                 Path(f"{out_dir}/{case}.json").write_text(json.dumps({"refused": message}))
             dist.barrier()

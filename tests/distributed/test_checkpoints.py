@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tests.distributed.launch import torchrun
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
-CASES = {"fsdp": ["full:sft", "lora:dpo"], "zero3": ["full:sft", "ds-mismatch"]}
+CASES = {"fsdp": ["full:sft", "lora:dpo"], "zero3": ["full:sft", "ds-mismatch", "ds-optimizer", "ds-precision"]}
 _RUNS: dict = {}
 
 
@@ -88,3 +88,29 @@ def test_deepspeed_config_value_against_the_training_settings_is_refused_at_cons
     message = json.loads((out / "ds-mismatch.json").read_text())["refused"]
     assert message is not None and message.startswith("ConfigError") and "\n" not in message
     assert "ds gradient_accumulation_steps=4 vs train.gradient_accumulation_steps=1" in message and "'auto'" in message
+
+
+@pytest.mark.slow
+def test_a_deepspeed_json_with_its_own_optimizer_and_schedule_is_refused_at_construction(tiny_dir, tmp_path_factory):
+    """A DeepSpeed JSON (accelerate's deepspeed_config_file) with "optimizer" / "scheduler" sections, as launched:
+    transformers would have trained with DeepSpeed's AdamW (weight decay on every parameter) and WarmupLR in place of
+    train.optim / lr_scheduler_type, without a word; now one line naming the file and both sections."""
+    pytest.importorskip("deepspeed")
+    out = run_two_ranks("zero3", tiny_dir("llama"), tmp_path_factory)
+    message = json.loads((out / "ds-optimizer.json").read_text())["refused"]
+    assert message is not None and message.startswith("ConfigError") and "\n" not in message
+    assert f"deepspeed_config_file ({out}/ds_config.json)" in message
+    assert "\"optimizer\" section (type AdamW)" in message and "train.optim=adamw_torch" in message
+    assert "\"scheduler\" section (type WarmupLR)" in message and "train.lr_scheduler_type=linear" in message
+
+
+@pytest.mark.slow
+def test_accelerates_mixed_precision_against_train_bf16_names_its_source_and_fix(tiny_dir, tmp_path_factory):
+    """accelerate's `mixed_precision: bf16` with train.bf16 unset: accelerate writes bf16.enabled=true into the
+    DeepSpeed config, and the refusal said only "set those DeepSpeed values to 'auto'", a key the user never wrote."""
+    pytest.importorskip("deepspeed")
+    out = run_two_ranks("zero3", tiny_dir("llama"), tmp_path_factory)
+    message = json.loads((out / "ds-precision.json").read_text())["refused"]
+    assert message is not None and message.startswith("ConfigError") and "\n" not in message
+    assert "ds bf16.enabled=True vs train.bf16|bf16_full_eval=False (accelerate's mixed_precision: bf16" in message
+    assert "set train.bf16=true, or mixed_precision: 'no' in the accelerate config" in message

@@ -24,3 +24,19 @@ def test_deepspeed_launch_is_refused_for_the_online_loop(tiny_dir, tokenizer, tm
     msg = str(e.value)
     assert "\n" not in msg and "DeepSpeed" in msg and "fsdp2.yaml" in msg and "torchrun" in msg
     assert not (tmp_path / "run").exists()
+
+
+def test_an_fsdp_state_dict_type_the_loop_would_ignore_is_refused(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """An accelerate FSDP config with `fsdp_state_dict_type: SHARDED_STATE_DICT`: the loop's checkpoints and model/
+    are always full safetensors gathered on rank 0, so the setting was ignored without a word."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora"))
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), report_to="none")
+    with pytest.raises(ConfigError) as e:
+        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg,
+                    output_dir=tmp_path / "run")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("GRPOTrainer: the accelerate config's fsdp_state_dict_type: SHARDED_STATE_DICT")
+    assert not (tmp_path / "run").exists()

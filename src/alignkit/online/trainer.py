@@ -63,7 +63,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_of, record_base, unwrap_lm
-from alignkit.distributed import check_process_count, enable_sharding_on_cpu, is_fsdp2, requested_engine
+from alignkit.distributed import (
+    check_process_count, enable_sharding_on_cpu, is_fsdp2, refuse_ignored_fsdp_settings, requested_engine,
+)
 from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
 from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, folder_config,
@@ -194,6 +196,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
             raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the accelerate "
                               "config says distributed_type: DEEPSPEED): launch it with configs/accelerate/fsdp2.yaml "
                               "(sharded) or configs/accelerate/ddp-cpu.yaml / torchrun (DDP)")
+        refuse_ignored_fsdp_settings(type(self).__name__)  # fsdp_state_dict_type: checkpoints are always full
         others = [t for t in self.trackers if t != "tensorboard"]  # TensorBoard: `start_trackers`
         self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=others or None,
                                        project_dir=str(self.output_dir) if self.trackers else None)

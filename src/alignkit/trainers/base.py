@@ -88,7 +88,9 @@ from transformers.utils import is_sagemaker_mp_enabled
 from alignkit.adapters import enable_gradient_checkpointing, record_base
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
-from alignkit.distributed import check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, refuse_fsdp1_on_cpu
+from alignkit.distributed import (
+    check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, refuse_fsdp1_on_cpu, refuse_ignored_fsdp_settings,
+)
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float, likely_causes
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.trainers.checkpointing import TRAINING_ARGS_JSON, Checkpointing
@@ -168,6 +170,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         deepspeed_on_cpu(args)  # DeepSpeed on CPU processes: accelerate's process count (alignkit.distributed)
         check_process_count(args.world_size, type(self).__name__)  # the processes asked for are the ones training
         refuse_fsdp1_on_cpu()  # before the Trainer's Accelerator, whose FSDP1 plugin would stop without a word of why
+        refuse_ignored_fsdp_settings(type(self).__name__, gc_kwargs is not None)  # an FSDP config's keys alignkit overrides
         if disable_dropout:
             turn_off_dropout(model)
         record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding

@@ -1,6 +1,7 @@
 """The checks `AlignTrainer` runs on its arguments and checkpoints before anything is written: settings the Trainer
 would accept and then not apply (`refuse_ignored_arguments`, `refuse_metric_functions`, `check_optimizer`,
-`check_scheduler`, `refuse_deepspeed_mismatches`; fields of a TrainingArguments subclass such as TRL's configs:
+`check_scheduler`, `refuse_deepspeed_mismatches` (with a DeepSpeed config's own optimizer / schedule:
+`deepspeed_replacements`); fields of a TrainingArguments subclass such as TRL's configs:
 `refuse_unread_fields`; batches `dataloader_drop_last` would all drop: `refuse_empty_batches`; data all weighted 0:
 `refuse_all_zero_weights`), a `metric_for_best_model` the objective's evaluation does not log,
 or one better when lower taken as better when higher (`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
@@ -413,14 +414,59 @@ def _ignores(args: TrainingArguments, pairs: list[str], key: str, built: Any) ->
 def refuse_deepspeed_mismatches(trainer: Any) -> None:
     """A DeepSpeed config value (accelerate's `deepspeed_config`, or a DeepSpeed JSON) that disagrees with
     the training arguments (gradient_accumulation_steps, batch size, learning rate, clipping, ...): one line
-    naming both at construction, instead of transformers' multi-line ValueError when training starts."""
+    naming both at construction, instead of transformers' multi-line ValueError when training starts. Then the
+    config's own `optimizer` / `scheduler` sections, which replace the Trainer's without any check
+    (`deepspeed_replacements`): one line naming the config and what they replace."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
     ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
     found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    fix = ""
+    if mixed != "no" and any(m.startswith(("ds bf16.enabled", "ds fp16.enabled")) for m in found):
+        # accelerate writes {"enabled": true} for its mixed_precision into a config that names none: no value to set
+        found = [f"{m} (accelerate's mixed_precision: {mixed} turned it on)"
+                 if m.startswith(("ds bf16.enabled", "ds fp16.enabled")) else m for m in found]
+        fix = (f"; for the precision: set train.{'fp16' if mixed == 'fp16' else 'bf16'}=true, or mixed_precision: "
+               "'no' in the accelerate config (or --mixed_precision no)")
     if found:
         raise ConfigError(f"the DeepSpeed config disagrees with the training settings: {'; '.join(found)}; set "
                           f"those DeepSpeed values to 'auto' (the train.* keys then decide) or give the train.* "
-                          f"keys the same values")
+                          f"keys the same values{fix}")
+    replaced = deepspeed_replacements(getattr(ds, "config", None) or {}, trainer.args)
+    if replaced:
+        raise ConfigError(f"{deepspeed_config_source(trainer.args)}: {'; '.join(replaced)}; remove the section(s) "
+                          "(under DeepSpeed too, train.optim, learning_rate, weight_decay, adam_*, lr_scheduler_type "
+                          "and warmup_* then decide)")
+
+
+def deepspeed_config_source(args: Any) -> str:
+    """Where a run's DeepSpeed config comes from, as an error names it."""
+    if isinstance(getattr(args, "deepspeed", None), str):
+        return f"train.deepspeed ({args.deepspeed})"
+    if getattr(args, "deepspeed", None):
+        return "train.deepspeed"
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    return f"the accelerate config's deepspeed_config_file ({path})" if path != "none" else "the DeepSpeed config"
+
+
+def deepspeed_replacements(config: dict[str, Any], args: Any) -> list[str]:
+    """What a DeepSpeed config's own `optimizer` / `scheduler` section would silently put in place of the training
+    arguments' (transformers then hands the engine a `DummyOptim` / `DummyScheduler` and never builds the Trainer's
+    optimizer or schedule; it compares only lr, betas, eps, weight_decay and the warmup / total steps, not what kind
+    of optimizer or schedule): one phrase per section, [] when there is none."""
+    out = []
+    section = config.get("optimizer")
+    if isinstance(section, dict):
+        optim = str(getattr(args.optim, "value", args.optim))
+        out.append(f"its \"optimizer\" section (type {section.get('type', '?')}) would replace the trainer's "
+                   f"optimizer: train.optim={optim} and alignkit's weight-decay groups (no decay on biases, norms and "
+                   "ReFT rotations) would not apply")
+    section = config.get("scheduler")
+    if isinstance(section, dict):
+        kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        out.append(f"its \"scheduler\" section (type {section.get('type', '?')}) would replace "
+                   f"train.lr_scheduler_type={kind}")
+    return out
 
 
 def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -431,5 +477,6 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
            "check_resumable", "check_scheduler", "TRAINING_FIELDS", "settings_changes", "training_changes", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
+           "deepspeed_config_source", "deepspeed_replacements",
            "refuse_all_zero_weights", "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
            "refuse_trainer_fsdp_on_cpu", "refuse_unread_fields", "saved_state"]

@@ -1,0 +1,70 @@
+"""An accelerate FSDP config (its FSDP_* variables, as `accelerate launch --config_file` sets them) whose keys alignkit
+would override without a word: refused in one line when the trainer is built, before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.distributed import refuse_ignored_fsdp_settings
+from alignkit.settings import ConfigError
+from alignkit.trainers import SFTTrainer
+
+from .conftest import fast_args
+
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+
+
+@pytest.fixture
+def fsdp_env(monkeypatch):
+    for k, v in FSDP2.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
+    monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("kind", ["SHARDED_STATE_DICT", "LOCAL_STATE_DICT", "3"])
+def test_a_state_dict_type_other_than_full_is_refused(kind, fsdp_env):
+    fsdp_env.setenv("FSDP_STATE_DICT_TYPE", kind)
+    with pytest.raises(ConfigError) as e:
+        refuse_ignored_fsdp_settings("OnlineTrainer")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"OnlineTrainer: the accelerate config's fsdp_state_dict_type: {kind} ")
+    assert "set fsdp_state_dict_type: FULL_STATE_DICT" in message
+
+
+@pytest.mark.parametrize("kind", ["FULL_STATE_DICT", "full_state_dict", "1", None])
+def test_full_or_unset_state_dict_type_passes(kind, fsdp_env):
+    if kind is not None:
+        fsdp_env.setenv("FSDP_STATE_DICT_TYPE", kind)
+    refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=True)  # FSDP's own checkpointing unset
+
+
+def test_no_fsdp_launch_reads_no_fsdp_variable(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=True)
+
+
+def test_both_activation_checkpointings_are_refused(fsdp_env):
+    fsdp_env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=False)  # FSDP's alone: applied by accelerate
+    with pytest.raises(ConfigError, match=r"^SFTTrainer: train\.activation_checkpointing and the accelerate config's "
+                                          r"fsdp_activation_checkpointing: true are both on.*keep one"):
+        refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=True)
+
+
+def test_an_alignkit_trainer_refuses_at_construction(fsdp_env, make_model, features, collators, tmp_path):
+    """Before: the Trainer's own refusal of the pair never fired (alignkit turns activation_checkpointing off before
+    building it and applies its own), and a SHARDED_STATE_DICT config trained and saved full files on rank 0."""
+    fsdp_env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    with pytest.raises(ConfigError, match="are both on"):
+        SFTTrainer(make_model("lora"), fast_args(tmp_path, activation_checkpointing=True),
+                   train_dataset=features["sft"], data_collator=collators["sft"])
+    fsdp_env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    fsdp_env.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    with pytest.raises(ConfigError, match="fsdp_state_dict_type: SHARDED_STATE_DICT would be ignored"):
+        SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
+                   data_collator=collators["sft"])
+    assert not (tmp_path / "out").exists()
