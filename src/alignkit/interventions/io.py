@@ -108,6 +108,14 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def saved_reft_config(folder: str | Path) -> ReftConfig:
+    """The `ReftConfig` (representations, positions) that `folder`'s `reft_config.json` was saved with, read and
+    checked without building anything."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    return ReftConfig.from_dict(meta["reft_config"], where=f"{folder / CONFIG_NAME}: reft_config")
+
+
 def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
     saved, here = meta["base_model"], base_identity(model)
     for key in ("hidden_size", "num_layers"):
