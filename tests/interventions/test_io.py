@@ -19,6 +19,7 @@ from alignkit.interventions.loading import load_pyreft, load_reft
 from alignkit.models.loading import load_model
 from tests.adapters.table import perturb
 from tests.interventions.table import INTERVENTION_ROWS
+from tests.interventions.test_pyreft_compat import orthonormal, pyreft_folder
 
 ROWS = [(r.kind, r.saved) for r in INTERVENTION_ROWS]  # (type, arguments): tests/interventions/table.py
 
@@ -268,3 +269,24 @@ def test_the_two_halves_of_reft_config_json_that_disagree_are_refused(edit, mess
     (folder / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"^{folder / CONFIG_NAME}: reft_config\.{message}.*save the adapter again"):
         load_reft(tiny_lm("llama"), folder)
+
+
+def test_load_pyreft_takes_the_positions_pyreft_does_not_record(tiny_lm, tmp_path):
+    """pyreft saves no positions; given `positions`, a reloaded pyreft adapter's plain `generate` / forward edits the
+    prompt's last token exactly as explicit locations do, and the model can be saved as an alignkit adapter. Before:
+    no way to pass them, so `generate(**inputs)` edited nothing (the base model's output, one warning)."""
+    d = 64
+    state = {"weight": torch.randn(2, d), "bias": torch.randn(2), "rotate_layer": orthonormal(d, 2)}
+    folder = pyreft_folder(tmp_path / "pyreft", [(1, "block_output", "LoreftIntervention", state)])
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(1))
+    reft = load_pyreft(tiny_lm(), folder, positions="l1")
+    assert reft.adapter_configs["default"].positions == "l1"
+    with torch.no_grad():
+        plain = reft(input_ids=ids).logits
+        explicit = reft(input_ids=ids, intervention_locations=torch.tensor([[[5]], [[5]]])).logits
+        base = tiny_lm()(input_ids=ids).logits
+    assert torch.equal(plain, explicit) and not torch.allclose(plain, base)
+    reft.save_pretrained(tmp_path / "saved")
+    assert load_reft(tiny_lm(), tmp_path / "saved").adapter_configs["default"].positions == "l1"
+    with pytest.raises(ValueError, match="bad positions 'x3'"):
+        load_pyreft(tiny_lm(), folder, positions="x3")
