@@ -580,3 +580,32 @@ def test_apply_refuses_lora_settings_the_kind_would_ignore(row, tiny_lm):
     model = apply_adapter(tiny_lm("llama"), cfg)
     ranks = {p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
     assert ranks == {16}, ranks
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTERS if r.reft], ids=lambda r: r.kind)
+@pytest.mark.parametrize("edit, key, said, runs", [
+    (lambda reft: reft.update(positions="l2"), "positions", "'l2'", "'f1+l1'"),
+    (lambda reft: reft["config"]["representations"][1].update(layer=0), "config.representations[1].layer", "0", "1"),
+    (lambda reft: reft["config"]["representations"][0].update(low_rank_dimension=4),
+     "config.representations[0].low_rank_dimension", "4", "2"),
+    (lambda reft: reft["config"]["representations"].pop(), "config.representations", "'1 representation(s)'",
+     "'2 representation(s)'"),
+])
+def test_reft_settings_that_disagree_with_the_saved_interventions_are_refused_at_load(row, edit, key, said, runs,
+                                                                                      tiny_dir, tmp_path):
+    """alignkit_adapter.json (what serving routes by: `route().positions`, and what the run summary reports) and
+    reft_config.json (what the weights were saved with and what the loaded model runs) from different saves, or one
+    edited. Before: the folder loaded without a word, generate edited f1+l1 while serve routed the edited 'l2'."""
+    folder = save_adapter(apply_adapter(load_model(tiny_dir("llama")), row.config()), tmp_path / "saved")
+    loaded = load_adapter(load_model(tiny_dir("llama")), folder)  # the folder as saved loads
+    assert adapter_of(loaded).route("a").positions == Positions.parse("f1+l1")
+    settings = json.loads((folder / "alignkit_adapter.json").read_text())
+    edit(settings["reft"])
+    (folder / "alignkit_adapter.json").write_text(json.dumps(settings))
+    base = load_model(tiny_dir("llama"))
+    with pytest.raises(ValueError) as e:
+        load_adapter(base, folder)
+    assert str(e.value).startswith(f"{folder}: alignkit_adapter.json says adapter.reft.{key}={said} but "
+                                   f"reft_config.json, which the weights were saved with, says {runs}"), str(e.value)
+    assert "\n" not in str(e.value) and "save the adapter again" in str(e.value)
+    assert adapter_of(base).kind == "full"  # refused before the model was wrapped

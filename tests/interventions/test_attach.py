@@ -391,7 +391,7 @@ def test_a_call_without_locations_on_an_adapter_without_a_spec_warns(tiny_lm, ca
     assert [r.getMessage() for r in caplog.records] == [
         "ReFT adapter 'default' has no position spec and this forward passes no intervention_locations, so it edits "
         "nothing (the output is the base model's); pass intervention_locations, or give it a spec "
-        "(set_positions('default', 'f1+l1'), or ReftConfig(positions=...))"]
+        "(set_positions('default', 'f1+l1'), ReftConfig(positions=...), or load_pyreft(..., positions=...))"]
 
 
 def test_interventions_follow_the_model_dtype(tiny_dir):

@@ -19,6 +19,7 @@ from alignkit.interventions.loading import load_pyreft, load_reft
 from alignkit.models.loading import load_model
 from tests.adapters.table import perturb
 from tests.interventions.table import INTERVENTION_ROWS
+from tests.interventions.test_pyreft_compat import orthonormal, pyreft_folder
 
 ROWS = [(r.kind, r.saved) for r in INTERVENTION_ROWS]  # (type, arguments): tests/interventions/table.py
 
@@ -241,3 +242,51 @@ def test_read_reft_weights_copies_in_place(tiny_lm, tmp_path):
     other = get_reft_model(tiny_lm(), ReftConfig.uniform([0], "noreft", low_rank_dimension=2))
     with pytest.raises(ValueError, match="differ from adapter 'default'"):
         read_reft_weights(other, folder)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["reft_config"]["representations"][0].update(layer=1), r"representations\[0\] has layer=1 but "
+     r"interventions\[0\], which its weights were saved from, has 0"),
+    (lambda m: m["reft_config"]["representations"][1].update(component="block_output"),
+     r"representations\[1\] has component='block_output' but interventions\[1\].* has 'mlp_output'"),
+    (lambda m: m["reft_config"]["representations"][0].update(intervention="noreft"),
+     r"representations\[0\] has intervention='noreft' but interventions\[0\].* has 'loreft'"),
+    (lambda m: m["reft_config"]["representations"][0].update(low_rank_dimension=2),
+     r"representations\[0\] has low_rank_dimension=2 but interventions\[0\].* has 3"),
+    (lambda m: m["interventions"][1]["spec"].update(dropout=0.3),  # the representation's None: the type's 0.0
+     r"representations\[1\] has dropout=0.0 but interventions\[1\].* has 0.3"),
+    (lambda m: m["interventions"][0]["spec"].update(act_fn="relu"),
+     r"representations\[0\] has act_fn=None but interventions\[0\].* has 'relu'"),
+])
+def test_the_two_halves_of_reft_config_json_that_disagree_are_refused(edit, message, tiny_lm, tmp_path):
+    """reft_config.json names each intervention twice: in `reft_config` (where the model attaches it) and in
+    `interventions` (where and as what its weights were saved, what is built). Before: an edited or mixed file
+    loaded the weights saved for layer 0 on layer 1 (or as rank / type / dropout the config did not say) silently."""
+    _, folder = saved(tiny_lm, tmp_path)
+    load_reft(tiny_lm("llama"), folder)  # as saved, it loads
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    edit(meta)
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"^{folder / CONFIG_NAME}: reft_config\.{message}.*save the adapter again"):
+        load_reft(tiny_lm("llama"), folder)
+
+
+def test_load_pyreft_takes_the_positions_pyreft_does_not_record(tiny_lm, tmp_path):
+    """pyreft saves no positions; given `positions`, a reloaded pyreft adapter's plain `generate` / forward edits the
+    prompt's last token exactly as explicit locations do, and the model can be saved as an alignkit adapter. Before:
+    no way to pass them, so `generate(**inputs)` edited nothing (the base model's output, one warning)."""
+    d = 64
+    state = {"weight": torch.randn(2, d), "bias": torch.randn(2), "rotate_layer": orthonormal(d, 2)}
+    folder = pyreft_folder(tmp_path / "pyreft", [(1, "block_output", "LoreftIntervention", state)])
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(1))
+    reft = load_pyreft(tiny_lm(), folder, positions="l1")
+    assert reft.adapter_configs["default"].positions == "l1"
+    with torch.no_grad():
+        plain = reft(input_ids=ids).logits
+        explicit = reft(input_ids=ids, intervention_locations=torch.tensor([[[5]], [[5]]])).logits
+        base = tiny_lm()(input_ids=ids).logits
+    assert torch.equal(plain, explicit) and not torch.allclose(plain, base)
+    reft.save_pretrained(tmp_path / "saved")
+    assert load_reft(tiny_lm(), tmp_path / "saved").adapter_configs["default"].positions == "l1"
+    with pytest.raises(ValueError, match="bad positions 'x3'"):
+        load_pyreft(tiny_lm(), folder, positions="x3")

@@ -184,3 +184,36 @@ def test_check_prompt_lengths_stops_on_an_empty_prompt_and_names_the_record(fres
     assert msg.startswith("data.path: ReFT positions 'f2+l2'") and "2 of 3 prompts are shorter (shortest: 1" in msg
     with pytest.raises(ConfigError, match=r"data.path: record b has an empty prompt \(1 of 3"):
         check_prompt_lengths("l1", True, [5, 0, 7], ["a", "b", "c"])
+
+
+def _pyreft_rule(length: int, f: int, l: int, share: bool) -> list[set[int]]:
+    """pyreft 0.1.0 `dataset.get_intervention_locations` (pad slots dropped): min(L // 2, n) of each group."""
+    f2, l2 = min(length // 2, f), min(length // 2, l)
+    first, last = set(range(f2)), set(range(length - l2, length))
+    return [first | last] * 2 if share or not (f2 and l2) else [first, last]
+
+
+# (L, share_weights, pyreft's positions per intervention (its output for "f3+l3", 2 interventions), alignkit's)
+SHORT_PROMPTS = [
+    (1, True, [set(), set()], [{0}, {0}]),
+    (4, True, [{0, 1, 2, 3}] * 2, [{0, 1, 2, 3}] * 2),
+    (4, False, [{0, 1}, {2, 3}], [{0, 1, 2}, {1, 2, 3}]),
+    (5, True, [{0, 1, 3, 4}] * 2, [{0, 1, 2, 3, 4}] * 2),
+    (5, False, [{0, 1}, {3, 4}], [{0, 1, 2}, {2, 3, 4}]),
+    (6, True, [{0, 1, 2, 3, 4, 5}] * 2, [{0, 1, 2, 3, 4, 5}] * 2),
+    (6, False, [{0, 1, 2}, {3, 4, 5}], [{0, 1, 2}, {3, 4, 5}]),
+]
+
+
+@pytest.mark.parametrize("length, share, pyreft, ours", SHORT_PROMPTS)
+def test_short_prompts_differ_from_pyreft_as_documented(length, share, pyreft, ours, fresh_warnings):
+    """docs/architecture.md ("Short prompts") and the module docstring: below 2·max(f, l) tokens alignkit edits every
+    position of the spec that exists, pyreft min(L // 2, n) per group; from there on they agree."""
+    locs = locations_from_spans("f3+l3", torch.tensor([0]), torch.tensor([length]), 2, share)[0]
+    assert [set(row[row >= 0].tolist()) for row in locs] == ours
+    assert _pyreft_rule(length, 3, 3, share) == pyreft
+    for spec, (f, l) in (("f3+l3", (3, 3)), ("f2+l1", (2, 1)), ("l2", (0, 2)), ("f1", (1, 0))):
+        for n in range(2 * max(f, l), 2 * max(f, l) + 3):
+            for s in (True, False):
+                got = locations_from_spans(spec, torch.tensor([0]), torch.tensor([n]), 2, s)[0]
+                assert [set(r[r >= 0].tolist()) for r in got] == _pyreft_rule(n, f, l, s), (spec, n, s)

@@ -199,3 +199,49 @@ def test_clear_errors_name_the_file_and_the_fix(tmp_path):
     (bad_json / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad_json/config\.json: not valid JSON"):
         read_pyreft_folder(bad_json)
+
+
+def test_loreft_checkpoint_by_hand(tmp_path):
+    """d=2, r=1, every number written out: R = [1, 0] (Rᵀ = [[1], [0]]), W = [[0, 1]], b = [0.5], h = [2, 3]:
+    Rh = 2, Wh + b = 3.5, Rᵀ(Wh + b − Rh) = [1.5, 0], so Φ(h) = [3.5, 3]."""
+    state = {"weight": torch.tensor([[0.0, 1.0]]), "bias": torch.tensor([0.5]), "rotate_layer": torch.tensor([[1.0], [0.0]])}
+    folder = pyreft_folder(tmp_path, [(0, "block_output", "LoreftIntervention", state)])
+    config = json.loads((folder / "config.json").read_text())
+    config["representations"][0][4] = 1  # low_rank_dimension
+    (folder / "config.json").write_text(json.dumps(config))
+    [item] = read_pyreft_folder(folder)
+    out = item.build().eval()(torch.tensor([[2.0, 3.0]]))
+    torch.testing.assert_close(out, torch.tensor([[3.5, 3.0]]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("index, value, match", [
+    (7, [[0, 1]], r"representation 0 sets subspace_partition=\[\[0, 1\]\]: it intervenes on subspaces"),
+    (8, 1, r"representation 0 sets group_key=1: it groups"),
+    (9, "shared", r"representation 0 sets intervention_link_key='shared': it shares one intervention"),
+    (10, "expert", r"representation 0 sets moe_key='expert'"),
+    (12, True, r"representation 0 sets hidden_source_representation=True: it swaps in a constant source"),
+    (14, "new", r"representation 0 has 15 fields, pyvene's RepresentationConfig 14"),
+    ("mode", "serial", r"config\.json: mode='serial'; alignkit runs every intervention in one forward pass"),
+    ("dict", {"layer": 0, "component": "block_output", "unit": "pos", "max_number_of_units": 1, "new_thing": 1},
+     r"representation 0 has unknown field\(s\) \['new_thing'\]"),
+])
+def test_pyvene_fields_alignkit_cannot_honour_are_refused(tmp_path, index, value, match):
+    """A pyvene setting alignkit has no equivalent for is refused naming the file, the representation and the
+    field: it used to be dropped, and the interventions loaded as if it were not there."""
+    state = {**linear(8), "rotate_layer": orthonormal(seed=8)}
+    folder = pyreft_folder(tmp_path, [(0, "block_output", "LoreftIntervention", state)])
+    config = json.loads((folder / "config.json").read_text())
+    if index == "mode":
+        config["mode"] = value
+    elif index == "dict":
+        config["representations"][0] = value
+    elif index == 14:
+        config["representations"][0] += [None, value]  # pyvene 0.1.8's 14 fields (latent_dim None) and one more
+    else:
+        config["representations"][0][index] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        read_pyreft_folder(folder)
+    config["mode"], config["representations"][0] = "parallel", [0, "block_output", "pos", 1, R_] + [None] * 9
+    (folder / "config.json").write_text(json.dumps(config))
+    assert len(read_pyreft_folder(folder)) == 1  # the same folder without it loads

@@ -17,14 +17,42 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignkit.adapters.base import SCORE_HEADS, Adapter, Route, head_names, is_reft, register_adapter, unwrap_lm, unwrap_parallel
-from alignkit.adapters.config import AdapterConfig, ReftSettings
+from alignkit.adapters.config import ADAPTER_CONFIG_NAME, AdapterConfig, ReftSettings
 from alignkit.interventions.attach import get_reft_model
-from alignkit.interventions.config import Positions
-from alignkit.interventions.io import read_reft_weights
+from alignkit.interventions.config import Positions, ReftConfig
+from alignkit.interventions.io import CONFIG_NAME, read_reft_weights, saved_reft_config
 from alignkit.interventions.loading import load_reft
 from alignkit.interventions.locate import is_peft_model
 
 HEAD_WEIGHTS_NAME = "modules_to_save.safetensors"
+
+
+def check_settings_match(settings: ReftSettings, saved: ReftConfig, folder: Path) -> None:
+    """Refuse (ValueError, one line) a folder whose `alignkit_adapter.json` (`adapter.reft`: what serving routes by and
+    what the run summary reports) and `reft_config.json` (what the weights were saved with and what the loaded model
+    runs) disagree on a representation or on the positions: the model would run one setting and say, or serve, the
+    other. Files from two saves mixed in one folder, or one of them edited by hand."""
+    def differs(key: str, have: Any, want: Any) -> ValueError:
+        return ValueError(f"{folder}: {ADAPTER_CONFIG_NAME} says adapter.reft.{key}={have!r} but {CONFIG_NAME}, which "
+                          f"the weights were saved with, says {want!r}, so the loaded model would run {want!r} while "
+                          f"serving and the run summary use {have!r}; the two files come from different saves or one "
+                          f"was edited: save the adapter again (or put back the file that was changed)")
+
+    ours = settings.config.representations if settings.config is not None else []
+    if len(ours) != len(saved.representations):
+        raise differs("config.representations", f"{len(ours)} representation(s)",
+                      f"{len(saved.representations)} representation(s)")
+    for i, (a, b) in enumerate(zip(ours, saved.representations)):
+        da, db = a.to_dict(), b.to_dict()
+        key = next((k for k in da if da[k] != db.get(k)), None)
+        if key is not None:
+            raise differs(f"config.representations[{i}].{key}", da[key], db.get(key))
+    if saved.positions is not None:  # folders saved before positions lived in reft_config.json have none
+        have, want = str(Positions.parse(settings.positions)), saved.positions
+        if have != want:
+            raise differs("positions", have, want)
+        if settings.share_weights != saved.share_weights:
+            raise differs("share_weights", settings.share_weights, saved.share_weights)
 
 
 @register_adapter
@@ -107,6 +135,7 @@ class Reft(Adapter):
 
     def load(self, model: nn.Module, folder: Path, trainable: bool) -> nn.Module:
         s = self.config.reft
+        check_settings_match(s, saved_reft_config(folder), Path(folder))  # before the model is wrapped
         out = load_reft(model, folder)
         if out.adapter_configs["default"].positions is None:  # folders saved before positions lived in reft_config.json
             out.set_positions("default", s.positions, s.share_weights)

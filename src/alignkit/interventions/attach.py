@@ -403,7 +403,8 @@ class ReftModel(nn.Module):
             self._warned_bare.add(name)
             logger.warning("ReFT adapter %r has no position spec and this %s passes no intervention_locations, so it "
                            "edits nothing (the output is the base model's); pass intervention_locations, or give it "
-                           "a spec (set_positions(%r, 'f1+l1'), or ReftConfig(positions=...))", name, call, name)
+                           "a spec (set_positions(%r, 'f1+l1'), ReftConfig(positions=...), or load_pyreft(..., positions=...))",
+                           name, call, name)
 
     def _active_slots(self) -> frozenset:
         return frozenset(s.pos for s in self.slots if self._active is None or s.adapter in self._active)

@@ -8,6 +8,9 @@
     interventions              per representation: layer, component, module path, and `spec`
                                (every constructor argument of the intervention, `Intervention.spec()`)
     weights_sha256             checksum of interventions.safetensors (a stale or corrupt pair fails)
+On load, each representation of `reft_config` must agree with its `interventions` entry (layer, component, type,
+every argument; None = the type's default): the weights are built from the entry and attached where the
+representation says, so a file edited or mixed from two saves is refused naming the key.
 `interventions.safetensors` holds only intervention weights, keyed `"<i>.<parameter name>"` with i the
 representation's index. Each file is written to a temporary name and renamed, so a crash never leaves
 a half-written file. Nothing is ever pickled. A new `ReftModel` from a folder: `interventions/loading.py`
@@ -17,6 +20,7 @@ a half-written file. Nothing is ever pickled. A new `ReftModel` from a folder: `
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -27,6 +31,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from alignkit.files import atomic_write
+from alignkit.interventions import intervention_types
 from alignkit.interventions.base import Intervention, build_intervention
 from alignkit.interventions.config import ReftConfig
 from alignkit.interventions.locate import find_decoder_layers, hf_model, hidden_size
@@ -108,6 +113,14 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def saved_reft_config(folder: str | Path) -> ReftConfig:
+    """The `ReftConfig` (representations, positions) that `folder`'s `reft_config.json` was saved with, read and
+    checked without building anything."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    return ReftConfig.from_dict(meta["reft_config"], where=f"{folder / CONFIG_NAME}: reft_config")
+
+
 def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
     saved, here = meta["base_model"], base_identity(model)
     for key in ("hidden_size", "num_layers"):
@@ -157,6 +170,33 @@ def _build(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, d
     return modules
 
 
+_NAMED = ("low_rank_dimension", "dropout", "act_fn", "add_bias", "embed_dim")  # RepresentationConfig's named arguments
+
+
+def _entry_differs(config: ReftConfig, meta: dict[str, Any]) -> tuple[int, str, Any, Any] | None:
+    """The first (i, key, representation's value, saved intervention's value) where `reft_config`'s representation i
+    and `interventions[i]` (where its weights were saved from, and what `_build` builds) disagree; None if none.
+    A representation argument left None means the type's default, compared with the spec's value."""
+    types = intervention_types()
+    for i, (rep, item) in enumerate(zip(config.representations, meta["interventions"])):
+        for key in ("layer", "component"):
+            if item.get(key) != getattr(rep, key):
+                return i, key, getattr(rep, key), item.get(key)
+        spec = item.get("spec") if isinstance(item.get("spec"), dict) else {}
+        if spec.get("type") != rep.intervention:
+            return i, "intervention", rep.intervention, spec.get("type")
+        params = inspect.signature(types[rep.intervention].__init__).parameters if rep.intervention in types else {}
+        want = {**{k: getattr(rep, k) for k in _NAMED}, **{k: v for k, v in rep.extra.items() if k != "dtype"}}
+        for key, value in want.items():
+            if value is None:  # the type's own default is what a None builds (embed_dim: the model's width)
+                if key == "embed_dim" or key not in params or params[key].default is inspect.Parameter.empty:
+                    continue
+                value = params[key].default
+            if key in spec and spec[key] != value:
+                return i, key, value, spec[key]
+    return None
+
+
 def load_adapter_into(reft_model: ReftModel, folder: str | Path, adapter_name: str = "default") -> None:
     """Attach the adapter saved in `folder` to `reft_model` under `adapter_name`."""
     folder = Path(folder)
@@ -167,6 +207,12 @@ def load_adapter_into(reft_model: ReftModel, folder: str | Path, adapter_name: s
     if len(config.representations) != len(meta["interventions"]):
         raise ValueError(f"{cfg_path}: {len(config.representations)} representations but "
                          f"{len(meta['interventions'])} interventions")
+    differs = _entry_differs(config, meta)
+    if differs is not None:  # else the weights saved for one place / setting load as the other, without a word
+        i, key, have, saved = differs
+        raise ValueError(f"{cfg_path}: reft_config.representations[{i}] has {key}={have!r} but interventions[{i}], "
+                         f"which its weights were saved from, has {saved!r}; the file was edited or mixed from two "
+                         "saves: save the adapter again (or put back the saved file)")
     tensors = _read_weights(folder / WEIGHTS_NAME, meta)
     modules = _build(meta, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
     reft_model.add_adapter(adapter_name, config, modules)

@@ -24,8 +24,13 @@ def load_reft(model: nn.Module, folder: str | Path, adapter_name: str = "default
 
 
 def load_pyreft(model: nn.Module, folder: str | Path, act_fn: str | None = None,
-                adapter_name: str = "default") -> ReftModel:
-    """Wrap `model` with the interventions of a pyreft checkpoint folder (`pyreft_compat`)."""
+                adapter_name: str = "default", positions: str | None = None,
+                share_weights: bool = True) -> ReftModel:
+    """Wrap `model` with the interventions of a pyreft checkpoint folder (`pyreft_compat`).
+
+    pyreft records neither `act_fn` nor the positions it trained on: pass them. With `positions` ("f1+l1", and
+    `share_weights` as in training) a call without `intervention_locations` (`generate(**inputs)`) edits those
+    positions and `save_adapter` can describe the model; without, such a call edits nothing (one warning)."""
     items = read_pyreft_folder(folder, act_fn=act_fn)
     width = hidden_size(hf_model(model))
     reps, modules = [], []
@@ -40,8 +45,9 @@ def load_pyreft(model: nn.Module, folder: str | Path, act_fn: str | None = None,
         reps.append(RepresentationConfig(layer=item.layer, component=item.component, intervention=kind,
                                          extra=spec, **named))
         modules.append(item.build())
+    config = ReftConfig(reps, positions=positions, share_weights=share_weights)  # a bad spec: before wrapping
     reft = ReftModel(model)
-    reft.add_adapter(adapter_name, ReftConfig(reps), modules)
+    reft.add_adapter(adapter_name, config, modules)
     return reft
 
 

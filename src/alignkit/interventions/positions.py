@@ -23,6 +23,11 @@ means position L - l + i, so the trailing slots stay filled), and with `share_we
 already covered by a first slot is -1 (de-duplicated: no position is edited twice by one intervention).
 An empty prompt (L = 0) gives all -1.
 
+This differs from pyreft on such prompts (pyreft 0.1.0 `get_intervention_locations`): pyreft takes min(L // 2, n)
+positions of each group, so for L = 5 and "f3+l3" it edits [0, 1] and [3, 4] (alignkit: all five), with
+share_weights=False the halves get [0, 1] / [3, 4] (alignkit: [0, 1, 2] / [2, 3, 4]), and for L = 1 it edits no
+prompt token (its unused slots point at a pad token it prepends). From L >= 2·max(f, l) on both agree.
+
 Such a prompt is edited at fewer positions than the spec names (the same rule in training, evaluation, generation
 and serving, so the model meets at inference what it was trained on), which is rarely what a user meant:
 `locations_from_spans` logs one warning per spec and process the first time it meets one (how many rows, the

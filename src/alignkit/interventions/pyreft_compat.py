@@ -18,6 +18,11 @@ other classes use torch's default names (`learned_source.weight`, `proj_layer.we
 `embed_dim` / `interchange_dim`. pyreft does not record `act_fn` or `dropout` anywhere; pass `act_fn`
 if the checkpoint was trained with one.
 
+Every field of a representation is read or refused: a pyvene setting alignkit has no equivalent for
+(`subspace_partition`, `group_key`, `intervention_link_key`, `moe_key`, a constant source representation, a
+field this reader does not know, `mode` "serial") stops the import with one line naming the file, the
+representation and the field, rather than loading the interventions as if it were not there.
+
 Tensors are read with `torch.load(..., weights_only=True)` only: no pickled code runs.
 
     for item in read_pyreft_folder("path/to/pyreft_ckpt"):
@@ -54,11 +59,13 @@ PYREFT_TYPE_MAPPING: dict[str, str] = {
     "LobireftIntervention": "lobireft",
 }
 
-# Field order of pyvene's RepresentationConfig namedtuple (config.json stores each one as a list).
-_REPRESENTATION_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
-                          "intervention_type", "intervention", "subspace_partition", "group_key",
-                          "intervention_link_key", "moe_key", "source_representation",
-                          "hidden_source_representation")
+# Field order of pyvene's RepresentationConfig namedtuple (config.json stores each one as a list; pyvene
+# 0.1.8 has all 14, older ones the first 13). `latent_dim` is read only by pyvene's autoencoder intervention,
+# a class alignkit refuses, so it has no meaning for the types imported here.
+REPRESENTATION_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
+                         "intervention_type", "intervention", "subspace_partition", "group_key",
+                         "intervention_link_key", "moe_key", "source_representation",
+                         "hidden_source_representation", "latent_dim")
 _PYVENE_BUFFERS = ("embed_dim", "interchange_dim")  # scalar tensors pyvene registers; not weights
 
 
@@ -73,7 +80,8 @@ class PyreftIntervention:
     state_dict:   alignkit parameter names -> tensors; `load_state_dict(strict=True)` accepts it.
     key:          pyvene's key for this representation; `weight_file` the file it came from.
     pyreft_class: pyreft's class name, e.g. "LoreftIntervention".
-    link_key:     pyvene's `intervention_link_key` (representations sharing one intervention), or None.
+    link_key:     pyvene's `intervention_link_key`; always None (a set one is refused: alignkit does not share
+                  one intervention between representations).
     """
 
     layer: int
@@ -98,6 +106,7 @@ def read_pyreft_folder(folder: str | Path, act_fn: str | None = None) -> list[Py
     config_path = _find_config(folder)
     folder = config_path.parent
     config = _read_config(config_path)
+    _check_mode(config, config_path)
     reps = config["representations"]
     types = config.get("intervention_types")
     if isinstance(types, str) or types is None:
@@ -156,16 +165,53 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+# pyvene fields that change what an intervention does but that alignkit has no equivalent for: set in a
+# checkpoint, they are refused rather than dropped (pyreft leaves every one of them unset).
+_UNSUPPORTED_FIELDS = {
+    "subspace_partition": "it intervenes on subspaces of the representation",
+    "group_key": "it groups interventions to run one after another",
+    "intervention_link_key": "it shares one intervention between representations (alignkit would load "
+                             "independent copies that training then pulls apart)",
+    "moe_key": "it routes through a mixture of interventions",
+    "source_representation": "it swaps in a constant source representation",
+    "hidden_source_representation": "it swaps in a constant source representation (not saved in the folder)",
+}
+
+
 def _representation(raw: Any, path: Path, i: int) -> dict[str, Any]:
+    """One pyvene RepresentationConfig (a list in field order, or a dict) as a dict; a field alignkit does not
+    know, or one it cannot honour (`_UNSUPPORTED_FIELDS`) when set, is refused in one line."""
     if isinstance(raw, list):
-        rep = dict(zip(_REPRESENTATION_FIELDS, raw))
+        if len(raw) > len(REPRESENTATION_FIELDS):
+            raise ValueError(f"{path}: representation {i} has {len(raw)} fields, pyvene's RepresentationConfig "
+                             f"{len(REPRESENTATION_FIELDS)} ({', '.join(REPRESENTATION_FIELDS)}); the extra ones "
+                             "come from a newer pyvene this reader does not know, so their meaning would be dropped")
+        rep = dict(zip(REPRESENTATION_FIELDS, raw))
     elif isinstance(raw, dict):
         rep = dict(raw)
+        unknown = sorted(set(rep) - set(REPRESENTATION_FIELDS))
+        if unknown:
+            raise ValueError(f"{path}: representation {i} has unknown field(s) {unknown}; pyvene's "
+                             f"RepresentationConfig has {list(REPRESENTATION_FIELDS)}, so their meaning would "
+                             "be dropped")
     else:
         raise ValueError(f"{path}: representation {i} is {type(raw).__name__}, expected a list or a dict")
+    for name, why in _UNSUPPORTED_FIELDS.items():
+        if rep.get(name) not in (None, False):
+            raise ValueError(f"{path}: representation {i} sets {name}={rep[name]!r}: {why}, which alignkit cannot "
+                             "import (pyreft never sets it); load this checkpoint with pyvene")
     defaults = {"layer": 0, "component": "block_output", "unit": "pos", "max_number_of_units": 1,
                 "low_rank_dimension": None}
     return {**defaults, **{k: v for k, v in rep.items() if v is not None}}
+
+
+def _check_mode(config: dict[str, Any], path: Path) -> None:
+    """pyvene's `mode`: "parallel" (pyreft's; every intervention edits the one forward pass) is what alignkit
+    runs; "serial" chains source runs through the interventions, which alignkit does not do."""
+    mode = config.get("mode", "parallel")
+    if mode != "parallel":
+        raise ValueError(f"{path}: mode={mode!r}; alignkit runs every intervention in one forward pass (pyvene's "
+                         "'parallel', what pyreft saves) and cannot import a 'serial' one; load it with pyvene")
 
 
 def _class_name(type_str: Any) -> str:
