@@ -52,6 +52,13 @@ class GRPOConfig(OnlineConfig):
         if self.advantage == "rloo" and not self.scale_by_std:
             raise ValueError("scale_by_std=False (Dr. GRPO) is read only by GRPO's advantage; RLOO's leave-one-out "
                              "baseline never divides by the std, so it would be ignored; remove it")
+        if self.advantage == "grpo" and self.scale_by_std and self.reward_normalization != "none" \
+                and self.reward_clip is None:
+            raise ValueError(f"reward_normalization={self.reward_normalization!r} is undone by GRPO's advantage, which "
+                             "standardises each prompt's rewards again ((r - group mean) / group std, scale_by_std="
+                             "True): a shift and scale of the rewards, per group or per step, cancels there, so it "
+                             "would be ignored; remove it, or set reward_clip (clipping the normalised rewards acts), "
+                             "or scale_by_std=False")
 
 
 @dataclass
