@@ -142,9 +142,9 @@ class OnlineDPOTrainer(OnlineTrainer):
                     f"({margin}){scores}", "lower method.feedback_kwargs.min_margin, or sample more responses per "
                     "prompt")
         # best_worst / random_pairs pair only samples whose scores differ: an all-equal group gives none (a tie)
-        return (f"every prompt's samples got the same reward{scores}",
+        return (f"every prompt's samples got the same reward{scores}{self.clipped_alike()}", self.clip_advice(
                 "a reward that never varies is usually a bug in the annotator" if seen is None else
-                self.check_annotator_advice())
+                self.check_annotator_advice()))
 
     def stall_cause(self, seen: str) -> tuple[str, str]:
         why, fix = self.no_pair_reason(seen)
