@@ -362,6 +362,25 @@ def test_sample_weights_give_a_weighted_mean_under_both_aggregations(tiny_dir, t
     assert float(halves) == pytest.approx(float(ones), rel=1e-6)
 
 
+
+@pytest.mark.parametrize("cls, config", [(GRPOTrainer, GRPOConfig), (PPOTrainer, PPOConfig),
+                                         (OnlineDPOTrainer, OnlineDPOConfig)])
+def test_prompts_all_weighted_0_are_refused_before_the_run(tiny_dir, tokenizer, tmp_path, cls, config):
+    """Prompt records whose every weight is 0 gave each sample (and pair) loss weight 0: loss 0 and grad_norm 0 at every
+    step, and the model saved unchanged, exit 0. Now the trainer refuses them when built, before the run folder; one
+    record with a weight > 0 trains."""
+    from alignkit.data.records import DataError, PromptRecord
+
+    zero = [PromptRecord(p, weight=0.0, id=f"p{i}") for i, p in enumerate(PROMPTS)]
+    cfg = small(config, **({"epochs_per_step": 1} if config is PPOConfig else {}))
+    with pytest.raises(DataError, match=re.escape(
+            f"{cls.__name__}: every one of the {len(PROMPTS)} training example(s) has weight 0, so every loss term is "
+            "0 and nothing would be learned; give examples a weight > 0")):
+        cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, zero, DIGITS, cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    zero[1] = PromptRecord(PROMPTS[1], weight=0.5, id="p1")
+    assert len(cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, zero, DIGITS, cfg).prompts) == len(PROMPTS)
+
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
 def test_gradient_accumulation_gives_the_minibatch_update(tiny_dir, tokenizer, aggregation):
     """Minibatches of 4 of the step's 8 samples, split into 3 micro-batches (2+1+1 samples, one backward each),
