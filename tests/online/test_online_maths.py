@@ -100,6 +100,46 @@ def test_grpo_advantage_undoes_reward_normalisation_so_the_configs_refuse_it():
         assert OnlineDPOConfig(sampling=sampling, reward_normalization="group", **kw).reward_normalization == "group"
 
 
+def test_k1_in_the_loss_has_no_expected_kl_gradient_so_grpo_refuses_it():
+    """One position, a policy over 5 tokens: the expected gradient of a KL term in the loss is
+    sum_a pi(a) grad KL_est(a) (what sampled tokens average to). For k1 = log pi - log ref it is
+    sum_a pi(a) grad log pi(a) = grad sum_a pi(a) = 0: GRPOConfig(kl_estimator='k1', kl_coef=0.1) trained with no pull
+    toward the reference at all. k2's is the exact gradient of KL(pi || ref) (sum_a grad pi(a) (log pi - log ref));
+    k3's, sum_a (pi(a) - ref(a)) grad log pi(a), is not 0. Now k1 with kl_coef > 0 is refused; k1 stays the logged KL's
+    estimator with kl_coef 0."""
+    from alignkit.losses import clipped_policy_loss
+    from alignkit.online import GRPOConfig, RLOOConfig
+
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([1.0, 0.5, -0.5, 0.2, 0.0], dtype=torch.float64), -1)
+    tokens = torch.arange(5)
+
+    def expected_grad(estimator: str) -> torch.Tensor:
+        logp = torch.log_softmax(theta, -1)
+        rows = logp[tokens][:, None]  # (5, 1): every token as one sampled row of length 1
+        out = clipped_policy_loss(rows, rows.detach(), torch.zeros(5, dtype=torch.float64), torch.ones(5, 1),
+                                  ref_logps=ref[tokens][:, None], kl_coef=1.0, kl_estimator=estimator)
+        weights = logp.detach().exp()  # each row weighted by its probability: the exact expectation
+        (g,) = torch.autograd.grad((out.losses * weights).sum(), theta)
+        return g
+
+    assert expected_grad("k1").abs().max().item() < 1e-12
+    logp = torch.log_softmax(theta, -1)
+    (true_kl_grad,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta)  # grad KL(pi || ref)
+    assert expected_grad("k2").tolist() == pytest.approx(true_kl_grad.tolist(), abs=1e-12)
+    k3 = expected_grad("k3")
+    assert k3.abs().max().item() > 1e-2 and float(k3 @ true_kl_grad) > 0  # it moves toward the reference
+
+    sampling = SamplingConfig(num_samples=4, max_new_tokens=4)
+    for config, kw in ((GRPOConfig, {"kl_coef": 0.1}), (RLOOConfig, {"kl_coef": 0.1, "kl_target": 2.0})):
+        with pytest.raises(ValueError, match=re.escape(
+                "kl_estimator='k1' as a loss term does not pull the policy toward the reference: its gradient is "
+                "kl_coef x grad log pi(sampled token), whose mean over the policy's own samples is 0")):
+            config(sampling=sampling, kl_estimator="k1", **kw)
+    assert GRPOConfig(sampling=sampling, kl_estimator="k1", kl_coef=0.0, reference="copy").kl_estimator == "k1"
+    assert GRPOConfig(sampling=sampling, kl_estimator="k2", kl_coef=0.1).kl_estimator == "k2"
+
+
 def test_ppo_advantages_on_three_tokens_by_hand():
     # one row laid out like a rollout: a prompt position, 3 response tokens, a pad position
     mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])

@@ -308,8 +308,10 @@ def test_ppo_whitening_is_over_the_scored_samples(tiny_dir, tokenizer):
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
     # a LoReFT adapter is not the identity at init, so the policy already differs from its reference
+    # k1 has no KL penalty in GRPO's loss (refused with kl_coef > 0): its logged KL with the reference asked for
+    coef = 0.0 if estimator == "k1" else 0.2
     trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS,
-                          small(GRPOConfig, kl_estimator=estimator, kl_coef=0.2))
+                          small(GRPOConfig, kl_estimator=estimator, kl_coef=coef, reference="adapter_off"))
     r = trainer.score(trainer.generate(PROMPTS[:2], 0))
     per_seq, per_token = [], []
     for lp, rp, m in zip(r.old_logps.tolist(), r.ref_logps.tolist(), r.mask.tolist()):
@@ -328,7 +330,8 @@ def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
     with torch.no_grad():
         loss, _ = trainer.policy_loss(trainer.build_batch(r), torch.arange(len(r.samples)))
     lens = r.mask.sum(-1).tolist()
-    assert float(loss) == pytest.approx(0.2 * sum(s / n for s, n in zip(per_seq, lens)) / len(lens), rel=1e-4)
+    assert float(loss) == pytest.approx(coef * sum(s / n for s, n in zip(per_seq, lens)) / len(lens), rel=1e-4,
+                                        abs=1e-9)
 
 
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
