@@ -269,6 +269,19 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
     ("ppo", "ppo-tiny.yaml", ["sampling.num_samples=1", "method.reward_normalization=group"],
      "reward_normalization='group' normalises each prompt's rewards within its sampling.num_samples samples, and "
      "num_samples is 1", ["sampling.num_samples=2"]),
+    # GRPO's advantage standardises each group again: a reward normalisation cancelled in it
+    ("grpo", "grpo-tiny.yaml", ["method.reward_normalization=group"],
+     "method: reward_normalization='group' is undone by GRPO's advantage", ["method.reward_clip=3.0"]),
+    ("grpo", "grpo-tiny.yaml", ["method.reward_normalization=running"],
+     "method: reward_normalization='running' is undone by GRPO's advantage", ["method.scale_by_std=false"]),
+    # best_worst pairs follow the rewards' order, which a normalisation keeps: only margins read its scale
+    ("online-dpo", "online-dpo-tiny.yaml", ["method.reweighters=[]", "method.reward_normalization=running"],
+     "method: online DPO config: reward_normalization='running' shifts and scales the rewards",
+     ["method.reweighters=[margin_linear]"]),
+    # only a stop string's cut reads it: without sampling.stop every response was the same
+    ("grpo", "grpo-tiny.yaml", ["sampling.include_stop_str_in_output=true"],
+     "sampling: SamplingConfig.include_stop_str_in_output=True keeps the stop string that ended a response in its "
+     "text, and SamplingConfig.stop is empty, so it would be ignored", ["sampling.stop=[END]"]),
     # SLiC's hinge / regulariser and the sft term have no beta (it only scaled the logged rewards)
     ("dpo", "dpo-tiny.yaml", ["method.loss_type=slic", "method.beta=0.5"],
      "method.beta: no loss of loss_type ['slic'] reads it", ["method.loss_type=[slic, sigmoid]"]),

@@ -195,6 +195,12 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("grpo", "method.loss_type=dapo", "method.aggregation"),
     ("grpo", "method.scale_rewards=false", "method.scale_by_std"),
     ("grpo", "method.mask_truncated_completions=true", "alignkit has no equivalent"),
+    # TRL 1.16's sampling and loss keys without an equivalent: the lines say why (what the loss scores)
+    ("grpo", "sampling.min_p=0.1", "alignkit has no equivalent (samples come from the policy at sampling.temperature"),
+    ("grpo", "sampling.repetition_penalty=1.1", "pinned to 1: a penalised sample is not drawn from the policy"),
+    ("grpo", "method.delta=4.0", "method.dual_clip bounds the loss of negative advantages instead"),
+    ("rloo", "method.normalize_advantages=true", "rloo's leave-one-out advantages are not rescaled per batch"),
+    ("grpo", "method.vllm_importance_sampling_correction=true", "pi_old is the trainer's own log-probs"),
     ("rloo", "method.use_vllm=true", "method.generation_backend=vllm"),
     ("online-dpo", "train.beta=0.2", "method.beta for dpo, kto and online-dpo")])
 def test_trls_config_names_say_what_alignkit_has_instead(command, key, says):

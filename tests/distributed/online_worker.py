@@ -57,8 +57,9 @@ def CASES(case: str):
         return OnlineDPOTrainer, "full", OnlineDPOConfig(beta=0.5, loss_type="simpo", **common)
     if case == "grpo-eval":  # held-out evaluation after every step, each rank on its share of EVAL_PROMPTS
         return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, eval_steps=1, **common)
-    if case == "grpo-adam":  # AdamW (optimizer state to checkpoint), "running" reward moments (their state too)
-        return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, reward_normalization="running",
+    if case == "grpo-adam":  # AdamW (optimizer state to checkpoint), "running" reward moments (their state too; they
+        #   scale Dr. GRPO's advantage: GRPO's std would undo them, and is refused with them)
+        return GRPOTrainer, "lora", GRPOConfig(kl_coef=0.1, reward_normalization="running", scale_by_std=False,
                                                **{**common, "optimizer": "adamw"})
     if case == "grpo-vllm":  # vLLM generation: one engine in one process; several processes are refused
         return GRPOTrainer, "lora", GRPOConfig(generation_backend="vllm", **common)

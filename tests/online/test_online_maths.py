@@ -4,11 +4,13 @@ clipping, and the PPO batch's token rewards, GAE advantages and returns on a 3-t
 from __future__ import annotations
 
 import math
+import re
 import statistics
 
 import pytest
 import torch
 
+from alignkit.online.generation import SamplingConfig
 from alignkit.online.normalize import RunningMoments, group_normalize, normalize_rewards
 from alignkit.online.ppo import ppo_advantages
 
@@ -52,6 +54,90 @@ def test_group_normalisation_by_hand():
         group_normalize(torch.ones(5), 3)
     with pytest.raises(ValueError, match="unknown"):
         normalize_rewards(r, "batch")
+
+
+def test_grpo_advantage_undoes_reward_normalisation_so_the_configs_refuse_it():
+    """GRPO's advantage (r - group mean) / (group std + 1e-4) standardises each group again, so a "group" or "running"
+    reward_normalization (a shift and a positive scale) cancelled in it: accepted, and the advantages were those of
+    the raw rewards. Online DPO's best_worst pairs follow the rewards' order, which a normalisation keeps. Both
+    configs now refuse it where nothing reads the scale; a clip, Dr. GRPO, RLOO or a margin reader still build."""
+    from alignkit.losses import group_advantages, rloo_advantages
+    from alignkit.online import GRPOConfig, OnlineDPOConfig, RLOOConfig
+    from alignkit.online.feedback import best_worst_pairs
+    from alignkit.online.generation import Sample
+
+    raw = torch.tensor([1.0, 3.0, 2.0, 6.0])  # one prompt's 4 samples: mean 3, unbiased variance 14 / 3
+    by_hand = [d / (math.sqrt(14 / 3) + 1e-4) for d in (-2.0, 0.0, -1.0, 3.0)]
+    assert group_advantages(raw, 4).tolist() == pytest.approx(by_hand, rel=1e-5)
+    for mode in ("group", "running"):
+        normed = normalize_rewards(raw, mode, group_size=4, moments=RunningMoments())
+        assert group_advantages(normed, 4).tolist() == pytest.approx(by_hand, rel=1e-3)  # the same advantages
+    # RLOO keeps the scale: (r_i - mean of the 3 others) = 4/3 (r_i - 3) of the raw rewards, divided by their std
+    assert rloo_advantages(group_normalize(raw, 4), 4).tolist() == pytest.approx(
+        [4 / 3 * d / (math.sqrt(14 / 3) + 1e-4) for d in (-2.0, 0.0, -1.0, 3.0)], rel=1e-5)
+    samples = [Sample("p", str(i), [1], [2], "eos", group=0, index=i) for i in range(4)]
+    pair = best_worst_pairs(samples, raw.tolist())[0].meta
+    assert (pair["chosen_index"], pair["rejected_index"]) == (3, 0)
+    assert best_worst_pairs(samples, group_normalize(raw, 4).tolist())[0].meta["chosen_index"] == 3  # the same pair
+
+    sampling = SamplingConfig(num_samples=4, max_new_tokens=4)
+    for mode in ("group", "running"):
+        with pytest.raises(ValueError, match=re.escape(
+                f"reward_normalization={mode!r} is undone by GRPO's advantage, which standardises each prompt's "
+                "rewards again ((r - group mean) / group std, scale_by_std=True)")):
+            GRPOConfig(sampling=sampling, reward_normalization=mode)
+        with pytest.raises(ValueError, match=re.escape(
+                f"online DPO config: reward_normalization={mode!r} shifts and scales the rewards (by a positive "
+                "factor, per group or per step), which keeps their order, and feedback='best_worst' pairs samples by "
+                "that order; nothing here reads their scale")):
+            OnlineDPOConfig(sampling=sampling, reward_normalization=mode)
+    with pytest.raises(ValueError, match=r"reward_clip=1\.0 acts on each response's reward, and feedback='judge_pairs'"):
+        OnlineDPOConfig(sampling=sampling, feedback="judge_pairs", reward_clip=1.0)
+    for kw in ({"reward_clip": 2.0}, {"scale_by_std": False}):
+        assert GRPOConfig(sampling=sampling, reward_normalization="group", **kw).reward_normalization == "group"
+    assert RLOOConfig(sampling=sampling, reward_normalization="running").reward_normalization == "running"
+    for kw in ({"reward_clip": 2.0}, {"feedback_kwargs": {"min_margin": 0.5}}, {"reweighters": ["margin_sigmoid"]}):
+        assert OnlineDPOConfig(sampling=sampling, reward_normalization="group", **kw).reward_normalization == "group"
+
+
+def test_k1_in_the_loss_has_no_expected_kl_gradient_so_grpo_refuses_it():
+    """One position, a policy over 5 tokens: the expected gradient of a KL term in the loss is
+    sum_a pi(a) grad KL_est(a) (what sampled tokens average to). For k1 = log pi - log ref it is
+    sum_a pi(a) grad log pi(a) = grad sum_a pi(a) = 0: GRPOConfig(kl_estimator='k1', kl_coef=0.1) trained with no pull
+    toward the reference at all. k2's is the exact gradient of KL(pi || ref) (sum_a grad pi(a) (log pi - log ref));
+    k3's, sum_a (pi(a) - ref(a)) grad log pi(a), is not 0. Now k1 with kl_coef > 0 is refused; k1 stays the logged KL's
+    estimator with kl_coef 0."""
+    from alignkit.losses import clipped_policy_loss
+    from alignkit.online import GRPOConfig, RLOOConfig
+
+    theta = torch.tensor([0.3, -1.2, 0.8, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([1.0, 0.5, -0.5, 0.2, 0.0], dtype=torch.float64), -1)
+    tokens = torch.arange(5)
+
+    def expected_grad(estimator: str) -> torch.Tensor:
+        logp = torch.log_softmax(theta, -1)
+        rows = logp[tokens][:, None]  # (5, 1): every token as one sampled row of length 1
+        out = clipped_policy_loss(rows, rows.detach(), torch.zeros(5, dtype=torch.float64), torch.ones(5, 1),
+                                  ref_logps=ref[tokens][:, None], kl_coef=1.0, kl_estimator=estimator)
+        weights = logp.detach().exp()  # each row weighted by its probability: the exact expectation
+        (g,) = torch.autograd.grad((out.losses * weights).sum(), theta)
+        return g
+
+    assert expected_grad("k1").abs().max().item() < 1e-12
+    logp = torch.log_softmax(theta, -1)
+    (true_kl_grad,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), theta)  # grad KL(pi || ref)
+    assert expected_grad("k2").tolist() == pytest.approx(true_kl_grad.tolist(), abs=1e-12)
+    k3 = expected_grad("k3")
+    assert k3.abs().max().item() > 1e-2 and float(k3 @ true_kl_grad) > 0  # it moves toward the reference
+
+    sampling = SamplingConfig(num_samples=4, max_new_tokens=4)
+    for config, kw in ((GRPOConfig, {"kl_coef": 0.1}), (RLOOConfig, {"kl_coef": 0.1, "kl_target": 2.0})):
+        with pytest.raises(ValueError, match=re.escape(
+                "kl_estimator='k1' as a loss term does not pull the policy toward the reference: its gradient is "
+                "kl_coef x grad log pi(sampled token), whose mean over the policy's own samples is 0")):
+            config(sampling=sampling, kl_estimator="k1", **kw)
+    assert GRPOConfig(sampling=sampling, kl_estimator="k1", kl_coef=0.0, reference="copy").kl_estimator == "k1"
+    assert GRPOConfig(sampling=sampling, kl_estimator="k2", kl_coef=0.1).kl_estimator == "k2"
 
 
 def test_ppo_advantages_on_three_tokens_by_hand():

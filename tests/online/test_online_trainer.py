@@ -308,8 +308,10 @@ def test_ppo_whitening_is_over_the_scored_samples(tiny_dir, tokenizer):
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
     # a LoReFT adapter is not the identity at init, so the policy already differs from its reference
+    # k1 has no KL penalty in GRPO's loss (refused with kl_coef > 0): its logged KL with the reference asked for
+    coef = 0.0 if estimator == "k1" else 0.2
     trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "reft"), tokenizer, PROMPTS, DIGITS,
-                          small(GRPOConfig, kl_estimator=estimator, kl_coef=0.2))
+                          small(GRPOConfig, kl_estimator=estimator, kl_coef=coef, reference="adapter_off"))
     r = trainer.score(trainer.generate(PROMPTS[:2], 0))
     per_seq, per_token = [], []
     for lp, rp, m in zip(r.old_logps.tolist(), r.ref_logps.tolist(), r.mask.tolist()):
@@ -328,7 +330,8 @@ def test_kl_metric_uses_the_chosen_estimator(tiny_dir, tokenizer, estimator):
     with torch.no_grad():
         loss, _ = trainer.policy_loss(trainer.build_batch(r), torch.arange(len(r.samples)))
     lens = r.mask.sum(-1).tolist()
-    assert float(loss) == pytest.approx(0.2 * sum(s / n for s, n in zip(per_seq, lens)) / len(lens), rel=1e-4)
+    assert float(loss) == pytest.approx(coef * sum(s / n for s, n in zip(per_seq, lens)) / len(lens), rel=1e-4,
+                                        abs=1e-9)
 
 
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
@@ -361,6 +364,25 @@ def test_sample_weights_give_a_weighted_mean_under_both_aggregations(tiny_dir, t
                                             rel=1e-5)
     assert float(halves) == pytest.approx(float(ones), rel=1e-6)
 
+
+
+@pytest.mark.parametrize("cls, config", [(GRPOTrainer, GRPOConfig), (PPOTrainer, PPOConfig),
+                                         (OnlineDPOTrainer, OnlineDPOConfig)])
+def test_prompts_all_weighted_0_are_refused_before_the_run(tiny_dir, tokenizer, tmp_path, cls, config):
+    """Prompt records whose every weight is 0 gave each sample (and pair) loss weight 0: loss 0 and grad_norm 0 at every
+    step, and the model saved unchanged, exit 0. Now the trainer refuses them when built, before the run folder; one
+    record with a weight > 0 trains."""
+    from alignkit.data.records import DataError, PromptRecord
+
+    zero = [PromptRecord(p, weight=0.0, id=f"p{i}") for i, p in enumerate(PROMPTS)]
+    cfg = small(config, **({"epochs_per_step": 1} if config is PPOConfig else {}))
+    with pytest.raises(DataError, match=re.escape(
+            f"{cls.__name__}: every one of the {len(PROMPTS)} training example(s) has weight 0, so every loss term is "
+            "0 and nothing would be learned; give examples a weight > 0")):
+        cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, zero, DIGITS, cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    zero[1] = PromptRecord(PROMPTS[1], weight=0.5, id="p1")
+    assert len(cls(toy_policy(tiny_dir("llama"), "lora"), tokenizer, zero, DIGITS, cfg).prompts) == len(PROMPTS)
 
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum"])
 def test_gradient_accumulation_gives_the_minibatch_update(tiny_dir, tokenizer, aggregation):

@@ -106,7 +106,7 @@ CHANGED = [
     ({"sampling": {"temperature": 0.7}}, "sampling.temperature: 1.0 -> 0.7"),
     ({"sampling": {"num_samples": 4}}, "sampling.num_samples: 2 -> 4"),
     ({"sampling": {"max_new_tokens": 3}}, "sampling.max_new_tokens: 2 -> 3"),
-    ({"kl_estimator": "k1"}, "kl_estimator: 'k3' -> 'k1'"),
+    ({"kl_estimator": "k2"}, "kl_estimator: 'k3' -> 'k2'"),
     ({"entropy_coef": 0.01}, "entropy_coef: 0.0 -> 0.01"),
     ({"kl_coef": 0.1, "learning_rate": 2e-2}, "kl_coef: 0.05 -> 0.1; learning_rate: 0.01 -> 0.02"),
     ({"fn": other}, f"annotator.fn: '{switch.__module__}:switch' -> '{other.__module__}:other'"),

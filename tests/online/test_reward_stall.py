@@ -115,6 +115,36 @@ def test_ppo_counts_a_reward_that_varies_between_prompts_as_signal(tiny_dir, tok
         grpo.train()
 
 
+@pytest.mark.parametrize("cls, config, keys", [(GRPOTrainer, GRPOConfig, {}), (RLOOTrainer, RLOOConfig, {}),
+                                               (PPOTrainer, PPOConfig, {"epochs_per_step": 1})])
+def test_a_reward_clip_below_every_score_is_no_signal(tiny_dir, tokenizer, tmp_path, caplog, cls, config, keys):
+    """method.reward_clip=1 clamps scores of 2 and more to 1: every reward alike, every advantage 0 (GRPO / RLOO) or
+    a constant for PPO's value head, while the raw scores differed, so the step counted as having signal: the run
+    trained on nothing but the KL term, without a word, exit 0. Now such a step is flat: warned about, and
+    stall_steps of them stop the run naming the clip and its fix."""
+    calls = []
+
+    def differing(prompt, response: str) -> float:
+        calls.append(1)
+        return float(len(calls) % 2) + 2.0  # 3, 2, 3, 2, ...: each prompt's 2 samples differ
+
+    trainer = _trainer(tiny_dir, tokenizer, tmp_path, cls, config, differing, steps=4, stall=2, reward_clip=1.0,
+                       **keys)
+    with caplog.at_level("WARNING"), pytest.raises(RewardStallError) as err:
+        trainer.train()
+    line = str(err.value)
+    assert (err.value.first, err.value.last) == (1, 2), line
+    assert "(scores from 2 to 3) after method.reward_clip=1.0 (the scores differed; the clip at +-1.0 made them alike)" \
+        in line, line
+    assert line.endswith("Raise method.reward_clip above the rewards' spread, or remove it, or set "
+                         "method.stall_steps=0 to train on anyway"), line
+    assert "got the same reward after method.reward_clip=1.0" in caplog.text
+    # a clip above the scores leaves them apart: signal at every step, the run ends normally
+    trainer = _trainer(tiny_dir, tokenizer, tmp_path / "wide", cls, config, differing, steps=2, stall=2,
+                       reward_clip=5.0, **keys)
+    assert len(trainer.train()) == 2
+
+
 def test_the_cli_stops_a_run_without_reward_signal_in_one_line(tmp_path, capsys):
     """`alignkit grpo` with a keyword reward whose keyword never occurs: exit 2 and one line (the run's rows kept)."""
     from pathlib import Path

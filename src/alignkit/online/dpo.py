@@ -27,7 +27,7 @@ from alignkit.losses import (KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams,
 from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample
-from alignkit.online.reweighting import reweight
+from alignkit.online.reweighting import build_reweighter, reweight
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.trainers.pairs import pair_batch
@@ -60,6 +60,7 @@ class OnlineDPOConfig(OnlineConfig):
         # feedback_kwargs the pair builder does not take, or a reweighter these pairs cannot feed, stopped the first
         # step (after the trainer's folder was written): refused here, as `alignkit online-dpo` does
         check_feedback(self.feedback, self.feedback_kwargs, self.reweighters)
+        self.refuse_unread_reward_scale()
         if isinstance(self.params, dict):
             self.params = PreferenceParams(**self.params)
         resolve_params(self.params, self.beta, "OnlineDPOConfig")
@@ -69,6 +70,29 @@ class OnlineDPOConfig(OnlineConfig):
                 raise ValueError(f"online DPO config: {key}={getattr(self, key)!r} sets the KL penalty of GRPO / RLOO / "
                                  "PPO, and online DPO's preference loss has none (its pull toward the reference is "
                                  "beta), so it would be ignored; remove it (set beta, or params.beta, instead)")
+
+    def refuse_unread_reward_scale(self) -> None:
+        """reward_normalization / reward_clip where nothing reads them: judge_pairs gives no reward; otherwise pairs
+        follow the rewards' order, which a normalisation (a shift and a positive scale, per group or per step) keeps,
+        so it acts only through what reads the rewards' scale (min_margin, a reweighter reading margins or scores, a
+        reward_clip: clipped rewards can tie)."""
+        if self.feedback == "judge_pairs":
+            for key in ("reward_normalization", "reward_clip"):
+                if getattr(self, key) != OnlineConfig.__dataclass_fields__[key].default:
+                    raise ValueError(f"online DPO config: {key}={getattr(self, key)!r} acts on each response's "
+                                     "reward, and feedback='judge_pairs' gives none (the judge compares pairs), so it "
+                                     f"would be ignored; remove {key} or use another feedback")
+            return
+        if self.reward_normalization == "none" or self.reward_clip is not None:
+            return
+        readers = [build_reweighter(spec) for spec in self.reweighters]
+        if self.feedback_kwargs.get("min_margin") or any(r.reads_margin or r.reads_meta for r in readers):
+            return
+        raise ValueError(f"online DPO config: reward_normalization={self.reward_normalization!r} shifts and scales "
+                         "the rewards (by a positive factor, per group or per step), which keeps their order, and "
+                         f"feedback={self.feedback!r} pairs samples by that order; nothing here reads their scale "
+                         "(feedback_kwargs.min_margin, a margin reweighter such as margin_sigmoid, reward_clip), so "
+                         "it would be ignored; remove it or set one of those")
 
 
 @dataclass
@@ -118,9 +142,9 @@ class OnlineDPOTrainer(OnlineTrainer):
                     f"({margin}){scores}", "lower method.feedback_kwargs.min_margin, or sample more responses per "
                     "prompt")
         # best_worst / random_pairs pair only samples whose scores differ: an all-equal group gives none (a tie)
-        return (f"every prompt's samples got the same reward{scores}",
+        return (f"every prompt's samples got the same reward{scores}{self.clipped_alike()}", self.clip_advice(
                 "a reward that never varies is usually a bug in the annotator" if seen is None else
-                self.check_annotator_advice())
+                self.check_annotator_advice()))
 
     def stall_cause(self, seen: str) -> tuple[str, str]:
         why, fix = self.no_pair_reason(seen)

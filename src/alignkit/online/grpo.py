@@ -13,7 +13,8 @@ sampled, frozen for the step's `epochs_per_step` passes over it):
              - entropy_coef H_t
     loss_i = mean_t loss_t over y_i's tokens ("sequence_mean", GRPO), then sum_i w_i loss_i / sum_i w_i
 
-KL_t is the k1, k2 or k3 estimator (`config.kl_estimator`, k3 by default as in GRPO); beta is the KL
+KL_t is the k2 or k3 estimator (`config.kl_estimator`, k3 by default as in GRPO; k1 with kl_coef > 0 is refused:
+as a loss term its gradient beta grad log pi has mean 0 over the policy's samples); beta is the KL
 controller's value (fixed, or adaptive towards `kl_target`). The maths lives in
 `alignkit.losses.policy` (`group_advantages`, `rloo_advantages`, `clipped_policy_loss`).
 """
@@ -52,6 +53,18 @@ class GRPOConfig(OnlineConfig):
         if self.advantage == "rloo" and not self.scale_by_std:
             raise ValueError("scale_by_std=False (Dr. GRPO) is read only by GRPO's advantage; RLOO's leave-one-out "
                              "baseline never divides by the std, so it would be ignored; remove it")
+        if self.kl_estimator == "k1" and (self.kl_coef != 0 or self.kl_target is not None):
+            raise ValueError("kl_estimator='k1' as a loss term does not pull the policy toward the reference: its "
+                             "gradient is kl_coef x grad log pi(sampled token), whose mean over the policy's own "
+                             "samples is 0, so kl_coef would act only as noise (and, with sequence_mean, as a length "
+                             "bonus); use k3 (GRPO's, TRL's) or k2, or kl_coef 0 (PPO puts k1 in the rewards instead)")
+        if self.advantage == "grpo" and self.scale_by_std and self.reward_normalization != "none" \
+                and self.reward_clip is None:
+            raise ValueError(f"reward_normalization={self.reward_normalization!r} is undone by GRPO's advantage, which "
+                             "standardises each prompt's rewards again ((r - group mean) / group std, scale_by_std="
+                             "True): a shift and scale of the rewards, per group or per step, cancels there, so it "
+                             "would be ignored; remove it, or set reward_clip (clipping the normalised rewards acts), "
+                             "or scale_by_std=False")
 
 
 @dataclass

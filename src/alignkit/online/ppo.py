@@ -90,16 +90,16 @@ class PPOTrainer(OnlineTrainer):
     def no_signal(self, metrics: dict[str, float]) -> tuple[str, str] | None:
         if not getattr(self, "_step_flat", False):
             return None
-        return ("every response of this step got the same reward, so the reward tells no response from another "
-                "(the value head learns the constant; only the KL penalty moves the policy); a reward that never "
-                "varies is usually a bug in the annotator",
+        return (f"every response of this step got the same reward{self.clipped_alike()}, so the reward tells no "
+                "response from another (the value head learns the constant; only the KL penalty moves the policy); "
+                + self.clip_advice("a reward that never varies is usually a bug in the annotator"),
                 "had responses with different rewards (every response scored alike at all {steps} step(s)): the "
                 "rewards did not move the policy")
 
     def stall_cause(self, seen: str) -> tuple[str, str]:
-        return (f"every response got the same reward from {self.annotator.source()} ({seen}): the value head learns "
-                "that constant and the advantages then carry only the KL penalty, nothing from the reward",
-                self.check_annotator_advice())
+        return (f"every response got the same reward from {self.annotator.source()} ({seen}){self.clipped_alike()}: "
+                "the value head learns that constant and the advantages then carry only the KL penalty, nothing from "
+                "the reward", self.clip_advice(self.check_annotator_advice()))
 
     @property
     def value_head(self) -> nn.Module:

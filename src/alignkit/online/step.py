@@ -144,6 +144,7 @@ class RolloutSteps:
         everyone = self.gather(raw)  # (W B,) every rank's raw scores, rank-major
         rewards = normalize_rewards(raw.clone(), c.reward_normalization, group_size=k, moments=self.moments,
                                     clip=c.reward_clip, update_with=everyone)
+        normed = rewards  # NaN where unscored: what a clip may have made alike (`flat_scores` below)
         g = rewards.view(-1, k)  # (G, K): fill failures with their group's valid mean (0 if none)
         fill = torch.nan_to_num(torch.nanmean(g, dim=-1, keepdim=True), nan=0.0).expand_as(g)
         rewards = torch.where(torch.isnan(g), fill, g).reshape(-1)
@@ -165,6 +166,11 @@ class RolloutSteps:
                                  "response(s) (every score failed or was None), so there is nothing to learn from; "
                                  "check the annotator (its function, model or judge) on a few of the responses")
         self._step_flat = self.flat_scores(everyone)  # read by `no_signal`
+        # scores that differ can still be clipped alike (reward_clip below their spread): the objective then sees no
+        # spread either; `everyone` is global, so every rank takes this branch (a collective) or none
+        self._flat_by_clip = False
+        if not self._step_flat and c.reward_clip is not None:
+            self._flat_by_clip = self._step_flat = self.flat_scores(self.gather(normed))
         scored = everyone[~torch.isnan(everyone)]  # the scores a stall's message names (`check_stall`)
         self._step_range = (float(scored.min()), float(scored.max())) if scored.numel() else None
         metrics = self.rollout_metrics(samples, everyone, rewards, scores, kl_tok, kl, stats.entropy, stats.mask)

@@ -84,6 +84,7 @@ from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, ch
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len, refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
+from alignkit.trainers.checks import refuse_all_zero_weights
 from alignkit.trainers.packing import resolve_online_share_prompt
 from alignkit.trainers.precision import warn_low_precision
 from alignkit.trainers.reference import HasReference, Reference, build_reference
@@ -173,6 +174,9 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.prompts = as_prompt_records(prompts)
         if not self.prompts:
             raise ValueError("online training needs at least one prompt")
+        # prompts all weighted 0 (a weight column of 0s): every sample's loss weight 0, so each step's loss was 0 and the
+        #   run saved the model unchanged, exit 0 (the CLI's readers refuse such records; this is the library's check)
+        refuse_all_zero_weights(type(self).__name__, [{"weight": r.weight} for r in self.prompts])
         # a reward function's parameter no prompt row gives (a dataset column the data lacks) stopped the first step,
         # after the run folder's trackers were started: refused here, as `alignkit <command>` does before loading
         held_out = as_prompt_records(eval_prompts) if eval_prompts is not None else []
@@ -383,14 +387,26 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
     def optimise(self, batch: Any) -> dict[str, float]:
         raise NotImplementedError
 
+    def clipped_alike(self) -> str:
+        """"" unless this step's scores differed and method.reward_clip made the rewards alike (`score`): then the
+        words that say so, added where a message says the samples got the same reward."""
+        if not getattr(self, "_flat_by_clip", False):
+            return ""
+        return (f" after method.reward_clip={self.config.reward_clip!r} (the scores differed; the clip at "
+                f"+-{self.config.reward_clip!r} made them alike)")
+
+    def clip_advice(self, otherwise: str) -> str:
+        """The fix of a message about rewards that were alike: `otherwise`, or the clip's when it made them so."""
+        return "raise method.reward_clip above the rewards' spread, or remove it" if self.clipped_alike() else otherwise
+
     def no_signal(self, metrics: dict[str, float]) -> tuple[str, str] | None:
         """None when the step's feedback could move the policy; else (what the step's warning says, what the
         run's says after "no step of this run", with {steps}). Here: every prompt's samples scored alike."""
         if not getattr(self, "_step_flat", False):
             return None
-        return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward, so this step has no "
-                "reward signal (only the KL term moves the policy); a reward that never varies is usually a bug in "
-                "the annotator",
+        return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward{self.clipped_alike()}, "
+                "so this step has no reward signal (only the KL term moves the policy); "
+                + self.clip_advice("a reward that never varies is usually a bug in the annotator"),
                 "had a reward spread inside any prompt's group (frac_reward_zero_std = 1 at all {steps} step(s)): "
                 "the rewards did not move the policy")
 
@@ -403,8 +419,9 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         """(why `stall_steps` steps in a row had no reward signal, what to do about it) for `RewardStallError`;
         `seen`: the scores of those steps (`seen_scores`). Here (GRPO / RLOO): every group scored alike."""
         return (f"every prompt's {self.config.sampling.num_samples} samples got the same reward from "
-                f"{self.annotator.source()} ({seen}), so every group advantage was 0 and the reward moved nothing "
-                "(only the KL / entropy terms trained)", self.check_annotator_advice())
+                f"{self.annotator.source()} ({seen}){self.clipped_alike()}, so every group advantage was 0 and the "
+                "reward moved nothing (only the KL / entropy terms trained)",
+                self.clip_advice(self.check_annotator_advice()))
 
     def check_stall(self, step: int, flat: bool) -> None:
         """Count the steps in a row without reward signal (`no_signal`, `flat`); at `config.stall_steps` of them stop

@@ -484,18 +484,18 @@ class OnlineRunConfig:
         check_clip_acts(m, m.prompts_per_step * self.sampling.num_samples)
         if hasattr(m, "feedback"):
             check_feedback(m.feedback, m.feedback_kwargs, m.reweighters, "method.")
-        try:
-            self.trainer_config()
-        except (ValueError, TypeError, KeyError) as e:
-            raise ConfigError(f"method: {_message(e)}") from None
-        check_judge_reads(self.annotator, getattr(m, "feedback", None),
-                          "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
         if getattr(m, "feedback", None) == "judge_pairs":  # no pointwise score: nothing to normalise or clip
             for key in ("reward_normalization", "reward_clip"):
                 if getattr(m, key) != getattr(type(m), key):
                     raise ConfigError(f"method.{key}: {getattr(m, key)!r} acts on each response's reward, and "
                                       "method.feedback=judge_pairs gives none (the judge compares pairs), so it would "
                                       f"be ignored; remove method.{key} or use another method.feedback")
+        try:
+            self.trainer_config()
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"method: {_message(e)}") from None
+        check_judge_reads(self.annotator, getattr(m, "feedback", None),
+                          "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
 
 
 @dataclass

@@ -54,6 +54,10 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_k must be >= 0 or None, got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"SamplingConfig.stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.include_stop_str_in_output and not self.stop:  # read only where a stop string cuts the response
+            raise ValueError("SamplingConfig.include_stop_str_in_output=True keeps the stop string that ended a "
+                             "response in its text, and SamplingConfig.stop is empty, so it would be ignored; set stop "
+                             "(the strings to end at) or remove include_stop_str_in_output")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"SamplingConfig.sampler must be one of {', '.join(map(str, SAMPLERS))}, got {self.sampler!r}")
         if self.sampler == "inverse_cdf" and self.stop:

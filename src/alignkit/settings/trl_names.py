@@ -103,6 +103,19 @@ TRL_NAMES: dict[str, str] = {
     "top_entropy_quantile": f"{_NOT_HERE}; remove it",
     "importance_sampling_level": f"{_NOT_HERE} (the ratio is per token, TRL's default); remove it",
     "steps_per_generation": "method.epochs_per_step with method.mini_batch_size (several updates per generation step)",
+    "min_p": f"{_NOT_HERE} (samples come from the policy at sampling.temperature with sampling.top_p / top_k only, the "
+             "distribution the loss scores); remove it",
+    "repetition_penalty": f"{_NOT_HERE} (pinned to 1: a penalised sample is not drawn from the policy the loss scores); "
+                          "remove it",
+    "delta": f"{_NOT_HERE} (TRL's upper bound of the two-sided clip); method.dual_clip bounds the loss of negative "
+             "advantages instead (Ye et al.), not the same; remove it",
+    "normalize_advantages": f"{_NOT_HERE} (rloo's leave-one-out advantages are not rescaled per batch); remove it",
+    "vllm_importance_sampling_correction": f"{_NOT_HERE} (pi_old is the trainer's own log-probs of vLLM's samples, not "
+                                           "vLLM's); remove it",
+    "use_bias_correction_kl": f"{_NOT_HERE} (the KL term is not weighted by the ratio); remove it",
+    "off_policy_mask_threshold": f"{_NOT_HERE}; remove it",
+    "multi_objective_aggregation": "annotator.weights (TRL's sum_then_normalize: the weighted sum of the functions' "
+                                   "scores, then the group advantage; normalize_then_sum has no equivalent)",
     # ModelConfig, ScriptArguments (the --flags of TRL's scripts map these themselves: alignkit.cli.flags.ALIASES)
     "model_name_or_path": "model.path",
     "torch_dtype": "model.dtype",
