@@ -340,6 +340,51 @@ def test_docs_for_trl_users_list_every_trl_name():
     assert not missing, f"docs/trl.md lacks (or states otherwise) {missing}"
 
 
+# TRL 1.16's fields of each config beyond transformers.TrainingArguments' (read from its source: trl/trainer/*_config.py)
+TRL_CONFIG_FIELDS = {
+    "SFTConfig": ("model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "chat_template_path",
+        "dataset_text_field", "dataset_kwargs", "dataset_num_proc", "eos_token", "max_length", "truncation_mode",
+        "shuffle_dataset", "packing", "packing_strategy", "padding_free", "pad_to_multiple_of", "eval_packing",
+        "completion_only_loss", "assistant_only_loss", "loss_type", "activation_offloading", "pad_token"),
+    "DPOConfig": ("model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "disable_dropout",
+        "dataset_num_proc", "max_length", "truncation_mode", "padding_free", "pad_to_multiple_of",
+        "precompute_ref_log_probs", "precompute_ref_batch_size", "loss_type", "loss_weights", "ld_alpha",
+        "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing", "beta", "use_weighting", "discopop_tau",
+        "activation_offloading", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token"),
+    "RewardConfig": ("model_init_kwargs", "trust_remote_code", "chat_template_path", "disable_dropout",
+        "dataset_num_proc", "eos_token", "max_length", "pad_to_multiple_of", "center_rewards_coefficient",
+        "activation_offloading", "pad_token"),
+    "KTOConfig": ("model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "disable_dropout",
+        "dataset_num_proc", "max_length", "pad_to_multiple_of", "precompute_ref_log_probs",
+        "precompute_ref_batch_size", "loss_type", "beta", "desirable_weight", "undesirable_weight",
+        "activation_offloading", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"),
+}
+
+
+@pytest.mark.parametrize("config, trainer", [("SFTConfig", "SFTTrainer"), ("DPOConfig", "PreferenceTrainer"),
+                                             ("RewardConfig", "RewardTrainer"), ("KTOConfig", "KTOTrainer")])
+def test_every_field_of_trls_configs_given_as_args_is_refused_not_dropped(config, trainer):
+    """A TRL config given as a trainer's args (a TrainingArguments subclass) with any of its own fields set: refused in
+    one line naming the keyword, the loss parameter or alignkit's equivalent. DPOConfig's label_smoothing /
+    discopop_tau and eight others (pad_to_multiple_of, activation_offloading, ...) were only warned about and dropped."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    import alignkit.trainers as trainers
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.checks import refuse_unread_fields
+
+    owner = getattr(trainers, trainer)
+    for name in TRL_CONFIG_FIELDS[config]:
+        cls = dataclasses.make_dataclass(config, [(name, object, None)], bases=(TrainingArguments,))
+        args = cls(output_dir="unused", report_to=[], use_cpu=True, **{name: "set"})
+        with pytest.raises(ConfigError, match=rf"^{trainer}: args.{name}='set' is a field of {config}, which "
+                                              r"alignkit never reads .*(; pass it|alignkit's equivalent)") as e:
+            refuse_unread_fields(args, owner)
+        assert "\n" not in str(e.value)
+
+
 def test_margins_in_dpo_data_are_said_to_be_ignored(tmp_path, caplog):
     """A preference file with a margin column (the same file as for alignkit rm) trained alignkit dpo with the margins
     read into every record and never used, without a word: the DPO losses take no margin (TRL's neither). Now one

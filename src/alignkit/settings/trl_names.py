@@ -59,7 +59,23 @@ TRL_NAMES: dict[str, str] = {
     "chat_template_path": "model.tokenizer (a tokenizer folder: its chat template is used)",
     "model_init_kwargs": "model.dtype, model.attn_implementation and model.trust_remote_code (from_pretrained's "
                          "arguments alignkit reads)",
+    "trust_remote_code": "model.trust_remote_code (the CLI loads the model with it; a trainer in Python takes the model "
+                         "already loaded: pass it to from_pretrained)",
+    "pad_token": "model.tokenizer (a tokenizer folder whose pad token is set; without one, its EOS token pads)",
+    "pad_to_multiple_of": "no key: batches are padded to their longest row (in Python, the data collator's "
+                          "pad_to_multiple_of: alignkit.data.SFTCollator, PreferenceCollator)",
+    "dataset_kwargs": f"{_NOT_HERE} (TRL's dataset preparation options); data.reader and data.reader_options choose how "
+                      "rows are read; remove it",
+    "shuffle_dataset": "no key: the Trainer draws the training records in a new random order each epoch (train.seed); "
+                       "remove it",
+    "eval_packing": "train.padding_free (evaluation batches are laid out as the training ones)",
+    "activation_offloading": f"{_NOT_HERE} (train.activation_checkpointing recomputes activations instead of keeping "
+                             "them); remove it",
+    "router_aux_loss_coef": f"{_NOT_HERE} (a mixture-of-experts router's auxiliary loss is not added to the "
+                            "objective); remove it",
     # DPOConfig
+    "precompute_ref_batch_size": "train.per_device_eval_batch_size (the batch size method.reference=precomputed "
+                                 "scores the reference with)",
     "precompute_ref_log_probs": "method.reference=precomputed (dpo)",
     "reference_free": "method.reference=none (dpo)",
     "rpo_alpha": "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>] (the chosen NLL term)",
