@@ -178,6 +178,34 @@ def test_beta_beside_params_with_another_beta_is_refused(make_model, features, c
         PreferenceParams(beta=-0.1)
 
 
+@pytest.mark.parametrize("loss_type, params, says", [
+    ("hinge", dict(label_smoothing=0.2), r"params.label_smoothing: only loss_type sigmoid / robust / .* reads it, and "
+                                         r"loss_type is \['hinge'\], so it would be ignored"),
+    ("sigmoid", dict(orpo_lambda=0.5), r"params.orpo_lambda: only loss_type orpo reads it, and loss_type is "
+                                       r"\['sigmoid'\]"),
+    ("ipo", dict(discopop_tau=0.1), r"params.discopop_tau: only loss_type discopop reads it"),
+    ("orpo", dict(beta=0.5), r"params.beta: loss_type orpo does not read it .* set params.orpo_lambda=0.5 instead")])
+def test_a_loss_parameter_no_loss_of_the_trainer_reads_is_refused(loss_type, params, says, make_model, features,
+                                                                   collators, tmp_path):
+    """The config refused method.label_smoothing beside loss_type hinge (and the like); the trainers in Python did not:
+    PreferenceTrainer(loss_type="hinge", params=PreferenceParams(label_smoothing=0.2)) trained plain hinge, and
+    OnlineDPOConfig likewise. Now the same one line, naming the trainer; the loss that reads it still builds."""
+    from alignkit.losses import PreferenceParams
+    from alignkit.online import OnlineDPOConfig
+    from alignkit.settings import ConfigError
+
+    build = lambda lt, p: PreferenceTrainer(make_model("lora"), fast_args(tmp_path), loss_type=lt,  # noqa: E731
+                                            train_dataset=features["preference"],
+                                            data_collator=collators["preference"], params=PreferenceParams(**p))
+    with pytest.raises(ConfigError, match=rf"^PreferenceTrainer: {says}"):
+        build(loss_type, params)
+    with pytest.raises(ConfigError, match=rf"^OnlineDPOConfig: {says}"):
+        OnlineDPOConfig(loss_type=loss_type, params=PreferenceParams(**params))
+    assert not (tmp_path / "out").exists()
+    reader = {"label_smoothing": "sigmoid", "orpo_lambda": "orpo", "discopop_tau": "discopop", "beta": "sigmoid"}
+    build([loss_type, reader[next(iter(params))]], params)
+
+
 def test_group_by_length_sampling_works_for_preference_evaluation(tiny_lm, tokenizer, tmp_path):
     """transformers length-groups evaluation batches under train_sampling_strategy='group_by_length' from an
     input_ids column preference features lack (it raised at the first evaluation); alignkit's lengths are used."""

@@ -55,7 +55,9 @@ TRL_NAMES: dict[str, str] = {
     "packing_strategy": "train.padding_free (each batch is packed; there is no strategy to choose)",
     "dataset_text_field": "no key: alignkit reads TRL's prompt / completion and messages columns (data.reader); a plain "
                           "text column has no prompt to tell from the completion",
-    "eos_token": "data.add_eos (an EOS after each plain-text completion; a chat template ends the turn itself)",
+    "eos_token": "model.tokenizer (a tokenizer folder whose eos_token is that token: alignkit appends the tokenizer's "
+                 "own EOS); data.add_eos says whether one follows each plain-text completion (a chat template ends the "
+                 "turn itself)",
     "chat_template_path": "model.tokenizer (a tokenizer folder: its chat template is used)",
     "model_init_kwargs": "model.dtype, model.attn_implementation and model.trust_remote_code (from_pretrained's "
                          "arguments alignkit reads)",
