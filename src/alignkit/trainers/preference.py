@@ -85,7 +85,7 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         self.params = resolve_params(params, beta, type(self).__name__)
         # a loss parameter no loss of loss_type reads (label_smoothing with hinge, orpo_lambda with sigmoid, ...)
         refuse_unread_loss_params(names, dataclasses.asdict(self.params), where="params.", who=f"{type(self).__name__}: ")
-        self.reference: Reference = build_reference(model, reference, ref_model=ref_model,
+        self.reference: Reference = build_reference(model, reference, ref_model=ref_model, owner=type(self).__name__,
                                                     reference_free=reference_free(names),
                                                     cache_dir=reference_cache_dir, chunk_size=chunk_size)
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
