@@ -187,6 +187,7 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("sft", "train.packing=true", "train.padding_free"),
     ("dpo", "method.rpo_alpha=0.5", "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>]"),
     ("dpo", "method.precompute_ref_log_probs=true", "method.reference=precomputed"),
+    ("kto", "method.precompute_ref_log_probs=true", "kto has none: its KL pairs depend on how batches are drawn"),
     ("dpo", "method.sync_ref_model=true", "alignkit has no equivalent"),
     ("dpo", "model.torch_dtype=bfloat16", "model.dtype"),
     ("grpo", "method.num_generations=8", "sampling.num_samples"),
