@@ -144,6 +144,8 @@ def test_local_dataset_folder_with_trl_flags_and_batching(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("key, says", [
     ("f_divergence_type=js_divergence", "method.loss_type=fdpo_js"),
+    ("f_divergence_type=forward_kl", "with loss_type sigmoid; TRL 1.16 applies it to hinge, ipo, robust, exo_pair, "
+                                     "discopop and sigmoid_norm too: those have no f-divergence form here"),
     ("f_divergence_type=reverse_kl", "is DPO itself (method.loss_type=sigmoid); remove it"),
     ("f_alpha_divergence_coef=0.3", "method.f_alpha=0.7 (1 - 0.3) with method.loss_type=fdpo_alpha"),
     ("f_alpha_divergence_coef=0.8", "method.f_alpha=0.2 (1 - 0.8)")])

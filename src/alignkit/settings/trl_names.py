@@ -89,7 +89,8 @@ TRL_NAMES: dict[str, str] = {
     "ref_model_sync_steps": _TR_DPO,
     "f_divergence_type": "method.loss_type fdpo_js, fdpo_forward_kl or fdpo_alpha for TRL's js_divergence, forward_kl "
                          "or alpha_divergence with loss_type sigmoid (reverse_kl, TRL's default, is loss_type sigmoid "
-                         "itself: remove it)",
+                         "itself: remove it); TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and "
+                         "sigmoid_norm too: those have no f-divergence form here",
     "f_alpha_divergence_coef": "method.f_alpha = 1 - f_alpha_divergence_coef, with method.loss_type=fdpo_alpha (TRL "
                                "1.16 writes f'(t) = (t^(a-1) - 1)/(a-1); method.f_alpha is the f-DPO paper's alpha, "
                                "f'(t) = (1 - t^-alpha)/alpha, which is 1 - TRL's a)",
@@ -152,6 +153,8 @@ TRL_LOSS_TYPES: dict[str, str] = {
                "advantage",
 }
 
+_F_OTHERS = ("TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and sigmoid_norm too: those have no "
+             "f-divergence form here")
 _F_DIVERGENCES = {"js_divergence": "fdpo_js", "forward_kl": "fdpo_forward_kl", "alpha_divergence": "fdpo_alpha"}
 
 
@@ -159,7 +162,7 @@ def trl_equivalent(key: str, value: Any = None) -> str | None:
     """What alignkit has instead of TRL's `key` (None: not one of TRL_NAMES); `value`, TRL's value when known, makes
     the answer exact where it depends on it (f_divergence_type, f_alpha_divergence_coef)."""
     if key == "f_divergence_type" and value in _F_DIVERGENCES:
-        return f"method.loss_type={_F_DIVERGENCES[value]} (TRL's {value} with loss_type sigmoid)"
+        return (f"method.loss_type={_F_DIVERGENCES[value]} (TRL's {value} with loss_type sigmoid; {_F_OTHERS})")
     if key == "f_divergence_type" and value == "reverse_kl":
         return "none needed: reverse_kl, TRL's default, is DPO itself (method.loss_type=sigmoid); remove it"
     if key == "f_alpha_divergence_coef" and isinstance(value, (int, float)) and not isinstance(value, bool):
