@@ -61,13 +61,13 @@ TRL_NAMES: dict[str, str] = {
     "chat_template_path": "model.tokenizer (a tokenizer folder: its chat template is used)",
     "model_init_kwargs": "model.dtype, model.attn_implementation and model.trust_remote_code (from_pretrained's "
                          "arguments alignkit reads)",
-    "trust_remote_code": "model.trust_remote_code (the CLI loads the model with it; a trainer in Python takes the model "
-                         "already loaded: pass it to from_pretrained)",
+    "trust_remote_code": "model.trust_remote_code (the CLI loads the model with it; a trainer in Python takes the "
+                         "model already loaded: pass it to from_pretrained)",
     "pad_token": "model.tokenizer (a tokenizer folder whose pad token is set; without one, its EOS token pads)",
     "pad_to_multiple_of": "no key: batches are padded to their longest row (in Python, the data collator's "
                           "pad_to_multiple_of: alignkit.data.SFTCollator, PreferenceCollator)",
-    "dataset_kwargs": f"{_NOT_HERE} (TRL's dataset preparation options); data.reader and data.reader_options choose how "
-                      "rows are read; remove it",
+    "dataset_kwargs": f"{_NOT_HERE} (TRL's dataset preparation options); data.reader and data.reader_options "
+                      "choose how rows are read; remove it",
     "shuffle_dataset": "no key: the Trainer draws the training records in a new random order each epoch (train.seed); "
                        "remove it",
     "eval_packing": "train.padding_free (evaluation batches are laid out as the training ones)",
@@ -78,8 +78,9 @@ TRL_NAMES: dict[str, str] = {
     # DPOConfig
     "precompute_ref_batch_size": "train.per_device_eval_batch_size (the batch size method.reference=precomputed "
                                  "scores the reference with)",
-    "precompute_ref_log_probs": "method.reference=precomputed (dpo; kto has none: its KL pairs depend on how batches "
-                                "are drawn, so its reference is scored each step, method.reference adapter_off or copy)",
+    "precompute_ref_log_probs": "method.reference=precomputed (dpo; kto has none: its KL pairs depend on how "
+                                "batches are drawn, so its reference is scored each step, method.reference "
+                                "adapter_off or copy)",
     "reference_free": "method.reference=none (dpo)",
     "rpo_alpha": "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>] (the chosen NLL term)",
     "use_weighting": f"{_NOT_HERE} (WPO weighting); remove it",

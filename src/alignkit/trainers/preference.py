@@ -84,7 +84,8 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         self.loss_type, self.loss_weights, self.chunk_size = names, loss_weights, chunk_size
         self.params = resolve_params(params, beta, type(self).__name__)
         # a loss parameter no loss of loss_type reads (label_smoothing with hinge, orpo_lambda with sigmoid, ...)
-        refuse_unread_loss_params(names, dataclasses.asdict(self.params), where="params.", who=f"{type(self).__name__}: ")
+        refuse_unread_loss_params(names, dataclasses.asdict(self.params), where="params.",
+                                  who=f"{type(self).__name__}: ")
         self.reference: Reference = build_reference(model, reference, ref_model=ref_model, owner=type(self).__name__,
                                                     reference_free=reference_free(names),
                                                     cache_dir=reference_cache_dir, chunk_size=chunk_size)
