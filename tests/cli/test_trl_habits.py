@@ -144,6 +144,8 @@ def test_local_dataset_folder_with_trl_flags_and_batching(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("key, says", [
     ("f_divergence_type=js_divergence", "method.loss_type=fdpo_js"),
+    ("f_divergence_type=forward_kl", "with loss_type sigmoid; TRL 1.16 applies it to hinge, ipo, robust, exo_pair, "
+                                     "discopop and sigmoid_norm too: those have no f-divergence form here"),
     ("f_divergence_type=reverse_kl", "is DPO itself (method.loss_type=sigmoid); remove it"),
     ("f_alpha_divergence_coef=0.3", "method.f_alpha=0.7 (1 - 0.3) with method.loss_type=fdpo_alpha"),
     ("f_alpha_divergence_coef=0.8", "method.f_alpha=0.2 (1 - 0.8)")])
@@ -187,6 +189,7 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("sft", "train.packing=true", "train.padding_free"),
     ("dpo", "method.rpo_alpha=0.5", "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>]"),
     ("dpo", "method.precompute_ref_log_probs=true", "method.reference=precomputed"),
+    ("kto", "method.precompute_ref_log_probs=true", "kto has none: its KL pairs depend on how batches are drawn"),
     ("dpo", "method.sync_ref_model=true", "alignkit has no equivalent"),
     ("dpo", "model.torch_dtype=bfloat16", "model.dtype"),
     ("grpo", "method.num_generations=8", "sampling.num_samples"),
@@ -344,6 +347,51 @@ def test_docs_for_trl_users_list_every_trl_name():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "trl.md").read_text()
     missing = [k for k, v in {**TRL_NAMES, **TRL_LOSS_TYPES}.items() if f"| `{k}` | {v.replace('|', '/')} |" not in doc]
     assert not missing, f"docs/trl.md lacks (or states otherwise) {missing}"
+
+
+# TRL 1.16's fields of each config beyond transformers.TrainingArguments' (read from its source: trl/trainer/*_config.py)
+TRL_CONFIG_FIELDS = {
+    "SFTConfig": ("model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "chat_template_path",
+        "dataset_text_field", "dataset_kwargs", "dataset_num_proc", "eos_token", "max_length", "truncation_mode",
+        "shuffle_dataset", "packing", "packing_strategy", "padding_free", "pad_to_multiple_of", "eval_packing",
+        "completion_only_loss", "assistant_only_loss", "loss_type", "activation_offloading", "pad_token"),
+    "DPOConfig": ("model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "disable_dropout",
+        "dataset_num_proc", "max_length", "truncation_mode", "padding_free", "pad_to_multiple_of",
+        "precompute_ref_log_probs", "precompute_ref_batch_size", "loss_type", "loss_weights", "ld_alpha",
+        "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing", "beta", "use_weighting", "discopop_tau",
+        "activation_offloading", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token"),
+    "RewardConfig": ("model_init_kwargs", "trust_remote_code", "chat_template_path", "disable_dropout",
+        "dataset_num_proc", "eos_token", "max_length", "pad_to_multiple_of", "center_rewards_coefficient",
+        "activation_offloading", "pad_token"),
+    "KTOConfig": ("model_init_kwargs", "trust_remote_code", "router_aux_loss_coef", "disable_dropout",
+        "dataset_num_proc", "max_length", "pad_to_multiple_of", "precompute_ref_log_probs",
+        "precompute_ref_batch_size", "loss_type", "beta", "desirable_weight", "undesirable_weight",
+        "activation_offloading", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"),
+}
+
+
+@pytest.mark.parametrize("config, trainer", [("SFTConfig", "SFTTrainer"), ("DPOConfig", "PreferenceTrainer"),
+                                             ("RewardConfig", "RewardTrainer"), ("KTOConfig", "KTOTrainer")])
+def test_every_field_of_trls_configs_given_as_args_is_refused_not_dropped(config, trainer):
+    """A TRL config given as a trainer's args (a TrainingArguments subclass) with any of its own fields set: refused in
+    one line naming the keyword, the loss parameter or alignkit's equivalent. DPOConfig's label_smoothing /
+    discopop_tau and eight others (pad_to_multiple_of, activation_offloading, ...) were only warned about and dropped."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    import alignkit.trainers as trainers
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.checks import refuse_unread_fields
+
+    owner = getattr(trainers, trainer)
+    for name in TRL_CONFIG_FIELDS[config]:
+        cls = dataclasses.make_dataclass(config, [(name, object, None)], bases=(TrainingArguments,))
+        args = cls(output_dir="unused", report_to=[], use_cpu=True, **{name: "set"})
+        with pytest.raises(ConfigError, match=rf"^{trainer}: args.{name}='set' is a field of {config}, which "
+                                              r"alignkit never reads .*(; pass it|alignkit's equivalent)") as e:
+            refuse_unread_fields(args, owner)
+        assert "\n" not in str(e.value)
 
 
 def test_margins_in_dpo_data_are_said_to_be_ignored(tmp_path, caplog):

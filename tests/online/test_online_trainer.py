@@ -670,9 +670,12 @@ KL_COEF_LOGGED = [("sigmoid", 0.3), ("simpo", 0.3), (["sigmoid", "orpo"], 0.3), 
 @pytest.mark.parametrize("loss_type,logged", KL_COEF_LOGGED)
 def test_online_dpo_logs_the_kl_coef_its_loss_applies(tiny_dir, tokenizer, loss_type, logged):
     """Online DPO logged kl_coef = beta for every loss_type, also for losses that never read beta (orpo, slic, sft):
-    a logged figure that was not what was applied. Now the rows carry kl_coef only where a loss reads beta."""
+    a logged figure that was not what was applied. Now the rows carry kl_coef only where a loss reads beta (a beta
+    other than the default beside such losses alone is refused: test_guards.py::
+    test_a_loss_parameter_no_loss_of_the_trainer_reads_is_refused)."""
+    beta = {} if logged is None else {"beta": 0.3}
     trainer = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
-                               small(OnlineDPOConfig, steps=1, loss_type=loss_type, beta=0.3, progress_bar=False))
+                               small(OnlineDPOConfig, steps=1, loss_type=loss_type, progress_bar=False, **beta))
     (row,) = trainer.train()
     assert row.get("kl_coef") == logged
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from alignkit.guards import NonFiniteError
 from alignkit.runs import MetricsJsonl
-from alignkit.trainers import SFTTrainer
+from alignkit.trainers import PreferenceTrainer, SFTTrainer
 
 from .conftest import fast_args
 
@@ -178,6 +178,34 @@ def test_beta_beside_params_with_another_beta_is_refused(make_model, features, c
         PreferenceParams(beta=-0.1)
 
 
+@pytest.mark.parametrize("loss_type, params, says", [
+    ("hinge", dict(label_smoothing=0.2), r"params.label_smoothing: only loss_type sigmoid / robust / .* reads it, and "
+                                         r"loss_type is \['hinge'\], so it would be ignored"),
+    ("sigmoid", dict(orpo_lambda=0.5), r"params.orpo_lambda: only loss_type orpo reads it, and loss_type is "
+                                       r"\['sigmoid'\]"),
+    ("ipo", dict(discopop_tau=0.1), r"params.discopop_tau: only loss_type discopop reads it"),
+    ("orpo", dict(beta=0.5), r"params.beta: loss_type orpo does not read it .* set params.orpo_lambda=0.5 instead")])
+def test_a_loss_parameter_no_loss_of_the_trainer_reads_is_refused(loss_type, params, says, make_model, features,
+                                                                   collators, tmp_path):
+    """The config refused method.label_smoothing beside loss_type hinge (and the like); the trainers in Python did not:
+    PreferenceTrainer(loss_type="hinge", params=PreferenceParams(label_smoothing=0.2)) trained plain hinge, and
+    OnlineDPOConfig likewise. Now the same one line, naming the trainer; the loss that reads it still builds."""
+    from alignkit.losses import PreferenceParams
+    from alignkit.online import OnlineDPOConfig
+    from alignkit.settings import ConfigError
+
+    build = lambda lt, p: PreferenceTrainer(make_model("lora"), fast_args(tmp_path), loss_type=lt,  # noqa: E731
+                                            train_dataset=features["preference"],
+                                            data_collator=collators["preference"], params=PreferenceParams(**p))
+    with pytest.raises(ConfigError, match=rf"^PreferenceTrainer: {says}"):
+        build(loss_type, params)
+    with pytest.raises(ConfigError, match=rf"^OnlineDPOConfig: {says}"):
+        OnlineDPOConfig(loss_type=loss_type, params=PreferenceParams(**params))
+    assert not (tmp_path / "out").exists()
+    reader = {"label_smoothing": "sigmoid", "orpo_lambda": "orpo", "discopop_tau": "discopop", "beta": "sigmoid"}
+    build([loss_type, reader[next(iter(params))]], params)
+
+
 def test_group_by_length_sampling_works_for_preference_evaluation(tiny_lm, tokenizer, tmp_path):
     """transformers length-groups evaluation batches under train_sampling_strategy='group_by_length' from an
     input_ids column preference features lack (it raised at the first evaluation); alignkit's lengths are used."""
@@ -243,6 +271,48 @@ def test_fields_of_a_trl_style_config_are_refused_not_silently_skipped(make_mode
         build(SFTConfig(**base, my_flag=True))
     assert [r.message for r in caplog.records if "not read by alignkit" in r.message] == [
         "SFTTrainer: my_flag of SFTConfig is not read by alignkit (only transformers.TrainingArguments' fields are)"]
+
+
+@pytest.mark.parametrize("field, value, trainer, says", [
+    ("label_smoothing", 0.2, "preference", r"params=PreferenceParams\(label_smoothing=0.2, \.\.\.\)"),
+    ("discopop_tau", 0.1, "preference", r"params=PreferenceParams\(discopop_tau=0.1, \.\.\.\)"),
+    ("pad_to_multiple_of", 8, "preference", r"alignkit's equivalent .*: no key: batches are padded to their longest"),
+    ("precompute_ref_batch_size", 4, "preference", r"alignkit's equivalent .*: train.per_device_eval_batch_size"),
+    ("activation_offloading", True, "sft", r"alignkit's equivalent .*: alignkit has no equivalent .*; remove it$"),
+    ("router_aux_loss_coef", 0.01, "sft", r"alignkit's equivalent .*: alignkit has no equivalent .*; remove it$"),
+    ("shuffle_dataset", True, "sft", r"alignkit's equivalent .*: no key: the Trainer draws the training records"),
+    ("eval_packing", True, "sft", r"alignkit's equivalent .*: train.padding_free"),
+    ("pad_token", "<pad>", "sft", r"alignkit's equivalent .*: model.tokenizer")])
+def test_every_trl_config_field_alignkit_does_not_read_is_refused(field, value, trainer, says, make_model, features,
+                                                                 collators, tmp_path):
+    """TRL 1.16's DPOConfig / SFTConfig fields that are neither a keyword of alignkit's trainer nor in TRL_NAMES were
+    only warned about and dropped: DPOConfig(label_smoothing=0.2) as args trained plain DPO (eps 0), exit 0. Now
+    refused like the others, naming where the setting goes (params=PreferenceParams(...) for a loss parameter)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from alignkit.settings import ConfigError
+
+    @dataclasses.dataclass
+    class TRLConfig(TrainingArguments):  # the field with TRL 1.16's default
+        label_smoothing: float = 0.0
+        discopop_tau: float = 0.05
+        pad_to_multiple_of: int | str | None = "auto"
+        precompute_ref_batch_size: int | None = None
+        activation_offloading: bool = False
+        router_aux_loss_coef: float | None = None
+        shuffle_dataset: bool = False
+        eval_packing: bool | None = None
+        pad_token: str | None = None
+
+    args = TRLConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                     **{field: value})
+    cls = PreferenceTrainer if trainer == "preference" else SFTTrainer
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: args.{field}={value!r} is a field of TRLConfig, which "
+                                          rf"alignkit never reads.*{says}"):
+        cls(make_model("lora"), args, train_dataset=features[trainer], data_collator=collators[trainer])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("which", ["train", "eval"])

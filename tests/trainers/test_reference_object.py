@@ -138,3 +138,29 @@ def test_online_and_offline_paths_agree(kind, make_model, tiny_dir, tokenizer, f
     _close(sequence_sums(per_token, mask), want)
     _close(dpo.reference.logps(policy, pairs), want)
     _close(kto.reference.logps(policy, pairs), want)
+
+
+@pytest.mark.parametrize("mode, loss_type, says", [
+    ("auto", "simpo", r"ref_model is given, and the loss reads no reference \(reference-free\), so it would never be "
+                      r"used; leave ref_model out$"),
+    ("none", "sigmoid", r"ref_model is given, and reference='none' scores none \(TRL's reference_free\), so it would "
+                        r"never be used; pass reference='copy'"),
+    ("adapter_off", "sigmoid", r"ref_model is given, and reference='adapter_off' scores the policy with its adapter "
+                               r"switched off, so it would never be used")])
+def test_a_ref_model_the_reference_never_scores_is_refused(mode, loss_type, says, make_model, tiny_dir, features,
+                                                           collators, tmp_path):
+    """PreferenceTrainer(loss_type='simpo', ref_model=m) (a TRL user's DPOTrainer(model, ref_model, ...) habit), or
+    ref_model beside reference='none' / 'adapter_off', built a reference that never read that model: the run trained
+    reference-free or against the policy with its adapter off, without a word. Now one line when the trainer is built;
+    reference_cache_dir beside reference='copy' likewise. ref_model with 'copy' (or 'auto') still scores that model."""
+    other = load_model(tiny_dir("llama"))
+    build = lambda **kw: PreferenceTrainer(make_model("lora"), fast_args(tmp_path),  # noqa: E731
+                                           train_dataset=features["preference"],
+                                           data_collator=collators["preference"], **kw)
+    with pytest.raises(ValueError, match=rf"^PreferenceTrainer: {says}"):
+        build(reference=mode, loss_type=loss_type, ref_model=other)
+    with pytest.raises(ValueError, match=r"^PreferenceTrainer: reference_cache_dir is read only with "
+                                         r"reference='precomputed', and the reference is 'copy', so it would be ignored"):
+        build(reference="copy", reference_cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "out").exists()
+    assert build(ref_model=other).reference.model is other

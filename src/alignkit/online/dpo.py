@@ -16,6 +16,7 @@ set each pair's weight. The pair's token ids are the sampled ones (found by `met
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.trainers.pairs import pair_batch
 from alignkit.settings.online import check_feedback
-from alignkit.settings.sections import PreferenceObjective, loss_names, reference_free
+from alignkit.settings.sections import PreferenceObjective, loss_names, reference_free, refuse_unread_loss_params
 
 PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
 SEEDED_MODES = ("random_pairs", "judge_pairs")  # draw their pairs with a seed: a new one per step (feedback_kwargs)
@@ -63,7 +64,10 @@ class OnlineDPOConfig(OnlineConfig):
         self.refuse_unread_reward_scale()
         if isinstance(self.params, dict):
             self.params = PreferenceParams(**self.params)
-        resolve_params(self.params, self.beta, "OnlineDPOConfig")
+        resolved = resolve_params(self.params, self.beta, "OnlineDPOConfig")
+        # a loss parameter no loss of loss_type reads (label_smoothing with hinge, orpo_lambda with sigmoid, ...)
+        refuse_unread_loss_params(loss_names(self.loss_type), dataclasses.asdict(resolved), where="params.",
+                                  who="OnlineDPOConfig: ")
         for key in ("kl_coef", "kl_target"):  # OnlineConfig's KL penalty: GRPO / RLOO / PPO add it, no preference loss does
             value = getattr(self, key)  # kl_coef=0 (no penalty: what online DPO does) is fine
             if value != OnlineConfig.__dataclass_fields__[key].default and not (key == "kl_coef" and value == 0):

@@ -129,19 +129,27 @@ class PreferenceObjective:
             raise ConfigError(f"method.loss_weights: {self.loss_weights} gives every loss type of method.loss_type "
                               f"{names} weight 0, so the loss is 0 and nothing would be trained; give the loss types "
                               "to train a weight > 0")
-        defaults = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
-        for key, readers in self.READ_ONLY_BY.items():
-            if getattr(self, key) != defaults[key] and not set(readers) & set(names):
-                raise ConfigError(f"method.{key}: only loss_type {' / '.join(readers)} reads it, and loss_type is "
-                                  f"{names}, so it would be ignored; remove it or add that loss type")
-        if self.beta != defaults["beta"] and set(names) <= self.BETA_UNREAD:
-            if "orpo" in names:
-                raise ConfigError(f"method.beta: loss_type orpo does not read it (ORPO's weight, beta in TRL's "
-                                  f"ORPOConfig, is method.orpo_lambda here), so it would be ignored; set "
-                                  f"method.orpo_lambda={self.beta:g} instead")
-            raise ConfigError(f"method.beta: no loss of loss_type {names} reads it (SLiC's hinge and regulariser and "
-                              "the sft term have no beta; it would only scale the logged rewards/*), so it would be "
-                              "ignored; remove it, or add a loss type that reads it (e.g. sigmoid)")
+        refuse_unread_loss_params(names, {key: getattr(self, key) for key in self.PARAMS})
+
+
+def refuse_unread_loss_params(names: list[str], values: dict[str, Any], where: str = "method.", who: str = "") -> None:
+    """ConfigError for a preference loss parameter in `values` (PreferenceObjective.PARAMS names) set away from its
+    default that no loss of `names` reads (e.g. label_smoothing with hinge, beta with orpo alone): it would be ignored.
+    `where` prefixes the key (the config's "method.", a trainer's "params."), `who` the message (a trainer's name)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PreferenceObjective)}
+    for key, readers in PreferenceObjective.READ_ONLY_BY.items():
+        if values.get(key, defaults[key]) != defaults[key] and not set(readers) & set(names):
+            raise ConfigError(f"{who}{where}{key}: only loss_type {' / '.join(readers)} reads it, and loss_type is "
+                              f"{names}, so it would be ignored; remove it or add that loss type")
+    beta = values.get("beta", defaults["beta"])
+    if beta != defaults["beta"] and set(names) <= PreferenceObjective.BETA_UNREAD:
+        if "orpo" in names:
+            raise ConfigError(f"{who}{where}beta: loss_type orpo does not read it (ORPO's weight, beta in TRL's "
+                              f"ORPOConfig, is {where}orpo_lambda here), so it would be ignored; set "
+                              f"{where}orpo_lambda={beta:g} instead")
+        raise ConfigError(f"{who}{where}beta: no loss of loss_type {names} reads it (SLiC's hinge and regulariser and "
+                          "the sft term have no beta; it would only scale the logged rewards/*), so it would be "
+                          "ignored; remove it, or add a loss type that reads it (e.g. sigmoid)")
 
 
 REFERENCE_FREE = frozenset({"simpo", "orpo", "slic", "sft", "cpo"})  # preference losses that read no reference
@@ -440,6 +448,6 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
                                    "eval": EvalConfig, "generate": GenerateConfig}
 
 
-__all__ = ["PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
+__all__ = ["refuse_unread_loss_params", "PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
            "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
            "SFTMethod", "TrainConfig", "REFERENCE_FREE", "check_pair_layout", "loss_names", "reference_free"]

@@ -55,12 +55,32 @@ TRL_NAMES: dict[str, str] = {
     "packing_strategy": "train.padding_free (each batch is packed; there is no strategy to choose)",
     "dataset_text_field": "no key: alignkit reads TRL's prompt / completion and messages columns (data.reader); a plain "
                           "text column has no prompt to tell from the completion",
-    "eos_token": "data.add_eos (an EOS after each plain-text completion; a chat template ends the turn itself)",
+    "eos_token": "model.tokenizer (a tokenizer folder whose eos_token is that token: alignkit appends the tokenizer's "
+                 "own EOS); data.add_eos says whether one follows each plain-text completion (a chat template ends the "
+                 "turn itself)",
     "chat_template_path": "model.tokenizer (a tokenizer folder: its chat template is used)",
     "model_init_kwargs": "model.dtype, model.attn_implementation and model.trust_remote_code (from_pretrained's "
                          "arguments alignkit reads)",
+    "trust_remote_code": "model.trust_remote_code (the CLI loads the model with it; a trainer in Python takes the "
+                         "model already loaded: pass it to from_pretrained)",
+    "pad_token": "model.tokenizer (a tokenizer folder whose pad token is set; without one, its EOS token pads)",
+    "pad_to_multiple_of": "no key: batches are padded to their longest row (in Python, the data collator's "
+                          "pad_to_multiple_of: alignkit.data.SFTCollator, PreferenceCollator)",
+    "dataset_kwargs": f"{_NOT_HERE} (TRL's dataset preparation options); data.reader and data.reader_options "
+                      "choose how rows are read; remove it",
+    "shuffle_dataset": "no key: the Trainer draws the training records in a new random order each epoch (train.seed); "
+                       "remove it",
+    "eval_packing": "train.padding_free (evaluation batches are laid out as the training ones)",
+    "activation_offloading": f"{_NOT_HERE} (train.activation_checkpointing recomputes activations instead of keeping "
+                             "them); remove it",
+    "router_aux_loss_coef": f"{_NOT_HERE} (a mixture-of-experts router's auxiliary loss is not added to the "
+                            "objective); remove it",
     # DPOConfig
-    "precompute_ref_log_probs": "method.reference=precomputed (dpo)",
+    "precompute_ref_batch_size": "train.per_device_eval_batch_size (the batch size method.reference=precomputed "
+                                 "scores the reference with)",
+    "precompute_ref_log_probs": "method.reference=precomputed (dpo; kto has none: its KL pairs depend on how "
+                                "batches are drawn, so its reference is scored each step, method.reference "
+                                "adapter_off or copy)",
     "reference_free": "method.reference=none (dpo)",
     "rpo_alpha": "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>] (the chosen NLL term)",
     "use_weighting": f"{_NOT_HERE} (WPO weighting); remove it",
@@ -70,7 +90,8 @@ TRL_NAMES: dict[str, str] = {
     "ref_model_sync_steps": _TR_DPO,
     "f_divergence_type": "method.loss_type fdpo_js, fdpo_forward_kl or fdpo_alpha for TRL's js_divergence, forward_kl "
                          "or alpha_divergence with loss_type sigmoid (reverse_kl, TRL's default, is loss_type sigmoid "
-                         "itself: remove it)",
+                         "itself: remove it); TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and "
+                         "sigmoid_norm too: those have no f-divergence form here",
     "f_alpha_divergence_coef": "method.f_alpha = 1 - f_alpha_divergence_coef, with method.loss_type=fdpo_alpha (TRL "
                                "1.16 writes f'(t) = (t^(a-1) - 1)/(a-1); method.f_alpha is the f-DPO paper's alpha, "
                                "f'(t) = (1 - t^-alpha)/alpha, which is 1 - TRL's a)",
@@ -146,6 +167,8 @@ TRL_LOSS_TYPES: dict[str, str] = {
                "advantage",
 }
 
+_F_OTHERS = ("TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and sigmoid_norm too: those have no "
+             "f-divergence form here")
 _F_DIVERGENCES = {"js_divergence": "fdpo_js", "forward_kl": "fdpo_forward_kl", "alpha_divergence": "fdpo_alpha"}
 
 
@@ -153,7 +176,7 @@ def trl_equivalent(key: str, value: Any = None) -> str | None:
     """What alignkit has instead of TRL's `key` (None: not one of TRL_NAMES); `value`, TRL's value when known, makes
     the answer exact where it depends on it (f_divergence_type, f_alpha_divergence_coef)."""
     if key == "f_divergence_type" and value in _F_DIVERGENCES:
-        return f"method.loss_type={_F_DIVERGENCES[value]} (TRL's {value} with loss_type sigmoid)"
+        return (f"method.loss_type={_F_DIVERGENCES[value]} (TRL's {value} with loss_type sigmoid; {_F_OTHERS})")
     if key == "f_divergence_type" and value == "reverse_kl":
         return "none needed: reverse_kl, TRL's default, is DPO itself (method.loss_type=sigmoid); remove it"
     if key == "f_alpha_divergence_coef" and isinstance(value, (int, float)) and not isinstance(value, bool):

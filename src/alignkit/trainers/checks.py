@@ -29,6 +29,7 @@ from transformers.training_args import ParallelMode
 
 from alignkit.distributed import deepspeed_cannot_start, requested_engine
 from alignkit.files import DataError
+from alignkit.losses import PreferenceParams
 from alignkit.naming import stable_name
 from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
@@ -288,12 +289,17 @@ def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
                               f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
 
 
+# the loss parameters a preference trainer takes in `params` (a PreferenceParams), not as keywords of its own
+PREFERENCE_PARAMS = frozenset(f.name for f in dataclasses.fields(PreferenceParams)) - {"bco_delta"}
+
+
 def refuse_unread_fields(args: Any, owner: type) -> None:
     """`args` of a TrainingArguments subclass with fields of its own (a TRL user's habit: TRL's SFTConfig, DPOConfig,
     ... carry max_length, packing, beta, ...): alignkit's trainers read only TrainingArguments' fields from `args`, so
     those were ignored without a word (SFTConfig(max_length=256) trained at the trainer's max_length=1024). A field
-    set to other than its default is refused when the trainer takes a keyword of that name (pass it there) or TRL
-    has a setting of that name (`alignkit.settings.trl_names`); any other (a script's own field) is warned about."""
+    set to other than its default is refused when the trainer takes a keyword of that name (pass it there), takes it
+    in `params` (a preference loss parameter: DPOConfig's label_smoothing, discopop_tau) or TRL has a setting of that
+    name (`alignkit.settings.trl_names`); any other (a script's own field) is warned about."""
     if not dataclasses.is_dataclass(args) or type(args) is TrainingArguments:
         return
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -322,6 +328,9 @@ def refuse_unread_fields(args: Any, owner: type) -> None:
                 "reads (its trainers take only transformers.TrainingArguments' fields from args), so it would be ignored"
         if f.name in keywords:
             raise ConfigError(f"{where}; pass it to the trainer: {owner.__name__}(..., {f.name}={value!r})")
+        if "params" in keywords and f.name in PREFERENCE_PARAMS:  # TRL's DPOConfig label_smoothing, discopop_tau
+            raise ConfigError(f"{where}; pass it in the trainer's loss parameters: {owner.__name__}(..., "
+                              f"params=PreferenceParams({f.name}={value!r}, ...)) (alignkit.losses.PreferenceParams)")
         if f.name in TRL_NAMES:
             raise ConfigError(f"{where}; alignkit's equivalent (the CLI's config key): {TRL_NAMES[f.name]}")
         unread.append(f.name)

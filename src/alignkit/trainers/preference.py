@@ -28,7 +28,8 @@ from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
-from alignkit.settings.sections import REFERENCE_FREE, PreferenceObjective, loss_names, reference_free
+from alignkit.settings.sections import (REFERENCE_FREE, PreferenceObjective, loss_names, reference_free,
+                                        refuse_unread_loss_params)
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 
@@ -82,7 +83,10 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         check_loss_weights(names, loss_weights, type(self).__name__)  # before the first step, not at it
         self.loss_type, self.loss_weights, self.chunk_size = names, loss_weights, chunk_size
         self.params = resolve_params(params, beta, type(self).__name__)
-        self.reference: Reference = build_reference(model, reference, ref_model=ref_model,
+        # a loss parameter no loss of loss_type reads (label_smoothing with hinge, orpo_lambda with sigmoid, ...)
+        refuse_unread_loss_params(names, dataclasses.asdict(self.params), where="params.",
+                                  who=f"{type(self).__name__}: ")
+        self.reference: Reference = build_reference(model, reference, ref_model=ref_model, owner=type(self).__name__,
                                                     reference_free=reference_free(names),
                                                     cache_dir=reference_cache_dir, chunk_size=chunk_size)
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)

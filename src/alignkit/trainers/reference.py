@@ -192,6 +192,7 @@ def build_reference(model: nn.Module, mode: str = "auto", *, ref_model: nn.Modul
     error). Call `place` on the result to put the copy on the device."""
     if mode not in MODES:
         raise ValueError(f"reference mode {mode!r} is unknown; valid: {list(MODES)}")
+    given = mode
     if mode == "auto":
         if reference_free:
             mode = "none"
@@ -206,10 +207,28 @@ def build_reference(model: nn.Module, mode: str = "auto", *, ref_model: nn.Modul
         others = [repr(m) for m in supports if m in ("copy", "precomputed")]
         raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned model "
                          f"has none: use reference {' or '.join(others)}, or pass ref_model (a frozen reference)")
+    refuse_unused_reference_inputs(mode, given, ref_model, cache_dir, owner)
     if mode == "copy" and ref_model is None:
         ref_model = make_copy() if make_copy is not None else frozen_copy(model)
     keep = ref_model if mode in ("copy", "precomputed") else None
     return Reference(mode, keep, chunk_size=chunk_size, cache_dir=cache_dir if mode == "precomputed" else None)
+
+
+def refuse_unused_reference_inputs(mode: str, given: str, ref_model: nn.Module | None, cache_dir: str | Path | None,
+                                   owner: str) -> None:
+    """ValueError for a `ref_model` or `cache_dir` the resolved reference `mode` never reads (`given`: the mode asked
+    for, "auto" resolved to `mode`): a ref_model beside a reference-free loss, reference 'none' or 'adapter_off' was
+    dropped without a word (the run scored no reference, or the policy with its adapter off, not that model)."""
+    who = owner or "this trainer"
+    why = {"none": "the loss reads no reference (reference-free)" if given == "auto" else "reference='none' scores "
+                   "none (TRL's reference_free)",
+           "adapter_off": "reference='adapter_off' scores the policy with its adapter switched off"}
+    if ref_model is not None and mode in why:
+        fix = "leave ref_model out" if given == "auto" else "pass reference='copy' to score with it, or leave it out"
+        raise ValueError(f"{who}: ref_model is given, and {why[mode]}, so it would never be used; {fix}")
+    if cache_dir is not None and mode != "precomputed":
+        raise ValueError(f"{who}: reference_cache_dir is read only with reference='precomputed', and the reference is "
+                         f"{mode!r}, so it would be ignored; pass reference='precomputed' or leave it out")
 
 
 # ----------------------------------------------------------------------------------------------------
