@@ -39,7 +39,7 @@ MIN_DISTINCT = 0.5  # sampled at temperature 1 from a random model, nearly every
 
 
 def default_python() -> Path:
-    """vLLM's environment (`make vllm-env`): .venv-vllm of this checkout, else of the main checkout beside it."""
+    """vLLM's environment (`make vllm-env`): .venv-vllm of this checkout (another one: --vllm-python)."""
     return REPO / ".venv-vllm" / "bin" / "python"
 
 
