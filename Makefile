@@ -97,7 +97,8 @@ vllm-constraints: $(VLLM_VENV)/.built
 # vLLM's serving and online generation (colocated and `alignkit vllm-serve` server mode) against transformers /
 # peft (tests/vllm_backend; skipped by `make test`;
 # .ci/run runs it after make test and make test-newest), and alignkit's own generation paths on this environment's
-# older transformers (5.19: the KV cache is `past_key_values` there, `cache` from 5.24).
+# older transformers (5.19: the KV cache is `past_key_values` there, `cache` from 5.24). tests/vllm_backend also holds
+# bench/run_gpu.py's grpo_vllm dry run (test_run_gpu_vllm.py: a colocated engine on CPU, ~1-2 min).
 test-vllm: $(VLLM_VENV)/.built
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend \
 		tests/compat/test_transformers_generation.py tests/online/test_generation.py tests/interventions/test_generate.py \

@@ -53,6 +53,10 @@ SCENARIOS: dict[str, dict] = {
         "data": {"seed": 1234, "n": 64, "prompt_len": [8, 48], "completion_len": [8, 48]},
         "max_length": 128,
     },
+    # The online suite's vLLM rows (bench/online_cpu.py --vllm): the "small" model with 2 heads of 64 and 1 KV head
+    # (vLLM's CPU attention needs head_dim >= 64; "small" has 32), the same prompts.
+    "small_hd64": {"name": "small_hd64", "model": dict(_LLAMA, vocab_size=1024, num_attention_heads=2, num_key_value_heads=1),
+                   "data": {"seed": 1234, "n": 256, "prompt_len": [8, 48], "completion_len": [8, 48]}, "max_length": 128},
     # DPO memory: 32k vocabulary, ~512-token sequences (256 prompt + 256 response): the logits
     # (B, 2, T, 32000) dominate memory, so this is where fused / chunked log-probs show.
     "dpo_memory": {
@@ -234,12 +238,13 @@ def setup_torch(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- measurement
-def run_logged(cmd: list[str], out: Path, log: Path, threads: int, timeout: int) -> tuple[dict | None, str, float]:
-    """Run one side's benchmark process (quiet, offline, `threads` threads), its output in `log`.
+def run_logged(cmd: list[str], out: Path, log: Path, threads: int, timeout: int,
+               env_extra: dict | None = None) -> tuple[dict | None, str, float]:
+    """Run one side's benchmark process (quiet, offline, `threads` threads, plus `env_extra`), its output in `log`.
     Returns (its result JSON from `out` or None, the failure reason or "", wall seconds)."""
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE="1", WANDB_DISABLED="true")
+               HF_HUB_OFFLINE="1", WANDB_DISABLED="true", **(env_extra or {}))
     log.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     with open(log, "w") as f:
@@ -537,6 +542,8 @@ def parse_online_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="alignkit: sampling.sampler (default None: inverse_cdf in its decode loop)")
     ap.add_argument("--grad-ckpt", choices=["default", "on", "off"], default="default")
     ap.add_argument("--precision", choices=["default", "fp32", "bf16"], default="default")
+    ap.add_argument("--generation-backend", choices=["transformers", "vllm"], default="transformers",
+                    help="alignkit: method.generation_backend (vllm: a colocated engine, in vLLM's env)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -378,3 +378,92 @@ def test_fused_layer_ab_runs_tiny_and_stops_on_other_work(tmp_path, monkeypatch)
     monkeypatch.setattr(ab.SiluMul, "backward", staticmethod(lambda ctx, g: tuple(1.01 * x for x in wrong(ctx, g))))
     with pytest.raises(SystemExit, match="fused\\+silu is not transformers' step .*gradient of model.layers"):
         ab.main(["--rounds", "1", "--batches", "2", "--run-dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- online_cpu --vllm (bench/online_vllm.py)
+def _rows(*specs):
+    """Fake samples: (number of tokens, finish reason, last token) per row; ids distinct per row unless `same`."""
+    from types import SimpleNamespace
+
+    out = []
+    for i, (n, reason, last) in enumerate(specs):
+        ids = [10 + i] * (n - 1) + [last] if n else []
+        out.append(SimpleNamespace(response_ids=ids, finish_reason=reason))
+    return out
+
+
+def test_generation_tally_by_hand():
+    """max_new_tokens 4, EOS id 2: a row of 4 at 'length', a row of 3 ending with 2 at 'eos' are real; a row of 2
+    at 'length' (cut short, no end token), a row of 3 'eos' whose last id is not an end token, and a row of 5 are not."""
+    ov = _load("online_vllm")
+    tally = ov.GenerationTally(4, {2})
+    tally.add(_rows((4, "length", 7), (3, "eos", 2)))
+    r = {"library": "alignkit", "generation_backend": "vllm", "final_loss": 0.0, "generated_tokens": 7,
+         "generation": tally.result()}
+    assert r["generation"] == {"rows": 2, "rows_at_max_new_tokens": 1, "rows_ended_eos": 1, "rows_short_without_eos": 0,
+                               "rows_over_max_new_tokens": 0, "distinct_rows": 2, "max_new_tokens": 4}
+    assert ov.generation_problems(r) == []
+    tally.add(_rows((2, "length", 7), (3, "eos", 9), (5, "length", 7)))
+    r["generation"] = tally.result()
+    assert ov.tally_problems(r) == [
+        "alignkit/vllm: 2 of 5 rows ended before max_new_tokens (4) without an end token",
+        "alignkit/vllm: 1 of 5 rows longer than max_new_tokens"]
+    r.update(final_loss=float("nan"), generated_tokens=0)
+    assert ov.generation_problems(r)[:2] == ["alignkit/vllm: final loss nan", "alignkit/vllm: no tokens generated in "
+                                             "the timed steps"]
+
+
+def test_generation_tally_flags_copies():
+    """4 rows, 1 distinct: under half of them differ (sampled at temperature 1 from a random model, all would)."""
+    from types import SimpleNamespace
+
+    ov = _load("online_vllm")
+    tally = ov.GenerationTally(3, {2})
+    tally.add([SimpleNamespace(response_ids=[5, 6, 7], finish_reason="length") for _ in range(4)])
+    assert ov.tally_problems({"library": "alignkit", "generation": tally.result()}) == [
+        "alignkit/transformers: only 1 distinct rows of 4 (sampled at temperature 1)"]
+
+
+def test_online_vllm_pair_with_cut_rows_gets_no_ratio():
+    """vLLM / transformers generation: the same work by every other measure, but the vLLM side's rows stopped
+    early without an end token: the pair is named, not paired."""
+    online = _load("online_cpu")
+    gen = lambda short: {"rows": 96, "rows_at_max_new_tokens": 96 - short, "rows_ended_eos": 0,  # noqa: E731
+                         "rows_short_without_eos": short, "rows_over_max_new_tokens": 0, "distinct_rows": 96,
+                         "max_new_tokens": 32}
+    base = {"library": "alignkit", "status": "ok", "steps": 6, "warmup": 1, "final_loss": 0.0, "cpu_seconds": 2.0,
+            "steps_per_s": 1.0, "generated_tokens_per_s": 900.0,
+            "settings": {"prompts_per_step": 8, "num_samples": 4, "max_new_tokens": 32}, "effective": {}}
+    hf = dict(base, generated_tokens=6144, generation=gen(0))
+    good = dict(base, generated_tokens=6100, generation_backend="vllm", generation=gen(0), cpu_seconds=1.0)
+    cut = dict(good, generation=gen(12))
+    assert online.same_work(good, hf, "grpo") == []
+    runs = {("grpo", "alignkit", "vllm"): [good, cut], ("grpo", "alignkit", "hd64"): [hf, hf]}
+    row, line = online.table_row("grpo", ("alignkit", "vllm"), ("alignkit", "hd64"), runs)
+    assert row["cpu_ratios"] == [2.0]  # hf 2.0 CPU s / vLLM 1.0 CPU s, repeat 0 only
+    assert row["not_comparable"] == ["r1: alignkit/vllm: 12 of 96 rows ended before max_new_tokens (32) without an "
+                                     "end token"]
+    assert "GENERATIONS NOT REAL: alignkit-vllm r1: alignkit/vllm: 12 of 96 rows" in line
+
+
+def test_online_cpu_vllm_sides_need_the_flag_and_a_warmup(tmp_path):
+    online = _load("online_cpu")
+    with pytest.raises(SystemExit, match="--sides alignkit-vllm: the vLLM rows' sides run with --vllm; add it"):
+        online.main(["--sides", "alignkit-vllm", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--vllm with --warmup 0: the engine starts in the first generation call"):
+        online.main(["--vllm", "--warmup", "0", "--results", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+    args, order = online.parse(["--vllm", "--sides", "alignkit-vllm", "trl-hd64"])
+    assert order == [("alignkit", "vllm"), ("trl", "hd64")]
+    py, spec, extra, env = online.side_setup("alignkit", "vllm", args, {"small": "s", "small_hd64": "h"})
+    assert spec == "h" and extra == ["--generation-backend", "vllm"] and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["PYTHONPATH"].split(":")[0] == str(BENCH.parent / "src")
+
+
+def test_small_hd64_scenario_has_head_dim_64(common):
+    """vLLM's CPU attention needs head_dim >= 64: hidden 128 over 2 heads; 1 KV head; otherwise the "small" model."""
+    m = common.SCENARIOS["small_hd64"]["model"]
+    assert m["hidden_size"] // m["num_attention_heads"] == 64 and m["num_key_value_heads"] == 1
+    assert {k: v for k, v in m.items() if k not in ("num_attention_heads", "num_key_value_heads")} == {
+        k: v for k, v in common.SCENARIOS["small"]["model"].items() if k not in ("num_attention_heads",
+                                                                                    "num_key_value_heads")}

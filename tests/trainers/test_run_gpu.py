@@ -119,3 +119,38 @@ def test_dry_run_grpo_names_the_knobs_it_does_not_apply(run_gpu, tmp_path, caplo
     assert r["not_applied"] == ["--padding-free", "--compile"]
     assert "grpo_full: --padding-free --compile not applied" in caplog.text
     assert "--steps ignored" in caplog.text  # --dry-run's own sizes
+
+
+def test_dry_run_grpo_vllm_skipped_without_vllm(run_gpu, tmp_path):
+    """Where vLLM is not importable (alignkit's .venv), grpo_vllm is one skipped row naming why; the other workloads
+    of the same run still run. (Its dry run with the engine: tests/vllm_backend/test_run_gpu_vllm.py, make test-vllm.)"""
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/vllm_backend/test_run_gpu_vllm.py runs the workload")
+    skipped, ran = run_gpu.main(["--dry-run", "--workloads", "grpo_vllm", "grpo_full", "--out", str(tmp_path / "g.json"),
+                                 "--work-dir", str(tmp_path / "work")])
+    assert skipped["workload"] == "grpo_vllm" and skipped["status"] == "skipped"
+    assert skipped["reason"].startswith("skipped: generation_backend='vllm' needs vLLM in this Python")
+    assert "\n" not in skipped["reason"] and not (tmp_path / "work" / "grpo_vllm").exists()
+    assert ran["workload"] == "grpo_full" and ran["generation_backend"] == "transformers" and ran["generated_tokens"] > 0
+    assert ran["generation_problems"] == [] and ran["generation"]["rows"] == 3 * 2 * 2  # 1 + 2 steps x 2 x 2
+
+
+def test_grpo_vllm_engine_args(run_gpu, tmp_path):
+    """The engine's arguments: the longest prompt (prompt_len x 1.25 words) + BOS + EOS room + completion_len for
+    max_model_len; gpu_memory_utilization on a GPU only (on CPU vLLM reads it as a share of host memory)."""
+    import argparse
+
+    import torch
+
+    model = run_gpu.build_model(run_gpu.TINY_HD64, torch.float32, "cpu", "sdpa")
+    tok = run_gpu.bench_common.build_tokenizer(run_gpu.TINY_HD64["vocab_size"])
+    args = argparse.Namespace(work_dir=str(tmp_path), prompt_len=256, completion_len=256, device="cpu",
+                              vllm_gpu_memory=0.3)
+    engine = run_gpu.vllm_engine("grpo_vllm", args, model, tok)
+    assert engine["generation_backend"] == "vllm"
+    assert engine["vllm"] == {"model": str(tmp_path / "grpo_vllm" / "base"), "max_model_len": 320 + 2 + 256}
+    assert (tmp_path / "grpo_vllm" / "base" / "config.json").is_file()
+    assert (tmp_path / "grpo_vllm" / "base" / "tokenizer.json").is_file()
+    args.device = "cuda"
+    assert run_gpu.vllm_engine("grpo_vllm", args, model, tok)["vllm"]["gpu_memory_utilization"] == 0.3
+    assert run_gpu.TINY_HD64["hidden_size"] // run_gpu.TINY_HD64["num_attention_heads"] == 64
