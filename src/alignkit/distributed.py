@@ -154,6 +154,33 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
                           "train.activation_checkpointing or set fsdp_activation_checkpointing: false")
 
 
+def fsdp_activation_checkpointing() -> bool:
+    """True when an accelerate FSDP launch asks for `fsdp_activation_checkpointing: true` (FSDP_ACTIVATION_CHECKPOINTING)."""
+    return requested_engine() == "fsdp" and _flag("FSDP_ACTIVATION_CHECKPOINTING")
+
+
+def take_over_activation_checkpointing(accelerator: Any, owner: str) -> bool:
+    """Turn accelerate's FSDP activation checkpointing off before the model is prepared, so that the caller applies
+    alignkit's own (transformers' per-layer checkpointing: the same recomputation in backward). Returns True when it
+    did. Why: accelerate wraps each decoder layer in torch's `CheckpointWrapper`, whose parameter names carry
+    `_checkpoint_wrapped_module.`; alignkit's gathered saving (`full_parameters` holds the FSDP units' state-dict
+    hooks off, the wrapper's prefix-stripping one among them) wrote model/ and checkpoints under those names, which
+    `from_pretrained` does not load (every layer silently re-initialised), and the offline trainers stopped at the
+    first backward with torch's CheckpointError (tensors saved in forward and recomputation differ). ConfigError
+    for `fsdp_activation_checkpointing_offload: true`, which alignkit's checkpointing would ignore."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or not getattr(plugin, "activation_checkpointing", False):
+        return False
+    if getattr(plugin, "activation_checkpointing_offload", False):
+        raise ConfigError(f"{owner}: the accelerate config's fsdp_activation_checkpointing_offload: true would be "
+                          "ignored: alignkit applies its own activation checkpointing (recomputed layers, nothing "
+                          "offloaded) in place of accelerate's wrapper; set fsdp_activation_checkpointing_offload: false")
+    plugin.activation_checkpointing = False
+    logger.info("fsdp_activation_checkpointing: alignkit's activation checkpointing applied in place of accelerate's "
+                "checkpoint wrapper (parameter names stay the model's)")
+    return True
+
+
 def enable_sharding_on_cpu(accelerator: Any) -> bool:
     """Attach the FSDP plugin the launcher asked for when accelerate dropped it on CPU processes (see the
     module docstring). Returns True when it did. Call right after creating the `Accelerator`, before any
@@ -410,4 +437,4 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
-__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "requested_engine", "shard_reference", "storage_key", "zero_stage"]
+__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "fsdp_activation_checkpointing", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "requested_engine", "shard_reference", "storage_key", "take_over_activation_checkpointing", "zero_stage"]
