@@ -96,3 +96,24 @@ def test_accelerates_wrapper_is_turned_off_and_its_offload_refused():
     assert "\n" not in str(e.value)
     assert str(e.value).startswith("GRPOTrainer: the accelerate config's fsdp_activation_checkpointing_offload: true "
                                    "would be ignored")
+
+
+def test_a_reference_with_meta_weights_is_refused_before_it_is_sharded():
+    """Before: `fully_shard` sharded the copy as it was on this process; a weight left on the meta device (transformers
+    under fsdp_cpu_ram_efficient_loading, model loaded after the process group started, off rank 0) has no value and
+    nothing broadcasts the reference's from rank 0 (accelerate does the policy's only)."""
+    import torch
+    from accelerate.utils import DistributedType
+    from torch import nn
+
+    from alignkit.distributed import shard_reference
+
+    ref = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    ref[1].weight = nn.Parameter(torch.empty(2, 2, device="meta"))
+    state = SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=2))
+    with pytest.raises(ConfigError) as e:
+        shard_reference(ref, SimpleNamespace(state=state))
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("the frozen reference copy has 1 parameter(s) on the meta device on this process "
+                                   "(e.g. 1.weight)")
+    assert "set fsdp_cpu_ram_efficient_loading: false" in str(e.value)
