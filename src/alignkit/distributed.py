@@ -154,6 +154,33 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
                           "train.activation_checkpointing or set fsdp_activation_checkpointing: false")
 
 
+def fsdp_activation_checkpointing() -> bool:
+    """True when an accelerate FSDP launch asks for `fsdp_activation_checkpointing: true` (FSDP_ACTIVATION_CHECKPOINTING)."""
+    return requested_engine() == "fsdp" and _flag("FSDP_ACTIVATION_CHECKPOINTING")
+
+
+def take_over_activation_checkpointing(accelerator: Any, owner: str) -> bool:
+    """Turn accelerate's FSDP activation checkpointing off before the model is prepared, so that the caller applies
+    alignkit's own (transformers' per-layer checkpointing: the same recomputation in backward). Returns True when it
+    did. Why: accelerate wraps each decoder layer in torch's `CheckpointWrapper`, whose parameter names carry
+    `_checkpoint_wrapped_module.`; alignkit's gathered saving (`full_parameters` holds the FSDP units' state-dict
+    hooks off, the wrapper's prefix-stripping one among them) wrote model/ and checkpoints under those names, which
+    `from_pretrained` does not load (every layer silently re-initialised), and the offline trainers stopped at the
+    first backward with torch's CheckpointError (tensors saved in forward and recomputation differ). ConfigError
+    for `fsdp_activation_checkpointing_offload: true`, which alignkit's checkpointing would ignore."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or not getattr(plugin, "activation_checkpointing", False):
+        return False
+    if getattr(plugin, "activation_checkpointing_offload", False):
+        raise ConfigError(f"{owner}: the accelerate config's fsdp_activation_checkpointing_offload: true would be "
+                          "ignored: alignkit applies its own activation checkpointing (recomputed layers, nothing "
+                          "offloaded) in place of accelerate's wrapper; set fsdp_activation_checkpointing_offload: false")
+    plugin.activation_checkpointing = False
+    logger.info("fsdp_activation_checkpointing: alignkit's activation checkpointing applied in place of accelerate's "
+                "checkpoint wrapper (parameter names stay the model's)")
+    return True
+
+
 def enable_sharding_on_cpu(accelerator: Any) -> bool:
     """Attach the FSDP plugin the launcher asked for when accelerate dropped it on CPU processes (see the
     module docstring). Returns True when it did. Call right after creating the `Accelerator`, before any
@@ -322,6 +349,7 @@ def shard_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
         return _zero3_reference(ref_model, accelerator)
     if not is_fsdp2(accelerator):
         return ref_model
+    refuse_meta_reference(ref_model)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -339,6 +367,19 @@ def shard_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
     logger.info("reference sharded with FSDP2 over %d process(es): %d layer unit(s) + root",
                 accelerator.num_processes, len(layers))
     return ref_model
+
+
+def refuse_meta_reference(ref_model: nn.Module) -> None:
+    """ConfigError when the frozen reference holds parameters on the meta device on this process: `fully_shard` would
+    shard them as they are, with no broadcast from rank 0 (accelerate broadcasts the policy's weights only). Under
+    `fsdp_cpu_ram_efficient_loading`, transformers leaves the weights a checkpoint lacks unmaterialised on every
+    process but local rank 0 when the model is loaded after the process group started."""
+    meta = [n for n, p in ref_model.named_parameters() if p.is_meta]
+    if meta:
+        raise ConfigError(f"the frozen reference copy has {len(meta)} parameter(s) on the meta device on this process "
+                          f"(e.g. {meta[0]}): weights missing from the checkpoint, left unloaded here (accelerate's "
+                          "fsdp_cpu_ram_efficient_loading loads them on rank 0 only); load the model before the process "
+                          "group starts (as the alignkit commands do), or set fsdp_cpu_ram_efficient_loading: false")
 
 
 def _zero3_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
@@ -410,4 +451,4 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
-__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "requested_engine", "shard_reference", "storage_key", "zero_stage"]
+__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "fsdp_activation_checkpointing", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "refuse_meta_reference", "requested_engine", "shard_reference", "storage_key", "take_over_activation_checkpointing", "zero_stage"]

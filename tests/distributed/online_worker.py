@@ -69,7 +69,7 @@ def CASES(case: str):
 
 
 def build(model_dir: str, case: str, output_dir: str | None = None):
-    cls, kind, cfg = CASES(case)
+    cls, kind, cfg = CASES(case.split("+")[0])  # CASE+SETTING: an accelerate FSDP setting on (fsdp_worker.SETTINGS)
     torch.manual_seed(0)
     model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0) if "lora" in kind else LoraSettings()))
     cfg.learning_rate = 0.5 if kind == "lora" else 0.05
@@ -99,6 +99,11 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
 
     torch.set_num_threads(1)
     for case in cases:
+        setting = case.split("+")[1:]
+        if setting:  # under FSDP only (ALIGNKIT_TEST_FSDP)
+            from fsdp_worker import SETTINGS
+
+            os.environ.update({SETTINGS[s]: "true" for s in setting})
         trainer = build(model_dir, case, f"{out_dir}/{case}")
         record: list[dict] = []
         generate = trainer.generate
@@ -124,6 +129,13 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
         ref_sharded = sum(isinstance(p, DTensor) for p in trainer.ref_model.parameters()) if trainer.ref_model else 0
         trainer.save(f"{out_dir}/{case}.saved")
         params = trainable(trainer)  # a collective under FSDP (shards gathered): every rank
+        per_rank: list = [None] * trainer.world
+        if setting:
+            from fsdp_worker import SETTINGS, reference_off_base
+
+            dist.all_gather_object(per_rank, {"reference_off_base": reference_off_base(trainer, model_dir),
+                                              "names": [n for n, _ in trainer.model.named_parameters()]})
+            os.environ.update({SETTINGS[s]: "false" for s in setting})
         everyone: list = [None] * trainer.world
         dist.all_gather_object(everyone, record)
         every_eval: list = [None] * trainer.world
@@ -134,7 +146,7 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
             with open(f"{out_dir}/{case}.json", "w") as f:
                 json.dump({"world": trainer.world, "steps": steps, "evals": every_eval, "history": trainer.history,
                            "sharded": sharded,
-                       "reference_sharded": ref_sharded, "reference_mode": trainer.reference_mode,
+                       "reference_sharded": ref_sharded, "reference_mode": trainer.reference_mode, "per_rank": per_rank,
                        "distributed_type": str(trainer.accelerator.distributed_type)}, f)
             save_file(params, f"{out_dir}/{case}.safetensors")
         dist.barrier()

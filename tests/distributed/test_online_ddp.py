@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from online_worker import EVAL_PROMPTS, PROMPTS, STEPS, build, reward, trainable  # noqa: E402
 
 WORKER = Path(__file__).with_name("online_worker.py")
-CASES = {"ddp": ["rloo", "grpo-token", "dpo", "dpo-simpo", "ppo"], "fsdp": ["grpo-full", "rloo", "dpo"]}
+# +ram / +ac: with fsdp_cpu_ram_efficient_loading / fsdp_activation_checkpointing on (tests/distributed/test_fsdp.py)
+CASES = {"ddp": ["rloo", "grpo-token", "dpo", "dpo-simpo", "ppo"],
+         "fsdp": ["grpo-full", "rloo", "dpo", "grpo-full+ram", "grpo-full+ac"]}
 EXTRA = {"ddp": ["grpo-eval"], "fsdp": []}  # run in the same launch, checked by their own tests
 _RUNS: dict = {}
 
@@ -66,8 +68,15 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
     assert run["distributed_type"].endswith("FSDP" if engine == "fsdp" else "MULTI_CPU")
     if engine == "fsdp":
         assert run["sharded"] > 0  # the policy's parameters were DTensor shards
-        if case == "grpo-full":  # full finetuning: the frozen reference is sharded by the same engine
+        if case.startswith("grpo-full"):  # full finetuning: the frozen reference is sharded by the same engine
             assert run["reference_sharded"] > 0
+        if case.endswith(("+ram", "+ac")):  # each rank's reference shard: the model folder's weights
+            assert [r["reference_off_base"] for r in run["per_rank"]] == [[], []]
+        if case.endswith("+ac"):  # alignkit's checkpointing, not accelerate's wrapper: the names are the base's
+            base = [n for n, _ in load_model(tiny_dir("llama")).named_parameters()]
+            assert [r["names"] for r in run["per_rank"]] == [base, base]
+            assert (load_file(str(two_ranks / f"{case}.saved" / "model.safetensors")).keys()
+                    == load_file(str(tiny_dir("llama") / "model.safetensors")).keys())
     assert (run["reference_mode"] == "none") == (case == "dpo-simpo")  # a reference-free loss: none on any rank
     for step in run["steps"]:
         s0, s1 = step["seeds"]
@@ -98,7 +107,7 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
             assert row["pairs"] == ref["pairs"]
     # the saved folder is a plain one (safetensors + JSON) holding the trained weights
     saved = two_ranks / f"{case}.saved"
-    loaded = (load_model(saved) if case in ("grpo-full", "dpo", "dpo-simpo") else
+    loaded = (load_model(saved) if case.split("+")[0] in ("grpo-full", "dpo", "dpo-simpo") else
               load_adapter(load_model(tiny_dir("llama")), saved))
     got = dict(loaded.named_parameters())
     for n in after:

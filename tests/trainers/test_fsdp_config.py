@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from alignkit.distributed import refuse_ignored_fsdp_settings
+from types import SimpleNamespace
+
+from alignkit.distributed import refuse_ignored_fsdp_settings, take_over_activation_checkpointing
 from alignkit.settings import ConfigError
 from alignkit.trainers import SFTTrainer
 
@@ -49,7 +51,7 @@ def test_no_fsdp_launch_reads_no_fsdp_variable(monkeypatch):
 
 def test_both_activation_checkpointings_are_refused(fsdp_env):
     fsdp_env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
-    refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=False)  # FSDP's alone: applied by accelerate
+    refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=False)  # FSDP's alone: alignkit applies its own
     with pytest.raises(ConfigError, match=r"^SFTTrainer: train\.activation_checkpointing and the accelerate config's "
                                           r"fsdp_activation_checkpointing: true are both on.*keep one"):
         refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=True)
@@ -68,3 +70,50 @@ def test_an_alignkit_trainer_refuses_at_construction(fsdp_env, make_model, featu
         SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
                    data_collator=collators["sft"])
     assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_activation_checkpointing_alone_is_alignkits_own(fsdp_env, make_model, features, collators, tmp_path):
+    """Before: accelerate wrapped each layer in its CheckpointWrapper (parameter names `..._checkpoint_wrapped_module.`
+    in model/ and checkpoints, which from_pretrained does not load; the offline step stopped with CheckpointError).
+    Now the trainer applies transformers' per-layer checkpointing itself (tests/distributed/test_fsdp.py: 2 ranks)."""
+    fsdp_env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    model = make_model("lora")
+    SFTTrainer(model, fast_args(tmp_path), train_dataset=features["sft"], data_collator=collators["sft"])
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    assert not any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+
+
+def test_accelerates_wrapper_is_turned_off_and_its_offload_refused():
+    plugin = SimpleNamespace(activation_checkpointing=True, activation_checkpointing_offload=False)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+    assert take_over_activation_checkpointing(accelerator, "GRPOTrainer") is True
+    assert plugin.activation_checkpointing is False  # accelerate's prepare reads it (tests/compat A20)
+    assert take_over_activation_checkpointing(accelerator, "GRPOTrainer") is False
+    assert take_over_activation_checkpointing(SimpleNamespace(state=SimpleNamespace()), "GRPOTrainer") is False
+    plugin = SimpleNamespace(activation_checkpointing=True, activation_checkpointing_offload=True)
+    with pytest.raises(ConfigError) as e:
+        take_over_activation_checkpointing(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), "GRPOTrainer")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("GRPOTrainer: the accelerate config's fsdp_activation_checkpointing_offload: true "
+                                   "would be ignored")
+
+
+def test_a_reference_with_meta_weights_is_refused_before_it_is_sharded():
+    """Before: `fully_shard` sharded the copy as it was on this process; a weight left on the meta device (transformers
+    under fsdp_cpu_ram_efficient_loading, model loaded after the process group started, off rank 0) has no value and
+    nothing broadcasts the reference's from rank 0 (accelerate does the policy's only)."""
+    import torch
+    from accelerate.utils import DistributedType
+    from torch import nn
+
+    from alignkit.distributed import shard_reference
+
+    ref = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    ref[1].weight = nn.Parameter(torch.empty(2, 2, device="meta"))
+    state = SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=2))
+    with pytest.raises(ConfigError) as e:
+        shard_reference(ref, SimpleNamespace(state=state))
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("the frozen reference copy has 1 parameter(s) on the meta device on this process "
+                                   "(e.g. 1.weight)")
+    assert "set fsdp_cpu_ram_efficient_loading: false" in str(e.value)

@@ -62,9 +62,10 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from alignkit.adapters import adapter_of, record_base, unwrap_lm
+from alignkit.adapters import adapter_of, enable_gradient_checkpointing, record_base, unwrap_lm
 from alignkit.distributed import (
     check_process_count, enable_sharding_on_cpu, is_fsdp2, refuse_ignored_fsdp_settings, requested_engine,
+    take_over_activation_checkpointing,
 )
 from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
@@ -300,6 +301,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         opt_class = torch.optim.SGD if self.config.optimizer == "sgd" else torch.optim.AdamW
         optimizer = opt_class(params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay)
         if fsdp2:  # accelerate shards model and optimizer together (fully_shard swaps the parameters)
+            if take_over_activation_checkpointing(self.accelerator, type(self).__name__):  # names stay the model's
+                enable_gradient_checkpointing(model)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         else:
             self.model = self.accelerator.prepare(model)

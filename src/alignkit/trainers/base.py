@@ -90,6 +90,7 @@ from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
     check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, refuse_fsdp1_on_cpu, refuse_ignored_fsdp_settings,
+    fsdp_activation_checkpointing, take_over_activation_checkpointing,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float, likely_causes
 from alignkit.losses import LossOutput, reduce_loss
@@ -171,11 +172,14 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         check_process_count(args.world_size, type(self).__name__)  # the processes asked for are the ones training
         refuse_fsdp1_on_cpu()  # before the Trainer's Accelerator, whose FSDP1 plugin would stop without a word of why
         refuse_ignored_fsdp_settings(type(self).__name__, gc_kwargs is not None)  # an FSDP config's keys alignkit overrides
+        if gc_kwargs is None and fsdp_activation_checkpointing():  # alignkit's own in place of accelerate's wrapper
+            gc_kwargs = {}
         if disable_dropout:
             turn_off_dropout(model)
         record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
         super().__init__(model=model, args=args, **kwargs)
         refuse_deepspeed_mismatches(self)
+        take_over_activation_checkpointing(self.accelerator, type(self).__name__)  # before the model is prepared
         if gc_kwargs is not None:
             enable_gradient_checkpointing(self.model, gc_kwargs)
             logger.info("activation checkpointing on (%s)", {"use_reentrant": False, **gc_kwargs})

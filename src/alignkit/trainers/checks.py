@@ -446,6 +446,37 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
         raise ConfigError(f"{deepspeed_config_source(trainer.args)}: {'; '.join(replaced)}; remove the section(s) "
                           "(under DeepSpeed too, train.optim, learning_rate, weight_decay, adam_*, lr_scheduler_type "
                           "and warmup_* then decide)")
+    refuse_optimizer_offload(getattr(ds, "config", None) or getattr(plugin, "deepspeed_config", None) or {},
+                             trainer.args, torch.cuda.is_available())
+
+
+# what accelerate maps each Trainer optimizer to when the optimizer state is offloaded (`map_pytorch_optim_to_deepspeed`:
+# torch's AdamW -> DeepSpeedCPUAdam in AdamW mode, Adagrad -> DeepSpeedCPUAdagrad, ANY other -> DeepSpeedCPUAdam, Adam)
+OFFLOAD_KEEPS = ("adamw_torch", "adamw_torch_fused", "adagrad")
+
+
+def refuse_optimizer_offload(config: dict[str, Any], args: Any, cuda: bool) -> None:
+    """ConfigError, when the trainer is built, for a DeepSpeed config's `zero_optimization.offload_optimizer` (device
+    cpu / nvme) that accelerate answers by swapping the Trainer's optimizer for DeepSpeed's CPU optimizer (unless
+    `zero_force_ds_cpu_optimizer: false`): on CPU processes (`cuda` False) offloading to the CPU moves nothing (the
+    state is in CPU memory already) and the swap compiles DeepSpeedCPUAdam with a C++ build when training starts
+    (minutes, after the run folder is written; a build killed midway leaves a lock under ~/.cache/torch_extensions
+    on which the next run waits for ever); on any device, a train.optim outside `OFFLOAD_KEEPS` (sgd, adafactor,
+    8-bit AdamW, ...) would silently become Adam."""
+    device = str((config.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none")).lower()
+    if device in ("none", "auto") or config.get("zero_force_ds_cpu_optimizer", True) is False:
+        return
+    where = f"{deepspeed_config_source(args)}: zero_optimization.offload_optimizer.device is {device}"
+    if not cuda and device == "cpu":
+        raise ConfigError(f"{where} on CPU processes, where the optimizer state already is: accelerate would swap "
+                          "the optimizer for DeepSpeedCPUAdam, compiled with a C++ build when training starts "
+                          "(minutes, after the run folder is written); set it to none (accelerate config: "
+                          "offload_optimizer_device: none, as configs/accelerate/zero3-cpu.yaml)")
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim not in OFFLOAD_KEEPS:
+        raise ConfigError(f"{where}, so accelerate would replace train.optim={optim} with DeepSpeedCPUAdam (Adam): "
+                          f"use train.optim {' or '.join(OFFLOAD_KEEPS)}, set the offload device to none, or set "
+                          "zero_force_ds_cpu_optimizer: false in the DeepSpeed config")
 
 
 def deepspeed_config_source(args: Any) -> str:
@@ -486,6 +517,6 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
            "check_resumable", "check_scheduler", "TRAINING_FIELDS", "settings_changes", "training_changes", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
-           "deepspeed_config_source", "deepspeed_replacements",
+           "deepspeed_config_source", "deepspeed_replacements", "OFFLOAD_KEEPS", "refuse_optimizer_offload",
            "refuse_all_zero_weights", "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
            "refuse_trainer_fsdp_on_cpu", "refuse_unread_fields", "saved_state"]

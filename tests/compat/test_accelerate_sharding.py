@@ -1,0 +1,69 @@
+"""accelerate's FSDP2 activation checkpointing and DeepSpeed optimizer offload, as alignkit relies on them
+(rows A19, A20 of docs/architecture.md's table)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+
+def test_accelerates_fsdp2_checkpoint_wrapper_is_gated_by_the_plugin_flag_and_renames_parameters(monkeypatch):
+    """alignkit turns `fsdp_plugin.activation_checkpointing` off before `prepare` and applies its own checkpointing
+    (distributed.py:take_over_activation_checkpointing): accelerate must read the flag at prepare time, and the
+    wrapper it would apply must be the one whose names carry `_checkpoint_wrapped_module.`."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    source = inspect.getsource(Accelerator._prepare_fsdp2)
+    assert "self.state.fsdp_plugin.activation_checkpointing" in source and "fsdp2_apply_ac(" in source
+    from accelerate.utils import fsdp_utils
+
+    assert "checkpoint_wrapper(layer" in inspect.getsource(fsdp_utils.fsdp2_apply_ac)
+    model = nn.Sequential(nn.Linear(2, 2))
+    model[0] = checkpoint_wrapper(model[0])
+    assert [n for n, _ in model.named_parameters()] == ["0._checkpoint_wrapped_module.weight",
+                                                        "0._checkpoint_wrapped_module.bias"]
+    # the plugin reads both settings from the launcher's environment (`accelerate launch --config_file`)
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD", "true")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert plugin.activation_checkpointing is True and plugin.activation_checkpointing_offload is True
+
+
+def test_an_offloaded_optimizer_is_swapped_for_deepspeeds_cpu_optimizer_whatever_it_was(monkeypatch):
+    """accelerate hands DeepSpeed `map_pytorch_optim_to_deepspeed(optimizer)` when zero_optimization.offload_optimizer
+    names a device and zero_force_ds_cpu_optimizer is not false: AdamW -> DeepSpeedCPUAdam in AdamW mode, Adagrad ->
+    DeepSpeedCPUAdagrad, SGD (any other) -> DeepSpeedCPUAdam in Adam mode (trainers/checks.py:refuse_optimizer_offload).
+    DeepSpeed's classes are replaced by stand-ins here: the real ones compile a C++ extension when built."""
+    pytest.importorskip("deepspeed")
+    import deepspeed.ops.adagrad
+    import deepspeed.ops.adam
+    from accelerate import Accelerator
+    from accelerate.utils.deepspeed import map_pytorch_optim_to_deepspeed
+
+    source = inspect.getsource(Accelerator._prepare_deepspeed)
+    assert '.get("offload_optimizer", {}).get(' in source and 'get("zero_force_ds_cpu_optimizer", True)' in source
+    assert "optimizer = map_pytorch_optim_to_deepspeed(optimizer)" in source
+
+    class Stand:
+        def __init__(self, groups, **kw):
+            self.kw = kw
+
+    class CPUAdam(Stand):
+        pass
+
+    class CPUAdagrad(Stand):
+        pass
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", CPUAdam)
+    monkeypatch.setattr(deepspeed.ops.adagrad, "DeepSpeedCPUAdagrad", CPUAdagrad)
+    params = [nn.Parameter(torch.zeros(2))]
+    sgd = map_pytorch_optim_to_deepspeed(torch.optim.SGD(params, lr=0.1))
+    assert type(sgd) is CPUAdam and sgd.kw["adamw_mode"] is False  # SGD became Adam
+    adamw = map_pytorch_optim_to_deepspeed(torch.optim.AdamW(params, lr=0.1))
+    assert type(adamw) is CPUAdam and adamw.kw["adamw_mode"] is True
+    assert type(map_pytorch_optim_to_deepspeed(torch.optim.Adagrad(params, lr=0.1))) is CPUAdagrad
