@@ -12,9 +12,10 @@
     GET  /                       the chat page (static files in serve/static, no build step)
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
-(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
-stream_options.include_usage (with stream only; its other keys, e.g. vLLM's continuous_usage_stats, are a 400 unless
-false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the answer but are not
+(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last; null: false, as vLLM),
+stream_options.include_usage (with stream only; null: false; its other keys, e.g. vLLM's continuous_usage_stats,
+are a 400 unless false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the
+answer but are not
 implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix,
 response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
@@ -167,9 +168,12 @@ async def read_body(request, api_key: str | None) -> dict:
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
-    """(stream, stream_options.include_usage) of a request body; a 400 naming the field for a wrong type, for
-    stream_options without stream, and for a stream option other than include_usage not at its neutral value."""
-    stream = body.get("stream", False)
+    """(stream, stream_options.include_usage) of a request body (null: false, row V18); a 400 naming the field for
+    a wrong type, for stream_options without stream, and for a stream option other than include_usage not at its
+    neutral value."""
+    stream = body.get("stream")
+    if stream is None:  # null: the default, false, as OpenAI's API and vLLM's server read it (row V18)
+        stream = False
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", param="stream")
     opts = body.get("stream_options")
@@ -177,7 +181,8 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
         raise ApiError(400, "'stream_options' is only allowed with 'stream': true (a response that is not "
                             "streamed always carries usage); remove it or set stream", param="stream_options")
     opts = opts or {}
-    if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+    usage = opts.get("include_usage") if isinstance(opts, dict) else None
+    if not isinstance(opts, dict) or not (usage is None or isinstance(usage, bool)):  # null: false (row V18)
         raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
                        param="stream_options")
     for key, value in opts.items():  # what else would be accepted and ignored: a 400 naming it
