@@ -206,6 +206,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert says in err["error"]["message"], err
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]})
     assert got == 400 and "role" in err["error"]["message"]
+    assert "system, developer, user or assistant" in err["error"]["message"], err  # every role taken (was: no developer)
     # the engine's limits name the field too (before: param null); a chat prompt's field is messages
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi " * 60}]})
     assert got == 400 and err["error"]["param"] == "messages" and "tokens" in err["error"]["message"], err
