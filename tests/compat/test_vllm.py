@@ -1,8 +1,8 @@
 """vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit
 checks before a colocated engine starts, the engine calls of a weight / LoRA push, and how its OpenAI server joins
-a chat message's text parts and developer messages, and its request defaults (rows V1, V2, V11, V12, V13, V14 of the
-table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they are
-skipped."""
+a chat message's text parts and developer messages, and its request defaults (rows V1, V2, V11, V12, V13, V14, V18
+of the table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they
+are skipped."""
 
 from __future__ import annotations
 
@@ -436,3 +436,27 @@ def test_vllm_runs_a_yarn_folder_past_its_table_and_alignkit_caps_it(tiny_dir, t
     check(theirs == 64, VLLM, f"vLLM derives max_model_len {theirs} for yarn with max_position_embeddings 64", where)
     check(engine_limit(folder, {})[0] == 32 and start_max_model_len(folder, {}) == 32 and capped == 32, VLLM,
           "alignkit's cap for the yarn folder is not 32, or vLLM refused it", where)
+
+
+def test_null_stream_and_include_usage_are_vllms_defaults():
+    """vLLM's OpenAI server reads `"stream": null` as not streamed and `stream_options.include_usage: null` as no
+    usage chunk (`stream: bool | None = False` on its completion and chat requests, `StreamOptions.include_usage:
+    bool | None = False`), as OpenAI's API documents; alignkit's API reads them the same (`serve/api.py:stream_flags`,
+    row V18), where it refused both with a 400."""
+    where = "alignkit/serve/api.py:stream_flags (POST /v1/completions, /v1/chat/completions)"
+    with guard(VLLM, "vLLM's request protocol classes moved", where):
+        from vllm.entrypoints.generate.base.protocol import StreamOptions
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from alignkit.serve.api import stream_flags
+
+    with guard(VLLM, "vLLM's requests no longer take stream: null / include_usage: null", where):
+        completion = CompletionRequest(model="m", prompt="Hi", stream=None)
+        chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], stream=None)
+        options = StreamOptions(include_usage=None)
+    check(not completion.stream and not chat.stream, VLLM, "vLLM reads stream: null as streamed", where)
+    check(not options.include_usage and not StreamOptions().include_usage, VLLM,
+          "vLLM's include_usage (null or left out) now adds a usage chunk", where)
+    check(stream_flags({"stream": None}) == (False, False), VLLM, "alignkit reads stream: null otherwise", where)
+    check(stream_flags({"stream": True, "stream_options": {"include_usage": None}}) == (True, False), VLLM,
+          "alignkit reads include_usage: null otherwise", where)

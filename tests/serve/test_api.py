@@ -206,6 +206,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert says in err["error"]["message"], err
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "bot", "content": "x"}]})
     assert got == 400 and "role" in err["error"]["message"]
+    assert "system, developer, user or assistant" in err["error"]["message"], err  # every role taken (was: no developer)
     # the engine's limits name the field too (before: param null); a chat prompt's field is messages
     got, err = raw(url, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Hi " * 60}]})
     assert got == 400 and err["error"]["param"] == "messages" and "tokens" in err["error"]["message"], err
@@ -418,6 +419,28 @@ def test_stream_options_without_stream_is_a_400_naming_it(client, server):
                                             extra_body={"stream_options": {"include_usage": True, "include_obfuscation":
                                                                            False, "continuous_usage_stats": False}}))
     assert chunks[-1].usage.completion_tokens == 2
+
+
+def test_null_stream_and_include_usage_are_their_defaults_as_vllm_reads_them(client, server):
+    """`"stream": null` and `"stream_options": {"include_usage": null}` are the defaults in OpenAI's API and in
+    vLLM's server (`stream: bool | None = False`, `include_usage: bool | None = False`, row V18), which answers them;
+    alignkit's engine refused both with a 400 ('stream' must be true or false / 'stream_options' must be an object),
+    so one request failed on engine alignkit and was answered by --engine vllm. A wrong type is still a 400."""
+    url, _ = server
+    hi = {"model": "base", "prompt": "Hi", "max_tokens": 2, "temperature": 0}
+    got, body = raw(url, "/v1/completions", {**hi, "stream": None})
+    assert got == 200 and body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 2, body
+    got, body = raw(url, "/v1/chat/completions", {**{k: v for k, v in hi.items() if k != "prompt"}, "stream": None,
+                                                  "messages": [{"role": "user", "content": "Hi"}]})
+    assert got == 200 and body["object"] == "chat.completion", body
+    got, text = raw(url, "/v1/completions", {**hi, "stream": True, "stream_options": {"include_usage": None}})
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert got == 200 and text.rstrip().endswith("data: [DONE]"), text
+    assert events and events[-1]["choices"][0]["finish_reason"] == "length", events  # the last one ends the choice
+    assert all("usage" not in e for e in events), events  # include_usage false: no usage key, no usage chunk
+    for bad in ({"stream": 1}, {"stream": "true"}, {"stream": True, "stream_options": {"include_usage": 1}}):
+        got, err = raw(url, "/v1/completions", {**hi, **bad})
+        assert got == 400 and err["error"]["param"] in ("stream", "stream_options"), (bad, err)
 
 
 def test_add_special_tokens_is_honoured(serve_stack):

@@ -72,15 +72,25 @@ def dry_run(cfg: Any, args: argparse.Namespace | None = None, dry: DryCheck | No
     data, kind = getattr(cfg, "data", None), command_record_kind(command_of(cfg), cfg)
     lines = check_sources(data, kind) if kind is not None and getattr(data, "path", None) is not None else []
     own = command_checks(cfg, args, dry)
-    print(dump_config(cfg), end="")
-    if lines:
-        print("# --dry-run checked the data (each path exists, can be read, and its first row fits a reader of "
-              f"{kind} records; the records themselves are read when the run starts):")
-        print("\n".join(f"#   {line}" for line in lines))
-    print("\n".join(f"# --dry-run checked {line}" for line in [output, *own]))
-    print(f"# --dry-run: OK, {len(lines) + len(own) + 1} check(s) passed (output folder, "
-          f"{len(lines)} data path(s), {len(own)} of the command's own); nothing was written or loaded")
+    data_text = ("the data (each path exists, can be read, and its first row fits a reader of "
+                 f"{kind} records; the records themselves are read when the run starts)")
+    print_dry_run(cfg, [output, *own], f" (output folder, {len(lines)} data path(s), {len(own)} of the command's "
+                  "own); nothing was written or loaded", data=(data_text, lines))
     return 0
+
+
+def print_dry_run(cfg: Any, checked: list[str], tail: str, data: tuple[str, list[str]] | None = None) -> None:
+    """The report of every `--dry-run` (config commands' `dry_run`, `alignkit serve --dry-run`): the config as YAML
+    (it still loads as one), then as YAML comments the `data` checks if any (`(what, lines)`: "# --dry-run checked
+    <what>:" and a line each) and one `# --dry-run checked <line>` per line of `checked`, and a last line
+    `# --dry-run: OK, <N> check(s) passed<tail>`, N counting every line of both."""
+    print(dump_config(cfg), end="")
+    what, lines = data if data is not None else ("", [])
+    if lines:
+        print(f"# --dry-run checked {what}:")
+        print("\n".join(f"#   {line}" for line in lines))
+    print("\n".join(f"# --dry-run checked {line}" for line in checked))
+    print(f"# --dry-run: OK, {len(lines) + len(checked)} check(s) passed{tail}")
 
 
 def command_checks(cfg: Any, args: argparse.Namespace | None, dry: DryCheck | None) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.cli.helptext import add_config_arguments, keys_epilog, settable_keys
-from alignkit.settings import ConfigError, dump_config, load_config
+from alignkit.settings import ConfigError, load_config
 from alignkit.settings.tiny import tiny_arch
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def dry_run(cfg: Any) -> int:
     vLLM serves), and the base's chat template against the messages /v1/chat/completions passes it
     (`serve.template.check_chat_template`, with the base's tokenizer only). Prints the config (api_key hidden), what
     was checked as YAML comments, and a last line saying so; the first problem is one line naming the key."""
-    from alignkit.cli.runfolder import check_output_dir
+    from alignkit.cli.runfolder import check_output_dir, print_dry_run
 
     lines = []
     if cfg.output_dir is not None:
@@ -209,10 +209,8 @@ def dry_run(cfg: Any) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     shown = cfg if cfg.api_key is None else type(cfg)(**{**vars(cfg), "api_key": "***"})
-    print(dump_config(shown), end="")
-    print("\n".join(f"# --dry-run checked {line}" for line in lines))
-    print(f"# --dry-run: OK, {len(lines)} check(s) passed; the device (device={cfg.device}) and port {cfg.port} are "
-          "checked when the server starts; nothing was written, no model loaded")
+    print_dry_run(shown, lines, f"; the device (device={cfg.device}) and port {cfg.port} are checked when the server "
+                  "starts; nothing was written, no model loaded")
     return 0
 
 

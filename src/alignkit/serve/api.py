@@ -12,9 +12,10 @@
     GET  /                       the chat page (static files in serve/static, no build step)
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
-(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last),
-stream_options.include_usage (with stream only; its other keys, e.g. vLLM's continuous_usage_stats, are a 400 unless
-false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the answer but are not
+(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last; null: false, as vLLM),
+stream_options.include_usage (with stream only; null: false; its other keys, e.g. vLLM's continuous_usage_stats,
+are a 400 unless false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the
+answer but are not
 implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix,
 response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
@@ -98,200 +99,253 @@ def submit_all(engine: Engine, model: str, prompts: list[list[int]], params: Sam
     return reqs
 
 
-def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: float = 0.1):
-    """The FastAPI application over a started (or to-be-started) `engine`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-    from fastapi.staticfiles import StaticFiles
+def error_response(e: ApiError, http_errors: dict[int, int]):
+    """The JSON response of an API error (OpenAI's shape), counted in `http_errors` (by status, for /metrics)."""
+    from fastapi.responses import JSONResponse
 
-    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(time.time())
-    http_errors: dict[int, int] = {}
-    tokenizer = engine.tokenizer
+    http_errors[e.status] = http_errors.get(e.status, 0) + 1
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    def error_response(e: ApiError) -> JSONResponse:
-        http_errors[e.status] = http_errors.get(e.status, 0) + 1
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+def add_error_handlers(app, http_errors: dict[int, int]) -> None:
+    """API errors, unknown routes (404), wrong methods (405) and any other exception (500) as OpenAI-shaped JSON."""
+    from fastapi import Request
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return error_response(e)
+        return error_response(e, http_errors)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, e: Exception):
-        return error_response(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+        return error_response(ApiError(404, f"no route {request.method} {request.url.path}", code="not_found"),
+                              http_errors)
 
     @app.exception_handler(405)
     async def _bad_method(request: Request, e: Exception):
-        return error_response(ApiError(405, f"method {request.method} not allowed on {request.url.path}"))
+        return error_response(ApiError(405, f"method {request.method} not allowed on {request.url.path}"),
+                              http_errors)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         logger.exception("serve: unhandled error on %s", request.url.path)
-        return error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"))
+        return error_response(ApiError(500, f"internal error: {type(e).__name__}", "server_error"), http_errors)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), api_key.encode())):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           "authentication_error", code="invalid_api_key")
 
-    async def read_body(request: Request) -> dict:
-        check_key(request)
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON: {e}") from None
-        except RecursionError:  # json's own limit on nesting (was a 500 'internal error: RecursionError')
-            raise ApiError(400, "the body is nested too deeply to be a request") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        where = not_unicode(body)  # else the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
-        if where is not None:
-            where = where.encode("utf-8", "backslashreplace").decode()  # a key of the path may hold the surrogate
-            raise ApiError(400, f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate escape (\\ud800 .. "
-                                "\\udfff alone: a string cut inside a character); send whole characters", param=where)
-        return body
+def check_key(request, api_key: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <api_key>` (nothing checked without an api_key)."""
+    if api_key is None:
+        return
+    got = request.headers.get("authorization", "")
+    if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), api_key.encode())):
+        raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                       "authentication_error", code="invalid_api_key")
 
-    async def run(request: Request, body: dict, prompts: list[list[int]], chat: bool):
-        model = request_model(body)
-        params = sampling_params(body)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be true or false", param="stream")
-        opts = body.get("stream_options")
-        if opts is not None and not stream:  # as OpenAI and vLLM answer: it would be ignored
-            raise ApiError(400, "'stream_options' is only allowed with 'stream': true (a response that is not "
-                                "streamed always carries usage); remove it or set stream", param="stream_options")
-        opts = opts or {}
-        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
-            raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+
+async def read_body(request, api_key: str | None) -> dict:
+    """The request's JSON object, after its key (`check_key`) and size (413 over MAX_BODY); 400 for a body that is
+    not JSON, not an object, or holds a string that is not Unicode."""
+    check_key(request, api_key)
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # json's own limit on nesting (was a 500 'internal error: RecursionError')
+        raise ApiError(400, "the body is nested too deeply to be a request") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    where = not_unicode(body)  # else the tokenizer (or the model-name lookup) would raise: a 500 naming nothing
+    if where is not None:
+        where = where.encode("utf-8", "backslashreplace").decode()  # a key of the path may hold the surrogate
+        raise ApiError(400, f"'{where}' is not valid Unicode: it holds a lone UTF-16 surrogate escape (\\ud800 .. "
+                            "\\udfff alone: a string cut inside a character); send whole characters", param=where)
+    return body
+
+
+def stream_flags(body: dict) -> tuple[bool, bool]:
+    """(stream, stream_options.include_usage) of a request body (null: false, row V18); a 400 naming the field for
+    a wrong type, for stream_options without stream, and for a stream option other than include_usage not at its
+    neutral value."""
+    stream = body.get("stream")
+    if stream is None:  # null: the default, false, as OpenAI's API and vLLM's server read it (row V18)
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None and not stream:  # as OpenAI and vLLM answer: it would be ignored
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true (a response that is not "
+                            "streamed always carries usage); remove it or set stream", param="stream_options")
+    opts = opts or {}
+    usage = opts.get("include_usage") if isinstance(opts, dict) else None
+    if not isinstance(opts, dict) or not (usage is None or isinstance(usage, bool)):  # null: false (row V18)
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                       param="stream_options")
+    for key, value in opts.items():  # what else would be accepted and ignored: a 400 naming it
+        if key != "include_usage" and value not in STREAM_OPTIONS_NEUTRAL.get(key, ()):
+            raise ApiError(400, f"'stream_options.{key}' is not supported by this server (the stream would "
+                                f"silently go without it); stream_options takes include_usage only",
                            param="stream_options")
-        for key, value in opts.items():  # what else would be accepted and ignored: a 400 naming it
-            if key != "include_usage" and value not in STREAM_OPTIONS_NEUTRAL.get(key, ()):
-                raise ApiError(400, f"'stream_options.{key}' is not supported by this server (the stream would "
-                                    f"silently go without it); stream_options takes include_usage only",
-                               param="stream_options")
-        include_usage = bool(opts.get("include_usage"))
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        reqs = submit_all(engine, model, prompts, params, loop, q, chat)
-        n = params.n
-        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        now = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
+    return stream, bool(opts.get("include_usage"))
 
-        def usage() -> dict[str, int]:
-            p = sum(len(x) for x in prompts)  # as OpenAI counts: each prompt once, whatever n
-            c = sum(r.completion_tokens for r in reqs)
-            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-        def cancel_all() -> None:
-            for r in reqs:
-                r.cancel()
+class Completion:
+    """One completion request once submitted (`submit_all`): its rows' events, cancellation, and its response, whole
+    (`respond`) or streamed (`sse`). Choice `j * n + i` is choice i of prompt j."""
 
-        async def events() -> AsyncIterator[tuple[int, Event]]:
-            ended = 0
-            while ended < len(reqs):
-                j, ev = await q.get()
-                if ev.kind == "end":
-                    ended += 1
-                    continue
-                yield j, ev
+    def __init__(self, engine: Engine, model: str, prompts: list[list[int]], params: SamplingParams, chat: bool,
+                 include_usage: bool):
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.reqs = submit_all(engine, model, prompts, params, asyncio.get_running_loop(), self.q, chat)
+        self.model, self.prompts, self.chat, self.include_usage = model, prompts, chat, include_usage
+        self.n = params.n
+        self.rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.now = int(time.time())
 
-        if not stream:
-            texts = [""] * (len(prompts) * n)
-            reasons: list[str | None] = [None] * len(texts)
+    def usage(self) -> dict[str, int]:
+        p = sum(len(x) for x in self.prompts)  # as OpenAI counts: each prompt once, whatever n
+        c = sum(r.completion_tokens for r in self.reqs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-            async def collect():
-                async for j, ev in events():
-                    if ev.kind == "token":
-                        texts[j * n + ev.index] += ev.text
-                    elif ev.kind == "done":
-                        reasons[j * n + ev.index] = ev.finish_reason
-                    elif ev.kind == "error":
-                        cancel_all()
-                        raise end_error(ev.message or "error")
+    def cancel_all(self) -> None:
+        for r in self.reqs:
+            r.cancel()
 
-            task = asyncio.ensure_future(collect())
-            try:
-                while not task.done():
-                    await asyncio.wait([task], timeout=poll_disconnect)
-                    if not task.done() and await request.is_disconnected():
-                        cancel_all()
-                        task.cancel()
-                        return PlainTextResponse("", status_code=499)
-                task.result()
-            finally:
-                if not task.done():
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(prompt index, event) until every submitted row has ended ("end" events are not yielded)."""
+        ended = 0
+        while ended < len(self.reqs):
+            j, ev = await self.q.get()
+            if ev.kind == "end":
+                ended += 1
+                continue
+            yield j, ev
+
+    async def collect(self, texts: list[str], reasons: list[str | None]) -> None:
+        """Each choice's text and finish reason into `texts` / `reasons`; an error event cancels the rest and raises
+        its API error (`end_error`)."""
+        async for j, ev in self.events():
+            if ev.kind == "token":
+                texts[j * self.n + ev.index] += ev.text
+            elif ev.kind == "done":
+                reasons[j * self.n + ev.index] = ev.finish_reason
+            elif ev.kind == "error":
+                self.cancel_all()
+                raise end_error(ev.message or "error")
+
+    async def respond(self, request, poll_disconnect: float):
+        """The whole response (JSON), or 499 with the rows cancelled once the client has gone (checked every
+        `poll_disconnect` seconds)."""
+        from fastapi.responses import JSONResponse, PlainTextResponse
+
+        texts = [""] * (len(self.prompts) * self.n)
+        reasons: list[str | None] = [None] * len(texts)
+        task = asyncio.ensure_future(self.collect(texts, reasons))
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=poll_disconnect)
+                if not task.done() and await request.is_disconnected():
+                    self.cancel_all()
                     task.cancel()
-                    cancel_all()
-            if chat:
-                choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                            "finish_reason": reasons[i]} for i, t in enumerate(texts)]
-            else:
-                choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
-                           for i, t in enumerate(texts)]
-            return JSONResponse({"id": rid, "object": kind, "created": now, "model": model, "choices": choices,
-                                 "usage": usage(), "system_fingerprint": None})
+                    return PlainTextResponse("", status_code=499)
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                self.cancel_all()
+        return JSONResponse(self.body(texts, reasons))
 
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    def body(self, texts: list[str], reasons: list[str | None]) -> dict:
+        """The non-streamed response: a chat.completion or a text_completion."""
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": reasons[i]} for i, t in enumerate(texts)]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": reasons[i]}
+                       for i, t in enumerate(texts)]
+        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.now,
+                "model": self.model, "choices": choices, "usage": self.usage(), "system_fingerprint": None}
 
-        def chunk(choices: list, with_usage: dict | None = None) -> str:
-            d = {"id": rid, "object": chunk_kind, "created": now, "model": model, "choices": choices,
-                 "system_fingerprint": None}
-            if include_usage:
-                d["usage"] = with_usage
-            return f"data: {json.dumps(d)}\n\n"
+    def chunk(self, choices: list, with_usage: dict | None = None) -> str:
+        """One server-sent event of the stream (usage: null on each but the last with include_usage)."""
+        d = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+             "created": self.now, "model": self.model, "choices": choices, "system_fingerprint": None}
+        if self.include_usage:
+            d["usage"] = with_usage
+        return f"data: {json.dumps(d)}\n\n"
 
-        async def sse() -> AsyncIterator[str]:
-            try:
-                if chat:
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None} for i in range(len(prompts) * n)])
-                async for j, ev in events():
-                    i = j * n + ev.index
-                    if ev.kind == "token" and ev.text:
-                        yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": None,
-                                      "finish_reason": None}] if chat else
-                                    [{"index": i, "text": ev.text, "logprobs": None, "finish_reason": None}])
-                    elif ev.kind == "done":
-                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}]
-                                    if chat else
-                                    [{"index": i, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}])
-                    elif ev.kind == "error":
-                        cancel_all()
-                        e = end_error(ev.message or "error")
-                        http_errors[e.status] = http_errors.get(e.status, 0) + 1
-                        yield f"data: {json.dumps(e.body())}\n\n"
-                        return
-                if include_usage:
-                    yield chunk([], usage())
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel_all()  # a no-op for finished requests; stops the rows of a client that went away
+    def delta(self, i: int, text: str, finish_reason: str | None) -> list:
+        """The choices of a chunk carrying choice i's `text` (a done event: "" and its finish reason)."""
+        if self.chat:
+            return [{"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+                     "finish_reason": finish_reason}]
+        return [{"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}]
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def sse(self, http_errors: dict[int, int]) -> AsyncIterator[str]:
+        """The streamed response: (chat: a role chunk first) a chunk per token and per finished choice, usage with
+        include_usage, `data: [DONE]` last; an error event ends it with the error's body (counted in
+        `http_errors`). The rows are cancelled when it ends, so a client that went away stops them."""
+        try:
+            if self.chat:
+                yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                   "finish_reason": None} for i in range(len(self.prompts) * self.n)])
+            async for j, ev in self.events():
+                i = j * self.n + ev.index
+                if ev.kind == "token" and ev.text:
+                    yield self.chunk(self.delta(i, ev.text, None))
+                elif ev.kind == "done":
+                    yield self.chunk(self.delta(i, "", ev.finish_reason))
+                elif ev.kind == "error":
+                    self.cancel_all()
+                    e = end_error(ev.message or "error")
+                    http_errors[e.status] = http_errors.get(e.status, 0) + 1
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                    return
+            if self.include_usage:
+                yield self.chunk([], self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            self.cancel_all()  # a no-op for finished requests; stops the rows of a client that went away
+
+
+async def run_completion(engine: Engine, request, body: dict, prompts: list[list[int]], chat: bool,
+                         http_errors: dict[int, int], poll_disconnect: float):
+    """A completion request's response: its fields checked (model, sampling, stream), its prompts submitted, then
+    the whole response or the stream."""
+    from fastapi.responses import StreamingResponse
+
+    model = request_model(body)
+    params = sampling_params(body)
+    stream, include_usage = stream_flags(body)
+    completion = Completion(engine, model, prompts, params, chat, include_usage)
+    if not stream:
+        return await completion.respond(request, poll_disconnect)
+    return StreamingResponse(completion.sse(http_errors), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def add_routes(app, engine: Engine, api_key: str | None, http_errors: dict[int, int], poll_disconnect: float) -> None:
+    """The endpoints (module docstring): models, completions, chat completions, /health, /metrics, the chat page."""
+    from fastapi import Request
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+
+    created = int(time.time())
+    tokenizer = engine.tokenizer
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         data = [{"id": name, "object": "model", "created": created, "owned_by": "alignkit",
                  "adapter_kind": r.kind} for name, r in engine.stack.routes.items()]
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
-        check_key(request)
+        check_key(request, api_key)
         if name not in engine.stack.routes:
             raise ApiError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
         return {"id": name, "object": "model", "created": created, "owned_by": "alignkit",
@@ -299,19 +353,21 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
-        return await run(request, body, completion_prompts(body, tokenizer), chat=False)
+        body = await read_body(request, api_key)
+        return await run_completion(engine, request, body, completion_prompts(body, tokenizer), False, http_errors,
+                                    poll_disconnect)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
+        body = await read_body(request, api_key)
         model = request_model(body)
         if model in engine.stack.other_template:  # the server's template is not the one it was trained with
             raise ApiError(400, f"'{model}' was trained with another chat template than the one this server formats "
                                 "messages with, so its answers here would follow prompts it never saw; send prompts "
                                 "formatted as in training to /v1/completions (the server's log names the tokenizer)",
                            param="model")
-        return await run(request, body, [chat_prompt(body, tokenizer)], chat=True)
+        return await run_completion(engine, request, body, [chat_prompt(body, tokenizer)], True, http_errors,
+                                    poll_disconnect)
 
     @app.get("/health")
     async def health():
@@ -322,13 +378,25 @@ def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: f
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        check_key(request)
+        check_key(request, api_key)
         return PlainTextResponse(prometheus_text(engine, http_errors), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+
+def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: float = 0.1):
+    """The FastAPI application over a started (or to-be-started) `engine`: its error handlers, its routes, and the
+    chat page's static files. `poll_disconnect`: seconds between two checks that a client waiting for a whole
+    response is still there."""
+    from fastapi import FastAPI
+    from fastapi.staticfiles import StaticFiles
+
+    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    http_errors: dict[int, int] = {}  # HTTP error responses by status, for /metrics
+    add_error_handlers(app, http_errors)
+    add_routes(app, engine, api_key, http_errors, poll_disconnect)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
 

@@ -226,7 +226,7 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
     clean = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}]: needs 'role' (system, user or assistant) and 'content'",
+            raise ApiError(400, f"messages[{i}]: needs 'role' (system, developer, user or assistant) and 'content'",
                            param=f"messages[{i}]")
         c = content_text(m.get("content"), i)
         for key in ("tool_calls", "function_call"):  # tools are not served: the template would render these
