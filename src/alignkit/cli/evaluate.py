@@ -13,7 +13,11 @@ method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finet
     implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = mean[r_w > r_l], margin =
     mean[r_w - r_l], and the DPO (sigmoid) loss, with TRL's metric names. Without `model.adapter_path` the
     reference must be named (`method.reference_path`): the model as its own reference is refused before anything
-    is written (every reward would be 0).
+    is written (every reward would be 0). beta (`method.beta`) is the one the policy was trained with when its
+    run folder says (`training_beta`: the policy folder is `<run>/model` or a checkpoint of a dpo, kto or
+    online-dpo run, whose config.yaml records method.beta); a `method.beta` other than that one is refused (the
+    rewards, margins and loss would be on another scale than training logged them); with no run folder, 0.1
+    (DPO's default), with a warning. metrics.json records the beta used.
 
 Record weights: every figure above is unweighted (each pair, or ranked prompt, counts once). When a record has a
 weight other than 1, each also comes weighted, `weighted/<name>` = sum_i w_i v_i / sum_i w_i over the pairs (a
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in, reft_settings
@@ -38,7 +43,7 @@ from alignkit.cli.data import native_kinds, read_records, tokenize
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
                                  check_model_settings,
                                  head_folder, load_for_inference, rename_base, to_device)
-from alignkit.cli.runfolder import add_config_command, start_run
+from alignkit.cli.runfolder import add_config_command, checkpoint_run_config, start_run
 from alignkit.data import PreferenceCollator, RankedCollator
 from alignkit.data.records import convert, ranked_to_pairs
 from alignkit.interventions.positions import check_truncated_prompts
@@ -67,7 +72,8 @@ def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
     line = check_model_settings(cfg.model)
     check_reference(cfg)
     check_heads(cfg)
-    return [line, "the reference and the scoring heads (method.reference_path, model.path's head)"]
+    resolve_beta(cfg)
+    return [line, "the reference and the scoring heads (method.reference_path, model.path's head), method.beta"]
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:
@@ -87,6 +93,7 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     check_reference(cfg)
     check_heads(cfg)
+    resolve_beta(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, None, task)  # before anything is written: a model
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
@@ -114,7 +121,8 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         rename_base(model, loaded_from, base_path)
         if run.main:
             outs.add(atomic_write_text(run.root / "metrics.json",
-                                       json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2)))
+                                       json.dumps({"model": desc, "data": cfg.data.path, **beta_entry(cfg), **metrics},
+                                                  indent=2)))
             for path in write_command_outputs(run.root, "eval", metrics, per_pair):
                 outs.add(path)
     return metrics
@@ -178,6 +186,62 @@ def check_reference(cfg: Any) -> None:
                       "model.adapter_path, no method.reference_path), so every implicit reward would be 0 and the "
                       "accuracy 0 whatever it learned; set method.reference_path to the model it was trained from "
                       "(or model.adapter_path to its adapter); nothing was written")
+
+
+BETA_COMMANDS = ("dpo", "kto", "online-dpo")  # whose method.beta scales the implicit reward (grpo's KL: kl_coef)
+DEFAULT_BETA = 0.1
+
+
+def training_beta(policy: str) -> tuple[float, Path] | None:
+    """(method.beta, the config.yaml it came from) of the run that trained the policy folder `policy` (`<run>/model`,
+    or a checkpoint `<run>/checkpoints/checkpoint-N`) when that run is one of `BETA_COMMANDS`; None when the folder
+    is in no such run folder (copied out, another command, a config.yaml without method.beta)."""
+    folder = Path(policy)
+    saved = folder.parent / "config.yaml" if folder.name == "model" else checkpoint_run_config(folder)
+    if saved is None or not saved.is_file():
+        return None
+    try:
+        run = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"method.beta: {saved} (the config of the run that trained {policy}) is not valid YAML "
+                          f"({e}); restore it, or copy the model out of its run folder and set method.beta") from None
+    beta = (run.get("method") or {}).get("beta") if isinstance(run, dict) else None
+    if run.get("command") not in BETA_COMMANDS or not isinstance(beta, (int, float)):
+        return None
+    return float(beta), saved
+
+
+def resolve_beta(cfg: Any) -> None:
+    """Set `cfg.method.beta` for a DPO eval before anything is loaded: the training run's (`training_beta`) when
+    not given; a given one that differs from it is a ConfigError (the implicit rewards beta * log-ratio, their
+    margins and the loss would be on another scale than the run logged, exit 0); with no run folder to read,
+    `DEFAULT_BETA` with a warning. A reward-model eval reads no beta."""
+    m, ms = cfg.method, cfg.model
+    if m.kind == "reward":
+        return
+    policy = ms.adapter_path if ms.adapter_path is not None else ms.path
+    trained = training_beta(policy)
+    if trained is None:
+        if m.beta is None:
+            logger.warning("method.beta: not set, and %s is not in the run folder of a dpo, kto or online-dpo run "
+                           "(no <run>/config.yaml beside it), so the implicit rewards use beta=%s; set method.beta "
+                           "to the beta the policy was trained with", policy, DEFAULT_BETA)
+            m.beta = DEFAULT_BETA
+        return
+    beta, saved = trained
+    if m.beta is not None and m.beta != beta:
+        raise ConfigError(f"method.beta={m.beta}: the policy {policy} was trained with method.beta={beta} ({saved}), "
+                          "so the implicit rewards, margins and loss would be on another scale than the run logged "
+                          f"them; remove method.beta (eval then uses the run's) or set method.beta={beta}; nothing "
+                          "was written")
+    if m.beta is None:
+        logger.info("method.beta: %s, the beta the policy was trained with (%s)", beta, saved)
+    m.beta = beta
+
+
+def beta_entry(cfg: Any) -> dict[str, float]:
+    """metrics.json's record of the beta a DPO eval used ({} for a reward model)."""
+    return {} if cfg.method.kind == "reward" else {"beta": cfg.method.beta}
 
 
 def check_heads(cfg: Any) -> None:
