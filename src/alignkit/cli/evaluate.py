@@ -3,7 +3,8 @@ events in `tensorboard/eval/` and a histogram per per-pair value in `plots/eval-
 
 method.kind = "reward": a reward model (`model.path` a 1-label classifier, `model.adapter_path` its
     adapter): accuracy = fraction of pairs with r(chosen) > r(rejected), mean scores and margin
-    (`alignkit.trainers.evaluation.evaluate_reward_model`). Ranked records (Open-Assistant trees, ranked columns)
+    (`alignkit.trainers.evaluation.evaluate_reward_model`); `ties` counts the pairs scored exactly equal (not right,
+    as TRL counts them; a warning gives their number). Ranked records (Open-Assistant trees, ranked columns)
     are scored as their pairs (every two replies of different rank: `alignkit.data.records.ranked_to_pairs`), so
     `pairs` counts those, and also as rankings: `prompts` (records with at least one ordered pair), the mean per
     prompt of `kendall_tau` (Kendall's tau-a of the scores against the ranks, tied ranks no pair) and of
@@ -108,7 +109,8 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
             metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
         else:
             metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
-        metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
+        metrics = {"pairs": len(features), **{k: (int(v) if k == "ties" else v) for k, v in metrics.items()
+                                              if k != "num_pairs"}}
         if ranked:
             metrics.update(ranking_metrics(model, ranked, tok, cfg, progress))
         check_finite_scores(metrics, per_pair, features, desc)
@@ -156,7 +158,7 @@ def ranking_metrics(model: Any, ranked: list, tok: Any, cfg: Any, progress: bool
     reproduced) per prompt, and their weighted means when records are weighted."""
     features, _ = tokenize(ranked, tok, cfg.data, "data.path (ranked)")
     out = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress,
-                         collator=RankedCollator(tok.pad_token_id))
+                         collator=RankedCollator(tok.pad_token_id), say_ties=False)  # (said of their pairs)
     keys = ("kendall_tau", "exact_match", "weighted/kendall_tau", "weighted/exact_match")
     return {"prompts": int(out["num_prompts"]), **{k: out[k] for k in keys if k in out}}
 
@@ -289,14 +291,16 @@ def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]
 
 
 def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool,
-                   per_pair: dict[str, list[float]] | None = None, collator: Any = None) -> dict[str, float]:
+                   per_pair: dict[str, list[float]] | None = None, collator: Any = None, say_ties: bool = True
+                   ) -> dict[str, float]:
     collate = collator or PreferenceCollator(pad_id)
     with _bar(len(features), "reward eval", progress) as bar:
         def counted(batch: list[dict]) -> dict[str, Any]:
             bar.update(len(batch))
             return collate(batch)
 
-        return evaluate_reward_model(model, features, counted, batch_size=batch_size, per_pair=per_pair)
+        return evaluate_reward_model(model, features, counted, batch_size=batch_size, per_pair=per_pair,
+                                     say_ties=say_ties)
 
 
 @torch.no_grad()
