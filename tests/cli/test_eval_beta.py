@@ -23,11 +23,11 @@ from tests.cli.test_eval_weighted import CONFIGS, PAIRS, lora_policy, write
 ONE = PAIRS[:1]  # one pair: the loss is -log sigmoid(margin) of that pair, by hand
 
 
-def trained_run(base: str, root: Path, command: str = "dpo", beta: float = 0.5) -> Path:
+def trained_run(base: str, root: Path, command: str = "dpo", beta: float = 0.5, loss_type: str = "sigmoid") -> Path:
     """A run folder as `alignkit <command>` leaves it: config.yaml (method.beta) beside model/ (a LoRA policy)."""
     root.mkdir(parents=True)
     (root / "config.yaml").write_text(yaml.safe_dump({"command": command, "model": {"path": str(base)},
-                                                      "method": {"loss_type": "sigmoid", "beta": beta}}))
+                                                      "method": {"loss_type": loss_type, "beta": beta}}))
     lora_policy(base, root / "model")
     return root / "model"
 
@@ -77,3 +77,19 @@ def test_a_run_whose_beta_is_not_the_implicit_rewards_scale_is_not_read(tiny_dir
     policy = trained_run(base, tmp_path / "run", "grpo")
     rc, path = run_eval(tmp_path, "grpo", base, policy)
     assert rc == 0 and json.loads(path.read_text())["beta"] == 0.1
+
+
+def test_a_run_trained_with_another_loss_says_evals_loss_is_not_its(tiny_dir, tmp_path, caplog):
+    """Before: metrics.json's `loss` (DPO's sigmoid loss) read as the run's own for an IPO run, without a word."""
+    base = tiny_dir("llama")
+    policy = trained_run(base, tmp_path / "run", loss_type="ipo")
+    with caplog.at_level(logging.WARNING):
+        rc, path = run_eval(tmp_path, "ipo", base, policy)
+    said = [r.getMessage() for r in caplog.records if "loss_type=ipo" in r.getMessage()]
+    assert rc == 0 and len(said) == 1 and "sigmoid" in said[0], said
+    got = json.loads(path.read_text())
+    assert got["loss"] == pytest.approx(math.log1p(math.exp(-got["rewards/margins"])), rel=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_eval(tmp_path, "sigmoid", base, trained_run(base, tmp_path / "run2"))
+    assert not [r for r in caplog.records if "loss_type" in r.getMessage()]

@@ -18,7 +18,8 @@ method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finet
     run folder says (`training_beta`: the policy folder is `<run>/model` or a checkpoint of a dpo, kto or
     online-dpo run, whose config.yaml records method.beta); a `method.beta` other than that one is refused (the
     rewards, margins and loss would be on another scale than training logged them); with no run folder, 0.1
-    (DPO's default), with a warning. metrics.json records the beta used.
+    (DPO's default), with a warning. metrics.json records the beta used. A run trained with another loss_type than
+    sigmoid is warned of: `loss` here is the sigmoid loss, not the one it logged.
 
 Record weights: every figure above is unweighted (each pair, or ranked prompt, counts once). When a record has a
 weight other than 1, each also comes weighted, `weighted/<name>` = sum_i w_i v_i / sum_i w_i over the pairs (a
@@ -194,10 +195,11 @@ BETA_COMMANDS = ("dpo", "kto", "online-dpo")  # whose method.beta scales the imp
 DEFAULT_BETA = 0.1
 
 
-def training_beta(policy: str) -> tuple[float, Path] | None:
-    """(method.beta, the config.yaml it came from) of the run that trained the policy folder `policy` (`<run>/model`,
-    or a checkpoint `<run>/checkpoints/checkpoint-N`) when that run is one of `BETA_COMMANDS`; None when the folder
-    is in no such run folder (copied out, another command, a config.yaml without method.beta)."""
+def training_beta(policy: str) -> tuple[float, Path, Any] | None:
+    """(method.beta, the config.yaml it came from, method.loss_type) of the run that trained the policy folder
+    `policy` (`<run>/model`, or a checkpoint `<run>/checkpoints/checkpoint-N`) when that run is one of
+    `BETA_COMMANDS`; None when the folder is in no such run folder (copied out, another command, a config.yaml
+    without method.beta)."""
     folder = Path(policy)
     saved = folder.parent / "config.yaml" if folder.name == "model" else checkpoint_run_config(folder)
     if saved is None or not saved.is_file():
@@ -207,10 +209,11 @@ def training_beta(policy: str) -> tuple[float, Path] | None:
     except yaml.YAMLError as e:
         raise ConfigError(f"method.beta: {saved} (the config of the run that trained {policy}) is not valid YAML "
                           f"({e}); restore it, or copy the model out of its run folder and set method.beta") from None
-    beta = (run.get("method") or {}).get("beta") if isinstance(run, dict) else None
+    method = run.get("method") if isinstance(run, dict) else None
+    beta = method.get("beta") if isinstance(method, dict) else None
     if run.get("command") not in BETA_COMMANDS or not isinstance(beta, (int, float)):
         return None
-    return float(beta), saved
+    return float(beta), saved, method.get("loss_type")
 
 
 def resolve_beta(cfg: Any) -> None:
@@ -230,7 +233,11 @@ def resolve_beta(cfg: Any) -> None:
                            "to the beta the policy was trained with", policy, DEFAULT_BETA)
             m.beta = DEFAULT_BETA
         return
-    beta, saved = trained
+    beta, saved, loss_type = trained
+    if loss_type not in (None, "sigmoid", ["sigmoid"]):
+        logger.warning("eval: the policy %s was trained with method.loss_type=%s (%s), and eval's `loss` is DPO's "
+                       "sigmoid loss, so it is not the loss the run logged (the rewards, margins and accuracy are "
+                       "the same implicit-reward figures)", policy, loss_type, saved)
     if m.beta is not None and m.beta != beta:
         raise ConfigError(f"method.beta={m.beta}: the policy {policy} was trained with method.beta={beta} ({saved}), "
                           "so the implicit rewards, margins and loss would be on another scale than the run logged "
