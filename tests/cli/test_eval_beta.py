@@ -93,3 +93,25 @@ def test_a_run_trained_with_another_loss_says_evals_loss_is_not_its(tiny_dir, tm
     with caplog.at_level(logging.WARNING):
         run_eval(tmp_path, "sigmoid", base, trained_run(base, tmp_path / "run2"))
     assert not [r for r in caplog.records if "loss_type" in r.getMessage()]
+
+
+def test_a_policy_equal_to_its_reference_is_said(tiny_dir, tmp_path, caplog):
+    """An untrained LoRA (B = 0): every implicit reward is 0, accuracy 0.0 and loss ln 2. Before: written as if the
+    policy preferred every worse reply, without a word. Now one warning says the policy is its reference."""
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    base = tiny_dir("llama")
+    untrained = save_adapter(apply_adapter(load_model(base), AdapterConfig(kind="lora", lora=LoraSettings(r=2))),
+                             tmp_path / "untrained")
+    with caplog.at_level(logging.WARNING):
+        rc, path = run_eval(tmp_path, "untrained", base, untrained, "method.beta=0.1")
+    got = json.loads(path.read_text())
+    assert rc == 0 and got["rewards/chosen"] == got["rewards/rejected"] == 0.0
+    assert got["loss"] == pytest.approx(math.log(2))
+    said = [r.getMessage() for r in caplog.records if "exactly 0" in r.getMessage()]
+    assert len(said) == 1 and "1 pair(s)" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert run_eval(tmp_path, "trained", base, trained_run(base, tmp_path / "run"))[0] == 0
+    assert not [r for r in caplog.records if "exactly 0" in r.getMessage()]

@@ -115,6 +115,8 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         if ranked:
             metrics.update(ranking_metrics(model, ranked, tok, cfg, progress))
         check_finite_scores(metrics, per_pair, features, desc)
+        if cfg.method.kind != "reward":
+            warn_unchanged_policy(per_pair, desc)
     except BaseException:
         adopt_tiny(base_path, Path(cfg.output_dir) / "base_model", main=False)  # a tiny base built for the load
         raise
@@ -275,6 +277,18 @@ def check_heads(cfg: Any) -> None:
     if m.reference_path is not None or key == "model.adapter_path":
         check_head(m.reference_path or ms.path, "causal_lm",
                    "method.reference_path" if m.reference_path is not None else "model.path", fix)
+
+
+def warn_unchanged_policy(per_pair: dict[str, list[float]], model: str) -> None:
+    """One warning when every implicit reward of a DPO eval is exactly 0: the policy computes what its reference
+    does (an adapter saved untrained: LoRA's B still 0, ReFT edits that reach no position), so accuracy is 0 and
+    the loss ln 2 whatever the data; otherwise read as a policy that prefers every worse reply."""
+    values = per_pair.get("rewards/chosen", []) + per_pair.get("rewards/rejected", [])
+    if values and all(v == 0 for v in values):
+        logger.warning("eval: every implicit reward of %s is exactly 0 (%d pair(s)): the policy gives the same "
+                       "log-probabilities as its reference, so accuracy 0 and loss ln 2 say nothing of the data; "
+                       "check model.adapter_path is the trained adapter (not one saved before training)", model,
+                       len(values) // 2)
 
 
 def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]], features: list[dict],
