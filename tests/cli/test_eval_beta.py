@@ -115,3 +115,13 @@ def test_a_policy_equal_to_its_reference_is_said(tiny_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert run_eval(tmp_path, "trained", base, trained_run(base, tmp_path / "run"))[0] == 0
     assert not [r for r in caplog.records if "exactly 0" in r.getMessage()]
+
+
+def test_dry_run_refuses_a_beta_other_than_the_runs(tiny_dir, tmp_path, capsys):
+    base = tiny_dir("llama")
+    policy = trained_run(base, tmp_path / "run")
+    capsys.readouterr()
+    rc, path = run_eval(tmp_path, "dry", base, policy, "method.beta=0.2", "--dry-run")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "method.beta=0.2" in err[0] and "method.beta=0.5" in err[0], err
+    assert not path.parent.exists()
