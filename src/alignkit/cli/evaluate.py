@@ -3,7 +3,8 @@ events in `tensorboard/eval/` and a histogram per per-pair value in `plots/eval-
 
 method.kind = "reward": a reward model (`model.path` a 1-label classifier, `model.adapter_path` its
     adapter): accuracy = fraction of pairs with r(chosen) > r(rejected), mean scores and margin
-    (`alignkit.trainers.evaluation.evaluate_reward_model`). Ranked records (Open-Assistant trees, ranked columns)
+    (`alignkit.trainers.evaluation.evaluate_reward_model`); `ties` counts the pairs scored exactly equal (not right,
+    as TRL counts them; a warning gives their number). Ranked records (Open-Assistant trees, ranked columns)
     are scored as their pairs (every two replies of different rank: `alignkit.data.records.ranked_to_pairs`), so
     `pairs` counts those, and also as rankings: `prompts` (records with at least one ordered pair), the mean per
     prompt of `kendall_tau` (Kendall's tau-a of the scores against the ranks, tied ranks no pair) and of
@@ -13,7 +14,12 @@ method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finet
     implicit rewards r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = mean[r_w > r_l], margin =
     mean[r_w - r_l], and the DPO (sigmoid) loss, with TRL's metric names. Without `model.adapter_path` the
     reference must be named (`method.reference_path`): the model as its own reference is refused before anything
-    is written (every reward would be 0).
+    is written (every reward would be 0). beta (`method.beta`) is the one the policy was trained with when its
+    run folder says (`training_beta`: the policy folder is `<run>/model` or a checkpoint of a dpo, kto or
+    online-dpo run, whose config.yaml records method.beta); a `method.beta` other than that one is refused (the
+    rewards, margins and loss would be on another scale than training logged them); with no run folder, 0.1
+    (DPO's default), with a warning. metrics.json records the beta used. A run trained with another loss_type than
+    sigmoid is warned of: `loss` here is the sigmoid loss, not the one it logged.
 
 Record weights: every figure above is unweighted (each pair, or ranked prompt, counts once). When a record has a
 weight other than 1, each also comes weighted, `weighted/<name>` = sum_i w_i v_i / sum_i w_i over the pairs (a
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in, reft_settings
@@ -38,7 +45,7 @@ from alignkit.cli.data import native_kinds, read_records, tokenize
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
                                  check_model_settings,
                                  head_folder, load_for_inference, rename_base, to_device)
-from alignkit.cli.runfolder import add_config_command, start_run
+from alignkit.cli.runfolder import add_config_command, checkpoint_run_config, start_run
 from alignkit.data import PreferenceCollator, RankedCollator
 from alignkit.data.records import convert, ranked_to_pairs
 from alignkit.interventions.positions import check_truncated_prompts
@@ -67,7 +74,8 @@ def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
     line = check_model_settings(cfg.model)
     check_reference(cfg)
     check_heads(cfg)
-    return [line, "the reference and the scoring heads (method.reference_path, model.path's head)"]
+    resolve_beta(cfg)
+    return [line, "the reference and the scoring heads (method.reference_path, model.path's head), method.beta"]
 
 
 def run(cfg: Any, args: argparse.Namespace) -> int:
@@ -87,6 +95,7 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     check_reference(cfg)
     check_heads(cfg)
+    resolve_beta(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, None, task)  # before anything is written: a model
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
@@ -101,10 +110,13 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
             metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
         else:
             metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
-        metrics = {"pairs": len(features), **{k: v for k, v in metrics.items() if k != "num_pairs"}}
+        metrics = {"pairs": len(features), **{k: (int(v) if k == "ties" else v) for k, v in metrics.items()
+                                              if k != "num_pairs"}}
         if ranked:
             metrics.update(ranking_metrics(model, ranked, tok, cfg, progress))
         check_finite_scores(metrics, per_pair, features, desc)
+        if cfg.method.kind != "reward":
+            warn_unchanged_policy(per_pair, desc)
     except BaseException:
         adopt_tiny(base_path, Path(cfg.output_dir) / "base_model", main=False)  # a tiny base built for the load
         raise
@@ -114,7 +126,8 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
         rename_base(model, loaded_from, base_path)
         if run.main:
             outs.add(atomic_write_text(run.root / "metrics.json",
-                                       json.dumps({"model": desc, "data": cfg.data.path, **metrics}, indent=2)))
+                                       json.dumps({"model": desc, "data": cfg.data.path, **beta_entry(cfg), **metrics},
+                                                  indent=2)))
             for path in write_command_outputs(run.root, "eval", metrics, per_pair):
                 outs.add(path)
     return metrics
@@ -148,7 +161,7 @@ def ranking_metrics(model: Any, ranked: list, tok: Any, cfg: Any, progress: bool
     reproduced) per prompt, and their weighted means when records are weighted."""
     features, _ = tokenize(ranked, tok, cfg.data, "data.path (ranked)")
     out = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress,
-                         collator=RankedCollator(tok.pad_token_id))
+                         collator=RankedCollator(tok.pad_token_id), say_ties=False)  # (said of their pairs)
     keys = ("kendall_tau", "exact_match", "weighted/kendall_tau", "weighted/exact_match")
     return {"prompts": int(out["num_prompts"]), **{k: out[k] for k in keys if k in out}}
 
@@ -180,6 +193,68 @@ def check_reference(cfg: Any) -> None:
                       "(or model.adapter_path to its adapter); nothing was written")
 
 
+BETA_COMMANDS = ("dpo", "kto", "online-dpo")  # whose method.beta scales the implicit reward (grpo's KL: kl_coef)
+DEFAULT_BETA = 0.1
+
+
+def training_beta(policy: str) -> tuple[float, Path, Any] | None:
+    """(method.beta, the config.yaml it came from, method.loss_type) of the run that trained the policy folder
+    `policy` (`<run>/model`, or a checkpoint `<run>/checkpoints/checkpoint-N`) when that run is one of
+    `BETA_COMMANDS`; None when the folder is in no such run folder (copied out, another command, a config.yaml
+    without method.beta)."""
+    folder = Path(policy)
+    saved = folder.parent / "config.yaml" if folder.name == "model" else checkpoint_run_config(folder)
+    if saved is None or not saved.is_file():
+        return None
+    try:
+        run = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"method.beta: {saved} (the config of the run that trained {policy}) is not valid YAML "
+                          f"({e}); restore it, or copy the model out of its run folder and set method.beta") from None
+    method = run.get("method") if isinstance(run, dict) else None
+    beta = method.get("beta") if isinstance(method, dict) else None
+    if run.get("command") not in BETA_COMMANDS or not isinstance(beta, (int, float)):
+        return None
+    return float(beta), saved, method.get("loss_type")
+
+
+def resolve_beta(cfg: Any) -> None:
+    """Set `cfg.method.beta` for a DPO eval before anything is loaded: the training run's (`training_beta`) when
+    not given; a given one that differs from it is a ConfigError (the implicit rewards beta * log-ratio, their
+    margins and the loss would be on another scale than the run logged, exit 0); with no run folder to read,
+    `DEFAULT_BETA` with a warning. A reward-model eval reads no beta."""
+    m, ms = cfg.method, cfg.model
+    if m.kind == "reward":
+        return
+    policy = ms.adapter_path if ms.adapter_path is not None else ms.path
+    trained = training_beta(policy)
+    if trained is None:
+        if m.beta is None:
+            logger.warning("method.beta: not set, and %s is not in the run folder of a dpo, kto or online-dpo run "
+                           "(no <run>/config.yaml beside it), so the implicit rewards use beta=%s; set method.beta "
+                           "to the beta the policy was trained with", policy, DEFAULT_BETA)
+            m.beta = DEFAULT_BETA
+        return
+    beta, saved, loss_type = trained
+    if loss_type not in (None, "sigmoid", ["sigmoid"]):
+        logger.warning("eval: the policy %s was trained with method.loss_type=%s (%s), and eval's `loss` is DPO's "
+                       "sigmoid loss, so it is not the loss the run logged (the rewards, margins and accuracy are "
+                       "the same implicit-reward figures)", policy, loss_type, saved)
+    if m.beta is not None and m.beta != beta:
+        raise ConfigError(f"method.beta={m.beta}: the policy {policy} was trained with method.beta={beta} ({saved}), "
+                          "so the implicit rewards, margins and loss would be on another scale than the run logged "
+                          f"them; remove method.beta (eval then uses the run's) or set method.beta={beta}; nothing "
+                          "was written")
+    if m.beta is None:
+        logger.info("method.beta: %s, the beta the policy was trained with (%s)", beta, saved)
+    m.beta = beta
+
+
+def beta_entry(cfg: Any) -> dict[str, float]:
+    """metrics.json's record of the beta a DPO eval used ({} for a reward model)."""
+    return {} if cfg.method.kind == "reward" else {"beta": cfg.method.beta}
+
+
 def check_heads(cfg: Any) -> None:
     """ConfigError before anything is loaded when a model folder that scores lacks the head of `method.kind`
     (`models.check_head`): a causal LM evaluated as a reward model got a random score head (accuracy of chance,
@@ -204,6 +279,18 @@ def check_heads(cfg: Any) -> None:
                    "method.reference_path" if m.reference_path is not None else "model.path", fix)
 
 
+def warn_unchanged_policy(per_pair: dict[str, list[float]], model: str) -> None:
+    """One warning when every implicit reward of a DPO eval is exactly 0: the policy computes what its reference
+    does (an adapter saved untrained: LoRA's B still 0, ReFT edits that reach no position), so accuracy is 0 and
+    the loss ln 2 whatever the data; otherwise read as a policy that prefers every worse reply."""
+    values = per_pair.get("rewards/chosen", []) + per_pair.get("rewards/rejected", [])
+    if values and all(v == 0 for v in values):
+        logger.warning("eval: every implicit reward of %s is exactly 0 (%d pair(s)): the policy gives the same "
+                       "log-probabilities as its reference, so accuracy 0 and loss ln 2 say nothing of the data; "
+                       "check model.adapter_path is the trained adapter (not one saved before training)", model,
+                       len(values) // 2)
+
+
 def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]], features: list[dict],
                         model: str) -> None:
     """ConfigError before the metrics are written when a score is NaN or infinite (naming the value and, where the
@@ -225,14 +312,16 @@ def check_finite_scores(metrics: dict[str, Any], per_pair: dict[str, list[float]
 
 
 def reward_metrics(model: Any, features: list[dict], pad_id: int, batch_size: int, progress: bool,
-                   per_pair: dict[str, list[float]] | None = None, collator: Any = None) -> dict[str, float]:
+                   per_pair: dict[str, list[float]] | None = None, collator: Any = None, say_ties: bool = True
+                   ) -> dict[str, float]:
     collate = collator or PreferenceCollator(pad_id)
     with _bar(len(features), "reward eval", progress) as bar:
         def counted(batch: list[dict]) -> dict[str, Any]:
             bar.update(len(batch))
             return collate(batch)
 
-        return evaluate_reward_model(model, features, counted, batch_size=batch_size, per_pair=per_pair)
+        return evaluate_reward_model(model, features, counted, batch_size=batch_size, per_pair=per_pair,
+                                     say_ties=say_ties)
 
 
 @torch.no_grad()

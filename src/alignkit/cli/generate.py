@@ -2,7 +2,9 @@
 
 Prompts come from any records `data.path` holds (their prompts are used: plain prompt files, SFT or
 preference data, OASST prompts). Sampling follows the `generation` section (`alignkit.online.SamplingConfig`,
-greedy by default). A ReFT adapter intervenes on the prompt positions it was trained with.
+greedy by default). `generation.seed` seeds each batch (seed + the index of its first prompt): the same data,
+`batch_size` and model give the same samples again; another `batch_size` groups the prompts into other batches and
+draws other samples (the draws are per batch, not per prompt; `alignkit serve` seeds per request). A ReFT adapter intervenes on the prompt positions it was trained with.
 Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index;
 `generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s), TensorBoard events in
 `tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written

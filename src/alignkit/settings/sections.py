@@ -204,7 +204,7 @@ class KTOMethod:
 @dataclass
 class EvalMethod:
     kind: Literal["reward", "dpo"] = "reward"  # reward-model accuracy, or DPO implicit-reward accuracy
-    beta: float = 0.1  # dpo: rewards are beta * (log pi - log pi_ref)
+    beta: float | None = None  # dpo: rewards are beta * (log pi - log pi_ref); None: the training run's (else 0.1)
     reference_path: str | None = None  # dpo with a fully finetuned policy: the reference (default: model.path)
     batch_size: int = 8
     chunk_size: int = 1024

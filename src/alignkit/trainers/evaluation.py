@@ -69,18 +69,24 @@ def weighted_means(values: dict[str, torch.Tensor], weights: torch.Tensor, where
 
 @torch.no_grad()
 def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: Callable, batch_size: int = 8,
-                          per_pair: dict[str, list[float]] | None = None) -> dict[str, float]:
+                          per_pair: dict[str, list[float]] | None = None, say_ties: bool = True
+                          ) -> dict[str, float]:
     """Accuracy and score means of a reward model over tokenized pairwise (or ranked) features. `per_pair`, if
-    given, receives each pair's `margin`, `rewards/chosen` and `rewards/rejected` (pairwise data).
+    given, receives each pair's `margin`, `rewards/chosen` and `rewards/rejected` (pairwise data). `say_ties`: warn
+    of tied scores (`warn_ties`; off where the same pairs were already scored and said).
 
     Ranked features (a RankedCollator): `accuracy` over every ordered pair of replies (tied ones are no pair),
     per prompt `kendall_tau` and `exact_match` (every pair of the prompt ordered right: the whole ranking
     reproduced) averaged over the prompts with at least one pair, and their counts. Records with a weight other
     than 1 also give `weighted/<name>` (`weighted_means`; ranked `weighted/accuracy` weights each pair by its
-    prompt's weight)."""
+    prompt's weight).
+
+    `ties`: the ordered pairs whose two scores are exactly equal. They count as not right in `accuracy` (as TRL's
+    RewardTrainer counts them: chosen > rejected), and 0 in Kendall's tau; a warning gives their number, since a
+    constant head or half-precision scores (close ones rounded to one value) lower the accuracy without a word."""
     dev = _device(model)
     chosen, rejected, weights = [], [], []
-    correct, pairs, taus = [], [], []  # ranked: per prompt
+    correct, pairs, taus, ties = [], [], [], []  # ranked: per prompt
     with _eval_mode(model):
         for s in range(0, len(features), batch_size):
             batch = collator(list(features[s:s + batch_size]))
@@ -93,6 +99,7 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
                 i, j = torch.triu_indices(K, K, offset=1, device=dev)
                 valid = mask[:, i] & mask[:, j] & (ranks[:, i] < ranks[:, j])  # tied replies: no comparison
                 correct.append(((table[:, i] > table[:, j]) & valid).sum(-1).double().cpu())  # (B,)
+                ties.append(((table[:, i] == table[:, j]) & valid).sum(-1).double().cpu())  # (B,)
                 pairs.append(valid.sum(-1).double().cpu())  # (B,)
                 taus.append(kendall_tau(table, mask, ranks).double().cpu())  # (B,)
             else:
@@ -105,7 +112,9 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
         keep = n > 0  # a prompt whose replies all tie has nothing to order
         ranked = {"kendall_tau": tau[keep], "exact_match": (ok[keep] == n[keep]).double()}
         out = {"accuracy": float(ok.sum() / n.sum().clamp(min=1.0)), **{k: float(v.mean()) for k, v in ranked.items()},
-               "num_prompts": float(keep.sum()), "num_pairs": float(n.sum())}
+               "num_prompts": float(keep.sum()), "num_pairs": float(n.sum()), "ties": float(torch.cat(ties).sum())}
+        if say_ties:
+            warn_ties(out["ties"], out["num_pairs"])
         weighted = weighted_means(ranked, w[keep])
         if weighted:  # a prompt's weight on each of its pairs
             weighted["weighted/accuracy"] = float((w * ok).sum() / (w * n).sum().clamp(min=1e-30))
@@ -114,8 +123,20 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
     if per_pair is not None:
         per_pair.update({"margin": (c - r).tolist(), "rewards/chosen": c.tolist(), "rewards/rejected": r.tolist()})
     values = {"accuracy": (c > r).double(), "rewards/chosen": c, "rewards/rejected": r, "margin": c - r}
+    tied = float((c == r).sum())
+    if say_ties:
+        warn_ties(tied, c.numel())
     return {**{k: float(v.double().mean()) for k, v in values.items()}, "num_pairs": float(c.numel()),
-            **weighted_means(values, w)}
+            "ties": tied, **weighted_means(values, w)}
+
+
+def warn_ties(tied: float, pairs: float) -> None:
+    """One warning when `tied` of `pairs` ordered pairs got exactly equal scores (counted as not right)."""
+    if tied:
+        logger.warning("reward eval: %d of %d pair(s) got exactly equal scores for the better and the worse reply, "
+                       "and count as not right in accuracy (as TRL's RewardTrainer counts them); if that is many, "
+                       "the score head may be constant, or half-precision scores round close ones to one value "
+                       "(load the model in float32: model.dtype=float32)", tied, pairs)
 
 
 def _generate(model: nn.Module, batch: dict[str, torch.Tensor], gen_kwargs: dict[str, Any]) -> torch.Tensor:
@@ -185,4 +206,4 @@ def write_report(rows: Sequence[dict[str, str]], out_dir: str | Path) -> None:
     logger.info("wrote %d generations to %s", len(rows), out)
 
 
-__all__ = ["evaluate_reward_model", "generation_report", "weighted_means", "write_report"]
+__all__ = ["evaluate_reward_model", "generation_report", "warn_ties", "weighted_means", "write_report"]
