@@ -519,3 +519,28 @@ def test_text_parts_are_read_as_the_text_serving_renders(tmp_path, tokenizer):
     served = chat_prompt({"messages": [{"role": "user", "content": parts}]}, tokenizer)
     assert f["input_ids"][:f["prompt_length"]] == served == tokenizer(
         "<|im_start|>user\nWhat is\n2+2?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("reader, rows", [
+    ("prompt-completion", [{"prompt": "a", "completion": " b", "weight": 2.0}, {"prompt": "c", "completion": " d",
+                                                                              "weight": None}]),
+    ("hh-rlhf", [{"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b", "weight": 2.0},
+                 {"chosen": "\n\nHuman: r\n\nAssistant: a", "rejected": "\n\nHuman: r\n\nAssistant: b",
+                  "weight": None}]),
+])
+@pytest.mark.parametrize("as_dataset", [True, False])
+def test_a_warning_about_a_dataset_or_list_is_one_line_naming_its_type(caplog, reader, rows, as_dataset):
+    """A `datasets.Dataset` (or a list of rows) was named in the readers' warnings by its text cut at 80 characters:
+    the Dataset's repr broke the line in three ("Dataset({\\n    features: [...],\\n    num_rows: column 'weight' is
+    given in ...", its row count cut away) and a list was named by its first row's text. Both are now named by
+    type, as the readers' errors name them ("<Dataset> row 1")."""
+    from datasets import Dataset
+
+    source = Dataset.from_list(rows) if as_dataset else rows
+    name = "<Dataset>" if as_dataset else "<list>"
+    row = (lambda i: f"<Dataset> row {i}") if as_dataset else (lambda i: f"<list>[{i}]")
+    with caplog.at_level("WARNING"):
+        assert len(load_records(source, reader=reader)) == 2
+    lines = [r.getMessage() for r in caplog.records if "is given in" in r.getMessage()]
+    assert lines == [f"{name}: column 'weight' is given in 1 of 2 rows (the first: {row(0)}); the other 1 weigh 1 "
+                     f"(the default) (the first: {row(1)}). Give every row a weight if they should not"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignkit.data.readers.columns import read_checked
+from alignkit.data.readers.columns import read_checked, where_of
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import get_field
 from alignkit.data.records import DataError, Message, PreferenceRecord
@@ -83,4 +83,4 @@ def read_hh(source: Any, *, kind: str = "preference", conversational: bool = Tru
             split: str | None = None) -> list[PreferenceRecord]:
     """Preference records from HH-RLHF rows (see the module docstring)."""
     return read_checked(source, split, lambda row, where: hh_to_preference(row, where, conversational), COLUMNS,
-                        on_invalid, name=str(source))
+                        on_invalid, name=where_of(source))

@@ -320,10 +320,10 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
 def where_of(source: Any) -> str:
     """How the readers' warnings name `source`: a trainer's map batch (`NamedRows`) by its rows ("train_dataset rows
     0-999"; its repr was the first row's text), a file by its whole path (cut, a long one named another file), anything
-    else by its text, cut at 80 characters."""
-    if isinstance(source, NamedRows):
-        return source_name(source)
-    return str(source) if isinstance(source, (str, os.PathLike)) else str(source)[:80]
+    else by its type, as the readers' errors name it ("<Dataset>", "<list>"): its text, cut at 80 characters, broke a
+    `datasets.Dataset`'s warning over three lines ("Dataset({\n    features: [...],\n    num_rows: column 'weight'
+    is given in ...") and named a list by its first row's text."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else source_name(source)
 
 
 MESSAGE_KEYS = ("role", "content")  # what a record keeps of each message (alignkit.data.records.check_messages)
