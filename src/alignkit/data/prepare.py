@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset, DatasetDict, Features, List, Value
 
 from alignkit.data.oasst import say_oasst_notes
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
@@ -207,6 +207,9 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     if is_tokenized(dataset):
         first = dataset[0] if len(dataset) else {}
         return dataset, feature_kind(first)
+    if isinstance(dataset, DatasetDict):  # its splits' rows are not one dataset: which split was meant is not said
+        raise DataError(f"{name}: a DatasetDict with splits {list(dataset)}, and a trainer takes one split; pass "
+                        f"{name}=dataset[{next(iter(dataset), 'train')!r}] (or the split meant)")
     if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(r, tuple(RECORD_CLASSES.values()))
                                                               for r in dataset):
         kind = _pick_kind(sorted({r.kind for r in dataset}), kinds, name)

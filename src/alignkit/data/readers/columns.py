@@ -70,9 +70,9 @@ def _given(row: dict) -> dict:
 def _req(row: dict, key: str, where: str) -> Any:
     """A required column's value; missing or null is an error naming the row and the fix (types are checked
     by the record classes)."""
-    if row.get(key) is None:
-        raise DataError(f"{where}: missing field {key!r} (row has {sorted(row)}); every row of this file needs "
-                        f"{key!r} like the first row, or remove the row")
+    if row.get(key) is None:  # a null is said as such: "missing field 'chosen' (row has [..., 'chosen', ...])" read odd
+        what = f"field {key!r} is null (no value)" if key in row else f"missing field {key!r} (row has {sorted(row)})"
+        raise DataError(f"{where}: {what}; every row of this file needs {key!r} like the first row, or remove the row")
     return row[key]
 
 
