@@ -139,3 +139,27 @@ def test_every_tokenize_setting_is_in_the_cache_key(tokenizer, change):
     records = corpus()
     assert tk.cache_key(records, tokenizer, base) != tk.cache_key(records, tokenizer, TokenizeConfig(
         **{"max_length": 80, "max_prompt_length": None, **change}))
+
+
+def test_a_trainers_dataset_from_files_is_tokenized_again_when_a_registered_formatter_changes(tokenizer, tmp_path,
+                                                                                            monkeypatch):
+    """A trainer's dataset read from files is tokenized with `Dataset.map`, whose cache keyed on the map function and
+    its arguments only: after another function was registered under the formatter's name (as after an edit), the
+    second run read the first run's features back. The code is now hashed into the map's arguments (compat D6)."""
+    import datasets
+
+    from alignkit.data import FORMATTERS, Formatted, register_formatter
+    from alignkit.data.prepare import prepare_dataset
+
+    monkeypatch.setitem(FORMATTERS, "mine", None)
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "Say Hi: ", "completion": "hi"}) + "\n")
+    cfg = TokenizeConfig(formatter="mine", max_length=64, max_prompt_length=None)
+    got = []
+    for case in (str.upper, str.lower):
+        register_formatter("mine")(lambda prompt, completion, tok, case=case: Formatted(
+            case(prompt), case(prompt) + completion, add_special_tokens=False, ends_turn=False))
+        ds = datasets.load_dataset("json", data_files=str(f), split="train", cache_dir=str(tmp_path / "cache"))
+        out, _ = prepare_dataset(ds, tokenizer, ["sft"], cfg)
+        got.append(out[0]["input_ids"][:out[0]["prompt_length"]])
+    assert got == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("SAY HI: ", "say hi: ")]
