@@ -241,3 +241,29 @@ def test_the_same_record_in_two_phases_is_warned(caplog):
     assert not [r for r in caplog.records if "same content" in r.getMessage()]
     assert all(len({r.prompt for r in part} & {r.prompt for r in other}) == 0
                for i, part in enumerate(grouped) for other in grouped[i + 1:])
+
+
+def test_max_records_over_a_list_of_datasets_says_which_files_give_none(tmp_path, caplog):
+    """data.path lists several datasets (DeepSpeed-Chat style) and data.max_records caps them: the cap took the first
+    records of the concatenation, so the files listed last gave nothing, without a word. Now one warning naming them
+    and their record counts; the records kept are the same (the first max_records, in order)."""
+    paths = []
+    for name, n in (("a", 5), ("b", 4), ("c", 3)):
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+        Path(paths[-1]).write_text("".join(json.dumps({"prompt": f"{name}{i}", "completion": " x"}) + "\n"
+                                           for i in range(n)))
+    with caplog.at_level(logging.WARNING):
+        train, _ = read_splits(DataSettings(path=paths, max_records=5), "sft")
+    assert [r.prompt for r in train] == [f"a{i}" for i in range(5)]
+    lines = [r.getMessage() for r in caplog.records if "max_records" in r.getMessage()]
+    assert len(lines) == 1 and f"{paths[1]} (4), {paths[2]} (3) give none" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train, _ = read_splits(DataSettings(path=paths, max_records=7), "sft")  # b gives 2: only c is named
+    assert [r.prompt for r in train] == [f"a{i}" for i in range(5)] + ["b0", "b1"]
+    lines = [r.getMessage() for r in caplog.records if "max_records" in r.getMessage()]
+    assert len(lines) == 1 and f": {paths[2]} (3) give none" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        read_splits(DataSettings(path=paths, max_records=10), "sft")
+    assert not [r for r in caplog.records if "max_records" in r.getMessage()]
