@@ -1,4 +1,4 @@
-"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A16 and D1-D5 of
+"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A16 and D1-D6 of
 the table in docs/architecture.md)."""
 
 from __future__ import annotations
@@ -176,6 +176,31 @@ def test_dataset_map_as_prepare_calls_it():
         ds.map(lambda batch: seen.append(len(batch["text"])) or batch, batched=True, batch_size=None)
     check(seen == [4], "datasets", "a batched map with batch_size=None no longer gives the whole dataset as one batch",
           where, f"batch sizes {seen}")
+
+
+def _map_probe(batch, marker):  # a module-level map function: datasets hashes it, and fn_kwargs, into the cache key
+    return {"out": [t + marker for t in batch["text"]]}
+
+
+def test_dataset_map_cache_keys_on_fn_kwargs(tmp_path):
+    """datasets' map cache (a dataset from files) is keyed by a fingerprint of the function and `fn_kwargs`: the same
+    call again reads the cached result, a changed `fn_kwargs` value is a miss. prepare_dataset puts a hash of the code
+    its features depend on into `fn_kwargs` (`prepare.feature_code`), since what the map function calls (the
+    formatters, the encoding) is not part of that fingerprint."""
+    where = "alignkit/data/prepare.py:prepare_dataset/feature_code"
+    import datasets
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a"}\n{"text": "b"}\n')
+    with guard("datasets", "load_dataset('json') / Dataset.map(fn_kwargs=) with its cache failed", where):
+        ds = datasets.load_dataset("json", data_files=str(f), split="train", cache_dir=str(tmp_path / "cache"))
+        first = ds.map(_map_probe, batched=True, fn_kwargs={"marker": "1"})
+        again = ds.map(_map_probe, batched=True, fn_kwargs={"marker": "1"})
+        other = ds.map(_map_probe, batched=True, fn_kwargs={"marker": "2"})
+    files = [[c["filename"] for c in d.cache_files if "cache-" in c["filename"]] for d in (first, again, other)]
+    check(all(files) and files[0] == files[1] and files[0] != files[2] and other["out"] == ["a2", "b2"], "datasets",
+          "Dataset.map's cache no longer keys on fn_kwargs (feature_code in fn_kwargs then does not stop a stale hit: "
+          "key the cache otherwise)", where, f"cache files {files}, {other['out']}")
 
 
 def test_dataset_from_list_takes_the_first_rows_keys():

@@ -106,12 +106,22 @@ def test_a_weight_given_in_some_rows_only_is_said_once(tmp_path, caplog):
     ("Hi there\n\nAssistant:", r"HH text must start with '\\n\\nHuman:', found 'Hi there' before the first turn"),
     ("\n\nHuman: a\n\nAssistant: b\n\nAssistant:", "the HH prompt must end with a Human turn before the final "
                                                     "Assistant reply"),
+    # turns out of order or empty (these were read without a word: two user messages in a row, an empty turn)
+    ("\n\nHuman: a\n\nHuman: b\n\nAssistant:", "turns 1 and 2 of the HH dialogue are both 'Human:' turns; "
+                                                "HH turns alternate Human / Assistant"),
+    ("\n\nHuman: a\n\nAssistant: b\n\nAssistant: c\n\nHuman: d\n\nAssistant:",
+     "turns 2 and 3 of the HH dialogue are both 'Assistant:' turns"),
+    ("\n\nAssistant: a\n\nHuman: b\n\nAssistant:", "the HH dialogue starts with an 'Assistant:' turn"),
+    ("\n\nHuman: a\n\nAssistant:\n\nHuman: b\n\nAssistant:", r"turn 2 of the HH dialogue \(a 'Assistant:' turn\) is "
+                                                                 r"empty; give it its text, or drop the row"),
+    ("\n\nHuman: \n\nAssistant:", r"turn 1 of the HH dialogue \(a 'Human:' turn\) is empty"),
 ])
 @pytest.mark.parametrize("conversational", [True, False])
 def test_a_malformed_dialogue_is_refused_in_both_modes(prompt, message, conversational):
     """conversational=False (text kept byte for byte) never parsed the dialogue: text before the first Human turn,
     or two Assistant turns in a row, became a prompt that conversational mode refuses (exit 0). Both modes now
-    refuse it, naming the row."""
+    refuse it, naming the row. Turns out of order (two Human turns in a row, a leading Assistant turn) or empty were
+    read in both modes without a word; now refused naming the row and the turn."""
     row = {"chosen": prompt + " yes", "rejected": prompt + " no"}
     with pytest.raises(DataError, match=rf"^<list>\[0\]: {message}"):
         load_records([row], reader="hh-rlhf", conversational=conversational)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -178,7 +179,7 @@ def test_missing_field_and_skip(tmp_path, caplog):
         recs = load_records(f, on_invalid="skip")
     assert [r.prompt for r in recs] == ["a", "c"]
     assert "skipped 1 invalid row" in caplog.text and "d.jsonl:2" in caplog.text
-    with pytest.raises(DataError, match=r"missing field 'responses'"):
+    with pytest.raises(DataError, match=r"field 'responses' is null \(no value\)"):  # present, null
         load_records([{"prompt": "a", "responses": None}], reader="ranked")
     with pytest.raises(DataError, match="no such file"):
         load_records(tmp_path / "nope.jsonl")
@@ -519,3 +520,84 @@ def test_text_parts_are_read_as_the_text_serving_renders(tmp_path, tokenizer):
     served = chat_prompt({"messages": [{"role": "user", "content": parts}]}, tokenizer)
     assert f["input_ids"][:f["prompt_length"]] == served == tokenizer(
         "<|im_start|>user\nWhat is\n2+2?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("reader, rows", [
+    ("prompt-completion", [{"prompt": "a", "completion": " b", "weight": 2.0}, {"prompt": "c", "completion": " d",
+                                                                              "weight": None}]),
+    ("hh-rlhf", [{"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b", "weight": 2.0},
+                 {"chosen": "\n\nHuman: r\n\nAssistant: a", "rejected": "\n\nHuman: r\n\nAssistant: b",
+                  "weight": None}]),
+])
+@pytest.mark.parametrize("as_dataset", [True, False])
+def test_a_warning_about_a_dataset_or_list_is_one_line_naming_its_type(caplog, reader, rows, as_dataset):
+    """A `datasets.Dataset` (or a list of rows) was named in the readers' warnings by its text cut at 80 characters:
+    the Dataset's repr broke the line in three ("Dataset({\\n    features: [...],\\n    num_rows: column 'weight' is
+    given in ...", its row count cut away) and a list was named by its first row's text. Both are now named by
+    type, as the readers' errors name them ("<Dataset> row 1")."""
+    from datasets import Dataset
+
+    source = Dataset.from_list(rows) if as_dataset else rows
+    name = "<Dataset>" if as_dataset else "<list>"
+    row = (lambda i: f"<Dataset> row {i}") if as_dataset else (lambda i: f"<list>[{i}]")
+    with caplog.at_level("WARNING"):
+        assert len(load_records(source, reader=reader)) == 2
+    lines = [r.getMessage() for r in caplog.records if "is given in" in r.getMessage()]
+    assert lines == [f"{name}: column 'weight' is given in 1 of 2 rows (the first: {row(0)}); the other 1 weigh 1 "
+                     f"(the default) (the first: {row(1)}). Give every row a weight if they should not"]
+
+
+def _dataset_dict():
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({"train": Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": "b"}]),
+                        "test": Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}])})
+
+
+def _dataset(rows):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
+
+
+H, A = "\n\nHuman: ", "\n\nAssistant: "
+# data as people have it, gone wrong: (case, source builder, load_records options, the one line expected)
+BAD_IN_MEMORY = [
+    ("DatasetDict, no split", _dataset_dict, {},
+     r"^<DatasetDict>: is a DatasetDict with splits \['train', 'test'\]; pass split=<one of them> \(data\.split\)$"),
+    # before: answered as if no split had been given, not naming 'validation'
+    ("DatasetDict, a split it lacks", _dataset_dict, {"split": "validation"},
+     r"^<DatasetDict>: .*splits \['train', 'test'\], and split 'validation' \(data\.split, .*\) is not one of them"),
+    # before: "prompt[0] must be a dict with string 'role' and 'content', got '1'"
+    ("token ids for text", lambda: [{"prompt": [1, 2, 3], "chosen": "a", "rejected": "b"}], {},
+     r"^<list>\[0\]: 'prompt' is a list of 3 integers \(token ids\?\), and alignkit reads text or .* messages here"),
+    # before: "unknown combination of columns ['chosen', 'prompt', 'rejected']; no reader recognises it" + every format
+    ("a null in the first row", lambda: _dataset([{"prompt": None, "chosen": "a", "rejected": "b"}]), {},
+     r"^<Dataset> row 0: column\(s\) \['prompt'\] are null .* the row would be read by reader 'preference'; give "),
+    # before: "missing field 'chosen' (row has ['chosen', 'prompt', 'rejected'])"
+    ("a null in a later row", lambda: _dataset([{"prompt": "p", "chosen": "a", "rejected": "b"},
+                                                {"prompt": "p", "chosen": None, "rejected": "b"}]), {},
+     r"^<Dataset> row 1: field 'chosen' is null \(no value\); every row of this file needs 'chosen'"),
+    ("a null HH dialogue", lambda: _dataset([{"chosen": H + "q" + A + "a", "rejected": H + "q" + A + "b"},
+                                             {"chosen": H + "q" + A + "a", "rejected": None}]), {},
+     r"^<Dataset> row 1: field 'rejected' is null \(no value\); add 'rejected'"),
+    ("a weight column of strings", lambda: _dataset([{"prompt": "p", "chosen": "a", "rejected": "b", "weight": "2"}]),
+     {}, r"^<Dataset> row 0: 'weight' must be a finite number >= 0, got '2'"),
+]
+
+
+@pytest.mark.parametrize("case, source, options, message", BAD_IN_MEMORY, ids=[c[0] for c in BAD_IN_MEMORY])
+def test_bad_in_memory_inputs_are_refused_in_one_line_naming_the_row(case, source, options, message):
+    with pytest.raises(DataError) as e:
+        load_records(source(), **options)
+    assert "\n" not in str(e.value) and re.search(message, str(e.value)), str(e.value)
+
+
+def test_a_trainer_given_a_dataset_dict_asks_for_one_split(tokenizer):
+    """A DatasetDict as train_dataset (TRL users pass load_dataset(...) whole by mistake) stopped on the readers' "pass
+    split=<one of them>", which a trainer has no way to pass; now it names the argument and the fix."""
+    from alignkit.data.prepare import prepare_dataset
+
+    with pytest.raises(DataError, match=r"^train_dataset: a DatasetDict with splits \['train', 'test'\], and a trainer "
+                                        r"takes one split; pass train_dataset=dataset\['train'\]"):
+        prepare_dataset(_dataset_dict(), tokenizer, ["preference"])

@@ -10,7 +10,7 @@ import pytest
 
 from alignkit.cli.data import read_splits
 from alignkit.data import DataError, SFTRecord, load_records, parse_fractions, split_indices, split_records
-from alignkit.data.splits import part_sizes
+from alignkit.data.splits import part_sizes, source_group
 from alignkit.settings import DataSettings
 
 
@@ -204,3 +204,66 @@ def test_repeated_prompts_of_an_online_command_are_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         read_prompt_splits(DataSettings(path=str(path)))
     assert "repeat an earlier" not in caplog.text
+
+
+def test_a_hash_phase_split_of_records_does_not_move_when_another_dataset_is_listed_first():
+    """DeepSpeed-Chat style: one phase split ("2,4,4") over a list of datasets. With method="hash" a record's phase was
+    decided by its position in the list, so listing another dataset first moved the old records between phases (a
+    record trained in SFT became a reward-model record of the next run). Now by its content: every old record keeps
+    its phase, and the new dataset's records are split too."""
+    old = [SFTRecord(f"old prompt {i}", f" answer {i}", id=f"old-{i}") for i in range(60)]
+    new = [SFTRecord(f"new prompt {i}", f" answer {i}", id=f"new-{i}") for i in range(40)]
+    before = {r.id: p for p, part in enumerate(split_records(old, "2,4,4", seed=3, method="hash")) for r in part}
+    after = {r.id: p for p, part in enumerate(split_records(new + old, "2,4,4", seed=3, method="hash")) for r in part}
+    assert {i: after[i] for i in before} == before
+    assert set(after) == set(before) | {r.id for r in new}
+    assert len(set(before.values())) == 3  # a real split: every phase got records
+
+
+def test_the_same_record_in_two_phases_is_warned(caplog):
+    """A dataset listed twice (or duplicated rows) split record by record put copies of one record in two phases
+    without a word. Now one warning with their count and first ids; grouping by prompt (source_group) keeps the
+    copies together and says nothing."""
+    recs = [SFTRecord(f"p{i}", " c", id=f"a{i}") for i in range(30)]
+    twice = recs + [SFTRecord(r.prompt, r.completion, id=f"b{r.id[1:]}") for r in recs]
+    with caplog.at_level(logging.WARNING):
+        parts = split_records(twice, "2,4,4", seed=0)
+    part_of = {r.id: p for p, part in enumerate(parts) for r in part}
+    crossed = [f"a{i}" for i in range(30) if part_of[f"a{i}"] != part_of[f"b{i}"]]
+    assert crossed  # by hand: 30 pairs over three parts, the seed-0 permutation separates some
+    lines = [r.getMessage() for r in caplog.records if "same content" in r.getMessage()]
+    assert len(lines) == 1 and f"split '2,4,4': {len(crossed)} record(s) have the same content as a record in " \
+        "another part" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        grouped = split_records(twice, "2,4,4", seed=0, group_by=source_group)
+        split_records(recs, "2,4,4", seed=0)  # no copies: nothing to say
+    assert not [r for r in caplog.records if "same content" in r.getMessage()]
+    assert all(len({r.prompt for r in part} & {r.prompt for r in other}) == 0
+               for i, part in enumerate(grouped) for other in grouped[i + 1:])
+
+
+def test_max_records_over_a_list_of_datasets_says_which_files_give_none(tmp_path, caplog):
+    """data.path lists several datasets (DeepSpeed-Chat style) and data.max_records caps them: the cap took the first
+    records of the concatenation, so the files listed last gave nothing, without a word. Now one warning naming them
+    and their record counts; the records kept are the same (the first max_records, in order)."""
+    paths = []
+    for name, n in (("a", 5), ("b", 4), ("c", 3)):
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+        Path(paths[-1]).write_text("".join(json.dumps({"prompt": f"{name}{i}", "completion": " x"}) + "\n"
+                                           for i in range(n)))
+    with caplog.at_level(logging.WARNING):
+        train, _ = read_splits(DataSettings(path=paths, max_records=5), "sft")
+    assert [r.prompt for r in train] == [f"a{i}" for i in range(5)]
+    lines = [r.getMessage() for r in caplog.records if "max_records" in r.getMessage()]
+    assert len(lines) == 1 and f"{paths[1]} (4), {paths[2]} (3) give none" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train, _ = read_splits(DataSettings(path=paths, max_records=7), "sft")  # b gives 2: only c is named
+    assert [r.prompt for r in train] == [f"a{i}" for i in range(5)] + ["b0", "b1"]
+    lines = [r.getMessage() for r in caplog.records if "max_records" in r.getMessage()]
+    assert len(lines) == 1 and f": {paths[2]} (3) give none" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        read_splits(DataSettings(path=paths, max_records=10), "sft")
+    assert not [r for r in caplog.records if "max_records" in r.getMessage()]

@@ -99,3 +99,67 @@ def test_cache_hit_miss_and_damage(tokenizer, tmp_path, monkeypatch):
     assert fixed == first
     assert len(feats.read_text().splitlines()) == len(first)  # rewritten whole
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["kept"] == len(first)
+
+
+def test_a_user_registered_formatter_is_in_the_cache_key(tokenizer, tmp_path, monkeypatch):
+    """A formatter registered by the user (`register_formatter`) lives outside the modules whose source keys the cache:
+    before, the second run below (another function under the same name, as after an edit) hit the features of the
+    first and trained on text the formatter no longer gives. Its code is now in the key: a miss, new features."""
+    from alignkit.data import FORMATTERS, Formatted, register_formatter
+
+    monkeypatch.setitem(FORMATTERS, "mine", None)  # restored (removed) after the test
+
+    def shouting(prompt, completion, tok):
+        return Formatted(prompt.upper(), prompt.upper() + completion, add_special_tokens=False, ends_turn=False)
+
+    def quiet(prompt, completion, tok):
+        return Formatted(prompt.lower(), prompt.lower() + completion, add_special_tokens=False, ends_turn=False)
+
+    records = [SFTRecord(prompt="Say Hi: ", completion="hi", id="r")]
+    cfg = TokenizeConfig(formatter="mine", max_length=64, max_prompt_length=None)
+    register_formatter("mine")(shouting)
+    first, _ = tokenize_records(records, tokenizer, cfg, cache_dir=tmp_path)
+    assert first[0]["input_ids"][:first[0]["prompt_length"]] == tokenizer("SAY HI: ", add_special_tokens=False)["input_ids"]
+    register_formatter("mine")(quiet)
+    second, _ = tokenize_records(records, tokenizer, cfg, cache_dir=tmp_path)
+    assert second[0]["input_ids"][:second[0]["prompt_length"]] == tokenizer("say hi: ", add_special_tokens=False)["input_ids"]
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2  # two entries: the second run missed
+    register_formatter("mine")(quiet)
+    assert tokenize_records(records, tokenizer, cfg, cache_dir=tmp_path)[0] == second  # the same code: a hit
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2
+
+
+@pytest.mark.parametrize("change", [{"max_length": 79}, {"max_prompt_length": 20}, {"formatter": "plain"},
+                                    {"add_eos": False}, {"add_eos": True}, {"loss_on": "last_assistant"},
+                                    {"loss_on": "all"}])
+def test_every_tokenize_setting_is_in_the_cache_key(tokenizer, change):
+    """Each setting that changes the features (data.max_length, max_prompt_length, formatter, add_eos, loss_on)
+    changes the key: a run with another value never reads the features of the first."""
+    base = TokenizeConfig(max_length=80, max_prompt_length=None)
+    records = corpus()
+    assert tk.cache_key(records, tokenizer, base) != tk.cache_key(records, tokenizer, TokenizeConfig(
+        **{"max_length": 80, "max_prompt_length": None, **change}))
+
+
+def test_a_trainers_dataset_from_files_is_tokenized_again_when_a_registered_formatter_changes(tokenizer, tmp_path,
+                                                                                            monkeypatch):
+    """A trainer's dataset read from files is tokenized with `Dataset.map`, whose cache keyed on the map function and
+    its arguments only: after another function was registered under the formatter's name (as after an edit), the
+    second run read the first run's features back. The code is now hashed into the map's arguments (compat D6)."""
+    import datasets
+
+    from alignkit.data import FORMATTERS, Formatted, register_formatter
+    from alignkit.data.prepare import prepare_dataset
+
+    monkeypatch.setitem(FORMATTERS, "mine", None)
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "Say Hi: ", "completion": "hi"}) + "\n")
+    cfg = TokenizeConfig(formatter="mine", max_length=64, max_prompt_length=None)
+    got = []
+    for case in (str.upper, str.lower):
+        register_formatter("mine")(lambda prompt, completion, tok, case=case: Formatted(
+            case(prompt), case(prompt) + completion, add_special_tokens=False, ends_turn=False))
+        ds = datasets.load_dataset("json", data_files=str(f), split="train", cache_dir=str(tmp_path / "cache"))
+        out, _ = prepare_dataset(ds, tokenizer, ["sft"], cfg)
+        got.append(out[0]["input_ids"][:out[0]["prompt_length"]])
+    assert got == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("SAY HI: ", "say hi: ")]

@@ -46,15 +46,21 @@ def read_records(paths: str | list[str] | None, ds: DataSettings, kind: str, spl
     """The records of `kind` in `paths`, split `split`; without one, a source with splits (a dataset folder or name)
     gives `inherited_split` (data.path's split, for data.eval_path) and a data file its rows (a split other than its
     one is refused: `alignkit.data.readers.rows.check_single_split`)."""
-    records: list = []
+    return [r for recs in read_each(paths, ds, kind, split, where, inherited_split=inherited_split) for r in recs]
+
+
+def read_each(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None, where: str, *,
+              inherited_split: str | None = None) -> list[list]:
+    """`read_records`, one list of records per path."""
+    out = []
     for p in _paths(paths):
         source = data_path(p)
         which = split if split is not None else inherited_split if has_splits(source) else None
-        records += load_records(source, kind, reader=ds.reader, on_invalid=ds.on_invalid, split=which,
-                                **ds.reader_options)
-    if paths is not None and not records:
+        out.append(load_records(source, kind, reader=ds.reader, on_invalid=ds.on_invalid, split=which,
+                                **ds.reader_options))
+    if paths is not None and not any(out):
         raise ConfigError(f"{where}: {paths} holds no {kind} records")
-    return records
+    return out
 
 
 def native_kinds(paths: str | list[str] | None, ds: DataSettings, kind: str, split: str | None) -> set[str]:
@@ -151,9 +157,11 @@ def dataset_folder(path: Path) -> str:
 def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
     """(train records, eval records) of `kind` as read: `data.path` (the first `max_records`), and the evaluation
     records of `data.eval_path` or of an `eval_fraction` split of the training ones (seeded by `split_seed`)."""
-    records = read_records(ds.path, ds, kind, ds.split, "data.path")
-    if ds.max_records is not None:
-        records = records[:ds.max_records]
+    if ds.max_records is None or len(_paths(ds.path)) < 2:
+        records = read_records(ds.path, ds, kind, ds.split, "data.path")
+        records = records if ds.max_records is None else records[:ds.max_records]
+    else:
+        records = first_records(ds, kind)
     evals = read_records(ds.eval_path, ds, kind, ds.eval_split, "data.eval_path", inherited_split=ds.split)
     warn_trained_evals(records, evals)
     if ds.eval_path is None and ds.eval_fraction > 0:
@@ -169,6 +177,21 @@ def read_splits(ds: DataSettings, kind: str) -> tuple[list, list]:
                               "at least one record, set data.eval_fraction=0 (no evaluation) or give data.eval_path")
     warn_repeated(records, "data.path")
     return records, evals
+
+
+def first_records(ds: DataSettings, kind: str) -> list:
+    """The first `data.max_records` records of the files listed in `data.path`, read file by file; one warning naming
+    the files that give none (the cap is reached before them): a list of datasets capped by max_records trained on
+    the first dataset(s) only, without a word."""
+    per_path = read_each(ds.path, ds, kind, ds.split, "data.path")
+    cut = [f"{p} ({len(r)})" for p, r, before in zip(_paths(ds.path), per_path,
+                                                    [sum(map(len, per_path[:i])) for i in range(len(per_path))])
+           if before >= ds.max_records]
+    if cut:
+        logger.warning("data.max_records=%d keeps the first %d record(s) of data.path, all from the files listed "
+                       "first: %s give none (record counts in brackets); raise data.max_records, or cut each file to "
+                       "the records meant", ds.max_records, ds.max_records, ", ".join(cut))
+    return [r for recs in per_path for r in recs][:ds.max_records]
 
 
 def _content(record: Any, meta: tuple[str, ...] = ()) -> str:

@@ -6,6 +6,8 @@ may start with "Human:" without the blank line before it, as exports that strip 
 these is an error, any other is ignored with one warning).
 The prompt is their shared prefix up to and including the **last** "\\n\\nAssistant:" (both texts must
 agree on it, else the row is an error); the completions are what follows it.
+The dialogue's turns must alternate Human / Assistant from a Human turn, each with text (`check_turns`): else the row
+is an error naming the turn.
 
 `conversational=True` (default): the prompt becomes a list of messages ("Human" -> "user", "Assistant"
 -> "assistant", multi-turn kept, the final empty assistant marker dropped) and each completion one
@@ -19,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignkit.data.readers.columns import read_checked
+from alignkit.data.readers.columns import read_checked, where_of
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import get_field
 from alignkit.data.records import DataError, Message, PreferenceRecord
@@ -52,6 +54,26 @@ def split_hh(text: str, where: str, key: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def check_turns(messages: list[Message], where: str) -> None:
+    """DataError naming the row and the turn: a dialogue that starts with an Assistant turn, has two Human (or two
+    Assistant) turns in a row, or an empty turn before the final reply. Before, these became prompts without a word:
+    two user messages in a row (which one chat template renders as two turns, another refuses with a Jinja error
+    naming no row) or a turn with no text the model was trained to answer after."""
+    name = {"user": HUMAN.strip(), "assistant": ASSISTANT.strip()}
+    if messages[0]["role"] != "user":
+        raise DataError(f"{where}: the HH dialogue starts with an {name['assistant']!r} turn; HH dialogues start with a "
+                        f"{name['user']!r} turn: cut the leading reply, or drop the row (on_invalid='skip')")
+    for i, (a, b) in enumerate(zip(messages, messages[1:]), start=1):
+        if a["role"] == b["role"]:
+            raise DataError(f"{where}: turns {i} and {i + 1} of the HH dialogue are both {name[a['role']]!r} turns; HH "
+                            f"turns alternate Human / Assistant: merge the two turns, or drop the row "
+                            f"(on_invalid='skip')")
+    empty = next((i for i, m in enumerate(messages, start=1) if not m["content"].strip()), None)
+    if empty is not None:
+        raise DataError(f"{where}: turn {empty} of the HH dialogue (a {name[messages[empty - 1]['role']]!r} turn) is "
+                        "empty; give it its text, or drop the row (on_invalid='skip')")
+
+
 def hh_to_preference(row: dict, where: str, conversational: bool = True) -> PreferenceRecord:
     chosen = get_field(row, "chosen", where, str, "an HH dialogue string")
     rejected = get_field(row, "rejected", where, str, "an HH dialogue string")
@@ -66,6 +88,7 @@ def hh_to_preference(row: dict, where: str, conversational: bool = True) -> Pref
     messages = parse_dialogue(prompt, where)[:-1]  # drop the final, empty assistant marker
     if not messages or messages[-1]["role"] != "user":
         raise DataError(f"{where}: the HH prompt must end with a Human turn before the final Assistant reply")
+    check_turns(messages, where)
     if not conversational:
         return PreferenceRecord(prompt, chosen_rest, rejected_rest, margin=row.get("margin"), id=where, **weight)
     return PreferenceRecord(messages, chosen_rest.strip(), rejected_rest.strip(), margin=row.get("margin"), id=where,
@@ -83,4 +106,4 @@ def read_hh(source: Any, *, kind: str = "preference", conversational: bool = Tru
             split: str | None = None) -> list[PreferenceRecord]:
     """Preference records from HH-RLHF rows (see the module docstring)."""
     return read_checked(source, split, lambda row, where: hh_to_preference(row, where, conversational), COLUMNS,
-                        on_invalid, name=str(source))
+                        on_invalid, name=where_of(source))

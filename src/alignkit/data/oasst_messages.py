@@ -18,6 +18,7 @@ import logging
 from typing import Any, Sequence
 
 from alignkit.data.oasst import read_oasst_rows
+from alignkit.data.readers.columns import where_of
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import get_field, iter_rows
 from alignkit.data.records import DataError
@@ -91,6 +92,6 @@ def read_oasst_messages(source: Any, *, kind: str = "sft", mode: str = "leaves",
                         tree_states: Sequence[str] | None = ("ready_for_export",), on_invalid: str = "raise",
                         split: str | None = None) -> list:
     """Records of `kind` from an Open-Assistant flat message export (same options as `read_oasst`)."""
-    return read_oasst_rows(_trees(source, split, on_invalid), str(source), kind=kind, mode=mode, prompts=prompts,
+    return read_oasst_rows(_trees(source, split, on_invalid), where_of(source), kind=kind, mode=mode, prompts=prompts,
                            langs=langs, drop_deleted=drop_deleted, drop_synthetic=drop_synthetic,
                            drop_unreviewed=drop_unreviewed, tree_states=tree_states, on_invalid=on_invalid)

@@ -22,10 +22,12 @@ Open-Assistant's flat export) gets the dataset in one batch, one process. Alread
 
 from __future__ import annotations
 
+import importlib
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset, DatasetDict, Features, List, Value
 
 from alignkit.data.oasst import say_oasst_notes
 from alignkit.data.readers import READERS, detect_reader, first_row, load_records
@@ -33,6 +35,7 @@ from alignkit.data.readers.notes import ReaderNotes, held_reader_notes
 from alignkit.data.readers.rows import NamedRows
 from alignkit.data.records import RECORD_CLASSES, DataError, can_convert, convert
 from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
+from alignkit.data.tokenize_cache import code_fingerprint, formatters_fingerprint, function_fingerprint, sha
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,8 @@ NOTES_ONLY = "\x00reader notes only"
 
 
 def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Any, cfg: TokenizeConfig, kind: str,
-                    reader: str, name: str, options: dict) -> dict[str, list]:
+                    reader: str, name: str, options: dict, code: str = "") -> dict[str, list]:
+    """The map's function; `code` is not read: it is there for datasets' cache key (`feature_code`)."""
     keys = list(batch)
     rows = NamedRows(({k: batch[k][j] for k in keys}, f"{name} row {i}") for j, i in enumerate(indices))
     with held_reader_notes() as notes:  # said once per dataset (_summarize), not once per batch
@@ -124,6 +128,21 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
         out[COMPLETION_CUT].append(one.completion_truncated)
         out[UNRENDERED].append(",".join(one.unrendered_roles) if one.system_unrendered else "")
     return out
+
+
+# the modules besides tokenize_cache.FEATURE_MODULES whose source decides a trainer's features: the readers, this one
+MAP_MODULES = ("alignkit.data.readers", "alignkit.data.readers.columns", "alignkit.data.readers.rows",
+               "alignkit.data.readers.notes", __name__)
+
+
+def feature_code(reader_fn: Any) -> str:
+    """The code the map's features depend on (the encoding and formatters: `tokenize_cache`; every registered
+    formatter; the readers, `reader_fn` included; this module), hashed into `fn_kwargs` for datasets' map cache
+    (compat D6): datasets hashes the map's function and `fn_kwargs`, and what that function calls by reference only,
+    so a cache written before alignkit changed (an upgrade) or a registered formatter changed was read back with the
+    old features."""
+    return sha(code_fingerprint(), formatters_fingerprint(), function_fingerprint(reader_fn),
+               *(Path(importlib.import_module(m).__file__).read_bytes() for m in MAP_MODULES))
 
 
 def _int(bits: int = 64) -> Value:
@@ -207,6 +226,9 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     if is_tokenized(dataset):
         first = dataset[0] if len(dataset) else {}
         return dataset, feature_kind(first)
+    if isinstance(dataset, DatasetDict):  # its splits' rows are not one dataset: which split was meant is not said
+        raise DataError(f"{name}: a DatasetDict with splits {list(dataset)}, and a trainer takes one split; pass "
+                        f"{name}=dataset[{next(iter(dataset), 'train')!r}] (or the split meant)")
     if isinstance(dataset, (list, tuple)) and dataset and all(isinstance(r, tuple(RECORD_CLASSES.values()))
                                                               for r in dataset):
         kind = _pick_kind(sorted({r.kind for r in dataset}), kinds, name)
@@ -232,7 +254,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     kind = _pick_kind(info.kinds, kinds, name)
     n = len(dataset)
     fn_kwargs = {"tokenizer": tokenizer, "cfg": cfg, "kind": kind, "reader": info.name, "name": name,
-                 "options": dict(reader_options or {})}
+                 "options": dict(reader_options or {}), "code": feature_code(info.fn)}
     batch_size = 1000  # datasets' default
     if info.whole:  # e.g. a tree's messages anywhere in the rows: read in one batch, one process
         if num_proc not in (None, 1):

@@ -89,6 +89,10 @@ def check_messages(value: Any, rid: str, key: str) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{_where(rid)}: {key!r} must be a string or a non-empty list of "
                         f"{{'role', 'content'}} messages, got {type(value).__name__} {str(value)[:60]!r}")
+    if all(isinstance(m, int) for m in value):  # else "key[0] must be a dict with 'role' and 'content', got '1'"
+        raise DataError(f"{_where(rid)}: {key!r} is a list of {len(value)} integers (token ids?), and alignkit reads "
+                        f"text or {{'role', 'content'}} messages here; give the text, or pass data tokenized whole "
+                        f"(input_ids / chosen_input_ids columns, used as they are)")
     value = [{**m, "content": content_text(m.get("content"), rid, f"{key}[{i}]")} if isinstance(m, dict) else m
              for i, m in enumerate(value)]
     for i, m in enumerate(value):

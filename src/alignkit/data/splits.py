@@ -8,11 +8,14 @@ Items with equal keys (a group) always land in the same part. Two methods:
   can). Same items in the same order + same seed -> same split, on every machine.
 - "hash": group key k goes to the part whose cumulative-fraction interval holds
   sha256(f"{seed}:{k}") / 2**256. Independent of order and of which other items exist (adding data
-  never moves an old item), proportions only approximate.
+  never moves an old item), proportions only approximate. `split_records` keys a record without a group by its
+  content, so this holds for records too (a dataset added to the list, in any place, moves no old record).
+`split_records` warns when records of the same content land in two parts (the same record in two phases).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -97,14 +100,40 @@ def source_group(record: Record) -> Hashable:
     return ("tree", tree) if tree is not None else ("prompt", json.dumps(record.prompt, sort_keys=True))
 
 
+def content_key(record: Record) -> str:
+    """A record's compared fields (kind, prompt, responses, label, weight, ...; not its id or meta) as one string."""
+    return json.dumps([record.kind] + [getattr(record, f.name) for f in dataclasses.fields(record) if f.compare],
+                      sort_keys=True, default=str)
+
+
+def warn_shared_records(parts: list[list[Record]], fractions: str | Sequence[float]) -> None:
+    """One warning when records with the same content (a file given twice, a dataset listed twice, duplicated rows)
+    landed in two parts: the same record is then in two phases (SFT and reward, train and evaluation)."""
+    part_of: dict[str, int] = {}
+    shared = []
+    for p, part in enumerate(parts):
+        for r in part:
+            if part_of.setdefault(content_key(r), p) != p:
+                shared.append(r.id or "?")
+    if shared:
+        logger.warning("split %r: %d record(s) have the same content as a record in another part, e.g. %s: the same "
+                       "record is in two parts (phases); de-duplicate the data, or split with group_by=source_group "
+                       "(records sharing a prompt stay in one part)", fractions, len(shared), ", ".join(shared[:3]))
+
+
 def split_records(records: Sequence[Record], fractions: str | Sequence[float], seed: int = 0,
                   group_by: str | Callable[[Record], Hashable] | None = None,
                   method: str = "permutation") -> list[list[Record]]:
     """Split records into parts; `group_by` names a `meta` key (e.g. "tree_id") whose equal values stay together, or
     is a function of the record giving its group (e.g. `source_group`). Records that are each their own group split
-    exactly as with `group_by=None`."""
-    if group_by is None:
-        keys: list[Hashable] = list(range(len(records)))
+    exactly as with `group_by=None`. With `method="hash"` and no `group_by`, a record's part is decided by its content
+    (`content_key`), so adding, removing or reordering other records (another dataset listed before it) never moves
+    it; before, by its position in the list, which moved every record after the change. Records of the same content
+    in two parts are warned (`warn_shared_records`)."""
+    if group_by is None and method == "hash":
+        keys: list[Hashable] = [content_key(r) for r in records]
+    elif group_by is None:
+        keys = list(range(len(records)))
     elif callable(group_by):
         keys = [group_by(r) for r in records]
     else:
@@ -113,4 +142,6 @@ def split_records(records: Sequence[Record], fractions: str | Sequence[float], s
             raise DataError(f"{missing[0]}: record has no meta[{group_by!r}] to group by ({len(missing)} such "
                             f"record(s)); group by a key the reader sets (OASST: 'tree_id') or pass group_by=None")
         keys = [r.meta[group_by] for r in records]
-    return [[records[i] for i in part] for part in split_indices(keys, fractions, seed, method)]
+    parts = [[records[i] for i in part] for part in split_indices(keys, fractions, seed, method)]
+    warn_shared_records(parts, fractions)
+    return parts

@@ -3,7 +3,8 @@
 An entry is two files under the cache folder, named by `cache_key`: `<key>.jsonl` (one feature dict per line) and
 `<key>.json` (the run's `TokenizeStats` as JSON, written last: an entry without it is never read). The key hashes
 every input the features depend on: the source of the modules that decide them (`FEATURE_MODULES`: the encoding,
-the formatters, the records, and this module, which reads entries back), the tokenizer (`tokenizer_fingerprint`),
+the built-in formatters, the records, and this module, which reads entries back), every registered formatter's code
+(`formatters_fingerprint`: one the user registers lives elsewhere), the tokenizer (`tokenizer_fingerprint`),
 the tokenize config, and the records. A damaged entry (cut short, unreadable) is tokenized again, never trusted.
 """
 
@@ -15,8 +16,12 @@ import importlib
 import json
 import logging
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
+
+from alignkit.data.chat import FORMATTERS
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +53,47 @@ def code_fingerprint() -> str:
     return sha(*(Path(importlib.import_module(m).__file__).read_bytes() for m in FEATURE_MODULES))
 
 
+def function_fingerprint(fn: Any) -> str:
+    """What a function's output depends on in code: its module and name, its compiled code (nested functions too), its
+    default arguments and closure values, and the source of its module's file when it has one (the helpers it calls),
+    hashed. (A value whose repr holds its address changes the key on every run: a miss, never a stale hit.)"""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")  # (a function made by exec has no file)
+    path = getattr(module, "__file__", None)
+    source = Path(path).read_bytes() if path and Path(path).is_file() else b""
+    cells = [v for v in map(_cell_value, getattr(fn, "__closure__", None) or ()) if v is not fn]
+    return sha(getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__qualname__), source,
+               _code_parts(getattr(fn, "__code__", None) or getattr(type(fn), "__call__", None)),
+               repr(getattr(fn, "__defaults__", None)), repr(getattr(fn, "__kwdefaults__", None)),
+               *(function_fingerprint(c) if callable(c) and hasattr(c, "__code__") else repr(c) for c in cells))
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return None
+
+
+def _code_parts(code: Any) -> str:
+    code = getattr(code, "__code__", code)
+    if not isinstance(code, types.CodeType):
+        return repr(type(code))
+    return sha(code.co_code, code.co_names, code.co_varnames,
+               *(_code_parts(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts))
+
+
+def formatters_fingerprint() -> str:
+    """Every registered formatter (`alignkit.data.register_formatter`), by name and code: one registered by the user
+    (or registered again under a built-in name) lives outside `FEATURE_MODULES`, and before, an edit to it, or another
+    function under its name, hit the features the old one had made."""
+    return sha(*(f"{name}={function_fingerprint(fn)}" for name, fn in sorted(FORMATTERS.items())))
+
+
 def cache_key(records: list, tokenizer: Any, cfg: Any) -> str:
     """Key of the features of `records` under `tokenizer` and `cfg` (a TokenizeConfig): every input they depend on,
     hashed."""
-    return sha(code_fingerprint(), tokenizer_fingerprint(tokenizer), sorted(dataclasses.asdict(cfg).items()),
-               len(records), *(repr(r) for r in records))
+    return sha(code_fingerprint(), formatters_fingerprint(), tokenizer_fingerprint(tokenizer),
+               sorted(dataclasses.asdict(cfg).items()), len(records), *(repr(r) for r in records))
 
 
 def read_cache(folder: Path, key: str, stats_of: Callable[[dict], Any]) -> tuple[list[dict], Any] | None:
@@ -89,5 +130,5 @@ def write_cache(folder: Path, key: str, feats: list[dict], summary: dict) -> Non
         logger.info("tokenization cache not written (%s)", e)
 
 
-__all__ = ["FEATURE_MODULES", "cache_key", "code_fingerprint", "read_cache", "sha", "tokenizer_fingerprint",
-           "write_cache"]
+__all__ = ["FEATURE_MODULES", "cache_key", "code_fingerprint", "formatters_fingerprint", "function_fingerprint",
+           "read_cache", "sha", "tokenizer_fingerprint", "write_cache"]

@@ -50,7 +50,7 @@ class DataSettings:
     loss_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"  # SFT: which tokens are trained
     split: str | None = None  # the split of a DatasetDict / dataset folder source (default "train")
     eval_split: str | None = None
-    max_records: int | None = None  # keep only the first N training records
+    max_records: int | None = None  # keep only the first N training records (files of a list in order: one left empty warned)
     on_invalid: Literal["raise", "skip"] = "raise"
 
 

@@ -70,9 +70,9 @@ def _given(row: dict) -> dict:
 def _req(row: dict, key: str, where: str) -> Any:
     """A required column's value; missing or null is an error naming the row and the fix (types are checked
     by the record classes)."""
-    if row.get(key) is None:
-        raise DataError(f"{where}: missing field {key!r} (row has {sorted(row)}); every row of this file needs "
-                        f"{key!r} like the first row, or remove the row")
+    if row.get(key) is None:  # a null is said as such: "missing field 'chosen' (row has [..., 'chosen', ...])" read odd
+        what = f"field {key!r} is null (no value)" if key in row else f"missing field {key!r} (row has {sorted(row)})"
+        raise DataError(f"{where}: {what}; every row of this file needs {key!r} like the first row, or remove the row")
     return row[key]
 
 
@@ -320,10 +320,10 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
 def where_of(source: Any) -> str:
     """How the readers' warnings name `source`: a trainer's map batch (`NamedRows`) by its rows ("train_dataset rows
     0-999"; its repr was the first row's text), a file by its whole path (cut, a long one named another file), anything
-    else by its text, cut at 80 characters."""
-    if isinstance(source, NamedRows):
-        return source_name(source)
-    return str(source) if isinstance(source, (str, os.PathLike)) else str(source)[:80]
+    else by its type, as the readers' errors name it ("<Dataset>", "<list>"): its text, cut at 80 characters, broke a
+    `datasets.Dataset`'s warning over three lines ("Dataset({\n    features: [...],\n    num_rows: column 'weight'
+    is given in ...") and named a list by its first row's text."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else source_name(source)
 
 
 MESSAGE_KEYS = ("role", "content")  # what a record keeps of each message (alignkit.data.records.check_messages)

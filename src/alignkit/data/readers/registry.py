@@ -46,6 +46,12 @@ def detect_reader(row: dict, where: str) -> ReaderInfo:
     """The registered reader that recognises `row`, or a DataError listing the known formats."""
     matches = [r for r in READERS.values() if _safe(r.detect, row)]
     if not matches:
+        nulls = [k for k, v in row.items() if v is None]
+        filled = [r.name for r in READERS.values() if nulls and _safe(r.detect, {**row, **dict.fromkeys(nulls, "x")})]
+        if filled:  # else "unknown combination of columns" listing every format, for a row with a missing value
+            raise DataError(f"{where}: column(s) {nulls} are null (no value: Parquet and datasets write a missing "
+                            f"value so), and with values the row would be read by reader {filled[0]!r}; give the row "
+                            "its values, or drop it")
         if "text" in row:  # TRL's language-modeling rows: say so rather than list every format
             raise DataError(f"{where}: a 'text' column is TRL's language-modeling format (columns {sorted(row)}), "
                             "which has no prompt to tell from the completion, and alignkit trains completions after "

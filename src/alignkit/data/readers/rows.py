@@ -235,6 +235,15 @@ def load_hf_dataset(source: str, split: str | None):
                         ) from None
 
 
+def missing_split(split: str | None, splits: list[str]) -> str:
+    """Why a DatasetDict's split cannot be read (none asked for and no 'train', or one it does not have) and the fix:
+    before, a split it does not have (a typo, 'validation' for 'test') was answered as if none had been given."""
+    if split is None:
+        return f"is a DatasetDict with splits {splits}; pass split=<one of them> (data.split)"
+    return (f"is a DatasetDict with splits {splits}, and split {split!r} (data.split, or data.eval_split for "
+            f"data.eval_path) is not one of them; pass one of them")
+
+
 def _load_dataset_dir(path: Path, split: str | None):
     from datasets import DatasetDict, load_from_disk
 
@@ -245,7 +254,7 @@ def _load_dataset_dir(path: Path, split: str | None):
     if isinstance(ds, DatasetDict):
         split = split if split is not None else ("train" if "train" in ds else None)
         if split is None or split not in ds:
-            raise DataError(f"{path}: is a DatasetDict with splits {list(ds)}; pass split=<one of them>")
+            raise DataError(f"{path}: {missing_split(split, list(ds))}")
         ds = ds[split]
     else:
         check_single_split(path, split, "a saved Dataset", str(ds.split) if ds.split is not None else "train")
@@ -343,7 +352,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
         Dataset = DatasetDict = ()  # type: ignore[assignment]
     if isinstance(source, DatasetDict):
         if split is None or split not in source:
-            raise DataError(f"<DatasetDict>: has splits {list(source)}; pass split=<one of them>")
+            raise DataError(f"<DatasetDict>: {missing_split(split, list(source))}")
         source = source[split]
     elif isinstance(source, Dataset):
         check_single_split("<Dataset>", split, "a Dataset", str(source.split) if source.split is not None else "train")
@@ -393,7 +402,8 @@ def collect(rows: Iterable[Row], convert: Callable[[dict, str], Any], on_invalid
 def get_field(row: dict, key: str, where: str, types: type | tuple[type, ...], expected: str) -> Any:
     """row[key], checked: a missing key or wrong type is a DataError naming place, key and fix."""
     if key not in row or row[key] is None:
-        raise DataError(f"{where}: missing field {key!r} (found {sorted(row)}); add {key!r} ({expected})")
+        what = f"field {key!r} is null (no value)" if key in row else f"missing field {key!r} (found {sorted(row)})"
+        raise DataError(f"{where}: {what}; add {key!r} ({expected})")
     value = row[key]
     allowed = types if isinstance(types, tuple) else (types,)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
