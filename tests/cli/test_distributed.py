@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,18 @@ def test_two_process_run_writes_once(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("alignkit-tiny-")]  # rank 1's private copy removed
 
 
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
+
+
+def free_port() -> int:
+    """A port nothing listens on now: `accelerate launch` with a config file rendezvouses on main_process_port, 29500
+    unless given, and a second launch at the same time (a parallel test, another checkout's suite) failed with
+    EADDRINUSE."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_accelerate_launch_config_starts_two_ranks(tmp_path):
     """The README's `accelerate launch` line for CPU processes (configs/accelerate/ddp-cpu.yaml): two processes
@@ -52,7 +65,7 @@ def test_accelerate_launch_config_starts_two_ranks(tmp_path):
     starts one process without an MPI hostfile, see the config file's comment)."""
     out = tmp_path / "acc"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+    cmd = [*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), "--config_file",
            str(CONFIGS / "accelerate" / "ddp-cpu.yaml"), "-m", "alignkit", "-q", "sft", "--config",
            str(CONFIGS / "sft-tiny.yaml"), f"output_dir={out}", "train.max_steps=2", "train.eval_strategy=no"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -76,7 +89,7 @@ def test_accelerate_launch_deepspeed_zero3_on_cpu(tmp_path):
 
     out = tmp_path / "z3"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+    cmd = [*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), "--config_file",
            str(CONFIGS / "accelerate" / "zero3-cpu.yaml"), "-m", "alignkit", "-q", "dpo", "--config",
            str(CONFIGS / "dpo-tiny.yaml"), f"output_dir={out}", "train.max_steps=2", "train.eval_strategy=no"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -266,7 +279,7 @@ def test_accelerate_fsdp1_config_on_cpu_processes_is_refused_in_one_line(tmp_pat
     out = tmp_path / "fsdp1"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+    proc = subprocess.run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), "--config_file",
                            str(config), "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
                            f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
                            "data.max_records=4"], env=env, capture_output=True, text=True, timeout=300)

@@ -12,16 +12,21 @@ from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.settings import ConfigError
 
 
-def test_deepspeed_launch_is_refused_for_the_online_loop(tiny_dir, tokenizer, tmp_path, monkeypatch):
-    """`accelerate launch --config_file configs/accelerate/zero2-cpu.yaml -m alignkit grpo ...` sets
-    ACCELERATE_USE_DEEPSPEED; on CPU processes accelerate would have dropped DeepSpeed for plain DDP."""
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+def refused_at_build(tiny_dir, tokenizer, tmp_path) -> str:
+    """The ConfigError's text when a one-step GRPO trainer (LoRA policy) is built under the test's environment."""
     policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora"))
     cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), report_to="none")
     with pytest.raises(ConfigError) as e:
         GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg,
                     output_dir=tmp_path / "run")
-    msg = str(e.value)
+    return str(e.value)
+
+
+def test_deepspeed_launch_is_refused_for_the_online_loop(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/zero2-cpu.yaml -m alignkit grpo ...` sets
+    ACCELERATE_USE_DEEPSPEED; on CPU processes accelerate would have dropped DeepSpeed for plain DDP."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    msg = refused_at_build(tiny_dir, tokenizer, tmp_path)
     assert "\n" not in msg and "DeepSpeed" in msg and "fsdp2.yaml" in msg and "torchrun" in msg
     assert not (tmp_path / "run").exists()
 
@@ -32,11 +37,6 @@ def test_an_fsdp_state_dict_type_the_loop_would_ignore_is_refused(tiny_dir, toke
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
-    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora"))
-    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), report_to="none")
-    with pytest.raises(ConfigError) as e:
-        GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg,
-                    output_dir=tmp_path / "run")
-    msg = str(e.value)
+    msg = refused_at_build(tiny_dir, tokenizer, tmp_path)
     assert "\n" not in msg and msg.startswith("GRPOTrainer: the accelerate config's fsdp_state_dict_type: SHARDED_STATE_DICT")
     assert not (tmp_path / "run").exists()

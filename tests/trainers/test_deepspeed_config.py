@@ -82,3 +82,39 @@ def test_a_precision_mismatch_from_accelerates_mixed_precision_says_where_it_cam
     with pytest.raises(ConfigError) as e:
         refuse_deepspeed_mismatches(fake_trainer({}, args, ["- ds bf16.enabled=True vs hf bf16|bf16_full_eval=False"]))
     assert "mixed_precision" not in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_an_offloaded_optimizer_on_cpu_processes_is_refused_before_the_cpu_adam_build(args, device):
+    """Before: accelerate swapped the optimizer for DeepSpeedCPUAdam, whose C++ build started with the first step
+    (minutes, after the run folder was written; a killed build left a lock that hung the next run), to move optimizer
+    state to the CPU where it already was; and train.optim=sgd silently became Adam (tests/compat A19)."""
+    from alignkit.trainers.checks import refuse_optimizer_offload
+
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": device}}}
+    with pytest.raises(ConfigError) as e:
+        refuse_optimizer_offload(config, args, cuda=False)
+    message = str(e.value)
+    assert "\n" not in message and "zero_optimization.offload_optimizer.device is " + device in message
+    if device == "cpu":  # nothing to move on CPU processes
+        assert "on CPU processes" in message and "set it to none" in message
+    else:  # nvme offload is real on a CPU too, but sgd would become Adam
+        assert "replace train.optim=sgd with DeepSpeedCPUAdam" in message
+    # through the trainer's check, as the accelerate config's deepspeed_config becomes (ZeRO-3 too)
+    with pytest.raises(ConfigError, match="offload_optimizer.device is cpu"):
+        refuse_deepspeed_mismatches(fake_trainer({"zero_optimization": {"stage": 3, "offload_optimizer":
+                                                                        {"device": "cpu"}}}, args))
+
+
+def test_an_offloaded_optimizer_on_gpus_is_refused_only_for_an_optimizer_accelerate_would_replace(args):
+    from alignkit.trainers.checks import refuse_optimizer_offload
+
+    config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(ConfigError, match=r"would replace train\.optim=sgd with DeepSpeedCPUAdam \(Adam\)"):
+        refuse_optimizer_offload(config, args, cuda=True)
+    for optim in ("adamw_torch", "adamw_torch_fused", "adagrad"):  # kept: AdamW mode / CPU Adagrad
+        refuse_optimizer_offload(config, TrainingArguments(output_dir="x", report_to=[], optim=optim), cuda=True)
+    refuse_optimizer_offload({**config, "zero_force_ds_cpu_optimizer": False}, args, cuda=True)  # no swap at all
+    for off in ({"device": "none"}, {}, {"device": "auto"}):
+        refuse_optimizer_offload({"zero_optimization": {"stage": 2, "offload_optimizer": off}}, args, cuda=False)
+    refuse_optimizer_offload({"zero_optimization": {"stage": 2}}, args, cuda=False)

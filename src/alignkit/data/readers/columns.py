@@ -48,7 +48,7 @@ from typing import Any
 
 from alignkit.data.readers.notes import DEFAULTED, PartialColumns, ReaderNotes
 from alignkit.data.readers.registry import register_reader
-from alignkit.data.readers.rows import NamedRows, collect, get_field, iter_rows, source_name
+from alignkit.data.readers.rows import collect, get_field, iter_rows, source_name
 from alignkit.data.records import (
     PROMPT_IS_CONTEXT, UNTRAINED_TURNS, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord,
     check_messages,
