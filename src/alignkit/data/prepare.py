@@ -22,9 +22,7 @@ Open-Assistant's flat export) gets the dataset in one batch, one process. Alread
 
 from __future__ import annotations
 
-import importlib
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
 from datasets import Dataset, DatasetDict, Features, List, Value
@@ -142,7 +140,7 @@ def feature_code(reader_fn: Any) -> str:
     so a cache written before alignkit changed (an upgrade) or a registered formatter changed was read back with the
     old features."""
     return sha(code_fingerprint(), formatters_fingerprint(), function_fingerprint(reader_fn),
-               *(Path(importlib.import_module(m).__file__).read_bytes() for m in MAP_MODULES))
+               code_fingerprint(MAP_MODULES))
 
 
 def _int(bits: int = 64) -> Value:

@@ -48,9 +48,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
                tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
 
 
-def code_fingerprint() -> str:
-    """The source of `FEATURE_MODULES`, hashed."""
-    return sha(*(Path(importlib.import_module(m).__file__).read_bytes() for m in FEATURE_MODULES))
+def code_fingerprint(modules: tuple[str, ...] = FEATURE_MODULES) -> str:
+    """The source of `modules` (default `FEATURE_MODULES`), hashed."""
+    return sha(*(Path(importlib.import_module(m).__file__).read_bytes() for m in modules))
 
 
 def function_fingerprint(fn: Any) -> str:
