@@ -49,7 +49,8 @@ def test_online_train_keys_map_onto_the_trainer_config():
                "train.gradient_accumulation_steps=2", "train.weight_decay=0.1", "train.report_to=none").trainer_config()
     assert (t.optimizer, t.max_grad_norm, t.progress_bar) == ("sgd", None, False)  # 0: no clipping, as offline
     assert (t.gradient_accumulation_steps, t.weight_decay, t.report_to) == (2, 0.1, "none")
-    assert online("ppo").trainer_config().optimizer == "adamw"
+    assert online("ppo").trainer_config().optimizer == "adamw_fused"  # adamw_torch_fused, transformers' default
+    assert online("grpo", "train.optim=adamw_torch").trainer_config().optimizer == "adamw"  # the per-tensor loop
 
 
 def test_online_train_refuses_keys_its_loop_does_not_have():

@@ -57,6 +57,22 @@ def one_sided(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
             for k in sorted(set(old) ^ set(now)) if k.split(".")[0] in roots]
 
 
+KERNEL_KEYS = ("fused", "foreach")  # how torch's optimizers compute, not what: this run's train.optim, not the checkpoint's
+
+
+def keep_kernels(optimizer: torch.optim.Optimizer, kernels: list[dict[str, Any]]) -> None:
+    """Put back this run's kernel choice after `load_state_dict`, which takes every group key from the checkpoint
+    (a checkpoint of train.optim adamw_torch resumed under adamw_torch_fused ran torch's per-tensor loop without a
+    word, and the other way round). The fused kernel keeps its step counts as float32 on the parameter's device."""
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
+        if group.get("fused"):
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 class Checkpoints:
     """Checkpoints, the saved model and its upload (see the module's docstring); a part of `OnlineTrainer`."""
 
@@ -75,6 +91,8 @@ class Checkpoints:
         judge built from a model object has none, the CLI's tiny ones a temporary folder; `alignkit <command>
         --resume` compares annotator.path in config.yaml) and the adapter's under adapter.* (kind, lora.*, reft.*)."""
         config = {k: v for k, v in self.config.to_dict().items() if k not in self.RESUMABLE_FIELDS}
+        if config.get("optimizer") == "adamw_fused":  # the same update as torch's per-tensor AdamW (the maths is
+            config["optimizer"] = "adamw"  # what must stay: a run may resume with either kernel)
         annotator = {k: v for k, v in self.annotator.describe().items() if k != "path"}
         out = {"method": type(self).__name__, **dotted(config), **dotted(annotator, "annotator."),
                **dotted(adapter_of(self.policy).describe(), "adapter.")}
@@ -199,11 +217,12 @@ class Checkpoints:
         # map_location "cpu", not the accelerator's device: on CPU processes that is "cpu:0", and state saved from
         # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
         optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
+        kernels = [{k: g.get(k) for k in KERNEL_KEYS} for g in self.optimizer.param_groups]
         if is_fsdp2(self.accelerator):  # full (unsharded) optimizer state, keyed by parameter names: sharded here
-
             load_full_optimizer_state(self.model, self.optimizer, optim)
         else:
             self.optimizer.load_state_dict(optim)
+        keep_kernels(self.optimizer, kernels)
         self.rng.set_state(load_file(str(folder / "rng.safetensors"))["rng"])
         state = json.loads((folder / "trainer_state.json").read_text())
         version, internal, gauss = state["py_rng"]

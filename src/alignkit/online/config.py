@@ -25,7 +25,9 @@ class OnlineConfig:
     prompts_per_step: int = 8
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
     learning_rate: float = 1e-6  # TRL's GRPOConfig / RLOOConfig; online DPO 5e-7, PPO 3e-6 (their subclasses)
-    optimizer: str = "adamw"  # "adamw" | "sgd" (plain SGD: no momentum)
+    optimizer: str = "adamw_fused"  # "adamw_fused" (torch's fused AdamW kernel) | "adamw" (its per-tensor loop: the
+    #   same update up to float rounding) | "sgd" (plain SGD: no momentum). TRL's default is the fused one too
+    #   (transformers' optim adamw_torch_fused with torch >= 2.8)
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     epochs_per_step: int = 1  # optimisation passes over each step's batch (PPO epochs)
@@ -79,8 +81,8 @@ class OnlineConfig:
         if self.steps < 0 or self.prompts_per_step < 1 or self.epochs_per_step < 1:
             raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
                              f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"online config: optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.optimizer not in ("adamw_fused", "adamw", "sgd"):
+            raise ValueError(f"online config: optimizer must be 'adamw_fused', 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"online config: eval_steps must be >= 1 or None (evaluate after the last step only), "
                              f"got {self.eval_steps}")

@@ -75,7 +75,7 @@ ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_deca
 # TrainingArguments' Hub keys: read only by the upload (push_to_hub); alignkit's upload reads hub_model_id,
 # hub_private_repo, hub_token and hub_revision, and refuses a hub_strategy / hub_always_push it does not follow
 HUB_KEYS = ("hub_model_id", "hub_private_repo", "hub_token", "hub_revision", "hub_strategy", "hub_always_push")
-ONLINE_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "sgd": "sgd"}  # train.optim -> the online trainer's optimizer
+ONLINE_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw_fused", "sgd": "sgd"}  # train.optim -> the online trainer's optimizer
 
 TRAIN_COMMANDS = ("sft", "rm", "dpo", "kto")
 ONLINE_COMMANDS = ("online-dpo", "grpo", "rloo", "ppo")
@@ -103,7 +103,7 @@ OFFLINE_DEFAULTS: dict[str, Any] = {
 
 # The online trainers' defaults, in train's vocabulary (checked against alignkit.online's config classes by a test).
 ONLINE_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-6, "max_steps": 100, "seed": 0, "optim": "adamw_torch", "weight_decay": 0.0,
+    "learning_rate": 1e-6, "max_steps": 100, "seed": 0, "optim": "adamw_torch_fused", "weight_decay": 0.0,
     "max_grad_norm": 1.0, "gradient_accumulation_steps": 1, "eval_steps": None, "save_steps": None,
     "report_to": None, "disable_tqdm": False, "push_to_hub": False, "hub_model_id": None, "hub_private_repo": False,
 }
