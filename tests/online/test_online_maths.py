@@ -406,3 +406,44 @@ def test_a_mini_batch_size_above_the_steps_items_is_refused_or_warned(caplog):
     assert said == ["mini_batch_size (method.mini_batch_size) is 8, and this step has 6 item(s) over all processes: "
                     "it makes one update over all of them, as if mini_batch_size were unset; lower it for several "
                     "updates a step"], said
+
+
+def test_rloo_kl_in_reward_subtracts_the_summed_kl_before_the_baseline_as_trls_rloo():
+    """TRL 1.16's RLOOTrainer subtracts beta x each completion's summed k1 (sampling policy minus reference) from its
+    reward before the leave-one-out baseline and has no KL in the loss; alignkit's rloo had the KL only as a per-token
+    loss term, so TRL's beta (-> method.kl_coef) trained another objective. Now method.kl_in_reward."""
+    from types import SimpleNamespace
+
+    from alignkit.online import RLOOConfig
+    from alignkit.online.generation import Sample
+    from alignkit.online.rollout import TokenStats
+
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=3)
+    cfg = RLOOConfig(sampling=sampling, prompts_per_step=1, kl_coef=0.1, kl_estimator="k1", kl_in_reward=True)
+    t = _grpo_stub(cfg)
+    t.kl_ctl.value = 0.1
+    assert not t.reuses_training_pass()  # the advantages read pi_old: the rollout's policy pass runs
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.5, -9.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    samples = [Sample("p", "a", [1], [2, 3], "eos", group=0, index=0),
+               Sample("p", "b", [1], [2, 3, 4], "eos", group=0, index=1)]
+    rollout = SimpleNamespace(samples=samples, scores=torch.tensor([1.0, 0.0]), rewards=torch.tensor([1.0, 0.0]),
+                              old_logps=old, ref_logps=ref, mask=mask, weights=torch.ones(2), metrics={},
+                              batch={"row": torch.arange(2), "attention_mask": torch.ones(2, 4, dtype=torch.long)})
+    # summed k1 over each sample's tokens: 0.5 - 0.5 = 0 and 1 + 1 + 1 = 3 -> rewards 1 and 0 - 0.1 x 3 = -0.3;
+    # leave-one-out with K = 2: A = 1 - (-0.3) = 1.3 and -1.3
+    assert t.advantages(rollout).tolist() == pytest.approx([1.3, -1.3])
+    # no KL term in the loss: ratio 1, losses -1.3 and 1.3 per sequence, mean 0 (a k3 term would add a positive KL)
+    logps = old.clone().requires_grad_(True)
+    t.token_stats = lambda batch, entropy=False: TokenStats(logps[batch["row"]], mask[batch["row"]])
+    pb = t.build_batch(rollout)
+    assert float(t.policy_loss(pb, torch.arange(2))[0].detach()) == pytest.approx(0.0, abs=1e-7)
+    # the default: the KL in the loss, the advantages of the scores alone
+    plain = _grpo_stub(RLOOConfig(sampling=sampling, prompts_per_step=1, kl_coef=0.1))
+    assert plain.advantages(rollout).tolist() == pytest.approx([1.0, -1.0])
+    with pytest.raises(ValueError, match=re.escape("kl_in_reward=True subtracts kl_coef x each sample's summed KL from "
+                                                   "its reward, and kl_coef is 0, so it would be ignored")):
+        RLOOConfig(sampling=sampling, kl_coef=0.0, kl_in_reward=True)
+    with pytest.raises(ValueError, match="kl_estimator='k1' as a loss term"):
+        RLOOConfig(sampling=sampling, kl_coef=0.1, kl_estimator="k1")

@@ -19,6 +19,10 @@ gets no loss term (no policy, KL or entropy tokens) but keeps its reward in its 
 does; with "sequence_mean" it still counts in the normaliser (sum_i w_i, TRL's grpo: a zero-loss sequence), with
 "token_sum" its tokens do not (TRL's dapo / bnpo).
 
+`kl_in_reward` (TRL 1.16's RLOO, Ahmadian et al.): the KL is a reward penalty instead of a loss term,
+r_i <- r_i - beta sum_t KL_t(pi_old || pi_ref) over y_i's tokens before the advantage (TRL's: k1, summed over the
+loss tokens), and the loss has no KL term.
+
 KL_t is the k2 or k3 estimator (`config.kl_estimator`, k3 by default as in GRPO; k1 with kl_coef > 0 is refused:
 as a loss term its gradient beta grad log pi has mean 0 over the policy's samples); beta is the KL
 controller's value (fixed, or adaptive towards `kl_target`). The maths lives in
@@ -35,8 +39,8 @@ from torch import Tensor
 
 import logging
 
-from alignkit.losses import ADVANTAGES, clipped_policy_loss, nan_std, reduce_loss
-from alignkit.online.rollout import select
+from alignkit.losses import ADVANTAGES, KL_ESTIMATORS, clipped_policy_loss, nan_std, reduce_loss
+from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class GRPOConfig(OnlineConfig):
     scale_by_std: bool = True  # GRPO only
     std_scope: str = "group"  # what scale_by_std divides by: each group's std, or the whole step's ("batch")
     mask_truncated_completions: bool = False  # samples cut at max_new_tokens get no loss (TRL's, DAPO's)
+    kl_in_reward: bool = False  # the KL as a reward penalty (r - kl_coef x summed KL), not a loss term (TRL's RLOO)
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
@@ -74,13 +79,18 @@ class GRPOConfig(OnlineConfig):
             raise ValueError(f"std_scope={self.std_scope!r} says which std GRPO's advantage divides by, and {why}, "
                              "so it would be ignored; remove std_scope" + ("" if self.advantage == "rloo" else
                                                                            " or set scale_by_std=True"))
-        if self.kl_estimator == "k1" and (self.kl_coef != 0 or self.kl_target is not None):
+        if self.kl_in_reward and self.kl_coef == 0:
+            raise ValueError("kl_in_reward=True subtracts kl_coef x each sample's summed KL from its reward, and kl_coef "
+                             "is 0, so it would be ignored; set kl_coef > 0 (TRL's beta) or remove kl_in_reward")
+        if self.kl_estimator == "k1" and (self.kl_coef != 0 or self.kl_target is not None) and not self.kl_in_reward:
             raise ValueError("kl_estimator='k1' as a loss term does not pull the policy toward the reference: its "
                              "gradient is kl_coef x grad log pi(sampled token), whose mean over the policy's own "
                              "samples is 0, so kl_coef would act only as noise (and, with sequence_mean, as a length "
-                             "bonus); use k3 (GRPO's, TRL's) or k2, or kl_coef 0 (PPO puts k1 in the rewards instead)")
+                             "bonus); use k3 (GRPO's, TRL's) or k2, or kl_coef 0, or kl_in_reward=True (k1 in the "
+                             "rewards, as PPO and TRL's RLOO)")
         if self.advantage == "grpo" and self.scale_by_std and self.reward_normalization != "none" \
-                and self.reward_clip is None and not (self.std_scope == "batch" and self.reward_normalization == "group"):
+                and self.reward_clip is None and not self.kl_in_reward \
+                and not (self.std_scope == "batch" and self.reward_normalization == "group"):
             how = ("standardises each prompt's rewards again ((r - group mean) / group std, scale_by_std=True): a "
                    "shift and scale of the rewards, per group or per step," if self.std_scope == "group" else
                    "centres each prompt's rewards and divides them by the step's std ((r - group mean) / batch std, "
@@ -112,7 +122,7 @@ class GRPOTrainer(OnlineTrainer):
         of the training forward, so the rollout's separate no-grad pass is skipped."""
         c: GRPOConfig = self.config
         return (c.epochs_per_step == 1 and c.mini_batch_size is None and c.gradient_accumulation_steps == 1
-                and not self.needs_hidden)
+                and not self.needs_hidden and not c.kl_in_reward)  # kl_in_reward: the advantages read pi_old
 
     def advantages(self, rollout: Rollout) -> Tensor:
         """Group advantages over each prompt's scored samples: a failed annotation (NaN score; weight 0) is left out
@@ -121,10 +131,20 @@ class GRPOTrainer(OnlineTrainer):
         c: GRPOConfig = self.config
         k = c.sampling.num_samples
         rewards = torch.where(torch.isnan(rollout.scores), float("nan"), rollout.rewards)
+        if c.kl_in_reward and rollout.ref_logps is not None:  # r - beta sum_t KL_t(pi_old || pi_ref), TRL's RLOO
+            rewards = rewards - self.kl_ctl.value * self.reward_kl(rollout)
         if c.advantage == "grpo":  # std_scope "batch": the std of every process's scored rewards (TRL's, gathered)
             std = nan_std(self.gather(rewards)).to(rewards.device) if c.std_scope == "batch" else None
             return ADVANTAGES["grpo"](rewards, k, scale_by_std=c.scale_by_std, std=std)
         return ADVANTAGES["rloo"](rewards, k)
+
+    def reward_kl(self, rollout: Rollout) -> Tensor:
+        """(B,) each sample's KL to the reference summed over its loss tokens (`kl_in_reward`): the estimator of
+        pi_old's sampled tokens (TRL's RLOO: k1); a sample masked by mask_truncated_completions has none (TRL's)."""
+        mask = rollout.mask
+        if self.config.mask_truncated_completions:
+            mask = mask & torch.tensor([s.finish_reason != "length" for s in rollout.samples], device=mask.device)[:, None]
+        return sequence_sums(KL_ESTIMATORS[self.config.kl_estimator](rollout.old_logps, rollout.ref_logps), mask)
 
     @classmethod
     def loss_scale(cls, config: GRPOConfig) -> str | None:
@@ -184,7 +204,7 @@ class GRPOTrainer(OnlineTrainer):
         mask = stats.mask if pb.keep is None else stats.mask & pb.keep[idx, None]  # the tokens with a loss
         out = clipped_policy_loss(stats.logps, old, pb.advantages[idx], mask,
                                   clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-                                  ref_logps=ref, kl_coef=self.kl_ctl.value,
+                                  ref_logps=ref, kl_coef=0.0 if c.kl_in_reward else self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
                                   entropy_coef=c.entropy_coef, aggregation=c.aggregation)
         loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)

@@ -328,6 +328,7 @@ class GRPOMethod(KLPenaltyMethod):
     scale_by_std: bool = True  # grpo only
     std_scope: Literal["group", "batch"] = "group"  # grpo, scale_by_std: each prompt's reward std or the step's
     mask_truncated_completions: bool = False  # samples cut at sampling.max_new_tokens get no loss (TRL's, DAPO's)
+    kl_in_reward: bool = False  # the KL as a reward penalty, kl_coef x summed KL (TRL's RLOO; with kl_estimator k1)
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None

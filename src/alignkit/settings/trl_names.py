@@ -98,7 +98,8 @@ TRL_NAMES: dict[str, str] = {
     # GRPOConfig, RLOOConfig, OnlineDPOConfig, PPOConfig
     "num_generations": "sampling.num_samples (completions per prompt)",
     "beta": "method.beta for dpo, kto and online-dpo; method.kl_coef (the KL-to-reference coefficient) for grpo, rloo "
-            "and ppo",
+            "and ppo (TRL's rloo subtracts beta x the summed k1 from the reward: method.kl_in_reward=true with "
+            "method.kl_estimator=k1)",
     "loss_type": "method.loss_type for sft, dpo, kto and online-dpo; for grpo and rloo, method.aggregation "
                  "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; TRL's dr_grpo has "
                  "no equivalent)",
