@@ -197,7 +197,7 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("grpo", "method.epsilon=0.3", "method.clip_eps"),
     ("grpo", "method.loss_type=dapo", "method.aggregation"),
     ("grpo", "method.scale_rewards=false", "method.scale_by_std"),
-    ("grpo", "method.mask_truncated_completions=true", "alignkit has no equivalent"),
+    ("grpo", "method.missing_eos_penalty=1.0", "alignkit has no equivalent"),
     # TRL 1.16's sampling and loss keys without an equivalent: the lines say why (what the loss scores)
     ("grpo", "sampling.min_p=0.1", "alignkit has no equivalent (samples come from the policy at sampling.temperature"),
     ("grpo", "sampling.repetition_penalty=1.1", "pinned to 1: a penalised sample is not drawn from the policy"),

@@ -239,3 +239,211 @@ def test_reward_function_mean_and_std_are_exact_over_processes(monkeypatch):
     monkeypatch.setattr(m, "gather_objects", lambda obj, world: rows)
     reduced = Two().reduce_metrics(rows[0])
     assert reduced["rewards/digits/mean"] == 0.1 and reduced["loss"] == pytest.approx(4 / 3)
+
+
+def _grpo_stub(config, world_rewards=None):
+    """A GRPOTrainer without a model: `advantages`, `policy_loss` and `build_batch` read only these."""
+    from types import SimpleNamespace
+
+    from alignkit.online import GRPOTrainer
+
+    t = object.__new__(GRPOTrainer)
+    t.config, t.world, t.kl_ctl, t._step = config, 1, SimpleNamespace(value=0.0), 0
+    if world_rewards is not None:  # another process's rewards after this one's (rank-major, as accelerate gathers)
+        t.world = 2
+        t.gather = lambda x: torch.cat([x, world_rewards])
+    return t
+
+
+def test_grpo_std_scope_batch_divides_by_the_whole_steps_sample_std_as_trl_scale_rewards_batch():
+    """TRL 1.16's scale_rewards="batch": A = (r - group mean) / (nanstd(every process's rewards) + 1e-4), nanstd the
+    Bessel-corrected std of the scored rewards. alignkit had only the group std (scale_by_std) and refused "batch"
+    as TRL's name with no equivalent; now method.std_scope=batch."""
+    from types import SimpleNamespace
+
+    from alignkit.online import GRPOConfig
+
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=4)
+    cfg = GRPOConfig(sampling=sampling, prompts_per_step=2, std_scope="batch")
+    r = torch.tensor([1.0, 3.0, 2.0, 6.0])  # groups (1, 3), (2, 6): means 2 and 4
+    # the batch: mean 3, squared deviations 4 + 0 + 1 + 9 = 14, sample variance 14 / 3
+    by_hand = [d / (math.sqrt(14 / 3) + 1e-4) for d in (-1.0, 1.0, -2.0, 2.0)]
+    got = _grpo_stub(cfg).advantages(SimpleNamespace(scores=r.clone(), rewards=r))
+    assert got.tolist() == pytest.approx(by_hand, rel=1e-6)
+    # the group std instead (the default): each group's (r - mean) / (std + 1e-4), std sqrt(2) and sqrt(8)
+    group = _grpo_stub(GRPOConfig(sampling=sampling, prompts_per_step=2)).advantages(SimpleNamespace(scores=r, rewards=r))
+    assert group.tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4),
+                                            -2 / (math.sqrt(8) + 1e-4), 2 / (math.sqrt(8) + 1e-4)], rel=1e-6)
+    # a failed annotation (NaN score) is out of its group's mean and of the batch std, and gets 0: std of 1, 2, 6 is
+    # sqrt((4 + 1 + 9) / 2); the group (1, NaN) has one scored reward, centred to 0
+    scores = torch.tensor([1.0, float("nan"), 2.0, 6.0])
+    got = _grpo_stub(cfg).advantages(SimpleNamespace(scores=scores, rewards=torch.tensor([1.0, 1.0, 2.0, 6.0])))
+    assert got.tolist() == pytest.approx([0.0, 0.0, -2 / (math.sqrt(7) + 1e-4), 2 / (math.sqrt(7) + 1e-4)], rel=1e-6)
+    # two processes: this one holds the group (1, 3), the other (2, 6); the std is the whole step's, as above
+    one = GRPOConfig(sampling=sampling, prompts_per_step=2, std_scope="batch")
+    rank0 = _grpo_stub(one, world_rewards=torch.tensor([2.0, 6.0]))
+    got = rank0.advantages(SimpleNamespace(scores=r[:2].clone(), rewards=r[:2].clone()))
+    assert got.tolist() == pytest.approx(by_hand[:2], rel=1e-6)
+
+
+@pytest.mark.parametrize("kw, said", [
+    ({"std_scope": "batch", "scale_by_std": False}, "std_scope='batch' says which std GRPO's advantage divides by, "
+     "and scale_by_std=False (Dr. GRPO) divides by no std, so it would be ignored; remove std_scope or set scale_by_std"),
+    ({"std_scope": "all"}, "std_scope must be 'group'"),
+    ({"std_scope": "batch", "reward_normalization": "running"}, "reward_normalization='running' is undone by GRPO's "
+     "advantage, which centres each prompt's rewards and divides them by the step's std"),
+])
+def test_grpo_std_scope_that_would_be_ignored_is_refused(kw, said):
+    from alignkit.online import GRPOConfig, RLOOConfig
+
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        GRPOConfig(sampling=sampling, **kw)
+    with pytest.raises(ValueError, match=re.escape("std_scope='batch' says which std GRPO's advantage divides by, and "
+                                                   "RLOO's leave-one-out baseline never divides by a std")):
+        RLOOConfig(sampling=sampling, std_scope="batch")
+    # per-group normalisation is not undone by a batch std (each group's own scale stays): accepted
+    assert GRPOConfig(sampling=sampling, std_scope="batch", reward_normalization="group").std_scope == "batch"
+
+
+def _masked_batch(aggregation):
+    """One prompt, 2 samples with advantages +0.5 / -0.5 (scale_by_std=False, rewards 1 and 0): sample 0 ended
+    ("eos", 2 tokens), sample 1 was cut at max_new_tokens ("length", 3 tokens)."""
+    from types import SimpleNamespace
+
+    from alignkit.online import GRPOConfig
+    from alignkit.online.generation import Sample
+    from alignkit.online.rollout import TokenStats
+
+    cfg = GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=3), prompts_per_step=1, kl_coef=0.0,
+                     scale_by_std=False, aggregation=aggregation, mask_truncated_completions=True)
+    t = _grpo_stub(cfg)
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -1.5, -1.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    t.token_stats = lambda batch, entropy=False: TokenStats(logps[batch["row"]], mask[batch["row"]])
+    samples = [Sample("p", "a", [1], [2, 3], "eos", group=0, index=0),
+               Sample("p", "b", [1], [2, 3, 4], "length", group=0, index=1)]
+    batch = {"row": torch.arange(2), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    rollout = SimpleNamespace(samples=samples, batch=batch, scores=torch.tensor([1.0, 0.0]),
+                              rewards=torch.tensor([1.0, 0.0]), weights=torch.ones(2), mask=mask,
+                              old_logps=logps.detach().clone(), ref_logps=None, metrics={})
+    return t, t.build_batch(rollout), logps
+
+
+@pytest.mark.parametrize("aggregation, masked, unmasked", [
+    # TRL's grpo: the mean over sequences of each one's token mean; the cut one is a zero-loss sequence, still counted:
+    # (-0.5 + 0) / 2; without masking (-0.5 + 0.5) / 2
+    ("sequence_mean", -0.25, 0.0),
+    # TRL's dapo / bnpo: the sum over the kept tokens over their count: (-0.5 x 2) / 2; without (-1 + 1.5) / 5
+    ("token_sum", -0.5, 0.1),
+])
+def test_mask_truncated_completions_gives_cut_samples_no_loss_with_trls_normaliser(aggregation, masked, unmasked):
+    """TRL's mask_truncated_completions (DAPO) was refused as having no equivalent; now a sample whose finish reason is
+    "length" has no loss term (no gradient), its reward still in its group's advantage. Ratio 1 (pi = pi_old), so each
+    token's loss is -A."""
+    t, pb, logps = _masked_batch(aggregation)
+    assert pb.keep.tolist() == [True, False]
+    assert pb.advantages.tolist() == pytest.approx([0.5, -0.5])  # the cut sample's reward stays in the group mean
+    idx = torch.arange(2)
+    loss, _ = t.policy_loss(pb, idx)
+    assert float(loss.detach()) == pytest.approx(masked)
+    loss.backward()
+    assert logps.grad[1].abs().sum() == 0 and logps.grad[0].abs().sum() > 0  # the cut sample trains nothing
+    pb.keep = None  # as with mask_truncated_completions off
+    assert float(t.policy_loss(pb, idx)[0].detach()) == pytest.approx(unmasked)
+
+
+def test_every_completion_truncated_with_masking_warns_at_the_step_and_counts_at_the_end(caplog):
+    """With every completion of a step cut, mask_truncated_completions leaves no loss term: the step's loss was a
+    silent 0. Now the first such step warns, and the end of the run counts them."""
+    t, _, _ = _masked_batch("sequence_mean")
+    from types import SimpleNamespace
+
+    rollout = SimpleNamespace(samples=[], mask=torch.ones(0, 1, dtype=torch.bool), scores=torch.zeros(0),
+                              rewards=torch.zeros(0), metrics={"completions/clipped_ratio": 1.0})
+    t.config.prompts_per_step = 0  # an empty rollout: only the warning is under test
+    t.advantages = lambda r: torch.zeros(0)
+    with caplog.at_level("WARNING", logger="alignkit.online.grpo"):
+        t.build_batch(rollout)
+        t.build_batch(rollout)
+    said = [r.getMessage() for r in caplog.records if "mask_truncated_completions" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("step 1: every one of the step's completions reached "
+                                                 "sampling.max_new_tokens (3)"), said
+    caplog.clear()
+    t.config.steps, t._counted_from, t._clipped_steps, t._flat_steps = 5, 0, 2, 0
+    with caplog.at_level("WARNING"):
+        t.warn_whole_run(0)
+    assert any(r.getMessage().startswith("2 of this run's 5 step(s) had every completion cut at "
+                                         "sampling.max_new_tokens (3), and method.mask_truncated_completions gave "
+                                         "those no loss") for r in caplog.records), caplog.records
+
+
+def test_a_mini_batch_size_above_the_steps_items_is_refused_or_warned(caplog):
+    """mini_batch_size above a step's items made one update over the whole step, as if unset, without a word. The
+    config refuses it where the step's most items are known (prompts_per_step x num_samples; pairs for online DPO);
+    a step that gives fewer (fewer prompts in the data, pairs dropped) warns once naming both numbers."""
+    from types import SimpleNamespace
+
+    from alignkit.online import GRPOConfig, OnlineDPOConfig
+    from alignkit.online.updates import MinibatchUpdates
+
+    sampling = SamplingConfig(num_samples=4, max_new_tokens=4)
+    with pytest.raises(ValueError, match=re.escape(
+            "mini_batch_size: 9 items per optimizer step is more than a step gives, at most 8 sample(s) "
+            "(prompts_per_step 2 x sampling.num_samples 4), so each step makes one update over all of them")):
+        GRPOConfig(sampling=sampling, prompts_per_step=2, mini_batch_size=9)
+    with pytest.raises(ValueError, match=re.escape("mini_batch_size: 3 items per optimizer step is more than a step "
+                                                   "gives, at most 2 pair(s)")):
+        OnlineDPOConfig(sampling=sampling, prompts_per_step=2, mini_batch_size=3)
+    assert GRPOConfig(sampling=sampling, prompts_per_step=2, mini_batch_size=8).mini_batch_size == 8
+    h = MinibatchUpdates()
+    h.config = SimpleNamespace(mini_batch_size=8)
+    with caplog.at_level("WARNING", logger="alignkit.online.updates"):
+        h.warn_whole_step_minibatch(8)  # as many: nothing to say
+        h.warn_whole_step_minibatch(6)
+        h.warn_whole_step_minibatch(6)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["mini_batch_size (method.mini_batch_size) is 8, and this step has 6 item(s) over all processes: "
+                    "it makes one update over all of them, as if mini_batch_size were unset; lower it for several "
+                    "updates a step"], said
+
+
+def test_rloo_kl_in_reward_subtracts_the_summed_kl_before_the_baseline_as_trls_rloo():
+    """TRL 1.16's RLOOTrainer subtracts beta x each completion's summed k1 (sampling policy minus reference) from its
+    reward before the leave-one-out baseline and has no KL in the loss; alignkit's rloo had the KL only as a per-token
+    loss term, so TRL's beta (-> method.kl_coef) trained another objective. Now method.kl_in_reward."""
+    from types import SimpleNamespace
+
+    from alignkit.online import RLOOConfig
+    from alignkit.online.generation import Sample
+    from alignkit.online.rollout import TokenStats
+
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=3)
+    cfg = RLOOConfig(sampling=sampling, prompts_per_step=1, kl_coef=0.1, kl_estimator="k1", kl_in_reward=True)
+    t = _grpo_stub(cfg)
+    t.kl_ctl.value = 0.1
+    assert not t.reuses_training_pass()  # the advantages read pi_old: the rollout's policy pass runs
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.5, -9.0], [-2.0, -2.0, -2.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    samples = [Sample("p", "a", [1], [2, 3], "eos", group=0, index=0),
+               Sample("p", "b", [1], [2, 3, 4], "eos", group=0, index=1)]
+    rollout = SimpleNamespace(samples=samples, scores=torch.tensor([1.0, 0.0]), rewards=torch.tensor([1.0, 0.0]),
+                              old_logps=old, ref_logps=ref, mask=mask, weights=torch.ones(2), metrics={},
+                              batch={"row": torch.arange(2), "attention_mask": torch.ones(2, 4, dtype=torch.long)})
+    # summed k1 over each sample's tokens: 0.5 - 0.5 = 0 and 1 + 1 + 1 = 3 -> rewards 1 and 0 - 0.1 x 3 = -0.3;
+    # leave-one-out with K = 2: A = 1 - (-0.3) = 1.3 and -1.3
+    assert t.advantages(rollout).tolist() == pytest.approx([1.3, -1.3])
+    # no KL term in the loss: ratio 1, losses -1.3 and 1.3 per sequence, mean 0 (a k3 term would add a positive KL)
+    logps = old.clone().requires_grad_(True)
+    t.token_stats = lambda batch, entropy=False: TokenStats(logps[batch["row"]], mask[batch["row"]])
+    pb = t.build_batch(rollout)
+    assert float(t.policy_loss(pb, torch.arange(2))[0].detach()) == pytest.approx(0.0, abs=1e-7)
+    # the default: the KL in the loss, the advantages of the scores alone
+    plain = _grpo_stub(RLOOConfig(sampling=sampling, prompts_per_step=1, kl_coef=0.1))
+    assert plain.advantages(rollout).tolist() == pytest.approx([1.0, -1.0])
+    with pytest.raises(ValueError, match=re.escape("kl_in_reward=True subtracts kl_coef x each sample's summed KL from "
+                                                   "its reward, and kl_coef is 0, so it would be ignored")):
+        RLOOConfig(sampling=sampling, kl_coef=0.0, kl_in_reward=True)
+    with pytest.raises(ValueError, match="kl_estimator='k1' as a loss term"):
+        RLOOConfig(sampling=sampling, kl_coef=0.1, kl_estimator="k1")

@@ -72,20 +72,33 @@ def _valid(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @ADVANTAGES.register("grpo")
-def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4,
+                     std: Tensor | None = None) -> Tensor:
     """GRPO (Shao et al. 2024, "DeepSeekMath"): A_i = (r_i - mean_group) / (std_group + eps).
 
     Groups are contiguous blocks of `group_size` completions of one prompt; std is the unbiased
     sample std (torch.std, as TRL). `scale_by_std=False` gives r_i - mean_group (Dr. GRPO,
-    Liu et al. 2025). NaN rewards (failed annotations) are left out of their group's mean and std
-    and get advantage 0. Returns `(B,)`.
+    Liu et al. 2025). `std` (a scalar) divides every group instead of its own std: TRL's
+    scale_rewards="batch" passes `nan_std` of the whole step's rewards. NaN rewards (failed
+    annotations) are left out of their group's mean and std and get advantage 0. Returns `(B,)`.
     """
     g = _groups(rewards, group_size, "group_advantages")
     ok, n, total = _valid(g)
     adv = torch.where(ok, g - total / n.clamp(min=1.0), 0.0)
-    if scale_by_std:
+    if scale_by_std and std is not None:
+        adv = adv / (std + eps)
+    elif scale_by_std:
         adv = adv / (((adv ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1.0)).sqrt() + eps)
     return adv.reshape(-1)
+
+
+def nan_std(values: Tensor) -> Tensor:
+    """The unbiased (Bessel) std of the non-NaN entries of `values`, as TRL's `nanstd`; 0 with fewer than two (TRL:
+    NaN, whose advantages it then sets to 0; here the centred advantages of such a batch are 0 already)."""
+    ok = ~torch.isnan(values)
+    n = ok.sum().to(values.dtype)
+    mean = torch.where(ok, values, 0.0).sum() / n.clamp(min=1.0)
+    return (torch.where(ok, values - mean, 0.0) ** 2).sum().div((n - 1).clamp(min=1.0)).sqrt()
 
 
 @ADVANTAGES.register("rloo")

@@ -4,6 +4,7 @@ Shao et al. 2024 ("DeepSeekMath", GRPO) and Ahmadian et al. 2024 ("Back to Basic
 K samples y_1..y_K with rewards r_1..r_K (normalised / clipped by the base loop):
 
     GRPO:  A_i = (r_i - mean_j r_j) / (std_j r_j + eps)          (`scale_by_std=False`: Dr. GRPO)
+           `std_scope="batch"`: std over the whole step's rewards, every process's (TRL's scale_rewards="batch")
     RLOO:  A_i = r_i - 1/(K-1) sum_{j != i} r_j
 
 Every token of y_i gets A_i. With ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) (pi_old: the policy that
@@ -12,6 +13,15 @@ sampled, frozen for the step's `epochs_per_step` passes over it):
     loss_t = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps_high) A) + beta KL_t(pi_theta || pi_ref)
              - entropy_coef H_t
     loss_i = mean_t loss_t over y_i's tokens ("sequence_mean", GRPO), then sum_i w_i loss_i / sum_i w_i
+
+`mask_truncated_completions` (TRL's, DAPO's): a sample cut at sampling.max_new_tokens (finish reason "length")
+gets no loss term (no policy, KL or entropy tokens) but keeps its reward in its group's statistics, as TRL 1.16
+does; with "sequence_mean" it still counts in the normaliser (sum_i w_i, TRL's grpo: a zero-loss sequence), with
+"token_sum" its tokens do not (TRL's dapo / bnpo).
+
+`kl_in_reward` (TRL 1.16's RLOO, Ahmadian et al.): the KL is a reward penalty instead of a loss term,
+r_i <- r_i - beta sum_t KL_t(pi_old || pi_ref) over y_i's tokens before the advantage (TRL's: k1, summed over the
+loss tokens), and the loss has no KL term.
 
 KL_t is the k2 or k3 estimator (`config.kl_estimator`, k3 by default as in GRPO; k1 with kl_coef > 0 is refused:
 as a loss term its gradient beta grad log pi has mean 0 over the policy's samples); beta is the KL
@@ -27,15 +37,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.losses import ADVANTAGES, clipped_policy_loss, reduce_loss
-from alignkit.online.rollout import select
+import logging
+
+from alignkit.losses import ADVANTAGES, KL_ESTIMATORS, clipped_policy_loss, nan_std, reduce_loss
+from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class GRPOConfig(OnlineConfig):
     advantage: str = "grpo"  # "grpo" | "rloo"
     scale_by_std: bool = True  # GRPO only
+    std_scope: str = "group"  # what scale_by_std divides by: each group's std, or the whole step's ("batch")
+    mask_truncated_completions: bool = False  # samples cut at max_new_tokens get no loss (TRL's, DAPO's)
+    kl_in_reward: bool = False  # the KL as a reward penalty (r - kl_coef x summed KL), not a loss term (TRL's RLOO)
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
@@ -53,18 +70,34 @@ class GRPOConfig(OnlineConfig):
         if self.advantage == "rloo" and not self.scale_by_std:
             raise ValueError("scale_by_std=False (Dr. GRPO) is read only by GRPO's advantage; RLOO's leave-one-out "
                              "baseline never divides by the std, so it would be ignored; remove it")
-        if self.kl_estimator == "k1" and (self.kl_coef != 0 or self.kl_target is not None):
+        if self.std_scope not in ("group", "batch"):
+            raise ValueError(f"std_scope must be 'group' (each prompt's reward std, TRL's scale_rewards=group) or "
+                             f"'batch' (the whole step's, TRL's scale_rewards=batch), got {self.std_scope!r}")
+        if self.std_scope != "group" and (self.advantage == "rloo" or not self.scale_by_std):
+            why = ("RLOO's leave-one-out baseline never divides by a std" if self.advantage == "rloo" else
+                   "scale_by_std=False (Dr. GRPO) divides by no std")
+            raise ValueError(f"std_scope={self.std_scope!r} says which std GRPO's advantage divides by, and {why}, "
+                             "so it would be ignored; remove std_scope" + ("" if self.advantage == "rloo" else
+                                                                           " or set scale_by_std=True"))
+        if self.kl_in_reward and self.kl_coef == 0:
+            raise ValueError("kl_in_reward=True subtracts kl_coef x each sample's summed KL from its reward, and kl_coef "
+                             "is 0, so it would be ignored; set kl_coef > 0 (TRL's beta) or remove kl_in_reward")
+        if self.kl_estimator == "k1" and (self.kl_coef != 0 or self.kl_target is not None) and not self.kl_in_reward:
             raise ValueError("kl_estimator='k1' as a loss term does not pull the policy toward the reference: its "
                              "gradient is kl_coef x grad log pi(sampled token), whose mean over the policy's own "
                              "samples is 0, so kl_coef would act only as noise (and, with sequence_mean, as a length "
-                             "bonus); use k3 (GRPO's, TRL's) or k2, or kl_coef 0 (PPO puts k1 in the rewards instead)")
+                             "bonus); use k3 (GRPO's, TRL's) or k2, or kl_coef 0, or kl_in_reward=True (k1 in the "
+                             "rewards, as PPO and TRL's RLOO)")
         if self.advantage == "grpo" and self.scale_by_std and self.reward_normalization != "none" \
-                and self.reward_clip is None:
+                and self.reward_clip is None and not self.kl_in_reward \
+                and not (self.std_scope == "batch" and self.reward_normalization == "group"):
+            how = ("standardises each prompt's rewards again ((r - group mean) / group std, scale_by_std=True): a "
+                   "shift and scale of the rewards, per group or per step," if self.std_scope == "group" else
+                   "centres each prompt's rewards and divides them by the step's std ((r - group mean) / batch std, "
+                   "std_scope='batch'): a shift and scale of the rewards per step")
             raise ValueError(f"reward_normalization={self.reward_normalization!r} is undone by GRPO's advantage, which "
-                             "standardises each prompt's rewards again ((r - group mean) / group std, scale_by_std="
-                             "True): a shift and scale of the rewards, per group or per step, cancels there, so it "
-                             "would be ignored; remove it, or set reward_clip (clipping the normalised rewards acts), "
-                             "or scale_by_std=False")
+                             f"{how} cancels there, so it would be ignored; remove it, or set reward_clip (clipping the "
+                             "normalised rewards acts), or scale_by_std=False")
 
 
 @dataclass
@@ -76,6 +109,7 @@ class RLOOConfig(GRPOConfig):
 class PolicyBatch:
     rollout: Rollout
     advantages: Tensor  # (B,) or (B, T-1)
+    keep: Tensor | None = None  # (B,) bool: samples with a loss term (mask_truncated_completions); None: all
 
 
 class GRPOTrainer(OnlineTrainer):
@@ -88,7 +122,7 @@ class GRPOTrainer(OnlineTrainer):
         of the training forward, so the rollout's separate no-grad pass is skipped."""
         c: GRPOConfig = self.config
         return (c.epochs_per_step == 1 and c.mini_batch_size is None and c.gradient_accumulation_steps == 1
-                and not self.needs_hidden)
+                and not self.needs_hidden and not c.kl_in_reward)  # kl_in_reward: the advantages read pi_old
 
     def advantages(self, rollout: Rollout) -> Tensor:
         """Group advantages over each prompt's scored samples: a failed annotation (NaN score; weight 0) is left out
@@ -97,9 +131,20 @@ class GRPOTrainer(OnlineTrainer):
         c: GRPOConfig = self.config
         k = c.sampling.num_samples
         rewards = torch.where(torch.isnan(rollout.scores), float("nan"), rollout.rewards)
-        if c.advantage == "grpo":
-            return ADVANTAGES["grpo"](rewards, k, scale_by_std=c.scale_by_std)
+        if c.kl_in_reward and rollout.ref_logps is not None:  # r - beta sum_t KL_t(pi_old || pi_ref), TRL's RLOO
+            rewards = rewards - self.kl_ctl.value * self.reward_kl(rollout)
+        if c.advantage == "grpo":  # std_scope "batch": the std of every process's scored rewards (TRL's, gathered)
+            std = nan_std(self.gather(rewards)).to(rewards.device) if c.std_scope == "batch" else None
+            return ADVANTAGES["grpo"](rewards, k, scale_by_std=c.scale_by_std, std=std)
         return ADVANTAGES["rloo"](rewards, k)
+
+    def reward_kl(self, rollout: Rollout) -> Tensor:
+        """(B,) each sample's KL to the reference summed over its loss tokens (`kl_in_reward`): the estimator of
+        pi_old's sampled tokens (TRL's RLOO: k1); a sample masked by mask_truncated_completions has none (TRL's)."""
+        mask = rollout.mask
+        if self.config.mask_truncated_completions:
+            mask = mask & torch.tensor([s.finish_reason != "length" for s in rollout.samples], device=mask.device)[:, None]
+        return sequence_sums(KL_ESTIMATORS[self.config.kl_estimator](rollout.old_logps, rollout.ref_logps), mask)
 
     @classmethod
     def loss_scale(cls, config: GRPOConfig) -> str | None:
@@ -111,16 +156,39 @@ class GRPOTrainer(OnlineTrainer):
         return ", ".join(scales) or None
 
     def build_batch(self, rollout: Rollout) -> PolicyBatch:
-        return PolicyBatch(rollout, self.advantages(rollout))
+        keep = None
+        if self.config.mask_truncated_completions:  # cut at max_new_tokens: no loss term (`policy_loss`)
+            keep = torch.tensor([s.finish_reason != "length" for s in rollout.samples], device=rollout.mask.device)
+            if rollout.metrics.get("completions/clipped_ratio") == 1.0 and not getattr(self, "_warned_masked", False):
+                self._warned_masked = True  # every process's samples (the metric is global); the count: at the end
+                logger.warning("step %d: every one of the step's completions reached sampling.max_new_tokens (%d) "
+                               "without an end token, and method.mask_truncated_completions gives those no loss: "
+                               "this step's loss is 0 and its update has no gradient (the end of the run counts such "
+                               "steps); raise sampling.max_new_tokens", getattr(self, "_step", 0) + 1,
+                               self.config.sampling.max_new_tokens)
+        return PolicyBatch(rollout, self.advantages(rollout), keep)
+
+    def warn_whole_run(self, start: int) -> None:
+        """The base class's end-of-run warnings, and with mask_truncated_completions how many steps had every
+        completion cut (no loss at all: `build_batch`)."""
+        super().warn_whole_run(start)
+        ran = self.config.steps - self._counted_from
+        if self.config.mask_truncated_completions and self._clipped_steps > 0 and self.config.steps - start > 0:
+            logger.warning("%d of this run's %d step(s)%s had every completion cut at sampling.max_new_tokens (%d), "
+                           "and method.mask_truncated_completions gave those no loss: their updates had no gradient; "
+                           "raise sampling.max_new_tokens", self._clipped_steps, ran,
+                           "" if self._counted_from == 0 else f" since its resume after step {self._counted_from}",
+                           self.config.sampling.max_new_tokens)
 
     def normalizer(self, pb: PolicyBatch, idx: Tensor) -> Tensor:
         """What samples `idx` add to their minibatch's normaliser: weights ("sequence_mean"), or each sample's tokens
         times its weight ("token_sum"): both are weighted means (sum w loss / sum w, of sequences or of tokens), as
         PPO's and online DPO's, so a weight scales a sample against the others and uniform weights change nothing."""
         w = pb.rollout.weights[idx]
-        if self.config.aggregation == "token_sum":
-            return (pb.rollout.mask[idx].sum(-1) * w).sum()
-        return w.sum()
+        if self.config.aggregation == "token_sum":  # a masked truncated sample's tokens are not counted (TRL's dapo)
+            tokens = pb.rollout.mask[idx].sum(-1) if pb.keep is None else pb.rollout.mask[idx].sum(-1) * pb.keep[idx]
+            return (tokens * w).sum()
+        return w.sum()  # a masked truncated sample counts as a zero-loss sequence (TRL's grpo)
 
     def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None
                     ) -> tuple[Tensor, dict[str, Any]]:
@@ -133,13 +201,14 @@ class GRPOTrainer(OnlineTrainer):
         w = stats.logps.shape[1]  # the selected rows' width (T'-1)
         old = stats.logps.detach() if on_policy else r.old_logps[idx, :w]
         ref = None if r.ref_logps is None else r.ref_logps[idx, :w]  # None: no reference (a fixed kl_coef of 0)
-        out = clipped_policy_loss(stats.logps, old, pb.advantages[idx], stats.mask,
+        mask = stats.mask if pb.keep is None else stats.mask & pb.keep[idx, None]  # the tokens with a loss
+        out = clipped_policy_loss(stats.logps, old, pb.advantages[idx], mask,
                                   clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
-                                  ref_logps=ref, kl_coef=self.kl_ctl.value,
+                                  ref_logps=ref, kl_coef=0.0 if c.kl_in_reward else self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
                                   entropy_coef=c.entropy_coef, aggregation=c.aggregation)
         loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
-        tokens = float(stats.mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
+        tokens = float(mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
         metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()
                                    if k not in ("kl", "entropy")}
         if "kl" in out.metrics:

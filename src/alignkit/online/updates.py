@@ -90,6 +90,7 @@ class MinibatchUpdates:
         if n_max == 0:
             return {}
         size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
+        self.warn_whole_step_minibatch(int(counts.sum()))
         n_mini = -(-n_max // size)
         if c.gradient_accumulation_steps > min(size, n_max) and not getattr(self, "_warned_accumulation", False):
             self._warned_accumulation = True  # once: what OnlineConfig (settings.online.check_accumulation) could not
@@ -152,6 +153,19 @@ class MinibatchUpdates:
         if self.world > 1:  # every process's sums: the means are over the global batch, not over processes
             sums = MetricSums.combined(gather_objects(sums.totals, self.world))
         return sums.means()
+
+    def warn_whole_step_minibatch(self, items: int) -> None:
+        """Once a run: a mini_batch_size above the step's `items` (every process's) makes one update, as if unset. The
+        config refuses it where it can know (`settings.online.check_accumulation`: the most items a step gives); here
+        a step gave fewer (fewer prompts in the data than prompts_per_step, online DPO's pairs dropped by min_margin
+        or a judge)."""
+        size = self.config.mini_batch_size
+        if size is None or size <= items or getattr(self, "_warned_mini_batch", False):
+            return
+        self._warned_mini_batch = True
+        logger.warning("mini_batch_size (method.mini_batch_size) is %d, and this step has %d item(s) over all "
+                       "processes: it makes one update over all of them, as if mini_batch_size were unset; lower it "
+                       "for several updates a step", size, items)
 
     def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
         """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step; the advice names

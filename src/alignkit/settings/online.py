@@ -326,6 +326,9 @@ class GRPOMethod(KLPenaltyMethod):
     """`alignkit grpo` / `alignkit rloo` (the command picks the advantage: group-normalised or leave-one-out)."""
 
     scale_by_std: bool = True  # grpo only
+    std_scope: Literal["group", "batch"] = "group"  # grpo, scale_by_std: each prompt's reward std or the step's
+    mask_truncated_completions: bool = False  # samples cut at sampling.max_new_tokens get no loss (TRL's, DAPO's)
+    kl_in_reward: bool = False  # the KL as a reward penalty, kl_coef x summed KL (TRL's RLOO; with kl_estimator k1)
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
     dual_clip: float | None = None
@@ -413,6 +416,11 @@ def check_accumulation(settings: Any, accumulation: int, num_samples: int, *, tr
     else:
         items = prompts * num_samples
         what = f"{items} sample(s) ({method}prompts_per_step {prompts} x sampling.num_samples {num_samples})"
+    if settings.mini_batch_size is not None and settings.mini_batch_size > items:  # one update, as if it were null
+        raise ConfigError(f"{method}mini_batch_size: {settings.mini_batch_size} items per optimizer step is more than "
+                          f"a step gives, at most {what}, so each step makes one update over all of them, as if it "
+                          f"were unset; set {method}mini_batch_size below {items} for several updates a step, or "
+                          "remove it")
     if settings.mini_batch_size is not None and settings.mini_batch_size < items:
         items, what = settings.mini_batch_size, f"{settings.mini_batch_size} item(s) ({method}mini_batch_size)"
     if accumulation > items:

@@ -98,7 +98,8 @@ TRL_NAMES: dict[str, str] = {
     # GRPOConfig, RLOOConfig, OnlineDPOConfig, PPOConfig
     "num_generations": "sampling.num_samples (completions per prompt)",
     "beta": "method.beta for dpo, kto and online-dpo; method.kl_coef (the KL-to-reference coefficient) for grpo, rloo "
-            "and ppo",
+            "and ppo (TRL's rloo subtracts beta x the summed k1 from the reward: method.kl_in_reward=true with "
+            "method.kl_estimator=k1)",
     "loss_type": "method.loss_type for sft, dpo, kto and online-dpo; for grpo and rloo, method.aggregation "
                  "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; TRL's dr_grpo has "
                  "no equivalent)",
@@ -108,12 +109,11 @@ TRL_NAMES: dict[str, str] = {
     "num_iterations": "method.epochs_per_step",
     "num_ppo_epochs": "method.epochs_per_step",
     "num_mini_batches": "method.mini_batch_size (items per optimizer step, not a number of mini-batches)",
-    "scale_rewards": "method.scale_by_std (true: TRL's group; false: TRL's none; TRL's batch has no equivalent)",
+    "scale_rewards": "method.scale_by_std with method.std_scope (TRL's group: scale_by_std true, the default; batch: "
+                     "std_scope batch; none or false: scale_by_std false)",
     "reward_clip_range": "method.reward_clip (one bound c: rewards clipped to [-c, c])",
     "reward_weights": "annotator.weights",
     "response_length": "sampling.max_new_tokens",
-    "mask_truncated_completions": f"{_NOT_HERE} (a completion cut at sampling.max_new_tokens is trained like the "
-                                  "others, TRL's default); remove it",
     "missing_eos_penalty": f"{_NOT_HERE}; write it into the reward function (annotator.function)",
     "use_vllm": "method.generation_backend=vllm",
     "vllm_server_base_url": "method.vllm_server_url",
