@@ -608,3 +608,34 @@ def test_a_model_whose_files_changed_on_disk_is_refused_by_name(serve_dirs, tmp_
         status, err = raw(url, "/v1/completions", {**body, "model": "polite"})
         assert status == 409 and "interventions.safetensors was removed" in err["error"]["message"], err
         assert raw(url, "/v1/completions", {**body, "model": "base"})[0] == 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "terse", "prompt": "Hello", "max_tokens": 16, "temperature": 0, "stream": True}),
+    ("/v1/chat/completions", {"model": "terse", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+                              "temperature": 0, "stream": True})])
+def test_a_stream_that_fails_mid_way_ends_with_its_error_then_done(server, client, monkeypatch, path, body):
+    """The engine's forward fails after the first tokens went out. Before: the error chunk was the last event (no
+    `data: [DONE]`: a client reading to [DONE] waited on a stream that had ended). Now, as vLLM's stream generators
+    (row V19): token chunks, the error's body, then `data: [DONE]`; the openai client raises the error's message."""
+    url, engine = server
+    real, calls = engine._forward, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:  # the prefill and two decode steps pass
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "_forward", failing)
+    status, text = raw(url, path, body)
+    events = [e[len("data: "):] for e in text.split("\n\n") if e.strip()]
+    assert status == 200 and events[-1] == "[DONE]", text
+    error = json.loads(events[-2])["error"]
+    assert "injected failure" in error["message"] and error["type"] == "server_error", error
+    assert any("choices" in json.loads(e) for e in events[:-2])  # tokens went out before the failure
+    calls.clear()
+    create = client.chat.completions.create if "chat" in path else client.completions.create
+    with pytest.raises(openai.APIError, match="injected failure"):
+        for _ in create(**body):
+            pass

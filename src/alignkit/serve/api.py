@@ -12,7 +12,8 @@
     GET  /                       the chat page (static files in serve/static, no build step)
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
-(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last; null: false, as vLLM),
+(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last, after an error chunk
+too, as vLLM; null: false, as vLLM),
 stream_options.include_usage (with stream only; null: false; its other keys, e.g. vLLM's continuous_usage_stats,
 are a 400 unless false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the
 answer but are not
@@ -288,7 +289,8 @@ class Completion:
     async def sse(self, http_errors: dict[int, int]) -> AsyncIterator[str]:
         """The streamed response: (chat: a role chunk first) a chunk per token and per finished choice, usage with
         include_usage, `data: [DONE]` last; an error event ends it with the error's body (counted in
-        `http_errors`). The rows are cancelled when it ends, so a client that went away stops them."""
+        `http_errors`) and then `data: [DONE]`, as vLLM's chat and completion stream generators do (a client that
+        reads to [DONE] sees the stream end; the openai client raises on the error chunk). The rows are cancelled when it ends, so a client that went away stops them."""
         try:
             if self.chat:
                 yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -304,6 +306,7 @@ class Completion:
                     e = end_error(ev.message or "error")
                     http_errors[e.status] = http_errors.get(e.status, 0) + 1
                     yield f"data: {json.dumps(e.body())}\n\n"
+                    yield "data: [DONE]\n\n"  # as vLLM's stream generators end a failed stream (row V19)
                     return
             if self.include_usage:
                 yield self.chunk([], self.usage())
