@@ -639,3 +639,27 @@ def test_a_stream_that_fails_mid_way_ends_with_its_error_then_done(server, clien
     with pytest.raises(openai.APIError, match="injected failure"):
         for _ in create(**body):
             pass
+
+
+def test_a_request_field_the_server_does_not_read_is_named_once_in_its_log(server, monkeypatch, caplog):
+    """`max_new_tokens` (transformers' name) instead of `max_tokens`: answered with the default length, as vLLM
+    answers it (its requests ignore extra fields, logging them at debug level). Before: nothing said so anywhere.
+    Now one warning per field name in the server's log; fields known to change nothing (user, metadata) and the
+    fields it reads say nothing."""
+    import logging
+
+    from alignkit.serve import api
+
+    monkeypatch.setattr(api, "_SAID_UNREAD", set())
+    url, _ = server
+    body = {"model": "base", "prompt": "Hi", "max_tokens": 2, "temperature": 0, "user": "u1", "metadata": {"a": "b"}}
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.api"):
+        assert raw(url, "/v1/completions", body)[0] == 200
+        assert raw(url, "/v1/chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
+                                                 "messages": [{"role": "user", "content": "Hi"}]})[0] == 200
+        assert not [r for r in caplog.records if "not read by this server" in r.getMessage()]
+        for _ in range(2):
+            status, _ = raw(url, "/v1/completions", {**body, "max_new_tokens": 5, "frequency": 1})
+            assert status == 200
+    said = [r.getMessage() for r in caplog.records if "not read by this server" in r.getMessage()]
+    assert len(said) == 1 and "/v1/completions request field(s) frequency, max_new_tokens" in said[0], said
