@@ -97,3 +97,20 @@ def test_every_pair_cut_to_identical_tokens_is_refused_in_one_line(tiny_dir, tmp
     assert code == 2 and len(err) == 1, err
     assert str(data) in err[0] and "data.max_length=20" in err[0] and "raise data.max_length" in err[0], err
     assert not out.exists()
+
+
+def test_ranked_replies_cut_to_identical_tokens_are_no_pair(tiny_dir, tmp_path):
+    """Replies 0 and 1 of a ranked record differ only past data.max_length. Before: they were scored as an ordered
+    pair (a tie: Kendall's tau (+-2 + 0) / 3, never exact). Now they are no pair, in the pair figures
+    (`cut_identical` 1) and in the ranking ones: the record's tau and exact match are those of reply 0 against
+    reply 2 alone (both remaining pairs have the same two scores)."""
+    rm = args(tiny_dir("llama", classifier=True))
+    row = {"prompt": "Is the sky green?", "responses": [SAME_START + " no.", SAME_START + " yes.", " A chair."],
+           "ranks": [0, 1, 2]}
+    got = evaluate(tmp_path, "ranked-cut", [row], [*rm, *CUT])
+    alone = evaluate(tmp_path, "ranked-two", [{**row, "responses": [row["responses"][0], row["responses"][2]],
+                                               "ranks": [0, 1]}], [*rm, *CUT])
+    assert (got["pairs"], got["cut_identical"], got["ties"], got["prompts"]) == (2, 1, 0, 1), got
+    assert abs(alone["kendall_tau"]) == 1.0
+    assert (got["kendall_tau"], got["exact_match"], got["accuracy"]) == (
+        alone["kendall_tau"], alone["exact_match"], alone["accuracy"])
