@@ -661,5 +661,8 @@ def test_a_request_field_the_server_does_not_read_is_named_once_in_its_log(serve
         for _ in range(2):
             status, _ = raw(url, "/v1/completions", {**body, "max_new_tokens": 5, "frequency": 1})
             assert status == 200
+        assert raw(url, "/v1/chat/completions", {"model": "base", "max_tokens": 2, "prompt": "Hi",
+                                                 "messages": [{"role": "user", "content": "Hi"}]})[0] == 200
     said = [r.getMessage() for r in caplog.records if "not read by this server" in r.getMessage()]
-    assert len(said) == 1 and "/v1/completions request field(s) frequency, max_new_tokens" in said[0], said
+    assert len(said) == 2 and "/v1/completions request field(s) frequency, max_new_tokens" in said[0], said
+    assert "/v1/chat/completions request field(s) prompt are not read" in said[1], said

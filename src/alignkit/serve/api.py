@@ -325,7 +325,7 @@ def warn_unread(body: dict, path: str) -> None:
     """One warning per field name, the first time a request carries a field this server does not read
     (`parsing.unread_fields`): answered without it, as vLLM answers (its log says so at debug level only), so a
     client's typo (`max_new_tokens`) or another server's extension is at least named in the server's log."""
-    new = [k for k in unread_fields(body) if k not in _SAID_UNREAD]
+    new = [k for k in unread_fields(body, chat=path.endswith("chat/completions")) if k not in _SAID_UNREAD]
     if new:
         _SAID_UNREAD.update(new)
         logger.warning("serve: %s request field(s) %s are not read by this server and were ignored (as vLLM's "
