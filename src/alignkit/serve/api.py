@@ -293,7 +293,8 @@ class Completion:
         """The streamed response: (chat: a role chunk first) a chunk per token and per finished choice, usage with
         include_usage, `data: [DONE]` last; an error event ends it with the error's body (counted in
         `http_errors`) and then `data: [DONE]`, as vLLM's chat and completion stream generators do (a client that
-        reads to [DONE] sees the stream end; the openai client raises on the error chunk). The rows are cancelled when it ends, so a client that went away stops them."""
+        reads to [DONE] sees the stream end; the openai client raises on the error chunk). The rows are cancelled
+        when it ends, so a client that went away stops them."""
         try:
             if self.chat:
                 yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

@@ -268,6 +268,6 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=_add_special_tokens(body, False))["input_ids"])
 
 
-__all__ = ["IGNORED_UNLESS_NEUTRAL", "NOT_SUPPORTED", "NO_EFFECT_FIELDS", "READ_FIELDS", "unread_fields", "PART_SEPARATOR", "STREAM_OPTIONS_NEUTRAL", "ApiError",
-           "chat_prompt", "completion_prompts", "content_text", "developer_as_system", "not_unicode", "request_model",
-           "sampling_params"]
+__all__ = ["IGNORED_UNLESS_NEUTRAL", "NOT_SUPPORTED", "NO_EFFECT_FIELDS", "READ_FIELDS", "PART_SEPARATOR",
+           "STREAM_OPTIONS_NEUTRAL", "ApiError", "chat_prompt", "completion_prompts", "content_text",
+           "developer_as_system", "not_unicode", "request_model", "sampling_params", "unread_fields"]
