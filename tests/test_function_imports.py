@@ -41,6 +41,7 @@ ALLOWED = {
     ("cli/serve.py", "alignkit.models.tiny"): "`alignkit serve --help` " + STARTUP,
     ("cli/serve.py", "alignkit.cli.models"): "`alignkit serve --help` " + STARTUP + " (cli/models imports torch)",
     ("cli/serve.py", "alignkit.cli.runfolder"): "`alignkit serve --help` " + STARTUP + " (cli/runfolder imports torch)",
+    ("cli/demo.py", "alignkit.cli.runfolder"): "`alignkit demo --help` " + STARTUP + " (cli/runfolder imports torch)",
     ("cli/serve.py", "torch"): "`alignkit serve --help` " + STARTUP,
     ("cli/serve.py", "alignkit.models.loading"): "`alignkit serve --help` " + STARTUP + " (--dry-run loads the base's "
                                                  "tokenizer only, to check its chat template)",

@@ -216,3 +216,40 @@ def test_served_base_with_a_parts_only_template_is_refused_at_load(base_with_tem
 
     with pytest.raises(ValueError, match="renders a user message without its text"):
         load_stack(base_with_template(PARTS_ONLY), {})
+
+
+@pytest.mark.parametrize("flags, demo", [([], "pipeline"), (["--reft", "--max-steps", "5"], "reft")])
+def test_demo_dry_run_checks_its_options_and_writes_nothing(flags, demo, tmp_path, capsys, monkeypatch):
+    """`alignkit demo` had no --dry-run (argparse refused the flag). Now it checks what the demo checks before it
+    writes (options, --output-dir, --reft's pairs file), prints what it would run through the shared printer and
+    writes nothing: neither --output-dir nor the default runs/ folder of the working directory."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "demo"
+    rc, stdout, err = run_cli(capsys, ["demo", *flags, "--output-dir", str(out), "--dry-run"])
+    assert rc == 0, err
+    lines = stdout.strip().splitlines()
+    assert f"demo: {demo}" in lines and f"# --dry-run checked output_dir {out}: created when the demo starts" in lines
+    assert lines[-1].startswith("# --dry-run: OK, ") and "nothing was written" in lines[-1], lines[-1]
+    if demo == "reft":
+        assert "max_steps: 5" in lines and "# --dry-run checked pairs: the bundled pairs, 12 (prompt, response) " \
+                                           "record(s)" in lines, stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("setup, flags, needle", [
+    ("foreign", [], "which the demo does not write"),
+    ("pairs", ["--reft"], "line 1: expected a JSON object with 'prompt' and 'response'"),
+    (None, ["--scale", "0"], "--scale 0.0: must be a finite number > 0")])
+def test_demo_dry_run_refuses_what_the_demo_stops_at(setup, flags, needle, tmp_path, capsys):
+    out = tmp_path / "demo"
+    if setup == "foreign":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    if setup == "pairs":
+        (tmp_path / "pairs.jsonl").write_text("not json\n")
+        flags = [*flags, "--pairs", str(tmp_path / "pairs.jsonl")]
+    rc, stdout, err = run_cli(capsys, ["demo", *flags, "--output-dir", str(out), "--dry-run"])
+    said = [line for line in err.splitlines() if line.startswith("alignkit ")]
+    assert rc == 2 and len(said) == 1 and needle in said[0], err
+    assert not stdout and sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        {"foreign": ["demo", "notes.txt"], "pairs": ["pairs.jsonl"], None: []}[setup])

@@ -1,6 +1,6 @@
 """vLLM's engine arguments and its max_model_len derivation (and VLLM_ALLOW_LONG_MAX_MODEL_LEN), which alignkit
 checks before a colocated engine starts, the engine calls of a weight / LoRA push, and how its OpenAI server joins
-a chat message's text parts and developer messages, and its request defaults (rows V1, V2, V11, V12, V13, V14, V18
+a chat message's text parts and developer messages, and its request defaults (rows V1, V2, V11, V12, V13, V14, V18, V19
 of the table in docs/architecture.md). They run where vLLM is installed (`make test-vllm`: .venv-vllm); elsewhere they
 are skipped."""
 
@@ -460,3 +460,31 @@ def test_null_stream_and_include_usage_are_vllms_defaults():
     check(stream_flags({"stream": None}) == (False, False), VLLM, "alignkit reads stream: null otherwise", where)
     check(stream_flags({"stream": True, "stream_options": {"include_usage": None}}) == (True, False), VLLM,
           "alignkit reads include_usage: null otherwise", where)
+
+
+def test_a_failed_stream_ends_with_its_error_chunk_then_done():
+    """vLLM's chat and completion stream generators catch a failure mid-stream, send it as one `data: {"error":
+    ...}` chunk, and then send `data: [DONE]` (the last statement of each generator, after its try), as alignkit's
+    stream now ends (`serve/api.py:Completion.sse`, row V19); it sent no [DONE] after the error."""
+    import ast
+    import inspect
+    import textwrap
+
+    where = "alignkit/serve/api.py:Completion.sse"
+    with guard(VLLM, "vLLM's stream generators moved", where):
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        generators = [OpenAIServingChat.chat_completion_stream_generator,
+                      OpenAIServingCompletion.completion_stream_generator]
+    for gen in generators:
+        body = ast.parse(textwrap.dedent(inspect.getsource(gen))).body[0].body
+        last, before = body[-1], body[-2]
+        check(isinstance(last, ast.Expr) and isinstance(last.value, ast.Yield)
+              and ast.literal_eval(last.value.value) == "data: [DONE]\n\n", VLLM,
+              f"{gen.__qualname__} no longer ends with `yield 'data: [DONE]'`", where)
+        handlers = before.handlers if isinstance(before, ast.Try) else []
+        check(any(h.type is not None and ast.unparse(h.type) == "Exception" for h in handlers) and all(
+            any(isinstance(n, ast.Yield) for n in ast.walk(h)) and not any(isinstance(n, ast.Return)
+                                                                           for n in ast.walk(h)) for h in handlers),
+              VLLM, f"{gen.__qualname__}'s failure handlers no longer yield an error chunk and fall through to "
+                    "[DONE]", where)

@@ -608,3 +608,61 @@ def test_a_model_whose_files_changed_on_disk_is_refused_by_name(serve_dirs, tmp_
         status, err = raw(url, "/v1/completions", {**body, "model": "polite"})
         assert status == 409 and "interventions.safetensors was removed" in err["error"]["message"], err
         assert raw(url, "/v1/completions", {**body, "model": "base"})[0] == 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "terse", "prompt": "Hello", "max_tokens": 16, "temperature": 0, "stream": True}),
+    ("/v1/chat/completions", {"model": "terse", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+                              "temperature": 0, "stream": True})])
+def test_a_stream_that_fails_mid_way_ends_with_its_error_then_done(server, client, monkeypatch, path, body):
+    """The engine's forward fails after the first tokens went out. Before: the error chunk was the last event (no
+    `data: [DONE]`: a client reading to [DONE] waited on a stream that had ended). Now, as vLLM's stream generators
+    (row V19): token chunks, the error's body, then `data: [DONE]`; the openai client raises the error's message."""
+    url, engine = server
+    real, calls = engine._forward, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:  # the prefill and two decode steps pass
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "_forward", failing)
+    status, text = raw(url, path, body)
+    events = [e[len("data: "):] for e in text.split("\n\n") if e.strip()]
+    assert status == 200 and events[-1] == "[DONE]", text
+    error = json.loads(events[-2])["error"]
+    assert "injected failure" in error["message"] and error["type"] == "server_error", error
+    assert any("choices" in json.loads(e) for e in events[:-2])  # tokens went out before the failure
+    calls.clear()
+    create = client.chat.completions.create if "chat" in path else client.completions.create
+    with pytest.raises(openai.APIError, match="injected failure"):
+        for _ in create(**body):
+            pass
+
+
+def test_a_request_field_the_server_does_not_read_is_named_once_in_its_log(server, monkeypatch, caplog):
+    """`max_new_tokens` (transformers' name) instead of `max_tokens`: answered with the default length, as vLLM
+    answers it (its requests ignore extra fields, logging them at debug level). Before: nothing said so anywhere.
+    Now one warning per field name in the server's log; fields known to change nothing (user, metadata) and the
+    fields it reads say nothing."""
+    import logging
+
+    from alignkit.serve import api
+
+    monkeypatch.setattr(api, "_SAID_UNREAD", set())
+    url, _ = server
+    body = {"model": "base", "prompt": "Hi", "max_tokens": 2, "temperature": 0, "user": "u1", "metadata": {"a": "b"}}
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.api"):
+        assert raw(url, "/v1/completions", body)[0] == 200
+        assert raw(url, "/v1/chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
+                                                 "messages": [{"role": "user", "content": "Hi"}]})[0] == 200
+        assert not [r for r in caplog.records if "not read by this server" in r.getMessage()]
+        for _ in range(2):
+            status, _ = raw(url, "/v1/completions", {**body, "max_new_tokens": 5, "frequency": 1})
+            assert status == 200
+        assert raw(url, "/v1/chat/completions", {"model": "base", "max_tokens": 2, "prompt": "Hi",
+                                                 "messages": [{"role": "user", "content": "Hi"}]})[0] == 200
+    said = [r.getMessage() for r in caplog.records if "not read by this server" in r.getMessage()]
+    assert len(said) == 2 and "/v1/completions request field(s) frequency, max_new_tokens" in said[0], said
+    assert "/v1/chat/completions request field(s) prompt are not read" in said[1], said

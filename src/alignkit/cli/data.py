@@ -311,7 +311,17 @@ def tokenize_cache_dir() -> Path | None:
     return None if root.strip().lower() in ("", "off", "0", "none") else Path(root).expanduser() / "tokenized"
 
 
-def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tuple[list[dict], Any]:
+def cut_identical(features: list[dict]) -> list[dict]:
+    """The preference features whose chosen and rejected token ids are the same (texts that differ only past
+    data.max_length / data.max_prompt_length): they carry no preference."""
+    return [f for f in features if "chosen_input_ids" in f
+            and list(f["chosen_input_ids"]) == list(f["rejected_input_ids"])]
+
+
+def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_identical: bool = True
+             ) -> tuple[list[dict], Any]:
+    """Tokenized features and their stats, with the length limits' losses said (prompts and completions cut, pairs
+    cut to identical tokens: warned, or with `say_identical=False` left to the caller; all of them: a DataError)."""
     cfg = TokenizeConfig(max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
                          add_eos=ds.add_eos, loss_on=ds.loss_on)
     features, stats = tokenize_records(records, tokenizer, cfg, cache_dir=tokenize_cache_dir())
@@ -328,13 +338,12 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str) -> tup
         logger.warning("%s: %d of %d record(s) lose the end of their completion to data.max_length=%s (those "
                        "tokens are never trained on); raise data.max_length if that is not intended", where,
                        stats.completion_truncated, len(features), ds.max_length)
-    same = [f.get("id") for f in features if "chosen_input_ids" in f
-            and list(f["chosen_input_ids"]) == list(f["rejected_input_ids"])]
+    same = [f.get("id") for f in cut_identical(features)]
     if same and len(same) == len(features):
-        raise DataError(f"{where}: every one of the {len(same)} pair(s) has chosen == rejected once truncated to "
-                        f"data.max_length={ds.max_length} / data.max_prompt_length={ds.max_prompt_length} (e.g. "
-                        f"{same[:3]}): nothing is left to prefer; raise data.max_length")
-    if same:
+        raise DataError(f"{where}: every one of the {len(same)} pair(s) of {ds.path} has chosen == rejected once "
+                        f"truncated to data.max_length={ds.max_length} / data.max_prompt_length="
+                        f"{ds.max_prompt_length} (e.g. {same[:3]}): nothing is left to prefer; raise data.max_length")
+    if same and say_identical:
         logger.warning("%s: %d of %d pair(s) have chosen == rejected once truncated to data.max_length=%s (no "
                        "preference signal; they only dilute the batch), e.g. %s; raise data.max_length", where,
                        len(same), len(features), ds.max_length, same[:3])

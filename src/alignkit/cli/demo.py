@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--threads", type=int, default=None, metavar="INT",
                       help="torch CPU threads (int, default 1 for the pipeline, which is fastest at this size; "
                            "torch's choice for --reft)")
+    demo.add_argument("--dry-run", action="store_true",
+                      help="check the options and --output-dir as the demo does before it writes (--reft: the "
+                           "--pairs file too), print what it would run and exit; writes nothing, builds no model")
     reft = demo.add_argument_group("ReFT demo (--reft; any of these selects it)")
     reft.add_argument("--max-steps", type=int, default=None, metavar="INT",
                       help=f"steps at most (int, default {REFT_DEFAULTS['max_steps']})")
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     wants_reft = args.reft or any(getattr(args, k) is not None for k in REFT_DEFAULTS)
     check_args(args, wants_reft)
+    if getattr(args, "dry_run", False):
+        return dry_run(args, wants_reft)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not wants_reft and pipeline_available():
@@ -102,6 +107,34 @@ def run(args: argparse.Namespace) -> int:
     if not wants_reft:
         logger.warning("the pipeline demo (alignkit.demos.pipeline) is not available; running the ReFT demo")
     return run_reft(args)
+
+
+def dry_run(args: argparse.Namespace, wants_reft: bool) -> int:
+    """`alignkit demo --dry-run`: the checks the demo makes before it writes (`check_args`: the options, --output-dir;
+    --reft: the --pairs file read and parsed as the demo reads it), then what it would run, printed by the shared
+    dry-run printer (`print_dry_run`); nothing is written, no model built, no torch thread count changed."""
+    from alignkit.cli.runfolder import print_dry_run
+
+    pipeline = not wants_reft and pipeline_available()
+    out = Path(args.output_dir or ("runs/demo" if pipeline else "runs/demo-reft"))
+    if not pipeline and not wants_reft:
+        logger.warning("the pipeline demo (alignkit.demos.pipeline) is not available; the run would be the ReFT demo")
+    plan: dict[str, Any] = {"command": "demo", "demo": "pipeline" if pipeline else "reft", "output_dir": str(out),
+                            "seed": args.seed, "threads": args.threads}
+    checked = [f"output_dir {out}: " + ("a folder of an earlier demo, written over" if out.is_dir()
+                                        else "created when the demo starts"),
+               "the options' values (--threads, --scale" + ("" if pipeline else ", --max-steps, --target-loss, "
+                                                               "--learning-rate") + ")"]
+    if pipeline:
+        plan["scale"] = 1.0 if args.scale is None else args.scale
+    else:
+        from alignkit.demos.reft import load_demo_pairs
+
+        plan.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in REFT_DEFAULTS.items()})
+        pairs = load_demo_pairs(args.pairs)  # a DataError naming the file and line, as the run gives it
+        checked.append(f"pairs: {args.pairs or 'the bundled pairs'}, {len(pairs)} (prompt, response) record(s)")
+    print_dry_run(plan, checked, "; nothing was written, no model built")
+    return 0
 
 
 INTRO = """alignkit demo: the whole alignment pipeline on a tiny model built here, on bundled data.

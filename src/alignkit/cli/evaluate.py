@@ -21,6 +21,12 @@ method.kind = "dpo": a policy (`model.adapter_path`, an adapter or a fully finet
     (DPO's default), with a warning. metrics.json records the beta used. A run trained with another loss_type than
     sigmoid is warned of: `loss` here is the sigmoid loss, not the one it logged.
 
+Pairs cut to identical tokens: a pair whose chosen and rejected differ only past `data.max_length` /
+`data.max_prompt_length` has the same tokens on both sides once cut, so it scores a tie and a zero margin whatever
+the model. It is left out of every figure (`pairs` does not count it), counted in `cut_identical` (metrics.json
+and the printed table) and warned of once; when every pair is so cut, eval refuses in one line naming the data
+and the limits (raise data.max_length), before anything is written.
+
 Record weights: every figure above is unweighted (each pair, or ranked prompt, counts once). When a record has a
 weight other than 1, each also comes weighted, `weighted/<name>` = sum_i w_i v_i / sum_i w_i over the pairs (a
 ranked record's weight on each of its pairs, as training gives it) or ranked prompts, beside the unweighted one
@@ -41,7 +47,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in, reft_settings
-from alignkit.cli.data import native_kinds, read_records, tokenize
+from alignkit.cli.data import cut_identical, native_kinds, read_records, tokenize
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
                                  check_model_settings,
                                  head_folder, load_for_inference, rename_base, to_device)
@@ -101,17 +107,18 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
     per_pair: dict[str, list[float]] = {}
     try:  # scored before the run folder is touched: a failure leaves an earlier run's config and metrics as they were
-        features, stats = tokenize(records, tok, cfg.data, "data.path")
+        features, stats = tokenize(records, tok, cfg.data, "data.path", say_identical=False)
         reft = reft_settings(model)
         if reft is not None:  # a prompt cut at its start: "first" positions land mid-prompt (as training says)
             check_truncated_prompts(reft.positions, stats.prompt_truncated, len(features), stats.prompt_truncated_ids,
                                     cfg.data.max_prompt_length, "data.path")
+        features, identical = drop_cut_identical(features, cfg.data)
         if cfg.method.kind == "reward":
             metrics = reward_metrics(model, features, tok.pad_token_id, cfg.method.batch_size, progress, per_pair)
         else:
             metrics = dpo_metrics(model, features, tok.pad_token_id, cfg, base_path, progress, per_pair)
-        metrics = {"pairs": len(features), **{k: (int(v) if k == "ties" else v) for k, v in metrics.items()
-                                              if k != "num_pairs"}}
+        metrics = {"pairs": len(features), "cut_identical": identical,
+                   **{k: (int(v) if k == "ties" else v) for k, v in metrics.items() if k != "num_pairs"}}
         if ranked:
             metrics.update(ranking_metrics(model, ranked, tok, cfg, progress))
         check_finite_scores(metrics, per_pair, features, desc)
@@ -153,6 +160,23 @@ def read_eval_records(cfg: Any) -> tuple[list, list]:
             break
         kept.append(r)
     return records[:ds.max_records], kept
+
+
+def drop_cut_identical(features: list[dict], ds: Any) -> tuple[list[dict], int]:
+    """(the features to score, how many pairs were left out): a pair that data.max_length / max_prompt_length cut to
+    the same tokens on both sides (`cut_identical`) scores a tie and a zero margin whatever the model, so it would
+    only dilute accuracy; it is left out of every figure, counted in `cut_identical`, and warned of once (every pair
+    so cut is refused by `tokenize`)."""
+    same = cut_identical(features)
+    if not same:
+        return features, 0
+    ids = [f.get("id") for f in same[:3]]
+    logger.warning("eval: %d of %d pair(s) of %s have chosen == rejected once truncated to data.max_length=%s / "
+                   "data.max_prompt_length=%s (they differ only past the cut), e.g. %s: left out of every figure "
+                   "(metrics cut_identical=%d); raise data.max_length to score them", len(same), len(features),
+                   ds.path, ds.max_length, ds.max_prompt_length, ids, len(same))
+    gone = {id(f) for f in same}
+    return [f for f in features if id(f) not in gone], len(same)
 
 
 def ranking_metrics(model: Any, ranked: list, tok: Any, cfg: Any, progress: bool) -> dict[str, Any]:

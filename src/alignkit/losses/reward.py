@@ -117,7 +117,8 @@ def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: fl
     return LossOutput(losses=losses, metrics=metrics)
 
 
-def kendall_tau(scores: Tensor, mask: Tensor | None = None, ranks: Tensor | None = None) -> Tensor:
+def kendall_tau(scores: Tensor, mask: Tensor | None = None, ranks: Tensor | None = None,
+                exclude: Tensor | None = None) -> Tensor:
     """Kendall's tau-a between predicted scores and the true ranking, per row -> `(P,)`.
 
         tau = (concordant - discordant) / (number of pairs)
@@ -125,11 +126,12 @@ def kendall_tau(scores: Tensor, mask: Tensor | None = None, ranks: Tensor | None
     The true order is the column order (column 0 is best) unless `ranks (P, K)` is given
     (smaller rank = better; tied true ranks are not counted as pairs). A pair (i better than j) is
     concordant if score_i > score_j, discordant if score_i < score_j; tied scores count as neither.
-    Rows with fewer than 2 valid items give 0.
+    Rows with fewer than 2 valid items give 0. `exclude (P, K, K)` (bool): pairs (i, j) that are no pair either
+    (replies with the same tokens: `trainers.evaluation.same_tokens`).
     """
     if scores.dim() == 1:
         return kendall_tau(scores[None], None if mask is None else mask[None],
-                           None if ranks is None else ranks[None])[0]
+                           None if ranks is None else ranks[None], None if exclude is None else exclude[None])[0]
     P, K = scores.shape
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
@@ -140,6 +142,8 @@ def kendall_tau(scores: Tensor, mask: Tensor | None = None, ranks: Tensor | None
     true_sign = torch.sign(ranks[:, j] - ranks[:, i]).to(scores.dtype)  # +1 when i is better than j
     pred_sign = torch.sign(scores[:, i] - scores[:, j]).to(scores.dtype)
     valid = valid & (true_sign != 0)
+    if exclude is not None:
+        valid = valid & ~exclude[:, i, j]
     v = valid.to(scores.dtype)
     n = v.sum(-1)
     return ((true_sign * pred_sign * v).sum(-1) / n.clamp(min=1.0)).detach()

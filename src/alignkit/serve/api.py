@@ -12,7 +12,8 @@
     GET  /                       the chat page (static files in serve/static, no build step)
 
 Request fields: model, max_tokens (or max_completion_tokens; both given must agree), temperature, top_p, stop
-(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last; null: false, as vLLM),
+(string or list), seed (signed 64-bit), n, stream (server-sent events, `data: [DONE]` last, after an error chunk
+too, as vLLM; null: false, as vLLM),
 stream_options.include_usage (with stream only; null: false; its other keys, e.g. vLLM's continuous_usage_stats,
 are a 400 unless false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the
 answer but are not
@@ -20,7 +21,9 @@ implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/freq
 response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
 min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
 `IGNORED_UNLESS_NEUTRAL`, both in serve/parsing.py) are a 400 naming the field unless at their neutral value; other
-unknown fields (user, metadata, ...) are ignored. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
+fields are ignored, as vLLM ignores them: those known to change nothing (user, metadata, store, ...:
+`parsing.NO_EFFECT_FIELDS`) silently, any other (a typo such as max_new_tokens) with one warning per field name in
+the server's log. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed
 JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape), a chat request to an adapter trained
 with another chat template than the base's (`Stack.other_template`); 401 bad/missing bearer token (with --api-key); 404
 unknown model; 409 a model whose files changed on disk since the server loaded them (a run saved over the adapter
@@ -41,7 +44,8 @@ from typing import Any, AsyncIterator
 from alignkit.serve.engine import Engine
 from alignkit.serve.log import ServeLog
 from alignkit.serve.parsing import (PART_SEPARATOR, STREAM_OPTIONS_NEUTRAL, ApiError, chat_prompt, completion_prompts,
-                                    content_text, developer_as_system, not_unicode, request_model, sampling_params)
+                                    content_text, developer_as_system, not_unicode, request_model, sampling_params,
+                                    unread_fields)
 from alignkit.serve.request import (SHUTTING_DOWN, EngineStopped, Event, ModelChanged, QueueFullError, RequestError,
                                     SamplingParams)
 
@@ -288,7 +292,9 @@ class Completion:
     async def sse(self, http_errors: dict[int, int]) -> AsyncIterator[str]:
         """The streamed response: (chat: a role chunk first) a chunk per token and per finished choice, usage with
         include_usage, `data: [DONE]` last; an error event ends it with the error's body (counted in
-        `http_errors`). The rows are cancelled when it ends, so a client that went away stops them."""
+        `http_errors`) and then `data: [DONE]`, as vLLM's chat and completion stream generators do (a client that
+        reads to [DONE] sees the stream end; the openai client raises on the error chunk). The rows are cancelled
+        when it ends, so a client that went away stops them."""
         try:
             if self.chat:
                 yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -304,12 +310,28 @@ class Completion:
                     e = end_error(ev.message or "error")
                     http_errors[e.status] = http_errors.get(e.status, 0) + 1
                     yield f"data: {json.dumps(e.body())}\n\n"
+                    yield "data: [DONE]\n\n"  # as vLLM's stream generators end a failed stream (row V19)
                     return
             if self.include_usage:
                 yield self.chunk([], self.usage())
             yield "data: [DONE]\n\n"
         finally:
             self.cancel_all()  # a no-op for finished requests; stops the rows of a client that went away
+
+
+_SAID_UNREAD: set[str] = set()  # the unread field names already warned of (once each per server process)
+
+
+def warn_unread(body: dict, path: str) -> None:
+    """One warning per field name, the first time a request carries a field this server does not read
+    (`parsing.unread_fields`): answered without it, as vLLM answers (its log says so at debug level only), so a
+    client's typo (`max_new_tokens`) or another server's extension is at least named in the server's log."""
+    new = [k for k in unread_fields(body, chat=path.endswith("chat/completions")) if k not in _SAID_UNREAD]
+    if new:
+        _SAID_UNREAD.update(new)
+        logger.warning("serve: %s request field(s) %s are not read by this server and were ignored (as vLLM's "
+                       "server ignores unknown fields); the answer is made without them: check their spelling "
+                       "(e.g. max_tokens, not max_new_tokens)", path, ", ".join(new))
 
 
 async def run_completion(engine: Engine, request, body: dict, prompts: list[list[int]], chat: bool,
@@ -321,6 +343,7 @@ async def run_completion(engine: Engine, request, body: dict, prompts: list[list
     model = request_model(body)
     params = sampling_params(body)
     stream, include_usage = stream_flags(body)
+    warn_unread(body, "/v1/chat/completions" if chat else "/v1/completions")
     completion = Completion(engine, model, prompts, params, chat, include_usage)
     if not stream:
         return await completion.respond(request, poll_disconnect)

@@ -69,6 +69,25 @@ STREAM_OPTIONS_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (None, Fal
 NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 1), "echo": (None, False)}
 
 
+# the request fields this server reads (beside IGNORED_UNLESS_NEUTRAL, NOT_SUPPORTED), and those of OpenAI's API and
+# vLLM's that change nothing in the answer (bookkeeping, caching, scheduling): any other field is ignored, as vLLM
+# ignores it (its requests allow extra fields: a debug log), with a warning in the server's log naming it
+READ_FIELDS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+                         "stop", "seed", "n", "stream", "stream_options", "add_special_tokens"})
+NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
+                              "safety_identifier", "prompt_cache_key", "request_id", "priority", "cache_salt",
+                              "kv_transfer_params", "mm_processor_kwargs"})
+
+
+def unread_fields(body: dict, chat: bool) -> list[str]:
+    """The fields of a request body this server neither reads, refuses, nor knows to change nothing: a client's typo
+    (`max_new_tokens` for `max_tokens`), another server's extension, or the other endpoint's input (`prompt` sent to
+    /v1/chat/completions, `messages` to /v1/completions), answered without it."""
+    known = (READ_FIELDS | NO_EFFECT_FIELDS | IGNORED_UNLESS_NEUTRAL.keys() | NOT_SUPPORTED.keys()
+             | {"messages" if chat else "prompt"})
+    return sorted(k for k in body if k not in known)
+
+
 def not_unicode(body: Any) -> str | None:
     """The path (`messages[0].content`) of the first string in a parsed JSON body that UTF-8 cannot encode: JSON's
     escapes can write a lone surrogate (`"\\ud83d"`, half an emoji: a UTF-16 string cut inside a character), which
@@ -249,6 +268,6 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=_add_special_tokens(body, False))["input_ids"])
 
 
-__all__ = ["IGNORED_UNLESS_NEUTRAL", "NOT_SUPPORTED", "PART_SEPARATOR", "STREAM_OPTIONS_NEUTRAL", "ApiError",
-           "chat_prompt", "completion_prompts", "content_text", "developer_as_system", "not_unicode", "request_model",
-           "sampling_params"]
+__all__ = ["IGNORED_UNLESS_NEUTRAL", "NOT_SUPPORTED", "NO_EFFECT_FIELDS", "READ_FIELDS", "PART_SEPARATOR",
+           "STREAM_OPTIONS_NEUTRAL", "ApiError", "chat_prompt", "completion_prompts", "content_text",
+           "developer_as_system", "not_unicode", "request_model", "sampling_params", "unread_fields"]

@@ -81,6 +81,9 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
     than 1 also give `weighted/<name>` (`weighted_means`; ranked `weighted/accuracy` weights each pair by its
     prompt's weight).
 
+    Ranked replies with the same tokens (cut to one text by the length limits: `same_tokens`) are no pair, as tied
+    ranks are not.
+
     `ties`: the ordered pairs whose two scores are exactly equal. They count as not right in `accuracy` (as TRL's
     RewardTrainer counts them: chosen > rejected), and 0 in Kendall's tau; a warning gives their number, since a
     constant head or half-precision scores (close ones rounded to one value) lower the accuracy without a word."""
@@ -97,11 +100,12 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
                 table, mask, ranks = ranked_table(r, batch)
                 K = table.shape[1]
                 i, j = torch.triu_indices(K, K, offset=1, device=dev)
-                valid = mask[:, i] & mask[:, j] & (ranks[:, i] < ranks[:, j])  # tied replies: no comparison
+                same = same_tokens(batch, K)  # replies cut to one text by the length limits: no pair
+                valid = mask[:, i] & mask[:, j] & (ranks[:, i] < ranks[:, j]) & ~same[:, i, j]  # tied ranks: no pair
                 correct.append(((table[:, i] > table[:, j]) & valid).sum(-1).double().cpu())  # (B,)
                 ties.append(((table[:, i] == table[:, j]) & valid).sum(-1).double().cpu())  # (B,)
                 pairs.append(valid.sum(-1).double().cpu())  # (B,)
-                taus.append(kendall_tau(table, mask, ranks).double().cpu())  # (B,)
+                taus.append(kendall_tau(table, mask, ranks, exclude=same).double().cpu())  # (B,)
             else:
                 B = r.shape[0] // 2
                 chosen.append(r[:B].cpu())
@@ -128,6 +132,21 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
         warn_ties(tied, c.numel())
     return {**{k: float(v.double().mean()) for k, v in values.items()}, "num_pairs": float(c.numel()),
             "ties": tied, **weighted_means(values, w)}
+
+
+def same_tokens(batch: dict[str, Any], K: int) -> torch.Tensor:
+    """`(B, K, K)`: whether replies i and j of a ranked batch's record (`RankedCollator`) are the same token
+    sequence, e.g. two replies that differ only past data.max_length: their scores are equal whatever the model, so
+    the pair says nothing of it."""
+    B = batch["num_responses"].shape[0]
+    ids = batch.get("input_ids")
+    if ids is None:  # no token ids (a batch of scores): nothing to compare
+        return torch.zeros(B, K, K, dtype=torch.bool, device=batch["num_responses"].device)
+    att = batch.get("attention_mask")
+    idx = (batch["group_index"].to(ids.device), batch["position_in_group"].to(ids.device))
+    rows = torch.full((B, K, ids.shape[1]), -1, dtype=ids.dtype, device=ids.device).index_put(
+        idx, ids if att is None else ids.masked_fill(att == 0, -1))  # (B, K, T); a missing reply: all -1
+    return (rows[:, :, None, :] == rows[:, None, :, :]).all(-1)
 
 
 def warn_ties(tied: float, pairs: float) -> None:
@@ -206,4 +225,4 @@ def write_report(rows: Sequence[dict[str, str]], out_dir: str | Path) -> None:
     logger.info("wrote %d generations to %s", len(rows), out)
 
 
-__all__ = ["evaluate_reward_model", "generation_report", "warn_ties", "weighted_means", "write_report"]
+__all__ = ["evaluate_reward_model", "generation_report", "same_tokens", "warn_ties", "weighted_means", "write_report"]
