@@ -175,12 +175,15 @@ def uses_chat_template(records: Sequence[PromptRecord], formatter: str) -> bool:
 
 
 def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig, chat: bool = True) -> list[int]:
-    """EOS ids of the model's generation config and the tokenizer, plus `cfg.stop_token_ids`; with `chat` (prompts
-    formatted by the chat template) also the template's turn-end token (`data.chat.turn_end_ids`: a model trained
-    through the template ends its answers with it, not EOS). Plain-text prompts do not stop there: the token means
-    nothing outside the template."""
+    """EOS ids of the model's generation config (every one of a list: Llama-3-Instruct folders name
+    `[<|end_of_text|>, <|eot_id|>]`) and the tokenizer, plus `cfg.stop_token_ids`; with `chat` (prompts formatted
+    by the chat template) also the template's turn-end token (`data.chat.turn_end_ids`: a model trained through the
+    template ends its answers with it, not EOS). Plain-text prompts do not stop there: the token means nothing
+    outside the template. The one source of the end tokens of every generation path (the decode loop,
+    model.generate, vLLM's stop_token_ids, serve, `LocalChat`, `generation_report`); `model` may be wrapped (DDP,
+    ReFT, peft: its transformers model's generation config is read) or None (the tokenizer's alone)."""
     ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
+    gen = getattr(unwrap_lm(model) if isinstance(model, torch.nn.Module) else model, "generation_config", None)
     for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, turn_end_ids(tokenizer) if chat else [],
               list(cfg.stop_token_ids)):
         for i in ([v] if isinstance(v, int) else (v or [])):
