@@ -114,3 +114,87 @@ def test_local_chat_and_generation_report_stop_at_the_turn_end(tiny_lm, tokenize
     finally:
         type(model).generate = real
     assert seen == [1, 1]  # stopped at the turn end (was 4 and 4)
+
+
+def naive_greedy(model, ids: list[int], n: int) -> list[int]:
+    """The argmax continuation by full forwards, no cache, no generation config: the policy's own greedy tokens."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_folder_sampling_fields_alignkit_sets_itself_are_not_used_on_either_engine(tiny_dir, tmp_path, tokenizer,
+                                                                                     caplog):
+    """A Qwen / Llama-3-Instruct style generation_config.json (do_sample, temperature, top_p, top_k,
+    repetition_penalty): alignkit's settings are passed on every call, so greedy decoding is the policy's argmax on
+    the decode loop and on model.generate alike (a repetition penalty of the folder would change it), and the
+    fields it does not use are one warning naming the file, once."""
+    import logging
+
+    from alignkit.online.generation import encode_prompt, note_generation_config
+
+    folder = folder_with(tiny_dir, tmp_path, do_sample=True, temperature=0.6, top_p=0.9, top_k=20,
+                         repetition_penalty=5.0)
+    model = load_model(folder).eval()
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=16)
+    want = naive_greedy(model, encode_prompt("Hello world", tokenizer), 16)  # repeats itself from token 13 on
+    assert tokenizer.eos_token_id not in want and len(set(want)) < len(want)
+    for lean in (None, False):
+        (s,) = generate_responses(model, tokenizer, ["Hello world"], cfg, lean=lean)
+        assert s.response_ids == want, lean
+    with caplog.at_level(logging.WARNING, logger="alignkit.online.generation"):
+        note_generation_config(model, tokenizer, cfg, "generation")
+        note_generation_config(model, tokenizer, cfg, "generation")
+    said = [r.getMessage() for r in caplog.records if r.name == "alignkit.online.generation"]
+    assert said == [f"{folder}/generation_config.json sets do_sample=True, repetition_penalty=5.0, which alignkit does "
+                    "not use: the generation settings are passed on every call instead (do_sample=False, "
+                    "repetition_penalty=1.0); set them in generation to sample that way"], said
+
+
+def test_online_training_refuses_folder_options_that_change_the_sampled_distribution(tiny_dir, tmp_path, tokenizer):
+    """no_repeat_ngram_size (min_new_tokens, suppress_tokens, ...) in generation_config.json: model.generate applied
+    it to an online run's samples on the transformers backend, so they came from another distribution than the
+    policy whose log-probs the loss uses, without a word. Now one line when the trainer is built, naming the file
+    and the option; a folder whose extra fields only say how generate runs (cache_implementation) builds."""
+    from alignkit.online.grpo import GRPOConfig, GRPOTrainer
+    from alignkit.settings import ConfigError
+
+    cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), report_to="none")
+    reward = {"type": "function", "fn": lambda p, r: 0.0}
+    folder = folder_with(tiny_dir, tmp_path, no_repeat_ngram_size=3)
+    with pytest.raises(ConfigError) as e:
+        GRPOTrainer(load_model(folder), tokenizer, ["hi"], reward, cfg)
+    assert str(e.value) == (
+        f"generation_backend='transformers': {folder}/generation_config.json sets no_repeat_ngram_size=3, which "
+        "model.generate would apply to every sample, so the samples would come from another distribution than the "
+        f"policy whose log-probs the loss uses; remove it from {folder}/generation_config.json (online training "
+        "samples with sampling.* settings only)")
+    shutil.rmtree(folder)
+    GRPOTrainer(load_model(folder_with(tiny_dir, tmp_path, cache_implementation="dynamic")), tokenizer, ["hi"],
+                reward, cfg)
+
+
+def test_generate_applies_folder_options_on_both_engines_and_says_so(tiny_dir, tmp_path, tokenizer, caplog):
+    """Outside training (`alignkit generate` / `sample`) a folder option alignkit's decode loop does not implement
+    is applied, as model.generate applies it: the decode loop hands such calls to model.generate, so both give the
+    same greedy tokens (suppress_tokens: the policy's first greedy token is never drawn); a warning names the file
+    and the option."""
+    import logging
+
+    from alignkit.online.generation import encode_prompt, note_generation_config
+
+    plain = load_model(tiny_dir("llama")).eval()
+    first = naive_greedy(plain, encode_prompt("Hello world", tokenizer), 1)[0]
+    folder = folder_with(tiny_dir, tmp_path, suppress_tokens=[first])
+    model = load_model(folder).eval()
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=4)
+    got = [generate_responses(model, tokenizer, ["Hello world"], cfg, lean=lean)[0].response_ids for lean in (None, False)]
+    assert got[0] == got[1] and got[0][0] != first
+    with caplog.at_level(logging.WARNING, logger="alignkit.online.generation"):
+        note_generation_config(model, tokenizer, cfg, "generation")
+    assert [r.getMessage() for r in caplog.records if r.name == "alignkit.online.generation"] == [
+        f"{folder}/generation_config.json sets suppress_tokens=[{first}], which model.generate applies to every "
+        "response (alignkit's decode loop does not implement it, so these samples use model.generate); remove it "
+        f"from {folder}/generation_config.json to sample without it"]
