@@ -198,3 +198,22 @@ def test_generate_applies_folder_options_on_both_engines_and_says_so(tiny_dir, t
         f"{folder}/generation_config.json sets suppress_tokens=[{first}], which model.generate applies to every "
         "response (alignkit's decode loop does not implement it, so these samples use model.generate); remove it "
         f"from {folder}/generation_config.json to sample without it"]
+
+
+@pytest.mark.parametrize("sampler", ["inverse_cdf", "multinomial"])
+def test_row_seeded_samples_are_the_same_whatever_the_batch(tiny_lm, tokenizer, sampler):
+    """`row_seed` (alignkit generate / sample): each (prompt, sample) row draws from its own generator, so batch
+    sizes 1 and 3 (rows of several prompts together, rows leaving the batch as they end) give the same samples;
+    with the batch's one generator they differed. A draw is the row's own: another first_prompt, other samples."""
+    model = tiny_lm("llama")
+    prompts = ["Hello world", "Once upon a time", "1, 2, 3,", "Translate: cat"]
+    cfg = SamplingConfig(num_samples=2, max_new_tokens=8, seed=5, sampler=sampler)
+
+    def run(batch_size, **kw):
+        return [s.response_ids for s in generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **kw)]
+
+    one = run(1, row_seed=5)
+    assert run(3, row_seed=5) == one and run(8, row_seed=5) == one
+    assert len({tuple(x) for x in one}) == len(one)  # sampled: every row its own answer
+    assert run(3) != run(1)  # one generator per batch: the batch size changes the samples
+    assert run(1, row_seed=5, first_prompt=1) != one

@@ -283,7 +283,7 @@ HOW_IT_RUNS = frozenset({"cache_implementation", "cache_config", "compile_config
                          "prefill_chunk_size"})
 # sampling fields alignkit always sets on the call (`_generation_kwargs`), so a generation_config's values are unused
 OVERRIDDEN = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-_noted: set[tuple[str, str]] = set()  # (generation_config source, fields) already logged (`note_generation_config`)
+_noted: set[tuple[str, str]] = set()  # warnings given once: `note_generation_config`, batch-dependent samples
 
 
 def generation_config_source(model: Any) -> str:
@@ -398,7 +398,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
                        intervene_on_generated: bool = False, formatter: str = "auto",
                        max_prompt_length: int | None = None, lean: bool | None = None,
-                       progress: bool = False) -> list[Sample]:
+                       progress: bool = False, row_seed: int | None = None, first_prompt: int = 0) -> list[Sample]:
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
@@ -407,6 +407,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     (None: whenever they do; False: always `model.generate`; True: raise where they do not). There it draws with
     `cfg.sampler` (None: the inverse-CDF sampler, same distribution, other draws than `generate`; "multinomial":
     `generate`'s own draws under the same seed). `progress`: a progress bar over the batches (`alignkit sample`).
+    `row_seed`: sample j of prompt i draws from its own generator seeded from (row_seed, first_prompt + i, j)
+    (`row_generators`), so its tokens do not depend on `batch_size` or the other rows (`alignkit generate` /
+    `sample`; the decode loop only: a call that samples with model.generate draws for the whole batch, a warning).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
     if batch_size < 1:
@@ -435,6 +438,12 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     sampler = cfg.sampler or "inverse_cdf"
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
+    per_row = row_seed is not None and cfg.do_sample
+    if per_row and why_not is not None and ("batch", why_not) not in _noted:
+        _noted.add(("batch", why_not))
+        logger.warning("these samples depend on the batch size: they are drawn with model.generate (%s), which draws "
+                       "for the whole batch from one generator; the same batch size and seed give the same samples",
+                       why_not)
     samples: list[Sample] = []
     was_training = model.training
     model.eval()
@@ -466,8 +475,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                         extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
                                                                           input_ids.shape[1] + cfg.max_new_tokens)
                     if why_not is None:
+                        gens = row_generators(row_seed, first_prompt, chunk, device) if per_row else None
                         out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
-                                            cache=extra.get(cache_keyword(model)), sampler=sampler)
+                                            cache=extra.get(cache_keyword(model)), sampler=sampler, generators=gens)
                     else:
                         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
                                              logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
@@ -484,6 +494,17 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     return samples
 
 
+def row_generators(seed: int, first_prompt: int, rows: Sequence[tuple[int, int]],
+                   device: torch.device) -> list[torch.Generator]:
+    """One `torch.Generator` per (prompt, sample) row, seeded from (seed, first_prompt + prompt, sample) (SHA-256,
+    63 bits): a row's draws are the same whatever batch it is in."""
+    out = []
+    for g, k in rows:
+        key = hashlib.sha256(f"{int(seed)}/{first_prompt + g}/{k}".encode()).digest()
+        out.append(torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1))
+    return out
+
+
 def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     """Mean response length (tokens) and the fraction of each finish reason."""
     n = max(len(samples), 1)
@@ -495,4 +516,4 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
            "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options",
-           "check_on_policy_options", "generation_config_source", "note_generation_config", "overridden_options", "uses_chat_template", "model_device", "generation_metrics"]
+           "check_on_policy_options", "generation_config_source", "note_generation_config", "overridden_options", "uses_chat_template", "model_device", "generation_metrics", "row_generators"]
