@@ -1,4 +1,4 @@
-"""What alignkit relies on in transformers' `generate` (rows G1-G4 of the table in docs/architecture.md)."""
+"""What alignkit relies on in transformers' `generate` (rows G1-G4 and G9 of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,44 @@ def test_generation_config_fields_alignkit_sets(tiny_lm, tokenizer):
     gc = transformers.GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=0.7, repetition_penalty=1.0)
     with guard(TF, "GenerationConfig(top_k=0, ...) no longer validates", where):
         gc.validate()
+
+
+def test_generate_fills_unset_fields_from_the_folders_generation_config(tiny_dir, tmp_path, tokenizer):
+    """from_pretrained reads generation_config.json into `model.generation_config` (a list of eos ids stays a list);
+    `generate(generation_config=...)` takes the model's value for each field the call leaves unset (suppress_tokens:
+    the argmax token is never drawn) and the call's own value where it sets one (do_sample=False over the folder's
+    True: the argmax tokens). What `end_token_ids`, `check_on_policy_options`, `note_generation_config` and the
+    decode loop's `_effective_config` assume."""
+    import json
+    import shutil
+
+    from alignkit.models.loading import load_model
+
+    where = "alignkit/online/generation.py:end_token_ids/overridden_options, online/decode.py:_effective_config"
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir("llama"), folder)
+    plain = load_model(str(folder)).eval()
+    prompt = torch.tensor([tokenizer("The quick brown", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        argmax = [int(plain(input_ids=prompt).logits[0, -1].argmax())]
+    path = folder / "generation_config.json"
+    gen = json.loads(path.read_text())
+    path.write_text(json.dumps({**gen, "eos_token_id": [tokenizer.eos_token_id, 5], "do_sample": True, "top_k": 3,
+                                "temperature": 5.0, "suppress_tokens": argmax}))
+    lm = load_model(str(folder)).eval()
+    check(lm.generation_config.eos_token_id == [tokenizer.eos_token_id, 5], TF, "from_pretrained no longer reads "
+          "generation_config.json's eos_token_id list into model.generation_config", where,
+          repr(lm.generation_config.eos_token_id))
+    call = transformers.GenerationConfig(max_new_tokens=1, do_sample=False, eos_token_id=[tokenizer.eos_token_id],
+                                         pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad(), guard(TF, "generate with a folder's generation_config failed", where):
+        got = lm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=call)
+    with torch.no_grad():
+        scores = plain(input_ids=prompt).logits[0, -1]
+    scores[argmax[0]] = float("-inf")
+    check(got[0, prompt.shape[1]:].tolist() == [int(scores.argmax())], TF, "generate no longer fills the fields a "
+          "call leaves unset from the model's generation_config (suppress_tokens), or lets the folder's do_sample "
+          "override the call's do_sample=False", where, f"{got[0, prompt.shape[1]:].tolist()} vs argmax {argmax}")
 
 
 def test_serve_cache_rows_can_be_selected_and_cut(tiny_lm):

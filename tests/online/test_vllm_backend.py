@@ -122,8 +122,8 @@ def test_model_generation_config_options_vllm_would_ignore_are_refused(tiny_dir,
     with pytest.raises(ConfigError) as e:
         GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg)
     assert "\n" not in str(e.value) and str(e.value).startswith(
-        f"generation_backend='vllm': the model's generation_config sets suppress_tokens=[{first}], which transformers "
-        "generation applies and vLLM's sampling (sampling.* only) would ignore"), str(e.value)
+        f"generation_backend='vllm': {tiny_dir('llama')}/generation_config.json sets suppress_tokens=[{first}], which "
+        "transformers generation applies and vLLM's sampling (sampling.* only) would ignore"), str(e.value)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this Python")

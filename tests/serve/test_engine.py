@@ -644,3 +644,27 @@ def test_sampling_defaults_of_the_generation_config_the_engine_does_not_apply_ar
     said = [r.getMessage() for r in caplog.records if "generation config" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("serve: the base's generation config sets the sampling defaults "
                                                  "temperature=0.7, top_k=50, which alignkit's engine does not apply"), said
+
+
+def test_generation_config_options_neither_engine_applies_are_a_warning(tmp_path, caplog):
+    """generation_config.json options beyond the sampling defaults (no_repeat_ngram_size, suppress_tokens, ...):
+    model.generate (`alignkit generate`) applies them, while alignkit's engine and vLLM's server (which reads the
+    sampling defaults alone) serve without them, without a word. Now a warning naming the file and the options when
+    the engine is built; a field that only says how generate runs (cache_implementation) is not named."""
+    import json
+    import logging
+
+    from alignkit.models.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", "llama", hidden_size=64, num_layers=2)
+    path = base / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**gen, "no_repeat_ngram_size": 3, "suppress_tokens": [7],
+                                "cache_implementation": "dynamic"}))
+    with caplog.at_level(logging.WARNING, logger="alignkit.serve.engine"):
+        Engine(load_stack(base, {}, base_name="b"))
+    said = [r.getMessage() for r in caplog.records if "generation_config.json" in r.getMessage()]
+    assert said == [f"serve: {base}/generation_config.json sets no_repeat_ngram_size=3, suppress_tokens=[7], which "
+                    "neither alignkit's engine nor vLLM's server (it reads the sampling defaults alone) applies: "
+                    f"responses are generated without it; remove it from {base}/generation_config.json to say so "
+                    "(`alignkit generate` applies it)"], said

@@ -194,6 +194,8 @@ class LocalChat:
     def chat(self, messages: Messages, *, max_tokens: int, temperature: float, seed: int | None = None) -> str:
         import torch
 
+        from alignkit.online.generation import SamplingConfig, end_token_ids
+
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
@@ -206,14 +208,15 @@ class LocalChat:
             torch.manual_seed(seed)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([list(ids)], device=device)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id}
+        # every end token (the folder's EOS list, the tokenizer's, the template's turn end): generate alone stops at
+        # the generation config's, and a chat answer ran past <|im_end|> to max_tokens (refused as cut off)
+        ends = end_token_ids(self.model, tok, SamplingConfig(), chat=bool(getattr(tok, "chat_template", None)))
+        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": ends}
         kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         new = out[0, input_ids.shape[1]:].tolist()
         text = tok.decode(new, skip_special_tokens=True)
-        ends = getattr(self.model.generation_config, "eos_token_id", None)
-        ends = set(ends if isinstance(ends, (list, tuple)) else [ends if ends is not None else tok.eos_token_id])
         if len(new) >= max_tokens and new[-1] not in ends:  # stopped by max_new_tokens, not by its end token
             raise AnswerCutOff(CUT_AT_MAX_TOKENS, text)
         return text

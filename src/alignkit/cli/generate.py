@@ -2,9 +2,13 @@
 
 Prompts come from any records `data.path` holds (their prompts are used: plain prompt files, SFT or
 preference data, OASST prompts). Sampling follows the `generation` section (`alignkit.online.SamplingConfig`,
-greedy by default). `generation.seed` seeds each batch (seed + the index of its first prompt): the same data,
-`batch_size` and model give the same samples again; another `batch_size` groups the prompts into other batches and
-draws other samples (the draws are per batch, not per prompt; `alignkit serve` seeds per request). A ReFT adapter intervenes on the prompt positions it was trained with.
+greedy by default). `generation.seed`: sample j of prompt i draws from its own generator, seeded from (seed, i, j)
+(`online.generation.row_generators`), so the same data, seed and model give the same samples again whatever
+`batch_size` (up to the rounding of batched attention: a draw that falls within float error of a token boundary may
+differ). Where the policy samples with model.generate (a ReFT adapter, stop strings, a generation_config.json option
+the decode loop lacks) each batch is seeded instead (seed + the index of its first prompt): the same `batch_size`
+gives the same samples, another draws other ones (a warning says so). A ReFT adapter intervenes on the prompt
+positions it was trained with.
 Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index;
 `generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s), TensorBoard events in
 `tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written
@@ -79,7 +83,8 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         if sampling.seed is not None:  # a different, reproducible stream per batch
             sampling = dataclasses.replace(sampling, seed=sampling.seed + s)
         samples = generate_responses(model, tok, records[s:s + step], sampling, batch_size=cfg.batch_size,
-                                     formatter=cfg.data.formatter, max_prompt_length=cfg.data.max_prompt_length)
+                                     formatter=cfg.data.formatter, max_prompt_length=cfg.data.max_prompt_length,
+                                     row_seed=cfg.generation.seed, first_prompt=s)
         rows += [{"id": x.prompt_id, "prompt": x.prompt, "response": x.response, "finish_reason": x.finish_reason,
                   "index": x.index} for x in samples]
         done += samples

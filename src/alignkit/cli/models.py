@@ -21,7 +21,7 @@ from alignkit.data.chat import check_prompt_formats, prompt_formats
 from alignkit.models.efficiency import apply_kernels, check_model_kernels
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.tiny import save_tiny
-from alignkit.online.generation import check_sampler, check_stop_strings, lean_reason
+from alignkit.online.generation import check_sampler, check_stop_strings, lean_reason, note_generation_config
 from alignkit.run_commit import COMPLETE_MARKER, incomplete_reason
 from alignkit.runs import RunFolder
 from alignkit.settings import ConfigError, ModelSettings
@@ -363,6 +363,7 @@ def load_for_sampling(ms: ModelSettings, output_dir: str | Path, sampling: Any, 
         check_stop_strings(tok, sampling, section)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    note_generation_config(model, tok, sampling, section)
     return model, tok, desc
 
 

@@ -141,7 +141,8 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     describe = functools.partial(save_config, cfg, run.root / "sample.yaml") if run.main else None
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
                         overwrite=cfg.overwrite, formatter=cfg.data.formatter, before_entry=describe,
-                        max_prompt_length=cfg.data.max_prompt_length, progress=progress)
+                        max_prompt_length=cfg.data.max_prompt_length, progress=progress,
+                        row_seed=cfg.sampling.seed)  # each sample's draws its own: the same whatever batch_size
     if describe is not None:  # (again when the stage was kept: the same settings, check_kept_stage)
         describe()  # with the samples it describes, before their manifest entry: a failed or killed run leaves the
         # kept stage's settings (check_kept_stage), never a complete stage with the previous run's

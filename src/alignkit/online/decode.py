@@ -259,13 +259,18 @@ def inference_context(model: Any) -> Any:
 CDF_BLOCK = 1024  # inverse_cdf_sample: vocabularies above this many tokens are sampled block first, then token
 
 
-def _below(total: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A uniform draw in [0, total) per row of `total` (B, 1), strictly below it (in `total`'s dtype)."""
-    u = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator) * total
+def _below(total: torch.Tensor, generator: Any = None) -> torch.Tensor:
+    """A uniform draw in [0, total) per row of `total` (B, 1), strictly below it (in `total`'s dtype). `generator`:
+    one `torch.Generator` for the batch, or a list of one per row (each row's draw from its own)."""
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand((1, 1), dtype=total.dtype, device=total.device, generator=g) for g in generator])
+    else:
+        u = torch.rand(total.shape, dtype=total.dtype, device=total.device, generator=generator)
+    u = u * total
     return torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
 
 
-def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def inverse_cdf_sample(probs: torch.Tensor, generator: Any = None) -> torch.Tensor:
     """One token per row of `probs` (B, V): the first index whose running sum exceeds a uniform draw in
     [0, row sum). -> (B,) long. The same distribution as `torch.multinomial(probs, 1)` with one or two random
     numbers per row instead of one exponential per vocabulary entry (CPU, 1 thread: torch.multinomial 0.43 ms for
@@ -277,7 +282,8 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     predecessor's), and every other token's chance is its probability within one float32 rounding of its block's
     running sum (<= 6e-8 x the block's mass); each draw is kept strictly below its sum, so it never runs past the
     last token with mass. A row that is not finite or sums to 0 (NaN / inf logits) is an error, as it is for
-    torch.multinomial. `generator`: draw from it instead of torch's default generator (serve: one per request)."""
+    torch.multinomial. `generator`: draw from it instead of torch's default generator (serve: one per request), or
+    from a list of one generator per row (`lean_generate(generators=...)`)."""
     if probs.dtype not in (torch.float32, torch.float64):  # bf16 / fp16 logits (serve on a GPU): a half-precision
         probs = probs.float()  # running sum stops growing past ~256 steps of 1 / V and never reaches the last tokens
     b, v = probs.shape
@@ -303,15 +309,27 @@ def _check_rows(total: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def draw(probs: torch.Tensor, sampler: str, generators: list | None = None) -> torch.Tensor:
+    """One token per row of `probs` (B, V) -> (B,): `inverse_cdf_sample` or torch.multinomial, from torch's default
+    generator or (`generators`) each row from its own."""
+    if sampler == "inverse_cdf":
+        return inverse_cdf_sample(probs, generators)
+    if generators is None:
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generators)]).squeeze(1)
+
+
 def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
-                  cache: Any = None, sampler: str = "multinomial") -> torch.Tensor:
+                  cache: Any = None, sampler: str = "multinomial", generators: list | None = None) -> torch.Tensor:
     """`model.generate(input_ids=..., attention_mask=..., generation_config=cfg, <cache keyword>=cache)` for a
     call `lean_unsupported` accepts: (B, T + n) ids, the prompt then n <= max_new_tokens new tokens (a row that
     ended has the pad id after its EOS). `cache` may hold the first tokens of every row already (the shared
     prompt prefill); otherwise one is made (`preallocated_cache`). `generate_responses` runs it (and the prefill)
     inside `inference_context(model)`: read the ids it returns there (`.tolist()`), do not feed them to autograd.
     `sampler`: "multinomial" draws `generate`'s tokens; "inverse_cdf" draws from the same distribution with
-    `inverse_cdf_sample` (other tokens under one seed, far less CPU per step)."""
+    `inverse_cdf_sample` (other tokens under one seed, far less CPU per step). `generators`: one `torch.Generator`
+    per row, each row's draws from its own (tokens that do not depend on the other rows of the batch; one small
+    draw per row and step, for `alignkit generate` / `sample`, not for the online loop); None: torch's generator."""
     if sampler not in ("multinomial", "inverse_cdf"):
         raise ValueError(f"lean_generate: sampler must be 'multinomial' or 'inverse_cdf', got {sampler!r}")
     lm = unwrap_lm(model)
@@ -382,8 +400,7 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
             del out
         if sample:
             probs = torch.nn.functional.softmax(warp(warp_ids, logits), dim=-1)  # (B, V)
-            nxt = (inverse_cdf_sample(probs) if sampler == "inverse_cdf"
-                   else torch.multinomial(probs, num_samples=1).squeeze(1))  # (B,)
+            nxt = draw(probs, sampler, generators)  # (B,)
         else:
             nxt = torch.argmax(logits, dim=-1)
             # argmax takes a NaN as the largest value and a row of -inf gives index 0: the picked logit is finite
@@ -407,6 +424,8 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                 if unfinished.numel() - running >= max(1.0, DROP_FRACTION * unfinished.numel()):
                     keep = unfinished.nonzero().squeeze(1)  # (B',)
                     rows = keep if rows is None else rows[keep]
+                    if generators is not None:
+                        generators = [generators[j] for j in keep.tolist()]
                     cache.batch_select_indices(keep)
                     mask = None if mask is None else mask[keep]
                     mask4 = None if mask4 is None else mask4[keep]
@@ -445,5 +464,5 @@ def _checked_step(model: Any, fast: DecodeStep, ids: torch.Tensor, pos: torch.Te
     return got
 
 
-__all__ = ["generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context", "preallocated_cache", "PreallocatedLayer",
+__all__ = ["draw", "generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context", "preallocated_cache", "PreallocatedLayer",
            "sharded_over_processes"]

@@ -34,7 +34,11 @@ Finish reasons (`Sample.finish_reason`):
 
 Sampling distribution: temperature, top_p and top_k are passed explicitly (top_k=None disables top-k rather
 than taking transformers' default of 50; repetition penalty is pinned to 1.0), so what is sampled is the
-policy's distribution at `temperature`, what an on-policy trainer must score. `seed` makes a call
+policy's distribution at `temperature`, what an on-policy trainer must score. The model folder's
+generation_config.json: its eos_token_id list ends generation (`end_token_ids`); its do_sample / temperature / top_p
+/ top_k / repetition_penalty are not used (`overridden_options`); its options beyond them (no_repeat_ngram_size,
+min_new_tokens, suppress_tokens, ...) are applied by model.generate (the decode loop hands such calls to it),
+refused for online training (`check_on_policy_options`) and named in a warning elsewhere (`note_generation_config`). `seed` makes a call
 reproducible without touching the global RNG (its state is forked and restored); vary it per round.
 """
 
@@ -175,12 +179,15 @@ def uses_chat_template(records: Sequence[PromptRecord], formatter: str) -> bool:
 
 
 def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig, chat: bool = True) -> list[int]:
-    """EOS ids of the model's generation config and the tokenizer, plus `cfg.stop_token_ids`; with `chat` (prompts
-    formatted by the chat template) also the template's turn-end token (`data.chat.turn_end_ids`: a model trained
-    through the template ends its answers with it, not EOS). Plain-text prompts do not stop there: the token means
-    nothing outside the template."""
+    """EOS ids of the model's generation config (every one of a list: Llama-3-Instruct folders name
+    `[<|end_of_text|>, <|eot_id|>]`) and the tokenizer, plus `cfg.stop_token_ids`; with `chat` (prompts formatted
+    by the chat template) also the template's turn-end token (`data.chat.turn_end_ids`: a model trained through the
+    template ends its answers with it, not EOS). Plain-text prompts do not stop there: the token means nothing
+    outside the template. The one source of the end tokens of every generation path (the decode loop,
+    model.generate, vLLM's stop_token_ids, serve, `LocalChat`, `generation_report`); `model` may be wrapped (DDP,
+    ReFT, peft: its transformers model's generation config is read) or None (the tokenizer's alone)."""
     ids: list[int] = []
-    gen = getattr(model, "generation_config", None)
+    gen = getattr(unwrap_lm(model) if isinstance(model, torch.nn.Module) else model, "generation_config", None)
     for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, turn_end_ids(tokenizer) if chat else [],
               list(cfg.stop_token_ids)):
         for i in ([v] if isinstance(v, int) else (v or [])):
@@ -271,6 +278,77 @@ def model_generation_options(model: Any, tokenizer: Any, cfg: SamplingConfig) ->
             if k != "stop_strings"]
 
 
+# generation_config fields that change how model.generate runs (cache, compilation), not what it draws
+HOW_IT_RUNS = frozenset({"cache_implementation", "cache_config", "compile_config", "disable_compile", "max_cache_len",
+                         "prefill_chunk_size"})
+# sampling fields alignkit always sets on the call (`_generation_kwargs`), so a generation_config's values are unused
+OVERRIDDEN = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+_noted: set[tuple[str, str]] = set()  # warnings given once: `note_generation_config`, batch-dependent samples
+
+
+def generation_config_source(model: Any) -> str:
+    """Where `model`'s generation config came from, for messages: `<folder>/generation_config.json` (the folder it was
+    loaded from), else "the model's generation_config"."""
+    path = getattr(unwrap_lm(model) if isinstance(model, torch.nn.Module) else model, "name_or_path", "") or ""
+    return f"{path}/generation_config.json" if path else "the model's generation_config"
+
+
+def overridden_options(model: Any, tokenizer: Any, cfg: SamplingConfig) -> list[tuple[str, Any]]:
+    """(field, value) of the model's generation config that `generate_responses` with `cfg` does not use because
+    alignkit's own setting is passed on the call (`OVERRIDDEN`; sampling fields only while `cfg` samples: greedy
+    reads none of them)."""
+    gen = getattr(unwrap_lm(model) if isinstance(model, torch.nn.Module) else model, "generation_config", None)
+    ours = _generation_kwargs(cfg, tokenizer, [])["generation_config"]
+    out = []
+    for k in OVERRIDDEN:
+        theirs, used = getattr(gen, k, None), getattr(ours, k, None)
+        if theirs is not None and theirs != used and (k in ("do_sample", "repetition_penalty") or cfg.do_sample):
+            out.append((k, theirs))
+    return out
+
+
+def listed(options: Sequence[tuple[str, Any]]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options)
+
+
+def note_generation_config(model: Any, tokenizer: Any, cfg: SamplingConfig, section: str = "sampling") -> None:
+    """Logs once per process (per source and fields) what the model's generation config sets that `generate_responses`
+    with `cfg` treats otherwise than `model.generate(**its defaults)` would: sampling fields alignkit's `section`
+    settings replace, and options beyond them that model.generate applies (`model_generation_options`)."""
+    src = generation_config_source(model)
+    over, extra = overridden_options(model, tokenizer, cfg), model_generation_options(model, tokenizer, cfg)
+    key = (src, repr((over, extra)))
+    if key in _noted or not (over or extra):
+        return
+    _noted.add(key)
+    if over:
+        logger.warning("%s sets %s, which alignkit does not use: the %s settings are passed on every call instead "
+                       "(%s); set them in %s to sample that way", src, listed(over), section,
+                       listed((k, getattr(_generation_kwargs(cfg, tokenizer, [])["generation_config"], k))
+                              for k, _ in over), section)
+    if extra:
+        logger.warning("%s sets %s, which model.generate applies to every response (alignkit's decode loop does not "
+                       "implement it, so these samples use model.generate); remove it from %s to sample without it",
+                       src, listed(extra), src)
+
+
+def check_on_policy_options(model: Any, tokenizer: Any, cfg: SamplingConfig, backend: str = "transformers") -> None:
+    """ConfigError for options of the model's generation config that would make an online run's samples come from
+    another distribution than the policy whose log-probs the loss uses (`model_generation_options`, less
+    `HOW_IT_RUNS`): model.generate applies them (no_repeat_ngram_size, min_new_tokens, suppress_tokens, min_p, ...),
+    and vLLM's sampling (sampling.* only) would not, so the two backends would also differ."""
+    extra = [(k, v) for k, v in model_generation_options(model, tokenizer, cfg) if k not in HOW_IT_RUNS]
+    if not extra:
+        return
+    src = generation_config_source(model)
+    how = ("transformers generation applies and vLLM's sampling (sampling.* only) would ignore, so the two backends "
+           "would sample differently" if backend == "vllm" else "model.generate would apply to every sample, so the "
+           "samples would come from another distribution than the policy whose log-probs the loss uses")
+    raise ConfigError(f"generation_backend={backend!r}: {src} sets {listed(extra)}, which {how}; remove "
+                      f"{'it' if len(extra) == 1 else 'them'} from {src} (online training samples with sampling.* "
+                      "settings only)")
+
+
 def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: SamplingConfig) -> tuple[list[int], str, str]:
     """Generated ids of one row -> (response ids, response text, finish reason); rules in the module docstring."""
     cut = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -320,7 +398,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
                        intervene_on_generated: bool = False, formatter: str = "auto",
                        max_prompt_length: int | None = None, lean: bool | None = None,
-                       progress: bool = False) -> list[Sample]:
+                       progress: bool = False, row_seed: int | None = None, first_prompt: int = 0) -> list[Sample]:
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
@@ -329,6 +407,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     (None: whenever they do; False: always `model.generate`; True: raise where they do not). There it draws with
     `cfg.sampler` (None: the inverse-CDF sampler, same distribution, other draws than `generate`; "multinomial":
     `generate`'s own draws under the same seed). `progress`: a progress bar over the batches (`alignkit sample`).
+    `row_seed`: sample j of prompt i draws from its own generator seeded from (row_seed, first_prompt + i, j)
+    (`row_generators`), so its tokens do not depend on `batch_size` or the other rows (`alignkit generate` /
+    `sample`; the decode loop only: a call that samples with model.generate draws for the whole batch, a warning).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
     if batch_size < 1:
@@ -357,6 +438,12 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     sampler = cfg.sampler or "inverse_cdf"
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
+    per_row = row_seed is not None and cfg.do_sample
+    if per_row and why_not is not None and ("batch", why_not) not in _noted:
+        _noted.add(("batch", why_not))
+        logger.warning("these samples depend on the batch size: they are drawn with model.generate (%s), which draws "
+                       "for the whole batch from one generator; the same batch size and seed give the same samples",
+                       why_not)
     samples: list[Sample] = []
     was_training = model.training
     model.eval()
@@ -388,8 +475,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                         extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
                                                                           input_ids.shape[1] + cfg.max_new_tokens)
                     if why_not is None:
+                        gens = row_generators(row_seed, first_prompt, chunk, device) if per_row else None
                         out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
-                                            cache=extra.get(cache_keyword(model)), sampler=sampler)
+                                            cache=extra.get(cache_keyword(model)), sampler=sampler, generators=gens)
                     else:
                         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
                                              logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
@@ -406,6 +494,17 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     return samples
 
 
+def row_generators(seed: int, first_prompt: int, rows: Sequence[tuple[int, int]],
+                   device: torch.device) -> list[torch.Generator]:
+    """One `torch.Generator` per (prompt, sample) row, seeded from (seed, first_prompt + prompt, sample) (SHA-256,
+    63 bits): a row's draws are the same whatever batch it is in."""
+    out = []
+    for g, k in rows:
+        key = hashlib.sha256(f"{int(seed)}/{first_prompt + g}/{k}".encode()).digest()
+        out.append(torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "little") >> 1))
+    return out
+
+
 def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     """Mean response length (tokens) and the fraction of each finish reason."""
     n = max(len(samples), 1)
@@ -416,4 +515,5 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
-           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options", "uses_chat_template", "model_device", "generation_metrics"]
+           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options",
+           "check_on_policy_options", "generation_config_source", "note_generation_config", "overridden_options", "uses_chat_template", "model_device", "generation_metrics", "row_generators"]

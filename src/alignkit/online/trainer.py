@@ -75,8 +75,8 @@ from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
 from alignkit.online.evaluation import HeldOutEvaluation
-from alignkit.online.generation import (as_prompt_records, check_sampler, check_stop_strings, encode_prompts, lean_reason,
-                                       model_generation_options)
+from alignkit.online.generation import (as_prompt_records, check_on_policy_options, check_sampler, check_stop_strings,
+                                       encode_prompts, lean_reason, note_generation_config)
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
@@ -264,14 +264,12 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
     def check_generation(self, model: nn.Module, tokenizer: Any, fsdp2: bool) -> None:
         """What the generation backend would refuse or ignore only at the first step (vLLM: the model, its
         generation_config, the engine, the processes; transformers: the sampler), and the stop strings."""
+        # generation_config.json options beyond sampling.* (no_repeat_ngram_size, suppress_tokens, ...): off-policy
+        # samples under model.generate, a second distribution under vLLM
+        check_on_policy_options(model, tokenizer, self.config.sampling, self.config.generation_backend)
+        note_generation_config(model, tokenizer, self.config.sampling)
         if self.config.generation_backend == "vllm":
             refuse_unsupported(adapter_of(model), model)  # ReFT; LoRA features vLLM's LoRA lacks
-            extra = model_generation_options(model, tokenizer, self.config.sampling)
-            if extra:  # transformers generation applies them, vLLM's SamplingParams get sampling.* only
-                raise ConfigError(f"generation_backend='vllm': the model's generation_config sets "
-                                  f"{', '.join(f'{k}={v!r}' for k, v in extra)}, which transformers generation applies "
-                                  "and vLLM's sampling (sampling.* only) would ignore; remove it from the model "
-                                  "folder's generation_config.json, or use generation_backend='transformers'")
             if self.config.vllm_mode == "colocate":  # before the engine starts (server mode: at its /info)
                 self.check_colocated_engine(model, tokenizer)
             if self.config.vllm_mode == "server" and self.world > 1:

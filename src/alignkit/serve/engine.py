@@ -51,13 +51,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
 from alignkit.models.rope import trained_context
-from alignkit.online.decode import inverse_cdf_sample
-from alignkit.online.generation import end_token_ids
+from alignkit.online.decode import generation_options, inverse_cdf_sample
+from alignkit.online.generation import HOW_IT_RUNS, end_token_ids, generation_config_source, listed
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.serve.request import (FINISH_LENGTH, FINISH_STOP, SEED_MAX, SEED_MIN, SHUTTING_DOWN, EngineConfig,
                                     EngineStopped, Event, ModelChanged, QueueFullError, Request, RequestError, SamplingParams,
@@ -112,6 +112,12 @@ class Engine:
                            "does; top_k, min_p and repetition_penalty are not implemented) where vLLM's server (--engine "
                            "vllm) applies them to requests that leave them out; send temperature / top_p with each "
                            "request", ", ".join(f"{k}={v}" for k, v in unapplied.items()))
+        beyond = generation_options_unapplied(stack.model)
+        if beyond:
+            src = generation_config_source(stack.model)
+            logger.warning("serve: %s sets %s, which neither alignkit's engine nor vLLM's server (it reads the sampling "
+                           "defaults alone) applies: responses are generated without it; remove it from %s to say so "
+                           "(`alignkit generate` applies it)", src, listed(beyond), src)
 
     # -- public ------------------------------------------------------------------------------------------
 
@@ -492,6 +498,14 @@ def generation_defaults(model: Any) -> dict[str, Any]:
     return {k: diff[k] for k, neutral in NEUTRAL_SAMPLING.items() if diff.get(k) is not None and diff[k] not in neutral}
 
 
+def generation_options_unapplied(model: Any) -> list[tuple[str, Any]]:
+    """(field, value) the model's generation config sets beyond the sampling defaults (`generation_defaults`) that
+    change what `model.generate` draws (no_repeat_ngram_size, min_new_tokens, suppress_tokens, bad_words_ids, ...;
+    `decode.generation_options`): the engine implements none of them."""
+    return [(k, v) for k, v in generation_options(model, GenerationConfig())
+            if k not in NEUTRAL_SAMPLING and k not in HOW_IT_RUNS]
+
+
 def default_end_ids(stack: Stack, chat: bool = True) -> list[int]:
     """EOS of the tokenizer and the generation config, plus (`chat`) the chat template's turn-end token: the same
     ends as training-time generation (`online.generation.end_token_ids`)."""
@@ -500,4 +514,5 @@ def default_end_ids(stack: Stack, chat: bool = True) -> list[int]:
 
 __all__ = ["SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "Engine", "EngineConfig", "EngineStopped", "Event", "ModelChanged",
            "QueueFullError", "Request", "RequestError", "SamplingParams", "default_end_ids", "generation_defaults",
+           "generation_options_unapplied",
            "special_stop_ids"]

@@ -31,6 +31,7 @@ from alignkit.data import PromptRecord, tokenize_records
 from alignkit.data.collators import PromptCollator
 from alignkit.files import atomic_write_text, jsonl_text
 from alignkit.losses import kendall_tau
+from alignkit.online.generation import end_token_ids, uses_chat_template
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.trainers.logps import prompt_locations
 from alignkit.trainers.reward import ranked_table, sequence_rewards
@@ -181,6 +182,13 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
                          "(greedy decoding, the default), so it would be ignored; pass do_sample=True to sample, or "
                          f"remove {key}")
     records = [p if isinstance(p, PromptRecord) else PromptRecord(p, id=f"prompt-{i}") for i, p in enumerate(prompts)]
+    base_gen = gen
+    if "eos_token_id" not in generate_kwargs:  # every end token, as training-time generation stops (model.generate
+        #   alone stops at the generation config's EOS: a chat answer ran on past the template's turn end)
+        chat = uses_chat_template(records, formatter)
+        gen["eos_token_id"] = end_token_ids(model, tokenizer, SamplingConfig(), chat=chat)
+        if base_model is not None:
+            base_gen = {**gen, "eos_token_id": end_token_ids(base_model, tokenizer, SamplingConfig(), chat=chat)}
     features, _ = tokenize_records(records, tokenizer, formatter=formatter)
     switchable = can_switch_off(model) and base_model is None  # a base_model given is the base
     if not switchable and base_model is None:
@@ -198,7 +206,7 @@ def generation_report(model: nn.Module, tokenizer: Any, prompts: Sequence[Any], 
                     base = _generate(model, batch, gen)
             elif base_model is not None:
                 with _eval_mode(base_model):
-                    base = _generate(base_model, batch, gen)
+                    base = _generate(base_model, batch, base_gen)
             else:
                 base = None
             for i, f in enumerate(chunk):
