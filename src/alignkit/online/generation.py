@@ -315,6 +315,66 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     return cache
 
 
+def _check_call(model: Any, tokenizer: Any, batch_size: int, positions: str | Positions | None) -> None:
+    """`generate_responses`' arguments that make no call possible: one line each."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+    if (isinstance(model, ReftModel) and positions is None
+            and not any(c.positions for c in model.adapter_configs.values())):
+        raise ValueError("this ReftModel has no saved position spec: pass the one it was trained with, "
+                         "e.g. positions='l1' or 'f3+l3' (see alignkit.interventions.positions)")
+
+
+def _sampling_path(model: Any, tokenizer: Any, cfg: SamplingConfig, gen_kwargs: dict[str, Any],
+                   lean: bool | None) -> str | None:
+    """Why the call samples with `model.generate` (None: with `decode.lean_generate`), after checking that `lean`
+    and `cfg.sampler` / `cfg.stop` can be honoured (see `generate_responses`)."""
+    why_not = lean_unsupported(model, gen_kwargs["generation_config"]) if lean is not False else "lean=False"
+    if lean and why_not:
+        raise ValueError(f"generate_responses(lean=True): the lean loop does not support this call: {why_not}")
+    if why_not and lean is None:
+        logger.debug("sampling with model.generate: %s", why_not)
+    check_sampler(cfg, why_not)
+    check_stop_strings(tokenizer, cfg)
+    return why_not
+
+
+def _generate_batch(model: Any, tokenizer: Any, encoded: list[list[int]], groups: list[int], cfg: SamplingConfig,
+                    gen_kwargs: dict[str, Any], why_not: str | None, reft: dict[str, Any] | None) -> list[list[int]]:
+    """The new token ids of one batch: row r samples prompt `encoded[groups[r]]`, left-padded with the others. Rows
+    of one prompt share its prefill (`shared_prompt_cache`; not a ReftModel's). `why_not` None: the lean loop, in
+    `inference_context`; else `model.generate`. `reft`: a ReftModel's intervention arguments (None: not one)."""
+    device = model_device(model)
+    ids = [encoded[g] for g in groups]
+    input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)
+    attention_mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)  # (B, T)
+    extra: dict[str, Any] = {}
+    if reft is not None:  # without `positions`, the adapters' saved specs place the edits (ReftModel.generate)
+        if reft["positions"] is not None:
+            extra["intervention_locations"] = locations_from_mask(
+                reft["positions"], attention_mask, model.num_interventions, reft["share_weights"])  # (B, I, P)
+        extra["intervene_on_generated"] = reft["intervene_on_generated"]
+    uniq = list(dict.fromkeys(groups))
+    # the lean path runs in inference mode in one process (less dispatch work per op; its tensors never
+    # meet autograd; not with FSDP2 / ZeRO-3, which update gathered parameters in place)
+    with inference_context(model) if why_not is None else contextlib.nullcontext():
+        if reft is None and len(uniq) < len(groups) and input_ids.shape[1] > 1:  # samples share prompts
+            u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)
+            u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
+            of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
+            extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
+                                                              input_ids.shape[1] + cfg.max_new_tokens)
+        if why_not is None:
+            out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
+                                cache=extra.get(cache_keyword(model)), sampler=cfg.sampler or "inverse_cdf")
+        else:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
+                                 logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
+        return out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+
+
 @torch.no_grad()
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
@@ -331,14 +391,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     `generate`'s own draws under the same seed). `progress`: a progress bar over the batches (`alignkit sample`).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
-    is_reft = isinstance(model, ReftModel)
-    if is_reft and positions is None and not any(c.positions for c in model.adapter_configs.values()):
-        raise ValueError("this ReftModel has no saved position spec: pass the one it was trained with, "
-                         "e.g. positions='l1' or 'f3+l3' (see alignkit.interventions.positions)")
+    _check_call(model, tokenizer, batch_size, positions)
     records = as_prompt_records(prompts)
     encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
     check_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
@@ -347,14 +400,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
     if sharded_over_processes(model):  # every forward is a collective: no rank may stop decoding before the others
         gen_kwargs["synced_gpus"] = True
-    why_not = lean_unsupported(model, gen_kwargs["generation_config"]) if lean is not False else "lean=False"
-    if lean and why_not:
-        raise ValueError(f"generate_responses(lean=True): the lean loop does not support this call: {why_not}")
-    if why_not and lean is None:
-        logger.debug("sampling with model.generate: %s", why_not)
-    check_sampler(cfg, why_not)
-    check_stop_strings(tokenizer, cfg)
-    sampler = cfg.sampler or "inverse_cdf"
+    why_not = _sampling_path(model, tokenizer, cfg, gen_kwargs, lean)
+    reft = (dict(positions=positions, share_weights=share_weights, intervene_on_generated=intervene_on_generated)
+            if isinstance(model, ReftModel) else None)
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
     samples: list[Sample] = []
@@ -367,33 +415,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                 torch.manual_seed(cfg.seed)
             for s in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", disable=not progress):
                 chunk = rows[s:s + batch_size]
-                ids = [encoded[g] for g, _ in chunk]
-                input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)
-                attention_mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)  # (B, T)
-                extra: dict[str, Any] = {}
-                if is_reft:  # without `positions`, the adapters' saved specs place the edits (ReftModel.generate)
-                    if positions is not None:
-                        extra["intervention_locations"] = locations_from_mask(
-                            positions, attention_mask, model.num_interventions, share_weights)  # (B, I, P)
-                    extra["intervene_on_generated"] = intervene_on_generated
-                groups = [g for g, _ in chunk]
-                uniq = list(dict.fromkeys(groups))
-                # the lean path runs in inference mode in one process (less dispatch work per op; its tensors never
-                # meet autograd; not with FSDP2 / ZeRO-3, which update gathered parameters in place)
-                with inference_context(model) if why_not is None else contextlib.nullcontext():
-                    if not is_reft and len(uniq) < len(chunk) and input_ids.shape[1] > 1:  # samples share prompts
-                        u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)
-                        u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
-                        of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
-                        extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
-                                                                          input_ids.shape[1] + cfg.max_new_tokens)
-                    if why_not is None:
-                        out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
-                                            cache=extra.get(cache_keyword(model)), sampler=sampler)
-                    else:
-                        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
-                                             logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
-                new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+                new = _generate_batch(model, tokenizer, encoded, [g for g, _ in chunk], cfg, gen_kwargs, why_not, reft)
                 for (g, k), row in zip(chunk, new):
                     resp_ids, text, reason = finish_response(row, tokenizer, eos, cfg)
                     r = records[g]
