@@ -1,16 +1,16 @@
 """`alignkit generate`: responses from a model (+ optional adapter) for a prompts file, written as JSONL.
 
-Prompts come from any records `data.path` holds (their prompts are used: plain prompt files, SFT or
-preference data, OASST prompts). Sampling follows the `generation` section (`alignkit.online.SamplingConfig`,
-greedy by default). `generation.seed` seeds each batch (seed + the index of its first prompt): the same data,
-`batch_size` and model give the same samples again; another `batch_size` groups the prompts into other batches and
-draws other samples (the draws are per batch, not per prompt; `alignkit serve` seeds per request). A ReFT adapter intervenes on the prompt positions it was trained with.
-Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index;
-`generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s), TensorBoard events in
-`tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written
-atomically (a kill leaves the previous file or the complete new one) as one set: `alignkit_generate_outputs.json`
-is marked unfinished first and lists every file last, and a command reading generations.jsonl from an unfinished
-set refuses it (`run_commit.output_set`).
+Prompts come from any records `data.path` holds (their prompts are used: plain prompt files, SFT or preference data,
+OASST prompts). Sampling follows the `generation` section (`alignkit.online.SamplingConfig`, greedy by default).
+`generation.seed` seeds each batch (seed + the index of its first prompt): the same data, `batch_size` and model give
+the same samples again; another `batch_size` groups the prompts into other batches and draws other samples (the draws
+are per batch, not per prompt; `alignkit serve` seeds per request). A ReFT adapter intervenes on the prompt positions it
+was trained with. Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason,
+index; `generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s), TensorBoard events
+in `tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written
+atomically (a kill leaves the previous file or the complete new one) as one set: `alignkit_generate_outputs.json` is
+marked unfinished first and lists every file last, and a command reading generations.jsonl from an unfinished set
+refuses it (`run_commit.output_set`).
 """
 
 from __future__ import annotations

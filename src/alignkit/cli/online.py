@@ -366,4 +366,5 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     return 0
 
 
-__all__ = ["ONLINE_BOOKKEEPING", "ONLINE_PLOTS", "add_parser", "make_annotator", "online_plots", "plot_online", "read_prompt_splits", "read_prompts", "run", "train_online"]
+__all__ = ["ONLINE_BOOKKEEPING", "ONLINE_PLOTS", "add_parser", "make_annotator", "online_plots", "plot_online",
+           "read_prompt_splits", "read_prompts", "run", "train_online"]

@@ -70,7 +70,8 @@ logger = logging.getLogger(__name__)
 PREPARED_MASK = True  # False: let the model build every step's mask (an A/B switch for bench/online_gen_ab.py)
 DROP_FINISHED = True  # False: finished rows stay in the batch (an A/B switch for bench/online_gen_ab.py)
 DROP_FRACTION = 0.25  # rows leave the batch once at least this share of the running rows has ended
-FAST_STEP = True  # False: every decode step is the model's own forward (an A/B switch; also the way out of the fast step)
+# False: every decode step is the model's own forward (an A/B switch; also the way out of the fast step)
+FAST_STEP = True
 # (model, padded?) pairs whose fast step was checked against the model's own forward (`_checked_step`)
 _CHECKED: "weakref.WeakKeyDictionary[Any, set[bool]]" = weakref.WeakKeyDictionary()
 
@@ -291,7 +292,8 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     mass = blocks.sum(dim=-1, dtype=torch.float64)  # (B, nb)
     cum_blocks = mass.cumsum(dim=-1)
     _check_rows(cum_blocks[:, -1:])
-    k = torch.searchsorted(cum_blocks, _below(cum_blocks[:, -1:], generator), right=True).squeeze(1)  # (B,) a block with mass
+    # (B,) a block with mass
+    k = torch.searchsorted(cum_blocks, _below(cum_blocks[:, -1:], generator), right=True).squeeze(1)
     cum = blocks[torch.arange(b, device=probs.device), k].cumsum(dim=-1)  # (B, CDF_BLOCK)
     return k * CDF_BLOCK + torch.searchsorted(cum, _below(cum[:, -1:], generator), right=True).squeeze(1)
 
@@ -500,12 +502,13 @@ def _checked_step(model: Any, fast: DecodeStep, ids: torch.Tensor, pos: torch.Te
     if not err <= tolerance(ref.dtype) * scale:  # NaN too
         raise FastStepMismatchError(
             f"lean_generate: the fast decode step of {type(unwrap_lm(model)).__name__} gives other logits than the "
-            f"model's own forward (max |difference| {err:.3g}, logits up to {scale:.3g}; {'padded' if fmask is not None else 'unpadded'} "
-            f"batch), so its samples would come from another model: set alignkit.online.decode.FAST_STEP = False or "
-            f"sampling.sampler: multinomial, and report it (alignkit/online/fast_step.py)")
+            f"model's own forward (max |difference| {err:.3g}, logits up to {scale:.3g}; "
+            f"{'padded' if fmask is not None else 'unpadded'} batch), so its samples would come from another model: "
+            "set alignkit.online.decode.FAST_STEP = False or sampling.sampler: multinomial, and report it "
+            "(alignkit/online/fast_step.py)")
     _CHECKED.setdefault(model, set()).add(fmask is None)
     return got
 
 
-__all__ = ["generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context", "preallocated_cache", "PreallocatedLayer",
-           "sharded_over_processes"]
+__all__ = ["generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context",
+           "preallocated_cache", "PreallocatedLayer", "sharded_over_processes"]

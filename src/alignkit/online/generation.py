@@ -271,7 +271,8 @@ def model_generation_options(model: Any, tokenizer: Any, cfg: SamplingConfig) ->
             if k != "stop_strings"]
 
 
-def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: SamplingConfig) -> tuple[list[int], str, str]:
+def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int],
+                    cfg: SamplingConfig) -> tuple[list[int], str, str]:
     """Generated ids of one row -> (response ids, response text, finish reason); rules in the module docstring."""
     cut = next((i for i, t in enumerate(ids) if t in eos), None)
     body = ids if cut is None else ids[:cut]
@@ -437,5 +438,7 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     return out
 
 
-__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
-           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options", "uses_chat_template", "model_device", "generation_metrics"]
+__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt",
+           "encode_prompts", "prompts_fingerprint", "finish_response", "end_token_ids", "check_sampler",
+           "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options",
+           "uses_chat_template", "model_device", "generation_metrics"]
