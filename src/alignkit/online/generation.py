@@ -316,8 +316,16 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     return cache
 
 
-def _check_call(model: Any, tokenizer: Any, batch_size: int, positions: str | Positions | None) -> None:
-    """`generate_responses`' arguments that make no call possible: one line each."""
+def _check_call(model: Any, tokenizer: Any, batch_size: int, positions: str | Positions | None,
+                share_weights: bool, intervene_on_generated: bool) -> None:
+    """`generate_responses`' arguments that make no call possible, or that it would not apply: one line each."""
+    given = (("positions", positions, None), ("share_weights", share_weights, True),
+             ("intervene_on_generated", intervene_on_generated, False))
+    placing = [f"{k}={v!r}" for k, v, default in given if v != default]
+    if placing and not isinstance(model, ReftModel):
+        raise ValueError(f"generate_responses: {', '.join(placing)} place ReFT interventions, and this "
+                         f"{type(model).__name__} is not a ReftModel, so they would be ignored; remove them (or pass "
+                         "the ReftModel)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.pad_token_id is None:
@@ -385,14 +393,15 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
-    `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout. `lean`: sample
+    `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout (both, and
+    `intervene_on_generated`, are refused for a model that is not a ReftModel: nothing would apply them). `lean`: sample
     with `decode.lean_generate` (`generate`'s loop with less work per step) where the call's options allow it
     (None: whenever they do; False: always `model.generate`; True: raise where they do not). There it draws with
     `cfg.sampler` (None: the inverse-CDF sampler, same distribution, other draws than `generate`; "multinomial":
     `generate`'s own draws under the same seed). `progress`: a progress bar over the batches (`alignkit sample`).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
-    _check_call(model, tokenizer, batch_size, positions)
+    _check_call(model, tokenizer, batch_size, positions, share_weights, intervene_on_generated)
     records = as_prompt_records(prompts)
     encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
     check_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
