@@ -17,7 +17,9 @@ A ratio is printed only where both sides generated rows of the same lengths (the
 elsewhere): otherwise "n/c" and a NOT COMPARABLE line saying how the generations differ.
 `--stop-tokens K`: K vocabulary ids become stop tokens (rows end at different steps) and the variant
 `lean, inverse cdf, rows kept` (decode.DROP_FINISHED off: ended rows stay in the batch, as in generate) joins,
-with the paired ratio rows kept / rows leaving (the same sampler: the same tokens).
+with the paired ratio rows kept / rows leaving (the same sampler, but not the same tokens: rows leaving draw fewer
+random numbers per step, so later draws differ and the ratio is usually n/c). With stop tokens the 25 % check on
+the inverse-CDF variants' token counts is skipped (rows end at other steps; the ratios' own check still applies).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def main() -> None:
         assert toks["lean, inverse cdf"] == toks["lean, inverse cdf, model's step"], "the fast step sampled other tokens"
         assert toks["lean, inverse cdf, unfused"] == toks["lean, inverse cdf"], "the fused step sampled other tokens"
         n_gen = {v: sum(map(len, t)) for v, t in toks.items()}
-        assert all(abs(n_gen[v] - n_gen["generate"]) <= 0.25 * n_gen["generate"] for v in variants[3:]), n_gen
+        if not stop_ids:  # with stop tokens, other draws end rows at other steps: counts differ by more
+            assert all(abs(n_gen[v] - n_gen["generate"]) <= 0.25 * n_gen["generate"] for v in variants[3:]), n_gen
         cpu: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(args.repeats):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:

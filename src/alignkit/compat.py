@@ -202,5 +202,6 @@ def check_peft_load(result: Any, where: str) -> None:
                     f"(e.g. {unexpected[:3]}) from {where}", "alignkit/adapters/lora.py:Lora.load_weights")
 
 
-__all__ = ["DEPENDENCIES", "DependencyMoved", "TRAINER_METHODS", "attn_implementation", "cache_keyword", "check_logits_skipped",
-           "check_peft_load", "check_trainer", "moved", "moved_message", "trainer_problems", "version", "versions"]
+__all__ = ["DEPENDENCIES", "DependencyMoved", "TRAINER_METHODS", "attn_implementation", "cache_keyword",
+           "check_logits_skipped", "check_peft_load", "check_trainer", "moved", "moved_message", "trainer_problems",
+           "version", "versions"]

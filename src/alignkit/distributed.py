@@ -101,8 +101,8 @@ def check_process_count(world_size: int, owner: str) -> None:
     if launched > 1 and world_size != launched:
         raise ConfigError(f"{owner}: the launcher started {launched} processes (WORLD_SIZE={launched}) but this one "
                           f"counts {world_size} (each process would run the whole training alone); on "
-                          "CPU processes the training arguments need use_cpu=True: remove train.use_cpu=false (alignkit "
-                          "sets use_cpu=true with gloo for CPU processes)")
+                          "CPU processes the training arguments need use_cpu=True: remove train.use_cpu=false "
+                          "(alignkit sets use_cpu=true with gloo for CPU processes)")
     if ("ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ
             and not any(k in os.environ for k in MPI_SIZE_ENV)):
         raise ConfigError(f"{owner}: accelerate launch was asked for several processes (--num_processes > 1) but "
@@ -155,7 +155,8 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
 
 
 def fsdp_activation_checkpointing() -> bool:
-    """True when an accelerate FSDP launch asks for `fsdp_activation_checkpointing: true` (FSDP_ACTIVATION_CHECKPOINTING)."""
+    """True when an accelerate FSDP launch asks for `fsdp_activation_checkpointing: true`
+    (FSDP_ACTIVATION_CHECKPOINTING)."""
     return requested_engine() == "fsdp" and _flag("FSDP_ACTIVATION_CHECKPOINTING")
 
 
@@ -174,7 +175,8 @@ def take_over_activation_checkpointing(accelerator: Any, owner: str) -> bool:
     if getattr(plugin, "activation_checkpointing_offload", False):
         raise ConfigError(f"{owner}: the accelerate config's fsdp_activation_checkpointing_offload: true would be "
                           "ignored: alignkit applies its own activation checkpointing (recomputed layers, nothing "
-                          "offloaded) in place of accelerate's wrapper; set fsdp_activation_checkpointing_offload: false")
+                          "offloaded) in place of accelerate's wrapper; set fsdp_activation_checkpointing_offload: "
+                          "false")
     plugin.activation_checkpointing = False
     logger.info("fsdp_activation_checkpointing: alignkit's activation checkpointing applied in place of accelerate's "
                 "checkpoint wrapper (parameter names stay the model's)")
@@ -378,8 +380,9 @@ def refuse_meta_reference(ref_model: nn.Module) -> None:
     if meta:
         raise ConfigError(f"the frozen reference copy has {len(meta)} parameter(s) on the meta device on this process "
                           f"(e.g. {meta[0]}): weights missing from the checkpoint, left unloaded here (accelerate's "
-                          "fsdp_cpu_ram_efficient_loading loads them on rank 0 only); load the model before the process "
-                          "group starts (as the alignkit commands do), or set fsdp_cpu_ram_efficient_loading: false")
+                          "fsdp_cpu_ram_efficient_loading loads them on rank 0 only); load the model before the "
+                          "process group starts (as the alignkit commands do), or set fsdp_cpu_ram_efficient_loading: "
+                          "false")
 
 
 def _zero3_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
@@ -451,4 +454,8 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
         p.copy_(distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full)
 
 
-__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start", "deepspeed_on_cpu", "enable_sharding_on_cpu", "fsdp_activation_checkpointing", "full_optimizer_state", "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded", "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "refuse_meta_reference", "requested_engine", "shard_reference", "storage_key", "take_over_activation_checkpointing", "zero_stage"]
+__all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start",
+           "deepspeed_on_cpu", "enable_sharding_on_cpu", "fsdp_activation_checkpointing", "full_optimizer_state",
+           "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded",
+           "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "refuse_meta_reference",
+           "requested_engine", "shard_reference", "storage_key", "take_over_activation_checkpointing", "zero_stage"]

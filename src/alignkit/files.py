@@ -179,5 +179,5 @@ def read_jsonl(path: str | Path, fix: str = "fix or delete that line") -> list[A
     return rows
 
 
-__all__ = ["UnchangedSinceChecked", "atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text", "new_file_mode", "read_jsonl",
-           "remove_dead_temps"]
+__all__ = ["UnchangedSinceChecked", "atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text",
+           "new_file_mode", "read_jsonl", "remove_dead_temps"]

@@ -96,4 +96,5 @@ def as_float(value: Any) -> float:
     return float(value.detach().float().item()) if hasattr(value, "detach") else float(value)
 
 
-__all__ = ["likely_causes", "NonFiniteError", "NonFiniteLogitsError", "StalledTrainingError", "ZERO_GRAD_PATIENCE", "as_float", "is_finite"]
+__all__ = ["likely_causes", "NonFiniteError", "NonFiniteLogitsError", "StalledTrainingError", "ZERO_GRAD_PATIENCE",
+           "as_float", "is_finite"]

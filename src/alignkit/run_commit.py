@@ -368,5 +368,5 @@ def check_output_file(path: str | Path) -> None:
 
 __all__ = ["CHECKPOINT_PREFIX", "COMPLETE_MARKER", "OUTPUTS_MANIFEST", "STAGING_MARK", "CheckpointError",
            "check_output_file", "checkpoint_step", "commit_staging", "incomplete_reason", "latest_complete_checkpoint",
-           "new_staging", "output_set", "outputs_manifest", "recover_swap", "refuse_foreign", "remove_own", "resumed_step", "saved_step",
-           "staged", "truncate_metrics", "write_marker"]
+           "new_staging", "output_set", "outputs_manifest", "recover_swap", "refuse_foreign", "remove_own",
+           "resumed_step", "saved_step", "staged", "truncate_metrics", "write_marker"]

@@ -238,6 +238,21 @@ def test_lean_loop_samples_what_generate_samples(tiny_lm, tokenizer):
         generate_responses(reft, tokenizer, PROMPTS, GREEDY, positions="l1", lean=True)
 
 
+@pytest.mark.parametrize("kwargs, named", [
+    ({"positions": "l1"}, "positions='l1'"),
+    ({"share_weights": False}, "share_weights=False"),
+    ({"intervene_on_generated": True}, "intervene_on_generated=True"),
+])
+def test_reft_placement_arguments_on_a_model_without_reft_are_refused(tiny_lm, tokenizer, kwargs, named):
+    """positions / share_weights / intervene_on_generated only place a ReftModel's interventions: given for another
+    model they were read and silently ignored (the samples were the plain model's); now one line names them."""
+    model = tiny_lm("llama")
+    with pytest.raises(ValueError, match="not a ReftModel, so they would be ignored") as e:
+        generate_responses(model, tokenizer, PROMPTS, GREEDY, **kwargs)
+    assert named in str(e.value) and "LlamaForCausalLM" in str(e.value)
+    assert len(generate_responses(model, tokenizer, PROMPTS, GREEDY)) == len(PROMPTS)  # the defaults still run
+
+
 def test_preallocated_cache_layer_holds_what_dynamic_layer_holds():
     """`PreallocatedLayer` (one buffer, writes in place) returns the keys / values `DynamicLayer` (torch.cat)
     returns: a prefill, row selection, one-token steps past its capacity (it grows), and keys replaced from

@@ -32,7 +32,8 @@ from alignkit.adapters.config import (ADAPTER_CONFIG_NAME, KINDS, AdapterConfig,
 # public name -> submodule that defines it (imported on first access: it imports torch)
 _LAZY = {
     **{name: "base" for name in ("Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "adapter_in", "adapter_of",
-                                 "base_fingerprint", "base_mismatch", "check_base", "record_base", "is_classifier", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm",
+                                 "base_fingerprint", "base_mismatch", "check_base", "record_base", "is_classifier",
+                                 "register_adapter", "registry", "trainable_state_dict", "unwrap_lm",
                                  "unwrap_parallel")},
     **{name: "api" for name in ("ADAPTERS", "adapter_kind", "apply_adapter", "can_switch_off", "check_adapter_weights",
                                 "enable_gradient_checkpointing",

@@ -117,8 +117,8 @@ def check_finite(named: list[tuple[str, torch.Tensor]], folder: str | Path) -> N
         bad = int((~torch.isfinite(p.detach())).sum())
         if bad:
             raise ValueError(f"{folder}: adapter weight {name!r} holds {bad} non-finite value(s) (NaN or inf), so "
-                             "every output through it would be NaN; load a checkpoint saved before the values diverged, "
-                             "or train the adapter again")
+                             "every output through it would be NaN; load a checkpoint saved before the values "
+                             "diverged, or train the adapter again")
 
 
 def load_adapter_weights(model: nn.Module, folder: str | Path) -> None:

@@ -249,10 +249,11 @@ PROBE_COLUMNS = 8
 def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     """What identifies the base model an adapter was trained on: its shape (model type, layers, hidden size,
     vocabulary), a probe of its input embedding (3 rows x 8 columns, as float32) and of its final norm (8 values,
-    `final_norm_weight`), which adapters leave frozen, and its RoPE settings (a `model.rope_scaling` training applied must be applied again). Weights
-    sharded here (ZeRO-3 partitions, loaded so when HfDeepSpeedConfig / ZeRO-3 TrainingArguments exist before
-    `from_pretrained`; FSDP DTensors): read from the folder the base was loaded from (`sharded_fingerprint`). None
-    when the embedding is not readable here (meta, or sharded and no such folder: then with a warning)."""
+    `final_norm_weight`), which adapters leave frozen, and its RoPE settings (a `model.rope_scaling` training applied
+    must be applied again). Weights sharded here (ZeRO-3 partitions, loaded so when HfDeepSpeedConfig / ZeRO-3
+    TrainingArguments exist before `from_pretrained`; FSDP DTensors): read from the folder the base was loaded from
+    (`sharded_fingerprint`). None when the embedding is not readable here (meta, or sharded and no such folder: then
+    with a warning)."""
     lm = unwrap_lm(model)
     w = base_embedding(lm)
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
@@ -263,7 +264,8 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any] | None:
     rows = sorted({0, w.shape[0] // 2, w.shape[0] - 1})
     probe = w.detach()[rows, :PROBE_COLUMNS].float().cpu()  # (3, 8)
     found = {"model_type": getattr(cfg, "model_type", None),
-             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]), "vocab_size": int(w.shape[0]), "probe_rows": rows,
+             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": int(w.shape[1]),
+             "vocab_size": int(w.shape[0]), "probe_rows": rows,
              "embedding_probe": [round(float(x), 6) for x in probe.flatten()], "rope_parameters": rope_record(cfg),
              "name_or_path": getattr(lm.config, "name_or_path", None) or None}
     norm = final_norm_weight(lm)
@@ -299,8 +301,8 @@ def sharded_fingerprint(lm: nn.Module, cfg: Any) -> dict[str, Any] | None:
                            "name %r is in the local Hugging Face cache at %d revisions (snapshots %s; main: %s), and "
                            "transformers does not record the revision it loaded, so its fingerprint is not taken "
                            "(main's could be another revision's): an adapter saved from it records no "
-                           "alignkit_base.json and one loaded onto it is not checked; load the base from a local folder "
-                           "(huggingface_hub.snapshot_download(name, revision=...), or save_pretrained it once)",
+                           "alignkit_base.json and one loaded onto it is not checked; load the base from a local "
+                           "folder (huggingface_hub.snapshot_download(name, revision=...), or save_pretrained it once)",
                            name, len(revisions), ", ".join(r[:12] for r in revisions), revisions[0][:12])
         return None
     if found is None or "embedding_probe" not in found:
@@ -391,11 +393,12 @@ def record_base(model: nn.Module) -> None:
 
 def folder_fingerprint(folder: str | Path, model: nn.Module, like: dict[str, Any],
                        config: Any = None) -> dict[str, Any] | None:
-    """`base_fingerprint` of the model saved in `folder` (its `config`, else its config.json, and safetensors), probed where `like` (the
-    fingerprint of `model`'s base) was: the input embedding's rows `like["probe_rows"]` and the final norm, found in
-    the checkpoint by their names in `model`'s transformers model (peft's `base_layer` / `original_module` dropped).
-    Only those slices are read (safetensors' `get_slice`, no full load). None when the folder has no safetensors;
-    a tensor not found there (another naming) leaves its probe out, so `base_mismatch` compares the rest."""
+    """`base_fingerprint` of the model saved in `folder` (its `config`, else its config.json, and safetensors), probed
+    where `like` (the fingerprint of `model`'s base) was: the input embedding's rows `like["probe_rows"]` and the final
+    norm, found in the checkpoint by their names in `model`'s transformers model (peft's `base_layer` /
+    `original_module` dropped). Only those slices are read (safetensors' `get_slice`, no full load). None when the
+    folder has no safetensors; a tensor not found there (another naming) leaves its probe out, so `base_mismatch`
+    compares the rest."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -507,8 +510,8 @@ def check_base(model: nn.Module, folder: str | Path, rope_key: str = "model.rope
     why = base_mismatch(saved, found)
     if why is not None:
         trained_on = f"; it was trained on {saved['name_or_path']}" if saved.get("name_or_path") else ""
-        raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}{trained_on}); load it on the "
-                         f"base it was trained with (the training run's base_model/ or model.path), or {off}")
+        raise ValueError(f"{folder}: this adapter was trained on a different base model ({why}{trained_on}); load it "
+                         f"on the base it was trained with (the training run's base_model/ or model.path), or {off}")
     # None for folders saved before the RoPE settings were recorded
     change = rope_change(saved.get("rope_parameters"), found.get("rope_parameters"), rope_key)
     if change is not None and change[0] == "warning":
@@ -579,5 +582,7 @@ def adapter_in(folder: str | Path) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "BASE_FINGERPRINT_NAME", "Route", "adapter_for", "base_embedding",
-           "base_fingerprint", "base_mismatch", "compared_probes", "earlier_save", "folder_fingerprint", "hub_cache_snapshot", "cached_snapshots", "record_base", "recorded_base", "check_base", "adapter_in", "adapter_of", "head_names", "is_classifier",
-           "is_reft", "register_adapter", "registry", "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]
+           "base_fingerprint", "base_mismatch", "compared_probes", "earlier_save", "folder_fingerprint",
+           "hub_cache_snapshot", "cached_snapshots", "record_base", "recorded_base", "check_base", "adapter_in",
+           "adapter_of", "head_names", "is_classifier", "is_reft", "register_adapter", "registry",
+           "trainable_state_dict", "unwrap_lm", "unwrap_parallel"]

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignkit.adapters.base import SCORE_HEADS, Adapter, Route, head_names, is_reft, register_adapter, unwrap_lm, unwrap_parallel
+from alignkit.adapters.base import (SCORE_HEADS, Adapter, Route, head_names, is_reft, register_adapter, unwrap_lm,
+                                    unwrap_parallel)
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME, AdapterConfig, ReftSettings
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.config import Positions, ReftConfig
@@ -172,8 +173,10 @@ class Reft(Adapter):
             return "classifier", f"{HEAD_WEIGHTS_NAME} holds the trained head {', '.join(scores)}"
         if heads:  # other trained modules (an LM's lm_head, ...): the folder does not say
             return None
-        return "causal_lm", f"no trained score head saved (reft.modules_to_save {heads or None}, no {HEAD_WEIGHTS_NAME})"
+        return "causal_lm", (f"no trained score head saved (reft.modules_to_save {heads or None}, "
+                             f"no {HEAD_WEIGHTS_NAME})")
 
     def settings_summary(self) -> dict[str, Any]:
         s = self.config.reft if self.config is not None else None
-        return {"reft.positions": s.positions, "reft.representations": s.config.to_dict()["representations"]} if s else {}
+        return ({"reft.positions": s.positions, "reft.representations": s.config.to_dict()["representations"]}
+                if s else {})

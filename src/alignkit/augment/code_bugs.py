@@ -5,12 +5,14 @@ span), so the buggy snippet differs from the original only at the bug: formattin
 written, and the answer is the original byte for byte. A mutant that no longer parses, or equals the
 original, is dropped. Everything is deterministic: sites are taken in source order.
 
-| mutation         | site                                              | edit                                   |
-|------------------|---------------------------------------------------|----------------------------------------|
-| `flip_comparison`| each comparison operator                          | `<`->`>=`, `<=`->`>`, `==`->`!=`, `in`->`not in`, `is`->`is not` (and back) |
-| `off_by_one`     | an int literal in `range(...)`, an index or slice, a comparison, or beside `+`/`-` | `n` -> `n + 1` (written as the number) |
-| `wrong_variable` | a read of a function's local variable or parameter | the next other local name, alphabetically (wrapping) |
-| `removed_return` | `return <value>`                                  | `<value>` (computed, never returned)   |
+Mutations (site: edit):
+- `flip_comparison`: each comparison operator: `<`->`>=`, `<=`->`>`, `==`->`!=`, `in`->`not in`, `is`->`is not`
+  (and back)
+- `off_by_one`: an int literal in `range(...)`, an index or slice, a comparison, or beside `+`/`-`: `n` -> `n + 1`
+  (written as the number)
+- `wrong_variable`: a read of a function's local variable or parameter: the next other local name, alphabetically
+  (wrapping)
+- `removed_return`: `return <value>`: `<value>` (computed, never returned)
 """
 
 from __future__ import annotations

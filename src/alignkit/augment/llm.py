@@ -5,13 +5,13 @@
     llm = Cached(llm, "runs/augment/cache")                            # a rerun does not pay twice
     text = llm.chat([{"role": "user", "content": "Paraphrase: ..."}], max_tokens=128, temperature=0.7)
 
-`OpenAIChat` speaks `POST {base_url}/chat/completions` over plain HTTP (urllib, no extra dependency), with
-retries (HTTP 429 / 5xx / connection errors, exponential backoff honouring `Retry-After`), a rate limit
-(at most `requests_per_minute`, spaced evenly) and a timeout. The API key is read from an environment
-variable (`api_key_env`), never from a config file. `Cached` keys each request on (the client's `identity`:
-endpoint and model for `OpenAIChat`, the model and its dtype (unless float32) for `LocalChat`; messages, sampling settings, seed) -> a JSON file
-written atomically under the cache folder; a cache hit makes no request. Every client has a `name` (the model,
-recorded in each output record's provenance).
+`OpenAIChat` speaks `POST {base_url}/chat/completions` over plain HTTP (urllib, no extra dependency), with retries (HTTP
+429 / 5xx / connection errors, exponential backoff honouring `Retry-After`), a rate limit (at most
+`requests_per_minute`, spaced evenly) and a timeout. The API key is read from an environment variable (`api_key_env`),
+never from a config file. `Cached` keys each request on (the client's `identity`: endpoint and model for `OpenAIChat`,
+the model and its dtype (unless float32) for `LocalChat`; messages, sampling settings, seed) -> a JSON file written
+atomically under the cache folder; a cache hit makes no request. Every client has a `name` (the model, recorded in each
+output record's provenance).
 
 Concurrency (`llm.concurrency`, the pipeline's `Context.map`): `OpenAIChat` and `Cached` may be called from
 several threads at once. The rate limit is one limit for all of them (each call reserves the next free slot),

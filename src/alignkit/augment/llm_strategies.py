@@ -217,7 +217,8 @@ def summarize(sources: list[Source], ctx: Context, opt: SummarizeOptions) -> Ite
 @dataclass
 class EntitiesOptions:
     field: str = "text"
-    types: list[str] = dataclasses.field(default_factory=lambda: ["PERSON", "ORGANIZATION", "LOCATION", "DATE", "OTHER"])
+    types: list[str] = dataclasses.field(
+        default_factory=lambda: ["PERSON", "ORGANIZATION", "LOCATION", "DATE", "OTHER"])
     template: str = ("List the named entities in the text below as a JSON array of objects with keys \"text\" "
                      "(exactly as written in the text) and \"type\" (one of {types}). Reply with the JSON only."
                      "\n\nText: {text}")

@@ -35,7 +35,8 @@ EMPTY_TASK = "empty task from the model"  # instructions: a proposal with no tex
 class Candidate:
     record: dict[str, Any]  # prompt + completion, or prompt + chosen + rejected
     source: str
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # strategy-specific provenance (mutation, seeds, ...)
+    # strategy-specific provenance (mutation, seeds, ...)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     drop: str | None = None  # a format rule it broke
 
 

@@ -1,13 +1,17 @@
 """Augmentation strategies, one registry: each turns source rows into new SFT or preference records. What they
 share is `sources.py`; the strategies that prompt a model are `llm_strategies.py`; code_bugs is here.
 
-| strategy       | input (per row)                  | model calls                                  | output record |
-|----------------|----------------------------------|----------------------------------------------|---------------|
-| `code_bugs`    | Python code (a `.py` file: each top-level function; JSONL: `options.field`) | none: AST mutations (`code_bugs.py`) | SFT "find and fix the bug" -> the original; or preference (chosen = original, rejected = buggy code) |
-| `paraphrase`   | a prompt + completion row        | `n` rewrites of the prompt                   | SFT: rewritten prompt -> the same completion |
-| `instructions` | seed tasks (prompt [+ completion]) | self-instruct: a new task from `seeds_per_prompt` sampled seeds, then its answer | SFT: new task -> answer |
-| `summarize`    | a document (`options.field`, or a `.txt`/`.md` file) | hierarchical: each chunk summarised, then the summaries summarised (repeated until one chunk) | SFT: "summarize" + document -> final summary |
-| `entities`     | a text                           | the named entities as a JSON list            | SFT: "list the entities" + text -> JSON (only entities found verbatim in the text) |
+Strategies (input per row; model calls; output record):
+- `code_bugs`: Python code (a `.py` file: each top-level function; JSONL: `options.field`); none: AST mutations
+  (`code_bugs.py`); SFT "find and fix the bug" -> the original, or preference (chosen = original, rejected = buggy
+  code)
+- `paraphrase`: a prompt + completion row; `n` rewrites of the prompt; SFT: rewritten prompt -> the same completion
+- `instructions`: seed tasks (prompt [+ completion]); self-instruct: a new task from `seeds_per_prompt` sampled seeds,
+  then its answer; SFT: new task -> answer
+- `summarize`: a document (`options.field`, or a `.txt`/`.md` file); hierarchical: each chunk summarised, then the
+  summaries summarised (repeated until one chunk); SFT: "summarize" + document -> final summary
+- `entities`: a text; the named entities as a JSON list; SFT: "list the entities" + text -> JSON (only entities found
+  verbatim in the text)
 
 A strategy is `fn(sources, ctx) -> iterator of Candidate`; a candidate that breaks a strategy's own format rule
 is yielded with `drop=<reason>` so the pipeline counts it (summary.json) instead of losing it silently. So is a

@@ -31,7 +31,8 @@ import sys
 # command -> (module under alignkit.cli that defines it, its one-line help). `alignkit --help` is built
 # from this table alone, so it imports no torch and answers at once; `alignkit <command> --help` builds the
 # command's parser from `alignkit.cli.helptext` (settings only, no torch: every key with type and default);
-# `alignkit <command> ...` imports only that command's module. tests/cli/test_startup.py checks the table against what the modules register.
+# `alignkit <command> ...` imports only that command's module. tests/cli/test_startup.py checks the table against what
+# the modules register.
 COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("train", "supervised finetuning"),
     "rm": ("train", "train a reward model (pairwise Bradley-Terry or K-wise ranking)"),

@@ -209,9 +209,10 @@ def warn_trained_evals(records: list, evals: list) -> None:
     trained = {_content(r) for r in records}
     same = [r.id or "?" for r in evals if _content(r) in trained]
     if same:
-        logger.warning("data.eval_path: %d of %d evaluation record(s) are also in data.path (same prompt and responses), "
-                       "e.g. %s: the evaluation measures data the run trains on; hold them out of data.path (or use "
-                       "data.eval_fraction, which keeps them apart)", len(same), len(evals), ", ".join(same[:3]))
+        logger.warning("data.eval_path: %d of %d evaluation record(s) are also in data.path (same prompt and "
+                       "responses), e.g. %s: the evaluation measures data the run trains on; hold them out of "
+                       "data.path (or use data.eval_fraction, which keeps them apart)",
+                       len(same), len(evals), ", ".join(same[:3]))
 
 
 def warn_repeated(records: list, where: str) -> None:

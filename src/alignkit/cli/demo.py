@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     text = "the whole pipeline on a bundled tiny model and data (CPU, minutes); --reft: the ReFT demo"
     demo = sub.add_parser("demo", help=text, description=f"alignkit demo: {text}. Each option: its type, then its "
                           "default.")
-    demo.add_argument("--reft", action="store_true", help="run the ReFT demo instead of the pipeline (flag, default off)")
+    demo.add_argument("--reft", action="store_true",
+                      help="run the ReFT demo instead of the pipeline (flag, default off)")
     demo.add_argument("--output-dir", default=None, metavar="DIR",
                       help="run folder (str, default runs/demo, or runs/demo-reft)")
     demo.add_argument("--seed", type=int, default=0, metavar="INT", help="random seed (int, default 0)")

@@ -52,7 +52,8 @@ def _section_fields(cfg_cls: type) -> dict[str, set[str]]:
 
 def resolve_flag(name: str, command: str, value: str | None = None) -> str:
     """The dotted key a TRL-style flag `--name` sets for `command` (see the module docstring); TRL's name for a setting
-    alignkit spells otherwise is a ConfigError naming alignkit's (`value`, the flag's, where the answer depends on it)."""
+    alignkit spells otherwise is a ConfigError naming alignkit's (`value`, the flag's, where the answer depends on
+    it)."""
     if name in ALIASES:
         return ALIASES[name]
     cfg_cls = CONFIG_CLASSES[command]
@@ -127,8 +128,8 @@ def translate(argv: list[str], command: str, known: set[str], notes: list[str] |
 # flag -> (alignkit's key, TRL's default, the flag's value that gives it)
 TRL_LORA_DEFAULTS = {"lora_r": ("r", "16", "16"), "lora_alpha": ("alpha", "32", "32"),
                      "lora_dropout": ("dropout", "0.05", "0.05"),
-                     "lora_target_modules": ("target_modules", "peft's default modules for the architecture, q_proj and "
-                                                               "v_proj for Llama", "q_proj v_proj")}
+                     "lora_target_modules": ("target_modules", "peft's default modules for the architecture, q_proj "
+                                                               "and v_proj for Llama", "q_proj v_proj")}
 
 
 def lora_defaults_note(given: set[str]) -> str | None:

@@ -26,7 +26,8 @@ CONFIG_COMMANDS: dict[str, tuple[bool, bool]] = {
 
 
 # example overrides for `key=value`'s help, the first two that `command` takes (`override_example`)
-EXAMPLE_OVERRIDES = ("method.beta=0.05", "method.kl_coef=0.05", "train.learning_rate=1e-4", "generation.max_new_tokens=32",
+EXAMPLE_OVERRIDES = ("method.beta=0.05", "method.kl_coef=0.05", "train.learning_rate=1e-4",
+                     "generation.max_new_tokens=32",
                      "sampling.max_new_tokens=32", "annotator.batch_size=8", "port=8080", "data.max_records=100",
                      "output_dir=runs/x")
 
@@ -134,9 +135,10 @@ def keys_epilog(command: str) -> str:
     if command in TRAIN_COMMANDS:
         lines.append("  train.*: also any other transformers.TrainingArguments field (its default)")
     elif command in ONLINE_COMMANDS:
-        lines.append("  train.*: the same keys as the offline commands (alignkit.settings.train); method: the objective")
+        lines.append("  train.*: the same keys as the offline commands (alignkit.settings.train); method: the "
+                     "objective")
     return "\n".join(lines)
 
 
-__all__ = ["CONFIG_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments", "keys_epilog", "override_example",
-           "settable_keys"]
+__all__ = ["CONFIG_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments", "keys_epilog",
+           "override_example", "settable_keys"]

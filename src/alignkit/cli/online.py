@@ -266,6 +266,48 @@ def train_online(cfg: Any, command: str, *, command_line: str = "", resume: bool
         raise
 
 
+def _check_annotator_columns(annotator: Any, cfg: Any, prompts: list, held_out: list) -> None:
+    """Before the run folder: a reward function taking a column the prompts lack is a ConfigError (it stopped the
+    first step, after the run folder was written)."""
+    try:
+        annotator.check_columns({k for r in [*prompts, *held_out] for k in r.meta.get("columns", {})},
+                                "data.path" if not held_out or cfg.data.eval_path is None else
+                                "data.path / data.eval_path")
+    except ValueError as e:
+        raise ConfigError(f"annotator.function: {e}") from None
+
+
+def _attach_vllm_server(trainer: Any, model: Any, tok: Any, records: list, tcfg: Any) -> None:
+    """Before the run folder, with method.vllm_mode=server: the server the trainer contacts at its first step,
+    checked now (down / another model / no LoRA there / too short a max_model_len: one line, not after the run
+    folder is written) and handed to the trainer (it built a second one at its first step, so /info was checked
+    twice and a remote server's "weights were not compared" warned twice)."""
+    server = VllmServerGenerator(model, tok, tcfg.vllm_server_url, timeout=tcfg.vllm_server_timeout)
+    limit = server.info.get("max_model_len")
+    check_model_len(records, encode_prompts(records, tok, tcfg.formatter, tcfg.max_prompt_length),
+                    tcfg.sampling.max_new_tokens, int(limit) if limit else None, SERVER_MAX_MODEL_LEN)
+    trainer.vllm_generator = server
+
+
+def _online_card(cfg: Any, command: str, trainer: Any, annotator: Any, rows: list[dict[str, Any]], base_desc: str,
+                 base_path: str, named: Any, n_prompts: int, held_out: bool, command_line: str) -> ModelCard:
+    """The model card of a finished online run (model/README.md and the run folder's README.md)."""
+    method = {k: v for k, v in {**dataclasses.asdict(cfg.method), **cfg.train}.items() if v is not None}
+    return ModelCard(
+        title=f"{command}: online alignment of {cfg.model.path}", base_model=base_desc,
+        adapter=adapter_of(trainer.policy).describe(trainer.policy),
+        objective={"objective": HELP[command], "command": command,
+                   "annotator": annotator.describe(), **method},
+        data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": n_prompts,
+              **({"held-out prompts": trainer.eval_prompts_total} if held_out else {}),
+              "sampling": cfg.sampling.to_dict()},
+        hyperparameters={"steps done": trainer.steps_done, "reference": trainer.reference_mode,
+                         "world size": trainer.world},
+        metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
+        base_model_id=cfg.model.path,
+        how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False, cfg.model.rope_scaling))
+
+
 def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False,
                   allow_code: bool = False) -> int:
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
@@ -279,12 +321,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     model, tok, base_path, base_desc = load_base(cfg.model, None, "causal_lm")
     model = apply_configured_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None, allow_code)
-    try:  # a reward function taking a column the prompts lack stopped the first step, after the run folder
-        annotator.check_columns({k for r in [*prompts, *held_out] for k in r.meta.get("columns", {})},
-                                "data.path" if not held_out or cfg.data.eval_path is None else
-                                "data.path / data.eval_path")
-    except ValueError as e:
-        raise ConfigError(f"annotator.function: {e}") from None
+    _check_annotator_columns(annotator, cfg, prompts, held_out)
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged); set on this
         tcfg.progress_bar = False  # object (a copy would be built, and checked, again)
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,
@@ -294,15 +331,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         trainer.check_resume(plan.checkpoint)
     check_generation_context(model, tok, [*prompts, *held_out], tcfg)
     check_reft_prompt_cuts(model, tok, [*prompts, *held_out], tcfg)
-    if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "server":  # the trainer contacts it at the first step:
-        server = VllmServerGenerator(model, tok, tcfg.vllm_server_url, timeout=tcfg.vllm_server_timeout)  # down /
-        #   another model / no LoRA there / too short a max_model_len: one line now, not after the run folder is written
-        records = [*prompts, *held_out]
-        limit = server.info.get("max_model_len")
-        check_model_len(records, encode_prompts(records, tok, tcfg.formatter, tcfg.max_prompt_length),
-                        tcfg.sampling.max_new_tokens, int(limit) if limit else None, SERVER_MAX_MODEL_LEN)
-        trainer.vllm_generator = server  # checked: the trainer samples through it (it built a second one at its
-        #   first step, so /info was checked twice and a remote server's "weights were not compared" warned twice)
+    if tcfg.generation_backend == "vllm" and tcfg.vllm_mode == "server":  # the trainer contacts it at the first step
+        _attach_vllm_server(trainer, model, tok, [*prompts, *held_out], tcfg)
     run = begin_run(plan, cfg, zero_based_steps=True)  # ---------- from here on the run folder is written
     named = plan.named()
     loaded_from, base_path = base_path, adopt_tiny(base_path, run.root / "base_model", main=run.main)
@@ -317,20 +347,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         trainer.save(run.model)  # a no-op write-wise off the main process (collective under FSDP)
         return 0
     rows = read_metrics(run.metrics)
-    method = {k: v for k, v in {**dataclasses.asdict(cfg.method), **cfg.train}.items() if v is not None}
-    card = ModelCard(
-        title=f"{command}: online alignment of {cfg.model.path}", base_model=base_desc,
-        adapter=adapter_of(trainer.policy).describe(trainer.policy),
-        objective={"objective": HELP[command], "command": command,
-                   "annotator": annotator.describe(), **method},
-        data={"path": cfg.data.path, "reader": cfg.data.reader or "detected", "prompts": len(prompts),
-              **({"held-out prompts": trainer.eval_prompts_total} if held_out else {}),
-              "sampling": cfg.sampling.to_dict()},
-        hyperparameters={"steps done": trainer.steps_done, "reference": trainer.reference_mode,
-                         "world size": trainer.world},
-        metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
-        base_model_id=cfg.model.path,
-        how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False, cfg.model.rope_scaling))
+    card = _online_card(cfg, command, trainer, annotator, rows, base_desc, base_path, named, len(prompts),
+                        bool(held_out), command_line)
     with staged(run.model, step=trainer.steps_done) as model_dir:
         trainer.save(model_dir)
         card.write(model_dir / "README.md")
@@ -348,4 +366,5 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     return 0
 
 
-__all__ = ["ONLINE_BOOKKEEPING", "ONLINE_PLOTS", "add_parser", "make_annotator", "online_plots", "plot_online", "read_prompt_splits", "read_prompts", "run", "train_online"]
+__all__ = ["ONLINE_BOOKKEEPING", "ONLINE_PLOTS", "add_parser", "make_annotator", "online_plots", "plot_online",
+           "read_prompt_splits", "read_prompts", "run", "train_online"]

@@ -82,7 +82,8 @@ def dry_run(cfg: Any, args: argparse.Namespace | None = None, dry: DryCheck | No
 def print_dry_run(cfg: Any, checked: list[str], tail: str, data: tuple[str, list[str]] | None = None) -> None:
     """The report of every `--dry-run` (config commands' `dry_run`, `alignkit serve --dry-run`, `alignkit demo
     --dry-run`, whose `cfg` is a plain dict of what it would run): the config as YAML (it still loads as one), then
-    as YAML comments the `data` checks if any (`(what, lines)`: "# --dry-run checked <what>:" and a line each) and one `# --dry-run checked <line>` per line of `checked`, and a last line
+    as YAML comments the `data` checks if any (`(what, lines)`: "# --dry-run checked <what>:" and a line each) and
+    one `# --dry-run checked <line>` per line of `checked`, and a last line
     `# --dry-run: OK, <N> check(s) passed<tail>`, N counting every line of both."""
     print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False) if isinstance(cfg, dict)  # `demo`'s plan
           else dump_config(cfg), end="")

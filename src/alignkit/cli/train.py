@@ -92,7 +92,8 @@ def batching_kwargs(command: str, train: dict[str, Any]) -> dict[str, Any]:
     if train.get("share_prompt") is not None and command in ("rm", "dpo"):  # the config refused True elsewhere
         out["share_prompt"] = bool(train["share_prompt"])  # None: the trainer's default (on where faster)
     if train.get("reft_prefix_cache") is not None:
-        out["reft_prefix_cache"] = bool(train["reft_prefix_cache"])  # None: the trainer's default (on for several epochs)
+        # None: the trainer's default (on for several epochs)
+        out["reft_prefix_cache"] = bool(train["reft_prefix_cache"])
     return out
 
 
@@ -118,12 +119,14 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     `args.alignkit_tensorboard`, added by `tensorboard_callback` once the run folder exists)."""
     kw = dict(train)
     kw.pop("resume_from_checkpoint", None)  # passed to trainer.train (plan_run checks it), not a setting
-    for key in ALIGNKIT_TRAIN_KEYS:  # alignkit's own keys (compile_model, batching_kwargs), not TrainingArguments fields
+    # alignkit's own keys (compile_model, batching_kwargs), not TrainingArguments fields
+    for key in ALIGNKIT_TRAIN_KEYS:
         kw.pop(key, None)
     kw["output_dir"] = str(run.checkpoints)
     refuse_trainer_fsdp_on_cpu(kw.get("fsdp"))  # every rank on its own, before any collective
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and requested_engine() == "deepspeed":
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            and requested_engine() == "deepspeed"):
         # DeepSpeed on CPU processes (accelerate launch with a DEEPSPEED config): use_cpu would make accelerate
         # skip DeepSpeed; gloo is what DeepSpeed's CPU accelerator talks over (alignkit.distributed)
         kw.setdefault("ddp_backend", "gloo")
@@ -131,7 +134,8 @@ def training_arguments(train: dict[str, Any], run: RunFolder, quiet: bool) -> tu
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "use_cpu" not in kw:
         # several CPU processes (torchrun / accelerate launch): without use_cpu each would train alone
         kw.update(use_cpu=True, ddp_backend=kw.get("ddp_backend") or "gloo")
-        logger.info("%s CPU processes: DDP with use_cpu=True, ddp_backend=%s", os.environ["WORLD_SIZE"], kw["ddp_backend"])
+        logger.info("%s CPU processes: DDP with use_cpu=True, "
+                    "ddp_backend=%s", os.environ["WORLD_SIZE"], kw["ddp_backend"])
     if not torch.cuda.is_available() and "dataloader_pin_memory" not in kw:
         kw["dataloader_pin_memory"] = False  # nothing to pin to on a CPU-only machine (and torch warns)
     report = trackers(kw.get("report_to"), expand_all=True)
@@ -395,8 +399,9 @@ def nothing_to_do(trainer: Any, plan: Any, run: RunFolder) -> str | None:
     step, planned = resumed_step(plan.checkpoint), trainer.planned_steps()
     if step is None or step < planned or saved_step(run.model) != step:
         return None
-    return (f"nothing to do: all {planned} optimizer steps are done ({Path(plan.checkpoint).name}) and model/ holds step "
-            f"{step}; {plan.final} is left as it was (raise train.max_steps or train.num_train_epochs to train on)")
+    return (f"nothing to do: all {planned} optimizer steps are done ({Path(plan.checkpoint).name}) and model/ holds "
+            f"step {step}; {plan.final} is left as it was (raise train.max_steps or train.num_train_epochs to train "
+            "on)")
 
 
 def evaluated_at(rows: list[dict[str, Any]], step: int) -> bool:
@@ -424,4 +429,5 @@ def summary_figures(metrics: dict[str, float], eval_sets: list[str] | None = Non
     return [(k, metrics[k]) for k in keys if k in metrics]
 
 
-__all__ = ["SUMMARY_METRICS", "add_parser", "best_step", "evaluated_at", "nothing_to_do", "run", "summary_figures", "train"]
+__all__ = ["SUMMARY_METRICS", "add_parser", "best_step", "evaluated_at", "nothing_to_do", "run", "summary_figures",
+           "train"]

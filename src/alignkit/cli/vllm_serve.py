@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; whoever reaches the port "
                    "can replace the weights)")
     p.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' on every route but "
-                   "/health (or set ALIGNKIT_VLLM_API_KEY; the trainer sends ALIGNKIT_VLLM_API_KEY from its environment)")
+                   "/health (or set ALIGNKIT_VLLM_API_KEY; the trainer sends ALIGNKIT_VLLM_API_KEY from its "
+                   "environment)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
     p.add_argument("--dtype", default="auto", help="vLLM's dtype (default auto: the model's; float32 for exact "
                    "greedy parity with a float32 trainer)")

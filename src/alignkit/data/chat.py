@@ -7,21 +7,23 @@ what to pass to the tokenizer (False when the format already writes BOS or its o
 `ends_turn` says whether the format already ends the completion with an end-of-turn marker (the
 tokenizer then does not append EOS by default; see `tokenize.TokenizeConfig.add_eos`).
 
-| name            | for                      | text                                                         |
-|-----------------|--------------------------|--------------------------------------------------------------|
-| "chat-template" | conversations (or text, wrapped as one user turn) | `tokenizer.apply_chat_template` (`fast_chat_rendering`: the same text, rendered directly) |
-| "oasst"         | both                     | `<|prompter|>q<eos><|assistant|>a<eos>` (Open-Assistant)    |
-| "plain"         | plain-text records       | prompt + completion, verbatim                                |
-| "auto"          | -                        | "chat-template" for conversations, "plain" for text          |
+| name            | for                                   | text                                                       |
+|-----------------|---------------------------------------|------------------------------------------------------------|
+| "chat-template" | conversations (text: one user turn)   | `tokenizer.apply_chat_template` (or `fast_chat_rendering`) |
+| "oasst"         | both                                  | `<|prompter|>q<eos><|assistant|>a<eos>` (Open-Assistant)  |
+| "plain"         | plain-text records                    | prompt + completion, verbatim                              |
+| "auto"          | -                                     | "chat-template" for conversations, "plain" for text        |
+
+(`fast_chat_rendering`: the chat template's same text, rendered directly.)
 
 The string `prompt` need not be a string prefix of `full`; the tokenizer checks the boundary in token
 space (the prompt's token ids must be a prefix of the full sequence's).
 
-A trained model folder records the formats its prompts had (`alignkit_prompt_format.json`: resolved formatter ->
-record count, written by training: `alignkit.runs.write_prompt_formats`). Generation, evaluation, sampling, online training and serving compare the
-format they are about to use with it and warn when the model never saw that format (`check_prompt_formats`): a
-model trained on "plain" HH text and then asked through a chat template answers quietly worse, which is the
-commonest way a good model looks broken.
+A trained model folder records the formats its prompts had (`alignkit_prompt_format.json`: resolved formatter -> record
+count, written by training: `alignkit.runs.write_prompt_formats`). Generation, evaluation, sampling, online training and
+serving compare the format they are about to use with it and warn when the model never saw that format
+(`check_prompt_formats`): a model trained on "plain" HH text and then asked through a chat template answers quietly
+worse, which is the commonest way a good model looks broken.
 """
 
 from __future__ import annotations

@@ -19,15 +19,14 @@ completion tokens, -100 elsewhere; HF models shift them inside), all (rows, T) w
   `rank` (N,) (the record's rank, equal for ties, 0 = best), `num_responses` (B,). Scatter rewards to a
   (B, K_max) table with `group_index` and the row's position in its group (`position_in_group` (N,)).
 - `PackedSFTCollator(row_length=None)`: padding-free SFT: all sequences concatenated in one row (1, S):
-  `input_ids`, `position_ids` restarting at 0 per sequence, `labels`/`completion_mask` with each sequence's
-  first token masked (it must not be predicted from the previous sequence), `sequence_index` (1, S)
-  (example of each token), `sequence_start` / `sequence_length` (B,), `max_seq_len` (int), `cu_seq_lens`
-  (B+1,) int32 cumulative lengths starting at 0, and `weight` (B,). With `row_length` ("longest" or an
-  int) the sequences are binned first-fit-decreasing into rows of at most max(row_length, longest) tokens,
-  (rows, L), each row's tail a filler segment (sequence_index -1), and no `cu_seq_lens`: sdpa / eager
-  attention then costs sum(L^2) per batch instead of S^2 for one row. No `attention_mask`: sequence boundaries travel in `position_ids` (transformers builds
-  a block-diagonal causal mask from them for sdpa/eager; flash-attention gets `cu_seq_lens` as varlen
-  kwargs, see `alignkit.trainers.logps`).
+  `input_ids`, `position_ids` restarting at 0 per sequence, `labels`/`completion_mask` with each sequence's first token
+  masked (it must not be predicted from the previous sequence), `sequence_index` (1, S) (example of each token),
+  `sequence_start` / `sequence_length` (B,), `max_seq_len` (int), `cu_seq_lens` (B+1,) int32 cumulative lengths starting
+  at 0, and `weight` (B,). With `row_length` ("longest" or an int) the sequences are binned first-fit-decreasing into
+  rows of at most max(row_length, longest) tokens, (rows, L), each row's tail a filler segment (sequence_index -1), and
+  no `cu_seq_lens`: sdpa / eager attention then costs sum(L^2) per batch instead of S^2 for one row. No
+  `attention_mask`: sequence boundaries travel in `position_ids` (transformers builds a block-diagonal causal mask from
+  them for sdpa/eager; flash-attention gets `cu_seq_lens` as varlen kwargs, see `alignkit.trainers.logps`).
 - `PackedPreferenceCollator`: padding-free 2B layout: the chosen then the rejected sequences packed in one
   row, keys as `PackedSFTCollator` plus `margin` (B,). `packed_version(collator)` maps padded -> packed.
 - `PromptCollator`: prompts for generation, left-padded by default: `input_ids`, `attention_mask`,
@@ -333,12 +332,14 @@ def shared_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             "shared_index": torch.tensor(index, dtype=torch.long, device=dev)}
 
 
-def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int = 0) -> dict[str, Any]:
+def shared_prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         pad_token_id: int = 0) -> dict[str, Any]:
     """`shared_prefix_layout` of a right-padded 2B preference batch (chosen rows 0..B-1, rejected B..2B-1): pair b
     is one row, chosen_b then the rejected tokens after the prefix the two have in common."""
     R = input_ids.shape[0]
     if R % 2:
-        raise ValueError(f"a shared-prompt batch needs the 2B preference layout (chosen rows, then rejected), got {R} rows")
+        raise ValueError(f"a shared-prompt batch needs the 2B preference layout (chosen rows, then rejected), got {R} "
+                         "rows")
     pair = torch.arange(R // 2)
     return shared_prefix_layout(input_ids, attention_mask, torch.cat([pair, pair]), pad_token_id)
 

@@ -61,8 +61,8 @@ def check_turns(messages: list[Message], where: str) -> None:
     naming no row) or a turn with no text the model was trained to answer after."""
     name = {"user": HUMAN.strip(), "assistant": ASSISTANT.strip()}
     if messages[0]["role"] != "user":
-        raise DataError(f"{where}: the HH dialogue starts with an {name['assistant']!r} turn; HH dialogues start with a "
-                        f"{name['user']!r} turn: cut the leading reply, or drop the row (on_invalid='skip')")
+        raise DataError(f"{where}: the HH dialogue starts with an {name['assistant']!r} turn; HH dialogues start with "
+                        f"a {name['user']!r} turn: cut the leading reply, or drop the row (on_invalid='skip')")
     for i, (a, b) in enumerate(zip(messages, messages[1:]), start=1):
         if a["role"] == b["role"]:
             raise DataError(f"{where}: turns {i} and {i + 1} of the HH dialogue are both {name[a['role']]!r} turns; HH "

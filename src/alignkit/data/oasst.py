@@ -23,35 +23,36 @@ The record's completion is the final assistant turn; earlier turns are in the pr
 are trained too under the default `loss_on="all_assistant"` (`alignkit.data.tokenize`), as Open-Assistant's
 trainer does.
 
-Ranked (`kind="ranked"`, for reward modeling): for every prompter turn with at least two *ranked*
-assistant replies (after filtering), the conversation up to that turn and those replies ordered by rank
-(0 = best). Replies without a rank were never compared and are left out (a turn with fewer than two
-ranked replies gives no record). Equal ranks are kept as ties (`RankedRecord.ranks`), so pair views skip
-them. The turns that give no record (unanswered, fewer than 2 ranked replies), the tied pairs and the unranked
-replies left out of a record are counted and
-logged with the record count (as the filters' removals are). Ranks are OASST's, computed before filtering, so they may have gaps; only their order matters.
+Ranked (`kind="ranked"`, for reward modeling): for every prompter turn with at least two *ranked* assistant replies
+(after filtering), the conversation up to that turn and those replies ordered by rank (0 = best). Replies without a rank
+were never compared and are left out (a turn with fewer than two ranked replies gives no record). Equal ranks are kept
+as ties (`RankedRecord.ranks`), so pair views skip them. The turns that give no record (unanswered, fewer than 2 ranked
+replies), the tied pairs and the unranked replies left out of a record are counted and logged with the record count (as
+the filters' removals are). Ranks are OASST's, computed before filtering, so they may have gaps; only their order
+matters.
 
 Prompts (`kind="prompt"`, for online training): `prompts="roots"` (default) gives each tree's initial
 prompt; `prompts="all"` every prompter turn with the conversation before it.
 
-Presets (`preset=`): "strict" (default) is everything above. "oasst" reproduces Open-Assistant's own
-trainer (model_training/custom_datasets/oasst_dataset.py, `load_oasst_export`) as its reader applies the
-rules: a tree is kept when its state is "ready_for_export" and its ROOT is positively reviewed and in
-`langs` (default English; no per-message review or language check); SFT threads are the paths to leaves,
-where a prompter leaf counts only when it is the FIRST reply of its parent (and is then cut off), and a
-thread with any deleted or synthetic message is dropped (not the whole subtree: other branches stay);
-ranked groups are the prompter turns (with a clean path) with >= 2 ranked replies, sorted by rank; prompts
-(OA's "rl" mode) are every prompter-ending path without deleted or synthetic messages, in trees that are
-"ready_for_export" or "prompt_lottery_waiting". The paths it leaves out (through a deleted or synthetic message;
-prompter leaves that are not the first reply) are counted in one logged line with the record count. `mode`, `prompts`, `drop_*` and `tree_states` do not apply to
-it. An option set away from its default that a read would ignore is refused (`check_applies`): those under
-"oasst", `mode` for other than SFT records, `prompts` for other than prompt records.
-On the shared 40-tree English sample (`../shared/data/oasst/oasst_en_trees_sample.jsonl`):
+Presets (`preset=`): "strict" (default) is everything above. "oasst" reproduces Open-Assistant's own trainer
+(model_training/custom_datasets/oasst_dataset.py, `load_oasst_export`) as its reader applies the rules: a tree is kept
+when its state is "ready_for_export" and its ROOT is positively reviewed and in `langs` (default English; no per-message
+review or language check); SFT threads are the paths to leaves, where a prompter leaf counts only when it is the FIRST
+reply of its parent (and is then cut off), and a thread with any deleted or synthetic message is dropped (not the whole
+subtree: other branches stay); ranked groups are the prompter turns (with a clean path) with >= 2 ranked replies, sorted
+by rank; prompts (OA's "rl" mode) are every prompter-ending path without deleted or synthetic messages, in trees that
+are "ready_for_export" or "prompt_lottery_waiting". The paths it leaves out (through a deleted or synthetic message;
+prompter leaves that are not the first reply) are counted in one logged line with the record count. `mode`, `prompts`,
+`drop_*` and `tree_states` do not apply to it. An option set away from its default that a read would ignore is refused
+(`check_applies`): those under "oasst", `mode` for other than SFT records, `prompts` for other than prompt records. On
+the shared 40-tree English sample (`../shared/data/oasst/oasst_en_trees_sample.jsonl`):
 
-| preset | SFT records | assistant messages trained (loss_on=all_assistant) | ranked groups | prompts |
-|--------|-------------|-----------------------------------------------------|---------------|---------|
-| strict | 202         | 247 (202 with loss_on=last_assistant)               | 73            | 37 roots (175 with prompts="all") |
-| oasst  | 197         | 247                                                 | 73            | 175           |
+| preset | SFT records | assistant messages trained (*)        | ranked groups | prompts                           |
+|--------|-------------|---------------------------------------|---------------|-----------------------------------|
+| strict | 202         | 247 (202 with loss_on=last_assistant) | 73            | 37 roots (175 with prompts="all") |
+| oasst  | 197         | 247                                   | 73            | 175                               |
+
+(*) with loss_on=all_assistant.
 
 Records carry `meta = {"tree_id", "message_id", "lang"}` (SFT threads also `"thread"`: the message ids from
 the root); split train/validation by tree with
@@ -356,7 +357,8 @@ def read_oasst(source: Any, *, kind: str = "sft", mode: str = "leaves", prompts:
                on_invalid: str = "raise", split: str | None = None, preset: str = "strict") -> list:
     """Records of `kind` ("sft", "ranked" or "prompt") from an Open-Assistant tree export (`preset`: "strict"
     or "oasst", Open-Assistant's own rules; see the module docstring)."""
-    return read_oasst_rows(iter_rows(source, split), where_of(source), kind=kind, mode=mode, prompts=prompts, langs=langs,
+    return read_oasst_rows(iter_rows(source, split), where_of(source), kind=kind, mode=mode, prompts=prompts,
+                           langs=langs,
                            drop_deleted=drop_deleted, drop_synthetic=drop_synthetic, drop_unreviewed=drop_unreviewed,
                            tree_states=tree_states, on_invalid=on_invalid, preset=preset)
 

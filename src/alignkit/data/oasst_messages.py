@@ -8,8 +8,9 @@ rebuilds each tree (replies in the order their rows appear), and hands the trees
 exactly the tree reader's (see that module's docstring for their rules). A tree's place in error
 messages is the file and line of its root message.
 
-Errors name the row: a message whose `parent_id` is not in the file, a tree without a root or with
-two, a repeated `message_id`, a message whose `parent_id` chain loops instead of reaching the root. With `on_invalid="skip"` the broken tree is skipped and counted instead.
+Errors name the row: a message whose `parent_id` is not in the file, a tree without a root or with two, a repeated
+`message_id`, a message whose `parent_id` chain loops instead of reaching the root. With `on_invalid="skip"` the broken
+tree is skipped and counted instead.
 """
 
 from __future__ import annotations

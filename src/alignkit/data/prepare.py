@@ -178,10 +178,10 @@ def map_features(kind: str) -> Features:
 
 
 def _summarize(out: Any, name: str) -> tuple[list[int], int]:
-    """(the rows of the map's output `out` that were kept, how many records the readers gave). The dataset's `TokenizeStats`, from its note columns, are
-    logged as one line per kind of warning (the reader's, from its batches' notes merged: ignored columns, dropped
-    message keys, an optional column given in some rows only; each reason records were dropped for, messages not
-    rendered) with its count and first records, and the totals (info)."""
+    """(the rows of the map's output `out` that were kept, how many records the readers gave). The dataset's
+    `TokenizeStats`, from its note columns, are logged as one line per kind of warning (the reader's, from its batches'
+    notes merged: ignored columns, dropped message keys, an optional column given in some rows only; each reason records
+    were dropped for, messages not rendered) with its count and first records, and the totals (info)."""
     column = {k: out.data.column(k).to_pylist() for k in (*NOTE_COLUMNS, "id")}  # the map's own table: no indices
     notes = ReaderNotes()
     for note in filter(None, column[READER_NOTES]):  # in row order, with num_proc too: the first rows come first

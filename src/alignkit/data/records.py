@@ -135,8 +135,8 @@ def _check_response(resp: Any, prompt: Prompt, rid: str, key: str) -> Completion
         raise DataError(f"{_where(rid)}: {key!r} starts with a {msgs[0]['role']!r} message, and a response is the "
                         f"assistant's reply: the prompt is rendered up to the assistant's turn, so this record either "
                         f"stopped on a misleading token-boundary error or trained the model to write the "
-                        f"{msgs[0]['role']!r} turn; move {key}[:{first}] into the prompt (chosen / rejected that differ "
-                        f"before their reply answer different conversations: fix the pair or drop it)")
+                        f"{msgs[0]['role']!r} turn; move {key}[:{first}] into the prompt (chosen / rejected that "
+                        f"differ before their reply answer different conversations: fix the pair or drop it)")
     if len(msgs) > len(prompt) and msgs[:len(prompt)] == prompt:
         raise DataError(f"{_where(rid)}: {key!r} starts with the whole prompt ({len(prompt)} message(s)), so the model "
                         f"would read the prompt twice and be trained on the copy inside {key!r}; drop the prompt's "

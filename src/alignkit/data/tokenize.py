@@ -8,8 +8,8 @@ boundary, or a chat template rewrote earlier turns) is an ERROR naming the recor
 Multi-turn SFT (`loss_on`, SFT records only; TRL's `assistant_only_loss`, Open-Assistant's trainer):
 - "all_assistant" (default): every assistant turn is trained, the final completion AND each assistant
   message inside a conversational prompt (with its end-of-turn marker, as the final turn), except the turns a
-  conversation gave weight 0 (`records.UNTRAINED_TURNS`; "all" refuses such a record: it would train them) and
-  where the row gave the prompt in a column of its own (`records.PROMPT_IS_CONTEXT`: TRL's prompt-completion rows, whose prompt
+  conversation gave weight 0 (`records.UNTRAINED_TURNS`; "all" refuses such a record: it would train them) and where the
+  row gave the prompt in a column of its own (`records.PROMPT_IS_CONTEXT`: TRL's prompt-completion rows, whose prompt
   TRL never trains: completion_only_loss): there the completion alone;
 - "last_assistant": only the final completion (earlier assistant turns are context);
 - "all": the whole sequence (prompt included), TRL's language-modelling loss.

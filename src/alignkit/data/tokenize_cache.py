@@ -42,7 +42,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """What the token ids depend on: the vocabulary/merges/normalizer (the backend's full JSON for a fast
     tokenizer, else the vocabulary), special tokens and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None and hasattr(backend, "to_str") else sorted(tokenizer.get_vocab().items())
+    body = (backend.to_str() if backend is not None and hasattr(backend, "to_str")
+            else sorted(tokenizer.get_vocab().items()))
     specials = getattr(tokenizer, "special_tokens_map", {})
     return sha(type(tokenizer).__name__, body, sorted(specials.items()), getattr(tokenizer, "chat_template", None),
                tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))

@@ -82,7 +82,8 @@ class PipelineResult:
                ("reward-model accuracy (held-out pairs)", self.rm_accuracy.before, self.rm_accuracy.after, ".2f")]
         for name, d in self.dpo.items():
             tag = dpo_label(name)
-            out += [(f"{tag}: reward accuracy (held-out pairs)", d.reward_accuracy.before, d.reward_accuracy.after, ".2f"),
+            out += [(f"{tag}: reward accuracy (held-out pairs)", d.reward_accuracy.before, d.reward_accuracy.after,
+                     ".2f"),
                     (f"{tag}: reward margin (held-out pairs)", d.reward_margin.before, d.reward_margin.after, ".3f"),
                     (f"{tag}: rule score, greedy", d.rule_greedy.before, d.rule_greedy.after, ".2f"),
                     (f"{tag}: rule score, sampled (T=1)", d.rule_sampled.before, d.rule_sampled.after, ".2f"),

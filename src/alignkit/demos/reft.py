@@ -76,8 +76,9 @@ def load_demo_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
             rec = json.loads(line)
             pairs.append((str(rec["prompt"]), str(rec["response"])))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{where}, line {n}: expected a JSON object with 'prompt' and 'response' ({type(e).__name__}: "
-                            f"{e}); --pairs takes {{\"prompt\": ..., \"response\": ...}} lines") from e
+            raise DataError(f"{where}, line {n}: expected a JSON object with 'prompt' and 'response' "
+                            f"({type(e).__name__}: {e}); --pairs takes {{\"prompt\": ..., \"response\": ...}} "
+                            "lines") from e
     if not pairs:
         raise DataError(f"{where}: no records; --pairs takes {{\"prompt\": ..., \"response\": ...}} lines")
     return pairs

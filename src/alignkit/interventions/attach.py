@@ -51,8 +51,8 @@ from alignkit.interventions.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReftModel", "ReftPositionError", "get_reft_model", "Slot", "edit_positions", "find_decoder_layers", "hf_model",
-           "hidden_size", "requires_grad_restored_on_error", "resolve_component"]
+__all__ = ["ReftModel", "ReftPositionError", "get_reft_model", "Slot", "edit_positions", "find_decoder_layers",
+           "hf_model", "hidden_size", "requires_grad_restored_on_error", "resolve_component"]
 
 
 @contextlib.contextmanager
@@ -235,8 +235,8 @@ class ReftModel(nn.Module):
 
     def enable_prefix_cache(self, max_bytes: int = DEFAULT_MAX_BYTES) -> PrefixCache:
         """Cache, per example, the output of the layers that run before every intervention
-        (`alignkit.interventions.prefix_cache`): from an example's second forward on, those frozen layers are skipped. ValueError (one line, why)
-        where those layers are not a fixed function of the tokens."""
+        (`alignkit.interventions.prefix_cache`): from an example's second forward on, those frozen layers are skipped.
+        ValueError (one line, why) where those layers are not a fixed function of the tokens."""
         self.disable_prefix_cache()
         self._prefix_cache = PrefixCache(self, max_bytes)
         return self._prefix_cache
@@ -403,7 +403,8 @@ class ReftModel(nn.Module):
             self._warned_bare.add(name)
             logger.warning("ReFT adapter %r has no position spec and this %s passes no intervention_locations, so it "
                            "edits nothing (the output is the base model's); pass intervention_locations, or give it "
-                           "a spec (set_positions(%r, 'f1+l1'), ReftConfig(positions=...), or load_pyreft(..., positions=...))",
+                           "a spec (set_positions(%r, 'f1+l1'), ReftConfig(positions=...), or load_pyreft(..., "
+                           "positions=...))",
                            name, call, name)
 
     def _active_slots(self) -> frozenset:
@@ -452,7 +453,8 @@ class ReftModel(nn.Module):
         use = (cache is not None and start == 0 and input_ids is not None and kwargs.get("use_cache") is False
                and not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions"))
         with self._running(Run(locations, self._active_slots(), last_location=last), start), \
-                (cache.around(input_ids, attention_mask, kwargs.get("position_ids")) if use else contextlib.nullcontext()):
+                (cache.around(input_ids, attention_mask, kwargs.get("position_ids")) if use
+                 else contextlib.nullcontext()):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -126,8 +126,8 @@ class RepresentationConfig:
                                                     or self.low_rank_dimension <= 0):
             raise ValueError(f"low_rank_dimension must be a positive int, got {self.low_rank_dimension!r}")
         if self.add_bias is not None and not isinstance(self.add_bias, bool):
-            raise ValueError(f"add_bias must be true or false, got {self.add_bias!r} (a {type(self.add_bias).__name__});"
-                             f" write it without quotes")
+            raise ValueError(f"add_bias must be true or false, got {self.add_bias!r} (a "
+                             f"{type(self.add_bias).__name__}); write it without quotes")
         if self.dropout is not None and (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
                                          or not 0.0 <= float(self.dropout) < 1.0):  # "0.1" reached nn.Dropout
             raise ValueError(f"dropout must be a number in [0, 1) (YAML reads 1e-1 as text: write 0.1), "

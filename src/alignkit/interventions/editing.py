@@ -1,14 +1,13 @@
 """Gather -> intervene -> scatter: what one hook does to one module's hidden states (ReFT, Wu, Arora et al. 2024).
 
-A forward or `generate` call of `ReftModel` creates one `Run` (the locations and which interventions are
-on); every forward of the base model inside it (the prefill, then each decode step) gets a `Step`, the
-run plus the step's absolute offset. The offset comes from counting the tokens the base model has
-processed in the run (`locate_step`), cross-checked against the KV cache and the attention mask where
-the call carries them, so it does not depend on the keyword under which transformers passes the cache;
-a step that cannot be placed raises `ReftPositionError` rather than being edited at a guess. For a hidden state `h: (B, T, d)` of that step,
-`edit_positions` picks the selected (row, position) pairs `h[b, loc[b, p] - offset]`, applies the
-intervention `Φ: (N, d) -> (N, d)` to them and writes them back out of place; every other value is a
-bitwise copy of `h`.
+A forward or `generate` call of `ReftModel` creates one `Run` (the locations and which interventions are on); every
+forward of the base model inside it (the prefill, then each decode step) gets a `Step`, the run plus the step's absolute
+offset. The offset comes from counting the tokens the base model has processed in the run (`locate_step`), cross-checked
+against the KV cache and the attention mask where the call carries them, so it does not depend on the keyword under
+which transformers passes the cache; a step that cannot be placed raises `ReftPositionError` rather than being edited at
+a guess. For a hidden state `h: (B, T, d)` of that step, `edit_positions` picks the selected (row, position) pairs `h[b,
+loc[b, p] - offset]`, applies the intervention `Φ: (N, d) -> (N, d)` to them and writes them back out of place; every
+other value is a bitwise copy of `h`.
 
 Fast path: `Run.last_location` is the largest location of the run, computed once per call. A step whose
 window `[offset, offset + T)` starts after it (every decode step when only the prompt is edited) returns

@@ -54,7 +54,8 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     ref = next((p for p in layers.parameters() if p.is_floating_point()), None)
     cfg = getattr(base, "config", None)
     return {"model_type": getattr(cfg, "model_type", type(base).__name__), "hidden_size": hidden_size(base),
-            "num_layers": len(layers), "dtype": str(ref.dtype if ref is not None else torch.float32).removeprefix("torch."),
+            "num_layers": len(layers),
+            "dtype": str(ref.dtype if ref is not None else torch.float32).removeprefix("torch."),
             "name_or_path": str(getattr(cfg, "name_or_path", "") or "")}
 
 
@@ -99,8 +100,9 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt, save the adapter again") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an alignkit ReFT config (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                         f"expected {FORMAT!r}); for a pyreft checkpoint use load_pyreft")
+        raise ValueError(f"{path}: not an alignkit ReFT config (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}); for a "
+                         "pyreft checkpoint use load_pyreft")
     if meta.get("version") != VERSION:  # another layout: read as this one, it would load wrong or fail later
         version = meta.get("version")
         newer = isinstance(version, int) and not isinstance(version, bool) and version > VERSION
@@ -226,7 +228,8 @@ def read_reft_weights(reft_model: ReftModel, folder: str | Path, adapter_name: s
     meta = _read_meta(folder)
     names = reft_model.adapter_names
     if adapter_name is None:
-        adapter_name = meta.get("adapter_name") if meta.get("adapter_name") in names else (names[0] if len(names) == 1 else None)
+        adapter_name = (meta.get("adapter_name") if meta.get("adapter_name") in names
+                        else (names[0] if len(names) == 1 else None))
     if adapter_name not in names:
         raise KeyError(f"{folder / CONFIG_NAME}: cannot tell which adapter of {names} to load into; pass adapter_name")
     live = reft_model.interventions[adapter_name]

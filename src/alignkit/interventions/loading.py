@@ -41,7 +41,8 @@ def load_pyreft(model: nn.Module, folder: str | Path, act_fn: str | None = None,
                              f"but the model's hidden size is {width}; load it onto the model it was trained on")
         kind = spec.pop("type")
         spec.pop("dtype", None)
-        named = {k: spec.pop(k) for k in ("low_rank_dimension", "dropout", "act_fn", "add_bias", "embed_dim") if k in spec}
+        named = {k: spec.pop(k) for k in ("low_rank_dimension", "dropout", "act_fn", "add_bias", "embed_dim")
+                 if k in spec}
         reps.append(RepresentationConfig(layer=item.layer, component=item.component, intervention=kind,
                                          extra=spec, **named))
         modules.append(item.build())

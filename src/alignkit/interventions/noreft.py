@@ -30,7 +30,8 @@ class NoReFT(Intervention):
         dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype, act_fn=act_fn, add_bias=add_bias, proj_bias=proj_bias)
+        dt = self.setup(embed_dim, low_rank_dimension, dropout, dtype, act_fn=act_fn, add_bias=add_bias,
+                        proj_bias=proj_bias)
         self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=proj_bias, dtype=dt)        # W₂, c
         self.learned_source = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias, dtype=dt)     # W₁, b
 

@@ -226,4 +226,5 @@ def locations_from_mask(spec: "str | Positions", attention_mask: torch.Tensor, n
     return locations_from_spans(spec, start, length, num_interventions, share_weights)
 
 
-__all__ = ["Positions", "check_one_span", "check_prompt_lengths", "check_truncated_prompts", "locations_from_spans", "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]
+__all__ = ["Positions", "check_one_span", "check_prompt_lengths", "check_truncated_prompts", "locations_from_spans",
+           "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]

@@ -90,12 +90,15 @@ def unusable_reason(reft_model: nn.Module) -> str | None:
     for m in prefix:
         for name, p in m.named_parameters():
             if p.requires_grad:
-                return f"parameter {name!r} in the layers below the interventions (0-{L - 1}) is trained (LoRA on those layers?)"
+                return (f"parameter {name!r} in the layers below the interventions (0-{L - 1}) is trained "
+                        "(LoRA on those layers?)")
         for name, sub in m.named_modules():
             if isinstance(sub, nn.Dropout) and sub.p > 0:
-                return f"dropout {name or type(sub).__name__} (p={sub.p}) in the layers below the interventions (0-{L - 1})"
+                return (f"dropout {name or type(sub).__name__} (p={sub.p}) in the layers below the interventions "
+                        f"(0-{L - 1})")
             if float(getattr(sub, "attention_dropout", 0.0) or 0.0) > 0:
-                return f"attention dropout {getattr(sub, 'attention_dropout')} in the layers below the interventions (0-{L - 1})"
+                return (f"attention dropout {getattr(sub, 'attention_dropout')} in the layers below the "
+                        f"interventions (0-{L - 1})")
             if getattr(sub, "_hf_hook", None) is not None:
                 return "accelerate hooks (device map / offload) on the layers below the interventions"
     for layer in layers[:L]:
@@ -108,7 +111,8 @@ def unusable_reason(reft_model: nn.Module) -> str | None:
     return None
 
 
-def _segments(ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> list[tuple[int, int, int]] | None:
+def _segments(ids: Tensor, attention_mask: Tensor | None,
+              position_ids: Tensor | None) -> list[tuple[int, int, int]] | None:
     """(row, start, end) of each sequence in the batch, or None for a layout the cache does not handle."""
     B, T = ids.shape
     if attention_mask is None and position_ids is not None and B == 1:  # one packed row
@@ -230,8 +234,8 @@ class PrefixCache:
         h = self._hidden(args, kwargs)
         new = self._pending.to(device=h.device, dtype=h.dtype)
         if new.shape != h.shape:
-            raise PrefixCacheMismatch(f"ReFT prefix cache: cached states {tuple(new.shape)} for layer {self.frozen - 1}'s "
-                                      f"output, input {tuple(h.shape)}; train without the cache "
+            raise PrefixCacheMismatch(f"ReFT prefix cache: cached states {tuple(new.shape)} for layer "
+                                      f"{self.frozen - 1}'s output, input {tuple(h.shape)}; train without the cache "
                                       "(train.reft_prefix_cache: false)")
         self._pending = None
         return (new,) if self._tuple_out else new
@@ -254,7 +258,8 @@ class PrefixCache:
             return None
         if self._mode == "fill":
             self._tuple_out = not isinstance(output, Tensor)
-        h = output if isinstance(output, Tensor) else output[0] if isinstance(output, (tuple, list)) and output else None
+        h = (output if isinstance(output, Tensor)
+             else output[0] if isinstance(output, (tuple, list)) and output else None)
         if not isinstance(h, Tensor):
             return None
         segs, keys, _ = self._plan

@@ -293,7 +293,8 @@ def _pop_rotation(state: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
         return holder.weight.to(original.dtype)
 
 
-def _pop_linear(state: dict[str, torch.Tensor], prefix: str, bare: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _pop_linear(state: dict[str, torch.Tensor], prefix: str,
+                bare: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     weight, bias = state.pop(f"{prefix}.weight", None), state.pop(f"{prefix}.bias", None)
     if weight is None and bare:  # LoreftIntervention.state_dict writes its Linear unprefixed
         weight, bias = state.pop("weight", None), state.pop("bias", None)

@@ -18,12 +18,12 @@ from .reward import bradley_terry_loss, kendall_tau, ranking_loss
 from .sft import sft_loss
 from .unpaired import KL_LOSSES, apo_zero_unpaired_loss, kto_kl_estimate, kto_loss
 
-__all__ = [
-    "IGNORE_INDEX", "TokenLogprobs", "chunked_lm_logprobs", "entropy_from_logits", "selective_log_softmax",
-    "sequence_logps", "AdaptiveKLController", "FixedKLController", "clip_rewards", "clipped_policy_loss", "gae",
-    "group_advantages", "kl_k1", "kl_k2", "kl_k3", "masked_whiten", "nan_std", "per_token_rewards", "rloo_advantages",
-    "value_loss", "PreferenceBatch", "PreferenceParams", "check_loss_weights", "preference_loss", "resolve_params", "ADVANTAGES", "KL_ESTIMATORS",
-    "POLICY_LOSSES", "PREFERENCE_LOSSES", "REGISTRIES", "REWARD_LOSSES", "SFT_LOSSES", "UNPAIRED_LOSSES",
-    "LossOutput", "Registry", "reduce_loss", "bradley_terry_loss", "kendall_tau", "ranking_loss", "sft_loss",
-    "KL_LOSSES", "apo_zero_unpaired_loss", "kto_kl_estimate", "kto_loss",
-]
+__all__ = ["IGNORE_INDEX", "TokenLogprobs", "chunked_lm_logprobs", "entropy_from_logits", "selective_log_softmax",
+           "sequence_logps", "AdaptiveKLController", "FixedKLController", "clip_rewards", "clipped_policy_loss", "gae",
+           "group_advantages", "kl_k1", "kl_k2", "kl_k3", "masked_whiten", "nan_std", "per_token_rewards",
+           "rloo_advantages",
+           "value_loss", "PreferenceBatch", "PreferenceParams", "check_loss_weights", "preference_loss",
+           "resolve_params", "ADVANTAGES", "KL_ESTIMATORS", "POLICY_LOSSES", "PREFERENCE_LOSSES", "REGISTRIES",
+           "REWARD_LOSSES", "SFT_LOSSES", "UNPAIRED_LOSSES", "LossOutput", "Registry", "reduce_loss",
+           "bradley_terry_loss", "kendall_tau", "ranking_loss", "sft_loss", "KL_LOSSES", "apo_zero_unpaired_loss",
+           "kto_kl_estimate", "kto_loss"]

@@ -103,9 +103,9 @@ def resolve_params(params: PreferenceParams | None, beta: float, who: str) -> Pr
     if params is None:
         return PreferenceParams(beta=beta)
     if beta != PreferenceParams.beta and beta != params.beta:
-        raise ValueError(f"{who}: beta={beta:g} and params.beta={params.beta:g} disagree; params holds every preference "
-                         f"hyper-parameter, so beta would be ignored: give PreferenceParams(beta={beta:g}, ...) as "
-                         "params, or leave beta out")
+        raise ValueError(f"{who}: beta={beta:g} and params.beta={params.beta:g} disagree; params holds every "
+                         f"preference hyper-parameter, so beta would be ignored: give PreferenceParams(beta={beta:g}, "
+                         "...) as params, or leave beta out")
     return params
 
 

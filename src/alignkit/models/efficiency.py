@@ -9,10 +9,10 @@
   the graph there; either way the losses equal eager's: tests/models/test_efficiency.py, full / LoRA / ReFT).
 - `apply_kernels(model, "liger")` (`model.kernels: liger`): Liger's Triton kernels (RMSNorm, SwiGLU, RoPE)
   patched into the model instance. Needs the `liger-kernel` package, a CUDA GPU and an architecture Liger covers;
-  anything missing is one `ConfigError` naming both the key and what is missing, raised by `check_model_kernels`
-  before the model loads (the run, and --dry-run, which loads none) and again by `apply_kernels` on the loaded model. Liger's fused linear cross-entropy is not used:
-  alignkit never builds full logits (its LM head runs in chunks at completion positions only, recomputed
-  in backward: `losses/logprobs.py`), which is the memory saving that kernel exists for.
+  anything missing is one `ConfigError` naming both the key and what is missing, raised by `check_model_kernels` before
+  the model loads (the run, and --dry-run, which loads none) and again by `apply_kernels` on the loaded model. Liger's
+  fused linear cross-entropy is not used: alignkit never builds full logits (its LM head runs in chunks at completion
+  positions only, recomputed in backward: `losses/logprobs.py`), which is the memory saving that kernel exists for.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ def check_fullgraph(option: Any, padding_free: bool, where: str = "train.compile
     backend="eager"); a whole graph needs the layout as tensors (cu_seqlens) and a varlen kernel."""
     if isinstance(option, dict) and option.get("fullgraph") is True and padding_free:
         raise ConfigError(f"{where}.fullgraph: true needs one graph per decoder layer, and this run packs its batches "
-                          "without padding (train.padding_free, on by default on CPU), whose attention breaks the graph "
-                          f"(dynamo would stop at the first step); remove {where}.fullgraph, or set "
+                          "without padding (train.padding_free, on by default on CPU), whose attention breaks the "
+                          f"graph (dynamo would stop at the first step); remove {where}.fullgraph, or set "
                           "train.padding_free: false")
 
 
@@ -170,6 +170,6 @@ def apply_kernels(model: nn.Module, kind: str | None, where: str = "model.kernel
     return model
 
 
-__all__ = ["KERNELS", "apply_kernels", "check_compile_options", "check_fullgraph", "check_kernels", "check_model_kernels",
-           "compile_layers", "decoder_layers", "liger_missing", "liger_model_types",
+__all__ = ["KERNELS", "apply_kernels", "check_compile_options", "check_fullgraph", "check_kernels",
+           "check_model_kernels", "compile_layers", "decoder_layers", "liger_missing", "liger_model_types",
            "settings_model_type"]

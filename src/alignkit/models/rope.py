@@ -17,16 +17,16 @@ validates the result against the architecture, so every problem is one `ConfigEr
   transformers only warns about or ignores (`rope_checks.py`: yarn's whole-number context, beta / mscale /
   attention_factor, llama3 and longrope bounds); transformers' own validation then runs as a backstop.
 
-Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn,
-llama3 and longrope (or the `max_position_embeddings` the config gives, refused below the original). Dynamic
-NTK keeps the original: its formula reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past it (so
-another `max_position_embeddings` is refused, and replacing a saved scaling sets it back to the original).
-Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing. A
-model whose saved config has another scaling (a YaRN model asked for linear, or the same type with another
-factor) is refused, naming both: scalings do not stack, and replacing the saved one quietly would change every
-position the model was trained on. `replace: true` in `model.rope_scaling` replaces it on purpose; the new
-factor then counts from the original context (`original_context`: the saved
-`original_max_position_embeddings`, or `max_position_embeddings` / the saved linear factor).
+Context length after scaling: `max_position_embeddings` becomes `original * factor` for linear, yarn, llama3 and
+longrope (or the `max_position_embeddings` the config gives, refused below the original). Dynamic NTK keeps the
+original: its formula reads `max_position_embeddings` as the *original* length and rescales once a sequence grows past
+it (so another `max_position_embeddings` is refused, and replacing a saved scaling sets it back to the original).
+Applying the same scaling twice (a finetuned model whose saved config already has it) changes nothing. A model whose
+saved config has another scaling (a YaRN model asked for linear, or the same type with another factor) is refused,
+naming both: scalings do not stack, and replacing the saved one quietly would change every position the model was
+trained on. `replace: true` in `model.rope_scaling` replaces it on purpose; the new factor then counts from the original
+context (`original_context`: the saved `original_max_position_embeddings`, or `max_position_embeddings` / the saved
+linear factor).
 """
 
 from __future__ import annotations
@@ -108,20 +108,20 @@ def learned_positions(config: Any) -> bool:
 
 def check_context(config: Any, longest: int, what: str, fix: str) -> bool:
     """`longest` tokens against the model's context. Past a learned position table (`learned_positions`): a
-    ConfigError (the forward would stop with "IndexError: index out of range in self" at the first such row, after
-    the run folder is written). Past a RoPE model's positions: one warning (once per model type, context and
-    length): the model keeps producing tokens, just not ones it was trained to, so the result is quietly worse.
-    Dynamic NTK scaling rescales past its length by design, but transformers encodes such a sequence with the frequencies
-    of the longest one run since a shorter-than-original one (and batched with it): one warning says so (`dynamic_note`),
-    and it is not counted as past. Returns whether it is past."""
+    ConfigError (the forward would stop with "IndexError: index out of range in self" at the first such row, after the
+    run folder is written). Past a RoPE model's positions: one warning (once per model type, context and length): the
+    model keeps producing tokens, just not ones it was trained to, so the result is quietly worse. Dynamic NTK scaling
+    rescales past its length by design, but transformers encodes such a sequence with the frequencies of the longest one
+    run since a shorter-than-original one (and batched with it): one warning says so (`dynamic_note`), and it is not
+    counted as past. Returns whether it is past."""
     dynamic_note(config, longest, what, fix)
     ctx = trained_context(config)
     if ctx is None or longest <= ctx:
         return False
     if learned_positions(config):
         raise ConfigError(f"{what} reaches {longest} tokens, past the model's {ctx} learned positions "
-                          f"({getattr(config, 'model_type', 'model')} has no position {ctx} or later: its forward would "
-                          f"stop with an IndexError); {fix}")
+                          f"({getattr(config, 'model_type', 'model')} has no position {ctx} or later: its forward "
+                          f"would stop with an IndexError); {fix}")
     key = (str(getattr(config, "model_type", "")), ctx, longest)
     if key not in _warned_context:
         _warned_context.add(key)
@@ -182,13 +182,15 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     arch = getattr(config, "model_type", type(config).__name__)
     if not has_rope(config):
         raise ConfigError(f"{where}: the {arch} architecture has no rotary position embeddings (RoPE), so it cannot be "
-                          "scaled; remove model.rope_scaling or use a RoPE model (llama, qwen2, gpt_neox, mistral, ...)")
+                          "scaled; remove model.rope_scaling or use a RoPE model (llama, qwen2, gpt_neox, mistral, "
+                          "...)")
     if "type" in scaling and "rope_type" in scaling and scaling["type"] != scaling["rope_type"]:
         raise ConfigError(f"{where}: both type={scaling['type']!r} and rope_type={scaling['rope_type']!r}; keep one")
     kind = scaling.pop("type", None) or scaling.pop("rope_type", None)
     valid = supported_rope_types(config)
     if kind is None:
-        raise ConfigError(f"{where}.type: required; one of {', '.join(t for t in valid if t not in ('default', *LAYOUTS))}")
+        raise ConfigError(f"{where}.type: required; one of "
+                          f"{', '.join(t for t in valid if t not in ('default', *LAYOUTS))}")
     if kind in LAYOUTS:
         raise ConfigError(f"{where}.type: {kind!r} is a rotary layout some architectures are built with (Gemma 4: "
                           "part of each head left unrotated, partial_rotary_factor), not a context scaling "
@@ -218,10 +220,11 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
     original = original_context(config)
     if old_kind != "default" and not replace:
         saved = {k: v for k, v in old.items() if k not in ("rope_type", "rope_theta", "partial_rotary_factor")}
-        raise ConfigError(f"{where}: the model's config already has {old_kind} RoPE scaling ({_show(old_kind, saved)}), "
-                          f"and {_show(kind, scaling)} would replace it, not add to it (one scaling applies): remove "
-                          f"model.rope_scaling to keep the saved one, or add replace: true to it to use yours instead "
-                          f"(its factor then counts from the original {original} positions)")
+        raise ConfigError(f"{where}: the model's config already has {old_kind} RoPE scaling "
+                          f"({_show(old_kind, saved)}), and {_show(kind, scaling)} would replace it, not add to it "
+                          "(one scaling applies): remove model.rope_scaling to keep the saved one, or add replace: "
+                          f"true to it to use yours instead (its factor then counts from the original {original} "
+                          "positions)")
     params = {k: old[k] for k in ("rope_theta", "partial_rotary_factor") if k in old}
     params.update(scaling, rope_type=kind)
     if _number(params.get("attention_factor")) and params["attention_factor"] > 0:  # yarn's validation warns of
@@ -239,7 +242,8 @@ def scaled_rope_parameters(config: Any, scaling: dict[str, Any], where: str = WH
 
 def _context_after(config: Any, kind: str, params: dict[str, Any], new_length: int | None, original: int,
                    where: str) -> int:
-    """The `max_position_embeddings` to record for `params` (`new_length`: the one model.rope_scaling gives, or None)."""
+    """The `max_position_embeddings` to record for `params` (`new_length`: the one model.rope_scaling gives, or
+    None)."""
     given = new_length
     if kind in KEEPS_LENGTH:  # its formula reads max_position_embeddings as the original length: scaling starts past it
         if new_length is not None and new_length != original:
@@ -335,5 +339,5 @@ def apply_rope_scaling(config: Any, scaling: dict[str, Any] | None, where: str =
     return config
 
 
-__all__ = ["apply_rope_scaling", "check_context", "has_rope", "learned_positions", "original_context", "rope_change", "rope_record", "scaled_rope_parameters",
-           "supported_rope_types"]
+__all__ = ["apply_rope_scaling", "check_context", "has_rope", "learned_positions", "original_context", "rope_change",
+           "rope_record", "scaled_rope_parameters", "supported_rope_types"]

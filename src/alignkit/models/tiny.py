@@ -24,7 +24,8 @@ from alignkit.settings.tiny import ARCHITECTURES  # the architectures built here
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|prompter|>", "<|assistant|>", "<|system|>"]
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>", "<|prompter|>", "<|assistant|>",
+                  "<|system|>"]
 
 # ChatML-style template. `add_generation_prompt` opens an assistant turn. Each turn ends with
 # `<|im_end|>` + newline and no EOS (as Qwen's template does): a chat-trained model ends its answer with

@@ -149,7 +149,8 @@ def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     for (_, keep), (seg, qseg) in zip(layout.calls, segments):
         qc = segment_columns(q, qseg)
         mask = layout.suffix_mask(qc.shape[2], keep, query.device) if keep else None
-        outs.append(F.scaled_dot_product_attention(qc, segment_columns(k, seg), segment_columns(v, seg), attn_mask=mask, dropout_p=dropout,
+        outs.append(F.scaled_dot_product_attention(qc, segment_columns(k, seg), segment_columns(v, seg),
+                                                   attn_mask=mask, dropout_p=dropout,
                                                    scale=scaling, is_causal=not keep, enable_gqa=gqa))  # (1, H, n, D)
     return torch.cat(outs, 2).transpose(1, 2), None  # (1, S, H, D)
 

@@ -103,9 +103,9 @@ def check_head_size(config: Any, folder: str | Path, where: str, fix: str) -> No
                           f"{fix}")
 
 
-# RoPE types vLLM computes otherwise than transformers: dynamic NTK, which transformers rescales by the sequence's length
-# once it grows past max_position_embeddings, where vLLM's one fixed cos/sin table has max_position_embeddings rows only
-# (though it derives max_model_len as max_position_embeddings x factor: no row past them) (row V15)
+# RoPE types vLLM computes otherwise than transformers: dynamic NTK, which transformers rescales by the sequence's
+# length once it grows past max_position_embeddings, where vLLM's one fixed cos/sin table has max_position_embeddings
+# rows only (though it derives max_model_len as max_position_embeddings x factor: no row past them) (row V15)
 ROPE_NOT_AS_TRANSFORMERS = ("dynamic",)
 
 
@@ -152,9 +152,9 @@ def _rope_parameters(config: Any) -> list[dict[str, Any]]:
 
 def engine_max_model_len(folder: str | Path, vllm: dict[str, Any],
                          setting: str = "method.vllm.max_model_len") -> tuple[int | None, str]:
-    """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (the module docstring),
-    with `vllm.max_model_len` when set (a dict of `vllm.hf_overrides` applied first; None with a callable one); a
-    ConfigError when that is above the model's own length (vLLM refuses it when the engine starts, unless
+    """(the engine's max_model_len, what it comes from) as vLLM derives it for the model `folder` (the module
+    docstring), with `vllm.max_model_len` when set (a dict of `vllm.hf_overrides` applied first; None with a callable
+    one); a ConfigError when that is above the model's own length (vLLM refuses it when the engine starts, unless
     VLLM_ALLOW_LONG_MAX_MODEL_LEN is set)."""
     config = folder_config(folder, vllm)
     overrides = vllm.get("hf_overrides")
@@ -213,7 +213,8 @@ class RopeCap(NamedTuple):
 
 def rope_length_cap(config: Any) -> RopeCap | None:
     """The longest max_model_len vLLM may run `config`'s model with (`RopeCap`: the length, what gives it, why vLLM's
-    own is longer, whether a longer one given is refused) where vLLM reads a RoPE scaling otherwise than alignkit's engine and training (row V16); None otherwise.
+    own is longer, whether a longer one given is refused) where vLLM reads a RoPE scaling otherwise than alignkit's
+    engine and training (row V16); None otherwise.
 
     - linear (any type vLLM multiplies by its `factor`, dynamic aside: refused by `check_rope_type`): vLLM takes
       `max_position_embeddings` as the length before scaling; `model.rope_scaling` records the scaled length there,
@@ -233,9 +234,10 @@ def rope_length_cap(config: Any) -> RopeCap | None:
             rows, length = math.ceil(orig * factor), context_length(config)
             if length and length > rows:
                 return RopeCap(rows, f"original_max_position_embeddings {orig} x factor {factor} (rope_parameters) = "
-                               f"{rows}", f"yarn RoPE: vLLM's cos/sin table has that many rows while its max_model_len is "
-                    f"max_position_embeddings {length}, so it would read a position past them from memory outside "
-                               f"the table, where transformers keeps rotating with the same frequencies", True)
+                               f"{rows}",
+                               "yarn RoPE: vLLM's cos/sin table has that many rows while its max_model_len is "
+                               f"max_position_embeddings {length}, so it would read a position past them from memory "
+                               "outside the table, where transformers keeps rotating with the same frequencies", True)
         if kind == "longrope":
             if orig:
                 return RopeCap(int(orig), f"original_max_position_embeddings {int(orig)}",

@@ -99,7 +99,8 @@ def finalize_scores(raw: Sequence[float | None], on_failure: str, default_score:
     big = torch.isinf(values).nonzero().flatten().tolist()
     if big:  # finite in Python, inf in float32: the group statistics became NaN and the loss was blamed
         i = big[0]
-        what = f"default_score {default_score!r} (for failed item {i})" if raw[i] is None else f"{raw[i]!r} for item {i}"
+        what = (f"default_score {default_score!r} (for failed item {i})" if raw[i] is None
+                else f"{raw[i]!r} for item {i}")
         raise AnnotatorError(f"{who}: score {what} is beyond float32's range (|score| <= {FLOAT32_MAX:.3g}), in "
                              f"which rewards are kept ({len(big)} such item(s) of {len(raw)}); scale the reward down")
     return Scores(values, failed, meta if meta is not None else [{} for _ in raw], dict(metrics or {}))
@@ -538,10 +539,10 @@ class FunctionAnnotator(Annotator):
             needed = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in given
                       and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
             if needed:
-                raise ValueError(f"reward function {f.spec} takes {', '.join(map(repr, needed))}, which the prompt rows "
-                                 f"of {where} do not have (their other columns: {sorted(columns) or 'none'}; TRL's "
-                                 "completion_ids and trainer_state are not passed), so the first step would stop; "
-                                 "add the column to the data, give the parameter a default, or set it in "
+                raise ValueError(f"reward function {f.spec} takes {', '.join(map(repr, needed))}, which the prompt "
+                                 f"rows of {where} do not have (their other columns: {sorted(columns) or 'none'}; "
+                                 "TRL's completion_ids and trainer_state are not passed), so the first step would "
+                                 "stop; add the column to the data, give the parameter a default, or set it in "
                                  "annotator.kwargs")
 
     def describe(self) -> dict[str, Any]:

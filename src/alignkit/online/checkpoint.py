@@ -57,7 +57,8 @@ def one_sided(old: dict[str, Any], now: dict[str, Any]) -> list[str]:
             for k in sorted(set(old) ^ set(now)) if k.split(".")[0] in roots]
 
 
-KERNEL_KEYS = ("fused", "foreach")  # how torch's optimizers compute, not what: this run's train.optim, not the checkpoint's
+# how torch's optimizers compute, not what: this run's train.optim, not the checkpoint's
+KERNEL_KEYS = ("fused", "foreach")
 
 
 def keep_kernels(optimizer: torch.optim.Optimizer, kernels: list[dict[str, Any]]) -> None:
@@ -257,7 +258,8 @@ class Checkpoints:
         if self.config.stall_steps:
             logger.warning("resume: %s records no count of steps without reward signal (an older alignkit wrote it): "
                            "method.stall_steps=%d counts them from this resume, so a stall that began before it stops "
-                           "the run up to %d step(s) late", folder, self.config.stall_steps, self.config.stall_steps - 1)
+                           "the run up to %d step(s) "
+                           "late", folder, self.config.stall_steps, self.config.stall_steps - 1)
 
     def restore_run_counts(self, state: dict[str, Any], step: int) -> None:
         """The steps up to the checkpoint without a reward spread and with every response cut at max_new_tokens, so

@@ -64,7 +64,8 @@ class OnlineConfig:
     #   held-out prompts are always evaluated after the last step (alignkit.online.evaluation)
     save_at_end: bool = True
     save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
-    push_to_hub: bool = False  # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
+    # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
+    push_to_hub: bool = False
     hub_model_id: str | None = None  # the Hub repo; default: the output folder's name
     hub_private_repo: bool = False  # (the token: HF_TOKEN or `hf auth login`, never a config value)
     # not a setting: True when the caller has already checked these method values against the bounds (the CLI's
@@ -82,7 +83,8 @@ class OnlineConfig:
             raise ValueError(f"online config: steps >= 0, prompts_per_step >= 1 and epochs_per_step >= 1 are needed, "
                              f"got {self.steps}, {self.prompts_per_step}, {self.epochs_per_step}")
         if self.optimizer not in ("adamw_fused", "adamw", "sgd"):
-            raise ValueError(f"online config: optimizer must be 'adamw_fused', 'adamw' or 'sgd', got {self.optimizer!r}")
+            raise ValueError(f"online config: optimizer must be 'adamw_fused', 'adamw' or 'sgd', got "
+                             f"{self.optimizer!r}")
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"online config: eval_steps must be >= 1 or None (evaluate after the last step only), "
                              f"got {self.eval_steps}")
@@ -100,16 +102,17 @@ class OnlineConfig:
             what = self.compares_samples
             if self.sampling.num_samples < 2:
                 raise ValueError(f"{what} learns from the differences between the samples of a prompt: it needs "
-                                 f"sampling.num_samples >= 2, got {self.sampling.num_samples} (nothing would be learned)")
+                                 f"sampling.num_samples >= 2, got {self.sampling.num_samples} (nothing would be "
+                                 "learned)")
             if not self.sampling.do_sample:
                 raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
                                  f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
                                  f"would be learned); set sampling.do_sample=true")
         if self.reward_normalization == "group" and self.sampling.num_samples < 2:
             raise ValueError(f"online config: reward_normalization='group' normalises each prompt's rewards within its "
-                             f"sampling.num_samples samples, and num_samples is {self.sampling.num_samples}: a group of "
-                             "one has no spread, so every reward would become 0 and only the KL term would train; set "
-                             "sampling.num_samples >= 2, or reward_normalization 'running'")
+                             f"sampling.num_samples samples, and num_samples is {self.sampling.num_samples}: a group "
+                             "of one has no spread, so every reward would become 0 and only the KL term would train; "
+                             "set sampling.num_samples >= 2, or reward_normalization 'running'")
         if self.generation_backend not in ("transformers", "vllm"):
             raise ValueError(f"online config: generation_backend must be 'transformers' or 'vllm', got "
                              f"{self.generation_backend!r}")
@@ -129,7 +132,8 @@ class OnlineConfig:
             raise ValueError(f"online config: vllm_server_timeout must be > 0 seconds, got {self.vllm_server_timeout}")
         self._refuse_unread()
         if self.reference not in ("auto", "adapter_off", "copy"):
-            raise ValueError(f"online config: reference must be 'auto', 'adapter_off' or 'copy', got {self.reference!r}")
+            raise ValueError("online config: reference must be 'auto', 'adapter_off' or 'copy', got "
+                             f"{self.reference!r}")
         KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
 
     def _refuse_unread(self) -> None:
@@ -149,8 +153,8 @@ class OnlineConfig:
         if self.kl_target is None:
             unread.append(("kl_horizon", "an adaptive kl_target"))
         elif self.kl_coef == 0:  # the adaptive controller scales the coefficient: from 0 it stays 0
-            raise ValueError(f"online config: kl_target={self.kl_target!r} adapts kl_coef by multiplying it (kl_coef <- "
-                             "kl_coef * (1 + e), Ziegler et al. 2019), and kl_coef is 0, so it would stay 0 and "
+            raise ValueError(f"online config: kl_target={self.kl_target!r} adapts kl_coef by multiplying it (kl_coef "
+                             "<- kl_coef * (1 + e), Ziegler et al. 2019), and kl_coef is 0, so it would stay 0 and "
                              "kl_target would be ignored; set kl_coef > 0 (the starting coefficient) or remove "
                              "kl_target")
         if self.generation_backend == "vllm" and self.sampling.sampler is not None:

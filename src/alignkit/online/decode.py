@@ -50,7 +50,7 @@ import inspect
 import logging
 import weakref
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -70,7 +70,8 @@ logger = logging.getLogger(__name__)
 PREPARED_MASK = True  # False: let the model build every step's mask (an A/B switch for bench/online_gen_ab.py)
 DROP_FINISHED = True  # False: finished rows stay in the batch (an A/B switch for bench/online_gen_ab.py)
 DROP_FRACTION = 0.25  # rows leave the batch once at least this share of the running rows has ended
-FAST_STEP = True  # False: every decode step is the model's own forward (an A/B switch; also the way out of the fast step)
+# False: every decode step is the model's own forward (an A/B switch; also the way out of the fast step)
+FAST_STEP = True
 # (model, padded?) pairs whose fast step was checked against the model's own forward (`_checked_step`)
 _CHECKED: "weakref.WeakKeyDictionary[Any, set[bool]]" = weakref.WeakKeyDictionary()
 
@@ -297,7 +298,8 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: Any = None) -> torch.Tens
     mass = blocks.sum(dim=-1, dtype=torch.float64)  # (B, nb)
     cum_blocks = mass.cumsum(dim=-1)
     _check_rows(cum_blocks[:, -1:])
-    k = torch.searchsorted(cum_blocks, _below(cum_blocks[:, -1:], generator), right=True).squeeze(1)  # (B,) a block with mass
+    # (B,) a block with mass
+    k = torch.searchsorted(cum_blocks, _below(cum_blocks[:, -1:], generator), right=True).squeeze(1)
     cum = blocks[torch.arange(b, device=probs.device), k].cumsum(dim=-1)  # (B, CDF_BLOCK)
     return k * CDF_BLOCK + torch.searchsorted(cum, _below(cum[:, -1:], generator), right=True).squeeze(1)
 
@@ -306,6 +308,96 @@ def _check_rows(total: torch.Tensor) -> None:
     ok = torch.isfinite(total) & (total > 0)
     if not bool(ok.all()):
         raise NonFiniteLogitsError(int((~ok).nonzero()[0, 0]), "sampling: its probabilities are not finite or sum to 0")
+
+
+class _StepPlan(NamedTuple):
+    """What every decode step of one `lean_generate` call reads, fixed for the call (`_step_plan`)."""
+
+    kw: str  # the keyword the model's forward takes the cache under (`compat.cache_keyword`)
+    extra: dict[str, Any]  # {"logits_to_keep": 1} where the forward takes it, as generate passes it
+    sample: bool  # sampling; False: greedy
+    sampler: str  # "multinomial" or "inverse_cdf"
+    warp: LogitsProcessorList  # transformers' sampling warpers (empty for greedy)
+    eos: list[int]  # the end ids
+    eos_t: torch.Tensor | None  # (E,) the end ids; None: rows never end before max_new_tokens
+    pad_t: torch.Tensor  # the id written after a row's end (the pad id, else the first end id, else 0)
+    synced: bool  # every rank steps until every rank's rows have ended (`sharded_over_processes`)
+    drop: bool  # ended rows leave the batch (with their KV cache rows)
+    fast: DecodeStep | None  # the one-token steps' `fast_step.DecodeStep`; None: the model's own forward
+
+
+def _end_ids(eff: dict[str, Any], input_ids: torch.Tensor) -> tuple[list[int], torch.Tensor | None, torch.Tensor]:
+    """The call's end ids (a list, and a tensor or None without any) and the id written after a row's end: the
+    pad id, else the first end id (generate's fallback), else 0."""
+    dev = input_ids.device
+    eos = eff.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    pad_id = eff.get("pad_token_id")
+    if eos and pad_id is None:
+        pad_id = eos[0]  # generate's fallback
+    eos_t = torch.tensor(eos, device=dev, dtype=torch.long) if eos else None
+    pad_t = torch.tensor(pad_id if pad_id is not None else 0, dtype=input_ids.dtype, device=dev)
+    return eos, eos_t, pad_t
+
+
+def _fast_step(model: Any, cache: Any, wanted: bool) -> DecodeStep | None:
+    """The fast decode step for the one-token steps where `wanted` (the inverse-CDF sampler, more than one new
+    token) and `FAST_STEP` is on and `fast_step.fast_step_unsupported` finds nothing against it; else None (the
+    model's own forward: multinomial / greedy keep it, and so generate's exact tokens)."""
+    if not (FAST_STEP and wanted):
+        return None
+    why = fast_step_unsupported(model, cache, CACHE_LAYERS)
+    if why is not None:
+        logger.debug("lean_generate: decode steps use the model's own forward: %s", why)
+        return None
+    return DecodeStep(model)
+
+
+def _step_plan(model: Any, eff: dict[str, Any], cache: Any, input_ids: torch.Tensor, sampler: str,
+              n_new: int) -> _StepPlan:
+    """The fixed part of a `lean_generate` call with the effective options `eff` (`_effective_config`)."""
+    lm = unwrap_lm(model)
+    eos, eos_t, pad_t = _end_ids(eff, input_ids)
+    sample = bool(eff.get("do_sample"))
+    synced = sharded_over_processes(model)  # every rank steps until every rank's rows have ended
+    # rows that ended leave the batch (their KV cache rows too): only when the draws need not be generate's (the
+    # inverse-CDF sampler; multinomial and greedy keep generate's batch and so its exact tokens) and in one process
+    # (a sharded model's forwards are collectives over every rank's batch)
+    drop = DROP_FINISHED and sample and sampler == "inverse_cdf" and eos_t is not None and not synced
+    return _StepPlan(kw=cache_keyword(model),
+                    extra={"logits_to_keep": 1} if _forward_accepts(type(lm), "logits_to_keep") else {},
+                    sample=sample, sampler=sampler, warp=_warpers(eff) if sample else LogitsProcessorList(),
+                    eos=eos, eos_t=eos_t, pad_t=pad_t, synced=synced, drop=drop,
+                    fast=_fast_step(model, cache, sample and sampler == "inverse_cdf" and n_new > 1))
+
+
+def _step_masks(lm: Any, attention_mask: torch.Tensor, n_new: int, fast: DecodeStep | None) -> tuple[Any, Any, Any]:
+    """The steps' attention masks, made once and sliced per step: the 2D mask (None without padding: generate
+    drops it), the boolean 4D mask sdpa's create_causal_mask would build at a one-token step (None unless
+    `PREPARED_MASK` and sdpa; a prepared 4D mask is passed through as is) and the fast step's additive mask."""
+    b = attention_mask.shape[0]
+    mask = None if bool((attention_mask == 1).all()) else torch.cat(  # generate drops a mask without padding
+        [attention_mask, attention_mask.new_ones(b, n_new)], dim=-1)  # (B, T + n_new)
+    mask4 = mask.bool()[:, None, None, :] if mask is not None and PREPARED_MASK and getattr(
+        lm.config, "_attn_implementation", None) == "sdpa" else None  # (B, 1, 1, T + n_new)
+    fmask = None if mask is None or fast is None else fast.additive_mask(mask.bool()[:, None, None, :])
+    return mask, mask4, fmask
+
+
+def _step_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor, past: int,
+                    n_new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first step's ids and position ids (the tokens after the `past` ones already in the cache) and the new
+    tokens' positions (B, n_new), counted from each row's first attended token as generate counts them."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
+    step_ids = input_ids[:, past:].clone(memory_format=torch.contiguous_format)  # what prefill continues with
+    step_pos = position_ids[:, past:].clone(memory_format=torch.contiguous_format)
+    later_pos = position_ids[:, -1:] + torch.arange(1, n_new + 1, device=input_ids.device)  # (B, n_new)
+    return step_ids, step_pos, later_pos
+
+
+def _select_rows(keep: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Rows `keep` of each tensor (None stays None): what the still running rows keep when ended ones leave."""
+    return tuple(None if x is None else x[keep] for x in tensors)
 
 
 @torch.no_grad()
@@ -332,56 +424,33 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     draw per row and step, for `alignkit generate` / `sample`, not for the online loop); None: torch's generator."""
     if sampler not in ("multinomial", "inverse_cdf"):
         raise ValueError(f"lean_generate: sampler must be 'multinomial' or 'inverse_cdf', got {sampler!r}")
-    lm = unwrap_lm(model)
     eff = _effective_config(model, cfg)
-    b, t = input_ids.shape
     n_new = int(eff["max_new_tokens"])
-    dev = input_ids.device
-    eos = eff.get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    pad_id = eff.get("pad_token_id")
-    if eos and pad_id is None:
-        pad_id = eos[0]  # generate's fallback
-    eos_t = torch.tensor(eos, device=dev, dtype=torch.long) if eos else None
-    warp = _warpers(eff) if eff.get("do_sample") else LogitsProcessorList()
-    sample = bool(eff.get("do_sample"))
     if cache is None:
-        cache = preallocated_cache(model, t + n_new)
-    kw = cache_keyword(model)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
-    mask = None if bool((attention_mask == 1).all()) else torch.cat(  # generate drops a mask without padding
-        [attention_mask, attention_mask.new_ones(b, n_new)], dim=-1)  # (B, T + n_new)
-    # the 4D mask transformers' create_causal_mask builds for sdpa at a one-token step (B, 1, 1, L), made once:
-    # a prepared 4D mask is passed through as is
-    mask4 = mask.bool()[:, None, None, :] if mask is not None and PREPARED_MASK and getattr(
-        lm.config, "_attn_implementation", None) == "sdpa" else None
-    extra = {"logits_to_keep": 1} if _forward_accepts(type(lm), "logits_to_keep") else {}
-    past = cache.get_seq_length()
-    step_ids = input_ids[:, past:].clone(memory_format=torch.contiguous_format)  # what prefill continues with
-    step_pos = position_ids[:, past:].clone(memory_format=torch.contiguous_format)
-    later_pos = position_ids[:, -1:] + torch.arange(1, n_new + 1, device=dev)  # (B, n_new) positions of new tokens
+        cache = preallocated_cache(model, input_ids.shape[1] + n_new)
+    plan = _step_plan(model, eff, cache, input_ids, sampler, n_new)
+    new, non_finite = _decode_steps(model, plan, cache, input_ids, attention_mask, n_new, generators)
+    if non_finite is not None and bool(non_finite.any()):
+        raise NonFiniteLogitsError(int(non_finite.nonzero()[0, 0]), "greedy: its largest logit is NaN or inf")
+    return torch.cat([input_ids, new], dim=-1)
+
+
+def _decode_steps(model: Any, plan: _StepPlan, cache: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  n_new: int, generators: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`lean_generate`'s loop: the prompt tokens not in `cache`, then one token a step, until every row has
+    ended or after `n_new` steps (`generators`: one per row, `lean_generate`'s). -> (B, n) new ids (pads after a
+    row's end); (B,) rows whose greedy pick came from non-finite logits (None when sampling)."""
+    kw, extra, sample, sampler, warp, eos, eos_t, pad_t, synced, drop, fast = plan  # locals: read every step
+    b, t = input_ids.shape
+    dev = input_ids.device
+    mask, mask4, fmask = _step_masks(unwrap_lm(model), attention_mask, n_new, fast)
+    step_ids, step_pos, later_pos = _step_positions(input_ids, attention_mask, cache.get_seq_length(), n_new)
     unfinished = torch.ones(b, dtype=torch.bool, device=dev)
-    pad_t = torch.tensor(pad_id if pad_id is not None else 0, dtype=input_ids.dtype, device=dev)
     new = torch.full((b, n_new), int(pad_t), dtype=input_ids.dtype, device=dev)  # a row that left keeps pads
     n = 0
-    synced = sharded_over_processes(model)  # every rank steps until every rank's rows have ended
-    # rows that ended leave the batch (their KV cache rows too): only when the draws need not be generate's (the
-    # inverse-CDF sampler; multinomial and greedy keep generate's batch and so its exact tokens) and in one process
-    # (a sharded model's forwards are collectives over every rank's batch)
-    drop = DROP_FINISHED and sample and sampler == "inverse_cdf" and eos_t is not None and not synced
     rows: torch.Tensor | None = None  # (B',) the original row of each running row, once some have left
     warp_ids = input_ids
-    non_finite: torch.Tensor | None = None  # greedy (rows never leave): (B,) rows that picked a token from non-finite logits
-    # the one-token steps run `fast_step.DecodeStep` (the model's arithmetic without transformers' per-step Python)
-    # with the inverse-CDF sampler (multinomial / greedy keep the model's own forward: generate's exact tokens)
-    fast = None
-    if FAST_STEP and sample and sampler == "inverse_cdf" and n_new > 1:
-        why = fast_step_unsupported(model, cache, CACHE_LAYERS)
-        if why is None:
-            fast = DecodeStep(model)
-        else:
-            logger.debug("lean_generate: decode steps use the model's own forward: %s", why)
-    fmask = None if mask is None or fast is None else fast.additive_mask(mask.bool()[:, None, None, :])  # (B, 1, 1, T + n_new)
+    non_finite: torch.Tensor | None = None  # greedy (rows never leave): (B,) rows that picked from non-finite logits
     for i in range(n_new):
         step_mask = (None if mask is None else mask4[..., :t + i] if mask4 is not None and step_ids.shape[1] == 1
                      else mask[:, :t + i])
@@ -427,16 +496,11 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                     if generators is not None:
                         generators = [generators[j] for j in keep.tolist()]
                     cache.batch_select_indices(keep)
-                    mask = None if mask is None else mask[keep]
-                    mask4 = None if mask4 is None else mask4[keep]
-                    fmask = None if fmask is None else fmask[keep]
-                    later_pos, warp_ids, nxt = later_pos[keep], warp_ids[keep], nxt[keep]
-                    unfinished = unfinished[keep]
+                    mask, mask4, fmask, later_pos, warp_ids, nxt, unfinished = _select_rows(
+                        keep, mask, mask4, fmask, later_pos, warp_ids, nxt, unfinished)
         step_ids = nxt[:, None]
         step_pos = later_pos[:, i:i + 1]
-    if non_finite is not None and bool(non_finite.any()):
-        raise NonFiniteLogitsError(int(non_finite.nonzero()[0, 0]), "greedy: its largest logit is NaN or inf")
-    return torch.cat([input_ids, new[:, :n]], dim=-1)
+    return new[:, :n], non_finite
 
 
 def _checked_step(model: Any, fast: DecodeStep, ids: torch.Tensor, pos: torch.Tensor, step_mask: Any,
@@ -457,12 +521,13 @@ def _checked_step(model: Any, fast: DecodeStep, ids: torch.Tensor, pos: torch.Te
     if not err <= tolerance(ref.dtype) * scale:  # NaN too
         raise FastStepMismatchError(
             f"lean_generate: the fast decode step of {type(unwrap_lm(model)).__name__} gives other logits than the "
-            f"model's own forward (max |difference| {err:.3g}, logits up to {scale:.3g}; {'padded' if fmask is not None else 'unpadded'} "
-            f"batch), so its samples would come from another model: set alignkit.online.decode.FAST_STEP = False or "
-            f"sampling.sampler: multinomial, and report it (alignkit/online/fast_step.py)")
+            f"model's own forward (max |difference| {err:.3g}, logits up to {scale:.3g}; "
+            f"{'padded' if fmask is not None else 'unpadded'} batch), so its samples would come from another model: "
+            "set alignkit.online.decode.FAST_STEP = False or sampling.sampler: multinomial, and report it "
+            "(alignkit/online/fast_step.py)")
     _CHECKED.setdefault(model, set()).add(fmask is None)
     return got
 
 
-__all__ = ["draw", "generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported", "inference_context", "preallocated_cache", "PreallocatedLayer",
-           "sharded_over_processes"]
+__all__ = ["draw", "generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported",
+           "inference_context", "preallocated_cache", "PreallocatedLayer", "sharded_over_processes"]

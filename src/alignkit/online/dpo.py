@@ -68,11 +68,12 @@ class OnlineDPOConfig(OnlineConfig):
         # a loss parameter no loss of loss_type reads (label_smoothing with hinge, orpo_lambda with sigmoid, ...)
         refuse_unread_loss_params(loss_names(self.loss_type), dataclasses.asdict(resolved), where="params.",
                                   who="OnlineDPOConfig: ")
-        for key in ("kl_coef", "kl_target"):  # OnlineConfig's KL penalty: GRPO / RLOO / PPO add it, no preference loss does
+        # OnlineConfig's KL penalty: GRPO / RLOO / PPO add it, no preference loss does
+        for key in ("kl_coef", "kl_target"):
             value = getattr(self, key)  # kl_coef=0 (no penalty: what online DPO does) is fine
             if value != OnlineConfig.__dataclass_fields__[key].default and not (key == "kl_coef" and value == 0):
-                raise ValueError(f"online DPO config: {key}={getattr(self, key)!r} sets the KL penalty of GRPO / RLOO / "
-                                 "PPO, and online DPO's preference loss has none (its pull toward the reference is "
+                raise ValueError(f"online DPO config: {key}={getattr(self, key)!r} sets the KL penalty of GRPO / RLOO "
+                                 "/ PPO, and online DPO's preference loss has none (its pull toward the reference is "
                                  "beta), so it would be ignored; remove it (set beta, or params.beta, instead)")
 
     def refuse_unread_reward_scale(self) -> None:
@@ -220,7 +221,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         chosen = [row[(r.meta["group"], r.meta["chosen_index"])] for r in records]
         rejected = [row[(r.meta["group"], r.meta["rejected_index"])] for r in records]
         dev = rollout.rewards.device
-        ch, rj = torch.tensor(chosen, dtype=torch.long, device=dev), torch.tensor(rejected, dtype=torch.long, device=dev)
+        ch, rj = (torch.tensor(chosen, dtype=torch.long, device=dev),
+                  torch.tensor(rejected, dtype=torch.long, device=dev))
         ref_seq = None if reference_free(c.loss_type) else sequence_sums(rollout.ref_logps, rollout.mask)
         return PairBatch(rollout, ch, rj, torch.tensor([r.weight for r in records], dtype=torch.float32, device=dev),
                          None if ref_seq is None else ref_seq[ch], None if ref_seq is None else ref_seq[rj])
@@ -255,9 +257,10 @@ class OnlineDPOTrainer(OnlineTrainer):
 
     @torch.no_grad()
     def _rollout_pass_metrics(self, rollout: Rollout) -> dict[str, float]:
-        """The rollout's "kl", "entropy" and "kl/sequence_sum" (`metrics_from_sums`) when its policy pass was skipped: the training forward's rows, plus one no-grad pass over the
-        samples in no pair. The same values as the rollout pass (the parameters are the step's until the update;
-        with several minibatches, later ones see updated parameters)."""
+        """The rollout's "kl", "entropy" and "kl/sequence_sum" (`metrics_from_sums`) when its policy pass was skipped:
+        the training forward's rows, plus one no-grad pass over the samples in no pair. The same values as the rollout
+        pass (the parameters are the step's until the update; with several minibatches, later ones see updated
+        parameters)."""
         rows = self._pass_rows
         if rollout.old_logps is not None or not rows:
             return {}

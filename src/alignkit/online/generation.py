@@ -38,8 +38,9 @@ policy's distribution at `temperature`, what an on-policy trainer must score. Th
 generation_config.json: its eos_token_id list ends generation (`end_token_ids`); its do_sample / temperature / top_p
 / top_k / repetition_penalty are not used (`overridden_options`); its options beyond them (no_repeat_ngram_size,
 min_new_tokens, suppress_tokens, ...) are applied by model.generate (the decode loop hands such calls to it),
-refused for online training (`check_on_policy_options`) and named in a warning elsewhere (`note_generation_config`). `seed` makes a call
-reproducible without touching the global RNG (its state is forked and restored); vary it per round.
+refused for online training (`check_on_policy_options`) and named in a warning elsewhere (`note_generation_config`).
+`seed` makes a call reproducible without touching the global RNG (its state is forked and restored); vary it per
+round.
 """
 
 from __future__ import annotations
@@ -349,7 +350,8 @@ def check_on_policy_options(model: Any, tokenizer: Any, cfg: SamplingConfig, bac
                       "settings only)")
 
 
-def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int], cfg: SamplingConfig) -> tuple[list[int], str, str]:
+def finish_response(ids: list[int], tokenizer: Any, eos: Sequence[int],
+                    cfg: SamplingConfig) -> tuple[list[int], str, str]:
     """Generated ids of one row -> (response ids, response text, finish reason); rules in the module docstring."""
     cut = next((i for i, t in enumerate(ids) if t in eos), None)
     body = ids if cut is None else ids[:cut]
@@ -393,6 +395,77 @@ def shared_prompt_cache(model: Any, input_ids: torch.Tensor, attention_mask: tor
     return cache
 
 
+def _check_call(model: Any, tokenizer: Any, batch_size: int, positions: str | Positions | None,
+                share_weights: bool, intervene_on_generated: bool) -> None:
+    """`generate_responses`' arguments that make no call possible, or that it would not apply: one line each."""
+    given = (("positions", positions, None), ("share_weights", share_weights, True),
+             ("intervene_on_generated", intervene_on_generated, False))
+    placing = [f"{k}={v!r}" for k, v, default in given if v != default]
+    if placing and not isinstance(model, ReftModel):
+        raise ValueError(f"generate_responses: {', '.join(placing)} place ReFT interventions, and this "
+                         f"{type(model).__name__} is not a ReftModel, so they would be ignored; remove them (or pass "
+                         "the ReftModel)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
+    if (isinstance(model, ReftModel) and positions is None
+            and not any(c.positions for c in model.adapter_configs.values())):
+        raise ValueError("this ReftModel has no saved position spec: pass the one it was trained with, "
+                         "e.g. positions='l1' or 'f3+l3' (see alignkit.interventions.positions)")
+
+
+def _sampling_path(model: Any, tokenizer: Any, cfg: SamplingConfig, gen_kwargs: dict[str, Any],
+                   lean: bool | None) -> str | None:
+    """Why the call samples with `model.generate` (None: with `decode.lean_generate`), after checking that `lean`
+    and `cfg.sampler` / `cfg.stop` can be honoured (see `generate_responses`)."""
+    why_not = lean_unsupported(model, gen_kwargs["generation_config"]) if lean is not False else "lean=False"
+    if lean and why_not:
+        raise ValueError(f"generate_responses(lean=True): the lean loop does not support this call: {why_not}")
+    if why_not and lean is None:
+        logger.debug("sampling with model.generate: %s", why_not)
+    check_sampler(cfg, why_not)
+    check_stop_strings(tokenizer, cfg)
+    return why_not
+
+
+def _generate_batch(model: Any, tokenizer: Any, encoded: list[list[int]], groups: list[int], cfg: SamplingConfig,
+                    gen_kwargs: dict[str, Any], why_not: str | None, reft: dict[str, Any] | None,
+                    generators: list | None = None) -> list[list[int]]:
+    """The new token ids of one batch: row r samples prompt `encoded[groups[r]]`, left-padded with the others. Rows
+    of one prompt share its prefill (`shared_prompt_cache`; not a ReftModel's). `why_not` None: the lean loop, in
+    `inference_context` (`generators`: one per row, `row_generators`); else `model.generate`. `reft`: a ReftModel's
+    intervention arguments (None: not one)."""
+    device = model_device(model)
+    ids = [encoded[g] for g in groups]
+    input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)
+    attention_mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)  # (B, T)
+    extra: dict[str, Any] = {}
+    if reft is not None:  # without `positions`, the adapters' saved specs place the edits (ReftModel.generate)
+        if reft["positions"] is not None:
+            extra["intervention_locations"] = locations_from_mask(
+                reft["positions"], attention_mask, model.num_interventions, reft["share_weights"])  # (B, I, P)
+        extra["intervene_on_generated"] = reft["intervene_on_generated"]
+    uniq = list(dict.fromkeys(groups))
+    # the lean path runs in inference mode in one process (less dispatch work per op; its tensors never
+    # meet autograd; not with FSDP2 / ZeRO-3, which update gathered parameters in place)
+    with inference_context(model) if why_not is None else contextlib.nullcontext():
+        if reft is None and len(uniq) < len(groups) and input_ids.shape[1] > 1:  # samples share prompts
+            u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)
+            u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
+            of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
+            extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
+                                                              input_ids.shape[1] + cfg.max_new_tokens)
+        if why_not is None:
+            out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
+                                cache=extra.get(cache_keyword(model)), sampler=cfg.sampler or "inverse_cdf",
+                                generators=generators)
+        else:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
+                                 logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
+        return out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+
+
 @torch.no_grad()
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: SamplingConfig | None = None, *,
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
@@ -402,7 +475,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
-    `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout. `lean`: sample
+    `ReftModel`'s saved position spec (the one it was trained with); `share_weights` its layout (both, and
+    `intervene_on_generated`, are refused for a model that is not a ReftModel: nothing would apply them). `lean`: sample
     with `decode.lean_generate` (`generate`'s loop with less work per step) where the call's options allow it
     (None: whenever they do; False: always `model.generate`; True: raise where they do not). There it draws with
     `cfg.sampler` (None: the inverse-CDF sampler, same distribution, other draws than `generate`; "multinomial":
@@ -412,14 +486,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     `sample`; the decode loop only: a call that samples with model.generate draws for the whole batch, a warning).
     """
     cfg = cfg if cfg is not None else SamplingConfig()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token)")
-    is_reft = isinstance(model, ReftModel)
-    if is_reft and positions is None and not any(c.positions for c in model.adapter_configs.values()):
-        raise ValueError("this ReftModel has no saved position spec: pass the one it was trained with, "
-                         "e.g. positions='l1' or 'f3+l3' (see alignkit.interventions.positions)")
+    _check_call(model, tokenizer, batch_size, positions, share_weights, intervene_on_generated)
     records = as_prompt_records(prompts)
     encoded = encode_prompts(records, tokenizer, formatter, max_prompt_length)
     check_context(getattr(unwrap_lm(model), "config", None), max(map(len, encoded), default=0) + cfg.max_new_tokens,
@@ -428,14 +495,9 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     gen_kwargs = _generation_kwargs(cfg, tokenizer, eos)
     if sharded_over_processes(model):  # every forward is a collective: no rank may stop decoding before the others
         gen_kwargs["synced_gpus"] = True
-    why_not = lean_unsupported(model, gen_kwargs["generation_config"]) if lean is not False else "lean=False"
-    if lean and why_not:
-        raise ValueError(f"generate_responses(lean=True): the lean loop does not support this call: {why_not}")
-    if why_not and lean is None:
-        logger.debug("sampling with model.generate: %s", why_not)
-    check_sampler(cfg, why_not)
-    check_stop_strings(tokenizer, cfg)
-    sampler = cfg.sampler or "inverse_cdf"
+    why_not = _sampling_path(model, tokenizer, cfg, gen_kwargs, lean)
+    reft = (dict(positions=positions, share_weights=share_weights, intervene_on_generated=intervene_on_generated)
+            if isinstance(model, ReftModel) else None)
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
     per_row = row_seed is not None and cfg.do_sample
@@ -454,34 +516,10 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                 torch.manual_seed(cfg.seed)
             for s in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", disable=not progress):
                 chunk = rows[s:s + batch_size]
-                ids = [encoded[g] for g, _ in chunk]
-                input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)
-                attention_mask = pad([[1] * len(x) for x in ids], 0, side="left").to(device)  # (B, T)
-                extra: dict[str, Any] = {}
-                if is_reft:  # without `positions`, the adapters' saved specs place the edits (ReftModel.generate)
-                    if positions is not None:
-                        extra["intervention_locations"] = locations_from_mask(
-                            positions, attention_mask, model.num_interventions, share_weights)  # (B, I, P)
-                    extra["intervene_on_generated"] = intervene_on_generated
-                groups = [g for g, _ in chunk]
-                uniq = list(dict.fromkeys(groups))
-                # the lean path runs in inference mode in one process (less dispatch work per op; its tensors never
-                # meet autograd; not with FSDP2 / ZeRO-3, which update gathered parameters in place)
-                with inference_context(model) if why_not is None else contextlib.nullcontext():
-                    if not is_reft and len(uniq) < len(chunk) and input_ids.shape[1] > 1:  # samples share prompts
-                        u_ids = pad([encoded[g] for g in uniq], tokenizer.pad_token_id, side="left").to(device)
-                        u_mask = pad([[1] * len(encoded[g]) for g in uniq], 0, side="left").to(device)  # (U, T)
-                        of_row = torch.tensor([uniq.index(g) for g in groups], device=device)  # (B,) row -> its prompt
-                        extra[cache_keyword(model)] = shared_prompt_cache(model, u_ids, u_mask, of_row,
-                                                                          input_ids.shape[1] + cfg.max_new_tokens)
-                    if why_not is None:
-                        gens = row_generators(row_seed, first_prompt, chunk, device) if per_row else None
-                        out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
-                                            cache=extra.get(cache_keyword(model)), sampler=sampler, generators=gens)
-                    else:
-                        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
-                                             logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
-                new = out[:, input_ids.shape[1]:].tolist()  # (B, <= max_new_tokens)
+                gens = row_generators(row_seed, first_prompt, chunk, model_device(model)) \
+                    if per_row and why_not is None else None
+                new = _generate_batch(model, tokenizer, encoded, [g for g, _ in chunk], cfg, gen_kwargs, why_not, reft,
+                                      gens)
                 for (g, k), row in zip(chunk, new):
                     resp_ids, text, reason = finish_response(row, tokenizer, eos, cfg)
                     r = records[g]
@@ -514,6 +552,8 @@ def generation_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     return out
 
 
-__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt", "encode_prompts", "prompts_fingerprint",
-           "finish_response", "end_token_ids", "check_sampler", "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options",
-           "check_on_policy_options", "generation_config_source", "note_generation_config", "overridden_options", "uses_chat_template", "model_device", "generation_metrics", "row_generators"]
+__all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "as_prompt_records", "encode_prompt",
+           "encode_prompts", "prompts_fingerprint", "finish_response", "end_token_ids", "check_sampler",
+           "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options",
+           "check_on_policy_options", "generation_config_source", "note_generation_config", "overridden_options",
+           "uses_chat_template", "model_device", "generation_metrics", "row_generators"]

@@ -80,8 +80,9 @@ class GRPOConfig(OnlineConfig):
                              "so it would be ignored; remove std_scope" + ("" if self.advantage == "rloo" else
                                                                            " or set scale_by_std=True"))
         if self.kl_in_reward and self.kl_coef == 0:
-            raise ValueError("kl_in_reward=True subtracts kl_coef x each sample's summed KL from its reward, and kl_coef "
-                             "is 0, so it would be ignored; set kl_coef > 0 (TRL's beta) or remove kl_in_reward")
+            raise ValueError("kl_in_reward=True subtracts kl_coef x each sample's summed KL from its reward, and "
+                             "kl_coef is 0, so it would be ignored; set kl_coef > 0 (TRL's beta) or remove "
+                             "kl_in_reward")
         if self.kl_estimator == "k1" and (self.kl_coef != 0 or self.kl_target is not None) and not self.kl_in_reward:
             raise ValueError("kl_estimator='k1' as a loss term does not pull the policy toward the reference: its "
                              "gradient is kl_coef x grad log pi(sampled token), whose mean over the policy's own "
@@ -96,8 +97,8 @@ class GRPOConfig(OnlineConfig):
                    "centres each prompt's rewards and divides them by the step's std ((r - group mean) / batch std, "
                    "std_scope='batch'): a shift and scale of the rewards per step")
             raise ValueError(f"reward_normalization={self.reward_normalization!r} is undone by GRPO's advantage, which "
-                             f"{how} cancels there, so it would be ignored; remove it, or set reward_clip (clipping the "
-                             "normalised rewards acts), or scale_by_std=False")
+                             f"{how} cancels there, so it would be ignored; remove it, or set reward_clip (clipping "
+                             "the normalised rewards acts), or scale_by_std=False")
 
 
 @dataclass
@@ -143,7 +144,8 @@ class GRPOTrainer(OnlineTrainer):
         pi_old's sampled tokens (TRL's RLOO: k1); a sample masked by mask_truncated_completions has none (TRL's)."""
         mask = rollout.mask
         if self.config.mask_truncated_completions:
-            mask = mask & torch.tensor([s.finish_reason != "length" for s in rollout.samples], device=mask.device)[:, None]
+            ended = torch.tensor([s.finish_reason != "length" for s in rollout.samples], device=mask.device)
+            mask = mask & ended[:, None]
         return sequence_sums(KL_ESTIMATORS[self.config.kl_estimator](rollout.old_logps, rollout.ref_logps), mask)
 
     @classmethod

@@ -73,7 +73,8 @@ class ProcessMetrics:
 
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """One row for all processes: counts (`SUMMED_METRICS`) summed and rates (`RATE_METRICS`) recomputed from
-        them, the rest averaged over the processes that report them; the metrics `rollout_metrics` computes over all processes are the same on every rank."""
+        them, the rest averaged over the processes that report them; the metrics `rollout_metrics` computes over all
+        processes are the same on every rank."""
         if self.world == 1:
             return metrics
         rows: list[dict[str, float]] = gather_objects(metrics, self.world)
@@ -116,7 +117,8 @@ class ProcessMetrics:
         killed run's events from that step on (else both runs' values showed)."""
         self.accelerator.init_trackers(self.output_dir.name)
         if "tensorboard" in self.trackers:
-            tensorboard = TensorBoardTracker("tensorboard", str(self.output_dir), **({"purge_step": start} if start else {}))
+            tensorboard = TensorBoardTracker("tensorboard", str(self.output_dir),
+                                             **({"purge_step": start} if start else {}))
             tensorboard.start()
             self.accelerator.trackers.append(tensorboard)  # `accelerator.log` writes to every tracker of this list
 

@@ -40,7 +40,8 @@ from alignkit.settings.online import PPOObjective
 
 @dataclass
 class PPOConfig(PPOObjective, OnlineConfig):
-    """The online loop's config plus PPO's keys (`alignkit.settings.online.PPOObjective`, shared with `alignkit ppo`)."""
+    """The online loop's config plus PPO's keys (`alignkit.settings.online.PPOObjective`, shared with `alignkit
+    ppo`)."""
 
     learning_rate: float = 3e-6  # TRL's PPOConfig
 

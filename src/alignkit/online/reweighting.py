@@ -63,7 +63,8 @@ class Reweighter:
 
     @property
     def reads_meta(self) -> tuple[str, ...]:
-        """The `meta` keys it needs on every record (`feedback.RECORD_META`: what each feedback mode's records carry)."""
+        """The `meta` keys it needs on every record (`feedback.RECORD_META`: what each feedback mode's records
+        carry)."""
         return ()
 
     def raw(self, records: Sequence[Record]) -> torch.Tensor:

@@ -9,14 +9,14 @@ Each stage reads and writes files, so annotation can run as a separate job (anot
       manifest.json    {"round", "samples": {sampling config, count, generation metrics},
                         "annotation": {annotator, feedback, reweighters, counts, score stats, metrics}}
 
-Crash safety: every file is written to a temporary name in the same folder, flushed, fsynced and renamed
-over the target (`os.replace` is atomic), data file first, manifest entry last. A stage is complete when
-its data file AND its manifest entry exist; a complete stage is not redone (resume), an incomplete one is
-redone from scratch (`overwrite=True` forces it). A complete annotation made by another annotator, feedback or
-reweighters than the call's is refused (`check_kept_annotation`), not kept. New samples first remove the annotation made from the old
-ones (its manifest entry and records.jsonl), so the round is annotated again rather than kept as complete. A stage
-redone (overwrite) drops its own manifest entry before its file is replaced: a kill between the two writes leaves it
-incomplete (redone next time), never the new file under the old entry.
+Crash safety: every file is written to a temporary name in the same folder, flushed, fsynced and renamed over the target
+(`os.replace` is atomic), data file first, manifest entry last. A stage is complete when its data file AND its manifest
+entry exist; a complete stage is not redone (resume), an incomplete one is redone from scratch (`overwrite=True` forces
+it). A complete annotation made by another annotator, feedback or reweighters than the call's is refused
+(`check_kept_annotation`), not kept. New samples first remove the annotation made from the old ones (its manifest entry
+and records.jsonl), so the round is annotated again rather than kept as complete. A stage redone (overwrite) drops its
+own manifest entry before its file is replaced: a kill between the two writes leaves it incomplete (redone next time),
+never the new file under the old entry.
 
 Metrics per round (in the manifest and returned): reward/mean, reward/std, reward/min, reward/max,
 reward/valid, reward/failed, generation/response_length, generation/finish_*, the annotator's own
@@ -111,7 +111,8 @@ def record_to_row(r: Record) -> dict[str, Any]:
 
 
 def read_samples(path: str | Path) -> list[Sample]:
-    return [Sample.from_dict(d, where=f"{path}:{i + 1}") for i, d in enumerate(read_jsonl(path, "delete the file to redo the stage"))]
+    return [Sample.from_dict(d, where=f"{path}:{i + 1}") for i, d in enumerate(read_jsonl(path, "delete the file to "
+                                                                                                "redo the stage"))]
 
 
 def round_dir(out_dir: str | Path, round_index: int) -> Path:
@@ -320,5 +321,6 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
-           "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples", "round_dir", "sample_round", "score_stats",
-           "annotate_samples", "merge_scores", "annotate_round", "train_round", "run_offline_rounds"]
+           "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples",
+           "round_dir", "sample_round", "score_stats", "annotate_samples", "merge_scores", "annotate_round",
+           "train_round", "run_offline_rounds"]

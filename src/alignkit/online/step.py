@@ -152,7 +152,8 @@ class RolloutSteps:
         weights = torch.tensor([s.weight for s in samples], dtype=torch.float32) * valid
         batch = samples_batch(samples, self.tokenizer.pad_token_id, self.accelerator.device)
         if self.share_prompt:  # every forward over these rows (or a selection of them) shares each group's prompt
-            batch["share_groups"] = torch.tensor([s.group for s in samples], dtype=torch.long, device=batch["input_ids"].device)
+            batch["share_groups"] = torch.tensor([s.group for s in samples], dtype=torch.long,
+                                                 device=batch["input_ids"].device)
         ref = self.reference.logps(self.policy, batch, self.reference_token_logps)  # (B, T-1); None: no reference
         if policy_pass:
             stats = self.token_stats(batch, entropy=True, hidden=self.needs_hidden)
@@ -162,9 +163,10 @@ class RolloutSteps:
             mask = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()  # (B, T-1)
             stats, kl_tok, kl = TokenStats(None, mask), None, None
         if not (~torch.isnan(everyone)).any() and self.pointwise_scores:
-            raise AnnotatorError(f"step {getattr(self, '_step', 0) + 1}: the annotator scored none of the {everyone.numel()} "
-                                 "response(s) (every score failed or was None), so there is nothing to learn from; "
-                                 "check the annotator (its function, model or judge) on a few of the responses")
+            raise AnnotatorError(f"step {getattr(self, '_step', 0) + 1}: the annotator scored none of the "
+                                 f"{everyone.numel()} response(s) (every score failed or was None), so there is "
+                                 "nothing to learn from; check the annotator (its function, model or judge) on a few "
+                                 "of the responses")
         self._step_flat = self.flat_scores(everyone)  # read by `no_signal`
         # scores that differ can still be clipped alike (reward_clip below their spread): the objective then sees no
         # spread either; `everyone` is global, so every rank takes this branch (a collective) or none

@@ -42,11 +42,12 @@ statistics from every rank's scores; counts summed; the rest averaged) and only 
 Failed annotations (NaN scores) get weight 0 (they do not train) and the mean of their group's valid rewards as
 their reward; GRPO / RLOO advantages leave them out of their group's statistics (`alignkit.online.grpo`).
 
-The class is assembled from one module per part: this one holds the set-up and the loop (`train`); `config.py`
-the settings (`OnlineConfig`); `step.py` prompts, generation, annotation and the `Rollout` (`RolloutSteps`);
-`updates.py` the minibatch optimisation (`MinibatchUpdates`); `metrics.py` cross-process reductions and the
-metrics' output (`ProcessMetrics`); `evaluation.py` the held-out prompts' evaluation (`HeldOutEvaluation`); `checkpoint.py` checkpoints, the saved model and the Hub upload
-(`Checkpoints`). `alignkit.online.trainer` still exports `OnlineConfig`, `Rollout` and `METRICS_FILE`.
+The class is assembled from one module per part: this one holds the set-up and the loop (`train`); `config.py` the
+settings (`OnlineConfig`); `step.py` prompts, generation, annotation and the `Rollout` (`RolloutSteps`); `updates.py`
+the minibatch optimisation (`MinibatchUpdates`); `metrics.py` cross-process reductions and the metrics' output
+(`ProcessMetrics`); `evaluation.py` the held-out prompts' evaluation (`HeldOutEvaluation`); `checkpoint.py` checkpoints,
+the saved model and the Hub upload (`Checkpoints`). `alignkit.online.trainer` still exports `OnlineConfig`, `Rollout`
+and `METRICS_FILE`.
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
 
     def reuses_training_pass(self) -> bool:
         """True when the rollout's no-grad policy pass can be skipped: the step's one training forward sees the
-        same parameters and rows, so log pi_old = its log-probs detached (TRL's GRPO with num_iterations=1 does
-        the same), and the rollout's "kl" / "entropy" metrics come from that forward (`pass_sums`, `metrics_from_sums`). The
+        same parameters and rows, so log pi_old = its log-probs detached (TRL's GRPO with num_iterations=1 does the
+        same), and the rollout's "kl" / "entropy" metrics come from that forward (`pass_sums`, `metrics_from_sums`). The
         base loop never skips (subclasses decide); `score(policy_pass=True)` always runs it."""
         return False
 
@@ -200,8 +201,9 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.prompts = as_prompt_records(prompts)
         if not self.prompts:
             raise ValueError("online training needs at least one prompt")
-        # prompts all weighted 0 (a weight column of 0s): every sample's loss weight 0, so each step's loss was 0 and the
-        #   run saved the model unchanged, exit 0 (the CLI's readers refuse such records; this is the library's check)
+        # prompts all weighted 0 (a weight column of 0s): every sample's loss weight 0, so each step's loss was 0 and
+        #   the run saved the model unchanged, exit 0 (the CLI's readers refuse such records; this is the library's
+        #   check)
         refuse_all_zero_weights(type(self).__name__, [{"weight": r.weight} for r in self.prompts])
         # a reward function's parameter no prompt row gives (a dataset column the data lacks) stopped the first step,
         # after the run folder's trackers were started: refused here, as `alignkit <command>` does before loading
@@ -223,9 +225,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         other processes than asked for); returns whether FSDP2 shards the model."""
         self.trackers = self._trackers() if self.output_dir is not None else []
         if requested_engine() == "deepspeed":  # accelerate would drop it on CPU (plain DDP) or need its batch config
-            raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the accelerate "
-                              "config says distributed_type: DEEPSPEED): launch it with configs/accelerate/fsdp2.yaml "
-                              "(sharded) or configs/accelerate/ddp-cpu.yaml / torchrun (DDP)")
+            raise ConfigError(f"{type(self).__name__}: the online loop does not run under DeepSpeed yet (the "
+                              "accelerate config says distributed_type: DEEPSPEED): launch it with "
+                              "configs/accelerate/fsdp2.yaml (sharded) or configs/accelerate/ddp-cpu.yaml / torchrun "
+                              "(DDP)")
         refuse_ignored_fsdp_settings(type(self).__name__)  # fsdp_state_dict_type: checkpoints are always full
         others = [t for t in self.trackers if t != "tensorboard"]  # TensorBoard: `start_trackers`
         self.accelerator = Accelerator(cpu=not _has_accelerator(), log_with=others or None,
@@ -238,7 +241,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                               "online loop does not run mixed precision (its "
                               "first generation failed with a dtype error, after the run folder was written); launch "
                               "with mixed_precision 'no' (configs/accelerate/*-cpu.yaml, fsdp2.yaml, or "
-                              "--mixed_precision no), and load the model in bf16 (model.dtype=bfloat16) for bf16 compute")
+                              "--mixed_precision no), and load the model in bf16 (model.dtype=bfloat16) for bf16 "
+                              "compute")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         check_process_count(self.world, type(self).__name__)  # the processes asked for are the ones training
         return fsdp2
@@ -296,7 +300,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         """Dropout off, the base's fingerprint, the reference, the extra modules (PPO's value head), the optimizer,
         and accelerate's wrapping (FSDP2: model and optimizer sharded together)."""
         turn_off_dropout(model)  # old, new and reference log-probs then come from one deterministic network
-        record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
+        # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
+        record_base(model)
         if self.uses_reference(ref_model):
             self.reference: Reference = build_reference(model, self.config.reference, ref_model=ref_model,
                                                         chunk_size=self.config.chunk_size,
@@ -464,10 +469,10 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         if n and step + 1 - first >= n:
             why, fix = self.stall_cause(seen_scores(lo, hi))
             raise RewardStallError(first + 1, step + 1, (
-                f"{type(self).__name__}: no reward signal at steps {first + 1}-{step + 1} ({step + 1 - first} in a row, "
-                f"method.stall_steps={n}): {why}; the run stopped before saving the model (its metrics.jsonl rows and "
-                f"earlier checkpoints are kept). {fix[0].upper()}{fix[1:]}, or set method.stall_steps=0 to train on "
-                "anyway"))
+                f"{type(self).__name__}: no reward signal at steps {first + 1}-{step + 1} ({step + 1 - first} in a "
+                f"row, method.stall_steps={n}): {why}; the run stopped before saving the model (its metrics.jsonl rows "
+                f"and earlier checkpoints are kept). {fix[0].upper()}{fix[1:]}, or set method.stall_steps=0 to train "
+                "on anyway"))
 
     # -- the loop ---------------------------------------------------------------------------------------
 

@@ -89,23 +89,15 @@ class MinibatchUpdates:
         n_max = int(counts.max())
         if n_max == 0:
             return {}
-        size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
+        size = self._minibatch_size(n_max)
         self.warn_whole_step_minibatch(int(counts.sum()))
-        n_mini = -(-n_max // size)
-        if c.gradient_accumulation_steps > min(size, n_max) and not getattr(self, "_warned_accumulation", False):
-            self._warned_accumulation = True  # once: what OnlineConfig (settings.online.check_accumulation) could not
-            #   refuse from the config: a process's share on several processes, fewer pairs than online DPO can form
-            logger.warning("gradient_accumulation_steps (train.gradient_accumulation_steps) is %d, and this process's "
-                           "minibatch holds %d item(s): %d micro-batch(es) are empty zero-weight passes on every update "
-                           "(the gradient is the same); lower it to %d", c.gradient_accumulation_steps,
-                           min(size, n_max), c.gradient_accumulation_steps - min(size, n_max), min(size, n_max))
         sums = MetricSums()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         dev = self.accelerator.device
         self.model.train()
         for _ in range(c.epochs_per_step):
             perm = torch.randperm(n_items, generator=self.rng)
-            for j in range(n_mini):
+            for j in range(-(-n_max // size)):
                 idx = perm[j * size:(j + 1) * size].to(dev)
                 dummy = idx.numel() == 0
                 if dummy:
@@ -113,37 +105,8 @@ class MinibatchUpdates:
                         raise RuntimeError("a process has no items to run a zero-weighted pass on; the subclass "
                                            "must give every process at least one (zero-weight) item")
                     idx = torch.zeros(1, dtype=torch.long, device=dev)
-                local = normalizer_fn(idx).detach().to(torch.float64) * (0.0 if dummy else 1.0)
-                normalizer = (self.reduce_sum(local.reshape(1)) / self.world).reshape(())
-                # the same number of forwards on every process (FSDP gathers weights in each): an empty
-                # micro-batch runs item 0 with weight zero
-                micro = idx.tensor_split(c.gradient_accumulation_steps)
-                real = [mb.numel() > 0 for mb in micro]
-                step_loss, step_metrics = 0.0, MetricSums()
-                for m_i, mb in enumerate(micro):
-                    with ExitStack() as stack:
-                        if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
-                            for module in [self.model, *self.extra_modules]:
-                                stack.enter_context(self.accelerator.no_sync(module))
-                        loss, metrics = loss_fn(mb if real[m_i] else idx[:1], normalizer)
-                        if dummy or not real[m_i]:
-                            loss = loss * 0.0
-                        if not is_finite(loss):
-                            means = {k: v[0] if isinstance(v, tuple) else v for k, v in metrics.items()}
-                            self._stop_non_finite("the training loss", as_float(loss),
-                                                  {**means, "loss": as_float(loss)})
-                        self.accelerator.backward(loss)
-                    step_loss += float(loss.detach())
-                    if real[m_i]:
-                        step_metrics.add_all(metrics, mb.numel())
-                norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
-                                                        else float("inf"))
-                if not is_finite(norm):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._stop_non_finite("the gradient norm", as_float(norm), {"loss": step_loss,
-                                                                               "grad_norm": as_float(norm)})
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                step_metrics, step_loss, normalizer, norm = self._minibatch_step(idx, dummy, loss_fn, normalizer_fn,
+                                                                                  params)
                 if dummy:
                     continue
                 sums.merge(step_metrics)
@@ -166,6 +129,60 @@ class MinibatchUpdates:
         logger.warning("mini_batch_size (method.mini_batch_size) is %d, and this step has %d item(s) over all "
                        "processes: it makes one update over all of them, as if mini_batch_size were unset; lower it "
                        "for several updates a step", size, items)
+
+    def _minibatch_size(self, n_max: int) -> int:
+        """Items per minibatch on this process (its share of `mini_batch_size`; None: the largest share `n_max`),
+        warning once when `gradient_accumulation_steps` exceeds it (empty micro-batches)."""
+        c = self.config
+        size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
+        if c.gradient_accumulation_steps > min(size, n_max) and not getattr(self, "_warned_accumulation", False):
+            self._warned_accumulation = True  # once: what OnlineConfig (settings.online.check_accumulation) could not
+            #   refuse from the config: a process's share on several processes, fewer pairs than online DPO can form
+            logger.warning("gradient_accumulation_steps (train.gradient_accumulation_steps) is %d, and this process's "
+                           "minibatch holds %d item(s): %d micro-batch(es) are empty zero-weight passes on every "
+                           "update (the gradient is the same); lower it to %d", c.gradient_accumulation_steps,
+                           min(size, n_max), c.gradient_accumulation_steps - min(size, n_max), min(size, n_max))
+        return size
+
+    def _minibatch_step(self, idx: Tensor, dummy: bool,
+                        loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Any]]],
+                        normalizer_fn: Callable[[Tensor], Tensor],
+                        params: list[Tensor]) -> tuple[MetricSums, float, Tensor, Tensor]:
+        """One optimizer step on the minibatch `idx` (`dummy`: a zero-weighted pass, this process's share being
+        exhausted): `gradient_accumulation_steps` backward passes, the gradient clipped, a stop before the step on a
+        non-finite loss or norm. -> (its micro-batches' metrics, its loss, its normaliser, its gradient norm)."""
+        c = self.config
+        local = normalizer_fn(idx).detach().to(torch.float64) * (0.0 if dummy else 1.0)
+        normalizer = (self.reduce_sum(local.reshape(1)) / self.world).reshape(())
+        # the same number of forwards on every process (FSDP gathers weights in each): an empty
+        # micro-batch runs item 0 with weight zero
+        micro = idx.tensor_split(c.gradient_accumulation_steps)
+        real = [mb.numel() > 0 for mb in micro]
+        step_loss, step_metrics = 0.0, MetricSums()
+        for m_i, mb in enumerate(micro):
+            with ExitStack() as stack:
+                if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
+                    for module in [self.model, *self.extra_modules]:
+                        stack.enter_context(self.accelerator.no_sync(module))
+                loss, metrics = loss_fn(mb if real[m_i] else idx[:1], normalizer)
+                if dummy or not real[m_i]:
+                    loss = loss * 0.0
+                if not is_finite(loss):
+                    means = {k: v[0] if isinstance(v, tuple) else v for k, v in metrics.items()}
+                    self._stop_non_finite("the training loss", as_float(loss), {**means, "loss": as_float(loss)})
+                self.accelerator.backward(loss)
+            step_loss += float(loss.detach())
+            if real[m_i]:
+                step_metrics.add_all(metrics, mb.numel())
+        norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
+                                                else float("inf"))
+        if not is_finite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._stop_non_finite("the gradient norm", as_float(norm), {"loss": step_loss,
+                                                                       "grad_norm": as_float(norm)})
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_metrics, step_loss, normalizer, norm
 
     def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
         """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step; the advice names

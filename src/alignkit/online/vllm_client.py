@@ -13,13 +13,13 @@ the server may be on another machine (no NCCL; these machines have none):
          (POST /lora); the server saves the two files and serves them under a NEW LoRA id.
 - reft, reft+lora: refused (vLLM knows nothing of interventions).
 
-At the first contact the client waits for the server (`vllm_server_timeout`) and checks its `/info` against
-the policy: architecture, vocabulary, hidden size, layers; for LoRA also --enable-lora, the rank and that no
-full-weights push has replaced the base; for an adapter policy, the weights of the server's model folder against
-the policy's base (as the colocated engine's folder: a few safetensors slices) where that folder is on this
-machine (/info `model_path`), else a warning that they were not compared. A server that is down, answers an error or serves another model
-stops training with one line (`VllmServerError`: the URL, what failed, the fix); nothing falls back to
-transformers generation. The wire format is `alignkit.serve.vllm_serve`'s (module docstring there).
+At the first contact the client waits for the server (`vllm_server_timeout`) and checks its `/info` against the policy:
+architecture, vocabulary, hidden size, layers; for LoRA also --enable-lora, the rank and that no full-weights push has
+replaced the base; for an adapter policy, the weights of the server's model folder against the policy's base (as the
+colocated engine's folder: a few safetensors slices) where that folder is on this machine (/info `model_path`), else a
+warning that they were not compared. A server that is down, answers an error or serves another model stops training with
+one line (`VllmServerError`: the URL, what failed, the fix); nothing falls back to transformers generation. The wire
+format is `alignkit.serve.vllm_serve`'s (module docstring there).
 
 The HTTP client uses the standard library only (tests/online/test_vllm_server_client.py runs it against the
 server's own handler with a fake engine, and against a server that answers errors); the generator imports
@@ -264,5 +264,5 @@ def lora_blob(policy: Any) -> bytes:
     return save(tensors, metadata={"format": "pt", "adapter_config": config})
 
 
-__all__ = ["API_KEY_ENV", "PROTOCOL", "SERVER_MAX_MODEL_LEN", "VllmServerClient", "VllmServerError", "VllmServerGenerator", "check_compatible",
-           "full_weights_blob", "lora_blob"]
+__all__ = ["API_KEY_ENV", "PROTOCOL", "SERVER_MAX_MODEL_LEN", "VllmServerClient", "VllmServerError",
+           "VllmServerGenerator", "check_compatible", "full_weights_blob", "lora_blob"]

@@ -67,7 +67,8 @@ def refuse_unsupported(adapter: Any, policy: Any = None) -> None:
         if why:
             raise ConfigError(f"generation_backend='vllm': the LoRA policy {why}, which vLLM's LoRA does not run (it "
                               "would stop the first generation, after the run folder was written); train a plain LoRA "
-                              "(adapter.lora without use_dora / modules_to_save) or use generation_backend='transformers'")
+                              "(adapter.lora without use_dora / modules_to_save) or use "
+                              "generation_backend='transformers'")
 
 
 def sampling_request(cfg: SamplingConfig, eos: Sequence[int], seed: int | None) -> dict[str, Any]:
@@ -239,7 +240,8 @@ class VllmGenerator:
         """`cfg.num_samples` responses per prompt, ordered and cut as `generate_responses` does.
         `eos_source`: the model whose generation config names the end tokens (default: none, the tokenizer's)."""
         return generate_with(self._complete, self.tokenizer, prompts, cfg, formatter=formatter,
-                             max_prompt_length=max_prompt_length, eos_source=eos_source, max_model_len=self.max_model_len)
+                             max_prompt_length=max_prompt_length, eos_source=eos_source,
+                             max_model_len=self.max_model_len)
 
     def _complete(self, encoded: list[list[int]], requests: list[dict]) -> list[list[list[int]]]:
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded],
@@ -256,5 +258,5 @@ class VllmGenerator:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["BACKENDS", "NO_VLLM", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with", "prompt_seeds", "refuse_unsupported",
-           "sampling_params", "sampling_request"]
+__all__ = ["BACKENDS", "NO_VLLM", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with", "prompt_seeds",
+           "refuse_unsupported", "sampling_params", "sampling_request"]

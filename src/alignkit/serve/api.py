@@ -18,8 +18,8 @@ stream_options.include_usage (with stream only; null: false; its other keys, e.g
 are a 400 unless false: `STREAM_OPTIONS_NEUTRAL`), vLLM's add_special_tokens. Fields that would change the
 answer but are not
 implemented (logprobs, 0 included, best_of, echo: `NOT_SUPPORTED`; presence/frequency penalties, logit_bias, suffix,
-response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty /
-min_tokens / ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
+response_format, tools / tool_choice, reasoning_effort, vLLM's top_k / min_p / repetition_penalty / min_tokens /
+ignore_eos / stop_token_ids / bad_words / guided_* / chat_template / add_generation_prompt / ...:
 `IGNORED_UNLESS_NEUTRAL`, both in serve/parsing.py) are a 400 naming the field unless at their neutral value; other
 fields are ignored, as vLLM ignores them: those known to change nothing (user, metadata, store, ...:
 `parsing.NO_EFFECT_FIELDS`) silently, any other (a typo such as max_new_tokens) with one warning per field name in
@@ -27,8 +27,9 @@ the server's log. Errors use OpenAI's shape `{"error": {"message", "type", "para
 JSON, wrong types, limits, a string that is not Unicode (a lone surrogate escape), a chat request to an adapter trained
 with another chat template than the base's (`Stack.other_template`); 401 bad/missing bearer token (with --api-key); 404
 unknown model; 409 a model whose files changed on disk since the server loaded them (a run saved over the adapter
-or base folder: the server would answer with the weights it loaded; `Stack.changed`); 413 a body over 1 MiB; 429 queue full; 503 the server is shutting down (a request it stopped or will not
-take); 504 request timeout; 500 an internal error (the server keeps serving).
+or base folder: the server would answer with the weights it loaded; `Stack.changed`); 413 a body over 1 MiB; 429
+queue full; 503 the server is shutting down (a request it stopped or will not take); 504 request timeout; 500 an
+internal error (the server keeps serving).
 A client that disconnects cancels its generation at the engine's next step.
 """
 

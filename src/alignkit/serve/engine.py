@@ -60,8 +60,8 @@ from alignkit.online.decode import generation_options, inverse_cdf_sample
 from alignkit.online.generation import HOW_IT_RUNS, end_token_ids, generation_config_source, listed
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.serve.request import (FINISH_LENGTH, FINISH_STOP, SEED_MAX, SEED_MIN, SHUTTING_DOWN, EngineConfig,
-                                    EngineStopped, Event, ModelChanged, QueueFullError, Request, RequestError, SamplingParams,
-                                    check_prompt, non_finite_message, special_stop_ids)
+                                    EngineStopped, Event, ModelChanged, QueueFullError, Request, RequestError,
+                                    SamplingParams, check_prompt, non_finite_message, special_stop_ids)
 from alignkit.serve.stack import Route, Stack
 from alignkit.serve.stats import EngineStats
 
@@ -109,15 +109,15 @@ class Engine:
         if unapplied:
             logger.warning("serve: the base's generation config sets the sampling defaults %s, which alignkit's engine "
                            "does not apply (a request without temperature / top_p samples at 1.0, as OpenAI's API "
-                           "does; top_k, min_p and repetition_penalty are not implemented) where vLLM's server (--engine "
-                           "vllm) applies them to requests that leave them out; send temperature / top_p with each "
-                           "request", ", ".join(f"{k}={v}" for k, v in unapplied.items()))
+                           "does; top_k, min_p and repetition_penalty are not implemented) where vLLM's server "
+                           "(--engine vllm) applies them to requests that leave them out; send temperature / top_p "
+                           "with each request", ", ".join(f"{k}={v}" for k, v in unapplied.items()))
         beyond = generation_options_unapplied(stack.model)
         if beyond:
             src = generation_config_source(stack.model)
-            logger.warning("serve: %s sets %s, which neither alignkit's engine nor vLLM's server (it reads the sampling "
-                           "defaults alone) applies: responses are generated without it; remove it from %s to say so "
-                           "(`alignkit generate` applies it)", src, listed(beyond), src)
+            logger.warning("serve: %s sets %s, which neither alignkit's engine nor vLLM's server (it reads the "
+                           "sampling defaults alone) applies: responses are generated without it; remove it from %s "
+                           "to say so (`alignkit generate` applies it)", src, listed(beyond), src)
 
     # -- public ------------------------------------------------------------------------------------------
 

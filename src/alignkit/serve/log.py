@@ -119,7 +119,8 @@ class ServeLog:
         self._last, self._last_t = totals, now
         self._append(json.dumps(row) + "\n")
         if self._writer is not None:
-            self._step = max(int(round(row["time"] - self._origin)), self._step + 1)  # rows in one second: one step each
+            # rows in one second: one step each
+            self._step = max(int(round(row["time"] - self._origin)), self._step + 1)
             for k, v in row.items():
                 if k not in ("time", "uptime_s", "event") and isinstance(v, (int, float)):
                     self._writer.add_scalar(f"serve/{k}", v, self._step)

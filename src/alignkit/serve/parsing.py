@@ -28,7 +28,8 @@ def _num(body: dict, key: str, default: Any, kind: type, lo: float | None = None
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-        raise ApiError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}, got {json.dumps(v)[:40]}",
+        raise ApiError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}, got "
+                            f"{json.dumps(v)[:40]}",
                        param=key)
     if (lo is not None and not v >= lo) or (hi is not None and not v <= hi):  # NaN too (JSON's NaN parses)
         raise ApiError(400, f"'{key}' must be in [{lo}, {hi}], got {v}", param=key)

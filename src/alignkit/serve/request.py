@@ -1,8 +1,8 @@
 """Request bookkeeping of the serving engine (`serve/engine.py` runs the batching loop): what a request asks for
 (`SamplingParams`, checked against the `EngineConfig` limits), what it holds while it runs (`Request`), what its
 consumer is told (`Event`), and the errors that refuse it (`RequestError` 400, `QueueFullError` 429, `EngineStopped`
-503, `ModelChanged` 409). `check_prompt` checks a prompt against the limits and the model's context before it is queued (the default
-max_tokens shrinks to the context left after it)."""
+503, `ModelChanged` 409). `check_prompt` checks a prompt against the limits and the model's context before it is queued
+(the default max_tokens shrinks to the context left after it)."""
 
 from __future__ import annotations
 
@@ -181,5 +181,5 @@ def non_finite_message(row: Any) -> str:
 
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "SEED_MAX", "SEED_MIN", "SHUTTING_DOWN", "EngineConfig", "EngineStopped",
-           "Event", "ModelChanged", "QueueFullError", "Request", "RequestError", "SamplingParams", "check_prompt", "non_finite_message",
-           "special_stop_ids"]
+           "Event", "ModelChanged", "QueueFullError", "Request", "RequestError", "SamplingParams", "check_prompt",
+           "non_finite_message", "special_stop_ids"]

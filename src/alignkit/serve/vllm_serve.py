@@ -10,8 +10,8 @@ time, in order (one trainer per server). The API (protocol 1; errors are HTTP 4x
 
     GET  /health    {"status": "ok"}
     GET  /info      {"protocol", "alignkit", "model", "model_path" (the --model folder, absolute: a trainer on
-                     this machine compares its weights with a LoRA policy's base), "config": {model_type, architectures, vocab_size,
-                     hidden_size, num_hidden_layers, num_attention_heads}, "dtype", "max_model_len",
+                     this machine compares its weights with a LoRA policy's base), "config": {model_type, architectures,
+                     vocab_size, hidden_size, num_hidden_layers, num_attention_heads}, "dtype", "max_model_len",
                      "enable_lora", "max_lora_rank", "weights_version", "lora_version"}
     POST /generate  {"prompt_token_ids": [[int]], "sampling": [one dict per prompt: n, max_tokens, temperature,
                      top_p, top_k, seed, stop_token_ids, stop], "lora": bool (use the last pushed adapter)};
@@ -118,7 +118,8 @@ class VllmServeEngine:
             raise FileNotFoundError(f"--model {settings.model}: no config.json there; give a transformers model folder "
                                     "(the policy's base, e.g. runs/sft/model)")
         if settings.enable_lora and settings.max_lora_rank not in LORA_RANKS:
-            raise ValueError(f"--max-lora-rank {settings.max_lora_rank}: vLLM accepts {', '.join(map(str, LORA_RANKS))}")
+            raise ValueError(f"--max-lora-rank {settings.max_lora_rank}: vLLM accepts "
+                             f"{', '.join(map(str, LORA_RANKS))}")
         hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         check_head_size(hf, folder, "vllm-serve --model", "give --model a model whose head size vLLM takes (the "
                         "policy's base), or train with method.generation_backend=transformers")
@@ -166,7 +167,8 @@ class VllmServeEngine:
         if not isinstance(ids, list) or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p)
                                                 for p in ids):
             raise RequestError(400, "prompt_token_ids: a list of non-empty lists of token ids is needed")
-        if not isinstance(sampling, list) or len(sampling) != len(ids) or not all(isinstance(r, dict) for r in sampling):
+        if (not isinstance(sampling, list) or len(sampling) != len(ids)
+                or not all(isinstance(r, dict) for r in sampling)):
             raise RequestError(400, f"sampling: one dict per prompt is needed ({len(ids)} prompt(s))")
         vocab = self.config.get("vocab_size")
         if vocab and any(t < 0 or t >= vocab for p in ids for t in p):
@@ -189,7 +191,8 @@ class VllmServeEngine:
         try:
             weights = list(load(blob).items())
         except Exception as e:  # noqa: BLE001 - safetensors' own error types vary by version
-            raise RequestError(400, f"the body is not a readable safetensors blob: {' '.join(str(e).split())}") from None
+            raise RequestError(400, "the body is not a readable safetensors blob: "
+                                    f"{' '.join(str(e).split())}") from None
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self._reset_prefix_cache()
         self.weights_version += 1

@@ -45,9 +45,9 @@ CONFIG_CLASSES["serve"] = ServeConfig  # settings/serve.py
 CONFIG_CLASSES["augment"] = AugmentConfig  # settings/augment.py
 
 __all__ = ["AdapterConfig", "LoraSettings", "ReftSettings", "SamplingConfig", "ONLINE_COMMANDS", "TRAIN_KEYS",
-           "AugmentConfig", "FilterSettings", "LLMSettings", "AnnotateConfig", "AnnotatorSettings", "SampleConfig", "ServeConfig",
-           "CONFIG_CLASSES", "TRAIN_COMMANDS", "ConfigError", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig",
-           "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod",
-           "SFTConfig", "SFTMethod", "TrainConfig", "build", "check_training_args", "coerce", "command_of",
-           "config_from_dict", "config_to_dict", "dump_config", "load_config", "merge", "parse_overrides",
-           "parse_value", "read_yaml", "save_config"]
+           "AugmentConfig", "FilterSettings", "LLMSettings", "AnnotateConfig", "AnnotatorSettings", "SampleConfig",
+           "ServeConfig", "CONFIG_CLASSES", "TRAIN_COMMANDS", "ConfigError", "DPOConfig", "DPOMethod", "DataSettings",
+           "EvalConfig", "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig",
+           "RewardMethod", "SFTConfig", "SFTMethod", "TrainConfig", "build", "check_training_args", "coerce",
+           "command_of", "config_from_dict", "config_to_dict", "dump_config", "load_config", "merge",
+           "parse_overrides", "parse_value", "read_yaml", "save_config"]

@@ -101,8 +101,8 @@ class FilterSettings:
         if self.min_chars < 0:
             raise ConfigError(f"filters.min_chars: {self.min_chars}; a length, >= 0")
         if self.max_chars is not None and self.max_chars < max(self.min_chars, 1):
-            raise ConfigError(f"filters.max_chars: {self.max_chars} is below filters.min_chars ({self.min_chars}) or 1, "
-                              "so every record would be dropped; raise max_chars (or null for no limit)")
+            raise ConfigError(f"filters.max_chars: {self.max_chars} is below filters.min_chars ({self.min_chars}) or "
+                              "1, so every record would be dropped; raise max_chars (or null for no limit)")
 
 
 AUGMENT_DATA_KEYS = ("path", "max_records")  # what augment reads of `data` (augment/pipeline.py:read_sources)

@@ -202,5 +202,5 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return atomic_write_text(path, dump_config(cfg))
 
 
-__all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict", "dump_config",
-           "load_config", "save_config"]
+__all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict",
+           "dump_config", "load_config", "save_config"]

@@ -52,7 +52,8 @@ PAIR_MODES = ("best_worst", "random_pairs", "judge_pairs")
 class AnnotatorSettings:
     kind: Literal["reward_model", "function", "judge"]
     # function
-    function: str | list[str] | None = None  # "module:function" (or a list of them), e.g. alignkit.rewards:digit_fraction
+    # "module:function" (or a list of them), e.g. alignkit.rewards:digit_fraction
+    function: str | list[str] | None = None
     weights: list[float] | None = None  # several functions: the reward is their weighted sum (default 1 each)
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the function
     batched: bool = False  # fn(prompts, responses) -> one score per item
@@ -60,7 +61,8 @@ class AnnotatorSettings:
     path: str | None = None  # a folder, a hub id, or tiny:<arch> (random: smoke tests only)
     adapter_path: str | None = None  # an adapter (or full model) folder trained on `path`
     dtype: DType = "float32"
-    device: str | None = None  # e.g. "cuda:1"; default: where the model loads (the annotator may differ from the policy)
+    # e.g. "cuda:1"; default: where the model loads (the annotator may differ from the policy)
+    device: str | None = None
     batch_size: int = 8
     # reward_model
     formatter: str = "auto"
@@ -240,8 +242,8 @@ def check_feedback(mode: str, kwargs: dict[str, Any], reweighters: list[Any], wh
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0):
         raise ConfigError(f"{where}feedback_kwargs.min_margin: {margin!r} must be a number >= 0: a pair's margin (its "
                           "chosen score minus its rejected score) is never negative, so a negative one passes pairs "
-                          "of equal scores, whose chosen side is arbitrary (best_worst pairs an all-equal group's first "
-                          "sample with itself); use 0 (pairs with any score difference) or more")
+                          "of equal scores, whose chosen side is arbitrary (best_worst pairs an all-equal group's "
+                          "first sample with itself); use 0 (pairs with any score difference) or more")
     count = kwargs.get("pairs_per_prompt")
     if mode == "random_pairs" and count is not None and (isinstance(count, bool) or not isinstance(count, int)
                                                          or count < 1):
@@ -578,6 +580,9 @@ ONLINE_CONFIG_CLASSES: dict[str, type] = {"online-dpo": OnlineDPORunConfig, "grp
                                           "rloo": RLOORunConfig, "ppo": PPORunConfig, "sample": SampleConfig,
                                           "annotate": AnnotateConfig}
 
-__all__ = ["JUDGE_PAIR_KEYS", "JUDGE_POINTWISE_KEYS", "check_judge_reads", "PROMPT_DATA_KEYS", "check_prompt_data", "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES", "AnnotateConfig", "AnnotatorSettings", "GRPOMethod",
-           "GRPORunConfig", "OnlineDPOMethod", "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig",
-           "RLOOMethod", "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "CLIP_KEYS", "check_accumulation", "check_clip_acts", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]
+__all__ = ["JUDGE_PAIR_KEYS", "JUDGE_POINTWISE_KEYS", "check_judge_reads", "PROMPT_DATA_KEYS", "check_prompt_data",
+           "ALLOWED_CODE", "check_code_allowed", "code_is_alignkits", "ONLINE_COMMANDS", "ONLINE_CONFIG_CLASSES",
+           "AnnotateConfig", "AnnotatorSettings", "GRPOMethod", "GRPORunConfig", "OnlineDPOMethod",
+           "OnlineDPORunConfig", "OnlineRunConfig", "PPOMethod", "PPOObjective", "PPORunConfig", "RLOOMethod",
+           "RLOORunConfig", "SampleConfig", "check_feedback", "unmet_need", "CLIP_KEYS", "check_accumulation",
+           "check_clip_acts", "FEEDBACK_MODES", "PAIR_MODES", "OnlineMethod"]

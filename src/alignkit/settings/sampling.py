@@ -59,7 +59,8 @@ class SamplingConfig:
                              "response in its text, and SamplingConfig.stop is empty, so it would be ignored; set stop "
                              "(the strings to end at) or remove include_stop_str_in_output")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"SamplingConfig.sampler must be one of {', '.join(map(str, SAMPLERS))}, got {self.sampler!r}")
+            raise ValueError(f"SamplingConfig.sampler must be one of {', '.join(map(str, SAMPLERS))}, got "
+                             f"{self.sampler!r}")
         if self.sampler == "inverse_cdf" and self.stop:
             raise ValueError("SamplingConfig.sampler='inverse_cdf' with stop strings: calls with stop strings sample "
                              "with model.generate, which draws with torch.multinomial; remove sampler (or stop)")

@@ -50,7 +50,8 @@ class DataSettings:
     loss_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"  # SFT: which tokens are trained
     split: str | None = None  # the split of a DatasetDict / dataset folder source (default "train")
     eval_split: str | None = None
-    max_records: int | None = None  # keep only the first N training records (files of a list in order: one left empty warned)
+    # keep only the first N training records (files of a list in order: one left empty warned)
+    max_records: int | None = None
     on_invalid: Literal["raise", "skip"] = "raise"
 
 
@@ -72,8 +73,8 @@ class RewardMethod:
 
     def __post_init__(self) -> None:
         if self.ranked and self.center_rewards_coefficient:
-            raise ConfigError(f"method.center_rewards_coefficient: {self.center_rewards_coefficient} is read only by the "
-                              "Bradley-Terry pair loss, and method.ranked is true (the K-wise ranking loss), so it "
+            raise ConfigError(f"method.center_rewards_coefficient: {self.center_rewards_coefficient} is read only by "
+                              "the Bradley-Terry pair loss, and method.ranked is true (the K-wise ranking loss), so it "
                               "would be ignored; remove it (method.center_rewards_coefficient=null) or use "
                               "method.l2_coefficient, the ranking loss's regulariser")
         if not self.ranked and self.l2_coefficient:
@@ -233,8 +234,8 @@ class TrainConfig:
         self.train = check_train({**TRAIN_DEFAULTS.get(self.command, {}), **(self.train or {})}, self.command)
         if self.train.get("reft_prefix_cache"):
             if not self.adapter.has_reft:
-                raise ConfigError(f"train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora; "
-                                  f"this config's is {self.adapter.kind!r}); remove it")
+                raise ConfigError("train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or "
+                                  f"reft+lora; this config's is {self.adapter.kind!r}); remove it")
         check_pair_layout(self.train.get("share_prompt"), self.train.get("padding_free"),
                           reft_kind=self.adapter.kind if self.adapter.has_reft else None,
                           attention=self.model.attn_implementation, reward_model=self.command == "rm",
@@ -246,7 +247,8 @@ class TrainConfig:
                               "train.eval_strategy=steps, which is not set (the default 'no' evaluates only after the "
                               "last step), so it would be ignored; set train.eval_strategy=steps or remove "
                               "train.eval_steps")
-        if "num_train_epochs" in chosen and isinstance(self.train.get("max_steps"), int) and self.train["max_steps"] > 0:
+        if ("num_train_epochs" in chosen and isinstance(self.train.get("max_steps"), int)
+                and self.train["max_steps"] > 0):
             raise ConfigError(f"train.num_train_epochs: {self.train['num_train_epochs']} is read only with "
                               f"train.max_steps=-1, and max_steps is {self.train['max_steps']} (which decides the "
                               "run's length), so it would be ignored; set train.max_steps=-1 to train the epochs, or "
@@ -256,7 +258,8 @@ class TrainConfig:
             raise ConfigError(f"train.eval_strategy: {strategy!r} evaluates on held-out records, and data gives none: "
                               "set data.eval_path or data.eval_fraction, or set train.eval_strategy=no")
         if "do_eval" in chosen:
-            refuse_do_eval(self.train["do_eval"], held_out=self.data.eval_path is not None or bool(self.data.eval_fraction))
+            refuse_do_eval(self.train["do_eval"],
+                           held_out=self.data.eval_path is not None or bool(self.data.eval_fraction))
 
 
 def refuse_do_eval(do_eval: Any, held_out: bool) -> None:
@@ -266,14 +269,15 @@ def refuse_do_eval(do_eval: Any, held_out: bool) -> None:
     if bool(do_eval) == held_out:
         return
     if held_out:
-        raise ConfigError(f"train.do_eval: {str(bool(do_eval)).lower()} is not read (transformers' Trainer leaves it to scripts): the run "
-                          "evaluates on the held-out records of data.eval_path / data.eval_fraction after the last step "
-                          "(and during training as train.eval_strategy says), so it would be ignored; to train without "
-                          "evaluating, hold no records out (data.eval_fraction=0, no data.eval_path); remove "
-                          "train.do_eval")
-    raise ConfigError(f"train.do_eval: {str(bool(do_eval)).lower()} is not read (transformers' Trainer leaves it to scripts), and data "
-                      "holds no records out, so nothing would be evaluated; set data.eval_path or data.eval_fraction "
-                      "(and train.eval_strategy for evaluations during training); remove train.do_eval")
+        raise ConfigError(f"train.do_eval: {str(bool(do_eval)).lower()} is not read (transformers' Trainer leaves it "
+                          "to scripts): the run evaluates on the held-out records of data.eval_path / "
+                          "data.eval_fraction after the last step (and during training as train.eval_strategy says), "
+                          "so it would be ignored; to train without evaluating, hold no records out "
+                          "(data.eval_fraction=0, no data.eval_path); remove train.do_eval")
+    raise ConfigError(f"train.do_eval: {str(bool(do_eval)).lower()} is not read (transformers' Trainer leaves it to "
+                      "scripts), and data holds no records out, so nothing would be evaluated; set data.eval_path or "
+                      "data.eval_fraction (and train.eval_strategy for evaluations during training); remove "
+                      "train.do_eval")
 
 
 def check_pair_layout(share_prompt: bool | None, padding_free: bool | None, *, reft_kind: str | None,
@@ -448,6 +452,9 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
                                    "eval": EvalConfig, "generate": GenerateConfig}
 
 
-__all__ = ["refuse_unread_loss_params", "PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data", "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective", "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings", "EvalConfig", "EvalMethod",
-           "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig", "RewardMethod", "SFTConfig",
-           "SFTMethod", "TrainConfig", "REFERENCE_FREE", "check_pair_layout", "loss_names", "reference_free"]
+__all__ = ["refuse_unread_loss_params", "PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data",
+           "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective",
+           "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings",
+           "EvalConfig", "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig",
+           "RewardMethod", "SFTConfig", "SFTMethod", "TrainConfig", "REFERENCE_FREE", "check_pair_layout",
+           "loss_names", "reference_free"]

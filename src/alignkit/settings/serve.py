@@ -24,7 +24,8 @@ class ServeConfig:
     base: str  # the base model's folder (or tiny:<arch>)
     adapters: dict[str, str] = field(default_factory=dict)  # served name -> adapter folder (save_adapter's)
     base_name: str | None = None  # the base's served name; default: its folder's name ("tiny-<arch>" for tiny:)
-    engine: Literal["alignkit", "vllm"] = "alignkit"  # "vllm": vLLM's OpenAI server (LoRA adapters and full models; alignkit.serve.vllm_server)
+    # "vllm": vLLM's OpenAI server (LoRA adapters and full models; alignkit.serve.vllm_server)
+    engine: Literal["alignkit", "vllm"] = "alignkit"
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # or the ALIGNKIT_API_KEY environment variable (keeps the key out of files)

@@ -70,12 +70,13 @@ ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_fr
                                                                        "compile", "reft_prefix_cache")}
 
 ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_decay", "max_grad_norm",
-                     "gradient_accumulation_steps", "eval_steps", "save_steps", "report_to", "disable_tqdm", "push_to_hub",
-                     "hub_model_id", "hub_private_repo")
+                     "gradient_accumulation_steps", "eval_steps", "save_steps", "report_to", "disable_tqdm",
+                     "push_to_hub", "hub_model_id", "hub_private_repo")
 # TrainingArguments' Hub keys: read only by the upload (push_to_hub); alignkit's upload reads hub_model_id,
 # hub_private_repo, hub_token and hub_revision, and refuses a hub_strategy / hub_always_push it does not follow
 HUB_KEYS = ("hub_model_id", "hub_private_repo", "hub_token", "hub_revision", "hub_strategy", "hub_always_push")
-ONLINE_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw_fused", "sgd": "sgd"}  # train.optim -> the online trainer's optimizer
+# train.optim -> the online trainer's optimizer
+ONLINE_OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw_fused", "sgd": "sgd"}
 
 TRAIN_COMMANDS = ("sft", "rm", "dpo", "kto")
 ONLINE_COMMANDS = ("online-dpo", "grpo", "rloo", "ppo")
@@ -121,7 +122,8 @@ def train_defaults(command: str) -> dict[str, Any]:
 # for one setting is how `method.params.beta` came to override `method.beta` without a word).
 _ONLINE_MOVED = {"steps": "train.max_steps", "learning_rate": "train.learning_rate", "seed": "train.seed",
                  "optimizer": "train.optim", "weight_decay": "train.weight_decay",
-                 "max_grad_norm": "train.max_grad_norm", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+                 "max_grad_norm": "train.max_grad_norm",
+                 "gradient_accumulation_steps": "train.gradient_accumulation_steps",
                  "save_steps": "train.save_steps", "report_to": "train.report_to",
                  "progress_bar": "train.disable_tqdm (inverted)", "push_to_hub": "train.push_to_hub",
                  "hub_model_id": "train.hub_model_id", "hub_private_repo": "train.hub_private_repo"}
@@ -234,6 +236,6 @@ def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ALIGNKIT_TRAIN_KEYS", "HUB_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS", "ONLINE_TRAIN_KEYS",
-           "RENAMED", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "TRAIN_KEYS", "check_renamed", "check_train",
-           "online_trainer_kwargs", "refuse_unread_train_keys", "train_defaults"]
+__all__ = ["ALIGNKIT_TRAIN_KEYS", "HUB_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS",
+           "ONLINE_TRAIN_KEYS", "RENAMED", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "TRAIN_KEYS", "check_renamed",
+           "check_train", "online_trainer_kwargs", "refuse_unread_train_keys", "train_defaults"]

@@ -53,8 +53,8 @@ TRL_NAMES: dict[str, str] = {
                            "conversation; data.loss_on=all trains the whole conversation, TRL's default)",
     "packing": "train.padding_free (each batch's sequences in rows without padding)",
     "packing_strategy": "train.padding_free (each batch is packed; there is no strategy to choose)",
-    "dataset_text_field": "no key: alignkit reads TRL's prompt / completion and messages columns (data.reader); a plain "
-                          "text column has no prompt to tell from the completion",
+    "dataset_text_field": "no key: alignkit reads TRL's prompt / completion and messages columns (data.reader); a "
+                          "plain text column has no prompt to tell from the completion",
     "eos_token": "model.tokenizer (a tokenizer folder whose eos_token is that token: alignkit appends the tokenizer's "
                  "own EOS); data.add_eos says whether one follows each plain-text completion (a chat template ends the "
                  "turn itself)",
@@ -126,8 +126,8 @@ TRL_NAMES: dict[str, str] = {
     "steps_per_generation": "method.epochs_per_step with method.mini_batch_size (several updates per generation step)",
     "min_p": f"{_NOT_HERE} (samples come from the policy at sampling.temperature with sampling.top_p / top_k only, the "
              "distribution the loss scores); remove it",
-    "repetition_penalty": f"{_NOT_HERE} (pinned to 1: a penalised sample is not drawn from the policy the loss scores); "
-                          "remove it",
+    "repetition_penalty": f"{_NOT_HERE} (pinned to 1: a penalised sample is not drawn from the policy the loss "
+                          "scores); remove it",
     "delta": f"{_NOT_HERE} (TRL's upper bound of the two-sided clip); method.dual_clip bounds the loss of negative "
              "advantages instead (Ye et al.), not the same; remove it",
     "normalize_advantages": f"{_NOT_HERE} (rloo's leave-one-out advantages are not rescaled per batch); remove it",

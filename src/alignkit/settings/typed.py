@@ -259,5 +259,5 @@ def build(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{label}: {e}") from None
 
 
-__all__ = ["ConfigError", "build", "coerce", "join_key", "merge", "parse_overrides", "parse_value", "read_yaml", "type_name",
-           "unknown_key_error"]
+__all__ = ["ConfigError", "build", "coerce", "join_key", "merge", "parse_overrides", "parse_value", "read_yaml",
+           "type_name", "unknown_key_error"]

@@ -55,20 +55,20 @@ Non-finite values (`alignkit.guards`): each micro-batch's loss and each step's g
 first NaN / inf is logged as NaN (metrics.jsonl) and raises `NonFiniteError` naming the optimizer step and
 the batch's record ids, before the optimizer applies it. Saving refuses trainable weights that are not finite.
 
-Raw data (TRL-style, `alignkit.trainers.data_prep`): `train_dataset` / `eval_dataset` may be raw rows with
-TRL's columns or alignkit records, with the tokenizer as `processing_class`; the trainer tokenizes them itself
-under `max_length`, `max_prompt_length`, `formatter`, `loss_on` (SFT), and picks the collator for the data's
-kind when `data_collator` is not given. Several evaluation sets (`eval_dataset={"name": rows, ...}`) are tokenized set by
-set, and so are raw rows given to `evaluate(eval_dataset=...)`.
+Raw data (TRL-style, `alignkit.trainers.data_prep`): `train_dataset` / `eval_dataset` may be raw rows with TRL's columns
+or alignkit records, with the tokenizer as `processing_class`; the trainer tokenizes them itself under `max_length`,
+`max_prompt_length`, `formatter`, `loss_on` (SFT), and picks the collator for the data's kind when `data_collator` is
+not given. Several evaluation sets (`eval_dataset={"name": rows, ...}`) are tokenized set by set, and so are raw rows
+given to `evaluate(eval_dataset=...)`.
 
-Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does
-not name); `max_grad_norm=None` is no clipping (as 0; the Trainer itself would stop at the first step);
-`compute_metrics` / `preprocess_logits_for_metrics` are refused (evaluation returns no logits or labels, so the
-Trainer never calls them), so are `label_smoothing_factor` and, under several processes,
-`average_tokens_across_devices=False` (the objectives always divide by the all-process count); `optim` /
-`optim_args` and `lr_scheduler_type` / `lr_scheduler_kwargs` are tried when the trainer is built (`check_optimizer`:
-a missing package, an unread key; `check_scheduler`: kwargs the schedule does not take, needs, or ignores); these
-argument checks, `metric_for_best_model`'s and the resume checks live in `alignkit.trainers.checks`; `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
+Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does not name);
+`max_grad_norm=None` is no clipping (as 0; the Trainer itself would stop at the first step); `compute_metrics` /
+`preprocess_logits_for_metrics` are refused (evaluation returns no logits or labels, so the Trainer never calls them),
+so are `label_smoothing_factor` and, under several processes, `average_tokens_across_devices=False` (the objectives
+always divide by the all-process count); `optim` / `optim_args` and `lr_scheduler_type` / `lr_scheduler_kwargs` are
+tried when the trainer is built (`check_optimizer`: a missing package, an unread key; `check_scheduler`: kwargs the
+schedule does not take, needs, or ignores); these argument checks, `metric_for_best_model`'s and the resume checks live
+in `alignkit.trainers.checks`; `activation_checkpointing` is applied by us, non-reentrant, through the adapter wrappers;
 mixed precision is TrainingArguments' (`bf16=True` -> autocast around the loss), never a cast of weights.
 """
 
@@ -128,7 +128,8 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
     record_kinds: tuple[str, ...] = ("sft",)  # the record kinds raw data is read as, preferred first
     trl_learning_rate: tuple[str, float] | None = None  # (TRL config, its default) for this objective, see __init__
     rows_per_example: int = 1  # 2 for the chosen/rejected layout (used only when a batch has no `weight`)
-    unweighted_metrics: tuple[str, ...] = ()  # (B,)-shaped metrics that are not one value per example (see weighted_totals)
+    # (B,)-shaped metrics that are not one value per example (see weighted_totals)
+    unweighted_metrics: tuple[str, ...] = ()
     loss_is_scaled_for_ga = True
 
     def __init__(self, model: nn.Module, args: TrainingArguments, *,
@@ -171,12 +172,14 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         deepspeed_on_cpu(args)  # DeepSpeed on CPU processes: accelerate's process count (alignkit.distributed)
         check_process_count(args.world_size, type(self).__name__)  # the processes asked for are the ones training
         refuse_fsdp1_on_cpu()  # before the Trainer's Accelerator, whose FSDP1 plugin would stop without a word of why
-        refuse_ignored_fsdp_settings(type(self).__name__, gc_kwargs is not None)  # an FSDP config's keys alignkit overrides
+        # an FSDP config's keys alignkit overrides
+        refuse_ignored_fsdp_settings(type(self).__name__, gc_kwargs is not None)
         if gc_kwargs is None and fsdp_activation_checkpointing():  # alignkit's own in place of accelerate's wrapper
             gc_kwargs = {}
         if disable_dropout:
             turn_off_dropout(model)
-        record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
+        # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
+        record_base(model)
         super().__init__(model=model, args=args, **kwargs)
         refuse_deepspeed_mismatches(self)
         take_over_activation_checkpointing(self.accelerator, type(self).__name__)  # before the model is prepared

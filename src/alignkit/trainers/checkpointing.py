@@ -65,7 +65,8 @@ class Checkpointing:
         model = self.accelerator.unwrap_model(self.model)
         bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(p.detach().isfinite().all())]
         if bad:
-            raise NonFiniteError(f"trainable weight {bad[0]!r}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+            raise NonFiniteError(f"trainable weight {bad[0]!r}" + (f" (and {len(bad) - 1} "
+                                                                   "more)" if len(bad) > 1 else ""),
                                  float("nan"), self.state.global_step,
                                  causes="an earlier update diverged; nothing was saved to " + str(output_dir))
         os.makedirs(output_dir, exist_ok=True)
@@ -119,8 +120,9 @@ class Checkpointing:
         not check again the one a caller (the CLI, before its run folder is written) has checked."""
         if is_deepspeed(self.accelerator):
             raise CheckpointError(f"{label}: resuming under DeepSpeed is not supported by alignkit (DeepSpeed reloads "
-                                  f"its optimizer state from torch pickles, which alignkit does not load); {checkpoint}/ "
-                                  "holds an ordinary model folder: start a new run from it, or resume under FSDP2 / DDP")
+                                  "its optimizer state from torch pickles, which alignkit does not load); "
+                                  f"{checkpoint}/ holds an ordinary model folder: start a new run from it, or resume "
+                                  "under FSDP2 / DDP")
         check_resumable(checkpoint, self.args.world_size, label, self.data_digest(), self.args.to_json_string(),
                         self.training_settings())
         if not saves_whole_model(self.model):  # the Trainer's load refused a checkpoint of another base, too late

@@ -1,10 +1,10 @@
 """The checks `AlignTrainer` runs on its arguments and checkpoints before anything is written: settings the Trainer
 would accept and then not apply (`refuse_ignored_arguments`, `refuse_metric_functions`, `check_optimizer`,
 `check_scheduler`, `refuse_deepspeed_mismatches` (with a DeepSpeed config's own optimizer / schedule:
-`deepspeed_replacements`); fields of a TrainingArguments subclass such as TRL's configs:
-`refuse_unread_fields`; batches `dataloader_drop_last` would all drop: `refuse_empty_batches`; data all weighted 0:
-`refuse_all_zero_weights`), a `metric_for_best_model` the objective's evaluation does not log,
-or one better when lower taken as better when higher (`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
+`deepspeed_replacements`); fields of a TrainingArguments subclass such as TRL's configs: `refuse_unread_fields`; batches
+`dataloader_drop_last` would all drop: `refuse_empty_batches`; data all weighted 0: `refuse_all_zero_weights`), a
+`metric_for_best_model` the objective's evaluation does not log, or one better when lower taken as better when higher
+(`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
 `data_digest` of the training examples and the checkpoint's `STATE_JSON`). Each refusal is one ConfigError /
 CheckpointError line naming the setting and how to fix it; the CLI runs the same checks when it loads a config."""
 
@@ -113,7 +113,8 @@ def training_changes(checkpoint: str | os.PathLike, args_json: str, settings: di
     from the `settings` recorded in its `STATE_JSON` (the trainer's `training_settings()`). A field either side does
     not record (another transformers version, an older alignkit) is not compared."""
     folder = Path(checkpoint)
-    old_args = json.loads((folder / "training_args.json").read_text()) if (folder / "training_args.json").is_file() else {}
+    old_args = (json.loads((folder / "training_args.json").read_text())
+                if (folder / "training_args.json").is_file() else {})
     new_args = json.loads(args_json)
     changes = [f"{k}: {old_args[k]!r} -> {new_args[k]!r}" for k in TRAINING_FIELDS
                if k in old_args and k in new_args and old_args[k] != new_args[k]]
@@ -161,11 +162,11 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, 
                               "process(es), or start a new run from its weights in another output_dir")
     changes = training_changes(folder, args_json, settings or {}) if args_json is not None else []
     if changes:
-        raise CheckpointError(f"{label}: {folder} was trained with other settings than this run's ({'; '.join(changes)}):"
-                              " the resumed run would take its optimizer and scheduler states (the old learning rate "
-                              "schedule) and skip the batches it had seen, so it would neither continue that training "
-                              "nor run the new one; resume with the checkpoint's settings, or start a new run from its "
-                              "weights in another output_dir")
+        raise CheckpointError(f"{label}: {folder} was trained with other settings than this run's "
+                              f"({'; '.join(changes)}): the resumed run would take its optimizer and scheduler states "
+                              "(the old learning rate schedule) and skip the batches it had seen, so it would neither "
+                              "continue that training nor run the new one; resume with the checkpoint's settings, or "
+                              "start a new run from its weights in another output_dir")
     trained = state.get("data_sha256")
     if digest is None or not isinstance(trained, str):
         why = ("this run's training data has no length (an IterableDataset or a streaming dataset, which reading "
@@ -187,7 +188,8 @@ def check_resumable(checkpoint: str | os.PathLike, world_size: int, label: str, 
 def refuse_ignored_arguments(args: TrainingArguments, train_dataset: Any = None, group_by_length: bool = False) -> None:
     """TrainingArguments that alignkit's trainers would accept and silently not apply: one ConfigError each.
     `group_by_length`: the trainer's own length grouping (`BatchSampling`) is on."""
-    if getattr(args, "parallel_mode", None) == ParallelMode.NOT_DISTRIBUTED:  # several GPUs, one process: the Trainer's DataParallel
+    # several GPUs, one process: the Trainer's DataParallel
+    if getattr(args, "parallel_mode", None) == ParallelMode.NOT_DISTRIBUTED:
         raise ConfigError(f"this process sees {args.n_gpu} GPUs and was started without a launcher, so the Trainer "
                           "would wrap the model in torch.nn.DataParallel: per_device_train_batch_size on each GPU "
                           f"({args.n_gpu}x the batch this config asks for), a path alignkit does not run; launch one "
@@ -286,7 +288,8 @@ def refuse_metric_functions(kwargs: dict[str, Any], owner: str) -> None:
         if kwargs.get(name) is not None:
             raise ConfigError(f"{owner}: {name} would never be called: alignkit's evaluation returns the objective's "
                               f"loss and metrics (logged as eval_<name>, listed by {owner}.eval_metrics()), no logits "
-                              f"or labels; remove it (a reward model's accuracy on pairs: alignkit.trainers.evaluation.evaluate_reward_model)")
+                              "or labels; remove it (a reward model's accuracy on pairs: "
+                              "alignkit.trainers.evaluation.evaluate_reward_model)")
 
 
 # the loss parameters a preference trainer takes in `params` (a PreferenceParams), not as keywords of its own
@@ -324,8 +327,9 @@ def refuse_unread_fields(args: Any, owner: type) -> None:
             same = False
         if same:
             continue
-        where = f"{owner.__name__}: args.{f.name}={value!r} is a field of {type(args).__name__}, which alignkit never " \
-                "reads (its trainers take only transformers.TrainingArguments' fields from args), so it would be ignored"
+        where = (f"{owner.__name__}: args.{f.name}={value!r} is a field of {type(args).__name__}, which alignkit "
+                 "never reads (its trainers take only transformers.TrainingArguments' fields from args), so it would "
+                 "be ignored")
         if f.name in keywords:
             raise ConfigError(f"{where}; pass it to the trainer: {owner.__name__}(..., {f.name}={value!r})")
         if "params" in keywords and f.name in PREFERENCE_PARAMS:  # TRL's DPOConfig label_smoothing, discopop_tau
@@ -428,7 +432,8 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
     (`deepspeed_replacements`): one line naming the config and what they replace."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
     ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
-    found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
+    found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.")
+             for m in getattr(ds, "mismatches", None) or []]
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     fix = ""
     if mixed != "no" and any(m.startswith(("ds bf16.enabled", "ds fp16.enabled")) for m in found):
@@ -450,8 +455,9 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
                              trainer.args, torch.cuda.is_available())
 
 
-# what accelerate maps each Trainer optimizer to when the optimizer state is offloaded (`map_pytorch_optim_to_deepspeed`:
-# torch's AdamW -> DeepSpeedCPUAdam in AdamW mode, Adagrad -> DeepSpeedCPUAdagrad, ANY other -> DeepSpeedCPUAdam, Adam)
+# what accelerate maps each Trainer optimizer to when the optimizer state is offloaded
+# (`map_pytorch_optim_to_deepspeed`: torch's AdamW -> DeepSpeedCPUAdam in AdamW mode, Adagrad ->
+# DeepSpeedCPUAdagrad, ANY other -> DeepSpeedCPUAdam, Adam)
 OFFLOAD_KEEPS = ("adamw_torch", "adamw_torch_fused", "adagrad")
 
 
@@ -516,7 +522,8 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
-           "check_resumable", "check_scheduler", "TRAINING_FIELDS", "settings_changes", "training_changes", "data_digest", "lower_is_better", "refuse_deepspeed_mismatches",
-           "deepspeed_config_source", "deepspeed_replacements", "OFFLOAD_KEEPS", "refuse_optimizer_offload",
-           "refuse_all_zero_weights", "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions",
-           "refuse_trainer_fsdp_on_cpu", "refuse_unread_fields", "saved_state"]
+           "check_resumable", "check_scheduler", "TRAINING_FIELDS", "settings_changes", "training_changes",
+           "data_digest", "lower_is_better", "refuse_deepspeed_mismatches", "deepspeed_config_source",
+           "deepspeed_replacements", "OFFLOAD_KEEPS", "refuse_optimizer_offload", "refuse_all_zero_weights",
+           "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions", "refuse_trainer_fsdp_on_cpu",
+           "refuse_unread_fields", "saved_state"]

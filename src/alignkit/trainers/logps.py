@@ -23,16 +23,15 @@ attended token up to the first completion token, or `prompt_length` when the col
 `ReftModel.span_locations`), so the same prompt positions are edited for a pair's chosen and rejected
 rows. No adapter kind is asked for: a model that edits positions is one that has `span_locations`.
 
-Padding-free (packed) batches (`alignkit.data.PackedSFTCollator` / `PackedPreferenceCollator`: R
-sequences concatenated in one row (1, S) or binned into rows (rows, L), `position_ids` restarting at 0 per
-sequence, `sequence_index`, no attention_mask) go through the same code. The model sees no attention mask, so transformers derives
-the sequence boundaries from `position_ids` (`masking_utils.find_packed_sequence_indices`: a new sequence
-wherever the position does not grow by one; only without a KV cache, hence use_cache=False) and builds a
-block-diagonal causal mask for sdpa / eager (rows bound its cost: sum of L^2, not S^2); flash-attention
-models get one row and `cu_seq_lens_q/k`, `max_length_q/k` (varlen kernels, no recount).
-The scored token log-probs are then scattered back to the padded layout (R, L_max - 1) of right padding,
-(sequence_index, position - 1), so every loss, metric and reduction sees exactly what a padded batch
-gives. ReFT locations are computed per sequence and shifted by its start in its row: (rows, I, K * P).
+Padding-free (packed) batches (`alignkit.data.PackedSFTCollator` / `PackedPreferenceCollator`: R sequences concatenated
+in one row (1, S) or binned into rows (rows, L), `position_ids` restarting at 0 per sequence, `sequence_index`, no
+attention_mask) go through the same code. The model sees no attention mask, so transformers derives the sequence
+boundaries from `position_ids` (`masking_utils.find_packed_sequence_indices`: a new sequence wherever the position does
+not grow by one; only without a KV cache, hence use_cache=False) and builds a block-diagonal causal mask for sdpa /
+eager (rows bound its cost: sum of L^2, not S^2); flash-attention models get one row and `cu_seq_lens_q/k`,
+`max_length_q/k` (varlen kernels, no recount). The scored token log-probs are then scattered back to the padded layout
+(R, L_max - 1) of right padding, (sequence_index, position - 1), so every loss, metric and reduction sees exactly what a
+padded batch gives. ReFT locations are computed per sequence and shifted by its start in its row: (rows, I, K * P).
 """
 
 from __future__ import annotations
@@ -406,6 +405,7 @@ def completion_logps(model: nn.Module, batch: dict[str, Any], chunk_size: int = 
     return token.sum(-1), mask.sum(-1)
 
 
-__all__ = ["backbone_output", "batch_locations", "call_model", "completion_logps", "completion_token_logps", "final_hidden_states",
-           "forward_kwargs", "head_logprobs", "is_packed", "is_shared", "packed_prompt_spans", "prompt_locations", "prompt_spans",
-           "shared_attention_mask", "shared_forward_kwargs", "shared_padding", "shared_states", "shared_varlen_kwargs", "unshare"]
+__all__ = ["backbone_output", "batch_locations", "call_model", "completion_logps", "completion_token_logps",
+           "final_hidden_states", "forward_kwargs", "head_logprobs", "is_packed", "is_shared", "packed_prompt_spans",
+           "prompt_locations", "prompt_spans", "shared_attention_mask", "shared_forward_kwargs", "shared_padding",
+           "shared_states", "shared_varlen_kwargs", "unshare"]

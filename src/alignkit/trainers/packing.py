@@ -2,14 +2,14 @@
 changes nothing but rounding. SFT packs its sequences; DPO and RM run each pair as one shared-prompt segment of a
 packed row (`resolve_share_prompt`), else pack their 2B sequences.
 
-A padding-free batch holds the same examples as the padded one (the sampler is untouched: the same samples are
-batched together, in the same order); only their layout changes, so losses, gradients and metrics are those of
-the padded batch up to float rounding (tests/trainers/test_varlen.py bounds it: ~1e-7 relative on the loss). It is
-the default on CPU where the packed row runs through `alignkit.models.varlen` (sdpa attention, no activation
-checkpointing, an architecture tested with it; not measured on GPUs, so not their default) with alignkit's own padded collator (or none given); anywhere
-else the default stays the padded batch. `padding_free=True` / `False` decide explicitly.
-The layout is resolved when the trainer is built, before accelerate wraps the model: a DDP or FSDP2 run on CPU
-processes takes the same default (tests/distributed/test_packing.py).
+A padding-free batch holds the same examples as the padded one (the sampler is untouched: the same samples are batched
+together, in the same order); only their layout changes, so losses, gradients and metrics are those of the padded batch
+up to float rounding (tests/trainers/test_varlen.py bounds it: ~1e-7 relative on the loss). It is the default on CPU
+where the packed row runs through `alignkit.models.varlen` (sdpa attention, no activation checkpointing, an architecture
+tested with it; not measured on GPUs, so not their default) with alignkit's own padded collator (or none given);
+anywhere else the default stays the padded batch. `padding_free=True` / `False` decide explicitly. The layout is
+resolved when the trainer is built, before accelerate wraps the model: a DDP or FSDP2 run on CPU processes takes the
+same default (tests/distributed/test_packing.py).
 """
 
 from __future__ import annotations

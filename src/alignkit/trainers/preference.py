@@ -44,8 +44,8 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         ref_model: the frozen reference to use ("auto" then means "copy"; default: a copy of the model at construction).
         reference_cache_dir: where precomputed reference log-probs are cached (implies "precomputed").
         padding_free: pack the 2B sequences of each batch into one row without padding (`PackedPreferenceCollator`;
-            masking in `alignkit.trainers.logps`). Same losses as padded batches up to float rounding. None
-            (default): on CPU runs where it is faster (sdpa through `alignkit.models.varlen`, no activation checkpointing,
+            masking in `alignkit.trainers.logps`). Same losses as padded batches up to float rounding. None (default):
+            on CPU runs where it is faster (sdpa through `alignkit.models.varlen`, no activation checkpointing,
             alignkit's PreferenceCollator or none, share_prompt off; `alignkit.trainers.packing`), off elsewhere.
         share_prompt: run each pair as ONE row, the chosen sequence then the rejected one without their common
             prefix (the prompt), with a mask that hides the chosen tokens from the rejected ones

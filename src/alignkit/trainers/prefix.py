@@ -1,10 +1,10 @@
 """`reft_prefix_cache` (train.reft_prefix_cache): the ReFT frozen-prefix cache around a training run.
 
-`None` (the default): on for a ReFT model (adapter kind reft or reft+lora) on the CPU whose run passes over its
-examples more than once (num_train_epochs > 1, or max_steps covering more than one epoch) where the layers below
-the interventions are a fixed function of the tokens (`alignkit.interventions.prefix_cache.unusable_reason`); said
-once in the log either way. Not on GPUs by default: not measured there yet. `True`: on, refused in one line where it cannot apply. `False`: off.
-See `alignkit.interventions.prefix_cache` for what is cached and how it checks itself.
+`None` (the default): on for a ReFT model (adapter kind reft or reft+lora) on the CPU whose run passes over its examples
+more than once (num_train_epochs > 1, or max_steps covering more than one epoch) where the layers below the
+interventions are a fixed function of the tokens (`alignkit.interventions.prefix_cache.unusable_reason`); said once in
+the log either way. Not on GPUs by default: not measured there yet. `True`: on, refused in one line where it cannot
+apply. `False`: off. See `alignkit.interventions.prefix_cache` for what is cached and how it checks itself.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ def check_prefix_cache(model: nn.Module, setting: bool | None) -> None:
         return
     reft = _reft(model)
     if reft is None:
-        raise ConfigError("train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora); this model "
+        raise ConfigError("train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora); this "
+                          "model "
                          "has none: leave train.reft_prefix_cache out")
     reason = unusable_reason(reft)
     if reason is not None:
-        raise ConfigError(f"train.reft_prefix_cache: true, but the layers below the interventions are not a fixed function "
+        raise ConfigError("train.reft_prefix_cache: true, but the layers below the interventions are not a fixed "
+                          "function "
                          f"of the tokens: {reason}; set train.reft_prefix_cache: false")
 
 

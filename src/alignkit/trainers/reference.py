@@ -260,7 +260,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         return "none"
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = {"special": getattr(tokenizer, "special_tokens_map", {}), "template": getattr(tokenizer, "chat_template", None)}
+    extra = {"special": getattr(tokenizer, "special_tokens_map", {}),
+             "template": getattr(tokenizer, "chat_template", None)}
     return hashlib.sha256((body + _sha(extra)).encode()).hexdigest()
 
 
@@ -368,5 +369,6 @@ class ReferenceCollator:
         return batch
 
 
-__all__ = ["HasReference", "MODES", "Reference", "ReferenceCollator", "attach_reference", "build_reference", "cache_key",
-           "data_fingerprint", "frozen_copy", "load_or_compute", "model_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["HasReference", "MODES", "Reference", "ReferenceCollator", "attach_reference", "build_reference",
+           "cache_key", "data_fingerprint", "frozen_copy", "load_or_compute", "model_fingerprint",
+           "tokenizer_fingerprint"]

@@ -191,7 +191,8 @@ class RewardTrainer(AlignTrainer):
             return ranking_loss(table, mask, self.l2_coefficient, ranks=ranks)
         B = r.shape[0] // 2
         margin = inputs.get("margin") if self.use_margin else None
-        return bradley_terry_loss(r[:B], r[B:], margin=margin, center_rewards_coefficient=self.center_rewards_coefficient)
+        return bradley_terry_loss(r[:B], r[B:], margin=margin,
+                                  center_rewards_coefficient=self.center_rewards_coefficient)
 
 
 def ranked_data(collator: Any, *datasets: Any) -> str | None:
@@ -224,9 +225,9 @@ def check_loss_settings(center_rewards_coefficient: float | None, l2_coefficient
                           "Bradley-Terry pair loss, and the data is ranked (the K-wise ranking loss), so it would be "
                           "ignored; remove it, or use l2_coefficient, the ranking loss's regulariser")
     if l2_coefficient and "preference" in kinds:
-        raise ConfigError(f"RewardTrainer: l2_coefficient={l2_coefficient} is read only by the K-wise ranking loss, and "
-                          "the data is preference pairs (the Bradley-Terry loss), so it would be ignored; remove it, "
-                          "or use center_rewards_coefficient with pairs")
+        raise ConfigError(f"RewardTrainer: l2_coefficient={l2_coefficient} is read only by the K-wise ranking loss, "
+                          "and the data is preference pairs (the Bradley-Terry loss), so it would be ignored; remove "
+                          "it, or use center_rewards_coefficient with pairs")
 
 
 def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:

@@ -10,22 +10,21 @@
 | `ranked`             | prompt, responses (best first) [, ranks]  | RankedRecord      |
 | `prompt`             | prompt                                    | PromptRecord      |
 
-Every value may be plain text or a conversation (a list of {"role", "content"} messages; a message's other keys,
-such as `name` or `tool_calls`, are dropped with one warning per file). A `messages` conversation's messages may
-carry a per-turn `weight` (ShareGPT's / axolotl's: 1 train the turn, 0 do not; null: the default): an assistant
-turn with weight 0 is context (`records.UNTRAINED_TURNS`), the turns after the last trained one are left out (a
-causal LM's loss on the turns before does not depend on them; read as prompts, a conversation is every message
-before its final assistant turn, whatever the weights); another value, weight 1 on a turn that is not the
-assistant's, or no trained turn is an error naming the row. Optional
-columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other columns
-are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference
-`answer`): reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`); prompts read
-from rows with responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision
-columns (`images`, `image`) holding a value are an error: alignkit trains text-only models; so are `tools` and
+Every value may be plain text or a conversation (a list of {"role", "content"} messages; a message's other keys, such as
+`name` or `tool_calls`, are dropped with one warning per file). A `messages` conversation's messages may carry a
+per-turn `weight` (ShareGPT's / axolotl's: 1 train the turn, 0 do not; null: the default): an assistant turn with weight
+0 is context (`records.UNTRAINED_TURNS`), the turns after the last trained one are left out (a causal LM's loss on the
+turns before does not depend on them; read as prompts, a conversation is every message before its final assistant turn,
+whatever the weights); another value, weight 1 on a turn that is not the assistant's, or no trained turn is an error
+naming the row. Optional columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other
+columns are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference `answer`):
+reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`); prompts read from rows with
+responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision columns
+(`images`, `image`) holding a value are an error: alignkit trains text-only models; so are `tools` and
 `chat_template_kwargs` holding a value (TRL passes them to the chat template; records keep messages only). The columns
 alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, augment's output) are skipped silently
-by the training readers; the `prompt` reader keeps them with the other columns, as TRL's GRPOTrainer passes every
-column but prompt and completion (a reward function without `**kwargs` gets only the keywords it names).
+by the training readers; the `prompt` reader keeps them with the other columns, as TRL's GRPOTrainer passes every column
+but prompt and completion (a reward function without `**kwargs` gets only the keywords it names).
 
 ShareGPT rows (`conversations`: [{"from": "human" | "gpt" | "system", "value": ...}]) are read as TRL reads them
 (`maybe_convert_to_chatml`): `conversations` is `messages`, and a {"from", "value"} message in any column is
@@ -50,7 +49,8 @@ from alignkit.data.readers.notes import DEFAULTED, PartialColumns, ReaderNotes
 from alignkit.data.readers.registry import register_reader
 from alignkit.data.readers.rows import collect, get_field, iter_rows, source_name
 from alignkit.data.records import (
-    PROMPT_IS_CONTEXT, UNTRAINED_TURNS, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord,
+    PROMPT_IS_CONTEXT, UNTRAINED_TURNS, DataError, PreferenceRecord, PromptRecord, RankedRecord, SFTRecord,
+    UnpairedRecord,
     check_messages,
 )
 
@@ -150,9 +150,10 @@ def _from_sharegpt(messages: Any, where: str, col: str) -> Any:
                                 f"template's tool-call format; write the call into an assistant ('gpt') message as the "
                                 f"model should output it, or drop the row")
             if speaker not in SHAREGPT_ROLES:
-                raise DataError(f"{where}: {col}[{i}] has 'from' {str(speaker)[:40]!r}, not a ShareGPT speaker alignkit "
-                                f"maps to a chat role ({', '.join(f'{k} -> {v}' for k, v in SHAREGPT_ROLES.items())}); "
-                                f"change it to one of them, or give the message a 'role'")
+                raise DataError(f"{where}: {col}[{i}] has 'from' {str(speaker)[:40]!r}, not a ShareGPT speaker "
+                                "alignkit maps to a chat role "
+                                f"({', '.join(f'{k} -> {v}' for k, v in SHAREGPT_ROLES.items())}); change it to one of "
+                                "them, or give the message a 'role'")
             rest = {k: v for k, v in m.items() if k not in ("from", "value", "role", "content")}
             m = {"role": SHAREGPT_ROLES[speaker], "content": m.get("value", m.get("content")), **rest}
         out.append(m)
@@ -271,7 +272,8 @@ def _prompt(row: dict, where: str) -> PromptRecord:
 COLUMNS = {"messages": ("messages", "weight"), "prompt_completion": ("prompt", "completion", "weight"),
            "preference": ("prompt", "chosen", "rejected", "margin", "weight"),
            "preference_implicit": ("chosen", "rejected", "margin", "weight"),
-           "unpaired": ("prompt", "completion", "label", "weight"), "ranked": ("prompt", "responses", "ranks", "weight"),
+           "unpaired": ("prompt", "completion", "label", "weight"),
+           "ranked": ("prompt", "responses", "ranks", "weight"),
            "prompt": ("prompt", "weight")}
 
 
@@ -380,7 +382,8 @@ def _reader(convert):
 
 # the readers of this module: name, record kind, priority, detect(row), columns -> record, description
 COLUMN_READERS = (
-    ("messages", ("sft", "prompt"), 10, lambda r: ("messages" in r or "conversations" in r) and "prompt" not in r, _messages,
+    ("messages", ("sft", "prompt"), 10,
+     lambda r: ("messages" in r or "conversations" in r) and "prompt" not in r, _messages,
      "messages (conversation ending on the assistant turn; ShareGPT's conversations too) -> sft (prompt: the "
      "messages before the final assistant turn)"),
     ("prompt-completion", "sft", 10, lambda r: _is_value(r.get("prompt")) and "completion" in r and "label" not in r,

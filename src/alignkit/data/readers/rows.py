@@ -1,12 +1,12 @@
 """Rows from a file or a dataset, each with the place it came from (for error messages).
 
-Sources: a `.jsonl` file (one JSON value per line; blank lines skipped; a line holding a bare JSON
-string is read as `{"prompt": <string>}`, so a file of prompts is a prompt dataset), a `.json` file
-holding a list of objects (or one object per line, as `datasets.Dataset.to_json` writes: read as `.jsonl`; a
-UTF-8 byte order mark at the start of a file is skipped), a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a
-`datasets.Dataset`, or an in-memory list of dicts. Any other folder is read the way `datasets.load_dataset(folder)`
-reads a dataset repository (its data files, or the configs its README declares), and an "org/name" that is
-not a local path as a Hugging Face dataset name; both take split "train" unless `split` says otherwise. Places are "path:LINE" (1-based) for JSON lines and
+Sources: a `.jsonl` file (one JSON value per line; blank lines skipped; a line holding a bare JSON string is read as
+`{"prompt": <string>}`, so a file of prompts is a prompt dataset), a `.json` file holding a list of objects (or one
+object per line, as `datasets.Dataset.to_json` writes: read as `.jsonl`; a UTF-8 byte order mark at the start of a file
+is skipped), a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a `datasets.Dataset`, or an
+in-memory list of dicts. Any other folder is read the way `datasets.load_dataset(folder)` reads a dataset repository
+(its data files, or the configs its README declares), and an "org/name" that is not a local path as a Hugging Face
+dataset name; both take split "train" unless `split` says otherwise. Places are "path:LINE" (1-based) for JSON lines and
 "path row N" (0-based) for tables. A JSON object that holds a key twice is a DataError naming the place and the key
 (`json.loads` keeps the last value without a word), in a folder's `.json` / `.jsonl` data files too, checked before
 `datasets.load_dataset` reads them (`check_json_data_files`; a Hub dataset's files are not).
@@ -228,10 +228,12 @@ def load_hf_dataset(source: str, split: str | None):
     try:
         return load_dataset(str(source), split=split)
     except ValueError as e:  # e.g. an unknown split
-        raise DataError(f"{source}: datasets.load_dataset could not give split {split!r} ({e}); set data.split") from None
+        raise DataError(f"{source}: datasets.load_dataset could not give split {split!r} ({e}); set "
+                        "data.split") from None
     except Exception as e:  # noqa: BLE001  (not found, offline, no data files: one line naming the source)
-        raise DataError(f"{source}: datasets.load_dataset failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"point data.path at a dataset folder, a .jsonl/.json/.parquet file or a save_to_disk folder"
+        raise DataError(f"{source}: datasets.load_dataset failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); point data.path at a dataset folder, a "
+                        ".jsonl/.json/.parquet file or a save_to_disk folder"
                         ) from None
 
 
