@@ -67,3 +67,35 @@ def test_an_offloaded_optimizer_is_swapped_for_deepspeeds_cpu_optimizer_whatever
     adamw = map_pytorch_optim_to_deepspeed(torch.optim.AdamW(params, lr=0.1))
     assert type(adamw) is CPUAdam and adamw.kw["adamw_mode"] is True
     assert type(map_pytorch_optim_to_deepspeed(torch.optim.Adagrad(params, lr=0.1))) is CPUAdagrad
+
+
+def test_deepspeed_reads_offload_param_only_under_zero3_and_nvme_only_there():
+    """What trainers/zero_checks.py:refuse_unapplied_offload refuses as ignored or unusable (row A21): the ZeRO
+    stage 1/2 optimizer takes no parameter-offload config and counts any optimizer offload device but none as CPU
+    offload (no NVMe swapping); ZeRO is off (no ZeRO optimizer reads either section) at stage 0; stage 3 takes both
+    and swaps to NVMe under nvme_path with the async_io op; accelerate writes nvme_path "none" when its config names
+    no path, and passes offload_param through whatever the stage."""
+    pytest.importorskip("deepspeed")
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime import config as ds_config, engine
+    from deepspeed.runtime.swap_tensor import partitioned_optimizer_swapper, partitioned_param_swapper
+    from deepspeed.runtime.zero import stage_1_and_2, stage3
+
+    assert "offload_param_config" not in inspect.signature(stage_1_and_2.DeepSpeedZeroOptimizer).parameters
+    assert {"offload_param_config", "offload_optimizer_config"} <= set(
+        inspect.signature(stage3.DeepSpeedZeroOptimizer_Stage3).parameters)
+    source = inspect.getsource(stage_1_and_2)
+    assert not [word for word in ("nvme_path", "swap", "AsyncIOBuilder") if word in source]  # no NVMe swapping
+    assert ("if offload_optimizer_config is not None and offload_optimizer_config.device != OffloadDeviceEnum.none:\n"
+            "            self.cpu_offload = True") in source
+    assert "self.zero_enabled = self.zero_optimization_stage > 0" in inspect.getsource(ds_config.DeepSpeedConfig)
+    check = inspect.getsource(engine.DeepSpeedEngine._do_optimizer_sanity_check)
+    assert "zero_enabled = self.zero_optimization()" in check and "return ZERO_OPTIMIZATION" in check
+    assert "os.path.join(offload_optimizer_config.nvme_path, 'zero_stage_3')" in inspect.getsource(stage3)
+    assert "self.swap_config.nvme_path" in inspect.getsource(partitioned_param_swapper)
+    for module in (partitioned_param_swapper, partitioned_optimizer_swapper):
+        assert "AsyncIOBuilder().load(" in inspect.getsource(module)
+    zero = DeepSpeedPlugin(zero_stage=2, offload_param_device="cpu", offload_optimizer_device="nvme"
+                           ).deepspeed_config["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "nvme_path": None}
+    assert zero["offload_optimizer"] == {"device": "nvme", "nvme_path": "none"}

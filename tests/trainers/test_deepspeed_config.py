@@ -118,3 +118,73 @@ def test_an_offloaded_optimizer_on_gpus_is_refused_only_for_an_optimizer_acceler
     for off in ({"device": "none"}, {}, {"device": "auto"}):
         refuse_optimizer_offload({"zero_optimization": {"stage": 2, "offload_optimizer": off}}, args, cuda=False)
     refuse_optimizer_offload({"zero_optimization": {"stage": 2}}, args, cuda=False)
+
+
+def refusal(config, where="train.deepspeed (ds.json)", aio=True):
+    from alignkit.trainers.zero_checks import refuse_unapplied_offload
+
+    with pytest.raises(ConfigError) as e:
+        refuse_unapplied_offload(config, where, aio_usable=lambda: aio)
+    assert "\n" not in str(e.value) and str(e.value).startswith(where + ": ")
+    return str(e.value)
+
+
+def zero(stage, **sections):
+    return {"zero_optimization": {"stage": stage, **{k: v for k, v in sections.items()}}}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_parameter_offload_below_zero3_is_refused_as_ignored(stage, device):
+    """Before: DeepSpeed's stage 0-2 engines never read offload_param (row A21): the parameters stayed on the device
+    that the config said they would leave, without a word (a run sized for offload then ran out of memory, or not)."""
+    message = refusal(zero(stage, offload_param={"device": device, "nvme_path": "/tmp"}))
+    assert f"zero_optimization.offload_param.device is {device} under zero_optimization.stage {stage}" in message
+    assert "so it would be ignored" in message and "offload_param_device: none" in message
+
+
+def test_optimizer_offload_under_zero0_and_nvme_under_zero12_are_refused():
+    """Before: under stage 0 no optimizer read offload_optimizer (accelerate still swapped in DeepSpeedCPUAdam); under
+    stage 1/2, device nvme was CPU offload, nvme_path never read (row A21)."""
+    message = refusal(zero(0, offload_optimizer={"device": "cpu"}))
+    assert "offload_optimizer.device is cpu under zero_optimization.stage 0 (ZeRO off)" in message
+    for stage in (1, 2):
+        message = refusal(zero(stage, offload_optimizer={"device": "nvme", "nvme_path": "/tmp"}))
+        assert f"offload_optimizer.device is nvme under zero_optimization.stage {stage}, whose optimizer has no NVMe " \
+               "swapping" in message and f"set the device to cpu (what stage {stage} does)" in message
+
+
+@pytest.mark.parametrize("section", ["offload_param", "offload_optimizer"])
+def test_nvme_offload_under_zero3_needs_a_writable_folder_and_async_io(section, tmp_path):
+    """Before: a missing nvme_path (accelerate writes "none" for it), a file in its place, or DeepSpeed's async_io op
+    that cannot be built (no libaio) failed only when training started, after the run folder was written."""
+    for path in (None, "none", ""):
+        message = refusal(zero(3, **{section: {"device": "nvme", "nvme_path": path}}))
+        assert f"zero_optimization.{section}.nvme_path is not set" in message
+        assert f"accelerate config: {section}_nvme_path" in message
+    a_file = tmp_path / "swap"
+    a_file.write_text("")
+    message = refusal(zero(3, **{section: {"device": "nvme", "nvme_path": str(a_file)}}))
+    assert f"nvme_path={str(a_file)!r} is not a folder" in message
+    message = refusal(zero(3, **{section: {"device": "nvme", "nvme_path": str(tmp_path / "new")}}), aio=False)
+    assert "async_io op, which cannot be built here" in message and "libaio" in message
+    from alignkit.trainers.zero_checks import refuse_unapplied_offload
+
+    refuse_unapplied_offload(zero(3, **{section: {"device": "nvme", "nvme_path": str(tmp_path / "new")}}), "x",
+                             aio_usable=lambda: True)  # a folder it can create, and the op: accepted
+
+
+def test_offloads_deepspeed_applies_pass_and_the_trainer_check_runs_them(args):
+    from alignkit.trainers.zero_checks import refuse_unapplied_offload
+
+    never = lambda: pytest.fail("async_io asked without an NVMe offload")  # noqa: E731
+    for config in (zero(3, offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"}),
+                   zero(2, offload_optimizer={"device": "cpu"}), zero(1, offload_optimizer={"device": "cpu"}),
+                   zero(2, offload_param={"device": "none"}), zero(2, offload_param={}), zero(2),
+                   zero("auto", offload_param={"device": "cpu"}), {}):
+        refuse_unapplied_offload(config, "x", aio_usable=never)
+    args.optim = "adamw_torch"  # past refuse_optimizer_offload's own checks
+    with pytest.raises(ConfigError, match=r"^train\.deepspeed \(ds\.json\): zero_optimization\.offload_param\.device "
+                                          r"is cpu under zero_optimization\.stage 2"):
+        args.deepspeed = "ds.json"
+        refuse_deepspeed_mismatches(fake_trainer(zero(2, offload_param={"device": "cpu"}), args))

@@ -34,6 +34,7 @@ from alignkit.naming import stable_name
 from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 from alignkit.settings.trl_names import TRL_NAMES
+from alignkit.trainers.zero_checks import refuse_unapplied_offload
 
 logger = logging.getLogger(__name__)
 
@@ -425,7 +426,8 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
     the training arguments (gradient_accumulation_steps, batch size, learning rate, clipping, ...): one line
     naming both at construction, instead of transformers' multi-line ValueError when training starts. Then the
     config's own `optimizer` / `scheduler` sections, which replace the Trainer's without any check
-    (`deepspeed_replacements`): one line naming the config and what they replace."""
+    (`deepspeed_replacements`): one line naming the config and what they replace; then its offload settings
+    (`refuse_optimizer_offload`, `zero_checks.refuse_unapplied_offload`)."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
     ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
     found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.") for m in getattr(ds, "mismatches", None) or []]
@@ -446,8 +448,9 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
         raise ConfigError(f"{deepspeed_config_source(trainer.args)}: {'; '.join(replaced)}; remove the section(s) "
                           "(under DeepSpeed too, train.optim, learning_rate, weight_decay, adam_*, lr_scheduler_type "
                           "and warmup_* then decide)")
-    refuse_optimizer_offload(getattr(ds, "config", None) or getattr(plugin, "deepspeed_config", None) or {},
-                             trainer.args, torch.cuda.is_available())
+    config = getattr(ds, "config", None) or getattr(plugin, "deepspeed_config", None) or {}
+    refuse_optimizer_offload(config, trainer.args, torch.cuda.is_available())
+    refuse_unapplied_offload(config, deepspeed_config_source(trainer.args))  # offload DeepSpeed ignores or cannot do
 
 
 # what accelerate maps each Trainer optimizer to when the optimizer state is offloaded (`map_pytorch_optim_to_deepspeed`:
