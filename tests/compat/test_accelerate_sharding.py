@@ -99,3 +99,27 @@ def test_deepspeed_reads_offload_param_only_under_zero3_and_nvme_only_there():
                            ).deepspeed_config["zero_optimization"]
     assert zero["offload_param"] == {"device": "cpu", "nvme_path": None}
     assert zero["offload_optimizer"] == {"device": "nvme", "nvme_path": "none"}
+
+
+def test_accelerate_reads_layer_classes_to_wrap_only_under_the_transformer_policy(monkeypatch):
+    """What distributed.py:refuse_unmatched_wrap_classes relies on (row A22): accelerate's FSDP plugin reads
+    FSDP_TRANSFORMER_CLS_TO_WRAP (split at commas, not stripped) only when FSDP_AUTO_WRAP_POLICY is
+    TRANSFORMER_BASED_WRAP, NO_WRAP when not set; its FSDP2 wrap policy raises for a class the model does not have."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Linear, ReLU")
+    monkeypatch.delenv("FSDP_AUTO_WRAP_POLICY", raising=False)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert plugin.auto_wrap_policy is None and plugin.transformer_cls_names_to_wrap is None
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP")
+    assert FullyShardedDataParallelPlugin(fsdp_version=2).transformer_cls_names_to_wrap is None
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert plugin.transformer_cls_names_to_wrap == ["Linear", " ReLU"]
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(ValueError, match="Could not find the transformer layer class  ReLU in the model"):
+        fsdp2_prepare_auto_wrap_policy(plugin, model)
+    plugin.transformer_cls_names_to_wrap = ["Linear"]
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert policy(model[0]) is True and policy(model[1]) is False
