@@ -139,7 +139,9 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
       (and rank 0 held the whole model where the config asked for per-process files);
     - `fsdp_activation_checkpointing: true` with `activation_checkpointing` (train.activation_checkpointing): the
       Trainer refuses the pair, but alignkit applies its own checkpointing after turning the argument off, which
-      hid that refusal: accelerate's checkpoint wrapper around alignkit's recomputed each layer twice."""
+      hid that refusal: accelerate's checkpoint wrapper around alignkit's recomputed each layer twice;
+    - `fsdp_offload_params: true` on a machine without CUDA: nothing to move, and torch's CPUOffloadPolicy pins memory,
+      which needs a GPU (the model's preparation failed after the run folder was written)."""
     if requested_engine() != "fsdp":
         return
     kind = os.environ.get("FSDP_STATE_DICT_TYPE")
@@ -147,6 +149,12 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
         raise ConfigError(f"{owner}: the accelerate config's fsdp_state_dict_type: {kind} would be ignored: alignkit "
                           "writes checkpoints and model/ as full safetensors gathered on rank 0 (loadable without "
                           "FSDP); set fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp2.yaml)")
+    if _flag("FSDP_OFFLOAD_PARAMS") and not torch.cuda.is_available():
+        raise ConfigError(f"{owner}: the accelerate config's fsdp_offload_params: true on CPU processes: the parameters "
+                          "are in CPU memory already, and the offload policy accelerate builds (torch's "
+                          "CPUOffloadPolicy) pins memory, which needs a GPU: fully_shard stopped with \"Cannot access "
+                          "accelerator device\" when the model was prepared, after the run folder was written; set "
+                          "fsdp_offload_params: false (configs/accelerate/fsdp2.yaml)")
     if activation_checkpointing and _flag("FSDP_ACTIVATION_CHECKPOINTING"):
         raise ConfigError(f"{owner}: train.activation_checkpointing and the accelerate config's "
                           "fsdp_activation_checkpointing: true are both on, so each layer would be recomputed twice "

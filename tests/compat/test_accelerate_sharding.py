@@ -123,3 +123,22 @@ def test_accelerate_reads_layer_classes_to_wrap_only_under_the_transformer_polic
     plugin.transformer_cls_names_to_wrap = ["Linear"]
     policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
     assert policy(model[0]) is True and policy(model[1]) is False
+
+
+def test_accelerates_fsdp2_parameter_offload_pins_memory(monkeypatch):
+    """What distributed.py:refuse_ignored_fsdp_settings relies on to refuse fsdp_offload_params on CPU processes (row
+    A23): accelerate's plugin turns FSDP_OFFLOAD_PARAMS=true into torch's CPUOffloadPolicy with pin_memory on (and hands
+    it to fully_shard), torch's FSDP2 pins the offloaded shards, and pinning needs an accelerator."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import fsdp_utils
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory is True
+    assert '"offload_policy": fsdp2_plugin.cpu_offload' in inspect.getsource(fsdp_utils)
+    assert ".pin_memory()" in inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="Cannot access accelerator device when none is available"):
+            torch.zeros(2).pin_memory()

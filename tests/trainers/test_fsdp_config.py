@@ -22,6 +22,7 @@ def fsdp_env(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
     monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS", raising=False)
     return monkeypatch
 
 
@@ -160,3 +161,23 @@ def test_an_unmatched_layer_class_is_refused_when_the_trainer_is_built(fsdp_env,
         SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
                    data_collator=collators["sft"])
     assert not (tmp_path / "out").exists()
+
+
+def test_parameter_offload_on_cpu_processes_is_refused(fsdp_env, monkeypatch):
+    """Before: fsdp_offload_params: true on CPU processes reached torch's fully_shard with CPUOffloadPolicy, which
+    pins memory: "Cannot access accelerator device when none is available" when the model was prepared, after the run
+    folder was written (tests/compat A23). On GPUs it is left to accelerate."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fsdp_env.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError) as e:
+        refuse_ignored_fsdp_settings("GRPOTrainer")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("GRPOTrainer: the accelerate config's fsdp_offload_params: true on CPU processes")
+    assert str(e.value).endswith("set fsdp_offload_params: false (configs/accelerate/fsdp2.yaml)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    refuse_ignored_fsdp_settings("GRPOTrainer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fsdp_env.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    refuse_ignored_fsdp_settings("GRPOTrainer")
