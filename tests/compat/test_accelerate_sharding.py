@@ -142,3 +142,28 @@ def test_accelerates_fsdp2_parameter_offload_pins_memory(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="Cannot access accelerator device when none is available"):
             torch.zeros(2).pin_memory()
+
+
+def test_deepspeed_validates_the_zero_section_with_pydantic_and_drops_auto_values():
+    """What trainers/zero_checks.py:refuse_invalid_zero_section relies on (row A24): DeepSpeed's `DeepSpeedZeroConfig`
+    (pydantic, extra keys forbidden, built by `DeepSpeedConfig` in `deepspeed.initialize`) rejects an unknown key and
+    an unknown device with a ValidationError whose `errors()` name the key's location; its non-strict models drop
+    "auto" values, so stage "auto" is stage 0 (ZeRO off); transformers fills no zero_optimization.stage."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    assert "get_zero_config(param_dict)" in inspect.getsource(DeepSpeedConfig)
+    with pytest.raises(ValidationError) as e:
+        DeepSpeedZeroConfig(stage=2, offload_parm={"device": "cpu"})
+    assert e.value.errors()[0]["type"] == "extra_forbidden" and e.value.errors()[0]["loc"] == ("offload_parm",)
+    with pytest.raises(ValidationError) as e:
+        DeepSpeedZeroConfig(stage=3, offload_param={"device": "gpu"})
+    assert e.value.errors()[0]["loc"] == ("offload_param", "device")
+    assert int(DeepSpeedZeroConfig(stage="auto").stage) == 0
+    assert DeepSpeedZeroConfig(stage=3, offload_param={"device": "auto"}).offload_param.device == "none"
+    nested = DeepSpeedZeroConfig.model_fields["offload_param"].annotation.__args__  # Optional[<its config model>]
+    assert any("pin_memory" in getattr(a, "model_fields", {}) for a in nested)
+    assert '"zero_optimization.stage"' not in inspect.getsource(HfTrainerDeepSpeedConfig)

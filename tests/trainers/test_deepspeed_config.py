@@ -181,10 +181,46 @@ def test_offloads_deepspeed_applies_pass_and_the_trainer_check_runs_them(args):
     for config in (zero(3, offload_param={"device": "cpu"}, offload_optimizer={"device": "cpu"}),
                    zero(2, offload_optimizer={"device": "cpu"}), zero(1, offload_optimizer={"device": "cpu"}),
                    zero(2, offload_param={"device": "none"}), zero(2, offload_param={}), zero(2),
-                   zero("auto", offload_param={"device": "cpu"}), {}):
+                   {}):
         refuse_unapplied_offload(config, "x", aio_usable=never)
     args.optim = "adamw_torch"  # past refuse_optimizer_offload's own checks
     with pytest.raises(ConfigError, match=r"^train\.deepspeed \(ds\.json\): zero_optimization\.offload_param\.device "
                                           r"is cpu under zero_optimization\.stage 2"):
         args.deepspeed = "ds.json"
         refuse_deepspeed_mismatches(fake_trainer(zero(2, offload_param={"device": "cpu"}), args))
+
+
+@pytest.mark.parametrize("section, said", [
+    ({"stage": 2, "offload_parm": {"device": "cpu"}},
+     "zero_optimization.offload_parm is not a key DeepSpeed knows (did you mean 'offload_param'?)"),
+    ({"stage": 3, "stage3_gather_16bit_weight_on_model_save": True},
+     "zero_optimization.stage3_gather_16bit_weight_on_model_save is not a key DeepSpeed knows (did you mean "
+     "'stage3_gather_16bit_weights_on_model_save'?)"),
+    ({"stage": 3, "offload_param": {"device": "cpu", "pin_memry": False}},
+     "zero_optimization.offload_param.pin_memry is not a key DeepSpeed knows (did you mean 'pin_memory'?)"),
+    ({"stage": 3, "offload_param": {"device": "gpu"}},
+     "zero_optimization.offload_param.device is rejected by DeepSpeed: Input should be 'none', 'cpu' or 'nvme'"),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}},
+     "zero_optimization is rejected by DeepSpeed: Partial offloading only supported for ZeRO Stage 3"),
+    ({"stage": "auto"}, "zero_optimization.stage is \"auto\", which nothing fills"),
+])
+def test_a_zero_section_deepspeed_would_reject_or_run_as_stage_0_is_refused_when_the_trainer_is_built(section, said):
+    """Before: DeepSpeed validates zero_optimization only in deepspeed.initialize, once training started (after the run
+    folder was written), and drops "auto" values: stage "auto", which transformers does not fill, ran with ZeRO off."""
+    pytest.importorskip("deepspeed")
+    message = refusal({"zero_optimization": section})
+    assert message.startswith(f"train.deepspeed (ds.json): {said}")
+    if "auto" not in said:
+        assert message.endswith("DeepSpeed would refuse it only once it starts (after the run folder is written); fix "
+                                "or remove it")
+    else:
+        assert "so ZeRO would be off (stage 0); set zero_optimization.stage to 1, 2 or 3" in message
+
+
+def test_a_valid_zero_section_with_auto_values_passes():
+    from alignkit.trainers.zero_checks import refuse_unapplied_offload
+
+    refuse_unapplied_offload({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "overlap_comm": True,
+                                                    "stage3_prefetch_bucket_size": "auto",
+                                                    "stage3_gather_16bit_weights_on_model_save": True,
+                                                    "offload_param": {"device": "cpu", "pin_memory": True}}}, "x")

@@ -8,10 +8,14 @@ machine: refused in one line when the trainer is built (`AlignTrainer.__init__`,
   memory and `nvme_path` is never read;
 - device `nvme` under stage 3 swaps through `nvme_path/zero_stage_3/...` (created there when training starts) with
   DeepSpeed's async_io op (built on first use; it needs libaio): a missing or unwritable path, or an op that cannot be
-  built, failed only when training began, after the run folder was written."""
+  built, failed only when training began, after the run folder was written.
+`refuse_invalid_zero_section` first runs DeepSpeed's own validation of the section (it runs in `deepspeed.initialize`,
+when training starts): a misspelt key (`offload_parm`), an unknown device, partial offload below stage 3; and
+`stage: "auto"`, which nothing fills: DeepSpeed drops "auto" values, so ZeRO would be off (stage 0)."""
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +54,7 @@ def refuse_unapplied_offload(config: dict[str, Any], where: str,
     zero = config.get("zero_optimization")
     if not isinstance(zero, dict):
         return
+    refuse_invalid_zero_section(zero, where)
     try:
         stage = int(zero.get("stage", 0))
     except (TypeError, ValueError):  # "auto" or a typo: DeepSpeed's own validation says so
@@ -64,6 +69,48 @@ def refuse_unapplied_offload(config: dict[str, Any], where: str,
             refuse_below_stage3(where, key, device, device_key, stage)
         else:
             refuse_unusable_nvme(where, key, device, zero[section].get("nvme_path"), path_key, aio_usable)
+
+
+def refuse_invalid_zero_section(zero: dict[str, Any], where: str) -> None:
+    """ConfigError (one line) for a `zero_optimization` section DeepSpeed's validation rejects (it runs only in
+    `deepspeed.initialize`, once training starts), naming the key, DeepSpeed's reason and, for an unknown key, the
+    closest one DeepSpeed knows; and for `stage: "auto"` (transformers fills no stage and DeepSpeed drops "auto"
+    values: ZeRO off). Nothing when DeepSpeed is not installed."""
+    if str(zero.get("stage", "")).lower() == "auto":
+        raise ConfigError(f"{where}: zero_optimization.stage is \"auto\", which nothing fills (transformers fills batch "
+                          "sizes, precision and bucket sizes, not the stage) and DeepSpeed drops, so ZeRO would be "
+                          "off (stage 0); set zero_optimization.stage to 1, 2 or 3")
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValueError as e:  # pydantic's ValidationError (a ValueError), DeepSpeed's own validators' errors inside
+        error = e.errors()[0] if callable(getattr(e, "errors", None)) else {"loc": (), "type": "", "msg": str(e)}
+        loc = ".".join(str(part) for part in error["loc"])
+        key = f"zero_optimization{'.' + loc if loc else ''}"
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(error["loc"][-1]), zero_key_names(DeepSpeedZeroConfig, error["loc"]),
+                                              n=1)
+            said = "is not a key DeepSpeed knows" + (f" (did you mean {close[0]!r}?)" if close else "")
+        else:
+            said = f"is rejected by DeepSpeed: {error['msg'].splitlines()[0].removeprefix('Assertion failed, ').rstrip('.')}"
+        raise ConfigError(f"{where}: {key} {said}; DeepSpeed would refuse it only once it starts (after the run "
+                          "folder is written); fix or remove it") from None
+
+
+def zero_key_names(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The keys (field names and aliases) of the DeepSpeed config model `model` holds at `loc[:-1]` (a nested section
+    such as offload_param), for suggesting the one a misspelt key meant."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        inner = getattr(field, "annotation", None)
+        args = [a for a in getattr(inner, "__args__", (inner,)) if hasattr(a, "model_fields")]
+        if not args:
+            return []
+        model = args[0]
+    return [n for name, f in model.model_fields.items() for n in (name, f.alias) if n]
 
 
 def refuse_below_stage3(where: str, key: str, device: str, device_key: str, stage: int) -> None:
@@ -113,5 +160,6 @@ def refuse_unusable_nvme(where: str, key: str, device: str, path: Any, path_key:
                       f"on the NVMe drive (accelerate config: {path_key})")
 
 
-__all__ = ["ACCELERATE_KEYS", "async_io_usable", "offload_device", "refuse_below_stage3", "refuse_unapplied_offload",
-           "refuse_unusable_nvme"]
+__all__ = ["ACCELERATE_KEYS", "async_io_usable", "offload_device", "refuse_below_stage3", "refuse_invalid_zero_section",
+           "refuse_unapplied_offload",
+           "refuse_unusable_nvme", "zero_key_names"]
