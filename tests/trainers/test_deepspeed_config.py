@@ -118,6 +118,10 @@ def test_an_offloaded_optimizer_on_gpus_is_refused_only_for_an_optimizer_acceler
     for off in ({"device": "none"}, {}, {"device": "auto"}):
         refuse_optimizer_offload({"zero_optimization": {"stage": 2, "offload_optimizer": off}}, args, cuda=False)
     refuse_optimizer_offload({"zero_optimization": {"stage": 2}}, args, cuda=False)
+    # a JSON's "offload_optimizer": null (DeepSpeed: no offload) stopped the check with an AttributeError
+    refuse_optimizer_offload({"zero_optimization": {"stage": 2, "offload_optimizer": None}}, args, cuda=False)
+    refuse_deepspeed_mismatches(fake_trainer({"zero_optimization": {"stage": 2, "offload_optimizer": None,
+                                                                    "offload_param": None}}, args))
 
 
 def refusal(config, where="train.deepspeed (ds.json)", aio=True):

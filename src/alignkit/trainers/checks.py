@@ -34,7 +34,7 @@ from alignkit.naming import stable_name
 from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 from alignkit.settings.trl_names import TRL_NAMES
-from alignkit.trainers.zero_checks import refuse_unapplied_offload
+from alignkit.trainers.zero_checks import offload_device, refuse_unapplied_offload
 
 logger = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ def refuse_optimizer_offload(config: dict[str, Any], args: Any, cuda: bool) -> N
     (minutes, after the run folder is written; a build killed midway leaves a lock under ~/.cache/torch_extensions
     on which the next run waits for ever); on any device, a train.optim outside `OFFLOAD_KEEPS` (sgd, adafactor,
     8-bit AdamW, ...) would silently become Adam."""
-    device = str((config.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none")).lower()
+    device = offload_device(config.get("zero_optimization") or {}, "offload_optimizer")  # null in a JSON: none
     if device in ("none", "auto") or config.get("zero_force_ds_cpu_optimizer", True) is False:
         return
     where = f"{deepspeed_config_source(args)}: zero_optimization.offload_optimizer.device is {device}"
