@@ -81,9 +81,13 @@ def test_accelerate_launch_deepspeed_zero3_on_cpu(tmp_path):
     """The README's DeepSpeed line for CPU processes (configs/accelerate/zero3-cpu.yaml): full-finetuning DPO
     on two ranks under ZeRO-3 (the reference a partitioned engine of its own); world size 2 in the model card,
     one summary, and model/ an ordinary safetensors folder that loads without DeepSpeed and differs from the
-    base model (the partitions were gathered, not left empty)."""
+    base model (the partitions were gathered, not left empty). The config leaves zero3_save_16bit_model unset, so
+    DeepSpeed's stage3_gather_16bit_weights_on_model_save is false (accelerate's default): alignkit gathers the
+    partitions itself (distributed.full_parameters), so model/ is the full model whatever that setting says."""
     pytest.importorskip("deepspeed")
     import torch
+
+    assert "zero3_save_16bit_model" not in (CONFIGS / "accelerate" / "zero3-cpu.yaml").read_text()
 
     from alignkit.models.loading import load_model
 
