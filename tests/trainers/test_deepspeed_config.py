@@ -52,6 +52,19 @@ def test_a_deepspeed_json_with_its_own_optimizer_is_refused_in_one_line_naming_t
     assert "remove the section(s)" in message
 
 
+def test_an_accelerate_config_without_a_file_is_named_as_the_source(args, monkeypatch):
+    """Before: a refusal for an accelerate config's deepspeed_config keys (no deepspeed_config_file) named "the
+    DeepSpeed config", which the user never wrote."""
+    from alignkit.trainers.checks import deepspeed_config_source
+
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert deepspeed_config_source(args) == "the accelerate config's deepspeed_config"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    assert deepspeed_config_source(args) == "the DeepSpeed config"
+
+
 def test_train_deepspeed_is_named_as_the_source(args):
     args.deepspeed = "ds.json"
     with pytest.raises(ConfigError, match=r"^train\.deepspeed \(ds\.json\): its \"optimizer\" section"):

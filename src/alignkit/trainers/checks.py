@@ -489,7 +489,10 @@ def deepspeed_config_source(args: Any) -> str:
     if getattr(args, "deepspeed", None):
         return "train.deepspeed"
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    return f"the accelerate config's deepspeed_config_file ({path})" if path != "none" else "the DeepSpeed config"
+    if path != "none":
+        return f"the accelerate config's deepspeed_config_file ({path})"
+    # an accelerate config's deepspeed_config keys (zero_stage, offload_*_device), which accelerate makes the config of
+    return "the accelerate config's deepspeed_config" if requested_engine() == "deepspeed" else "the DeepSpeed config"
 
 
 def deepspeed_replacements(config: dict[str, Any], args: Any) -> list[str]:
