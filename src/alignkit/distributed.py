@@ -139,7 +139,9 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
       (and rank 0 held the whole model where the config asked for per-process files);
     - `fsdp_activation_checkpointing: true` with `activation_checkpointing` (train.activation_checkpointing): the
       Trainer refuses the pair, but alignkit applies its own checkpointing after turning the argument off, which
-      hid that refusal: accelerate's checkpoint wrapper around alignkit's recomputed each layer twice."""
+      hid that refusal: accelerate's checkpoint wrapper around alignkit's recomputed each layer twice;
+    - `fsdp_offload_params: true` on a machine without CUDA: nothing to move, and torch's CPUOffloadPolicy pins memory,
+      which needs a GPU (the model's preparation failed after the run folder was written)."""
     if requested_engine() != "fsdp":
         return
     kind = os.environ.get("FSDP_STATE_DICT_TYPE")
@@ -147,11 +149,53 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
         raise ConfigError(f"{owner}: the accelerate config's fsdp_state_dict_type: {kind} would be ignored: alignkit "
                           "writes checkpoints and model/ as full safetensors gathered on rank 0 (loadable without "
                           "FSDP); set fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp2.yaml)")
+    if _flag("FSDP_OFFLOAD_PARAMS") and not torch.cuda.is_available():
+        raise ConfigError(f"{owner}: the accelerate config's fsdp_offload_params: true on CPU processes: the "
+                          "parameters are in CPU memory already, and the offload policy accelerate builds (torch's "
+                          "CPUOffloadPolicy) pins memory, which needs a GPU: fully_shard stopped with \"Cannot access "
+                          "accelerator device\" when the model was prepared, after the run folder was written; set "
+                          "fsdp_offload_params: false (configs/accelerate/fsdp2.yaml)")
     if activation_checkpointing and _flag("FSDP_ACTIVATION_CHECKPOINTING"):
         raise ConfigError(f"{owner}: train.activation_checkpointing and the accelerate config's "
                           "fsdp_activation_checkpointing: true are both on, so each layer would be recomputed twice "
                           "(accelerate's checkpoint wrapper around alignkit's own checkpointing); keep one: remove "
                           "train.activation_checkpointing or set fsdp_activation_checkpointing: false")
+
+
+def refuse_unmatched_wrap_classes(model: nn.Module, owner: str) -> None:
+    """ConfigError, before anything is written, when an accelerate FSDP config's `fsdp_transformer_layer_cls_to_wrap`
+    (FSDP_TRANSFORMER_CLS_TO_WRAP, split at commas as accelerate does) would not apply to `model`:
+    - with `fsdp_auto_wrap_policy` other than TRANSFORMER_BASED_WRAP (NO_WRAP when not set), accelerate's plugin never
+      reads it: the model was sharded as one unit (or by size), the named layers ignored without a word;
+    - a name no module of `model` has: accelerate's `fsdp2_prepare_auto_wrap_policy` stopped with "Could not find the
+      transformer layer class" when the model was prepared (offline: when training starts, after the run folder was
+      written)."""
+    given = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP") if requested_engine() == "fsdp" else None
+    if not given:
+        return
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP").upper()
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise ConfigError(f"{owner}: the accelerate config's fsdp_transformer_layer_cls_to_wrap: {given} is read only "
+                          f"with fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, and the policy is {policy}"
+                          f"{' (the default when none is set)' if 'FSDP_AUTO_WRAP_POLICY' not in os.environ else ''}, "
+                          "so it would be ignored; set fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, or remove "
+                          "fsdp_transformer_layer_cls_to_wrap")
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [name for name in given.split(",") if name not in present]
+    if missing:
+        layers = [n for n in getattr(unwrap_parallel_base(model), "_no_split_modules", None) or [] if n in present]
+        hint = f" (this model's layers: {', '.join(layers)})" if layers else ""
+        raise ConfigError(f"{owner}: the accelerate config's fsdp_transformer_layer_cls_to_wrap names "
+                          f"{', '.join(repr(n) for n in missing)}, a class no module of the model has, so accelerate "
+                          f"would stop when the model is prepared, after the run folder is written; name the model's "
+                          f"layer class{hint}, comma-separated without spaces, or remove the key (the model's "
+                          "_no_split_modules are then wrapped)")
+
+
+def unwrap_parallel_base(model: nn.Module) -> Any:
+    """The innermost `PreTrainedModel`-like module of `model` (through peft / ReFT wrappers): the first module with
+    `_no_split_modules`, else `model`."""
+    return next((m for m in model.modules() if getattr(m, "_no_split_modules", None)), model)
 
 
 def fsdp_activation_checkpointing() -> bool:
@@ -458,4 +502,5 @@ __all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_
            "deepspeed_on_cpu", "enable_sharding_on_cpu", "fsdp_activation_checkpointing", "full_optimizer_state",
            "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded",
            "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "refuse_meta_reference",
-           "requested_engine", "shard_reference", "storage_key", "take_over_activation_checkpointing", "zero_stage"]
+           "refuse_unmatched_wrap_classes", "unwrap_parallel_base", "requested_engine", "shard_reference",
+           "storage_key", "take_over_activation_checkpointing", "zero_stage"]

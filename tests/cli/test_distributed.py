@@ -81,9 +81,13 @@ def test_accelerate_launch_deepspeed_zero3_on_cpu(tmp_path):
     """The README's DeepSpeed line for CPU processes (configs/accelerate/zero3-cpu.yaml): full-finetuning DPO
     on two ranks under ZeRO-3 (the reference a partitioned engine of its own); world size 2 in the model card,
     one summary, and model/ an ordinary safetensors folder that loads without DeepSpeed and differs from the
-    base model (the partitions were gathered, not left empty)."""
+    base model (the partitions were gathered, not left empty). The config leaves zero3_save_16bit_model unset, so
+    DeepSpeed's stage3_gather_16bit_weights_on_model_save is false (accelerate's default): alignkit gathers the
+    partitions itself (distributed.full_parameters), so model/ is the full model whatever that setting says."""
     pytest.importorskip("deepspeed")
     import torch
+
+    assert "zero3_save_16bit_model" not in (CONFIGS / "accelerate" / "zero3-cpu.yaml").read_text()
 
     from alignkit.models.loading import load_model
 
@@ -315,3 +319,29 @@ def test_several_gpus_without_a_launcher_are_refused_before_writing(tmp_path, mo
     assert lines[0].startswith("alignkit sft: error: this process sees 3 GPUs and was started without a launcher") \
         and "torch.nn.DataParallel" in lines[0] and "3x the batch" in lines[0] \
         and "torchrun --nproc_per_node 3" in lines[0] and "CUDA_VISIBLE_DEVICES=0" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_parameter_offload_under_zero2_is_refused_in_one_line(tmp_path):
+    """An accelerate DeepSpeed config with zero_stage 2 and offload_param_device cpu: accelerate passes offload_param
+    into the DeepSpeed config, which DeepSpeed's stage-2 engine never reads, so the run trained with the parameters
+    where they were, without a word (tests/compat A21). Now every rank stops at the trainer's construction with the
+    one line naming the key, the stage and the fix; no run folder is written."""
+    pytest.importorskip("deepspeed")
+    config = tmp_path / "zero2-offload.yaml"
+    config.write_text((CONFIGS / "accelerate" / "zero2-cpu.yaml").read_text().replace(
+        "offload_param_device: none", "offload_param_device: cpu"))
+    out = tmp_path / "z2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "DS_ACCELERATOR": "cpu",
+           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), "--config_file",
+                           str(config), "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
+                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
+                           "data.max_records=4"], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
+    assert proc.returncode != 0 and 1 <= len(lines) <= 2, proc.stderr[-3000:]  # one per rank that printed
+    assert all(line.startswith("alignkit sft: error: the accelerate config's deepspeed_config: zero_optimization."
+                               "offload_param.device is cpu under zero_optimization.stage 2, where DeepSpeed offloads "
+                               "no parameters") and line.endswith("(accelerate config: offload_param_device: none)")
+               for line in lines), lines
+    assert not out.exists()

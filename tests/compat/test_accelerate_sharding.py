@@ -67,3 +67,103 @@ def test_an_offloaded_optimizer_is_swapped_for_deepspeeds_cpu_optimizer_whatever
     adamw = map_pytorch_optim_to_deepspeed(torch.optim.AdamW(params, lr=0.1))
     assert type(adamw) is CPUAdam and adamw.kw["adamw_mode"] is True
     assert type(map_pytorch_optim_to_deepspeed(torch.optim.Adagrad(params, lr=0.1))) is CPUAdagrad
+
+
+def test_deepspeed_reads_offload_param_only_under_zero3_and_nvme_only_there():
+    """What trainers/zero_checks.py:refuse_unapplied_offload refuses as ignored or unusable (row A21): the ZeRO
+    stage 1/2 optimizer takes no parameter-offload config and counts any optimizer offload device but none as CPU
+    offload (no NVMe swapping); ZeRO is off (no ZeRO optimizer reads either section) at stage 0; stage 3 takes both
+    and swaps to NVMe under nvme_path with the async_io op; accelerate writes nvme_path "none" when its config names
+    no path, and passes offload_param through whatever the stage."""
+    pytest.importorskip("deepspeed")
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime import config as ds_config, engine
+    from deepspeed.runtime.swap_tensor import partitioned_optimizer_swapper, partitioned_param_swapper
+    from deepspeed.runtime.zero import stage_1_and_2, stage3
+
+    assert "offload_param_config" not in inspect.signature(stage_1_and_2.DeepSpeedZeroOptimizer).parameters
+    assert {"offload_param_config", "offload_optimizer_config"} <= set(
+        inspect.signature(stage3.DeepSpeedZeroOptimizer_Stage3).parameters)
+    source = inspect.getsource(stage_1_and_2)
+    assert not [word for word in ("nvme_path", "swap", "AsyncIOBuilder") if word in source]  # no NVMe swapping
+    assert ("if offload_optimizer_config is not None and offload_optimizer_config.device != OffloadDeviceEnum.none:\n"
+            "            self.cpu_offload = True") in source
+    assert "self.zero_enabled = self.zero_optimization_stage > 0" in inspect.getsource(ds_config.DeepSpeedConfig)
+    check = inspect.getsource(engine.DeepSpeedEngine._do_optimizer_sanity_check)
+    assert "zero_enabled = self.zero_optimization()" in check and "return ZERO_OPTIMIZATION" in check
+    assert "os.path.join(offload_optimizer_config.nvme_path, 'zero_stage_3')" in inspect.getsource(stage3)
+    assert "self.swap_config.nvme_path" in inspect.getsource(partitioned_param_swapper)
+    for module in (partitioned_param_swapper, partitioned_optimizer_swapper):
+        assert "AsyncIOBuilder().load(" in inspect.getsource(module)
+    zero = DeepSpeedPlugin(zero_stage=2, offload_param_device="cpu", offload_optimizer_device="nvme"
+                           ).deepspeed_config["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "nvme_path": None}
+    assert zero["offload_optimizer"] == {"device": "nvme", "nvme_path": "none"}
+
+
+def test_accelerate_reads_layer_classes_to_wrap_only_under_the_transformer_policy(monkeypatch):
+    """What distributed.py:refuse_unmatched_wrap_classes relies on (row A22): accelerate's FSDP plugin reads
+    FSDP_TRANSFORMER_CLS_TO_WRAP (split at commas, not stripped) only when FSDP_AUTO_WRAP_POLICY is
+    TRANSFORMER_BASED_WRAP, NO_WRAP when not set; its FSDP2 wrap policy raises for a class the model does not have."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Linear, ReLU")
+    monkeypatch.delenv("FSDP_AUTO_WRAP_POLICY", raising=False)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert plugin.auto_wrap_policy is None and plugin.transformer_cls_names_to_wrap is None
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP")
+    assert FullyShardedDataParallelPlugin(fsdp_version=2).transformer_cls_names_to_wrap is None
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert plugin.transformer_cls_names_to_wrap == ["Linear", " ReLU"]
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(ValueError, match="Could not find the transformer layer class  ReLU in the model"):
+        fsdp2_prepare_auto_wrap_policy(plugin, model)
+    plugin.transformer_cls_names_to_wrap = ["Linear"]
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert policy(model[0]) is True and policy(model[1]) is False
+
+
+def test_accelerates_fsdp2_parameter_offload_pins_memory(monkeypatch):
+    """What distributed.py:refuse_ignored_fsdp_settings relies on to refuse fsdp_offload_params on CPU processes (row
+    A23): accelerate's plugin turns FSDP_OFFLOAD_PARAMS=true into torch's CPUOffloadPolicy with pin_memory on (and hands
+    it to fully_shard), torch's FSDP2 pins the offloaded shards, and pinning needs an accelerator."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import fsdp_utils
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory is True
+    assert '"offload_policy": fsdp2_plugin.cpu_offload' in inspect.getsource(fsdp_utils)
+    assert ".pin_memory()" in inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="Cannot access accelerator device when none is available"):
+            torch.zeros(2).pin_memory()
+
+
+def test_deepspeed_validates_the_zero_section_with_pydantic_and_drops_auto_values():
+    """What trainers/zero_checks.py:refuse_invalid_zero_section relies on (row A24): DeepSpeed's `DeepSpeedZeroConfig`
+    (pydantic, extra keys forbidden, built by `DeepSpeedConfig` in `deepspeed.initialize`) rejects an unknown key and
+    an unknown device with a ValidationError whose `errors()` name the key's location; its non-strict models drop
+    "auto" values, so stage "auto" is stage 0 (ZeRO off); transformers fills no zero_optimization.stage."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    assert "get_zero_config(param_dict)" in inspect.getsource(DeepSpeedConfig)
+    with pytest.raises(ValidationError) as e:
+        DeepSpeedZeroConfig(stage=2, offload_parm={"device": "cpu"})
+    assert e.value.errors()[0]["type"] == "extra_forbidden" and e.value.errors()[0]["loc"] == ("offload_parm",)
+    with pytest.raises(ValidationError) as e:
+        DeepSpeedZeroConfig(stage=3, offload_param={"device": "gpu"})
+    assert e.value.errors()[0]["loc"] == ("offload_param", "device")
+    assert int(DeepSpeedZeroConfig(stage="auto").stage) == 0
+    assert DeepSpeedZeroConfig(stage=3, offload_param={"device": "auto"}).offload_param.device == "none"
+    nested = DeepSpeedZeroConfig.model_fields["offload_param"].annotation.__args__  # Optional[<its config model>]
+    assert any("pin_memory" in getattr(a, "model_fields", {}) for a in nested)
+    assert '"zero_optimization.stage"' not in inspect.getsource(HfTrainerDeepSpeedConfig)

@@ -22,6 +22,7 @@ def fsdp_env(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("FSDP_STATE_DICT_TYPE", raising=False)
     monkeypatch.delenv("FSDP_ACTIVATION_CHECKPOINTING", raising=False)
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS", raising=False)
     return monkeypatch
 
 
@@ -117,3 +118,66 @@ def test_a_reference_with_meta_weights_is_refused_before_it_is_sharded():
     assert str(e.value).startswith("the frozen reference copy has 1 parameter(s) on the meta device on this process "
                                    "(e.g. 1.weight)")
     assert "set fsdp_cpu_ram_efficient_loading: false" in str(e.value)
+
+
+def test_layer_classes_to_wrap_are_refused_when_unread_or_not_in_the_model(fsdp_env, make_model):
+    """Before: fsdp_transformer_layer_cls_to_wrap under fsdp_auto_wrap_policy NO_WRAP (accelerate's default) or
+    SIZE_BASED_WRAP was never read (the model sharded as one unit or by size, without a word), and a class the model
+    does not have stopped accelerate's prepare ("Could not find the transformer layer class") when training started,
+    after the run folder was written (tests/compat A22)."""
+    from alignkit.distributed import refuse_unmatched_wrap_classes
+
+    model = make_model("lora")  # a peft-wrapped tiny llama: its layers are LlamaDecoderLayer
+    fsdp_env.delenv("FSDP_AUTO_WRAP_POLICY", raising=False)
+    fsdp_env.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer")
+    with pytest.raises(ConfigError) as e:
+        refuse_unmatched_wrap_classes(model, "SFTTrainer")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("SFTTrainer: the accelerate config's fsdp_transformer_layer_cls_to_wrap: "
+                                   "LlamaDecoderLayer is read only with fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP, "
+                                   "and the policy is NO_WRAP (the default when none is set), so it would be ignored")
+    fsdp_env.setenv("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP")
+    with pytest.raises(ConfigError, match=r"and the policy is SIZE_BASED_WRAP, so it would be ignored"):
+        refuse_unmatched_wrap_classes(model, "SFTTrainer")
+    fsdp_env.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    refuse_unmatched_wrap_classes(model, "SFTTrainer")  # the model's layer class: accepted
+    for given, missing in (("GPT2Block", "'GPT2Block'"), ("LlamaDecoderLayer, LlamaMLP", "' LlamaMLP'")):
+        fsdp_env.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", given)
+        with pytest.raises(ConfigError) as e:
+            refuse_unmatched_wrap_classes(model, "GRPOTrainer")
+        assert "\n" not in str(e.value)
+        assert str(e.value).startswith(f"GRPOTrainer: the accelerate config's fsdp_transformer_layer_cls_to_wrap names "
+                                       f"{missing}, a class no module of the model has")
+        assert "(this model's layers: LlamaDecoderLayer)" in str(e.value)
+    fsdp_env.delenv("ACCELERATE_USE_FSDP")  # no FSDP launch: the variable is not read
+    refuse_unmatched_wrap_classes(model, "SFTTrainer")
+
+
+def test_an_unmatched_layer_class_is_refused_when_the_trainer_is_built(fsdp_env, make_model, features, collators,
+                                                                       tmp_path):
+    fsdp_env.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    fsdp_env.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Qwen2DecoderLayer")
+    with pytest.raises(ConfigError, match="names 'Qwen2DecoderLayer', a class no module of the model has"):
+        SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
+                   data_collator=collators["sft"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_parameter_offload_on_cpu_processes_is_refused(fsdp_env, monkeypatch):
+    """Before: fsdp_offload_params: true on CPU processes reached torch's fully_shard with CPUOffloadPolicy, which
+    pins memory: "Cannot access accelerator device when none is available" when the model was prepared, after the run
+    folder was written (tests/compat A23). On GPUs it is left to accelerate."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fsdp_env.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ConfigError) as e:
+        refuse_ignored_fsdp_settings("GRPOTrainer")
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith("GRPOTrainer: the accelerate config's fsdp_offload_params: true on CPU processes")
+    assert str(e.value).endswith("set fsdp_offload_params: false (configs/accelerate/fsdp2.yaml)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    refuse_ignored_fsdp_settings("GRPOTrainer")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fsdp_env.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    refuse_ignored_fsdp_settings("GRPOTrainer")

@@ -65,7 +65,8 @@ from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_of, enable_gradient_checkpointing, record_base, unwrap_lm
 from alignkit.distributed import (
-    check_process_count, enable_sharding_on_cpu, is_fsdp2, refuse_ignored_fsdp_settings, requested_engine,
+    check_process_count, enable_sharding_on_cpu, is_fsdp2, refuse_ignored_fsdp_settings, refuse_unmatched_wrap_classes,
+    requested_engine,
     take_over_activation_checkpointing,
 )
 from alignkit.guards import RewardStallError
@@ -186,6 +187,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         `prompts`, `output_dir`, `trackers`, `accelerator`, `world` / `rank` and the held-out prompts. Returns
         whether FSDP2 shards the model."""
         self.check_inputs(tokenizer, prompts, annotator, output_dir, eval_prompts)
+        refuse_unmatched_wrap_classes(model, type(self).__name__)  # an FSDP config's layer classes: read, in the model
         fsdp2 = self.start_accelerator()
         self.check_batch_shares(eval_prompts)
         self.check_generation(model, tokenizer, fsdp2)

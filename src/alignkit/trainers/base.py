@@ -90,6 +90,7 @@ from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
     check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, refuse_fsdp1_on_cpu, refuse_ignored_fsdp_settings,
+    refuse_unmatched_wrap_classes,
     fsdp_activation_checkpointing, take_over_activation_checkpointing,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float, likely_causes
@@ -174,6 +175,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         refuse_fsdp1_on_cpu()  # before the Trainer's Accelerator, whose FSDP1 plugin would stop without a word of why
         # an FSDP config's keys alignkit overrides
         refuse_ignored_fsdp_settings(type(self).__name__, gc_kwargs is not None)
+        refuse_unmatched_wrap_classes(model, type(self).__name__)  # layer classes to wrap: read, and in the model
         if gc_kwargs is None and fsdp_activation_checkpointing():  # alignkit's own in place of accelerate's wrapper
             gc_kwargs = {}
         if disable_dropout:

@@ -34,6 +34,7 @@ from alignkit.naming import stable_name
 from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 from alignkit.settings.trl_names import TRL_NAMES
+from alignkit.trainers.zero_checks import offload_device, refuse_unapplied_offload
 
 logger = logging.getLogger(__name__)
 
@@ -429,7 +430,8 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
     the training arguments (gradient_accumulation_steps, batch size, learning rate, clipping, ...): one line
     naming both at construction, instead of transformers' multi-line ValueError when training starts. Then the
     config's own `optimizer` / `scheduler` sections, which replace the Trainer's without any check
-    (`deepspeed_replacements`): one line naming the config and what they replace."""
+    (`deepspeed_replacements`): one line naming the config and what they replace; then its offload settings
+    (`refuse_optimizer_offload`, `zero_checks.refuse_unapplied_offload`)."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None) if trainer.is_deepspeed_enabled else None
     ds = getattr(plugin, "hf_ds_config", None)  # where the Trainer's check at train() reads them
     found = [m.strip().removeprefix("- ").replace(" vs hf ", " vs train.")
@@ -451,8 +453,9 @@ def refuse_deepspeed_mismatches(trainer: Any) -> None:
         raise ConfigError(f"{deepspeed_config_source(trainer.args)}: {'; '.join(replaced)}; remove the section(s) "
                           "(under DeepSpeed too, train.optim, learning_rate, weight_decay, adam_*, lr_scheduler_type "
                           "and warmup_* then decide)")
-    refuse_optimizer_offload(getattr(ds, "config", None) or getattr(plugin, "deepspeed_config", None) or {},
-                             trainer.args, torch.cuda.is_available())
+    config = getattr(ds, "config", None) or getattr(plugin, "deepspeed_config", None) or {}
+    refuse_optimizer_offload(config, trainer.args, torch.cuda.is_available())
+    refuse_unapplied_offload(config, deepspeed_config_source(trainer.args))  # offload DeepSpeed ignores or cannot do
 
 
 # what accelerate maps each Trainer optimizer to when the optimizer state is offloaded
@@ -469,7 +472,7 @@ def refuse_optimizer_offload(config: dict[str, Any], args: Any, cuda: bool) -> N
     (minutes, after the run folder is written; a build killed midway leaves a lock under ~/.cache/torch_extensions
     on which the next run waits for ever); on any device, a train.optim outside `OFFLOAD_KEEPS` (sgd, adafactor,
     8-bit AdamW, ...) would silently become Adam."""
-    device = str((config.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none")).lower()
+    device = offload_device(config.get("zero_optimization") or {}, "offload_optimizer")  # null in a JSON: none
     if device in ("none", "auto") or config.get("zero_force_ds_cpu_optimizer", True) is False:
         return
     where = f"{deepspeed_config_source(args)}: zero_optimization.offload_optimizer.device is {device}"
@@ -492,7 +495,10 @@ def deepspeed_config_source(args: Any) -> str:
     if getattr(args, "deepspeed", None):
         return "train.deepspeed"
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    return f"the accelerate config's deepspeed_config_file ({path})" if path != "none" else "the DeepSpeed config"
+    if path != "none":
+        return f"the accelerate config's deepspeed_config_file ({path})"
+    # an accelerate config's deepspeed_config keys (zero_stage, offload_*_device), which accelerate makes the config of
+    return "the accelerate config's deepspeed_config" if requested_engine() == "deepspeed" else "the DeepSpeed config"
 
 
 def deepspeed_replacements(config: dict[str, Any], args: Any) -> list[str]:
