@@ -57,6 +57,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def refused_sft_launch(config: Path, out: Path, tmp_path: Path, **env_extra: str) -> list[str]:
+    """`accelerate launch --config_file config -m alignkit sft` (the tiny SFT config, one step) that must fail: the
+    `alignkit sft: ` lines of its stderr, after checking it failed with one such line per rank that printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **env_extra,
+           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), "--config_file",
+                           str(config), "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
+                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
+                           "data.max_records=4"], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
+    assert proc.returncode != 0 and 1 <= len(lines) <= 2, proc.stderr[-3000:]  # one per rank that printed
+    return lines
+
+
 @pytest.mark.slow
 def test_accelerate_launch_config_starts_two_ranks(tmp_path):
     """The README's `accelerate launch` line for CPU processes (configs/accelerate/ddp-cpu.yaml): two processes
@@ -281,14 +295,7 @@ def test_accelerate_fsdp1_config_on_cpu_processes_is_refused_in_one_line(tmp_pat
     config = tmp_path / "fsdp1.yaml"
     config.write_text((CONFIGS / "accelerate" / "fsdp2.yaml").read_text().replace("fsdp_version: 2", "fsdp_version: 1"))
     out = tmp_path / "fsdp1"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path),
-           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), "--config_file",
-                           str(config), "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
-                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
-                           "data.max_records=4"], env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
-    assert proc.returncode != 0 and 1 <= len(lines) <= 2, proc.stderr[-3000:]  # one per rank that printed
+    lines = refused_sft_launch(config, out, tmp_path)
     assert all(line.startswith("alignkit sft: error: the accelerate config asks for FSDP version 1") for line in lines)
     assert not out.exists()
 
@@ -332,14 +339,7 @@ def test_accelerate_deepspeed_parameter_offload_under_zero2_is_refused_in_one_li
     config.write_text((CONFIGS / "accelerate" / "zero2-cpu.yaml").read_text().replace(
         "offload_param_device: none", "offload_param_device: cpu"))
     out = tmp_path / "z2"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), "--config_file",
-                           str(config), "-m", "alignkit", "-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"),
-                           f"output_dir={out}", "train.max_steps=1", "train.eval_strategy=no", "data.eval_fraction=0.0",
-                           "data.max_records=4"], env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("alignkit sft: ")]
-    assert proc.returncode != 0 and 1 <= len(lines) <= 2, proc.stderr[-3000:]  # one per rank that printed
+    lines = refused_sft_launch(config, out, tmp_path, DS_ACCELERATOR="cpu")
     assert all(line.startswith("alignkit sft: error: the accelerate config's deepspeed_config: zero_optimization."
                                "offload_param.device is cpu under zero_optimization.stage 2, where DeepSpeed offloads "
                                "no parameters") and line.endswith("(accelerate config: offload_param_device: none)")

@@ -18,18 +18,7 @@ import torch
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig, end_token_ids, generate_responses
 
-
-class _Says(torch.nn.Module):
-    """An LM head that always prefers one token (the rest of the model runs as usual)."""
-
-    def __init__(self, vocab: int, token: int):
-        super().__init__()
-        self.vocab, self.token = vocab, token
-
-    def forward(self, h):
-        out = torch.zeros(*h.shape[:-1], self.vocab)
-        out[..., self.token] = 10.0
-        return out
+from .test_turn_end import Says
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -65,7 +54,7 @@ def test_every_path_stops_at_every_eos_id_the_folder_names(tiny_dir, tmp_path, t
 
     model = load_model(folder_with(tiny_dir, tmp_path, eos_token_id=[tokenizer.eos_token_id, eot])).eval()
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, eot]  # transformers read the file
-    model.lm_head = _Says(model.config.vocab_size, eot)
+    model.lm_head = Says(model.config.vocab_size, eot)
     cfg = SamplingConfig(do_sample=False, max_new_tokens=4)
     for lean in (None, False):  # alignkit's decode loop, transformers' generate
         (s,) = generate_responses(model, tokenizer, ["Hi"], cfg, lean=lean)
@@ -96,7 +85,7 @@ def test_local_chat_and_generation_report_stop_at_the_turn_end(tiny_lm, tokenize
     model = tiny_lm("llama")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end not in (tokenizer.eos_token_id, model.generation_config.eos_token_id)
-    model.lm_head = _Says(model.config.vocab_size, im_end)
+    model.lm_head = Says(model.config.vocab_size, im_end)
     got = LocalChat(model, tokenizer, "tiny").chat([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
     assert got == ""
     seen = []

@@ -31,8 +31,8 @@ def test_no_template_no_turn_end(tokenizer):
     assert turn_end_ids(tok) == []
 
 
-class _Says(torch.nn.Module):
-    """An LM head that always prefers one token (the rest of the model runs as usual)."""
+class Says(torch.nn.Module):
+    """An LM head that always prefers one token (the rest of the model runs as usual; test_generation_config too)."""
 
     def __init__(self, vocab: int, token: int):
         super().__init__()
@@ -48,7 +48,7 @@ def test_generation_stops_at_the_turn_end_token(tiny_lm, tokenizer):
     model = tiny_lm("llama")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end != tokenizer.eos_token_id and model.generation_config.eos_token_id != im_end
-    model.lm_head = _Says(model.config.vocab_size, im_end)
+    model.lm_head = Says(model.config.vocab_size, im_end)
     assert im_end in end_token_ids(model, tokenizer, SamplingConfig())
     (got,) = generate_responses(model, tokenizer, [[{"role": "user", "content": "Hi"}]],
                                 SamplingConfig(do_sample=False, max_new_tokens=5))

@@ -31,13 +31,12 @@ controller's value (fixed, or adaptive towards `kl_target`). The maths lives in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-
-import logging
 
 from alignkit.losses import ADVANTAGES, KL_ESTIMATORS, clipped_policy_loss, nan_std, reduce_loss
 from alignkit.online.rollout import select, sequence_sums
