@@ -166,3 +166,20 @@ def test_the_fast_step_stays_out_where_it_does_not_apply(tiny_lm, tiny_dir, monk
     lean_generate(model, IDS, MASK, _cfg(), sampler="multinomial")
     lean_generate(model, IDS, MASK, GenerationConfig(do_sample=False, max_new_tokens=4, pad_token_id=0))
     assert not calls
+
+
+def test_lean_generate_runs_without_autograd(tiny_lm):
+    """lean_generate is a no-grad call wherever it is called from (generate_responses adds inference mode; a direct
+    caller, a benchmark or a test, does not): every forward it makes sees grad mode off, so no graph is kept over
+    the decode steps. A merge had moved its `torch.no_grad()` onto the sampling helper above it (`draw`): the
+    model's forwards then built graphs, and each sampled token paid a grad-mode switch."""
+    model = tiny_lm("llama")
+    modes: list[bool] = []
+    handle = model.register_forward_hook(lambda *_: modes.append(torch.is_grad_enabled()))
+    try:
+        with torch.enable_grad():
+            lean_generate(model, IDS, MASK, _cfg(), sampler="multinomial")
+            lean_generate(model, IDS, MASK, GenerationConfig(do_sample=False, max_new_tokens=4, pad_token_id=0))
+    finally:
+        handle.remove()
+    assert modes and not any(modes), modes

@@ -58,18 +58,22 @@ def test_both_activation_checkpointings_are_refused(fsdp_env):
         refuse_ignored_fsdp_settings("SFTTrainer", activation_checkpointing=True)
 
 
+def lora_sft(make_model, features, collators, tmp_path, **args) -> SFTTrainer:
+    """An SFTTrainer on a LoRA tiny model and the SFT features, with `fast_args(tmp_path, **args)`."""
+    return SFTTrainer(make_model("lora"), fast_args(tmp_path, **args), train_dataset=features["sft"],
+                      data_collator=collators["sft"])
+
+
 def test_an_alignkit_trainer_refuses_at_construction(fsdp_env, make_model, features, collators, tmp_path):
     """Before: the Trainer's own refusal of the pair never fired (alignkit turns activation_checkpointing off before
     building it and applies its own), and a SHARDED_STATE_DICT config trained and saved full files on rank 0."""
     fsdp_env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
     with pytest.raises(ConfigError, match="are both on"):
-        SFTTrainer(make_model("lora"), fast_args(tmp_path, activation_checkpointing=True),
-                   train_dataset=features["sft"], data_collator=collators["sft"])
+        lora_sft(make_model, features, collators, tmp_path, activation_checkpointing=True)
     fsdp_env.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
     fsdp_env.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
     with pytest.raises(ConfigError, match="fsdp_state_dict_type: SHARDED_STATE_DICT would be ignored"):
-        SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
-                   data_collator=collators["sft"])
+        lora_sft(make_model, features, collators, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
@@ -158,8 +162,7 @@ def test_an_unmatched_layer_class_is_refused_when_the_trainer_is_built(fsdp_env,
     fsdp_env.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     fsdp_env.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Qwen2DecoderLayer")
     with pytest.raises(ConfigError, match="names 'Qwen2DecoderLayer', a class no module of the model has"):
-        SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
-                   data_collator=collators["sft"])
+        lora_sft(make_model, features, collators, tmp_path)
     assert not (tmp_path / "out").exists()
 
 

@@ -400,7 +400,6 @@ def _select_rows(keep: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[tor
     return tuple(None if x is None else x[keep] for x in tensors)
 
 
-@torch.no_grad()
 def draw(probs: torch.Tensor, sampler: str, generators: list | None = None) -> torch.Tensor:
     """One token per row of `probs` (B, V) -> (B,): `inverse_cdf_sample` or torch.multinomial, from torch's default
     generator or (`generators`) each row from its own."""
@@ -411,6 +410,7 @@ def draw(probs: torch.Tensor, sampler: str, generators: list | None = None) -> t
     return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generators)]).squeeze(1)
 
 
+@torch.no_grad()
 def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
                   cache: Any = None, sampler: str = "multinomial", generators: list | None = None) -> torch.Tensor:
     """`model.generate(input_ids=..., attention_mask=..., generation_config=cfg, <cache keyword>=cache)` for a

@@ -188,7 +188,7 @@ def end_token_ids(model: Any, tokenizer: Any, cfg: SamplingConfig, chat: bool = 
     model.generate, vLLM's stop_token_ids, serve, `LocalChat`, `generation_report`); `model` may be wrapped (DDP,
     ReFT, peft: its transformers model's generation config is read) or None (the tokenizer's alone)."""
     ids: list[int] = []
-    gen = getattr(unwrap_lm(model) if isinstance(model, torch.nn.Module) else model, "generation_config", None)
+    gen = getattr(transformers_model(model), "generation_config", None)
     for v in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id, turn_end_ids(tokenizer) if chat else [],
               list(cfg.stop_token_ids)):
         for i in ([v] if isinstance(v, int) else (v or [])):
@@ -287,10 +287,16 @@ OVERRIDDEN = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty"
 _noted: set[tuple[str, str]] = set()  # warnings given once: `note_generation_config`, batch-dependent samples
 
 
+def transformers_model(model: Any) -> Any:
+    """The transformers model behind `model` (DDP, ReFT, peft wrappers: `unwrap_lm`), whose generation config and
+    folder name are read; anything that is not a module (None, a stand-in) as it is."""
+    return unwrap_lm(model) if isinstance(model, torch.nn.Module) else model
+
+
 def generation_config_source(model: Any) -> str:
     """Where `model`'s generation config came from, for messages: `<folder>/generation_config.json` (the folder it was
     loaded from), else "the model's generation_config"."""
-    path = getattr(unwrap_lm(model) if isinstance(model, torch.nn.Module) else model, "name_or_path", "") or ""
+    path = getattr(transformers_model(model), "name_or_path", "") or ""
     return f"{path}/generation_config.json" if path else "the model's generation_config"
 
 
@@ -298,7 +304,7 @@ def overridden_options(model: Any, tokenizer: Any, cfg: SamplingConfig) -> list[
     """(field, value) of the model's generation config that `generate_responses` with `cfg` does not use because
     alignkit's own setting is passed on the call (`OVERRIDDEN`; sampling fields only while `cfg` samples: greedy
     reads none of them)."""
-    gen = getattr(unwrap_lm(model) if isinstance(model, torch.nn.Module) else model, "generation_config", None)
+    gen = getattr(transformers_model(model), "generation_config", None)
     ours = _generation_kwargs(cfg, tokenizer, [])["generation_config"]
     out = []
     for k in OVERRIDDEN:
@@ -516,8 +522,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                 torch.manual_seed(cfg.seed)
             for s in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", disable=not progress):
                 chunk = rows[s:s + batch_size]
-                gens = row_generators(row_seed, first_prompt, chunk, model_device(model)) \
-                    if per_row and why_not is None else None
+                gens = row_generators(row_seed, first_prompt, chunk, device) if per_row and why_not is None else None
                 new = _generate_batch(model, tokenizer, encoded, [g for g, _ in chunk], cfg, gen_kwargs, why_not, reft,
                                       gens)
                 for (g, k), row in zip(chunk, new):
@@ -556,4 +561,5 @@ __all__ = ["SamplingConfig", "Sample", "FINISH_REASONS", "generate_responses", "
            "encode_prompts", "prompts_fingerprint", "finish_response", "end_token_ids", "check_sampler",
            "check_stop_strings", "special_token_in", "special_tokens", "lean_reason", "model_generation_options",
            "check_on_policy_options", "generation_config_source", "note_generation_config", "overridden_options",
-           "uses_chat_template", "model_device", "generation_metrics", "row_generators"]
+           "uses_chat_template", "model_device", "generation_metrics", "row_generators",
+           "transformers_model"]

@@ -66,8 +66,7 @@ from tqdm.auto import tqdm
 from alignkit.adapters import adapter_of, enable_gradient_checkpointing, record_base, unwrap_lm
 from alignkit.distributed import (
     check_process_count, enable_sharding_on_cpu, is_fsdp2, refuse_ignored_fsdp_settings, refuse_unmatched_wrap_classes,
-    requested_engine,
-    take_over_activation_checkpointing,
+    requested_engine, take_over_activation_checkpointing,
 )
 from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController

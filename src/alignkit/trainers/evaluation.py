@@ -226,9 +226,8 @@ def write_report(rows: Sequence[dict[str, str]], out_dir: str | Path) -> None:
     lines = jsonl_text(rows)
     parts = ["# Generations: base vs adapted\n"]
     for i, r in enumerate(rows):
-        parts += ["## Prompt "
-                  f"{i + 1}\n", "```\n" + r["prompt"] + "\n```\n", "**Base**\n", "```\n" + r["base"] + "\n```\n",
-                  "**Adapted**\n", "```\n" + r["adapted"] + "\n```\n"]
+        parts += [f"## Prompt {i + 1}\n", "```\n" + r["prompt"] + "\n```\n",
+                  "**Base**\n", "```\n" + r["base"] + "\n```\n", "**Adapted**\n", "```\n" + r["adapted"] + "\n```\n"]
     atomic_write_text(out / "generations.jsonl", lines)
     atomic_write_text(out / "generations.md", "\n".join(parts))
     logger.info("wrote %d generations to %s", len(rows), out)

@@ -162,5 +162,4 @@ def refuse_unusable_nvme(where: str, key: str, device: str, path: Any, path_key:
 
 
 __all__ = ["ACCELERATE_KEYS", "async_io_usable", "offload_device", "refuse_below_stage3", "refuse_invalid_zero_section",
-           "refuse_unapplied_offload",
-           "refuse_unusable_nvme", "zero_key_names"]
+           "refuse_unapplied_offload", "refuse_unusable_nvme", "zero_key_names"]
