@@ -335,5 +335,6 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
            "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples",
-           "round_dir", "round_seed", "sample_round", "score_stats", "annotate_samples", "merge_scores", "annotate_round",
+           "round_dir", "round_seed",
+           "sample_round", "score_stats", "annotate_samples", "merge_scores", "annotate_round",
            "train_round", "run_offline_rounds"]
