@@ -53,3 +53,31 @@ def test_objects_by_their_type_and_settings_never_an_address():
         assert " at 0x" not in stable_repr(value), stable_repr(value)
     assert stable_name(Scorer(0.5)) != stable_name(Scorer(0.6))
     assert stable_repr({"k": [1, 2.5, None]}) == "{'k': [1, 2.5, None]}"
+
+
+class Scaled:
+    """Its setting kept private (`self._scale`), beside state that changes as it is used (`_calls`, `_cache`)."""
+
+    def __init__(self, threshold, scale=1.0):
+        self.threshold, self._scale, self._calls, self._cache = threshold, scale, 0, {}
+
+    def __call__(self, prompt, response):
+        self._calls += 1
+        return 0.0
+
+
+def test_private_settings_named_after_an_init_parameter_are_part_of_the_name():
+    """`Scaled(0.5, scale=1)` and `Scaled(0.5, scale=2)` were both `Scaled(threshold=0.5)`: one name for two reward
+    functions (a resume with another scale was not refused). A private attribute named after an __init__ parameter
+    is named now; state that is not (a call counter, a cache) still is not, so using the object keeps its name."""
+    one, two = Scaled(0.5, scale=1), Scaled(0.5, scale=2)
+    assert stable_name(one) == f"{HERE}:Scaled(_scale=1, threshold=0.5)"
+    assert stable_name(two) == f"{HERE}:Scaled(_scale=2, threshold=0.5)"
+    one("p", "r")
+    assert stable_name(one) == stable_name(Scaled(0.5, scale=1))  # _calls / _cache left out
+    from alignkit.trainers.checks import settings_changes
+
+    recorded = {"reward_funcs": [stable_name(one)]}  # as a checkpoint records it (JSON, default=stable_name)
+    assert settings_changes(recorded, {"reward_funcs": [two]}) == [
+        f"reward_funcs: ['{HERE}:Scaled(_scale=1, threshold=0.5)'] -> ['{HERE}:Scaled(_scale=2, threshold=0.5)']"]
+    assert settings_changes(recorded, {"reward_funcs": [Scaled(0.5, scale=1)]}) == []

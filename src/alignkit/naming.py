@@ -9,6 +9,7 @@ make two settings differ (`partial(score, scale=1)` and `partial(score, scale=2)
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ def stable_name(value: Any) -> str:
     """A name for `value` that is the same in every process and differs where the settings differ: a string or path
     as its text, a function or class as `module:qualname`, a `functools.partial` as its function's name with its
     arguments (`pkg.mod:score(scale=2)`), an object with a repr free of addresses by its type and that repr, any other
-    object by its type and its public attributes (`pkg.mod:Scorer(threshold=0.5)`)."""
+    object by its type and its public attributes and the private ones named after a parameter of its __init__
+    (`pkg.mod:Scorer(_scale=2, threshold=0.5)`: two objects configured otherwise through `self._scale` had one name,
+    so a resume with another scale was not refused). A setting kept under another private name is not seen."""
     if isinstance(value, str):
         return value
     if isinstance(value, Path):
@@ -49,6 +52,18 @@ def stable_name(value: Any) -> str:
         return f"{kind} {text}" if not text.startswith(type(value).__qualname__) else f"{type(value).__module__}:{text}"
     state = getattr(value, "__dict__", None)
     if isinstance(state, dict):
-        attrs = [f"{k}={stable_repr(v)}" for k, v in sorted(state.items()) if not k.startswith("_")]
+        params = init_parameters(type(value))
+        attrs = [f"{k}={stable_repr(v)}" for k, v in sorted(state.items())
+                 if not k.startswith("_") or k.lstrip("_") in params]
         return f"{kind}({', '.join(attrs)})"
     return f"<{kind}>"
+
+
+def init_parameters(cls: type) -> frozenset[str]:
+    """The parameter names of `cls.__init__` (none where it has no readable signature): a private attribute named
+    after one (`self._threshold = threshold`) is a setting, and `stable_name` names it; other private attributes
+    (caches, counters, locks) are state that changes as the object is used, and are left out."""
+    try:
+        return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+    except (TypeError, ValueError):
+        return frozenset()

@@ -114,3 +114,17 @@ def test_ranked_replies_cut_to_identical_tokens_are_no_pair(tiny_dir, tmp_path):
     assert abs(alone["kendall_tau"]) == 1.0
     assert (got["kendall_tau"], got["exact_match"], got["accuracy"]) == (
         alone["kendall_tau"], alone["exact_match"], alone["accuracy"])
+
+
+def test_every_pair_cut_to_identical_tokens_is_refused_before_the_run_folder(tiny_dir, tmp_path, capsys):
+    """The cut-identical pairs are found once (`check_cut_identical`, called by eval itself, not by `tokenize` and
+    again by eval): all of them cut so is still one line and no output folder."""
+    from alignkit.cli import main
+    from tests.cli.test_eval_weighted import write
+
+    out = tmp_path / "eval-all-cut"
+    assert main(["-q", "eval", f"data.path={write(tmp_path / 'cut.jsonl', CUT_SAME)}", f"output_dir={out}",
+                 *args(tiny_dir("llama", classifier=True)), *CUT]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "every one of the 2 pair(s)" in err and "nothing is left to prefer" in err, err
+    assert not out.exists()

@@ -206,3 +206,44 @@ def test_row_seeded_samples_are_the_same_whatever_the_batch(tiny_lm, tokenizer, 
     assert len({tuple(x) for x in one}) == len(one)  # sampled: every row its own answer
     assert run(3) != run(1)  # one generator per batch: the batch size changes the samples
     assert run(1, row_seed=5, first_prompt=1) != one
+
+
+class TwoWay(torch.nn.Module):
+    """An LM head whose next token is `a` (logit 0.1) or `b` (logit 0): about half and half at temperature 1, always
+    `a` under top_k=1."""
+
+    def __init__(self, vocab: int, a: int, b: int):
+        super().__init__()
+        self.vocab, self.a, self.b = vocab, a, b
+
+    def forward(self, h):
+        out = torch.full((*h.shape[:-1], self.vocab), -1e4)
+        out[..., self.a], out[..., self.b] = 0.1, 0.0
+        return out
+
+
+def test_local_chat_samples_at_temperature_alone_and_names_the_folder_options(tiny_dir, tmp_path, tokenizer, eot,
+                                                                               caplog):
+    """`LocalChat` (augment / the LLM judge with a local model) called model.generate with temperature only, so the
+    folder's top_k / top_p / repetition_penalty shaped every answer unseen (here top_k=1: always the likelier token).
+    Now they are pinned off like every other generation path, named in one warning, and an option model.generate
+    still applies (no_repeat_ngram_size) is named in another."""
+    from alignkit.augment.llm import AnswerCutOff, LocalChat
+
+    folder = folder_with(tiny_dir, tmp_path, top_k=1, top_p=0.5, repetition_penalty=1.3, no_repeat_ngram_size=4)
+    model = load_model(folder).eval()
+    model.lm_head = TwoWay(model.config.vocab_size, tokenizer.eos_token_id, eot)
+    llm = LocalChat(model, tokenizer, "tiny")
+    ends = 0
+    with caplog.at_level("WARNING", logger="alignkit.augment.llm"):
+        for seed in range(16):  # one token: the end token (a whole, empty answer) or `eot` (cut off at max_tokens)
+            try:
+                ends += llm.chat([{"role": "user", "content": "Hi"}], max_tokens=1, temperature=1.0, seed=seed) == ""
+            except AnswerCutOff:
+                pass
+    assert 0 < ends < 16  # both tokens drawn: under top_k=1 all 16 answers were the end token
+    lines = [r.getMessage() for r in caplog.records if r.name == "alignkit.augment.llm"]
+    assert len(lines) == 2, lines  # once each, not per request
+    assert f"{folder}/generation_config.json sets " in lines[0] and "does not use" in lines[0]
+    assert all(f"{k}=" in lines[0] for k in ("top_k", "top_p", "repetition_penalty"))
+    assert "no_repeat_ngram_size=4" in lines[1] and "model.generate applies" in lines[1]

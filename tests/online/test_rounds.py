@@ -53,7 +53,7 @@ def test_offline_rounds_through_files_and_resume(tiny_lm, tokenizer, tmp_path):
         rounds_samples.append([s.response_ids for s in samples])
         assert len(samples) == 9 and [s.group for s in samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
         manifest = read_manifest(folder)
-        assert manifest["samples"]["sampling"]["seed"] == 5 + k  # round k samples with seed + k
+        assert manifest["samples"]["sampling"]["seed"] == (5, 885225367)[k]  # round_seed(5, k), by hand below
         assert manifest["annotation"]["scores"] == [length_score(None, s.response) for s in samples]
         # best vs worst by hand: first longest vs first shortest non-empty response, if they differ
         want = []
@@ -290,3 +290,29 @@ def test_a_redo_killed_between_its_file_and_its_manifest_entry_is_redone_not_kep
     if stage == "annotation":
         annotate_round(clean, new_fn, "best_worst")
     assert got == (clean / (SAMPLES_FILE if stage == "samples" else RECORDS_FILE)).read_bytes()
+
+
+def test_round_k_draws_the_same_however_the_rounds_were_split_across_calls(tiny_lm, tokenizer, tmp_path):
+    """Round k's seed is derived from (base seed, k) alone: 2 rounds then a resumed call for 3 write the 3-round
+    call's samples, round by round. Rounds were seeded `seed + k`: round 1 of seed 5 drew round 0 of seed 6's
+    samples (two runs meant to be independent shared them); now they differ."""
+    import hashlib
+
+    from alignkit.online.rounds import round_seed
+
+    model = tiny_lm("llama")
+    run = dict(sampling=SAMPLING, annotator={"type": "function", "fn": length_score}, feedback="best_worst")
+    run_offline_rounds(model, tokenizer, PROMPTS, tmp_path / "split", num_rounds=2, **run)
+    run_offline_rounds(model, tokenizer, PROMPTS, tmp_path / "split", num_rounds=3, **run)
+    run_offline_rounds(model, tokenizer, PROMPTS, tmp_path / "whole", num_rounds=3, **run)
+    for k in range(3):
+        split, whole = (read_samples(round_dir(tmp_path / d, k) / SAMPLES_FILE) for d in ("split", "whole"))
+        assert [s.response_ids for s in split] == [s.response_ids for s in whole]
+    digest = hashlib.sha256(b"alignkit-round:5:1").digest()
+    assert round_seed(5, 1) == int.from_bytes(digest[:4], "big") % 2 ** 31 == 885225367
+    assert round_seed(5, 0) == 5 and round_seed(None, 3) is None
+    run_offline_rounds(model, tokenizer, PROMPTS, tmp_path / "six", num_rounds=1,
+                       **{**run, "sampling": SamplingConfig(num_samples=3, max_new_tokens=4, seed=6)})
+    six = read_samples(round_dir(tmp_path / "six", 0) / SAMPLES_FILE)
+    five = read_samples(round_dir(tmp_path / "whole", 1) / SAMPLES_FILE)
+    assert [s.response_ids for s in six] != [s.response_ids for s in five]

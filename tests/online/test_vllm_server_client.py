@@ -438,3 +438,45 @@ def test_vllm_serve_help_imports_no_torch_and_needs_vllm(capsys):
         assert main(["vllm-serve", "--model", "nowhere"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("alignkit vllm-serve: error: vllm-serve needs vLLM installed in this Python") and "\n" not in err
+
+
+def test_the_server_and_the_colocated_engine_stop_at_the_same_end_tokens(tiny_dir, tokenizer, serve_engine,
+                                                                         monkeypatch):
+    """Server mode's end tokens against the colocated engine's (`end_token_ids`: the folder's EOS list, the
+    tokenizer's, and for chat-template prompts the turn end <|im_end|>): the stop_token_ids that reach vLLM's
+    SamplingParams, through the client, the HTTP handler and `VllmServeEngine.generate`, are the colocated
+    engine's, the turn end among them for a conversation and not for plain text. (vLLM itself: make test-vllm.)"""
+    from alignkit.online import vllm_generation
+    from alignkit.online.vllm_generation import VllmGenerator
+    from alignkit.serve import vllm_serve
+    from alignkit.serve.vllm_serve import VllmServeEngine
+
+    class LLM:  # vllm.LLM's generate: records what it was asked, answers one end token per sample
+        def __init__(self):
+            self.params = []
+
+        def generate(self, prompts, params, use_tqdm=False, lora_request=None):
+            self.params.append(params)
+            out = [type("C", (), {"token_ids": [tokenizer.eos_token_id], "finish_reason": "stop"})()]
+            return [type("O", (), {"outputs": out * p["n"]})() for p in params]
+
+    for module in (vllm_generation, vllm_serve):  # no vLLM here: SamplingParams stands as the request itself
+        monkeypatch.setattr(module, "sampling_params", dict)
+    policy = policy_of(tiny_dir)
+    eot = tokenizer("Hello")["input_ids"][-1]
+    policy.generation_config.eos_token_id = [tokenizer.eos_token_id, eot]  # a Llama-3-style folder's list
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    served = VllmServeEngine.__new__(VllmServeEngine)
+    served.config, served.lora_request, served.llm = {"vocab_size": policy.config.vocab_size}, None, LLM()
+    served.info, served.weights_version, served.lora_version = FakeEngine(policy.config).info, 0, 0
+    server = VllmServerGenerator(policy, tokenizer, serve_engine(served))
+    colocated = VllmGenerator.__new__(VllmGenerator)
+    colocated.llm, colocated.tokenizer, colocated.lora_request, colocated.max_model_len = LLM(), tokenizer, None, None
+    cfg = SamplingConfig(num_samples=2, max_new_tokens=3, seed=1)
+    for prompt, turn_end in (([{"role": "user", "content": "Hi"}], True), ("Hi", False)):
+        for gen in (server, colocated):
+            (s, _) = gen.generate([prompt], cfg, eos_source=policy)
+            assert s.finish_reason == "eos"
+        (asked,), (local,) = served.llm.params[-1], colocated.llm.params[-1]
+        assert asked["stop_token_ids"] == local["stop_token_ids"]
+        assert set(asked["stop_token_ids"]) == {tokenizer.eos_token_id, eot} | ({im_end} if turn_end else set())

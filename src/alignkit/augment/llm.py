@@ -173,13 +173,17 @@ def _content(reply: dict, url: str) -> str:
 class LocalChat:
     """A causal LM in this process (transformers `generate`), prompted through its chat template (or the
     plain concatenated messages when it has none). One request at a time: `generate` runs one prompt, and a
-    seed is set on torch's global generator."""
+    seed is set on torch's global generator. Sampled at `temperature` alone (top_p / top_k / repetition_penalty
+    pinned off, as every alignkit generation path does); the model folder's generation_config.json values for them are
+    not used, and its options beyond them (no_repeat_ngram_size, ...) are applied by model.generate: both are named in
+    one warning each, on the first request."""
 
     max_concurrency: int | None = 1
 
     def __init__(self, model: Any, tokenizer: Any, name: str) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.requests = 0
+        self._noted = False  # the folder's generation options were logged (`_note_folder_options`)
         # the cache key's model part; a dtype other than float32 answers otherwise (llm.dtype: bfloat16 used to read
         # back the float32 run's cached answers)
         dtype = str(getattr(model, "dtype", "torch.float32")).removeprefix("torch.")
@@ -211,8 +215,15 @@ class LocalChat:
         # every end token (the folder's EOS list, the tokenizer's, the template's turn end): generate alone stops at
         # the generation config's, and a chat answer ran past <|im_end|> to max_tokens (refused as cut off)
         ends = end_token_ids(self.model, tok, SamplingConfig(), chat=bool(getattr(tok, "chat_template", None)))
-        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": ends}
-        kwargs.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
+        sampling = SamplingConfig(max_new_tokens=max_tokens, do_sample=temperature > 0,
+                                  temperature=temperature if temperature > 0 else 1.0)
+        self._note_folder_options(sampling)
+        # repetition_penalty / top_p / top_k pinned (as every generation path does): llm.temperature alone says how
+        # answers are sampled, not the folder's generation_config.json (its values applied unseen before)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id, "eos_token_id": ends,
+                                  "repetition_penalty": 1.0}
+        kwargs.update({"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0
+                      else {"do_sample": False})
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
         new = out[0, input_ids.shape[1]:].tolist()
@@ -220,6 +231,27 @@ class LocalChat:
         if len(new) >= max_tokens and new[-1] not in ends:  # stopped by max_new_tokens, not by its end token
             raise AnswerCutOff(CUT_AT_MAX_TOKENS, text)
         return text
+
+
+    def _note_folder_options(self, sampling: Any) -> None:
+        """Warns once (per client) about the model folder's generation_config.json: the sampling options it sets that
+        are not used (`overridden_options`) and those model.generate applies to every answer
+        (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...)."""
+        from alignkit.online.generation import (generation_config_source, listed, model_generation_options,
+                                                overridden_options)
+
+        if self._noted:
+            return
+        self._noted = True
+        src = generation_config_source(self.model)
+        over = overridden_options(self.model, self.tokenizer, sampling)
+        extra = model_generation_options(self.model, self.tokenizer, sampling)
+        if over:
+            logger.warning("%s sets %s, which %s does not use: llm.temperature alone sets how answers are sampled "
+                           "(top_p=1.0, top_k off, repetition_penalty=1.0)", src, listed(over), self.name)
+        if extra:
+            logger.warning("%s sets %s, which model.generate applies to every answer of %s; remove it from %s to "
+                           "answer without it", src, listed(extra), self.name, src)
 
 
 class Cached:

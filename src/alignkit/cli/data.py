@@ -319,10 +319,27 @@ def cut_identical(features: list[dict]) -> list[dict]:
             and list(f["chosen_input_ids"]) == list(f["rejected_input_ids"])]
 
 
+def check_cut_identical(features: list[dict], ds: DataSettings, where: str, warn: bool = True) -> list[dict]:
+    """The pairs cut to identical tokens (`cut_identical`): all of them is a DataError (nothing left to prefer), some
+    a warning (`warn`; else the caller says it: `alignkit eval` leaves them out of its figures)."""
+    cut = cut_identical(features)
+    same = [f.get("id") for f in cut]
+    if same and len(same) == len(features):
+        raise DataError(f"{where}: every one of the {len(same)} pair(s) of {ds.path} has chosen == rejected once "
+                        f"truncated to data.max_length={ds.max_length} / data.max_prompt_length="
+                        f"{ds.max_prompt_length} (e.g. {same[:3]}): nothing is left to prefer; raise data.max_length")
+    if same and warn:
+        logger.warning("%s: %d of %d pair(s) have chosen == rejected once truncated to data.max_length=%s (no "
+                       "preference signal; they only dilute the batch), e.g. %s; raise data.max_length", where,
+                       len(same), len(features), ds.max_length, same[:3])
+    return cut
+
+
 def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_identical: bool = True
              ) -> tuple[list[dict], Any]:
-    """Tokenized features and their stats, with the length limits' losses said (prompts and completions cut, pairs
-    cut to identical tokens: warned, or with `say_identical=False` left to the caller; all of them: a DataError)."""
+    """Tokenized features and their stats, with the length limits' losses said (prompts and completions cut; pairs
+    cut to identical tokens: `check_cut_identical`, or with `say_identical=False` left to the caller, who must call
+    it)."""
     cfg = TokenizeConfig(max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
                          add_eos=ds.add_eos, loss_on=ds.loss_on)
     features, stats = tokenize_records(records, tokenizer, cfg, cache_dir=tokenize_cache_dir())
@@ -339,13 +356,6 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_id
         logger.warning("%s: %d of %d record(s) lose the end of their completion to data.max_length=%s (those "
                        "tokens are never trained on); raise data.max_length if that is not intended", where,
                        stats.completion_truncated, len(features), ds.max_length)
-    same = [f.get("id") for f in cut_identical(features)]
-    if same and len(same) == len(features):
-        raise DataError(f"{where}: every one of the {len(same)} pair(s) of {ds.path} has chosen == rejected once "
-                        f"truncated to data.max_length={ds.max_length} / data.max_prompt_length="
-                        f"{ds.max_prompt_length} (e.g. {same[:3]}): nothing is left to prefer; raise data.max_length")
-    if same and say_identical:
-        logger.warning("%s: %d of %d pair(s) have chosen == rejected once truncated to data.max_length=%s (no "
-                       "preference signal; they only dilute the batch), e.g. %s; raise data.max_length", where,
-                       len(same), len(features), ds.max_length, same[:3])
+    if say_identical:
+        check_cut_identical(features, ds, where)
     return features, stats

@@ -47,7 +47,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from alignkit.adapters import adapter_in, reft_settings
-from alignkit.cli.data import cut_identical, native_kinds, read_records, tokenize
+from alignkit.cli.data import check_cut_identical, native_kinds, read_records, tokenize
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
                                  check_model_settings,
                                  head_folder, load_for_inference, rename_base, to_device)
@@ -166,8 +166,8 @@ def drop_cut_identical(features: list[dict], ds: Any) -> tuple[list[dict], int]:
     """(the features to score, how many pairs were left out): a pair that data.max_length / max_prompt_length cut to
     the same tokens on both sides (`cut_identical`) scores a tie and a zero margin whatever the model, so it would
     only dilute accuracy; it is left out of every figure, counted in `cut_identical`, and warned of once (every pair
-    so cut is refused by `tokenize`)."""
-    same = cut_identical(features)
+    so cut is refused: `check_cut_identical`, computed once here, as `tokenize` leaves it to this caller)."""
+    same = check_cut_identical(features, ds, "data.path", warn=False)
     if not same:
         return features, 0
     ids = [f.get("id") for f in same[:3]]

@@ -25,6 +25,7 @@ reward/valid, reward/failed, generation/response_length, generation/finish_*, th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -294,13 +295,25 @@ def train_round(records_path: str | Path, trainer_factory: Callable[[list[Record
     return trainer.train()
 
 
+def round_seed(seed: int | None, round_index: int) -> int | None:
+    """Round `round_index`'s sampling seed: the base `seed` itself for round 0 (a round sampled alone with
+    `sample_round` and that seed draws the same), a hash of (seed, round) after it. A function of the base seed and
+    the round index only, so round k draws the same however the rounds were split across calls (resumed); not
+    `seed + k`, which gave round 1 of seed 5 round 0 of seed 6's draws (two "independent" runs sharing samples)."""
+    if seed is None or round_index == 0:
+        return seed
+    digest = hashlib.sha256(f"alignkit-round:{int(seed)}:{int(round_index)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2 ** 31
+
+
 def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_dir: str | Path, *, num_rounds: int,
                        sampling: SamplingConfig, annotator: Annotator | dict[str, Any], feedback: str = "best_worst",
                        trainer_factory: Callable[[list[Record], int], Any] | None = None,
                        feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
                        batch_size: int = 8, **generate_kwargs: Any) -> list[dict[str, Any]]:
     """`num_rounds` of sample -> annotate -> train (resumable: complete stages are skipped). The sampling seed
-    of round k is `sampling.seed + k` (when set). The trainer factory should keep training `model` in place
+    of round k is `round_seed(sampling.seed, k)` (when set): round k draws the same whether the rounds ran in one
+    call or several (a resume). The trainer factory should keep training `model` in place
     (so the next round samples from the updated policy) and save it: a resumed run skips rounds marked
     "trained" in their manifest, so load the latest trained weights into `model` before resuming.
     Returns each round's manifest."""
@@ -308,7 +321,7 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
     manifests = []
     for k in range(num_rounds):
         folder = round_dir(out_dir, k)
-        cfg = replace(sampling, seed=None if sampling.seed is None else sampling.seed + k)
+        cfg = replace(sampling, seed=round_seed(sampling.seed, k))
         sample_round(model, tokenizer, prompts, folder, cfg, batch_size=batch_size, **generate_kwargs)
         records_path = annotate_round(folder, annotator, feedback, feedback_kwargs=feedback_kwargs,
                                       reweighters=reweighters)
@@ -322,5 +335,6 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
            "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples",
-           "round_dir", "sample_round", "score_stats", "annotate_samples", "merge_scores", "annotate_round",
+           "round_dir", "round_seed",
+           "sample_round", "score_stats", "annotate_samples", "merge_scores", "annotate_round",
            "train_round", "run_offline_rounds"]

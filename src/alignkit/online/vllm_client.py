@@ -19,7 +19,10 @@ replaced the base; for an adapter policy, the weights of the server's model fold
 colocated engine's folder: a few safetensors slices) where that folder is on this machine (/info `model_path`), else a
 warning that they were not compared. A server that is down, answers an error or serves another model stops training with
 one line (`VllmServerError`: the URL, what failed, the fix); nothing falls back to transformers generation. The wire
-format is `alignkit.serve.vllm_serve`'s (module docstring there).
+format is `alignkit.serve.vllm_serve`'s (module docstring there). Requests are built as the colocated engine's
+(`vllm_generation.generate_with`): each carries the policy's end tokens (`end_token_ids`: its folder's EOS list, the
+tokenizer's, the chat template's turn end for conversations) as stop_token_ids, which the server hands to vLLM's
+SamplingParams unchanged, so both modes end and cut responses at the same tokens.
 
 The HTTP client uses the standard library only (tests/online/test_vllm_server_client.py runs it against the
 server's own handler with a fake engine, and against a server that answers errors); the generator imports

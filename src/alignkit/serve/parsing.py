@@ -73,6 +73,7 @@ NOT_SUPPORTED: dict[str, tuple] = {"logprobs": (None, False), "best_of": (None, 
 # the request fields this server reads (beside IGNORED_UNLESS_NEUTRAL, NOT_SUPPORTED), and those of OpenAI's API and
 # vLLM's that change nothing in the answer (bookkeeping, caching, scheduling): any other field is ignored, as vLLM
 # ignores it (its requests allow extra fields: a debug log), with a warning in the server's log naming it
+# (tests/serve/test_read_fields.py: READ_FIELDS is exactly the keys parsing.py and api.py read from a body)
 READ_FIELDS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p",
                          "stop", "seed", "n", "stream", "stream_options", "add_special_tokens"})
 NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prediction",
