@@ -45,7 +45,8 @@ def _stub(config, annotator, world=None):
 
 def _step(annotator):
     scores = annotator.annotate(["p"] * 6, ["r"] * 6)
-    return scores, SimpleNamespace(scores=scores.values, rewards=scores.values.clone(), per_function=scores.per_function)
+    return scores, SimpleNamespace(scores=scores.values, rewards=scores.values.clone(),
+                                   per_function=scores.per_function)
 
 
 def test_normalize_then_sum_by_hand():

@@ -508,6 +508,11 @@ class OnlineRunConfig:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
+        gdpo = getattr(m, "multi_objective_aggregation", "") == "normalize_then_sum"
+        if gdpo and self.annotator.on_failure == "default":
+            raise ConfigError("annotator.on_failure: 'default' fills one combined default_score, and method."
+                              "multi_objective_aggregation=normalize_then_sum normalises each function's own scores, "
+                              "so it would be ignored; use on_failure 'skip' (an item no function scored gets 0)")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
                           "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
 
