@@ -64,6 +64,7 @@ def test_normalize_then_sum_by_hand():
     cfg = GRPOConfig(sampling=SAMPLING, prompts_per_step=2, multi_objective_aggregation="normalize_then_sum")
     got = _stub(cfg, ann).advantages(rollout)
     assert got.tolist() == pytest.approx(by_hand, rel=1e-5)
+    assert _stub(cfg, ann).decoupled_flat(rollout) is False  # f2's None leaves f1's part of item 1
     # sum_then_normalize (the default) is unchanged: the weighted sum (None skipped), each group's (r - mean) / std
     summed = [1.0, 0.0, 1.5, 1.0, 1.0, 1.0]
     assert scores.values.tolist() == pytest.approx(summed)
@@ -192,3 +193,26 @@ def test_a_function_that_never_varies_within_a_group_is_warned_at_the_end(tiny_d
     said = [r.getMessage() for r in caplog.records if "scored every prompt's samples alike" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("reward function(s) ") and "<locals>.length" not in said[0]
     assert "<locals>.constant scored every prompt's samples alike at every step of this run" in said[0]
+
+
+def test_a_step_has_reward_signal_when_the_normalised_functions_do_not_cancel():
+    """The no-signal judgement (its warning, and method.stall_steps' stop) read the weighted sums: under
+    normalize_then_sum f1 (1, 0) and f2 (0, 2) with weights (2, 1) sum to (2, 2), flat, while GDPO's rewards are
+    2 (0.5/s1) + (-1/s2) and its mirror, s1 = sqrt(1/2), s2 = sqrt(2): (+-0.707..), a signal; and f2 = 2 f1 with
+    weights (1, -1) sums to -f1, varied, while the normalised functions cancel to 0 everywhere."""
+    cfg = GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), prompts_per_step=1,
+                     multi_objective_aggregation="normalize_then_sum")
+
+    def step(a, b, weights):
+        ann = FunctionAnnotator([lambda p, r: a[int(r)], lambda p, r: b[int(r)]], weights=weights)
+        s = ann.annotate(["p", "p"], ["0", "1"])
+        return _stub(cfg, ann), SimpleNamespace(scores=s.values, rewards=s.values, per_function=s.per_function)
+
+    t, rollout = step([1.0, 0.0], [0.0, 2.0], [2.0, 1.0])
+    assert rollout.scores.tolist() == [2.0, 2.0]
+    r = 2 * 0.5 / (math.sqrt(1 / 2) + EPS) - 1.0 / (math.sqrt(2) + EPS)
+    assert t.decoupled(rollout)[1].tolist() == pytest.approx([r, -r], rel=1e-5) and abs(r) > 0.7
+    assert t.decoupled_flat(rollout) is False
+    t, rollout = step([1.0, 0.0], [2.0, 0.0], [1.0, -1.0])
+    assert rollout.scores.tolist() == [-1.0, 0.0]
+    assert t.decoupled_flat(rollout) is True

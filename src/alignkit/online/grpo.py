@@ -179,17 +179,44 @@ class GRPOTrainer(OnlineTrainer):
         """GDPO (TRL's normalize_then_sum): `decoupled_rewards` of each function's own scores (a reward model or
         judge: its one score), standardised over every process's scored items of the step (`batch_standardized`);
         an item no function scored gets 0. Records which functions ever varied within a group (`warn_whole_run`)."""
-        r = rollout
-        scores = r.per_function if r.per_function is not None else r.scores[:, None]  # (B, F)
-        weights = torch.tensor(getattr(self.annotator, "weights", None) or [1.0], dtype=scores.dtype)
+        scores, rewards = self.decoupled(rollout)
         k = self.config.sampling.num_samples
-        rewards = decoupled_rewards(scores, weights.to(scores.device), k)
         g = scores.reshape(-1, k, scores.shape[1])
         ok = ~torch.isnan(g)
         varied = (torch.where(ok, g, -torch.inf).amax(1) > torch.where(ok, g, torch.inf).amin(1)).any(0)  # (F,)
         seen = self.gather(varied.float().cpu()).view(-1, scores.shape[1]).amax(0) > 0  # every process's groups
         self._varied = seen if getattr(self, "_varied", None) is None else self._varied | seen
         return batch_standardized(rewards, self.gather(rewards.cpu()))
+
+    def decoupled(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """((B, F) each function's scores (a reward model or judge: its one score), (B,) `decoupled_rewards`)."""
+        r = rollout
+        scores = r.per_function if r.per_function is not None else r.scores[:, None]
+        weights = torch.tensor(getattr(self.annotator, "weights", None) or [1.0], dtype=scores.dtype)
+        return scores, decoupled_rewards(scores, weights.to(scores.device), self.config.sampling.num_samples)
+
+    def score(self, samples: list, policy_pass: bool | None = None) -> Rollout:
+        """The base rollout; under normalize_then_sum a step has no reward signal when every process's
+        `decoupled_rewards` are 0 (no function of nonzero weight varied within a group, or they cancelled), not
+        when the weighted sums are flat: those can be flat while the normalised functions are not (a stall stopped
+        such a run), or vary while they cancel (`no_signal`)."""
+        rollout = super().score(samples, policy_pass)
+        if self.config.multi_objective_aggregation == "normalize_then_sum":
+            self._step_flat = self.decoupled_flat(rollout)
+        return rollout
+
+    def decoupled_flat(self, rollout: Rollout) -> bool:
+        """Whether every process's `decoupled_rewards` of the step are 0 against the size of their weighted parts
+        (a residue of 1e-3 of it or less: what the eps of the stds leaves of functions that cancel, which the
+        step-wide standardisation would blow up to advantages of order 1, as TRL's); NaN, unscored: left out."""
+        scores, r = self.decoupled(rollout)
+        weights = getattr(self.annotator, "weights", None) or [1.0]
+        one = torch.ones(1, dtype=scores.dtype, device=scores.device)
+        k = self.config.sampling.num_samples
+        parts = sum(abs(w) * torch.nan_to_num(decoupled_rewards(scores[:, f:f + 1], one, k), nan=0.0).abs()
+                    for f, w in enumerate(weights))
+        both = torch.nan_to_num(self.gather(torch.stack([r, parts]).T.cpu()), nan=0.0)  # (W B, 2)
+        return bool((both[:, 0].abs() <= 1e-3 * both[:, 1] + 1e-8).all())
 
     def check_inputs(self, *args: Any, **kwargs: Any) -> None:
         """The base checks, and normalize_then_sum with a failure policy that fills a combined default score (it
