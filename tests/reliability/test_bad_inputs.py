@@ -221,6 +221,21 @@ ONLINE_CASES = [
     ("annotator weight bool", "grpo", ["annotator.function=[alignkit.rewards:digit_fraction,alignkit.rewards:length_target]",
                                        "annotator.weights=[true,1.0]"],
      ["annotator.weights[0]", "expected float, got bool True"]),
+    # several reward functions: weights all 0 made every reward 0 (every step flat) without a word; GDPO
+    # (normalize_then_sum) with a key it would ignore, or on a command without it, is one line
+    ("annotator weights all zero", "grpo", ["annotator.function=[alignkit.rewards:digit_fraction,"
+                                            "alignkit.rewards:length_target]", "annotator.weights=[0,0]"],
+     ["annotator.weights: [0.0, 0.0] are all 0, so every reward would be 0"]),
+    ("normalize_then_sum with rloo", "rloo", ["method.multi_objective_aggregation=normalize_then_sum"],
+     ["multi_objective_aggregation='normalize_then_sum' is GRPO's advantage (GDPO)", "use the grpo command"]),
+    ("normalize_then_sum with reward_clip", "grpo", ["method.multi_objective_aggregation=normalize_then_sum",
+                                                     "method.reward_clip=1"],
+     ["reward_clip=1.0: normalize_then_sum reads each function's raw scores, so it would be ignored"]),
+    ("normalize_then_sum with on_failure default", "grpo", ["method.multi_objective_aggregation=normalize_then_sum",
+                                                            "annotator.on_failure=default", "annotator.default_score=0"],
+     ["annotator.on_failure: 'default' fills one combined default_score", "use on_failure 'skip'"]),
+    ("multi_objective_aggregation with ppo", "ppo", ["method.multi_objective_aggregation=normalize_then_sum"],
+     ["method.multi_objective_aggregation", "of alignkit grpo"]),
 ]
 
 

@@ -101,6 +101,39 @@ def nan_std(values: Tensor) -> Tensor:
     return (torch.where(ok, values - mean, 0.0) ** 2).sum().div((n - 1).clamp(min=1.0)).sqrt()
 
 
+def decoupled_rewards(scores: Tensor, weights: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GDPO's reward (Liu et al. 2026, arXiv 2601.05242; TRL's multi_objective_aggregation="normalize_then_sum"):
+    each reward function's scores standardised within each prompt's group, then weighted and summed:
+
+        r_i = sum_f w_f (s_if - mean_group s_f) / (std_group s_f + eps)
+
+    `scores (B, F)`, NaN = the function returned None; `weights (F,)`. As TRL 1.16: mean and unbiased std over the
+    function's scored items of the group (its nanmean / nanstd), an unscored item adds 0 to the sum (its nansum; a
+    function with one scored item in a group adds 0 too), an item no function scored is NaN. Returns `(B,)`; the
+    advantage standardises it over the whole step (`batch_standardized`)."""
+    if scores.dim() != 2 or scores.shape[0] % group_size:
+        raise ValueError(f"decoupled_rewards: scores must be (B, F) with B a multiple of group_size={group_size} "
+                         f"(completions of one prompt are contiguous), got {tuple(scores.shape)}")
+    b, f = scores.shape
+    g = scores.reshape(-1, group_size, f)  # (G, K, F)
+    ok = ~torch.isnan(g)
+    n = ok.sum(1, keepdim=True).to(g.dtype)  # (G, 1, F)
+    dev = torch.where(ok, g - torch.where(ok, g, 0.0).sum(1, keepdim=True) / n.clamp(min=1.0), 0.0)
+    std = ((dev ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1.0)).sqrt()
+    out = (dev / (std + eps) * weights.to(g.dtype)).sum(-1).reshape(b)
+    return torch.where(ok.reshape(b, f).any(-1), out, float("nan"))
+
+
+def batch_standardized(values: Tensor, population: Tensor | None = None, eps: float = 1e-4) -> Tensor:
+    """(v - mean) / (std + eps) with the mean and unbiased std of `population`'s non-NaN entries (default `values`;
+    every process's values for a step-wide statistic), as TRL's normalize_then_sum ends; NaN entries get 0."""
+    pop = values if population is None else population
+    ok = ~torch.isnan(pop)
+    mean = torch.where(ok, pop, 0.0).sum() / ok.sum().clamp(min=1)
+    out = (values - mean.to(values.device)) / (nan_std(pop).to(values.device) + eps)
+    return torch.nan_to_num(out, nan=0.0)
+
+
 @ADVANTAGES.register("rloo")
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """RLOO (Ahmadian et al. 2024, "Back to Basics"): A_i = r_i - 1/(K-1) sum_{j != i} r_j.

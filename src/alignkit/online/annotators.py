@@ -78,6 +78,8 @@ class Scores:
     # "rewards/<function>" -> (count, sum, sum of squares) of the function's scored items: the online loop reduces
     # them over processes into exact `rewards/<function>/mean` and `/std` (`ProcessMetrics.reward_moments`)
     moments: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    # (N, F) each reward function's own score, NaN = None (FunctionAnnotator): GRPO's normalize_then_sum reads it
+    per_function: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -391,7 +393,8 @@ class FunctionAnnotator(Annotator):
     scores that are not None (NaN-sum; logged at INFO); an item every function failed on is failed (a warning
     per call). Metrics report each
     function's mean and std over the items it scored, under TRL's names (`rewards/<name>/mean`, `.../std`).
-    Weights must be finite numbers (a NaN one made every score NaN, dropped as unscored). A score may be a Python
+    Weights must be finite numbers (a NaN one made every score NaN, dropped as unscored), not all 0; a 0 weight logs
+    a function without rewarding it, a negative one penalises its score (both as TRL). A score may be a Python
     or numpy number or bool, or a one-element tensor; None = cannot score (the failure policy applies); an
     exception, a non-number, NaN / inf, or a batch result that is not a list of one score per item is an
     `AnnotatorError` naming the function and the item; a signature that fits neither convention is a ValueError
@@ -413,6 +416,9 @@ class FunctionAnnotator(Annotator):
             # a NaN weight made every score NaN, dropped as unscored without a word; inf stopped blaming the score
             raise ValueError(f"function annotator {self.spec}: weights must be {len(fns)} finite number(s), one per "
                              f"function, got {list(weights)!r}")
+        if weights is not None and not any(weights):  # every reward 0: no signal at any step
+            raise ValueError(f"function annotator {self.spec}: weights {list(weights)!r} are all 0, so every reward "
+                             "would be 0; give a nonzero weight (a 0 weight logs a function without rewarding it)")
         self.weights = [float(w) for w in weights] if weights is not None else [1.0] * len(fns)
         self.batched, self.kwargs = batched, dict(kwargs or {})
         self.on_failure, self.default_score = on_failure, default_score
@@ -503,6 +509,8 @@ class FunctionAnnotator(Annotator):
         scores = finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
                                  who=f"reward function {self.spec}")
         scores.moments = moments
+        scores.per_function = torch.tensor([[float("nan") if v is None else float(v) for v in row]
+                                            for row in zip(*per_fn)], dtype=torch.float32).reshape(len(texts), -1)
         return scores
 
     def log_missing(self, per_fn: list[list], raw: list) -> None:

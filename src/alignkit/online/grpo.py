@@ -6,6 +6,9 @@ K samples y_1..y_K with rewards r_1..r_K (normalised / clipped by the base loop)
     GRPO:  A_i = (r_i - mean_j r_j) / (std_j r_j + eps)          (`scale_by_std=False`: Dr. GRPO)
            `std_scope="batch"`: std over the whole step's rewards, every process's (TRL's scale_rewards="batch")
     RLOO:  A_i = r_i - 1/(K-1) sum_{j != i} r_j
+    GDPO:  `multi_objective_aggregation="normalize_then_sum"` (TRL's, arXiv 2601.05242), GRPO only: with scores s_if
+           of several functions f (weights w_f), r_i = sum_f w_f (s_if - mean_group s_f) / (std_group s_f + eps),
+           then A_i = (r_i - mean_step r) / (std_step r + eps), over every process's items (`decoupled_rewards`)
 
 Every token of y_i gets A_i. With ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) (pi_old: the policy that
 sampled, frozen for the step's `epochs_per_step` passes over it):
@@ -38,7 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.losses import ADVANTAGES, KL_ESTIMATORS, clipped_policy_loss, nan_std, reduce_loss
+from alignkit.losses import (ADVANTAGES, KL_ESTIMATORS, batch_standardized, clipped_policy_loss, decoupled_rewards,
+                             nan_std, reduce_loss)
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
 
@@ -57,6 +61,7 @@ class GRPOConfig(OnlineConfig):
     dual_clip: float | None = None
     entropy_coef: float = 0.0
     aggregation: str = "sequence_mean"  # or "token_sum" (per-sequence sums, over the minibatch's weighted tokens)
+    multi_objective_aggregation: str = "sum_then_normalize"  # or "normalize_then_sum" (GDPO: `decoupled_advantages`)
 
     @property
     def compares_samples(self) -> str:  # group advantages: >= 2 sampled responses per prompt (OnlineConfig)
@@ -64,6 +69,7 @@ class GRPOConfig(OnlineConfig):
 
     def __post_init__(self, bounds_checked: bool = False) -> None:
         super().__post_init__(bounds_checked)
+        self.check_multi_objective()
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"GRPO advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
         if self.advantage == "rloo" and not self.scale_by_std:
@@ -100,6 +106,35 @@ class GRPOConfig(OnlineConfig):
                              "the normalised rewards acts), or scale_by_std=False")
 
 
+    def check_multi_objective(self) -> None:
+        """normalize_then_sum (GDPO) is GRPO's advantage of its own (`GRPOTrainer.decoupled_advantages`): it reads
+        the raw scores of each function and ends with the step-wide standardisation, so a key that acts on the
+        combined reward or on GRPO's usual std would be ignored."""
+        if self.multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError(f"multi_objective_aggregation must be 'sum_then_normalize' (the weighted sum of the "
+                             f"functions' scores, then the advantage) or 'normalize_then_sum' (GDPO), got "
+                             f"{self.multi_objective_aggregation!r}")
+        if self.multi_objective_aggregation == "sum_then_normalize":
+            return
+        if self.advantage == "rloo":
+            raise ValueError("multi_objective_aggregation='normalize_then_sum' is GRPO's advantage (GDPO), and RLOO's "
+                             "leave-one-out advantage normalises no function's scores (TRL's RLOO has no such key), "
+                             "so it would be ignored; use the grpo command or remove it")
+        ignored = {"scale_by_std": (not self.scale_by_std, "False: normalize_then_sum always divides by the stds"),
+                   "std_scope": (self.std_scope != "group", f"{self.std_scope!r}: normalize_then_sum always ends "
+                                 "with the step's std (TRL ignores scale_rewards there too)"),
+                   "reward_normalization": (self.reward_normalization != "none", f"{self.reward_normalization!r}: "
+                                            "normalize_then_sum reads each function's raw scores"),
+                   "reward_clip": (self.reward_clip is not None, f"{self.reward_clip!r}: normalize_then_sum reads "
+                                   "each function's raw scores"),
+                   "kl_in_reward": (self.kl_in_reward, "True: normalize_then_sum sums normalised scores, with no "
+                                    "reward for the KL penalty to act on")}
+        for key, (bad, why) in ignored.items():
+            if bad:
+                raise ValueError(f"{key}={why}, so it would be ignored with multi_objective_aggregation="
+                                 "'normalize_then_sum'; remove one of them")
+
+
 @dataclass
 class RLOOConfig(GRPOConfig):
     advantage: str = "rloo"
@@ -130,6 +165,8 @@ class GRPOTrainer(OnlineTrainer):
         sample's own reward into RLOO's leave-one-out baseline) and gets advantage 0."""
         c: GRPOConfig = self.config
         k = c.sampling.num_samples
+        if c.multi_objective_aggregation == "normalize_then_sum":
+            return self.decoupled_advantages(rollout)
         rewards = torch.where(torch.isnan(rollout.scores), float("nan"), rollout.rewards)
         if c.kl_in_reward and rollout.ref_logps is not None:  # r - beta sum_t KL_t(pi_old || pi_ref), TRL's RLOO
             rewards = rewards - self.kl_ctl.value * self.reward_kl(rollout)
@@ -137,6 +174,60 @@ class GRPOTrainer(OnlineTrainer):
             std = nan_std(self.gather(rewards)).to(rewards.device) if c.std_scope == "batch" else None
             return ADVANTAGES["grpo"](rewards, k, scale_by_std=c.scale_by_std, std=std)
         return ADVANTAGES["rloo"](rewards, k)
+
+    def decoupled_advantages(self, rollout: Rollout) -> Tensor:
+        """GDPO (TRL's normalize_then_sum): `decoupled_rewards` of each function's own scores (a reward model or
+        judge: its one score), standardised over every process's scored items of the step (`batch_standardized`);
+        an item no function scored gets 0. Records which functions ever varied within a group (`warn_whole_run`)."""
+        scores, rewards = self.decoupled(rollout)
+        k = self.config.sampling.num_samples
+        g = scores.reshape(-1, k, scores.shape[1])
+        ok = ~torch.isnan(g)
+        varied = (torch.where(ok, g, -torch.inf).amax(1) > torch.where(ok, g, torch.inf).amin(1)).any(0)  # (F,)
+        seen = self.gather(varied.float().cpu()).view(-1, scores.shape[1]).amax(0) > 0  # every process's groups
+        self._varied = seen if getattr(self, "_varied", None) is None else self._varied | seen
+        return batch_standardized(rewards, self.gather(rewards.cpu()))
+
+    def decoupled(self, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        """((B, F) each function's scores (a reward model or judge: its one score), (B,) `decoupled_rewards`)."""
+        r = rollout
+        scores = r.per_function if r.per_function is not None else r.scores[:, None]
+        weights = torch.tensor(getattr(self.annotator, "weights", None) or [1.0], dtype=scores.dtype)
+        return scores, decoupled_rewards(scores, weights.to(scores.device), self.config.sampling.num_samples)
+
+    def score(self, samples: list, policy_pass: bool | None = None) -> Rollout:
+        """The base rollout; under normalize_then_sum a step has no reward signal when every process's
+        `decoupled_rewards` are 0 (no function of nonzero weight varied within a group, or they cancelled), not
+        when the weighted sums are flat: those can be flat while the normalised functions are not (a stall stopped
+        such a run), or vary while they cancel (`no_signal`)."""
+        rollout = super().score(samples, policy_pass)
+        if self.config.multi_objective_aggregation == "normalize_then_sum":
+            self._step_flat = self.decoupled_flat(rollout)
+        return rollout
+
+    def decoupled_flat(self, rollout: Rollout) -> bool:
+        """Whether every process's `decoupled_rewards` of the step are 0 against the size of their weighted parts
+        (a residue of 1e-3 of it or less: what the eps of the stds leaves of functions that cancel, which the
+        step-wide standardisation would blow up to advantages of order 1, as TRL's); NaN, unscored: left out."""
+        scores, r = self.decoupled(rollout)
+        weights = getattr(self.annotator, "weights", None) or [1.0]
+        one = torch.ones(1, dtype=scores.dtype, device=scores.device)
+        k = self.config.sampling.num_samples
+        parts = sum(abs(w) * torch.nan_to_num(decoupled_rewards(scores[:, f:f + 1], one, k), nan=0.0).abs()
+                    for f, w in enumerate(weights))
+        both = torch.nan_to_num(self.gather(torch.stack([r, parts]).T.cpu()), nan=0.0)  # (W B, 2)
+        return bool((both[:, 0].abs() <= 1e-3 * both[:, 1] + 1e-8).all())
+
+    def check_inputs(self, *args: Any, **kwargs: Any) -> None:
+        """The base checks, and normalize_then_sum with a failure policy that fills a combined default score (it
+        has no per-function part to normalise) is a ValueError before anything is written."""
+        super().check_inputs(*args, **kwargs)
+        if self.config.multi_objective_aggregation == "normalize_then_sum" and \
+                getattr(self.annotator, "on_failure", "skip") != "skip":
+            raise ValueError(f"annotator.on_failure={self.annotator.on_failure!r} fills one combined default_score "
+                             "for an unscored item, and method.multi_objective_aggregation='normalize_then_sum' "
+                             "normalises each function's own scores, so it would be ignored; use on_failure 'skip' "
+                             "(an item no function scored gets advantage 0, as in TRL)")
 
     def reward_kl(self, rollout: Rollout) -> Tensor:
         """(B,) each sample's KL to the reference summed over its loss tokens (`kl_in_reward`): the estimator of
@@ -174,6 +265,14 @@ class GRPOTrainer(OnlineTrainer):
         completion cut (no loss at all: `build_batch`)."""
         super().warn_whole_run(start)
         ran = self.config.steps - self._counted_from
+        varied = getattr(self, "_varied", None)
+        if varied is not None and not bool(varied.all()):
+            names = getattr(self.annotator, "metric_names", None) or [self.annotator.source()]
+            flat = [n for n, v in zip(names, varied.tolist()) if not v]
+            logger.warning("reward function(s) %s scored every prompt's samples alike at every step of this run "
+                           "(since its start or resume): under method.multi_objective_aggregation=normalize_then_sum "
+                           "their normalised contribution was 0 throughout; check them on a few responses, or remove "
+                           "them", ", ".join(flat))
         if self.config.mask_truncated_completions and self._clipped_steps > 0 and self.config.steps - start > 0:
             logger.warning("%d of this run's %d step(s)%s had every completion cut at sampling.max_new_tokens (%d), "
                            "and method.mask_truncated_completions gave those no loss: their updates had no gradient; "

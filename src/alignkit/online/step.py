@@ -43,6 +43,7 @@ class Rollout:
     entropy: Tensor | None  # (B, T-1); None with old_logps
     hidden: Tensor | None = None  # (B, T-1, d), when the trainer asks (PPO's value head)
     metrics: dict[str, float] = field(default_factory=dict)
+    per_function: Tensor | None = None  # (B, F) each reward function's own score, NaN = None (`Scores.per_function`)
 
 
 def zero_spread_fraction(groups: Tensor) -> float:
@@ -178,7 +179,8 @@ class RolloutSteps:
         metrics = self.rollout_metrics(samples, everyone, rewards, scores, kl_tok, kl, stats.entropy, stats.mask)
         dev = self.accelerator.device
         return Rollout(samples, batch, raw.to(dev), rewards.to(dev), weights.to(dev), stats.logps, ref, stats.mask,
-                       stats.entropy, stats.hidden, metrics)
+                       stats.entropy, stats.hidden, metrics,
+                       None if scores.per_function is None else scores.per_function.to(dev))
 
     def flat_scores(self, everyone: Tensor) -> bool:
         """Whether the step's raw scores (every process's, rank-major; NaN = unscored) give the objective no reward

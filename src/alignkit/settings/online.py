@@ -134,6 +134,9 @@ class AnnotatorSettings:
             if not math.isfinite(w):  # NaN made every score NaN, dropped as unscored without a word
                 raise ConfigError(f"annotator.weights[{i}]: {w} is not a finite number; the reward is the weighted "
                                   "sum of the functions' scores, so give each function a finite weight")
+        if self.weights and not any(self.weights):
+            raise ConfigError(f"annotator.weights: {self.weights} are all 0, so every reward would be 0; give a "
+                              "nonzero weight (a 0 weight logs a function without rewarding it)")
         for spec in specs:
             if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
                 raise ConfigError(f"annotator.function: {spec!r} must be written 'module:function', e.g. "
@@ -336,6 +339,7 @@ class GRPOMethod(KLPenaltyMethod):
     dual_clip: float | None = None
     entropy_coef: float = 0.0
     aggregation: Literal["sequence_mean", "token_sum"] = "sequence_mean"
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"  # grpo
 
 
 RLOOMethod = GRPOMethod
@@ -504,6 +508,11 @@ class OnlineRunConfig:
             self.trainer_config()
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"method: {_message(e)}") from None
+        gdpo = getattr(m, "multi_objective_aggregation", "") == "normalize_then_sum"
+        if gdpo and self.annotator.on_failure == "default":
+            raise ConfigError("annotator.on_failure: 'default' fills one combined default_score, and method."
+                              "multi_objective_aggregation=normalize_then_sum normalises each function's own scores, "
+                              "so it would be ignored; use on_failure 'skip' (an item no function scored gets 0)")
         check_judge_reads(self.annotator, getattr(m, "feedback", None),
                           "method.feedback" if hasattr(m, "feedback") else f"alignkit {self.command}")
 

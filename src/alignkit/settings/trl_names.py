@@ -135,8 +135,10 @@ TRL_NAMES: dict[str, str] = {
                                            "vLLM's); remove it",
     "use_bias_correction_kl": f"{_NOT_HERE} (the KL term is not weighted by the ratio); remove it",
     "off_policy_mask_threshold": f"{_NOT_HERE}; remove it",
-    "multi_objective_aggregation": "annotator.weights (TRL's sum_then_normalize: the weighted sum of the functions' "
-                                   "scores, then the group advantage; normalize_then_sum has no equivalent)",
+    "multi_objective_aggregation": "method.multi_objective_aggregation of alignkit grpo (sum_then_normalize, the "
+                                   "default, or normalize_then_sum: GDPO); rloo, ppo and online-dpo reward the "
+                                   "weighted sum of the functions' scores (annotator.weights), TRL's "
+                                   "sum_then_normalize; remove it",
     # ModelConfig, ScriptArguments (the --flags of TRL's scripts map these themselves: alignkit.cli.flags.ALIASES)
     "model_name_or_path": "model.path",
     "torch_dtype": "model.dtype",
