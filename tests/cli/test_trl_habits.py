@@ -201,7 +201,9 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     # TRL 1.16's sampling and loss keys without an equivalent: the lines say why (what the loss scores)
     ("grpo", "sampling.min_p=0.1", "alignkit has no equivalent (samples come from the policy at sampling.temperature"),
     ("grpo", "sampling.repetition_penalty=1.1", "pinned to 1: a penalised sample is not drawn from the policy"),
-    ("grpo", "method.delta=4.0", "method.dual_clip bounds the loss of negative advantages instead"),
+    ("grpo", "method.delta=4.0", "method.dual_clip (TRL's min(ratio, delta) before the min bounds"),
+    ("grpo", "method.importance_sampling_level=sequence", "method.importance_sampling (token or sequence: GSPO's"),
+    ("rloo", "method.loss_type=dr_grpo", "max_length_mean: over sequences x sampling.max_new_tokens, TRL's dr_grpo"),
     ("rloo", "method.normalize_advantages=true", "rloo's leave-one-out advantages are not rescaled per batch"),
     ("grpo", "method.vllm_importance_sampling_correction=true", "pi_old is the trainer's own log-probs"),
     ("rloo", "method.use_vllm=true", "method.generation_backend=vllm"),
