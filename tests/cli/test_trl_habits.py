@@ -196,6 +196,8 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("grpo", "method.beta=0.04", "method.kl_coef"),
     ("grpo", "method.epsilon=0.3", "method.clip_eps"),
     ("grpo", "method.loss_type=dapo", "method.aggregation"),
+    ("grpo", "method.loss_type=cispo", "TRL's cispo: method.cispo_max)"),
+    ("grpo", "method.epsilon_high=5.0", "method.clip_eps_high (with TRL's loss_type cispo: method.cispo_max)"),
     ("grpo", "method.scale_rewards=false", "method.scale_by_std"),
     ("grpo", "method.missing_eos_penalty=1.0", "alignkit has no equivalent"),
     # TRL 1.16's sampling and loss keys without an equivalent: the lines say why (what the loss scores)

@@ -184,6 +184,7 @@ def test_library_config_refuses_in_one_line(kw, said):
     ("method.importance_sampling=seq", "method.importance_sampling"),
     ("method.aggregation=dr_grpo", "method.aggregation"),
     ("method.importance_sampling=sequence", "method.importance_sampling: 'sequence' takes one ratio"),
+    ("method.cispo_max=5.0", "method.cispo_max: 5.0 caps CISPO's weight pi / pi_old"),
 ])
 def test_run_config_refuses_in_one_line(key, said):
     from alignkit.settings import ConfigError, load_config
@@ -198,3 +199,31 @@ def test_run_config_refuses_in_one_line(key, said):
     trainer = cfg.trainer_config()
     assert (trainer.importance_sampling, trainer.aggregation, trainer.top_entropy_quantile) == \
         ("sequence", "max_length_mean", 0.2)
+
+
+def test_cispo_loss_and_gradient_by_hand():
+    """TRL 1.16's cispo: per_token_loss = -clamp(ratio, max=epsilon_high).detach() x A x log pi. Ratios 2 and 0.5
+    (log pi -1 and -2 over pi_old), A = 3, cap 1.5: weights 1.5 and 0.5, loss = -(1.5 x 3 x -1 + 0.5 x 3 x -2) = 7.5
+    (token_sum), gradient -w A: -4.5 and -1.5 (the weight carries none)."""
+    logps = _leaf([[-1.0, -2.0]])
+    old = torch.tensor([[-1.0 - math.log(2.0), -2.0 + math.log(2.0)]], dtype=torch.float64)
+    out = clipped_policy_loss(logps, old, torch.tensor([3.0], dtype=torch.float64), torch.ones(1, 2, dtype=bool),
+                              cispo_max=1.5, aggregation="token_sum")
+    assert out.losses.item() == pytest.approx(7.5, rel=1e-12)
+    out.losses.sum().backward()
+    assert logps.grad[0].tolist() == pytest.approx([-4.5, -1.5], rel=1e-12)
+    assert out.metrics["clip_ratio/region_mean"].item() == 0.5  # the ratio 2 is above the cap
+
+
+@pytest.mark.parametrize("kw, said", [
+    ({"cispo_max": 5.0, "clip_eps_high": 0.28}, "clip_eps_high=0.28 shapes the clipped loss, and cispo_max=5.0 "
+                                                "replaces it with CISPO's"),
+    ({"cispo_max": 5.0, "epochs_per_step": 1}, "cispo_max: 5.0 caps CISPO's weight pi / pi_old, which at ratio 1"),
+    ({"cispo_max": 0.0, "epochs_per_step": 2}, "RLOOConfig.cispo_max: 0.0 is out of range"),
+])
+def test_cispo_settings_that_cannot_act_are_refused(kw, said):
+    from alignkit.online import RLOOConfig
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        RLOOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), **kw)
+    assert RLOOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), cispo_max=0.5).cispo_max == 0.5

@@ -224,19 +224,33 @@ def _importance_ratio(log_ratio: Tensor, mask: Tensor, importance_sampling: str)
                      "GRPO) or 'sequence' (GSPO: one ratio per sequence)")
 
 
+def _surrogate(ratio: Tensor, adv: Tensor, logps: Tensor, clip_eps: float, eps_high: float, dual_clip: float | None,
+               cispo_max: float | None) -> Tensor:
+    """The policy objective per token (to maximise): PPO's clipped min (with the dual clip), or CISPO's
+    sg(min(ratio, cispo_max)) A log pi (MiniMax-M1; TRL 1.16's loss_type cispo, its epsilon_high the cap)."""
+    if cispo_max is not None:
+        return ratio.clamp(max=cispo_max).detach() * adv * logps
+    obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + eps_high) * adv)
+    if dual_clip is not None:
+        obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
+    return obj
+
+
 @POLICY_LOSSES.register("clipped_pg")
 def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
                         clip_eps: float = 0.2, clip_eps_high: float | None = None,
                         dual_clip: float | None = None, ref_logps: Tensor | None = None,
                         kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
                         entropy_coef: float = 0.0, aggregation: str = "sequence_mean",
-                        importance_sampling: str = "token", token_keep: Tensor | None = None) -> LossOutput:
+                        importance_sampling: str = "token", token_keep: Tensor | None = None,
+                        cispo_max: float | None = None) -> LossOutput:
     """PPO clipped surrogate (Schulman et al. 2017), optional dual clip (Ye et al. 2020), KL and entropy.
 
         ratio_t = exp(log pi_theta - log pi_old)
                   importance_sampling "sequence" (GSPO): exp(mean over the sequence's mask tokens of that log-ratio)
         obj_t   = min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps_high) A_t)
         obj_t   = max(obj_t, c A_t)      if dual_clip c (> 1) and A_t < 0
+        obj_t   = sg(min(ratio_t, cispo_max)) A_t log pi_theta      if cispo_max (CISPO: no clip, dual clip)
         loss_t  = -obj_t + kl_coef * KL_t(pi_theta || pi_ref) - entropy_coef * H_t
 
     Args: logps, old_logps, mask `(B, T)`; advantages `(B, T)` or `(B,)` (broadcast over tokens, as
@@ -259,11 +273,7 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logps - old_logps.detach()
     ratio = _importance_ratio(log_ratio, mask, importance_sampling)  # (B, T), or (B, 1) per sequence
-    obj1 = ratio * adv
-    obj2 = ratio.clamp(1 - clip_eps, 1 + eps_high) * adv
-    obj = torch.minimum(obj1, obj2)
-    if dual_clip is not None:
-        obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
+    obj = _surrogate(ratio, adv, logps, clip_eps, eps_high, dual_clip, cispo_max)
     per_token = -obj.expand_as(logps) if token_keep is None else torch.where(token_keep, -obj, 0.0)
     metrics: dict[str, Tensor] = {}
     if ref_logps is not None:
@@ -284,7 +294,8 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     with torch.no_grad():
         ratio = ratio.expand_as(logps)
         a = adv.expand_as(ratio)
-        clipped = ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+        clipped = (ratio > cispo_max if cispo_max is not None else
+                   ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0)))
         metrics["clip_ratio/region_mean"] = _masked_mean(clipped.to(ratio.dtype), mask)
         metrics["approx_kl"] = _masked_mean(0.5 * log_ratio ** 2, mask)
         metrics["ratio/mean"] = _masked_mean(ratio, mask)

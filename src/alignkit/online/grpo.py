@@ -23,6 +23,9 @@ s_i = exp(mean_t (log pi_theta - log pi_old) over y_i's loss tokens), clipped as
 gradient flows through the mean (pi_old detached), so with one update (s_i = 1) it gives token's update exactly
 (refused then: `alignkit.settings.online.check_clip_acts`). TRL's `delta` (min(ratio, delta) before the min) is
 `dual_clip`: for delta > 1 + eps_high both bound negative advantages' loss at delta x A, with the same gradient.
+`cispo_max` (CISPO, MiniMax-M1; TRL's loss_type cispo with epsilon_high = cispo_max): loss_t = -sg(min(ratio_t,
+cispo_max)) A log pi_theta(a_t), no clip (clip_eps, clip_eps_high, dual_clip refused beside it); TRL normalises it
+as dapo ("token_sum"); with one update and cispo_max >= 1 its gradient is the clipped loss's (refused then).
 `top_entropy_quantile` rho < 1 (TRL's, "Beyond the 80/20 Rule"): the policy and entropy terms keep only the loss
 tokens whose entropy is >= the (1 - rho) quantile of the forward's loss-token entropies over every process (KL and
 the normaliser keep all); entropies are computed for it only then.
@@ -72,6 +75,7 @@ class GRPOConfig(OnlineConfig):
     aggregation: str = "sequence_mean"  # or "token_sum" (over the weighted tokens), "max_length_mean" (Dr. GRPO)
     importance_sampling: str = "token"  # or "sequence" (GSPO: one ratio per sequence)
     top_entropy_quantile: float = 1.0  # < 1: only the loss tokens of the top quantile by entropy have policy terms
+    cispo_max: float | None = None  # set: CISPO's loss, sg(min(ratio, cispo_max)) A log pi (TRL's cispo)
 
     @property
     def compares_samples(self) -> str:  # group advantages: >= 2 sampled responses per prompt (OnlineConfig)
@@ -84,6 +88,13 @@ class GRPOConfig(OnlineConfig):
         if self.aggregation not in ("sequence_mean", "token_sum", "max_length_mean"):
             raise ValueError(f"aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo) or "
                              f"'max_length_mean' (dr_grpo), got {self.aggregation!r}")
+        unread = [k for k, off in (("clip_eps", 0.2), ("clip_eps_high", None), ("dual_clip", None))
+                  if getattr(self, k) != off]
+        if self.cispo_max is not None and unread:
+            raise ValueError(f"{unread[0]}={getattr(self, unread[0])!r} shapes the clipped loss, and cispo_max="
+                             f"{self.cispo_max!r} replaces it with CISPO's (the weight min(ratio, cispo_max), no "
+                             f"clip), so it would be ignored; remove {unread[0]} or cispo_max (TRL's epsilon_high with "
+                             "loss_type cispo is cispo_max)")
         super().__post_init__(bounds_checked)  # after the names: its clip check reads importance_sampling
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"GRPO advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
@@ -242,7 +253,7 @@ class GRPOTrainer(OnlineTrainer):
                                   ref_logps=ref, kl_coef=0.0 if c.kl_in_reward else self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
                                   entropy_coef=c.entropy_coef, aggregation=c.aggregation,
-                                  importance_sampling=c.importance_sampling,
+                                  importance_sampling=c.importance_sampling, cispo_max=c.cispo_max,
                                   token_keep=None if c.top_entropy_quantile == 1 else self.entropy_keep(stats.entropy,
                                                                                                         mask))
         loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)

@@ -102,9 +102,9 @@ TRL_NAMES: dict[str, str] = {
             "method.kl_estimator=k1)",
     "loss_type": "method.loss_type for sft, dpo, kto and online-dpo; for grpo and rloo, method.aggregation "
                  "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; max_length_mean: "
-                 "over sequences x sampling.max_new_tokens, TRL's dr_grpo)",
+                 "over sequences x sampling.max_new_tokens, TRL's dr_grpo; TRL's cispo: method.cispo_max)",
     "epsilon": "method.clip_eps",
-    "epsilon_high": "method.clip_eps_high",
+    "epsilon_high": "method.clip_eps_high (with TRL's loss_type cispo: method.cispo_max)",
     "cliprange": "method.clip_eps",
     "num_iterations": "method.epochs_per_step",
     "num_ppo_epochs": "method.epochs_per_step",
@@ -163,6 +163,8 @@ TRL_LOSS_TYPES: dict[str, str] = {
     "grpo": "method.aggregation=sequence_mean (alignkit grpo's loss_type is not a key)",
     "dapo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
     "bnpo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
+    "cispo": "method.cispo_max=<TRL's epsilon_high> with method.aggregation=token_sum (TRL's cispo normaliser); "
+             "alignkit grpo's loss_type is not a key",
     "dr_grpo": "method.aggregation=max_length_mean (sequences x sampling.max_new_tokens; alignkit grpo's loss_type is "
                "not a key); method.scale_by_std=false gives Dr. GRPO's advantage",
 }
