@@ -336,6 +336,9 @@ def _masked_batch(aggregation):
     ("sequence_mean", -0.25, 0.0),
     # TRL's dapo / bnpo: the sum over the kept tokens over their count: (-0.5 x 2) / 2; without (-1 + 1.5) / 5
     ("token_sum", -0.5, 0.1),
+    # TRL's dr_grpo: the kept tokens' sum over samples x max_new_tokens, the cut one counted: (-0.5 x 2) / (2 x 3);
+    # without (-1 + 1.5) / 6
+    ("max_length_mean", -1 / 6, 1 / 12),
 ])
 def test_mask_truncated_completions_gives_cut_samples_no_loss_with_trls_normaliser(aggregation, masked, unmasked):
     """TRL's mask_truncated_completions (DAPO) was refused as having no equivalent; now a sample whose finish reason is

@@ -9,8 +9,8 @@ from __future__ import annotations
 from .logprobs import (IGNORE_INDEX, TokenLogprobs, chunked_lm_logprobs, entropy_from_logits,
                        selective_log_softmax, sequence_logps)
 from .policy import (AdaptiveKLController, FixedKLController, batch_standardized, clip_rewards,
-                     clipped_policy_loss, decoupled_rewards, gae, group_advantages, kl_k1, kl_k2, kl_k3,
-                     masked_whiten, nan_std, per_token_rewards, rloo_advantages, value_loss)
+                     clipped_policy_loss, decoupled_rewards, gae, group_advantages, high_entropy_mask, kl_k1,
+                     kl_k2, kl_k3, masked_whiten, nan_std, per_token_rewards, rloo_advantages, value_loss)
 from .preference import PreferenceBatch, PreferenceParams, check_loss_weights, preference_loss, resolve_params
 from .registry import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REGISTRIES,
                        REWARD_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES, LossOutput, Registry, reduce_loss)
@@ -21,7 +21,7 @@ from .unpaired import KL_LOSSES, apo_zero_unpaired_loss, kto_kl_estimate, kto_lo
 __all__ = ["IGNORE_INDEX", "TokenLogprobs", "chunked_lm_logprobs", "entropy_from_logits", "selective_log_softmax",
            "sequence_logps", "AdaptiveKLController", "FixedKLController", "clip_rewards", "clipped_policy_loss", "gae",
            "group_advantages", "kl_k1", "kl_k2", "kl_k3", "masked_whiten", "nan_std", "per_token_rewards",
-           "rloo_advantages", "batch_standardized", "decoupled_rewards",
+           "rloo_advantages", "batch_standardized", "decoupled_rewards", "high_entropy_mask",
            "value_loss", "PreferenceBatch", "PreferenceParams", "check_loss_weights", "preference_loss",
            "resolve_params", "ADVANTAGES", "KL_ESTIMATORS", "POLICY_LOSSES", "PREFERENCE_LOSSES", "REGISTRIES",
            "REWARD_LOSSES", "SFT_LOSSES", "UNPAIRED_LOSSES", "LossOutput", "Registry", "reduce_loss",

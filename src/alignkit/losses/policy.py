@@ -227,10 +227,46 @@ def _aggregate(per_token: Tensor, mask: Tensor, aggregation: str) -> tuple[Tenso
     n = m.sum(-1)
     if aggregation == "sequence_mean":
         return (per_token * m).sum(-1) / n.clamp(min=1.0), n
-    if aggregation == "token_sum":
+    if aggregation in ("token_sum", "max_length_mean"):
         return (per_token * m).sum(-1), n
     raise ValueError(f"unknown aggregation {aggregation!r}; use 'sequence_mean' (GRPO: mean over each "
-                     "sequence's tokens) or 'token_sum' (DAPO: reduce_loss(..., normalizer=total tokens))")
+                     "sequence's tokens), 'token_sum' (DAPO: reduce_loss(..., normalizer=total tokens)) or "
+                     "'max_length_mean' (Dr. GRPO: reduce_loss(..., normalizer=sequences x max_new_tokens))")
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float, values: Tensor | None = None) -> Tensor:
+    """(B, T) bool: the loss tokens whose entropy is at least the (1 - quantile) quantile (torch.quantile's linear
+    interpolation) of `values`, by default the entropies of `mask`'s tokens (TRL 1.16's `get_high_entropy_mask`,
+    "Beyond the 80/20 Rule": `values` is every process's loss-token entropies of the forward). No values: none."""
+    with torch.no_grad():
+        values = entropy[mask.bool()] if values is None else values
+        if values.numel() == 0:
+            return torch.zeros_like(mask, dtype=torch.bool)
+        return (entropy >= torch.quantile(values.float(), 1.0 - quantile).to(entropy.dtype)) & mask.bool()
+
+
+def _importance_ratio(log_ratio: Tensor, mask: Tensor, importance_sampling: str) -> Tensor:
+    """exp(log pi - log pi_old) per token (B, T), or per sequence (B, 1): exp of the mean over its loss tokens
+    (GSPO, Zheng et al. 2025; TRL's importance_sampling_level="sequence"; the gradient flows through the mean)."""
+    if importance_sampling == "token":
+        return torch.exp(log_ratio)
+    if importance_sampling == "sequence":
+        m = mask.to(log_ratio.dtype)
+        return torch.exp((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0))
+    raise ValueError(f"unknown importance_sampling {importance_sampling!r}; use 'token' (one ratio per token, PPO / "
+                     "GRPO) or 'sequence' (GSPO: one ratio per sequence)")
+
+
+def _surrogate(ratio: Tensor, adv: Tensor, logps: Tensor, clip_eps: float, eps_high: float, dual_clip: float | None,
+               cispo_max: float | None) -> Tensor:
+    """The policy objective per token (to maximise): PPO's clipped min (with the dual clip), or CISPO's
+    sg(min(ratio, cispo_max)) A log pi (MiniMax-M1; TRL 1.16's loss_type cispo, its epsilon_high the cap)."""
+    if cispo_max is not None:
+        return ratio.clamp(max=cispo_max).detach() * adv * logps
+    obj = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + eps_high) * adv)
+    if dual_clip is not None:
+        obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
+    return obj
 
 
 @POLICY_LOSSES.register("clipped_pg")
@@ -238,18 +274,25 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
                         clip_eps: float = 0.2, clip_eps_high: float | None = None,
                         dual_clip: float | None = None, ref_logps: Tensor | None = None,
                         kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
-                        entropy_coef: float = 0.0, aggregation: str = "sequence_mean") -> LossOutput:
+                        entropy_coef: float = 0.0, aggregation: str = "sequence_mean",
+                        importance_sampling: str = "token", token_keep: Tensor | None = None,
+                        cispo_max: float | None = None) -> LossOutput:
     """PPO clipped surrogate (Schulman et al. 2017), optional dual clip (Ye et al. 2020), KL and entropy.
 
         ratio_t = exp(log pi_theta - log pi_old)
+                  importance_sampling "sequence" (GSPO): exp(mean over the sequence's mask tokens of that log-ratio)
         obj_t   = min(ratio_t A_t, clip(ratio_t, 1 - eps, 1 + eps_high) A_t)
         obj_t   = max(obj_t, c A_t)      if dual_clip c (> 1) and A_t < 0
+        obj_t   = sg(min(ratio_t, cispo_max)) A_t log pi_theta      if cispo_max (CISPO: no clip, dual clip)
         loss_t  = -obj_t + kl_coef * KL_t(pi_theta || pi_ref) - entropy_coef * H_t
 
     Args: logps, old_logps, mask `(B, T)`; advantages `(B, T)` or `(B,)` (broadcast over tokens, as
     GRPO/RLOO); ref_logps `(B, T)` when kl_coef > 0; entropy `(B, T)` when entropy_coef > 0.
     aggregation: 'sequence_mean' -> losses_i = mean over the sequence's tokens (GRPO);
-    'token_sum' -> per-sequence sums with `num_tokens` (divide by the step's total tokens, DAPO).
+    'token_sum' -> per-sequence sums with `num_tokens` (divide by the step's total tokens, DAPO);
+    'max_length_mean' -> per-sequence sums (divide by sequences x max_new_tokens, Dr. GRPO).
+    token_keep `(B, T)` bool: the tokens whose policy and entropy terms count (`high_entropy_mask`); the KL term
+    and the sequence ratio's mean keep `mask`'s tokens (TRL 1.16's top_entropy_quantile).
     Metrics (scalars over valid tokens): clip_ratio/region_mean (TRL GRPO's name: the share of tokens whose
     ratio is clipped in the direction of their advantage), approx_kl (0.5 E[(log ratio)^2]),
     ratio/mean, kl (when ref_logps given), entropy (when given).
@@ -262,13 +305,9 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (B, T) or (B, 1)
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = logps - old_logps.detach()
-    ratio = torch.exp(log_ratio)
-    obj1 = ratio * adv
-    obj2 = ratio.clamp(1 - clip_eps, 1 + eps_high) * adv
-    obj = torch.minimum(obj1, obj2)
-    if dual_clip is not None:
-        obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
-    per_token = -obj
+    ratio = _importance_ratio(log_ratio, mask, importance_sampling)  # (B, T), or (B, 1) per sequence
+    obj = _surrogate(ratio, adv, logps, clip_eps, eps_high, dual_clip, cispo_max)
+    per_token = -obj.expand_as(logps) if token_keep is None else torch.where(token_keep, -obj, 0.0)
     metrics: dict[str, Tensor] = {}
     if ref_logps is not None:
         kl = KL_ESTIMATORS[kl_estimator](logps, ref_logps.detach())
@@ -279,15 +318,17 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
         raise ValueError("clipped_policy_loss: kl_coef > 0 needs ref_logps (reference token log-probs)")
     if entropy is not None:
         if entropy_coef:
-            per_token = per_token - entropy_coef * entropy
+            per_token = per_token - entropy_coef * (entropy if token_keep is None else entropy * token_keep)
         metrics["entropy"] = _masked_mean(entropy.detach(), mask)
     elif entropy_coef:
         raise ValueError("clipped_policy_loss: entropy_coef > 0 needs entropy (B, T), e.g. from "
                          "chunked_lm_logprobs(..., return_stats=True)")
     losses, n = _aggregate(per_token, mask, aggregation)
     with torch.no_grad():
+        ratio = ratio.expand_as(logps)
         a = adv.expand_as(ratio)
-        clipped = ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+        clipped = (ratio > cispo_max if cispo_max is not None else
+                   ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0)))
         metrics["clip_ratio/region_mean"] = _masked_mean(clipped.to(ratio.dtype), mask)
         metrics["approx_kl"] = _masked_mean(0.5 * log_ratio ** 2, mask)
         metrics["ratio/mean"] = _masked_mean(ratio, mask)

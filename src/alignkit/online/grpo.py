@@ -16,6 +16,22 @@ sampled, frozen for the step's `epochs_per_step` passes over it):
     loss_t = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps_high) A) + beta KL_t(pi_theta || pi_ref)
              - entropy_coef H_t
     loss_i = mean_t loss_t over y_i's tokens ("sequence_mean", GRPO), then sum_i w_i loss_i / sum_i w_i
+    "token_sum" (DAPO): sum_i w_i sum_t loss_t / sum_i w_i |y_i|
+    "max_length_mean" (Dr. GRPO, TRL's dr_grpo): sum_i w_i sum_t loss_t / (sum_i w_i x sampling.max_new_tokens), the
+    constant of TRL's per_token_loss.size(0) x max_completion_length (the local micro-batch's sequences: under DDP
+    the gradient average makes it the global batch's, as here)
+
+`importance_sampling="sequence"` (GSPO, TRL's importance_sampling_level): one ratio per sequence,
+s_i = exp(mean_t (log pi_theta - log pi_old) over y_i's loss tokens), clipped as ratio_t, for each of its tokens; the
+gradient flows through the mean (pi_old detached), so with one update (s_i = 1) it gives token's update exactly
+(refused then: `alignkit.settings.online.check_clip_acts`). TRL's `delta` (min(ratio, delta) before the min) is
+`dual_clip`: for delta > 1 + eps_high both bound negative advantages' loss at delta x A, with the same gradient.
+`cispo_max` (CISPO, MiniMax-M1; TRL's loss_type cispo with epsilon_high = cispo_max): loss_t = -sg(min(ratio_t,
+cispo_max)) A log pi_theta(a_t), no clip (clip_eps, clip_eps_high, dual_clip refused beside it); TRL normalises it
+as dapo ("token_sum"); with one update and cispo_max >= 1 its gradient is the clipped loss's (refused then).
+`top_entropy_quantile` rho < 1 (TRL's, "Beyond the 80/20 Rule"): the policy and entropy terms keep only the loss
+tokens whose entropy is >= the (1 - rho) quantile of the forward's loss-token entropies over every process (KL and
+the normaliser keep all); entropies are computed for it only then.
 
 `mask_truncated_completions` (TRL's, DAPO's): a sample cut at sampling.max_new_tokens (finish reason "length")
 gets no loss term (no policy, KL or entropy tokens) but keeps its reward in its group's statistics, as TRL 1.16
@@ -42,7 +58,7 @@ import torch
 from torch import Tensor
 
 from alignkit.losses import (ADVANTAGES, KL_ESTIMATORS, batch_standardized, clipped_policy_loss, decoupled_rewards,
-                             nan_std, reduce_loss)
+                             high_entropy_mask, nan_std, reduce_loss)
 from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
 
@@ -60,7 +76,10 @@ class GRPOConfig(OnlineConfig):
     clip_eps_high: float | None = None
     dual_clip: float | None = None
     entropy_coef: float = 0.0
-    aggregation: str = "sequence_mean"  # or "token_sum" (per-sequence sums, over the minibatch's weighted tokens)
+    aggregation: str = "sequence_mean"  # or "token_sum" (over the weighted tokens), "max_length_mean" (Dr. GRPO)
+    importance_sampling: str = "token"  # or "sequence" (GSPO: one ratio per sequence)
+    top_entropy_quantile: float = 1.0  # < 1: only the loss tokens of the top quantile by entropy have policy terms
+    cispo_max: float | None = None  # set: CISPO's loss, sg(min(ratio, cispo_max)) A log pi (TRL's cispo)
     multi_objective_aggregation: str = "sum_then_normalize"  # or "normalize_then_sum" (GDPO: `decoupled_advantages`)
 
     @property
@@ -68,7 +87,20 @@ class GRPOConfig(OnlineConfig):
         return "RLOO (a leave-one-out baseline per prompt)" if self.advantage == "rloo" else "GRPO"
 
     def __post_init__(self, bounds_checked: bool = False) -> None:
-        super().__post_init__(bounds_checked)
+        if self.importance_sampling not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling must be 'token' (a ratio per token) or 'sequence' (GSPO: one per "
+                             f"sequence, TRL's importance_sampling_level), got {self.importance_sampling!r}")
+        if self.aggregation not in ("sequence_mean", "token_sum", "max_length_mean"):
+            raise ValueError(f"aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo) or "
+                             f"'max_length_mean' (dr_grpo), got {self.aggregation!r}")
+        unread = [k for k, off in (("clip_eps", 0.2), ("clip_eps_high", None), ("dual_clip", None))
+                  if getattr(self, k) != off]
+        if self.cispo_max is not None and unread:
+            raise ValueError(f"{unread[0]}={getattr(self, unread[0])!r} shapes the clipped loss, and cispo_max="
+                             f"{self.cispo_max!r} replaces it with CISPO's (the weight min(ratio, cispo_max), no "
+                             f"clip), so it would be ignored; remove {unread[0]} or cispo_max (TRL's epsilon_high with "
+                             "loss_type cispo is cispo_max)")
+        super().__post_init__(bounds_checked)  # after the names: its clip check reads importance_sampling
         self.check_multi_objective()
         if self.advantage not in ("grpo", "rloo"):
             raise ValueError(f"GRPO advantage must be 'grpo' or 'rloo', got {self.advantage!r}")
@@ -285,10 +317,22 @@ class GRPOTrainer(OnlineTrainer):
         times its weight ("token_sum"): both are weighted means (sum w loss / sum w, of sequences or of tokens), as
         PPO's and online DPO's, so a weight scales a sample against the others and uniform weights change nothing."""
         w = pb.rollout.weights[idx]
+        if self.config.aggregation == "max_length_mean":  # every sample, masked ones too: TRL's size(0) x max length
+            return w.sum() * self.config.sampling.max_new_tokens
         if self.config.aggregation == "token_sum":  # a masked truncated sample's tokens are not counted (TRL's dapo)
             tokens = pb.rollout.mask[idx].sum(-1) if pb.keep is None else pb.rollout.mask[idx].sum(-1) * pb.keep[idx]
             return (tokens * w).sum()
         return w.sum()  # a masked truncated sample counts as a zero-loss sequence (TRL's grpo)
+
+    def entropy_keep(self, entropy: Tensor, mask: Tensor) -> Tensor:
+        """The loss tokens of this forward in the top `top_entropy_quantile` by entropy, the quantile over every
+        process's loss tokens of its forward (TRL 1.16's `get_high_entropy_mask`: padded, gathered, pads dropped)."""
+        values = entropy.detach()[mask].float()
+        if self.world > 1:
+            padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=-1e9)  # entropies are >= 0
+            values = self.accelerator.gather(padded)
+            values = values[values != -1e9]
+        return high_entropy_mask(entropy.detach(), mask, self.config.top_entropy_quantile, values)
 
     def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None
                     ) -> tuple[Tensor, dict[str, Any]]:
@@ -297,7 +341,8 @@ class GRPOTrainer(OnlineTrainer):
         c: GRPOConfig = self.config
         r = pb.rollout
         on_policy = r.old_logps is None  # `reuses_training_pass`: this forward is pi_old
-        stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0 or on_policy)
+        stats = self.token_stats(select(r.batch, idx), entropy=c.entropy_coef > 0 or on_policy
+                                 or c.top_entropy_quantile < 1)
         w = stats.logps.shape[1]  # the selected rows' width (T'-1)
         old = stats.logps.detach() if on_policy else r.old_logps[idx, :w]
         ref = None if r.ref_logps is None else r.ref_logps[idx, :w]  # None: no reference (a fixed kl_coef of 0)
@@ -306,7 +351,10 @@ class GRPOTrainer(OnlineTrainer):
                                   clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
                                   ref_logps=ref, kl_coef=0.0 if c.kl_in_reward else self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
-                                  entropy_coef=c.entropy_coef, aggregation=c.aggregation)
+                                  entropy_coef=c.entropy_coef, aggregation=c.aggregation,
+                                  importance_sampling=c.importance_sampling, cispo_max=c.cispo_max,
+                                  token_keep=None if c.top_entropy_quantile == 1 else self.entropy_keep(stats.entropy,
+                                                                                                        mask))
         loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
         tokens = float(mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
         metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()

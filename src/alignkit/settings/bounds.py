@@ -57,6 +57,10 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("method", "clip_eps", _pos, "> 0 (the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps])"),
     ("method", "clip_eps_high", _pos, "> 0, or null for clip_eps (the ratio's upper clip is 1 + clip_eps_high)"),
     ("method", "dual_clip", lambda v: v > 1, "> 1, or null for no dual clip (Ye et al. use 3)"),
+    ("method", "cispo_max", _pos, "> 0, or null for the clipped loss (CISPO's cap of the weight pi / pi_old; TRL's "
+     "epsilon_high with loss_type cispo, 5.0 recommended)"),
+    ("method", "top_entropy_quantile", lambda v: 0 <= v <= 1, "in [0, 1] (the share of loss tokens, by entropy, "
+     "with a policy term; 1: all, 0: the highest-entropy token)"),
     ("method", "reward_clip", _pos, "> 0, or null for no clipping (rewards are clipped to [-reward_clip, "
                                      "reward_clip])"),
     ("method", "vf_coef", _nonneg, ">= 0"),

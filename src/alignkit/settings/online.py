@@ -338,7 +338,10 @@ class GRPOMethod(KLPenaltyMethod):
     clip_eps_high: float | None = None
     dual_clip: float | None = None
     entropy_coef: float = 0.0
-    aggregation: Literal["sequence_mean", "token_sum"] = "sequence_mean"
+    aggregation: Literal["sequence_mean", "token_sum", "max_length_mean"] = "sequence_mean"  # TRL's grpo, dapo, dr_grpo
+    importance_sampling: Literal["token", "sequence"] = "token"  # sequence: GSPO (TRL's importance_sampling_level)
+    top_entropy_quantile: float = 1.0  # < 1: policy terms only on the top quantile of tokens by entropy (TRL's)
+    cispo_max: float | None = None  # set: CISPO's loss, the weight min(ratio, cispo_max) detached (TRL's cispo)
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"  # grpo
 
 
@@ -369,7 +372,10 @@ class PPOMethod(PPOObjective, KLPenaltyMethod):
 # update on, so one update per generation step leaves them inert (ratio pi / pi_old exactly 1; values = old values)
 CLIP_KEYS = {"clip_eps": "clips the policy ratio pi / pi_old", "clip_eps_high": "sets the upper clip of the policy "
              "ratio pi / pi_old", "dual_clip": "bounds the loss of a policy ratio pi / pi_old far above 1 (negative "
-             "advantages)", "cliprange_value": "clips the value head's change from its rollout values"}
+             "advantages)", "cliprange_value": "clips the value head's change from its rollout values",
+             "importance_sampling": "takes one ratio pi / pi_old per sequence (GSPO), which at ratio 1 gives the same "
+             "gradient as a ratio per token", "cispo_max": "caps CISPO's weight pi / pi_old, which at ratio 1 "
+             "(weight 1) gives the clipped loss's gradient"}
 
 
 def check_clip_acts(method: Any, samples_per_step: int, where: str = "method.") -> None:
@@ -385,6 +391,9 @@ def check_clip_acts(method: Any, samples_per_step: int, where: str = "method.") 
     defaults = {f.name: f.default for f in dataclasses.fields(method)}
     for key, what in CLIP_KEYS.items():
         value = getattr(method, key, None)
+        if key == "importance_sampling" and getattr(method, "top_entropy_quantile", 1.0) < 1 or \
+                key == "cispo_max" and value is not None and value < 1:
+            continue  # the sequence ratio's gradient spans tokens the entropy mask drops; a cap < 1 scales at ratio 1
         if key in defaults and value is not None and value != defaults[key]:
             batch = (f"{'null' if where else 'None'} (the whole step)" if method.mini_batch_size is None else
                      f"{method.mini_batch_size} >= the step's {samples_per_step}")

@@ -101,10 +101,10 @@ TRL_NAMES: dict[str, str] = {
             "and ppo (TRL's rloo subtracts beta x the summed k1 from the reward: method.kl_in_reward=true with "
             "method.kl_estimator=k1)",
     "loss_type": "method.loss_type for sft, dpo, kto and online-dpo; for grpo and rloo, method.aggregation "
-                 "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; TRL's dr_grpo has "
-                 "no equivalent)",
+                 "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; max_length_mean: "
+                 "over sequences x sampling.max_new_tokens, TRL's dr_grpo; TRL's cispo: method.cispo_max)",
     "epsilon": "method.clip_eps",
-    "epsilon_high": "method.clip_eps_high",
+    "epsilon_high": "method.clip_eps_high (with TRL's loss_type cispo: method.cispo_max)",
     "cliprange": "method.clip_eps",
     "num_iterations": "method.epochs_per_step",
     "num_ppo_epochs": "method.epochs_per_step",
@@ -121,15 +121,15 @@ TRL_NAMES: dict[str, str] = {
     "vllm_server_port": "method.vllm_server_url (http://host:port)",
     "vllm_gpu_memory_utilization": "method.vllm: {gpu_memory_utilization: ...} (vllm.LLM's arguments)",
     "vllm_tensor_parallel_size": "method.vllm: {tensor_parallel_size: ...} (vllm.LLM's arguments)",
-    "top_entropy_quantile": f"{_NOT_HERE}; remove it",
-    "importance_sampling_level": f"{_NOT_HERE} (the ratio is per token, TRL's default); remove it",
+    "importance_sampling_level": "method.importance_sampling (token or sequence: GSPO's one ratio per sequence, exp of "
+                                 "the mean of its tokens' log-ratios)",
     "steps_per_generation": "method.epochs_per_step with method.mini_batch_size (several updates per generation step)",
     "min_p": f"{_NOT_HERE} (samples come from the policy at sampling.temperature with sampling.top_p / top_k only, the "
              "distribution the loss scores); remove it",
     "repetition_penalty": f"{_NOT_HERE} (pinned to 1: a penalised sample is not drawn from the policy the loss "
                           "scores); remove it",
-    "delta": f"{_NOT_HERE} (TRL's upper bound of the two-sided clip); method.dual_clip bounds the loss of negative "
-             "advantages instead (Ye et al.), not the same; remove it",
+    "delta": "method.dual_clip (TRL's min(ratio, delta) before the min bounds, for delta > 1 + epsilon_high, only "
+             "negative advantages' loss at delta x A, with the same gradient as the dual clip)",
     "normalize_advantages": f"{_NOT_HERE} (rloo's leave-one-out advantages are not rescaled per batch); remove it",
     "vllm_importance_sampling_correction": f"{_NOT_HERE} (pi_old is the trainer's own log-probs of vLLM's samples, not "
                                            "vLLM's); remove it",
@@ -165,8 +165,10 @@ TRL_LOSS_TYPES: dict[str, str] = {
     "grpo": "method.aggregation=sequence_mean (alignkit grpo's loss_type is not a key)",
     "dapo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
     "bnpo": "method.aggregation=token_sum (alignkit grpo's loss_type is not a key)",
-    "dr_grpo": f"{_NOT_HERE} (a constant max_completion_length normaliser); method.scale_by_std=false gives Dr. GRPO's "
-               "advantage",
+    "cispo": "method.cispo_max=<TRL's epsilon_high> with method.aggregation=token_sum (TRL's cispo normaliser); "
+             "alignkit grpo's loss_type is not a key",
+    "dr_grpo": "method.aggregation=max_length_mean (sequences x sampling.max_new_tokens; alignkit grpo's loss_type is "
+               "not a key); method.scale_by_std=false gives Dr. GRPO's advantage",
 }
 
 _F_OTHERS = ("TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and sigmoid_norm too: those have no "

@@ -1,0 +1,255 @@
+"""TRL 1.16's GRPO loss variants (grpo_trainer.py `_compute_loss`), each against values written out by hand on a
+hand-made batch: GSPO's sequence-level ratio (importance_sampling_level), Dr. GRPO's constant normaliser
+(loss_type dr_grpo), the two-sided clip `delta` (= alignkit's dual_clip) and top_entropy_quantile. Before, each was
+refused as "alignkit has no equivalent"."""
+
+from __future__ import annotations
+
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from alignkit.losses import clipped_policy_loss, high_entropy_mask
+from alignkit.online.generation import SamplingConfig
+
+
+def _flat(rows):
+    return [v for row in rows for v in row]
+
+
+def _leaf(rows):
+    return torch.tensor(rows, dtype=torch.float64, requires_grad=True)
+
+
+def test_gspo_sequence_ratio_loss_and_gradient_by_hand():
+    """One ratio per sequence s_i = exp(mean of its loss tokens' log pi - log pi_old), clipped to [0.8, 1.2];
+    loss_i (sequence_mean) = -min(s_i A_i, clip(s_i) A_i); d loss_i / d log pi_t = -A_i s_i / |y_i| when unclipped,
+    0 when clipped (TRL: the gradient flows through the mean)."""
+    logps = _leaf([[-1.0, -0.5, -2.0], [-0.3, -0.7, -9.0], [-1.0, -2.0, -9.0]])
+    old = torch.tensor([[-1.2, -0.4, -2.1], [-0.8, -1.0, 0.0], [-0.9, -1.1, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, False]])
+    adv = torch.tensor([-0.5, 1.0, -1.0], dtype=torch.float64)
+    out = clipped_policy_loss(logps, old, adv, mask, clip_eps=0.2, importance_sampling="sequence")
+    s0 = math.exp((0.2 - 0.1 + 0.1) / 3)  # 1.069: inside [0.8, 1.2]
+    s1 = math.exp((0.5 + 0.3) / 2)  # 1.492 > 1.2 with A > 0: clipped, 1.2 x A
+    s2 = math.exp((-0.1 - 0.9) / 2)  # 0.607 < 0.8 with A < 0: clipped, 0.8 x A
+    assert 0.8 < s0 < 1.2 and s1 > 1.2 and s2 < 0.8
+    assert out.losses.tolist() == pytest.approx([0.5 * s0, -1.2, 0.8], rel=1e-12)
+    out.losses.sum().backward()
+    g = 0.5 * s0 / 3
+    assert _flat(logps.grad.tolist()) == pytest.approx([g, g, g, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], abs=1e-12)
+    # per token instead, sequence 2's first token (ratio exp(-0.1) = 0.905) is inside the clip: it has a gradient
+    tok = _leaf(logps.detach().tolist())
+    clipped_policy_loss(tok, old, adv, mask, clip_eps=0.2).losses.sum().backward()
+    assert tok.grad[2, 0].item() == pytest.approx(1.0 * math.exp(-0.1) / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_sum", "max_length_mean"])
+def test_gspo_on_policy_ratio_is_one_and_its_gradient_is_the_token_mean(aggregation):
+    """One update per step (pi_old = detached pi): s_i = 1, so loss_t = -A_i, but d s_i / d log pi_t = 1 / |y_i|:
+    the gradient is -A_i / |y_i| per token (sequence_mean) or -A_i (sums), the per-token ratio's exactly."""
+    logps = _leaf([[-1.0, -0.5, -2.0], [-0.3, -0.7, -9.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    adv = torch.tensor([2.0, -1.0], dtype=torch.float64)
+    out = clipped_policy_loss(logps, logps.detach(), adv, mask, importance_sampling="sequence",
+                              aggregation=aggregation)
+    per_seq = aggregation == "sequence_mean"
+    assert out.losses.tolist() == pytest.approx([-2.0, 1.0] if per_seq else [-6.0, 2.0], rel=1e-12)
+    out.losses.sum().backward()
+    g0, g1 = (-2.0 / 3, 1.0 / 2) if per_seq else (-2.0, 1.0)
+    assert _flat(logps.grad.tolist()) == pytest.approx([g0, g0, g0, g1, g1, 0.0], abs=1e-12)
+    tok = _leaf(logps.detach().tolist())
+    clipped_policy_loss(tok, tok.detach(), adv, mask, aggregation=aggregation).losses.sum().backward()
+    assert _flat(tok.grad.tolist()) == pytest.approx(_flat(logps.grad.tolist()), abs=1e-12)
+
+
+def test_trls_delta_is_the_dual_clip_loss_and_gradient():
+    """TRL 1.16: coef_2 = clamp(r, 1 - eps, 1 + eps_high); coef_1 = clamp(r, max=delta); loss = -min(coef_1 A,
+    coef_2 A). Written out here on ratios on both sides of the clip, both advantage signs: alignkit's dual_clip=delta
+    gives the same loss and gradient (delta > 1 + eps_high). By hand: r = 4, A = -1, delta 3 -> loss 3, no gradient."""
+    log_r = [math.log(v) for v in (0.5, 0.9, 1.1, 1.5, 2.5, 4.0)]
+    for a in (1.0, -1.0):
+        trl_lp, ours_lp = _leaf([log_r]), _leaf([log_r])
+        zeros = torch.zeros(1, 6, dtype=torch.float64)
+        r = torch.exp(trl_lp - zeros)
+        coef_2 = r.clamp(1 - 0.2, 1 + 0.28)
+        trl = -torch.minimum(r.clamp(max=3.0) * a, coef_2 * a)
+        trl.sum().backward()
+        out = clipped_policy_loss(ours_lp, zeros, torch.tensor([a], dtype=torch.float64), torch.ones(1, 6, dtype=bool),
+                                  clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, aggregation="token_sum")
+        out.losses.sum().backward()
+        assert out.losses.item() == pytest.approx(trl.sum().item(), rel=1e-12)
+        assert _flat(ours_lp.grad.tolist()) == pytest.approx(_flat(trl_lp.grad.tolist()), abs=1e-12)
+    assert trl[0, 5].item() == pytest.approx(3.0) and trl_lp.grad[0, 5].item() == 0.0
+    assert trl[0, 3].item() == pytest.approx(1.5) and trl_lp.grad[0, 3].item() == pytest.approx(1.5)
+
+
+def test_high_entropy_mask_keeps_the_top_quantile_of_loss_tokens():
+    """rho = 0.5 over the 5 loss tokens' entropies 0.1, 0.9, 0.5, 0.3, 0.7: the 0.5 quantile is the median 0.5,
+    kept: 0.9, 0.5, 0.7 (>=); the padded position (entropy 5.0) is neither counted nor kept. rho 0: only the top."""
+    ent = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.7, 5.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    assert high_entropy_mask(ent, mask, 0.5).tolist() == [[False, True, True], [False, True, False]]
+    assert high_entropy_mask(ent, mask, 0.0).tolist() == [[False, True, False], [False, False, False]]
+    assert high_entropy_mask(ent, mask, 1.0).tolist() == mask.tolist()
+    # 0.8 quantile of (0.1, 0.3, 0.5, 0.7, 0.9) by linear interpolation: index 0.2 x 4 = 0.8 -> 0.1 + 0.8 x 0.2 = 0.26
+    assert high_entropy_mask(ent, mask, 0.8).tolist() == [[False, True, True], [True, True, False]]
+
+
+def _stub(world_entropies=None, **kw):
+    """A GRPOTrainer without a model over 2 samples of one prompt, advantages +1 / -1 (scale_by_std off, rewards 1
+    and -1), 3 and 2 loss tokens, entropies 0.1, 0.9, 0.5 / 0.3, 0.7, one update (pi_old = this forward)."""
+    from alignkit.online import GRPOConfig, GRPOTrainer
+    from alignkit.online.rollout import TokenStats
+
+    cfg = GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), prompts_per_step=1, kl_coef=0.0,
+                     scale_by_std=False, **kw)
+    t = object.__new__(GRPOTrainer)
+    t.config, t.world, t.kl_ctl, t._step = cfg, 1, SimpleNamespace(value=0.0), 0
+    logps = _leaf([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    ent = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)
+    asked = []
+    t.token_stats = lambda batch, entropy=False: asked.append(entropy) or TokenStats(
+        logps[batch["row"]], mask[batch["row"]], ent[batch["row"]] if entropy else None)
+    t.pass_sums = lambda *a: 0.0
+    if world_entropies is not None:  # another process's loss-token entropies, padded to this one's 5 with -1e9
+        t.world = 2
+        t.accelerator = SimpleNamespace(
+            pad_across_processes=lambda v, dim, pad_index: v,
+            gather=lambda v: torch.cat([v, torch.tensor(world_entropies + [-1e9] * (5 - len(world_entropies)))]))
+    rollout = SimpleNamespace(samples=[], batch={"row": torch.arange(2), "attention_mask": torch.ones(2, 4, dtype=torch.long)}, scores=torch.tensor([1.0, -1.0]),
+                              rewards=torch.tensor([1.0, -1.0]), weights=torch.ones(2), mask=mask, old_logps=None,
+                              ref_logps=None, metrics={})
+    return t, t.build_batch(rollout), logps, asked
+
+
+def test_top_entropy_quantile_keeps_policy_terms_on_high_entropy_tokens_by_hand():
+    """rho 0.5 keeps tokens (0, 1), (0, 2), (1, 1) (entropy >= the median 0.5); sequence_mean still divides by all
+    loss tokens (TRL's mask): loss = (mean(-1, -1 over 3) + mean(+1 over 2)) / 2 = (-2/3 + 1/2) / 2 = -1/12;
+    gradient -1/3 / 2 on (0, 1), (0, 2), +1/2 / 2 on (1, 1), 0 elsewhere. Entropies are asked for only then."""
+    t, pb, logps, asked = _stub(top_entropy_quantile=0.5)
+    loss, _ = t.policy_loss(pb, torch.arange(2))
+    assert loss.item() == pytest.approx(-1 / 12, rel=1e-12)
+    loss.backward()
+    assert _flat(logps.grad.tolist()) == pytest.approx([0.0, -1 / 6, -1 / 6, 0.0, 0.25, 0.0], abs=1e-12)
+    assert asked == [True]
+    # two processes: the other's loss tokens (0.95, 0.96, 0.97, 0.98, 0.99) join the quantile: the 0.5 quantile of
+    # the ten is (0.9 + 0.95) / 2 = 0.925, above all of this process's but none: nothing here has a policy term
+    t, pb, logps, _ = _stub([0.95, 0.96, 0.97, 0.98, 0.99], top_entropy_quantile=0.5)
+    loss, _ = t.policy_loss(pb, torch.arange(2))
+    assert loss.item() == 0.0
+
+
+def test_dr_grpo_divides_token_sums_by_samples_times_max_new_tokens_by_hand():
+    """TRL's dr_grpo: sum of the token losses / (sequences x max_completion_length): (-1 x 3 + 1 x 2) / (2 x 4) =
+    -1/8; each token's gradient -A / 8. Nothing else asks for entropies (an off-policy forward: none at all)."""
+    t, pb, logps, asked = _stub(aggregation="max_length_mean")
+    pb.rollout.old_logps = logps.detach().clone()  # a separate old-log-prob pass: this forward is not pi_old
+    loss, _ = t.policy_loss(pb, torch.arange(2))
+    assert loss.item() == pytest.approx(-1 / 8, rel=1e-12)
+    loss.backward()
+    assert _flat(logps.grad.tolist()) == pytest.approx([-1 / 8] * 3 + [1 / 8, 1 / 8, 0.0], abs=1e-12)
+    assert asked == [False]
+
+
+@pytest.mark.parametrize("kw, said", [
+    ({"importance_sampling": "seq"}, "importance_sampling must be 'token' (a ratio per token) or 'sequence'"),
+    ({"aggregation": "dr_grpo"}, "aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo) or "
+                                 "'max_length_mean' (dr_grpo), got 'dr_grpo'"),
+    ({"top_entropy_quantile": 1.5}, "GRPOConfig.top_entropy_quantile: 1.5 is out of range; it must be in [0, 1]"),
+    ({"importance_sampling": "sequence"}, "importance_sampling: 'sequence' takes one ratio pi / pi_old per sequence "
+                                          "(GSPO), which at ratio 1 gives the same gradient as a ratio per token, and "
+                                          "with one update per generation step"),
+])
+def test_library_config_refuses_in_one_line(kw, said):
+    from alignkit.online import GRPOConfig
+
+    with pytest.raises(ValueError, match=re.escape(said)) as e:
+        GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), **kw)
+    assert "\n" not in str(e.value)
+    several = GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), epochs_per_step=2,
+                         importance_sampling="sequence")
+    assert several.importance_sampling == "sequence"
+    # with the entropy mask the sequence ratio's gradient differs from the token one's even at ratio 1: accepted
+    assert GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), importance_sampling="sequence",
+                      top_entropy_quantile=0.2).importance_sampling == "sequence"
+
+
+@pytest.mark.parametrize("key, said", [
+    ("method.top_entropy_quantile=-0.1", "method.top_entropy_quantile: -0.1 is out of range; it must be in [0, 1]"),
+    ("method.importance_sampling=seq", "method.importance_sampling"),
+    ("method.aggregation=dr_grpo", "method.aggregation"),
+    ("method.importance_sampling=sequence", "method.importance_sampling: 'sequence' takes one ratio"),
+    ("method.cispo_max=5.0", "method.cispo_max: 5.0 caps CISPO's weight pi / pi_old"),
+])
+def test_run_config_refuses_in_one_line(key, said):
+    from alignkit.settings import ConfigError, load_config
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl",
+            "annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}"]
+    with pytest.raises(ConfigError, match=re.escape(said)) as e:
+        load_config(None, [*base, key], command="grpo")
+    assert "\n" not in str(e.value)
+    cfg = load_config(None, [*base, "method.importance_sampling=sequence", "method.epochs_per_step=2",
+                             "method.aggregation=max_length_mean", "method.top_entropy_quantile=0.2"], command="rloo")
+    trainer = cfg.trainer_config()
+    assert (trainer.importance_sampling, trainer.aggregation, trainer.top_entropy_quantile) == \
+        ("sequence", "max_length_mean", 0.2)
+
+
+def test_cispo_loss_and_gradient_by_hand():
+    """TRL 1.16's cispo: per_token_loss = -clamp(ratio, max=epsilon_high).detach() x A x log pi. Ratios 2 and 0.5
+    (log pi -1 and -2 over pi_old), A = 3, cap 1.5: weights 1.5 and 0.5, loss = -(1.5 x 3 x -1 + 0.5 x 3 x -2) = 7.5
+    (token_sum), gradient -w A: -4.5 and -1.5 (the weight carries none)."""
+    logps = _leaf([[-1.0, -2.0]])
+    old = torch.tensor([[-1.0 - math.log(2.0), -2.0 + math.log(2.0)]], dtype=torch.float64)
+    out = clipped_policy_loss(logps, old, torch.tensor([3.0], dtype=torch.float64), torch.ones(1, 2, dtype=bool),
+                              cispo_max=1.5, aggregation="token_sum")
+    assert out.losses.item() == pytest.approx(7.5, rel=1e-12)
+    out.losses.sum().backward()
+    assert logps.grad[0].tolist() == pytest.approx([-4.5, -1.5], rel=1e-12)
+    assert out.metrics["clip_ratio/region_mean"].item() == 0.5  # the ratio 2 is above the cap
+
+
+@pytest.mark.parametrize("kw, said", [
+    ({"cispo_max": 5.0, "clip_eps_high": 0.28}, "clip_eps_high=0.28 shapes the clipped loss, and cispo_max=5.0 "
+                                                "replaces it with CISPO's"),
+    ({"cispo_max": 5.0, "epochs_per_step": 1}, "cispo_max: 5.0 caps CISPO's weight pi / pi_old, which at ratio 1"),
+    ({"cispo_max": 0.0, "epochs_per_step": 2}, "RLOOConfig.cispo_max: 0.0 is out of range"),
+])
+def test_cispo_settings_that_cannot_act_are_refused(kw, said):
+    from alignkit.online import RLOOConfig
+
+    with pytest.raises(ValueError, match=re.escape(said)):
+        RLOOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), **kw)
+    assert RLOOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), cispo_max=0.5).cispo_max == 0.5
+
+
+@pytest.mark.parametrize("kw", [
+    {"importance_sampling": "sequence", "epochs_per_step": 2, "clip_eps_high": 0.28, "dual_clip": 3.0},
+    {"aggregation": "max_length_mean", "top_entropy_quantile": 0.2},
+    {"cispo_max": 5.0, "aggregation": "token_sum", "mini_batch_size": 4, "importance_sampling": "sequence"},
+])
+def test_each_variant_trains_a_tiny_policy_end_to_end(tiny_dir, tokenizer, kw):
+    """The real forward (entropies from the model, old log-probs from the rollout pass when several updates): two
+    steps run, the loss is finite and the LoRA weights move."""
+    from alignkit.online import GRPOConfig, GRPOTrainer
+
+    from .toy import PROMPTS, digit_fraction, toy_policy
+
+    model = toy_policy(tiny_dir("llama"), "lora")
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, sampling=SamplingConfig(num_samples=4, max_new_tokens=3),
+                     learning_rate=1e-2, **kw)
+    rows = []
+    trainer = GRPOTrainer(model, tokenizer, PROMPTS, {"type": "function", "fn": digit_fraction}, cfg)
+    trainer.log = lambda row: rows.append(row)
+    trainer.train()
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    after = [p for p in model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
