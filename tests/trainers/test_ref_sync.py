@@ -143,3 +143,21 @@ def test_what_cannot_be_synced_is_refused(case, tiny_dir, tmp_path):
                           processing_class=load_tokenizer(path), **kw)
     assert named in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not (tmp_path / "cache").exists()  # refused before the reference log-probs were computed
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_ref_sync_under_a_sharding_engine_is_refused(engine):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from alignkit.settings.sections import RefSync
+    from alignkit.trainers.ref_sync import refuse_sharded_ref_sync
+
+    accelerator = SimpleNamespace(distributed_type=getattr(DistributedType, engine))
+    with pytest.raises(ConfigError, match=r"^PreferenceTrainer: ref_sync under \w+ is not supported: the reference is "
+                                          r"sharded by the engine") as err:
+        refuse_sharded_ref_sync(RefSync(0.5, 2), accelerator, "PreferenceTrainer")
+    assert "\n" not in str(err.value)
+    refuse_sharded_ref_sync(None, accelerator, "PreferenceTrainer")  # off: nothing to refuse
+    refuse_sharded_ref_sync(RefSync(0.5, 2), SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), "x")
