@@ -84,7 +84,7 @@ def test_unknown_key_lists_every_valid_key():
         config_from_dict({**BASE, "method": {"zzz": 1}}, "kto")
     valid = e.value.args[0].split("Valid keys: ")[1].split(", ")
     assert valid == ["loss_type", "beta", "desirable_weight", "undesirable_weight", "reference", "chunk_size",
-                     "disable_dropout", "weight_normalization"]
+                     "disable_dropout", "weight_normalization", "ref_sync"]
     assert "did you mean" not in str(e.value) and "zzz: unknown key. Valid keys" in str(e.value)  # nothing close
 
 

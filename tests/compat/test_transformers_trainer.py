@@ -606,3 +606,29 @@ def test_trainer_reads_no_script_flags_and_hub_fields_are_the_ones_alignkit_chec
         values = {s.value for s in importlib.import_module("transformers.trainer_utils").HubStrategy}
     check(values == {"end", "every_save", "checkpoint", "all_checkpoints"}, TF, "HubStrategy's values changed",
           where, str(sorted(values)))
+
+
+# T26 -----------------------------------------------------------------------------------------------------
+
+def test_on_step_end_follows_each_optimizer_step_before_its_checkpoint(tiny_dir, tokenizer, sft_features, tmp_path):
+    """`TrainerCallback.on_step_end` runs once per optimizer step (not per micro-batch), after `global_step` counts
+    that step and before the step's checkpoint is saved: ref_sync's mix at steps tau, 2 tau, ... and its reference in
+    that checkpoint rest on both."""
+    from transformers import TrainerCallback
+
+    seen: list = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((state.global_step, (tmp_path / "out" / f"checkpoint-{state.global_step}").exists()))
+
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, kind="full", max_steps=3,
+                          per_device_train_batch_size=1, gradient_accumulation_steps=2, save_strategy="steps",
+                          save_steps=1)
+    trainer.add_callback(Record())
+    trainer.train()
+    where = "alignkit/trainers/ref_sync.py:RefSyncCallback.on_step_end"
+    check([s for s, _ in seen] == [1, 2, 3], TF, "on_step_end is no longer called once per optimizer step after "
+          "global_step is counted (ref_sync would mix at other steps)", where, f"steps seen {seen}")
+    check(not any(saved for _, saved in seen), TF, "the step's checkpoint is saved before on_step_end (it would hold "
+          "the reference before that step's sync)", where, f"{seen}")

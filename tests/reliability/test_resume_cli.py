@@ -26,6 +26,8 @@ CASES = {  # (command, config, extra overrides)
     "dpo-full": ("dpo", "dpo-tiny.yaml", []),
     "dpo-lora": ("dpo", "dpo-lora-tiny.yaml", []),
     "dpo-reft": ("dpo", "dpo-reft-tiny.yaml", []),
+    # TR-DPO: the reference moves after every step, so steps 3-4 score against the checkpoint's synced reference
+    "dpo-full-ref-sync": ("dpo", "dpo-tiny.yaml", ["method.ref_sync={alpha: 0.5, steps: 1}"]),
 }
 
 
@@ -59,7 +61,7 @@ def killed_after(monkeypatch, steps: int, *run) -> None:
     monkeypatch.setattr(AlignTrainer, "training_step", real_step)
 
 
-KILLED = ("sft-full", "dpo-lora", "dpo-reft")  # the others resume from the uninterrupted run's checkpoint-2 (cheaper)
+KILLED = ("sft-full", "dpo-lora", "dpo-reft", "dpo-full-ref-sync")  # the others resume from the uninterrupted run's checkpoint-2 (cheaper)
 
 
 @pytest.mark.parametrize("case", list(CASES))

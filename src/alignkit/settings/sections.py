@@ -167,16 +167,57 @@ def reference_free(loss_type: str | list[str] | tuple[str, ...]) -> bool:
 
 
 @dataclass
+class RefSync:
+    """TR-DPO reference syncing (Gorbatovski et al. 2024; TRL's sync_ref_model, ref_model_mixup_alpha,
+    ref_model_sync_steps): after every `steps`-th optimizer step the reference becomes
+    alpha * policy + (1 - alpha) * reference (alpha 1: the policy itself). `method.ref_sync` of dpo and kto."""
+
+    alpha: float = 0.6
+    steps: int = 512
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
+            raise ConfigError(f"method.ref_sync.alpha: {a!r} is not in (0, 1] (the policy's share of the reference "
+                              "at each sync; TRL's default 0.6); set a value in (0, 1]")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"method.ref_sync.steps: {self.steps!r} is not an integer >= 1 (optimizer steps "
+                              "between syncs; TRL's default 512); set an integer >= 1")
+
+
+def refuse_ref_sync_reference(ref_sync: RefSync | None, reference: str, names: list[str] | None = None,
+                              cache_dir: str | None = None) -> None:
+    """ConfigError for `method.ref_sync` with a reference it cannot move: reference-free losses (`names`), the
+    adapter switched off, precomputed log-probs (stale after the first sync)."""
+    if ref_sync is None:
+        return
+    if reference == "none" or (names is not None and reference_free(names)):
+        raise ConfigError(f"method.ref_sync: the loss reads no reference (loss_type {names}, method.reference "
+                          f"{reference!r}), so there is nothing to sync; remove method.ref_sync")
+    if reference == "adapter_off":
+        raise ConfigError("method.ref_sync: method.reference=adapter_off scores the policy with its adapter switched "
+                          "off, which training never changes, so there is no separate reference to move; use "
+                          "adapter.kind=full (its reference is a frozen copy) or remove method.ref_sync")
+    if reference == "precomputed" or cache_dir is not None:
+        raise ConfigError("method.ref_sync: the reference log-probs are precomputed once (method.reference="
+                          "precomputed / method.reference_cache_dir), and they would be stale after the first sync; "
+                          "remove method.reference_cache_dir and set method.reference=copy (or auto), or remove "
+                          "method.ref_sync")
+
+
+@dataclass
 class DPOMethod(PreferenceObjective):
     reference: Literal["auto", "adapter_off", "copy", "precomputed", "none"] = "auto"
     reference_cache_dir: str | None = None
     chunk_size: int = 1024
     disable_dropout: bool = True
     weight_normalization: Literal["count", "weighted"] = "count"
+    ref_sync: RefSync | None = None  # TR-DPO: the reference moves towards the policy every ref_sync.steps steps
 
     def __post_init__(self) -> None:
         super().__post_init__()
         names = loss_names(self.loss_type)
+        refuse_ref_sync_reference(self.ref_sync, self.reference, names, self.reference_cache_dir)
         if self.reference not in ("auto", "none") and reference_free(names):
             raise ConfigError(f"method.reference: {self.reference!r}, and loss_type {names} reads no reference "
                               "(reference-free), so the reference would be built and scored every step for nothing "
@@ -200,6 +241,10 @@ class KTOMethod:
     chunk_size: int = 1024
     disable_dropout: bool = True
     weight_normalization: Literal["count", "weighted"] = "count"
+    ref_sync: RefSync | None = None  # TR-DPO's syncing, as dpo's
+
+    def __post_init__(self) -> None:
+        refuse_ref_sync_reference(self.ref_sync, self.reference)
 
 
 @dataclass
@@ -329,11 +374,28 @@ class DPOConfig(TrainConfig):
     method: DPOMethod = field(default_factory=DPOMethod)
     command = "dpo"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse_ref_sync_adapter(self.method.ref_sync, self.adapter)
+
 
 @dataclass
 class KTOConfig(TrainConfig):
     method: KTOMethod = field(default_factory=KTOMethod)
     command = "kto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        refuse_ref_sync_adapter(self.method.ref_sync, self.adapter)
+
+
+def refuse_ref_sync_adapter(ref_sync: RefSync | None, adapter: AdapterConfig) -> None:
+    """ConfigError for `method.ref_sync` with an adapter: the reference is the base with the adapter switched off."""
+    if ref_sync is not None and adapter.parts:
+        raise ConfigError(f"method.ref_sync: with adapter.kind={adapter.kind} the reference is the base model with the "
+                          "adapter switched off, which training never changes, so there is no separate reference to "
+                          "move; use adapter.kind=full (its reference is a frozen copy of the initial model) or "
+                          "remove method.ref_sync")
 
 
 # What a prompts-only `data` section (online training, `sample`, `generate`) reads: the prompts are read, never
@@ -457,4 +519,4 @@ __all__ = ["refuse_unread_loss_params", "PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "
            "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings",
            "EvalConfig", "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig",
            "RewardMethod", "SFTConfig", "SFTMethod", "TrainConfig", "REFERENCE_FREE", "check_pair_layout",
-           "loss_names", "reference_free"]
+           "loss_names", "reference_free", "RefSync", "refuse_ref_sync_adapter", "refuse_ref_sync_reference"]

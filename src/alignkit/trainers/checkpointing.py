@@ -99,8 +99,13 @@ class Checkpointing:
             self._staging_run_dir = None
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are in
         if self.args.should_save:
+            self.save_checkpoint_extras(staging_root / name)
             self._commit_checkpoint(run_dir, staging_root, name)
         self.accelerator.wait_for_everyone()  # EVERY process (an early return here hung the next step's collective)
+
+    def save_checkpoint_extras(self, folder: Path) -> None:
+        """Files a trainer adds to the staged checkpoint `folder` (main process), committed with the rest of it
+        (`alignkit.trainers.ref_sync`: the synced reference). None here."""
 
     def data_digest(self) -> str | None:
         """`data_digest` of this trainer's training examples (computed once)."""

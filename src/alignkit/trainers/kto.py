@@ -27,6 +27,7 @@ from alignkit.losses import KL_LOSSES, UNPAIRED_LOSSES, LossOutput
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.logps import completion_logps, prompt_spans
+from alignkit.trainers.ref_sync import SyncsReference, as_ref_sync, check_ref_sync
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def check_kl_batches(dataset: Any, batch_size: int, world_size: int, drop_last: 
                           f"train.dataloader_drop_last=true, or a train.{key} that leaves 0 or >= 2")
 
 
-class KTOTrainer(HasReference, AlignTrainer):
+class KTOTrainer(HasReference, SyncsReference, AlignTrainer):
     """Unpaired preference trainer for any adapter kind (KTO by default)."""
 
     record_kinds = ("unpaired",)
@@ -128,7 +129,7 @@ class KTOTrainer(HasReference, AlignTrainer):
     def __init__(self, model: nn.Module, args: Any, *, loss_type: str = "kto", beta: float = 0.1,
                  desirable_weight: float = 1.0, undesirable_weight: float = 1.0, reference: str = "auto",
                  ref_model: nn.Module | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
-                 **kwargs: Any) -> None:
+                 ref_sync: Any = None, **kwargs: Any) -> None:
         UNPAIRED_LOSSES[loss_type]
         self.loss_type, self.beta, self.chunk_size = loss_type, beta, chunk_size
         self.reads_kl = loss_type in KL_LOSSES  # else no mismatched pairs are scored (no kl logged)
@@ -136,6 +137,8 @@ class KTOTrainer(HasReference, AlignTrainer):
         # its KL pairs depend on how batches are drawn, so they cannot be precomputed
         self.reference: Reference = build_reference(model, reference, ref_model=ref_model, chunk_size=chunk_size,
                                                     supports=("adapter_off", "copy"), owner="KTOTrainer")
+        ref_sync = as_ref_sync(ref_sync)  # TR-DPO's syncing, as PreferenceTrainer's (alignkit.trainers.ref_sync)
+        check_ref_sync(ref_sync, self.reference.mode, model, ref_model, "KTOTrainer")
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
         a = self.args
         if self.reads_kl:
@@ -147,6 +150,7 @@ class KTOTrainer(HasReference, AlignTrainer):
         check_label_balance(self.train_dataset, desirable_weight, undesirable_weight)
         self._check_best_metric_side()
         self.reference.place(self.args.device, self.accelerator, disable_dropout=disable_dropout)
+        self.setup_ref_sync(ref_sync)
 
     PER_SIDE = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")  # logged as <name>_sum / count
 

@@ -30,10 +30,11 @@ from alignkit.trainers.packing import check_layout, resolve_padding_free, resolv
 from alignkit.trainers.pairs import pair_batch
 from alignkit.settings.sections import (REFERENCE_FREE, PreferenceObjective, loss_names, reference_free,
                                         refuse_unread_loss_params)
+from alignkit.trainers.ref_sync import SyncsReference, as_ref_sync, check_ref_sync
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 
-class PreferenceTrainer(HasReference, AlignTrainer):
+class PreferenceTrainer(HasReference, SyncsReference, AlignTrainer):
     """DPO-family trainer for any adapter kind.
 
     Args:
@@ -55,6 +56,8 @@ class PreferenceTrainer(HasReference, AlignTrainer):
             (sdpa, no activation checkpointing, no ReFT, alignkit's right-padded PreferenceCollator or none;
             `alignkit.trainers.packing.resolve_share_prompt`).
         group_by_length: batches of similar lengths (`alignkit.data.batching.LengthGroupedSampler`).
+        ref_sync: TR-DPO reference syncing, {"alpha": a, "steps": tau} (`alignkit.trainers.ref_sync`): every tau
+            optimizer steps the reference copy becomes a * policy + (1 - a) * reference. Full finetuning only.
     """
 
     rows_per_example = 2
@@ -67,7 +70,8 @@ class PreferenceTrainer(HasReference, AlignTrainer):
                  loss_weights: Sequence[float] | None = None, beta: float = 0.1,
                  params: PreferenceParams | None = None, reference: str = "auto", ref_model: nn.Module | None = None,
                  reference_cache_dir: str | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
-                 padding_free: bool | None = None, share_prompt: bool | None = None, **kwargs: Any) -> None:
+                 padding_free: bool | None = None, share_prompt: bool | None = None,
+                 ref_sync: Any = None, **kwargs: Any) -> None:
         check_layout(model, share_prompt, padding_free, reward_model=False)
         share_prompt = resolve_share_prompt(share_prompt, padding_free, model, args, kwargs.get("data_collator"))
         if padding_free is None:
@@ -89,10 +93,13 @@ class PreferenceTrainer(HasReference, AlignTrainer):
         self.reference: Reference = build_reference(model, reference, ref_model=ref_model, owner=type(self).__name__,
                                                     reference_free=reference_free(names),
                                                     cache_dir=reference_cache_dir, chunk_size=chunk_size)
+        ref_sync = as_ref_sync(ref_sync)
+        check_ref_sync(ref_sync, self.reference.mode, model, ref_model, type(self).__name__)
         super().__init__(model, args, disable_dropout=disable_dropout, **kwargs)
         if share_prompt:
             self.data_collator = shared_prompt_collator(self.data_collator)
         self.reference.place(self.args.device, self.accelerator, disable_dropout=disable_dropout)
+        self.setup_ref_sync(ref_sync)
         self._precompute()
 
     def _precompute(self) -> None:
