@@ -142,11 +142,21 @@ class Checkpoints:
                          "stall": list(stall) if (stall := getattr(self, "_stall", None)) else None,
                          "run_counts": {"flat_steps": getattr(self, "_flat_steps", 0),
                                         "clipped_steps": getattr(self, "_clipped_steps", 0)},
-                         "training_settings": self.training_settings()}
+                         "training_settings": self.training_settings(), **self.checkpoint_extras()}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
         return folder
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """A subclass's own resumable state, JSON, added to trainer_state.json (PPO: the ptx data's position)."""
+        return {}
+
+    def check_resume_extras(self, folder: Path, state: dict[str, Any]) -> None:
+        """A subclass's refusal (`CheckpointError`) of a checkpoint its own state cannot continue (`check_resume`)."""
+
+    def restore_extras(self, state: dict[str, Any]) -> None:
+        """Put back what `checkpoint_extras` recorded (`load_checkpoint`)."""
 
     def check_fresh_checkpoints(self, start: int) -> None:
         """Before a `train` call writes anything: from step 0 (no resume), an output_dir whose `checkpoints/` holds
@@ -193,6 +203,7 @@ class Checkpoints:
             raise CheckpointError(f"resume: {folder} was written by a run over {what}; the checkpoint's prompt order "
                                   "indexes its prompts. Resume with the same prompts (data.path, its contents, "
                                   "data.max_records, data.eval_fraction / eval_path), or start a new run")
+        self.check_resume_extras(folder, state)
         old, now = state.get("training_settings", state.get("settings")), self.training_settings()
         changed = settings_changes(old, now) + (one_sided(old, now) if isinstance(old, dict) else [])
         if changed:
@@ -234,6 +245,7 @@ class Checkpoints:
         self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
         self.restore_stall(folder, state)
         self.restore_run_counts(state, int(state["step"]))
+        self.restore_extras(state)
         logger.info("resumed from %s (step %d)", folder, state["step"])
         saved_world = state.get("world_size")  # not recorded before: not compared
         if isinstance(saved_world, int) and saved_world != self.world:

@@ -60,6 +60,8 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("method", "reward_clip", _pos, "> 0, or null for no clipping (rewards are clipped to [-reward_clip, "
                                      "reward_clip])"),
     ("method", "vf_coef", _nonneg, ">= 0"),
+    ("method", "ptx_coef", _nonneg, ">= 0 (0: no pretraining mix)"),
+    ("method", "ptx_batch_size", _ge1, ">= 1, or null for the update's number of samples"),
     ("method", "cliprange_value", _pos, "> 0"),
     ("method", "gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("method", "lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
