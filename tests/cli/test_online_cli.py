@@ -608,3 +608,26 @@ def test_ptx_data_without_a_trainable_token_is_refused_before_the_run_folder(tmp
     assert rc == 2 and len(err) == 1, err
     assert "data.ptx_path: none of its" in err[0] and "trainable token" in err[0], err
     assert not out.exists()
+
+
+def test_train_ema_decay_saves_model_ema_that_generate_loads(tmp_path):
+    """train.ema_decay (DeepSpeed-Chat's --enable_ema): the run folder gets model_ema/ beside model/, in its format
+    (adapter, card, complete marker), and `alignkit generate` loads it on the run's base."""
+    out = tmp_path / "run"
+    assert main(["-q", "ppo", "--config", str(CONFIGS / "ppo-tiny.yaml"), f"output_dir={out}", *FAST,
+                 "train.ema_decay=0.9"]) == 0
+    ema, model = out / "model_ema", out / "model"
+    value_head = {"value_head.safetensors", "value_head.json"}  # PPO's head is not averaged: model/ only
+    assert {p.name for p in model.iterdir()} - value_head == {p.name for p in ema.iterdir()}
+    assert (ema / "adapter_model.safetensors").read_bytes() != (model / "adapter_model.safetensors").read_bytes()
+    assert main(["generate", "--config", str(CONFIGS / "generate-tiny.yaml"), f"model.path={out / 'base_model'}",
+                 f"model.adapter_path={ema}", f"output_dir={tmp_path / 'gen'}", "generation.max_new_tokens=2",
+                 "data.max_records=2"]) == 0
+
+
+def test_train_ema_decay_under_an_offline_command_is_refused(tmp_path, capsys):
+    rc = main(["-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+               "train.ema_decay=0.99"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert rc == 2 and len(err) == 1 and "train.ema_decay" in err[0] and "online commands" in err[0], err
+    assert not (tmp_path / "run").exists()

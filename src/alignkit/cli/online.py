@@ -367,6 +367,9 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         trainer.save(model_dir)
         card.write(model_dir / "README.md")
         write_prompt_formats(model_dir, formats, cfg.data.formatter)
+    if trainer.ema is not None:  # train.ema_decay: the policy's average, in model/'s format
+        trainer.save_ema(run.root / "model_ema", then=lambda d: (card.write(d / "README.md"),
+                                                                  write_prompt_formats(d, formats, cfg.data.formatter)))
     card.write(run.card)
     plot_online(rows, run.plots)
     finish_run(plan)
@@ -376,7 +379,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss", "eval/reward")
                       if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
-          f"  run folder: {named.root} (model/, README.md, metrics.jsonl, plots/)")
+          f"  run folder: {named.root} (model/, {'model_ema/, ' if trainer.ema is not None else ''}README.md, "
+          "metrics.jsonl, plots/)")
     return 0
 
 

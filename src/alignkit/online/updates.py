@@ -183,6 +183,8 @@ class MinibatchUpdates:
                                                                        "grad_norm": as_float(norm)})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self, "ema", None) is not None:  # train.ema_decay: the policy's average (alignkit.online.ema)
+            self.ema.update(self.policy_trainable())
         return step_metrics, step_loss, normalizer, norm
 
     def extra_update_loss(self) -> tuple[Tensor, dict[str, Any]] | None:

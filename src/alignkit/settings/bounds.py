@@ -92,6 +92,7 @@ TOP_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
 # train keys (TrainingArguments' and the online commands' alike): checked when the config sets them
 TRAIN_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("learning_rate", _pos, "> 0"),
+    ("ema_decay", lambda v: 0 < v < 1, "in (0, 1) (DeepSpeed-Chat's 0.992), or null for no EMA"),
     ("max_steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 to train num_train_epochs epochs"),
     ("num_train_epochs", _pos, "> 0"),
     ("gradient_accumulation_steps", _ge1, ">= 1"),
