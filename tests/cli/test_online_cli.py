@@ -576,3 +576,58 @@ def test_a_reft_policy_with_first_positions_on_prompts_cut_at_their_start_is_war
         assert len(msgs) == expect, msgs
         if expect:
             assert msgs[0].startswith("data.path: ") and "longer than data.max_prompt_length=8" in msgs[0]
+
+
+def test_ppo_ptx_config_runs_and_logs_the_ptx_loss(tmp_path):
+    """configs/ppo-ptx-tiny.yaml: the pretraining mix's data (data.ptx_path, SFT records) is read and tokenized as
+    alignkit sft's, and every step's row carries ptx_loss (a positive NLL) and ptx/epochs."""
+    out = tmp_path / "run"
+    assert main(["-q", "ppo", "--config", str(CONFIGS / "ppo-ptx-tiny.yaml"), f"output_dir={out}", "train.max_steps=2",
+                 "sampling.max_new_tokens=3"]) == 0
+    rows = _rows(out / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["ptx_loss"] > 0 for r in rows)
+    # 2 steps x 2 epochs x one update (4 samples, no mini_batch_size) x ptx_batch_size 4 records
+    assert rows[-1]["ptx/epochs"] * _sft_count() == pytest.approx(16)
+    assert (out / "model" / "value_head.safetensors").is_file()
+
+
+def _sft_count() -> int:
+    from alignkit.data import load_records
+    from alignkit.cli.data import data_path
+
+    return len(load_records(data_path("bundled:data/hh_rlhf_sample.jsonl"), "sft"))
+
+
+def test_ptx_data_without_a_trainable_token_is_refused_before_the_run_folder(tmp_path, capsys):
+    """SFT rows whose every prompt is longer than data.max_length=8 (no max_prompt_length cut) are all dropped, so no
+    trainable token is left: one line naming data.ptx_path, nothing written (the run would train without the mix)."""
+    out = tmp_path / "run"
+    rc = main(["-q", "ppo", "--config", str(CONFIGS / "ppo-ptx-tiny.yaml"), f"output_dir={out}",
+               "data.max_length=8", "data.max_prompt_length=null"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit ppo")]
+    assert rc == 2 and len(err) == 1, err
+    assert "data.ptx_path: none of its" in err[0] and "trainable token" in err[0], err
+    assert not out.exists()
+
+
+def test_train_ema_decay_saves_model_ema_that_generate_loads(tmp_path):
+    """train.ema_decay (DeepSpeed-Chat's --enable_ema): the run folder gets model_ema/ beside model/, in its format
+    (adapter, card, complete marker), and `alignkit generate` loads it on the run's base."""
+    out = tmp_path / "run"
+    assert main(["-q", "ppo", "--config", str(CONFIGS / "ppo-tiny.yaml"), f"output_dir={out}", *FAST,
+                 "train.ema_decay=0.9"]) == 0
+    ema, model = out / "model_ema", out / "model"
+    value_head = {"value_head.safetensors", "value_head.json"}  # PPO's head is not averaged: model/ only
+    assert {p.name for p in model.iterdir()} - value_head == {p.name for p in ema.iterdir()}
+    assert (ema / "adapter_model.safetensors").read_bytes() != (model / "adapter_model.safetensors").read_bytes()
+    assert main(["generate", "--config", str(CONFIGS / "generate-tiny.yaml"), f"model.path={out / 'base_model'}",
+                 f"model.adapter_path={ema}", f"output_dir={tmp_path / 'gen'}", "generation.max_new_tokens=2",
+                 "data.max_records=2"]) == 0
+
+
+def test_train_ema_decay_under_an_offline_command_is_refused(tmp_path, capsys):
+    rc = main(["-q", "sft", "--config", str(CONFIGS / "sft-tiny.yaml"), f"output_dir={tmp_path / 'run'}",
+               "train.ema_decay=0.99"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit sft")]
+    assert rc == 2 and len(err) == 1 and "train.ema_decay" in err[0] and "online commands" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -47,6 +47,8 @@ def assert_one_line(rc: int, err: str, *needles: str) -> str:
 CONFIG_CASES = [
     ("beta negative", ["method.beta=-1"], ["method.beta", "> 0"]),
     ("beta zero", ["method.beta=0"], ["method.beta", "> 0"]),
+    ("ptx data under dpo", ["data.ptx_path=bundled:data/hh_rlhf_sample.jsonl"],
+     ["data.ptx_path", "read only by alignkit ppo", "alignkit dpo would ignore it"]),
     ("max_steps zero", ["train.max_steps=0"], ["train.max_steps", ">= 1, or -1"]),
     ("grad accumulation zero", ["train.gradient_accumulation_steps=0"], ["train.gradient_accumulation_steps", ">= 1"]),
     ("negative lr", ["train.learning_rate=-1e-3"], ["train.learning_rate", "> 0"]),
@@ -178,6 +180,16 @@ ONLINE_CASES = [
     ("clip_eps_high zero", "grpo", ["method.clip_eps_high=0"], ["method.clip_eps_high", "> 0"]),
     ("ppo clip_eps zero", "ppo", ["method.clip_eps=0"], ["method.clip_eps", "> 0"]),
     ("ppo vf_coef negative", "ppo", ["method.vf_coef=-0.1"], ["method.vf_coef", ">= 0"]),
+    # PPO-ptx half set: a ptx_coef without data, or data without a coefficient, would train without the mix / read
+    # data it never trains on; data.ptx_path under another command would be ignored
+    ("ppo ptx_coef without data", "ppo", ["method.ptx_coef=1.0"], ["method.ptx_coef: 1.0", "data.ptx_path is not set"]),
+    ("ppo ptx data without coef", "ppo", ["data.ptx_path=bundled:data/hh_rlhf_sample.jsonl"],
+     ["data.ptx_path: set with method.ptx_coef 0"]),
+    ("ppo ptx_batch_size without coef", "ppo", ["method.ptx_batch_size=4"], ["method.ptx_batch_size", "ptx_coef"]),
+    ("ppo ptx_coef negative", "ppo", ["method.ptx_coef=-1"], ["method.ptx_coef", ">= 0"]),
+    ("grpo ptx data", "grpo", ["data.ptx_path=bundled:data/hh_rlhf_sample.jsonl"],
+     ["data.ptx_path", "read only by alignkit ppo"]),
+    ("ppo ptx loss_on without ptx data", "ppo", ["data.loss_on=last_assistant"], ["data.loss_on", "would ignore"]),
     # "unexpected error: ValueError" once the model was loaded (sample: "batch_size must be >= 1"; grpo, after writing
     # the run folder: "range() arg 3 must not be zero")
     ("sample batch_size zero", "sample", ["batch_size=0"], ["batch_size: 0 is out of range", ">= 1"]),

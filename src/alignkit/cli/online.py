@@ -27,7 +27,7 @@ from typing import Any
 from transformers import set_seed
 
 from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
-from alignkit.cli.data import read_splits
+from alignkit.cli.data import read_records, read_splits
 from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_head, check_model_folder, check_model_settings,
     head_folder, load_base, load_for_inference, rename_base,
@@ -37,7 +37,9 @@ from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
 from alignkit.interventions.positions import Positions, check_truncated_prompts
+from alignkit.data.tokenize import TokenizeConfig, tokenize_records
 from alignkit.online.generation import encode_prompt, encode_prompts
+from alignkit.online.ptx import check_ptx_tokens
 from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerator
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len
 from alignkit.run_commit import staged
@@ -103,6 +105,17 @@ def read_prompts(ds: DataSettings, command: str = "sample") -> list:
         raise ConfigError(f"data: alignkit {command} takes no evaluation split, and data.eval_path / "
                           f"data.eval_fraction would hold out {len(held_out)} prompt(s) it never reads; remove them")
     return prompts
+
+
+def read_ptx(ds: DataSettings, tokenizer: Any) -> list[dict[str, Any]]:
+    """alignkit ppo's pretraining mix: the SFT records of `data.ptx_path` (read as data.path is: reader, split,
+    on_invalid), tokenized as alignkit sft tokenizes them (data.max_length, max_prompt_length, formatter, add_eos,
+    loss_on); a ConfigError when no record has a trainable token."""
+    records = read_records(ds.ptx_path, ds, "sft", ds.split, "data.ptx_path")
+    features, _ = tokenize_records(records, tokenizer, TokenizeConfig(  # logs what it dropped or cut
+        max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
+        add_eos=ds.add_eos, loss_on=ds.loss_on))
+    return check_ptx_tokens(features, "data.ptx_path")
 
 
 def read_prompt_splits(ds: DataSettings) -> tuple[list, list]:
@@ -324,8 +337,9 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     _check_annotator_columns(annotator, cfg, prompts, held_out)
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged); set on this
         tcfg.progress_bar = False  # object (a copy would be built, and checked, again)
+    extra = {"ptx_data": read_ptx(cfg.data, tok)} if cfg.data.ptx_path is not None else {}
     trainer = trainer_class(command)(model, tok, prompts, annotator, tcfg, output_dir=plan.root,
-                                     eval_prompts=held_out or None)
+                                     eval_prompts=held_out or None, **extra)
 
     if plan.checkpoint is not None:  # a checkpoint of other prompts or restored settings: refused before writing
         trainer.check_resume(plan.checkpoint)
@@ -353,6 +367,9 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         trainer.save(model_dir)
         card.write(model_dir / "README.md")
         write_prompt_formats(model_dir, formats, cfg.data.formatter)
+    if trainer.ema is not None:  # train.ema_decay: the policy's average, in model/'s format
+        trainer.save_ema(run.root / "model_ema", then=lambda d: (card.write(d / "README.md"),
+                                                                  write_prompt_formats(d, formats, cfg.data.formatter)))
     card.write(run.card)
     plot_online(rows, run.plots)
     finish_run(plan)
@@ -362,9 +379,10 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss", "eval/reward")
                       if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
-          f"  run folder: {named.root} (model/, README.md, metrics.jsonl, plots/)")
+          f"  run folder: {named.root} (model/, {'model_ema/, ' if trainer.ema is not None else ''}README.md, "
+          "metrics.jsonl, plots/)")
     return 0
 
 
 __all__ = ["ONLINE_BOOKKEEPING", "ONLINE_PLOTS", "add_parser", "make_annotator", "online_plots", "plot_online",
-           "read_prompt_splits", "read_prompts", "run", "train_online"]
+           "read_prompt_splits", "read_ptx", "read_prompts", "run", "train_online"]

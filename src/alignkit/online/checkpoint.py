@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,6 +133,8 @@ class Checkpoints:
             with staged(folder, step=step) as tmp:
                 save_file(weights, str(tmp / "trainable.safetensors"))
                 save_file({"rng": self.rng.get_state()}, str(tmp / "rng.safetensors"))
+                if getattr(self, "ema", None) is not None:
+                    save_file(self.ema.state(), str(tmp / "ema.safetensors"))
                 torch.save(optim, tmp / "optimizer.pt")
                 version, internal, gauss = self._py_rng.getstate()
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
@@ -142,11 +144,21 @@ class Checkpoints:
                          "stall": list(stall) if (stall := getattr(self, "_stall", None)) else None,
                          "run_counts": {"flat_steps": getattr(self, "_flat_steps", 0),
                                         "clipped_steps": getattr(self, "_clipped_steps", 0)},
-                         "training_settings": self.training_settings()}
+                         "training_settings": self.training_settings(), **self.checkpoint_extras()}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
         return folder
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """A subclass's own resumable state, JSON, added to trainer_state.json (PPO: the ptx data's position)."""
+        return {}
+
+    def check_resume_extras(self, folder: Path, state: dict[str, Any]) -> None:
+        """A subclass's refusal (`CheckpointError`) of a checkpoint its own state cannot continue (`check_resume`)."""
+
+    def restore_extras(self, state: dict[str, Any]) -> None:
+        """Put back what `checkpoint_extras` recorded (`load_checkpoint`)."""
 
     def check_fresh_checkpoints(self, start: int) -> None:
         """Before a `train` call writes anything: from step 0 (no resume), an output_dir whose `checkpoints/` holds
@@ -193,6 +205,7 @@ class Checkpoints:
             raise CheckpointError(f"resume: {folder} was written by a run over {what}; the checkpoint's prompt order "
                                   "indexes its prompts. Resume with the same prompts (data.path, its contents, "
                                   "data.max_records, data.eval_fraction / eval_path), or start a new run")
+        self.check_resume_extras(folder, state)
         old, now = state.get("training_settings", state.get("settings")), self.training_settings()
         changed = settings_changes(old, now) + (one_sided(old, now) if isinstance(old, dict) else [])
         if changed:
@@ -215,6 +228,14 @@ class Checkpoints:
                                   f"e.g. {missing}); resume with the config that wrote it")
         for k, p in live.items():  # FSDP2: each process keeps its shard (a collective, the same order everywhere)
             copy_full_into(p, saved[k])
+        if getattr(self, "ema", None) is not None:  # its ema_decay is in training_settings: a change is refused
+            if not (folder / "ema.safetensors").is_file():
+                raise CheckpointError(f"resume: {folder} holds no EMA of the policy (ema.safetensors), and this run "
+                                      "keeps one (train.ema_decay); resume with the config that wrote it")
+            try:
+                self.ema.load(load_file(str(folder / "ema.safetensors")), f"resume: {folder}")
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
         # map_location "cpu", not the accelerator's device: on CPU processes that is "cpu:0", and state saved from
         # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
         optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
@@ -234,6 +255,7 @@ class Checkpoints:
         self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
         self.restore_stall(folder, state)
         self.restore_run_counts(state, int(state["step"]))
+        self.restore_extras(state)
         logger.info("resumed from %s (step %d)", folder, state["step"])
         saved_world = state.get("world_size")  # not recorded before: not compared
         if isinstance(saved_world, int) and saved_world != self.world:
@@ -273,6 +295,22 @@ class Checkpoints:
         else:
             self._flat_steps = self._clipped_steps = 0
             self._counted_from = step
+
+    def policy_trainable(self) -> dict[str, Tensor]:
+        """The policy's trainable parameters by name (what `train.ema_decay` averages)."""
+        return {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def save_ema(self, folder: str | Path, then: Callable[[Path], None] | None = None) -> Path:
+        """The EMA of the policy (`alignkit.online.ema`) as `Checkpoints.save` writes the policy (adapter or full model,
+        tokenizer, online_config.json; no value head), staged and renamed into place with its marker (`then(tmp)`
+        adds files first: the card); the trained weights are back in the policy afterwards. Main process only."""
+        folder = Path(folder)
+        if self.accelerator.is_main_process:
+            with staged(folder, step=self.steps_done) as tmp, self.ema.swapped(self.policy_trainable()):
+                Checkpoints.save(self, tmp)
+                if then is not None:
+                    then(tmp)
+        return folder
 
     def save(self, folder: str | Path) -> Path:
         """The trainable state (adapter, or the full model), the tokenizer and the config as JSON."""

@@ -62,6 +62,10 @@ class OnlineConfig:
     #   every prompt's samples scored alike, no preference pair); 0: never stop (the run only warns)
     eval_steps: int | None = None  # with held-out prompts (OnlineTrainer's eval_prompts): evaluate every N steps;
     #   held-out prompts are always evaluated after the last step (alignkit.online.evaluation)
+    # an exponential moving average of the policy's trainable weights (DeepSpeed-Chat's --enable_ema, 0.992 there):
+    #   ema = ema_decay * ema + (1 - ema_decay) * theta after every optimizer step, from the initial weights; kept in
+    #   checkpoints, saved as <output_dir>/model_ema (the format of the saved model). None: none
+    ema_decay: float | None = None
     save_at_end: bool = True
     save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
     # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
@@ -88,6 +92,9 @@ class OnlineConfig:
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ValueError(f"online config: eval_steps must be >= 1 or None (evaluate after the last step only), "
                              f"got {self.eval_steps}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"online config: ema_decay must be in (0, 1) (DeepSpeed-Chat's 0.992), or None for no "
+                             f"EMA, got {self.ema_decay!r}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"online config: gradient_accumulation_steps must be >= 1, got "
                              f"{self.gradient_accumulation_steps}")

@@ -18,7 +18,10 @@ Update (`epochs_per_step` passes, minibatches of samples):
     loss   = sum_i w_i loss_i / sum_i w_i
 
 The KL enters through the rewards (not the loss), with the controller's beta (fixed or adaptive).
-Metrics: clip_ratio/region_mean, value_loss, vf_clip_fraction, explained_variance, returns/mean, advantages/std.
+With `ptx_coef` > 0 and `ptx_data`, each update also adds ptx_coef x the NLL of a batch of SFT records (PPO-ptx,
+`alignkit.online.ptx`).
+Metrics: clip_ratio/region_mean, value_loss, vf_clip_fraction, explained_variance, returns/mean, advantages/std;
+with PPO-ptx ptx_loss and ptx/epochs.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ from torch import Tensor, nn
 
 from alignkit.losses import clipped_policy_loss, gae, masked_whiten, per_token_rewards, reduce_loss, value_loss
 from alignkit.adapters import unwrap_lm
+from alignkit.online.ptx import PtxData, as_ptx_features, check_ptx_tokens, ptx_batch, ptx_nll_sum
 from alignkit.online.rollout import select
 from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
 from alignkit.online.value_head import ValueHead
+from alignkit.run_commit import CheckpointError
 from alignkit.settings.online import PPOObjective
+from alignkit.settings.sections import check_ptx
 
 
 @dataclass
@@ -75,6 +81,18 @@ class PPOTrainer(OnlineTrainer):
     config_class = PPOConfig
     needs_hidden = True
 
+    def __init__(self, model: nn.Module, tokenizer: Any, prompts: Any, annotator: Any, config: PPOConfig | None = None,
+                 *, ptx_data: Any = None, **kwargs: Any) -> None:
+        """As `OnlineTrainer`, plus `ptx_data` (PPO-ptx with `config.ptx_coef` > 0): SFT records, strings or token
+        features (`alignkit.online.ptx.as_ptx_features`); refused before anything is written when half set or
+        when no record has a trainable token."""
+        check_ptx(config if config is not None else self.config_class(), ptx_data, "ptx_data", "PPOConfig.")
+        self.ptx: PtxData | None = None
+        if ptx_data is not None:
+            features = check_ptx_tokens(as_ptx_features(ptx_data, tokenizer), "ptx_data")
+            self.ptx = PtxData(features, (config or self.config_class()).seed)
+        super().__init__(model, tokenizer, prompts, annotator, config, **kwargs)
+
     def build_extra_modules(self) -> list[nn.Module]:
         cfg = unwrap_lm(self.model).config
         hidden = cfg.get_text_config().hidden_size if hasattr(cfg, "get_text_config") else cfg.hidden_size
@@ -111,7 +129,8 @@ class PPOTrainer(OnlineTrainer):
     def loss_scale(cls, config: PPOConfig) -> str | None:
         """method.vf_coef (the value loss, whose returns are on the rewards' scale), the KL and entropy coefficients
         where they act (the KL through the rewards), and the rewards' scale."""
-        return ", ".join(["method.vf_coef", *cls.penalty_scales(config), REWARD_SCALE])
+        ptx = ["method.ptx_coef (the pretraining mix)"] if config.ptx_coef > 0 else []
+        return ", ".join(["method.vf_coef", *ptx, *cls.penalty_scales(config), REWARD_SCALE])
 
     @torch.no_grad()
     def build_batch(self, r: Rollout) -> PPOBatch:
@@ -151,7 +170,43 @@ class PPOTrainer(OnlineTrainer):
                                    lambda idx: pb.rollout.weights[idx].sum())
         out["returns/mean"] = float((pb.returns * m).sum() / n)
         out["advantages/std"] = float(((pb.advantages * m) ** 2).sum().div(n).sqrt())
+        if self.ptx is not None:
+            out["ptx/epochs"] = self.ptx.epochs
         return out
+
+    def extra_update_loss(self) -> tuple[Tensor, dict[str, Any]] | None:
+        """PPO-ptx: ptx_coef x the NLL of the next ptx batch (ptx_batch_size records, default the update's samples;
+        this process's contiguous share), divided by the global token count over the processes."""
+        if self.ptx is None:
+            return None
+        c: PPOConfig = self.config
+        n = c.ptx_batch_size or c.mini_batch_size or c.prompts_per_step * c.sampling.num_samples
+        records = self.ptx.take(n)
+        mine = records[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+        batch = ptx_batch(mine or records[:1], self.tokenizer.pad_token_id, self.accelerator.device)
+        nll, tokens = ptx_nll_sum(self.model, batch, c.chunk_size)
+        if not mine:  # fewer records than processes: a zero-weight pass keeps DDP's collectives matched
+            nll, tokens = nll * 0.0, tokens * 0
+        total = self.reduce_sum(tokens.detach().to(torch.float64).reshape(1)).reshape(())
+        loss = c.ptx_coef * nll / (total.clamp(min=1) / self.world).to(nll.dtype)
+        local = float(tokens)
+        return loss, {"ptx_loss": (float(nll.detach()) / max(local, 1.0), local)}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {} if self.ptx is None else {"ptx": {"position": self.ptx.position, **self.ptx.fingerprint()}}
+
+    def check_resume_extras(self, folder: Path, state: dict[str, Any]) -> None:
+        saved = state.get("ptx")
+        now = None if self.ptx is None else self.ptx.fingerprint()
+        if saved is not None and now is not None and {k: saved[k] for k in now} != now:
+            raise CheckpointError(f"resume: {folder} was written by a run over other ptx data ({saved['count']} "
+                                  f"record(s), this run has {now['count']}, or other tokens); its ptx position "
+                                  "indexes that data. Resume with the same data.ptx_path (and tokenization), or "
+                                  "start a new run")
+
+    def restore_extras(self, state: dict[str, Any]) -> None:
+        if self.ptx is not None and state.get("ptx") is not None:
+            self.ptx.position = int(state["ptx"]["position"])
 
     def save(self, folder: str | Path) -> Path:
         folder = super().save(folder)

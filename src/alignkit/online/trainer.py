@@ -75,6 +75,7 @@ from alignkit.models.vllm_support import (check_head_size, check_rope_type, engi
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
+from alignkit.online.ema import ActorEMA
 from alignkit.online.evaluation import HeldOutEvaluation
 from alignkit.online.generation import (as_prompt_records, check_on_policy_options, check_sampler, check_stop_strings,
                                        encode_prompts, lean_reason, note_generation_config)
@@ -174,7 +175,12 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         fsdp2 = self.check_before_writing(model, tokenizer, prompts, annotator, output_dir, eval_prompts)
         self.vllm_generator: Any = None  # the colocated engine / the server's client, made at the first generation
         #   unless the caller hands one in (the CLI: the VllmServerGenerator it checked before the run folder)
+        if self.config.ema_decay is not None and fsdp2:
+            raise ConfigError("train.ema_decay: the EMA of the policy is not kept under FSDP2 (its weights are "
+                              "sharded); remove it, or train under DDP")
         self.prepare_model(model, ref_model, fsdp2)  # the reference, extra modules, optimizer, accelerate's wrapping
+        self.ema = (ActorEMA(self.policy_trainable(), self.config.ema_decay) if self.config.ema_decay is not None
+                    else None)
         self.reset_loop_state()
 
     def check_before_writing(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Any],
@@ -516,6 +522,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.warn_whole_run(start)
         if self.output_dir is not None and self.config.save_at_end:
             self.save(self.output_dir)
+            if self.ema is not None:
+                self.save_ema(self.output_dir / "model_ema")
             if self.config.push_to_hub and self.accelerator.is_main_process:
                 self.push_to_hub()
         return self.history

@@ -158,7 +158,7 @@ class MinibatchUpdates:
         # micro-batch runs item 0 with weight zero
         micro = idx.tensor_split(c.gradient_accumulation_steps)
         real = [mb.numel() > 0 for mb in micro]
-        step_loss, step_metrics = 0.0, MetricSums()
+        step_loss, step_metrics = self._extra_backward(), MetricSums()
         for m_i, mb in enumerate(micro):
             with ExitStack() as stack:
                 if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
@@ -174,6 +174,7 @@ class MinibatchUpdates:
             step_loss += float(loss.detach())
             if real[m_i]:
                 step_metrics.add_all(metrics, mb.numel())
+        step_metrics.add_all(getattr(self, "_extra_metrics", {}), 1)
         norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
                                                 else float("inf"))
         if not is_finite(norm):
@@ -182,7 +183,32 @@ class MinibatchUpdates:
                                                                        "grad_norm": as_float(norm)})
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self, "ema", None) is not None:  # train.ema_decay: the policy's average (alignkit.online.ema)
+            self.ema.update(self.policy_trainable())
         return step_metrics, step_loss, normalizer, norm
+
+    def extra_update_loss(self) -> tuple[Tensor, dict[str, Any]] | None:
+        """A loss every optimizer step adds to the minibatch's (PPO-ptx: `alignkit.online.ptx`), already divided as
+        DDP averages it, and its metrics; None: none (the default)."""
+        return None
+
+    def _extra_backward(self) -> float:
+        """Backward of `extra_update_loss` (once per optimizer step, before the minibatch's micro-batches, with the
+        gradients' all-reduce left to the last of them); a non-finite one stops before the step. -> its value."""
+        self._extra_metrics: dict[str, Any] = {}
+        with ExitStack() as stack:
+            for module in [self.model, *self.extra_modules]:
+                stack.enter_context(self.accelerator.no_sync(module))
+            extra = self.extra_update_loss()
+            if extra is None:
+                return 0.0
+            loss, self._extra_metrics = extra
+            if not is_finite(loss):
+                means = {k: v[0] if isinstance(v, tuple) else v for k, v in self._extra_metrics.items()}
+                self._stop_non_finite("the pretraining-mix (ptx) loss", as_float(loss),
+                                      {**means, "loss": as_float(loss)})
+            self.accelerator.backward(loss)
+        return float(loss.detach())
 
     def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
         """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step; the advice names

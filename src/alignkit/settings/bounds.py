@@ -64,6 +64,8 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("method", "reward_clip", _pos, "> 0, or null for no clipping (rewards are clipped to [-reward_clip, "
                                      "reward_clip])"),
     ("method", "vf_coef", _nonneg, ">= 0"),
+    ("method", "ptx_coef", _nonneg, ">= 0 (0: no pretraining mix)"),
+    ("method", "ptx_batch_size", _ge1, ">= 1, or null for the update's number of samples"),
     ("method", "cliprange_value", _pos, "> 0"),
     ("method", "gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("method", "lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -94,6 +96,7 @@ TOP_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
 # train keys (TrainingArguments' and the online commands' alike): checked when the config sets them
 TRAIN_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("learning_rate", _pos, "> 0"),
+    ("ema_decay", lambda v: 0 < v < 1, "in (0, 1) (DeepSpeed-Chat's 0.992), or null for no EMA"),
     ("max_steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 to train num_train_epochs epochs"),
     ("num_train_epochs", _pos, "> 0"),
     ("gradient_accumulation_steps", _ge1, ">= 1"),

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
-from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings,
+from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings, check_ptx,
                                        PreferenceObjective, check_prompt_data, loss_names)
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
@@ -361,6 +361,10 @@ class PPOObjective:
     cliprange_value: float | None = 0.2
     whiten_advantages: bool = True
     entropy_coef: float = 0.0
+    # PPO-ptx (InstructGPT): each update adds ptx_coef x the NLL of a batch of data.ptx_path's SFT records (the
+    # library's PPOTrainer: its ptx_data); 0: off. ptx_batch_size: records per update, None: the update's samples
+    ptx_coef: float = 0.0
+    ptx_batch_size: int | None = None
 
 
 @dataclass
@@ -483,6 +487,7 @@ class OnlineRunConfig:
         self.train = {"learning_rate": ONLINE_LEARNING_RATES[self.command], **(self.train or {})}
         check_train(self.train, self.command)
         check_prompt_data(self.data, self.command)
+        check_ptx(self.method, self.data.ptx_path)
         if self.train.get("eval_steps") is not None and self.data.eval_path is None and not self.data.eval_fraction:
             raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} evaluates on held-out prompts, and data "
                               "gives none: set data.eval_path or data.eval_fraction, or remove train.eval_steps")

@@ -53,6 +53,8 @@ class DataSettings:
     # keep only the first N training records (files of a list in order: one left empty warned)
     max_records: int | None = None
     on_invalid: Literal["raise", "skip"] = "raise"
+    # alignkit ppo's pretraining mix (PPO-ptx, method.ptx_coef): SFT data read as data.path is, its loss-masked tokens
+    ptx_path: str | list[str] | None = None
 
 
 @dataclass
@@ -286,6 +288,7 @@ class TrainConfig:
                           attention=self.model.attn_implementation, reward_model=self.command == "rm",
                           ranked="method.ranked is true" if getattr(self.method, "ranked", False) else None)
         refuse_loss_on(self.data, self.command)
+        refuse_ptx_path(self.data, self.command)
         if self.train.get("eval_steps") is not None and "eval_strategy" not in chosen:  # an explicit no / epoch is
             # a choice that makes eval_steps moot (e.g. an override turning evaluation off); an unset one is not
             raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} is read only with "
@@ -472,9 +475,41 @@ def refuse_ignored_data(data: DataSettings, ignored: Any, message: str) -> None:
             raise ConfigError(message.format(key=f"data.{f.name}"))
 
 
+def refuse_ptx_path(data: DataSettings, command: str) -> None:
+    """ConfigError for `data.ptx_path` under a command other than ppo: only PPO mixes in the pretraining loss."""
+    if command != "ppo" and data.ptx_path is not None:
+        raise ConfigError(f"data.ptx_path: the pretraining mix (PPO-ptx, method.ptx_coef) is read only by alignkit "
+                          f"ppo, so alignkit {command} would ignore it; remove it")
+
+
+def check_ptx(method: Any, ptx_path: Any, path_key: str = "data.ptx_path", where: str = "method.") -> None:
+    """ConfigError when PPO-ptx is half set: method.ptx_coef > 0 without its data, the data without a ptx_coef (it
+    would be read and never trained on), or a ptx_batch_size without ptx_coef. The run config's check and the
+    library's (`alignkit.online.PPOTrainer`: `path_key` "ptx_data", bare keys)."""
+    coef = getattr(method, "ptx_coef", 0.0)
+    if coef > 0 and ptx_path is None:
+        raise ConfigError(f"{where}ptx_coef: {coef!r} adds the NLL of pretraining / SFT data to each PPO update, and "
+                          f"{path_key} is not set, so there is nothing to take it on; set {path_key} (SFT records) or "
+                          f"remove {where}ptx_coef")
+    if not coef and ptx_path is not None:
+        raise ConfigError(f"{path_key}: set with {where}ptx_coef 0 (the pretraining mix off), so it would be read and "
+                          f"never trained on; set {where}ptx_coef > 0 (InstructGPT's gamma, e.g. 27.8 on its "
+                          f"pretraining mix) or remove {path_key}")
+    if not coef and getattr(method, "ptx_batch_size", None) is not None:
+        raise ConfigError(f"{where}ptx_batch_size: read only with {where}ptx_coef > 0 (the pretraining mix), which is "
+                          f"0, so it would be ignored; remove it or set {where}ptx_coef")
+
+
+# what alignkit ppo reads of data besides the prompts' keys when data.ptx_path is set (its SFT tokenization)
+PTX_DATA_KEYS = ("ptx_path", "max_length", "loss_on", "add_eos")
+
+
 def check_prompt_data(data: DataSettings, command: str) -> None:
-    """ConfigError naming the first `data.<key>` that `command` would ignore (see PROMPT_DATA_KEYS)."""
+    """ConfigError naming the first `data.<key>` that `command` would ignore (see PROMPT_DATA_KEYS); alignkit ppo
+    also reads PTX_DATA_KEYS with data.ptx_path (refused under the other commands first)."""
+    refuse_ptx_path(data, command)
     reads = PROMPT_DATA_KEYS + (SPLIT_DATA_KEYS if command in ONLINE_COMMANDS else ())
+    reads += PTX_DATA_KEYS if command == "ppo" and data.ptx_path is not None else ()
     what = ("loss mask, row length cut or EOS" if command in ONLINE_COMMANDS
             else "evaluation split, loss mask, row length cut or EOS")
     refuse_ignored_data(data, lambda name: name not in reads,
@@ -495,6 +530,7 @@ class EvalConfig:
                         "would ignore {key}; remove it, and put the records to score in data.path "
                         "(data.split / data.max_records choose among them)")
         refuse_loss_on(self.data, "eval")
+        refuse_ptx_path(self.data, "eval")
 
 
 @dataclass
@@ -515,7 +551,8 @@ CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RewardConfig, "dpo": 
 
 
 __all__ = ["refuse_unread_loss_params", "PROMPT_DATA_KEYS", "SPLIT_DATA_KEYS", "check_prompt_data", "check_split_data",
-           "refuse_ignored_data", "ADAPTER_PATH_COMMANDS", "check_model_reads", "PreferenceObjective",
+           "refuse_ignored_data", "refuse_ptx_path", "check_ptx", "PTX_DATA_KEYS", "ADAPTER_PATH_COMMANDS",
+           "check_model_reads", "PreferenceObjective",
            "CONFIG_CLASSES", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "DPOConfig", "DPOMethod", "DataSettings",
            "EvalConfig", "EvalMethod", "GenerateConfig", "KTOConfig", "KTOMethod", "ModelSettings", "RewardConfig",
            "RewardMethod", "SFTConfig", "SFTMethod", "TrainConfig", "REFERENCE_FREE", "check_pair_layout",

@@ -40,6 +40,9 @@ TRAIN_KEYS: dict[str, tuple[Any, str]] = {
     "push_to_hub": (bool, "upload the final model/ folder and its card to the Hub (never checkpoints)"),
     "hub_model_id": (str | None, "the Hub repo (default: the run folder's name)"),
     "hub_private_repo": (bool | None, "create the Hub repo private"),
+    "ema_decay": (float | None, "online: keep an EMA of the policy's trainable weights, ema = d ema + (1 - d) "
+                  "theta after every optimizer step (DeepSpeed-Chat's --enable_ema: 0.992), saved as model_ema/; "
+                  "null: none"),
     # offline only (transformers.TrainingArguments fields, listed for --help)
     "per_device_train_batch_size": (int, "batch size per process"),
     "num_train_epochs": (float, "epochs when max_steps is -1"),
@@ -71,7 +74,7 @@ ALIGNKIT_TRAIN_KEYS: dict[str, Any] = {k: TRAIN_KEYS[k][0] for k in ("padding_fr
 
 ONLINE_TRAIN_KEYS = ("learning_rate", "max_steps", "seed", "optim", "weight_decay", "max_grad_norm",
                      "gradient_accumulation_steps", "eval_steps", "save_steps", "report_to", "disable_tqdm",
-                     "push_to_hub", "hub_model_id", "hub_private_repo")
+                     "push_to_hub", "hub_model_id", "hub_private_repo", "ema_decay")
 # TrainingArguments' Hub keys: read only by the upload (push_to_hub); alignkit's upload reads hub_model_id,
 # hub_private_repo, hub_token and hub_revision, and refuses a hub_strategy / hub_always_push it does not follow
 HUB_KEYS = ("hub_model_id", "hub_private_repo", "hub_token", "hub_revision", "hub_strategy", "hub_always_push")
@@ -107,6 +110,7 @@ ONLINE_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-6, "max_steps": 100, "seed": 0, "optim": "adamw_torch_fused", "weight_decay": 0.0,
     "max_grad_norm": 1.0, "gradient_accumulation_steps": 1, "eval_steps": None, "save_steps": None,
     "report_to": None, "disable_tqdm": False, "push_to_hub": False, "hub_model_id": None, "hub_private_repo": False,
+    "ema_decay": None,
 }
 ONLINE_LEARNING_RATES = {"online-dpo": 5e-7, "grpo": 1e-6, "rloo": 1e-6, "ppo": 3e-6}  # TRL's per-objective values
 
@@ -159,6 +163,9 @@ def check_train(train: dict[str, Any], command: str, where: str = "train") -> di
     against TrainingArguments by `alignkit.settings.load.check_training_args`). For every command: the Hub keys
     read only by the upload (`HUB_KEYS`) without `push_to_hub` are refused, and the fields no one reads
     (`refuse_unread_train_keys`)."""
+    if command not in ONLINE_COMMANDS and train.get("ema_decay") is not None:
+        raise ConfigError(f"{where}.ema_decay: the EMA of the policy (model_ema/) is kept by the online commands "
+                          f"(online-dpo, grpo, rloo, ppo) only, so alignkit {command} would ignore it; remove it")
     for key, value in train.items():
         if command in ONLINE_COMMANDS and key not in ONLINE_TRAIN_KEYS:
             raise unknown_key_error(where, str(key), list(ONLINE_TRAIN_KEYS), value)

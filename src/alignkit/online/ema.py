@@ -1,0 +1,61 @@
+"""An exponential moving average of the policy's trainable weights (DeepSpeed-Chat step 3's --enable_ema, its
+`moving_average`, decay 0.992 there): after every optimizer step
+
+    ema = decay * ema + (1 - decay) * theta        (torch.lerp(ema, theta, 1 - decay)), from ema = theta_0,
+
+over the trainable parameters only (a LoRA / ReFT policy: its adapter's weights; the frozen base is the same in
+both). DeepSpeed-Chat averages every actor weight after each PPO step; here the online loop's optimizer steps, for
+every online method. Kept in checkpoints (`ema.safetensors`), so a resumed run continues it, and saved at the end as
+`model_ema/` in the saved model's format (`swapped`: the EMA's values in the policy while it is written).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+class ActorEMA:
+    """The EMA of `params` (name -> trainable tensor, the policy's), starting at their current values."""
+
+    def __init__(self, params: dict[str, Tensor], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, Tensor]) -> None:
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state(self) -> dict[str, Tensor]:
+        """The averages as CPU tensors (a checkpoint's `ema.safetensors`)."""
+        return {n: t.detach().cpu().contiguous() for n, t in self.shadow.items()}
+
+    def load(self, saved: dict[str, Tensor], where: str) -> None:
+        """Put back `state()`; a ValueError naming `where` when its names differ from this policy's."""
+        if set(saved) != set(self.shadow):
+            diff = sorted(set(saved) ^ set(self.shadow))[:3]
+            raise ValueError(f"{where}: its EMA holds other parameters than this policy's (e.g. {diff}); resume with "
+                             "the config that wrote it")
+        for n, t in saved.items():
+            self.shadow[n].copy_(t)
+
+    @contextmanager
+    def swapped(self, params: dict[str, Tensor]) -> Iterator[None]:
+        """The EMA's values in `params` for the block (e.g. to save them), the trained values back after it."""
+        kept = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(self.shadow[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(kept[n])
+
+
+__all__ = ["ActorEMA"]

@@ -1,0 +1,104 @@
+"""An EMA of the policy (`train.ema_decay`; DeepSpeed-Chat step 3's --enable_ema): ema = d ema + (1 - d) theta after
+every optimizer step, from the initial weights, over the trainable parameters; kept in checkpoints; saved as
+model_ema/ in the saved model's format. Before, alignkit had none. The averages are written out by hand from the
+weights each optimizer step left."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.adapters import load_adapter
+from alignkit.models.loading import load_model
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.ppo import PPOConfig, PPOTrainer
+from alignkit.online.trainer import OnlineTrainer
+from alignkit.run_commit import COMPLETE_MARKER
+
+from .toy import HEAD_SCALE, PROMPTS, toy_policy
+
+
+def varied(prompt, response: str) -> float:
+    return sum(ord(c) * (i + 1) for i, c in enumerate(response)) % 997 / 997
+
+
+def ppo(tiny_dir, tokenizer, out=None, **kw) -> PPOTrainer:
+    cfg = PPOConfig(**{"steps": 1, "prompts_per_step": 2, "learning_rate": 5e-2, "epochs_per_step": 3,
+                       "optimizer": "sgd", "sampling": SamplingConfig(num_samples=2, max_new_tokens=3), **kw})
+    return PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, {"type": "function", "fn": varied},
+                      cfg, output_dir=out)
+
+
+def test_the_ema_after_three_updates_is_the_weighted_sum_by_hand(tiny_dir, tokenizer):
+    """d = 0.5, three optimizer steps: e1 = .5 t0 + .5 t1, e2 = .5 e1 + .5 t2, e3 = .5 e2 + .5 t3
+    = .125 t0 + .125 t1 + .25 t2 + .5 t3."""
+    trainer = ppo(tiny_dir, tokenizer, ema_decay=0.5)
+    snaps = [{n: p.detach().clone() for n, p in trainer.policy_trainable().items()}]
+    step = trainer.optimizer.step
+
+    def recorded(*a, **k):
+        out = step(*a, **k)
+        snaps.append({n: p.detach().clone() for n, p in trainer.policy_trainable().items()})
+        return out
+
+    trainer.optimizer.step = recorded
+    trainer.train()
+    assert len(snaps) == 4
+    names = list(snaps[0])
+    assert names and all("lora" in n for n in names)  # the adapter's weights only: the frozen base is not averaged
+    assert any(not torch.equal(snaps[3][n], snaps[0][n]) for n in names)  # the weights moved
+    for n in names:
+        want = 0.125 * snaps[0][n] + 0.125 * snaps[1][n] + 0.25 * snaps[2][n] + 0.5 * snaps[3][n]
+        assert torch.allclose(trainer.ema.shadow[n], want, atol=1e-7), n
+
+
+def test_model_ema_is_saved_in_the_models_format_and_loads(tiny_dir, tokenizer, tmp_path):
+    trainer = ppo(tiny_dir, tokenizer, tmp_path, ema_decay=0.9)
+    trainer.train()
+    folder = tmp_path / "model_ema"
+    assert (folder / COMPLETE_MARKER).is_file() and (folder / "online_config.json").is_file()
+    assert not (folder / "value_head.safetensors").exists()  # the policy's average, not the value head's
+    base = load_model(tiny_dir("llama"))
+    with torch.no_grad():
+        base.lm_head.weight.mul_(HEAD_SCALE)
+    loaded = load_adapter(base, folder)
+    got = {n: p for n, p in loaded.named_parameters() if "lora" in n}
+    assert set(got) == set(trainer.ema.shadow)
+    for n, t in trainer.ema.shadow.items():
+        assert torch.equal(got[n].detach(), t), n
+    # the trained weights are back in the policy after the save, and differ from the average
+    assert any(not torch.equal(p.detach(), trainer.ema.shadow[n]) for n, p in trainer.policy_trainable().items())
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 1.5])
+def test_a_decay_outside_zero_one_is_refused(value):
+    with pytest.raises(ValueError, match="ema_decay must be in \\(0, 1\\)"):
+        PPOConfig(ema_decay=value)
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_resumed_run_continues_the_ema(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """Killed at step 3, resumed from checkpoint-2: the final EMA equals the uninterrupted run's (CPU, fp32)."""
+    def run(out):
+        return ppo(tiny_dir, tokenizer, out, steps=4, save_steps=2, ema_decay=0.8, epochs_per_step=2)
+
+    whole = run(tmp_path / "whole")
+    whole.train()
+    real = OnlineTrainer.generate
+
+    def dies(self, prompts, at):
+        if at == 2:
+            raise Killed()
+        return real(self, prompts, at)
+
+    monkeypatch.setattr(OnlineTrainer, "generate", dies)
+    with pytest.raises(Killed):
+        run(tmp_path / "cut").train()
+    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    resumed = run(tmp_path / "cut")
+    resumed.train(resume_from_checkpoint=tmp_path / "cut" / "checkpoints" / "checkpoint-2")
+    for n, t in whole.ema.shadow.items():
+        assert torch.allclose(resumed.ema.shadow[n], t, rtol=1e-6, atol=1e-9), n

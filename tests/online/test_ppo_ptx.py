@@ -1,0 +1,136 @@
+"""PPO-ptx (InstructGPT; DeepSpeed-Chat's --unsupervised_dataset_name / --unsup_coef): each PPO update adds
+ptx_coef x the NLL of a batch of SFT records. Before, `alignkit ppo` had no pretraining mix. The numbers here are
+derived outside the trainer: the NLL with F.cross_entropy on the untouched policy's logits, the stream's order
+from the seeded shuffles written out, the loss with ptx = the loss without + coef x that NLL."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignkit.online.generation import SamplingConfig
+from alignkit.online.ppo import PPOConfig, PPOTrainer
+from alignkit.online.ptx import PtxData
+from alignkit.online.trainer import OnlineTrainer
+from alignkit.settings import ConfigError
+
+from .toy import PROMPTS, digit_fraction, toy_policy
+
+DIGITS = {"type": "function", "fn": digit_fraction}
+
+
+def features(tokenizer) -> list[dict]:
+    """Three SFT features; the first tokens of each are its prompt (completion_mask 0: not trained)."""
+    out = []
+    for i, (prompt, answer) in enumerate([("Hello!", " 12 34"), ("The fox", " jumps over"), ("2 + 2", " = 4")]):
+        p, a = tokenizer(prompt)["input_ids"], tokenizer(answer, add_special_tokens=False)["input_ids"]
+        out.append({"input_ids": p + a, "completion_mask": [0] * len(p) + [1] * len(a), "id": f"r{i}"})
+    return out
+
+
+def config(**kw) -> PPOConfig:
+    return PPOConfig(**{"steps": 1, "prompts_per_step": 2, "learning_rate": 1e-2, "epochs_per_step": 1,
+                        "sampling": SamplingConfig(num_samples=2, max_new_tokens=3), **kw})
+
+
+def nll_by_hand(model, feats) -> float:
+    """Token mean of -log p over the completion tokens, one unpadded row at a time, with F.cross_entropy."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for f in feats:
+            ids = torch.tensor([f["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            keep = torch.tensor(f["completion_mask"][1:], dtype=torch.bool)
+            total += float(F.cross_entropy(logits[keep], ids[0, 1:][keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count
+
+
+def test_ptx_loss_is_the_nll_and_adds_coef_times_it(tiny_dir, tokenizer):
+    feats = features(tokenizer)
+    base = toy_policy(tiny_dir("llama"), "lora")
+    want = nll_by_hand(base, feats)
+    plain = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS, config()).train()[0]
+    mixed = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS, config(ptx_coef=0.5, ptx_batch_size=3),
+                       ptx_data=feats).train()[0]
+    assert mixed["ptx_loss"] == pytest.approx(want, rel=1e-5)
+    assert mixed["ptx/epochs"] == pytest.approx(1.0)  # 3 of the 3 records taken
+    assert mixed["policy_loss"] == pytest.approx(plain["policy_loss"], rel=1e-5, abs=1e-7)  # the same rollout
+    assert mixed["loss"] == pytest.approx(plain["loss"] + 0.5 * want, rel=1e-5)
+    assert "ptx_loss" not in plain
+
+
+def test_the_stream_cycles_through_seeded_shuffles():
+    """5 records, batches of 2: epoch e's order is randperm(5) seeded by seed * 1000003 + e; a batch crosses into
+    the next epoch's shuffle."""
+    data = PtxData([{"n": i} for i in range(5)], seed=3)
+    orders = [torch.randperm(5, generator=torch.Generator().manual_seed(3 * 1000003 + e)).tolist() for e in (0, 1)]
+    stream = orders[0] + orders[1]
+    got = [[f["n"] for f in data.take(2)] for _ in range(4)]
+    assert got == [stream[0:2], stream[2:4], stream[4:6], stream[6:8]]
+    assert data.position == 8 and data.epochs == pytest.approx(1.6)
+
+
+@pytest.mark.parametrize("kw, ptx, needle", [
+    ({"ptx_coef": 1.0}, None, "PPOConfig.ptx_coef: 1.0"),
+    ({}, "features", "ptx_data: set with PPOConfig.ptx_coef 0"),
+    ({"ptx_batch_size": 2}, None, "PPOConfig.ptx_batch_size: read only with"),
+    ({"ptx_coef": 1.0}, "untrained", "ptx_data: none of its 3 record(s) has a trainable token"),
+])
+def test_half_set_or_empty_ptx_is_refused(tiny_dir, tokenizer, tmp_path, kw, ptx, needle):
+    feats = features(tokenizer)
+    data = {None: None, "features": feats,
+            "untrained": [{**f, "completion_mask": [0] * len(f["input_ids"])} for f in feats]}[ptx]
+    with pytest.raises(ConfigError) as err:
+        PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, config(**kw), ptx_data=data,
+                   output_dir=tmp_path / "run")
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_resumed_run_takes_the_uninterrupted_runs_ptx_batches(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """3 records, 2 a batch, 2 updates a step: the stream crosses epochs; killed at step 3 and resumed from
+    checkpoint-2, the rows (ptx_loss, ptx/epochs, loss) equal the uninterrupted run's (CPU, fp32)."""
+    feats = features(tokenizer)
+
+    def run(out):
+        cfg = config(steps=4, save_steps=2, mini_batch_size=2, ptx_coef=0.5, ptx_batch_size=2)
+        return PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg, ptx_data=feats,
+                          output_dir=out)
+
+    whole = run(tmp_path / "whole").train()
+    assert [r["ptx/epochs"] for r in whole] == pytest.approx([4 / 3, 8 / 3, 4.0, 16 / 3])
+    real = OnlineTrainer.generate
+
+    def dies(self, prompts, at):
+        if at == 2:
+            raise Killed()
+        return real(self, prompts, at)
+
+    monkeypatch.setattr(OnlineTrainer, "generate", dies)
+    with pytest.raises(Killed):
+        run(tmp_path / "cut").train()
+    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    resumed = run(tmp_path / "cut").train(resume_from_checkpoint=tmp_path / "cut" / "checkpoints" / "checkpoint-2")
+    assert [r["step"] for r in resumed] == [2, 3]
+    for got, want in zip(resumed, whole[2:]):
+        for key in ("ptx_loss", "ptx/epochs", "loss", "reward"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_resume_over_other_ptx_data_is_refused(tiny_dir, tokenizer, tmp_path):
+    feats = features(tokenizer)
+    cfg = config(steps=2, save_steps=1, ptx_coef=0.5)
+    PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg, ptx_data=feats,
+               output_dir=tmp_path).train()
+    other = PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg, ptx_data=feats[:2],
+                       output_dir=tmp_path)
+    with pytest.raises(Exception, match="other ptx data"):
+        other.check_resume(tmp_path / "checkpoints" / "checkpoint-1")
