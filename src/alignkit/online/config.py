@@ -10,7 +10,7 @@ from alignkit.losses import KL_ESTIMATORS
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.vllm_engine import check_engine_args
 from alignkit.settings.bounds import check_section
-from alignkit.settings.online import check_accumulation, check_clip_acts
+from alignkit.settings.online_checks import check_accumulation, check_clip_acts
 
 
 @dataclass

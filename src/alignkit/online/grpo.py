@@ -24,7 +24,7 @@ sampled, frozen for the step's `epochs_per_step` passes over it):
 `importance_sampling="sequence"` (GSPO, TRL's importance_sampling_level): one ratio per sequence,
 s_i = exp(mean_t (log pi_theta - log pi_old) over y_i's loss tokens), clipped as ratio_t, for each of its tokens; the
 gradient flows through the mean (pi_old detached), so with one update (s_i = 1) it gives token's update exactly
-(refused then: `alignkit.settings.online.check_clip_acts`). TRL's `delta` (min(ratio, delta) before the min) is
+(refused then: `alignkit.settings.online_checks.check_clip_acts`). TRL's `delta` (min(ratio, delta) before the min) is
 `dual_clip`: for delta > 1 + eps_high both bound negative advantages' loss at delta x A, with the same gradient.
 `cispo_max` (CISPO, MiniMax-M1; TRL's loss_type cispo with epsilon_high = cispo_max): loss_t = -sg(min(ratio_t,
 cispo_max)) A log pi_theta(a_t), no clip (clip_eps, clip_eps_high, dual_clip refused beside it); TRL normalises it

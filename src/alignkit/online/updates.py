@@ -119,9 +119,9 @@ class MinibatchUpdates:
 
     def warn_whole_step_minibatch(self, items: int) -> None:
         """Once a run: a mini_batch_size above the step's `items` (every process's) makes one update, as if unset. The
-        config refuses it where it can know (`settings.online.check_accumulation`: the most items a step gives); here
-        a step gave fewer (fewer prompts in the data than prompts_per_step, online DPO's pairs dropped by min_margin
-        or a judge)."""
+        config refuses it where it can know (`settings.online_checks.check_accumulation`: the most items a step
+        gives); here a step gave fewer (fewer prompts in the data than prompts_per_step, online DPO's pairs dropped by
+        min_margin or a judge)."""
         size = self.config.mini_batch_size
         if size is None or size <= items or getattr(self, "_warned_mini_batch", False):
             return
@@ -136,7 +136,7 @@ class MinibatchUpdates:
         c = self.config
         size = c.mini_batch_size // self.world if c.mini_batch_size is not None else n_max
         if c.gradient_accumulation_steps > min(size, n_max) and not getattr(self, "_warned_accumulation", False):
-            self._warned_accumulation = True  # once: what OnlineConfig (settings.online.check_accumulation) could not
+            self._warned_accumulation = True  # once: what OnlineConfig (online_checks.check_accumulation) could not
             #   refuse from the config: a process's share on several processes, fewer pairs than online DPO can form
             logger.warning("gradient_accumulation_steps (train.gradient_accumulation_steps) is %d, and this process's "
                            "minibatch holds %d item(s): %d micro-batch(es) are empty zero-weight passes on every "
