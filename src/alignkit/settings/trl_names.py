@@ -35,6 +35,9 @@ TRL_FLAG_KEYS = {
 SECTIONS = ("train", "method", "data", "model", "sampling", "adapter")
 
 _NOT_HERE = "alignkit has no equivalent"
+_ADAPTIVE_ENTROPY = (f"{_NOT_HERE} (TRL's adaptive entropy control, Skywork-OR1: entropy_coef moved by "
+                     "entropy_coef_delta toward entropy_target and applied only below it); method.entropy_coef is a "
+                     "fixed coefficient; remove it")
 _TR_DPO = ("method.ref_sync: {alpha: <ref_model_mixup_alpha>, steps: <ref_model_sync_steps>} (TR-DPO reference "
            "syncing; dpo and kto with full finetuning; TRL's defaults 0.6 and 512, and sync_ref_model: true is "
            "method.ref_sync set; the online commands have no reference syncing)")
@@ -137,6 +140,17 @@ TRL_NAMES: dict[str, str] = {
                                            "vLLM's); remove it",
     "use_bias_correction_kl": f"{_NOT_HERE} (the KL term is not weighted by the ratio); remove it",
     "off_policy_mask_threshold": f"{_NOT_HERE}; remove it",
+    "use_adaptive_entropy": _ADAPTIVE_ENTROPY,
+    "entropy_target": _ADAPTIVE_ENTROPY,
+    "entropy_coef_delta": _ADAPTIVE_ENTROPY,
+    "entropy_coef_min": _ADAPTIVE_ENTROPY,
+    "entropy_coef_max": _ADAPTIVE_ENTROPY,
+    "sapo_temperature_pos": f"{_NOT_HERE} (a parameter of TRL's loss_type sapo, which has none here); remove it",
+    "sapo_temperature_neg": f"{_NOT_HERE} (a parameter of TRL's loss_type sapo, which has none here); remove it",
+    "vespo_k_pos": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
+    "vespo_lambda_pos": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
+    "vespo_k_neg": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
+    "vespo_lambda_neg": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
     "multi_objective_aggregation": "method.multi_objective_aggregation of alignkit grpo (sum_then_normalize, the "
                                    "default, or normalize_then_sum: GDPO); rloo, ppo and online-dpo reward the "
                                    "weighted sum of the functions' scores (annotator.weights), TRL's "
@@ -171,6 +185,14 @@ TRL_LOSS_TYPES: dict[str, str] = {
              "alignkit grpo's loss_type is not a key",
     "dr_grpo": "method.aggregation=max_length_mean (sequences x sampling.max_new_tokens; alignkit grpo's loss_type is "
                "not a key); method.scale_by_std=false gives Dr. GRPO's advantage",
+    "sapo": f"{_NOT_HERE} (TRL's SAPO gates the ratio with a sigmoid of temperature sapo_temperature_pos / _neg "
+            "instead of clipping it); use the clipped loss (method.clip_eps, method.clip_eps_high) or CISPO "
+            "(method.cispo_max)",
+    "vespo": f"{_NOT_HERE} (TRL's VESPO weights each sequence by a Gamma function of its ratio, vespo_k_* / "
+             "vespo_lambda_*, instead of clipping); use method.importance_sampling=sequence (GSPO's clipped sequence "
+             "ratio) or method.cispo_max",
+    "luspo": f"{_NOT_HERE} (TRL's LUSPO: GSPO's loss summed over each sequence's tokens, then averaged over "
+             "sequences); use method.importance_sampling=sequence with method.aggregation=sequence_mean (GSPO)",
 }
 
 _F_OTHERS = ("TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and sigmoid_norm too: those have no "
@@ -189,6 +211,8 @@ def trl_equivalent(key: str, value: Any = None) -> str | None:
         return (f"method.f_alpha={1 - value:g} (1 - {value:g}) with method.loss_type=fdpo_alpha: TRL 1.16 writes "
                 f"f'(t) = (t^(a-1) - 1)/(a-1), and method.f_alpha is the f-DPO paper's alpha, f'(t) = (1 - t^-alpha)"
                 f"/alpha, which is 1 - TRL's a")
+    if key == "loss_type" and isinstance(value, str) and value in TRL_LOSS_TYPES:  # grpo / rloo: loss_type is no key
+        return f"for TRL's loss_type {value}, {TRL_LOSS_TYPES[value]}"
     return TRL_NAMES.get(key)
 
 
