@@ -99,7 +99,7 @@ def test_high_entropy_mask_keeps_the_top_quantile_of_loss_tokens():
     assert high_entropy_mask(ent, mask, 0.8).tolist() == [[False, True, True], [True, True, False]]
 
 
-def _stub(world_entropies=None, **kw):
+def _stub(world_entropies=None, entropies=None, sent=None, **kw):
     """A GRPOTrainer without a model over 2 samples of one prompt, advantages +1 / -1 (scale_by_std off, rewards 1
     and -1), 3 and 2 loss tokens, entropies 0.1, 0.9, 0.5 / 0.3, 0.7, one update (pi_old = this forward)."""
     from alignkit.online import GRPOConfig, GRPOTrainer
@@ -111,15 +111,15 @@ def _stub(world_entropies=None, **kw):
     t.config, t.world, t.kl_ctl, t._step = cfg, 1, SimpleNamespace(value=0.0), 0
     logps = _leaf([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    ent = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)
+    ent = torch.tensor(entropies or [[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)
     asked = []
     t.token_stats = lambda batch, entropy=False: asked.append(entropy) or TokenStats(
         logps[batch["row"]], mask[batch["row"]], ent[batch["row"]] if entropy else None)
     t.pass_sums = lambda *a: 0.0
     if world_entropies is not None:  # another process's loss-token entropies, padded to this one's 5 with -1e9
         t.world = 2
-        t.accelerator = SimpleNamespace(
-            pad_across_processes=lambda v, dim, pad_index: v,
+        t.accelerator = SimpleNamespace(  # `sent`: what this process adds to the gather
+            pad_across_processes=lambda v, dim, pad_index: (sent if sent is not None else []).append(v) or v,
             gather=lambda v: torch.cat([v, torch.tensor(world_entropies + [-1e9] * (5 - len(world_entropies)))]))
     rollout = SimpleNamespace(samples=[], batch={"row": torch.arange(2), "attention_mask": torch.ones(2, 4, dtype=torch.long)}, scores=torch.tensor([1.0, -1.0]),
                               rewards=torch.tensor([1.0, -1.0]), weights=torch.ones(2), mask=mask, old_logps=None,
@@ -142,6 +142,49 @@ def test_top_entropy_quantile_keeps_policy_terms_on_high_entropy_tokens_by_hand(
     t, pb, logps, _ = _stub([0.95, 0.96, 0.97, 0.98, 0.99], top_entropy_quantile=0.5)
     loss, _ = t.policy_loss(pb, torch.arange(2))
     assert loss.item() == 0.0
+
+
+def test_a_zero_weight_filler_pass_adds_no_entropies_to_the_quantile():
+    """Two processes, uneven shares: the one whose share is exhausted runs a zero-weight filler forward over its item 0
+    (entropies 0.95, 0.96, 0.97) so that the collectives match. Those tokens carry no weight, so they must not move
+    the other process's threshold: it sends nothing, and the other's rho 0.5 quantile stays the median 0.5 of its own
+    five (loss -1/12, as with one process). Before, it sent its three: the median of eight, (0.7 + 0.9) / 2 = 0.8,
+    left only (0, 1) with a policy term: loss (-1/3 + 0) / 2 = -1/6."""
+    sent = []
+    t, pb, _, _ = _stub([], entropies=[[0.95, 0.96, 0.97], [0.98, 0.99, 0.0]], sent=sent, top_entropy_quantile=0.5)
+    t.filler_pass = True
+    t.policy_loss(pb, torch.arange(1))
+    assert len(sent) == 1 and sent[0].numel() == 0
+    t, pb, _, _ = _stub(sent[0].tolist(), top_entropy_quantile=0.5)
+    assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 12, rel=1e-12)
+    t, pb, _, _ = _stub([0.95, 0.96, 0.97], top_entropy_quantile=0.5)  # what the filler sent before
+    assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 6, rel=1e-12)
+
+
+@pytest.mark.parametrize("kw, warned", [
+    ({"importance_sampling": "sequence", "aggregation": "token_sum"}, True),
+    ({"importance_sampling": "sequence", "aggregation": "max_length_mean"}, True),
+    ({"importance_sampling": "sequence", "aggregation": "token_sum", "cispo_max": 5.0}, True),
+    ({"importance_sampling": "sequence"}, False),
+    ({"aggregation": "token_sum"}, False),
+])
+def test_gspo_with_a_token_sum_normaliser_is_warned(kw, warned, caplog):
+    """TRL 1.16 warns when importance_sampling_level=sequence meets a loss type that sums token terms (dapo, bnpo,
+    dr_grpo, cispo): GSPO's objective is a mean of sequence terms, and a token sum weights each by its length."""
+    import logging
+
+    from alignkit.online import GRPOConfig
+    from alignkit.online.grpo import warn_sequence_ratio_sums
+
+    cfg = GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), epochs_per_step=2, **kw)
+    with caplog.at_level(logging.WARNING, logger="alignkit.online.grpo"):
+        warn_sequence_ratio_sums(cfg)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ([f"method.importance_sampling='sequence' (GSPO: one ratio per sequence) with method.aggregation="
+                     f"{kw.get('aggregation')!r} sums per-token terms, so each sequence's term is weighted by its "
+                     "length instead of GSPO's mean over sequences; set method.aggregation=sequence_mean for the GSPO "
+                     "paper's objective (TRL 1.16 warns the same for its loss_type dapo / bnpo / dr_grpo / cispo)"]
+                    if warned else [])
 
 
 def test_dr_grpo_divides_token_sums_by_samples_times_max_new_tokens_by_hand():

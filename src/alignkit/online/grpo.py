@@ -167,6 +167,17 @@ class GRPOConfig(OnlineConfig):
                                  "'normalize_then_sum'; remove one of them")
 
 
+def warn_sequence_ratio_sums(config: GRPOConfig) -> None:
+    """GSPO's objective is a mean of sequence terms (one ratio per sequence); a token-sum normaliser (token_sum,
+    max_length_mean: TRL's dapo / bnpo / cispo, dr_grpo) counts each sequence's term once per token, weighting it by its
+    length. TRL 1.16 warns at its trainer's start; so does this (once a run: `GRPOTrainer.check_inputs`)."""
+    if config.importance_sampling == "sequence" and config.aggregation in ("token_sum", "max_length_mean"):
+        logger.warning("method.importance_sampling='sequence' (GSPO: one ratio per sequence) with method.aggregation="
+                       "%r sums per-token terms, so each sequence's term is weighted by its length instead of GSPO's "
+                       "mean over sequences; set method.aggregation=sequence_mean for the GSPO paper's objective (TRL "
+                       "1.16 warns the same for its loss_type dapo / bnpo / dr_grpo / cispo)", config.aggregation)
+
+
 @dataclass
 class RLOOConfig(GRPOConfig):
     advantage: str = "rloo"
@@ -254,6 +265,7 @@ class GRPOTrainer(OnlineTrainer):
         """The base checks, and normalize_then_sum with a failure policy that fills a combined default score (it
         has no per-function part to normalise) is a ValueError before anything is written."""
         super().check_inputs(*args, **kwargs)
+        warn_sequence_ratio_sums(self.config)
         if self.config.multi_objective_aggregation == "normalize_then_sum" and \
                 getattr(self.annotator, "on_failure", "skip") != "skip":
             raise ValueError(f"annotator.on_failure={self.annotator.on_failure!r} fills one combined default_score "
@@ -326,8 +338,11 @@ class GRPOTrainer(OnlineTrainer):
 
     def entropy_keep(self, entropy: Tensor, mask: Tensor) -> Tensor:
         """The loss tokens of this forward in the top `top_entropy_quantile` by entropy, the quantile over every
-        process's loss tokens of its forward (TRL 1.16's `get_high_entropy_mask`: padded, gathered, pads dropped)."""
+        process's loss tokens of its forward (TRL 1.16's `get_high_entropy_mask`: padded, gathered, pads dropped); a
+        zero-weight filler pass (`filler_pass`: this process's share exhausted) adds none of its tokens."""
         values = entropy.detach()[mask].float()
+        if getattr(self, "filler_pass", False):  # `run_minibatches`' zero-weight pass: its tokens carry no weight
+            values = values[:0]
         if self.world > 1:
             padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=-1e9)  # entropies are >= 0
             values = self.accelerator.gather(padded)
@@ -381,4 +396,4 @@ class RLOOTrainer(GRPOTrainer):
     config_class = RLOOConfig
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "PolicyBatch", "RLOOConfig", "RLOOTrainer"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "PolicyBatch", "RLOOConfig", "RLOOTrainer", "warn_sequence_ratio_sums"]
