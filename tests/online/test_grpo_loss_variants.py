@@ -187,6 +187,34 @@ def test_gspo_with_a_token_sum_normaliser_is_warned(kw, warned, caplog):
                     if warned else [])
 
 
+@pytest.mark.parametrize("kw, policy, bonus", [
+    ({}, 0.0, 2.4 / 5),  # TRL: (0.1 + 0.2 + 0.3 + 0.8 + 1.0) / 5, not the mean of sequence means (0.2 + 0.9) / 2
+    ({"aggregation": "max_length_mean"}, (-3 + 2) / 8, 2.4 / 5),  # dr_grpo: the same bonus, not 2.4 / 8
+    ({"aggregation": "token_sum"}, (-3 + 2) / 5, 2.4 / 5),
+    # rho 0.5: the median 0.3 keeps (0, 2), (1, 0), (1, 1); bonus over those: (0.3 + 0.8 + 1.0) / 3 (TRL's
+    # effective_mask), policy (-1/3 + 2/2) / 2 (sequence_mean still divides by every loss token)
+    ({"top_entropy_quantile": 0.5}, (-1 / 3 + 1) / 2, 2.1 / 3),
+])
+def test_entropy_bonus_is_trls_token_mean_whatever_the_aggregation(kw, policy, bonus):
+    """TRL 1.16's GRPO: loss = policy loss (its loss type's normaliser) - entropy_coef x sum(H x effective_mask) /
+    sum(effective_mask), 'the same meaning for every loss type'. Entropies 0.1, 0.2, 0.3 / 0.8, 1.0; advantages
+    +1 / -1 on policy (ratio 1). Before, the bonus went through method.aggregation: 0.55 (sequence_mean), 2.4 / 8
+    (max_length_mean), 0.5 (sequence_mean over the kept tokens)."""
+    t, pb, _, _ = _stub(entropies=[[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]], entropy_coef=0.1, **kw)
+    loss, _ = t.policy_loss(pb, torch.arange(2))
+    assert loss.item() == pytest.approx(policy - 0.1 * bonus, rel=1e-12)
+
+
+def test_entropy_bonus_over_two_micro_batches_is_trls_per_micro_batch_mean():
+    """Two micro-batches of one sequence each (the minibatch's normaliser 2, sequence_mean): each forward's bonus is
+    its own token mean times its share 1/2, as TRL's mean per micro-batch / 2 accumulation steps: 0.2 / 2, 0.9 / 2."""
+    t, pb, _, _ = _stub(entropies=[[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]], entropy_coef=0.1)
+    first = t.policy_loss(pb, torch.tensor([0]), torch.tensor(2.0))[0].item()
+    second = t.policy_loss(pb, torch.tensor([1]), torch.tensor(2.0))[0].item()
+    assert (first, second) == (pytest.approx(-1 / 2 - 0.1 * 0.2 / 2, rel=1e-12),
+                               pytest.approx(1 / 2 - 0.1 * 0.9 / 2, rel=1e-12))
+
+
 def test_dr_grpo_divides_token_sums_by_samples_times_max_new_tokens_by_hand():
     """TRL's dr_grpo: sum of the token losses / (sequences x max_completion_length): (-1 x 3 + 1 x 2) / (2 x 4) =
     -1/8; each token's gradient -A / 8. Nothing else asks for entropies (an off-policy forward: none at all)."""

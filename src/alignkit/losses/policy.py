@@ -242,7 +242,8 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float, values: Te
         values = entropy[mask.bool()] if values is None else values
         if values.numel() == 0:
             return torch.zeros_like(mask, dtype=torch.bool)
-        return (entropy >= torch.quantile(values.float(), 1.0 - quantile).to(entropy.dtype)) & mask.bool()
+        # compared in float32, as the quantile is taken: a float64 / bf16 entropy equal to it is kept, not rounded off
+        return (entropy.float() >= torch.quantile(values.float(), 1.0 - quantile)) & mask.bool()
 
 
 def _importance_ratio(log_ratio: Tensor, mask: Tensor, importance_sampling: str) -> Tensor:

@@ -14,8 +14,9 @@ Every token of y_i gets A_i. With ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) 
 sampled, frozen for the step's `epochs_per_step` passes over it):
 
     loss_t = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps_high) A) + beta KL_t(pi_theta || pi_ref)
-             - entropy_coef H_t
     loss_i = mean_t loss_t over y_i's tokens ("sequence_mean", GRPO), then sum_i w_i loss_i / sum_i w_i
+    minus entropy_coef x the mean entropy over the loss tokens (weighted by w_i) whatever the aggregation, as TRL 1.16's
+    entropy bonus (`entropy_bonus`; over the tokens top_entropy_quantile keeps, when it does)
     "token_sum" (DAPO): sum_i w_i sum_t loss_t / sum_i w_i |y_i|
     "max_length_mean" (Dr. GRPO, TRL's dr_grpo): sum_i w_i sum_t loss_t / (sum_i w_i x sampling.max_new_tokens), the
     constant of TRL's per_token_loss.size(0) x max_completion_length (the local micro-batch's sequences: under DDP
@@ -349,6 +350,15 @@ class GRPOTrainer(OnlineTrainer):
             values = values[values != -1e9]
         return high_entropy_mask(entropy.detach(), mask, self.config.top_entropy_quantile, values)
 
+    @staticmethod
+    def entropy_bonus(entropy: Tensor, tokens: Tensor, weights: Tensor, share: Tensor) -> Tensor:
+        """What entropy_coef multiplies, as TRL 1.16's GRPO: the mean entropy over the forward's loss tokens (those
+        `top_entropy_quantile` keeps), whatever the aggregation (TRL: "the same meaning for every loss type"), each
+        token weighted by its sample's weight, times the forward's `share` of its minibatch's normaliser (its part
+        of the optimizer step; one forward: 1, TRL's; TRL divides by the accumulation steps: equal shares)."""
+        w = tokens.to(entropy.dtype) * weights.to(entropy.dtype)[:, None]
+        return (entropy * w).sum() / w.sum().clamp(min=1e-12) * torch.nan_to_num(share.to(entropy.dtype), nan=0.0)
+
     def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None
                     ) -> tuple[Tensor, dict[str, Any]]:
         """Clipped policy-gradient loss of samples `idx (M,)`, reduced with their weights (divided by
@@ -362,15 +372,19 @@ class GRPOTrainer(OnlineTrainer):
         old = stats.logps.detach() if on_policy else r.old_logps[idx, :w]
         ref = None if r.ref_logps is None else r.ref_logps[idx, :w]  # None: no reference (a fixed kl_coef of 0)
         mask = stats.mask if pb.keep is None else stats.mask & pb.keep[idx, None]  # the tokens with a loss
+        keep = None if c.top_entropy_quantile == 1 else self.entropy_keep(stats.entropy, mask)
         out = clipped_policy_loss(stats.logps, old, pb.advantages[idx], mask,
                                   clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
                                   ref_logps=ref, kl_coef=0.0 if c.kl_in_reward else self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
-                                  entropy_coef=c.entropy_coef, aggregation=c.aggregation,
-                                  importance_sampling=c.importance_sampling, cispo_max=c.cispo_max,
-                                  token_keep=None if c.top_entropy_quantile == 1 else self.entropy_keep(stats.entropy,
-                                                                                                        mask))
-        loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
+                                  aggregation=c.aggregation, importance_sampling=c.importance_sampling,
+                                  cispo_max=c.cispo_max, token_keep=keep)  # the entropy bonus: `entropy_bonus`
+        local = self.normalizer(pb, idx)
+        loss = reduce_loss(out.losses, r.weights[idx], local if normalizer is None else normalizer)
+        if c.entropy_coef > 0:
+            loss = loss - c.entropy_coef * self.entropy_bonus(stats.entropy, mask if keep is None else keep,
+                                                              r.weights[idx], local / (local if normalizer is None
+                                                                                       else normalizer))
         tokens = float(mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
         metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()
                                    if k not in ("kl", "entropy")}
