@@ -201,6 +201,8 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
                                        "method.aggregation=token_sum"),
     # TRL 1.16's loss types without an equivalent: each says which, and why, in its own words (was: the generic list)
     ("grpo", "method.loss_type=sapo", "for TRL's loss_type sapo, alignkit has no equivalent (TRL's SAPO gates"),
+    ("grpo", "method.loss_type=luspo", "for TRL's loss_type luspo, method.aggregation=sequence_sum with "
+                                       "method.importance_sampling=sequence"),
     ("rloo", "method.loss_type=vespo", "for TRL's loss_type vespo, alignkit has no equivalent (TRL's VESPO weights"),
     ("grpo", "method.sapo_temperature_neg=1.05", "a parameter of TRL's loss_type sapo, which has none here"),
     ("grpo", "method.entropy_target=0.2", "alignkit has no equivalent (TRL's adaptive entropy control, Skywork-OR1"),

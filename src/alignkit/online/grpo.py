@@ -21,6 +21,8 @@ sampled, frozen for the step's `epochs_per_step` passes over it):
     "max_length_mean" (Dr. GRPO, TRL's dr_grpo): sum_i w_i sum_t loss_t / (sum_i w_i x sampling.max_new_tokens), the
     constant of TRL's per_token_loss.size(0) x max_completion_length (the local micro-batch's sequences: under DDP
     the gradient average makes it the global batch's, as here)
+    "sequence_sum" (LUSPO, TRL's luspo): sum_i w_i sum_t loss_t / sum_i w_i: with the sequence ratio, each sequence's
+    GSPO term times its length |y_i| (TRL: (per_token_loss x mask).sum(-1).mean())
 
 `importance_sampling="sequence"` (GSPO, TRL's importance_sampling_level): one ratio per sequence,
 s_i = exp(mean_t (log pi_theta - log pi_old) over y_i's loss tokens), clipped as ratio_t, for each of its tokens; the
@@ -77,7 +79,7 @@ class GRPOConfig(OnlineConfig):
     clip_eps_high: float | None = None
     dual_clip: float | None = None
     entropy_coef: float = 0.0
-    aggregation: str = "sequence_mean"  # or "token_sum" (over the weighted tokens), "max_length_mean" (Dr. GRPO)
+    aggregation: str = "sequence_mean"  # or "token_sum" (weighted tokens), "max_length_mean" (Dr. GRPO), "sequence_sum"
     importance_sampling: str = "token"  # or "sequence" (GSPO: one ratio per sequence)
     top_entropy_quantile: float = 1.0  # < 1: only the loss tokens of the top quantile by entropy have policy terms
     cispo_max: float | None = None  # set: CISPO's loss, sg(min(ratio, cispo_max)) A log pi (TRL's cispo)
@@ -91,9 +93,9 @@ class GRPOConfig(OnlineConfig):
         if self.importance_sampling not in ("token", "sequence"):
             raise ValueError(f"importance_sampling must be 'token' (a ratio per token) or 'sequence' (GSPO: one per "
                              f"sequence, TRL's importance_sampling_level), got {self.importance_sampling!r}")
-        if self.aggregation not in ("sequence_mean", "token_sum", "max_length_mean"):
-            raise ValueError(f"aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo) or "
-                             f"'max_length_mean' (dr_grpo), got {self.aggregation!r}")
+        if self.aggregation not in ("sequence_mean", "token_sum", "max_length_mean", "sequence_sum"):
+            raise ValueError(f"aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo), "
+                             f"'max_length_mean' (dr_grpo) or 'sequence_sum' (luspo), got {self.aggregation!r}")
         unread = [k for k, off in (("clip_eps", 0.2), ("clip_eps_high", None), ("dual_clip", None))
                   if getattr(self, k) != off]
         if self.cispo_max is not None and unread:
@@ -172,6 +174,11 @@ def warn_sequence_ratio_sums(config: GRPOConfig) -> None:
     """GSPO's objective is a mean of sequence terms (one ratio per sequence); a token-sum normaliser (token_sum,
     max_length_mean: TRL's dapo / bnpo / cispo, dr_grpo) counts each sequence's term once per token, weighting it by its
     length. TRL 1.16 warns at its trainer's start; so does this (once a run: `GRPOTrainer.check_inputs`)."""
+    if config.aggregation == "sequence_sum" and config.importance_sampling != "sequence":
+        logger.warning("method.aggregation='sequence_sum' (LUSPO) scales GSPO's sequence terms by their lengths, and "
+                       "method.importance_sampling is 'token', so each sequence's token terms are summed without a "
+                       "normaliser; set method.importance_sampling=sequence for the LUSPO paper's objective (TRL 1.16 "
+                       "warns the same for its loss_type luspo)")
     if config.importance_sampling == "sequence" and config.aggregation in ("token_sum", "max_length_mean"):
         logger.warning("method.importance_sampling='sequence' (GSPO: one ratio per sequence) with method.aggregation="
                        "%r sums per-token terms, so each sequence's term is weighted by its length instead of GSPO's "

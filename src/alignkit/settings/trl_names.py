@@ -107,7 +107,8 @@ TRL_NAMES: dict[str, str] = {
             "method.kl_estimator=k1)",
     "loss_type": "method.loss_type for sft, dpo, kto and online-dpo; for grpo and rloo, method.aggregation "
                  "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; max_length_mean: "
-                 "over sequences x sampling.max_new_tokens, TRL's dr_grpo; TRL's cispo: method.cispo_max)",
+                 "over sequences x sampling.max_new_tokens, TRL's dr_grpo; sequence_sum: TRL's luspo; TRL's cispo: "
+                 "method.cispo_max)",
     "epsilon": "method.clip_eps",
     "epsilon_high": "method.clip_eps_high (with TRL's loss_type cispo: method.cispo_max)",
     "cliprange": "method.clip_eps",
@@ -191,8 +192,8 @@ TRL_LOSS_TYPES: dict[str, str] = {
     "vespo": f"{_NOT_HERE} (TRL's VESPO weights each sequence by a Gamma function of its ratio, vespo_k_* / "
              "vespo_lambda_*, instead of clipping); use method.importance_sampling=sequence (GSPO's clipped sequence "
              "ratio) or method.cispo_max",
-    "luspo": f"{_NOT_HERE} (TRL's LUSPO: GSPO's loss summed over each sequence's tokens, then averaged over "
-             "sequences); use method.importance_sampling=sequence with method.aggregation=sequence_mean (GSPO)",
+    "luspo": "method.aggregation=sequence_sum with method.importance_sampling=sequence (each sequence's loss summed "
+             "over its tokens, averaged over sequences; alignkit grpo's loss_type is not a key)",
 }
 
 _F_OTHERS = ("TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and sigmoid_norm too: those have no "
