@@ -175,7 +175,7 @@ def test_help_lists_every_settable_key_with_type_and_default():
     assert keys["train.padding_free"] == ("bool or null", "null")  # null: the trainer's default (on where faster)
     grpo = {k: (t, d) for k, t, d in settable_keys("grpo")}
     assert grpo["train.max_steps"] == ("int", "100") and grpo["train.learning_rate"] == ("float", "1e-06")
-    assert grpo["method.aggregation"][0] == "one of 'sequence_mean', 'token_sum', 'max_length_mean'"
+    assert grpo["method.aggregation"][0] == "one of 'sequence_mean', 'token_sum', 'max_length_mean', 'sequence_sum'"
     assert "method.learning_rate" not in grpo and "method.steps" not in grpo and "train.logging_steps" not in grpo
     assert {k for k in grpo if k.startswith("train.")} == {f"train.{k}" for k in ONLINE_TRAIN_KEYS}
 

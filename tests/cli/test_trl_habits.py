@@ -197,7 +197,16 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("grpo", "method.beta=0.04", "method.kl_coef"),
     ("grpo", "method.epsilon=0.3", "method.clip_eps"),
     ("grpo", "method.loss_type=dapo", "method.aggregation"),
-    ("grpo", "method.loss_type=cispo", "TRL's cispo: method.cispo_max)"),
+    ("grpo", "method.loss_type=cispo", "for TRL's loss_type cispo, method.cispo_max=<TRL's epsilon_high> with "
+                                       "method.aggregation=token_sum"),
+    # TRL 1.16's loss types without an equivalent: each says which, and why, in its own words (was: the generic list)
+    ("grpo", "method.loss_type=sapo", "for TRL's loss_type sapo, alignkit has no equivalent (TRL's SAPO gates"),
+    ("grpo", "method.loss_type=luspo", "for TRL's loss_type luspo, method.aggregation=sequence_sum with "
+                                       "method.importance_sampling=sequence"),
+    ("rloo", "method.loss_type=vespo", "for TRL's loss_type vespo, alignkit has no equivalent (TRL's VESPO weights"),
+    ("grpo", "method.sapo_temperature_neg=1.05", "a parameter of TRL's loss_type sapo, which has none here"),
+    ("grpo", "method.entropy_target=0.2", "alignkit has no equivalent (TRL's adaptive entropy control, Skywork-OR1"),
+    ("rloo", "method.use_adaptive_entropy=true", "method.entropy_coef is a fixed coefficient; remove it"),
     ("grpo", "method.epsilon_high=5.0", "method.clip_eps_high (with TRL's loss_type cispo: method.cispo_max)"),
     ("grpo", "method.scale_rewards=false", "method.scale_by_std"),
     ("grpo", "method.missing_eos_penalty=1.0", "alignkit has no equivalent"),
@@ -206,7 +215,8 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("grpo", "sampling.repetition_penalty=1.1", "pinned to 1: a penalised sample is not drawn from the policy"),
     ("grpo", "method.delta=4.0", "method.dual_clip (TRL's min(ratio, delta) before the min bounds"),
     ("grpo", "method.importance_sampling_level=sequence", "method.importance_sampling (token or sequence: GSPO's"),
-    ("rloo", "method.loss_type=dr_grpo", "max_length_mean: over sequences x sampling.max_new_tokens, TRL's dr_grpo"),
+    ("rloo", "method.loss_type=dr_grpo", "for TRL's loss_type dr_grpo, method.aggregation=max_length_mean (sequences "
+                                         "x sampling.max_new_tokens"),
     ("rloo", "method.normalize_advantages=true", "rloo's leave-one-out advantages are not rescaled per batch"),
     ("grpo", "method.vllm_importance_sampling_correction=true", "pi_old is the trainer's own log-probs"),
     ("rloo", "method.use_vllm=true", "method.generation_backend=vllm"),

@@ -1,5 +1,5 @@
 """accelerate's FSDP2 activation checkpointing and DeepSpeed optimizer offload, as alignkit relies on them
-(rows A19, A20 of docs/architecture.md's table)."""
+(rows A19, A20, A24, A25 of docs/architecture.md's table)."""
 
 from __future__ import annotations
 
@@ -167,3 +167,17 @@ def test_deepspeed_validates_the_zero_section_with_pydantic_and_drops_auto_value
     nested = DeepSpeedZeroConfig.model_fields["offload_param"].annotation.__args__  # Optional[<its config model>]
     assert any("pin_memory" in getattr(a, "model_fields", {}) for a in nested)
     assert '"zero_optimization.stage"' not in inspect.getsource(HfTrainerDeepSpeedConfig)
+
+
+def test_pad_across_processes_pads_an_empty_tensor_with_the_pad_index(monkeypatch):
+    """What online/grpo.py:GRPOTrainer.entropy_keep relies on (row A25): a process's zero-weight filler pass sends no
+    entropies, a (0,) tensor, and accelerate's `pad_across_processes` pads it along dim 0 to the largest process's
+    size with `pad_index` (-1e9, dropped after the gather), so the collectives still match and the filler adds none.
+    Two processes are faked through the size gather accelerate makes inside it."""
+    import accelerate.utils.operations as ops
+
+    monkeypatch.setattr(ops, "gather", lambda t: torch.tensor([[0], [3]]))  # this process 0 values, the other 3
+    out = ops.pad_across_processes(torch.empty(0), dim=0, pad_index=-1e9)
+    assert out.tolist() == [-1e9] * 3 and out.dtype == torch.float32
+    monkeypatch.setattr(ops, "gather", lambda t: torch.tensor([[2], [3]]))
+    assert ops.pad_across_processes(torch.tensor([0.5, 0.25]), dim=0, pad_index=-1e9).tolist() == [0.5, 0.25, -1e9]

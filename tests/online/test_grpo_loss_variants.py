@@ -99,7 +99,7 @@ def test_high_entropy_mask_keeps_the_top_quantile_of_loss_tokens():
     assert high_entropy_mask(ent, mask, 0.8).tolist() == [[False, True, True], [True, True, False]]
 
 
-def _stub(world_entropies=None, **kw):
+def _stub(world_entropies=None, entropies=None, sent=None, **kw):
     """A GRPOTrainer without a model over 2 samples of one prompt, advantages +1 / -1 (scale_by_std off, rewards 1
     and -1), 3 and 2 loss tokens, entropies 0.1, 0.9, 0.5 / 0.3, 0.7, one update (pi_old = this forward)."""
     from alignkit.online import GRPOConfig, GRPOTrainer
@@ -111,15 +111,15 @@ def _stub(world_entropies=None, **kw):
     t.config, t.world, t.kl_ctl, t._step = cfg, 1, SimpleNamespace(value=0.0), 0
     logps = _leaf([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    ent = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)
+    ent = torch.tensor(entropies or [[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)
     asked = []
     t.token_stats = lambda batch, entropy=False: asked.append(entropy) or TokenStats(
         logps[batch["row"]], mask[batch["row"]], ent[batch["row"]] if entropy else None)
     t.pass_sums = lambda *a: 0.0
     if world_entropies is not None:  # another process's loss-token entropies, padded to this one's 5 with -1e9
         t.world = 2
-        t.accelerator = SimpleNamespace(
-            pad_across_processes=lambda v, dim, pad_index: v,
+        t.accelerator = SimpleNamespace(  # `sent`: what this process adds to the gather
+            pad_across_processes=lambda v, dim, pad_index: (sent if sent is not None else []).append(v) or v,
             gather=lambda v: torch.cat([v, torch.tensor(world_entropies + [-1e9] * (5 - len(world_entropies)))]))
     rollout = SimpleNamespace(samples=[], batch={"row": torch.arange(2), "attention_mask": torch.ones(2, 4, dtype=torch.long)}, scores=torch.tensor([1.0, -1.0]),
                               rewards=torch.tensor([1.0, -1.0]), weights=torch.ones(2), mask=mask, old_logps=None,
@@ -144,6 +144,108 @@ def test_top_entropy_quantile_keeps_policy_terms_on_high_entropy_tokens_by_hand(
     assert loss.item() == 0.0
 
 
+def test_a_zero_weight_filler_pass_adds_no_entropies_to_the_quantile():
+    """Two processes, uneven shares: the one whose share is exhausted runs a zero-weight filler forward over its item 0
+    (entropies 0.95, 0.96, 0.97) so that the collectives match. Those tokens carry no weight, so they must not move
+    the other process's threshold: it sends nothing, and the other's rho 0.5 quantile stays the median 0.5 of its own
+    five (loss -1/12, as with one process). Before, it sent its three: the median of eight, (0.7 + 0.9) / 2 = 0.8,
+    left only (0, 1) with a policy term: loss (-1/3 + 0) / 2 = -1/6."""
+    sent = []
+    t, pb, _, _ = _stub([], entropies=[[0.95, 0.96, 0.97], [0.98, 0.99, 0.0]], sent=sent, top_entropy_quantile=0.5)
+    t.filler_pass = True
+    t.policy_loss(pb, torch.arange(1))
+    assert len(sent) == 1 and sent[0].numel() == 0
+    t, pb, _, _ = _stub(sent[0].tolist(), top_entropy_quantile=0.5)
+    assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 12, rel=1e-12)
+    t, pb, _, _ = _stub([0.95, 0.96, 0.97], top_entropy_quantile=0.5)  # what the filler sent before
+    assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 6, rel=1e-12)
+
+
+@pytest.mark.parametrize("kw, warned", [
+    ({"importance_sampling": "sequence", "aggregation": "token_sum"}, True),
+    ({"importance_sampling": "sequence", "aggregation": "max_length_mean"}, True),
+    ({"importance_sampling": "sequence", "aggregation": "token_sum", "cispo_max": 5.0}, True),
+    ({"importance_sampling": "sequence"}, False),
+    ({"aggregation": "token_sum"}, False),
+    ({"importance_sampling": "sequence", "aggregation": "sequence_sum"}, False),  # LUSPO as meant
+    ({"aggregation": "sequence_sum"}, "luspo"),
+])
+def test_gspo_with_a_token_sum_normaliser_is_warned(kw, warned, caplog):
+    """TRL 1.16 warns when importance_sampling_level=sequence meets a loss type that sums token terms (dapo, bnpo,
+    dr_grpo, cispo): GSPO's objective is a mean of sequence terms, and a token sum weights each by its length."""
+    import logging
+
+    from alignkit.online import GRPOConfig
+    from alignkit.online.grpo import warn_sequence_ratio_sums
+
+    cfg = GRPOConfig(sampling=SamplingConfig(num_samples=2, max_new_tokens=4), epochs_per_step=2, **kw)
+    with caplog.at_level(logging.WARNING, logger="alignkit.online.grpo"):
+        warn_sequence_ratio_sums(cfg)
+    said = [r.getMessage() for r in caplog.records]
+    if warned == "luspo":
+        assert said == ["method.aggregation='sequence_sum' (LUSPO) scales GSPO's sequence terms by their lengths, and "
+                        "method.importance_sampling is 'token', so each sequence's token terms are summed without a "
+                        "normaliser; set method.importance_sampling=sequence for the LUSPO paper's objective (TRL "
+                        "1.16 warns the same for its loss_type luspo)"]
+        return
+    assert said == ([f"method.importance_sampling='sequence' (GSPO: one ratio per sequence) with method.aggregation="
+                     f"{kw.get('aggregation')!r} sums per-token terms, so each sequence's term is weighted by its "
+                     "length instead of GSPO's mean over sequences; set method.aggregation=sequence_mean for the GSPO "
+                     "paper's objective (TRL 1.16 warns the same for its loss_type dapo / bnpo / dr_grpo / cispo)"]
+                    if warned else [])
+
+
+@pytest.mark.parametrize("kw, policy, bonus", [
+    ({}, 0.0, 2.4 / 5),  # TRL: (0.1 + 0.2 + 0.3 + 0.8 + 1.0) / 5, not the mean of sequence means (0.2 + 0.9) / 2
+    ({"aggregation": "max_length_mean"}, (-3 + 2) / 8, 2.4 / 5),  # dr_grpo: the same bonus, not 2.4 / 8
+    ({"aggregation": "token_sum"}, (-3 + 2) / 5, 2.4 / 5),
+    # rho 0.5: the median 0.3 keeps (0, 2), (1, 0), (1, 1); bonus over those: (0.3 + 0.8 + 1.0) / 3 (TRL's
+    # effective_mask), policy (-1/3 + 2/2) / 2 (sequence_mean still divides by every loss token)
+    ({"top_entropy_quantile": 0.5}, (-1 / 3 + 1) / 2, 2.1 / 3),
+])
+def test_entropy_bonus_is_trls_token_mean_whatever_the_aggregation(kw, policy, bonus):
+    """TRL 1.16's GRPO: loss = policy loss (its loss type's normaliser) - entropy_coef x sum(H x effective_mask) /
+    sum(effective_mask), 'the same meaning for every loss type'. Entropies 0.1, 0.2, 0.3 / 0.8, 1.0; advantages
+    +1 / -1 on policy (ratio 1). Before, the bonus went through method.aggregation: 0.55 (sequence_mean), 2.4 / 8
+    (max_length_mean), 0.5 (sequence_mean over the kept tokens)."""
+    t, pb, _, _ = _stub(entropies=[[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]], entropy_coef=0.1, **kw)
+    loss, _ = t.policy_loss(pb, torch.arange(2))
+    assert loss.item() == pytest.approx(policy - 0.1 * bonus, rel=1e-12)
+
+
+def test_entropy_bonus_over_two_micro_batches_is_trls_per_micro_batch_mean():
+    """Two micro-batches of one sequence each (the minibatch's normaliser 2, sequence_mean): each forward's bonus is
+    its own token mean times its share 1/2, as TRL's mean per micro-batch / 2 accumulation steps: 0.2 / 2, 0.9 / 2."""
+    t, pb, _, _ = _stub(entropies=[[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]], entropy_coef=0.1)
+    first = t.policy_loss(pb, torch.tensor([0]), torch.tensor(2.0))[0].item()
+    second = t.policy_loss(pb, torch.tensor([1]), torch.tensor(2.0))[0].item()
+    assert (first, second) == (pytest.approx(-1 / 2 - 0.1 * 0.2 / 2, rel=1e-12),
+                               pytest.approx(1 / 2 - 0.1 * 0.9 / 2, rel=1e-12))
+
+
+def test_luspo_is_gspo_times_each_sequence_length_averaged_over_sequences_by_hand():
+    """TRL 1.16's luspo: per_token_loss = -min(s_i A_i, clip(s_i) A_i) (B, 1) with the sequence ratio; loss =
+    (per_token_loss x mask).sum(-1).mean(). On the GSPO test's batch (lengths 3, 2, 2): losses |y_i| x GSPO's, i.e.
+    3 x 0.5 s0, 2 x -1.2, 2 x 0.8; gradient 3 x 0.5 s0 / 3 on sequence 0's tokens. Through the trainer (2 samples,
+    ratio 1, A = +1 / -1, lengths 3 / 2): (-3 + 2) / 2 sequences = -1/2, each token's gradient -A / 2."""
+    logps = _leaf([[-1.0, -0.5, -2.0], [-0.3, -0.7, -9.0], [-1.0, -2.0, -9.0]])
+    old = torch.tensor([[-1.2, -0.4, -2.1], [-0.8, -1.0, 0.0], [-0.9, -1.1, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, False]])
+    adv = torch.tensor([-0.5, 1.0, -1.0], dtype=torch.float64)
+    out = clipped_policy_loss(logps, old, adv, mask, clip_eps=0.2, importance_sampling="sequence",
+                              aggregation="sequence_sum")
+    s0 = math.exp((0.2 - 0.1 + 0.1) / 3)
+    assert out.losses.tolist() == pytest.approx([1.5 * s0, -2.4, 1.6], rel=1e-12)
+    out.losses.sum().backward()
+    assert _flat(logps.grad.tolist()) == pytest.approx([0.5 * s0] * 3 + [0.0] * 6, abs=1e-12)
+    t, pb, logps, _ = _stub(aggregation="sequence_sum", importance_sampling="sequence", epochs_per_step=2)
+    pb.rollout.old_logps = logps.detach().clone()
+    loss, _ = t.policy_loss(pb, torch.arange(2))
+    assert loss.item() == pytest.approx(-0.5, rel=1e-12)
+    loss.backward()
+    assert _flat(logps.grad.tolist()) == pytest.approx([-0.5] * 3 + [0.5, 0.5, 0.0], abs=1e-12)
+
+
 def test_dr_grpo_divides_token_sums_by_samples_times_max_new_tokens_by_hand():
     """TRL's dr_grpo: sum of the token losses / (sequences x max_completion_length): (-1 x 3 + 1 x 2) / (2 x 4) =
     -1/8; each token's gradient -A / 8. Nothing else asks for entropies (an off-policy forward: none at all)."""
@@ -158,8 +260,8 @@ def test_dr_grpo_divides_token_sums_by_samples_times_max_new_tokens_by_hand():
 
 @pytest.mark.parametrize("kw, said", [
     ({"importance_sampling": "seq"}, "importance_sampling must be 'token' (a ratio per token) or 'sequence'"),
-    ({"aggregation": "dr_grpo"}, "aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo) or "
-                                 "'max_length_mean' (dr_grpo), got 'dr_grpo'"),
+    ({"aggregation": "dr_grpo"}, "aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo), "
+                                 "'max_length_mean' (dr_grpo) or 'sequence_sum' (luspo), got 'dr_grpo'"),
     ({"top_entropy_quantile": 1.5}, "GRPOConfig.top_entropy_quantile: 1.5 is out of range; it must be in [0, 1]"),
     ({"importance_sampling": "sequence"}, "importance_sampling: 'sequence' takes one ratio pi / pi_old per sequence "
                                           "(GSPO), which at ratio 1 gives the same gradient as a ratio per token, and "
@@ -199,6 +301,9 @@ def test_run_config_refuses_in_one_line(key, said):
     trainer = cfg.trainer_config()
     assert (trainer.importance_sampling, trainer.aggregation, trainer.top_entropy_quantile) == \
         ("sequence", "max_length_mean", 0.2)
+    luspo = load_config(None, [*base, "method.importance_sampling=sequence", "method.epochs_per_step=2",
+                               "method.aggregation=sequence_sum"], command="grpo").trainer_config()
+    assert (luspo.importance_sampling, luspo.aggregation) == ("sequence", "sequence_sum")
 
 
 def test_cispo_loss_and_gradient_by_hand():
@@ -233,6 +338,7 @@ def test_cispo_settings_that_cannot_act_are_refused(kw, said):
     {"importance_sampling": "sequence", "epochs_per_step": 2, "clip_eps_high": 0.28, "dual_clip": 3.0},
     {"aggregation": "max_length_mean", "top_entropy_quantile": 0.2},
     {"cispo_max": 5.0, "aggregation": "token_sum", "mini_batch_size": 4, "importance_sampling": "sequence"},
+    {"importance_sampling": "sequence", "aggregation": "sequence_sum", "epochs_per_step": 2, "entropy_coef": 0.01},
 ])
 def test_each_variant_trains_a_tiny_policy_end_to_end(tiny_dir, tokenizer, kw):
     """The real forward (entropies from the model, old log-probs from the rollout pass when several updates): two

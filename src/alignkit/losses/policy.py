@@ -227,11 +227,12 @@ def _aggregate(per_token: Tensor, mask: Tensor, aggregation: str) -> tuple[Tenso
     n = m.sum(-1)
     if aggregation == "sequence_mean":
         return (per_token * m).sum(-1) / n.clamp(min=1.0), n
-    if aggregation in ("token_sum", "max_length_mean"):
+    if aggregation in ("token_sum", "max_length_mean", "sequence_sum"):
         return (per_token * m).sum(-1), n
     raise ValueError(f"unknown aggregation {aggregation!r}; use 'sequence_mean' (GRPO: mean over each "
                      "sequence's tokens), 'token_sum' (DAPO: reduce_loss(..., normalizer=total tokens)) or "
-                     "'max_length_mean' (Dr. GRPO: reduce_loss(..., normalizer=sequences x max_new_tokens))")
+                     "'max_length_mean' (Dr. GRPO: reduce_loss(..., normalizer=sequences x max_new_tokens)) or "
+                     "'sequence_sum' (LUSPO: reduce_loss(..., normalizer=sequences))")
 
 
 def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float, values: Tensor | None = None) -> Tensor:
@@ -242,7 +243,8 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float, values: Te
         values = entropy[mask.bool()] if values is None else values
         if values.numel() == 0:
             return torch.zeros_like(mask, dtype=torch.bool)
-        return (entropy >= torch.quantile(values.float(), 1.0 - quantile).to(entropy.dtype)) & mask.bool()
+        # compared in float32, as the quantile is taken: a float64 / bf16 entropy equal to it is kept, not rounded off
+        return (entropy.float() >= torch.quantile(values.float(), 1.0 - quantile)) & mask.bool()
 
 
 def _importance_ratio(log_ratio: Tensor, mask: Tensor, importance_sampling: str) -> Tensor:
@@ -290,7 +292,8 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     GRPO/RLOO); ref_logps `(B, T)` when kl_coef > 0; entropy `(B, T)` when entropy_coef > 0.
     aggregation: 'sequence_mean' -> losses_i = mean over the sequence's tokens (GRPO);
     'token_sum' -> per-sequence sums with `num_tokens` (divide by the step's total tokens, DAPO);
-    'max_length_mean' -> per-sequence sums (divide by sequences x max_new_tokens, Dr. GRPO).
+    'max_length_mean' -> per-sequence sums (divide by sequences x max_new_tokens, Dr. GRPO);
+    'sequence_sum' -> per-sequence sums (divide by sequences: LUSPO, TRL's luspo, with the sequence ratio).
     token_keep `(B, T)` bool: the tokens whose policy and entropy terms count (`high_entropy_mask`); the KL term
     and the sequence ratio's mean keep `mask`'s tokens (TRL 1.16's top_entropy_quantile).
     Metrics (scalars over valid tokens): clip_ratio/region_mean (TRL GRPO's name: the share of tokens whose

@@ -14,12 +14,15 @@ Every token of y_i gets A_i. With ratio_t = pi_theta(a_t|s_t) / pi_old(a_t|s_t) 
 sampled, frozen for the step's `epochs_per_step` passes over it):
 
     loss_t = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps_high) A) + beta KL_t(pi_theta || pi_ref)
-             - entropy_coef H_t
     loss_i = mean_t loss_t over y_i's tokens ("sequence_mean", GRPO), then sum_i w_i loss_i / sum_i w_i
+    minus entropy_coef x the mean entropy over the loss tokens (weighted by w_i) whatever the aggregation, as TRL 1.16's
+    entropy bonus (`entropy_bonus`; over the tokens top_entropy_quantile keeps, when it does)
     "token_sum" (DAPO): sum_i w_i sum_t loss_t / sum_i w_i |y_i|
     "max_length_mean" (Dr. GRPO, TRL's dr_grpo): sum_i w_i sum_t loss_t / (sum_i w_i x sampling.max_new_tokens), the
     constant of TRL's per_token_loss.size(0) x max_completion_length (the local micro-batch's sequences: under DDP
     the gradient average makes it the global batch's, as here)
+    "sequence_sum" (LUSPO, TRL's luspo): sum_i w_i sum_t loss_t / sum_i w_i: with the sequence ratio, each sequence's
+    GSPO term times its length |y_i| (TRL: (per_token_loss x mask).sum(-1).mean())
 
 `importance_sampling="sequence"` (GSPO, TRL's importance_sampling_level): one ratio per sequence,
 s_i = exp(mean_t (log pi_theta - log pi_old) over y_i's loss tokens), clipped as ratio_t, for each of its tokens; the
@@ -76,7 +79,7 @@ class GRPOConfig(OnlineConfig):
     clip_eps_high: float | None = None
     dual_clip: float | None = None
     entropy_coef: float = 0.0
-    aggregation: str = "sequence_mean"  # or "token_sum" (over the weighted tokens), "max_length_mean" (Dr. GRPO)
+    aggregation: str = "sequence_mean"  # or "token_sum" (weighted tokens), "max_length_mean" (Dr. GRPO), "sequence_sum"
     importance_sampling: str = "token"  # or "sequence" (GSPO: one ratio per sequence)
     top_entropy_quantile: float = 1.0  # < 1: only the loss tokens of the top quantile by entropy have policy terms
     cispo_max: float | None = None  # set: CISPO's loss, sg(min(ratio, cispo_max)) A log pi (TRL's cispo)
@@ -90,9 +93,9 @@ class GRPOConfig(OnlineConfig):
         if self.importance_sampling not in ("token", "sequence"):
             raise ValueError(f"importance_sampling must be 'token' (a ratio per token) or 'sequence' (GSPO: one per "
                              f"sequence, TRL's importance_sampling_level), got {self.importance_sampling!r}")
-        if self.aggregation not in ("sequence_mean", "token_sum", "max_length_mean"):
-            raise ValueError(f"aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo) or "
-                             f"'max_length_mean' (dr_grpo), got {self.aggregation!r}")
+        if self.aggregation not in ("sequence_mean", "token_sum", "max_length_mean", "sequence_sum"):
+            raise ValueError(f"aggregation must be 'sequence_mean' (TRL's grpo), 'token_sum' (dapo / bnpo), "
+                             f"'max_length_mean' (dr_grpo) or 'sequence_sum' (luspo), got {self.aggregation!r}")
         unread = [k for k, off in (("clip_eps", 0.2), ("clip_eps_high", None), ("dual_clip", None))
                   if getattr(self, k) != off]
         if self.cispo_max is not None and unread:
@@ -165,6 +168,22 @@ class GRPOConfig(OnlineConfig):
             if bad:
                 raise ValueError(f"{key}={why}, so it would be ignored with multi_objective_aggregation="
                                  "'normalize_then_sum'; remove one of them")
+
+
+def warn_sequence_ratio_sums(config: GRPOConfig) -> None:
+    """GSPO's objective is a mean of sequence terms (one ratio per sequence); a token-sum normaliser (token_sum,
+    max_length_mean: TRL's dapo / bnpo / cispo, dr_grpo) counts each sequence's term once per token, weighting it by its
+    length. TRL 1.16 warns at its trainer's start; so does this (once a run: `GRPOTrainer.check_inputs`)."""
+    if config.aggregation == "sequence_sum" and config.importance_sampling != "sequence":
+        logger.warning("method.aggregation='sequence_sum' (LUSPO) scales GSPO's sequence terms by their lengths, and "
+                       "method.importance_sampling is 'token', so each sequence's token terms are summed without a "
+                       "normaliser; set method.importance_sampling=sequence for the LUSPO paper's objective (TRL 1.16 "
+                       "warns the same for its loss_type luspo)")
+    if config.importance_sampling == "sequence" and config.aggregation in ("token_sum", "max_length_mean"):
+        logger.warning("method.importance_sampling='sequence' (GSPO: one ratio per sequence) with method.aggregation="
+                       "%r sums per-token terms, so each sequence's term is weighted by its length instead of GSPO's "
+                       "mean over sequences; set method.aggregation=sequence_mean for the GSPO paper's objective (TRL "
+                       "1.16 warns the same for its loss_type dapo / bnpo / dr_grpo / cispo)", config.aggregation)
 
 
 @dataclass
@@ -254,6 +273,7 @@ class GRPOTrainer(OnlineTrainer):
         """The base checks, and normalize_then_sum with a failure policy that fills a combined default score (it
         has no per-function part to normalise) is a ValueError before anything is written."""
         super().check_inputs(*args, **kwargs)
+        warn_sequence_ratio_sums(self.config)
         if self.config.multi_objective_aggregation == "normalize_then_sum" and \
                 getattr(self.annotator, "on_failure", "skip") != "skip":
             raise ValueError(f"annotator.on_failure={self.annotator.on_failure!r} fills one combined default_score "
@@ -326,13 +346,25 @@ class GRPOTrainer(OnlineTrainer):
 
     def entropy_keep(self, entropy: Tensor, mask: Tensor) -> Tensor:
         """The loss tokens of this forward in the top `top_entropy_quantile` by entropy, the quantile over every
-        process's loss tokens of its forward (TRL 1.16's `get_high_entropy_mask`: padded, gathered, pads dropped)."""
+        process's loss tokens of its forward (TRL 1.16's `get_high_entropy_mask`: padded, gathered, pads dropped); a
+        zero-weight filler pass (`filler_pass`: this process's share exhausted) adds none of its tokens."""
         values = entropy.detach()[mask].float()
+        if getattr(self, "filler_pass", False):  # `run_minibatches`' zero-weight pass: its tokens carry no weight
+            values = values[:0]
         if self.world > 1:
             padded = self.accelerator.pad_across_processes(values, dim=0, pad_index=-1e9)  # entropies are >= 0
             values = self.accelerator.gather(padded)
             values = values[values != -1e9]
         return high_entropy_mask(entropy.detach(), mask, self.config.top_entropy_quantile, values)
+
+    @staticmethod
+    def entropy_bonus(entropy: Tensor, tokens: Tensor, weights: Tensor, share: Tensor) -> Tensor:
+        """What entropy_coef multiplies, as TRL 1.16's GRPO: the mean entropy over the forward's loss tokens (those
+        `top_entropy_quantile` keeps), whatever the aggregation (TRL: "the same meaning for every loss type"), each
+        token weighted by its sample's weight, times the forward's `share` of its minibatch's normaliser (its part
+        of the optimizer step; one forward: 1, TRL's; TRL divides by the accumulation steps: equal shares)."""
+        w = tokens.to(entropy.dtype) * weights.to(entropy.dtype)[:, None]
+        return (entropy * w).sum() / w.sum().clamp(min=1e-12) * torch.nan_to_num(share.to(entropy.dtype), nan=0.0)
 
     def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None
                     ) -> tuple[Tensor, dict[str, Any]]:
@@ -347,15 +379,19 @@ class GRPOTrainer(OnlineTrainer):
         old = stats.logps.detach() if on_policy else r.old_logps[idx, :w]
         ref = None if r.ref_logps is None else r.ref_logps[idx, :w]  # None: no reference (a fixed kl_coef of 0)
         mask = stats.mask if pb.keep is None else stats.mask & pb.keep[idx, None]  # the tokens with a loss
+        keep = None if c.top_entropy_quantile == 1 else self.entropy_keep(stats.entropy, mask)
         out = clipped_policy_loss(stats.logps, old, pb.advantages[idx], mask,
                                   clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, dual_clip=c.dual_clip,
                                   ref_logps=ref, kl_coef=0.0 if c.kl_in_reward else self.kl_ctl.value,
                                   kl_estimator=c.kl_estimator, entropy=stats.entropy if c.entropy_coef > 0 else None,
-                                  entropy_coef=c.entropy_coef, aggregation=c.aggregation,
-                                  importance_sampling=c.importance_sampling, cispo_max=c.cispo_max,
-                                  token_keep=None if c.top_entropy_quantile == 1 else self.entropy_keep(stats.entropy,
-                                                                                                        mask))
-        loss = reduce_loss(out.losses, r.weights[idx], self.normalizer(pb, idx) if normalizer is None else normalizer)
+                                  aggregation=c.aggregation, importance_sampling=c.importance_sampling,
+                                  cispo_max=c.cispo_max, token_keep=keep)  # the entropy bonus: `entropy_bonus`
+        local = self.normalizer(pb, idx)
+        loss = reduce_loss(out.losses, r.weights[idx], local if normalizer is None else normalizer)
+        if c.entropy_coef > 0:
+            loss = loss - c.entropy_coef * self.entropy_bonus(stats.entropy, mask if keep is None else keep,
+                                                              r.weights[idx], local / (local if normalizer is None
+                                                                                       else normalizer))
         tokens = float(mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
         metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()
                                    if k not in ("kl", "entropy")}
@@ -381,4 +417,4 @@ class RLOOTrainer(GRPOTrainer):
     config_class = RLOOConfig
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "PolicyBatch", "RLOOConfig", "RLOOTrainer"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "PolicyBatch", "RLOOConfig", "RLOOTrainer", "warn_sequence_ratio_sums"]

@@ -164,7 +164,9 @@ class MinibatchUpdates:
                 if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
                     for module in [self.model, *self.extra_modules]:
                         stack.enter_context(self.accelerator.no_sync(module))
+                self.filler_pass = dummy or not real[m_i]  # read by losses with batch-wide statistics (GRPO's)
                 loss, metrics = loss_fn(mb if real[m_i] else idx[:1], normalizer)
+                self.filler_pass = False
                 if dummy or not real[m_i]:
                     loss = loss * 0.0
                 if not is_finite(loss):

@@ -339,7 +339,8 @@ class GRPOMethod(KLPenaltyMethod):
     clip_eps_high: float | None = None
     dual_clip: float | None = None
     entropy_coef: float = 0.0
-    aggregation: Literal["sequence_mean", "token_sum", "max_length_mean"] = "sequence_mean"  # TRL's grpo, dapo, dr_grpo
+    # TRL's grpo, dapo, dr_grpo, luspo
+    aggregation: Literal["sequence_mean", "token_sum", "max_length_mean", "sequence_sum"] = "sequence_mean"
     importance_sampling: Literal["token", "sequence"] = "token"  # sequence: GSPO (TRL's importance_sampling_level)
     top_entropy_quantile: float = 1.0  # < 1: policy terms only on the top quantile of tokens by entropy (TRL's)
     cispo_max: float | None = None  # set: CISPO's loss, the weight min(ratio, cispo_max) detached (TRL's cispo)

@@ -35,6 +35,9 @@ TRL_FLAG_KEYS = {
 SECTIONS = ("train", "method", "data", "model", "sampling", "adapter")
 
 _NOT_HERE = "alignkit has no equivalent"
+_ADAPTIVE_ENTROPY = (f"{_NOT_HERE} (TRL's adaptive entropy control, Skywork-OR1: entropy_coef moved by "
+                     "entropy_coef_delta toward entropy_target and applied only below it); method.entropy_coef is a "
+                     "fixed coefficient; remove it")
 _TR_DPO = ("method.ref_sync: {alpha: <ref_model_mixup_alpha>, steps: <ref_model_sync_steps>} (TR-DPO reference "
            "syncing; dpo and kto with full finetuning; TRL's defaults 0.6 and 512, and sync_ref_model: true is "
            "method.ref_sync set; the online commands have no reference syncing)")
@@ -104,7 +107,8 @@ TRL_NAMES: dict[str, str] = {
             "method.kl_estimator=k1)",
     "loss_type": "method.loss_type for sft, dpo, kto and online-dpo; for grpo and rloo, method.aggregation "
                  "(sequence_mean: TRL's grpo; token_sum: over the step's tokens, TRL's dapo / bnpo; max_length_mean: "
-                 "over sequences x sampling.max_new_tokens, TRL's dr_grpo; TRL's cispo: method.cispo_max)",
+                 "over sequences x sampling.max_new_tokens, TRL's dr_grpo; sequence_sum: TRL's luspo; TRL's cispo: "
+                 "method.cispo_max)",
     "epsilon": "method.clip_eps",
     "epsilon_high": "method.clip_eps_high (with TRL's loss_type cispo: method.cispo_max)",
     "cliprange": "method.clip_eps",
@@ -137,6 +141,17 @@ TRL_NAMES: dict[str, str] = {
                                            "vLLM's); remove it",
     "use_bias_correction_kl": f"{_NOT_HERE} (the KL term is not weighted by the ratio); remove it",
     "off_policy_mask_threshold": f"{_NOT_HERE}; remove it",
+    "use_adaptive_entropy": _ADAPTIVE_ENTROPY,
+    "entropy_target": _ADAPTIVE_ENTROPY,
+    "entropy_coef_delta": _ADAPTIVE_ENTROPY,
+    "entropy_coef_min": _ADAPTIVE_ENTROPY,
+    "entropy_coef_max": _ADAPTIVE_ENTROPY,
+    "sapo_temperature_pos": f"{_NOT_HERE} (a parameter of TRL's loss_type sapo, which has none here); remove it",
+    "sapo_temperature_neg": f"{_NOT_HERE} (a parameter of TRL's loss_type sapo, which has none here); remove it",
+    "vespo_k_pos": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
+    "vespo_lambda_pos": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
+    "vespo_k_neg": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
+    "vespo_lambda_neg": f"{_NOT_HERE} (a parameter of TRL's loss_type vespo, which has none here); remove it",
     "multi_objective_aggregation": "method.multi_objective_aggregation of alignkit grpo (sum_then_normalize, the "
                                    "default, or normalize_then_sum: GDPO); rloo, ppo and online-dpo reward the "
                                    "weighted sum of the functions' scores (annotator.weights), TRL's "
@@ -171,6 +186,14 @@ TRL_LOSS_TYPES: dict[str, str] = {
              "alignkit grpo's loss_type is not a key",
     "dr_grpo": "method.aggregation=max_length_mean (sequences x sampling.max_new_tokens; alignkit grpo's loss_type is "
                "not a key); method.scale_by_std=false gives Dr. GRPO's advantage",
+    "sapo": f"{_NOT_HERE} (TRL's SAPO gates the ratio with a sigmoid of temperature sapo_temperature_pos / _neg "
+            "instead of clipping it); use the clipped loss (method.clip_eps, method.clip_eps_high) or CISPO "
+            "(method.cispo_max)",
+    "vespo": f"{_NOT_HERE} (TRL's VESPO weights each sequence by a Gamma function of its ratio, vespo_k_* / "
+             "vespo_lambda_*, instead of clipping); use method.importance_sampling=sequence (GSPO's clipped sequence "
+             "ratio) or method.cispo_max",
+    "luspo": "method.aggregation=sequence_sum with method.importance_sampling=sequence (each sequence's loss summed "
+             "over its tokens, averaged over sequences; alignkit grpo's loss_type is not a key)",
 }
 
 _F_OTHERS = ("TRL 1.16 applies it to hinge, ipo, robust, exo_pair, discopop and sigmoid_norm too: those have no "
@@ -189,6 +212,8 @@ def trl_equivalent(key: str, value: Any = None) -> str | None:
         return (f"method.f_alpha={1 - value:g} (1 - {value:g}) with method.loss_type=fdpo_alpha: TRL 1.16 writes "
                 f"f'(t) = (t^(a-1) - 1)/(a-1), and method.f_alpha is the f-DPO paper's alpha, f'(t) = (1 - t^-alpha)"
                 f"/alpha, which is 1 - TRL's a")
+    if key == "loss_type" and isinstance(value, str) and value in TRL_LOSS_TYPES:  # grpo / rloo: loss_type is no key
+        return f"for TRL's loss_type {value}, {TRL_LOSS_TYPES[value]}"
     return TRL_NAMES.get(key)
 
 
