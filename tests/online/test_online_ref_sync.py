@@ -128,3 +128,19 @@ def test_the_config_takes_a_mapping_and_checks_it():
         PPOConfig(ref_sync={"alpha": 0.0, "steps": 4})
     with pytest.raises(ConfigError, match="unknown key"):
         OnlineDPOConfig(ref_sync={"alpha": 0.5, "tau": 4})
+
+
+def test_ref_sync_under_fsdp2_is_refused_in_one_line():
+    """Under FSDP2 the online reference is sharded like the policy; the mix on the shards is not built."""
+    from types import SimpleNamespace
+
+    from alignkit.online.ref_sync import build_online_ref_sync
+    from alignkit.settings.sections import RefSync
+
+    layer = torch.nn.Linear(2, 2)
+    trainer = SimpleNamespace(config=SimpleNamespace(ref_sync=RefSync(0.5, 2)),
+                              reference=SimpleNamespace(mode="copy", model=torch.nn.Linear(2, 2)))
+    with pytest.raises(ConfigError, match="under FSDP2 shards the reference") as e:
+        build_online_ref_sync(trainer, layer, None, fsdp2=True)
+    assert "\n" not in str(e.value) and "train under DDP" in str(e.value)
+    assert build_online_ref_sync(trainer, layer, None, fsdp2=False).updates == 0  # the same trainer, one process
