@@ -125,3 +125,55 @@ def test_dry_run_refuses_a_beta_other_than_the_runs(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "method.beta=0.2" in err[0] and "method.beta=0.5" in err[0], err
     assert not path.parent.exists()
+
+
+@pytest.mark.parametrize("ref_sync", [{"alpha": 0.5, "steps": 2}, None])
+def test_a_policy_trained_with_ref_sync_warns_that_eval_scores_against_the_initial_model(ref_sync, tiny_dir,
+                                                                                         tmp_path, caplog):
+    """TR-DPO (method.ref_sync): training's reference moved towards the policy, and eval scores against model.path,
+    so the figures are not what training optimised; before, nothing said so."""
+    base = tiny_dir("llama")
+    root = tmp_path / "run"
+    from alignkit.adapters import AdapterConfig, apply_adapter, save_adapter
+    from alignkit.models.loading import load_model
+
+    root.mkdir()  # a fully finetuned policy (here: the base's weights) in its run folder
+    save_adapter(apply_adapter(load_model(base), AdapterConfig(kind="full")), root / "model")
+    method = {"loss_type": "sigmoid", "beta": 0.5, **({"ref_sync": ref_sync} if ref_sync else {})}
+    (root / "config.yaml").write_text(yaml.safe_dump({"command": "dpo", "model": {"path": str(base)},
+                                                      "method": method}))
+    with caplog.at_level(logging.WARNING):
+        assert run_eval(tmp_path, "synced", base, root / "model")[0] == 0
+    said = [r.getMessage() for r in caplog.records if "method.ref_sync" in r.getMessage()]
+    if ref_sync is None:
+        assert not said
+        return
+    assert len(said) == 1 and str(root / "model") in said[0] and str(root / "config.yaml") in said[0], said
+    assert "not the figures training optimised" in said[0] and f"against {base}" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a reference named: the user chose it, no warning
+        assert run_eval(tmp_path, "named", base, root / "model", f"method.reference_path={base}")[0] == 0
+    assert not [r for r in caplog.records if "method.ref_sync" in r.getMessage()]
+
+
+@pytest.mark.parametrize("command, config, steps", [("dpo", "dpo-tiny.yaml", ["train.max_steps=2",
+                                                                                "train.eval_strategy=no"]),
+                                                     ("rloo", "rloo-tiny.yaml", ["train.max_steps=2"])])
+def test_a_ref_sync_run_records_the_moved_reference_and_eval_of_it_warns(command, config, steps, tmp_path, caplog):
+    """End to end: the run's model card says how often the reference moved; eval of its model/ warns (dpo)."""
+    out = tmp_path / "run"
+    assert main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}", *steps,
+                 "method.ref_sync={alpha: 0.5, steps: 1}"]) == 0
+    card = (out / "model" / "README.md").read_text()
+    syncs = 2 if command == "dpo" else int(yaml.safe_load((out / "config.yaml").read_text())["method"].get(
+        "epochs_per_step", 1)) * 2  # one sync per optimizer update (rloo-tiny: one minibatch a step)
+    assert f"| `reference syncs` | {syncs} (method.ref_sync: the reference moved towards the policy" in card, card
+    if command != "dpo":
+        return
+    base = yaml.safe_load((out / "config.yaml").read_text())["model"]["path"]
+    with caplog.at_level(logging.WARNING):
+        assert main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={base}",
+                     f"model.adapter_path={out / 'model'}", f"data.path={write(tmp_path / 'one.jsonl', ONE)}",
+                     f"output_dir={tmp_path / 'eval'}"]) == 0
+    assert [r for r in caplog.records if "method.ref_sync" in r.getMessage() and "not the figures training" in
+            r.getMessage()]

@@ -191,7 +191,7 @@ def test_trls_alpha_divergence_is_one_minus_f_alpha():
     ("dpo", "method.precompute_ref_log_probs=true", "method.reference=precomputed"),
     ("kto", "method.precompute_ref_log_probs=true", "kto has none: its KL pairs depend on how batches are drawn"),
     ("dpo", "method.sync_ref_model=true", "method.ref_sync: {alpha: <ref_model_mixup_alpha>, steps:"),
-    ("grpo", "method.ref_model_sync_steps=8", "the online commands have no reference syncing"),
+    ("grpo", "method.ref_model_sync_steps=8", "online-dpo, grpo, rloo and ppo with full finetuning"),
     ("dpo", "model.torch_dtype=bfloat16", "model.dtype"),
     ("grpo", "method.num_generations=8", "sampling.num_samples"),
     ("grpo", "method.beta=0.04", "method.kl_coef"),

@@ -256,6 +256,14 @@ ONLINE_CASES = [
      ["annotator.on_failure: 'default' fills one combined default_score", "use on_failure 'skip'"]),
     ("multi_objective_aggregation with ppo", "ppo", ["method.multi_objective_aggregation=normalize_then_sum"],
      ["method.multi_objective_aggregation", "of alignkit grpo"]),
+    ("grpo ref_sync with a LoRA adapter", "grpo", ["method.ref_sync={alpha: 0.5, steps: 2}"],
+     ["method.ref_sync", "adapter.kind=lora", "no separate reference to move", "adapter.kind=full"]),
+    ("online-dpo ref_sync with a ReFT adapter", "online-dpo", ["method.ref_sync={alpha: 0.5, steps: 2}"],
+     ["method.ref_sync", "adapter.kind=reft", "no separate reference to move"]),
+    ("rloo ref_sync with the adapter switched off", "rloo", ["method.reference=adapter_off",
+                                                             "method.ref_sync={alpha: 0.5, steps: 2}"],
+     ["method.ref_sync", "adapter_off", "no separate reference to move"]),
+    ("rloo ref_sync alpha zero", "rloo", ["method.ref_sync.alpha=0"], ["method.ref_sync.alpha", "not in (0, 1]"]),
 ]
 
 

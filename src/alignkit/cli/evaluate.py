@@ -81,6 +81,7 @@ def dry_checks(cfg: Any, args: argparse.Namespace) -> list[str]:
     check_reference(cfg)
     check_heads(cfg)
     resolve_beta(cfg)
+    warn_moved_reference(cfg)
     return [line, "the reference and the scoring heads (method.reference_path, model.path's head), method.beta"]
 
 
@@ -102,6 +103,7 @@ def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
     check_reference(cfg)
     check_heads(cfg)
     resolve_beta(cfg)
+    warn_moved_reference(cfg)
     task = "classifier" if cfg.method.kind == "reward" else "causal_lm"
     model, tok, base_path, desc = load_for_inference(cfg.model, None, task)  # before anything is written: a model
     model = to_device(model)  # that does not load, or data the length limits drop entirely, leaves output_dir as it was
@@ -272,6 +274,31 @@ def resolve_beta(cfg: Any) -> None:
     if m.beta is None:
         logger.info("method.beta: %s, the beta the policy was trained with (%s)", beta, saved)
     m.beta = beta
+
+
+def warn_moved_reference(cfg: Any) -> None:
+    """Warn when a DPO eval's policy was trained with `method.ref_sync` (TR-DPO: its run's config.yaml, beside
+    model/ or above a checkpoint) and no `method.reference_path` is given: training's reference moved towards the
+    policy, and eval scores against the initial model (`model.path`), so its figures are not what training
+    optimised."""
+    m, ms = cfg.method, cfg.model
+    if m.kind == "reward" or m.reference_path is not None:
+        return
+    policy = Path(ms.adapter_path if ms.adapter_path is not None else ms.path)
+    saved = policy.parent / "config.yaml" if policy.name == "model" else checkpoint_run_config(policy)
+    if saved is None or not saved.is_file():
+        return
+    try:
+        method = (yaml.safe_load(saved.read_text()) or {}).get("method")
+    except (yaml.YAMLError, AttributeError):
+        return  # resolve_beta has said what is wrong with it
+    sync = method.get("ref_sync") if isinstance(method, dict) else None
+    if sync:
+        logger.warning("eval: the policy %s was trained with method.ref_sync=%s (%s): its reference moved towards the "
+                       "policy during training, and eval scores against %s (the initial model), so the implicit "
+                       "rewards, margins and accuracy are not the figures training optimised; read them as against "
+                       "the initial model, or set method.reference_path to another reference", policy, sync, saved,
+                       ms.path)
 
 
 def beta_entry(cfg: Any) -> dict[str, float]:

@@ -32,7 +32,8 @@ from alignkit.cli.models import (
     adopt_tiny, apply_configured_adapter, check_formats, check_head, check_model_folder, check_model_settings,
     head_folder, load_base, load_for_inference, rename_base,
 )
-from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
+from alignkit.cli.runfolder import (abandon_run, add_config_command, begin_run, command_line, finish_run,
+                                   moved_reference, plan_run)
 from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
@@ -315,7 +316,9 @@ def _online_card(cfg: Any, command: str, trainer: Any, annotator: Any, rows: lis
               **({"held-out prompts": trainer.eval_prompts_total} if held_out else {}),
               "sampling": cfg.sampling.to_dict()},
         hyperparameters={"steps done": trainer.steps_done, "reference": trainer.reference_mode,
-                         "world size": trainer.world},
+                         "world size": trainer.world,
+                         **({"reference syncs": moved_reference(trainer.ref_syncer.syncs)} if trainer.ref_syncer
+                            else {})},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),
         base_model_id=cfg.model.path,
         how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False, cfg.model.rope_scaling))

@@ -321,6 +321,12 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def moved_reference(syncs: int) -> str:
+    """The model card's record of a run whose reference moved (method.ref_sync)."""
+    return (f"{syncs} (method.ref_sync: the reference moved towards the policy during training; alignkit eval "
+            "scores against model.path, the initial model, unless method.reference_path names another)")
+
+
 def checkpoint_run_config(ckpt: Path) -> Path | None:
     """The config.yaml of the run a checkpoint folder belongs to (`<run>/checkpoints/checkpoint-N`), or None."""
     ckpt = ckpt.resolve()

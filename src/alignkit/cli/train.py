@@ -29,7 +29,8 @@ from alignkit.adapters import adapter_of, reft_settings, unwrap_lm
 from alignkit.cli.data import load_data, record_kind, tokenize, warn_unread_margins
 from alignkit.cli.models import (adopt_tiny, apply_configured_adapter, check_formats, check_model_settings, load_base,
                                  rename_base)
-from alignkit.cli.runfolder import abandon_run, add_config_command, begin_run, command_line, finish_run, plan_run
+from alignkit.cli.runfolder import (abandon_run, add_config_command, begin_run, command_line, finish_run,
+                                   moved_reference, plan_run)
 from alignkit.data import PreferenceCollator, RankedCollator, SFTCollator
 from alignkit.interventions.positions import check_prompt_lengths, check_truncated_prompts
 from alignkit.distributed import requested_engine
@@ -383,6 +384,8 @@ def hyperparameters(args: Any, trainer: Any, best: int | None) -> dict[str, Any]
     #   (ACCELERATE_MIXED_PRECISION) apply even when train.bf16 / train.fp16 are False
     hyper.update({"world size": args.world_size, "engine": str(state.distributed_type).split(".")[-1],
                   "mixed precision": str(state.mixed_precision), "optimizer steps done": trainer.state.global_step})
+    if getattr(trainer, "ref_sync", None) is not None:  # TR-DPO: the reference is no longer model.path
+        hyper["reference syncs"] = moved_reference(trainer.ref_syncs)
     if best is not None:  # model/ is that checkpoint: the card's evaluation figures are its own
         hyper["model/ holds"] = (f"the best checkpoint: step {best} ({args.metric_for_best_model} "
                                  f"{trainer.state.best_metric:.6g}), not the last step's weights")

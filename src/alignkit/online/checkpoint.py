@@ -135,6 +135,8 @@ class Checkpoints:
                 save_file({"rng": self.rng.get_state()}, str(tmp / "rng.safetensors"))
                 if getattr(self, "ema", None) is not None:
                     save_file(self.ema.state(), str(tmp / "ema.safetensors"))
+                if getattr(self, "ref_syncer", None) is not None:  # the synced reference and its update count
+                    self.ref_syncer.save(tmp)
                 torch.save(optim, tmp / "optimizer.pt")
                 version, internal, gauss = self._py_rng.getstate()
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
@@ -206,6 +208,8 @@ class Checkpoints:
                                   "indexes its prompts. Resume with the same prompts (data.path, its contents, "
                                   "data.max_records, data.eval_fraction / eval_path), or start a new run")
         self.check_resume_extras(folder, state)
+        if getattr(self, "ref_syncer", None) is not None:  # method.ref_sync: its reference must be there
+            self.ref_syncer.check(folder)
         old, now = state.get("training_settings", state.get("settings")), self.training_settings()
         changed = settings_changes(old, now) + (one_sided(old, now) if isinstance(old, dict) else [])
         if changed:
@@ -236,6 +240,8 @@ class Checkpoints:
                 self.ema.load(load_file(str(folder / "ema.safetensors")), f"resume: {folder}")
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
+        if getattr(self, "ref_syncer", None) is not None:  # method.ref_sync: compared as every setting
+            self.ref_syncer.load(folder)
         # map_location "cpu", not the accelerator's device: on CPU processes that is "cpu:0", and state saved from
         # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
         optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")

@@ -11,6 +11,7 @@ from alignkit.online.generation import SamplingConfig
 from alignkit.online.vllm_engine import check_engine_args
 from alignkit.settings.bounds import check_section
 from alignkit.settings.online_checks import check_accumulation, check_clip_acts
+from alignkit.trainers.ref_sync import as_ref_sync
 
 
 @dataclass
@@ -66,6 +67,9 @@ class OnlineConfig:
     #   ema = ema_decay * ema + (1 - ema_decay) * theta after every optimizer step, from the initial weights; kept in
     #   checkpoints, saved as <output_dir>/model_ema (the format of the saved model). None: none
     ema_decay: float | None = None
+    # TR-DPO reference syncing ({"alpha": a, "steps": tau} or RefSync; alignkit.online.ref_sync): after every tau-th
+    #   optimizer update the reference copy becomes a * policy + (1 - a) * reference. None: the reference stays
+    ref_sync: Any = None
     save_at_end: bool = True
     save_steps: int | None = None  # checkpoint every N steps into <output_dir>/checkpoints/checkpoint-N (resume)
     # upload the final model / adapter (and its card) to the Hub at the end; never checkpoints
@@ -95,6 +99,7 @@ class OnlineConfig:
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"online config: ema_decay must be in (0, 1) (DeepSpeed-Chat's 0.992), or None for no "
                              f"EMA, got {self.ema_decay!r}")
+        self.ref_sync = as_ref_sync(self.ref_sync)
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"online config: gradient_accumulation_steps must be >= 1, got "
                              f"{self.gradient_accumulation_steps}")

@@ -81,6 +81,7 @@ from alignkit.online.generation import (as_prompt_records, check_on_policy_optio
                                        encode_prompts, lean_reason, note_generation_config)
 from alignkit.online.metrics import METRICS_FILE, ProcessMetrics
 from alignkit.online.normalize import RunningMoments
+from alignkit.online.ref_sync import build_online_ref_sync
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
 from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, check_lora_rank
@@ -181,6 +182,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         self.prepare_model(model, ref_model, fsdp2)  # the reference, extra modules, optimizer, accelerate's wrapping
         self.ema = (ActorEMA(self.policy_trainable(), self.config.ema_decay) if self.config.ema_decay is not None
                     else None)
+        self.ref_syncer = build_online_ref_sync(self, model, ref_model, fsdp2)  # method.ref_sync (TR-DPO)
         self.reset_loop_state()
 
     def check_before_writing(self, model: nn.Module, tokenizer: Any, prompts: Sequence[Any],

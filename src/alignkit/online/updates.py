@@ -187,6 +187,8 @@ class MinibatchUpdates:
         self.optimizer.zero_grad(set_to_none=True)
         if getattr(self, "ema", None) is not None:  # train.ema_decay: the policy's average (alignkit.online.ema)
             self.ema.update(self.policy_trainable())
+        if getattr(self, "ref_syncer", None) is not None:  # method.ref_sync: counts updates (alignkit.online.ref_sync)
+            self.ref_syncer.after_update(self.policy)
         return step_metrics, step_loss, normalizer, norm
 
     def extra_update_loss(self) -> tuple[Tensor, dict[str, Any]] | None:

@@ -35,8 +35,9 @@ from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.bounds import check_bounds
 from alignkit.settings.online_checks import CLIP_KEYS, check_accumulation, check_clip_acts
 from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
-from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings, check_ptx,
-                                       PreferenceObjective, check_prompt_data, loss_names)
+from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings, PreferenceObjective,
+                                       RefSync, check_prompt_data, check_ptx, loss_names, refuse_ref_sync_adapter,
+                                       refuse_ref_sync_reference)
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
 from alignkit.settings.trl_names import trl_loss_type_message
@@ -308,6 +309,8 @@ class OnlineMethod:
     vllm_server_timeout: float = 300.0  # server mode: seconds to wait for it to come up, and for each answer
     stall_steps: int = 20  # stop after this many steps in a row without reward signal (every prompt's samples
     #   scored alike; online DPO: no pair formed; PPO: every response scored alike); 0: never stop, only warn
+    ref_sync: RefSync | None = None  # TR-DPO: the reference copy moves towards the policy every ref_sync.steps
+    #   optimizer updates (alignkit.online.ref_sync); full finetuning only
 
 
 @dataclass
@@ -419,6 +422,8 @@ class OnlineRunConfig:
         from alignkit.losses import KL_ESTIMATORS, PREFERENCE_LOSSES
 
         m = self.method
+        refuse_ref_sync_adapter(m.ref_sync, self.adapter)
+        refuse_ref_sync_reference(m.ref_sync, m.reference)
         names = {"kl_estimator": ([m.kl_estimator], KL_ESTIMATORS)}
         if hasattr(m, "loss_type"):
             names["loss_type"] = (loss_names(m.loss_type), PREFERENCE_LOSSES)

@@ -39,8 +39,8 @@ _ADAPTIVE_ENTROPY = (f"{_NOT_HERE} (TRL's adaptive entropy control, Skywork-OR1:
                      "entropy_coef_delta toward entropy_target and applied only below it); method.entropy_coef is a "
                      "fixed coefficient; remove it")
 _TR_DPO = ("method.ref_sync: {alpha: <ref_model_mixup_alpha>, steps: <ref_model_sync_steps>} (TR-DPO reference "
-           "syncing; dpo and kto with full finetuning; TRL's defaults 0.6 and 512, and sync_ref_model: true is "
-           "method.ref_sync set; the online commands have no reference syncing)")
+           "syncing; dpo, kto, online-dpo, grpo, rloo and ppo with full finetuning; TRL's defaults 0.6 and 512, and "
+           "sync_ref_model: true is method.ref_sync set; steps counts optimizer updates)")
 
 TRL_NAMES: dict[str, str] = {
     # data and tokenization (SFTConfig, DPOConfig, RewardConfig, KTOConfig)
