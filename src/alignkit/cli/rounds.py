@@ -33,7 +33,7 @@ from alignkit.cli.models import check_formats, check_model_settings, load_for_sa
 from alignkit.cli.online import check_annotator, make_annotator, read_prompts
 from alignkit.cli.runfolder import add_config_command, config_changes
 from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, check_kept_samples,
-                                    read_jsonl, read_manifest, read_samples, sample_round)
+                                    read_jsonl, read_manifest, read_samples, sample_round, sampling_settings)
 from alignkit.data.records import DataError
 from alignkit.online.generation import Sample
 from alignkit.runs import RunFolder, write_command_outputs
@@ -134,15 +134,16 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
     check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml")
-    check_kept_samples(cfg.output_dir, prompts, cfg.overwrite)  # kept samples of other prompts: before the model
+    generate = {"formatter": cfg.data.formatter, "max_prompt_length": cfg.data.max_prompt_length,
+                "row_seed": cfg.sampling.seed}  # each sample's draws its own: the same whatever batch_size
+    # kept samples of other prompts or made with other settings (sample.yaml missing): refused before the model
+    check_kept_samples(cfg.output_dir, prompts, cfg.overwrite, made_with=sampling_settings(cfg.sampling, **generate))
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
     run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     describe = functools.partial(save_config, cfg, run.root / "sample.yaml") if run.main else None
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
-                        overwrite=cfg.overwrite, formatter=cfg.data.formatter, before_entry=describe,
-                        max_prompt_length=cfg.data.max_prompt_length, progress=progress,
-                        row_seed=cfg.sampling.seed)  # each sample's draws its own: the same whatever batch_size
+                        overwrite=cfg.overwrite, before_entry=describe, progress=progress, **generate)
     if describe is not None:  # (again when the stage was kept: the same settings, check_kept_stage)
         describe()  # with the samples it describes, before their manifest entry: a failed or killed run leaves the
         # kept stage's settings (check_kept_stage), never a complete stage with the previous run's
