@@ -373,3 +373,26 @@ def test_an_older_manifest_without_the_generate_settings_still_resumes(tiny_lm, 
     sample_round(model, tokenizer, PROMPTS, tmp_path, SamplingConfig(num_samples=3, max_new_tokens=4, seed=5,
                                                                      sampler="multinomial"), formatter="plain")
     assert (tmp_path / SAMPLES_FILE).read_bytes() == before
+
+
+def test_a_kept_annotation_judged_with_another_rubric_is_refused(tiny_lm, tokenizer, tmp_path):
+    """The judge's describe() (what a kept annotation is compared on) lacked its templates, pair_pattern, chat and
+    dtype: a round judged with another rubric was kept as this one's, exit 0. Now each is a DataError naming it;
+    the same judge keeps it."""
+    from alignkit.data.records import DataError
+    from alignkit.online.judge import DEFAULT_TEMPLATE, JudgeAnnotator
+
+    model = tiny_lm("llama")
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+
+    def judge(**kw):
+        return JudgeAnnotator(model, tokenizer, on_failure="default", default_score=5.0, max_new_tokens=2, **kw)
+
+    annotate_round(tmp_path, judge(), "pointwise", feedback_kwargs={"threshold": 5.0})
+    kept = (tmp_path / RECORDS_FILE).read_text()
+    annotate_round(tmp_path, judge(), "pointwise", feedback_kwargs={"threshold": 5.0})  # the same: kept
+    for kw, what in (({"template": "Grade it.\n" + DEFAULT_TEMPLATE}, "template_sha256"),
+                     ({"pair_pattern": r"Better:\s*([AB])"}, "pair_pattern"), ({"chat": False}, '"chat": false')):
+        with pytest.raises(DataError, match=f"{RECORDS_FILE}: complete, and annotated with other settings .*{what}"):
+            annotate_round(tmp_path, judge(**kw), "pointwise", feedback_kwargs={"threshold": 5.0})
+        assert (tmp_path / RECORDS_FILE).read_text() == kept
