@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from alignkit.augment.llm import answerer_digest
 from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
 from alignkit.cli.online import check_annotator, make_annotator, read_prompts
 from alignkit.cli.runfolder import add_config_command, config_changes
@@ -139,6 +140,9 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     # kept samples of other prompts or made with other settings (sample.yaml missing): refused before the model
     check_kept_samples(cfg.output_dir, prompts, cfg.overwrite, made_with=sampling_settings(cfg.sampling, **generate))
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
+    # the policy's weights (adapter included), tokenizer and generation options: a model retrained at the same
+    # model.path / adapter folder kept the old model's samples (sample.yaml holds the paths only)
+    generate["policy_sha256"] = answerer_digest(model, tok)
     run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     describe = functools.partial(save_config, cfg, run.root / "sample.yaml") if run.main else None

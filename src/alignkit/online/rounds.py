@@ -128,18 +128,23 @@ GENERATE_DEFAULTS = {"formatter": "auto", "max_prompt_length": None, "positions"
                      "intervene_on_generated": False, "lean": None, "row_seed": None}  # generate_responses' own
 
 
-def sampling_settings(cfg: SamplingConfig, **generate_kwargs: Any) -> dict[str, Any]:
+def sampling_settings(cfg: SamplingConfig, policy_sha256: str | None = None,
+                      **generate_kwargs: Any) -> dict[str, Any]:
     """What a round's samples were drawn with besides the prompts, as its manifest entry records them: "sampling"
-    (every `SamplingConfig` key) and "generate" (the `generate_responses` options that shape the responses or their
-    draws: `GENERATE_DEFAULTS`' keys; batch_size and progress do not)."""
+    (every `SamplingConfig` key), "generate" (the `generate_responses` options that shape the responses or their
+    draws: `GENERATE_DEFAULTS`' keys; batch_size and progress do not) and, when given, "policy" (`policy_sha256`:
+    the sampling model's digest, e.g. `augment.llm.answerer_digest`, which `alignkit sample` passes)."""
     made = {"sampling": cfg.to_dict(), "generate": {k: generate_kwargs.get(k, v) for k, v in GENERATE_DEFAULTS.items()}}
+    if policy_sha256 is not None:
+        made["policy"] = {"sha256": policy_sha256}
     return json.loads(json.dumps(made, sort_keys=True, default=str))  # as the manifest stores it
 
 
 def _sampled_otherwise(kept: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """"key: old then, new now" for each setting of `now` (`sampling_settings`) the kept entry recorded otherwise;
     a key it lacks (an older manifest) is not compared."""
-    return [f"{part}.{k}: {json.dumps(old)} then, {json.dumps(now[part][k])} now"
+    what = {"policy": " (the model's weights, tokenizer or generation options)"}
+    return [f"{part}.{k}{what.get(part, '')}: {json.dumps(old)} then, {json.dumps(now[part][k])} now"
             for part in now for k, old in (kept.get(part) or {}).items()
             if k in now[part] and old != now[part][k]]
 
@@ -170,17 +175,19 @@ def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bo
 
 def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str | Path, cfg: SamplingConfig, *,
                  batch_size: int = 8, overwrite: bool = False, before_entry: Callable[[], Any] | None = None,
-                 **generate_kwargs: Any) -> Path:
+                 policy_sha256: str | None = None, **generate_kwargs: Any) -> Path:
     """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete, and refused when
     complete but made from other prompts or settings: `check_kept_samples`). Returns its path.
 
     `before_entry`: called after the file is written and before its manifest entry (what completes the stage), to
     write what describes it (the CLI's sample.yaml), so a kill never leaves a complete stage with the old one.
-    `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length)."""
+    `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length).
+    `policy_sha256`: the model's digest, recorded and compared (None: neither; a rounds loop trains the model
+    between rounds, so a trained round's samples were drawn by an earlier one)."""
     folder = Path(folder)
     path = folder / SAMPLES_FILE
     made_from = prompts_fingerprint(as_prompt_records(prompts))
-    made_with = sampling_settings(cfg, **generate_kwargs)
+    made_with = sampling_settings(cfg, policy_sha256, **generate_kwargs)
     if check_kept_samples(folder, prompts, overwrite, made_from, made_with):
         logger.info("%s: complete, not sampled again", path)
         return path
