@@ -270,13 +270,14 @@ class LocalChat:
 
 
 def answerer_digest(model: Any, tokenizer: Any) -> str:
-    """SHA-256 of what shapes a local model's answers besides the request: every weight (adapters included: name,
-    dtype, shape, bytes), the tokenizer (vocabulary, special tokens, chat template: `tokenizer_fingerprint`) and the
-    options model.generate applies from the model's generation config, sampled or greedy (`model_generation_options`:
-    no_repeat_ngram_size, min_new_tokens, ...; the sampling ones LocalChat pins are not among them)."""
+    """SHA-256 of what shapes a local model's answers (or scores) besides the request: every weight (adapters
+    included: name, dtype, shape, bytes), the tokenizer (vocabulary, special tokens, chat template:
+    `tokenizer_fingerprint`) and the options model.generate applies from the model's generation config, sampled or
+    greedy (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...; the sampling ones LocalChat pins
+    are not among them; a classifier has none)."""
     import torch
 
-    from alignkit.online.generation import SamplingConfig, model_generation_options
+    from alignkit.online.generation import SamplingConfig, model_generation_options, transformers_model
     from alignkit.trainers.reference import tokenizer_fingerprint
 
     started = time.monotonic()
@@ -285,7 +286,8 @@ def answerer_digest(model: Any, tokenizer: Any) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    options = {repr(o) for cfg in (SamplingConfig(), SamplingConfig(do_sample=False))
+    generates = getattr(transformers_model(model), "generation_config", None) is not None  # not a classifier's
+    options = {repr(o) for cfg in (SamplingConfig(), SamplingConfig(do_sample=False)) if generates
                for o in model_generation_options(model, tokenizer, cfg)}
     h.update(json.dumps([tokenizer_fingerprint(tokenizer), sorted(options)]).encode())
     logger.info("digest of the answering model's weights, tokenizer and generation options: %.1f s",

@@ -27,6 +27,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from alignkit.augment.llm import answerer_digest
@@ -129,6 +130,12 @@ def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str) ->
                           f"overwrite=true to redo it, or choose another output_dir")
 
 
+def model_sha256(annotator: Any) -> str | None:
+    """`answerer_digest` of a model annotator's model and tokenizer (reward model, judge), None for one without."""
+    model = getattr(annotator, "model", None)
+    return answerer_digest(model, getattr(annotator, "tokenizer", None)) if isinstance(model, torch.nn.Module) else None
+
+
 def sample(cfg: Any, progress: bool = True) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl` (a progress bar over
     the batches unless `progress` is off: `--quiet`). Returns its path."""
@@ -168,7 +175,7 @@ def annotate(cfg: Any, allow_code: bool = False, progress: bool = True) -> Path:
     describe = functools.partial(save_config, cfg, run.root / "annotate.yaml") if run.main else None
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True,
-                          progress=progress, before_entry=describe)
+                          progress=progress, before_entry=describe, annotator_sha256=model_sha256(annotator))
     if describe is not None:  # with the records it describes (as sample.yaml)
         describe()
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]

@@ -273,12 +273,13 @@ def annotate_samples(annotator: Annotator, samples: Sequence[Sample], progress: 
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
                    overwrite: bool = False, refuse_empty: bool = False, progress: bool = False,
-                   before_entry: Callable[[], Any] | None = None) -> Path:
+                   before_entry: Callable[[], Any] | None = None, annotator_sha256: str | None = None) -> Path:
     """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
     write `folder/records.jsonl` (skipped when complete). Returns its path. A round no record passes writes an empty
     file (a rounds loop skips it); `refuse_empty=True` (the `alignkit annotate` command) raises `DataError` instead,
     before anything is written. `progress`: a bar over the scoring (`annotate_samples`). `before_entry`: as
-    `sample_round`'s (the CLI's annotate.yaml)."""
+    `sample_round`'s (the CLI's annotate.yaml). `annotator_sha256`: the annotator model's digest, recorded and
+    compared (`alignkit annotate` passes it: a reward model retrained at the same path kept the old one's records)."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
     annotator = build_annotator(annotator)
@@ -287,6 +288,8 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
         check_feedback(feedback, feedback_kwargs or {}, reweighters)
     made_by = {"annotator": annotator.describe(), "feedback": feedback, "feedback_kwargs": feedback_kwargs or {},
                "reweighters": [r.describe() for r in reweighters]}
+    if annotator_sha256 is not None:
+        made_by["annotator_model_sha256"] = annotator_sha256
     if not overwrite and _complete(folder, "annotation", RECORDS_FILE):
         check_kept_annotation(folder, made_by)
         logger.info("%s: complete, not annotated again", path)
