@@ -106,9 +106,76 @@ def test_cache_keeps_a_local_models_dtypes_apart(tmp_path, tiny_dir):
         with pytest.raises(AnswerCutOff):
             llm.chat(MSG, max_tokens=3, temperature=0.0)
     assert [(llm.hits, llm.misses) for llm in runs] == [(0, 1), (0, 1), (1, 0)]
-    assert runs[0].key(MSG, 3, 0.0, None) == hashlib.sha256(json.dumps(
-        {"model": path, "messages": MSG, "max_tokens": 3, "temperature": 0.0, "seed": None}, sort_keys=True,
-        ensure_ascii=False).encode()).hexdigest()  # the key an earlier alignkit wrote
+    assert runs[0].inner.legacy_identity == {"model": path}  # the key an earlier alignkit wrote: `_older_key`
+    assert runs[1].inner.legacy_identity == {"model": path, "dtype": "bfloat16"}
+
+
+def ask_cut(llm, messages=MSG, max_tokens=3, temperature=0.0, seed=None):
+    """The random tiny model never ends its answer in 3 tokens: cut off, and cached as such (a hit or a miss)."""
+    with pytest.raises(AnswerCutOff):
+        llm.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    return (llm.hits, llm.misses)
+
+
+def local_variants(tiny_lm, tokenizer):
+    """(what changes, a LocalChat under the name "tiny" differing from the base one by it)."""
+    import copy
+
+    import torch
+
+    from alignkit.augment.llm import LocalChat
+
+    retrained = tiny_lm("llama")
+    with torch.no_grad():
+        next(retrained.parameters()).add_(0.01)  # the same folder name, other weights
+    ngram = tiny_lm("llama")
+    ngram.generation_config.no_repeat_ngram_size = 2  # applied by model.generate to every answer
+    template = copy.deepcopy(tokenizer)
+    template.chat_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    return [("weights", LocalChat(retrained, tokenizer, "tiny")),
+            ("generation_config", LocalChat(ngram, tokenizer, "tiny")),
+            ("chat_template", LocalChat(tiny_lm("llama"), template, "tiny"))]
+
+
+def test_the_local_cache_key_holds_what_shapes_the_answer(tmp_path, tiny_lm, tokenizer):
+    """llm.kind local keyed answers on the folder name (and dtype) alone: a model retrained into the same folder, a
+    generation_config.json option model.generate applies (no_repeat_ngram_size) or another chat template read back
+    the old answers. Now the key holds `answerer_digest`; each of those misses, and so does each request setting
+    (temperature, max_tokens, seed, the system prompt in the messages); the same model and request hit."""
+    from alignkit.augment.llm import LocalChat
+
+    cache = tmp_path / "cache"
+    base = Cached(LocalChat(tiny_lm("llama"), tokenizer, "tiny"), cache)
+    assert ask_cut(base) == (0, 1)
+    assert ask_cut(Cached(LocalChat(tiny_lm("llama"), tokenizer, "tiny"), cache)) == (1, 0)  # same: a hit
+    for what, chat in local_variants(tiny_lm, tokenizer):
+        llm = Cached(chat, cache)
+        assert ask_cut(llm) == (0, 1), what
+        assert ask_cut(Cached(chat, cache)) == (1, 0), what  # then cached under its own key
+    system = [{"role": "system", "content": "Be terse."}, *MSG]
+    for what, request in (("temperature", {"temperature": 0.5, "seed": 0}), ("max_tokens", {"max_tokens": 2}),
+                          ("seed", {"seed": 1}), ("system prompt", {"messages": system})):
+        assert ask_cut(Cached(LocalChat(tiny_lm("llama"), tokenizer, "tiny"), cache), **request) == (0, 1), what
+    assert ask_cut(base) == (1, 1)  # still a hit after them all
+
+
+def test_a_local_entry_from_before_the_digest_is_asked_again_with_one_warning(tmp_path, tiny_lm, tokenizer, caplog):
+    """An entry under the older key (name and dtype only: it may be another model's answer) is not read back: it is
+    asked again, with one warning naming the folder and the entry; the new entry then hits."""
+    from alignkit.augment.llm import LocalChat
+
+    cache = tmp_path / "cache"
+    old = hashlib.sha256(json.dumps({"model": "tiny", "messages": MSG, "max_tokens": 3, "temperature": 0.0,
+                                     "seed": None}, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    (cache / old[:2]).mkdir(parents=True)
+    (cache / old[:2] / f"{old}.json").write_text(json.dumps({"model": "tiny", "messages": MSG,
+                                                             "content": "another model's answer", "finished": True}))
+    llm = Cached(LocalChat(tiny_lm("llama"), tokenizer, "tiny"), cache)
+    with caplog.at_level("WARNING", logger="alignkit.augment.llm"):
+        assert ask_cut(llm) == (0, 1)  # not "another model's answer": asked, and cut off
+        assert ask_cut(llm, seed=None) == (1, 1)
+    warned = [r.getMessage() for r in caplog.records if "asked again" in r.getMessage()]
+    assert len(warned) == 1 and f"{old}.json" in warned[0] and "tiny" in warned[0]
 
 
 def test_an_unfinished_answer_is_not_returned_as_whole_and_the_cache_keeps_why(tmp_path):

@@ -316,3 +316,83 @@ def test_round_k_draws_the_same_however_the_rounds_were_split_across_calls(tiny_
     six = read_samples(round_dir(tmp_path / "six", 0) / SAMPLES_FILE)
     five = read_samples(round_dir(tmp_path / "whole", 1) / SAMPLES_FILE)
     assert [s.response_ids for s in six] != [s.response_ids for s in five]
+
+
+# (what changes, the call's kwargs, the key and old -> new value the refusal names)
+OTHER_SETTINGS = [
+    ("seed", {"cfg": SamplingConfig(num_samples=3, max_new_tokens=4, seed=6)}, "sampling.seed: 5 then, 6 now"),
+    ("temperature", {"cfg": SamplingConfig(num_samples=3, max_new_tokens=4, seed=5, temperature=0.7)},
+     "sampling.temperature: 1.0 then, 0.7 now"),
+    ("max_new_tokens", {"cfg": SamplingConfig(num_samples=3, max_new_tokens=6, seed=5)},
+     "sampling.max_new_tokens: 4 then, 6 now"),
+    ("num_samples", {"cfg": SamplingConfig(num_samples=2, max_new_tokens=4, seed=5)},
+     "sampling.num_samples: 3 then, 2 now"),
+    ("sampler", {"cfg": SamplingConfig(num_samples=3, max_new_tokens=4, seed=5, sampler="multinomial")},
+     'sampling.sampler: null then, "multinomial" now'),
+    ("top_k", {"cfg": SamplingConfig(num_samples=3, max_new_tokens=4, seed=5, top_k=2)},
+     "sampling.top_k: null then, 2 now"),
+    ("formatter", {"formatter": "plain"}, 'generate.formatter: "auto" then, "plain" now'),
+    ("max_prompt_length", {"max_prompt_length": 3}, "generate.max_prompt_length: null then, 3 now"),
+    ("row_seed", {"row_seed": 5}, "generate.row_seed: null then, 5 now"),
+]
+
+
+@pytest.mark.parametrize("what,call,named", OTHER_SETTINGS, ids=[t[0] for t in OTHER_SETTINGS])
+def test_a_kept_round_sampled_with_other_settings_is_refused(tiny_lm, tokenizer, tmp_path, what, call, named):
+    """A complete samples.jsonl was kept whatever sampling settings the resuming call passed (only the prompts were
+    compared): `run_offline_rounds` resumed with another seed / temperature / max_new_tokens / sampler kept the old
+    draws as the new settings'. Now each setting recorded in the manifest is compared: a DataError naming the key,
+    its old and new value and overwrite, before anything is written; the same settings still resume."""
+    from alignkit.data.records import DataError
+
+    model = tiny_lm("llama")
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    cfg = call.get("cfg", SAMPLING)
+    kwargs = {k: v for k, v in call.items() if k != "cfg"}
+    with pytest.raises(DataError) as e:
+        sample_round(model, tokenizer, PROMPTS, tmp_path, cfg, **kwargs)
+    message = str(e.value)
+    assert f"samples.jsonl: complete, and sampled with other settings ({named})" in message
+    assert "overwrite=true" in message and "\n" not in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)  # the same settings: kept
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    sample_round(model, tokenizer, PROMPTS, tmp_path, cfg, overwrite=True, **kwargs)
+    assert read_manifest(tmp_path)["samples"]["sampling"] == cfg.to_dict()
+
+
+def test_an_older_manifest_without_the_generate_settings_still_resumes(tiny_lm, tokenizer, tmp_path):
+    """A manifest written before the "generate" settings were recorded: not compared on them (kept, not refused)."""
+    model = tiny_lm("llama")
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+    manifest = read_manifest(tmp_path)
+    del manifest["samples"]["generate"], manifest["samples"]["sampling"]["sampler"]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    before = (tmp_path / SAMPLES_FILE).read_bytes()
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SamplingConfig(num_samples=3, max_new_tokens=4, seed=5,
+                                                                     sampler="multinomial"), formatter="plain")
+    assert (tmp_path / SAMPLES_FILE).read_bytes() == before
+
+
+def test_a_kept_annotation_judged_with_another_rubric_is_refused(tiny_lm, tokenizer, tmp_path):
+    """The judge's describe() (what a kept annotation is compared on) lacked its templates, pair_pattern, chat and
+    dtype: a round judged with another rubric was kept as this one's, exit 0. Now each is a DataError naming it;
+    the same judge keeps it."""
+    from alignkit.data.records import DataError
+    from alignkit.online.judge import DEFAULT_TEMPLATE, JudgeAnnotator
+
+    model = tiny_lm("llama")
+    sample_round(model, tokenizer, PROMPTS, tmp_path, SAMPLING)
+
+    def judge(**kw):
+        return JudgeAnnotator(model, tokenizer, on_failure="default", default_score=5.0, max_new_tokens=2, **kw)
+
+    annotate_round(tmp_path, judge(), "pointwise", feedback_kwargs={"threshold": 5.0})
+    kept = (tmp_path / RECORDS_FILE).read_text()
+    annotate_round(tmp_path, judge(), "pointwise", feedback_kwargs={"threshold": 5.0})  # the same: kept
+    for kw, what in (({"template": "Grade it.\n" + DEFAULT_TEMPLATE}, "template_sha256"),
+                     ({"pair_pattern": r"Better:\s*([AB])"}, "pair_pattern"), ({"chat": False}, '"chat": false')):
+        with pytest.raises(DataError, match=f"{RECORDS_FILE}: complete, and annotated with other settings .*{what}"):
+            annotate_round(tmp_path, judge(**kw), "pointwise", feedback_kwargs={"threshold": 5.0})
+        assert (tmp_path / RECORDS_FILE).read_text() == kept

@@ -8,9 +8,11 @@
 `OpenAIChat` speaks `POST {base_url}/chat/completions` over plain HTTP (urllib, no extra dependency), with retries (HTTP
 429 / 5xx / connection errors, exponential backoff honouring `Retry-After`), a rate limit (at most
 `requests_per_minute`, spaced evenly) and a timeout. The API key is read from an environment variable (`api_key_env`),
-never from a config file. `Cached` keys each request on (the client's `identity`: endpoint and model for `OpenAIChat`,
-the model and its dtype (unless float32) for `LocalChat`; messages, sampling settings, seed) -> a JSON file written
-atomically under the cache folder; a cache hit makes no request. Every client has a `name` (the model, recorded in each
+never from a config file. `Cached` keys each request on (the client's `identity`: endpoint and model for
+`OpenAIChat`; the model, its dtype (unless float32) and `answerer_digest` (weights, tokenizer, the generation options
+model.generate applies: computed once per client) for `LocalChat`; messages, sampling settings, seed) -> a JSON file
+written atomically under the cache folder; a cache hit makes no request (an entry under LocalChat's older key, name and
+dtype alone, is asked again, with one warning). Every client has a `name` (the model, recorded in each
 output record's provenance).
 
 Concurrency (`llm.concurrency`, the pipeline's `Context.map`): `OpenAIChat` and `Cached` may be called from
@@ -184,10 +186,23 @@ class LocalChat:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.requests = 0
         self._noted = False  # the folder's generation options were logged (`_note_folder_options`)
-        # the cache key's model part; a dtype other than float32 answers otherwise (llm.dtype: bfloat16 used to read
-        # back the float32 run's cached answers)
+        # the cache key's model part before it held the answering model's digest (`Cached` warns on those entries);
+        # a dtype other than float32 answers otherwise (llm.dtype: bfloat16 used to read back float32's answers)
         dtype = str(getattr(model, "dtype", "torch.float32")).removeprefix("torch.")
-        self.identity = {"model": name} if dtype == "float32" else {"model": name, "dtype": dtype}
+        self.legacy_identity = {"model": name} if dtype == "float32" else {"model": name, "dtype": dtype}
+        self._identity: dict[str, Any] | None = None
+        self._identity_lock = threading.Lock()
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The cache key's model part: the name (and dtype), and, computed once per client (one pass over the
+        weights), `answerer_digest`: the weights, the tokenizer and its chat template, and the generation options
+        the folder's generation_config.json makes model.generate apply. The name alone let a model retrained or
+        replaced in the same folder (or a no_repeat_ngram_size added) read back the old model's cached answers."""
+        with self._identity_lock:
+            if self._identity is None:
+                self._identity = {**self.legacy_identity, "answerer": answerer_digest(self.model, self.tokenizer)}
+            return self._identity
 
     @classmethod
     def from_path(cls, path: str, *, dtype: str = "float32", name: str | None = None) -> "LocalChat":
@@ -254,6 +269,32 @@ class LocalChat:
                            "answer without it", src, listed(extra), self.name, src)
 
 
+def answerer_digest(model: Any, tokenizer: Any) -> str:
+    """SHA-256 of what shapes a local model's answers (or scores) besides the request: every weight (adapters
+    included: name, dtype, shape, bytes), the tokenizer (vocabulary, special tokens, chat template:
+    `tokenizer_fingerprint`) and the options model.generate applies from the model's generation config, sampled or
+    greedy (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...; the sampling ones LocalChat pins
+    are not among them; a classifier has none)."""
+    import torch
+
+    from alignkit.online.generation import SamplingConfig, model_generation_options, transformers_model
+    from alignkit.trainers.reference import tokenizer_fingerprint
+
+    started = time.monotonic()
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    generates = getattr(transformers_model(model), "generation_config", None) is not None  # not a classifier's
+    options = {repr(o) for cfg in (SamplingConfig(), SamplingConfig(do_sample=False)) if generates
+               for o in model_generation_options(model, tokenizer, cfg)}
+    h.update(json.dumps([tokenizer_fingerprint(tokenizer), sorted(options)]).encode())
+    logger.info("digest of the answering model's weights, tokenizer and generation options: %.1f s",
+                time.monotonic() - started)
+    return h.hexdigest()
+
+
 class Cached:
     """Wraps a client with an on-disk cache: one JSON file per distinct request, written atomically.
     Thread-safe: concurrent calls for one request send it once (the others wait, then read the entry)."""
@@ -263,6 +304,7 @@ class Cached:
         self.name = inner.name
         self.max_concurrency = getattr(inner, "max_concurrency", None)
         self.hits = self.misses = self.unchecked = 0
+        self.migrated = False  # an entry under the client's older key was found (`_older_key`: one warning)
         self._lock = threading.Lock()  # the counters and the table of requests in flight
         self._inflight: dict[str, list] = {}  # key -> [its lock, threads using it]
 
@@ -298,6 +340,23 @@ class Cached:
                            "one: %s) are asked again: an answer cut at max_tokens would be kept as a record",
                            self.folder, path.name)
 
+    def _older_key(self, messages: Messages, max_tokens: int, temperature: float, seed: int | None) -> None:
+        """A miss whose request has an entry under the client's `legacy_identity` (LocalChat's key before it held the
+        model's digest: it may be another model's answer under that name): asked again, with one warning a client."""
+        legacy = getattr(self.inner, "legacy_identity", None)
+        if legacy is None or self.migrated:
+            return
+        blob = json.dumps({**legacy, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                           "seed": seed}, sort_keys=True, ensure_ascii=False)
+        old = hashlib.sha256(blob.encode()).hexdigest()
+        if (self.folder / old[:2] / f"{old}.json").is_file():
+            with self._lock:
+                first, self.migrated = not self.migrated, True
+            if first:
+                logger.warning("%s: cache entries written before the key held the model's weights, tokenizer and "
+                               "generation options (this one: %s.json) are asked again: the folder %s may have held "
+                               "another model then", self.folder, old, self.name)
+
     def _count(self, hits: int = 0, misses: int = 0) -> None:
         with self._lock:
             self.hits += hits
@@ -318,6 +377,8 @@ class Cached:
                         raise AnswerCutOff(cut, content)
                     return content
                 self._unchecked(path)
+        if not path.is_file():
+            self._older_key(messages, max_tokens, temperature, seed)
         self._count(misses=1)
         unfinished = None
         try:
@@ -333,4 +394,4 @@ class Cached:
 
 
 __all__ = ["AnswerCutOff", "CONTENT_FILTERED", "CUT_AT_MAX_TOKENS", "Cached", "ChatModel", "LLMError", "LocalChat",
-           "OpenAIChat", "RateLimiter", "UNFINISHED"]
+           "OpenAIChat", "RateLimiter", "UNFINISHED", "answerer_digest"]

@@ -27,13 +27,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from alignkit.augment.llm import answerer_digest
 from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
 from alignkit.cli.online import check_annotator, make_annotator, read_prompts
 from alignkit.cli.runfolder import add_config_command, config_changes
 from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, check_kept_samples,
-                                    read_jsonl, read_manifest, read_samples, sample_round)
+                                    read_jsonl, read_manifest, read_samples, sample_round, sampling_settings)
 from alignkit.data.records import DataError
 from alignkit.online.generation import Sample
 from alignkit.runs import RunFolder, write_command_outputs
@@ -128,21 +130,31 @@ def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str) ->
                           f"overwrite=true to redo it, or choose another output_dir")
 
 
+def model_sha256(annotator: Any) -> str | None:
+    """`answerer_digest` of a model annotator's model and tokenizer (reward model, judge), None for one without."""
+    model = getattr(annotator, "model", None)
+    return answerer_digest(model, getattr(annotator, "tokenizer", None)) if isinstance(model, torch.nn.Module) else None
+
+
 def sample(cfg: Any, progress: bool = True) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl` (a progress bar over
     the batches unless `progress` is off: `--quiet`). Returns its path."""
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
     check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml")
-    check_kept_samples(cfg.output_dir, prompts, cfg.overwrite)  # kept samples of other prompts: before the model
+    generate = {"formatter": cfg.data.formatter, "max_prompt_length": cfg.data.max_prompt_length,
+                "row_seed": cfg.sampling.seed}  # each sample's draws its own: the same whatever batch_size
+    # kept samples of other prompts or made with other settings (sample.yaml missing): refused before the model
+    check_kept_samples(cfg.output_dir, prompts, cfg.overwrite, made_with=sampling_settings(cfg.sampling, **generate))
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
+    # the policy's weights (adapter included), tokenizer and generation options: a model retrained at the same
+    # model.path / adapter folder kept the old model's samples (sample.yaml holds the paths only)
+    generate["policy_sha256"] = answerer_digest(model, tok)
     run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     describe = functools.partial(save_config, cfg, run.root / "sample.yaml") if run.main else None
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
-                        overwrite=cfg.overwrite, formatter=cfg.data.formatter, before_entry=describe,
-                        max_prompt_length=cfg.data.max_prompt_length, progress=progress,
-                        row_seed=cfg.sampling.seed)  # each sample's draws its own: the same whatever batch_size
+                        overwrite=cfg.overwrite, before_entry=describe, progress=progress, **generate)
     if describe is not None:  # (again when the stage was kept: the same settings, check_kept_stage)
         describe()  # with the samples it describes, before their manifest entry: a failed or killed run leaves the
         # kept stage's settings (check_kept_stage), never a complete stage with the previous run's
@@ -163,7 +175,7 @@ def annotate(cfg: Any, allow_code: bool = False, progress: bool = True) -> Path:
     describe = functools.partial(save_config, cfg, run.root / "annotate.yaml") if run.main else None
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
                           reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True,
-                          progress=progress, before_entry=describe)
+                          progress=progress, before_entry=describe, annotator_sha256=model_sha256(annotator))
     if describe is not None:  # with the records it describes (as sample.yaml)
         describe()
     entry = json.loads((run.root / MANIFEST_FILE).read_text())["annotation"]

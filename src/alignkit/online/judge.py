@@ -4,6 +4,7 @@ its answer is parsed into a score (or an A/B verdict). Registered as the "judge"
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -185,9 +186,17 @@ class JudgeAnnotator(Annotator):
                            "order; check the judge model and its pair_template", side, len(decided))
 
     def describe(self) -> dict[str, Any]:
+        """What judged, for a round's manifest (a kept annotation is compared on it: `rounds.check_kept_annotation`)
+        and a checkpoint's settings. The templates (as SHA-256: they are long), pair_pattern, chat and dtype were
+        not in it: a round judged with another rubric was kept as this one's."""
+        def sha(text: str) -> str:
+            return hashlib.sha256(text.encode()).hexdigest()[:16]
+
         return {"type": self.name, "path": self.path, "pattern": self.pattern, "score_range": list(self.range),
                 "normalize": self.normalize, "on_failure": self.on_failure, "default_score": self.default_score,
-                "max_new_tokens": self.sampling.max_new_tokens}
+                "max_new_tokens": self.sampling.max_new_tokens, "template_sha256": sha(self.template),
+                "pair_template_sha256": sha(self.pair_template), "pair_pattern": self.pair_pattern,
+                "chat": self.chat, "dtype": str(getattr(self.model, "dtype", "")).removeprefix("torch.")}
 
 
 __all__ = ["DEFAULT_PAIR_TEMPLATE", "DEFAULT_TEMPLATE", "JudgeAnnotator", "judge_chat", "prompt_text", "render"]

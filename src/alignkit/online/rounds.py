@@ -6,13 +6,15 @@ Each stage reads and writes files, so annotation can run as a separate job (anot
       samples.jsonl    one `Sample.to_dict()` per line                         (sample_round)
       records.jsonl    training records as TRL-style columns + weight/margin/   (annotate_round)
                        label/id/meta: `alignkit.data.load_records(path)` reads them back
-      manifest.json    {"round", "samples": {sampling config, count, generation metrics},
+      manifest.json    {"round", "samples": {sampling, generate settings, prompts sha256, count, metrics},
                         "annotation": {annotator, feedback, reweighters, counts, score stats, metrics}}
 
 Crash safety: every file is written to a temporary name in the same folder, flushed, fsynced and renamed over the target
 (`os.replace` is atomic), data file first, manifest entry last. A stage is complete when its data file AND its manifest
 entry exist; a complete stage is not redone (resume), an incomplete one is redone from scratch (`overwrite=True` forces
-it). A complete annotation made by another annotator, feedback or reweighters than the call's is refused
+it). Complete samples made from other prompts or with other sampling settings (`sampling_settings`: every
+`SamplingConfig` key, formatter, max_prompt_length, row_seed...) are refused (`check_kept_samples`), naming the key. A
+complete annotation made by another annotator, feedback or reweighters than the call's is refused
 (`check_kept_annotation`), not kept. New samples first remove the annotation made from the old ones (its manifest entry
 and records.jsonl), so the round is annotated again rather than kept as complete. A stage redone (overwrite) drops its
 own manifest entry before its file is replaced: a kill between the two writes leaves it incomplete (redone next time),
@@ -122,11 +124,38 @@ def round_dir(out_dir: str | Path, round_index: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------- stages
 
+GENERATE_DEFAULTS = {"formatter": "auto", "max_prompt_length": None, "positions": None, "share_weights": True,
+                     "intervene_on_generated": False, "lean": None, "row_seed": None}  # generate_responses' own
+
+
+def sampling_settings(cfg: SamplingConfig, policy_sha256: str | None = None,
+                      **generate_kwargs: Any) -> dict[str, Any]:
+    """What a round's samples were drawn with besides the prompts, as its manifest entry records them: "sampling"
+    (every `SamplingConfig` key), "generate" (the `generate_responses` options that shape the responses or their
+    draws: `GENERATE_DEFAULTS`' keys; batch_size and progress do not) and, when given, "policy" (`policy_sha256`:
+    the sampling model's digest, e.g. `augment.llm.answerer_digest`, which `alignkit sample` passes)."""
+    made = {"sampling": cfg.to_dict(), "generate": {k: generate_kwargs.get(k, v) for k, v in GENERATE_DEFAULTS.items()}}
+    if policy_sha256 is not None:
+        made["policy"] = {"sha256": policy_sha256}
+    return json.loads(json.dumps(made, sort_keys=True, default=str))  # as the manifest stores it
+
+
+def _sampled_otherwise(kept: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """"key: old then, new now" for each setting of `now` (`sampling_settings`) the kept entry recorded otherwise;
+    a key it lacks (an older manifest) is not compared."""
+    what = {"policy": " (the model's weights, tokenizer or generation options)"}
+    return [f"{part}.{k}{what.get(part, '')}: {json.dumps(old)} then, {json.dumps(now[part][k])} now"
+            for part in now for k, old in (kept.get(part) or {}).items()
+            if k in now[part] and old != now[part][k]]
+
+
 def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bool = False,
-                       made_from: dict[str, Any] | None = None) -> bool:
+                       made_from: dict[str, Any] | None = None, made_with: dict[str, Any] | None = None) -> bool:
     """True when `folder` holds a complete samples.jsonl that `sample_round` would keep (resume), False when it
-    would sample; a kept one sampled from other prompts than `prompts` is a DataError. No model needed: the
-    `alignkit sample` command calls it before loading one (`made_from`: the prompts' fingerprint, if computed)."""
+    would sample; a kept one sampled from other prompts than `prompts`, or with other settings than `made_with`
+    (`sampling_settings`; None: not compared) is a DataError. No model needed: the `alignkit sample` command calls
+    it before loading one (`made_from`: the prompts' fingerprint, if computed). A kept round sampled with another
+    seed, temperature, max_new_tokens, sampler, formatter... was kept silently: only the prompts were compared."""
     folder = Path(folder)
     if overwrite or not _complete(folder, "samples", SAMPLES_FILE):
         return False
@@ -136,21 +165,30 @@ def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bo
         raise DataError(f"{folder / SAMPLES_FILE}: complete, and sampled from other prompts ({kept.get('prompts')} "
                         f"then, {made_from['count']} now, or the same number changed): it would be kept as it is, "
                         "not redone. Pass overwrite=true to sample these prompts, or choose another output_dir")
+    differ = _sampled_otherwise(kept, made_with or {})
+    if differ:
+        raise DataError(f"{folder / SAMPLES_FILE}: complete, and sampled with other settings ({'; '.join(differ)}): "
+                        "it would be kept as it is, not redone. Pass overwrite=true to sample again with these, or "
+                        "pass the settings it was made with, or choose another output_dir")
     return True
 
 
 def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str | Path, cfg: SamplingConfig, *,
                  batch_size: int = 8, overwrite: bool = False, before_entry: Callable[[], Any] | None = None,
-                 **generate_kwargs: Any) -> Path:
-    """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete). Returns its path.
+                 policy_sha256: str | None = None, **generate_kwargs: Any) -> Path:
+    """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete, and refused when
+    complete but made from other prompts or settings: `check_kept_samples`). Returns its path.
 
     `before_entry`: called after the file is written and before its manifest entry (what completes the stage), to
     write what describes it (the CLI's sample.yaml), so a kill never leaves a complete stage with the old one.
-    `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length)."""
+    `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length).
+    `policy_sha256`: the model's digest, recorded and compared (None: neither; a rounds loop trains the model
+    between rounds, so a trained round's samples were drawn by an earlier one)."""
     folder = Path(folder)
     path = folder / SAMPLES_FILE
     made_from = prompts_fingerprint(as_prompt_records(prompts))
-    if check_kept_samples(folder, prompts, overwrite, made_from):
+    made_with = sampling_settings(cfg, policy_sha256, **generate_kwargs)
+    if check_kept_samples(folder, prompts, overwrite, made_from, made_with):
         logger.info("%s: complete, not sampled again", path)
         return path
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
@@ -159,7 +197,7 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
     if before_entry is not None:
         before_entry()
     _update_manifest(folder, "samples", {"file": SAMPLES_FILE, "count": len(samples), "prompts": len(prompts),
-                                         "prompts_sha256": made_from["sha256"], "sampling": cfg.to_dict(),
+                                         "prompts_sha256": made_from["sha256"], **made_with,
                                          "metrics": generation_metrics(samples)})
     return path
 
@@ -235,12 +273,13 @@ def annotate_samples(annotator: Annotator, samples: Sequence[Sample], progress: 
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
                    overwrite: bool = False, refuse_empty: bool = False, progress: bool = False,
-                   before_entry: Callable[[], Any] | None = None) -> Path:
+                   before_entry: Callable[[], Any] | None = None, annotator_sha256: str | None = None) -> Path:
     """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
     write `folder/records.jsonl` (skipped when complete). Returns its path. A round no record passes writes an empty
     file (a rounds loop skips it); `refuse_empty=True` (the `alignkit annotate` command) raises `DataError` instead,
     before anything is written. `progress`: a bar over the scoring (`annotate_samples`). `before_entry`: as
-    `sample_round`'s (the CLI's annotate.yaml)."""
+    `sample_round`'s (the CLI's annotate.yaml). `annotator_sha256`: the annotator model's digest, recorded and
+    compared (`alignkit annotate` passes it: a reward model retrained at the same path kept the old one's records)."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
     annotator = build_annotator(annotator)
@@ -249,6 +288,8 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
         check_feedback(feedback, feedback_kwargs or {}, reweighters)
     made_by = {"annotator": annotator.describe(), "feedback": feedback, "feedback_kwargs": feedback_kwargs or {},
                "reweighters": [r.describe() for r in reweighters]}
+    if annotator_sha256 is not None:
+        made_by["annotator_model_sha256"] = annotator_sha256
     if not overwrite and _complete(folder, "annotation", RECORDS_FILE):
         check_kept_annotation(folder, made_by)
         logger.info("%s: complete, not annotated again", path)
@@ -335,6 +376,6 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
            "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples",
-           "round_dir", "round_seed",
+           "round_dir", "round_seed", "sampling_settings", "GENERATE_DEFAULTS",
            "sample_round", "score_stats", "annotate_samples", "merge_scores", "annotate_round",
            "train_round", "run_offline_rounds"]
