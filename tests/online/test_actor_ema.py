@@ -12,10 +12,9 @@ from alignkit.adapters import load_adapter
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.ppo import PPOConfig, PPOTrainer
-from alignkit.online.trainer import OnlineTrainer
 from alignkit.run_commit import COMPLETE_MARKER
 
-from .toy import HEAD_SCALE, PROMPTS, toy_policy
+from .toy import HEAD_SCALE, PROMPTS, killed_at, toy_policy
 
 
 def varied(prompt, response: str) -> float:
@@ -76,9 +75,6 @@ def test_a_decay_outside_zero_one_is_refused(value):
         PPOConfig(ema_decay=value)
 
 
-class Killed(BaseException):
-    pass
-
 
 def test_a_resumed_run_continues_the_ema(tiny_dir, tokenizer, tmp_path, monkeypatch):
     """Killed at step 3, resumed from checkpoint-2: the final EMA equals the uninterrupted run's (CPU, fp32)."""
@@ -87,17 +83,7 @@ def test_a_resumed_run_continues_the_ema(tiny_dir, tokenizer, tmp_path, monkeypa
 
     whole = run(tmp_path / "whole")
     whole.train()
-    real = OnlineTrainer.generate
-
-    def dies(self, prompts, at):
-        if at == 2:
-            raise Killed()
-        return real(self, prompts, at)
-
-    monkeypatch.setattr(OnlineTrainer, "generate", dies)
-    with pytest.raises(Killed):
-        run(tmp_path / "cut").train()
-    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    killed_at(monkeypatch, run(tmp_path / "cut").train)
     resumed = run(tmp_path / "cut")
     resumed.train(resume_from_checkpoint=tmp_path / "cut" / "checkpoints" / "checkpoint-2")
     for n, t in whole.ema.shadow.items():

@@ -11,12 +11,11 @@ from alignkit.online.dpo import OnlineDPOConfig, OnlineDPOTrainer
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from alignkit.online.ppo import PPOConfig, PPOTrainer
-from alignkit.online.trainer import OnlineTrainer
 from alignkit.run_commit import CheckpointError
 from alignkit.settings.typed import ConfigError
 from alignkit.trainers.ref_sync import REFERENCE_FILE
 
-from .toy import PROMPTS, toy_policy
+from .toy import PROMPTS, killed_at, toy_policy
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer),
             "online-dpo": (OnlineDPOConfig, OnlineDPOTrainer), "ppo": (PPOConfig, PPOTrainer)}
@@ -66,9 +65,6 @@ def test_the_reference_after_eight_updates_is_the_mix_by_hand(tiny_dir, tokenize
     assert any(not torch.allclose(t, snaps[8][n]) for n, t in got.items())  # not the final policy
 
 
-class Killed(BaseException):
-    pass
-
 
 def test_a_killed_and_resumed_run_has_the_uninterrupted_runs_reference(tiny_dir, tokenizer, tmp_path, monkeypatch):
     """Killed at step 3, resumed from checkpoint-2 (after the sync at update 3 of 8): the reference, the policy and
@@ -79,17 +75,7 @@ def test_a_killed_and_resumed_run_has_the_uninterrupted_runs_reference(tiny_dir,
 
     whole = run(tmp_path / "whole")
     whole.train()
-    real = OnlineTrainer.generate
-
-    def dies(self, prompts, at):
-        if at == 2:
-            raise Killed()
-        return real(self, prompts, at)
-
-    monkeypatch.setattr(OnlineTrainer, "generate", dies)
-    with pytest.raises(Killed):
-        run(tmp_path / "cut").train()
-    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    killed_at(monkeypatch, run(tmp_path / "cut").train)
     checkpoint = tmp_path / "cut" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / REFERENCE_FILE).is_file()
     resumed = run(tmp_path / "cut")

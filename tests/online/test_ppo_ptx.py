@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.ppo import PPOConfig, PPOTrainer
 from alignkit.online.ptx import PtxData
-from alignkit.online.trainer import OnlineTrainer
 from alignkit.settings import ConfigError
 
-from .toy import PROMPTS, digit_fraction, toy_policy
+from .toy import PROMPTS, digit_fraction, killed_at, toy_policy
 
 DIGITS = {"type": "function", "fn": digit_fraction}
 
@@ -91,9 +90,6 @@ def test_half_set_or_empty_ptx_is_refused(tiny_dir, tokenizer, tmp_path, kw, ptx
     assert not (tmp_path / "run").exists()
 
 
-class Killed(BaseException):
-    pass
-
 
 def test_a_resumed_run_takes_the_uninterrupted_runs_ptx_batches(tiny_dir, tokenizer, tmp_path, monkeypatch):
     """3 records, 2 a batch, 2 updates a step: the stream crosses epochs; killed at step 3 and resumed from
@@ -107,17 +103,7 @@ def test_a_resumed_run_takes_the_uninterrupted_runs_ptx_batches(tiny_dir, tokeni
 
     whole = run(tmp_path / "whole").train()
     assert [r["ptx/epochs"] for r in whole] == pytest.approx([4 / 3, 8 / 3, 4.0, 16 / 3])
-    real = OnlineTrainer.generate
-
-    def dies(self, prompts, at):
-        if at == 2:
-            raise Killed()
-        return real(self, prompts, at)
-
-    monkeypatch.setattr(OnlineTrainer, "generate", dies)
-    with pytest.raises(Killed):
-        run(tmp_path / "cut").train()
-    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    killed_at(monkeypatch, run(tmp_path / "cut").train)
     resumed = run(tmp_path / "cut").train(resume_from_checkpoint=tmp_path / "cut" / "checkpoints" / "checkpoint-2")
     assert [r["step"] for r in resumed] == [2, 3]
     for got, want in zip(resumed, whole[2:]):

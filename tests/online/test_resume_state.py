@@ -22,11 +22,11 @@ from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from alignkit.online.ppo import PPOConfig, PPOTrainer
-from alignkit.online.trainer import METRICS_FILE, OnlineTrainer
+from alignkit.online.trainer import METRICS_FILE
 from alignkit.run_commit import COMPLETE_MARKER, CheckpointError
 from tests.adapters.table import ROWS
 
-from .toy import HEAD_SCALE, PROMPTS, toy_policy
+from .toy import HEAD_SCALE, PROMPTS, killed_at, toy_policy
 
 SIGNAL = {"on": False}  # switched by the tests: one reward function (one spec) with and without signal
 
@@ -192,9 +192,6 @@ def test_an_older_checkpoint_compares_what_it_recorded_and_says_the_stall_restar
                     "up to 19 step(s) late"]
 
 
-class Killed(BaseException):
-    pass
-
 
 def test_ppo_killed_and_resumed_logs_the_uninterrupted_runs_rows(tiny_dir, tokenizer, tmp_path, monkeypatch):
     """PPO keeps more state than the policy: the value head (its weights and Adam moments), the adaptive KL
@@ -213,17 +210,7 @@ def test_ppo_killed_and_resumed_logs_the_uninterrupted_runs_rows(tiny_dir, token
     assert {"loss", "value_loss", "kl_coef", "reward", "reward/normalized_mean"} <= set(whole[2])
     assert len({r["kl_coef"] for r in whole}) > 1 and whole[2]["loss"] != whole[3]["loss"]  # the state moves
 
-    real = OnlineTrainer.generate
-
-    def dies(self, prompts, at):
-        if at == 2:
-            raise Killed()
-        return real(self, prompts, at)
-
-    monkeypatch.setattr(OnlineTrainer, "generate", dies)
-    with pytest.raises(Killed):
-        ppo(tmp_path / "cut").train()
-    monkeypatch.setattr(OnlineTrainer, "generate", real)
+    killed_at(monkeypatch, ppo(tmp_path / "cut").train)
     resumed = ppo(tmp_path / "cut").train(resume_from_checkpoint=tmp_path / "cut" / "checkpoints" / "checkpoint-2")
     assert [r["step"] for r in resumed] == [2, 3]
     for got, want in zip(resumed, whole[2:]):

@@ -17,11 +17,13 @@ from __future__ import annotations
 import statistics
 import string
 
+import pytest
 import torch
 
 from alignkit.adapters import apply_adapter, reft_settings
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig, generate_responses
+from alignkit.online.trainer import OnlineTrainer
 from tests.adapters.table import KINDS, ROWS  # noqa: F401 (KINDS: the kinds the learning tests run)
 
 HEAD_SCALE = 8.0
@@ -51,3 +53,23 @@ def mean_reward(model, tokenizer, num_samples: int = 32, seed: int = 1234) -> fl
                                  SamplingConfig(num_samples=num_samples, max_new_tokens=MAX_NEW_TOKENS, seed=seed),
                                  batch_size=128, **extra)
     return statistics.mean(digit_fraction(None, x.response) for x in samples)
+
+
+class Killed(BaseException):
+    """A kill stand-in: not an Exception, so nothing in the trainer catches it."""
+
+
+def killed_at(monkeypatch, train, step: int = 2) -> None:
+    """`train()` killed when the online loop starts step index `step` (its generation), after `step` steps were
+    logged and their checkpoints written; OnlineTrainer.generate is restored after."""
+    real = OnlineTrainer.generate
+
+    def dies(self, prompts, at):
+        if at == step:
+            raise Killed()
+        return real(self, prompts, at)
+
+    monkeypatch.setattr(OnlineTrainer, "generate", dies)
+    with pytest.raises(Killed):
+        train()
+    monkeypatch.setattr(OnlineTrainer, "generate", real)

@@ -23,15 +23,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignkit.run_commit import CheckpointError
 from alignkit.settings.sections import RefSync
 from alignkit.settings.typed import ConfigError
-from alignkit.trainers.ref_sync import REFERENCE_FILE, check_ref_sync, mix_into_reference
+from alignkit.trainers.ref_sync import (REFERENCE_FILE, check_ref_sync, load_reference, mix_into_reference,
+                                       save_reference)
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +52,7 @@ class OnlineRefSync:
 
     def save(self, folder: Path) -> None:
         """The reference's weights and the counts, into a (staged) checkpoint folder."""
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.reference.named_parameters()}
-        save_file(tensors, str(folder / REFERENCE_FILE), metadata={"updates": str(self.updates),
-                                                                   "ref_syncs": str(self.syncs)})
+        save_reference(self.reference, folder, {"updates": self.updates, "ref_syncs": self.syncs})
 
     def check(self, folder: Path) -> None:
         """A CheckpointError (one line) when `folder` holds no reference (written without ref_sync)."""
@@ -69,20 +65,10 @@ class OnlineRefSync:
     def load(self, folder: Path) -> None:
         """Put back `save`'s reference and counts (after `check`); a CheckpointError when it was written for
         another reference."""
-        path = folder / REFERENCE_FILE
         self.check(folder)
-        saved, params = load_file(str(path)), dict(self.reference.named_parameters())
-        bad = sorted(set(saved) ^ set(params)) or sorted(n for n in saved if saved[n].shape != params[n].shape)
-        if bad:
-            raise CheckpointError(f"resume: {path} was written for another reference model (e.g. {bad[:3]}); resume "
-                                  "with the config that wrote it")
-        with torch.no_grad():
-            for name, t in saved.items():
-                params[name].copy_(t)
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        self.updates, self.syncs = int(meta.get("updates", 0)), int(meta.get("ref_syncs", 0))
-        logger.info("reference loaded from %s (%d update(s), %d sync(s) so far)", path, self.updates, self.syncs)
+        counts = load_reference(self.reference, folder)
+        self.updates, self.syncs = counts.get("updates", 0), counts.get("ref_syncs", 0)
+        logger.info("reference loaded from %s (%d update(s), %d sync(s) so far)", folder, self.updates, self.syncs)
 
 
 def build_online_ref_sync(trainer: Any, model: nn.Module, ref_model: nn.Module | None,

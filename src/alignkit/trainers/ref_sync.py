@@ -94,6 +94,28 @@ def mix_into_reference(policy: nn.Module, reference: nn.Module, alpha: float) ->
         target.mul_(1.0 - alpha).add_(p.detach().to(target.device, target.dtype), alpha=alpha)
 
 
+def save_reference(reference: nn.Module, folder: str | os.PathLike, counts: dict[str, int]) -> None:
+    """`reference`'s weights into `folder`/REFERENCE_FILE (a staged checkpoint folder), `counts` as metadata."""
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in reference.named_parameters()}
+    save_file(tensors, str(Path(folder, REFERENCE_FILE)), metadata={k: str(v) for k, v in counts.items()})
+
+
+@torch.no_grad()
+def load_reference(reference: nn.Module, folder: str | os.PathLike) -> dict[str, int]:
+    """`save_reference`'s weights back into `reference`, in place (every name, same shapes), and its counts; a
+    CheckpointError when the file was written for another reference."""
+    path = Path(folder, REFERENCE_FILE)
+    saved, params = load_file(str(path)), dict(reference.named_parameters())
+    bad = sorted(set(saved) ^ set(params)) or sorted(n for n in saved if saved[n].shape != params[n].shape)
+    if bad:
+        raise CheckpointError(f"resume: {path} was written for another reference model (e.g. {bad[:3]}); resume "
+                              "with the config that wrote it")
+    for name, t in saved.items():
+        params[name].copy_(t)
+    with safe_open(str(path), "pt") as f:
+        return {k: int(v) for k, v in (f.metadata() or {}).items()}
+
+
 class RefSyncCallback(TrainerCallback):
     """Syncs `trainer`'s reference after every `steps`-th optimizer step (`on_step_end`: after the step, before the
     step's checkpoint is saved)."""
@@ -133,8 +155,7 @@ class SyncsReference:
         super().save_checkpoint_extras(folder)
         if self.ref_sync is None:
             return
-        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.reference.model.named_parameters()}
-        save_file(tensors, str(Path(folder, REFERENCE_FILE)), metadata={"ref_syncs": str(self.ref_syncs)})
+        save_reference(self.reference.model, folder, {"ref_syncs": self.ref_syncs})
 
     def check_resume(self, checkpoint: str | os.PathLike, label: str = "resume_from_checkpoint") -> None:
         if self.ref_sync is not None and not Path(checkpoint, REFERENCE_FILE).is_file():
@@ -152,20 +173,9 @@ class SyncsReference:
 
     def load_reference(self, checkpoint: str | os.PathLike) -> None:
         """The checkpoint's reference weights into the reference copy, in place (every name, same shapes)."""
-        path = Path(checkpoint, REFERENCE_FILE)
-        saved = load_file(str(path))
-        params = dict(self.reference.model.named_parameters())
-        bad = sorted(set(saved) ^ set(params)) or sorted(n for n in saved if saved[n].shape != params[n].shape)
-        if bad:
-            raise CheckpointError(f"resume: {path} was written for another reference model (e.g. {bad[:3]}); resume "
-                                  "with the config that wrote it")
-        with torch.no_grad():
-            for name, t in saved.items():
-                params[name].copy_(t)
-        with safe_open(str(path), "pt") as f:
-            self.ref_syncs = int((f.metadata() or {}).get("ref_syncs", 0))
-        logger.info("reference weights loaded from %s (%d sync(s) so far)", path, self.ref_syncs)
+        self.ref_syncs = load_reference(self.reference.model, checkpoint).get("ref_syncs", 0)
+        logger.info("reference weights loaded from %s (%d sync(s) so far)", checkpoint, self.ref_syncs)
 
 
-__all__ = ["REFERENCE_FILE", "RefSyncCallback", "SyncsReference", "as_ref_sync", "check_ref_sync",
-           "mix_into_reference", "refuse_sharded_ref_sync"]
+__all__ = ["REFERENCE_FILE", "save_reference", "load_reference", "RefSyncCallback", "SyncsReference", "as_ref_sync",
+           "check_ref_sync", "mix_into_reference", "refuse_sharded_ref_sync"]
