@@ -69,6 +69,8 @@ def CASES(case: str):
         #   and the actor EMA, 2 epochs, 2 micro-batches: the EMA once per optimizer step
         return PPOTrainer, "lora", PPOConfig(epochs_per_step=2, ptx_coef=0.5, ptx_batch_size=3, ema_decay=0.6,
                                              gradient_accumulation_steps=2, **common)
+    if case == "ppo-ptx1":  # a ptx batch of 1 record over 2 ranks: rank 0 takes a zero-weight pass
+        return PPOTrainer, "lora", PPOConfig(ptx_coef=0.2, ptx_batch_size=1, **common)
     if case == "gdpo":  # normalize_then_sum: each function standardised per group, the sum over every rank's items
         return GRPOTrainer, "lora", GRPOConfig(multi_objective_aggregation="normalize_then_sum", kl_coef=0.1,
                                                **common)
@@ -105,7 +107,7 @@ def build(model_dir: str, case: str, output_dir: str | None = None):
     torch.manual_seed(0)
     model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0) if "lora" in kind else LoraSettings()))
     cfg.learning_rate = 0.5 if kind == "lora" else 0.05
-    extra = {"ptx_data": PTX} if case == "ppo-ptx-ema" else {}
+    extra = {"ptx_data": PTX} if case.startswith("ppo-ptx") else {}
     trainer = cls(model, load_tokenizer(model_dir), PROMPTS, annotator(case), cfg, output_dir=output_dir,
                   eval_prompts=EVAL_PROMPTS if case == "grpo-eval" else None, **extra)
     flats: list = []  # each step's no-signal judgement (over every process's items; gdpo: its own)

@@ -10,8 +10,9 @@ its frozen reference sharded too, LoRA, online DPO; the saved folders load witho
 rank sampled a different, contiguous share of the step's prompts (the one-process trainer's own prompt
 order), with its own seed, and metrics.jsonl has one row per step with the global reward mean. In a launch of
 their own (ddp+): PPO-ptx (each rank's share of the ptx batch, the NLL over the global token count) with the actor
-EMA (model_ema/ equal to one process's EMA) under gradient accumulation, and GDPO (normalize_then_sum: the
-statistics, the functions that varied and the no-signal check over every rank's items)."""
+EMA (model_ema/ equal to one process's EMA) under gradient accumulation, PPO-ptx with a batch of one record (rank 0:
+a zero-weight pass), and GDPO (normalize_then_sum: the statistics, the functions that varied and the no-signal
+check over every rank's items)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ WORKER = Path(__file__).with_name("online_worker.py")
 # ddp+: the features first tested in one process (PPO-ptx with the actor EMA, GDPO), in a launch of their own
 CASES = {"ddp": ["rloo", "grpo-token", "dpo", "dpo-simpo", "ppo"],
          "fsdp": ["grpo-full", "rloo", "dpo", "grpo-full+ram", "grpo-full+ac"],
-         "ddp+": ["ppo-ptx-ema", "gdpo"]}
+         "ddp+": ["ppo-ptx-ema", "ppo-ptx1", "gdpo"]}
 EXTRA = {"ddp": ["grpo-eval"], "fsdp": [], "ddp+": []}  # run in the same launch, checked by their own tests
 _RUNS: dict = {}
 
