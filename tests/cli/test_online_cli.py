@@ -541,6 +541,19 @@ def test_generation_past_a_learned_position_table_is_refused_before_the_run_fold
     assert main([*args, f"output_dir={tmp_path / 'fits'}", "data.max_prompt_length=8"]) == 0  # 8 + 8 = 16 rows
 
 
+def test_ppo_with_prompts_cut_to_one_token_runs(tmp_path, capsys):
+    """data.max_prompt_length=1: every prompt keeps its last token, so the first decode step has nothing cached.
+    ppo stopped there with "unexpected error: AttributeError: 'NoneType' object has no attribute 'shape'" (the fast
+    decode step read the empty cache); it now runs its steps and writes the model."""
+    out = tmp_path / "run"
+    args = ["-q", "ppo", "--config", str(CONFIGS / "ppo-tiny.yaml"), f"output_dir={out}", *FAST,
+            "data.max_prompt_length=1"]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0.0, 1.0] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+
+
 def test_online_plots_draw_every_logged_figure_but_bookkeeping():
     """Each figure of a row lands on one plot: a reward function's mean / std on reward, a loss of a loss_type list on
     loss, a loss's own figure (orpo's log_odds_ratio) on other; counts, totals and timings on none."""

@@ -65,7 +65,41 @@ def CASES(case: str):
         return GRPOTrainer, "lora", GRPOConfig(generation_backend="vllm", **common)
     if case == "ppo":  # advantages whitened over every rank's tokens, 2 epochs
         return PPOTrainer, "lora", PPOConfig(epochs_per_step=2, **common)
+    if case == "ppo-ptx-ema":  # PPO-ptx (3 records a batch: 1 on rank 0, 2 on rank 1, NLL over the global tokens)
+        #   and the actor EMA, 2 epochs, 2 micro-batches: the EMA once per optimizer step
+        return PPOTrainer, "lora", PPOConfig(epochs_per_step=2, ptx_coef=0.5, ptx_batch_size=3, ema_decay=0.6,
+                                             gradient_accumulation_steps=2, **common)
+    if case == "ppo-ptx1":  # a ptx batch of 1 record over 2 ranks: rank 0 takes a zero-weight pass
+        return PPOTrainer, "lora", PPOConfig(ptx_coef=0.2, ptx_batch_size=1, **common)
+    if case == "gdpo":  # normalize_then_sum: each function standardised per group, the sum over every rank's items
+        return GRPOTrainer, "lora", GRPOConfig(multi_objective_aggregation="normalize_then_sum", kl_coef=0.1,
+                                               **common)
     raise ValueError(case)
+
+
+# PPO-ptx's records (plain strings: every token trained), of unlike lengths: the ranks' token counts differ
+PTX = ["The cat sat on the mat.", "1 2 3 4 5 6 7 8 9 10 11 12", "Hello!",
+       "A longer sentence about nothing in particular."]
+
+
+def first_prompt(prompt, response) -> float:
+    """GDPO's first function: `reward` on PROMPTS[0], a constant (no signal) on the others."""
+    return reward(prompt, response) if prompt == PROMPTS[0] else 1.0
+
+
+def second_prompt(prompt, response) -> float:
+    """GDPO's second function: the response's length on PROMPTS[1], a constant on the others. So a rank whose
+    share of a step holds neither prompt has no signal of its own, while the other rank's does."""
+    return float(len(response)) if prompt == PROMPTS[1] else 2.0
+
+
+def annotator(case: str):
+    """The case's reward: `reward`, or (gdpo) two functions weighted 1 and 0.5."""
+    if case != "gdpo":
+        return reward
+    from alignkit.online import FunctionAnnotator
+
+    return FunctionAnnotator([first_prompt, second_prompt], weights=[1.0, 0.5])
 
 
 def build(model_dir: str, case: str, output_dir: str | None = None):
@@ -73,8 +107,19 @@ def build(model_dir: str, case: str, output_dir: str | None = None):
     torch.manual_seed(0)
     model = apply_adapter(load_model(model_dir), AdapterConfig(kind=kind, lora=LoraSettings(r=2, alpha=4.0) if "lora" in kind else LoraSettings()))
     cfg.learning_rate = 0.5 if kind == "lora" else 0.05
-    return cls(model, load_tokenizer(model_dir), PROMPTS, reward, cfg, output_dir=output_dir,
-               eval_prompts=EVAL_PROMPTS if case == "grpo-eval" else None)
+    extra = {"ptx_data": PTX} if case.startswith("ppo-ptx") else {}
+    trainer = cls(model, load_tokenizer(model_dir), PROMPTS, annotator(case), cfg, output_dir=output_dir,
+                  eval_prompts=EVAL_PROMPTS if case == "grpo-eval" else None, **extra)
+    flats: list = []  # each step's no-signal judgement (over every process's items; gdpo: its own)
+    score = trainer.score
+
+    def recording_score(*a, score=score, **k):
+        out = score(*a, **k)
+        flats.append(getattr(trainer, "_step_flat", None))
+        return out
+
+    trainer.score, trainer.flats = recording_score, flats
+    return trainer
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:
@@ -140,15 +185,21 @@ def main(model_dir: str, out_dir: str, *cases: str) -> None:
         dist.all_gather_object(everyone, record)
         every_eval: list = [None] * trainer.world
         dist.all_gather_object(every_eval, evals)
+        flats: list = [None] * trainer.world  # every rank's judgements and functions that varied (gdpo)
+        dist.all_gather_object(flats, [trainer.flats, None if getattr(trainer, "_varied", None) is None
+                                       else trainer._varied.tolist()])
         if trainer.rank == 0:
             steps = [{"seeds": [r[i]["seed"] for r in everyone], "samples": [s for r in everyone for s in r[i]["samples"]]}
                      for i in range(STEPS)]
             with open(f"{out_dir}/{case}.json", "w") as f:
                 json.dump({"world": trainer.world, "steps": steps, "evals": every_eval, "history": trainer.history,
+                           "flats": [fl for fl, _ in flats], "varied": [v for _, v in flats],
                            "sharded": sharded,
                        "reference_sharded": ref_sharded, "reference_mode": trainer.reference_mode, "per_rank": per_rank,
                        "distributed_type": str(trainer.accelerator.distributed_type)}, f)
             save_file(params, f"{out_dir}/{case}.safetensors")
+            if trainer.ema is not None:
+                save_file(trainer.ema.state(), f"{out_dir}/{case}.ema.safetensors")
         dist.barrier()
     exit_after_distributed_run(0)  # leaves without interpreter teardown (see there)
 

@@ -8,7 +8,11 @@ rank's tokens, gradient accumulation, DDP's gradient average and the optimizer s
 (the environment of `accelerate launch --config_file configs/accelerate/fsdp2.yaml`): full finetuning with
 its frozen reference sharded too, LoRA, online DPO; the saved folders load without FSDP. Also checked: each
 rank sampled a different, contiguous share of the step's prompts (the one-process trainer's own prompt
-order), with its own seed, and metrics.jsonl has one row per step with the global reward mean."""
+order), with its own seed, and metrics.jsonl has one row per step with the global reward mean. In a launch of
+their own (ddp+): PPO-ptx (each rank's share of the ptx batch, the NLL over the global token count) with the actor
+EMA (model_ema/ equal to one process's EMA) under gradient accumulation, PPO-ptx with a batch of one record (rank 0:
+a zero-weight pass), and GDPO (normalize_then_sum: the statistics, the functions that varied and the no-signal
+check over every rank's items)."""
 
 from __future__ import annotations
 
@@ -26,13 +30,16 @@ from alignkit.online.generation import Sample
 from tests.distributed.launch import torchrun
 
 sys.path.insert(0, str(Path(__file__).parent))
-from online_worker import EVAL_PROMPTS, PROMPTS, STEPS, build, reward, trainable  # noqa: E402
+from online_worker import (EVAL_PROMPTS, PROMPTS, STEPS, annotator, build, first_prompt, reward,  # noqa: E402
+                           second_prompt, trainable)
 
 WORKER = Path(__file__).with_name("online_worker.py")
 # +ram / +ac: with fsdp_cpu_ram_efficient_loading / fsdp_activation_checkpointing on (tests/distributed/test_fsdp.py)
+# ddp+: the features first tested in one process (PPO-ptx with the actor EMA, GDPO), in a launch of their own
 CASES = {"ddp": ["rloo", "grpo-token", "dpo", "dpo-simpo", "ppo"],
-         "fsdp": ["grpo-full", "rloo", "dpo", "grpo-full+ram", "grpo-full+ac"]}
-EXTRA = {"ddp": ["grpo-eval"], "fsdp": []}  # run in the same launch, checked by their own tests
+         "fsdp": ["grpo-full", "rloo", "dpo", "grpo-full+ram", "grpo-full+ac"],
+         "ddp+": ["ppo-ptx-ema", "ppo-ptx1", "gdpo"]}
+EXTRA = {"ddp": ["grpo-eval"], "fsdp": [], "ddp+": []}  # run in the same launch, checked by their own tests
 _RUNS: dict = {}
 
 
@@ -100,11 +107,31 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
     rows = [json.loads(x) for x in (two_ranks / case / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(STEPS))
     for row, step, ref in zip(rows, run["steps"], history):
-        by_hand = sum(reward(s["prompt"], s["response"]) for s in step["samples"]) / len(step["samples"])
+        fns = [reward] if annotator(case) is reward else [first_prompt, lambda p, r: 0.5 * second_prompt(p, r)]
+        by_hand = sum(f(s["prompt"], s["response"]) for s in step["samples"] for f in fns) / len(step["samples"])
         assert row["reward"] == pytest.approx(by_hand, rel=1e-6)
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
+        if "ptx_loss" in ref:  # PPO-ptx: the NLL's token mean over both ranks' shares of the batch
+            assert row["ptx_loss"] == pytest.approx(ref["ptx_loss"], rel=1e-4)
         if case.startswith("dpo"):
             assert row["pairs"] == ref["pairs"]
+    # GDPO's no-signal judgement and its functions that varied: on each rank every rank's items, as one process's
+    assert run["flats"] == [one.flats] * 2 and len(one.flats) == STEPS
+    assert run["varied"] == [None if getattr(one, "_varied", None) is None else one._varied.tolist()] * 2
+    if case == "gdpo":  # a step where one rank's share alone has no signal (neither PROMPTS[0] nor [1]), the other has
+        def signal(samples):
+            return any(len({f(s["prompt"], s["response"]) for s in samples if s["prompt"] == p}) > 1
+                       for f, p in ((first_prompt, PROMPTS[0]), (second_prompt, PROMPTS[1])))
+        assert any(signal(st["samples"]) and not all(signal(st["samples"][4 * r:4 * r + 4]) for r in (0, 1))
+                   and not flat for st, flat in zip(run["steps"], one.flats))
+    if one.ema is not None:  # the actor EMA (and model_ema/, rank 0's) equals one process's
+        ema = load_file(str(two_ranks / f"{case}.ema.safetensors"))
+        assert ema.keys() == one.ema.shadow.keys() and any(not torch.equal(ema[n], init[n]) for n in ema)
+        saved_ema = load_adapter(load_model(tiny_dir("llama")), two_ranks / case / "model_ema")
+        got = dict(saved_ema.named_parameters())
+        for n, t in one.ema.shadow.items():
+            torch.testing.assert_close(ema[n], t, rtol=1e-4, atol=2e-6, msg=n)
+            torch.testing.assert_close(got[n].detach(), t, rtol=1e-4, atol=2e-6, msg=n)
     # the saved folder is a plain one (safetensors + JSON) holding the trained weights
     saved = two_ranks / f"{case}.saved"
     loaded = (load_model(saved) if case.split("+")[0] in ("grpo-full", "dpo", "dpo-simpo") else

@@ -51,6 +51,33 @@ def test_the_ema_after_three_updates_is_the_weighted_sum_by_hand(tiny_dir, token
         assert torch.allclose(trainer.ema.shadow[n], want, atol=1e-7), n
 
 
+@pytest.mark.parametrize("accumulation,mini_batch,steps", [(2, None, 3), (2, 2, 6), (4, None, 3)],
+                         ids=["2-micro-batches", "2-minibatches-x-2-micro", "4-micro-batches-of-1"])
+def test_the_ema_moves_once_per_optimizer_step(tiny_dir, tokenizer, accumulation, mini_batch, steps):
+    """Gradient accumulation (micro-batches) and minibatches under 3 epochs (method.epochs_per_step): the EMA moves
+    once per optimizer step (3 epochs x the minibatches), never per micro-batch; by hand, d = 0.7:
+    e_0 = t_0, e_k = 0.7 e_(k-1) + 0.3 t_k over the weights each optimizer step left."""
+    trainer = ppo(tiny_dir, tokenizer, ema_decay=0.7, gradient_accumulation_steps=accumulation,
+                  mini_batch_size=mini_batch)
+    snaps = [{n: p.detach().clone() for n, p in trainer.policy_trainable().items()}]
+    step = trainer.optimizer.step
+
+    def recorded(*a, **k):
+        out = step(*a, **k)
+        snaps.append({n: p.detach().clone() for n, p in trainer.policy_trainable().items()})
+        return out
+
+    trainer.optimizer.step = recorded
+    trainer.train()
+    assert len(snaps) == 1 + steps  # 4 samples: 3 epochs x (4 / mini_batch) optimizer steps
+    want = dict(snaps[0])
+    for snap in snaps[1:]:
+        want = {n: 0.7 * want[n] + 0.3 * snap[n] for n in want}
+    assert any(not torch.equal(snaps[-1][n], snaps[0][n]) for n in want)
+    for n, t in want.items():
+        assert torch.allclose(trainer.ema.shadow[n], t, atol=1e-7), n
+
+
 def test_model_ema_is_saved_in_the_models_format_and_loads(tiny_dir, tokenizer, tmp_path):
     trainer = ppo(tiny_dir, tokenizer, tmp_path, ema_decay=0.9)
     trainer.train()

@@ -68,6 +68,19 @@ def test_fast_step_samples_what_the_models_own_forward_samples(tiny_lm, arch, mo
     assert not torch.equal(base, got)  # the adapters change the tokens: the fast step did apply them
 
 
+def test_one_token_prompts_sample_with_the_fast_step_on(tiny_lm, monkeypatch):
+    """A prompt of one token (data.max_prompt_length=1) has nothing cached before its first step: that step is
+    the model's own forward (the fast step once crashed reading the empty cache: 'NoneType' object has no
+    attribute 'shape'), the later ones the fast step, and the tokens are those of the model's own forward."""
+    model = tiny_lm("llama")
+    ids, mask = IDS[:, -1:], MASK[:, -1:]  # (4, 1): each row's last token
+    calls = _count_steps(monkeypatch)
+    want = _generate(model, False, monkeypatch, ids, mask)
+    got = _generate(model, True, monkeypatch, ids, mask)
+    assert len(calls) == 8 - 1  # 8 new tokens (no EOS): the first from the forward, the 7 others fast steps
+    assert got.shape == (4, 9) and torch.equal(got, want), (got.tolist(), want.tolist())
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-module"])
 def test_a_wrong_fast_step_stops_the_call_with_one_line(tiny_lm, monkeypatch, fused):
     """A fast step whose logits are not the model's (here: the rotary applied to the queries only, in the fused

@@ -454,7 +454,8 @@ def _decode_steps(model: Any, plan: _StepPlan, cache: Any, input_ids: torch.Tens
     for i in range(n_new):
         step_mask = (None if mask is None else mask4[..., :t + i] if mask4 is not None and step_ids.shape[1] == 1
                      else mask[:, :t + i])
-        if fast is not None and step_ids.shape[1] == 1:
+        # the fast step extends a filled cache: not at a 1-token prompt's first step (t + i == 1, nothing cached)
+        if fast is not None and step_ids.shape[1] == 1 and t + i > 1:
             fm = None if fmask is None else fmask[..., :t + i]
             if (fmask is None) in _CHECKED.get(model, ()):
                 logits = fast(step_ids, step_pos, fm, cache)
