@@ -28,10 +28,8 @@ def ppo(tiny_dir, tokenizer, out=None, **kw) -> PPOTrainer:
                       cfg, output_dir=out)
 
 
-def test_the_ema_after_three_updates_is_the_weighted_sum_by_hand(tiny_dir, tokenizer):
-    """d = 0.5, three optimizer steps: e1 = .5 t0 + .5 t1, e2 = .5 e1 + .5 t2, e3 = .5 e2 + .5 t3
-    = .125 t0 + .125 t1 + .25 t2 + .5 t3."""
-    trainer = ppo(tiny_dir, tokenizer, ema_decay=0.5)
+def trained_with_snapshots(trainer) -> list[dict]:
+    """Train; the trainable weights before training and after each optimizer step."""
     snaps = [{n: p.detach().clone() for n, p in trainer.policy_trainable().items()}]
     step = trainer.optimizer.step
 
@@ -42,6 +40,14 @@ def test_the_ema_after_three_updates_is_the_weighted_sum_by_hand(tiny_dir, token
 
     trainer.optimizer.step = recorded
     trainer.train()
+    return snaps
+
+
+def test_the_ema_after_three_updates_is_the_weighted_sum_by_hand(tiny_dir, tokenizer):
+    """d = 0.5, three optimizer steps: e1 = .5 t0 + .5 t1, e2 = .5 e1 + .5 t2, e3 = .5 e2 + .5 t3
+    = .125 t0 + .125 t1 + .25 t2 + .5 t3."""
+    trainer = ppo(tiny_dir, tokenizer, ema_decay=0.5)
+    snaps = trained_with_snapshots(trainer)
     assert len(snaps) == 4
     names = list(snaps[0])
     assert names and all("lora" in n for n in names)  # the adapter's weights only: the frozen base is not averaged
@@ -59,16 +65,7 @@ def test_the_ema_moves_once_per_optimizer_step(tiny_dir, tokenizer, accumulation
     e_0 = t_0, e_k = 0.7 e_(k-1) + 0.3 t_k over the weights each optimizer step left."""
     trainer = ppo(tiny_dir, tokenizer, ema_decay=0.7, gradient_accumulation_steps=accumulation,
                   mini_batch_size=mini_batch)
-    snaps = [{n: p.detach().clone() for n, p in trainer.policy_trainable().items()}]
-    step = trainer.optimizer.step
-
-    def recorded(*a, **k):
-        out = step(*a, **k)
-        snaps.append({n: p.detach().clone() for n, p in trainer.policy_trainable().items()})
-        return out
-
-    trainer.optimizer.step = recorded
-    trainer.train()
+    snaps = trained_with_snapshots(trainer)
     assert len(snaps) == 1 + steps  # 4 samples: 3 epochs x (4 / mini_batch) optimizer steps
     want = dict(snaps[0])
     for snap in snaps[1:]:

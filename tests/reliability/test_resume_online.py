@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import main
-from alignkit.online.trainer import OnlineTrainer
+from tests.online.toy import killed_at
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SMALL = ["train.max_steps=4", "train.save_steps=2", "method.prompts_per_step=2", "sampling.num_samples=2",
@@ -21,25 +21,6 @@ CASES = {"grpo-lora": ("grpo", "grpo-tiny.yaml", []),
          "online-dpo-lora": ("online-dpo", "online-dpo-tiny.yaml", ["adapter.kind=lora", "adapter.reft=null",
                                                                  "adapter.lora={r: 2}"])}
 SKIP = {"time/step_s"}
-
-
-class Killed(BaseException):
-    pass
-
-
-def killed_in_step(monkeypatch, step: int, cli, out: Path) -> None:
-    """`cli(out)` killed when it starts step index `step` (its generation), after `step` steps were logged."""
-    real = OnlineTrainer.generate
-
-    def dies(self, prompts, at):
-        if at == step:
-            raise Killed()
-        return real(self, prompts, at)
-
-    monkeypatch.setattr(OnlineTrainer, "generate", dies)
-    with pytest.raises(Killed):
-        cli(out)
-    monkeypatch.setattr(OnlineTrainer, "generate", real)
 
 
 def rows(run: Path) -> list[dict]:
@@ -58,7 +39,7 @@ def test_online_kill_then_resume_equals_uninterrupted(case, tmp_path, monkeypatc
     want = rows(tmp_path / "whole")
     assert [r["step"] for r in want] == [0, 1, 2, 3]
 
-    killed_in_step(monkeypatch, 2, cli, tmp_path / "cut")
+    killed_at(monkeypatch, lambda: cli(tmp_path / "cut"), step=2)
     assert [r["step"] for r in rows(tmp_path / "cut")] == [0, 1]
     assert cli(tmp_path / "cut", "--resume") == 0
     assert rows(tmp_path / "cut") == want
@@ -81,7 +62,7 @@ def test_online_resume_purges_the_killed_runs_tensorboard_steps(tmp_path, monkey
         tag = next(t for t in acc.Tags()["scalars"] if t.endswith("reward"))
         return [(e.step, e.value) for e in acc.Scalars(tag)]
 
-    killed_in_step(monkeypatch, 3, cli, tmp_path / "cut")
+    killed_at(monkeypatch, lambda: cli(tmp_path / "cut"), step=3)
     assert [s for s, _ in shown(tmp_path / "cut")] == [0, 1, 2]
     next_event_file_second()
     assert cli(tmp_path / "cut", "--resume") == 0
