@@ -99,7 +99,7 @@ def test_high_entropy_mask_keeps_the_top_quantile_of_loss_tokens():
     assert high_entropy_mask(ent, mask, 0.8).tolist() == [[False, True, True], [True, True, False]]
 
 
-def _stub(world_entropies=None, entropies=None, sent=None, **kw):
+def _stub(world_entropies=None, entropies=None, sent=None, dtype=torch.float64, **kw):
     """A GRPOTrainer without a model over 2 samples of one prompt, advantages +1 / -1 (scale_by_std off, rewards 1
     and -1), 3 and 2 loss tokens, entropies 0.1, 0.9, 0.5 / 0.3, 0.7, one update (pi_old = this forward)."""
     from alignkit.online import GRPOConfig, GRPOTrainer
@@ -109,9 +109,9 @@ def _stub(world_entropies=None, entropies=None, sent=None, **kw):
                      scale_by_std=False, **kw)
     t = object.__new__(GRPOTrainer)
     t.config, t.world, t.kl_ctl, t._step = cfg, 1, SimpleNamespace(value=0.0), 0
-    logps = _leaf([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]])
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]], dtype=dtype, requires_grad=True)
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    ent = torch.tensor(entropies or [[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)
+    ent = torch.tensor(entropies or [[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=dtype)
     asked = []
     t.token_stats = lambda batch, entropy=False: asked.append(entropy) or TokenStats(
         logps[batch["row"]], mask[batch["row"]], ent[batch["row"]] if entropy else None)
@@ -159,6 +159,22 @@ def test_a_zero_weight_filler_pass_adds_no_entropies_to_the_quantile():
     assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 12, rel=1e-12)
     t, pb, _, _ = _stub([0.95, 0.96, 0.97], top_entropy_quantile=0.5)  # what the filler sent before
     assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 6, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw", [{"aggregation": "token_sum", "entropy_coef": 0.1}, {"aggregation": "token_sum"},
+                                {"entropy_coef": 0.1}])
+def test_a_filler_pass_with_a_zero_normaliser_contributes_a_finite_zero(kw, dtype):
+    """The filler pass of a process whose share ran out, its minibatch's global normaliser 0 (token_sum with
+    mask_truncated_completions: every other item of the minibatch cut): `run_minibatches` multiplies its loss by 0,
+    which is 0 only if the loss is finite. Before, the entropy share local / 0 = inf made the loss -inf (x 0: NaN, the
+    run stopped on a non-finite loss), and float32's |A x tokens| / tiny overflowed: the filler adds exactly 0."""
+    t, pb, logps, _ = _stub(entropies=[[1.0, 2.0, 3.0], [2.0, 2.0, 0.0]], dtype=dtype, **kw)
+    t.filler_pass = True
+    loss, _ = t.policy_loss(pb, torch.arange(1), torch.tensor(0.0, dtype=torch.float64))
+    assert math.isfinite(loss.item())
+    (loss * 0.0).backward()
+    assert (loss * 0.0).item() == 0.0 and _flat(logps.grad.tolist()) == [0.0] * 6
 
 
 @pytest.mark.parametrize("kw, warned", [

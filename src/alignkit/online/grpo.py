@@ -387,11 +387,13 @@ class GRPOTrainer(OnlineTrainer):
                                   aggregation=c.aggregation, importance_sampling=c.importance_sampling,
                                   cispo_max=c.cispo_max, token_keep=keep)  # the entropy bonus: `entropy_bonus`
         local = self.normalizer(pb, idx)
-        loss = reduce_loss(out.losses, r.weights[idx], local if normalizer is None else normalizer)
+        norm, share = local if normalizer is None else normalizer, None
+        if getattr(self, "filler_pass", False):  # `run_minibatches` multiplies it by 0: it must be finite whatever
+            norm, share = norm.clamp(min=1.0), local.new_zeros(())  # the normaliser (0: the minibatch all masked)
+        loss = reduce_loss(out.losses, r.weights[idx], norm)
         if c.entropy_coef > 0:
             loss = loss - c.entropy_coef * self.entropy_bonus(stats.entropy, mask if keep is None else keep,
-                                                              r.weights[idx], local / (local if normalizer is None
-                                                                                       else normalizer))
+                                                              r.weights[idx], local / norm if share is None else share)
         tokens = float(mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
         metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()
                                    if k not in ("kl", "entropy")}
