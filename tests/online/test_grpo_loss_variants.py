@@ -229,14 +229,23 @@ def test_entropy_bonus_is_trls_token_mean_whatever_the_aggregation(kw, policy, b
     assert loss.item() == pytest.approx(policy - 0.1 * bonus, rel=1e-12)
 
 
-def test_entropy_bonus_over_two_micro_batches_is_trls_per_micro_batch_mean():
-    """Two micro-batches of one sequence each (the minibatch's normaliser 2, sequence_mean): each forward's bonus is
-    its own token mean times its share 1/2, as TRL's mean per micro-batch / 2 accumulation steps: 0.2 / 2, 0.9 / 2."""
-    t, pb, _, _ = _stub(entropies=[[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]], entropy_coef=0.1)
-    first = t.policy_loss(pb, torch.tensor([0]), torch.tensor(2.0))[0].item()
-    second = t.policy_loss(pb, torch.tensor([1]), torch.tensor(2.0))[0].item()
-    assert (first, second) == (pytest.approx(-1 / 2 - 0.1 * 0.2 / 2, rel=1e-12),
-                               pytest.approx(1 / 2 - 0.1 * 0.9 / 2, rel=1e-12))
+@pytest.mark.parametrize("kw, first, second", [
+    ({}, -1 / 2 - 0.1 * 0.2 / 2, 1 / 2 - 0.1 * 0.9 / 2),
+    # token_sum, unequal micro-batches (3 tokens at entropy 1, 2 at entropy 3; normaliser 5 tokens): TRL's bonus
+    # (1 + 3) / 2 = 2.0 over the update, policy -3/5 and +2/5. Before: each forward's share of the tokens, 3/5 x 1 +
+    # 2/5 x 3 = 1.8 (the reviewer's example: 4 tokens at 1 and 1 at 3 gave 1.4 for TRL's 2.0)
+    ({"aggregation": "token_sum"}, -3 / 5 - 0.1 * 1.0 / 2, 2 / 5 - 0.1 * 3.0 / 2),
+])
+def test_entropy_bonus_over_two_micro_batches_is_trls_per_micro_batch_mean(kw, first, second):
+    """Two micro-batches of one sequence each (the minibatch's 2 items): each forward's bonus is its own token mean
+    times its share of the minibatch's items (sample weights), 1/2, whatever the aggregation, as TRL 1.16's mean per
+    micro-batch / 2 accumulation steps (`_compute_loss`' entropy_loss / accumulation_factor)."""
+    ent = [[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]] if not kw else [[1.0, 1.0, 1.0], [3.0, 3.0, 0.0]]
+    t, pb, _, _ = _stub(entropies=ent, entropy_coef=0.1, **kw)
+    norm = t.normalizer(pb, torch.arange(2)).double()  # the minibatch's: 2 sequences, or 5 tokens
+    got = [t.policy_loss(pb, torch.tensor([i]), norm, torch.tensor(2.0, dtype=torch.float64))[0].item()
+           for i in (0, 1)]
+    assert got == [pytest.approx(first, rel=1e-12), pytest.approx(second, rel=1e-12)]
 
 
 def test_luspo_is_gspo_times_each_sequence_length_averaged_over_sequences_by_hand():
