@@ -343,6 +343,11 @@ def test_cispo_loss_and_gradient_by_hand():
     out.losses.sum().backward()
     assert logps.grad[0].tolist() == pytest.approx([-4.5, -1.5], rel=1e-12)
     assert out.metrics["clip_ratio/region_mean"].item() == 0.5  # the ratio 2 is above the cap
+    # TRL's cispo_clip_ratio counts (ratio > epsilon_high) & (A > 0): with A = -3 the capped weight 2 -> 1.5 only
+    # shrinks a push down, nothing is clipped: 0 (before: 0.5, every token above the cap whatever its advantage)
+    out = clipped_policy_loss(logps, old, torch.tensor([-3.0], dtype=torch.float64), torch.ones(1, 2, dtype=bool),
+                              cispo_max=1.5, aggregation="token_sum")
+    assert out.metrics["clip_ratio/region_mean"].item() == 0.0
 
 
 @pytest.mark.parametrize("kw, said", [
