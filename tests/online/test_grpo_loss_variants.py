@@ -99,7 +99,7 @@ def test_high_entropy_mask_keeps_the_top_quantile_of_loss_tokens():
     assert high_entropy_mask(ent, mask, 0.8).tolist() == [[False, True, True], [True, True, False]]
 
 
-def _stub(world_entropies=None, entropies=None, sent=None, **kw):
+def _stub(world_entropies=None, entropies=None, sent=None, dtype=torch.float64, **kw):
     """A GRPOTrainer without a model over 2 samples of one prompt, advantages +1 / -1 (scale_by_std off, rewards 1
     and -1), 3 and 2 loss tokens, entropies 0.1, 0.9, 0.5 / 0.3, 0.7, one update (pi_old = this forward)."""
     from alignkit.online import GRPOConfig, GRPOTrainer
@@ -109,9 +109,9 @@ def _stub(world_entropies=None, entropies=None, sent=None, **kw):
                      scale_by_std=False, **kw)
     t = object.__new__(GRPOTrainer)
     t.config, t.world, t.kl_ctl, t._step = cfg, 1, SimpleNamespace(value=0.0), 0
-    logps = _leaf([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]])
+    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.5, -1.5, 0.0]], dtype=dtype, requires_grad=True)
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    ent = torch.tensor(entropies or [[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=torch.float64)
+    ent = torch.tensor(entropies or [[0.1, 0.9, 0.5], [0.3, 0.7, 0.0]], dtype=dtype)
     asked = []
     t.token_stats = lambda batch, entropy=False: asked.append(entropy) or TokenStats(
         logps[batch["row"]], mask[batch["row"]], ent[batch["row"]] if entropy else None)
@@ -159,6 +159,22 @@ def test_a_zero_weight_filler_pass_adds_no_entropies_to_the_quantile():
     assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 12, rel=1e-12)
     t, pb, _, _ = _stub([0.95, 0.96, 0.97], top_entropy_quantile=0.5)  # what the filler sent before
     assert t.policy_loss(pb, torch.arange(2))[0].item() == pytest.approx(-1 / 6, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kw", [{"aggregation": "token_sum", "entropy_coef": 0.1}, {"aggregation": "token_sum"},
+                                {"entropy_coef": 0.1}])
+def test_a_filler_pass_with_a_zero_normaliser_contributes_a_finite_zero(kw, dtype):
+    """The filler pass of a process whose share ran out, its minibatch's global normaliser 0 (token_sum with
+    mask_truncated_completions: every other item of the minibatch cut): `run_minibatches` multiplies its loss by 0,
+    which is 0 only if the loss is finite. Before, the entropy share local / 0 = inf made the loss -inf (x 0: NaN, the
+    run stopped on a non-finite loss), and float32's |A x tokens| / tiny overflowed: the filler adds exactly 0."""
+    t, pb, logps, _ = _stub(entropies=[[1.0, 2.0, 3.0], [2.0, 2.0, 0.0]], dtype=dtype, **kw)
+    t.filler_pass = True
+    loss, _ = t.policy_loss(pb, torch.arange(1), torch.tensor(0.0, dtype=torch.float64))
+    assert math.isfinite(loss.item())
+    (loss * 0.0).backward()
+    assert (loss * 0.0).item() == 0.0 and _flat(logps.grad.tolist()) == [0.0] * 6
 
 
 @pytest.mark.parametrize("kw, warned", [
@@ -213,14 +229,23 @@ def test_entropy_bonus_is_trls_token_mean_whatever_the_aggregation(kw, policy, b
     assert loss.item() == pytest.approx(policy - 0.1 * bonus, rel=1e-12)
 
 
-def test_entropy_bonus_over_two_micro_batches_is_trls_per_micro_batch_mean():
-    """Two micro-batches of one sequence each (the minibatch's normaliser 2, sequence_mean): each forward's bonus is
-    its own token mean times its share 1/2, as TRL's mean per micro-batch / 2 accumulation steps: 0.2 / 2, 0.9 / 2."""
-    t, pb, _, _ = _stub(entropies=[[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]], entropy_coef=0.1)
-    first = t.policy_loss(pb, torch.tensor([0]), torch.tensor(2.0))[0].item()
-    second = t.policy_loss(pb, torch.tensor([1]), torch.tensor(2.0))[0].item()
-    assert (first, second) == (pytest.approx(-1 / 2 - 0.1 * 0.2 / 2, rel=1e-12),
-                               pytest.approx(1 / 2 - 0.1 * 0.9 / 2, rel=1e-12))
+@pytest.mark.parametrize("kw, first, second", [
+    ({}, -1 / 2 - 0.1 * 0.2 / 2, 1 / 2 - 0.1 * 0.9 / 2),
+    # token_sum, unequal micro-batches (3 tokens at entropy 1, 2 at entropy 3; normaliser 5 tokens): TRL's bonus
+    # (1 + 3) / 2 = 2.0 over the update, policy -3/5 and +2/5. Before: each forward's share of the tokens, 3/5 x 1 +
+    # 2/5 x 3 = 1.8 (the reviewer's example: 4 tokens at 1 and 1 at 3 gave 1.4 for TRL's 2.0)
+    ({"aggregation": "token_sum"}, -3 / 5 - 0.1 * 1.0 / 2, 2 / 5 - 0.1 * 3.0 / 2),
+])
+def test_entropy_bonus_over_two_micro_batches_is_trls_per_micro_batch_mean(kw, first, second):
+    """Two micro-batches of one sequence each (the minibatch's 2 items): each forward's bonus is its own token mean
+    times its share of the minibatch's items (sample weights), 1/2, whatever the aggregation, as TRL 1.16's mean per
+    micro-batch / 2 accumulation steps (`_compute_loss`' entropy_loss / accumulation_factor)."""
+    ent = [[0.1, 0.2, 0.3], [0.8, 1.0, 0.0]] if not kw else [[1.0, 1.0, 1.0], [3.0, 3.0, 0.0]]
+    t, pb, _, _ = _stub(entropies=ent, entropy_coef=0.1, **kw)
+    norm = t.normalizer(pb, torch.arange(2)).double()  # the minibatch's: 2 sequences, or 5 tokens
+    got = [t.policy_loss(pb, torch.tensor([i]), norm, torch.tensor(2.0, dtype=torch.float64))[0].item()
+           for i in (0, 1)]
+    assert got == [pytest.approx(first, rel=1e-12), pytest.approx(second, rel=1e-12)]
 
 
 def test_luspo_is_gspo_times_each_sequence_length_averaged_over_sequences_by_hand():
@@ -318,6 +343,11 @@ def test_cispo_loss_and_gradient_by_hand():
     out.losses.sum().backward()
     assert logps.grad[0].tolist() == pytest.approx([-4.5, -1.5], rel=1e-12)
     assert out.metrics["clip_ratio/region_mean"].item() == 0.5  # the ratio 2 is above the cap
+    # TRL's cispo_clip_ratio counts (ratio > epsilon_high) & (A > 0): with A = -3 the capped weight 2 -> 1.5 only
+    # shrinks a push down, nothing is clipped: 0 (before: 0.5, every token above the cap whatever its advantage)
+    out = clipped_policy_loss(logps, old, torch.tensor([-3.0], dtype=torch.float64), torch.ones(1, 2, dtype=bool),
+                              cispo_max=1.5, aggregation="token_sum")
+    assert out.metrics["clip_ratio/region_mean"].item() == 0.0
 
 
 @pytest.mark.parametrize("kw, said", [

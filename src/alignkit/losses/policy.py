@@ -297,7 +297,8 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     token_keep `(B, T)` bool: the tokens whose policy and entropy terms count (`high_entropy_mask`); the KL term
     and the sequence ratio's mean keep `mask`'s tokens (TRL 1.16's top_entropy_quantile).
     Metrics (scalars over valid tokens): clip_ratio/region_mean (TRL GRPO's name: the share of tokens whose
-    ratio is clipped in the direction of their advantage), approx_kl (0.5 E[(log ratio)^2]),
+    ratio is clipped in the direction of their advantage; CISPO: ratio > cispo_max with A > 0, TRL's
+    cispo_clip_ratio), approx_kl (0.5 E[(log ratio)^2]),
     ratio/mean, kl (when ref_logps given), entropy (when given).
     """
     if logps.shape != old_logps.shape or logps.shape != mask.shape or logps.dim() != 2:
@@ -330,7 +331,7 @@ def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, ma
     with torch.no_grad():
         ratio = ratio.expand_as(logps)
         a = adv.expand_as(ratio)
-        clipped = (ratio > cispo_max if cispo_max is not None else
+        clipped = ((ratio > cispo_max) & (a > 0) if cispo_max is not None else  # TRL's cispo_clip_ratio
                    ((ratio < 1 - clip_eps) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0)))
         metrics["clip_ratio/region_mean"] = _masked_mean(clipped.to(ratio.dtype), mask)
         metrics["approx_kl"] = _masked_mean(0.5 * log_ratio ** 2, mask)

@@ -16,7 +16,8 @@ sampled, frozen for the step's `epochs_per_step` passes over it):
     loss_t = -min(ratio_t A, clip(ratio_t, 1 - eps, 1 + eps_high) A) + beta KL_t(pi_theta || pi_ref)
     loss_i = mean_t loss_t over y_i's tokens ("sequence_mean", GRPO), then sum_i w_i loss_i / sum_i w_i
     minus entropy_coef x the mean entropy over the loss tokens (weighted by w_i) whatever the aggregation, as TRL 1.16's
-    entropy bonus (`entropy_bonus`; over the tokens top_entropy_quantile keeps, when it does)
+    entropy bonus (`entropy_bonus`; over the tokens top_entropy_quantile keeps, when it does; with several forwards an
+    update, each forward's mean by its share of the items, TRL's 1 / accumulation steps)
     "token_sum" (DAPO): sum_i w_i sum_t loss_t / sum_i w_i |y_i|
     "max_length_mean" (Dr. GRPO, TRL's dr_grpo): sum_i w_i sum_t loss_t / (sum_i w_i x sampling.max_new_tokens), the
     constant of TRL's per_token_loss.size(0) x max_completion_length (the local micro-batch's sequences: under DDP
@@ -344,6 +345,12 @@ class GRPOTrainer(OnlineTrainer):
             return (tokens * w).sum()
         return w.sum()  # a masked truncated sample counts as a zero-loss sequence (TRL's grpo)
 
+    def normalizers(self, pb: PolicyBatch, idx: Tensor) -> Tensor:
+        """(2,) what samples `idx` add to their minibatch's loss normaliser (`normalizer`) and to its sample-weight
+        sum, which the entropy bonus's shares divide (`policy_loss`)."""
+        return torch.stack([self.normalizer(pb, idx).to(torch.float64),
+                            pb.rollout.weights[idx].sum().to(torch.float64)])
+
     def entropy_keep(self, entropy: Tensor, mask: Tensor) -> Tensor:
         """The loss tokens of this forward in the top `top_entropy_quantile` by entropy, the quantile over every
         process's loss tokens of its forward (TRL 1.16's `get_high_entropy_mask`: padded, gathered, pads dropped); a
@@ -361,15 +368,17 @@ class GRPOTrainer(OnlineTrainer):
     def entropy_bonus(entropy: Tensor, tokens: Tensor, weights: Tensor, share: Tensor) -> Tensor:
         """What entropy_coef multiplies, as TRL 1.16's GRPO: the mean entropy over the forward's loss tokens (those
         `top_entropy_quantile` keeps), whatever the aggregation (TRL: "the same meaning for every loss type"), each
-        token weighted by its sample's weight, times the forward's `share` of its minibatch's normaliser (its part
-        of the optimizer step; one forward: 1, TRL's; TRL divides by the accumulation steps: equal shares)."""
+        token weighted by its sample's weight, times the forward's `share` of its minibatch's items (sample weights,
+        whatever the aggregation: one forward: 1; equal micro-batches: 1 / accumulation steps, TRL 1.16's
+        entropy_loss / accumulation_factor, and 1 / (W x accumulation steps) per process after DDP's average)."""
         w = tokens.to(entropy.dtype) * weights.to(entropy.dtype)[:, None]
         return (entropy * w).sum() / w.sum().clamp(min=1e-12) * torch.nan_to_num(share.to(entropy.dtype), nan=0.0)
 
-    def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None
-                    ) -> tuple[Tensor, dict[str, Any]]:
+    def policy_loss(self, pb: PolicyBatch, idx: Tensor, normalizer: Tensor | None = None,
+                    weight_total: Tensor | None = None) -> tuple[Tensor, dict[str, Any]]:
         """Clipped policy-gradient loss of samples `idx (M,)`, reduced with their weights (divided by
-        `normalizer`, default: this selection's own, `self.normalizer`)."""
+        `normalizer`, default: this selection's own, `self.normalizer`); the entropy bonus counts by the selection's
+        share of `weight_total`, its minibatch's sample-weight sum (`normalizers`; default: its own)."""
         c: GRPOConfig = self.config
         r = pb.rollout
         on_policy = r.old_logps is None  # `reuses_training_pass`: this forward is pi_old
@@ -387,11 +396,15 @@ class GRPOTrainer(OnlineTrainer):
                                   aggregation=c.aggregation, importance_sampling=c.importance_sampling,
                                   cispo_max=c.cispo_max, token_keep=keep)  # the entropy bonus: `entropy_bonus`
         local = self.normalizer(pb, idx)
-        loss = reduce_loss(out.losses, r.weights[idx], local if normalizer is None else normalizer)
+        norm = local if normalizer is None else normalizer
+        w_sum = r.weights[idx].sum().to(torch.float64)
+        share = w_sum / (w_sum if weight_total is None else weight_total)  # TRL's 1 / accumulation steps
+        if getattr(self, "filler_pass", False):  # `run_minibatches` multiplies it by 0: it must be finite whatever
+            norm, share = norm.clamp(min=1.0), local.new_zeros(())  # the normaliser (0: the minibatch all masked)
+        loss = reduce_loss(out.losses, r.weights[idx], norm)
         if c.entropy_coef > 0:
             loss = loss - c.entropy_coef * self.entropy_bonus(stats.entropy, mask if keep is None else keep,
-                                                              r.weights[idx], local / (local if normalizer is None
-                                                                                       else normalizer))
+                                                              r.weights[idx], share)
         tokens = float(mask.sum())  # the metrics are token means: `run_minibatches` weights them by tokens
         metrics: dict[str, Any] = {k: (float(v.float().mean()), tokens) for k, v in out.metrics.items()
                                    if k not in ("kl", "entropy")}
@@ -404,8 +417,9 @@ class GRPOTrainer(OnlineTrainer):
 
     def optimise(self, pb: PolicyBatch) -> dict[str, float]:
         self._pass_total = torch.zeros(4, dtype=torch.float64)  # `pass_sums` of this step's training forwards
-        metrics = self.run_minibatches(len(pb.rollout.samples), lambda idx, norm: self.policy_loss(pb, idx, norm),
-                                       lambda idx: self.normalizer(pb, idx))
+        metrics = self.run_minibatches(len(pb.rollout.samples),
+                                       lambda idx, norm: self.policy_loss(pb, idx, norm[0], norm[1]),
+                                       lambda idx: self.normalizers(pb, idx))
         if pb.rollout.old_logps is None:  # every rank skipped the rollout pass (a collective follows)
             metrics.update(self.metrics_from_sums(self._pass_total))
         return metrics

@@ -71,11 +71,12 @@ class MinibatchUpdates:
         """`epochs_per_step` passes over this process's `n_items` items in shuffled minibatches; one optimizer
         step each (`gradient_accumulation_steps` backward passes).
 
-        `normalizer_fn(idx (M,)) -> scalar`: what the items' weighted loss sum is divided by (their weight sum,
-        or token count), summed here over the minibatch's micro-batches and every process, divided by the
-        number of processes (DDP averages gradients). `loss_fn(idx, normalizer) -> (scalar loss, metrics)`
-        must return sum_i w_i loss_i / normalizer (`reduce_loss(..., normalizer=normalizer)`). Every process
-        runs the same number of minibatches (the largest share decides); a process whose share is exhausted
+        `normalizer_fn(idx (M,)) -> scalar`: what the items' weighted loss sum is divided by (their weight sum, or
+        token count), summed here over the minibatch's micro-batches and every process, divided by the number of
+        processes (DDP averages gradients); or a vector of such sums, the loss's first (GRPO's: and the weight sum
+        its entropy bonus's shares divide), `loss_fn` then getting the vector. `loss_fn(idx, normalizer) -> (scalar
+        loss, metrics)` must return sum_i w_i loss_i / normalizer (`reduce_loss(..., normalizer=normalizer)`). Every
+        process runs the same number of minibatches (the largest share decides); a process whose share is exhausted
         runs a zero-weighted pass over its item 0 so that DDP's collectives still match.
 
         Returns the step's metrics as means over what each defines, however ragged the micro-batches,
@@ -110,7 +111,7 @@ class MinibatchUpdates:
                 if dummy:
                     continue
                 sums.merge(step_metrics)
-                sums.add("loss", step_loss, float(normalizer))
+                sums.add("loss", step_loss, float(normalizer.reshape(-1)[0]))
                 if c.max_grad_norm is not None:
                     sums.add("grad_norm", float(norm), 1.0)
         if self.world > 1:  # every process's sums: the means are over the global batch, not over processes
@@ -153,7 +154,7 @@ class MinibatchUpdates:
         non-finite loss or norm. -> (its micro-batches' metrics, its loss, its normaliser, its gradient norm)."""
         c = self.config
         local = normalizer_fn(idx).detach().to(torch.float64) * (0.0 if dummy else 1.0)
-        normalizer = (self.reduce_sum(local.reshape(1)) / self.world).reshape(())
+        normalizer = (self.reduce_sum(local.reshape(-1)) / self.world).reshape(local.shape)
         # the same number of forwards on every process (FSDP gathers weights in each): an empty
         # micro-batch runs item 0 with weight zero
         micro = idx.tensor_split(c.gradient_accumulation_steps)
