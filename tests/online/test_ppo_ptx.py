@@ -62,6 +62,35 @@ def test_ptx_loss_is_the_nll_and_adds_coef_times_it(tiny_dir, tokenizer):
     assert "ptx_loss" not in plain
 
 
+def nll_grad_by_hand(model, feats) -> dict[str, torch.Tensor]:
+    """The gradient of the token-mean NLL (as `nll_by_hand`) over the trainable weights, by autograd, on `model`."""
+    logits_and_ids = [(model(input_ids=torch.tensor([f["input_ids"]])).logits[0, :-1].float(),
+                       torch.tensor(f["input_ids"][1:]), torch.tensor(f["completion_mask"][1:], dtype=torch.bool))
+                      for f in feats]
+    total = sum(F.cross_entropy(lg[k], ids[k], reduction="sum") for lg, ids, k in logits_and_ids)
+    nll = total / sum(int(k.sum()) for _, _, k in logits_and_ids)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return dict(zip(named, torch.autograd.grad(nll, list(named.values()))))
+
+
+def test_the_ptx_gradient_moves_the_weights_by_lr_coef_grad_nll(tiny_dir, tokenizer):
+    """SGD, no clipping, one update on the same rollout: theta_mixed - theta_plain = -lr * ptx_coef * grad NLL, the
+    gradient by autograd on the untouched policy (a ptx term computed and reported but not backpropagated fails)."""
+    feats, lr, coef = features(tokenizer), 1e-2, 0.5
+    base = toy_policy(tiny_dir("llama"), "lora")
+    want = nll_grad_by_hand(copy.deepcopy(base), feats)
+    kw = {"optimizer": "sgd", "max_grad_norm": None, "learning_rate": lr}
+    plain = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS, config(**kw))
+    mixed = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS,
+                       config(ptx_coef=coef, ptx_batch_size=3, **kw), ptx_data=feats)
+    plain.train(), mixed.train()
+    after_plain, after_mixed = plain.policy_trainable(), mixed.policy_trainable()
+    assert set(after_mixed) == set(want) and any(g.abs().max() > 1e-4 for g in want.values())
+    for n, g in want.items():
+        got = after_mixed[n].detach() - after_plain[n].detach()
+        assert torch.allclose(got, -lr * coef * g, rtol=1e-3, atol=1e-8), n
+
+
 def test_the_stream_cycles_through_seeded_shuffles():
     """5 records, batches of 2: epoch e's order is randperm(5) seeded by seed * 1000003 + e; a batch crosses into
     the next epoch's shuffle."""
