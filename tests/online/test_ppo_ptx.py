@@ -94,12 +94,26 @@ def test_the_ptx_gradient_moves_the_weights_by_lr_coef_grad_nll(tiny_dir, tokeni
 def test_the_stream_cycles_through_seeded_shuffles():
     """5 records, batches of 2: epoch e's order is randperm(5) seeded by seed * 1000003 + e; a batch crosses into
     the next epoch's shuffle."""
-    data = PtxData([{"n": i} for i in range(5)], seed=3)
+    data = PtxData([{"n": i, "input_ids": [i], "completion_mask": [1]} for i in range(5)], seed=3)
     orders = [torch.randperm(5, generator=torch.Generator().manual_seed(3 * 1000003 + e)).tolist() for e in (0, 1)]
     stream = orders[0] + orders[1]
     got = [[f["n"] for f in data.take(2)] for _ in range(4)]
     assert got == [stream[0:2], stream[2:4], stream[4:6], stream[6:8]]
     assert data.position == 8 and data.epochs == pytest.approx(1.6)
+
+
+def test_the_fingerprint_is_hashed_once_not_at_every_checkpoint(tokenizer, monkeypatch):
+    """A checkpoint stores the ptx data's fingerprint: it was re-hashed over all the records every time."""
+    import hashlib
+    import json
+
+    import alignkit.online.ptx as ptx_module
+
+    feats = features(tokenizer)
+    data = PtxData(feats, seed=0)
+    want = hashlib.sha256(json.dumps([[f["input_ids"], f["completion_mask"]] for f in feats]).encode()).hexdigest()
+    monkeypatch.setattr(ptx_module.hashlib, "sha256", lambda *a: pytest.fail("the ptx data was hashed again"))
+    assert data.fingerprint() == data.fingerprint() == {"count": 3, "sha256": want[:16]}
 
 
 @pytest.mark.parametrize("kw, ptx, needle", [
