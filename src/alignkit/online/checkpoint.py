@@ -333,13 +333,14 @@ class Checkpoints:
                                                                       default=str) + "\n")
         return folder
 
-    # what `push_to_hub` leaves out of output_dir: the run's by-products, not the model
-    PUSH_IGNORE = ["checkpoints/*", "tensorboard/*", METRICS_FILE, "*.staging/*", ".*"]
+    # what `push_to_hub` leaves out of output_dir: the run's by-products (model_ema/: the EMA of train.ema_decay,
+    # a second model), not the model
+    PUSH_IGNORE = ["checkpoints/*", "tensorboard/*", "model_ema/*", METRICS_FILE, "*.staging/*", ".*"]
 
     def push_to_hub(self, repo_id: str | None = None, folder: str | Path | None = None) -> str:
         """Upload the saved model / adapter of `folder` (default `output_dir`) to the Hub model repo `repo_id`
         (default `config.hub_model_id`, else the folder's name): the files `save` wrote and a README.md if there
-        is one; checkpoints, TensorBoard events and metrics.jsonl stay local. Returns the repo id."""
+        is one; checkpoints, TensorBoard events, metrics.jsonl and model_ema/ stay local. Returns the repo id."""
         folder = Path(folder if folder is not None else self.output_dir)
         return push_folder(folder, repo_id or self.config.hub_model_id or folder.resolve().name,
                            private=self.config.hub_private_repo, ignore_patterns=self.PUSH_IGNORE)
