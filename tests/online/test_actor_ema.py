@@ -14,7 +14,7 @@ from alignkit.online.generation import SamplingConfig
 from alignkit.online.ppo import PPOConfig, PPOTrainer
 from alignkit.run_commit import COMPLETE_MARKER
 
-from .toy import HEAD_SCALE, PROMPTS, killed_at, toy_policy
+from .toy import HEAD_SCALE, PROMPTS, killed_at, predating, toy_policy
 
 
 def varied(prompt, response: str) -> float:
@@ -136,3 +136,16 @@ def test_a_bf16_policy_keeps_its_ema_in_float32():
     assert (ema.shadow["w"].double() != thetas[0]).float().mean() > 0.99  # it moved off theta_0 nearly everywhere
     with ema.swapped({"w": p}):
         assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), want.to(torch.bfloat16))
+
+
+def test_a_checkpoint_without_an_ema_is_refused_by_check_resume(tiny_dir, tokenizer, tmp_path):
+    """Written before train.ema_decay existed, resumed with it: refused by check_resume (which the CLI runs before it
+    writes the run folder); before, only load_checkpoint refused it, after the run folder was written."""
+    from alignkit.run_commit import CheckpointError
+
+    ppo(tiny_dir, tokenizer, tmp_path / "a", steps=2, save_steps=1).train()
+    checkpoint = predating(tmp_path / "a" / "checkpoints" / "checkpoint-1", "ema_decay")
+    assert not (checkpoint / "ema.safetensors").exists()
+    with pytest.raises(CheckpointError, match="holds no EMA of the policy") as e:
+        ppo(tiny_dir, tokenizer, tmp_path / "b", steps=2, ema_decay=0.9).check_resume(checkpoint)
+    assert "\n" not in str(e.value)

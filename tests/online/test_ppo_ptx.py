@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.ppo import PPOConfig, PPOTrainer
 from alignkit.online.ptx import PtxData
+from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 
-from .toy import PROMPTS, digit_fraction, killed_at, toy_policy
+from .toy import PROMPTS, digit_fraction, killed_at, predating, toy_policy
 
 DIGITS = {"type": "function", "fn": digit_fraction}
 
@@ -163,3 +164,16 @@ def test_a_resume_over_other_ptx_data_is_refused(tiny_dir, tokenizer, tmp_path):
                        output_dir=tmp_path)
     with pytest.raises(Exception, match="other ptx data"):
         other.check_resume(tmp_path / "checkpoints" / "checkpoint-1")
+
+
+def test_a_checkpoint_without_ptx_state_is_refused_by_check_resume(tiny_dir, tokenizer, tmp_path):
+    """Written before PPO-ptx existed, resumed with it: refused by check_resume (before the CLI writes the run
+    folder); before, the ptx stream silently restarted at record 0."""
+    cfg = config(steps=2, save_steps=1)
+    PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg, output_dir=tmp_path / "a").train()
+    with_ptx = PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                          config(steps=2, save_steps=1, ptx_coef=0.5), ptx_data=features(tokenizer),
+                          output_dir=tmp_path / "b")
+    with pytest.raises(CheckpointError, match="written without the pretraining mix") as e:
+        with_ptx.check_resume(predating(tmp_path / "a" / "checkpoints" / "checkpoint-1", "ptx_coef"))
+    assert "\n" not in str(e.value)

@@ -210,6 +210,10 @@ class Checkpoints:
         self.check_resume_extras(folder, state)
         if getattr(self, "ref_syncer", None) is not None:  # method.ref_sync: its reference must be there
             self.ref_syncer.check(folder)
+        if getattr(self, "ema", None) is not None and not (folder / "ema.safetensors").is_file():
+            raise CheckpointError(f"resume: {folder} holds no EMA of the policy (ema.safetensors), and this run "
+                                  "keeps one (train.ema_decay); resume from a checkpoint written with train.ema_decay, "
+                                  "or start a new run in another output_dir")
         old, now = state.get("training_settings", state.get("settings")), self.training_settings()
         changed = settings_changes(old, now) + (one_sided(old, now) if isinstance(old, dict) else [])
         if changed:
@@ -233,9 +237,6 @@ class Checkpoints:
         for k, p in live.items():  # FSDP2: each process keeps its shard (a collective, the same order everywhere)
             copy_full_into(p, saved[k])
         if getattr(self, "ema", None) is not None:  # its ema_decay is in training_settings: a change is refused
-            if not (folder / "ema.safetensors").is_file():
-                raise CheckpointError(f"resume: {folder} holds no EMA of the policy (ema.safetensors), and this run "
-                                      "keeps one (train.ema_decay); resume with the config that wrote it")
             try:
                 self.ema.load(load_file(str(folder / "ema.safetensors")), f"resume: {folder}")
             except ValueError as e:
