@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -633,6 +634,9 @@ def test_train_ema_decay_saves_model_ema_that_generate_loads(tmp_path):
     value_head = {"value_head.safetensors", "value_head.json"}  # PPO's head is not averaged: model/ only
     assert {p.name for p in model.iterdir()} - value_head == {p.name for p in ema.iterdir()}
     assert (ema / "adapter_model.safetensors").read_bytes() != (model / "adapter_model.safetensors").read_bytes()
+    card = (ema / "README.md").read_text()  # its own card: loads model_ema/, says it is the EMA (was model/'s card)
+    assert str(ema) in card and "decay 0.9" in card and "moving average" in card
+    assert not re.search(re.escape(str(model)) + "(?!_ema)", card), card
     assert main(["generate", "--config", str(CONFIGS / "generate-tiny.yaml"), f"model.path={out / 'base_model'}",
                  f"model.adapter_path={ema}", f"output_dir={tmp_path / 'gen'}", "generation.max_new_tokens=2",
                  "data.max_records=2"]) == 0

@@ -14,7 +14,7 @@ from alignkit.online.generation import SamplingConfig
 from alignkit.online.ppo import PPOConfig, PPOTrainer
 from alignkit.run_commit import COMPLETE_MARKER
 
-from .toy import HEAD_SCALE, PROMPTS, killed_at, toy_policy
+from .toy import HEAD_SCALE, PROMPTS, killed_at, predating, toy_policy
 
 
 def varied(prompt, response: str) -> float:
@@ -112,3 +112,40 @@ def test_a_resumed_run_continues_the_ema(tiny_dir, tokenizer, tmp_path, monkeypa
     resumed.train(resume_from_checkpoint=tmp_path / "cut" / "checkpoints" / "checkpoint-2")
     for n, t in whole.ema.shadow.items():
         assert torch.allclose(resumed.ema.shadow[n], t, rtol=1e-6, atol=1e-9), n
+
+
+def test_a_bf16_policy_keeps_its_ema_in_float32():
+    """bf16 weights drifting by 0.02-0.08 a step: (1 - d)(theta - ema) rounds to 0 in bf16 (the EMA stayed at theta_0);
+    the shadow is float32 and equals d^k theta_0 + sum (1 - d) d^(k-i) theta_i written out in float64; saving casts it
+    back to bf16 once."""
+    from alignkit.online.ema import ActorEMA
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4096, dtype=torch.bfloat16))
+    d, thetas = 0.992, [p.detach().double().clone()]
+    ema = ActorEMA({"w": p}, d)
+    for _ in range(5):
+        with torch.no_grad():
+            p.add_(0.03 * torch.sign(torch.randn_like(p)) + 0.05)
+        thetas.append(p.detach().double().clone())
+        ema.update({"w": p})
+    k = len(thetas) - 1
+    want = d ** k * thetas[0] + sum((1 - d) * d ** (k - i) * thetas[i] for i in range(1, k + 1))
+    assert ema.shadow["w"].dtype == torch.float32
+    assert torch.allclose(ema.shadow["w"].double(), want, rtol=0, atol=1e-6)
+    assert (ema.shadow["w"].double() != thetas[0]).float().mean() > 0.99  # it moved off theta_0 nearly everywhere
+    with ema.swapped({"w": p}):
+        assert p.dtype == torch.bfloat16 and torch.equal(p.detach(), want.to(torch.bfloat16))
+
+
+def test_a_checkpoint_without_an_ema_is_refused_by_check_resume(tiny_dir, tokenizer, tmp_path):
+    """Written before train.ema_decay existed, resumed with it: refused by check_resume (which the CLI runs before it
+    writes the run folder); before, only load_checkpoint refused it, after the run folder was written."""
+    from alignkit.run_commit import CheckpointError
+
+    ppo(tiny_dir, tokenizer, tmp_path / "a", steps=2, save_steps=1).train()
+    checkpoint = predating(tmp_path / "a" / "checkpoints" / "checkpoint-1", "ema_decay")
+    assert not (checkpoint / "ema.safetensors").exists()
+    with pytest.raises(CheckpointError, match="holds no EMA of the policy") as e:
+        ppo(tiny_dir, tokenizer, tmp_path / "b", steps=2, ema_decay=0.9).check_resume(checkpoint)
+    assert "\n" not in str(e.value)

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from alignkit.online.generation import SamplingConfig
 from alignkit.online.ppo import PPOConfig, PPOTrainer
 from alignkit.online.ptx import PtxData
+from alignkit.run_commit import CheckpointError
 from alignkit.settings import ConfigError
 
-from .toy import PROMPTS, digit_fraction, killed_at, toy_policy
+from .toy import PROMPTS, digit_fraction, killed_at, predating, toy_policy
 
 DIGITS = {"type": "function", "fn": digit_fraction}
 
@@ -62,15 +63,58 @@ def test_ptx_loss_is_the_nll_and_adds_coef_times_it(tiny_dir, tokenizer):
     assert "ptx_loss" not in plain
 
 
+def nll_grad_by_hand(model, feats) -> dict[str, torch.Tensor]:
+    """The gradient of the token-mean NLL (as `nll_by_hand`) over the trainable weights, by autograd, on `model`."""
+    logits_and_ids = [(model(input_ids=torch.tensor([f["input_ids"]])).logits[0, :-1].float(),
+                       torch.tensor(f["input_ids"][1:]), torch.tensor(f["completion_mask"][1:], dtype=torch.bool))
+                      for f in feats]
+    total = sum(F.cross_entropy(lg[k], ids[k], reduction="sum") for lg, ids, k in logits_and_ids)
+    nll = total / sum(int(k.sum()) for _, _, k in logits_and_ids)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return dict(zip(named, torch.autograd.grad(nll, list(named.values()))))
+
+
+def test_the_ptx_gradient_moves_the_weights_by_lr_coef_grad_nll(tiny_dir, tokenizer):
+    """SGD, no clipping, one update on the same rollout: theta_mixed - theta_plain = -lr * ptx_coef * grad NLL, the
+    gradient by autograd on the untouched policy (a ptx term computed and reported but not backpropagated fails)."""
+    feats, lr, coef = features(tokenizer), 1e-2, 0.5
+    base = toy_policy(tiny_dir("llama"), "lora")
+    want = nll_grad_by_hand(copy.deepcopy(base), feats)
+    kw = {"optimizer": "sgd", "max_grad_norm": None, "learning_rate": lr}
+    plain = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS, config(**kw))
+    mixed = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS,
+                       config(ptx_coef=coef, ptx_batch_size=3, **kw), ptx_data=feats)
+    plain.train(), mixed.train()
+    after_plain, after_mixed = plain.policy_trainable(), mixed.policy_trainable()
+    assert set(after_mixed) == set(want) and any(g.abs().max() > 1e-4 for g in want.values())
+    for n, g in want.items():
+        got = after_mixed[n].detach() - after_plain[n].detach()
+        assert torch.allclose(got, -lr * coef * g, rtol=1e-3, atol=1e-8), n
+
+
 def test_the_stream_cycles_through_seeded_shuffles():
     """5 records, batches of 2: epoch e's order is randperm(5) seeded by seed * 1000003 + e; a batch crosses into
     the next epoch's shuffle."""
-    data = PtxData([{"n": i} for i in range(5)], seed=3)
+    data = PtxData([{"n": i, "input_ids": [i], "completion_mask": [1]} for i in range(5)], seed=3)
     orders = [torch.randperm(5, generator=torch.Generator().manual_seed(3 * 1000003 + e)).tolist() for e in (0, 1)]
     stream = orders[0] + orders[1]
     got = [[f["n"] for f in data.take(2)] for _ in range(4)]
     assert got == [stream[0:2], stream[2:4], stream[4:6], stream[6:8]]
     assert data.position == 8 and data.epochs == pytest.approx(1.6)
+
+
+def test_the_fingerprint_is_hashed_once_not_at_every_checkpoint(tokenizer, monkeypatch):
+    """A checkpoint stores the ptx data's fingerprint: it was re-hashed over all the records every time."""
+    import hashlib
+    import json
+
+    import alignkit.online.ptx as ptx_module
+
+    feats = features(tokenizer)
+    data = PtxData(feats, seed=0)
+    want = hashlib.sha256(json.dumps([[f["input_ids"], f["completion_mask"]] for f in feats]).encode()).hexdigest()
+    monkeypatch.setattr(ptx_module.hashlib, "sha256", lambda *a: pytest.fail("the ptx data was hashed again"))
+    assert data.fingerprint() == data.fingerprint() == {"count": 3, "sha256": want[:16]}
 
 
 @pytest.mark.parametrize("kw, ptx, needle", [
@@ -120,3 +164,16 @@ def test_a_resume_over_other_ptx_data_is_refused(tiny_dir, tokenizer, tmp_path):
                        output_dir=tmp_path)
     with pytest.raises(Exception, match="other ptx data"):
         other.check_resume(tmp_path / "checkpoints" / "checkpoint-1")
+
+
+def test_a_checkpoint_without_ptx_state_is_refused_by_check_resume(tiny_dir, tokenizer, tmp_path):
+    """Written before PPO-ptx existed, resumed with it: refused by check_resume (before the CLI writes the run
+    folder); before, the ptx stream silently restarted at record 0."""
+    cfg = config(steps=2, save_steps=1)
+    PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS, cfg, output_dir=tmp_path / "a").train()
+    with_ptx = PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                          config(steps=2, save_steps=1, ptx_coef=0.5), ptx_data=features(tokenizer),
+                          output_dir=tmp_path / "b")
+    with pytest.raises(CheckpointError, match="written without the pretraining mix") as e:
+        with_ptx.check_resume(predating(tmp_path / "a" / "checkpoints" / "checkpoint-1", "ptx_coef"))
+    assert "\n" not in str(e.value)

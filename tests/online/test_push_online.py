@@ -61,9 +61,10 @@ def test_cli_online_run_pushes_model_folder_only(tmp_path, fake_hub):
     assert files == on_disk and {"README.md", "adapter_model.safetensors", "adapter_config.json"} <= files
 
 
-def test_python_trainer_pushes_what_save_wrote(tiny_dir, tokenizer, tmp_path, fake_hub):
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9}])  # the EMA's model_ema/ is a by-product: not pushed
+def test_python_trainer_pushes_what_save_wrote(tiny_dir, tokenizer, tmp_path, fake_hub, extra):
     cfg = GRPOConfig(steps=2, prompts_per_step=2, sampling=SamplingConfig(num_samples=2, max_new_tokens=3),
-                     save_steps=1, push_to_hub=True, progress_bar=False)
+                     save_steps=1, push_to_hub=True, progress_bar=False, **extra)
     out = tmp_path / "my-grpo"
     GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, {"type": "function", "fn": digit_fraction},
                 cfg, output_dir=out).train()
@@ -71,4 +72,6 @@ def test_python_trainer_pushes_what_save_wrote(tiny_dir, tokenizer, tmp_path, fa
     assert (kind, repo, folder) == ("upload_folder", "my-grpo", out)  # default repo: the folder's name
     assert (out / "metrics.jsonl").is_file() and (out / "checkpoints").is_dir()
     assert {"adapter_model.safetensors", "adapter_config.json", "online_config.json"} <= files
-    assert not any(f.startswith(("checkpoints/", "tensorboard/")) or f == "metrics.jsonl" for f in files), files
+    assert not any(f.startswith(("checkpoints/", "tensorboard/", "model_ema/")) or f == "metrics.jsonl"
+                   for f in files), files
+    assert (out / "model_ema").is_dir() == bool(extra)

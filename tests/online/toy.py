@@ -14,6 +14,7 @@ are 3 tokens long so that this is visible in the reward.
 
 from __future__ import annotations
 
+import json
 import statistics
 import string
 
@@ -24,6 +25,7 @@ from alignkit.adapters import apply_adapter, reft_settings
 from alignkit.models.loading import load_model
 from alignkit.online.generation import SamplingConfig, generate_responses
 from alignkit.online.trainer import OnlineTrainer
+from alignkit.run_commit import COMPLETE_MARKER
 from tests.adapters.table import KINDS, ROWS  # noqa: F401 (KINDS: the kinds the learning tests run)
 
 HEAD_SCALE = 8.0
@@ -73,3 +75,17 @@ def killed_at(monkeypatch, train, step: int = 2) -> None:
     with pytest.raises(Killed):
         train()
     monkeypatch.setattr(OnlineTrainer, "generate", real)
+
+
+def predating(checkpoint, key: str):
+    """`checkpoint` as an alignkit from before setting `key` existed wrote it: its training settings lack the key (a
+    setting only one side records is not compared on resume). -> the checkpoint."""
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    del state["training_settings"][key]
+    path.write_text(json.dumps(state))
+    marker = checkpoint / COMPLETE_MARKER  # the file's new size, so that the checkpoint stays complete
+    listed = json.loads(marker.read_text())
+    listed["files"]["trainer_state.json"] = path.stat().st_size
+    marker.write_text(json.dumps(listed))
+    return checkpoint

@@ -161,3 +161,21 @@ def test_ref_sync_under_a_sharding_engine_is_refused(engine):
     assert "\n" not in str(err.value)
     refuse_sharded_ref_sync(None, accelerator, "PreferenceTrainer")  # off: nothing to refuse
     refuse_sharded_ref_sync(RefSync(0.5, 2), SimpleNamespace(distributed_type=DistributedType.MULTI_GPU), "x")
+
+
+@pytest.mark.parametrize("alpha", [0.6, 0.1])
+def test_a_bf16_reference_is_mixed_in_float32_and_rounded_once(alpha):
+    """bf16 reference, fp32 policy 1e-3 away: the mix equals (1 - a) ref + a policy in float64 rounded once to bf16
+    (before: ref * (1 - a) rounded, then + a policy rounded again, off for many entries)."""
+    from alignkit.trainers.ref_sync import mix_into_reference
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(200, 200, bias=False).to(torch.bfloat16)
+    pol = torch.nn.Linear(200, 200, bias=False)
+    with torch.no_grad():
+        pol.weight.copy_(ref.weight.float() + 1e-3 * torch.randn_like(pol.weight))
+    exact = (1 - alpha) * ref.weight.double() + alpha * pol.weight.double()
+    mix_into_reference(pol, ref, alpha)
+    assert ref.weight.dtype == torch.bfloat16
+    mismatched = (ref.weight.double() != exact.to(torch.bfloat16).double()).float().mean()
+    assert mismatched < 1e-3, f"{float(mismatched):.3f} of the entries differ from the one-rounding mix"

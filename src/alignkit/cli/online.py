@@ -324,6 +324,17 @@ def _online_card(cfg: Any, command: str, trainer: Any, annotator: Any, rows: lis
         how_to_load=adapter_of(trainer.policy).how_to_load(str(named.model), base_path, False, cfg.model.rope_scaling))
 
 
+def _ema_card(card: ModelCard, cfg: Any, trainer: Any, named: Any, base_path: str) -> ModelCard:
+    """model_ema/README.md: the run's card, saying it holds the EMA (train.ema_decay) and loading model_ema/."""
+    decay = trainer.config.ema_decay
+    return dataclasses.replace(
+        card, title=f"{card.title} (EMA of the policy, decay {decay})",
+        hyperparameters={**card.hyperparameters, "weights": f"the exponential moving average of the policy's trainable "
+                         f"weights (train.ema_decay {decay}), not its final weights (those are in model/)"},
+        how_to_load=adapter_of(trainer.policy).how_to_load(str(Path(named.root) / "model_ema"), base_path, False,
+                                                           cfg.model.rope_scaling))
+
+
 def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet: bool = False,
                   allow_code: bool = False) -> int:
     check_code_allowed(cfg.annotator, allow_code)  # before anything is loaded or written
@@ -371,7 +382,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
         card.write(model_dir / "README.md")
         write_prompt_formats(model_dir, formats, cfg.data.formatter)
     if trainer.ema is not None:  # train.ema_decay: the policy's average, in model/'s format
-        trainer.save_ema(run.root / "model_ema", then=lambda d: (card.write(d / "README.md"),
+        ema_card = _ema_card(card, cfg, trainer, named, base_path)
+        trainer.save_ema(run.root / "model_ema", then=lambda d: (ema_card.write(d / "README.md"),
                                                                   write_prompt_formats(d, formats, cfg.data.formatter)))
     card.write(run.card)
     plot_online(rows, run.plots)

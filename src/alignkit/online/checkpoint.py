@@ -210,6 +210,10 @@ class Checkpoints:
         self.check_resume_extras(folder, state)
         if getattr(self, "ref_syncer", None) is not None:  # method.ref_sync: its reference must be there
             self.ref_syncer.check(folder)
+        if getattr(self, "ema", None) is not None and not (folder / "ema.safetensors").is_file():
+            raise CheckpointError(f"resume: {folder} holds no EMA of the policy (ema.safetensors), and this run "
+                                  "keeps one (train.ema_decay); resume from a checkpoint written with train.ema_decay, "
+                                  "or start a new run in another output_dir")
         old, now = state.get("training_settings", state.get("settings")), self.training_settings()
         changed = settings_changes(old, now) + (one_sided(old, now) if isinstance(old, dict) else [])
         if changed:
@@ -233,9 +237,6 @@ class Checkpoints:
         for k, p in live.items():  # FSDP2: each process keeps its shard (a collective, the same order everywhere)
             copy_full_into(p, saved[k])
         if getattr(self, "ema", None) is not None:  # its ema_decay is in training_settings: a change is refused
-            if not (folder / "ema.safetensors").is_file():
-                raise CheckpointError(f"resume: {folder} holds no EMA of the policy (ema.safetensors), and this run "
-                                      "keeps one (train.ema_decay); resume with the config that wrote it")
             try:
                 self.ema.load(load_file(str(folder / "ema.safetensors")), f"resume: {folder}")
             except ValueError as e:
@@ -333,13 +334,14 @@ class Checkpoints:
                                                                       default=str) + "\n")
         return folder
 
-    # what `push_to_hub` leaves out of output_dir: the run's by-products, not the model
-    PUSH_IGNORE = ["checkpoints/*", "tensorboard/*", METRICS_FILE, "*.staging/*", ".*"]
+    # what `push_to_hub` leaves out of output_dir: the run's by-products (model_ema/: the EMA of train.ema_decay,
+    # a second model), not the model
+    PUSH_IGNORE = ["checkpoints/*", "tensorboard/*", "model_ema/*", METRICS_FILE, "*.staging/*", ".*"]
 
     def push_to_hub(self, repo_id: str | None = None, folder: str | Path | None = None) -> str:
         """Upload the saved model / adapter of `folder` (default `output_dir`) to the Hub model repo `repo_id`
         (default `config.hub_model_id`, else the folder's name): the files `save` wrote and a README.md if there
-        is one; checkpoints, TensorBoard events and metrics.jsonl stay local. Returns the repo id."""
+        is one; checkpoints, TensorBoard events, metrics.jsonl and model_ema/ stay local. Returns the repo id."""
         folder = Path(folder if folder is not None else self.output_dir)
         return push_folder(folder, repo_id or self.config.hub_model_id or folder.resolve().name,
                            private=self.config.hub_private_repo, ignore_patterns=self.PUSH_IGNORE)

@@ -7,6 +7,10 @@ over the trainable parameters only (a LoRA / ReFT policy: its adapter's weights;
 both). DeepSpeed-Chat averages every actor weight after each PPO step; here the online loop's optimizer steps, for
 every online method. Kept in checkpoints (`ema.safetensors`), so a resumed run continues it, and saved at the end as
 `model_ema/` in the saved model's format (`swapped`: the EMA's values in the policy while it is written).
+
+The shadow is kept in float32 whatever the policy's dtype: in bf16, (1 - decay) * (theta - ema) is below half a
+unit in the last place for most entries and rounds to 0, so the average would stop moving; it is cast back to the
+model's dtype only when copied into the policy (`swapped`, i.e. when model_ema/ is written).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ class ActorEMA:
 
     def __init__(self, params: dict[str, Tensor], decay: float) -> None:
         self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in params.items()}
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
 
     @torch.no_grad()
     def update(self, params: dict[str, Tensor]) -> None:
         for n, p in params.items():
-            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
     def state(self) -> dict[str, Tensor]:
         """The averages as CPU tensors (a checkpoint's `ema.safetensors`)."""
@@ -41,7 +45,7 @@ class ActorEMA:
             raise ValueError(f"{where}: its EMA holds other parameters than this policy's (e.g. {diff}); resume with "
                              "the config that wrote it")
         for n, t in saved.items():
-            self.shadow[n].copy_(t)
+            self.shadow[n].copy_(t.float())
 
     @contextmanager
     def swapped(self, params: dict[str, Tensor]) -> Iterator[None]:

@@ -198,6 +198,11 @@ class PPOTrainer(OnlineTrainer):
     def check_resume_extras(self, folder: Path, state: dict[str, Any]) -> None:
         saved = state.get("ptx")
         now = None if self.ptx is None else self.ptx.fingerprint()
+        if saved is None and now is not None:
+            raise CheckpointError(f"resume: {folder} was written without the pretraining mix (its state has no ptx "
+                                  "position), and this run has method.ptx_coef > 0: its ptx stream would restart at "
+                                  "record 0; resume with the config that wrote it, or start a new run in another "
+                                  "output_dir")
         if saved is not None and now is not None and {k: saved[k] for k in now} != now:
             raise CheckpointError(f"resume: {folder} was written by a run over other ptx data ({saved['count']} "
                                   f"record(s), this run has {now['count']}, or other tokens); its ptx position "

@@ -67,6 +67,9 @@ class PtxData:
     def __init__(self, features: list[dict[str, Any]], seed: int) -> None:
         self.features, self.seed, self.position = features, seed, 0
         self._orders: dict[int, list[int]] = {}
+        digest = hashlib.sha256(json.dumps([[f["input_ids"], f["completion_mask"]] for f in features])
+                                .encode()).hexdigest()[:16]
+        self._fingerprint = {"count": len(features), "sha256": digest}  # once: every checkpoint stores it
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -87,10 +90,9 @@ class PtxData:
         return self.position / len(self.features)
 
     def fingerprint(self) -> dict[str, Any]:
-        """The records' count and a digest of their tokens, kept in checkpoints (a resume over other data: refused)."""
-        digest = hashlib.sha256(json.dumps([[f["input_ids"], f["completion_mask"]] for f in self.features])
-                                .encode()).hexdigest()[:16]
-        return {"count": len(self.features), "sha256": digest}
+        """The records' count and a digest of their tokens, kept in checkpoints (a resume over other data: refused);
+        computed once, when the data is given."""
+        return dict(self._fingerprint)
 
 
 def ptx_batch(features: list[dict[str, Any]], pad_id: int, device: torch.device | str) -> dict[str, Tensor]:

@@ -87,11 +87,13 @@ def refuse_sharded_ref_sync(ref_sync: RefSync | None, accelerator: Any, owner: s
 
 @torch.no_grad()
 def mix_into_reference(policy: nn.Module, reference: nn.Module, alpha: float) -> None:
-    """reference <- alpha * policy + (1 - alpha) * reference, parameter by parameter (by name), in place."""
+    """reference <- alpha * policy + (1 - alpha) * reference, parameter by parameter (by name), in place; mixed in
+    float32 and rounded once to the reference's dtype (in bf16, scaling then adding rounds twice, and a mix
+    smaller than half a unit in the last place would be lost)."""
     ref = dict(reference.named_parameters())
     for name, p in unwrap_lm(policy).named_parameters():
         target = ref[name]
-        target.mul_(1.0 - alpha).add_(p.detach().to(target.device, target.dtype), alpha=alpha)
+        target.copy_(torch.lerp(target.float(), p.detach().to(target.device, torch.float32), alpha))
 
 
 def save_reference(reference: nn.Module, folder: str | os.PathLike, counts: dict[str, int]) -> None:
