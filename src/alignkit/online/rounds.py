@@ -377,9 +377,9 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
     of round k is `round_seed(sampling.seed, k)` (when set): round k draws the same whether the rounds ran in one
     call or several (a resume); a kept round sampled with `seed + k` (runs before round_seed) keeps that seed
     (`kept_round_seed`). A kept round made otherwise is refused, naming its folder to delete. The trainer factory
-    should keep training `model` in place (so the next round samples from the updated policy) and save it: a resumed run skips rounds marked
-    "trained" in their manifest, so load the latest trained weights into `model` before resuming.
-    Returns each round's manifest."""
+    should keep training `model` in place (so the next round samples from the updated policy) and save it: a
+    resumed run skips rounds marked "trained" in their manifest, so load the latest trained
+    weights into `model` before resuming. Returns each round's manifest."""
     annotator = build_annotator(annotator)
     manifests = []
     for k in range(num_rounds):
