@@ -398,7 +398,7 @@ def test_a_kept_annotation_judged_with_another_rubric_is_refused(tiny_lm, tokeni
         assert (tmp_path / RECORDS_FILE).read_text() == kept
 
 
-def test_a_run_seeded_the_old_way_resumes_with_its_seeds(tiny_lm, tokenizer, tmp_path):
+def test_a_run_seeded_the_old_way_resumes_with_its_seeds(tiny_lm, tokenizer, tmp_path, caplog):
     """Rounds were seeded `seed + k` before round_seed: such a run's kept round 1 (seed 6, trained) was refused on
     resume for sampling.seed 6 vs round_seed(5, 1), advising overwrite=true, which run_offline_rounds does not take.
     Now a kept round recording seed + k keeps that seed (not resampled, not retrained); a kept round made with
@@ -418,8 +418,11 @@ def test_a_run_seeded_the_old_way_resumes_with_its_seeds(tiny_lm, tokenizer, tmp
         manifest["trained"] = True
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
     before = {k: (round_dir(tmp_path, k) / SAMPLES_FILE).read_bytes() for k in range(2)}
-    manifests = run_offline_rounds(model, tokenizer, PROMPTS, tmp_path, num_rounds=3, sampling=SAMPLING,
-                                   trainer_factory=lambda recs, k: FakeTrainer(log, recs, k), **run)
+    with caplog.at_level("WARNING", logger="alignkit.online.rounds"):
+        manifests = run_offline_rounds(model, tokenizer, PROMPTS, tmp_path, num_rounds=3, sampling=SAMPLING,
+                                       trainer_factory=lambda recs, k: FakeTrainer(log, recs, k), **run)
+    assert [r.getMessage().count("older seeding") for r in caplog.records] == [1]  # once, naming round 1
+    assert "round(s) [1]" in caplog.records[0].getMessage()
     assert {k: (round_dir(tmp_path, k) / SAMPLES_FILE).read_bytes() for k in range(2)} == before
     assert [k for k, _ in log] == [2]  # only the new round trained
     assert [m["samples"]["sampling"]["seed"] for m in manifests] == [5, 6, 64481628]  # round 2: round_seed(5, 2)

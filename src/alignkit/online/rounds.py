@@ -362,8 +362,6 @@ def kept_round_seed(folder: str | Path, seed: int | None, round_index: int) -> i
         return derived
     kept = (read_manifest(folder).get("samples") or {}).get("sampling") or {}
     if kept.get("seed") == seed + round_index != derived:
-        logger.warning("%s: sampled with seed %d (seed + round, the older derivation): this round continues with "
-                       "it; rounds not sampled yet use round_seed", folder, seed + round_index)
         return seed + round_index
     return derived
 
@@ -382,9 +380,14 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
     weights into `model` before resuming. Returns each round's manifest."""
     annotator = build_annotator(annotator)
     manifests = []
+    seeds = [kept_round_seed(round_dir(out_dir, k), sampling.seed, k) for k in range(num_rounds)]
+    old = [k for k, s in enumerate(seeds) if s != round_seed(sampling.seed, k)]
+    if old:
+        logger.warning("%s: round(s) %s were sampled with seed + round (the older seeding): they continue with it; "
+                       "rounds not sampled yet use round_seed", out_dir, old)
     for k in range(num_rounds):
         folder = round_dir(out_dir, k)
-        cfg = replace(sampling, seed=kept_round_seed(folder, sampling.seed, k))
+        cfg = replace(sampling, seed=seeds[k])
         redo = f"Delete {folder} to do this round again, or choose another out_dir"
         sample_round(model, tokenizer, prompts, folder, cfg, batch_size=batch_size, redo=redo, **generate_kwargs)
         records_path = annotate_round(folder, annotator, feedback, feedback_kwargs=feedback_kwargs,
