@@ -81,3 +81,29 @@ def test_private_settings_named_after_an_init_parameter_are_part_of_the_name():
     assert settings_changes(recorded, {"reward_funcs": [two]}) == [
         f"reward_funcs: ['{HERE}:Scaled(_scale=1, threshold=0.5)'] -> ['{HERE}:Scaled(_scale=2, threshold=0.5)']"]
     assert settings_changes(recorded, {"reward_funcs": [Scaled(0.5, scale=1)]}) == []
+
+
+class Tokenizes:
+    """A reward function holding a tokenizer (an object) and a plain setting, both private, both __init__ parameters."""
+
+    def __init__(self, tokenizer, max_len, words=("a",)):
+        self._tokenizer, self._max_len, self._words = tokenizer, max_len, {"w": list(words)}
+
+
+class Vocab:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __repr__(self):
+        return f"Vocab(name_or_path='{self.folder}', vocab_size=32000, ...)"
+
+
+def test_a_private_object_setting_stays_out_of_the_name_and_a_plain_one_enters_it():
+    """`self._tokenizer = tokenizer` put the tokenizer's repr (its absolute folder) into the name: the same reward
+    function with its tokenizer copied elsewhere refused a valid resume. A private attribute named after an __init__
+    parameter enters the name only when it holds a plain value (number, str, bool, None, containers of them)."""
+    here, moved = Tokenizes(Vocab("/data/tok"), 10), Tokenizes(Vocab("/elsewhere/tok"), 10)
+    assert stable_name(here) == stable_name(moved) == f"{HERE}:Tokenizes(_max_len=10, _words={{'w': ['a']}})"
+    assert stable_name(Tokenizes(Vocab("/data/tok"), 11)) == f"{HERE}:Tokenizes(_max_len=11, _words={{'w': ['a']}})"
+    assert stable_name(Tokenizes(None, 10, words=("a", "b"))) == (
+        f"{HERE}:Tokenizes(_max_len=10, _tokenizer=None, _words={{'w': ['a', 'b']}})")

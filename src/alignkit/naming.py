@@ -35,7 +35,9 @@ def stable_name(value: Any) -> str:
     arguments (`pkg.mod:score(scale=2)`), an object with a repr free of addresses by its type and that repr, any other
     object by its type and its public attributes and the private ones named after a parameter of its __init__
     (`pkg.mod:Scorer(_scale=2, threshold=0.5)`: two objects configured otherwise through `self._scale` had one name,
-    so a resume with another scale was not refused). A setting kept under another private name is not seen."""
+    so a resume with another scale was not refused) when they hold a plain value (`is_plain`): `self._tokenizer =
+    tokenizer` put the tokenizer's long repr, with its absolute folder, into the name (a moved folder refused a valid
+    resume). A setting kept under another private name, or holding an object, is not seen."""
     if isinstance(value, str):
         return value
     if isinstance(value, Path):
@@ -54,9 +56,21 @@ def stable_name(value: Any) -> str:
     if isinstance(state, dict):
         params = init_parameters(type(value))
         attrs = [f"{k}={stable_repr(v)}" for k, v in sorted(state.items())
-                 if not k.startswith("_") or k.lstrip("_") in params]
+                 if not k.startswith("_") or (k.lstrip("_") in params and is_plain(v))]
         return f"{kind}({', '.join(attrs)})"
     return f"<{kind}>"
+
+
+def is_plain(value: Any) -> bool:
+    """A number, string, bool or None, or a list / tuple / dict of them (nested): a value whose repr is short and
+    the same wherever it runs (no folder path, no address), which a private setting must be to enter a name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(is_plain(k) and is_plain(v) for k, v in value.items())
+    return False
 
 
 def init_parameters(cls: type) -> frozenset[str]:

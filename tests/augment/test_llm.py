@@ -235,3 +235,19 @@ def test_a_cache_entry_written_before_finish_reasons_were_recorded_is_asked_agai
         assert len(fake.requests) == 1 and (llm.hits, llm.misses) == (0, 1)
         assert json.loads(entry.read_text())["cut_off"] == CUT_AT_MAX_TOKENS
         assert [r.message for r in caplog.records if "asked again" in r.message]
+
+
+def test_the_answerer_digest_leaves_out_how_generation_runs(tiny_lm, tokenizer):
+    """answerer_digest hashed cache_implementation / compile_config options too, which change how model.generate
+    runs, not its answers: setting one refused a kept round and missed the cache. They are left out now (as
+    check_on_policy_options leaves them out); an option that changes answers (no_repeat_ngram_size) still counts."""
+    from alignkit.augment.llm import answerer_digest
+
+    base = answerer_digest(tiny_lm("llama"), tokenizer)
+    how = tiny_lm("llama")
+    how.generation_config.cache_implementation = "static"
+    how.generation_config.disable_compile = True
+    assert answerer_digest(how, tokenizer) == base
+    ngram = tiny_lm("llama")
+    ngram.generation_config.no_repeat_ngram_size = 2
+    assert answerer_digest(ngram, tokenizer) != base

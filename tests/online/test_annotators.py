@@ -415,3 +415,13 @@ def test_functions_of_the_same_name_keep_their_own_metrics(tmp_path, monkeypatch
     twice = FunctionAnnotator(["ak_pkg_a:score", "ak_pkg_a:score"], weights=[1.0, 2.0]).annotate(["p"], ["a"])
     assert twice.values.tolist() == [3.0]
     assert set(twice.moments) == {"rewards/ak_pkg_a.score_1", "rewards/ak_pkg_a.score_2"}
+
+
+@pytest.mark.parametrize("n_fns", [1, 2])
+def test_function_annotator_scores_no_items(n_fns):
+    """annotate([], []) crashed (per_function: a reshape of 0 elements to (0, -1)); now empty scores, (0, n_fns)."""
+    annotator = FunctionAnnotator([lambda prompt, response: float(len(response))] * n_fns)
+    scores = annotator.annotate([], [])
+    assert scores.values.shape == (0,) and tuple(scores.per_function.shape) == (0, n_fns)
+    two = annotator.annotate(["p", "q"], ["a", "bb"])
+    assert two.per_function.tolist() == [[1.0] * n_fns, [2.0] * n_fns]

@@ -177,3 +177,24 @@ def test_a_checkpoint_without_ptx_state_is_refused_by_check_resume(tiny_dir, tok
     with pytest.raises(CheckpointError, match="written without the pretraining mix") as e:
         with_ptx.check_resume(predating(tmp_path / "a" / "checkpoints" / "checkpoint-1", "ptx_coef"))
     assert "\n" not in str(e.value)
+
+
+def test_the_ptx_file_is_read_without_the_prompts_split(tokenizer, tmp_path):
+    """data.ptx_path was read with data.split: prompts read with split=test and a .jsonl ptx file were refused (a
+    data file has one split), advising to remove the split the prompts need. The ptx corpus is read without it: a
+    file gives its rows, a saved dataset folder its "train" split (never the prompts' test split)."""
+    import json
+
+    from datasets import Dataset, DatasetDict
+
+    from alignkit.cli.online import read_ptx
+    from alignkit.settings.sections import DataSettings
+
+    rows = [{"prompt": "Say a digit.", "completion": " 7"}, {"prompt": "Another?", "completion": " 3"}]
+    file = tmp_path / "ptx.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_ptx(DataSettings(path="prompts-folder", split="test", ptx_path=str(file)), tokenizer)
+    assert len(got) == 2
+    folder = tmp_path / "ptx-folder"
+    DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list(rows)}).save_to_disk(str(folder))
+    assert len(read_ptx(DataSettings(path="prompts-folder", split="test", ptx_path=str(folder)), tokenizer)) == 1

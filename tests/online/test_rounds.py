@@ -396,3 +396,40 @@ def test_a_kept_annotation_judged_with_another_rubric_is_refused(tiny_lm, tokeni
         with pytest.raises(DataError, match=f"{RECORDS_FILE}: complete, and annotated with other settings .*{what}"):
             annotate_round(tmp_path, judge(**kw), "pointwise", feedback_kwargs={"threshold": 5.0})
         assert (tmp_path / RECORDS_FILE).read_text() == kept
+
+
+def test_a_run_seeded_the_old_way_resumes_with_its_seeds(tiny_lm, tokenizer, tmp_path, caplog):
+    """Rounds were seeded `seed + k` before round_seed: such a run's kept round 1 (seed 6, trained) was refused on
+    resume for sampling.seed 6 vs round_seed(5, 1), advising overwrite=true, which run_offline_rounds does not take.
+    Now a kept round recording seed + k keeps that seed (not resampled, not retrained); a kept round made with
+    another seed is still refused, naming the folder to delete and out_dir, not overwrite."""
+    from dataclasses import replace
+
+    from alignkit.data.records import DataError
+
+    model = tiny_lm("llama")
+    run = dict(annotator={"type": "function", "fn": length_score}, feedback="best_worst")
+    log: list = []
+    for k in range(2):  # as the older run_offline_rounds wrote them: round k sampled with seed 5 + k
+        folder = round_dir(tmp_path, k)
+        sample_round(model, tokenizer, PROMPTS, folder, replace(SAMPLING, seed=5 + k))
+        annotate_round(folder, run["annotator"], "best_worst")
+        manifest = read_manifest(folder)
+        manifest["trained"] = True
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    before = {k: (round_dir(tmp_path, k) / SAMPLES_FILE).read_bytes() for k in range(2)}
+    with caplog.at_level("WARNING", logger="alignkit.online.rounds"):
+        manifests = run_offline_rounds(model, tokenizer, PROMPTS, tmp_path, num_rounds=3, sampling=SAMPLING,
+                                       trainer_factory=lambda recs, k: FakeTrainer(log, recs, k), **run)
+    assert [r.getMessage().count("older seeding") for r in caplog.records] == [1]  # once, naming round 1
+    assert "round(s) [1]" in caplog.records[0].getMessage()
+    assert {k: (round_dir(tmp_path, k) / SAMPLES_FILE).read_bytes() for k in range(2)} == before
+    assert [k for k, _ in log] == [2]  # only the new round trained
+    assert [m["samples"]["sampling"]["seed"] for m in manifests] == [5, 6, 64481628]  # round 2: round_seed(5, 2)
+    other = round_dir(tmp_path / "other", 1)
+    sample_round(model, tokenizer, PROMPTS, other, replace(SAMPLING, seed=9))
+    with pytest.raises(DataError) as e:
+        run_offline_rounds(model, tokenizer, PROMPTS, tmp_path / "other", num_rounds=2, sampling=SAMPLING, **run)
+    message = str(e.value)
+    assert "sampling.seed: 9 then, 885225367 now" in message and f"Delete {other} " in message
+    assert "out_dir" in message and "overwrite" not in message and "\n" not in message

@@ -274,10 +274,11 @@ def answerer_digest(model: Any, tokenizer: Any) -> str:
     included: name, dtype, shape, bytes), the tokenizer (vocabulary, special tokens, chat template:
     `tokenizer_fingerprint`) and the options model.generate applies from the model's generation config, sampled or
     greedy (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...; the sampling ones LocalChat pins
-    are not among them; a classifier has none)."""
+    are not among them; a classifier has none). Not the options of how it runs (`HOW_IT_RUNS`: cache_implementation,
+    compile_config, ...), which do not change the answers: changing one refused a kept round and missed the cache."""
     import torch
 
-    from alignkit.online.generation import SamplingConfig, model_generation_options, transformers_model
+    from alignkit.online.generation import HOW_IT_RUNS, SamplingConfig, model_generation_options, transformers_model
     from alignkit.trainers.reference import tokenizer_fingerprint
 
     started = time.monotonic()
@@ -288,7 +289,7 @@ def answerer_digest(model: Any, tokenizer: Any) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     generates = getattr(transformers_model(model), "generation_config", None) is not None  # not a classifier's
     options = {repr(o) for cfg in (SamplingConfig(), SamplingConfig(do_sample=False)) if generates
-               for o in model_generation_options(model, tokenizer, cfg)}
+               for o in model_generation_options(model, tokenizer, cfg) if o[0] not in HOW_IT_RUNS}
     h.update(json.dumps([tokenizer_fingerprint(tokenizer), sorted(options)]).encode())
     logger.info("digest of the answering model's weights, tokenizer and generation options: %.1f s",
                 time.monotonic() - started)

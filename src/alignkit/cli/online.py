@@ -109,10 +109,12 @@ def read_prompts(ds: DataSettings, command: str = "sample") -> list:
 
 
 def read_ptx(ds: DataSettings, tokenizer: Any) -> list[dict[str, Any]]:
-    """alignkit ppo's pretraining mix: the SFT records of `data.ptx_path` (read as data.path is: reader, split,
-    on_invalid), tokenized as alignkit sft tokenizes them (data.max_length, max_prompt_length, formatter, add_eos,
-    loss_on); a ConfigError when no record has a trainable token."""
-    records = read_records(ds.ptx_path, ds, "sft", ds.split, "data.ptx_path")
+    """alignkit ppo's pretraining mix: the SFT records of `data.ptx_path` (read with data.path's reader and
+    on_invalid; not its split: a separate training corpus, so a data file gives its rows and a dataset folder its
+    "train" split. data.split was passed: prompts read with split=test refused a .jsonl ptx file, and a ptx folder
+    would have trained on its test split), tokenized as alignkit sft tokenizes them (data.max_length,
+    max_prompt_length, formatter, add_eos, loss_on); a ConfigError when no record has a trainable token."""
+    records = read_records(ds.ptx_path, ds, "sft", None, "data.ptx_path")
     features, _ = tokenize_records(records, tokenizer, TokenizeConfig(  # logs what it dropped or cut
         max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
         add_eos=ds.add_eos, loss_on=ds.loss_on))

@@ -509,8 +509,8 @@ class FunctionAnnotator(Annotator):
         scores = finalize_scores(raw, self.on_failure, self.default_score, metrics=metrics,
                                  who=f"reward function {self.spec}")
         scores.moments = moments
-        scores.per_function = torch.tensor([[float("nan") if v is None else float(v) for v in row]
-                                            for row in zip(*per_fn)], dtype=torch.float32).reshape(len(texts), -1)
+        rows = [[float("nan") if v is None else float(v) for v in row] for row in zip(*per_fn)]
+        scores.per_function = torch.tensor(rows, dtype=torch.float32).reshape(len(texts), len(self.fns))  # 0 items too
         return scores
 
     def log_missing(self, per_fn: list[list], raw: list) -> None:

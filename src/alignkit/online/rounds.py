@@ -150,13 +150,17 @@ def _sampled_otherwise(kept: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bool = False,
-                       made_from: dict[str, Any] | None = None, made_with: dict[str, Any] | None = None) -> bool:
+                       made_from: dict[str, Any] | None = None, made_with: dict[str, Any] | None = None,
+                       redo: str | None = None) -> bool:
     """True when `folder` holds a complete samples.jsonl that `sample_round` would keep (resume), False when it
     would sample; a kept one sampled from other prompts than `prompts`, or with other settings than `made_with`
     (`sampling_settings`; None: not compared) is a DataError. No model needed: the `alignkit sample` command calls
     it before loading one (`made_from`: the prompts' fingerprint, if computed). A kept round sampled with another
-    seed, temperature, max_new_tokens, sampler, formatter... was kept silently: only the prompts were compared."""
+    seed, temperature, max_new_tokens, sampler, formatter... was kept silently: only the prompts were compared.
+    `redo`: how the caller does the round again, named in the refusal (default: overwrite=true, or another
+    output_dir; `run_offline_rounds`, which takes neither, names its folder and out_dir)."""
     folder = Path(folder)
+    redo = redo or "Pass overwrite=true to sample again, or choose another output_dir"
     if overwrite or not _complete(folder, "samples", SAMPLES_FILE):
         return False
     made_from = made_from or prompts_fingerprint(as_prompt_records(prompts))
@@ -164,18 +168,17 @@ def check_kept_samples(folder: str | Path, prompts: Sequence[Any], overwrite: bo
     if kept.get("prompts_sha256", made_from["sha256"]) != made_from["sha256"]:  # older manifests: not compared
         raise DataError(f"{folder / SAMPLES_FILE}: complete, and sampled from other prompts ({kept.get('prompts')} "
                         f"then, {made_from['count']} now, or the same number changed): it would be kept as it is, "
-                        "not redone. Pass overwrite=true to sample these prompts, or choose another output_dir")
+                        f"not redone. {redo}")
     differ = _sampled_otherwise(kept, made_with or {})
     if differ:
         raise DataError(f"{folder / SAMPLES_FILE}: complete, and sampled with other settings ({'; '.join(differ)}): "
-                        "it would be kept as it is, not redone. Pass overwrite=true to sample again with these, or "
-                        "pass the settings it was made with, or choose another output_dir")
+                        f"it would be kept as it is, not redone. Pass the settings it was made with. {redo}")
     return True
 
 
 def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str | Path, cfg: SamplingConfig, *,
                  batch_size: int = 8, overwrite: bool = False, before_entry: Callable[[], Any] | None = None,
-                 policy_sha256: str | None = None, **generate_kwargs: Any) -> Path:
+                 policy_sha256: str | None = None, redo: str | None = None, **generate_kwargs: Any) -> Path:
     """Generate responses for `prompts` into `folder/samples.jsonl` (skipped when complete, and refused when
     complete but made from other prompts or settings: `check_kept_samples`). Returns its path.
 
@@ -183,12 +186,12 @@ def sample_round(model: Any, tokenizer: Any, prompts: Sequence[Any], folder: str
     write what describes it (the CLI's sample.yaml), so a kill never leaves a complete stage with the old one.
     `generate_kwargs` go to `generate_responses` (positions, share_weights, formatter, max_prompt_length).
     `policy_sha256`: the model's digest, recorded and compared (None: neither; a rounds loop trains the model
-    between rounds, so a trained round's samples were drawn by an earlier one)."""
+    between rounds, so a trained round's samples were drawn by an earlier one). `redo`: `check_kept_samples`'."""
     folder = Path(folder)
     path = folder / SAMPLES_FILE
     made_from = prompts_fingerprint(as_prompt_records(prompts))
     made_with = sampling_settings(cfg, policy_sha256, **generate_kwargs)
-    if check_kept_samples(folder, prompts, overwrite, made_from, made_with):
+    if check_kept_samples(folder, prompts, overwrite, made_from, made_with, redo):
         logger.info("%s: complete, not sampled again", path)
         return path
     samples = generate_responses(model, tokenizer, prompts, cfg, batch_size=batch_size, **generate_kwargs)
@@ -217,12 +220,13 @@ def _same_settings(key: str, kept: Any, now: Any) -> bool:
     return kept == now
 
 
-def check_kept_annotation(folder: str | Path, made_by: dict[str, Any]) -> None:
+def check_kept_annotation(folder: str | Path, made_by: dict[str, Any], redo: str | None = None) -> None:
     """A complete annotation is kept, not redone (resume): a DataError when its manifest entry says it was made by
     another annotator, feedback, feedback_kwargs or reweighters than `made_by` (these keys, as `annotate_round`
     records them). It was kept whatever annotator was passed, and its records silently stood for the new one's.
     Entries without a key (older manifests) are not compared on it, nor annotator descriptions without one of
-    today's keys (a function annotator's kwargs and default_score, recorded since): every key they have must match."""
+    today's keys (a function annotator's kwargs and default_score, recorded since): every key they have must match.
+    `redo`: how the caller annotates again, named in the refusal (default: overwrite=True)."""
     kept = read_manifest(folder).get("annotation", {})
     now = json.loads(json.dumps(made_by, sort_keys=True, default=str))  # as the manifest stores it
     differ = [k for k, v in now.items() if k in kept and not _same_settings(k, kept[k], v)]
@@ -230,8 +234,8 @@ def check_kept_annotation(folder: str | Path, made_by: dict[str, Any]) -> None:
         shown = "; ".join(f"{k}: {json.dumps(kept[k], sort_keys=True)} then, {json.dumps(now[k], sort_keys=True)} "
                           "now" for k in differ)
         raise DataError(f"{Path(folder) / RECORDS_FILE}: complete, and annotated with other settings ({shown}): it "
-                        "would be kept as it is, not redone. Pass overwrite=True to annotate the round again with "
-                        "these, or pass the settings it was made with")
+                        "would be kept as it is, not redone. Pass the settings it was made with. "
+                        f"{redo or 'Pass overwrite=True to annotate the round again with these'}")
 
 
 ANNOTATE_CHUNK = 64  # samples per annotator call in `annotate_round` (one step of its progress bar)
@@ -273,13 +277,15 @@ def annotate_samples(annotator: Annotator, samples: Sequence[Sample], progress: 
 def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], feedback: str = "best_worst", *,
                    feedback_kwargs: dict[str, Any] | None = None, reweighters: Sequence[Any] = (),
                    overwrite: bool = False, refuse_empty: bool = False, progress: bool = False,
-                   before_entry: Callable[[], Any] | None = None, annotator_sha256: str | None = None) -> Path:
+                   before_entry: Callable[[], Any] | None = None, annotator_sha256: str | None = None,
+                   redo: str | None = None) -> Path:
     """Score `folder/samples.jsonl`, build records by `feedback` (see `feedback.FEEDBACK_MODES`), reweight them,
     write `folder/records.jsonl` (skipped when complete). Returns its path. A round no record passes writes an empty
     file (a rounds loop skips it); `refuse_empty=True` (the `alignkit annotate` command) raises `DataError` instead,
     before anything is written. `progress`: a bar over the scoring (`annotate_samples`). `before_entry`: as
     `sample_round`'s (the CLI's annotate.yaml). `annotator_sha256`: the annotator model's digest, recorded and
-    compared (`alignkit annotate` passes it: a reward model retrained at the same path kept the old one's records)."""
+    compared (`alignkit annotate` passes it: a reward model retrained at the same path kept the old one's records).
+    `redo`: `check_kept_annotation`'s."""
     folder = Path(folder)
     path = folder / RECORDS_FILE
     annotator = build_annotator(annotator)
@@ -291,7 +297,7 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
     if annotator_sha256 is not None:
         made_by["annotator_model_sha256"] = annotator_sha256
     if not overwrite and _complete(folder, "annotation", RECORDS_FILE):
-        check_kept_annotation(folder, made_by)
+        check_kept_annotation(folder, made_by, redo)
         logger.info("%s: complete, not annotated again", path)
         return path
     if not _complete(folder, "samples", SAMPLES_FILE):
@@ -347,6 +353,19 @@ def round_seed(seed: int | None, round_index: int) -> int | None:
     return int.from_bytes(digest[:4], "big") % 2 ** 31
 
 
+def kept_round_seed(folder: str | Path, seed: int | None, round_index: int) -> int | None:
+    """The seed `run_offline_rounds` samples round `round_index` in `folder` with: `round_seed(seed, k)`, or
+    `seed + k` when the round's kept samples record that (runs started before round_seed: they resume, trained
+    rounds included, instead of being refused for a seed they never chose)."""
+    derived = round_seed(seed, round_index)
+    if seed is None or round_index == 0:
+        return derived
+    kept = (read_manifest(folder).get("samples") or {}).get("sampling") or {}
+    if kept.get("seed") == seed + round_index != derived:
+        return seed + round_index
+    return derived
+
+
 def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_dir: str | Path, *, num_rounds: int,
                        sampling: SamplingConfig, annotator: Annotator | dict[str, Any], feedback: str = "best_worst",
                        trainer_factory: Callable[[list[Record], int], Any] | None = None,
@@ -354,18 +373,25 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
                        batch_size: int = 8, **generate_kwargs: Any) -> list[dict[str, Any]]:
     """`num_rounds` of sample -> annotate -> train (resumable: complete stages are skipped). The sampling seed
     of round k is `round_seed(sampling.seed, k)` (when set): round k draws the same whether the rounds ran in one
-    call or several (a resume). The trainer factory should keep training `model` in place
-    (so the next round samples from the updated policy) and save it: a resumed run skips rounds marked
-    "trained" in their manifest, so load the latest trained weights into `model` before resuming.
-    Returns each round's manifest."""
+    call or several (a resume); a kept round sampled with `seed + k` (runs before round_seed) keeps that seed
+    (`kept_round_seed`). A kept round made otherwise is refused, naming its folder to delete. The trainer factory
+    should keep training `model` in place (so the next round samples from the updated policy) and save it: a
+    resumed run skips rounds marked "trained" in their manifest, so load the latest trained
+    weights into `model` before resuming. Returns each round's manifest."""
     annotator = build_annotator(annotator)
     manifests = []
+    seeds = [kept_round_seed(round_dir(out_dir, k), sampling.seed, k) for k in range(num_rounds)]
+    old = [k for k, s in enumerate(seeds) if s != round_seed(sampling.seed, k)]
+    if old:
+        logger.warning("%s: round(s) %s were sampled with seed + round (the older seeding): they continue with it; "
+                       "rounds not sampled yet use round_seed", out_dir, old)
     for k in range(num_rounds):
         folder = round_dir(out_dir, k)
-        cfg = replace(sampling, seed=round_seed(sampling.seed, k))
-        sample_round(model, tokenizer, prompts, folder, cfg, batch_size=batch_size, **generate_kwargs)
+        cfg = replace(sampling, seed=seeds[k])
+        redo = f"Delete {folder} to do this round again, or choose another out_dir"
+        sample_round(model, tokenizer, prompts, folder, cfg, batch_size=batch_size, redo=redo, **generate_kwargs)
         records_path = annotate_round(folder, annotator, feedback, feedback_kwargs=feedback_kwargs,
-                                      reweighters=reweighters)
+                                      reweighters=reweighters, redo=redo)
         manifest = read_manifest(folder)
         if trainer_factory is not None and "trained" not in manifest:
             train_round(records_path, trainer_factory, k)
@@ -376,6 +402,6 @@ def run_offline_rounds(model: Any, tokenizer: Any, prompts: Sequence[Any], out_d
 
 __all__ = ["SAMPLES_FILE", "RECORDS_FILE", "MANIFEST_FILE", "atomic_write_text", "atomic_write_jsonl", "read_jsonl",
            "check_kept_annotation", "check_kept_samples", "read_manifest", "record_to_row", "read_samples",
-           "round_dir", "round_seed", "sampling_settings", "GENERATE_DEFAULTS",
+           "round_dir", "round_seed", "kept_round_seed", "sampling_settings", "GENERATE_DEFAULTS",
            "sample_round", "score_stats", "annotate_samples", "merge_scores", "annotate_round",
            "train_round", "run_offline_rounds"]
