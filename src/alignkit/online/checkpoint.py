@@ -133,10 +133,8 @@ class Checkpoints:
             with staged(folder, step=step) as tmp:
                 save_file(weights, str(tmp / "trainable.safetensors"))
                 save_file({"rng": self.rng.get_state()}, str(tmp / "rng.safetensors"))
-                if getattr(self, "ema", None) is not None:
-                    save_file(self.ema.state(), str(tmp / "ema.safetensors"))
-                if getattr(self, "ref_syncer", None) is not None:  # the synced reference and its update count
-                    self.ref_syncer.save(tmp)
+                for part in self.checkpoint_parts():
+                    part.save(tmp)
                 torch.save(optim, tmp / "optimizer.pt")
                 version, internal, gauss = self._py_rng.getstate()
                 state = {"step": step, "order": self._order, "py_rng": [version, list(internal), gauss],
@@ -151,6 +149,12 @@ class Checkpoints:
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
         return folder
+
+    def checkpoint_parts(self) -> list[Any]:
+        """The optional state kept in its own checkpoint file, each with save / check / load (folder): the synced
+        reference (method.ref_sync, `online/ref_sync.py`) and the EMA of the policy (train.ema_decay,
+        `online/ema.py`)."""
+        return [p for p in (getattr(self, "ref_syncer", None), getattr(self, "ema", None)) if p is not None]
 
     def checkpoint_extras(self) -> dict[str, Any]:
         """A subclass's own resumable state, JSON, added to trainer_state.json (PPO: the ptx data's position)."""
@@ -208,12 +212,8 @@ class Checkpoints:
                                   "indexes its prompts. Resume with the same prompts (data.path, its contents, "
                                   "data.max_records, data.eval_fraction / eval_path), or start a new run")
         self.check_resume_extras(folder, state)
-        if getattr(self, "ref_syncer", None) is not None:  # method.ref_sync: its reference must be there
-            self.ref_syncer.check(folder)
-        if getattr(self, "ema", None) is not None and not (folder / "ema.safetensors").is_file():
-            raise CheckpointError(f"resume: {folder} holds no EMA of the policy (ema.safetensors), and this run "
-                                  "keeps one (train.ema_decay); resume from a checkpoint written with train.ema_decay, "
-                                  "or start a new run in another output_dir")
+        for part in self.checkpoint_parts():  # each must be there (a checkpoint written without the feature)
+            part.check(folder)
         old, now = state.get("training_settings", state.get("settings")), self.training_settings()
         changed = settings_changes(old, now) + (one_sided(old, now) if isinstance(old, dict) else [])
         if changed:
@@ -236,13 +236,8 @@ class Checkpoints:
                                   f"e.g. {missing}); resume with the config that wrote it")
         for k, p in live.items():  # FSDP2: each process keeps its shard (a collective, the same order everywhere)
             copy_full_into(p, saved[k])
-        if getattr(self, "ema", None) is not None:  # its ema_decay is in training_settings: a change is refused
-            try:
-                self.ema.load(load_file(str(folder / "ema.safetensors")), f"resume: {folder}")
-            except ValueError as e:
-                raise CheckpointError(str(e)) from None
-        if getattr(self, "ref_syncer", None) is not None:  # method.ref_sync: compared as every setting
-            self.ref_syncer.load(folder)
+        for part in self.checkpoint_parts():  # their settings are compared as every setting
+            part.load(folder)
         # map_location "cpu", not the accelerator's device: on CPU processes that is "cpu:0", and state saved from
         # it is tagged "cpu:0", which torch.load cannot map back; load_state_dict moves the state to the parameters
         optim = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")

@@ -16,10 +16,14 @@ model's dtype only when copied into the policy (`swapped`, i.e. when model_ema/ 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from alignkit.run_commit import CheckpointError
 
 
 class ActorEMA:
@@ -38,12 +42,28 @@ class ActorEMA:
         """The averages as CPU tensors (a checkpoint's `ema.safetensors`)."""
         return {n: t.detach().cpu().contiguous() for n, t in self.shadow.items()}
 
-    def load(self, saved: dict[str, Tensor], where: str) -> None:
-        """Put back `state()`; a ValueError naming `where` when its names differ from this policy's."""
+    # a checkpoint part (`Checkpoints.checkpoint_parts`, as `alignkit.online.ref_sync.OnlineRefSync`): save, check, load
+    FILE = "ema.safetensors"
+
+    def save(self, folder: Path) -> None:
+        """The averages into a (staged) checkpoint folder."""
+        save_file(self.state(), str(folder / self.FILE))
+
+    def check(self, folder: Path) -> None:
+        """A CheckpointError (one line) when `folder` holds no EMA (written without train.ema_decay)."""
+        if not (folder / self.FILE).is_file():
+            raise CheckpointError(f"resume: {folder} holds no EMA of the policy ({self.FILE}), and this run keeps one "
+                                  "(train.ema_decay); resume from a checkpoint written with train.ema_decay, or start "
+                                  "a new run in another output_dir")
+
+    def load(self, folder: Path) -> None:
+        """Put back `save`'s averages; a CheckpointError when they are of other parameters than this policy's (its
+        ema_decay is in the checkpoint's training settings: a change is refused there)."""
+        saved = load_file(str(folder / self.FILE))
         if set(saved) != set(self.shadow):
             diff = sorted(set(saved) ^ set(self.shadow))[:3]
-            raise ValueError(f"{where}: its EMA holds other parameters than this policy's (e.g. {diff}); resume with "
-                             "the config that wrote it")
+            raise CheckpointError(f"resume: {folder}: its EMA holds other parameters than this policy's (e.g. "
+                                  f"{diff}); resume with the config that wrote it")
         for n, t in saved.items():
             self.shadow[n].copy_(t.float())
 
