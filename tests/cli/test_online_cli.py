@@ -650,13 +650,30 @@ def test_train_ema_decay_under_an_offline_command_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def refused_once_retrained(argv: list[str], rnd: Path, folder: Path, load, capsys) -> list[str]:
+    """`main(argv)` twice (the same weights: the round is kept), then the model at `folder` "retrained" in place (one
+    weight nudged: `load(folder)`, save_pretrained) and `main(argv)` again: exit 2, the round folder `rnd` unchanged;
+    returns that run's stderr lines."""
+    import torch
+
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same weights: kept
+    before = {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()}
+    model = load(folder)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(folder)  # "retrained" in place
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()} == before
+    return capsys.readouterr().err.strip().splitlines()
+
+
 def test_a_kept_round_sampled_by_other_weights_at_the_same_path_is_refused(tiny_dir, tmp_path, capsys):
     """sample.yaml records model.path, not what is in it: a model retrained into the same folder resumed over the old
     model's samples, exit 0. Now the manifest records the policy's digest (weights, tokenizer, generation options)
     and another one is refused in one line naming it, nothing in the round folder changed; the same weights resume."""
     import shutil
-
-    import torch
 
     from alignkit.models.loading import load_model
 
@@ -664,19 +681,9 @@ def test_a_kept_round_sampled_by_other_weights_at_the_same_path_is_refused(tiny_
     shutil.copytree(tiny_dir("llama"), folder)
     base = ["-q", "sample", "--config", str(CONFIGS / "sample-tiny.yaml"), f"output_dir={rnd}", f"model.path={folder}",
             "data.max_records=2", "sampling.max_new_tokens=3"]
-    assert main(base) == 0
-    assert main(base) == 0  # the same weights: kept
-    before = {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()}
-    model = load_model(str(folder))
-    with torch.no_grad():
-        next(model.parameters()).add_(0.01)
-    model.save_pretrained(folder)  # "retrained" in place
-    capsys.readouterr()
-    assert main(base) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = refused_once_retrained(base, rnd, folder, lambda f: load_model(str(f)), capsys)
     assert len(err) == 1 and "samples.jsonl: complete, and sampled with other settings (policy.sha256 (the model's " \
                              "weights, tokenizer or generation options): " in err[0] and "overwrite=true" in err[0], err
-    assert {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()} == before
 
 
 def test_a_kept_annotation_scored_by_other_reward_model_weights_at_the_same_path_is_refused(tiny_dir, tmp_path,
@@ -686,7 +693,6 @@ def test_a_kept_annotation_scored_by_other_reward_model_weights_at_the_same_path
     model's digest and another one is refused in one line naming it; the same weights keep the round."""
     import shutil
 
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     folder, rnd = tmp_path / "rm", tmp_path / "round"
@@ -697,16 +703,6 @@ def test_a_kept_annotation_scored_by_other_reward_model_weights_at_the_same_path
     config.write_text(f"command: annotate\noutput_dir: {rnd}\nannotator:\n  kind: reward_model\n  path: {folder}\n"
                       "feedback: best_worst\n")
     base = ["-q", "annotate", "--config", str(config)]
-    assert main(base) == 0
-    assert main(base) == 0  # the same weights: kept
-    before = {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()}
-    model = AutoModelForSequenceClassification.from_pretrained(folder)
-    with torch.no_grad():
-        next(model.parameters()).add_(0.01)
-    model.save_pretrained(folder)  # "retrained" in place
-    capsys.readouterr()
-    assert main(base) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = refused_once_retrained(base, rnd, folder, AutoModelForSequenceClassification.from_pretrained, capsys)
     assert len(err) == 1 and "records.jsonl: complete, and annotated with other settings (annotator_model_sha256: " \
                              in err[0] and "overwrite=True" in err[0], err
-    assert {p.relative_to(rnd): p.read_bytes() for p in rnd.rglob("*") if p.is_file()} == before
