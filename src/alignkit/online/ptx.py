@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from alignkit.data.collators import pad
+from alignkit.data.collators import SFTCollator
 from alignkit.data.records import SFTRecord
 from alignkit.data.tokenize import tokenize_records
 from alignkit.online.rollout import token_stats
@@ -96,11 +96,10 @@ class PtxData:
 
 
 def ptx_batch(features: list[dict[str, Any]], pad_id: int, device: torch.device | str) -> dict[str, Tensor]:
-    """Right-padded `input_ids`, `attention_mask`, `completion_mask` (B, T) of token features."""
-    ids = [list(f["input_ids"]) for f in features]
-    return {"input_ids": pad(ids, pad_id, side="right").to(device),
-            "attention_mask": pad([[1] * len(x) for x in ids], 0, side="right").to(device),
-            "completion_mask": pad([list(f["completion_mask"]) for f in features], 0, side="right").to(device)}
+    """Right-padded `input_ids`, `attention_mask`, `completion_mask` (B, T) of token features (the SFT collator's
+    rows; its other columns are not read here)."""
+    batch = SFTCollator(pad_id)(features)
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")}
 
 
 def ptx_nll_sum(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
