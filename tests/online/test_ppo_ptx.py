@@ -123,6 +123,31 @@ def test_accumulation_leaves_the_ptx_step_unchanged(tiny_dir, tokenizer, accumul
     assert row_k["loss"] == pytest.approx(row1["loss"], rel=1e-5)
 
 
+def test_a_non_finite_ptx_micro_batch_stops_before_the_step(tiny_dir, tokenizer, monkeypatch):
+    """Accumulation 2: the ptx rows run as [2, 1]; a NaN in the second micro-batch's NLL stops the run with the
+    NonFiniteError naming the ptx loss, before the optimizer step (the weights are the initial ones)."""
+    import alignkit.online.ppo as ppo_module
+    from alignkit.guards import NonFiniteError
+
+    calls, nll_sum = [], ppo_module.ptx_nll_sum
+
+    def second_nan(m, b, *a):
+        calls.append(len(b["input_ids"]))
+        nll, tokens = nll_sum(m, b, *a)
+        return (nll * float("nan") if len(calls) == 2 else nll), tokens
+
+    monkeypatch.setattr(ppo_module, "ptx_nll_sum", second_nan)
+    trainer = PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                         config(gradient_accumulation_steps=2, ptx_coef=0.5, ptx_batch_size=3),
+                         ptx_data=features(tokenizer))
+    before = {n: t.detach().clone() for n, t in trainer.policy_trainable().items()}
+    with pytest.raises(NonFiniteError, match=r"the pretraining-mix \(ptx\) loss is nan at optimizer step 1"):
+        trainer.train()
+    assert calls == [2, 1]
+    for n, t in trainer.policy_trainable().items():
+        assert torch.equal(t, before[n]), n
+
+
 def test_the_stream_cycles_through_seeded_shuffles():
     """5 records, batches of 2: epoch e's order is randperm(5) seeded by seed * 1000003 + e; a batch crosses into
     the next epoch's shuffle."""
