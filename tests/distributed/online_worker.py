@@ -69,6 +69,9 @@ def CASES(case: str):
         #   and the actor EMA, 2 epochs, 2 micro-batches: the EMA once per optimizer step
         return PPOTrainer, "lora", PPOConfig(epochs_per_step=2, ptx_coef=0.5, ptx_batch_size=3, ema_decay=0.6,
                                              gradient_accumulation_steps=2, **common)
+    if case == "ppo-ptx-ga":  # PPO-ptx in 2 micro-batches (5 records, 2 on rank 0, 3 on rank 1); under FSDP2 PPO is
+        #   refused (its value head is not sharded: test_ppo_ptx_under_fsdp2_is_refused_in_one_line)
+        return PPOTrainer, "lora", PPOConfig(ptx_coef=0.2, ptx_batch_size=5, gradient_accumulation_steps=2, **common)
     if case == "ppo-ptx1":  # a ptx batch of 1 record over 2 ranks: rank 0 takes a zero-weight pass
         return PPOTrainer, "lora", PPOConfig(ptx_coef=0.2, ptx_batch_size=1, **common)
     if case == "gdpo":  # normalize_then_sum: each function standardised per group, the sum over every rank's items

@@ -12,7 +12,7 @@ order), with its own seed, and metrics.jsonl has one row per step with the globa
 their own (ddp+): PPO-ptx (each rank's share of the ptx batch, the NLL over the global token count) with the actor
 EMA (model_ema/ equal to one process's EMA) under gradient accumulation, PPO-ptx with a batch of one record (rank 0:
 a zero-weight pass), and GDPO (normalize_then_sum: the statistics, the functions that varied and the no-signal
-check over every rank's items)."""
+check over every rank's items). PPO-ptx under FSDP2: refused in one line on both ranks (the value head)."""
 
 from __future__ import annotations
 
@@ -165,3 +165,20 @@ def test_held_out_evaluation_over_two_ranks(tiny_dir, tmp_path_factory):
         by_hand = sum(reward(s["prompt"], s["response"]) for s in samples) / len(samples)
         assert row["eval/reward"] == pytest.approx(by_hand, rel=1e-9)
         assert row["eval/prompts"] == 4
+
+
+@pytest.mark.slow
+def test_ppo_ptx_under_fsdp2_is_refused_in_one_line(tiny_dir, tmp_path):
+    """PPO (with its pretraining mix, under gradient accumulation) on 2 ranks under FSDP2 (fully_shard per layer,
+    gloo): PPO's value head is not sharded, so each rank stops with the one-line ConfigError naming it and the
+    fix (DDP), before anything is written; it never trains with a value head left out of FSDP's sharding."""
+    out = tmp_path / "fsdp-ppo"
+    out.mkdir()
+    proc = torchrun([str(WORKER), str(tiny_dir("llama")), str(out), "ppo-ptx-ga"],
+                    env={"ALIGNKIT_TEST_FSDP": "1"}, timeout=600)
+    assert proc.returncode != 0
+    line = ("ConfigError: PPOTrainer under FSDP: its extra modules (PPO's value head) are not sharded yet; use DDP "
+            "(configs/accelerate/ddp-cpu.yaml or --multi_gpu) for PPO\n")
+    for rank in (0, 1):
+        assert f"[rank{rank}]: alignkit.settings.typed.{line}" in proc.stderr, proc.failure()
+    assert list(out.iterdir()) == []  # no run folder, no metrics, no weights

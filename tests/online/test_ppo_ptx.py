@@ -74,22 +74,78 @@ def nll_grad_by_hand(model, feats) -> dict[str, torch.Tensor]:
     return dict(zip(named, torch.autograd.grad(nll, list(named.values()))))
 
 
-def test_the_ptx_gradient_moves_the_weights_by_lr_coef_grad_nll(tiny_dir, tokenizer):
+@pytest.mark.parametrize("accumulation, micro_rows", [(1, [3]), (2, [2, 1]), (4, [1, 1, 1])])
+def test_the_ptx_gradient_moves_the_weights_by_lr_coef_grad_nll(tiny_dir, tokenizer, monkeypatch, accumulation,
+                                                                 micro_rows):
     """SGD, no clipping, one update on the same rollout: theta_mixed - theta_plain = -lr * ptx_coef * grad NLL, the
-    gradient by autograd on the untouched policy (a ptx term computed and reported but not backpropagated fails)."""
+    gradient by autograd on the untouched policy (a ptx term computed and reported but not backpropagated fails).
+    Under gradient accumulation (4 samples, k micro-batches of ceil(4 / k)) the 3 ptx records run in micro-batches
+    of at most ceil(4 / k) rows with the same total gradient; before, they ran as one forward of 3 rows whatever
+    train.gradient_accumulation_steps said (the memory bound it is set for was not kept)."""
+    import alignkit.online.ppo as ppo_module
+
     feats, lr, coef = features(tokenizer), 1e-2, 0.5
     base = toy_policy(tiny_dir("llama"), "lora")
     want = nll_grad_by_hand(copy.deepcopy(base), feats)
-    kw = {"optimizer": "sgd", "max_grad_norm": None, "learning_rate": lr}
+    kw = {"optimizer": "sgd", "max_grad_norm": None, "learning_rate": lr, "gradient_accumulation_steps": accumulation}
     plain = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS, config(**kw))
     mixed = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS,
                        config(ptx_coef=coef, ptx_batch_size=3, **kw), ptx_data=feats)
+    rows, nll_sum = [], ppo_module.ptx_nll_sum
+    monkeypatch.setattr(ppo_module, "ptx_nll_sum",
+                        lambda m, b, *a: rows.append(len(b["input_ids"])) or nll_sum(m, b, *a))  # the rows run
     plain.train(), mixed.train()
+    assert rows == micro_rows
     after_plain, after_mixed = plain.policy_trainable(), mixed.policy_trainable()
     assert set(after_mixed) == set(want) and any(g.abs().max() > 1e-4 for g in want.values())
     for n, g in want.items():
         got = after_mixed[n].detach() - after_plain[n].detach()
         assert torch.allclose(got, -lr * coef * g, rtol=1e-3, atol=1e-8), n
+
+
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_accumulation_leaves_the_ptx_step_unchanged(tiny_dir, tokenizer, accumulation):
+    """PPO-ptx, SGD, one update of 4 samples and 5 ptx records (the stream cycles): with gradient_accumulation_steps
+    k the weights after the step equal accumulation 1's (CPU fp32), and so do the reported ptx_loss and loss."""
+    feats, base = features(tokenizer), toy_policy(tiny_dir("llama"), "lora")
+
+    def run(k):
+        trainer = PPOTrainer(copy.deepcopy(base), tokenizer, PROMPTS, DIGITS,
+                             config(optimizer="sgd", max_grad_norm=None, gradient_accumulation_steps=k, ptx_coef=0.5,
+                                    ptx_batch_size=5), ptx_data=feats)
+        return trainer.train()[0], trainer.policy_trainable()
+
+    (row1, one), (row_k, many) = run(1), run(accumulation)
+    assert any(not torch.equal(one[n], p) for n, p in base.named_parameters() if n in one)
+    for n in one:
+        torch.testing.assert_close(many[n], one[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert row_k["ptx_loss"] == pytest.approx(row1["ptx_loss"], rel=1e-6)
+    assert row_k["loss"] == pytest.approx(row1["loss"], rel=1e-5)
+
+
+def test_a_non_finite_ptx_micro_batch_stops_before_the_step(tiny_dir, tokenizer, monkeypatch):
+    """Accumulation 2: the ptx rows run as [2, 1]; a NaN in the second micro-batch's NLL stops the run with the
+    NonFiniteError naming the ptx loss, before the optimizer step (the weights are the initial ones)."""
+    import alignkit.online.ppo as ppo_module
+    from alignkit.guards import NonFiniteError
+
+    calls, nll_sum = [], ppo_module.ptx_nll_sum
+
+    def second_nan(m, b, *a):
+        calls.append(len(b["input_ids"]))
+        nll, tokens = nll_sum(m, b, *a)
+        return (nll * float("nan") if len(calls) == 2 else nll), tokens
+
+    monkeypatch.setattr(ppo_module, "ptx_nll_sum", second_nan)
+    trainer = PPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS, DIGITS,
+                         config(gradient_accumulation_steps=2, ptx_coef=0.5, ptx_batch_size=3),
+                         ptx_data=features(tokenizer))
+    before = {n: t.detach().clone() for n, t in trainer.policy_trainable().items()}
+    with pytest.raises(NonFiniteError, match=r"the pretraining-mix \(ptx\) loss is nan at optimizer step 1"):
+        trainer.train()
+    assert calls == [2, 1]
+    for n, t in trainer.policy_trainable().items():
+        assert torch.equal(t, before[n]), n
 
 
 def test_the_stream_cycles_through_seeded_shuffles():

@@ -28,14 +28,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from alignkit.losses import clipped_policy_loss, gae, masked_whiten, per_token_rewards, reduce_loss, value_loss
 from alignkit.adapters import unwrap_lm
-from alignkit.online.ptx import PtxData, as_ptx_features, check_ptx_tokens, ptx_batch, ptx_nll_sum
+from alignkit.online.ptx import (PtxData, as_ptx_features, check_ptx_tokens, ptx_batch, ptx_nll_sum,
+                                trainable_tokens)
 from alignkit.online.rollout import select
 from alignkit.online.trainer import REWARD_SCALE, OnlineConfig, OnlineTrainer, Rollout
 from alignkit.online.value_head import ValueHead
@@ -174,23 +175,28 @@ class PPOTrainer(OnlineTrainer):
             out["ptx/epochs"] = self.ptx.epochs
         return out
 
-    def extra_update_loss(self) -> tuple[Tensor, dict[str, Any]] | None:
+    def extra_update_losses(self, micro_rows: int) -> Iterator[tuple[Tensor, dict[str, Any]]]:
         """PPO-ptx: ptx_coef x the NLL of the next ptx batch (ptx_batch_size records, default the update's samples;
-        this process's contiguous share), divided by the global token count over the processes."""
+        this process's contiguous share), in micro-batches of at most `micro_rows` records (the update's
+        micro-batch size: gradient_accumulation_steps bounds the ptx forward too), each divided by the batch's
+        token count over every process (its gradients sum to one forward's over the batch). Every process runs
+        as many as the largest share needs; a process with fewer records takes zero-weight passes."""
         if self.ptx is None:
-            return None
+            return
         c: PPOConfig = self.config
         n = c.ptx_batch_size or c.mini_batch_size or c.prompts_per_step * c.sampling.num_samples
-        records = self.ptx.take(n)
+        records = self.ptx.take(n)  # the whole batch, on every process: its token count needs no collective
         mine = records[self.rank * n // self.world:(self.rank + 1) * n // self.world]
-        batch = ptx_batch(mine or records[:1], self.tokenizer.pad_token_id, self.accelerator.device)
-        nll, tokens = ptx_nll_sum(self.model, batch, c.chunk_size)
-        if not mine:  # fewer records than processes: a zero-weight pass keeps DDP's collectives matched
-            nll, tokens = nll * 0.0, tokens * 0
-        total = self.reduce_sum(tokens.detach().to(torch.float64).reshape(1)).reshape(())
-        loss = c.ptx_coef * nll / (total.clamp(min=1) / self.world).to(nll.dtype)
-        local = float(tokens)
-        return loss, {"ptx_loss": (float(nll.detach()) / max(local, 1.0), local)}
+        scale = c.ptx_coef * self.world / max(sum(trainable_tokens(f) for f in records), 1)  # DDP averages
+        largest = -(-n // self.world)  # the largest process share
+        for k in range(-(-largest // micro_rows)):
+            part = mine[k * micro_rows:(k + 1) * micro_rows]
+            batch = ptx_batch(part or records[:1], self.tokenizer.pad_token_id, self.accelerator.device)
+            nll, tokens = ptx_nll_sum(self.model, batch, c.chunk_size)
+            if not part:  # a zero-weight pass keeps DDP's / FSDP's collectives matched
+                yield nll * 0.0, {}
+                continue
+            yield scale * nll, {"ptx_loss": (float(nll.detach()) / max(float(tokens), 1.0), float(tokens))}
 
     def checkpoint_extras(self) -> dict[str, Any]:
         return {} if self.ptx is None else {"ptx": {"position": self.ptx.position, **self.ptx.fingerprint()}}

@@ -8,7 +8,10 @@ unsup_coef x the LM loss after each PPO step). A batch is `ptx_batch_size` recor
 samples) drawn from `PtxData`: the records in a seeded shuffle per epoch, cycled; the position is kept in the
 checkpoints, so a resumed run takes the batches the uninterrupted one would. Several processes: each takes its
 contiguous share of the global batch and the NLL is divided by the global token count (DDP's gradient average is
-then the one-process gradient). Logit temperature 1 (the sampling temperature is for the policy-gradient terms).
+then the one-process gradient). Under gradient accumulation a process's share runs in micro-batches of at most
+the update's micro-batch size (ceil(minibatch / gradient_accumulation_steps) rows), each divided by the same
+global token count, so the gradient is one forward's over the batch. Logit temperature 1 (the sampling
+temperature is for the policy-gradient terms).
 """
 
 from __future__ import annotations

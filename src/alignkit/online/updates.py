@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -91,6 +91,7 @@ class MinibatchUpdates:
         if n_max == 0:
             return {}
         size = self._minibatch_size(n_max)
+        micro_rows = -(-size // c.gradient_accumulation_steps)  # the update's micro-batch size (the largest)
         self.warn_whole_step_minibatch(int(counts.sum()))
         sums = MetricSums()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -107,7 +108,7 @@ class MinibatchUpdates:
                                            "must give every process at least one (zero-weight) item")
                     idx = torch.zeros(1, dtype=torch.long, device=dev)
                 step_metrics, step_loss, normalizer, norm = self._minibatch_step(idx, dummy, loss_fn, normalizer_fn,
-                                                                                  params)
+                                                                                  params, micro_rows)
                 if dummy:
                     continue
                 sums.merge(step_metrics)
@@ -148,10 +149,11 @@ class MinibatchUpdates:
     def _minibatch_step(self, idx: Tensor, dummy: bool,
                         loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Any]]],
                         normalizer_fn: Callable[[Tensor], Tensor],
-                        params: list[Tensor]) -> tuple[MetricSums, float, Tensor, Tensor]:
+                        params: list[Tensor], micro_rows: int) -> tuple[MetricSums, float, Tensor, Tensor]:
         """One optimizer step on the minibatch `idx` (`dummy`: a zero-weighted pass, this process's share being
-        exhausted): `gradient_accumulation_steps` backward passes, the gradient clipped, a stop before the step on a
-        non-finite loss or norm. -> (its micro-batches' metrics, its loss, its normaliser, its gradient norm)."""
+        exhausted): `gradient_accumulation_steps` backward passes (and an extra loss's, in micro-batches of at most
+        `micro_rows` rows), the gradient clipped, a stop before the step on a non-finite loss or norm. -> (its
+        micro-batches' metrics, its loss, its normaliser, its gradient norm)."""
         c = self.config
         local = normalizer_fn(idx).detach().to(torch.float64) * (0.0 if dummy else 1.0)
         normalizer = (self.reduce_sum(local.reshape(-1)) / self.world).reshape(local.shape)
@@ -159,7 +161,8 @@ class MinibatchUpdates:
         # micro-batch runs item 0 with weight zero
         micro = idx.tensor_split(c.gradient_accumulation_steps)
         real = [mb.numel() > 0 for mb in micro]
-        step_loss, step_metrics = self._extra_backward(), MetricSums()
+        step_loss, extra_metrics = self._extra_backward(micro_rows)
+        step_metrics = MetricSums()
         for m_i, mb in enumerate(micro):
             with ExitStack() as stack:
                 if m_i < len(micro) - 1:  # gradients are all-reduced once, on the last micro-batch
@@ -177,7 +180,7 @@ class MinibatchUpdates:
             step_loss += float(loss.detach())
             if real[m_i]:
                 step_metrics.add_all(metrics, mb.numel())
-        step_metrics.add_all(getattr(self, "_extra_metrics", {}), 1)
+        step_metrics.merge(extra_metrics)
         norm = self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm is not None
                                                 else float("inf"))
         if not is_finite(norm):
@@ -192,28 +195,29 @@ class MinibatchUpdates:
             self.ref_syncer.after_update(self.policy)
         return step_metrics, step_loss, normalizer, norm
 
-    def extra_update_loss(self) -> tuple[Tensor, dict[str, Any]] | None:
-        """A loss every optimizer step adds to the minibatch's (PPO-ptx: `alignkit.online.ptx`), already divided as
-        DDP averages it, and its metrics; None: none (the default)."""
-        return None
+    def extra_update_losses(self, micro_rows: int) -> Iterator[tuple[Tensor, dict[str, Any]]]:
+        """Losses every optimizer step adds to the minibatch's (PPO-ptx: `alignkit.online.ptx`), one per micro-batch
+        of at most `micro_rows` rows (the update's micro-batch size), each already divided so that their gradients
+        sum to the whole batch's as DDP averages it, with its metrics (`MetricSums.add_all`'s); every process
+        yields as many. None by default."""
+        return iter(())
 
-    def _extra_backward(self) -> float:
-        """Backward of `extra_update_loss` (once per optimizer step, before the minibatch's micro-batches, with the
-        gradients' all-reduce left to the last of them); a non-finite one stops before the step. -> its value."""
-        self._extra_metrics: dict[str, Any] = {}
+    def _extra_backward(self, micro_rows: int) -> tuple[float, MetricSums]:
+        """Backward of each `extra_update_losses` part (before the minibatch's micro-batches, with the gradients'
+        all-reduce left to the last of them); a non-finite one stops before the step. -> (their sum, metrics)."""
+        value, sums = 0.0, MetricSums()
         with ExitStack() as stack:
             for module in [self.model, *self.extra_modules]:
                 stack.enter_context(self.accelerator.no_sync(module))
-            extra = self.extra_update_loss()
-            if extra is None:
-                return 0.0
-            loss, self._extra_metrics = extra
-            if not is_finite(loss):
-                means = {k: v[0] if isinstance(v, tuple) else v for k, v in self._extra_metrics.items()}
-                self._stop_non_finite("the pretraining-mix (ptx) loss", as_float(loss),
-                                      {**means, "loss": as_float(loss)})
-            self.accelerator.backward(loss)
-        return float(loss.detach())
+            for loss, metrics in self.extra_update_losses(micro_rows):
+                if not is_finite(loss):
+                    means = {k: v[0] if isinstance(v, tuple) else v for k, v in metrics.items()}
+                    self._stop_non_finite("the pretraining-mix (ptx) loss", as_float(loss),
+                                          {**means, "loss": as_float(loss)})
+                self.accelerator.backward(loss)
+                value += float(loss.detach())
+                sums.add_all(metrics, 1)
+        return value, sums
 
     def _stop_non_finite(self, what: str, value: float, metrics: dict[str, Any]) -> None:
         """Log the step's row with the bad value (NaN stays NaN), then stop before the optimizer step; the advice names

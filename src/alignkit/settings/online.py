@@ -368,6 +368,7 @@ class PPOObjective:
     entropy_coef: float = 0.0
     # PPO-ptx (InstructGPT): each update adds ptx_coef x the NLL of a batch of data.ptx_path's SFT records (the
     # library's PPOTrainer: its ptx_data); 0: off. ptx_batch_size: records per update, None: the update's samples
+    # (run in micro-batches of the update's micro-batch size: train.gradient_accumulation_steps bounds them too)
     ptx_coef: float = 0.0
     ptx_batch_size: int | None = None
 
