@@ -83,12 +83,15 @@ def _truncate(path, keep=0.5):
     ("lora-truncated", "adapter 'a': {folder}/adapter_model.safetensors cannot be read"),
     ("reft-truncated", "adapter 'a': {folder}/interventions.safetensors cannot be read"),
     ("base-truncated", "base: {folder}/model.safetensors cannot be read"),
+    ("lora-json", "{folder}/adapter_config.json (peft's LoRA config) is not valid JSON (Expecting property name"),
+    ("reft-json", "{folder}/reft_config.json (the ReFT interventions and positions) holds a JSON list, not an object"),
 ])
 def test_a_folder_the_server_cannot_load_is_refused_before_loading(serve_dirs, tmp_path, monkeypatch, capsys, case,
                                                                    message):
     """Before: the base model was loaded, then peft / safetensors failed: a LoRA folder without its weights gave
     huggingface_hub's "Repo id must be in the form 'repo_name'..." and a truncated weights file an "unexpected error:
-    SafetensorError" (exit 1). Now one line naming the served name and the file, before any model is loaded."""
+    SafetensorError" (exit 1); a damaged adapter_config.json json's bare "Expecting property name ..." after the base
+    had loaded (checked to fail before that fix). Now one line naming the file, before any model is loaded."""
     import alignkit.serve.stack as stack_module
 
     kind = case.split("-")[0]
@@ -99,6 +102,9 @@ def test_a_folder_the_server_cannot_load_is_refused_before_loading(serve_dirs, t
     weights = weights.with_suffix(".safetensors")
     if case == "lora-no-weights":
         weights.unlink()
+    elif case.endswith("-json"):  # json's bare "Expecting property name ..." after the base had loaded, no file named
+        (folder / {"lora": "adapter_config.json", "reft": "reft_config.json"}[kind]).write_text(
+            {"lora": '{"r": 4,', "reft": "[1]"}[kind])
     else:
         _truncate(weights)
     base, adapter = (folder, serve_dirs["adapters"]["terse"]) if kind == "base" else (serve_dirs["base"], folder)

@@ -20,6 +20,7 @@ with a message that names the folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -178,7 +179,25 @@ def _adapter(folder: Path) -> Adapter:
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
     adapter = adapter_in(folder)
     adapter.require_files(folder)  # before the base loads
+    check_json_files(adapter, folder)
     return adapter
+
+
+def check_json_files(adapter: Adapter, folder: Path) -> None:
+    """ValueError naming the first JSON file of `adapter`'s kind in `folder` (peft's adapter_config.json,
+    reft_config.json) that is not a JSON object: peft read a damaged adapter_config.json after the base had loaded
+    and the server stopped with json's bare "Expecting property name ..." naming no file."""
+    for name, what in adapter.weight_files:
+        if not name.endswith(".json"):
+            continue
+        try:
+            data = json.loads((folder / name).read_bytes())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{folder / name} ({what}) is not valid JSON ({e}): the file is damaged; save the "
+                             "adapter again (or copy it again from where it came from)") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{folder / name} ({what}) holds a JSON {type(data).__name__}, not an object: the file "
+                             "is damaged; save the adapter again (or copy it again from where it came from)")
 
 
 def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) -> None:
@@ -342,5 +361,5 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
     return out
 
 
-__all__ = ["CHAT_REFUSED", "Route", "Source", "Stack", "check_lora_placed", "check_served_names", "load_loras",
-           "load_stack", "saved_tokenizers_differ", "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
+__all__ = ["CHAT_REFUSED", "Route", "Source", "Stack", "check_json_files", "check_lora_placed", "check_served_names",
+           "load_loras", "load_stack", "saved_tokenizers_differ", "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
