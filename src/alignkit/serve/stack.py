@@ -183,21 +183,39 @@ def _adapter(folder: Path) -> Adapter:
     return adapter
 
 
+# the JSON files of a base folder transformers reads; a damaged generation_config.json is not an error there (row
+# T27): from_pretrained falls back to config.json's ids (an info log), so its end tokens and sampling defaults go
+BASE_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+def check_base_json(base: Path) -> None:
+    """ValueError naming the first of `BASE_JSON_FILES` in `base` that is not a JSON object, before the base loads
+    (a damaged generation_config.json was served without its end tokens, a damaged tokenizer.json stopped the
+    server with json's bare message naming no file)."""
+    for name in BASE_JSON_FILES:
+        if (base / name).is_file():
+            _json_object(base / name, "a file of the base model", "save the base model again")
+
+
+def _json_object(path: Path, what: str, fix: str) -> None:
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} ({what}) is not valid JSON ({e}): the file is damaged; {fix} (or copy it again "
+                         "from where it came from)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object: the file is damaged; "
+                         f"{fix} (or copy it again from where it came from)")
+
+
 def check_json_files(adapter: Adapter, folder: Path) -> None:
     """ValueError naming the first JSON file of `adapter`'s kind in `folder` (peft's adapter_config.json,
     reft_config.json) that is not a JSON object: peft read a damaged adapter_config.json after the base had loaded
     and the server stopped with json's bare "Expecting property name ..." naming no file."""
     for name, what in adapter.weight_files:
-        if not name.endswith(".json"):
-            continue
-        try:
-            data = json.loads((folder / name).read_bytes())
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{folder / name} ({what}) is not valid JSON ({e}): the file is damaged; save the "
-                             "adapter again (or copy it again from where it came from)") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{folder / name} ({what}) holds a JSON {type(data).__name__}, not an object: the file "
-                             "is damaged; save the adapter again (or copy it again from where it came from)")
+        if name.endswith(".json"):
+            _json_object(folder / name, what, "save the adapter again")
 
 
 def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) -> None:
@@ -282,6 +300,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     adapters = dict(adapters or {})
     base_name = base_name or base.resolve().name
     check_served_names(base_name, adapters)
+    check_base_json(base)
     served: dict[str, Route] = {}
     sources = {base_name: Source.of("the base model", base, Full.saved_files(base))}
     for name, folder in adapters.items():
@@ -361,5 +380,6 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
     return out
 
 
-__all__ = ["CHAT_REFUSED", "Route", "Source", "Stack", "check_json_files", "check_lora_placed", "check_served_names",
-           "load_loras", "load_stack", "saved_tokenizers_differ", "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
+__all__ = ["BASE_JSON_FILES", "CHAT_REFUSED", "Route", "Source", "Stack", "check_base_json", "check_json_files",
+           "check_lora_placed", "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ",
+           "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
