@@ -358,3 +358,29 @@ def test_modules_to_save_copies_are_switched_off_with_the_lora_layers(tiny_dir, 
     check(torch.allclose(got[0::2], alone[0::2], atol=1e-5) and torch.allclose(got[1], base[1], atol=1e-5), PEFT,
           "rows of a LoRA with modules_to_save served by the stacked LoRA differ from the adapter alone (or the base "
           "row from the base)", where, f"max diff {(got[0::2] - alone[0::2]).abs().max().item():.3g}")
+
+
+def test_saved_lora_keys_are_those_of_the_loaded_adapter_and_extra_ones_are_dropped_silently(tiny_dir, tmp_path):
+    """Row P14: `load_peft_weights(folder)` gives the keys `get_peft_model_state_dict(model, adapter_name=name)`
+    gives once the folder is loaded under `name` (serve's `check_lora_placed` compares them), and
+    `PeftModel.from_pretrained` still drops, without an error, the saved tensors of modules the base lacks (a LoRA of
+    a 3-layer model on a 2-layer one): the reason serve compares them."""
+    where = "alignkit/serve/stack.py:check_lora_placed"
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    deep = lora(load_model(tiny_dir("llama", num_layers=3)))
+    save_adapter(deep, tmp_path / "deep")
+    with guard(PEFT, "loading the 3-layer LoRA on its own base failed", where):
+        same = PeftModel.from_pretrained(load_model(tiny_dir("llama", num_layers=3)), str(tmp_path / "deep"),
+                                         adapter_name="a", is_trainable=False)
+    saved = set(load_peft_weights(str(tmp_path / "deep"), device="cpu"))
+    check(saved and saved == set(get_peft_model_state_dict(same, adapter_name="a")), PEFT,
+          "the keys load_peft_weights reads differ from get_peft_model_state_dict's for the adapter loaded from them",
+          where, f"{sorted(saved ^ set(get_peft_model_state_dict(same, adapter_name='a')))[:3]}")
+    with guard(PEFT, "PeftModel.from_pretrained now raises on saved tensors the base has no module for", where):
+        shallow = PeftModel.from_pretrained(load_model(tiny_dir("llama", num_layers=2)), str(tmp_path / "deep"),
+                                            adapter_name="a", is_trainable=False)
+    extra = saved - set(get_peft_model_state_dict(shallow, adapter_name="a"))
+    check(extra and all(".layers.2." in k for k in extra), PEFT, "the third layer's saved tensors are no longer "
+          "the ones left out of the 2-layer model's adapter state", where, f"{sorted(extra)[:3]}")

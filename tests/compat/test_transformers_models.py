@@ -517,3 +517,18 @@ def test_rope_validation_only_warns_and_the_formulas_ignore_what_alignkit_refuse
     check(inv.shape == (8,) and torch.count_nonzero(inv[4:]) == 0 and bool((inv[:4] > 0).all()), TF, "proportional "
           "RoPE with partial_rotary_factor 0.5 no longer leaves half of a 16-dim head's 8 frequencies at 0", where,
           str(inv.tolist()))
+
+
+def test_a_damaged_generation_config_falls_back_to_config_json_without_an_error(tiny_dir, tmp_path):
+    """Row T27: `from_pretrained` turns a generation_config.json that is not JSON into an OSError it catches, and
+    builds the generation config from config.json (an info log): its end tokens (here a list of two) are gone
+    without an error. serve's `check_base_json` refuses such a folder before loading it."""
+    where = "alignkit/serve/stack.py:check_base_json"
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_dir("llama"), folder)
+    (folder / "generation_config.json").write_text('{"eos_token_id": [2, 4],')
+    with guard(TF, "from_pretrained now raises on a damaged generation_config.json", where):
+        model = load_model(folder)
+    check(model.generation_config.eos_token_id == model.config.eos_token_id == 2, TF,
+          "a damaged generation_config.json no longer falls back to config.json's ids", where,
+          f"{model.generation_config.eos_token_id}")

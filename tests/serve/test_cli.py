@@ -83,12 +83,17 @@ def _truncate(path, keep=0.5):
     ("lora-truncated", "adapter 'a': {folder}/adapter_model.safetensors cannot be read"),
     ("reft-truncated", "adapter 'a': {folder}/interventions.safetensors cannot be read"),
     ("base-truncated", "base: {folder}/model.safetensors cannot be read"),
+    ("lora-json", "{folder}/adapter_config.json (peft's LoRA config) is not valid JSON (Expecting property name"),
+    ("reft-json", "{folder}/reft_config.json (the ReFT interventions and positions) holds a JSON list, not an object"),
+    ("base-json", "{folder}/generation_config.json (a file of the base model) is not valid JSON"),
 ])
 def test_a_folder_the_server_cannot_load_is_refused_before_loading(serve_dirs, tmp_path, monkeypatch, capsys, case,
                                                                    message):
     """Before: the base model was loaded, then peft / safetensors failed: a LoRA folder without its weights gave
     huggingface_hub's "Repo id must be in the form 'repo_name'..." and a truncated weights file an "unexpected error:
-    SafetensorError" (exit 1). Now one line naming the served name and the file, before any model is loaded."""
+    SafetensorError" (exit 1); a damaged adapter_config.json json's bare "Expecting property name ..." after the base
+    had loaded, a damaged generation_config.json was served without its end tokens (row T27) (both checked to fail
+    before their fixes). Now one line naming the file, before any model is loaded."""
     import alignkit.serve.stack as stack_module
 
     kind = case.split("-")[0]
@@ -99,6 +104,10 @@ def test_a_folder_the_server_cannot_load_is_refused_before_loading(serve_dirs, t
     weights = weights.with_suffix(".safetensors")
     if case == "lora-no-weights":
         weights.unlink()
+    elif case.endswith("-json"):  # json's bare "Expecting property name ..." after the base had loaded, no file named
+        name, text = {"lora": ("adapter_config.json", '{"r": 4,'), "reft": ("reft_config.json", "[1]"),
+                      "base": ("generation_config.json", '{"eos_token_id": [2,')}[kind]  # base: served, no end ids
+        (folder / name).write_text(text)
     else:
         _truncate(weights)
     base, adapter = (folder, serve_dirs["adapters"]["terse"]) if kind == "base" else (serve_dirs["base"], folder)

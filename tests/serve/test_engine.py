@@ -436,6 +436,25 @@ def test_an_adapter_trained_on_another_base_is_refused_at_load(serve_dirs, tmp_p
         load_stack(other, {"terse": serve_dirs["adapters"]["terse"]})
 
 
+@pytest.mark.parametrize("kind", ["lora", "reft+lora"])
+def test_a_lora_of_a_deeper_base_is_refused_at_load_not_served_in_part(serve_dirs, tmp_path, kind):
+    """A LoRA trained on a 3-layer model, without its alignkit_base.json (a peft adapter from elsewhere, or an older
+    save), served on the 2-layer base: peft dropped its third layer's tensors without a word and the server answered
+    with two thirds of the adapter. Now a ValueError naming the folder and a dropped tensor (checked to fail before
+    the fix: load_stack returned)."""
+    from alignkit.models.tiny import save_tiny
+    from alignkit.serve.stack import load_stack
+
+    from .conftest import make_adapter
+
+    deep = save_tiny(tmp_path / "deep-base", "llama", hidden_size=64, num_layers=3)
+    make_adapter(deep, tmp_path / "deep", kind, seed=3)
+    (tmp_path / "deep" / "alignkit_base.json").unlink()
+    with pytest.raises(ValueError, match=r"deep: this LoRA adapter does not fit the base model .*: 14 saved "
+                                         r"tensor\(s\) fit no module of the base \(e\.g\. \S*layers\.2\."):
+        load_stack(serve_dirs["base"], {"terse": serve_dirs["adapters"]["terse"], "deep": tmp_path / "deep"})
+
+
 @pytest.mark.parametrize("kind,part,value", [("lora", "lora_B", float("nan")), ("reft", "interventions", float("inf")),
                                               ("reft+lora", "lora_A", float("-inf"))])
 def test_an_adapter_with_non_finite_weights_is_refused_at_load(serve_dirs, tmp_path, kind, part, value):

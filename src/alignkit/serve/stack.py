@@ -20,6 +20,7 @@ with a message that names the folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -29,6 +30,7 @@ from typing import Any, Mapping
 
 import torch
 from peft import PeftModel
+from peft.utils import get_peft_model_state_dict, load_peft_weights
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -177,7 +179,43 @@ def _adapter(folder: Path) -> Adapter:
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
     adapter = adapter_in(folder)
     adapter.require_files(folder)  # before the base loads
+    check_json_files(adapter, folder)
     return adapter
+
+
+# the JSON files of a base folder transformers reads; a damaged generation_config.json is not an error there (row
+# T27): from_pretrained falls back to config.json's ids (an info log), so its end tokens and sampling defaults go
+BASE_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+def check_base_json(base: Path) -> None:
+    """ValueError naming the first of `BASE_JSON_FILES` in `base` that is not a JSON object, before the base loads
+    (a damaged generation_config.json was served without its end tokens, a damaged tokenizer.json stopped the
+    server with json's bare message naming no file)."""
+    for name in BASE_JSON_FILES:
+        if (base / name).is_file():
+            _json_object(base / name, "a file of the base model", "save the base model again")
+
+
+def _json_object(path: Path, what: str, fix: str) -> None:
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} ({what}) is not valid JSON ({e}): the file is damaged; {fix} (or copy it again "
+                         "from where it came from)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object: the file is damaged; "
+                         f"{fix} (or copy it again from where it came from)")
+
+
+def check_json_files(adapter: Adapter, folder: Path) -> None:
+    """ValueError naming the first JSON file of `adapter`'s kind in `folder` (peft's adapter_config.json,
+    reft_config.json) that is not a JSON object: peft read a damaged adapter_config.json after the base had loaded
+    and the server stopped with json's bare "Expecting property name ..." naming no file."""
+    for name, what in adapter.weight_files:
+        if name.endswith(".json"):
+            _json_object(folder / name, what, "save the adapter again")
 
 
 def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) -> None:
@@ -210,6 +248,21 @@ def warn_prompt_formats(folders: Mapping[str, str | Path]) -> None:
                            PROMPT_FORMAT_FILE, folder)
 
 
+def check_lora_placed(model: nn.Module, name: str, folder: str | Path, base: Path) -> None:
+    """ValueError naming `folder` unless every LoRA tensor it saved was placed in `model` (peft's adapter `name`) and
+    every LoRA layer peft made for it got one (row P14): peft drops saved tensors for modules the base lacks (an
+    adapter of a deeper model: its last layers) without a word, and leaves a LoRA layer with no saved tensor at its
+    initial value (B = 0: no LoRA there), so an adapter trained on another base serves part of itself, silently."""
+    saved = set(load_peft_weights(str(folder), device="cpu"))
+    placed = set(get_peft_model_state_dict(model, adapter_name=name))
+    extra, missing = sorted(saved - placed), sorted(placed - saved)
+    if extra or missing:
+        what = (f"{len(extra)} saved tensor(s) fit no module of the base (e.g. {extra[0]})" if extra else
+                f"{len(missing)} LoRA tensor(s) of the base's modules are not in it (e.g. {missing[0]})")
+        raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base}: {what}, so only part of "
+                         "the adapter would be served; serve it with the base it was trained on")
+
+
 def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn.Module:
     """`lm` as a PeftModel holding each LoRA adapter of `loras` (served name -> folder) under its name; one that does
     not fit the base (shapes) or holds non-finite values is a ValueError naming its folder."""
@@ -226,6 +279,7 @@ def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn
             raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base} ({first}); "
                              "serve it with the base it was trained on") from None
         _check_new_finite(model, before, folder)
+        check_lora_placed(model, name, folder, base)
         logger.info("serve: LoRA adapter %r from %s", name, folder)
     return model
 
@@ -246,6 +300,7 @@ def load_stack(base: str | Path, adapters: Mapping[str, str | Path] | None = Non
     adapters = dict(adapters or {})
     base_name = base_name or base.resolve().name
     check_served_names(base_name, adapters)
+    check_base_json(base)
     served: dict[str, Route] = {}
     sources = {base_name: Source.of("the base model", base, Full.saved_files(base))}
     for name, folder in adapters.items():
@@ -325,5 +380,6 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
     return out
 
 
-__all__ = ["CHAT_REFUSED", "Route", "Source", "Stack", "check_served_names", "load_loras", "load_stack",
-           "saved_tokenizers_differ", "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
+__all__ = ["BASE_JSON_FILES", "CHAT_REFUSED", "Route", "Source", "Stack", "check_base_json", "check_json_files",
+           "check_lora_placed", "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ",
+           "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
