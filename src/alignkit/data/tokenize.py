@@ -334,9 +334,14 @@ def _backend_encode(tokenizer: Any, texts: list[str], add_special_tokens: bool,
     """The fast tokenizer's Rust backend encodings of `texts` (`backend_tokenizer.encode_batch`, public API of
     `tokenizers`: it skips the wrapper's per-text Python conversion; `encode_batch_fast`, the same without
     character offsets, when `offsets` is False), or None when there is no backend or its ids differ from the
-    wrapper's (`tokenizer(text, add_special_tokens=...)`) on the first texts of the call."""
+    wrapper's (`tokenizer(text, add_special_tokens=...)`) on the first texts of the call. None too when the backend
+    holds a truncation or padding setting (a tokenizer.json saved with one, loaded as it is: compat K10): the backend
+    applies it, the wrapper clears it on its first call, so the first texts agreed and a longer one was cut to the
+    saved max_length without a word (completion tokens lost, counted as no truncation)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    if getattr(backend, "truncation", None) is not None or getattr(backend, "padding", None) is not None:
         return None
     encode_batch = backend.encode_batch if offsets else getattr(backend, "encode_batch_fast", backend.encode_batch)
     try:
