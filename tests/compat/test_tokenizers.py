@@ -185,5 +185,6 @@ def test_a_saved_truncation_stays_on_the_backend_until_the_wrapper_runs(tokenize
     check(held is not None and held.get("max_length") == 4 and len(cut) == 4, "tokenizers", "a saved truncation "
           "setting no longer reaches the loaded backend (or its encode_batch ignores it)", where, f"{held} {cut}")
     full = tok(text, add_special_tokens=False)["input_ids"]
-    check(len(full) > 4 and tok.backend_tokenizer.truncation is None, TF, "the wrapper no longer clears the "
-          "backend's saved truncation on a call without truncation", where, f"{len(full)} {tok.backend_tokenizer.truncation}")
+    after = tok.backend_tokenizer.truncation
+    check(len(full) > 4 and after is None, TF, "the wrapper no longer clears the backend's saved truncation on a call "
+          "without truncation", where, f"{len(full)} {after}")
