@@ -442,3 +442,19 @@ def test_oasst_ranked_counts_are_summed_into_one_line_per_dataset(tiny_dir, tmp_
         out, said = _logged(caplog, data_set, tok, "OASST ranked", logging.INFO, num_proc, ("ranked",), langs=["en"])
         assert said == [want], (num_proc, said)
         assert len(out) == 998
+
+
+@pytest.mark.parametrize("given", ["records", "rows"])
+def test_a_dataset_whose_every_record_is_dropped_is_an_error_as_records_or_rows(tiny_dir, given):
+    """Rows dropped whole by the length limits were a DataError, but a list of alignkit records dropped whole came
+    back as an empty feature list (a warning only) and went on to the trainer. Both are now one error naming the
+    argument and both limits. Checked to fail without the fix: the records gave ([], 'sft')."""
+    from alignkit.data.records import SFTRecord
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    prompt = "word " * 50  # about 100 tokens: no room for a completion under max_length=20 with no prompt limit
+    data = ([SFTRecord(prompt, " a", id=f"r{i}") for i in range(3)] if given == "records"
+            else [{"prompt": prompt, "completion": " a"} for _ in range(3)])
+    with pytest.raises(DataError, match=r"^train_dataset: every record was dropped by the length limits "
+                                        r"\(max_length=20, max_prompt_length=None; .*raise max_length"):
+        prepare_dataset(data, tok, ("sft",), TokenizeConfig(max_length=20, max_prompt_length=None))

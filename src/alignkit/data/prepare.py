@@ -215,6 +215,13 @@ def _summarize(out: Any, name: str) -> tuple[list[int], int]:
     return keep, stats.total
 
 
+def all_dropped(name: str, cfg: TokenizeConfig) -> DataError:
+    """The error of a dataset whose every record the length limits dropped (the warning before it says why)."""
+    return DataError(f"{name}: every record was dropped by the length limits (max_length={cfg.max_length}, "
+                     f"max_prompt_length={cfg.max_prompt_length}; the warning above names why); raise max_length, or "
+                     f"set max_prompt_length below it (a longer prompt is then cut from its start, not dropped)")
+
+
 def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: TokenizeConfig | None = None, *,
                     num_proc: int | None = None, reader: str | None = None, name: str = "train_dataset",
                     reader_options: dict | None = None) -> tuple[Any, str]:
@@ -232,6 +239,8 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
         kind = _pick_kind(sorted({r.kind for r in dataset}), kinds, name)
 
         feats, _ = tokenize_records(convert(list(dataset), kind), tokenizer, cfg)
+        if not feats:  # as rows dropped alike (below); before, an empty list went on to the trainer
+            raise all_dropped(name, cfg)
         return feats, kind
     if isinstance(dataset, (list, tuple)):
         if not dataset:
@@ -270,8 +279,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
         raise DataError(f"{name}: reader {info.name!r} gave no record from its {n} row(s) (see the warnings above); "
                         "check the rows and the reader's options (reader_options)")
     if len(out) == 0:
-        raise DataError(f"{name}: every row was dropped by the length limits (max_length={cfg.max_length}); raise "
-                        f"max_length")
+        raise all_dropped(name, cfg)
     logger.info("%s: %d row(s) -> %d tokenized %s example(s) (reader %r, loss_on=%s)", name, n, len(out), kind,
                 info.name, cfg.loss_on)
     return out, kind
