@@ -458,3 +458,35 @@ def test_a_dataset_whose_every_record_is_dropped_is_an_error_as_records_or_rows(
     with pytest.raises(DataError, match=r"^train_dataset: every record was dropped by the length limits "
                                         r"\(max_length=20, max_prompt_length=None; .*raise max_length"):
         prepare_dataset(data, tok, ("sft",), TokenizeConfig(max_length=20, max_prompt_length=None))
+
+
+@pytest.mark.parametrize("given", ["records", "rows"])
+def test_pairs_cut_to_the_same_tokens_are_said_and_all_of_them_refused(tiny_dir, caplog, given):
+    """The CLI refused a preference file whose every pair had chosen == rejected once cut to max_length, and warned
+    about some; a trainer given the same pairs (rows or records) trained on them without a word: a DPO loss with no
+    gradient, nothing learned. Now the same warning / DataError. Checked to fail without the fix."""
+    import logging
+
+    from alignkit.data.records import PreferenceRecord
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    same = " the same start of a long answer" * 4
+    pairs = [("The sky is", same + " blue.", same + " grey."), ("Grass is", " green.", " blue.")]
+
+    def data(n):
+        if given == "records":
+            return [PreferenceRecord(p, c, r, id=f"pair-{i}") for i, (p, c, r) in enumerate(pairs[:n])]
+        return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs[:n]]
+
+    cfg = TokenizeConfig(max_length=16, max_prompt_length=8)
+    with caplog.at_level(logging.WARNING):
+        out, _ = prepare_dataset(data(2), tok, ("preference",), cfg)
+    assert len(out) == 2
+    said = [r.getMessage() for r in caplog.records if "chosen == rejected" in r.getMessage()]
+    first = "pair-0" if given == "records" else "train_dataset row 0"
+    assert len(said) == 1 and said[0].startswith("train_dataset: 1 of 2 pair(s) have chosen == rejected once "
+                                                 "tokenized and cut to max_length=16 / max_prompt_length=8")
+    assert first in said[0]
+    with pytest.raises(DataError, match=r"^train_dataset: every one of the 1 pair\(s\) has chosen == rejected once "
+                                        r"tokenized and cut to max_length=16"):
+        prepare_dataset(data(1), tok, ("preference",), cfg)
