@@ -28,6 +28,24 @@ def test_plain_text_sft_appends_eos(tokenizer):
     assert g["input_ids"] == ids(tokenizer, "2+2= 4")
 
 
+@pytest.mark.parametrize("add_eos", [True, None])
+def test_an_eos_to_append_with_a_tokenizer_that_has_none_is_an_error(tokenizer, add_eos):
+    """add_eos=true (or a plain-text record, which gets EOS by default) with a tokenizer whose eos_token is None
+    appended nothing, without a word: the model never learned to stop. Now a DataError naming the record, the
+    setting and the fix; add_eos=false still trains without one. Checked to fail without the fix (ids came back
+    without EOS)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    with pytest.raises(DataError, match=r"^r1: data.add_eos=true ends each completion with the tokenizer's EOS token"
+                       if add_eos else r"^r1: the plain-text format \(data.add_eos unset\) ends each completion"):
+        tokenize_records([SFTRecord("2+2=", " 4", id="r1")], tok, add_eos=add_eos)
+    (f,), _ = tokenize_records([SFTRecord("2+2=", " 4", id="r1")], tok, add_eos=False)
+    assert f["input_ids"] == ids(tokenizer, "2+2= 4")
+
+
 def test_chat_template_boundary_and_eos_switch(tokenizer):
     prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     full = prompt + "Hello<|im_end|>\n"
