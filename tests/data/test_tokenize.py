@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,25 @@ def test_a_record_dropped_for_its_prompt_is_not_also_counted_as_a_cut_prompt(tok
                                   max_prompt_length=4, max_length=4)
     assert out == [] and stats.dropped == {"prompt_too_long": 1}
     assert (stats.prompt_truncated, stats.prompt_truncated_ids) == (0, [])
+
+
+@pytest.mark.parametrize("where", ["prompt", "completion"])
+def test_text_formatted_already_is_not_templated_twice(tokenizer, where):
+    """A prompt (or completion) exported after apply_chat_template, given to the chat-template formatter, was
+    rendered as ONE user turn holding the whole formatted conversation: templated twice, the model trained on chat
+    markers inside a turn. Now a DataError naming the record, the marker and the fix (data.formatter=plain takes
+    such text as it is). A marker typed alone (a user asking about <|im_end|>) is still text. Checked to fail without
+    the fix."""
+    pre = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    prompt, completion = (pre, "Hello") if where == "prompt" else ("Hi", "<|im_start|>assistant\nHello")
+    marker = "<|im_start|>user" if where == "prompt" else "<|im_start|>assistant"
+    with pytest.raises(DataError, match=rf"^r1: formatter 'chat-template': message \d \(a '(user|assistant)' turn\) "
+                                        rf"holds '{re.escape(marker)}', which the chat template .* writes to open a "
+                                        rf"turn, .*data.formatter=plain"):
+        tokenize_records([SFTRecord(prompt, completion, id="r1")], tokenizer, formatter="chat-template")
+    (f,), _ = tokenize_records([SFTRecord(pre, "Hello<|im_end|>\n", id="r2")], tokenizer, formatter="plain")
+    assert f["input_ids"][:len(ids(tokenizer, pre))] == ids(tokenizer, pre)
+    typed = [{"role": "user", "content": "What does <|im_end|> do?"}]
+    (g,), _ = tokenize_records([SFTRecord(typed, "It ends a turn.", id="r3")], tokenizer)
+    assert g["input_ids"] == ids(tokenizer, tokenizer.apply_chat_template(
+        typed + [{"role": "assistant", "content": "It ends a turn."}], tokenize=False))
