@@ -329,3 +329,25 @@ def test_text_formatted_already_is_not_templated_twice(tokenizer, where):
     (g,), _ = tokenize_records([SFTRecord(typed, "It ends a turn.", id="r3")], tokenizer)
     assert g["input_ids"] == ids(tokenizer, tokenizer.apply_chat_template(
         typed + [{"role": "assistant", "content": "It ends a turn."}], tokenize=False))
+
+
+def test_plain_text_that_starts_with_bos_is_not_given_a_second_one(tokenizer):
+    """Plain text is tokenized with the tokenizer's special tokens; a prompt that starts with the BOS token itself
+    (Llama-style exports: '<s>[INST] ...') was read with two BOS tokens, without a word. Now a DataError naming the
+    record and the fix; a tokenizer that adds no BOS reads such text as it is. Checked to fail without the fix (ids
+    began [bos, bos, ...])."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tokenizer)
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                              special_tokens=[(bos, bos_id)])
+    assert tok("x")["input_ids"][0] == bos_id
+    for record in (SFTRecord(f"{bos}Q:", " A", id="r1"), PromptRecord(f"{bos}Q:", id="r1")):
+        with pytest.raises(DataError, match=rf"^r1: formatter 'plain': the prompt starts with '{re.escape(bos)}', "
+                                            rf"the BOS token, .* adds its own BOS .*remove the leading"):
+            tokenize_records([record], tok)
+    (f,), _ = tokenize_records([SFTRecord(f"{bos}Q:", " A", id="r2")], tokenizer)  # adds no BOS: text as it is
+    assert f["input_ids"].count(bos_id) == 1 and tokenizer("x")["input_ids"][0] != bos_id

@@ -17,7 +17,8 @@ tokenizer then does not append EOS by default; see `tokenize.TokenizeConfig.add_
 (`fast_chat_rendering`: the chat template's same text, rendered directly.)
 
 A message holding what the chat template writes to open a turn (`<|im_start|>user`: text formatted already) is a
-DataError under "chat-template" (`check_not_templated`): it would be templated twice; "plain" takes such text as it is.
+DataError under "chat-template" (`check_not_templated`): it would be templated twice; "plain" takes such text as it is,
+except a leading BOS token when the tokenizer adds its own (`check_no_second_bos`: two BOS).
 
 The string `prompt` need not be a string prefix of `full`; the tokenizer checks the boundary in token
 space (the prompt's token ids must be a prefix of the full sequence's).
@@ -319,8 +320,23 @@ def oasst(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Form
 def plain(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Formatted:
     if not isinstance(prompt, str) or not (completion is None or isinstance(completion, str)):
         raise DataError("formatter 'plain' takes plain-text records; use 'chat-template' or 'oasst' for conversations")
+    check_no_second_bos(prompt, tokenizer)
     return Formatted(prompt, None if completion is None else prompt + completion, add_special_tokens=True,
                      ends_turn=False)
+
+
+def check_no_second_bos(text: str, tokenizer: Any) -> None:
+    """Plain text is tokenized with the tokenizer's special tokens: a text that starts with the BOS token itself (data
+    written for a tokenizer that adds none, or exported with it) was read with two BOS tokens, without a word. A
+    DataError naming the token and the fix (the caller names the record)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not isinstance(bos, str) or not bos or not text.startswith(bos):
+        return
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    if tokenizer.bos_token_id in added:
+        raise DataError(f"formatter 'plain': the prompt starts with {bos!r}, the BOS token, and "
+                        f"{tokenizer_name(tokenizer)} adds its own BOS to plain text, so the model would read two; "
+                        f"remove the leading {bos!r} from the data")
 
 
 _TURN_PROBE = "alignkitTurnEndProbe"
