@@ -232,9 +232,9 @@ def test_datasets_infers_the_features_prepare_declares():
     from alignkit.data.prepare import NOTE_COLUMNS, map_features
 
     notes = {"_alignkit_drop": ["", "prompt_too_long"], "_alignkit_prompt_cut": [0, 1], "_alignkit_completion_cut": [1, 0],
-             "_alignkit_unrendered": ["", "system"]}
+             "_alignkit_unrendered": ["", "system"], "_alignkit_identical": [0, 1]}
     assert set(notes) <= set(NOTE_COLUMNS)
-    notes.update({k: ["", ""] for k in NOTE_COLUMNS if k not in notes})
+    notes = {k: notes.get(k, ["", ""]) for k in NOTE_COLUMNS}  # in the map's column order
     rows = {
         "sft": {"input_ids": [[1, 5, 9], None], "completion_mask": [[0, 1, 1], None], "prompt_length": [1, None],
                 "length": [3, None], "weight": [1.0, None], "id": ["r0", "r1"]},

@@ -1,4 +1,4 @@
-"""Tokenizer behaviour alignkit relies on (rows K1-K9 of the table in docs/architecture.md)."""
+"""Tokenizer behaviour alignkit relies on (rows K1-K10 of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -165,3 +165,26 @@ def test_truncation_cuts_the_texts_own_ids_between_the_added_ones(tokenizer):
     ends = with_added_ends(tokenizer)("0 1")["input_ids"]
     assert (ends[0], ends[-1]) == (tokenizer.bos_token_id, tokenizer.eos_token_id) and tokenizer("0 1")["input_ids"] \
         == ends[1:-1]
+
+
+def test_a_saved_truncation_stays_on_the_backend_until_the_wrapper_runs(tokenizer, tmp_path):
+    """A tokenizer.json saved with a truncation setting loads with it on the Rust backend, whose `encode_batch`
+    applies it; the wrapper's first call (`set_truncation_and_padding`) clears it. Batched tokenization therefore
+    skips the backend while it holds a truncation or padding setting (`_backend_encode`)."""
+    import copy
+
+    where = "alignkit/data/tokenize.py:_backend_encode"
+    saved = copy.deepcopy(tokenizer)
+    saved.backend_tokenizer.enable_truncation(max_length=4)
+    saved.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    text = "one two three four five six seven"
+    with guard("tokenizers", "backend_tokenizer.truncation / encode_batch changed", where):
+        held = tok.backend_tokenizer.truncation
+        cut = tok.backend_tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
+    check(held is not None and held.get("max_length") == 4 and len(cut) == 4, "tokenizers", "a saved truncation "
+          "setting no longer reaches the loaded backend (or its encode_batch ignores it)", where, f"{held} {cut}")
+    full = tok(text, add_special_tokens=False)["input_ids"]
+    after = tok.backend_tokenizer.truncation
+    check(len(full) > 4 and after is None, TF, "the wrapper no longer clears the backend's saved truncation on a call "
+          "without truncation", where, f"{len(full)} {after}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,24 @@ def test_plain_text_sft_appends_eos(tokenizer):
     assert stats.kept == stats.total == 1
     (g,), _ = tokenize_records([SFTRecord("2+2=", " 4")], tokenizer, add_eos=False)
     assert g["input_ids"] == ids(tokenizer, "2+2= 4")
+
+
+@pytest.mark.parametrize("add_eos", [True, None])
+def test_an_eos_to_append_with_a_tokenizer_that_has_none_is_an_error(tokenizer, add_eos):
+    """add_eos=true (or a plain-text record, which gets EOS by default) with a tokenizer whose eos_token is None
+    appended nothing, without a word: the model never learned to stop. Now a DataError naming the record, the
+    setting and the fix; add_eos=false still trains without one. Checked to fail without the fix (ids came back
+    without EOS)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = None
+    assert tok.eos_token_id is None
+    with pytest.raises(DataError, match=r"^r1: data.add_eos=true ends each completion with the tokenizer's EOS token"
+                       if add_eos else r"^r1: the plain-text format \(data.add_eos unset\) ends each completion"):
+        tokenize_records([SFTRecord("2+2=", " 4", id="r1")], tok, add_eos=add_eos)
+    (f,), _ = tokenize_records([SFTRecord("2+2=", " 4", id="r1")], tok, add_eos=False)
+    assert f["input_ids"] == ids(tokenizer, "2+2= 4")
 
 
 def test_chat_template_boundary_and_eos_switch(tokenizer):
@@ -288,3 +307,47 @@ def test_a_record_dropped_for_its_prompt_is_not_also_counted_as_a_cut_prompt(tok
                                   max_prompt_length=4, max_length=4)
     assert out == [] and stats.dropped == {"prompt_too_long": 1}
     assert (stats.prompt_truncated, stats.prompt_truncated_ids) == (0, [])
+
+
+@pytest.mark.parametrize("where", ["prompt", "completion"])
+def test_text_formatted_already_is_not_templated_twice(tokenizer, where):
+    """A prompt (or completion) exported after apply_chat_template, given to the chat-template formatter, was
+    rendered as ONE user turn holding the whole formatted conversation: templated twice, the model trained on chat
+    markers inside a turn. Now a DataError naming the record, the marker and the fix (data.formatter=plain takes
+    such text as it is). A marker typed alone (a user asking about <|im_end|>) is still text. Checked to fail without
+    the fix."""
+    pre = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    prompt, completion = (pre, "Hello") if where == "prompt" else ("Hi", "<|im_start|>assistant\nHello")
+    marker = "<|im_start|>user" if where == "prompt" else "<|im_start|>assistant"
+    with pytest.raises(DataError, match=rf"^r1: formatter 'chat-template': message \d \(a '(user|assistant)' turn\) "
+                                        rf"holds '{re.escape(marker)}', which the chat template .* writes to open a "
+                                        rf"turn, .*data.formatter=plain"):
+        tokenize_records([SFTRecord(prompt, completion, id="r1")], tokenizer, formatter="chat-template")
+    (f,), _ = tokenize_records([SFTRecord(pre, "Hello<|im_end|>\n", id="r2")], tokenizer, formatter="plain")
+    assert f["input_ids"][:len(ids(tokenizer, pre))] == ids(tokenizer, pre)
+    typed = [{"role": "user", "content": "What does <|im_end|> do?"}]
+    (g,), _ = tokenize_records([SFTRecord(typed, "It ends a turn.", id="r3")], tokenizer)
+    assert g["input_ids"] == ids(tokenizer, tokenizer.apply_chat_template(
+        typed + [{"role": "assistant", "content": "It ends a turn."}], tokenize=False))
+
+
+def test_plain_text_that_starts_with_bos_is_not_given_a_second_one(tokenizer):
+    """Plain text is tokenized with the tokenizer's special tokens; a prompt that starts with the BOS token itself
+    (Llama-style exports: '<s>[INST] ...') was read with two BOS tokens, without a word. Now a DataError naming the
+    record and the fix; a tokenizer that adds no BOS reads such text as it is. Checked to fail without the fix (ids
+    began [bos, bos, ...])."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tokenizer)
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                              special_tokens=[(bos, bos_id)])
+    assert tok("x")["input_ids"][0] == bos_id
+    for record in (SFTRecord(f"{bos}Q:", " A", id="r1"), PromptRecord(f"{bos}Q:", id="r1")):
+        with pytest.raises(DataError, match=rf"^r1: formatter 'plain': the prompt starts with '{re.escape(bos)}', "
+                                            rf"the BOS token, .* adds its own BOS .*remove the leading"):
+            tokenize_records([record], tok)
+    (f,), _ = tokenize_records([SFTRecord(f"{bos}Q:", " A", id="r2")], tokenizer)  # adds no BOS: text as it is
+    assert f["input_ids"].count(bos_id) == 1 and tokenizer("x")["input_ids"][0] != bos_id

@@ -69,6 +69,25 @@ def test_backend_disagreeing_with_the_wrapper_falls_back_to_the_wrapper(tokenize
     assert tk._encode_many(fake, texts, False) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def test_a_tokenizer_saved_with_truncation_cuts_no_completion(tokenizer, tmp_path):
+    """A tokenizer.json saved with a truncation setting loads with it on the Rust backend (compat K10), and the
+    wrapper clears it on its first call only. Batched tokenization encoded through the backend first: its first
+    texts were short (they agreed with the wrapper) and a later, longer one came back cut to the saved max_length,
+    counted as no truncation. Checked to fail without the fix: the long record had 13 ids instead of 2 + 40 + EOS."""
+    from alignkit.models.loading import load_tokenizer
+
+    saved = copy.deepcopy(tokenizer)
+    saved.backend_tokenizer.enable_truncation(max_length=12)
+    saved.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    records = [SFTRecord(f"hi {i}", " yo", id=f"short-{i}") for i in range(9)]
+    records.append(SFTRecord("a b", " w" * 40, id="long"))
+    feats, stats = tokenize_records(records, tok, TokenizeConfig(max_length=None, max_prompt_length=None))
+    want = tokenizer("a b" + " w" * 40)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(want) > 40 and feats[-1]["input_ids"] == want
+    assert stats.completion_truncated == 0
+
+
 def test_cache_hit_miss_and_damage(tokenizer, tmp_path, monkeypatch):
     cfg = TokenizeConfig(max_length=80, max_prompt_length=None)
     first, s1 = tokenize_records(corpus(), tokenizer, cfg, cache_dir=tmp_path)

@@ -442,3 +442,51 @@ def test_oasst_ranked_counts_are_summed_into_one_line_per_dataset(tiny_dir, tmp_
         out, said = _logged(caplog, data_set, tok, "OASST ranked", logging.INFO, num_proc, ("ranked",), langs=["en"])
         assert said == [want], (num_proc, said)
         assert len(out) == 998
+
+
+@pytest.mark.parametrize("given", ["records", "rows"])
+def test_a_dataset_whose_every_record_is_dropped_is_an_error_as_records_or_rows(tiny_dir, given):
+    """Rows dropped whole by the length limits were a DataError, but a list of alignkit records dropped whole came
+    back as an empty feature list (a warning only) and went on to the trainer. Both are now one error naming the
+    argument and both limits. Checked to fail without the fix: the records gave ([], 'sft')."""
+    from alignkit.data.records import SFTRecord
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    prompt = "word " * 50  # about 100 tokens: no room for a completion under max_length=20 with no prompt limit
+    data = ([SFTRecord(prompt, " a", id=f"r{i}") for i in range(3)] if given == "records"
+            else [{"prompt": prompt, "completion": " a"} for _ in range(3)])
+    with pytest.raises(DataError, match=r"^train_dataset: every record was dropped by the length limits "
+                                        r"\(max_length=20, max_prompt_length=None; .*raise max_length"):
+        prepare_dataset(data, tok, ("sft",), TokenizeConfig(max_length=20, max_prompt_length=None))
+
+
+@pytest.mark.parametrize("given", ["records", "rows"])
+def test_pairs_cut_to_the_same_tokens_are_said_and_all_of_them_refused(tiny_dir, caplog, given):
+    """The CLI refused a preference file whose every pair had chosen == rejected once cut to max_length, and warned
+    about some; a trainer given the same pairs (rows or records) trained on them without a word: a DPO loss with no
+    gradient, nothing learned. Now the same warning / DataError. Checked to fail without the fix."""
+    import logging
+
+    from alignkit.data.records import PreferenceRecord
+
+    tok = load_tokenizer(tiny_dir("llama"))
+    same = " the same start of a long answer" * 4
+    pairs = [("The sky is", same + " blue.", same + " grey."), ("Grass is", " green.", " blue.")]
+
+    def data(n):
+        if given == "records":
+            return [PreferenceRecord(p, c, r, id=f"pair-{i}") for i, (p, c, r) in enumerate(pairs[:n])]
+        return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs[:n]]
+
+    cfg = TokenizeConfig(max_length=16, max_prompt_length=8)
+    with caplog.at_level(logging.WARNING):
+        out, _ = prepare_dataset(data(2), tok, ("preference",), cfg)
+    assert len(out) == 2
+    said = [r.getMessage() for r in caplog.records if "chosen == rejected" in r.getMessage()]
+    first = "pair-0" if given == "records" else "train_dataset row 0"
+    assert len(said) == 1 and said[0].startswith("train_dataset: 1 of 2 pair(s) have chosen == rejected once "
+                                                 "tokenized and cut to max_length=16 / max_prompt_length=8")
+    assert first in said[0]
+    with pytest.raises(DataError, match=r"^train_dataset: every one of the 1 pair\(s\) has chosen == rejected once "
+                                        r"tokenized and cut to max_length=16"):
+        prepare_dataset(data(1), tok, ("preference",), cfg)

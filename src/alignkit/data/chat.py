@@ -16,6 +16,10 @@ tokenizer then does not append EOS by default; see `tokenize.TokenizeConfig.add_
 
 (`fast_chat_rendering`: the chat template's same text, rendered directly.)
 
+A message holding what the chat template writes to open a turn (`<|im_start|>user`: text formatted already) is a
+DataError under "chat-template" (`check_not_templated`): it would be templated twice; "plain" takes such text as it is,
+except a leading BOS token when the tokenizer adds its own (`check_no_second_bos`: two BOS).
+
 The string `prompt` need not be a string prefix of `full`; the tokenizer checks the boundary in token
 space (the prompt's token ids must be a prefix of the full sequence's).
 
@@ -78,6 +82,7 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
                         f"tokenizer.chat_template, or use formatter='oasst' or plain-text records")
     check_generation_prompt(tokenizer)
     p, c = as_messages(prompt, completion)
+    check_not_templated(p + c, tokenizer)
     renderer = _RENDERER.get()
     render = renderer.render if renderer is not None and renderer.serves(tokenizer, p + c) else _apply_chat_template
     try:
@@ -91,6 +96,48 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
                         f"alternating user/assistant, a system message folded into the first user message), or "
                         f"use data.formatter=oasst") from None
     return Formatted(prompt_text, full, add_special_tokens=False, ends_turn=True)
+
+
+_MARKERS: dict[tuple[int, int, str], tuple[str, ...]] = {}
+
+
+def template_markers(tokenizer: Any) -> tuple[str, ...]:
+    """What the chat template writes to open a user turn and an assistant turn (the generation prompt), as text
+    (`<|im_start|>user`, `<|im_start|>assistant`, `<|start_header_id|>assistant<|end_header_id|>`), those of the two
+    that hold one of the tokenizer's special tokens (a BOS before the user turn left out): text no one types by chance.
+    () when the template cannot render the probe. Kept per tokenizer and template."""
+    key = (id(tokenizer), len(tokenizer), tokenizer.chat_template)
+    if key not in _MARKERS:
+        specials = [t for t in getattr(tokenizer, "all_special_tokens", ()) if isinstance(t, str) and len(t) > 1]
+        user = [{"role": "user", "content": _CONTENT_PROBE}]
+        try:
+            with_prompt, without = (_apply_chat_template(tokenizer, user, gen) for gen in (True, False))
+        except Exception as e:  # noqa: BLE001 - a template that cannot render the probe: the records will say more
+            logger.debug("chat template could not render the marker probe (%s)", e)
+            with_prompt = without = ""
+        opener = without[:max(without.find(_CONTENT_PROBE), 0)]
+        bos = getattr(tokenizer, "bos_token", None)
+        opener = opener.replace(bos, "") if isinstance(bos, str) and bos else opener
+        header = with_prompt[len(without):] if with_prompt.startswith(without) else ""
+        _MARKERS[key] = tuple(m for m in dict.fromkeys((opener.strip(), header.strip()))
+                              if m and any(t in m for t in specials))
+    return _MARKERS[key]
+
+
+def check_not_templated(messages: list[Message], tokenizer: Any) -> None:
+    """A message whose text holds what the chat template writes to open a turn (`template_markers`) is text that
+    was formatted already (a prompt column exported after apply_chat_template, or a whole chat written as one string):
+    rendered through the template it is templated twice, the model trained on a conversation inside one turn. A
+    DataError naming the message, the token and the fix (the caller names the record)."""
+    markers = template_markers(tokenizer)
+    for i, m in enumerate(messages):
+        found = next((t for t in markers if t in m["content"]), None)
+        if found is not None:
+            raise DataError(f"formatter 'chat-template': message {i} (a {m['role']!r} turn) holds {found!r}, which "
+                            f"the chat template of {tokenizer_name(tokenizer)} writes to open a turn, so the text "
+                            f"looks formatted already and would be templated twice (a conversation trained inside one "
+                            f"turn); give the raw conversation (each message's text alone), or set data.formatter="
+                            f"plain to use pre-formatted text as it is")
 
 
 SYSTEM_ROLES = ("system", "developer")
@@ -273,8 +320,23 @@ def oasst(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Form
 def plain(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Formatted:
     if not isinstance(prompt, str) or not (completion is None or isinstance(completion, str)):
         raise DataError("formatter 'plain' takes plain-text records; use 'chat-template' or 'oasst' for conversations")
+    check_no_second_bos(prompt, tokenizer)
     return Formatted(prompt, None if completion is None else prompt + completion, add_special_tokens=True,
                      ends_turn=False)
+
+
+def check_no_second_bos(text: str, tokenizer: Any) -> None:
+    """Plain text is tokenized with the tokenizer's special tokens: a text that starts with the BOS token itself (data
+    written for a tokenizer that adds none, or exported with it) was read with two BOS tokens, without a word. A
+    DataError naming the token and the fix (the caller names the record)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not isinstance(bos, str) or not bos or not text.startswith(bos):
+        return
+    added = tokenizer("", add_special_tokens=True)["input_ids"]
+    if tokenizer.bos_token_id in added:
+        raise DataError(f"formatter 'plain': the prompt starts with {bos!r}, the BOS token, and "
+                        f"{tokenizer_name(tokenizer)} adds its own BOS to plain text, so the model would read two; "
+                        f"remove the leading {bos!r} from the data")
 
 
 _TURN_PROBE = "alignkitTurnEndProbe"

@@ -16,7 +16,9 @@ length limits are dropped (logged once per dataset, one line per reason with a c
 from the map's output, so also with `num_proc` and on a cache hit); the reader's own warnings (columns it does not
 read, message keys it drops, an optional column given in some rows only) are said once per dataset the same way,
 judged over all its rows, as for a file read whole. A reader registered `whole` (its records join rows from anywhere:
-Open-Assistant's flat export) gets the dataset in one batch, one process. Already tokenized data
+Open-Assistant's flat export) gets the dataset in one batch, one process. Preference pairs whose chosen and rejected
+token ids are the same once cut to the length limits (or given the same text) are said in one warning, and refused when
+every pair is such (`say_identical`: the CLI's rule, `alignkit.cli.data.check_cut_identical`). Already tokenized data
 (`input_ids` / `chosen_input_ids` / `prompt_input_ids` columns) is returned unchanged.
 """
 
@@ -96,7 +98,8 @@ def _pick_kind(native: Sequence[str], kinds: Sequence[str], where: str) -> str:
 # same with num_proc workers and with datasets' cache (where the batch function does not run at all).
 DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES = "_alignkit_drop", "_alignkit_prompt_cut", \
     "_alignkit_completion_cut", "_alignkit_unrendered", "_alignkit_reader_notes"
-NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES)
+IDENTICAL = "_alignkit_identical"  # 1: a kept pair whose chosen and rejected token ids are the same (`say_identical`)
+NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES, IDENTICAL)
 # the DROP of the row a map batch that gives no record writes to carry its reader notes: no record, not counted
 NOTES_ONLY = "\x00reader notes only"
 
@@ -112,7 +115,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     out[READER_NOTES] = [notes.to_json() if notes and not j else "" for j in range(len(records))]
     if notes and not records:  # a row of its own carries them (e.g. an OASST batch whose trees are all filtered out)
         out = {k: [None] for k in out} | {DROP: [NOTES_ONLY], PROMPT_CUT: [0], COMPLETION_CUT: [0], UNRENDERED: [""],
-                                         READER_NOTES: [notes.to_json()]}
+                                         READER_NOTES: [notes.to_json()], IDENTICAL: [0]}
     for r in records:
         one = TokenizeStats(total=1)
         try:
@@ -125,7 +128,31 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
         out[PROMPT_CUT].append(one.prompt_truncated)
         out[COMPLETION_CUT].append(one.completion_truncated)
         out[UNRENDERED].append(",".join(one.unrendered_roles) if one.system_unrendered else "")
+        out[IDENTICAL].append(int(is_identical_pair(f)))
     return out
+
+
+def is_identical_pair(feature: dict) -> bool:
+    """A preference feature whose chosen and rejected token ids are the same: the same text, or texts that differ
+    only past the length limits."""
+    return feature.get("chosen_input_ids") is not None and \
+        list(feature["chosen_input_ids"]) == list(feature["rejected_input_ids"])
+
+
+def say_identical(name: str, identical: list[str], kept: int, cfg: TokenizeConfig) -> None:
+    """The pairs (`identical`: their ids) whose chosen == rejected once tokenized and cut, of `kept` pairs: their loss
+    has no gradient (no preference signal), they only dilute the batch: a warning; all of them, a DataError (the run
+    would learn nothing). The CLI says the same (alignkit.cli.data.check_cut_identical)."""
+    if not identical:
+        return
+    limits = f"max_length={cfg.max_length} / max_prompt_length={cfg.max_prompt_length}"
+    if len(identical) == kept:
+        raise DataError(f"{name}: every one of the {kept} pair(s) has chosen == rejected once tokenized and cut to "
+                        f"{limits} (e.g. {identical[:3]}): nothing is left to prefer; raise max_length, or fix the "
+                        f"pairs (chosen / rejected given the same text?)")
+    logger.warning("%s: %d of %d pair(s) have chosen == rejected once tokenized and cut to %s (no preference signal: "
+                   "they only dilute the batch), e.g. %s; raise max_length, or drop those pairs", name,
+                   len(identical), kept, limits, identical[:3])
 
 
 # the modules besides tokenize_cache.FEATURE_MODULES whose source decides a trainer's features: the readers, this one
@@ -163,7 +190,7 @@ FEATURE_TYPES = {
     "prompt_length": _int, "length": _int, "weight": lambda: Value("float64"), "margin": lambda: Value("float64"),
     "label": lambda: Value("bool"), "id": lambda: Value("string"),
     DROP: lambda: Value("string"), PROMPT_CUT: _int, COMPLETION_CUT: _int, UNRENDERED: lambda: Value("string"),
-    READER_NOTES: lambda: Value("string"),
+    READER_NOTES: lambda: Value("string"), IDENTICAL: _int,
 }
 
 
@@ -215,6 +242,13 @@ def _summarize(out: Any, name: str) -> tuple[list[int], int]:
     return keep, stats.total
 
 
+def all_dropped(name: str, cfg: TokenizeConfig) -> DataError:
+    """The error of a dataset whose every record the length limits dropped (the warning before it says why)."""
+    return DataError(f"{name}: every record was dropped by the length limits (max_length={cfg.max_length}, "
+                     f"max_prompt_length={cfg.max_prompt_length}; the warning above names why); raise max_length, or "
+                     f"set max_prompt_length below it (a longer prompt is then cut from its start, not dropped)")
+
+
 def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: TokenizeConfig | None = None, *,
                     num_proc: int | None = None, reader: str | None = None, name: str = "train_dataset",
                     reader_options: dict | None = None) -> tuple[Any, str]:
@@ -232,6 +266,9 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
         kind = _pick_kind(sorted({r.kind for r in dataset}), kinds, name)
 
         feats, _ = tokenize_records(convert(list(dataset), kind), tokenizer, cfg)
+        if not feats:  # as rows dropped alike (below); before, an empty list went on to the trainer
+            raise all_dropped(name, cfg)
+        say_identical(name, [f["id"] for f in feats if is_identical_pair(f)], len(feats), cfg)
         return feats, kind
     if isinstance(dataset, (list, tuple)):
         if not dataset:
@@ -264,14 +301,15 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
                       remove_columns=dataset.column_names, num_proc=num_proc, desc=f"Tokenizing {name}",
                       features=map_features(kind), fn_kwargs=fn_kwargs)
     keep, records = _summarize(out, name)
+    say_identical(name, [i for i, same in zip(out.data.column("id").to_pylist(), out.data.column(IDENTICAL).to_pylist())
+                         if same], len(keep), cfg)
     out = out.remove_columns(list(NOTE_COLUMNS))
     out = out.select(keep) if len(keep) < len(out) else out
     if len(out) == 0 and records == 0:  # the reader's filters (e.g. OASST langs / tree states) kept nothing
         raise DataError(f"{name}: reader {info.name!r} gave no record from its {n} row(s) (see the warnings above); "
                         "check the rows and the reader's options (reader_options)")
     if len(out) == 0:
-        raise DataError(f"{name}: every row was dropped by the length limits (max_length={cfg.max_length}); raise "
-                        f"max_length")
+        raise all_dropped(name, cfg)
     logger.info("%s: %d row(s) -> %d tokenized %s example(s) (reader %r, loss_on=%s)", name, n, len(out), kind,
                 info.name, cfg.loss_on)
     return out, kind

@@ -20,7 +20,8 @@ prefix of the full prompt; a chat template that rewrites earlier turns is an ERR
 
 EOS. `add_eos=None` (default) appends `tokenizer.eos_token_id` to the completion unless the format ends
 the turn itself (chat templates and the OASST format do; plain text does not: TRL's convention).
-`True`/`False` force it. The appended EOS is part of the completion (it is trained on).
+`True`/`False` force it. The appended EOS is part of the completion (it is trained on). A tokenizer without an EOS
+token where one is to be appended is a DataError (before, nothing was appended, and the model never learned to stop).
 
 Truncation policy, in order:
 1. a prompt longer than `max_prompt_length` keeps its LAST `max_prompt_length` tokens (left-truncated:
@@ -334,9 +335,14 @@ def _backend_encode(tokenizer: Any, texts: list[str], add_special_tokens: bool,
     """The fast tokenizer's Rust backend encodings of `texts` (`backend_tokenizer.encode_batch`, public API of
     `tokenizers`: it skips the wrapper's per-text Python conversion; `encode_batch_fast`, the same without
     character offsets, when `offsets` is False), or None when there is no backend or its ids differ from the
-    wrapper's (`tokenizer(text, add_special_tokens=...)`) on the first texts of the call."""
+    wrapper's (`tokenizer(text, add_special_tokens=...)`) on the first texts of the call. None too when the backend
+    holds a truncation or padding setting (a tokenizer.json saved with one, loaded as it is: compat K10): the backend
+    applies it, the wrapper clears it on its first call, so the first texts agreed and a longer one was cut to the
+    saved max_length without a word (completion tokens lost, counted as no truncation)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    if getattr(backend, "truncation", None) is not None or getattr(backend, "padding", None) is not None:
         return None
     encode_batch = backend.encode_batch if offsets else getattr(backend, "encode_batch_fast", backend.encode_batch)
     try:
@@ -386,6 +392,11 @@ def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: T
         comp = full[n:]
         add_eos = cfg.add_eos if cfg.add_eos is not None else not f.ends_turn
         eos = tokenizer.eos_token_id if add_eos else None
+        if add_eos and eos is None:  # else no EOS, without a word: the model never learns to stop
+            said = "data.add_eos=true" if cfg.add_eos else "the plain-text format (data.add_eos unset)"
+            raise DataError(f"{said} ends each completion with the tokenizer's EOS token, and "
+                            f"{chat.tokenizer_name(tokenizer)} has none (eos_token is None); set the tokenizer's "
+                            f"eos_token, or data.add_eos=false to train completions without one")
         if eos is not None and (not comp or comp[-1] != eos):
             comp.append(eos)
         outs.append(comp)
