@@ -257,3 +257,30 @@ def test_cli_refuses_true_where_the_model_cannot_use_it_before_writing(tmp_path,
     assert rc == 2 and len(lines) == 1, err
     assert "train.reft_prefix_cache: true" in lines[0] and "layer 0" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_adding_an_adapter_while_the_cache_is_on_is_refused(base_dir):
+    """An adapter added under a live cache with an intervention in the cached layers (here layer 0's input, b = 3)
+    had its edit skipped: the cached forward replayed layers 0-2 from the store (logits off by ~1 on this model).
+    Now add_adapter refuses while the cache is on, naming the fix; off, on again, the outputs are the uncached ones."""
+    from alignkit.interventions.config import ReftConfig, RepresentationConfig
+    model = reft_model(base_dir)
+    reft = reft_of(model)
+    batch = SFTCollator(0)(features())
+    reft.enable_prefix_cache()
+    step(model, batch), step(model, batch)
+    low = ReftConfig([RepresentationConfig(layer=0, component="block_input", intervention="lobireft",
+                                           low_rank_dimension=2)], positions="f3+l3")
+    with pytest.raises(ValueError, match=r"adapter 'low': the ReFT prefix cache is on .* layers 0-2 .*"
+                                         r"disable_prefix_cache\(\) before adding"):
+        reft.add_adapter("low", low)
+    assert reft.adapter_names == ["default"] and len(reft.slots) == 1  # nothing attached
+    reft.disable_prefix_cache()
+    reft.add_adapter("low", low)
+    with torch.no_grad():
+        reft.interventions["low"][0].learned_source.normal_(0, 3.0)
+    want = step(model, batch)
+    with pytest.raises(ValueError, match="layer 0"):  # an intervention in layer 0's input: nothing to cache
+        reft.enable_prefix_cache()
+    assert reft._prefix_cache is None
+    assert torch.equal(step(model, batch)[0], want[0])

@@ -25,6 +25,8 @@ Loud where it could be wrong:
   cached states (max |difference| <= 64 eps x max |h|, eps of the states' dtype or of autocast's, i.e. float
   rounding of other matmul shapes);
   further apart raises `PrefixCacheMismatch` (what, by how much, how to turn the cache off);
+- `ReftModel.add_adapter` is refused while the cache is on: a new intervention in the cached layers would be
+  skipped by the replay;
 - the frozen prefix's parameters are watched through their version counters: any in-place change (a load, an
   optimiser step on a parameter that should have been frozen) empties the cache, with a warning;
 - `unusable_reason` refuses models where the prefix is not fixed: a trainable parameter in layers 0 .. b-1 (LoRA
