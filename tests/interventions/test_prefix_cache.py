@@ -166,6 +166,28 @@ def test_an_in_place_change_of_a_frozen_weight_empties_the_cache(base_dir, caplo
     assert torch.equal(got[0], step(model, batch)[0])
 
 
+def test_a_frozen_weight_replaced_by_another_object_empties_the_cache(base_dir, caplog):
+    """load_state_dict(assign=True) puts new Parameter objects in the frozen layers: their version counters are not
+    the watched ones, so the cache kept serving the old weights' states (logits off by ~0.5, no word). Now the
+    identity of the frozen parameters is watched too."""
+    model = reft_model(base_dir)
+    batch = SFTCollator(0)(features())
+    cache = reft_of(model).enable_prefix_cache()
+    step(model, batch), step(model, batch), step(model, batch)
+    assert cache.hits == 1
+    _, layers = find_decoder_layers(hf_model(reft_of(model).model))
+    layers[0].load_state_dict({k: v * 1.5 for k, v in layers[0].state_dict().items()}, assign=True)
+    for p in layers[0].parameters():
+        p.requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="alignkit"):
+        got = step(model, batch)
+    assert "had a parameter replaced by another object" in caplog.text and cache.hits == 1 and not cache.verified
+    step(model, batch), step(model, batch)  # the new objects are watched: filled, checked, then used again
+    assert cache.hits == 2 and cache.verified
+    reft_of(model).disable_prefix_cache()
+    assert torch.equal(got[0], step(model, batch)[0])
+
+
 def test_left_padding_runs_without_the_cache(base_dir):
     model = reft_model(base_dir)
     feats = features()
