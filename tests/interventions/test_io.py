@@ -244,6 +244,31 @@ def test_read_reft_weights_copies_in_place(tiny_lm, tmp_path):
         read_reft_weights(other, folder)
 
 
+@pytest.mark.parametrize("layers, positions, message", [
+    ([(1, "block_output"), (1, "mlp_output")], "f1+l1",
+     r"interventions\[0\] was trained at layer 0, component 'block_output', and adapter 'default' has it at layer 1"),
+    ([(0, "block_output"), (1, "block_output")], "f1+l1",
+     r"interventions\[1\] was trained at layer 1, component 'mlp_output', .* at layer 1, component 'block_output'"),
+    ([(0, "block_output"), (1, "mlp_output")], "l3",
+     r"the weights were trained on positions 'f1\+l1' \(share_weights=True\), and adapter 'default' edits 'l3'"),
+])
+def test_read_reft_weights_refuses_weights_of_another_place(layers, positions, message, tiny_lm, tmp_path):
+    """The same types and sizes at another layer / component, or on other positions: read_reft_weights (what
+    alignkit.adapters.load_adapter_weights runs for a ReFT) compared the intervention specs only, so the weights
+    loaded without a word and edited another place. Now refused, naming the file, the entry and both places."""
+    reps = [RepresentationConfig(layer=0, low_rank_dimension=3), RepresentationConfig(layer=1, component="mlp_output",
+                                                                                       low_rank_dimension=2)]
+    reft = get_reft_model(tiny_lm(), ReftConfig(reps, positions="f1+l1"))
+    reft.save_pretrained(tmp_path / "ckpt")
+    moved = [RepresentationConfig(layer=l, component=c, low_rank_dimension=r.low_rank_dimension)
+             for (l, c), r in zip(layers, reps)]
+    other = get_reft_model(tiny_lm(), ReftConfig(moved, positions=positions))
+    before = [p.clone() for p in other.interventions.parameters()]
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME}: {message}"):
+        read_reft_weights(other, tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.interventions.parameters()))  # nothing copied
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["reft_config"]["representations"][0].update(layer=1), r"representations\[0\] has layer=1 but "
      r"interventions\[0\], which its weights were saved from, has 0"),
