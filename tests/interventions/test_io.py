@@ -90,6 +90,16 @@ def test_wrong_base_shape_fails(change, message, tiny_lm, tiny_dir, tmp_path):
         load_reft(other, folder)
 
 
+def test_another_model_type_of_the_same_shape_fails(tiny_lm, tmp_path):
+    """A llama adapter on a qwen2 model of the same widths and depth loaded with one warning (its edits, learnt on
+    another network's hidden states, then ran there). Now refused like a shape mismatch."""
+    _, folder = saved(tiny_lm, tmp_path)
+    other = tiny_lm("qwen2")
+    assert (other.config.hidden_size, other.config.num_hidden_layers) == (64, 2)  # only the model type differs
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME}: .*model_type='llama', this model has model_type='qwen2'"):
+        load_reft(other, folder)
+
+
 def rewrite_weights(folder, tensors):
     """Replace the safetensors file and fix the checksum, so only the key check can catch the change."""
     save_file(tensors, folder / WEIGHTS_NAME)

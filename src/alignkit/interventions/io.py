@@ -130,9 +130,11 @@ def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
             raise ValueError(f"{path}: the adapter was trained on a model with {key}={saved.get(key)}, "
                              f"this model has {key}={here[key]}; load it onto a {saved.get('model_type')} "
                              f"model of the same shape ({saved.get('name_or_path') or 'see base_model'})")
-    if saved.get("model_type") != here["model_type"]:
-        logger.warning("%s: adapter trained on model_type %r, loading onto %r", path, saved.get("model_type"),
-                       here["model_type"])
+    if saved.get("model_type") != here["model_type"]:  # same widths, another network: its edits mean nothing there
+        raise ValueError(f"{path}: the adapter was trained on a model with model_type={saved.get('model_type')!r}, "
+                         f"this model has model_type={here['model_type']!r}; load it onto the "
+                         f"{saved.get('model_type')} model it was trained on "
+                         f"({saved.get('name_or_path') or 'see base_model'})")
 
 
 def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
