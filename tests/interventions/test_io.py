@@ -90,6 +90,16 @@ def test_wrong_base_shape_fails(change, message, tiny_lm, tiny_dir, tmp_path):
         load_reft(other, folder)
 
 
+def test_another_model_type_of_the_same_shape_fails(tiny_lm, tmp_path):
+    """A llama adapter on a qwen2 model of the same widths and depth loaded with one warning (its edits, learnt on
+    another network's hidden states, then ran there). Now refused like a shape mismatch."""
+    _, folder = saved(tiny_lm, tmp_path)
+    other = tiny_lm("qwen2")
+    assert (other.config.hidden_size, other.config.num_hidden_layers) == (64, 2)  # only the model type differs
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME}: .*model_type='llama', this model has model_type='qwen2'"):
+        load_reft(other, folder)
+
+
 def rewrite_weights(folder, tensors):
     """Replace the safetensors file and fix the checksum, so only the key check can catch the change."""
     save_file(tensors, folder / WEIGHTS_NAME)
@@ -242,6 +252,31 @@ def test_read_reft_weights_copies_in_place(tiny_lm, tmp_path):
     other = get_reft_model(tiny_lm(), ReftConfig.uniform([0], "noreft", low_rank_dimension=2))
     with pytest.raises(ValueError, match="differ from adapter 'default'"):
         read_reft_weights(other, folder)
+
+
+@pytest.mark.parametrize("layers, positions, message", [
+    ([(1, "block_output"), (1, "mlp_output")], "f1+l1",
+     r"interventions\[0\] was trained at layer 0, component 'block_output', and adapter 'default' has it at layer 1"),
+    ([(0, "block_output"), (1, "block_output")], "f1+l1",
+     r"interventions\[1\] was trained at layer 1, component 'mlp_output', .* at layer 1, component 'block_output'"),
+    ([(0, "block_output"), (1, "mlp_output")], "l3",
+     r"the weights were trained on positions 'f1\+l1' \(share_weights=True\), and adapter 'default' edits 'l3'"),
+])
+def test_read_reft_weights_refuses_weights_of_another_place(layers, positions, message, tiny_lm, tmp_path):
+    """The same types and sizes at another layer / component, or on other positions: read_reft_weights (what
+    alignkit.adapters.load_adapter_weights runs for a ReFT) compared the intervention specs only, so the weights
+    loaded without a word and edited another place. Now refused, naming the file, the entry and both places."""
+    reps = [RepresentationConfig(layer=0, low_rank_dimension=3), RepresentationConfig(layer=1, component="mlp_output",
+                                                                                       low_rank_dimension=2)]
+    reft = get_reft_model(tiny_lm(), ReftConfig(reps, positions="f1+l1"))
+    reft.save_pretrained(tmp_path / "ckpt")
+    moved = [RepresentationConfig(layer=l, component=c, low_rank_dimension=r.low_rank_dimension)
+             for (l, c), r in zip(layers, reps)]
+    other = get_reft_model(tiny_lm(), ReftConfig(moved, positions=positions))
+    before = [p.clone() for p in other.interventions.parameters()]
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME}: {message}"):
+        read_reft_weights(other, tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.interventions.parameters()))  # nothing copied
 
 
 @pytest.mark.parametrize("edit, message", [

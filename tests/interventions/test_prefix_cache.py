@@ -166,6 +166,28 @@ def test_an_in_place_change_of_a_frozen_weight_empties_the_cache(base_dir, caplo
     assert torch.equal(got[0], step(model, batch)[0])
 
 
+def test_a_frozen_weight_replaced_by_another_object_empties_the_cache(base_dir, caplog):
+    """load_state_dict(assign=True) puts new Parameter objects in the frozen layers: their version counters are not
+    the watched ones, so the cache kept serving the old weights' states (logits off by ~0.5, no word). Now the
+    identity of the frozen parameters is watched too."""
+    model = reft_model(base_dir)
+    batch = SFTCollator(0)(features())
+    cache = reft_of(model).enable_prefix_cache()
+    step(model, batch), step(model, batch), step(model, batch)
+    assert cache.hits == 1
+    _, layers = find_decoder_layers(hf_model(reft_of(model).model))
+    layers[0].load_state_dict({k: v * 1.5 for k, v in layers[0].state_dict().items()}, assign=True)
+    for p in layers[0].parameters():
+        p.requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="alignkit"):
+        got = step(model, batch)
+    assert "had a parameter replaced by another object" in caplog.text and cache.hits == 1 and not cache.verified
+    step(model, batch), step(model, batch)  # the new objects are watched: filled, checked, then used again
+    assert cache.hits == 2 and cache.verified
+    reft_of(model).disable_prefix_cache()
+    assert torch.equal(got[0], step(model, batch)[0])
+
+
 def test_left_padding_runs_without_the_cache(base_dir):
     model = reft_model(base_dir)
     feats = features()
@@ -257,3 +279,30 @@ def test_cli_refuses_true_where_the_model_cannot_use_it_before_writing(tmp_path,
     assert rc == 2 and len(lines) == 1, err
     assert "train.reft_prefix_cache: true" in lines[0] and "layer 0" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_adding_an_adapter_while_the_cache_is_on_is_refused(base_dir):
+    """An adapter added under a live cache with an intervention in the cached layers (here layer 0's input, b = 3)
+    had its edit skipped: the cached forward replayed layers 0-2 from the store (logits off by ~1 on this model).
+    Now add_adapter refuses while the cache is on, naming the fix; off, on again, the outputs are the uncached ones."""
+    from alignkit.interventions.config import ReftConfig, RepresentationConfig
+    model = reft_model(base_dir)
+    reft = reft_of(model)
+    batch = SFTCollator(0)(features())
+    reft.enable_prefix_cache()
+    step(model, batch), step(model, batch)
+    low = ReftConfig([RepresentationConfig(layer=0, component="block_input", intervention="lobireft",
+                                           low_rank_dimension=2)], positions="f3+l3")
+    with pytest.raises(ValueError, match=r"adapter 'low': the ReFT prefix cache is on .* layers 0-2 .*"
+                                         r"disable_prefix_cache\(\) before adding"):
+        reft.add_adapter("low", low)
+    assert reft.adapter_names == ["default"] and len(reft.slots) == 1  # nothing attached
+    reft.disable_prefix_cache()
+    reft.add_adapter("low", low)
+    with torch.no_grad():
+        reft.interventions["low"][0].learned_source.normal_(0, 3.0)
+    want = step(model, batch)
+    with pytest.raises(ValueError, match="layer 0"):  # an intervention in layer 0's input: nothing to cache
+        reft.enable_prefix_cache()
+    assert reft._prefix_cache is None
+    assert torch.equal(step(model, batch)[0], want[0])

@@ -134,6 +134,11 @@ class ReftModel(nn.Module):
                              f"(adapters: {list(self.interventions)})")
         if interventions is not None and len(interventions) != len(config.representations):
             raise ValueError(f"{len(interventions)} interventions for {len(config.representations)} representations")
+        if self._prefix_cache is not None:  # it replays layers 0..b-1 from its store: a new edit there would be lost
+            raise ValueError(f"adapter {name!r}: the ReFT prefix cache is on and replays decoder layers 0-"
+                             f"{self._prefix_cache.frozen - 1} from stored states, so an intervention the new adapter "
+                             "puts there would be skipped; call disable_prefix_cache() before adding an adapter and "
+                             "enable_prefix_cache() after")
         base = hf_model(self.model)
         _, layers = find_decoder_layers(base)
         ref = next((p for p in layers.parameters() if p.is_floating_point()), None)

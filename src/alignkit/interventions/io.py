@@ -130,9 +130,11 @@ def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
             raise ValueError(f"{path}: the adapter was trained on a model with {key}={saved.get(key)}, "
                              f"this model has {key}={here[key]}; load it onto a {saved.get('model_type')} "
                              f"model of the same shape ({saved.get('name_or_path') or 'see base_model'})")
-    if saved.get("model_type") != here["model_type"]:
-        logger.warning("%s: adapter trained on model_type %r, loading onto %r", path, saved.get("model_type"),
-                       here["model_type"])
+    if saved.get("model_type") != here["model_type"]:  # same widths, another network: its edits mean nothing there
+        raise ValueError(f"{path}: the adapter was trained on a model with model_type={saved.get('model_type')!r}, "
+                         f"this model has model_type={here['model_type']!r}; load it onto the "
+                         f"{saved.get('model_type')} model it was trained on "
+                         f"({saved.get('name_or_path') or 'see base_model'})")
 
 
 def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -220,10 +222,32 @@ def load_adapter_into(reft_model: ReftModel, folder: str | Path, adapter_name: s
     reft_model.add_adapter(adapter_name, config, modules)
 
 
+def _check_same_places(reft_model: ReftModel, adapter_name: str, meta: dict[str, Any], path: Path) -> None:
+    """Refuse (ValueError, one line) weights saved from interventions at another (layer, component), or trained on
+    other positions, than adapter `adapter_name`'s: the same types and sizes would load and edit another place."""
+    slots = [s for s in reft_model.slots if s.adapter == adapter_name]
+    for i, (item, slot) in enumerate(zip(meta["interventions"], slots)):
+        saved, here = (item.get("layer"), item.get("component")), (slot.layer, slot.component)
+        if saved != here:
+            raise ValueError(f"{path}: interventions[{i}] was trained at layer {saved[0]}, component {saved[1]!r}, "
+                             f"and adapter {adapter_name!r} has it at layer {here[0]}, component {here[1]!r}, so its "
+                             f"weights would edit another place; build the adapter with the folder's representations, "
+                             f"or load the folder whole (load_reft / alignkit.adapters.load_adapter)")
+    saved_cfg = ReftConfig.from_dict(meta["reft_config"], where=f"{path}: reft_config")
+    live = reft_model.adapter_configs[adapter_name]
+    if saved_cfg.positions is not None and live.positions is not None and \
+            (saved_cfg.positions, saved_cfg.share_weights) != (live.positions, live.share_weights):
+        raise ValueError(f"{path}: the weights were trained on positions {saved_cfg.positions!r} (share_weights="
+                         f"{saved_cfg.share_weights}), and adapter {adapter_name!r} edits {live.positions!r} "
+                         f"(share_weights={live.share_weights}); set adapter.reft.positions to the saved ones, or load "
+                         f"the folder whole (load_reft / alignkit.adapters.load_adapter)")
+
+
 def read_reft_weights(reft_model: ReftModel, folder: str | Path, adapter_name: str | None = None) -> None:
     """Copy the weights saved in `folder` into the live interventions of adapter `adapter_name` (default:
     the name saved in the folder if the model has it, else the model's only adapter), in place: the
-    parameter objects stay the same, so an optimizer holding them lines up (resume, best model)."""
+    parameter objects stay the same, so an optimizer holding them lines up (resume, best model). Weights saved from
+    interventions of other types or sizes, at another (layer, component), or trained on other positions are refused."""
     folder = Path(folder)
     meta = _read_meta(folder)
     names = reft_model.adapter_names
@@ -238,6 +262,7 @@ def read_reft_weights(reft_model: ReftModel, folder: str | Path, adapter_name: s
                                       for a, b in zip(saved, live)):
         raise ValueError(f"{folder / CONFIG_NAME}: the saved interventions {[a['spec'] for a in saved]} differ from "
                          f"adapter {adapter_name!r}'s {[b.spec() for b in live]}; use load_reft for another layout")
+    _check_same_places(reft_model, adapter_name, meta, folder / CONFIG_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME, meta)
     fresh = _build(meta, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
     with torch.no_grad():

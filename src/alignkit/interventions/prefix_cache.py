@@ -25,8 +25,11 @@ Loud where it could be wrong:
   cached states (max |difference| <= 64 eps x max |h|, eps of the states' dtype or of autocast's, i.e. float
   rounding of other matmul shapes);
   further apart raises `PrefixCacheMismatch` (what, by how much, how to turn the cache off);
-- the frozen prefix's parameters are watched through their version counters: any in-place change (a load, an
-  optimiser step on a parameter that should have been frozen) empties the cache, with a warning;
+- `ReftModel.add_adapter` is refused while the cache is on: a new intervention in the cached layers would be
+  skipped by the replay;
+- the frozen prefix's parameters are watched through their version counters and their identity: any in-place
+  change (a load, an optimiser step on a parameter that should have been frozen) or a parameter replaced by another
+  object (`load_state_dict(assign=True)`, a module swapped in) empties the cache, with a warning;
 - `unusable_reason` refuses models where the prefix is not fixed: a trainable parameter in layers 0 .. b-1 (LoRA
   there), a dropout (module or attention dropout) there, compiled or checkpointed layers, sharded layers (FSDP2,
   DeepSpeed ZeRO-3), accelerate offload hooks, an intervention outside the decoder layers or in layer 0's input
@@ -153,7 +156,8 @@ class PrefixCache:
         self.frozen = frozen_layers(reft_model)  # b: layers 0 .. b-1 are cached
         base = hf_model(reft_model.model)
         _, self.layers = find_decoder_layers(base)
-        self._watched = [p for m in _prefix_modules(base, self.layers, self.frozen) for p in m.parameters()]
+        self._base = base
+        self._watched = self._prefix_parameters()
         self._versions = self._version_sum()
         self.max_bytes = int(max_bytes)
         self.store: dict[bytes, Tensor] = {}
@@ -168,8 +172,20 @@ class PrefixCache:
         # prepend: the states are read before any intervention hook on the same layer edits them
         self._handles = [self.layers[self.frozen - 1].register_forward_hook(self._out_hook, prepend=True)]
 
+    def _prefix_parameters(self) -> list[Tensor]:
+        return [p for m in _prefix_modules(self._base, self.layers, self.frozen) for p in m.parameters()]
+
     def _version_sum(self) -> int:
         return sum(p._version for p in self._watched)
+
+    def _replaced(self) -> bool:
+        """A frozen parameter (or module) was replaced by another object (`load_state_dict(assign=True)`, a module
+        swapped in): its version counter is not the one watched. Then the new objects are watched."""
+        now = self._prefix_parameters()
+        if len(now) == len(self._watched) and all(a is b for a, b in zip(now, self._watched)):
+            return False
+        self._watched = now
+        return True
 
     def remove(self) -> None:
         for h in self._handles:
@@ -183,11 +199,13 @@ class PrefixCache:
     @contextlib.contextmanager
     def around(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Iterator[None]:
         """Run one forward of the model with the cache: fill, verify or use it (see the module's docstring)."""
+        replaced = self._replaced()
         versions = self._version_sum()
-        if versions != self._versions:
+        if replaced or versions != self._versions:
             if self.store:
-                logger.warning("ReFT prefix cache: the frozen layers 0-%d changed in place; the %d cached "
-                               "examples are dropped and computed again", self.frozen - 1, len(self.store))
+                logger.warning("ReFT prefix cache: the frozen layers 0-%d %s; the %d cached examples are dropped and "
+                               "computed again", self.frozen - 1, "had a parameter replaced by another object"
+                               if replaced else "changed in place", len(self.store))
             self.store.clear()
             self.bytes, self.verified, self._versions = 0, False, versions
         segs = _segments(input_ids, attention_mask, position_ids)
