@@ -435,6 +435,10 @@ def test_schedule_is_built_by_get_scheduler_from_the_arguments(tiny_dir, tokeniz
         pass
     else:
         fail(TF, "get_scheduler no longer passes scheduler_specific_kwargs to the schedule as keyword arguments", where)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    transformers.get_scheduler("constant", opt, num_warmup_steps=3, num_training_steps=4)
+    check(opt.param_groups[0]["lr"] == 1.0, TF, "get_scheduler('constant') now reads num_warmup_steps (alignkit's "
+          "check_warmup refuses a warm-up with it as ignored)", where, f"lr at step 0: {opt.param_groups[0]['lr']}")
 
 
 def test_neftune_noise_follows_the_embedding_modules_training_flag(tiny_dir):
