@@ -636,3 +636,25 @@ def test_on_step_end_follows_each_optimizer_step_before_its_checkpoint(tiny_dir,
           "global_step is counted (ref_sync would mix at other steps)", where, f"steps seen {seen}")
     check(not any(saved for _, saved in seen), TF, "the step's checkpoint is saved before on_step_end (it would hold "
           "the reference before that step's sync)", where, f"{seen}")
+
+
+# T27 -----------------------------------------------------------------------------------------------------
+
+def test_set_seed_seeds_numpy_whose_range_bounds_train_seed():
+    """`transformers.set_seed(seed)` seeds numpy too, whose `np.random.seed` takes only [0, 2**32 - 1]: a negative or
+    larger train.seed stopped every command at its first set_seed ('unexpected error'); settings/bounds.py's
+    TRAIN_BOUNDS refuses it with the key when the config loads."""
+    import numpy as np
+
+    where = "alignkit/settings/bounds.py:TRAIN_BOUNDS (seed)"
+    transformers.set_seed(2 ** 32 - 1)
+    first = np.random.rand()
+    transformers.set_seed(2 ** 32 - 1)
+    check(np.random.rand() == first, TF, "set_seed no longer seeds numpy's global generator", where)
+    for bad in (-1, 2 ** 32):
+        try:
+            transformers.set_seed(bad)
+        except ValueError:
+            continue
+        fail(TF, f"set_seed({bad}) no longer raises ValueError: train.seed's bound [0, 2**32 - 1] may be too narrow",
+             where)
