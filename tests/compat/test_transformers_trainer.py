@@ -435,6 +435,10 @@ def test_schedule_is_built_by_get_scheduler_from_the_arguments(tiny_dir, tokeniz
         pass
     else:
         fail(TF, "get_scheduler no longer passes scheduler_specific_kwargs to the schedule as keyword arguments", where)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    transformers.get_scheduler("constant", opt, num_warmup_steps=3, num_training_steps=4)
+    check(opt.param_groups[0]["lr"] == 1.0, TF, "get_scheduler('constant') now reads num_warmup_steps (alignkit's "
+          "check_warmup refuses a warm-up with it as ignored)", where, f"lr at step 0: {opt.param_groups[0]['lr']}")
 
 
 def test_neftune_noise_follows_the_embedding_modules_training_flag(tiny_dir):
@@ -632,3 +636,25 @@ def test_on_step_end_follows_each_optimizer_step_before_its_checkpoint(tiny_dir,
           "global_step is counted (ref_sync would mix at other steps)", where, f"steps seen {seen}")
     check(not any(saved for _, saved in seen), TF, "the step's checkpoint is saved before on_step_end (it would hold "
           "the reference before that step's sync)", where, f"{seen}")
+
+
+# T28 -----------------------------------------------------------------------------------------------------
+
+def test_set_seed_seeds_numpy_whose_range_bounds_train_seed():
+    """`transformers.set_seed(seed)` seeds numpy too, whose `np.random.seed` takes only [0, 2**32 - 1]: a negative or
+    larger train.seed stopped every command at its first set_seed ('unexpected error'); settings/bounds.py's
+    TRAIN_BOUNDS refuses it with the key when the config loads."""
+    import numpy as np
+
+    where = "alignkit/settings/bounds.py:TRAIN_BOUNDS (seed)"
+    transformers.set_seed(2 ** 32 - 1)
+    first = np.random.rand()
+    transformers.set_seed(2 ** 32 - 1)
+    check(np.random.rand() == first, TF, "set_seed no longer seeds numpy's global generator", where)
+    for bad in (-1, 2 ** 32):
+        try:
+            transformers.set_seed(bad)
+        except ValueError:
+            continue
+        fail(TF, f"set_seed({bad}) no longer raises ValueError: train.seed's bound [0, 2**32 - 1] may be too narrow",
+             where)

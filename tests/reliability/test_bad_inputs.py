@@ -52,6 +52,8 @@ CONFIG_CASES = [
     ("max_steps zero", ["train.max_steps=0"], ["train.max_steps", ">= 1, or -1"]),
     ("grad accumulation zero", ["train.gradient_accumulation_steps=0"], ["train.gradient_accumulation_steps", ">= 1"]),
     ("negative lr", ["train.learning_rate=-1e-3"], ["train.learning_rate", "> 0"]),
+    ("negative seed", ["train.seed=-1"], ["train.seed", "-1 is out of range", "in [0, 2**32 - 1]"]),
+    ("seed past numpy's", ["train.seed=4294967296"], ["train.seed", "in [0, 2**32 - 1]"]),
     ("nan lr", ["train.learning_rate=.nan"], ["train.learning_rate", "not a finite number"]),
     ("scheduler typo", ["train.lr_scheduler_type=cosin"], ["train.lr_scheduler_type", "did you mean 'cosine'"]),
     ("optimizer typo", ["train.optim=adamw"], ["train.optim", "did you mean 'adamw_torch'"]),

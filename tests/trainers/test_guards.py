@@ -392,6 +392,12 @@ def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, opti
                                  "transformers cannot build the schedule: One of min_lr or min_lr_rate"),
     ("cosine_with_min_lr", {"min_lr": 1e-6}, None), ("cosine", {"num_cycles": 0.3}, None), ("constant", None, None),
     ("warmup_stable_decay", {"num_decay_steps": 1}, None),
+    # a warm-up the schedule is built without (the run started at the full rate), or as long as the run (max_steps 2
+    # in fast_args): the rate never reached learning_rate
+    ("constant", {"warmup_steps": 1}, "train.warmup_steps=1: lr_scheduler_type='constant' has no warm-up"),
+    ("constant", {"warmup_steps": 0.5}, "train.warmup_steps=0.5: lr_scheduler_type='constant' has no warm-up"),
+    ("linear", {"warmup_steps": 2}, "train.warmup_steps=2: as long as the whole run (train.max_steps=2)"),
+    ("linear", {"warmup_steps": 0.5}, None), ("constant_with_warmup", {"warmup_steps": 0.5}, None),
 ])
 def test_schedules_the_trainer_would_not_build_or_apply_are_refused(schedule, kwargs, says, make_model, features,
                                                                    collators, tmp_path):
@@ -400,7 +406,9 @@ def test_schedules_the_trainer_would_not_build_or_apply_are_refused(schedule, kw
     without a word. Refused when the trainer is built (not when it is given its own scheduler)."""
     from alignkit.settings import ConfigError
 
-    args = fast_args(tmp_path, lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs)
+    kwargs = dict(kwargs or {})
+    warmup = {"warmup_steps": kwargs.pop("warmup_steps")} if "warmup_steps" in kwargs else {}
+    args = fast_args(tmp_path, lr_scheduler_type=schedule, lr_scheduler_kwargs=kwargs or None, **warmup)
     model = make_model("lora")
     if says is None:
         SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"])

@@ -137,7 +137,7 @@ class _StageBar:
 def _args(out: Path, steps: int, batch: int, lr: float, seed: int):
     return TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
                              per_device_eval_batch_size=128, learning_rate=lr, lr_scheduler_type="cosine",
-                             warmup_steps=max(1, steps // 10), weight_decay=0.0, logging_steps=max(1, steps // 10),
+                             warmup_steps=steps // 10, weight_decay=0.0, logging_steps=max(1, steps // 10),
                              save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=True,
                              disable_tqdm=True, dataloader_num_workers=0)
 

@@ -96,6 +96,8 @@ TOP_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
 # train keys (TrainingArguments' and the online commands' alike): checked when the config sets them
 TRAIN_BOUNDS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("learning_rate", _pos, "> 0"),
+    # transformers' set_seed seeds numpy too, which takes only these: -1 stopped the run as an 'unexpected error'
+    ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32 - 1] (numpy's seed range; transformers' set_seed seeds it)"),
     ("ema_decay", lambda v: 0 < v < 1, "in (0, 1) (DeepSpeed-Chat's 0.992), or null for no EMA"),
     ("max_steps", lambda v: v >= 1 or v == -1, ">= 1, or -1 to train num_train_epochs epochs"),
     ("num_train_epochs", _pos, "> 0"),

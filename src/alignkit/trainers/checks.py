@@ -394,6 +394,7 @@ def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"train.lr_scheduler_kwargs={given}: lr_scheduler_type={name!r} takes no arguments "
                           "(transformers builds it without them), so they would be ignored; remove them, or choose "
                           "the schedule that reads them (e.g. cosine_with_min_lr for min_lr)")
+    check_warmup(args, name)
     steps = args.max_steps if args.max_steps and args.max_steps > 0 else 100
     trial = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
@@ -403,6 +404,27 @@ def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"train.lr_scheduler_type={name!r} with train.lr_scheduler_kwargs={given}: transformers "
                           f"cannot build the schedule: {str(e).splitlines()[0].rstrip('.')}; give "
                           f"train.lr_scheduler_kwargs the arguments of its {name} schedule") from None
+
+
+# schedules transformers' get_scheduler builds without num_warmup_steps: a warm-up given with them is dropped
+NO_WARMUP_SCHEDULES = ("constant", "reduce_lr_on_plateau", "greedy")
+
+
+def check_warmup(args: TrainingArguments, name: str) -> None:
+    """`warmup_steps` the schedule would not apply as written: given to a schedule built without it (constant: the
+    run trained at the full rate from its first step, without a word), or as long as a run of `max_steps` or longer
+    (the rate never reached `learning_rate`)."""
+    warmup = args.warmup_steps or 0
+    if warmup > 0 and name in NO_WARMUP_SCHEDULES:
+        instead = "constant_with_warmup" if name == "constant" else "a schedule with warm-up (e.g. linear)"
+        raise ConfigError(f"train.warmup_steps={warmup:g}: lr_scheduler_type={name!r} has no warm-up (transformers "
+                          f"builds it without warmup_steps), so it would be ignored and the run would start at the "
+                          f"full learning rate; use lr_scheduler_type={instead}, or remove train.warmup_steps")
+    if warmup >= 1 and args.max_steps and 0 < args.max_steps <= int(warmup):
+        raise ConfigError(f"train.warmup_steps={int(warmup)}: as long as the whole run (train.max_steps="
+                          f"{args.max_steps}), so the learning rate would never reach train.learning_rate (it ends "
+                          f"at {args.max_steps / int(warmup):.0%} of it); give fewer warm-up steps (or a fraction, "
+                          "e.g. 0.1) or a longer run")
 
 
 def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
@@ -528,7 +550,8 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
-           "check_resumable", "check_scheduler", "TRAINING_FIELDS", "settings_changes", "training_changes",
+           "check_resumable", "check_scheduler", "check_warmup", "TRAINING_FIELDS", "settings_changes",
+           "training_changes",
            "data_digest", "lower_is_better", "refuse_deepspeed_mismatches", "deepspeed_config_source",
            "deepspeed_replacements", "OFFLOAD_KEEPS", "refuse_optimizer_offload", "refuse_all_zero_weights",
            "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions", "refuse_trainer_fsdp_on_cpu",
