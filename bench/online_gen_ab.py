@@ -10,8 +10,9 @@ step the model's own forward: decode.FAST_STEP off), `lean, inverse cdf` (the de
 the fast decode step, `online.fast_step`), `lean, inverse cdf, unfused` (the default with `fast_step.FUSE` off:
 each layer's q/k/v, gate/up, norms called one module at a time).
 Each call's CPU seconds (time.process_time, 1 thread); prints min and median per variant and the paired ratio
-generate / variant (median, min-max over the repeats). Checks first that every multinomial variant gives
-generate's tokens, and that the inverse-CDF variant gives as many tokens per call within 25 % (other draws).
+generate / variant (`common.paired_summary`: median, min-max and the median's CI over the repeats). Checks first
+that every multinomial variant gives generate's tokens, and that the inverse-CDF variant gives as many tokens per
+call within 25 % (other draws).
 A ratio is printed only where both sides generated rows of the same lengths (the same decode work,
 `common.generation_mismatch`; the inverse-CDF variants draw other tokens, so with stop tokens their rows end
 elsewhere): otherwise "n/c" and a NOT COMPARABLE line saying how the generations differ.
@@ -103,8 +104,7 @@ def main() -> None:
             if why:
                 notes.append(f"  NOT COMPARABLE {a!r} vs {b!r} (n/c: no ratio): {why}")
                 return "n/c"
-            ratios = [x / y for x, y in zip(cpu[a], cpu[b])]
-            return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            return common.paired_summary([x / y for x, y in zip(cpu[a], cpu[b])])
 
         for v in variants:
             print(f"  {v:<20} min {min(cpu[v]) * 1e3:6.1f}  median {statistics.median(cpu[v]) * 1e3:6.1f}   "
