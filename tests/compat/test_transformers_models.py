@@ -532,3 +532,20 @@ def test_a_damaged_generation_config_falls_back_to_config_json_without_an_error(
     check(model.generation_config.eos_token_id == model.config.eos_token_id == 2, TF,
           "a damaged generation_config.json no longer falls back to config.json's ids", where,
           f"{model.generation_config.eos_token_id}")
+
+
+def test_a_causal_lm_loss_skips_labels_of_minus_100_and_predicts_each_label_from_the_token_before(tiny_lm):
+    """Row T29: a causal LM's loss (transformers' ForCausalLMLoss) leaves out every label -100 and scores label t
+    against the logits at t - 1. alignkit reads a pyreft batch by the same rule: the tokens before a row's first
+    label != -100 are its prompt, where ReFT positions go (`ReftModel.forward(labels=...)`, ReftTrainer)."""
+    where = "alignkit/interventions/positions.py:completion_mask_from_labels"
+    model = tiny_lm("llama")
+    ids = torch.tensor([[5, 9, 14, 20, 33, 41]])
+    labels = ids.clone()
+    labels[0, :3] = -100  # prompt: tokens 0-2; targets: tokens 3-5, predicted from the logits at 2-4
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    want = torch.nn.functional.cross_entropy(out.logits[0, 2:5].float(), ids[0, 3:6])
+    check(math.isclose(float(out.loss), float(want), rel_tol=1e-5), TF,
+          "a causal LM's loss no longer skips labels of -100 and scores label t at logits t - 1", where,
+          f"loss {float(out.loss)} against {float(want)} over targets 3-5")

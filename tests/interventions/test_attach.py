@@ -422,6 +422,28 @@ def test_a_module_path_in_another_layer_than_layer_is_refused(tiny_lm):
     assert (reft.slots[0].layer, reft.slots[0].path) == (1, "model.layers.1.mlp")
 
 
+@pytest.mark.parametrize("component", ["model.embed_tokens", "model.norm", "input:model.norm"])
+def test_a_module_path_outside_the_layers_takes_layer_0_and_refuses_another(component, tiny_lm):
+    """A module path outside the decoder layers (embeddings, final norm) accepted any in-range layer, attached by the
+    path alone and saved that unused layer as where the adapter edits. Now a layer other than 0 is a ValueError
+    naming the component and the fix; layer 0 attaches at the path and edits the selected position."""
+    base = tiny_lm("llama")
+    with pytest.raises(ValueError) as e:
+        get_reft_model(base, ReftConfig([RepresentationConfig(layer=1, component=component, low_rank_dimension=2)]))
+    msg = str(e.value)
+    assert repr(component) in msg and "outside the decoder layers" in msg and "layer 1" in msg \
+        and "set layer: 0" in msg, msg
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())  # refused before any hook
+    reft = get_reft_model(base, ReftConfig([RepresentationConfig(layer=0, component=component, low_rank_dimension=2)]))
+    assert (reft.slots[0].layer, reft.slots[0].path) == (0, component.removeprefix("input:"))
+    perturb(reft.interventions, 2.0, seed=1)
+    ids = ids_batch(1)
+    loc = torch.tensor([[[4]]])
+    with torch.no_grad():
+        out, want = reft(input_ids=ids, intervention_locations=loc).logits, base(input_ids=ids).logits
+    assert not torch.allclose(out[0, 4], want[0, 4])  # the edit reaches the logits at its position
+
+
 def test_embed_dim_is_the_components_width_and_a_wrong_one_is_refused_when_attached(tiny_lm):
     """The intervention's width was the model's hidden size (or embed_dim as given) whatever the component: on a
     module of another width (the MLP's down_proj input: intermediate_size) or with a wrong embed_dim, attaching

@@ -113,3 +113,78 @@ def test_apply_adapter_refuses_two_disagreeing_position_specs(tiny_lm):
         apply_adapter(tiny_lm("llama"), AdapterConfig(kind="reft", reft=ReftSettings(config=rc, positions="f1+l1")))
     model = apply_adapter(tiny_lm("llama"), AdapterConfig(kind="reft", reft=ReftSettings(config=rc, positions="f3")))
     assert model.adapter_configs["default"].positions == "f3"
+
+
+def _labelled_batch(tokenizer, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two pyreft rows (prompt + response, labels -100 off the response and on pads), padded on `side` to 15."""
+    rows = [("Q: hi\nA:", " yes"), ("Q: what is it\nA:", " no way")]
+    ids, mask, labels = [], [], []
+    for prompt, response in rows:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"]
+        pad = 15 - len(p) - len(r)
+        seq, att, lab = p + r, [1] * (len(p) + len(r)), [-100] * len(p) + r
+        before, after = (pad, 0) if side == "left" else (0, pad)
+        ids.append([0] * before + seq + [0] * after)
+        mask.append([0] * before + att + [0] * after)
+        labels.append([-100] * before + lab + [-100] * after)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
+
+
+# By hand from the tiny tokenizer: "Q: hi\nA:" is 8 tokens + " yes" 4; "Q: what is it\nA:" is 9 + " no way" 6.
+# Right padding: row 0's prompt is [0, 8), row 1's [0, 9); left padding shifts row 0 by its 3 pads: [3, 11).
+# Spec "f1+l2": the first prompt token, then the last two.
+BY_HAND = {"right": [[0, 6, 7], [0, 7, 8]], "left": [[3, 9, 10], [0, 7, 8]]}
+WHOLE_ROW = {"right": [[0, 10, 11], [0, 13, 14]], "left": [[3, 13, 14], [0, 13, 14]]}  # the old placement
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_forward_with_labels_places_positions_on_the_prompt_as_reft_trainer_does(side, tokenizer, tiny_lm):
+    """A pyreft-style `forward(input_ids, attention_mask, labels=...)` without completion_mask or locations took
+    the whole row as the prompt, so 'l2' edited the response's last tokens (training, which reads
+    labels != -100 as the completion, edited the prompt's): a silently other model. Now the prompt ends at each
+    row's first label != -100: the positions by hand, the same logits and loss as with the explicit
+    completion_mask or locations, and not the old whole-row ones."""
+    from alignkit.interventions.positions import prompt_spans_from_labels
+
+    ids, mask, labels = _labelled_batch(tokenizer, side)
+    assert len(tokenizer("Q: hi\nA:", add_special_tokens=False)["input_ids"]) == 8  # the counts used by hand
+    start, length = prompt_spans_from_labels(mask, labels)
+    assert (start.tolist(), length.tolist()) == ({"right": [0, 0], "left": [3, 0]}[side], [8, 9])
+    reps = [RepresentationConfig(layer=0, low_rank_dimension=2), RepresentationConfig(layer=1, low_rank_dimension=2)]
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig(reps, positions="f1+l2"))
+    perturb(reft.interventions, 2.0, seed=3)
+    loc = reft.default_locations(mask, labels=labels)
+    assert loc.tolist() == [[row, row] for row in BY_HAND[side]]
+    with torch.no_grad():
+        got = reft(input_ids=ids, attention_mask=mask, labels=labels)
+        explicit = reft(input_ids=ids, attention_mask=mask, labels=labels,
+                        intervention_locations=torch.tensor(BY_HAND[side])[:, None, :].expand(2, 2, 3))
+        comp = reft(input_ids=ids, attention_mask=mask, labels=labels, completion_mask=(labels != -100).long())
+        old = reft(input_ids=ids, attention_mask=mask, labels=labels,
+                   intervention_locations=torch.tensor(WHOLE_ROW[side])[:, None, :].expand(2, 2, 3))
+    for want in (explicit, comp):
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+        torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    assert not torch.allclose(got.loss, old.loss)  # the placement matters to the loss
+
+
+def test_forward_with_labels_refuses_a_row_without_prompt_and_places_a_row_without_target_whole(tokenizer, tiny_lm):
+    """A row whose first attended token is already a target (labels=input_ids) has no prompt end: one ValueError
+    naming the row and the fix (it was placed on the whole row, i.e. on its last targets). A row without any target
+    (all -100: pyreft's row whose response was cut by truncation) is prompt to its end, as pyreft counts it (its
+    prompt's tokens) and as ReftTrainer trains it. A classifier's (B,) class ids place nothing: whole rows, as
+    before."""
+    ids, mask, labels = _labelled_batch(tokenizer, "left")
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig([RepresentationConfig(layer=0, low_rank_dimension=2)],
+                                                       positions="l1"))
+    bad = torch.where(mask.bool(), ids, -100)
+    bad[0] = labels[0]  # row 0 fine, row 1 labelled from its first token
+    with pytest.raises(ValueError) as e:
+        reft(input_ids=ids, attention_mask=mask, labels=bad)
+    msg = str(e.value)
+    assert "labels row 1" in msg and "index 0" in msg and "-100" in msg and "completion_mask" in msg, msg
+    none = labels.clone()
+    none[1] = -100  # row 1: no target at all -> its whole attended span [0, 15) is the prompt
+    assert reft.default_locations(mask, labels=none).tolist() == [[[10]], [[14]]]
+    assert reft.default_locations(mask, labels=torch.tensor([1, 0])).tolist() == [[[14]], [[14]]]  # class ids

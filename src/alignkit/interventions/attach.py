@@ -46,7 +46,9 @@ from alignkit.interventions.locate import (  # noqa: F401  (re-exported: users i
     resolve_component,
 )
 from alignkit.interventions.locate import component_width
-from alignkit.interventions.positions import locations_from_spans, prompt_spans, prompt_spans_from_mask
+from alignkit.interventions.positions import (
+    locations_from_spans, prompt_spans, prompt_spans_from_labels, prompt_spans_from_mask,
+)
 from alignkit.interventions.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache
 
 logger = logging.getLogger(__name__)
@@ -367,16 +369,20 @@ class ReftModel(nn.Module):
         self.adapter_configs[name] = dataclasses.replace(self.adapter_configs[name], positions=positions,
                                                          share_weights=share_weights)
 
-    def default_locations(self, attention_mask: torch.Tensor,
-                          completion_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    def default_locations(self, attention_mask: torch.Tensor, completion_mask: torch.Tensor | None = None,
+                          labels: torch.Tensor | None = None) -> torch.Tensor | None:
         """`(B, I, P)` locations from each adapter's saved position spec: the prompt is each row's attended
-        span up to its first completion token (`completion_mask`), or the whole attended span without one
-        (a prompt-only batch, as `generate` gets). None when no adapter has a spec; an adapter without one
-        gets -1 (no edit)."""
-        if completion_mask is None:
-            start, length = prompt_spans_from_mask(attention_mask)
-        else:
+        span up to its first completion token (`completion_mask`), else up to its first target (`labels` `(B, T)`,
+        -100 off the response, as ReftTrainer reads pyreft batches; `positions.prompt_spans_from_labels`: a row
+        whose first token is a target is refused), else the whole attended span (a prompt-only batch, as
+        `generate` gets). None when no adapter has a spec; an adapter without one gets -1 (no edit)."""
+        spec = any(cfg.positions for cfg in self.adapter_configs.values())  # else labels place nothing: not read
+        if completion_mask is not None:
             start, length = prompt_spans(attention_mask, completion_mask)
+        elif spec and labels is not None and labels.shape == attention_mask.shape and not labels.is_floating_point():
+            start, length = prompt_spans_from_labels(attention_mask, labels)
+        else:  # no labels, or a classifier's (B,) class ids / (B, C) multi-label targets: prompt-only rows
+            start, length = prompt_spans_from_mask(attention_mask)
         return self.span_locations(start, length)
 
     def span_locations(self, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor | None:
@@ -437,8 +443,10 @@ class ReftModel(nn.Module):
         """The base model's forward (loss included when `labels` are given) with the interventions
         applied at `intervention_locations` `(B, I, P)` (-1 = none). Without locations, each adapter's
         saved position spec (`ReftConfig.positions`) places them on the prompt: the attended span up to
-        the first token of `completion_mask` (pass it for prompt + completion rows), or the whole attended
-        span; a switched-on adapter without a spec edits nothing (one warning). A forward
+        the first token of `completion_mask` (pass it for prompt + completion rows), else up to the first
+        target of `labels` (`(B, T)`, -100 off the response: pyreft's batches, placed as ReftTrainer trains
+        them; a row whose first token is a target is a ValueError), else the whole attended span; a
+        switched-on adapter without a spec edits nothing (one warning). A forward
         continuing a KV cache gets no default locations (its prompt was placed when it ran)."""
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         start = cache_length(find_cache(kwargs)[1])  # a cache the caller passed in (any keyword)
@@ -446,8 +454,9 @@ class ReftModel(nn.Module):
         if intervention_locations is None and start == 0:  # with a cache, the prompt was placed when it ran
             mask = attention_mask if attention_mask is not None else torch.ones(ref.shape[:2], dtype=torch.long)
             self._check_specs("forward")
-            intervention_locations = self.default_locations(mask.cpu(), None if completion_mask is None
-                                                            else completion_mask.cpu())
+            intervention_locations = self.default_locations(
+                mask.cpu(), None if completion_mask is None else completion_mask.cpu(),
+                None if labels is None else labels.cpu())
         locations, last = self._prepare_locations(intervention_locations, ref.shape[0], with_last=True)
         if start == 0 and last is not None and last >= ref.shape[1]:
             _refuse_past_input(torch.as_tensor(intervention_locations), int(ref.shape[1]))

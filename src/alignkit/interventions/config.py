@@ -13,7 +13,8 @@ Components: `block_output` (default: the residual stream after the layer), `bloc
 `mlp_output`, `mlp_input`, `attention_output`, `attention_input`, or an explicit module path inside
 the model, e.g. `model.layers[3].mlp` (its output is intervened on; prefix `input:` to intervene on
 its input instead, e.g. `input:model.layers[3].mlp`); a path inside a decoder layer must name the
-representation's `layer`.
+representation's `layer`, one outside them (`model.embed_tokens`, `model.norm`) takes layer 0, which it does
+not use (any other value is refused when attached).
 """
 
 from __future__ import annotations

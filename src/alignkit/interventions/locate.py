@@ -3,7 +3,9 @@
 The decoder-layer list is the `nn.ModuleList` whose length is the config's layer count (Llama/Qwen2
 `model.layers`, GPT-2 `transformer.h`, GPT-NeoX `gpt_neox.layers`, ...); attention and MLP submodules are
 found by their usual names (`self_attn`, `attn`, `mlp`, ...), then by a name containing "att" / "mlp".
-An explicit module path (`model.layers[3].mlp`, `input:` prefix for its input) is used as given.
+An explicit module path (`model.layers[3].mlp`, `input:` prefix for its input) is used as given; its
+representation's `layer` must be the decoder layer it sits in, or 0 for a module outside the layers
+(`model.embed_tokens`, `model.norm`), where the path alone places it.
 A `peft` wrapper is looked through (`hf_model`).
 """
 
@@ -110,6 +112,11 @@ def resolve_component(model: nn.Module, rep: RepresentationConfig) -> tuple[str,
         if inside is not None and inside != rep.layer:
             raise ValueError(f"component {comp!r} is a module of decoder layer {inside}, and the representation says "
                              f"layer {rep.layer}; set layer: {inside} (the module path decides where it is attached)")
+        if inside is None and rep.layer != 0:  # else an unused layer would be saved as where it edits
+            raise ValueError(f"component {comp!r} is outside the decoder layers ({layers_path}), so the module path, "
+                             f"not layer {rep.layer}, decides where it is attached, and that layer would be saved as "
+                             f"where it edits without being used; set layer: 0 (what a module path outside the "
+                             f"layers takes)")
         return path, module, is_input
     where, is_input = comp.rsplit("_", 1)[0], comp.endswith("_input")
     layer_path = f"{layers_path}.{rep.layer}"

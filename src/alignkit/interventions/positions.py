@@ -219,6 +219,36 @@ def prompt_spans(attention_mask: torch.Tensor, completion_mask: torch.Tensor) ->
     return start, first_comp - start
 
 
+IGNORE_INDEX = -100  # the label of a token outside the loss (transformers' cross-entropy `ignore_index`)
+
+
+def completion_mask_from_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 completion mask of a pyreft batch (labels -100 off the response): 1 on each target token. What
+    ReftTrainer derives for a batch without `completion_mask` and `ReftModel.forward(labels=...)` for a call without
+    one, so both place a row's prompt (its tokens before its first target) alike."""
+    return (labels != IGNORE_INDEX).long()
+
+
+def prompt_spans_from_labels(attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) `(B,)` of each row's prompt in a batch of prompt + response rows whose labels are -100 off the
+    response (pyreft's batches): `prompt_spans` over `completion_mask_from_labels`, i.e. from a row's first attended
+    token to its first target. A row without a target (all -100: a response cut off by truncation, or a prompt-only
+    row) is prompt up to its last attended token, as pyreft places it (from its prompt's token count) and as
+    ReftTrainer trains it. A row whose first attended token is already a target (no -100 before its response, e.g.
+    labels=input_ids) has no prompt end to place positions at: ValueError naming the row."""
+    completion = completion_mask_from_labels(labels)
+    start, length = prompt_spans(attention_mask, completion)
+    bad = (length == 0) & (completion * attention_mask.long()).any(dim=1)  # (B,) a target, and no token before it
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels row {row}: its first attended token (index {int(start[row])}) is already a target "
+                         f"(label != -100; {int(bad.sum())} of {bad.shape[0]} rows are so), so the row has no prompt "
+                         f"before its response and the ReFT positions, placed on the tokens before a row's first "
+                         f"target, cannot be located; set labels to -100 on each row's prompt tokens, or pass "
+                         f"completion_mask (zeros: the whole row is the prompt) or intervention_locations")
+    return start, length
+
+
 def locations_from_mask(spec: "str | Positions", attention_mask: torch.Tensor, num_interventions: int,
                         share_weights: bool = True) -> torch.Tensor:
     """Locations for a batch that holds prompts only (generation, classification): the whole row is the prompt."""
@@ -226,5 +256,6 @@ def locations_from_mask(spec: "str | Positions", attention_mask: torch.Tensor, n
     return locations_from_spans(spec, start, length, num_interventions, share_weights)
 
 
-__all__ = ["Positions", "check_one_span", "check_prompt_lengths", "check_truncated_prompts", "locations_from_spans",
-           "needed_length", "locations_from_mask", "prompt_spans", "prompt_spans_from_mask"]
+__all__ = ["IGNORE_INDEX", "Positions", "check_one_span", "check_prompt_lengths", "check_truncated_prompts",
+           "completion_mask_from_labels", "locations_from_spans", "needed_length", "locations_from_mask",
+           "prompt_spans", "prompt_spans_from_labels", "prompt_spans_from_mask"]

@@ -13,7 +13,8 @@ adds, and nothing else:
   (and `model.adapter_path` in a config), by `load_reft`, and by a reloaded model's plain
   `generate(**inputs)`, which then edits the positions training edited;
 - pyreft's batches are accepted: a collator that yields `labels` (-100 off the response) but no
-  `completion_mask` gets one (labels != -100);
+  `completion_mask` gets one (labels != -100, `positions.completion_mask_from_labels`, which
+  `ReftModel.forward(labels=...)` uses too);
 - a ReFT on a sequence classifier (batches with one class id per row) trains on per-example cross-entropy
   of the class logits; the normaliser is then examples, not tokens.
 
@@ -33,12 +34,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from alignkit.adapters import is_classifier, unwrap_parallel
+from alignkit.interventions.positions import completion_mask_from_labels
 from alignkit.losses import LossOutput
 from alignkit.trainers.sft import SFTTrainer
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class StopAtLoss(TrainerCallback):
@@ -64,7 +64,7 @@ class _CompletionMaskFromLabels:
         batch = self.inner(features)
         labels = batch.get("labels") if isinstance(batch, dict) else None
         if labels is not None and labels.dim() == 2 and batch.get("completion_mask") is None:
-            batch["completion_mask"] = (labels != IGNORE_INDEX).long()  # (B, T)
+            batch["completion_mask"] = completion_mask_from_labels(labels)  # (B, T): labels != -100
         return batch
 
 
