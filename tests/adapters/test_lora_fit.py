@@ -97,3 +97,22 @@ def test_serve_with_vllm_refuses_a_lora_of_a_deeper_base_before_writing_its_fold
     assert msg.startswith(f"adapter 'deep': {folder}: this LoRA adapter does not fit the base model ")
     assert re.search(r"14 saved tensor\(s\) fit no module of the base \(e\.g\. \S+layers\.2\.", msg), msg
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("row", LORA_ROWS, ids=lambda r: r.kind)
+def test_resuming_from_a_lora_checkpoint_of_a_deeper_base_is_refused_naming_a_tensor(row, tiny_dir, tmp_path):
+    """load_adapter_weights (checkpoint resume) of a checkpoint of a 3-layer base without its alignkit_base.json:
+    before, peft's unplaced keys were reported as "peft has changed" (compat.check_peft_load), blaming the library
+    for a checkpoint of another base. Now the same line as load_adapter, naming a layer-2 tensor, and nothing is
+    copied into the model."""
+    import torch
+
+    from alignkit.adapters import load_adapter_weights
+
+    folder = deep_lora(row, tiny_dir, tmp_path / "deep")
+    model = perturb(apply_adapter(load_model(tiny_dir("llama")), row.config()))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(folder))}: this LoRA adapter does not fit the base model "
+                                         r".*: 14 saved tensor\(s\) fit no module of the base \(e\.g\. \S+layers\.2\."):
+        load_adapter_weights(model, folder)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

@@ -227,6 +227,9 @@ class Lora(Adapter):
         return loaded
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
+        """Copy the LoRA in `folder` into the wrapped `model` (a resume); one that does not fit its base (a module it
+        lacks, another rank: `check_lora_fits`) is refused in one line before anything is copied."""
+        check_lora_fits(model.get_base_model(), folder, _base_of(model.get_base_model()))
         path = folder / WEIGHTS_NAME
         check_peft_load(set_peft_model_state_dict(model, load_file(str(path))), str(path))
 
