@@ -88,3 +88,22 @@ def test_check_base_beside_a_fully_finetuned_folder_is_refused(tiny_dir, tmp_pat
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit generate")]
     assert len(err) == 1 and "model.check_base: false is read only for an adapter" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("row", [r for r in ADAPTER_ROWS if r.lora], ids=lambda r: r.kind)
+def test_a_lora_of_a_deeper_base_is_one_line_naming_a_dropped_tensor(row, tiny_dir, tmp_path, capsys):
+    """A LoRA of a 3-layer base without alignkit_base.json (a plain peft folder) under `generate` on the 2-layer
+    base: before, peft dropped its third layer's tensors and the run generated with two thirds of it, exit 0. Now
+    one line, exit 2, naming the key, the folder and a layer-2 tensor, and nothing is written."""
+    folder = save_adapter(perturb(apply_adapter(load_model(tiny_dir("llama", num_layers=3)), row.config())),
+                          tmp_path / "deep")
+    (folder / "alignkit_base.json").unlink()
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert _generate(tiny_dir("llama"), folder, out) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit generate")]
+    assert len(err) == 1, err
+    assert f"model.adapter_path: {folder}: this LoRA adapter does not fit the base model " in err[0], err
+    assert "14 saved tensor(s) fit no module of the base (e.g. base_model.model.model.layers.2." in err[0], err
+    assert "use it with the base it was trained on" in err[0], err
+    assert not out.exists()

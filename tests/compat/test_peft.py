@@ -362,10 +362,10 @@ def test_modules_to_save_copies_are_switched_off_with_the_lora_layers(tiny_dir, 
 
 def test_saved_lora_keys_are_those_of_the_loaded_adapter_and_extra_ones_are_dropped_silently(tiny_dir, tmp_path):
     """Row P14: `load_peft_weights(folder)` gives the keys `get_peft_model_state_dict(model, adapter_name=name)`
-    gives once the folder is loaded under `name` (serve's `check_lora_placed` compares them), and
+    gives once the folder is loaded under `name` (`check_lora_placed` compares them after every LoRA load), and
     `PeftModel.from_pretrained` still drops, without an error, the saved tensors of modules the base lacks (a LoRA of
-    a 3-layer model on a 2-layer one): the reason serve compares them."""
-    where = "alignkit/serve/stack.py:check_lora_placed"
+    a 3-layer model on a 2-layer one): the reason they are compared."""
+    where = "alignkit/adapters/lora.py:check_lora_placed"
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
@@ -384,3 +384,37 @@ def test_saved_lora_keys_are_those_of_the_loaded_adapter_and_extra_ones_are_drop
     extra = saved - set(get_peft_model_state_dict(shallow, adapter_name="a"))
     check(extra and all(".layers.2." in k for k in extra), PEFT, "the third layer's saved tensors are no longer "
           "the ones left out of the 2-layer model's adapter state", where, f"{sorted(extra)[:3]}")
+
+
+def test_saved_lora_keys_name_the_base_module_and_rank_as_check_lora_fits_reads_them(tiny_dir, tmp_path):
+    """Row P15: every LoRA tensor peft saves is keyed `base_model.model.<the base's module name>.lora_A|lora_B.weight`
+    (`LORA_KEY`), its rank on axis 0 of lora_A and axis 1 of lora_B (`RANK_AXIS`), and the rank of a module is
+    `rank_pattern`'s entry peft's `get_pattern_key` picks, else `r`: what `check_lora_fits` compares with the base's
+    module names and adapter_config.json before peft loads a folder."""
+    where = "alignkit/adapters/lora.py:check_lora_fits"
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from alignkit.adapters.lora import LORA_KEY, RANK_AXIS
+
+    base = load_model(tiny_dir("llama"))
+    names = {n for n, _ in base.named_modules()}
+    cfg = LoraConfig(r=2, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 3})
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(tmp_path / "a")
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    pattern = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["rank_pattern"]
+    check(len(saved) == 8, PEFT, "a LoRA on q_proj and down_proj of 2 layers no longer saves 8 tensors", where,
+          f"{sorted(saved)}")
+    for key, t in saved.items():
+        m = LORA_KEY.match(key)
+        check(m is not None and m["module"] in names, PEFT, "a saved LoRA key no longer reads as base_model.model. "
+              "+ the base's module name + .lora_A/.lora_B.weight", where, key)
+        from peft.utils.other import get_pattern_key
+        want = 3 if m["module"].endswith("down_proj") else 2
+        got_r = pattern.get(get_pattern_key(list(pattern), m["module"]), 2)
+        check(t.shape[RANK_AXIS[m["part"]]] == want == got_r, PEFT, "a saved LoRA tensor's rank is no longer on "
+              "the axis RANK_AXIS says, or rank_pattern is no longer matched as get_pattern_key does", where,
+              f"{key} {tuple(t.shape)} rank_pattern gives {got_r}")

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
-from peft.utils import set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -28,6 +31,10 @@ from alignkit.compat import check_peft_load
 from alignkit.interventions.locate import is_peft_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
+# a saved LoRA tensor's key: peft's `base_model.model.` + the base's module name + the LoRA part (compat row P15)
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
+                      r"lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
+RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}  # where r is in its shape
 
 
 def absolute_base_path(peft_config: Path) -> None:
@@ -104,6 +111,65 @@ def _entry(target_modules: Any, name: str) -> Any:
     return next((k for k in target_modules if matches_entry(name, k)), target_modules)
 
 
+def _misfit(folder: str | Path, base: Any, what: str) -> ValueError:
+    return ValueError(f"{folder}: this LoRA adapter does not fit the base model {base}: {what}, so only part of the "
+                      "adapter would run; use it with the base it was trained on")
+
+
+def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
+    """ValueError (one line, naming `folder` and one tensor), before anything is loaded into `model` (the base
+    transformers model, or its skeleton on the meta device), when a LoRA tensor saved in `folder` names a module
+    `model` lacks (peft's `from_pretrained` drops it without a word, row P14; vLLM matches only the module's last
+    name part and drops it too) or has another rank than its adapter_config.json gives that module (`r`, or the
+    entry of `rank_pattern` peft would pick)."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS_NAME).is_file() or not (folder / "adapter_config.json").is_file():
+        return  # refused, naming the file, by the caller's check of the folder's files (Adapter.require_files)
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{folder / 'adapter_config.json'} is not valid JSON ({e}); save the adapter again") from None
+    pattern = cfg.get("rank_pattern") or {}
+    modules = {n for n, _ in model.named_modules()}
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    dropped = []
+    for key, shape in sorted(shapes.items()):
+        m = LORA_KEY.match(key)
+        if m is None:  # modules_to_save, trainable tokens: compared after loading (check_lora_placed)
+            continue
+        if m["module"] not in modules:
+            dropped.append(key)
+            continue
+        r = int(pattern.get(get_pattern_key(list(pattern), m["module"]), cfg.get("r", 8)))
+        axis = RANK_AXIS.get(m["part"])
+        if axis is not None and len(shape) > axis and shape[axis] != r:
+            raise ValueError(f"{folder}: saved LoRA tensor {key} has rank {shape[axis]} (shape {list(shape)}) but "
+                             f"adapter_config.json gives {m['module']} r={r}, so peft would build layers it cannot "
+                             "fill; use the adapter_config.json saved with these weights")
+    if dropped:
+        raise _misfit(folder, base, f"{len(dropped)} saved tensor(s) fit no module of the base (e.g. {dropped[0]})")
+
+
+def check_lora_placed(model: nn.Module, name: str, folder: str | Path, base: Any) -> None:
+    """ValueError naming `folder` unless every LoRA tensor it saved was placed in `model` (peft's adapter `name`) and
+    every LoRA layer peft made for it got one (row P14): peft drops saved tensors for modules the base lacks (an
+    adapter of a deeper model: its last layers) without a word, and leaves a LoRA layer with no saved tensor at its
+    initial value (B = 0: no LoRA there), so an adapter trained on another base runs in part, silently."""
+    saved = set(load_peft_weights(str(folder), device="cpu"))
+    placed = set(get_peft_model_state_dict(model, adapter_name=name))
+    extra, missing = sorted(saved - placed), sorted(placed - saved)
+    if extra:
+        raise _misfit(folder, base, f"{len(extra)} saved tensor(s) fit no module of the base (e.g. {extra[0]})")
+    if missing:
+        raise _misfit(folder, base, f"{len(missing)} LoRA tensor(s) of the base's modules are not in it "
+                                    f"(e.g. {missing[0]})")
+
+
+def _base_of(model: nn.Module) -> Any:
+    return getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
+
+
 @register_adapter
 class Lora(Adapter):
     """LoRA on the model it is given (in the ReFT+LoRA stack: the model inside the `ReftModel`)."""
@@ -153,9 +219,17 @@ class Lora(Adapter):
         absolute_base_path(folder / "adapter_config.json")
 
     def load(self, model: nn.Module, folder: Path, trainable: bool) -> nn.Module:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+        """`model` wrapped by peft with the LoRA in `folder`; a LoRA of another base (a module it lacks, another
+        rank) is refused before peft changes `model`, and what peft placed is compared with what was saved."""
+        check_lora_fits(model, folder, _base_of(model))
+        loaded = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+        check_lora_placed(loaded, "default", folder, _base_of(model))
+        return loaded
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
+        """Copy the LoRA in `folder` into the wrapped `model` (a resume); one that does not fit its base (a module it
+        lacks, another rank: `check_lora_fits`) is refused in one line before anything is copied."""
+        check_lora_fits(model.get_base_model(), folder, _base_of(model.get_base_model()))
         path = folder / WEIGHTS_NAME
         check_peft_load(set_peft_model_state_dict(model, load_file(str(path))), str(path))
 

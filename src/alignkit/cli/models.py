@@ -346,7 +346,12 @@ def load_for_inference(ms: ModelSettings, run: RunFolder | None, task: str = "ca
                     raise
                 except ValueError as e:
                     raise ConfigError(f"model.adapter_path: {e}") from None
-            model = load_adapter(model, folder, check_base=False)  # just checked
+            try:  # a LoRA of a deeper base / another rank (check_lora_fits), non-finite weights: whole, one line
+                model = load_adapter(model, folder, check_base=False)  # just checked
+            except ConfigError:
+                raise
+            except ValueError as e:
+                raise ConfigError(f"model.adapter_path: {e}") from None
     return model, tok, path, f"{desc} + {folder}"
 
 

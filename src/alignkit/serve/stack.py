@@ -30,7 +30,6 @@ from typing import Any, Mapping
 
 import torch
 from peft import PeftModel
-from peft.utils import get_peft_model_state_dict, load_peft_weights
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -39,6 +38,7 @@ from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import Adapter, Route, adapter_in, check_base, is_classifier, unwrap_lm
 from alignkit.adapters.config import ADAPTER_CONFIG_NAME
 from alignkit.adapters.full import Full
+from alignkit.adapters.lora import check_lora_fits, check_lora_placed
 from alignkit.data.chat import PROMPT_FORMAT_FILE, format_mismatch, trained_prompt_formats
 from alignkit.data.positions import locations_from_spans
 from alignkit.files import FileState, UnchangedSinceChecked
@@ -248,27 +248,13 @@ def warn_prompt_formats(folders: Mapping[str, str | Path]) -> None:
                            PROMPT_FORMAT_FILE, folder)
 
 
-def check_lora_placed(model: nn.Module, name: str, folder: str | Path, base: Path) -> None:
-    """ValueError naming `folder` unless every LoRA tensor it saved was placed in `model` (peft's adapter `name`) and
-    every LoRA layer peft made for it got one (row P14): peft drops saved tensors for modules the base lacks (an
-    adapter of a deeper model: its last layers) without a word, and leaves a LoRA layer with no saved tensor at its
-    initial value (B = 0: no LoRA there), so an adapter trained on another base serves part of itself, silently."""
-    saved = set(load_peft_weights(str(folder), device="cpu"))
-    placed = set(get_peft_model_state_dict(model, adapter_name=name))
-    extra, missing = sorted(saved - placed), sorted(placed - saved)
-    if extra or missing:
-        what = (f"{len(extra)} saved tensor(s) fit no module of the base (e.g. {extra[0]})" if extra else
-                f"{len(missing)} LoRA tensor(s) of the base's modules are not in it (e.g. {missing[0]})")
-        raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base}: {what}, so only part of "
-                         "the adapter would be served; serve it with the base it was trained on")
-
-
 def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn.Module:
     """`lm` as a PeftModel holding each LoRA adapter of `loras` (served name -> folder) under its name; one that does
     not fit the base (shapes) or holds non-finite values is a ValueError naming its folder."""
     model: nn.Module = lm
     for i, (name, folder) in enumerate(loras.items()):
         before = {id(p) for p in model.parameters()}
+        check_lora_fits(lm, folder, base)  # lm: the transformers model, its module names those of the base
         try:
             if i == 0:
                 model = PeftModel.from_pretrained(lm, str(folder), adapter_name=name, is_trainable=False)
@@ -381,5 +367,5 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
 
 
 __all__ = ["BASE_JSON_FILES", "CHAT_REFUSED", "Route", "Source", "Stack", "check_base_json", "check_json_files",
-           "check_lora_placed", "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ",
+           "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ",
            "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]

@@ -41,6 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from alignkit.adapters import adapter_in
 from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
+from alignkit.adapters.lora import check_lora_fits
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
 from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
@@ -145,20 +146,22 @@ def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str
 
 def check_bases(base: Path, adapters: Mapping[str, Path]) -> None:
     """ConfigError when an adapter's `alignkit_base.json` names another base than `base`, as alignkit's engine checks
-    it (`check_base`): vLLM runs the LoRA over `base`'s weights. The base's fingerprint is read from its safetensors
-    (`folder_fingerprint`: a few slices), the tensor names from its architecture built on the meta device (no
-    weights loaded); a base without safetensors, or adapters saved without the file, are not checked."""
-    recorded = {name: folder for name, folder in adapters.items() if (folder / BASE_FINGERPRINT_NAME).is_file()}
-    if not recorded:
+    it (`check_base`): vLLM runs the LoRA over `base`'s weights; and when a saved LoRA tensor names a module `base`
+    lacks or has another rank than its adapter_config.json says (`check_lora_fits`). The base's fingerprint is read
+    from its safetensors (`folder_fingerprint`: a few slices), the tensor and module names from its architecture built
+    on the meta device (no weights loaded); a base without safetensors, or adapters saved without the file, are not
+    checked against the fingerprint."""
+    if not adapters:
         return
     config = AutoConfig.from_pretrained(str(base))
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as e:  # an architecture transformers builds no causal LM for: vLLM may still serve it
-        logger.warning("serve --engine vllm: the adapters' recorded base (%s) was not compared with %s (%s); make sure "
-                       "they were trained on it", BASE_FINGERPRINT_NAME, base, e)
+        logger.warning("serve --engine vllm: the adapters' recorded base (%s) and saved LoRA modules were not compared "
+                       "with %s (%s); make sure they were trained on it", BASE_FINGERPRINT_NAME, base, e)
         return
+    recorded = {name: folder for name, folder in adapters.items() if (folder / BASE_FINGERPRINT_NAME).is_file()}
     for folder in recorded.values():
         saved = json.loads((folder / BASE_FINGERPRINT_NAME).read_text())
         found = folder_fingerprint(base, skeleton, saved, config)
@@ -166,12 +169,17 @@ def check_bases(base: Path, adapters: Mapping[str, Path]) -> None:
             logger.warning("serve --engine vllm: %s has no model.safetensors (or its index), so the adapters' recorded "
                            "base (%s) was not compared with it; make sure they were trained on it", base,
                            BASE_FINGERPRINT_NAME)
-            return
+            break
         found["rope_parameters"] = rope_record(config)  # vLLM runs the base's config as is (rope_scaling refused)
         try:
             check_base(skeleton, folder, rope_key="rope_scaling", found=found, off="serve it without this adapter")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    for name, folder in adapters.items():  # vLLM matches a saved LoRA module by its last name part only, so one the
+        try:  # base lacks (a deeper base's last layers) is dropped without a word (vllm/lora/model_manager.py)
+            check_lora_fits(skeleton, folder, base)
+        except ValueError as e:
+            raise ConfigError(f"adapter {name!r}: {e}") from None
 
 
 def command(plan: VllmPlan, host: str, port: int, dtype: str, max_model_len: int | None = None) -> list[str]:
