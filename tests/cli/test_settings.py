@@ -361,6 +361,34 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
     load_config(CONFIG_DIR / config, ["data.eval_fraction=0", "train.eval_strategy=no"], command=command)
 
 
+@pytest.mark.parametrize("train,key,strategy", [
+    ({"save_strategy": "no", "save_steps": 3}, "save_steps", "no"),
+    ({"save_strategy": "epoch", "save_steps": 3}, "save_steps", "epoch"),
+    ({"save_strategy": "best", "save_steps": 3, "metric_for_best_model": "loss"}, "save_steps", "best"),
+    ({"eval_strategy": "epoch", "eval_steps": 3}, "eval_steps", "epoch"),
+    ({"logging_strategy": "no", "logging_steps": 3}, "logging_steps", "no"),
+    ({"logging_strategy": "epoch", "logging_steps": 3}, "logging_steps", "epoch"),
+])
+def test_a_step_count_the_strategy_never_reads_is_refused(train, key, strategy, tmp_path):
+    """An explicit strategy other than steps beside an explicit step count ran and ignored the count (save_strategy
+    no with save_steps 3: no checkpoint). Now one line naming both keys; with strategy steps the same count loads.
+    A default count is not the user's: save_strategy no alone, and logging_strategy no beside the logging_steps
+    alignkit fills in (10, written to every run's config.yaml), load, and that saved config loads again."""
+    from alignkit.settings import config_from_dict
+
+    base = {"model": {"path": "tiny:llama"}, "data": {"path": "p.jsonl", "eval_fraction": 0.3}}
+    strategy_key = key.replace("_steps", "_strategy")
+    with pytest.raises(ConfigError, match=rf"^train\.{key}: 3 is read only with train\.{strategy_key}=steps, and "
+                                          rf"train\.{strategy_key} is '{strategy}' .*, so it would be ignored; set "
+                                          rf"train\.{strategy_key}=steps .*, or remove train\.{key}$"):
+        config_from_dict({**base, "train": train}, "sft")
+    loaded = config_from_dict({**base, "train": {**train, strategy_key: "steps"}}, "sft")
+    assert loaded.train[key] == 3
+    alone = config_from_dict({**base, "train": {k: v for k, v in train.items() if k != key}}, "sft")
+    assert alone.train.get(key) in (None, 10)  # not set, or the filled logging_steps default
+    assert load_config(save_config(alone, tmp_path / "config.yaml")) == alone  # a saved run config re-reads
+
+
 @pytest.mark.parametrize("command,config,overrides,message,fix", [
     ("dpo", "dpo-tiny.yaml", ["data.loss_on=all"], "data.loss_on: read only by alignkit sft", None),
     ("rm", "rm-tiny.yaml", ["data.loss_on=last_assistant"], "data.loss_on: read only by alignkit sft", None),
