@@ -361,6 +361,31 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
     load_config(CONFIG_DIR / config, ["data.eval_fraction=0", "train.eval_strategy=no"], command=command)
 
 
+def test_a_saved_config_holds_the_adapter_parts_its_kind_uses_and_loads_back(tmp_path):
+    """Every kind of the KINDS table: the saved config's adapter section holds `kind` and that kind's parts only
+    (a full run's held a default lora section, which a load can no longer tell from one a user wrote), and loads
+    back to the same config; the same section with another kind's part added is refused."""
+    import yaml
+
+    from alignkit.adapters.config import KINDS
+
+    reft = {"config": {"representations": [{"layer": 0, "low_rank_dimension": 2}]}}
+    for kind, info in KINDS.items():
+        adapter = {"kind": kind, **({"reft": reft} if "reft" in info.parts else {})}
+        cfg = config_from_dict({"model": {"path": "tiny:llama"}, "data": {"path": "p.jsonl"}, "adapter": adapter},
+                               "sft")
+        path = save_config(cfg, tmp_path / f"{kind}.yaml")
+        saved = yaml.safe_load(path.read_text())["adapter"]
+        assert set(saved) == {"kind", *info.parts}, kind
+        assert load_config(path) == cfg
+        for other, override in {"lora": "adapter.lora={r: 8}", "reft": "adapter.reft={positions: f1+l1}"}.items():
+            if other in info.parts:
+                continue
+            with pytest.raises(ConfigError, match=rf"adapter\.{other}: read only by adapter\.kind .*, and kind is "
+                                                  rf"'{re.escape(kind)}', so it would be ignored"):
+                load_config(path, [override])
+
+
 @pytest.mark.parametrize("train,key,strategy", [
     ({"save_strategy": "no", "save_steps": 3}, "save_steps", "no"),
     ({"save_strategy": "epoch", "save_steps": 3}, "save_steps", "epoch"),
@@ -398,6 +423,11 @@ def test_a_step_count_the_strategy_never_reads_is_refused(train, key, strategy, 
      "kind is 'full'", ["adapter.kind=lora"]),
     ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "adapter.lora={r: 2}"], "adapter.lora: read only by "
      "adapter.kind lora or reft+lora", ["adapter.kind=lora"]),
+    ("sft", "sft-tiny.yaml", ["adapter.lora={r: 8}"], "adapter.lora: read only by adapter.kind lora or reft+lora, "
+     "and kind is 'full'", ["adapter.kind=lora"]),  # the default values: was accepted (the built settings equal them)
+    ("grpo", "grpo-tiny.yaml", ["adapter.kind=reft", "adapter.reft={config: {representations: [{layer: 0}]}}",
+                                "adapter.lora={r: 8}"], "adapter.lora: read only by adapter.kind lora or reft+lora, "
+     "and kind is 'reft'", ["adapter.kind=reft+lora"]),
     ("dpo", "dpo-lora-tiny.yaml", ["adapter.reft={config: {representations: [{layer: 0}]}}"],
      "adapter.reft: read only by adapter.kind reft or reft+lora, and kind is 'lora'", ["adapter.kind=reft+lora"]),
     ("sft", "sft-reft-tiny.yaml", ["adapter.reft.positions=l2", "adapter.reft.share_weights=false"],

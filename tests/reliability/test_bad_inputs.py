@@ -81,6 +81,10 @@ CONFIG_CASES = [
      ["method.loss_weights: -1.0", ">= 0 for each loss type"]),
     ("loss weights all zero", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[0, 0]"],
      ["method.loss_weights: [0.0, 0.0] gives every loss type", "nothing would be trained"]),
+    # a part section under a kind without that part, at the default values: the built settings equal the defaults,
+    # so it was accepted and ignored (a run's config.yaml held such a section; it now records the kind's parts only)
+    ("lora section at its defaults under kind full", ["adapter.kind=full", "adapter.lora={r: 8, alpha: 16.0}"],
+     ["adapter.lora: read only by adapter.kind lora or reft+lora", "kind is 'full'", "adapter.lora=null"]),
     # a step count beside a strategy that never reads it (the file's save_strategy "no", eval_steps 10, logging_steps
     # 1): ran, and no checkpoint / evaluation / log came every N steps
     ("save_steps with save_strategy no", ["train.save_steps=3"],
