@@ -361,6 +361,59 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
     load_config(CONFIG_DIR / config, ["data.eval_fraction=0", "train.eval_strategy=no"], command=command)
 
 
+def test_a_saved_config_holds_the_adapter_parts_its_kind_uses_and_loads_back(tmp_path):
+    """Every kind of the KINDS table: the saved config's adapter section holds `kind` and that kind's parts only
+    (a full run's held a default lora section, which a load can no longer tell from one a user wrote), and loads
+    back to the same config; the same section with another kind's part added is refused."""
+    import yaml
+
+    from alignkit.adapters.config import KINDS
+
+    reft = {"config": {"representations": [{"layer": 0, "low_rank_dimension": 2}]}}
+    for kind, info in KINDS.items():
+        adapter = {"kind": kind, **({"reft": reft} if "reft" in info.parts else {})}
+        cfg = config_from_dict({"model": {"path": "tiny:llama"}, "data": {"path": "p.jsonl"}, "adapter": adapter},
+                               "sft")
+        path = save_config(cfg, tmp_path / f"{kind}.yaml")
+        saved = yaml.safe_load(path.read_text())["adapter"]
+        assert set(saved) == {"kind", *info.parts}, kind
+        assert load_config(path) == cfg
+        for other, override in {"lora": "adapter.lora={r: 8}", "reft": "adapter.reft={positions: f1+l1}"}.items():
+            if other in info.parts:
+                continue
+            with pytest.raises(ConfigError, match=rf"adapter\.{other}: read only by adapter\.kind .*, and kind is "
+                                                  rf"'{re.escape(kind)}', so it would be ignored"):
+                load_config(path, [override])
+
+
+@pytest.mark.parametrize("train,key,strategy", [
+    ({"save_strategy": "no", "save_steps": 3}, "save_steps", "no"),
+    ({"save_strategy": "epoch", "save_steps": 3}, "save_steps", "epoch"),
+    ({"save_strategy": "best", "save_steps": 3, "metric_for_best_model": "loss"}, "save_steps", "best"),
+    ({"eval_strategy": "epoch", "eval_steps": 3}, "eval_steps", "epoch"),
+    ({"logging_strategy": "no", "logging_steps": 3}, "logging_steps", "no"),
+    ({"logging_strategy": "epoch", "logging_steps": 3}, "logging_steps", "epoch"),
+])
+def test_a_step_count_the_strategy_never_reads_is_refused(train, key, strategy, tmp_path):
+    """An explicit strategy other than steps beside an explicit step count ran and ignored the count (save_strategy
+    no with save_steps 3: no checkpoint). Now one line naming both keys; with strategy steps the same count loads.
+    A default count is not the user's: save_strategy no alone, and logging_strategy no beside the logging_steps
+    alignkit fills in (10, written to every run's config.yaml), load, and that saved config loads again."""
+    from alignkit.settings import config_from_dict
+
+    base = {"model": {"path": "tiny:llama"}, "data": {"path": "p.jsonl", "eval_fraction": 0.3}}
+    strategy_key = key.replace("_steps", "_strategy")
+    with pytest.raises(ConfigError, match=rf"^train\.{key}: 3 is read only with train\.{strategy_key}=steps, and "
+                                          rf"train\.{strategy_key} is '{strategy}' .*, so it would be ignored; set "
+                                          rf"train\.{strategy_key}=steps .*, or remove train\.{key}$"):
+        config_from_dict({**base, "train": train}, "sft")
+    loaded = config_from_dict({**base, "train": {**train, strategy_key: "steps"}}, "sft")
+    assert loaded.train[key] == 3
+    alone = config_from_dict({**base, "train": {k: v for k, v in train.items() if k != key}}, "sft")
+    assert alone.train.get(key) in (None, 10)  # not set, or the filled logging_steps default
+    assert load_config(save_config(alone, tmp_path / "config.yaml")) == alone  # a saved run config re-reads
+
+
 @pytest.mark.parametrize("command,config,overrides,message,fix", [
     ("dpo", "dpo-tiny.yaml", ["data.loss_on=all"], "data.loss_on: read only by alignkit sft", None),
     ("rm", "rm-tiny.yaml", ["data.loss_on=last_assistant"], "data.loss_on: read only by alignkit sft", None),
@@ -370,6 +423,11 @@ def test_offline_evaluation_settings_that_cannot_run_are_refused_at_load(command
      "kind is 'full'", ["adapter.kind=lora"]),
     ("grpo", "grpo-tiny.yaml", ["adapter.kind=full", "adapter.lora={r: 2}"], "adapter.lora: read only by "
      "adapter.kind lora or reft+lora", ["adapter.kind=lora"]),
+    ("sft", "sft-tiny.yaml", ["adapter.lora={r: 8}"], "adapter.lora: read only by adapter.kind lora or reft+lora, "
+     "and kind is 'full'", ["adapter.kind=lora"]),  # the default values: was accepted (the built settings equal them)
+    ("grpo", "grpo-tiny.yaml", ["adapter.kind=reft", "adapter.reft={config: {representations: [{layer: 0}]}}",
+                                "adapter.lora={r: 8}"], "adapter.lora: read only by adapter.kind lora or reft+lora, "
+     "and kind is 'reft'", ["adapter.kind=reft+lora"]),
     ("dpo", "dpo-lora-tiny.yaml", ["adapter.reft={config: {representations: [{layer: 0}]}}"],
      "adapter.reft: read only by adapter.kind reft or reft+lora, and kind is 'lora'", ["adapter.kind=reft+lora"]),
     ("sft", "sft-reft-tiny.yaml", ["adapter.reft.positions=l2", "adapter.reft.share_weights=false"],

@@ -81,6 +81,19 @@ CONFIG_CASES = [
      ["method.loss_weights: -1.0", ">= 0 for each loss type"]),
     ("loss weights all zero", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[0, 0]"],
      ["method.loss_weights: [0.0, 0.0] gives every loss type", "nothing would be trained"]),
+    # a part section under a kind without that part, at the default values: the built settings equal the defaults,
+    # so it was accepted and ignored (a run's config.yaml held such a section; it now records the kind's parts only)
+    ("lora section at its defaults under kind full", ["adapter.kind=full", "adapter.lora={r: 8, alpha: 16.0}"],
+     ["adapter.lora: read only by adapter.kind lora or reft+lora", "kind is 'full'", "adapter.lora=null"]),
+    # a step count beside a strategy that never reads it (the file's save_strategy "no", eval_steps 10, logging_steps
+    # 1): ran, and no checkpoint / evaluation / log came every N steps
+    ("save_steps with save_strategy no", ["train.save_steps=3"],
+     ["train.save_steps: 3 is read only with train.save_strategy=steps", "train.save_strategy is 'no'",
+      "set train.save_strategy=steps", "remove train.save_steps"]),
+    ("eval_steps with eval_strategy epoch", ["train.eval_strategy=epoch"],
+     ["train.eval_steps: 10 is read only with train.eval_strategy=steps", "train.eval_strategy is 'epoch'"]),
+    ("logging_steps with logging_strategy no", ["train.logging_strategy=no"],
+     ["train.logging_steps: 1 is read only with train.logging_strategy=steps", "train.logging_strategy is 'no'"]),
     # model.rope_scaling values transformers only warns about (or ignores), on tiny:llama's 512 positions: were
     # transformers' own text (or accepted silently once its warning_once had fired); now alignkit's line
     ("yarn factor not whole", ["model.rope_scaling={type: yarn, factor: 2.1}"],  # 512 x 2.1 = 1075.2

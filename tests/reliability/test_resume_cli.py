@@ -7,6 +7,7 @@ place, the other three resumed from the uninterrupted run's checkpoint-2 into a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -506,3 +507,32 @@ def test_a_run_with_every_step_done_is_not_resumed_past_max_steps(tmp_path, monk
     assert cli("sft", "sft-tiny.yaml", run, [*extra, "train.max_steps=6"], "--resume") == 0  # training on: as before
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("extra", [[], ["adapter.kind=lora", "adapter.lora={r: 2, alpha: 4.0}"]],
+                         ids=["full", "lora"])
+def test_a_run_config_records_only_the_adapter_parts_its_kind_uses_and_an_older_one_still_resumes(extra, tmp_path):
+    """A run's config.yaml held every adapter part section (a full run's: the default lora section and reft: null),
+    so a section the kind does not use could not be refused at load without refusing the run's own config. Now
+    config.yaml records the kind's parts only; it loads back to the same settings, and a run folder written before
+    (its config.yaml given the old default sections back) still loads, and --resume continues it from it."""
+    import yaml
+
+    from alignkit.adapters.config import KINDS, PART_SETTINGS
+    from alignkit.settings import load_config
+
+    run = tmp_path / "run"
+    assert cli("sft", "sft-tiny.yaml", run, [*extra, "train.max_steps=2"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    kind = saved["adapter"]["kind"]
+    assert set(saved["adapter"]) == {"kind", *KINDS[kind].parts}
+    cfg = load_config(run / "config.yaml")
+    assert cfg == load_config(CONFIGS / "sft-tiny.yaml", [*STEPS, *extra, "train.max_steps=2", f"output_dir={run}"])
+    saved["adapter"] = dataclasses.asdict(cfg.adapter)  # as an earlier alignkit wrote it: every part's section
+    assert set(saved["adapter"]) == {"kind", *PART_SETTINGS}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert load_config(run / "config.yaml") == cfg
+    assert main(["-q", "sft", "--config", str(run / "config.yaml"), "--resume", "train.max_steps=4"]) == 0
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    again = yaml.safe_load((run / "config.yaml").read_text())
+    assert set(again["adapter"]) == {"kind", *KINDS[kind].parts} and again["train"]["max_steps"] == 4

@@ -105,11 +105,9 @@ class AdapterConfig:
         modules_to_save in a stack whose LoRA trains them, or share_weights=False with one group of positions; each
         would be ignored (not checked when a saved folder's config is read back)."""
         if "lora" not in self.parts and self.lora != LoraSettings():
-            raise ValueError(f"adapter.lora: read only by adapter.kind lora or reft+lora, and kind is {self.kind!r}, "
-                             "so it would be ignored; set adapter.kind or remove adapter.lora (adapter.lora=null)")
+            raise ValueError(unused_part_message("lora", self.kind))
         if "reft" not in self.parts and self.reft is not None:
-            raise ValueError(f"adapter.reft: read only by adapter.kind reft or reft+lora, and kind is {self.kind!r}, "
-                             "so it would be ignored; set adapter.kind or remove adapter.reft (adapter.reft=null)")
+            raise ValueError(unused_part_message("reft", self.kind))
         if "lora" in self.parts and self.reft is not None and self.reft.modules_to_save is not None:
             raise ValueError(f"adapter.reft.modules_to_save: with adapter.kind {self.kind!r} the LoRA part trains the "
                              "modules besides the adapter (peft's modules_to_save), so it would be ignored; set "
@@ -128,6 +126,43 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
         return from_dict(cls, data, "adapter")
+
+
+PART_SETTINGS: dict[str, type] = {"lora": LoraSettings, "reft": ReftSettings}  # a part -> its settings section
+
+
+def unused_part_message(part: str, kind: str, where: str = "adapter") -> str:
+    """The one line for a `part` section (lora, reft) given to a `kind` without that part: it would be ignored."""
+    readers = " or ".join(name for name, info in KINDS.items() if part in info.parts)
+    return (f"{where}.{part}: read only by adapter.kind {readers}, and kind is {kind!r}, so it would be ignored; set "
+            f"adapter.kind or remove {where}.{part} ({where}.{part}=null)")
+
+
+def used_parts(data: dict[str, Any]) -> dict[str, Any]:
+    """An `adapter:` mapping (a config's, as `dataclasses.asdict` gives it) without the part sections its kind does
+    not use: what a run's config.yaml records (a full run's used to hold a default lora section and reft: null)."""
+    kind = data.get("kind", AdapterConfig.kind)
+    if kind not in KINDS:
+        return dict(data)
+    return {k: v for k, v in data.items() if k not in PART_SETTINGS or k in KINDS[kind].parts}
+
+
+def refuse_unused_parts(data: dict[str, Any], where: str = "adapter") -> None:
+    """ValueError for a part section in the raw `adapter:` mapping `data` (a file's, after overrides) that its kind
+    does not use, at any values: `adapter.lora: {r: 8}` under kind full was accepted and ignored (the built settings
+    equal the defaults). One exception: the complete section at every default, which is what a run's config.yaml
+    held before `used_parts` (every key written by `dataclasses.asdict`, e.g. a full run's lora section), so such
+    a saved config still loads; a section a user writes names only the keys they set."""
+    kind = data.get("kind", AdapterConfig.kind)
+    if kind not in KINDS:  # refused by AdapterConfig, naming the valid kinds
+        return
+    for part, settings in PART_SETTINGS.items():
+        section = data.get(part)
+        if not isinstance(section, dict) or part in KINDS[kind].parts:  # not a mapping: from_dict names the type
+            continue
+        if section == dataclasses.asdict(settings()):
+            continue  # an earlier alignkit's saved config.yaml: the defaults it wrote for every part
+        raise ValueError(unused_part_message(part, kind, where))
 
 
 def without_null_parts(data: dict[str, Any]) -> dict[str, Any]:
@@ -158,5 +193,6 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
         raise ValueError(f"{path}: not valid JSON ({e}); save the adapter again") from e
 
 
-__all__ = ["ADAPTER_CONFIG_NAME", "AdapterConfig", "KINDS", "KindInfo", "LoraSettings", "ReftSettings", "from_dict",
-           "read_adapter_config", "without_null_parts"]
+__all__ = ["ADAPTER_CONFIG_NAME", "AdapterConfig", "KINDS", "KindInfo", "LoraSettings", "PART_SETTINGS", "ReftSettings",
+           "from_dict", "read_adapter_config", "refuse_unused_parts", "unused_part_message", "used_parts",
+           "without_null_parts"]

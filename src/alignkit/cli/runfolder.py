@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import yaml
 
+from alignkit.adapters.config import used_parts
 from alignkit.cli.data import check_sources, command_record_kind
 from alignkit.cli.helptext import add_command_parser
 from alignkit.models.efficiency import check_model_kernels
@@ -345,6 +346,8 @@ def check_resume_config(cfg: Any, saved: Path, label: str = "--resume") -> None:
     except yaml.YAMLError as e:
         raise ConfigError(f"{label}: {saved} is not valid YAML ({e}); it records how the run was trained, so "
                           "restore it or start again with --overwrite") from None
+    if isinstance(old.get("adapter"), dict):  # a config.yaml from before used_parts: its unused default sections
+        old["adapter"] = used_parts(old["adapter"])
     new = yaml.safe_load(dump_config(cfg))
     changes = config_changes(old, new)
     allowed = [c for c in changes if c[0].rsplit(".", 1)[-1] in RESUMABLE_CHANGES]

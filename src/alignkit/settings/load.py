@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from alignkit.adapters.config import without_null_parts
+from alignkit.adapters.config import refuse_unused_parts, used_parts, without_null_parts
 from alignkit.files import atomic_write_text
 from alignkit.settings.bounds import check_bounds
 from alignkit.settings.sections import (CONFIG_CLASSES, DataSettings, DPOMethod, KTOMethod, ModelSettings, SFTMethod,
@@ -154,6 +154,10 @@ def config_from_dict(data: dict[str, Any], command: str) -> Any:
     check_renamed(data, command)
     if isinstance(data.get("adapter"), dict):  # adapter.lora=null drops a file's lora section (e.g. for kind=full)
         data["adapter"] = without_null_parts(data["adapter"])
+        try:  # a part section the kind does not use, even at its defaults (the built settings cannot tell)
+            refuse_unused_parts(data["adapter"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     cfg = build(CONFIG_CLASSES[command], data)
     if isinstance(getattr(cfg, "data", None), DataSettings):  # every command's data section, offline and online
         check_split_data(cfg.data)
@@ -189,8 +193,12 @@ def command_of(cfg: Any) -> str:
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain mapping (command first) that `config_from_dict` turns back into an equal config."""
-    return {"command": command_of(cfg), **dataclasses.asdict(cfg)}
+    """Plain mapping (command first) that `config_from_dict` turns back into an equal config. The adapter section
+    holds only the parts its kind uses (`used_parts`): a part section under another kind is refused on load."""
+    out = {"command": command_of(cfg), **dataclasses.asdict(cfg)}
+    if isinstance(out.get("adapter"), dict):
+        out["adapter"] = used_parts(out["adapter"])
+    return out
 
 
 def dump_config(cfg: Any) -> str:

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from alignkit.adapters.config import AdapterConfig
 from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
-from alignkit.settings.train import ONLINE_COMMANDS, TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train
+from alignkit.settings.train import (ONLINE_COMMANDS, TRAIN_COMMANDS, TRAIN_DEFAULTS, check_train,
+                                    refuse_unread_step_counts)
 from alignkit.settings.typed import ConfigError
 
 
@@ -289,8 +290,8 @@ class TrainConfig:
                           ranked="method.ranked is true" if getattr(self.method, "ranked", False) else None)
         refuse_loss_on(self.data, self.command)
         refuse_ptx_path(self.data, self.command)
-        if self.train.get("eval_steps") is not None and "eval_strategy" not in chosen:  # an explicit no / epoch is
-            # a choice that makes eval_steps moot (e.g. an override turning evaluation off); an unset one is not
+        if self.train.get("eval_steps") is not None and "eval_strategy" not in chosen:  # an explicit no is the
+            # off switch (an override turning evaluation off); epoch beside it: refuse_unread_step_counts
             raise ConfigError(f"train.eval_steps: {self.train['eval_steps']} is read only with "
                               "train.eval_strategy=steps, which is not set (the default 'no' evaluates only after the "
                               "last step), so it would be ignored; set train.eval_strategy=steps or remove "
@@ -305,6 +306,7 @@ class TrainConfig:
         if strategy != "no" and self.data.eval_path is None and not self.data.eval_fraction:
             raise ConfigError(f"train.eval_strategy: {strategy!r} evaluates on held-out records, and data gives none: "
                               "set data.eval_path or data.eval_fraction, or set train.eval_strategy=no")
+        refuse_unread_step_counts(self.train, chosen, self.command)
         if "do_eval" in chosen:
             refuse_do_eval(self.train["do_eval"],
                            held_out=self.data.eval_path is not None or bool(self.data.eval_fraction))

@@ -225,6 +225,33 @@ def refuse_unread_train_keys(train: dict[str, Any], command: str, where: str = "
                           f"responses with alignkit generate after training; remove {where}.do_predict")
 
 
+# step-count key -> (its strategy key, the strategies that never read it: what each does instead)
+STEP_COUNTS = {
+    "save_steps": ("save_strategy", {"no": "writes no checkpoint", "epoch": "saves after each epoch",
+                                     "best": "saves when the best metric improves"}),
+    # eval_strategy no: the off switch the examples set over a config that evaluates every N steps (kept)
+    "eval_steps": ("eval_strategy", {"epoch": "evaluates after each epoch"}),
+    "logging_steps": ("logging_strategy", {"no": "logs nothing during training", "epoch": "logs after each epoch"}),
+}
+
+
+def refuse_unread_step_counts(train: dict[str, Any], chosen: set[str], command: str) -> None:
+    """ConfigError for a step count the user set (`chosen`: the keys of the config's own train section, from the
+    file or a --set override) beside a strategy the user set that never reads it (save_strategy no / epoch / best
+    with save_steps, eval_strategy epoch with eval_steps, logging_strategy no / epoch with logging_steps): the run
+    went ahead and the count was ignored (no checkpoint every N steps). A count equal to the default alignkit fills
+    in (`TRAIN_DEFAULTS`: logging_steps), which every run's config.yaml records, is read as that default."""
+    for steps, (strategy_key, unread) in STEP_COUNTS.items():
+        if steps not in chosen or strategy_key not in chosen or train.get(steps) is None:
+            continue
+        strategy = str(getattr(train[strategy_key], "value", train[strategy_key]))
+        if strategy not in unread or train[steps] == TRAIN_DEFAULTS.get(command, {}).get(steps, object()):
+            continue
+        raise ConfigError(f"train.{steps}: {train[steps]} is read only with train.{strategy_key}=steps, and "
+                          f"train.{strategy_key} is {strategy!r} (it {unread[strategy]}), so it would be ignored; "
+                          f"set train.{strategy_key}=steps to use the step count, or remove train.{steps}")
+
+
 def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
     """`train` (online) as keyword arguments of the online trainer's config (alignkit.online.OnlineConfig)."""
     out: dict[str, Any] = {}
@@ -245,4 +272,5 @@ def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = ["ALIGNKIT_TRAIN_KEYS", "HUB_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS",
            "ONLINE_TRAIN_KEYS", "RENAMED", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "TRAIN_KEYS", "check_renamed",
-           "check_train", "online_trainer_kwargs", "refuse_unread_train_keys", "train_defaults"]
+           "STEP_COUNTS", "check_train", "online_trainer_kwargs", "refuse_unread_step_counts",
+           "refuse_unread_train_keys", "train_defaults"]
