@@ -601,3 +601,31 @@ def test_a_trainer_given_a_dataset_dict_asks_for_one_split(tokenizer):
     with pytest.raises(DataError, match=r"^train_dataset: a DatasetDict with splits \['train', 'test'\], and a trainer "
                                         r"takes one split; pass train_dataset=dataset\['train'\]"):
         prepare_dataset(_dataset_dict(), tokenizer, ["preference"])
+
+
+@pytest.mark.parametrize("value,layout", [
+    ({"prompt": ["Q1", "Q2"], "completion": ["a", "b"]}, "lists"),
+    ({"prompt": [[{"role": "user", "content": "Q"}]], "completion": [[{"role": "assistant", "content": "a"}]]},
+     "lists"),
+    ({"prompt": {"0": "Q1", "1": "Q2"}, "completion": {"0": "a", "1": "b"}}, "index"),
+    ({"prompt": ["Q1"], "completion": ["a", "b"]}, "lists"),  # unequal: still columns (refused naming the sizes)
+    # rows, not columns: a conversation, a conversational pair, token ids, a ranked row
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}]}, None),
+    ({"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, None),
+    ({"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]}, None),
+    ({"prompt": "Q", "responses": ["a", "b"]}, None),
+])
+def test_column_layout_tells_a_dict_of_columns_from_a_row(value, layout, tmp_path):
+    import json
+
+    from alignkit.data.readers.rows import column_layout, iter_rows
+
+    assert column_layout(value) == layout
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(value))
+    if layout is not None:
+        with pytest.raises(DataError, match=r"data\.json: holds a dict of columns .*write one object per row"):
+            list(iter_rows(path))
+    else:
+        assert [row for row, _ in iter_rows(path)] == [value]

@@ -510,6 +510,10 @@ DRY_RUN_DATA_CASES = [
     ("not Parquet", "pairs.parquet", b"PAR1 this is not parquet", ["pairs.parquet: not a readable Parquet file"]),
     ("rows no reader takes", "odd.jsonl", b'{"question": "Q", "good": "a", "bad": "b"}\n', ["odd.jsonl:1"]),
     ("prompts only for dpo", "prompts.jsonl", b'{"prompt": "Q"}\n', ["prompts.jsonl", "nothing to train"]),
+    # before: "prompt[0] must be a dict with string 'role' and 'content'" (datasets reads it as one row of lists)
+    ("dict of columns", "cols.json", b'{"prompt": ["Q1", "Q2"], "chosen": ["a", "c"], "rejected": ["b", "d"]}',
+     ["cols.json: holds a dict of columns {column: [values]} (prompt: 2, chosen: 2, rejected: 2)",
+      "orient='records', lines=True"]),
 ]
 
 
