@@ -629,3 +629,35 @@ def test_column_layout_tells_a_dict_of_columns_from_a_row(value, layout, tmp_pat
             list(iter_rows(path))
     else:
         assert [row for row, _ in iter_rows(path)] == [value]
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet", "saved", "dataset", "list"])
+@pytest.mark.parametrize("role", ["user", "assistant"])
+def test_an_empty_user_or_assistant_message_is_refused_in_every_source(form, role, tmp_path):
+    """The same row, refused the same way (its place, the message's index and role) from every kind of source; before,
+    only HH text was checked and a `messages` row with an empty turn trained a lost question or an empty reply."""
+    from datasets import Dataset
+
+    from alignkit.data import load_records
+
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"},
+                        {"role": "user", "content": "more" if role == "assistant" else " "},
+                        {"role": "assistant", "content": "b" if role == "user" else ""}]}
+    rows = [good, bad]
+    if form == "jsonl":
+        source, where = tmp_path / "d.jsonl", f"{tmp_path / 'd.jsonl'}:2"
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif form == "parquet":
+        source, where = tmp_path / "d.parquet", f"{tmp_path / 'd.parquet'} row 1"
+        Dataset.from_list(rows).to_parquet(str(source))
+    elif form == "saved":
+        source, where = tmp_path / "saved", f"{tmp_path / 'saved'} row 1"
+        Dataset.from_list(rows).save_to_disk(str(source))
+    else:
+        source = Dataset.from_list(rows) if form == "dataset" else rows
+        where = "<Dataset> row 1" if form == "dataset" else "<list>[1]"
+    index = 2 if role == "user" else 3
+    with pytest.raises(DataError, match=rf"^{re.escape(where)}: messages\[{index}\] is an empty '{role}' message"):
+        load_records(source, "sft")
+    assert len(load_records(source, "sft", on_invalid="skip")) == 1

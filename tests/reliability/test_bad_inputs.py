@@ -386,6 +386,9 @@ DATA_CASES = [
     ("eval_fraction leaves nothing", "one_row.jsonl", ["data.eval_fraction=0.5"],
      ["data.eval_fraction", "of 1 record(s) leaves no"]),
     ("missing data file", "no_such_file.jsonl", [], ["no_such_file.jsonl", "no such"]),
+    # before: an empty user turn trained without a word (a lost question: the model learns to answer nothing)
+    ("empty user message", "empty_user.jsonl", [], ["empty_user.jsonl:3: prompt[2] is an empty 'user' message",
+                                                    "give it its text"]),
     # before: trained, reported "loss 0.0000" and saved an untrained model with exit 0
     ("every weight zero", "zero_weights.jsonl", [], ["data.path", "every one of the 6 record(s) has weight 0",
                                                      "zero_weights.jsonl:1", "weight > 0"]),
