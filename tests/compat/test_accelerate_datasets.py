@@ -1,4 +1,4 @@
-"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A16 and D1-D6 of
+"""accelerate and datasets behaviour alignkit relies on, and torch module internals (rows A1-A16 and D1-D7 of
 the table in docs/architecture.md)."""
 
 from __future__ import annotations
@@ -645,3 +645,36 @@ def test_a_model_loaded_at_another_revision_records_none(tiny_dir, hub_cache, tm
     check(config.name_or_path == "org/two-revisions" and not hasattr(config, "_commit_hash") and not recorded,
           "transformers", "a loaded model now records its revision: hub_cache_snapshot could read that snapshot "
           "instead of taking no fingerprint", where, f"{config.name_or_path!r}, {recorded}")
+
+
+def test_load_dataset_json_reads_a_dict_of_columns_as_one_row(tmp_path):
+    """`datasets.load_dataset("json")` reads a `.json` dict of columns (`{"prompt": [...], ...}`, and pandas'
+    `to_json(orient="columns")` {column: {index: value}}), pretty-printed or on one line, as ONE row holding the whole
+    columns; alignkit refuses such a file (`rows.columns_error`), in a folder's data files too, rather than read rows
+    from it that datasets (and TRL's scripts) do not."""
+    import json
+
+    where = "alignkit/data/readers/rows.py:column_layout/columns_error"
+    from datasets import load_dataset
+
+    from alignkit.data.records import DataError
+
+    lists = {"prompt": ["p0", "p1", "p2"], "completion": ["c0", "c1", "c2"]}
+    index = {k: {str(i): x for i, x in enumerate(v)} for k, v in lists.items()}
+    read, refused = {}, []
+    for name, value in (("lists", lists), ("index", index)):
+        for indent in (2, None):
+            path = tmp_path / f"{name}{indent}" / "data.json"
+            path.parent.mkdir()
+            path.write_text(json.dumps(value, indent=indent))
+            with guard("datasets", "load_dataset('json') of a dict of columns failed", where):
+                ds = load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+            read[f"{name}{indent}"] = ds.to_list()
+            try:
+                list(iter_rows(path))
+            except DataError as e:
+                refused.append("dict of columns" in str(e) and str(path) in str(e))
+    check(all(rows == [value] for (name, rows), value in zip(read.items(), (lists, lists, index, index))), "datasets",
+          "load_dataset('json') no longer reads a dict of columns as one row (if it reads it as rows now, alignkit "
+          "can read it so too: drop rows.columns_error)", where, str(read))
+    assert refused == [True] * 4

@@ -601,3 +601,63 @@ def test_a_trainer_given_a_dataset_dict_asks_for_one_split(tokenizer):
     with pytest.raises(DataError, match=r"^train_dataset: a DatasetDict with splits \['train', 'test'\], and a trainer "
                                         r"takes one split; pass train_dataset=dataset\['train'\]"):
         prepare_dataset(_dataset_dict(), tokenizer, ["preference"])
+
+
+@pytest.mark.parametrize("value,layout", [
+    ({"prompt": ["Q1", "Q2"], "completion": ["a", "b"]}, "lists"),
+    ({"prompt": [[{"role": "user", "content": "Q"}]], "completion": [[{"role": "assistant", "content": "a"}]]},
+     "lists"),
+    ({"prompt": {"0": "Q1", "1": "Q2"}, "completion": {"0": "a", "1": "b"}}, "index"),
+    ({"prompt": ["Q1"], "completion": ["a", "b"]}, "lists"),  # unequal: still columns (refused naming the sizes)
+    # rows, not columns: a conversation, a conversational pair, token ids, a ranked row
+    ({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}]}, None),
+    ({"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, None),
+    ({"input_ids": [1, 2, 3], "completion_mask": [0, 1, 1]}, None),
+    ({"prompt": "Q", "responses": ["a", "b"]}, None),
+])
+def test_column_layout_tells_a_dict_of_columns_from_a_row(value, layout, tmp_path):
+    import json
+
+    from alignkit.data.readers.rows import column_layout, iter_rows
+
+    assert column_layout(value) == layout
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(value))
+    if layout is not None:
+        with pytest.raises(DataError, match=r"data\.json: holds a dict of columns .*write one object per row"):
+            list(iter_rows(path))
+    else:
+        assert [row for row, _ in iter_rows(path)] == [value]
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet", "saved", "dataset", "list"])
+@pytest.mark.parametrize("role", ["user", "assistant"])
+def test_an_empty_user_or_assistant_message_is_refused_in_every_source(form, role, tmp_path):
+    """The same row, refused the same way (its place, the message's index and role) from every kind of source; before,
+    only HH text was checked and a `messages` row with an empty turn trained a lost question or an empty reply."""
+    from datasets import Dataset
+
+    from alignkit.data import load_records
+
+    good = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}]}
+    bad = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"},
+                        {"role": "user", "content": "more" if role == "assistant" else " "},
+                        {"role": "assistant", "content": "b" if role == "user" else ""}]}
+    rows = [good, bad]
+    if form == "jsonl":
+        source, where = tmp_path / "d.jsonl", f"{tmp_path / 'd.jsonl'}:2"
+        source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif form == "parquet":
+        source, where = tmp_path / "d.parquet", f"{tmp_path / 'd.parquet'} row 1"
+        Dataset.from_list(rows).to_parquet(str(source))
+    elif form == "saved":
+        source, where = tmp_path / "saved", f"{tmp_path / 'saved'} row 1"
+        Dataset.from_list(rows).save_to_disk(str(source))
+    else:
+        source = Dataset.from_list(rows) if form == "dataset" else rows
+        where = "<Dataset> row 1" if form == "dataset" else "<list>[1]"
+    index = 2 if role == "user" else 3
+    with pytest.raises(DataError, match=rf"^{re.escape(where)}: messages\[{index}\] is an empty '{role}' message"):
+        load_records(source, "sft")
+    assert len(load_records(source, "sft", on_invalid="skip")) == 1

@@ -45,10 +45,26 @@ def test_conversational_normalisation():
      r"completion\[:1\] into the prompt"),
     (lambda: PreferenceRecord(CONV, [ASSISTANT], [{"role": "system", "content": "x"}, ASSISTANT], id="f:13"),
      r"f:13: 'rejected' starts with a 'system' message"),
+    # empty user / assistant messages, anywhere (before: trained without a word: a lost question, an empty reply)
+    (lambda: SFTRecord([*CONV, ASSISTANT, {"role": "user", "content": " \n"}], "a", id="f:14"),
+     r"f:14: prompt\[2\] is an empty 'user' message: a lost question"),
+    (lambda: SFTRecord([*CONV, {"role": "assistant", "content": ""}, *CONV], "a", id="f:15"),
+     r"f:15: prompt\[1\] is an empty 'assistant' message: .*learns to stop at once"),
+    (lambda: PreferenceRecord(CONV, "a", [{"role": "assistant", "content": "", "tool_calls": [{}]}], id="f:16"),
+     r"f:16: rejected\[0\] is an empty 'assistant' message \(its tool_calls are dropped"),
+    (lambda: SFTRecord(" ", "a", id="f:17"), r"f:17: 'prompt' is empty \(a lost question"),
 ])
 def test_validation_errors(make, message):
     with pytest.raises(DataError, match=message):
         make()
+
+
+def test_empty_system_developer_and_tool_messages_are_kept():
+    """Sound data may hold them (an export's blank system prompt, a tool that returned nothing): rendered as they
+    are, unlike an empty user or assistant message (refused: test_validation_errors)."""
+    prompt = [{"role": "system", "content": ""}, {"role": "developer", "content": " "}, *CONV,
+              {"role": "assistant", "content": "call"}, {"role": "tool", "content": ""}, *CONV]
+    assert SFTRecord(prompt, "a").prompt == prompt
 
 
 def test_ranked_to_pairs_skips_ties():

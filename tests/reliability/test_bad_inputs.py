@@ -47,6 +47,7 @@ def assert_one_line(rc: int, err: str, *needles: str) -> str:
 CONFIG_CASES = [
     ("beta negative", ["method.beta=-1"], ["method.beta", "> 0"]),
     ("beta zero", ["method.beta=0"], ["method.beta", "> 0"]),
+    ("dropped share past 1", ["data.max_dropped_fraction=1.5"], ["data.max_dropped_fraction", "in [0, 1]"]),
     ("ptx data under dpo", ["data.ptx_path=bundled:data/hh_rlhf_sample.jsonl"],
      ["data.ptx_path", "read only by alignkit ppo", "alignkit dpo would ignore it"]),
     ("max_steps zero", ["train.max_steps=0"], ["train.max_steps", ">= 1, or -1"]),
@@ -399,6 +400,14 @@ DATA_CASES = [
     ("eval_fraction leaves nothing", "one_row.jsonl", ["data.eval_fraction=0.5"],
      ["data.eval_fraction", "of 1 record(s) leaves no"]),
     ("missing data file", "no_such_file.jsonl", [], ["no_such_file.jsonl", "no such"]),
+    # before: a count inside the tokenization summary (the run stopped only when every record was dropped)
+    ("most records dropped by the length limits", "long_prompts.jsonl",
+     ["data.max_length=64", "data.max_prompt_length=null"],
+     ["data.path: the length limits (data.max_length=64, data.max_prompt_length=None) drop 4 of 6 record(s) (67%",
+      "long_prompts.jsonl:2", "over data.max_dropped_fraction=0.5", "data.max_dropped_fraction=1"]),
+    # before: an empty user turn trained without a word (a lost question: the model learns to answer nothing)
+    ("empty user message", "empty_user.jsonl", [], ["empty_user.jsonl:3: prompt[2] is an empty 'user' message",
+                                                    "give it its text"]),
     # before: trained, reported "loss 0.0000" and saved an untrained model with exit 0
     ("every weight zero", "zero_weights.jsonl", [], ["data.path", "every one of the 6 record(s) has weight 0",
                                                      "zero_weights.jsonl:1", "weight > 0"]),
@@ -523,6 +532,10 @@ DRY_RUN_DATA_CASES = [
     ("not Parquet", "pairs.parquet", b"PAR1 this is not parquet", ["pairs.parquet: not a readable Parquet file"]),
     ("rows no reader takes", "odd.jsonl", b'{"question": "Q", "good": "a", "bad": "b"}\n', ["odd.jsonl:1"]),
     ("prompts only for dpo", "prompts.jsonl", b'{"prompt": "Q"}\n', ["prompts.jsonl", "nothing to train"]),
+    # before: "prompt[0] must be a dict with string 'role' and 'content'" (datasets reads it as one row of lists)
+    ("dict of columns", "cols.json", b'{"prompt": ["Q1", "Q2"], "chosen": ["a", "c"], "rejected": ["b", "d"]}',
+     ["cols.json: holds a dict of columns {column: [values]} (prompt: 2, chosen: 2, rejected: 2)",
+      "orient='records', lines=True"]),
 ]
 
 

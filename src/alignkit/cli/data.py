@@ -346,6 +346,7 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_id
     logger.info("%s: %s", where, stats.summary())
     if records and not features:
         raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")
+    check_dropped(stats, ds, where)
     if features and stats.prompt_truncated * 2 > len(features):  # as the completions below: said when most are cut
         logger.warning("%s: %d of %d record(s) lose the start of their prompt to data.max_prompt_length=%s (each keeps "
                        "its last tokens, so the model trains without the beginning of the conversation: system "
@@ -359,3 +360,22 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_id
     if say_identical:
         check_cut_identical(features, ds, where)
     return features, stats
+
+
+def check_dropped(stats: Any, ds: DataSettings, where: str) -> None:
+    """The records the length limits dropped: over `data.max_dropped_fraction` of them a ConfigError (the run would
+    train on the short minority its limits let through), else, when any, a warning with the share, the limits and the
+    fix (before: a count inside the tokenization summary, and a stop only when every record was dropped)."""
+    dropped = stats.total - stats.kept
+    if not dropped:
+        return
+    share = dropped / stats.total
+    what = (f"{where}: the length limits (data.max_length={ds.max_length}, data.max_prompt_length="
+            f"{ds.max_prompt_length}) drop {dropped} of {stats.total} record(s) ({share:.0%}: "
+            f"{', '.join(f'{n} {reason}' for reason, n in stats.dropped.items())}, e.g. "
+            f"{next(iter(stats.dropped_ids.values()), [])[:3]})")
+    if share > ds.max_dropped_fraction:
+        raise ConfigError(f"{what}, over data.max_dropped_fraction={ds.max_dropped_fraction}: the run would train on "
+                          f"the short records only; raise data.max_length (or data.max_prompt_length), or set "
+                          f"data.max_dropped_fraction=1 to train on what is left")
+    logger.warning("%s; raise data.max_length (or data.max_prompt_length) to keep them", what)

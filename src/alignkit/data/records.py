@@ -15,7 +15,8 @@ error about it; `meta` holds source facts (e.g. `tree_id` for OASST, used to spl
 | "prompt"     | `PromptRecord`     | none                                    | online training, generation   |
 
 Conversational records are normalised at construction: if the prompt is a conversation, a plain-text
-response becomes `[{"role": "assistant", "content": text}]`. A response is never empty.
+response becomes `[{"role": "assistant", "content": text}]`. A response is never empty, nor a prompt, nor a user or
+assistant message anywhere (`EMPTY_REFUSED`; a system / developer / tool message may be).
 
 Views (`convert(records, kind)`): ranked -> all pairs (tied ranks skipped), preference -> SFT on the
 chosen response, preference -> unpaired (chosen desirable, rejected not), preference -> ranked (K=2),
@@ -104,11 +105,33 @@ def check_messages(value: Any, rid: str, key: str) -> list[Message]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise DataError(f"{_where(rid)}: {key}[{i}] has role {m['role']!r}, not a chat role{hint}; use one of "
                             f"{', '.join(ROLES)}")
+        if m["role"] in EMPTY_REFUSED and not m["content"].strip():
+            raise empty_message(rid, f"{key}[{i}]", m)
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+# the roles whose empty message (no text, or whitespace only) is refused: an empty user turn is a data bug (a lost
+# question: the model is taught to answer nothing), an empty assistant turn teaches the model to stop at once (or, as
+# context, shows it a conversation where it said nothing). TRL checks neither. A system / developer / tool message
+# may be empty in sound data (an export's blank system prompt, a tool that returned nothing): it is rendered as it is.
+EMPTY_REFUSED = ("user", "assistant")
+
+
+def empty_message(rid: str, where: str, message: dict) -> DataError:
+    """The DataError for an empty user / assistant message `where` ("messages[3]") of record `rid`."""
+    calls = " (its tool_calls are dropped: alignkit trains on role and content only)" if message.get("tool_calls") \
+        else ""
+    harm = "a lost question, and the model learns to answer nothing" if message["role"] == "user" else \
+        "the model learns to stop at once there"
+    return DataError(f"{_where(rid)}: {where} is an empty {message['role']!r} message{calls}: {harm}; give it its "
+                     f"text, remove the message (and the turn it answers), or drop the record")
+
+
 def _check_prompt(prompt: Any, rid: str) -> Prompt:
-    if isinstance(prompt, str):
+    if isinstance(prompt, str):  # empty: the plain-text twin of an empty user message (EMPTY_REFUSED)
+        if not prompt.strip():
+            raise DataError(f"{_where(rid)}: 'prompt' is empty (a lost question: the model learns to answer "
+                            f"nothing); remove the record or fill in the prompt")
         return prompt
     return check_messages(prompt, rid, "prompt")
 
@@ -252,8 +275,6 @@ class PromptRecord:
 
     def __post_init__(self):
         self.prompt = _check_prompt(self.prompt, self.id)
-        if isinstance(self.prompt, str) and not self.prompt.strip():
-            raise DataError(f"{_where(self.id)}: 'prompt' is empty; remove the record or fill in the prompt")
         self.weight = _check_weight(self.weight, self.id)
 
 

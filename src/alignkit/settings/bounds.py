@@ -74,6 +74,7 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("data", "max_length", _ge1, ">= 1, or null for no limit"),
     ("data", "max_prompt_length", _ge1, ">= 1, or null for no limit"),
     ("data", "max_records", _ge1, ">= 1, or null for all"),
+    ("data", "max_dropped_fraction", lambda v: 0 <= v <= 1, "in [0, 1] (1: any share of the records may be dropped)"),
     # sampling (online) / generation
     ("sampling", "num_samples", _ge1, ">= 1"),
     ("sampling", "max_new_tokens", _ge1, ">= 1"),

@@ -47,6 +47,8 @@ class DataSettings:
     formatter: str = "auto"  # "auto" or a name in alignkit.data.FORMATTERS
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
+    # the share of records the length limits may drop (over it: the run stops, naming the share; 1: any share)
+    max_dropped_fraction: float = 0.5
     add_eos: bool | None = None
     loss_on: Literal["all_assistant", "last_assistant", "all"] = "all_assistant"  # SFT: which tokens are trained
     split: str | None = None  # the split of a DatasetDict / dataset folder source (default "train")

@@ -3,13 +3,14 @@
 Sources: a `.jsonl` file (one JSON value per line; blank lines skipped; a line holding a bare JSON string is read as
 `{"prompt": <string>}`, so a file of prompts is a prompt dataset), a `.json` file holding a list of objects (or one
 object per line, as `datasets.Dataset.to_json` writes: read as `.jsonl`; a UTF-8 byte order mark at the start of a file
-is skipped), a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a `datasets.Dataset`, or an
-in-memory list of dicts. Any other folder is read the way `datasets.load_dataset(folder)` reads a dataset repository
-(its data files, or the configs its README declares), and an "org/name" that is not a local path as a Hugging Face
-dataset name; both take split "train" unless `split` says otherwise. Places are "path:LINE" (1-based) for JSON lines and
-"path row N" (0-based) for tables. A JSON object that holds a key twice is a DataError naming the place and the key
-(`json.loads` keeps the last value without a word), in a folder's `.json` / `.jsonl` data files too, checked before
-`datasets.load_dataset` reads them (`check_json_data_files`; a Hub dataset's files are not).
+is skipped; a dict of columns, `{"prompt": [...], ...}`, is refused naming the layout and the fix, as
+`datasets.load_dataset` reads it as one row), a `.parquet` file, a folder written by `datasets.Dataset.save_to_disk`, a
+`datasets.Dataset`, or an in-memory list of dicts. Any other folder is read the way `datasets.load_dataset(folder)`
+reads a dataset repository (its data files, or the configs its README declares), and an "org/name" that is not a local
+path as a Hugging Face dataset name; both take split "train" unless `split` says otherwise. Places are "path:LINE"
+(1-based) for JSON lines and "path row N" (0-based) for tables. A JSON object that holds a key twice is a DataError
+naming the place and the key (`json.loads` keeps the last value without a word), in a folder's `.json` / `.jsonl` data
+files too, checked before `datasets.load_dataset` reads them (`check_json_data_files`; a Hub dataset's files are not).
 
 `collect` runs a row -> record(s) conversion with one policy for bad rows: `on_invalid="raise"` (the
 default) stops at the first bad row with its place; `"skip"` drops it, counts it and logs a warning
@@ -149,12 +150,52 @@ def _json_item_of_duplicate(path: Path, text: str) -> str:
 JSON_LINES = object()  # what `_json_value` returns for a `.json` file holding one object per line
 
 
+def _is_message(item: Any) -> bool:
+    return isinstance(item, dict) and "role" in item
+
+
+def column_layout(value: dict) -> str | None:
+    """The layout of a `.json` object holding columns, not one row: "lists" (`{"prompt": [...], "completion": [...]}`,
+    as `DataFrame.to_dict(orient="list")` or an export writes) or "index" (`{"prompt": {"0": ..., "1": ...}, ...}`, as
+    pandas' `to_json(orient="columns")` writes), or None for a row. `datasets.load_dataset("json")` reads a
+    pretty-printed such file as columns (pandas.read_json, its fallback; compat row D7), so alignkit does too, on one
+    line or many. A row also holds lists (a conversation, token ids), so the lists are columns only when every value is
+    one, none holds a message dict (a conversation is a row's prompt), and some holds text or conversations (a row of
+    token ids holds ints only)."""
+    if not value:
+        return None
+    columns = list(value.values())
+    if all(isinstance(c, dict) and c for c in columns):
+        keys = [list(c) for c in columns]
+        if all(k == keys[0] for k in keys) and all(k.isdigit() for k in keys[0]):
+            return "index"
+        return None
+    if not all(isinstance(c, list) and c for c in columns) or any(_is_message(x) for c in columns for x in c):
+        return None
+    return "lists" if any(all(isinstance(x, (str, list)) for x in c) for c in columns) else None
+
+
+def columns_error(value: dict, path: Path) -> DataError:
+    """The DataError for a `.json` file holding a dict of columns (`column_layout`): `datasets.load_dataset("json")`
+    (a folder's data files, TRL's scripts) reads it as ONE row whose values are the whole lists (compat row D7), so
+    alignkit refuses it rather than read rows the same file does not give elsewhere; before, the row stopped on a
+    misleading "prompt[0] must be a dict"."""
+    layout = "{column: [values]}" if column_layout(value) == "lists" else "{column: {index: value}}"
+    sizes = ", ".join(f"{k}: {len(c)}" for k, c in list(value.items())[:6])
+    return DataError(f"{path}: holds a dict of columns {layout} ({sizes}), not rows, and datasets.load_dataset('json') "
+                     f"reads such a file as one row of lists; write one object per row, e.g. pandas "
+                     f"df.to_json(path, orient='records', lines=True) or datasets.Dataset.from_dict(columns)"
+                     f".to_json(path), as .jsonl")
+
+
 def _json_value(path: Path) -> Any:
     """The JSON value a `.json` file holds (`JSON_LINES` when it holds one object per line, as Dataset.to_json
     writes); a DataError naming the place for text that is not UTF-8, broken JSON or an object repeating a key."""
     try:
         text = decode_utf8(path.read_bytes().removeprefix(BOM), str(path))
         value = json.loads(text, object_pairs_hook=_unique_keys)
+        if isinstance(value, dict) and column_layout(value):
+            raise columns_error(value, path)
         # one object on its line: what Dataset.to_json writes for a single row (datasets.load_dataset reads it back)
         return JSON_LINES if isinstance(value, dict) and _is_json_lines(path) else value
     except DuplicateKey as e:
@@ -337,7 +378,8 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
                 yield from _iter_jsonl(path)
                 return
             if not isinstance(value, list):
-                raise DataError(f"{path}: a .json file must hold a list of objects; use .jsonl for one per line")
+                raise DataError(f"{path}: a .json file must hold a list of objects, a dict of columns (one list per "
+                                f"column) or one object per line (.jsonl); got a {type(value).__name__}")
             for i, row in enumerate(value):
                 if not isinstance(row, dict):
                     raise DataError(f"{path} item {i}: expected an object, got {type(row).__name__}")
