@@ -9,6 +9,7 @@ import json
 import re
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.adapters import adapter_of, apply_adapter, load_adapter, save_adapter
@@ -116,3 +117,33 @@ def test_resuming_from_a_lora_checkpoint_of_a_deeper_base_is_refused_naming_a_te
                                          r".*: 14 saved tensor\(s\) fit no module of the base \(e\.g\. \S+layers\.2\."):
         load_adapter_weights(model, folder)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_the_fit_check_asks_no_hub_and_accepts_saved_embedding_weights(tiny_dir, tmp_path, monkeypatch):
+    """A plain peft folder whose adapter_config.json names a Hub id as its base (the usual case for an adapter
+    trained from a Hub model), saved with save_embedding_layers=True (its embedding weights in the file, which peft
+    loads). Before: check_lora_placed called peft's get_peft_model_state_dict at save_embedding_layers="auto", which
+    asks the Hub whether the base's config.json exists (a network call on every load, a wait offline) and left the
+    saved embedding weights out of the tensors it expected, so the folder was refused as not fitting. Now: no Hub
+    call, the folder passes and its embedding weights are the model's."""
+    import peft.utils.save_and_load as peft_save_load
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from alignkit.adapters.lora import check_lora_placed
+
+    base = tiny_dir("llama")
+    trained = get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    emb = trained.get_input_embeddings().weight
+    with torch.no_grad():
+        emb.add_(0.5)
+    folder = tmp_path / "peft"
+    trained.save_pretrained(folder, save_embedding_layers=True)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "someorg/some-model"}))
+    asked = []
+    monkeypatch.setattr(peft_save_load, "check_file_exists_on_hf_hub", lambda *a, **k: asked.append(a) or None)
+    served = PeftModel.from_pretrained(load_model(base), str(folder), adapter_name="a", is_trainable=False)
+    assert asked == []  # peft's own load asks nothing
+    check_lora_placed(served, "a", folder, base)  # what serve's load_loras and Lora.load call after peft's load
+    assert asked == []
+    assert torch.equal(served.get_input_embeddings().weight, emb)

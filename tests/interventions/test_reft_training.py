@@ -182,3 +182,31 @@ def test_positions_come_from_the_collator_or_must_agree_with_it(tiny_lm, tokeniz
     other = get_reft_model(tiny_lm(), spec)
     with pytest.raises(ValueError, match=r"positions \('f1\+l1'.*disagree"):
         ReftTrainer(model=other, args=args(tmp_path / "b", max_steps=1), **data)
+
+
+def test_a_pyreft_batch_labelled_from_its_first_token_is_refused_not_trained_without_positions(tiny_lm, tmp_path):
+    """A pyreft-style collator giving labels = input_ids (no -100 on a prompt) and no completion_mask: the wrapper
+    derived completion_mask = all ones, each row's prompt was empty and the interventions had no position to edit:
+    the run trained nothing, without a word. Now the first batch stops with the row named; labels -100 on the
+    prompt train as before."""
+    spec = dataclasses.replace(ReftConfig.uniform([0], "loreft", low_rank_dimension=2), positions="l1")
+    rows = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [9, 10, 11, 12]}]
+
+    def collate(prompt_len):
+        def call(features):
+            ids = torch.tensor([f["input_ids"] for f in features])
+            labels = ids.clone()
+            labels[:, :prompt_len] = -100
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        return call
+
+    bad = ReftTrainer(model=get_reft_model(tiny_lm(), spec), args=args(tmp_path / "a", max_steps=1,
+                      per_device_train_batch_size=2, remove_unused_columns=False),
+                      train_dataset=rows, data_collator=collate(0))
+    with pytest.raises(ValueError, match=r"labels row 0: its first attended token \(index 0\) is already a target"):
+        bad.train()
+    good = ReftTrainer(model=get_reft_model(tiny_lm(), spec), args=args(tmp_path / "b", max_steps=1,
+                       per_device_train_batch_size=2, remove_unused_columns=False),
+                       train_dataset=rows, data_collator=collate(2))
+    good.train()
+    assert all(torch.isfinite(torch.tensor(losses(good))))

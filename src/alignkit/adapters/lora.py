@@ -155,10 +155,14 @@ def check_lora_placed(model: nn.Module, name: str, folder: str | Path, base: Any
     """ValueError naming `folder` unless every LoRA tensor it saved was placed in `model` (peft's adapter `name`) and
     every LoRA layer peft made for it got one (row P14): peft drops saved tensors for modules the base lacks (an
     adapter of a deeper model: its last layers) without a word, and leaves a LoRA layer with no saved tensor at its
-    initial value (B = 0: no LoRA there), so an adapter trained on another base runs in part, silently."""
+    initial value (B = 0: no LoRA there), so an adapter trained on another base runs in part, silently. peft's
+    `save_embedding_layers` is given (never its "auto", which asks the Hub for the base's config.json when the
+    adapter names a Hub id): the LoRA tensors without the base's embedding weights, and those weights apart, which a
+    folder may hold (saved with save_embedding_layers=True, or resized embeddings) and peft loads."""
     saved = set(load_peft_weights(str(folder), device="cpu"))
-    placed = set(get_peft_model_state_dict(model, adapter_name=name))
-    extra, missing = sorted(saved - placed), sorted(placed - saved)
+    placed = set(get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False))
+    embeddings = set(get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=True)) - placed
+    extra, missing = sorted(saved - placed - embeddings), sorted(placed - saved)
     if extra:
         raise _misfit(folder, base, f"{len(extra)} saved tensor(s) fit no module of the base (e.g. {extra[0]})")
     if missing:

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from alignkit.adapters import is_classifier, unwrap_parallel
-from alignkit.interventions.positions import completion_mask_from_labels
+from alignkit.interventions.positions import completion_mask_from_labels, prompt_spans_from_labels
 from alignkit.losses import LossOutput
 from alignkit.trainers.sft import SFTTrainer
 
@@ -55,7 +55,9 @@ class StopAtLoss(TrainerCallback):
 
 
 class _CompletionMaskFromLabels:
-    """Collator wrapper: a pyreft batch (labels, -100 off the response) also gets `completion_mask`."""
+    """Collator wrapper: a pyreft batch (labels, -100 off the response) also gets `completion_mask`; a row whose
+    first attended token is already a target (labels = input_ids: no -100 on a prompt) trained with no position at
+    all, silently: ValueError naming the row (`prompt_spans_from_labels`)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -64,6 +66,9 @@ class _CompletionMaskFromLabels:
         batch = self.inner(features)
         labels = batch.get("labels") if isinstance(batch, dict) else None
         if labels is not None and labels.dim() == 2 and batch.get("completion_mask") is None:
+            mask = batch.get("attention_mask")
+            if mask is not None:  # a row labelled from its first token has no prompt to place positions on
+                prompt_spans_from_labels(mask, labels)
             batch["completion_mask"] = completion_mask_from_labels(labels)  # (B, T): labels != -100
         return batch
 
