@@ -464,7 +464,7 @@ def test_in_place_parameter_updates_bump_the_version_counter():
     """The ReFT prefix cache drops its cached states when the sum of the frozen layers' `Parameter._version`
     changes: an optimizer step (per-tensor and foreach), `load_state_dict` and an in-place op under `no_grad` must
     each bump it. (A write through `.data` does not; alignkit writes no parameter that way.)"""
-    where = "alignkit/interventions/prefix_cache.py:PrefixCache._version_sum/around"
+    where = "alignkit/interventions/prefix_cache.py:PrefixCache._state/around"
 
     def bumped(m: nn.Linear, update) -> bool:
         before = m.weight._version

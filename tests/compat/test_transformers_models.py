@@ -14,6 +14,7 @@ from alignkit.data.collators import PackedSFTCollator
 from alignkit.interventions import ReftConfig
 from alignkit.interventions.attach import get_reft_model
 from alignkit.interventions.editing import first_tensor
+from alignkit.interventions.io import text_model_type
 from alignkit.interventions.locate import find_decoder_layers, hidden_size, resolve_component
 from alignkit.models.loading import load_model
 from alignkit.models.tiny import ARCHITECTURES
@@ -432,6 +433,19 @@ def test_dynamic_ntk_frequencies_follow_the_longest_sequence_run_since_a_short_o
                                 "8 tokens (below 16): reset", "24 after the reset: for 24")):
         check(torch.allclose(got, want, rtol=1e-5), "transformers", f"dynamic NTK frequencies, {what}, changed", where,
               f"got {got.tolist()}, by hand {want.tolist()}")
+
+
+# M17 -----------------------------------------------------------------------------------------------------
+
+def test_config_mapping_maps_a_composite_type_to_its_text_type():
+    """A ReFT folder saved with a composite's top-level model_type (gemma3) is accepted on the model whose text
+    config has the type `CONFIG_MAPPING[type]().get_text_config().model_type` gives (gemma3_text); a text model's
+    type maps to itself."""
+    where = "alignkit/interventions/io.py:text_model_type (_check_base)"
+    got = {t: text_model_type(t) for t in ("gemma3", "llava", "llama", "gemma3_text")}
+    check(got == {"gemma3": "gemma3_text", "llava": "llama", "llama": "llama", "gemma3_text": "gemma3_text"}, TF,
+          "CONFIG_MAPPING[model_type]().get_text_config().model_type no longer names a composite's text type",
+          where, f"{got}")
 
 
 # T24 -----------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ rank sampled a different, contiguous share of the step's prompts (the one-proces
 order), with its own seed, and metrics.jsonl has one row per step with the global reward mean. In a launch of
 their own (ddp+): PPO-ptx (each rank's share of the ptx batch, the NLL over the global token count) with the actor
 EMA (model_ema/ equal to one process's EMA) under gradient accumulation, PPO-ptx with a batch of one record (rank 0:
-a zero-weight pass), and GDPO (normalize_then_sum: the statistics, the functions that varied and the no-signal
-check over every rank's items). PPO-ptx under FSDP2: refused in one line on both ranks (the value head)."""
+a zero-weight pass), PPO-ptx in 2 micro-batches of 5 records split 2/3 (a filler pass on rank 0; weights within a
+tolerance scaled to the update, UPDATE_TOL), and GDPO (normalize_then_sum: the statistics, the functions that varied
+and the no-signal check over every rank's items). PPO-ptx under FSDP2: refused in one line on both ranks (the value head)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,15 @@ WORKER = Path(__file__).with_name("online_worker.py")
 # ddp+: the features first tested in one process (PPO-ptx with the actor EMA, GDPO), in a launch of their own
 CASES = {"ddp": ["rloo", "grpo-token", "dpo", "dpo-simpo", "ppo"],
          "fsdp": ["grpo-full", "rloo", "dpo", "grpo-full+ram", "grpo-full+ac"],
-         "ddp+": ["ppo-ptx-ema", "ppo-ptx1", "gdpo"]}
+         "ddp+": ["ppo-ptx-ema", "ppo-ptx1", "gdpo", "ppo-ptx-ga"]}
+# ppo-ptx-ga (5 ptx records split 2/3, 2 micro-batches, a filler pass on rank 0): the weights are compared within
+# UPDATE_TOL x the largest update instead of atol 2e-6. Its lr moves LoRA weights by ~4.3 over the run, and the two
+# ranks sum the NLL and the gradients in another order than one process (per-rank partial sums, then DDP's average):
+# float32 rounding (eps 1.2e-7) differs by a few eps per sum, and Adam's g / sqrt(v) carries the relative error of
+# small gradient components into whole-lr steps over 2 steps x epochs. Measured: 2.4e-5 on 4.3 (5.6e-6 relative);
+# 3e-5 relative leaves 5x margin and is far below the ptx part of the update (a ptx scale divided by the local token
+# count instead of the global one moves the weights by more: checked when this case was added).
+UPDATE_TOL = {"ppo-ptx-ga": 3e-5}
 EXTRA = {"ddp": ["grpo-eval"], "fsdp": [], "ddp+": []}  # run in the same launch, checked by their own tests
 _RUNS: dict = {}
 
@@ -101,8 +110,10 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
     after = trainable(one)
     assert after.keys() == two.keys()
     assert any(not torch.equal(after[n], init[n]) for n in after), "training changed nothing"
+    update = max(float((after[n] - init[n]).abs().max()) for n in after)
+    atol = UPDATE_TOL[case] * update if case in UPDATE_TOL else 2e-6
     for n in after:
-        torch.testing.assert_close(two[n], after[n], rtol=1e-4, atol=2e-6, msg=n)
+        torch.testing.assert_close(two[n], after[n], rtol=1e-4, atol=atol, msg=n)
     # metrics: one row per step, written by rank 0 only; the reward mean is the global batch's, by hand
     rows = [json.loads(x) for x in (two_ranks / case / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(STEPS))
@@ -139,7 +150,7 @@ def test_two_ranks_equal_one_process(engine, case, tiny_dir, tmp_path, tmp_path_
     got = dict(loaded.named_parameters())
     for n in after:
         if not n.startswith("value_head."):
-            torch.testing.assert_close(got[n].detach(), after[n], rtol=1e-4, atol=2e-6, msg=n)
+            torch.testing.assert_close(got[n].detach(), after[n], rtol=1e-4, atol=atol, msg=n)
 
 
 @pytest.mark.slow

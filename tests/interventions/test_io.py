@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig
 
 from alignkit.interventions import INTERVENTIONS
 from alignkit.interventions.attach import get_reft_model
@@ -98,6 +99,40 @@ def test_another_model_type_of_the_same_shape_fails(tiny_lm, tmp_path):
     assert (other.config.hidden_size, other.config.num_hidden_layers) == (64, 2)  # only the model type differs
     with pytest.raises(ValueError, match=f"{CONFIG_NAME}: .*model_type='llama', this model has model_type='qwen2'"):
         load_reft(other, folder)
+
+
+def tiny_gemma3_pair():
+    """One tiny Gemma-3 decoder as Gemma3ForConditionalGeneration (config model_type gemma3, text config
+    gemma3_text) and as Gemma3ForCausalLM (gemma3_text): the same decoder layers under two top-level names."""
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    vlm = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    return vlm, Gemma3ForCausalLM(Gemma3TextConfig(**text))
+
+
+def test_one_decoder_under_a_composite_and_a_text_model_type_loads(tmp_path):
+    """A ReFT adapter trained on Gemma-3 loaded as Gemma3ForConditionalGeneration (model_type gemma3) was refused on
+    Gemma3ForCausalLM (gemma3_text) and back, though the decoder layers are the same. The text config's type is now
+    saved and compared; a folder saved with the top-level name (gemma3) still loads onto gemma3_text. A text type
+    that differs (llama onto gemma3) is still refused."""
+    vlm, txt = tiny_gemma3_pair()
+    assert (vlm.config.model_type, txt.config.model_type) == ("gemma3", "gemma3_text")
+    rep = RepresentationConfig(layer=1, intervention="loreft", low_rank_dimension=2)
+    for source, target in ((vlm, txt), (txt, vlm)):
+        folder = save_reft(get_reft_model(source, ReftConfig(representations=[rep])), tmp_path / type(source).__name__)
+        assert json.loads((folder / CONFIG_NAME).read_text())["base_model"]["model_type"] == "gemma3_text"
+        assert len(load_reft(target, folder).interventions["default"]) == 1
+    meta = json.loads((folder / CONFIG_NAME).read_text())  # as the earlier code saved it from the composite model
+    meta["base_model"]["model_type"] = "gemma3"
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    assert len(load_reft(txt, folder).interventions["default"]) == 1
+    meta["base_model"]["model_type"] = "llama"
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{CONFIG_NAME}: .*model_type='llama', this model has model_type="
+                                         "'gemma3_text'"):
+        load_reft(txt, folder)
 
 
 def rewrite_weights(folder, tensors):

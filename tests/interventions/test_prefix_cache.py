@@ -11,7 +11,9 @@ validated before anything is written."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import sys
 
 import pytest
 import torch
@@ -166,19 +168,42 @@ def test_an_in_place_change_of_a_frozen_weight_empties_the_cache(base_dir, caplo
     assert torch.equal(got[0], step(model, batch)[0])
 
 
-def test_a_frozen_weight_replaced_by_another_object_empties_the_cache(base_dir, caplog):
-    """load_state_dict(assign=True) puts new Parameter objects in the frozen layers: their version counters are not
-    the watched ones, so the cache kept serving the old weights' states (logits off by ~0.5, no word). Now the
-    identity of the frozen parameters is watched too."""
+def assign_scaled(base, layers):
+    layers[0].load_state_dict({k: v * 1.5 for k, v in layers[0].state_dict().items()}, assign=True)
+
+
+def swap_mlp(base, layers):
+    layers[0].mlp = copy.deepcopy(layers[0].mlp)
+    with torch.no_grad():
+        layers[0].mlp.down_proj.weight.mul_(1.5)
+
+
+def swap_embedding(base, layers):
+    emb = copy.deepcopy(base.get_input_embeddings())
+    with torch.no_grad():
+        emb.weight.mul_(1.5)
+    base.set_input_embeddings(emb)
+
+
+REPLACE = {"load_state_dict(assign=True)": assign_scaled, "layer 0's mlp swapped": swap_mlp,
+           "embedding swapped": swap_embedding}
+
+
+@pytest.mark.parametrize("how", REPLACE)
+def test_a_frozen_weight_replaced_by_another_object_empties_the_cache(base_dir, caplog, how):
+    """load_state_dict(assign=True) or a module swapped in puts new Parameter objects in the frozen prefix: their
+    version counters are not the watched ones, so the cache kept serving the old weights' states (logits off by
+    ~0.5, no word). Now the identity of the frozen parameters, modules and layers is watched too."""
     model = reft_model(base_dir)
     batch = SFTCollator(0)(features())
     cache = reft_of(model).enable_prefix_cache()
     step(model, batch), step(model, batch), step(model, batch)
     assert cache.hits == 1
-    _, layers = find_decoder_layers(hf_model(reft_of(model).model))
-    layers[0].load_state_dict({k: v * 1.5 for k, v in layers[0].state_dict().items()}, assign=True)
-    for p in layers[0].parameters():
-        p.requires_grad_(False)
+    base = hf_model(reft_of(model).model)
+    _, layers = find_decoder_layers(base)
+    REPLACE[how](base, layers)
+    for m in [base.get_input_embeddings(), *layers[:3]]:
+        m.requires_grad_(False)
     with caplog.at_level(logging.WARNING, logger="alignkit"):
         got = step(model, batch)
     assert "had a parameter replaced by another object" in caplog.text and cache.hits == 1 and not cache.verified
@@ -186,6 +211,30 @@ def test_a_frozen_weight_replaced_by_another_object_empties_the_cache(base_dir, 
     assert cache.hits == 2 and cache.verified
     reft_of(model).disable_prefix_cache()
     assert torch.equal(got[0], step(model, batch)[0])
+
+
+def test_a_cached_forward_does_not_walk_the_prefix_modules(base_dir, monkeypatch):
+    """Each forward rebuilt the prefix's parameter list through Module.parameters() (every submodule of the
+    embedding and the cached layers: 3.8 ms a forward at 32 layers, on the forwards the cache makes short). Now the
+    objects recorded at enable time are checked by plain lookups: no parameters() / modules() call on the prefix."""
+    model = reft_model(base_dir)
+    batch = SFTCollator(0)(features())
+    cache = reft_of(model).enable_prefix_cache()
+    base = hf_model(reft_of(model).model)
+    _, layers = find_decoder_layers(base)
+    prefix = {id(m) for root in [base.get_input_embeddings(), *layers[:3]] for m in root.modules()}
+    step(model, batch), step(model, batch)  # filled, checked: the next forward is a cached one
+    walks = []
+    for name in ("parameters", "named_parameters", "modules", "named_modules"):
+        real = getattr(torch.nn.Module, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if id(self) in prefix and sys._getframe(1).f_code.co_filename.endswith("prefix_cache.py"):
+                walks.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.nn.Module, name, counted)
+    completion_token_logps(model, batch)  # walks called by the cache (the step's own calls walk the whole model)
+    assert cache.hits == 1 and walks == []
 
 
 def test_left_padding_runs_without_the_cache(base_dir):

@@ -3,7 +3,7 @@
 `reft_config.json` holds everything needed to rebuild the adapter exactly:
     format / version           "alignkit-reft", 1
     adapter_name               the name it was saved under
-    base_model                 model_type, hidden_size, num_layers, dtype (checked on load)
+    base_model                 model_type (the text config's), hidden_size, num_layers, dtype (checked on load)
     reft_config                the ReftConfig (`ReftConfig.to_dict()`)
     interventions              per representation: layer, component, module path, and `spec`
                                (every constructor argument of the intervention, `Intervention.spec()`)
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load, save
 from torch import nn
+from transformers import CONFIG_MAPPING
 
 from alignkit.files import atomic_write
 from alignkit.interventions import intervention_types
@@ -53,7 +54,8 @@ def base_identity(model: nn.Module) -> dict[str, Any]:
     _, layers = find_decoder_layers(base)
     ref = next((p for p in layers.parameters() if p.is_floating_point()), None)
     cfg = getattr(base, "config", None)
-    return {"model_type": getattr(cfg, "model_type", type(base).__name__), "hidden_size": hidden_size(base),
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg  # compat M9: the decoder's own config
+    return {"model_type": getattr(text, "model_type", None) or type(base).__name__, "hidden_size": hidden_size(base),
             "num_layers": len(layers),
             "dtype": str(ref.dtype if ref is not None else torch.float32).removeprefix("torch."),
             "name_or_path": str(getattr(cfg, "name_or_path", "") or "")}
@@ -123,6 +125,15 @@ def saved_reft_config(folder: str | Path) -> ReftConfig:
     return ReftConfig.from_dict(meta["reft_config"], where=f"{folder / CONFIG_NAME}: reft_config")
 
 
+def text_model_type(model_type: Any) -> Any:
+    """The model_type of the text config of transformers' config class for `model_type` (gemma3 -> gemma3_text,
+    llava -> llama; llama -> llama), from a default config (no model built, compat M17); unknown types as given."""
+    try:
+        return CONFIG_MAPPING[model_type]().get_text_config().model_type
+    except Exception:  # not a transformers type (pyreft's class string, a custom model): compare it as saved
+        return model_type
+
+
 def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
     saved, here = meta["base_model"], base_identity(model)
     for key in ("hidden_size", "num_layers"):
@@ -130,7 +141,9 @@ def _check_base(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
             raise ValueError(f"{path}: the adapter was trained on a model with {key}={saved.get(key)}, "
                              f"this model has {key}={here[key]}; load it onto a {saved.get('model_type')} "
                              f"model of the same shape ({saved.get('name_or_path') or 'see base_model'})")
-    if saved.get("model_type") != here["model_type"]:  # same widths, another network: its edits mean nothing there
+    # same widths, another network: its edits mean nothing there. The text config's type is saved; a folder saved
+    # with a composite's top-level type (gemma3) matches its text type (gemma3_text): the same decoder layers
+    if saved.get("model_type") != here["model_type"] and text_model_type(saved.get("model_type")) != here["model_type"]:
         raise ValueError(f"{path}: the adapter was trained on a model with model_type={saved.get('model_type')!r}, "
                          f"this model has model_type={here['model_type']!r}; load it onto the "
                          f"{saved.get('model_type')} model it was trained on "

@@ -29,7 +29,8 @@ Loud where it could be wrong:
   skipped by the replay;
 - the frozen prefix's parameters are watched through their version counters and their identity: any in-place
   change (a load, an optimiser step on a parameter that should have been frozen) or a parameter replaced by another
-  object (`load_state_dict(assign=True)`, a module swapped in) empties the cache, with a warning;
+  object (`load_state_dict(assign=True)`, a module swapped in) empties the cache, with a warning; the objects
+  recorded at enable time are checked by plain lookups on each forward (no `Module.parameters()` walk);
 - `unusable_reason` refuses models where the prefix is not fixed: a trainable parameter in layers 0 .. b-1 (LoRA
   there), a dropout (module or attention dropout) there, compiled or checkpointed layers, sharded layers (FSDP2,
   DeepSpeed ZeRO-3), accelerate offload hooks, an intervention outside the decoder layers or in layer 0's input
@@ -157,8 +158,8 @@ class PrefixCache:
         base = hf_model(reft_model.model)
         _, self.layers = find_decoder_layers(base)
         self._base = base
-        self._watched = self._prefix_parameters()
-        self._versions = self._version_sum()
+        self._watch()
+        self._versions = self._state()[1]
         self.max_bytes = int(max_bytes)
         self.store: dict[bytes, Tensor] = {}
         self.bytes = 0
@@ -172,20 +173,32 @@ class PrefixCache:
         # prepend: the states are read before any intervention hook on the same layer edits them
         self._handles = [self.layers[self.frozen - 1].register_forward_hook(self._out_hook, prepend=True)]
 
-    def _prefix_parameters(self) -> list[Tensor]:
-        return [p for m in _prefix_modules(self._base, self.layers, self.frozen) for p in m.parameters()]
+    def _watch(self) -> None:
+        """Record what `_state` checks each forward: the embedding and cached layer objects, every (dict, key, object)
+        of their submodules' `_parameters` and `_modules` with each dict's size, and the parameters themselves."""
+        self._emb = self._base.get_input_embeddings()
+        self._layer_objs = list(self.layers[:self.frozen])
+        self._entries: list[tuple[dict, str, Any]] = []
+        self._sizes: list[tuple[dict, int]] = []
+        self._watched: list[Tensor] = []
+        for root in _prefix_modules(self._base, self.layers, self.frozen):
+            for m in root.modules():
+                for d in (m._parameters, m._modules):
+                    self._sizes.append((d, len(d)))
+                    self._entries += [(d, k, v) for k, v in d.items() if v is not None]
+                self._watched += [p for p in m._parameters.values() if p is not None]
 
-    def _version_sum(self) -> int:
-        return sum(p._version for p in self._watched)
-
-    def _replaced(self) -> bool:
-        """A frozen parameter (or module) was replaced by another object (`load_state_dict(assign=True)`, a module
-        swapped in): its version counter is not the one watched. Then the new objects are watched."""
-        now = self._prefix_parameters()
-        if len(now) == len(self._watched) and all(a is b for a, b in zip(now, self._watched)):
-            return False
-        self._watched = now
-        return True
+    def _state(self) -> tuple[bool, int]:
+        """(replaced, version sum). Replaced: a frozen parameter or module is not the object watched (a
+        `load_state_dict(assign=True)`, a module swapped in, one added): its version counter is not the one watched,
+        so the new objects are watched from now on. Plain lookups, no `Module.parameters()` walk: this runs on every
+        forward, including the ones the cache makes short."""
+        replaced = (self._base.get_input_embeddings() is not self._emb
+                    or any(a is not b for a, b in zip(self.layers, self._layer_objs))
+                    or any(len(d) != n for d, n in self._sizes) or any(d.get(k) is not v for d, k, v in self._entries))
+        if replaced:
+            self._watch()
+        return replaced, sum(p._version for p in self._watched)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -199,8 +212,7 @@ class PrefixCache:
     @contextlib.contextmanager
     def around(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Iterator[None]:
         """Run one forward of the model with the cache: fill, verify or use it (see the module's docstring)."""
-        replaced = self._replaced()
-        versions = self._version_sum()
+        replaced, versions = self._state()
         if replaced or versions != self._versions:
             if self.store:
                 logger.warning("ReFT prefix cache: the frozen layers 0-%d %s; the %d cached examples are dropped and "
