@@ -382,6 +382,19 @@ def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, opti
     SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=(own, None))
 
 
+@pytest.mark.parametrize("warmup, max_steps, last", [(2, 2, "50%"), (10, 5, "40%"), (10, 10, "90%")])
+def test_a_warmup_as_long_as_the_run_names_the_rate_of_its_last_step(warmup, max_steps, last, tmp_path):
+    """transformers' linear warm-up gives step s the rate s / warmup (steps 0 .. max_steps - 1): by hand, the last
+    step of 2 with a warm-up of 2 trains at 1/2, of 5 with 10 at 4/10, of 10 with 10 at 9/10 (the message said
+    max_steps / warmup: 100 %, 50 %, 100 %)."""
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.checks import check_warmup
+
+    args = fast_args(tmp_path, max_steps=max_steps, warmup_steps=warmup, lr_scheduler_type="linear")
+    with pytest.raises(ConfigError, match=f"its last step uses {last} of it"):
+        check_warmup(args, "linear")
+
+
 @pytest.mark.parametrize("schedule, kwargs, says", [
     ("constant", {"min_lr": 1e-6}, "train.lr_scheduler_kwargs={'min_lr': 1e-06}: lr_scheduler_type='constant' takes "
                                    "no arguments"),

@@ -422,9 +422,9 @@ def check_warmup(args: TrainingArguments, name: str) -> None:
                           f"full learning rate; use lr_scheduler_type={instead}, or remove train.warmup_steps")
     if warmup >= 1 and args.max_steps and 0 < args.max_steps <= int(warmup):
         raise ConfigError(f"train.warmup_steps={int(warmup)}: as long as the whole run (train.max_steps="
-                          f"{args.max_steps}), so the learning rate would never reach train.learning_rate (it ends "
-                          f"at {args.max_steps / int(warmup):.0%} of it); give fewer warm-up steps (or a fraction, "
-                          "e.g. 0.1) or a longer run")
+                          f"{args.max_steps}), so the learning rate would never reach train.learning_rate (its last "
+                          f"step uses {(args.max_steps - 1) / int(warmup):.0%} of it); give fewer warm-up steps (or a "
+                          "fraction, e.g. 0.1) or a longer run")
 
 
 def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
