@@ -706,3 +706,36 @@ def test_a_kept_annotation_scored_by_other_reward_model_weights_at_the_same_path
     err = refused_once_retrained(base, rnd, folder, AutoModelForSequenceClassification.from_pretrained, capsys)
     assert len(err) == 1 and "records.jsonl: complete, and annotated with other settings (annotator_model_sha256: " \
                              in err[0] and "overwrite=True" in err[0], err
+
+
+def test_a_prompt_the_reward_models_tokenizer_refuses_stops_the_run_before_its_folder(tiny_dir, tmp_path, capsys):
+    """The reward model's tokenizer first met the prompts at the first annotation, after the run folder was written:
+    a prompt the policy accepts (it adds no BOS) but the reward model's tokenizer refuses (it adds its own BOS, and
+    the prompt starts with it) stopped the run at step 1. Now one line naming the record, before the folder."""
+    import json
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    from alignkit.models.loading import load_tokenizer
+
+    folder, out, data = tmp_path / "rm", tmp_path / "run", tmp_path / "prompts.jsonl"
+    shutil.copytree(tiny_dir("llama", classifier=True), folder)
+    tok = load_tokenizer(str(folder))
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                              special_tokens=[(bos, bos_id)])
+    tok.save_pretrained(str(folder))
+    assert load_tokenizer(str(folder))("x")["input_ids"][0] == bos_id
+    data.write_text("".join(json.dumps({"prompt": p, "id": f"p{i}"}) + "\n"
+                            for i, p in enumerate(["Q: one?", "Q: two?", f"{bos}Q: three?", "Q: four?"])))
+    config = tmp_path / "online.yaml"
+    config.write_text((CONFIGS / "online-dpo-tiny.yaml").read_text().replace(
+        "  kind: function\n  function: alignkit.rewards:length_target\n  kwargs: {target: 24, unit: chars}\n",
+        f"  kind: reward_model\n  path: {folder}\n"))
+    rc = main(["-q", "online-dpo", "--config", str(config), f"output_dir={out}", *FAST, f"data.path={data}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit online-dpo")]
+    assert rc == 2 and len(err) == 1, err
+    assert f"data.path: record {data}:3: " in err[0] and "the reward model's tokenizer refuses it" in err[0], err
+    assert f"the prompt starts with '{bos}', the BOS token" in err[0], err
+    assert not out.exists()

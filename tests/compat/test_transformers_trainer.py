@@ -441,6 +441,27 @@ def test_schedule_is_built_by_get_scheduler_from_the_arguments(tiny_dir, tokeniz
           "check_warmup refuses a warm-up with it as ignored)", where, f"lr at step 0: {opt.param_groups[0]['lr']}")
 
 
+@pytest.mark.parametrize("batch, accumulate, drop_last, epochs", [(3, 2, False, 1), (3, 1, True, 2), (5, 2, False, 1.5)])
+def test_an_epoch_based_run_plans_the_steps_the_trainer_runs(batch, accumulate, drop_last, epochs, tiny_dir,
+                                                              tokenizer, sft_features, tmp_path):
+    """T30: an epoch-based run (max_steps -1) runs `Trainer.set_initial_training_values`' ceil(epochs x max(ceil(
+    batches / accumulation), 1)) optimizer steps over one process's dataloader, and `get_warmup_steps(n)` is
+    ceil(n x fraction): alignkit's planned_steps / check_warmup refuse a warm-up as long as the run with them."""
+    from alignkit.trainers.checks import planned_steps
+
+    where = "alignkit/trainers/checks.py:planned_steps"
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, max_steps=-1, num_train_epochs=epochs,
+                          per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+                          dataloader_drop_last=drop_last, eval_strategy="no")
+    trainer.train()
+    planned = planned_steps(trainer.args, sft_features)
+    check(trainer.state.global_step == planned, TF, "an epoch-based run no longer runs the optimizer steps of "
+          "set_initial_training_values' formula", where, f"ran {trainer.state.global_step}, planned {planned}")
+    fraction = args(tmp_path, warmup_steps=0.5)
+    check(fraction.get_warmup_steps(5) == 3, TF, "TrainingArguments.get_warmup_steps no longer turns a fraction into "
+          "ceil(steps x fraction) warm-up steps", where, f"0.5 of 5 steps: {fraction.get_warmup_steps(5)}")
+
+
 def test_neftune_noise_follows_the_embedding_modules_training_flag(tiny_dir):
     """T16: the NEFTune hook the Trainer adds (`activate_neftune`) perturbs the embeddings while the embedding module
     trains, and not when only that module is put in eval mode (what `embeddings_at_rest` does for the reference)."""

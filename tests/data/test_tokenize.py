@@ -351,3 +351,47 @@ def test_plain_text_that_starts_with_bos_is_not_given_a_second_one(tokenizer):
             tokenize_records([record], tok)
     (f,), _ = tokenize_records([SFTRecord(f"{bos}Q:", " A", id="r2")], tokenizer)  # adds no BOS: text as it is
     assert f["input_ids"].count(bos_id) == 1 and tokenizer("x")["input_ids"][0] != bos_id
+
+
+def test_a_tokenizer_whose_bos_is_its_appended_eos_reads_a_leading_bos_once(tokenizer):
+    """GPT-NeoX / Pythia: BOS = EOS, a post-processor that appends it and adds no BOS. A prompt starting with that
+    token is read with one BOS (ids [bos, ...]), yet it was refused because the BOS id was anywhere in tokenizer("")
+    (checked to fail before the fix). Under split_special_tokens the text's BOS is read as words: no second BOS
+    either. A tokenizer that adds its BOS is still refused, and probed once for many records."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(tokenizer)
+    tok.bos_token = tok.eos_token
+    eos, eid = tok.eos_token, tok.eos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", pair=f"$A $B {eos}",
+                                                              special_tokens=[(eos, eid)])
+    assert tok("")["input_ids"] == [eid] and tok(f"{eos}Q:")["input_ids"][:2].count(eid) == 1
+    (f,), _ = tokenize_records([PromptRecord(f"{eos}Q:", id="r1")], tok)
+    assert f["prompt_input_ids"][0] == eid and f["prompt_input_ids"][1] != eid
+
+    adds = copy.deepcopy(tokenizer)
+    bos, bos_id = adds.bos_token, adds.bos_token_id
+    adds.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                               special_tokens=[(bos, bos_id)])
+    split = copy.deepcopy(adds)
+    split.split_special_tokens = True
+    assert split(f"{bos}Q:")["input_ids"].count(bos_id) == 1
+    tokenize_records([SFTRecord(f"{bos}Q:", " A", id="r1")], split)
+
+    calls = []
+    real = type(adds).__call__
+
+    def counted(self, text, *a, **kw):
+        calls.append(text)
+        return real(self, text, *a, **kw)
+
+    type(adds).__call__ = counted
+    try:
+        for i in range(3):
+            with pytest.raises(DataError, match=rf"^r{i}: formatter 'plain': the prompt starts with"):
+                tokenize_records([SFTRecord(f"{bos}Q:", " A", id=f"r{i}")], adds)
+    finally:
+        type(adds).__call__ = real
+    assert calls.count(f"{bos}x") == 1

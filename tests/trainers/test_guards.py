@@ -382,6 +382,38 @@ def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, opti
     SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=(own, None))
 
 
+@pytest.mark.parametrize("warmup, max_steps, last", [(2, 2, "50%"), (10, 5, "40%"), (10, 10, "90%")])
+def test_a_warmup_as_long_as_the_run_names_the_rate_of_its_last_step(warmup, max_steps, last, tmp_path):
+    """transformers' linear warm-up gives step s the rate s / warmup (steps 0 .. max_steps - 1): by hand, the last
+    step of 2 with a warm-up of 2 trains at 1/2, of 5 with 10 at 4/10, of 10 with 10 at 9/10 (the message said
+    max_steps / warmup: 100 %, 50 %, 100 %)."""
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.checks import check_warmup
+
+    args = fast_args(tmp_path, max_steps=max_steps, warmup_steps=warmup, lr_scheduler_type="linear")
+    with pytest.raises(ConfigError, match=f"its last step uses {last} of it"):
+        check_warmup(args, "linear")
+
+
+@pytest.mark.parametrize("rows, batch, accumulate, drop_last, epochs, steps", [
+    (4, 2, 1, False, 1, 2), (5, 2, 1, False, 1, 3), (5, 2, 1, True, 1, 2), (5, 2, 2, False, 1, 2),
+    (5, 2, 2, False, 1.5, 3), (1, 4, 8, False, 2, 2)])
+def test_an_epoch_based_run_knows_its_optimizer_steps(rows, batch, accumulate, drop_last, epochs, steps, tmp_path):
+    """By hand: batches = ceil(rows / batch) (rows // batch with drop_last), an epoch ceil(batches / accumulate) steps
+    (at least 1), the run ceil(epochs x that); a fractional warm-up of one step more than (steps - 1) / steps of it
+    is refused, one below accepted."""
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.checks import check_warmup, planned_steps
+
+    kw = dict(max_steps=-1, num_train_epochs=epochs, per_device_train_batch_size=batch, dataloader_drop_last=drop_last,
+              gradient_accumulation_steps=accumulate, lr_scheduler_type="linear")
+    data = list(range(rows))
+    assert planned_steps(fast_args(tmp_path, **kw), data) == steps
+    check_warmup(fast_args(tmp_path, warmup_steps=(steps - 1) / steps, **kw), "linear", data)
+    with pytest.raises(ConfigError, match=f"optimizer steps from train.num_train_epochs={epochs:g}"):
+        check_warmup(fast_args(tmp_path, warmup_steps=(steps - 0.5) / steps, **kw), "linear", data)
+
+
 @pytest.mark.parametrize("schedule, kwargs, says", [
     ("constant", {"min_lr": 1e-6}, "train.lr_scheduler_kwargs={'min_lr': 1e-06}: lr_scheduler_type='constant' takes "
                                    "no arguments"),
@@ -398,6 +430,9 @@ def test_optimizers_the_trainer_would_not_build_or_apply_are_refused(optim, opti
     ("constant", {"warmup_steps": 0.5}, "train.warmup_steps=0.5: lr_scheduler_type='constant' has no warm-up"),
     ("linear", {"warmup_steps": 2}, "train.warmup_steps=2: as long as the whole run (train.max_steps=2)"),
     ("linear", {"warmup_steps": 0.5}, None), ("constant_with_warmup", {"warmup_steps": 0.5}, None),
+    # a fraction the Trainer turns into ceil(2 x 0.6) = 2 warm-up steps of 2 (accepted before)
+    ("linear", {"warmup_steps": 0.6}, "train.warmup_steps=0.6 (2 steps, the Trainer's ceil(2 x 0.6)): as long as the "
+                                      "whole run (train.max_steps=2)"),
 ])
 def test_schedules_the_trainer_would_not_build_or_apply_are_refused(schedule, kwargs, says, make_model, features,
                                                                    collators, tmp_path):

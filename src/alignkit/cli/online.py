@@ -351,6 +351,8 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     model = apply_configured_adapter(model, cfg.adapter)
     annotator = make_annotator(cfg.annotator, None, allow_code)
     _check_annotator_columns(annotator, cfg, prompts, held_out)
+    annotator.check_prompts(prompts, "data.path")
+    annotator.check_prompts(held_out, "data.path" if cfg.data.eval_path is None else "data.eval_path")
     if quiet:  # --quiet: no progress bar, as the offline commands (the saved config is unchanged); set on this
         tcfg.progress_bar = False  # object (a copy would be built, and checked, again)
     extra = {"ptx_data": read_ptx(cfg.data, tok)} if cfg.data.ptx_path is not None else {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -330,13 +331,30 @@ def check_no_second_bos(text: str, tokenizer: Any) -> None:
     written for a tokenizer that adds none, or exported with it) was read with two BOS tokens, without a word. A
     DataError naming the token and the fix (the caller names the record)."""
     bos = getattr(tokenizer, "bos_token", None)
-    if not isinstance(bos, str) or not bos or not text.startswith(bos):
+    if not isinstance(bos, str) or not bos or not text.startswith(bos) or not reads_two_bos(tokenizer):
         return
-    added = tokenizer("", add_special_tokens=True)["input_ids"]
-    if tokenizer.bos_token_id in added:
-        raise DataError(f"formatter 'plain': the prompt starts with {bos!r}, the BOS token, and "
-                        f"{tokenizer_name(tokenizer)} adds its own BOS to plain text, so the model would read two; "
-                        f"remove the leading {bos!r} from the data")
+    raise DataError(f"formatter 'plain': the prompt starts with {bos!r}, the BOS token, and "
+                    f"{tokenizer_name(tokenizer)} adds its own BOS to plain text, so the model would read two; "
+                    f"remove the leading {bos!r} from the data")
+
+
+_TWO_BOS: "weakref.WeakKeyDictionary[Any, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
+
+
+def reads_two_bos(tokenizer: Any) -> bool:
+    """Whether `tokenizer` reads a text that starts with its BOS token as two BOS tokens: it adds its own BOS in front
+    and reads the text's as the token (not when it adds none, e.g. GPT-NeoX, whose BOS is its EOS and which appends it;
+    not under `split_special_tokens`, which reads the text's as words). Cached per tokenizer (and its BOS and split
+    setting)."""
+    key = (tokenizer.bos_token, tokenizer.bos_token_id, getattr(tokenizer, "split_special_tokens", False))
+    try:
+        seen = _TWO_BOS.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referable: probed each time
+        seen = {}
+    if key not in seen:
+        ids = tokenizer(tokenizer.bos_token + "x", add_special_tokens=True)["input_ids"]
+        seen[key] = list(ids[:2]) == [tokenizer.bos_token_id] * 2
+    return seen[key]
 
 
 _TURN_PROBE = "alignkitTurnEndProbe"

@@ -41,7 +41,7 @@ import torch
 
 from alignkit.data.chat import format_record
 from alignkit.data.collators import pad
-from alignkit.data.records import Completion, Prompt
+from alignkit.data.records import Completion, DataError, Prompt
 from alignkit.losses.registry import Registry
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.rope import trained_context
@@ -161,6 +161,10 @@ class Annotator:
             return f"the annotator {type(self).__name__}"
         return f"the {d['type']} annotator" + (f" {str(what)!r}" if what else "")
 
+    def check_prompts(self, prompts: Sequence[Any], where: str) -> None:
+        """Before the run folder: refuse prompt records (with `.prompt`, `.id`) this annotator could not annotate.
+        Nothing by default; a reward model formats each with its own tokenizer (a DataError naming the record)."""
+
     def check_columns(self, columns: set[str], where: str) -> None:
         """A ValueError when scoring prompts whose rows have `columns` (their extra dataset columns, as the `prompt`
         reader keeps them) would fail on every batch; `where` names the data. Nothing to check here."""
@@ -215,6 +219,14 @@ class RewardModelAnnotator(Annotator):
             logger.warning("reward model %s: its config has no pad_token_id, so transformers cannot find the last "
                            "token of a padded row: it scores one response at a time (set pad_token_id in its "
                            "config.json to score in batches)", self.path or type(model).__name__)
+
+    def check_prompts(self, prompts: Sequence[Any], where: str) -> None:
+        for r in prompts:
+            try:
+                format_record(r.prompt, "", self.tokenizer, self.formatter)
+            except DataError as e:
+                raise DataError(f"{where}: record {r.id or '?'}: the reward model's tokenizer refuses it: "
+                                f"{e}") from None
 
     def encode(self, prompt: Prompt, response: Completion) -> tuple[list[int], str]:
         """(token ids, what was cut: "" none, "prompt" the prompt's start, "response" the prompt and the

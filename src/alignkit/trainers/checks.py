@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -394,7 +395,7 @@ def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"train.lr_scheduler_kwargs={given}: lr_scheduler_type={name!r} takes no arguments "
                           "(transformers builds it without them), so they would be ignored; remove them, or choose "
                           "the schedule that reads them (e.g. cosine_with_min_lr for min_lr)")
-    check_warmup(args, name)
+    check_warmup(args, name, kwargs.get("train_dataset"))
     steps = args.max_steps if args.max_steps and args.max_steps > 0 else 100
     trial = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
@@ -410,21 +411,42 @@ def check_scheduler(args: TrainingArguments, kwargs: dict[str, Any]) -> None:
 NO_WARMUP_SCHEDULES = ("constant", "reduce_lr_on_plateau", "greedy")
 
 
-def check_warmup(args: TrainingArguments, name: str) -> None:
+def planned_steps(args: TrainingArguments, train_dataset: Any = None) -> int | None:
+    """The optimizer steps the Trainer will run: `max_steps`, or for an epoch-based run (max_steps -1) its own
+    formula (`Trainer.set_initial_training_values`) over one process's dataloader of `train_dataset`; None where that
+    length is not known here (no dataset length, several processes or a parallelism config shard the batches)."""
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    if not hasattr(train_dataset, "__len__") or args.world_size != 1 or getattr(args, "parallelism_config", None):
+        return None
+    rows, batch = len(train_dataset), args.train_batch_size
+    batches = rows // batch if args.dataloader_drop_last else math.ceil(rows / batch)
+    accumulate = args.gradient_accumulation_steps
+    per_epoch = max(batches // accumulate + int(batches % accumulate > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def check_warmup(args: TrainingArguments, name: str, train_dataset: Any = None) -> None:
     """`warmup_steps` the schedule would not apply as written: given to a schedule built without it (constant: the
-    run trained at the full rate from its first step, without a word), or as long as a run of `max_steps` or longer
-    (the rate never reached `learning_rate`)."""
+    run trained at the full rate from its first step, without a word), or as long as the run or longer, in steps or
+    as a fraction (the Trainer's ceil(steps * fraction)), of `max_steps` or of an epoch-based run's steps (the rate
+    never reached `learning_rate`)."""
     warmup = args.warmup_steps or 0
     if warmup > 0 and name in NO_WARMUP_SCHEDULES:
         instead = "constant_with_warmup" if name == "constant" else "a schedule with warm-up (e.g. linear)"
         raise ConfigError(f"train.warmup_steps={warmup:g}: lr_scheduler_type={name!r} has no warm-up (transformers "
                           f"builds it without warmup_steps), so it would be ignored and the run would start at the "
                           f"full learning rate; use lr_scheduler_type={instead}, or remove train.warmup_steps")
-    if warmup >= 1 and args.max_steps and 0 < args.max_steps <= int(warmup):
-        raise ConfigError(f"train.warmup_steps={int(warmup)}: as long as the whole run (train.max_steps="
-                          f"{args.max_steps}), so the learning rate would never reach train.learning_rate (it ends "
-                          f"at {args.max_steps / int(warmup):.0%} of it); give fewer warm-up steps (or a fraction, "
-                          "e.g. 0.1) or a longer run")
+    steps = planned_steps(args, train_dataset) if warmup > 0 else None
+    if not steps or args.get_warmup_steps(steps) < steps:
+        return
+    given = args.get_warmup_steps(steps)
+    run = (f"train.max_steps={steps}" if args.max_steps and args.max_steps > 0
+           else f"{steps} optimizer steps from train.num_train_epochs={args.num_train_epochs:g}")
+    what = f"{int(warmup)}" if warmup >= 1 else f"{warmup:g} ({given} steps, the Trainer's ceil({steps} x {warmup:g}))"
+    raise ConfigError(f"train.warmup_steps={what}: as long as the whole run ({run}), so the learning rate would "
+                      f"never reach train.learning_rate (its last step uses {(steps - 1) / given:.0%} of it); give "
+                      "fewer warm-up steps (or a smaller fraction, e.g. 0.1) or a longer run")
 
 
 def _optimizer_kwargs(args: TrainingArguments, optim_args: str | None) -> Any:
@@ -550,7 +572,7 @@ def saved_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
 
 
 __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_best_model_metric", "check_optimizer",
-           "check_resumable", "check_scheduler", "check_warmup", "TRAINING_FIELDS", "settings_changes",
+           "check_resumable", "check_scheduler", "check_warmup", "planned_steps", "TRAINING_FIELDS", "settings_changes",
            "training_changes",
            "data_digest", "lower_is_better", "refuse_deepspeed_mismatches", "deepspeed_config_source",
            "deepspeed_replacements", "OFFLOAD_KEEPS", "refuse_optimizer_offload", "refuse_all_zero_weights",
