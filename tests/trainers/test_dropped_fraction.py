@@ -12,10 +12,11 @@ import pytest
 from datasets import Dataset, load_dataset
 from transformers import TrainingArguments
 
-from alignkit.data import DataError, TokenizeConfig
+from alignkit.data import DataError, TokenizeConfig, load_records, tokenize_records
 from alignkit.data.prepare import prepare_dataset
 from alignkit.data.records import SFTRecord
 from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.settings import ConfigError
 from alignkit.trainers import SFTTrainer
 
 LONG = "word " * 50  # about 50+ tokens: no room for a completion under max_length=20 with no prompt limit
@@ -81,3 +82,13 @@ def test_a_share_outside_0_1_is_refused_naming_the_key(bad):
     with pytest.raises(DataError, match=r"^data\.max_dropped_fraction \(TokenizeConfig\.max_dropped_fraction, the "
                                         r"trainers' max_dropped_fraction\): must be a number in \[0, 1\]"):
         TokenizeConfig(max_dropped_fraction=bad)
+
+
+def test_the_setting_beside_tokenized_data_is_refused_as_ignored(tiny_dir, tmp_path):
+    path = tiny_dir("llama")
+    model, tok = load_model(path), load_tokenizer(path)
+    feats, _ = tokenize_records(load_records(ROWS[2:5], "sft"), tok)
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True)
+    with pytest.raises(ConfigError, match=r"^SFTTrainer: max_dropped_fraction=0\.7 would be ignored: .*"
+                                          r"max_dropped_fraction: to alignkit\.data\.prepare\.check_dropped"):
+        SFTTrainer(model, args, train_dataset=feats, processing_class=tok, max_dropped_fraction=0.7)
