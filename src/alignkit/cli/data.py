@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_records, split_records, tokenize_records
+from alignkit.data.prepare import check_dropped as drop_share
 from alignkit.data.readers import check_options, native_kind, reader_of
 from alignkit.data.readers.rows import (NamedRows, dataset_data_files, first_row, has_splits, is_saved_dataset,
                                         looks_like_hub_id, parquet_error)
@@ -340,13 +341,12 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_id
     """Tokenized features and their stats, with the length limits' losses said (prompts and completions cut; pairs
     cut to identical tokens: `check_cut_identical`, or with `say_identical=False` left to the caller, who must call
     it)."""
-    cfg = TokenizeConfig(max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
-                         add_eos=ds.add_eos, loss_on=ds.loss_on)
+    cfg = tokenize_config(ds)
     features, stats = tokenize_records(records, tokenizer, cfg, cache_dir=tokenize_cache_dir())
     logger.info("%s: %s", where, stats.summary())
     if records and not features:
         raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")
-    check_dropped(stats, ds, where)
+    drop_share(stats, cfg, where, keys="data.", error=ConfigError)
     if features and stats.prompt_truncated * 2 > len(features):  # as the completions below: said when most are cut
         logger.warning("%s: %d of %d record(s) lose the start of their prompt to data.max_prompt_length=%s (each keeps "
                        "its last tokens, so the model trains without the beginning of the conversation: system "
@@ -362,20 +362,16 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_id
     return features, stats
 
 
+def tokenize_config(ds: DataSettings) -> TokenizeConfig:
+    """The `TokenizeConfig` of the data settings `ds`: the length limits, formatter, add_eos, loss_on and
+    max_dropped_fraction."""
+    return TokenizeConfig(max_length=ds.max_length, max_prompt_length=ds.max_prompt_length, formatter=ds.formatter,
+                          add_eos=ds.add_eos, loss_on=ds.loss_on, max_dropped_fraction=ds.max_dropped_fraction)
+
+
 def check_dropped(stats: Any, ds: DataSettings, where: str) -> None:
     """The records the length limits dropped: over `data.max_dropped_fraction` of them a ConfigError (the run would
     train on the short minority its limits let through), else, when any, a warning with the share, the limits and the
-    fix (before: a count inside the tokenization summary, and a stop only when every record was dropped)."""
-    dropped = stats.total - stats.kept
-    if not dropped:
-        return
-    share = dropped / stats.total
-    what = (f"{where}: the length limits (data.max_length={ds.max_length}, data.max_prompt_length="
-            f"{ds.max_prompt_length}) drop {dropped} of {stats.total} record(s) ({share:.0%}: "
-            f"{', '.join(f'{n} {reason}' for reason, n in stats.dropped.items())}, e.g. "
-            f"{next(iter(stats.dropped_ids.values()), [])[:3]})")
-    if share > ds.max_dropped_fraction:
-        raise ConfigError(f"{what}, over data.max_dropped_fraction={ds.max_dropped_fraction}: the run would train on "
-                          f"the short records only; raise data.max_length (or data.max_prompt_length), or set "
-                          f"data.max_dropped_fraction=1 to train on what is left")
-    logger.warning("%s; raise data.max_length (or data.max_prompt_length) to keep them", what)
+    fix (before: a count inside the tokenization summary, and a stop only when every record was dropped). The
+    library's rule (`alignkit.data.prepare.check_dropped`, which the trainers built in Python apply too)."""
+    drop_share(stats, tokenize_config(ds), where, keys="data.", error=ConfigError)

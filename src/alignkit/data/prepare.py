@@ -24,6 +24,7 @@ every pair is such (`say_identical`: the CLI's rule, `alignkit.cli.data.check_cu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
 
@@ -204,8 +205,9 @@ def map_features(kind: str) -> Features:
                      for k in (*FEATURE_KEYS[kind], *NOTE_COLUMNS)})
 
 
-def _summarize(out: Any, name: str) -> tuple[list[int], int]:
-    """(the rows of the map's output `out` that were kept, how many records the readers gave). The dataset's
+def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
+    """(the rows of the map's output `out` that were kept, the dataset's `TokenizeStats`: its records, kept and
+    dropped counted from the map's output, so the true ones with num_proc workers and on a cache hit). The dataset's
     `TokenizeStats`, from its note columns, are logged as one line per kind of warning (the reader's, from its batches'
     notes merged: ignored columns, dropped message keys, an optional column given in some rows only; each reason records
     were dropped for, messages not rendered) with its count and first records, and the totals (info)."""
@@ -239,7 +241,29 @@ def _summarize(out: Any, name: str) -> tuple[list[int], int]:
                        ", ".join(stats.system_unrendered_ids), roles)
     logger.info("%s: tokenized %s/%s record(s); prompt truncated: %d, completion truncated: %d", name, f"{kept:,}",
                 f"{stats.total:,}", stats.prompt_truncated, stats.completion_truncated)
-    return keep, stats.total
+    return keep, stats
+
+
+def check_dropped(stats: TokenizeStats, cfg: TokenizeConfig, name: str, keys: str = "", warn: bool = True,
+                  error: type[Exception] = DataError) -> None:
+    """The records the length limits dropped (`stats`): over `cfg.max_dropped_fraction` of them an `error` in one line
+    (the run would train on the short minority the limits let through), else, when any and `warn`, a warning with the
+    share, the limits and the fix. `keys` prefixes the settings' names: "data." in the CLI (its data section), "" for
+    a trainer built in Python (its arguments). The one rule of both (alignkit.cli.data.tokenize calls it)."""
+    dropped = stats.total - stats.kept
+    if not dropped:
+        return
+    share = dropped / stats.total
+    what = (f"{name}: the length limits ({keys}max_length={cfg.max_length}, {keys}max_prompt_length="
+            f"{cfg.max_prompt_length}) drop {dropped} of {stats.total} record(s) ({share:.0%}: "
+            f"{', '.join(f'{n} {reason}' for reason, n in stats.dropped.items())}, e.g. "
+            f"{next(iter(stats.dropped_ids.values()), [])[:3]})")
+    if share > cfg.max_dropped_fraction:
+        raise error(f"{what}, over {keys}max_dropped_fraction={cfg.max_dropped_fraction}: the run would train on the "
+                    f"short records only; raise {keys}max_length (or {keys}max_prompt_length), or set "
+                    f"{keys}max_dropped_fraction=1 to train on what is left")
+    if warn:
+        logger.warning("%s; raise %smax_length (or %smax_prompt_length) to keep them", what, keys, keys)
 
 
 def all_dropped(name: str, cfg: TokenizeConfig) -> DataError:
@@ -265,9 +289,10 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
                                                               for r in dataset):
         kind = _pick_kind(sorted({r.kind for r in dataset}), kinds, name)
 
-        feats, _ = tokenize_records(convert(list(dataset), kind), tokenizer, cfg)
+        feats, stats = tokenize_records(convert(list(dataset), kind), tokenizer, cfg)  # it warns of what it drops
         if not feats:  # as rows dropped alike (below); before, an empty list went on to the trainer
             raise all_dropped(name, cfg)
+        check_dropped(stats, cfg, name, warn=False)
         say_identical(name, [f["id"] for f in feats if is_identical_pair(f)], len(feats), cfg)
         return feats, kind
     if isinstance(dataset, (list, tuple)):
@@ -288,7 +313,9 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     info = READERS[reader] if reader is not None else detect_reader(row, f"{name} row 0")
     kind = _pick_kind(info.kinds, kinds, name)
     n = len(dataset)
-    fn_kwargs = {"tokenizer": tokenizer, "cfg": cfg, "kind": kind, "reader": info.name, "name": name,
+    # the threshold left out of the map's cache key (datasets hashes fn_kwargs): it does not change the features
+    features_cfg = dataclasses.replace(cfg, max_dropped_fraction=TokenizeConfig.max_dropped_fraction)
+    fn_kwargs = {"tokenizer": tokenizer, "cfg": features_cfg, "kind": kind, "reader": info.name, "name": name,
                  "options": dict(reader_options or {}), "code": feature_code(info.fn)}
     batch_size = 1000  # datasets' default
     if info.whole:  # e.g. a tree's messages anywhere in the rows: read in one batch, one process
@@ -300,19 +327,20 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
     out = dataset.map(_tokenize_batch, batched=True, batch_size=batch_size, with_indices=True,
                       remove_columns=dataset.column_names, num_proc=num_proc, desc=f"Tokenizing {name}",
                       features=map_features(kind), fn_kwargs=fn_kwargs)
-    keep, records = _summarize(out, name)
+    keep, stats = _summarize(out, name)  # it warns of what was dropped, per reason
     say_identical(name, [i for i, same in zip(out.data.column("id").to_pylist(), out.data.column(IDENTICAL).to_pylist())
                          if same], len(keep), cfg)
     out = out.remove_columns(list(NOTE_COLUMNS))
     out = out.select(keep) if len(keep) < len(out) else out
-    if len(out) == 0 and records == 0:  # the reader's filters (e.g. OASST langs / tree states) kept nothing
+    if len(out) == 0 and stats.total == 0:  # the reader's filters (e.g. OASST langs / tree states) kept nothing
         raise DataError(f"{name}: reader {info.name!r} gave no record from its {n} row(s) (see the warnings above); "
                         "check the rows and the reader's options (reader_options)")
     if len(out) == 0:
         raise all_dropped(name, cfg)
+    check_dropped(stats, cfg, name, warn=False)
     logger.info("%s: %d row(s) -> %d tokenized %s example(s) (reader %r, loss_on=%s)", name, n, len(out), kind,
                 info.name, cfg.loss_on)
     return out, kind
 
 
-__all__ = ["FEATURE_KEYS", "feature_kind", "is_tokenized", "prepare_dataset"]
+__all__ = ["FEATURE_KEYS", "check_dropped", "feature_kind", "is_tokenized", "prepare_dataset"]

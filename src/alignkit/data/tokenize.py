@@ -73,6 +73,7 @@ class TokenizeConfig:
     formatter: str = "auto"
     add_eos: bool | None = None
     loss_on: str = "all_assistant"  # SFT: "all_assistant" | "last_assistant" | "all" (module docstring)
+    max_dropped_fraction: float = 0.5  # over this share of records dropped by the limits: stop (prepare.check_dropped)
 
     def __post_init__(self) -> None:
         """DataError naming the key: an unknown `loss_on`; a length limit below 1 (0 or less kept no prompt token,
@@ -86,6 +87,11 @@ class TokenizeConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise DataError(f"data.{key} (TokenizeConfig.{key}, the trainers' {key}): must be an integer >= 1, "
                                 f"or None for no limit; got {value!r}")
+        share = self.max_dropped_fraction
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise DataError(f"data.max_dropped_fraction (TokenizeConfig.max_dropped_fraction, the trainers' "
+                            f"max_dropped_fraction): must be a number in [0, 1] (1: any share of the records may be "
+                            f"dropped); got {share!r}")
 
 
 LOSS_ON = ("all_assistant", "last_assistant", "all")

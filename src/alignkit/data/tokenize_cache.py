@@ -92,9 +92,10 @@ def formatters_fingerprint() -> str:
 
 def cache_key(records: list, tokenizer: Any, cfg: Any) -> str:
     """Key of the features of `records` under `tokenizer` and `cfg` (a TokenizeConfig): every input they depend on,
-    hashed."""
-    return sha(code_fingerprint(), formatters_fingerprint(), tokenizer_fingerprint(tokenizer),
-               sorted(dataclasses.asdict(cfg).items()), len(records), *(repr(r) for r in records))
+    hashed (not `max_dropped_fraction`: a threshold checked on the result, it does not change the features)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "max_dropped_fraction"}
+    return sha(code_fingerprint(), formatters_fingerprint(), tokenizer_fingerprint(tokenizer), sorted(settings.items()),
+               len(records), *(repr(r) for r in records))
 
 
 def read_cache(folder: Path, key: str, stats_of: Callable[[dict], Any]) -> tuple[list[dict], Any] | None:

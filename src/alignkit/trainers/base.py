@@ -59,7 +59,9 @@ Raw data (TRL-style, `alignkit.trainers.data_prep`): `train_dataset` / `eval_dat
 or alignkit records, with the tokenizer as `processing_class`; the trainer tokenizes them itself under `max_length`,
 `max_prompt_length`, `formatter`, `loss_on` (SFT), and picks the collator for the data's kind when `data_collator` is
 not given. Several evaluation sets (`eval_dataset={"name": rows, ...}`) are tokenized set by set, and so are raw rows
-given to `evaluate(eval_dataset=...)`.
+given to `evaluate(eval_dataset=...)`. When the length limits drop over `max_dropped_fraction` (default 0.5, in [0, 1];
+1: any share) of a dataset's records, it stops in one line naming the dataset, the share, the limits and that setting
+(`alignkit.data.prepare.check_dropped`, the CLI's data.max_dropped_fraction rule).
 
 Other switches: `remove_unused_columns` is forced off (collators carry keys the model's signature does not name);
 `max_grad_norm=None` is no clipping (as 0; the Trainer itself would stop at the first step); `compute_metrics` /
@@ -137,12 +139,14 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
                  weight_normalization: Literal["count", "weighted"] = "count", disable_dropout: bool = False,
                  group_by_length: bool = False, max_length: int | None = 1024, max_prompt_length: int | None = 512,
                  formatter: str = "auto", loss_on: str = "all_assistant", add_eos: bool | None = None,
+                 max_dropped_fraction: float = 0.5,
                  dataset_num_proc: int | None = None, reft_prefix_cache: bool | None = None, **kwargs: Any) -> None:
         check_trainer(type(self))  # the private Trainer methods overridden below must still be the Trainer's
         refuse_metric_functions(kwargs, type(self).__name__)
         refuse_unread_fields(args, type(self))  # TRL's SFTConfig(max_length=...) as args: read nowhere
         self.tokenize_config = TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length,
-                                              formatter=formatter, add_eos=add_eos, loss_on=loss_on)
+                                              formatter=formatter, add_eos=add_eos, loss_on=loss_on,
+                                              max_dropped_fraction=max_dropped_fraction)
         prepare_data(kwargs, self.record_kinds, self.tokenize_config, dataset_num_proc, type(self).__name__)
         self.dataset_num_proc = dataset_num_proc  # evaluate(eval_dataset=raw rows) tokenizes them alike
         default_lr = TrainingArguments.__dataclass_fields__["learning_rate"].default

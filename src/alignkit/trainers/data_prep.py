@@ -64,7 +64,8 @@ def prepare_data(kwargs: dict[str, Any], record_kinds: tuple[str, ...], config: 
     if given and not tokenized_here and changed:
         raise ConfigError(f"{owner}: {', '.join(changed)} would be ignored: tokenization settings apply only when the "
                           f"trainer tokenizes raw rows, and {' and '.join(given)} {'is' if len(given) == 1 else 'are'} "
-                          f"already tokenized; pass them to tokenize_records instead, or give the raw rows")
+                          f"already tokenized; pass them to tokenize_records instead (max_dropped_fraction: to "
+                          f"alignkit.data.prepare.check_dropped with its stats), or give the raw rows")
     if kwargs.get("data_collator") is None and kind is not None and tok is not None:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         cls = DEFAULT_COLLATORS.get(kind)
