@@ -243,7 +243,8 @@ def test_vllm_serve_refuses_a_pushed_lora_that_does_not_fit_the_served_model(pus
         engine.load_lora(lora_blob(perturb(apply_adapter(load_model(tiny_dir("llama", **pushed)), lora))))
     msg, folder = str(e.value), tmp_path / "w" / "lora-1"
     assert e.value.status == 400 and "\n" not in msg
-    assert re.fullmatch(rf"POST /lora: not served, its folder removed: {re.escape(str(folder))}: {why}, .*", msg), msg
+    assert re.fullmatch(r"the pushed LoRA was not served \(its folder removed; the policy's base must be this server's "
+                        rf"--model\): {re.escape(str(folder))}: {why}, .*", msg), msg
     assert not folder.exists() and engine.lora_version == 0 and engine.lora_request is None
     assert engine.load_lora(lora_blob(perturb(apply_adapter(load_model(base), lora))))["lora_version"] == 1
     assert engine.lora_request.lora_path == str(folder) and (folder / "adapter_model.safetensors").is_file()

@@ -261,7 +261,8 @@ class VllmServeEngine:
             check_lora_fits(self.skeleton, folder, self.settings.model)
         except ValueError as e:
             shutil.rmtree(folder, ignore_errors=True)
-            raise RequestError(400, f"POST /lora: not served, its folder removed: {e}") from None
+            raise RequestError(400, "the pushed LoRA was not served (its folder removed; the policy's base must be "
+                                    f"this server's --model): {e}") from None
 
     def _reset_prefix_cache(self) -> None:
         reset = getattr(self.llm, "reset_prefix_cache", None)
