@@ -1,7 +1,8 @@
 """A LoRA folder that does not fit the base it is loaded onto, on every load path (`load_adapter` for lora and
-reft+lora, serve's `--engine vllm` plan): peft's `from_pretrained` drops saved tensors of modules the base lacks
-(compat row P14) and vLLM matches a module by its last name part only, so a LoRA of a deeper base ran in part,
-silently. Each is now one line naming the folder and one tensor, before anything is loaded."""
+reft+lora, serve's `--engine vllm` plan, `alignkit vllm-serve`'s POST /lora): peft's `from_pretrained` drops saved
+tensors of modules the base lacks (compat row P14) and vLLM matches a module by its last name part only, so a LoRA of
+a deeper base ran in part, silently; one of a narrower base failed with torch's multi-line size mismatch. Each is now
+one line naming the folder and one tensor, before anything is loaded."""
 
 from __future__ import annotations
 
@@ -147,3 +148,103 @@ def test_the_fit_check_asks_no_hub_and_accepts_saved_embedding_weights(tiny_dir,
     check_lora_placed(served, "a", folder, base)  # what serve's load_loras and Lora.load call after peft's load
     assert asked == []
     assert torch.equal(served.get_input_embeddings().weight, emb)
+
+
+# a LoRA saved without alignkit_base.json (nothing records its base) trained on a base of hidden size 32, loaded
+# onto the tiny base of 64:
+# (arch, target_modules, the first tensor that does not fit, its saved shape, the shape the wide base's layer takes)
+# peft's shapes (row P16): A (r, in), B (out, r); nn.Embedding: A (r, num_embeddings), B (embedding_dim, r);
+# GPT-2's Conv1D: in, out = its weight's shape
+WIDTH_CASES = [
+    ("llama", "q_proj", r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight", [2, 32], [2, 64],
+     r"model\.layers\.0\.self_attn\.q_proj \(Linear, in width 64\)"),
+    ("llama", "down_proj", r"base_model\.model\.model\.layers\.0\.mlp\.down_proj\.lora_A\.weight", [2, 64], [2, 128],
+     r"model\.layers\.0\.mlp\.down_proj \(Linear, in width 128\)"),  # intermediate size 2 x hidden
+    ("llama", "embed_tokens", r"base_model\.model\.model\.embed_tokens\.lora_embedding_B", [32, 2], [64, 2],
+     r"model\.embed_tokens \(Embedding, out width 64\)"),  # A (r, vocab 512) fits: the same vocabulary
+    ("gpt2", "c_attn", r"base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_A\.weight", [2, 32], [2, 64],
+     r"transformer\.h\.0\.attn\.c_attn \(Conv1D, in width 64\)"),
+]
+
+
+@pytest.mark.parametrize("arch, target, tensor, saved, wanted, layer", WIDTH_CASES, ids=[c[1] for c in WIDTH_CASES])
+def test_a_lora_of_a_narrower_base_is_refused_in_one_line_naming_the_tensor_and_both_shapes(
+        arch, target, tensor, saved, wanted, layer, tiny_dir, tmp_path):
+    """Before: load_adapter passed it to peft, which failed with torch's multi-line "Error(s) in loading state_dict
+    for PeftModelForCausalLM: size mismatch for ..." (a RuntimeError). Now one line naming the folder, the tensor,
+    its shape and the shape the base's layer takes, before peft touches the model; on its own base it loads."""
+    from alignkit.adapters import AdapterConfig, LoraSettings
+
+    narrow = tiny_dir(arch, hidden_size=32)
+    lora = AdapterConfig(kind="lora", lora=LoraSettings(r=2, target_modules=[target]))
+    folder = save_adapter(perturb(apply_adapter(load_model(narrow), lora)), tmp_path / "peft")
+    (folder / "alignkit_base.json").unlink()  # as a peft adapter from elsewhere, or an older save
+    wide = load_model(tiny_dir(arch))
+    with pytest.raises(ValueError) as e:
+        load_adapter(wide, folder)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert re.fullmatch(rf"{re.escape(str(folder))}: saved LoRA tensor {tensor} has shape {re.escape(str(saved))} but "
+                        rf"the base model .*'s {layer} takes {re.escape(str(wanted))}, so this adapter was trained "
+                        "on a base of another width; use it with the base it was trained on", msg), msg
+    assert adapter_of(wide).kind == "full"  # nothing was wrapped around it
+    load_adapter(load_model(narrow), folder)  # on its own base it loads
+
+
+def served_engine(base, workdir):
+    """`alignkit vllm-serve`'s engine for the tiny `base` folder without vLLM: what `load_lora` reads (no LLM)."""
+    from transformers import AutoConfig
+
+    from alignkit.serve.vllm_serve import EngineSettings, VllmServeEngine
+
+    engine = VllmServeEngine.__new__(VllmServeEngine)
+    engine.settings = EngineSettings(model=str(base), enable_lora=True, max_lora_rank=16)
+    engine.hf_config, engine.skeleton = AutoConfig.from_pretrained(str(base)), None
+    engine.workdir, engine.lora_version, engine.weights_version, engine.lora_request = workdir, 0, 0, None
+    return engine
+
+
+def fake_vllm(monkeypatch):
+    """vllm.lora.request.LoRARequest (its three fields, row V: test_vllm.py) where vLLM is not installed."""
+    import sys
+    import types
+
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, int_id, path: types.SimpleNamespace(lora_name=name, lora_int_id=int_id,
+                                                                          lora_path=path)
+    for name, module in (("vllm", types.ModuleType("vllm")), ("vllm.lora", types.ModuleType("vllm.lora")),
+                         ("vllm.lora.request", request)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("pushed, why", [
+    ({"num_layers": 3}, r"this LoRA adapter does not fit the base model \S+: 14 saved tensor\(s\) fit no module of "
+                        r"the base \(e\.g\. base_model\.model\.model\.layers\.2\.\S+\.lora_[AB]\.weight\)"),
+    ({"hidden_size": 32}, r"saved LoRA tensor base_model\.model\.model\.layers\.0\.mlp\.down_proj\.lora_A\.weight has "
+                          r"shape \[4, 64\] but the base model \S+'s model\.layers\.0\.mlp\.down_proj \(Linear, in "
+                          r"width 128\) takes \[4, 128\]"),
+], ids=["deeper", "narrower"])
+def test_vllm_serve_refuses_a_pushed_lora_that_does_not_fit_the_served_model(pushed, why, tiny_dir, tmp_path,
+                                                                              monkeypatch):
+    """An online run's policy LoRA pushed to `alignkit vllm-serve` (POST /lora -> VllmServeEngine.load_lora). vLLM's
+    loader checks a LoRA module's last name part only and skips one the model lacks (vllm/lora/lora_model.py,
+    model_manager.py). Before: the folder was saved and handed to vLLM as a new LoRARequest (a deeper base's LoRA ran
+    without its last layer, silently). Now a 400 whose one line names the pushed folder and a tensor, before any
+    LoRARequest; the folder is removed and the versions are unchanged. A LoRA of the served base is served."""
+    from alignkit.adapters import AdapterConfig, LoraSettings
+    from alignkit.online.vllm_client import lora_blob
+    from alignkit.serve.vllm_serve import RequestError
+
+    fake_vllm(monkeypatch)
+    base = tiny_dir("llama")
+    engine = served_engine(base, tmp_path / "w")
+    lora = AdapterConfig(kind="lora", lora=LoraSettings(r=4))
+    with pytest.raises(RequestError) as e:
+        engine.load_lora(lora_blob(perturb(apply_adapter(load_model(tiny_dir("llama", **pushed)), lora))))
+    msg, folder = str(e.value), tmp_path / "w" / "lora-1"
+    assert e.value.status == 400 and "\n" not in msg
+    assert re.fullmatch(r"the pushed LoRA was not served \(its folder removed; the policy's base must be this server's "
+                        rf"--model\): {re.escape(str(folder))}: {why}, .*", msg), msg
+    assert not folder.exists() and engine.lora_version == 0 and engine.lora_request is None
+    assert engine.load_lora(lora_blob(perturb(apply_adapter(load_model(base), lora))))["lora_version"] == 1
+    assert engine.lora_request.lora_path == str(folder) and (folder / "adapter_model.safetensors").is_file()

@@ -418,3 +418,40 @@ def test_saved_lora_keys_name_the_base_module_and_rank_as_check_lora_fits_reads_
         check(t.shape[RANK_AXIS[m["part"]]] == want == got_r, PEFT, "a saved LoRA tensor's rank is no longer on "
               "the axis RANK_AXIS says, or rank_pattern is no longer matched as get_pattern_key does", where,
               f"{key} {tuple(t.shape)} rank_pattern gives {got_r}")
+
+
+def test_saved_lora_tensors_carry_the_base_layers_widths_as_check_lora_fits_reads_them(tiny_dir, tmp_path):
+    """Row P16: peft gives a layer LoRA A of shape (r, in) and B (out, r) (nn.Linear, GPT-2's Conv1D: fan_in_fan_out
+    read from its weight (in, out); nn.Embedding: lora_embedding_A (r, num_embeddings), lora_embedding_B
+    (embedding_dim, r)), in and out as `_get_in_out_features` reads the base layer: what `layer_widths` and
+    `WIDTH_AXIS` compare a saved tensor with before peft loads a folder of another width."""
+    where = "alignkit/adapters/lora.py:check_lora_fits (layer_widths, WIDTH_AXIS)"
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import _get_in_out_features
+    from safetensors.torch import load_file
+
+    from alignkit.adapters.lora import LORA_KEY, WIDTH_AXIS, layer_widths
+
+    for arch, targets in (("llama", ["q_proj", "down_proj", "embed_tokens"]), ("gpt2", ["c_attn", "c_proj"])):
+        base = load_model(tiny_dir(arch))
+        modules = dict(base.named_modules())
+        widths = {n: layer_widths(m) for n, m in modules.items()}
+        folder = tmp_path / arch
+        get_peft_model(base, LoraConfig(r=2, target_modules=targets)).save_pretrained(folder)
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        parts = set()
+        for key, t in saved.items():
+            m = LORA_KEY.match(key)
+            if m is None:
+                continue
+            axis, side = WIDTH_AXIS[m["part"]]
+            parts.add(m["part"])
+            want = widths[m["module"]][0 if side == "in" else 1]
+            peft_in_out = _get_in_out_features(modules[m["module"]])  # the base layer, taken before get_peft_model
+            check(tuple(t.shape)[axis] == want and tuple(peft_in_out) == widths[m["module"]], PEFT,
+                  "a saved LoRA tensor's width is no longer on the axis WIDTH_AXIS says, or peft reads a layer's "
+                  "in/out features otherwise than layer_widths", where, f"{arch} {key} {tuple(t.shape)} "
+                  f"layer_widths {widths[m['module']]} peft {peft_in_out}")
+        check(parts >= ({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"} if arch == "llama" else
+                        {"lora_A", "lora_B"}), PEFT, "peft no longer saves the LoRA parts WIDTH_AXIS names", where,
+              f"{arch} {sorted(parts)}")

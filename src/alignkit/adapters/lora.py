@@ -35,6 +35,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|"
                       r"lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
 RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}  # where r is in its shape
+# where the base layer's width is in its shape: A is (r, in), B is (out, r) (nn.Linear, Conv1D, conv: more axes after
+# those; nn.Embedding: A (r, num_embeddings), B (embedding_dim, r)) (compat row P16)
+WIDTH_AXIS = {"lora_A": (1, "in"), "lora_embedding_A": (1, "in"), "lora_B": (0, "out"), "lora_embedding_B": (0, "out")}
 
 
 def absolute_base_path(peft_config: Path) -> None:
@@ -116,12 +119,46 @@ def _misfit(folder: str | Path, base: Any, what: str) -> ValueError:
                       "adapter would run; use it with the base it was trained on")
 
 
+def layer_widths(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer peft gives LoRA, as peft's `_get_in_out_features` reads them (row P16): nn.Linear's
+    in/out_features, a conv's in/out_channels, nn.Embedding's (num_embeddings, embedding_dim), GPT-2's Conv1D's weight
+    shape (in, out); a layer peft already wrapped is read through its base layer; None for another module."""
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def _check_width(folder: Path, key: str, shape: tuple, part: str, name: str, module: nn.Module, base: Any) -> None:
+    """ValueError (one line: the tensor, its shape and the one the base's layer takes) when the saved LoRA tensor
+    `key` has another width than the base's module `name` (a LoRA of a base with another hidden size: peft failed with
+    torch's multi-line size mismatch)."""
+    widths, (axis, side) = layer_widths(module), WIDTH_AXIS.get(part, (None, None))
+    if widths is None or axis is None or len(shape) <= axis:
+        return
+    want = widths[0] if side == "in" else widths[1]
+    if shape[axis] != want:
+        expected = list(shape)
+        expected[axis] = want
+        raise ValueError(f"{folder}: saved LoRA tensor {key} has shape {list(shape)} but the base model {base}'s "
+                         f"{name} ({type(module).__name__}, {side} width {want}) takes {expected}, so this adapter "
+                         "was trained on a base of another width; use it with the base it was trained on")
+
+
 def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
     """ValueError (one line, naming `folder` and one tensor), before anything is loaded into `model` (the base
     transformers model, or its skeleton on the meta device), when a LoRA tensor saved in `folder` names a module
     `model` lacks (peft's `from_pretrained` drops it without a word, row P14; vLLM matches only the module's last
     name part and drops it too) or has another rank than its adapter_config.json gives that module (`r`, or the
-    entry of `rank_pattern` peft would pick)."""
+    entry of `rank_pattern` peft would pick) or another width than the module's (`_check_width`: a base of another
+    hidden size)."""
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / "adapter_config.json").is_file():
         return  # refused, naming the file, by the caller's check of the folder's files (Adapter.require_files)
@@ -130,7 +167,7 @@ def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
     except ValueError as e:
         raise ValueError(f"{folder / 'adapter_config.json'} is not valid JSON ({e}); save the adapter again") from None
     pattern = cfg.get("rank_pattern") or {}
-    modules = {n for n, _ in model.named_modules()}
+    modules = dict(model.named_modules())
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     dropped = []
@@ -147,6 +184,7 @@ def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
             raise ValueError(f"{folder}: saved LoRA tensor {key} has rank {shape[axis]} (shape {list(shape)}) but "
                              f"adapter_config.json gives {m['module']} r={r}, so peft would build layers it cannot "
                              "fill; use the adapter_config.json saved with these weights")
+        _check_width(folder, key, shape, m["part"], m["module"], modules[m["module"]], base)
     if dropped:
         raise _misfit(folder, base, f"{len(dropped)} saved tensor(s) fit no module of the base (e.g. {dropped[0]})")
 

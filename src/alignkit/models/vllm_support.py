@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.models.rope import context_length
 from alignkit.settings import ConfigError
@@ -304,7 +304,15 @@ def start_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> int | None:
     return cap.length if cap is not None else None
 
 
+
+def meta_causal_lm(config: Any) -> torch.nn.Module:
+    """`config`'s transformers causal LM built on the meta device: its module names and layer shapes, no weights,
+    no memory (what a LoRA folder is checked against before vLLM gets it: `check_lora_fits`). ValueError / KeyError
+    for an architecture transformers builds no causal LM for (vLLM may still serve it)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
 __all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "ROPE_NOT_AS_TRANSFORMERS", "attention_head_sizes",
            "check_head_size", "check_rope_type",
-           "engine_limit", "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "require_vllm",
-           "RopeCap", "capped_length", "rope_length_cap", "start_max_model_len", "vllm_installed"]
+           "engine_limit", "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "meta_causal_lm",
+           "require_vllm", "RopeCap", "capped_length", "rope_length_cap", "start_max_model_len", "vllm_installed"]

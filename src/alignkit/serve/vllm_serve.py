@@ -20,7 +20,9 @@ time, in order (one trainer per server). The API (protocol 1; errors are HTTP 4x
     POST /weights   body: a safetensors blob of the full transformers state dict -> loaded in place with vLLM's
                     `reload_weights` (as the colocated engine does), prefix cache reset -> {"weights_version", ...}
     POST /lora      body: a safetensors blob of peft's adapter tensors, metadata "adapter_config" = peft's
-                    adapter_config.json -> saved as a folder, served under a NEW LoRA id -> {"lora_version", ...}
+                    adapter_config.json -> saved as a folder, served under a NEW LoRA id -> {"lora_version", ...};
+                    400 (the folder removed) when a tensor fits no module of the served model, or not its
+                    rank or width (`check_lora_fits`: vLLM would skip a module the model lacks, silently)
 
 Weights travel in the request body (no shared file system, no NCCL needed), so the trainer may run on another
 machine; the whole state dict is one request (its size in memory on both sides). Anyone who can reach the port
@@ -50,8 +52,9 @@ from safetensors.torch import load
 from transformers import AutoConfig
 
 import alignkit
+from alignkit.adapters.lora import WEIGHTS_NAME, check_lora_fits
 from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
-                                          start_max_model_len)
+                                          meta_causal_lm, start_max_model_len)
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
@@ -126,6 +129,8 @@ class VllmServeEngine:
         check_rope_type(hf, folder, "vllm-serve --model", "train with method.generation_backend=transformers")
         from vllm import LLM  # (after the checks: they need no engine)
 
+        self.hf_config = hf  # for the served model's skeleton a pushed LoRA is checked against (`lora_fits`)
+        self.skeleton: Any = None
         self.config = {k: getattr(hf, k, None) for k in MATCH_KEYS}
         self.config["architectures"] = list(getattr(hf, "architectures", None) or [])
         self.settings = settings
@@ -201,9 +206,6 @@ class VllmServeEngine:
         return {**self.versions(), "tensors": len(weights)}
 
     def load_lora(self, blob: bytes) -> dict:
-        from vllm.lora.request import LoRARequest
-
-
         if not self.settings.enable_lora:
             raise RequestError(409, "LoRA is off on this server; restart it with alignkit vllm-serve ... --enable-lora")
         meta = safetensors_metadata(blob)
@@ -226,7 +228,10 @@ class VllmServeEngine:
         folder.mkdir(parents=True, exist_ok=True)
         peft_cfg["base_model_name_or_path"] = self.settings.model
         (folder / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
-        (folder / "adapter_model.safetensors").write_bytes(blob)
+        (folder / WEIGHTS_NAME).write_bytes(blob)
+        self.lora_fits(folder)
+        from vllm.lora.request import LoRARequest  # (after the checks: they need no engine)
+
         old = self.lora_request
         self.lora_request = LoRARequest(f"policy-{version}", version, str(folder))  # a NEW id: vLLM loads it
         self.lora_version = version
@@ -237,6 +242,27 @@ class VllmServeEngine:
                 pass
             shutil.rmtree(old.lora_path, ignore_errors=True)
         return self.versions()
+
+    def lora_fits(self, folder: Path) -> None:
+        """RequestError 400 (one line naming `folder` and one tensor), the folder removed, when the pushed LoRA does not
+        fit the served model (`check_lora_fits` against its skeleton on the meta device): vLLM's loader checks a
+        LoRA module's last name part only ("q_proj") and skips one the model lacks without a word
+        (vllm/lora/lora_model.py, model_manager.py), so a LoRA of a deeper base would run in part, silently."""
+        if self.skeleton is None:
+            try:
+                self.skeleton = meta_causal_lm(self.hf_config)
+            except (ValueError, KeyError) as e:  # an architecture transformers builds no causal LM for
+                logger.warning("vllm-serve: the pushed LoRA's modules were not compared with %s's (%s); make sure "
+                               "the policy was trained on it", self.settings.model, e)
+                self.skeleton = False
+        if self.skeleton is False:
+            return
+        try:
+            check_lora_fits(self.skeleton, folder, self.settings.model)
+        except ValueError as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise RequestError(400, "the pushed LoRA was not served (its folder removed; the policy's base must be "
+                                    f"this server's --model): {e}") from None
 
     def _reset_prefix_cache(self) -> None:
         reset = getattr(self.llm, "reset_prefix_cache", None)

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from alignkit.adapters import adapter_in
 from alignkit.adapters.api import check_finite
@@ -45,7 +44,7 @@ from alignkit.adapters.lora import check_lora_fits
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
 from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
-                                          require_vllm)
+                                          meta_causal_lm, require_vllm)
 from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
@@ -155,8 +154,7 @@ def check_bases(base: Path, adapters: Mapping[str, Path]) -> None:
         return
     config = AutoConfig.from_pretrained(str(base))
     try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = meta_causal_lm(config)
     except (ValueError, KeyError) as e:  # an architecture transformers builds no causal LM for: vLLM may still serve it
         logger.warning("serve --engine vllm: the adapters' recorded base (%s) and saved LoRA modules were not compared "
                        "with %s (%s); make sure they were trained on it", BASE_FINGERPRINT_NAME, base, e)
