@@ -30,22 +30,28 @@ def deep_lora(row, tiny_dir, folder):
     return folder
 
 
+def refused_in_one_line(model, folder, pattern):
+    """load_adapter(model, folder) is a ValueError of one line matching `pattern`, and the model is left unwrapped
+    (the checks run before peft injects anything)."""
+    with pytest.raises(ValueError) as e:
+        load_adapter(model, folder)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert re.fullmatch(pattern, msg), msg
+    assert adapter_of(model).kind == "full"  # nothing was wrapped around it
+
+
 @pytest.mark.parametrize("row", LORA_ROWS, ids=lambda r: r.kind)
 def test_a_lora_of_a_deeper_base_is_refused_by_load_adapter_naming_a_dropped_tensor(row, tiny_dir, tmp_path):
     """Before: load_adapter returned the 2-layer model with two thirds of the LoRA (peft dropped layer 2's 14
     tensors: 7 linear modules x A, B). Now one line naming the folder and a layer-2 tensor, and the model is left
     unwrapped (the check runs before peft injects anything)."""
     folder = deep_lora(row, tiny_dir, tmp_path / "deep")
-    shallow = load_model(tiny_dir("llama"))
-    with pytest.raises(ValueError) as e:
-        load_adapter(shallow, folder)
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert re.fullmatch(rf"{re.escape(str(folder))}: this LoRA adapter does not fit the base model .*: 14 saved "
+    refused_in_one_line(load_model(tiny_dir("llama")), folder,
+                        rf"{re.escape(str(folder))}: this LoRA adapter does not fit the base model .*: 14 saved "
                         r"tensor\(s\) fit no module of the base \(e\.g\. base_model\.model\.model\.layers\.2\.\S+"
                         r"lora_[AB]\.weight\), so only part of the adapter would run; use it with the base it was "
-                        "trained on", msg), msg
-    assert adapter_of(shallow).kind == "full"  # nothing was wrapped around it
+                        "trained on")
     load_adapter(load_model(tiny_dir("llama", num_layers=3)), folder)  # on its own base it loads
 
 
@@ -179,15 +185,10 @@ def test_a_lora_of_a_narrower_base_is_refused_in_one_line_naming_the_tensor_and_
     lora = AdapterConfig(kind="lora", lora=LoraSettings(r=2, target_modules=[target]))
     folder = save_adapter(perturb(apply_adapter(load_model(narrow), lora)), tmp_path / "peft")
     (folder / "alignkit_base.json").unlink()  # as a peft adapter from elsewhere, or an older save
-    wide = load_model(tiny_dir(arch))
-    with pytest.raises(ValueError) as e:
-        load_adapter(wide, folder)
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert re.fullmatch(rf"{re.escape(str(folder))}: saved LoRA tensor {tensor} has shape {re.escape(str(saved))} but "
+    refused_in_one_line(load_model(tiny_dir(arch)), folder,
+                        rf"{re.escape(str(folder))}: saved LoRA tensor {tensor} has shape {re.escape(str(saved))} but "
                         rf"the base model .*'s {layer} takes {re.escape(str(wanted))}, so this adapter was trained "
-                        "on a base of another width; use it with the base it was trained on", msg), msg
-    assert adapter_of(wide).kind == "full"  # nothing was wrapped around it
+                        "on a base of another width; use it with the base it was trained on")
     load_adapter(load_model(narrow), folder)  # on its own base it loads
 
 
