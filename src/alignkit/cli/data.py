@@ -346,7 +346,7 @@ def tokenize(records: list, tokenizer: Any, ds: DataSettings, where: str, say_id
     logger.info("%s: %s", where, stats.summary())
     if records and not features:
         raise ConfigError(f"{where}: every record was dropped ({stats.summary()}); raise data.max_length")
-    drop_share(stats, cfg, where, keys="data.", error=ConfigError)
+    check_dropped(stats, ds, where)
     if features and stats.prompt_truncated * 2 > len(features):  # as the completions below: said when most are cut
         logger.warning("%s: %d of %d record(s) lose the start of their prompt to data.max_prompt_length=%s (each keeps "
                        "its last tokens, so the model trains without the beginning of the conversation: system "

@@ -304,13 +304,13 @@ def start_max_model_len(folder: str | Path, vllm: dict[str, Any]) -> int | None:
     return cap.length if cap is not None else None
 
 
-
 def meta_causal_lm(config: Any) -> torch.nn.Module:
     """`config`'s transformers causal LM built on the meta device: its module names and layer shapes, no weights,
     no memory (what a LoRA folder is checked against before vLLM gets it: `check_lora_fits`). ValueError / KeyError
     for an architecture transformers builds no causal LM for (vLLM may still serve it)."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
 
 __all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "ROPE_NOT_AS_TRANSFORMERS", "attention_head_sizes",
            "check_head_size", "check_rope_type",
