@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -143,12 +144,12 @@ def test_hand_values():
     assert PREFERENCE_LOSSES["sppo_hard"](b, p).losses.item() == pytest.approx(2 * 25.0)
     assert PREFERENCE_LOSSES["nca_pair"](b, p).losses.item() == pytest.approx(2 * math.log(2))
     assert PREFERENCE_LOSSES["bco_pair"](b, p).losses.item() == pytest.approx(2 * math.log(2))
-    # DPO with d = 10 / beta=0.1 -> -log sigma(1) = log(1 + e^-1); cDPO eps = 0.5 -> symmetric
+    # DPO with d = 10 / beta=0.1 -> -log sigma(1) = log(1 + e^-1); cDPO eps = 0.25 (0.5, symmetric, is refused)
     b = one(0, -10, 0, 0)
     assert PREFERENCE_LOSSES["sigmoid"](b, p).losses.item() == pytest.approx(math.log(1 + math.exp(-1)))
-    half = PreferenceParams(beta=0.1, label_smoothing=0.5)
-    assert PREFERENCE_LOSSES["sigmoid"](b, half).losses.item() == pytest.approx(
-        0.5 * math.log(1 + math.exp(-1)) + 0.5 * math.log(1 + math.e))
+    quarter = PreferenceParams(beta=0.1, label_smoothing=0.25)
+    assert PREFERENCE_LOSSES["sigmoid"](b, quarter).losses.item() == pytest.approx(
+        0.75 * math.log(1 + math.exp(-1)) + 0.25 * math.log(1 + math.e))
     # IPO length normalisation: rho_w = 4 over 2 tokens, rho_l = 0 -> (2 - 5)^2 = 9
     assert PREFERENCE_LOSSES["ipo"](one(4, 0, 0, 0, 2, 3), p).losses.item() == pytest.approx(9.0)
     # SimPO: avg logps -1 and -3, beta 2, ratio 0.5 -> -log sigma(2 * (2 - 0.5)) = log(1 + e^-3)
@@ -296,3 +297,28 @@ def test_loss_weights_that_train_the_other_way_or_nothing_are_refused(weights):
     batch, _ = random_batch(B=4)
     out = preference_loss(batch, PreferenceParams(), ["sigmoid", "sft"], [1.0, 0.0])
     assert torch.equal(out.losses, PREFERENCE_LOSSES["sigmoid"](batch, PreferenceParams()).losses)
+
+
+@pytest.mark.parametrize("key, value", [("label_smoothing", 0.7), ("label_smoothing", 0.5), ("label_smoothing", -0.1),
+                                        ("orpo_lambda", -0.1), ("cpo_alpha", -1.0), ("slic_lambda", -0.1)])
+def test_python_params_past_the_cli_bounds_are_refused(key, value):
+    """The CLI refuses these (settings/bounds.py), but PreferenceParams took them: DPOTrainer(loss_type='sigmoid',
+    params=PreferenceParams(label_smoothing=0.7)) trained cDPO with its labels mostly flipped, toward the rejected
+    answers (at d = 0 the loss's slope in beta d is eps - 1/2 = +0.2, by hand: the loss falls as d falls), exit 0.
+    Now a ValueError naming the key when the params are built; the bound itself (0.49, 0) is accepted."""
+    from torch.autograd import grad
+
+    z = torch.zeros((), requires_grad=True)  # the slope of cDPO at d = 0 for eps = 0.7: eps - 1/2 > 0 (hand: +0.2)
+    batch = PreferenceBatch(z.reshape(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    (slope,) = grad(PREFERENCE_LOSSES["sigmoid"](batch, _unchecked(label_smoothing=0.7, beta=1.0)).losses.sum(), z)
+    assert slope.item() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=rf"^{key} must be "):
+        PreferenceParams(**{key: value})
+    PreferenceParams(**{key: 0.49 if key == "label_smoothing" else 0.0})
+
+
+def _unchecked(**values) -> PreferenceParams:
+    """PreferenceParams without its checks (what an unchecked value did to the loss)."""
+    p = object.__new__(PreferenceParams)
+    p.__dict__.update({f.name: f.default for f in dataclasses.fields(PreferenceParams)}, **values)
+    return p

@@ -94,6 +94,14 @@ class PreferenceParams:
         for key in ("beta", "discopop_tau", "f_alpha"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        # the CLI's bounds (settings/bounds.py): past them the loss trains toward the rejected answers (label_smoothing
+        # >= 0.5 flips cDPO's labels, a negative weight turns its term around)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5) (the share of flipped labels; >= 0.5 trains toward "
+                             f"the rejected answers), got {self.label_smoothing}")
+        for key in ("orpo_lambda", "cpo_alpha", "slic_lambda"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0 (< 0 trains its term the other way), got {getattr(self, key)}")
 
 
 def resolve_params(params: PreferenceParams | None, beta: float, who: str) -> PreferenceParams:

@@ -230,6 +230,10 @@ class DPOMethod(PreferenceObjective):
         if self.reference_cache_dir is not None and reference_free(names):
             raise ConfigError(f"method.reference_cache_dir: loss_type {names} reads no reference (reference-free), so "
                               "no reference log-probs are computed or cached and it would be ignored; remove it")
+        if self.reference == "precomputed" and self.reference_cache_dir is None:
+            raise ConfigError("method.reference: 'precomputed' caches the reference log-probs in "
+                              "method.reference_cache_dir, which is not set; set method.reference_cache_dir to a "
+                              "folder (it may be new), or set method.reference=auto")
         if self.reference_cache_dir is not None and self.reference not in ("auto", "precomputed"):
             raise ConfigError(f"method.reference_cache_dir: read only with method.reference precomputed (or auto), "
                               f"and it is {self.reference!r}, so it would be ignored; set method.reference="

@@ -83,9 +83,9 @@ TRL_NAMES: dict[str, str] = {
     # DPOConfig
     "precompute_ref_batch_size": "train.per_device_eval_batch_size (the batch size method.reference=precomputed "
                                  "scores the reference with)",
-    "precompute_ref_log_probs": "method.reference=precomputed (dpo; kto has none: its KL pairs depend on how "
-                                "batches are drawn, so its reference is scored each step, method.reference "
-                                "adapter_off or copy)",
+    "precompute_ref_log_probs": "method.reference=precomputed with method.reference_cache_dir=<folder> (dpo; kto "
+                                "has none: its KL pairs depend on how batches are drawn, so its reference is scored "
+                                "each step, method.reference adapter_off or copy)",
     "reference_free": "method.reference=none (dpo)",
     "rpo_alpha": "method.loss_type=[sigmoid, sft] with method.loss_weights=[1, <rpo_alpha>] (the chosen NLL term)",
     "use_weighting": f"{_NOT_HERE} (WPO weighting); remove it",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignkit.losses import KL_LOSSES, UNPAIRED_LOSSES, LossOutput
+from alignkit.losses import KL_LOSSES, UNPAIRED_LOSSES, LossOutput, check_signs
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import AlignTrainer
 from alignkit.trainers.logps import completion_logps, prompt_spans
@@ -131,6 +131,8 @@ class KTOTrainer(HasReference, SyncsReference, AlignTrainer):
                  ref_model: nn.Module | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
                  ref_sync: Any = None, **kwargs: Any) -> None:
         UNPAIRED_LOSSES[loss_type]
+        check_signs("KTOTrainer", positive={"beta": beta},
+                    nonnegative={"desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight})
         self.loss_type, self.beta, self.chunk_size = loss_type, beta, chunk_size
         self.reads_kl = loss_type in KL_LOSSES  # else no mismatched pairs are scored (no kl logged)
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight

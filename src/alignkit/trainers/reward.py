@@ -16,14 +16,15 @@ reward model also trains the classifier head (peft's SEQ_CLS `modules_to_save`; 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from alignkit.data import PreferenceCollator, RankedCollator
+from alignkit.data import DataError, PreferenceCollator, RankedCollator
 from alignkit.data.prepare import feature_kind, is_tokenized
-from alignkit.losses import REWARD_LOSSES, LossOutput, bradley_terry_loss, ranking_loss
+from alignkit.losses import REWARD_LOSSES, LossOutput, bradley_terry_loss, check_signs, ranking_loss
 from alignkit.models import last_layer
 from alignkit.adapters import is_classifier, unwrap_lm, unwrap_parallel
 from alignkit.settings import ConfigError
@@ -33,6 +34,8 @@ from alignkit.trainers.logps import (
     backbone_output, forward_kwargs, is_packed, is_shared, prompt_locations, shared_states,
 )
 from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
+
+logger = logging.getLogger(__name__)
 
 
 def sequence_rewards(model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -146,6 +149,8 @@ class RewardTrainer(AlignTrainer):
         if not is_classifier(model):
             raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
                              f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
+        check_signs("RewardTrainer", nonnegative={"center_rewards_coefficient": center_rewards_coefficient or 0.0,
+                                                  "l2_coefficient": l2_coefficient})
         check_layout(model, share_prompt, padding_free, reward_model=True,
                      ranked=ranked_data(kwargs.get("data_collator"), kwargs.get("train_dataset"),
                                         kwargs.get("eval_dataset")))
@@ -166,6 +171,11 @@ class RewardTrainer(AlignTrainer):
         super().__init__(model, args, **kwargs)
         check_loss_settings(center_rewards_coefficient, l2_coefficient, self.data_collator, self.train_dataset,
                             self.eval_dataset)
+        self.train_dataset = with_comparisons(self.train_dataset, "train_dataset")
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: with_comparisons(v, f"eval_dataset[{k!r}]") for k, v in self.eval_dataset.items()}
+        else:
+            self.eval_dataset = with_comparisons(self.eval_dataset, "eval_dataset")
         if share_prompt or padding_free:  # raw ranked rows, known once tokenized: refused before the first step
             check_layout(model, share_prompt, padding_free, reward_model=True,
                          ranked=ranked_data(None, self.train_dataset, self.eval_dataset))
@@ -230,6 +240,43 @@ def check_loss_settings(center_rewards_coefficient: float | None, l2_coefficient
                           "it, or use center_rewards_coefficient with pairs")
 
 
+def compares(example: dict) -> bool:
+    """Whether a tokenized ranked example holds an ordered pair the K-wise loss can learn from: two replies of
+    different rank (a tie is no comparison) whose token ids differ (replies cut to the same tokens score the same)."""
+    ranks, ids = example["ranks"], example["input_ids"]
+    return any(ranks[i] < ranks[j] and list(ids[i]) != list(ids[j])
+               for i in range(len(ranks)) for j in range(i + 1, len(ranks)))
+
+
+def with_comparisons(dataset: Any, name: str) -> Any:
+    """`dataset` without its ranked examples that compare nothing (`compares`: every reply tied, or the ordered ones
+    cut to the same tokens), with one warning naming them: each added a loss of 0 and an accuracy of 0 to the
+    means over prompts (a prompt with none halved a batch of two's loss and eval_accuracy). A DataError when
+    every example is such; other data (pairs, raw, iterable) is returned unchanged."""
+    if dataset is None or not is_tokenized(dataset) or not hasattr(dataset, "__len__") or not len(dataset):
+        return dataset
+    if feature_kind(dataset[0]) != "ranked":
+        return dataset
+    columns = hasattr(dataset, "column_names")
+    rows = ([dict(zip(("ranks", "input_ids"), r)) for r in zip(dataset["ranks"], dataset["input_ids"])] if columns
+            else list(dataset))
+    keep = [i for i, ex in enumerate(rows) if compares(ex)]
+    if len(keep) == len(rows):
+        return dataset
+    kept = set(keep)
+    ids = [(dataset[i].get("id") or f"#{i}") for i in range(len(rows)) if i not in kept][:3]
+    if not keep:
+        raise DataError(f"{name}: none of its {len(rows)} ranked record(s) has two replies of different rank with "
+                        f"different tokens (e.g. {ids}: every reply tied, or cut to the same tokens by max_length), "
+                        "so the K-wise loss has nothing to compare; give the better replies lower ranks, or raise "
+                        "max_length")
+    logger.warning("%s: %d of %d ranked record(s) compare nothing (e.g. %s: every reply tied, or the ordered ones cut "
+                   "to the same tokens by max_length) and are left out: each would add a loss of 0 and an accuracy "
+                   "of 0 to the means; give the better replies lower ranks, or raise max_length", name,
+                   len(rows) - len(keep), len(rows), ids)
+    return dataset.select(keep) if hasattr(dataset, "select") else [dataset[i] for i in keep]
+
+
 def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """A ranked batch's row rewards `(N,)` scattered to `(B, K_max)` tables, best first: rewards, the mask of real
     replies and the replies' ranks (ties equal; `RankedCollator`'s `rank`)."""
@@ -241,4 +288,5 @@ def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tens
     return table, mask, ranks
 
 
-__all__ = ["RewardTrainer", "check_loss_settings", "ranked_data", "ranked_table", "sequence_rewards"]
+__all__ = ["RewardTrainer", "check_loss_settings", "compares", "ranked_data", "ranked_table", "sequence_rewards",
+           "with_comparisons"]
