@@ -310,53 +310,6 @@ def _check_rows(total: torch.Tensor) -> None:
         raise NonFiniteLogitsError(int((~ok).nonzero()[0, 0]), "sampling: its probabilities are not finite or sum to 0")
 
 
-class TokenRecord:
-    """Filled by `lean_generate(record=...)`: for each new token of each row, the log-prob of the drawn token and the
-    entropy under softmax(logits / `temperature`), the policy's own distribution at that temperature (no top-k /
-    top-p warper: not the sampling distribution when those are set), computed as
-    `losses.logprobs.chunked_lm_logprobs` computes them (lse = logsumexp(z), log p(y) = z_y - lse, H = lse - sum
-    p z). They are what `rollout.token_stats` gives for the same tokens, up to the float sums of a one-token step
-    over a KV cache against a full forward over the padded rows (`OnlineDPOTrainer` reads them for the samples in
-    no pair; the bound: tests/online/test_decode_record.py)."""
-
-    def __init__(self, temperature: float) -> None:
-        if not temperature > 0:
-            raise ValueError(f"TokenRecord: temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.logps: torch.Tensor | None = None  # (B, n) float32; after a row's end: its pad tokens', not to read
-        self.entropy: torch.Tensor | None = None  # (B, n) float32
-        self.reuse = False  # the sampler's probabilities are softmax(logits / temperature): read them (`start`)
-
-    def start(self, rows: int, n_new: int, device: torch.device, warp: LogitsProcessorList) -> None:
-        self.logps = torch.zeros(rows, n_new, dtype=torch.float32, device=device)
-        self.entropy = torch.zeros(rows, n_new, dtype=torch.float32, device=device)
-        kinds = [(type(w), getattr(w, "temperature", None)) for w in warp]
-        self.reuse = kinds == ([] if self.temperature == 1.0 else [(TemperatureLogitsWarper, self.temperature)])
-
-    def add(self, logits: torch.Tensor, scores: torch.Tensor, probs: torch.Tensor, nxt: torch.Tensor,
-            rows: torch.Tensor | None, i: int) -> None:
-        """Step `i`'s float32 logits (B', V), the sampler's warped ones and probabilities, and the drawn ids (B',)
-        of the running rows (`rows`: their original rows; None: all). Where the sampler's distribution is the
-        record's (no warper but the temperature): log p(y) = log probs_y and lse = z_y - log p(y) (no second
-        softmax: p(y) of a drawn token is far above float32's underflow)."""
-        if self.reuse:
-            z_y = scores.gather(1, nxt[:, None]).squeeze(1)  # (B',)
-            lp = probs.gather(1, nxt[:, None]).squeeze(1).log()
-            ent = z_y - lp - torch.linalg.vecdot(probs, scores)
-        else:
-            z = logits if self.temperature == 1.0 else logits / self.temperature
-            lse = torch.logsumexp(z, dim=-1)  # (B',)
-            lp = z.gather(1, nxt[:, None]).squeeze(1) - lse
-            ent = lse - (torch.exp(z - lse[:, None]) * z).sum(-1)
-        where = slice(None) if rows is None else rows
-        self.logps[where, i] = lp
-        self.entropy[where, i] = ent
-
-    def keep(self, n: int) -> None:
-        """The first `n` steps (the call's new tokens)."""
-        self.logps, self.entropy = self.logps[:, :n], self.entropy[:, :n]
-
-
 class _StepPlan(NamedTuple):
     """What every decode step of one `lean_generate` call reads, fixed for the call (`_step_plan`)."""
 
@@ -371,7 +324,6 @@ class _StepPlan(NamedTuple):
     synced: bool  # every rank steps until every rank's rows have ended (`sharded_over_processes`)
     drop: bool  # ended rows leave the batch (with their KV cache rows)
     fast: DecodeStep | None  # the one-token steps' `fast_step.DecodeStep`; None: the model's own forward
-    record: TokenRecord | None = None  # per-token log-probs and entropies to fill (`lean_generate`'s `record`)
 
 
 def _end_ids(eff: dict[str, Any], input_ids: torch.Tensor) -> tuple[list[int], torch.Tensor | None, torch.Tensor]:
@@ -460,8 +412,7 @@ def draw(probs: torch.Tensor, sampler: str, generators: list | None = None) -> t
 
 @torch.no_grad()
 def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: GenerationConfig,
-                  cache: Any = None, sampler: str = "multinomial", generators: list | None = None,
-                  record: TokenRecord | None = None) -> torch.Tensor:
+                  cache: Any = None, sampler: str = "multinomial", generators: list | None = None) -> torch.Tensor:
     """`model.generate(input_ids=..., attention_mask=..., generation_config=cfg, <cache keyword>=cache)` for a
     call `lean_unsupported` accepts: (B, T + n) ids, the prompt then n <= max_new_tokens new tokens (a row that
     ended has the pad id after its EOS). `cache` may hold the first tokens of every row already (the shared
@@ -470,9 +421,7 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     `sampler`: "multinomial" draws `generate`'s tokens; "inverse_cdf" draws from the same distribution with
     `inverse_cdf_sample` (other tokens under one seed, far less CPU per step). `generators`: one `torch.Generator`
     per row, each row's draws from its own (tokens that do not depend on the other rows of the batch; one small
-    draw per row and step, for `alignkit generate` / `sample`, not for the online loop); None: torch's generator.
-    `record`: a `TokenRecord` to fill with each new token's log-prob and entropy (sampling only: greedy leaves it
-    empty)."""
+    draw per row and step, for `alignkit generate` / `sample`, not for the online loop); None: torch's generator."""
     if sampler not in ("multinomial", "inverse_cdf"):
         raise ValueError(f"lean_generate: sampler must be 'multinomial' or 'inverse_cdf', got {sampler!r}")
     eff = _effective_config(model, cfg)
@@ -480,12 +429,7 @@ def lean_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     if cache is None:
         cache = preallocated_cache(model, input_ids.shape[1] + n_new)
     plan = _step_plan(model, eff, cache, input_ids, sampler, n_new)
-    if record is not None and plan.sample:
-        record.start(input_ids.shape[0], n_new, input_ids.device, plan.warp)
-        plan = plan._replace(record=record)
     new, non_finite = _decode_steps(model, plan, cache, input_ids, attention_mask, n_new, generators)
-    if plan.record is not None:
-        record.keep(new.shape[1])
     if non_finite is not None and bool(non_finite.any()):
         raise NonFiniteLogitsError(int(non_finite.nonzero()[0, 0]), "greedy: its largest logit is NaN or inf")
     return torch.cat([input_ids, new], dim=-1)
@@ -496,7 +440,7 @@ def _decode_steps(model: Any, plan: _StepPlan, cache: Any, input_ids: torch.Tens
     """`lean_generate`'s loop: the prompt tokens not in `cache`, then one token a step, until every row has
     ended or after `n_new` steps (`generators`: one per row, `lean_generate`'s). -> (B, n) new ids (pads after a
     row's end); (B,) rows whose greedy pick came from non-finite logits (None when sampling)."""
-    kw, extra, sample, sampler, warp, eos, eos_t, pad_t, synced, drop, fast, record = plan  # locals: read per step
+    kw, extra, sample, sampler, warp, eos, eos_t, pad_t, synced, drop, fast = plan  # locals: read every step
     b, t = input_ids.shape
     dev = input_ids.device
     mask, mask4, fmask = _step_masks(unwrap_lm(model), attention_mask, n_new, fast)
@@ -525,10 +469,8 @@ def _decode_steps(model: Any, plan: _StepPlan, cache: Any, input_ids: torch.Tens
             logits = out.logits[:, -1].to(dtype=torch.float32, device=dev)  # (B, V)
             del out
         if sample:
-            probs = torch.nn.functional.softmax(scores := warp(warp_ids, logits), dim=-1)  # (B, V)
+            probs = torch.nn.functional.softmax(warp(warp_ids, logits), dim=-1)  # (B, V)
             nxt = draw(probs, sampler, generators)  # (B,)
-            if record is not None:
-                record.add(logits, scores, probs, nxt, rows, i)
         else:
             nxt = torch.argmax(logits, dim=-1)
             # argmax takes a NaN as the largest value and a row of -inf gives index 0: the picked logit is finite
@@ -588,5 +530,5 @@ def _checked_step(model: Any, fast: DecodeStep, ids: torch.Tensor, pos: torch.Te
     return got
 
 
-__all__ = ["draw", "generation_options", "lean_generate", "TokenRecord", "inverse_cdf_sample", "lean_unsupported",
+__all__ = ["draw", "generation_options", "lean_generate", "inverse_cdf_sample", "lean_unsupported",
            "inference_context", "preallocated_cache", "PreallocatedLayer", "sharded_over_processes"]

@@ -23,14 +23,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from alignkit.adapters import unwrap_lm
 from alignkit.losses import (KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, check_loss_weights, preference_loss,
                              reduce_loss, resolve_params)
 from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample
 from alignkit.online.reweighting import build_reweighter, reweight
-from alignkit.online.rollout import TokenStats, select, sequence_sums
+from alignkit.online.rollout import select, sequence_sums
 from alignkit.online.trainer import OnlineConfig, OnlineTrainer, Rollout
 from alignkit.trainers.pairs import pair_batch
 from alignkit.settings.online import check_feedback
@@ -109,25 +108,6 @@ class PairBatch:
     weights: Tensor  # (P,)
     ref_chosen: Tensor | None  # (P,) sum log pi_ref
     ref_rejected: Tensor | None
-
-
-def recorded_stats(rollout: Rollout, rows: list[int], idx: Tensor) -> TokenStats | None:
-    """`token_stats(select(rollout.batch, idx), entropy=True)` for samples `rows` (idx: the same as a tensor) from
-    the decode loop's values (`Sample.decode_stats`), laid out as `token_stats` lays out its own (the response
-    tokens of right-padded rows, row-major); None where a sample has none. They differ from a forward's only by
-    float rounding: a one-token step over the KV cache (or the fast decode step) sums the same products in another
-    order than a full forward over the padded rows (bound: tests/online/test_decode_record.py)."""
-    recorded = [rollout.samples[i].decode_stats for i in rows]
-    if any(s is None for s in recorded):
-        return None
-    batch = select(rollout.batch, idx)
-    mask = (batch["completion_mask"][:, 1:] & batch["attention_mask"][:, 1:]).bool()  # (R, T-1)
-    n = [len(rollout.samples[i].response_ids) for i in rows]
-    if int(mask.sum()) != sum(n) or any(s[0].numel() < k for s, k in zip(recorded, n)):
-        return None  # not the rows these samples make (not expected: the batch is built from the same ids)
-    lp, ent = (torch.cat([s[j][:k] for s, k in zip(recorded, n)]).to(mask.device) for j in (0, 1))
-    return TokenStats(lp.new_zeros(mask.shape).masked_scatter(mask, lp), mask,
-                      ent.new_zeros(mask.shape).masked_scatter(mask, ent))
 
 
 def rows_of(values: Tensor | None, rows: Tensor) -> Tensor | None:
@@ -288,19 +268,9 @@ class OnlineDPOTrainer(OnlineTrainer):
         self._pass_rows = {}
         return self.metrics_from_sums(torch.tensor([kl, ent, tok, float(len(rows))], dtype=torch.float64))
 
-    def wants_token_record(self) -> bool:
-        """Where the training forward gives the "kl" / "entropy" metrics (`reuses_training_pass`), the samples in no
-        pair take theirs from the decode loop (`decode.TokenRecord`, `recorded_stats`) instead of a no-grad forward
-        of their own, unless the policy's attention has dropout (the trainer turns off every nn.Dropout, not a
-        config's attention_dropout: the training-mode forward would then draw masks the eval-mode decode loop
-        does not)."""
-        config = getattr(unwrap_lm(self.policy), "config", None)
-        return self.reuses_training_pass() and not float(getattr(config, "attention_dropout", 0.0) or 0.0)
-
     @torch.no_grad()
     def _unpaired_pass(self, pairs: PairBatch) -> None:
-        """Before the update: the per-row metric values of the samples no pair trains on (the decode loop's, where
-        recorded, else their own pass)."""
+        """Before the update: the per-row metric values of the samples no pair trains on (their own pass)."""
         r = pairs.rollout
         if r.old_logps is not None:
             return
@@ -308,8 +278,7 @@ class OnlineDPOTrainer(OnlineTrainer):
         missing = [i for i in range(len(r.samples)) if i not in paired]
         if missing:
             idx = torch.tensor(missing, dtype=torch.long, device=r.rewards.device)
-            stats = recorded_stats(r, missing, idx)  # the decode loop's values, else a pass of their own
-            stats = stats if stats is not None else self.token_stats(select(r.batch, idx), entropy=True)
+            stats = self.token_stats(select(r.batch, idx), entropy=True)
             self._pass_rows.update(zip(missing, zip(*self._row_values(stats, rows_of(r.ref_logps, idx)))))
 
     def optimise(self, pairs: PairBatch) -> dict[str, float]:
@@ -332,4 +301,4 @@ class OnlineDPOTrainer(OnlineTrainer):
         return {"pairs": float(n), **metrics, **self._rollout_pass_metrics(pairs.rollout)}
 
 
-__all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "PAIR_MODES", "PairBatch", "recorded_stats"]
+__all__ = ["OnlineDPOConfig", "OnlineDPOTrainer", "PAIR_MODES", "PairBatch"]

@@ -49,7 +49,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -66,7 +66,7 @@ from alignkit.data.records import DataError, Prompt, PromptRecord
 from alignkit.guards import NonFiniteLogitsError
 from alignkit.interventions.attach import ReftModel
 from alignkit.online.decode import (generation_options, inference_context, lean_generate, lean_unsupported,
-                                   preallocated_cache, sharded_over_processes, TokenRecord)
+                                   preallocated_cache, sharded_over_processes)
 from alignkit.models.rope import check_context
 from alignkit.settings.sampling import SamplingConfig  # torch-free: the settings use it
 from alignkit.settings.typed import ConfigError
@@ -92,14 +92,9 @@ class Sample:
     prompt_id: str = ""
     weight: float = 1.0
     meta: dict = field(default_factory=dict)
-    # (logps, entropy): (n,) float32 tensors, n >= len(response_ids), of the decode loop's tokens under the sampling
-    # temperature (`decode.TokenRecord`; `generate_responses(token_record=True)`); None: not recorded. Not saved.
-    decode_stats: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(replace(self, decode_stats=None))
-        del out["decode_stats"]
-        return out
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "sample") -> "Sample":
@@ -442,11 +437,11 @@ def _sampling_path(model: Any, tokenizer: Any, cfg: SamplingConfig, gen_kwargs: 
 
 def _generate_batch(model: Any, tokenizer: Any, encoded: list[list[int]], groups: list[int], cfg: SamplingConfig,
                     gen_kwargs: dict[str, Any], why_not: str | None, reft: dict[str, Any] | None,
-                    generators: list | None = None, record: TokenRecord | None = None) -> list[list[int]]:
+                    generators: list | None = None) -> list[list[int]]:
     """The new token ids of one batch: row r samples prompt `encoded[groups[r]]`, left-padded with the others. Rows
     of one prompt share its prefill (`shared_prompt_cache`; not a ReftModel's). `why_not` None: the lean loop, in
     `inference_context` (`generators`: one per row, `row_generators`); else `model.generate`. `reft`: a ReftModel's
-    intervention arguments (None: not one). `record`: the lean loop's `decode.TokenRecord` to fill."""
+    intervention arguments (None: not one)."""
     device = model_device(model)
     ids = [encoded[g] for g in groups]
     input_ids = pad(ids, tokenizer.pad_token_id, side="left").to(device)  # (B, T)
@@ -470,7 +465,7 @@ def _generate_batch(model: Any, tokenizer: Any, encoded: list[list[int]], groups
         if why_not is None:
             out = lean_generate(model, input_ids, attention_mask, gen_kwargs["generation_config"],
                                 cache=extra.get(cache_keyword(model)), sampler=cfg.sampler or "inverse_cdf",
-                                generators=generators, record=record)
+                                generators=generators)
         else:
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra, **gen_kwargs,
                                  logits_processor=LogitsProcessorList([NonFiniteWatch(cfg.do_sample)]))
@@ -482,8 +477,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
                        batch_size: int = 8, positions: str | Positions | None = None, share_weights: bool = True,
                        intervene_on_generated: bool = False, formatter: str = "auto",
                        max_prompt_length: int | None = None, lean: bool | None = None,
-                       progress: bool = False, row_seed: int | None = None, first_prompt: int = 0,
-                       token_record: bool = False) -> list[Sample]:
+                       progress: bool = False, row_seed: int | None = None, first_prompt: int = 0) -> list[Sample]:
     """Sample `cfg.num_samples` responses per prompt from `model` (see the module docstring).
 
     `batch_size` counts generated rows (prompt x sample) per `generate` call. `positions` overrides a
@@ -496,8 +490,6 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     `row_seed`: sample j of prompt i draws from its own generator seeded from (row_seed, first_prompt + i, j)
     (`row_generators`), so its tokens do not depend on `batch_size` or the other rows (`alignkit generate` /
     `sample`; the decode loop only: a call that samples with model.generate draws for the whole batch, a warning).
-    `token_record`: each sample's `decode_stats` (`decode.TokenRecord`) where the decode loop samples a model that
-    is not a ReftModel; otherwise None.
     """
     cfg = cfg if cfg is not None else SamplingConfig()
     _check_call(model, tokenizer, batch_size, positions, share_weights, intervene_on_generated)
@@ -515,7 +507,6 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
     rows = [(g, k) for g in range(len(records)) for k in range(cfg.num_samples)]
     device = model_device(model)
     per_row = row_seed is not None and cfg.do_sample
-    record_tokens = token_record and why_not is None and reft is None and cfg.do_sample
     if per_row and why_not is not None and ("batch", why_not) not in _noted:
         _noted.add(("batch", why_not))
         logger.warning("these samples depend on the batch size: they are drawn with model.generate (%s), which draws "
@@ -532,15 +523,13 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Any], cfg: 
             for s in tqdm(range(0, len(rows), batch_size), desc="sampling", unit="batch", disable=not progress):
                 chunk = rows[s:s + batch_size]
                 gens = row_generators(row_seed, first_prompt, chunk, device) if per_row and why_not is None else None
-                rec = TokenRecord(cfg.temperature) if record_tokens else None
                 new = _generate_batch(model, tokenizer, encoded, [g for g, _ in chunk], cfg, gen_kwargs, why_not, reft,
-                                      gens, rec)
-                for j, ((g, k), row) in enumerate(zip(chunk, new)):
+                                      gens)
+                for (g, k), row in zip(chunk, new):
                     resp_ids, text, reason = finish_response(row, tokenizer, eos, cfg)
                     r = records[g]
                     samples.append(Sample(r.prompt, text, list(encoded[g]), resp_ids, reason, group=g, index=k,
-                                          prompt_id=r.id, weight=r.weight, meta=dict(r.meta),
-                                          decode_stats=None if rec is None else (rec.logps[j], rec.entropy[j])))
+                                          prompt_id=r.id, weight=r.weight, meta=dict(r.meta)))
     finally:
         model.train(was_training)
     reasons = {k: sum(x.finish_reason == k for x in samples) for k in FINISH_REASONS}

@@ -85,16 +85,10 @@ class RolloutSteps:
 
     def generate(self, prompts: list, step: int) -> list[Sample]:
         """The step's samples: `sampling.num_samples` per prompt, from the current policy."""
-        return self.sample_prompts(prompts, self.sampling_seed(step), token_record=self.wants_token_record())
+        return self.sample_prompts(prompts, self.sampling_seed(step))
 
-    def wants_token_record(self) -> bool:
-        """Whether the step's samples keep the decode loop's per-token log-probs and entropies
-        (`Sample.decode_stats`; only where the decode loop samples): none of this class's objectives read them."""
-        return False
-
-    def sample_prompts(self, prompts: list, seed: int, token_record: bool = False) -> list[Sample]:
-        """Samples of `prompts` from the current policy with the run's sampling settings and `seed` (`token_record`:
-        `generate_responses`')."""
+    def sample_prompts(self, prompts: list, seed: int) -> list[Sample]:
+        """Samples of `prompts` from the current policy with the run's sampling settings and `seed`."""
         cfg = replace(self.config.sampling, seed=seed)
         if self.config.generation_backend == "vllm":
             return self.generate_vllm(prompts, cfg)
@@ -102,7 +96,7 @@ class RolloutSteps:
         with gathered_root(self.model):  # FSDP2: a wrapper's generate bypasses the root's forward hooks
             return generate_responses(self.policy, self.tokenizer, prompts, cfg,
                                       batch_size=self.config.generation_batch_size, formatter=self.config.formatter,
-                                      max_prompt_length=self.config.max_prompt_length, token_record=token_record)
+                                      max_prompt_length=self.config.max_prompt_length)
 
     def generate_vllm(self, prompts: list, cfg: SamplingConfig) -> list[Sample]:
         """Sample with vLLM (the colocated engine, or `alignkit vllm-serve` in server mode) after giving it the
