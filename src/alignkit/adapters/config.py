@@ -12,11 +12,11 @@ save, load) is its `Adapter` class in `alignkit.adapters.<kind>`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.files import read_json_object
 from alignkit.interventions.config import Positions, ReftConfig
 
 ADAPTER_CONFIG_NAME = "alignkit_adapter.json"
@@ -187,10 +187,7 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; an alignkit adapter folder is written by save_adapter "
                                 "(or a Trainer's save_model)")
-    try:
-        return AdapterConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); save the adapter again") from e
+    return AdapterConfig.from_dict(read_json_object(path, "save the adapter again", "alignkit's adapter config"))
 
 
 __all__ = ["ADAPTER_CONFIG_NAME", "AdapterConfig", "KINDS", "KindInfo", "LoraSettings", "PART_SETTINGS", "ReftSettings",

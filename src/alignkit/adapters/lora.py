@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from alignkit.adapters.base import Adapter, Route, is_classifier, is_reft, register_adapter
 from alignkit.adapters.config import AdapterConfig
 from alignkit.compat import check_peft_load
+from alignkit.files import read_json_object
 from alignkit.interventions.locate import is_peft_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
@@ -162,10 +163,7 @@ def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / "adapter_config.json").is_file():
         return  # refused, naming the file, by the caller's check of the folder's files (Adapter.require_files)
-    try:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-    except ValueError as e:
-        raise ValueError(f"{folder / 'adapter_config.json'} is not valid JSON ({e}); save the adapter again") from None
+    cfg = read_json_object(folder / "adapter_config.json", "save the adapter again", "peft's LoRA config")
     pattern = cfg.get("rank_pattern") or {}
     modules = dict(model.named_modules())
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:

@@ -20,7 +20,6 @@ with a message that names the folder.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import time
@@ -41,7 +40,7 @@ from alignkit.adapters.full import Full
 from alignkit.adapters.lora import check_lora_fits, check_lora_placed
 from alignkit.data.chat import PROMPT_FORMAT_FILE, format_mismatch, trained_prompt_formats
 from alignkit.data.positions import locations_from_spans
-from alignkit.files import FileState, UnchangedSinceChecked
+from alignkit.files import FileState, UnchangedSinceChecked, read_json_object
 from alignkit.interventions.attach import ReftModel
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.serve.lora import StackedLora
@@ -185,6 +184,7 @@ def _adapter(folder: Path) -> Adapter:
 
 # the JSON files of a base folder transformers reads; a damaged generation_config.json is not an error there (row
 # T27): from_pretrained falls back to config.json's ids (an info log), so its end tokens and sampling defaults go
+COPY_AGAIN = " (or copy it again from where it came from)"
 BASE_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -195,18 +195,7 @@ def check_base_json(base: Path) -> None:
     server with json's bare message naming no file)."""
     for name in BASE_JSON_FILES:
         if (base / name).is_file():
-            _json_object(base / name, "a file of the base model", "save the base model again")
-
-
-def _json_object(path: Path, what: str, fix: str) -> None:
-    try:
-        data = json.loads(path.read_bytes())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} ({what}) is not valid JSON ({e}): the file is damaged; {fix} (or copy it again "
-                         "from where it came from)") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object: the file is damaged; "
-                         f"{fix} (or copy it again from where it came from)")
+            read_json_object(base / name, f"save the base model again{COPY_AGAIN}", "a file of the base model")
 
 
 def check_json_files(adapter: Adapter, folder: Path) -> None:
@@ -215,7 +204,7 @@ def check_json_files(adapter: Adapter, folder: Path) -> None:
     and the server stopped with json's bare "Expecting property name ..." naming no file."""
     for name, what in adapter.weight_files:
         if name.endswith(".json"):
-            _json_object(folder / name, what, "save the adapter again")
+            read_json_object(folder / name, f"save the adapter again{COPY_AGAIN}", what)
 
 
 def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) -> None:
