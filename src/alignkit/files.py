@@ -4,7 +4,7 @@ the old file or the new one, never half of one) and JSON Lines.
 Used by the ReFT checkpoint writer (`interventions/io.py`), the run folder (`runs.py`: config, metrics;
 `run_commit.py`: the completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache.
 `read_json_object` reads an adapter or base folder's small JSON files (adapters/config.py, adapters/lora.py,
-serve/stack.py).
+serve/stack.py, `alignkit vllm-serve`'s POST /lora from the request's bytes: `parse_json_object`).
 The tokenization cache (`data/tokenize.py`) renames its own process-named temp files without fsync: a lost or
 damaged entry is tokenized again, and the fsync of a large features file made the cache write ~5% slower.
 Imports no other alignkit module (and so no torch): the torch-free settings and ReFT config
