@@ -303,3 +303,38 @@ def test_vllm_serve_refuses_a_truncated_lora_body_before_writing(tiny_dir, tmp_p
                                            rf"{len(blob) - 8 - n} of the data and the body holds {len(blob) - 8 - n - 5}"):
         engine.load_lora(blob[:-5])
     assert not (tmp_path / "w").exists() and engine.lora_version == 0
+
+
+def test_serve_names_a_saved_module_of_another_shape_and_passes_other_errors_on(tiny_dir, tmp_path, monkeypatch):
+    """serve's load_loras: a LoRA whose modules_to_save lm_head has 8 more rows (a base with a resized vocabulary)
+    passes check_lora_fits and fails peft's load (row P17). Before: "(Error(s) in loading state_dict for
+    PeftModelForCausalLM:)", naming no tensor; now the size-mismatch line (tensor, both shapes by hand). And a
+    RuntimeError that is no misfit (out of memory) was reported as "does not fit the base model"; now it is raised
+    as it is."""
+    from safetensors.torch import load_file, save_file
+
+    import alignkit.serve.stack as stack
+    from alignkit.adapters import AdapterConfig, LoraSettings
+
+    base = tiny_dir("llama")
+    lora = AdapterConfig(kind="lora", lora=LoraSettings(r=2, modules_to_save=["lm_head"]))
+    folder = save_adapter(perturb(apply_adapter(load_model(base), lora)), tmp_path / "a")
+    (folder / "alignkit_base.json").unlink()  # a peft folder from elsewhere: no base recorded
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    vocab, width = saved["base_model.model.lm_head.weight"].shape
+    saved["base_model.model.lm_head.weight"] = torch.zeros(vocab + 8, width)
+    save_file(saved, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        stack.load_loras(load_model(base), {"a": folder}, base)
+    assert str(e.value) == (
+        f"{folder}: this LoRA adapter does not fit the base model {base} (size mismatch for "
+        f"base_model.model.lm_head.modules_to_save.a.weight: copying a param with shape torch.Size([{vocab + 8}, "
+        f"{width}]) from checkpoint, the shape in current model is torch.Size([{vocab}, {width}])); serve it with the "
+        "base it was trained on")
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(stack.PeftModel, "from_pretrained", oom)
+    with pytest.raises(RuntimeError, match="^CUDA out of memory"):
+        stack.load_loras(load_model(base), {"a": tmp_path / "a"}, base)

@@ -237,6 +237,13 @@ def warn_prompt_formats(folders: Mapping[str, str | Path]) -> None:
                            PROMPT_FORMAT_FILE, folder)
 
 
+def size_mismatch(error: BaseException) -> str | None:
+    """The first "size mismatch for <name>: copying a param with shape ... from checkpoint, the shape in current
+    model is ..." line of torch's load_state_dict error (row P17), without its final dot; None for another error."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line.rstrip(".") for line in lines if line.startswith("size mismatch for ")), None)
+
+
 def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn.Module:
     """`lm` as a PeftModel holding each LoRA adapter of `loras` (served name -> folder) under its name; one that does
     not fit the base (shapes) or holds non-finite values is a ValueError naming its folder."""
@@ -249,9 +256,14 @@ def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn
                 model = PeftModel.from_pretrained(lm, str(folder), adapter_name=name, is_trainable=False)
             else:
                 model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        except RuntimeError as e:  # e.g. shape mismatch: an adapter trained on another base
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base} ({first}); "
+        except RuntimeError as e:
+            # check_lora_fits compares the LoRA's own tensors; one besides them (modules_to_save, saved embedding
+            # weights) of another shape (a base with another vocabulary or head) is torch's load_state_dict
+            # "size mismatch for <name>: ..." (row P17). Any other RuntimeError is no misfit: raised as it is.
+            mismatch = size_mismatch(e)
+            if mismatch is None:
+                raise
+            raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base} ({mismatch}); "
                              "serve it with the base it was trained on") from None
         _check_new_finite(model, before, folder)
         check_lora_placed(model, name, folder, base)
@@ -356,5 +368,5 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
 
 
 __all__ = ["BASE_JSON_FILES", "CHAT_REFUSED", "Route", "Source", "Stack", "check_base_json", "check_json_files",
-           "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ",
+           "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ", "size_mismatch",
            "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]
