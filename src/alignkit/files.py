@@ -3,6 +3,8 @@ the old file or the new one, never half of one) and JSON Lines.
 
 Used by the ReFT checkpoint writer (`interventions/io.py`), the run folder (`runs.py`: config, metrics;
 `run_commit.py`: the completeness marker), offline rounds (`online/rounds.py`), augmentation output and its LLM cache.
+`read_json_object` reads an adapter or base folder's small JSON files (adapters/config.py, adapters/lora.py,
+serve/stack.py, `alignkit vllm-serve`'s POST /lora from the request's bytes: `parse_json_object`).
 The tokenization cache (`data/tokenize.py`) renames its own process-named temp files without fsync: a lost or
 damaged entry is tokenized again, and the fsync of a large features file made the cache write ~5% slower.
 Imports no other alignkit module (and so no torch): the torch-free settings and ReFT config
@@ -156,6 +158,30 @@ class UnchangedSinceChecked:
         self._states.add(state)
 
 
+def parse_json_object(data: bytes | str, name: str | Path, fix: str, what: str = "") -> dict[str, Any]:
+    """The JSON object `data` holds (the bytes of the file `name`, read from disk or received), else ValueError in one
+    line naming the file, where json stopped and `fix`: `<name> (<what>): not valid JSON at line L, column C (<json's
+    reason>): the file is damaged; <fix>`, or `... holds a JSON list, not an object ...`. The one reader of the small
+    JSON files of an adapter or base folder (alignkit_adapter.json, peft's adapter_config.json, a base's config)."""
+    label = f"{name} ({what})" if what else f"{name}"
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{label}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}): the file is "
+                         f"damaged; {fix}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{label}: not valid JSON (not UTF-8 text at byte {e.start}): the file is damaged; {fix}") \
+            from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{label}: holds a JSON {type(value).__name__}, not an object: the file is damaged; {fix}")
+    return value
+
+
+def read_json_object(path: str | Path, fix: str, what: str = "") -> dict[str, Any]:
+    """`parse_json_object` of the file at `path`."""
+    return parse_json_object(Path(path).read_bytes(), path, fix, what)
+
+
 def jsonl_text(rows: Iterable[Any]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -180,4 +206,4 @@ def read_jsonl(path: str | Path, fix: str = "fix or delete that line") -> list[A
 
 
 __all__ = ["UnchangedSinceChecked", "atomic_write", "atomic_write_jsonl", "atomic_write_text", "jsonl_text",
-           "new_file_mode", "read_jsonl", "remove_dead_temps"]
+           "new_file_mode", "parse_json_object", "read_json_object", "read_jsonl", "remove_dead_temps"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,8 +231,9 @@ def test_vllm_serve_refuses_a_pushed_lora_that_does_not_fit_the_served_model(pus
     """An online run's policy LoRA pushed to `alignkit vllm-serve` (POST /lora -> VllmServeEngine.load_lora). vLLM's
     loader checks a LoRA module's last name part only and skips one the model lacks (vllm/lora/lora_model.py,
     model_manager.py). Before: the folder was saved and handed to vLLM as a new LoRARequest (a deeper base's LoRA ran
-    without its last layer, silently). Now a 400 whose one line names the pushed folder and a tensor, before any
-    LoRARequest; the folder is removed and the versions are unchanged. A LoRA of the served base is served."""
+    without its last layer, silently). Now a 400 whose one line names POST /lora and a tensor, checked from the
+    request's bytes: nothing is written (no folder, no temp file) and the versions are unchanged. A LoRA of the served
+    base is served."""
     from alignkit.adapters import AdapterConfig, LoraSettings
     from alignkit.online.vllm_client import lora_blob
     from alignkit.serve.vllm_serve import RequestError
@@ -244,8 +246,95 @@ def test_vllm_serve_refuses_a_pushed_lora_that_does_not_fit_the_served_model(pus
         engine.load_lora(lora_blob(perturb(apply_adapter(load_model(tiny_dir("llama", **pushed)), lora))))
     msg, folder = str(e.value), tmp_path / "w" / "lora-1"
     assert e.value.status == 400 and "\n" not in msg
-    assert re.fullmatch(r"the pushed LoRA was not served \(its folder removed; the policy's base must be this server's "
-                        rf"--model\): {re.escape(str(folder))}: {why}, .*", msg), msg
-    assert not folder.exists() and engine.lora_version == 0 and engine.lora_request is None
+    assert re.fullmatch(r"the pushed LoRA was not served \(nothing was written; the policy's base must be this "
+                        rf"server's --model\): POST /lora: {why}, .*", msg), msg
+    assert not (tmp_path / "w").exists() and engine.lora_version == 0 and engine.lora_request is None
     assert engine.load_lora(lora_blob(perturb(apply_adapter(load_model(base), lora))))["lora_version"] == 1
     assert engine.lora_request.lora_path == str(folder) and (folder / "adapter_model.safetensors").is_file()
+
+
+def test_vllm_serve_never_damages_a_folder_of_the_pushed_loras_name(tiny_dir, tmp_path, monkeypatch):
+    """A --workdir given again holds another run's lora-1. Before: a misfitting push wrote its files into lora-1 (over
+    the old ones), then removed the whole folder. Now a refused push writes nothing there and leaves no temp file; a
+    fitting one is written whole beside it under a unique name (lora-1.<random>), the old folder byte for byte as it
+    was."""
+    from alignkit.adapters import AdapterConfig, LoraSettings
+    from alignkit.online.vllm_client import lora_blob
+    from alignkit.serve.vllm_serve import RequestError
+
+    fake_vllm(monkeypatch)
+    base, workdir = tiny_dir("llama"), tmp_path / "w"
+    theirs = workdir / "lora-1"
+    theirs.mkdir(parents=True)
+    (theirs / "adapter_config.json").write_text('{"r": 2}')
+    (theirs / "adapter_model.safetensors").write_bytes(b"another run's weights")
+    before = {p.name: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    engine = served_engine(base, workdir)
+    lora = AdapterConfig(kind="lora", lora=LoraSettings(r=4))
+    with pytest.raises(RequestError) as e:
+        engine.load_lora(lora_blob(perturb(apply_adapter(load_model(tiny_dir("llama", num_layers=3)), lora))))
+    assert sorted(p.name for p in workdir.iterdir()) == ["lora-1"]
+    assert {p.name: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+    assert "nothing was written" in str(e.value)
+    blob = lora_blob(perturb(apply_adapter(load_model(base), lora)))
+    assert engine.load_lora(blob)["lora_version"] == 1
+    served = Path(engine.lora_request.lora_path)
+    assert served.parent == workdir and served.name.startswith("lora-1.") and not served.name.endswith(".tmp")
+    assert (served / "adapter_model.safetensors").read_bytes() == blob
+    assert json.loads((served / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == {"adapter_config.json": b'{"r": 2}',
+                                                                  "adapter_model.safetensors": b"another run's weights"}
+    assert sorted(p.name for p in workdir.iterdir()) == sorted(["lora-1", served.name])  # no temp file left
+
+
+def test_vllm_serve_refuses_a_truncated_lora_body_before_writing(tiny_dir, tmp_path, monkeypatch):
+    """A pushed body cut short (its header names tensors past its end): before, written to disk and refused by
+    safetensors on reading it back; now a 400 from the request's bytes, the tensor bytes counted, nothing written."""
+    from alignkit.adapters import AdapterConfig, LoraSettings
+    from alignkit.online.vllm_client import lora_blob
+    from alignkit.serve.vllm_serve import RequestError
+
+    fake_vllm(monkeypatch)
+    engine = served_engine(tiny_dir("llama"), tmp_path / "w")
+    blob = lora_blob(perturb(apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora",
+                                                                                        lora=LoraSettings(r=4)))))
+    n = int.from_bytes(blob[:8], "little")
+    with pytest.raises(RequestError, match=rf"not a whole safetensors blob: its header places tensors up to byte "
+                                           rf"{len(blob) - 8 - n} of the data and the body holds {len(blob) - 8 - n - 5}"):
+        engine.load_lora(blob[:-5])
+    assert not (tmp_path / "w").exists() and engine.lora_version == 0
+
+
+def test_serve_names_a_saved_module_of_another_shape_and_passes_other_errors_on(tiny_dir, tmp_path, monkeypatch):
+    """serve's load_loras: a LoRA whose modules_to_save lm_head has 8 more rows (a base with a resized vocabulary)
+    passes check_lora_fits and fails peft's load (row P17). Before: "(Error(s) in loading state_dict for
+    PeftModelForCausalLM:)", naming no tensor; now the size-mismatch line (tensor, both shapes by hand). And a
+    RuntimeError that is no misfit (out of memory) was reported as "does not fit the base model"; now it is raised
+    as it is."""
+    from safetensors.torch import load_file, save_file
+
+    import alignkit.serve.stack as stack
+    from alignkit.adapters import AdapterConfig, LoraSettings
+
+    base = tiny_dir("llama")
+    lora = AdapterConfig(kind="lora", lora=LoraSettings(r=2, modules_to_save=["lm_head"]))
+    folder = save_adapter(perturb(apply_adapter(load_model(base), lora)), tmp_path / "a")
+    (folder / "alignkit_base.json").unlink()  # a peft folder from elsewhere: no base recorded
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    vocab, width = saved["base_model.model.lm_head.weight"].shape
+    saved["base_model.model.lm_head.weight"] = torch.zeros(vocab + 8, width)
+    save_file(saved, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        stack.load_loras(load_model(base), {"a": folder}, base)
+    assert str(e.value) == (
+        f"{folder}: this LoRA adapter does not fit the base model {base} (size mismatch for "
+        f"base_model.model.lm_head.modules_to_save.a.weight: copying a param with shape torch.Size([{vocab + 8}, "
+        f"{width}]) from checkpoint, the shape in current model is torch.Size([{vocab}, {width}])); serve it with the "
+        "base it was trained on")
+
+    def oom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(stack.PeftModel, "from_pretrained", oom)
+    with pytest.raises(RuntimeError, match="^CUDA out of memory"):
+        stack.load_loras(load_model(base), {"a": tmp_path / "a"}, base)

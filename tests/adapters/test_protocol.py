@@ -486,12 +486,12 @@ def test_apply_refuses_reft_settings_the_kind_would_ignore(row, tiny_lm):
     CLI's line; a kind with a ReFT part takes them, and refuses those it would not read (share_weights=False
     with one group of positions; modules_to_save beside a LoRA part, which trains them)."""
     reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]}, positions="f1+l1")
-    cfg = dataclasses.replace(row.config(), reft=reft)
-    if not row.reft:
+    if not row.reft:  # refused where the config is built (dataclasses.replace runs __post_init__), as apply_adapter
         with pytest.raises(ValueError, match=rf"^adapter.reft: read only by adapter.kind reft or reft\+lora, and kind "
                                              rf"is '{re.escape(row.kind)}', so it would be ignored"):
-            apply_adapter(tiny_lm("llama"), cfg)
+            apply_adapter(tiny_lm("llama"), dataclasses.replace(row.config(), reft=reft))
         return
+    cfg = dataclasses.replace(row.config(), reft=reft)
     assert adapter_of(apply_adapter(tiny_lm("llama"), cfg)).kind == row.kind
     one_group = dataclasses.replace(cfg, reft=dataclasses.replace(reft, positions="l1", share_weights=False))
     with pytest.raises(ValueError, match=r"^adapter.reft.share_weights: false splits"):
@@ -571,13 +571,12 @@ def test_apply_refuses_lora_settings_the_kind_would_ignore(row, tiny_lm):
     but apply_adapter checked only the ReFT settings, so it trained a ReFT adapter (or the whole model) with no LoRA
     and dropped r=16 without a word. Now the CLI's line; a kind with a LoRA part uses them (rank 16 on its peft
     modules)."""
-    cfg = dataclasses.replace(row.config(), lora=LoraSettings(r=16, alpha=32.0))
-    if not row.lora:
+    if not row.lora:  # refused where the config is built (dataclasses.replace runs __post_init__), as apply_adapter
         with pytest.raises(ValueError, match=rf"^adapter.lora: read only by adapter.kind lora or reft\+lora, and kind "
                                              rf"is '{re.escape(row.kind)}', so it would be ignored; set adapter.kind"):
-            apply_adapter(tiny_lm("llama"), cfg)
+            apply_adapter(tiny_lm("llama"), dataclasses.replace(row.config(), lora=LoraSettings(r=16, alpha=32.0)))
         return
-    model = apply_adapter(tiny_lm("llama"), cfg)
+    model = apply_adapter(tiny_lm("llama"), dataclasses.replace(row.config(), lora=LoraSettings(r=16, alpha=32.0)))
     ranks = {p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
     assert ranks == {16}, ranks
 

@@ -455,3 +455,35 @@ def test_saved_lora_tensors_carry_the_base_layers_widths_as_check_lora_fits_read
         check(parts >= ({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"} if arch == "llama" else
                         {"lora_A", "lora_B"}), PEFT, "peft no longer saves the LoRA parts WIDTH_AXIS names", where,
               f"{arch} {sorted(parts)}")
+
+
+def test_a_saved_module_of_another_shape_fails_peft_load_with_torchs_size_mismatch_line(tiny_dir, tmp_path):
+    """Row P17: a LoRA folder whose modules_to_save tensor (lm_head) has 8 more rows than the base's (a base with a
+    resized vocabulary) passes check_lora_fits (it compares the LoRA's own tensors) and fails peft's from_pretrained
+    with torch's load_state_dict RuntimeError holding a "size mismatch for <name>: copying a param with shape ... from
+    checkpoint, the shape in current model is ..." line: what serve's load_loras turns into one line."""
+    where = "alignkit/serve/stack.py:load_loras (size_mismatch)"
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    from alignkit.serve.stack import size_mismatch
+
+    base = tiny_dir("llama")
+    get_peft_model(load_model(base), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])) \
+        .save_pretrained(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    saved = {k: (torch.cat([v, v[:8]]) if "lora_" not in k else v) for k, v in load_file(str(weights)).items()}
+    vocab, width = saved["base_model.model.lm_head.weight"].shape
+    save_file(saved, str(weights), metadata={"format": "pt"})
+    with guard(PEFT, "peft's load of a folder whose modules_to_save tensor has another shape no longer raises "
+                     "RuntimeError", where):
+        try:
+            PeftModel.from_pretrained(load_model(base), str(tmp_path / "a"), adapter_name="x")
+            error = None
+        except RuntimeError as e:
+            error = e
+    want = (f"size mismatch for base_model.model.lm_head.modules_to_save.x.weight: copying a param with shape "
+            f"torch.Size([{vocab}, {width}]) from checkpoint, the shape in current model is "
+            f"torch.Size([{vocab - 8}, {width}])")
+    check(error is not None and size_mismatch(error) == want, PEFT, "peft's load of a modules_to_save tensor of "
+          "another shape no longer fails with torch's 'size mismatch for <name>' line", where, repr(error))

@@ -83,9 +83,11 @@ def _truncate(path, keep=0.5):
     ("lora-truncated", "adapter 'a': {folder}/adapter_model.safetensors cannot be read"),
     ("reft-truncated", "adapter 'a': {folder}/interventions.safetensors cannot be read"),
     ("base-truncated", "base: {folder}/model.safetensors cannot be read"),
-    ("lora-json", "{folder}/adapter_config.json (peft's LoRA config) is not valid JSON (Expecting property name"),
-    ("reft-json", "{folder}/reft_config.json (the ReFT interventions and positions) holds a JSON list, not an object"),
-    ("base-json", "{folder}/generation_config.json (a file of the base model) is not valid JSON"),
+    ("lora-json", "{folder}/adapter_config.json (peft's LoRA config): not valid JSON at line 1, column 9 (Expecting "
+                  "property name"),
+    ("reft-json", "{folder}/reft_config.json (the ReFT interventions and positions): holds a JSON list, not an "
+                  "object"),
+    ("base-json", "{folder}/generation_config.json (a file of the base model): not valid JSON at line 1"),
 ])
 def test_a_folder_the_server_cannot_load_is_refused_before_loading(serve_dirs, tmp_path, monkeypatch, capsys, case,
                                                                    message):

@@ -453,3 +453,18 @@ def test_schedules_the_trainer_would_not_build_or_apply_are_refused(schedule, kw
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     own = (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
     SFTTrainer(model, args, train_dataset=features["sft"], data_collator=collators["sft"], optimizers=own)
+
+
+def test_check_warmup_asks_transformers_for_the_warmup_steps_once(tmp_path, monkeypatch):
+    """check_warmup asked `TrainingArguments.get_warmup_steps` twice for the same run (once to compare, once for the
+    message): one call, its answer used for both. A warm-up of 4 of a 4-step run is refused either way."""
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.checks import check_warmup
+
+    args = fast_args(tmp_path, max_steps=4, warmup_steps=4, lr_scheduler_type="linear")
+    calls = []
+    real = type(args).get_warmup_steps
+    monkeypatch.setattr(type(args), "get_warmup_steps", lambda self, n: calls.append(n) or real(self, n))
+    with pytest.raises(ConfigError, match="its last step uses 75% of it"):
+        check_warmup(args, "linear")
+    assert calls == [4]

@@ -12,11 +12,11 @@ save, load) is its `Adapter` class in `alignkit.adapters.<kind>`.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alignkit.files import read_json_object
 from alignkit.interventions.config import Positions, ReftConfig
 
 ADAPTER_CONFIG_NAME = "alignkit_adapter.json"
@@ -80,6 +80,7 @@ class AdapterConfig:
             self.lora = from_dict(LoraSettings, self.lora, "adapter.lora")
         if isinstance(self.reft, dict):
             self.reft = from_dict(ReftSettings, self.reft, "adapter.reft")
+        self.check_parts()
         if "reft" in self.parts and (self.reft is None or self.reft.config is None):
             raise ValueError(f"adapter kind {self.kind!r} needs adapter.reft.config (a ReftConfig mapping with "
                              "'representations'), e.g. {'representations': [{'layer': 1, 'low_rank_dimension': 4}]}")
@@ -97,17 +98,26 @@ class AdapterConfig:
         """The kind edits hidden states with ReFT interventions (reft, reft+lora)."""
         return "reft" in self.parts
 
+    def check_parts(self) -> None:
+        """ValueError (`unused_part_message`, the CLI's line) for a part's settings (`PART_SETTINGS`) given to a kind
+        without that part: `AdapterConfig(kind="full", lora=LoraSettings(r=8))` trained the whole model and read no
+        rank. A part at its defaults (None, or the settings class's defaults: what the dataclass builds, and what an
+        earlier alignkit wrote for every part into a saved config) is accepted. Run when the config is built and by
+        `check()` (a part set afterwards)."""
+        for part, settings in PART_SETTINGS.items():
+            value = getattr(self, part)
+            if part not in self.parts and value is not None and value != settings():
+                raise ValueError(unused_part_message(part, self.kind))
+
     def check(self) -> None:
         """Check what can be checked without a model (ValueError naming the key), for the CLI's config loader and
         `apply_adapter` alike (the one check of both). A ReFT part's `ReftConfig` checked its keys and intervention
-        types when it was built. Left: a part's settings given to a kind without that part (`AdapterConfig(kind=
-        "reft", lora=LoraSettings(r=16))` trained a ReFT adapter and dropped the LoRA settings), or the ReFT part's
+        types when it was built. Left: a part's settings given to a kind without that part (`check_parts`, run at
+        construction too: `AdapterConfig(kind="reft", lora=LoraSettings(r=16))` trained a ReFT adapter and dropped
+        the LoRA settings), or the ReFT part's
         modules_to_save in a stack whose LoRA trains them, or share_weights=False with one group of positions; each
         would be ignored (not checked when a saved folder's config is read back)."""
-        if "lora" not in self.parts and self.lora != LoraSettings():
-            raise ValueError(unused_part_message("lora", self.kind))
-        if "reft" not in self.parts and self.reft is not None:
-            raise ValueError(unused_part_message("reft", self.kind))
+        self.check_parts()
         if "lora" in self.parts and self.reft is not None and self.reft.modules_to_save is not None:
             raise ValueError(f"adapter.reft.modules_to_save: with adapter.kind {self.kind!r} the LoRA part trains the "
                              "modules besides the adapter (peft's modules_to_save), so it would be ignored; set "
@@ -187,10 +197,10 @@ def read_adapter_config(folder: str | Path) -> AdapterConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; an alignkit adapter folder is written by save_adapter "
                                 "(or a Trainer's save_model)")
-    try:
-        return AdapterConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); save the adapter again") from e
+    data = read_json_object(path, "save the adapter again", "alignkit's adapter config")
+    # the part sections its kind does not use: ignored by the run that wrote them (at their defaults from every
+    # earlier alignkit; at other values from one that accepted them), so a saved folder loads as it was trained
+    return AdapterConfig.from_dict(used_parts(data))
 
 
 __all__ = ["ADAPTER_CONFIG_NAME", "AdapterConfig", "KINDS", "KindInfo", "LoraSettings", "PART_SETTINGS", "ReftSettings",

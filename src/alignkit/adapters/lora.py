@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from alignkit.adapters.base import Adapter, Route, is_classifier, is_reft, register_adapter
 from alignkit.adapters.config import AdapterConfig
 from alignkit.compat import check_peft_load
+from alignkit.files import read_json_object
 from alignkit.interventions.locate import is_peft_model
 
 WEIGHTS_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
@@ -114,7 +115,7 @@ def _entry(target_modules: Any, name: str) -> Any:
     return next((k for k in target_modules if matches_entry(name, k)), target_modules)
 
 
-def _misfit(folder: str | Path, base: Any, what: str) -> ValueError:
+def _misfit(folder: Any, base: Any, what: str) -> ValueError:
     return ValueError(f"{folder}: this LoRA adapter does not fit the base model {base}: {what}, so only part of the "
                       "adapter would run; use it with the base it was trained on")
 
@@ -136,7 +137,7 @@ def layer_widths(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _check_width(folder: Path, key: str, shape: tuple, part: str, name: str, module: nn.Module, base: Any) -> None:
+def _check_width(folder: Any, key: str, shape: tuple, part: str, name: str, module: nn.Module, base: Any) -> None:
     """ValueError (one line: the tensor, its shape and the one the base's layer takes) when the saved LoRA tensor
     `key` has another width than the base's module `name` (a LoRA of a base with another hidden size: peft failed with
     torch's multi-line size mismatch)."""
@@ -154,22 +155,27 @@ def _check_width(folder: Path, key: str, shape: tuple, part: str, name: str, mod
 
 def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
     """ValueError (one line, naming `folder` and one tensor), before anything is loaded into `model` (the base
-    transformers model, or its skeleton on the meta device), when a LoRA tensor saved in `folder` names a module
-    `model` lacks (peft's `from_pretrained` drops it without a word, row P14; vLLM matches only the module's last
-    name part and drops it too) or has another rank than its adapter_config.json gives that module (`r`, or the
-    entry of `rank_pattern` peft would pick) or another width than the module's (`_check_width`: a base of another
-    hidden size)."""
+    transformers model, or its skeleton on the meta device), when a LoRA tensor saved in `folder` does not fit it
+    (`check_lora_shapes`)."""
     folder = Path(folder)
     if not (folder / WEIGHTS_NAME).is_file() or not (folder / "adapter_config.json").is_file():
         return  # refused, naming the file, by the caller's check of the folder's files (Adapter.require_files)
-    try:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-    except ValueError as e:
-        raise ValueError(f"{folder / 'adapter_config.json'} is not valid JSON ({e}); save the adapter again") from None
-    pattern = cfg.get("rank_pattern") or {}
-    modules = dict(model.named_modules())
+    cfg = read_json_object(folder / "adapter_config.json", "save the adapter again", "peft's LoRA config")
     with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    check_lora_shapes(model, folder, cfg, shapes, base)
+
+
+def check_lora_shapes(model: nn.Module, where: Any, cfg: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                      base: Any) -> None:
+    """ValueError (one line, naming `where` and one tensor) when a LoRA, given as its adapter_config.json mapping
+    `cfg` and its tensors' shapes (name -> shape), has a tensor that names a module `model` lacks (peft's
+    `from_pretrained` drops it without a word, row P14; vLLM matches only the module's last name part and drops it
+    too) or has another rank than `cfg` gives that module (`r`, or the entry of `rank_pattern` peft would pick) or
+    another width than the module's (`_check_width`: a base of another hidden size). `check_lora_fits` reads a
+    folder for it; `alignkit vllm-serve`'s POST /lora passes the request's bytes, before anything is written."""
+    pattern = cfg.get("rank_pattern") or {}
+    modules = dict(model.named_modules())
     dropped = []
     for key, shape in sorted(shapes.items()):
         m = LORA_KEY.match(key)
@@ -181,12 +187,12 @@ def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
         r = int(pattern.get(get_pattern_key(list(pattern), m["module"]), cfg.get("r", 8)))
         axis = RANK_AXIS.get(m["part"])
         if axis is not None and len(shape) > axis and shape[axis] != r:
-            raise ValueError(f"{folder}: saved LoRA tensor {key} has rank {shape[axis]} (shape {list(shape)}) but "
+            raise ValueError(f"{where}: saved LoRA tensor {key} has rank {shape[axis]} (shape {list(shape)}) but "
                              f"adapter_config.json gives {m['module']} r={r}, so peft would build layers it cannot "
                              "fill; use the adapter_config.json saved with these weights")
-        _check_width(folder, key, shape, m["part"], m["module"], modules[m["module"]], base)
+        _check_width(where, key, shape, m["part"], m["module"], modules[m["module"]], base)
     if dropped:
-        raise _misfit(folder, base, f"{len(dropped)} saved tensor(s) fit no module of the base (e.g. {dropped[0]})")
+        raise _misfit(where, base, f"{len(dropped)} saved tensor(s) fit no module of the base (e.g. {dropped[0]})")
 
 
 def check_lora_placed(model: nn.Module, name: str, folder: str | Path, base: Any) -> None:

@@ -20,7 +20,6 @@ with a message that names the folder.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import time
@@ -41,7 +40,7 @@ from alignkit.adapters.full import Full
 from alignkit.adapters.lora import check_lora_fits, check_lora_placed
 from alignkit.data.chat import PROMPT_FORMAT_FILE, format_mismatch, trained_prompt_formats
 from alignkit.data.positions import locations_from_spans
-from alignkit.files import FileState, UnchangedSinceChecked
+from alignkit.files import FileState, UnchangedSinceChecked, read_json_object
 from alignkit.interventions.attach import ReftModel
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.serve.lora import StackedLora
@@ -185,6 +184,7 @@ def _adapter(folder: Path) -> Adapter:
 
 # the JSON files of a base folder transformers reads; a damaged generation_config.json is not an error there (row
 # T27): from_pretrained falls back to config.json's ids (an info log), so its end tokens and sampling defaults go
+COPY_AGAIN = " (or copy it again from where it came from)"
 BASE_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
 
@@ -195,18 +195,7 @@ def check_base_json(base: Path) -> None:
     server with json's bare message naming no file)."""
     for name in BASE_JSON_FILES:
         if (base / name).is_file():
-            _json_object(base / name, "a file of the base model", "save the base model again")
-
-
-def _json_object(path: Path, what: str, fix: str) -> None:
-    try:
-        data = json.loads(path.read_bytes())
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} ({what}) is not valid JSON ({e}): the file is damaged; {fix} (or copy it again "
-                         "from where it came from)") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} ({what}) holds a JSON {type(data).__name__}, not an object: the file is damaged; "
-                         f"{fix} (or copy it again from where it came from)")
+            read_json_object(base / name, f"save the base model again{COPY_AGAIN}", "a file of the base model")
 
 
 def check_json_files(adapter: Adapter, folder: Path) -> None:
@@ -215,7 +204,7 @@ def check_json_files(adapter: Adapter, folder: Path) -> None:
     and the server stopped with json's bare "Expecting property name ..." naming no file."""
     for name, what in adapter.weight_files:
         if name.endswith(".json"):
-            _json_object(folder / name, what, "save the adapter again")
+            read_json_object(folder / name, f"save the adapter again{COPY_AGAIN}", what)
 
 
 def _check_new_finite(model: nn.Module, before: set[int], folder: str | Path) -> None:
@@ -248,6 +237,13 @@ def warn_prompt_formats(folders: Mapping[str, str | Path]) -> None:
                            PROMPT_FORMAT_FILE, folder)
 
 
+def size_mismatch(error: BaseException) -> str | None:
+    """The first "size mismatch for <name>: copying a param with shape ... from checkpoint, the shape in current
+    model is ..." line of torch's load_state_dict error (row P17), without its final dot; None for another error."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line.rstrip(".") for line in lines if line.startswith("size mismatch for ")), None)
+
+
 def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn.Module:
     """`lm` as a PeftModel holding each LoRA adapter of `loras` (served name -> folder) under its name; one that does
     not fit the base (shapes) or holds non-finite values is a ValueError naming its folder."""
@@ -260,9 +256,14 @@ def load_loras(lm: nn.Module, loras: Mapping[str, str | Path], base: Path) -> nn
                 model = PeftModel.from_pretrained(lm, str(folder), adapter_name=name, is_trainable=False)
             else:
                 model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        except RuntimeError as e:  # e.g. shape mismatch: an adapter trained on another base
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base} ({first}); "
+        except RuntimeError as e:
+            # check_lora_fits compares the LoRA's own tensors; one besides them (modules_to_save, saved embedding
+            # weights) of another shape (a base with another vocabulary or head) is torch's load_state_dict
+            # "size mismatch for <name>: ..." (row P17). Any other RuntimeError is no misfit: raised as it is.
+            mismatch = size_mismatch(e)
+            if mismatch is None:
+                raise
+            raise ValueError(f"{folder}: this LoRA adapter does not fit the base model {base} ({mismatch}); "
                              "serve it with the base it was trained on") from None
         _check_new_finite(model, before, folder)
         check_lora_placed(model, name, folder, base)
@@ -367,5 +368,5 @@ def saved_tokenizers_differ(tokenizer: Any, base: Path, adapters: Mapping[str, s
 
 
 __all__ = ["BASE_JSON_FILES", "CHAT_REFUSED", "Route", "Source", "Stack", "check_base_json", "check_json_files",
-           "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ",
+           "check_served_names", "load_loras", "load_stack", "saved_tokenizers_differ", "size_mismatch",
            "warn_prompt_formats", "PEFT_BASE", "NAME_RE"]

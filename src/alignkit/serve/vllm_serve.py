@@ -20,9 +20,10 @@ time, in order (one trainer per server). The API (protocol 1; errors are HTTP 4x
     POST /weights   body: a safetensors blob of the full transformers state dict -> loaded in place with vLLM's
                     `reload_weights` (as the colocated engine does), prefix cache reset -> {"weights_version", ...}
     POST /lora      body: a safetensors blob of peft's adapter tensors, metadata "adapter_config" = peft's
-                    adapter_config.json -> saved as a folder, served under a NEW LoRA id -> {"lora_version", ...};
-                    400 (the folder removed) when a tensor fits no module of the served model, or not its
-                    rank or width (`check_lora_fits`: vLLM would skip a module the model lacks, silently)
+                    adapter_config.json -> checked from the request's bytes, then saved as a folder (whole or not at
+                    all), served under a NEW LoRA id -> {"lora_version", ...}; 400, nothing written, when a tensor
+                    fits no module of the served model, or not its rank or width (`check_lora_shapes`: vLLM would
+                    skip a module the model lacks, silently)
 
 Weights travel in the request body (no shared file system, no NCCL needed), so the trainer may run on another
 machine; the whole state dict is one request (its size in memory on both sides). Anyone who can reach the port
@@ -52,7 +53,8 @@ from safetensors.torch import load
 from transformers import AutoConfig
 
 import alignkit
-from alignkit.adapters.lora import WEIGHTS_NAME, check_lora_fits
+from alignkit.adapters.lora import WEIGHTS_NAME, check_lora_shapes
+from alignkit.files import atomic_write, parse_json_object
 from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
                                           meta_causal_lm, start_max_model_len)
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
@@ -83,8 +85,10 @@ class EngineSettings:
     enforce_eager: bool = True
 
 
-def safetensors_metadata(blob: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob (its 8-byte little-endian header length, then a JSON header)."""
+def safetensors_header(blob: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors blob (its 8-byte little-endian header length, then the header: each tensor's
+    dtype, shape and data_offsets, and `__metadata__`), read in memory; RequestError 400 for a body that is not a
+    whole safetensors blob (too short, a header that is not a JSON object, tensors past the body's end)."""
     if len(blob) < 8:
         raise RequestError(400, "the body is not a safetensors blob (fewer than 8 bytes)")
     (n,) = struct.unpack("<Q", blob[:8])
@@ -92,7 +96,26 @@ def safetensors_metadata(blob: bytes) -> dict[str, str]:
         header = json.loads(blob[8:8 + n])
     except ValueError:
         raise RequestError(400, "the body is not a safetensors blob (its header is not JSON)") from None
-    return header.get("__metadata__") or {}
+    if not isinstance(header, dict):
+        raise RequestError(400, "the body is not a safetensors blob (its header is not a JSON object)")
+    try:
+        end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise RequestError(400, "the body is not a safetensors blob (a tensor's header has no data_offsets)") from None
+    if end > len(blob) - 8 - n:
+        raise RequestError(400, f"the body is not a whole safetensors blob: its header places tensors up to byte {end} "
+                                f"of the data and the body holds {len(blob) - 8 - n}; push it again")
+    return header
+
+
+def safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (`safetensors_header`)."""
+    return safetensors_header(blob).get("__metadata__") or {}
+
+
+def safetensors_shapes(header: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape (name -> shape) in a safetensors header (`safetensors_header`)."""
+    return {k: tuple(int(d) for d in v.get("shape", ())) for k, v in header.items() if k != "__metadata__"}
 
 
 GENERATE_KEYS = ("prompt_token_ids", "sampling", "lora")  # a /generate body's keys (protocol 1)
@@ -208,13 +231,15 @@ class VllmServeEngine:
     def load_lora(self, blob: bytes) -> dict:
         if not self.settings.enable_lora:
             raise RequestError(409, "LoRA is off on this server; restart it with alignkit vllm-serve ... --enable-lora")
-        meta = safetensors_metadata(blob)
+        header = safetensors_header(blob)
+        meta = header.get("__metadata__") or {}
         if "adapter_config" not in meta:
             raise RequestError(400, "the safetensors metadata has no adapter_config (peft's adapter_config.json)")
         try:
-            peft_cfg = json.loads(meta["adapter_config"])
-        except ValueError:
-            raise RequestError(400, "adapter_config in the safetensors metadata is not JSON") from None
+            peft_cfg = parse_json_object(meta["adapter_config"], "adapter_config", "push the adapter again (the "
+                                         "trainer sends peft's adapter_config.json)", "the safetensors metadata")
+        except ValueError as e:
+            raise RequestError(400, str(e)) from None
         why = lora_unsupported(peft_cfg)
         if why:
             raise RequestError(400, f"the adapter {why}, which vLLM's LoRA does not run; train a plain LoRA or use "
@@ -223,13 +248,10 @@ class VllmServeEngine:
         if r > self.settings.max_lora_rank:
             raise RequestError(400, f"the adapter's rank {r} > this server's --max-lora-rank "
                                     f"{self.settings.max_lora_rank}; restart it with a larger --max-lora-rank")
+        self.lora_fits(peft_cfg, safetensors_shapes(header))  # before anything is written
         version = self.lora_version + 1
-        folder = self.workdir / f"lora-{version}"
-        folder.mkdir(parents=True, exist_ok=True)
         peft_cfg["base_model_name_or_path"] = self.settings.model
-        (folder / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2) + "\n")
-        (folder / WEIGHTS_NAME).write_bytes(blob)
-        self.lora_fits(folder)
+        folder = self.write_lora(f"lora-{version}", peft_cfg, blob)
         from vllm.lora.request import LoRARequest  # (after the checks: they need no engine)
 
         old = self.lora_request
@@ -243,11 +265,33 @@ class VllmServeEngine:
             shutil.rmtree(old.lora_path, ignore_errors=True)
         return self.versions()
 
-    def lora_fits(self, folder: Path) -> None:
-        """RequestError 400 (one line naming `folder` and one tensor), the folder removed, when the pushed LoRA does not
-        fit the served model (`check_lora_fits` against its skeleton on the meta device): vLLM's loader checks a
-        LoRA module's last name part only ("q_proj") and skips one the model lacks without a word
-        (vllm/lora/lora_model.py, model_manager.py), so a LoRA of a deeper base would run in part, silently."""
+    def write_lora(self, name: str, peft_cfg: dict, blob: bytes) -> Path:
+        """The checked LoRA written as a folder `name` in the workdir, whole or not at all: its two files written
+        (`atomic_write`: fsync'd) into a hidden staging folder renamed into place at the end; a folder of that name
+        already there (another run's, in a --workdir given again) is left as it is, and this one keeps a unique name
+        (`<name>.<random>`)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=self.workdir))
+        try:
+            atomic_write(staging / "adapter_config.json", (json.dumps(peft_cfg, indent=2) + "\n").encode())
+            atomic_write(staging / WEIGHTS_NAME, blob)
+            folder = self.workdir / name
+            try:
+                os.rename(staging, folder)  # refused for a non-empty folder there: never replaced
+            except OSError:
+                folder = self.workdir / staging.name[1:-len(".tmp")]
+                os.rename(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
+    def lora_fits(self, peft_cfg: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+        """RequestError 400 (one line naming a tensor), nothing written, when the pushed LoRA (its adapter_config
+        `peft_cfg` and tensor shapes, read from the request's bytes) does not fit the served model
+        (`check_lora_shapes` against its skeleton on the meta device): vLLM's loader checks a LoRA module's last name
+        part only ("q_proj") and skips one the model lacks without a word (vllm/lora/lora_model.py,
+        model_manager.py), so a LoRA of a deeper base would run in part, silently."""
         if self.skeleton is None:
             try:
                 self.skeleton = meta_causal_lm(self.hf_config)
@@ -258,10 +302,9 @@ class VllmServeEngine:
         if self.skeleton is False:
             return
         try:
-            check_lora_fits(self.skeleton, folder, self.settings.model)
+            check_lora_shapes(self.skeleton, "POST /lora", peft_cfg, shapes, self.settings.model)
         except ValueError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise RequestError(400, "the pushed LoRA was not served (its folder removed; the policy's base must be "
+            raise RequestError(400, "the pushed LoRA was not served (nothing was written; the policy's base must be "
                                     f"this server's --model): {e}") from None
 
     def _reset_prefix_cache(self) -> None:
@@ -373,4 +416,4 @@ def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
 
 
 __all__ = ["EngineSettings", "GENERATE_KEYS", "LORA_RANKS", "RequestError", "VllmServeEngine", "make_handler",
-           "generate_body", "safetensors_metadata", "serve"]
+           "generate_body", "safetensors_header", "safetensors_metadata", "safetensors_shapes", "serve"]

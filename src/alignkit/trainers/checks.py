@@ -438,9 +438,9 @@ def check_warmup(args: TrainingArguments, name: str, train_dataset: Any = None) 
                           f"builds it without warmup_steps), so it would be ignored and the run would start at the "
                           f"full learning rate; use lr_scheduler_type={instead}, or remove train.warmup_steps")
     steps = planned_steps(args, train_dataset) if warmup > 0 else None
-    if not steps or args.get_warmup_steps(steps) < steps:
+    given = args.get_warmup_steps(steps) if steps else 0
+    if not steps or given < steps:
         return
-    given = args.get_warmup_steps(steps)
     run = (f"train.max_steps={steps}" if args.max_steps and args.max_steps > 0
            else f"{steps} optimizer steps from train.num_train_epochs={args.num_train_epochs:g}")
     what = f"{int(warmup)}" if warmup >= 1 else f"{warmup:g} ({given} steps, the Trainer's ceil({steps} x {warmup:g}))"
