@@ -160,3 +160,25 @@ def test_the_tiny_llama_tokenizer_with_add_eos_token(tokenizer):
     assert got == want
     assert got[0]["input_ids"][-1] == eos and got[0]["input_ids"].count(eos) == 1
     assert got[2]["prompt_input_ids"] == tokenizer("Q: hi\nA:")["input_ids"]
+
+
+def test_generation_prompts_and_reward_scores_read_what_training_read(tokenizer, tiny_dir):
+    """Before: with a tokenizer that appends EOS, online / generate prompts ended in EOS (the model asked to continue
+    after its end of text), and the reward-model annotator scored `... EOS` even under add_eos=false, where the
+    reward trainer now trains without it. Now both leave the appended EOS out: the prompt is the tokenizer's ids
+    without the setting, the annotator's ids equal the reward trainer's features. Fails without the fix: yes."""
+    import copy
+
+    from alignkit.models.loading import load_model
+    from alignkit.online.annotators import RewardModelAnnotator
+    from alignkit.online.generation import encode_prompt
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    eos, plain = tok.eos_token_id, tokenizer("Q: hi\nA: yes")["input_ids"]
+    assert encode_prompt("Q: hi\nA:", tok) == tokenizer("Q: hi\nA:")["input_ids"]
+    model = load_model(tiny_dir("llama", classifier=True, num_labels=1), task="classifier")
+    for add_eos, want in ((None, plain + [eos]), (True, plain + [eos]), (False, plain)):
+        (f,), _ = tokenize_records([SFTRecord("Q: hi\nA:", " yes")], tok, add_eos=add_eos)
+        rm = RewardModelAnnotator(model, tok, add_eos=add_eos)
+        assert f["input_ids"] == want and rm.encode("Q: hi\nA:", " yes") == (want, "")
