@@ -182,3 +182,20 @@ def test_generation_prompts_and_reward_scores_read_what_training_read(tokenizer,
         (f,), _ = tokenize_records([SFTRecord("Q: hi\nA:", " yes")], tok, add_eos=add_eos)
         rm = RewardModelAnnotator(model, tok, add_eos=add_eos)
         assert f["input_ids"] == want and rm.encode("Q: hi\nA:", " yes") == (want, "")
+
+
+def test_reft_generation_prompt_is_the_training_prompt(tokenizer):
+    """ReFT (pyreft-style data): with a tokenizer that appends EOS, training's prompt is the tokens before the
+    response (the appended EOS comes after it), but `encode_prompts` gave generation `prompt + EOS`, so the last
+    position ("l1") intervened on EOS and generation continued after an end of text. Now generation's prompt ids are
+    training's `ids[:prompt_length]`. Fails without the fix: yes."""
+    import copy
+
+    from alignkit.data.reft_data import encode_prompt_response, encode_prompts
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    ids, n = encode_prompt_response(tok, "Question: what?", " Answer: Paris.")
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    enc = encode_prompts(tok, ["Question: what?"])
+    assert enc["input_ids"][0].tolist() == ids[:n] == tokenizer("Question: what?")["input_ids"]
