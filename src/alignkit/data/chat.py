@@ -368,12 +368,11 @@ def added_suffix(tokenizer: Any) -> tuple[int, ...]:
     encoding with special tokens, or two probes disagree). Probed once per tokenizer, its specials and post-processor
     (a changed `add_eos_token` or post-processor is probed again)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    try:
-        processor = backend.post_processor.__getstate__() if backend is not None else None
-    except Exception:  # noqa: BLE001 - none set (None) or not serialisable: the other settings key the probe
-        processor = None
-    key = (tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "add_bos_token", None),
-           getattr(tokenizer, "add_eos_token", None), len(tokenizer), processor)
+    try:  # a fast tokenizer's appended ids are its backend post-processor's (ids included in its state): cheap key
+        key: tuple = ("backend", backend.post_processor.__getstate__() if backend.post_processor is not None else None)
+    except Exception:  # noqa: BLE001 - no backend, or a processor not serialisable: the specials key the probe
+        key = (tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer))
+    key += (getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
     try:
         seen = _SUFFIX.setdefault(tokenizer, {})
     except TypeError:  # not weakly referable: probed each time
