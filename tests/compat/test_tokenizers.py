@@ -1,4 +1,4 @@
-"""Tokenizer behaviour alignkit relies on (rows K1-K10 of the table in docs/architecture.md)."""
+"""Tokenizer behaviour alignkit relies on (rows K1-K11 of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -188,3 +188,26 @@ def test_a_saved_truncation_stays_on_the_backend_until_the_wrapper_runs(tokenize
     after = tok.backend_tokenizer.truncation
     check(len(full) > 4 and after is None, TF, "the wrapper no longer clears the backend's saved truncation on a call "
           "without truncation", where, f"{len(full)} {after}")
+
+
+def test_post_processor_state_keys_the_suffix_probe(tokenizer):
+    """`chat.added_suffix` probes once per tokenizer, keyed by `backend_tokenizer.post_processor.__getstate__()` (the
+    processor as JSON) and `add_eos_token`: setting `add_eos_token` must rebuild the backend's post-processor (so
+    encode appends EOS, wrapper and backend alike) and change that state, or a changed tokenizer keeps its old
+    probe."""
+    import copy
+
+    where = "alignkit/data/chat.py:added_suffix"
+    tok = copy.deepcopy(tokenizer)
+    with guard("tokenizers", "post_processor.__getstate__() failed", where):
+        before = tok.backend_tokenizer.post_processor.__getstate__()
+    tok.add_eos_token = True
+    eos = tok.eos_token_id
+    with guard(TF, "setting add_eos_token failed", where):
+        after = tok.backend_tokenizer.post_processor.__getstate__()
+        wrapper = list(tok("hi there", add_special_tokens=True)["input_ids"])
+        backend = tok.backend_tokenizer.encode_batch(["hi there"], add_special_tokens=True)[0].ids
+        bare = list(tok("hi there", add_special_tokens=False)["input_ids"])
+    check(before != after, "tokenizers", "the post-processor's state did not change with add_eos_token", where)
+    check(wrapper == backend and wrapper[-1] == eos and bare[-1:] != [eos], TF, "add_eos_token=True no longer makes "
+          "encode (with special tokens only) append EOS on the backend", where, f"{wrapper} / {backend} / {bare}")

@@ -357,6 +357,50 @@ def reads_two_bos(tokenizer: Any) -> bool:
     return seen[key]
 
 
+_SUFFIX: "weakref.WeakKeyDictionary[Any, dict[tuple, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+_SUFFIX_PROBES = ("a", "alignkit suffix probe")
+
+
+def added_suffix(tokenizer: Any) -> tuple[int, ...]:
+    """The token ids `tokenizer` appends after every text it encodes with `add_special_tokens=True` (its
+    post-processor: GPT-NeoX / Pythia-style `$A <|endoftext|>`, a Llama tokenizer saved with `add_eos_token`); ()
+    when it appends none, or when the probe cannot tell (the probe text's ids do not occur once, unchanged, inside its
+    encoding with special tokens, or two probes disagree). Probed once per tokenizer, its specials and post-processor
+    (a changed `add_eos_token` or post-processor is probed again)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:  # a fast tokenizer's appended ids are its backend post-processor's (ids included in its state): cheap key
+        key: tuple = ("backend", backend.post_processor.__getstate__() if backend.post_processor is not None else None)
+    except Exception:  # noqa: BLE001 - no backend, or a processor not serialisable: the specials key the probe
+        key = (tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer))
+    key += (getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
+    try:
+        seen = _SUFFIX.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referable: probed each time
+        seen = {}
+    if key not in seen:
+        found = set()
+        for text in _SUFFIX_PROBES:
+            bare = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            full = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+            at = [k for k in range(len(full) - len(bare) + 1) if bare and full[k:k + len(bare)] == bare]
+            found.add(tuple(full[at[0] + len(bare):]) if len(at) == 1 else None)
+        suffix = found.pop() if len(found) == 1 else None
+        seen[key] = suffix or ()
+        if suffix:
+            logger.info("%s appends %s to every text it encodes; alignkit leaves them out of plain-text prompts and "
+                        "ends completions with EOS by data.add_eos", tokenizer_name(tokenizer),
+                        tokenizer.convert_ids_to_tokens(list(suffix)))
+    return seen[key]
+
+
+def without_added_suffix(ids: list[int], tokenizer: Any) -> list[int]:
+    """`ids` (of one text encoded with `add_special_tokens=True`) without the tokens the tokenizer appends to every
+    text (`added_suffix`): a prompt's ids a prefix of its prompt+completion's, a generation prompt not ending in EOS."""
+    suffix = added_suffix(tokenizer)
+    n = len(suffix)
+    return ids[:len(ids) - n] if n and tuple(ids[len(ids) - n:]) == suffix else ids
+
+
 _TURN_PROBE = "alignkitTurnEndProbe"
 
 

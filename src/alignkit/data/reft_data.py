@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from alignkit.data.chat import without_added_suffix
 from alignkit.data.positions import Positions, locations_from_mask, locations_from_spans
 
 logger = logging.getLogger(__name__)
@@ -295,12 +296,14 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, positions: str | P
     """Left-padded prompt batch for generation: input_ids, attention_mask (B, T), intervention_locations (B, K, P).
 
     Prompts are rendered exactly as the training prompts are (same chat template use), so the trained
-    positions line up.
+    positions line up; without the EOS a tokenizer appends to every text itself (`without_added_suffix`: a training
+    prompt is followed by its response, not by it).
     """
     texts = [format_prompt_response(tokenizer, p, "x", use_chat_template=use_chat_template, system=system)[0]
              for p in prompts]
-    ids = [torch.tensor(tokenizer(t, add_special_tokens=not use_chat_template)["input_ids"], dtype=torch.long)
-           for t in texts]
+    special = not use_chat_template
+    ids = [list(tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts]
+    ids = [torch.tensor(without_added_suffix(x, tokenizer) if special else x, dtype=torch.long) for x in ids]
     input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id,
                                                 padding_side="left")  # (B, T)
     attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.long) for x in ids],

@@ -20,7 +20,11 @@ prefix of the full prompt; a chat template that rewrites earlier turns is an ERR
 
 EOS. `add_eos=None` (default) appends `tokenizer.eos_token_id` to the completion unless the format ends
 the turn itself (chat templates and the OASST format do; plain text does not: TRL's convention).
-`True`/`False` force it. The appended EOS is part of the completion (it is trained on). A tokenizer without an EOS
+`True`/`False` force it. The appended EOS is part of the completion (it is trained on).
+A tokenizer that appends tokens to every text it encodes with special tokens (GPT-NeoX / Pythia post-processors,
+Llama's `add_eos_token`: `chat.added_suffix`) has them left out of both encodings, so the prompt stays a prefix, a
+prompt-only record's ids do not end in EOS, and a completion ends with exactly one EOS under `add_eos` (none under
+`add_eos=False`). A tokenizer without an EOS
 token where one is to be appended is a DataError (before, nothing was appended, and the model never learned to stop).
 
 Truncation policy, in order:
@@ -181,12 +185,12 @@ CHUNK = 2048  # records per prefetch: bounds the memo's size
 
 
 def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """`text`'s ids (the prefetched batch's when it has them), without the tokens the tokenizer appends to every text
+    (`chat.without_added_suffix`: EOS appended by a post-processor is added back by `add_eos`)."""
     batch = _BATCH.get()
-    if batch is not None:
-        hit = batch.ids.get((text, add_special_tokens))
-        if hit is not None:
-            return list(hit)
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    hit = batch.ids.get((text, add_special_tokens)) if batch is not None else None
+    ids = list(hit) if hit is not None else list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return chat.without_added_suffix(ids, tokenizer) if add_special_tokens else ids
 
 
 def _format(prompt: Prompt, completion: Completion | None, tokenizer: Any, formatter: str) -> Formatted:

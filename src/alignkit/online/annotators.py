@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from alignkit.data.chat import format_record
+from alignkit.data.chat import format_record, without_added_suffix
 from alignkit.data.collators import pad
 from alignkit.data.records import Completion, DataError, Prompt
 from alignkit.losses.registry import Registry
@@ -232,7 +232,10 @@ class RewardModelAnnotator(Annotator):
         """(token ids, what was cut: "" none, "prompt" the prompt's start, "response" the prompt and the
         response's start) of one item: a sequence over `self.limit` keeps its last tokens."""
         f = format_record(prompt, response, self.tokenizer, self.formatter)
-        ids = list(self.tokenizer(f.full, add_special_tokens=f.add_special_tokens)["input_ids"])
+        def text_ids(text: str) -> list[int]:  # as the reward trainer: no EOS the tokenizer appends itself (add_eos's)
+            out = list(self.tokenizer(text, add_special_tokens=f.add_special_tokens)["input_ids"])
+            return without_added_suffix(out, self.tokenizer) if f.add_special_tokens else out
+        ids = text_ids(f.full)
         eos = self.tokenizer.eos_token_id
         add_eos = self.add_eos if self.add_eos is not None else not f.ends_turn
         if add_eos and eos is not None and (not ids or ids[-1] != eos):
@@ -240,8 +243,7 @@ class RewardModelAnnotator(Annotator):
         if self.limit is None or len(ids) <= self.limit:
             return ids, ""
         cut = len(ids) - self.limit
-        prompt_len = len(self.tokenizer(f.prompt, add_special_tokens=f.add_special_tokens)["input_ids"])
-        return ids[cut:], ("response" if cut > prompt_len else "prompt")
+        return ids[cut:], ("response" if cut > len(text_ids(f.prompt)) else "prompt")
 
     def warn_truncated(self, cuts: list[str]) -> None:
         """One warning for the items `encode` cut (a score of a cut response is of its end alone)."""

@@ -1,0 +1,201 @@
+"""Tokenizers that append tokens to every text they encode (GPT-NeoX / Pythia post-processors `$A <|endoftext|>`,
+Llama saved with `add_eos_token`): prompt/completion records tokenize with the prompt a prefix, one EOS at the end
+and the completion and that EOS trained. The tokenizers are built here from a word-level vocabulary, so every
+expected id below is read off `VOCAB` by hand."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+import alignkit.data.tokenize as tk
+from alignkit.data import chat
+from alignkit.data.records import PreferenceRecord, PromptRecord, RankedRecord, SFTRecord, UnpairedRecord
+from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, tokenize_record, tokenize_records
+
+VOCAB = {"<unk>": 0, "<eos>": 1, "<bos>": 2, "Q": 3, ":": 4, "hi": 5, "A": 6, "yes": 7, "no": 8, "maybe": 9}
+EOS, BOS = 1, 2
+PROMPT = "Q : hi A :"  # -> 3 4 5 6 4
+
+
+def word_tokenizer(single: str | None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over VOCAB; `single` is its post-processor's template ("$A <eos>": appends EOS; None:
+    adds nothing)."""
+    t = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    if single is not None:
+        t.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} $B:1",
+                                                         special_tokens=[("<eos>", EOS), ("<bos>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
+
+
+@pytest.fixture
+def neox():
+    tok = word_tokenizer("$A <eos>")
+    assert tok(PROMPT)["input_ids"] == [3, 4, 5, 6, 4, EOS]  # the tokenizer appends EOS itself
+    return tok
+
+
+def test_sft_with_a_tokenizer_that_appends_eos(neox):
+    """Before: every plain-text prompt/completion record was a DataError ("the tokenized prompt is not a prefix",
+    the prompt's own appended EOS against the completion's first token). Now the prompt's ids leave the appended EOS
+    out, the sequence ends with exactly one EOS (not two under add_eos=true), and the completion and that EOS are
+    trained; add_eos=false ends without one. Fails without the fix: yes (the DataError)."""
+    want = {"input_ids": [3, 4, 5, 6, 4, 7, EOS], "completion_mask": [0, 0, 0, 0, 0, 1, 1], "prompt_length": 5,
+            "length": 7}
+    for add_eos in (None, True):
+        (f,), _ = tokenize_records([SFTRecord(PROMPT, " yes", id="r1")], neox, add_eos=add_eos)
+        assert {k: f[k] for k in want} == want
+    (g,), _ = tokenize_records([SFTRecord(PROMPT, " yes", id="r1")], neox, add_eos=False)
+    assert (g["input_ids"], g["completion_mask"]) == ([3, 4, 5, 6, 4, 7], [0, 0, 0, 0, 0, 1])
+    # the same features as a tokenizer that appends nothing (EOS appended by add_eos)
+    (h,), _ = tokenize_records([SFTRecord(PROMPT, " yes", id="r1")], word_tokenizer(None))
+    assert {k: h[k] for k in want} == want
+
+
+def test_bos_and_eos_template_and_a_completion_ending_in_eos_text(neox):
+    """Llama with add_eos_token: `<bos> $A <eos>`. BOS stays in front, one EOS at the end; a completion whose text
+    ends with the EOS token itself still gets one EOS, not two (nor three with the appended one). Fails without the
+    fix: yes."""
+    llama = word_tokenizer("<bos> $A <eos>")
+    assert chat.added_suffix(llama) == (EOS,)
+    (f,), _ = tokenize_records([SFTRecord(PROMPT, " yes", id="r1")], llama)
+    assert (f["input_ids"], f["completion_mask"], f["prompt_length"]) == (
+        [BOS, 3, 4, 5, 6, 4, 7, EOS], [0, 0, 0, 0, 0, 0, 1, 1], 6)
+    (g,), _ = tokenize_records([SFTRecord(PROMPT, " yes <eos>", id="r1")], neox, add_eos=True)
+    assert (g["input_ids"], g["completion_mask"]) == ([3, 4, 5, 6, 4, 7, EOS], [0, 0, 0, 0, 0, 1, 1])
+
+
+def test_preference_unpaired_ranked_and_prompt_records(neox):
+    """Chosen and rejected share the prompt (5 tokens, no EOS inside), each ends with one EOS, trained; a prompt-only
+    record (the prompt generation starts from) does not end in EOS. Fails without the fix: yes (DataError; the
+    prompt-only record's ids ended [..., 4, EOS])."""
+    records = [PreferenceRecord(PROMPT, " yes", " no", id="p"), UnpairedRecord(PROMPT, " no", label=False, id="u"),
+               RankedRecord(PROMPT, [" yes", " maybe no"], ranks=[0, 1], id="k"), PromptRecord(PROMPT, id="g")]
+    (p, u, k, g), _ = tokenize_records(records, neox)
+    assert (p["chosen_input_ids"], p["rejected_input_ids"], p["prompt_length"]) == (
+        [3, 4, 5, 6, 4, 7, EOS], [3, 4, 5, 6, 4, 8, EOS], 5)
+    assert p["chosen_completion_mask"] == p["rejected_completion_mask"] == [0, 0, 0, 0, 0, 1, 1]
+    assert (u["input_ids"], u["completion_mask"]) == ([3, 4, 5, 6, 4, 8, EOS], [0, 0, 0, 0, 0, 1, 1])
+    assert k["input_ids"] == [[3, 4, 5, 6, 4, 7, EOS], [3, 4, 5, 6, 4, 9, 8, EOS]]
+    assert k["completion_mask"] == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1, 1, 1]]
+    assert (g["prompt_input_ids"], g["length"]) == ([3, 4, 5, 6, 4], 5)
+
+
+def test_chat_template_path_is_unaffected(neox):
+    """A chat template writes its own markers and is encoded without special tokens, so the post-processor's EOS is
+    never added there: the template's own end of turn is the one EOS (ends_turn: nothing appended)."""
+    neox.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q : {{ m['content'] }} {% else %}"
+                          "A : {{ m['content'] }} <eos> {% endif %}{% endfor %}{% if add_generation_prompt %}A :"
+                          "{% endif %}")
+    conv = [{"role": "user", "content": "hi"}]
+    (f,), _ = tokenize_records([SFTRecord(conv, [{"role": "assistant", "content": "yes"}], id="c")], neox)
+    assert (f["input_ids"], f["completion_mask"]) == ([3, 4, 5, 6, 4, 7, EOS], [0, 0, 0, 0, 0, 1, 1])
+
+
+def test_batched_backend_path_equals_one_record_at_a_time(neox, monkeypatch):
+    """The prefetch encodes through the Rust backend's encode_batch (post-processor included); stripping happens
+    after, so its features are those of the wrapper one record at a time (no batch). The backend path is checked to
+    have been taken, for the texts with special tokens."""
+    taken = []
+    real = tk._backend_encode
+
+    def spy(tokenizer, texts, add_special_tokens, offsets=True):
+        out = real(tokenizer, texts, add_special_tokens, offsets)
+        taken.append((add_special_tokens, out is not None))
+        return out
+
+    monkeypatch.setattr(tk, "_backend_encode", spy)
+    monkeypatch.setattr(tk, "CHUNK", 3)
+    records = [SFTRecord(PROMPT, " yes", id="a"), PreferenceRecord(PROMPT, " yes", " no", id="b"),
+               PromptRecord("Q : hi", id="c"), UnpairedRecord("hi :", " maybe", label=True, id="d"),
+               RankedRecord(PROMPT, [" no", " yes"], ranks=[0, 1], id="e"), SFTRecord("A", " <eos>", id="f")]
+    cfg = TokenizeConfig()
+    got, _ = tokenize_records(records, neox, cfg)
+    assert (True, True) in taken
+    want = [tokenize_record(r, neox, cfg, TokenizeStats()) for r in records]
+    assert got == want
+    assert want[0]["input_ids"] == [3, 4, 5, 6, 4, 7, EOS] and want[2]["prompt_input_ids"] == [3, 4, 5]
+    assert want[5]["input_ids"] == [6, EOS] and want[5]["completion_mask"] == [0, 1]
+
+
+def test_suffix_is_probed_once_and_again_when_the_post_processor_changes(neox):
+    calls = []
+    real = type(neox).__call__
+
+    def counted(self, text, *a, **kw):
+        calls.append(text)
+        return real(self, text, *a, **kw)
+
+    type(neox).__call__ = counted
+    try:
+        for _ in range(3):
+            tokenize_records([SFTRecord(PROMPT, " yes")], neox)
+    finally:
+        type(neox).__call__ = real
+    assert calls.count("a") == 2  # the probe text, with and without special tokens: once
+    neox.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", BOS)])
+    assert chat.added_suffix(neox) == ()
+    (f,), _ = tokenize_records([SFTRecord(PROMPT, " yes")], neox)
+    assert f["input_ids"] == [BOS, 3, 4, 5, 6, 4, 7, EOS]
+    assert chat.added_suffix(word_tokenizer(None)) == ()
+
+
+def test_the_tiny_llama_tokenizer_with_add_eos_token(tokenizer):
+    """The repo's tiny Llama tokenizer with `add_eos_token = True` (transformers rebuilds its post-processor): SFT and
+    preference records tokenize to the ids without the setting, each completion ending with one EOS, and a
+    prompt-only record's ids do not end in it. Fails without the fix: yes (prefix DataError)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    eos = tok.eos_token_id
+    assert tok("Q: hi")["input_ids"][-1] == eos and tokenizer("Q: hi")["input_ids"][-1] != eos
+    records = [SFTRecord("Q: hi\nA:", " yes", id="s"), PreferenceRecord("Q: hi\nA:", " yes", " no", id="p"),
+               PromptRecord("Q: hi\nA:", id="g")]
+    got, _ = tokenize_records(records, tok)
+    want, _ = tokenize_records(records, tokenizer)
+    assert got == want
+    assert got[0]["input_ids"][-1] == eos and got[0]["input_ids"].count(eos) == 1
+    assert got[2]["prompt_input_ids"] == tokenizer("Q: hi\nA:")["input_ids"]
+
+
+def test_generation_prompts_and_reward_scores_read_what_training_read(tokenizer, tiny_dir):
+    """Before: with a tokenizer that appends EOS, online / generate prompts ended in EOS (the model asked to continue
+    after its end of text), and the reward-model annotator scored `... EOS` even under add_eos=false, where the
+    reward trainer now trains without it. Now both leave the appended EOS out: the prompt is the tokenizer's ids
+    without the setting, the annotator's ids equal the reward trainer's features. Fails without the fix: yes."""
+    import copy
+
+    from alignkit.models.loading import load_model
+    from alignkit.online.annotators import RewardModelAnnotator
+    from alignkit.online.generation import encode_prompt
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    eos, plain = tok.eos_token_id, tokenizer("Q: hi\nA: yes")["input_ids"]
+    assert encode_prompt("Q: hi\nA:", tok) == tokenizer("Q: hi\nA:")["input_ids"]
+    model = load_model(tiny_dir("llama", classifier=True, num_labels=1), task="classifier")
+    for add_eos, want in ((None, plain + [eos]), (True, plain + [eos]), (False, plain)):
+        (f,), _ = tokenize_records([SFTRecord("Q: hi\nA:", " yes")], tok, add_eos=add_eos)
+        rm = RewardModelAnnotator(model, tok, add_eos=add_eos)
+        assert f["input_ids"] == want and rm.encode("Q: hi\nA:", " yes") == (want, "")
+
+
+def test_reft_generation_prompt_is_the_training_prompt(tokenizer):
+    """ReFT (pyreft-style data): with a tokenizer that appends EOS, training's prompt is the tokens before the
+    response (the appended EOS comes after it), but `encode_prompts` gave generation `prompt + EOS`, so the last
+    position ("l1") intervened on EOS and generation continued after an end of text. Now generation's prompt ids are
+    training's `ids[:prompt_length]`. Fails without the fix: yes."""
+    import copy
+
+    from alignkit.data.reft_data import encode_prompt_response, encode_prompts
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    ids, n = encode_prompt_response(tok, "Question: what?", " Answer: Paris.")
+    assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
+    enc = encode_prompts(tok, ["Question: what?"])
+    assert enc["input_ids"][0].tolist() == ids[:n] == tokenizer("Question: what?")["input_ids"]
