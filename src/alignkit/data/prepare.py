@@ -244,26 +244,28 @@ def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
     return keep, stats
 
 
-def check_dropped(stats: TokenizeStats, cfg: TokenizeConfig, name: str, keys: str = "", warn: bool = True,
+def check_dropped(stats: TokenizeStats, cfg: TokenizeConfig, name: str, keys: str = "",
                   error: type[Exception] = DataError) -> None:
     """The records the length limits dropped (`stats`): over `cfg.max_dropped_fraction` of them an `error` in one line
-    (the run would train on the short minority the limits let through), else, when any and `warn`, a warning with the
-    share, the limits and the fix. `keys` prefixes the settings' names: "data." in the CLI (its data section), "" for
-    a trainer built in Python (its arguments). The one rule of both (alignkit.cli.data.tokenize calls it)."""
+    (the run would train on the short minority the limits let through), else, when any, one warning with the count,
+    the total, the share, the limits, the setting and the fix (once per dataset prepared, beside the tokenizer's
+    per-reason warnings). `keys` prefixes the settings' names: "data." in the CLI (its data section), "" for a trainer
+    built in Python (its arguments). The one rule and wording of both (`prepare_dataset` and
+    alignkit.cli.data.tokenize call it)."""
     dropped = stats.total - stats.kept
     if not dropped:
         return
     share = dropped / stats.total
     what = (f"{name}: the length limits ({keys}max_length={cfg.max_length}, {keys}max_prompt_length="
-            f"{cfg.max_prompt_length}) drop {dropped} of {stats.total} record(s) ({share:.0%}: "
-            f"{', '.join(f'{n} {reason}' for reason, n in stats.dropped.items())}, e.g. "
+            f"{cfg.max_prompt_length}) drop {dropped:,} of {stats.total:,} record(s) ({share:.0%}: "
+            f"{', '.join(f'{n:,} {reason}' for reason, n in stats.dropped.items())}, e.g. "
             f"{next(iter(stats.dropped_ids.values()), [])[:3]})")
     if share > cfg.max_dropped_fraction:
         raise error(f"{what}, over {keys}max_dropped_fraction={cfg.max_dropped_fraction}: the run would train on the "
                     f"short records only; raise {keys}max_length (or {keys}max_prompt_length), or set "
                     f"{keys}max_dropped_fraction=1 to train on what is left")
-    if warn:
-        logger.warning("%s; raise %smax_length (or %smax_prompt_length) to keep them", what, keys, keys)
+    logger.warning("%s, within %smax_dropped_fraction=%s (over it the run stops); raise %smax_length (or "
+                   "%smax_prompt_length) to keep them", what, keys, cfg.max_dropped_fraction, keys, keys)
 
 
 def all_dropped(name: str, cfg: TokenizeConfig) -> DataError:
@@ -292,7 +294,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
         feats, stats = tokenize_records(convert(list(dataset), kind), tokenizer, cfg)  # it warns of what it drops
         if not feats:  # as rows dropped alike (below); before, an empty list went on to the trainer
             raise all_dropped(name, cfg)
-        check_dropped(stats, cfg, name, warn=False)
+        check_dropped(stats, cfg, name)
         say_identical(name, [f["id"] for f in feats if is_identical_pair(f)], len(feats), cfg)
         return feats, kind
     if isinstance(dataset, (list, tuple)):
@@ -337,7 +339,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
                         "check the rows and the reader's options (reader_options)")
     if len(out) == 0:
         raise all_dropped(name, cfg)
-    check_dropped(stats, cfg, name, warn=False)
+    check_dropped(stats, cfg, name)
     logger.info("%s: %d row(s) -> %d tokenized %s example(s) (reader %r, loss_on=%s)", name, n, len(out), kind,
                 info.name, cfg.loss_on)
     return out, kind
