@@ -100,7 +100,8 @@ def _pick_kind(native: Sequence[str], kinds: Sequence[str], where: str) -> str:
 DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES = "_alignkit_drop", "_alignkit_prompt_cut", \
     "_alignkit_completion_cut", "_alignkit_unrendered", "_alignkit_reader_notes"
 IDENTICAL = "_alignkit_identical"  # 1: a kept pair whose chosen and rejected token ids are the same (`say_identical`)
-NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES, IDENTICAL)
+EMPTY_CONTEXT = "_alignkit_empty_context"  # the roles of a record's empty system / tool messages ("" none)
+NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES, IDENTICAL, EMPTY_CONTEXT)
 # the DROP of the row a map batch that gives no record writes to carry its reader notes: no record, not counted
 NOTES_ONLY = "\x00reader notes only"
 
@@ -116,7 +117,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     out[READER_NOTES] = [notes.to_json() if notes and not j else "" for j in range(len(records))]
     if notes and not records:  # a row of its own carries them (e.g. an OASST batch whose trees are all filtered out)
         out = {k: [None] for k in out} | {DROP: [NOTES_ONLY], PROMPT_CUT: [0], COMPLETION_CUT: [0], UNRENDERED: [""],
-                                         READER_NOTES: [notes.to_json()], IDENTICAL: [0]}
+                                         READER_NOTES: [notes.to_json()], IDENTICAL: [0], EMPTY_CONTEXT: [""]}
     for r in records:
         one = TokenizeStats(total=1)
         try:
@@ -130,6 +131,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
         out[COMPLETION_CUT].append(one.completion_truncated)
         out[UNRENDERED].append(",".join(one.unrendered_roles) if one.system_unrendered else "")
         out[IDENTICAL].append(int(is_identical_pair(f)))
+        out[EMPTY_CONTEXT].append(",".join(one.empty_context_roles))
     return out
 
 
@@ -191,7 +193,7 @@ FEATURE_TYPES = {
     "prompt_length": _int, "length": _int, "weight": lambda: Value("float64"), "margin": lambda: Value("float64"),
     "label": lambda: Value("bool"), "id": lambda: Value("string"),
     DROP: lambda: Value("string"), PROMPT_CUT: _int, COMPLETION_CUT: _int, UNRENDERED: lambda: Value("string"),
-    READER_NOTES: lambda: Value("string"), IDENTICAL: _int,
+    READER_NOTES: lambda: Value("string"), IDENTICAL: _int, EMPTY_CONTEXT: lambda: Value("string"),
 }
 
 
@@ -210,7 +212,8 @@ def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
     dropped counted from the map's output, so the true ones with num_proc workers and on a cache hit). The dataset's
     `TokenizeStats`, from its note columns, are logged as one line per kind of warning (the reader's, from its batches'
     notes merged: ignored columns, dropped message keys, an optional column given in some rows only; each reason records
-    were dropped for, messages not rendered) with its count and first records, and the totals (info)."""
+    were dropped for, messages not rendered) with its count and first records, and the totals (info; with the records
+    holding an empty system / tool message, kept)."""
     column = {k: out.data.column(k).to_pylist() for k in (*NOTE_COLUMNS, "id")}  # the map's own table: no indices
     notes = ReaderNotes()
     for note in filter(None, column[READER_NOTES]):  # in row order, with num_proc too: the first rows come first
@@ -228,6 +231,9 @@ def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
     for i, roles in enumerate(column[UNRENDERED]):
         if roles:
             stats.note_system_unrendered(ids[i], roles.split(","))
+    for i, roles in enumerate(column[EMPTY_CONTEXT]):
+        if roles:
+            stats.note_empty_context(ids[i], roles.split(","))
     for reason, n in stats.dropped.items():
         logger.warning("%s: %s of %s record(s) dropped (%s) (first: %s)", name, f"{n:,}", f"{stats.total:,}", reason,
                        ", ".join(stats.dropped_ids[reason]))
@@ -239,8 +245,9 @@ def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
                        "messages",
                        name, f"{stats.system_unrendered:,}", f"{stats.total:,}", roles,
                        ", ".join(stats.system_unrendered_ids), roles)
-    logger.info("%s: tokenized %s/%s record(s); prompt truncated: %d, completion truncated: %d", name, f"{kept:,}",
-                f"{stats.total:,}", stats.prompt_truncated, stats.completion_truncated)
+    logger.info("%s: tokenized %s/%s record(s); prompt truncated: %d, completion truncated: %d%s", name, f"{kept:,}",
+                f"{stats.total:,}", stats.prompt_truncated, stats.completion_truncated,
+                f"; {stats.empty_context_note()}" if stats.empty_context else "")
     return keep, stats
 
 

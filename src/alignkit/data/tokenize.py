@@ -109,6 +109,9 @@ class TokenizeStats:
     system_unrendered: int = 0  # records with a system / tool message the formatter did not render (`unrendered_roles`)
     system_unrendered_ids: list = field(default_factory=list)  # their first ids (up to 5)
     unrendered_roles: list = field(default_factory=list)  # the roles of those messages
+    empty_context: int = 0  # records with an empty system / developer / tool message (kept: chat.empty_context_roles)
+    empty_context_ids: list = field(default_factory=list)  # their first ids (up to 5)
+    empty_context_roles: list = field(default_factory=list)  # the roles of those messages
 
     def drop(self, reason: str, rid: str) -> None:
         self.dropped[reason] += 1
@@ -126,6 +129,16 @@ class TokenizeStats:
         self.unrendered_roles = sorted({*self.unrendered_roles, *roles})
         if len(self.system_unrendered_ids) < 5:
             self.system_unrendered_ids.append(rid)
+
+    def note_empty_context(self, rid: str, roles: list[str]) -> None:
+        self.empty_context += 1
+        self.empty_context_roles = sorted({*self.empty_context_roles, *roles})
+        self.empty_context_ids += [rid] if len(self.empty_context_ids) < 5 else []
+
+    def empty_context_note(self) -> str:  # in `summary` and prepare_dataset's line
+        roles = " or ".join(self.empty_context_roles)
+        return (f"{self.empty_context:,} of {self.total:,} record(s) have an empty {roles} message (kept, rendered as "
+                f"it is), e.g. {self.empty_context_ids}")
 
     def as_summary(self) -> dict:
         """The stats as JSON (the tokenization cache's `<key>.json`)."""
@@ -154,7 +167,7 @@ class TokenizeStats:
                   f"chat template) does not render, so the model never reads it, e.g. {self.system_unrendered_ids}: "
                   f"fold it into the first user message (a tool's result: into a user message after the call), or "
                   f"use a template that renders {roles} messages")
-        return s
+        return s + (f"; {self.empty_context_note()}" if self.empty_context else "")
 
 
 class Unfit(Exception):
@@ -483,6 +496,8 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
         roles = chat.unrendered_roles(record.prompt, _format(record.prompt, comps[0], tokenizer, cfg.formatter).prompt)
         if roles:
             stats.note_system_unrendered(record.id, roles)
+    if empty := chat.empty_context_roles(record.prompt, *comps):
+        stats.note_empty_context(record.id, empty)
     if isinstance(record, PromptRecord):
         f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
