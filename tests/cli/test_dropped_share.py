@@ -35,6 +35,7 @@ def test_a_share_within_the_setting_warns(total, dropped, allowed, caplog):
         check_dropped(stats(total, dropped), DataSettings(max_dropped_fraction=allowed), "data.path")
     assert f"drop {dropped} of {total} record(s) ({dropped / total:.0%}" in caplog.text
     assert "raise data.max_length" in caplog.text
+    assert f"within data.max_dropped_fraction={allowed} (over it the run stops)" in caplog.text
 
 
 def test_nothing_dropped_says_nothing(caplog):

@@ -487,3 +487,53 @@ def test_a_saved_module_of_another_shape_fails_peft_load_with_torchs_size_mismat
             f"torch.Size([{vocab - 8}, {width}])")
     check(error is not None and size_mismatch(error) == want, PEFT, "peft's load of a modules_to_save tensor of "
           "another shape no longer fails with torch's 'size mismatch for <name>' line", where, repr(error))
+
+
+def test_a_lora_on_expert_parameters_nests_one_wrapper_per_parameter_as_check_lora_fits_reads_it(tmp_path):
+    """Row P18: peft's `target_parameters` wraps each targeted parameter of a module in a `ParamWrapper`, nesting
+    them in the module's parameter order (the last outermost, under the module's own name; each earlier one a
+    `.base_layer` further in), and saves them under those names; a 3-D expert weight (experts, out, in), or
+    (experts, in, out) on a module marked `is_transposed` (GPT-OSS), gets LoRA A (r x experts, in) and B (out,
+    r x experts): what `param_target` / `param_widths` read before peft loads a folder."""
+    where = "alignkit/adapters/lora.py:check_lora_fits (param_target, param_widths, NESTED)"
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import GptOssConfig, GptOssForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from alignkit.adapters.lora import LORA_KEY, RANK_AXIS, WIDTH_AXIS, param_target, param_widths
+
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=8)
+    bases = {"qwen3_moe": Qwen3MoeForCausalLM(Qwen3MoeConfig(**small, intermediate_size=16, moe_intermediate_size=8,
+                                                             num_experts=4, num_experts_per_tok=2)),
+             "gpt_oss": GptOssForCausalLM(GptOssConfig(**small, intermediate_size=8, num_local_experts=3,
+                                                       num_experts_per_tok=2, layer_types=["full_attention"]))}
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    for arch, base in bases.items():
+        modules = dict(base.named_modules())  # before peft wraps anything
+        model = get_peft_model(base, LoraConfig(r=2, target_modules=[], target_parameters=targets))
+        wrappers = {n.removeprefix("base_model.model."): w for n, w in model.named_modules()
+                    if type(w).__name__ == "ParamWrapper"}
+        check(sorted(wrappers) == ["model.layers.0.mlp.experts", "model.layers.0.mlp.experts.base_layer"], PEFT,
+              "peft no longer nests one ParamWrapper per targeted parameter under the module's name", where,
+              f"{arch} {sorted(wrappers)}")
+        for name, w in wrappers.items():
+            target = param_target(modules, name, targets)
+            widths = None if target is None else param_widths(target[1], target[2])
+            check(target is not None and target[0].endswith("." + w.parameter_name)
+                  and widths == (w.in_features, w.out_features, w.num_experts), PEFT,
+                  "a ParamWrapper no longer adapts the parameter, or reads the in / out / experts, that "
+                  "param_target and param_widths say", where, f"{arch} {name} {w.parameter_name} "
+                  f"{(w.in_features, w.out_features, w.num_experts)} ours {target and target[0]} {widths}")
+        model.save_pretrained(tmp_path / arch)
+        saved = load_file(str(tmp_path / arch / "adapter_model.safetensors"))
+        check(len(saved) == 4, PEFT, "a LoRA on 2 expert parameters no longer saves 4 tensors", where, f"{sorted(saved)}")
+        for key, t in saved.items():
+            m = LORA_KEY.match(key)
+            target = m and param_target(modules, m["module"], targets)
+            widths = target and param_widths(target[1], target[2])
+            axis, side = WIDTH_AXIS[m["part"]] if m else (0, "in")
+            check(bool(widths) and t.shape[RANK_AXIS[m["part"]]] == 2 * widths[2]
+                  and t.shape[axis] == widths[0 if side == "in" else 1], PEFT,
+                  "a saved expert LoRA tensor's key, rank (r x experts) or width is no longer where check_lora_fits "
+                  "reads it", where, f"{arch} {key} {tuple(t.shape)} {target and target[0]} {widths}")

@@ -7,6 +7,8 @@ num_proc workers and on datasets' cache hit. Checked to fail without the fix (0.
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 from datasets import Dataset, load_dataset
@@ -92,3 +94,18 @@ def test_the_setting_beside_tokenized_data_is_refused_as_ignored(tiny_dir, tmp_p
     with pytest.raises(ConfigError, match=r"^SFTTrainer: max_dropped_fraction=0\.7 would be ignored: .*"
                                           r"max_dropped_fraction: to alignkit\.data\.prepare\.check_dropped"):
         SFTTrainer(model, args, train_dataset=feats, processing_class=tok, max_dropped_fraction=0.7)
+
+
+@pytest.mark.parametrize("given", ["records", "rows", "file"])
+def test_a_share_within_the_setting_is_one_warning_naming_count_total_share_and_setting(tiny_dir, tmp_path, given,
+                                                                                          caplog):
+    """Before: the library path (prepare_dataset, as the trainers call it) warned per drop reason ("6 of 10
+    record(s) dropped (completion_too_long)") but never stated the share against the setting, which the CLI's line
+    did. Now one warning per prepare, the CLI's own (prepare.check_dropped): 6 of 10, 60%, max_dropped_fraction=0.7."""
+    tok = load_tokenizer(tiny_dir("llama"))
+    with caplog.at_level(logging.WARNING, logger="alignkit.data.prepare"):
+        prepare_dataset(data(given, tmp_path), tok, ("sft",), TokenizeConfig(**CFG, max_dropped_fraction=0.7))
+    lines = [r.getMessage() for r in caplog.records if "max_dropped_fraction" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert re.match(r"train_dataset: the length limits \(max_length=20, max_prompt_length=None\) drop 6 of 10 "
+                    r"record\(s\) \(60%: 6 [a-z_]+, e\.g\. \[.*\]\), within max_dropped_fraction=0\.7", lines[0]), lines

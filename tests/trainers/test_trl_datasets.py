@@ -124,7 +124,12 @@ def test_a_data_problem_is_one_warning_per_dataset_across_map_batches_processes_
             out, _ = prepare_dataset(ds, tok, ("sft",), TokenizeConfig(max_length=40), num_proc=num_proc)
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert warnings == [f"train_dataset: 1,214 of 2,500 record(s) dropped (prompt_too_long) (first: "
-                            f"{', '.join(f'train_dataset row {i}' for i in range(5))})"], (num_proc, warnings)
+                            f"{', '.join(f'train_dataset row {i}' for i in range(5))})",
+                            # the share line (prepare.check_dropped): 1214 / 2500 = 48.56 %, within the default 0.5
+                            "train_dataset: the length limits (max_length=40, max_prompt_length=512) drop 1,214 of "
+                            "2,500 record(s) (49%: 1,214 prompt_too_long, e.g. ['train_dataset row 0', 'train_dataset "
+                            "row 1', 'train_dataset row 2']), within max_dropped_fraction=0.5 (over it the run stops); "
+                            "raise max_length (or max_prompt_length) to keep them"], (num_proc, warnings)
         assert n_long == 1214
         assert list(out["id"]) == [f"train_dataset row {i}" for i in range(2500) if i not in long_rows]
         assert out.column_names == ["input_ids", "completion_mask", "prompt_length", "length", "weight", "id"]

@@ -39,6 +39,7 @@ RANK_AXIS = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B"
 # where the base layer's width is in its shape: A is (r, in), B is (out, r) (nn.Linear, Conv1D, conv: more axes after
 # those; nn.Embedding: A (r, num_embeddings), B (embedding_dim, r)) (compat row P16)
 WIDTH_AXIS = {"lora_A": (1, "in"), "lora_embedding_A": (1, "in"), "lora_B": (0, "out"), "lora_embedding_B": (0, "out")}
+NESTED = ".base_layer"  # peft's name for the module a LoRA layer wraps; one per nested ParamWrapper (row P18)
 
 
 def absolute_base_path(peft_config: Path) -> None:
@@ -137,11 +138,13 @@ def layer_widths(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _check_width(folder: Any, key: str, shape: tuple, part: str, name: str, module: nn.Module, base: Any) -> None:
+def _check_width(folder: Any, key: str, shape: tuple, part: str, name: str, widths: tuple[int, int] | None,
+                 what: str, base: Any) -> None:
     """ValueError (one line: the tensor, its shape and the one the base's layer takes) when the saved LoRA tensor
-    `key` has another width than the base's module `name` (a LoRA of a base with another hidden size: peft failed with
-    torch's multi-line size mismatch)."""
-    widths, (axis, side) = layer_widths(module), WIDTH_AXIS.get(part, (None, None))
+    `key` has another width than `widths` (in, out) of the base's module or parameter `name` (`what`: its type or
+    shape, for the message): a LoRA of a base with another hidden size (peft failed with torch's multi-line size
+    mismatch)."""
+    axis, side = WIDTH_AXIS.get(part, (None, None))
     if widths is None or axis is None or len(shape) <= axis:
         return
     want = widths[0] if side == "in" else widths[1]
@@ -149,8 +152,73 @@ def _check_width(folder: Any, key: str, shape: tuple, part: str, name: str, modu
         expected = list(shape)
         expected[axis] = want
         raise ValueError(f"{folder}: saved LoRA tensor {key} has shape {list(shape)} but the base model {base}'s "
-                         f"{name} ({type(module).__name__}, {side} width {want}) takes {expected}, so this adapter "
+                         f"{name} ({what}, {side} width {want}) takes {expected}, so this adapter "
                          "was trained on a base of another width; use it with the base it was trained on")
+
+
+def targeted_parameters(module: nn.Module, name: str, targets: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """The parameters of `module` (named `name` in the base) that peft's `target_parameters` entries `targets`
+    match (`name.param` equal to an entry or ending with `.` + it), in the order peft wraps them: its registration
+    order, the first innermost (peft's `_inject_parameters`, row P18). A module peft wrapped is read through its
+    base layer."""
+    if isinstance(module, BaseTunerLayer):
+        module = module.get_base_layer()
+    full = {p: f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)}
+    return [(p, t) for p, t in module.named_parameters(recurse=False)
+            if any(full[p] == k or full[p].endswith("." + k) for k in targets)]
+
+
+def param_widths(shape: tuple, owner: nn.Module) -> tuple[int, int, int] | None:
+    """(in, out, experts) of a parameter peft's `ParamWrapper` adapts (row P18): a 3-D (experts, out, in), or
+    (experts, in, out) for a module marked `is_transposed` (transformers' `use_experts_implementation`); a 2-D
+    (out, in) with 1 expert; None for another shape (peft refuses it). Its LoRA A is (r x experts, in), B (out, r x
+    experts)."""
+    if len(shape) == 3:
+        experts, a, b = (int(n) for n in shape)
+        return (a, b, experts) if getattr(owner, "is_transposed", False) else (b, a, experts)
+    if len(shape) == 2:
+        return int(shape[1]), int(shape[0]), 1
+    return None
+
+
+def param_target(modules: dict[str, nn.Module], module: str, targets: list[str]) -> tuple[str, tuple, Any] | None:
+    """For a saved LoRA tensor's module name `module` (of a LoRA with `target_parameters` `targets`): the full name
+    of the base's parameter it adapts, that parameter's shape, and the module holding it; None when it adapts no
+    parameter. peft wraps the k targeted parameters of one module in k nested `ParamWrapper`s, the outermost (the
+    module's own name) the last, each inner one a `.base_layer` further (row P18)."""
+    if not targets:
+        return None
+    name, depth = module, 0
+    while name.endswith(NESTED):
+        name, depth = name[: -len(NESTED)], depth + 1
+    owner = modules.get(name)
+    if owner is None:
+        return None
+    params = targeted_parameters(owner, name, targets)
+    if depth >= len(params):
+        return None
+    pname, param = params[len(params) - 1 - depth]
+    owner = owner.get_base_layer() if isinstance(owner, BaseTunerLayer) else owner
+    return f"{name}.{pname}", tuple(getattr(param, "ds_shape", param.shape)), owner
+
+
+def _check_param(folder: Any, key: str, shape: tuple, part: str, r: int, target: tuple[str, tuple, Any],
+                 base: Any) -> None:
+    """ValueError (one line) when the saved tensor `key` of a LoRA on the parameter `target` (`param_target`) has
+    another rank axis than peft builds (r x the parameter's experts: a base with another expert count, or an
+    adapter_config.json of another run) or another width (`_check_width`: a base of another hidden size)."""
+    name, pshape, owner = target
+    widths = param_widths(pshape, owner)
+    axis = RANK_AXIS.get(part)
+    if widths is None or axis is None or len(shape) <= axis:
+        return
+    if shape[axis] != r * widths[2]:
+        raise ValueError(f"{folder}: saved LoRA tensor {key} has {shape[axis]} on its rank axis (shape "
+                         f"{list(shape)}) but the base model {base}'s {name} (shape {list(pshape)}) takes r x experts "
+                         f"= {r} x {widths[2]} = {r * widths[2]} with adapter_config.json's r, so this adapter was "
+                         "trained on a base with another number of experts (or its adapter_config.json is another "
+                         "run's); use it with the base and adapter_config.json it was saved with")
+    _check_width(folder, key, shape, part, name, widths[:2], f"parameter {list(pshape)}", base)
 
 
 def check_lora_fits(model: nn.Module, folder: str | Path, base: Any) -> None:
@@ -172,25 +240,34 @@ def check_lora_shapes(model: nn.Module, where: Any, cfg: dict[str, Any], shapes:
     `cfg` and its tensors' shapes (name -> shape), has a tensor that names a module `model` lacks (peft's
     `from_pretrained` drops it without a word, row P14; vLLM matches only the module's last name part and drops it
     too) or has another rank than `cfg` gives that module (`r`, or the entry of `rank_pattern` peft would pick) or
-    another width than the module's (`_check_width`: a base of another hidden size). `check_lora_fits` reads a
-    folder for it; `alignkit vllm-serve`'s POST /lora passes the request's bytes, before anything is written."""
+    another width than the module's (`_check_width`: a base of another hidden size). A tensor of a LoRA on a parameter
+    (`cfg`'s `target_parameters`: a mixture of experts' 3-D expert weights, row P18) is compared with that parameter:
+    rank r x its experts, its widths (`_check_param`: a base with another expert count or hidden size).
+    `check_lora_fits` reads a folder for it; `alignkit vllm-serve`'s POST /lora passes the request's bytes, before
+    anything is written."""
     pattern = cfg.get("rank_pattern") or {}
     modules = dict(model.named_modules())
-    dropped = []
+    dropped, targets = [], list(cfg.get("target_parameters") or [])
     for key, shape in sorted(shapes.items()):
         m = LORA_KEY.match(key)
         if m is None:  # modules_to_save, trainable tokens: compared after loading (check_lora_placed)
             continue
+        target = param_target(modules, m["module"], targets)
+        name = m["module"] if target is None else target[0]  # rank_pattern names a targeted parameter in full
+        r = int(pattern.get(get_pattern_key(list(pattern), name), cfg.get("r", 8)))
+        if target is not None:
+            _check_param(where, key, shape, m["part"], r, target, base)
+            continue
         if m["module"] not in modules:
             dropped.append(key)
             continue
-        r = int(pattern.get(get_pattern_key(list(pattern), m["module"]), cfg.get("r", 8)))
         axis = RANK_AXIS.get(m["part"])
         if axis is not None and len(shape) > axis and shape[axis] != r:
             raise ValueError(f"{where}: saved LoRA tensor {key} has rank {shape[axis]} (shape {list(shape)}) but "
                              f"adapter_config.json gives {m['module']} r={r}, so peft would build layers it cannot "
                              "fill; use the adapter_config.json saved with these weights")
-        _check_width(where, key, shape, m["part"], m["module"], modules[m["module"]], base)
+        module = modules[m["module"]]
+        _check_width(where, key, shape, m["part"], m["module"], layer_widths(module), type(module).__name__, base)
     if dropped:
         raise _misfit(where, base, f"{len(dropped)} saved tensor(s) fit no module of the base (e.g. {dropped[0]})")
 

@@ -159,6 +159,15 @@ def unrendered_roles(prompt: Prompt, text: str) -> list[str]:
                    and t not in text and json.dumps(t, ensure_ascii=False)[1:-1] not in text})
 
 
+def empty_context_roles(*conversations: Any) -> list[str]:
+    """The roles of `CONTEXT_ROLES` (system, developer, tool) with an empty (blank) message in `conversations`
+    (message lists; text and None are skipped): kept and rendered as they are (`records.EMPTY_REFUSED` refuses only
+    empty user / assistant turns), and counted (`TokenizeStats.note_empty_context`) so that a dataset whose system
+    prompts were all blanked is seen."""
+    return sorted({m["role"] for c in conversations if isinstance(c, list) for m in c
+                   if m["role"] in CONTEXT_ROLES and not m["content"].strip()})
+
+
 def tokenizer_name(tokenizer: Any) -> str:
     """The tokenizer's folder or hub name (its class name when it has none), for messages."""
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__

@@ -100,7 +100,8 @@ def _pick_kind(native: Sequence[str], kinds: Sequence[str], where: str) -> str:
 DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES = "_alignkit_drop", "_alignkit_prompt_cut", \
     "_alignkit_completion_cut", "_alignkit_unrendered", "_alignkit_reader_notes"
 IDENTICAL = "_alignkit_identical"  # 1: a kept pair whose chosen and rejected token ids are the same (`say_identical`)
-NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES, IDENTICAL)
+EMPTY_CONTEXT = "_alignkit_empty_context"  # the roles of a record's empty system / tool messages ("" none)
+NOTE_COLUMNS = (DROP, PROMPT_CUT, COMPLETION_CUT, UNRENDERED, READER_NOTES, IDENTICAL, EMPTY_CONTEXT)
 # the DROP of the row a map batch that gives no record writes to carry its reader notes: no record, not counted
 NOTES_ONLY = "\x00reader notes only"
 
@@ -116,7 +117,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     out[READER_NOTES] = [notes.to_json() if notes and not j else "" for j in range(len(records))]
     if notes and not records:  # a row of its own carries them (e.g. an OASST batch whose trees are all filtered out)
         out = {k: [None] for k in out} | {DROP: [NOTES_ONLY], PROMPT_CUT: [0], COMPLETION_CUT: [0], UNRENDERED: [""],
-                                         READER_NOTES: [notes.to_json()], IDENTICAL: [0]}
+                                         READER_NOTES: [notes.to_json()], IDENTICAL: [0], EMPTY_CONTEXT: [""]}
     for r in records:
         one = TokenizeStats(total=1)
         try:
@@ -130,6 +131,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
         out[COMPLETION_CUT].append(one.completion_truncated)
         out[UNRENDERED].append(",".join(one.unrendered_roles) if one.system_unrendered else "")
         out[IDENTICAL].append(int(is_identical_pair(f)))
+        out[EMPTY_CONTEXT].append(",".join(one.empty_context_roles))
     return out
 
 
@@ -191,7 +193,7 @@ FEATURE_TYPES = {
     "prompt_length": _int, "length": _int, "weight": lambda: Value("float64"), "margin": lambda: Value("float64"),
     "label": lambda: Value("bool"), "id": lambda: Value("string"),
     DROP: lambda: Value("string"), PROMPT_CUT: _int, COMPLETION_CUT: _int, UNRENDERED: lambda: Value("string"),
-    READER_NOTES: lambda: Value("string"), IDENTICAL: _int,
+    READER_NOTES: lambda: Value("string"), IDENTICAL: _int, EMPTY_CONTEXT: lambda: Value("string"),
 }
 
 
@@ -210,7 +212,8 @@ def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
     dropped counted from the map's output, so the true ones with num_proc workers and on a cache hit). The dataset's
     `TokenizeStats`, from its note columns, are logged as one line per kind of warning (the reader's, from its batches'
     notes merged: ignored columns, dropped message keys, an optional column given in some rows only; each reason records
-    were dropped for, messages not rendered) with its count and first records, and the totals (info)."""
+    were dropped for, messages not rendered) with its count and first records, and the totals (info; with the records
+    holding an empty system / tool message, kept)."""
     column = {k: out.data.column(k).to_pylist() for k in (*NOTE_COLUMNS, "id")}  # the map's own table: no indices
     notes = ReaderNotes()
     for note in filter(None, column[READER_NOTES]):  # in row order, with num_proc too: the first rows come first
@@ -228,6 +231,9 @@ def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
     for i, roles in enumerate(column[UNRENDERED]):
         if roles:
             stats.note_system_unrendered(ids[i], roles.split(","))
+    for i, roles in enumerate(column[EMPTY_CONTEXT]):
+        if roles:
+            stats.note_empty_context(ids[i], roles.split(","))
     for reason, n in stats.dropped.items():
         logger.warning("%s: %s of %s record(s) dropped (%s) (first: %s)", name, f"{n:,}", f"{stats.total:,}", reason,
                        ", ".join(stats.dropped_ids[reason]))
@@ -239,31 +245,34 @@ def _summarize(out: Any, name: str) -> tuple[list[int], TokenizeStats]:
                        "messages",
                        name, f"{stats.system_unrendered:,}", f"{stats.total:,}", roles,
                        ", ".join(stats.system_unrendered_ids), roles)
-    logger.info("%s: tokenized %s/%s record(s); prompt truncated: %d, completion truncated: %d", name, f"{kept:,}",
-                f"{stats.total:,}", stats.prompt_truncated, stats.completion_truncated)
+    logger.info("%s: tokenized %s/%s record(s); prompt truncated: %d, completion truncated: %d%s", name, f"{kept:,}",
+                f"{stats.total:,}", stats.prompt_truncated, stats.completion_truncated,
+                f"; {stats.empty_context_note()}" if stats.empty_context else "")
     return keep, stats
 
 
-def check_dropped(stats: TokenizeStats, cfg: TokenizeConfig, name: str, keys: str = "", warn: bool = True,
+def check_dropped(stats: TokenizeStats, cfg: TokenizeConfig, name: str, keys: str = "",
                   error: type[Exception] = DataError) -> None:
     """The records the length limits dropped (`stats`): over `cfg.max_dropped_fraction` of them an `error` in one line
-    (the run would train on the short minority the limits let through), else, when any and `warn`, a warning with the
-    share, the limits and the fix. `keys` prefixes the settings' names: "data." in the CLI (its data section), "" for
-    a trainer built in Python (its arguments). The one rule of both (alignkit.cli.data.tokenize calls it)."""
+    (the run would train on the short minority the limits let through), else, when any, one warning with the count,
+    the total, the share, the limits, the setting and the fix (once per dataset prepared, beside the tokenizer's
+    per-reason warnings). `keys` prefixes the settings' names: "data." in the CLI (its data section), "" for a trainer
+    built in Python (its arguments). The one rule and wording of both (`prepare_dataset` and
+    alignkit.cli.data.tokenize call it)."""
     dropped = stats.total - stats.kept
     if not dropped:
         return
     share = dropped / stats.total
     what = (f"{name}: the length limits ({keys}max_length={cfg.max_length}, {keys}max_prompt_length="
-            f"{cfg.max_prompt_length}) drop {dropped} of {stats.total} record(s) ({share:.0%}: "
-            f"{', '.join(f'{n} {reason}' for reason, n in stats.dropped.items())}, e.g. "
+            f"{cfg.max_prompt_length}) drop {dropped:,} of {stats.total:,} record(s) ({share:.0%}: "
+            f"{', '.join(f'{n:,} {reason}' for reason, n in stats.dropped.items())}, e.g. "
             f"{next(iter(stats.dropped_ids.values()), [])[:3]})")
     if share > cfg.max_dropped_fraction:
         raise error(f"{what}, over {keys}max_dropped_fraction={cfg.max_dropped_fraction}: the run would train on the "
                     f"short records only; raise {keys}max_length (or {keys}max_prompt_length), or set "
                     f"{keys}max_dropped_fraction=1 to train on what is left")
-    if warn:
-        logger.warning("%s; raise %smax_length (or %smax_prompt_length) to keep them", what, keys, keys)
+    logger.warning("%s, within %smax_dropped_fraction=%s (over it the run stops); raise %smax_length (or "
+                   "%smax_prompt_length) to keep them", what, keys, cfg.max_dropped_fraction, keys, keys)
 
 
 def all_dropped(name: str, cfg: TokenizeConfig) -> DataError:
@@ -292,7 +301,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
         feats, stats = tokenize_records(convert(list(dataset), kind), tokenizer, cfg)  # it warns of what it drops
         if not feats:  # as rows dropped alike (below); before, an empty list went on to the trainer
             raise all_dropped(name, cfg)
-        check_dropped(stats, cfg, name, warn=False)
+        check_dropped(stats, cfg, name)
         say_identical(name, [f["id"] for f in feats if is_identical_pair(f)], len(feats), cfg)
         return feats, kind
     if isinstance(dataset, (list, tuple)):
@@ -337,7 +346,7 @@ def prepare_dataset(dataset: Any, tokenizer: Any, kinds: Sequence[str], cfg: Tok
                         "check the rows and the reader's options (reader_options)")
     if len(out) == 0:
         raise all_dropped(name, cfg)
-    check_dropped(stats, cfg, name, warn=False)
+    check_dropped(stats, cfg, name)
     logger.info("%s: %d row(s) -> %d tokenized %s example(s) (reader %r, loss_on=%s)", name, n, len(out), kind,
                 info.name, cfg.loss_on)
     return out, kind
