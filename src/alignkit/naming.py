@@ -9,10 +9,11 @@ make two settings differ (`partial(score, scale=1)` and `partial(score, scale=2)
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # what CPython's default reprs of functions and objects hold
 
@@ -81,3 +82,18 @@ def init_parameters(cls: type) -> frozenset[str]:
         return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
     except (TypeError, ValueError):
         return frozenset()
+
+
+def source_digest(fns: Iterable[Callable]) -> str:
+    """16 hex digits of sha256 over each callable's source (a callable object: its class's; its bytecode and
+    constants where Python has no source): what a name (`stable_name`) does not show, a function edited under the
+    same name. Online checkpoints record it for a reward function, so that a resume can say it changed."""
+    h = hashlib.sha256()
+    for fn in fns:
+        try:
+            h.update(inspect.getsource(fn if inspect.isroutine(fn) else type(fn)).encode())
+        except (OSError, TypeError):
+            code = getattr(fn, "__code__", None)
+            h.update(repr((code.co_code, code.co_consts)).encode() if code is not None else b"?")
+    return h.hexdigest()[:16]
+

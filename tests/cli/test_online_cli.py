@@ -200,6 +200,12 @@ def test_annotate_without_samples_fails_before_loading_anything(tmp_path, capsys
     ("grpo", "grpo-tiny.yaml", "sampling.do_sample=false", "draws 4 identical ones (nothing would be learned); set "
      "sampling.do_sample=true"),
     ("online-dpo", "online-dpo-tiny.yaml", "sampling.do_sample=false", "set sampling.do_sample=true"),
+    # top_k=1 keeps only the most likely token: sampling is greedy whatever the temperature (was accepted, exit 0,
+    # every step's group flat until the stall stop)
+    ("grpo", "grpo-tiny.yaml", "sampling.top_k=1", "sampling.top_k=1 keeps only the most likely token at each step, "
+     "so it draws 4 identical ones (greedy decoding: nothing would be learned); remove sampling.top_k or set it above 1"),
+    ("rloo", "rloo-tiny.yaml", "sampling.top_k=1", "method: RLOO (a leave-one-out baseline per prompt) learns from"),
+    ("online-dpo", "online-dpo-tiny.yaml", "sampling.top_k=1", "remove sampling.top_k or set it above 1"),
     ("online-dpo", "online-dpo-tiny.yaml", "method.feedback_kwargs={k: 1}", "method.feedback_kwargs.k: unknown key"),
     ("online-dpo", "online-dpo-tiny.yaml", "method.reweighters=[nope]", "method.reweighters[0]: "),
     ("annotate", "annotate-tiny.yaml", "feedback=best_of_m", "feedback: 'best_of_m' is not allowed"),

@@ -311,6 +311,11 @@ def test_a_section_set_in_part_keeps_the_commands_own_defaults():
     ("sample", "sample-tiny.yaml", ["sampling.do_sample=false"],
      "sampling.num_samples=4 with sampling.do_sample false (greedy decoding) writes 4 identical responses per prompt",
      ["sampling.num_samples=1"]),
+    # top_k=1 samples greedily whatever the temperature: as many copies of one answer (was accepted, exit 0)
+    ("sample", "sample-tiny.yaml", ["sampling.top_k=1"],
+     "sampling.num_samples=4 with sampling.top_k=1 (only the most likely token is kept at each step: greedy decoding) "
+     "writes 4 identical responses per prompt; remove sampling.top_k (or set it above 1), or sampling.num_samples: 1",
+     ["sampling.top_k=2"]),
 ])
 def test_keys_the_chosen_settings_never_read_are_refused(command, config, overrides, message, fix):
     """Each of these was accepted and had no effect (eval of a reward model has no beta or reference; a default

@@ -239,3 +239,29 @@ def test_a_partial_reward_function_resumes_and_its_arguments_are_compared(tiny_d
                 fn=functools.partial(scaled, scale=2.0)).train(resume_from_checkpoint=ckpt)
     assert [r["step"] for r in rows] == [1]
     assert "rewards/scaled(scale=2.0)/mean" in rows[0], sorted(rows[0])
+
+
+def edited(prompt, response: str) -> float:
+    """`switch` edited under its own name (another reward): the resumed steps are scored by this code."""
+    return 100.0 * len(response)
+
+
+edited.__name__ = edited.__qualname__ = "switch"
+
+
+@pytest.mark.parametrize("fn, warned", [(switch, False), (edited, True)], ids=["same", "edited"])
+def test_a_reward_function_edited_under_its_name_is_said_at_resume(tiny_dir, tokenizer, tmp_path, caplog, fn, warned):
+    """The checkpoint compares the function by name (annotator.fn), so an edited function (a new reward scale, a
+    fixed bug) resumed without a word. Now its source's digest is recorded and a difference is one warning naming
+    the function; the same code is not said."""
+    grpo(tiny_dir, tokenizer, tmp_path, 1, save_steps=1, stall_steps=0).train()
+    with caplog.at_level("WARNING", logger="alignkit.online.checkpoint"):
+        rows = grpo(tiny_dir, tokenizer, tmp_path, 2, save_steps=2, stall_steps=0, fn=fn).train(
+            resume_from_checkpoint=tmp_path / "checkpoints" / "checkpoint-1")
+    assert [r["step"] for r in rows] == [1]
+    said = [r.getMessage() for r in caplog.records if "differs from the code that scored" in r.getMessage()]
+    name = repr(f"{__name__}:switch")
+    assert said == ([f"resume: the code of the function annotator {name} differs from the code that scored the run up to "
+                     f"{tmp_path / 'checkpoints' / 'checkpoint-1'} (the same name, edited since): the resumed steps "
+                     "are scored by the new code, and the checkpoint's training and reward statistics come from the "
+                     "old one; start a new run if the reward is not meant to change"] if warned else []), said

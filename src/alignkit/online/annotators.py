@@ -45,7 +45,7 @@ from alignkit.data.records import Completion, DataError, Prompt
 from alignkit.losses.registry import Registry
 from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.rope import trained_context
-from alignkit.naming import stable_name
+from alignkit.naming import source_digest, stable_name
 from alignkit.online.generation import model_device
 
 logger = logging.getLogger(__name__)
@@ -566,6 +566,9 @@ class FunctionAnnotator(Annotator):
                                  "TRL's completion_ids and trainer_state are not passed), so the first step would "
                                  "stop; add the column to the data, give the parameter a default, or set it in "
                                  "annotator.kwargs")
+
+    def code_digest(self) -> str:  # checkpoints record it: a resume warns of a function edited under its name
+        return source_digest(f.fn for f in self.fns)
 
     def describe(self) -> dict[str, Any]:
         out = {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure,

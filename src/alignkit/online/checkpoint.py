@@ -74,6 +74,12 @@ def keep_kernels(optimizer: torch.optim.Optimizer, kernels: list[dict[str, Any]]
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
+def annotator_code(annotator: Any) -> str | None:
+    """The annotator's `code_digest()` (a function annotator's: its functions' source), None for one without."""
+    digest = getattr(annotator, "code_digest", None)
+    return digest() if callable(digest) else None
+
+
 class Checkpoints:
     """Checkpoints, the saved model and its upload (see the module's docstring); a part of `OnlineTrainer`."""
 
@@ -144,7 +150,8 @@ class Checkpoints:
                          "stall": list(stall) if (stall := getattr(self, "_stall", None)) else None,
                          "run_counts": {"flat_steps": getattr(self, "_flat_steps", 0),
                                         "clipped_steps": getattr(self, "_clipped_steps", 0)},
-                         "training_settings": self.training_settings(), **self.checkpoint_extras()}
+                         "training_settings": self.training_settings(),
+                         "annotator_code": annotator_code(self.annotator), **self.checkpoint_extras()}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
@@ -259,6 +266,12 @@ class Checkpoints:
         self.restore_run_counts(state, int(state["step"]))
         self.restore_extras(state)
         logger.info("resumed from %s (step %d)", folder, state["step"])
+        saved_code, code = state.get("annotator_code"), annotator_code(self.annotator)  # older checkpoints: none
+        if saved_code is not None and code is not None and saved_code != code:
+            logger.warning("resume: the code of %s differs from the code that scored the run up to %s (the same name, "
+                           "edited since): the resumed steps are scored by the new code, and the checkpoint's training "
+                           "and reward statistics come from the old one; start a new run if the reward is not meant "
+                           "to change", self.annotator.source(), folder)
         saved_world = state.get("world_size")  # not recorded before: not compared
         if isinstance(saved_world, int) and saved_world != self.world:
             # the prompt order, prompts_per_step and mini_batch_size are global and every reduction is over all

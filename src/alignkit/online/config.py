@@ -110,16 +110,7 @@ class OnlineConfig:
         check_accumulation(self, self.gradient_accumulation_steps, self.sampling.num_samples, train="", method="")
         # a clip (GRPO / RLOO / PPO) set with one update per step never acts: the run config's check, bare keys
         check_clip_acts(self, self.prompts_per_step * self.sampling.num_samples, where="")
-        if self.compares_samples is not None:
-            what = self.compares_samples
-            if self.sampling.num_samples < 2:
-                raise ValueError(f"{what} learns from the differences between the samples of a prompt: it needs "
-                                 f"sampling.num_samples >= 2, got {self.sampling.num_samples} (nothing would be "
-                                 "learned)")
-            if not self.sampling.do_sample:
-                raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
-                                 f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
-                                 f"would be learned); set sampling.do_sample=true")
+        self.check_samples_differ()
         if self.reward_normalization == "group" and self.sampling.num_samples < 2:
             raise ValueError(f"online config: reward_normalization='group' normalises each prompt's rewards within its "
                              f"sampling.num_samples samples, and num_samples is {self.sampling.num_samples}: a group "
@@ -147,6 +138,26 @@ class OnlineConfig:
             raise ValueError("online config: reference must be 'auto', 'adapter_off' or 'copy', got "
                              f"{self.reference!r}")
         KL_ESTIMATORS[self.kl_estimator]  # unknown names fail here, listing the valid ones
+
+    def check_samples_differ(self) -> None:
+        """A method that learns from the differences between a prompt's samples (`compares_samples`) refuses
+        sampling that draws one sample, or identical ones (greedy decoding, top_k=1)."""
+        if self.compares_samples is None:
+            return
+        what = self.compares_samples
+        if self.sampling.num_samples < 2:
+            raise ValueError(f"{what} learns from the differences between the samples of a prompt: it needs "
+                             f"sampling.num_samples >= 2, got {self.sampling.num_samples} (nothing would be "
+                             "learned)")
+        if self.sampling.do_sample and self.sampling.top_k == 1:
+            raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
+                             f"sampling.top_k=1 keeps only the most likely token at each step, so it draws "
+                             f"{self.sampling.num_samples} identical ones (greedy decoding: nothing would be "
+                             f"learned); remove sampling.top_k or set it above 1")
+        if not self.sampling.do_sample:
+            raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
+                             f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
+                             f"would be learned); set sampling.do_sample=true")
 
     def _refuse_unread(self) -> None:
         """Keys set away from their defaults that the chosen settings never read (they were accepted and silently

@@ -64,12 +64,21 @@ class SamplingConfig:
         if self.sampler == "inverse_cdf" and self.stop:
             raise ValueError("SamplingConfig.sampler='inverse_cdf' with stop strings: calls with stop strings sample "
                              "with model.generate, which draws with torch.multinomial; remove sampler (or stop)")
-        if not self.do_sample and self.num_samples > 1:
-            logger.warning("greedy decoding (do_sample=False) with num_samples=%d gives identical samples",
-                           self.num_samples)
+        if self.num_samples > 1 and self.one_answer() is not None:
+            logger.warning("%s with num_samples=%d gives identical samples", self.one_answer(), self.num_samples)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def one_answer(self) -> str | None:
+        """Why every sample of a prompt is the same answer, or None when samples can differ: greedy decoding
+        (do_sample=False), or top_k=1, which keeps only the most likely token at every step, so sampling with it is
+        greedy decoding whatever the temperature (transformers' and vLLM's top-k both)."""
+        if not self.do_sample:
+            return "greedy decoding (do_sample=False)"
+        if self.top_k == 1:
+            return "top_k=1 (only the most likely token is kept at each step: greedy decoding)"
+        return None
 
     def greedy_ignored(self) -> list[tuple[str, Any]]:
         """(key, value) of the settings only sampling reads that are set away from "no effect" while `do_sample` is
@@ -93,6 +102,11 @@ def refuse_greedy_ignored(cfg: SamplingConfig, section: str, default_note: str =
         raise ConfigError(f"{section}.{key}={value!r} is read only when sampling, but {section}.do_sample is false "
                          f"(greedy decoding{default_note}), so it would be ignored; set {section}.do_sample: true to "
                          f"sample, or remove {section}.{key}")
+    if cfg.do_sample and cfg.top_k == 1 and cfg.num_samples > 1:
+        n = cfg.num_samples
+        raise ConfigError(f"{section}.num_samples={n} with {section}.top_k=1 (only the most likely token is kept at "
+                          f"each step: greedy decoding) writes {n} identical responses per prompt; remove "
+                          f"{section}.top_k (or set it above 1), or {section}.num_samples: 1")
     if not cfg.do_sample and cfg.num_samples > 1:
         n = cfg.num_samples
         raise ConfigError(f"{section}.num_samples={n} with {section}.do_sample false (greedy decoding{default_note}) "
