@@ -212,7 +212,8 @@ def test_annotate_without_samples_fails_before_loading_anything(tmp_path, capsys
     ("annotate", "best-of-n-tiny.yaml", "annotator.path=null", "annotator.path: required for kind 'reward_model'"),
     ("annotate", "annotate-tiny.yaml", "feedback_kwargs={k: 2}", "feedback_kwargs.k: unknown key"),
 ])
-def test_config_errors_name_the_key(command, config, override, text, capsys):
+def test_config_errors_name_the_key(command, config, override, text, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a refusal that regresses runs the command: its run folder lands here, not in the checkout
     rc = main([command, "--config", str(CONFIGS / config), override])
     err = capsys.readouterr().err
     assert rc == 2 and text in err and config in err, err

@@ -32,7 +32,7 @@ import inspect
 import logging
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable
 from typing import Any, Callable, Sequence
@@ -47,16 +47,11 @@ from alignkit.models.loading import load_model, load_tokenizer
 from alignkit.models.rope import trained_context
 from alignkit.naming import source_digest, stable_name
 from alignkit.online.generation import model_device
+from alignkit.online.scores import AnnotatorError, Scores, check_lengths, check_policy, finalize_scores
 
 logger = logging.getLogger(__name__)
 
 ANNOTATORS = Registry("annotator")
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-FAILURE_POLICIES = ("skip", "default")
-
-
-class AnnotatorError(RuntimeError):
-    """An annotator could not run (bad function, bad return value, bad model). The message names which item."""
 
 
 class AnnotatorArgumentError(ValueError):
@@ -67,57 +62,6 @@ class AnnotatorArgumentError(ValueError):
     def __init__(self, owner: str, key: str, reason: str) -> None:
         super().__init__(f"{owner}: {key}: {reason}")
         self.owner, self.key, self.reason = owner, key, reason
-
-
-@dataclass
-class Scores:
-    values: torch.Tensor  # (N,) float32, NaN = no score
-    failed: torch.Tensor  # (N,) bool
-    meta: list[dict] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    # "rewards/<function>" -> (count, sum, sum of squares) of the function's scored items: the online loop reduces
-    # them over processes into exact `rewards/<function>/mean` and `/std` (`ProcessMetrics.reward_moments`)
-    moments: dict[str, tuple[float, float, float]] = field(default_factory=dict)
-    # (N, F) each reward function's own score, NaN = None (FunctionAnnotator): GRPO's normalize_then_sum reads it
-    per_function: torch.Tensor | None = None
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """(N,) bool: items with a usable score."""
-        return ~torch.isnan(self.values)
-
-    def __len__(self) -> int:
-        return self.values.numel()
-
-
-def finalize_scores(raw: Sequence[float | None], on_failure: str, default_score: float | None,
-                    meta: list[dict] | None = None, metrics: dict[str, float] | None = None,
-                    who: str = "the annotator") -> Scores:
-    """Raw per-item scores (None = failed) -> `Scores`, applying the failure policy; a score float32 cannot hold
-    is an `AnnotatorError` naming `who` and the item."""
-    failed = torch.tensor([r is None for r in raw], dtype=torch.bool)
-    fill = float("nan") if on_failure == "skip" else float(default_score)
-    values = torch.tensor([fill if r is None else float(r) for r in raw], dtype=torch.float32)
-    big = torch.isinf(values).nonzero().flatten().tolist()
-    if big:  # finite in Python, inf in float32: the group statistics became NaN and the loss was blamed
-        i = big[0]
-        what = (f"default_score {default_score!r} (for failed item {i})" if raw[i] is None
-                else f"{raw[i]!r} for item {i}")
-        raise AnnotatorError(f"{who}: score {what} is beyond float32's range (|score| <= {FLOAT32_MAX:.3g}), in "
-                             f"which rewards are kept ({len(big)} such item(s) of {len(raw)}); scale the reward down")
-    return Scores(values, failed, meta if meta is not None else [{} for _ in raw], dict(metrics or {}))
-
-
-def check_policy(on_failure: str, default_score: float | None, who: str) -> None:
-    if on_failure not in FAILURE_POLICIES:
-        raise ValueError(f"{who}: on_failure must be one of {FAILURE_POLICIES}, got {on_failure!r}")
-    if on_failure == "default" and (default_score is None or not math.isfinite(default_score)):
-        raise ValueError(f"{who}: on_failure='default' needs a finite default_score")
-
-
-def check_lengths(prompts: Sequence, responses: Sequence, who: str) -> None:
-    if len(prompts) != len(responses):
-        raise ValueError(f"{who}: {len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
 
 
 def response_text(response: Completion) -> str:
