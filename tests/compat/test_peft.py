@@ -487,3 +487,35 @@ def test_a_saved_module_of_another_shape_fails_peft_load_with_torchs_size_mismat
             f"torch.Size([{vocab - 8}, {width}])")
     check(error is not None and size_mismatch(error) == want, PEFT, "peft's load of a modules_to_save tensor of "
           "another shape no longer fails with torch's 'size mismatch for <name>' line", where, repr(error))
+
+
+def test_trainable_tokens_are_an_auxiliary_wrapper_other_than_modules_to_save(tiny_dir):
+    """peft wraps a LoRA's `trainable_token_indices` embedding in `TrainableTokensWrapper`, a subclass of
+    `peft.utils.other.AuxiliaryTrainingWrapper` that is not a `ModulesToSaveWrapper` (itself an
+    AuxiliaryTrainingWrapper), and the wrapper is what gives the trained rows: serve's stacked LoRA, which applies
+    only LoRA layers and modules_to_save copies, finds such an adapter by those classes and leaves it to peft's
+    mixed batches."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    where = "alignkit/serve/lora.py:StackedLora.build"
+    check(issubclass(ModulesToSaveWrapper, AuxiliaryTrainingWrapper), PEFT, "ModulesToSaveWrapper is no longer an "
+          "AuxiliaryTrainingWrapper", where)
+    torch.manual_seed(0)
+    with guard(PEFT, "get_peft_model with trainable_token_indices failed", where):
+        model = get_peft_model(load_model(tiny_dir("llama")), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                          trainable_token_indices=[5, 6]))
+    other = [m for m in model.modules()
+             if isinstance(m, AuxiliaryTrainingWrapper) and not isinstance(m, ModulesToSaveWrapper)]
+    check(len(other) == 1, PEFT, "trainable tokens are no longer one AuxiliaryTrainingWrapper other than "
+          "ModulesToSaveWrapper (serve's stacked LoRA would serve such an adapter without them)", where,
+          f"{[type(m).__name__ for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]}")
+    wrapper, ids = other[0], torch.tensor([[5, 7]])
+    with torch.no_grad():
+        for name, p in wrapper.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(1.0)
+        rows, base = wrapper(ids), wrapper.original_module(ids)
+    check(not torch.equal(rows[0, 0], base[0, 0]) and torch.equal(rows[0, 1], base[0, 1]), PEFT,
+          "the trainable-tokens wrapper no longer gives its trained rows (or changes others)", where,
+          f"{[n for n, _ in wrapper.named_parameters()]}")
