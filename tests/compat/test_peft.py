@@ -384,6 +384,22 @@ def test_saved_lora_keys_are_those_of_the_loaded_adapter_and_extra_ones_are_drop
     extra = saved - set(get_peft_model_state_dict(shallow, adapter_name="a"))
     check(extra and all(".layers.2." in k for k in extra), PEFT, "the third layer's saved tensors are no longer "
           "the ones left out of the 2-layer model's adapter state", where, f"{sorted(extra)[:3]}")
+    # check_lora_placed asks with save_embedding_layers given (False: the LoRA tensors; True minus False: the base's
+    # embedding weights, which a folder saved with save_embedding_layers=True holds and peft loads), never "auto"
+    with guard(PEFT, "get_peft_model_state_dict(save_embedding_layers=False / True) failed", where):
+        lora_only = set(get_peft_model_state_dict(same, adapter_name="a", save_embedding_layers=False))
+        deep.save_pretrained(str(tmp_path / "emb"), save_embedding_layers=True)
+        emb = PeftModel.from_pretrained(load_model(tiny_dir("llama", num_layers=3)), str(tmp_path / "emb"),
+                                        adapter_name="a", is_trainable=False)
+        placed = set(get_peft_model_state_dict(emb, adapter_name="a", save_embedding_layers=False))
+        embeddings = set(get_peft_model_state_dict(emb, adapter_name="a", save_embedding_layers=True)) - placed
+    check(lora_only == saved, PEFT, "get_peft_model_state_dict(save_embedding_layers=False) no longer gives the "
+          "keys of a plain save", where, f"{sorted(lora_only ^ saved)[:3]}")
+    with_emb = set(load_peft_weights(str(tmp_path / "emb"), device="cpu"))
+    check(embeddings and all("embed_tokens" in k or "lm_head" in k for k in embeddings)
+          and with_emb == placed | embeddings, PEFT, "a folder saved with save_embedding_layers=True no longer holds "
+          "the LoRA tensors plus exactly the embedding weights get_peft_model_state_dict(True) adds to (False)",
+          where, f"saved - LoRA: {sorted(with_emb - placed)}, True - False: {sorted(embeddings)}")
 
 
 def test_saved_lora_keys_name_the_base_module_and_rank_as_check_lora_fits_reads_them(tiny_dir, tmp_path):
