@@ -1,5 +1,5 @@
 """accelerate's FSDP2 activation checkpointing and DeepSpeed optimizer offload, as alignkit relies on them
-(rows A19, A20, A24, A25, A27 of docs/architecture.md's table)."""
+(rows A19, A20, A24, A25, A27, A28 of docs/architecture.md's table)."""
 
 from __future__ import annotations
 
@@ -203,3 +203,25 @@ def test_fsdp_state_dict_type_reaches_the_plugin_through_its_environment_variabl
         assert got == StateDictType[name], (
             f"accelerate: FullyShardedDataParallelPlugin no longer reads FSDP_STATE_DICT_TYPE={name} ({where}): {got}")
     assert StateDictType.FULL_STATE_DICT.value == 1, f"torch: StateDictType.FULL_STATE_DICT is no longer 1 ({where})"
+
+
+def test_deepspeed_says_whether_its_async_io_op_is_prebuilt_or_buildable():
+    """A28: DeepSpeed's `git_version_info.installed_ops` holds an "async_io" flag (prebuilt), and
+    `get_accelerator().create_op_builder("AsyncIOBuilder")` gives an instance of
+    `deepspeed.ops.op_builder.AsyncIOBuilder` (the class stage 3's NVMe swappers load) whose
+    `is_compatible(verbose=False)` says, as a bool, whether it can be built here: alignkit's async_io_usable asks both before an NVMe offload under ZeRO-3 is let through (loading the
+    op is not tried: without libaio it may hang in the JIT build)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    where = "alignkit/trainers/zero_checks.py:async_io_usable"
+    assert isinstance(installed_ops.get("async_io"), bool), (
+        f"deepspeed: git_version_info.installed_ops no longer holds an async_io flag ({where}): {installed_ops}")
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    assert isinstance(builder, AsyncIOBuilder), (
+        f"deepspeed: create_op_builder('AsyncIOBuilder') is no longer the AsyncIOBuilder stage 3 loads ({where}): "
+        f"{type(builder)}")
+    assert isinstance(builder.is_compatible(verbose=False), bool), (
+        f"deepspeed: AsyncIOBuilder.is_compatible(verbose=False) no longer answers a bool ({where})")
