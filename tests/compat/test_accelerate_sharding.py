@@ -209,8 +209,9 @@ def test_deepspeed_says_whether_its_async_io_op_is_prebuilt_or_buildable():
     """A28: DeepSpeed's `git_version_info.installed_ops` holds an "async_io" flag (prebuilt), and
     `get_accelerator().create_op_builder("AsyncIOBuilder")` gives an instance of
     `deepspeed.ops.op_builder.AsyncIOBuilder` (the class stage 3's NVMe swappers load) whose
-    `is_compatible(verbose=False)` says, as a bool, whether it can be built here: alignkit's async_io_usable asks both before an NVMe offload under ZeRO-3 is let through (loading the
-    op is not tried: without libaio it may hang in the JIT build)."""
+    `is_compatible(verbose=False)` says, as a bool, whether it can be built here: alignkit's async_io_usable asks
+    both before an NVMe offload under ZeRO-3 is let through (loading the op is not tried: without libaio it may hang
+    in the JIT build)."""
     pytest.importorskip("deepspeed")
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops
