@@ -1,5 +1,5 @@
 """accelerate's FSDP2 activation checkpointing and DeepSpeed optimizer offload, as alignkit relies on them
-(rows A19, A20, A24, A25 of docs/architecture.md's table)."""
+(rows A19, A20, A24, A25, A27, A28 of docs/architecture.md's table)."""
 
 from __future__ import annotations
 
@@ -181,3 +181,48 @@ def test_pad_across_processes_pads_an_empty_tensor_with_the_pad_index(monkeypatc
     assert out.tolist() == [-1e9] * 3 and out.dtype == torch.float32
     monkeypatch.setattr(ops, "gather", lambda t: torch.tensor([[2], [3]]))
     assert ops.pad_across_processes(torch.tensor([0.5, 0.25]), dim=0, pad_index=-1e9).tolist() == [0.5, 0.25, -1e9]
+
+
+def test_fsdp_state_dict_type_reaches_the_plugin_through_its_environment_variable(monkeypatch):
+    """A27: `accelerate launch` writes an FSDP config's `fsdp_state_dict_type` into FSDP_STATE_DICT_TYPE as its name
+    (`prepare_multi_gpu_env`: str of the value), and `FullyShardedDataParallelPlugin` reads it from there (FULL /
+    SHARDED / LOCAL_STATE_DICT; torch's `StateDictType.FULL_STATE_DICT` is 1): alignkit's
+    refuse_ignored_fsdp_settings reads the same variable and refuses anything but FULL_STATE_DICT (or 1), since it
+    always writes full safetensors gathered on rank 0."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, launch
+    from torch.distributed.fsdp import StateDictType
+
+    where = "alignkit/distributed.py:refuse_ignored_fsdp_settings"
+    source = inspect.getsource(launch.prepare_multi_gpu_env)
+    assert 'current_env["FSDP_STATE_DICT_TYPE"] = str(args.fsdp_state_dict_type)' in source, (
+        f"accelerate: the launcher no longer writes fsdp_state_dict_type into FSDP_STATE_DICT_TYPE ({where})")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    for name in ("SHARDED_STATE_DICT", "FULL_STATE_DICT"):
+        monkeypatch.setenv("FSDP_STATE_DICT_TYPE", name)
+        got = FullyShardedDataParallelPlugin().state_dict_type
+        assert got == StateDictType[name], (
+            f"accelerate: FullyShardedDataParallelPlugin no longer reads FSDP_STATE_DICT_TYPE={name} ({where}): {got}")
+    assert StateDictType.FULL_STATE_DICT.value == 1, f"torch: StateDictType.FULL_STATE_DICT is no longer 1 ({where})"
+
+
+def test_deepspeed_says_whether_its_async_io_op_is_prebuilt_or_buildable():
+    """A28: DeepSpeed's `git_version_info.installed_ops` holds an "async_io" flag (prebuilt), and
+    `get_accelerator().create_op_builder("AsyncIOBuilder")` gives an instance of
+    `deepspeed.ops.op_builder.AsyncIOBuilder` (the class stage 3's NVMe swappers load) whose
+    `is_compatible(verbose=False)` says, as a bool, whether it can be built here: alignkit's async_io_usable asks
+    both before an NVMe offload under ZeRO-3 is let through (loading the op is not tried: without libaio it may hang
+    in the JIT build)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    where = "alignkit/trainers/zero_checks.py:async_io_usable"
+    assert isinstance(installed_ops.get("async_io"), bool), (
+        f"deepspeed: git_version_info.installed_ops no longer holds an async_io flag ({where}): {installed_ops}")
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    assert isinstance(builder, AsyncIOBuilder), (
+        f"deepspeed: create_op_builder('AsyncIOBuilder') is no longer the AsyncIOBuilder stage 3 loads ({where}): "
+        f"{type(builder)}")
+    assert isinstance(builder.is_compatible(verbose=False), bool), (
+        f"deepspeed: AsyncIOBuilder.is_compatible(verbose=False) no longer answers a bool ({where})")

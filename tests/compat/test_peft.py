@@ -384,6 +384,22 @@ def test_saved_lora_keys_are_those_of_the_loaded_adapter_and_extra_ones_are_drop
     extra = saved - set(get_peft_model_state_dict(shallow, adapter_name="a"))
     check(extra and all(".layers.2." in k for k in extra), PEFT, "the third layer's saved tensors are no longer "
           "the ones left out of the 2-layer model's adapter state", where, f"{sorted(extra)[:3]}")
+    # check_lora_placed asks with save_embedding_layers given (False: the LoRA tensors; True minus False: the base's
+    # embedding weights, which a folder saved with save_embedding_layers=True holds and peft loads), never "auto"
+    with guard(PEFT, "get_peft_model_state_dict(save_embedding_layers=False / True) failed", where):
+        lora_only = set(get_peft_model_state_dict(same, adapter_name="a", save_embedding_layers=False))
+        deep.save_pretrained(str(tmp_path / "emb"), save_embedding_layers=True)
+        emb = PeftModel.from_pretrained(load_model(tiny_dir("llama", num_layers=3)), str(tmp_path / "emb"),
+                                        adapter_name="a", is_trainable=False)
+        placed = set(get_peft_model_state_dict(emb, adapter_name="a", save_embedding_layers=False))
+        embeddings = set(get_peft_model_state_dict(emb, adapter_name="a", save_embedding_layers=True)) - placed
+    check(lora_only == saved, PEFT, "get_peft_model_state_dict(save_embedding_layers=False) no longer gives the "
+          "keys of a plain save", where, f"{sorted(lora_only ^ saved)[:3]}")
+    with_emb = set(load_peft_weights(str(tmp_path / "emb"), device="cpu"))
+    check(embeddings and all("embed_tokens" in k or "lm_head" in k for k in embeddings)
+          and with_emb == placed | embeddings, PEFT, "a folder saved with save_embedding_layers=True no longer holds "
+          "the LoRA tensors plus exactly the embedding weights get_peft_model_state_dict(True) adds to (False)",
+          where, f"saved - LoRA: {sorted(with_emb - placed)}, True - False: {sorted(embeddings)}")
 
 
 def test_saved_lora_keys_name_the_base_module_and_rank_as_check_lora_fits_reads_them(tiny_dir, tmp_path):
@@ -537,3 +553,35 @@ def test_a_lora_on_expert_parameters_nests_one_wrapper_per_parameter_as_check_lo
                   and t.shape[axis] == widths[0 if side == "in" else 1], PEFT,
                   "a saved expert LoRA tensor's key, rank (r x experts) or width is no longer where check_lora_fits "
                   "reads it", where, f"{arch} {key} {tuple(t.shape)} {target and target[0]} {widths}")
+
+
+def test_trainable_tokens_are_an_auxiliary_wrapper_other_than_modules_to_save(tiny_dir):
+    """peft wraps a LoRA's `trainable_token_indices` embedding in `TrainableTokensWrapper`, a subclass of
+    `peft.utils.other.AuxiliaryTrainingWrapper` that is not a `ModulesToSaveWrapper` (itself an
+    AuxiliaryTrainingWrapper), and the wrapper is what gives the trained rows: serve's stacked LoRA, which applies
+    only LoRA layers and modules_to_save copies, finds such an adapter by those classes and leaves it to peft's
+    mixed batches."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    where = "alignkit/serve/lora.py:StackedLora.build"
+    check(issubclass(ModulesToSaveWrapper, AuxiliaryTrainingWrapper), PEFT, "ModulesToSaveWrapper is no longer an "
+          "AuxiliaryTrainingWrapper", where)
+    torch.manual_seed(0)
+    with guard(PEFT, "get_peft_model with trainable_token_indices failed", where):
+        model = get_peft_model(load_model(tiny_dir("llama")), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                          trainable_token_indices=[5, 6]))
+    other = [m for m in model.modules()
+             if isinstance(m, AuxiliaryTrainingWrapper) and not isinstance(m, ModulesToSaveWrapper)]
+    check(len(other) == 1, PEFT, "trainable tokens are no longer one AuxiliaryTrainingWrapper other than "
+          "ModulesToSaveWrapper (serve's stacked LoRA would serve such an adapter without them)", where,
+          f"{[type(m).__name__ for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]}")
+    wrapper, ids = other[0], torch.tensor([[5, 7]])
+    with torch.no_grad():
+        for name, p in wrapper.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(1.0)
+        rows, base = wrapper(ids), wrapper.original_module(ids)
+    check(not torch.equal(rows[0, 0], base[0, 0]) and torch.equal(rows[0, 1], base[0, 1]), PEFT,
+          "the trainable-tokens wrapper no longer gives its trained rows (or changes others)", where,
+          f"{[n for n, _ in wrapper.named_parameters()]}")

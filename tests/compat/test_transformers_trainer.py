@@ -407,6 +407,16 @@ def test_optimizer_is_resolved_from_the_arguments_alone(tmp_path):
         else:
             fail(TF, "get_optimizer_cls_and_kwargs no longer raises ImportError for adamw_bnb_8bit without "
                  "bitsandbytes", where)
+    if importlib.util.find_spec("grokadamw") is None:  # some optimizers say a missing package as a ValueError
+        try:
+            Trainer.get_optimizer_cls_and_kwargs(args(tmp_path, optim="grokadamw"))
+        except ValueError as e:
+            check("install" in str(e).lower(), TF, "get_optimizer_cls_and_kwargs's ValueError for grokadamw without "
+                  "its package no longer says 'install' (check_optimizer would let the run start and fail later)",
+                  where, str(e))
+        else:
+            fail(TF, "get_optimizer_cls_and_kwargs no longer raises ValueError ('Please install ...') for grokadamw "
+                 "without grokadamw (check_optimizer reads that text)", where)
 
 
 # T15 -----------------------------------------------------------------------------------------------------
@@ -679,3 +689,69 @@ def test_set_seed_seeds_numpy_whose_range_bounds_train_seed():
             continue
         fail(TF, f"set_seed({bad}) no longer raises ValueError: train.seed's bound [0, 2**32 - 1] may be too narrow",
              where)
+
+
+# T31 -----------------------------------------------------------------------------------------------------
+
+def test_report_to_names_are_the_keys_of_integration_to_callback(tiny_dir, tokenizer, sft_features, tmp_path,
+                                                                  monkeypatch):
+    """The Trainer takes its `report_to` names from
+    `transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK` (`get_reporting_integration_callbacks`: a
+    name outside it is a ValueError when the Trainer is built, a name in it
+    adds its callback): alignkit's check_report_to refuses the others when the config loads, and runs.py:trackers
+    asks transformers' availability only for its keys."""
+    from transformers.integrations import integration_utils
+    from transformers.trainer_callback import TrainerCallback
+
+    where = "alignkit/settings/load.py:check_report_to, alignkit/runs.py:trackers"
+
+    class Probe(TrainerCallback):
+        pass
+
+    with guard(TF, "get_reporting_integration_callbacks no longer takes every key of INTEGRATION_TO_CALLBACK", where):
+        got = integration_utils.get_reporting_integration_callbacks(list(integration_utils.INTEGRATION_TO_CALLBACK))
+    check(got == list(integration_utils.INTEGRATION_TO_CALLBACK.values()), TF, "get_reporting_integration_callbacks "
+          "no longer maps each name to its INTEGRATION_TO_CALLBACK entry", where, f"{got}")
+    check("tensorboard" in integration_utils.INTEGRATION_TO_CALLBACK, TF, "INTEGRATION_TO_CALLBACK no longer names "
+          "tensorboard (alignkit's default tracker)", where)
+    try:
+        sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, report_to=["alignkit_probe"])
+    except ValueError as e:
+        check("alignkit_probe" in str(e), TF, "the Trainer's refusal of an unknown report_to name no longer names "
+              "it", where, str(e))
+    else:
+        fail(TF, "the Trainer no longer refuses a report_to name outside INTEGRATION_TO_CALLBACK (check_report_to "
+             "would refuse names it takes)", where)
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "alignkit_probe", Probe)
+    with guard(TF, "the Trainer no longer takes a report_to name INTEGRATION_TO_CALLBACK holds", where):
+        trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, report_to=["alignkit_probe"])
+    check(any(isinstance(c, Probe) for c in trainer.callback_handler.callbacks), TF, "the Trainer no longer builds "
+          "its report_to callbacks from INTEGRATION_TO_CALLBACK", where,
+          f"{[type(c).__name__ for c in trainer.callback_handler.callbacks]}")
+
+
+# T32 -----------------------------------------------------------------------------------------------------
+
+def test_optimizer_and_scheduler_states_are_saved_under_the_names_check_resumable_reads(
+        tiny_dir, tokenizer, sft_features, tmp_path):
+    """The Trainer's `_save_optimizer_and_scheduler(output_dir)` writes `transformers.trainer.OPTIMIZER_NAME` and
+    `SCHEDULER_NAME` into the checkpoint, and `_load_optimizer_and_scheduler(checkpoint)` returns without a word for a
+    checkpoint without them (the optimizer and schedule restart from zero): alignkit's check_resumable refuses such a
+    checkpoint by those names, and Checkpointing writes / reads them itself under FSDP2."""
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+    where = "alignkit/trainers/checks.py:check_resumable, trainers/checkpointing.py:Checkpointing"
+    trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path)
+    folder, empty = tmp_path / "checkpoint-1", tmp_path / "checkpoint-2"
+    folder.mkdir()
+    empty.mkdir()
+    with guard(TF, "Trainer._save_optimizer_and_scheduler(output_dir) failed", where):
+        trainer.create_optimizer_and_scheduler(num_training_steps=4)
+        trainer._save_optimizer_and_scheduler(str(folder))
+    names = sorted(p.name for p in folder.iterdir())
+    check(OPTIMIZER_NAME in names and SCHEDULER_NAME in names, TF, "the Trainer no longer saves the optimizer and "
+          "scheduler states under OPTIMIZER_NAME / SCHEDULER_NAME (check_resumable would refuse every checkpoint)",
+          where, f"{OPTIMIZER_NAME}, {SCHEDULER_NAME} vs written {names}")
+    with guard(TF, "Trainer._load_optimizer_and_scheduler no longer passes over a checkpoint without the states "
+               "(check_resumable's refusal may now be the Trainer's)", where):
+        trainer._load_optimizer_and_scheduler(str(empty))
