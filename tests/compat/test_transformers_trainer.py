@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -486,6 +487,29 @@ def test_neftune_noise_follows_the_embedding_modules_training_flag(tiny_dir):
         assert (emb(ids) - plain).abs().max() > 1e-4  # noise while training
         emb.training = False
         torch.testing.assert_close(emb(ids), plain, rtol=0, atol=0)  # none with the module at rest
+    finally:
+        handle.remove()
+
+
+def test_neftune_noise_is_scaled_by_the_row_length(tiny_dir):
+    """T34: the NEFTune hook's noise is uniform in +-alpha / sqrt(row length x width), the row length being the
+    embedded batch's dim 1: one packed row of 4 sequences of 8 tokens gets half the bound of 4 padded rows of 8
+    (sqrt(32 / 8)), which is why trainers/packing.py keeps padded batches under NEFTune."""
+    from transformers.integrations.neftune import activate_neftune
+
+    model = load_model(tiny_dir("llama")).train()
+    emb = model.get_input_embeddings()
+    width, alpha = emb.weight.shape[1], 5.0
+    torch.manual_seed(0)
+    ids = torch.randint(5, 100, (4, 8))
+    plain = emb(ids)
+    handle = activate_neftune(model, alpha)
+    try:
+        for rows in (ids, ids.reshape(1, 32)):
+            noise = (emb(rows) - plain.reshape(rows.shape[0], rows.shape[1], width)).abs()
+            bound = alpha / math.sqrt(rows.shape[1] * width)
+            assert noise.max() <= bound * (1 + 1e-5), (rows.shape, float(noise.max()), bound)
+            assert noise.max() > 0.9 * bound, (rows.shape, float(noise.max()), bound)  # uniform: reaches near it
     finally:
         handle.remove()
 

@@ -355,3 +355,19 @@ def test_adding_an_adapter_while_the_cache_is_on_is_refused(base_dir):
         reft.enable_prefix_cache()
     assert reft._prefix_cache is None
     assert torch.equal(step(model, batch)[0], want[0])
+
+
+def test_neftune_keeps_the_cache_off_and_true_is_refused(base_dir, tmp_path):
+    """train.neftune_noise_alpha adds fresh noise to the input embeddings at every training forward, so the frozen
+    layers' output is not a fixed function of the tokens; the auto cache (a CPU run over its data twice) was on and
+    the run stopped at the first step of its second epoch with PrefixCacheMismatch ("not a fixed function of the
+    tokens in this model"), after an epoch of training. Now auto leaves it off (every forward runs layers 0-2: 4
+    steps x 3 layers) and the run trains its 4 steps; true is refused when the trainer is built, naming the key."""
+    losses, _, runs = _train(base_dir, tmp_path / "neft", None, num_train_epochs=2, neftune_noise_alpha=5.0)
+    assert len(losses) == 4 and runs == 4 * 3
+    args = TrainingArguments(output_dir="/nonexistent/never-written", max_steps=1, report_to=[], use_cpu=True,
+                             neftune_noise_alpha=5.0)
+    with pytest.raises(ConfigError, match=r"reft_prefix_cache: true, but .*train.neftune_noise_alpha=5 adds fresh "
+                                          r"noise .*reft_prefix_cache: false"):
+        SFTTrainer(reft_model(base_dir), args, train_dataset=features(), data_collator=SFTCollator(0),
+                   reft_prefix_cache=True)

@@ -69,6 +69,12 @@ CONFIG_CASES = [
      ["method.ref_sync", "nothing to sync"]),
     ("ref_sync with precomputed log-probs", ["method.reference_cache_dir=cache", "method.ref_sync.steps=2"],
      ["method.ref_sync", "stale after the first sync"]),
+    # a ReFT that trains lm_head in place: the adapter_off reference kept the trained head (it moved with the policy)
+    ("ReFT modules_to_save under an adapter_off reference",
+     ["adapter.kind=reft", "adapter.lora=null", "adapter.reft={config: {representations: [{layer: 0, "
+      "low_rank_dimension: 2}]}, modules_to_save: [lm_head]}"],
+     ["method.reference: 'auto' scores the policy with its adapter switched off", "['lm_head'] is trained whole in "
+      "place", "the reference would move with the policy", "method.reference=copy"]),
     ("ReFT prefix cache on a LoRA model", ["train.reft_prefix_cache=true"], ["train.reft_prefix_cache",
                                                                              "needs a ReFT adapter"]),
     # the preference losses' own numbers: a temperature of 0 stopped the run with "unexpected error: ValueError"
@@ -279,6 +285,9 @@ ONLINE_CASES = [
     ("rloo ref_sync with the adapter switched off", "rloo", ["method.reference=adapter_off",
                                                              "method.ref_sync={alpha: 0.5, steps: 2}"],
      ["method.ref_sync", "adapter_off", "no separate reference to move"]),
+    ("online-dpo ReFT modules_to_save under an adapter_off reference", "online-dpo",
+     ["adapter.reft.modules_to_save=[lm_head]"],
+     ["method.reference: 'auto' scores the policy with its adapter switched off", "the reference would move"]),
     ("rloo ref_sync alpha zero", "rloo", ["method.ref_sync.alpha=0"], ["method.ref_sync.alpha", "not in (0, 1]"]),
 ]
 

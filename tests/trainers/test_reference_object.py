@@ -164,3 +164,51 @@ def test_a_ref_model_the_reference_never_scores_is_refused(mode, loss_type, says
         build(reference="copy", reference_cache_dir=str(tmp_path / "cache"))
     assert not (tmp_path / "out").exists()
     assert build(ref_model=other).reference.model is other
+
+
+def _reft_with_trained_head(tiny_dir, kind="reft"):
+    """A ReFT (or ReFT+LoRA) LM that also trains lm_head whole: the ReFT part's modules_to_save (reft), or peft's
+    (reft+lora, which keeps the base's copy)."""
+    from alignkit.adapters import AdapterConfig, LoraSettings, ReftSettings, apply_adapter
+    reft = ReftSettings(config={"representations": [{"layer": 0, "low_rank_dimension": 2}]},
+                        modules_to_save=["lm_head"] if kind == "reft" else None)
+    lora = LoraSettings(r=2, modules_to_save=["lm_head"]) if kind == "reft+lora" else LoraSettings()
+    torch.manual_seed(0)
+    return apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind=kind, lora=lora, reft=reft))
+
+
+def test_adapter_off_of_a_reft_that_trains_a_module_in_place_is_refused(tiny_dir, features, collators, tokenizer,
+                                                                        pairs, tmp_path):
+    """A ReFT with adapter.reft.modules_to_save [lm_head] trains lm_head in the model itself; switching the adapter
+    off turns the interventions off only, so the 'adapter_off' reference of DPO / KTO / the online loop scored the
+    trained lm_head: it moved with the policy (after 3 DPO steps its log-probs were several nats off the base's) and
+    the run exited 0. Now refused when the trainer is built (auto too); 'precomputed' (scored before training) equals
+    the base; a caller that can load the base (alignkit eval: make_copy) gets a 'copy'; ReFT+LoRA, whose
+    modules_to_save is peft's (the base's copy kept), still switches off to the base."""
+    policy = _reft_with_trained_head(tiny_dir)
+    for cls, data, extra in ((PreferenceTrainer, "preference", {"loss_type": "sigmoid"}), (KTOTrainer, "unpaired", {})):
+        for reference in ("auto", "adapter_off"):
+            with pytest.raises(ValueError, match=rf"^{cls.__name__}: the reference is the policy with its adapter "
+                                                 r"switched off, and the ReFT adapter trains lm_head whole in place "
+                                                 r"\(adapter.reft.modules_to_save\), .* the reference would move "):
+                cls(policy, fast_args(tmp_path), train_dataset=features[data], data_collator=collators[data],
+                    reference=reference, **extra)
+    with torch.no_grad():  # as if trained: the head away from the base's
+        unwrap_lm(policy).lm_head.weight.add_(0.5 * torch.randn_like(unwrap_lm(policy).lm_head.weight))
+    base = load_model(tiny_dir("llama"))
+    copy = build_reference(policy, make_copy=lambda: load_model(tiny_dir("llama")), supports=("adapter_off", "copy"))
+    assert copy.mode == "copy"
+    _close(copy.logps(policy, pairs), _naive(base, pairs))
+    fresh = _reft_with_trained_head(tiny_dir)
+    trainer = PreferenceTrainer(fresh, fast_args(tmp_path, max_steps=1), train_dataset=features["preference"],
+                                data_collator=collators["preference"], loss_type="sigmoid",
+                                reference_cache_dir=str(tmp_path / "cache"), padding_free=False, share_prompt=False)
+    batch = trainer.reference.collator(collators["preference"])(list(trainer.train_dataset)[:4])
+    _close(trainer.reference.logps(None, batch), _naive(base, pairs))
+    stacked = _reft_with_trained_head(tiny_dir, "reft+lora")
+    with torch.no_grad():
+        for n, p in stacked.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    assert build_reference(stacked).mode == "adapter_off"
+    _close(build_reference(stacked).logps(stacked, pairs), _naive(base, pairs))

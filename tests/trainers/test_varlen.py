@@ -300,3 +300,31 @@ def test_layout_defaults_are_cpu_only(make_model):
     assert not resolve_padding_free(None, model, gpu, None, paired=False)
     assert not resolve_share_prompt(None, None, model, gpu, None)
     assert resolve_padding_free(True, model, gpu, None, paired=False) and resolve_share_prompt(True, None, model, gpu, None)
+
+
+def test_neftune_keeps_padded_batches_and_refuses_the_longer_rows(make_model, features, tokenizer, tmp_path):
+    """NEFTune's noise is uniform in +-alpha / sqrt(row length x width) (transformers' hook, compat row T34): a packed
+    row of B sequences (or a pair's shared-prompt row) is longer than the padded batch's rows, so the CPU default
+    layouts gave the embeddings about sqrt(B) times less noise than neftune_noise_alpha asks for, without a word.
+    Now the defaults keep padded batches under NEFTune (SFT, DPO), and an explicit padding_free / share_prompt true
+    is refused when the trainer is built, naming both keys."""
+    from alignkit.settings import ConfigError
+
+    pad = tokenizer.pad_token_id
+    args = fast_args(tmp_path, neftune_noise_alpha=5.0)
+    sft = SFTTrainer(make_model("lora"), args, train_dataset=features["sft"], data_collator=SFTCollator(pad))
+    assert not sft.padding_free and type(sft.data_collator) is SFTCollator
+    dpo = PreferenceTrainer(make_model("lora"), args, train_dataset=features["preference"],
+                            data_collator=PreferenceCollator(pad))
+    assert not dpo.padding_free and not dpo.share_prompt and type(dpo.data_collator) is PreferenceCollator
+    noise = r"neftune_noise_alpha=5 scales its noise by 1/sqrt\(row length x width\)"
+    with pytest.raises(ConfigError, match=rf"^train.padding_free: true puts .*{noise}"):
+        SFTTrainer(make_model("lora"), args, train_dataset=features["sft"], data_collator=SFTCollator(pad),
+                   padding_free=True)
+    for key in ("padding_free", "share_prompt"):
+        with pytest.raises(ConfigError, match=rf"^train.{key}: true puts .*{noise}"):
+            PreferenceTrainer(make_model("lora"), args, train_dataset=features["preference"],
+                              data_collator=PreferenceCollator(pad), **{key: True})
+    plain = SFTTrainer(make_model("lora"), fast_args(tmp_path), train_dataset=features["sft"],
+                       data_collator=SFTCollator(pad))
+    assert plain.padding_free  # without NEFTune the CPU default still packs

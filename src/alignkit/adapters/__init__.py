@@ -36,7 +36,7 @@ _LAZY = {
                                  "register_adapter", "registry", "trainable_state_dict", "unwrap_lm",
                                  "unwrap_parallel")},
     **{name: "api" for name in ("ADAPTERS", "adapter_kind", "apply_adapter", "can_switch_off", "check_adapter_weights",
-                                "enable_gradient_checkpointing",
+                                "enable_gradient_checkpointing", "kept_when_off",
                                 "load_adapter", "load_adapter_weights", "reference_off", "reft_settings",
                                 "save_adapter", "saves_whole_model")},
 }

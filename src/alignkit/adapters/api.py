@@ -61,6 +61,12 @@ def reference_off(model: nn.Module) -> ContextManager[Any]:
     return adapter_of(model).off(model)
 
 
+def kept_when_off(model: nn.Module) -> list[str]:
+    """The modules `reference_off(model)` leaves as trained ([] when it gives the base model exactly): a ReFT's own
+    `modules_to_save` (e.g. lm_head), trained in place."""
+    return adapter_of(unwrap_parallel(model)).kept_when_off()
+
+
 def adapter_kind(model: nn.Module) -> str:
     """"full", "lora", "reft" or "reft+lora", from the wrappers around the transformers model (a name to
     log or record; to act on it, ask `adapter_of(model)`)."""
@@ -163,7 +169,7 @@ def enable_gradient_checkpointing(model: nn.Module, kwargs: dict | None = None) 
         lm.config.use_cache = False
 
 
-__all__ = ["ADAPTERS", "adapter_kind", "apply_adapter", "can_switch_off", "check_adapter_weights",
+__all__ = ["ADAPTERS", "adapter_kind", "apply_adapter", "can_switch_off", "check_adapter_weights", "kept_when_off",
            "enable_gradient_checkpointing",
            "load_adapter", "load_adapter_weights", "reference_off", "reft_settings", "save_adapter",
            "saves_whole_model"]

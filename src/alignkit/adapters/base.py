@@ -12,6 +12,7 @@ An `Adapter` is how a model is changed, as an object: one per kind (`full.py`, `
 | `load(model, folder)`       | wrap a base model with a saved folder; `load_weights`: in place (resume)    |
 | `describe(model)`           | the model card's adapter table; `info` its Hub library name and tags        |
 | `can_switch_off`            | `off` works (every kind but full finetuning)                                |
+| `kept_when_off()`           | modules `off` leaves trained (a ReFT's own `modules_to_save`): not the base |
 | `saves_whole_model`         | the trainable state is the whole model (its checkpoints are the Trainer's)  |
 | `weight_files`              | (file, what) a saved folder must hold; `require_files(folder)` refuses one  |
 |                             | lacking any (before a model is loaded)                                      |
@@ -144,6 +145,11 @@ class Adapter:
 
     def route(self, name: str) -> Route:
         raise NotImplementedError
+
+    def kept_when_off(self) -> list[str]:
+        """The modules `off` leaves as trained (trained whole in place, no base copy to switch back to): [] when
+        `off` gives the base model exactly."""
+        return []
 
     def save_weights(self, model: nn.Module, folder: Path, config: AdapterConfig,
                      state_dict: dict[str, torch.Tensor] | None) -> None:

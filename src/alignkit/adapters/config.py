@@ -98,6 +98,16 @@ class AdapterConfig:
         """The kind edits hidden states with ReFT interventions (reft, reft+lora)."""
         return "reft" in self.parts
 
+    @property
+    def trained_in_place(self) -> list[str]:
+        """The modules this config trains whole in place, which switching the adapter off (a DPO / KTO / online
+        reference "adapter_off") leaves trained: a ReFT part's `modules_to_save` when no LoRA part holds them (a ReFT
+        unfreezes them in the model; peft's `modules_to_save` keeps the base's copy and switches back to it). Empty
+        for a classifier's default head (None), which is chosen when the model is wrapped."""
+        if self.reft is None or "reft" not in self.parts or "lora" in self.parts:
+            return []
+        return list(self.reft.modules_to_save or [])
+
     def check_parts(self) -> None:
         """ValueError (`unused_part_message`, the CLI's line) for a part's settings (`PART_SETTINGS`) given to a kind
         without that part: `AdapterConfig(kind="full", lora=LoraSettings(r=8))` trained the whole model and read no

@@ -95,6 +95,11 @@ class Reft(Adapter):
     def off(self, model: nn.Module) -> ContextManager[Any]:
         return unwrap_parallel(model).disable_adapters()
 
+    def kept_when_off(self) -> list[str]:
+        """`modules_to_save` is trained in the model itself (no base copy): switching the interventions off leaves
+        it trained."""
+        return self._heads() if self.config is not None and self.config.reft is not None else []
+
     def route(self, name: str) -> Route:
         s = self.config.reft
         heads = self._heads()

@@ -36,8 +36,9 @@ from alignkit.settings.bounds import check_bounds
 from alignkit.settings.online_checks import CLIP_KEYS, check_accumulation, check_clip_acts
 from alignkit.settings.sampling import SamplingConfig, refuse_greedy_ignored
 from alignkit.settings.sections import (PROMPT_DATA_KEYS, DataSettings, DType, ModelSettings, PreferenceObjective,
-                                       RefSync, check_prompt_data, check_ptx, loss_names, refuse_ref_sync_adapter,
-                                       refuse_ref_sync_reference)
+                                       RefSync, check_prompt_data, check_ptx, loss_names, reference_free,
+                                       refuse_ref_sync_adapter,
+                                       refuse_ref_sync_reference, refuse_switched_off_trained_modules)
 from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.train import ONLINE_COMMANDS, ONLINE_LEARNING_RATES, check_train, online_trainer_kwargs
 from alignkit.settings.trl_names import trl_loss_type_message
@@ -425,6 +426,9 @@ class OnlineRunConfig:
         m = self.method
         refuse_ref_sync_adapter(m.ref_sync, self.adapter)
         refuse_ref_sync_reference(m.ref_sync, m.reference)
+        reads = (not reference_free(loss_names(m.loss_type)) if hasattr(m, "loss_type")  # online DPO's uses_reference
+                 else getattr(m, "kl_coef", 0) != 0 or getattr(m, "kl_target", None) is not None)
+        refuse_switched_off_trained_modules(self.adapter, m.reference, reads or m.reference != "auto")
         names = {"kl_estimator": ([m.kl_estimator], KL_ESTIMATORS)}
         if hasattr(m, "loss_type"):
             names["loss_type"] = (loss_names(m.loss_type), PREFERENCE_LOSSES)

@@ -388,6 +388,9 @@ class DPOConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         refuse_ref_sync_adapter(self.method.ref_sync, self.adapter)
+        m = self.method
+        switched_off = m.reference_cache_dir is None and not reference_free(loss_names(m.loss_type))
+        refuse_switched_off_trained_modules(self.adapter, m.reference, switched_off)
 
 
 @dataclass
@@ -398,6 +401,21 @@ class KTOConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         refuse_ref_sync_adapter(self.method.ref_sync, self.adapter)
+        refuse_switched_off_trained_modules(self.adapter, self.method.reference, True)
+
+
+def refuse_switched_off_trained_modules(adapter: AdapterConfig, reference: str, reads: bool) -> None:
+    """ConfigError for method.reference auto / adapter_off (`reads`: the loss reads a reference that is not
+    precomputed) with an adapter that trains modules whole in place (a ReFT's adapter.reft.modules_to_save): the
+    reference, the policy with its adapter off, would keep them trained and move with the policy. The trainers'
+    own refusal (`alignkit.trainers.reference.build_reference`), before the run folder is written."""
+    kept = adapter.trained_in_place
+    if kept and reads and reference in ("auto", "adapter_off"):
+        raise ConfigError(f"method.reference: {reference!r} scores the policy with its adapter switched off, and "
+                          f"adapter.reft.modules_to_save {kept} is trained whole in place, which switching off keeps "
+                          "as trained, so the reference would move with the policy; set method.reference=copy (or "
+                          "precomputed with method.reference_cache_dir, dpo), or use adapter.kind reft+lora with "
+                          "adapter.lora.modules_to_save (peft keeps the base's copy)")
 
 
 def refuse_ref_sync_adapter(ref_sync: RefSync | None, adapter: AdapterConfig) -> None:

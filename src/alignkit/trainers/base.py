@@ -197,7 +197,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
         warn_low_precision(self.model, self.args.learning_rate)  # bf16 weights: updates round away
         self.reft_prefix_cache = reft_prefix_cache
-        check_prefix_cache(self.model, reft_prefix_cache)  # before anything is written
+        check_prefix_cache(self.model, reft_prefix_cache, self.args)  # before anything is written
         logged = self.eval_metrics(**self.objective_settings())
         if logged is not None and isinstance(self.eval_dataset, dict):  # per set: eval_<set>_loss, eval_<set>_accuracy
             logged = tuple(f"{name}_{m}" for name in self.eval_dataset for m in logged + TRAINER_EVAL_METRICS)
@@ -543,7 +543,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         """The Trainer's `train`, from `resume_point(resume_from_checkpoint)` (trainers/checkpointing.py), under
         the ReFT prefix cache."""
         resume_from_checkpoint = self.resume_point(resume_from_checkpoint)
-        with prefix_cache(self.model, self.reft_prefix_cache, data_passes(self.args, self.train_dataset)):
+        with prefix_cache(self.model, self.reft_prefix_cache, data_passes(self.args, self.train_dataset), self.args):
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
 

@@ -7,9 +7,10 @@ together, in the same order); only their layout changes, so losses, gradients an
 up to float rounding (tests/trainers/test_varlen.py bounds it: ~1e-7 relative on the loss). It is the default on CPU
 where the packed row runs through `alignkit.models.varlen` (sdpa attention, no activation checkpointing, an architecture
 tested with it; not measured on GPUs, so not their default) with alignkit's own padded collator (or none given);
-anywhere else the default stays the padded batch. `padding_free=True` / `False` decide explicitly. The layout is
-resolved when the trainer is built, before accelerate wraps the model: a DDP or FSDP2 run on CPU processes takes the
-same default (tests/distributed/test_packing.py).
+anywhere else the default stays the padded batch, and so it does under NEFTune, whose noise is scaled by the row
+length (`refuse_noise_scaled_by_row`; true is refused there). `padding_free=True` / `False` decide explicitly. The
+layout is resolved when the trainer is built, before accelerate wraps the model: a DDP or FSDP2 run on CPU processes
+takes the same default (tests/distributed/test_packing.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from alignkit.adapters import adapter_kind, unwrap_lm, unwrap_parallel
 from alignkit.compat import attn_implementation
 from alignkit.data import PreferenceCollator, SFTCollator
 from alignkit.models import varlen
+from alignkit.settings import ConfigError
 from alignkit.settings.sections import check_pair_layout
 
 logger = logging.getLogger(__name__)
@@ -44,9 +46,30 @@ def on_cpu(args: Any) -> bool:
     return device is None or torch.device(device).type == "cpu"
 
 
+def refuse_noise_scaled_by_row(key: str, on: bool | None, args: Any) -> bool:
+    """Whether NEFTune (`neftune_noise_alpha`) keeps the layout `key` off: transformers' hook scales its noise by
+    1 / sqrt(row length x width) (compat row T34), and a packed or shared-prompt row is longer than the padded
+    batch's rows (B sequences in one row: about sqrt(B) times less noise than asked for). `on` True: ConfigError;
+    None (the default): True, logged, so the padded batch keeps the noise NEFTune is tuned for."""
+    alpha = getattr(args, "neftune_noise_alpha", None)
+    if not alpha or on is False:
+        return False
+    if on:
+        raise ConfigError(f"train.{key}: true puts a batch's sequences in longer rows, and train.neftune_noise_alpha="
+                          f"{alpha:g} scales its noise by 1/sqrt(row length x width) (transformers' NEFTune hook), so "
+                          f"the embeddings would get less noise than asked for; remove train.{key} (padded batches) "
+                          "or train.neftune_noise_alpha")
+    logger.info("%s off: NEFTune (neftune_noise_alpha=%g) scales its noise by the row length, so padded batches "
+                "keep the noise it is tuned for", key, alpha)
+    return True
+
+
 def resolve_padding_free(padding_free: bool | None, model: nn.Module, args: Any, collator: Any, paired: bool) -> bool:
     """`padding_free` as given, or for None: on when the run trains on CPU, the layout is `varlen_rows` and the
-    collator is alignkit's padded one of the right kind (or none given)."""
+    collator is alignkit's padded one of the right kind (or none given). Not with NEFTune
+    (`refuse_noise_scaled_by_row`)."""
+    if refuse_noise_scaled_by_row("padding_free", padding_free, args):
+        return False
     if padding_free is not None:
         return bool(padding_free)
     if not on_cpu(args):
@@ -76,6 +99,10 @@ def resolve_share_prompt(share_prompt: bool | None, padding_free: bool | None, m
     prompt once, no padding, each response attending over the prompt and itself), the model edits no positions
     (ReFT), padding_free is not asked for and the collator is alignkit's right-padded PreferenceCollator (or none
     given, unless `collator_required`). Same pairs per batch; values equal to the padded batch up to rounding."""
+    if padding_free:  # explicit (the DPO / RM trainers resolve None after this)
+        refuse_noise_scaled_by_row("padding_free", True, args)
+    if refuse_noise_scaled_by_row("share_prompt", share_prompt, args):
+        return False
     if share_prompt is not None:
         return bool(share_prompt)
     if padding_free or not on_cpu(args):
@@ -115,5 +142,6 @@ def _varlen_default(model: nn.Module, args: Any, chosen: str) -> bool:
     return on
 
 
-__all__ = ["VARLEN_MODEL_TYPES", "check_layout", "on_cpu", "resolve_online_share_prompt", "resolve_padding_free",
+__all__ = ["VARLEN_MODEL_TYPES", "check_layout", "on_cpu", "refuse_noise_scaled_by_row", "resolve_online_share_prompt",
+           "resolve_padding_free",
            "resolve_share_prompt", "varlen_rows"]

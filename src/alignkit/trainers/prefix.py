@@ -27,8 +27,19 @@ def _reft(model: nn.Module) -> Any:
     return inner if hasattr(inner, "enable_prefix_cache") else None
 
 
-def check_prefix_cache(model: nn.Module, setting: bool | None) -> None:
-    """Refuse `reft_prefix_cache=True` where it cannot apply (ConfigError, one line, before anything is written)."""
+def noise_reason(args: Any) -> str | None:
+    """Why a run with TrainingArguments `args` feeds the frozen layers other states each time (None: it does not):
+    NEFTune adds fresh noise to the input embeddings at every training forward, so the layers' output of an example
+    is not the same twice (cached, the run stopped at its second epoch with `PrefixCacheMismatch`)."""
+    alpha = getattr(args, "neftune_noise_alpha", None)
+    if alpha:
+        return f"train.neftune_noise_alpha={alpha:g} adds fresh noise to the input embeddings at every training forward"
+    return None
+
+
+def check_prefix_cache(model: nn.Module, setting: bool | None, args: Any = None) -> None:
+    """Refuse `reft_prefix_cache=True` where it cannot apply (ConfigError, one line, before anything is written).
+    `args`: the run's TrainingArguments (`noise_reason`)."""
     if setting is not None and not isinstance(setting, bool):
         raise ConfigError(f"reft_prefix_cache must be true, false or null, got {setting!r}")
     if setting is not True:
@@ -38,7 +49,7 @@ def check_prefix_cache(model: nn.Module, setting: bool | None) -> None:
         raise ConfigError("train.reft_prefix_cache: true needs a ReFT adapter (adapter.kind reft or reft+lora); this "
                           "model "
                          "has none: leave train.reft_prefix_cache out")
-    reason = unusable_reason(reft)
+    reason = unusable_reason(reft) or noise_reason(args)
     if reason is not None:
         raise ConfigError("train.reft_prefix_cache: true, but the layers below the interventions are not a fixed "
                           "function "
@@ -58,14 +69,15 @@ def data_passes(args: Any, dataset: Any) -> float | None:
 
 
 @contextlib.contextmanager
-def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None) -> Iterator[None]:
-    """The cache on `model`'s ReftModel for the duration of the block (see the module's docstring)."""
+def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None, args: Any = None) -> Iterator[None]:
+    """The cache on `model`'s ReftModel for the duration of the block (see the module's docstring); `args`: the
+    run's TrainingArguments (`noise_reason`)."""
     reft = _reft(model)
     if reft is None or setting is False:
         yield
         return
     if setting is None:
-        reason = unusable_reason(reft)
+        reason = unusable_reason(reft) or noise_reason(args)
         if reason is None and (passes is None or passes <= 1):
             reason = "the run passes over its examples once" if passes is not None else "the dataset has no length"
         if reason is None and next(reft.parameters()).device.type != "cpu":
@@ -86,4 +98,4 @@ def prefix_cache(model: nn.Module, setting: bool | None, passes: float | None) -
         reft.disable_prefix_cache()
 
 
-__all__ = ["check_prefix_cache", "data_passes", "prefix_cache"]
+__all__ = ["check_prefix_cache", "data_passes", "noise_reason", "prefix_cache"]

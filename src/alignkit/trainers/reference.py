@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from alignkit.adapters import adapter_kind, can_switch_off, reference_off, unwrap_lm
+from alignkit.adapters import adapter_kind, can_switch_off, kept_when_off, reference_off, unwrap_lm
 from alignkit.distributed import shard_reference
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.logps import completion_logps
@@ -199,7 +199,8 @@ def build_reference(model: nn.Module, mode: str = "auto", *, ref_model: nn.Modul
         elif cache_dir is not None:
             mode = "precomputed"
         else:
-            mode = "adapter_off" if can_switch_off(model) and ref_model is None else "copy"
+            switch_off = can_switch_off(model) and not (kept_when_off(model) and make_copy is not None)
+            mode = "adapter_off" if switch_off and ref_model is None else "copy"
     if mode not in supports:
         raise ValueError(f"{owner or 'this trainer'} supports reference {' or '.join(map(repr, supports))}, not "
                          f"{mode!r}")
@@ -207,6 +208,13 @@ def build_reference(model: nn.Module, mode: str = "auto", *, ref_model: nn.Modul
         others = [repr(m) for m in supports if m in ("copy", "precomputed")]
         raise ValueError("reference='adapter_off' needs an adapter (lora, reft, reft+lora); a fully finetuned model "
                          f"has none: use reference {' or '.join(others)}, or pass ref_model (a frozen reference)")
+    if mode == "adapter_off" and (kept := kept_when_off(model)):
+        others = [repr(m) for m in supports if m in ("precomputed", "copy")]
+        raise ValueError(f"{owner or 'this trainer'}: the reference is the policy with its adapter switched off, and "
+                         f"the ReFT adapter trains {', '.join(kept)} whole in place (adapter.reft.modules_to_save), "
+                         "which switching off keeps as trained, so the reference would move with the policy; use "
+                         f"reference {' or '.join(others)} (or pass ref_model), or adapter.kind reft+lora with "
+                         "adapter.lora.modules_to_save (peft keeps the base's copy)")
     refuse_unused_reference_inputs(mode, given, ref_model, cache_dir, owner)
     if mode == "copy" and ref_model is None:
         ref_model = make_copy() if make_copy is not None else frozen_copy(model)
