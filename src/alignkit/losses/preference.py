@@ -435,9 +435,14 @@ def fdpo_alpha_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOut
 
 
 def check_loss_weights(names: Sequence[str], loss_weights: Sequence[float] | None, who: str) -> list[float]:
-    """The weight of each loss of `names` (1 each when `loss_weights` is None); a ValueError naming `who` when
-    `loss_weights` does not give exactly one weight per loss type, or gives a negative one or only zeros. Trainers
+    """The weight of each loss of `names` (1 each when `loss_weights` is None); a ValueError naming `who` when a loss
+    type is listed twice, or `loss_weights` does not give exactly one weight per loss type, or gives a negative one or
+    only zeros. Trainers
     call it when they are built, so a mismatch stops before the first step."""
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:  # added twice and logged once (loss/<name>): one entry with its weight says the same
+        raise ValueError(f"{who}: loss type {twice[0]!r} is listed more than once in {list(names)}; list each loss "
+                         "type once (loss_weights scales a loss type: one weight per loss type)")
     weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
     if len(weights) != len(names):
         raise ValueError(f"{who}: {len(names)} loss types {list(names)} but {len(weights)} loss_weights; "
