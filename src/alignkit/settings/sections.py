@@ -74,7 +74,7 @@ class RewardMethod:
     center_rewards_coefficient: float | None = None
     l2_coefficient: float = 0.0
     weight_normalization: Literal["count", "weighted"] = "count"
-    disable_dropout: bool = True  # as TRL's RewardConfig (and dpo / kto here): every nn.Dropout of the model at p = 0
+    disable_dropout: bool = True  # as TRL's RewardConfig (dpo / kto too): no dropout in the model (turn_off_dropout)
 
     def __post_init__(self) -> None:
         if self.ranked and self.center_rewards_coefficient:
