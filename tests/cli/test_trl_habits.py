@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignkit.cli import main
 from alignkit.settings import load_config
@@ -510,3 +511,31 @@ def test_a_flat_trl_config_names_where_its_keys_go(tmp_path, capsys, key, says):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{key}: unknown key at the top level ({key} is TRL's name" in err and says in err
     assert "or give TRL's names as flags" in err
+
+
+@pytest.mark.parametrize("command", ["dpo", "online-dpo"])
+def test_a_loss_type_listed_twice_is_refused_in_one_line(command, tmp_path, capsys):
+    """method.loss_type=[sigmoid, sigmoid] was accepted: the DPO loss was added twice (doubled) and logged once
+    (loss/sigmoid). Now one line naming the repeated loss type, nothing written; a weight says what the repeat meant
+    (method.loss_weights scales each loss type). The Python API (preference_loss, the trainers' check) refuses it too."""
+    from alignkit.losses import PreferenceBatch, PreferenceParams, check_loss_weights, preference_loss
+    from alignkit.settings import ConfigError
+
+    base = ["model.path=tiny:llama", "data.path=bundled:data/hh_rlhf_sample.jsonl"]
+    if command == "online-dpo":
+        base.append("annotator={kind: function, function: 'alignkit.rewards:digit_fraction'}")
+    with pytest.raises(ConfigError, match=r"method.loss_type: 'sigmoid' is listed more than once"):
+        load_config(None, [*base, "method.loss_type=[sigmoid, sft, sigmoid]"], command=command)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    config = {"dpo": "dpo-tiny.yaml", "online-dpo": "online-dpo-tiny.yaml"}[command]
+    assert main(["-q", command, "--config", str(CONFIGS / config), f"output_dir={out}",
+                 "method.loss_type=[sigmoid, sigmoid]"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"alignkit {command}")]
+    assert len(err) == 1 and "'sigmoid' is listed more than once" in err[0], err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"PreferenceTrainer: loss type 'sigmoid' is listed more than once"):
+        check_loss_weights(["sigmoid", "sigmoid"], [1.0, 0.5], "PreferenceTrainer")
+    batch = PreferenceBatch(torch.tensor([-1.0]), torch.tensor([-2.0]))
+    with pytest.raises(ValueError, match="listed more than once"):
+        preference_loss(batch, PreferenceParams(), ["sigmoid", "sigmoid"])

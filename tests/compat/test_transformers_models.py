@@ -563,3 +563,26 @@ def test_a_causal_lm_loss_skips_labels_of_minus_100_and_predicts_each_label_from
     check(math.isclose(float(out.loss), float(want), rel_tol=1e-5), TF,
           "a causal LM's loss no longer skips labels of -100 and scores label t at logits t - 1", where,
           f"loss {float(out.loss)} against {float(want)} over targets 3-5")
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Mistral", "Gemma", "Qwen3", "Phi3"])
+def test_attention_modules_keep_their_dropout_rate_as_attention_dropout(arch):
+    """T35: these attention modules keep config.attention_dropout as the float attribute `attention_dropout` and
+    pass it to the attention function in training mode, not through an nn.Dropout (turn_off_dropout zeroes float
+    rates named like dropouts, `is_dropout_rate`; a rename to a name without "dropout" would leave it on)."""
+    import inspect
+
+    import transformers
+
+    from alignkit.trainers.base import is_dropout_rate
+
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                 head_dim=8, attention_dropout=0.25, pad_token_id=0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg)
+    attn = [m for m in model.modules() if type(m).__name__ == f"{arch}Attention"]
+    assert len(attn) == 1
+    rates = {k: v for k, v in vars(attn[0]).items() if is_dropout_rate(k, v)}
+    assert rates == {"attention_dropout": 0.25}, rates
+    src = inspect.getsource(type(attn[0]).forward)
+    assert "self.attention_dropout" in src and "self.training" in src

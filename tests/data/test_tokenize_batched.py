@@ -182,3 +182,39 @@ def test_a_trainers_dataset_from_files_is_tokenized_again_when_a_registered_form
         out, _ = prepare_dataset(ds, tokenizer, ["sft"], cfg)
         got.append(out[0]["input_ids"][:out[0]["prompt_length"]])
     assert got == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("SAY HI: ", "say hi: ")]
+
+
+@pytest.mark.parametrize("setting", ["do_basic_tokenize", "do_lower_case"])
+def test_a_slow_tokenizer_setting_changed_after_loading_misses_the_cache(setting, tmp_path):
+    """A tokenizer without a Rust backend (transformers 5's PythonBackend / SentencePieceBackend: bert legacy, byt5,
+    marian, siglip, ...) was keyed by its vocabulary alone: switching a setting that changes its ids
+    (`do_basic_tokenize`: no split on spaces and punctuation first; `basic_tokenizer.do_lower_case`) hit the features of
+    the first run, silently wrong tokens. Now the second run misses and its ids are the tokenizer's own."""
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "Hello", "!"]) + "\n")
+    tok = BertTokenizerLegacy(str(vocab), do_lower_case=False, eos_token="[SEP]")
+    assert not tok.is_fast and getattr(tok, "backend_tokenizer", None) is None
+    records = [SFTRecord(prompt="Hello", completion=" world!", id="r")]
+    cfg = TokenizeConfig(max_length=32, max_prompt_length=None, formatter="plain")
+    cache = tmp_path / "cache"
+    first, _ = tokenize_records(records, tok, cfg, cache_dir=cache)
+    if setting == "do_basic_tokenize":
+        tok.do_basic_tokenize = False  # " world!" is one word piece: [UNK]
+    else:
+        tok.basic_tokenizer.do_lower_case = True  # "Hello" -> "hello"
+    want = tok("Hello world!")["input_ids"]
+    second, _ = tokenize_records(records, tok, cfg, cache_dir=cache)
+    assert second != first and second[0]["input_ids"][:len(want) - 1] == want[:-1]
+    assert len(list(cache.glob("*.jsonl"))) == 2  # the second run missed
+
+
+def test_a_fast_tokenizer_add_eos_token_is_in_the_key(tokenizer):
+    """A fast tokenizer's add_bos_token / add_eos_token live in its post-processor, part of the backend JSON the key
+    hashes: switching one changes the ids ([.., eos] at the end) and the key."""
+    cfg = TokenizeConfig(max_length=80, max_prompt_length=None)
+    other = copy.deepcopy(tokenizer)
+    other.add_eos_token = True
+    assert other("hi")["input_ids"] == tokenizer("hi")["input_ids"] + [tokenizer.eos_token_id]
+    assert tk.cache_key(corpus(), other, cfg) != tk.cache_key(corpus(), tokenizer, cfg)

@@ -322,3 +322,22 @@ def _unchecked(**values) -> PreferenceParams:
     p = object.__new__(PreferenceParams)
     p.__dict__.update({f.name: f.default for f in dataclasses.fields(PreferenceParams)}, **values)
     return p
+
+
+@pytest.mark.parametrize("name", ["sft", "orpo", "cpo"])
+@pytest.mark.parametrize("norm, want", [("weighted", 4.0 / 2), ("count", 4.0 / 102)])
+def test_chosen_nll_follows_the_weights_and_their_normalisation(name, norm, want):
+    """Weights [1, 0], chosen lengths [2, 100], chosen log-probs [-4, -300]. The trainer reduces sum_i w_i L_i / N
+    (N = 2 pairs under "count", sum w = 1 under "weighted"); the NLL term must then be the chosen token mean
+    sum w NLL / T with T counted the same way: "weighted" 4 / (1*2) = 2 (the weight-0 pair's 100 tokens out), "count"
+    (1*4 + 0*300) / 102. Before: N / T was always B / sum |y_w| = 2 / 102, so "weighted" gave 4 / 51 (25.5x too
+    small)."""
+    w = torch.tensor([1.0, 0.0])
+    batch = PreferenceBatch(torch.tensor([-4.0, -300.0]), torch.tensor([-5.0, -6.0]),
+                            chosen_lengths=torch.tensor([2, 100]), rejected_lengths=torch.tensor([3, 3]), weights=w, weight_normalization=norm)
+    out = PREFERENCE_LOSSES[name](batch, PreferenceParams())
+    nll = out.losses if name == "sft" else out.metrics["nll_loss"]
+    n = w.sum() if norm == "weighted" else 2.0
+    assert float((w * nll).sum() / n) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="weight_normalization"):
+        PreferenceBatch(torch.zeros(2), torch.zeros(2), weight_normalization="mean")

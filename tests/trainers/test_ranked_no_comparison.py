@@ -62,3 +62,30 @@ def test_records_that_all_compare_nothing_are_refused_in_one_line(make_model, to
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("train_dataset: none of its 2 ranked record(s)") and "'tied'" in msg
     assert not any((tmp_path / "run").rglob("*"))  # the Trainer makes the folder; nothing is written in it
+
+
+def test_pairs_cut_to_the_same_tokens_leave_the_training_loss_as_they_leave_evaluation(make_model, tokenizer,
+                                                                                      tmp_path, caplog):
+    """A record of 3 ordered replies whose first two differ only past max_length: before, training kept the pair
+    (0, 1) (equal scores: a constant log 2, accuracy 0) while evaluation left it out, so the training loss was
+    (log 2 + l02 + l12) / 3 where evaluation said (l02 + l12) / 2. Now the loss leaves it out too (hand values from
+    the rows' scores), with one warning counting it."""
+    long = " and so on" * 40
+    recs = [RankedRecord(PROMPTS[1], [GOOD[1] + long + " A", GOOD[1] + long + " B", BAD[1]], id="cut")]
+    feats, _ = tokenize_records(recs, tokenizer, max_length=24, max_prompt_length=8)
+    assert feats[0]["input_ids"][0] == feats[0]["input_ids"][1] != feats[0]["input_ids"][2]
+    model = make_model("full", classifier=True)
+    model.eval()
+    with torch.no_grad():
+        a, _, c = (float(model(input_ids=torch.tensor([ids])).logits[0, 0]) for ids in feats[0]["input_ids"])
+    collator = RankedCollator(tokenizer.pad_token_id)
+    with caplog.at_level(logging.WARNING, logger="alignkit.trainers.reward"):
+        trainer = RewardTrainer(model, fast_args(tmp_path), train_dataset=feats, data_collator=collator)
+    said = [r.getMessage() for r in caplog.records if "cut to the same tokens" in r.getMessage()]
+    assert len(said) == 1 and "train_dataset: 1 ordered pair(s) of replies in 1 ranked record(s)" in said[0], said
+    model.train()
+    with torch.no_grad():
+        loss, out = trainer.compute_loss(model, collator(feats), return_outputs=True)
+    assert float(loss) == pytest.approx(nls(a - c), rel=1e-4)  # pairs (0, 2) and (1, 2): replies 0 and 1 score a
+    assert float(out.metrics["num_pairs"][0]) == 2.0
+    assert float(out.metrics["accuracy"][0]) == float(a > c)

@@ -84,3 +84,18 @@ def test_sample_weights_reach_the_loss(norm, make_model, features, collators, tm
     torch.testing.assert_close(lw, ld * scale)
     for n in gw:
         torch.testing.assert_close(gw[n], gd[n] * scale, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid", "sft"], "orpo", "cpo"])
+def test_weighted_chosen_nll_drops_weight_0_pairs(loss_type, make_model, features, collators, tmp_path):
+    """Under weight_normalization="weighted" a weight-0 pair is exactly as if dropped, in every term of the loss: the
+    chosen NLL of sft / orpo / cpo too (before, its tokens still counted in the NLL's token mean)."""
+    feats, col = features["preference"][:4], collators["preference"]
+    model = make_model("lora")
+    trainer = PreferenceTrainer(model, fast_args(tmp_path), train_dataset=features["preference"], data_collator=col,
+                                weight_normalization="weighted", loss_type=loss_type)
+    model.train()
+    with torch.no_grad():
+        lw = trainer.compute_loss(model, col(_weighted(feats, [1.0, 0.0, 2.0, 0.0])))
+        ld = trainer.compute_loss(model, col(_weighted([feats[0], feats[2]], [1.0, 2.0])))
+    torch.testing.assert_close(lw, ld)

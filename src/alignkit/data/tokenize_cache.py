@@ -40,13 +40,41 @@ def sha(*parts: Any) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """What the token ids depend on: the vocabulary/merges/normalizer (the backend's full JSON for a fast
-    tokenizer, else the vocabulary), special tokens and the chat template."""
+    tokenizer, whose post-processor holds add_bos_token / add_eos_token; else `slow_tokenizer_state`), special tokens
+    and the chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = (backend.to_str() if backend is not None and hasattr(backend, "to_str")
-            else sorted(tokenizer.get_vocab().items()))
+            else slow_tokenizer_state(tokenizer))
     specials = getattr(tokenizer, "special_tokens_map", {})
     return sha(type(tokenizer).__name__, body, sorted(specials.items()), getattr(tokenizer, "chat_template", None),
                tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
+
+
+def slow_tokenizer_state(tokenizer: Any) -> list:
+    """What a tokenizer without a Rust backend encodes by (transformers 5's `PythonBackend` / `SentencePieceBackend`
+    classes: byt5, bert_japanese, marian, siglip, gpt_sw3, ...): its vocabulary and added tokens, its class's source,
+    the sentencepiece model (normalizer rules included) and every plain setting it keeps, also one object down
+    (`special_tokens_pattern`, `basic_tokenizer.do_lower_case`, ...), changed after loading or not. File paths and
+    name_or_path are left out: the same tokenizer read from another folder hits."""
+    sp = getattr(tokenizer, "sp_model", None)
+    proto = sp.serialized_model_proto() if hasattr(sp, "serialized_model_proto") else None
+    added = sorted((i, repr(t)) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items())
+    module = sys.modules.get(type(tokenizer).__module__)
+    path = getattr(module, "__file__", None)
+    source = Path(path).read_bytes() if path and Path(path).is_file() else b""
+    return [sorted(tokenizer.get_vocab().items()), added, sha(source), proto and sha(proto), _settings(tokenizer, 1)]
+
+
+def _settings(obj: Any, depth: int) -> list:
+    out: list = []
+    for k, v in sorted(vars(obj).items()):
+        if k == "name_or_path" or k.endswith("_file"):
+            continue
+        if v is None or isinstance(v, (str, int, float, bool)):
+            out.append((k, v))
+        elif depth and hasattr(v, "__dict__") and not callable(v) and not isinstance(v, (type, types.ModuleType)):
+            out.append((k, type(v).__name__, _settings(v, depth - 1)))
+    return out
 
 
 def code_fingerprint(modules: tuple[str, ...] = FEATURE_MODULES) -> str:
@@ -133,4 +161,4 @@ def write_cache(folder: Path, key: str, feats: list[dict], summary: dict) -> Non
 
 
 __all__ = ["FEATURE_MODULES", "cache_key", "code_fingerprint", "formatters_fingerprint", "function_fingerprint",
-           "read_cache", "sha", "tokenizer_fingerprint", "write_cache"]
+           "read_cache", "sha", "slow_tokenizer_state", "tokenizer_fingerprint", "write_cache"]

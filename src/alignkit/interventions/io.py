@@ -31,7 +31,7 @@ from safetensors.torch import load, save
 from torch import nn
 from transformers import CONFIG_MAPPING
 
-from alignkit.files import atomic_write
+from alignkit.files import atomic_write, read_json_object
 from alignkit.interventions import intervention_types
 from alignkit.interventions.base import Intervention, build_intervention
 from alignkit.interventions.config import ReftConfig
@@ -97,14 +97,10 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a ReFT checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
                                 "(written by ReftModel.save_pretrained)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt, save the adapter again") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an alignkit ReFT config (format "
-                         f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r}); for a "
-                         "pyreft checkpoint use load_pyreft")
+    meta = read_json_object(path, "save the adapter again")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an alignkit ReFT config (format {meta.get('format')!r}, expected {FORMAT!r}); "
+                         "for a pyreft checkpoint use load_pyreft")
     if meta.get("version") != VERSION:  # another layout: read as this one, it would load wrong or fail later
         version = meta.get("version")
         newer = isinstance(version, int) and not isinstance(version, bool) and version > VERSION

@@ -32,7 +32,6 @@ Tensors are read with `torch.load(..., weights_only=True)` only: no pickled code
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from alignkit.files import read_json_object
 from alignkit.interventions.base import DTYPES, Intervention, build_intervention, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -155,11 +155,8 @@ def _find_config(folder: Path) -> Path:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt, re-save it with pyreft") from None
-    if not isinstance(config, dict) or not isinstance(config.get("representations"), list):
+    config = read_json_object(path, "re-save it with pyreft")
+    if not isinstance(config.get("representations"), list):
         raise ValueError(f"{path}: expected pyvene's IntervenableConfig with a 'representations' list; "
                          "is this a pyreft checkpoint folder?")
     return config

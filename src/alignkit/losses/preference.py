@@ -35,7 +35,12 @@ from .registry import PAIR_METRICS, PREFERENCE_LOSSES, LossOutput
 
 @dataclass
 class PreferenceBatch:
-    """Per-pair sequence log-probs `(B,)`; lengths are completion token counts `(B,)`."""
+    """Per-pair sequence log-probs `(B,)`; lengths are completion token counts `(B,)`.
+
+    `weights` `(B,)` (None: 1 each) and `weight_normalization` ("count" | "weighted") are the trainer's, read only by
+    the chosen-NLL terms (sft, orpo, cpo; `nll_scale`): the trainer reduces every per-pair loss as
+    sum_i w_i L_i / N (N = B under "count", sum_i w_i under "weighted"), and the NLL term's share then comes out as
+    the token mean sum_i w_i NLL_i / T with T reduced the same way (sum_i |y_w,i|, or sum_i w_i |y_w,i|)."""
 
     policy_chosen_logps: Tensor
     policy_rejected_logps: Tensor
@@ -43,11 +48,16 @@ class PreferenceBatch:
     reference_rejected_logps: Tensor | None = None
     chosen_lengths: Tensor | None = None
     rejected_lengths: Tensor | None = None
+    weights: Tensor | None = None
+    weight_normalization: str = "count"
 
     def __post_init__(self) -> None:
+        if self.weight_normalization not in ("count", "weighted"):
+            raise ValueError(f"PreferenceBatch.weight_normalization must be 'count' or 'weighted', got "
+                             f"{self.weight_normalization!r}")
         shape = self.policy_chosen_logps.shape
         for name in ("policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
-                     "chosen_lengths", "rejected_lengths"):
+                     "chosen_lengths", "rejected_lengths", "weights"):
             t = getattr(self, name)
             if t is not None and t.shape != shape:
                 raise ValueError(f"PreferenceBatch.{name} has shape {tuple(t.shape)}, expected {tuple(shape)} "
@@ -72,6 +82,17 @@ class PreferenceBatch:
                              "and rejected_lengths (number of completion tokens per pair) in PreferenceBatch")
         dt = self.policy_chosen_logps.dtype
         return self.chosen_lengths.to(dt).clamp(min=1.0), self.rejected_lengths.to(dt).clamp(min=1.0)
+
+    def nll_scale(self, loss: str) -> Tensor:
+        """N / T, the factor that turns a pair's chosen NLL (a sum over its tokens) into its share of the batch's token
+        mean: N = B and T = sum_i |y_w,i| under "count"; N = sum_i w_i and T = sum_i w_i |y_w,i| under "weighted"
+        (the trainer's reduction sum_i w_i L_i / N then gives sum_i w_i NLL_i / T, where a weight-0 pair adds nothing
+        to the NLL nor to T). Needs chosen_lengths."""
+        lw, _ = self.lengths(loss)
+        if self.weight_normalization == "weighted" and self.weights is not None:
+            w = self.weights.to(lw.dtype)
+            return w.sum() / (w * lw).sum().clamp(min=torch.finfo(lw.dtype).tiny)  # all weights 0: 0 (nothing to add)
+        return lw.new_tensor(float(lw.shape[0])) / lw.sum()
 
 
 @dataclass
@@ -274,14 +295,13 @@ def apo_down_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutpu
 def sft_term(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     """NLL on the chosen completions, token-averaged over the batch (TRL's `sft` loss_type, MPO).
 
-        L_i = -B * log pi_theta(y_w,i|x_i) / sum_j |y_w,j|
+        L_i = -log pi_theta(y_w,i|x_i) * N / T          (`PreferenceBatch.nll_scale`)
 
-    so that the MEAN over pairs is TRL's batch-level cross-entropy (total chosen NLL / total chosen
-    tokens). Needs chosen_lengths. Use it inside a combination, e.g. ["sigmoid", "sft"].
+    so that the trainer's reduction sum_i w_i L_i / N is the batch's chosen cross-entropy sum_i w_i NLL_i / T (TRL's
+    total chosen NLL / total chosen tokens when every weight is 1; T counts tokens as `weight_normalization` counts
+    pairs). Needs chosen_lengths. Use it inside a combination, e.g. ["sigmoid", "sft"].
     """
-    lw, _ = batch.lengths("sft")
-    B = batch.policy_chosen_logps.shape[0]
-    return _output(batch, params, -batch.policy_chosen_logps * B / lw.sum())
+    return _output(batch, params, -batch.policy_chosen_logps * batch.nll_scale("sft"))
 
 
 @PREFERENCE_LOSSES.register("simpo")
@@ -308,7 +328,7 @@ def orpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
 
         a = log P(y|x) / |y| (length-averaged),   odds(y) = P / (1 - P)
         log OR = (a_w - a_l) - (log(1 - e^{a_w}) - log(1 - e^{a_l}))
-        L_i = NLL_i - lambda * log sigma(log OR),   NLL_i = -B log P(y_w,i|x_i) / sum_j |y_w,j|
+        L_i = NLL_i - lambda * log sigma(log OR),   NLL_i = -log P(y_w,i|x_i) * N / T   (as the `sft` term)
 
     Reference-free. As TRL's ORPOTrainer, the NLL is the chosen cross-entropy averaged over all
     chosen tokens of the batch (spread over pairs so that the mean over pairs equals it; the paper
@@ -321,7 +341,7 @@ def orpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     log1m = lambda a: torch.log(-torch.expm1(a.clamp(max=-1e-6)))  # noqa: E731
     log_odds = (aw - al) - (log1m(aw) - log1m(al))
     ratio = F.logsigmoid(log_odds)
-    nll = -batch.policy_chosen_logps * aw.shape[0] / lw.sum()
+    nll = -batch.policy_chosen_logps * batch.nll_scale("orpo")
     lam = params.orpo_lambda
     return _output(batch, params, nll - lam * ratio, rewards=(lam * aw, lam * al),
                    log_odds_ratio=ratio, log_odds_chosen=log_odds, nll_loss=nll)
@@ -368,8 +388,7 @@ def cpo_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutput:
     Needs chosen_lengths.
     """
     pw, pl = batch.policy_chosen_logps, batch.policy_rejected_logps
-    lw, _ = batch.lengths("cpo")
-    nll = -pw * pw.shape[0] / lw.sum()
+    nll = -pw * batch.nll_scale("cpo")
     losses = _smoothed_sigmoid(params.beta * (pw - pl), params.label_smoothing) + params.cpo_alpha * nll
     return _output(batch, params, losses, rewards=(params.beta * pw, params.beta * pl), nll_loss=nll)
 
@@ -416,9 +435,14 @@ def fdpo_alpha_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOut
 
 
 def check_loss_weights(names: Sequence[str], loss_weights: Sequence[float] | None, who: str) -> list[float]:
-    """The weight of each loss of `names` (1 each when `loss_weights` is None); a ValueError naming `who` when
-    `loss_weights` does not give exactly one weight per loss type, or gives a negative one or only zeros. Trainers
+    """The weight of each loss of `names` (1 each when `loss_weights` is None); a ValueError naming `who` when a loss
+    type is listed twice, or `loss_weights` does not give exactly one weight per loss type, or gives a negative one or
+    only zeros. Trainers
     call it when they are built, so a mismatch stops before the first step."""
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:  # added twice and logged once (loss/<name>): one entry with its weight says the same
+        raise ValueError(f"{who}: loss type {twice[0]!r} is listed more than once in {list(names)}; list each loss "
+                         "type once (loss_weights scales a loss type: one weight per loss type)")
     weights = [1.0] * len(names) if loss_weights is None else list(loss_weights)
     if len(weights) != len(names):
         raise ValueError(f"{who}: {len(names)} loss types {list(names)} but {len(weights)} loss_weights; "

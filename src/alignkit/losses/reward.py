@@ -65,7 +65,7 @@ def _pairs(K: int, device: torch.device) -> tuple[Tensor, Tensor]:
 @REWARD_LOSSES.register("ranking", metrics=("accuracy", "kendall_tau", "num_pairs", "rewards/best",
                                                  "rewards/worst"))
 def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: float = 0.0,
-                 ranks: Tensor | None = None) -> LossOutput:
+                 ranks: Tensor | None = None, exclude: Tensor | None = None) -> LossOutput:
     """Open-Assistant K-wise ranking loss: mean over all pairs i<j of -log sigma(r_i - r_j), per prompt.
 
     Args:
@@ -75,6 +75,8 @@ def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: fl
         l2_coefficient: Open-Assistant's `beta * 0.5 * (r_i^2 + r_j^2)` regulariser, per pair.
         ranks: `(P, K)` the replies' ranks (non-decreasing along a row, equal = tied): tied pairs are not
             comparisons (neither is better). None means strictly ordered (every pair i<j counts).
+        exclude: `(P, K, K)` bool, pairs (i, j) that are no comparison either (replies with the same tokens, cut to
+            one text by the length limits: `trainers.reward.same_tokens`; their scores are equal whatever the model).
 
     Returns per-prompt losses `(P,)` (0 for prompts with fewer than 2 ordered replies) and metrics
     `accuracy` (fraction of correctly ordered pairs), `kendall_tau`, `num_pairs`,
@@ -96,6 +98,8 @@ def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: fl
         if ranks.shape != rewards.shape:
             raise ValueError(f"ranking_loss: ranks {tuple(ranks.shape)} != rewards {tuple(rewards.shape)}")
         valid = valid & (ranks[:, i] < ranks[:, j])  # a tied pair is no comparison
+    if exclude is not None:
+        valid = valid & ~exclude[:, i, j]
     valid = valid.to(rewards.dtype)
     ri, rj = rewards[:, i], rewards[:, j]  # (P, M)
     per_pair = -F.logsigmoid(ri - rj)
@@ -109,7 +113,7 @@ def ranking_loss(rewards: Tensor, mask: Tensor | None = None, l2_coefficient: fl
         last = (n_valid - 1).clamp(min=0)
         metrics = {
             "accuracy": correct,
-            "kendall_tau": kendall_tau(rewards, mask, ranks),
+            "kendall_tau": kendall_tau(rewards, mask, ranks, exclude=exclude),
             "num_pairs": n_pairs,
             "rewards/best": rewards[:, 0].detach(),
             "rewards/worst": rewards.detach().gather(1, last[:, None]).squeeze(1),
@@ -127,7 +131,7 @@ def kendall_tau(scores: Tensor, mask: Tensor | None = None, ranks: Tensor | None
     (smaller rank = better; tied true ranks are not counted as pairs). A pair (i better than j) is
     concordant if score_i > score_j, discordant if score_i < score_j; tied scores count as neither.
     Rows with fewer than 2 valid items give 0. `exclude (P, K, K)` (bool): pairs (i, j) that are no pair either
-    (replies with the same tokens: `trainers.evaluation.same_tokens`).
+    (replies with the same tokens: `trainers.reward.same_tokens`).
     """
     if scores.dim() == 1:
         return kendall_tau(scores[None], None if mask is None else mask[None],

@@ -6,7 +6,6 @@ checkpoint's), never a silent bfloat16.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,7 @@ from transformers import (
     AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerFast,
 )
 
+from alignkit.files import read_json_object
 from alignkit.models.rope import apply_rope_scaling
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ def load_tokenizer(path: str | Path, *, padding_side: str | None = None, trust_r
     cfg_file = Path(path) / "tokenizer_config.json"
     declared = None
     if cfg_file.is_file():
-        try:
-            declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e}); re-save the tokenizer with save_pretrained") from e
+        declared = read_json_object(cfg_file, "re-save the tokenizer with save_pretrained").get("tokenizer_class")
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
         tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:

@@ -237,7 +237,8 @@ class OnlineDPOTrainer(OnlineTrainer):
         stats = self.token_stats(select(pairs.rollout.batch, rows), entropy=on_policy)
         logps, lengths = sequence_sums(stats.logps, stats.mask), stats.mask.sum(-1)  # (2M,), (2M,)
         ref = None if pairs.ref_chosen is None else torch.cat([pairs.ref_chosen[idx], pairs.ref_rejected[idx]])
-        batch = pair_batch(logps, lengths, ref)  # rows: the M chosen, then the M rejected
+        # rows: the M chosen, then the M rejected; reduced by the weights' sum, so "weighted" for the NLL terms
+        batch = pair_batch(logps, lengths, ref, pairs.weights[idx].to(logps.dtype), "weighted")
         params = resolve_params(c.params, c.beta, "OnlineDPOConfig")
         out = preference_loss(batch, params, c.loss_type, c.loss_weights)
         loss = reduce_loss(out.losses, pairs.weights[idx], normalizer)

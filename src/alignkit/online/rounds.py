@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from alignkit.data import load_records
 from alignkit.data.records import DataError, Record
-from alignkit.files import atomic_write_jsonl, atomic_write_text, read_jsonl
+from alignkit.files import atomic_write_jsonl, atomic_write_text, read_json_object, read_jsonl
 from alignkit.online.annotators import Annotator, Scores, build_annotator
 from alignkit.online.feedback import FEEDBACK_MODES, build_records
 from alignkit.online.generation import (Sample, SamplingConfig, as_prompt_records, generate_responses,
@@ -61,9 +61,9 @@ def read_manifest(round_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); delete it to redo the round") from e
+        return read_json_object(path, "delete it to redo the round")
+    except ValueError as e:  # the callers stop on a DataError (bad data: the run's own files)
+        raise DataError(str(e)) from None
 
 
 def _update_manifest(round_dir: Path, key: str, entry: dict[str, Any]) -> None:

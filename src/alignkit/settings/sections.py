@@ -74,7 +74,7 @@ class RewardMethod:
     center_rewards_coefficient: float | None = None
     l2_coefficient: float = 0.0
     weight_normalization: Literal["count", "weighted"] = "count"
-    disable_dropout: bool = True  # as TRL's RewardConfig (and dpo / kto here): every nn.Dropout of the model at p = 0
+    disable_dropout: bool = True  # as TRL's RewardConfig (dpo / kto too): no dropout in the model (turn_off_dropout)
 
     def __post_init__(self) -> None:
         if self.ranked and self.center_rewards_coefficient:
@@ -127,6 +127,10 @@ class PreferenceObjective:
 
     def __post_init__(self) -> None:
         names = loss_names(self.loss_type)
+        twice = [n for i, n in enumerate(names) if n in names[:i]]
+        if twice:  # its loss would be added twice (and logged once): a weight says that
+            raise ConfigError(f"method.loss_type: {twice[0]!r} is listed more than once in {names}; list each loss "
+                              "type once (method.loss_weights scales a loss type: one weight per loss type)")
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
             raise ConfigError(f"method.loss_weights: {len(self.loss_weights)} weight(s) for the {len(names)} loss "
                               f"type(s) {names} of method.loss_type; give one weight per loss type (or remove "

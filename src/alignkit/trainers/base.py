@@ -116,12 +116,26 @@ logger = logging.getLogger(__name__)
 TRAINER_EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
 
 
+def is_dropout_rate(name: str, value: Any) -> bool:
+    """Whether a module attribute is a dropout probability its forward reads: a float named like one (`dropout`,
+    `attention_dropout`, `resid_pdrop`, ...). transformers' attention modules keep `attention_dropout` (llama, qwen2,
+    mistral, gemma, phi3, ...) and pass it to the attention function in training mode (compat row T35)."""
+    return isinstance(value, float) and ("dropout" in name or "pdrop" in name)
+
+
 def turn_off_dropout(model: nn.Module) -> None:
-    """Set p = 0 in every `nn.Dropout` of `model` (TRL's `disable_dropout` for preference objectives: the
-    policy and its reference then see the same network)."""
+    """No dropout anywhere in `model`, in training mode too: p = 0 in every `nn.Dropout` (TRL's `disable_dropout`;
+    peft's lora_dropout is one), and 0 for every float dropout rate a module keeps and applies functionally
+    (`is_dropout_rate`: transformers' `attention_dropout`, `hidden_dropout`, `activation_dropout`, ...). The policy
+    and its reference, and an online step's old and new log-probs, then come from one deterministic network. The
+    model's config is left as it is (it is saved with the model); rates read from the config inside forward (a few
+    architectures alignkit does not test, e.g. prophetnet) are not covered."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if is_dropout_rate(name, value):
+                setattr(m, name, 0.0)
 
 
 class AlignTrainer(BatchSampling, Checkpointing, Trainer):
@@ -548,4 +562,5 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
 
 
 # packed_collator / shared_prompt_collator live in trainers/data_prep.py; still importable from here (preference.py)
-__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "shared_prompt_collator", "turn_off_dropout"]
+__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "is_dropout_rate", "shared_prompt_collator",
+           "turn_off_dropout"]

@@ -34,7 +34,7 @@ from alignkit.losses import kendall_tau
 from alignkit.online.generation import end_token_ids, uses_chat_template
 from alignkit.settings.sampling import SamplingConfig
 from alignkit.trainers.logps import prompt_locations
-from alignkit.trainers.reward import ranked_table, sequence_rewards
+from alignkit.trainers.reward import ranked_table, same_tokens, sequence_rewards
 
 logger = logging.getLogger(__name__)
 
@@ -135,21 +135,6 @@ def evaluate_reward_model(model: nn.Module, features: Sequence[dict], collator: 
             "ties": tied, **weighted_means(values, w)}
 
 
-def same_tokens(batch: dict[str, Any], K: int) -> torch.Tensor:
-    """`(B, K, K)`: whether replies i and j of a ranked batch's record (`RankedCollator`) are the same token
-    sequence, e.g. two replies that differ only past data.max_length: their scores are equal whatever the model, so
-    the pair says nothing of it."""
-    B = batch["num_responses"].shape[0]
-    ids = batch.get("input_ids")
-    if ids is None:  # no token ids (a batch of scores): nothing to compare
-        return torch.zeros(B, K, K, dtype=torch.bool, device=batch["num_responses"].device)
-    att = batch.get("attention_mask")
-    idx = (batch["group_index"].to(ids.device), batch["position_in_group"].to(ids.device))
-    rows = torch.full((B, K, ids.shape[1]), -1, dtype=ids.dtype, device=ids.device).index_put(
-        idx, ids if att is None else ids.masked_fill(att == 0, -1))  # (B, K, T); a missing reply: all -1
-    return (rows[:, :, None, :] == rows[:, None, :, :]).all(-1)
-
-
 def warn_ties(tied: float, pairs: float) -> None:
     """One warning when `tied` of `pairs` ordered pairs got exactly equal scores (counted as not right)."""
     if tied:
@@ -233,4 +218,4 @@ def write_report(rows: Sequence[dict[str, str]], out_dir: str | Path) -> None:
     logger.info("wrote %d generations to %s", len(rows), out)
 
 
-__all__ = ["evaluate_reward_model", "generation_report", "same_tokens", "warn_ties", "weighted_means", "write_report"]
+__all__ = ["evaluate_reward_model", "generation_report", "warn_ties", "weighted_means", "write_report"]

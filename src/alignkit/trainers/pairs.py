@@ -16,10 +16,12 @@ from torch import Tensor
 from alignkit.losses import PreferenceBatch
 
 
-def pair_batch(logps: Tensor, lengths: Tensor, ref_logps: Tensor | None = None) -> PreferenceBatch:
+def pair_batch(logps: Tensor, lengths: Tensor, ref_logps: Tensor | None = None, weights: Tensor | None = None,
+               weight_normalization: str = "count") -> PreferenceBatch:
     """`PreferenceBatch` of B pairs from (2B,) per-row values, chosen rows first: the policy's summed completion
     log-probs `logps`, the completions' token counts `lengths`, and the reference's summed log-probs `ref_logps`
-    (None for reference-free losses)."""
+    (None for reference-free losses); the pairs' `weights` (B,) and the reduction's `weight_normalization`, for the
+    chosen-NLL terms (`PreferenceBatch.nll_scale`)."""
     if logps.dim() != 1 or logps.shape[0] % 2:
         raise ValueError(f"pair_batch: logps must be (2B,) with the chosen rows first, got shape {tuple(logps.shape)}")
     if lengths.shape != logps.shape or (ref_logps is not None and ref_logps.shape != logps.shape):
@@ -28,7 +30,8 @@ def pair_batch(logps: Tensor, lengths: Tensor, ref_logps: Tensor | None = None) 
                          f"{None if ref_logps is None else tuple(ref_logps.shape)}")
     B = logps.shape[0] // 2
     ref_w, ref_l = (None, None) if ref_logps is None else (ref_logps[:B], ref_logps[B:])
-    return PreferenceBatch(logps[:B], logps[B:], ref_w, ref_l, lengths[:B], lengths[B:])
+    return PreferenceBatch(logps[:B], logps[B:], ref_w, ref_l, lengths[:B], lengths[B:], weights=weights,
+                           weight_normalization=weight_normalization)
 
 
 __all__ = ["pair_batch"]

@@ -142,7 +142,10 @@ class PreferenceTrainer(HasReference, SyncsReference, AlignTrainer):
         logps, lengths = completion_logps(model, inputs, self.chunk_size, stats)  # (2B,), (2B,)
         B = logps.shape[0] // 2
         ref = self.reference.logps(self.accelerator.unwrap_model(model), inputs)  # (2B,) or None (reference-free)
-        out = preference_loss(pair_batch(logps, lengths, ref), self.params, self.loss_type, self.loss_weights)
+        w = inputs.get("weight")
+        pairs = pair_batch(logps, lengths, ref, None if w is None else w.to(logps.device, logps.dtype),
+                           self.weight_normalization)
+        out = preference_loss(pairs, self.params, self.loss_type, self.loss_weights)
         chosen = stats["row"] < B  # (N,) tokens of the chosen rows
         out.metrics["logits/chosen"] = stats["mean_logit"][chosen]  # token-weighted means, as TRL's
         out.metrics["logits/rejected"] = stats["mean_logit"][~chosen]

@@ -197,8 +197,9 @@ class RewardTrainer(AlignTrainer):
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         r = sequence_rewards(model, inputs)  # (rows,)
         if "group_index" in inputs:  # ranked: scatter to a (B, K_max) table, best first
-            table, mask, ranks = ranked_table(r, inputs)
-            return ranking_loss(table, mask, self.l2_coefficient, ranks=ranks)
+            table, mask, ranks = ranked_table(r, inputs)  # replies cut to the same tokens: no pair, as in evaluation
+            return ranking_loss(table, mask, self.l2_coefficient, ranks=ranks,
+                                exclude=same_tokens(inputs, table.shape[1]))
         B = r.shape[0] // 2
         margin = inputs.get("margin") if self.use_margin else None
         return bradley_terry_loss(r[:B], r[B:], margin=margin,
@@ -248,9 +249,18 @@ def compares(example: dict) -> bool:
                for i in range(len(ranks)) for j in range(i + 1, len(ranks)))
 
 
+def cut_pairs(example: dict) -> int:
+    """The ordered pairs (different ranks) of a tokenized ranked example whose two replies have the same token ids
+    (cut to one text by max_length): the trainer leaves them out of the loss (`same_tokens`), as evaluation does."""
+    ranks, ids = example["ranks"], example["input_ids"]
+    return sum(ranks[i] != ranks[j] and list(ids[i]) == list(ids[j])
+               for i in range(len(ranks)) for j in range(i + 1, len(ranks)))
+
+
 def with_comparisons(dataset: Any, name: str) -> Any:
     """`dataset` without its ranked examples that compare nothing (`compares`: every reply tied, or the ordered ones
-    cut to the same tokens), with one warning naming them: each added a loss of 0 and an accuracy of 0 to the
+    cut to the same tokens), with one warning naming them, and one counting the ordered pairs of the kept examples
+    cut to the same tokens (`cut_pairs`; the loss leaves them out): each added a loss of 0 and an accuracy of 0 to the
     means over prompts (a prompt with none halved a batch of two's loss and eval_accuracy). A DataError when
     every example is such; other data (pairs, raw, iterable) is returned unchanged."""
     if dataset is None or not is_tokenized(dataset) or not hasattr(dataset, "__len__") or not len(dataset):
@@ -261,6 +271,11 @@ def with_comparisons(dataset: Any, name: str) -> Any:
     rows = ([dict(zip(("ranks", "input_ids"), r)) for r in zip(dataset["ranks"], dataset["input_ids"])] if columns
             else list(dataset))
     keep = [i for i, ex in enumerate(rows) if compares(ex)]
+    cut = [cut_pairs(rows[i]) for i in keep]
+    if any(cut):
+        logger.warning("%s: %d ordered pair(s) of replies in %d ranked record(s) are cut to the same tokens by "
+                       "max_length and are left out of the loss and the metrics (each would add a constant log 2 and "
+                       "an accuracy of 0); raise max_length to keep them", name, sum(cut), sum(map(bool, cut)))
     if len(keep) == len(rows):
         return dataset
     kept = set(keep)
@@ -288,5 +303,20 @@ def ranked_table(r: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tens
     return table, mask, ranks
 
 
-__all__ = ["RewardTrainer", "check_loss_settings", "compares", "ranked_data", "ranked_table", "sequence_rewards",
-           "with_comparisons"]
+def same_tokens(batch: dict[str, Any], K: int) -> torch.Tensor:
+    """`(B, K, K)`: whether replies i and j of a ranked batch's record (`RankedCollator`) are the same token
+    sequence, e.g. two replies that differ only past data.max_length: their scores are equal whatever the model, so
+    the pair says nothing of it."""
+    B = batch["num_responses"].shape[0]
+    ids = batch.get("input_ids")
+    if ids is None:  # no token ids (a batch of scores): nothing to compare
+        return torch.zeros(B, K, K, dtype=torch.bool, device=batch["num_responses"].device)
+    att = batch.get("attention_mask")
+    idx = (batch["group_index"].to(ids.device), batch["position_in_group"].to(ids.device))
+    rows = torch.full((B, K, ids.shape[1]), -1, dtype=ids.dtype, device=ids.device).index_put(
+        idx, ids if att is None else ids.masked_fill(att == 0, -1))  # (B, K, T); a missing reply: all -1
+    return (rows[:, :, None, :] == rows[:, None, :, :]).all(-1)
+
+
+__all__ = ["RewardTrainer", "check_loss_settings", "compares", "ranked_data", "ranked_table", "same_tokens",
+           "cut_pairs", "sequence_rewards", "with_comparisons"]
