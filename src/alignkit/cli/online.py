@@ -45,7 +45,7 @@ from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerato
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len
 from alignkit.run_commit import staged
 from alignkit.runs import (
-    ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions, write_prompt_formats,
+    ModelCard, RunFolder, figure, final_metrics, plot_metrics, read_metrics, versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
 from alignkit.settings.online import check_code_allowed
@@ -395,7 +395,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     if tcfg.push_to_hub:
         trainer.push_to_hub(tcfg.hub_model_id or Path(named.root).name, folder=named.model)  # model/ + card only
     last = rows[-1] if rows else {}
-    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss", "eval/reward")
+    shown = ", ".join(f"{k} {figure(last[k])}" for k in ("reward", "kl", "loss", "eval/reward")
                       if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
           f"  run folder: {named.root} (model/, {'model_ema/, ' if trainer.ema is not None else ''}README.md, "

@@ -126,7 +126,7 @@ class _StageBar:
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
-                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4g}")
 
             def on_train_end(self, args, state, control, **kw):
                 self.bar.close()
