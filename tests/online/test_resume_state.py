@@ -268,15 +268,19 @@ def test_a_reward_function_edited_under_its_name_is_said_at_resume(tiny_dir, tok
                      "old one; start a new run if the reward is not meant to change"] if warned else []), said
 
 
-def _rm_grpo(tiny_dir, tokenizer, out, steps, rm_folder):
+def _rm_grpo(tiny_dir, tokenizer, out, steps, rm_folder, kind):
     cfg = GRPOConfig(steps=steps, prompts_per_step=2, save_steps=1, learning_rate=1e-2, stall_steps=0,
                      sampling=SamplingConfig(num_samples=2, max_new_tokens=2))
     return GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS,
-                       {"type": "reward_model", "model": str(rm_folder), "device": "cpu"}, cfg, output_dir=out)
+                       {"type": kind, "model": str(rm_folder), "device": "cpu",  # a tiny judge's answers: unparsed
+                        **({"on_failure": "default", "default_score": 0.0} if kind == "judge" else {})},
+                       cfg, output_dir=out)
 
 
+@pytest.mark.parametrize("kind", ["reward_model", "judge"])
 @pytest.mark.parametrize("retrained", [False, True], ids=["same", "retrained"])
-def test_a_reward_model_retrained_at_its_path_is_said_at_resume(tiny_dir, tokenizer, tmp_path, caplog, retrained):
+def test_a_reward_model_retrained_at_its_path_is_said_at_resume(tiny_dir, tokenizer, tmp_path, caplog, retrained,
+                                                                kind):
     """The checkpoint compares a reward model (or judge) by its path, so one retrained at the same path resumed
     without a word, its new scores mixed with the old run's statistics. Now the digest of its files (sizes,
     modification times, safetensors headers, config / tokenizer bytes; no weight read) taken when it was loaded is
@@ -284,20 +288,21 @@ def test_a_reward_model_retrained_at_its_path_is_said_at_resume(tiny_dir, tokeni
     not said."""
     import shutil
 
-    rm = shutil.copytree(tiny_dir("llama", classifier=True, num_labels=1), tmp_path / "rm")
-    _rm_grpo(tiny_dir, tokenizer, tmp_path / "run", 1, rm).train()
+    source = tiny_dir("llama", classifier=True, num_labels=1) if kind == "reward_model" else tiny_dir("llama")
+    rm = shutil.copytree(source, tmp_path / "rm")
+    _rm_grpo(tiny_dir, tokenizer, tmp_path / "run", 1, rm, kind).train()
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-1"
     assert len(json.loads((ckpt / "trainer_state.json").read_text()).get("annotator_model_files") or "") == 64
     if retrained:  # another training run writes its model into the same folder
-        model = load_model(rm, task="classifier")
+        model = load_model(rm, task="classifier" if kind == "reward_model" else "causal_lm")
         with torch.no_grad():
-            model.score.weight.add_(1.0)
+            next(model.parameters()).add_(1.0)
         model.save_pretrained(rm)
     with caplog.at_level("WARNING", logger="alignkit.online.checkpoint"):
-        rows = _rm_grpo(tiny_dir, tokenizer, tmp_path / "run", 2, rm).train(resume_from_checkpoint=ckpt)
+        rows = _rm_grpo(tiny_dir, tokenizer, tmp_path / "run", 2, rm, kind).train(resume_from_checkpoint=ckpt)
     assert [r["step"] for r in rows] == [1]
     said = [r.getMessage() for r in caplog.records if "model files" in r.getMessage()]
-    assert said == ([f"resume: the model files at {rm} of the reward_model annotator {str(rm)!r} differ from those "
+    assert said == ([f"resume: the model files at {rm} of the {kind} annotator {str(rm)!r} differ from those "
                      f"that scored the run up to {ckpt} (retrained or replaced at the same path since: another weight "
                      "file size, modification time or safetensors header, or another config / tokenizer): the resumed "
                      "steps are scored by the new model, and the checkpoint's training and reward statistics come "
