@@ -329,3 +329,22 @@ def test_model_files_digest_reads_headers_not_weights(tiny_dir, tmp_path):
     config.write_text(config.read_text().replace("{", '{"note": 1, ', 1))
     assert model_files_digest(folder) not in (None, first, again)
     assert model_files_digest(tmp_path / "no-such-model") is None
+
+
+def test_the_cli_annotator_records_its_model_files(tiny_dir, tmp_path):
+    """The CLI builds a reward model / judge from a model object (`make_annotator`: base + adapter_path), so it
+    recorded no files and a `--resume` after retraining it at annotator.path was silent. Now it records the digest
+    of the folders it loaded; another file there (a retrain) gives another; a `tiny:<arch>` none (built from its spec)."""
+    import shutil
+
+    from alignkit.cli.online import make_annotator
+    from alignkit.settings.online import AnnotatorSettings
+
+    rm = shutil.copytree(tiny_dir("llama", classifier=True, num_labels=1), tmp_path / "rm")
+    first = make_annotator(AnnotatorSettings(kind="reward_model", path=str(rm)), None).model_files
+    assert first is not None and make_annotator(AnnotatorSettings(kind="reward_model", path=str(rm)),
+                                                None).model_files == first
+    model = load_model(rm, task="classifier")
+    model.save_pretrained(rm)  # retrained there: its files rewritten
+    assert make_annotator(AnnotatorSettings(kind="reward_model", path=str(rm)), None).model_files not in (None, first)
+    assert make_annotator(AnnotatorSettings(kind="reward_model", path="tiny:llama"), None).model_files is None
