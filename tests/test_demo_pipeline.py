@@ -135,6 +135,13 @@ def test_floors_name_the_stage_and_figure_that_fall_short():
     assert short == ["DPO+ReFT: greedy style score 0.69 < floor 0.9", "DPO+ReFT: greedy on-topic rate 0.25 < floor 0.9"]
     assert _result(reft={"topic": float("nan")}).shortfalls() == ["DPO+ReFT: greedy on-topic rate nan < floor 0.9"]
     assert _result(scale=0.4, reft={"rule": 0.69}).shortfalls() == []  # reduced floors below scale 1
+    import dataclasses
+
+    from alignkit.demos.pipeline_report import Change
+
+    # small losses in 4 significant digits: 3 decimals read "0.000 -> 0.000 is 2.00x the start"
+    tiny = dataclasses.replace(_result(), sft_loss=Change(0.00012, 0.00024)).shortfalls()
+    assert tiny == ["SFT: held-out loss 0.00012 -> 0.00024 is 2.00x the start, floor <= 0.1x"]
 
 
 def test_demo_cli_exits_nonzero_when_a_figure_falls_short(monkeypatch, tmp_path, capsys):

@@ -378,6 +378,13 @@ class ModelCard:
             card.save(str(p))
 
 
+def figure(value: float) -> str:
+    """A run's figure as the CLI and the library's log lines show it: 4 significant digits (`:.4g`), so a KL of 6e-06
+    reads 6e-06 where 4 decimals showed 0.0000, which a person cannot tell from a real 0 or a broken metric; NaN reads
+    nan and infinity inf, never 0. Files (metrics.jsonl, the card's table) keep their own precision."""
+    return f"{float(value):.4g}"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, enum.Enum):
         v = v.value
@@ -417,6 +424,6 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, toke
     return repo_id
 
 
-__all__ = ["MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "agg_figure", "can_plot", "final_metrics",
+__all__ = ["MetricsJsonl", "ModelCard", "PLOTS", "RunFolder", "agg_figure", "can_plot", "figure", "final_metrics",
            "is_main_process", "plot_metrics", "plot_series", "push_folder", "read_metrics", "save_figure", "trackers",
            "versions", "write_command_outputs", "write_prompt_formats"]

@@ -599,7 +599,7 @@ def test_a_best_checkpoint_before_the_last_step_is_what_the_card_and_summary_des
     card = (out / "README.md").read_text()
     for k in ("eval_loss", "eval_rewards/margins"):
         assert f"| `{k}` | {evals[1][k]:.6g} |" in card, k
-        assert f"{k} {evals[1][k]:.4f}" in printed, k
+        assert f"{k} {evals[1][k]:.4g}" in printed, k  # 4 significant digits (runs.figure)
     assert "the best checkpoint: step 1 (eval_rewards/margins" in card
     assert "model/ is the best checkpoint, step 1 of 2" in printed
 

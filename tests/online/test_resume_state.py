@@ -15,6 +15,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from alignkit.adapters import apply_adapter
 from alignkit.guards import RewardStallError
@@ -265,3 +266,85 @@ def test_a_reward_function_edited_under_its_name_is_said_at_resume(tiny_dir, tok
                      f"{tmp_path / 'checkpoints' / 'checkpoint-1'} (the same name, edited since): the resumed steps "
                      "are scored by the new code, and the checkpoint's training and reward statistics come from the "
                      "old one; start a new run if the reward is not meant to change"] if warned else []), said
+
+
+def _rm_grpo(tiny_dir, tokenizer, out, steps, rm_folder, kind):
+    cfg = GRPOConfig(steps=steps, prompts_per_step=2, save_steps=1, learning_rate=1e-2, stall_steps=0,
+                     sampling=SamplingConfig(num_samples=2, max_new_tokens=2))
+    return GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS,
+                       {"type": kind, "model": str(rm_folder), "device": "cpu",  # a tiny judge's answers: unparsed
+                        **({"on_failure": "default", "default_score": 0.0} if kind == "judge" else {})},
+                       cfg, output_dir=out)
+
+
+@pytest.mark.parametrize("kind", ["reward_model", "judge"])
+@pytest.mark.parametrize("retrained", [False, True], ids=["same", "retrained"])
+def test_a_reward_model_retrained_at_its_path_is_said_at_resume(tiny_dir, tokenizer, tmp_path, caplog, retrained,
+                                                                kind):
+    """The checkpoint compares a reward model (or judge) by its path, so one retrained at the same path resumed
+    without a word, its new scores mixed with the old run's statistics. Now the digest of its files (sizes,
+    modification times, safetensors headers, config / tokenizer bytes; no weight read) taken when it was loaded is
+    recorded, and a difference is one warning naming the annotator, its path and the checkpoint; the same files are
+    not said."""
+    import shutil
+
+    source = tiny_dir("llama", classifier=True, num_labels=1) if kind == "reward_model" else tiny_dir("llama")
+    rm = shutil.copytree(source, tmp_path / "rm")
+    _rm_grpo(tiny_dir, tokenizer, tmp_path / "run", 1, rm, kind).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    assert len(json.loads((ckpt / "trainer_state.json").read_text()).get("annotator_model_files") or "") == 64
+    if retrained:  # another training run writes its model into the same folder
+        model = load_model(rm, task="classifier" if kind == "reward_model" else "causal_lm")
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        model.save_pretrained(rm)
+    with caplog.at_level("WARNING", logger="alignkit.online.checkpoint"):
+        rows = _rm_grpo(tiny_dir, tokenizer, tmp_path / "run", 2, rm, kind).train(resume_from_checkpoint=ckpt)
+    assert [r["step"] for r in rows] == [1]
+    said = [r.getMessage() for r in caplog.records if "model files" in r.getMessage()]
+    assert said == ([f"resume: the model files at {rm} of the {kind} annotator {str(rm)!r} differ from those "
+                     f"that scored the run up to {ckpt} (retrained or replaced at the same path since: another weight "
+                     "file size, modification time or safetensors header, or another config / tokenizer): the resumed "
+                     "steps are scored by the new model, and the checkpoint's training and reward statistics come "
+                     "from the old one; start a new run if the reward is not meant to change"] if retrained else []), said
+
+
+def test_model_files_digest_reads_headers_not_weights(tiny_dir, tmp_path):
+    """The same files give the same digest; rewritten weights (another mtime) or another config another one; a
+    Hub name not in the cache none."""
+    import os
+    import shutil
+
+    from alignkit.models.loading import model_files_digest
+
+    folder = shutil.copytree(tiny_dir("llama", classifier=True, num_labels=1), tmp_path / "rm")
+    first = model_files_digest(folder)
+    assert first is not None and model_files_digest(str(folder)) == first
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten a second later
+    assert model_files_digest(folder) not in (None, first)
+    config = folder / "config.json"
+    again = model_files_digest(folder)
+    config.write_text(config.read_text().replace("{", '{"note": 1, ', 1))
+    assert model_files_digest(folder) not in (None, first, again)
+    assert model_files_digest(tmp_path / "no-such-model") is None
+
+
+def test_the_cli_annotator_records_its_model_files(tiny_dir, tmp_path):
+    """The CLI builds a reward model / judge from a model object (`make_annotator`: base + adapter_path), so it
+    recorded no files and a `--resume` after retraining it at annotator.path was silent. Now it records the digest
+    of the folders it loaded; another file there (a retrain) gives another; a `tiny:<arch>` none (built from its spec)."""
+    import shutil
+
+    from alignkit.cli.online import make_annotator
+    from alignkit.settings.online import AnnotatorSettings
+
+    rm = shutil.copytree(tiny_dir("llama", classifier=True, num_labels=1), tmp_path / "rm")
+    first = make_annotator(AnnotatorSettings(kind="reward_model", path=str(rm)), None).model_files
+    assert first is not None and make_annotator(AnnotatorSettings(kind="reward_model", path=str(rm)),
+                                                None).model_files == first
+    model = load_model(rm, task="classifier")
+    model.save_pretrained(rm)  # retrained there: its files rewritten
+    assert make_annotator(AnnotatorSettings(kind="reward_model", path=str(rm)), None).model_files not in (None, first)
+    assert make_annotator(AnnotatorSettings(kind="reward_model", path="tiny:llama"), None).model_files is None

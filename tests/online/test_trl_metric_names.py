@@ -121,3 +121,22 @@ def test_online_metrics_mean_what_trl_means(tiny_dir, tokenizer, tmp_path, modul
     again = resumed.train(resume_from_checkpoint=tmp_path / "a" / "checkpoints" / "checkpoint-1")
     assert [h["step"] for h in again] == [1.0]
     assert again[0]["num_tokens"] == history[1]["num_tokens"] and again[0]["reward"] == history[1]["reward"]
+
+
+def hello_only(prompt, response: str) -> float | None:
+    """Scores the first prompt's responses alike (1.0); the second prompt's none (None: unscored)."""
+    return 1.0 if prompt == PROMPTS[0] else None
+
+
+def test_a_group_with_fewer_than_two_scores_counts_as_zero_std(tiny_dir, tokenizer, tmp_path):
+    """frac_reward_zero_std left out a group with < 2 scored samples (a reading of TRL, where a None sums to 0 in
+    `nansum` and the std is NaN only with one generation): a step whose groups were 4 equal scores and 4 unscored
+    samples, half the rewards None and nothing to learn from either group, logged 0.5 while the stall check counted
+    it flat. Now 1.0: group 1 flat (std 0), group 2 no score (no spread, advantages 0)."""
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, sampling=SamplingConfig(num_samples=4, max_new_tokens=2),
+                     learning_rate=1e-2, progress_bar=False, report_to="none")
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS[:2],
+                          FunctionAnnotator(hello_only, on_failure="skip"), cfg, output_dir=tmp_path)
+    row = trainer.train()[0]
+    assert row["reward/failed"] == 4.0 and row["reward"] == 1.0  # the hand-built rollout: 4 scored 1.0, 4 None
+    assert row["frac_reward_zero_std"] == 1.0

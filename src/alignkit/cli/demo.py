@@ -210,7 +210,7 @@ def run_reft(args: argparse.Namespace) -> int:
                         target_loss=opts["target_loss"], learning_rate=opts["learning_rate"], seed=args.seed,
                         pairs_file=opts["pairs"], progress=not args.quiet)
     width = max(len(p) for p in res.prompts)
-    print(f"\nReFT demo: {res.steps} steps, final loss {res.losses[-1]:.4f}" if res.losses else "\nReFT demo")
+    print(f"\nReFT demo: {res.steps} steps, final loss {res.losses[-1]:.4g}" if res.losses else "\nReFT demo")
     print(f"{'prompt':<{width}} | {'before (base model)':<24} | after (base + ReFT)")
     print("-" * (width + 52))
     for p, b, a, want in zip(res.prompts, res.before, res.after, res.answers):

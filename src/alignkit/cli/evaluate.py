@@ -59,7 +59,7 @@ from alignkit.losses import PreferenceParams, preference_loss
 from alignkit.models.loading import load_model
 from alignkit.files import atomic_write_text
 from alignkit.run_commit import output_set
-from alignkit.runs import is_main_process, write_command_outputs
+from alignkit.runs import figure, is_main_process, write_command_outputs
 from alignkit.settings import ConfigError
 from alignkit.trainers.evaluation import evaluate_reward_model, weighted_means
 from alignkit.trainers.logps import completion_logps
@@ -89,7 +89,7 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
     metrics = evaluate(cfg, progress=not args.quiet)
     print(f"alignkit eval ({cfg.method.kind}) on {cfg.data.path}:")
     for k, v in metrics.items():
-        print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+        print(f"  {k:<22} {figure(v)}" if isinstance(v, float) else f"  {k:<22} {v}")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import logging
 from importlib.machinery import PathFinder
@@ -34,6 +35,7 @@ from alignkit.cli.models import (
 )
 from alignkit.cli.runfolder import (abandon_run, add_config_command, begin_run, command_line, finish_run,
                                    moved_reference, plan_run)
+from alignkit.models.loading import model_files_digest
 from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)
@@ -45,9 +47,10 @@ from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerato
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len
 from alignkit.run_commit import staged
 from alignkit.runs import (
-    ModelCard, RunFolder, final_metrics, plot_metrics, read_metrics, versions, write_prompt_formats,
+    ModelCard, RunFolder, figure, final_metrics, plot_metrics, read_metrics, versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError, DataSettings, ModelSettings
+from alignkit.settings.tiny import is_tiny
 from alignkit.settings.online import check_code_allowed
 
 logger = logging.getLogger(__name__)
@@ -207,7 +210,18 @@ def make_annotator(settings: Any, run: RunFolder | None, allow_code: bool = Fals
         raise ConfigError(f"annotator: {e}") from None
     annotator.path = desc  # built from a model object, it would describe itself with path None (manifest, card)
     annotator.alignkit_base_path = path  # a tiny model's temporary folder, for `adopt_tiny`
+    annotator.model_files = annotator_files_digest(settings, path)
     return annotator
+
+
+def annotator_files_digest(settings: Any, path: str) -> str | None:
+    """`model_files_digest` of the folders a reward model / judge was loaded from (the base `path` and
+    `annotator.adapter_path`), which checkpoints record so that a resume warns of one retrained or replaced there;
+    None for a `tiny:<arch>` (built from its spec) or when no folder is found."""
+    if is_tiny(settings.path):
+        return None
+    parts = [model_files_digest(p) for p in (path, settings.adapter_path) if p]
+    return hashlib.sha256(repr(parts).encode()).hexdigest() if any(parts) else None
 
 
 # row keys drawn on no plot: counts, totals and timings (a key starting with "judge/" too: the judge's counts)
@@ -395,7 +409,7 @@ def _train_online(cfg: Any, command: str, plan: Any, *, command_line: str, quiet
     if tcfg.push_to_hub:
         trainer.push_to_hub(tcfg.hub_model_id or Path(named.root).name, folder=named.model)  # model/ + card only
     last = rows[-1] if rows else {}
-    shown = ", ".join(f"{k} {last[k]:.4f}" for k in ("reward", "kl", "loss", "eval/reward")
+    shown = ", ".join(f"{k} {figure(last[k])}" for k in ("reward", "kl", "loss", "eval/reward")
                       if isinstance(last.get(k), float))
     print(f"alignkit {command}: done ({len(rows)} step(s)). {shown}\n"
           f"  run folder: {named.root} (model/, {'model_ema/, ' if trainer.ema is not None else ''}README.md, "

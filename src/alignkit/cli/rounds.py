@@ -38,7 +38,7 @@ from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, a
                                     read_jsonl, read_manifest, read_samples, sample_round, sampling_settings)
 from alignkit.data.records import DataError
 from alignkit.online.generation import Sample
-from alignkit.runs import RunFolder, write_command_outputs
+from alignkit.runs import RunFolder, figure, write_command_outputs
 from alignkit.settings import ConfigError, dump_config, save_config
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def run_sample(cfg: Any, args: argparse.Namespace) -> int:
 def run_annotate(cfg: Any, args: argparse.Namespace) -> int:
     path = annotate(cfg, allow_code=args.allow_code, progress=not args.quiet)
     m = json.loads((path.parent / "manifest.json").read_text())["annotation"]["metrics"]
-    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("reward/mean", "reward/std") if isinstance(m.get(k), float))
+    shown = ", ".join(f"{k} {figure(m[k])}" for k in ("reward/mean", "reward/std") if isinstance(m.get(k), float))
     print(f"alignkit annotate: {int(m.get('records/count', 0))} {cfg.feedback} record(s) in {path}. {shown}\n"
           f"  train on them: alignkit {RECORD_COMMAND[cfg.feedback]} --config <config> data.path={path}")
     return 0

@@ -39,8 +39,8 @@ from alignkit.models.efficiency import check_fullgraph, compile_layers
 from alignkit.models.rope import check_context
 from alignkit.run_commit import resumed_step, saved_step, staged
 from alignkit.runs import (
-    MetricsJsonl, ModelCard, RunFolder, final_metrics, plot_metrics, push_folder, read_metrics, trackers, versions,
-    write_prompt_formats,
+    MetricsJsonl, ModelCard, RunFolder, figure, final_metrics, plot_metrics, push_folder, read_metrics, trackers,
+    versions, write_prompt_formats,
 )
 from alignkit.settings import ConfigError
 from alignkit.settings.bounds import check_precision
@@ -315,7 +315,7 @@ def _train(cfg: Any, command: str, plan: Any, *, quiet: bool, command_line: str)
         push_model(args.alignkit_push, named.model, named.root)
     if trainer.is_world_process_zero():
         sets = list(trainer.eval_dataset) if isinstance(trainer.eval_dataset, dict) else None
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in summary_figures(card.metrics, sets))
+        shown = ", ".join(f"{k} {figure(v)}" for k, v in summary_figures(card.metrics, sets))
         kept = "" if best is None else (f"\n  model/ is the best checkpoint, step {best} of "
                                         f"{trainer.state.global_step} (train.load_best_model_at_end); the evaluation "
                                         "figures are that step's")

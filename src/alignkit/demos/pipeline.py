@@ -126,7 +126,7 @@ class _StageBar:
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
-                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4g}")
 
             def on_train_end(self, args, state, control, **kw):
                 self.bar.close()
@@ -245,7 +245,7 @@ def stage_sft(run: _Run, base_dir: Path) -> Change:
     trainer.save_model(str(run.out / "sft"))
     _plot_stage(run.out / "sft")
     _write(run.out / "sft" / "metrics.json", {"heldout_loss": vars(loss), "train": train_metrics})
-    logger.info("SFT: held-out loss %.3f -> %.3f (%d steps)", loss.before, loss.after, run.steps["sft"])
+    logger.info("SFT: held-out loss %.4g -> %.4g (%d steps)", loss.before, loss.after, run.steps["sft"])
     return loss
 
 
@@ -291,7 +291,7 @@ def stage_dpo(run: _Run, name: str, rm, before_gen: dict[str, float]) -> Adapter
     gen = score_generations(reloaded, run.tok, run.prompts, rm, run.seed, folder)
     _write(folder / "metrics.json", {"heldout_before": ev_before, "heldout_after": ev_after,
                                      "train": train_metrics, "generations": gen})
-    logger.info("DPO+%s: held-out reward accuracy %.2f, margin %.3f; rule score greedy %.2f -> %.2f", name,
+    logger.info("DPO+%s: held-out reward accuracy %.2f, margin %.4g; rule score greedy %.2f -> %.2f", name,
                 ev_after["eval_rewards/accuracies"], ev_after["eval_rewards/margins"], before_gen["rule_greedy"],
                 gen["rule_greedy"])
     return AdapterNumbers(

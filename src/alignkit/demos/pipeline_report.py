@@ -117,7 +117,7 @@ class PipelineResult:
         out = []
         ratio = self.sft_loss.after / self.sft_loss.before if self.sft_loss.before else float("inf")
         if not ratio <= f["sft_loss_ratio"]:  # `not <=` so that NaN fails
-            out.append(f"SFT: held-out loss {self.sft_loss.before:.3f} -> {self.sft_loss.after:.3f} is "
+            out.append(f"SFT: held-out loss {self.sft_loss.before:.4g} -> {self.sft_loss.after:.4g} is "
                        f"{ratio:.2f}x the start, floor <= {f['sft_loss_ratio']:g}x")
         if not self.rm_accuracy.after >= f["rm_accuracy"]:
             out.append(f"reward model: held-out accuracy {self.rm_accuracy.after:.2f} < floor {f['rm_accuracy']:g}")

@@ -113,7 +113,7 @@ class _LossBar:
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
-                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4f}")
+                    self.bar.set_postfix(loss=f"{float(logs['loss']):.4g}")
                     self.bar.n = state.global_step
                     self.bar.refresh()
 
@@ -164,7 +164,7 @@ def run_reft_demo(output_dir: str | Path = "runs/demo", *, max_steps: int = 300,
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    logger.info("trained %d steps, final loss %.4f", trainer.state.global_step, losses[-1] if losses else float("nan"))
+    logger.info("trained %d steps, final loss %.4g", trainer.state.global_step, losses[-1] if losses else float("nan"))
     trainer.save_model(str(out / "reft"))
 
     reloaded = load_adapter(load_model(base_dir), out / "reft").eval()  # the real loading path

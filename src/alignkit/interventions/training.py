@@ -49,7 +49,7 @@ class StopAtLoss(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs and float(logs["loss"]) < self.target:
-            logger.info("loss %.4f < %.4f at step %d: stopping", float(logs["loss"]), self.target, state.global_step)
+            logger.info("loss %.4g < %.4g at step %d: stopping", float(logs["loss"]), self.target, state.global_step)
             control.should_training_stop = True
         return control
 

@@ -43,7 +43,7 @@ from alignkit.data.chat import format_record, without_added_suffix
 from alignkit.data.collators import pad
 from alignkit.data.records import Completion, DataError, Prompt
 from alignkit.losses.registry import Registry
-from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.models.loading import load_model, load_tokenizer, model_files_digest
 from alignkit.models.rope import trained_context
 from alignkit.naming import source_digest, stable_name
 from alignkit.online.generation import model_device
@@ -75,6 +75,9 @@ class Annotator:
 
     name = "annotator"
     last_pair_metrics: dict[str, float] = {}  # read-only default; a judge assigns its own dict
+    # a model annotator loaded from a path: `models.loading.model_files_digest` of it, taken when loaded (checkpoints
+    # record it: a resume warns of a model retrained or replaced at the same path); None: no such files
+    model_files: str | None = None
 
     def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
                  metas: Sequence[dict] | None = None) -> Scores:
@@ -139,6 +142,7 @@ class RewardModelAnnotator(Annotator):
         if self.path is not None:
             model = load_model(self.path, task="classifier", dtype=dtype)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.path)
+            self.model_files = model_files_digest(self.path)
         if tokenizer is None:
             raise ValueError("RewardModelAnnotator: pass the reward model's tokenizer along with a model object")
         labels = getattr(getattr(model, "config", None), "num_labels", None)

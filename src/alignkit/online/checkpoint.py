@@ -151,7 +151,9 @@ class Checkpoints:
                          "run_counts": {"flat_steps": getattr(self, "_flat_steps", 0),
                                         "clipped_steps": getattr(self, "_clipped_steps", 0)},
                          "training_settings": self.training_settings(),
-                         "annotator_code": annotator_code(self.annotator), **self.checkpoint_extras()}
+                         "annotator_code": annotator_code(self.annotator),
+                         "annotator_model_files": getattr(self.annotator, "model_files", None),
+                         **self.checkpoint_extras()}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
         self.accelerator.wait_for_everyone()
@@ -266,12 +268,7 @@ class Checkpoints:
         self.restore_run_counts(state, int(state["step"]))
         self.restore_extras(state)
         logger.info("resumed from %s (step %d)", folder, state["step"])
-        saved_code, code = state.get("annotator_code"), annotator_code(self.annotator)  # older checkpoints: none
-        if saved_code is not None and code is not None and saved_code != code:
-            logger.warning("resume: the code of %s differs from the code that scored the run up to %s (the same name, "
-                           "edited since): the resumed steps are scored by the new code, and the checkpoint's training "
-                           "and reward statistics come from the old one; start a new run if the reward is not meant "
-                           "to change", self.annotator.source(), folder)
+        self.warn_changed_annotator(folder, state)
         saved_world = state.get("world_size")  # not recorded before: not compared
         if isinstance(saved_world, int) and saved_world != self.world:
             # the prompt order, prompts_per_step and mini_batch_size are global and every reduction is over all
@@ -282,6 +279,26 @@ class Checkpoints:
                            "from those of an uninterrupted run, so its samples will not be the ones that run would "
                            "have drawn", folder, saved_world, self.world)
         return int(state["step"])
+
+    def warn_changed_annotator(self, folder: Path, state: dict[str, Any]) -> None:
+        """Resumed from `folder` (its trainer_state.json `state`): warn, one line each, when the annotator's reward
+        functions' source (`code_digest`) or its model's files (`model_files`: a reward model or judge retrained or
+        replaced at the same path, which the path alone compared equal) differ from those that scored the run up to
+        the checkpoint. Checkpoints of an older alignkit record neither: not compared."""
+        saved_code, code = state.get("annotator_code"), annotator_code(self.annotator)
+        if saved_code is not None and code is not None and saved_code != code:
+            logger.warning("resume: the code of %s differs from the code that scored the run up to %s (the same name, "
+                           "edited since): the resumed steps are scored by the new code, and the checkpoint's training "
+                           "and reward statistics come from the old one; start a new run if the reward is not meant "
+                           "to change", self.annotator.source(), folder)
+        saved_files, files = state.get("annotator_model_files"), getattr(self.annotator, "model_files", None)
+        if saved_files is not None and files is not None and saved_files != files:
+            logger.warning("resume: the model files at %s of %s differ from those that scored the run up to %s "
+                           "(retrained or replaced at the same path since: another weight file size, modification "
+                           "time or safetensors header, or another config / tokenizer): the resumed steps are scored "
+                           "by the new model, and the checkpoint's training and reward statistics come from the old "
+                           "one; start a new run if the reward is not meant to change",
+                           getattr(self.annotator, "path", None), self.annotator.source(), folder)
 
     def restore_stall(self, folder: Path, state: dict[str, Any]) -> None:
         """The steps in a row without reward signal up to the checkpoint (`check_stall`'s first step, lowest and

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.data.records import Completion, Prompt
-from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.models.loading import load_model, load_tokenizer, model_files_digest
 from alignkit.online.annotators import (ANNOTATORS, Annotator, AnnotatorArgumentError, Scores, check_lengths,
                                         check_policy, finalize_scores, response_text)
 from alignkit.online.generation import SamplingConfig, generate_responses
@@ -81,6 +81,7 @@ class JudgeAnnotator(Annotator):
         if self.path is not None:
             model = load_model(self.path, dtype=dtype)
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.path, padding_side="left")
+            self.model_files = model_files_digest(self.path)
         if tokenizer is None:
             raise ValueError("JudgeAnnotator: pass the judge's tokenizer along with a model object")
         for key, tpl, names in (("template", template, ("prompt", "response")),

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from alignkit.distributed import gather_objects
 from alignkit.run_commit import truncate_metrics
-from alignkit.runs import trackers
+from alignkit.runs import figure, trackers
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class ProcessMetrics:
                       "reward_model/truncated", "reward_model/response_truncated")
     # rate -> (its summed numerator counts, its summed denominator count)
     RATE_METRICS = {"judge/failure_rate": (("judge/parse_failures", "judge/out_of_range"), "judge/answers")}
+    # the figures of each step's log line, 4 significant digits (`runs.figure`: 4 decimals showed a KL of 6e-06 as 0)
+    SHOWN_METRICS = ("reward", "kl", "loss", "completions/mean_length", "entropy")
     GLOBAL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
                       "completions/mean_length", "completions/min_length", "completions/max_length",
                       "completions/clipped_ratio", "num_tokens")
@@ -143,9 +145,8 @@ class ProcessMetrics:
 
     def log(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
-        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("step", "reward", "kl", "loss",
-                                                                      "completions/mean_length", "entropy")}
-        logger.info("online step %s", shown)
+        shown = ", ".join(f"{k} {figure(metrics[k])}" for k in self.SHOWN_METRICS if k in metrics)
+        logger.info("online step %s: %s", int(metrics["step"]) if "step" in metrics else "?", shown)
         if self.output_dir is not None and self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as f:

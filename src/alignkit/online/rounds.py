@@ -47,6 +47,7 @@ from alignkit.online.generation import (Sample, SamplingConfig, as_prompt_record
                                        generation_metrics, prompts_fingerprint)
 from alignkit.online.metrics import ProcessMetrics, moment_stats, recompute_rates
 from alignkit.online.reweighting import build_reweighter, reweight
+from alignkit.runs import figure
 from alignkit.settings.online import check_feedback
 
 logger = logging.getLogger(__name__)
@@ -326,7 +327,7 @@ def annotate_round(folder: str | Path, annotator: Annotator | dict[str, Any], fe
         "file": RECORDS_FILE, **made_by, "kinds": sorted({r.kind for r in records}), "metrics": metrics,
         "scores": None if scores is None else [None if math.isnan(x) else x for x in scores.values.tolist()]})
     logger.info("%s: %d record(s) from %d sample(s); %s", path, len(records), len(samples),
-                {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")})
+                ", ".join(f"{k} {figure(v)}" for k, v in metrics.items() if k.startswith("reward/")))
     return path
 
 

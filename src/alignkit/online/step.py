@@ -184,8 +184,8 @@ class RolloutSteps:
 
     def flat_scores(self, everyone: Tensor) -> bool:
         """Whether the step's raw scores (every process's, rank-major; NaN = unscored) give the objective no reward
-        signal: every prompt's samples scored alike (a group with < 2 scores counts as flat here; TRL's
-        `frac_reward_zero_std` does not). PPO overrides it (its advantages come from a value head, not groups)."""
+        signal: every prompt's samples scored alike (a group with < 2 scores counts as flat, as in
+        `frac_reward_zero_std`). PPO overrides it (its advantages come from a value head, not groups)."""
         k = self.config.sampling.num_samples
         return k > 1 and zero_spread_fraction(everyone.view(-1, k)) == 1.0
 
@@ -203,7 +203,9 @@ class RolloutSteps:
         n_ok = ok.sum(-1)  # (G,)
         g_mean = torch.where(ok, g, 0.0).sum(-1, keepdim=True) / n_ok.clamp(min=1)[:, None]
         g_std = (torch.where(ok, (g - g_mean) ** 2, 0.0).sum(-1) / (n_ok - 1).clamp(min=1)).sqrt()  # (G,) Bessel
-        zero_std = (n_ok > 1) & torch.isclose(g_std, torch.zeros_like(g_std))  # TRL: NaN std (< 2 scores) is not 0
+        # a group with < 2 scores has no spread (its advantages are 0) and counts, as in `flat_scores`; with every
+        # sample scored this is TRL's isclose(std, 0). One sample a prompt (PPO): no group, TRL's NaN std is not 0
+        zero_std = ((n_ok < 2) | torch.isclose(g_std, torch.zeros_like(g_std))) & (k > 1)
         m = mask.float()
         if entropy is not None:  # else the policy pass was skipped: the training forward gives them (`pass_sums`)
             kl_sum = (kl_tok * m).sum() if kl_tok is not None else m.new_zeros(())  # no reference: no "kl"
