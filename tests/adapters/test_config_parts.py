@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from alignkit.adapters.config import (KINDS, PART_SETTINGS, AdapterConfig, LoraSettings, ReftSettings,
+from alignkit.adapters.config import (KINDS, PART_SETTINGS, AdapterConfig, ReftSettings,
                                       read_adapter_config, refuse_unused_parts)
 
 REFT = {"representations": [{"layer": 1, "low_rank_dimension": 4}]}
