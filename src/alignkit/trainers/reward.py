@@ -149,8 +149,8 @@ class RewardTrainer(AlignTrainer):
         if not is_classifier(model):
             raise ValueError(f"RewardTrainer needs a *ForSequenceClassification model with num_labels=1 (load it with "
                              f"load_model(path, task='classifier', num_labels=1)); got {type(model).__name__}")
-        check_signs("RewardTrainer", nonnegative={"center_rewards_coefficient": center_rewards_coefficient or 0.0,
-                                                  "l2_coefficient": l2_coefficient})
+        check_signs("RewardTrainer", center_rewards_coefficient=center_rewards_coefficient,
+                    l2_coefficient=l2_coefficient)
         check_layout(model, share_prompt, padding_free, reward_model=True,
                      ranked=ranked_data(kwargs.get("data_collator"), kwargs.get("train_dataset"),
                                         kwargs.get("eval_dataset")))
