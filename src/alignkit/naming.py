@@ -12,6 +12,7 @@ import functools
 import hashlib
 import inspect
 import re
+import types
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -85,15 +86,68 @@ def init_parameters(cls: type) -> frozenset[str]:
 
 
 def source_digest(fns: Iterable[Callable]) -> str:
-    """16 hex digits of sha256 over each callable's source (a callable object: its class's; its bytecode and
-    constants where Python has no source): what a name (`stable_name`) does not show, a function edited under the
-    same name. Online checkpoints record it for a reward function, so that a resume can say it changed."""
+    """16 hex digits of sha256 over each callable's `code_digest`: what a name (`stable_name`) does not show, a
+    function edited under the same name. Online checkpoints record it for a reward function, so that a resume can say
+    it changed."""
     h = hashlib.sha256()
     for fn in fns:
-        try:
-            h.update(inspect.getsource(fn if inspect.isroutine(fn) else type(fn)).encode())
-        except (OSError, TypeError):
-            code = getattr(fn, "__code__", None)
-            h.update(repr((code.co_code, code.co_consts)).encode() if code is not None else b"?")
+        h.update(code_digest(fn).encode())
     return h.hexdigest()[:16]
 
+
+def code_digest(fn: Any) -> str:
+    """sha256 (hex) of what a callable computes, the same in every process: a function's source (its compiled code
+    where Python has none, e.g. exec'd: nested code objects by their own digest, never a repr holding an address),
+    its defaults and its closure's values (a function among them by its digest); a bound method's function; a
+    `functools.partial`'s function with its arguments; a callable object's class source (else its `__call__`).
+    Both the online checkpoints (`source_digest`) and the tokenization cache (`data/tokenize_cache.py`) use it."""
+    h = hashlib.sha256()
+    for part in _digest_parts(fn, depth=0):
+        h.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return h.hexdigest()
+
+
+def _digest_parts(fn: Any, depth: int) -> list[str]:
+    if depth > 8:  # a closure that holds itself through a chain: stop rather than recurse forever
+        return ["..."]
+    if isinstance(fn, functools.partial):
+        args = [stable_repr(a) for a in fn.args] + [f"{k}={stable_repr(v)}" for k, v in sorted(fn.keywords.items())]
+        return ["partial", *_digest_parts(fn.func, depth + 1), *args]
+    if inspect.ismethod(fn):
+        return ["method", *_digest_parts(fn.__func__, depth + 1)]
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType):  # a class, or an object with __call__: its class's source
+        cls = fn if isinstance(fn, type) else type(fn)
+        text = _source(cls)
+        call = getattr(cls, "__call__", None)
+        return ["class", cls.__qualname__, text if text is not None else
+                _code_text(getattr(call, "__code__", None)) if call is not None else "?"]
+    text = _source(fn)
+    cells = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            value = None
+        cells.append("self" if value is fn else "|".join(_digest_parts(value, depth + 1)) if callable(value)
+                     else stable_repr(value))
+    return ["function", text if text is not None else _code_text(code), stable_repr(getattr(fn, "__defaults__", None)),
+            stable_repr(getattr(fn, "__kwdefaults__", None)), *cells]
+
+
+def _source(obj: Any) -> str | None:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):  # no file (exec'd, the REPL), or a built-in
+        return None
+
+
+def _code_text(code: Any) -> str:
+    """A code object's bytecode, names and constants, nested code objects by their own text (their repr holds an
+    address) and a frozenset's items sorted (its order follows the process's string hash seed)."""
+    if not isinstance(code, types.CodeType):
+        return repr(type(code))
+    consts = [_code_text(c) if isinstance(c, types.CodeType) else
+              "frozenset(" + repr(sorted(map(repr, c))) + ")" if isinstance(c, frozenset) else repr(c)
+              for c in code.co_consts]
+    return repr((code.co_code.hex(), code.co_names, code.co_varnames, code.co_freevars, consts))

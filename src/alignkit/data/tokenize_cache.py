@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import sys
-import types
 from pathlib import Path
 from typing import Any, Callable
 
 from alignkit.data.chat import FORMATTERS
+from alignkit.naming import code_digest
 
 logger = logging.getLogger(__name__)
 
@@ -83,32 +83,14 @@ def code_fingerprint(modules: tuple[str, ...] = FEATURE_MODULES) -> str:
 
 
 def function_fingerprint(fn: Any) -> str:
-    """What a function's output depends on in code: its module and name, its compiled code (nested functions too), its
-    default arguments and closure values, and the source of its module's file when it has one (the helpers it calls),
-    hashed. (A value whose repr holds its address changes the key on every run: a miss, never a stale hit.)"""
+    """What a function's output depends on in code: its module and name, `naming.code_digest` (its source or compiled
+    code, nested functions too, its default arguments and closure values; a partial's function and arguments), and
+    the source of its module's file when it has one (the helpers it calls), hashed."""
     module = sys.modules.get(getattr(fn, "__module__", None) or "")  # (a function made by exec has no file)
     path = getattr(module, "__file__", None)
     source = Path(path).read_bytes() if path and Path(path).is_file() else b""
-    cells = [v for v in map(_cell_value, getattr(fn, "__closure__", None) or ()) if v is not fn]
     return sha(getattr(fn, "__module__", None), getattr(fn, "__qualname__", type(fn).__qualname__), source,
-               _code_parts(getattr(fn, "__code__", None) or getattr(type(fn), "__call__", None)),
-               repr(getattr(fn, "__defaults__", None)), repr(getattr(fn, "__kwdefaults__", None)),
-               *(function_fingerprint(c) if callable(c) and hasattr(c, "__code__") else repr(c) for c in cells))
-
-
-def _cell_value(cell: Any) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # a cell not yet filled
-        return None
-
-
-def _code_parts(code: Any) -> str:
-    code = getattr(code, "__code__", code)
-    if not isinstance(code, types.CodeType):
-        return repr(type(code))
-    return sha(code.co_code, code.co_names, code.co_varnames,
-               *(_code_parts(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts))
+               code_digest(fn))
 
 
 def formatters_fingerprint() -> str:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.loss_bounds import LOSS_BOUNDS, past_bound
+
 from .registry import PAIR_METRICS, PREFERENCE_LOSSES, LossOutput
 
 
@@ -111,18 +113,13 @@ class PreferenceParams:
     f_alpha: float = 0.5  # f-DPO alpha-divergence coefficient (fdpo_alpha)
 
     def __post_init__(self) -> None:
-        # beta <= 0 trains toward the rejected answers (IPO, SPPO: 1 / beta is infinite), as the CLI's bounds say
-        for key in ("beta", "discopop_tau", "f_alpha"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        # the CLI's bounds (settings/bounds.py): past them the loss trains toward the rejected answers (label_smoothing
-        # >= 0.5 flips cDPO's labels, a negative weight turns its term around)
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5) (the share of flipped labels; >= 0.5 trains toward "
-                             f"the rejected answers), got {self.label_smoothing}")
-        for key in ("orpo_lambda", "cpo_alpha", "slic_lambda"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"{key} must be >= 0 (< 0 trains its term the other way), got {getattr(self, key)}")
+        # the CLI's bounds (one table, alignkit.loss_bounds): past them the loss trains toward the rejected answers
+        # (beta <= 0; label_smoothing >= 0.5 flips cDPO's labels; a negative weight turns its term around) or divides
+        # by 0 (IPO, SPPO: 1 / beta)
+        for key in ("beta", "label_smoothing", "orpo_lambda", "cpo_alpha", "slic_lambda", "discopop_tau", "f_alpha"):
+            if past_bound(key, getattr(self, key)):
+                _, bound, why = LOSS_BOUNDS[key]
+                raise ValueError(f"{key} must be {bound}, got {getattr(self, key)} ({why})")
 
 
 def resolve_params(params: PreferenceParams | None, beta: float, who: str) -> PreferenceParams:

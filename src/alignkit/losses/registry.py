@@ -35,6 +35,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from alignkit.loss_bounds import allowed, past_bound
+
 
 @dataclass
 class LossOutput:
@@ -78,17 +80,13 @@ def reduce_loss(losses: Tensor, weights: Tensor | None = None,
     return total / norm.to(losses.dtype).clamp(min=torch.finfo(losses.dtype).tiny)
 
 
-def check_signs(who: str, positive: dict[str, float] | None = None,
-                nonnegative: dict[str, float] | None = None) -> None:
-    """ValueError naming `who` and the argument for a loss hyper-parameter past the CLI's bounds (settings/bounds.py)
-    given to a trainer in Python: a beta <= 0 or a negative weight / coefficient trains its term the other way
-    (toward the undesirable answers; rewards pushed away from 0 without bound)."""
-    for key, value in (positive or {}).items():
-        if not value > 0:
-            raise ValueError(f"{who}: {key}={value} must be > 0 (<= 0 trains toward the undesirable answers)")
-    for key, value in (nonnegative or {}).items():
-        if not value >= 0:
-            raise ValueError(f"{who}: {key}={value} must be >= 0 (< 0 trains its term the other way)")
+def check_signs(who: str, **values: float | None) -> None:
+    """ValueError naming `who` and the argument for a loss hyper-parameter past the CLI's bounds (one table,
+    `alignkit.loss_bounds.LOSS_BOUNDS`) given to a trainer in Python: a beta <= 0 or a negative weight / coefficient
+    trains its term the other way (toward the undesirable answers; rewards pushed away from 0 without bound)."""
+    for key, value in values.items():
+        if past_bound(key, value):
+            raise ValueError(f"{who}: {key}={value} must be {allowed(key)}")
 
 
 class Registry(dict):

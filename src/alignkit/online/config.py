@@ -149,15 +149,16 @@ class OnlineConfig:
             raise ValueError(f"{what} learns from the differences between the samples of a prompt: it needs "
                              f"sampling.num_samples >= 2, got {self.sampling.num_samples} (nothing would be "
                              "learned)")
-        if self.sampling.do_sample and self.sampling.top_k == 1:
+        if self.sampling.one_answer() is None:  # (SamplingConfig.one_answer decides it, in one place)
+            return
+        if self.sampling.do_sample:
             raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
                              f"sampling.top_k=1 keeps only the most likely token at each step, so it draws "
                              f"{self.sampling.num_samples} identical ones (greedy decoding: nothing would be "
                              f"learned); remove sampling.top_k or set it above 1")
-        if not self.sampling.do_sample:
-            raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
-                             f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
-                             f"would be learned); set sampling.do_sample=true")
+        raise ValueError(f"{what} learns from the differences between the samples of a prompt, and "
+                         f"sampling.do_sample=false draws {self.sampling.num_samples} identical ones (nothing "
+                         f"would be learned); set sampling.do_sample=true")
 
     def _refuse_unread(self) -> None:
         """Keys set away from their defaults that the chosen settings never read (they were accepted and silently

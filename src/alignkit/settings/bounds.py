@@ -12,6 +12,7 @@ import difflib
 import math
 from typing import Any, Callable
 
+from alignkit.loss_bounds import LOSS_BOUNDS, allowed
 from alignkit.settings.typed import ConfigError
 
 
@@ -29,18 +30,8 @@ def _ge1(v: Any) -> bool:
 
 BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     # method (offline and online; the optimisation keys are train's: TRAIN_BOUNDS)
-    ("method", "beta", _pos, "> 0 (the strength of the KL to the reference; <= 0 trains toward the rejected answers)"),
-    ("method", "label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
-    # the preference losses' own weights and temperatures (alignkit.losses.PreferenceParams): below these the loss
-    # trains the other way (toward the rejected answers, up the chosen answers' NLL) or divides by 0
-    ("method", "loss_weights", _nonneg, ">= 0 for each loss type (< 0 trains that loss the other way)"),
-    ("method", "orpo_lambda", _nonneg, ">= 0 (< 0 trains toward the rejected answers)"),
-    ("method", "cpo_alpha", _nonneg, ">= 0 (< 0 raises the chosen answers' NLL)"),
-    ("method", "slic_lambda", _nonneg, ">= 0 (< 0 lowers the chosen answers' likelihood)"),
-    ("method", "discopop_tau", _pos, "> 0 (DiscoPOP's mixing temperature)"),
-    ("method", "f_alpha", _pos, "> 0 (f-DPO's alpha; alpha -> 0 is DPO's reverse KL)"),
-    ("method", "center_rewards_coefficient", _nonneg, ">= 0, or null for no centering (< 0 pushes the rewards "
-                                                     "away from 0 without bound)"),
+    # the loss hyper-parameters: one table with the Python API's checks (alignkit.loss_bounds)
+    *(("method", key, test, allowed(key)) for key, (test, _, _) in LOSS_BOUNDS.items()),
     ("method", "chunk_size", _ge1, ">= 1"),
     ("method", "prompts_per_step", _ge1, ">= 1"),
     ("method", "epochs_per_step", _ge1, ">= 1"),
@@ -51,9 +42,6 @@ BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("method", "stall_steps", _nonneg, ">= 0 (0: never stop a run without reward signal, only warn)"),
     ("method", "generation_batch_size", _ge1, ">= 1"),
     ("method", "batch_size", _ge1, ">= 1"),
-    ("method", "desirable_weight", _nonneg, ">= 0"),
-    ("method", "undesirable_weight", _nonneg, ">= 0"),
-    ("method", "l2_coefficient", _nonneg, ">= 0"),
     ("method", "clip_eps", _pos, "> 0 (the policy ratio is clipped to [1 - clip_eps, 1 + clip_eps])"),
     ("method", "clip_eps_high", _pos, "> 0, or null for clip_eps (the ratio's upper clip is 1 + clip_eps_high)"),
     ("method", "dual_clip", lambda v: v > 1, "> 1, or null for no dual clip (Ye et al. use 3)"),

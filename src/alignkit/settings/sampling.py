@@ -102,16 +102,16 @@ def refuse_greedy_ignored(cfg: SamplingConfig, section: str, default_note: str =
         raise ConfigError(f"{section}.{key}={value!r} is read only when sampling, but {section}.do_sample is false "
                          f"(greedy decoding{default_note}), so it would be ignored; set {section}.do_sample: true to "
                          f"sample, or remove {section}.{key}")
-    if cfg.do_sample and cfg.top_k == 1 and cfg.num_samples > 1:
-        n = cfg.num_samples
+    if cfg.one_answer() is None or cfg.num_samples < 2:  # (SamplingConfig.one_answer decides it, in one place)
+        return
+    n = cfg.num_samples
+    if cfg.do_sample:
         raise ConfigError(f"{section}.num_samples={n} with {section}.top_k=1 (only the most likely token is kept at "
                           f"each step: greedy decoding) writes {n} identical responses per prompt; remove "
                           f"{section}.top_k (or set it above 1), or {section}.num_samples: 1")
-    if not cfg.do_sample and cfg.num_samples > 1:
-        n = cfg.num_samples
-        raise ConfigError(f"{section}.num_samples={n} with {section}.do_sample false (greedy decoding{default_note}) "
-                          f"writes {n} identical responses per prompt; set {section}.do_sample: true to sample, or "
-                          f"{section}.num_samples: 1")
+    raise ConfigError(f"{section}.num_samples={n} with {section}.do_sample false (greedy decoding{default_note}) "
+                      f"writes {n} identical responses per prompt; set {section}.do_sample: true to sample, or "
+                      f"{section}.num_samples: 1")
 
 
 __all__ = ["SamplingConfig", "SAMPLERS", "refuse_greedy_ignored"]

@@ -131,8 +131,7 @@ class KTOTrainer(HasReference, SyncsReference, AlignTrainer):
                  ref_model: nn.Module | None = None, chunk_size: int = 1024, disable_dropout: bool = True,
                  ref_sync: Any = None, **kwargs: Any) -> None:
         UNPAIRED_LOSSES[loss_type]
-        check_signs("KTOTrainer", positive={"beta": beta},
-                    nonnegative={"desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight})
+        check_signs("KTOTrainer", beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         self.loss_type, self.beta, self.chunk_size = loss_type, beta, chunk_size
         self.reads_kl = loss_type in KL_LOSSES  # else no mismatched pairs are scored (no kl logged)
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
