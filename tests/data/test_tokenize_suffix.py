@@ -199,3 +199,48 @@ def test_reft_generation_prompt_is_the_training_prompt(tokenizer):
     assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
     enc = encode_prompts(tok, ["Question: what?"])
     assert enc["input_ids"][0].tolist() == ids[:n] == tokenizer("Question: what?")["input_ids"]
+
+
+SEP_VOCAB = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3, "Q": 4, ":": 5, "hi": 6, "A": 7, "yes": 8, "no": 9}
+
+
+def sep_tokenizer() -> PreTrainedTokenizerFast:
+    """A BERT-style classifier tokenizer (`[CLS] $A [SEP]`, no EOS token: TRL's distilbert reward models), built over
+    SEP_VOCAB: `PROMPT` -> [CLS] 4 5 6 7 5 [SEP]."""
+    t = Tokenizer(models.WordLevel(SEP_VOCAB, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                     special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                   unk_token="[UNK]")
+
+
+def test_a_classifier_tokenizers_sep_is_kept_in_reward_scores(tiny_dir):
+    """Before (this session's EOS strip): any appended suffix was left out, so a `[CLS] $A [SEP]` reward model scored
+    [CLS] ... yes without its [SEP] (eos None: add_eos could not add it back), ids it was never trained on. Only an
+    appended EOS alone is left out now: the score reads [1, 4, 5, 6, 7, 5, 8, 2], as before this session. Fails
+    without the fix: yes ([1, 4, 5, 6, 7, 5, 8])."""
+    from alignkit.models.loading import load_model
+    from alignkit.online.annotators import RewardModelAnnotator
+
+    tok = sep_tokenizer()
+    rm = RewardModelAnnotator(load_model(tiny_dir("llama", classifier=True, num_labels=1), task="classifier"), tok)
+    assert rm.encode(PROMPT, " yes") == ([1, 4, 5, 6, 7, 5, 8, 2], "")
+    assert tok.eos_token_id is None and chat.added_suffix(tok) == (2,) and chat.appended_eos(tok) == ()
+
+
+def test_a_classifier_tokenizers_sep_is_kept_in_features():
+    """tokenize_records with `[CLS] $A [SEP]`, as at 851e83a (before this session): a prompt-only record keeps its
+    [SEP] ([1, 4, 5, 6, 7, 5, 2]; this session's strip gave [1, 4, 5, 6, 7, 5]); prompt/completion records are refused
+    as then (the prompt's [SEP] is no prefix of prompt+completion), now in a line naming the appended [SEP] instead of
+    a BPE merge (this session trained them as [CLS] ... yes, no [SEP], under add_eos=false). Fails without the fix:
+    yes (the prompt ids; the add_eos=false records tokenized)."""
+    from alignkit.online.generation import encode_prompt
+
+    tok = sep_tokenizer()
+    (g,), _ = tokenize_records([PromptRecord(PROMPT, id="g")], tok)
+    assert g["prompt_input_ids"] == [1, 4, 5, 6, 7, 5, 2]
+    assert encode_prompt(PROMPT, tok) == [1, 4, 5, 6, 7, 5, 2]
+    for r in (SFTRecord(PROMPT, " yes", id="s"), PreferenceRecord(PROMPT, " yes", " no", id="p")):
+        with pytest.raises(tk.DataError, match=r"^[sp]: \S+ appends \['\[SEP\]'\] \(not its EOS alone\) to every text"):
+            tokenize_records([r], tok, add_eos=False)
