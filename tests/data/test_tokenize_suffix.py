@@ -244,3 +244,41 @@ def test_a_classifier_tokenizers_sep_is_kept_in_features():
     for r in (SFTRecord(PROMPT, " yes", id="s"), PreferenceRecord(PROMPT, " yes", " no", id="p")):
         with pytest.raises(tk.DataError, match=r"^[sp]: \S+ appends \['\[SEP\]'\] \(not its EOS alone\) to every text"):
             tokenize_records([r], tok, add_eos=False)
+
+
+class _SlowView:
+    """The tokenizer read through `encode_prompt_response`'s other path (no offsets: `is_fast` False)."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __call__(self, *a, **kw):
+        return self._tok(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_reft_training_ids_follow_add_eos_as_tokenize_records(tokenizer, path):
+    """Before: ReFT's `encode_prompt_response` with a tokenizer that appends EOS (tiny Llama, add_eos_token=True)
+    kept the appended EOS under add_eos=False, so ReFT trained on an EOS that tokenize_records' features do not have.
+    Now the appended EOS is left out first and add_eos alone decides: add_eos=False gives the ids of the tokenizer
+    without the setting (no EOS), add_eos=True one EOS; the same prompt length, on the offsets path and the other.
+    Fails without the fix: yes (add_eos=False ended in EOS, both paths)."""
+    import copy
+
+    from alignkit.data.reft_data import encode_prompt_response
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    view = tok if path == "fast" else _SlowView(tok)
+    plain = tokenizer("Question: what? Answer: Paris.")["input_ids"]
+    n_prompt = len(tokenizer("Question: what?")["input_ids"])
+    assert plain[-1] != tok.eos_token_id
+    assert encode_prompt_response(view, "Question: what?", " Answer: Paris.", add_eos=False) == (plain, n_prompt)
+    assert encode_prompt_response(view, "Question: what?", " Answer: Paris.") == (plain + [tok.eos_token_id], n_prompt)
+    (f,), _ = tokenize_records([SFTRecord("Question: what?", " Answer: Paris.")], tok, add_eos=False)
+    assert f["input_ids"] == plain
