@@ -282,3 +282,20 @@ def test_reft_training_ids_follow_add_eos_as_tokenize_records(tokenizer, path):
     assert encode_prompt_response(view, "Question: what?", " Answer: Paris.") == (plain + [tok.eos_token_id], n_prompt)
     (f,), _ = tokenize_records([SFTRecord("Question: what?", " Answer: Paris.")], tok, add_eos=False)
     assert f["input_ids"] == plain
+
+
+def test_the_appended_eos_is_resolved_once_per_chunk_not_per_encoding(neox, monkeypatch):
+    """Before: `_ids` asked `chat.added_suffix` on every encoding with special tokens (2 per SFT record, 3 per
+    preference record; ~7 us each, ~20 % of tokenize_records on 20k SFT records). Now `tokenize_records` resolves it
+    once per chunk (`_Batch.suffix`): 7 records in chunks of 3 ask 3 times, with the same features. Fails without the
+    fix: yes (15 asks: 4 x 2 + 2 x 3 + 1)."""
+    calls = []
+    real = chat.added_suffix
+    monkeypatch.setattr(chat, "added_suffix", lambda tok: calls.append(1) or real(tok))
+    monkeypatch.setattr(tk, "CHUNK", 3)
+    records = [SFTRecord(PROMPT, " yes", id=f"s{i}") for i in range(4)]
+    records += [PreferenceRecord(PROMPT, " yes", " no", id=f"p{i}") for i in range(2)] + [PromptRecord(PROMPT)]
+    got, _ = tokenize_records(records, neox)
+    assert len(calls) == 3
+    assert got[0]["input_ids"] == [3, 4, 5, 6, 4, 7, EOS] and got[4]["rejected_input_ids"] == [3, 4, 5, 6, 4, 8, EOS]
+    assert got[6]["prompt_input_ids"] == [3, 4, 5, 6, 4]

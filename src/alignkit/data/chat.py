@@ -382,8 +382,10 @@ def added_suffix(tokenizer: Any) -> tuple[int, ...]:
     except Exception:  # noqa: BLE001 - no backend, or a processor not serialisable: the specials key the probe
         key = (tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer))
     key += (getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
-    try:
-        seen = _SUFFIX.setdefault(tokenizer, {})
+    try:  # get first: setdefault makes a new weak reference on every call
+        seen = _SUFFIX.get(tokenizer)
+        if seen is None:
+            seen = _SUFFIX.setdefault(tokenizer, {})
     except TypeError:  # not weakly referable: probed each time
         seen = {}
     if key not in seen:
@@ -412,8 +414,8 @@ def appended_eos(tokenizer: Any) -> tuple[int, ...]:
     alignkit leaves out, since `add_eos` adds it back where a completion ends; () otherwise (nothing appended, or other
     tokens, e.g. a BERT-style classifier's `[CLS] $A [SEP]`, whose [SEP] stays where the tokenizer puts it: the
     reward model was trained reading it, and `add_eos` could not add it back)."""
-    suffix = added_suffix(tokenizer)
-    return suffix if suffix and suffix == (getattr(tokenizer, "eos_token_id", None),) else ()
+    suffix = added_suffix(tokenizer)  # (eos_token_id is read only for a one-token suffix: ~3.5 us a read)
+    return suffix if len(suffix) == 1 and suffix == (getattr(tokenizer, "eos_token_id", None),) else ()
 
 
 def without_added_suffix(ids: list[int], tokenizer: Any, suffix: tuple[int, ...] | None = None) -> list[int]:

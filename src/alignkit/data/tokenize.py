@@ -114,11 +114,13 @@ class _Batch:
     """Formatted texts and their token ids for one chunk of records, filled by `_prefetch` with one batched
     tokenizer call per `add_special_tokens` value (a fast tokenizer encodes the batch in parallel, in Rust)
     and read by `_ids` / `_format`; anything not prefetched is computed on the spot, so the results never
-    depend on the prefetch, only the speed does."""
+    depend on the prefetch, only the speed does. `suffix`: the EOS the tokenizer appends to every text
+    (`chat.appended_eos`), resolved once per chunk rather than per encoding."""
 
-    def __init__(self) -> None:
+    def __init__(self, suffix: tuple[int, ...] = ()) -> None:
         self.ids: dict[tuple[str, bool], list[int]] = {}
         self.formats: dict[tuple[int, int, str], Formatted] = {}
+        self.suffix = suffix
 
 
 _BATCH: ContextVar[_Batch | None] = ContextVar("alignkit_tokenize_batch", default=None)
@@ -131,7 +133,9 @@ def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     batch = _BATCH.get()
     hit = batch.ids.get((text, add_special_tokens)) if batch is not None else None
     ids = list(hit) if hit is not None else list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-    return chat.without_added_suffix(ids, tokenizer) if add_special_tokens else ids
+    if not add_special_tokens:
+        return ids
+    return chat.without_added_suffix(ids, tokenizer, batch.suffix if batch is not None else None)
 
 
 def _format(prompt: Prompt, completion: Completion | None, tokenizer: Any, formatter: str) -> Formatted:
@@ -520,7 +524,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     out = []
     for lo in range(0, len(records), CHUNK):
         chunk = records[lo:lo + CHUNK]
-        batch = _Batch()
+        batch = _Batch(chat.appended_eos(tokenizer))
         token = _BATCH.set(batch)
         try:
             with fast_chat_rendering(tokenizer):
