@@ -182,3 +182,24 @@ def test_a_trainers_dataset_from_files_is_tokenized_again_when_a_registered_form
         out, _ = prepare_dataset(ds, tokenizer, ["sft"], cfg)
         got.append(out[0]["input_ids"][:out[0]["prompt_length"]])
     assert got == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("SAY HI: ", "say hi: ")]
+
+
+def test_every_module_the_features_come_from_keys_the_cache():
+    """The cache key hashes the source of `FEATURE_MODULES`; a module tokenize.py or chat.py (the formatters, the
+    suffix / BOS probes) takes code from and that is missing there can change the features or the stats read back
+    without changing the key (a stale hit). Before: alignkit.data.tokenize_stats (TokenizeStats, moved out of
+    tokenize.py this session: its summary is what the cache stores and rebuilds) was missing. Fails without the fix:
+    yes."""
+    import inspect
+
+    from alignkit.data import chat
+    from alignkit.data.tokenize_cache import FEATURE_MODULES
+
+    used = set()
+    for module in (tk, chat):
+        for value in vars(module).values():
+            name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.startswith("alignkit.data."):
+                used.add(name)
+    assert "alignkit.data.tokenize_stats" in used and "alignkit.data.records" in used  # the scan sees them
+    assert used - set(FEATURE_MODULES) == set()
