@@ -299,3 +299,24 @@ def test_the_appended_eos_is_resolved_once_per_chunk_not_per_encoding(neox, monk
     assert len(calls) == 3
     assert got[0]["input_ids"] == [3, 4, 5, 6, 4, 7, EOS] and got[4]["rejected_input_ids"] == [3, 4, 5, 6, 4, 8, EOS]
     assert got[6]["prompt_input_ids"] == [3, 4, 5, 6, 4]
+
+
+def test_serve_text_prompts_are_generates_prompts(tokenizer):
+    """Before: `alignkit serve`'s /v1/completions encoded a text prompt with add_special_tokens=True as it came, so with
+    a tokenizer that appends EOS (tiny Llama, add_eos_token=True) the served prompt ended in EOS, which `alignkit
+    generate` and training's prompts leave out: the model continued from a context it never saw. Now both go through
+    `chat.prompt_ids`: the ids of the tokenizer without the setting; add_special_tokens=false as before (nothing
+    appended). Fails without the fix: yes (the served ids ended in EOS)."""
+    import copy
+
+    from alignkit.online.generation import encode_prompt
+    from alignkit.serve.parsing import completion_prompts
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    want = tokenizer("Q: hi\nA:")["input_ids"]
+    assert want[-1] != tok.eos_token_id and tok("Q: hi\nA:")["input_ids"] == want + [tok.eos_token_id]
+    assert completion_prompts({"prompt": ["Q: hi\nA:", "Q: hi\nA:"]}, tok) == [want, want]
+    assert encode_prompt("Q: hi\nA:", tok) == want
+    bare = tokenizer("Q: hi\nA:", add_special_tokens=False)["input_ids"]
+    assert completion_prompts({"prompt": "Q: hi\nA:", "add_special_tokens": False}, tok) == [bare]

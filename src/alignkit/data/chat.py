@@ -427,6 +427,14 @@ def without_added_suffix(ids: list[int], tokenizer: Any, suffix: tuple[int, ...]
     return ids[:len(ids) - n] if n and tuple(ids[len(ids) - n:]) == suffix else ids
 
 
+def prompt_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text` as a prompt the model continues: with `add_special_tokens`, without the EOS the tokenizer
+    appends to every text (`without_added_suffix`), as training's prompts. One rule for `alignkit generate` / online
+    prompts (`online.generation.encode_prompt`) and `alignkit serve`'s text prompts (`serve.parsing`)."""
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return without_added_suffix(ids, tokenizer) if add_special_tokens else ids
+
+
 _TURN_PROBE = "alignkitTurnEndProbe"
 
 
