@@ -320,3 +320,16 @@ def test_serve_text_prompts_are_generates_prompts(tokenizer):
     assert encode_prompt("Q: hi\nA:", tok) == want
     bare = tokenizer("Q: hi\nA:", add_special_tokens=False)["input_ids"]
     assert completion_prompts({"prompt": "Q: hi\nA:", "add_special_tokens": False}, tok) == [bare]
+
+
+def test_reft_generation_prompt_leaves_out_any_appended_token():
+    """ReFT trains `[CLS] Q : hi A : | yes [SEP]` with `[CLS] $A [SEP]` (prompt_length 6: the [SEP] follows the
+    response), but `encode_prompts` gave generation `[CLS] ... : [SEP]` (as at 851e83a), so the last position ("l1")
+    intervened on [SEP] instead of training's last prompt token. Now generation's prompt is training's
+    ids[:prompt_length]: [1, 4, 5, 6, 7, 5]. Fails without the fix: yes ([1, 4, 5, 6, 7, 5, 2])."""
+    from alignkit.data.reft_data import encode_prompt_response, encode_prompts
+
+    tok = sep_tokenizer()
+    ids, n = encode_prompt_response(tok, PROMPT, " yes", add_eos=False)
+    assert (ids, n) == ([1, 4, 5, 6, 7, 5, 8, 2], 6)
+    assert encode_prompts(tok, [PROMPT])["input_ids"][0].tolist() == [1, 4, 5, 6, 7, 5]

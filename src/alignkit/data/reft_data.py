@@ -299,14 +299,15 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, positions: str | P
     """Left-padded prompt batch for generation: input_ids, attention_mask (B, T), intervention_locations (B, K, P).
 
     Prompts are rendered exactly as the training prompts are (same chat template use), so the trained
-    positions line up; without the EOS a tokenizer appends to every text itself (`without_added_suffix`: a training
-    prompt is followed by its response, not by it).
+    positions line up; without what a tokenizer appends to every text itself (`added_suffix`: EOS, a BERT-style
+    [SEP]), which in training follows the response: the prompt is training's `ids[:prompt_length]`.
     """
     texts = [format_prompt_response(tokenizer, p, "x", use_chat_template=use_chat_template, system=system)[0]
              for p in prompts]
     special = not use_chat_template
     ids = [list(tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts]
-    ids = [torch.tensor(without_added_suffix(x, tokenizer) if special else x, dtype=torch.long) for x in ids]
+    suffix = added_suffix(tokenizer) if special else ()
+    ids = [torch.tensor(without_added_suffix(x, tokenizer, suffix) if special else x, dtype=torch.long) for x in ids]
     input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id,
                                                 padding_side="left")  # (B, T)
     attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.long) for x in ids],
