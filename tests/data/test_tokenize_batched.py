@@ -218,3 +218,24 @@ def test_a_fast_tokenizer_add_eos_token_is_in_the_key(tokenizer):
     other.add_eos_token = True
     assert other("hi")["input_ids"] == tokenizer("hi")["input_ids"] + [tokenizer.eos_token_id]
     assert tk.cache_key(corpus(), other, cfg) != tk.cache_key(corpus(), tokenizer, cfg)
+
+
+def test_every_module_the_features_come_from_keys_the_cache():
+    """The cache key hashes the source of `FEATURE_MODULES`; a module tokenize.py or chat.py (the formatters, the
+    suffix / BOS probes) takes code from and that is missing there can change the features or the stats read back
+    without changing the key (a stale hit). Before: alignkit.data.tokenize_stats (TokenizeStats, moved out of
+    tokenize.py this session: its summary is what the cache stores and rebuilds) was missing. Fails without the fix:
+    yes."""
+    import inspect
+
+    from alignkit.data import chat
+    from alignkit.data.tokenize_cache import FEATURE_MODULES
+
+    used = set()
+    for module in (tk, chat):
+        for value in vars(module).values():
+            name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.startswith("alignkit.data."):
+                used.add(name)
+    assert "alignkit.data.tokenize_stats" in used and "alignkit.data.records" in used  # the scan sees them
+    assert used - set(FEATURE_MODULES) == set()

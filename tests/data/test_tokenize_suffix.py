@@ -199,3 +199,137 @@ def test_reft_generation_prompt_is_the_training_prompt(tokenizer):
     assert ids[-1] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1
     enc = encode_prompts(tok, ["Question: what?"])
     assert enc["input_ids"][0].tolist() == ids[:n] == tokenizer("Question: what?")["input_ids"]
+
+
+SEP_VOCAB = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3, "Q": 4, ":": 5, "hi": 6, "A": 7, "yes": 8, "no": 9}
+
+
+def sep_tokenizer() -> PreTrainedTokenizerFast:
+    """A BERT-style classifier tokenizer (`[CLS] $A [SEP]`, no EOS token: TRL's distilbert reward models), built over
+    SEP_VOCAB: `PROMPT` -> [CLS] 4 5 6 7 5 [SEP]."""
+    t = Tokenizer(models.WordLevel(SEP_VOCAB, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                     special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                   unk_token="[UNK]")
+
+
+def test_a_classifier_tokenizers_sep_is_kept_in_reward_scores(tiny_dir):
+    """Before (this session's EOS strip): any appended suffix was left out, so a `[CLS] $A [SEP]` reward model scored
+    [CLS] ... yes without its [SEP] (eos None: add_eos could not add it back), ids it was never trained on. Only an
+    appended EOS alone is left out now: the score reads [1, 4, 5, 6, 7, 5, 8, 2], as before this session. Fails
+    without the fix: yes ([1, 4, 5, 6, 7, 5, 8])."""
+    from alignkit.models.loading import load_model
+    from alignkit.online.annotators import RewardModelAnnotator
+
+    tok = sep_tokenizer()
+    rm = RewardModelAnnotator(load_model(tiny_dir("llama", classifier=True, num_labels=1), task="classifier"), tok)
+    assert rm.encode(PROMPT, " yes") == ([1, 4, 5, 6, 7, 5, 8, 2], "")
+    assert tok.eos_token_id is None and chat.added_suffix(tok) == (2,) and chat.appended_eos(tok) == ()
+
+
+def test_a_classifier_tokenizers_sep_is_kept_in_features():
+    """tokenize_records with `[CLS] $A [SEP]`, as at 851e83a (before this session): a prompt-only record keeps its
+    [SEP] ([1, 4, 5, 6, 7, 5, 2]; this session's strip gave [1, 4, 5, 6, 7, 5]); prompt/completion records are refused
+    as then (the prompt's [SEP] is no prefix of prompt+completion), now in a line naming the appended [SEP] instead of
+    a BPE merge (this session trained them as [CLS] ... yes, no [SEP], under add_eos=false). Fails without the fix:
+    yes (the prompt ids; the add_eos=false records tokenized)."""
+    from alignkit.online.generation import encode_prompt
+
+    tok = sep_tokenizer()
+    (g,), _ = tokenize_records([PromptRecord(PROMPT, id="g")], tok)
+    assert g["prompt_input_ids"] == [1, 4, 5, 6, 7, 5, 2]
+    assert encode_prompt(PROMPT, tok) == [1, 4, 5, 6, 7, 5, 2]
+    for r in (SFTRecord(PROMPT, " yes", id="s"), PreferenceRecord(PROMPT, " yes", " no", id="p")):
+        with pytest.raises(tk.DataError, match=r"^[sp]: \S+ appends \['\[SEP\]'\] \(not its EOS alone\) to every text"):
+            tokenize_records([r], tok, add_eos=False)
+
+
+class _SlowView:
+    """The tokenizer read through `encode_prompt_response`'s other path (no offsets: `is_fast` False)."""
+
+    is_fast = False
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __call__(self, *a, **kw):
+        return self._tok(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_reft_training_ids_follow_add_eos_as_tokenize_records(tokenizer, path):
+    """Before: ReFT's `encode_prompt_response` with a tokenizer that appends EOS (tiny Llama, add_eos_token=True)
+    kept the appended EOS under add_eos=False, so ReFT trained on an EOS that tokenize_records' features do not have.
+    Now the appended EOS is left out first and add_eos alone decides: add_eos=False gives the ids of the tokenizer
+    without the setting (no EOS), add_eos=True one EOS; the same prompt length, on the offsets path and the other.
+    Fails without the fix: yes (add_eos=False ended in EOS, both paths)."""
+    import copy
+
+    from alignkit.data.reft_data import encode_prompt_response
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    view = tok if path == "fast" else _SlowView(tok)
+    plain = tokenizer("Question: what? Answer: Paris.")["input_ids"]
+    n_prompt = len(tokenizer("Question: what?")["input_ids"])
+    assert plain[-1] != tok.eos_token_id
+    assert encode_prompt_response(view, "Question: what?", " Answer: Paris.", add_eos=False) == (plain, n_prompt)
+    assert encode_prompt_response(view, "Question: what?", " Answer: Paris.") == (plain + [tok.eos_token_id], n_prompt)
+    (f,), _ = tokenize_records([SFTRecord("Question: what?", " Answer: Paris.")], tok, add_eos=False)
+    assert f["input_ids"] == plain
+
+
+def test_the_appended_eos_is_resolved_once_per_chunk_not_per_encoding(neox, monkeypatch):
+    """Before: `_ids` asked `chat.added_suffix` on every encoding with special tokens (2 per SFT record, 3 per
+    preference record; ~7 us each, ~20 % of tokenize_records on 20k SFT records). Now `tokenize_records` resolves it
+    once per chunk (`_Batch.suffix`): 7 records in chunks of 3 ask 3 times, with the same features. Fails without the
+    fix: yes (15 asks: 4 x 2 + 2 x 3 + 1)."""
+    calls = []
+    real = chat.added_suffix
+    monkeypatch.setattr(chat, "added_suffix", lambda tok: calls.append(1) or real(tok))
+    monkeypatch.setattr(tk, "CHUNK", 3)
+    records = [SFTRecord(PROMPT, " yes", id=f"s{i}") for i in range(4)]
+    records += [PreferenceRecord(PROMPT, " yes", " no", id=f"p{i}") for i in range(2)] + [PromptRecord(PROMPT)]
+    got, _ = tokenize_records(records, neox)
+    assert len(calls) == 3
+    assert got[0]["input_ids"] == [3, 4, 5, 6, 4, 7, EOS] and got[4]["rejected_input_ids"] == [3, 4, 5, 6, 4, 8, EOS]
+    assert got[6]["prompt_input_ids"] == [3, 4, 5, 6, 4]
+
+
+def test_serve_text_prompts_are_generates_prompts(tokenizer):
+    """Before: `alignkit serve`'s /v1/completions encoded a text prompt with add_special_tokens=True as it came, so with
+    a tokenizer that appends EOS (tiny Llama, add_eos_token=True) the served prompt ended in EOS, which `alignkit
+    generate` and training's prompts leave out: the model continued from a context it never saw. Now both go through
+    `chat.prompt_ids`: the ids of the tokenizer without the setting; add_special_tokens=false as before (nothing
+    appended). Fails without the fix: yes (the served ids ended in EOS)."""
+    import copy
+
+    from alignkit.online.generation import encode_prompt
+    from alignkit.serve.parsing import completion_prompts
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_eos_token = True
+    want = tokenizer("Q: hi\nA:")["input_ids"]
+    assert want[-1] != tok.eos_token_id and tok("Q: hi\nA:")["input_ids"] == want + [tok.eos_token_id]
+    assert completion_prompts({"prompt": ["Q: hi\nA:", "Q: hi\nA:"]}, tok) == [want, want]
+    assert encode_prompt("Q: hi\nA:", tok) == want
+    bare = tokenizer("Q: hi\nA:", add_special_tokens=False)["input_ids"]
+    assert completion_prompts({"prompt": "Q: hi\nA:", "add_special_tokens": False}, tok) == [bare]
+
+
+def test_reft_generation_prompt_leaves_out_any_appended_token():
+    """ReFT trains `[CLS] Q : hi A : | yes [SEP]` with `[CLS] $A [SEP]` (prompt_length 6: the [SEP] follows the
+    response), but `encode_prompts` gave generation `[CLS] ... : [SEP]` (as at 851e83a), so the last position ("l1")
+    intervened on [SEP] instead of training's last prompt token. Now generation's prompt is training's
+    ids[:prompt_length]: [1, 4, 5, 6, 7, 5]. Fails without the fix: yes ([1, 4, 5, 6, 7, 5, 2])."""
+    from alignkit.data.reft_data import encode_prompt_response, encode_prompts
+
+    tok = sep_tokenizer()
+    ids, n = encode_prompt_response(tok, PROMPT, " yes", add_eos=False)
+    assert (ids, n) == ([1, 4, 5, 6, 7, 5, 8, 2], 6)
+    assert encode_prompts(tok, [PROMPT])["input_ids"][0].tolist() == [1, 4, 5, 6, 7, 5]

@@ -382,8 +382,10 @@ def added_suffix(tokenizer: Any) -> tuple[int, ...]:
     except Exception:  # noqa: BLE001 - no backend, or a processor not serialisable: the specials key the probe
         key = (tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer))
     key += (getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
-    try:
-        seen = _SUFFIX.setdefault(tokenizer, {})
+    try:  # get first: setdefault makes a new weak reference on every call
+        seen = _SUFFIX.get(tokenizer)
+        if seen is None:
+            seen = _SUFFIX.setdefault(tokenizer, {})
     except TypeError:  # not weakly referable: probed each time
         seen = {}
     if key not in seen:
@@ -396,18 +398,41 @@ def added_suffix(tokenizer: Any) -> tuple[int, ...]:
         suffix = found.pop() if len(found) == 1 else None
         seen[key] = suffix or ()
         if suffix:
-            logger.info("%s appends %s to every text it encodes; alignkit leaves them out of plain-text prompts and "
-                        "ends completions with EOS by data.add_eos", tokenizer_name(tokenizer),
-                        tokenizer.convert_ids_to_tokens(list(suffix)))
+            eos = getattr(tokenizer, "eos_token_id", None)
+            tokens = tokenizer.convert_ids_to_tokens(list(suffix))
+            if suffix == (eos,):
+                logger.info("%s appends its EOS %s to every text it encodes; alignkit leaves it out of plain-text "
+                            "prompts and ends completions with EOS by data.add_eos", tokenizer_name(tokenizer), tokens)
+            else:
+                logger.info("%s appends %s to every text it encodes (not its EOS alone); alignkit keeps them where "
+                            "the tokenizer puts them", tokenizer_name(tokenizer), tokens)
     return seen[key]
 
 
-def without_added_suffix(ids: list[int], tokenizer: Any) -> list[int]:
-    """`ids` (of one text encoded with `add_special_tokens=True`) without the tokens the tokenizer appends to every
-    text (`added_suffix`): a prompt's ids a prefix of its prompt+completion's, a generation prompt not ending in EOS."""
-    suffix = added_suffix(tokenizer)
+def appended_eos(tokenizer: Any) -> tuple[int, ...]:
+    """`(eos_token_id,)` when what `tokenizer` appends to every text (`added_suffix`) is its EOS alone: the one suffix
+    alignkit leaves out, since `add_eos` adds it back where a completion ends; () otherwise (nothing appended, or other
+    tokens, e.g. a BERT-style classifier's `[CLS] $A [SEP]`, whose [SEP] stays where the tokenizer puts it: the
+    reward model was trained reading it, and `add_eos` could not add it back)."""
+    suffix = added_suffix(tokenizer)  # (eos_token_id is read only for a one-token suffix: ~3.5 us a read)
+    return suffix if len(suffix) == 1 and suffix == (getattr(tokenizer, "eos_token_id", None),) else ()
+
+
+def without_added_suffix(ids: list[int], tokenizer: Any, suffix: tuple[int, ...] | None = None) -> list[int]:
+    """`ids` (of one text encoded with `add_special_tokens=True`) without the EOS the tokenizer appends to every text
+    (`appended_eos`, or `suffix` when the caller resolved it already): a prompt's ids a prefix of its
+    prompt+completion's, a generation prompt not ending in EOS. Any other appended token is kept."""
+    suffix = appended_eos(tokenizer) if suffix is None else suffix
     n = len(suffix)
     return ids[:len(ids) - n] if n and tuple(ids[len(ids) - n:]) == suffix else ids
+
+
+def prompt_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text` as a prompt the model continues: with `add_special_tokens`, without the EOS the tokenizer
+    appends to every text (`without_added_suffix`), as training's prompts. One rule for `alignkit generate` / online
+    prompts (`online.generation.encode_prompt`) and `alignkit serve`'s text prompts (`serve.parsing`)."""
+    ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return without_added_suffix(ids, tokenizer) if add_special_tokens else ids
 
 
 _TURN_PROBE = "alignkitTurnEndProbe"

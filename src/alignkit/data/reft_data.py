@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from alignkit.data.chat import without_added_suffix
+from alignkit.data.chat import added_suffix, without_added_suffix
 from alignkit.data.positions import Positions, locations_from_mask, locations_from_spans
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ def format_prompt_response(tokenizer: Any, prompt: str, response: str, *, use_ch
 def encode_prompt_response(tokenizer: Any, prompt: str, response: str, *, index: int = 0,
                            use_chat_template: bool = False, system: str | None = None, add_eos: bool = True,
                            max_length: int | None = None) -> tuple[list[int], int]:
-    """Tokenize `prompt + response` once. Returns (input_ids, prompt_length); EOS appended if `add_eos`.
+    """Tokenize `prompt + response` once. Returns (input_ids, prompt_length); EOS appended if `add_eos`, and only
+    then (the EOS a tokenizer appends to every text itself is left out first: `without_added_suffix`, as
+    `tokenize_records` does).
 
     `index` names the record in errors. Truncation (max_length) cuts the response end, never the prompt.
     """
@@ -72,7 +74,8 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str, *, index:
     cut = len(prompt_text)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full_text, add_special_tokens=add_special, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        ids = without_added_suffix(list(enc["input_ids"]), tokenizer) if add_special else list(enc["input_ids"])
+        offsets = enc["offset_mapping"][:len(ids)]
         # first token that ends past the prompt's last character starts the response
         prompt_length = next((i for i, (_, end) in enumerate(offsets) if end > cut), len(ids))
         if prompt_length < len(ids) and offsets[prompt_length][0] < cut:
@@ -84,9 +87,9 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str, *, index:
     else:
         ids = list(tokenizer(full_text, add_special_tokens=add_special)["input_ids"])
         p_ids = list(tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"])
-        # a tokenizer that appends special tokens (e.g. EOS) to every text: compare without them
-        while p_ids and p_ids[-1] in tokenizer.all_special_ids and ids[len(p_ids) - 1:len(p_ids)] != p_ids[-1:]:
-            p_ids.pop()
+        if add_special:  # the prompt without what is appended to every text (it follows the response)
+            ids = without_added_suffix(ids, tokenizer)
+            p_ids = without_added_suffix(p_ids, tokenizer, added_suffix(tokenizer))
         if ids[:len(p_ids)] != p_ids:
             raise ValueError(f"record {index}: the prompt's tokens are not a prefix of the full sequence's tokens "
                              f"(a token merges across the boundary); move the whitespace between prompt and "
@@ -296,14 +299,15 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], *, positions: str | P
     """Left-padded prompt batch for generation: input_ids, attention_mask (B, T), intervention_locations (B, K, P).
 
     Prompts are rendered exactly as the training prompts are (same chat template use), so the trained
-    positions line up; without the EOS a tokenizer appends to every text itself (`without_added_suffix`: a training
-    prompt is followed by its response, not by it).
+    positions line up; without what a tokenizer appends to every text itself (`added_suffix`: EOS, a BERT-style
+    [SEP]), which in training follows the response: the prompt is training's `ids[:prompt_length]`.
     """
     texts = [format_prompt_response(tokenizer, p, "x", use_chat_template=use_chat_template, system=system)[0]
              for p in prompts]
     special = not use_chat_template
     ids = [list(tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts]
-    ids = [torch.tensor(without_added_suffix(x, tokenizer) if special else x, dtype=torch.long) for x in ids]
+    suffix = added_suffix(tokenizer) if special else ()
+    ids = [torch.tensor(without_added_suffix(x, tokenizer, suffix) if special else x, dtype=torch.long) for x in ids]
     input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id,
                                                 padding_side="left")  # (B, T)
     attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.long) for x in ids],

@@ -21,10 +21,11 @@ prefix of the full prompt; a chat template that rewrites earlier turns is an ERR
 EOS. `add_eos=None` (default) appends `tokenizer.eos_token_id` to the completion unless the format ends
 the turn itself (chat templates and the OASST format do; plain text does not: TRL's convention).
 `True`/`False` force it. The appended EOS is part of the completion (it is trained on).
-A tokenizer that appends tokens to every text it encodes with special tokens (GPT-NeoX / Pythia post-processors,
-Llama's `add_eos_token`: `chat.added_suffix`) has them left out of both encodings, so the prompt stays a prefix, a
+A tokenizer that appends its EOS to every text it encodes with special tokens (GPT-NeoX / Pythia post-processors,
+Llama's `add_eos_token`: `chat.appended_eos`) has it left out of both encodings, so the prompt stays a prefix, a
 prompt-only record's ids do not end in EOS, and a completion ends with exactly one EOS under `add_eos` (none under
-`add_eos=False`). A tokenizer without an EOS
+`add_eos=False`). Other appended tokens (a BERT-style `[CLS] $A [SEP]`) are kept: a prompt-only record ends in them,
+a plain-text prompt/completion record is refused (its prompt is no prefix). A tokenizer without an EOS
 token where one is to be appended is a DataError (before, nothing was appended, and the model never learned to stop).
 
 Truncation policy, in order:
@@ -113,11 +114,13 @@ class _Batch:
     """Formatted texts and their token ids for one chunk of records, filled by `_prefetch` with one batched
     tokenizer call per `add_special_tokens` value (a fast tokenizer encodes the batch in parallel, in Rust)
     and read by `_ids` / `_format`; anything not prefetched is computed on the spot, so the results never
-    depend on the prefetch, only the speed does."""
+    depend on the prefetch, only the speed does. `suffix`: the EOS the tokenizer appends to every text
+    (`chat.appended_eos`), resolved once per chunk rather than per encoding."""
 
-    def __init__(self) -> None:
+    def __init__(self, suffix: tuple[int, ...] = ()) -> None:
         self.ids: dict[tuple[str, bool], list[int]] = {}
         self.formats: dict[tuple[int, int, str], Formatted] = {}
+        self.suffix = suffix
 
 
 _BATCH: ContextVar[_Batch | None] = ContextVar("alignkit_tokenize_batch", default=None)
@@ -125,12 +128,14 @@ CHUNK = 2048  # records per prefetch: bounds the memo's size
 
 
 def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    """`text`'s ids (the prefetched batch's when it has them), without the tokens the tokenizer appends to every text
-    (`chat.without_added_suffix`: EOS appended by a post-processor is added back by `add_eos`)."""
+    """`text`'s ids (the prefetched batch's when it has them), without the EOS the tokenizer appends to every text
+    (`chat.without_added_suffix`: it is added back by `add_eos`)."""
     batch = _BATCH.get()
     hit = batch.ids.get((text, add_special_tokens)) if batch is not None else None
     ids = list(hit) if hit is not None else list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-    return chat.without_added_suffix(ids, tokenizer) if add_special_tokens else ids
+    if not add_special_tokens:
+        return ids
+    return chat.without_added_suffix(ids, tokenizer, batch.suffix if batch is not None else None)
 
 
 def _format(prompt: Prompt, completion: Completion | None, tokenizer: Any, formatter: str) -> Formatted:
@@ -334,6 +339,13 @@ def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: T
             i = next((k for k in range(min(n, len(full))) if full[k] != prompt_ids[k]), min(n, len(full)))
             got = tokenizer.convert_ids_to_tokens(full[i:i + 2])
             want = tokenizer.convert_ids_to_tokens(prompt_ids[i:i + 2])
+            suffix = list(chat.added_suffix(tokenizer)) if f.add_special_tokens else []
+            if suffix and prompt_ids[n - len(suffix):] == suffix:
+                raise DataError(f"{rid or 'record'}: {chat.tokenizer_name(tokenizer)} appends "
+                                f"{tokenizer.convert_ids_to_tokens(suffix)} (not its EOS alone) to every text it "
+                                f"encodes, so the plain-text prompt's ids end in them and are not a prefix of the "
+                                f"prompt+completion's; use a tokenizer whose post-processor appends nothing or its "
+                                f"EOS, or conversational records with a chat template")
             raise DataError(
                 f"{rid or 'record'}: the tokenized prompt is not a prefix of the tokenized prompt+completion "
                 f"(they differ at token {i}: prompt alone gives {want}, with the completion {got}). The tokenizer "
@@ -512,7 +524,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     out = []
     for lo in range(0, len(records), CHUNK):
         chunk = records[lo:lo + CHUNK]
-        batch = _Batch()
+        batch = _Batch(chat.appended_eos(tokenizer))
         token = _BATCH.set(batch)
         try:
             with fast_chat_rendering(tokenizer):

@@ -3,7 +3,8 @@
 An entry is two files under the cache folder, named by `cache_key`: `<key>.jsonl` (one feature dict per line) and
 `<key>.json` (the run's `TokenizeStats` as JSON, written last: an entry without it is never read). The key hashes
 every input the features depend on: the source of the modules that decide them (`FEATURE_MODULES`: the encoding,
-the built-in formatters, the records, and this module, which reads entries back), every registered formatter's code
+the built-in formatters and the suffix / BOS probes, the records, the stats stored beside the features, and
+this module, which reads entries back), every registered formatter's code
 (`formatters_fingerprint`: one the user registers lives elsewhere), the tokenizer (`tokenizer_fingerprint`),
 the tokenize config, and the records. A damaged entry (cut short, unreadable) is tokenized again, never trusted.
 """
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +28,8 @@ from alignkit.naming import code_digest
 logger = logging.getLogger(__name__)
 
 # the modules whose source decides the features (and how an entry is read back): a cache never outlives a change
-FEATURE_MODULES = ("alignkit.data.tokenize", "alignkit.data.chat", "alignkit.data.records", __name__)
+FEATURE_MODULES = ("alignkit.data.tokenize", "alignkit.data.chat", "alignkit.data.records",
+                   "alignkit.data.tokenize_stats", __name__)
 
 
 def sha(*parts: Any) -> str:

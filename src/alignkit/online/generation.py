@@ -59,7 +59,7 @@ from transformers.generation.logits_process import LogitsProcessor, LogitsProces
 
 from alignkit.adapters import unwrap_lm
 from alignkit.compat import cache_keyword
-from alignkit.data.chat import format_record, resolved_formatter, turn_end_ids, without_added_suffix
+from alignkit.data.chat import format_record, prompt_ids, resolved_formatter, turn_end_ids
 from alignkit.data.collators import pad
 from alignkit.data.positions import Positions, locations_from_mask
 from alignkit.data.records import DataError, Prompt, PromptRecord
@@ -131,10 +131,9 @@ def prompts_fingerprint(prompts: Sequence[PromptRecord]) -> dict[str, Any]:
 def encode_prompt(prompt: Prompt, tokenizer: Any, formatter: str = "auto",
                   max_prompt_length: int | None = None) -> list[int]:
     """Token ids of the formatted prompt (with the generation prompt), left-truncated to `max_prompt_length`; without
-    the EOS a tokenizer appends to every text itself (`without_added_suffix`: training's prompts have none either)."""
+    the EOS a tokenizer appends to every text itself (`chat.prompt_ids`: training's prompts have none either)."""
     f = format_record(prompt, None, tokenizer, formatter)
-    ids = list(tokenizer(f.prompt, add_special_tokens=f.add_special_tokens)["input_ids"])
-    ids = without_added_suffix(ids, tokenizer) if f.add_special_tokens else ids
+    ids = prompt_ids(tokenizer, f.prompt, f.add_special_tokens)
     if max_prompt_length is not None and len(ids) > max_prompt_length:
         ids = ids[len(ids) - max_prompt_length:]
     return ids

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from alignkit.data.chat import prompt_ids
 from alignkit.data.records import PART_SEPARATOR  # what joins a message's text parts (row V13), as in training data
 from alignkit.serve.request import SEED_MAX, SEED_MIN, SamplingParams
 
@@ -191,7 +192,7 @@ def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
     out = []
     for i, x in enumerate(p):
         if isinstance(x, str):
-            out.append(list(tokenizer(x, add_special_tokens=special)["input_ids"]))
+            out.append(prompt_ids(tokenizer, x, special))  # as `alignkit generate` (no appended EOS)
             if not out[-1]:
                 raise ApiError(400, f"'prompt'{f'[{i}]' if len(p) > 1 else ''} is empty (no tokens): send the text "
                                     "to continue", param="prompt")
@@ -267,7 +268,7 @@ def chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         if not type(e).__module__.startswith("jinja2"):  # jinja2.TemplateError and its kinds; anything else is ours
             raise
         raise ApiError(400, f"this model's chat template refuses these messages: {e}", param="messages") from None
-    return list(tokenizer(text, add_special_tokens=_add_special_tokens(body, False))["input_ids"])
+    return prompt_ids(tokenizer, text, _add_special_tokens(body, False))
 
 
 __all__ = ["IGNORED_UNLESS_NEUTRAL", "NOT_SUPPORTED", "NO_EFFECT_FIELDS", "READ_FIELDS", "PART_SEPARATOR",

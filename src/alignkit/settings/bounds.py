@@ -12,7 +12,7 @@ import difflib
 import math
 from typing import Any, Callable
 
-from alignkit.loss_bounds import LOSS_BOUNDS, allowed
+from alignkit.loss_bounds import LOSS_BOUNDS, allowed as loss_allowed
 from alignkit.settings.typed import ConfigError
 
 
@@ -31,7 +31,7 @@ def _ge1(v: Any) -> bool:
 BOUNDS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     # method (offline and online; the optimisation keys are train's: TRAIN_BOUNDS)
     # the loss hyper-parameters: one table with the Python API's checks (alignkit.loss_bounds)
-    *(("method", key, test, allowed(key)) for key, (test, _, _) in LOSS_BOUNDS.items()),
+    *(("method", key, test, loss_allowed(key)) for key, (test, _, _) in LOSS_BOUNDS.items()),
     ("method", "chunk_size", _ge1, ">= 1"),
     ("method", "prompts_per_step", _ge1, ">= 1"),
     ("method", "epochs_per_step", _ge1, ">= 1"),
