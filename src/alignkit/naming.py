@@ -21,12 +21,15 @@ ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # what CPython's default reprs of f
 
 def stable_repr(value: Any) -> str:
     """`repr(value)` where it holds no memory address (numbers, strings, containers of them, dataclasses), else
-    `stable_name(value)`; containers are written item by item so a function inside a list is named too."""
+    `stable_name(value)`; containers are written item by item so a function inside a list is named too, and a set's
+    items sorted (its repr's order changes with the process's hash seed)."""
     if isinstance(value, (list, tuple)):
         items = ", ".join(stable_repr(v) for v in value)
         return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{stable_repr(k)}: {stable_repr(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (set, frozenset)):  # repr's order follows PYTHONHASHSEED: sorted, the same in every process
+        return type(value).__name__ + "({" + ", ".join(sorted(stable_repr(v) for v in value)) + "})"
     text = repr(value)
     return text if ADDRESS.search(text) is None else stable_name(value)
 

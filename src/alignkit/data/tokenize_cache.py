@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignkit.data.chat import FORMATTERS
-from alignkit.naming import code_digest
+from alignkit.naming import code_digest, stable_repr
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def _settings(obj: Any, depth: int) -> list:
             continue
         if v is None or isinstance(v, (str, int, float, bool)):
             out.append((k, v))
+        elif isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(i, (str, int, float, bool)) for i in v):
+            out.append((k, stable_repr(v)))  # e.g. BasicTokenizer.never_split: a set that changes the ids
         elif depth and hasattr(v, "__dict__") and not callable(v) and not isinstance(v, (type, types.ModuleType)):
             out.append((k, type(v).__name__, _settings(v, depth - 1)))
     return out
