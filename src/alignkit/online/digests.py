@@ -91,7 +91,7 @@ def model_digest(model: Any, tokenizer: Any) -> str:
     options = {repr(o) for cfg in (SamplingConfig(), SamplingConfig(do_sample=False)) if generates
                for o in model_generation_options(model, tokenizer, cfg) if o[0] not in HOW_IT_RUNS}
     h.update(json.dumps([tokenizer_fingerprint(tokenizer), sorted(options)]).encode())
-    logger.info("digest of the answering model's weights, tokenizer and generation options: %.1f s",
+    logger.info("digest of the model's weights, tokenizer and generation options: %.1f s",
                 time.monotonic() - started)
     return h.hexdigest()
 
