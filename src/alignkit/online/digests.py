@@ -9,12 +9,12 @@ Who records what: online checkpoints `annotator_model_digest` (a resume warns of
 in `models/loading.py` (`model_files_digest`) and `augment/llm.py` (`answerer_digest`), so folders written before
 compare equal.
 
-Cost of `model_digest` (every byte), measured on this project's shared 2-core CPU: 268M parameters of Linear
-weights in 1.2 s (float32, 1.07 GB) and 0.8 s (bfloat16), i.e. ~4.6 s / ~2.9 s per 1B parameters (sha256 alone runs
-at 0.9-1.7 GB/s there; feeding the tensors in place halved it: `.tobytes()` copied each, 2.5 s / 1.5 s), plus the
-copy from an accelerator. It is taken once per run or client, never per step. A fixed sample of values was not
-chosen: a retrain that changes a few tensors (a score head, an adapter merged into some layers) could keep every
-sampled value.
+Cost of `model_digest` (every byte), measured on this project's shared 2-core CPU with a 1.007B-parameter model of
+Linear weights: 6.0 s in float32 (4 GB), 2.9 s in bfloat16 (sha256 runs at 0.9-1.7 GB/s there; feeding the tensors
+in place halved it: `.tobytes()` copied each, 2.5 s -> 1.2 s for 268M float32 parameters), plus the copy from an
+accelerator. It is taken once per run or client, never per step. A fixed sample of values was not chosen: a
+retrain that changes a few tensors (a score head, an adapter merged into some layers) could keep every sampled
+value.
 """
 
 from __future__ import annotations
