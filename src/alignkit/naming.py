@@ -125,7 +125,7 @@ def code_digest(fn: Any, version: int = CODE_DIGEST_VERSION) -> str:
 
 class _Walk:
     """One digest's walk: its version and the functions already entered (by id: a helper met twice, or helpers that
-    call each other, are written by name the second time, so the walk ends)."""
+    call each other, are written as "seen" the second time, so the walk ends)."""
 
     def __init__(self, version: int) -> None:
         self.version, self.seen = version, set()
