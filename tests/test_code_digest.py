@@ -17,6 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # exec'd: no source, a nested code object (the list comprehension / the inner lambda) and a frozenset constant
 BODY = ("def r(prompts, completions):\n"
+           "    SEEN.update((c, 1) for c in completions)\n"
         "    inner = lambda c: len(c) % {mod}\n"
         "    return [inner(c) for c in completions if c not in {{'a', 'b', 'c', 'd'}}]\n")
 
@@ -102,3 +103,94 @@ def test_a_set_in_a_closure_or_a_default_has_the_same_digest_in_two_processes():
         outs.append(subprocess.run([sys.executable, "-c", SET_SCRIPT], env=env, capture_output=True, text=True,
                                    check=True).stdout.split())
     assert outs[0] == outs[1] and len(outs[0]) == 2
+
+
+# a reward function and the module-level helpers it calls, as a user's rewards.py holds them
+HELPERS = ("import math, re\n"
+           "WORDS = frozenset({{'good', 'fine', 'great'}})\n"
+           "SEEN = {{}}\n"
+           "PATTERN = re.compile(r'\\d+')\n"
+           "UNRELATED = {unrelated}\n"
+           "def _score(c):\n"
+           "    return {score} + len(PATTERN.findall(c)) + sum(w in c for w in WORDS) + math.floor(_even(len(c)))\n"
+           "def _even(n):\n"
+           "    return n == 0 or _odd(n - 1)\n"
+           "def _odd(n):\n"
+           "    return n != 0 and _even(n - 1)\n"
+           "def r(prompts, completions):\n"
+           "    SEEN.update((c, 1) for c in completions)\n"
+           "    return [_score(c) * 2 for c in completions]\n")
+
+
+def _module(score: str = "len(c)", unrelated: int = 1, **consts: str) -> dict:
+    ns: dict = {"__name__": "rewards_under_test"}
+    exec(HELPERS.format(score=score, unrelated=unrelated, **consts), ns)
+    return ns
+
+
+def test_an_edited_helper_changes_the_digest_an_unrelated_global_does_not():
+    """`def r(c): return _score(c) * 2` with `_score` edited between runs had the same digest (a resume warned of
+    nothing; a formatter calling a helper read a stale tokenize cache): the digest covered `r`'s own code only.
+    Now the module-level names it reads are in it, helpers recursively (`_even` / `_odd` call each other: the walk
+    ends). Fails without the fix: yes (the first inequality)."""
+    base = code_digest(_module()["r"])
+    assert code_digest(_module(score="len(c) + 1")["r"]) != base  # the helper r calls, edited
+    assert code_digest(_module(unrelated=2)["r"]) == base  # a global r never reads
+    edited_deep = _module()
+    exec("def _odd(n):\n    return n != 1 and _even(n - 1)\n", edited_deep)  # two calls down, in a cycle
+    assert code_digest(edited_deep["r"]) != base
+    constant = _module()
+    constant["WORDS"] = frozenset({"good", "fine"})  # a constant the helper reads
+    assert code_digest(constant["r"]) != base
+    filled = _module()
+    filled["r"]([], ["a 1 good", "b"])  # a module-level cache r fills as it runs: state, not code
+    assert filled["SEEN"] and code_digest(filled["r"]) == base
+    # the tokenization cache keys a formatter by the same digest
+    assert function_fingerprint(_module(score="len(c) + 1")["r"]) != function_fingerprint(_module()["r"])
+
+
+HELPER_SCRIPT = f"""
+from alignkit.naming import code_digest
+ns = {{"__name__": "rewards_under_test"}}
+exec({HELPERS.format(score="len(c)", unrelated=1)!r}, ns)
+print(code_digest(ns["r"]))
+"""
+
+
+def test_a_digest_with_helpers_is_the_same_in_two_processes():
+    """The helpers' walk (a set constant, a cycle of helpers) gives one digest under two string hash seeds."""
+    outs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONPATH": str(SRC), "PYTHONHASHSEED": seed}
+        outs.append(subprocess.run([sys.executable, "-c", HELPER_SCRIPT], env=env, capture_output=True, text=True,
+                                   check=True).stdout.split())
+    assert outs[0] == outs[1] == [code_digest(_module()["r"])]
+
+
+def test_a_callable_objects_methods_see_their_helpers():
+    src = "def _h(c):\n    return {k}\nclass S:\n    def __call__(self, c):\n        return _h(c)\n"
+    a, b = ({"__name__": "m"}, {"__name__": "m"})
+    exec(src.format(k=1), a)
+    exec(src.format(k=2), b)
+    assert code_digest(a["S"]()) != code_digest(b["S"]())
+    assert code_digest(a["S"]()) == code_digest(a["S"]())
+
+
+def test_builtins_are_keyed_by_their_names():
+    """Every builtin / C function had one digest (no source, no code: the digest of its type), so
+    `partial(reward, agg=max)` -> `agg=min` was not seen. Fails without the fix: yes."""
+    import math
+
+    assert code_digest(len) != code_digest(abs)
+    assert code_digest(math.floor) != code_digest(math.ceil) != code_digest(len)
+    assert code_digest([].append) != code_digest([].pop)
+    assert code_digest(len) == code_digest(len)
+    assert code_digest(functools.partial(sorted, key=len)) != code_digest(functools.partial(sorted, key=abs))
+
+
+def test_version_1_is_the_digest_before_helpers():
+    """What checkpoints recorded before (no version): an edited helper does not change it, so a resume compares
+    an old checkpoint's value with this one's version-1 digest, not with the new one (which always differs)."""
+    assert code_digest(_module()["r"], 1) == code_digest(_module(score="len(c) + 1")["r"], 1)
+    assert code_digest(_module()["r"], 1) != code_digest(_module()["r"])
+    assert code_digest(len, 1) == code_digest(abs, 1)

@@ -8,6 +8,7 @@ make two settings differ (`partial(score, scale=1)` and `partial(score, scale=2)
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import inspect
@@ -88,43 +89,62 @@ def init_parameters(cls: type) -> frozenset[str]:
         return frozenset()
 
 
-def source_digest(fns: Iterable[Callable]) -> str:
+CODE_DIGEST_VERSION = 2  # 1: before helpers and builtins were digested (checkpoints without a version hold 1)
+
+# the C callables: a builtin function or method, a slot wrapper, a method descriptor (no code, no source)
+BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
+                     types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType)
+GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})  # how code reads a module-level name
+
+
+def source_digest(fns: Iterable[Callable], version: int = CODE_DIGEST_VERSION) -> str:
     """16 hex digits of sha256 over each callable's `code_digest`: what a name (`stable_name`) does not show, a
     function edited under the same name. Online checkpoints record it for a reward function, so that a resume can say
-    it changed."""
+    it changed (`version`: as `code_digest`'s, to compare with a checkpoint that recorded an older one)."""
     h = hashlib.sha256()
     for fn in fns:
-        h.update(code_digest(fn).encode())
+        h.update(code_digest(fn, version).encode())
     return h.hexdigest()[:16]
 
 
-def code_digest(fn: Any) -> str:
+def code_digest(fn: Any, version: int = CODE_DIGEST_VERSION) -> str:
     """sha256 (hex) of what a callable computes, the same in every process: a function's source (its compiled code
     where Python has none, e.g. exec'd: nested code objects by their own digest, never a repr holding an address),
-    its defaults and its closure's values (a function among them by its digest); a bound method's function; a
-    `functools.partial`'s function with its arguments; a callable object's class source (else its `__call__`).
+    its defaults and its closure's values (a function among them by its digest), and the module-level names its code
+    reads (`global_parts`: a helper function of its own module by its digest, recursively, a plain constant by its
+    value, another module's function or class by its name); a bound method's function; a `functools.partial`'s
+    function with its arguments; a callable object's class source (else its `__call__`), with the names its methods
+    read; a builtin / C function by its qualified name (they all had one digest). `version` 1 is the digest before
+    the module-level names and the builtins' names, which a resume compares with a checkpoint that recorded it.
     Both the online checkpoints (`source_digest`) and the tokenization cache (`data/tokenize_cache.py`) use it."""
     h = hashlib.sha256()
-    for part in _digest_parts(fn, depth=0):
+    for part in _digest_parts(fn, 0, _Walk(version)):
         h.update(part.encode("utf-8", "surrogatepass") + b"\0")
     return h.hexdigest()
 
 
-def _digest_parts(fn: Any, depth: int) -> list[str]:
+class _Walk:
+    """One digest's walk: its version and the functions already entered (by id: a helper met twice, or helpers that
+    call each other, are written as "seen" the second time, so the walk ends)."""
+
+    def __init__(self, version: int) -> None:
+        self.version, self.seen = version, set()
+
+
+def _digest_parts(fn: Any, depth: int, walk: _Walk) -> list[str]:
     if depth > 8:  # a closure that holds itself through a chain: stop rather than recurse forever
         return ["..."]
     if isinstance(fn, functools.partial):
         args = [stable_repr(a) for a in fn.args] + [f"{k}={stable_repr(v)}" for k, v in sorted(fn.keywords.items())]
-        return ["partial", *_digest_parts(fn.func, depth + 1), *args]
+        return ["partial", *_digest_parts(fn.func, depth + 1, walk), *args]
     if inspect.ismethod(fn):
-        return ["method", *_digest_parts(fn.__func__, depth + 1)]
+        return ["method", *_digest_parts(fn.__func__, depth + 1, walk)]
     code = getattr(fn, "__code__", None)
+    if walk.version >= 2 and isinstance(fn, BUILTIN_CALLABLES):
+        return ["builtin", stable_name(fn)]
     if not isinstance(code, types.CodeType):  # a class, or an object with __call__: its class's source
-        cls = fn if isinstance(fn, type) else type(fn)
-        text = _source(cls)
-        call = getattr(cls, "__call__", None)
-        return ["class", cls.__qualname__, text if text is not None else
-                _code_text(getattr(call, "__code__", None)) if call is not None else "?"]
+        return _class_parts(fn, walk)
+    walk.seen.add(id(fn))
     text = _source(fn)
     cells = []
     for cell in getattr(fn, "__closure__", None) or ():
@@ -132,10 +152,75 @@ def _digest_parts(fn: Any, depth: int) -> list[str]:
             value = cell.cell_contents
         except ValueError:  # a cell not yet filled
             value = None
-        cells.append("self" if value is fn else "|".join(_digest_parts(value, depth + 1)) if callable(value)
+        cells.append("self" if value is fn else "|".join(_digest_parts(value, depth + 1, walk)) if callable(value)
                      else stable_repr(value))
+    helpers = global_parts(fn, walk) if walk.version >= 2 else []
     return ["function", text if text is not None else _code_text(code), stable_repr(getattr(fn, "__defaults__", None)),
-            stable_repr(getattr(fn, "__kwdefaults__", None)), *cells]
+            stable_repr(getattr(fn, "__kwdefaults__", None)), *cells, *helpers]
+
+
+def _class_parts(fn: Any, walk: _Walk) -> list[str]:
+    cls = fn if isinstance(fn, type) else type(fn)
+    text = _source(cls)
+    call = getattr(cls, "__call__", None)
+    call_code = getattr(call, "__code__", None) if call is not None else None
+    if walk.version >= 2 and text is None and call_code is None:  # a C type, or an object of one (a ufunc)
+        return ["builtin", stable_name(fn)]
+    out = ["class", cls.__qualname__, text if text is not None else _code_text(call_code) if call is not None else "?"]
+    if walk.version >= 2:
+        for name, method in sorted(vars(cls).items()):
+            if isinstance(method, types.FunctionType) and id(method) not in walk.seen:
+                walk.seen.add(id(method))
+                out += [f"{name}:{part}" for part in global_parts(method, walk)]
+    return out
+
+
+def global_names(code: types.CodeType) -> set[str]:
+    """The module-level (global) names `code` reads, nested code objects (lambdas, comprehensions) included; not
+    co_names, which holds attribute names too (`x.score` would have pulled in an unrelated global `score`)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in GLOBAL_LOADS}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= global_names(const)
+    return names
+
+
+def global_parts(fn: Any, walk: Any) -> list[str]:
+    """`name=<digest part>` for each module-level name `fn`'s code reads that its module defines (builtins are not
+    there), sorted: a function of the same module (the same globals) by its digest parts, recursively (one already
+    walked by its name), a class of the same module by its source, a constant (`is_constant`) by `stable_repr`, a
+    module by nothing, another module's function or class by its name (`stable_name`). Other objects (mutable
+    containers, instances) are left out."""
+    space = getattr(fn, "__globals__", None)
+    if not isinstance(space, dict):
+        return []
+    out = []
+    for name in sorted(global_names(fn.__code__)):
+        if name not in space:
+            continue
+        value = space[name]
+        target = getattr(value, "__wrapped__", value)  # a decorated helper: the function it wraps
+        if isinstance(target, types.FunctionType) and target.__globals__ is space:
+            inner = "seen" if id(target) in walk.seen else "|".join(_digest_parts(target, 0, walk))
+            out.append(f"{name}=def:{inner}")  # by its name here, not its module's (a file loaded by path)
+        elif isinstance(value, type) and any(getattr(m, "__globals__", None) is space for m in vars(value).values()):
+            out.append(f"{name}=class:{'|'.join(_class_parts(value, walk))}")
+        elif isinstance(value, types.ModuleType):
+            continue
+        elif callable(value) and getattr(value, "__qualname__", None) is not None:
+            out.append(f"{name}=name:{stable_name(value)}")
+        elif is_constant(value):
+            out.append(f"{name}=value:{stable_repr(value)}")
+    return out
+
+
+def is_constant(value: Any) -> bool:
+    """A value that cannot change as a run goes: a number, string, bool or None, a tuple or frozenset of them, a
+    compiled regex. Not a list, dict or set: a module-level cache or counter a reward function fills would have
+    changed the digest as it ran (a resume warned "edited" of unchanged code)."""
+    if isinstance(value, (tuple, frozenset)):
+        return all(is_constant(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, re.Pattern))
 
 
 def _source(obj: Any) -> str | None:

@@ -140,7 +140,7 @@ def local_variants(tiny_lm, tokenizer):
 def test_the_local_cache_key_holds_what_shapes_the_answer(tmp_path, tiny_lm, tokenizer):
     """llm.kind local keyed answers on the folder name (and dtype) alone: a model retrained into the same folder, a
     generation_config.json option model.generate applies (no_repeat_ngram_size) or another chat template read back
-    the old answers. Now the key holds `answerer_digest`; each of those misses, and so does each request setting
+    the old answers. Now the key holds `online.digests.model_digest`; each of those misses, and so does each request setting
     (temperature, max_tokens, seed, the system prompt in the messages); the same model and request hit."""
     from alignkit.augment.llm import LocalChat
 
@@ -238,16 +238,16 @@ def test_a_cache_entry_written_before_finish_reasons_were_recorded_is_asked_agai
 
 
 def test_the_answerer_digest_leaves_out_how_generation_runs(tiny_lm, tokenizer):
-    """answerer_digest hashed cache_implementation / compile_config options too, which change how model.generate
-    runs, not its answers: setting one refused a kept round and missed the cache. They are left out now (as
+    """model_digest (then augment.llm.answerer_digest) hashed cache_implementation / compile_config options too,
+    which change how model.generate runs, not its answers: setting one refused a kept round and missed the cache. They are left out now (as
     check_on_policy_options leaves them out); an option that changes answers (no_repeat_ngram_size) still counts."""
-    from alignkit.augment.llm import answerer_digest
+    from alignkit.online.digests import model_digest
 
-    base = answerer_digest(tiny_lm("llama"), tokenizer)
+    base = model_digest(tiny_lm("llama"), tokenizer)
     how = tiny_lm("llama")
     how.generation_config.cache_implementation = "static"
     how.generation_config.disable_compile = True
-    assert answerer_digest(how, tokenizer) == base
+    assert model_digest(how, tokenizer) == base
     ngram = tiny_lm("llama")
     ngram.generation_config.no_repeat_ngram_size = 2
-    assert answerer_digest(ngram, tokenizer) != base
+    assert model_digest(ngram, tokenizer) != base

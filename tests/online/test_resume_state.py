@@ -315,7 +315,7 @@ def test_model_files_digest_reads_headers_not_weights(tiny_dir, tmp_path):
     import os
     import shutil
 
-    from alignkit.models.loading import model_files_digest
+    from alignkit.online.digests import model_files_digest
 
     folder = shutil.copytree(tiny_dir("llama", classifier=True, num_labels=1), tmp_path / "rm")
     first = model_files_digest(folder)

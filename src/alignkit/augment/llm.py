@@ -9,11 +9,11 @@
 429 / 5xx / connection errors, exponential backoff honouring `Retry-After`), a rate limit (at most
 `requests_per_minute`, spaced evenly) and a timeout. The API key is read from an environment variable (`api_key_env`),
 never from a config file. `Cached` keys each request on (the client's `identity`: endpoint and model for
-`OpenAIChat`; the model, its dtype (unless float32) and `answerer_digest` (weights, tokenizer, the generation options
-model.generate applies: computed once per client) for `LocalChat`; messages, sampling settings, seed) -> a JSON file
-written atomically under the cache folder; a cache hit makes no request (an entry under LocalChat's older key, name and
-dtype alone, is asked again, with one warning). Every client has a `name` (the model, recorded in each
-output record's provenance).
+`OpenAIChat`; the model, its dtype (unless float32) and `online.digests.model_digest` (weights, tokenizer, the
+generation options model.generate applies: computed once per client) for `LocalChat`; messages, sampling settings,
+seed) -> a JSON file written atomically under the cache folder; a cache hit makes no request (an entry under
+LocalChat's older key, name and dtype alone, is asked again, with one warning). Every client has a `name` (the model,
+recorded in each output record's provenance).
 
 Concurrency (`llm.concurrency`, the pipeline's `Context.map`): `OpenAIChat` and `Cached` may be called from
 several threads at once. The rate limit is one limit for all of them (each call reserves the next free slot),
@@ -196,12 +196,14 @@ class LocalChat:
     @property
     def identity(self) -> dict[str, Any]:
         """The cache key's model part: the name (and dtype), and, computed once per client (one pass over the
-        weights), `answerer_digest`: the weights, the tokenizer and its chat template, and the generation options
-        the folder's generation_config.json makes model.generate apply. The name alone let a model retrained or
+        weights), `online.digests.model_digest`: the weights, the tokenizer and its chat template, and the generation
+        options the folder's generation_config.json makes model.generate apply. The name alone let a model retrained or
         replaced in the same folder (or a no_repeat_ngram_size added) read back the old model's cached answers."""
+        from alignkit.online.digests import model_digest
+
         with self._identity_lock:
             if self._identity is None:
-                self._identity = {**self.legacy_identity, "answerer": answerer_digest(self.model, self.tokenizer)}
+                self._identity = {**self.legacy_identity, "answerer": model_digest(self.model, self.tokenizer)}
             return self._identity
 
     @classmethod
@@ -267,33 +269,6 @@ class LocalChat:
         if extra:
             logger.warning("%s sets %s, which model.generate applies to every answer of %s; remove it from %s to "
                            "answer without it", src, listed(extra), self.name, src)
-
-
-def answerer_digest(model: Any, tokenizer: Any) -> str:
-    """SHA-256 of what shapes a local model's answers (or scores) besides the request: every weight (adapters
-    included: name, dtype, shape, bytes), the tokenizer (vocabulary, special tokens, chat template:
-    `tokenizer_fingerprint`) and the options model.generate applies from the model's generation config, sampled or
-    greedy (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...; the sampling ones LocalChat pins
-    are not among them; a classifier has none). Not the options of how it runs (`HOW_IT_RUNS`: cache_implementation,
-    compile_config, ...), which do not change the answers: changing one refused a kept round and missed the cache."""
-    import torch
-
-    from alignkit.online.generation import HOW_IT_RUNS, SamplingConfig, model_generation_options, transformers_model
-    from alignkit.trainers.reference import tokenizer_fingerprint
-
-    started = time.monotonic()
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    generates = getattr(transformers_model(model), "generation_config", None) is not None  # not a classifier's
-    options = {repr(o) for cfg in (SamplingConfig(), SamplingConfig(do_sample=False)) if generates
-               for o in model_generation_options(model, tokenizer, cfg) if o[0] not in HOW_IT_RUNS}
-    h.update(json.dumps([tokenizer_fingerprint(tokenizer), sorted(options)]).encode())
-    logger.info("digest of the answering model's weights, tokenizer and generation options: %.1f s",
-                time.monotonic() - started)
-    return h.hexdigest()
 
 
 class Cached:
@@ -395,4 +370,4 @@ class Cached:
 
 
 __all__ = ["AnswerCutOff", "CONTENT_FILTERED", "CUT_AT_MAX_TOKENS", "Cached", "ChatModel", "LLMError", "LocalChat",
-           "OpenAIChat", "RateLimiter", "UNFINISHED", "answerer_digest"]
+           "OpenAIChat", "RateLimiter", "UNFINISHED"]

@@ -35,7 +35,7 @@ from alignkit.cli.models import (
 )
 from alignkit.cli.runfolder import (abandon_run, add_config_command, begin_run, command_line, finish_run,
                                    moved_reference, plan_run)
-from alignkit.models.loading import model_files_digest
+from alignkit.online.digests import model_files_digest
 from alignkit.models.rope import check_context, learned_positions
 from alignkit.online import (ANNOTATORS, AnnotatorArgumentError, GRPOTrainer, OnlineDPOTrainer, PPOTrainer,
                              RLOOTrainer, build_annotator)

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 import yaml
 
-from alignkit.augment.llm import answerer_digest
 from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
 from alignkit.cli.online import check_annotator, make_annotator, read_prompts
 from alignkit.cli.runfolder import add_config_command, config_changes
 from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, check_kept_samples,
                                     read_jsonl, read_manifest, read_samples, sample_round, sampling_settings)
 from alignkit.data.records import DataError
+from alignkit.online.digests import model_digest
 from alignkit.online.generation import Sample
 from alignkit.runs import RunFolder, figure, write_command_outputs
 from alignkit.settings import ConfigError, dump_config, save_config
@@ -131,9 +131,10 @@ def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str) ->
 
 
 def model_sha256(annotator: Any) -> str | None:
-    """`answerer_digest` of a model annotator's model and tokenizer (reward model, judge), None for one without."""
+    """`online.digests.model_digest` of a model annotator's model and tokenizer (reward model, judge), None for one
+    without."""
     model = getattr(annotator, "model", None)
-    return answerer_digest(model, getattr(annotator, "tokenizer", None)) if isinstance(model, torch.nn.Module) else None
+    return model_digest(model, getattr(annotator, "tokenizer", None)) if isinstance(model, torch.nn.Module) else None
 
 
 def sample(cfg: Any, progress: bool = True) -> Path:
@@ -149,7 +150,7 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
     # the policy's weights (adapter included), tokenizer and generation options: a model retrained at the same
     # model.path / adapter folder kept the old model's samples (sample.yaml holds the paths only)
-    generate["policy_sha256"] = answerer_digest(model, tok)
+    generate["policy_sha256"] = model_digest(model, tok)
     run = RunFolder(Path(cfg.output_dir))  # after every check: a refused run leaves output_dir as it was
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     describe = functools.partial(save_config, cfg, run.root / "sample.yaml") if run.main else None

@@ -6,9 +6,7 @@ checkpoint's), never a silent bfloat16.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +16,6 @@ from transformers import (
 )
 
 from alignkit.files import read_json_object
-from alignkit.models.hub_cache import hub_cache_snapshot
 from alignkit.models.rope import apply_rope_scaling
 
 logger = logging.getLogger(__name__)
@@ -87,38 +84,3 @@ def load_model(path: str | Path, *, task: Literal["causal_lm", "classifier"] = "
     else:
         raise ValueError(f"unknown task {task!r}; valid: causal_lm, classifier")
     return model
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-HASHED_FILE_BYTES = 64 << 20  # smaller files (config, tokenizer, chat template) are hashed whole
-
-
-def model_files_digest(path: str | Path) -> str | None:
-    """SHA-256 of the files a model at `path` is loaded from, without reading its weights: each weight file's
-    (`WEIGHT_SUFFIXES`, or over `HASHED_FILE_BYTES`) name, size and modification time (ns), with a safetensors file's
-    header (tensor names, dtypes, shapes, offsets, metadata) and, in the Hub cache, the blob it links to (named by
-    its content's hash); every other file's bytes (config.json, tokenizer, chat template). A model retrained or
-    replaced at the same path gives another digest (its weight files are rewritten: new mtimes) after reading a few
-    kB however big it is, where hashing every weight (`augment.llm.answerer_digest`) reads them all; a copy that does
-    not keep mtimes gives another too (a false alarm, never a missed rewrite). Top-level files only, as
-    `from_pretrained` reads them; a Hub name: its snapshot in the local cache. None when there is no such folder."""
-    folder = Path(path) if Path(path).is_dir() else None
-    if folder is None:
-        snapshot = hub_cache_snapshot(str(path))
-        folder = Path(snapshot) if snapshot else None
-    if folder is None:
-        return None
-    h = hashlib.sha256()
-    for p in sorted(q for q in folder.iterdir() if q.is_file()):
-        stat = p.stat()
-        h.update(f"{p.name}|{stat.st_size}|".encode())
-        if p.suffix in WEIGHT_SUFFIXES or stat.st_size > HASHED_FILE_BYTES:
-            h.update(f"{stat.st_mtime_ns}|{os.path.basename(os.path.realpath(p))}|".encode())
-            if p.suffix == ".safetensors":
-                with p.open("rb") as f:
-                    head = f.read(8)
-                    size = int.from_bytes(head, "little") if len(head) == 8 else 0
-                    h.update(head + f.read(min(size, 100 << 20)))
-        else:
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()

@@ -43,9 +43,10 @@ from alignkit.data.chat import format_record, without_added_suffix
 from alignkit.data.collators import pad
 from alignkit.data.records import Completion, DataError, Prompt
 from alignkit.losses.registry import Registry
-from alignkit.models.loading import load_model, load_tokenizer, model_files_digest
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.online.digests import model_files_digest
 from alignkit.models.rope import trained_context
-from alignkit.naming import source_digest, stable_name
+from alignkit.naming import CODE_DIGEST_VERSION, source_digest, stable_name
 from alignkit.online.generation import model_device
 from alignkit.online.scores import AnnotatorError, Scores, check_lengths, check_policy, finalize_scores
 
@@ -75,9 +76,11 @@ class Annotator:
 
     name = "annotator"
     last_pair_metrics: dict[str, float] = {}  # read-only default; a judge assigns its own dict
-    # a model annotator loaded from a path: `models.loading.model_files_digest` of it, taken when loaded (checkpoints
-    # record it: a resume warns of a model retrained or replaced at the same path); None: no such files
+    # a model annotator loaded from a path: `online.digests.model_files_digest` of it, taken when loaded; None: no
+    # such files. Checkpoints record `online.digests.annotator_model_digest`: this, else (a model object given in
+    # Python) the digest of its weights, kept in `weights_digest` once taken. A resume warns of a model changed
     model_files: str | None = None
+    weights_digest: str | None = None
 
     def annotate(self, prompts: Sequence[Prompt], responses: Sequence[Completion],
                  metas: Sequence[dict] | None = None) -> Scores:
@@ -515,8 +518,9 @@ class FunctionAnnotator(Annotator):
                                  "stop; add the column to the data, give the parameter a default, or set it in "
                                  "annotator.kwargs")
 
-    def code_digest(self) -> str:  # checkpoints record it: a resume warns of a function edited under its name
-        return source_digest(f.fn for f in self.fns)
+    def code_digest(self, version: int = CODE_DIGEST_VERSION) -> str:
+        """Checkpoints record it: a resume warns of a function (or a helper it calls) edited under its name."""
+        return source_digest((f.fn for f in self.fns), version)
 
     def describe(self) -> dict[str, Any]:
         out = {"type": self.name, "fn": self.spec, "batched": self.batched, "on_failure": self.on_failure,

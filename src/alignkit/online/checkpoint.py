@@ -23,7 +23,8 @@ from alignkit.distributed import (
     copy_full_into, full_optimizer_state, full_parameters, is_fsdp2, load_full_optimizer_state, storage_key,
 )
 from alignkit.guards import NonFiniteError
-from alignkit.naming import stable_name
+from alignkit.naming import CODE_DIGEST_VERSION, stable_name
+from alignkit.online.digests import WEIGHTS_PREFIX, annotator_model_digest
 from alignkit.online.generation import prompts_fingerprint
 from alignkit.online.metrics import METRICS_FILE
 from alignkit.run_commit import CheckpointError, checkpoint_step, incomplete_reason, staged
@@ -74,10 +75,19 @@ def keep_kernels(optimizer: torch.optim.Optimizer, kernels: list[dict[str, Any]]
                     state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
 
 
-def annotator_code(annotator: Any) -> str | None:
-    """The annotator's `code_digest()` (a function annotator's: its functions' source), None for one without."""
+def annotator_code(annotator: Any, version: int = CODE_DIGEST_VERSION) -> str | None:
+    """The annotator's `code_digest()` (a function annotator's: its functions' code and the helpers they call), None
+    for one without; of an older `version` (`naming.code_digest`'s) to compare with a checkpoint that recorded it,
+    None where the annotator cannot give it (its own `code_digest` takes no version)."""
     digest = getattr(annotator, "code_digest", None)
-    return digest() if callable(digest) else None
+    if not callable(digest):
+        return None
+    if version == CODE_DIGEST_VERSION:
+        return digest()
+    try:
+        return digest(version=version)
+    except TypeError:
+        return None
 
 
 class Checkpoints:
@@ -152,7 +162,8 @@ class Checkpoints:
                                         "clipped_steps": getattr(self, "_clipped_steps", 0)},
                          "training_settings": self.training_settings(),
                          "annotator_code": annotator_code(self.annotator),
-                         "annotator_model_files": getattr(self.annotator, "model_files", None),
+                         "annotator_code_version": CODE_DIGEST_VERSION,
+                         "annotator_model_files": annotator_model_digest(self.annotator),
                          **self.checkpoint_extras()}
                 (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             logger.info("online checkpoint: %s", folder)
@@ -282,17 +293,38 @@ class Checkpoints:
 
     def warn_changed_annotator(self, folder: Path, state: dict[str, Any]) -> None:
         """Resumed from `folder` (its trainer_state.json `state`): warn, one line each, when the annotator's reward
-        functions' source (`code_digest`) or its model's files (`model_files`: a reward model or judge retrained or
-        replaced at the same path, which the path alone compared equal) differ from those that scored the run up to
-        the checkpoint. Checkpoints of an older alignkit record neither: not compared."""
-        saved_code, code = state.get("annotator_code"), annotator_code(self.annotator)
+        functions' code and the helpers they call (`code_digest`) or its model (`annotator_model_digest`: a reward
+        model or judge retrained or replaced at the same path, which the path alone compared equal, or a model object
+        with other weights) differ from those that scored the run up to the checkpoint. Checkpoints of an older
+        alignkit record neither: not compared; one without annotator_code_version recorded version 1 of
+        `code_digest` (no helpers): compared with this code's version 1 (the current digest would differ for
+        unchanged code)."""
+        saved_code = state.get("annotator_code")
+        code = annotator_code(self.annotator, int(state.get("annotator_code_version", 1)))
         if saved_code is not None and code is not None and saved_code != code:
             logger.warning("resume: the code of %s differs from the code that scored the run up to %s (the same name, "
                            "edited since): the resumed steps are scored by the new code, and the checkpoint's training "
                            "and reward statistics come from the old one; start a new run if the reward is not meant "
                            "to change", self.annotator.source(), folder)
-        saved_files, files = state.get("annotator_model_files"), getattr(self.annotator, "model_files", None)
-        if saved_files is not None and files is not None and saved_files != files:
+        self.warn_changed_annotator_model(folder, state)
+
+    def warn_changed_annotator_model(self, folder: Path, state: dict[str, Any]) -> None:
+        """The annotator's model against the checkpoint's `annotator_model_files` (`annotator_model_digest`): a
+        warning when its files (loaded from a path) or its weights / tokenizer (a model object) differ; one kind
+        recorded and the other given now (a path then, an object now) is not compared (said at INFO)."""
+        saved, now = state.get("annotator_model_files"), annotator_model_digest(self.annotator)
+        if saved is None or now is None or saved == now:
+            return
+        if saved.startswith(WEIGHTS_PREFIX) != now.startswith(WEIGHTS_PREFIX):
+            logger.info("resume: %s recorded the %s of %s, and this run gives it as %s: not compared", folder,
+                        "weights" if saved.startswith(WEIGHTS_PREFIX) else "model files", self.annotator.source(),
+                        "a model object" if now.startswith(WEIGHTS_PREFIX) else "a folder")
+        elif now.startswith(WEIGHTS_PREFIX):
+            logger.warning("resume: the model object of %s has other weights, tokenizer or generation options than "
+                           "the one that scored the run up to %s: the resumed steps are scored by this model, and the "
+                           "checkpoint's training and reward statistics come from the old one; start a new run if the "
+                           "reward is not meant to change", self.annotator.source(), folder)
+        else:
             logger.warning("resume: the model files at %s of %s differ from those that scored the run up to %s "
                            "(retrained or replaced at the same path since: another weight file size, modification "
                            "time or safetensors header, or another config / tokenizer): the resumed steps are scored "

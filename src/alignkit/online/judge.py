@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.data.records import Completion, Prompt
-from alignkit.models.loading import load_model, load_tokenizer, model_files_digest
+from alignkit.models.loading import load_model, load_tokenizer
+from alignkit.online.digests import model_files_digest
 from alignkit.online.annotators import (ANNOTATORS, Annotator, AnnotatorArgumentError, Scores, check_lengths,
                                         check_policy, finalize_scores, response_text)
 from alignkit.online.generation import SamplingConfig, generate_responses

@@ -134,7 +134,7 @@ def sampling_settings(cfg: SamplingConfig, policy_sha256: str | None = None,
     """What a round's samples were drawn with besides the prompts, as its manifest entry records them: "sampling"
     (every `SamplingConfig` key), "generate" (the `generate_responses` options that shape the responses or their
     draws: `GENERATE_DEFAULTS`' keys; batch_size and progress do not) and, when given, "policy" (`policy_sha256`:
-    the sampling model's digest, e.g. `augment.llm.answerer_digest`, which `alignkit sample` passes)."""
+    the sampling model's digest, e.g. `online.digests.model_digest`, which `alignkit sample` passes)."""
     made = {"sampling": cfg.to_dict(), "generate": {k: generate_kwargs.get(k, v) for k, v in GENERATE_DEFAULTS.items()}}
     if policy_sha256 is not None:
         made["policy"] = {"sha256": policy_sha256}
