@@ -293,12 +293,15 @@ def _backend_encode(tokenizer: Any, texts: list[str], add_special_tokens: bool,
     wrapper's (`tokenizer(text, add_special_tokens=...)`) on the first texts of the call. None too when the backend
     holds a truncation or padding setting (a tokenizer.json saved with one, loaded as it is: compat K10): the backend
     applies it, the wrapper clears it on its first call, so the first texts agreed and a longer one was cut to the
-    saved max_length without a word (completion tokens lost, counted as no truncation)."""
+    saved max_length without a word (completion tokens lost, counted as no truncation). None as well while the
+    backend's `encode_special_tokens` lags the wrapper's `split_special_tokens` (compat K13)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch"):
         return None
     if getattr(backend, "truncation", None) is not None or getattr(backend, "padding", None) is not None:
         return None
+    if getattr(backend, "encode_special_tokens", False) != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None  # split_special_tokens set after loading: the backend learns it on the wrapper's next call (K13)
     encode_batch = backend.encode_batch if offsets else getattr(backend, "encode_batch_fast", backend.encode_batch)
     try:
         encodings = encode_batch(texts, add_special_tokens=add_special_tokens)
