@@ -127,6 +127,22 @@ _BATCH: ContextVar[_Batch | None] = ContextVar("alignkit_tokenize_batch", defaul
 CHUNK = 2048  # records per prefetch: bounds the memo's size
 
 
+@contextmanager
+def records_batch(tokenizer: Any) -> Iterator[None]:
+    """Within this block `tokenize_record` calls share what is resolved once per batch of records (`_Batch`: the
+    EOS the tokenizer appends, `chat.appended_eos`), nothing prefetched; the tokenizer must not change inside. For a
+    caller tokenizing its own batches one record at a time (`prepare._tokenize_batch`, one per datasets.map batch):
+    before, each of a record's encodings probed the suffix again. Inside `tokenize_records`' chunk: its batch kept."""
+    if _BATCH.get() is not None:
+        yield
+        return
+    token = _BATCH.set(_Batch(chat.appended_eos(tokenizer)))
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)
+
+
 def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     """`text`'s ids (the prefetched batch's when it has them), without the EOS the tokenizer appends to every text
     (`chat.without_added_suffix`: it is added back by `add_eos`)."""
