@@ -460,6 +460,8 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
             stats.note_system_unrendered(record.id, roles)
     if empty := chat.empty_context_roles(record.prompt, *comps):
         stats.note_empty_context(record.id, empty)
+    if isinstance(record.prompt, list) and chat.resolved_formatter(record.prompt, cfg.formatter) == "chat-template":
+        say_quoted_special_tokens(record, comps, tokenizer)
     if isinstance(record, PromptRecord):
         f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
@@ -494,6 +496,24 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     if isinstance(record, UnpairedRecord):
         out["label"] = record.label
     return out
+
+
+_QUOTED_SAID: set[tuple[int, str]] = set()
+
+
+def say_quoted_special_tokens(record: Record, comps: list[Completion | None], tokenizer: Any) -> None:
+    """One warning line per special token (and tokenizer, per process) that a conversation's messages quote
+    (`chat.quoted_special_tokens`): its ids hold the token itself where the text was meant, naming the first record
+    and the fix. Not a refusal: the text is the user's (a question about chat templates), and was trained so before."""
+    messages = [*record.prompt, *(m for c in comps if isinstance(c, list) for m in c)]
+    new = [t for t in chat.quoted_special_tokens(messages, tokenizer) if (id(tokenizer), t) not in _QUOTED_SAID]
+    if not new:
+        return
+    _QUOTED_SAID.update((id(tokenizer), t) for t in new)
+    logger.warning("%s: a message quotes %s, which %s reads as the special token itself (a turn marker inside the "
+                   "turn), not as the text; the record is kept so (said once per token: other records are not "
+                   "named); reword the quote (e.g. '<| im_end |>') or drop such records if the model must not learn "
+                   "it", record.id or "a record", " / ".join(map(repr, new)), chat.tokenizer_name(tokenizer))
 
 
 def warn_mixed_formats(records: list[Record], formatter: str) -> None:
