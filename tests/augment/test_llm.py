@@ -251,3 +251,31 @@ def test_the_answerer_digest_leaves_out_how_generation_runs(tiny_lm, tokenizer):
     ngram = tiny_lm("llama")
     ngram.generation_config.no_repeat_ngram_size = 2
     assert model_digest(ngram, tokenizer) != base
+
+
+def test_a_local_model_without_a_chat_template_is_not_prompted_after_an_appended_eos(tiny_lm, tokenizer):
+    """LocalChat without a chat template encodes the messages' text with special tokens: a tokenizer that appends its
+    EOS to every text (GPT-NeoX / Pythia, Llama saved with add_eos_token) ended the prompt with EOS, and the answer
+    was generated after an end of text. Now the prompt's ids are the text's, without it (`chat.prompt_ids`, as
+    training's prompts). Fails without the fix: yes (the prompt ended in EOS)."""
+    import copy
+
+    import torch
+
+    from alignkit.augment.llm import LocalChat
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    tok.add_eos_token = True
+    text = "Hello there\nGeneral\n"
+    assert tok(text)["input_ids"][-1] == tok.eos_token_id  # the tokenizer appends EOS itself
+    model, seen = tiny_lm("llama"), []
+
+    def generate(input_ids, **kwargs):
+        seen.append(input_ids[0].tolist())
+        return torch.cat([input_ids, torch.tensor([[tok.eos_token_id]])], dim=1)
+
+    model.generate = generate
+    LocalChat(model, tok, "tiny").chat([{"role": "user", "content": "Hello there"}, {"role": "user", "content":
+                                        "General"}], max_tokens=4, temperature=0.0)
+    assert seen == [tok(text, add_special_tokens=False)["input_ids"]]

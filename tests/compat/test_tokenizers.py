@@ -1,4 +1,4 @@
-"""Tokenizer behaviour alignkit relies on (rows K1-K11 of the table in docs/architecture.md)."""
+"""Tokenizer behaviour alignkit relies on (rows K1-K13 of the table in docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import transformers
 
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
-from alignkit.trainers.reference import tokenizer_fingerprint
+from alignkit.trainers.reference import stable_tokenizer_fingerprint
 
 from .guards import check, guard
 
@@ -64,12 +64,12 @@ def test_fast_tokenizer_offsets_and_special_ids(tokenizer):
 def test_fingerprint_inputs_are_stable(tiny_dir):
     """The reference-log-prob cache key hashes `backend_tokenizer.to_str()`, `special_tokens_map` and the chat
     template: the same tokenizer loaded twice must hash the same."""
-    where = "alignkit/trainers/reference.py:tokenizer_fingerprint"
+    where = "alignkit/trainers/reference.py:stable_tokenizer_fingerprint"
     a, b = load_tokenizer(tiny_dir("llama")), load_tokenizer(tiny_dir("llama"))
     check(hasattr(a, "backend_tokenizer") and isinstance(a.special_tokens_map, dict), TF,
           "fast tokenizers no longer expose backend_tokenizer / special_tokens_map", where)
-    check(tokenizer_fingerprint(a) == tokenizer_fingerprint(b), TF, "the same tokenizer loaded twice fingerprints "
-          "differently (the reference cache would never hit)", where)
+    check(stable_tokenizer_fingerprint(a) == stable_tokenizer_fingerprint(b), TF, "the same tokenizer loaded twice "
+          "fingerprints differently (the reference cache would never hit)", where)
     check(hasattr(transformers, "PreTrainedTokenizerFast"), TF, "transformers.PreTrainedTokenizerFast is gone",
           "alignkit/models/tiny.py:build_tiny_tokenizer, models/loading.py")
 
@@ -211,3 +211,36 @@ def test_post_processor_state_keys_the_suffix_probe(tokenizer):
     check(before != after, "tokenizers", "the post-processor's state did not change with add_eos_token", where)
     check(wrapper == backend and wrapper[-1] == eos and bare[-1:] != [eos], TF, "add_eos_token=True no longer makes "
           "encode (with special tokens only) append EOS on the backend", where, f"{wrapper} / {backend} / {bare}")
+
+
+def test_split_special_tokens_is_a_wrapper_setting_the_backend_json_lacks(tiny_dir):
+    """K12: `split_special_tokens` (a load option) is the wrapper's attribute of that name, absent from
+    `backend_tokenizer.to_str()`, and it changes the ids of a text quoting a special token (the token vs ordinary
+    pieces), so the cache keys read the attribute; `padding_side` changes no unpadded ids. K13: the backend keeps the
+    setting it encodes by as `encode_special_tokens`, which the wrapper sets on each call: one set after loading
+    reaches the backend only then, so `_backend_encode` skips a backend whose flag lags the wrapper's."""
+    from transformers import AutoTokenizer
+
+    keys = "alignkit/data/tokenize_cache.py:tokenizer_fingerprint, trainers/reference.py:stable_tokenizer_fingerprint"
+    folder = tiny_dir("llama")
+    plain, split = (AutoTokenizer.from_pretrained(folder, split_special_tokens=s) for s in (False, True))
+    text = "say <|im_start|> aloud"
+    a, b = (list(t(text, add_special_tokens=False)["input_ids"]) for t in (plain, split))
+    im_start = plain.convert_tokens_to_ids("<|im_start|>")
+    check(split.split_special_tokens is True and plain.split_special_tokens is False, TF,
+          "the load option split_special_tokens is no longer kept as the wrapper's attribute of that name", keys)
+    check(im_start in a and im_start not in b, TF, "split_special_tokens=True no longer encodes a special token in "
+          "the text as ordinary pieces", keys, f"{a} / {b}")
+    check(plain.backend_tokenizer.to_str() == split.backend_tokenizer.to_str(), TF, "the backend JSON now holds "
+          "split_special_tokens (the keys still read the attribute: harmless, update K12)", keys)
+    plain.padding_side = "left"
+    check(list(plain(text, add_special_tokens=False)["input_ids"]) == a, TF, "padding_side changes unpadded ids", keys)
+    where = "alignkit/data/tokenize.py:_backend_encode"
+    backend = plain.backend_tokenizer
+    check(getattr(backend, "encode_special_tokens", None) is False, "tokenizers", "the backend no longer exposes "
+          "encode_special_tokens", where)
+    plain.split_special_tokens = True  # set after loading: the backend learns it on the wrapper's next call
+    lagging = backend.encode_special_tokens
+    plain(text, add_special_tokens=False)
+    check(lagging is False and backend.encode_special_tokens is True, TF, "the wrapper no longer syncs the backend's "
+          "encode_special_tokens on each call (or now does when the attribute is set)", where)

@@ -395,3 +395,35 @@ def test_a_tokenizer_whose_bos_is_its_appended_eos_reads_a_leading_bos_once(toke
     finally:
         type(adds).__call__ = real
     assert calls.count(f"{bos}x") == 1
+
+
+def test_a_conversation_quoting_a_turn_marker_is_kept_and_warned_of(tokenizer, tiny_dir, monkeypatch, caplog):
+    """A user message asking about ChatML ("what does <|im_start|>user mean?") was refused as "formatted already",
+    though a conversation's messages are text we template (a false refusal: fails without the fix, seen); a quoted
+    <|im_end|> passed without a word, its ids the special token itself. Now both are kept, with the ids the template's
+    rendering tokenizes to (the token, where the text was meant) and ONE warning per token naming the first record;
+    a plain-text prompt formatted already is still refused (test above). A tokenizer loaded with
+    split_special_tokens=True is refused under chat-template: it split the template's own markers too (no
+    <|im_start|> id in any record, silently)."""
+    import alignkit.data.tokenize as tk
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(tk, "_QUOTED_SAID", set())
+    asked = [{"role": "user", "content": "What does <|im_start|>user mean in ChatML?"}]
+    answer = [{"role": "assistant", "content": "It opens a user turn; <|im_end|> closes it."}]
+    records = [SFTRecord(asked, answer, id=f"q{i}") for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="alignkit.data.tokenize"):
+        feats, _ = tokenize_records(records, tokenizer)
+    want = ids(tokenizer, tokenizer.apply_chat_template(asked + answer, tokenize=False))
+    im_start, im_end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    assert [f["input_ids"] for f in feats] == [want] * 3
+    assert want.count(im_start) == 3 and want.count(im_end) == 3  # 2 + 1 quoted, 2 + 1 quoted
+    said = [r.getMessage() for r in caplog.records if "reads as the special token" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("q0: a message quotes '<|im_end|>' / '<|im_start|>', which ")
+
+    split = AutoTokenizer.from_pretrained(tiny_dir("llama"), split_special_tokens=True)
+    with pytest.raises(DataError, match=r"^s: formatter 'chat-template': .* split_special_tokens=True, which encodes "
+                                        r"the chat template's own '<\|im_start\|>user' as ordinary text pieces"):
+        tokenize_records([SFTRecord([{"role": "user", "content": "Hi"}], "Hello", id="s")], split)
+    (g,), _ = tokenize_records([SFTRecord("Say <|im_start|> aloud.", " Done.", id="p")], split)  # plain: as asked
+    assert im_start not in g["input_ids"]

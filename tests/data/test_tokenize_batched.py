@@ -241,3 +241,45 @@ def test_every_module_the_features_come_from_keys_the_cache():
                 used.add(name)
     assert "alignkit.data.tokenize_stats" in used and "alignkit.data.records" in used  # the scan sees them
     assert used - set(FEATURE_MODULES) == set()
+
+
+def test_split_special_tokens_is_in_the_key(tokenizer, tiny_dir, tmp_path):
+    """`split_special_tokens=True` (a load option the wrapper holds, not the backend JSON the key hashed) encodes a
+    quoted "<|im_start|>" as ordinary pieces: before, both settings had one key, and the second run read the first
+    one's ids back (the special token where the text was meant). Now each setting has its own entry, whose ids are a
+    direct encode's. Fails without the fix: yes (the key was the same, the second run a stale hit)."""
+    from transformers import AutoTokenizer
+
+    from alignkit.data.tokenize_cache import tokenizer_fingerprint
+    from alignkit.trainers.reference import stable_tokenizer_fingerprint
+
+    folder = tiny_dir("llama")
+    plain, split = (AutoTokenizer.from_pretrained(folder, split_special_tokens=s) for s in (False, True))
+    prompt, completion = "What does <|im_start|> mean?\n", " It opens a turn."
+    records = [SFTRecord(prompt=prompt, completion=completion, id="quote")]
+    cfg = TokenizeConfig(max_length=None, max_prompt_length=None, formatter="plain")
+    assert tokenizer_fingerprint(plain) != tokenizer_fingerprint(split)
+    assert tk.cache_key(records, plain, cfg) != tk.cache_key(records, split, cfg)
+    assert stable_tokenizer_fingerprint(plain) != stable_tokenizer_fingerprint(split)
+    assert stable_tokenizer_fingerprint(plain) == stable_tokenizer_fingerprint(tokenizer)  # keys stored before: kept
+    im_start = plain.convert_tokens_to_ids("<|im_start|>")
+    for tok in (plain, split, plain, split):  # each run after the other setting's: a stale hit would show
+        (f,), _ = tokenize_records(records, tok, cfg, cache_dir=tmp_path)
+        want = tok(prompt + completion)["input_ids"] + [tok.eos_token_id]  # (this tokenizer appends no EOS)
+        assert f["input_ids"] == want
+        assert (im_start in f["input_ids"]) is (tok is plain)
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2
+
+
+def test_split_special_tokens_set_after_loading_reaches_the_batched_ids(tokenizer):
+    """`tokenizer.split_special_tokens = True` after loading reaches the Rust backend (`encode_special_tokens`) only on
+    the wrapper's next call: before, a batch whose first texts (the ones checked against the wrapper) held no special
+    token took the backend's ids, and a later text quoting "<|im_start|>" got the special token. Now a backend whose
+    flag lags is not used. Fails without the fix: yes."""
+    tok = copy.deepcopy(tokenizer)
+    tok.split_special_tokens = True
+    texts = ["hello world"] * 8 + ["say <|im_start|> aloud"]
+    want = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]  # (this call syncs the backend: undo it)
+    tok.backend_tokenizer.encode_special_tokens = False
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") not in want[-1]
+    assert tk._encode_many(tok, texts, False) == want

@@ -333,3 +333,23 @@ def test_reft_generation_prompt_leaves_out_any_appended_token():
     ids, n = encode_prompt_response(tok, PROMPT, " yes", add_eos=False)
     assert (ids, n) == ([1, 4, 5, 6, 7, 5, 8, 2], 6)
     assert encode_prompts(tok, [PROMPT])["input_ids"][0].tolist() == [1, 4, 5, 6, 7, 5]
+
+
+def test_prepare_dataset_resolves_the_appended_eos_once_per_map_batch(neox, monkeypatch):
+    """`prepare_dataset` tokenizes each datasets.map batch one record at a time: before, every encoding resolved the
+    appended EOS again (`chat.appended_eos`: 2 per record here, 12 for 6 rows); now once per map batch (`records_batch`),
+    with the same features: one EOS at the end, the completion and it trained. Fails without the fix: yes (12 calls)."""
+    from datasets import Dataset
+
+    from alignkit.data.prepare import prepare_dataset
+
+    calls = []
+    real = chat.appended_eos
+    monkeypatch.setattr(chat, "appended_eos", lambda tok: calls.append(1) or real(tok))
+    rows = [{"prompt": PROMPT, "completion": c} for c in (" yes", " no", " maybe", " yes", " no", " maybe")]
+    out, kind = prepare_dataset(Dataset.from_list(rows), neox, ["sft"], TokenizeConfig(max_length=None,
+                                                                                        max_prompt_length=None))
+    assert kind == "sft" and len(calls) == 1
+    ids = {" yes": 7, " no": 8, " maybe": 9}
+    assert [r["input_ids"] for r in out] == [[3, 4, 5, 6, 4, ids[c["completion"]], EOS] for c in rows]
+    assert [r["completion_mask"] for r in out] == [[0, 0, 0, 0, 0, 1, 1]] * 6

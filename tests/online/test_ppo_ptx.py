@@ -254,3 +254,20 @@ def test_the_ptx_file_is_read_without_the_prompts_split(tokenizer, tmp_path):
     folder = tmp_path / "ptx-folder"
     DatasetDict({"train": Dataset.from_list(rows[:1]), "test": Dataset.from_list(rows)}).save_to_disk(str(folder))
     assert len(read_ptx(DataSettings(path="prompts-folder", split="test", ptx_path=str(folder)), tokenizer)) == 1
+
+
+@pytest.mark.parametrize("single", ["$A <eos>", None, "<bos> $A"])
+def test_a_ptx_string_ends_in_one_eos_whatever_the_tokenizer_appends(single):
+    """A ptx string is a pretraining document: its ids, then exactly one EOS. Before, it ended in EOS only under a
+    tokenizer that appends it itself (GPT-NeoX style, "$A <eos>"); one appending nothing, or a Llama-style BOS, gave
+    none: the model never saw where a document ends (data.ptx_path's SFT rows end in EOS by data.add_eos). A string
+    ending in the EOS text keeps one. Ids read off the word vocabulary by hand. Fails without the fix: yes."""
+    from tests.data.test_tokenize_suffix import BOS, EOS, PROMPT, word_tokenizer
+
+    from alignkit.online.ptx import as_ptx_features
+
+    tok = word_tokenizer(single)
+    bos = [BOS] if single == "<bos> $A" else []
+    (a, b) = as_ptx_features([PROMPT, PROMPT + " <eos>"], tok)
+    assert a["input_ids"] == b["input_ids"] == bos + [3, 4, 5, 6, 4, EOS]
+    assert a["completion_mask"] == [1] * len(a["input_ids"])

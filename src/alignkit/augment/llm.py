@@ -43,6 +43,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
+from alignkit.data.chat import prompt_ids
 from alignkit.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -222,8 +223,9 @@ class LocalChat:
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
-        else:
-            ids = tok("\n".join(m["content"] for m in messages) + "\n")["input_ids"]
+        else:  # as training's and generation's prompts: without the EOS a GPT-NeoX-style tokenizer appends to every
+            # text (before, kept: the answer was generated after an end of text)
+            ids = prompt_ids(tok, "\n".join(m["content"] for m in messages) + "\n")
         self.requests += 1
         if seed is not None:
             torch.manual_seed(seed)

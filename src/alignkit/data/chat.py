@@ -16,9 +16,13 @@ tokenizer then does not append EOS by default; see `tokenize.TokenizeConfig.add_
 
 (`fast_chat_rendering`: the chat template's same text, rendered directly.)
 
-A message holding what the chat template writes to open a turn (`<|im_start|>user`: text formatted already) is a
-DataError under "chat-template" (`check_not_templated`): it would be templated twice; "plain" takes such text as it is,
-except a leading BOS token when the tokenizer adds its own (`check_no_second_bos`: two BOS).
+A plain-text prompt or completion holding what the chat template writes to open a turn (`<|im_start|>user`: text
+formatted already) is a DataError under "chat-template" (`check_not_templated`): it would be templated twice; "plain"
+takes such text as it is, except a leading BOS token when the tokenizer adds its own (`check_no_second_bos`: two BOS).
+A message of a conversation is the user's text, which the template renders: a marker in it is quoted (a user asking
+about chat templates), not refused; the tokenizer reads a special token written there as the token itself, which
+`tokenize` warns of, naming the record (`quoted_special_tokens`). A tokenizer loaded with `split_special_tokens=True`
+is refused under "chat-template" (`check_split_special_tokens`): it splits the template's own markers too.
 
 The string `prompt` need not be a string prefix of `full`; the tokenizer checks the boundary in token
 space (the prompt's token ids must be a prefix of the full sequence's).
@@ -83,7 +87,10 @@ def chat_template(prompt: Prompt, completion: Completion | None, tokenizer: Any)
                         f"tokenizer.chat_template, or use formatter='oasst' or plain-text records")
     check_generation_prompt(tokenizer)
     p, c = as_messages(prompt, completion)
-    check_not_templated(p + c, tokenizer)
+    # text given as a string (one turn made of it) may be formatted already; a message of a conversation is the
+    # user's text, which we template: a marker in it is quoted (`quoted_special_tokens` warns of the ids)
+    check_not_templated((p if isinstance(prompt, str) else []) + (c if isinstance(completion, str) else []), tokenizer)
+    check_split_special_tokens(tokenizer)
     renderer = _RENDERER.get()
     render = renderer.render if renderer is not None and renderer.serves(tokenizer, p + c) else _apply_chat_template
     try:
@@ -126,10 +133,12 @@ def template_markers(tokenizer: Any) -> tuple[str, ...]:
 
 
 def check_not_templated(messages: list[Message], tokenizer: Any) -> None:
-    """A message whose text holds what the chat template writes to open a turn (`template_markers`) is text that
-    was formatted already (a prompt column exported after apply_chat_template, or a whole chat written as one string):
-    rendered through the template it is templated twice, the model trained on a conversation inside one turn. A
-    DataError naming the message, the token and the fix (the caller names the record)."""
+    """A message made of text given as a string (a plain-text prompt or completion: the chat-template formatter
+    passes only those; a conversation's messages are the user's text, a marker there quoted) whose text holds what
+    the chat template writes to open a turn (`template_markers`) is text that was formatted already (a prompt
+    column exported after apply_chat_template, or a whole chat written as one string): rendered through the template
+    it is templated twice, the model trained on a conversation inside one turn. A DataError naming the message, the
+    token and the fix (the caller names the record)."""
     markers = template_markers(tokenizer)
     for i, m in enumerate(messages):
         found = next((t for t in markers if t in m["content"]), None)
@@ -139,6 +148,38 @@ def check_not_templated(messages: list[Message], tokenizer: Any) -> None:
                             f"looks formatted already and would be templated twice (a conversation trained inside one "
                             f"turn); give the raw conversation (each message's text alone), or set data.formatter="
                             f"plain to use pre-formatted text as it is")
+
+
+def check_split_special_tokens(tokenizer: Any) -> None:
+    """A tokenizer loaded with `split_special_tokens=True` encodes every special token written in a text as ordinary
+    pieces, the chat template's own turn markers included (`<|im_start|>` never becomes its token): each record would
+    be trained on a chat format the model never reads. A DataError naming the setting and the fix, for a template
+    that writes special tokens (`template_markers`)."""
+    if getattr(tokenizer, "split_special_tokens", False) and template_markers(tokenizer):
+        raise DataError(f"formatter 'chat-template': {tokenizer_name(tokenizer)} was loaded with "
+                        f"split_special_tokens=True, which encodes the chat template's own "
+                        f"{template_markers(tokenizer)[0]!r} as ordinary text pieces, not its special tokens; load it "
+                        f"without split_special_tokens (a special token quoted inside a message is then read as the "
+                        f"token: a warning names the record)")
+
+
+_SPECIALS: dict[tuple[int, int], tuple[str, ...]] = {}
+
+
+def quoted_special_tokens(messages: Iterable[Message], tokenizer: Any) -> list[str]:
+    """The special tokens (`all_special_tokens`, e.g. `<|im_end|>`, `<|im_start|>`) written inside the content of
+    `messages`, which a chat template renders as they are: the tokenizer then reads each as the token itself (a turn
+    marker inside a turn), not as the text the user quoted (transformers' `apply_chat_template(...,
+    sanitize_control_tokens=True)` can encode them as text; alignkit's formatters render text, then tokenize it).
+    [] under `split_special_tokens` (refused with a template that writes special tokens: `check_split_special_tokens`).
+    The tokens are kept per tokenizer (its size)."""
+    if getattr(tokenizer, "split_special_tokens", False):
+        return []
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _SPECIALS:
+        _SPECIALS[key] = tuple(t for t in getattr(tokenizer, "all_special_tokens", ()) if isinstance(t, str) and t)
+    specials = _SPECIALS[key]
+    return sorted({t for m in messages for t in specials if t in m["content"]})
 
 
 SYSTEM_ROLES = ("system", "developer")

@@ -35,7 +35,9 @@ from alignkit.data.readers import READERS, detect_reader, first_row, load_record
 from alignkit.data.readers.notes import ReaderNotes, held_reader_notes
 from alignkit.data.readers.rows import NamedRows
 from alignkit.data.records import RECORD_CLASSES, DataError, can_convert, convert
-from alignkit.data.tokenize import TokenizeConfig, TokenizeStats, Unfit, tokenize_record, tokenize_records
+from alignkit.data.tokenize import (
+    TokenizeConfig, TokenizeStats, Unfit, records_batch, tokenize_record, tokenize_records,
+)
 from alignkit.data.tokenize_cache import code_fingerprint, formatters_fingerprint, function_fingerprint, sha
 
 logger = logging.getLogger(__name__)
@@ -118,20 +120,21 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     if notes and not records:  # a row of its own carries them (e.g. an OASST batch whose trees are all filtered out)
         out = {k: [None] for k in out} | {DROP: [NOTES_ONLY], PROMPT_CUT: [0], COMPLETION_CUT: [0], UNRENDERED: [""],
                                          READER_NOTES: [notes.to_json()], IDENTICAL: [0], EMPTY_CONTEXT: [""]}
-    for r in records:
-        one = TokenizeStats(total=1)
-        try:
-            f, drop = tokenize_record(r, tokenizer, cfg, one), ""
-        except Unfit as e:
-            f, drop = {"id": r.id}, e.reason
-        for k in FEATURE_KEYS[kind]:
-            out[k].append(f.get(k))
-        out[DROP].append(drop)
-        out[PROMPT_CUT].append(one.prompt_truncated)
-        out[COMPLETION_CUT].append(one.completion_truncated)
-        out[UNRENDERED].append(",".join(one.unrendered_roles) if one.system_unrendered else "")
-        out[IDENTICAL].append(int(is_identical_pair(f)))
-        out[EMPTY_CONTEXT].append(",".join(one.empty_context_roles))
+    with records_batch(tokenizer):  # the appended EOS resolved once per map batch, not once per encoding
+        for r in records:
+            one = TokenizeStats(total=1)
+            try:
+                f, drop = tokenize_record(r, tokenizer, cfg, one), ""
+            except Unfit as e:
+                f, drop = {"id": r.id}, e.reason
+            for k in FEATURE_KEYS[kind]:
+                out[k].append(f.get(k))
+            out[DROP].append(drop)
+            out[PROMPT_CUT].append(one.prompt_truncated)
+            out[COMPLETION_CUT].append(one.completion_truncated)
+            out[UNRENDERED].append(",".join(one.unrendered_roles) if one.system_unrendered else "")
+            out[IDENTICAL].append(int(is_identical_pair(f)))
+            out[EMPTY_CONTEXT].append(",".join(one.empty_context_roles))
     return out
 
 

@@ -127,6 +127,22 @@ _BATCH: ContextVar[_Batch | None] = ContextVar("alignkit_tokenize_batch", defaul
 CHUNK = 2048  # records per prefetch: bounds the memo's size
 
 
+@contextmanager
+def records_batch(tokenizer: Any) -> Iterator[None]:
+    """Within this block `tokenize_record` calls share what is resolved once per batch of records (`_Batch`: the
+    EOS the tokenizer appends, `chat.appended_eos`), nothing prefetched; the tokenizer must not change inside. For a
+    caller tokenizing its own batches one record at a time (`prepare._tokenize_batch`, one per datasets.map batch):
+    before, each of a record's encodings probed the suffix again. Inside `tokenize_records`' chunk: its batch kept."""
+    if _BATCH.get() is not None:
+        yield
+        return
+    token = _BATCH.set(_Batch(chat.appended_eos(tokenizer)))
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)
+
+
 def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     """`text`'s ids (the prefetched batch's when it has them), without the EOS the tokenizer appends to every text
     (`chat.without_added_suffix`: it is added back by `add_eos`)."""
@@ -293,12 +309,15 @@ def _backend_encode(tokenizer: Any, texts: list[str], add_special_tokens: bool,
     wrapper's (`tokenizer(text, add_special_tokens=...)`) on the first texts of the call. None too when the backend
     holds a truncation or padding setting (a tokenizer.json saved with one, loaded as it is: compat K10): the backend
     applies it, the wrapper clears it on its first call, so the first texts agreed and a longer one was cut to the
-    saved max_length without a word (completion tokens lost, counted as no truncation)."""
+    saved max_length without a word (completion tokens lost, counted as no truncation). None as well while the
+    backend's `encode_special_tokens` lags the wrapper's `split_special_tokens` (compat K13)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch"):
         return None
     if getattr(backend, "truncation", None) is not None or getattr(backend, "padding", None) is not None:
         return None
+    if getattr(backend, "encode_special_tokens", False) != bool(getattr(tokenizer, "split_special_tokens", False)):
+        return None  # split_special_tokens set after loading: the backend learns it on the wrapper's next call (K13)
     encode_batch = backend.encode_batch if offsets else getattr(backend, "encode_batch_fast", backend.encode_batch)
     try:
         encodings = encode_batch(texts, add_special_tokens=add_special_tokens)
@@ -441,6 +460,8 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
             stats.note_system_unrendered(record.id, roles)
     if empty := chat.empty_context_roles(record.prompt, *comps):
         stats.note_empty_context(record.id, empty)
+    if isinstance(record.prompt, list) and chat.resolved_formatter(record.prompt, cfg.formatter) == "chat-template":
+        say_quoted_special_tokens(record, comps, tokenizer)
     if isinstance(record, PromptRecord):
         f = _format(record.prompt, None, tokenizer, cfg.formatter)
         ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
@@ -475,6 +496,24 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
     if isinstance(record, UnpairedRecord):
         out["label"] = record.label
     return out
+
+
+_QUOTED_SAID: set[tuple[int, str]] = set()
+
+
+def say_quoted_special_tokens(record: Record, comps: list[Completion | None], tokenizer: Any) -> None:
+    """One warning line per special token (and tokenizer, per process) that a conversation's messages quote
+    (`chat.quoted_special_tokens`): its ids hold the token itself where the text was meant, naming the first record
+    and the fix. Not a refusal: the text is the user's (a question about chat templates), and was trained so before."""
+    messages = [*record.prompt, *(m for c in comps if isinstance(c, list) for m in c)]
+    new = [t for t in chat.quoted_special_tokens(messages, tokenizer) if (id(tokenizer), t) not in _QUOTED_SAID]
+    if not new:
+        return
+    _QUOTED_SAID.update((id(tokenizer), t) for t in new)
+    logger.warning("%s: a message quotes %s, which %s reads as the special token itself (a turn marker inside the "
+                   "turn), not as the text; the record is kept so (said once per token: other records are not "
+                   "named); reword the quote (e.g. '<| im_end |>') or drop such records if the model must not learn "
+                   "it", record.id or "a record", " / ".join(map(repr, new)), chat.tokenizer_name(tokenizer))
 
 
 def warn_mixed_formats(records: list[Record], formatter: str) -> None:

@@ -43,14 +43,19 @@ def sha(*parts: Any) -> str:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """What the token ids depend on: the vocabulary/merges/normalizer (the backend's full JSON for a fast
-    tokenizer, whose post-processor holds add_bos_token / add_eos_token; else `slow_tokenizer_state`), special tokens
-    and the chat template."""
+    tokenizer, whose post-processor holds add_bos_token / add_eos_token: transformers' setters rewrite it; else
+    `slow_tokenizer_state`), special tokens, the chat template, and `split_special_tokens` (a wrapper setting the JSON
+    does not hold: True encodes "<|im_start|>" in a text as ordinary pieces, not as the token; compat K12). Not
+    padding_side / truncation_side: they pad or cut a call's output and our encodings use neither. Its twin
+    `trainers.reference.stable_tokenizer_fingerprint` keys the caches meant to outlive an alignkit upgrade (reference
+    log-probs, local-LLM answers); this key is renewed with this module's source anyway (`FEATURE_MODULES`)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = (backend.to_str() if backend is not None and hasattr(backend, "to_str")
             else slow_tokenizer_state(tokenizer))
     specials = getattr(tokenizer, "special_tokens_map", {})
     return sha(type(tokenizer).__name__, body, sorted(specials.items()), getattr(tokenizer, "chat_template", None),
-               tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None))
+               tokenizer.eos_token_id, getattr(tokenizer, "bos_token_id", None),
+               bool(getattr(tokenizer, "split_special_tokens", False)))
 
 
 def slow_tokenizer_state(tokenizer: Any) -> list:

@@ -31,7 +31,7 @@ import torch
 
 from alignkit.models.hub_cache import hub_cache_snapshot
 from alignkit.online.generation import HOW_IT_RUNS, SamplingConfig, model_generation_options, transformers_model
-from alignkit.trainers.reference import tokenizer_fingerprint
+from alignkit.trainers.reference import stable_tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ def model_files_digest(path: str | Path) -> str | None:
 
 def model_digest(model: Any, tokenizer: Any) -> str:
     """SHA-256 of what shapes a local model's answers (or scores) besides the request: every weight (adapters
-    included: name, dtype, shape, bytes), the tokenizer (vocabulary, special tokens, chat template:
-    `tokenizer_fingerprint`) and the options model.generate applies from the model's generation config, sampled or
-    greedy (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...; the sampling ones LocalChat pins
-    are not among them; a classifier has none). Not the options of how it runs (`HOW_IT_RUNS`: cache_implementation,
+    included: name, dtype, shape, bytes), the tokenizer (vocabulary, special tokens, chat template,
+    split_special_tokens: `stable_tokenizer_fingerprint`) and the options model.generate applies from the model's
+    generation config, sampled or greedy (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...; the
+    sampling ones LocalChat pins are not among them; a classifier has none). Not the options of how it runs (`HOW_IT_RUNS`: cache_implementation,
     compile_config, ...), which do not change the answers: changing one refused a kept round and missed the cache."""
     started = time.monotonic()
     h = hashlib.sha256()
@@ -90,7 +90,7 @@ def model_digest(model: Any, tokenizer: Any) -> str:
     generates = getattr(transformers_model(model), "generation_config", None) is not None  # not a classifier's
     options = {repr(o) for cfg in (SamplingConfig(), SamplingConfig(do_sample=False)) if generates
                for o in model_generation_options(model, tokenizer, cfg) if o[0] not in HOW_IT_RUNS}
-    h.update(json.dumps([tokenizer_fingerprint(tokenizer), sorted(options)]).encode())
+    h.update(json.dumps([stable_tokenizer_fingerprint(tokenizer), sorted(options)]).encode())
     logger.info("digest of the model's weights, tokenizer and generation options: %.1f s",
                 time.monotonic() - started)
     return h.hexdigest()

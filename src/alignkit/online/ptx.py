@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from alignkit.data.chat import prompt_ids
 from alignkit.data.collators import SFTCollator
 from alignkit.data.records import SFTRecord
 from alignkit.data.tokenize import tokenize_records
@@ -33,13 +34,18 @@ from alignkit.settings import ConfigError
 def as_ptx_features(data: Sequence[Any], tokenizer: Any) -> list[dict[str, Any]]:
     """`ptx_data` as token features (`input_ids`, `completion_mask`: the SFT tokenization's loss mask): features
     as given, or SFT records (`alignkit.data.records.SFTRecord`, plain strings: every token trained) tokenized with
-    the default `alignkit.data.TokenizeConfig`."""
+    the default `alignkit.data.TokenizeConfig`. A string is a pretraining document: its ids with special tokens (BOS
+    where the tokenizer adds one), then exactly ONE EOS, whatever the tokenizer appends itself (none without an EOS
+    token). Decided so: pretraining corpora end each document in EOS (GPT-NeoX / Pythia, Llama), the model learns
+    where a text ends, and an SFT plain-text record (data.ptx_path's rows) ends in EOS by data.add_eos alike; before,
+    a string ended in EOS only under a tokenizer that appends it (GPT-NeoX style), not under a Llama-style one."""
     out, records = [], []
     for i, x in enumerate(data):
         if isinstance(x, dict) and "input_ids" in x and "completion_mask" in x:
             out.append(x)
         elif isinstance(x, str):
-            ids = list(tokenizer(x)["input_ids"])
+            ids, eos = prompt_ids(tokenizer, x), tokenizer.eos_token_id  # (the appended EOS left out: one, below)
+            ids += [eos] if eos is not None and ids[-1:] != [eos] else []
             out.append({"input_ids": ids, "completion_mask": [1] * len(ids), "id": f"ptx_data[{i}]"})
         elif isinstance(x, SFTRecord):
             records.append(x)

@@ -263,13 +263,22 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     return {"config": _sha(cfg), "weights": h.hexdigest()}
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def stable_tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The tokenizer's part of keys stored to outlive an alignkit upgrade (the precomputed-reference cache; the
+    local-LLM answer cache, `online.digests.model_digest`): the backend JSON (the vocabulary for a slow tokenizer),
+    special tokens and chat template, as keyed since the first release, plus `split_special_tokens` only when set
+    (True changes the ids of a text quoting a special token; left out at its default so that every key stored before
+    stays valid). Not `data.tokenize_cache.tokenizer_fingerprint` (the feature cache's, slow tokenizers' settings
+    too): its value changes with its module's source, and here a changed key recomputes a cache that may have cost
+    hours (the reference cache's data part keys the token ids anyway)."""
     if tokenizer is None:
         return "none"
     backend = getattr(tokenizer, "backend_tokenizer", None)
     body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     extra = {"special": getattr(tokenizer, "special_tokens_map", {}),
              "template": getattr(tokenizer, "chat_template", None)}
+    if getattr(tokenizer, "split_special_tokens", False):
+        extra["split_special_tokens"] = True
     return hashlib.sha256((body + _sha(extra)).encode()).hexdigest()
 
 
@@ -286,7 +295,7 @@ def data_fingerprint(dataset: Iterable[dict]) -> str:
 
 def cache_key(model: nn.Module, mode: str, tokenizer: Any, dataset: Iterable[dict]) -> dict[str, Any]:
     parts = {"version": CACHE_VERSION, "model": model_fingerprint(model), "adapter": adapter_kind(model),
-             "reference": mode, "tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(dataset)}
+             "reference": mode, "tokenizer": stable_tokenizer_fingerprint(tokenizer), "data": data_fingerprint(dataset)}
     return {"key": _sha(parts), "parts": parts}
 
 
@@ -379,4 +388,4 @@ class ReferenceCollator:
 
 __all__ = ["HasReference", "MODES", "Reference", "ReferenceCollator", "attach_reference", "build_reference",
            "cache_key", "data_fingerprint", "frozen_copy", "load_or_compute", "model_fingerprint",
-           "tokenizer_fingerprint"]
+           "stable_tokenizer_fingerprint"]
