@@ -80,8 +80,8 @@ def model_digest(model: Any, tokenizer: Any) -> str:
     split_special_tokens: `stable_tokenizer_fingerprint`) and the options model.generate applies from the model's
     generation config, sampled or greedy (`model_generation_options`: no_repeat_ngram_size, min_new_tokens, ...; the
     sampling ones LocalChat pins are not among them; a classifier has none). Not the options of how it runs
-    (`HOW_IT_RUNS`: cache_implementation, compile_config, ...), which do not change the answers: changing one refused a kept round and
-    missed the cache."""
+    (`HOW_IT_RUNS`: cache_implementation, compile_config, ...), which do not change the answers: changing one
+    refused a kept round and missed the cache."""
     started = time.monotonic()
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
