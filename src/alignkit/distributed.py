@@ -136,7 +136,9 @@ def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = Fa
     """ConfigError when an accelerate FSDP config asks for what alignkit would not do, said before anything is written:
     - `fsdp_state_dict_type` other than FULL_STATE_DICT (FSDP_STATE_DICT_TYPE): alignkit's checkpoints and model/ are
       always full safetensors gathered on rank 0 (`full_parameters`), so SHARDED / LOCAL was ignored without a word
-      (and rank 0 held the whole model where the config asked for per-process files);
+      (and rank 0 held the whole model where the config asked for per-process files); the variable is where the
+      setting lives on CPU processes too (`accelerate launch`'s torchrun launcher writes it for an FSDP config with or
+      without a GPU; `--cpu` writes no FSDP variable and starts one process, which check_process_count refuses: A31);
     - `fsdp_activation_checkpointing: true` with `activation_checkpointing` (train.activation_checkpointing): the
       Trainer refuses the pair, but alignkit applies its own checkpointing after turning the argument off, which
       hid that refusal: accelerate's checkpoint wrapper around alignkit's recomputed each layer twice;
