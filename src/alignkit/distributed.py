@@ -132,11 +132,30 @@ def refuse_fsdp1_on_cpu() -> None:
                           "alignkit runs FSDP2 on CPU processes")
 
 
+def refuse_fsdp1_adapter(whole_model: bool, owner: str) -> None:
+    """ConfigError when `accelerate launch` asks for FSDP version 1 (FSDP_VERSION; "1" when the config names none) and
+    the policy has an adapter (`whole_model` False: LoRA, ReFT, ReFT+LoRA), on any machine (CPU processes are refused
+    FSDP1 anyway, `refuse_fsdp1_on_cpu`). alignkit gathers sharded weights only for FSDP2 (DTensor shards) and ZeRO-3
+    (`full_parameters`); under FSDP1 the Trainer gathers a state dict that an adapter's save does not read
+    (`save_adapter`: full finetuning only), so model/ and checkpoints would hold FSDP1's flattened per-process
+    shards, and whether FSDP1 with use_orig_params: false trains only the adapter's weights was never run. Calls
+    `refuse_fsdp1_on_cpu` first (its line wins on a machine without CUDA)."""
+    refuse_fsdp1_on_cpu()
+    if whole_model or requested_engine() != "fsdp" or os.environ.get("FSDP_VERSION", "1") == "2":
+        return
+    raise ConfigError(f"{owner}: the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')} "
+                      "(fsdp_version; 1 when the config names none) with an adapter, which alignkit does not save or "
+                      "check under FSDP1 (it gathers an adapter's sharded weights under FSDP2 and ZeRO-3 only); set "
+                      "fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp2.yaml)")
+
+
 def refuse_ignored_fsdp_settings(owner: str, activation_checkpointing: bool = False) -> None:
     """ConfigError when an accelerate FSDP config asks for what alignkit would not do, said before anything is written:
     - `fsdp_state_dict_type` other than FULL_STATE_DICT (FSDP_STATE_DICT_TYPE): alignkit's checkpoints and model/ are
       always full safetensors gathered on rank 0 (`full_parameters`), so SHARDED / LOCAL was ignored without a word
-      (and rank 0 held the whole model where the config asked for per-process files);
+      (and rank 0 held the whole model where the config asked for per-process files); the variable is where the
+      setting lives on CPU processes too (`accelerate launch`'s torchrun launcher writes it for an FSDP config with or
+      without a GPU; `--cpu` writes no FSDP variable and starts one process, which check_process_count refuses: A31);
     - `fsdp_activation_checkpointing: true` with `activation_checkpointing` (train.activation_checkpointing): the
       Trainer refuses the pair, but alignkit applies its own checkpointing after turning the argument off, which
       hid that refusal: accelerate's checkpoint wrapper around alignkit's recomputed each layer twice;
@@ -501,6 +520,7 @@ def copy_full_into(p: torch.Tensor, full: torch.Tensor) -> None:
 __all__ = ["DEEPSPEED_LAUNCH_ENV", "MPI_SIZE_ENV", "check_process_count", "copy_full_into", "deepspeed_cannot_start",
            "deepspeed_on_cpu", "enable_sharding_on_cpu", "fsdp_activation_checkpointing", "full_optimizer_state",
            "full_parameters", "gather_objects", "gathered_root", "is_deepspeed", "is_fsdp2", "is_sharded",
-           "load_full_optimizer_state", "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "refuse_meta_reference",
+           "load_full_optimizer_state", "refuse_fsdp1_adapter",
+           "refuse_fsdp1_on_cpu", "refuse_ignored_fsdp_settings", "refuse_meta_reference",
            "refuse_unmatched_wrap_classes", "unwrap_parallel_base", "requested_engine", "shard_reference",
            "storage_key", "take_over_activation_checkpointing", "zero_stage"]

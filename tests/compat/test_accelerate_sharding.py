@@ -1,5 +1,5 @@
 """accelerate's FSDP2 activation checkpointing and DeepSpeed optimizer offload, as alignkit relies on them
-(rows A19, A20, A24, A25, A27, A28 of docs/architecture.md's table)."""
+(rows A19, A20, A24, A25, A27, A28, A31 of docs/architecture.md's table)."""
 
 from __future__ import annotations
 
@@ -226,3 +226,44 @@ def test_deepspeed_says_whether_its_async_io_op_is_prebuilt_or_buildable():
         f"{type(builder)}")
     assert isinstance(builder.is_compatible(verbose=False), bool), (
         f"deepspeed: AsyncIOBuilder.is_compatible(verbose=False) no longer answers a bool ({where})")
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_accelerate_launch_routes_an_fsdp_config_through_its_torchrun_launcher_without_a_gpu(cpu, tmp_path,
+                                                                                           monkeypatch):
+    """A31: `accelerate launch --config_file <distributed_type: FSDP>` picks its launcher from the config and the flags
+    only, never from the devices: without --cpu it is `multi_gpu_launcher` (torchrun, one process per
+    num_processes) on a machine without a GPU as well, whose `prepare_multi_gpu_env` writes ACCELERATE_USE_FSDP and
+    FSDP_STATE_DICT_TYPE from the config's fsdp_state_dict_type (so alignkit's refuse_ignored_fsdp_settings sees the
+    setting on CPU processes, where accelerate's state is MULTI_CPU); with --cpu it is `simple_launcher`, which
+    writes neither (FSDP dropped): ONE process with MASTER_ADDR and no WORLD_SIZE, which check_process_count refuses
+    (tests/cli/test_distributed.py)."""
+    from accelerate.commands import launch as cmd
+    from accelerate.utils import launch
+
+    where = "alignkit/distributed.py:refuse_ignored_fsdp_settings / check_process_count"
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\n"
+                      "num_machines: 1\nmachine_rank: 0\ngpu_ids: all\nmixed_precision: 'no'\n"
+                      "fsdp_config:\n  fsdp_version: 2\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    chosen = []
+    monkeypatch.setattr(cmd, "multi_gpu_launcher", lambda args: chosen.append(("torchrun", args)))
+    monkeypatch.setattr(cmd, "simple_launcher", lambda args: chosen.append(("simple", args)))
+    argv = [*(["--cpu"] if cpu else []), "--config_file", str(config), "--main_process_port", "0", "train.py"]
+    cmd.launch_command(cmd.launch_command_parser().parse_args(argv))
+    assert [c[0] for c in chosen] == ["simple" if cpu else "torchrun"], (
+        f"accelerate: an FSDP config {'with' if cpu else 'without'} --cpu went to {[c[0] for c in chosen]} ({where})")
+    args = chosen[0][1]
+    if cpu:
+        _, env = launch.prepare_simple_launcher_cmd_env(args)
+        assert "ACCELERATE_USE_FSDP" not in env and "WORLD_SIZE" not in env and env["ACCELERATE_USE_CPU"] == "True"
+        assert env["MASTER_ADDR"] == "127.0.0.1", (
+            f"accelerate: --cpu with 2 processes no longer sets MASTER_ADDR ({where})")
+        return
+    monkeypatch.setattr(launch, "is_port_in_use", lambda port: False)
+    env = launch.prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2" and args.nproc_per_node == "2"
+    assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT", (
+        f"accelerate: the torchrun launcher no longer passes the config's fsdp_state_dict_type on ({where})")

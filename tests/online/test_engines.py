@@ -40,3 +40,18 @@ def test_an_fsdp_state_dict_type_the_loop_would_ignore_is_refused(tiny_dir, toke
     msg = refused_at_build(tiny_dir, tokenizer, tmp_path)
     assert "\n" not in msg and msg.startswith("GRPOTrainer: the accelerate config's fsdp_state_dict_type: SHARDED_STATE_DICT")
     assert not (tmp_path / "run").exists()
+
+
+def test_fsdp1_with_an_adapter_is_refused_on_a_gpu_machine_too(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """Before: with CUDA, an FSDP1 launch (fsdp_version: 1) of the online loop with a LoRA policy was let through,
+    though the loop gathers sharded weights for model/ and checkpoints only under FSDP2 (`full_parameters`); now one
+    line when the trainer is built, before anything is written."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past refuse_fsdp1_on_cpu: a GPU machine's path
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    msg = refused_at_build(tiny_dir, tokenizer, tmp_path)
+    assert "\n" not in msg and msg.startswith("GRPOTrainer: the accelerate config asks for FSDP version 1 ")
+    assert "with an adapter" in msg and "set fsdp_version: 2" in msg
+    assert not (tmp_path / "run").exists()

@@ -184,3 +184,33 @@ def test_parameter_offload_on_cpu_processes_is_refused(fsdp_env, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fsdp_env.setenv("FSDP_OFFLOAD_PARAMS", "false")
     refuse_ignored_fsdp_settings("GRPOTrainer")
+
+
+@pytest.mark.parametrize("version", ["1", None])
+def test_fsdp1_with_an_adapter_is_refused_on_a_gpu_machine_too(version, fsdp_env, make_model, features, collators,
+                                                              tmp_path):
+    """Before: on a machine with CUDA an FSDP1 launch (fsdp_version: 1, or none: accelerate's default) with a LoRA /
+    ReFT policy was accepted, though alignkit gathers an adapter's sharded weights for model/ and checkpoints only
+    under FSDP2 and ZeRO-3 (under FSDP1 the Trainer's gathered state dict is read for full finetuning only); now one
+    line, before the Trainer's Accelerator and before anything is written. Full finetuning and FSDP2 pass."""
+    import torch
+
+    from alignkit.distributed import refuse_fsdp1_adapter
+
+    fsdp_env.setattr(torch.cuda, "is_available", lambda: True)  # past refuse_fsdp1_on_cpu: a GPU machine's path
+    if version is None:
+        fsdp_env.delenv("FSDP_VERSION")
+    else:
+        fsdp_env.setenv("FSDP_VERSION", version)
+    with pytest.raises(ConfigError) as e:
+        lora_sft(make_model, features, collators, tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("SFTTrainer: the accelerate config asks for FSDP version 1 ")
+    assert "with an adapter" in message and "set fsdp_version: 2" in message
+    assert not (tmp_path / "out").exists()
+    refuse_fsdp1_adapter(True, "SFTTrainer")  # full finetuning: the Trainer's gathered state dict is what is saved
+    fsdp_env.setenv("FSDP_VERSION", "2")
+    refuse_fsdp1_adapter(False, "SFTTrainer")  # FSDP2: alignkit's own gathering
+    fsdp_env.delenv("ACCELERATE_USE_FSDP")
+    fsdp_env.setenv("FSDP_VERSION", "1")
+    refuse_fsdp1_adapter(False, "SFTTrainer")  # no FSDP launch: the variable is not read

@@ -63,10 +63,10 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from alignkit.adapters import adapter_of, enable_gradient_checkpointing, record_base, unwrap_lm
+from alignkit.adapters import adapter_of, enable_gradient_checkpointing, record_base, saves_whole_model, unwrap_lm
 from alignkit.distributed import (
-    check_process_count, enable_sharding_on_cpu, is_fsdp2, refuse_ignored_fsdp_settings, refuse_unmatched_wrap_classes,
-    requested_engine, take_over_activation_checkpointing,
+    check_process_count, enable_sharding_on_cpu, is_fsdp2, refuse_fsdp1_adapter,
+    refuse_ignored_fsdp_settings, refuse_unmatched_wrap_classes, requested_engine, take_over_activation_checkpointing,
 )
 from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
@@ -195,6 +195,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         whether FSDP2 shards the model."""
         self.check_inputs(tokenizer, prompts, annotator, output_dir, eval_prompts)
         refuse_unmatched_wrap_classes(model, type(self).__name__)  # an FSDP config's layer classes: read, in the model
+        refuse_fsdp1_adapter(saves_whole_model(model), type(self).__name__)  # FSDP1: needs a GPU; adapters unsaved
         fsdp2 = self.start_accelerator()
         self.check_batch_shares(eval_prompts)
         self.check_generation(model, tokenizer, fsdp2)

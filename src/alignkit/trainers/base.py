@@ -87,12 +87,12 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import is_sagemaker_mp_enabled
 
-from alignkit.adapters import enable_gradient_checkpointing, record_base
+from alignkit.adapters import enable_gradient_checkpointing, record_base, saves_whole_model
 from alignkit.compat import check_trainer
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.distributed import (
-    check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, refuse_fsdp1_on_cpu, refuse_ignored_fsdp_settings,
-    refuse_unmatched_wrap_classes,
+    check_process_count, deepspeed_on_cpu, enable_sharding_on_cpu, refuse_fsdp1_adapter,
+    refuse_ignored_fsdp_settings, refuse_unmatched_wrap_classes,
     fsdp_activation_checkpointing, take_over_activation_checkpointing,
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float, likely_causes
@@ -190,7 +190,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
             args = dataclasses.replace(args, **changes)
         deepspeed_on_cpu(args)  # DeepSpeed on CPU processes: accelerate's process count (alignkit.distributed)
         check_process_count(args.world_size, type(self).__name__)  # the processes asked for are the ones training
-        refuse_fsdp1_on_cpu()  # before the Trainer's Accelerator, whose FSDP1 plugin would stop without a word of why
+        refuse_fsdp1_adapter(saves_whole_model(model), type(self).__name__)  # FSDP1 on CPU / with an adapter
         # an FSDP config's keys alignkit overrides
         refuse_ignored_fsdp_settings(type(self).__name__, gc_kwargs is not None)
         refuse_unmatched_wrap_classes(model, type(self).__name__)  # layer classes to wrap: read, and in the model

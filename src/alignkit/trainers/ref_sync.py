@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from alignkit.adapters import can_switch_off, unwrap_lm
+from alignkit.distributed import requested_engine
 from alignkit.run_commit import CheckpointError
 from alignkit.settings.sections import RefSync
 from alignkit.settings.typed import ConfigError
@@ -74,10 +76,16 @@ def check_ref_sync(ref_sync: RefSync | None, mode: str, model: nn.Module, ref_mo
         diff = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
         raise ConfigError(f"{owner}: ref_sync needs a reference of the policy's architecture (the same parameter "
                           f"names and shapes), and ref_model differs (e.g. {diff}); pass a ref_model like the policy")
+    engine = {"fsdp": DistributedType.FSDP, "deepspeed": DistributedType.DEEPSPEED}.get(requested_engine() or "")
+    if engine is not None:  # the launcher's engine, known before the Trainer writes its output_dir
+        refuse_sharded_ref_sync(ref_sync, SimpleNamespace(distributed_type=engine), owner)
 
 
 def refuse_sharded_ref_sync(ref_sync: RefSync | None, accelerator: Any, owner: str) -> None:
-    """ConfigError for ref_sync under FSDP / DeepSpeed: the reference is sharded by the engine."""
+    """ConfigError for ref_sync under FSDP / DeepSpeed: the reference is sharded by the engine (ZeRO-3: outside a
+    gather each parameter is an empty placeholder, so the in-place mix and `save_reference` would act on nothing;
+    FSDP2: on each process's shard). `check_ref_sync` asks the same of the launcher's environment before the Trainer
+    is built (an `accelerate launch` FSDP / DeepSpeed config); this, after, also covers train.deepspeed."""
     if ref_sync is not None and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise ConfigError(f"{owner}: ref_sync under {accelerator.distributed_type.value} is not supported: the "
                           "reference is sharded by the engine and the mix would have to act on the shards (TRL "
