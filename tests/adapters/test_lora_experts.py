@@ -85,3 +85,45 @@ def test_an_expert_lora_checked_against_its_wrapped_model_fits(expert_lora):
     Lora().load_weights(loaded, expert_lora)
     with pytest.raises(ValueError, match=r"r x experts = 2 x 3 = 6"):
         check_lora_fits(tiny_moe(experts=3), expert_lora, "moe3")
+
+
+def test_vllm_paths_refuse_an_expert_lora_at_load_before_writing(expert_lora, tmp_path, monkeypatch):
+    """vLLM 0.32's CPU build cannot run a LoRA on a mixture of experts (its fused-MoE LoRA kernels are Triton's: the
+    first generation fails with "module 'triton.language' has no attribute 'float32'", compat row V20). Before: the
+    three vLLM paths took an expert LoRA (vllm-serve's POST /lora wrote the folder and answered 200, the failure came
+    with the next /generate; `serve --engine vllm` wrote its folder and started vLLM; the colocated engine's check let
+    it through). Now each refuses it in one line at load, naming target_parameters; vllm-serve writes nothing."""
+    import json
+    import types
+
+    from safetensors.torch import load_file, save
+
+    from alignkit.online.vllm_generation import refuse_unsupported
+    from alignkit.serve.vllm_serve import EngineSettings, RequestError, VllmServeEngine
+    from alignkit.serve.vllm_server import prepare
+    from alignkit.settings import ConfigError
+
+    why = f"targets a mixture of experts' expert parameters (target_parameters {sorted(TARGETS)})"
+    engine = VllmServeEngine.__new__(VllmServeEngine)
+    engine.settings = EngineSettings(model=str(tmp_path / "base"), enable_lora=True, max_lora_rank=16)
+    engine.hf_config, engine.skeleton = tiny_moe().config, None
+    engine.workdir, engine.lora_version, engine.weights_version, engine.lora_request = tmp_path / "w", 0, 0, None
+    blob = save(load_file(str(expert_lora / "adapter_model.safetensors")),
+                metadata={"format": "pt", "adapter_config": (expert_lora / "adapter_config.json").read_text()})
+    with pytest.raises(RequestError) as e:
+        engine.load_lora(blob)
+    assert e.value.status == 400 and str(e.value).startswith(f"the adapter {why}, which vLLM's LoRA does not run")
+    assert not (tmp_path / "w").exists() and engine.lora_version == 0
+
+    tiny_moe().save_pretrained(tmp_path / "base")
+    (expert_lora / "alignkit_adapter.json").write_text(json.dumps({"kind": "lora"}))
+    with pytest.raises(ConfigError) as e:
+        prepare(tmp_path / "base", {"moe": expert_lora}, "base", tmp_path / "w2")
+    assert str(e.value) == (f"adapter 'moe' ({expert_lora}) {why}, which vLLM's LoRA does not serve; serve it with "
+                            "--engine alignkit")
+    assert not (tmp_path / "w2").exists()
+
+    policy = Lora().load(tiny_moe(), expert_lora, trainable=True)
+    with pytest.raises(ConfigError) as e:
+        refuse_unsupported(types.SimpleNamespace(vllm_sync="lora_request", kind="lora"), policy)
+    assert str(e.value).startswith(f"generation_backend='vllm': the LoRA policy {why}, which vLLM's LoRA does not run")

@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "trainer pushes (LoRA policies)")
     p.add_argument("--max-lora-rank", dest="max_lora_rank", type=int, default=16,
                    help="largest LoRA rank accepted: 8, 16, 32, 64, 128, 256, 320 or 512 (default 16)")
+    p.add_argument("--workdir", help="where the pushed LoRA adapters are written (default: a temporary folder removed "
+                   "at exit); one server at a time (a lock file); what a killed server left half-written there is "
+                   "removed at the next start")
     p.add_argument("--seed", type=int, default=0, help="the engine's seed (requests carry their own)")
     p.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float,
                    help="vLLM's share of GPU memory (GPU builds)")
@@ -51,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
     settings = EngineSettings(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                               enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, seed=args.seed,
                               gpu_memory_utilization=args.gpu_memory_utilization)
-    return serve(settings, args.host, args.port, api_key=args.api_key,
+    return serve(settings, args.host, args.port, api_key=args.api_key, workdir=args.workdir,
                  ready=lambda url: print(f"alignkit vllm-serve: ready on {url} (model {args.model})", flush=True))

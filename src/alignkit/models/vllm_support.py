@@ -130,10 +130,16 @@ def check_rope_type(config: Any, folder: str | Path, where: str, fix: str) -> No
 
 
 def lora_unsupported(peft_cfg: Mapping) -> str | None:
-    """Why vLLM's LoRA cannot serve this peft adapter_config (DoRA, LoRA biases, extra trained modules), or None."""
+    """Why vLLM's LoRA cannot serve this peft adapter_config (DoRA, LoRA biases, extra trained modules, a mixture of
+    experts' expert parameters), or None. Expert LoRAs (peft's `target_parameters`, row V20): vLLM 0.32's CPU build
+    runs LoRA on a MoE model through its Triton fused-MoE LoRA kernels, so the first generation fails (even the base's,
+    once --enable-lora is on); on GPU it takes peft's layout for some models only (`is_3d_moe_weight`, else a
+    request flag alignkit does not set), none tested here."""
     return ("uses DoRA (use_dora)" if peft_cfg.get("use_dora") else
             f"trains LoRA biases (bias={peft_cfg.get('bias')!r})" if peft_cfg.get("bias", "none") != "none" else
-            f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else None)
+            f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else
+            f"targets a mixture of experts' expert parameters (target_parameters "
+            f"{sorted(peft_cfg['target_parameters'])})" if peft_cfg.get("target_parameters") else None)
 
 
 def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:

@@ -35,10 +35,12 @@ network put it behind TLS (a proxy) or an SSH tunnel.
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
@@ -47,7 +49,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from safetensors.torch import load
 from transformers import AutoConfig
@@ -60,10 +62,12 @@ from alignkit.models.vllm_support import (check_head_size, check_rope_type, engi
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
+from alignkit.settings import ConfigError
 
 logger = logging.getLogger(__name__)
 
-
+LOCK_NAME = ".alignkit-vllm-serve.lock"  # in the workdir: the pid of the server using it, flock'd while it runs
+STAGING = re.compile(r"\.lora-\d+\..+\.tmp")  # write_lora's staging folders: mkdtemp(prefix=".lora-N.", suffix=".tmp")
 
 class RequestError(Exception):
     """A request the server refuses: HTTP `status`, one-line message."""
@@ -134,6 +138,38 @@ def generate_body(body: dict) -> dict:
     return body
 
 
+def claim_workdir(workdir: str | Path) -> IO[str]:
+    """Take `workdir` for this server and return the open lock (close it to let go): an exclusive flock on its
+    LOCK_NAME, which the kernel drops when the process ends however it ends (a SIGKILL leaves no stale lock; the file,
+    holding the pid, stays), then remove the staging folders a killed server left there (write_lora's
+    `.lora-N.<random>.tmp`, half-written, never served; nothing else is touched: a finished `lora-N` folder is another
+    run's) with one log line naming them. ConfigError (one line, before the engine starts) when a live server holds
+    the lock: its staging folder may be mid-write, and two servers on one workdir would remove each other's files."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(workdir / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115 - held open while the server runs
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise ConfigError(f"vllm-serve workdir {workdir}: another alignkit vllm-serve (pid {pid}) is using it (it "
+                          f"holds {LOCK_NAME}); stop that server or give this one another --workdir") from None
+    lock.seek(0)
+    previous = lock.read().strip() or "unknown"
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")  # ("a+": written at the end, which is now the start)
+    lock.flush()
+    stale = sorted(p.name for p in workdir.iterdir() if STAGING.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+    for name in stale:
+        shutil.rmtree(workdir / name)
+    if stale:
+        logger.warning("vllm-serve workdir %s: removed %d half-written LoRA staging folder(s) that a stopped server "
+                       "(pid %s) left: %s", workdir, len(stale), previous, ", ".join(stale))
+    return lock
+
+
 class VllmServeEngine:
     """The engine and what was pushed to it (weights / LoRA versions). HTTP-free: the handler calls it."""
 
@@ -152,6 +188,9 @@ class VllmServeEngine:
         check_rope_type(hf, folder, "vllm-serve --model", "train with method.generation_backend=transformers")
         from vllm import LLM  # (after the checks: they need no engine)
 
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-serve-"))
+        self._lock: IO[str] | None = claim_workdir(self.workdir)  # before the engine's start: a refusal is quick
         self.hf_config = hf  # for the served model's skeleton a pushed LoRA is checked against (`lora_fits`)
         self.skeleton: Any = None
         self.config = {k: getattr(hf, k, None) for k in MATCH_KEYS}
@@ -169,12 +208,14 @@ class VllmServeEngine:
         if settings.enable_lora:
             kw.update(enable_lora=True, max_loras=1, max_lora_rank=settings.max_lora_rank)
         t0 = time.perf_counter()
-        self.llm = LLM(**kw)
+        try:
+            self.llm = LLM(**kw)
+        except BaseException:
+            self.close()
+            raise
         logger.info("vLLM engine for %s started in %.1f s", folder, time.perf_counter() - t0)
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self.dtype = str(self.llm.llm_engine.model_config.dtype).replace("torch.", "")
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-serve-"))
         self.weights_version = 0
         self.lora_version = 0
         self.lora_request: Any = None
@@ -315,8 +356,11 @@ class VllmServeEngine:
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         shutdown_engine(llm)
-        if self._own_workdir:
+        if getattr(self, "_own_workdir", False):
             shutil.rmtree(self.workdir, ignore_errors=True)
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()  # the flock goes with it; the file stays (unlinking it would race a server opening it)
 
 
 def make_handler(engine: Any, api_key: str | None = None) -> type[BaseHTTPRequestHandler]:
@@ -384,11 +428,13 @@ def make_handler(engine: Any, api_key: str | None = None) -> type[BaseHTTPReques
 
 
 def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
-          ready: Callable[[str], None] | None = None, api_key: str | None = None) -> int:
+          ready: Callable[[str], None] | None = None, api_key: str | None = None,
+          workdir: str | Path | None = None) -> int:
     """Start the engine, then answer requests until interrupted (Ctrl-C or SIGTERM); returns 0. `api_key`
-    (default: the ALIGNKIT_VLLM_API_KEY environment variable): required of every request but /health."""
+    (default: the ALIGNKIT_VLLM_API_KEY environment variable): required of every request but /health. `workdir`:
+    where pushed LoRA folders go (`claim_workdir`; default a temporary folder removed at exit)."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    engine = VllmServeEngine(settings)
+    engine = VllmServeEngine(settings, workdir)
     httpd = HTTPServer((host, port), make_handler(engine, api_key))
     url = f"http://{host}:{httpd.server_address[1]}"
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -415,5 +461,6 @@ def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
     return 0
 
 
-__all__ = ["EngineSettings", "GENERATE_KEYS", "LORA_RANKS", "RequestError", "VllmServeEngine", "make_handler",
-           "generate_body", "safetensors_header", "safetensors_metadata", "safetensors_shapes", "serve"]
+__all__ = ["EngineSettings", "GENERATE_KEYS", "LOCK_NAME", "LORA_RANKS", "RequestError", "STAGING", "VllmServeEngine",
+           "claim_workdir", "make_handler", "generate_body", "safetensors_header", "safetensors_metadata",
+           "safetensors_shapes", "serve"]
