@@ -115,8 +115,10 @@ class PreferenceParams:
     def __post_init__(self) -> None:
         # the CLI's bounds (one table, alignkit.loss_bounds): past them the loss trains toward the rejected answers
         # (beta <= 0; label_smoothing >= 0.5 flips cDPO's labels; a negative weight turns its term around) or divides
-        # by 0 (IPO, SPPO: 1 / beta)
-        for key in ("beta", "label_smoothing", "orpo_lambda", "cpo_alpha", "slic_lambda", "discopop_tau", "f_alpha"):
+        # by 0 (IPO, SPPO: 1 / beta), or asks for a margin in the rejected answers' favour (slic_delta,
+        # simpo_gamma_beta_ratio < 0)
+        for key in ("beta", "label_smoothing", "orpo_lambda", "cpo_alpha", "slic_lambda", "discopop_tau", "f_alpha",
+                    "slic_delta", "simpo_gamma_beta_ratio"):
             if past_bound(key, getattr(self, key)):
                 _, bound, why = LOSS_BOUNDS[key]
                 raise ValueError(f"{key} must be {bound}, got {getattr(self, key)} ({why})")
@@ -125,9 +127,15 @@ class PreferenceParams:
 def resolve_params(params: PreferenceParams | None, beta: float, who: str) -> PreferenceParams:
     """The preference hyper-parameters of a trainer or config that takes both `params` and the `beta` shortcut:
     `params` when given, else `PreferenceParams(beta=beta)`. A `beta` other than the default beside `params` with
-    another beta would be ignored (`params` holds every hyper-parameter): a ValueError naming `who`."""
+    another beta would be ignored (`params` holds every hyper-parameter): a ValueError naming `who`. So is a
+    `bco_delta` other than 0: BCO's running reward mean is no setting, and no trainer keeps one (delta = 0, as TRL's
+    `bco_pair`); a value given here was used as a fixed shift and left out of the run's recorded settings."""
     if params is None:
         return PreferenceParams(beta=beta)
+    if isinstance(params.bco_delta, Tensor) or params.bco_delta != 0:
+        raise ValueError(f"{who}: params.bco_delta={params.bco_delta} is not a setting (BCO's running reward mean, "
+                         "which alignkit's trainers keep at 0 as TRL's bco_pair loss does); remove it from "
+                         "PreferenceParams")
     if beta != PreferenceParams.beta and beta != params.beta:
         raise ValueError(f"{who}: beta={beta:g} and params.beta={params.beta:g} disagree; params holds every "
                          f"preference hyper-parameter, so beta would be ignored: give PreferenceParams(beta={beta:g}, "
