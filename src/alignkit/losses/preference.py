@@ -42,7 +42,10 @@ class PreferenceBatch:
     `weights` `(B,)` (None: 1 each) and `weight_normalization` ("count" | "weighted") are the trainer's, read only by
     the chosen-NLL terms (sft, orpo, cpo; `nll_scale`): the trainer reduces every per-pair loss as
     sum_i w_i L_i / N (N = B under "count", sum_i w_i under "weighted"), and the NLL term's share then comes out as
-    the token mean sum_i w_i NLL_i / T with T reduced the same way (sum_i |y_w,i|, or sum_i w_i |y_w,i|)."""
+    the token mean sum_i w_i NLL_i / T with T reduced the same way (sum_i |y_w,i|, or sum_i w_i |y_w,i|).
+    `nll_step_scale`: N / T counted over the whole optimizer step (every micro-batch of gradient accumulation and
+    every process), set by a trainer whose N is the step's: the NLL term is then the step's token mean, as the
+    other terms are the step's mean (None: this batch's own N / T)."""
 
     policy_chosen_logps: Tensor
     policy_rejected_logps: Tensor
@@ -52,6 +55,7 @@ class PreferenceBatch:
     rejected_lengths: Tensor | None = None
     weights: Tensor | None = None
     weight_normalization: str = "count"
+    nll_step_scale: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.weight_normalization not in ("count", "weighted"):
@@ -89,12 +93,18 @@ class PreferenceBatch:
         """N / T, the factor that turns a pair's chosen NLL (a sum over its tokens) into its share of the batch's token
         mean: N = B and T = sum_i |y_w,i| under "count"; N = sum_i w_i and T = sum_i w_i |y_w,i| under "weighted"
         (the trainer's reduction sum_i w_i L_i / N then gives sum_i w_i NLL_i / T, where a weight-0 pair adds nothing
-        to the NLL nor to T). Needs chosen_lengths."""
+        to the NLL nor to T). Needs chosen_lengths. `nll_step_scale` when set (the optimizer step's N / T)."""
         lw, _ = self.lengths(loss)
+        if self.nll_step_scale is not None:
+            return self.nll_step_scale.to(lw.device, lw.dtype)
         if self.weight_normalization == "weighted" and self.weights is not None:
             w = self.weights.to(lw.dtype)
             return w.sum() / (w * lw).sum().clamp(min=torch.finfo(lw.dtype).tiny)  # all weights 0: 0 (nothing to add)
         return lw.new_tensor(float(lw.shape[0])) / lw.sum()
+
+
+# the losses with a chosen-NLL term (`PreferenceBatch.nll_scale`): a trainer counts the step's T only for these
+CHOSEN_NLL_LOSSES = frozenset({"sft", "orpo", "cpo"})
 
 
 @dataclass
