@@ -113,7 +113,7 @@ class PreferenceParams:
 
     beta: float = 0.1  # DPO beta; IPO tau; SimPO beta; hinge 1/delta
     label_smoothing: float = 0.0  # cDPO / robust epsilon; exo_pair epsilon (1e-3 when 0)
-    bco_delta: float | Tensor = 0.0  # BCO running mean of the rewards (trainer state)
+    bco_delta: float | Tensor = 0.0  # BCO running mean of the rewards (state, not a setting: trainers refuse != 0)
     simpo_gamma_beta_ratio: float = 0.5  # SimPO gamma / beta
     orpo_lambda: float = 0.1  # ORPO lambda (TRL's ORPOConfig.beta)
     slic_delta: float = 1.0  # SLiC margin delta
@@ -268,8 +268,9 @@ def bco_pair_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutpu
         L = -log sigma(beta rho_w - delta) - log sigma(-(beta rho_l - delta))
 
     delta = `bco_delta`, the running mean of the (detached) rewards beta*rho over chosen and
-    rejected, kept by the trainer (TRL's older DPOTrainer updated it before each loss; TRL's current
-    `bco_pair` drops it, i.e. delta = 0, the default here).
+    rejected in the BCO paper (TRL's older DPOTrainer updated it before each loss; TRL's current
+    `bco_pair` drops it, i.e. delta = 0, the default here). No alignkit trainer keeps one:
+    `resolve_params` refuses a nonzero value given to a trainer (this function takes any, for tests).
     """
     rw, rl = batch.logratios()
     delta = params.bco_delta
