@@ -27,6 +27,15 @@ LOSS_BOUNDS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "orpo_lambda": (nonnegative, ">= 0", "< 0 trains toward the rejected answers"),
     "cpo_alpha": (nonnegative, ">= 0", "< 0 raises the chosen answers' NLL"),
     "slic_lambda": (nonnegative, ">= 0", "< 0 lowers the chosen answers' likelihood"),
+    # SLiC-HF's calibration margin in max(0, delta - log pi(y_w|x) + log pi(y_l|x)): 0 is the margin-free ranking
+    # hinge (it still pushes y_w above y_l); < 0 is satisfied while the rejected answer is the likelier by up to
+    # |delta|, i.e. it trains toward a margin in favour of the rejected answers (TRL has no SLiC trainer to compare)
+    "slic_delta": (nonnegative, ">= 0", "the margin of the chosen over the rejected log-likelihood; < 0 accepts the "
+                   "rejected answers ahead by up to |delta|"),
+    # SimPO's target reward margin gamma >= 0 (Meng et al. 2024, Eq. 6; gamma = 0 is their ablation), so gamma / beta
+    # >= 0 with beta > 0; TRL 1.16's CPOConfig.simpo_gamma is unchecked ("target reward margin")
+    "simpo_gamma_beta_ratio": (nonnegative, ">= 0", "SimPO's target margin gamma / beta; < 0 asks for a margin in "
+                               "favour of the rejected answers"),
     "discopop_tau": (positive, "> 0", "DiscoPOP's mixing temperature"),
     "f_alpha": (positive, "> 0", "f-DPO's alpha; alpha -> 0 is DPO's reverse KL"),
     "center_rewards_coefficient": (nonnegative, ">= 0, or null for no centering",

@@ -463,3 +463,28 @@ def test_keys_one_kind_reads_are_refused_under_another(command, config, override
     full = load_config(CONFIG_DIR / "grpo-tiny.yaml", ["adapter.kind=full", "adapter.lora=null"], command="grpo")
     assert full.adapter.kind == "full" and full.adapter.lora == load_config(
         CONFIG_DIR / "sft-tiny.yaml", [], command="sft").adapter.lora
+
+
+def test_eval_steps_written_beside_an_explicit_eval_strategy_no_is_refused(tmp_path):
+    """train.eval_strategy: no with train.eval_steps: 50 in one place (the file, or the overrides) loaded and ran
+    without evaluating every 50 steps (eval_steps ignored). Now one line naming both keys and where. An override
+    eval_strategy=no over a file's eval_steps stays the off switch, and its resolved config records eval_steps null,
+    so that config.yaml loads back (it held eval_steps 10 beside no before)."""
+    import yaml
+
+    from alignkit.settings import save_config
+
+    with pytest.raises(ConfigError, match=r"dpo-tiny\.yaml: train\.eval_steps: 50 beside train\.eval_strategy=no in "
+                                          r"the overrides: 'no' evaluates only after the last step, so eval_steps "
+                                          r"would be ignored; set train\.eval_strategy=steps .* or remove"):
+        load_config(CONFIG_DIR / "dpo-tiny.yaml", ["train.eval_strategy=no", "train.eval_steps=50"], command="dpo")
+    data = yaml.safe_load((CONFIG_DIR / "dpo-tiny.yaml").read_text())
+    data.setdefault("data", {})["path"] = str(CONFIG_DIR.parent / data["data"]["path"])
+    data["train"].update({"eval_strategy": "no", "eval_steps": 50})
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"train\.eval_steps: 50 beside train\.eval_strategy=no in the config file"):
+        load_config(tmp_path / "both.yaml", command="dpo")
+    off = load_config(CONFIG_DIR / "dpo-tiny.yaml", ["train.eval_strategy=no"], command="dpo")  # the off switch
+    assert off.train["eval_strategy"] == "no" and off.train["eval_steps"] is None
+    save_config(off, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml", command="dpo").train == off.train

@@ -1,5 +1,5 @@
 """accelerate's FSDP2 activation checkpointing and DeepSpeed optimizer offload, as alignkit relies on them
-(rows A19, A20, A24, A25, A27, A28, A31 of docs/architecture.md's table)."""
+(rows A19, A20, A24, A25, A27, A28, A30, A31 of docs/architecture.md's table)."""
 
 from __future__ import annotations
 
@@ -267,3 +267,23 @@ def test_accelerate_launch_routes_an_fsdp_config_through_its_torchrun_launcher_w
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2" and args.nproc_per_node == "2"
     assert env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT", (
         f"accelerate: the torchrun launcher no longer passes the config's fsdp_state_dict_type on ({where})")
+
+
+@pytest.mark.parametrize("rows, batch, drop_last", [(10, 2, False), (10, 2, True), (9, 2, False), (12, 2, False),
+                                                    (7, 3, True)])
+def test_each_process_gets_its_share_of_the_batches_as_planned_steps_counts_it(rows, batch, drop_last):
+    """A30: accelerate's BatchSamplerShard (a prepared map-style dataloader, split_batches off, even_batches on) gives
+    each of 2 processes ceil(batches / 2) batches (floor(batches / 2) with drop_last), batches = ceil(rows / batch)
+    (floor with drop_last): trainers/checks.py:planned_steps counts an epoch-based run's optimizer steps so (the
+    Trainer's schedule and warm-up read that length)."""
+    import math
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    batches = rows // batch if drop_last else math.ceil(rows / batch)
+    share = batches // 2 if drop_last else math.ceil(batches / 2)
+    for rank in (0, 1):
+        shard = BatchSamplerShard(BatchSampler(SequentialSampler(range(rows)), batch, drop_last), num_processes=2,
+                                  process_index=rank, split_batches=False, even_batches=True)
+        assert len(shard) == share == len(list(shard))

@@ -51,7 +51,8 @@ def train_one(model_dir: str, out: str, kind: str, objective: str, on_trainer=No
         recs = [PreferenceRecord(p, g, b) for p, g, b in zip(PROMPTS, GOOD, BAD)]
         feats, _ = tokenize_records(recs, tok, max_length=48)
         trainer = PreferenceTrainer(model, args, train_dataset=feats, data_collator=PreferenceCollator(tok.pad_token_id),
-                                    loss_type="sigmoid", beta=0.5, **(layout or {}))
+                                    loss_type=["sigmoid", "sft"] if objective == "dpo_sft" else "sigmoid", beta=0.5,
+                                    **(layout or {}))
     trainer.train()
     if on_trainer is not None:
         on_trainer(trainer)

@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import train_one  # noqa: E402
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-CASES = [("full", "sft"), ("reft", "sft"), ("lora", "dpo"), ("reft", "dpo")]
+# dpo_sft: DPO + the chosen NLL (TRL's rpo_alpha mixture), whose token mean needs the chosen-token count summed over
+# both ranks (each rank's own N / T made it the mean of the ranks' token means: the chosen lengths differ by rank)
+CASES = [("full", "sft"), ("reft", "sft"), ("lora", "dpo"), ("reft", "dpo"), ("lora", "dpo_sft")]
 
 
 @pytest.fixture(scope="module")

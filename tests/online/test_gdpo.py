@@ -216,3 +216,29 @@ def test_a_step_has_reward_signal_when_the_normalised_functions_do_not_cancel():
     t, rollout = step([1.0, 0.0], [2.0, 0.0], [1.0, -1.0])
     assert rollout.scores.tolist() == [-1.0, 0.0]
     assert t.decoupled_flat(rollout) is True
+
+
+def test_each_function_scores_each_sample_once_per_step(tiny_dir, tokenizer):
+    """Under normalize_then_sum (GDPO) a reward function is called once per sample: the advantages and the step's
+    no-signal judgement read the same scores (a stochastic function or a judge called twice would give two reward
+    sets for one sample). 2 steps x 2 prompts x 3 samples: 12 calls of each function, each (prompt, response) once."""
+    from .toy import PROMPTS, toy_policy
+
+    calls: dict[str, list[tuple[str, str]]] = {"noisy": [], "length": []}
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(prompt, response):
+        calls["noisy"].append((prompt, response))
+        return float(torch.rand((), generator=gen))
+
+    def length(prompt, response):
+        calls["length"].append((prompt, response))
+        return float(len(response))
+
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, sampling=SamplingConfig(num_samples=3, max_new_tokens=3),
+                     multi_objective_aggregation="normalize_then_sum", kl_coef=0.0, learning_rate=1e-3)
+    trainer = GRPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS,
+                          FunctionAnnotator([noisy, length]), cfg)
+    history = trainer.train()
+    assert len(history) == 2
+    assert len(calls["noisy"]) == len(calls["length"]) == 2 * 2 * 3

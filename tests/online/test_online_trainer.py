@@ -735,3 +735,38 @@ def test_clip_settings_that_cannot_act_are_refused_by_the_library_config(config,
         small(config, **{key: value, **extra})
     assert getattr(small(config, **{key: value, **extra, "epochs_per_step": 2}), key) == value
     assert getattr(small(config, **{key: value, **extra, "mini_batch_size": 4}), key) == value
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid", "sft"], "cpo"])
+def test_online_dpo_nll_term_is_the_step_token_mean_under_accumulation(tiny_dir, tokenizer, loss_type):
+    """A chosen-NLL term (sft, cpo) under gradient accumulation: the pairs of one minibatch in 1 or 3 micro-batches
+    give the same update (SGD). Before, each micro-batch scaled its chosen NLL by its own N / T, so the term was the
+    mean of the micro-batches' token means, not the minibatch's token mean: the responses (1 to 6 tokens: a third
+    of the vocabulary stops them) fell differently into micro-batches and the parameters moved elsewhere."""
+    stops = list(range(3, len(tokenizer), 3))
+    def run(accumulation: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        cfg = small(OnlineDPOConfig, steps=1, prompts_per_step=2, loss_type=loss_type, feedback="random_pairs",
+                    feedback_kwargs={"pairs_per_prompt": 3}, gradient_accumulation_steps=accumulation,
+                    max_grad_norm=None, share_prompt=False, seed=3,
+                    sampling=SamplingConfig(num_samples=4, max_new_tokens=6, stop_token_ids=stops))
+        trainer = OnlineDPOTrainer(toy_policy(tiny_dir("llama"), "lora"), tokenizer, PROMPTS,
+                                   lambda p, r: float(len(r)), cfg)
+        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+        trainer.optimizer = torch.optim.SGD(params, lr=2.0)
+        lengths: list[int] = []
+        build = trainer.build_batch
+
+        def recorded(*a, **k):
+            pairs = build(*a, **k)
+            lengths.extend(pairs.rollout.mask.sum(-1)[pairs.chosen].tolist())
+            return pairs
+        trainer.build_batch = recorded
+        trainer.train()
+        return {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}, lengths
+
+    (one, lengths), (three, _) = run(1), run(3)
+    assert len(set(lengths)) > 1, lengths  # chosen responses of different lengths: the token means differ
+    start = {n: p for n, p in toy_policy(tiny_dir("llama"), "lora").named_parameters() if p.requires_grad}
+    assert any(not torch.allclose(one[n], start[n]) for n in one), "training changed nothing"
+    for n in one:
+        torch.testing.assert_close(three[n], one[n], rtol=1e-4, atol=2e-5)

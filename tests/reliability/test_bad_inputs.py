@@ -84,6 +84,12 @@ CONFIG_CASES = [
     ("orpo_lambda negative", ["method.loss_type=orpo", "method.orpo_lambda=-1"], ["method.orpo_lambda", ">= 0"]),
     ("cpo_alpha negative", ["method.loss_type=cpo", "method.cpo_alpha=-1"], ["method.cpo_alpha", ">= 0"]),
     ("slic_lambda negative", ["method.loss_type=slic", "method.slic_lambda=-0.1"], ["method.slic_lambda", ">= 0"]),
+    # a margin in the rejected answers' favour: trained, exit 0 (before)
+    ("slic_delta negative", ["method.loss_type=slic", "method.slic_delta=-1"], ["method.slic_delta", ">= 0"]),
+    ("simpo gamma negative", ["method.loss_type=simpo", "method.simpo_gamma_beta_ratio=-0.5"],
+     ["method.simpo_gamma_beta_ratio", ">= 0"]),
+    ("bco_delta is state", ["method.loss_type=bco_pair", "method.bco_delta=0.3"],
+     ["method.bco_delta", "trainer state, not a setting", "remove it"]),
     ("loss weight negative", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[1, -1]"],
      ["method.loss_weights: -1.0", ">= 0 for each loss type"]),
     ("loss weights all zero", ["method.loss_type=[sigmoid, sft]", "method.loss_weights=[0, 0]"],

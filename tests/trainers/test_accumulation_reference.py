@@ -188,3 +188,37 @@ def test_dpo_ragged_micro_batches_give_the_per_pair_mean_update(make_model, pref
     assert trainer.state.global_step == 2 and [r["step"] for r in rows] == [1, 2]
     assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-5)
     assert rows[-1]["epoch"] == pytest.approx(1.0)
+
+
+def _chosen_nll_sum(policy, feats) -> tuple[torch.Tensor, int]:
+    """(the chosen completions' summed NLL over `feats`, their token count): plain torch, one row at a time."""
+    nll = torch.cat([-_token_logps(policy, f["chosen_input_ids"], f["chosen_completion_mask"]) for f in feats])
+    return nll.sum(), nll.numel()
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_dpo_plus_nll_is_the_step_token_mean_under_accumulation(padding_free, make_model, pref_feats, tokenizer,
+                                                                 tmp_path):
+    """["sigmoid", "sft"] (TRL's rpo_alpha mixture), 4 pairs as batch 2 x accumulation 2, one step: the update of
+    mean_i DPO_i + sum_i NLL_i / sum_i |y_w,i| over all 4 pairs (the step's token mean, as batch 4 x 1 gives).
+    Before, each micro-batch scaled its NLL by its own N / T, so the NLL term was the mean of the two micro-batches'
+    token means (chosen completions of ~1 and ~20 tokens in the first, ~2 and ~20 in the second): another update."""
+    feats = pref_feats[:4]
+    model = make_model("full")
+    frozen = copy.deepcopy(model).eval()
+    init, ref = _trainable(model), copy.deepcopy(model)
+    trainer = PreferenceTrainer(model, _args(tmp_path, 2, 2, num_train_epochs=1, max_steps=-1), beta=BETA,
+                                loss_type=["sigmoid", "sft"], padding_free=padding_free, train_dataset=feats,
+                                data_collator=PreferenceCollator(tokenizer.pad_token_id))
+    trainer.train()
+    assert trainer.state.global_step == 1
+    nll, tokens = _chosen_nll_sum(ref, feats)
+    loss = _sgd(ref, _dpo_losses(ref, frozen, feats).mean() + nll / tokens)
+    _assert_same(_trainable(model), _trainable(ref), init)
+    (row,) = [r for r in trainer.state.log_history if "loss" in r]
+    assert row["loss"] == pytest.approx(loss, rel=1e-5)
+    # guard: the mean of the two micro-batches' token means is another update, beyond the tolerance
+    naive = copy.deepcopy(frozen).train()
+    parts = [_chosen_nll_sum(naive, part) for part in (feats[:2], feats[2:])]
+    _sgd(naive, _dpo_losses(naive, frozen, feats).mean() + sum(s / n for s, n in parts) / 2)
+    assert max(float((_trainable(naive)[n] - _trainable(model)[n]).abs().max()) for n in init) > 1e-4

@@ -414,6 +414,32 @@ def test_an_epoch_based_run_knows_its_optimizer_steps(rows, batch, accumulate, d
         check_warmup(fast_args(tmp_path, warmup_steps=(steps - 0.5) / steps, **kw), "linear", data)
 
 
+@pytest.mark.parametrize("rows, batch, accumulate, drop_last, steps", [
+    (10, 2, 2, False, 2), (10, 2, 1, True, 2), (9, 2, 1, False, 3), (12, 2, 2, False, 2)])
+def test_an_epoch_based_run_on_two_processes_counts_its_share_of_the_batches(rows, batch, accumulate, drop_last, steps,
+                                                                             tmp_path, monkeypatch):
+    """2 processes, by hand (accelerate's BatchSamplerShard, even_batches): batches = ceil(rows / batch) (floor with
+    drop_last), each process ceil(batches / 2) of them (floor with drop_last), an epoch ceil(that / accumulate)
+    optimizer steps: the count the Trainer's schedule (and its warm-up fraction) reads from the prepared dataloader.
+    Before, planned_steps gave None for several processes, so a warm-up as long as the run (warmup_steps=steps)
+    was not refused there. A sharding accelerate decides otherwise (even_batches=False) still gives None."""
+    from transformers import TrainingArguments
+
+    from alignkit.settings import ConfigError
+    from alignkit.trainers.checks import check_warmup, planned_steps
+
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    kw = dict(max_steps=-1, num_train_epochs=1, per_device_train_batch_size=batch, dataloader_drop_last=drop_last,
+              gradient_accumulation_steps=accumulate, lr_scheduler_type="linear")
+    data = list(range(rows))
+    assert planned_steps(fast_args(tmp_path, **kw), data) == steps
+    check_warmup(fast_args(tmp_path, warmup_steps=steps - 1, **kw), "linear", data)
+    with pytest.raises(ConfigError, match=rf"as long as the whole run \({steps} optimizer steps"):
+        check_warmup(fast_args(tmp_path, warmup_steps=steps, **kw), "linear", data)
+    uneven = fast_args(tmp_path, accelerator_config={"even_batches": False}, **kw)
+    assert planned_steps(uneven, data) is None
+
+
 @pytest.mark.parametrize("schedule, kwargs, says", [
     ("constant", {"min_lr": 1e-6}, "train.lr_scheduler_kwargs={'min_lr': 1e-06}: lr_scheduler_type='constant' takes "
                                    "no arguments"),

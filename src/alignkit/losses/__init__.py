@@ -11,7 +11,8 @@ from .logprobs import (IGNORE_INDEX, TokenLogprobs, chunked_lm_logprobs, entropy
 from .policy import (AdaptiveKLController, FixedKLController, batch_standardized, clip_rewards,
                      clipped_policy_loss, decoupled_rewards, gae, group_advantages, high_entropy_mask, kl_k1,
                      kl_k2, kl_k3, masked_whiten, nan_std, per_token_rewards, rloo_advantages, value_loss)
-from .preference import PreferenceBatch, PreferenceParams, check_loss_weights, preference_loss, resolve_params
+from .preference import (CHOSEN_NLL_LOSSES, PreferenceBatch, PreferenceParams, check_loss_weights, preference_loss,
+                         resolve_params)
 from .registry import (ADVANTAGES, KL_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES, REGISTRIES,
                        REWARD_LOSSES, SFT_LOSSES, UNPAIRED_LOSSES, LossOutput, Registry, check_signs, reduce_loss)
 from .reward import bradley_terry_loss, kendall_tau, ranking_loss
@@ -23,7 +24,8 @@ __all__ = ["IGNORE_INDEX", "TokenLogprobs", "chunked_lm_logprobs", "entropy_from
            "group_advantages", "kl_k1", "kl_k2", "kl_k3", "masked_whiten", "nan_std", "per_token_rewards",
            "rloo_advantages", "batch_standardized", "decoupled_rewards", "high_entropy_mask",
            "value_loss", "PreferenceBatch", "PreferenceParams", "check_loss_weights", "preference_loss",
-           "resolve_params", "ADVANTAGES", "KL_ESTIMATORS", "POLICY_LOSSES", "PREFERENCE_LOSSES", "REGISTRIES",
+           "resolve_params", "CHOSEN_NLL_LOSSES", "ADVANTAGES", "KL_ESTIMATORS", "POLICY_LOSSES", "PREFERENCE_LOSSES",
+           "REGISTRIES",
            "REWARD_LOSSES", "SFT_LOSSES", "UNPAIRED_LOSSES", "LossOutput", "Registry", "check_signs", "reduce_loss",
            "bradley_terry_loss", "kendall_tau", "ranking_loss", "sft_loss", "KL_LOSSES", "apo_zero_unpaired_loss",
            "kto_kl_estimate", "kto_loss"]

@@ -42,7 +42,10 @@ class PreferenceBatch:
     `weights` `(B,)` (None: 1 each) and `weight_normalization` ("count" | "weighted") are the trainer's, read only by
     the chosen-NLL terms (sft, orpo, cpo; `nll_scale`): the trainer reduces every per-pair loss as
     sum_i w_i L_i / N (N = B under "count", sum_i w_i under "weighted"), and the NLL term's share then comes out as
-    the token mean sum_i w_i NLL_i / T with T reduced the same way (sum_i |y_w,i|, or sum_i w_i |y_w,i|)."""
+    the token mean sum_i w_i NLL_i / T with T reduced the same way (sum_i |y_w,i|, or sum_i w_i |y_w,i|).
+    `nll_step_scale`: N / T counted over the whole optimizer step (every micro-batch of gradient accumulation and
+    every process), set by a trainer whose N is the step's: the NLL term is then the step's token mean, as the
+    other terms are the step's mean (None: this batch's own N / T)."""
 
     policy_chosen_logps: Tensor
     policy_rejected_logps: Tensor
@@ -52,6 +55,7 @@ class PreferenceBatch:
     rejected_lengths: Tensor | None = None
     weights: Tensor | None = None
     weight_normalization: str = "count"
+    nll_step_scale: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.weight_normalization not in ("count", "weighted"):
@@ -89,12 +93,18 @@ class PreferenceBatch:
         """N / T, the factor that turns a pair's chosen NLL (a sum over its tokens) into its share of the batch's token
         mean: N = B and T = sum_i |y_w,i| under "count"; N = sum_i w_i and T = sum_i w_i |y_w,i| under "weighted"
         (the trainer's reduction sum_i w_i L_i / N then gives sum_i w_i NLL_i / T, where a weight-0 pair adds nothing
-        to the NLL nor to T). Needs chosen_lengths."""
+        to the NLL nor to T). Needs chosen_lengths. `nll_step_scale` when set (the optimizer step's N / T)."""
         lw, _ = self.lengths(loss)
+        if self.nll_step_scale is not None:
+            return self.nll_step_scale.to(lw.device, lw.dtype)
         if self.weight_normalization == "weighted" and self.weights is not None:
             w = self.weights.to(lw.dtype)
             return w.sum() / (w * lw).sum().clamp(min=torch.finfo(lw.dtype).tiny)  # all weights 0: 0 (nothing to add)
         return lw.new_tensor(float(lw.shape[0])) / lw.sum()
+
+
+# the losses with a chosen-NLL term (`PreferenceBatch.nll_scale`): a trainer counts the step's T only for these
+CHOSEN_NLL_LOSSES = frozenset({"sft", "orpo", "cpo"})
 
 
 @dataclass
@@ -103,7 +113,7 @@ class PreferenceParams:
 
     beta: float = 0.1  # DPO beta; IPO tau; SimPO beta; hinge 1/delta
     label_smoothing: float = 0.0  # cDPO / robust epsilon; exo_pair epsilon (1e-3 when 0)
-    bco_delta: float | Tensor = 0.0  # BCO running mean of the rewards (trainer state)
+    bco_delta: float | Tensor = 0.0  # BCO running mean of the rewards (state, not a setting: trainers refuse != 0)
     simpo_gamma_beta_ratio: float = 0.5  # SimPO gamma / beta
     orpo_lambda: float = 0.1  # ORPO lambda (TRL's ORPOConfig.beta)
     slic_delta: float = 1.0  # SLiC margin delta
@@ -115,8 +125,10 @@ class PreferenceParams:
     def __post_init__(self) -> None:
         # the CLI's bounds (one table, alignkit.loss_bounds): past them the loss trains toward the rejected answers
         # (beta <= 0; label_smoothing >= 0.5 flips cDPO's labels; a negative weight turns its term around) or divides
-        # by 0 (IPO, SPPO: 1 / beta)
-        for key in ("beta", "label_smoothing", "orpo_lambda", "cpo_alpha", "slic_lambda", "discopop_tau", "f_alpha"):
+        # by 0 (IPO, SPPO: 1 / beta), or asks for a margin in the rejected answers' favour (slic_delta,
+        # simpo_gamma_beta_ratio < 0)
+        for key in ("beta", "label_smoothing", "orpo_lambda", "cpo_alpha", "slic_lambda", "discopop_tau", "f_alpha",
+                    "slic_delta", "simpo_gamma_beta_ratio"):
             if past_bound(key, getattr(self, key)):
                 _, bound, why = LOSS_BOUNDS[key]
                 raise ValueError(f"{key} must be {bound}, got {getattr(self, key)} ({why})")
@@ -125,9 +137,15 @@ class PreferenceParams:
 def resolve_params(params: PreferenceParams | None, beta: float, who: str) -> PreferenceParams:
     """The preference hyper-parameters of a trainer or config that takes both `params` and the `beta` shortcut:
     `params` when given, else `PreferenceParams(beta=beta)`. A `beta` other than the default beside `params` with
-    another beta would be ignored (`params` holds every hyper-parameter): a ValueError naming `who`."""
+    another beta would be ignored (`params` holds every hyper-parameter): a ValueError naming `who`. So is a
+    `bco_delta` other than 0: BCO's running reward mean is no setting, and no trainer keeps one (delta = 0, as TRL's
+    `bco_pair`); a value given here was used as a fixed shift and left out of the run's recorded settings."""
     if params is None:
         return PreferenceParams(beta=beta)
+    if isinstance(params.bco_delta, Tensor) or params.bco_delta != 0:
+        raise ValueError(f"{who}: params.bco_delta={params.bco_delta} is not a setting (BCO's running reward mean, "
+                         "which alignkit's trainers keep at 0 as TRL's bco_pair loss does); remove it from "
+                         "PreferenceParams")
     if beta != PreferenceParams.beta and beta != params.beta:
         raise ValueError(f"{who}: beta={beta:g} and params.beta={params.beta:g} disagree; params holds every "
                          f"preference hyper-parameter, so beta would be ignored: give PreferenceParams(beta={beta:g}, "
@@ -250,8 +268,9 @@ def bco_pair_loss(batch: PreferenceBatch, params: PreferenceParams) -> LossOutpu
         L = -log sigma(beta rho_w - delta) - log sigma(-(beta rho_l - delta))
 
     delta = `bco_delta`, the running mean of the (detached) rewards beta*rho over chosen and
-    rejected, kept by the trainer (TRL's older DPOTrainer updated it before each loss; TRL's current
-    `bco_pair` drops it, i.e. delta = 0, the default here).
+    rejected in the BCO paper (TRL's older DPOTrainer updated it before each loss; TRL's current
+    `bco_pair` drops it, i.e. delta = 0, the default here). No alignkit trainer keeps one:
+    `resolve_params` refuses a nonzero value given to a trainer (this function takes any, for tests).
     """
     rw, rl = batch.logratios()
     delta = params.bco_delta

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from alignkit.losses import (KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, check_loss_weights, preference_loss,
-                             reduce_loss, resolve_params)
+from alignkit.losses import (CHOSEN_NLL_LOSSES, KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceParams, check_loss_weights,
+                             preference_loss, reduce_loss, resolve_params)
 from alignkit.online.annotators import Scores
 from alignkit.online.feedback import build_records
 from alignkit.online.generation import Sample
@@ -230,7 +230,8 @@ class OnlineDPOTrainer(OnlineTrainer):
     def pair_loss(self, pairs: PairBatch, idx: Tensor, normalizer: Tensor | None = None
                   ) -> tuple[Tensor, dict[str, float]]:
         """Weighted preference loss of pairs `idx (M,)`: one forward over their 2M rows (chosen first), divided
-        by `normalizer` (default: the pairs' weight sum)."""
+        by `normalizer` (default: the pairs' weight sum), or by its first value when it is `pair_normalizer`'s pair
+        (the step's weight sum, and its weighted chosen tokens: the NLL terms' N / T over the whole step)."""
         c: OnlineDPOConfig = self.config
         rows = torch.cat([pairs.chosen[idx], pairs.rejected[idx]])  # (2M,)
         on_policy = pairs.rollout.old_logps is None  # no rollout policy pass: this one gives kl / entropy
@@ -239,6 +240,9 @@ class OnlineDPOTrainer(OnlineTrainer):
         ref = None if pairs.ref_chosen is None else torch.cat([pairs.ref_chosen[idx], pairs.ref_rejected[idx]])
         # rows: the M chosen, then the M rejected; reduced by the weights' sum, so "weighted" for the NLL terms
         batch = pair_batch(logps, lengths, ref, pairs.weights[idx].to(logps.dtype), "weighted")
+        if normalizer is not None and normalizer.numel() == 2:  # the step's N and T (`pair_normalizer`)
+            normalizer, tokens = normalizer[0], normalizer[1]
+            batch.nll_step_scale = normalizer / tokens.clamp(min=torch.finfo(tokens.dtype).tiny)
         params = resolve_params(c.params, c.beta, "OnlineDPOConfig")
         out = preference_loss(batch, params, c.loss_type, c.loss_weights)
         loss = reduce_loss(out.losses, pairs.weights[idx], normalizer)
@@ -282,6 +286,19 @@ class OnlineDPOTrainer(OnlineTrainer):
             stats = self.token_stats(select(r.batch, idx), entropy=True)
             self._pass_rows.update(zip(missing, zip(*self._row_values(stats, rows_of(r.ref_logps, idx)))))
 
+    def pair_normalizer(self, pairs: PairBatch) -> Callable[[Tensor], Tensor]:
+        """`run_minibatches`' normaliser of the pairs `idx`: their weight sum N; with a chosen-NLL loss (sft, orpo,
+        cpo), N and T = sum_i w_i |y_w,i|, so that the NLL term is the step's token mean over every micro-batch and
+        process (each micro-batch's own N / T made it the mean of the micro-batches' token means)."""
+        if not CHOSEN_NLL_LOSSES & set(loss_names(self.config.loss_type)):
+            return lambda idx: pairs.weights[idx].sum()
+        tokens = pairs.rollout.mask.sum(-1).to(pairs.weights.dtype).clamp(min=1.0)  # (rows,) response tokens
+
+        def both(idx: Tensor) -> Tensor:
+            w = pairs.weights[idx]
+            return torch.stack([w.sum(), (w * tokens[pairs.chosen[idx]]).sum()])
+        return both
+
     def optimise(self, pairs: PairBatch) -> dict[str, float]:
         self._pass_rows: dict[int, tuple[float, float, float]] = {}
         self._unpaired_pass(pairs)
@@ -292,13 +309,12 @@ class OnlineDPOTrainer(OnlineTrainer):
             pairs = PairBatch(pairs.rollout, zero, zero, torch.zeros(1, device=dev),
                               None if pairs.ref_chosen is None else pairs.rollout.ref_logps.new_zeros(1),
                               None if pairs.ref_rejected is None else pairs.rollout.ref_logps.new_zeros(1))
-            self.run_minibatches(1, lambda idx, norm: self.pair_loss(pairs, idx, norm),
-                                 lambda idx: pairs.weights[idx].sum())
+            self.run_minibatches(1, lambda idx, norm: self.pair_loss(pairs, idx, norm), self.pair_normalizer(pairs))
             return {"pairs": 0.0, **self._rollout_pass_metrics(pairs.rollout)}  # not the zero-weight pair's metrics
         if n == 0:  # every group tied: nothing to learn from this step
             return {"pairs": 0.0, **self._rollout_pass_metrics(pairs.rollout)}
         metrics = self.run_minibatches(n, lambda idx, norm: self.pair_loss(pairs, idx, norm),
-                                       lambda idx: pairs.weights[idx].sum())
+                                       self.pair_normalizer(pairs))
         return {"pairs": float(n), **metrics, **self._rollout_pass_metrics(pairs.rollout)}
 
 

@@ -181,11 +181,31 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
     command = command or data.get("command")
     if command is None:
         raise ConfigError(f"{path}: no `command:` key; pass the command (alignkit <command> --config {path})")
-    data = merge(data, parse_overrides(list(overrides or [])))
+    extra = parse_overrides(list(overrides or []))
+    try:
+        refuse_eval_steps_beside_no(data, "in the config file")
+        refuse_eval_steps_beside_no(extra, "in the overrides")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+    data = merge(data, extra)
     try:
         return config_from_dict(data, command)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def refuse_eval_steps_beside_no(source: dict[str, Any], where: str) -> None:
+    """train.eval_strategy no and train.eval_steps N written together (both in the file, or both in the overrides):
+    contradictory, and the run evaluated only after the last step, eval_steps ignored. An override eval_strategy=no
+    over a file that evaluates every N steps stays the off switch (README's commands; the resolved config then
+    records eval_steps null, `TrainConfigBase`)."""
+    train = source.get("train")
+    if not isinstance(train, dict) or train.get("eval_steps") is None or "eval_strategy" not in train:
+        return
+    if str(getattr(train["eval_strategy"], "value", train["eval_strategy"])).lower() in ("no", "false"):
+        raise ConfigError(f"train.eval_steps: {train['eval_steps']} beside train.eval_strategy=no {where}: 'no' "
+                          "evaluates only after the last step, so eval_steps would be ignored; set "
+                          "train.eval_strategy=steps to evaluate every N steps, or remove train.eval_steps")
 
 
 def command_of(cfg: Any) -> str:
@@ -211,4 +231,4 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 
 
 __all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict",
-           "dump_config", "load_config", "save_config"]
+           "dump_config", "load_config", "refuse_eval_steps_beside_no", "save_config"]

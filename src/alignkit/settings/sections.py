@@ -306,6 +306,8 @@ class TrainConfig:
                               "train.eval_strategy=steps, which is not set (the default 'no' evaluates only after the "
                               "last step), so it would be ignored; set train.eval_strategy=steps or remove "
                               "train.eval_steps")
+        if str(getattr(self.train.get("eval_strategy"), "value", self.train.get("eval_strategy"))) == "no":
+            self.train["eval_steps"] = None  # the off switch: the resolved config records no unread count
         if ("num_train_epochs" in chosen and isinstance(self.train.get("max_steps"), int)
                 and self.train["max_steps"] > 0):
             raise ConfigError(f"train.num_train_epochs: {self.train['num_train_epochs']} is read only with "

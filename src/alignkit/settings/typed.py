@@ -98,6 +98,8 @@ def unknown_key_error(where: str, key: str, valid: list[str], value: Any = None)
     trl = trl_key_message(where, key, value) if where else trl_top_level_message(key)
     if trl is not None:
         return ConfigError(trl)
+    if join_key(where, key) in STATE_NOT_SETTINGS:
+        return ConfigError(f"{join_key(where, key)}: unknown key: {STATE_NOT_SETTINGS[join_key(where, key)]}")
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     if not close and SAME_SECTION.get(key) in valid:  # a neighbouring command's name for this command's section
         close = [SAME_SECTION[key]]
@@ -106,6 +108,10 @@ def unknown_key_error(where: str, key: str, valid: list[str], value: Any = None)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
     return ConfigError(f"{join_key(where, key)}: unknown key{hint} Valid keys: {', '.join(valid)}")
 
+
+# the losses' running state under a setting's name (PreferenceParams.bco_delta): what a user writing one is told
+STATE_NOT_SETTINGS = {"method.bco_delta": "BCO's running reward mean is trainer state, not a setting (alignkit's "
+                                          "bco_pair keeps it at 0, as TRL's bco_pair does); remove it"}
 
 # sections two commands spell otherwise with the same keys: `sample` and the online commands' sampling, `generate`'s
 # generation (a reader copying a key from the neighbouring config)

@@ -138,6 +138,20 @@ def turn_off_dropout(model: nn.Module) -> None:
                 setattr(m, name, 0.0)
 
 
+def completion_tokens(batch: dict[str, Any]) -> Tensor:
+    """The scored completion tokens of each sequence of a collated batch `(R,)`, float: padded rows or padding-free
+    packed sequences (the counts `completion_logps` returns, read from the masks without a forward)."""
+    if batch.get("sequence_length") is not None:  # padding-free: R sequences packed in rows
+        R = batch["sequence_length"].shape[0]
+        seq = batch["sequence_index"].reshape(-1)  # (rows*L,), -1 on filler; first tokens are never scored
+        comp = batch["completion_mask"].reshape(-1).float() * (seq >= 0)
+        return torch.zeros(R + 1, device=seq.device).index_add_(0, seq.clamp(min=0), comp)[:R]  # (R,)
+    mask = batch["completion_mask"][:, 1:].bool()
+    if batch.get("attention_mask") is not None:
+        mask = mask & batch["attention_mask"][:, 1:].bool()
+    return mask.sum(-1).float()
+
+
 class AlignTrainer(BatchSampling, Checkpointing, Trainer):
     """Base trainer; see the module docstring. Subclasses implement `objective`."""
 
@@ -267,16 +281,8 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
     def items_per_example(self, batch: dict[str, Any]) -> Tensor:
         """n_i `(B,)`: 1 per example, or completion tokens per example when `normalizer == "tokens"`."""
         packed = batch.get("sequence_length") is not None  # padding-free: R sequences packed in rows
-        if self.normalizer == "tokens" and packed:
-            R = batch["sequence_length"].shape[0]
-            seq = batch["sequence_index"].reshape(-1)  # (rows*L,), -1 on filler; first tokens are never scored
-            comp = batch["completion_mask"].reshape(-1).float() * (seq >= 0)
-            return torch.zeros(R + 1, device=seq.device).index_add_(0, seq.clamp(min=0), comp)[:R]  # (R,)
         if self.normalizer == "tokens":
-            mask = batch["completion_mask"][:, 1:].bool()
-            if batch.get("attention_mask") is not None:
-                mask = mask & batch["attention_mask"][:, 1:].bool()
-            return mask.sum(-1).float()
+            return completion_tokens(batch)
         w = batch.get("weight")
         if w is not None:
             B = w.shape[0]
@@ -562,5 +568,5 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
 
 
 # packed_collator / shared_prompt_collator live in trainers/data_prep.py; still importable from here (preference.py)
-__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "packed_collator", "is_dropout_rate", "shared_prompt_collator",
-           "turn_off_dropout"]
+__all__ = ["AlignTrainer", "TRAINING_ARGS_JSON", "completion_tokens", "packed_collator", "is_dropout_rate",
+           "shared_prompt_collator", "turn_off_dropout"]

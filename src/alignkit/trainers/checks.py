@@ -413,14 +413,22 @@ NO_WARMUP_SCHEDULES = ("constant", "reduce_lr_on_plateau", "greedy")
 
 def planned_steps(args: TrainingArguments, train_dataset: Any = None) -> int | None:
     """The optimizer steps the Trainer will run: `max_steps`, or for an epoch-based run (max_steps -1) its own
-    formula (`Trainer.set_initial_training_values`) over one process's dataloader of `train_dataset`; None where that
-    length is not known here (no dataset length, several processes or a parallelism config shard the batches)."""
+    formula (`Trainer.set_initial_training_values`) over one process's dataloader of `train_dataset`: with several
+    processes, accelerate's share of the batches (`BatchSamplerShard`: ceil(batches / processes) under its default
+    even_batches, floor with drop_last); None where that length is not known here (no dataset length, a parallelism
+    config, or accelerator_config split_batches / dispatch_batches / even_batches=False)."""
     if args.max_steps and args.max_steps > 0:
         return int(args.max_steps)
-    if not hasattr(train_dataset, "__len__") or args.world_size != 1 or getattr(args, "parallelism_config", None):
+    acc = getattr(args, "accelerator_config", None)
+    sharding = (getattr(acc, "split_batches", False), getattr(acc, "dispatch_batches", None),
+                getattr(acc, "even_batches", True))
+    if not hasattr(train_dataset, "__len__") or getattr(args, "parallelism_config", None) or (
+            args.world_size > 1 and sharding != (False, None, True)):
         return None
     rows, batch = len(train_dataset), args.train_batch_size
     batches = rows // batch if args.dataloader_drop_last else math.ceil(rows / batch)
+    if args.world_size > 1:  # each process's share, as BatchSamplerShard.__len__ counts it
+        batches = batches // args.world_size if args.dataloader_drop_last else math.ceil(batches / args.world_size)
     accumulate = args.gradient_accumulation_steps
     per_epoch = max(batches // accumulate + int(batches % accumulate > 0), 1)
     return math.ceil(args.num_train_epochs * per_epoch)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from alignkit.losses import (PREFERENCE_LOSSES, LossOutput, PreferenceParams, check_loss_weights, preference_loss,
-                             resolve_params)
-from alignkit.trainers.base import AlignTrainer, packed_collator, shared_prompt_collator
+from alignkit.losses import (CHOSEN_NLL_LOSSES, PREFERENCE_LOSSES, LossOutput, PreferenceParams, check_loss_weights,
+                             preference_loss, resolve_params)
+from alignkit.trainers.base import AlignTrainer, completion_tokens, packed_collator, shared_prompt_collator
 from alignkit.trainers.logps import completion_logps
 from alignkit.trainers.packing import check_layout, resolve_padding_free, resolve_share_prompt
 from alignkit.trainers.pairs import pair_batch
@@ -137,6 +138,39 @@ class PreferenceTrainer(HasReference, SyncsReference, AlignTrainer):
         parts = [f"loss/{name}" for name in names] if len(names) > 1 else []
         return tuple(dict.fromkeys([*own, *parts, "logits/chosen", "logits/rejected"]))
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Tensor | None:
+        """The step's N (the base class's), and for a loss with a chosen-NLL term (sft, orpo, cpo) the step's N / T:
+        T the chosen completion tokens of every micro-batch and process, counted as N counts pairs (sum_i |y_w,i|,
+        or sum_i w_i |y_w,i| under "weighted"), so that the NLL term is the step's token mean (each micro-batch's
+        own N / T made it the mean of the micro-batches' token means: batch 4 x 1 differed from 2 x 2)."""
+        n = super()._get_num_items_in_batch(batch_samples, device)
+        self._nll_step_scale = None
+        if n is None or not CHOSEN_NLL_LOSSES & set(self.loss_type):
+            return n
+        t = sum(self._chosen_tokens(b).to(device) for b in batch_samples)
+        if self.args.world_size > 1:
+            t = self.accelerator.gather(t.reshape(1)).sum()
+        self._nll_step_scale = n.float() / t.float().clamp(min=torch.finfo(torch.float32).tiny)
+        return n
+
+    def _chosen_tokens(self, batch: dict[str, Any]) -> Tensor:
+        """T of one micro-batch: its chosen completions' tokens (at least 1 each, as `PreferenceBatch.lengths`)."""
+        rows = completion_tokens(batch)
+        lw = rows[:rows.shape[0] // 2].clamp(min=1.0)
+        w = batch.get("weight")
+        if self.weight_normalization == "weighted" and w is not None:
+            lw = lw * w.to(lw.device, lw.dtype)
+        return lw.sum()
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None) -> Any:
+        # the step's N / T for a training micro-batch of the step counted (evaluation: each batch's own)
+        self._nll_scale_now = getattr(self, "_nll_step_scale", None) if num_items_in_batch is not None else None
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._nll_scale_now = None
+
     def objective(self, model: nn.Module, inputs: dict[str, Any]) -> LossOutput:
         stats: dict = {}
         logps, lengths = completion_logps(model, inputs, self.chunk_size, stats)  # (2B,), (2B,)
@@ -145,6 +179,7 @@ class PreferenceTrainer(HasReference, SyncsReference, AlignTrainer):
         w = inputs.get("weight")
         pairs = pair_batch(logps, lengths, ref, None if w is None else w.to(logps.device, logps.dtype),
                            self.weight_normalization)
+        pairs.nll_step_scale = getattr(self, "_nll_scale_now", None)
         out = preference_loss(pairs, self.params, self.loss_type, self.loss_weights)
         chosen = stats["row"] < B  # (N,) tokens of the chosen rows
         out.metrics["logits/chosen"] = stats["mean_logit"][chosen]  # token-weighted means, as TRL's
