@@ -82,3 +82,23 @@ def test_a_reft_trained_with_dropout_turned_off_saves_and_reloads_its_configured
     assert [item["spec"]["dropout"] for item in meta["interventions"]] == [0.05, 0.05]
     again = load_adapter(load_model(tiny_dir("llama")), tmp_path / "saved")
     assert [iv.dropout.p for iv in again.interventions["default"]] == [0.05, 0.05]
+
+
+def test_a_dropout_rate_read_from_the_config_in_forward_is_named_and_the_config_kept(caplog):
+    """falcon's decoder layer reads `config.hidden_dropout` / `config.attention_dropout` inside forward (compat T36).
+    Before: turn_off_dropout left them on without a word (the docstring only said "not covered"), so a DPO policy
+    and its reference were two random networks. The config is saved with the model, so alignkit does not zero it:
+    now one warning names each rate and the fix, and the config keeps the user's values."""
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, hidden_dropout=0.5,
+        attention_dropout=0.25))
+    with caplog.at_level("WARNING", logger="alignkit.trainers.base"):
+        turn_off_dropout(model)
+    assert "FalconDecoderLayer: config.hidden_dropout=0.5, FalconDecoderLayer: config.attention_dropout=0.25" \
+        in caplog.text and "set these to 0 in the model's config" in caplog.text
+    assert (model.config.hidden_dropout, model.config.attention_dropout) == (0.5, 0.25)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignkit.trainers.base"):
+        turn_off_dropout(tiny("Llama", attention_dropout=0.5))  # read from a module attribute: turned off, no word
+    assert caplog.text == ""
