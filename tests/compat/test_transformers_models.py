@@ -565,6 +565,30 @@ def test_a_causal_lm_loss_skips_labels_of_minus_100_and_predicts_each_label_from
           f"loss {float(out.loss)} against {float(want)} over targets 3-5")
 
 
+def test_falcon_decoder_layers_read_their_dropout_rates_from_the_config_in_forward():
+    """T36: FalconDecoderLayer.forward applies `self.config.hidden_dropout` / `attention_dropout` functionally (no
+    nn.Dropout, no module attribute), so turn_off_dropout cannot reach them without changing the saved config:
+    two training-mode forwards still differ after the sweep, and `rates_read_from_config` names both. If transformers
+    moves the rates to a module attribute, the sweep covers them and this row and its warning can go."""
+    import transformers
+
+    from alignkit.trainers import turn_off_dropout
+    from alignkit.trainers.base import is_dropout_rate
+    from alignkit.trainers.config_dropout import rates_read_from_config
+
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, hidden_dropout=0.5,
+        attention_dropout=0.25))
+    turn_off_dropout(model)
+    model.train()
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert rates_read_from_config(model, is_dropout_rate) == {"FalconDecoderLayer: config.hidden_dropout": 0.5,
+                                                               "FalconDecoderLayer: config.attention_dropout": 0.25}
+
+
 @pytest.mark.parametrize("arch", ["Llama", "Qwen2", "Mistral", "Gemma", "Qwen3", "Phi3"])
 def test_attention_modules_keep_their_dropout_rate_as_attention_dropout(arch):
     """T35: these attention modules keep config.attention_dropout as the float attribute `attention_dropout` and

@@ -15,6 +15,7 @@ from alignkit.interventions import (
     INTERVENTIONS, ConsReFT, DiReFT, DiReFTOrth, LobiReFT, LoReFT, NoReFT, build_intervention, register_intervention,
 )
 from alignkit.interventions.base import Intervention, LowRankRotation
+from alignkit.trainers import turn_off_dropout
 from tests.interventions.table import INTERVENTION_ROWS
 
 D, R_ = 8, 3  # embed_dim, low_rank_dimension for the generic rows
@@ -146,6 +147,19 @@ def test_spec_round_trip_is_bitwise(kind, kw):
     assert rebuilt.spec() == m.spec()
     h = torch.randn(5, D)
     assert torch.equal(rebuilt(h), m(h))
+
+
+@pytest.mark.parametrize("kind,kw", ROWS, ids=IDS)
+def test_spec_keeps_the_configured_dropout_when_training_turns_it_off(kind, kw):
+    """turn_off_dropout (the preference objectives' `disable_dropout`) sets the live rate to 0; spec() used to
+    write that live rate, so a folder said dropout 0.0 for a type built with 0.25. Now: 0.25, and the edit is
+    deterministic in training mode (the sweep still works)."""
+    m = make(kind, kw, dropout=0.25).train()
+    turn_off_dropout(m)
+    assert m.spec()["dropout"] == 0.25 and m.dropout.p == 0.0
+    h = torch.randn(5, D)
+    assert torch.equal(m(h), m(h))
+    assert build_intervention(m.spec()).dropout.p == 0.25
 
 
 @pytest.mark.parametrize("kind,kw", ROWS, ids=IDS)

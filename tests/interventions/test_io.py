@@ -360,3 +360,44 @@ def test_load_pyreft_takes_the_positions_pyreft_does_not_record(tiny_lm, tmp_pat
     assert load_reft(tiny_lm(), tmp_path / "saved").adapter_configs["default"].positions == "l1"
     with pytest.raises(ValueError, match="bad positions 'x3'"):
         load_pyreft(tiny_lm(), folder, positions="x3")
+
+
+def old_format(folder, rate_in_spec=0.0):
+    """`folder` as alignkit wrote it before the spec kept the constructor's rate: each spec's dropout was the live
+    nn.Dropout.p, which turn_off_dropout had set to 0 (reft_config's representations kept the configured rate)."""
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    for item in meta["interventions"]:
+        item["spec"]["dropout"] = rate_in_spec
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+def test_a_folder_whose_spec_says_dropout_0_from_a_swept_training_loads_with_the_configured_rate(tiny_lm, tmp_path,
+                                                                                                  caplog):
+    """Rule (docs/architecture.md, ReFT folders): a spec's dropout 0 where its representation says a rate > 0 is the
+    configured rate (what earlier versions wrote after turn_off_dropout); dropout changes neither the weights nor
+    inference. Before: such a folder was refused by load_reft ("edited or mixed from two saves"), and
+    read_reft_weights (resume) would refuse it against a live adapter reporting its configured rate."""
+    reft, folder = saved(tiny_lm, tmp_path, "loreft", dict(dropout=0.05))
+    old_format(folder)
+    ids, loc = ids_and_locations(2)
+    with torch.no_grad():
+        want = reft.eval()(input_ids=ids, intervention_locations=loc).logits
+    with caplog.at_level("WARNING", logger="alignkit.interventions.io"):
+        again = load_reft(tiny_lm("llama"), folder)
+    assert "interventions[0]: 0.05, interventions[1]: 0.05" in caplog.text
+    assert [iv.dropout.p for iv in again.interventions["default"]] == [0.05, 0.05]
+    with torch.no_grad():
+        assert torch.equal(again.eval()(input_ids=ids, intervention_locations=loc).logits, want)
+    perturb(reft.interventions, 0.5, seed=5)
+    read_reft_weights(reft, folder)  # resume into the live adapter (configured 0.05) from the old folder
+    with torch.no_grad():
+        assert torch.equal(reft.eval()(input_ids=ids, intervention_locations=loc).logits, want)
+
+
+@pytest.mark.parametrize("configured, in_spec", [(None, 0.05), (0.05, 0.1), (0.1, 0.05)])
+def test_a_real_dropout_mismatch_is_still_refused(configured, in_spec, tiny_lm, tmp_path):
+    """Only a spec's 0 is read as a swept rate: a spec saying a rate the representation does not is refused."""
+    _, folder = saved(tiny_lm, tmp_path, "loreft", dict(dropout=configured))
+    old_format(folder, in_spec)
+    with pytest.raises(ValueError, match=r"has dropout=.* but interventions\[0\].*save the adapter again"):
+        load_reft(tiny_lm("llama"), folder)

@@ -59,6 +59,37 @@ def test_compiled_layers_train_to_eager_losses(tiny_dir, features, collators, tm
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
 
 
+def test_compiled_reft_layers_are_not_recompiled_for_each_batchs_locations(tiny_lm):
+    """Before: `edit_positions`' fast path compared the run's largest location (a Python int) in the hook that runs
+    inside each compiled layer, so dynamo guarded on its value and recompiled the hook for every batch whose prompt
+    ended elsewhere (twice: one entry per layer) until its recompile limit (8) after 4 batches, then ran the hooks
+    uncompiled (TORCH_LOGS=recompiles: `_layer_step[0].run.last_location == 171`). Now batches of one shape with
+    other locations reuse the compiled code, and the edits are unchanged."""
+    import torch._dynamo
+
+    from alignkit.interventions import ReftConfig
+    from alignkit.interventions.attach import get_reft_model
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    reft = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2))
+    eager = get_reft_model(tiny_lm("llama"), ReftConfig.uniform([0, 1], "loreft", low_rank_dimension=2))
+    eager.interventions.load_state_dict(reft.interventions.state_dict())
+    compile_layers(reft, backend="eager")
+    ids = torch.randint(3, 200, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def logits(model, last):
+        loc = torch.tensor([[0, last]]).expand(2, 2, 2)  # (rows, interventions, positions)
+        with torch.no_grad():
+            return model(input_ids=ids, intervention_locations=loc).logits
+
+    logits(reft, 7)  # compiles (one hook entry per layer)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for last in (6, 5, 4, 3, 2):
+            torch.testing.assert_close(logits(reft, last), logits(eager, last))
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_inductor_compiled_layers_train_to_eager_losses(tiny_dir, features, collators, tmp_path):
     """The default backend (inductor, C++ on CPU); minutes on a busy 2-core machine, seconds with a warm cache."""

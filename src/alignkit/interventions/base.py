@@ -172,6 +172,10 @@ class Intervention(nn.Module):
         if "act_fn" in options:
             self.act = get_activation(options["act_fn"])
         self.dropout = nn.Dropout(dropout)
+        # the rate asked for, which spec() saves: `self.dropout.p` is the live rate, and turn_off_dropout (the
+        # preference objectives' default) sets it to 0 for training. Named unlike a dropout rate (`is_dropout_rate`)
+        # so that sweep leaves it: a folder then records what the user configured, not 0.0
+        self.configured_rate = dropout
         return dt
 
     def spec(self) -> dict[str, Any]:
@@ -180,7 +184,8 @@ class Intervention(nn.Module):
         if not hasattr(self, "spec_options"):
             raise NotImplementedError(f"{type(self).__name__}.spec: call self.setup(...) in __init__ or override spec")
         return {"type": self.kind, "embed_dim": self.embed_dim, "low_rank_dimension": self.low_rank_dimension,
-                "dropout": self.dropout.p, **{k: getattr(self, k) for k in self.spec_options}, "dtype": self.dtype_name}
+                "dropout": self.configured_rate, **{k: getattr(self, k) for k in self.spec_options},
+                "dtype": self.dtype_name}
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, d)
         raise NotImplementedError

@@ -11,7 +11,10 @@ other value is a bitwise copy of `h`.
 
 Fast path: `Run.last_location` is the largest location of the run, computed once per call. A step whose
 window `[offset, offset + T)` starts after it (every decode step when only the prompt is edited) returns
-`h` itself: no tensor op, no device sync, no call of the intervention.
+`h` itself: no tensor op, no device sync, no call of the intervention. Not under torch.compile (`train.compile`
+compiles the layers, and the hooks with them): dynamo would guard on the Python int `last_location`, which changes
+with every batch, and recompile the hook per batch until its recompile limit; traced, the step takes the general
+path, whose result is the same (no location inside the window selects nothing: a bitwise copy of `h`).
 """
 
 from __future__ import annotations
@@ -153,8 +156,9 @@ def edit_positions(h: torch.Tensor, slot: Slot, step: Step) -> torch.Tensor:
     run = step.run
     if run.locations is None or slot.pos not in run.active:
         return h
-    if run.generated_from is None and run.last_location is not None and step.offset > run.last_location:
-        return h  # no location can fall inside [offset, offset + T): plain Python, no tensor work
+    if not torch.compiler.is_compiling() and run.generated_from is None and run.last_location is not None \
+            and step.offset > run.last_location:  # (traced, this int comparison is a guard on each batch's largest
+        return h  # location: a recompile per batch up to dynamo's limit) nothing inside [offset, offset + T)
     if h.dim() != 3:
         raise ValueError(f"intervention at {slot.path!r} expects hidden states (batch, seq, dim), got {tuple(h.shape)}")
     B, T, d = h.shape  # (B, T, d)

@@ -10,7 +10,8 @@
     weights_sha256             checksum of interventions.safetensors (a stale or corrupt pair fails)
 On load, each representation of `reft_config` must agree with its `interventions` entry (layer, component, type,
 every argument; None = the type's default): the weights are built from the entry and attached where the
-representation says, so a file edited or mixed from two saves is refused naming the key.
+representation says, so a file edited or mixed from two saves is refused naming the key. One exception, for folders
+of earlier versions: an entry's dropout 0 against a configured rate > 0 is that rate (`saved_specs`).
 `interventions.safetensors` holds only intervention weights, keyed `"<i>.<parameter name>"` with i the
 representation's index. Each file is written to a temporary name and renamed, so a crash never leaves
 a half-written file. Nothing is ever pickled. A new `ReftModel` from a folder: `interventions/loading.py`
@@ -160,10 +161,11 @@ def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e}); save the adapter again") from e
 
 
-def _build(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, dtype: str) -> list[Intervention]:
+def _build(specs: list[dict[str, Any]], tensors: dict[str, torch.Tensor], path: Path,
+           dtype: str) -> list[Intervention]:
     modules, expected = [], set()
-    for i, item in enumerate(meta["interventions"]):
-        spec = dict(item["spec"])
+    for i, saved in enumerate(specs):
+        spec = dict(saved)
         if "dtype" in spec and spec["dtype"] != dtype:
             logger.info("%s: intervention %d saved in %s, the model is %s: building it in %s", path, i,
                         spec["dtype"], dtype, dtype)
@@ -186,16 +188,46 @@ def _build(meta: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path, d
 _NAMED = ("low_rank_dimension", "dropout", "act_fn", "add_bias", "embed_dim")  # RepresentationConfig's named arguments
 
 
-def _entry_differs(config: ReftConfig, meta: dict[str, Any]) -> tuple[int, str, Any, Any] | None:
+def _type_default(kind: str, key: str) -> Any:
+    """The default of argument `key` of intervention type `kind`'s constructor; inspect.Parameter.empty if none."""
+    types = intervention_types()
+    params = inspect.signature(types[kind].__init__).parameters if kind in types else {}
+    return params[key].default if key in params else inspect.Parameter.empty
+
+
+def saved_specs(config: ReftConfig, meta: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """Each `interventions[i]` spec of `meta` as it is built. One repair, for folders saved before the spec kept
+    the constructor's rate (`Intervention.configured_rate`): those wrote the live `nn.Dropout.p`, which
+    turn_off_dropout (the preference objectives' default) had set to 0, so a spec's `dropout` 0 where its
+    representation (saved from the `ReftConfig`, never swept) says a rate > 0 is that rate, logged. Dropout changes
+    neither the weights nor inference. Any other disagreement is left for `_entry_differs` to refuse."""
+    specs, repaired = [], []
+    for i, item in enumerate(meta["interventions"]):
+        spec = dict(item["spec"]) if isinstance(item, dict) and isinstance(item.get("spec"), dict) else {}
+        rep = config.representations[i] if i < len(config.representations) else None
+        if rep is not None and spec.get("type") == rep.intervention and spec.get("dropout") == 0:
+            rate = rep.dropout if rep.dropout is not None else _type_default(rep.intervention, "dropout")
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+                spec["dropout"] = rate
+                repaired.append(f"interventions[{i}]: {rate}")
+        specs.append(spec)
+    if repaired:
+        logger.warning("%s: saved by an older alignkit, with the dropout of %s written as 0.0 (its live rate, "
+                       "turned off for training); using the configured rate(s) of reft_config (weights unchanged)",
+                       path, ", ".join(repaired))
+    return specs
+
+
+def _entry_differs(config: ReftConfig, meta: dict[str, Any],
+                   specs: list[dict[str, Any]]) -> tuple[int, str, Any, Any] | None:
     """The first (i, key, representation's value, saved intervention's value) where `reft_config`'s representation i
-    and `interventions[i]` (where its weights were saved from, and what `_build` builds) disagree; None if none.
+    and `interventions[i]` (where its weights were saved from; `specs`: what `_build` builds) disagree; None if none.
     A representation argument left None means the type's default, compared with the spec's value."""
     types = intervention_types()
-    for i, (rep, item) in enumerate(zip(config.representations, meta["interventions"])):
+    for i, (rep, item, spec) in enumerate(zip(config.representations, meta["interventions"], specs)):
         for key in ("layer", "component"):
             if item.get(key) != getattr(rep, key):
                 return i, key, getattr(rep, key), item.get(key)
-        spec = item.get("spec") if isinstance(item.get("spec"), dict) else {}
         if spec.get("type") != rep.intervention:
             return i, "intervention", rep.intervention, spec.get("type")
         params = inspect.signature(types[rep.intervention].__init__).parameters if rep.intervention in types else {}
@@ -220,14 +252,15 @@ def load_adapter_into(reft_model: ReftModel, folder: str | Path, adapter_name: s
     if len(config.representations) != len(meta["interventions"]):
         raise ValueError(f"{cfg_path}: {len(config.representations)} representations but "
                          f"{len(meta['interventions'])} interventions")
-    differs = _entry_differs(config, meta)
+    specs = saved_specs(config, meta, cfg_path)
+    differs = _entry_differs(config, meta, specs)
     if differs is not None:  # else the weights saved for one place / setting load as the other, without a word
         i, key, have, saved = differs
         raise ValueError(f"{cfg_path}: reft_config.representations[{i}] has {key}={have!r} but interventions[{i}], "
                          f"which its weights were saved from, has {saved!r}; the file was edited or mixed from two "
                          "saves: save the adapter again (or put back the saved file)")
     tensors = _read_weights(folder / WEIGHTS_NAME, meta)
-    modules = _build(meta, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
+    modules = _build(specs, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
     reft_model.add_adapter(adapter_name, config, modules)
 
 
@@ -266,14 +299,14 @@ def read_reft_weights(reft_model: ReftModel, folder: str | Path, adapter_name: s
     if adapter_name not in names:
         raise KeyError(f"{folder / CONFIG_NAME}: cannot tell which adapter of {names} to load into; pass adapter_name")
     live = reft_model.interventions[adapter_name]
-    saved = meta["interventions"]
-    if len(saved) != len(live) or any({**a["spec"], "dtype": None} != {**b.spec(), "dtype": None}
-                                      for a, b in zip(saved, live)):
-        raise ValueError(f"{folder / CONFIG_NAME}: the saved interventions {[a['spec'] for a in saved]} differ from "
+    config = ReftConfig.from_dict(meta["reft_config"], where=f"{folder / CONFIG_NAME}: reft_config")
+    saved = saved_specs(config, meta, folder / CONFIG_NAME)
+    if len(saved) != len(live) or any({**a, "dtype": None} != {**b.spec(), "dtype": None} for a, b in zip(saved, live)):
+        raise ValueError(f"{folder / CONFIG_NAME}: the saved interventions {saved} differ from "
                          f"adapter {adapter_name!r}'s {[b.spec() for b in live]}; use load_reft for another layout")
     _check_same_places(reft_model, adapter_name, meta, folder / CONFIG_NAME)
     tensors = _read_weights(folder / WEIGHTS_NAME, meta)
-    fresh = _build(meta, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
+    fresh = _build(saved, tensors, folder / WEIGHTS_NAME, base_identity(reft_model.model)["dtype"])
     with torch.no_grad():
         for iv, new in zip(live, fresh):
             iv.load_state_dict(new.state_dict(), strict=True)  # copies into the existing tensors

@@ -7,6 +7,8 @@
   (inductor's C++ backend) and GPU. Adapters are applied first, so LoRA's layers are compiled with the
   layer; ReFT's hooks on a layer's output run within the compiled layer call (dynamo traces them or breaks
   the graph there; either way the losses equal eager's: tests/models/test_efficiency.py, full / LoRA / ReFT).
+  The hooks read no per-batch Python int under compile (`interventions/editing.py`), so a new batch's
+  locations do not recompile them.
 - `apply_kernels(model, "liger")` (`model.kernels: liger`): Liger's Triton kernels (RMSNorm, SwiGLU, RoPE)
   patched into the model instance. Needs the `liger-kernel` package, a CUDA GPU and an architecture Liger covers;
   anything missing is one `ConfigError` naming both the key and what is missing, raised by `check_model_kernels` before

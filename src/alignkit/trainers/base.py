@@ -102,6 +102,7 @@ from alignkit.trainers.checks import (
     check_best_model_metric, check_optimizer, check_scheduler, refuse_all_zero_weights, refuse_deepspeed_mismatches,
     refuse_empty_batches, refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
 )
+from alignkit.trainers.config_dropout import rates_read_from_config
 from alignkit.data.prepare import feature_kind
 from alignkit.trainers.data_prep import packed_collator, prepare_data, prepare_one, shared_prompt_collator
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
@@ -128,14 +129,21 @@ def turn_off_dropout(model: nn.Module) -> None:
     peft's lora_dropout is one), and 0 for every float dropout rate a module keeps and applies functionally
     (`is_dropout_rate`: transformers' `attention_dropout`, `hidden_dropout`, `activation_dropout`, ...). The policy
     and its reference, and an online step's old and new log-probs, then come from one deterministic network. The
-    model's config is left as it is (it is saved with the model); rates read from the config inside forward (a few
-    architectures alignkit does not test, e.g. prophetnet) are not covered."""
+    model's config is left as it is (it is saved with the model), so a rate a forward reads from the config
+    (falcon's `hidden_dropout`, prophetnet, blt, ...: `config_dropout.py`, compat row T36) stays on: one warning
+    names each, and setting it to 0 in the model's config before training is the user's call."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         for name, value in list(vars(m).items()):
             if is_dropout_rate(name, value):
                 setattr(m, name, 0.0)
+    left = rates_read_from_config(model, is_dropout_rate)
+    if left:
+        logger.warning("dropout stays on where the model's forward reads the rate from its config (%s): alignkit does "
+                       "not change the config, which is saved with the model; for no dropout, set these to 0 in the "
+                       "model's config before training (they are then saved as 0)",
+                       ", ".join(f"{k}={v}" for k, v in left.items()))
 
 
 def completion_tokens(batch: dict[str, Any]) -> Tensor:
