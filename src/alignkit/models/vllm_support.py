@@ -5,7 +5,8 @@ online/vllm_generation.py), so neither package imports the other for it.
 
 - `vllm_installed` / `require_vllm`; `head_size`, `attention_head_sizes`, `check_head_size`: a model vLLM's CPU
   attention cannot run (row V3 of docs/architecture.md); `check_rope_type`: a RoPE scaling vLLM computes otherwise
-  than transformers (dynamic NTK, row V15); `lora_unsupported`: peft features vLLM's LoRA lacks.
+  than transformers (dynamic NTK, row V15); `lora_unsupported`: peft features vLLM's LoRA lacks; `check_moe_lora`:
+  LoRA on a mixture of experts, which vLLM's CPU build cannot run (`num_experts`, rows V20, V21).
 - `engine_max_model_len`: the engine's max_model_len (prompt + response tokens) as vLLM derives it from the model
   folder when `max_model_len` is not given (vLLM's `_get_and_verify_max_len`: the smallest of the config's length
   keys, the sliding window when `disable_sliding_window`, times the RoPE scaling factor of the types that do not
@@ -140,6 +141,49 @@ def lora_unsupported(peft_cfg: Mapping) -> str | None:
             f"trains extra modules ({peft_cfg.get('modules_to_save')})" if peft_cfg.get("modules_to_save") else
             f"targets a mixture of experts' expert parameters (target_parameters "
             f"{sorted(peft_cfg['target_parameters'])})" if peft_cfg.get("target_parameters") else None)
+
+
+# the config keys vLLM reads a model's number of experts from, the first one the (text) config has
+# (ModelArchConfigConvertorBase.get_num_experts; `ModelConfig.is_moe`: more than 0), row V21
+EXPERT_KEYS = ("num_experts", "moe_num_experts", "n_routed_experts", "num_local_experts")
+
+
+def num_experts(config: Any) -> int:
+    """The number of experts vLLM reads from a transformers `config` (0: not a mixture of experts): its text config's
+    first `EXPERT_KEYS` attribute present (a list: its first value), else the most experts of a "moe" block of
+    `block_configs` (heterogeneous models, e.g. NemotronH), as vLLM's `get_num_experts` does (row V21)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = next((getattr(text, k) for k in EXPERT_KEYS if hasattr(text, k)), 0)
+    if isinstance(found, (list, tuple)):
+        found = found[0] if found else 0
+    if not found:
+        blocks = getattr(text, "block_configs", None) or []
+        read = [(b.get("block_type", ""), b.get("n_routed_experts", 0)) if isinstance(b, dict) else
+                (getattr(b, "block_type", ""), getattr(b, "n_routed_experts", 0)) for b in blocks]
+        found = max([n or 0 for kind, n in read if kind == "moe"], default=0)
+    return int(found or 0)
+
+
+def vllm_cpu_platform() -> bool:
+    """Whether vLLM is importable here and runs on its CPU platform (`current_platform.is_cpu()`)."""
+    if not vllm_installed():
+        return False
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def check_moe_lora(config: Any, folder: str | Path, where: str, fix: str) -> None:
+    """ConfigError, before the engine starts, when vLLM would run LoRA on a mixture-of-experts model (`num_experts`)
+    on its CPU platform: vLLM 0.32's CPU build picks its Triton fused-MoE LoRA kernels whenever LoRA is enabled on
+    a MoE model, so every generation fails, the base model's too (`triton.language has no attribute float32`,
+    row V20), after a server said it was ready or a run folder was written. Call it only where LoRA is enabled.
+    `where`: what starts the engine; `fix`: the way out."""
+    experts = num_experts(config)
+    if experts and vllm_cpu_platform():
+        raise ConfigError(f"{where}: the model in {folder} is a mixture of experts ({experts} experts), and vLLM's "
+                          "CPU build runs LoRA on one with its Triton fused-MoE kernels only, so every generation "
+                          "would fail (the base model's too) after the engine started; " + fix)
 
 
 def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
@@ -319,6 +363,6 @@ def meta_causal_lm(config: Any) -> torch.nn.Module:
 
 
 __all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "ROPE_NOT_AS_TRANSFORMERS", "attention_head_sizes",
-           "check_head_size", "check_rope_type",
+           "check_head_size", "check_moe_lora", "check_rope_type", "EXPERT_KEYS", "num_experts", "vllm_cpu_platform",
            "engine_limit", "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "meta_causal_lm",
            "require_vllm", "RopeCap", "capped_length", "rope_length_cap", "start_max_model_len", "vllm_installed"]

@@ -70,8 +70,8 @@ from alignkit.distributed import (
 )
 from alignkit.guards import RewardStallError
 from alignkit.losses import AdaptiveKLController, FixedKLController
-from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, folder_config,
-                                          vllm_installed)
+from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit,
+                                          folder_config, vllm_installed)
 from alignkit.online.annotators import Annotator, build_annotator
 from alignkit.online.checkpoint import Checkpoints
 from alignkit.online.config import OnlineConfig
@@ -85,7 +85,7 @@ from alignkit.online.ref_sync import build_online_ref_sync
 from alignkit.online.step import Rollout, RolloutSteps, zero_spread_fraction
 from alignkit.online.updates import MinibatchUpdates
 from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, check_lora_rank
-from alignkit.online.vllm_generation import NO_VLLM, check_model_len, refuse_unsupported
+from alignkit.online.vllm_generation import MOE_LORA_FIX, NO_VLLM, check_model_len, refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.checks import refuse_all_zero_weights
@@ -382,6 +382,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
                         "use a model whose head size vLLM takes, or method.generation_backend=transformers")
         check_rope_type(folder_config(folder, vllm), folder, "generation_backend='vllm'",
                         "use method.generation_backend=transformers, or another model.rope_scaling type (linear, yarn)")
+        if adapter_of(model).vllm_sync == "lora_request":  # vLLM starts with enable_lora (row V20)
+            check_moe_lora(folder_config(folder, vllm), folder, "generation_backend='vllm'", MOE_LORA_FIX)
         limit, source = engine_limit(folder, vllm)  # RoPE-capped (row V16): VllmGenerator starts vLLM with it
         records = [*self.prompts, *self.eval_prompts]
         given = vllm.get("max_model_len") is not None

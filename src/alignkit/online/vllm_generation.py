@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.adapters.base import adapter_of, unwrap_lm
-from alignkit.models.vllm_support import lora_unsupported, start_max_model_len
+from alignkit.models.vllm_support import check_moe_lora, folder_config, lora_unsupported, start_max_model_len
 from alignkit.online.vllm_engine import LORA_RANKS
 from alignkit.online.generation import (
     FINISH_REASONS, Sample, SamplingConfig, as_prompt_records, encode_prompts, end_token_ids, finish_response,
@@ -49,6 +49,8 @@ from alignkit.settings import ConfigError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "vllm")
+MOE_LORA_FIX = ("use method.generation_backend=transformers for a LoRA policy on it (or finetune it fully: "
+                "adapter.kind=full)")
 NO_VLLM = ("generation_backend='vllm' needs vLLM in this Python (make vllm-env builds .venv-vllm with the CPU build; "
            "on a GPU: pip install vllm)")
 
@@ -192,6 +194,9 @@ class VllmGenerator:
         if not self.model_path or not Path(self.model_path, "config.json").is_file():
             raise ValueError(f"vLLM needs the policy's model folder (got {self.model_path!r}); set vllm.model to the "
                              "folder the policy's base was loaded from")
+        if self.sync_mode == "lora_request":  # (row V20) before anything is written
+            check_moe_lora(folder_config(self.model_path, engine_kwargs), self.model_path, "generation_backend="
+                           "'vllm'", MOE_LORA_FIX)
         self.tokenizer = tokenizer
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
@@ -258,5 +263,5 @@ class VllmGenerator:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-__all__ = ["BACKENDS", "NO_VLLM", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with", "prompt_seeds",
-           "refuse_unsupported", "sampling_params", "sampling_request"]
+__all__ = ["BACKENDS", "MOE_LORA_FIX", "NO_VLLM", "REQUEST_KEYS", "VllmGenerator", "check_model_len", "generate_with",
+           "prompt_seeds", "refuse_unsupported", "sampling_params", "sampling_request"]

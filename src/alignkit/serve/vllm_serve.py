@@ -57,8 +57,8 @@ from transformers import AutoConfig
 import alignkit
 from alignkit.adapters.lora import WEIGHTS_NAME, check_lora_shapes
 from alignkit.files import atomic_write, parse_json_object
-from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
-                                          meta_causal_lm, start_max_model_len)
+from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit,
+                                          lora_unsupported, meta_causal_lm, start_max_model_len)
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
@@ -77,8 +77,13 @@ class RequestError(Exception):
         self.status = status
 
 
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")  # vLLM's ModelDType (any case), row V22
+
+
 @dataclass
 class EngineSettings:
+    """vllm-serve's engine flags, checked when made (`check`: one line naming the flag, before anything starts)."""
+
     model: str
     dtype: str = "auto"
     max_model_len: int | None = None
@@ -87,6 +92,24 @@ class EngineSettings:
     seed: int = 0
     gpu_memory_utilization: float | None = None
     enforce_eager: bool = True
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """ConfigError for a flag vLLM would refuse only as its engine starts (an "unexpected error" there, after the
+        workdir was taken): --max-lora-rank (with --enable-lora), --dtype, --max-model-len, --gpu-memory-utilization."""
+        if self.enable_lora and self.max_lora_rank not in LORA_RANKS:
+            raise ConfigError(f"vllm-serve --max-lora-rank {self.max_lora_rank}: vLLM accepts "
+                              f"{', '.join(map(str, LORA_RANKS))}; give one of them, at least the policy's LoRA rank")
+        if str(self.dtype).lower() not in VLLM_DTYPES:
+            raise ConfigError(f"vllm-serve --dtype {self.dtype}: vLLM accepts {', '.join(VLLM_DTYPES)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"vllm-serve --max-model-len {self.max_model_len}: give a number of tokens (prompt + "
+                              "response) of 1 or more, or leave it out for the model's context")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm-serve --gpu-memory-utilization {self.gpu_memory_utilization}: give a share of "
+                              "GPU memory above 0 and at most 1 (e.g. 0.9)")
 
 
 def safetensors_header(blob: bytes) -> dict[str, Any]:
@@ -179,13 +202,14 @@ class VllmServeEngine:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"--model {settings.model}: no config.json there; give a transformers model folder "
                                     "(the policy's base, e.g. runs/sft/model)")
-        if settings.enable_lora and settings.max_lora_rank not in LORA_RANKS:
-            raise ValueError(f"--max-lora-rank {settings.max_lora_rank}: vLLM accepts "
-                             f"{', '.join(map(str, LORA_RANKS))}")
+        settings.check()  # (fields set after it was made)
         hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         check_head_size(hf, folder, "vllm-serve --model", "give --model a model whose head size vLLM takes (the "
                         "policy's base), or train with method.generation_backend=transformers")
         check_rope_type(hf, folder, "vllm-serve --model", "train with method.generation_backend=transformers")
+        if settings.enable_lora:  # (row V20)
+            check_moe_lora(hf, folder, "vllm-serve --enable-lora", "serve it without --enable-lora (a fully "
+                           "finetuned policy), or train the LoRA policy with method.generation_backend=transformers")
         from vllm import LLM  # (after the checks: they need no engine)
 
         self._own_workdir = workdir is None
@@ -434,8 +458,17 @@ def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
     (default: the ALIGNKIT_VLLM_API_KEY environment variable): required of every request but /health. `workdir`:
     where pushed LoRA folders go (`claim_workdir`; default a temporary folder removed at exit)."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"vllm-serve --port {port}: give a port from 0 (a free one) to 65535")
     engine = VllmServeEngine(settings, workdir)
-    httpd = HTTPServer((host, port), make_handler(engine, api_key))
+    try:  # a port taken (or refused): the engine's lock and temporary workdir go now, not at the process's exit
+        httpd = HTTPServer((host, port), make_handler(engine, api_key))
+    except BaseException as e:
+        engine.close()
+        if isinstance(e, OSError):
+            raise ConfigError(f"vllm-serve --host {host} --port {port}: cannot listen there ({e.strerror or e}); give "
+                              "another --port (0: a free one) or stop what uses it") from None
+        raise
     url = f"http://{host}:{httpd.server_address[1]}"
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("vllm-serve binds %s without an API key: anyone who reaches it can replace the model's "
@@ -445,10 +478,10 @@ def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, stop)
-    logger.info("vllm-serve: %s on %s", settings.model, url)
-    if ready is not None:
-        ready(url)
     try:
+        logger.info("vllm-serve: %s on %s", settings.model, url)
+        if ready is not None:
+            ready(url)
         httpd.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -461,6 +494,7 @@ def serve(settings: EngineSettings, host: str = "127.0.0.1", port: int = 8000,
     return 0
 
 
-__all__ = ["EngineSettings", "GENERATE_KEYS", "LOCK_NAME", "LORA_RANKS", "RequestError", "STAGING", "VllmServeEngine",
+__all__ = ["EngineSettings", "GENERATE_KEYS", "LOCK_NAME", "LORA_RANKS", "RequestError", "STAGING", "VLLM_DTYPES",
+           "VllmServeEngine",
            "claim_workdir", "make_handler", "generate_body", "safetensors_header", "safetensors_metadata",
            "safetensors_shapes", "serve"]

@@ -43,8 +43,8 @@ from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fin
 from alignkit.adapters.lora import check_lora_fits
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
-from alignkit.models.vllm_support import (check_head_size, check_rope_type, engine_limit, lora_unsupported,
-                                          meta_causal_lm, require_vllm)
+from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit,
+                                          lora_unsupported, meta_causal_lm, require_vllm)
 from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
@@ -131,6 +131,9 @@ def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str
     except ValueError as e:
         raise ConfigError(str(e)) from None
     checked = check_adapters(adapters)
+    if checked:  # vLLM starts with --enable-lora (row V20)
+        check_moe_lora(AutoConfig.from_pretrained(str(base)), base, "serve --engine vllm --adapter",
+                       "serve the adapters with --engine alignkit (or the base alone with --engine vllm)")
     try:  # vLLM tokenizes (and formats chat) with the base's tokenizer alone: its LoRA folders hold no tokenizer
         saved_tokenizers_differ(load_tokenizer(base), base, checked, chat=VLLM_CHAT)
     except ValueError as e:
