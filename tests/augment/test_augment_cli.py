@@ -367,7 +367,7 @@ def test_a_run_that_keeps_no_record_fails_and_leaves_the_previous_run(tmp_path, 
     before = {name: (tmp_path / name).read_bytes() for name in ("augmented.jsonl", "summary.json", "config.yaml")}
     capsys.readouterr()
     # the bundled snippets' 20 candidates (5 functions x 4 bugs) are all far shorter than 100000 characters
-    assert main(["augment", "--config", config, f"output_dir={tmp_path}", "filters.min_chars=100000",
+    assert main(["augment", "--overwrite", "--config", config, f"output_dir={tmp_path}", "filters.min_chars=100000",
                  "filters.max_chars=null"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit")]  # not the bar's
     assert err == [f"alignkit augment: error: augment code_bugs: no record to write: every one of the 20 candidate(s) "

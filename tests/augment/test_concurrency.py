@@ -131,7 +131,8 @@ def test_a_request_failing_after_its_retries_stops_the_job_and_keeps_the_cache(t
         fifth = rows(out)[4]["meta"]["original"]  # row 5 (none of rows 1-5 is dropped)
         fake.fail_when = lambda messages: fifth in messages[-1]["content"]
         capsys.readouterr()
-        args = ["paraphrase", SEEDS, "options.n=2", "llm.concurrency=4", "llm.retries=1", "llm.backoff=0"]
+        args = ["paraphrase", SEEDS, "options.n=2", "llm.concurrency=4", "llm.retries=1", "llm.backoff=0",
+                "--overwrite"]  # (another config than the previous run's: replacing it is asked for)
         assert run_llm(out, url, *args) == 2  # the endpoint failed, not alignkit: an error with its fix, exit 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"alignkit augment: error: {url}/chat/completions: gave up after 2 attempts; last error: "

@@ -45,7 +45,8 @@ def test_dpo_eval_with_an_infinite_weight_is_one_line_and_writes_no_metrics(tiny
     before = earlier_run(out, "eval")
     capsys.readouterr()
     assert main(["-q", "eval", "--config", str(CONFIGS / "eval-dpo-tiny.yaml"), f"model.path={folder}",
-                 "model.adapter_path=null", f"method.reference_path={src}", f"data.path={DATA}", f"output_dir={out}"]) == 2
+                 "model.adapter_path=null", f"method.reference_path={src}", f"data.path={DATA}", f"output_dir={out}",
+                 "--overwrite"]) == 2  # (over the earlier eval's metrics.json: asked to replace it)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit eval")]
     assert len(err) == 1 and err[0].startswith("alignkit eval: error: eval: ")
     # the first of the 6 bundled pairs is named; all 6 are NaN (the inf reaches every position's hidden state)

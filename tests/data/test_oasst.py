@@ -311,3 +311,53 @@ def test_a_batch_of_tree_rows_read_alone_is_named_by_its_rows_not_its_text(caplo
         "train_dataset rows 0-1: OASST filters removed {'lang': 2, 'removed with their parent': 0}",
         "train_dataset rows 0-1: reader_options.langs ['en'] matches no tree's first message (their languages: "
         "{'de': 2}), so every tree was removed; set langs to some of those"]
+
+
+# F6 (audit, session 25): filter typos. The valid tree states are Open-Assistant's `State` enum
+# (backend/oasst_backend/models/message_tree_state.py), written out here, not taken from the reader.
+OA_STATES = ["initial_prompt_review", "prompt_lottery_waiting", "growing", "ranking", "backlog_ranking",
+             "ready_for_scoring", "scoring_failed", "ready_for_export", "aborted_low_grade", "halted_by_moderator"]
+
+
+@pytest.mark.parametrize("states,typo", [("ready", "ready"),
+                                         (["ready_for_export", "prompt_lottery_wating"], "prompt_lottery_wating")])
+def test_a_tree_state_open_assistant_does_not_have_is_refused_listing_the_valid_ones(states, typo):
+    """`tree_states: ready` kept no tree with only an INFO line, and a typo beside a valid state was silent."""
+    with pytest.raises(DataError) as e:
+        load_records(TREES, kind="sft", tree_states=states)
+    text = str(e.value)
+    assert f"tree_states: {typo!r} is not an Open-Assistant tree state" in text and "\n" not in text
+    assert all(state in text for state in OA_STATES)
+    assert len(load_records(TREES, kind="sft", tree_states=["ready_for_export", "growing"])) == 202  # valid: read
+
+
+def test_a_language_matching_no_tree_beside_one_that_matches_is_warned_once_per_value(caplog):
+    """`langs: [en, dee]` kept the English trees and said nothing of 'dee'."""
+    with caplog.at_level("WARNING", logger="alignkit.data.oasst"):
+        assert len(load_records(TREES, kind="sft", langs=["en", "dee", "xx", "DEE"])) == 202  # the docstring's count
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2, said  # 'dee' (given twice, case aside) and 'xx', once each
+    assert "langs value 'dee' matches no tree's first message (their languages: {'en': 40})" in said[0]
+    assert "langs value 'xx'" in said[1]
+
+
+def test_filters_removing_every_tree_are_named_with_the_values_the_file_holds(caplog):
+    """A valid state no tree of the file is in removed all 40 trees: an INFO line, then the CLI's "holds no sft
+    records" named no filter. Now a warning, and the CLI's error names the filter and the file's states."""
+    from alignkit.cli.data import read_records
+    from alignkit.settings import ConfigError, DataSettings
+
+    with caplog.at_level("WARNING", logger="alignkit.data.oasst"):
+        assert load_records(TREES, kind="sft", tree_states="growing") == []
+    assert "removed all 40 trees" in caplog.text and "{'ready_for_export': 40}" in caplog.text
+    ds = DataSettings(path=str(TREES), reader_options={"tree_states": ["growing"]})
+    with pytest.raises(ConfigError) as e:
+        read_records(ds.path, ds, "sft", None, "data.path")
+    text = str(e.value)
+    assert text.startswith(f"data.path: {TREES} holds no sft records; ") and "\n" not in text
+    assert "tree_states ['growing'] removed 40 (the file's tree states: {'ready_for_export': 40})" in text
+    ds = DataSettings(path=str(TREES), reader_options={"langs": ["de"]})
+    with pytest.raises(ConfigError) as e:  # 3 roots are synthetic (drop_synthetic), the other 37 English
+        read_records(ds.path, ds, "sft", None, "data.path")
+    assert "langs ['de'] removed 37 (the languages of the trees' first messages: {'en': 40})" in str(e.value)
+    assert "drop_synthetic=true removed 3" in str(e.value)

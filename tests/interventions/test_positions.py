@@ -11,7 +11,7 @@ from alignkit.data.positions import (
 
 
 @pytest.mark.parametrize("spec,first,last", [("l1", 0, 1), ("f1", 1, 0), ("f3+l3", 3, 3), ("f5+l5", 5, 5),
-                                             ("l2+f1", 1, 2), (" F2 + L4 ", 2, 4)])
+                                             ("l2+f1", 1, 2), ("f12+l10", 12, 10)])
 def test_parse(spec, first, last):
     p = Positions.parse(spec)
     assert (p.first_n, p.last_n) == (first, last)
@@ -22,6 +22,16 @@ def test_parse(spec, first, last):
 def test_parse_rejects(bad):
     with pytest.raises(ValueError):
         Positions.parse(bad)
+
+
+@pytest.mark.parametrize("loose", ["F1", "f1+L2", "f 1", " f1", "f1 + l1", "f01", "l007", "f\u0663", "l\uff11",
+                                   "f1\n"])
+def test_parse_refuses_what_pyreft_does_not_write_naming_the_spec_and_the_grammar(loose):
+    # pyreft's parse_positions strips lowercase 'f' / 'l' and its validator matches ^[fl]\d+$: upper case, spaces,
+    # leading zeros and non-ASCII digits (int() reads '\u0663' as 3) were taken as f1 / f3 before
+    with pytest.raises(ValueError) as e:
+        Positions.parse(loose)
+    assert repr(loose) in str(e.value) and "f<n>+l<n>" in str(e.value) and "lowercase" in str(e.value)
 
 
 def test_width():

@@ -95,9 +95,9 @@ def test_augment_killed_while_asking_keeps_the_previous_run_and_its_rerun_equals
         with lock:
             answered["hold_after"] = answered["n"] + 1  # the killed run: one new answer cached, the next one held
         llm = f"llm={{kind: openai, base_url: '{url}', model: fake, concurrency: 1}}"
-        child = subprocess.Popen([sys.executable, "-m", "alignkit", "-q", "augment", "strategy=paraphrase", data,
-                                  f"output_dir={out}", llm, "options.n=3"], env=child_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        child = subprocess.Popen([sys.executable, "-m", "alignkit", "-q", "augment", "--overwrite",
+                                  "strategy=paraphrase", data, f"output_dir={out}", llm, "options.n=3"],
+                                 env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 240
             while len(cache_entries(out)) <= len(cached):
@@ -119,7 +119,7 @@ def test_augment_killed_while_asking_keeps_the_previous_run_and_its_rerun_equals
         assert len(entries) == len(cached) + 1 and all(entries[k] == v for k, v in cached.items())
         assert all(json.loads(v)["content"] for v in entries.values())
         paid = len(fake.requests)
-        assert run_llm(out, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=3") == 0
+        assert run_llm(out, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=3", "--overwrite") == 0
         assert json.loads((out / "summary.json").read_text())["cache_hits"] == len(entries)  # nothing asked twice
         assert run_llm(fresh, url, "paraphrase", "bundled:data/seed_tasks.jsonl", "options.n=3") == 0
         assert len(fake.requests) - paid == 24 + 24 - len(entries)  # 8 rows x 3, once each run, less the cached
@@ -153,7 +153,7 @@ def test_a_bad_record_half_way_leaves_the_previous_run_byte_equal(tmp_path, caps
     assert main([*base, f"data.path={good}"]) == 0
     before = snapshot(out)
     capsys.readouterr()
-    assert main([*base, f"data.path={bad}"]) == 2
+    assert main([*base, f"data.path={bad}", *(["--overwrite"] if command != "sample" else [])]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and f"{bad}:3" in err[0], err
     assert snapshot(out) == before
@@ -235,7 +235,8 @@ def test_a_command_killed_between_two_writes_leaves_a_set_its_readers_refuse(tmp
     assert main([*base, "data.max_records=3"]) == 0
     before = {n: (out / n).read_bytes() for n in (results, other)}
     read(out / results)  # a finished set reads
-    child = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITES, *killed_at, *base, "data.max_records=2"],
+    child = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITES, *killed_at, *base, "data.max_records=2",
+                            "--overwrite"],
                            env=child_env(), capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     assert (out / results).read_bytes() != before[results]  # the new results ...
@@ -248,7 +249,7 @@ def test_a_command_killed_between_two_writes_leaves_a_set_its_readers_refuse(tmp
                      "model.adapter_path=null", f"data.path={out / results}", f"output_dir={tmp_path / 'g'}"]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and f"{out / results}" in err[0] and "did not finish" in err[0], err
-    assert main([*base, "data.max_records=2"]) == 0  # the rerun finishes the set
+    assert main([*base, "data.max_records=2"]) == 0  # the rerun finishes the set (an unfinished one: no --overwrite)
     read(out / results)
 
 

@@ -6,8 +6,9 @@
 Writes <output_dir>/augmented.jsonl (records + `meta` provenance), summary.json (counts, drops by reason,
 requests sent, cache hits), config.yaml, TensorBoard events (tensorboard/augment) and a histogram of the written
 records' sizes (plots/augment-record_chars.png). The LLM's answers are cached in <output_dir>/cache (or
-`llm.cache_dir`): running the same config again sends no request for what it already asked. Unlike the
-training commands, reusing an output_dir is expected (that is how the cache pays off); augmented.jsonl is
+`llm.cache_dir`): running the same config again sends no request for what it already asked. Running the same
+config into the same output_dir is expected (that is how the cache pays off); a folder holding an earlier run of
+another config is refused unless --overwrite (`runfolder.check_earlier_outputs`). augmented.jsonl is
 replaced atomically, and only by a run that writes records: a run that fails, or keeps no record, leaves the
 folder's augmented.jsonl, summary.json and config.yaml as the previous run wrote them. They are one set
 (`run_commit.output_set`): alignkit_augment_outputs.json is marked unfinished just before augmented.jsonl is

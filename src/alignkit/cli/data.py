@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data import PreferenceRecord, RankedRecord, TokenizeConfig, load_records, split_records, tokenize_records
+from alignkit.data.oasst import emptied_reads
 from alignkit.data.prepare import check_dropped as drop_share
 from alignkit.data.readers import check_options, native_kind, reader_of
 from alignkit.data.readers.rows import (NamedRows, dataset_data_files, first_row, has_splits, is_saved_dataset,
@@ -54,13 +55,14 @@ def read_each(paths: str | list[str] | None, ds: DataSettings, kind: str, split:
               inherited_split: str | None = None) -> list[list]:
     """`read_records`, one list of records per path."""
     out = []
-    for p in _paths(paths):
-        source = data_path(p)
-        which = split if split is not None else inherited_split if has_splits(source) else None
-        out.append(load_records(source, kind, reader=ds.reader, on_invalid=ds.on_invalid, split=which,
-                                **ds.reader_options))
-    if paths is not None and not any(out):
-        raise ConfigError(f"{where}: {paths} holds no {kind} records")
+    with emptied_reads() as emptied:
+        for p in _paths(paths):
+            source = data_path(p)
+            which = split if split is not None else inherited_split if has_splits(source) else None
+            out.append(load_records(source, kind, reader=ds.reader, on_invalid=ds.on_invalid, split=which,
+                                    **ds.reader_options))
+    if paths is not None and not any(out):  # an OASST read whose filters removed every tree: they are named
+        raise ConfigError(f"{where}: {paths} holds no {kind} records" + "".join(f"; {e}" for e in emptied))
     return out
 
 

@@ -23,6 +23,9 @@ CONFIG_COMMANDS: dict[str, tuple[bool, bool]] = {
     "eval": (False, False), "generate": (False, False), "sample": (False, False), "annotate": (False, True),
     "augment": (False, False),
 }
+# commands that add their files to output_dir as one set (`run_commit.output_set`): an earlier set there is
+# refused unless --overwrite (`runfolder.check_earlier_outputs`)
+REPLACE_COMMANDS = ("eval", "generate", "augment")
 
 
 # example overrides for `key=value`'s help, the first two that `command` takes (`override_example`)
@@ -51,6 +54,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str, run_fold
         parser.add_argument("--overwrite", action="store_true",
                             help="replace an existing output_dir as a whole: the new run is written beside it and "
                                  "swapped in when it finishes (the old run stays untouched if the new one fails)")
+    elif command in REPLACE_COMMANDS:
+        parser.add_argument("--overwrite", action="store_true",
+                            help=f"replace the outputs of an earlier `alignkit {command}` in output_dir (refused "
+                                 "without it; its files are replaced only once the new ones are written)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"dotted overrides parsed as YAML scalars, e.g. {override_example(command)}")
 
@@ -140,5 +147,5 @@ def keys_epilog(command: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONFIG_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments", "keys_epilog",
-           "override_example", "settable_keys"]
+__all__ = ["CONFIG_COMMANDS", "REPLACE_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments",
+           "keys_epilog", "override_example", "settable_keys"]

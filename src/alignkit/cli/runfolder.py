@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import shlex
 from dataclasses import dataclass, field
@@ -16,11 +17,11 @@ import yaml
 
 from alignkit.adapters.config import used_parts
 from alignkit.cli.data import check_sources, command_record_kind
-from alignkit.cli.helptext import add_command_parser
+from alignkit.cli.helptext import REPLACE_COMMANDS, add_command_parser
 from alignkit.models.efficiency import check_model_kernels
 from alignkit.run_commit import (
-    STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, recover_swap, refuse_foreign,
-    remove_own, resumed_step, truncate_metrics,
+    STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, outputs_manifest, recover_swap,
+    refuse_foreign, remove_own, resumed_step, truncate_metrics,
 )
 from alignkit.runs import RunFolder, is_main_process
 from alignkit.settings import ConfigError, command_of, dump_config, load_config, save_config
@@ -51,6 +52,7 @@ def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
                 check_code_allowed(getattr(cfg, "annotator", None), allow_code=False)  # that passes, runs
             return dry_run(cfg, args, dry)
         check_output_dir(Path(cfg.output_dir))  # every config command writes there: before any work
+        check_earlier_outputs(cfg, bool(getattr(args, "overwrite", False)))
         return work(cfg, args)
 
     p = add_command_parser(sub, command, text)
@@ -109,6 +111,9 @@ def check_output(cfg: Any, args: argparse.Namespace | None) -> str:
     final = Path(cfg.output_dir)
     if command_of(cfg) not in (*TRAIN_COMMANDS, *ONLINE_COMMANDS):
         check_output_dir(final)
+        found = check_earlier_outputs(cfg, bool(getattr(args, "overwrite", False)))
+        if found:
+            return f"output_dir {final}: the earlier outputs there ({', '.join(found)}) are replaced"
         return f"output_dir {final}: " + ("a folder; this command adds its files to it" if final.is_dir() else
                                           "created when the run starts")
     resume, overwrite = bool(getattr(args, "resume", False)), bool(getattr(args, "overwrite", False))
@@ -192,6 +197,51 @@ def check_output_dir(final: Path) -> None:
     if above is not None:
         raise ConfigError(f"output_dir: {final} lies under {above}, which is a file, not a folder; choose another "
                           "output_dir")
+
+
+# the files of a command's set (`run_commit.output_set`) that mark an earlier run of it: its manifest, then these
+EARLIER_OUTPUTS = {"eval": ("metrics.json",), "generate": ("generations.jsonl", "generation_metrics.json"),
+                   "augment": ("augmented.jsonl", "summary.json")}
+
+
+def check_earlier_outputs(cfg: Any, overwrite: bool) -> list[str]:
+    """ConfigError when `cfg.output_dir` holds the outputs of an earlier run of the command (eval / generate /
+    augment: `REPLACE_COMMANDS`) and `overwrite` (--overwrite) is off: a rerun replaced the earlier results without a
+    word (comparing two checkpoints into one folder lost the first's numbers). Another command's files (eval into a
+    training run folder) are no earlier outputs; nor is, for `augment`, a set made with the same config (its
+    config.yaml: rerunning it is how its LLM cache pays off, and it writes the same records). Returns the files
+    found (to be replaced); [] else."""
+    final, command = Path(cfg.output_dir), command_of(cfg)
+    if command not in REPLACE_COMMANDS or not final.is_dir():
+        return []
+    names = [outputs_manifest(final, command).name, *EARLIER_OUTPUTS.get(command, ())]
+    found = [n for n in names if (final / n).is_file()]
+    if not found or overwrite or unfinished_set(final, command) or \
+            (command == "augment" and same_config(cfg, final / "config.yaml")):
+        return found
+    raise ConfigError(f"output_dir: {final} already holds the outputs of an earlier `alignkit {command}` "
+                      f"({', '.join(found)}); pass --overwrite to replace them, or choose another output_dir")
+
+
+def unfinished_set(final: Path, command: str) -> bool:
+    """Whether the set in `final` is marked unfinished (a run killed between two writes: its readers refuse it and
+    name the rerun, which is not refused then)."""
+    try:
+        m = json.loads(outputs_manifest(final, command).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("complete") is False
+
+
+def same_config(cfg: Any, saved: Path) -> bool:
+    """Whether `saved` (a run's resolved config) holds the settings of `cfg`, `output_dir` aside."""
+    try:
+        old = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return False
+    if not isinstance(old, dict):
+        return False
+    return not [c for c in config_changes(old, yaml.safe_load(dump_config(cfg))) if c[0] != "output_dir"]
 
 
 def named_checkpoint(cfg: Any, checkpoint: str, final: Path, holds: bool, overwrite: bool, label: str) -> Path:

@@ -8,8 +8,12 @@ Filters (applied first): trees whose `tree_state` is not in `tree_states` (defau
 "ready_for_export"; None keeps all; a string is one state) are skipped; a message that is deleted
 (`drop_deleted`), synthetic (`drop_synthetic`), not reviewed positively (`review_result` False or
 missing/None, `drop_unreviewed`) or not in `langs` (None keeps every language; a string is one; matched
-case-insensitively) is removed **with its whole subtree**, since its replies answer it. `langs` that match
-no tree's first message log a warning naming the languages there. A summary of what each filter removed is logged.
+case-insensitively) is removed **with its whole subtree**, since its replies answer it. A `tree_states` value that is
+no Open-Assistant tree state (`TREE_STATES`, its backend's `State`) is refused listing the valid ones; each `langs`
+value that matches no tree's first message logs a warning naming the languages there. A summary of what each filter
+removed is logged; filters that removed every tree of a whole read are warned about in one line naming each filter, the
+trees it removed and the values the file holds (`removed_everything`; `alignkit.cli.data` adds it to its "holds no
+records" error).
 
 SFT (`kind="sft"`, `mode`):
 - "leaves" (default): one thread per distinct conversation end. Every leaf gives the path from the root
@@ -63,8 +67,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from alignkit.data.readers.columns import where_of
 from alignkit.data.readers.notes import ReaderNotes
@@ -287,10 +293,24 @@ def oa_threads(root: dict, kind: str, skipped: Counter | None = None) -> list[li
     return out
 
 
+def oa_states(kind: str) -> tuple[str, ...]:
+    """The tree states preset "oasst" keeps (Open-Assistant's `load_oasst_export`: its "rl" mode also takes trees
+    waiting in the prompt lottery)."""
+    return ("ready_for_export", "prompt_lottery_waiting") if kind == "prompt" else ("ready_for_export",)
+
+
+def oa_removal(row: dict, kind: str, langs: Sequence[str], root: dict) -> str | None:
+    """Why preset "oasst" removes the tree of `row` whole (its state, root review or language), or None."""
+    if row.get("tree_state") not in oa_states(kind):
+        return "tree_state"
+    if not root.get("review_result"):
+        return "unreviewed"
+    return "lang" if message_lang(root) not in langs else None
+
+
 def _oa_convert(row: dict, where: str, kind: str, langs: Sequence[str], tree_id: str, root: dict,
                 removed: Counter, skipped: Counter) -> list:
-    states = ("ready_for_export", "prompt_lottery_waiting") if kind == "prompt" else ("ready_for_export",)
-    if row.get("tree_state") not in states or not root.get("review_result") or message_lang(root) not in langs:
+    if oa_removal(row, kind, langs, root) is not None:
         removed["tree (state, root review or language)"] += 1
         return []
     for m in _walk(root):
@@ -324,6 +344,10 @@ def _walk(m: dict):
 
 
 PRESETS = ("strict", "oasst")
+# Open-Assistant's message tree states (backend/oasst_backend/models/message_tree_state.py, `State`): a tree export's
+# `tree_state` is one of them; `tree_states` naming another is a typo that would keep no tree
+TREE_STATES = ("initial_prompt_review", "prompt_lottery_waiting", "growing", "ranking", "backlog_ranking",
+               "ready_for_scoring", "scoring_failed", "ready_for_export", "aborted_low_grade", "halted_by_moderator")
 # The options of the strict preset, with their defaults; which record kind reads each (None: every kind).
 STRICT_OPTIONS = {"mode": ("leaves", "sft"), "prompts": ("roots", "prompt"), "drop_deleted": (True, None),
                   "drop_synthetic": (True, None), "drop_unreviewed": (True, None),
@@ -375,15 +399,49 @@ def check_kind_and_flags(kind: str, **flags: Any) -> None:
                             f"{type(value).__name__}); write it without quotes")
 
 
+def check_tree_states(tree_states: Sequence[str] | None) -> None:
+    """DataError naming the first of `tree_states` that is no Open-Assistant tree state (`TREE_STATES`): a typo
+    ('ready') kept no tree, or, beside a valid state, nothing of what it meant, without a word."""
+    for state in tree_states or ():
+        if state not in TREE_STATES:
+            raise DataError(f"data.reader_options.tree_states: {state!r} is not an Open-Assistant tree state; valid: "
+                            f"{', '.join(TREE_STATES)}")
+
+
+def removed_everything(source: str, notes: dict) -> str | None:
+    """The one-line error for a read whose filters removed every tree (`notes` of `read_oasst_rows`): which filter
+    removed how many trees, with the values the file holds; None when a tree was kept or none was read."""
+    roots, trees = notes.get("roots_removed") or {}, sum(n for _, n in notes["root_langs"])
+    if notes["records"] or notes.get("kept", 1) or not trees:
+        return None
+    said = {"tree_state": lambda n: f"tree_states {notes.get('tree_states')} removed {n} (the file's tree states: "
+                                    f"{dict((k, v) for k, v in notes.get('states') or [])})",
+            "lang": lambda n: f"langs {notes['wanted']} removed {n} (the languages of the trees' first messages: "
+                              f"{dict((k, v) for k, v in notes['root_langs'])})"}
+    parts = [said[k](n) if k in said else f"drop_{k}=true removed {n}" for k, n in sorted(roots.items())]
+    preset = " (preset 'oasst': Open-Assistant's own rules)" if notes["preset"] == "oasst" else ""
+    return (f"{source}: the OASST filters removed all {trees} trees{preset}: reader_options {'; '.join(parts)}; set "
+            "them to values the file holds")
+
+
 def say_oasst_notes(source: str, notes: dict) -> None:
     """Say a read's notes (`ReaderNotes.oasst`, from `read_oasst_rows`; a trainer's map batches' summed): what it
     left out (`log_left_out`), and a warning when the wanted languages match no tree's first message."""
     removed, skipped = Counter(notes["removed"]), Counter(notes["skipped"])
     log_left_out(source, notes["kind"], notes["preset"], notes["records"], removed, skipped)
     wanted, root_langs = notes["wanted"], {lang: n for lang, n in notes["root_langs"]}
-    if wanted is not None and root_langs and not any(str(lang or "").lower() in wanted for lang in root_langs):
+    seen = {str(lang or "").lower() for lang in root_langs}
+    if wanted is not None and root_langs and not seen & set(wanted):
         logger.warning("%s: reader_options.langs %s matches no tree's first message (their languages: %s), so "
                        "every tree was removed; set langs to some of those", source, wanted, root_langs)
+        return
+    if wanted is not None and root_langs:  # a typo beside a language that matches: once per value
+        for lang in dict.fromkeys(w for w in wanted if w not in seen):
+            logger.warning("%s: reader_options.langs value %r matches no tree's first message (their languages: %s), "
+                           "so it keeps nothing; correct it or remove it", source, lang, root_langs)
+    everything = removed_everything(source, notes)
+    if everything is not None:  # (tree_states, drop_*: a langs matching nothing is said above)
+        logger.warning(everything)
 
 
 def log_left_out(source: str, kind: str, preset: str, n_records: int, removed: Counter, skipped: Counter) -> None:
@@ -411,6 +469,7 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
                          drop_unreviewed=drop_unreviewed)
     if isinstance(tree_states, str):  # one state, as `langs` (YAML `tree_states: ready_for_export`), not a substring
         tree_states = [tree_states]
+    check_tree_states(tree_states)
     if langs is not None:
         langs = [str(lang).lower() for lang in ([langs] if isinstance(langs, str) else langs)]
     filters = Filters(langs, drop_deleted, drop_synthetic, drop_unreviewed)
@@ -422,45 +481,75 @@ def read_oasst_rows(rows: Any, name: str, *, kind: str = "sft", mode: str = "lea
                   drop_unreviewed=drop_unreviewed, tree_states=tree_states)
     oa_langs = ["en"] if langs is None else langs
     root_langs: Counter = Counter()
+    states: Counter = Counter()  # the trees' tree_state values
+    roots: Counter = Counter()  # the trees removed whole, by the filter that removed them; "kept": the others
 
     def convert(row: dict, where: str) -> list:
         tree_id = get_field(row, "message_tree_id", where, str, "the tree's id")
         root_msg = get_field(row, "prompt", where, dict, "the tree's root message")
         root_langs[root_msg.get("lang")] += 1
+        states[row.get("tree_state")] += 1
         if preset == "oasst":
+            roots[oa_removal(row, kind, oa_langs, root_msg) or "kept"] += 1
             return _oa_convert(row, where, kind, oa_langs, tree_id, root_msg, removed, skipped)
         if tree_states is not None and row.get("tree_state") not in tree_states:
             removed[f"tree_state={row.get('tree_state')}"] += 1
+            roots["tree_state"] += 1
             return []
         if root_msg.get("role") != "prompter":
             raise DataError(f"{where}: tree {tree_id} starts with role {root_msg.get('role')!r}; a tree's root "
                             f"must be a 'prompter' message")
         root = build_tree(root_msg, filters, where, removed)
-        if root is None:
-            return []
-
-        def rid(n: Node) -> str:
-            return f"{where} tree={tree_id} message={n.id}"
-
-        def meta(n: Node) -> dict:
-            return {"tree_id": tree_id, "message_id": n.id, "lang": n.lang}
-
-        if kind == "sft":
-            return [SFTRecord([n.message() for n in p[:-1]], [p[-1].message()], id=rid(p[-1]),
-                              meta={**meta(p[-1]), "thread": [n.id for n in p]})
-                    for p in sft_threads(root, mode)]
-        if kind == "ranked":
-            return [RankedRecord([n.message() for n in p], [[r.message()] for r in replies],
-                                 ranks=[r.rank for r in replies], id=rid(p[-1]), meta=meta(p[-1]))
-                    for p, replies in ranked_groups(root, skipped)]
-        return [PromptRecord([n.message() for n in p], id=rid(p[-1]), meta=meta(p[-1]))
-                for p in prompter_paths(root, prompts)]
+        roots[filters.reason(root_msg) or "kept"] += 1
+        return [] if root is None else tree_records(root, kind, mode, prompts, where, tree_id, skipped)
 
     records = collect(rows, convert, on_invalid, name=str(source))
     # said by say_oasst_notes; a trainer's map batches' summed and said once per dataset (readers.notes)
     notes = {"kind": kind, "preset": preset, "wanted": oa_langs if preset == "oasst" else langs,
              "records": len(records), "removed": dict(removed), "skipped": dict(skipped),
-             "root_langs": [[lang, n] for lang, n in root_langs.items()]}
+             "root_langs": [[lang, n] for lang, n in root_langs.items()],
+             "states": [[state, n] for state, n in states.items()], "kept": roots.pop("kept", 0),
+             "roots_removed": dict(roots), "tree_states": list(oa_states(kind) if preset == "oasst" else tree_states)
+             if preset == "oasst" or tree_states is not None else None}
     if not ReaderNotes(oasst=notes).held():
+        everything = removed_everything(source, notes)
+        if everything is not None and _EMPTIED.get() is not None:  # for the caller's "holds no records" error
+            _EMPTIED.get().append(everything)
         say_oasst_notes(source, notes)
     return records
+
+
+def tree_records(root: Node, kind: str, mode: str, prompts: str, where: str, tree_id: str, skipped: Counter) -> list:
+    """The `kind` records of one filtered tree `tree_id` of row `where` (strict preset)."""
+    def rid(n: Node) -> str:
+        return f"{where} tree={tree_id} message={n.id}"
+
+    def meta(n: Node) -> dict:
+        return {"tree_id": tree_id, "message_id": n.id, "lang": n.lang}
+
+    if kind == "sft":
+        return [SFTRecord([n.message() for n in p[:-1]], [p[-1].message()], id=rid(p[-1]),
+                          meta={**meta(p[-1]), "thread": [n.id for n in p]})
+                for p in sft_threads(root, mode)]
+    if kind == "ranked":
+        return [RankedRecord([n.message() for n in p], [[r.message()] for r in replies],
+                             ranks=[r.rank for r in replies], id=rid(p[-1]), meta=meta(p[-1]))
+                for p, replies in ranked_groups(root, skipped)]
+    return [PromptRecord([n.message() for n in p], id=rid(p[-1]), meta=meta(p[-1]))
+            for p in prompter_paths(root, prompts)]
+
+
+_EMPTIED: ContextVar[list[str] | None] = ContextVar("alignkit_oasst_emptied", default=None)
+
+
+@contextmanager
+def emptied_reads() -> Iterator[list[str]]:
+    """Within it, the list it yields collects the `removed_everything` line of each whole OASST read whose filters
+    removed every tree (also logged as a warning), so a caller refusing data that "holds no records"
+    (`alignkit.cli.data.read_each`) names the filter and the values the file holds. A read whose filters removed
+    a file's every tree is no error by itself: `langs: [en]` over an English and a German file keeps the first."""
+    token = _EMPTIED.set([])
+    try:
+        yield _EMPTIED.get()
+    finally:
+        _EMPTIED.reset(token)

@@ -32,7 +32,9 @@ import yaml
 from alignkit.files import atomic_write_text
 from alignkit.interventions import intervention_types
 
-_TERM = re.compile(r"^([fl])(\d+)$")
+_TERM = re.compile(r"([fl])(0|[1-9][0-9]*)")  # pyreft's grammar (lowercase, ASCII digits), fullmatch per term
+POSITIONS_GRAMMAR = ("f<n>, l<n> or f<n>+l<n> (lowercase f / l, n in ASCII digits without a leading zero, "
+                     "no spaces; e.g. 'l1', 'f1+l1', 'f5+l5')")
 # the text formats a ReftConfig is read from: parser, the error it raises on bad text
 _PARSERS = {"JSON": (json.loads, json.JSONDecodeError), "YAML": (yaml.safe_load, yaml.YAMLError)}
 
@@ -51,17 +53,16 @@ class Positions:
 
     @classmethod
     def parse(cls, spec: "str | Positions") -> "Positions":
-        """Parse "l1", "f1", "f3+l3", "l2+f1" (order free, each letter at most once)."""
+        """Parse "l1", "f1", "f3+l3", "l2+f1" (order free, each letter at most once; `POSITIONS_GRAMMAR`)."""
         if isinstance(spec, Positions):
             return spec
         if not isinstance(spec, str):
             raise TypeError(f"positions must be a string like 'f3+l3' or a Positions, got {type(spec).__name__}")
         first = last = None
-        for term in spec.replace(" ", "").lower().split("+"):
-            m = _TERM.match(term)
-            if m is None:
-                raise ValueError(f"bad positions {spec!r}: term {term!r} is not f<n> or l<n> "
-                                 f"(examples: 'l1', 'f1+l1', 'f5+l5')")
+        for term in spec.split("+"):
+            m = _TERM.fullmatch(term)
+            if m is None:  # 'F1', 'f 1', 'f01', 'f\u0663' were read as f1 / f3: only what pyreft reads is taken
+                raise ValueError(f"bad positions {spec!r}: term {term!r} is not of the grammar {POSITIONS_GRAMMAR}")
             if (first if m.group(1) == "f" else last) is not None:
                 raise ValueError(f"bad positions {spec!r}: {m.group(1)!r} given twice")
             if m.group(1) == "f":

@@ -98,12 +98,14 @@ def merge_oasst(mine: dict | None, theirs: dict | None) -> dict | None:
     if mine is None:
         return json.loads(json.dumps(theirs))
     mine["records"] += theirs["records"]
-    for key in ("removed", "skipped"):
-        mine[key] = dict(Counter(mine[key]) + Counter(theirs[key]))
-    langs = Counter({lang: n for lang, n in mine["root_langs"]})
-    for lang, n in theirs["root_langs"]:
-        langs[lang] += n
-    mine["root_langs"] = [[lang, n] for lang, n in langs.items()]  # pairs: a null lang stays null in JSON
+    mine["kept"] = mine.get("kept", 0) + theirs.get("kept", 0)
+    for key in ("removed", "skipped", "roots_removed"):
+        mine[key] = dict(Counter(mine.get(key) or {}) + Counter(theirs.get(key) or {}))
+    for key in ("root_langs", "states"):
+        seen = Counter({value: n for value, n in mine.get(key) or []})
+        for value, n in theirs.get(key) or []:
+            seen[value] += n
+        mine[key] = [[value, n] for value, n in seen.items()]  # pairs: a null value stays null in JSON
     return mine
 
 
