@@ -105,3 +105,29 @@ def test_a_killed_servers_staging_folder_is_removed_at_the_next_start_and_a_live
     start(model, workdir).close()  # a closed server lets the next one in
     assert {str(p.relative_to(workdir)) for p in workdir.rglob("*") if p.is_file()} == {*theirs,
                                                                                       ".alignkit-vllm-serve.lock"}
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_check_refusing_the_start_leaves_no_workdir_and_no_lock(tiny_dir, tmp_path, monkeypatch, own):
+    """A --max-model-len refused above a RoPE-scaled model's context (`engine_limit`, row V16) ran after the workdir
+    was made and locked: the refusal left the temporary folder (and its lock file) behind. Now the workdir is taken
+    after every check: nothing is made for a refused start; a user's --workdir is not created either. Fails without
+    the fix: yes (the temporary folder stayed)."""
+    import tempfile
+
+    from alignkit.serve import vllm_serve
+    from alignkit.settings import ConfigError
+
+    fake_vllm(monkeypatch)
+
+    def refuse(*a, **k):
+        raise ConfigError("vllm-serve --max-model-len 99999: above the model's context")
+
+    monkeypatch.setattr(vllm_serve, "engine_limit", refuse)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    workdir = None if own else tmp_path / "w"
+    with pytest.raises(ConfigError, match="max-model-len"):
+        vllm_serve.VllmServeEngine(vllm_serve.EngineSettings(model=str(tiny_dir("llama")), max_model_len=99999),
+                                   workdir)
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "w").exists()

@@ -212,9 +212,6 @@ class VllmServeEngine:
                            "finetuned policy), or train the LoRA policy with method.generation_backend=transformers")
         from vllm import LLM  # (after the checks: they need no engine)
 
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-serve-"))
-        self._lock: IO[str] | None = claim_workdir(self.workdir)  # before the engine's start: a refusal is quick
         self.hf_config = hf  # for the served model's skeleton a pushed LoRA is checked against (`lora_fits`)
         self.skeleton: Any = None
         self.config = {k: getattr(hf, k, None) for k in MATCH_KEYS}
@@ -231,6 +228,15 @@ class VllmServeEngine:
             kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
         if settings.enable_lora:
             kw.update(enable_lora=True, max_loras=1, max_lora_rank=settings.max_lora_rank)
+        # the workdir is made and claimed after every check above (a refusal leaves no folder, no lock behind) and
+        # before the engine's start (a second server on it is refused quickly)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="alignkit-vllm-serve-"))
+        try:
+            self._lock: IO[str] | None = claim_workdir(self.workdir)
+        except BaseException:
+            self.close()
+            raise
         t0 = time.perf_counter()
         try:
             self.llm = LLM(**kw)
