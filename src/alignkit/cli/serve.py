@@ -36,7 +36,8 @@ FLAG_HELP = {
     "device": "cpu, cuda, cuda:1 ... (null: cuda if available)", "max_batch_rows": "rows decoded together at most",
     "max_queue": "requests waiting at most", "max_prompt_tokens": "longest prompt accepted",
     "max_new_tokens": "most tokens a request may ask for",
-    "default_max_tokens": "max_tokens of a request that sets none (at most the context left after its prompt)",
+    "default_max_tokens": "max_tokens of a request that sets none (null: the context left after its prompt, capped "
+                          "by max_new_tokens, as vLLM; a number: at most that context left)",
     "request_timeout": "seconds a request may take",
     "output_dir": "write metrics.jsonl, tensorboard/serve/ and plots/ of the server here",
     "log_every": "seconds between two metrics rows",
