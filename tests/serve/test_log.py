@@ -27,6 +27,7 @@ def test_serve_log_counts_what_was_served(serve_stack, tmp_path):
                for m, t in (("base", 5), ("polite", 7), ("base", 3))]
         mid = log.sample()
         plots = log.stop()
+        assert log.stop() == plots  # once only: the server's `finally` after its shutdown hook adds no second row
     finally:
         engine.stop()
     served = sum(len(c["token_ids"]) for r in got for c in r["choices"])

@@ -90,6 +90,8 @@ class ServeLog:
         self._origin = 0.0  # time.time() of the folder's first row: TensorBoard steps and plots count from it
         self._step = -1  # the TensorBoard step of the folder's last row
         self._last: dict[str, float] = {}
+        self._stopped = False
+        self._plots: list[Path] = []  # what `stop` drew
 
     def _totals(self) -> dict[str, float]:
         s = self.engine.stats
@@ -174,6 +176,7 @@ class ServeLog:
         for r in previous:  # the steps the previous starts' rows took
             self._step = max(int(round(float(r["time"]) - self._origin)), self._step + 1)
         self._last = {}
+        self._stopped, self._plots = False, []
         self.sample("start")
         self._thread = threading.Thread(target=self._loop, name="alignkit-serve-log", daemon=True)
         self._thread.start()
@@ -188,7 +191,11 @@ class ServeLog:
                 logger.warning("serve metrics: could not write %s: %s", self.path, e)
 
     def stop(self) -> list[Path]:
-        """Last row, TensorBoard closed, plots drawn from this start's rows. Returns the plot files."""
+        """Last row, TensorBoard closed, plots drawn from every start's rows. Returns the plot files. Once only: a
+        second call (the server's `finally` after its shutdown hook) returns them again and writes nothing."""
+        if self._stopped:
+            return self._plots
+        self._stopped = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.every + 5)
@@ -198,7 +205,8 @@ class ServeLog:
             self._writer.close()
             self._writer = None
         rows = [{**r, "elapsed_s": r["time"] - self._origin} for r in self._read_rows() or self._rows]
-        return plot_metrics(rows, self.folder / "plots", plots=SERVE_PLOTS, x="elapsed_s")
+        self._plots = plot_metrics(rows, self.folder / "plots", plots=SERVE_PLOTS, x="elapsed_s")
+        return self._plots
 
     def _read_rows(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl that carry a numeric `time` (every start's; a damaged line is skipped)."""
