@@ -473,6 +473,9 @@ def prometheus_text(engine: Engine, http_errors: dict[int, int] | None = None) -
     metric("alignkit_request_failures_total", "counter", "Requests that did not complete, by reason.",
            [('{reason="error"}', s.errors), ('{reason="timeout"}', s.timeouts), ('{reason="cancelled"}', s.cancelled),
             ('{reason="queue_full"}', s.rejected)])
+    metric("alignkit_short_reft_prompts_total", "counter", "Prompts shorter than their ReFT adapter's positions "
+           "need (edited at fewer positions), per served model.",
+           [(f'{{model="{_esc(m)}"}}', s.short_prompts.get(m, 0)) for m in names])
     metric("alignkit_http_errors_total", "counter", "HTTP error responses, by status.",
            [(f'{{status="{k}"}}', v) for k, v in sorted((http_errors or {}).items())])
     metric("alignkit_forwards_total", "counter", "Model forwards (prefills and decode steps).", [("", s.forwards)])

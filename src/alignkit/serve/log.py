@@ -12,10 +12,11 @@ A `ServeLog` thread samples the engine's counters every `every` seconds and writ
                                         tokens/s, requests, latency against `elapsed_s`, seconds since the first start
 
 A row holds the totals since this start (`requests`, `generated_tokens`, per model under `requests/<name>` and
-`tokens/<name>`, failures by reason) and what happened in the interval since the previous row: `tokens_per_second`,
-`requests_per_second`, `mean_latency_s` and `mean_ttft_s` of the requests finished in it (absent when none did),
-plus the engine's `queue_depth` and `running_rows` at sampling time. The engine thread alone updates the counters;
-this thread only reads them (a counter dict that changes while it is copied is read again).
+`tokens/<name>`, failures by reason, `short_reft_prompts`: prompts shorter than their ReFT adapter's positions need,
+per model under `short_reft_prompts/<name>` once one came) and what happened in the interval since the previous row:
+`tokens_per_second`, `requests_per_second`, `mean_latency_s` and `mean_ttft_s` of the requests finished in it
+(absent when none did), plus the engine's `queue_depth` and `running_rows` at sampling time. The engine thread alone
+updates the counters; this thread only reads them (a counter dict that changes while it is copied is read again).
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class ServeLog:
 
     def _totals(self) -> dict[str, float]:
         s = self.engine.stats
-        requests, tokens = _copy(s.requests), _copy(s.tokens)
+        requests, tokens, short = _copy(s.requests), _copy(s.tokens), _copy(s.short_prompts)
         return {"requests": sum(requests.values()), "generated_tokens": sum(tokens.values()),
+                "short_reft_prompts": sum(short.values()), **{f"short_reft_prompts/{k}": v for k, v in short.items()},
                 "latency_count": sum(s.latency), "latency_sum": s.latency_sum, "ttft_sum": s.ttft_sum,
                 **{f"requests/{k}": v for k, v in requests.items()}, **{f"tokens/{k}": v for k, v in tokens.items()},
                 **{k: getattr(s, k) for k in _FAILURES}}
