@@ -11,11 +11,11 @@ gives the same samples, another draws other ones (a warning says so). A ReFT ada
 positions it was trained with.
 Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index;
 `generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s; with a ReFT adapter
-`reft/short_prompts`, the prompts shorter than its positions need, also one warning before generating), TensorBoard events in
-`tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written
-atomically (a kill leaves the previous file or the complete new one) as one set: `alignkit_generate_outputs.json`
-is marked unfinished first and lists every file last, and a command reading generations.jsonl from an unfinished
-set refuses it (`run_commit.output_set`).
+`reft/short_prompts`, the prompts shorter than its positions need, also one warning before generating), TensorBoard
+events in `tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are
+written atomically (a kill leaves the previous file or the complete new one) as one set:
+`alignkit_generate_outputs.json` is marked unfinished first and lists every file last, and a command reading
+generations.jsonl from an unfinished set refuses it (`run_commit.output_set`).
 """
 
 from __future__ import annotations
