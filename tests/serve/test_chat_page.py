@@ -121,3 +121,41 @@ def test_chat_page_streams_switches_and_compares(browser, serve_stack, tmp_path)
         shot = out / "serve-chat-page.png"
         assert browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+
+
+def test_chat_page_max_tokens_empty_is_the_servers_default_and_0_is_sent(browser, serve_stack):
+    """The page sent `parseInt(field) || 64`: an empty field or a typed 0 went out as max_tokens 64 (here past the
+    server's limit of 24: a 400 the user never asked for). Now an empty field (the page's default) leaves max_tokens
+    out (the server's default: the context left, capped by its max_new_tokens) and a 0 is sent as typed, so the page
+    shows the server's 400 naming it. The bodies are read from a wrapped window.fetch."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    engine = Engine(serve_stack, EngineConfig(max_new_tokens=24))
+    wait = WebDriverWait(browser, 30)
+    with running_server(engine) as url:
+        browser.get(url + "/")
+        wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) == 4)
+        browser.execute_script("""window.sent = []; const f = window.fetch;
+            window.fetch = (u, o) => { if (o && o.body) window.sent.push(JSON.parse(o.body)); return f(u, o); };""")
+        assert browser.find_element(By.ID, "max-tokens").get_attribute("value") == ""  # the page's default
+
+        def send(text):
+            browser.find_element(By.ID, "prompt").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+
+        send("Hello there")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#log-0 .msg.assistant.done, #log-0 .msg.failed"))
+        assert browser.find_element(By.ID, "error").text == ""
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#log-0 .msg.assistant.done")) == 1
+        sent = browser.execute_script("return window.sent")
+        assert len(sent) == 1 and "max_tokens" not in sent[0]
+        stats = browser.find_element(By.ID, "stats-0").text
+        assert int(stats.split(" tokens")[0]) <= 24
+
+        mt = browser.find_element(By.ID, "max-tokens")
+        mt.send_keys("0")
+        send("Hello again")
+        wait.until(lambda d: d.find_element(By.ID, "error").text != "")
+        assert browser.execute_script("return window.sent")[1]["max_tokens"] == 0
+        assert "max_tokens must be an integer >= 1, got 0" in browser.find_element(By.ID, "error").text

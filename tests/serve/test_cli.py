@@ -153,3 +153,19 @@ def test_log_every_without_output_dir_warns(serve_dirs, caplog, monkeypatch):
     with caplog.at_level("WARNING"):
         assert main(["serve", "--base", str(serve_dirs["base"]), "log_every=5"]) == 2
     assert any("log_every=5 is read only with output_dir" in r.getMessage() for r in caplog.records), caplog.text
+
+
+@pytest.mark.parametrize("base_name, adapter_name", [(None, "tiny-base"), ("x", "x"), (None, "tiny-llama")])
+def test_an_adapter_named_like_the_base_is_refused_by_the_dry_run(serve_dirs, capsys, base_name, adapter_name):
+    """`serve --dry-run --adapter tiny-base=...` on a base folder named tiny-base said 'OK', then the real start
+    failed in load_stack ('is the base model's served name'). Now the settings check refuses it, in one line naming
+    the adapter and the fix, for the folder's name, a --base-name, and tiny:<arch>'s name (tiny-<arch>)."""
+    base = "tiny:llama" if adapter_name == "tiny-llama" else str(serve_dirs["base"])
+    argv = ["serve", "--base", base, "--adapter", f"{adapter_name}={serve_dirs['adapters']['polite']}", "--dry-run"]
+    if base_name is not None:
+        argv += ["--base-name", base_name]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit serve")]
+    assert len(err) == 1 and f"adapter name {adapter_name!r} is the base model's served name; pick another name " \
+        "(or set the base's name with --base-name)" in err[0], err
+    assert main(argv[:4] + [f"polite={serve_dirs['adapters']['polite']}", "--dry-run"]) == 0  # another name: OK

@@ -237,24 +237,46 @@ def test_prompt_plus_max_tokens_past_the_models_context_is_refused(stack):
 
 
 def test_the_default_max_tokens_shrinks_to_the_context_left(stack):
-    """Without max_tokens, a prompt leaving fewer than the default 64 positions was refused ('max_tokens is 64',
+    """Without max_tokens, a prompt leaving fewer positions than the default was refused ('max_tokens is 64',
     a field the client never sent); vLLM and OpenAI shrink the default to the context left. So does the engine
     now: ctx - 10 prompt tokens get 10 new ones at most; a prompt filling the context is refused naming the
-    prompt; an explicit max_tokens that does not fit stays refused (the test above); a short prompt keeps 64."""
+    prompt; an explicit max_tokens that does not fit stays refused (the test above). A short prompt gets the whole
+    context left (it got a fixed 64, cutting most answers), capped by max_new_tokens, or a default_max_tokens set."""
     from alignkit.adapters import unwrap_lm
 
     ctx = unwrap_lm(stack.model).config.max_position_embeddings
-    assert ctx - 10 > 0 and 10 < 64
+    assert ctx - 10 > 0 and 10 < 64 and ctx > 200
     eng = Engine(stack, EngineConfig(max_prompt_tokens=4 * ctx, max_new_tokens=4 * ctx))  # not started
     req = eng.submit("base", [5] * (ctx - 10), SamplingParams(), lambda e: None)
     assert req.params.max_tokens == 10
     req.cancel()
     req = eng.submit("base", [5] * 3, SamplingParams(), lambda e: None)
-    assert req.params.max_tokens == 64  # EngineConfig.default_max_tokens
+    assert req.params.max_tokens == ctx - 3  # the context left (it was 64)
     req.cancel()
     with pytest.raises(RequestError, match=f"context is {ctx} tokens and the prompt has {ctx}: no room") as e:
         eng.submit("base", [5] * ctx, SamplingParams(), lambda e: None)
     assert e.value.param == "prompt"
+    eng = Engine(stack, EngineConfig(max_new_tokens=200))  # the server's cap below the context left
+    req = eng.submit("base", [5] * 3, SamplingParams(), lambda e: None)
+    assert req.params.max_tokens == 200
+    req.cancel()
+    eng = Engine(stack, EngineConfig(max_new_tokens=200, default_max_tokens=16))  # a default set: kept
+    req = eng.submit("base", [5] * 3, SamplingParams(), lambda e: None)
+    assert req.params.max_tokens == 16
+    req.cancel()
+
+
+def test_a_request_without_max_tokens_runs_to_the_servers_cap(stack):
+    """A request that sets no max_tokens (most OpenAI clients) was cut at 64 tokens with finish_reason "length";
+    with no end token drawn (none listed), it now runs to max_new_tokens (100 > 64), as vLLM runs to the context."""
+    eng = Engine(stack, EngineConfig(max_new_tokens=100), end_token_ids=[]).start()
+    try:
+        res = eng.generate("base", [5, 6, 7], SamplingParams(temperature=0.0), timeout=120)
+    finally:
+        eng.stop()
+    assert res["completion_tokens"] == 100
+    assert len(res["choices"][0]["token_ids"]) == 100
+    assert res["choices"][0]["finish_reason"] == "length"
 
 
 def test_queue_full_and_cancel(stack):

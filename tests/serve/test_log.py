@@ -27,6 +27,7 @@ def test_serve_log_counts_what_was_served(serve_stack, tmp_path):
                for m, t in (("base", 5), ("polite", 7), ("base", 3))]
         mid = log.sample()
         plots = log.stop()
+        assert log.stop() == plots  # once only: the server's `finally` after its shutdown hook adds no second row
     finally:
         engine.stop()
     served = sum(len(c["token_ids"]) for r in got for c in r["choices"])
@@ -236,3 +237,34 @@ def test_a_row_write_that_fails_part_way_is_cut_back(serve_stack, tmp_path, monk
     finally:
         engine.stop()
     assert [r.get("event") for r in _rows(tmp_path)] == ["start", "stop"]
+
+
+def test_each_prompt_shorter_than_a_reft_adapters_positions_is_counted_and_logged(serve_stack, tmp_path, caplog):
+    """A prompt shorter than a ReFT adapter's positions is edited at fewer positions, as training edits it (its
+    short prompts are kept, with one warning for the data set: interventions/positions.py), so it is answered (200);
+    but the server said it once per process, and every later short request went without a trace. Now each one is
+    a warning naming the request, the model, its length and the spec's minimum, and is counted per model in
+    /metrics and in the serve log's rows. 'polite' is f1+l2 with share_weights: 1 + 2 = 3 tokens at least."""
+    from alignkit.serve.api import prometheus_text
+
+    engine = Engine(serve_stack, EngineConfig(max_new_tokens=8)).start()
+    try:
+        log = ServeLog(engine, tmp_path / "serve-log", every=3600).start()
+        with caplog.at_level("WARNING"):
+            for model, ids in (("polite", [5]), ("polite", [5, 6]), ("polite", [5, 6, 7]), ("base", [5]),
+                               ("terse", [5]), ("both", [5, 6])):
+                got = engine.generate(model, ids, SamplingParams(max_tokens=2, temperature=0.0), timeout=60)
+                assert len(got["choices"][0]["token_ids"]) >= 1
+        row = log.sample()
+        log.stop()
+        text = prometheus_text(engine)
+    finally:
+        engine.stop()
+    said = [r.getMessage() for r in caplog.records if "ReFT positions" in r.getMessage()]
+    assert len(said) == 3, said  # polite twice ([5], [5, 6]), both ([5, 6]: f1+l2 too): one line each
+    assert "model 'polite' has a prompt of 1 token(s), and its ReFT positions 'f1+l2' need at least 3" in said[0]
+    assert "model 'polite' has a prompt of 2 token(s)" in said[1] and "model 'both'" in said[2]
+    assert 'alignkit_short_reft_prompts_total{model="polite"} 2' in text
+    assert 'alignkit_short_reft_prompts_total{model="both"} 1' in text
+    assert 'alignkit_short_reft_prompts_total{model="base"} 0' in text
+    assert row["short_reft_prompts"] == 3 and row["short_reft_prompts/polite"] == 2

@@ -10,11 +10,12 @@ the decode loop lacks) each batch is seeded instead (seed + the index of its fir
 gives the same samples, another draws other ones (a warning says so). A ReFT adapter intervenes on the prompt
 positions it was trained with.
 Output: `<output_dir>/generations.jsonl`, one row per sample: id, prompt, response, finish_reason, index;
-`generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s), TensorBoard events in
-`tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are written
-atomically (a kill leaves the previous file or the complete new one) as one set: `alignkit_generate_outputs.json`
-is marked unfinished first and lists every file last, and a command reading generations.jsonl from an unfinished
-set refuses it (`run_commit.output_set`).
+`generation_metrics.json` (counts, mean response length, finish-reason fractions, tokens/s; with a ReFT adapter
+`reft/short_prompts`, the prompts shorter than its positions need, also one warning before generating), TensorBoard
+events in `tensorboard/generate/` and `plots/generate-response_length.png` (`runs.write_command_outputs`). Files are
+written atomically (a kill leaves the previous file or the complete new one) as one set:
+`alignkit_generate_outputs.json` is marked unfinished first and lists every file last, and a command reading
+generations.jsonl from an unfinished set refuses it (`run_commit.output_set`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from tqdm.auto import tqdm
 from alignkit.cli.data import read_records
 from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
 from alignkit.cli.runfolder import add_config_command, start_run
+from alignkit.adapters import reft_settings
+from alignkit.interventions.positions import check_prompt_lengths, needed_length
 from alignkit.online import generate_responses
-from alignkit.online.generation import Sample, generation_metrics
+from alignkit.online.generation import Sample, encode_prompts, generation_metrics
 from alignkit.files import atomic_write_jsonl, atomic_write_text
 from alignkit.run_commit import output_set
 from alignkit.runs import is_main_process, write_command_outputs
@@ -67,6 +70,20 @@ def run(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def short_reft_prompts(model: Any, tok: Any, records: list, cfg: Any) -> int:
+    """How many prompts are shorter than the model's ReFT positions need (0 without a ReFT part), said before
+    generating in one warning over every prompt (count, shortest), as training says it for its data set
+    (`check_prompt_lengths`): the per-batch warning of generation counted the first short batch alone, once per
+    process. Such prompts are generated as training edits them (fewer positions); the count goes to
+    generation_metrics.json as `reft/short_prompts`."""
+    reft = reft_settings(model)
+    if reft is None:
+        return 0
+    lengths = [len(ids) for ids in encode_prompts(records, tok, cfg.data.formatter, cfg.data.max_prompt_length)]
+    check_prompt_lengths(reft.positions, reft.share_weights, lengths, [r.id or i for i, r in enumerate(records)])
+    return sum(n < needed_length(reft.positions, reft.share_weights) for n in lengths)
+
+
 def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
     check_batch_size(cfg.batch_size)
     records = read_records(cfg.data.path, cfg.data, "prompt", cfg.data.split, "data.path")
@@ -74,6 +91,7 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
         records = records[:cfg.data.max_records]
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.generation, "generation")
+    short = short_reft_prompts(model, tok, records, cfg)
     rows: list[dict[str, Any]] = []
     done: list[Sample] = []
     t0 = time.perf_counter()
@@ -95,6 +113,7 @@ def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
             outs.add(atomic_write_jsonl(run.root / "generations.jsonl", rows))
             lengths = [len(x.response_ids) for x in done]
             metrics = {"prompts": len(records), "responses": len(rows), **generation_metrics(done),
+                       **({"reft/short_prompts": short} if reft_settings(model) is not None else {}),
                        "generation/tokens": sum(lengths), "generation/seconds": seconds,
                        "generation/tokens_per_second": sum(lengths) / max(seconds, 1e-9)}
             outs.add(atomic_write_text(run.root / "generation_metrics.json",

@@ -36,7 +36,8 @@ FLAG_HELP = {
     "device": "cpu, cuda, cuda:1 ... (null: cuda if available)", "max_batch_rows": "rows decoded together at most",
     "max_queue": "requests waiting at most", "max_prompt_tokens": "longest prompt accepted",
     "max_new_tokens": "most tokens a request may ask for",
-    "default_max_tokens": "max_tokens of a request that sets none (at most the context left after its prompt)",
+    "default_max_tokens": "max_tokens of a request that sets none (null: the context left after its prompt, capped "
+                          "by max_new_tokens, as vLLM; a number: at most that context left)",
     "request_timeout": "seconds a request may take",
     "output_dir": "write metrics.jsonl, tensorboard/serve/ and plots/ of the server here",
     "log_every": "seconds between two metrics rows",
@@ -126,11 +127,24 @@ def check_device(device: str | None) -> str:
     return device
 
 
+def served_base_name(cfg: Any) -> str:
+    """The name the base is served under: base_name, else `tiny-<arch>` for tiny:<arch>, else its folder's name (as
+    `resolve_base` and `load_stack` name it)."""
+    arch = tiny_arch(cfg.base, "base")
+    return cfg.base_name or (f"tiny-{arch}" if arch is not None else Path(cfg.base).resolve().name)
+
+
 def check_folders(cfg: Any) -> None:
     """Every folder the server loads holds what it needs, whole, before anything is loaded: a missing or truncated
-    weights file failed inside peft or safetensors after the base was loaded, as an 'unexpected error'."""
+    weights file failed inside peft or safetensors after the base was loaded, as an 'unexpected error'. The served
+    names first (`stack.check_served_names`): an adapter named like the base passed --dry-run, then the start failed."""
     from alignkit.cli.models import check_adapter_files, check_model_folder, check_readable
+    from alignkit.serve.stack import check_served_names
 
+    try:
+        check_served_names(served_base_name(cfg), cfg.adapters)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_model_folder(cfg.base, "base")
     if tiny_arch(cfg.base, "base") is None:
         check_readable(cfg.base, "base")
@@ -256,4 +270,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "bind", "build_engine", "check_device", "check_folders", "resolve_base", "config_from", "run"]
+__all__ = ["add_parser", "bind", "build_engine", "check_device", "check_folders", "resolve_base", "config_from", "run",
+           "served_base_name"]

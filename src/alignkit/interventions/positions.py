@@ -31,8 +31,9 @@ prompt token (its unused slots point at a pad token it prepends). From L >= 2·m
 Such a prompt is edited at fewer positions than the spec names (the same rule in training, evaluation, generation
 and serving, so the model meets at inference what it was trained on), which is rarely what a user meant:
 `locations_from_spans` logs one warning per spec and process the first time it meets one (how many rows, the
-shortest length), and `check_prompt_lengths` says it once for a whole training set before training starts,
-stopping on an empty prompt (no position to edit at all: the row would train nothing of the intervention).
+shortest length; the serving engine counts and logs each such request instead: `serve/engine.py`), and
+`check_prompt_lengths` says it once for a whole training set before training starts, stopping on an empty prompt
+(no position to edit at all: the row would train nothing of the intervention).
 
 All of it is vectorised torch ops over the batch; nothing is built as Python lists per row.
 """
@@ -133,11 +134,13 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def locations_from_spans(spec: "str | Positions", start: torch.Tensor, length: torch.Tensor,
-                         num_interventions: int, share_weights: bool = True) -> torch.Tensor:
+                         num_interventions: int, share_weights: bool = True, warn: bool = True) -> torch.Tensor:
     """Intervention locations for prompts spanning [start, start + length) of each padded row.
 
     start, length: (B,) integer tensors (token space, absolute in the padded tensor).
-    Returns LongTensor (B, num_interventions, P), -1 = none; layout in the module docstring.
+    Returns LongTensor (B, num_interventions, P), -1 = none; layout in the module docstring. `warn`: the warning of a
+    prompt shorter than the spec (once per spec and process); False where the caller says it itself (the serving
+    engine, for each request: `Engine.note_short_prompts`).
     """
     pos = Positions.parse(spec)
     if num_interventions < 1:
@@ -148,7 +151,8 @@ def locations_from_spans(spec: "str | Positions", start: torch.Tensor, length: t
         raise ValueError(f"start and length must both be (B,); got {tuple(start.shape)} and {tuple(length.shape)}")
     if bool((length < 0).any()) or bool((start < 0).any()):
         raise ValueError("start and length must be >= 0")
-    _warn_short(pos, share_weights, length)
+    if warn:
+        _warn_short(pos, share_weights, length)
     f, l, k = pos.first_n, pos.last_n, num_interventions
     first = _first_slots(start, length, f)  # (B, f)
     last = _last_slots(start, length, l)  # (B, l)

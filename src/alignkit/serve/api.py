@@ -35,12 +35,13 @@ A client that disconnects cancels its generation at the engine's next step.
 
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from alignkit.serve.engine import Engine
 from alignkit.serve.log import ServeLog
@@ -410,14 +411,33 @@ def add_routes(app, engine: Engine, api_key: str | None, http_errors: dict[int, 
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
-def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: float = 0.1):
+def shutdown_lifespan(on_shutdown: Sequence[Callable[[], Any]]):
+    """The app's lifespan: at shutdown, each of `on_shutdown` in turn (one that raises is logged, the next still runs).
+    uvicorn runs it on Ctrl-C and on SIGTERM before it raises the signal again (row M20), which kills the process:
+    code after `Server.run` (a `finally`) never runs on SIGTERM."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        for step in on_shutdown:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - the next steps (the log's close) still run
+                logger.exception("serve: a shutdown step failed")
+
+    return lifespan
+
+
+def create_app(engine: Engine, api_key: str | None = None, *, poll_disconnect: float = 0.1,
+               on_shutdown: Sequence[Callable[[], Any]] = ()):
     """The FastAPI application over a started (or to-be-started) `engine`: its error handlers, its routes, and the
     chat page's static files. `poll_disconnect`: seconds between two checks that a client waiting for a whole
-    response is still there."""
+    response is still there. `on_shutdown`: called when the server shuts down (`shutdown_lifespan`)."""
     from fastapi import FastAPI
     from fastapi.staticfiles import StaticFiles
 
-    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="alignkit serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=shutdown_lifespan(on_shutdown))
     http_errors: dict[int, int] = {}  # HTTP error responses by status, for /metrics
     add_error_handlers(app, http_errors)
     add_routes(app, engine, api_key, http_errors, poll_disconnect)
@@ -453,6 +473,9 @@ def prometheus_text(engine: Engine, http_errors: dict[int, int] | None = None) -
     metric("alignkit_request_failures_total", "counter", "Requests that did not complete, by reason.",
            [('{reason="error"}', s.errors), ('{reason="timeout"}', s.timeouts), ('{reason="cancelled"}', s.cancelled),
             ('{reason="queue_full"}', s.rejected)])
+    metric("alignkit_short_reft_prompts_total", "counter", "Prompts shorter than their ReFT adapter's positions "
+           "need (edited at fewer positions), per served model.",
+           [(f'{{model="{_esc(m)}"}}', s.short_prompts.get(m, 0)) for m in names])
     metric("alignkit_http_errors_total", "counter", "HTTP error responses, by status.",
            [(f'{{status="{k}"}}', v) for k, v in sorted((http_errors or {}).items())])
     metric("alignkit_forwards_total", "counter", "Model forwards (prefills and decode steps).", [("", s.forwards)])
@@ -478,7 +501,9 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
                   sock: Any = None) -> None:
     """Start the engine and run uvicorn until interrupted; with `output_dir`, a `ServeLog` writes the server's
     metrics, TensorBoard scalars and (at the end) plots there. `sock`: a socket already bound to host:port (the CLI
-    binds before loading the model, so a port in use stops it before anything is loaded or written)."""
+    binds before loading the model, so a port in use stops it before anything is loaded or written). The log is
+    stopped (its last row, TensorBoard closed, plots) in the app's shutdown hook: after a SIGTERM uvicorn raises the
+    signal again once that hook has run (row M20), and the process ends before the `finally` below."""
     import uvicorn
 
     log = ServeLog(engine, output_dir, log_every) if output_dir is not None else None  # checks the folder first
@@ -486,12 +511,12 @@ def serve_forever(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api
     if log is not None:
         log.start()
     try:
-        config = uvicorn.Config(create_app(engine, api_key), host=host, port=port, log_level=log_level,
-                                access_log=False)
+        app = create_app(engine, api_key, on_shutdown=(log.stop,) if log is not None else ())
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
         uvicorn.Server(config).run(sockets=[sock] if sock is not None else None)
     finally:
         if log is not None:
-            log.stop()
+            log.stop()  # a no-op once the shutdown hook stopped it (an error before uvicorn's start: here)
         engine.stop()
 
 

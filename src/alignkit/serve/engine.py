@@ -55,6 +55,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from alignkit.adapters.base import unwrap_lm
 from alignkit.compat import cache_keyword
+from alignkit.interventions.positions import needed_length
 from alignkit.models.rope import trained_context
 from alignkit.online.decode import generation_options, inverse_cdf_sample
 from alignkit.online.generation import HOW_IT_RUNS, end_token_ids, generation_config_source, listed
@@ -288,6 +289,7 @@ class Engine:
         mask = (cols >= pad[:, None]).long()  # (N, T)
         pos = (cols - pad[:, None]).clamp(min=0)  # (N, T) each row counts from its first real token
         routes = [r.request.route for r in new]
+        self.note_short_prompts(new)
         locations = self.stack.locations(routes, pad, lengths)
         t0 = time.perf_counter()
         logits, cache = self._forward(ids, mask, pos, DynamicCache(config=self.stack.lm_config), routes, locations)
@@ -295,6 +297,23 @@ class Engine:
         tokens = self._sample(logits, new)
         self._merge(new, cache, mask, lengths, tokens)
         self._emit(new, tokens)
+
+    def note_short_prompts(self, new: list[_Row]) -> None:
+        """Count (`stats.short_prompts`, /metrics, the serve log) and log each request whose prompt is shorter than its
+        ReFT adapter's positions need (`needed_length`): it is edited at fewer positions, as training edits such
+        prompts (interventions/positions.py), so it is answered; this used to be one warning per process, after
+        which every later short request was edited at fewer positions without a trace."""
+        for r in new:
+            req, route = r.request, r.request.route
+            if r.index or route.reft is None or route.positions is None:
+                continue
+            need = needed_length(route.positions, route.share_weights)
+            if len(req.prompt_ids) < need:
+                self.stats.short_prompts[route.name] += 1
+                logger.warning("serve: %s for model %r has a prompt of %d token(s), and its ReFT positions %r need at "
+                               "least %d: edited at fewer positions than it was trained with (as training edits such "
+                               "prompts); send a longer prompt", req.id, route.name, len(req.prompt_ids),
+                               str(route.positions), need)
 
     def _merge(self, new: list[_Row], cache: Any, mask: torch.Tensor, lengths: torch.Tensor,
                tokens: torch.Tensor) -> None:

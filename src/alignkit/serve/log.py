@@ -12,10 +12,11 @@ A `ServeLog` thread samples the engine's counters every `every` seconds and writ
                                         tokens/s, requests, latency against `elapsed_s`, seconds since the first start
 
 A row holds the totals since this start (`requests`, `generated_tokens`, per model under `requests/<name>` and
-`tokens/<name>`, failures by reason) and what happened in the interval since the previous row: `tokens_per_second`,
-`requests_per_second`, `mean_latency_s` and `mean_ttft_s` of the requests finished in it (absent when none did),
-plus the engine's `queue_depth` and `running_rows` at sampling time. The engine thread alone updates the counters;
-this thread only reads them (a counter dict that changes while it is copied is read again).
+`tokens/<name>`, failures by reason, `short_reft_prompts`: prompts shorter than their ReFT adapter's positions need,
+per model under `short_reft_prompts/<name>` once one came) and what happened in the interval since the previous row:
+`tokens_per_second`, `requests_per_second`, `mean_latency_s` and `mean_ttft_s` of the requests finished in it
+(absent when none did), plus the engine's `queue_depth` and `running_rows` at sampling time. The engine thread alone
+updates the counters; this thread only reads them (a counter dict that changes while it is copied is read again).
 """
 
 from __future__ import annotations
@@ -90,11 +91,14 @@ class ServeLog:
         self._origin = 0.0  # time.time() of the folder's first row: TensorBoard steps and plots count from it
         self._step = -1  # the TensorBoard step of the folder's last row
         self._last: dict[str, float] = {}
+        self._stopped = False
+        self._plots: list[Path] = []  # what `stop` drew
 
     def _totals(self) -> dict[str, float]:
         s = self.engine.stats
-        requests, tokens = _copy(s.requests), _copy(s.tokens)
+        requests, tokens, short = _copy(s.requests), _copy(s.tokens), _copy(s.short_prompts)
         return {"requests": sum(requests.values()), "generated_tokens": sum(tokens.values()),
+                "short_reft_prompts": sum(short.values()), **{f"short_reft_prompts/{k}": v for k, v in short.items()},
                 "latency_count": sum(s.latency), "latency_sum": s.latency_sum, "ttft_sum": s.ttft_sum,
                 **{f"requests/{k}": v for k, v in requests.items()}, **{f"tokens/{k}": v for k, v in tokens.items()},
                 **{k: getattr(s, k) for k in _FAILURES}}
@@ -174,6 +178,7 @@ class ServeLog:
         for r in previous:  # the steps the previous starts' rows took
             self._step = max(int(round(float(r["time"]) - self._origin)), self._step + 1)
         self._last = {}
+        self._stopped, self._plots = False, []
         self.sample("start")
         self._thread = threading.Thread(target=self._loop, name="alignkit-serve-log", daemon=True)
         self._thread.start()
@@ -188,7 +193,11 @@ class ServeLog:
                 logger.warning("serve metrics: could not write %s: %s", self.path, e)
 
     def stop(self) -> list[Path]:
-        """Last row, TensorBoard closed, plots drawn from this start's rows. Returns the plot files."""
+        """Last row, TensorBoard closed, plots drawn from every start's rows. Returns the plot files. Once only: a
+        second call (the server's `finally` after its shutdown hook) returns them again and writes nothing."""
+        if self._stopped:
+            return self._plots
+        self._stopped = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self.every + 5)
@@ -198,7 +207,8 @@ class ServeLog:
             self._writer.close()
             self._writer = None
         rows = [{**r, "elapsed_s": r["time"] - self._origin} for r in self._read_rows() or self._rows]
-        return plot_metrics(rows, self.folder / "plots", plots=SERVE_PLOTS, x="elapsed_s")
+        self._plots = plot_metrics(rows, self.folder / "plots", plots=SERVE_PLOTS, x="elapsed_s")
+        return self._plots
 
     def _read_rows(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl that carry a numeric `time` (every start's; a damaged line is skipped)."""

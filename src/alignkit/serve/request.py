@@ -48,7 +48,9 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests; more -> QueueFullError
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 64
+    # max_tokens of a request that sets none; None: the context left after its prompt, capped by max_new_tokens (as
+    # vLLM's server and OpenAI's API default to the context left: a fixed 64 cut most answers short)
+    default_max_tokens: int | None = None
     request_timeout: float = 120.0  # seconds from submission; past it the request ends with an error
     max_prefill_tokens: int = 8192  # padded prompt tokens per prefill forward (admission stops there)
 
@@ -145,7 +147,8 @@ def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, cfg: EngineC
     """`prompt_ids` as ints when a request may have them (RequestError naming `prompt` or `max_tokens`): not empty,
     every id below `vocab` (the model's embedding rows), at most `cfg.max_prompt_tokens`, and the prompt plus
     max_tokens within `context` (the model's trained context; None: not known). A `params.max_tokens` of None is set
-    here to the default, shrunk to the context left after the prompt (as vLLM / OpenAI do)."""
+    here to `cfg.default_max_tokens` (None: `cfg.max_new_tokens`), shrunk to the context left after the prompt (vLLM's
+    and OpenAI's default is the context left; `max_new_tokens` is this server's cap on any request)."""
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise RequestError("the prompt has no tokens", "prompt")
@@ -161,9 +164,9 @@ def check_prompt(prompt_ids: Sequence[int], params: SamplingParams, cfg: EngineC
         raise RequestError(f"this model's context is {context} tokens and the prompt has "
                            f"{len(prompt_ids)}: no room for a new token; shorten the prompt to at most "
                            f"{context - 1} tokens", "prompt")
-    if params.max_tokens is None:  # the default, as vLLM / OpenAI do: shrunk to the context left after the prompt
-        params.max_tokens = min(cfg.default_max_tokens, cfg.max_new_tokens,
-                                *(() if room is None else (room,)))
+    if params.max_tokens is None:  # the context left after the prompt (vLLM / OpenAI), capped by the server's limit
+        default = cfg.max_new_tokens if cfg.default_max_tokens is None else cfg.default_max_tokens
+        params.max_tokens = min(default, cfg.max_new_tokens, *(() if room is None else (room,)))
     elif room is not None and params.max_tokens > room:
         raise RequestError(f"this model's context is {context} tokens; the prompt has {len(prompt_ids)} "
                            f"and max_tokens is {params.max_tokens}: lower max_tokens or shorten the prompt",

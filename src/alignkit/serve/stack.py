@@ -154,7 +154,7 @@ class Stack:
                 continue
             sl = model.adapter_slice(r.reft)
             loc = locations_from_spans(r.positions, start[b:b + 1], length[b:b + 1], sl.stop - sl.start,
-                                       r.share_weights)[0]  # (K, P)
+                                       r.share_weights, warn=False)[0]  # (K, P); a short prompt: the engine says it
             parts.append((b, sl, loc))
             width = max(width, loc.shape[-1])
         out = torch.full((len(routes), model.num_interventions, width), -1, dtype=torch.long)

@@ -21,6 +21,8 @@ class EngineStats:
     def __init__(self) -> None:
         self.requests: dict[str, int] = collections.Counter()  # finished OK, per model
         self.tokens: dict[str, int] = collections.Counter()  # generated tokens, per model
+        # prompts shorter than their ReFT adapter's positions need (edited at fewer positions), per model
+        self.short_prompts: dict[str, int] = collections.Counter()
         self.errors = self.timeouts = self.cancelled = self.rejected = 0
         self.forwards = 0
         self.forward_seconds = 0.0

@@ -16,9 +16,6 @@ from alignkit.settings.tiny import tiny_arch
 from alignkit.settings.typed import ConfigError
 
 
-DEFAULT_MAX_TOKENS = 64  # max_tokens of a request that sets none
-
-
 @dataclass
 class ServeConfig:
     base: str  # the base model's folder (or tiny:<arch>)
@@ -38,7 +35,9 @@ class ServeConfig:
     max_queue: int = 256
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512
-    default_max_tokens: int = DEFAULT_MAX_TOKENS  # capped to max_new_tokens when left at the default
+    # max_tokens of a request that sets none; null: the context left after its prompt, capped by max_new_tokens (as
+    # vLLM's server and OpenAI's API default to the context left); a number set is capped by the context left too
+    default_max_tokens: int | None = None
     request_timeout: float = 120.0
     output_dir: str | None = None  # metrics.jsonl, tensorboard/serve/ and plots/ of this server (null: none written)
     log_every: float = 30.0  # seconds between two metrics rows (with output_dir)
@@ -48,7 +47,7 @@ class ServeConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: {self.port} is not a TCP port (0-65535)")
         for key in ("max_batch_rows", "max_queue", "max_prompt_tokens", "max_new_tokens", "default_max_tokens"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not self.log_every >= 1:  # TensorBoard's steps are whole seconds (serve/log.py): closer rows shared them
             raise ConfigError(f"log_every: must be >= 1 second (the TensorBoard steps of the serve log are whole "
@@ -57,9 +56,8 @@ class ServeConfig:
             raise ConfigError(f"request_timeout: must be > 0 seconds, got {self.request_timeout}")
         if self.engine == "vllm":
             self._refuse_engine_keys()
-        elif self.default_max_tokens > self.max_new_tokens and self.default_max_tokens != DEFAULT_MAX_TOKENS:
-            # the class default (64) above a lower max_new_tokens is capped to it, as documented; a value set
-            # above it would be capped without a word
+        elif self.default_max_tokens is not None and self.default_max_tokens > self.max_new_tokens:
+            # a value set above it would be capped without a word
             raise ConfigError(f"default_max_tokens: {self.default_max_tokens} exceeds max_new_tokens "
                               f"({self.max_new_tokens}), the most a request may ask for: a request without "
                               f"max_tokens would get {self.max_new_tokens}; lower default_max_tokens or raise "

@@ -48,20 +48,29 @@ function addMessage(pane, role, text) {
   return div;
 }
 
+// The max tokens field: empty is not sent (the server's default: the context left after the prompt, capped by its
+// --max-new-tokens, as vLLM); a number is sent as typed, so a 0 gets the server's 400 on the page (it was
+// `parseInt(...) || 64`: a typed 0 went out as 64 without a word).
+function maxTokens() {
+  const el = $("max-tokens");
+  if (el.validity.badInput) throw new Error("max tokens: not a number (leave it empty for the server's default)");
+  return el.value.trim() === "" ? undefined : Number(el.value);
+}
+
 async function streamReply(pane, model, prompt) {
   const history = histories[pane];
   history.push({ role: "user", content: prompt });
   addMessage(pane, "user", prompt);
   const out = addMessage(pane, "assistant", "");
   out.classList.add("streaming");
-  const body = {
-    model, messages: history, stream: true, stream_options: { include_usage: true },
-    max_tokens: parseInt($("max-tokens").value, 10) || 64,
-    temperature: parseFloat($("temperature").value) || 0,
-  };
   const t0 = performance.now();
   let first = null, tokens = 0, text = "", finish = null;
   try {
+    const body = {
+      model, messages: history, stream: true, stream_options: { include_usage: true },
+      max_tokens: maxTokens(),  // undefined: left out of the JSON
+      temperature: parseFloat($("temperature").value) || 0,
+    };
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
     if (!r.ok) {
       const err = await r.json().catch(() => ({}));
