@@ -98,3 +98,15 @@ def test_trackers_reads_the_installed_integrations_once(monkeypatch):
     monkeypatch.setattr(alignkit.runs, "get_available_reporting_integrations", available)
     assert trackers(["mlflow", "comet_ml", "all"], expand_all=True) == ["mlflow", "comet_ml", "tensorboard"]
     assert len(calls) == 1
+
+
+def test_ctrl_c_names_checkpoints_only_for_commands_that_write_them():
+    """Ctrl-C on `alignkit serve` (or eval, generate) said "the checkpoints it finished are complete (continue with
+    --resume ...)": serve has no checkpoint and no --resume. Now only commands with a run folder (they take --resume)
+    say it. Fails without the fix: yes (interrupted_line did not exist; the line was the same for every command)."""
+    from alignkit.cli import build_parser, interrupted_line
+
+    for argv, resumable in ((["serve"], False), (["eval"], False), (["generate"], False), (["sft"], True),
+                            (["dpo"], True), (["grpo"], True)):
+        line = interrupted_line(build_parser(argv).parse_args(argv))
+        assert line.startswith(f"alignkit {argv[0]}: interrupted") and ("--resume" in line) == resumable, line

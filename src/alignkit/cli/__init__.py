@@ -166,8 +166,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"alignkit {args.command}: interrupted; the checkpoints it finished are complete (continue with --resume "
-              "if it wrote any)", file=sys.stderr)
+        print(interrupted_line(args), file=sys.stderr)
         return 130
     except Exception as e:  # a bug, or a failure alignkit does not know yet: still one line, the traceback on ask
         if args.verbose or args.debug:
@@ -178,6 +177,15 @@ def _main(argv: list[str] | None) -> int:
         print(f"alignkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} (run again with --debug "
               "for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """What Ctrl-C says: a command with a run folder (it takes --resume) names its checkpoints; the others (serve,
+    eval, generate, ...) only that they stopped (serve: its log was written as it stopped)."""
+    if hasattr(args, "resume"):
+        return (f"alignkit {args.command}: interrupted; the checkpoints it finished are complete (continue with "
+                "--resume if it wrote any)")
+    return f"alignkit {args.command}: interrupted"
 
 
 def outside_errors() -> tuple[type[BaseException], ...]:
