@@ -132,16 +132,26 @@ def refuse_fsdp1_on_cpu() -> None:
                           "alignkit runs FSDP2 on CPU processes")
 
 
-def refuse_fsdp1_adapter(whole_model: bool, owner: str) -> None:
+def refuse_fsdp1_adapter(whole_model: bool, owner: str, *, online: bool = False) -> None:
     """ConfigError when `accelerate launch` asks for FSDP version 1 (FSDP_VERSION; "1" when the config names none) and
     the policy has an adapter (`whole_model` False: LoRA, ReFT, ReFT+LoRA), on any machine (CPU processes are refused
     FSDP1 anyway, `refuse_fsdp1_on_cpu`). alignkit gathers sharded weights only for FSDP2 (DTensor shards) and ZeRO-3
     (`full_parameters`); under FSDP1 the Trainer gathers a state dict that an adapter's save does not read
     (`save_adapter`: full finetuning only), so model/ and checkpoints would hold FSDP1's flattened per-process
     shards, and whether FSDP1 with use_orig_params: false trains only the adapter's weights was never run. Calls
-    `refuse_fsdp1_on_cpu` first (its line wins on a machine without CUDA)."""
+    `refuse_fsdp1_on_cpu` first (its line wins on a machine without CUDA). `online` (the online loop): FSDP1 is
+    refused with full finetuning too, as its model/ and checkpoints gather through `full_parameters` alone (it has no
+    Trainer's FSDP1 state dict), which would save each process's flat shard."""
     refuse_fsdp1_on_cpu()
-    if whole_model or requested_engine() != "fsdp" or os.environ.get("FSDP_VERSION", "1") == "2":
+    if requested_engine() != "fsdp" or os.environ.get("FSDP_VERSION", "1") == "2":
+        return
+    if online:
+        raise ConfigError(f"{owner}: the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')} "
+                          "(fsdp_version; 1 when the config names none), which the online loop does not save under "
+                          "(its model/ and checkpoints gather sharded weights under FSDP2 only, full finetuning and "
+                          "adapters alike); set fsdp_version: 2 in the accelerate config "
+                          "(configs/accelerate/fsdp2.yaml)")
+    if whole_model:
         return
     raise ConfigError(f"{owner}: the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')} "
                       "(fsdp_version; 1 when the config names none) with an adapter, which alignkit does not save or "
@@ -408,7 +418,8 @@ def shard_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
     module by module in its forwards); ZeRO-2 shards no parameters, so the reference stays whole there as the
     policy's parameters do. Under FSDP2: `fully_shard` on each
     decoder layer (the model's `_no_split_modules`) and then the root, over all processes, like the policy,
-    so no process holds a whole copy; forwards all-gather layer by layer. Otherwise returned unchanged.
+    so no process holds a whole copy; forwards all-gather layer by layer. Otherwise returned unchanged (under FSDP1,
+    allowed for offline full finetuning alone, each process keeps a whole reference copy).
     Every process must then run the reference's forwards in step (the training loops do)."""
     if zero_stage(accelerator) == 3:
         return _zero3_reference(ref_model, accelerator)

@@ -779,3 +779,14 @@ def test_optimizer_and_scheduler_states_are_saved_under_the_names_check_resumabl
     with guard(TF, "Trainer._load_optimizer_and_scheduler no longer passes over a checkpoint without the states "
                "(check_resumable's refusal may now be the Trainer's)", where):
         trainer._load_optimizer_and_scheduler(str(empty))
+
+
+def test_trainer_init_creates_the_output_dir(tiny_dir, tmp_path):
+    """T43: `Trainer.__init__` makes `output_dir` (parents too) before training; alignkit's trainers remove it again
+    when a check after `super().__init__` refuses (trainers/checkpointing.py:removes_new_output_dir)."""
+    where = "trainers/checkpointing.py:removes_new_output_dir"
+    folder = tmp_path / "a" / "out"
+    with guard(TF, "Trainer(model, args) runs on a tiny model", where):
+        Trainer(model=load_model(tiny_dir("llama")), args=args(tmp_path, output_dir=str(folder)))
+    check(folder.is_dir() and not any(folder.iterdir()), TF, "Trainer.__init__ no longer creates args.output_dir "
+          "(empty): removes_new_output_dir then has nothing to remove (harmless; update T43)", where)

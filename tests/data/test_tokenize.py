@@ -83,6 +83,24 @@ def test_oasst_format(tokenizer):
     assert f["prompt_length"] == len(ids(tokenizer, f"<|prompter|>Hi{eos}<|assistant|>"))
 
 
+def test_oasst_with_split_special_tokens_is_refused(tokenizer, tiny_dir):
+    """Before: a tokenizer loaded with split_special_tokens=True passed under formatter 'oasst', which encoded its
+    <|prompter|> / <|assistant|> and the EOS as ordinary text pieces (as chat-template's ChatML markers, refused
+    there): records trained on a format the model never reads, silently. Now one line naming the setting (fails
+    without the fix: yes, seen)."""
+    from transformers import AutoTokenizer
+
+    split = AutoTokenizer.from_pretrained(tiny_dir("llama"), split_special_tokens=True)
+    split.add_special_tokens({"additional_special_tokens": ["<|prompter|>", "<|assistant|>"]})
+    assert tokenizer.convert_tokens_to_ids("<|prompter|>") not in split(
+        "<|prompter|>Hi", add_special_tokens=False)["input_ids"]  # what would have been trained: the marker split
+    with pytest.raises(DataError, match=r"^o: formatter 'oasst': .* split_special_tokens=True, which encodes the "
+                                        r"format's own '<\|prompter\|>' / '<\|assistant\|>'"):
+        tokenize_records([SFTRecord(CONV, "Hello", id="o")], split, formatter="oasst")
+    (f,), _ = tokenize_records([SFTRecord(CONV, "Hello")], tokenizer, formatter="oasst")  # not split: as before
+    assert tokenizer.convert_tokens_to_ids("<|prompter|>") in f["input_ids"]
+
+
 def test_prompt_not_a_token_prefix_is_an_error(tokenizer):
     # "3 " + "4": alone the prompt ends with a lone-space token, joined " 4" is one token
     with pytest.raises(DataError, match=r"bad-1: the tokenized prompt is not a prefix .* differ at token 4"):

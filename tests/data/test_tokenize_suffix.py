@@ -322,6 +322,19 @@ def test_serve_text_prompts_are_generates_prompts(tokenizer):
     assert completion_prompts({"prompt": "Q: hi\nA:", "add_special_tokens": False}, tok) == [bare]
 
 
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_reft_training_ids_with_an_appended_sep_agree_on_both_paths(path):
+    """Session 25 (reviewed, no fix): `encode_prompt_response`'s path without offsets strips any appended suffix from
+    the prompt (`added_suffix`) but only an appended EOS from the full sequence (`appended_eos`). With `[CLS] $A
+    [SEP]` the prompt [CLS] Q : hi A : is then a prefix of [CLS] Q : hi A : yes [SEP] (the [SEP] kept where the
+    tokenizer puts it) and the prompt length is the offsets path's: 6, both paths."""
+    from alignkit.data.reft_data import encode_prompt_response
+
+    tok = sep_tokenizer()
+    view = tok if path == "fast" else _SlowView(tok)
+    assert encode_prompt_response(view, PROMPT, " yes", add_eos=False) == ([1, 4, 5, 6, 7, 5, 8, 2], 6)
+
+
 def test_reft_generation_prompt_leaves_out_any_appended_token():
     """ReFT trains `[CLS] Q : hi A : | yes [SEP]` with `[CLS] $A [SEP]` (prompt_length 6: the [SEP] follows the
     response), but `encode_prompts` gave generation `[CLS] ... : [SEP]` (as at 851e83a), so the last position ("l1")

@@ -12,9 +12,10 @@ from alignkit.online.grpo import GRPOConfig, GRPOTrainer
 from alignkit.settings import ConfigError
 
 
-def refused_at_build(tiny_dir, tokenizer, tmp_path) -> str:
-    """The ConfigError's text when a one-step GRPO trainer (LoRA policy) is built under the test's environment."""
-    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind="lora"))
+def refused_at_build(tiny_dir, tokenizer, tmp_path, kind: str = "lora") -> str:
+    """The ConfigError's text when a one-step GRPO trainer (a LoRA policy, or `kind`'s) is built under the test's
+    environment."""
+    policy = apply_adapter(load_model(tiny_dir("llama")), AdapterConfig(kind=kind))
     cfg = GRPOConfig(steps=1, sampling=SamplingConfig(num_samples=2, max_new_tokens=2), report_to="none")
     with pytest.raises(ConfigError) as e:
         GRPOTrainer(policy, tokenizer, ["hi"], {"type": "function", "fn": lambda p, r: 0.0}, cfg,
@@ -42,16 +43,19 @@ def test_an_fsdp_state_dict_type_the_loop_would_ignore_is_refused(tiny_dir, toke
     assert not (tmp_path / "run").exists()
 
 
-def test_fsdp1_with_an_adapter_is_refused_on_a_gpu_machine_too(tiny_dir, tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fsdp1_is_refused_for_the_online_loop_on_a_gpu_machine_too(kind, tiny_dir, tokenizer, tmp_path, monkeypatch):
     """Before: with CUDA, an FSDP1 launch (fsdp_version: 1) of the online loop with a LoRA policy was let through,
     though the loop gathers sharded weights for model/ and checkpoints only under FSDP2 (`full_parameters`); now one
-    line when the trainer is built, before anything is written."""
+    line when the trainer is built, before anything is written. The same for full finetuning (session 25: it was let
+    through, and its model/ and checkpoints, which have no Trainer's FSDP1 state dict to read, would have held each
+    process's flat shard; fails without the fix: yes, seen)."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past refuse_fsdp1_on_cpu: a GPU machine's path
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
-    msg = refused_at_build(tiny_dir, tokenizer, tmp_path)
+    msg = refused_at_build(tiny_dir, tokenizer, tmp_path, kind)
     assert "\n" not in msg and msg.startswith("GRPOTrainer: the accelerate config asks for FSDP version 1 ")
-    assert "with an adapter" in msg and "set fsdp_version: 2" in msg
+    assert "the online loop does not save under" in msg and "set fsdp_version: 2" in msg
     assert not (tmp_path / "run").exists()

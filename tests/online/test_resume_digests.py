@@ -111,3 +111,23 @@ def test_model_digest_keeps_the_format_of_the_recorded_digests(tiny_lm, tokenize
     # the tiny llama sets no generate option
     h.update(json.dumps([stable_tokenizer_fingerprint(tokenizer), []]).encode())
     assert model_digest(model, tokenizer) == h.hexdigest()
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_only_the_main_process_digests_the_reward_model_on_resume(main, monkeypatch, caplog):
+    """Before: on a multi-process resume every rank computed the reward model's weights digest (every weight byte:
+    seconds per 1B model) to compare with the checkpoint, though only the main one writes checkpoints; now the
+    others skip the comparison. Fails without the fix: yes (seen: the digest taken on a non-main process)."""
+    import logging
+    from types import SimpleNamespace
+
+    import alignkit.online.checkpoint as ck
+
+    taken = []
+    monkeypatch.setattr(ck, "annotator_model_digest", lambda a: taken.append(a) or WEIGHTS_PREFIX + "new")
+    fake = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=main), annotator=SimpleNamespace(
+        source=lambda: "reward model"))
+    with caplog.at_level(logging.WARNING, logger="alignkit.online.checkpoint"):
+        ck.Checkpoints.warn_changed_annotator_model(fake, "ckpt", {"annotator_model_files": WEIGHTS_PREFIX + "old"})
+    assert len(taken) == (1 if main else 0)
+    assert ("has other weights" in caplog.text) == main

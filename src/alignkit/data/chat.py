@@ -22,7 +22,8 @@ takes such text as it is, except a leading BOS token when the tokenizer adds its
 A message of a conversation is the user's text, which the template renders: a marker in it is quoted (a user asking
 about chat templates), not refused; the tokenizer reads a special token written there as the token itself, which
 `tokenize` warns of, naming the record (`quoted_special_tokens`). A tokenizer loaded with `split_special_tokens=True`
-is refused under "chat-template" (`check_split_special_tokens`): it splits the template's own markers too.
+is refused under "chat-template" (`check_split_special_tokens`): it splits the template's own markers too; and
+under "oasst" (its `<|prompter|>` / `<|assistant|>` and EOS).
 
 The string `prompt` need not be a string prefix of `full`; the tokenizer checks the boundary in token
 space (the prompt's token ids must be a prefix of the full sequence's).
@@ -354,6 +355,11 @@ def oasst(prompt: Prompt, completion: Completion | None, tokenizer: Any) -> Form
     if missing or tokenizer.eos_token is None:
         raise DataError(f"formatter 'oasst': the tokenizer lacks {missing or 'an eos token'}; add them with "
                         f"tokenizer.add_special_tokens(...) and resize the model's embeddings")
+    if getattr(tokenizer, "split_special_tokens", False):  # as `check_split_special_tokens` under chat-template
+        raise DataError(f"formatter 'oasst': {tokenizer_name(tokenizer)} was loaded with split_special_tokens=True, "
+                        f"which encodes the format's own {OASST_ROLES['user']!r} / {OASST_ROLES['assistant']!r} and "
+                        f"{tokenizer.eos_token!r} as ordinary text pieces, not their tokens; load it without "
+                        f"split_special_tokens")
     p, c = as_messages(prompt, completion)
 
     def turn(m: Message) -> str:

@@ -87,7 +87,13 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str, *, index:
     else:
         ids = list(tokenizer(full_text, add_special_tokens=add_special)["input_ids"])
         p_ids = list(tokenizer(prompt_text, add_special_tokens=add_special)["input_ids"])
-        if add_special:  # the prompt without what is appended to every text (it follows the response)
+        # the prompt without what is appended to every text (it follows the response): ANY suffix there, so that the
+        #   prompt is a prefix of the full sequence; the full sequence without an appended EOS alone (add_eos adds
+        #   it back), keeping any other suffix ([CLS] $A [SEP]'s [SEP]) where the tokenizer puts it. The two rules
+        #   agree when the suffix is EOS alone (Llama's add_eos_token) and otherwise differ only after the response,
+        #   so the prompt length, the intervention positions and the ids equal the offsets path's (tests/data/
+        #   test_tokenize_suffix.py: add_eos_token and [SEP], both paths)
+        if add_special:
             ids = without_added_suffix(ids, tokenizer)
             p_ids = without_added_suffix(p_ids, tokenizer, added_suffix(tokenizer))
         if ids[:len(p_ids)] != p_ids:

@@ -311,7 +311,11 @@ class Checkpoints:
     def warn_changed_annotator_model(self, folder: Path, state: dict[str, Any]) -> None:
         """The annotator's model against the checkpoint's `annotator_model_files` (`annotator_model_digest`): a
         warning when its files (loaded from a path) or its weights / tokenizer (a model object) differ; one kind
-        recorded and the other given now (a path then, an object now) is not compared (said at INFO)."""
+        recorded and the other given now (a path then, an object now) is not compared (said at INFO). The main process
+        alone compares (and, for a model object, reads every weight: seconds per 1B parameters); the others skip it,
+        as only the main one writes checkpoints (`save_checkpoint`)."""
+        if not self.accelerator.is_main_process:
+            return
         saved, now = state.get("annotator_model_files"), annotator_model_digest(self.annotator)
         if saved is None or now is None or saved == now:
             return

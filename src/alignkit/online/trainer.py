@@ -195,7 +195,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         whether FSDP2 shards the model."""
         self.check_inputs(tokenizer, prompts, annotator, output_dir, eval_prompts)
         refuse_unmatched_wrap_classes(model, type(self).__name__)  # an FSDP config's layer classes: read, in the model
-        refuse_fsdp1_adapter(saves_whole_model(model), type(self).__name__)  # FSDP1: needs a GPU; adapters unsaved
+        refuse_fsdp1_adapter(saves_whole_model(model), type(self).__name__, online=True)  # FSDP1: a GPU; no gathering
         fsdp2 = self.start_accelerator()
         self.check_batch_shares(eval_prompts)
         self.check_generation(model, tokenizer, fsdp2)

@@ -97,7 +97,7 @@ from alignkit.distributed import (
 )
 from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingError, as_float, likely_causes
 from alignkit.losses import LossOutput, reduce_loss
-from alignkit.trainers.checkpointing import TRAINING_ARGS_JSON, Checkpointing
+from alignkit.trainers.checkpointing import TRAINING_ARGS_JSON, Checkpointing, removes_new_output_dir
 from alignkit.trainers.checks import (
     check_best_model_metric, check_optimizer, check_scheduler, refuse_all_zero_weights, refuse_deepspeed_mismatches,
     refuse_empty_batches, refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
@@ -171,6 +171,14 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
     unweighted_metrics: tuple[str, ...] = ()
     loss_is_scaled_for_ga = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own `__init__` (alignkit's trainers, a user's) removes the output_dir the Trainer made when
+        one of its checks after `super().__init__` refuses (`removes_new_output_dir`)."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = removes_new_output_dir(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @removes_new_output_dir
     def __init__(self, model: nn.Module, args: TrainingArguments, *,
                  weight_normalization: Literal["count", "weighted"] = "count", disable_dropout: bool = False,
                  group_by_length: bool = False, max_length: int | None = 1024, max_prompt_length: int | None = 512,
@@ -218,6 +226,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         refuse_unmatched_wrap_classes(model, type(self).__name__)  # layer classes to wrap: read, and in the model
         if gc_kwargs is None and fsdp_activation_checkpointing():  # alignkit's own in place of accelerate's wrapper
             gc_kwargs = {}
+        check_prefix_cache(model, reft_prefix_cache, args)  # before the Trainer makes output_dir
         if disable_dropout:
             turn_off_dropout(model)
         # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
@@ -233,7 +242,6 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         self._clip_params_ok: bool | None = None  # see `_clip_grad_norm`
         warn_low_precision(self.model, self.args.learning_rate)  # bf16 weights: updates round away
         self.reft_prefix_cache = reft_prefix_cache
-        check_prefix_cache(self.model, reft_prefix_cache, self.args)  # before anything is written
         logged = self.eval_metrics(**self.objective_settings())
         if logged is not None and isinstance(self.eval_dataset, dict):  # per set: eval_<set>_loss, eval_<set>_accuracy
             logged = tuple(f"{name}_{m}" for name in self.eval_dataset for m in logged + TRAINER_EVAL_METRICS)

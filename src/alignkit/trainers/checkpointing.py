@@ -12,10 +12,15 @@ adapter's own files (`load_adapter_weights`) or the whole model's safetensors. A
 `output_dir` holding checkpoints says once that it replaces them (the Trainer writes over them silently).
 
 A mixin, not a trainer: `alignkit.compat.check_trainer` checks these overrides with the trainer's own.
+
+`removes_new_output_dir` (every `AlignTrainer` subclass's `__init__`, applied by `AlignTrainer.__init_subclass__`):
+`Trainer.__init__` creates `output_dir` (compat T43), so a refusal raised after it left an empty folder behind; the
+folder (and the parents that call made) is removed again when it is still empty, never a folder that was there.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers import TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -41,6 +47,58 @@ from alignkit.run_commit import (
 from alignkit.trainers.checks import STATE_JSON, check_resumable, data_digest, saved_state
 
 logger = logging.getLogger(__name__)
+
+
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first ([] when `path` exists)."""
+    out, folder = [], Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        out.append(folder)
+        folder = folder.parent
+    return out
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while each is an empty folder; stops at the first that is not."""
+    for folder in folders:
+        try:
+            if not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def saves(args: TrainingArguments) -> bool:
+    """`args.should_save`, read only once the folder exists (reading it sets up the devices, which the trainer's
+    own checks must precede); False when that fails."""
+    try:
+        return bool(args.should_save)
+    except Exception:  # noqa: BLE001 - a refusal is on its way out: never replace it with another error
+        return False
+
+
+def removes_new_output_dir(init: Any) -> Any:
+    """Wraps a trainer's `__init__`: when it raises, the TrainingArguments' `output_dir` that did not exist before the
+    call (`Trainer.__init__` makes it on the processes that save: compat T43) is removed with the parents made with it,
+    where still empty; an existing folder (a user's, or a previous run's) is never touched. Nested calls (a subclass's
+    `__init__` calling its base's) each see the folder missing at entry, so removing is idempotent."""
+    if getattr(init, "removes_new_output_dir", False):
+        return init
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        targs = next((a for a in (*args, *kwargs.values()) if isinstance(a, TrainingArguments)), None)
+        new = missing_folders(targs.output_dir) if targs is not None and targs.output_dir else []
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if new and new[0].is_dir() and saves(targs):  # a process that does not save leaves the main one's be
+                remove_empty_folders(new)
+            raise
+
+    wrapper.removes_new_output_dir = True  # type: ignore[attr-defined]
+    return wrapper
 
 TRAINING_ARGS_JSON = "training_args.json"
 
