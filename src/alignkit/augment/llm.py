@@ -43,7 +43,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from alignkit.data.chat import prompt_ids
 from alignkit.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -224,7 +223,10 @@ class LocalChat:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         else:  # as training's and generation's prompts: without the EOS a GPT-NeoX-style tokenizer appends to every
-            # text (before, kept: the answer was generated after an end of text)
+            # text (before, kept: the answer was generated after an end of text); imported here: alignkit.data
+            # imports torch, and the HTTP backends (augment.strategies, AugmentConfig's checks) stay torch-free
+            from alignkit.data.chat import prompt_ids
+
             ids = prompt_ids(tok, "\n".join(m["content"] for m in messages) + "\n")
         self.requests += 1
         if seed is not None:
