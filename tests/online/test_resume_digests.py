@@ -80,6 +80,20 @@ def test_a_checkpoint_of_the_previous_digest_resumes_without_a_false_warning(tin
     assert _resumed_warnings(_grpo(tiny_dir, tokenizer, tmp_path, 2, fn), ckpt, caplog) == []
 
 
+def test_a_user_annotators_own_digest_without_a_version_is_compared_with_an_old_checkpoint():
+    """A checkpoint without annotator_code_version asks `annotator_code(annotator, 1)`; a user annotator whose own
+    `code_digest()` takes no version raised TypeError there and gave None (not compared, though its value never
+    followed naming's version). Now it is called without one. Fails without the fix: yes (None)."""
+    from alignkit.online.checkpoint import annotator_code
+
+    class Mine:
+        def code_digest(self):
+            return "d1"
+
+    assert annotator_code(Mine(), 1) == "d1"
+    assert annotator_code(Mine()) == "d1"
+
+
 @pytest.mark.parametrize("changed", [False, True], ids=["same", "other-weights"])
 def test_a_reward_model_object_with_other_weights_is_said_at_resume(tiny_dir, tokenizer, tmp_path, caplog, changed):
     """A reward model given as a model object: the checkpoint records the digest of its weights (and tokenizer),
