@@ -8,7 +8,10 @@ import functools
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+
+import pytest
 
 from alignkit.data.tokenize_cache import function_fingerprint
 from alignkit.naming import code_digest, source_digest
@@ -147,6 +150,41 @@ def test_an_edited_helper_changes_the_digest_an_unrelated_global_does_not():
     assert filled["SEEN"] and code_digest(filled["r"]) == base
     # the tokenization cache keys a formatter by the same digest
     assert function_fingerprint(_module(score="len(c) + 1")["r"]) != function_fingerprint(_module()["r"])
+
+
+STATEFUL = {
+    "counter": "N = 0\ndef r(c):\n    global N\n    N += 1\n    return [1.0] * len(c)\n",
+    "lazy": ("_clf = None\ndef r(c):\n    global _clf\n    if _clf is None:\n        _clf = object()\n"
+             "    return [1.0] * len(c)\n"),
+    # written by a function the digest never walks (r does not call setup), and deleted by another one
+    "elsewhere": ("LIMIT = 3\nOLD = 1\ndef setup():\n    global LIMIT\n    LIMIT = 5\nclass Reset:\n"
+                  "    @staticmethod\n    def drop():\n        global OLD\n        del OLD\n"
+                  "def r(c):\n    return [float(LIMIT) + ('OLD' in globals())] * len(c)\n"),
+}
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["exec", "imported"])
+@pytest.mark.parametrize("case", sorted(STATEFUL))
+def test_a_global_a_function_of_the_module_writes_is_state_not_code(case, registered, monkeypatch):
+    """A module-level counter (`global N; N += 1`) or a lazily loaded model (`_clf = None`, then an object) changed
+    the digest at the first call: a checkpoint records it after scoring and a resume recomputes it before any call,
+    so every resume warned "edited" of unchanged code. Names any function of the module writes (or deletes) are left
+    out, the writer walked or not; a constant nobody writes is still in (the edited-constant case above). Fails
+    without the fix: yes (counter, lazy and elsewhere differ after the call)."""
+    module = types.ModuleType(f"stateful_{case}")
+    if registered:  # an imported module: its scan is memoized
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(STATEFUL[case], module.__dict__)
+    before = code_digest(module.r)
+    module.r(["x"])
+    if case == "elsewhere":
+        module.setup()
+        module.Reset.drop()
+        assert module.LIMIT == 5 and not hasattr(module, "OLD")
+    assert code_digest(module.r) == before
+    edited = types.ModuleType(module.__name__)
+    exec(STATEFUL[case].replace("[1.0]", "[2.0]").replace("[float(LIMIT)", "[float(LIMIT) * 2"), edited.__dict__)
+    assert code_digest(edited.r) != before  # its own code edited: still seen
 
 
 HELPER_SCRIPT = f"""
