@@ -232,3 +232,21 @@ def test_version_1_is_the_digest_before_helpers():
     assert code_digest(_module()["r"], 1) == code_digest(_module(score="len(c) + 1")["r"], 1)
     assert code_digest(_module()["r"], 1) != code_digest(_module()["r"])
     assert code_digest(len, 1) == code_digest(abs, 1)
+
+
+def _pinned_reward(prompts, completions, scale=2):
+    return [len(c) * scale + _pinned_helper(c) for c in completions]
+
+
+def _pinned_helper(c):
+    return c.count(" ")
+
+
+def test_version_1_is_the_value_the_previous_alignkit_recorded():
+    """Checkpoints without annotator_code_version hold the previous alignkit's code_digest, which a resume compares
+    with version 1: a drift of version 1 would make every such resume warn "edited". The hex values were computed by
+    the previous code (f6648b7's naming.code_digest, no version argument) on these functions' source, not by this one."""
+    assert code_digest(_pinned_reward, 1) == "5c891a2c5efb1cc4b027104b73854c493070cb4fdf45d9c0dec2d7f10f641f44"
+    assert code_digest(functools.partial(_pinned_reward, scale=3), 1) == (
+        "8b216ed0868ac53db49ee526708508759864eb00336c7bec98c8f8e9bc4fd124")
+    assert code_digest(len, 1) == "b952292a7b7ee73fa1d47e58a8895169644d62dffdc043ca938de9d42617aee9"

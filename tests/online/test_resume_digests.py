@@ -125,3 +125,16 @@ def test_model_digest_keeps_the_format_of_the_recorded_digests(tiny_lm, tokenize
     # the tiny llama sets no generate option
     h.update(json.dumps([stable_tokenizer_fingerprint(tokenizer), []]).encode())
     assert model_digest(model, tokenizer) == h.hexdigest()
+
+
+def test_model_digest_is_the_value_the_previous_answerer_digest_gave(tmp_path):
+    """The LLM cache's keys and `alignkit sample`'s manifests recorded `augment.llm.answerer_digest`; its successor
+    must give the same value, or every cached answer misses. The hex value was computed by the previous code
+    (f6648b7's answerer_digest) on this seeded tiny llama in bfloat16, not by this one."""
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.models.tiny import save_tiny
+
+    save_tiny(tmp_path / "m", "llama")
+    model, tok = load_model(tmp_path / "m"), load_tokenizer(tmp_path / "m")
+    model.to(torch.bfloat16)
+    assert model_digest(model, tok) == "69ea113cdf951124971f11ba7643b93cdb902e288871c6a4beb824a194cf42e7"
