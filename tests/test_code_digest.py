@@ -8,7 +8,10 @@ import functools
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+
+import pytest
 
 from alignkit.data.tokenize_cache import function_fingerprint
 from alignkit.naming import code_digest, source_digest
@@ -149,6 +152,41 @@ def test_an_edited_helper_changes_the_digest_an_unrelated_global_does_not():
     assert function_fingerprint(_module(score="len(c) + 1")["r"]) != function_fingerprint(_module()["r"])
 
 
+STATEFUL = {
+    "counter": "N = 0\ndef r(c):\n    global N\n    N += 1\n    return [1.0] * len(c)\n",
+    "lazy": ("_clf = None\ndef r(c):\n    global _clf\n    if _clf is None:\n        _clf = object()\n"
+             "    return [1.0] * len(c)\n"),
+    # written by a function the digest never walks (r does not call setup), and deleted by another one
+    "elsewhere": ("LIMIT = 3\nOLD = 1\ndef setup():\n    global LIMIT\n    LIMIT = 5\nclass Reset:\n"
+                  "    @staticmethod\n    def drop():\n        global OLD\n        del OLD\n"
+                  "def r(c):\n    return [float(LIMIT) + ('OLD' in globals())] * len(c)\n"),
+}
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["exec", "imported"])
+@pytest.mark.parametrize("case", sorted(STATEFUL))
+def test_a_global_a_function_of_the_module_writes_is_state_not_code(case, registered, monkeypatch):
+    """A module-level counter (`global N; N += 1`) or a lazily loaded model (`_clf = None`, then an object) changed
+    the digest at the first call: a checkpoint records it after scoring and a resume recomputes it before any call,
+    so every resume warned "edited" of unchanged code. Names any function of the module writes (or deletes) are left
+    out, the writer walked or not; a constant nobody writes is still in (the edited-constant case above). Fails
+    without the fix: yes (counter, lazy and elsewhere differ after the call)."""
+    module = types.ModuleType(f"stateful_{case}")
+    if registered:  # an imported module: its scan is memoized
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(STATEFUL[case], module.__dict__)
+    before = code_digest(module.r)
+    module.r(["x"])
+    if case == "elsewhere":
+        module.setup()
+        module.Reset.drop()
+        assert module.LIMIT == 5 and not hasattr(module, "OLD")
+    assert code_digest(module.r) == before
+    edited = types.ModuleType(module.__name__)
+    exec(STATEFUL[case].replace("[1.0]", "[2.0]").replace("[float(LIMIT)", "[float(LIMIT) * 2"), edited.__dict__)
+    assert code_digest(edited.r) != before  # its own code edited: still seen
+
+
 HELPER_SCRIPT = f"""
 from alignkit.naming import code_digest
 ns = {{"__name__": "rewards_under_test"}}
@@ -194,3 +232,47 @@ def test_version_1_is_the_digest_before_helpers():
     assert code_digest(_module()["r"], 1) == code_digest(_module(score="len(c) + 1")["r"], 1)
     assert code_digest(_module()["r"], 1) != code_digest(_module()["r"])
     assert code_digest(len, 1) == code_digest(abs, 1)
+
+
+def _pinned_reward(prompts, completions, scale=2):
+    return [len(c) * scale + _pinned_helper(c) for c in completions]
+
+
+def _pinned_helper(c):
+    return c.count(" ")
+
+
+def test_version_1_is_the_value_the_previous_alignkit_recorded():
+    """Checkpoints without annotator_code_version hold the previous alignkit's code_digest, which a resume compares
+    with version 1: a drift of version 1 would make every such resume warn "edited". The hex values were computed by
+    the previous code (f6648b7's naming.code_digest, no version argument) on these functions' source, not by this
+    one."""
+    assert code_digest(_pinned_reward, 1) == "5c891a2c5efb1cc4b027104b73854c493070cb4fdf45d9c0dec2d7f10f641f44"
+    assert code_digest(functools.partial(_pinned_reward, scale=3), 1) == (
+        "8b216ed0868ac53db49ee526708508759864eb00336c7bec98c8f8e9bc4fd124")
+    assert code_digest(len, 1) == "b952292a7b7ee73fa1d47e58a8895169644d62dffdc043ca938de9d42617aee9"
+
+
+FORMATTER_FILE = ('LIMIT = 3\n\n\ndef _clip(text):\n    return text[:LIMIT]\n\n\n'
+                  'def my_formatter(record):\n    return {"prompt": _clip(record["q"]), "completion": record["a"]}\n')
+
+
+def test_a_file_backed_formatters_key_is_the_one_before_version_2(tmp_path, monkeypatch):
+    """The tokenize cache keys a formatter by its module file's bytes and its code_digest; version 2's walk of its
+    helpers' source (already in the file) made the built-in formatters' key 50-200x slower (1.3 ms -> 20-300 ms a
+    key) and changed every file-backed formatter's key. A function of a module with a file is digested by version 1:
+    the key is the one the previous code gave (hex computed by f6648b7's function_fingerprint on this file, module
+    revfix_fmt_mod), and an edited helper still changes it (the file). Fails without the fix: yes (8737d612...)."""
+    import importlib
+
+    (tmp_path / "revfix_fmt_mod.py").write_text(FORMATTER_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "revfix_fmt_mod", raising=False)
+    mod = importlib.import_module("revfix_fmt_mod")
+    try:
+        assert function_fingerprint(mod.my_formatter) == (
+            "32f14c2c26c3d4752ab834617daf8bc6a2dafc89c437905cb928d8678940e159")
+        (tmp_path / "revfix_fmt_mod.py").write_text(FORMATTER_FILE.replace("text[:LIMIT]", "text[:LIMIT + 1]"))
+        assert function_fingerprint(mod.my_formatter) != "32f14c2c26c3d4752ab834617daf8bc6a2dafc89c437905cb928d8678940e159"
+    finally:
+        sys.modules.pop("revfix_fmt_mod", None)

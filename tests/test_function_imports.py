@@ -57,6 +57,8 @@ ALLOWED = {
     ("augment/llm.py", "torch"): "only the `llm.kind: local` backend runs a model; HTTP backends need no torch",
     ("augment/llm.py", "alignkit.models.loading"): "only the `llm.kind: local` backend loads a model",
     ("augment/llm.py", "alignkit.online.generation"): "only the `llm.kind: local` backend generates (imports torch)",
+    ("augment/llm.py", "alignkit.data.chat"): "only the `llm.kind: local` backend encodes a prompt (alignkit.data "
+                                              "imports torch)",
     ("augment/llm.py", "alignkit.online.digests"): "only the `llm.kind: local` backend digests its model "
                                                      "(imports torch)",
     ("augment/pipeline.py", "alignkit.data.readers"): "the reader registry is read by settings (torch-free); "

@@ -13,7 +13,9 @@ import functools
 import hashlib
 import inspect
 import re
+import sys
 import types
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -95,6 +97,7 @@ CODE_DIGEST_VERSION = 2  # 1: before helpers and builtins were digested (checkpo
 BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.BuiltinMethodType, types.WrapperDescriptorType,
                      types.MethodWrapperType, types.MethodDescriptorType, types.ClassMethodDescriptorType)
 GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})  # how code reads a module-level name
+GLOBAL_STORES = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL"})  # how a function writes one (`global x; x = ...`)
 
 
 def source_digest(fns: Iterable[Callable], version: int = CODE_DIGEST_VERSION) -> str:
@@ -178,11 +181,66 @@ def _class_parts(fn: Any, walk: _Walk) -> list[str]:
 def global_names(code: types.CodeType) -> set[str]:
     """The module-level (global) names `code` reads, nested code objects (lambdas, comprehensions) included; not
     co_names, which holds attribute names too (`x.score` would have pulled in an unrelated global `score`)."""
-    names = {i.argval for i in dis.get_instructions(code) if i.opname in GLOBAL_LOADS}
+    return code_global_names(code, GLOBAL_LOADS)
+
+
+def code_global_names(code: types.CodeType, opnames: frozenset[str]) -> set[str]:
+    """The names of `code`'s instructions among `opnames` (`GLOBAL_LOADS`, `GLOBAL_STORES`), nested code included."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in opnames}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= global_names(const)
+            names |= code_global_names(const, opnames)
     return names
+
+
+_WRITTEN: "weakref.WeakKeyDictionary[types.ModuleType, tuple[int, frozenset[str]]]" = weakref.WeakKeyDictionary()
+
+
+def written_globals(space: dict) -> frozenset[str]:
+    """The module-level names that a function of the module whose globals are `space` writes (`global N; N += 1`,
+    `global _clf; _clf = load()`, `del`): state that changes as a run goes, not code. Every function of the module
+    is scanned (the writer need not be one the digest walks: a `setup()` filling what `reward` reads), its nested
+    code included, and the methods of its classes; memoized per imported module (scanned again when it gains or
+    loses a name)."""
+    module = sys.modules.get(space.get("__name__"))  # type: ignore[arg-type]
+    if module is None or getattr(module, "__dict__", None) is not space:  # exec'd into a dict: scanned each time
+        return _scan_written(space)
+    seen = _WRITTEN.get(module)
+    if seen is None or seen[0] != len(space):
+        seen = _WRITTEN[module] = (len(space), _scan_written(space))
+    return seen[1]
+
+
+def _scan_written(space: dict) -> frozenset[str]:
+    codes = []
+    for value in list(space.values()):
+        for fn in (_functions_in(value) if isinstance(value, type) else [_unwrapped(value)]):
+            if isinstance(fn, types.FunctionType) and fn.__globals__ is space:
+                codes.append(fn.__code__)
+    names: set[str] = set()
+    for code in codes:
+        names |= code_global_names(code, GLOBAL_STORES)
+    return frozenset(names)
+
+
+def _functions_in(cls: type) -> list[Any]:
+    """The functions a class's own namespace holds: methods, static and class methods, properties' accessors."""
+    out: list[Any] = []
+    for member in vars(cls).values():
+        if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+        out += [member.fget, member.fset, member.fdel] if isinstance(member, property) else [_unwrapped(member)]
+    return out
+
+
+def _unwrapped(value: Any) -> Any:
+    """A decorated function's own function (`__wrapped__`, one level, as `global_parts` reads it)."""
+    if not callable(value):
+        return value
+    try:
+        return getattr(value, "__wrapped__", value)
+    except Exception:  # noqa: BLE001 - an object whose attribute lookup fails: not a function of the module
+        return value
 
 
 def global_parts(fn: Any, walk: Any) -> list[str]:
@@ -190,13 +248,15 @@ def global_parts(fn: Any, walk: Any) -> list[str]:
     there), sorted: a function of the same module (the same globals) by its digest parts, recursively (one already
     walked by its name), a class of the same module by its source, a constant (`is_constant`) by `stable_repr`, a
     module by nothing, another module's function or class by its name (`stable_name`). Other objects (mutable
-    containers, instances) are left out."""
+    containers, instances) are left out, and so is every name a function of the module writes (`written_globals`:
+    a counter or a lazily loaded model changed the digest during a run, and a resume warned "edited")."""
     space = getattr(fn, "__globals__", None)
     if not isinstance(space, dict):
         return []
     out = []
+    written = written_globals(space) | code_global_names(fn.__code__, GLOBAL_STORES)
     for name in sorted(global_names(fn.__code__)):
-        if name not in space:
+        if name not in space or name in written:  # a name a function writes: state (a counter, a lazy model)
             continue
         value = space[name]
         target = getattr(value, "__wrapped__", value)  # a decorated helper: the function it wraps

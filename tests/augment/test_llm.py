@@ -279,3 +279,32 @@ def test_a_local_model_without_a_chat_template_is_not_prompted_after_an_appended
     LocalChat(model, tok, "tiny").chat([{"role": "user", "content": "Hello there"}, {"role": "user", "content":
                                         "General"}], max_tokens=4, temperature=0.0)
     assert seen == [tok(text, add_special_tokens=False)["input_ids"]]
+
+
+@pytest.mark.parametrize("appends", [True, False], ids=["appends-eos", "appends-nothing"])
+def test_a_local_answer_cached_after_an_appended_eos_is_asked_again(tmp_path, tiny_lm, tokenizer, appends):
+    """LocalChat's prompts no longer end in the EOS a template-less tokenizer appends, but the cache key (name, dtype,
+    model_digest, request) did not change: answers generated after an end of text stayed hits. Such a tokenizer's
+    key now holds a marker (asked again); any other tokenizer's key is the one written before (a hit). The old key
+    is built here from its recipe. Fails without the fix: yes (appends-eos: a hit)."""
+    import copy
+
+    from alignkit.augment.llm import LocalChat
+    from alignkit.online.digests import model_digest
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    tok.add_eos_token = appends
+    assert (tok("hi")["input_ids"][-1] == tok.eos_token_id) == appends
+    model, cache = tiny_lm("llama"), tmp_path / "cache"
+    old = hashlib.sha256(json.dumps({"model": "tiny", "answerer": model_digest(model, tok), "messages": MSG,
+                                     "max_tokens": 3, "temperature": 0.0, "seed": None},
+                                    sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    (cache / old[:2]).mkdir(parents=True)
+    (cache / old[:2] / f"{old}.json").write_text(json.dumps({"model": "tiny", "messages": MSG,
+                                                             "content": "after an end of text", "finished": True}))
+    llm = Cached(LocalChat(model, tok, "tiny"), cache)
+    if appends:
+        assert ask_cut(llm) == (0, 1)
+    else:
+        assert llm.chat(MSG, max_tokens=3, temperature=0.0) == "after an end of text" and llm.hits == 1

@@ -69,3 +69,15 @@ def test_serve_demo_ls_help_import_no_heavy_library_and_show_types_and_defaults(
     flat = " ".join(demo.split())
     assert "--seed INT random seed (int, default 0)" in flat and "(int, default 300)" in flat
     assert "SECTION" in ls and "default: every section" in " ".join(ls.split())
+
+
+def test_augment_strategies_import_no_heavy_library():
+    """AugmentConfig's checks import alignkit.augment.strategies, which imports augment.llm: its module-level import
+    of alignkit.data.chat ran alignkit/data/__init__ (collators: torch), 0.2 s -> 3 s and torch in every HTTP-backend
+    augment run. Only llm.kind local's LocalChat imports torch, when it answers. Fails without the fix: yes."""
+    code = ("import sys\nfrom alignkit.augment.strategies import STRATEGIES\nimport alignkit.augment.llm\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', 'datasets') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout[-500:]

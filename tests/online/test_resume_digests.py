@@ -80,6 +80,20 @@ def test_a_checkpoint_of_the_previous_digest_resumes_without_a_false_warning(tin
     assert _resumed_warnings(_grpo(tiny_dir, tokenizer, tmp_path, 2, fn), ckpt, caplog) == []
 
 
+def test_a_user_annotators_own_digest_without_a_version_is_compared_with_an_old_checkpoint():
+    """A checkpoint without annotator_code_version asks `annotator_code(annotator, 1)`; a user annotator whose own
+    `code_digest()` takes no version raised TypeError there and gave None (not compared, though its value never
+    followed naming's version). Now it is called without one. Fails without the fix: yes (None)."""
+    from alignkit.online.checkpoint import annotator_code
+
+    class Mine:
+        def code_digest(self):
+            return "d1"
+
+    assert annotator_code(Mine(), 1) == "d1"
+    assert annotator_code(Mine()) == "d1"
+
+
 @pytest.mark.parametrize("changed", [False, True], ids=["same", "other-weights"])
 def test_a_reward_model_object_with_other_weights_is_said_at_resume(tiny_dir, tokenizer, tmp_path, caplog, changed):
     """A reward model given as a model object: the checkpoint records the digest of its weights (and tokenizer),
@@ -131,3 +145,16 @@ def test_only_the_main_process_digests_the_reward_model_on_resume(main, monkeypa
         ck.Checkpoints.warn_changed_annotator_model(fake, "ckpt", {"annotator_model_files": WEIGHTS_PREFIX + "old"})
     assert len(taken) == (1 if main else 0)
     assert ("has other weights" in caplog.text) == main
+
+
+def test_model_digest_is_the_value_the_previous_answerer_digest_gave(tmp_path):
+    """The LLM cache's keys and `alignkit sample`'s manifests recorded `augment.llm.answerer_digest`; its successor
+    must give the same value, or every cached answer misses. The hex value was computed by the previous code
+    (f6648b7's answerer_digest) on this seeded tiny llama in bfloat16, not by this one."""
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.models.tiny import save_tiny
+
+    save_tiny(tmp_path / "m", "llama")
+    model, tok = load_model(tmp_path / "m"), load_tokenizer(tmp_path / "m")
+    model.to(torch.bfloat16)
+    assert model_digest(model, tok) == "69ea113cdf951124971f11ba7643b93cdb902e288871c6a4beb824a194cf42e7"

@@ -43,7 +43,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Protocol
 
-from alignkit.data.chat import prompt_ids
 from alignkit.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -199,12 +198,19 @@ class LocalChat:
         """The cache key's model part: the name (and dtype), and, computed once per client (one pass over the
         weights), `online.digests.model_digest`: the weights, the tokenizer and its chat template, and the generation
         options the folder's generation_config.json makes model.generate apply. The name alone let a model retrained or
-        replaced in the same folder (or a no_repeat_ngram_size added) read back the old model's cached answers."""
+        replaced in the same folder (or a no_repeat_ngram_size added) read back the old model's cached answers.
+        A tokenizer without a chat template that appends its EOS to every text adds `prompt: without-appended-eos`:
+        its prompts lost that EOS, and its answers cached before (generated after an end of text) are not read."""
+        from alignkit.data.chat import appended_eos
         from alignkit.online.digests import model_digest
 
         with self._identity_lock:
             if self._identity is None:
                 self._identity = {**self.legacy_identity, "answerer": model_digest(self.model, self.tokenizer)}
+                if not getattr(self.tokenizer, "chat_template", None) and appended_eos(self.tokenizer):
+                    # prompted without the EOS this tokenizer appends (session 25): answers cached before were
+                    # generated after an end of text; only these keys change (every other entry still hits)
+                    self._identity["prompt"] = "without-appended-eos"
             return self._identity
 
     @classmethod
@@ -224,7 +230,10 @@ class LocalChat:
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
         else:  # as training's and generation's prompts: without the EOS a GPT-NeoX-style tokenizer appends to every
-            # text (before, kept: the answer was generated after an end of text)
+            # text (before, kept: the answer was generated after an end of text); imported here: alignkit.data
+            # imports torch, and the HTTP backends (augment.strategies, AugmentConfig's checks) stay torch-free
+            from alignkit.data.chat import prompt_ids
+
             ids = prompt_ids(tok, "\n".join(m["content"] for m in messages) + "\n")
         self.requests += 1
         if seed is not None:

@@ -77,8 +77,9 @@ def keep_kernels(optimizer: torch.optim.Optimizer, kernels: list[dict[str, Any]]
 
 def annotator_code(annotator: Any, version: int = CODE_DIGEST_VERSION) -> str | None:
     """The annotator's `code_digest()` (a function annotator's: its functions' code and the helpers they call), None
-    for one without; of an older `version` (`naming.code_digest`'s) to compare with a checkpoint that recorded it,
-    None where the annotator cannot give it (its own `code_digest` takes no version)."""
+    for one without; of an older `version` (`naming.code_digest`'s) to compare with a checkpoint that recorded it.
+    A user annotator's own `code_digest` that takes no version is called without one: its value never followed
+    naming's version (an old checkpoint's was not compared at all, None)."""
     digest = getattr(annotator, "code_digest", None)
     if not callable(digest):
         return None
@@ -87,7 +88,7 @@ def annotator_code(annotator: Any, version: int = CODE_DIGEST_VERSION) -> str | 
     try:
         return digest(version=version)
     except TypeError:
-        return None
+        return digest()
 
 
 class Checkpoints:
