@@ -465,11 +465,15 @@ def test_keys_one_kind_reads_are_refused_under_another(command, config, override
         CONFIG_DIR / "sft-tiny.yaml", [], command="sft").adapter.lora
 
 
-def test_eval_steps_written_beside_an_explicit_eval_strategy_no_is_refused(tmp_path):
-    """train.eval_strategy: no with train.eval_steps: 50 in one place (the file, or the overrides) loaded and ran
-    without evaluating every 50 steps (eval_steps ignored). Now one line naming both keys and where. An override
-    eval_strategy=no over a file's eval_steps stays the off switch, and its resolved config records eval_steps null,
-    so that config.yaml loads back (it held eval_steps 10 beside no before)."""
+def test_eval_steps_written_beside_an_explicit_eval_strategy_no_is_refused(tmp_path, caplog):
+    """train.eval_strategy: no with train.eval_steps: 50 loaded and ran without evaluating every 50 steps (eval_steps
+    ignored). Now eval_steps given in the overrides under a 'no' is refused in one line naming both keys and where.
+    An override eval_strategy=no over a file's eval_steps stays the off switch, and its resolved config records
+    eval_steps null, so that config.yaml loads back. Both in the file alone is what a config.yaml saved before that
+    null held (README's commands wrote it): it loads, with one warning (a review caught the first version refusing
+    such run configs); an override eval_strategy=steps over a file's 'no' + eval_steps turns evaluation on."""
+    import logging
+
     import yaml
 
     from alignkit.settings import save_config
@@ -482,8 +486,14 @@ def test_eval_steps_written_beside_an_explicit_eval_strategy_no_is_refused(tmp_p
     data.setdefault("data", {})["path"] = str(CONFIG_DIR.parent / data["data"]["path"])
     data["train"].update({"eval_strategy": "no", "eval_steps": 50})
     (tmp_path / "both.yaml").write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match=r"train\.eval_steps: 50 beside train\.eval_strategy=no in the config file"):
-        load_config(tmp_path / "both.yaml", command="dpo")
+    with pytest.raises(ConfigError, match=r"train\.eval_steps: 20 beside train\.eval_strategy=no in the config file"):
+        load_config(tmp_path / "both.yaml", ["train.eval_steps=20"], command="dpo")
+    with caplog.at_level(logging.WARNING, logger="alignkit.settings.load"):
+        old = load_config(tmp_path / "both.yaml", command="dpo")
+    assert old.train["eval_strategy"] == "no" and old.train["eval_steps"] is None
+    assert "both.yaml: train.eval_steps: 50 beside train.eval_strategy=no" in caplog.text
+    on = load_config(tmp_path / "both.yaml", ["train.eval_strategy=steps"], command="dpo")
+    assert on.train["eval_strategy"] == "steps" and on.train["eval_steps"] == 50
     off = load_config(CONFIG_DIR / "dpo-tiny.yaml", ["train.eval_strategy=no"], command="dpo")  # the off switch
     assert off.train["eval_strategy"] == "no" and off.train["eval_steps"] is None
     save_config(off, tmp_path / "config.yaml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, check_renamed
 from alignkit.settings.trl_names import trl_loss_type_message
 from alignkit.settings.typed import (ConfigError, build, coerce, join_key, merge, parse_overrides, read_yaml,
                                      unknown_key_error)
+
+logger = logging.getLogger(__name__)
 
 
 def check_training_args(train: dict[str, Any], where: str = "train") -> dict[str, Any]:
@@ -183,8 +186,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
         raise ConfigError(f"{path}: no `command:` key; pass the command (alignkit <command> --config {path})")
     extra = parse_overrides(list(overrides or []))
     try:
-        refuse_eval_steps_beside_no(data, "in the config file")
-        refuse_eval_steps_beside_no(extra, "in the overrides")
+        refuse_eval_steps_beside_no(data, extra, path)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
     data = merge(data, extra)
@@ -194,18 +196,29 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
 
-def refuse_eval_steps_beside_no(source: dict[str, Any], where: str) -> None:
-    """train.eval_strategy no and train.eval_steps N written together (both in the file, or both in the overrides):
-    contradictory, and the run evaluated only after the last step, eval_steps ignored. An override eval_strategy=no
-    over a file that evaluates every N steps stays the off switch (README's commands; the resolved config then
-    records eval_steps null, `TrainConfigBase`)."""
-    train = source.get("train")
-    if not isinstance(train, dict) or train.get("eval_steps") is None or "eval_strategy" not in train:
+def refuse_eval_steps_beside_no(data: dict[str, Any], extra: dict[str, Any], path: Any = None) -> None:
+    """train.eval_strategy no beside train.eval_steps N: 'no' evaluates only after the last step, eval_steps ignored.
+    Refused when the overrides give eval_steps under a 'no' (theirs or the file's): the user asked for steps that
+    would not run. An override eval_strategy=no over a file's eval_steps is the off switch (README's commands; the
+    resolved config records eval_steps null, `TrainConfigBase`). Both in the file alone: a config.yaml saved before
+    that null was recorded holds exactly this (README's commands wrote it), so it loads, with one warning naming the
+    file; the run does what it did (no evaluation every N steps)."""
+    file_train, over_train = data.get("train"), extra.get("train")
+    file_train = file_train if isinstance(file_train, dict) else {}
+    over_train = over_train if isinstance(over_train, dict) else {}
+    strategy = over_train.get("eval_strategy", file_train.get("eval_strategy"))
+    if strategy is None or str(getattr(strategy, "value", strategy)).lower() not in ("no", "false"):
         return
-    if str(getattr(train["eval_strategy"], "value", train["eval_strategy"])).lower() in ("no", "false"):
-        raise ConfigError(f"train.eval_steps: {train['eval_steps']} beside train.eval_strategy=no {where}: 'no' "
+    where = "in the overrides" if "eval_strategy" in over_train else "in the config file"
+    if over_train.get("eval_steps") is not None:
+        raise ConfigError(f"train.eval_steps: {over_train['eval_steps']} beside train.eval_strategy=no {where}: 'no' "
                           "evaluates only after the last step, so eval_steps would be ignored; set "
                           "train.eval_strategy=steps to evaluate every N steps, or remove train.eval_steps")
+    if not {"eval_strategy", "eval_steps"} & set(over_train) and file_train.get("eval_steps") is not None:
+        logger.warning("%s: train.eval_steps: %s beside train.eval_strategy=no: 'no' evaluates only after the last "
+                       "step, so eval_steps is ignored (a config.yaml saved before this was recorded as null holds "
+                       "both); set train.eval_strategy=steps to evaluate every N steps, or remove train.eval_steps",
+                       path or "the config", file_train["eval_steps"])
 
 
 def command_of(cfg: Any) -> str:
