@@ -265,6 +265,7 @@ def skip_earlier_step_checks(argv: list[str], monkeypatch) -> None:
     monkeypatch.setattr(alignkit.cli.runfolder, "check_sources", lambda ds, kind: [])
     monkeypatch.setattr(alignkit.cli.runfolder, "command_checks", lambda cfg, args, dry: [])
     monkeypatch.setattr(alignkit.cli.serve, "check_folders", lambda cfg: None)
+    monkeypatch.setattr(alignkit.cli.serve, "vllm_config_checks", lambda cfg: [])  # the base's config.json
     monkeypatch.setattr(alignkit.serve.vllm_server, "check_adapters", lambda adapters: {})
 
 

@@ -115,7 +115,8 @@ def test_sample_annotate_best_of_n_through_files(tiny_dir, tmp_path, capsys):
     kept = (rnd / "records.jsonl").read_bytes()
     assert main(["-q", "annotate", "--config", str(CONFIGS / "best-of-n-tiny.yaml"), f"output_dir={rnd}",
                  f"annotator.path={rm}"]) == 2
-    assert "overwrite=true to redo it" in capsys.readouterr().err and (rnd / "records.jsonl").read_bytes() == kept
+    assert "--overwrite (overwrite=true) to redo it" in capsys.readouterr().err
+    assert (rnd / "records.jsonl").read_bytes() == kept
     assert main(["-q", "annotate", "--config", str(CONFIGS / "best-of-n-tiny.yaml"), f"output_dir={rnd}",
                  f"annotator.path={rm}", "overwrite=true"]) == 0
     manifest = json.loads((rnd / "manifest.json").read_text())

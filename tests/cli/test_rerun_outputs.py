@@ -36,7 +36,7 @@ def test_a_rerun_into_a_folder_holding_the_commands_outputs_needs_overwrite(tmp_
         assert main([*base, "data.max_records=2", *dry]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and f"output_dir: {out} already holds the outputs of an earlier `alignkit {command}` " \
-            f"({manifest}, {results}" in err[0] and "pass --overwrite to replace them" in err[0], err
+            f"({manifest}, {results}" in err[0] and "pass --overwrite (overwrite=true) to replace them" in err[0], err
         assert snapshot(out) == before  # checked before anything is written
     assert main([*base, "data.max_records=2", "--overwrite"]) == 0
     if command == "eval":  # 3 records of the bundled pairs, then 2: the count the results hold
@@ -57,8 +57,8 @@ def test_augment_again_with_the_same_config_uses_its_cache_and_with_another_need
     assert main([*base, "data.max_records=2"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == [f"alignkit augment: error: output_dir: {out} already holds the outputs of an earlier `alignkit "
-                   "augment` (alignkit_augment_outputs.json, augmented.jsonl, summary.json); pass --overwrite to "
-                   "replace them, or choose another output_dir"]
+                   "augment` (alignkit_augment_outputs.json, augmented.jsonl, summary.json); pass --overwrite "
+                   "(overwrite=true) to replace them, or choose another output_dir"]
     assert (out / "augmented.jsonl").read_bytes() == first["augmented.jsonl"]
     assert main([*base, "data.max_records=2", "--overwrite"]) == 0
     assert (out / "augmented.jsonl").read_bytes() != first["augmented.jsonl"]

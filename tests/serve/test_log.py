@@ -268,3 +268,30 @@ def test_each_prompt_shorter_than_a_reft_adapters_positions_is_counted_and_logge
     assert 'alignkit_short_reft_prompts_total{model="both"} 1' in text
     assert 'alignkit_short_reft_prompts_total{model="base"} 0' in text
     assert row["short_reft_prompts"] == 3 and row["short_reft_prompts/polite"] == 2
+
+
+def test_a_second_start_of_the_same_log_samples_again(tmp_path):
+    """`start()` did not clear the event `stop()` set: a second start() on the same ServeLog wrote its "start" row,
+    then its sampling thread saw the event and ended at once, so no row came until stop (the stats went unlogged).
+    A stub engine (counters only); rows every 0.05 s; each start must be followed by periodic rows (event None)."""
+    import time
+    from types import SimpleNamespace
+
+    from alignkit.serve.stats import EngineStats
+
+    engine = SimpleNamespace(stats=EngineStats(), queue_depth=0, running_rows=0)
+    log = ServeLog(engine, tmp_path, every=0.05)
+
+    def periodic_rows_after_start() -> int:
+        events = [r.get("event") for r in _rows(tmp_path)]
+        return events[len(events) - 1 - events[::-1].index("start"):].count(None)
+
+    for _ in range(2):
+        log.start()
+        deadline = time.monotonic() + 10
+        while periodic_rows_after_start() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.stop()
+        assert periodic_rows_after_start() >= 2, [r.get("event") for r in _rows(tmp_path)]
+    events = [r.get("event") for r in _rows(tmp_path)]
+    assert events.count("start") == events.count("stop") == 2 and events[-1] == "stop"

@@ -31,7 +31,7 @@ from alignkit.augment.pipeline import augment as run_augment
 from alignkit.augment.strategies import check_columns
 from alignkit.cli.data import data_path
 from alignkit.cli.models import check_model_folder, explaining_load
-from alignkit.cli.runfolder import add_config_command
+from alignkit.cli.runfolder import add_config_command, check_rerun
 from alignkit.models.tiny import save_tiny
 from alignkit.settings.tiny import tiny_arch
 from alignkit.files import atomic_write_text, read_jsonl
@@ -109,7 +109,10 @@ def build_llm(cfg: Any) -> Any:
     return llm
 
 
-def augment(cfg: Any, progress: bool = True) -> int:
+def augment(cfg: Any, progress: bool = True, overwrite: bool = False) -> int:
+    """Augment `cfg`'s data into `cfg.output_dir` (see the module docstring). An earlier augment's outputs of another
+    config there are refused unless `overwrite` or `cfg.overwrite` (`check_rerun`, as the CLI's --overwrite)."""
+    check_rerun(cfg, overwrite)
     paths = [cfg.data.path] if isinstance(cfg.data.path, str) else list(cfg.data.path)
     sources = read_sources([data_path(p) for p in paths], cfg.data.max_records)
     check_inputs(cfg, sources)  # a wrong options.field, before the output folder (or a local model in it) is made

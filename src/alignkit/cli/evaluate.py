@@ -51,7 +51,7 @@ from alignkit.cli.data import check_cut_identical, native_kinds, read_records, t
 from alignkit.cli.models import (adopt_tiny, check_adapter_files, check_formats, check_head, check_model_folder,
                                  check_model_settings,
                                  head_folder, load_for_inference, rename_base, to_device)
-from alignkit.cli.runfolder import add_config_command, checkpoint_run_config, start_run
+from alignkit.cli.runfolder import add_config_command, check_rerun, checkpoint_run_config, start_run
 from alignkit.data import PreferenceCollator, RankedCollator
 from alignkit.data.records import convert, ranked_to_pairs
 from alignkit.interventions.positions import check_truncated_prompts
@@ -97,7 +97,11 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="pair", disable=not progress)
 
 
-def evaluate(cfg: Any, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg: Any, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Score `cfg`'s model on its data and write the results to `cfg.output_dir` (see the module docstring); returns
+    the metrics. An earlier eval's outputs there are refused unless `overwrite` or `cfg.overwrite` (`check_rerun`,
+    as the CLI's --overwrite)."""
+    check_rerun(cfg, overwrite)
     records, ranked = read_eval_records(cfg)
     check_formats(cfg.model, (r.prompt for r in records), cfg.data.formatter)
     check_reference(cfg)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from alignkit.cli.data import read_records
 from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
-from alignkit.cli.runfolder import add_config_command, start_run
+from alignkit.cli.runfolder import add_config_command, check_rerun, start_run
 from alignkit.adapters import reft_settings
 from alignkit.interventions.positions import check_prompt_lengths, needed_length
 from alignkit.online import generate_responses
@@ -84,7 +84,10 @@ def short_reft_prompts(model: Any, tok: Any, records: list, cfg: Any) -> int:
     return sum(n < needed_length(reft.positions, reft.share_weights) for n in lengths)
 
 
-def generate(cfg: Any, progress: bool = True) -> list[dict[str, Any]]:
+def generate(cfg: Any, progress: bool = True, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Generate for `cfg`'s prompts and write them to `cfg.output_dir`; returns the rows. An earlier generate's
+    outputs there are refused unless `overwrite` or `cfg.overwrite` (`check_rerun`, as the CLI's --overwrite)."""
+    check_rerun(cfg, overwrite)
     check_batch_size(cfg.batch_size)
     records = read_records(cfg.data.path, cfg.data, "prompt", cfg.data.split, "data.path")
     if cfg.data.max_records is not None:

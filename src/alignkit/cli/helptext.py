@@ -26,6 +26,12 @@ CONFIG_COMMANDS: dict[str, tuple[bool, bool]] = {
 # commands that add their files to output_dir as one set (`run_commit.output_set`): an earlier set there is
 # refused unless --overwrite (`runfolder.check_earlier_outputs`)
 REPLACE_COMMANDS = ("eval", "generate", "augment")
+# commands whose config has the key `overwrite`: their --overwrite flag sets it (`runfolder.config_from_args`), so
+# `--overwrite` and `overwrite=true` (or `overwrite: true` in the YAML) are one setting
+OVERWRITE_KEY_COMMANDS = (*REPLACE_COMMANDS, "sample", "annotate")
+# what --overwrite (the key `overwrite`) does for each of them
+OVERWRITE_HELP = {"sample": "sample again even when output_dir holds a complete samples.jsonl",
+                  "annotate": "annotate again even when output_dir holds a complete records.jsonl"}
 
 
 # example overrides for `key=value`'s help, the first two that `command` takes (`override_example`)
@@ -54,10 +60,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str, run_fold
         parser.add_argument("--overwrite", action="store_true",
                             help="replace an existing output_dir as a whole: the new run is written beside it and "
                                  "swapped in when it finishes (the old run stays untouched if the new one fails)")
-    elif command in REPLACE_COMMANDS:
+    elif command in OVERWRITE_KEY_COMMANDS:
+        what = OVERWRITE_HELP.get(command, f"replace the outputs of an earlier `alignkit {command}` in output_dir "
+                                           "(refused without it; its files are replaced only once the new ones are "
+                                           "written)")
         parser.add_argument("--overwrite", action="store_true",
-                            help=f"replace the outputs of an earlier `alignkit {command}` in output_dir (refused "
-                                 "without it; its files are replaced only once the new ones are written)")
+                            help=f"{what}; the same as the key overwrite=true (or `overwrite: true` in the YAML)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"dotted overrides parsed as YAML scalars, e.g. {override_example(command)}")
 
@@ -147,5 +155,5 @@ def keys_epilog(command: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONFIG_COMMANDS", "REPLACE_COMMANDS", "add_allow_code", "add_command_parser", "add_config_arguments",
-           "keys_epilog", "override_example", "settable_keys"]
+__all__ = ["CONFIG_COMMANDS", "OVERWRITE_HELP", "OVERWRITE_KEY_COMMANDS", "REPLACE_COMMANDS", "add_allow_code",
+           "add_command_parser", "add_config_arguments", "keys_epilog", "override_example", "settable_keys"]

@@ -126,8 +126,8 @@ def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str) ->
         shown = "; ".join(f"{k}: {v0!r} then, {v1!r} now" for k, v0, v1 in changes[:4])
         more = f" (and {len(changes) - 4} more)" if len(changes) > 4 else ""
         raise ConfigError(f"output_dir: {root} already holds a complete {file} made with other settings "
-                          f"({root / saved}: {shown}{more}); it would be kept as it is, not redone. Pass "
-                          f"overwrite=true to redo it, or choose another output_dir")
+                          f"({root / saved}: {shown}{more}); it would be kept as it is, not redone. Pass --overwrite "
+                          f"(overwrite=true) to redo it, or choose another output_dir")
 
 
 def model_sha256(annotator: Any) -> str | None:

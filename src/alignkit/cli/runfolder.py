@@ -17,7 +17,7 @@ import yaml
 
 from alignkit.adapters.config import used_parts
 from alignkit.cli.data import check_sources, command_record_kind
-from alignkit.cli.helptext import REPLACE_COMMANDS, add_command_parser
+from alignkit.cli.helptext import OVERWRITE_KEY_COMMANDS, REPLACE_COMMANDS, add_command_parser
 from alignkit.models.efficiency import check_model_kernels
 from alignkit.run_commit import (
     STAGING_MARK, commit_staging, incomplete_reason, latest_complete_checkpoint, outputs_manifest, recover_swap,
@@ -32,7 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 def config_from_args(args: argparse.Namespace, command: str) -> Any:
-    return load_config(args.config, args.overrides, command=command)
+    """The typed config of `command` from --config and the overrides; for a command whose config has the key
+    `overwrite` (`OVERWRITE_KEY_COMMANDS`), --overwrite sets it (the flag and the key are one setting)."""
+    overrides = list(args.overrides)
+    if command in OVERWRITE_KEY_COMMANDS and getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
+    return load_config(args.config, overrides, command=command)
 
 
 DryCheck = Callable[[Any, argparse.Namespace], list[str]]
@@ -52,7 +57,7 @@ def add_config_command(sub: argparse._SubParsersAction, command: str, text: str,
                 check_code_allowed(getattr(cfg, "annotator", None), allow_code=False)  # that passes, runs
             return dry_run(cfg, args, dry)
         check_output_dir(Path(cfg.output_dir))  # every config command writes there: before any work
-        check_earlier_outputs(cfg, bool(getattr(args, "overwrite", False)))
+        check_earlier_outputs(cfg, wants_overwrite(cfg, args))
         return work(cfg, args)
 
     p = add_command_parser(sub, command, text)
@@ -111,7 +116,7 @@ def check_output(cfg: Any, args: argparse.Namespace | None) -> str:
     final = Path(cfg.output_dir)
     if command_of(cfg) not in (*TRAIN_COMMANDS, *ONLINE_COMMANDS):
         check_output_dir(final)
-        found = check_earlier_outputs(cfg, bool(getattr(args, "overwrite", False)))
+        found = check_earlier_outputs(cfg, wants_overwrite(cfg, args))
         if found:
             return f"output_dir {final}: the earlier outputs there ({', '.join(found)}) are replaced"
         return f"output_dir {final}: " + ("a folder; this command adds its files to it" if final.is_dir() else
@@ -204,6 +209,19 @@ EARLIER_OUTPUTS = {"eval": ("metrics.json",), "generate": ("generations.jsonl", 
                    "augment": ("augmented.jsonl", "summary.json")}
 
 
+def wants_overwrite(cfg: Any, args: argparse.Namespace | None = None) -> bool:
+    """--overwrite, or the config's key `overwrite` (eval / generate / augment / sample / annotate)."""
+    return bool(getattr(args, "overwrite", False)) or bool(getattr(cfg, "overwrite", False))
+
+
+def check_rerun(cfg: Any, overwrite: bool = False) -> None:
+    """The library's form of the CLI's first checks of eval / generate / augment (`evaluate(cfg)`, `generate(cfg)`,
+    `augment(cfg)` called from Python): `output_dir` is no file (`check_output_dir`) and holds no earlier outputs of
+    the command unless `overwrite` or the config's `overwrite` key (`check_earlier_outputs`). Writes nothing."""
+    check_output_dir(Path(cfg.output_dir))
+    check_earlier_outputs(cfg, overwrite or wants_overwrite(cfg))
+
+
 def check_earlier_outputs(cfg: Any, overwrite: bool) -> list[str]:
     """ConfigError when `cfg.output_dir` holds the outputs of an earlier run of the command (eval / generate /
     augment: `REPLACE_COMMANDS`) and `overwrite` (--overwrite) is off: a rerun replaced the earlier results without a
@@ -220,7 +238,8 @@ def check_earlier_outputs(cfg: Any, overwrite: bool) -> list[str]:
             (command == "augment" and same_config(cfg, final / "config.yaml")):
         return found
     raise ConfigError(f"output_dir: {final} already holds the outputs of an earlier `alignkit {command}` "
-                      f"({', '.join(found)}); pass --overwrite to replace them, or choose another output_dir")
+                      f"({', '.join(found)}); pass --overwrite (overwrite=true) to replace them, or choose another "
+                      "output_dir")
 
 
 def unfinished_set(final: Path, command: str) -> bool:
@@ -234,14 +253,15 @@ def unfinished_set(final: Path, command: str) -> bool:
 
 
 def same_config(cfg: Any, saved: Path) -> bool:
-    """Whether `saved` (a run's resolved config) holds the settings of `cfg`, `output_dir` aside."""
+    """Whether `saved` (a run's resolved config) holds the settings of `cfg`, `output_dir` and `overwrite` aside."""
     try:
         old = yaml.safe_load(saved.read_text()) if saved.is_file() else None
     except (OSError, yaml.YAMLError):
         return False
     if not isinstance(old, dict):
         return False
-    return not [c for c in config_changes(old, yaml.safe_load(dump_config(cfg))) if c[0] != "output_dir"]
+    return not [c for c in config_changes(old, yaml.safe_load(dump_config(cfg)))
+                if c[0] not in ("output_dir", "overwrite")]
 
 
 def named_checkpoint(cfg: Any, checkpoint: str, final: Path, holds: bool, overwrite: bool, label: str) -> Path:

@@ -91,6 +91,9 @@ def config_from(args: argparse.Namespace) -> Any:
     return cfg
 
 
+VLLM_TINY_SIZES = {"hidden_size": 128, "num_heads": 2}  # a tiny base for engine=vllm: head size 64 (`resolve_base`)
+
+
 def resolve_base(cfg: Any) -> tuple[str, str | None]:
     """(base folder, served base name) of a `ServeConfig`; `tiny:<arch>` builds a random tiny model first
     (head_dim 64 for engine=vllm: a size vLLM's CPU attention runs; the tiny default 16 is refused)."""
@@ -99,7 +102,7 @@ def resolve_base(cfg: Any) -> tuple[str, str | None]:
     if arch is not None:
         from alignkit.models.tiny import save_tiny
 
-        sizes = {"hidden_size": 128, "num_heads": 2} if cfg.engine == "vllm" else {}
+        sizes = VLLM_TINY_SIZES if cfg.engine == "vllm" else {}
         base = str(save_tiny(tempfile.mkdtemp(prefix=f"alignkit-serve-tiny-{arch}-"), arch, **sizes))
         base_name = base_name or f"tiny-{arch}"
     return base, base_name
@@ -193,12 +196,27 @@ def build_engine(cfg: Any, device: str | None = None):
                                       request_timeout=cfg.request_timeout))
 
 
+def vllm_config_checks(cfg: Any) -> list[str]:
+    """engine=vllm's checks of the base's config in the dry run (`vllm_server.config_checks`: RoPE, head size,
+    LoRA on a mixture of experts), on its config.json, or a tiny base's config as `resolve_base` would build it (in
+    memory: nothing written). One line per check."""
+    from alignkit.serve.vllm_server import config_checks
+
+    arch = tiny_arch(cfg.base, "base")
+    if arch is None:
+        return config_checks(cfg.base, lora=bool(cfg.adapters))
+    from alignkit.models.tiny import tiny_config
+
+    return config_checks(cfg.base, lora=bool(cfg.adapters), config=tiny_config(arch, 512, **VLLM_TINY_SIZES))
+
+
 def dry_run(cfg: Any) -> int:
     """`alignkit serve --dry-run`: what the server checks before it loads a model, without loading one, binding the
     port or writing anything: output_dir, the base and adapter folders (`check_folders`; engine vllm: the adapters
-    vLLM serves), and the base's chat template against the messages /v1/chat/completions passes it
-    (`serve.template.check_chat_template`, with the base's tokenizer only). Prints the config (api_key hidden), what
-    was checked as YAML comments, and a last line saying so; the first problem is one line naming the key."""
+    vLLM serves and the base's config, `vllm_config_checks`), and the base's chat template against the messages
+    /v1/chat/completions passes it (`serve.template.check_chat_template`, with the base's tokenizer only). Prints the
+    config (api_key hidden), what was checked as YAML comments, and a last line saying so; the first problem is one
+    line naming the key."""
     from alignkit.cli.runfolder import check_output_dir, print_dry_run
 
     lines = []
@@ -212,6 +230,7 @@ def dry_run(cfg: Any) -> int:
 
         check_adapters(cfg.adapters)
         lines.append("adapters: each one vLLM serves (LoRA); vLLM formats chat messages itself")
+        lines += vllm_config_checks(cfg)
     elif tiny_arch(cfg.base, "base") is None and Path(cfg.base).is_dir():
         from alignkit.cli.models import explaining_load
         from alignkit.models.loading import load_tokenizer

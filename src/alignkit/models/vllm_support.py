@@ -115,13 +115,13 @@ def check_rope_type(config: Any, folder: str | Path, where: str, fix: str) -> No
     transformers does (`ROPE_NOT_AS_TRANSFORMERS`): vLLM would generate from another model than the one trained or
     served by alignkit's engine, without an error; or cannot start on them (a linear factor written as an integer,
     row V16). `where`: what starts the engine; `fix`: the way out."""
-    for rp in _rope_parameters(config):
+    for rp in rope_parameters(config):
         if rp.get("rope_type", rp.get("type")) == "linear" and type(rp.get("factor")) is int:
             raise ConfigError(f"{where}: the model in {folder} has linear RoPE scaling with the integer factor "
                               f"{rp['factor']} (rope_parameters in {Path(folder) / 'config.json'}), on which vLLM's "
                               f"linear RoPE fails when the engine starts ('int' object is not iterable: it takes a "
                               f"float); write factor: {float(rp['factor'])} there, or {fix}")
-    kinds = {rp.get("rope_type", rp.get("type")) for rp in _rope_parameters(config)}
+    kinds = {rp.get("rope_type", rp.get("type")) for rp in rope_parameters(config)}
     for kind in sorted(k for k in kinds if k in ROPE_NOT_AS_TRANSFORMERS):
         raise ConfigError(f"{where}: the model in {folder} has {kind} RoPE scaling (rope_parameters in "
                           f"{Path(folder) / 'config.json'}), which vLLM computes as one fixed table of "
@@ -191,7 +191,8 @@ def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
     return AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(vllm.get("trust_remote_code", False)))
 
 
-def _rope_parameters(config: Any) -> list[dict[str, Any]]:
+def rope_parameters(config: Any) -> list[dict[str, Any]]:
+    """The RoPE parameter dicts of a transformers `config` (one per layer type where it has several; [] for none)."""
     rp = getattr(config, "rope_parameters", None)
     if not isinstance(rp, dict) or not rp:
         return []
@@ -229,7 +230,7 @@ def engine_max_model_len(folder: str | Path, vllm: dict[str, Any],
         if asked is not None:
             return int(asked), "method.vllm.max_model_len"
         derived, key = NO_LENGTH_DEFAULT, "vLLM's default (the config names no length)"
-    rope = _rope_parameters(config)
+    rope = rope_parameters(config)
     if rope and "gemma3" not in str(getattr(config, "model_type", "")):
         factor = 1.0
         for rp in rope:
@@ -277,7 +278,7 @@ def rope_length_cap(config: Any) -> RopeCap | None:
       only warns of it, `model.rope_scaling` refuses it), a position past the table reads memory outside it (no error on
       CPU / GPU kernels: other numbers every run), where transformers rotates it with the same frequencies.
     (llama3: vLLM's table holds `max_position_embeddings` rows, its max_model_len: every position covered.)"""
-    for rp in _rope_parameters(config):
+    for rp in rope_parameters(config):
         kind, factor = rp.get("rope_type", rp.get("type")), rp.get("factor")
         orig = rp.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
         if kind == "yarn" and factor and orig:
@@ -365,4 +366,5 @@ def meta_causal_lm(config: Any) -> torch.nn.Module:
 __all__ = ["MAX_LEN_KEYS", "NO_LENGTH_DEFAULT", "PRESCALED_ROPE", "ROPE_NOT_AS_TRANSFORMERS", "attention_head_sizes",
            "check_head_size", "check_moe_lora", "check_rope_type", "EXPERT_KEYS", "num_experts", "vllm_cpu_platform",
            "engine_limit", "engine_max_model_len", "folder_config", "head_size", "lora_unsupported", "meta_causal_lm",
-           "require_vllm", "RopeCap", "capped_length", "rope_length_cap", "start_max_model_len", "vllm_installed"]
+           "require_vllm", "RopeCap", "capped_length", "rope_length_cap", "start_max_model_len", "vllm_installed",
+           "rope_parameters"]

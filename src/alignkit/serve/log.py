@@ -179,6 +179,7 @@ class ServeLog:
             self._step = max(int(round(float(r["time"]) - self._origin)), self._step + 1)
         self._last = {}
         self._stopped, self._plots = False, []
+        self._stop.clear()  # a second start on this object: the first stop's event ended its loop at once
         self.sample("start")
         self._thread = threading.Thread(target=self._loop, name="alignkit-serve-log", daemon=True)
         self._thread.start()

@@ -43,13 +43,19 @@ from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fin
 from alignkit.adapters.lora import check_lora_fits
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
-from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit,
-                                          lora_unsupported, meta_causal_lm, require_vllm)
+from alignkit.models import vllm_support
+from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit, head_size,
+                                          lora_unsupported, meta_causal_lm, num_experts, require_vllm)
 from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
 
 logger = logging.getLogger(__name__)
+
+# what the checks of the base's config say (the run's `serve_with_vllm` / `prepare` and the dry run's `config_checks`)
+WHERE, FIX = "serve --engine vllm", "serve it with --engine alignkit"
+LORA_WHERE = "serve --engine vllm --adapter"
+LORA_FIX = "serve the adapters with --engine alignkit (or the base alone with --engine vllm)"
 
 REFT_REFUSAL = ("adapter {name!r} ({folder}) is a {kind} adapter: --engine vllm serves LoRA adapters and full "
                 "models only; ReFT stays on alignkit's engine (serve it with --engine alignkit)")
@@ -132,8 +138,7 @@ def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str
         raise ConfigError(str(e)) from None
     checked = check_adapters(adapters)
     if checked:  # vLLM starts with --enable-lora (row V20)
-        check_moe_lora(AutoConfig.from_pretrained(str(base)), base, "serve --engine vllm --adapter",
-                       "serve the adapters with --engine alignkit (or the base alone with --engine vllm)")
+        check_moe_lora(AutoConfig.from_pretrained(str(base)), base, LORA_WHERE, LORA_FIX)
     try:  # vLLM tokenizes (and formats chat) with the base's tokenizer alone: its LoRA folders hold no tokenizer
         saved_tokenizers_differ(load_tokenizer(base), base, checked, chat=VLLM_CHAT)
     except ValueError as e:
@@ -144,6 +149,36 @@ def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str
         plan.loras[name] = str(dest)
         plan.max_lora_rank = max(plan.max_lora_rank, r)
     return plan
+
+
+def config_checks(base: str | Path, lora: bool, config=None) -> list[str]:
+    """`alignkit serve --engine vllm --dry-run`'s checks of the base's config (`config`, else its config.json), as
+    the run makes them before vLLM starts (`serve_with_vllm`: RoPE, head size; `prepare`, with adapters (`lora`):
+    LoRA on a mixture of experts). The RoPE check needs no vLLM; the head size and the MoE-LoRA check ask vLLM's
+    platform, so where vLLM is not importable the lines say they run when the server starts. ConfigError as the
+    run's; one line per check."""
+    if config is None:
+        if not (Path(base) / "config.json").is_file():  # as `prepare` refuses it
+            raise ConfigError(f"base: {Path(base).resolve()} has no config.json; --engine vllm needs a transformers "
+                              "model folder")
+        config = AutoConfig.from_pretrained(str(base))
+    check_rope_type(config, base, WHERE, FIX)
+    rope = sorted({str(rp.get("rope_type", rp.get("type"))) for rp in vllm_support.rope_parameters(config)})
+    lines = [f"base {base}: its RoPE ({', '.join(rope) or 'none'}) as vLLM computes it"]
+    here = vllm_support.vllm_installed()
+    size = head_size(config)
+    if here:
+        check_head_size(config, base, WHERE, FIX)
+    lines.append(f"base {base}: attention head size {size}" + (", which vLLM's attention here takes" if here else
+                 ": checked against vLLM's attention when the server starts (vLLM is not importable here)"))
+    experts = num_experts(config) if lora else 0
+    if experts and here:
+        check_moe_lora(config, base, LORA_WHERE, LORA_FIX)
+    if experts:
+        lines.append(f"base {base}: a mixture of experts ({experts} experts) with LoRA adapters: " +
+                     ("vLLM's platform here runs LoRA on it" if here else "the platform check (vLLM's CPU build "
+                      "cannot run LoRA on one) runs when the server starts (vLLM is not importable here)"))
+    return lines
 
 
 def check_bases(base: Path, adapters: Mapping[str, Path]) -> None:
@@ -222,9 +257,8 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     require_vllm()
     if (Path(base) / "config.json").is_file():  # (a folder without one is refused by prepare)
         config = AutoConfig.from_pretrained(base)
-        check_head_size(config, base, "serve --engine vllm",
-                        "serve it with --engine alignkit")  # vLLM's server would start and fail every request
-        check_rope_type(config, base, "serve --engine vllm", "serve it with --engine alignkit")
+        check_head_size(config, base, WHERE, FIX)  # vLLM's server would start and fail every request
+        check_rope_type(config, base, WHERE, FIX)
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
     try:
         plan = prepare(base, cfg.adapters, base_name, workdir)
@@ -267,5 +301,5 @@ def _max_len(base: Path, wanted: int) -> tuple[int, str]:
     return (wanted if limit is None else min(wanted, limit)), source
 
 
-__all__ = ["REFT_REFUSAL", "VllmPlan", "check_adapters", "check_bases", "command", "prepare", "serve_with_vllm",
-           "unenforced_limits"]
+__all__ = ["FIX", "LORA_FIX", "LORA_WHERE", "REFT_REFUSAL", "WHERE", "VllmPlan", "check_adapters", "check_bases",
+           "command", "config_checks", "prepare", "serve_with_vllm", "unenforced_limits"]

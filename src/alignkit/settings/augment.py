@@ -115,6 +115,7 @@ class AugmentConfig:
     options: dict[str, Any] = field(default_factory=dict)
     llm: LLMSettings | None = None
     filters: FilterSettings = field(default_factory=FilterSettings)
+    overwrite: bool = False  # replace an earlier augment's outputs of another config (--overwrite sets it)
     output_dir: str = "runs/augment"
 
     def __post_init__(self) -> None:

@@ -500,7 +500,7 @@ class SampleConfig:
     data: DataSettings = field(default_factory=DataSettings)  # the prompts
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_samples=4, max_new_tokens=64))
     batch_size: int = 8
-    overwrite: bool = False  # sample again even when the folder holds a complete samples.jsonl
+    overwrite: bool = False  # sample again even when the folder holds a complete samples.jsonl (--overwrite)
     output_dir: str = "runs/rounds/round-000"  # the round folder
 
     def __post_init__(self) -> None:
@@ -516,7 +516,7 @@ class AnnotateConfig:
     feedback: Literal[FEEDBACK_MODES] = "best_worst"  # best_of_n: SFT records (augmentation by reward filtering)
     feedback_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {k: 2} for best_of_n, {min_margin: 0.1}
     reweighters: list[Any] = field(default_factory=list)  # e.g. [margin_sigmoid]
-    overwrite: bool = False  # annotate again even when the folder holds a complete records.jsonl
+    overwrite: bool = False  # annotate again even when the folder holds a complete records.jsonl (--overwrite)
     output_dir: str = "runs/rounds/round-000"  # the round folder written by `alignkit sample`
 
     def __post_init__(self) -> None:

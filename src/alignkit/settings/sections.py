@@ -554,6 +554,7 @@ class EvalConfig:
     model: ModelSettings
     data: DataSettings = field(default_factory=DataSettings)
     method: EvalMethod = field(default_factory=EvalMethod)
+    overwrite: bool = False  # replace an earlier eval's outputs in output_dir (--overwrite sets it)
     output_dir: str = "runs/eval"
 
     def __post_init__(self) -> None:
@@ -571,6 +572,7 @@ class GenerateConfig:
     data: DataSettings = field(default_factory=DataSettings)  # prompts: any records (their prompts are used)
     generation: SamplingConfig = field(default_factory=lambda: SamplingConfig(do_sample=False))
     batch_size: int = 8
+    overwrite: bool = False  # replace an earlier generate's outputs in output_dir (--overwrite sets it)
     output_dir: str = "runs/generate"
 
     def __post_init__(self) -> None:
