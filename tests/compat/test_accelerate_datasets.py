@@ -1,5 +1,5 @@
-"""accelerate behaviour and torch module internals alignkit relies on (rows A1-A16 of the table in
-docs/architecture.md; the datasets rows are in test_datasets.py).
+"""accelerate behaviour and torch module internals alignkit relies on (rows A1-A18 and D3 of the table in
+docs/architecture.md; the other datasets rows are in test_datasets.py).
 """
 
 from __future__ import annotations

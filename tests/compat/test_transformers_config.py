@@ -1,5 +1,6 @@
-"""transformers configuration, rope, saving, loss and dropout behaviour alignkit relies on (rows M11 on of the
-table in docs/architecture.md; split from test_transformers_models.py), on the tiny local architectures.
+"""transformers configuration, rope, saving, loss and dropout behaviour alignkit relies on (rows M11, M14-M17
+and some T rows of the table in docs/architecture.md; split from
+test_transformers_models.py), on the tiny local architectures.
 """
 
 from __future__ import annotations

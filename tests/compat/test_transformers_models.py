@@ -1,5 +1,5 @@
-"""transformers model internals alignkit relies on (rows M1-M10 of the table in docs/architecture.md;
-the later rows are in test_transformers_config.py), checked on the tiny
+"""transformers model internals alignkit relies on (rows M1-M10, M12, M13 of the table in
+docs/architecture.md; the others are in test_transformers_config.py), checked on the tiny
 architectures alignkit builds locally (llama, qwen2, gpt2, gpt_neox)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""transformers.Trainer internals alignkit overrides or calls (rows T1-T9 of the table in
-docs/architecture.md; the later T rows are in test_transformers_training_args.py).
+"""transformers.Trainer internals alignkit overrides or calls (rows T1-T9, T12, T13 of the table in
+docs/architecture.md; the other T rows are in test_transformers_training_args.py and test_transformers_config.py).
 
 Each test checks the signature alignkit assumes AND that the Trainer still reaches alignkit's code at run
 time (a spy on the override during a one-step run on a tiny model), because a renamed private method keeps

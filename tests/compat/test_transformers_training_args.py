@@ -1,5 +1,5 @@
 """TrainingArguments, optimizer / scheduler resolution, callbacks, NEFTune and accelerator set-up of
-transformers.Trainer as alignkit relies on them (rows T10 on of the table in docs/architecture.md; split from
+transformers.Trainer as alignkit relies on them (most rows from T10 of the table in docs/architecture.md; split from
 test_transformers_trainer.py, whose helpers this file repeats).
 """
 
