@@ -113,11 +113,10 @@ class AdapterConfig:
         without that part: `AdapterConfig(kind="full", lora=LoraSettings(r=8))` trained the whole model and read no
         rank. A part at its defaults (None, or the settings class's defaults: what the dataclass builds, and what an
         earlier alignkit wrote for every part into a saved config) is accepted. Run when the config is built and by
-        `check()` (a part set afterwards)."""
-        for part, settings in PART_SETTINGS.items():
-            value = getattr(self, part)
-            if part not in self.parts and value is not None and value != settings():
-                raise ValueError(unused_part_message(part, self.kind))
+        `check()` (a part set afterwards). The rule is `refuse_unused_parts`'s, given the parts as mappings."""
+        parts = {part: getattr(self, part) for part in PART_SETTINGS}
+        refuse_unused_parts({"kind": self.kind, **{part: dataclasses.asdict(value) if dataclasses.is_dataclass(value)
+                                                   else value for part, value in parts.items()}})
 
     def check(self) -> None:
         """Check what can be checked without a model (ValueError naming the key), for the CLI's config loader and
@@ -172,7 +171,9 @@ def refuse_unused_parts(data: dict[str, Any], where: str = "adapter") -> None:
     does not use, at any values: `adapter.lora: {r: 8}` under kind full was accepted and ignored (the built settings
     equal the defaults). One exception: the complete section at every default, which is what a run's config.yaml
     held before `used_parts` (every key written by `dataclasses.asdict`, e.g. a full run's lora section), so such
-    a saved config still loads; a section a user writes names only the keys they set."""
+    a saved config still loads; a section a user writes names only the keys they set. The one owner of the rule:
+    `AdapterConfig.check_parts` calls it with its built parts as mappings (every key, so at the defaults exactly
+    when the settings equal the class's defaults)."""
     kind = data.get("kind", AdapterConfig.kind)
     if kind not in KINDS:  # refused by AdapterConfig, naming the valid kinds
         return
