@@ -99,7 +99,24 @@ def test_sample_takes_the_flag_overwrite_as_its_key(tmp_path, capsys):
     assert main([*base, "sampling.temperature=0.5", "--overwrite"]) == 0  # was: unrecognized arguments
     assert (rnd / "samples.jsonl").read_bytes() != kept
     saved = (rnd / "sample.yaml").read_text()
-    assert "temperature: 0.5" in saved and "overwrite: true" in saved  # the flag set the key
+    assert "temperature: 0.5" in saved and "overwrite: false" in saved  # the switch is not recorded (below)
+
+
+def test_a_config_saved_by_an_overwriting_run_asks_again(tmp_path, capsys):
+    """`--overwrite` set the key `overwrite`, which the saved config.yaml then recorded as true: a rerun from that
+    file (or a copy of it for another folder) replaced the earlier results without a word, the very case the rerun
+    refusal is for (found by a review). The switch is per invocation: saved as false. Fails without the fix: yes."""
+    out = tmp_path / "out"
+    base = ["-q", "generate", "--config", str(CONFIGS / "generate-tiny.yaml"), f"output_dir={out}",
+            "model.path=tiny:llama", "model.adapter_path=null", "generation.max_new_tokens=4"]
+    assert main([*base, "data.max_records=3"]) == 0
+    assert main([*base, "data.max_records=2", "--overwrite"]) == 0
+    assert "overwrite: false" in (out / "config.yaml").read_text()
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["-q", "generate", "--config", str(out / "config.yaml"), "data.max_records=1"]) == 2
+    assert "already holds the outputs of an earlier `alignkit generate`" in capsys.readouterr().err
+    assert snapshot(out) == before and results("generate", out) == 2
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "augment", "sample", "annotate"])

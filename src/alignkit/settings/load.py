@@ -239,8 +239,13 @@ def dump_config(cfg: Any) -> str:
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config to `path` atomically (a kill or a full disk leaves the previous file whole)."""
-    return atomic_write_text(path, dump_config(cfg))
+    """Write the resolved config to `path` atomically (a kill or a full disk leaves the previous file whole).
+    `overwrite` (eval / generate / augment / sample / annotate: this invocation may replace earlier outputs) is
+    written false: a rerun from the saved file (or a copy of it elsewhere) must ask again, not replace silently."""
+    data = config_to_dict(cfg)
+    if data.get("overwrite") is True:
+        data["overwrite"] = False
+    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
 __all__ = ["check_best_metric", "check_training_args", "command_of", "config_from_dict", "config_to_dict",
