@@ -421,3 +421,8 @@ def test_a_refusal_after_the_trainer_made_output_dir_leaves_no_folder(make_model
             sft(tmp_path / out)
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
     assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"
+    # `missing/../mine`: `missing` does not exist, so the path named no existing folder until the Trainer made
+    # `missing`; the removal then took the user's empty `mine` (a review's finding; fails without abspath: yes)
+    with pytest.raises(ConfigError, match="no_such_metric"):
+        sft(f"{tmp_path}/missing/../mine")
+    assert (tmp_path / "mine").is_dir()

@@ -50,8 +50,10 @@ logger = logging.getLogger(__name__)
 
 
 def missing_folders(path: str | os.PathLike) -> list[Path]:
-    """`path` and those of its parents that do not exist yet, deepest first ([] when `path` exists)."""
-    out, folder = [], Path(path).absolute()
+    """`path` and those of its parents that do not exist yet, deepest first ([] when `path` exists). `..` is resolved
+    first (`os.path.abspath`): `a/../b` with `a` missing is the folder `b`, never `a/../b`, which names `b` once `a`
+    exists (a user's existing empty `b` was removed)."""
+    out, folder = [], Path(os.path.abspath(path))
     while not folder.exists() and folder != folder.parent:
         out.append(folder)
         folder = folder.parent
