@@ -53,3 +53,13 @@ def test_a_part_at_its_defaults_is_accepted_and_an_earlier_save_loads(kind, part
         (tmp_path / "alignkit_adapter.json").write_text(json.dumps({"kind": kind, **own, part: written}))
         cfg = read_adapter_config(tmp_path)
         assert cfg.kind == kind and getattr(cfg, part) in (None, PART_SETTINGS[part]())
+
+
+@pytest.mark.parametrize("kind, part", UNUSED, ids=[f"{k}-{p}" for k, p in UNUSED])
+@pytest.mark.parametrize("value", ["oops", 16, [4]])
+def test_a_part_that_is_no_settings_at_all_is_refused_too(kind, part, value):
+    """`AdapterConfig(kind="full", lora="oops")` (or a number, a list) was refused before check_parts began to pass
+    its parts to `refuse_unused_parts`, which skips what is not a mapping; then accepted (a review's finding). Fails
+    without the fix: yes (seen)."""
+    with pytest.raises(ValueError, match=f"adapter.{part}"):
+        AdapterConfig(kind=kind, **needed(kind), **{part: value})

@@ -115,6 +115,10 @@ class AdapterConfig:
         earlier alignkit wrote for every part into a saved config) is accepted. Run when the config is built and by
         `check()` (a part set afterwards). The rule is `refuse_unused_parts`'s, given the parts as mappings."""
         parts = {part: getattr(self, part) for part in PART_SETTINGS}
+        for part, value in parts.items():  # not settings at all (a str, a number): refused as any value would be
+            if value is not None and not isinstance(value, dict) and not dataclasses.is_dataclass(value) \
+                    and self.kind in KINDS and part not in KINDS[self.kind].parts:
+                raise ValueError(unused_part_message(part, self.kind, "adapter"))
         refuse_unused_parts({"kind": self.kind, **{part: dataclasses.asdict(value) if dataclasses.is_dataclass(value)
                                                    else value for part, value in parts.items()}})
 
