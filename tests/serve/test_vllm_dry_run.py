@@ -84,3 +84,26 @@ def test_lora_on_a_mixture_of_experts_is_refused_on_vllms_cpu_platform(serve_dir
 def test_a_tiny_base_is_checked_as_it_would_be_built(base, capsys):
     rc, out, err = dry_run(capsys, base)
     assert rc == 0 and "attention head size 64" in out, err  # resolve_base's sizes for vLLM: 128 / 2
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"model_type": "llama9000"}, "model type `llama9000` but Transformers does not recognize this architecture"),
+    (None, "is not a valid JSON file"),
+])
+def test_a_config_transformers_cannot_read_is_one_line_not_an_unexpected_error(serve_dirs, tmp_path, capsys,
+                                                                               config, says):
+    """Third review's F4: a base whose model_type this transformers does not know (a newer architecture), or whose
+    config.json is broken, ended the dry run (and the start) as 'unexpected error' rc 1 with transformers' paragraph."""
+    base = base_with(serve_dirs, tmp_path, **(config or {}))
+    if config is None:
+        (base / "config.json").write_text('{"model_type": "llama", ')
+    rc, out, err = dry_run(capsys, base)
+    assert rc == 2 and len(err) == 1 and not out, (rc, err)
+    assert f"serve --engine vllm: cannot read the model config in {base} (" in err[0] and says in err[0], err
+    assert "unexpected error" not in err[0] and "pip install -U transformers" in err[0], err
+
+
+def test_vllm_serve_names_itself_when_the_config_cannot_be_read(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama9000"}))
+    with pytest.raises(vllm_support.ConfigError, match=r"^vllm-serve --model: cannot read the model config in "):
+        vllm_support.folder_config(tmp_path, where="vllm-serve --model")

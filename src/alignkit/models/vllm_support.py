@@ -186,9 +186,21 @@ def check_moe_lora(config: Any, folder: str | Path, where: str, fix: str) -> Non
                           "would fail (the base model's too) after the engine started; " + fix)
 
 
-def folder_config(folder: str | Path, vllm: dict[str, Any]) -> Any:
-    """The transformers config of the model folder the engine loads (as vLLM reads it: config.json)."""
-    return AutoConfig.from_pretrained(str(folder), trust_remote_code=bool(vllm.get("trust_remote_code", False)))
+def folder_config(folder: str | Path, vllm: Mapping[str, Any] | None = None, where: str = "the vLLM engine") -> Any:
+    """The transformers config of the model folder the engine loads (as vLLM reads it: config.json). A config.json
+    transformers cannot read (a model_type this transformers does not know, broken JSON) is a ConfigError naming
+    `where` and the folder, not a traceback."""
+    remote = bool((vllm or {}).get("trust_remote_code", False))
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=remote)
+    except (ValueError, OSError, KeyError) as e:
+        import transformers
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: cannot read the model config in {folder} ({first[:300]}); give a transformers "
+                          f"model folder with a valid config.json whose model_type transformers "
+                          f"{transformers.__version__} knows (a newer architecture: pip install -U transformers)"
+                          ) from None
 
 
 def rope_parameters(config: Any) -> list[dict[str, Any]]:

@@ -52,13 +52,12 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from safetensors.torch import load
-from transformers import AutoConfig
 
 import alignkit
 from alignkit.adapters.lora import WEIGHTS_NAME, check_lora_shapes
 from alignkit.files import atomic_write, parse_json_object
 from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit,
-                                          lora_unsupported, meta_causal_lm, start_max_model_len)
+                                          folder_config, lora_unsupported, meta_causal_lm, start_max_model_len)
 from alignkit.online.vllm_client import API_KEY_ENV, MATCH_KEYS, PROTOCOL
 from alignkit.online.vllm_engine import LORA_RANKS  # the ranks vLLM's --max-lora-rank accepts
 from alignkit.online.vllm_generation import sampling_params, shutdown_engine
@@ -203,7 +202,7 @@ class VllmServeEngine:
             raise FileNotFoundError(f"--model {settings.model}: no config.json there; give a transformers model folder "
                                     "(the policy's base, e.g. runs/sft/model)")
         settings.check()  # (fields set after it was made)
-        hf = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        hf = folder_config(folder, where="vllm-serve --model")
         check_head_size(hf, folder, "vllm-serve --model", "give --model a model whose head size vLLM takes (the "
                         "policy's base), or train with method.generation_backend=transformers")
         check_rope_type(hf, folder, "vllm-serve --model", "train with method.generation_backend=transformers")

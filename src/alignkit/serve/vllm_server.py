@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Mapping
 
 from safetensors.torch import load_file
-from transformers import AutoConfig
-
 from alignkit.adapters import adapter_in
 from alignkit.adapters.api import check_finite
 from alignkit.adapters.base import BASE_FINGERPRINT_NAME, check_base, folder_fingerprint
@@ -44,8 +42,8 @@ from alignkit.adapters.lora import check_lora_fits
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.rope import rope_record
 from alignkit.models import vllm_support
-from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit, head_size,
-                                          lora_unsupported, meta_causal_lm, num_experts, require_vllm)
+from alignkit.models.vllm_support import (check_head_size, check_moe_lora, check_rope_type, engine_limit, folder_config,
+                                          head_size, lora_unsupported, meta_causal_lm, num_experts, require_vllm)
 from alignkit.serve.stack import check_served_names, saved_tokenizers_differ
 from alignkit.settings import ConfigError
 from alignkit.settings.serve import ServeConfig
@@ -138,7 +136,7 @@ def prepare(base: str | Path, adapters: Mapping[str, str | Path], base_name: str
         raise ConfigError(str(e)) from None
     checked = check_adapters(adapters)
     if checked:  # vLLM starts with --enable-lora (row V20)
-        check_moe_lora(AutoConfig.from_pretrained(str(base)), base, LORA_WHERE, LORA_FIX)
+        check_moe_lora(folder_config(base, where=WHERE), base, LORA_WHERE, LORA_FIX)
     try:  # vLLM tokenizes (and formats chat) with the base's tokenizer alone: its LoRA folders hold no tokenizer
         saved_tokenizers_differ(load_tokenizer(base), base, checked, chat=VLLM_CHAT)
     except ValueError as e:
@@ -161,7 +159,7 @@ def config_checks(base: str | Path, lora: bool, config=None) -> list[str]:
         if not (Path(base) / "config.json").is_file():  # as `prepare` refuses it
             raise ConfigError(f"base: {Path(base).resolve()} has no config.json; --engine vllm needs a transformers "
                               "model folder")
-        config = AutoConfig.from_pretrained(str(base))
+        config = folder_config(base, where=WHERE)
     check_rope_type(config, base, WHERE, FIX)
     rope = sorted({str(rp.get("rope_type", rp.get("type"))) for rp in vllm_support.rope_parameters(config)})
     lines = [f"base {base}: its RoPE ({', '.join(rope) or 'none'}) as vLLM computes it"]
@@ -190,7 +188,7 @@ def check_bases(base: Path, adapters: Mapping[str, Path]) -> None:
     checked against the fingerprint."""
     if not adapters:
         return
-    config = AutoConfig.from_pretrained(str(base))
+    config = folder_config(base, where=WHERE)
     try:
         skeleton = meta_causal_lm(config)
     except (ValueError, KeyError) as e:  # an architecture transformers builds no causal LM for: vLLM may still serve it
@@ -256,7 +254,7 @@ def serve_with_vllm(cfg, base: str, base_name: str, quiet: bool = False) -> int:
     """Run vLLM's OpenAI server for a `ServeConfig` until it exits (Ctrl-C stops it); returns its exit code."""
     require_vllm()
     if (Path(base) / "config.json").is_file():  # (a folder without one is refused by prepare)
-        config = AutoConfig.from_pretrained(base)
+        config = folder_config(base, where=WHERE)
         check_head_size(config, base, WHERE, FIX)  # vLLM's server would start and fail every request
         check_rope_type(config, base, WHERE, FIX)
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-vllm-"))
