@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from alignkit.models.rope import context_length
@@ -194,8 +195,6 @@ def folder_config(folder: str | Path, vllm: Mapping[str, Any] | None = None, whe
     try:
         return AutoConfig.from_pretrained(str(folder), trust_remote_code=remote)
     except (ValueError, OSError, KeyError) as e:
-        import transformers
-
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{where}: cannot read the model config in {folder} ({first[:300]}); give a transformers "
                           f"model folder with a valid config.json whose model_type transformers "
