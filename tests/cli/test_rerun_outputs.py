@@ -62,3 +62,21 @@ def test_augment_again_with_the_same_config_uses_its_cache_and_with_another_need
     assert (out / "augmented.jsonl").read_bytes() == first["augmented.jsonl"]
     assert main([*base, "data.max_records=2", "--overwrite"]) == 0
     assert (out / "augmented.jsonl").read_bytes() != first["augmented.jsonl"]
+
+
+def test_a_report_folder_is_not_called_an_earlier_generate_run(tmp_path, capsys):
+    """Third review's F5: generation_report(out_dir=X) writes generations.jsonl, and `alignkit generate` into X was
+    refused as holding 'the outputs of an earlier `alignkit generate`', a run that never happened."""
+    from alignkit.trainers.evaluation import write_report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_report([{"prompt": "p", "base": "b", "adapted": "a"}], out)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["-q", "generate", "--config", str(CONFIGS / "generate-tiny.yaml"), f"output_dir={out}",
+                 "model.path=tiny:llama", "model.adapter_path=null", "generation.max_new_tokens=4"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"output_dir: {out} already holds files `alignkit generate` writes (generations.jsonl); " \
+        "pass --overwrite (overwrite=true) to replace them" in err[0], err
+    assert "an earlier" not in err[0] and snapshot(out) == before

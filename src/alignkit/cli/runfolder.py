@@ -237,9 +237,10 @@ def check_earlier_outputs(cfg: Any, overwrite: bool) -> list[str]:
     if not found or overwrite or unfinished_set(final, command) or \
             (command == "augment" and same_config(cfg, final / "config.yaml")):
         return found
-    raise ConfigError(f"output_dir: {final} already holds the outputs of an earlier `alignkit {command}` "
-                      f"({', '.join(found)}); pass --overwrite (overwrite=true) to replace them, or choose another "
-                      "output_dir")
+    what = (f"the outputs of an earlier `alignkit {command}`" if found[0] == names[0] else  # its manifest: a run's
+            f"files `alignkit {command}` writes")  # (generation_report(out_dir=...) writes generations.jsonl too)
+    raise ConfigError(f"output_dir: {final} already holds {what} ({', '.join(found)}); pass --overwrite "
+                      "(overwrite=true) to replace them, or choose another output_dir")
 
 
 def unfinished_set(final: Path, command: str) -> bool:
