@@ -4,7 +4,7 @@ The chosen-NLL term of sft / orpo / cpo (`PreferenceBatch.nll_scale`) was scaled
 N / T, so eval_loss and nll_loss were the mean of the batches' token means: two runs evaluating the same model on
 the same records with eval batch 1 and 8 reported different numbers. Now `PreferenceTrainer.evaluation_loop`
 counts N / T over the whole evaluation set first, and every objective with eval metrics gives the same figures for
-eval batch 1, 3 and all (KTO aside: its z_ref is one batch's mismatched pairs, see the xfail below)."""
+eval batch 1, 3 and all; KTO's z_ref is estimated once over the whole set (`KTOTrainer.evaluation_loop`)."""
 
 from __future__ import annotations
 
@@ -73,10 +73,33 @@ def test_eval_figures_do_not_depend_on_the_eval_batch_size(case, make_model, fea
     check_same(case, (1, 3, 8), make_model, features, collators, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="KTO's z_ref is the mean log-ratio of one batch's mismatched pairs (the paper "
-                   "and TRL): its pairs and so eval_loss change with the eval batch size (not fixed)")
-def test_kto_eval_depends_on_the_eval_batch_size(make_model, features, collators, tmp_path):
+def test_kto_eval_figures_do_not_depend_on_the_eval_batch_size(make_model, features, collators, tmp_path):
+    """KTO's z_ref was each eval batch's own mismatched pairs (i with i-1 inside the batch), so eval_loss and kl
+    changed with the eval batch size (eval_loss 0.50212 at batch 3 vs 0.50164 at 8). Now `KTOTrainer.eval_kl` pairs
+    example i with i-1 over the whole set, once (KTO needs eval batches of 2 or more: 2, 3 and all). Fails without
+    the fix: yes."""
     check_same("kto", (2, 3, 8), make_model, features, collators, tmp_path)
+
+
+def test_kto_eval_kl_is_the_sets_mismatched_pairs(make_model, features, collators, tmp_path):
+    """eval_kl = the mean log-ratio of the pairs (prompt i, completion i-1 mod 8), each scored alone with the policy
+    and its adapter switched off (an independent reference: one pair per batch, no ring), for eval batch 3."""
+    from alignkit.adapters import reference_off
+    from alignkit.trainers import mismatched_batch
+
+    figures, model = eval_figures("kto", 3, make_model, features, collators, tmp_path)
+    feats, ratios = features["unpaired"], []
+    model.eval()
+    with torch.no_grad():
+        for i in range(len(feats)):
+            pair = mismatched_batch(collators["unpaired"]([feats[i], feats[i - 1]]))
+            pair = {k: v[:1] for k, v in pair.items()}  # prompt i + completion i-1
+            policy, _ = completion_logps(model, pair)
+            with reference_off(model):
+                ref, _ = completion_logps(model, pair)
+            ratios.append(float(policy[0] - ref[0]))
+    assert sum(ratios) > 0  # (else the clamp at 0 would hide the pairs)
+    assert figures["eval_kl"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-4, abs=1e-6)
 
 
 def test_the_sft_term_eval_loss_is_the_sets_token_mean(make_model, features, collators, tmp_path):
