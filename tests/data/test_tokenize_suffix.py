@@ -255,6 +255,15 @@ def test_a_classifier_tokenizers_sep_follows_the_completion_as_in_reft_data():
         tokenize_records([SFTRecord(PROMPT, " yes", id="s")], tok)
 
 
+def test_a_ptx_document_keeps_the_appended_sep():
+    """A pretraining document (`as_ptx_features`' strings) is a whole text, not a prompt: its [SEP] stays where the
+    tokenizer puts it (only an appended EOS is left out and added once); `chat.prompt_ids` now leaves any appended
+    token out of prompts, so ptx reads the ids itself. Fails without the fix: yes (with the prompt rule alone: no 2)."""
+    from alignkit.online.ptx import as_ptx_features
+
+    assert as_ptx_features([PROMPT + " yes"], sep_tokenizer())[0]["input_ids"] == [1, 4, 5, 6, 7, 5, 8, 2]
+
+
 class _SlowView:
     """The tokenizer read through `encode_prompt_response`'s other path (no offsets: `is_fast` False)."""
 
