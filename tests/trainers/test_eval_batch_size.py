@@ -27,6 +27,8 @@ CASES = {  # objective -> (trainer, data kind, trainer keywords)
     "simpo": (PreferenceTrainer, "preference", {"loss_type": "simpo"}),
     "dpo+sft": (PreferenceTrainer, "preference", {"loss_type": ["sigmoid", "sft"]}),
     "sft-term": (PreferenceTrainer, "preference", {"loss_type": "sft"}),
+    "dpo+sft-shared-prompt": (PreferenceTrainer, "preference", {"loss_type": ["sigmoid", "sft"], "share_prompt": True}),
+    "dpo+sft-padding-free": (PreferenceTrainer, "preference", {"loss_type": ["sigmoid", "sft"], "padding_free": True}),
     "orpo": (PreferenceTrainer, "preference", {"loss_type": "orpo"}),
     "cpo": (PreferenceTrainer, "preference", {"loss_type": "cpo"}),
     "cpo-weighted": (PreferenceTrainer, "preference", {"loss_type": "cpo", "weight_normalization": "weighted"}),
