@@ -82,6 +82,7 @@ TRAINER_METHODS: dict[str, tuple[str, ...]] = {
     "compute_loss": ("model", "inputs", "return_outputs", "num_items_in_batch"),
     "compute_loss_context_manager": (),
     "prediction_step": ("model", "inputs", "prediction_loss_only", "ignore_keys"),
+    "evaluation_loop": ("dataloader", "description"),
     "log": ("logs", "start_time"),
     "floating_point_ops": ("inputs",),
     "get_decay_parameter_names": ("model",),

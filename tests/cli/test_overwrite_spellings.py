@@ -20,6 +20,7 @@ from alignkit.cli import build_parser, main
 from alignkit.cli.augment import augment
 from alignkit.cli.evaluate import evaluate
 from alignkit.cli.generate import generate
+from alignkit.cli.rounds import annotate, sample
 from alignkit.settings import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -126,3 +127,28 @@ def test_the_help_names_both_spellings(command):
     flag = next(a for a in p._actions if "--overwrite" in a.option_strings)  # sample / annotate: was none
     assert "overwrite=true" in flag.help, flag.help
     assert "overwrite" in [line.split()[0] for line in p.epilog.splitlines()[1:]]  # the key, in the key listing
+
+
+def test_the_library_sample_and_annotate_take_the_keyword_overwrite(tmp_path):
+    """`sample(cfg)` / `annotate(cfg)` took only the key `overwrite` (a TypeError for `overwrite=True`), unlike
+    evaluate / generate / augment (session 26). Now the keyword redoes a kept stage made with other settings, as the
+    key does. Fails without the fix: yes."""
+    rnd = tmp_path / "round"
+
+    def cfg(config: str, command: str, *more: str):
+        return load_config(CONFIGS / config, [f"output_dir={rnd}", *more], command=command)
+
+    sampled = ("sample-tiny.yaml", "sample", "data.max_records=2", "sampling.max_new_tokens=3")
+    sample(cfg(*sampled), progress=False)
+    annotate(cfg("annotate-tiny.yaml", "annotate"), progress=False)
+    kept = {f: (rnd / f).read_bytes() for f in ("samples.jsonl", "records.jsonl")}
+    with pytest.raises(ConfigError, match="Pass --overwrite \\(overwrite=true\\) to redo it"):
+        sample(cfg(*sampled, "sampling.temperature=0.5"), progress=False)
+    with pytest.raises(ConfigError, match="Pass --overwrite \\(overwrite=true\\) to redo it"):
+        annotate(cfg("annotate-tiny.yaml", "annotate", "feedback=random_pairs"), progress=False)
+    assert {f: (rnd / f).read_bytes() for f in kept} == kept  # refused before anything is written
+    annotate(cfg("annotate-tiny.yaml", "annotate", "feedback=random_pairs"), progress=False, overwrite=True)
+    assert "feedback: random_pairs" in (rnd / "annotate.yaml").read_text()
+    sample(cfg(*sampled, "sampling.temperature=0.5"), progress=False, overwrite=True)
+    assert (rnd / "samples.jsonl").read_bytes() != kept["samples.jsonl"]
+    assert "temperature: 0.5" in (rnd / "sample.yaml").read_text()

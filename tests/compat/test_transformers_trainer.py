@@ -325,3 +325,34 @@ def test_reft_trainer_keeps_rotations_out_of_weight_decay(tiny_dir, tokenizer, t
     check(decayed and not set(rot) & set(decayed), TF, "Trainer.create_optimizer no longer takes its decay list from "
           "self.get_decay_parameter_names(model): weight decay reaches the rotations' Householder parameters", where,
           f"decayed: {decayed}")
+
+
+# T44 -----------------------------------------------------------------------------------------------------
+
+def test_evaluate_hands_the_whole_eval_dataloader_to_evaluation_loop(tiny_dir, tokenizer, tmp_path):
+    """T44: `Trainer.evaluate` calls `self.evaluation_loop(eval_dataloader, description=...)` once per evaluation set
+    with the whole set's dataloader, whose batches then reach `prediction_step` / `compute_loss`:
+    `PreferenceTrainer.evaluation_loop` counts a chosen-NLL term's N / T over that dataloader first
+    (`eval_nll_scale`), so every evaluation batch uses the set's N / T (eval figures independent of the eval batch
+    size)."""
+    from alignkit.data import PreferenceCollator, PreferenceRecord
+    from alignkit.trainers import PreferenceTrainer
+
+    problems = trainer_problems(PreferenceTrainer)
+    if problems:
+        fail(TF, "; ".join(problems), "alignkit.trainers.preference.PreferenceTrainer.evaluation_loop")
+    feats, _ = tokenize_records([PreferenceRecord(p, a, " no", id=str(i)) for i, (p, a) in
+                                 enumerate(zip(PROMPTS[:5], ANSWERS))], tokenizer, max_length=32)
+    trainer = PreferenceTrainer(model_of(tiny_dir, "lora"), args(tmp_path, per_device_eval_batch_size=2),
+                                train_dataset=feats, eval_dataset=feats, loss_type="sft",
+                                data_collator=PreferenceCollator(tokenizer.pad_token_id))
+    counted, scales = spy(trainer, "eval_nll_scale"), []
+    real = trainer.compute_loss
+    trainer.compute_loss = lambda *a, **k: (scales.append(trainer._eval_nll_scale), real(*a, **k))[1]
+    trainer.evaluate()
+    if len(counted) != 1 or sum(b["input_ids"].shape[0] // 2 for b in counted[0][0][0]) != len(feats):
+        fail(TF, "Trainer.evaluate no longer hands evaluation_loop one dataloader over the whole evaluation set",
+             "alignkit.trainers.preference.PreferenceTrainer.evaluation_loop")
+    if len(scales) != 3 or any(s is None for s in scales):  # 2 + 2 + 1 pairs, each with the set's N / T
+        fail(TF, f"the evaluation batches no longer run inside evaluation_loop ({scales})",
+             "alignkit.trainers.preference.PreferenceTrainer.compute_loss")

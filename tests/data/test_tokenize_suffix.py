@@ -229,21 +229,39 @@ def test_a_classifier_tokenizers_sep_is_kept_in_reward_scores(tiny_dir):
     assert tok.eos_token_id is None and chat.added_suffix(tok) == (2,) and chat.appended_eos(tok) == ()
 
 
-def test_a_classifier_tokenizers_sep_is_kept_in_features():
-    """tokenize_records with `[CLS] $A [SEP]`, as at 851e83a (before this session): a prompt-only record keeps its
-    [SEP] ([1, 4, 5, 6, 7, 5, 2]; this session's strip gave [1, 4, 5, 6, 7, 5]); prompt/completion records are refused
-    as then (the prompt's [SEP] is no prefix of prompt+completion), now in a line naming the appended [SEP] instead of
-    a BPE merge (this session trained them as [CLS] ... yes, no [SEP], under add_eos=false). Fails without the fix:
-    yes (the prompt ids; the add_eos=false records tokenized)."""
+def test_a_classifier_tokenizers_sep_follows_the_completion_as_in_reft_data():
+    """One rule for a tokenizer appending a token other than its EOS (`[CLS] $A [SEP]`), as ReFT's
+    `encode_prompt_response` (session 26): before, tokenize_records refused every plain-text prompt/completion record
+    ("appends ['[SEP]'] (not its EOS alone)": the prompt's [SEP] is no prefix of prompt+completion) while ReFT's data
+    trained `[CLS] Q : hi A : | yes [SEP]`, and a prompt-only record (and `encode_prompt`: generate / online / serve)
+    ended in the [SEP] that training's prompts never have. Now a prompt leaves out what the tokenizer appends to
+    every text, and the full sequence keeps it where the tokenizer puts it, after the completion (what the reward
+    model scores: `RewardModelAnnotator.encode` gives the same chosen ids). Fails without the fix: yes (the records
+    refused; the prompt-only ids ended in 2)."""
+    from alignkit.data.reft_data import encode_prompt_response
     from alignkit.online.generation import encode_prompt
 
     tok = sep_tokenizer()
     (g,), _ = tokenize_records([PromptRecord(PROMPT, id="g")], tok)
-    assert g["prompt_input_ids"] == [1, 4, 5, 6, 7, 5, 2]
-    assert encode_prompt(PROMPT, tok) == [1, 4, 5, 6, 7, 5, 2]
-    for r in (SFTRecord(PROMPT, " yes", id="s"), PreferenceRecord(PROMPT, " yes", " no", id="p")):
-        with pytest.raises(tk.DataError, match=r"^[sp]: \S+ appends \['\[SEP\]'\] \(not its EOS alone\) to every text"):
-            tokenize_records([r], tok, add_eos=False)
+    assert g["prompt_input_ids"] == [1, 4, 5, 6, 7, 5]
+    assert encode_prompt(PROMPT, tok) == [1, 4, 5, 6, 7, 5]
+    (s, p), _ = tokenize_records([SFTRecord(PROMPT, " yes", id="s"), PreferenceRecord(PROMPT, " yes", " no", id="p")],
+                                 tok, add_eos=False)
+    assert s["input_ids"] == [1, 4, 5, 6, 7, 5, 8, 2] and s["completion_mask"] == [0] * 6 + [1, 1]
+    assert (p["chosen_input_ids"], p["rejected_input_ids"]) == ([1, 4, 5, 6, 7, 5, 8, 2], [1, 4, 5, 6, 7, 5, 9, 2])
+    for view in (tok, _SlowView(tok)):  # ReFT's data, both of its paths: the same ids and prompt length
+        assert encode_prompt_response(view, PROMPT, " yes", add_eos=False) == (s["input_ids"], 6)
+    with pytest.raises(tk.DataError, match="has none \\(eos_token is None\\)"):  # plain text's default add_eos
+        tokenize_records([SFTRecord(PROMPT, " yes", id="s")], tok)
+
+
+def test_a_ptx_document_keeps_the_appended_sep():
+    """A pretraining document (`as_ptx_features`' strings) is a whole text, not a prompt: its [SEP] stays where the
+    tokenizer puts it (only an appended EOS is left out and added once); `chat.prompt_ids` now leaves any appended
+    token out of prompts, so ptx reads the ids itself. Fails without the fix: yes (with the prompt rule alone: no 2)."""
+    from alignkit.online.ptx import as_ptx_features
+
+    assert as_ptx_features([PROMPT + " yes"], sep_tokenizer())[0]["input_ids"] == [1, 4, 5, 6, 7, 5, 8, 2]
 
 
 class _SlowView:
@@ -358,7 +376,7 @@ def test_prepare_dataset_resolves_the_appended_eos_once_per_map_batch(neox, monk
 
     calls = []
     real = chat.appended_eos
-    monkeypatch.setattr(chat, "appended_eos", lambda tok: calls.append(1) or real(tok))
+    monkeypatch.setattr(chat, "appended_eos", lambda tok, *a: calls.append(1) or real(tok, *a))
     rows = [{"prompt": PROMPT, "completion": c} for c in (" yes", " no", " maybe", " yes", " no", " maybe")]
     out, kind = prepare_dataset(Dataset.from_list(rows), neox, ["sft"], TokenizeConfig(max_length=None,
                                                                                         max_prompt_length=None))

@@ -39,6 +39,7 @@ _LAZY = {
                                 "enable_gradient_checkpointing", "kept_when_off",
                                 "load_adapter", "load_adapter_weights", "reference_off", "reft_settings",
                                 "save_adapter", "saves_whole_model")},
+    "merge_adapter": "merge",
 }
 
 

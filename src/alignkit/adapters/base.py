@@ -121,6 +121,7 @@ class Adapter:
     kind: ClassVar[str] = ""
     can_switch_off: ClassVar[bool] = True
     saves_whole_model: ClassVar[bool] = False
+    merges: ClassVar[bool] = False  # foldable into the model's own weights (`adapters.merge.merge_adapter`)
     weight_files: ClassVar[tuple[tuple[str, str], ...]] = ()
     other_files: ClassVar[tuple[str, ...]] = ()  # glob patterns of the other files a save may write (`saved_files`)
     vllm_sync: ClassVar[str | None] = None  # serve --engine vllm / generation_backend vllm (module docstring)

@@ -23,6 +23,7 @@ class Full(Adapter):
     kind = "full"
     can_switch_off = False
     saves_whole_model = True
+    merges = True  # nothing to fold: the model is its own weights
     vllm_sync = "weights"
     weight_files = (("config.json", "the model's transformers config"),)
     # transformers' save_pretrained: one safetensors file, or shards and their index

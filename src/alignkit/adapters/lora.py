@@ -300,6 +300,7 @@ class Lora(Adapter):
     """LoRA on the model it is given (in the ReFT+LoRA stack: the model inside the `ReftModel`)."""
 
     kind = "lora"
+    merges = True  # peft's merge_and_unload
     weight_files = (("adapter_config.json", "peft's LoRA config"), (WEIGHTS_NAME, "the LoRA weights"))
     vllm_sync = "lora_request"
 

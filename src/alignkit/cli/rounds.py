@@ -32,7 +32,7 @@ import yaml
 
 from alignkit.cli.models import check_formats, check_model_settings, load_for_sampling
 from alignkit.cli.online import check_annotator, make_annotator, read_prompts
-from alignkit.cli.runfolder import add_config_command, config_changes
+from alignkit.cli.runfolder import add_config_command, config_changes, wants_overwrite
 from alignkit.online.rounds import (MANIFEST_FILE, RECORDS_FILE, SAMPLES_FILE, annotate_round, check_kept_samples,
                                     read_jsonl, read_manifest, read_samples, sample_round, sampling_settings)
 from alignkit.data.records import DataError
@@ -110,10 +110,11 @@ def run_annotate(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str) -> None:
+def check_kept_stage(cfg: Any, root: Path, stage: str, file: str, saved: str, overwrite: bool = False) -> None:
     """A complete stage is kept, not redone (resume): refuse when it was made with other settings than `cfg` (its
-    `saved` yaml), which would otherwise be rewritten to record settings the kept file was not made with."""
-    if cfg.overwrite or not (root / file).is_file() or stage not in read_manifest(root) \
+    `saved` yaml), which would otherwise be rewritten to record settings the kept file was not made with. Nothing to
+    check when `overwrite` or `cfg.overwrite` (the stage is redone)."""
+    if wants_overwrite(cfg) or overwrite or not (root / file).is_file() or stage not in read_manifest(root) \
             or not (root / saved).is_file():
         return
     try:
@@ -137,16 +138,18 @@ def model_sha256(annotator: Any) -> str | None:
     return model_digest(model, getattr(annotator, "tokenizer", None)) if isinstance(model, torch.nn.Module) else None
 
 
-def sample(cfg: Any, progress: bool = True) -> Path:
+def sample(cfg: Any, progress: bool = True, overwrite: bool = False) -> Path:
     """Generate `sampling.num_samples` responses per prompt into `<output_dir>/samples.jsonl` (a progress bar over
-    the batches unless `progress` is off: `--quiet`). Returns its path."""
+    the batches unless `progress` is off: `--quiet`). Returns its path. A complete samples stage there is kept (or
+    refused when made with other settings) unless `overwrite` or `cfg.overwrite` (as the CLI's --overwrite)."""
+    overwrite = wants_overwrite(cfg) or overwrite
     prompts = read_prompts(cfg.data)  # data errors come before any model is built
     check_formats(cfg.model, (r.prompt for r in prompts), cfg.data.formatter)
-    check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml")
+    check_kept_stage(cfg, Path(cfg.output_dir), "samples", SAMPLES_FILE, "sample.yaml", overwrite)
     generate = {"formatter": cfg.data.formatter, "max_prompt_length": cfg.data.max_prompt_length,
                 "row_seed": cfg.sampling.seed}  # each sample's draws its own: the same whatever batch_size
     # kept samples of other prompts or made with other settings (sample.yaml missing): refused before the model
-    check_kept_samples(cfg.output_dir, prompts, cfg.overwrite, made_with=sampling_settings(cfg.sampling, **generate))
+    check_kept_samples(cfg.output_dir, prompts, overwrite, made_with=sampling_settings(cfg.sampling, **generate))
     model, tok, desc = load_for_sampling(cfg.model, cfg.output_dir, cfg.sampling, "sampling")
     # the policy's weights (adapter included), tokenizer and generation options: a model retrained at the same
     # model.path / adapter folder kept the old model's samples (sample.yaml holds the paths only)
@@ -155,7 +158,7 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     logger.info("sampling %d prompt(s) x %d from %s", len(prompts), cfg.sampling.num_samples, desc)
     describe = functools.partial(save_config, cfg, run.root / "sample.yaml") if run.main else None
     path = sample_round(model, tok, prompts, run.root, cfg.sampling, batch_size=cfg.batch_size,
-                        overwrite=cfg.overwrite, before_entry=describe, progress=progress, **generate)
+                        overwrite=overwrite, before_entry=describe, progress=progress, **generate)
     if describe is not None:  # (again when the stage was kept: the same settings, check_kept_stage)
         describe()  # with the samples it describes, before their manifest entry: a failed or killed run leaves the
         # kept stage's settings (check_kept_stage), never a complete stage with the previous run's
@@ -166,16 +169,18 @@ def sample(cfg: Any, progress: bool = True) -> Path:
     return path
 
 
-def annotate(cfg: Any, allow_code: bool = False, progress: bool = True) -> Path:
+def annotate(cfg: Any, allow_code: bool = False, progress: bool = True, overwrite: bool = False) -> Path:
     """Score `<output_dir>/samples.jsonl` (a progress bar over the scoring unless `progress` is off: `--quiet`) and
-    write `<output_dir>/records.jsonl`. Returns its path."""
+    write `<output_dir>/records.jsonl`. Returns its path. A complete annotation there is kept (or refused when made
+    with other settings) unless `overwrite` or `cfg.overwrite` (as the CLI's --overwrite)."""
+    overwrite = wants_overwrite(cfg) or overwrite
     run = RunFolder(Path(cfg.output_dir))
     check_round_folder(run.root)  # before any annotator model is loaded
-    check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml")
+    check_kept_stage(cfg, run.root, "annotation", RECORDS_FILE, "annotate.yaml", overwrite)
     annotator = make_annotator(cfg.annotator, run, allow_code)
     describe = functools.partial(save_config, cfg, run.root / "annotate.yaml") if run.main else None
     path = annotate_round(run.root, annotator, cfg.feedback, feedback_kwargs=cfg.feedback_kwargs,
-                          reweighters=cfg.reweighters, overwrite=cfg.overwrite, refuse_empty=True,
+                          reweighters=cfg.reweighters, overwrite=overwrite, refuse_empty=True,
                           progress=progress, before_entry=describe, annotator_sha256=model_sha256(annotator))
     if describe is not None:  # with the records it describes (as sample.yaml)
         describe()

@@ -456,12 +456,13 @@ def added_suffix(tokenizer: Any) -> tuple[int, ...]:
     return seen[key]
 
 
-def appended_eos(tokenizer: Any) -> tuple[int, ...]:
+def appended_eos(tokenizer: Any, suffix: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """`(eos_token_id,)` when what `tokenizer` appends to every text (`added_suffix`) is its EOS alone: the one suffix
     alignkit leaves out, since `add_eos` adds it back where a completion ends; () otherwise (nothing appended, or other
     tokens, e.g. a BERT-style classifier's `[CLS] $A [SEP]`, whose [SEP] stays where the tokenizer puts it: the
     reward model was trained reading it, and `add_eos` could not add it back)."""
-    suffix = added_suffix(tokenizer)  # (eos_token_id is read only for a one-token suffix: ~3.5 us a read)
+    suffix = added_suffix(tokenizer) if suffix is None else suffix  # (`suffix`: the caller's added_suffix; eos_token_id
+    #   is read only for a one-token suffix: ~3.5 us a read)
     return suffix if len(suffix) == 1 and suffix == (getattr(tokenizer, "eos_token_id", None),) else ()
 
 
@@ -475,11 +476,12 @@ def without_added_suffix(ids: list[int], tokenizer: Any, suffix: tuple[int, ...]
 
 
 def prompt_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of `text` as a prompt the model continues: with `add_special_tokens`, without the EOS the tokenizer
-    appends to every text (`without_added_suffix`), as training's prompts. One rule for `alignkit generate` / online
+    """Token ids of `text` as a prompt the model continues: with `add_special_tokens`, without any token the tokenizer
+    appends to every text (`added_suffix`: its EOS, a BERT-style [SEP]; in training they follow the completion), as
+    training's prompts (`data.tokenize`, ReFT's `encode_prompt_response`). One rule for `alignkit generate` / online
     prompts (`online.generation.encode_prompt`) and `alignkit serve`'s text prompts (`serve.parsing`)."""
     ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-    return without_added_suffix(ids, tokenizer) if add_special_tokens else ids
+    return without_added_suffix(ids, tokenizer, added_suffix(tokenizer)) if add_special_tokens else ids
 
 
 _TURN_PROBE = "alignkitTurnEndProbe"

@@ -24,8 +24,11 @@ the turn itself (chat templates and the OASST format do; plain text does not: TR
 A tokenizer that appends its EOS to every text it encodes with special tokens (GPT-NeoX / Pythia post-processors,
 Llama's `add_eos_token`: `chat.appended_eos`) has it left out of both encodings, so the prompt stays a prefix, a
 prompt-only record's ids do not end in EOS, and a completion ends with exactly one EOS under `add_eos` (none under
-`add_eos=False`). Other appended tokens (a BERT-style `[CLS] $A [SEP]`) are kept: a prompt-only record ends in them,
-a plain-text prompt/completion record is refused (its prompt is no prefix). A tokenizer without an EOS
+`add_eos=False`). Other appended tokens (a BERT-style `[CLS] $A [SEP]`) follow the same one rule as ReFT's data
+(`reft_data.encode_prompt_response`): a prompt (the prompt of a record, a prompt-only record, an earlier turn's
+context) is left without them, since the tokenizer puts them after the whole text; the full sequence keeps them where
+the tokenizer puts them, at the end of the completion (`[CLS] prompt | completion [SEP]`, what a reward model
+reads and `add_eos` could not add back). A tokenizer without an EOS
 token where one is to be appended is a DataError (before, nothing was appended, and the model never learned to stop).
 
 Truncation policy, in order:
@@ -115,12 +118,19 @@ class _Batch:
     tokenizer call per `add_special_tokens` value (a fast tokenizer encodes the batch in parallel, in Rust)
     and read by `_ids` / `_format`; anything not prefetched is computed on the spot, so the results never
     depend on the prefetch, only the speed does. `suffix`: the EOS the tokenizer appends to every text
-    (`chat.appended_eos`), resolved once per chunk rather than per encoding."""
+    (`chat.appended_eos`), resolved once per chunk rather than per encoding; `prompt_suffix`: every token it appends
+    (`chat.added_suffix`), left out of prompts."""
 
-    def __init__(self, suffix: tuple[int, ...] = ()) -> None:
+    def __init__(self, suffix: tuple[int, ...] = (), prompt_suffix: tuple[int, ...] = ()) -> None:
         self.ids: dict[tuple[str, bool], list[int]] = {}
         self.formats: dict[tuple[int, int, str], Formatted] = {}
-        self.suffix = suffix
+        self.suffix, self.prompt_suffix = suffix, prompt_suffix
+
+
+def new_batch(tokenizer: Any) -> _Batch:
+    """An empty `_Batch` with the tokenizer's appended tokens resolved."""
+    suffix = chat.added_suffix(tokenizer)  # probed once for both
+    return _Batch(chat.appended_eos(tokenizer, suffix), suffix)
 
 
 _BATCH: ContextVar[_Batch | None] = ContextVar("alignkit_tokenize_batch", default=None)
@@ -136,21 +146,25 @@ def records_batch(tokenizer: Any) -> Iterator[None]:
     if _BATCH.get() is not None:
         yield
         return
-    token = _BATCH.set(_Batch(chat.appended_eos(tokenizer)))
+    token = _BATCH.set(new_batch(tokenizer))
     try:
         yield
     finally:
         _BATCH.reset(token)
 
 
-def _ids(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+def _ids(tokenizer: Any, text: str, add_special_tokens: bool, prompt: bool = False) -> list[int]:
     """`text`'s ids (the prefetched batch's when it has them), without the EOS the tokenizer appends to every text
-    (`chat.without_added_suffix`: it is added back by `add_eos`)."""
+    (`chat.without_added_suffix`: it is added back by `add_eos`); a `prompt` without any token it appends
+    (`chat.added_suffix`: they follow the whole text, after the completion)."""
     batch = _BATCH.get()
     hit = batch.ids.get((text, add_special_tokens)) if batch is not None else None
     ids = list(hit) if hit is not None else list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
     if not add_special_tokens:
         return ids
+    if prompt:
+        return chat.without_added_suffix(ids, tokenizer, batch.prompt_suffix if batch is not None else
+                                         chat.added_suffix(tokenizer))
     return chat.without_added_suffix(ids, tokenizer, batch.suffix if batch is not None else None)
 
 
@@ -351,20 +365,13 @@ def encode(prompt: Prompt, completions: list[Completion], tokenizer: Any, cfg: T
     for c in completions:
         f = _format(prompt, c, tokenizer, cfg.formatter)
         if prompt_ids is None:
-            prompt_ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
+            prompt_ids = _ids(tokenizer, f.prompt, f.add_special_tokens, prompt=True)
         full = _ids(tokenizer, f.full, f.add_special_tokens)
         n = len(prompt_ids)
         if full[:n] != prompt_ids:
             i = next((k for k in range(min(n, len(full))) if full[k] != prompt_ids[k]), min(n, len(full)))
             got = tokenizer.convert_ids_to_tokens(full[i:i + 2])
             want = tokenizer.convert_ids_to_tokens(prompt_ids[i:i + 2])
-            suffix = list(chat.added_suffix(tokenizer)) if f.add_special_tokens else []
-            if suffix and prompt_ids[n - len(suffix):] == suffix:
-                raise DataError(f"{rid or 'record'}: {chat.tokenizer_name(tokenizer)} appends "
-                                f"{tokenizer.convert_ids_to_tokens(suffix)} (not its EOS alone) to every text it "
-                                f"encodes, so the plain-text prompt's ids end in them and are not a prefix of the "
-                                f"prompt+completion's; use a tokenizer whose post-processor appends nothing or its "
-                                f"EOS, or conversational records with a chat template")
             raise DataError(
                 f"{rid or 'record'}: the tokenized prompt is not a prefix of the tokenized prompt+completion "
                 f"(they differ at token {i}: prompt alone gives {want}, with the completion {got}). The tokenizer "
@@ -429,8 +436,8 @@ def prompt_mask(prompt: Prompt, prompt_ids: list[int], tokenizer: Any, cfg: Toke
         if m["role"] != "assistant" or not m["content"] or i in untrained:
             continue
         f = format_record(prompt[:i], [m], tokenizer, cfg.formatter)
-        before = _ids(tokenizer, f.prompt, f.add_special_tokens)
-        through = _ids(tokenizer, f.full, f.add_special_tokens)
+        before = _ids(tokenizer, f.prompt, f.add_special_tokens, prompt=True)
+        through = _ids(tokenizer, f.full, f.add_special_tokens, prompt=True)  # a prefix of the prompt
         _prefix_or_error(before, through, rid, f"the conversation before assistant turn {i}")
         _prefix_or_error(through, prompt_ids, rid, f"the conversation through assistant turn {i}")
         for k in range(len(before), len(through)):
@@ -464,7 +471,7 @@ def _tokenize_record(record: Record, tokenizer: Any, cfg: TokenizeConfig, stats:
         say_quoted_special_tokens(record, comps, tokenizer)
     if isinstance(record, PromptRecord):
         f = _format(record.prompt, None, tokenizer, cfg.formatter)
-        ids = _ids(tokenizer, f.prompt, f.add_special_tokens)
+        ids = _ids(tokenizer, f.prompt, f.add_special_tokens, prompt=True)
         limit = cfg.max_prompt_length if cfg.max_prompt_length is not None else cfg.max_length
         if limit is not None and len(ids) > limit:
             ids = ids[len(ids) - limit:]
@@ -563,7 +570,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, cfg: TokenizeConfig 
     out = []
     for lo in range(0, len(records), CHUNK):
         chunk = records[lo:lo + CHUNK]
-        batch = _Batch(chat.appended_eos(tokenizer))
+        batch = new_batch(tokenizer)
         token = _BATCH.set(batch)
         try:
             with fast_chat_rendering(tokenizer):

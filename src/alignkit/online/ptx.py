@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from alignkit.data.chat import prompt_ids
+from alignkit.data.chat import without_added_suffix
 from alignkit.data.collators import SFTCollator
 from alignkit.data.records import SFTRecord
 from alignkit.data.tokenize import tokenize_records
@@ -44,7 +44,8 @@ def as_ptx_features(data: Sequence[Any], tokenizer: Any) -> list[dict[str, Any]]
         if isinstance(x, dict) and "input_ids" in x and "completion_mask" in x:
             out.append(x)
         elif isinstance(x, str):
-            ids, eos = prompt_ids(tokenizer, x), tokenizer.eos_token_id  # (the appended EOS left out: one, below)
+            # a whole text (no prompt): only the appended EOS left out (one, below); a BERT-style [SEP] is kept
+            ids, eos = without_added_suffix(list(tokenizer(x)["input_ids"]), tokenizer), tokenizer.eos_token_id
             ids += [eos] if eos is not None and ids[-1:] != [eos] else []
             out.append({"input_ids": ids, "completion_mask": [1] * len(ids), "id": f"ptx_data[{i}]"})
         elif isinstance(x, SFTRecord):

@@ -55,6 +55,22 @@ def mismatched_batch(batch: dict[str, Any]) -> dict[str, Tensor]:
             "position_ids": (new_att.cumsum(-1) - 1).clamp(min=0)}
 
 
+def unpadded_rows(batch: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """(input ids, completion mask) of each row of a collated batch, without its padding (either side)."""
+    att = batch.get("attention_mask")
+    att = torch.ones_like(batch["input_ids"]) if att is None else att
+    return [(ids[m.bool()], comp[m.bool()]) for ids, comp, m in zip(batch["input_ids"], batch["completion_mask"], att)]
+
+
+def rows_batch(rows: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Rows of `unpadded_rows` as one right-padded batch (input_ids, attention_mask, completion_mask), for
+    `mismatched_batch` (which reads no padding id)."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    return {"input_ids": pad([r[0] for r in rows], batch_first=True),
+            "completion_mask": pad([r[1] for r in rows], batch_first=True),
+            "attention_mask": pad([torch.ones_like(r[0]) for r in rows], batch_first=True)}
+
+
 def label_counts(dataset: Any) -> tuple[int, int] | None:
     """(desirable, undesirable) examples of tokenized unpaired features; None without a dataset or labels."""
     if dataset is None:
@@ -215,9 +231,45 @@ class KTOTrainer(HasReference, SyncsReference, AlignTrainer):
                                                desirable_weight=self.desirable_weight,
                                                undesirable_weight=self.undesirable_weight)
 
+    def evaluation_loop(self, dataloader: Any, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's, with z_ref estimated once over the whole evaluation set first (`eval_kl`) and used by every
+        evaluation batch: each batch's own mismatched pairs made eval_loss and kl depend on
+        per_device_eval_batch_size."""
+        self._eval_kl = self.eval_kl(dataloader) if self.reads_kl else None
+        try:
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        finally:
+            self._eval_kl = None
+
+    @torch.no_grad()
+    def eval_kl(self, dataloader: Any) -> Tensor:
+        """z_ref of an evaluation set: the mean policy-minus-reference log-ratio of its mismatched pairs, example i's
+        prompt with example i-1's completion in the set's order (cyclic; each process's share of the set, summed
+        over processes), clamped at 0: the same pairs whatever the batch size. Scored per eval batch size."""
+        rows = [r for batch in dataloader for r in unpadded_rows(batch)]
+        model, size = self.model, max(int(self.args.per_device_eval_batch_size), 1)
+        total = torch.zeros(2, dtype=torch.float64, device=self.args.device)  # sum of log-ratios, pairs
+        was = model.training
+        model.eval()
+        try:
+            for s in range(0, len(rows), size):
+                chunk = [rows[(s - 1) % len(rows)], *rows[s:s + size]]  # the partner of the chunk's first row
+                kl_batch = {k: v[1:].to(self.args.device) for k, v in mismatched_batch(rows_batch(chunk)).items()}
+                with self.compute_loss_context_manager():
+                    policy_kl, _ = completion_logps(model, kl_batch, self.chunk_size)  # (b,)
+                    ref_kl = self.reference.logps(self.accelerator.unwrap_model(model), kl_batch)  # (b,)
+                total += torch.stack([(policy_kl - ref_kl).double().sum(), total.new_tensor(len(policy_kl))])
+        finally:
+            model.train(was)
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return (total[0] / total[1].clamp(min=1)).float().clamp(min=0)
+
     def kl_estimate(self, model: nn.Module, inputs: dict[str, Any]) -> Tensor:
         """z_ref of the batch: the mismatched pairs' mean policy-minus-reference log-ratio (over every process),
-        clamped at 0, without gradient."""
+        clamped at 0, without gradient; in an evaluation the whole set's (`evaluation_loop`)."""
+        if getattr(self, "_eval_kl", None) is not None:
+            return self._eval_kl.to(inputs["input_ids"].device)
         kl_batch = mismatched_batch(inputs)
         with torch.no_grad():
             policy_kl, _ = completion_logps(model, kl_batch, self.chunk_size)  # (B,)

@@ -162,10 +162,34 @@ class PreferenceTrainer(HasReference, SyncsReference, AlignTrainer):
             lw = lw * w.to(lw.device, lw.dtype)
         return lw.sum()
 
+    def evaluation_loop(self, dataloader: Any, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's, with a chosen-NLL term's N / T counted over the whole evaluation set first
+        (`eval_nll_scale`): each evaluation batch's own N / T made eval_loss and nll_loss depend on
+        per_device_eval_batch_size (the mean of the batches' token means, not the set's token mean)."""
+        self._eval_nll_scale = self.eval_nll_scale(dataloader) if CHOSEN_NLL_LOSSES & set(self.loss_type) else None
+        try:
+            return super().evaluation_loop(dataloader, *args, **kwargs)
+        finally:
+            self._eval_nll_scale = None
+
+    def eval_nll_scale(self, dataloader: Any) -> Tensor:
+        """N / T of a whole evaluation set (every batch of `dataloader` and every process), counted as a training
+        step counts them (`_get_num_items_in_batch`): collation only, no model call."""
+        dev = self.args.device
+        n = t = torch.zeros((), dtype=torch.float64, device=dev)
+        for batch in dataloader:
+            n = n + self.count_items(batch).to(dev, torch.float64)
+            t = t + self._chosen_tokens(batch).to(dev, torch.float64)
+        if self.args.world_size > 1:
+            n, t = self.accelerator.reduce(torch.stack([n, t]), reduction="sum").unbind()
+        return (n / t.clamp(min=torch.finfo(torch.float32).tiny)).float()
+
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Any:
-        # the step's N / T for a training micro-batch of the step counted (evaluation: each batch's own)
-        self._nll_scale_now = getattr(self, "_nll_step_scale", None) if num_items_in_batch is not None else None
+        # the step's N / T for a training micro-batch of the step counted; in an evaluation the whole set's
+        # (`evaluation_loop`); a direct call: None, this batch's own
+        self._nll_scale_now = getattr(self, "_nll_step_scale", None) if num_items_in_batch is not None else \
+            getattr(self, "_eval_nll_scale", None)
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
