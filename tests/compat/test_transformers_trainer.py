@@ -325,3 +325,27 @@ def test_reft_trainer_keeps_rotations_out_of_weight_decay(tiny_dir, tokenizer, t
     check(decayed and not set(rot) & set(decayed), TF, "Trainer.create_optimizer no longer takes its decay list from "
           "self.get_decay_parameter_names(model): weight decay reaches the rotations' Householder parameters", where,
           f"decayed: {decayed}")
+
+
+# M21 -----------------------------------------------------------------------------------------------------
+
+def test_full_eval_precision_casts_the_model_in_place_outside_training_only(tiny_dir, tokenizer, sft_features, tmp_path):
+    """`fp16_full_eval` / `bf16_full_eval`: `Trainer.evaluation_loop` casts the model itself (in place, the trainer's
+    own module) when called outside `train()`, and leaves it as it is during training. alignkit refuses both keys on a
+    training run (settings/train.py:refuse_full_eval): the final evaluation of a run with eval_strategy no would save
+    model/ in float16. Were the Trainer to stop casting (or cast a copy), the refusal's reason would be wrong."""
+    where = "alignkit/settings/train.py:refuse_full_eval"
+    for key, dtype in (("fp16_full_eval", torch.float16), ("bf16_full_eval", torch.bfloat16)):
+        trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, "full", **{key: True})
+        trainer.is_in_train = True  # as during train(): an evaluation at eval_steps
+        with guard(TF, f"evaluate() with {key} during training failed", where):
+            trainer.evaluate()
+        during = {p.dtype for p in trainer.model.parameters()}
+        check(during == {torch.float32}, TF, f"{key} now changes the model's dtype during training", where,
+              f"dtypes: {during}")
+        trainer.is_in_train = False  # as after train(): the run's final evaluation
+        with guard(TF, f"evaluate() with {key} after training failed", where):
+            trainer.evaluate()
+        after = {p.dtype for p in trainer.model.parameters()}
+        check(after == {dtype}, TF, f"{key} no longer casts the trainer's model in place in an evaluation outside "
+              "train()", where, f"dtypes: {after}")
