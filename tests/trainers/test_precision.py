@@ -23,6 +23,7 @@ def test_an_adam_step_of_lr_moves_a_bf16_weight_only_where_spacing_allows():
         layer.weight.copy_(torch.tensor([[1.0, 0.001]]))
     text = low_precision_report(layer, 1e-3)
     assert text is not None and "2 trainable weights are stored in bfloat16" in text and "for 50% of them" in text
+    assert "the loss barely moves" in text
     before = layer.weight.detach().clone()
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=0.0)
     layer(torch.ones(1, 2, dtype=torch.bfloat16)).sum().backward()
@@ -45,3 +46,15 @@ def test_training_a_bf16_model_warns_with_the_fix(tmp_path, caplog):
     # by hand: weights ~ N(0, 0.02) (initializer_range); an update of 1e-5 is lost where |w| > 1e-5 * 2^9 = 0.00512,
     # i.e. |z| > 0.256: P = 2 (1 - Phi(0.256)) = 0.80 (norm weights, 1.0, are lost too but are few)
     assert 75 <= share <= 85, msg
+
+
+def test_a_share_no_update_loses_is_not_called_a_flat_loss():
+    """Weights 0.001 and -0.002 in bf16 at lr 1e-3: half their spacing (|w| x 2^-9: ~2e-6 and ~4e-6) is far below
+    1e-3, so no update of that size is lost (0%). The warning said "rounds to no change for 0% of them and the loss
+    barely moves" (seen on the sft-tiny example with model.dtype=bfloat16): it now says what is at stake instead."""
+    layer = nn.Linear(2, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.001, -0.002]]))
+    text = low_precision_report(layer, 1e-3)
+    assert text is not None and "for 0% of them" in text, text
+    assert "barely moves" not in text and "a learning rate decaying below it" in text, text

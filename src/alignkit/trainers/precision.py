@@ -37,10 +37,14 @@ def low_precision_report(model: nn.Module, lr: float) -> str | None:
             total += p.numel()
     if not total:
         return None
+    share = f"{stuck / total:.0%}" if stuck == 0 or stuck / total >= 0.005 else "under 1%"
+    # most of them stuck: the loss barely moves; fewer: updates smaller than lr (a decaying schedule) round away later
+    effect = ("the loss barely moves" if stuck / total >= 0.5 else
+              "smaller updates (a learning rate decaying below it, small Adam steps) round away for more")
     return (f"{total:,} trainable weights are stored in {'/'.join(sorted(dtypes))} (model.dtype), so an optimizer "
-            f"step of about the learning rate {lr:g} rounds to no change for {stuck / total:.0%} of them and the "
-            f"loss barely moves; load the model in float32 (model.dtype=float32) and compute in bf16 with "
-            f"train.bf16=true (mixed precision: fp32 weights)")
+            f"step of about the learning rate {lr:g} rounds to no change for {share} of them and {effect}; load the "
+            f"model in float32 (model.dtype=float32) and compute in bf16 with train.bf16=true (mixed precision: fp32 "
+            f"weights)")
 
 
 def warn_low_precision(model: nn.Module, lr: float) -> str | None:
