@@ -46,6 +46,20 @@ def test_training_a_bf16_model_warns_with_the_fix(tmp_path, caplog):
     # by hand: weights ~ N(0, 0.02) (initializer_range); an update of 1e-5 is lost where |w| > 1e-5 * 2^9 = 0.00512,
     # i.e. |z| > 0.256: P = 2 (1 - Phi(0.256)) = 0.80 (norm weights, 1.0, are lost too but are few)
     assert 75 <= share <= 85, msg
+    card = (tmp_path / "r" / "README.md").read_text()  # the card said only `bf16` False / `mixed precision` no
+    assert "| `trainable weights` | bfloat16 |" in card and "| `mixed precision` | no |" in card, card
+
+
+def test_the_card_records_the_weights_dtypes_of_a_lora_on_a_bf16_base(tiny_dir):
+    """peft keeps a LoRA's weights in float32 on a bf16 base (autocast_adapter_dtype): the card says both."""
+    from alignkit.adapters import AdapterConfig, LoraSettings, apply_adapter
+    from alignkit.models.loading import load_model
+    from alignkit.trainers.precision import weight_dtypes
+
+    model = apply_adapter(load_model(tiny_dir("llama"), dtype="bfloat16"), AdapterConfig(kind="lora",
+                                                                                          lora=LoraSettings(r=2)))
+    assert weight_dtypes(model) == {"trainable weights": "float32", "frozen weights": "bfloat16"}
+    assert weight_dtypes(load_model(tiny_dir("llama"))) == {"trainable weights": "float32"}
 
 
 def test_a_share_no_update_loses_is_not_called_a_flat_loss():

@@ -55,4 +55,15 @@ def warn_low_precision(model: nn.Module, lr: float) -> str | None:
     return text
 
 
-__all__ = ["low_precision_report", "warn_low_precision"]
+def weight_dtypes(model: nn.Module) -> dict[str, str]:
+    """The model card's record of what the weights really were during training: `{"trainable weights": "float32",
+    "frozen weights": "bfloat16"}` (several dtypes joined, e.g. a LoReFT on a bf16 base: its rotation stays float32;
+    no entry for a kind with none). `train.bf16` and the card's `mixed precision` say how the forward computed, not
+    the weights' dtype, which `model.dtype` sets (a LoRA on a bf16 base trains float32 weights: peft upcasts them)."""
+    found: dict[str, set[str]] = {"trainable weights": set(), "frozen weights": set()}
+    for p in model.parameters():
+        found["trainable weights" if p.requires_grad else "frozen weights"].add(str(p.dtype).removeprefix("torch."))
+    return {k: ", ".join(sorted(v)) for k, v in found.items() if v}
+
+
+__all__ = ["low_precision_report", "warn_low_precision", "weight_dtypes"]
