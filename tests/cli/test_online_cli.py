@@ -67,6 +67,7 @@ def test_tiny_online_run_writes_the_run_folder(command, config, extra, tmp_path,
     card = (out / "README.md").read_text()
     assert "**lora** adapter" in card and "alignkit.rewards:" in card and f"alignkit -q {command}" in card
     assert f"| `reward` | {rows[-1]['reward']:.6g} |" in card  # final metrics from the run's own rows
+    assert "| `trainable weights` | float32 |" in card and "| `frozen weights` | float32 |" in card  # LoRA, fp32
     printed = capsys.readouterr().out
     assert "alignkit " + command + ": done (2 step(s))" in printed
     # the last line's figures in 4 significant digits: 4 decimals printed the second step's small KL as "kl 0.0000"

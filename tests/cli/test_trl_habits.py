@@ -90,6 +90,24 @@ def test_unknown_flag_is_one_line_exit_2(capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command,config,flags,says", [
+    ("sft", "sft-tiny.yaml", ["--num-processes", "2"],
+     ["--num_processes: accelerate launch's flag", "`accelerate launch --num_processes 2 -m alignkit sft ...`"]),
+    ("dpo", "dpo-tiny.yaml", ["--nproc_per_node=2"], ["`torchrun --nproc_per_node 2 -m alignkit dpo ...`"]),
+    ("kto", "kto-tiny.yaml", ["--multi_gpu", "--dry-run"], ["`accelerate launch --multi_gpu -m alignkit kto ...`"]),
+    ("rm", "rm-tiny.yaml", ["--mixed_precision", "bf16"], ["alignkit's mixed precision is train.bf16=true"]),
+    ("grpo", "grpo-tiny.yaml", ["--mixed_precision", "bf16"], ["runs no mixed precision", "model.dtype=bfloat16"]),
+])
+def test_a_launchers_flag_names_the_launcher(command, config, flags, says, capsys):
+    """`alignkit sft --num-processes 2` was 'not a setting of alignkit sft (TRL-style flags name a key of train, ...)'
+    with no word of where the process count goes: alignkit starts no processes, the launcher does."""
+    assert main([command, "--config", str(CONFIGS / config), *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    for s in says:
+        assert s in err, err
+
+
 def test_padding_free_only_where_supported():
     from alignkit.settings import ConfigError
 

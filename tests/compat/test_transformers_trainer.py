@@ -356,3 +356,27 @@ def test_evaluate_hands_the_whole_eval_dataloader_to_evaluation_loop(tiny_dir, t
     if len(scales) != 3 or any(s is None for s in scales):  # 2 + 2 + 1 pairs, each with the set's N / T
         fail(TF, f"the evaluation batches no longer run inside evaluation_loop ({scales})",
              "alignkit.trainers.preference.PreferenceTrainer.compute_loss")
+
+
+# M21 -----------------------------------------------------------------------------------------------------
+
+def test_full_eval_precision_casts_the_model_in_place_outside_training_only(tiny_dir, tokenizer, sft_features, tmp_path):
+    """`fp16_full_eval` / `bf16_full_eval`: `Trainer.evaluation_loop` casts the model itself (in place, the trainer's
+    own module) when called outside `train()`, and leaves it as it is during training. alignkit refuses both keys on a
+    training run (settings/train.py:refuse_full_eval): the final evaluation of a run with eval_strategy no would save
+    model/ in float16. Were the Trainer to stop casting (or cast a copy), the refusal's reason would be wrong."""
+    where = "alignkit/settings/train.py:refuse_full_eval"
+    for key, dtype in (("fp16_full_eval", torch.float16), ("bf16_full_eval", torch.bfloat16)):
+        trainer = sft_trainer(tiny_dir, tokenizer, sft_features, tmp_path, "full", **{key: True})
+        trainer.is_in_train = True  # as during train(): an evaluation at eval_steps
+        with guard(TF, f"evaluate() with {key} during training failed", where):
+            trainer.evaluate()
+        during = {p.dtype for p in trainer.model.parameters()}
+        check(during == {torch.float32}, TF, f"{key} now changes the model's dtype during training", where,
+              f"dtypes: {during}")
+        trainer.is_in_train = False  # as after train(): the run's final evaluation
+        with guard(TF, f"evaluate() with {key} after training failed", where):
+            trainer.evaluate()
+        after = {p.dtype for p in trainer.model.parameters()}
+        check(after == {dtype}, TF, f"{key} no longer casts the trainer's model in place in an evaluation outside "
+              "train()", where, f"dtypes: {after}")

@@ -58,6 +58,12 @@ CONFIG_CASES = [
     ("nan lr", ["train.learning_rate=.nan"], ["train.learning_rate", "not a finite number"]),
     ("scheduler typo", ["train.lr_scheduler_type=cosin"], ["train.lr_scheduler_type", "did you mean 'cosine'"]),
     ("optimizer typo", ["train.optim=adamw"], ["train.optim", "did you mean 'adamw_torch'"]),
+    # read by the Trainer only outside train(): ignored by the evaluations during the run, and the final one (eval_strategy
+    # no) cast the trained model in place, so model/ was saved in float16 / bfloat16 (compat row M21)
+    ("fp16_full_eval on a training run", ["train.fp16_full_eval=true"],
+     ["train.fp16_full_eval: true is not applied", "saved in float16", "alignkit eval with model.dtype=float16"]),
+    ("bf16_full_eval on a training run", ["train.bf16_full_eval=true", "train.use_cpu=true"],
+     ["train.bf16_full_eval: true is not applied", "saved in bfloat16", "remove train.bf16_full_eval"]),
     ("eval_fraction one", ["data.eval_fraction=1.0"], ["data.eval_fraction", "[0, 1)"]),
     ("lora rank zero", ["adapter.lora.r=0"], ["adapter.lora.r", ">= 1"]),
     ("unknown key", ["method.bta=0.1"], ["method.bta", "did you mean 'beta'"]),

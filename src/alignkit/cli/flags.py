@@ -9,8 +9,10 @@ a top-level key (`output_dir`); a key of the shared `train` vocabulary (`alignki
 `method`, `data`, `model`, `sampling` or `annotator`; for the offline training commands, any
 `transformers.TrainingArguments` field (-> `train.<name>`). A flag without
 a value (followed by another flag, a `key=value` override or nothing) means true. An unknown flag is a
-ConfigError naming it and the closest valid names. `--lora_target_modules` takes module names as TRL's (several
-tokens or comma-separated: a list); `--use_peft` warns about each LoRA default of TRL's not given as a flag.
+ConfigError naming it and the closest valid names; a launcher's flag (`--num_processes 2`, `--multi_gpu`, torchrun's
+`--nproc_per_node`: `LAUNCHER_FLAGS`) is one naming the launcher command line it belongs to.
+`--lora_target_modules` takes module names as TRL's (several tokens or comma-separated: a list); `--use_peft` warns
+about each LoRA default of TRL's not given as a flag.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def resolve_flag(name: str, command: str, value: str | None = None) -> str:
         if name in targs:
             return f"train.{name}"
         candidates += sorted(targs)
+    launcher = launcher_flag(name, command, value)
+    if launcher is not None:
+        raise ConfigError(launcher)
     instead = trl_equivalent(name, None if value is None else parse_value(value))
     if instead is not None:
         raise ConfigError(f"--{name}: not a setting of alignkit {command} ({name} is TRL's name); alignkit: {instead}")
@@ -82,6 +87,32 @@ def resolve_flag(name: str, command: str, value: str | None = None) -> str:
     hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
     raise ConfigError(f"--{name}: not a setting of alignkit {command} (TRL-style flags name a key of train, method, "
                       f"data, model{', or transformers.TrainingArguments' if command in TRAIN_COMMANDS else ''}){hint}")
+
+
+# flags of the launchers (`accelerate launch`, `torchrun`), which start the processes: alignkit starts none of its own
+LAUNCHER_FLAGS = {"num_processes": "accelerate launch", "multi_gpu": "accelerate launch",
+                  "num_machines": "accelerate launch", "machine_rank": "accelerate launch",
+                  "main_process_port": "accelerate launch", "gpu_ids": "accelerate launch",
+                  "use_fsdp": "accelerate launch", "use_deepspeed": "accelerate launch",
+                  "mixed_precision": "accelerate launch", "nproc_per_node": "torchrun", "nnodes": "torchrun",
+                  "node_rank": "torchrun", "master_port": "torchrun"}
+
+
+def launcher_flag(name: str, command: str, value: str | None = None) -> str | None:
+    """The line for a launcher's flag given to an alignkit command (`--num_processes 2`): where it goes instead."""
+    if name not in LAUNCHER_FLAGS:
+        return None
+    switch = name in ("multi_gpu", "use_fsdp", "use_deepspeed")  # flags without a value (a bare flag reads "true")
+    given = "" if value is None or switch else f" {value}"
+    launch = f"`{LAUNCHER_FLAGS[name]} --{name}{given} -m alignkit {command} ...`"
+    if name == "mixed_precision" and command in ONLINE_COMMANDS:  # refused by the online loop (OnlineTrainer)
+        return (f"--{name}: accelerate launch's flag, not a setting of alignkit {command}, whose online loop runs no "
+                "mixed precision; load the model in bf16 (model.dtype=bfloat16) for bf16 compute")
+    if name == "mixed_precision":
+        return (f"--{name}: accelerate launch's flag, not a setting of alignkit {command}; alignkit's mixed precision "
+                f"is train.bf16=true (train.fp16=true on a GPU), or start the run with {launch}")
+    return (f"--{name}: {LAUNCHER_FLAGS[name]}'s flag, not a setting of alignkit {command} (alignkit starts no "
+            f"processes of its own); start the processes with the launcher: {launch}")
 
 
 def translate(argv: list[str], command: str, known: set[str], notes: list[str] | None = None) -> list[str]:
@@ -179,5 +210,5 @@ def translate_argv(parser: Any, argv: list[str], notes: list[str] | None = None)
     return argv[:idx + 1] + translate(argv[idx + 1:], command, known, notes)
 
 
-__all__ = ["ALIASES", "TRL_LORA_DEFAULTS", "module_names", "resolve_flag", "translate", "translate_argv",
-           "lora_defaults_note"]
+__all__ = ["ALIASES", "LAUNCHER_FLAGS", "TRL_LORA_DEFAULTS", "launcher_flag", "module_names", "resolve_flag",
+           "translate", "translate_argv", "lora_defaults_note"]

@@ -43,6 +43,7 @@ from alignkit.interventions.positions import Positions, check_truncated_prompts
 from alignkit.data.tokenize import TokenizeConfig, tokenize_records
 from alignkit.online.generation import encode_prompt, encode_prompts
 from alignkit.online.ptx import check_ptx_tokens
+from alignkit.trainers.precision import weight_dtypes
 from alignkit.online.vllm_client import SERVER_MAX_MODEL_LEN, VllmServerGenerator
 from alignkit.online.vllm_generation import NO_VLLM, check_model_len
 from alignkit.run_commit import staged
@@ -332,7 +333,7 @@ def _online_card(cfg: Any, command: str, trainer: Any, annotator: Any, rows: lis
               **({"held-out prompts": trainer.eval_prompts_total} if held_out else {}),
               "sampling": cfg.sampling.to_dict()},
         hyperparameters={"steps done": trainer.steps_done, "reference": trainer.reference_mode,
-                         "world size": trainer.world,
+                         "world size": trainer.world, **weight_dtypes(trainer.policy),
                          **({"reference syncs": moved_reference(trainer.ref_syncer.syncs)} if trainer.ref_syncer
                             else {})},
         metrics=final_metrics(rows), command_line=command_line or f"alignkit {command}", versions=versions(),

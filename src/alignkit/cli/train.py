@@ -47,6 +47,7 @@ from alignkit.settings.bounds import check_precision
 from alignkit.settings.train import ALIGNKIT_TRAIN_KEYS, HUB_KEYS
 from alignkit.trainers import TRAINERS
 from alignkit.trainers.checks import refuse_trainer_fsdp_on_cpu
+from alignkit.trainers.precision import weight_dtypes
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +384,8 @@ def hyperparameters(args: Any, trainer: Any, best: int | None) -> dict[str, Any]
     state = trainer.accelerator.state  # what really ran: an accelerate config's engine and mixed precision
     #   (ACCELERATE_MIXED_PRECISION) apply even when train.bf16 / train.fp16 are False
     hyper.update({"world size": args.world_size, "engine": str(state.distributed_type).split(".")[-1],
-                  "mixed precision": str(state.mixed_precision), "optimizer steps done": trainer.state.global_step})
+                  "mixed precision": str(state.mixed_precision), **weight_dtypes(trainer.model),
+                  "optimizer steps done": trainer.state.global_step})
     if getattr(trainer, "ref_sync", None) is not None:  # TR-DPO: the reference is no longer model.path
         hyper["reference syncs"] = moved_reference(trainer.ref_syncs)
     if best is not None:  # model/ is that checkpoint: the card's evaluation figures are its own

@@ -90,7 +90,7 @@ from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
 from alignkit.trainers.checks import refuse_all_zero_weights
 from alignkit.trainers.packing import resolve_online_share_prompt
-from alignkit.trainers.precision import warn_low_precision
+from alignkit.trainers.precision import refuse_float16_adam, warn_low_precision
 from alignkit.trainers.reference import HasReference, Reference, build_reference
 
 logger = logging.getLogger(__name__)
@@ -335,6 +335,8 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         params += [p for m in self.extra_modules for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the policy has no trainable parameters; wrap it with apply_adapter first")
+        # fp16 weights + AdamW: nan within a few steps (optimizer: train.optim's online name, settings/train.py)
+        refuse_float16_adam(model, self.config.optimizer, "optimizer", mixed=False)
         warn_low_precision(model, self.config.learning_rate)  # bf16 weights: updates round away
         optimizer = build_optimizer(params, self.config)
         if fsdp2:  # accelerate shards model and optimizer together (fully_shard swaps the parameters)

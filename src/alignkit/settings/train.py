@@ -223,6 +223,20 @@ def refuse_unread_train_keys(train: dict[str, Any], command: str, where: str = "
         raise ConfigError(f"{where}.do_predict: true is not read (transformers' Trainer leaves it to scripts) and "
                           f"alignkit {command} predicts on no test set, so it would be ignored; write a model's "
                           f"responses with alignkit generate after training; remove {where}.do_predict")
+    refuse_full_eval(train, where)
+
+
+def refuse_full_eval(train: dict[str, Any], where: str = "train") -> None:
+    """`fp16_full_eval` / `bf16_full_eval` on a training run: the Trainer reads them only in an evaluation outside
+    `train()`, by casting the model itself in place (compat row M21). The evaluations during the run ignored them, and
+    the one after the last step (eval_strategy no, held-out data) cast the trained weights, so model/ was saved in
+    float16 / bfloat16 after fp32 training, without a word."""
+    for key, dtype in (("fp16_full_eval", "float16"), ("bf16_full_eval", "bfloat16")):
+        if train.get(key):
+            raise ConfigError(f"{where}.{key}: true is not applied to a training run: the evaluations during it "
+                              f"keep the training precision, and the one after the last step would cast the trained "
+                              f"model to {dtype} in place, so model/ would be saved in {dtype}; remove {where}.{key} "
+                              f"(to score a model in {dtype}: alignkit eval with model.dtype={dtype})")
 
 
 # step-count key -> (its strategy key, the strategies that never read it: what each does instead)
@@ -273,4 +287,4 @@ def online_trainer_kwargs(train: dict[str, Any]) -> dict[str, Any]:
 __all__ = ["ALIGNKIT_TRAIN_KEYS", "HUB_KEYS", "OFFLINE_DEFAULTS", "ONLINE_COMMANDS", "ONLINE_DEFAULTS",
            "ONLINE_TRAIN_KEYS", "RENAMED", "TRAIN_COMMANDS", "TRAIN_DEFAULTS", "TRAIN_KEYS", "check_renamed",
            "STEP_COUNTS", "check_train", "online_trainer_kwargs", "refuse_unread_step_counts",
-           "refuse_unread_train_keys", "train_defaults"]
+           "refuse_full_eval", "refuse_unread_train_keys", "train_defaults"]

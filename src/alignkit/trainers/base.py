@@ -106,7 +106,7 @@ from alignkit.trainers.config_dropout import rates_read_from_config
 from alignkit.data.prepare import feature_kind
 from alignkit.trainers.data_prep import packed_collator, prepare_data, prepare_one, shared_prompt_collator
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
-from alignkit.trainers.precision import warn_low_precision
+from alignkit.trainers.precision import refuse_float16_adam, warn_low_precision
 from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
 from alignkit.trainers.totals import EvalTotals, Totals, add_totals
 
@@ -229,8 +229,8 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         check_prefix_cache(model, reft_prefix_cache, args)  # before the Trainer makes output_dir
         if disable_dropout:
             turn_off_dropout(model)
-        # a model wrapped by hand: its base's fingerprint before training changes a trained embedding
-        record_base(model)
+        record_base(model)  # a model wrapped by hand: its base's fingerprint before training changes an embedding
+        refuse_float16_adam(model, args.optim)  # fp16 weights + AdamW: nan within a few steps
         super().__init__(model=model, args=args, **kwargs)
         refuse_deepspeed_mismatches(self)
         take_over_activation_checkpointing(self.accelerator, type(self).__name__)  # before the model is prepared
