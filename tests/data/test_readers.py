@@ -661,3 +661,25 @@ def test_an_empty_user_or_assistant_message_is_refused_in_every_source(form, rol
     with pytest.raises(DataError, match=rf"^{re.escape(where)}: messages\[{index}\] is an empty '{role}' message"):
         load_records(source, "sft")
     assert len(load_records(source, "sft", on_invalid="skip")) == 1
+
+
+@pytest.mark.parametrize("column", ["sample_weight", "loss_weight", "sampleWeight", "example weights"])
+@pytest.mark.parametrize("row", [{"prompt": "q", "completion": " a"}, {"prompt": "q", "chosen": " a", "rejected": " b"},
+                                 {"prompt": "q", "responses": [" a", " b"]}, {"prompt": "q"},
+                                 {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+def test_a_weight_column_under_another_name_is_refused_naming_the_row(tmp_path, row, column):
+    """A per-record weight given as `sample_weight` (scikit-learn's name), `loss_weight`, ...: too far from `weight`
+    for the did-you-mean of a misspelt column, it was counted among the ignored columns, and every record trained with
+    weight 1 after one warning. Now refused at its row, naming the column and the one alignkit reads."""
+    f = write_jsonl(tmp_path / "d.jsonl", [row, {**row, column: 2.0}])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(f))}:2: unknown column '{column}' \(did you mean 'weight'\?\); "
+                                        r"alignkit reads a record's weight from the 'weight' column only"):
+        load_records(f)
+
+
+def test_columns_that_only_hold_the_word_weight_inside_a_word_are_still_ignored(tmp_path, caplog):
+    """`heavyweight`: no word of the name is `weight`, so they stay ignored columns (one warning)."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": " a", "heavyweight": 2, "score": 3}])
+    with caplog.at_level("WARNING"):
+        assert load_records(f)[0].weight == 1.0
+    assert any("ignored column(s) ['heavyweight', 'score']" in r.getMessage() for r in caplog.records)
