@@ -683,3 +683,24 @@ def test_columns_that_only_hold_the_word_weight_inside_a_word_are_still_ignored(
     with caplog.at_level("WARNING"):
         assert load_records(f)[0].weight == 1.0
     assert any("ignored column(s) ['heavyweight', 'score']" in r.getMessage() for r in caplog.records)
+
+
+def test_a_saved_dataset_of_no_rows_is_one_line_and_an_empty_split_leaves_the_others_readable(tmp_path):
+    """`save_to_disk` of a Dataset of 0 rows writes no data file, and `load_from_disk` stopped on an IndexError ('list
+    index out of range', the CLI's 'unexpected error'), for a saved DatasetDict whatever split was asked for. Now an
+    empty Dataset is the one line other empty sources give, and the splits of a DatasetDict are loaded alone."""
+    from datasets import Dataset, DatasetDict
+
+    full = Dataset.from_list([{"prompt": "q", "completion": " a"}, {"prompt": "r", "completion": " b"}])
+    empty = full.select([])
+    empty.save_to_disk(str(tmp_path / "empty"))
+    DatasetDict({"train": full, "test": empty}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'empty'))}: no rows; the source is empty"):
+        load_records(tmp_path / "empty")
+    assert [r.prompt for r in load_records(tmp_path / "dict")] == ["q", "r"]  # train, the default split
+    assert [r.prompt for r in load_records(tmp_path / "dict", split="train")] == ["q", "r"]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'dict'))}: split 'test': no rows; the source "
+                                        r"is empty"):
+        load_records(tmp_path / "dict", split="test")
+    with pytest.raises(DataError, match=r"is a DatasetDict with splits \['train', 'test'\], and split 'valid'"):
+        load_records(tmp_path / "dict", split="valid")
