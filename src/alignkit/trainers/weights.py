@@ -14,10 +14,9 @@ import math
 import numbers
 from typing import Any
 
+from alignkit.data.records import MAX_WEIGHT as FLOAT32_MAX  # past it a weight is inf in the batch's float32 weights
 from alignkit.files import DataError
 
-# a weight past float32's range becomes inf in the batch's (B,) float32 weights
-FLOAT32_MAX = 3.4028234663852886e38
 TOKENIZED_KEYS = ("input_ids", "chosen_input_ids", "prompt_input_ids")
 
 
