@@ -704,3 +704,17 @@ def test_a_saved_dataset_of_no_rows_is_one_line_and_an_empty_split_leaves_the_ot
         load_records(tmp_path / "dict", split="test")
     with pytest.raises(DataError, match=r"is a DatasetDict with splits \['train', 'test'\], and split 'valid'"):
         load_records(tmp_path / "dict", split="valid")
+
+
+def test_the_rows_of_a_dataset_dicts_other_split_are_named_with_it(tmp_path):
+    """A saved DatasetDict's test split named its rows as the train split's ('<folder> row 0'), so a bad weight in
+    the test split's row 0 was said to be in 'row 0' of the folder: the train split's, read by default. Now a split
+    other than train is named beside the folder; train rows keep their names (ids of runs already written)."""
+    from datasets import Dataset, DatasetDict
+
+    good = Dataset.from_list([{"prompt": "q", "completion": " a", "weight": 1.0}])
+    bad = Dataset.from_list([{"prompt": "q", "completion": " a", "weight": -1.0}])
+    DatasetDict({"train": good, "test": bad}).save_to_disk(str(tmp_path / "dict"))
+    assert [r.id for r in load_records(tmp_path / "dict")] == [f"{tmp_path / 'dict'} row 0"]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'dict'))} \[test\] row 0: 'weight' must be"):
+        load_records(tmp_path / "dict", split="test")

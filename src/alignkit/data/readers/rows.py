@@ -369,6 +369,13 @@ class NamedRows(list):
     `datasets.map`, named by their index in the whole dataset)."""
 
 
+def split_name(source: str, split: str | None) -> str:
+    """How a folder's or dataset name's rows are named: by the source alone for its default split, `train`, and with
+    the split beside it for another (`data/ [test] row 3`): a DatasetDict's train and test splits named their rows
+    alike, so an error in the test split's row 3 pointed at the train split's as much."""
+    return source if split in (None, "train") else f"{source} [{split}]"
+
+
 def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
     """Yield (row dict, where) from any supported source (see the module docstring)."""
     if isinstance(source, NamedRows):
@@ -377,7 +384,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists() and looks_like_hub_id(str(source)):
-            yield from _iter_table(load_hf_dataset(str(source), split), str(source))
+            yield from _iter_table(load_hf_dataset(str(source), split), split_name(str(source), split))
             return
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
@@ -385,7 +392,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
         if not path.is_dir() and path.suffix in (".jsonl", ".json", ".parquet"):
             check_single_split(path, split, f"a {path.suffix} file")
         if path.is_dir():  # save_to_disk output, or a dataset repository folder (datasets.load_dataset)
-            yield from _iter_table(_load_dataset_dir(path, split), str(path))
+            yield from _iter_table(_load_dataset_dir(path, split), split_name(str(path), split))
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path)
         elif path.suffix == ".json":
