@@ -93,7 +93,13 @@ def test_kind_conversion():
      r"d\.jsonl:3: 'completion' is empty"),
     (['{"prompt": "a", "chosen": " b", "rejected": 7}'],
      r"d\.jsonl:1: 'rejected' must be a string or a non-empty list of"),
-    (['{"prompt": 3, "completion": " b"}'], r"d\.jsonl:1: unknown combination of columns \['completion', 'prompt'\]"),
+    # a number where text goes, in the first row: was "unknown combination of columns ['completion', 'prompt']" and
+    # every known format, though the columns are right
+    (['{"prompt": 3, "completion": " b"}'], r"d\.jsonl:1: 'prompt' is int 3, not text or a list of messages, and with "
+                                            r"text the row would be read by reader 'prompt-completion'; write the "
+                                            r"value as text"),
+    (['{"prompt": {"text": "q"}, "chosen": " a", "rejected": " b", "weight": 2}'],
+     r"d\.jsonl:1: 'prompt' is dict \{'text': 'q'\}, not text .* reader 'preference'"),
     (['{"question": "a", "answer": " b"}'], r"d\.jsonl:1: unknown combination of columns \['answer', 'question'\]"),
     (['{"messages": [{"role": "user", "content": "hi"}]}'], r"d\.jsonl:1: the last message of 'messages' must be"),
     (['{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}'],
