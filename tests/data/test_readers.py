@@ -93,6 +93,12 @@ def test_kind_conversion():
      r"d\.jsonl:3: 'completion' is empty"),
     (['{"prompt": "a", "chosen": " b", "rejected": 7}'],
      r"d\.jsonl:1: 'rejected' must be a string or a non-empty list of"),
+    # OpenAI's tool-call turn (content null, tool_calls): was "must be a dict with string 'role' and 'content'"
+    (['{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": null, "tool_calls": '
+      '[{"type": "function", "function": {"name": "weather", "arguments": "{}"}}]}, {"role": "tool", "content": "Sun"}, '
+      '{"role": "assistant", "content": "Sunny."}]}'],
+     r"d\.jsonl:1: messages\[1\] is a tool call \(content null, 'tool_calls' .*\), and records keep each message's "
+     r"role and content only, so the call would be lost"),
     # a number where text goes, in the first row: was "unknown combination of columns ['completion', 'prompt']" and
     # every known format, though the columns are right
     (['{"prompt": 3, "completion": " b"}'], r"d\.jsonl:1: 'prompt' is int 3, not text or a list of messages, and with "

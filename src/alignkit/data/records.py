@@ -98,6 +98,11 @@ def check_messages(value: Any, rid: str, key: str) -> list[Message]:
     value = [{**m, "content": content_text(m.get("content"), rid, f"{key}[{i}]")} if isinstance(m, dict) else m
              for i, m in enumerate(value)]
     for i, m in enumerate(value):
+        if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls"):  # OpenAI's tool-call turn
+            raise DataError(f"{_where(rid)}: {key}[{i}] is a tool call (content null, 'tool_calls' "
+                            f"{str(m['tool_calls'])[:60]!r}), and records keep each message's role and content only, "
+                            f"so the call would be lost; write the call into the content as the model should output "
+                            f"it, or drop the record")
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{_where(rid)}: {key}[{i}] must be a dict with string 'role' and 'content', got "
                             f"{str(m)[:80]!r}; fix the message or convert it to {{'role': ..., 'content': ...}}")
