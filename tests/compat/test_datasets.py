@@ -1,5 +1,5 @@
 """datasets behaviour alignkit relies on: save_to_disk folders, map caching and features, load_dataset json
-(rows D1-D7 of the table in docs/architecture.md; split from test_accelerate_datasets.py).
+(rows D1-D8 of the table in docs/architecture.md; split from test_accelerate_datasets.py).
 """
 
 from __future__ import annotations
@@ -201,3 +201,32 @@ def test_load_dataset_json_reads_a_dict_of_columns_as_one_row(tmp_path):
           "load_dataset('json') no longer reads a dict of columns as one row (if it reads it as rows now, alignkit "
           "can read it so too: drop rows.columns_error)", where, str(read))
     assert refused == [True] * 4
+
+
+def test_an_empty_saved_dataset_has_no_data_file_and_load_from_disk_fails_on_it(tmp_path):
+    """D8: `save_to_disk` of a Dataset of 0 rows lists no data file in its state.json, and `load_from_disk` of it (or
+    of a DatasetDict holding it) raises; a DatasetDict's splits are saved Datasets in sub-folders named by split,
+    listed in dataset_dict.json, each loadable alone."""
+    where = "alignkit/data/readers/rows.py:_load_dataset_dir/check_saved_rows"
+    import json
+
+    with guard("datasets", "save_to_disk / load_from_disk of a DatasetDict moved", where):
+        from datasets import Dataset, DatasetDict, load_from_disk
+
+        full = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+        DatasetDict({"train": full, "test": full.select([])}).save_to_disk(str(tmp_path / "dict"))
+        splits = json.loads((tmp_path / "dict" / "dataset_dict.json").read_text())["splits"]
+        state = json.loads((tmp_path / "dict" / "test" / "state.json").read_text())
+        train = [dict(r) for r in load_from_disk(str(tmp_path / "dict" / "train"))]
+    check(splits == ["train", "test"] and train == [{"prompt": "a", "completion": "b"}], "datasets",
+          "a saved DatasetDict's splits are no longer listed in dataset_dict.json and saved in sub-folders named by "
+          "split", where, str(splits))
+    check(state.get("_data_files") == [], "datasets", "an empty saved Dataset's state.json no longer lists an empty "
+          "_data_files (check_saved_rows would not see it is empty)", where, str(state))
+    try:
+        load_from_disk(str(tmp_path / "dict" / "test"))
+        loaded = True
+    except IndexError:
+        loaded = False
+    check(not loaded, "datasets", "load_from_disk now reads an empty saved Dataset: check_saved_rows' refusal may go "
+          "(the reader's own 'no rows' line would then say it)", where)

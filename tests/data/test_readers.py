@@ -93,7 +93,19 @@ def test_kind_conversion():
      r"d\.jsonl:3: 'completion' is empty"),
     (['{"prompt": "a", "chosen": " b", "rejected": 7}'],
      r"d\.jsonl:1: 'rejected' must be a string or a non-empty list of"),
-    (['{"prompt": 3, "completion": " b"}'], r"d\.jsonl:1: unknown combination of columns \['completion', 'prompt'\]"),
+    # OpenAI's tool-call turn (content null, tool_calls): was "must be a dict with string 'role' and 'content'"
+    (['{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": null, "tool_calls": '
+      '[{"type": "function", "function": {"name": "weather", "arguments": "{}"}}]}, {"role": "tool", "content": "Sun"}, '
+      '{"role": "assistant", "content": "Sunny."}]}'],
+     r"d\.jsonl:1: messages\[1\] is a tool call \(content null, 'tool_calls' .*\), and records keep each message's "
+     r"role and content only, so the call would be lost"),
+    # a number where text goes, in the first row: was "unknown combination of columns ['completion', 'prompt']" and
+    # every known format, though the columns are right
+    (['{"prompt": 3, "completion": " b"}'], r"d\.jsonl:1: 'prompt' is int 3, not text or a list of messages, and with "
+                                            r"text the row would be read by reader 'prompt-completion'; write the "
+                                            r"value as text"),
+    (['{"prompt": {"text": "q"}, "chosen": " a", "rejected": " b", "weight": 2}'],
+     r"d\.jsonl:1: 'prompt' is dict \{'text': 'q'\}, not text .* reader 'preference'"),
     (['{"question": "a", "answer": " b"}'], r"d\.jsonl:1: unknown combination of columns \['answer', 'question'\]"),
     (['{"messages": [{"role": "user", "content": "hi"}]}'], r"d\.jsonl:1: the last message of 'messages' must be"),
     (['{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}'],
@@ -661,3 +673,60 @@ def test_an_empty_user_or_assistant_message_is_refused_in_every_source(form, rol
     with pytest.raises(DataError, match=rf"^{re.escape(where)}: messages\[{index}\] is an empty '{role}' message"):
         load_records(source, "sft")
     assert len(load_records(source, "sft", on_invalid="skip")) == 1
+
+
+@pytest.mark.parametrize("column", ["sample_weight", "loss_weight", "sampleWeight", "example weights"])
+@pytest.mark.parametrize("row", [{"prompt": "q", "completion": " a"}, {"prompt": "q", "chosen": " a", "rejected": " b"},
+                                 {"prompt": "q", "responses": [" a", " b"]}, {"prompt": "q"},
+                                 {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+def test_a_weight_column_under_another_name_is_refused_naming_the_row(tmp_path, row, column):
+    """A per-record weight given as `sample_weight` (scikit-learn's name), `loss_weight`, ...: too far from `weight`
+    for the did-you-mean of a misspelt column, it was counted among the ignored columns, and every record trained with
+    weight 1 after one warning. Now refused at its row, naming the column and the one alignkit reads."""
+    f = write_jsonl(tmp_path / "d.jsonl", [row, {**row, column: 2.0}])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(f))}:2: unknown column '{column}' \(did you mean 'weight'\?\); "
+                                        r"alignkit reads a record's weight from the 'weight' column only"):
+        load_records(f)
+
+
+def test_columns_that_only_hold_the_word_weight_inside_a_word_are_still_ignored(tmp_path, caplog):
+    """`heavyweight`: no word of the name is `weight`, so they stay ignored columns (one warning)."""
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": " a", "heavyweight": 2, "score": 3}])
+    with caplog.at_level("WARNING"):
+        assert load_records(f)[0].weight == 1.0
+    assert any("ignored column(s) ['heavyweight', 'score']" in r.getMessage() for r in caplog.records)
+
+
+def test_a_saved_dataset_of_no_rows_is_one_line_and_an_empty_split_leaves_the_others_readable(tmp_path):
+    """`save_to_disk` of a Dataset of 0 rows writes no data file, and `load_from_disk` stopped on an IndexError ('list
+    index out of range', the CLI's 'unexpected error'), for a saved DatasetDict whatever split was asked for. Now an
+    empty Dataset is the one line other empty sources give, and the splits of a DatasetDict are loaded alone."""
+    from datasets import Dataset, DatasetDict
+
+    full = Dataset.from_list([{"prompt": "q", "completion": " a"}, {"prompt": "r", "completion": " b"}])
+    empty = full.select([])
+    empty.save_to_disk(str(tmp_path / "empty"))
+    DatasetDict({"train": full, "test": empty}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'empty'))}: no rows; the source is empty"):
+        load_records(tmp_path / "empty")
+    assert [r.prompt for r in load_records(tmp_path / "dict")] == ["q", "r"]  # train, the default split
+    assert [r.prompt for r in load_records(tmp_path / "dict", split="train")] == ["q", "r"]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'dict'))}: split 'test': no rows; the source "
+                                        r"is empty"):
+        load_records(tmp_path / "dict", split="test")
+    with pytest.raises(DataError, match=r"is a DatasetDict with splits \['train', 'test'\], and split 'valid'"):
+        load_records(tmp_path / "dict", split="valid")
+
+
+def test_the_rows_of_a_dataset_dicts_other_split_are_named_with_it(tmp_path):
+    """A saved DatasetDict's test split named its rows as the train split's ('<folder> row 0'), so a bad weight in
+    the test split's row 0 was said to be in 'row 0' of the folder: the train split's, read by default. Now a split
+    other than train is named beside the folder; train rows keep their names (ids of runs already written)."""
+    from datasets import Dataset, DatasetDict
+
+    good = Dataset.from_list([{"prompt": "q", "completion": " a", "weight": 1.0}])
+    bad = Dataset.from_list([{"prompt": "q", "completion": " a", "weight": -1.0}])
+    DatasetDict({"train": good, "test": bad}).save_to_disk(str(tmp_path / "dict"))
+    assert [r.id for r in load_records(tmp_path / "dict")] == [f"{tmp_path / 'dict'} row 0"]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'dict'))} \[test\] row 0: 'weight' must be"):
+        load_records(tmp_path / "dict", split="test")

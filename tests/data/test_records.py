@@ -28,6 +28,10 @@ def test_conversational_normalisation():
     (lambda: PromptRecord("", id="f:5"), "f:5: 'prompt' is empty"),
     (lambda: SFTRecord([], "a", id="f:6"), "f:6: 'prompt' must be a string or a non-empty list"),
     (lambda: SFTRecord("p", "a", weight=float("nan"), id="f:7"), "f:7: 'weight' must be a finite number >= 0"),
+    # past float32's range: inf in the batch's weights, the run stopped at its first step blaming the learning rate
+    (lambda: SFTRecord("p", "a", weight=1e39, id="f:7"), r"f:7: 'weight' must be a finite number >= 0, got 1e\+39 "
+                                                         r"\(past 3.4e\+38, float32's largest"),
+    (lambda: PromptRecord("p", weight=10 ** 400, id="f:7"), r"f:7: 'weight' must be a finite number >= 0, got 1000"),
     # a response repeating the whole conversational prompt (TRL rows with a 'prompt' column AND full conversations in
     # chosen / rejected): the prompt was read twice and its copy trained on, silently
     (lambda: PreferenceRecord(CONV, CONV + [ASSISTANT], [ASSISTANT], id="f:8"),

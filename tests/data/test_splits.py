@@ -267,3 +267,41 @@ def test_max_records_over_a_list_of_datasets_says_which_files_give_none(tmp_path
     with caplog.at_level(logging.WARNING):
         read_splits(DataSettings(path=paths, max_records=10), "sft")
     assert not [r for r in caplog.records if "max_records" in r.getMessage()]
+
+
+_SPLIT_BY_TAGS = """
+from alignkit.data import SFTRecord, split_records
+recs = [SFTRecord(f"p{i}", "c", id=str(i), meta={"tags": frozenset({"math", "code", f"t{i % 5}"})}) for i in range(40)]
+parts = split_records(recs, "2,4,4", seed=3, group_by=lambda r: r.meta["tags"], method="hash")
+print([[r.id for r in p] for p in parts])
+"""
+
+
+def test_a_hash_split_by_a_set_valued_group_is_the_same_in_every_process():
+    """`method="hash"` hashed str(key): a frozenset's text follows the process's hash seed (PYTHONHASHSEED, random per
+    process), so each process of a launch, and each run, put the groups in other parts (seen: [34, 67, 0] records in
+    one process, [0, 67, 34] in another). Now keys that are not strings are written by naming.stable_repr (sets
+    sorted)."""
+    import os
+    import subprocess
+    import sys
+
+    outs = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        outs.add(subprocess.run([sys.executable, "-c", _SPLIT_BY_TAGS], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+    assert len(outs) == 1, outs
+
+
+def test_a_hash_split_of_string_and_tuple_keys_is_the_sha256_of_their_text():
+    """The hash split's part of a key, by hand: sha256(f"{seed}:{key}") / 2**256 against the cumulative fractions
+    (str keys as they are, tuples and ints as str() writes them: stable_repr kept those splits where they were)."""
+    import hashlib
+
+    keys = ["k0", "k1", ("prompt", "x"), ("tree", 7), 5, 6, "k2", "k3"]
+    want = [[], []]
+    for i, k in enumerate(keys):
+        u = int.from_bytes(hashlib.sha256(f"4:{k}".encode()).digest(), "big") / 2 ** 256
+        want[0 if u < 0.5 else 1].append(i)
+    assert split_indices(keys, "5,5", seed=4, method="hash") == want

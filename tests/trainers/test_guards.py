@@ -332,6 +332,33 @@ def test_examples_all_weighted_zero_are_refused(which, make_model, features, col
                eval_dataset=some)
 
 
+@pytest.mark.parametrize("weight, as_dataset", [(w, False) for w in (-1.0, float("nan"), float("inf"), 1e39, "2", True,
+                                                                    None)] + [(-1.0, True), (float("nan"), True)])
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_a_tokenized_example_with_a_bad_weight_is_refused_naming_it(which, weight, as_dataset, make_model, features,
+                                                                     collators, tmp_path):
+    """Tokenized examples given to a trainer directly skipped the readers' weight check: -1 trained the example the
+    other way (loss 0.52 where the weights 1 gave 0.69, exit 0), "2" and True were read by the collator's float(), NaN /
+    inf / 1e39 (inf in float32) stopped the first step as a non-finite loss blaming the learning rate, None stopped it
+    on a TypeError. Now one DataError when the trainer is built, naming the set, the example and its id."""
+    from datasets import Dataset
+
+    from alignkit.files import DataError
+
+    feats = [dict(f) for f in features["preference"]]
+    feats[5]["weight"] = weight
+    if as_dataset:  # a datasets column holds one type: floats
+        feats = Dataset.from_list([{**f, "weight": float(f.get("weight", 1.0))} for f in feats])
+    good = [dict(f) for f in features["preference"]]
+    data = {"train_dataset": feats if which == "train" else good, "eval_dataset": feats if which == "eval" else good}
+    what = "training" if which == "train" else "evaluation"
+    with pytest.raises(DataError, match=rf"^PreferenceTrainer: {what} example 5 \(id 'p5'\) has 'weight' "
+                                        rf"{re.escape(repr(feats[5]['weight']))}, and a weight must be a finite number "
+                                        r">= 0 \(at most 3.4e\+38"):
+        PreferenceTrainer(make_model("lora"), fast_args(tmp_path), data_collator=collators["preference"], **data)
+    assert not (tmp_path / "out").exists()
+
+
 def test_average_tokens_across_devices_off_is_refused_under_several_processes(monkeypatch):
     """alignkit divides every micro-batch by the count summed over all processes whatever the argument says, so
     average_tokens_across_devices=False changed nothing under several processes: refused there; one process (where

@@ -426,3 +426,27 @@ def test_a_refusal_after_the_trainer_made_output_dir_leaves_no_folder(make_model
     with pytest.raises(ConfigError, match="no_such_metric"):
         sft(f"{tmp_path}/missing/../mine")
     assert (tmp_path / "mine").is_dir()
+
+
+def test_kto_label_balance_counts_record_weights(caplog):
+    """The balance desirable_weight * n_d / (undesirable_weight * n_u) counted examples, whatever their record weights:
+    4 desirable and 4 undesirable examples of weight 0.1 (which weigh as 0.4 in the loss) passed as 1 : 1, a side
+    whose records all weigh 0 without a word. Now the sides' weight sums: 4 : 0.4 = 10 : 1, warned with the fix
+    (desirable_weight = 0.4 / 4 * 4/3 = 0.133); weights 0.5 on both sides are balanced."""
+    import logging
+
+    from alignkit.trainers.kto import check_label_balance
+
+    def rows(w_des, w_und):
+        return [{"label": True, "weight": w_des}] * 4 + [{"label": False, "weight": w_und}] * 4
+
+    with caplog.at_level(logging.WARNING, logger="alignkit.trainers.kto"):
+        assert check_label_balance(rows(0.5, 0.5), 1.0, 1.0) == (4, 4)
+        assert not caplog.records
+        assert check_label_balance(rows(1.0, 0.1), 1.0, 1.0) == (4, 4)
+        msg = caplog.records[-1].getMessage()
+        assert "(record weights summing to 4 and 0.4)" in msg and "weigh 10.00 : 1" in msg, msg
+        assert "method.desirable_weight=0.133" in msg, msg
+        check_label_balance(rows(1.0, 0.0), 1.0, 1.0)
+        assert ("the 4 undesirable training example(s) all have record weight 0"
+                in caplog.records[-1].getMessage())

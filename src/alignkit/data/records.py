@@ -57,6 +57,7 @@ def _where(rid: str) -> str:
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")  # roles chat templates know
 
 
+MAX_WEIGHT = 3.4028234663852886e38  # float32's largest finite value: a batch's weights are float32
 PART_SEPARATOR = "\n"  # joins a message's text parts: as vLLM's OpenAI server does (row V13 of docs/architecture.md)
 
 
@@ -97,6 +98,11 @@ def check_messages(value: Any, rid: str, key: str) -> list[Message]:
     value = [{**m, "content": content_text(m.get("content"), rid, f"{key}[{i}]")} if isinstance(m, dict) else m
              for i, m in enumerate(value)]
     for i, m in enumerate(value):
+        if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls"):  # OpenAI's tool-call turn
+            raise DataError(f"{_where(rid)}: {key}[{i}] is a tool call (content null, 'tool_calls' "
+                            f"{str(m['tool_calls'])[:60]!r}), and records keep each message's role and content only, "
+                            f"so the call would be lost; write the call into the content as the model should output "
+                            f"it, or drop the record")
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"{_where(rid)}: {key}[{i}] must be a dict with string 'role' and 'content', got "
                             f"{str(m)[:80]!r}; fix the message or convert it to {{'role': ..., 'content': ...}}")
@@ -169,8 +175,14 @@ def _check_response(resp: Any, prompt: Prompt, rid: str, key: str) -> Completion
 
 
 def _check_weight(weight: Any, rid: str) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise DataError(f"{_where(rid)}: 'weight' must be a finite number >= 0, got {weight!r}")
+    """A record's weight as a float; a DataError naming the record for a bool, a string, NaN / inf, a negative one,
+    or one past float32's range (`MAX_WEIGHT`: batches keep weights in float32, where 1e39 is inf and the run stopped
+    at its first step on a non-finite loss that blamed the learning rate)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or weight > MAX_WEIGHT \
+            or not math.isfinite(weight):  # compared first: math.isfinite of an int past float's range raises
+        raise DataError(f"{_where(rid)}: 'weight' must be a finite number >= 0, got {weight!r}"
+                        + (f" (past {MAX_WEIGHT:.3g}, float32's largest: batches keep weights in float32)"
+                           if isinstance(weight, (int, float)) and MAX_WEIGHT < weight < math.inf else ""))
     return float(weight)
 
 

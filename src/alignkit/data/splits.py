@@ -24,6 +24,7 @@ import random
 from typing import Callable, Hashable, Sequence
 
 from alignkit.data.records import DataError, Record
+from alignkit.naming import stable_repr
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,12 @@ def part_sizes(n: int, fractions: Sequence[float]) -> list[int]:
 
 
 def _hash_unit(seed: int, key: Hashable) -> float:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    """sha256(f"{seed}:{key}") / 2**256, with a key that is not a string written by `stable_repr` (its repr for numbers
+    and tuples of them and of strings: the text str() gave, so those splits do not move): str() of a frozenset (a
+    `group_by` of tags) follows the process's hash seed, so each process (and each run) put its groups in other
+    parts, and the processes of one launch trained on different, overlapping phases."""
+    text = key if isinstance(key, str) else stable_repr(key)
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
     return int.from_bytes(digest, "big") / 2 ** 256
 
 

@@ -88,7 +88,7 @@ from alignkit.online.vllm_engine import check_engine_base, check_engine_rope, ch
 from alignkit.online.vllm_generation import MOE_LORA_FIX, NO_VLLM, check_model_len, refuse_unsupported
 from alignkit.settings import ConfigError
 from alignkit.trainers.base import turn_off_dropout
-from alignkit.trainers.checks import refuse_all_zero_weights
+from alignkit.trainers.weights import refuse_bad_weights
 from alignkit.trainers.packing import resolve_online_share_prompt
 from alignkit.trainers.precision import refuse_float16_adam, warn_low_precision
 from alignkit.trainers.reference import HasReference, Reference, build_reference
@@ -214,7 +214,7 @@ class OnlineTrainer(HasReference, RolloutSteps, MinibatchUpdates, ProcessMetrics
         # prompts all weighted 0 (a weight column of 0s): every sample's loss weight 0, so each step's loss was 0 and
         #   the run saved the model unchanged, exit 0 (the CLI's readers refuse such records; this is the library's
         #   check)
-        refuse_all_zero_weights(type(self).__name__, [{"weight": r.weight} for r in self.prompts])
+        refuse_bad_weights(type(self).__name__, [{"weight": r.weight} for r in self.prompts])
         # a reward function's parameter no prompt row gives (a dataset column the data lacks) stopped the first step,
         # after the run folder's trackers were started: refused here, as `alignkit <command>` does before loading
         held_out = as_prompt_records(eval_prompts) if eval_prompts is not None else []

@@ -99,7 +99,7 @@ from alignkit.guards import ZERO_GRAD_PATIENCE, NonFiniteError, StalledTrainingE
 from alignkit.losses import LossOutput, reduce_loss
 from alignkit.trainers.checkpointing import TRAINING_ARGS_JSON, Checkpointing, removes_new_output_dir
 from alignkit.trainers.checks import (
-    check_best_model_metric, check_optimizer, check_scheduler, refuse_all_zero_weights, refuse_deepspeed_mismatches,
+    check_best_model_metric, check_optimizer, check_scheduler, refuse_deepspeed_mismatches,
     refuse_empty_batches, refuse_ignored_arguments, refuse_metric_functions, refuse_unread_fields,
 )
 from alignkit.trainers.config_dropout import rates_read_from_config
@@ -108,6 +108,7 @@ from alignkit.trainers.data_prep import packed_collator, prepare_data, prepare_o
 from alignkit.trainers.prefix import check_prefix_cache, data_passes, prefix_cache
 from alignkit.trainers.precision import refuse_float16_adam, warn_low_precision
 from alignkit.trainers.sampling import RECORD_IDS, BatchSampling
+from alignkit.trainers.weights import refuse_bad_weights
 from alignkit.trainers.totals import EvalTotals, Totals, add_totals
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class AlignTrainer(BatchSampling, Checkpointing, Trainer):
         self.group_by_length = group_by_length or getattr(args, "train_sampling_strategy", None) == "group_by_length"
         refuse_ignored_arguments(args, kwargs.get("train_dataset"), self.group_by_length)
         refuse_empty_batches(args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
-        refuse_all_zero_weights(type(self).__name__, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        refuse_bad_weights(type(self).__name__, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         check_optimizer(args, kwargs)
         check_scheduler(args, kwargs)
         changes: dict[str, Any] = {}

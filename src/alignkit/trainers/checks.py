@@ -2,7 +2,7 @@
 would accept and then not apply (`refuse_ignored_arguments`, `refuse_metric_functions`, `check_optimizer`,
 `check_scheduler`, `refuse_deepspeed_mismatches` (with a DeepSpeed config's own optimizer / schedule:
 `deepspeed_replacements`); fields of a TrainingArguments subclass such as TRL's configs: `refuse_unread_fields`; batches
-`dataloader_drop_last` would all drop: `refuse_empty_batches`; data all weighted 0: `refuse_all_zero_weights`), a
+`dataloader_drop_last` would all drop: `refuse_empty_batches`; examples' weights: `alignkit.trainers.weights`), a
 `metric_for_best_model` the objective's evaluation does not log, or one better when lower taken as better when higher
 (`check_best_model_metric`), and a checkpoint a resumed run would not truly continue (`check_resumable`, with
 `data_digest` of the training examples and the checkpoint's `STATE_JSON`). Each refusal is one ConfigError /
@@ -29,7 +29,6 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.training_args import ParallelMode
 
 from alignkit.distributed import deepspeed_cannot_start, requested_engine
-from alignkit.files import DataError
 from alignkit.losses import PreferenceParams
 from alignkit.naming import stable_name
 from alignkit.run_commit import CheckpointError
@@ -250,24 +249,6 @@ def refuse_empty_batches(args: TrainingArguments, train_dataset: Any = None, eva
             raise ConfigError(f"train.dataloader_drop_last: the {n} {what} example(s) make no full batch of "
                               f"train.{key}={batch}, so every batch would be dropped and nothing {lost}; set "
                               f"train.{key} to at most {n}, or train.dataloader_drop_last=false")
-
-
-def refuse_all_zero_weights(owner: str, train_dataset: Any = None, eval_dataset: Any = None) -> None:
-    """Examples all weighted 0 (a `weight` column of 0s): every loss term is 0, so training logged loss 0.0 and learned
-    nothing (the zero-gradient guard fires only on a positive loss), and an evaluation's eval_loss was 0. The CLI
-    refuses such records when it reads them; this is the same refusal for the trainers' own callers (DataError)."""
-    evals = eval_dataset if isinstance(eval_dataset, dict) else {"": eval_dataset}
-    for what, data in [("training", train_dataset), *((f"evaluation{f' ({k})' if k else ''}", v)
-                                                         for k, v in evals.items())]:
-        try:
-            weights = (list(data["weight"]) if hasattr(data, "column_names") else [f.get("weight", 1.0) for f in data]
-                       ) if data is not None else []
-        except (KeyError, TypeError, AttributeError):  # no weight column, or not a dataset of mappings: weight 1
-            continue
-        if weights and not any(weights):
-            raise DataError(f"{owner}: every one of the {len(weights)} {what} example(s) has weight 0, so every loss "
-                            f"term is 0 and nothing would be {'learned' if what == 'training' else 'measured'}; give "
-                            "examples a weight > 0 (or drop the weight column: the default is 1)")
 
 
 def refuse_trainer_fsdp_on_cpu(fsdp: Any) -> None:
@@ -583,6 +564,6 @@ __all__ = ["LOWER_IS_BETTER", "STATE_JSON", "check_best_metric_name", "check_bes
            "check_resumable", "check_scheduler", "check_warmup", "planned_steps", "TRAINING_FIELDS", "settings_changes",
            "training_changes",
            "data_digest", "lower_is_better", "refuse_deepspeed_mismatches", "deepspeed_config_source",
-           "deepspeed_replacements", "OFFLOAD_KEEPS", "refuse_optimizer_offload", "refuse_all_zero_weights",
+           "deepspeed_replacements", "OFFLOAD_KEEPS", "refuse_optimizer_offload",
            "refuse_empty_batches", "refuse_ignored_arguments", "refuse_metric_functions", "refuse_trainer_fsdp_on_cpu",
            "refuse_unread_fields", "saved_state"]

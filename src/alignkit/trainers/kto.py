@@ -83,11 +83,31 @@ def label_counts(dataset: Any) -> tuple[int, int] | None:
     return n_des, len(labels) - n_des
 
 
+def side_weights(dataset: Any) -> tuple[float, float] | None:
+    """The sums of the record weights (`weight`) of the desirable and of the undesirable examples; None when the data
+    has no weight other than 1 (the counts say the same)."""
+    try:
+        if hasattr(dataset, "column_names"):
+            if "weight" not in dataset.column_names:
+                return None
+            pairs = list(zip(dataset["label"], dataset["weight"]))
+        else:
+            pairs = [(f["label"], f.get("weight", 1.0)) for f in dataset]
+    except (KeyError, TypeError):
+        return None
+    weights = [1.0 if w is None else float(w) for _, w in pairs]
+    if all(w == 1.0 for w in weights):
+        return None
+    return (sum(w for (label, _), w in zip(pairs, weights) if label),
+            sum(w for (label, _), w in zip(pairs, weights) if not label))
+
+
 def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weight: float) -> tuple[int, int] | None:
     """Warn when the labels are one-sided, a side present in the data has weight 0, or the weighted balance is off
     (the KTO paper's and TRL's rule: keep desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in
-    [1, 4/3]). A ConfigError when the weights give every example a loss of 0 (nothing would be trained). Returns the
-    counts."""
+    [1, 4/3]; with record weights, n_* are the sides' weight sums: 100 undesirable examples of weight 0.1 weigh as 10,
+    which the counts alone called balanced). A ConfigError when the weights give every example a loss of 0 (nothing
+    would be trained). Returns the counts."""
     counts = label_counts(dataset)
     if counts is None:
         return None
@@ -109,12 +129,20 @@ def check_label_balance(dataset: Any, desirable_weight: float, undesirable_weigh
         logger.warning("KTO: method.%s_weight is 0, so the %d %s training example(s) add no loss and only the other "
                        "side trains (no contrast); remove the weight of 0 if both sides should train", side, n, side)
         return n_des, n_und
-    ratio = desirable_weight * n_des / (undesirable_weight * n_und)
+    sums = side_weights(dataset)
+    w_des, w_und = sums if sums is not None else (n_des, n_und)
+    if w_des == 0 or w_und == 0:
+        side, n = ("desirable", n_des) if w_des == 0 else ("undesirable", n_und)
+        logger.warning("KTO: the %d %s training example(s) all have record weight 0, so they add no loss and only the "
+                       "other side trains (no contrast); give them a weight > 0 if both sides should train", n, side)
+        return n_des, n_und
+    ratio = desirable_weight * w_des / (undesirable_weight * w_und)
     if not 1.0 <= ratio <= 4 / 3:
-        logger.warning("KTO: %d desirable and %d undesirable example(s) with desirable_weight %.3g and "
+        weighed = "" if sums is None else f" (record weights summing to {w_des:.4g} and {w_und:.4g})"
+        logger.warning("KTO: %d desirable and %d undesirable example(s)%s with desirable_weight %.3g and "
                        "undesirable_weight %.3g weigh %.2f : 1; the KTO paper (and TRL) keep this in [1, 4/3]: e.g. "
-                       "method.desirable_weight=%.3g", n_des, n_und, desirable_weight, undesirable_weight, ratio,
-                       undesirable_weight * n_und / n_des * (1.0 if ratio < 1 else 4 / 3))
+                       "method.desirable_weight=%.3g", n_des, n_und, weighed, desirable_weight, undesirable_weight,
+                       ratio, undesirable_weight * w_und / w_des * (1.0 if ratio < 1 else 4 / 3))
     return n_des, n_und
 
 

@@ -16,10 +16,12 @@ per-turn `weight` (ShareGPT's / axolotl's: 1 train the turn, 0 do not; null: the
 0 is context (`records.UNTRAINED_TURNS`), the turns after the last trained one are left out (a causal LM's loss on the
 turns before does not depend on them; read as prompts, a conversation is every message before its final assistant turn,
 whatever the weights); another value, weight 1 on a turn that is not the assistant's, or no trained turn is an error
-naming the row. Optional columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data. Other
-columns are ignored, except by the `prompt` reader, which keeps them in `meta["columns"]` (e.g. a reference `answer`):
-reward functions written for TRL get them as keyword arguments (`FunctionAnnotator`); prompts read from rows with
-responses (prompt-completion, preference, unpaired, ranked) go through the `prompt` reader too. TRL's vision columns
+naming the row. Optional columns: `weight` (a number >= 0, default 1) everywhere, `margin` for preference data; a
+column named as a weight otherwise (`sample_weight`, `loss_weight`: `names_a_weight`) is an error naming the row, its
+weights would be ignored. Other columns are ignored, except by the `prompt` reader, which keeps them in
+`meta["columns"]` (e.g. a reference `answer`): reward functions written for TRL get them as keyword arguments
+(`FunctionAnnotator`); prompts read from rows with responses (prompt-completion, preference, unpaired, ranked) go
+through the `prompt` reader too. TRL's vision columns
 (`images`, `image`) holding a value are an error: alignkit trains text-only models; so are `tools` and
 `chat_template_kwargs` holding a value (TRL passes them to the chat template; records keep messages only). The columns
 alignkit itself writes beside a record (`id`, `meta`: annotate's records.jsonl, augment's output) are skipped silently
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any
 
 from alignkit.data.readers.notes import DEFAULTED, PartialColumns, ReaderNotes
@@ -296,8 +299,9 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
     """Policy for columns a reader does not read: alignkit's own (`OWN_COLUMNS`) are skipped; chat-template columns
     (`TEMPLATE_COLUMNS`) and images (`IMAGE_COLUMNS`) holding a value are an error, the text would be trained or
     sampled rendered without them / without the images it describes; one whose name is close to a column it reads
-    (`weigth`, `chossen`) is an error with a did-you-mean; any other is counted into `unknown` (ignored, and reported
-    in one warning per file, except by the `prompt` reader, which keeps extra columns for reward functions)."""
+    (`weigth`, `chossen`), or named as a weight (`sample_weight`), is an error with a did-you-mean; any other is
+    counted into `unknown` (ignored, and reported in one warning per file, except by the `prompt` reader, which keeps
+    extra columns for reward functions)."""
     for col in row:
         if col in known or col in OWN_COLUMNS:
             continue
@@ -316,6 +320,10 @@ def check_columns(row: dict, where: str, known: tuple[str, ...], unknown: dict[s
         close = difflib.get_close_matches(str(col), known, n=1, cutoff=0.75)
         if close:
             raise DataError(f"{where}: unknown column {col!r} (did you mean {close[0]!r}?); rename it, or remove it")
+        if "weight" in known and names_a_weight(col):
+            raise DataError(f"{where}: unknown column {col!r} (did you mean 'weight'?); alignkit reads a record's "
+                            f"weight from the 'weight' column only, so these weights would be ignored: rename it to "
+                            f"'weight', or remove it")
         unknown[col] = unknown.get(col, 0) + 1
 
 
@@ -326,6 +334,15 @@ def where_of(source: Any) -> str:
     `datasets.Dataset`'s warning over three lines ("Dataset({\n    features: [...],\n    num_rows: column 'weight'
     is given in ...") and named a list by its first row's text."""
     return str(source) if isinstance(source, (str, os.PathLike)) else source_name(source)
+
+
+def names_a_weight(column: Any) -> bool:
+    """Whether a column's name says it holds per-record weights under another name than `weight`: a word of it (split
+    at `_`, `-`, `.`, spaces and lower-to-upper case changes) is `weight` / `weights` (`sample_weight`, TRL-less
+    exports' `loss_weight`, `sampleWeight`). Too far from `weight` for the did-you-mean above, such a column was only
+    counted among the ignored ones: every record trained with weight 1, after one warning."""
+    words = re.split(r"[\W_]+|(?<=[a-z0-9])(?=[A-Z])", str(column))
+    return any(w.lower() in ("weight", "weights") for w in words)
 
 
 MESSAGE_KEYS = ("role", "content")  # what a record keeps of each message (alignkit.data.records.check_messages)

@@ -52,6 +52,14 @@ def detect_reader(row: dict, where: str) -> ReaderInfo:
             raise DataError(f"{where}: column(s) {nulls} are null (no value: Parquet and datasets write a missing "
                             f"value so), and with values the row would be read by reader {filled[0]!r}; give the row "
                             "its values, or drop it")
+        # a value neither text nor a list (a number, a dict) where the readers look for text: 'prompt': 3
+        odd = {k: v for k, v in row.items() if not isinstance(v, (str, list, type(None)))}
+        odd = {k: v for k, v in odd.items() if any(_safe(r.detect, {**row, k: "x"}) for r in READERS.values())}
+        typed = [r.name for r in READERS.values() if odd and _safe(r.detect, {**row, **dict.fromkeys(odd, "x")})]
+        if typed:
+            shown = ", ".join(f"{k!r} is {type(v).__name__} {repr(v)[:40]}" for k, v in odd.items())
+            raise DataError(f"{where}: {shown}, not text or a list of messages, and with text the row would be read by "
+                            f"reader {typed[0]!r}; write the value as text (a string), or drop the row")
         if "text" in row:  # TRL's language-modeling rows: say so rather than list every format
             raise DataError(f"{where}: a 'text' column is TRL's language-modeling format (columns {sorted(row)}), "
                             "which has no prompt to tell from the completion, and alignkit trains completions after "

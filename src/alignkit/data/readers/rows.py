@@ -288,20 +288,36 @@ def missing_split(split: str | None, splits: list[str]) -> str:
 
 
 def _load_dataset_dir(path: Path, split: str | None):
-    from datasets import DatasetDict, load_from_disk
+    from datasets import load_from_disk
 
     if not is_saved_dataset(path):
         check_json_data_files(path)
         return load_hf_dataset(str(path), split)
+    if (path / "dataset_dict.json").exists():  # a saved DatasetDict: the split's own saved Dataset, alone
+        splits = [str(s) for s in json.loads((path / "dataset_dict.json").read_text()).get("splits", [])]
+        split = split if split is not None else ("train" if "train" in splits else None)
+        if split is None or split not in splits:
+            raise DataError(f"{path}: {missing_split(split, splits)}")
+        check_saved_rows(path / split, f"{path}: split {split!r}")
+        return load_from_disk(str(path / split))
+    check_saved_rows(path, str(path))
     ds = load_from_disk(str(path))
-    if isinstance(ds, DatasetDict):
-        split = split if split is not None else ("train" if "train" in ds else None)
-        if split is None or split not in ds:
-            raise DataError(f"{path}: {missing_split(split, list(ds))}")
-        ds = ds[split]
-    else:
-        check_single_split(path, split, "a saved Dataset", str(ds.split) if ds.split is not None else "train")
+    check_single_split(path, split, "a saved Dataset", str(ds.split) if ds.split is not None else "train")
     return ds
+
+
+def check_saved_rows(folder: Path, where: str) -> None:
+    """DataError for a saved Dataset of no rows: `save_to_disk` writes no data file for it (its state.json lists none),
+    and `load_from_disk` then stops on an IndexError (compat D8), which reached the user as 'unexpected error'; other
+    empty sources are one line, 'no rows'. A split of a saved DatasetDict is checked alone, so an empty `test` split no
+    longer stops the reading of `train`."""
+    state = folder / "state.json"
+    try:
+        files = json.loads(state.read_text()).get("_data_files")
+    except (OSError, ValueError, AttributeError):
+        return  # not datasets' layout: load_from_disk says what is wrong
+    if files == []:
+        raise DataError(f"{where}: no rows; the source is empty (a saved Dataset of 0 rows)")
 
 
 def has_splits(source: Any) -> bool:
@@ -353,6 +369,13 @@ class NamedRows(list):
     `datasets.map`, named by their index in the whole dataset)."""
 
 
+def split_name(source: str, split: str | None) -> str:
+    """How a folder's or dataset name's rows are named: by the source alone for its default split, `train`, and with
+    the split beside it for another (`data/ [test] row 3`): a DatasetDict's train and test splits named their rows
+    alike, so an error in the test split's row 3 pointed at the train split's as much."""
+    return source if split in (None, "train") else f"{source} [{split}]"
+
+
 def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
     """Yield (row dict, where) from any supported source (see the module docstring)."""
     if isinstance(source, NamedRows):
@@ -361,7 +384,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists() and looks_like_hub_id(str(source)):
-            yield from _iter_table(load_hf_dataset(str(source), split), str(source))
+            yield from _iter_table(load_hf_dataset(str(source), split), split_name(str(source), split))
             return
         if not path.exists():
             raise DataError(f"{path}: no such file or folder; check the path (relative paths start at {Path.cwd()})")
@@ -369,7 +392,7 @@ def iter_rows(source: Any, split: str | None = None) -> Iterator[Row]:
         if not path.is_dir() and path.suffix in (".jsonl", ".json", ".parquet"):
             check_single_split(path, split, f"a {path.suffix} file")
         if path.is_dir():  # save_to_disk output, or a dataset repository folder (datasets.load_dataset)
-            yield from _iter_table(_load_dataset_dir(path, split), str(path))
+            yield from _iter_table(_load_dataset_dir(path, split), split_name(str(path), split))
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path)
         elif path.suffix == ".json":
